@@ -1,0 +1,41 @@
+# Two commands for a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch (a local wheel on our machines) so that a machine without a GPU does not pull
+# several GB of CUDA libraries.
+TORCH_CPU := torch==2.13.0
+
+
+.PHONY: venv test test-gpu serve bench-kernels bench-generate bench-serve quality clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q -e '.[triton,server,demo,dev]'
+	touch $@
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+# On a CUDA machine with torch and triton already installed (no venv): compiled kernels and GPU paths.
+test-gpu:
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests -m gpu
+
+serve: venv
+	$(BIN)/lcq serve
+
+bench-kernels:
+	PYTHONPATH=. $(PYTHON) bench/kernels.py
+
+bench-generate: venv
+	$(BIN)/python bench/generate.py
+
+bench-serve: venv
+	$(BIN)/python bench/serve.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

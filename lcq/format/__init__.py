@@ -1,0 +1,16 @@
+"""The packed LCQ format: index packing, the reference dequantization and checkpoint I/O.
+
+This package sits at the bottom of lcq and imports nothing else from it.
+"""
+from .checkpoint import (FORMAT_VERSION, QUANT_METHOD, CheckpointReader, FormatError, copy_model_assets,
+                         linear_tensors, quantization_config, write_index, write_json, write_shard)
+from .codebook import (PackedLinear, codebooks, decoded_b, decoded_s, dequantize, dual_quantize, encode_linear,
+                       layer_codebooks, padded_in_features)
+from .packing import SUPPORTED_BITS, pack_indices, plane_layout, unpack_indices
+
+__all__ = [
+    "FORMAT_VERSION", "QUANT_METHOD", "CheckpointReader", "FormatError", "copy_model_assets", "linear_tensors",
+    "quantization_config", "write_index", "write_json", "write_shard", "PackedLinear", "codebooks", "decoded_b",
+    "decoded_s", "dequantize", "dual_quantize", "encode_linear", "layer_codebooks", "padded_in_features",
+    "SUPPORTED_BITS", "pack_indices", "plane_layout", "unpack_indices",
+]

@@ -1,0 +1,225 @@
+"""LCQ checkpoint folders: a Hugging Face folder whose linear layers are packed.
+
+Reading never unpickles: tensors come from safetensors only, one at a time, so a loader can
+stream them. Every problem is a FormatError whose one-line message names the file and tensor.
+Writing is atomic: each file goes to a temporary name and is renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .codebook import PackedLinear, padded_in_features
+from .packing import SUPPORTED_BITS
+
+QUANT_METHOD = "lcq"
+FORMAT_VERSION = 1
+PACK_LAYOUT = "kmajor-planes"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files a tokenizer or generation needs, copied from the source model as they are.
+MODEL_ASSETS = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+    "chat_template.json",
+)
+LINEAR_SUFFIXES = ("qweight", "s_q", "s_scale", "b_q", "b_scale", "v", "shape")
+
+
+class FormatError(ValueError):
+    """A checkpoint that cannot be read: missing, corrupted, truncated or mismatched."""
+
+
+def quantization_config(bits: int, rank: int, group_size: int, method: str,
+                        modules_not_quantized: list[str], **extra: Any) -> dict[str, Any]:
+    """The `quantization_config` block of config.json."""
+    return {
+        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "pack_layout": PACK_LAYOUT,
+        "bits": bits, "rank": rank, "group_size": group_size, "method": method,
+        "scale_bits": 8, "modules_not_quantized": modules_not_quantized, **extra,
+    }
+
+
+def linear_tensors(prefix: str, layer: PackedLinear) -> dict[str, torch.Tensor]:
+    """The tensors stored for one packed linear layer named `prefix` (e.g. model.layers.0.mlp.up_proj)."""
+    if layer.v.shape[0] != 1:
+        raise ValueError("fused layers are an in-memory form; store each part under its own name")
+    tensors = {
+        f"{prefix}.qweight": layer.qweight, f"{prefix}.s_q": layer.s_q, f"{prefix}.s_scale": layer.s_scale,
+        f"{prefix}.b_q": layer.b_q, f"{prefix}.b_scale": layer.b_scale, f"{prefix}.v": layer.v[0],
+        f"{prefix}.shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int32),
+    }
+    if layer.bias is not None:
+        tensors[f"{prefix}.bias"] = layer.bias
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one safetensors file atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def copy_model_assets(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer, chat template and generation config files that exist in `src`."""
+    copied = []
+    for name in MODEL_ASSETS:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def write_index(folder: Path) -> None:
+    """Write model.safetensors.index.json mapping every tensor of the folder's shards to its file."""
+    weight_map, total = {}, 0
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for name in f.keys():
+                weight_map[name] = shard.name
+                sl = f.get_slice(name)
+                total += _numel(sl.get_shape()) * _DTYPE_BYTES.get(sl.get_dtype(), 4)
+    write_json(folder / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "I32": 4, "I8": 1, "U8": 1, "I64": 8, "BOOL": 1}
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class CheckpointReader:
+    """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FormatError(f"{self.folder}: not a folder")
+        config_path = self.folder / "config.json"
+        if not config_path.is_file():
+            raise FormatError(f"{config_path}: missing (not a Hugging Face model folder)")
+        try:
+            self.config: dict[str, Any] = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+        self.quant: dict[str, Any] | None = self._validated_quant_config(config_path)
+        self._files = self._tensor_files()
+
+    def _validated_quant_config(self, path: Path) -> dict[str, Any] | None:
+        quant = self.config.get("quantization_config")
+        if quant is None:
+            return None
+        if quant.get("quant_method") != QUANT_METHOD:
+            raise FormatError(f"{path}: quant_method {quant.get('quant_method')!r} is not {QUANT_METHOD!r}")
+        if quant.get("format_version") != FORMAT_VERSION:
+            raise FormatError(f"{path}: format_version {quant.get('format_version')!r} is not supported "
+                              f"(this lcq reads version {FORMAT_VERSION})")
+        for key in ("bits", "rank", "group_size"):
+            if not isinstance(quant.get(key), int):
+                raise FormatError(f"{path}: quantization_config.{key} missing or not an integer")
+        if quant["bits"] not in SUPPORTED_BITS or quant["rank"] < 1 or quant["group_size"] % 32:
+            raise FormatError(f"{path}: unsupported bits={quant['bits']} rank={quant['rank']} "
+                              f"group_size={quant['group_size']}")
+        return quant
+
+    def _tensor_files(self) -> dict[str, Path]:
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+            files = {name: self.folder / fname for name, fname in weight_map.items()}
+        elif (self.folder / SINGLE_FILE).is_file():
+            files = {name: self.folder / SINGLE_FILE for name in self._keys(self.folder / SINGLE_FILE)}
+        else:
+            if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
+                raise FormatError(f"{self.folder}: only pickle weights found; lcq reads safetensors only")
+            raise FormatError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+        for path in set(files.values()):
+            if not path.is_file():
+                raise FormatError(f"{path}: listed in {INDEX_FILE} but missing")
+        return files
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:  # safetensors raises its own error types for corrupt headers
+            raise FormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    def has(self, name: str) -> bool:
+        return name in self._files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        path = self._files.get(name)
+        if path is None:
+            raise FormatError(f"{self.folder}: tensor '{name}' missing")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise FormatError(f"{path}: tensor '{name}' unreadable ({_first_line(e)})") from None
+
+    def quantized_prefixes(self) -> list[str]:
+        """Names of the packed linear layers, in file order."""
+        return [name[: -len(".qweight")] for name in self._files if name.endswith(".qweight")]
+
+    def linear(self, prefix: str) -> PackedLinear:
+        """Load and validate one packed linear layer."""
+        if self.quant is None:
+            raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
+        bits, rank, group_size = self.quant["bits"], self.quant["rank"], self.quant["group_size"]
+        shape = self._checked(prefix, "shape", torch.int32, (2,))
+        n_out, k_in = (int(d) for d in shape)
+        groups = padded_in_features(k_in, group_size) // group_size
+        t = {
+            "qweight": self._checked(prefix, "qweight", torch.int32, (groups * group_size // 32 * bits, n_out)),
+            "s_q": self._checked(prefix, "s_q", torch.int8, (groups, rank, n_out)),
+            "s_scale": self._checked(prefix, "s_scale", torch.float16, (rank, n_out)),
+            "b_q": self._checked(prefix, "b_q", torch.int8, (groups, n_out)),
+            "b_scale": self._checked(prefix, "b_scale", torch.float16, (n_out,)),
+            "v": self._checked(prefix, "v", torch.float16, (rank, 1 << bits)).unsqueeze(0),
+        }
+        bias = self._checked(prefix, "bias", torch.float16, (n_out,)) if self.has(f"{prefix}.bias") else None
+        return PackedLinear(**t, v_index=torch.zeros(n_out, dtype=torch.int32), in_features=k_in,
+                            bits=bits, group_size=group_size, bias=bias)
+
+    def _checked(self, prefix: str, suffix: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        name = f"{prefix}.{suffix}"
+        tensor = self.tensor(name)
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise FormatError(f"{self._files[name]}: tensor '{name}' expected {_describe(dtype, shape)}, "
+                              f"found {_describe(tensor.dtype, tuple(tensor.shape))}")
+        return tensor
+
+
+def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:
+    return f"{str(dtype).replace('torch.', '')} {list(shape)}"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]

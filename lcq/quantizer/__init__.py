@@ -1,0 +1,1 @@
+"""lcq.quantizer"""

@@ -1,0 +1,116 @@
+"""The packed format: packing round trips, the reference dequantization, checkpoint validation."""
+import json
+
+import pytest
+import torch
+
+from lcq.format import (CheckpointReader, FormatError, PackedLinear, dequantize, dual_quantize, encode_linear,
+                        linear_tensors, pack_indices, quantization_config, unpack_indices, write_index,
+                        write_json, write_shard)
+from lcq.format.codebook import codebooks
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_unpack_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    indices = torch.randint(0, 1 << bits, (7, 96), generator=g)
+    packed = pack_indices(indices, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (96 // 32 * bits, 7)
+    assert torch.equal(unpack_indices(packed, bits), indices)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_pack_extremes_use_every_bit(bits):
+    top = torch.full((2, 32), (1 << bits) - 1)
+    packed = pack_indices(top, bits)
+    assert (packed == -1).all()  # every bit set: the layout wastes none
+    assert torch.equal(unpack_indices(packed, bits), top)
+
+
+def test_pack_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        pack_indices(torch.full((1, 32), 4), 2)
+
+
+def random_layer(n=24, k=80, bits=3, rank=2, group=32, seed=0) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group)
+    s = torch.rand(n, groups, rank, generator=g) + 0.1
+    b = torch.randn(n, groups, generator=g)
+    v = torch.randn(rank, 1 << bits, generator=g)
+    indices = torch.randint(0, 1 << bits, (n, k), generator=g)
+    return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group)
+
+
+def test_dequantize_matches_codebook_definition():
+    layer = random_layer()
+    s = (layer.s_q.float() * layer.s_scale.float()).permute(2, 0, 1)
+    b = (layer.b_q.float() * layer.b_scale.float()).t()
+    books = codebooks(s, layer.v[0].float(), b)
+    indices = unpack_indices(layer.qweight, layer.bits)
+    w = dequantize(layer)
+    assert w.shape == (24, 80)
+    for n, k in [(0, 0), (5, 33), (23, 79)]:
+        assert w[n, k] == books[n, k // 32, indices[n, k]]
+
+
+def test_concat_keeps_each_parts_table():
+    a, b = random_layer(n=8, seed=1), random_layer(n=5, seed=2)
+    fused = PackedLinear.concat([a, b])
+    assert fused.v.shape[0] == 2 and fused.out_features == 13
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(a), dequantize(b)]))
+
+
+def write_checkpoint(folder, layer, prefix="model.layers.0.mlp.up_proj"):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+              "quantization_config": quantization_config(layer.bits, layer.rank, layer.group_size, "lcq", ["lm_head"])}
+    write_json(folder / "config.json", config)
+    write_shard(folder / "model-00001.safetensors", linear_tensors(prefix, layer))
+    write_index(folder)
+    return prefix
+
+
+def test_checkpoint_round_trip(tmp_path):
+    layer = random_layer()
+    prefix = write_checkpoint(tmp_path / "ckpt", layer)
+    reader = CheckpointReader(tmp_path / "ckpt")
+    assert reader.quantized_prefixes() == [prefix]
+    loaded = reader.linear(prefix)
+    assert torch.equal(dequantize(loaded), dequantize(layer))
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+
+
+def test_truncated_shard_is_refused_with_file_name(tmp_path):
+    prefix = write_checkpoint(tmp_path / "ckpt", random_layer())
+    shard = tmp_path / "ckpt" / "model-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(FormatError, match="model-00001.safetensors"):
+        CheckpointReader(tmp_path / "ckpt").linear(prefix)
+
+
+def test_mismatched_tensor_is_refused_naming_it(tmp_path):
+    layer = random_layer()
+    layer.s_q = layer.s_q[:, :1]  # rank 1 stored where config says rank 2
+    prefix = write_checkpoint(tmp_path / "ckpt", layer)
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"]["rank"] = 2
+    write_json(tmp_path / "ckpt" / "config.json", cfg)
+    with pytest.raises(FormatError, match=r"tensor 'model.layers.0.mlp.up_proj.s_q' expected int8 \[3, 2, 24\]"):
+        CheckpointReader(tmp_path / "ckpt").linear(prefix)
+
+
+def test_unknown_format_version_is_refused(tmp_path):
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"]["format_version"] = 99
+    write_json(tmp_path / "ckpt" / "config.json", cfg)
+    with pytest.raises(FormatError, match="format_version 99"):
+        CheckpointReader(tmp_path / "ckpt")
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(FormatError, match="pickle"):
+        CheckpointReader(tmp_path)
