@@ -1,0 +1,37 @@
+"""What one forward pass needs to read and write the paged KV cache.
+
+The runtime builds it for every step; attention layers read it. KV cache per layer:
+two tensors (num_blocks, block_size, num_kv_heads, head_dim). Token t of a sequence lives in
+slot block_table[t // block_size] * block_size + t % block_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardContext:
+    """Flattened batch of `num_tokens` new tokens from `num_seqs` sequences.
+
+    is_prefill   True when any sequence contributes more than one token (chunked prefill,
+                 possibly after a cached prefix); False for pure decode (one token each).
+    slot_mapping int64 (num_tokens,): cache slot for each new token's K and V (-1: do not write).
+    query_start  int32 (num_seqs + 1,): cumulative new-token counts, query_start[-1] == num_tokens.
+    context_lens int32 (num_seqs,): tokens in cache after this step (cached prefix + new ones).
+    block_tables int32 (num_seqs, max_blocks): cache blocks of each sequence, padded with -1.
+    max_query_len, max_context_len: python ints for kernel launch sizes.
+    """
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor
+    query_start: torch.Tensor
+    context_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.shape[0]

@@ -1,0 +1,48 @@
+"""What the engine streams back for a request, one delta per step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # decoded text of this token alone
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, text, logprob), best first
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class RequestOutput:
+    """One step's new text for one request; the last one has finish_reason set and usage.
+
+    finish_reason: "stop" (EOS, stop string or stop token), "length" (max_tokens or context),
+    "abort" (aborted), or "error" (the request failed; `error` says why).
+    """
+
+    request_id: str
+    text: str  # new text since the previous delta; stop strings are never included
+    token_ids: list[int]  # new token ids since the previous delta
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    usage: Usage | None = None
+    error: str | None = None
+    # Timing, for metrics: seconds since the request arrived.
+    queue_time: float | None = None  # set on the first delta
+    first_token_time: float | None = None  # set on the first delta
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
