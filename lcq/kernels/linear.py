@@ -1,0 +1,47 @@
+"""The one entry point every model layer calls for an LCQ matrix product."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lcq.format import PackedLinear, dequantize
+
+
+def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K)."""
+    weight = dense_weight if dense_weight is not None else dequantize(layer, x.dtype)
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+class LCQLinear(torch.nn.Module):
+    """A packed linear layer as a module; its tensors are buffers so .to(device) moves them.
+
+    cache_dense keeps the dequantized weight (CPU speed at the cost of memory).
+    """
+
+    def __init__(self, layer: PackedLinear, cache_dense: bool = False):
+        super().__init__()
+        self.layer = layer
+        self.cache_dense = cache_dense
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.layer.out_features
+
+    def _apply(self, fn, recurse=True):  # keep the packed tensors in step with .to()/.cuda()
+        self.layer = self.layer.to(fn(torch.empty(0, device=self.layer.qweight.device)).device)
+        self._dense = None
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cache_dense:
+            if self._dense is None or self._dense.dtype != x.dtype:
+                self._dense = dequantize(self.layer, x.dtype)
+            return lcq_linear(x, self.layer, self._dense)
+        return lcq_linear(x, self.layer)
