@@ -1,0 +1,81 @@
+"""Tiny random Llama-family models built in code, saved as real Hugging Face folders.
+
+No downloads: the tokenizer is a byte-level BPE trained here on a few sentences (byte-level so
+any text encodes and multi-byte characters can split across tokens), with a ChatML template.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Once upon a time there was a little model that wanted to speak.",
+    "To be, or not to be, that is the question.",
+    "In the beginning was the word, and the word was quantized to two bits.",
+    "Numbers like 12345 and 67890 appear in text; so do symbols: #, $, %, & and @.",
+    "Unicode matters: café, naïve, Straße, 東京, and emoji such as 🙂 or 🚀.",
+    "Hello, world! How are you today? I am fine, thank you.",
+]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2")
+
+
+def make_tokenizer(folder: Path, vocab_size: int = 384):
+    """Train and save a byte-level BPE tokenizer; returns the transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                 bos_token=None, unk_token=None)
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(folder)
+    return hf
+
+
+def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32,
+                 **overrides) -> Path:
+    """Write a random tiny model of the given family to `folder` (config, safetensors, tokenizer).
+
+    Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_tokenizer(folder)
+    sizes = dict(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=160, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                 tie_word_embeddings=False, rms_norm_eps=1e-5)
+    if arch == "llama3":
+        sizes["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        sizes["rope_theta"] = 500000.0
+    sizes.update(overrides)
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM), "llama3": (LlamaConfig, LlamaForCausalLM),
+        "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**sizes)).to(dtype).eval()
+    with torch.no_grad():  # random init has tiny weights; widen them so logits are far from uniform
+        for name, param in model.named_parameters():
+            if name.endswith("weight") and param.dim() == 2:
+                param.normal_(0.0, 0.08)
+            elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
+                param.normal_(0.0, 0.05)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
