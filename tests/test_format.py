@@ -114,3 +114,11 @@ def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(FormatError, match="pickle"):
         CheckpointReader(tmp_path)
+
+
+def test_bits_per_weight_matches_documented_formula():
+    n, k, bits, rank, group = 48, 80, 2, 2, 32
+    layer = random_layer(n=n, k=k, bits=bits, rank=rank, group=group)
+    k_pad = 96
+    expected = (bits + (8 * rank + 8) / group) * k_pad / k + (16 * rank + 16) / k + (64 + 16 * rank * 4) / (n * k)
+    assert abs(layer.bits_per_weight() - expected) < 1e-9

@@ -72,7 +72,9 @@ class PackedLinear:
         return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in _TENSOR_FIELDS)
 
     def bits_per_weight(self) -> float:
-        return 8 * self.nbytes() / (self.out_features * self.in_features)
+        """Stored bits per weight, as on disk (docs/format.md): packed tensors plus the 8-byte shape."""
+        stored = self.nbytes() - self.v_index.numel() * self.v_index.element_size() + 8 * self.v.shape[0]
+        return 8 * stored / (self.out_features * self.in_features)
 
     @staticmethod
     def concat(parts: list["PackedLinear"]) -> "PackedLinear":
