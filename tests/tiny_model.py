@@ -79,3 +79,20 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.05)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+CALIBRATION_TEXT = " ".join(CORPUS * 6)
+
+
+def make_tiny_lcq(folder: str | Path, arch: str = "llama", bits: int = 4, rank: int = 2, group_size: int = 32,
+                  method: str = "lcq", seed: int = 0, **overrides) -> Path:
+    """A tiny random model quantized by the real pipeline into `folder`/lcq; its full-precision
+    source stays in `folder`/hf. Quick settings: a few short calibration windows, one epoch."""
+    from lcq.quantizer import QuantizeOptions, quantize_model
+
+    folder = Path(folder)
+    hf = make_tiny_hf(folder / "hf", arch, seed=seed, **overrides)
+    options = QuantizeOptions(bits=bits, rank=rank, group_size=group_size, method=method,
+                              calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32, epochs=1, seed=seed)
+    quantize_model(hf, folder / "lcq", options, progress=False)
+    return folder / "lcq"

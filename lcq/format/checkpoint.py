@@ -191,29 +191,51 @@ class CheckpointReader:
         """Load and validate one packed linear layer."""
         if self.quant is None:
             raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
-        bits, rank, group_size = self.quant["bits"], self.quant["rank"], self.quant["group_size"]
-        shape = self._checked(prefix, "shape", torch.int32, (2,))
-        n_out, k_in = (int(d) for d in shape)
-        groups = padded_in_features(k_in, group_size) // group_size
-        t = {
-            "qweight": self._checked(prefix, "qweight", torch.int32, (groups * group_size // 32 * bits, n_out)),
-            "s_q": self._checked(prefix, "s_q", torch.int8, (groups, rank, n_out)),
-            "s_scale": self._checked(prefix, "s_scale", torch.float16, (rank, n_out)),
-            "b_q": self._checked(prefix, "b_q", torch.int8, (groups, n_out)),
-            "b_scale": self._checked(prefix, "b_scale", torch.float16, (n_out,)),
-            "v": self._checked(prefix, "v", torch.float16, (rank, 1 << bits)).unsqueeze(0),
-        }
-        bias = self._checked(prefix, "bias", torch.float16, (n_out,)) if self.has(f"{prefix}.bias") else None
-        return PackedLinear(**t, v_index=torch.zeros(n_out, dtype=torch.int32), in_features=k_in,
-                            bits=bits, group_size=group_size, bias=bias)
+        return linear_from_tensors(_LazyTensors(self), prefix, self.quant["bits"], self.quant["rank"],
+                                   self.quant["group_size"], lambda name: str(self._files.get(name, self.folder)))
 
-    def _checked(self, prefix: str, suffix: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+
+class _LazyTensors:
+    """A reader seen as a mapping, so tensors load only when a layer asks for them."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+
+    def __contains__(self, name: str) -> bool:
+        return self.reader.has(name)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.reader.tensor(name)
+
+
+def linear_from_tensors(tensors, prefix: str, bits: int, rank: int, group_size: int,
+                        where=lambda name: "checkpoint") -> PackedLinear:
+    """Build one PackedLinear from stored tensors (a mapping name -> tensor), checking every dtype and
+    shape; `where(name)` names the file in the error message."""
+
+    def checked(suffix: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         name = f"{prefix}.{suffix}"
-        tensor = self.tensor(name)
+        if name not in tensors:
+            raise FormatError(f"{where(name)}: tensor '{name}' missing")
+        tensor = tensors[name]
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-            raise FormatError(f"{self._files[name]}: tensor '{name}' expected {_describe(dtype, shape)}, "
+            raise FormatError(f"{where(name)}: tensor '{name}' expected {_describe(dtype, shape)}, "
                               f"found {_describe(tensor.dtype, tuple(tensor.shape))}")
         return tensor
+
+    n_out, k_in = (int(d) for d in checked("shape", torch.int32, (2,)))
+    groups = padded_in_features(k_in, group_size) // group_size
+    t = {
+        "qweight": checked("qweight", torch.int32, (groups * group_size // 32 * bits, n_out)),
+        "s_q": checked("s_q", torch.int8, (groups, rank, n_out)),
+        "s_scale": checked("s_scale", torch.float16, (rank, n_out)),
+        "b_q": checked("b_q", torch.int8, (groups, n_out)),
+        "b_scale": checked("b_scale", torch.float16, (n_out,)),
+        "v": checked("v", torch.float16, (rank, 1 << bits)).unsqueeze(0),
+    }
+    bias = checked("bias", torch.float16, (n_out,)) if f"{prefix}.bias" in tensors else None
+    return PackedLinear(**t, v_index=torch.zeros(n_out, dtype=torch.int32), in_features=k_in,
+                        bits=bits, group_size=group_size, bias=bias)
 
 
 def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:

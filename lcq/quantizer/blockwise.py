@@ -1,0 +1,100 @@
+"""The block-wise stage of LCQ: learn S, V and B of every linear layer of one decoder block by
+gradient descent on the block's output error.
+
+The block with quantized weights sees the output of the already-quantized previous blocks; its
+target is the full-precision block's output. The nearest-entry assignment is recomputed in every
+forward pass, so the gradient reaches exactly the codebook entries in use.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.func import functional_call
+
+from .fit import Codebook, assign
+
+BlockCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class LayerFit:
+    """One linear layer being learned: its full-precision weight grouped (N, G, g) and its codebook."""
+
+    name: str
+    wg: torch.Tensor
+    in_features: int
+    book: Codebook
+
+    def weight(self) -> torch.Tensor:
+        """The dense (N, K) weight the current codebook gives, differentiable in S, V and B."""
+        values = self.book.values()
+        idx = assign(self.wg, values.detach())
+        return torch.gather(values, 2, idx).reshape(self.wg.shape[0], -1)[:, :self.in_features]
+
+
+def block_call(block: torch.nn.Module, rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+               ) -> BlockCall:
+    """f(weights, hidden) running the transformers decoder block with some weights replaced."""
+
+    def call(weights: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        return functional_call(block, weights, (hidden,), {"position_embeddings": rotary(hidden)}, strict=False)
+
+    return call
+
+
+@torch.no_grad()
+def run_block(call: BlockCall, weights: dict[str, torch.Tensor], inputs: torch.Tensor, batch: int) -> torch.Tensor:
+    return torch.cat([call(weights, inputs[i:i + batch]) for i in range(0, inputs.shape[0], batch)])
+
+
+def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor, batch: int) -> float:
+    with torch.no_grad():
+        weights = {f"{f.name}.weight": f.weight() for f in fits}
+        outputs = run_block(call, weights, inputs, batch)
+        return float(torch.nn.functional.mse_loss(outputs, targets))
+
+
+def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
+                   epochs: int, lr: float, batch: int = 4, seed: int = 0,
+                   on_step: Callable[[float], None] | None = None) -> tuple[float, float]:
+    """Adam on every layer's S, V, B; returns (loss before, loss after) on all calibration samples.
+
+    Each parameter's step size is lr times its typical magnitude (Adam steps are about lr in size,
+    and S, B and V live on very different scales). If training does not lower the loss, the
+    starting codebooks are kept."""
+    before = _loss(call, fits, inputs, targets, batch)
+    if epochs <= 0:
+        return before, before
+    start = [Codebook(f.book.s.clone(), f.book.v.clone(), f.book.b.clone()) for f in fits]
+    groups = []
+    for f in fits:
+        for tensor in (f.book.s, f.book.v, f.book.b):
+            tensor.requires_grad_(True)
+            groups.append({"params": [tensor], "lr": lr * float(tensor.detach().abs().mean().clamp_min(1e-8))})
+    optimizer = torch.optim.Adam(groups)
+    steps = epochs * -(-inputs.shape[0] // batch)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(inputs.shape[0], generator=generator)
+        for i in range(0, inputs.shape[0], batch):
+            rows = order[i:i + batch].to(inputs.device)
+            weights = {f"{f.name}.weight": f.weight() for f in fits}
+            loss = torch.nn.functional.mse_loss(call(weights, inputs[rows]), targets[rows])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            if on_step is not None:
+                on_step(loss.item())
+    for f in fits:
+        for tensor in (f.book.s, f.book.v, f.book.b):
+            tensor.requires_grad_(False)
+    after = _loss(call, fits, inputs, targets, batch)
+    if after > before:
+        for f, book in zip(fits, start):
+            f.book = book
+        return before, before
+    return before, after

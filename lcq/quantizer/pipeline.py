@@ -1,0 +1,323 @@
+"""quantize_model: a Hugging Face folder in, an LCQ folder out, one decoder block at a time.
+
+Peak memory is about one block plus the calibration activations: block tensors are read from the
+source safetensors when the block's turn comes and freed after its packed shard is written. The
+output grows in OUT_DIR.partial (with a progress file) and is renamed when complete, so a
+half-written folder never looks valid and --resume continues after the last finished block.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from lcq.errors import UserError
+from lcq.format import (CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
+                        quantization_config, write_index, write_json, write_shard)
+
+from .blockwise import LayerFit, block_call, optimize_block, run_block
+from .fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from .gptq import gptq_indices
+from .reference import hf_config, read_config
+
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+METHODS = ("lcq", "rtn", "gptq")
+PROGRESS_FILE = "lcq-progress.json"
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+@dataclass
+class QuantizeOptions:
+    bits: int = 2
+    rank: int = 2
+    group_size: int = 64
+    method: str = "lcq"
+    calib_text: str | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+    epochs: int = 10
+    lr: float = 1e-2
+    init: str = "kmeans"
+    device: str = "cpu"
+    act_order: bool = False
+    seed: int = 0
+    batch_size: int = 4
+
+    def validate(self) -> None:
+        checks = [
+            (self.bits in (2, 3, 4), f"--bits must be 2, 3 or 4 (got {self.bits})"),
+            (1 <= self.rank <= 4, f"--rank must be 1 to 4 (got {self.rank})"),
+            (self.group_size in (32, 64, 128), f"--group-size must be 32, 64 or 128 (got {self.group_size})"),
+            (self.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {self.method})"),
+            (self.method == "lcq" or self.rank == 1 or self.method == "rtn",
+             "--method gptq uses the uniform grid: --rank must be 1"),
+            (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
+            (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
+            (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but no CUDA device is available")
+        if self.needs_data and not (self.calib_text and self.calib_text.strip()):
+            raise UserError(f"--method {self.method} needs calibration text (--calib FILE), and it is empty")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method != "rtn"
+
+    def recorded(self) -> dict:
+        """The options as stored with the output (calibration text by size, not content)."""
+        d = asdict(self)
+        text = d.pop("calib_text")
+        d["calib_chars"] = len(text) if text else 0
+        return d
+
+
+@dataclass
+class QuantizeSummary:
+    seconds: float
+    bits_per_weight: float
+    size_bytes: int
+    peak_memory_bytes: int
+    block_losses: list[tuple[float, float]] = field(default_factory=list)
+
+
+def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at random offsets of the tokenized text (seeded)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if ids.numel() < 2:
+        raise UserError("calibration text is empty after tokenization")
+    seqlen = min(seqlen, ids.numel())
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+class _Source:
+    """The source model read block by block."""
+
+    def __init__(self, model_dir: Path, device: torch.device):
+        import importlib
+
+        self.config = hf_config(model_dir)
+        self.config._attn_implementation = "sdpa"
+        self.reader = CheckpointReader(model_dir)
+        if self.reader.quant is not None:
+            raise UserError(f"{model_dir} is already quantized; quantize a full-precision folder")
+        modeling = importlib.import_module(f"transformers.models.{self.config.model_type}."
+                                           f"modeling_{self.config.model_type}")
+        prefix = CLASS_PREFIX[self.config.model_type]
+        self.layer_class = getattr(modeling, f"{prefix}DecoderLayer")
+        self.rotary_module = getattr(modeling, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
+        self.device = device
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    def block(self, index: int) -> torch.nn.Module:
+        layer = self.layer_class(self.config, index)
+        prefix = f"model.layers.{index}."
+        state = {name[len(prefix):]: self.reader.tensor(name).float()
+                 for name in self.reader.names() if name.startswith(prefix)}
+        layer.load_state_dict(state, strict=True)
+        return layer.to(self.device).eval()
+
+    def rotary(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        return self.rotary_module(hidden, positions)
+
+    def non_block_tensors(self) -> dict[str, torch.Tensor]:
+        return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith("model.layers.")}
+
+
+def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int, full: bool) -> dict[str, torch.Tensor]:
+    """Per linear layer: mean x x^T (full) or mean x_k^2 (diagonal) of its inputs over all tokens."""
+    stats: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name in LINEARS:
+        def hook(module, args, output, name=name):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            moment = x.t() @ x if full else (x * x).sum(0)
+            stats[name] = stats.get(name, 0) + moment
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        hooks.append(block.get_submodule(name).register_forward_hook(hook))
+    try:
+        run_block(call, {}, inputs, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: stats[name] / counts[name] for name in LINEARS}
+
+
+def _quantize_block(source: _Source, block: torch.nn.Module, options: QuantizeOptions, q_inputs, targets,
+                    progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
+    """Quantize the seven linear layers of one decoder block with the chosen method."""
+    call = block_call(block, source.rotary)
+    weights = {name: block.get_submodule(name).weight.detach().float() for name in LINEARS}
+    biases = {name: block.get_submodule(name).bias for name in LINEARS}
+    stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.method == "gptq") \
+        if options.needs_data else {}
+    fits = []
+    for name, w in weights.items():
+        wg = grouped(w, options.group_size)
+        diag = None
+        if name in stats:
+            diag = stats[name].diagonal() if options.method == "gptq" else stats[name]
+        h = grouped_importance(diag, w.shape[1], options.group_size, w.device)
+        if options.method == "lcq":
+            book = lcq_init(wg, h, options.bits, options.rank, options.init)
+        else:
+            book = rtn_codebook(wg, h > 0, options.bits, options.rank)
+        fits.append(LayerFit(name=name, wg=wg, in_features=w.shape[1], book=book))
+    losses = (0.0, 0.0)
+    if options.method == "lcq":
+        def on_step(loss: float) -> None:
+            progress_bar.set_postfix(loss=f"{loss:.3g}")
+        losses = optimize_block(call, fits, q_inputs, targets, options.epochs, options.lr,
+                                options.batch_size, options.seed, on_step)
+    packed = {}
+    for f in fits:
+        bias = None if biases[f.name] is None else biases[f.name].detach()
+        indices = None
+        if options.method == "gptq":
+            indices = gptq_indices(weights[f.name], 2 * stats[f.name], stored_codebook(f.book).values(),
+                                   options.group_size, options.act_order)
+        packed[f.name] = pack(f.book, f.wg, f.in_features, options.bits, options.group_size, bias, indices)
+    return packed, losses
+
+
+def _dense_weights(packed: dict[str, PackedLinear], device: torch.device) -> dict[str, torch.Tensor]:
+    weights = {}
+    for name, layer in packed.items():
+        weights[f"{name}.weight"] = dequantize(layer.to(device))
+    return weights
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def quantize_model(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions, resume: bool = False,
+                   progress: bool = True) -> QuantizeSummary:
+    """Quantize every decoder block's linear layers of a Llama-family folder into an LCQ folder."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    started = time.time()
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    options.validate()
+    config_dict = read_config(model_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists; choose a new output folder")
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    recorded = options.recorded()
+    done = _prepare_partial(partial, recorded, resume)
+    device = torch.device(options.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    source = _Source(model_dir, device)
+    torch.manual_seed(options.seed)
+
+    fp_stream = q_stream = None
+    if options.needs_data:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed)
+        embed = source.reader.tensor("model.embed_tokens.weight").float().to(device)
+        fp_stream = torch.nn.functional.embedding(tokens.to(device), embed)
+        q_stream = fp_stream.clone()
+        del embed
+
+    losses: list[tuple[float, float]] = []
+    bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
+    for index in bar:
+        block = source.block(index)
+        shard = partial / f"block-{index:05d}.safetensors"
+        targets = None
+        if options.needs_data:
+            call = block_call(block, source.rotary)
+            targets = run_block(call, {}, fp_stream, options.batch_size)
+        if index < done:
+            packed = _read_block(shard, index, options)
+            block_losses = (float("nan"), float("nan"))
+        else:
+            packed, block_losses = _quantize_block(source, block, options, q_stream, targets, bar)
+            tensors = {}
+            for name, layer in packed.items():
+                tensors.update(linear_tensors(f"model.layers.{index}.{name}", layer))
+            for name, tensor in block.state_dict().items():
+                if not any(name.startswith(linear + ".") for linear in LINEARS):
+                    tensors[f"model.layers.{index}.{name}"] = tensor.to(torch.float16)
+            write_shard(shard, tensors)
+            write_json(partial / PROGRESS_FILE, {"options": recorded, "done": index + 1})
+        losses.append(block_losses)
+        if options.needs_data:
+            bar.set_postfix(loss=f"{block_losses[1]:.3g}")
+            q_stream = run_block(block_call(block, source.rotary), _dense_weights(packed, device), q_stream,
+                                 options.batch_size)
+            fp_stream = targets
+        del block
+
+    write_shard(partial / "model-extra.safetensors",
+                {name: t.to(torch.float16) if t.is_floating_point() else t
+                 for name, t in source.non_block_tensors().items()})
+    config_dict["quantization_config"] = quantization_config(
+        options.bits, options.rank, options.group_size, options.method,
+        modules_not_quantized=["model.embed_tokens", "model.norm", "lm_head"],
+        **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "init", "act_order", "calib_chars")})
+    config_dict["torch_dtype"] = "float16"
+    write_json(partial / "config.json", config_dict)
+    copy_model_assets(model_dir, partial)
+    write_index(partial)
+    (partial / PROGRESS_FILE).unlink()
+    partial.rename(out_dir)
+
+    reader = CheckpointReader(out_dir)
+    linear_bits = sum(reader.linear(p).bits_per_weight() * _numel(reader, p) for p in reader.quantized_prefixes())
+    weights = sum(_numel(reader, p) for p in reader.quantized_prefixes())
+    size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
+    return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
+                           size_bytes=size, peak_memory_bytes=_peak_memory(device), block_losses=losses)
+
+
+def _numel(reader: CheckpointReader, prefix: str) -> int:
+    n, k = (int(d) for d in reader.tensor(f"{prefix}.shape"))
+    return n * k
+
+
+def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:
+    """Create or reuse OUT_DIR.partial; returns how many blocks are already done."""
+    progress_file = partial / PROGRESS_FILE
+    if resume and progress_file.is_file():
+        state = json.loads(progress_file.read_text())
+        if state["options"] != recorded:
+            raise UserError(f"{partial} was started with different options; run without --resume to start over")
+        return int(state["done"])
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_json(progress_file, {"options": recorded, "done": 0})
+    return 0
+
+
+def _read_block(shard: Path, index: int, options: QuantizeOptions) -> dict[str, PackedLinear]:
+    """The packed layers of a finished block, read back from its shard (for --resume)."""
+    from safetensors import safe_open
+
+    from lcq.format.checkpoint import linear_from_tensors
+
+    with safe_open(str(shard), framework="pt") as f:
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", options.bits, options.rank,
+                                      options.group_size, lambda _: str(shard)) for name in LINEARS}

@@ -1,0 +1,70 @@
+"""The transformers model a folder stands for, with LCQ layers dequantized into it.
+
+Evaluation and tests compare against this: it depends only on the format and transformers,
+never on our runtime, so it is an independent reference for the runtime's output.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lcq.errors import UserError
+from lcq.format import CheckpointReader, FormatError, dequantize
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """config.json as a dict, checked to be a supported Llama-family architecture."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"{path}: no such model folder")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path}: no config.json (not a Hugging Face model folder)")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{path}: architecture {model_type!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    return config
+
+
+def hf_config(model_dir: str | Path):
+    """A transformers config without our quantization block (transformers does not know 'lcq')."""
+    from transformers import AutoConfig
+
+    config = read_config(model_dir)
+    config.pop("quantization_config", None)
+    config.pop("transformers_version", None)
+    model_type = config.pop("model_type")
+    return AutoConfig.for_model(model_type, **config)
+
+
+def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """A transformers CausalLM in eval mode on CPU: full precision, or LCQ dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    config = hf_config(model_dir)
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = CheckpointReader(model_dir)
+    state: dict[str, torch.Tensor] = {}
+    for prefix in reader.quantized_prefixes():
+        layer = reader.linear(prefix)
+        state[f"{prefix}.weight"] = dequantize(layer, dtype)
+        if layer.bias is not None:
+            state[f"{prefix}.bias"] = layer.bias.to(dtype)
+    packed = set(reader.quantized_prefixes())
+    for name in reader.names():
+        if name.rsplit(".", 1)[0] not in packed:
+            state[name] = reader.tensor(name).to(dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise FormatError(f"{model_dir}: tensors missing {missing[:3]} or unexpected {unexpected[:3]}")
+    return model.eval()

@@ -1,0 +1,193 @@
+"""The quantizer: codebook fits, GPTQ, the block-wise stage, the pipeline and the CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import contextlib
+
+from lcq.cli import main
+from lcq.format import CheckpointReader, dequantize
+from lcq.quantizer import QuantizeOptions, quantize_model
+from lcq.quantizer.blockwise import LayerFit, optimize_block
+from lcq.quantizer.fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook
+from lcq.quantizer.gptq import gptq_indices
+from lcq.quantizer.fit import stored_codebook
+from lcq.quantizer.reference import load_reference_model
+from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
+
+
+def _matrices():
+    g = torch.Generator().manual_seed(0)
+    yield "gaussian", torch.randn(96, 192, generator=g) * 0.05
+    yield "heavy-tailed", torch.distributions.StudentT(2.5).sample((96, 192)) * 0.02
+
+
+def _inputs(k: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(256, k, generator=g) * torch.linspace(0.2, 3.0, k)  # uneven input scales
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_rank1_uniform_codebook_is_rtn(bits):
+    w = next(_matrices())[1]
+    wg = grouped(w, 32)
+    book = rtn_codebook(wg, grouped_importance(None, w.shape[1], 32, w.device) > 0, bits, rank=1)
+    layer = pack(book, wg, w.shape[1], bits, 32)
+    stored = stored_codebook(book)
+    scale, offset = stored.s[..., 0].unsqueeze(-1), stored.b.unsqueeze(-1)
+    q = torch.clamp(torch.round((wg + offset) / scale), 0, (1 << bits) - 1)  # plain RTN with the stored grid
+    rtn = (q * scale - offset).reshape(w.shape[0], -1)[:, :w.shape[1]]
+    torch.testing.assert_close(dequantize(layer), rtn, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_lcq_output_error_below_rtn_at_equal_bits(bits):
+    """LCQ rank 2 at group 64 stores fewer bits than RTN at group 32, and still errs less."""
+    for label, w in _matrices():
+        x = _inputs(w.shape[1])
+        importance = (x * x).mean(0)
+        rtn_wg = grouped(w, 32)
+        rtn = pack(rtn_codebook(rtn_wg, grouped_importance(None, w.shape[1], 32, w.device) > 0, bits, 1),
+                   rtn_wg, w.shape[1], bits, 32)
+        lcq_wg = grouped(w, 64)
+        h = grouped_importance(importance, w.shape[1], 64, w.device)
+        lcq = pack(lcq_init(lcq_wg, h, bits, 2, "kmeans"), lcq_wg, w.shape[1], bits, 64)
+        assert lcq.bits_per_weight() <= rtn.bits_per_weight()
+        err_rtn = (x @ (w - dequantize(rtn)).t()).pow(2).mean()
+        err_lcq = (x @ (w - dequantize(lcq)).t()).pow(2).mean()
+        assert err_lcq < err_rtn, label
+
+
+def test_gptq_output_error_below_rtn():
+    w = next(_matrices())[1]
+    x = _inputs(w.shape[1])
+    wg = grouped(w, 32)
+    book = rtn_codebook(wg, grouped_importance(None, w.shape[1], 32, w.device) > 0, 3, 1)
+    rtn = pack(book, wg, w.shape[1], 3, 32)
+    for act_order in (False, True):
+        idx = gptq_indices(w, 2 * x.t() @ x / x.shape[0], stored_codebook(book).values(), 32, act_order)
+        gptq = pack(book, wg, w.shape[1], 3, 32, indices=idx)
+        assert (x @ (w - dequantize(gptq)).t()).pow(2).mean() < (x @ (w - dequantize(rtn)).t()).pow(2).mean()
+
+
+def test_blockwise_optimization_lowers_block_loss():
+    """A two-layer 'block' (y = W2 silu(W1 x)) trained to match its full-precision output."""
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
+    inputs = torch.randn(16, 8, 64)
+    with torch.no_grad():
+        targets = block(inputs)
+    fits = []
+    for name in ("0", "2"):
+        w = block.get_submodule(name).weight.detach()
+        wg = grouped(w, 32)
+        h = grouped_importance(None, w.shape[1], 32, w.device)
+        fits.append(LayerFit(name=name, wg=wg, in_features=w.shape[1], book=lcq_init(wg, h, 2, 2, "rtn")))
+
+    def call(weights, hidden):
+        return torch.func.functional_call(block, weights, (hidden,), strict=False)
+
+    before, after = optimize_block(call, fits, inputs, targets, epochs=8, lr=1e-2, batch=4)
+    assert after < 0.9 * before
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama")
+
+
+@pytest.mark.parametrize("method,arch", [("lcq", "llama"), ("gptq", "qwen2"), ("rtn", "mistral")])
+def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch):
+    hf = make_tiny_hf(tmp_path / "hf", arch)
+    options = QuantizeOptions(bits=4, rank=1 if method == "gptq" else 2, group_size=32, method=method,
+                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=1)
+    summary = quantize_model(hf, tmp_path / "q", options, progress=False)
+    assert 4 < summary.bits_per_weight < 6 and summary.size_bytes > 0
+    reader = CheckpointReader(tmp_path / "q")
+    assert len(reader.quantized_prefixes()) == 7 * 2
+    assert reader.quant["method"] == method and not (tmp_path / "q.partial").exists()
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = load_reference_model(hf)(ids).logits
+        quant = load_reference_model(tmp_path / "q")(ids).logits
+    assert torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0) > 0.97
+
+
+def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monkeypatch):
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT,
+                              nsamples=4, seqlen=32, epochs=1)
+    quantize_model(tiny_hf, tmp_path / "whole", options, progress=False)
+
+    import lcq.quantizer.pipeline as pipeline
+    original = pipeline._quantize_block
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "_quantize_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_hf, tmp_path / "resumed", options, progress=False)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / "resumed.partial").is_dir()
+    monkeypatch.setattr(pipeline, "_quantize_block", original)
+    changed = QuantizeOptions(**{**options.__dict__, "bits": 2})
+    with pytest.raises(Exception, match="different options"):
+        quantize_model(tiny_hf, tmp_path / "resumed", changed, resume=True, progress=False)
+    quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+    whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")
+    assert sorted(whole.names()) == sorted(resumed.names())
+    for name in whole.names():
+        torch.testing.assert_close(whole.tensor(name), resumed.tensor(name), rtol=0, atol=0)
+
+
+_no_exit = contextlib.nullcontext
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lcq.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    other = tmp_path / "gpt2"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "gpt2"}')
+    cases = [
+        (["quantize", str(tmp_path / "missing"), str(tmp_path / "o")], "no such model folder"),
+        (["quantize", str(other), str(tmp_path / "o")], "'gpt2' is not supported"),
+        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--bits", "5"], "--bits must be 2, 3 or 4"),
+        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--group-size", "48"], "--group-size"),
+        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--calib", str(empty)], "empty"),
+        (["eval", str(tmp_path / "missing")], "no such model folder"),
+        (["quantize", str(tiny_hf)], "required"),
+    ]
+    for args, expected in cases:
+        with pytest.raises(SystemExit) if args[-1] == str(tiny_hf) else _no_exit():
+            code = main(args)
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
+        if args[-1] != str(tiny_hf):
+            assert code == 2, (args, err)
+    assert not (tmp_path / "o").exists()
+    result = _cli("quantize", str(tmp_path / "missing"), str(tmp_path / "o"))  # the installed entry point too
+    assert result.returncode == 2 and result.stderr.startswith("lcq: error:")
+
+
+def test_cli_quantize_then_eval(tmp_path, tiny_hf):
+    text = tmp_path / "text.txt"
+    text.write_text(CALIBRATION_TEXT)
+    result = _cli("quantize", str(tiny_hf), str(tmp_path / "q"), "--bits", "4", "--rank", "1", "--group-size", "32",
+                  "--method", "rtn")
+    assert result.returncode == 0, result.stderr
+    assert "bits per weight" in result.stdout
+    result = _cli("eval", str(tmp_path / "q"), "--text", str(text), "--ctx", "32")
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.split()[1]) > 1.0
