@@ -39,6 +39,10 @@ class LCQLinear(torch.nn.Module):
         self._dense = None
         return super()._apply(fn, recurse)
 
+    def warm(self, dtype: torch.dtype) -> None:
+        """Dequantize now (at load time) rather than on the first request."""
+        self._dense = dequantize(self.layer, dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense:
             if self._dense is None or self._dense.dtype != x.dtype:

@@ -1,0 +1,50 @@
+"""The few numbers our model needs, read from a Hugging Face config.json."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lcq.errors import UserError
+
+from .layers import rope_settings
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope: dict
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "ModelConfig":
+        path = Path(folder) / "config.json"
+        if not path.is_file():
+            raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
+        c = json.loads(path.read_text())
+        architectures = c.get("architectures") or [c.get("model_type", "?")]
+        if architectures[0] not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
+            raise UserError(f"{folder}: architecture {architectures[0]} is not supported "
+                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        heads = c["num_attention_heads"]
+        return cls(
+            model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+            intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=c.get("num_key_value_heads") or heads,
+            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)), rope=rope_settings(c),
+        )

@@ -1,0 +1,99 @@
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+
+Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
+where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
+fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the same call.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .attention import paged_attention, write_kv
+from .config import ModelConfig
+from .context import ForwardContext
+from .layers import RMSNorm, RotaryEmbedding, silu_and_mul
+
+# make_linear(names) -> module computing x @ W^T (+ bias) for the named checkpoint matrices fused along N.
+LinearFactory = Callable[[list[str]], torch.nn.Module]
+
+
+class Attention(torch.nn.Module):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, rotary: RotaryEmbedding):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        self.o_proj = make_linear([f"{prefix}.o_proj"])
+        self.rotary = rotary
+        self.scale = self.head_dim ** -0.5
+        self.k_cache = self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        write_kv(k, v, self.k_cache, self.v_cache, context.slot_mapping)
+        out = paged_attention(q, self.k_cache, self.v_cache, context, self.scale)
+        return self.o_proj(out.reshape(-1, q_size))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, prefix: str, make_linear: LinearFactory):
+        super().__init__()
+        self.gate_up_proj = make_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj = make_linear([f"{prefix}.down_proj"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(torch.nn.Module):
+    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, rotary: RotaryEmbedding):
+        super().__init__()
+        prefix = f"model.layers.{index}"
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(f"{prefix}.mlp", make_linear)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), context)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(torch.nn.Module):
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = torch.nn.Embedding(config.vocab_size, config.hidden_size, _freeze=True)
+        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, self.rotary)
+                                          for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
+            torch.nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            hidden = layer(positions, hidden, context)
+        return self.norm(hidden)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.layers, k_caches, v_caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+        c = self.config
+        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=dtype).element_size()
+        return block_size * per_token

@@ -1,0 +1,64 @@
+"""Build our model from a folder: LCQ (packed linears, fused per layer) or plain fp16/bf16/fp32
+safetensors. Tensors are read one at a time from the shards, so the model exists once in memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lcq.format import CheckpointReader, PackedLinear
+from lcq.kernels import LCQLinear
+
+from .config import ModelConfig
+from .llama import LlamaModel
+
+
+class DenseLinear(torch.nn.Module):
+    """A full-precision linear layer (no random init, unlike torch.nn.Linear)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               cache_dense: bool | None = None) -> tuple[LlamaModel, ModelConfig]:
+    """Our model for a folder, on `device` in `dtype`. cache_dense (default: on CPU) keeps each LCQ
+    layer's dequantized weight, trading memory for CPU speed; GPUs run the fused kernels instead."""
+    device = torch.device(device)
+    config = ModelConfig.from_folder(path)
+    reader = CheckpointReader(path)
+    if cache_dense is None:
+        cache_dense = device.type == "cpu"
+
+    def read(name: str) -> torch.Tensor:
+        return reader.tensor(name).to(device=device, dtype=dtype)
+
+    def make_linear(names: list[str]) -> torch.nn.Module:
+        if reader.quant is not None:
+            return LCQLinear(PackedLinear.concat([reader.linear(n) for n in names]).to(device), cache_dense)
+        biases = [f"{n}.bias" for n in names]
+        bias = torch.cat([read(b) for b in biases]) if all(reader.has(b) for b in biases) else None
+        return DenseLinear(torch.cat([read(f"{n}.weight") for n in names]), bias)
+
+    with torch.device(device):
+        model = LlamaModel(config, make_linear)
+    with torch.no_grad():
+        model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
+        model.norm.weight.copy_(read("model.norm.weight"))
+        if not config.tie_word_embeddings:
+            model.lm_head.copy_(read("lm_head.weight"))
+        for i, layer in enumerate(model.layers):
+            layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
+            layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
+    model.to(dtype=dtype)
+    if cache_dense:
+        for module in model.modules():
+            if isinstance(module, LCQLinear):
+                module.warm(dtype)
+    return model.eval(), config

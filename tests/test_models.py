@@ -1,0 +1,121 @@
+"""Our Llama-family model against transformers, through the paged KV cache."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcq.errors import UserError
+from lcq.models import ForwardContext, load_model
+from lcq.quantizer.reference import load_reference_model
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+
+BLOCK = 4
+
+
+class PagedBatch:
+    """Sequences with their own cache blocks (handed out in order), to drive the model by hand."""
+
+    def __init__(self, model, num_blocks: int = 64):
+        c = model.config
+        shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
+        dtype = model.embed_tokens.weight.dtype
+        model.bind_kv_cache([torch.zeros(shape, dtype=dtype) for _ in range(c.num_layers)],
+                            [torch.zeros(shape, dtype=dtype) for _ in range(c.num_layers)])
+        self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
+
+    def add(self) -> int:
+        self.tables.append([])
+        self.lengths.append(0)
+        return len(self.tables) - 1
+
+    def step(self, new_tokens: dict[int, list[int]]) -> torch.Tensor:
+        """Run new tokens of some sequences; returns the logits of each one's last new token."""
+        ids, positions, slots, starts, lens = [], [], [], [0], []
+        for seq, tokens in new_tokens.items():
+            for t in tokens:
+                pos = self.lengths[seq]
+                if pos % BLOCK == 0:
+                    self.tables[seq].append(self.next_block)
+                    self.next_block += 1
+                ids.append(t)
+                positions.append(pos)
+                slots.append(self.tables[seq][pos // BLOCK] * BLOCK + pos % BLOCK)
+                self.lengths[seq] += 1
+            starts.append(len(ids))
+            lens.append(self.lengths[seq])
+        width = max(len(self.tables[s]) for s in new_tokens)
+        tables = [self.tables[s] + [-1] * (width - len(self.tables[s])) for s in new_tokens]
+        context = ForwardContext(
+            is_prefill=any(len(t) > 1 for t in new_tokens.values()), slot_mapping=torch.tensor(slots),
+            query_start=torch.tensor(starts, dtype=torch.int32), context_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor(tables, dtype=torch.int32),
+            max_query_len=max(len(t) for t in new_tokens.values()), max_context_len=max(lens))
+        hidden = self.model(torch.tensor(ids), torch.tensor(positions), context)
+        last = torch.tensor(starts[1:]) - 1
+        return self.model.compute_logits(hidden[last])
+
+
+def _reference_logits(reference, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([tokens])).logits[0].float()
+
+
+def _check_against(reference, model, prompts: list[list[int]], decode_steps: int = 5, chunk: int | None = None):
+    batch = PagedBatch(model)
+    seqs = [batch.add() for _ in prompts]
+    tokens = [list(p) for p in prompts]
+    if chunk is None:
+        logits = batch.step({s: p for s, p in zip(seqs, prompts)})
+    else:  # chunked prefill: each sequence's prompt in pieces, interleaved across sequences
+        done, last = [0] * len(prompts), {}
+        while any(d < len(p) for d, p in zip(done, prompts)):
+            step = {s: p[d:d + chunk] for s, p, d in zip(seqs, prompts, done) if d < len(p)}
+            out = batch.step(step)
+            for row, s in enumerate(step):
+                done[s] += len(step[s])
+                if done[s] == len(prompts[s]):
+                    last[s] = out[row]
+        logits = torch.stack([last[s] for s in seqs])
+    for _ in range(decode_steps):
+        for s in seqs:
+            expected = _reference_logits(reference, tokens[s])[-1]
+            torch.testing.assert_close(logits[s], expected, atol=2e-4, rtol=1e-4)
+        next_tokens = logits.argmax(-1).tolist()
+        for s, t in zip(seqs, next_tokens):
+            tokens[s].append(t)
+        logits = batch.step({s: [t] for s, t in zip(seqs, next_tokens)})
+
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+def test_full_precision_matches_transformers(tmp_path, arch):
+    folder = make_tiny_hf(tmp_path / arch, arch)
+    model, _ = load_model(folder)
+    _check_against(load_reference_model(folder), model, PROMPTS)
+
+
+def test_chunked_prefill_matches_transformers(tmp_path):
+    folder = make_tiny_hf(tmp_path / "llama", "llama", tie_word_embeddings=True)
+    model, _ = load_model(folder)
+    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=2, chunk=3)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, arch):
+    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32)
+    model, _ = load_model(folder)
+    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3)
+
+
+def test_lcq_without_dense_cache_matches(tmp_path):
+    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=1, group_size=32, method="rtn")
+    model, _ = load_model(folder, cache_dense=False)
+    _check_against(load_reference_model(folder), model, PROMPTS[:2], decode_steps=2)
+
+
+def test_unsupported_architecture_is_one_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
+    with pytest.raises(UserError, match="GPT2LMHeadModel is not supported"):
+        load_model(tmp_path)
