@@ -1,0 +1,156 @@
+"""The engine behind the server: one loop, each step run in a worker thread so the event loop
+stays free for HTTP; every request gets its own stream of deltas.
+
+Requests and aborts arrive on the event loop and are handed to the worker through an inbox that
+the next step drains, so the engine's state is only ever touched by one thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import AsyncIterator
+
+from .config import EngineConfig
+from .engine import EngineStats, LLMEngine
+from .errors import EngineNotReadyError, QueueFullError
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("lcq.engine")
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig):
+        config.validate()
+        self.config = config
+        self.engine: LLMEngine | None = None
+        self.is_draining = False
+        self._lock = threading.Lock()
+        self._inbox: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.load_error: BaseException | None = None
+
+    async def start(self) -> None:
+        """Load the model in a thread (the server answers /health with 503 meanwhile), then loop."""
+        self._wake = asyncio.Event()
+        try:
+            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+        except BaseException as e:
+            self.load_error = e
+            raise
+        self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and not self.is_draining
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer if self.engine else None
+
+    @property
+    def model_name(self) -> str:
+        return self.config.model_name()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len if self.engine else 0
+
+    def stats(self) -> EngineStats:
+        if self.engine is None:
+            return EngineStats(0, 0, 0.0, 0, 0, 0)
+        stats = self.engine.stats()
+        stats.num_waiting += len(self._inbox)
+        return stats
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+                    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request; iterate the result for its deltas. Stopping iteration aborts it."""
+        if not self.is_ready:
+            raise EngineNotReadyError("the engine is draining" if self.is_draining else "the model is still loading")
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.engine.check_request(prompt_ids, params)
+        if self.stats().num_waiting >= self.config.max_queue:
+            raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests)")
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        with self._lock:
+            self._inbox.append((request_id, list(prompt_ids), params))
+        self._wake.set()
+        return self._stream(request_id, queue)
+
+    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        finished = False
+        try:
+            while not finished:
+                output: RequestOutput = await queue.get()
+                finished = output.finished
+                yield output
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request; its blocks are freed by the next step (at once if the loop is idle)."""
+        with self._lock:
+            self._aborts.append(request_id)
+        if self._wake is not None:
+            self._wake.set()
+
+    def _step(self) -> list[RequestOutput]:
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        outputs = []
+        for request_id, prompt_ids, params in inbox:
+            try:
+                self.engine.add_request(request_id, prompt_ids, params)
+            except ValueError as e:
+                outputs.append(RequestOutput(request_id, "", [], finish_reason="error", error=str(e)))
+        for request_id in aborts:
+            output = self.engine.abort(request_id)
+            if output is not None:
+                outputs.append(output)
+        return outputs + self.engine.step()
+
+    async def _run(self) -> None:
+        while True:
+            if not (self.engine.has_work() or self._inbox or self._aborts):
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception:  # the engine isolates request failures; anything here is a bug worth logging
+                logger.exception("engine step failed")
+                await asyncio.sleep(0.1)
+                continue
+            for output in outputs:
+                queue = self._streams.get(output.request_id)
+                if queue is not None:
+                    queue.put_nowait(output)
+                    if output.finished:
+                        del self._streams[output.request_id]
+
+    async def shutdown(self, drain_timeout: float = 30.0) -> None:
+        """Stop accepting, let running requests finish within the timeout, abort the rest, stop."""
+        self.is_draining = True
+        if self.engine is None or self._loop_task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while (self.engine.has_work() or self._inbox) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        while self._streams and asyncio.get_running_loop().time() < deadline + 5:
+            await asyncio.sleep(0.02)
+        self._loop_task.cancel()
+        try:
+            await self._loop_task
+        except asyncio.CancelledError:
+            pass

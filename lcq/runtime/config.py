@@ -1,0 +1,57 @@
+"""Engine settings (the server's flags map onto these one to one)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    served_model_name: str | None = None  # default: the model folder's name
+    device: str = "auto"  # cuda when available, else cpu
+    dtype: str = "auto"  # float16 on cuda, float32 on cpu
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
+    enable_prefix_caching: bool = True
+    max_queue: int = 256
+    cuda_graphs: bool = True
+    seed: int = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float16 if self.resolved_device().type == "cuda" else torch.float32
+        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+        if self.dtype not in names:
+            raise ValueError(f"dtype must be one of auto, {', '.join(names)} (got {self.dtype})")
+        return names[self.dtype]
+
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
+            (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
+            (self.block_size in (8, 16, 32), "block_size must be 8, 16 or 32"),
+            (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
+            (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive"),
+            (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.resolved_dtype()

@@ -1,0 +1,65 @@
+"""Incremental detokenization with stop strings.
+
+Text is released only when it is final: never half of a multi-byte character (a token can end
+inside one, decoding to U+FFFD until the next token completes it), and never a piece that might
+be the start of a stop string (held back until the next tokens decide). Stop strings are cut off
+and never shown, also when they span several tokens.
+"""
+from __future__ import annotations
+
+PROMPT_CONTEXT_TOKENS = 5  # decode with a few prompt tokens before, so leading spaces come out right
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.text = ""  # output text decoded so far (cut at a stop string once found)
+        self.released = 0  # characters of self.text already handed out
+        self.stop_string: str | None = None
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Take one generated token; return the text that became final."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            self.text += after[len(before):]
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            self._find_stop(searched_from)
+        return self._release()
+
+    def _find_stop(self, start: int) -> None:
+        hits = [(self.text.find(s, start), s) for s in self.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            index, self.stop_string = min(hits)
+            self.text = self.text[:index]
+
+    def _release(self) -> str:
+        end = len(self.text)
+        if self.stop_string is None:
+            end -= self._held_back()
+        end = max(end, self.released)
+        out, self.released = self.text[self.released:end], end
+        return out
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string."""
+        for size in range(min(len(self.text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            tail = self.text[-size:]
+            if any(s.startswith(tail) for s in self.stop):
+                return size
+        return 0
+
+    def flush(self) -> str:
+        """The held-back text, when generation ends for another reason than a stop string."""
+        out, self.released = self.text[self.released:], len(self.text)
+        return out

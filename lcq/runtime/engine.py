@@ -1,0 +1,189 @@
+"""The synchronous engine: requests in, one step at a time, deltas out.
+
+A step schedules, runs the model once for every scheduled sequence, samples, detokenizes and
+checks stop conditions. A request that fails (even inside a batched forward) is finished with
+finish_reason "error"; the others go on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model_runner import ModelRunner
+from .outputs import RequestOutput, TokenLogprob, Usage
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+logger = logging.getLogger("lcq.engine")
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    num_preemptions_total: int
+
+
+def eos_token_ids(model_dir: str, tokenizer) -> set[int]:
+    """EOS ids from the tokenizer and generation_config.json (chat models often list several)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    path = Path(model_dir) / "generation_config.json"
+    if path.is_file():
+        value = json.loads(path.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return ids
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        from transformers import AutoTokenizer
+
+        config.validate()
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.runner = ModelRunner(config)
+        limit = config.max_model_len or self.runner.model_config.max_position_embeddings
+        self.max_model_len = min(limit, self.runner.num_blocks * config.block_size)
+        self.eos_ids = eos_token_ids(config.model, self.tokenizer)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sequences: dict[str, Sequence] = {}
+
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError (a client mistake) before anything is queued."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.runner.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
+                             f"shorten the prompt")
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self.check_request(prompt_ids, params)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        seq = Sequence(request_id, prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+                       max_tokens)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        seq.finish_reason = "abort"
+        return self._finish(seq)
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def stats(self) -> EngineStats:
+        return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+                           kv_cache_usage=self.blocks.usage(), num_free_blocks=self.blocks.num_free_blocks,
+                           num_total_blocks=self.blocks.num_total_blocks,
+                           num_preemptions_total=self.scheduler.num_preemptions)
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        now = time.monotonic()
+        for seq, _ in scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        return self._run(scheduled)
+
+    def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        try:
+            to_sample, logits = self.runner.run(scheduled)
+            tokens, logprobs = sample(logits, to_sample) if to_sample else ([], None)
+        except Exception:
+            if len(scheduled) > 1:  # find the culprit: rerun one at a time
+                return [out for item in scheduled for out in self._run([item])]
+            seq = scheduled[0][0]
+            logger.exception("request %s failed", seq.request_id)
+            seq.finish_reason = "error"
+            return [self._finish(seq, error="generation failed: internal error in the model step")]
+        for seq, count in scheduled:
+            seq.num_computed_tokens += count
+            self.blocks.register_full_blocks(seq)
+        outputs = []
+        for row, (seq, token) in enumerate(zip(to_sample, tokens)):
+            try:
+                output = self._append(seq, token, None if logprobs is None else logprobs[row])
+            except Exception:
+                logger.exception("request %s failed", seq.request_id)
+                seq.finish_reason = "error"
+                output = self._finish(seq, error="generation failed while decoding the output")
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> RequestOutput | None:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        seq.pending_ids.append(token)
+        if seq.params.logprobs is not None:
+            seq.pending_logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
+        text = seq.detokenizer.add(token)
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            seq.finish_reason, seq.stop_reason = "stop", None
+        elif token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif seq.detokenizer.stop_string is not None:
+            seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_string
+        elif seq.num_output_tokens >= seq.max_tokens:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            if seq.detokenizer.stop_string is None:
+                text += seq.detokenizer.flush()
+            return self._finish(seq, text)
+        return self._delta(seq, text)
+
+    def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
+        decode = self.tokenizer.decode
+        best = []
+        if top:
+            values, ids = logprobs.topk(top)
+            best = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids)]
+        return TokenLogprob(token_id=token, token=decode([token]), logprob=float(logprobs[token]), top=best)
+
+    def _delta(self, seq: Sequence, text: str, **extra) -> RequestOutput:
+        first = seq.num_output_tokens == len(seq.pending_ids) and seq.first_token_time is not None
+        output = RequestOutput(
+            request_id=seq.request_id, text=text, token_ids=seq.pending_ids,
+            logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None, **extra)
+        if first:
+            output.queue_time = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
+            output.first_token_time = seq.first_token_time - seq.arrival_time
+        seq.pending_ids, seq.pending_logprobs = [], []
+        return output
+
+    def _finish(self, seq: Sequence, text: str = "", error: str | None = None) -> RequestOutput:
+        self.scheduler.finish(seq)
+        self.sequences.pop(seq.request_id, None)
+        usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
+                      cached_tokens=seq.num_cached_tokens)
+        return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,
+                           error=error)

@@ -1,0 +1,45 @@
+"""Offline generation for scripts and benchmarks: LLM(path).generate(prompts, params)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .outputs import TokenLogprob, Usage
+from .sampling_params import SamplingParams
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    usage: Usage | None = None
+
+
+class LLM:
+    def __init__(self, model: str, **config):
+        self.engine = LLMEngine(EngineConfig(model=str(model), **config))
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[Completion]:
+        params = params or SamplingParams()
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        results: dict[str, Completion] = {}
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else prompt
+            self.engine.add_request(str(i), ids, p)
+            results[str(i)] = Completion(prompt_ids=list(ids), logprobs=[] if p.logprobs is not None else None)
+        while self.engine.has_work():
+            for out in self.engine.step():
+                done = results[out.request_id]
+                done.token_ids += out.token_ids
+                done.text += out.text
+                if out.logprobs:
+                    done.logprobs += out.logprobs
+                if out.finished:
+                    done.finish_reason, done.usage = out.finish_reason, out.usage
+        return [results[str(i)] for i in range(len(prompts))]

@@ -1,0 +1,76 @@
+"""Runs the model for a scheduled step: owns the model and the KV cache pool, builds the
+flattened batch and its ForwardContext, and returns the logits of the rows to sample."""
+from __future__ import annotations
+
+import torch
+
+from lcq.models import ForwardContext, load_model
+
+from .config import EngineConfig
+from .sequence import Sequence
+
+GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig):
+        self.device = config.resolved_device()
+        self.dtype = config.resolved_dtype()
+        self.block_size = config.block_size
+        self.model, self.model_config = load_model(config.model, self.device, self.dtype)
+        self.weight_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, self.dtype)
+        self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
+        c = self.model_config
+        shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.model.bind_kv_cache(self.k_caches, self.v_caches)
+        self.kv_cache_bytes = self.num_blocks * bytes_per_block
+
+    def _kv_budget(self, config: EngineConfig) -> int:
+        if self.device.type != "cuda":
+            return int(config.kv_cache_memory_gb * (1 << 30))
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        return max(0, int(total * config.gpu_memory_utilization) - used - GPU_ACTIVATION_RESERVE_BYTES)
+
+    def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        ids, positions, slots, starts, lengths = [], [], [], [0], []
+        bs = self.block_size
+        for seq, count in scheduled:
+            begin = seq.num_computed_tokens
+            ids.extend(seq.token_ids[begin:begin + count])
+            for pos in range(begin, begin + count):
+                positions.append(pos)
+                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            starts.append(len(ids))
+            lengths.append(begin + count)
+        width = max(len(seq.block_table) for seq, _ in scheduled)
+        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in scheduled]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        context = ForwardContext(
+            is_prefill=any(count > 1 for _, count in scheduled), slot_mapping=tensor(slots, torch.int64),
+            query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
+            block_tables=tensor(tables, torch.int32), max_query_len=max(c for _, c in scheduled),
+            max_context_len=max(lengths))
+        return tensor(ids, torch.int64), tensor(positions, torch.int64), context
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Forward the step; returns the sequences that now need a next token and their logits."""
+        input_ids, positions, context = self._prepare(scheduled)
+        hidden = self.model(input_ids, positions, context)
+        rows, to_sample = [], []
+        end = 0
+        for seq, count in scheduled:
+            end += count
+            if seq.num_computed_tokens + count == len(seq):
+                rows.append(end - 1)
+                to_sample.append(seq)
+        if not rows:
+            return [], torch.empty(0)
+        return to_sample, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])

@@ -1,0 +1,65 @@
+"""Next-token choice for a batch: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+
+Everything is batched on the logits' device; only seeded requests draw their random numbers from
+their own generator, so a seed gives the same tokens whatever else is in the batch.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sequence import Sequence
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Repetition (prompt and output tokens, as in vLLM/HF), presence and frequency (output tokens)."""
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            values = logits[row, seen]
+            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[1])
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Temperature, then min-p, top-k and top-p as masks; returns probabilities."""
+    device = logits.device
+    temperature = torch.tensor([s.params.temperature for s in seqs], device=device).clamp_min(1e-5)
+    probs = torch.softmax(logits / temperature.unsqueeze(1), dim=-1)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+    if bool((min_p > 0).any()):
+        probs = torch.where(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0, probs)
+    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else probs.shape[1] for s in seqs], device=device)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    if bool((top_k < probs.shape[1]).any() or (top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        rank = torch.arange(probs.shape[1], device=device).unsqueeze(0)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop = (rank >= top_k.unsqueeze(1)) | (mass_before >= top_p.unsqueeze(1) * sorted_probs.sum(-1, keepdim=True))
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
+    """Tokens for each row, and the raw log-probabilities (before penalties and temperature, as
+    OpenAI reports them) when any row asked for logprobs."""
+    logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+    needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+                        for s in seqs)
+    if needs_penalty:
+        logits = apply_penalties(logits.clone(), seqs)
+    greedy = [s.params.temperature == 0 for s in seqs]
+    chosen = logits.argmax(dim=-1)
+    if not all(greedy):
+        probs = _filter(logits, seqs)
+        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
+        noise = torch.empty_like(probs).exponential_()
+        for row, seq in enumerate(seqs):
+            if seq.generator is not None and not greedy[row]:
+                noise[row] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(probs.device)
+        sampled = (probs / noise).argmax(dim=-1)
+        chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
+    return chosen.tolist(), logprobs

@@ -1,0 +1,81 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Each step has a token budget (max_num_batched_tokens). Running sequences go first (decodes take
+one token, unfinished prompts take a chunk); then waiting ones are admitted while the budget,
+max_num_seqs and free blocks allow. When blocks run out, the newest running sequence is
+preempted: its blocks are freed and it is recomputed later (its tokens are kept).
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        preempted = False
+        for seq in list(self.running):
+            if budget == 0:
+                break
+            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+                continue
+            count = min(seq.num_uncomputed, budget)
+            while not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+                preempted = True
+                self.preempt(self.running[-1])
+                if seq.status != Status.RUNNING:
+                    break
+            if seq.status != Status.RUNNING:
+                continue
+            self.blocks.grow(seq, seq.num_computed_tokens + count)
+            scheduled.append((seq, count))
+            budget -= count
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            self.blocks.reuse_cached_prefix(seq)
+            count = min(seq.num_uncomputed, budget)
+            if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+                self.blocks.release(seq)
+                seq.num_cached_tokens = 0
+                break
+            self.blocks.grow(seq, seq.num_computed_tokens + count)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, count))
+            budget -= count
+        return scheduled
+
+    def preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.status = Status.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Free a finished or aborted sequence wherever it is."""
+        self.blocks.release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = Status.FINISHED

@@ -1,0 +1,60 @@
+"""One request's state inside the engine."""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """Tokens so far (prompt + generated), how many of them are in the KV cache, and its blocks."""
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                 detokenizer: IncrementalDetokenizer, max_tokens: int):
+        self.request_id = request_id
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.params = params
+        self.max_tokens = max_tokens  # resolved: never past the context length
+        self.detokenizer = detokenizer
+        self.status = Status.WAITING
+        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.pending_ids: list[int] = []  # generated tokens not yet streamed
+        self.pending_logprobs: list = []
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
