@@ -1,0 +1,168 @@
+"""The FastAPI app: `create_app(engine or config, settings)`, one engine per app.
+
+The lifespan starts loading the model in the background so the server answers at once (/health says
+503 until the model is ready) and, on shutdown, drains the engine: running requests get
+`drain_timeout` seconds to finish, the rest are aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Callable
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+
+from lcq import __version__
+from lcq.runtime import AsyncEngine, EngineConfig
+
+from . import chat, completions
+from .errors import APIError, error_responses, install_error_handlers
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .middleware import GuardMiddleware
+from .protocol import DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, \
+    TokenizeResponse, VersionResponse
+from .settings import ServeSettings
+from .state import ServerState, get_state
+
+logger = logging.getLogger("lcq.server")
+router = APIRouter()
+
+
+class Lifecycle:
+    """Background model load at startup; one idempotent drain for SIGTERM and lifespan shutdown alike."""
+
+    def __init__(self, state: ServerState, on_fatal: Callable[[], None] | None):
+        self.state = state
+        self.on_fatal = on_fatal
+        self._start: asyncio.Task | None = None
+        self._drain: asyncio.Task | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self._start = asyncio.create_task(self._load())
+        try:
+            yield
+        finally:
+            await self.drain()
+
+    async def _load(self) -> None:
+        try:
+            await self.state.engine.start()
+            logger.info("model %s ready", self.state.model_name)
+        except Exception:
+            logger.exception("the model failed to load")
+            if self.on_fatal is not None:
+                self.on_fatal()
+
+    def drain(self) -> asyncio.Task:
+        if self._drain is None:
+            self._drain = asyncio.ensure_future(self._shutdown())
+        return self._drain
+
+    async def _shutdown(self) -> None:
+        if self._start is not None and not self._start.done():
+            self._start.cancel()
+        logger.info("draining: up to %.0f s for running requests", self.state.settings.drain_timeout)
+        await self.state.engine.shutdown(self.state.settings.drain_timeout)
+
+
+@router.get("/health", response_model=HealthResponse, responses=error_responses(503))
+async def health(request: Request) -> HealthResponse:
+    state = get_state(request)
+    if not state.accepting():
+        raise APIError(503, "draining" if state.engine.is_draining else "the model is loading",
+                       code="service_unavailable", headers={"Retry-After": str(state.settings.retry_after)})
+    return HealthResponse()
+
+
+@router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
+async def list_models(request: Request) -> ModelList:
+    state = get_state(request)
+    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len or None)])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404))
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    state = get_state(request)
+    if model_id != state.model_name:
+        raise APIError(404, f"the model `{model_id}` does not exist", param="model", code="model_not_found")
+    return ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len or None)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(request: Request) -> Response:
+    return Response(get_state(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+@router.get("/version", response_model=VersionResponse)
+async def version() -> VersionResponse:
+    return VersionResponse(version=__version__)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+    state = get_state(request)
+    state.check_request(body, "/tokenize")
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of `prompt` and `messages`", code="invalid_value")
+    tokenizer = state.engine.tokenizer
+    if body.messages is not None:
+        tokens = chat.render_chat(tokenizer, body.messages)
+    else:
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = get_state(request)
+    state.check_request(body, "/detokenize")
+    state.check_token_ids(body.tokens, "tokens")
+    return DetokenizeResponse(prompt=state.engine.tokenizer.decode(body.tokens))
+
+
+def _openapi_with_400(app: FastAPI) -> Callable[[], dict]:
+    """The schema as served: validation failures are documented as 400 with the error envelope, not 422."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    responses = operation.get("responses", {})
+                    if responses.pop("422", None) is not None and "400" not in responses:
+                        responses["400"] = {"description": "Invalid request", "content": {"application/json": {
+                            "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
+
+
+def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | None = None,
+               on_fatal: Callable[[], None] | None = None) -> FastAPI:
+    """The app serving `engine` (or a new AsyncEngine for `config`); `on_fatal` runs if the model fails to load."""
+    if isinstance(engine, EngineConfig):
+        engine = AsyncEngine(engine)
+    settings = settings or ServeSettings()
+    metrics = ServerMetrics(engine.model_name, engine.stats)
+    state = ServerState(engine=engine, settings=settings, metrics=metrics)
+    lifecycle = Lifecycle(state, on_fatal)
+    app = FastAPI(title="lcq", version=__version__, lifespan=lifecycle.lifespan,
+                  description="OpenAI-compatible server for LCQ-quantized models")
+    app.state.lcq = state
+    app.state.lifecycle = lifecycle
+    install_error_handlers(app)
+    app.include_router(router)
+    app.include_router(completions.router)
+    app.include_router(chat.router)
+    app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,
+                       max_body_bytes=settings.max_body_bytes)
+    app.openapi = _openapi_with_400(app)
+    return app

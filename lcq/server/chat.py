@@ -1,0 +1,112 @@
+"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, n choices, logprobs."""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+
+from lcq.runtime.outputs import RequestOutput, TokenLogprob
+
+from .errors import APIError, error_responses
+from .generation import Choice, Generation
+from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob, DeltaMessage, TopLogprob, dump
+from .sse import sse_events, sse_response
+from .state import get_state
+
+router = APIRouter()
+STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
+                   "content": {"text/event-stream": {}}}
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template expects them: role and plain-text content."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            kinds = {part.type for part in content} - {"text"}
+            if kinds:
+                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {sorted(kinds)}",
+                               param=f"messages.{i}.content", code="invalid_value")
+            content = "".join(part.text or "" for part in content)
+        entry = {"role": message.role, "content": content or ""}
+        if message.name:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
+    """Token ids of the conversation plus the assistant turn's opening, per the model's own template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
+    try:
+        text = tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt=True, tokenize=False)
+    except APIError:
+        raise
+    except Exception as e:  # jinja raises for conversations the template forbids (e.g. roles not alternating)
+        raise APIError(400, f"the chat template rejected these messages: {e}", param="messages",
+                       code="invalid_value") from None
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
+    def top_entry(text: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
+                         top_logprobs=[top_entry(text, lp) for _, text, lp in e.top[:top]])
+        for e in entries])
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    state.check_request(body, "/v1/chat/completions")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
+    top = body.top_logprobs or 0
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    try:
+        params = body.sampling_params(max_tokens, top if body.logprobs else None)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    state.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    prompt = render_chat(state.engine.tokenizer, body.messages)
+    generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    generation.submit()
+
+    def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
+        return dump(ChatCompletionChunk(id=generation.id, model=state.model_name, choices=choices, usage=usage))
+
+    if body.stream:
+        def start():
+            for choice in generation.choices:
+                yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+
+        def on_delta(choice: Choice, out: RequestOutput):
+            if out.text or out.token_ids or out.finish_reason:
+                lp = chat_logprobs(out.logprobs or [], top) if body.logprobs else None
+                yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
+                                             logprobs=lp, finish_reason=out.finish_reason,
+                                             stop_reason=out.stop_reason)])
+
+        def finish():
+            if body.include_usage:
+                yield chunk([], usage=generation.usage())
+
+        return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
+
+    await generation.run(request)
+    failure = generation.failure()
+    if failure:
+        raise failure
+    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
+                          logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
+                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+               for c in generation.choices]
+    return ChatCompletionResponse(id=generation.id, model=state.model_name, choices=choices,
+                                  usage=generation.usage())

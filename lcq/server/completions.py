@@ -1,0 +1,123 @@
+"""POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+
+from lcq.runtime.outputs import RequestOutput, TokenLogprob
+
+from .errors import APIError, error_responses
+from .generation import Choice, Generation
+from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, \
+    dump
+from .sse import sse_events, sse_response
+from .state import ServerState, get_state
+
+router = APIRouter()
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
+STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of CompletionChunk, then [DONE]",
+                   "content": {"text/event-stream": {}}}
+
+
+def tokenize_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of every prompt, whether it came as text, texts, ids or lists of ids."""
+    tokenizer = state.engine.tokenizer
+    items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(tokenizer.encode(item))
+            texts.append(item)
+        else:
+            state.check_token_ids(item, "prompt")
+            ids.append(list(item))
+            texts.append(tokenizer.decode(item))
+    if not ids or any(len(p) == 0 for p in ids):
+        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    return ids, texts
+
+
+class LogprobFormatter:
+    """OpenAI's legacy logprobs shape, with text offsets continuing across streamed chunks."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self.offsets: dict[int, int] = {}
+
+    def format(self, index: int, entries: list[TokenLogprob | tuple[str, None]]) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        offset = self.offsets.get(index, 0)
+        for entry in entries:
+            if isinstance(entry, TokenLogprob):
+                token, logprob = entry.token, entry.logprob
+                top = {text: lp for _, text, lp in entry.top[:self.top]}
+            else:  # an echoed prompt token: the engine computes no prompt logprobs
+                token, logprob, top = entry[0], None, None
+            out.tokens.append(token)
+            out.token_logprobs.append(logprob)
+            out.top_logprobs.append(top)
+            out.text_offset.append(offset)
+            offset += len(token)
+        self.offsets[index] = offset
+        return out
+
+
+@router.post("/v1/completions", response_model=CompletionResponse,
+             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+async def create_completion(body: CompletionRequest, request: Request):
+    state = get_state(request)
+    state.check_request(body, "/v1/completions")
+    prompts, prompt_texts = tokenize_prompts(state, body.prompt)
+    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    try:
+        params = body.sampling_params(max_tokens, body.logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e), code="invalid_value") from None
+    state.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+    generation.submit()
+    tokenizer = state.engine.tokenizer
+    logprobs = LogprobFormatter(body.logprobs or 0) if body.logprobs is not None else None
+
+    def echoed(choice: Choice) -> tuple[str, list]:
+        """The prompt text and its logprob entries (no values) that `echo` puts before the completion."""
+        if not body.echo:
+            return "", []
+        prompt = choice.index // params.n
+        entries = [(tokenizer.decode([t]), None) for t in prompts[prompt]] if logprobs else []
+        return prompt_texts[prompt], entries
+
+    def chunk(choices: list[CompletionChoice], usage=None) -> dict:
+        return dump(CompletionChunk(id=generation.id, model=state.model_name, choices=choices, usage=usage))
+
+    if body.stream:
+        def start():
+            for choice in generation.choices if body.echo else []:
+                text, entries = echoed(choice)
+                lp = logprobs.format(choice.index, entries) if logprobs else None
+                yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=lp)])
+
+        def on_delta(choice: Choice, out: RequestOutput):
+            if out.text or out.token_ids or out.finish_reason:
+                lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
+                yield chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=lp,
+                                              finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+
+        def finish():
+            if body.include_usage:
+                yield chunk([], usage=generation.usage())
+
+        return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
+
+    await generation.run(request)
+    failure = generation.failure()
+    if failure:
+        raise failure
+    choices = []
+    for choice in generation.choices:
+        text, entries = echoed(choice)
+        lp = logprobs.format(choice.index, entries + choice.logprobs) if logprobs else None
+        choices.append(CompletionChoice(index=choice.index, text=text + choice.text, logprobs=lp,
+                                        finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
+    return CompletionResponse(id=generation.id, model=state.model_name, choices=choices, usage=generation.usage())

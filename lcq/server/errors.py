@@ -1,0 +1,117 @@
+"""Every failure as OpenAI's error envelope `{"error": {"message", "type", "param", "code"}}`.
+
+Clients (the openai SDK, LangChain, curl scripts) parse this shape and map the status to an exception,
+so client mistakes must be 4xx with a useful message, never FastAPI's 422 or a bare 500.
+"""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lcq.runtime.errors import EngineNotReadyError, QueueFullError
+
+from .protocol import ErrorResponse
+
+logger = logging.getLogger("lcq.server")
+
+# status -> OpenAI error type
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    """An error to send as the OpenAI envelope with this HTTP status."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.status, self.message, param=self.param, code=self.code)
+
+
+def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def not_ready(message: str = "the model is loading or the server is shutting down", retry_after: int = 1) -> APIError:
+    return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(retry_after)})
+
+
+def engine_error(e: Exception, retry_after: int = 1) -> APIError:
+    """Map what AsyncEngine.add_request raises to the status a client should see."""
+    if isinstance(e, QueueFullError):
+        return APIError(429, str(e) or "the server is busy: too many requests are waiting", code="queue_full",
+                        headers={"Retry-After": str(retry_after)})
+    if isinstance(e, EngineNotReadyError):
+        return not_ready(str(e) or "the engine is not ready", retry_after)
+    if isinstance(e, ValueError):
+        return APIError(400, str(e), code="invalid_value")
+    raise e
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """The first problem as one line, and the request field it concerns (OpenAI's `param`)."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    first = errors[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = first.get("msg", "invalid value")
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every exception to the envelope: validation -> 400, HTTP errors keep their status."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return error_response(APIError(400, message, param=param, code="invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = {404: f"no route {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
+                                                                                                str(exc.detail))
+        return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s %s", request.method, request.url.path)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` entries documenting the envelope for these statuses."""
+    return {status: {"model": ErrorResponse} for status in statuses}

@@ -1,0 +1,168 @@
+"""One API request as several engine requests (prompts x n), merged into one stream of deltas.
+
+Every engine request is submitted before the first byte is sent, so a full queue or a too-long prompt
+becomes a plain 429/400 instead of an error in the middle of a stream. Whatever ends the consumer
+(client gone, cancellation, an error) aborts the engine requests still running, which frees their
+KV blocks at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from fastapi import Request
+
+from lcq.runtime.outputs import RequestOutput, TokenLogprob
+from lcq.runtime.sampling_params import SamplingParams
+
+from .errors import APIError, engine_error
+from .metrics import RequestTracker
+from .protocol import SEED_MODULUS, PromptTokensDetails, UsageInfo
+from .state import ServerState
+
+logger = logging.getLogger("lcq.server")
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class Choice:
+    """One engine request: its place in the response and what it has produced so far."""
+
+    index: int
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    tracker: RequestTracker | None = None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    cached_tokens: int = 0
+    error: str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.text
+        self.token_ids += out.token_ids
+        self.logprobs += out.logprobs or []
+        if out.finish_reason is not None:
+            self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+            if out.usage is not None:
+                self.cached_tokens = out.usage.cached_tokens
+
+
+class Generation:
+    """The engine requests of one API request; iterate `deltas()` once, then read `choices` and `usage()`."""
+
+    def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams):
+        self.state = state
+        self.id = base_id
+        self.choices = [
+            Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
+                   params=dataclasses.replace(params, n=1, seed=None if params.seed is None
+                                              else (params.seed + i) % SEED_MODULUS))
+            for p, prompt in enumerate(prompts) for i in range(params.n)
+        ]
+        self.prompts = prompts
+        self._streams: list[AsyncIterator[RequestOutput]] = []
+        self._pumps: list[asyncio.Task] = []
+
+    def submit(self) -> None:
+        """Add every choice to the engine, or none: a refusal aborts those already added."""
+        engine, metrics = self.state.engine, self.state.metrics
+        for choice in self.choices:
+            try:
+                stream = engine.add_request(choice.request_id, choice.prompt_ids, choice.params)
+            except Exception as e:
+                self.abort()
+                reason = {"QueueFullError": "queue_full", "EngineNotReadyError": "not_ready"}.get(
+                    type(e).__name__, "invalid_request")
+                metrics.rejected(reason)
+                raise engine_error(e, self.state.settings.retry_after) from e
+            choice.tracker = metrics.track(len(choice.prompt_ids))
+            self._streams.append(stream)
+
+    async def deltas(self, keepalive: float | None = None) -> AsyncIterator[tuple[Choice, RequestOutput] | None]:
+        """Deltas of all choices as they come; None every `keepalive` seconds without one."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(choice: Choice, stream: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for out in stream:
+                    await queue.put((choice, out))
+            except Exception as e:  # the engine contract says this does not happen; fail the choice, not the server
+                logger.exception("engine stream of %s failed", choice.request_id)
+                await queue.put((choice, RequestOutput(choice.request_id, "", [], finish_reason="error",
+                                                       error=f"{type(e).__name__}: {e}")))
+            await queue.put((choice, None))
+
+        self._pumps = [asyncio.create_task(pump(c, s)) for c, s in zip(self.choices, self._streams)]
+        open_streams = len(self._pumps)
+        try:
+            while open_streams:
+                try:
+                    choice, out = await asyncio.wait_for(queue.get(), keepalive)
+                except asyncio.TimeoutError:
+                    yield None
+                    continue
+                if out is None:
+                    open_streams -= 1
+                    continue
+                choice.add(out)
+                choice.tracker.observe(out)
+                yield choice, out
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Abort every choice still running (idempotent); their KV blocks go back to the pool."""
+        for task in self._pumps:
+            task.cancel()
+        for choice in self.choices:
+            if choice.finish_reason is None and choice.tracker is not None:
+                choice.finish_reason = "abort"
+                choice.tracker.finish("abort")
+                try:
+                    self.state.engine.abort(choice.request_id)
+                except Exception:  # already gone from the engine
+                    logger.debug("abort of %s: already finished", choice.request_id, exc_info=True)
+
+    async def run(self, request: Request) -> None:
+        """Collect every choice to the end (non-streaming), aborting if the client goes away meanwhile."""
+
+        async def consume() -> None:
+            async for _ in self.deltas():
+                pass
+
+        task = asyncio.create_task(consume())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    logger.info("client disconnected; aborting %s", self.choices[0].request_id)
+                    task.cancel()
+            await task
+        finally:
+            if not task.done():
+                task.cancel()
+            self.abort()
+
+    def failure(self) -> APIError | None:
+        """A 500 for the first choice the engine failed (not a client mistake), if any."""
+        for choice in self.choices:
+            if choice.finish_reason == "error":
+                return APIError(500, f"generation failed: {choice.error or 'engine error'}", code="engine_error")
+        return None
+
+    def usage(self) -> UsageInfo:
+        """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion = sum(len(c.token_ids) for c in self.choices)
+        n = len(self.choices) // max(1, len(self.prompts))
+        cached = sum(self.choices[p * n].cached_tokens for p in range(len(self.prompts)))
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                         total_tokens=prompt_tokens + completion,
+                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))

@@ -1,0 +1,138 @@
+"""Prometheus metrics named like vLLM's (prefix `lcq:` instead of `vllm:`), so existing dashboards and
+autoscalers that watch queue depth, KV usage and latency histograms work after a rename.
+
+Each app owns its CollectorRegistry: two servers in one process (tests) never share counters.
+Engine-wide state (running, waiting, KV usage, preemptions) is read from engine.stats() at scrape time.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from lcq.runtime.outputs import RequestOutput
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                   20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+
+
+class EngineStatsCollector:
+    """Gauges (and the preemption counter) that mirror the engine's own state when Prometheus scrapes."""
+
+    def __init__(self, stats: Callable[[], object | None], model_name: str):
+        self.stats = stats
+        self.model_name = model_name
+
+    def collect(self):
+        stats = self.stats()
+        values = {
+            "num_requests_running": getattr(stats, "num_running", 0),
+            "num_requests_waiting": getattr(stats, "num_waiting", 0),
+            "kv_cache_usage_perc": getattr(stats, "kv_cache_usage", 0.0),
+        }
+        for name, value in values.items():
+            gauge = GaugeMetricFamily(f"lcq:{name}", name.replace("_", " "), labels=["model_name"])
+            gauge.add_metric([self.model_name], float(value))
+            yield gauge
+        preemptions = CounterMetricFamily("lcq:num_preemptions", "requests preempted to free KV blocks",
+                                          labels=["model_name"])
+        preemptions.add_metric([self.model_name], float(getattr(stats, "num_preemptions_total", 0)))
+        yield preemptions
+
+    def describe(self):
+        return []  # collected lazily: describing would call the engine at registration time
+
+
+class ServerMetrics:
+    """Every metric the server exports, with `model_name` bound once."""
+
+    def __init__(self, model_name: str, engine_stats: Callable[[], object | None]):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(f"lcq:{name}", doc, labels + list(extra), registry=self.registry)
+
+        def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
+            return Histogram(f"lcq:{name}", doc, labels, buckets=buckets, registry=self.registry)
+
+        self.prompt_tokens = counter("prompt_tokens", "prompt tokens of finished requests")
+        self.generation_tokens = counter("generation_tokens", "generated tokens")
+        self.request_success = counter("request_success", "finished requests by finish reason", ("finished_reason",))
+        self.request_aborted = counter("request_aborted", "requests aborted (client gone, shutdown)")
+        self.request_errors = counter("request_error", "requests that failed inside the engine")
+        self.request_rejected = counter("request_rejected", "requests refused before running", ("reason",))
+        self.http_requests = counter("http_requests", "HTTP responses by status", ("status",))
+        self.ttft = histogram("time_to_first_token_seconds", "arrival to first token", LATENCY_BUCKETS)
+        self.itl = histogram("inter_token_latency_seconds", "time between generated tokens", LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "arrival to last token", LATENCY_BUCKETS)
+        self.queue_time = histogram("request_queue_time_seconds", "arrival to first scheduled", LATENCY_BUCKETS)
+        self.prompt_len = histogram("request_prompt_tokens", "prompt tokens per request", TOKEN_BUCKETS)
+        self.generation_len = histogram("request_generation_tokens", "generated tokens per request", TOKEN_BUCKETS)
+        self.registry.register(EngineStatsCollector(engine_stats, model_name))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def rejected(self, reason: str) -> None:
+        self.request_rejected.labels(self.model_name, reason).inc()
+
+    def http_response(self, status: int) -> None:
+        self.http_requests.labels(self.model_name, str(status)).inc()
+
+    def track(self, prompt_tokens: int) -> "RequestTracker":
+        return RequestTracker(self, prompt_tokens)
+
+
+class RequestTracker:
+    """Latency and token accounting of one engine request, fed with each delta it streams."""
+
+    def __init__(self, metrics: ServerMetrics, prompt_tokens: int):
+        self.metrics = metrics
+        self.prompt_tokens = prompt_tokens
+        self.arrival = time.perf_counter()
+        self.last_token = None
+        self.generated = 0
+        self.done = False
+
+    def observe(self, out: RequestOutput) -> None:
+        m, name = self.metrics, self.metrics.model_name
+        now = time.perf_counter()
+        new_tokens = len(out.token_ids)
+        if new_tokens:
+            if self.last_token is None:
+                m.ttft.labels(name).observe(out.first_token_time if out.first_token_time is not None
+                                            else now - self.arrival)
+                if out.queue_time is not None:
+                    m.queue_time.labels(name).observe(out.queue_time)
+            else:
+                gap = (now - self.last_token) / new_tokens
+                for _ in range(new_tokens):
+                    m.itl.labels(name).observe(gap)
+            self.last_token = now
+            self.generated += new_tokens
+            m.generation_tokens.labels(name).inc(new_tokens)
+        if out.finish_reason is not None:
+            self.finish(out.finish_reason)
+
+    def finish(self, reason: str) -> None:
+        """Count the request's end once: success by reason, abort, or engine error."""
+        if self.done:
+            return
+        self.done = True
+        m, name = self.metrics, self.metrics.model_name
+        m.prompt_tokens.labels(name).inc(self.prompt_tokens)
+        m.prompt_len.labels(name).observe(self.prompt_tokens)
+        m.generation_len.labels(name).observe(self.generated)
+        m.e2e.labels(name).observe(time.perf_counter() - self.arrival)
+        if reason == "abort":
+            m.request_aborted.labels(name).inc()
+        elif reason == "error":
+            m.request_errors.labels(name).inc()
+        else:
+            m.request_success.labels(name, reason).inc()

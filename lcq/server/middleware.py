@@ -1,0 +1,90 @@
+"""Checks that run before any route: API key, body size, and the per-status response counter.
+
+Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client that
+disconnects still reaches the route's disconnect handling.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+
+from .errors import APIError
+from .metrics import ServerMetrics
+
+PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+
+
+class GuardMiddleware:
+    def __init__(self, app, metrics: ServerMetrics, api_key: str | None, max_body_bytes: int):
+        self.app = app
+        self.metrics = metrics
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.http_response(message["status"])
+            await send(message)
+
+        headers = dict(scope.get("headers") or [])
+        error = self._auth_error(scope["path"], headers)
+        if error is None:
+            receive, error = await self._limited_body(headers, receive)
+        if error is not None:
+            return await self._reply(error, counting_send)
+        await self.app(scope, receive, counting_send)
+
+    def _auth_error(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
+        if self.api_key is None or not path.startswith(PROTECTED_PREFIXES):
+            return None
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):
+            return None
+        return APIError(401, "invalid or missing API key: send `Authorization: Bearer <key>`", code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"})
+
+    async def _limited_body(self, headers: dict[bytes, bytes], receive):
+        """Read the whole body up front (refusing it past the limit), then replay it to the route.
+
+        After the replay, receive() goes back to the server's own, so disconnects are still seen.
+        """
+        too_large = APIError(413, f"request body is larger than {self.max_body_bytes} bytes",
+                             code="request_too_large")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return receive, too_large
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending its body
+                first = message
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return receive, too_large
+            if not message.get("more_body", False):
+                first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return first
+            return await receive()
+
+        return replay, None
+
+    @staticmethod
+    async def _reply(error: APIError, send) -> None:
+        body = json.dumps(error.body()).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

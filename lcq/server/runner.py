@@ -1,0 +1,34 @@
+"""uvicorn, run programmatically, with a drain phase before it stops listening."""
+from __future__ import annotations
+
+import asyncio
+
+import uvicorn
+
+from .app import Lifecycle
+
+
+class DrainingServer(uvicorn.Server):
+    """The first SIGTERM/SIGINT drains the engine while the server keeps answering (health and new requests
+    get 503, running requests finish within the drain timeout); then uvicorn stops. A second signal stops
+    at once."""
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle):
+        super().__init__(config)
+        self.lifecycle = lifecycle
+        self.failed = False
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:
+            return super().handle_exit(sig, frame)
+        self._draining = True
+        asyncio.get_event_loop().call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        self.lifecycle.drain().add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+    def fail(self) -> None:
+        """The model could not be loaded: stop serving and let `lcq serve` exit with an error."""
+        self.failed = True
+        self.should_exit = True

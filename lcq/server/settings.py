@@ -1,0 +1,147 @@
+"""`lcq serve` settings: one table of flags, each also read from the environment as LCQ_<FLAG>.
+
+A flag given on the command line wins over the environment, which wins over the default, so a
+container image can be configured with env vars alone (LCQ_MODEL, LCQ_PORT, LCQ_API_KEY, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from lcq.errors import UserError
+
+
+@dataclass
+class ServeSettings:
+    """What the HTTP layer needs; the engine's own settings travel in EngineConfig."""
+
+    host: str = "0.0.0.0"
+    port: int = 8000
+    api_key: str | None = None
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
+    max_body_bytes: int = 4 << 20
+    keepalive_interval: float = 10.0  # seconds between SSE keep-alive comments while nothing else is sent
+    retry_after: int = 1  # seconds, sent with 429 and 503
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
+            (self.drain_timeout >= 0, f"drain timeout must be >= 0, got {self.drain_timeout}"),
+            (self.max_body_bytes >= 1024, f"max body bytes must be at least 1024, got {self.max_body_bytes}"),
+            (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
+            (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
+            (self.api_key is None or self.api_key != "", "api key must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # "--max-num-seqs"
+    type: Callable[[str], Any]
+    help: str
+    target: str  # "server" (ServeSettings) or "engine" (EngineConfig)
+    field: str = ""  # dataclass field; default: the flag's snake_case name
+    invert: bool = False  # a --no-x switch that sets x = False
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.name.lstrip("-").replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return "LCQ_" + self.dest.upper()
+
+    @property
+    def switch(self) -> bool:
+        return self.type is bool
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(text)
+
+
+FLAGS = (
+    Flag("--host", str, "address to listen on", "server"),
+    Flag("--port", int, "port to listen on (0: any free port)", "server"),
+    Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server"),
+    Flag("--served-model-name", str, "model id clients use (default: the folder name)", "engine"),
+    Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
+    Flag("--max-queue", int, "waiting requests before answering 429", "engine"),
+    Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
+    Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
+    Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
+    Flag("--gpu-memory-utilization", float, "fraction of GPU memory the engine may use", "engine"),
+    Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
+    Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine"),
+    Flag("--seed", int, "engine seed for requests without their own", "engine"),
+    Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
+         field="enable_prefix_caching", invert=True),
+    Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
+    Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
+    Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
+    Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
+    Flag("--log-level", str, "uvicorn log level", "server"),
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL plus every flag; defaults stay None so the environment can fill what the command line left out."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="LCQ or fp16 Hugging Face folder (env LCQ_MODEL; default: the demo model)")
+    from lcq.runtime.config import EngineConfig
+
+    defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
+    for flag in FLAGS:
+        default = None if flag.switch else defaults[flag.target][flag.field or flag.dest].default
+        shown = f" (env {flag.env}" + (f"; default {default})" if default is not None else ")")
+        if flag.switch:
+            parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
+        else:
+            parser.add_argument(flag.name, type=flag.type, default=None, help=flag.help + shown,
+                                metavar=flag.metavar or flag.dest.upper())
+
+
+def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
+    """The flag's value from the command line, else the environment, else None (the dataclass default)."""
+    value = getattr(args, flag.dest, None)
+    if value is None and flag.env in env:
+        try:
+            value = (_bool if flag.switch else flag.type)(env[flag.env])
+        except ValueError:
+            raise UserError(f"{flag.env}={env[flag.env]!r} is not a valid {flag.type.__name__}") from None
+    if value is not None and flag.invert:
+        value = not value
+    return value
+
+
+@dataclass
+class ServeCommand:
+    """Everything `lcq serve` resolved: the model folder (None: the demo), engine fields, server settings."""
+
+    model: str | None
+    engine_fields: dict[str, Any] = field(default_factory=dict)
+    settings: ServeSettings = field(default_factory=ServeSettings)
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeCommand:
+    env = os.environ if env is None else env
+    engine_fields: dict[str, Any] = {}
+    server_fields: dict[str, Any] = {}
+    for flag in FLAGS:
+        value = _value(flag, args, env)
+        if value is not None:
+            (server_fields if flag.target == "server" else engine_fields)[flag.field or flag.dest] = value
+    model = args.model if args.model is not None else (env.get("LCQ_MODEL") or None)
+    return ServeCommand(model=model, engine_fields=engine_fields, settings=ServeSettings(**server_fields))

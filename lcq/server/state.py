@@ -1,0 +1,57 @@
+"""What every handler needs (engine, settings, metrics) and the checks they all start with."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from .errors import APIError, not_ready
+from .metrics import ServerMetrics
+from .protocol import OpenAIRequest
+from .settings import ServeSettings
+
+logger = logging.getLogger("lcq.server")
+
+
+@dataclass
+class ServerState:
+    engine: object  # lcq.runtime.AsyncEngine
+    settings: ServeSettings
+    metrics: ServerMetrics
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    def accepting(self) -> bool:
+        return bool(self.engine.is_ready and not self.engine.is_draining)
+
+    def require_ready(self) -> None:
+        """503 while the model loads or the server drains: the tokenizer and engine are not usable."""
+        if not self.accepting():
+            self.metrics.rejected("not_ready")
+            raise not_ready(retry_after=self.settings.retry_after)
+
+    def check_request(self, request: OpenAIRequest, route: str) -> None:
+        """Log fields we ignore, 404 a model we do not serve, 503 when not ready."""
+        unknown = request.unknown_fields()
+        if unknown:
+            logger.info("%s: ignoring unknown fields %s", route, ", ".join(unknown))
+        model = getattr(request, "model", None)
+        if model and model != self.model_name:
+            self.metrics.rejected("model_not_found")
+            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+                           param="model", code="model_not_found")
+        self.require_ready()
+
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        vocab = len(self.engine.tokenizer)
+        bad = [t for t in ids if t >= vocab]
+        if bad:
+            raise APIError(400, f"token id {bad[0]} is out of range (vocabulary size {vocab})", param=param,
+                           code="invalid_value")
+
+
+def get_state(request: Request) -> ServerState:
+    return request.app.state.lcq
