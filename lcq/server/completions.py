@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
-from .errors import APIError, error_responses
+from .errors import APIError, error_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, \
     dump
@@ -73,7 +73,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     try:
         params = body.sampling_params(max_tokens, body.logprobs)
     except ValueError as e:
-        raise APIError(400, str(e), code="invalid_value") from None
+        raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
     generation.submit()

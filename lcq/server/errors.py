@@ -115,3 +115,10 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict:
     """OpenAPI `responses` entries documenting the envelope for these statuses."""
     return {status: {"model": ErrorResponse} for status in statuses}
+
+
+def invalid_value(message: str, request: object) -> APIError:
+    """A 400 for a value check; `param` is the request field the message starts with, if it is one."""
+    first = message.split(" ", 1)[0]
+    param = first if first in getattr(type(request), "model_fields", {}) else None
+    return APIError(400, message, param=param, code="invalid_value")

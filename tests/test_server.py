@@ -1,0 +1,341 @@
+"""The OpenAI-compatible server end to end: real uvicorn on 127.0.0.1, a tiny random model, the official
+openai client (sync and async), raw httpx for errors and disconnects, schemathesis over the schema."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from lcq.runtime import EngineConfig
+from lcq.server.app import create_app
+from lcq.server.settings import ServeSettings
+from tests.tiny_model import make_tiny_hf
+
+MODEL = "tiny"
+MAX_BODY = 64 * 1024
+
+
+class LiveServer:
+    """uvicorn in a background thread on an ephemeral port, ready once the model has loaded."""
+
+    def __init__(self, app):
+        self.app = app
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.time() < deadline, "the model did not load"
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.lcq.engine
+
+    def metric(self, name: str, **labels) -> float:
+        """A sample's value from /metrics (0 when absent)."""
+        text = httpx.get(self.url + "/metrics").text
+        want = {"model_name": MODEL, **labels}
+        for line in text.splitlines():
+            if line.startswith(name + "{"):
+                series, value = line.rsplit(" ", 1)
+                got = dict(kv.split("=", 1) for kv in series[len(name) + 1:-1].split(","))
+                if {k: v.strip('"') for k, v in got.items()} == want:
+                    return float(value)
+        return 0.0
+
+    def wait_pool_full(self, timeout: float = 10.0):
+        deadline = time.time() + timeout
+        while True:
+            stats = self.engine.stats()
+            if stats.num_running == 0 and stats.num_waiting == 0 and stats.num_free_blocks == stats.num_total_blocks:
+                return stats
+            assert time.time() < deadline, f"KV blocks not returned: {stats}"
+            time.sleep(0.05)
+
+
+def engine_config(model_dir, **overrides) -> EngineConfig:
+    fields = dict(model=str(model_dir), served_model_name=MODEL, kv_cache_memory_gb=0.01, max_num_seqs=8)
+    return EngineConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    app = create_app(engine_config(model_dir), ServeSettings(max_body_bytes=MAX_BODY))
+    with LiveServer(app) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_models_health_version(server, client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/version").json()["version"]
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_completion_streaming_equals_non_streaming(server, client):
+    args = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0,
+                extra_body={"ignore_eos": True})
+    full = client.completions.create(**args)
+    chunks = list(client.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == full.choices[0].text and full.choices[0].finish_reason == "length"
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and not any(finishes[:-1])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    prompt_tokens = httpx.post(server.url + "/tokenize", json={"prompt": args["prompt"]}).json()["count"]
+    assert full.usage.prompt_tokens == prompt_tokens == chunks[-1].usage.prompt_tokens
+    assert full.usage.total_tokens == prompt_tokens + 12
+
+
+def test_chat_async_streaming_equals_non_streaming(server):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hello, world!"},
+                {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "How are you today?"}]
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as aclient:
+            args = dict(model=MODEL, messages=messages, max_tokens=10, temperature=0)
+            full = await aclient.chat.completions.create(**args)
+            stream = await aclient.chat.completions.create(**args, stream=True,
+                                                           stream_options={"include_usage": True})
+            return full, [chunk async for chunk in stream]
+
+    full, chunks = asyncio.run(run())
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    usage = chunks[-1].usage
+    assert chunks[-1].choices == [] and (usage.prompt_tokens, usage.completion_tokens) == \
+        (full.usage.prompt_tokens, full.usage.completion_tokens)
+    assert usage.prompt_tokens_details.cached_tokens > 0  # the same prompt again: served from the prefix cache
+    rendered = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
+    assert full.usage.prompt_tokens == rendered["count"]
+    assert rendered["tokens"][-3:] != rendered["tokens"][:3]  # the template wrapped every turn
+
+
+def test_n_choices_with_seed_are_reproducible(client):
+    args = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=7,
+                extra_body={"ignore_eos": True})
+    first, second = client.completions.create(**args), client.completions.create(**args)
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in second.choices]
+    assert len({c.text for c in first.choices}) > 1  # seed + i: the choices differ
+    assert first.usage.completion_tokens == 24
+    streamed = {}
+    for chunk in client.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert [streamed[i] for i in range(3)] == [c.text for c in first.choices]
+
+
+def test_stop_sequence_cuts_the_text(client):
+    args = dict(model=MODEL, prompt="To be, or not to be", max_tokens=16, temperature=0,
+                extra_body={"ignore_eos": True})
+    text = client.completions.create(**args).choices[0].text
+    stop = text[5:8]
+    cut = client.completions.create(**args, stop=[stop, "never appears"]).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+
+
+def test_logprobs_shapes(server, client):
+    prompt = "Hello, world!"
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True,
+                                  extra_body={"ignore_eos": True})
+    choice = r.choices[0]
+    prompt_len = r.usage.prompt_tokens
+    lp = choice.logprobs
+    assert choice.text.startswith(prompt) and len(lp.tokens) == prompt_len + 4
+    assert lp.token_logprobs[:prompt_len] == [None] * prompt_len
+    assert all(x <= 0 for x in lp.token_logprobs[prompt_len:])
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[prompt_len:])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[prompt_len] == len(prompt)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=3,
+                                          extra_body={"ignore_eos": True})
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 3 for t in content)
+    # greedy: the sampled token is the most likely one
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
+
+
+def test_token_prompts_and_detokenize(server, client):
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello, world!"}).json()["tokens"]
+    assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello, world!"}
+    by_text = client.completions.create(model=MODEL, prompt="Hello, world!", max_tokens=5, temperature=0)
+    by_ids = client.completions.create(model=MODEL, prompt=[ids, ids], max_tokens=5, temperature=0)
+    assert [c.text for c in by_ids.choices] == [by_text.choices[0].text] * 2
+    assert by_ids.usage.prompt_tokens == 2 * len(ids)
+
+
+def test_client_errors_use_the_envelope(server):
+    post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
+    assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"
+    error_of(post("/v1/completions", {"prompt": "x", "max_tokens": "many"}), 400)  # a type error: 400, not 422
+    error_of(post("/v1/completions", {"prompt": []}), 400)
+    error_of(post("/v1/completions", {"prompt": [10**6]}), 400)
+    error_of(post("/v1/chat/completions", {"messages": []}), 400)
+    error_of(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400)
+    too_long = error_of(post("/v1/completions", {"prompt": list(range(300))}), 400)["message"]
+    assert "300" in too_long and "256" in too_long
+    error_of(httpx.post(server.url + "/v1/completions", content=b"{not json",
+                        headers={"content-type": "application/json"}), 400)
+    assert error_of(post("/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404)["code"] == "model_not_found"
+    error_of(httpx.get(server.url + "/v1/nothing-here"), 404)
+    error_of(post("/v1/completions", {"prompt": "x" * (MAX_BODY + 1)}), 413)
+    # unknown fields are ignored
+    ok = post("/v1/completions", {"prompt": "x", "max_tokens": 2, "some_vendor_field": {"a": 1}})
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_openai_client_raises_typed_errors(client):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x", top_p=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
+
+
+def test_metrics_move_after_requests(server, client):
+    before = {name: server.metric(name) for name in ("lcq:prompt_tokens_total", "lcq:generation_tokens_total",
+                                                     "lcq:e2e_request_latency_seconds_count",
+                                                     "lcq:time_to_first_token_seconds_count")}
+    success = server.metric("lcq:request_success_total", finished_reason="length")
+    ok = server.metric("lcq:http_requests_total", status="200")
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert server.metric("lcq:prompt_tokens_total") == before["lcq:prompt_tokens_total"] + r.usage.prompt_tokens
+    assert server.metric("lcq:generation_tokens_total") == before["lcq:generation_tokens_total"] + 5
+    assert server.metric("lcq:e2e_request_latency_seconds_count") == before["lcq:e2e_request_latency_seconds_count"] + 1
+    assert server.metric("lcq:time_to_first_token_seconds_count") > before["lcq:time_to_first_token_seconds_count"]
+    assert server.metric("lcq:request_success_total", finished_reason="length") == success + 1
+    assert server.metric("lcq:http_requests_total", status="200") >= ok + 1
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("lcq:num_requests_running", "lcq:num_requests_waiting", "lcq:kv_cache_usage_perc",
+                 "lcq:num_preemptions_total", "lcq:inter_token_latency_seconds_bucket",
+                 "lcq:request_queue_time_seconds_bucket", "lcq:request_prompt_tokens_bucket",
+                 "lcq:request_generation_tokens_bucket"):
+        assert name + "{" in text
+
+
+def test_disconnect_mid_stream_frees_the_pool(server):
+    aborted = server.metric("lcq:request_aborted_total")
+    body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.engine.stats().num_total_blocks > server.engine.stats().num_free_blocks
+    server.wait_pool_full()
+    assert server.metric("lcq:request_aborted_total") == aborted + 1
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/tokenize"}
+
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        def no_5xx(case):
+            if isinstance(case.body, dict):  # keep generations short so the run stays fast
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if isinstance(case.body.get(key), int):
+                        case.body[key] = min(case.body[key], 4)
+            response = case.call(base_url=server.url, timeout=60)
+            assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: " \
+                                               f"{response.text[:300]} for {json.dumps(case.body)[:300]}"
+        no_5xx()
+    server.wait_pool_full()
+
+
+def test_503_while_loading(model_dir):
+    """An engine that has not loaded yet: health and generation say 503 with Retry-After."""
+    app = create_app(engine_config(model_dir))  # no lifespan run here, so the model never loads
+
+    async def run():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return (await http.get("/health"),
+                    await http.post("/v1/completions", json={"prompt": "x"}),
+                    await http.get("/v1/models"))
+
+    health, completion, models = asyncio.run(run())
+    error_of(health, 503)
+    assert error_of(completion, 503) and completion.headers["retry-after"]
+    assert models.json()["data"][0]["id"] == MODEL
+
+
+@pytest.fixture(scope="module")
+def small_server(model_dir):
+    """One sequence at a time, a queue of one, an API key and frequent keep-alives."""
+    app = create_app(engine_config(model_dir, max_num_seqs=1, max_queue=1),
+                     ServeSettings(api_key="sekret", keepalive_interval=0.05))
+    with LiveServer(app) as live:
+        yield live
+
+
+def test_api_key(small_server):
+    url = small_server.url
+    body = {"prompt": "x", "max_tokens": 1}
+    assert error_of(httpx.post(url + "/v1/completions", json=body), 401)["type"] == "authentication_error"
+    error_of(httpx.post(url + "/v1/completions", json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
+    assert good.completions.create(model=MODEL, prompt="x", max_tokens=1).choices[0].finish_reason
+    assert httpx.get(url + "/health").status_code == 200  # probes need no key
+
+
+def test_full_queue_429_and_keepalive_while_waiting(small_server):
+    url, headers = small_server.url, {"Authorization": "Bearer sekret"}
+    long = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "ignore_eos": True, "stream": True}
+    rejected = small_server.metric("lcq:request_rejected_total", reason="queue_full")
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", url + "/v1/completions", json=long, headers=headers) as running:
+            running_lines = running.iter_lines()
+            assert next(running_lines).startswith("data: ")  # the only slot is taken
+            with http.stream("POST", url + "/v1/completions", json=long, headers=headers) as waiting:
+                waiting_lines = waiting.iter_lines()
+                assert next(waiting_lines) == ": keep-alive"  # queued: no token yet, but the connection lives
+                full = httpx.post(url + "/v1/completions", json={**long, "stream": False}, headers=headers)
+                assert error_of(full, 429)["type"] == "rate_limit_error"
+                assert int(full.headers["retry-after"]) >= 0
+    assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 1
+    small_server.wait_pool_full()
