@@ -47,6 +47,7 @@ class Run:
     bits: int = 16
     rank: int = 1
     init: str = "kmeans"
+    epochs: int | None = None  # None: the study's setting
 
     @property
     def key(self) -> str:
@@ -55,6 +56,7 @@ class Run:
         name = f"{self.method}-w{self.bits}"
         if self.method == "lcq":
             name += f"r{self.rank}" + ("-rtninit" if self.init == "rtn" else "")
+            name += "" if self.epochs is None else f"-e{self.epochs}"
         return name
 
 
@@ -66,8 +68,12 @@ def study_runs(quick: bool) -> list[Run]:
     runs += [Run("gptq", b) for b in bits]
     runs += [Run("lcq", b, r) for r in ranks if r != 2 for b in bits]
     if not quick:
-        runs.append(Run("lcq", 3, 2, init="rtn"))
+        runs += [Run("lcq", 3, 2, init="rtn"), Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
     return runs
+
+
+def epochs_of(run: Run, settings: dict) -> int:
+    return settings["epochs"] if run.epochs is None else run.epochs
 
 
 def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
@@ -76,14 +82,15 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     if run.method != "rtn":
         cmd += f" --nsamples {settings['nsamples']} --seqlen {settings['seqlen']}"
     if run.method == "lcq":
-        cmd += f" --epochs {settings['epochs']} --init {run.init}"
+        cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
     return cmd
 
 
 def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text: str) -> dict:
     """Quantize (unless fp16) and evaluate one row."""
     row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
-                 "init": run.init if run.method == "lcq" else None}
+                 "init": run.init if run.method == "lcq" else None,
+                 "epochs": epochs_of(run, settings) if run.method == "lcq" else None}
     model_dir = source
     if run.method == "fp16":
         row.update(bits_per_weight=16.0, quantize_seconds=0.0, command=None)
@@ -92,7 +99,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         shutil.rmtree(model_dir, ignore_errors=True)
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=settings["nsamples"], seqlen=settings["seqlen"],
-                                  epochs=settings["epochs"], init=run.init, seed=0)
+                                  epochs=epochs_of(run, settings), init=run.init, seed=0)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=quantize_command(run, settings, "$FP16", f"$OUT/{run.key}"))
@@ -140,11 +147,14 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    series = [("rtn", 1, "RTN", "s"), ("gptq", 1, "GPTQ", "^"), ("lcq", 1, "LCQ r1", "o"),
-              ("lcq", 2, "LCQ r2", "o"), ("lcq", 4, "LCQ r4", "o")]
-    for method, rank, label, marker in series:
-        points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows
-                        if r["method"] == method and (method != "lcq" or (r["rank"] == rank and r["init"] == "kmeans")))
+    default_epochs = results["settings"]["epochs"]
+    series = [("RTN", "s", lambda r: r["method"] == "rtn"), ("GPTQ", "^", lambda r: r["method"] == "gptq")]
+    series += [(f"LCQ r{rank}", "o", lambda r, rank=rank: r["method"] == "lcq" and r["rank"] == rank
+                and r["init"] == "kmeans" and r["epochs"] == default_epochs) for rank in (1, 2, 4)]
+    series += [("LCQ r2, 1 epoch", "D", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 1
+                 and default_epochs != 1)]
+    for label, marker, selected in series:
+        points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if selected(r))
         if points:
             ax.plot(*zip(*points), marker=marker, label=label)
     if fp16 is not None:
@@ -195,12 +205,12 @@ def write_report(results: dict, path: Path, image: str) -> None:
     rows = results["rows"]
     s = results["settings"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
-    table = ["| row | method | bits | rank | init | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "")):
+    table = ["| row | method | bits | rank | init | epochs | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0)):
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
-                     f"| {r['init'] or '-'} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
                      f"| {r['quantize_seconds']:.0f} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX
@@ -216,8 +226,8 @@ linear layers (indices, 8-bit S and B, their per-row fp16 scales, V), as in docs
   offsets (GPTQ uses the same windows for its Hessian).
 - Evaluation: {results['evaluation']}: the first {s['eval_tokens']} tokens, {windows} non-overlapping windows
   of {CTX} tokens, perplexity = exp(mean next-token NLL), with the dequantized model in transformers (fp32).
-- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then
-  {s['epochs']} epoch(s) of block-wise Adam on the block output error. RTN and GPTQ use the same packed
+- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then the
+  row's number of epochs of block-wise Adam on the block output error (study default {s['epochs']}). RTN and GPTQ use the same packed
   format at rank 1 (uniform grid, float zero point), so the bits per weight match LCQ r1 exactly.
 - Machine: {results['device']}; {', '.join(f'{k} {v}' for k, v in results['versions'].items())}.
   The machine was shared with other work, so wall times are upper bounds. Started {results['started']},
@@ -254,19 +264,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows and evaluation windows")
     parser.add_argument("--only", default=None, help="comma-separated row keys, e.g. fp16,rtn-w4,lcq-w3r2")
-    parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 512 tokens (default 16)")
-    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 512 tokens (default 8)")
+    parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=0, help="LCQ block-wise epochs (rows named -eN override)")
     parser.add_argument("--results", default=None, help="results file (default bench/results/quality-cpu.json)")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite docs/quality.md and the plot")
     parser.add_argument("--work-dir", default=None, help="where quantized folders are written (then removed)")
     args = parser.parse_args()
 
-    windows = args.windows or (4 if args.quick else 16)
+    windows = args.windows or (4 if args.quick else 8)
     settings = {"group_size": GROUP_SIZE, "ctx": CTX, "eval_tokens": windows * CTX, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "epochs": args.epochs}
     results_path = Path(args.results) if args.results else ROOT / "bench" / "results" / "quality-cpu.json"
     results = load_results(results_path, settings)
+    if args.report_only:
+        report(results)
+        return 0
     cache = cache_dir()
     work = Path(args.work_dir) if args.work_dir else cache / "quality"
     work.mkdir(parents=True, exist_ok=True)
@@ -286,9 +300,13 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         save_results(results_path, results)
-        write_report(results, ROOT / "docs" / "quality.md", "quality.png")
-        plot(results, ROOT / "docs" / "quality.png")
+        report(results)
     return 0
+
+
+def report(results: dict) -> None:
+    write_report(results, ROOT / "docs" / "quality.md", "quality.png")
+    plot(results, ROOT / "docs" / "quality.png")
 
 
 if __name__ == "__main__":

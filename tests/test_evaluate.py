@@ -9,7 +9,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import CheckpointReader, dequantize
 from lcq.quantizer.evaluate import load_reference_model, perplexity
-from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_lcq
+from tests.tiny_model import CALIBRATION_TEXT, make_tiny_lcq
 
 CTX = 64
 
