@@ -1,0 +1,125 @@
+"""`lcq serve`: flags and LCQ_* environment settings, usage errors, and a graceful drain on SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lcq.cli import build_parser, main
+from lcq.server.settings import resolve
+from tests.tiny_model import make_tiny_hf
+
+
+def parse(*argv: str):
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_help_lists_flags_and_env(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--host", "--port", "--api-key", "--max-num-seqs", "--max-queue", "--max-model-len",
+                 "--no-prefix-caching", "--drain-timeout", "--max-body-bytes", "LCQ_PORT"):
+        assert flag in out
+
+
+@pytest.mark.parametrize("argv", [["--port", "abc"], ["--bogus-flag"], ["--max-num-seqs"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", *argv])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    monkeypatch.setenv("LCQ_PORT", "eighty")
+    assert main(["serve", str(tmp_path)]) == 2
+    monkeypatch.setenv("LCQ_PORT", "70000")
+    assert main(["serve", str(tmp_path)]) == 2
+    monkeypatch.delenv("LCQ_PORT")
+    assert main(["serve", str(tmp_path), "--max-num-seqs", "0"]) == 2  # EngineConfig.validate
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("lcq: error: ") for line in lines)
+    assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
+
+
+def test_flags_win_over_environment():
+    env = {"LCQ_MODEL": "/models/a", "LCQ_PORT": "9000", "LCQ_API_KEY": "k", "LCQ_MAX_NUM_SEQS": "4",
+           "LCQ_NO_PREFIX_CACHING": "true", "LCQ_KEEPALIVE_INTERVAL": "2.5"}
+    from_env = resolve(parse(), env)
+    assert from_env.model == "/models/a"
+    assert (from_env.settings.port, from_env.settings.api_key, from_env.settings.keepalive_interval) == (9000, "k", 2.5)
+    assert from_env.engine_fields == {"max_num_seqs": 4, "enable_prefix_caching": False}
+    from_flags = resolve(parse("/models/b", "--port", "1234", "--max-num-seqs", "2", "--no-cuda-graphs"), env)
+    assert from_flags.model == "/models/b" and from_flags.settings.port == 1234
+    assert from_flags.engine_fields == {"max_num_seqs": 2, "enable_prefix_caching": False, "cuda_graphs": False}
+    defaults = resolve(parse(), {})
+    assert defaults.model is None and defaults.engine_fields == {} and defaults.settings.port == 8000
+
+
+def test_sigterm_drains_then_exits(tmp_path):
+    """After SIGTERM: /health says 503, new requests 503, the running stream ends cleanly, exit code 0."""
+    model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=4096)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "lcq.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
+           "--drain-timeout", "1", "--kv-cache-memory-gb", "0.05", "--served-model-name", "tiny"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   cwd=Path(__file__).resolve().parents[1])
+    try:
+        url = _wait_until_ready(process, log)
+        body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        events: list[str] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(30)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        assert httpx.get(url + "/health").status_code == 503
+        refused = httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2})
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "service_unavailable_error"
+        reader.join(30)
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])["choices"][0]
+        assert last["finish_reason"] in ("abort", "length")
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _wait_until_ready(process: subprocess.Popen, log: Path) -> str:
+    deadline = time.time() + 90
+    url = None
+    while time.time() < deadline:
+        assert process.poll() is None, log.read_text()
+        if url is None:
+            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = match.group(1) if match else None
+        if url is not None and httpx.get(url + "/health").status_code == 200:
+            return url
+        time.sleep(0.1)
+    raise AssertionError("server did not become ready:\n" + log.read_text())
