@@ -1,14 +1,25 @@
-"""The one entry point every model layer calls for an LCQ matrix product."""
+"""The one entry point every model layer calls for an LCQ matrix product.
+
+CUDA tensors go to the fused Triton kernels (triton is imported only then, so CPU-only installs
+work without it); CPU tensors dequantize and call F.linear, optionally with a cached dense weight.
+"""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from lcq.format import PackedLinear, dequantize
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
 
 def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K)."""
+    if x.is_cuda and dense_weight is None and x.numel() and _HAS_TRITON:
+        from .triton_linear import triton_linear
+        return triton_linear(x, layer)
     weight = dense_weight if dense_weight is not None else dequantize(layer, x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
     return F.linear(x, weight, bias)

@@ -1,0 +1,258 @@
+"""Fused Triton kernels for y = x @ W^T with a packed LCQ weight W.
+
+Both kernels unpack a (BLOCK_K, BLOCK_N) tile of indices from the kmajor bit planes (one
+coalesced load of BLOCK_K / 32 * bits rows of N-contiguous words), turn it into weights with
+the group's codebook w = sum_k S[n, j, k] * V[k, q] - B[n, j] in fp32 registers, and reduce:
+- decode (M <= 16): split-K over the groups so that a single token fills the GPU; every
+  weight is read once (evict_first); the K slices meet through an fp32 workspace and the last
+  program of each N tile to finish sums them (one launch, no memset);
+- gemm (prefill): tiles of BLOCK_M x BLOCK_N, tl.dot with fp32 accumulation.
+A tile never straddles a group (BLOCK_K divides the group size), so S and B are one vector per
+tile. V is read with a gather from the layer's tiny table (L1 resident); fused layers pick
+their part's table through v_index. See docs/kernels.md for why this form was chosen.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from lcq.format import PackedLinear
+
+DECODE_MAX_M = 16
+MAX_SPLIT_K = 16
+
+
+@triton.jit
+def _plane(qw_ptr, k0, offs_n, n_mask, N, BITS: tl.constexpr, WIDTH: tl.constexpr, WORD_OFFSET: tl.constexpr,
+           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One bit plane of the indices k0 .. k0 + BLOCK_K - 1 for columns offs_n, int32 (BLOCK_K, BLOCK_N)."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
+    ROWS: tl.constexpr = BLOCK_K // 32 * WIDTH
+    block = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    rows = tl.reshape(block[:, None] * BITS + WORD_OFFSET + tl.arange(0, WIDTH)[None, :], (ROWS,))
+    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0,
+                    eviction_policy="evict_first")
+    shifts = tl.arange(0, PER_WORD) * WIDTH
+    parts = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
+    return tl.reshape(parts, (BLOCK_K, BLOCK_N))
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                  BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP."""
+    if BITS == 3:  # a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2)
+        q = _plane(qw_ptr, k0, offs_n, n_mask, N, BITS, 2, 0, BLOCK_K, BLOCK_N)
+        q = q | (_plane(qw_ptr, k0, offs_n, n_mask, N, BITS, 1, 2, BLOCK_K, BLOCK_N) << 2)
+    else:
+        q = _plane(qw_ptr, k0, offs_n, n_mask, N, BITS, BITS, 0, BLOCK_K, BLOCK_N)
+    group = k0 // GROUP
+    b = tl.load(bq_ptr + group * N + offs_n, mask=n_mask, other=0, eviction_policy="evict_first").to(tl.float32)
+    b = b * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+    w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32) - b[None, :]
+    for k in tl.static_range(RANK):
+        s = tl.load(sq_ptr + (group * RANK + k) * N + offs_n, mask=n_mask, other=0,
+                    eviction_policy="evict_first").to(tl.float32)
+        s = s * tl.load(ss_ptr + k * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+        v = tl.load(v_ptr + v_base[None, :] + k * (1 << BITS) + q).to(tl.float32)
+        w += s[None, :] * v
+    return w
+
+
+@triton.jit
+def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
+    """acc + x @ w with w rounded to x's dtype; DOT_IN_FP32 performs the same products in fp32
+    (the interpreter of Triton 3.9 misreads bf16 tl.dot operands as integers)."""
+    if DOT_IN_FP32:
+        return tl.dot(x.to(tl.float32), w.to(x.dtype).to(tl.float32), acc)
+    return tl.dot(x, w.to(x.dtype), acc)
+
+
+@triton.jit
+def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
+                   ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
+                   BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   DOT_IN_FP32: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Skinny product for M <= BLOCK_M <= 16: program (n tile, k slice) reduces its slice of groups."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    v_base = tl.load(vi_ptr + offs_n, mask=n_mask, other=0) * (RANK << BITS)
+    tiles = tl.cdiv(K, GROUP) * (GROUP // BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    start = pid_k * per_split
+    end = tl.minimum(start + per_split, tiles)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(start, end):
+        k0 = tile * BLOCK_K
+        k_idx = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
+                    mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+        w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                          BITS, RANK, GROUP, BLOCK_K, BLOCK_N)
+        if BLOCK_M >= 16:
+            acc = _dot(x, w, acc, DOT_IN_FP32)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        ws_offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: our partial is visible to the last one
+        if arrived == SPLIT_K - 1:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(0, SPLIT_K):
+                acc += tl.load(ws_ptr + split * M * N + ws_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
+                 M, N, K, stride_xm, stride_om, M_BUCKET,
+                 BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_IN_FP32: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_band = GROUP_M * tiles_n  # neighbouring programs share weight tiles in L2
+    band = pid // per_band
+    first_m = band * GROUP_M
+    band_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_band) % band_m
+    pid_n = (pid % per_band) // band_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    v_base = tl.load(vi_ptr + offs_n, mask=n_mask, other=0) * (RANK << BITS)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, GROUP) * GROUP, BLOCK_K):
+        k_idx = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
+                    mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+        w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                          BITS, RANK, GROUP, BLOCK_K, BLOCK_N)
+        acc = _dot(x, w, acc, DOT_IN_FP32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=out_mask)
+
+
+# Pre-chosen for H100 (132 SMs): enough programs in flight to cover memory latency at M = 1, wide
+# N tiles for 16-byte loads of packed words, split-K deep enough for 4096-wide layers.
+DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+    for bn, sk, w, s in [(64, 4, 4, 2), (64, 8, 4, 2), (128, 4, 4, 2), (128, 8, 4, 3), (128, 16, 8, 2),
+                         (256, 4, 8, 2), (256, 8, 8, 3)]
+]
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
+    for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3),
+                         (256, 128, 8, 3)]
+]
+_KEY = ["N", "K", "BITS", "RANK", "GROUP"]
+# Under TRITON_INTERPRET=1 (CPU tensors) autotuning cannot time anything: fixed small tiles.
+INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 32, "SPLIT_K": 2}
+INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"])(_decode_kernel)
+_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"])(_gemm_kernel)
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters, one per N tile; the kernels leave them zeroed again."""
+    counters = _counters.get(device)
+    if counters is None or counters.numel() < tiles:
+        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+        _counters[device] = counters
+    return counters
+
+
+def block_k(group_size: int) -> int:
+    """The largest tile depth that divides the group (group sizes are multiples of 32)."""
+    return next(b for b in (128, 64, 32) if group_size % b == 0)
+
+
+def decode_block_m(m: int) -> int:
+    """M bucket of the decode kernel; 5..16 rows go through tl.dot, fewer through FMAs."""
+    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+
+
+def _layer_args(layer: PackedLinear) -> tuple:
+    bias = layer.bias if layer.bias is not None else layer.b_scale  # unread when HAS_BIAS is false
+    return (layer.qweight, layer.s_q, layer.s_scale, layer.b_q, layer.b_scale, layer.v, layer.v_index, bias)
+
+
+def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
+    return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, HAS_BIAS=layer.bias is not None,
+                DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16, BLOCK_K=block_k(layer.group_size))
+
+
+def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
+    """x (M, K) with M <= 16, contiguous rows -> (M, N). config (BLOCK_N, SPLIT_K) skips autotuning."""
+    m, k = x.shape
+    n = layer.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    ws = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)
+    counters = _tile_counters(x.device, triton.cdiv(n, 16))
+    args = (x, *_layer_args(layer), out, ws, counters, m, n, k, x.stride(0), out.stride(0))
+    consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m))
+    if config is None and not x.is_cuda:
+        config = INTERPRETER_DECODE_CONFIG
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
+        _decode_tuned[grid](*args, **consts)
+    else:
+        _decode_kernel[(triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])](*args, **consts, **config)
+    return out
+
+
+def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
+    """x (M, K), contiguous rows -> (M, N). config (BLOCK_M, BLOCK_N, GROUP_M) skips autotuning."""
+    m, k = x.shape
+    n = layer.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    args = (x, *_layer_args(layer), out, m, n, k, x.stride(0), out.stride(0), min(triton.next_power_of_2(m), 1024))
+    consts = _constants(x, layer)
+    if config is None and not x.is_cuda:
+        config = INTERPRETER_GEMM_CONFIG
+    if config is None:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _gemm_tuned[grid](*args, **consts)
+    else:
+        grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+        _gemm_kernel[grid](*args, **consts, **config)
+    return out
+
+
+def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to 16 rows, the GEMM kernel above."""
+    if x.numel() == 0:
+        return x.new_zeros(*x.shape[:-1], layer.out_features)
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = decode(rows, layer) if rows.shape[0] <= DECODE_MAX_M else gemm(rows, layer)
+    return out.reshape(*x.shape[:-1], layer.out_features)

@@ -1,0 +1,144 @@
+"""Every LCQ matrix-product path against the reference dequantization (lcq.format.dequantize).
+
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) on CPU tensors,
+with small explicit tiles so that N and K are not multiples of the blocks, the last group is
+partial, and split-K slices meet (some of them empty). The reference is float64.
+
+Tolerances, as ||y - ref|| / ||ref||: fp32 1e-5 (fp32 arithmetic throughout); fp16 3e-3 and bf16
+2e-2: the kernels round the dequantized weights to the activation dtype before tl.dot (like a
+dense fp16/bf16 layer, relative error 2^-11 / 2^-8 per weight) and the output to that dtype.
+"""
+import pytest
+import torch
+
+from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
+from lcq.kernels import LCQLinear, lcq_linear
+
+triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+SMALL_DECODE = {"BLOCK_N": 16, "SPLIT_K": 3}
+SMALL_GEMM = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2}
+
+
+def random_layer(n: int, k: int, bits: int, rank: int, group: int, seed: int, bias: bool = False) -> PackedLinear:
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-k // group)
+    s = torch.rand(n, groups, rank, generator=g) + 0.1
+    b = torch.randn(n, groups, generator=g)
+    v = torch.randn(rank, 1 << bits, generator=g)
+    indices = torch.randint(0, 1 << bits, (n, k), generator=g)
+    return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group,
+                         bias=torch.randn(n, generator=g) if bias else None)
+
+
+def reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    y = x.double() @ dequantize(layer).double().t()
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert torch.isfinite(y).all()
+    error = ((y.double() - ref).norm() / ref.norm()).item()
+    assert error < TOLERANCE[dtype], f"relative error {error:.2e}"
+
+
+# A covering subset, not the cross product: every bit width meets ranks 1 and 3, both group sizes
+# 32 and 64 (128 once), every M path (FMA at 1 and 3, tl.dot at 16) and every dtype.
+DECODE_CASES = [  # bits, rank, group, K, M, dtype
+    (2, 1, 32, 80, 1, torch.float32),
+    (2, 3, 64, 100, 16, torch.float16),
+    (3, 3, 32, 80, 3, torch.bfloat16),
+    (3, 1, 64, 100, 16, torch.bfloat16),
+    (4, 3, 32, 80, 1, torch.float16),
+    (4, 1, 128, 150, 3, torch.float32),
+]
+
+
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype", DECODE_CASES)
+def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype):
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
+    x = torch.randn(m, k).to(dtype)
+    assert_close(triton_linear.decode(x, layer, SMALL_DECODE), reference(x, layer), dtype)
+
+
+GEMM_CASES = [  # bits, rank, group, K, dtype (M = 33: three row tiles, the last one partial)
+    (2, 3, 32, 80, torch.float16),
+    (3, 1, 64, 100, torch.float32),
+    (4, 3, 64, 100, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("bits,rank,group,k,dtype", GEMM_CASES)
+def test_gemm_kernel_matches_reference(bits, rank, group, k, dtype):
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 1)
+    x = torch.randn(33, k).to(dtype)
+    assert_close(triton_linear.gemm(x, layer, SMALL_GEMM), reference(x, layer), dtype)
+
+
+def fused_layer(bits: int) -> PackedLinear:
+    """Three parts with their own V tables (like q, k, v), only the first with a bias."""
+    parts = [random_layer(n, 64, bits, 2, 32, seed=i, bias=i == 0) for i, n in enumerate((24, 8, 8))]
+    return PackedLinear.concat(parts)
+
+
+@pytest.mark.parametrize("m", [1, 33])
+def test_fused_layer_with_bias(m):
+    layer = fused_layer(bits=3)
+    assert layer.v.shape[0] == 3 and layer.bias is not None
+    x = torch.randn(m, 64, dtype=torch.float16)
+    y = triton_linear.triton_linear(x, layer)
+    assert_close(y, reference(x, layer), torch.float16)
+
+
+def test_split_k_counters_reset_between_launches():
+    """The last program of each N tile sums the slices and zeroes its counter for the next launch."""
+    layer = random_layer(40, 256, 2, 2, 32, seed=5)
+    x = torch.randn(2, 256)
+    config = {"BLOCK_N": 16, "SPLIT_K": 16}  # more slices than the 8 tiles of K: some are empty
+    first = triton_linear.decode(x, layer, config)
+    second = triton_linear.decode(x, layer, config)
+    assert torch.equal(first, second)
+    assert_close(first, reference(x, layer), torch.float32)
+    assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_triton_linear_keeps_leading_dimensions():
+    layer = random_layer(24, 64, 4, 1, 64, seed=7)
+    x = torch.randn(2, 3, 64)
+    y = triton_linear.triton_linear(x, layer)
+    assert y.shape == (2, 3, 24)
+    assert_close(y.reshape(6, 24), reference(x.reshape(6, 64), layer), torch.float32)
+    assert triton_linear.triton_linear(torch.empty(0, 64), layer).shape == (0, 24)
+
+
+def test_block_k_divides_the_group():
+    assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 128, 128]
+    assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 16, 16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_path_matches_reference(dtype):
+    layer = fused_layer(bits=2)
+    x = torch.randn(2, 5, 64).to(dtype)
+    y = lcq_linear(x, layer)
+    assert_close(y.reshape(10, -1), reference(x.reshape(10, 64), layer), dtype)
+    cached = LCQLinear(layer, cache_dense=True)
+    assert torch.equal(cached(x), y)
+
+
+# Compiled kernels on a GPU, on realistic shapes, through the autotuned entry point.
+GPU_CASES = [(4096, 4096, 2, 2, 128), (11008, 4096, 3, 1, 64), (4096, 11008, 4, 4, 128), (6144, 4096, 2, 4, 32)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
+@pytest.mark.parametrize("m", [1, 4, 16, 300])
+def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
+    layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = lcq_linear(x, layer)
+        torch.cuda.synchronize()
+        assert_close(y.cpu(), reference(x.cpu(), layer.to("cpu")), dtype)
