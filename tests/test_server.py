@@ -261,6 +261,15 @@ def test_disconnect_mid_stream_frees_the_pool(server):
     assert server.metric("lcq:request_aborted_total") == aborted + 1
 
 
+def test_disconnect_while_waiting_for_a_full_response_frees_the_pool(server):
+    aborted = server.metric("lcq:request_aborted_total")
+    body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "ignore_eos": True, "n": 8}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    server.wait_pool_full()
+    assert server.metric("lcq:request_aborted_total") == aborted + 8
+
+
 def test_schemathesis_finds_no_server_errors(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings

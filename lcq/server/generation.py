@@ -8,6 +8,7 @@ KV blocks at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass, field
@@ -131,7 +132,7 @@ class Generation:
                     logger.debug("abort of %s: already finished", choice.request_id, exc_info=True)
 
     async def run(self, request: Request) -> None:
-        """Collect every choice to the end (non-streaming), aborting if the client goes away meanwhile."""
+        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort."""
 
         async def consume() -> None:
             async for _ in self.deltas():
@@ -142,12 +143,14 @@ class Generation:
             while not task.done():
                 await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
                 if not task.done() and await request.is_disconnected():
-                    logger.info("client disconnected; aborting %s", self.choices[0].request_id)
+                    logger.info("client disconnected; aborting %s", self.id)
                     task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    raise APIError(499, "the client closed the connection", code="client_closed_request")
             await task
         finally:
-            if not task.done():
-                task.cancel()
+            task.cancel()
             self.abort()
 
     def failure(self) -> APIError | None:
