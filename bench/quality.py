@@ -2,12 +2,13 @@
 
 fp16, RTN, GPTQ and LCQ (rank 1, 2, 4) at 2, 3 and 4 bits, all through the same pipeline and the
 same evaluation (the dequantized reference model, held-out Shakespeare, non-overlapping windows).
-Each finished row is written to bench/results/quality-<device>.json at once, and docs/quality.md and
-docs/quality.png are regenerated from that file, so an interrupted study keeps what it measured.
+Each finished row is written to bench/results/quality-cpu.json at once, and docs/quality.md and
+docs/quality.png are regenerated from that file, so an interrupted study keeps what it measured
+(--quick writes quality-cpu-quick.json only, a smoke run that leaves the docs alone).
 Rows already in the results file (same settings) are skipped: rerunning continues the study.
 
     python bench/quality.py            # the full study
-    python bench/quality.py --quick    # 4 evaluation windows, no rank 4, W4 and W3 only
+    python bench/quality.py --quick    # 2 evaluation windows, no rank 4, W4 and W3 only
     python bench/quality.py --only rtn-w4,lcq-w4r2
 """
 from __future__ import annotations
@@ -264,19 +265,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rows and evaluation windows")
     parser.add_argument("--only", default=None, help="comma-separated row keys, e.g. fp16,rtn-w4,lcq-w3r2")
-    parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 512 tokens (default 8)")
+    parser.add_argument("--windows", type=int, default=None, help="evaluation windows of 512 tokens (default 4)")
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=0, help="LCQ block-wise epochs (rows named -eN override)")
-    parser.add_argument("--results", default=None, help="results file (default bench/results/quality-cpu.json)")
+    parser.add_argument("--results", default=None, help="results file (default bench/results/quality-cpu[-quick].json)")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/quality.md and the plot")
     parser.add_argument("--work-dir", default=None, help="where quantized folders are written (then removed)")
     args = parser.parse_args()
 
-    windows = args.windows or (4 if args.quick else 8)
+    windows = args.windows or (2 if args.quick else 4)
     settings = {"group_size": GROUP_SIZE, "ctx": CTX, "eval_tokens": windows * CTX, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "epochs": args.epochs}
-    results_path = Path(args.results) if args.results else ROOT / "bench" / "results" / "quality-cpu.json"
+    default_name = "quality-cpu-quick.json" if args.quick else "quality-cpu.json"
+    results_path = Path(args.results) if args.results else ROOT / "bench" / "results" / default_name
     results = load_results(results_path, settings)
     if args.report_only:
         report(results)
@@ -300,7 +302,8 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         save_results(results_path, results)
-        report(results)
+        if not args.quick:  # the docs show the full study only
+            report(results)
     return 0
 
 
