@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
+from lcq.runtime.errors import EngineNotReadyError, QueueFullError
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from lcq.runtime.sampling_params import SamplingParams
 
@@ -79,9 +80,8 @@ class Generation:
                 stream = engine.add_request(choice.request_id, choice.prompt_ids, choice.params)
             except Exception as e:
                 self.abort()
-                reason = {"QueueFullError": "queue_full", "EngineNotReadyError": "not_ready"}.get(
-                    type(e).__name__, "invalid_request")
-                metrics.rejected(reason)
+                metrics.rejected("queue_full" if isinstance(e, QueueFullError)
+                                 else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")
                 raise engine_error(e, self.state.settings.retry_after) from e
             choice.tracker = metrics.track(len(choice.prompt_ids))
             self._streams.append(stream)
