@@ -216,6 +216,9 @@ def test_client_errors_use_the_envelope(server):
     assert error_of(post("/v1/completions", {"model": "gpt-4", "prompt": "x"}), 404)["code"] == "model_not_found"
     error_of(httpx.get(server.url + "/v1/nothing-here"), 404)
     error_of(post("/v1/completions", {"prompt": "x" * (MAX_BODY + 1)}), 413)
+    error_of(httpx.get(server.url + "/v1/completions"), 405)
+    schema = httpx.get(server.url + "/openapi.json").text
+    assert '"422"' not in schema and '"400"' in schema
     # unknown fields are ignored
     ok = post("/v1/completions", {"prompt": "x", "max_tokens": 2, "some_vendor_field": {"a": 1}})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
@@ -248,6 +251,28 @@ def test_metrics_move_after_requests(server, client):
                  "lcq:request_queue_time_seconds_bucket", "lcq:request_prompt_tokens_bucket",
                  "lcq:request_generation_tokens_bucket"):
         assert name + "{" in text
+
+
+def test_many_concurrent_streams(server):
+    """32 streaming clients at once on 8 sequence slots: all finish, the pool is full again afterwards."""
+
+    async def one(aclient, i: int) -> tuple[str, str]:
+        stream = await aclient.completions.create(model=MODEL, prompt=f"Number {i} is", max_tokens=12 + i % 5,
+                                                  temperature=0.8, seed=i, stream=True,
+                                                  extra_body={"ignore_eos": True})
+        text, finish = "", None
+        async for chunk in stream:
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    async def run():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, i) for i in range(32)))
+
+    results = asyncio.run(run())
+    assert [finish for _, finish in results] == ["length"] * 32
+    server.wait_pool_full()
 
 
 def test_disconnect_mid_stream_frees_the_pool(server):
