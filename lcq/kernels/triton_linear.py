@@ -40,9 +40,16 @@ def _plane(qw_ptr, k0, offs_n, n_mask, N, BITS: tl.constexpr, WIDTH: tl.constexp
 
 
 @triton.jit
+def _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK: tl.constexpr):
+    """S[n, group, k] for the columns offs_n, fp32."""
+    s = tl.load(sq_ptr + (group * RANK + k) * N + offs_n, mask=n_mask, other=0, eviction_policy="evict_first")
+    return s.to(tl.float32) * tl.load(ss_ptr + k * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                  BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, SELECT: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP."""
     if BITS == 3:  # a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2)
         q = _plane(qw_ptr, k0, offs_n, n_mask, N, BITS, 2, 0, BLOCK_K, BLOCK_N)
@@ -52,13 +59,26 @@ def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, off
     group = k0 // GROUP
     b = tl.load(bq_ptr + group * N + offs_n, mask=n_mask, other=0, eviction_policy="evict_first").to(tl.float32)
     b = b * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-    w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32) - b[None, :]
-    for k in tl.static_range(RANK):
-        s = tl.load(sq_ptr + (group * RANK + k) * N + offs_n, mask=n_mask, other=0,
-                    eviction_policy="evict_first").to(tl.float32)
-        s = s * tl.load(ss_ptr + k * N + offs_n, mask=n_mask, other=0).to(tl.float32)
-        v = tl.load(v_ptr + v_base[None, :] + k * (1 << BITS) + q).to(tl.float32)
-        w += s[None, :] * v
+    if SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
+        c0 = -b
+        c1 = -b
+        c2 = -b
+        c3 = -b
+        for k in tl.static_range(RANK):
+            s = _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK)
+            table = v_ptr + v_base + k * 4
+            c0 += s * tl.load(table).to(tl.float32)
+            c1 += s * tl.load(table + 1).to(tl.float32)
+            c2 += s * tl.load(table + 2).to(tl.float32)
+            c3 += s * tl.load(table + 3).to(tl.float32)
+        low = (q & 1) != 0
+        w = tl.where((q & 2) != 0, tl.where(low, c3[None, :], c2[None, :]), tl.where(low, c1[None, :], c0[None, :]))
+    else:  # one lookup in the layer's V table per weight and rank
+        w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32) - b[None, :]
+        for k in tl.static_range(RANK):
+            s = _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK)
+            v = tl.load(v_ptr + v_base[None, :] + k * (1 << BITS) + q).to(tl.float32)
+            w += s[None, :] * v
     return w
 
 
@@ -75,7 +95,7 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
                    ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
                    BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   DOT_IN_FP32: tl.constexpr,
+                   SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """Skinny product for M <= BLOCK_M <= 16: program (n tile, k slice) reduces its slice of groups."""
     pid_n = tl.program_id(0)
@@ -91,17 +111,20 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     start = pid_k * per_split
     end = tl.minimum(start + per_split, tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    products = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)  # FMA form: reduced once, after the loop
     for tile in range(start, end):
         k0 = tile * BLOCK_K
         k_idx = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, GROUP, BLOCK_K, BLOCK_N)
+                          BITS, RANK, GROUP, SELECT, BLOCK_K, BLOCK_N)
         if BLOCK_M >= 16:
             acc = _dot(x, w, acc, DOT_IN_FP32)
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            products += x.to(tl.float32)[:, :, None] * w[None, :, :]
+    if BLOCK_M < 16:
+        acc = tl.sum(products, axis=1)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
@@ -127,7 +150,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
 def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
                  M, N, K, stride_xm, stride_om, M_BUCKET,
                  BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 DOT_IN_FP32: tl.constexpr,
+                 SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows."""
     pid = tl.program_id(0)
@@ -151,7 +174,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, GROUP, BLOCK_K, BLOCK_N)
+                          BITS, RANK, GROUP, SELECT, BLOCK_K, BLOCK_N)
         acc = _dot(x, w, acc, DOT_IN_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -196,6 +219,12 @@ def block_k(group_size: int, limit: int = 128) -> int:
     return next(b for b in (128, 64, 32) if b <= limit and group_size % b == 0)
 
 
+def uses_select(bits: int, rank: int) -> bool:
+    """Per-weight form (docs/kernels.md): selects among 4 entries cost the same at every rank, the
+    V lookup costs one load per rank; at 2 bits and rank >= 2 the selects are cheaper."""
+    return bits == 2 and rank >= 2
+
+
 def decode_block_m(m: int) -> int:
     """M bucket of the decode kernel; 5..16 rows go through tl.dot, fewer through FMAs."""
     return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
@@ -208,7 +237,7 @@ def _layer_args(layer: PackedLinear) -> tuple:
 
 def _constants(x: torch.Tensor, layer: PackedLinear, block_k_limit: int) -> dict:
     return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, HAS_BIAS=layer.bias is not None,
-                DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
+                SELECT=uses_select(layer.bits, layer.rank), DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
                 BLOCK_K=block_k(layer.group_size, block_k_limit))
 
 
