@@ -114,8 +114,7 @@ def test_triton_linear_keeps_leading_dimensions():
 
 
 def test_block_k_divides_the_group():
-    assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 128, 128]
-    assert triton_linear.block_k(128, limit=64) == 64
+    assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
     assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 16, 16]
 
 

@@ -21,7 +21,6 @@ from lcq.format import PackedLinear
 
 DECODE_MAX_M = 16
 MAX_SPLIT_K = 16
-DECODE_BLOCK_K = 64
 
 
 @triton.jit
@@ -214,9 +213,11 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return counters
 
 
-def block_k(group_size: int, limit: int = 128) -> int:
-    """The largest tile depth up to `limit` that divides the group (group sizes are multiples of 32)."""
-    return next(b for b in (128, 64, 32) if b <= limit and group_size % b == 0)
+def block_k(group_size: int) -> int:
+    """Tile depth: 64 where it divides the group, else 32 (group sizes are multiples of 32). Deeper
+    tiles would hold BLOCK_M x BLOCK_K x BLOCK_N products (FMA form) or a large fp32 weight tile
+    next to a large accumulator (GEMM) in registers."""
+    return 64 if group_size % 64 == 0 else 32
 
 
 def uses_select(bits: int, rank: int) -> bool:
@@ -235,10 +236,10 @@ def _layer_args(layer: PackedLinear) -> tuple:
     return (layer.qweight, layer.s_q, layer.s_scale, layer.b_q, layer.b_scale, layer.v, layer.v_index, bias)
 
 
-def _constants(x: torch.Tensor, layer: PackedLinear, block_k_limit: int) -> dict:
+def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
     return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, HAS_BIAS=layer.bias is not None,
                 SELECT=uses_select(layer.bits, layer.rank), DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
-                BLOCK_K=block_k(layer.group_size, block_k_limit))
+                BLOCK_K=block_k(layer.group_size))
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
@@ -249,8 +250,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
     ws = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, m, n, k, x.stride(0), out.stride(0))
-    # 64 deep: the FMA form holds BLOCK_M x BLOCK_K x BLOCK_N products in registers
-    consts = dict(_constants(x, layer, DECODE_BLOCK_K), BLOCK_M=decode_block_m(m))
+    consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -267,7 +267,7 @@ def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> to
     n = layer.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     args = (x, *_layer_args(layer), out, m, n, k, x.stride(0), out.stride(0), min(triton.next_power_of_2(m), 1024))
-    consts = _constants(x, layer, 128)
+    consts = _constants(x, layer)
     if config is None and not x.is_cuda:
         config = INTERPRETER_GEMM_CONFIG
     if config is None:
