@@ -80,7 +80,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     generation.submit()
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
-        return dump(ChatCompletionChunk(id=generation.id, model=state.model_name, choices=choices, usage=usage))
+        return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
         def start():
@@ -88,7 +88,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
 
         def on_delta(choice: Choice, out: RequestOutput):
-            if out.text or out.token_ids or out.finish_reason:
+            if out.text or out.finish_reason or (body.logprobs and out.logprobs):
                 lp = chat_logprobs(out.logprobs or [], top) if body.logprobs else None
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
                                              logprobs=lp, finish_reason=out.finish_reason,
@@ -108,5 +108,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                           logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
                           finish_reason=c.finish_reason, stop_reason=c.stop_reason)
                for c in generation.choices]
-    return ChatCompletionResponse(id=generation.id, model=state.model_name, choices=choices,
+    return ChatCompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
                                   usage=generation.usage())

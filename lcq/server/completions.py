@@ -89,7 +89,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         return prompt_texts[prompt], entries
 
     def chunk(choices: list[CompletionChoice], usage=None) -> dict:
-        return dump(CompletionChunk(id=generation.id, model=state.model_name, choices=choices, usage=usage))
+        return dump(CompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
         def start():
@@ -99,7 +99,7 @@ async def create_completion(body: CompletionRequest, request: Request):
                 yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=lp)])
 
         def on_delta(choice: Choice, out: RequestOutput):
-            if out.text or out.token_ids or out.finish_reason:
+            if out.text or out.finish_reason or (logprobs and out.logprobs):
                 lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
                 yield chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=lp,
                                               finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
@@ -120,4 +120,4 @@ async def create_completion(body: CompletionRequest, request: Request):
         lp = logprobs.format(choice.index, entries + choice.logprobs) if logprobs else None
         choices.append(CompletionChoice(index=choice.index, text=text + choice.text, logprobs=lp,
                                         finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
-    return CompletionResponse(id=generation.id, model=state.model_name, choices=choices, usage=generation.usage())
+    return CompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=generation.usage())

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -62,6 +63,7 @@ class Generation:
     def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams):
         self.state = state
         self.id = base_id
+        self.created = int(time.time())
         self.choices = [
             Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
                    params=dataclasses.replace(params, n=1, seed=None if params.seed is None
@@ -157,7 +159,7 @@ class Generation:
         """A 500 for the first choice the engine failed (not a client mistake), if any."""
         for choice in self.choices:
             if choice.finish_reason == "error":
-                return APIError(500, f"generation failed: {choice.error or 'engine error'}", code="engine_error")
+                return APIError(500, choice.error or "generation failed", code="engine_error")
         return None
 
     def usage(self) -> UsageInfo:

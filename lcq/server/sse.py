@@ -39,8 +39,7 @@ async def sse_events(generation: Generation, keepalive: float,
             choice, out = item
             if out.finish_reason == "error":
                 logger.error("generation of %s failed: %s", choice.request_id, out.error)
-                yield event(error_body(500, f"generation failed: {out.error or 'engine error'}",
-                                       code="engine_error"))
+                yield event(error_body(500, out.error or "generation failed", code="engine_error"))
                 yield DONE
                 return
             for chunk in on_delta(choice, out):
