@@ -28,7 +28,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     command = resolve(args)
     settings = command.settings
-    logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     if command.model is None:
         from lcq.quantizer.demo import ensure_demo_model
 

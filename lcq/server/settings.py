@@ -13,6 +13,9 @@ from typing import Any, Callable, Mapping
 from lcq.errors import UserError
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
+
+
 @dataclass
 class ServeSettings:
     """What the HTTP layer needs; the engine's own settings travel in EngineConfig."""
@@ -34,6 +37,7 @@ class ServeSettings:
             (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
+            (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
         ]
         for ok, message in checks:
             if not ok:
