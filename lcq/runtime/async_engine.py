@@ -26,7 +26,7 @@ class AsyncEngine:
         self.config = config
         self.engine: LLMEngine | None = None
         self.is_draining = False
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._inbox: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
         self._streams: dict[str, asyncio.Queue] = {}

@@ -1,0 +1,193 @@
+"""The runtime: token-exact generation, batching, chunked prefill, preemption, prefix caching,
+stop handling, sampling and the async engine."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lcq.quantizer.reference import load_reference_model
+from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
+from lcq.runtime.detokenizer import IncrementalDetokenizer
+from lcq.runtime.sampler import sample
+from lcq.runtime.sequence import Sequence
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46]]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_hf(tmp_path_factory.mktemp("runtime") / "hf", "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(tiny):
+    return LLM(str(tiny), block_size=8)
+
+
+def _transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
+    model = load_reference_model(folder)
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+def _pool_is_full(engine) -> bool:
+    stats = engine.stats()
+    return stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
+
+
+def test_greedy_matches_transformers_full_precision(tiny, llm):
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _transformers_greedy(tiny, prompt, 12)
+        assert out.finish_reason == "length" and out.usage.completion_tokens == 12
+
+
+def test_greedy_matches_transformers_lcq(tmp_path):
+    folder = make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
+    outs = LLM(str(folder), block_size=8).generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _transformers_greedy(folder, prompt, 12)
+
+
+def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
+    together = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
+    assert together == alone
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == together
+    # A pool of 6 blocks of 8 cannot hold all three sequences at once: someone gets preempted.
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30)
+    assert small.engine.blocks.num_total_blocks == 6
+    assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == together
+    assert small.engine.stats().num_preemptions_total > 0
+    assert _pool_is_full(small.engine)
+
+
+def small_block_bytes(llm) -> int:
+    return llm.engine.runner.model.kv_cache_bytes_per_block(8, torch.float32)
+
+
+def test_prefix_cache_hits_give_the_same_tokens(llm):
+    prompt = list(range(50, 90))
+    first = llm.generate([prompt], GREEDY)[0]
+    second = llm.generate([prompt], GREEDY)[0]
+    assert second.token_ids == first.token_ids
+    assert first.usage.cached_tokens == 0 and second.usage.cached_tokens == 32  # 4 full blocks of 8, not the last token
+    assert _pool_is_full(llm.engine)
+
+
+def test_stop_strings_across_tokens_are_never_shown(llm):
+    base = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    text = base.text
+    stop = text[3:9]  # spans several tokens in this tokenizer's output, starts mid-token as well
+    assert len(stop) == 6
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    base = llm.generate([PROMPTS[0]], GREEDY)[0]
+    stop_id = base.token_ids[4]
+    out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                    stop_token_ids=[stop_id]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == base.token_ids[:base.token_ids.index(stop_id) + 1]
+
+
+def test_seed_reproducibility(llm):
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    first = llm.generate([PROMPTS[0]], params)[0].token_ids
+    with_others = llm.generate([PROMPTS[0], PROMPTS[1]], [params, SamplingParams(max_tokens=5, temperature=1.0)])
+    assert with_others[0].token_ids == first
+    other_seed = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=1.0, seed=99, ignore_eos=True))
+    assert other_seed[0].token_ids != first
+
+
+def test_logprobs_match_log_softmax(tiny, llm):
+    out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3))[0]
+    model = load_reference_model(tiny)
+    tokens = PROMPTS[2] + out.token_ids
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([tokens])).logits[0].float(), -1)
+    for i, lp in enumerate(out.logprobs):
+        row = expected[len(PROMPTS[2]) - 1 + i]
+        assert lp.token_id == out.token_ids[i]
+        assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
+        assert [t[0] for t in lp.top] == row.topk(3).indices.tolist()
+
+
+def _seq(params: SamplingParams, tokens=(1, 2, 3)) -> Sequence:
+    return Sequence("r", list(tokens), params, detokenizer=None, max_tokens=10)
+
+
+def test_sampler_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for params, allowed in [
+        (SamplingParams(temperature=1.0, top_k=2), {0, 1}),
+        (SamplingParams(temperature=1.0, top_p=0.7), {0, 1}),
+        (SamplingParams(temperature=1.0, min_p=0.5), {0, 1}),
+        (SamplingParams(temperature=0.0), {0}),
+    ]:
+        seen = {sample(logits.clone(), [_seq(params)])[0][0] for _ in range(200)}
+        assert seen == allowed, params
+
+
+def test_sampler_penalties():
+    logits = torch.tensor([[2.0, 1.9, -1.0, 0.0]])
+    seq = _seq(SamplingParams(temperature=0.0, repetition_penalty=1.5), tokens=(0,))
+    assert sample(logits.clone(), [seq])[0] == [1]  # 2.0 / 1.5 < 1.9
+    seq = _seq(SamplingParams(temperature=0.0, presence_penalty=0.5), tokens=(3,))
+    seq.num_prompt_tokens = 0  # token 3 is output
+    seq.token_ids = [0, 0]
+    assert sample(logits.clone(), [seq])[0] == [1]
+
+
+def test_detokenizer_never_emits_broken_characters(llm):
+    tokenizer = llm.tokenizer
+    ids = tokenizer("café 東京 🙂 ok", add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer, [1], stop=[])
+    pieces = [detok.add(t) for t in ids]
+    assert "".join(pieces) + detok.flush() == "café 東京 🙂 ok"
+    assert not any("\ufffd" in p for p in pieces)
+
+
+def test_async_engine_streams_aborts_and_drains(tiny, llm):
+    async def scenario():
+        engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8, max_queue=2))
+        with pytest.raises(EngineNotReadyError):
+            engine.add_request("early", [1, 2], GREEDY)
+        await engine.start()
+        deltas = [d async for d in engine.add_request("a", PROMPTS[0], GREEDY)]
+        assert "".join(d.text for d in deltas) == llm.generate([PROMPTS[0]], GREEDY)[0].text
+        assert deltas[-1].finish_reason == "length" and deltas[0].first_token_time is not None
+        with pytest.raises(ValueError, match="prompt has 300 tokens, max_model_len is 256"):
+            engine.add_request("long", [1] * 300, GREEDY)
+        # Stop consuming mid-stream: the request is aborted and its blocks are freed.
+        stream = engine.add_request("b", PROMPTS[1], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(100):
+            if _pool_is_full(engine.engine):
+                break
+            await asyncio.sleep(0.02)
+        assert _pool_is_full(engine.engine)
+        # Queue full: max_queue=2 waiting requests.
+        with engine._lock:  # hold the worker off so both stay queued
+            streams = [engine.add_request(f"q{i}", PROMPTS[2], GREEDY) for i in range(2)]
+            with pytest.raises(QueueFullError):
+                engine.add_request("q3", PROMPTS[2], GREEDY)
+        results = [[d async for d in s] for s in streams]
+        assert all(r[-1].finish_reason == "length" for r in results)
+        long_running = engine.add_request("c", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+        drain = asyncio.create_task(engine.shutdown(drain_timeout=10))
+        deltas = [d async for d in long_running]
+        await drain
+        assert deltas[-1].finish_reason == "length" and engine.is_draining
+        with pytest.raises(EngineNotReadyError):
+            engine.add_request("late", [1], GREEDY)
+
+    asyncio.run(scenario())
