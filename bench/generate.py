@@ -1,0 +1,226 @@
+"""Generation speed: our engine against transformers' generate (and llama.cpp when installed).
+
+CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint and on full precision,
+transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
+tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
+
+GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and fp16: batch-1
+tokens/s and the throughput curve over 1..256 concurrent sequences, with peak memory split into
+weights, KV cache and activations.
+
+    python bench/generate.py                 # CPU study, writes bench/results/generate-cpu.json
+    python bench/generate.py --quick         # fewer tokens and requests (a smoke run)
+    python bench/generate.py --gpu-7b        # on a CUDA machine
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from lcq.runtime import LLM, SamplingParams  # noqa: E402
+
+
+def rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 2**20
+    return float("nan")
+
+
+def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) pairs: prompts 16-256 tokens, outputs 16-128 tokens."""
+    rng = random.Random(seed)
+    return [([rng.randrange(100, vocab - 100) for _ in range(rng.randint(16, 256))], rng.randint(16, 128))
+            for _ in range(count)]
+
+
+def bench_ours(folder: str, weights: str, batch1_tokens: int, workload, **engine) -> list[dict]:
+    llm = LLM(folder, **engine)
+    prompt = workload[0][0][:32]
+    llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    start = time.perf_counter()
+    ttft_out = llm.generate([workload[1][0][:128]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(max_tokens=batch1_tokens, temperature=0, ignore_eos=True))
+    elapsed = time.perf_counter() - start
+    batch1 = len(out[0].token_ids) / elapsed
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in workload]
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in workload], params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.token_ids) for o in outs)
+    assert ttft_out[0].token_ids
+    device = llm.engine.runner.device
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gb()
+    common = dict(model=Path(folder).name, weights=weights, engine="lcq", peak_mem_GB=round(peak, 3))
+    return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
+            dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
+
+
+def bench_transformers(folder: str, batch1_tokens: int, workload) -> list[dict]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.tensor([workload[0][0][:32]])
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    model.generate(prompt, max_new_tokens=8, min_new_tokens=8, **kwargs)
+    start = time.perf_counter()
+    model.generate(torch.tensor([workload[1][0][:128]]), max_new_tokens=1, min_new_tokens=1, **kwargs)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt, max_new_tokens=batch1_tokens, min_new_tokens=batch1_tokens, **kwargs)
+    batch1 = batch1_tokens / (time.perf_counter() - start)
+    # 64 requests as one left-padded batch run to the longest output: what a generate() user would do.
+    width = max(len(p) for p, _ in workload)
+    ids = torch.zeros(len(workload), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, (p, _) in enumerate(workload):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    longest = max(n for _, n in workload)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, **kwargs)
+    elapsed = time.perf_counter() - start
+    useful = sum(n for _, n in workload)  # tokens the requests asked for
+    common = dict(model=Path(folder).name, weights="fp32", engine="transformers", peak_mem_GB=round(rss_gb(), 3))
+    return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
+            dict(common, concurrency=len(workload), output_tok_s=round(useful / elapsed, 2), ttft_ms=None)]
+
+
+def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return []
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    prompt = workload[0][0][:32]
+    start = time.perf_counter()
+    produced = 0
+    for _ in llm.generate(prompt, temp=0.0):
+        produced += 1
+        if produced == batch1_tokens:
+            break
+    batch1 = produced / (time.perf_counter() - start)
+    start = time.perf_counter()
+    produced = 0
+    for prompt, n in workload:  # llama-cpp-python serves one sequence at a time
+        llm.reset()
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0)):
+            if i + 1 == n:
+                break
+        produced += n
+    elapsed = time.perf_counter() - start
+    common = dict(model="SmolLM2-135M-Instruct.Q4_1.gguf", weights="q4_1", engine="llama.cpp",
+                  peak_mem_GB=round(rss_gb(), 3))
+    return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=None),
+            dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
+
+
+def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
+    """Bytes of the packed linear layers of Llama-2-7B (format arithmetic) plus fp16 embeddings/head."""
+    hidden, inter, layers, vocab = 4096, 11008, 32, 32000
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    total = 0
+    for n, k in shapes:
+        groups = -(-k // group_size)
+        total += n * groups * group_size * bits // 8 + groups * rank * n + 2 * rank * n + groups * n + 2 * n
+        total += 2 * rank * (1 << bits)
+    return (layers * total + 2 * 2 * vocab * hidden + 2 * hidden * (2 * layers + 1)) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gpu-7b", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
+    from lcq.quantizer.downloads import cache_dir
+
+    rows: list[dict] = []
+    if args.gpu_7b:
+        rows = bench_gpu_7b(args.quick)
+    else:
+        torch.set_num_threads(os.cpu_count())
+        fp = str(fetch_demo())
+        lcq = str(ensure_demo_model())
+        count, batch1_tokens = (8, 32) if args.quick else (64, 128)
+        workload = mixed_workload(count, vocab=49152)
+        rows += bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0)
+        rows += bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0)
+        rows += bench_transformers(fp, batch1_tokens, workload)
+        rows += bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    result = {
+        "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "llama2_7b_weight_GB": {"lcq-w2r2g128": round(seven_b_weight_gb(2, 2, 128), 3),
+                                "fp16": round(2 * 6.74e9 / 1e9, 2)},
+        "rows": rows,
+    }
+    name = "gpu" if args.gpu_7b else "cpu"
+    out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"device: {device}")
+    print("| engine | weights | concurrency | output tok/s | TTFT ms | peak mem GB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['engine']} | {r['weights']} | {r['concurrency']} | {r['output_tok_s']} | {r['ttft_ms']} | "
+              f"{r['peak_mem_GB']} |")
+    print(f"Llama-2-7B weights: W2 r2 g128 {result['llama2_7b_weight_GB']['lcq-w2r2g128']} GB "
+          f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
+
+
+def bench_gpu_7b(quick: bool) -> list[dict]:
+    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed."""
+    import tempfile
+
+    from bench.random_model import write_random_llama
+
+    rows = []
+    concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    with tempfile.TemporaryDirectory() as tmp:
+        for weights in ("lcq-w2r2g128", "fp16"):
+            folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
+            llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
+            weights_gb = llm.engine.runner.weight_bytes / 2**30
+            kv_gb = llm.engine.runner.kv_cache_bytes / 2**30
+            for concurrency in concurrencies:
+                workload = [([1000 + i] * 128, 128) for i in range(concurrency)]
+                params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+                llm.generate([workload[0][0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                outs = llm.generate([p for p, _ in workload], params)
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - start
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                rows.append(dict(model="llama-2-7b-shaped-random", weights=weights, engine="lcq",
+                                 concurrency=concurrency,
+                                 output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
+                                 peak_mem_GB=round(peak, 2), weights_GB=round(weights_gb, 2), kv_cache_GB=round(kv_gb, 2),
+                                 activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2)))
+            del llm
+            torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    main()

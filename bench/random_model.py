@@ -1,0 +1,63 @@
+"""Random-weight checkpoints with real model shapes, for speed and memory benchmarks (no download)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lcq.format import (PackedLinear, linear_tensors, padded_in_features, quantization_config,  # noqa: E402
+                        write_index, write_shard)
+
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+
+
+def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> PackedLinear:
+    groups = padded_in_features(k, group_size) // group_size
+    return PackedLinear(
+        qweight=torch.randint(-2**31, 2**31 - 1, (groups * group_size // 32 * bits, n), dtype=torch.int32),
+        s_q=torch.randint(-127, 128, (groups, rank, n), dtype=torch.int8),
+        s_scale=torch.full((rank, n), 1e-4, dtype=torch.float16),
+        b_q=torch.randint(-127, 128, (groups, n), dtype=torch.int8),
+        b_scale=torch.full((n,), 1e-4, dtype=torch.float16),
+        v=torch.randn(1, rank, 1 << bits, dtype=torch.float16),
+        v_index=torch.zeros(n, dtype=torch.int32), in_features=k, bits=bits, group_size=group_size)
+
+
+def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int = 2, group_size: int = 128,
+                       shapes: dict = LLAMA2_7B) -> Path:
+    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer."""
+    from tests.tiny_model import make_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_tokenizer(folder)
+    h, i, vocab = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0,
+                  tie_word_embeddings=False, torch_dtype="float16", **shapes)
+    if quantized:
+        config["quantization_config"] = quantization_config(bits, rank, group_size, "random",
+                                                            ["model.embed_tokens", "model.norm", "lm_head"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_shard(folder / "extra.safetensors", {
+        "model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
+        "lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
+        "model.norm.weight": torch.ones(h, dtype=torch.float16)})
+    linears = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
+               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    for layer in range(shapes["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}"
+        tensors = {f"{prefix}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
+                   f"{prefix}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
+        for name, (n, k) in linears.items():
+            if quantized:
+                tensors.update(linear_tensors(f"{prefix}.{name}", random_packed(n, k, bits, rank, group_size)))
+            else:
+                tensors[f"{prefix}.{name}.weight"] = torch.randn(n, k, dtype=torch.float16) * 0.02
+        write_shard(folder / f"layer-{layer:03d}.safetensors", tensors)
+    write_index(folder)
+    return folder
