@@ -1,23 +1,30 @@
 """The quantizer: codebook fits, GPTQ, the block-wise stage, the pipeline and the CLI."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-import contextlib
-
 from lcq.cli import main
 from lcq.format import CheckpointReader, dequantize
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, optimize_block
-from lcq.quantizer.fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook
+from lcq.quantizer.fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import gptq_indices
-from lcq.quantizer.fit import stored_codebook
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These shapes are tiny: one thread is faster, and much faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _matrices():
@@ -147,11 +154,18 @@ def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monke
         torch.testing.assert_close(whole.tensor(name), resumed.tensor(name), rtol=0, atol=0)
 
 
-_no_exit = contextlib.nullcontext
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lcq.cli", *args], capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "lcq.cli", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def _main(args: list[str]) -> int:
+    """cli.main's exit code, whether it returns it or argparse raises SystemExit."""
+    try:
+        return main(args)
+    except SystemExit as e:
+        return int(e.code)
 
 
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
@@ -160,34 +174,39 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
     other = tmp_path / "gpt2"
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "gpt2"}')
+    out = str(tmp_path / "o")
     cases = [
-        (["quantize", str(tmp_path / "missing"), str(tmp_path / "o")], "no such model folder"),
-        (["quantize", str(other), str(tmp_path / "o")], "'gpt2' is not supported"),
-        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--bits", "5"], "--bits must be 2, 3 or 4"),
-        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--group-size", "48"], "--group-size"),
-        (["quantize", str(tiny_hf), str(tmp_path / "o"), "--calib", str(empty)], "empty"),
+        (["quantize", str(tmp_path / "missing"), out], "no such model folder"),
+        (["quantize", str(other), out], "'gpt2' is not supported"),
+        (["quantize", str(tiny_hf), out, "--bits", "5"], "--bits must be 2, 3 or 4"),
+        (["quantize", str(tiny_hf), out, "--rank", "0"], "--rank must be 1 to 4"),
+        (["quantize", str(tiny_hf), out, "--rank", "5"], "--rank must be 1 to 4"),
+        (["quantize", str(tiny_hf), out, "--group-size", "48"], "--group-size must be 32, 64 or 128"),
+        (["quantize", str(tiny_hf), out, "--method", "awq"], "--method must be one of"),
+        (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
+        (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
+        (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),
         (["eval", str(tmp_path / "missing")], "no such model folder"),
         (["quantize", str(tiny_hf)], "required"),
     ]
     for args, expected in cases:
-        with pytest.raises(SystemExit) if args[-1] == str(tiny_hf) else _no_exit():
-            code = main(args)
+        code = _main(args)
         err = capsys.readouterr().err
-        assert expected in err and len(err.strip().splitlines()) == 1, err
-        if args[-1] != str(tiny_hf):
-            assert code == 2, (args, err)
-    assert not (tmp_path / "o").exists()
-    result = _cli("quantize", str(tmp_path / "missing"), str(tmp_path / "o"))  # the installed entry point too
-    assert result.returncode == 2 and result.stderr.startswith("lcq: error:")
+        assert code == 2, (args, err)
+        assert expected in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    result = _cli("quantize", str(tmp_path / "missing"), out)  # the module entry point, in a fresh process
+    assert result.returncode == 2 and result.stderr.startswith("lcq: error:") and "Traceback" not in result.stderr
 
 
-def test_cli_quantize_then_eval(tmp_path, tiny_hf):
+def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     text = tmp_path / "text.txt"
     text.write_text(CALIBRATION_TEXT)
-    result = _cli("quantize", str(tiny_hf), str(tmp_path / "q"), "--bits", "4", "--rank", "1", "--group-size", "32",
-                  "--method", "rtn")
-    assert result.returncode == 0, result.stderr
-    assert "bits per weight" in result.stdout
-    result = _cli("eval", str(tmp_path / "q"), "--text", str(text), "--ctx", "32")
-    assert result.returncode == 0, result.stderr
-    assert float(result.stdout.split()[1]) > 1.0
+    code = _main(["quantize", str(tiny_hf), str(tmp_path / "q"), "--bits", "4", "--rank", "1", "--group-size", "32",
+                  "--method", "rtn"])
+    assert code == 0 and "bits per weight" in capsys.readouterr().out
+    assert _main(["eval", str(tmp_path / "q"), "--text", str(text), "--ctx", "32"]) == 0
+    quantized = float(capsys.readouterr().out.split()[1])
+    assert _main(["eval", str(tiny_hf), "--text", str(text), "--ctx", "32"]) == 0
+    full = float(capsys.readouterr().out.split()[1])
+    assert 1.0 < full and abs(quantized / full - 1) < 0.2, (quantized, full)

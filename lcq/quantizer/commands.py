@@ -54,16 +54,16 @@ def _read_text(path: str | None, default) -> str:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .pipeline import QuantizeOptions, quantize_model
-    from .reference import read_config
+    from .pipeline import QuantizeOptions, check_paths, quantize_model
     from .texts import calibration_text
 
-    read_config(args.model_dir)
     options = QuantizeOptions(bits=args.bits, rank=args.rank, group_size=args.group_size, method=args.method,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                               init=args.init, device=args.device, act_order=args.act_order, seed=args.seed,
                               batch_size=args.batch_size)
-    if options.needs_data:
+    check_paths(Path(args.model_dir), Path(args.out_dir))
+    options.validate_settings()
+    if options.needs_data:  # fetched only once everything else is known to be fine
         options.calib_text = _read_text(args.calib, calibration_text)
     summary = quantize_model(args.model_dir, args.out_dir, options, resume=args.resume)
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "

@@ -108,6 +108,11 @@ def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(gram + eye * (1e-6 * scale + 1e-12), rhs.unsqueeze(-1)).squeeze(-1)
 
 
+def _outer(x: torch.Tensor) -> torch.Tensor:
+    """x (..., a) -> (..., a, a): x x^T per row (plain matmuls below beat 3-operand einsums on CPU)."""
+    return x.unsqueeze(-1) * x.unsqueeze(-2)
+
+
 def refine(wg: torch.Tensor, h: torch.Tensor, book: Codebook, rounds: int = 4) -> Codebook:
     """Alternate: assign, then weighted least squares for (S, B) per group, then for V per level.
 
@@ -122,12 +127,12 @@ def refine(wg: torch.Tensor, h: torch.Tensor, book: Codebook, rounds: int = 4) -
         moment = torch.zeros_like(mass).scatter_add_(-1, idx, weights * wg)
         # (S, B) per group: w ~ phi_l . [s, b] with phi_l = [V[:, l], -1] for the weight's level l.
         phi = torch.cat([v.t(), -torch.ones(levels, 1, device=wg.device)], dim=1)  # (L, r+1)
-        gram = torch.einsum("ngl,la,lb->ngab", mass, phi, phi)
-        solution = _solve(gram, torch.einsum("ngl,la->nga", moment, phi))
+        gram = (mass @ _outer(phi).flatten(1)).unflatten(-1, (rank + 1, rank + 1))
+        solution = _solve(gram, moment @ phi)
         s, b = solution[..., :rank], solution[..., rank]
         # V per level: w + B ~ S . V[:, l] over the weights at level l.
-        gram_v = torch.einsum("ngl,nga,ngb->lab", mass, s, s)
-        rhs_v = torch.einsum("ngl,nga->la", moment + mass * b.unsqueeze(-1), s)
+        gram_v = (mass.flatten(0, 1).t() @ _outer(s).flatten(2).flatten(0, 1)).unflatten(-1, (rank, rank))
+        rhs_v = (moment + mass * b.unsqueeze(-1)).flatten(0, 1).t() @ s.flatten(0, 1)
         used = mass.sum(dim=(0, 1)) > 0
         v = torch.where(used.unsqueeze(0), _solve(gram_v, rhs_v).t(), v)
     return Codebook(s=s, v=v, b=b)

@@ -50,6 +50,13 @@ class QuantizeOptions:
     batch_size: int = 4
 
     def validate(self) -> None:
+        """Every setting, and calibration text present when the method needs data."""
+        self.validate_settings()
+        if self.needs_data and not (self.calib_text and self.calib_text.strip()):
+            raise UserError(f"--method {self.method} needs calibration text (--calib FILE), and it is empty")
+
+    def validate_settings(self) -> None:
+        """Every setting but the calibration text (checked before any default text is fetched)."""
         checks = [
             (self.bits in (2, 3, 4), f"--bits must be 2, 3 or 4 (got {self.bits})"),
             (1 <= self.rank <= 4, f"--rank must be 1 to 4 (got {self.rank})"),
@@ -60,6 +67,8 @@ class QuantizeOptions:
             (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
         ]
         for ok, message in checks:
@@ -67,8 +76,6 @@ class QuantizeOptions:
                 raise UserError(message)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but no CUDA device is available")
-        if self.needs_data and not (self.calib_text and self.calib_text.strip()):
-            raise UserError(f"--method {self.method} needs calibration text (--calib FILE), and it is empty")
 
     @property
     def needs_data(self) -> bool:
@@ -210,6 +217,14 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def check_paths(model_dir: Path, out_dir: Path) -> dict:
+    """The source's config (a supported architecture), and an output folder that does not exist yet."""
+    config = read_config(model_dir)
+    if out_dir.exists():
+        raise UserError(f"{out_dir} already exists; choose a new output folder")
+    return config
+
+
 def quantize_model(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions, resume: bool = False,
                    progress: bool = True) -> QuantizeSummary:
     """Quantize every decoder block's linear layers of a Llama-family folder into an LCQ folder."""
@@ -219,9 +234,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     started = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.validate()
-    config_dict = read_config(model_dir)
-    if out_dir.exists():
-        raise UserError(f"{out_dir} already exists; choose a new output folder")
+    config_dict = check_paths(model_dir, out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
     recorded = options.recorded()
     done = _prepare_partial(partial, recorded, resume)
