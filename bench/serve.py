@@ -1,0 +1,300 @@
+"""Load benchmark of a running `lcq serve`: N concurrent streaming clients for D seconds.
+
+Each client loops: pick a prompt length and an output length from a fixed mix, stream a completion,
+record time to first token (TTFT), the gaps between streamed tokens (ITL) and the HTTP status. A 429
+is a clean rejection (the queue is full, the client backs off for Retry-After) and is counted apart
+from failures. After the run the server's /metrics must show the KV block pool drained back to 0
+(no leaked blocks) and, with a known server pid, its resident memory before and after is reported.
+
+    python bench/serve.py --url http://127.0.0.1:8000 --clients 128 --duration 60
+    python bench/serve.py --launch            # starts `lcq serve` (demo model) on a free port itself
+    python bench/serve.py --launch PATH --clients 8 --duration 10
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+RESULTS = Path(__file__).parent / "results"
+WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers, "
+         "mountains and the long history of quiet towns near the sea").split()
+PROMPT_WORDS = (8, 32, 128)  # short chat turn, paragraph, page-ish context
+OUTPUT_TOKENS = (16, 64, 128)
+
+
+@dataclass
+class Totals:
+    """Everything the clients observed; one instance shared by all of them (single event loop)."""
+
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, str] = field(default_factory=dict)  # first error body per status, to explain it
+    output_tokens: int = 0
+    prompt_tokens: int = 0
+    completed: int = 0
+
+    def count(self, status: str, detail: str = "") -> None:
+        self.statuses[status] = self.statuses.get(status, 0) + 1
+        if detail:
+            self.examples.setdefault(status, detail[:300])
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def make_prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+async def one_request(http: httpx.AsyncClient, model: str, rng: random.Random, totals: Totals) -> float:
+    """Stream one completion; return how long the client should back off (Retry-After on 429/503)."""
+    body = {"model": model, "prompt": make_prompt(rng, rng.choice(PROMPT_WORDS)),
+            "max_tokens": rng.choice(OUTPUT_TOKENS), "temperature": 0.8, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    start = time.perf_counter()
+    last = None
+    try:
+        async with http.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                totals.count(str(response.status_code), (await response.aread()).decode(errors="replace"))
+                return float(response.headers.get("retry-after", 1)) if response.status_code in (429, 503) else 0.0
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    totals.output_tokens += chunk["usage"]["completion_tokens"]
+                    totals.prompt_tokens += chunk["usage"]["prompt_tokens"]
+                if not any(choice.get("text") for choice in chunk.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    totals.ttft.append(now - start)
+                else:
+                    totals.itl.append(now - last)
+                last = now
+        totals.count("200")
+        totals.completed += 1
+        totals.e2e.append(time.perf_counter() - start)
+    except httpx.HTTPError as error:
+        totals.count(f"error:{type(error).__name__}", str(error))
+    return 0.0
+
+
+async def client(http: httpx.AsyncClient, model: str, seed: int, deadline: float, totals: Totals) -> None:
+    rng = random.Random(seed)
+    while time.perf_counter() < deadline:
+        backoff = await one_request(http, model, rng, totals)
+        if backoff:
+            await asyncio.sleep(min(backoff, max(0.0, deadline - time.perf_counter())))
+
+
+def read_metrics(url: str, headers: dict) -> dict[str, float]:
+    """The `lcq:` samples of /metrics, summed over labels (one model per server)."""
+    text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"^(lcq:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
+        if match:
+            samples[match[1]] = samples.get(match[1], 0.0) + float(match[3])
+    return samples
+
+
+def rss_mib(pid: int | None) -> float | None:
+    """Resident memory of the server process from /proc (no psutil)."""
+    if pid is None:
+        return None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start `lcq serve` on a free local port and wait until /health answers 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "lcq.cli", "serve", *([model] if model else []),
+               "--host", "127.0.0.1", "--port", str(port), *extra]
+    server = subprocess.Popen(command, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 1800  # the first demo run quantizes the model
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"lcq serve exited with {server.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(server)
+    raise SystemExit("lcq serve did not become healthy")
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    found = {"python": platform.python_version()}
+    for package in ("lcq", "torch", "transformers", "httpx", "fastapi", "uvicorn"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return found
+
+
+def device_name() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return f"cpu: {cpu}, {os.cpu_count()} cores"
+
+
+async def run_load(url: str, model: str, args: argparse.Namespace, headers: dict) -> tuple[Totals, float]:
+    totals = Totals()
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    timeout = httpx.Timeout(args.request_timeout, connect=30)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as http:
+        start = time.perf_counter()
+        deadline = start + args.duration
+        await asyncio.gather(*(client(http, model, args.seed + i, deadline, totals) for i in range(args.clients)))
+        return totals, time.perf_counter() - start
+
+
+def wait_for_idle(url: str, headers: dict, timeout: float = 30.0) -> dict[str, float]:
+    """Poll /metrics until nothing runs or waits and the KV pool is empty (or the timeout passes)."""
+    deadline = time.time() + timeout
+    while True:
+        samples = read_metrics(url, headers)
+        idle = (samples.get("lcq:num_requests_running", 0) == 0 and samples.get("lcq:num_requests_waiting", 0) == 0
+                and samples.get("lcq:kv_cache_usage_perc", 0) == 0)
+        if idle or time.time() > deadline:
+            return samples
+        time.sleep(0.5)
+
+
+def report(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1000:.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (ignored with --launch)")
+    parser.add_argument("--launch", nargs="?", const="", default=None, metavar="MODEL",
+                        help="start `lcq serve [MODEL]` on a free port (no MODEL: the demo model)")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `lcq serve` argument (repeatable)")
+    parser.add_argument("--server-pid", type=int, help="pid of the server, for RSS before and after")
+    parser.add_argument("--api-key", default=os.environ.get("LCQ_API_KEY"))
+    parser.add_argument("--model", help="model id (default: the first of /v1/models)")
+    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
+    parser.add_argument("--request-timeout", type=float, default=600.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve-cpu.json")
+    args = parser.parse_args()
+    if args.clients < 1 or args.duration <= 0:
+        parser.error("--clients must be >= 1 and --duration > 0")
+
+    server = None
+    url, pid = args.url.rstrip("/"), args.server_pid
+    if args.launch is not None:
+        server, url = launch(args.launch or None, args.serve_arg)
+        pid = server.pid
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        model = args.model or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        rss_start = rss_mib(pid)
+        before = read_metrics(url, headers)
+        totals, elapsed = asyncio.run(run_load(url, model, args, headers))
+        after = wait_for_idle(url, headers)
+        rss_end = rss_mib(pid)
+    finally:
+        if server is not None:
+            stop(server)
+
+    results = {
+        "requests_completed": totals.completed,
+        "status_counts": dict(sorted(totals.statuses.items())),
+        "status_examples": totals.examples,
+        "rejected_429": totals.statuses.get("429", 0),
+        "failed": sum(n for status, n in totals.statuses.items() if status not in ("200", "429")),
+        "elapsed_s": round(elapsed, 2),
+        "output_tokens": totals.output_tokens,
+        "prompt_tokens": totals.prompt_tokens,
+        "output_tok_per_s": round(totals.output_tokens / elapsed, 2),
+        "ttft_p50_s": percentile(totals.ttft, 50), "ttft_p99_s": percentile(totals.ttft, 99),
+        "itl_p50_s": percentile(totals.itl, 50), "itl_p99_s": percentile(totals.itl, 99),
+        "e2e_p50_s": percentile(totals.e2e, 50), "e2e_p99_s": percentile(totals.e2e, 99),
+        "server_rss_mib_start": rss_start, "server_rss_mib_end": rss_end,
+        "kv_cache_usage_after": after.get("lcq:kv_cache_usage_perc"),
+        "running_after": after.get("lcq:num_requests_running"),
+        "waiting_after": after.get("lcq:num_requests_waiting"),
+        "preemptions": after.get("lcq:num_preemptions_total", 0) - before.get("lcq:num_preemptions_total", 0),
+    }
+    settings = {"url": url, "launched": args.launch is not None, "model": model, "clients": args.clients,
+                "duration_s": args.duration, "prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS,
+                "serve_args": args.serve_arg, "seed": args.seed, "label": args.label}
+    record = {"device": device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": versions(), "settings": settings, "results": results}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(args.output)
+
+    report([
+        ("model", model), ("clients x duration", f"{args.clients} x {args.duration:g} s (+ drain: {elapsed:.1f} s)"),
+        ("completed requests", str(totals.completed)),
+        ("HTTP statuses", ", ".join(f"{k}: {v}" for k, v in results["status_counts"].items())),
+        ("output tok/s", f"{results['output_tok_per_s']:.1f}"),
+        ("TTFT p50 / p99", f"{fmt_ms(results['ttft_p50_s'])} / {fmt_ms(results['ttft_p99_s'])}"),
+        ("ITL p50 / p99", f"{fmt_ms(results['itl_p50_s'])} / {fmt_ms(results['itl_p99_s'])}"),
+        ("server RSS start / end", f"{rss_start} / {rss_end} MiB" if pid else "- (no --server-pid)"),
+        ("KV cache usage after", str(results["kv_cache_usage_after"])),
+        ("preemptions", str(results["preemptions"])),
+        ("written", str(args.output)),
+    ])
+
+
+if __name__ == "__main__":
+    main()
