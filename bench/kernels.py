@@ -5,6 +5,8 @@ GPU's measured copy bandwidth, on the linear layers of Llama-2-7B and Llama-3-8B
     python bench/kernels.py --quick           # a few shapes, M and formats
     python bench/kernels.py --shapes 4096x11008 --bits 2 --ms 1,16
     python bench/kernels.py --cpu-smoke       # one tiny shape through the Triton interpreter (no GPU)
+    python bench/kernels.py --sass            # compile for sm_90 here (no GPU): registers, spills and
+                                              # instructions per weight in the inner loop
 
 Shapes are [N, K] (outputs x inputs). Effective bandwidth counts the bytes the product must move:
 packed indices, S, B, their scales, V and v_index, the activations read and the outputs written.
@@ -43,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ranks", help="comma-separated ranks")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
     parser.add_argument("--cpu-smoke", action="store_true", help="one tiny shape in the Triton interpreter")
+    parser.add_argument("--sass", action="store_true", help="compile for sm_90 without a GPU and count instructions")
     return parser.parse_args()
 
 
@@ -201,10 +204,84 @@ def run_cpu_smoke() -> None:
             raise SystemExit("cpu smoke failed")
 
 
+SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps
+    ("decode", 2, 1, 128, 1, 64, 4), ("decode", 2, 2, 128, 1, 64, 4), ("decode", 4, 1, 128, 1, 64, 4),
+    ("decode", 3, 4, 64, 4, 64, 4), ("decode", 2, 2, 128, 16, 64, 4), ("gemm", 2, 2, 128, 64, 128, 4),
+]
+
+
+def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int):
+    """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lcq.kernels import triton_linear as kernels
+    fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
+    pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
+                "bs_ptr": "*fp16", "v_ptr": "*fp16", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                "ws_ptr": "*fp32", "counter_ptr": "*i32"}
+    constants = dict(BITS=bits, RANK=rank, GROUP=group, HAS_BIAS=False, SELECT=kernels.uses_select(bits, rank),
+                     DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=kernels.block_k(group))
+    constants.update(SPLIT_K=8) if kernel == "decode" else constants.update(GROUP_M=8)
+    names = fn.arg_names
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constants and n != "M"}
+    source = ASTSource(fn=fn, signature=signature, attrs=aligned,
+                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+
+
+def inner_loop(sass: str) -> list[str]:
+    """Instructions of the longest loop (a backward branch) in a SASS listing."""
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    address = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", line).group(1), 16) for line in lines]
+    best: list[str] = []
+    for here, line in zip(address, lines):
+        target = re.search(r"BRA\W.*?0x([0-9a-f]+)", line)
+        if target and int(target.group(1), 16) < here:
+            body = [x for a, x in zip(address, lines) if int(target.group(1), 16) <= a <= here]
+            best = body if len(body) > len(best) else best
+    return best
+
+
+def compile_block_k(group: int) -> int:
+    from lcq.kernels.triton_linear import block_k
+    return block_k(group)
+
+
+def run_sass() -> None:
+    """Registers, stack and inner-loop instructions per weight of the sm_90 build of each case."""
+    import collections
+    import tempfile
+    import triton
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    print("| kernel | W | r | g | BLOCK_M | BLOCK_N | regs | stack | loop instr / weight | top opcodes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for case in SASS_CASES:
+        kernel, bits, rank, group, block_m, block_n, warps = case
+        compiled = compile_sm90(*case)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin.name],
+                                   capture_output=True, text=True).stdout
+            sass = subprocess.run([tools / "cuobjdump", "-sass", cubin.name], capture_output=True, text=True).stdout
+        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+        loop = inner_loop(sass)
+        opcodes = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0]
+                                      for line in loop)
+        weights_per_thread = block_n * compile_block_k(group) // (32 * warps)  # one K tile per iteration
+        top = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(6))
+        print(f"| {kernel} | {bits} | {rank} | {group} | {block_m} | {block_n} | {regs} | {stack} "
+              f"| {len(loop) / weights_per_thread:.1f} | {top} |", flush=True)
+
+
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    if args.cpu_smoke:
+    if args.sass:
+        run_sass()
+    elif args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         run_cpu_smoke()
     else:
