@@ -111,11 +111,14 @@ async def client(http: httpx.AsyncClient, model: str, seed: int, deadline: float
 
 
 def read_metrics(url: str, headers: dict) -> dict[str, float]:
-    """The `lcq:` samples of /metrics, summed over labels (one model per server)."""
-    text = httpx.get(url + "/metrics", headers=headers, timeout=10).text
+    return parse_metrics(httpx.get(url + "/metrics", headers=headers, timeout=10).text)
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """The `lcq:` samples of a Prometheus exposition, summed over labels (one model per server)."""
     samples: dict[str, float] = {}
     for line in text.splitlines():
-        match = re.match(r"^(lcq:[a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
+        match = re.match(r"^(lcq:[a-z0-9_]+)(\{[^}]*\})? ([0-9.eE+-]+|NaN)$", line)
         if match:
             samples[match[1]] = samples.get(match[1], 0.0) + float(match[3])
     return samples

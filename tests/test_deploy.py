@@ -1,0 +1,189 @@
+"""Deployment files agree with the code: no docker engine or cluster needed.
+
+Compose, Prometheus, Grafana, nginx and Kubernetes files are parsed and cross-checked against the server's
+real metric registry, its serve flags and the Makefile's install and serve commands.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("prometheus_client")
+
+from lcq.server.metrics import ServerMetrics  # noqa: E402
+from lcq.server.settings import FLAGS, ServeSettings  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+K8S = ROOT / "deploy" / "k8s"
+SERVER_PORT = ServeSettings().port
+METRIC_NAME = re.compile(r"lcq[:_][a-z0-9_]+")
+
+
+def load_yaml(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def compose() -> dict:
+    return load_yaml(DOCKER / "docker-compose.yml")
+
+
+def exported_metric_names() -> set[str]:
+    """Every sample name the server's registry can export, counters with _total, histograms with their series."""
+    names = set()
+    for family in ServerMetrics("model", lambda: None).registry.collect():
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def dashboard_expressions() -> list[str]:
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "lcq.json").read_text())
+    return [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def k8s_documents() -> dict[str, dict]:
+    documents = [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    return {doc["kind"]: doc for doc in documents}
+
+
+def serve_env_names() -> set[str]:
+    return {flag.env for flag in FLAGS} | {"LCQ_MODEL"}
+
+
+def test_compose_services_and_profiles():
+    services = compose()["services"]
+    default = {name for name, service in services.items() if not service.get("profiles")}
+    assert default == {"lcq", "prometheus", "grafana"}
+    assert services["lcq-gpu"]["profiles"] == ["gpu"]
+    devices = services["lcq-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
+    assert {name for name, s in services.items() if "replicas" in s.get("profiles", [])} == {"lcq-replica", "nginx"}
+    for name in ("lcq", "lcq-gpu", "lcq-replica"):
+        service = services[name]
+        assert "models:/models" in service["volumes"]
+        assert service["env_file"][0]["path"] == ".env"
+        build = service["build"]
+        assert (DOCKER / build["context"] / build["dockerfile"]).resolve().is_file(), build
+    for name in ("lcq", "lcq-gpu"):
+        assert services[name]["ports"][0].endswith(f":{SERVER_PORT}")
+
+
+def test_prometheus_scrapes_every_server_on_its_port():
+    (job,) = load_yaml(DOCKER / "prometheus.yml")["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery["port"] == SERVER_PORT
+    services = compose()["services"]
+    assert set(discovery["names"]) == {name for name in services if name.startswith("lcq")}
+
+
+def test_dashboard_and_hpa_metrics_are_exported():
+    exported = exported_metric_names()
+    used = {name.replace("lcq_", "lcq:", 1) for expr in dashboard_expressions() for name in METRIC_NAME.findall(expr)}
+    hpa = k8s_documents()["HorizontalPodAutoscaler"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods"
+    hpa_name = metric["pods"]["metric"]["name"].replace("lcq_", "lcq:", 1)  # prometheus-adapter renames ':' away
+    assert hpa_name == "lcq:num_requests_waiting"
+    assert not (used | {hpa_name}) - exported
+    # the panels the dashboard promises: TTFT, ITL, throughput, queue, KV usage, errors and rejections
+    assert {"lcq:time_to_first_token_seconds_bucket", "lcq:inter_token_latency_seconds_bucket",
+            "lcq:generation_tokens_total", "lcq:num_requests_waiting", "lcq:kv_cache_usage_perc",
+            "lcq:request_rejected_total", "lcq:http_requests_total"} <= used
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
+    provisioning = DOCKER / "grafana" / "provisioning"
+    (provider,) = load_yaml(provisioning / "dashboards" / "lcq.yml")["providers"]
+    mounts = dict(volume.split(":")[:2] for volume in compose()["services"]["grafana"]["volumes"])
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    (source,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
+    assert source["url"].endswith(":9090") and "prometheus" in compose()["services"]
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "lcq.json").read_text())
+    assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} == {source["uid"]}
+
+
+def makefile_commands() -> tuple[str, set[str], str]:
+    """The torch pin, the pip extras and the serve command of the Makefile."""
+    makefile = (ROOT / "Makefile").read_text()
+    torch_pin = re.search(r"^TORCH_CPU := (\S+)$", makefile, re.M)[1]
+    extras = set(re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", makefile)[1].split(","))
+    serve = re.search(r"^serve:.*\n\t\$\(BIN\)/(.+)$", makefile, re.M)[1]
+    return torch_pin, extras, serve
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfile_installs_and_serves_like_the_makefile(name):
+    text = (DOCKER / name).read_text()
+    torch_pin, make_extras, serve = makefile_commands()
+    assert f"ARG TORCH_PIN={torch_pin}" in text
+    assert "--index-url ${TORCH_INDEX} ${TORCH_PIN}" in text
+    extras = set(re.search(r"pip install -q --no-cache-dir '\.\[([a-z,]+)\]'", text)[1].split(","))
+    assert "server" in extras and extras <= make_extras - {"dev"}
+    assert f'ENTRYPOINT {json.dumps(serve.split())}' in text
+    assert re.search(r"^USER (?!root)\w+$", text, re.M)
+    healthcheck = text[text.index("HEALTHCHECK"):]
+    assert "/health" in healthcheck.split("\n\n")[0] and f"EXPOSE {SERVER_PORT}" in text
+    assert (text.count("FROM ") >= 2) and "COPY --from=build" in text
+    assert ("nvidia/cuda" in text) == (name == "Dockerfile")
+    assert (DOCKER / f"{name}.dockerignore").is_file()
+
+
+def test_env_files_only_set_real_serve_flags():
+    known = serve_env_names()
+    env_example = dict(line.split("=", 1) for line in (DOCKER / ".env.example").read_text().splitlines()
+                       if line and not line.startswith("#"))
+    configmap = k8s_documents()["ConfigMap"]["data"]
+    for name in set(env_example) | set(configmap):
+        assert not name.startswith("LCQ_") or name in known, name
+    assert configmap["LCQ_PORT"] == str(SERVER_PORT)
+
+
+def test_k8s_probes_health_on_the_served_port():
+    docs = k8s_documents()
+    pod = docs["Deployment"]["spec"]["template"]
+    assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = container[probe]["httpGet"]
+        assert get["path"] == "/health" and ports.get(get["port"], get["port"]) == SERVER_PORT
+    assert container["envFrom"][0]["configMapRef"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    service = docs["Service"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert all(port["targetPort"] in ports for port in service["spec"]["ports"])
+    assert docs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+
+
+def test_nginx_balances_least_conn_over_the_replicas():
+    conf = (DOCKER / "nginx.conf").read_text()
+    upstream = re.search(r"upstream lcq \{(.*?)\}", conf, re.S)[1]
+    assert "least_conn;" in upstream
+    assert re.search(rf"server lcq-replica:{SERVER_PORT}\b", upstream)
+    assert "proxy_buffering off;" in conf  # SSE tokens pass through at once
+    nginx = compose()["services"]["nginx"]
+    assert "./nginx.conf:/etc/nginx/nginx.conf:ro" in nginx["volumes"]
+
+
+def test_bench_reads_the_servers_exposition():
+    sys.path.insert(0, str(ROOT))
+    from bench.serve import parse_metrics, percentile
+
+    metrics = ServerMetrics("model-a", lambda: None)
+    metrics.rejected("queue_full")
+    metrics.rejected("queue_full")
+    tracker = metrics.track(prompt_tokens=7)
+    tracker.finish("length")
+    samples = parse_metrics(metrics.exposition().decode())
+    assert samples["lcq:request_rejected_total"] == 2
+    assert samples["lcq:prompt_tokens_total"] == 7
+    assert samples["lcq:kv_cache_usage_perc"] == 0
+    assert samples["lcq:request_prompt_tokens_count"] == 1
+    assert samples["lcq:e2e_request_latency_seconds_count"] == 1
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
