@@ -1,11 +1,14 @@
 """Our Llama-family model against transformers, through the paged KV cache."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
 from lcq.errors import UserError
 from lcq.models import ForwardContext, load_model
+from lcq.models.attention import paged_attention, write_kv
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
 
@@ -119,3 +122,55 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(UserError, match="GPT2LMHeadModel is not supported"):
         load_model(tmp_path)
+
+
+def _random_paged_context(new: list[int], cached: list[int], num_kv_heads: int, head_dim: int,
+                          dtype: torch.dtype):
+    """Caches filled at random, each sequence's blocks scattered over the pool (tables padded with -1)."""
+    torch.manual_seed(0)
+    lengths = [c + n for c, n in zip(cached, new)]
+    blocks_needed = [-(-length // BLOCK) for length in lengths]
+    pool = torch.randperm(sum(blocks_needed) + 3).tolist()
+    tables, slots = [], []
+    for length, count, n in zip(lengths, blocks_needed, new):
+        table, pool = pool[:count], pool[count:]
+        tables.append(table + [-1] * (max(blocks_needed) - count))
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length - n, length)]
+    shape = (sum(blocks_needed) + 3, BLOCK, num_kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    context = ForwardContext(
+        is_prefill=max(new) > 1, slot_mapping=torch.tensor(slots),
+        query_start=torch.tensor([0] + list(itertools.accumulate(new)), dtype=torch.int32),
+        context_lens=torch.tensor(lengths, dtype=torch.int32), block_tables=torch.tensor(tables, dtype=torch.int32),
+        max_query_len=max(new), max_context_len=max(lengths))
+    return k_cache, v_cache, context
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
+@pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]),  # chunked prefill with prefixes
+                                         ([40], [3]),  # more new tokens than one tile
+                                         ([1, 1, 1], [0, 6, 36])])  # decode, one length past a tile
+def test_triton_paged_attention_matches_torch_path(new, cached, heads, kv_heads, dtype):
+    from lcq.kernels.paged_attention import store_kv, decode_attention, prefill_attention
+
+    head_dim = 24  # not a power of two: the kernels mask the padding
+    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, dtype)
+    q, k, v = (torch.randn(sum(new), h, head_dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+    slots = context.slot_mapping.clone()
+    slots[0] = -1  # a padding token: written by neither path
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write_kv(k, v, expected_k, expected_v, slots)
+    store_kv(k, v, k_cache, v_cache, slots)
+    torch.testing.assert_close(k_cache, expected_k, atol=0, rtol=0)
+    torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
+
+    scale = head_dim ** -0.5
+    expected = paged_attention(q, k_cache, v_cache, context, scale)
+    if context.is_prefill:
+        out = prefill_attention(q, k_cache, v_cache, context.block_tables, context.context_lens,
+                                context.query_start, context.max_query_len, scale)
+    else:
+        out = decode_attention(q, k_cache, v_cache, context.block_tables, context.context_lens, scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)

@@ -1,16 +1,28 @@
 """Paged attention: write the new tokens' K and V into the cache, then attend over each sequence's
-cached tokens. Torch path for every device; CUDA uses the Triton kernels when they are available."""
+cached tokens. CUDA tensors go to the Triton kernels in lcq.kernels.paged_attention (imported only
+then, so CPU-only installs work without triton); everything else takes the torch path here."""
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from .context import ForwardContext
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return x.is_cuda and _HAS_TRITON
+
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v (T, kv_heads, d) into their slots; slot -1 (padding) is skipped."""
+    if _use_triton(k):
+        from lcq.kernels.paged_attention import store_kv
+        return store_kv(k, v, k_cache, v_cache, slot_mapping)
     keep = slot_mapping >= 0
     if not bool(keep.all()):
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
@@ -29,6 +41,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     scale: float) -> torch.Tensor:
     """q (T, heads, d) of the new tokens -> (T, heads, d). New token j of a sequence with n new tokens
     and context length L sits at position L - n + j and sees cache positions 0 .. L - n + j."""
+    if _use_triton(q):
+        from lcq.kernels.paged_attention import decode_attention, prefill_attention
+        if not context.is_prefill:
+            return decode_attention(q, k_cache, v_cache, context.block_tables, context.context_lens, scale)
+        return prefill_attention(q, k_cache, v_cache, context.block_tables, context.context_lens,
+                                 context.query_start, context.max_query_len, scale)
     if not context.is_prefill:
         return _decode(q, k_cache, v_cache, context, scale)
     out = torch.empty_like(q)

@@ -1,0 +1,184 @@
+"""Triton kernels for attention over the paged KV cache (CUDA; tests run them in the interpreter).
+
+The cache of a layer is two tensors (num_blocks, block_size, kv_heads, head_dim); token t of a
+sequence sits in slot block_table[t // block_size] * block_size + t % block_size. Both attention
+kernels walk a sequence's tokens in tiles of BLOCK_N, gathering each tile's slots through the
+block table (so any block size works), with an online softmax in fp32:
+- decode: one program per (sequence, kv head) serves all query heads of that group at once, so
+  every cached K/V row is read once per group; the group is padded to 16 rows for tl.dot;
+- prefill: one program per (sequence, head, tile of BLOCK_M new tokens); new token j of a
+  sequence with n new tokens and context length L sits at position L - n + j and sees the cached
+  tokens 0 .. L - n + j (a cached prefix plus the causal part of its own chunk).
+Loop bounds come from context_lens in memory, never from the host, and store_kv skips slot -1
+without a host check, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 32  # cached tokens per tile
+BLOCK_M = 32  # new tokens per prefill program
+MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
+
+
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+    token = tl.program_id(0)
+    slot = tl.load(slot_ptr + token)
+    if slot >= 0:
+        offs = tl.arange(0, BLOCK)
+        mask = offs < ROW
+        k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
+        v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
+        tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v (T, kv_heads, d) into the cache slots slot_mapping (T,); slot -1 is skipped."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(2) == 1 and v.stride(2) == 1
+    row = k.shape[1] * k.shape[2]
+    k, v = k.reshape(-1, row), v.reshape(-1, row)  # rows stay strided views of the qkv output
+    _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
+                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+
+
+@triton.jit
+def _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE: tl.constexpr):
+    """Cache slots (int64) of a sequence's tokens t."""
+    block = tl.load(table_ptr + t // BLOCK_SIZE, mask=t_mask, other=0).to(tl.int64)
+    return block * BLOCK_SIZE + t % BLOCK_SIZE
+
+
+@triton.jit
+def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+    """Fold one tile of scores (rows, BLOCK_N; masked entries -inf) and its values into the running
+    max m_i, normaliser l_i and output acc."""
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    p = tl.exp(scores - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, scale,
+                   stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
+                   GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    offs_g = tl.arange(0, GROUP_ROWS)
+    offs_d = tl.arange(0, BLOCK_D)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    length = tl.load(lens_ptr + seq)
+    table_ptr += seq * stride_table
+    m_i = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GROUP_ROWS,), tl.float32)
+    acc = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
+    for start in range(0, length, BLOCK_N):
+        t = start + tl.arange(0, BLOCK_N)
+        t_mask = t < length
+        rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = tl.where(t_mask[None, :], scores, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, scale,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
+                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    m0 = tl.program_id(2) * BLOCK_M
+    first = tl.load(starts_ptr + seq)
+    num_new = tl.load(starts_ptr + seq + 1) - first
+    if m0 < num_new:
+        length = tl.load(lens_ptr + seq)
+        kv_head = head // GROUP
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < num_new
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + (first + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        positions = length - num_new + offs_m
+        end = tl.minimum(length, length - num_new + m0 + BLOCK_M)  # past the tile's last query: unseen
+        table_ptr += seq * stride_table
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+        for start in range(0, end, BLOCK_N):
+            t = start + tl.arange(0, BLOCK_N)
+            t_mask = t < end
+            rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            visible = t_mask[None, :] & (t[None, :] <= positions[:, None])
+            scores = tl.where(visible, scores, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + (first + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _shared_args(q: torch.Tensor, k_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor) -> tuple:
+    return (q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+            k_cache.stride(1))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 models stay exact; tf32 only names the default
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d)."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    _decode_kernel[(num_seqs, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, context_lens, scale, *_shared_args(q, k_cache, out, block_tables),
+        GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
+        PRECISION=_precision(q.dtype))
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int,
+                      scale: float) -> torch.Tensor:
+    """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
+    in the cache after their sequence's prefix -> (T, heads, d)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
+    out = torch.empty_like(q)
+    grid = (context_lens.shape[0], num_heads, triton.cdiv(max_query_len, BLOCK_M))
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, context_lens, query_start, scale,
+        *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype))
+    return out
