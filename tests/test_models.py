@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_chunked_prefill_matches_transformers(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, arch):
-    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32)
+    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3)
 
@@ -116,6 +117,36 @@ def test_lcq_without_dense_cache_matches(tmp_path):
     folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=1, group_size=32, method="rtn")
     model, _ = load_model(folder, cache_dense=False)
     _check_against(load_reference_model(folder), model, PROMPTS[:2], decode_steps=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_follows_full_precision(tmp_path, dtype):
+    folder = make_tiny_hf(tmp_path, "qwen2")
+    model, _ = load_model(folder, dtype=dtype)
+    assert model.embed_tokens.weight.dtype == dtype and model.layers[0].mlp.down_proj.weight.dtype == dtype
+    batch = PagedBatch(model)
+    seqs = [batch.add() for _ in PROMPTS]
+    logits = batch.step(dict(zip(seqs, PROMPTS)))
+    assert logits.dtype == torch.float32
+    reference = load_reference_model(folder)
+    expected = torch.stack([_reference_logits(reference, p)[-1] for p in PROMPTS])
+    torch.testing.assert_close(logits, expected, atol=0.05 if dtype == torch.float16 else 0.2, rtol=0)
+
+
+def test_sliding_window_caps_the_context(tmp_path):
+    folder = make_tiny_hf(tmp_path, "mistral", sliding_window=64)
+    _, config = load_model(folder)
+    assert config.max_position_embeddings == 64
+
+
+def test_unsupported_rope_type_is_one_clear_error(tmp_path):
+    folder = make_tiny_hf(tmp_path, "llama")
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="rope type 'yarn' is not supported"):
+        load_model(folder)
 
 
 def test_unsupported_architecture_is_one_clear_error(tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lcq.errors import UserError
 
-from .layers import rope_settings
+from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 
@@ -38,13 +38,25 @@ class ModelConfig:
         if architectures[0] not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
             raise UserError(f"{folder}: architecture {architectures[0]} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        rope = rope_settings(c)
+        if rope["rope_type"] not in ROPE_TYPES:
+            raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
+                            f"(supported: {', '.join(ROPE_TYPES)})")
         heads = c["num_attention_heads"]
         return cls(
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=c.get("max_position_embeddings", 4096),
+            max_position_embeddings=_attention_span(c),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)), rope=rope_settings(c),
+            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)), rope=rope,
         )
+
+
+def _attention_span(c: dict) -> int:
+    """Longest context we serve. Attention here is always full, so a model trained with a sliding
+    window (Mistral v0.1; Qwen2 with use_sliding_window) is capped at its window, where both agree."""
+    span = c.get("max_position_embeddings", 4096)
+    window = c.get("sliding_window") if c["model_type"] == "mistral" or c.get("use_sliding_window") else None
+    return min(span, window) if window else span

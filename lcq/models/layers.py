@@ -8,15 +8,18 @@ import torch.nn.functional as F
 
 
 class RMSNorm(torch.nn.Module):
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(size), requires_grad=False)
+        self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+ROPE_TYPES = ("default", "linear", "llama3")
 
 
 def rope_settings(config: dict) -> dict:
@@ -44,7 +47,7 @@ def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelength >= original / high) & (wavelength <= original / low)
         return torch.where(medium, blended, scaled)
-    raise ValueError(f"rope type {kind!r} is not supported (default, linear, llama3)")
+    raise ValueError(f"rope type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
 
 
 class RotaryEmbedding(torch.nn.Module):

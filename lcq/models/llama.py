@@ -53,12 +53,13 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, rotary: RotaryEmbedding,
+                 dtype: torch.dtype):
         super().__init__()
         prefix = f"model.layers.{index}"
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, rotary)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(f"{prefix}.mlp", make_linear)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -67,16 +68,20 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    def __init__(self, config: ModelConfig, make_linear: LinearFactory):
+    """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32."""
+
+    def __init__(self, config: ModelConfig, make_linear: LinearFactory, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
-        self.embed_tokens = torch.nn.Embedding(config.vocab_size, config.hidden_size, _freeze=True)
+        table_shape = (config.vocab_size, config.hidden_size)
+        self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
+                                               _freeze=True)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
-        self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, self.rotary)
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, self.rotary, dtype)
                                           for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
-            torch.nn.Parameter(torch.empty(config.vocab_size, config.hidden_size), requires_grad=False)
+            torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:

@@ -40,14 +40,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return reader.tensor(name).to(device=device, dtype=dtype)
 
     def make_linear(names: list[str]) -> torch.nn.Module:
-        if reader.quant is not None:
+        if reader.quant is not None and reader.has(f"{names[0]}.qweight"):
             return LCQLinear(PackedLinear.concat([reader.linear(n) for n in names]).to(device), cache_dense)
         biases = [f"{n}.bias" for n in names]
         bias = torch.cat([read(b) for b in biases]) if all(reader.has(b) for b in biases) else None
         return DenseLinear(torch.cat([read(f"{n}.weight") for n in names]), bias)
 
     with torch.device(device):
-        model = LlamaModel(config, make_linear)
+        model = LlamaModel(config, make_linear, dtype)
     with torch.no_grad():
         model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
         model.norm.weight.copy_(read("model.norm.weight"))
@@ -56,7 +56,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for i, layer in enumerate(model.layers):
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
-    model.to(dtype=dtype)
     if cache_dense:
         for module in model.modules():
             if isinstance(module, LCQLinear):
