@@ -194,7 +194,12 @@ async def run_load(url: str, model: str, args: argparse.Namespace, headers: dict
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as http:
         start = time.perf_counter()
         deadline = start + args.duration
-        await asyncio.gather(*(client(http, model, args.seed + i, deadline, totals) for i in range(args.clients)))
+        tasks = [asyncio.create_task(client(http, model, args.seed + i, deadline, totals)) for i in range(args.clients)]
+        _, unfinished = await asyncio.wait(tasks, timeout=args.duration + args.grace)
+        for task in unfinished:  # closing the stream aborts the request in the server
+            task.cancel()
+            totals.count("cancelled_after_grace")
+        await asyncio.gather(*unfinished, return_exceptions=True)
         return totals, time.perf_counter() - start
 
 
@@ -231,6 +236,8 @@ def main() -> None:
     parser.add_argument("--model", help="model id (default: the first of /v1/models)")
     parser.add_argument("--clients", type=int, default=128)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
+    parser.add_argument("--grace", type=float, default=120.0,
+                        help="seconds requests still running at the end may take before the client cancels them")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
@@ -261,7 +268,8 @@ def main() -> None:
         "status_counts": dict(sorted(totals.statuses.items())),
         "status_examples": totals.examples,
         "rejected_429": totals.statuses.get("429", 0),
-        "failed": sum(n for status, n in totals.statuses.items() if status not in ("200", "429")),
+        "failed": sum(n for status, n in totals.statuses.items()
+                      if status not in ("200", "429", "cancelled_after_grace")),
         "elapsed_s": round(elapsed, 2),
         "output_tokens": totals.output_tokens,
         "prompt_tokens": totals.prompt_tokens,
@@ -276,7 +284,8 @@ def main() -> None:
         "preemptions": after.get("lcq:num_preemptions_total", 0) - before.get("lcq:num_preemptions_total", 0),
     }
     settings = {"url": url, "launched": args.launch is not None, "model": model, "clients": args.clients,
-                "duration_s": args.duration, "prompt_words": PROMPT_WORDS, "output_tokens": OUTPUT_TOKENS,
+                "duration_s": args.duration, "grace_s": args.grace, "prompt_words": PROMPT_WORDS,
+                "output_tokens": OUTPUT_TOKENS,
                 "serve_args": args.serve_arg, "seed": args.seed, "label": args.label}
     record = {"device": device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "settings": settings, "results": results}
