@@ -45,13 +45,14 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None
 
 
 # A covering subset, not the cross product: every bit width meets ranks 1 and 3, both group sizes
-# 32 and 64 (128 once), every M path (FMA at 1 and 3, tl.dot at 16) and every dtype.
+# 32 and 64 (128 once), every M path (FMA at 1 and 2, tl.dot at 3 and 16), both per-weight forms
+# (selects at 2 bits, V gathers at 3 and 4) and every dtype.
 DECODE_CASES = [  # bits, rank, group, K, M, dtype
     (2, 1, 32, 80, 1, torch.float32),
     (2, 3, 64, 100, 16, torch.float16),
     (3, 3, 32, 80, 3, torch.bfloat16),
-    (3, 1, 64, 100, 16, torch.bfloat16),
-    (4, 3, 32, 80, 1, torch.float16),
+    (3, 1, 64, 100, 1, torch.bfloat16),
+    (4, 3, 32, 80, 2, torch.float16),
     (4, 1, 128, 150, 3, torch.float32),
 ]
 
@@ -115,7 +116,7 @@ def test_triton_linear_keeps_leading_dimensions():
 
 def test_block_k_divides_the_group():
     assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
-    assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 16, 16]
+    assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 16, 16, 16, 16]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -182,12 +182,13 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
              mask=out_mask)
 
 
-# Pre-chosen for H100 (132 SMs): enough programs in flight to cover memory latency at M = 1, wide
-# N tiles for 16-byte loads of packed words, split-K deep enough for 4096-wide layers.
+# Pre-chosen for H100 (132 SMs): enough programs in flight to cover memory latency at M = 1 and
+# split-K deep enough for 4096-wide layers. BLOCK_N >= 128 per 4 warps gives each thread several
+# columns, so activations are loaded as 16-byte vectors and reused (bench/kernels.py --sass).
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-    for bn, sk, w, s in [(64, 4, 4, 2), (64, 8, 4, 2), (128, 4, 4, 2), (128, 8, 4, 3), (128, 16, 8, 2),
-                         (256, 4, 8, 2), (256, 8, 8, 3)]
+    for bn, sk, w, s in [(128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 4, 3), (128, 16, 4, 2), (256, 4, 8, 2),
+                         (256, 8, 8, 2), (256, 16, 8, 3)]
 ]
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -220,15 +221,17 @@ def block_k(group_size: int) -> int:
     return 64 if group_size % 64 == 0 else 32
 
 
-def uses_select(bits: int, rank: int) -> bool:
-    """Per-weight form (docs/kernels.md): selects among 4 entries cost the same at every rank, the
-    V lookup costs one load per rank; at 2 bits and rank >= 2 the selects are cheaper."""
-    return bits == 2 and rank >= 2
+def uses_select(bits: int) -> bool:
+    """Per-weight form (docs/kernels.md): at 2 bits, selects among the column's 4 entries cost the same
+    at every rank and fewer instructions than a V gather (load, 64-bit address, conversion) even at
+    rank 1; at 3 and 4 bits the select chains are longer than the gathers."""
+    return bits == 2
 
 
 def decode_block_m(m: int) -> int:
-    """M bucket of the decode kernel; 5..16 rows go through tl.dot, fewer through FMAs."""
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+    """M bucket of the decode kernel: 1 and 2 rows reduce with FMAs, 3..16 through tl.dot (from 4
+    rows on, the FMA form's BLOCK_M x BLOCK_K x BLOCK_N products spill registers)."""
+    return m if m <= 2 else 16
 
 
 def _layer_args(layer: PackedLinear) -> tuple:
@@ -238,7 +241,7 @@ def _layer_args(layer: PackedLinear) -> tuple:
 
 def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
     return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, HAS_BIAS=layer.bias is not None,
-                SELECT=uses_select(layer.bits, layer.rank), DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
+                SELECT=uses_select(layer.bits), DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
                 BLOCK_K=block_k(layer.group_size))
 
 
