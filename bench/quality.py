@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.quantizer.downloads import cache_dir  # noqa: E402
@@ -40,6 +41,10 @@ GROUP_SIZE = 64
 CTX = 512
 # Goals from the project's quality issue: LCQ perplexity relative to fp16, per bit width.
 GOALS = {4: 1.05, 3: 1.30, 2: 3.0}
+# What the numbers mean and what they leave out; written after looking at the rows.
+NOTES = """
+-
+"""
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def study_runs(quick: bool) -> list[Run]:
     runs += [Run("gptq", b) for b in bits]
     runs += [Run("lcq", b, r) for r in ranks if r != 2 for b in bits]
     if not quick:
-        runs += [Run("lcq", 3, 2, init="rtn"), Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
+        runs += [Run("lcq", b, 2, init="rtn") for b in bits] + [Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
     return runs
 
 
@@ -87,14 +92,21 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     return cmd
 
 
-def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text: str) -> dict:
-    """Quantize (unless fp16) and evaluate one row."""
+def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text: str,
+            reuse: tuple[Path, float | None] | None = None) -> dict:
+    """Quantize (unless fp16, or `reuse` names a folder made with the row's settings) and evaluate one row."""
     row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
                  "init": run.init if run.method == "lcq" else None,
                  "epochs": epochs_of(run, settings) if run.method == "lcq" else None}
     model_dir = source
+    command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
         row.update(bits_per_weight=16.0, quantize_seconds=0.0, command=None)
+    elif reuse is not None:
+        model_dir, seconds = reuse
+        check_settings(model_dir, run, settings)
+        row.update(bits_per_weight=round(stored_bits_per_weight(model_dir), 4), quantize_seconds=seconds,
+                   command=command, reused=str(model_dir))
     else:
         model_dir = work / run.key
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -103,13 +115,37 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   epochs=epochs_of(run, settings), init=run.init, seed=0)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
-                   command=quantize_command(run, settings, "$FP16", f"$OUT/{run.key}"))
+                   command=command)
     started = time.time()
     row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
     row["eval_seconds"] = round(time.time() - started, 1)
-    if model_dir != source:
+    if model_dir == work / run.key:
         shutil.rmtree(model_dir, ignore_errors=True)
     return row
+
+
+def check_settings(folder: Path, run: Run, settings: dict) -> None:
+    """A reused folder must have been quantized with exactly the row's settings."""
+    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
+                "nsamples": settings["nsamples"], "seqlen": settings["seqlen"]}
+    if run.method == "lcq":
+        expected.update(epochs=epochs_of(run, settings), init=run.init)
+    wrong = {k: (quant.get(k), v) for k, v in expected.items() if quant.get(k) != v}
+    if wrong:
+        raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
+
+
+def stored_bits_per_weight(folder: Path) -> float:
+    """Stored bits per weight over all packed linear layers (weighted by their sizes)."""
+    reader = CheckpointReader(folder)
+    total_bits = total_weights = 0.0
+    for prefix in reader.quantized_prefixes():
+        layer = reader.linear(prefix)
+        weights = layer.out_features * layer.in_features
+        total_bits += layer.bits_per_weight() * weights
+        total_weights += weights
+    return total_bits / total_weights
 
 
 def load_results(path: Path, settings: dict) -> dict:
@@ -212,27 +248,30 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
-                     f"| {r['quantize_seconds']:.0f} | {r['eval_seconds']:.0f} |")
+                     f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX
     text = f"""# Quality: perplexity against bits per weight
 
 Generated by `python bench/quality.py` from `bench/results/{results_name}`; do not edit by hand.
 
-Model: {results['model']}. Every linear layer of the 30 decoder blocks is quantized at group size
-{GROUP_SIZE}; embeddings, norms and the tied lm_head stay fp16. Bits per weight count every stored bit of the
-linear layers (indices, 8-bit S and B, their per-row fp16 scales, V), as in docs/format.md.
+Model: {results['model']}.
+Every linear layer of the 30 decoder blocks is quantized at group size {GROUP_SIZE}; embeddings, norms
+and the tied lm_head stay fp16. Bits per weight count every stored bit of the linear layers (indices,
+8-bit S and B, their per-row fp16 scales, V), as in docs/format.md.
 
-- Calibration: {results['calibration']}: {s['nsamples']} windows of {s['seqlen']} tokens at seeded random
-  offsets (GPTQ uses the same windows for its Hessian).
-- Evaluation: {results['evaluation']}: the first {s['eval_tokens']} tokens, {windows} non-overlapping windows
-  of {CTX} tokens, perplexity = exp(mean next-token NLL), with the dequantized model in transformers (fp32).
-- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then the
-  row's number of epochs of block-wise Adam on the block output error (study default {s['epochs']}). RTN and GPTQ use the same packed
-  format at rank 1 (min-max grid with an integer zero point), so the bits per weight match LCQ r1 exactly.
-- Machine: {results['device']}; {', '.join(f'{k} {v}' for k, v in results['versions'].items())}.
-  The machine was shared with other work, so wall times are upper bounds. Started {results['started']},
-  last row {results.get('updated', '-')}.
+- Calibration: {results['calibration']}:
+  {s['nsamples']} windows of {s['seqlen']} tokens at seeded random offsets (GPTQ uses the same windows).
+- Evaluation: {results['evaluation']}:
+  the first {s['eval_tokens']} tokens, {windows} non-overlapping windows of {CTX} tokens, perplexity =
+  exp(mean next-token NLL), with the dequantized model in transformers (fp32).
+- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then
+  the row's number of epochs of block-wise Adam on the block output error (study default {s['epochs']}).
+  RTN and GPTQ use the same packed format at rank 1 (min-max grid with an integer zero point), so
+  their bits per weight match LCQ r1 exactly.
+- Machine: {results['device']};
+  {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. The machine was shared with other
+  work, so wall times are upper bounds. Started {results['started']}, last row {results.get('updated', '-')}.
 
 ![perplexity against bits per weight]({image})
 
@@ -244,7 +283,7 @@ linear layers (indices, 8-bit S and B, their per-row fp16 scales, V), as in docs
 
 ## Notes
 
-{results.get('notes', '').strip() or '-'}
+{NOTES.strip()}
 
 ## Reproduce
 
@@ -270,6 +309,9 @@ def main() -> int:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=0, help="LCQ block-wise epochs (rows named -eN override)")
     parser.add_argument("--results", default=None, help="results file (default bench/results/quality-cpu[-quick].json)")
+    parser.add_argument("--reuse", action="append", default=[], metavar="KEY=DIR[@SECONDS]",
+                        help="evaluate an existing folder (e.g. the demo model) as row KEY; SECONDS: its measured "
+                             "quantization time")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/quality.md and the plot")
     parser.add_argument("--work-dir", default=None, help="where quantized folders are written (then removed)")
     args = parser.parse_args()
@@ -292,13 +334,21 @@ def main() -> int:
     runs = study_runs(args.quick)
     if args.only:
         wanted = args.only.split(",")
-        runs = [r for r in study_runs(quick=False) if r.key in wanted]
+        known = {r.key: r for r in study_runs(quick=False)}
+        if unknown := [key for key in wanted if key not in known]:
+            raise SystemExit(f"unknown rows {unknown}; known: {', '.join(known)}")
+        runs = [known[key] for key in wanted]
+    reused = {}
+    for item in args.reuse:
+        key, _, where = item.partition("=")
+        folder, _, seconds = where.partition("@")
+        reused[key] = (Path(folder), float(seconds) if seconds else None)
     done = {r["key"] for r in results["rows"]}
     for run in runs:
         if run.key in done:
             continue
         print(f"== {run.key}", flush=True)
-        row = measure(run, source, work, settings, calib, text)
+        row = measure(run, source, work, settings, calib, text, reused.get(run.key))
         print(json.dumps(row), flush=True)
         results["rows"].append(row)
         save_results(results_path, results)
