@@ -107,13 +107,16 @@ def tiny_hf(tmp_path_factory):
     return make_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama")
 
 
-@pytest.mark.parametrize("method,arch", [("lcq", "llama"), ("gptq", "qwen2"), ("rtn", "mistral")])
-def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch):
+@pytest.mark.parametrize("method,arch,group_size", [("lcq", "llama", 32), ("gptq", "qwen2", 64), ("rtn", "mistral", 64)])
+def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch, group_size):
+    """Group size 64 pads every layer (hidden 96, intermediate 160) to whole groups."""
     hf = make_tiny_hf(tmp_path / "hf", arch)
-    options = QuantizeOptions(bits=4, rank=1 if method == "gptq" else 2, group_size=32, method=method,
-                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=1)
+    options = QuantizeOptions(bits=4, rank=2 if method == "lcq" else 1, group_size=group_size, method=method,
+                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=2)
     summary = quantize_model(hf, tmp_path / "q", options, progress=False)
-    assert 4 < summary.bits_per_weight < 6 and summary.size_bytes > 0
+    assert 4 < summary.bits_per_weight < 7 and summary.size_bytes > 0  # padding to whole groups counts too
+    if method == "lcq":  # the block-wise stage improved on the init in some block of the real decoder
+        assert any(after < before for before, after in summary.block_losses), summary.block_losses
     reader = CheckpointReader(tmp_path / "q")
     assert len(reader.quantized_prefixes()) == 7 * 2
     assert reader.quant["method"] == method and not (tmp_path / "q.partial").exists()
@@ -121,7 +124,8 @@ def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch
     with torch.no_grad():
         full = load_reference_model(hf)(ids).logits
         quant = load_reference_model(tmp_path / "q")(ids).logits
-    assert torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0) > 0.97
+    similarity = torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0)
+    assert similarity > (0.97 if group_size == 32 else 0.95)  # 4 bits on random weights: close, not equal
 
 
 def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monkeypatch):
@@ -183,6 +187,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--rank", "5"], "--rank must be 1 to 4"),
         (["quantize", str(tiny_hf), out, "--group-size", "48"], "--group-size must be 32, 64 or 128"),
         (["quantize", str(tiny_hf), out, "--method", "awq"], "--method must be one of"),
+        (["quantize", str(tiny_hf), out, "--method", "gptq", "--rank", "2"], "--rank must be 1"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),

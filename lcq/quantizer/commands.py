@@ -12,7 +12,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("model_dir")
     q.add_argument("out_dir")
     q.add_argument("--bits", type=int, default=2)
-    q.add_argument("--rank", type=int, default=2)
+    q.add_argument("--rank", type=int, default=None, help="codebook rank (default 2 for lcq, 1 for rtn and gptq)")
     q.add_argument("--group-size", type=int, default=64)
     q.add_argument("--method", default="lcq", help="lcq, rtn or gptq")
     q.add_argument("--calib", help="calibration text file (default for lcq/gptq: the King James Bible)")
@@ -57,7 +57,8 @@ def _quantize(args: argparse.Namespace) -> int:
     from .pipeline import QuantizeOptions, check_paths, quantize_model
     from .texts import calibration_text
 
-    options = QuantizeOptions(bits=args.bits, rank=args.rank, group_size=args.group_size, method=args.method,
+    rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1
+    options = QuantizeOptions(bits=args.bits, rank=rank, group_size=args.group_size, method=args.method,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                               init=args.init, device=args.device, act_order=args.act_order, seed=args.seed,
                               batch_size=args.batch_size)

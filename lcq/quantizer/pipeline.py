@@ -62,8 +62,8 @@ class QuantizeOptions:
             (1 <= self.rank <= 4, f"--rank must be 1 to 4 (got {self.rank})"),
             (self.group_size in (32, 64, 128), f"--group-size must be 32, 64 or 128 (got {self.group_size})"),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {self.method})"),
-            (self.method == "lcq" or self.rank == 1 or self.method == "rtn",
-             "--method gptq uses the uniform grid: --rank must be 1"),
+            # RTN at rank > 1 is the same grid with unused extra ranks (a cheap way to make rank-r files).
+            (self.method != "gptq" or self.rank == 1, "--method gptq uses the uniform grid: --rank must be 1"),
             (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
