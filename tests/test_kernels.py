@@ -112,6 +112,8 @@ def test_triton_linear_keeps_leading_dimensions():
     assert y.shape == (2, 3, 24)
     assert_close(y.reshape(6, 24), reference(x.reshape(6, 64), layer), torch.float32)
     assert triton_linear.triton_linear(torch.empty(0, 64), layer).shape == (0, 24)
+    with pytest.raises(ValueError, match="expects 64"):
+        triton_linear.triton_linear(torch.randn(1, 32), layer)
 
 
 def test_block_k_divides_the_group():

@@ -284,6 +284,8 @@ def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> to
 
 def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to 16 rows, the GEMM kernel above."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
     if x.numel() == 0:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
     rows = x.reshape(-1, x.shape[-1])
