@@ -167,7 +167,8 @@ def run_gpu(args: argparse.Namespace) -> None:
                 for rank in plan["ranks"]:
                     layer = random_layer(n, k, bits, rank, group, "cuda")
                     weight = dequantize(layer, torch.float16)
-                    check(layer, weight, inputs[plan["ms"][0]])
+                    for m in {plan["ms"][0], plan["ms"][-1]}:  # the decode and the GEMM kernel
+                        check(layer, weight, inputs[m])
                     for m in plan["ms"]:
                         x = inputs[m]
                         us = bench(lambda: lcq_linear(x, layer))
