@@ -131,15 +131,15 @@ def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
 
 
 def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
-    """Bytes of the packed linear layers of Llama-2-7B (format arithmetic) plus fp16 embeddings/head."""
-    hidden, inter, layers, vocab = 4096, 11008, 32, 32000
-    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
-    total = 0
-    for n, k in shapes:
-        groups = -(-k // group_size)
-        total += n * groups * group_size * bits // 8 + groups * rank * n + 2 * rank * n + groups * n + 2 * n
-        total += 2 * rank * (1 << bits)
-    return (layers * total + 2 * 2 * vocab * hidden + 2 * hidden * (2 * layers + 1)) / 1e9
+    """Llama-2-7B weight bytes from the format: PackedLinear.nbytes of one layer's seven packed
+    linears times 32 layers, plus the fp16 embeddings, head and norms."""
+    from bench.random_model import LLAMA2_7B, random_packed
+
+    h, i, vocab, layers = (LLAMA2_7B[k] for k in ("hidden_size", "intermediate_size", "vocab_size",
+                                                   "num_hidden_layers"))
+    shapes = [(h, h)] * 4 + [(i, h)] * 2 + [(h, i)]
+    per_layer = sum(random_packed(n, k, bits, rank, group_size).nbytes() for n, k in shapes)
+    return (layers * per_layer + 2 * (2 * vocab * h + h * (2 * layers + 1))) / 1e9
 
 
 def main() -> None:
