@@ -1,6 +1,7 @@
 """Our Llama-family model against transformers, through the paged KV cache."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 
@@ -9,7 +10,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.models import ForwardContext, load_model
-from lcq.models.attention import paged_attention, write_kv
+from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
 
@@ -191,13 +192,14 @@ def test_triton_paged_attention_matches_torch_path(new, cached, heads, kv_heads,
     slots = context.slot_mapping.clone()
     slots[0] = -1  # a padding token: written by neither path
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    write_kv(k, v, expected_k, expected_v, slots)
+    torch_path = PagedAttention(dataclasses.replace(context, slot_mapping=slots), BLOCK, torch.device("cpu"))
+    torch_path.write(k, v, expected_k, expected_v)
     store_kv(k, v, k_cache, v_cache, slots)
     torch.testing.assert_close(k_cache, expected_k, atol=0, rtol=0)
     torch.testing.assert_close(v_cache, expected_v, atol=0, rtol=0)
 
     scale = head_dim ** -0.5
-    expected = paged_attention(q, k_cache, v_cache, context, scale)
+    expected = torch_path.attend(q, k_cache, v_cache, scale)
     if context.is_prefill:
         out = prefill_attention(q, k_cache, v_cache, context.block_tables, context.context_lens,
                                 context.query_start, context.max_query_len, scale)

@@ -11,34 +11,33 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention import paged_attention, write_kv
+from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import RMSNorm, RotaryEmbedding, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 
 # make_linear(names) -> module computing x @ W^T (+ bias) for the named checkpoint matrices fused along N.
 LinearFactory = Callable[[list[str]], torch.nn.Module]
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, rotary: RotaryEmbedding):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj = make_linear([f"{prefix}.o_proj"])
-        self.rotary = rotary
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
-        write_kv(k, v, self.k_cache, self.v_cache, context.slot_mapping)
-        out = paged_attention(q, self.k_cache, self.v_cache, context, self.scale)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
+        attention.write(k, v.view(-1, self.num_kv_heads, self.head_dim), self.k_cache, self.v_cache)
+        out = attention.attend(q, self.k_cache, self.v_cache, self.scale)
         return self.o_proj(out.reshape(-1, q_size))
 
 
@@ -53,17 +52,16 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, rotary: RotaryEmbedding,
-                 dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, rotary)
+        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(f"{prefix}.mlp", make_linear)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), context)
+    def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, attention)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -77,7 +75,7 @@ class LlamaModel(torch.nn.Module):
         self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
                                                _freeze=True)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
-        self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, self.rotary, dtype)
+        self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
@@ -86,8 +84,10 @@ class LlamaModel(torch.nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary(positions)
+        attention = PagedAttention(context, self.layers[0].self_attn.k_cache.shape[1], hidden.device)
         for layer in self.layers:
-            hidden = layer(positions, hidden, context)
+            hidden = layer(hidden, rope, attention)
         return self.norm(hidden)
 
     @torch.inference_mode()
