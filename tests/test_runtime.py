@@ -191,3 +191,15 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
             engine.add_request("late", [1], GREEDY)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_give_the_eager_tokens(tmp_path):
+    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
+    prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8
+    graphed = LLM(str(folder), block_size=8, max_num_seqs=8)
+    assert graphed.engine.runner.graphs is not None and graphed.engine.runner.graphs.sizes == [1, 2, 4, 8]
+    eager = LLM(str(folder), block_size=8, max_num_seqs=8, cuda_graphs=False)
+    assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in eager.generate(prompts, GREEDY)]
+    assert _pool_is_full(graphed.engine)

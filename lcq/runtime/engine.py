@@ -56,8 +56,7 @@ class LLMEngine:
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
         self.runner = ModelRunner(config)
-        limit = config.max_model_len or self.runner.model_config.max_position_embeddings
-        self.max_model_len = min(limit, self.runner.num_blocks * config.block_size)
+        self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)

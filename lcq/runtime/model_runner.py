@@ -1,13 +1,19 @@
 """Runs the model for a scheduled step: owns the model and the KV cache pool, builds the
-flattened batch and its ForwardContext, and returns the logits of the rows to sample."""
+flattened batch and its ForwardContext, and returns the logits of the rows to sample.
+On CUDA, decode steps replay captured graphs (see cuda_graphs.py)."""
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
+
+logger = logging.getLogger("lcq.engine")
 
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
 
@@ -27,6 +33,15 @@ class ModelRunner:
         self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
         self.model.bind_kv_cache(self.k_caches, self.v_caches)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
+        limit = config.max_model_len or c.max_position_embeddings
+        self.max_model_len = min(limit, self.num_blocks * self.block_size)
+        self.graphs = None
+        if self.device.type == "cuda" and config.cuda_graphs:
+            try:
+                self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
+                                           -(-self.max_model_len // self.block_size), self.block_size, self.device)
+            except RuntimeError:  # a model that cannot be captured still runs, eagerly
+                logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
     def _kv_budget(self, config: EngineConfig) -> int:
         if self.device.type != "cuda":
@@ -63,7 +78,10 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Forward the step; returns the sequences that now need a next token and their logits."""
         input_ids, positions, context = self._prepare(scheduled)
-        hidden = self.model(input_ids, positions, context)
+        if self.graphs is not None and not context.is_prefill and len(scheduled) <= self.graphs.max_batch:
+            hidden = self.graphs.run(input_ids, positions, context)
+        else:
+            hidden = self.model(input_ids, positions, context)
         rows, to_sample = [], []
         end = 0
         for seq, count in scheduled:
