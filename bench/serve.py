@@ -74,6 +74,7 @@ async def one_request(http: httpx.AsyncClient, model: str, rng: random.Random, t
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     start = time.perf_counter()
     last = None
+    streamed, counted = 0, False  # tokens of a stream cut short (cancelled, failed) count as streamed
     try:
         async with http.stream("POST", "/v1/completions", json=body) as response:
             if response.status_code != 200:
@@ -86,9 +87,11 @@ async def one_request(http: httpx.AsyncClient, model: str, rng: random.Random, t
                 if chunk.get("usage"):
                     totals.output_tokens += chunk["usage"]["completion_tokens"]
                     totals.prompt_tokens += chunk["usage"]["prompt_tokens"]
+                    counted = True
                 if not any(choice.get("text") for choice in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()
+                streamed += 1
                 if last is None:
                     totals.ttft.append(now - start)
                 else:
@@ -99,6 +102,9 @@ async def one_request(http: httpx.AsyncClient, model: str, rng: random.Random, t
         totals.e2e.append(time.perf_counter() - start)
     except httpx.HTTPError as error:
         totals.count(f"error:{type(error).__name__}", str(error))
+    finally:
+        if not counted:
+            totals.output_tokens += streamed
     return 0.0
 
 
@@ -254,7 +260,7 @@ def main() -> None:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         model = args.model or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        rss_start = rss_mib(pid)
+        rss_start, load_start = rss_mib(pid), os.getloadavg()[0]
         before = read_metrics(url, headers)
         totals, elapsed = asyncio.run(run_load(url, model, args, headers))
         after = wait_for_idle(url, headers)
@@ -277,6 +283,7 @@ def main() -> None:
         "ttft_p50_s": percentile(totals.ttft, 50), "ttft_p99_s": percentile(totals.ttft, 99),
         "itl_p50_s": percentile(totals.itl, 50), "itl_p99_s": percentile(totals.itl, 99),
         "e2e_p50_s": percentile(totals.e2e, 50), "e2e_p99_s": percentile(totals.e2e, 99),
+        "load_average_1m_start_end": [load_start, os.getloadavg()[0]],  # other work on the machine
         "server_rss_mib_start": rss_start, "server_rss_mib_end": rss_end,
         "kv_cache_usage_after": after.get("lcq:kv_cache_usage_perc"),
         "running_after": after.get("lcq:num_requests_running"),
