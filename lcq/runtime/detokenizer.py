@@ -12,7 +12,11 @@ PROMPT_CONTEXT_TOKENS = 5  # decode with a few prompt tokens before, so leading 
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
-        self.tokenizer = tokenizer
+        # The fast tokenizer's Rust decoder directly: transformers' decode wrapper costs several
+        # times more per call, and this runs twice per generated token.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._decode_ids = (lambda ids: backend.decode(ids, skip_special_tokens=True)) if backend is not None else (
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -21,14 +25,11 @@ class IncrementalDetokenizer:
         self.released = 0  # characters of self.text already handed out
         self.stop_string: str | None = None
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
     def add(self, token_id: int) -> str:
         """Take one generated token; return the text that became final."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset:])
+        before = self._decode_ids(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode_ids(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
             self.text += after[len(before):]
