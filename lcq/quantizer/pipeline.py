@@ -132,11 +132,12 @@ class _Source:
         return self.config.num_hidden_layers
 
     def block(self, index: int) -> torch.nn.Module:
-        layer = self.layer_class(self.config, index)
+        with torch.device("meta"):  # no random init of weights that are overwritten right away
+            layer = self.layer_class(self.config, index)
         prefix = f"model.layers.{index}."
         state = {name[len(prefix):]: self.reader.tensor(name).float()
                  for name in self.reader.names() if name.startswith(prefix)}
-        layer.load_state_dict(state, strict=True)
+        layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.device).eval()
 
     def rotary(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
