@@ -77,14 +77,16 @@ class BlockManager:
         """Hash the sequence's blocks that are now full of computed tokens, for later reuse."""
         if not self.enable_prefix_caching:
             return
-        parent = None
-        for index in range(seq.num_computed_tokens // self.block_size):
+        first = seq.num_hashed_blocks  # blocks before it are hashed already: each step hashes only new ones
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else None
+        for index in range(first, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[index]]
             if block.hash is None:
                 block.tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
                 block.hash = hash((parent, block.tokens))
                 self.by_hash.setdefault(block.hash, block.id)
             parent = block.hash
+            seq.num_hashed_blocks = index + 1
 
     def release(self, seq: Sequence) -> None:
         """Return the sequence's blocks; the last ones are reused first (they are least likely shared)."""
@@ -94,7 +96,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free[block_id] = None
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_hashed_blocks = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
