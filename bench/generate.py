@@ -106,7 +106,7 @@ def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
         from llama_cpp import Llama
     except ImportError:
         return []
-    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
     prompt = workload[0][0][:32]
     start = time.perf_counter()
     produced = 0
@@ -147,6 +147,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch CPU threads for every engine (use fewer when the machine is shared: "
+                             "spinning OpenMP threads on busy cores are many times slower)")
     args = parser.parse_args()
     from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
     from lcq.quantizer.downloads import cache_dir
@@ -155,7 +158,7 @@ def main() -> None:
     if args.gpu_7b:
         rows = bench_gpu_7b(args.quick)
     else:
-        torch.set_num_threads(os.cpu_count())
+        torch.set_num_threads(args.threads)
         fp = str(fetch_demo())
         lcq = str(ensure_demo_model())
         count, batch1_tokens = (8, 32) if args.quick else (64, 128)
@@ -169,6 +172,7 @@ def main() -> None:
     result = {
         "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "threads": torch.get_num_threads(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
         "llama2_7b_weight_GB": {"lcq-w2r2g128": round(seven_b_weight_gb(2, 2, 128), 3),
                                 "fp16": round(2 * 6.74e9 / 1e9, 2)},
         "rows": rows,
