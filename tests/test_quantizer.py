@@ -40,9 +40,15 @@ def _inputs(k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_rank1_uniform_codebook_is_rtn(bits):
+    """The float codebook is the textbook min-max grid with an integer zero point; what is stored (S and B
+    through int8) is again a uniform grid, and the packed layer decodes to plain RTN on that grid."""
     w = next(_matrices())[1]
     wg = grouped(w, 32)
     book = rtn_codebook(wg, grouped_importance(None, w.shape[1], 32, w.device) > 0, bits, rank=1)
+    lo, hi = wg.amin(-1, keepdim=True).clamp_max(0), wg.amax(-1, keepdim=True).clamp_min(0)
+    step = (hi - lo) / ((1 << bits) - 1)
+    textbook = (torch.arange(1 << bits) - torch.round(-lo / step)) * step
+    torch.testing.assert_close(book.values(), textbook, rtol=0, atol=1e-7)
     layer = pack(book, wg, w.shape[1], bits, 32)
     stored = stored_codebook(book)
     scale, offset = stored.s[..., 0].unsqueeze(-1), stored.b.unsqueeze(-1)

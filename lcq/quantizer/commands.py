@@ -19,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--lr", type=float, default=1e-2)
+    q.add_argument("--lr", type=float, default=1e-2,
+                   help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--device", default="cpu")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
