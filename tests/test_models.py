@@ -180,7 +180,7 @@ def _random_paged_context(new: list[int], cached: list[int], num_kv_heads: int, 
     for length, count, n in zip(lengths, blocks_needed, new):
         table, pool = pool[:count], pool[count:]
         tables.append(table + [-1] * (max(blocks_needed) - count))
-        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length - n, length)]
+        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length - n, length)] if length else [-1]
     shape = (sum(blocks_needed) + 3, BLOCK, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     context = ForwardContext(
@@ -196,6 +196,7 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
     ([40], [3]),  # more new tokens than one tile
     ([1, 1, 1], [0, 6, 36]),  # decode, one length past a tile
     ([1], [20]),  # decode of one sequence (no padding)
+    ([1, 1], [4, -1]),  # decode with a padding sequence (context length 0, slot -1), as in a CUDA graph
 ])
 
 
@@ -214,6 +215,9 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
     torch_path.write(k, v, expected_k, expected_v)
     scale = head_dim ** -0.5
     expected = torch_path.attend(q, expected_k, expected_v, scale)
+    for i, length in enumerate(context.context_lens.tolist()):
+        if length == 0:  # padding: the kernels promise zeros
+            expected[context.query_start[i]:context.query_start[i + 1]] = 0
 
     on = {name: getattr(context, name).to(device) for name in ("slot_mapping", "query_start", "context_lens",
                                                                "block_tables")}

@@ -10,7 +10,8 @@ block table (so any block size works), with an online softmax in fp32:
   sequence with n new tokens and context length L sits at position L - n + j and sees the cached
   tokens 0 .. L - n + j (a cached prefix plus the causal part of its own chunk).
 Loop bounds come from context_lens in memory, never from the host, and store_kv skips slot -1
-without a host check, so a decode step can be captured in a CUDA graph.
+without a host check, so a decode step can be captured in a CUDA graph (batches padded with
+slot -1 and context length 0, whose output rows are zeros).
 """
 from __future__ import annotations
 
@@ -95,7 +96,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
-    out = acc / l_i[:, None]
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
     tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 

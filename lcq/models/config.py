@@ -33,10 +33,13 @@ class ModelConfig:
         path = Path(folder) / "config.json"
         if not path.is_file():
             raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
-        c = json.loads(path.read_text())
-        architectures = c.get("architectures") or [c.get("model_type", "?")]
-        if architectures[0] not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
-            raise UserError(f"{folder}: architecture {architectures[0]} is not supported "
+        try:
+            c = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON ({e.msg})") from None
+        architecture = (c.get("architectures") or [c.get("model_type", "?")])[0]
+        if architecture not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
+            raise UserError(f"{folder}: architecture {architecture} is not supported "
                             f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
         rope = rope_settings(c)
         if rope["rope_type"] not in ROPE_TYPES:
