@@ -244,6 +244,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
     parser.add_argument("--grace", type=float, default=120.0,
                         help="seconds requests still running at the end may take before the client cancels them")
+    parser.add_argument("--idle-timeout", type=float, default=180.0,
+                        help="seconds to wait after the load for the server to finish aborts and free its KV blocks")
     parser.add_argument("--request-timeout", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
@@ -263,7 +265,9 @@ def main() -> None:
         rss_start, load_start = rss_mib(pid), os.getloadavg()[0]
         before = read_metrics(url, headers)
         totals, elapsed = asyncio.run(run_load(url, model, args, headers))
-        after = wait_for_idle(url, headers)
+        idle_start = time.perf_counter()
+        after = wait_for_idle(url, headers, args.idle_timeout)
+        idle_wait = time.perf_counter() - idle_start
         rss_end = rss_mib(pid)
     finally:
         if server is not None:
@@ -286,6 +290,7 @@ def main() -> None:
         "load_average_1m_start_end": [load_start, os.getloadavg()[0]],  # other work on the machine
         "server_rss_mib_start": rss_start, "server_rss_mib_end": rss_end,
         "kv_cache_usage_after": after.get("lcq:kv_cache_usage_perc"),
+        "idle_wait_s": round(idle_wait, 1),
         "running_after": after.get("lcq:num_requests_running"),
         "waiting_after": after.get("lcq:num_requests_waiting"),
         "preemptions": after.get("lcq:num_preemptions_total", 0) - before.get("lcq:num_preemptions_total", 0),
