@@ -43,7 +43,20 @@ CTX = 512
 GOALS = {4: 1.05, 3: 1.30, 2: 3.0}
 # What the numbers mean and what they leave out; written after looking at the rows.
 NOTES = """
--
+- This is a partial study. It ran on a 2-core CPU shared with several other jobs (load average 8 to 12
+  throughout), about 5 to 10 times slower than the same machine idle. Under that load the LCQ k-means
+  init took about 170 s per decoder block (profiled with py-spy: the Lloyd iterations' nearest-entry
+  search), so a k-means LCQ row needs over an hour and the cheaper RTN-grid init still about 80 s per
+  block. Rows that are not in the table were not run; the goals above say "not measured" for them and
+  nothing here claims them. `python bench/quality.py` continues the study where it stopped.
+- The LCQ rows that did run use the weakest LCQ variant: the importance-weighted least-squares fit
+  started from the RTN grid, with no k-means init and no block-wise gradient stage (epochs 0).
+- RTN agrees with the figures the project started from (integer zero point: 1.24x at W4g64, 2.6x at
+  W3g64, about 10,000x at W2g64 on a different held-out text).
+- Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
+  paired, but the absolute perplexities carry a few percent of sampling noise.
+- The demo model that `lcq serve` builds on first run (lcq/quantizer/demo.py) uses the settings of the
+  lcq-w4r2-rtninit row.
 """
 
 
