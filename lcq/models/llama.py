@@ -78,14 +78,17 @@ class LlamaModel(torch.nn.Module):
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.block_size: int | None = None  # set by bind_kv_cache
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        if self.block_size is None:
+            raise RuntimeError("bind_kv_cache before the first forward pass")
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
-        attention = PagedAttention(context, self.layers[0].self_attn.k_cache.shape[1], hidden.device)
+        attention = PagedAttention(context, self.block_size, hidden.device)
         for layer in self.layers:
             hidden = layer(hidden, rope, attention)
         return self.norm(hidden)
@@ -95,8 +98,12 @@ class LlamaModel(torch.nn.Module):
         return F.linear(hidden, self.lm_head).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        """One (num_blocks, block_size, num_kv_heads, head_dim) pair per layer."""
+        if len(k_caches) != len(self.layers) or len(v_caches) != len(self.layers):
+            raise ValueError(f"need {len(self.layers)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
         for layer, k, v in zip(self.layers, k_caches, v_caches):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+        self.block_size = k_caches[0].shape[1]
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         c = self.config
