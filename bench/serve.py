@@ -209,7 +209,7 @@ async def run_load(url: str, model: str, args: argparse.Namespace, headers: dict
         return totals, time.perf_counter() - start
 
 
-def wait_for_idle(url: str, headers: dict, timeout: float = 30.0) -> dict[str, float]:
+def wait_for_idle(url: str, headers: dict, timeout: float) -> dict[str, float]:
     """Poll /metrics until nothing runs or waits and the KV pool is empty (or the timeout passes)."""
     deadline = time.time() + timeout
     while True:
