@@ -51,12 +51,18 @@ NOTES = """
   nothing here claims them. `python bench/quality.py` continues the study where it stopped.
 - The LCQ rows that did run use the weakest LCQ variant: the importance-weighted least-squares fit
   started from the RTN grid, with no k-means init and no block-wise gradient stage (epochs 0).
-- RTN agrees with the figures the project started from (integer zero point: 1.24x at W4g64, 2.6x at
-  W3g64, about 10,000x at W2g64 on a different held-out text).
+- RTN is in line with the figures the project started from (integer zero point, another held-out
+  text: 1.24x at W4g64, 2.6x at W3g64, about 10,000x at W2g64); here 1.26x, 2.57x and 16,600x.
+- Even the weakest LCQ variant beats RTN clearly at W4 (1.084x against 1.261x of fp16) for 0.149 more
+  bits per weight (the rank-2 S and the 8-bit B), but misses the 1.05x goal by a factor of 1.03
+  (8.4% instead of 5%). Whether the k-means init and the block-wise epochs close that gap is not
+  measured here.
 - Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
   paired, but the absolute perplexities carry a few percent of sampling noise.
-- The demo model that `lcq serve` builds on first run (lcq/quantizer/demo.py) uses the settings of the
-  lcq-w4r2-rtninit row.
+- The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
+  (lcq/quantizer/demo.py, same settings, evaluated from that folder); its 1315 s quantization time was
+  measured under the load described above, not on an idle machine. Greedy decoding of "What is the
+  capital of France?" with its dequantized weights answers "The capital of France is Paris."
 """
 
 
@@ -201,6 +207,8 @@ def plot(results: dict, path: Path) -> None:
     series = [("RTN", "s", lambda r: r["method"] == "rtn"), ("GPTQ", "^", lambda r: r["method"] == "gptq")]
     series += [(f"LCQ r{rank}", "o", lambda r, rank=rank: r["method"] == "lcq" and r["rank"] == rank
                 and r["init"] == "kmeans" and r["epochs"] == default_epochs) for rank in (1, 2, 4)]
+    series += [("LCQ r2, RTN-grid init", "v", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["init"] == "rtn"
+                 and r["epochs"] == default_epochs)]
     series += [("LCQ r2, 1 epoch", "D", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 1
                  and default_epochs != 1)]
     for label, marker, selected in series:
@@ -238,11 +246,11 @@ def goal_lines(rows: list[dict]) -> list[str]:
                      f"{ratio:.3f}x ({best['perplexity']:.2f}): {verdict}.")
     for bits in GOALS:
         base = [r for r in rows if r["method"] in ("rtn", "gptq") and r["bits"] == bits]
-        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits and r["init"] == "kmeans"]
+        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits]
         if not base or not lcq:
             continue
         best_base = min(base, key=lambda r: r["perplexity"])
-        for r in sorted(lcq, key=lambda r: r["rank"]):
+        for r in sorted(lcq, key=lambda r: (r["rank"], r["key"])):
             extra = r["bits_per_weight"] - best_base["bits_per_weight"]
             better = "better" if r["perplexity"] < best_base["perplexity"] else "NOT better"
             lines.append(f"- W{bits}: {r['key']} ({r['perplexity']:.2f} at {r['bits_per_weight']:.3f} bpw, "
