@@ -56,7 +56,11 @@ NOTES = """
 - Even the weakest LCQ variant beats RTN clearly at W4 (1.084x against 1.261x of fp16) for 0.149 more
   bits per weight (the rank-2 S and the 8-bit B), but misses the 1.05x goal by a factor of 1.03
   (8.4% instead of 5%). Whether the k-means init and the block-wise epochs close that gap is not
-  measured here.
+  measured here. At W3 the same variant gives 1.437x (RTN 2.569x, GPTQ 2.329x), missing the 1.3x
+  goal by a factor of 1.11.
+- Near the end the load dropped: lcq-w3r2-rtninit then took 405 s to quantize (about 8 to 19 s per
+  block as the load varied) and 17 s to evaluate, against 1315 s for the same kind of run at W4
+  under the full load. GPTQ, k-means LCQ, rank 1 and 4 and the W2 LCQ rows were not reached.
 - Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
   paired, but the absolute perplexities carry a few percent of sampling noise.
 - The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
