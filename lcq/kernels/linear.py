@@ -1,28 +1,31 @@
 """The one entry point every model layer calls for an LCQ matrix product.
 
 CUDA tensors go to the fused Triton kernels (triton is imported only then, so CPU-only installs
-work without it); CPU tensors dequantize and call F.linear, optionally with a cached dense weight.
+work without it); CPU tensors dequantize and multiply, optionally with a cached dense weight that
+is packed for oneDNN (cpu_matmul.py).
 """
 from __future__ import annotations
 
 import importlib.util
 
 import torch
-import torch.nn.functional as F
 
 from lcq.format import PackedLinear, dequantize
+
+from .cpu_matmul import dense_linear, pack_weight
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K)."""
+    """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K); dense_weight is W dequantized
+    (plain, or from cpu_matmul.pack_weight)."""
     if x.is_cuda and dense_weight is None and x.numel() and _HAS_TRITON:
         from .triton_linear import triton_linear
         return triton_linear(x, layer)
     weight = dense_weight if dense_weight is not None else dequantize(layer, x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return F.linear(x, weight, bias)
+    return dense_linear(x, weight, bias)
 
 
 class LCQLinear(torch.nn.Module):
@@ -51,12 +54,12 @@ class LCQLinear(torch.nn.Module):
         return super()._apply(fn, recurse)
 
     def warm(self, dtype: torch.dtype) -> None:
-        """Dequantize now (at load time) rather than on the first request."""
-        self._dense = dequantize(self.layer, dtype)
+        """Dequantize (and pack, on CPU) now, at load time, rather than on the first request."""
+        self._dense = pack_weight(dequantize(self.layer, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense:
             if self._dense is None or self._dense.dtype != x.dtype:
-                self._dense = dequantize(self.layer, x.dtype)
+                self.warm(x.dtype)
             return lcq_linear(x, self.layer, self._dense)
         return lcq_linear(x, self.layer)

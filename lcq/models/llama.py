@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+
+from lcq.kernels.cpu_matmul import dense_linear
 
 from .attention import PagedAttention
 from .config import ModelConfig
@@ -95,7 +96,7 @@ class LlamaModel(torch.nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return dense_linear(hidden, self.lm_head).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """One (num_blocks, block_size, num_kv_heads, head_dim) pair per layer."""

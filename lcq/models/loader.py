@@ -5,25 +5,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from lcq.format import CheckpointReader, PackedLinear
 from lcq.kernels import LCQLinear
+from lcq.kernels.cpu_matmul import can_pack, dense_linear, pack_weight
 
 from .config import ModelConfig
 from .llama import LlamaModel
 
 
 class DenseLinear(torch.nn.Module):
-    """A full-precision linear layer (no random init, unlike torch.nn.Linear)."""
+    """A full-precision linear layer (no random init, unlike torch.nn.Linear); on CPU its weight
+    is packed for oneDNN once, here (see lcq.kernels.cpu_matmul)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.weight = torch.nn.Parameter(weight, requires_grad=False)
+        self.weight = torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -56,6 +57,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for i, layer in enumerate(model.layers):
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
+        if can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
+            model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
     if cache_dense:
         for module in model.modules():
             if isinstance(module, LCQLinear):

@@ -20,6 +20,8 @@ FP16_FOLDER = "smollm2-135m-instruct-fp16"
 # 4 bits, rank 2, group 64: the importance-weighted least-squares fit from the RTN grid, without
 # the k-means init and the block-wise stage, whose cost would break the 10-minute first run on
 # 2 CPU cores. The same settings as the lcq-w4r2-rtninit row of docs/quality.md.
+# The model id clients send: stable while the cache folder's name follows the settings.
+DEMO_SERVED_NAME = "smollm2-135m-instruct-lcq"
 DEMO_SETTINGS = dict(bits=4, rank=2, group_size=64, method="lcq", nsamples=16, seqlen=256, epochs=0, init="rtn")
 
 

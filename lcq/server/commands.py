@@ -30,16 +30,18 @@ def _serve(args: argparse.Namespace) -> int:
     settings = command.settings
     level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    engine_fields = dict(command.engine_fields)
     if command.model is None:
-        from lcq.quantizer.demo import ensure_demo_model
+        from lcq.quantizer.demo import DEMO_SERVED_NAME, ensure_demo_model
 
         model = str(ensure_demo_model())
+        engine_fields.setdefault("served_model_name", DEMO_SERVED_NAME)
     elif not Path(command.model).is_dir():
         raise UserError(f"{command.model}: no such model folder")
     else:
         model = command.model
     try:
-        engine = AsyncEngine(EngineConfig(model=model, **command.engine_fields))
+        engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
     except ValueError as e:
         raise UserError(str(e)) from None
 

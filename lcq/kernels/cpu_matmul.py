@@ -1,0 +1,35 @@
+"""Dense matrix products on CPU with the weight packed once, at load, for oneDNN.
+
+torch's default CPU GEMM runs the small-M products of decode steps far below the machine's speed
+on some CPUs. On a 2-core AMD EPYC (AVX2), a 3072x576 fp32 product took 2.45 ms through F.linear
+and 1.12 ms through oneDNN with a pre-packed weight at M=8, 8.5 ms and 4.6 ms at M=64, and the
+same at M=1 (bandwidth-bound either way). Packing replaces the plain weight, so it costs no memory.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# The batch size oneDNN lays the weight out for; any batch runs. For the 49152x576 head on that CPU:
+# 8.2 ms at M=1 (7.7 laid out for 1), 15 ms at M=8 (25 laid out for 1), 55 ms at M=64 (64).
+PACKED_FOR_BATCH = 8
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """oneDNN packs fp32 weights on any x86 CPU; bf16/fp16 packing needs AVX-512 or AMX."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight in oneDNN's blocked layout when that is possible, else the weight itself."""
+    if not can_pack(weight):
+        return weight
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_BATCH)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) for a plain weight or one made by pack_weight."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
