@@ -1,16 +1,21 @@
-"""Kernel benchmark: fused LCQ kernels against fp16 cuBLAS, unfused dequantize-then-matmul and the
+"""Kernel benchmark: LCQ products against fp16 cuBLAS, unfused dequantize-then-matmul and the
 GPU's measured copy bandwidth, on the linear layers of Llama-2-7B and Llama-3-8B.
 
     python bench/kernels.py                   # the full sweep; results merge into the JSON row by row
     python bench/kernels.py --quick           # a few shapes, M and formats
     python bench/kernels.py --shapes 4096x11008 --bits 2 --ms 1,16
+    python bench/kernels.py --explore 200     # time decode tile variants (width, split, depth, warps,
+                                              # stages) for 200 s: where the autotuner's configs come from
     python bench/kernels.py --cpu-smoke       # one tiny shape through the Triton interpreter (no GPU)
     python bench/kernels.py --sass            # compile for sm_90 here (no GPU): registers, spills and
                                               # instructions per weight in the inner loop
 
 Shapes are [N, K] (outputs x inputs). Effective bandwidth counts the bytes the product must move:
 packed indices, S, B, their scales, V and v_index, the activations read and the outputs written.
-Times are medians of triton.testing.do_bench, which clears the L2 cache before every repetition.
+Every product (ours and cuBLAS) is timed as the engine runs it: replayed from a CUDA graph, L2
+flushed before each replay, median of 30 (lcq.kernels.gpu_timing). Each row has the dispatched
+path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM above 16 rows) and
+the unfused one's (`unfused_us`: the dequantize kernel writing fp16 W, then cuBLAS).
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import re
@@ -32,18 +38,20 @@ MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024]
 BITS = [2, 3, 4]
 GROUPS = [128, 64]
 RANKS = [1, 2, 4]
-QUICK = dict(shapes=[(4096, 11008), (11008, 4096)], ms=[1, 16, 256], bits=[2, 4], groups=[128], ranks=[1, 2])
+QUICK = dict(shapes=[(4096, 11008), (11008, 4096)], ms=[1, 4, 16, 64, 256, 1024], bits=[2, 4], groups=[128],
+             ranks=[1, 2])
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a subset: 2 shapes, M 1/16/256, W2/W4 g128 r1/r2")
+    parser.add_argument("--quick", action="store_true", help="a subset: 2 shapes, M 1-1024, W2/W4 g128 r1/r2")
     parser.add_argument("--shapes", help="comma-separated NxK, e.g. 4096x11008")
     parser.add_argument("--ms", help="comma-separated M values")
     parser.add_argument("--bits", help="comma-separated bit widths")
     parser.add_argument("--groups", help="comma-separated group sizes")
     parser.add_argument("--ranks", help="comma-separated ranks")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
+    parser.add_argument("--explore", type=float, metavar="SECONDS", help="time decode variants for this long")
     parser.add_argument("--cpu-smoke", action="store_true", help="one tiny shape in the Triton interpreter")
     parser.add_argument("--sass", action="store_true", help="compile for sm_90 without a GPU and count instructions")
     return parser.parse_args()
@@ -77,10 +85,10 @@ def random_layer(n: int, k: int, bits: int, rank: int, group: int, device: str):
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
     import torch
-    import triton
+    from lcq.kernels.gpu_timing import graph_time
     src = torch.randn(256 * 1024 * 1024, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    ms = graph_time(lambda: dst.copy_(src))
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -119,31 +127,31 @@ def write_results(path: Path, header: dict, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape [N, K] | M | W | g | r | kernel | us | fp16 us | unfused us | speedup | GB/s | of copy |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape [N, K] | M | W | g | r | path | us | fused us | unfused us | fp16 us | speedup | GB/s "
+             "| of copy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['M']} | {r['bits']} | {r['group_size']} | {r['rank']} "
-                     f"| {r['kernel']} | {r['us']:.1f} | {r['fp16_us']:.1f} | {r['unfused_us']:.1f} "
-                     f"| {r['speedup']:.2f} | {r['effective_GBps']:.0f} | {r['frac_of_copy']:.2f} |")
+                     f"| {r['kernel']} | {r['us']:.1f} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} "
+                     f"| {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['effective_GBps']:.0f} "
+                     f"| {r['frac_of_copy']:.2f} |")
     return "\n".join(lines)
 
 
-def check(layer, dense, x) -> None:
-    """Refuse to time a kernel that computes the wrong thing."""
-    from lcq.kernels import lcq_linear
-    y = lcq_linear(x, layer).float()
+def check(product, x, dense) -> None:
+    """Refuse to time a path that computes the wrong thing."""
+    y = product(x).float()
     ref = (x @ dense.t()).float()
     error = ((y - ref).norm() / ref.norm()).item()
     if not error < 1e-2:
-        raise SystemExit(f"kernel mismatch: relative error {error:.2e} for {tuple(dense.shape)} M={x.shape[0]}")
+        raise RuntimeError(f"{product.__name__} mismatch: relative error {error:.2e} for {tuple(dense.shape)} "
+                         f"M={x.shape[0]}")
 
 
 def run_gpu(args: argparse.Namespace) -> None:
     import torch
-    import triton
     from lcq.format import dequantize
-    from lcq.kernels import lcq_linear
-    from lcq.kernels.triton_linear import DECODE_MAX_M
+    from lcq.kernels.gpu_timing import graph_time
+    from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-smoke to check the script without a GPU")
@@ -152,10 +160,12 @@ def run_gpu(args: argparse.Namespace) -> None:
     slug = re.sub(r"[^a-z0-9]+", "-", header["device"].lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}.json"
     header["copy_GBps"] = copy_bandwidth()
+    header["timing"] = "CUDA graph replay, L2 flushed before each, median of 30"
+    header["dispatch"] = {"decode_max_M": DECODE_MAX_M, "dense_min_M": DENSE_MIN_M}
     print(f"{header['device']} driver {header['driver']}: copy {header['copy_GBps']:.0f} GB/s", flush=True)
 
     def bench(fn) -> float:
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+        return graph_time(fn) * 1e3
 
     rows = []
     for n, k in plan["shapes"]:
@@ -167,24 +177,96 @@ def run_gpu(args: argparse.Namespace) -> None:
                 for rank in plan["ranks"]:
                     layer = random_layer(n, k, bits, rank, group, "cuda")
                     weight = dequantize(layer, torch.float16)
-                    for m in {plan["ms"][0], plan["ms"][-1]}:  # the decode and the GEMM kernel
-                        check(layer, weight, inputs[m])
+
+                    def fused(x):
+                        return decode(x, layer) if x.shape[0] <= DECODE_MAX_M else gemm(x, layer)
+
+                    def unfused(x):
+                        return dense_product(x, layer)
+
                     for m in plan["ms"]:
                         x = inputs[m]
-                        us = bench(lambda: lcq_linear(x, layer))
-                        unfused = bench(lambda: torch.nn.functional.linear(x, dequantize(layer, torch.float16)))
+                        check(fused, x, weight)
+                        check(unfused, x, weight)
+                        fused_us, unfused_us = bench(lambda: fused(x)), bench(lambda: unfused(x))
+                        path = "decode" if m <= DECODE_MAX_M else "gemm" if m < DENSE_MIN_M else "dequant+cublas"
+                        us = unfused_us if path == "dequant+cublas" else fused_us
                         gbps = product_bytes(layer, m) / (us * 1e-6) / 1e9
                         rows.append({"shape": [n, k], "M": m, "bits": bits, "rank": rank, "group_size": group,
-                                     "kernel": "decode" if m <= DECODE_MAX_M else "gemm", "us": us,
-                                     "fp16_us": fp16_us[m], "unfused_us": unfused, "speedup": fp16_us[m] / us,
+                                     "kernel": path, "us": us, "fused_us": fused_us, "unfused_us": unfused_us,
+                                     "fp16_us": fp16_us[m], "speedup": fp16_us[m] / us,
                                      "effective_GBps": gbps, "frac_of_copy": gbps / header["copy_GBps"],
                                      "bits_per_weight": layer.bits_per_weight()})
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     del layer, weight
-            write_results(out, header, rows)
+                    write_results(out, header, rows)
     print(f"\n{header['device']}, driver {header['driver']}, {header['date']}, copy {header['copy_GBps']:.0f} GB/s\n")
     print(markdown(rows))
     print(f"\nwrote {out}")
+
+
+def explore_variants() -> list[tuple[int, int, int, dict]]:
+    """(M, bits, rank, config) in the order to try them: M = 1 first (tile width with its warps, split,
+    tile depth, pipeline depth), then the tl.dot form at 16 to 64 rows."""
+    variants = []
+    for bits, rank in ((2, 1), (2, 2), (4, 1)):
+        for (block_n, warps), split, block_k_, stages in itertools.product(
+                ((128, 4), (256, 8), (64, 2)), (8, 16), (64, 128), (2, 4)):
+            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=split, BLOCK_K=block_k_,
+                                                 num_warps=warps, num_stages=stages)))
+    for m in (16, 32, 64):
+        for bits, rank in ((2, 2), (4, 1)):
+            for (block_n, warps), split in itertools.product(((64, 4), (128, 4), (128, 8)), (4, 8)):
+                variants.append((m, bits, rank, dict(BLOCK_M=m, BLOCK_N=block_n, SPLIT_K=split, BLOCK_K=64,
+                                                     num_warps=warps, num_stages=2)))
+    return variants
+
+
+def run_explore(args: argparse.Namespace) -> None:
+    """Decode variants on two 7B shapes (g128) until the time is up; the best per case last."""
+    import torch
+    from lcq.format import dequantize
+    from lcq.kernels.gpu_timing import graph_time
+    from lcq.kernels.triton_linear import decode
+
+    deadline = time.monotonic() + args.explore
+    header = device_facts()
+    header["copy_GBps"] = copy_bandwidth()
+    shapes = [(4096, 11008), (11008, 4096)]
+    layers: dict[tuple, object] = {}
+    rows = []
+    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | us | of copy |")
+    for m, bits, rank, config in explore_variants():
+        for n, k in shapes:
+            if time.monotonic() > deadline:
+                break
+            key = (n, k, bits, rank)
+            if key not in layers:
+                layer = random_layer(n, k, bits, rank, 128, "cuda")
+                layers[key] = (layer, dequantize(layer, torch.float16))
+            layer, weight = layers[key]
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            try:
+                check(lambda x: decode(x, layer, config), x, weight)
+                us = graph_time(lambda: decode(x, layer, config)) * 1e3
+            except Exception as error:  # noqa: BLE001 - an out-of-resources variant is a result too
+                print(f"| {n}x{k} | {m} | {bits} | {rank} | {config} failed: {type(error).__name__}")
+                continue
+            frac = product_bytes(layer, m) / (us * 1e-6) / 1e9 / header["copy_GBps"]
+            rows.append(dict(shape=[n, k], M=m, bits=bits, rank=rank, config=config, us=us, frac_of_copy=frac))
+            c = {"BLOCK_M": m, **config}
+            print(f"| {n}x{k} | {m} | {bits} | {rank} | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['SPLIT_K']} "
+                  f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} | {us:.1f} | {frac:.2f} |", flush=True)
+    out = args.out or Path(__file__).parent / "results" / "kernels-explore.json"
+    out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
+    print("\nbest per case:")
+    best: dict[tuple, dict] = {}
+    for r in rows:
+        key = (tuple(r["shape"]), r["M"], r["bits"], r["rank"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for key, r in sorted(best.items()):
+        print(f"{key}: {r['us']:.1f} us, {r['frac_of_copy']:.2f} of copy, {r['config']}")
 
 
 def run_cpu_smoke() -> None:
@@ -284,6 +366,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     if args.sass:
         run_sass()
+    elif args.explore:
+        run_explore(args)
     elif args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         run_cpu_smoke()

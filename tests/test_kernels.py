@@ -46,7 +46,7 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None
 
 
 # A covering subset, not the cross product: every bit width meets ranks 1 and 3, both group sizes
-# 32 and 64 (128 once), every M path (FMA at 1 and 2, tl.dot at 3 and 16), both per-weight forms
+# 32 and 64 (128 once), every M path (FMA at 1 and 2, tl.dot at 3, 16 and 33), both per-weight forms
 # (selects at 2 bits, V gathers at 3 and 4) and every dtype.
 DECODE_CASES = [  # bits, rank, group, K, M, dtype
     (2, 1, 32, 80, 1, torch.float32),
@@ -55,6 +55,7 @@ DECODE_CASES = [  # bits, rank, group, K, M, dtype
     (3, 1, 64, 100, 1, torch.bfloat16),
     (4, 3, 32, 80, 2, torch.float16),
     (4, 1, 128, 150, 3, torch.float32),
+    (2, 2, 64, 100, 33, torch.float16),
 ]
 
 
@@ -79,18 +80,29 @@ def test_gemm_kernel_matches_reference(bits, rank, group, k, dtype):
     assert_close(triton_linear.gemm(x, layer, SMALL_GEMM), reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("bits,rank,group,k,dtype", [(2, 1, 32, 80, torch.float16), (3, 3, 64, 100, torch.bfloat16),
+                                                    (4, 3, 128, 150, torch.float32)])
+def test_dequantize_kernel_matches_reference(bits, rank, group, k, dtype):
+    """The large-M path's weight: the reference's weights rounded to the activation dtype (within a
+    rounding step: the kernel sums S V - B in its own order before rounding)."""
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 2)
+    weight_t = triton_linear.dequantized_transpose(layer, dtype, torch.device("cpu"))
+    assert weight_t.shape == (k, 40) and weight_t.dtype == dtype
+    torch.testing.assert_close(weight_t, dequantize(layer).t().to(dtype))
+
+
 def fused_layer(bits: int) -> PackedLinear:
     """Three parts with their own V tables (like q, k, v), only the first with a bias."""
     parts = [random_layer(n, 64, bits, 2, 32, seed=i, bias=i == 0) for i, n in enumerate((24, 8, 8))]
     return PackedLinear.concat(parts)
 
 
-@pytest.mark.parametrize("m", [1, 33])
-def test_fused_layer_with_bias(m):
+@pytest.mark.parametrize("product,m", [("decode", 1), ("decode", 33), ("gemm", 33), ("dense_product", 33)])
+def test_fused_layer_with_bias(product, m):
     layer = fused_layer(bits=3)
     assert layer.v.shape[0] == 3 and layer.bias is not None
     x = torch.randn(m, 64, dtype=torch.float16)
-    y = triton_linear.triton_linear(x, layer)
+    y = getattr(triton_linear, product)(x, layer)
     assert_close(y, reference(x, layer), torch.float16)
 
 
@@ -119,7 +131,7 @@ def test_triton_linear_keeps_leading_dimensions():
 
 def test_block_k_divides_the_group():
     assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
-    assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 16, 16, 16, 16]
+    assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 16, 17, 33, 64)] == [1, 2, 16, 16, 32, 64, 64]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -149,7 +161,7 @@ GPU_CASES = [(4096, 4096, 2, 2, 128), (11008, 4096, 3, 1, 64), (4096, 11008, 4, 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
-@pytest.mark.parametrize("m", [1, 4, 16, 300])
+@pytest.mark.parametrize("m", [1, 4, 64, 300])  # decode: FMA form, tl.dot 16 and 64 rows; dequantize + cuBLAS
 def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
     layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
     for dtype in (torch.float16, torch.bfloat16):

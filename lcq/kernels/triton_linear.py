@@ -3,10 +3,13 @@
 Both kernels unpack a (BLOCK_K, BLOCK_N) tile of indices from the kmajor bit planes (one
 coalesced load of BLOCK_K / 32 * bits rows of N-contiguous words), turn it into weights with
 the group's codebook w = sum_k S[n, j, k] * V[k, q] - B[n, j] in fp32 registers, and reduce:
-- decode (M <= 16): split-K over the groups so that a single token fills the GPU; every
+- decode (M <= 64): split-K over the groups so that a single token fills the GPU; every
   weight is read once (evict_first); the K slices meet through an fp32 workspace and the last
   program of each N tile to finish sums them (one launch, no memset);
-- gemm (prefill): tiles of BLOCK_M x BLOCK_N, tl.dot with fp32 accumulation.
+- gemm (prefill): tiles of BLOCK_M x BLOCK_N, tl.dot with fp32 accumulation;
+- from DENSE_MIN_M rows on, a dequantize kernel writes the weight in the activation dtype and
+  cuBLAS multiplies: the weight's bytes are then small next to the product's arithmetic, and
+  cuBLAS's tensor-core pipeline beats a tile loop that also spends its issue slots dequantizing.
 A tile never straddles a group (BLOCK_K divides the group size), so S and B are one vector per
 tile. V is read with a gather from the layer's tiny table (L1 resident); fused layers pick
 their part's table through v_index. See docs/kernels.md for why this form was chosen.
@@ -19,7 +22,14 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
-DECODE_MAX_M = 16
+from .gpu_timing import graph_time
+
+DECODE_MAX_M = 64
+# H100, bench/kernels.py: at 64 rows the split-K decode kernel (59-98 us on the 7B MLP shapes at
+# W2 r2 / W4 r1 g128) and dequantize + cuBLAS (83-105 us) both beat the tiled GEMM kernel
+# (94-487 us), which has too few programs to fill the GPU at that M; above 64 rows the decode
+# kernel's tiles spill and cuBLAS's tensor-core pipeline wins.
+DENSE_MIN_M = DECODE_MAX_M + 1
 MAX_SPLIT_K = 16
 
 
@@ -96,7 +106,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Skinny product for M <= BLOCK_M <= 16: program (n tile, k slice) reduces its slice of groups."""
+    """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -182,13 +192,29 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
              mask=out_mask)
 
 
-# Pre-chosen for H100 (132 SMs): enough programs in flight to cover memory latency at M = 1 and
-# split-K deep enough for 4096-wide layers. BLOCK_N >= 128 per 4 warps gives each thread several
-# columns, so activations are loaded as 16-byte vectors and reused (bench/kernels.py --sass).
+@triton.jit
+def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_ptr, N, K,
+                    BITS: tl.constexpr, RANK: tl.constexpr, GROUP: tl.constexpr, SELECT: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W^T (K, N) in out_ptr's dtype, one (BLOCK_K, BLOCK_N) tile per program: stores run along N."""
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k0 = tl.program_id(0) * BLOCK_K
+    k_idx = k0 + tl.arange(0, BLOCK_K)
+    v_base = tl.load(vi_ptr + offs_n, mask=n_mask, other=0) * (RANK << BITS)
+    w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                      BITS, RANK, GROUP, SELECT, BLOCK_K, BLOCK_N)
+    tl.store(out_ptr + k_idx[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(k_idx[:, None] < K) & n_mask[None, :])
+
+
+# Pre-chosen on an H100 (132 SMs) by `bench/kernels.py --explore` over tile width and warps,
+# split, depth and pipeline stages: split 8 wins almost everywhere; 64 columns per 2 warps at 1 row
+# and 4 bits, 128 per 4 warps otherwise; 256-wide / 8-warp tiles never won and cost up to 5x.
 DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-    for bn, sk, w, s in [(128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 4, 3), (128, 16, 4, 2), (256, 4, 8, 2),
-                         (256, 8, 8, 2), (256, 16, 8, 3)]
+    for bn, sk, w, s in [(64, 8, 2, 2), (64, 8, 2, 4), (128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 4, 4),
+                         (128, 16, 4, 2)]
 ]
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
@@ -196,11 +222,14 @@ GEMM_CONFIGS = [
                          (256, 128, 8, 3)]
 ]
 _KEY = ["N", "K", "BITS", "RANK", "GROUP"]
+DEQUANT_BLOCK_N = 128
 # Under TRITON_INTERPRET=1 (CPU tensors) autotuning cannot time anything: fixed small tiles.
 INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 32, "SPLIT_K": 2}
 INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"])(_decode_kernel)
-_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"])(_gemm_kernel)
+# Configs are timed as the engine runs them (graph_time: no launch overhead, weights cold in L2);
+# timed with launches, every decode config would measure the same ~20 us of host work.
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time)(_decode_kernel)
+_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time)(_gemm_kernel)
 
 _counters: dict[torch.device, torch.Tensor] = {}
 
@@ -229,9 +258,10 @@ def uses_select(bits: int) -> bool:
 
 
 def decode_block_m(m: int) -> int:
-    """M bucket of the decode kernel: 1 and 2 rows reduce with FMAs, 3..16 through tl.dot (from 4
-    rows on, the FMA form's BLOCK_M x BLOCK_K x BLOCK_N products spill registers)."""
-    return m if m <= 2 else 16
+    """M bucket of the decode kernel: 1 and 2 rows reduce with FMAs, 3 to 64 rows through tl.dot in
+    tiles of 16, 32 or 64 rows (from 4 rows on, the FMA form's BLOCK_M x BLOCK_K x BLOCK_N products
+    spill registers)."""
+    return m if m <= 2 else max(16, triton.next_power_of_2(m))
 
 
 def _layer_args(layer: PackedLinear) -> tuple:
@@ -239,14 +269,19 @@ def _layer_args(layer: PackedLinear) -> tuple:
     return (layer.qweight, layer.s_q, layer.s_scale, layer.b_q, layer.b_scale, layer.v, layer.v_index, bias)
 
 
-def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
-    return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, HAS_BIAS=layer.bias is not None,
-                SELECT=uses_select(layer.bits), DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
+def _codebook_constants(layer: PackedLinear) -> dict:
+    return dict(BITS=layer.bits, RANK=layer.rank, GROUP=layer.group_size, SELECT=uses_select(layer.bits),
                 BLOCK_K=block_k(layer.group_size))
 
 
+def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
+    return dict(_codebook_constants(layer), HAS_BIAS=layer.bias is not None,
+                DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
+
+
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
-    """x (M, K) with M <= 16, contiguous rows -> (M, N). config (BLOCK_N, SPLIT_K) skips autotuning."""
+    """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
+    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), num_warps and num_stages."""
     m, k = x.shape
     n = layer.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -260,7 +295,10 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _decode_tuned[grid](*args, **consts)
     else:
-        _decode_kernel[(triton.cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])](*args, **consts, **config)
+        launch = {**consts, **config}
+        if layer.group_size % launch["BLOCK_K"] or launch["SPLIT_K"] > MAX_SPLIT_K or launch["BLOCK_M"] < m:
+            raise ValueError(f"decode config {config} does not fit M={m}, group size {layer.group_size}")
+        _decode_kernel[(triton.cdiv(n, launch["BLOCK_N"]), launch["SPLIT_K"])](*args, **launch)
     return out
 
 
@@ -282,8 +320,27 @@ def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> to
     return out
 
 
+def dequantized_transpose(layer: PackedLinear, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """W^T (K, N) in dtype, written by the dequantize kernel."""
+    k, n = layer.in_features, layer.out_features
+    out = torch.empty(k, n, dtype=dtype, device=device)
+    consts = dict(_codebook_constants(layer), BLOCK_N=DEQUANT_BLOCK_N)
+    grid = (triton.cdiv(k, consts["BLOCK_K"]), triton.cdiv(n, DEQUANT_BLOCK_N))
+    _dequant_kernel[grid](*_layer_args(layer)[:-1], out, n, k, **consts)
+    return out
+
+
+def dense_product(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """x (M, K) -> (M, N) through a dequantized W^T and torch's matmul (cuBLAS on a GPU)."""
+    weight_t = dequantized_transpose(layer, x.dtype, x.device)
+    if layer.bias is None:
+        return x @ weight_t
+    return torch.addmm(layer.bias.to(x.dtype), x, weight_t)
+
+
 def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to 16 rows, the GEMM kernel above."""
+    """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to DECODE_MAX_M rows, the fused GEMM
+    kernel below DENSE_MIN_M rows, dequantize + cuBLAS from there on."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
     if x.numel() == 0:
@@ -291,5 +348,11 @@ def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = decode(rows, layer) if rows.shape[0] <= DECODE_MAX_M else gemm(rows, layer)
+    m = rows.shape[0]
+    if m <= DECODE_MAX_M:
+        out = decode(rows, layer)
+    elif m < DENSE_MIN_M:
+        out = gemm(rows, layer)
+    else:
+        out = dense_product(rows, layer)
     return out.reshape(*x.shape[:-1], layer.out_features)

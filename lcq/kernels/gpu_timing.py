@@ -1,0 +1,51 @@
+"""Timing of GPU work as the engine runs it: replayed from a CUDA graph, weights cold in L2.
+
+Decode products of a 2-bit model take a few microseconds, less than Python and the launch path
+need to issue them, so host-side timers (and triton.testing.do_bench) measure the launch, not
+the kernel. The engine replays decode steps from CUDA graphs, so kernels are timed the same way,
+with the L2 cache flushed before every replay so that weights stream from device memory.
+Used by the kernels' autotuner and by bench/kernels.py.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+L2_FLUSH_BYTES = 256 << 20  # several times the 50-60 MB L2 of an H100 / H200
+_flush_buffers: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    if device not in _flush_buffers:
+        _flush_buffers[device] = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    return _flush_buffers[device]
+
+
+def graph_time(fn: Callable[[], object], quantiles: Sequence[float] | None = None, reps: int = 30,
+               flush_l2: bool = True) -> float | list[float]:
+    """Milliseconds per call of fn captured in a CUDA graph: the median, or the given quantiles
+    (the interface of the Triton autotuner's do_bench). fn runs once first, outside the capture,
+    so that compilation and allocation stay out of the graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))
+    for _ in range(3):
+        graph.replay()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        if flush_l2:
+            flush.zero_()  # the GPU is busy with this while the host issues the replay
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = torch.tensor([s.elapsed_time(e) for s, e in zip(starts, ends)], dtype=torch.float64)
+    del graph
+    if quantiles is not None:
+        return torch.quantile(times, torch.tensor(list(quantiles), dtype=torch.float64)).tolist()
+    return times.median().item()
