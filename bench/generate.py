@@ -146,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
+    parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for every engine (use fewer when the machine is shared: "
@@ -154,11 +155,31 @@ def main() -> None:
     from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
     from lcq.quantizer.downloads import cache_dir
 
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
+        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     rows: list[dict] = []
+    result = {
+        "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "threads": torch.get_num_threads(),
+        "llama2_7b_weight_GB": {"lcq-w2r2g128": round(seven_b_weight_gb(2, 2, 128), 3),
+                                "fp16": round(2 * 6.74e9 / 1e9, 2)},
+        "rows": rows,
+    }
+    name = "gpu" if args.gpu_7b else "cpu"
+    out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Written after every GPU row too, so that a run stopped by a time limit keeps what it measured."""
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     if args.gpu_7b:
-        rows = bench_gpu_7b(args.quick)
+        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save)
     else:
         torch.set_num_threads(args.threads)
+        result["threads"] = args.threads
         fp = str(fetch_demo())
         lcq = str(ensure_demo_model())
         count, batch1_tokens = (8, 32) if args.quick else (64, 128)
@@ -167,20 +188,7 @@ def main() -> None:
         rows += bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0)
         rows += bench_transformers(fp, batch1_tokens, workload)
         rows += bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    result = {
-        "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-        "threads": torch.get_num_threads(), "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        "llama2_7b_weight_GB": {"lcq-w2r2g128": round(seven_b_weight_gb(2, 2, 128), 3),
-                                "fp16": round(2 * 6.74e9 / 1e9, 2)},
-        "rows": rows,
-    }
-    name = "gpu" if args.gpu_7b else "cpu"
-    out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(f"device: {device}")
     print("| engine | weights | concurrency | output tok/s | TTFT ms | peak mem GB |")
     print("|---|---|---|---|---|---|")
@@ -191,16 +199,16 @@ def main() -> None:
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 
 
-def bench_gpu_7b(quick: bool) -> list[dict]:
-    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed."""
+def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -> None:
+    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
+    each row is appended to rows and saved as soon as it is measured."""
     import tempfile
 
     from bench.random_model import write_random_llama
 
-    rows = []
     concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     with tempfile.TemporaryDirectory() as tmp:
-        for weights in ("lcq-w2r2g128", "fp16"):
+        for weights in weight_kinds:
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
             weights_gb = llm.engine.runner.weight_bytes / 2**30
@@ -221,9 +229,10 @@ def bench_gpu_7b(quick: bool) -> list[dict]:
                                  output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
                                  peak_mem_GB=round(peak, 2), weights_GB=round(weights_gb, 2), kv_cache_GB=round(kv_gb, 2),
                                  activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2)))
+                print(rows[-1], flush=True)
+                save()
             del llm
             torch.cuda.empty_cache()
-    return rows
 
 
 if __name__ == "__main__":

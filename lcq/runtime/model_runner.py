@@ -23,8 +23,10 @@ class ModelRunner:
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
+        on_cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         self.model, self.model_config = load_model(config.model, self.device, self.dtype)
-        self.weight_bytes = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, self.dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
@@ -44,11 +46,14 @@ class ModelRunner:
                 logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
     def _kv_budget(self, config: EngineConfig) -> int:
+        """gpu_memory_utilization is the share of the GPU this engine may use (weights, KV cache and
+        activations), as in vLLM; memory held by others (processes, or engines in this process) only
+        limits it through what is free."""
         if self.device.type != "cuda":
             return int(config.kv_cache_memory_gb * (1 << 30))
         free, total = torch.cuda.mem_get_info(self.device)
-        used = total - free
-        return max(0, int(total * config.gpu_memory_utilization) - used - GPU_ACTIVATION_RESERVE_BYTES)
+        allowed = int(total * config.gpu_memory_utilization) - self.weight_bytes
+        return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         ids, positions, slots, starts, lengths = [], [], [], [0], []
