@@ -108,6 +108,10 @@ def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
         return []
     llm = Llama(model_path=str(gguf), n_ctx=1024, n_threads=torch.get_num_threads(), verbose=False)
     prompt = workload[0][0][:32]
+    for i, _ in enumerate(llm.generate(prompt, temp=0.0)):  # warm-up, as for the other engines
+        if i + 1 == 8:
+            break
+    llm.reset()
     start = time.perf_counter()
     produced = 0
     for _ in llm.generate(prompt, temp=0.0):
@@ -130,6 +134,12 @@ def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
 
 
+def row_engine(row: dict) -> str:
+    """The --engines name of a CPU row."""
+    return row["weights"] if row["engine"] == "lcq" and row["weights"] == "fp32" else \
+        "lcq" if row["engine"] == "lcq" else row["engine"]
+
+
 def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
     """Llama-2-7B weight bytes from the format: PackedLinear.nbytes of one layer's seven packed
     linears times 32 layers, plus the fp16 embeddings, head and norms."""
@@ -147,6 +157,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
+    parser.add_argument("--engines", default="lcq,fp32,transformers,llama.cpp",
+                        help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for every engine (use fewer when the machine is shared: "
@@ -180,14 +192,21 @@ def main() -> None:
     else:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
+        engines = args.engines.split(",")
         fp = str(fetch_demo())
         lcq = str(ensure_demo_model())
         count, batch1_tokens = (8, 32) if args.quick else (64, 128)
         workload = mixed_workload(count, vocab=49152)
-        rows += bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0)
-        rows += bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0)
-        rows += bench_transformers(fp, batch1_tokens, workload)
-        rows += bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)
+        measured = {
+            "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0),
+            "fp32": lambda: bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
+            "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
+            "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
+        kept = json.loads(out.read_text())["rows"] if out.exists() else []
+        for name, bench in measured.items():
+            rows += bench() if name in engines else [r for r in kept if row_engine(r) == name]
+        if set(measured) - set(engines):
+            result["rows_kept_from_the_previous_run"] = sorted(set(measured) - set(engines))
     save()
     print(f"device: {device}")
     print("| engine | weights | concurrency | output tok/s | TTFT ms | peak mem GB |")
