@@ -98,6 +98,7 @@ def study_runs(quick: bool) -> list[Run]:
     runs += [Run("lcq", b, r) for r in ranks if r != 2 for b in bits]
     if not quick:
         runs += [Run("lcq", b, 2, init="rtn") for b in bits] + [Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
+        runs += [Run("lcq", b, 2, epochs=10) for b in (2, 3, 4)]  # the quantizer's default epochs
     return runs
 
 
