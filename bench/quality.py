@@ -43,30 +43,33 @@ CTX = 512
 GOALS = {4: 1.05, 3: 1.30, 2: 3.0}
 # What the numbers mean and what they leave out; written after looking at the rows.
 NOTES = """
-- This is a partial study. It ran on a 2-core CPU shared with several other jobs (load average 8 to 12
-  throughout), about 5 to 10 times slower than the same machine idle. Under that load the LCQ k-means
-  init took about 170 s per decoder block (profiled with py-spy: the Lloyd iterations' nearest-entry
-  search), so a k-means LCQ row needs over an hour and the cheaper RTN-grid init still about 80 s per
-  block. Rows that are not in the table were not run; the goals above say "not measured" for them and
-  nothing here claims them. `python bench/quality.py` continues the study where it stopped.
-- The LCQ rows that did run use the weakest LCQ variant: the importance-weighted least-squares fit
-  started from the RTN grid, with no k-means init and no block-wise gradient stage (epochs 0).
+- Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
+  while other jobs kept the 2-core machine at a load average of 8 to 12; the rest ran on the idle
+  machine. Wall times (quantize s, eval s) are therefore comparable only within each group.
+- The block-wise gradient stage is what makes W2 work: LCQ W2 r2 goes from 7.88x of fp16 (fit of
+  the importance-weighted codebooks only, 0 epochs) to 3.74x after 1 epoch and 3.04x after 10 (the
+  quantizer's default), 1% short of the 3x goal, with only 16 calibration windows of 256 tokens.
+- At W3 and W4 the same stage does not help here: W3 r2 1.432x at 0 epochs, 1.412x at 1, 1.464x at
+  10; W4 r2 1.084x at 0 and 1.124x at 10. Calibration (16 windows of the King James Bible) is small
+  and far from the evaluation text (Shakespeare), so overfitting the calibration activations is the
+  likely cause; more and more varied calibration text is the next experiment, not run here.
+- Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
+  per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
+  grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model, 52.09); at W3 k-means
+  is slightly better (1.432x against 1.437x).
+- At the same bits per weight as RTN and GPTQ (rank 1, 2.297 / 3.297 / 4.298 bpw) LCQ is far ahead:
+  W4 1.096x against GPTQ 1.206x and RTN 1.261x; W3 1.491x against 2.329x and 2.569x; W2 13.8x
+  against 1009x and 16,566x. Rank 2 adds 0.149 bpw and helps most at W2 (7.88x against 13.8x);
+  rank 4 (2.743 bpw) gives 7.12x at W2.
 - RTN is in line with the figures the project started from (integer zero point, another held-out
   text: 1.24x at W4g64, 2.6x at W3g64, about 10,000x at W2g64); here 1.26x, 2.57x and 16,600x.
-- Even the weakest LCQ variant beats RTN clearly at W4 (1.084x against 1.261x of fp16) for 0.149 more
-  bits per weight (the rank-2 S and the 8-bit B), but misses the 1.05x goal by a factor of 1.03
-  (8.4% instead of 5%). Whether the k-means init and the block-wise epochs close that gap is not
-  measured here. At W3 the same variant gives 1.437x (RTN 2.569x, GPTQ 2.329x), missing the 1.3x
-  goal by a factor of 1.11.
-- Near the end the load dropped: lcq-w3r2-rtninit then took 405 s to quantize (about 8 to 19 s per
-  block as the load varied) and 17 s to evaluate, against 1315 s for the same kind of run at W4
-  under the full load. GPTQ, k-means LCQ, rank 1 and 4 and the W2 LCQ rows were not reached.
+- Goals missed: W4 within 1.05x (best 1.084x), W3 within 1.3x (best 1.412x), W2 within 3x (best
+  3.038x).
 - Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
   paired, but the absolute perplexities carry a few percent of sampling noise.
 - The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
-  (lcq/quantizer/demo.py, same settings, evaluated from that folder); its 1315 s quantization time was
-  measured under the load described above, not on an idle machine. Greedy decoding of "What is the
-  capital of France?" with its dequantized weights answers "The capital of France is Paris."
+  (lcq/quantizer/demo.py, same settings, evaluated from that folder). Greedy decoding of "What is the
+  capital of France?" with it answers "The capital of France is Paris."
 """
 
 
@@ -291,13 +294,14 @@ and the tied lm_head stay fp16. Bits per weight count every stored bit of the li
 - Evaluation: {results['evaluation']}:
   the first {s['eval_tokens']} tokens, {windows} non-overlapping windows of {CTX} tokens, perplexity =
   exp(mean next-token NLL), with the dequantized model in transformers (fp32).
-- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r, then
+- LCQ: weighted k-means init (importance = mean x_k^2 of the layer's inputs) reduced to rank r (or the
+  refined RTN grid where its weighted error is smaller), then
   the row's number of epochs of block-wise Adam on the block output error (study default {s['epochs']}).
   RTN and GPTQ use the same packed format at rank 1 (min-max grid with an integer zero point), so
   their bits per weight match LCQ r1 exactly.
 - Machine: {results['device']};
-  {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. The machine was shared with other
-  work, so wall times are upper bounds. Started {results['started']}, last row {results.get('updated', '-')}.
+  {', '.join(f'{k} {v}' for k, v in results['versions'].items())}. Part of the study ran while the
+  machine was shared (see the notes), so wall times are upper bounds. Started {results['started']}, last row {results.get('updated', '-')}.
 
 ![perplexity against bits per weight]({image})
 
