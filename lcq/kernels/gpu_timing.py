@@ -1,8 +1,8 @@
 """Timing of GPU work as the engine runs it: replayed from a CUDA graph, weights cold in L2.
 
-Decode products of a 2-bit model take a few microseconds, less than Python and the launch path
-need to issue them, so host-side timers (and triton.testing.do_bench) measure the launch, not
-the kernel. The engine replays decode steps from CUDA graphs, so kernels are timed the same way,
+At the bandwidth limit a 2-bit decode product takes a few microseconds (~2 us for 4096x4096 on
+an H100), less than Python and the launch path need to issue it, so host-side timers (and
+triton.testing.do_bench) would measure the launch, not the kernel. The engine replays decode steps from CUDA graphs, so kernels are timed the same way,
 with the L2 cache flushed before every replay so that weights stream from device memory.
 Used by the kernels' autotuner and by bench/kernels.py.
 """

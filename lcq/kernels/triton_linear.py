@@ -226,8 +226,9 @@ DEQUANT_BLOCK_N = 128
 # Under TRITON_INTERPRET=1 (CPU tensors) autotuning cannot time anything: fixed small tiles.
 INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 32, "SPLIT_K": 2}
 INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
-# Configs are timed as the engine runs them (graph_time: no launch overhead, weights cold in L2);
-# timed with launches, every decode config would measure the same ~20 us of host work.
+# Configs are timed as the engine runs them (graph_time: no launch overhead, weights cold in L2):
+# timed with launches, a product shorter than its launch (a small layer, or a 2-bit layer at the
+# bandwidth limit: ~2 us for 4096x4096) would be timed as the launch and the choice would be noise.
 _decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time)(_gemm_kernel)
 
