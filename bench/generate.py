@@ -165,7 +165,7 @@ def main() -> None:
                              "spinning OpenMP threads on busy cores are many times slower)")
     args = parser.parse_args()
     from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
-    from lcq.quantizer.downloads import cache_dir
+    from lcq.paths import cache_dir
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

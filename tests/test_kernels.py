@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
-from lcq.kernels import LCQLinear, lcq_linear
-from lcq.kernels.cpu_matmul import can_pack, dense_linear, pack_weight
+from lcq.kernels import LCQLinear, cpu_half, lcq_linear
+from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
 
@@ -169,3 +169,52 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
         y = lcq_linear(x, layer)
         torch.cuda.synchronize()
         assert_close(y.cpu(), reference(x.cpu(), layer.to("cpu")), dtype)
+
+
+needs_half_kernel = pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here "
+                                       "(needs x86-64 Linux with AVX2/FMA/F16C and a C compiler)")
+
+
+@needs_half_kernel
+@pytest.mark.parametrize("m", range(1, cpu_half.MAX_ROWS + 1))
+def test_half_kernel_matches_rounded_weights(m):
+    """Against the same fp16-rounded weight in float64: only fp32 summation differs (1e-5)."""
+    k = 37 + 8 * m  # odd K: the vector loop and the scalar tail both run
+    weight = torch.randn(50, k).half()
+    x = torch.randn(m, k)
+    assert_close(cpu_half.half_linear(x, weight), x.double() @ weight.double().t(), torch.float32)
+    with pytest.raises(ValueError, match="1 to 8 rows"):
+        cpu_half.half_linear(torch.randn(cpu_half.MAX_ROWS + 1, k), weight)
+
+
+@needs_half_kernel
+def test_cached_layer_uses_fp16_weights_for_decode_rows_only():
+    """Up to MAX_ROWS fp32 rows: the fp16 copy (tolerance of an fp16 weight, 3e-3); more rows: the
+    fp32 oneDNN weight (1e-5)."""
+    layer = random_layer(70, 100, 3, 2, 32, seed=5, bias=True)
+    cached = LCQLinear(layer, cache_dense=True)
+    for m, tolerance in ((1, 3e-3), (cpu_half.MAX_ROWS, 3e-3), (cpu_half.MAX_ROWS + 1, 1e-5)):
+        x = torch.randn(1, m, 100)
+        y = cached(x)
+        assert cached.uses_half_weights and y.shape == (1, m, 70)
+        ref = reference(x[0], layer)
+        error = ((y[0].double() - ref).norm() / ref.norm()).item()
+        assert error < tolerance, f"M={m}: relative error {error:.2e}"
+
+
+@needs_half_kernel
+def test_half_copy_keeps_full_precision_weights_full():
+    from_fp16_checkpoint, fp32 = torch.randn(8, 16).half().float(), torch.randn(8, 16)
+    assert torch.equal(half_copy(from_fp16_checkpoint, exact_only=True).float(), from_fp16_checkpoint)
+    assert half_copy(fp32, exact_only=True) is None
+    assert half_copy(fp32, exact_only=False).dtype == torch.float16
+
+
+@needs_half_kernel
+def test_half_kernel_builds_into_a_folder_once(tmp_path):
+    """As the CPU Docker image builds it into the installed package (no compiler at run time)."""
+    built = cpu_half.build(tmp_path)
+    assert built.is_file() and built.parent == tmp_path
+    stamp = built.stat().st_mtime_ns
+    assert cpu_half.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
+    assert list(tmp_path.iterdir()) == [built]  # no temporary folder left behind

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_half
+
 # The batch size oneDNN lays the weight out for; any batch runs. For the 49152x576 head on that CPU:
 # 8.2 ms at M=1 (7.7 laid out for 1), 15 ms at M=8 (25 laid out for 1), 55 ms at M=64 (64).
 PACKED_FOR_BATCH = 8
@@ -28,8 +30,26 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACKED_FOR_BATCH)
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) for a plain weight or one made by pack_weight."""
+def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
+    """An fp16 copy of an fp32 CPU weight for decode-sized products (cpu_half), where that kernel
+    runs. exact_only: only if fp16 holds every value exactly (a full-precision weight read from an
+    fp16 checkpoint stays full precision); LCQ weights are rounded as the GPU kernels round them."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_half.enabled():
+        return None
+    half = weight.half()
+    if exact_only and not torch.equal(half.float(), weight):
+        return None
+    return half.contiguous()
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 half: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) for a plain weight or one made by pack_weight; products of up to
+    cpu_half.MAX_ROWS fp32 rows use `half` (from half_copy) when given."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if half is not None and x.dtype == torch.float32 and 1 <= rows <= cpu_half.MAX_ROWS:
+        y = cpu_half.half_linear(x.reshape(rows, x.shape[-1]), half).reshape(*x.shape[:-1], half.shape[0])
+        return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

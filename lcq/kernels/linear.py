@@ -2,7 +2,8 @@
 
 CUDA tensors go to the fused Triton kernels (triton is imported only then, so CPU-only installs
 work without it); CPU tensors dequantize and multiply, optionally with a cached dense weight that
-is packed for oneDNN (cpu_matmul.py).
+is packed for oneDNN (cpu_matmul.py), and for decode-sized fp32 products an fp16 copy of it that
+streams half the bytes (cpu_half.py).
 """
 from __future__ import annotations
 
@@ -12,26 +13,28 @@ import torch
 
 from lcq.format import PackedLinear, dequantize
 
-from .cpu_matmul import dense_linear, pack_weight
+from .cpu_matmul import dense_linear, half_copy, pack_weight
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None) -> torch.Tensor:
+def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None,
+               half_weight: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K); dense_weight is W dequantized
-    (plain, or from cpu_matmul.pack_weight)."""
+    (plain, or from cpu_matmul.pack_weight), half_weight its fp16 copy (cpu_matmul.half_copy)."""
     if x.is_cuda and dense_weight is None and x.numel() and _HAS_TRITON:
         from .triton_linear import triton_linear
         return triton_linear(x, layer)
     weight = dense_weight if dense_weight is not None else dequantize(layer, x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return dense_linear(x, weight, bias)
+    return dense_linear(x, weight, bias, half_weight)
 
 
 class LCQLinear(torch.nn.Module):
     """A packed linear layer as a module; its tensors are buffers so .to(device) moves them.
 
-    cache_dense keeps the dequantized weight (CPU speed at the cost of memory).
+    cache_dense keeps the dequantized weight (CPU speed at the cost of memory): packed for oneDNN,
+    plus an fp16 copy for decode-sized fp32 products where that kernel runs (cpu_matmul.half_copy).
     """
 
     def __init__(self, layer: PackedLinear, cache_dense: bool = False):
@@ -39,6 +42,7 @@ class LCQLinear(torch.nn.Module):
         self.layer = layer
         self.cache_dense = cache_dense
         self._dense: torch.Tensor | None = None
+        self._half: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -48,18 +52,24 @@ class LCQLinear(torch.nn.Module):
     def out_features(self) -> int:
         return self.layer.out_features
 
+    @property
+    def uses_half_weights(self) -> bool:
+        return self._half is not None
+
     def _apply(self, fn, recurse=True):  # keep the packed tensors in step with .to()/.cuda()
         self.layer = self.layer.to(fn(torch.empty(0, device=self.layer.qweight.device)).device)
-        self._dense = None
+        self._dense = self._half = None
         return super()._apply(fn, recurse)
 
     def warm(self, dtype: torch.dtype) -> None:
         """Dequantize (and pack, on CPU) now, at load time, rather than on the first request."""
-        self._dense = pack_weight(dequantize(self.layer, dtype))
+        weight = dequantize(self.layer, dtype)
+        self._half = half_copy(weight, exact_only=False)
+        self._dense = pack_weight(weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense:
             if self._dense is None or self._dense.dtype != x.dtype:
                 self.warm(x.dtype)
-            return lcq_linear(x, self.layer, self._dense)
+            return lcq_linear(x, self.layer, self._dense, self._half)
         return lcq_linear(x, self.layer)

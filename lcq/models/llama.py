@@ -82,6 +82,7 @@ class LlamaModel(torch.nn.Module):
         self.block_size: int | None = None  # set by bind_kv_cache
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
+        self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU decode (set by the loader)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -96,7 +97,7 @@ class LlamaModel(torch.nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return dense_linear(hidden, self.lm_head).float()
+        return dense_linear(hidden, self.lm_head, half=self.lm_head_half).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """One (num_blocks, block_size, num_kv_heads, head_dim) pair per layer."""

