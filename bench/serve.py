@@ -231,49 +231,16 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f} ms"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (ignored with --launch)")
-    parser.add_argument("--launch", nargs="?", const="", default=None, metavar="MODEL",
-                        help="start `lcq serve [MODEL]` on a free port (no MODEL: the demo model)")
-    parser.add_argument("--serve-arg", action="append", default=[], help="extra `lcq serve` argument (repeatable)")
-    parser.add_argument("--server-pid", type=int, help="pid of the server, for RSS before and after")
-    parser.add_argument("--api-key", default=os.environ.get("LCQ_API_KEY"))
-    parser.add_argument("--model", help="model id (default: the first of /v1/models)")
-    parser.add_argument("--clients", type=int, default=128)
-    parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
-    parser.add_argument("--grace", type=float, default=120.0,
-                        help="seconds requests still running at the end may take before the client cancels them")
-    parser.add_argument("--idle-timeout", type=float, default=180.0,
-                        help="seconds to wait after the load for the server to finish aborts and free its KV blocks")
-    parser.add_argument("--request-timeout", type=float, default=600.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "serve-cpu.json")
-    args = parser.parse_args()
-    if args.clients < 1 or args.duration <= 0:
-        parser.error("--clients must be >= 1 and --duration > 0")
-
-    server = None
-    url, pid = args.url.rstrip("/"), args.server_pid
-    if args.launch is not None:
-        server, url = launch(args.launch or None, args.serve_arg)
-        pid = server.pid
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    try:
-        model = args.model or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        rss_start, load_start = rss_mib(pid), os.getloadavg()[0]
-        before = read_metrics(url, headers)
-        totals, elapsed = asyncio.run(run_load(url, model, args, headers))
-        idle_start = time.perf_counter()
-        after = wait_for_idle(url, headers, args.idle_timeout)
-        idle_wait = time.perf_counter() - idle_start
-        rss_end = rss_mib(pid)
-    finally:
-        if server is not None:
-            stop(server)
-
-    results = {
+def one_round(url: str, model: str, args: argparse.Namespace, headers: dict, pid: int | None) -> dict:
+    """One load run, then wait for the server to go idle; its counts, latencies and the server's memory."""
+    rss_start, load_start = rss_mib(pid), os.getloadavg()[0]
+    before = read_metrics(url, headers)
+    totals, elapsed = asyncio.run(run_load(url, model, args, headers))
+    idle_start = time.perf_counter()
+    after = wait_for_idle(url, headers, args.idle_timeout)
+    idle_wait = time.perf_counter() - idle_start
+    rss_end = rss_mib(pid)
+    return {
         "requests_completed": totals.completed,
         "status_counts": dict(sorted(totals.statuses.items())),
         "status_examples": totals.examples,
@@ -295,25 +262,78 @@ def main() -> None:
         "waiting_after": after.get("lcq:num_requests_waiting"),
         "preemptions": after.get("lcq:num_preemptions_total", 0) - before.get("lcq:num_preemptions_total", 0),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server to load (ignored with --launch)")
+    parser.add_argument("--launch", nargs="?", const="", default=None, metavar="MODEL",
+                        help="start `lcq serve [MODEL]` on a free port (no MODEL: the demo model)")
+    parser.add_argument("--serve-arg", action="append", default=[], help="extra `lcq serve` argument (repeatable)")
+    parser.add_argument("--server-pid", type=int, help="pid of the server, for RSS before and after")
+    parser.add_argument("--api-key", default=os.environ.get("LCQ_API_KEY"))
+    parser.add_argument("--model", help="model id (default: the first of /v1/models)")
+    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
+    parser.add_argument("--grace", type=float, default=120.0,
+                        help="seconds requests still running at the end may take before the client cancels them")
+    parser.add_argument("--idle-timeout", type=float, default=180.0,
+                        help="seconds to wait after the load for the server to finish aborts and free its KV blocks")
+    parser.add_argument("--request-timeout", type=float, default=600.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="load runs in a row against the same server (memory across rounds; first one reported)")
+    parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
+    parser.add_argument("--output", type=Path, default=RESULTS / "serve-cpu.json")
+    args = parser.parse_args()
+    if args.clients < 1 or args.duration <= 0 or args.rounds < 1:
+        parser.error("--clients and --rounds must be >= 1 and --duration > 0")
+
+    server = None
+    url, pid = args.url.rstrip("/"), args.server_pid
+    if args.launch is not None:
+        server, url = launch(args.launch or None, args.serve_arg)
+        pid = server.pid
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    rounds = []
+    try:
+        model = args.model or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
+        for number in range(1, args.rounds + 1):
+            rounds.append(one_round(url, model, args, headers, pid))
+            if args.rounds > 1:
+                print(f"round {number}/{args.rounds}: {rounds[-1]['requests_completed']} requests, "
+                      f"RSS {rounds[-1]['server_rss_mib_start']} -> {rounds[-1]['server_rss_mib_end']} MiB", flush=True)
+    finally:
+        if server is not None:
+            stop(server)
+    results = rounds[0]
     settings = {"url": url, "launched": args.launch is not None, "model": model, "clients": args.clients,
                 "duration_s": args.duration, "grace_s": args.grace, "prompt_words": PROMPT_WORDS,
                 "output_tokens": OUTPUT_TOKENS,
                 "serve_args": args.serve_arg, "seed": args.seed, "label": args.label}
     record = {"device": device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "settings": settings, "results": results}
+    if args.rounds > 1:  # memory across rounds on one server: the first round is `results`
+        settings["rounds"] = args.rounds
+        record["rounds"] = rounds
+        record["server_rss_mib_after_each_round"] = [r["server_rss_mib_end"] for r in rounds]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(args.output)
 
     report([
-        ("model", model), ("clients x duration", f"{args.clients} x {args.duration:g} s (+ drain: {elapsed:.1f} s)"),
-        ("completed requests", str(totals.completed)),
+        ("model", model),
+        ("clients x duration", f"{args.clients} x {args.duration:g} s (+ drain: {results['elapsed_s']:.1f} s)"),
+        ("completed requests", str(results["requests_completed"])),
         ("HTTP statuses", ", ".join(f"{k}: {v}" for k, v in results["status_counts"].items())),
         ("output tok/s", f"{results['output_tok_per_s']:.1f}"),
         ("TTFT p50 / p99", f"{fmt_ms(results['ttft_p50_s'])} / {fmt_ms(results['ttft_p99_s'])}"),
         ("ITL p50 / p99", f"{fmt_ms(results['itl_p50_s'])} / {fmt_ms(results['itl_p99_s'])}"),
-        ("server RSS start / end", f"{rss_start} / {rss_end} MiB" if pid else "- (no --server-pid)"),
+        ("server RSS start / end", f"{results['server_rss_mib_start']} / {results['server_rss_mib_end']} MiB"
+         if pid else "- (no --server-pid)"),
+        *([("RSS after each round", " / ".join(f"{r['server_rss_mib_end']}" for r in rounds) + " MiB")]
+          if args.rounds > 1 and pid else []),
         ("KV cache usage after", str(results["kv_cache_usage_after"])),
         ("preemptions", str(results["preemptions"])),
         ("written", str(args.output)),
