@@ -3,8 +3,8 @@
 A batch-1 decode step on a CPU streams every weight from memory once, so the bytes per weight set
 the speed: fp16 halves them against the fp32 weight oneDNN multiplies. The weights are rounded to
 fp16 exactly as the GPU kernels round them before tl.dot; activations and sums stay fp32. On a
-2-core AMD EPYC (Zen 1), 40 distinct 3072x576 weights (so that they come from memory, not cache)
-took 0.21 ms each at M=1 against 0.42 ms through oneDNN fp32, and 0.51 against 0.70 ms at M=8.
+2-core AMD EPYC (Zen 1) a 3072x576 product from memory took 0.22 ms at M=1 against 0.39 ms through
+oneDNN fp32, and 0.43 against 0.70 ms at M=8 (bench/cpu_products.py).
 
 The kernel is compiled on first use with the system C compiler into the lcq cache (no build
 step at install; images without a compiler build it into the package: build(SOURCE.parent)).

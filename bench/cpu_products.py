@@ -1,0 +1,79 @@
+"""CPU matrix products of decode sizes: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32
+weight packed for oneDNN, on SmolLM2-135M's linear shapes.
+
+Each timing cycles through enough distinct weights (at least 256 MiB of fp32) that they come from
+memory, not cache, as in a decode step of a whole model.
+
+    python bench/cpu_products.py [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lcq.kernels import cpu_half  # noqa: E402
+from lcq.kernels.cpu_matmul import dense_linear, pack_weight  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "cpu-products.json"
+SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate/up 3072x576": (3072, 576),
+          "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
+ROWS = (1, 2, 4, 8)
+POOL_BYTES = 256 << 20
+
+
+def time_ms(product, x: torch.Tensor, weights: list[torch.Tensor], repeats: int = 3) -> float:
+    for w in weights:  # warm-up
+        product(x, w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        for w in weights:
+            product(x, w)
+    return (time.perf_counter() - start) / (repeats * len(weights)) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_half.enabled():
+        raise SystemExit("the fp16 CPU kernel does not run here (see lcq/kernels/cpu_half.py)")
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        count = max(2, POOL_BYTES // (n * k * 4))
+        fp32 = [torch.randn(n, k) / k ** 0.5 for _ in range(count)]
+        packed, half = [pack_weight(w) for w in fp32], [w.half() for w in fp32]
+        del fp32
+        for m in ROWS:
+            x = torch.randn(m, k)
+            fp16_ms, fp32_ms = time_ms(cpu_half.half_linear, x, half), time_ms(dense_linear, x, packed)
+            rows.append({"shape": name, "m": m, "fp16_kernel_ms": round(fp16_ms, 3), "onednn_fp32_ms": round(fp32_ms, 3),
+                         "speedup": round(fp32_ms / fp16_ms, 2)})
+            print(f"{name:<18} M={m}  fp16 {fp16_ms:7.3f} ms  oneDNN fp32 {fp32_ms:7.3f} ms  x{fp32_ms / fp16_ms:.2f}",
+                  flush=True)
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    record = {"device": f"cpu: {cpu}, {os.cpu_count()} cores", "threads": args.threads,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "versions": {"python": platform.python_version(), "torch": torch.__version__},
+              "command": f"python bench/cpu_products.py --threads {args.threads}",
+              "load_average_1m": os.getloadavg()[0], "rows": rows}
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.output.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(args.output)
+    print(f"written {args.output}")
+
+
+if __name__ == "__main__":
+    main()
