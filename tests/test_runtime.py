@@ -3,12 +3,15 @@ stop handling, sampling and the async engine."""
 from __future__ import annotations
 
 import asyncio
+import platform
+import threading
 
 import pytest
 import torch
 
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
+from lcq.runtime.async_engine import return_freed_memory
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.sampler import sample
 from lcq.runtime.sequence import Sequence
@@ -154,6 +157,13 @@ def test_detokenizer_never_emits_broken_characters(llm):
     assert not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_idle_engine_can_hand_freed_memory_back():
+    from lcq.runtime import async_engine
+    assert async_engine._MALLOC_TRIM is not None
+    return_freed_memory()
+
+
 def test_async_engine_streams_aborts_and_drains(tiny, llm):
     async def scenario():
         engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8, max_queue=2))
@@ -182,6 +192,8 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
                 engine.add_request("q3", PROMPTS[2], GREEDY)
         results = [[d async for d in s] for s in streams]
         assert all(r[-1].finish_reason == "length" for r in results)
+        # Loading and every step ran on the one engine thread (one malloc arena, one OpenMP team).
+        assert [t.name for t in threading.enumerate() if t.name.startswith("lcq-engine")] == ["lcq-engine_0"]
         long_running = engine.add_request("c", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
         drain = asyncio.create_task(engine.shutdown(drain_timeout=10))
         deltas = [d async for d in long_running]

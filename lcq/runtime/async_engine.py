@@ -2,14 +2,19 @@
 stays free for HTTP; every request gets its own stream of deltas.
 
 Requests and aborts arrive on the event loop and are handed to the worker through an inbox that
-the next step drains, so the engine's state is only ever touched by one thread.
+the next step drains, so the engine's state is only ever touched by one thread. That thread is
+always the same one (loading included): one malloc arena and one OpenMP thread team, not one per
+pool thread. When the engine goes idle, heap memory freed by the last steps is handed back to the
+OS (glibc keeps it otherwise), so memory after a burst of requests returns to where it was.
 """
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import threading
-from typing import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
 
 from .config import EngineConfig
 from .engine import EngineStats, LLMEngine
@@ -18,6 +23,22 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("lcq.engine")
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _glibc_malloc_trim()
+
+
+def return_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class AsyncEngine:
@@ -32,13 +53,14 @@ class AsyncEngine:
         self._streams: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-engine")
         self.load_error: BaseException | None = None
 
     async def start(self) -> None:
         """Load the model in a thread (the server answers /health with 503 meanwhile), then loop."""
         self._wake = asyncio.Event()
         try:
-            self.engine = await asyncio.to_thread(LLMEngine, self.config)
+            self.engine = await asyncio.get_running_loop().run_in_executor(self._worker, LLMEngine, self.config)
         except BaseException as e:
             self.load_error = e
             raise
@@ -119,13 +141,15 @@ class AsyncEngine:
         return outputs + self.engine.step()
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             if not (self.engine.has_work() or self._inbox or self._aborts):
+                await loop.run_in_executor(self._worker, return_freed_memory)
                 await self._wake.wait()
                 self._wake.clear()
                 continue
             try:
-                outputs = await asyncio.to_thread(self._step)
+                outputs = await loop.run_in_executor(self._worker, self._step)
             except Exception:  # the engine isolates request failures; anything here is a bug worth logging
                 logger.exception("engine step failed")
                 await asyncio.sleep(0.1)
@@ -154,3 +178,4 @@ class AsyncEngine:
             await self._loop_task
         except asyncio.CancelledError:
             pass
+        self._worker.shutdown(wait=False)
