@@ -7,10 +7,21 @@ same at M=1 (bandwidth-bound either way). Packing replaces the plain weight, so 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
 from . import cpu_half
+
+# oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and torch's ideep layer (LRU_CACHE_CAPACITY) each keep
+# a compiled product per input shape, about 190 KB apiece, 1024 of them by default. Every new token
+# count of a step is a new shape, so a server's memory grew for several load rounds (by about
+# 400 MB for SmolLM2-135M) before those caches filled. 512 holds the shapes that recur (decode
+# batches) and bounds the growth at about half; set either variable to choose otherwise. Read when
+# oneDNN first runs a product, so this is set before any.
+for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_cache, "512")
 
 # The batch size oneDNN lays the weight out for; any batch runs. For the 49152x576 head on that CPU:
 # 8.2 ms at M=1 (7.7 laid out for 1), 15 ms at M=8 (25 laid out for 1), 55 ms at M=64 (64).
