@@ -16,12 +16,13 @@ from . import cpu_half
 
 # oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and torch's ideep layer (LRU_CACHE_CAPACITY) each keep
 # a compiled product per input shape, about 190 KB apiece, 1024 of them by default. Every new token
-# count of a step is a new shape, so a server's memory grew for several load rounds (by about
-# 400 MB for SmolLM2-135M) before those caches filled. 512 holds the shapes that recur (decode
-# batches) and bounds the growth at about half; set either variable to choose otherwise. Read when
-# oneDNN first runs a product, so this is set before any.
+# count of a step is a new shape, so a server's memory grew for several load rounds before those
+# caches filled. At 128 entries each, five 128-client rounds against one server left memory flat
+# (+16, -25, +2, +0 MiB after the first round) for about 3% fewer output tokens than at 512 (which
+# still grew 123 MiB over rounds 2-5); bench/results/serve-cpu-rounds*.json. Set either variable
+# to choose otherwise. Read when oneDNN first runs a product, so this is set before any.
 for _cache in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-    os.environ.setdefault(_cache, "512")
+    os.environ.setdefault(_cache, "128")
 
 # The batch size oneDNN lays the weight out for; any batch runs. For the 49152x576 head on that CPU:
 # 8.2 ms at M=1 (7.7 laid out for 1), 15 ms at M=8 (25 laid out for 1), 55 ms at M=64 (64).
