@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
-from lcq.kernels import LCQLinear, cpu_half, lcq_linear
+from lcq.kernels import LCQLinear, cpu_half, cpu_ops, lcq_linear, native
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -210,11 +210,46 @@ def test_half_copy_keeps_full_precision_weights_full():
     assert half_copy(fp32, exact_only=False).dtype == torch.float16
 
 
-@needs_half_kernel
-def test_half_kernel_builds_into_a_folder_once(tmp_path):
-    """As the CPU Docker image builds it into the installed package (no compiler at run time)."""
-    built = cpu_half.build(tmp_path)
-    assert built.is_file() and built.parent == tmp_path
-    stamp = built.stat().st_mtime_ns
-    assert cpu_half.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
-    assert list(tmp_path.iterdir()) == [built]  # no temporary folder left behind
+@pytest.mark.skipif(native.unsupported() is not None, reason="no C kernels here (see lcq/kernels/native.py)")
+def test_c_kernels_build_into_a_folder_once(tmp_path):
+    """As the CPU Docker image builds them into the installed package (no compiler at run time)."""
+    built = native.build_all(tmp_path)
+    assert all(path.is_file() and path.parent == tmp_path for path in built) and len(built) == len(native.SOURCES)
+    stamps = [path.stat().st_mtime_ns for path in built]
+    assert native.build_all(tmp_path) == built and [path.stat().st_mtime_ns for path in built] == stamps
+    assert sorted(tmp_path.iterdir()) == sorted(built)  # no temporary folder left behind
+
+
+needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("rows", [1, 3, 20])  # 20: the multi-threaded branch
+def test_cpu_ops_match_torch(rows):
+    """One-pass C versions of RMSNorm (with and without the residual add), rotary and SwiGLU
+    against the torch expressions: fp32 with another summation order, 1e-5."""
+    from lcq.models.layers import apply_rotary
+
+    dim, heads, kv_heads, head_dim = 72, 3, 1, 24
+    x, residual, weight = torch.randn(rows, dim), torch.randn(rows, dim), torch.randn(dim)
+    expected = weight * torch.nn.functional.rms_norm(x, (dim,), eps=1e-5)
+    out, same = cpu_ops.rms_norm(x, weight, 1e-5)
+    assert_close(out, expected, torch.float32)
+    assert same.data_ptr() == x.data_ptr()
+    total = residual + x
+    out, updated = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    assert updated is residual and torch.allclose(residual, total, atol=0, rtol=0)
+    assert_close(out, weight * torch.nn.functional.rms_norm(total, (dim,), eps=1e-5), torch.float32)
+
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
+    angles = torch.randn(rows, 1, head_dim // 2)
+    cos, sin = angles.cos(), angles.sin()
+    rotated = (heads + kv_heads) * head_dim
+    expected = torch.cat([apply_rotary(qkv[:, :rotated].view(rows, -1, head_dim), cos, sin).reshape(rows, -1),
+                          qkv[:, rotated:]], dim=1)
+    cpu_ops.rotary_(qkv, heads + kv_heads, head_dim, cos, sin)
+    assert_close(qkv, expected, torch.float32)
+
+    gate_up = torch.randn(rows, 2 * dim)
+    assert_close(cpu_ops.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:],
+                 torch.float32)

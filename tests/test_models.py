@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcq.errors import UserError
-from lcq.kernels import cpu_half
+from lcq.kernels import cpu_half, cpu_ops
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
@@ -99,7 +99,10 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
-def test_full_precision_matches_transformers(tmp_path, arch):
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
+    """With the C decode ops (cpu_ops) where they build, and with the torch path."""
+    monkeypatch.setenv("LCQ_CPU_OPS", c_ops)
     folder = make_tiny_hf(tmp_path / arch, arch)
     model, _ = load_model(folder)
     _check_against(load_reference_model(folder), model, PROMPTS)
@@ -207,7 +210,8 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
 
 
 def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
-    """The kernels on `device` against the torch path on CPU: same cache writes, same attention."""
+    """The kernels on `device` against the torch path on CPU (LCQ_CPU_OPS=0 set by the caller):
+    same cache writes, same attention."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention, store_kv
 
     head_dim = 24  # not a power of two: the kernels mask the padding
@@ -217,7 +221,8 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
     slots[0] = -1  # a padding token: written by neither path
     context = dataclasses.replace(context, slot_mapping=slots)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    torch_path = PagedAttention(context, BLOCK, torch.device("cpu"))
+    torch_path = PagedAttention(context, BLOCK, torch.device("cpu"), dtype)
+    assert not torch_path.use_cpu_ops
     torch_path.write(k, v, expected_k, expected_v)
     scale = head_dim ** -0.5
     expected = torch_path.attend(q, expected_k, expected_v, scale)
@@ -243,12 +248,42 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
 @PAGED_CASES
-def test_triton_paged_attention_matches_torch_path(new, cached, heads, kv_heads, dtype):
+def test_triton_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, dtype):
+    monkeypatch.setenv("LCQ_CPU_OPS", "0")
     _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, "cpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @PAGED_CASES
-def test_triton_paged_attention_on_cuda(new, cached, dtype):
+def test_triton_paged_attention_on_cuda(monkeypatch, new, cached, dtype):
+    monkeypatch.setenv("LCQ_CPU_OPS", "0")
     _check_triton_paged_attention(new, cached, 8, 2, dtype, "cuda")
+
+
+needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (9, 3)])
+@PAGED_CASES
+def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads):
+    """The C cache writes are copies (exact); C decode attention sums in another order than SDPA."""
+    head_dim = 24
+    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, torch.float32)
+    q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
+    scale = head_dim ** -0.5
+    results = {}
+    for c_ops in ("0", "1"):
+        monkeypatch.setenv("LCQ_CPU_OPS", c_ops)
+        paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32)
+        assert paged.use_cpu_ops == (c_ops == "1")
+        caches = k_cache.clone(), v_cache.clone()
+        paged.write(k, v, *caches)
+        out = paged.attend(q, *caches, scale)
+        for i, length in enumerate(context.context_lens.tolist()):
+            if length == 0:  # padding sequences: zeros from C, undefined from SDPA
+                out[context.query_start[i]:context.query_start[i + 1]] = 0
+        results[c_ops] = (*caches, out)
+    for expected, got in zip(results["0"], results["1"]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -4,8 +4,10 @@ cached tokens.
 A step's cache layout is the same for every layer, so PagedAttention works it out once per
 forward pass and every layer reuses it. CUDA tensors go to the Triton kernels in
 lcq.kernels.paged_attention (imported only then, so CPU-only installs work without triton);
-everything else takes the torch path here: gather each sequence's cached K/V rows with one index
-and call F.scaled_dot_product_attention, batching all sequences of a decode step together.
+fp32 CPU caches take the C kernels of lcq.kernels.cpu_ops for writes and decode steps (attention
+read through the block tables, no copy of the cache); everything else takes the torch path here:
+gather each sequence's cached K/V rows with one index and call F.scaled_dot_product_attention,
+batching all sequences of a decode step together.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from lcq.kernels import cpu_ops
 
 from .context import ForwardContext
 
@@ -23,10 +27,12 @@ class PagedAttention:
     """The cache reads and writes of one step. New token j of a sequence with n new tokens and
     context length L sits at position L - n + j and sees cache positions 0 .. L - n + j."""
 
-    def __init__(self, context: ForwardContext, block_size: int, device: torch.device):
+    def __init__(self, context: ForwardContext, block_size: int, device: torch.device, dtype: torch.dtype):
+        """dtype: the activations' and the cache's."""
         self.context = context
         self.use_triton = device.type == "cuda" and _HAS_TRITON
-        if self.use_triton:
+        self.use_cpu_ops = device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
+        if self.use_triton or (self.use_cpu_ops and not context.is_prefill):
             return
         keep = context.slot_mapping >= 0
         self.write_rows = None if bool(keep.all()) else keep
@@ -56,6 +62,8 @@ class PagedAttention:
         if self.use_triton:
             from lcq.kernels.paged_attention import store_kv
             return store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
+        if self.use_cpu_ops:
+            return cpu_ops.store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
         if self.write_rows is not None:
             k, v = k[self.write_rows], v[self.write_rows]
         k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = k
@@ -70,6 +78,8 @@ class PagedAttention:
                 return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
                                      c.max_query_len, scale)
+        if self.use_cpu_ops and not c.is_prefill:
+            return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         if not c.is_prefill:  # (S, kv_heads, max_len, d) for all sequences at once
             keys = k_rows[self.read_slots].transpose(1, 2)

@@ -1,10 +1,16 @@
-"""Small building blocks of a Llama-family decoder: RMSNorm, rotary embedding, SwiGLU."""
+"""Small building blocks of a Llama-family decoder: RMSNorm, rotary embedding, SwiGLU.
+
+fp32 CPU tensors take the one-call C versions (lcq.kernels.cpu_ops) where they build; the torch
+expressions below are the same computations for every other device and dtype.
+"""
 from __future__ import annotations
 
 import math
 
 import torch
 import torch.nn.functional as F
+
+from lcq.kernels import cpu_ops
 
 
 class RMSNorm(torch.nn.Module):
@@ -13,9 +19,14 @@ class RMSNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(size, dtype=dtype), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalised in fp32, scaled in the model dtype, as transformers does."""
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(s), s) for s = x, or s = residual + x (the decoder's residual stream, added here so
+        that the C path does the add and the norm in one pass; it updates residual in place).
+        Normalised in fp32, scaled in the model dtype, as transformers does."""
+        if cpu_ops.usable(x, residual, self.weight):
+            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+        s = x if residual is None else residual + x
+        return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
 
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -69,6 +80,24 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
 
 
+def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split a fused projection (T, (heads + 2 kv_heads) d) into q, k, v (T, heads, d), q and k
+    rotated (on the C path in place, so q, k and v stay views of qkv)."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1:
+        cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    else:
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, num_heads, head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, num_kv_heads, head_dim), cos, sin)
+    return (q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim),
+            v.reshape(-1, num_kv_heads, head_dim))
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if cpu_ops.usable(gate_up):
+        return cpu_ops.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -15,7 +15,7 @@ from lcq.kernels.cpu_matmul import dense_linear
 from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
-from .layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, rotary_qkv, silu_and_mul
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 
@@ -33,13 +33,10 @@ class Attention(torch.nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        attention.write(k, v.view(-1, self.num_kv_heads, self.head_dim), self.k_cache, self.v_cache)
+        q, k, v = rotary_qkv(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, *rope)
+        attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(out.reshape(-1, q_size))
+        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
 
 
 class MLP(torch.nn.Module):
@@ -61,9 +58,13 @@ class DecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(f"{prefix}.mlp", make_linear)
 
-    def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), rope, attention)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope, attention: PagedAttention
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream is carried beside the layer's output and added by the next norm:
+        (mlp output, residual) here, their sum is the transformers layer's output."""
+        hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.post_attention_layernorm(self.self_attn(hidden, rope, attention), residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -90,10 +91,11 @@ class LlamaModel(torch.nn.Module):
             raise RuntimeError("bind_kv_cache before the first forward pass")
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
-        attention = PagedAttention(context, self.block_size, hidden.device)
+        attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype)
+        residual = None
         for layer in self.layers:
-            hidden = layer(hidden, rope, attention)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, rope, attention)
+        return self.norm(hidden, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

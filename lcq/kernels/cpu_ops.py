@@ -1,0 +1,104 @@
+"""The small operations of a CPU decode step in one C call each (cpu_ops.c).
+
+torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rotary embedding and
+SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;
+decode attention gathered every cached K/V row into a new tensor before it could call SDPA. The C
+versions do one pass each and attention reads the paged cache in place. Used for fp32 CPU tensors
+where the library builds (native.py); LCQ_CPU_OPS=0 keeps the torch path everywhere.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from . import native
+
+SOURCE = Path(__file__).with_name("cpu_ops.c")
+
+
+def usable(*tensors: torch.Tensor | None) -> bool:
+    """True when the C ops run here and every given tensor is an fp32 CPU tensor."""
+    return (all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
+            and os.environ.get("LCQ_CPU_OPS", "1") != "0" and library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * norm(s), s) for s = x, or s = residual + x written into residual."""
+    x = x.contiguous()
+    if residual is not None and not residual.is_contiguous():
+        raise ValueError("rms_norm updates the residual in place: it must be contiguous")
+    out = torch.empty_like(x)
+    library().lcq_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                           out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    return out, x if residual is None else residual
+
+
+def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate, in place, the first `heads` heads of every row of x (tokens, width);
+    cos and sin hold (tokens, head_dim / 2) values."""
+    if x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or heads * head_dim > x.shape[-1]:
+        raise ValueError("rotary_ needs unit-stride rows holding the heads and contiguous cos/sin tables")
+    library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up (..., 2 * width) = [gate, up]."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty(*gate_up.shape[:-1], width)
+    library().lcq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width)
+    return out
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slots: torch.Tensor) -> None:
+    """k, v (tokens, kv_heads, head_dim), rows of one stride, into cache slots (int64; -1 skipped)."""
+    width = k_cache.shape[2] * k_cache.shape[3]
+    rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v)) and k.stride(0) == v.stride(0)
+    if not (rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == torch.int64):
+        raise ValueError("store_kv needs packed K/V rows of one stride, contiguous caches and int64 slots")
+    slots = slots.contiguous()
+    library().lcq_store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+                           slots.data_ptr(), k.shape[0], width)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens -> same shape."""
+    q = q.contiguous()
+    block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("decode_attention takes int32 block tables and context lengths")
+    seqs, heads, head_dim = q.shape
+    out = torch.empty_like(q)
+    status = library().lcq_decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
+        context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale)
+    if status != 0:
+        raise MemoryError("decode_attention could not allocate its score buffers")
+    return out
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled ops (native.load), or None where they cannot run here."""
+    lib = native.load(SOURCE)
+    if lib is None:
+        return None
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
+    signatures = {
+        "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
+        "lcq_rotary": [p, i64, i64, i32, i32, p, p],
+        "lcq_silu_mul": [p, p, i64, i64],
+        "lcq_store_kv": [p, p, i64, p, p, p, i64, i32],
+        "lcq_decode_attention": [p, p, p, p, i32, p, p, i32, i32, i32, i32, i32, f32],
+    }
+    for name, argtypes in signatures.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = ctypes.c_int if name == "lcq_decode_attention" else None
+    return lib
