@@ -102,7 +102,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""
-    monkeypatch.setenv("LCQ_CPU_OPS", c_ops)
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path / arch, arch)
     model, _ = load_model(folder)
     _check_against(load_reference_model(folder), model, PROMPTS)
@@ -210,7 +210,7 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
 
 
 def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
-    """The kernels on `device` against the torch path on CPU (LCQ_CPU_OPS=0 set by the caller):
+    """The kernels on `device` against the torch path on CPU (cpu_ops switched off by the caller):
     same cache writes, same attention."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention, store_kv
 
@@ -249,7 +249,7 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
 @PAGED_CASES
 def test_triton_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, dtype):
-    monkeypatch.setenv("LCQ_CPU_OPS", "0")
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
     _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, "cpu")
 
 
@@ -257,7 +257,7 @@ def test_triton_paged_attention_matches_torch_path(monkeypatch, new, cached, hea
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @PAGED_CASES
 def test_triton_paged_attention_on_cuda(monkeypatch, new, cached, dtype):
-    monkeypatch.setenv("LCQ_CPU_OPS", "0")
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
     _check_triton_paged_attention(new, cached, 8, 2, dtype, "cuda")
 
 
@@ -275,7 +275,7 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
     scale = head_dim ** -0.5
     results = {}
     for c_ops in ("0", "1"):
-        monkeypatch.setenv("LCQ_CPU_OPS", c_ops)
+        monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
         paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32)
         assert paged.use_cpu_ops == (c_ops == "1")
         caches = k_cache.clone(), v_cache.clone()

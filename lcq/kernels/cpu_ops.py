@@ -20,10 +20,19 @@ from . import native
 SOURCE = Path(__file__).with_name("cpu_ops.c")
 
 
+# LCQ_CPU_OPS=0 keeps the torch path (read at import; tests switch ENABLED itself).
+ENABLED = os.environ.get("LCQ_CPU_OPS", "1") != "0"
+
+
 def usable(*tensors: torch.Tensor | None) -> bool:
-    """True when the C ops run here and every given tensor is an fp32 CPU tensor."""
-    return (all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in tensors)
-            and os.environ.get("LCQ_CPU_OPS", "1") != "0" and library() is not None)
+    """True when the C ops run here and every given tensor is an fp32 CPU tensor. Called several
+    times per layer and token, so kept to attribute reads."""
+    if not (ENABLED and library() is not None):
+        return False
+    for t in tensors:
+        if t is not None and (t.dtype is not torch.float32 or not t.is_cpu):
+            return False
+    return True
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
