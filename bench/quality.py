@@ -85,6 +85,7 @@ class Run:
     rank: int = 1
     init: str = "kmeans"
     epochs: int | None = None  # None: the study's setting
+    assign: str = "nearest"  # lcq: nearest entry, or GPTQ's error-compensating sweep
 
     @property
     def key(self) -> str:
@@ -94,6 +95,7 @@ class Run:
         if self.method == "lcq":
             name += f"r{self.rank}" + ("-rtninit" if self.init == "rtn" else "")
             name += "" if self.epochs is None else f"-e{self.epochs}"
+            name += "" if self.assign == "nearest" else f"-{self.assign}"
         return name
 
 
@@ -107,6 +109,7 @@ def study_runs(quick: bool) -> list[Run]:
     if not quick:
         runs += [Run("lcq", b, 2, init="rtn") for b in bits] + [Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
         runs += [Run("lcq", b, 2, epochs=10) for b in (2, 3, 4)]  # the quantizer's default epochs
+        runs += [Run("lcq", b, 2, assign=a) for a in ("gptq", "gptq-refit") for b in (4, 3, 2)]
     return runs
 
 
@@ -121,6 +124,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += f" --nsamples {settings['nsamples']} --seqlen {settings['seqlen']}"
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
+        cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
     return cmd
 
 
@@ -129,7 +133,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
     """Quantize (unless fp16, or `reuse` names a folder made with the row's settings) and evaluate one row."""
     row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
                  "init": run.init if run.method == "lcq" else None,
-                 "epochs": epochs_of(run, settings) if run.method == "lcq" else None}
+                 "epochs": epochs_of(run, settings) if run.method == "lcq" else None,
+                 "assign": run.assign if run.method == "lcq" else None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -144,7 +149,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         shutil.rmtree(model_dir, ignore_errors=True)
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=settings["nsamples"], seqlen=settings["seqlen"],
-                                  epochs=epochs_of(run, settings), init=run.init, seed=0)
+                                  epochs=epochs_of(run, settings), init=run.init, assign=run.assign, seed=0)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command)
@@ -162,8 +167,9 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
                 "nsamples": settings["nsamples"], "seqlen": settings["seqlen"]}
     if run.method == "lcq":
-        expected.update(epochs=epochs_of(run, settings), init=run.init)
-    wrong = {k: (quant.get(k), v) for k, v in expected.items() if quant.get(k) != v}
+        expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign)
+    recorded = {"assign": "nearest", **quant}  # folders from before --assign existed
+    wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
 
@@ -218,8 +224,12 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     default_epochs = results["settings"]["epochs"]
     series = [("RTN", "s", lambda r: r["method"] == "rtn"), ("GPTQ", "^", lambda r: r["method"] == "gptq")]
+    nearest = lambda r: r.get("assign") in (None, "nearest")  # noqa: E731 (rows from before --assign)
     series += [(f"LCQ r{rank}", "o", lambda r, rank=rank: r["method"] == "lcq" and r["rank"] == rank
-                and r["init"] == "kmeans" and r["epochs"] == default_epochs) for rank in (1, 2, 4)]
+                and r["init"] == "kmeans" and r["epochs"] == default_epochs and nearest(r)) for rank in (1, 2, 4)]
+    series += [(f"LCQ r2, {a} assignment", marker, lambda r, a=a: r["method"] == "lcq" and r["rank"] == 2
+                 and r["epochs"] == default_epochs and r.get("assign") == a)
+               for a, marker in (("gptq", "P"), ("gptq-refit", "X"))]
     series += [("LCQ r2, RTN-grid init", "v", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["init"] == "rtn"
                  and r["epochs"] == default_epochs)]
     series += [("LCQ r2, 1 epoch", "D", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 1
@@ -276,12 +286,14 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
     rows = results["rows"]
     s = results["settings"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
-    table = ["| row | method | bits | rank | init | epochs | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0)):
+    table = ["| row | method | bits | rank | init | epochs | assign | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0,
+                                         r.get("assign") or "")):
+        assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
-                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {assign} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
                      f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX

@@ -12,8 +12,8 @@ from lcq.cli import main
 from lcq.format import CheckpointReader, dequantize
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, optimize_block
-from lcq.quantizer.fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
-from lcq.quantizer.gptq import gptq_indices
+from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
@@ -85,6 +85,27 @@ def test_gptq_output_error_below_rtn():
         idx = gptq_indices(w, 2 * x.t() @ x / x.shape[0], stored_codebook(book).values(), 32, act_order)
         gptq = pack(book, wg, w.shape[1], 3, 32, indices=idx)
         assert (x @ (w - dequantize(gptq)).t()).pow(2).mean() < (x @ (w - dequantize(rtn)).t()).pow(2).mean()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_codebooks_refit_to_gptq_indices_lower_the_output_error(bits):
+    """For fixed indices the refit S and B are the least-squares optimum of the layer's output
+    error, so they beat the codebooks the indices were chosen with (float codebooks, K with a
+    partial group)."""
+    w = next(_matrices())[1][:, :100]
+    x = _inputs(w.shape[1])
+    hessian = x.t() @ x / x.shape[0]
+    wg = grouped(w, 32)
+    book = lcq_init(wg, grouped_importance(hessian.diagonal(), w.shape[1], 32, w.device), bits, 2, "kmeans")
+    idx = gptq_indices(w, 2 * hessian, stored_codebook(book).values(), 32)
+    s, b = fit_codebooks_to_indices(w, hessian, idx, book.s, book.v, book.b, 32)
+
+    def output_error(candidate: Codebook) -> float:
+        wq = torch.gather(candidate.values(), 2, idx).reshape(w.shape[0], -1)[:, :w.shape[1]]
+        return float((x @ (w - wq).t()).pow(2).mean())
+
+    assert s.shape == book.s.shape and b.shape == book.b.shape
+    assert output_error(Codebook(s, book.v, b)) < 0.98 * output_error(book)
 
 
 def test_blockwise_optimization_lowers_block_loss():

@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=1e-2,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
+    q.add_argument("--assign", default="nearest",
+                   help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
+                        "learned codebooks, pushing each column's error onto the columns not yet assigned) or "
+                        "gptq-refit (the sweep, S and B refit to its indices through the Hessian, a second sweep)")
     q.add_argument("--device", default="cpu")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--batch-size", type=int, default=4, help="calibration sequences per optimizer step")
@@ -61,7 +65,7 @@ def _quantize(args: argparse.Namespace) -> int:
     rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1
     options = QuantizeOptions(bits=args.bits, rank=rank, group_size=args.group_size, method=args.method,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
-                              init=args.init, device=args.device, act_order=args.act_order, seed=args.seed,
+                              init=args.init, assign=args.assign, device=args.device, act_order=args.act_order, seed=args.seed,
                               batch_size=args.batch_size)
     check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()

@@ -21,13 +21,16 @@ from lcq.format import (CheckpointReader, PackedLinear, copy_model_assets, dequa
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
-from .fit import grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
-from .gptq import gptq_indices
+from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from .gptq import fit_codebooks_to_indices, gptq_indices
 from .reference import hf_config, read_config
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 METHODS = ("lcq", "rtn", "gptq")
+# How LCQ picks each weight's index: its nearest codebook entry; GPTQ's sweep over the codebooks;
+# or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
+ASSIGNMENTS = ("nearest", "gptq", "gptq-refit")
 PROGRESS_FILE = "lcq-progress.json"
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
@@ -44,6 +47,7 @@ class QuantizeOptions:
     epochs: int = 10
     lr: float = 1e-2
     init: str = "kmeans"
+    assign: str = "nearest"
     device: str = "cpu"
     act_order: bool = False
     seed: int = 0
@@ -65,6 +69,8 @@ class QuantizeOptions:
             # RTN at rank > 1 is the same grid with unused extra ranks (a cheap way to make rank-r files).
             (self.method != "gptq" or self.rank == 1, "--method gptq uses the uniform grid: --rank must be 1"),
             (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
+            (self.assign in ASSIGNMENTS, f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign})"),
+            (self.method == "lcq" or self.assign == "nearest", "--assign applies to --method lcq only"),
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
             (self.lr > 0, f"--lr must be positive (got {self.lr})"),
@@ -80,6 +86,11 @@ class QuantizeOptions:
     @property
     def needs_data(self) -> bool:
         return self.method != "rtn"
+
+    @property
+    def gptq_indices(self) -> bool:
+        """Whether the final indices come from GPTQ's error-compensating sweep (needs full X^T X)."""
+        return self.method == "gptq" or self.assign != "nearest"
 
     def recorded(self) -> dict:
         """The options as stored with the output (calibration text by size, not content)."""
@@ -174,14 +185,14 @@ def _quantize_block(source: _Source, block: torch.nn.Module, options: QuantizeOp
     call = block_call(block, source.rotary)
     weights = {name: block.get_submodule(name).weight.detach().float() for name in LINEARS}
     biases = {name: block.get_submodule(name).bias for name in LINEARS}
-    stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.method == "gptq") \
+    stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
     fits = []
     for name, w in weights.items():
         wg = grouped(w, options.group_size)
         diag = None
         if name in stats:
-            diag = stats[name].diagonal() if options.method == "gptq" else stats[name]
+            diag = stats[name].diagonal() if options.gptq_indices else stats[name]
         h = grouped_importance(diag, w.shape[1], options.group_size, w.device)
         if options.method == "lcq":
             book = lcq_init(wg, h, options.bits, options.rank, options.init)
@@ -198,9 +209,18 @@ def _quantize_block(source: _Source, block: torch.nn.Module, options: QuantizeOp
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
         indices = None
-        if options.method == "gptq":
-            indices = gptq_indices(weights[f.name], 2 * stats[f.name], stored_codebook(f.book).values(),
-                                   options.group_size, options.act_order)
+        if options.gptq_indices:
+            hessian = 2 * stats[f.name]
+
+            def sweep() -> torch.Tensor:
+                return gptq_indices(weights[f.name], hessian, stored_codebook(f.book).values(), options.group_size,
+                                    options.act_order)
+            indices = sweep()
+            if options.assign == "gptq-refit":
+                s, b = fit_codebooks_to_indices(weights[f.name], hessian, indices, f.book.s, f.book.v, f.book.b,
+                                                options.group_size)
+                f.book = Codebook(s, f.book.v, b)
+                indices = sweep()  # the refit codebook, dual-quantized, is what the indices must serve
         packed[f.name] = pack(f.book, f.wg, f.in_features, options.bits, options.group_size, bias, indices)
     return packed, losses
 
@@ -290,7 +310,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method,
         modules_not_quantized=["model.embed_tokens", "model.norm", "lm_head"],
-        **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "init", "act_order", "calib_chars")})
+        **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "init", "assign", "act_order", "calib_chars")})
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
