@@ -133,7 +133,7 @@ def test_dockerfile_installs_and_serves_like_the_makefile(name):
     assert (text.count("FROM ") >= 2) and "COPY --from=build" in text
     assert ("nvidia/cuda" in text) == (name == "Dockerfile")
     if name == "Dockerfile.cpu":  # the C kernels are built in the build stage, into the package
-        assert "native.build_all(native.SOURCES[0].parent)" in text.split("\nFROM ")[1]
+        assert "native.build(native.FOLDER)" in text.split("\nFROM ")[1]
     assert (DOCKER / f"{name}.dockerignore").is_file()
 
 

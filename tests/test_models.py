@@ -287,3 +287,25 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
         results[c_ops] = (*caches, out)
     for expected, got in zip(results["0"], results["1"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_ops
+@pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the qkv bias
+def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch):
+    """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
+    logits to the Python layers, over decode steps of several sequences of different lengths."""
+    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
+    model, _ = load_model(folder)
+    runs = []
+    for one_call in (True, False):
+        batch = PagedBatch(model)
+        assert model.cpu_decoder is not None
+        if not one_call:
+            model.cpu_decoder = None
+        seqs = [batch.add() for _ in PROMPTS]
+        logits = [batch.step({s: p for s, p in zip(seqs, PROMPTS)})]
+        for _ in range(4):
+            logits.append(batch.step({s: [t] for s, t in zip(seqs, logits[-1].argmax(-1).tolist())}))
+        runs.append(torch.stack(logits))
+    assert torch.equal(runs[0], runs[1])

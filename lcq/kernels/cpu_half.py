@@ -14,13 +14,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import torch
 
 from . import native
 
-SOURCE = Path(__file__).with_name("cpu_half.c")
 MAX_ROWS = 8  # the kernel keeps one accumulator per activation row in registers
 
 
@@ -45,7 +43,7 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel (native.load), or None where it cannot run here."""
-    lib = native.load(SOURCE)
+    lib = native.load()
     if lib is not None:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
         lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer]

@@ -11,13 +11,11 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-from pathlib import Path
 
 import torch
 
 from . import native
 
-SOURCE = Path(__file__).with_name("cpu_ops.c")
 
 
 # LCQ_CPU_OPS=0 keeps the torch path (read at import; tests switch ENABLED itself).
@@ -79,15 +77,17 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens -> same shape."""
-    q = q.contiguous()
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
     if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
         raise ValueError("decode_attention takes int32 block tables and context lengths")
     seqs, heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    out = q.new_empty(q.shape)
     status = library().lcq_decode_attention(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(), block_tables.shape[1],
-        context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale)
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
+        k_cache.shape[1], scale)
     if status != 0:
         raise MemoryError("decode_attention could not allocate its score buffers")
     return out
@@ -96,7 +96,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled ops (native.load), or None where they cannot run here."""
-    lib = native.load(SOURCE)
+    lib = native.load()
     if lib is None:
         return None
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
@@ -105,9 +105,10 @@ def library() -> ctypes.CDLL | None:
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32],
-        "lcq_decode_attention": [p, p, p, p, i32, p, p, i32, i32, i32, i32, i32, f32],
+        "lcq_decode_attention": [p, i64, p, p, p, i32, p, p, i32, i32, i32, i32, i32, f32],
+        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, p],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name == "lcq_decode_attention" else None
+        getattr(lib, name).restype = ctypes.c_int if name in ("lcq_decode_attention", "lcq_decode_layers") else None
     return lib

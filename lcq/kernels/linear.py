@@ -67,6 +67,13 @@ class LCQLinear(torch.nn.Module):
         self._half = half_copy(weight, exact_only=False)
         self._dense = pack_weight(weight)
 
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(fp16 weight, fp32 bias or None) for the one-call CPU decode step, where this layer keeps
+        the fp16 copy."""
+        if self._half is None:
+            return None
+        return self._half, None if self.layer.bias is None else self.layer.bias.float().contiguous()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense:
             if self._dense is None or self._dense.dtype != x.dtype:

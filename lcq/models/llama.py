@@ -15,6 +15,7 @@ from lcq.kernels.cpu_matmul import dense_linear
 from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
+from .cpu_decode import CpuDecoder
 from .layers import RMSNorm, RotaryEmbedding, rotary_qkv, silu_and_mul
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -84,6 +85,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU decode (set by the loader)
+        self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -91,6 +93,8 @@ class LlamaModel(torch.nn.Module):
             raise RuntimeError("bind_kv_cache before the first forward pass")
         hidden = self.embed_tokens(input_ids)
         rope = self.rotary(positions)
+        if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
+            return self.norm(self.cpu_decoder(hidden, rope, context))[0]
         attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype)
         residual = None
         for layer in self.layers:
@@ -108,6 +112,7 @@ class LlamaModel(torch.nn.Module):
         for layer, k, v in zip(self.layers, k_caches, v_caches):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
         self.block_size = k_caches[0].shape[1]
+        self.cpu_decoder = CpuDecoder.build(self)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         c = self.config

@@ -25,6 +25,12 @@ class DenseLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(fp16 weight, fp32 bias or None) for the one-call CPU decode step, where the copy exists."""
+        if self.half is None or (self.bias is not None and self.bias.dtype != torch.float32):
+            return None
+        return self.half, self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias, self.half)
 

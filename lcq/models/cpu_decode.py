@@ -1,0 +1,77 @@
+"""A decode step of every decoder layer in one C call, for 1 to 8 sequences on a CPU.
+
+What CUDA graphs do on a GPU: at batch 1 a small model's matrix products take about half of a
+CPU decode step, and the rest was Python calling a dozen operations per layer. The C loop
+(lcq_decode_layers in lcq/kernels/cpu_ops.c) runs the same kernels in the same order as the
+Python layers on this path (fp16 weight copies, the C norms, rotary, cache writes and attention),
+so both give the same numbers; the Python layers remain the path for prefill, GPUs and any model
+this one cannot take.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from lcq.kernels import cpu_half, cpu_ops
+
+from .context import ForwardContext
+
+
+class CpuDecoder:
+    """The pointer table of a model's layers (weights, norms, KV caches), built once after the caches
+    are bound; `runs` says whether a step can take it."""
+
+    def __init__(self, model: torch.nn.Module, tensors: list[torch.Tensor | None]):
+        c = model.config
+        self.model = model
+        self.tensors = tensors  # kept alive: the table holds their addresses
+        self.table = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+        self.sizes = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
+        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.work_per_row = 2 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size
+
+    @classmethod
+    def build(cls, model: torch.nn.Module) -> CpuDecoder | None:
+        """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer has
+        an fp16 copy for decode (LCQ layers on CPU; full-precision ones read from fp16 files)."""
+        if model.embed_tokens.weight.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
+            return None
+        if not cpu_ops.usable():
+            return None
+        tensors: list[torch.Tensor | None] = []
+        for layer in model.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
+            weights = [linear.decode_weights() for linear in linears]
+            if any(w is None for w in weights) or attention.k_cache.dtype != torch.float32:
+                return None
+            (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = weights
+            tensors += [layer.input_layernorm.weight, qkv, qkv_bias, o, o_bias, layer.post_attention_layernorm.weight,
+                        gate_up, gate_up_bias, down, down_bias, attention.k_cache, attention.v_cache]
+        if not all(t is None or (t.is_contiguous() and t.is_cpu) for t in tensors):
+            return None
+        return cls(model, tensors)
+
+    def runs(self, context: ForwardContext) -> bool:
+        return not context.is_prefill and 1 <= context.num_seqs <= cpu_half.MAX_ROWS and cpu_ops.ENABLED
+
+    def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: ForwardContext
+                 ) -> torch.Tensor:
+        """Embeddings (rows, hidden) -> the residual stream after the last layer (before the final norm)."""
+        x = hidden.contiguous()  # the embedding lookup's own tensor: updated in place
+        cos, sin = (t.contiguous() for t in rope)
+        tables, lengths = context.block_tables.contiguous(), context.context_lens.contiguous()
+        slots = context.slot_mapping.contiguous()
+        rows = x.shape[0]
+        work = torch.empty(rows * self.work_per_row)
+        hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
+        attention = self.model.layers[0].self_attn
+        status = cpu_ops.library().lcq_decode_layers(
+            self.table, len(self.model.layers), x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim,
+            intermediate, self.model.layers[0].input_layernorm.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
+            tables.data_ptr(), tables.shape[1], lengths.data_ptr(), attention.k_cache.shape[1], attention.scale,
+            work.data_ptr())
+        if status != 0:
+            raise MemoryError("the C decode step could not allocate its attention buffers")
+        return x
