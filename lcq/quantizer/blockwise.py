@@ -4,6 +4,11 @@ gradient descent on the block's output error.
 The block with quantized weights sees the output of the already-quantized previous blocks; its
 target is the full-precision block's output. The nearest-entry assignment is recomputed in every
 forward pass, so the gradient reaches exactly the codebook entries in use.
+
+The error is measured per token relative to the token's size (block_error): everything that reads
+the residual stream reads it through an RMSNorm, and a plain MSE is ruled by the attention-sink
+token, whose hidden state in SmolLM2-135M is about 25,000 in norm against a median of 150 (99% of
+the squared norm of a calibration batch from block 15 on).
 """
 from __future__ import annotations
 
@@ -44,6 +49,11 @@ def block_call(block: torch.nn.Module, rotary: Callable[[torch.Tensor], tuple[to
     return call
 
 
+def block_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of |output - target|^2 / |target|^2."""
+    return ((outputs - targets).pow(2).sum(-1) / targets.pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
 @torch.no_grad()
 def run_block(call: BlockCall, weights: dict[str, torch.Tensor], inputs: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.cat([call(weights, inputs[i:i + batch]) for i in range(0, inputs.shape[0], batch)])
@@ -53,7 +63,7 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
     with torch.no_grad():
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         outputs = run_block(call, weights, inputs, batch)
-        return float(torch.nn.functional.mse_loss(outputs, targets))
+        return float(block_error(outputs, targets))
 
 
 def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
@@ -82,7 +92,7 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
         for i in range(0, inputs.shape[0], batch):
             rows = order[i:i + batch].to(inputs.device)
             weights = {f"{f.name}.weight": f.weight() for f in fits}
-            loss = torch.nn.functional.mse_loss(call(weights, inputs[rows]), targets[rows])
+            loss = block_error(call(weights, inputs[rows]), targets[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
