@@ -11,7 +11,7 @@ import torch
 from lcq.cli import main
 from lcq.format import CheckpointReader, dequantize
 from lcq.quantizer import QuantizeOptions, quantize_model
-from lcq.quantizer.blockwise import LayerFit, optimize_block
+from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.reference import load_reference_model
@@ -106,6 +106,17 @@ def test_codebooks_refit_to_gptq_indices_lower_the_output_error(bits):
 
     assert s.shape == book.s.shape and b.shape == book.b.shape
     assert output_error(Codebook(s, book.v, b)) < 0.98 * output_error(book)
+
+
+def test_block_error_counts_each_token_relative_to_its_size():
+    """An attention-sink token 1000x larger than the others must not outweigh them."""
+    targets = torch.ones(1, 3, 4)
+    targets[0, 0] *= 1000
+    on_small, on_sink = targets.clone(), targets.clone()
+    on_small[0, 1] += 0.1
+    on_sink[0, 0] += 0.1
+    assert block_error(on_small, targets) > 1000 * block_error(on_sink, targets)
+    assert block_error(targets, targets) == 0
 
 
 def test_blockwise_optimization_lowers_block_loss():
