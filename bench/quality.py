@@ -85,7 +85,8 @@ class Run:
     rank: int = 1
     init: str = "kmeans"
     epochs: int | None = None  # None: the study's setting
-    assign: str = "nearest"  # lcq: nearest entry, or GPTQ's error-compensating sweep
+    assign: str = "nearest"  # lcq: nearest entry, GPTQ's error-compensating sweep, or the sweep with a refit
+    act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
 
     @property
     def key(self) -> str:
@@ -96,6 +97,7 @@ class Run:
             name += f"r{self.rank}" + ("-rtninit" if self.init == "rtn" else "")
             name += "" if self.epochs is None else f"-e{self.epochs}"
             name += "" if self.assign == "nearest" else f"-{self.assign}"
+        name += "-act" if self.act_order else ""
         return name
 
 
@@ -110,6 +112,8 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", b, 2, init="rtn") for b in bits] + [Run("lcq", 3, 2, epochs=1), Run("lcq", 2, 2, epochs=1)]
         runs += [Run("lcq", b, 2, epochs=10) for b in (2, 3, 4)]  # the quantizer's default epochs
         runs += [Run("lcq", b, 2, assign=a) for a in ("gptq", "gptq-refit") for b in (4, 3, 2)]
+        runs += [Run("lcq", 3, 2, epochs=10, assign="gptq-refit")]
+        runs += [Run("lcq", 4, 2, assign="gptq", act_order=True), Run("lcq", 3, 2, assign="gptq-refit", act_order=True)]
     return runs
 
 
@@ -125,6 +129,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
+    cmd += " --act-order" if run.act_order else ""
     return cmd
 
 
@@ -134,7 +139,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
     row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
                  "init": run.init if run.method == "lcq" else None,
                  "epochs": epochs_of(run, settings) if run.method == "lcq" else None,
-                 "assign": run.assign if run.method == "lcq" else None}
+                 "assign": run.assign if run.method == "lcq" else None, "act_order": run.act_order}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -149,7 +154,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         shutil.rmtree(model_dir, ignore_errors=True)
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=settings["nsamples"], seqlen=settings["seqlen"],
-                                  epochs=epochs_of(run, settings), init=run.init, assign=run.assign, seed=0)
+                                  epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
+                                  act_order=run.act_order, seed=0)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command)
@@ -167,7 +173,7 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
                 "nsamples": settings["nsamples"], "seqlen": settings["seqlen"]}
     if run.method == "lcq":
-        expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign)
+        expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order)
     recorded = {"assign": "nearest", **quant}  # folders from before --assign existed
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
