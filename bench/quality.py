@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
+from lcq.quantizer.pipeline import DEFAULT_LR  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402
@@ -94,6 +95,7 @@ class Run:
     epochs: int | None = None  # None: the study's setting
     assign: str = "nearest"  # lcq: nearest entry, GPTQ's error-compensating sweep, or the sweep with a refit
     act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
+    nsamples: int | None = None  # calibration windows; None: the study's setting
 
     @property
     def key(self) -> str:
@@ -105,6 +107,7 @@ class Run:
             name += "" if self.epochs is None else f"-e{self.epochs}"
             name += "" if self.assign == "nearest" else f"-{self.assign}"
         name += "-act" if self.act_order else ""
+        name += "" if self.nsamples is None else f"-n{self.nsamples}"
         return name
 
 
@@ -122,6 +125,10 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 3, 2, epochs=10, assign="gptq-refit")]
         runs += [Run("lcq", 4, 2, assign="gptq", act_order=True), Run("lcq", 3, 2, assign="gptq-refit", act_order=True)]
         runs += [Run("lcq", 3, 4, assign="gptq-refit", act_order=True), Run("lcq", 4, 2, assign="gptq-refit", act_order=True)]
+        more = 64  # 4x the calibration tokens: the GPTQ Hessians are the estimate that needs them most
+        runs += [Run("lcq", 3, 4, assign="gptq-refit", act_order=True, nsamples=more),
+                 Run("lcq", 4, 2, assign="gptq", nsamples=more), Run("gptq", 4, nsamples=more),
+                 Run("gptq", 3, nsamples=more), Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=more)]
     return runs
 
 
@@ -129,11 +136,15 @@ def epochs_of(run: Run, settings: dict) -> int:
     return settings["epochs"] if run.epochs is None else run.epochs
 
 
+def nsamples_of(run: Run, settings: dict) -> int:
+    return settings["nsamples"] if run.nsamples is None else run.nsamples
+
+
 def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     cmd = (f"lcq quantize {source} {out} --method {run.method} --bits {run.bits} --rank {run.rank} "
            f"--group-size {GROUP_SIZE}")
     if run.method != "rtn":
-        cmd += f" --nsamples {settings['nsamples']} --seqlen {settings['seqlen']}"
+        cmd += f" --nsamples {nsamples_of(run, settings)} --seqlen {settings['seqlen']}"
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
@@ -147,7 +158,9 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
     row: dict = {"key": run.key, "method": run.method, "bits": run.bits, "rank": run.rank,
                  "init": run.init if run.method == "lcq" else None,
                  "epochs": epochs_of(run, settings) if run.method == "lcq" else None,
-                 "assign": run.assign if run.method == "lcq" else None, "act_order": run.act_order}
+                 "assign": run.assign if run.method == "lcq" else None, "act_order": run.act_order,
+                 "nsamples": nsamples_of(run, settings) if run.method in ("lcq", "gptq") else None,
+                 "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -161,7 +174,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         model_dir = work / run.key
         shutil.rmtree(model_dir, ignore_errors=True)
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
-                                  calib_text=calib, nsamples=settings["nsamples"], seqlen=settings["seqlen"],
+                                  calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0)
         summary = quantize_model(source, model_dir, options, progress=True)
@@ -179,9 +192,11 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     """A reused folder must have been quantized with exactly the row's settings."""
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
-                "nsamples": settings["nsamples"], "seqlen": settings["seqlen"]}
+                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"]}
     if run.method == "lcq":
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order)
+        if epochs_of(run, settings):
+            expected.update(lr=DEFAULT_LR[run.bits])
     recorded = {"assign": "nearest", **quant}  # folders from before --assign existed
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
@@ -300,14 +315,15 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
     rows = results["rows"]
     s = results["settings"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
-    table = ["| row | method | bits | rank | init | epochs | assign | bits/weight | perplexity | vs fp16 | quantize s | eval s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| row | method | bits | rank | init | epochs | assign | calib windows | bits/weight | perplexity | vs fp16 "
+             "| quantize s | eval s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0,
                                          r.get("assign") or "")):
         assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
+        calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
-                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {assign} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {assign} | {calib_windows} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
                      f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX
@@ -321,7 +337,8 @@ and the tied lm_head stay fp16. Bits per weight count every stored bit of the li
 8-bit S and B, their per-row fp16 scales, V), as in docs/format.md.
 
 - Calibration: {results['calibration']}:
-  {s['nsamples']} windows of {s['seqlen']} tokens at seeded random offsets (GPTQ uses the same windows).
+  {s['nsamples']} windows of {s['seqlen']} tokens at seeded random offsets unless the row's calib windows
+  column (and a -nN suffix) says otherwise; GPTQ uses the same windows.
 - Evaluation: {results['evaluation']}:
   the first {s['eval_tokens']} tokens, {windows} non-overlapping windows of {CTX} tokens, perplexity =
   exp(mean next-token NLL), with the dequantized model in transformers (fp32).

@@ -15,6 +15,7 @@ from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.reference import load_reference_model
+from lcq.quantizer.pipeline import DEFAULT_LR
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
 
@@ -158,6 +159,7 @@ def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch
     reader = CheckpointReader(tmp_path / "q")
     assert len(reader.quantized_prefixes()) == 7 * 2
     assert reader.quant["method"] == method and not (tmp_path / "q.partial").exists()
+    assert reader.quant["lr"] == DEFAULT_LR[4]  # the step the block-wise stage used, recorded with the file
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = load_reference_model(hf)(ids).logits

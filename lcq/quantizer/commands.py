@@ -19,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
     q.add_argument("--epochs", type=int, default=10)
-    q.add_argument("--lr", type=float, default=1e-2,
-                   help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage)")
+    q.add_argument("--lr", type=float, default=None,
+                   help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
+                        "default by bit width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
