@@ -129,6 +129,7 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 3, 4, assign="gptq-refit", act_order=True, nsamples=more),
                  Run("lcq", 4, 2, assign="gptq", nsamples=more), Run("gptq", 4, nsamples=more),
                  Run("gptq", 3, nsamples=more), Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=more)]
+        runs += [Run("lcq", 4, 2, epochs=10, assign="gptq")]
     return runs
 
 
