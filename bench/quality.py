@@ -259,9 +259,14 @@ def plot(results: dict, path: Path) -> None:
     rows = results["rows"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 distinct colours
     default_epochs = results["settings"]["epochs"]
-    series = [("RTN", "s", lambda r: r["method"] == "rtn"), ("GPTQ", "^", lambda r: r["method"] == "gptq")]
+    study_calib = lambda r: r.get("nsamples") in (None, results["settings"]["nsamples"])  # noqa: E731
+    more_calib = lambda r: not study_calib(r)  # noqa: E731
     nearest = lambda r: r.get("assign") in (None, "nearest")  # noqa: E731 (rows from before --assign)
+    series = [("RTN", "s", lambda r: r["method"] == "rtn"),
+              ("GPTQ", "^", lambda r: r["method"] == "gptq" and study_calib(r)),
+              ("GPTQ, more calibration", "<", lambda r: r["method"] == "gptq" and more_calib(r))]
     series += [(f"LCQ r{rank}", "o", lambda r, rank=rank: r["method"] == "lcq" and r["rank"] == rank
                 and r["init"] == "kmeans" and r["epochs"] == default_epochs and nearest(r)) for rank in (1, 2, 4)]
     series += [(f"LCQ r2, {a} assignment", marker, lambda r, a=a: r["method"] == "lcq" and r["rank"] == 2
@@ -271,6 +276,13 @@ def plot(results: dict, path: Path) -> None:
                  and r["epochs"] == default_epochs)]
     series += [("LCQ r2, 1 epoch", "D", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 1
                  and default_epochs != 1)]
+    series += [("LCQ r2, 10 epochs", "*", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 10
+                 and nearest(r) and study_calib(r) and default_epochs != 10)]
+    best = {}
+    for r in rows:
+        if r["method"] == "lcq" and (r["bits"] not in best or r["perplexity"] < best[r["bits"]]["perplexity"]):
+            best[r["bits"]] = r
+    series += [("LCQ, best row per bit width", "h", lambda r: any(r is b for b in best.values()))]
     for label, marker, selected in series:
         points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if selected(r))
         if points:
