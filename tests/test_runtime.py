@@ -3,6 +3,7 @@ stop handling, sampling and the async engine."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import platform
 import threading
 
@@ -18,6 +19,7 @@ from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+EOS_ID = 2  # the tiny tokenizer's <|im_end|>
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46]]
 
 
@@ -32,8 +34,14 @@ def llm(tiny):
 
 
 def _transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy tokens with EOS allowed but not stopping, as our `ignore_eos=True` does.
+
+    `min_new_tokens` would not do: it forbids EOS, so the two differ wherever EOS is the argmax."""
     model = load_reference_model(folder)
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    config = copy.deepcopy(model.generation_config)
+    config.eos_token_id, config.max_new_tokens, config.do_sample = [], n, False
+    out = model.generate(torch.tensor([prompt]), generation_config=config)
+    assert out.shape[1] == len(prompt) + n
     return out[0, len(prompt):].tolist()
 
 
@@ -54,6 +62,22 @@ def test_greedy_matches_transformers_lcq(tmp_path):
     outs = LLM(str(folder), block_size=8).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
+
+
+def test_ignore_eos_keeps_generating_after_eos(tmp_path):
+    """A model whose EOS is the greedy choice: with `ignore_eos` we emit EOS and go on, as transformers does."""
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_hf(tmp_path / "hf", "llama")
+    model = load_reference_model(folder)
+    with torch.no_grad():
+        first = int(model(torch.tensor([PROMPTS[1]])).logits[0, -1].argmax())
+    weights = load_file(folder / "model.safetensors")
+    weights["lm_head.weight"][EOS_ID] = 3 * weights["lm_head.weight"][first]  # EOS now beats the old argmax
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    out = LLM(str(folder), block_size=8).generate([PROMPTS[1]], GREEDY)[0]
+    assert out.token_ids[0] == EOS_ID and out.finish_reason == "length"
+    assert out.token_ids == _transformers_greedy(folder, PROMPTS[1], 12)
 
 
 def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
