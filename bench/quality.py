@@ -48,7 +48,9 @@ NOTES = """
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
   machine, except lcq-w3r4-gptq-refit-act-n64, which shared it with the step-size measurements for
-  part of its run. Wall times (quantize s, eval s) are therefore comparable only within each group.
+  part of its run. The rows measured on 2026-11-29 (lcq-w4r4, lcq-w3r4 and the -e rows at rank 4,
+  lcq-w4r2-e20) ran on another idle 2-core machine about twice as fast (lcq-w3r4 85 s where
+  lcq-w3r2 took 172 s). Wall times (quantize s, eval s) are therefore comparable only within each group.
 - The block-wise stage measures each token's output error relative to the token's size. With a
   plain MSE of the block output (the rows in bench/results/quality-cpu-plain-mse.json) it fitted
   the attention-sink token alone: in this model that token's hidden state reaches a norm of about
@@ -61,7 +63,8 @@ NOTES = """
   1.084x at 0 epochs), W3 1.437x (those rows: bench/results/quality-cpu-lr1e-2.json).
   `python bench/block_lr.py` measures the block error on held-out text for each step
   (bench/results/block-lr-cpu.json); the defaults it chose (1e-2 at W2, 3e-3 at W3, 1e-3 at W4, the
-  -e rows here) give W4 e10 1.053x and W3 e10 1.381x.
+  -e rows here) give W4 e10 1.053x and W3 e10 1.381x. A smaller W4 step, 3e-4, lowers the
+  held-out error of blocks 0-2 less than 1e-3 does (bench/results/block-lr-w4-cpu.json).
 - The block-wise stage is what makes W2 work: LCQ W2 r2 goes from 7.88x of fp16 (fit of the
   importance-weighted codebooks only, 0 epochs) to 3.72x after 1 epoch and 2.97x after 10 (the
   quantizer's default), inside the 3x goal with only 16 calibration windows of 256 tokens.
@@ -75,6 +78,7 @@ NOTES = """
   goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x; the GPTQ baselines barely move (W4
   1.206x to 1.181x, W3 2.329x to 2.348x). `lcq quantize` defaults to 128 windows of 512 tokens (16x
   the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
+  The block-wise stage at W4 does not gain from 32 windows (lcq-w4r2-e10-n32 1.057x against 1.053x).
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
   grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model, 52.09); at W3 k-means
@@ -137,6 +141,7 @@ def study_runs(quick: bool) -> list[Run]:
                  Run("lcq", 4, 2, assign="gptq", nsamples=more), Run("gptq", 4, nsamples=more),
                  Run("gptq", 3, nsamples=more), Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=more)]
         runs += [Run("lcq", 4, 2, epochs=10, assign="gptq"), Run("lcq", 4, 2, epochs=10, nsamples=32)]
+        runs += [Run("lcq", 4, 4, epochs=10), Run("lcq", 3, 4, epochs=10), Run("lcq", 4, 2, epochs=20)]
     return runs
 
 
