@@ -87,10 +87,20 @@ NOTES = """
   W4 1.096x against GPTQ 1.206x and RTN 1.261x; W3 1.491x against 2.329x and 2.569x; W2 13.8x
   against 1009x and 16,566x. Rank 2 adds 0.149 bpw and helps most at W2 (7.88x against 13.8x);
   rank 4 (2.743 bpw) gives 7.12x at W2.
+- Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matches rank 2 (W4 1.085x
+  against 1.084x; W3 1.320x against 1.432x), after 10 epochs it is the best W4 row, 50.28 = 1.046x
+  at 4.744 bpw (rank 2: 1.053x at 4.447 bpw). More epochs are not better with 16 windows of 256
+  tokens: W4 r2 at 20 epochs 1.074x against 1.053x at 10, W3 r4 at 10 epochs 1.342x against 1.320x
+  at 0; the block-wise stage starts to fit the calibration text, and at W3 the GPTQ sweep with more
+  calibration (1.227x) is the better use of the time.
 - RTN is in line with the figures the project started from (integer zero point, another held-out
   text: 1.24x at W4g64, 2.6x at W3g64, about 10,000x at W2g64); here 1.26x, 2.57x and 16,600x.
 - Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
-  paired, but the absolute perplexities carry a few percent of sampling noise.
+  paired, but the absolute perplexities carry a few percent of sampling noise. On 4x the tokens (16
+  windows, bench/results/quality-cpu-eval16.json: `python bench/quality.py --windows 16 --results
+  bench/results/quality-cpu-eval16.json --only fp16,gptq-w4,lcq-w4r2-e10,lcq-w4r4-e10`) fp16 scores
+  47.60, gptq-w4 1.177x, lcq-w4r2-e10 1.038x and lcq-w4r4-e10 1.038x: rank 2 meets the W4 goal there
+  too, and rank 4's lead on 2048 tokens is within that noise.
 - The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
   (lcq/quantizer/demo.py, same settings, evaluated from that folder). Greedy decoding of "What is the
   capital of France?" with it answers "The capital of France is Paris."
