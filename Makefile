@@ -24,7 +24,7 @@ test: venv
 # On a CUDA machine with torch and triton already installed (no venv): compiled kernels and GPU paths.
 # Only the files with GPU tests: the server tests import packages GPU images may lack.
 test-gpu:
-	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_kernels.py tests/test_models.py tests/test_runtime.py -m gpu
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_quantizer.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py -m gpu
 
 serve: venv
 	$(BIN)/lcq serve

@@ -160,12 +160,28 @@ def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch
     assert len(reader.quantized_prefixes()) == 7 * 2
     assert reader.quant["method"] == method and not (tmp_path / "q.partial").exists()
     assert reader.quant["lr"] == DEFAULT_LR[4]  # the step the block-wise stage used, recorded with the file
+    assert _logits_similarity(hf, tmp_path / "q") > (0.97 if group_size == 32 else 0.95)
+
+
+def _logits_similarity(full_folder, quantized_folder) -> float:
+    """Cosine similarity of the full-precision and the dequantized model's logits on random tokens
+    (4 bits on random weights: close, not equal)."""
     ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        full = load_reference_model(hf)(ids).logits
-        quant = load_reference_model(tmp_path / "q")(ids).logits
-    similarity = torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0)
-    assert similarity > (0.97 if group_size == 32 else 0.95)  # 4 bits on random weights: close, not equal
+        full = load_reference_model(full_folder)(ids).logits
+        quant = load_reference_model(quantized_folder)(ids).logits
+    return float(torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lcq", "gptq"])
+def test_quantize_on_cuda(tmp_path, tiny_hf, method):
+    """The whole pipeline on the GPU (`--device cuda`); the peak it reports is torch's device peak."""
+    options = QuantizeOptions(bits=4, rank=2 if method == "lcq" else 1, group_size=32, method=method,
+                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=2, device="cuda")
+    summary = quantize_model(tiny_hf, tmp_path / "q", options, progress=False)
+    assert 0 < summary.peak_memory_bytes < 2**30
+    assert _logits_similarity(tiny_hf, tmp_path / "q") > 0.97
 
 
 def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monkeypatch):

@@ -58,7 +58,7 @@ def linear_tensors(prefix: str, layer: PackedLinear) -> dict[str, torch.Tensor]:
     }
     if layer.bias is not None:
         tensors[f"{prefix}.bias"] = layer.bias
-    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    return tensors
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -68,9 +68,9 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one safetensors file atomically."""
+    """Write one safetensors file atomically (tensors may live on any device)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, path)
 
 
