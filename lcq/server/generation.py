@@ -27,7 +27,6 @@ from .protocol import SEED_MODULUS, PromptTokensDetails, UsageInfo
 from .state import ServerState
 
 logger = logging.getLogger("lcq.server")
-DISCONNECT_POLL_S = 0.5
 
 
 @dataclass
@@ -134,25 +133,26 @@ class Generation:
                     logger.debug("abort of %s: already finished", choice.request_id, exc_info=True)
 
     async def run(self, request: Request) -> None:
-        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort."""
+        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort at once."""
 
         async def consume() -> None:
             async for _ in self.deltas():
                 pass
 
         task = asyncio.create_task(consume())
+        disconnected = asyncio.create_task(_client_disconnect(request))
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    logger.info("client disconnected; aborting %s", self.id)
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                    raise APIError(499, "the client closed the connection", code="client_closed_request")
+            await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                logger.info("client disconnected; aborting %s", self.id)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                raise APIError(499, "the client closed the connection", code="client_closed_request")
             await task
         finally:
             task.cancel()
+            disconnected.cancel()
             self.abort()
 
     def failure(self) -> APIError | None:
@@ -171,3 +171,10 @@ class Generation:
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
                          total_tokens=prompt_tokens + completion,
                          prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+async def _client_disconnect(request: Request) -> None:
+    """Return when the client closes the connection. The body is already read, so the server's next
+    message is the disconnect: waiting on it frees the engine's blocks the moment the client leaves."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
