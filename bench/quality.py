@@ -49,8 +49,9 @@ NOTES = """
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
   machine, except lcq-w3r4-gptq-refit-act-n64, which shared it with the step-size measurements for
   part of its run. The rows measured on 2026-11-29 (lcq-w4r4, lcq-w3r4, the -e rows at rank 4,
-  lcq-w4r2-e20, lcq-w3r2-e10-n64) ran on another idle 2-core machine about twice as fast (lcq-w3r4 85 s where
-  lcq-w3r2 took 172 s). Wall times (quantize s, eval s) are therefore comparable only within each group.
+  lcq-w4r2-e20, lcq-w3r2-e10-n64) ran on another idle 2-core machine about twice as fast: it
+  quantized lcq-w4r2-e10 in 366 s for the 16-window evaluation below, where this table's row took
+  769 s. Wall times (quantize s, eval s) are therefore comparable only within each group.
 - The block-wise stage measures each token's output error relative to the token's size. With a
   plain MSE of the block output (the rows in bench/results/quality-cpu-plain-mse.json) it fitted
   the attention-sink token alone: in this model that token's hidden state reaches a norm of about
