@@ -49,7 +49,7 @@ NOTES = """
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
   machine, except lcq-w3r4-gptq-refit-act-n64, which shared it with the step-size measurements for
   part of its run. The rows measured on 2026-11-29 (lcq-w4r4, lcq-w3r4, the -e rows at rank 4,
-  lcq-w4r2-e20, lcq-w3r2-e10-n64) ran on another idle 2-core machine about twice as fast: it
+  lcq-w4r2-e20, lcq-w3r2-e10-n64, lcq-w2r4-e10) ran on another idle 2-core machine about twice as fast: it
   quantized lcq-w4r2-e10 in 366 s for the 16-window evaluation below, where this table's row took
   769 s. Wall times (quantize s, eval s) are therefore comparable only within each group.
 - The block-wise stage measures each token's output error relative to the token's size. With a
@@ -102,9 +102,11 @@ NOTES = """
 - Only 2048 evaluation tokens: every row is scored on the same tokens, so the ratios between rows are
   paired, but the absolute perplexities carry a few percent of sampling noise. On 4x the tokens (16
   windows, bench/results/quality-cpu-eval16.json: `python bench/quality.py --windows 16 --results
-  bench/results/quality-cpu-eval16.json --only fp16,gptq-w4,lcq-w4r2-e10,lcq-w4r4-e10`) fp16 scores
-  47.60, gptq-w4 1.177x, lcq-w4r2-e10 1.038x and lcq-w4r4-e10 1.038x: rank 2 meets the W4 goal there
-  too, and rank 4's lead on 2048 tokens is within that noise.
+  bench/results/quality-cpu-eval16.json --only fp16,gptq-w4,lcq-w4r2-e10,lcq-w4r4-e10,lcq-w2r2-e10,
+  lcq-w2r4-e10`) fp16 scores 47.60, gptq-w4 1.177x, lcq-w4r2-e10 1.038x and lcq-w4r4-e10 1.038x:
+  rank 2 meets the W4 goal there too, and rank 4's lead on 2048 tokens is within that noise. At W2
+  the noise goes the other way: lcq-w2r2-e10 scores 3.047x there (2.967x here), just outside the 3x
+  goal, while lcq-w2r4-e10 (2.743 bpw) meets it on both, 2.942x there and 2.880x here.
 - The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
   (lcq/quantizer/demo.py, same settings, evaluated from that folder). Greedy decoding of "What is the
   capital of France?" with it answers "The capital of France is Paris."
@@ -156,7 +158,7 @@ def study_runs(quick: bool) -> list[Run]:
                  Run("gptq", 3, nsamples=more), Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=more)]
         runs += [Run("lcq", 4, 2, epochs=10, assign="gptq"), Run("lcq", 4, 2, epochs=10, nsamples=32)]
         runs += [Run("lcq", 4, 4, epochs=10), Run("lcq", 3, 4, epochs=10), Run("lcq", 4, 2, epochs=20)]
-        runs += [Run("lcq", 3, r, epochs=10, nsamples=more) for r in (2, 4)]
+        runs += [Run("lcq", 3, r, epochs=10, nsamples=more) for r in (2, 4)] + [Run("lcq", 2, 4, epochs=10)]
     return runs
 
 
