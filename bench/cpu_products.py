@@ -1,5 +1,5 @@
-"""CPU matrix products of decode sizes: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32
-weight packed for oneDNN, on SmolLM2-135M's linear shapes.
+"""CPU matrix products: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32 weight packed for
+oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows).
 
 Each timing cycles through enough distinct weights (at least 256 MiB of fp32) that they come from
 memory, not cache, as in a decode step of a whole model.
@@ -26,7 +26,7 @@ from lcq.kernels.cpu_matmul import dense_linear, pack_weight  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "cpu-products.json"
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate/up 3072x576": (3072, 576),
           "down 576x1536": (576, 1536), "head 49152x576": (49152, 576)}
-ROWS = (1, 2, 4, 8)
+ROWS = (1, 2, 4, 8, 16, 64, 256)
 POOL_BYTES = 256 << 20
 
 

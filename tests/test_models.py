@@ -294,18 +294,19 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the qkv bias
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
-    logits to the Python layers, over decode steps of several sequences of different lengths."""
+    logits to the Python layers, over decode steps of sequences of different lengths: 3, and 12 (more
+    than the decode form of the fp16 kernel takes, so its tiled form runs too)."""
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
     runs = []
-    for one_call in (True, False):
+    for one_call, prompts in ((True, PROMPTS), (False, PROMPTS), (True, PROMPTS * 4), (False, PROMPTS * 4)):
         batch = PagedBatch(model)
         assert model.cpu_decoder is not None
         if not one_call:
             model.cpu_decoder = None
-        seqs = [batch.add() for _ in PROMPTS]
-        logits = [batch.step({s: p for s, p in zip(seqs, PROMPTS)})]
+        seqs = [batch.add() for _ in prompts]
+        logits = [batch.step({s: p for s, p in zip(seqs, prompts)})]
         for _ in range(4):
             logits.append(batch.step({s: [t] for s, t in zip(seqs, logits[-1].argmax(-1).tolist())}))
         runs.append(torch.stack(logits))
-    assert torch.equal(runs[0], runs[1])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])

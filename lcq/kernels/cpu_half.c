@@ -1,15 +1,24 @@
-/* y (M, N) = x (M, K) @ W^T for a few rows of fp32 activations and an fp16 weight W (N, K), on
- * x86 CPUs with AVX2, FMA and F16C; fp32 arithmetic.
+/* y (M, N) = x (M, K) @ W^T for fp32 activations and an fp16 weight W (N, K), on x86 CPUs with
+ * AVX2, FMA and F16C; fp32 arithmetic.
  *
  * Decode steps on a CPU are bounded by how fast the weights stream from memory: half-width weights
  * halve the bytes. torch has no fast fp16 x fp32 product on CPUs without AVX-512-FP16, hence this
- * kernel: convert 8 weights with one instruction, multiply them into every row.
+ * kernel: convert 8 weights with one instruction, multiply them into every row. Larger products
+ * (prefill, big batches) are bounded by arithmetic instead: there a register tile of rows x columns
+ * reuses each converted weight vector and each activation vector several times, so the fp16 copy
+ * is the only weight a layer needs to keep.
  */
 #include <immintrin.h>
 #include <stdint.h>
 
-#define MAX_ROWS 8
+#define MAX_ROWS 8 /* decode-sized products: one column at a time, all rows */
 #define MAX_CHAINS 4
+/* Larger products: a tile of 2 x 4 accumulators, 4 weight vectors and an activation vector (13 of the
+ * 16 registers; 4 x 3 tiles spilled and ran 10-20% slower on a Zen 4), over blocks of 48 weight rows
+ * (54 KiB of fp16 at K = 576, in L2). */
+#define TILE_ROWS 2
+#define TILE_COLUMNS 4
+#define COLUMN_BLOCK 48
 
 static float horizontal_sum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -48,10 +57,69 @@ static inline __attribute__((always_inline)) void column(const int M, int n, con
     }
 }
 
-/* x (M, K) fp32 contiguous, 1 <= M <= MAX_ROWS; w (N, K) fp16 contiguous; y (M, N) fp32.
- * Returns 0, or -1 for an unsupported M. */
+/* y[r, c] for a tile of R rows of x (row stride K) and C rows of w (row stride K), into y (row
+ * stride N): R x C accumulators stay in registers, so each loaded activation vector feeds C FMAs
+ * and each converted weight vector R. Inlined with R, C constants. */
+static inline __attribute__((always_inline)) void tile(const int R, const int C, const float *x, int K,
+                                                       const uint16_t *w, float *y, int N) {
+    __m256 acc[TILE_ROWS][TILE_COLUMNS];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    int k = 0;
+    for (; k + 8 <= K; k += 8) {
+        __m256 weights[TILE_COLUMNS];
+        for (int c = 0; c < C; c++)
+            weights[c] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + (int64_t)c * K + k)));
+        for (int r = 0; r < R; r++) {
+            __m256 activations = _mm256_loadu_ps(x + (int64_t)r * K + k);
+            for (int c = 0; c < C; c++) acc[r][c] = _mm256_fmadd_ps(activations, weights[c], acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        float sums[TILE_COLUMNS];
+        if (C == 4) { /* the four columns' sums at once: two rounds of pairwise adds, then the halves */
+            __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[r][0], acc[r][1]), _mm256_hadd_ps(acc[r][2], acc[r][3]));
+            _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+        } else {
+            for (int c = 0; c < C; c++) sums[c] = horizontal_sum(acc[r][c]);
+        }
+        for (int c = 0; c < C; c++) {
+            for (int t = k; t < K; t++) sums[c] += x[(int64_t)r * K + t] * _cvtsh_ss(w[(int64_t)c * K + t]);
+            y[(int64_t)r * N + c] = sums[c];
+        }
+    }
+}
+
+/* More than MAX_ROWS rows: blocks of COLUMN_BLOCK weight rows, one per OpenMP task, so each block
+ * is read from L2 for every group of TILE_ROWS activation rows, which stay in L1. */
+static void large_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
+    const int blocks = (N + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+#define TILE(rows, columns) tile(rows, columns, x + (int64_t)m * K, K, w + (int64_t)n * K, y + (int64_t)m * N + n, N)
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int end = b * COLUMN_BLOCK + COLUMN_BLOCK < N ? b * COLUMN_BLOCK + COLUMN_BLOCK : N;
+        for (int m = 0; m < M; m += TILE_ROWS) {
+            const int rows = M - m < TILE_ROWS ? M - m : TILE_ROWS;
+            int n = b * COLUMN_BLOCK;
+            for (; n + TILE_COLUMNS <= end; n += TILE_COLUMNS) {
+                if (rows == TILE_ROWS) TILE(TILE_ROWS, TILE_COLUMNS); else TILE(1, TILE_COLUMNS);
+            }
+            for (; n < end; n++) {
+                if (rows == TILE_ROWS) TILE(TILE_ROWS, 1); else TILE(1, 1);
+            }
+        }
+    }
+#undef TILE
+}
+
+/* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32.
+ * Returns 0, or -1 for M < 1. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
-    if (M < 1 || M > MAX_ROWS) return -1;
+    if (M < 1) return -1;
+    if (M > MAX_ROWS) {
+        large_matmul(x, M, K, w, N, y);
+        return 0;
+    }
 #define COLUMN(rows) column(rows, n, x, K, w, y, N)
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {

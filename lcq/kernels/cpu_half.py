@@ -1,10 +1,11 @@
-"""Decode-sized CPU products with fp16 weights (cpu_half.c): build once per machine, then call.
+"""CPU products with fp16 weights (cpu_half.c): build once per machine, then call.
 
 A batch-1 decode step on a CPU streams every weight from memory once, so the bytes per weight set
 the speed: fp16 halves them against the fp32 weight oneDNN multiplies. The weights are rounded to
 fp16 exactly as the GPU kernels round them before tl.dot; activations and sums stay fp32. On a
 2-core AMD EPYC (Zen 1) a 3072x576 product from memory took 0.22 ms at M=1 against 0.39 ms through
-oneDNN fp32, and 0.43 against 0.70 ms at M=8 (bench/cpu_products.py).
+oneDNN fp32, and 0.43 against 0.70 ms at M=8 (bench/cpu_products.py). Prefill-sized products run
+a register-tiled form of the same kernel, so a layer with the fp16 copy needs no fp32 weight.
 
 The kernel is compiled on first use (native.py). Where it cannot run, products stay fp32;
 LCQ_CPU_HALF=0 turns it off for bit-exact fp32 products.
@@ -19,24 +20,22 @@ import torch
 
 from . import native
 
-MAX_ROWS = 8  # the kernel keeps one accumulator per activation row in registers
-
-
 def enabled() -> bool:
     """True where the kernel runs here and LCQ_CPU_HALF is not 0."""
     return os.environ.get("LCQ_CPU_HALF", "1") != "0" and library() is not None
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32 with 1 <= M <= MAX_ROWS, weight (N, K) float16 -> (M, N) float32."""
+    """x (M, K) float32, weight (N, K) float16 -> (M, N) float32."""
     x = x.contiguous()
     if x.dtype != torch.float32 or weight.dtype != torch.float16 or not weight.is_contiguous():
         raise TypeError("half_linear takes float32 activations and a contiguous float16 weight")
+    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"half_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    status = library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0],
-                                       y.data_ptr())
-    if status != 0:
-        raise ValueError(f"half_linear takes 1 to {MAX_ROWS} rows, got {x.shape[0]}")
+    if x.shape[0]:
+        library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0],
+                                  y.data_ptr())
     return y
 
 

@@ -43,9 +43,10 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
-    """An fp16 copy of an fp32 CPU weight for decode-sized products (cpu_half), where that kernel
-    runs. exact_only: only if fp16 holds every value exactly (a full-precision weight read from an
-    fp16 checkpoint stays full precision); LCQ weights are rounded as the GPU kernels round them."""
+    """An fp16 copy of an fp32 CPU weight for the fp16 kernel (cpu_half), where that kernel runs;
+    it then serves every fp32 product, so the caller keeps it instead of the fp32 weight.
+    exact_only: only if fp16 holds every value exactly (a full-precision weight read from an fp16
+    checkpoint stays full precision); LCQ weights are rounded as the GPU kernels round them."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_half.enabled():
         return None
     half = weight.half()
@@ -54,13 +55,12 @@ def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
     return half.contiguous()
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
                  half: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) for a plain weight or one made by pack_weight; products of up to
-    cpu_half.MAX_ROWS fp32 rows use `half` (from half_copy) when given."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if half is not None and x.dtype == torch.float32 and 1 <= rows <= cpu_half.MAX_ROWS:
-        y = cpu_half.half_linear(x.reshape(rows, x.shape[-1]), half).reshape(*x.shape[:-1], half.shape[0])
+    """x @ W^T (+ bias) for a plain weight or one made by pack_weight; fp32 products use `half`
+    (from half_copy) when given, and then `weight` may be None."""
+    if half is not None and x.dtype == torch.float32:
+        y = cpu_half.half_linear(x.reshape(-1, x.shape[-1]), half).reshape(*x.shape[:-1], half.shape[0])
         return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -145,8 +145,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 enum { INPUT_NORM, QKV, QKV_BIAS, O, O_BIAS, POST_NORM, GATE_UP, GATE_UP_BIAS, DOWN, DOWN_BIAS, K_CACHE, V_CACHE,
        POINTERS_PER_LAYER };
 
-/* A whole decode step of a Llama-family model's decoder layers, for 1 to 8 sequences of one new
- * token each: the same operations, in the same order and with the same kernels, as the Python
+/* A whole decode step of a Llama-family model's decoder layers, for sequences of one new token
+ * each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
  * hidden) holds the embeddings and receives the residual stream after the last layer (before the
  * final norm). Weights are fp16 (N, K), biases fp32 or NULL. work holds

@@ -84,7 +84,7 @@ class LlamaModel(torch.nn.Module):
         self.block_size: int | None = None  # set by bind_kv_cache
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
-        self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU decode (set by the loader)
+        self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
 
     @torch.inference_mode()

@@ -15,14 +15,14 @@ from .llama import LlamaModel
 
 
 class DenseLinear(torch.nn.Module):
-    """A full-precision linear layer (no random init, unlike torch.nn.Linear); on CPU its weight
-    is packed for oneDNN once, here, with an fp16 copy for decode when that is exact (see
-    lcq.kernels.cpu_matmul)."""
+    """A full-precision linear layer (no random init, unlike torch.nn.Linear). On CPU it keeps an
+    fp16 copy instead of its fp32 weight when that is exact (read from an fp16 checkpoint), else
+    the weight packed for oneDNN (see lcq.kernels.cpu_matmul)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.half = half_copy(weight, exact_only=True)
-        self.weight = torch.nn.Parameter(pack_weight(weight), requires_grad=False)
+        self.weight = None if self.half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -66,7 +66,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
         model.lm_head_half = half_copy(model.lm_head, exact_only=True)
-        if can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
+        if model.lm_head_half is not None:  # it serves every product (a tied table stays for lookups)
+            model.lm_head = None
+        elif can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
             model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
     if cache_dense:
         for module in model.modules():
