@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
 
-.PHONY: venv test test-gpu serve bench-kernels bench-generate bench-serve quality clean
+.PHONY: venv test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality clean
 
 venv: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ test: venv
 # Only the files with GPU tests: the server tests import packages GPU images may lack.
 test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_quantizer.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py -m gpu
+
+# A short GPU lease: GPU tests, kernel and 7B generation benchmarks, quantizer memory, in one call
+# of at most 9 minutes; logs and results in one archive (see bench/gpu_session.sh).
+gpu-session:
+	bash bench/gpu_session.sh
 
 serve: venv
 	$(BIN)/lcq serve
