@@ -206,6 +206,7 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
     ([1, 1, 1], [0, 6, 36]),  # decode, one length past a tile
     ([1], [20]),  # decode of one sequence (no padding)
     ([1, 1], [4, -1]),  # decode with a padding sequence (context length 0, slot -1), as in a CUDA graph
+    ([1] * 9, [0, 3, 16, 17, 31, 2, 5, 40, -1]),  # 8+ sequences: C attention takes whole cache rows
 ])
 
 
