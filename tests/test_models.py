@@ -21,10 +21,10 @@ BLOCK = 4
 class PagedBatch:
     """Sequences with their own cache blocks (handed out in order), to drive the model by hand."""
 
-    def __init__(self, model, num_blocks: int = 64):
+    def __init__(self, model, num_blocks: int = 64, cache_dtype: torch.dtype | None = None):
         c = model.config
         shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
-        dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        dtype, self.device = cache_dtype or model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
         model.bind_kv_cache([torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)],
                             [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)])
         self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
@@ -266,18 +266,20 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (9, 3)])
+@pytest.mark.parametrize("heads, kv_heads, cache_dtype", [(4, 2, torch.float32), (3, 3, torch.float32),
+                                                          (9, 3, torch.float32), (9, 3, torch.float16)])
 @PAGED_CASES
-def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads):
-    """The C cache writes are copies (exact); C decode attention sums in another order than SDPA."""
+def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype):
+    """The C cache writes are copies, or round to fp16 as torch does (exact either way); C decode
+    attention sums in another order than SDPA."""
     head_dim = 24
-    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, torch.float32)
+    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5
     results = {}
     for c_ops in ("0", "1"):
         monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-        paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32)
+        paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
         assert paged.use_cpu_ops == (c_ops == "1")
         caches = k_cache.clone(), v_cache.clone()
         paged.write(k, v, *caches)
@@ -292,16 +294,17 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
 
 @needs_cpu_ops
 @pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: the qkv bias
-def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch):
+@pytest.mark.parametrize("arch, cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: qkv bias
+                                               ("llama", torch.float16)])
+def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 12 (more
-    than the decode form of the fp16 kernel takes, so its tiled form runs too)."""
+    than the decode form of the fp16 kernel takes, so its tiled form runs too); fp32 and fp16 caches."""
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
     runs = []
     for one_call, prompts in ((True, PROMPTS), (False, PROMPTS), (True, PROMPTS * 4), (False, PROMPTS * 4)):
-        batch = PagedBatch(model)
+        batch = PagedBatch(model, cache_dtype=cache_dtype)
         assert model.cpu_decoder is not None
         if not one_call:
             model.cpu_decoder = None

@@ -98,6 +98,28 @@ def small_block_bytes(llm) -> int:
     return llm.engine.runner.model.kv_cache_bytes_per_block(8, torch.float32)
 
 
+def test_fp16_kv_cache_holds_twice_the_tokens(tiny, llm):
+    """kv_cache_dtype=float16 on an fp32 CPU model: the same pool holds twice the blocks, a batch
+    larger than the pool runs (with preemptions) on the C attention reading the fp16 cache, and the
+    pool is full after."""
+    memory_gb = 6 * small_block_bytes(llm) / 2**30
+    half = LLM(str(tiny), block_size=8, kv_cache_memory_gb=memory_gb, kv_cache_dtype="float16")
+    assert half.engine.blocks.num_total_blocks == 12
+    assert half.engine.runner.k_caches[0].dtype == torch.float16
+    outs = half.generate(PROMPTS * 2, GREEDY)
+    assert [len(o.token_ids) for o in outs] == [GREEDY.max_tokens] * 6
+    assert half.engine.stats().num_preemptions_total > 0
+    assert _pool_is_full(half.engine)
+
+
+def test_kv_cache_dtype_is_checked():
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        EngineConfig(model="m", kv_cache_dtype="int8").validate()
+    with pytest.raises(ValueError, match="auto or the model dtype on a GPU"):
+        EngineConfig(model="m", device="cuda", kv_cache_dtype="float32").validate()
+    assert EngineConfig(model="m", device="cpu", kv_cache_dtype="float16").resolved_kv_cache_dtype() == torch.float16
+
+
 def test_prefix_cache_hits_give_the_same_tokens(llm):
     prompt = list(range(50, 90))
     first = llm.generate([prompt], GREEDY)[0]

@@ -95,18 +95,42 @@ void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width)
     }
 }
 
+/* Caches hold fp32, or fp16 (half_cache) for half the memory and bytes read per step. */
+static void store_row(void *cache, int64_t slot, const float *src, int width, int half_cache) {
+    if (!half_cache) {
+        float *dst = (float *)cache + slot * width;
+        for (int i = 0; i < width; i++) dst[i] = src[i];
+        return;
+    }
+    uint16_t *dst = (uint16_t *)cache + slot * width;
+    int i = 0;
+    for (; i + 8 <= width; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
+    for (; i < width; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+}
+
 /* Write the new tokens' K and V rows (tokens, kv_width) into their cache slots; slot -1 is skipped. */
-void lcq_store_kv(const float *k, const float *v, int64_t row_stride, float *k_cache, float *v_cache,
-                  const int64_t *slots, int64_t tokens, int kv_width) {
+void lcq_store_kv(const float *k, const float *v, int64_t row_stride, void *k_cache, void *v_cache,
+                  const int64_t *slots, int64_t tokens, int kv_width, int half_cache) {
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        float *k_dst = k_cache + slots[t] * kv_width, *v_dst = v_cache + slots[t] * kv_width;
-        const float *k_src = k + t * row_stride, *v_src = v + t * row_stride;
-        for (int i = 0; i < kv_width; i++) {
-            k_dst[i] = k_src[i];
-            v_dst[i] = v_src[i];
-        }
+        store_row(k_cache, slots[t], k + t * row_stride, kv_width, half_cache);
+        store_row(v_cache, slots[t], v + t * row_stride, kv_width, half_cache);
     }
+}
+
+/* The `rows` cache rows of one block from `first`, as fp32: the cache itself, or for an fp16
+ * cache those rows converted into `scratch` (the same layout), so attention has one fp32 path. */
+static const float *block_rows(const void *cache, int half_cache, int64_t first, int rows, int64_t row,
+                               float *scratch) {
+    if (!half_cache) return (const float *)cache + first * row;
+    const uint16_t *src = (const uint16_t *)cache + first * row;
+    const int64_t count = rows * row;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < count; i++) scratch[i] = _cvtsh_ss(src[i]);
+    return scratch;
 }
 
 static inline float dot(const float *a, const float *b, int n) {
@@ -118,17 +142,20 @@ static inline float dot(const float *a, const float *b, int n) {
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
  * sequence (whole GQA groups, from kv head first_kv) over its cached tokens. */
-static int attend_task(const float *queries, const float *k_cache, const float *v_cache, const int32_t *table,
-                       int length, float *outputs, int task_heads, int first_kv, int group, int64_t row,
-                       int head_dim, int block_size, float scale) {
+static int attend_task(const float *queries, const void *k_cache, const void *v_cache, int half_cache,
+                       const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group,
+                       int64_t row, int head_dim, int block_size, float scale) {
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
-    float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
+    /* scores, then (fp16 caches) one block of rows converted to fp32 */
+    float *scores = malloc(sizeof(float) * ((size_t)length * task_heads + (half_cache ? (size_t)block_size * row : 0)));
     if (scores == NULL) return -1;
+    float *scratch = scores + (size_t)length * task_heads;
     const int64_t offset = (int64_t)first_kv * head_dim;
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
-        const float *keys = k_cache + (int64_t)table[start / block_size] * block_size * row + offset;
         const int end = start + block_size < length ? start + block_size : length;
+        const float *keys = block_rows(k_cache, half_cache, (int64_t)table[start / block_size] * block_size,
+                                       end - start, row, scratch) + offset;
         for (int t = start; t < end; t++) {
             const float *key_row = keys + (int64_t)(t - start) * row;
             for (int h = 0; h < task_heads; h++)
@@ -153,8 +180,9 @@ static int attend_task(const float *queries, const float *k_cache, const float *
         for (t = 0; t < length; t++) p[t] *= inverse;
     }
     for (int start = 0; start < length; start += block_size) {
-        const float *values = v_cache + (int64_t)table[start / block_size] * block_size * row + offset;
         const int end = start + block_size < length ? start + block_size : length;
+        const float *values = block_rows(v_cache, half_cache, (int64_t)table[start / block_size] * block_size,
+                                         end - start, row, scratch) + offset;
         for (int t = start; t < end; t++) {
             const float *value_row = values + (int64_t)(t - start) * row;
             for (int h = 0; h < task_heads; h++) {
@@ -176,14 +204,15 @@ static int attend_task(const float *queries, const float *k_cache, const float *
 #define WHOLE_ROW_MIN_SEQS 8
 
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
- * block table from caches (blocks, block_size, kv_heads, head_dim). q: (seqs, heads, head_dim) with
- * q_stride floats between sequences; out: (seqs, heads, head_dim) contiguous.
+ * block table from caches (blocks, block_size, kv_heads, head_dim), fp32 or fp16 (half_cache).
+ * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
+ * contiguous.
  * The query heads sharing a kv head read each K/V row once.
  * A sequence with context length 0 (padding) gets zeros.
  * Returns 0, or -1 when a score buffer cannot be allocated. */
-int lcq_decode_attention(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int32_t *block_tables,
-                         int max_blocks, const int32_t *context_lens, float *out, int seqs, int heads,
-                         int kv_heads, int head_dim, int block_size, float scale) {
+int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+                         const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
+                         int heads, int kv_heads, int head_dim, int block_size, float scale) {
     const int group = heads / kv_heads;
     const int kv_per_task = seqs >= WHOLE_ROW_MIN_SEQS ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
     const int64_t row = (int64_t)kv_heads * head_dim; /* floats per cache slot */
@@ -192,9 +221,10 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const float *k_cache,
     for (int task = 0; task < seqs * tasks_per_seq; task++) {
         const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
         const int64_t first_head = (int64_t)first_kv * group;
-        if (attend_task(q + s * q_stride + first_head * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks,
-                        context_lens[s], out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group,
-                        first_kv, group, row, head_dim, block_size, scale))
+        if (attend_task(q + s * q_stride + first_head * head_dim, k_cache, v_cache, half_cache,
+                        block_tables + (int64_t)s * max_blocks, context_lens[s],
+                        out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row,
+                        head_dim, block_size, scale))
             failed = 1;
     }
     return failed ? -1 : 0;
@@ -214,27 +244,28 @@ enum { INPUT_NORM, QKV, QKV_BIAS, O, O_BIAS, POST_NORM, GATE_UP, GATE_UP_BIAS, D
  * each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
  * hidden) holds the embeddings and receives the residual stream after the last layer (before the
- * final norm). Weights are fp16 (N, K), biases fp32 or NULL. work holds
+ * final norm). Weights are fp16 (N, K), biases fp32 or NULL, KV caches fp32 or fp16 (half_cache). work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, or -1 on bad sizes
  * or a failed allocation. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const float *cos, const float *sin,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, float *work) {
+                      int block_size, float scale, int half_cache, float *work) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     float *normed = work, *qkv = normed + (int64_t)rows * hidden, *attn = qkv + (int64_t)rows * qkv_width;
     float *projected = attn + (int64_t)rows * q_width, *gate_up = projected + (int64_t)rows * hidden;
     float *activated = gate_up + (int64_t)rows * 2 * intermediate;
     for (int l = 0; l < num_layers; l++) {
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
-        float *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
+        void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
         lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
         if (lcq_half_matmul(normed, rows, hidden, p[QKV], qkv_width, qkv)) return -1;
         add_bias(qkv, p[QKV_BIAS], rows, qkv_width);
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
-        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_width);
-        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, block_tables, max_blocks, context_lens, attn, rows,
-                                 heads, kv_heads, head_dim, block_size, scale))
+        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_width,
+                     half_cache);
+        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, half_cache, block_tables, max_blocks, context_lens,
+                                 attn, rows, heads, kv_heads, head_dim, block_size, scale))
             return -1;
         if (lcq_half_matmul(attn, rows, q_width, p[O], hidden, projected)) return -1;
         add_bias(projected, p[O_BIAS], rows, hidden);

@@ -4,7 +4,8 @@ torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rota
 SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;
 decode attention gathered every cached K/V row into a new tensor before it could call SDPA. The C
 versions do one pass each and attention reads the paged cache in place. Used for fp32 CPU tensors
-where the library builds (native.py); LCQ_CPU_OPS=0 keeps the torch path everywhere.
+(KV caches fp32 or fp16) where the library builds (native.py); LCQ_CPU_OPS=0 keeps the torch path
+everywhere.
 """
 from __future__ import annotations
 
@@ -62,21 +63,33 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
+CACHE_DTYPES = (torch.float32, torch.float16)  # the KV cache dtypes the C attention reads
+
+
+def half_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """1 for fp16 caches, 0 for fp32 (the C functions' flag); other dtypes are refused."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES or not k_cache.is_cpu:
+        raise ValueError(f"the C attention takes fp32 or fp16 CPU caches, got {k_cache.dtype}")
+    return int(k_cache.dtype == torch.float16)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
-    """k, v (tokens, kv_heads, head_dim), rows of one stride, into cache slots (int64; -1 skipped)."""
+    """k, v (tokens, kv_heads, head_dim), rows of one stride, into cache slots (int64; -1 skipped);
+    an fp16 cache gets the rows rounded to nearest."""
     width = k_cache.shape[2] * k_cache.shape[3]
     rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v)) and k.stride(0) == v.stride(0)
     if not (rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == torch.int64):
         raise ValueError("store_kv needs packed K/V rows of one stride, contiguous caches and int64 slots")
     slots = slots.contiguous()
     library().lcq_store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                           slots.data_ptr(), k.shape[0], width)
+                           slots.data_ptr(), k.shape[0], width, half_cache(k_cache, v_cache))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens -> same shape."""
+    """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (fp32 or fp16
+    caches) -> same shape."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
@@ -85,7 +98,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     seqs, heads, head_dim = q.shape
     out = q.new_empty(q.shape)
     status = library().lcq_decode_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), half_cache(k_cache, v_cache),
+        block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
         k_cache.shape[1], scale)
     if status != 0:
@@ -104,9 +118,9 @@ def library() -> ctypes.CDLL | None:
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
-        "lcq_store_kv": [p, p, i64, p, p, p, i64, i32],
-        "lcq_decode_attention": [p, i64, p, p, p, i32, p, p, i32, i32, i32, i32, i32, f32],
-        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, p],
+        "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32],
+        "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
+        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, i32, p],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -4,8 +4,9 @@ cached tokens.
 A step's cache layout is the same for every layer, so PagedAttention works it out once per
 forward pass and every layer reuses it. CUDA tensors go to the Triton kernels in
 lcq.kernels.paged_attention (imported only then, so CPU-only installs work without triton);
-fp32 CPU caches take the C kernels of lcq.kernels.cpu_ops for writes and decode steps (attention
-read through the block tables, no copy of the cache); everything else takes the torch path here:
+fp32 CPU activations with fp32 or fp16 caches take the C kernels of lcq.kernels.cpu_ops for writes
+and decode steps (attention read through the block tables, no copy of the cache); everything else
+takes the torch path here:
 gather each sequence's cached K/V rows with one index and call F.scaled_dot_product_attention,
 batching all sequences of a decode step together.
 """
@@ -27,11 +28,13 @@ class PagedAttention:
     """The cache reads and writes of one step. New token j of a sequence with n new tokens and
     context length L sits at position L - n + j and sees cache positions 0 .. L - n + j."""
 
-    def __init__(self, context: ForwardContext, block_size: int, device: torch.device, dtype: torch.dtype):
-        """dtype: the activations' and the cache's."""
+    def __init__(self, context: ForwardContext, block_size: int, device: torch.device, dtype: torch.dtype,
+                 cache_dtype: torch.dtype | None = None):
+        """dtype: the activations'; cache_dtype: the KV cache's (default: the same)."""
         self.context = context
         self.use_triton = device.type == "cuda" and _HAS_TRITON
-        self.use_cpu_ops = device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
+        self.use_cpu_ops = (device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
+                            and (cache_dtype or dtype) in cpu_ops.CACHE_DTYPES)
         if self.use_triton or (self.use_cpu_ops and not context.is_prefill):
             return
         keep = context.slot_mapping >= 0
@@ -66,8 +69,8 @@ class PagedAttention:
             return cpu_ops.store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
         if self.write_rows is not None:
             k, v = k[self.write_rows], v[self.write_rows]
-        k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = k
-        v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = v
+        k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = k.to(k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = v.to(v_cache.dtype)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d)."""
@@ -82,8 +85,8 @@ class PagedAttention:
             return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         if not c.is_prefill:  # (S, kv_heads, max_len, d) for all sequences at once
-            keys = k_rows[self.read_slots].transpose(1, 2)
-            values = v_rows[self.read_slots].transpose(1, 2)
+            keys = k_rows[self.read_slots].transpose(1, 2).to(q.dtype)
+            values = v_rows[self.read_slots].transpose(1, 2).to(q.dtype)
             out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self.decode_mask,
                                                  scale=scale, enable_gqa=True)
             return out.squeeze(2)
@@ -93,7 +96,7 @@ class PagedAttention:
             slots = self.read_slots[i, :length]
             # K/V heads repeated for their query heads, and 4-D: torch then takes its fused (flash)
             # kernel; enable_gqa took the unfused one (3x slower at 256 tokens of SmolLM2 on a CPU)
-            keys, values = (rows[slots].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0)
+            keys, values = (rows[slots].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0).to(q.dtype)
                             for rows in (k_rows, v_rows))
             out[begin:end] = F.scaled_dot_product_attention(
                 q[begin:end].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale,

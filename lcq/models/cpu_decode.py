@@ -44,7 +44,7 @@ class CpuDecoder:
             attention, mlp = layer.self_attn, layer.mlp
             linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
             weights = [linear.decode_weights() for linear in linears]
-            if any(w is None for w in weights) or attention.k_cache.dtype != torch.float32:
+            if any(w is None for w in weights) or attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES:
                 return None
             (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = weights
             tensors += [layer.input_layernorm.weight, qkv, qkv_bias, o, o_bias, layer.post_attention_layernorm.weight,
@@ -71,7 +71,7 @@ class CpuDecoder:
             self.table, len(self.model.layers), x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim,
             intermediate, self.model.layers[0].input_layernorm.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lengths.data_ptr(), attention.k_cache.shape[1], attention.scale,
-            work.data_ptr())
+            cpu_ops.half_cache(attention.k_cache, attention.v_cache), work.data_ptr())
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x

@@ -95,7 +95,8 @@ class LlamaModel(torch.nn.Module):
         rope = self.rotary(positions)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
             return self.norm(self.cpu_decoder(hidden, rope, context))[0]
-        attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype)
+        attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype,
+                                   self.layers[0].self_attn.k_cache.dtype)
         residual = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, rope, attention)

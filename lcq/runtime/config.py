@@ -19,6 +19,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
+    kv_cache_dtype: str = "auto"  # the model dtype; float16 halves an fp32 CPU model's cache (CPU only)
     enable_prefix_caching: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -32,11 +33,16 @@ class EngineConfig:
     def resolved_dtype(self) -> torch.dtype:
         if self.dtype == "auto":
             return torch.float16 if self.resolved_device().type == "cuda" else torch.float32
-        names = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
-        if self.dtype not in names:
-            raise ValueError(f"dtype must be one of auto, {', '.join(names)} (got {self.dtype})")
-        return names[self.dtype]
+        return _named_dtype("dtype", self.dtype)
+
+    def resolved_kv_cache_dtype(self) -> torch.dtype:
+        """The model dtype unless set; another one only on CPU (the GPU kernels read the model dtype)."""
+        if self.kv_cache_dtype == "auto":
+            return self.resolved_dtype()
+        dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype)
+        if dtype != self.resolved_dtype() and self.resolved_device().type == "cuda":
+            raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")
+        return dtype
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
@@ -55,3 +61,14 @@ class EngineConfig:
             if not ok:
                 raise ValueError(message)
         self.resolved_dtype()
+        self.resolved_kv_cache_dtype()
+
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+def _named_dtype(setting: str, name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"{setting} must be one of auto, {', '.join(DTYPES)} (got {name})")
+    return DTYPES[name]

@@ -27,12 +27,13 @@ class ModelRunner:
         before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         self.model, self.model_config = load_model(config.model, self.device, self.dtype)
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
-        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, self.dtype)
+        kv_dtype = config.resolved_kv_cache_dtype()
+        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
         shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(c.num_layers)]
+        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
         self.model.bind_kv_cache(self.k_caches, self.v_caches)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         limit = config.max_model_len or c.max_position_embeddings
