@@ -119,17 +119,24 @@ void lcq_store_kv(const float *k, const float *v, int64_t row_stride, void *k_ca
     }
 }
 
-/* The `rows` cache rows of one block from `first`, as fp32: the cache itself, or for an fp16
- * cache those rows converted into `scratch` (the same layout), so attention has one fp32 path. */
+/* `rows` cache rows from slot `first`, the `width` floats from `offset` of each, as fp32: pointers
+ * into an fp32 cache (row stride `row`), or for an fp16 cache those values converted into `scratch`
+ * (row stride `width`), so that attention has one fp32 path. *stride receives the row stride. */
 static const float *block_rows(const void *cache, int half_cache, int64_t first, int rows, int64_t row,
-                               float *scratch) {
-    if (!half_cache) return (const float *)cache + first * row;
-    const uint16_t *src = (const uint16_t *)cache + first * row;
-    const int64_t count = rows * row;
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8)
-        _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < count; i++) scratch[i] = _cvtsh_ss(src[i]);
+                               int64_t offset, int width, float *scratch, int64_t *stride) {
+    if (!half_cache) {
+        *stride = row;
+        return (const float *)cache + first * row + offset;
+    }
+    *stride = width;
+    for (int r = 0; r < rows; r++) {
+        const uint16_t *src = (const uint16_t *)cache + (first + r) * row + offset;
+        float *dst = scratch + (int64_t)r * width;
+        int i = 0;
+        for (; i + 8 <= width; i += 8)
+            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+        for (; i < width; i++) dst[i] = _cvtsh_ss(src[i]);
+    }
     return scratch;
 }
 
@@ -147,17 +154,19 @@ static int attend_task(const float *queries, const void *k_cache, const void *v_
                        int64_t row, int head_dim, int block_size, float scale) {
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
-    /* scores, then (fp16 caches) one block of rows converted to fp32 */
-    float *scores = malloc(sizeof(float) * ((size_t)length * task_heads + (half_cache ? (size_t)block_size * row : 0)));
+    const int width = task_heads / group * head_dim; /* the task's kv heads in a cache row */
+    /* scores, then (fp16 caches) one block of the task's rows converted to fp32 */
+    float *scores = malloc(sizeof(float) * ((size_t)length * task_heads + (half_cache ? (size_t)block_size * width : 0)));
     if (scores == NULL) return -1;
     float *scratch = scores + (size_t)length * task_heads;
     const int64_t offset = (int64_t)first_kv * head_dim;
+    int64_t stride;
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int end = start + block_size < length ? start + block_size : length;
         const float *keys = block_rows(k_cache, half_cache, (int64_t)table[start / block_size] * block_size,
-                                       end - start, row, scratch) + offset;
+                                       end - start, row, offset, width, scratch, &stride);
         for (int t = start; t < end; t++) {
-            const float *key_row = keys + (int64_t)(t - start) * row;
+            const float *key_row = keys + (int64_t)(t - start) * stride;
             for (int h = 0; h < task_heads; h++)
                 scores[h * length + t] = dot(queries + h * head_dim, key_row + (h / group) * head_dim, head_dim) * scale;
         }
@@ -182,9 +191,9 @@ static int attend_task(const float *queries, const void *k_cache, const void *v_
     for (int start = 0; start < length; start += block_size) {
         const int end = start + block_size < length ? start + block_size : length;
         const float *values = block_rows(v_cache, half_cache, (int64_t)table[start / block_size] * block_size,
-                                         end - start, row, scratch) + offset;
+                                         end - start, row, offset, width, scratch, &stride);
         for (int t = start; t < end; t++) {
-            const float *value_row = values + (int64_t)(t - start) * row;
+            const float *value_row = values + (int64_t)(t - start) * stride;
             for (int h = 0; h < task_heads; h++) {
                 const float weight = scores[h * length + t], *value = value_row + (h / group) * head_dim;
                 float *o = outputs + (int64_t)h * head_dim;
