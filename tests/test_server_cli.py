@@ -62,9 +62,11 @@ def test_flags_win_over_environment():
     assert from_env.model == "/models/a"
     assert (from_env.settings.port, from_env.settings.api_key, from_env.settings.keepalive_interval) == (9000, "k", 2.5)
     assert from_env.engine_fields == {"max_num_seqs": 4, "enable_prefix_caching": False}
-    from_flags = resolve(parse("/models/b", "--port", "1234", "--max-num-seqs", "2", "--no-cuda-graphs"), env)
+    from_flags = resolve(parse("/models/b", "--port", "1234", "--max-num-seqs", "2", "--no-cuda-graphs",
+                               "--kv-cache-dtype", "float16"), env)
     assert from_flags.model == "/models/b" and from_flags.settings.port == 1234
-    assert from_flags.engine_fields == {"max_num_seqs": 2, "enable_prefix_caching": False, "cuda_graphs": False}
+    assert from_flags.engine_fields == {"max_num_seqs": 2, "enable_prefix_caching": False, "cuda_graphs": False,
+                                        "kv_cache_dtype": "float16"}
     defaults = resolve(parse(), {})
     assert defaults.model is None and defaults.engine_fields == {} and defaults.settings.port == 8000
 
@@ -74,7 +76,8 @@ def test_sigterm_drains_then_exits(tmp_path):
     model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=4096)
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "lcq.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
-           "--drain-timeout", "1", "--kv-cache-memory-gb", "0.05", "--served-model-name", "tiny"]
+           "--drain-timeout", "1", "--kv-cache-memory-gb", "0.05", "--kv-cache-dtype", "float16",
+           "--served-model-name", "tiny"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
     with open(log, "w") as log_file:
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
