@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
-from lcq.kernels import LCQLinear, cpu_half, cpu_ops, lcq_linear, native
+from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -142,7 +142,7 @@ def test_cpu_path_matches_reference(dtype):
     assert_close(y.reshape(10, -1), reference(x.reshape(10, 64), layer), dtype)
     cached = LCQLinear(layer, cache_dense=True)  # fp32: the fp16 copy where that kernel runs, else oneDNN
     y_cached = cached(x)
-    if cached.uses_half_weights:  # weights rounded to fp16: relative 2^-11 each
+    if cached.uses_half_weights or cached.uses_index_weights:  # 10 rows: weights rounded to fp16 (2^-11)
         error = ((y_cached.double() - y.double()).norm() / y.double().norm()).item()
         assert error < 3e-3, f"relative error {error:.2e}"
     else:
@@ -195,19 +195,47 @@ def test_half_kernel_matches_rounded_weights(m):
         cpu_half.half_linear(torch.randn(m, k + 1), weight)
 
 
+def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
 @needs_half_kernel
-def test_cached_layer_keeps_only_fp16_weights():
-    """The fp16 copy serves every fp32 product (tolerance of an fp16 weight, 3e-3), so the layer
-    keeps no fp32 weight; with LCQ_CPU_HALF=0 it keeps the fp32 weight for oneDNN (1e-5)."""
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
+def test_index_kernel_matches_reference(bits, rank, group, k, m):
+    """Indices read in place: up to 8 rows the codebook entries are exact fp32 (only summation order
+    differs, 1e-6); above, the layer is expanded to fp16 for the tiled product (3e-3). K = 100, 150 and
+    37 end inside a group, and 37 inside a run of 16 (the scalar tail)."""
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
+    weight = cpu_index.IndexWeight(layer)
+    x = torch.randn(m, k)
+    assert _relative_error(weight.linear(x), reference(x, layer)) < (1e-6 if m <= 8 else 3e-3)
+
+
+@needs_half_kernel
+def test_index_kernel_takes_fused_layers_and_is_small():
+    layer = fused_layer(bits=4)  # three V tables picked per column, a bias on the first part
+    cached = LCQLinear(layer, cache_dense=True)
+    for m in (1, 5, 12):
+        x = torch.randn(m, 64)
+        assert _relative_error(cached(x), reference(x, layer)) < (1e-6 if m <= 8 else 3e-3)
+    assert cached.uses_index_weights and cached._half is None and cached._dense is None
+    big = random_layer(256, 512, 4, 2, 64, seed=3)
+    assert cpu_index.IndexWeight(big).nbytes < 0.4 * 2 * 256 * 512  # against an fp16 copy
+
+
+@needs_half_kernel
+def test_cached_layer_keeps_only_fp16_weights_without_the_index_kernel(monkeypatch):
+    """LCQ_CPU_INDEX=0: the fp16 copy serves every fp32 product (tolerance of an fp16 weight, 3e-3),
+    so the layer keeps no fp32 weight either."""
+    monkeypatch.setenv("LCQ_CPU_INDEX", "0")
     layer = random_layer(70, 100, 3, 2, 32, seed=5, bias=True)
     cached = LCQLinear(layer, cache_dense=True)
     for m in (1, 8, 9, 40):
         x = torch.randn(1, m, 100)
         y = cached(x)
-        assert cached.uses_half_weights and cached._dense is None and y.shape == (1, m, 70)
-        ref = reference(x[0], layer)
-        error = ((y[0].double() - ref).norm() / ref.norm()).item()
-        assert error < 3e-3, f"M={m}: relative error {error:.2e}"
+        assert cached.uses_half_weights and not cached.uses_index_weights and cached._dense is None
+        assert y.shape == (1, m, 70) and _relative_error(y[0], reference(x[0], layer)) < 3e-3
 
 
 def test_cached_layer_without_the_fp16_kernel_is_fp32(monkeypatch):
@@ -216,7 +244,7 @@ def test_cached_layer_without_the_fp16_kernel_is_fp32(monkeypatch):
     cached = LCQLinear(layer, cache_dense=True)
     x = torch.randn(9, 100)
     y = cached(x)
-    assert not cached.uses_half_weights and cached._dense is not None
+    assert not cached.uses_half_weights and not cached.uses_index_weights and cached._dense is not None
     ref = reference(x, layer)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
 

@@ -115,15 +115,21 @@ def test_chunked_prefill_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("half_weights", [False, True])
-def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, half_weights):
-    """fp32 products are exact up to summation order; the fp16 decode kernel (cpu_half) rounds each
-    weight to fp16 (relative 2^-11), which moves this tiny model's logits by about 1e-3."""
-    monkeypatch.setenv("LCQ_CPU_HALF", "1" if half_weights else "0")
+@pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
+def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
+    """fp32 products are exact up to summation order; the fp16 kernel (cpu_half), and the index
+    kernel (cpu_index) above 8 rows, round each weight to fp16 (relative 2^-11), which moves this tiny
+    model's logits by about 1e-3."""
+    monkeypatch.setenv("LCQ_CPU_INDEX", "1" if cpu_weights == "index" else "0")
+    monkeypatch.setenv("LCQ_CPU_HALF", "0" if cpu_weights == "fp32" else "1")
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
-    assert model.layers[0].mlp.down_proj.uses_half_weights == (half_weights and cpu_half.enabled())
-    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3, atol=5e-3 if half_weights else 2e-4)
+    down = model.layers[0].mlp.down_proj
+    kernels = cpu_half.enabled()
+    assert (down.uses_index_weights, down.uses_half_weights) == (cpu_weights == "index" and kernels,
+                                                                  cpu_weights == "half" and kernels)
+    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3,
+                   atol=2e-4 if cpu_weights == "fp32" else 5e-3)
 
 
 def test_lcq_without_dense_cache_matches(tmp_path):

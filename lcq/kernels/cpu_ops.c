@@ -12,6 +12,7 @@
 #include <stdlib.h>
 
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
+int lcq_index_matmul(const float *x, int M, const void *w, float *y);                   /* cpu_index.c */
 
 /* exp of 8 floats at once (AVX2): e^x = 2^n e^r with n = round(x log2 e), |r| <= ln 2 / 2, e^r by a
  * degree-6 polynomial (Cephes' expf coefficients; within 2 ulp of expf). Inputs are clamped to
@@ -245,15 +246,26 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
         for (int i = 0; i < width; i++) y[(int64_t)r * width + i] += bias[i];
 }
 
-/* Pointers per layer in the `layers` array of lcq_decode_layers, in this order. */
-enum { INPUT_NORM, QKV, QKV_BIAS, O, O_BIAS, POST_NORM, GATE_UP, GATE_UP_BIAS, DOWN, DOWN_BIAS, K_CACHE, V_CACHE,
-       POINTERS_PER_LAYER };
+/* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
+ * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias. */
+enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, O_KIND, O, O_BIAS, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
+       DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, POINTERS_PER_LAYER };
+enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
+
+/* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`. */
+static int linear(void *const *entry, const float *x, int rows, int K, int N, float *y) {
+    const int status = (intptr_t)entry[0] == INDEX_WEIGHT ? lcq_index_matmul(x, rows, entry[1], y)
+                                                          : lcq_half_matmul(x, rows, K, entry[1], N, y);
+    add_bias(y, entry[2], rows, N);
+    return status;
+}
 
 /* A whole decode step of a Llama-family model's decoder layers, for sequences of one new token
  * each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
  * hidden) holds the embeddings and receives the residual stream after the last layer (before the
- * final norm). Weights are fp16 (N, K), biases fp32 or NULL, KV caches fp32 or fp16 (half_cache). work holds
+ * final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or NULL, KV caches fp32
+ * or fp16 (half_cache). work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, or -1 on bad sizes
  * or a failed allocation. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
@@ -268,22 +280,18 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
         void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
         lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
-        if (lcq_half_matmul(normed, rows, hidden, p[QKV], qkv_width, qkv)) return -1;
-        add_bias(qkv, p[QKV_BIAS], rows, qkv_width);
+        if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, qkv)) return -1;
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_width,
                      half_cache);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, half_cache, block_tables, max_blocks, context_lens,
                                  attn, rows, heads, kv_heads, head_dim, block_size, scale))
             return -1;
-        if (lcq_half_matmul(attn, rows, q_width, p[O], hidden, projected)) return -1;
-        add_bias(projected, p[O_BIAS], rows, hidden);
+        if (linear(p + O_KIND, attn, rows, q_width, hidden, projected)) return -1;
         lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
-        if (lcq_half_matmul(normed, rows, hidden, p[GATE_UP], 2 * intermediate, gate_up)) return -1;
-        add_bias(gate_up, p[GATE_UP_BIAS], rows, 2 * intermediate);
+        if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, gate_up)) return -1;
         lcq_silu_mul(gate_up, activated, rows, intermediate);
-        if (lcq_half_matmul(activated, rows, intermediate, p[DOWN], hidden, projected)) return -1;
-        add_bias(projected, p[DOWN_BIAS], rows, hidden);
+        if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, projected)) return -1;
         for (int64_t i = 0; i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* x += MLP output */
     }
     return 0;

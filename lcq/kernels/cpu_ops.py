@@ -64,6 +64,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 CACHE_DTYPES = (torch.float32, torch.float16)  # the KV cache dtypes the C attention reads
+HALF_WEIGHT, INDEX_WEIGHT = 0, 1  # kinds of linear weight in lcq_decode_layers' table (cpu_ops.c)
 
 
 def half_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:

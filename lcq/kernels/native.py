@@ -1,4 +1,4 @@
-"""Build and load the C kernels of the CPU path: cpu_half.c and cpu_ops.c, one shared library.
+"""Build and load the C kernels of the CPU path: cpu_half.c, cpu_index.c and cpu_ops.c, one shared library.
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
@@ -23,7 +23,7 @@ logger = logging.getLogger("lcq.kernels")
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
-SOURCES = (FOLDER / "cpu_half.c", FOLDER / "cpu_ops.c")
+SOURCES = (FOLDER / "cpu_half.c", FOLDER / "cpu_index.c", FOLDER / "cpu_ops.c")
 
 
 @functools.cache

@@ -22,36 +22,40 @@ class CpuDecoder:
     """The pointer table of a model's layers (weights, norms, KV caches), built once after the caches
     are bound; `runs` says whether a step can take it."""
 
-    def __init__(self, model: torch.nn.Module, tensors: list[torch.Tensor | None]):
+    def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
+        """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds and
+        addresses (ints, the layers keep what they point to), or None."""
         c = model.config
         self.model = model
-        self.tensors = tensors  # kept alive: the table holds their addresses
-        self.table = (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+        self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
+        self.table = (ctypes.c_void_p * len(entries))(
+            *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
         self.sizes = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.work_per_row = 2 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> CpuDecoder | None:
-        """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer has
-        an fp16 copy for decode (LCQ layers on CPU; full-precision ones read from fp16 files)."""
+        """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer keeps a
+        weight the C step reads: indices or an fp16 copy (LCQ layers on CPU; full-precision ones read
+        from fp16 files)."""
         if model.embed_tokens.weight.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
             return None
         if not cpu_ops.usable():
             return None
-        tensors: list[torch.Tensor | None] = []
+        entries: list[torch.Tensor | int | None] = []
         for layer in model.layers:
             attention, mlp = layer.self_attn, layer.mlp
             linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
             weights = [linear.decode_weights() for linear in linears]
             if any(w is None for w in weights) or attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES:
                 return None
-            (qkv, qkv_bias), (o, o_bias), (gate_up, gate_up_bias), (down, down_bias) = weights
-            tensors += [layer.input_layernorm.weight, qkv, qkv_bias, o, o_bias, layer.post_attention_layernorm.weight,
-                        gate_up, gate_up_bias, down, down_bias, attention.k_cache, attention.v_cache]
-        if not all(t is None or (t.is_contiguous() and t.is_cpu) for t in tensors):
+            qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
+            entries += [layer.input_layernorm.weight, *qkv, *o, layer.post_attention_layernorm.weight, *gate_up,
+                        *down, attention.k_cache, attention.v_cache]
+        if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
-        return cls(model, tensors)
+        return cls(model, entries)
 
     def runs(self, context: ForwardContext) -> bool:
         return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED

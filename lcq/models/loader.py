@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lcq.format import CheckpointReader, PackedLinear
-from lcq.kernels import LCQLinear
+from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
 
 from .config import ModelConfig
@@ -25,11 +25,12 @@ class DenseLinear(torch.nn.Module):
         self.weight = None if self.half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
-    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(fp16 weight, fp32 bias or None) for the one-call CPU decode step, where the copy exists."""
+    def decode_weights(self) -> tuple[int, int, torch.Tensor | None] | None:
+        """(cpu_ops.HALF_WEIGHT, the fp16 copy's address, fp32 bias or None) for the one-call CPU
+        decode step, where the copy exists."""
         if self.half is None or (self.bias is not None and self.bias.dtype != torch.float32):
             return None
-        return self.half, self.bias
+        return cpu_ops.HALF_WEIGHT, self.half.data_ptr(), self.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias, self.half)

@@ -1,0 +1,170 @@
+/* y (M, N) = x (M, K) @ W^T for fp32 activations and an LCQ weight kept as its indices, on x86 CPUs
+ * with AVX2 and FMA; fp32 arithmetic.
+ *
+ * A CPU decode step streams every weight once. Kept as fp16 a weight costs 2 bytes; kept as 4-bit
+ * indices (every bit width up to 4 uses a nibble) plus its group scales, about 0.7. Each group's
+ * codebook c = S @ V - B is built in two registers (entries 0-7 and 8-15) and weights are looked
+ * up 8 at a time with two permutes and a blend: on a Zen 4 that runs at the fp16 kernel's speed
+ * (bench/cpu_lut.py). Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead:
+ * there the layer is expanded to fp16 once per call and multiplied by cpu_half.c's tiled form.
+ *
+ * Index layout: per row, K_pad / 2 bytes; in each run of 16 indices byte i holds index i in its low
+ * nibble and index i + 8 in its high nibble.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
+
+#define MAX_DECODE_ROWS 8
+#define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
+
+/* Must match IndexWeight in cpu_index.py. */
+typedef struct {
+    const uint8_t *indices;     /* (N, K_pad / 2) */
+    const float *scales;        /* S (N, groups, rank) */
+    const float *offsets;       /* B (N, groups) */
+    const float *tables;        /* V (tables, rank, 16), zero past 2^bits entries */
+    const int32_t *table_index; /* (N,) which table row n uses */
+    int N, K, group_size, groups, rank;
+} lcq_index_weight;
+
+static float horizontal_sum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Codebook entries 0-7 and 8-15 of group j of row n. */
+static inline void codebook(const lcq_index_weight *w, int n, int j, __m256 *low, __m256 *high) {
+    const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
+    const float *v = w->tables + (int64_t)w->table_index[n] * w->rank * 16;
+    __m256 lo = _mm256_set1_ps(-w->offsets[(int64_t)n * w->groups + j]), hi = lo;
+    for (int r = 0; r < w->rank; r++) {
+        const __m256 scale = _mm256_set1_ps(s[r]);
+        lo = _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + r * 16), lo);
+        hi = _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + r * 16 + 8), hi);
+    }
+    *low = lo;
+    *high = hi;
+}
+
+/* Weights of 8 indices (one per 32-bit lane). */
+static inline __m256 lookup(__m256 low, __m256 high, __m256i index) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index), _mm256_permutevar8x32_ps(high, index),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+}
+
+/* The weight of index k of a row from the codebook written out as 16 floats (loop tails). */
+static inline float tail_weight(const uint8_t *row, int k, const float *book) {
+    const int run = k / 16 * 16, i = k - run;
+    const uint8_t byte = row[run / 2 + (i & 7)];
+    return book[i < 8 ? byte & 15 : byte >> 4];
+}
+
+/* Weights k .. k + 15 of a row, from the run's 8 bytes. */
+static inline void run_weights(const uint8_t *row, int k, __m256 low, __m256 high, __m256 *first, __m256 *second) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
+    *first = lookup(low, high, _mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+    *second = lookup(low, high, _mm256_srli_epi32(bytes, 4));
+}
+
+/* Output column n for R activation rows. Inlined with R a constant so the accumulators stay in
+ * registers. */
+static inline __attribute__((always_inline)) void column(const int R, const lcq_index_weight *w, int n,
+                                                         const float *x, float *y) {
+    const int K = w->K;
+    const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
+    __m256 acc[PASS_ROWS][2];
+    float tail[PASS_ROWS];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        tail[r] = 0.0f;
+    }
+    for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
+        const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
+        __m256 low, high;
+        codebook(w, n, j, &low, &high);
+        int k = start;
+        for (; k + 16 <= stop; k += 16) {
+            __m256 first, second;
+            run_weights(row, k, low, high, &first, &second);
+            for (int r = 0; r < R; r++) {
+                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k), first, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 8), second, acc[r][1]);
+            }
+        }
+        if (k < stop) { /* K ends inside this run */
+            float book[16];
+            _mm256_storeu_ps(book, low);
+            _mm256_storeu_ps(book + 8, high);
+            for (; k < stop; k++) {
+                const float weight = tail_weight(row, k, book);
+                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
+}
+
+static void decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < w->N; n++)
+        for (int m = 0; m < M; m += PASS_ROWS) {
+            const float *rows = x + (int64_t)m * w->K;
+            float *out = y + (int64_t)m * w->N;
+            switch (M - m) {
+                case 1: column(1, w, n, rows, out); break;
+                case 2: column(2, w, n, rows, out); break;
+                case 3: column(3, w, n, rows, out); break;
+                default: column(PASS_ROWS, w, n, rows, out); break;
+            }
+        }
+}
+
+/* The weight as fp16 (N, K), rounded to nearest as the GPU kernels round it. */
+static void expand_half(const lcq_index_weight *w, uint16_t *out) {
+    const int K = w->K;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < w->N; n++) {
+        const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
+        uint16_t *dst = out + (int64_t)n * K;
+        for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
+            const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
+            __m256 low, high;
+            codebook(w, n, j, &low, &high);
+            int k = start;
+            for (; k + 16 <= stop; k += 16) {
+                __m256 first, second;
+                run_weights(row, k, low, high, &first, &second);
+                _mm_storeu_si128((__m128i *)(dst + k), _mm256_cvtps_ph(first, _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *)(dst + k + 8), _mm256_cvtps_ph(second, _MM_FROUND_TO_NEAREST_INT));
+            }
+            if (k < stop) {
+                float book[16];
+                _mm256_storeu_ps(book, low);
+                _mm256_storeu_ps(book + 8, high);
+                for (; k < stop; k++) dst[k] = _cvtss_sh(tail_weight(row, k, book), _MM_FROUND_TO_NEAREST_INT);
+            }
+        }
+    }
+}
+
+/* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or the fp16
+ * expansion of a large product cannot be allocated. */
+int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
+    const lcq_index_weight *w = weight;
+    if (M < 1) return -1;
+    if (M <= MAX_DECODE_ROWS) {
+        decode_product(w, x, M, y);
+        return 0;
+    }
+    uint16_t *expanded = malloc(sizeof(uint16_t) * (size_t)w->N * w->K);
+    if (expanded == NULL) return -1;
+    expand_half(w, expanded);
+    const int status = lcq_half_matmul(x, M, w->K, expanded, w->N, y);
+    free(expanded);
+    return status;
+}

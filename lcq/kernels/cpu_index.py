@@ -1,0 +1,86 @@
+"""CPU products that read an LCQ layer's indices (cpu_index.c) instead of a dequantized copy.
+
+A CPU LCQ layer used to keep its weight dequantized to fp16 (2 bytes per weight). IndexWeight keeps
+the indices as nibbles plus S and B in fp32 (about 0.7 bytes per weight at 4 bits, r 2, g 64), and
+the kernel builds each group's codebook in registers: on a Zen 4 decode products run at the fp16
+kernel's speed (bench/cpu_lut.py), larger ones expand the layer to fp16 per call. Weights in decode
+products are exact fp32 codebook entries; products above 8 rows round them to fp16.
+
+Where the C kernels do not run, layers keep the fp16 or fp32 copies (cpu_matmul.py); LCQ_CPU_INDEX=0
+keeps the fp16 copy (faster where 256-bit permutes are slow, as on Zen 1: docs/kernels.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+
+import torch
+
+from lcq.format import PackedLinear, decoded_b, decoded_s, unpack_indices
+
+from . import cpu_half, native
+
+MAX_BITS = 4  # indices are stored as nibbles
+TABLE_WIDTH = 16
+
+
+class _Fields(ctypes.Structure):
+    """lcq_index_weight in cpu_index.c."""
+    _fields_ = [("indices", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
+                ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int)]
+
+
+def enabled() -> bool:
+    """True where the kernel runs here (it is built with the fp16 one) and LCQ_CPU_INDEX is not 0."""
+    return os.environ.get("LCQ_CPU_INDEX", "1") != "0" and cpu_half.enabled()
+
+
+class IndexWeight:
+    """A packed layer in the kernel's layout; `pointer` is the C struct's address (kept alive here)."""
+
+    def __init__(self, layer: PackedLinear):
+        if layer.bits > MAX_BITS:
+            raise ValueError(f"IndexWeight takes up to {MAX_BITS}-bit indices, got {layer.bits}")
+        layer = layer.to("cpu")
+        indices = unpack_indices(layer.qweight, layer.bits).to(torch.uint8)  # (N, K_pad), K_pad % 32 == 0
+        runs = indices.view(indices.shape[0], -1, 16)
+        self.indices = (runs[..., :8] | (runs[..., 8:] << 4)).contiguous()
+        self.scales = decoded_s(layer).contiguous()
+        self.offsets = decoded_b(layer).contiguous()
+        tables = torch.zeros(*layer.v.shape[:2], TABLE_WIDTH)
+        tables[..., : layer.v.shape[2]] = layer.v.float()
+        self.tables = tables.contiguous()
+        self.table_index = layer.v_index.to(torch.int32).contiguous()
+        self.out_features, self.in_features = layer.out_features, layer.in_features
+        self.fields = _Fields(self.indices.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
+                              self.tables.data_ptr(), self.table_index.data_ptr(), layer.out_features,
+                              layer.in_features, layer.group_size, layer.num_groups, layer.rank)
+        self.pointer = ctypes.addressof(self.fields)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index))
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) float32 -> (..., N) float32."""
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        if x.dtype != torch.float32 or rows.shape[1] != self.in_features:
+            raise ValueError(f"IndexWeight.linear takes float32 (..., {self.in_features}), got {x.dtype} "
+                             f"{tuple(x.shape)}")
+        y = torch.empty(rows.shape[0], self.out_features)
+        if rows.shape[0] and library().lcq_index_matmul(rows.data_ptr(), rows.shape[0], self.pointer, y.data_ptr()):
+            raise MemoryError("lcq_index_matmul could not allocate the layer's fp16 expansion")
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels (native.load), or None where they cannot run here."""
+    lib = native.load()
+    if lib is not None:
+        lib.lcq_index_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.lcq_index_matmul.restype = ctypes.c_int
+    return lib
