@@ -90,26 +90,32 @@ static inline __attribute__((always_inline)) void tile(const int R, const int C,
     }
 }
 
-/* More than MAX_ROWS rows: blocks of COLUMN_BLOCK weight rows, one per OpenMP task, so each block
- * is read from L2 for every group of TILE_ROWS activation rows, which stay in L1. */
-static void large_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
-    const int blocks = (N + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
-#define TILE(rows, columns) tile(rows, columns, x + (int64_t)m * K, K, w + (int64_t)n * K, y + (int64_t)m * N + n, N)
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) {
-        const int end = b * COLUMN_BLOCK + COLUMN_BLOCK < N ? b * COLUMN_BLOCK + COLUMN_BLOCK : N;
-        for (int m = 0; m < M; m += TILE_ROWS) {
-            const int rows = M - m < TILE_ROWS ? M - m : TILE_ROWS;
-            int n = b * COLUMN_BLOCK;
-            for (; n + TILE_COLUMNS <= end; n += TILE_COLUMNS) {
-                if (rows == TILE_ROWS) TILE(TILE_ROWS, TILE_COLUMNS); else TILE(1, TILE_COLUMNS);
-            }
-            for (; n < end; n++) {
-                if (rows == TILE_ROWS) TILE(TILE_ROWS, 1); else TILE(1, 1);
-            }
+/* y[:, 0 .. columns) (row stride N) for `columns` <= COLUMN_BLOCK rows of w: tiles of TILE_ROWS
+ * activation rows, which stay in L1, against the block, which stays in L2. One thread; cpu_index.c
+ * calls it on blocks it expands from indices. */
+void lcq_half_block(const float *x, int M, int K, const uint16_t *w, int columns, float *y, int N) {
+#define TILE(rows, cols) tile(rows, cols, x + (int64_t)m * K, K, w + (int64_t)n * K, y + (int64_t)m * N + n, N)
+    for (int m = 0; m < M; m += TILE_ROWS) {
+        const int rows = M - m < TILE_ROWS ? M - m : TILE_ROWS;
+        int n = 0;
+        for (; n + TILE_COLUMNS <= columns; n += TILE_COLUMNS) {
+            if (rows == TILE_ROWS) TILE(TILE_ROWS, TILE_COLUMNS); else TILE(1, TILE_COLUMNS);
+        }
+        for (; n < columns; n++) {
+            if (rows == TILE_ROWS) TILE(TILE_ROWS, 1); else TILE(1, 1);
         }
     }
 #undef TILE
+}
+
+/* More than MAX_ROWS rows: blocks of COLUMN_BLOCK weight rows, one per OpenMP task. */
+static void large_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
+    const int blocks = (N + COLUMN_BLOCK - 1) / COLUMN_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        const int first = b * COLUMN_BLOCK, columns = N - first < COLUMN_BLOCK ? N - first : COLUMN_BLOCK;
+        lcq_half_block(x, M, K, w + (int64_t)first * K, columns, y + first, N);
+    }
 }
 
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32.

@@ -6,7 +6,8 @@
  * codebook c = S @ V - B is built in two registers (entries 0-7 and 8-15) and weights are looked
  * up 8 at a time with two permutes and a blend: on a Zen 4 that runs at the fp16 kernel's speed
  * (bench/cpu_lut.py). Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead:
- * there the layer is expanded to fp16 once per call and multiplied by cpu_half.c's tiled form.
+ * there each block of EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2)
+ * and multiplied by cpu_half.c's tiled form, so no copy of the whole layer is ever made.
  *
  * Index layout: per row, K_pad / 2 bytes; in each run of 16 indices byte i holds index i in its low
  * nibble and index i + 8 in its high nibble.
@@ -15,9 +16,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
+void lcq_half_block(const float *x, int M, int K, const uint16_t *w, int columns, float *y, int N); /* cpu_half.c */
 
 #define MAX_DECODE_ROWS 8
+#define EXPANDED_ROWS 48 /* weight rows expanded to fp16 at a time for a large product: cpu_half.c's block */
 #define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
 
 /* Must match IndexWeight in cpu_index.py. */
@@ -124,23 +126,23 @@ static void decode_product(const lcq_index_weight *w, const float *x, int M, flo
         }
 }
 
-/* The weight as fp16 (N, K), rounded to nearest as the GPU kernels round it. */
-static void expand_half(const lcq_index_weight *w, uint16_t *out) {
+/* Weight rows first .. first + count - 1 as fp16 (count, K), rounded to nearest as the GPU kernels
+ * round them. */
+static void expand_half(const lcq_index_weight *w, int first, int count, uint16_t *out) {
     const int K = w->K;
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < w->N; n++) {
+    for (int n = first; n < first + count; n++) {
         const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
-        uint16_t *dst = out + (int64_t)n * K;
+        uint16_t *dst = out + (int64_t)(n - first) * K;
         for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
             const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
             __m256 low, high;
             codebook(w, n, j, &low, &high);
             int k = start;
             for (; k + 16 <= stop; k += 16) {
-                __m256 first, second;
-                run_weights(row, k, low, high, &first, &second);
-                _mm_storeu_si128((__m128i *)(dst + k), _mm256_cvtps_ph(first, _MM_FROUND_TO_NEAREST_INT));
-                _mm_storeu_si128((__m128i *)(dst + k + 8), _mm256_cvtps_ph(second, _MM_FROUND_TO_NEAREST_INT));
+                __m256 lower, upper;
+                run_weights(row, k, low, high, &lower, &upper);
+                _mm_storeu_si128((__m128i *)(dst + k), _mm256_cvtps_ph(lower, _MM_FROUND_TO_NEAREST_INT));
+                _mm_storeu_si128((__m128i *)(dst + k + 8), _mm256_cvtps_ph(upper, _MM_FROUND_TO_NEAREST_INT));
             }
             if (k < stop) {
                 float book[16];
@@ -152,19 +154,31 @@ static void expand_half(const lcq_index_weight *w, uint16_t *out) {
     }
 }
 
-/* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or the fp16
- * expansion of a large product cannot be allocated. */
+static int large_product(const lcq_index_weight *w, const float *x, int M, float *y) {
+    const int blocks = (w->N + EXPANDED_ROWS - 1) / EXPANDED_ROWS;
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        uint16_t *expanded = malloc(sizeof(uint16_t) * EXPANDED_ROWS * (size_t)w->K);
+        if (expanded == NULL) failed = 1;
+#pragma omp for schedule(static)
+        for (int b = 0; b < blocks; b++) {
+            if (expanded == NULL) continue;
+            const int first = b * EXPANDED_ROWS, count = w->N - first < EXPANDED_ROWS ? w->N - first : EXPANDED_ROWS;
+            expand_half(w, first, count, expanded);
+            lcq_half_block(x, M, w->K, expanded, count, y + first, w->N);
+        }
+        free(expanded);
+    }
+    return failed ? -1 : 0;
+}
+
+/* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or a large
+ * product's expansion buffers cannot be allocated. */
 int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
-    if (M <= MAX_DECODE_ROWS) {
-        decode_product(w, x, M, y);
-        return 0;
-    }
-    uint16_t *expanded = malloc(sizeof(uint16_t) * (size_t)w->N * w->K);
-    if (expanded == NULL) return -1;
-    expand_half(w, expanded);
-    const int status = lcq_half_matmul(x, M, w->K, expanded, w->N, y);
-    free(expanded);
-    return status;
+    if (M > MAX_DECODE_ROWS) return large_product(w, x, M, y);
+    decode_product(w, x, M, y);
+    return 0;
 }

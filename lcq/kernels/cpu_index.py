@@ -3,8 +3,9 @@
 A CPU LCQ layer used to keep its weight dequantized to fp16 (2 bytes per weight). IndexWeight keeps
 the indices as nibbles plus S and B in fp32 (about 0.7 bytes per weight at 4 bits, r 2, g 64), and
 the kernel builds each group's codebook in registers: on a Zen 4 decode products run at the fp16
-kernel's speed (bench/cpu_lut.py), larger ones expand the layer to fp16 per call. Weights in decode
-products are exact fp32 codebook entries; products above 8 rows round them to fp16.
+kernel's speed (bench/cpu_lut.py); larger ones expand 48 weight rows at a time to fp16 for the
+tiled fp16 product. Weights in decode products are exact fp32 codebook entries; products above 8
+rows round them to fp16.
 
 Where the C kernels do not run, layers keep the fp16 or fp32 copies (cpu_matmul.py); LCQ_CPU_INDEX=0
 keeps the fp16 copy (faster where 256-bit permutes are slow, as on Zen 1: docs/kernels.md).
@@ -72,7 +73,7 @@ class IndexWeight:
                              f"{tuple(x.shape)}")
         y = torch.empty(rows.shape[0], self.out_features)
         if rows.shape[0] and library().lcq_index_matmul(rows.data_ptr(), rows.shape[0], self.pointer, y.data_ptr()):
-            raise MemoryError("lcq_index_matmul could not allocate the layer's fp16 expansion")
+            raise MemoryError("lcq_index_matmul could not allocate its expansion buffers")
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
