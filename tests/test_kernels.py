@@ -199,15 +199,20 @@ def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+INDEX_FORMS = [False] + ([True] if {"avx512f", "avx512dq"} <= native.cpu_flags() else [])  # wide: AVX-512
+
+
 @needs_half_kernel
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 33])
-def test_index_kernel_matches_reference(bits, rank, group, k, m):
+@pytest.mark.parametrize("wide", INDEX_FORMS)
+def test_index_kernel_matches_reference(bits, rank, group, k, m, wide):
     """Indices read in place: up to 8 rows the codebook entries are exact fp32 (only summation order
-    differs, 1e-6); above, the layer is expanded to fp16 for the tiled product (3e-3). K = 100, 150 and
-    37 end inside a group, and 37 inside a run of 16 (the scalar tail)."""
+    differs, 1e-6), in the AVX2 and (where the CPU has it) the AVX-512 form; above, blocks of rows are
+    expanded to fp16 for the tiled product (3e-3). K = 80, 100 and 150 end inside a group or a run of
+    32, and 37 inside a run of 16 (the scalar tails); N = 70 leaves a partial block of 48 rows."""
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
-    weight = cpu_index.IndexWeight(layer)
+    weight = cpu_index.IndexWeight(layer, wide=wide)
     x = torch.randn(m, k)
     assert _relative_error(weight.linear(x), reference(x, layer)) < (1e-6 if m <= 8 else 3e-3)
 

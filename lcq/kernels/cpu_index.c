@@ -4,8 +4,8 @@
  * A CPU decode step streams every weight once. Kept as fp16 a weight costs 2 bytes; kept as 4-bit
  * indices (every bit width up to 4 uses a nibble) plus its group scales, about 0.7. Each group's
  * codebook c = S @ V - B is built in two registers (entries 0-7 and 8-15) and weights are looked
- * up 8 at a time with two permutes and a blend: on a Zen 4 that runs at the fp16 kernel's speed
- * (bench/cpu_lut.py). Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead:
+ * up 8 at a time with two permutes and a blend, or with AVX-512 16 at a time from one register: on a
+ * Zen 4 the first runs at the fp16 kernel's speed and the second faster (bench/cpu_lut.py). Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead:
  * there each block of EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2)
  * and multiplied by cpu_half.c's tiled form, so no copy of the whole layer is ever made.
  *
@@ -30,6 +30,7 @@ typedef struct {
     const float *tables;        /* V (tables, rank, 16), zero past 2^bits entries */
     const int32_t *table_index; /* (N,) which table row n uses */
     int N, K, group_size, groups, rank;
+    int wide; /* decode with AVX-512 (the caller checked the CPU has it) */
 } lcq_index_weight;
 
 static float horizontal_sum(__m256 v) {
@@ -111,6 +112,72 @@ static inline __attribute__((always_inline)) void column(const int R, const lcq_
     for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
 }
 
+#define AVX512 __attribute__((target("avx512f,avx512dq")))
+
+/* The whole 16-entry codebook of group j of row n in one register. */
+AVX512 static inline __m512 wide_codebook(const lcq_index_weight *w, int n, int j) {
+    const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
+    const float *v = w->tables + (int64_t)w->table_index[n] * w->rank * 16;
+    __m512 book = _mm512_set1_ps(-w->offsets[(int64_t)n * w->groups + j]);
+    for (int r = 0; r < w->rank; r++) book = _mm512_fmadd_ps(_mm512_set1_ps(s[r]), _mm512_loadu_ps(v + r * 16), book);
+    return book;
+}
+
+/* column() with AVX-512: runs of 32 indices (16 bytes, two runs of 16) per step. The low nibbles
+ * give weights k..k+7 and k+16..k+23, the high ones k+8..k+15 and k+24..k+31. */
+AVX512 static inline __attribute__((always_inline)) void wide_column(const int R, const lcq_index_weight *w, int n,
+                                                                   const float *x, float *y) {
+    const int K = w->K;
+    const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
+    __m512 acc[PASS_ROWS][2];
+    float tail[PASS_ROWS];
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        tail[r] = 0.0f;
+    }
+    for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
+        const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
+        const __m512 book = wide_codebook(w, n, j);
+        int k = start;
+        for (; k + 32 <= stop; k += 32) {
+            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+            const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), book);
+            const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book);
+            for (int r = 0; r < R; r++) {
+                const float *a = x + (int64_t)r * K + k;
+                const __m512 x_low = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(a + 16), 1);
+                const __m512 x_high = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a + 8)), _mm256_loadu_ps(a + 24), 1);
+                acc[r][0] = _mm512_fmadd_ps(x_low, low, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(x_high, high, acc[r][1]);
+            }
+        }
+        if (k < stop) { /* K ends inside this run */
+            float entries[16];
+            _mm512_storeu_ps(entries, book);
+            for (; k < stop; k++) {
+                const float weight = tail_weight(row, k, entries);
+                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
+}
+
+AVX512 static void wide_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < w->N; n++)
+        for (int m = 0; m < M; m += PASS_ROWS) {
+            const float *rows = x + (int64_t)m * w->K;
+            float *out = y + (int64_t)m * w->N;
+            switch (M - m) {
+                case 1: wide_column(1, w, n, rows, out); break;
+                case 2: wide_column(2, w, n, rows, out); break;
+                case 3: wide_column(3, w, n, rows, out); break;
+                default: wide_column(PASS_ROWS, w, n, rows, out); break;
+            }
+        }
+}
+
 static void decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < w->N; n++)
@@ -179,6 +246,9 @@ int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
     if (M > MAX_DECODE_ROWS) return large_product(w, x, M, y);
-    decode_product(w, x, M, y);
+    if (w->wide)
+        wide_decode_product(w, x, M, y);
+    else
+        decode_product(w, x, M, y);
     return 0;
 }

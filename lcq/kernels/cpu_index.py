@@ -30,7 +30,8 @@ class _Fields(ctypes.Structure):
     """lcq_index_weight in cpu_index.c."""
     _fields_ = [("indices", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
-                ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int)]
+                ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
+                ("wide", ctypes.c_int)]
 
 
 def enabled() -> bool:
@@ -38,10 +39,16 @@ def enabled() -> bool:
     return os.environ.get("LCQ_CPU_INDEX", "1") != "0" and cpu_half.enabled()
 
 
+def wide_available() -> bool:
+    """AVX-512 decode products where the CPU has AVX-512 F and DQ and LCQ_CPU_AVX512 is not 0."""
+    return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and {"avx512f", "avx512dq"} <= native.cpu_flags()
+
+
 class IndexWeight:
     """A packed layer in the kernel's layout; `pointer` is the C struct's address (kept alive here)."""
 
-    def __init__(self, layer: PackedLinear):
+    def __init__(self, layer: PackedLinear, wide: bool | None = None):
+        """wide: decode with AVX-512 (default: wide_available())."""
         if layer.bits > MAX_BITS:
             raise ValueError(f"IndexWeight takes up to {MAX_BITS}-bit indices, got {layer.bits}")
         layer = layer.to("cpu")
@@ -57,7 +64,8 @@ class IndexWeight:
         self.out_features, self.in_features = layer.out_features, layer.in_features
         self.fields = _Fields(self.indices.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
                               self.tables.data_ptr(), self.table_index.data_ptr(), layer.out_features,
-                              layer.in_features, layer.group_size, layer.num_groups, layer.rank)
+                              layer.in_features, layer.group_size, layer.num_groups, layer.rank,
+                              int(wide_available() if wide is None else wide))
         self.pointer = ctypes.addressof(self.fields)
 
     @property

@@ -44,13 +44,19 @@ def unsupported() -> str | None:
     """Why the C kernels cannot run on this machine, or None."""
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         return f"{platform.system()} {platform.machine()} is not x86-64 Linux"
-    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("flags")), [])
-    if missing := [f for f in ("avx2", "fma", "f16c") if f not in flags]:
+    if missing := [f for f in ("avx2", "fma", "f16c") if f not in cpu_flags()]:
         return f"the CPU lacks {', '.join(missing)}"
     if _compiler() is None:
         return "no C compiler (cc, gcc or clang) on PATH"
     return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this x86-64 Linux machine's CPU (empty elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
 def _compiler() -> str | None:
