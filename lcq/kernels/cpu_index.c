@@ -9,8 +9,8 @@
  * there each block of EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2)
  * and multiplied by cpu_half.c's tiled form, so no copy of the whole layer is ever made.
  *
- * Index layout: per row, K_pad / 2 bytes; in each run of 16 indices byte i holds index i in its low
- * nibble and index i + 8 in its high nibble.
+ * Index layout: per row, K_pad / 2 bytes; in each run of 32 indices byte i holds index i in its low
+ * nibble and index i + 16 in its high nibble (groups are whole runs).
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -62,14 +62,16 @@ static inline __m256 lookup(__m256 low, __m256 high, __m256i index) {
 
 /* The weight of index k of a row from the codebook written out as 16 floats (loop tails). */
 static inline float tail_weight(const uint8_t *row, int k, const float *book) {
-    const int run = k / 16 * 16, i = k - run;
-    const uint8_t byte = row[run / 2 + (i & 7)];
-    return book[i < 8 ? byte & 15 : byte >> 4];
+    const int run = k / 32 * 32, i = k - run;
+    const uint8_t byte = row[run / 2 + (i & 15)];
+    return book[i < 16 ? byte & 15 : byte >> 4];
 }
 
-/* Weights k .. k + 15 of a row, from the run's 8 bytes. */
-static inline void run_weights(const uint8_t *row, int k, __m256 low, __m256 high, __m256 *first, __m256 *second) {
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2)));
+/* From the run of 32 indices at k, half h (0 or 8): weights k + h .. k + h + 7 (low nibbles) and
+ * k + 16 + h .. k + 23 + h (high nibbles). */
+static inline void run_weights(const uint8_t *row, int k, int h, __m256 low, __m256 high, __m256 *first,
+                               __m256 *second) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2 + h)));
     *first = lookup(low, high, _mm256_and_si256(bytes, _mm256_set1_epi32(15)));
     *second = lookup(low, high, _mm256_srli_epi32(bytes, 4));
 }
@@ -91,14 +93,15 @@ static inline __attribute__((always_inline)) void column(const int R, const lcq_
         __m256 low, high;
         codebook(w, n, j, &low, &high);
         int k = start;
-        for (; k + 16 <= stop; k += 16) {
-            __m256 first, second;
-            run_weights(row, k, low, high, &first, &second);
-            for (int r = 0; r < R; r++) {
-                acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k), first, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 8), second, acc[r][1]);
+        for (; k + 32 <= stop; k += 32)
+            for (int h = 0; h < 16; h += 8) {
+                __m256 first, second;
+                run_weights(row, k, h, low, high, &first, &second);
+                for (int r = 0; r < R; r++) {
+                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + h), first, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 16 + h), second, acc[r][1]);
+                }
             }
-        }
         if (k < stop) { /* K ends inside this run */
             float book[16];
             _mm256_storeu_ps(book, low);
@@ -112,7 +115,7 @@ static inline __attribute__((always_inline)) void column(const int R, const lcq_
     for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
 }
 
-#define AVX512 __attribute__((target("avx512f,avx512dq")))
+#define AVX512 __attribute__((target("avx512f")))
 
 /* The whole 16-entry codebook of group j of row n in one register. */
 AVX512 static inline __m512 wide_codebook(const lcq_index_weight *w, int n, int j) {
@@ -123,8 +126,8 @@ AVX512 static inline __m512 wide_codebook(const lcq_index_weight *w, int n, int 
     return book;
 }
 
-/* column() with AVX-512: runs of 32 indices (16 bytes, two runs of 16) per step. The low nibbles
- * give weights k..k+7 and k+16..k+23, the high ones k+8..k+15 and k+24..k+31. */
+/* column() with AVX-512: a run of 32 indices per step, the low nibbles weights k .. k + 15 and the
+ * high ones k + 16 .. k + 31. */
 AVX512 static inline __attribute__((always_inline)) void wide_column(const int R, const lcq_index_weight *w, int n,
                                                                    const float *x, float *y) {
     const int K = w->K;
@@ -144,11 +147,8 @@ AVX512 static inline __attribute__((always_inline)) void wide_column(const int R
             const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), book);
             const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book);
             for (int r = 0; r < R; r++) {
-                const float *a = x + (int64_t)r * K + k;
-                const __m512 x_low = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a)), _mm256_loadu_ps(a + 16), 1);
-                const __m512 x_high = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(a + 8)), _mm256_loadu_ps(a + 24), 1);
-                acc[r][0] = _mm512_fmadd_ps(x_low, low, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(x_high, high, acc[r][1]);
+                acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k), low, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k + 16), high, acc[r][1]);
             }
         }
         if (k < stop) { /* K ends inside this run */
@@ -205,12 +205,13 @@ static void expand_half(const lcq_index_weight *w, int first, int count, uint16_
             __m256 low, high;
             codebook(w, n, j, &low, &high);
             int k = start;
-            for (; k + 16 <= stop; k += 16) {
-                __m256 lower, upper;
-                run_weights(row, k, low, high, &lower, &upper);
-                _mm_storeu_si128((__m128i *)(dst + k), _mm256_cvtps_ph(lower, _MM_FROUND_TO_NEAREST_INT));
-                _mm_storeu_si128((__m128i *)(dst + k + 8), _mm256_cvtps_ph(upper, _MM_FROUND_TO_NEAREST_INT));
-            }
+            for (; k + 32 <= stop; k += 32)
+                for (int h = 0; h < 16; h += 8) {
+                    __m256 lower, upper;
+                    run_weights(row, k, h, low, high, &lower, &upper);
+                    _mm_storeu_si128((__m128i *)(dst + k + h), _mm256_cvtps_ph(lower, _MM_FROUND_TO_NEAREST_INT));
+                    _mm_storeu_si128((__m128i *)(dst + k + 16 + h), _mm256_cvtps_ph(upper, _MM_FROUND_TO_NEAREST_INT));
+                }
             if (k < stop) {
                 float book[16];
                 _mm256_storeu_ps(book, low);

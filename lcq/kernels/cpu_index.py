@@ -40,8 +40,8 @@ def enabled() -> bool:
 
 
 def wide_available() -> bool:
-    """AVX-512 decode products where the CPU has AVX-512 F and DQ and LCQ_CPU_AVX512 is not 0."""
-    return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and {"avx512f", "avx512dq"} <= native.cpu_flags()
+    """AVX-512 decode products where the CPU has AVX-512 F and LCQ_CPU_AVX512 is not 0."""
+    return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and "avx512f" in native.cpu_flags()
 
 
 class IndexWeight:
@@ -53,8 +53,8 @@ class IndexWeight:
             raise ValueError(f"IndexWeight takes up to {MAX_BITS}-bit indices, got {layer.bits}")
         layer = layer.to("cpu")
         indices = unpack_indices(layer.qweight, layer.bits).to(torch.uint8)  # (N, K_pad), K_pad % 32 == 0
-        runs = indices.view(indices.shape[0], -1, 16)
-        self.indices = (runs[..., :8] | (runs[..., 8:] << 4)).contiguous()
+        runs = indices.view(indices.shape[0], -1, 32)  # byte i of a run: index i, and i + 16 above it
+        self.indices = (runs[..., :16] | (runs[..., 16:] << 4)).contiguous()
         self.scales = decoded_s(layer).contiguous()
         self.offsets = decoded_b(layer).contiguous()
         tables = torch.zeros(*layer.v.shape[:2], TABLE_WIDTH)
