@@ -1,13 +1,14 @@
 /* y (M, N) = x (M, K) @ W^T for fp32 activations and an LCQ weight kept as its indices, on x86 CPUs
- * with AVX2 and FMA; fp32 arithmetic.
+ * with AVX2 and FMA (AVX-512 where the caller says so); fp32 arithmetic.
  *
  * A CPU decode step streams every weight once. Kept as fp16 a weight costs 2 bytes; kept as 4-bit
  * indices (every bit width up to 4 uses a nibble) plus its group scales, about 0.7. Each group's
- * codebook c = S @ V - B is built in two registers (entries 0-7 and 8-15) and weights are looked
- * up 8 at a time with two permutes and a blend, or with AVX-512 16 at a time from one register: on a
- * Zen 4 the first runs at the fp16 kernel's speed and the second faster (bench/cpu_lut.py). Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead:
- * there each block of EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2)
- * and multiplied by cpu_half.c's tiled form, so no copy of the whole layer is ever made.
+ * codebook c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512
+ * the 16 entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per
+ * two permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
+ * Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead: there each block of
+ * EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2) and multiplied by
+ * cpu_half.c's tiled form, so no copy of the whole layer is ever made.
  *
  * Index layout: per row, K_pad / 2 bytes; in each run of 32 indices byte i holds index i in its low
  * nibble and index i + 16 in its high nibble (groups are whole runs).

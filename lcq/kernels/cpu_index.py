@@ -1,14 +1,13 @@
 """CPU products that read an LCQ layer's indices (cpu_index.c) instead of a dequantized copy.
 
-A CPU LCQ layer used to keep its weight dequantized to fp16 (2 bytes per weight). IndexWeight keeps
-the indices as nibbles plus S and B in fp32 (about 0.7 bytes per weight at 4 bits, r 2, g 64), and
-the kernel builds each group's codebook in registers: on a Zen 4 decode products run at the fp16
-kernel's speed (bench/cpu_lut.py); larger ones expand 48 weight rows at a time to fp16 for the
-tiled fp16 product. Weights in decode products are exact fp32 codebook entries; products above 8
-rows round them to fp16.
+IndexWeight keeps the indices as nibbles plus S and B in fp32 (0.7 bytes per weight at 4 bits, r 2,
+g 64, against 2 for an fp16 copy), and the kernel builds each group's codebook in registers: on a
+Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); larger
+ones expand 48 weight rows at a time to fp16 for the tiled fp16 product. Weights in decode products
+are exact fp32 codebook entries; products above 8 rows round them to fp16.
 
-Where the C kernels do not run, layers keep the fp16 or fp32 copies (cpu_matmul.py); LCQ_CPU_INDEX=0
-keeps the fp16 copy (faster where 256-bit permutes are slow, as on Zen 1: docs/kernels.md).
+LCQ_CPU_INDEX=0 keeps the fp16 copy instead (faster where permutes are slow, as on Zen 1), and
+LCQ_CPU_AVX512=0 the AVX2 form on CPUs with AVX-512.
 """
 from __future__ import annotations
 
