@@ -6,18 +6,14 @@ shapes at W4 r2, W2 r2 and W4 r4 (g64), weights cycled so that they come from me
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.format import dequantize  # noqa: E402
 from lcq.kernels import cpu_half, cpu_index, native  # noqa: E402
 from tests.test_kernels import random_layer  # noqa: E402
@@ -42,11 +38,7 @@ def best_ms(product, weights: list, repeats: int = 8) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = cpu_arguments(__doc__, RESULTS)
     if not cpu_index.enabled():
         raise SystemExit("the index kernel does not run here (see lcq/kernels/cpu_index.py)")
     forms = {"avx2": False} | ({"avx512": True} if cpu_index.wide_available() else {})
@@ -65,20 +57,10 @@ def main() -> None:
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     one = cpu_index.IndexWeight(random_layer(3072, 576, 4, 2, 64, seed=0))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    record = {"device": f"cpu: {cpu}, {os.cpu_count()} cores, avx512: {'avx512' in forms}", "threads": args.threads,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "command": f"python bench/cpu_index.py --threads {args.threads}",
-              "bytes_per_weight": {"index_w4r2g64": round(one.nbytes / (3072 * 576), 3), "fp16": 2},
-              "cpu_flags_avx": sorted(f for f in native.cpu_flags() if f.startswith("avx")), "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(args.output)
-    print(f"written {args.output}")
-
+    write_record(args.output, cpu_record(
+        f"python bench/cpu_index.py --threads {args.threads}", args.threads, avx512="avx512" in forms,
+        bytes_per_weight={"index_w4r2g64": round(one.nbytes / (3072 * 576), 3), "fp16": 2},
+        cpu_flags_avx=sorted(f for f in native.cpu_flags() if f.startswith("avx")), rows=rows))
 
 if __name__ == "__main__":
     main()

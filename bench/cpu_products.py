@@ -8,18 +8,15 @@ memory, not cache, as in a decode step of a whole model.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_half  # noqa: E402
 from lcq.kernels.cpu_matmul import dense_linear, pack_weight  # noqa: E402
 
@@ -41,11 +38,7 @@ def time_ms(product, x: torch.Tensor, weights: list[torch.Tensor], repeats: int 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = cpu_arguments(__doc__, RESULTS)
     if not cpu_half.enabled():
         raise SystemExit("the fp16 CPU kernel does not run here (see lcq/kernels/cpu_half.py)")
     rows = []
@@ -61,19 +54,8 @@ def main() -> None:
                          "speedup": round(fp32_ms / fp16_ms, 2)})
             print(f"{name:<18} M={m}  fp16 {fp16_ms:7.3f} ms  oneDNN fp32 {fp32_ms:7.3f} ms  x{fp32_ms / fp16_ms:.2f}",
                   flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    record = {"device": f"cpu: {cpu}, {os.cpu_count()} cores", "threads": args.threads,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__},
-              "command": f"python bench/cpu_products.py --threads {args.threads}",
-              "load_average_1m": os.getloadavg()[0], "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.output.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(args.output)
-    print(f"written {args.output}")
-
+    write_record(args.output, cpu_record(f"python bench/cpu_products.py --threads {args.threads}", args.threads,
+                                         load_average_1m=os.getloadavg()[0], rows=rows))
 
 if __name__ == "__main__":
     main()

@@ -68,6 +68,16 @@ static inline float tail_weight(const uint8_t *row, int k, const float *book) {
     return book[i < 16 ? byte & 15 : byte >> 4];
 }
 
+/* tail[r] += x[r, k'] * weight for k' = k .. stop - 1 (inside one group, whose 16 codebook entries
+ * are written out in book): the last indices of a row when K ends inside a run. */
+static inline void add_tail(const uint8_t *row, int k, int stop, const float *book, int R, const float *x, int K,
+                            float *tail) {
+    for (; k < stop; k++) {
+        const float weight = tail_weight(row, k, book);
+        for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
+    }
+}
+
 /* From the run of 32 indices at k, half h (0 or 8): weights k + h .. k + h + 7 (low nibbles) and
  * k + 16 + h .. k + 23 + h (high nibbles). */
 static inline void run_weights(const uint8_t *row, int k, int h, __m256 low, __m256 high, __m256 *first,
@@ -107,10 +117,7 @@ static inline __attribute__((always_inline)) void column(const int R, const lcq_
             float book[16];
             _mm256_storeu_ps(book, low);
             _mm256_storeu_ps(book + 8, high);
-            for (; k < stop; k++) {
-                const float weight = tail_weight(row, k, book);
-                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
-            }
+            add_tail(row, k, stop, book, R, x, K, tail);
         }
     }
     for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
@@ -155,10 +162,7 @@ AVX512 static inline __attribute__((always_inline)) void wide_column(const int R
         if (k < stop) { /* K ends inside this run */
             float entries[16];
             _mm512_storeu_ps(entries, book);
-            for (; k < stop; k++) {
-                const float weight = tail_weight(row, k, entries);
-                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
-            }
+            add_tail(row, k, stop, entries, R, x, K, tail);
         }
     }
     for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];

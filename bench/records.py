@@ -1,0 +1,40 @@
+"""What every CPU benchmark records beside its rows: the machine and versions, written atomically."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def cpu_arguments(doc: str, default_output: Path) -> argparse.Namespace:
+    """--threads (also set for torch) and --output, the options of every CPU benchmark."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--output", type=Path, default=default_output)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args
+
+
+def cpu_record(command: str, threads: int, **fields) -> dict:
+    """device, threads, date, versions and command, then `fields`."""
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"device": f"cpu: {cpu}, {os.cpu_count()} cores", "threads": threads,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__}, "command": command,
+            **fields}
+
+
+def write_record(path: Path, record: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a stopped run leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)
+    print(f"written {path}")
