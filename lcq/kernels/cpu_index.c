@@ -87,46 +87,47 @@ static inline void run_weights(const uint8_t *row, int k, int h, __m256 low, __m
     *second = lookup(low, high, _mm256_srli_epi32(bytes, 4));
 }
 
-/* Output column n for R activation rows. Inlined with R a constant so the accumulators stay in
- * registers. */
-static inline __attribute__((always_inline)) void column(const int R, const lcq_index_weight *w, int n,
-                                                         const float *x, float *y) {
-    const int K = w->K;
-    const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
-    __m256 acc[PASS_ROWS][2];
-    float tail[PASS_ROWS];
-    for (int r = 0; r < R; r++) {
-        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        tail[r] = 0.0f;
-    }
-    for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
-        const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
-        __m256 low, high;
-        codebook(w, n, j, &low, &high);
-        int k = start;
-        for (; k + 32 <= stop; k += 32)
-            for (int h = 0; h < 16; h += 8) {
-                __m256 first, second;
-                run_weights(row, k, h, low, high, &first, &second);
-                for (int r = 0; r < R; r++) {
-                    acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + h), first, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 16 + h), second, acc[r][1]);
-                }
-            }
-        if (k < stop) { /* K ends inside this run */
-            float book[16];
-            _mm256_storeu_ps(book, low);
-            _mm256_storeu_ps(book + 8, high);
-            add_tail(row, k, stop, book, R, x, K, tail);
+/* The instruction-set steps of a decode product. AVX2: a codebook in two registers (entries 0-7 and
+ * 8-15), a run of 32 indices as two halves of 8 + 8 weights. */
+typedef struct {
+    __m256 low, high;
+} narrow_book;
+
+static inline narrow_book narrow_codebook(const lcq_index_weight *w, int n, int j) {
+    narrow_book book;
+    codebook(w, n, j, &book.low, &book.high);
+    return book;
+}
+
+static inline void narrow_write(narrow_book book, float *entries) {
+    _mm256_storeu_ps(entries, book.low);
+    _mm256_storeu_ps(entries + 8, book.high);
+}
+
+/* acc[r][0] and acc[r][1] += the R activation rows times the run of 32 weights at k. */
+static inline __attribute__((always_inline)) void narrow_run(const int R, const uint8_t *row, int k, narrow_book book,
+                                                             const float *x, int K, __m256 acc[][2]) {
+    for (int h = 0; h < 16; h += 8) {
+        __m256 first, second;
+        run_weights(row, k, h, book.low, book.high, &first, &second);
+        for (int r = 0; r < R; r++) {
+            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + h), first, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 16 + h), second, acc[r][1]);
         }
     }
-    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = horizontal_sum(_mm256_add_ps(acc[r][0], acc[r][1])) + tail[r];
+}
+
+static inline float narrow_sum(__m256 a, __m256 b) {
+    return horizontal_sum(_mm256_add_ps(a, b));
 }
 
 #define AVX512 __attribute__((target("avx512f")))
 
-/* The whole 16-entry codebook of group j of row n in one register. */
-AVX512 static inline __m512 wide_codebook(const lcq_index_weight *w, int n, int j) {
+/* AVX-512: the whole 16-entry codebook in one register; a run of 32 indices in one step, the low
+ * nibbles weights k .. k + 15 and the high ones k + 16 .. k + 31. */
+typedef __m512 wide_book;
+
+AVX512 static inline wide_book wide_codebook(const lcq_index_weight *w, int n, int j) {
     const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
     const float *v = w->tables + (int64_t)w->table_index[n] * w->rank * 16;
     __m512 book = _mm512_set1_ps(-w->offsets[(int64_t)n * w->groups + j]);
@@ -134,69 +135,73 @@ AVX512 static inline __m512 wide_codebook(const lcq_index_weight *w, int n, int 
     return book;
 }
 
-/* column() with AVX-512: a run of 32 indices per step, the low nibbles weights k .. k + 15 and the
- * high ones k + 16 .. k + 31. */
-AVX512 static inline __attribute__((always_inline)) void wide_column(const int R, const lcq_index_weight *w, int n,
-                                                                   const float *x, float *y) {
-    const int K = w->K;
-    const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
-    __m512 acc[PASS_ROWS][2];
-    float tail[PASS_ROWS];
+AVX512 static inline void wide_write(wide_book book, float *entries) {
+    _mm512_storeu_ps(entries, book);
+}
+
+AVX512 static inline __attribute__((always_inline)) void wide_run(const int R, const uint8_t *row, int k, wide_book book,
+                                                                const float *x, int K, __m512 acc[][2]) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
+    const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), book);
+    const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book);
     for (int r = 0; r < R; r++) {
-        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        tail[r] = 0.0f;
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k), low, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k + 16), high, acc[r][1]);
     }
-    for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
-        const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
-        const __m512 book = wide_codebook(w, n, j);
-        int k = start;
-        for (; k + 32 <= stop; k += 32) {
-            const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
-            const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), book);
-            const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book);
-            for (int r = 0; r < R; r++) {
-                acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k), low, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k + 16), high, acc[r][1]);
-            }
-        }
-        if (k < stop) { /* K ends inside this run */
-            float entries[16];
-            _mm512_storeu_ps(entries, book);
-            add_tail(row, k, stop, entries, R, x, K, tail);
-        }
-    }
-    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
 }
 
-AVX512 static void wide_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < w->N; n++)
-        for (int m = 0; m < M; m += PASS_ROWS) {
-            const float *rows = x + (int64_t)m * w->K;
-            float *out = y + (int64_t)m * w->N;
-            switch (M - m) {
-                case 1: wide_column(1, w, n, rows, out); break;
-                case 2: wide_column(2, w, n, rows, out); break;
-                case 3: wide_column(3, w, n, rows, out); break;
-                default: wide_column(PASS_ROWS, w, n, rows, out); break;
-            }
-        }
+AVX512 static inline float wide_sum(__m512 a, __m512 b) {
+    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
-static void decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < w->N; n++)
-        for (int m = 0; m < M; m += PASS_ROWS) {
-            const float *rows = x + (int64_t)m * w->K;
-            float *out = y + (int64_t)m * w->N;
-            switch (M - m) {
-                case 1: column(1, w, n, rows, out); break;
-                case 2: column(2, w, n, rows, out); break;
-                case 3: column(3, w, n, rows, out); break;
-                default: column(PASS_ROWS, w, n, rows, out); break;
-            }
-        }
-}
+/* The decode product (up to MAX_DECODE_ROWS rows) of one instruction set, PREFIX narrow (AVX2) or
+ * wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each), passes
+ * of up to PASS_ROWS activation rows over the column's indices; per group a codebook, runs of 32
+ * indices, and the scalar tail where K ends inside a run. The column is inlined with R a constant so
+ * the accumulators stay in registers. Written once and instantiated twice because AVX-512 intrinsics
+ * only inline into functions compiled for AVX-512, so the two cannot share a plain function. */
+#define DECODE_PRODUCT(PREFIX, TARGET, VECTOR, ZERO)                                                             \
+    TARGET static inline __attribute__((always_inline)) void PREFIX##_column(                                  \
+        const int R, const lcq_index_weight *w, int n, const float *x, float *y) {                              \
+        const int K = w->K;                                                                                     \
+        const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);                         \
+        VECTOR acc[PASS_ROWS][2];                                                                               \
+        float tail[PASS_ROWS];                                                                                  \
+        for (int r = 0; r < R; r++) {                                                                           \
+            acc[r][0] = acc[r][1] = ZERO();                                                                     \
+            tail[r] = 0.0f;                                                                                     \
+        }                                                                                                       \
+        for (int j = 0; j < w->groups && j * w->group_size < K; j++) {                                          \
+            const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K; \
+            const PREFIX##_book book = PREFIX##_codebook(w, n, j);                                              \
+            int k = start;                                                                                      \
+            for (; k + 32 <= stop; k += 32) PREFIX##_run(R, row, k, book, x, K, acc);                           \
+            if (k < stop) {                                                                                     \
+                float entries[16];                                                                              \
+                PREFIX##_write(book, entries);                                                                  \
+                add_tail(row, k, stop, entries, R, x, K, tail);                                                 \
+            }                                                                                                   \
+        }                                                                                                       \
+        for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = PREFIX##_sum(acc[r][0], acc[r][1]) + tail[r];    \
+    }                                                                                                           \
+                                                                                                                \
+    TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {     \
+        _Pragma("omp parallel for schedule(static)") for (int n = 0; n < w->N; n++) {                           \
+            for (int m = 0; m < M; m += PASS_ROWS) {                                                            \
+                const float *rows = x + (int64_t)m * w->K;                                                      \
+                float *out = y + (int64_t)m * w->N;                                                             \
+                switch (M - m) {                                                                                \
+                    case 1: PREFIX##_column(1, w, n, rows, out); break;                                         \
+                    case 2: PREFIX##_column(2, w, n, rows, out); break;                                         \
+                    case 3: PREFIX##_column(3, w, n, rows, out); break;                                         \
+                    default: PREFIX##_column(PASS_ROWS, w, n, rows, out); break;                                \
+                }                                                                                               \
+            }                                                                                                   \
+        }                                                                                                       \
+    }
+
+DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
+DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
 /* Weight rows first .. first + count - 1 as fp16 (count, K), rounded to nearest as the GPU kernels
  * round them. */
@@ -255,6 +260,6 @@ int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     if (w->wide)
         wide_decode_product(w, x, M, y);
     else
-        decode_product(w, x, M, y);
+        narrow_decode_product(w, x, M, y);
     return 0;
 }
