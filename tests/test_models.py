@@ -304,12 +304,12 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
                                                ("llama", torch.float16)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
-    logits to the Python layers, over decode steps of sequences of different lengths: 3, and 12 (more
-    than the decode form of the fp16 kernel takes, so its tiled form runs too); fp32 and fp16 caches."""
+    logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
+    16 rows the products take cpu_gemm.c's form); fp32 and fp16 caches."""
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
     runs = []
-    for one_call, prompts in ((True, PROMPTS), (False, PROMPTS), (True, PROMPTS * 4), (False, PROMPTS * 4)):
+    for one_call, prompts in ((True, PROMPTS), (False, PROMPTS), (True, PROMPTS * 6), (False, PROMPTS * 6)):
         batch = PagedBatch(model, cache_dtype=cache_dtype)
         assert model.cpu_decoder is not None
         if not one_call:

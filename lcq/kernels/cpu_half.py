@@ -4,8 +4,9 @@ A batch-1 decode step on a CPU streams every weight from memory once, so the byt
 the speed: fp16 halves them against the fp32 weight oneDNN multiplies. The weights are rounded to
 fp16 exactly as the GPU kernels round them before tl.dot; activations and sums stay fp32. On a
 2-core AMD EPYC (Zen 1) a 3072x576 product from memory took 0.22 ms at M=1 against 0.39 ms through
-oneDNN fp32, and 0.43 against 0.70 ms at M=8 (bench/cpu_products.py). Prefill-sized products run
-a register-tiled form of the same kernel, so a layer with the fp16 copy needs no fp32 weight.
+oneDNN fp32, and 0.43 against 0.70 ms at M=8 (bench/cpu_products.py). Prefill-sized products
+convert blocks of weight rows to fp32 for cpu_gemm.c's product, so a layer with the fp16 copy needs
+no fp32 weight.
 
 The kernel is compiled on first use (native.py). Where it cannot run, products stay fp32;
 LCQ_CPU_HALF=0 turns it off for bit-exact fp32 products.

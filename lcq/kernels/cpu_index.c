@@ -6,9 +6,9 @@
  * codebook c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512
  * the 16 entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per
  * two permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
- * Products of more than MAX_DECODE_ROWS rows are bounded by arithmetic instead: there each block of
- * EXPANDED_ROWS weight rows is expanded to fp16 into a per-thread buffer (in L2) and multiplied by
- * cpu_half.c's tiled form, so no copy of the whole layer is ever made.
+ * Products of LCQ_GEMM_MIN_ROWS rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
+ * block of weight rows at a time to their fp32 entries in a per-thread buffer and multiplies it there,
+ * so no copy of the whole layer is ever made and every product uses the exact entries.
  *
  * Index layout: per row, K_pad / 2 bytes; in each run of 32 indices byte i holds index i in its low
  * nibble and index i + 16 in its high nibble (groups are whole runs).
@@ -17,10 +17,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-void lcq_half_block(const float *x, int M, int K, const uint16_t *w, int columns, float *y, int N); /* cpu_half.c */
+#include "cpu_gemm.h"
 
-#define MAX_DECODE_ROWS 8
-#define EXPANDED_ROWS 48 /* weight rows expanded to fp16 at a time for a large product: cpu_half.c's block */
 #define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
 
 /* Must match IndexWeight in cpu_index.py. */
@@ -154,7 +152,7 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
-/* The decode product (up to MAX_DECODE_ROWS rows) of one instruction set, PREFIX narrow (AVX2) or
+/* The decode product (fewer than LCQ_GEMM_MIN_ROWS rows) of one instruction set, PREFIX narrow (AVX2) or
  * wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each), passes
  * of up to PASS_ROWS activation rows over the column's indices; per group a codebook, runs of 32
  * indices, and the scalar tail where K ends inside a run. The column is inlined with R a constant so
@@ -203,13 +201,13 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
 DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
 DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
-/* Weight rows first .. first + count - 1 as fp16 (count, K), rounded to nearest as the GPU kernels
- * round them. */
-static void expand_half(const lcq_index_weight *w, int first, int count, uint16_t *out) {
-    const int K = w->K;
+/* Rows first .. first + count - 1 of the weight as fp32 (count, K), the exact codebook entries, for
+ * cpu_gemm.c. */
+static void expand(const void *weight, int K, int first, int count, float *out) {
+    const lcq_index_weight *w = weight;
     for (int n = first; n < first + count; n++) {
         const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
-        uint16_t *dst = out + (int64_t)(n - first) * K;
+        float *dst = out + (int64_t)(n - first) * K;
         for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
             const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
             __m256 low, high;
@@ -219,36 +217,17 @@ static void expand_half(const lcq_index_weight *w, int first, int count, uint16_
                 for (int h = 0; h < 16; h += 8) {
                     __m256 lower, upper;
                     run_weights(row, k, h, low, high, &lower, &upper);
-                    _mm_storeu_si128((__m128i *)(dst + k + h), _mm256_cvtps_ph(lower, _MM_FROUND_TO_NEAREST_INT));
-                    _mm_storeu_si128((__m128i *)(dst + k + 16 + h), _mm256_cvtps_ph(upper, _MM_FROUND_TO_NEAREST_INT));
+                    _mm256_storeu_ps(dst + k + h, lower);
+                    _mm256_storeu_ps(dst + k + 16 + h, upper);
                 }
             if (k < stop) {
                 float book[16];
                 _mm256_storeu_ps(book, low);
                 _mm256_storeu_ps(book + 8, high);
-                for (; k < stop; k++) dst[k] = _cvtss_sh(tail_weight(row, k, book), _MM_FROUND_TO_NEAREST_INT);
+                for (; k < stop; k++) dst[k] = tail_weight(row, k, book);
             }
         }
     }
-}
-
-static int large_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-    const int blocks = (w->N + EXPANDED_ROWS - 1) / EXPANDED_ROWS;
-    int failed = 0;
-#pragma omp parallel reduction(| : failed)
-    {
-        uint16_t *expanded = malloc(sizeof(uint16_t) * EXPANDED_ROWS * (size_t)w->K);
-        if (expanded == NULL) failed = 1;
-#pragma omp for schedule(static)
-        for (int b = 0; b < blocks; b++) {
-            if (expanded == NULL) continue;
-            const int first = b * EXPANDED_ROWS, count = w->N - first < EXPANDED_ROWS ? w->N - first : EXPANDED_ROWS;
-            expand_half(w, first, count, expanded);
-            lcq_half_block(x, M, w->K, expanded, count, y + first, w->N);
-        }
-        free(expanded);
-    }
-    return failed ? -1 : 0;
 }
 
 /* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or a large
@@ -256,7 +235,7 @@ static int large_product(const lcq_index_weight *w, const float *x, int M, float
 int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
-    if (M > MAX_DECODE_ROWS) return large_product(w, x, M, y);
+    if (M >= LCQ_GEMM_MIN_ROWS) return lcq_expanded_product(x, M, w->K, w->N, expand, w, y);
     if (w->wide)
         wide_decode_product(w, x, M, y);
     else

@@ -2,9 +2,9 @@
 
 IndexWeight keeps the indices as nibbles plus S and B in fp32 (0.7 bytes per weight at 4 bits, r 2,
 g 64, against 2 for an fp16 copy), and the kernel builds each group's codebook in registers: on a
-Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); larger
-ones expand 48 weight rows at a time to fp16 for the tiled fp16 product. Weights in decode products
-are exact fp32 codebook entries; products above 8 rows round them to fp16.
+Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); from 16
+rows (cpu_gemm.c) blocks of weight rows are expanded to fp32 for a register-blocked product. Every
+product uses the exact fp32 codebook entries.
 
 LCQ_CPU_INDEX=0 keeps the fp16 copy instead (faster where permutes are slow, as on Zen 1), and
 LCQ_CPU_AVX512=0 the AVX2 form on CPUs with AVX-512.

@@ -1,4 +1,5 @@
-"""Build and load the C kernels of the CPU path: cpu_half.c, cpu_index.c and cpu_ops.c, one shared library.
+"""Build and load the C kernels of the CPU path: cpu_gemm.c, cpu_half.c, cpu_index.c and cpu_ops.c, one
+shared library.
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
@@ -23,7 +24,8 @@ logger = logging.getLogger("lcq.kernels")
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
-SOURCES = (FOLDER / "cpu_half.c", FOLDER / "cpu_index.c", FOLDER / "cpu_ops.c")
+SOURCES = (FOLDER / "cpu_gemm.c", FOLDER / "cpu_half.c", FOLDER / "cpu_index.c", FOLDER / "cpu_ops.c")
+HEADERS = (FOLDER / "cpu_gemm.h",)
 
 
 @functools.cache
@@ -71,7 +73,7 @@ def _library_path() -> Path:
 
 
 def library_name() -> str:
-    digest = hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES) + " ".join(FLAGS).encode())
+    digest = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS) + " ".join(FLAGS).encode())
     return f"lcq_cpu_{digest.hexdigest()[:16]}.so"
 
 
