@@ -272,13 +272,14 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("heads, kv_heads, cache_dtype", [(4, 2, torch.float32), (3, 3, torch.float32),
-                                                          (9, 3, torch.float32), (9, 3, torch.float16)])
+@pytest.mark.parametrize("heads, kv_heads, cache_dtype, head_dim", [
+    (4, 2, torch.float32, 24), (3, 3, torch.float32, 24), (9, 3, torch.float32, 24), (9, 3, torch.float16, 24),
+    (9, 3, torch.float32, 20), (9, 3, torch.float16, 64), (9, 3, torch.float32, 136)])
 @PAGED_CASES
-def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype):
+def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim):
     """The C cache writes are copies, or round to fp16 as torch does (exact either way); C decode
-    attention sums in another order than SDPA."""
-    head_dim = 24
+    attention sums in another order than SDPA. Head sizes: 20 leaves values past the last vector of
+    8, 64 is one piece of 8 vectors in registers, 136 two pieces and one vector."""
     k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5

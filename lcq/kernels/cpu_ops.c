@@ -148,8 +148,75 @@ static inline float dot(const float *a, const float *b, int n) {
     return sum;
 }
 
+/* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
+static inline __m256 sums8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* scores[t] = scale * (query . key row t) for `count` rows (row stride `stride`): 8 rows at a time,
+ * each row's products summed across the head in its own register and the 8 sums reduced together
+ * (one horizontal sum per row cost more than the products). */
+static void score_rows(const float *query, const float *keys, int64_t stride, int count, int head_dim, float scale,
+                       float *scores) {
+    const int vectors = head_dim / 8;
+    int t = 0;
+    for (; t + 8 <= count; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int d = 0; d < vectors; d++) {
+            const __m256 q = _mm256_loadu_ps(query + 8 * d);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys + (t + j) * stride + 8 * d), acc[j]);
+        }
+        __m256 sums = sums8(acc);
+        for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
+            float tail[8];
+            for (int j = 0; j < 8; j++) tail[j] = query[i] * keys[(t + j) * stride + i];
+            sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+        }
+        _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+    }
+    for (; t < count; t++) scores[t] = dot(query, keys + t * stride, head_dim) * scale;
+}
+
+/* out[0 .. V*8) += sum over `count` rows t of weights[t] * values row t (row stride `stride`), the
+ * V output vectors held in registers over all rows. Inlined with V a constant. */
+static inline __attribute__((always_inline)) void weigh_rows(const int V, const float *weights, const float *values,
+                                                             int64_t stride, int count, float *out) {
+    __m256 acc[8];
+    for (int v = 0; v < V; v++) acc[v] = _mm256_loadu_ps(out + 8 * v);
+    for (int t = 0; t < count; t++) {
+        const __m256 weight = _mm256_broadcast_ss(weights + t);
+        for (int v = 0; v < V; v++) acc[v] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(values + t * stride + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+
+/* out (head_dim) += sum over rows of weights[t] * values row t: the head in pieces of up to 8 vectors
+ * (64 values) in registers, then the values past the last whole vector. */
+static void weigh_head(const float *weights, const float *values, int64_t stride, int count, int head_dim, float *out) {
+    int i = 0;
+    for (; i + 64 <= head_dim; i += 64) weigh_rows(8, weights, values + i, stride, count, out + i);
+    switch ((head_dim - i) / 8) {
+        case 1: weigh_rows(1, weights, values + i, stride, count, out + i); break;
+        case 2: weigh_rows(2, weights, values + i, stride, count, out + i); break;
+        case 3: weigh_rows(3, weights, values + i, stride, count, out + i); break;
+        case 4: weigh_rows(4, weights, values + i, stride, count, out + i); break;
+        case 5: weigh_rows(5, weights, values + i, stride, count, out + i); break;
+        case 6: weigh_rows(6, weights, values + i, stride, count, out + i); break;
+        case 7: weigh_rows(7, weights, values + i, stride, count, out + i); break;
+        default: break;
+    }
+    for (i += (head_dim - i) / 8 * 8; i < head_dim; i++)
+        for (int t = 0; t < count; t++) out[i] += weights[t] * values[t * stride + i];
+}
+
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
- * sequence (whole GQA groups, from kv head first_kv) over its cached tokens. */
+ * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
+ * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
+ * into all heads' outputs. */
 static int attend_task(const float *queries, const void *k_cache, const void *v_cache, int half_cache,
                        const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group,
                        int64_t row, int head_dim, int block_size, float scale) {
@@ -163,14 +230,12 @@ static int attend_task(const float *queries, const void *k_cache, const void *v_
     const int64_t offset = (int64_t)first_kv * head_dim;
     int64_t stride;
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
-        const int end = start + block_size < length ? start + block_size : length;
-        const float *keys = block_rows(k_cache, half_cache, (int64_t)table[start / block_size] * block_size,
-                                       end - start, row, offset, width, scratch, &stride);
-        for (int t = start; t < end; t++) {
-            const float *key_row = keys + (int64_t)(t - start) * stride;
-            for (int h = 0; h < task_heads; h++)
-                scores[h * length + t] = dot(queries + h * head_dim, key_row + (h / group) * head_dim, head_dim) * scale;
-        }
+        const int count = (start + block_size < length ? start + block_size : length) - start;
+        const float *keys = block_rows(k_cache, half_cache, (int64_t)table[start / block_size] * block_size, count,
+                                       row, offset, width, scratch, &stride);
+        for (int h = 0; h < task_heads; h++)
+            score_rows(queries + h * head_dim, keys + (h / group) * head_dim, stride, count, head_dim, scale,
+                       scores + (int64_t)h * length + start);
     }
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
@@ -190,18 +255,12 @@ static int attend_task(const float *queries, const void *k_cache, const void *v_
         for (t = 0; t < length; t++) p[t] *= inverse;
     }
     for (int start = 0; start < length; start += block_size) {
-        const int end = start + block_size < length ? start + block_size : length;
-        const float *values = block_rows(v_cache, half_cache, (int64_t)table[start / block_size] * block_size,
-                                         end - start, row, offset, width, scratch, &stride);
-        for (int t = start; t < end; t++) {
-            const float *value_row = values + (int64_t)(t - start) * stride;
-            for (int h = 0; h < task_heads; h++) {
-                const float weight = scores[h * length + t], *value = value_row + (h / group) * head_dim;
-                float *o = outputs + (int64_t)h * head_dim;
-#pragma omp simd
-                for (int i = 0; i < head_dim; i++) o[i] += weight * value[i];
-            }
-        }
+        const int count = (start + block_size < length ? start + block_size : length) - start;
+        const float *values = block_rows(v_cache, half_cache, (int64_t)table[start / block_size] * block_size, count,
+                                         row, offset, width, scratch, &stride);
+        for (int h = 0; h < task_heads; h++)
+            weigh_head(scores + (int64_t)h * length + start, values + (h / group) * head_dim, stride, count, head_dim,
+                       outputs + (int64_t)h * head_dim);
     }
     free(scores);
     return 0;
