@@ -214,14 +214,18 @@ INDEX_FORMS = [False] + ([True] if "avx512f" in native.cpu_flags() else [])  # w
 
 
 @needs_half_kernel
-@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37)])
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
+                                                   (2, 2, 64, 600), (3, 1, 32, 500)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33])
 @pytest.mark.parametrize("wide", INDEX_FORMS)
 def test_index_kernel_matches_reference(bits, rank, group, k, m, wide):
     """Indices read in place, codebook entries exact fp32 (only summation order differs, 1e-6): below
     16 rows the decode form (passes of 4 rows), in the AVX2 and (where the CPU has it) the AVX-512
-    form; from 16, blocks of rows expanded to fp32 for cpu_gemm.c's product. K = 80, 100 and 150 end inside a group or a run
-    of 32, and 37 inside a run of 16 (the scalar tails); N = 70 leaves a partial block of 48 rows."""
+    form; from 16, blocks of rows expanded to fp32 for cpu_gemm.c's product. Rows hold runs of 16
+    words of 16, 10 or 8 indices (2, 3, 4 bits) and a partial run: K = 80 (2 bits) and 37 end in
+    one of 2-byte lanes, 100 (3 bits) of 4-byte lanes, 150 (4 bits) after a whole run in 1-byte
+    lanes, 600 and 500 after several whole runs; K = 37, 100 and 150 end inside a step of 16 (the
+    scalar tail). N = 70 leaves a partial block of 48 rows."""
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
     weight = cpu_index.IndexWeight(layer, wide=wide)
     x = torch.randn(m, k)
@@ -236,8 +240,12 @@ def test_index_kernel_takes_fused_layers_and_is_small():
         x = torch.randn(m, 64)
         assert _relative_error(cached(x), reference(x, layer)) < 1e-6
     assert cached.uses_index_weights and cached._half is None and cached._dense is None
-    big = random_layer(256, 512, 4, 2, 64, seed=3)
-    assert cpu_index.IndexWeight(big).nbytes < 0.4 * 2 * 256 * 512  # against an fp16 copy
+    fp16_bytes = 2 * 256 * 576
+    # b / 16 of an fp16 copy plus S and B (0.094 / 2); at 3 bits a word holds 10 indices (30 bits) and
+    # K = 576 ends in a partial run of 96 indices in 4-byte lanes (3.56 bits per index)
+    for bits, ratio in ((4, 0.36), (3, 0.33), (2, 0.23)):
+        weight = cpu_index.IndexWeight(random_layer(256, 576, bits, 2, 64, seed=3))
+        assert weight.nbytes < ratio * fp16_bytes, (bits, weight.nbytes / fp16_bytes)
 
 
 @needs_half_kernel

@@ -1,21 +1,28 @@
 /* y (M, N) = x (M, K) @ W^T for fp32 activations and an LCQ weight kept as its indices, on x86 CPUs
  * with AVX2 and FMA (AVX-512 where the caller says so); fp32 arithmetic.
  *
- * A CPU decode step streams every weight once. Kept as fp16 a weight costs 2 bytes; kept as 4-bit
- * indices (every bit width up to 4 uses a nibble) plus its group scales, about 0.7. Each group's
- * codebook c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512
- * the 16 entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per
- * two permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
+ * A CPU decode step streams every weight once. Kept as fp16 a weight costs 2 bytes; kept as its
+ * b-bit indices plus its group scales, about b / 8 + 0.19 (r 2, g 64). Each group's codebook
+ * c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512 the 16
+ * entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per two
+ * permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
  * Products of LCQ_GEMM_MIN_ROWS rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
  * block of weight rows at a time to their fp32 entries in a per-thread buffer and multiplies it there,
  * so no copy of the whole layer is ever made and every product uses the exact entries.
  *
- * Index layout: per row, K_pad / 2 bytes; in each run of 32 indices byte i holds index i in its low
- * nibble and index i + 16 in its high nibble (groups are whole runs).
+ * Index layout, one function for every bit width b: a row is runs of 16 32-bit words, each word
+ * holding P = 32 / b indices (16, 10 or 8); field s of word i (bits b s ..) is index 16 s + i of the
+ * run, so a step of 16 consecutive weights is one permute of the run's words, which are then shifted
+ * down by b for the next step. Permutes read the low 4 bits of each word, so the layer's tables are
+ * replicated to 16 entries (entry e is V[e mod 2^b]) and the next fields above an index do not
+ * matter: no mask. The row ends with a partial run of 16 lanes of 1, 2 or 4 bytes (the fewest that
+ * hold its fields), so rows are not padded to whole runs. Groups are multiples of 32 indices, so a
+ * step never straddles two codebooks.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_gemm.h"
 
@@ -23,12 +30,13 @@
 
 /* Must match IndexWeight in cpu_index.py. */
 typedef struct {
-    const uint8_t *indices;     /* (N, K_pad / 2) */
+    const uint8_t *indices;     /* (N, row_bytes): `runs` runs of 16 words, then a partial run of 16 lanes */
     const float *scales;        /* S (N, groups, rank) */
     const float *offsets;       /* B (N, groups) */
-    const float *tables;        /* V (tables, rank, 16), zero past 2^bits entries */
+    const float *tables;        /* V (tables, rank, 16), replicated: entry e is V[e mod 2^bits] */
     const int32_t *table_index; /* (N,) which table row n uses */
     int N, K, group_size, groups, rank;
+    int bits, runs, last_lane_bytes, row_bytes; /* last_lane_bytes 0: no partial run */
     int wide; /* decode with AVX-512 (the caller checked the CPU has it) */
 } lcq_index_weight;
 
@@ -53,43 +61,30 @@ static inline void codebook(const lcq_index_weight *w, int n, int j, __m256 *low
     *high = hi;
 }
 
-/* Weights of 8 indices (one per 32-bit lane). */
-static inline __m256 lookup(__m256 low, __m256 high, __m256i index) {
-    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index), _mm256_permutevar8x32_ps(high, index),
-                            _mm256_castsi256_ps(_mm256_slli_epi32(index, 28)));
+/* Word (or partial-run lane) i of run `run` of a row. */
+static inline uint32_t lane_word(const lcq_index_weight *w, const uint8_t *row, int run, int i) {
+    uint32_t word = 0;
+    const int bytes = run < w->runs ? 4 : w->last_lane_bytes;
+    memcpy(&word, row + (int64_t)run * 64 + i * bytes, bytes); /* x86: little-endian */
+    return word;
 }
 
 /* The weight of index k of a row from the codebook written out as 16 floats (loop tails). */
-static inline float tail_weight(const uint8_t *row, int k, const float *book) {
-    const int run = k / 32 * 32, i = k - run;
-    const uint8_t byte = row[run / 2 + (i & 15)];
-    return book[i < 16 ? byte & 15 : byte >> 4];
-}
-
-/* tail[r] += x[r, k'] * weight for k' = k .. stop - 1 (inside one group, whose 16 codebook entries
- * are written out in book): the last indices of a row when K ends inside a run. */
-static inline void add_tail(const uint8_t *row, int k, int stop, const float *book, int R, const float *x, int K,
-                            float *tail) {
-    for (; k < stop; k++) {
-        const float weight = tail_weight(row, k, book);
-        for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;
-    }
-}
-
-/* From the run of 32 indices at k, half h (0 or 8): weights k + h .. k + h + 7 (low nibbles) and
- * k + 16 + h .. k + 23 + h (high nibbles). */
-static inline void run_weights(const uint8_t *row, int k, int h, __m256 low, __m256 high, __m256 *first,
-                               __m256 *second) {
-    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(row + k / 2 + h)));
-    *first = lookup(low, high, _mm256_and_si256(bytes, _mm256_set1_epi32(15)));
-    *second = lookup(low, high, _mm256_srli_epi32(bytes, 4));
+static inline float tail_weight(const lcq_index_weight *w, const uint8_t *row, int k, const float *book) {
+    const int run_length = 16 * (32 / w->bits), s = k % run_length / 16;
+    return book[(lane_word(w, row, k / run_length, k % 16) >> (w->bits * s)) & 15];
 }
 
 /* The instruction-set steps of a decode product. AVX2: a codebook in two registers (entries 0-7 and
- * 8-15), a run of 32 indices as two halves of 8 + 8 weights. */
+ * 8-15), a run's words in two (lanes 0-7 and 8-15), a step of 16 weights as 8 + 8, one accumulator
+ * per half. */
 typedef struct {
     __m256 low, high;
 } narrow_book;
+
+typedef struct {
+    __m256i first, second;
+} narrow_words;
 
 static inline narrow_book narrow_codebook(const lcq_index_weight *w, int n, int j) {
     narrow_book book;
@@ -102,16 +97,44 @@ static inline void narrow_write(narrow_book book, float *entries) {
     _mm256_storeu_ps(entries + 8, book.high);
 }
 
-/* acc[r][0] and acc[r][1] += the R activation rows times the run of 32 weights at k. */
-static inline __attribute__((always_inline)) void narrow_run(const int R, const uint8_t *row, int k, narrow_book book,
-                                                             const float *x, int K, __m256 acc[][2]) {
-    for (int h = 0; h < 16; h += 8) {
-        __m256 first, second;
-        run_weights(row, k, h, book.low, book.high, &first, &second);
-        for (int r = 0; r < R; r++) {
-            acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + h), first, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + k + 16 + h), second, acc[r][1]);
-        }
+/* Lanes 0-7 and 8-15 as 32-bit words from lanes of `bytes` bytes. */
+static inline narrow_words narrow_load(const uint8_t *run, int bytes) {
+    narrow_words words;
+    if (bytes == 4) {
+        words.first = _mm256_loadu_si256((const __m256i *)run);
+        words.second = _mm256_loadu_si256((const __m256i *)(run + 32));
+    } else if (bytes == 2) {
+        words.first = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)run));
+        words.second = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(run + 16)));
+    } else {
+        words.first = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)run));
+        words.second = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(run + 8)));
+    }
+    return words;
+}
+
+/* The next fields down (bits: a constant where inlined, so the shifts take an immediate). */
+static inline narrow_words narrow_next(narrow_words words, const int bits) {
+    words.first = _mm256_srli_epi32(words.first, bits);
+    words.second = _mm256_srli_epi32(words.second, bits);
+    return words;
+}
+
+/* Weights of the 8 lanes' low fields: the permutes read bits 0-2, the blend bit 3 moved to the sign. */
+static inline __m256 lookup(narrow_book book, __m256i words) {
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(book.low, words), _mm256_permutevar8x32_ps(book.high, words),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(words, 28)));
+}
+
+/* acc[r][0] and acc[r][1] += the R activation rows at x times the 16 weights of the words' low fields
+ * (chain: AVX-512 alternates accumulators between steps; here the halves have one each). */
+static inline __attribute__((always_inline)) void narrow_step(const int R, narrow_words words, narrow_book book,
+                                                              const float *x, int K, __m256 acc[][2], int chain) {
+    (void)chain;
+    const __m256 first = lookup(book, words.first), second = lookup(book, words.second);
+    for (int r = 0; r < R; r++) {
+        acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K), first, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + 8), second, acc[r][1]);
     }
 }
 
@@ -121,9 +144,10 @@ static inline float narrow_sum(__m256 a, __m256 b) {
 
 #define AVX512 __attribute__((target("avx512f")))
 
-/* AVX-512: the whole 16-entry codebook in one register; a run of 32 indices in one step, the low
- * nibbles weights k .. k + 15 and the high ones k + 16 .. k + 31. */
+/* AVX-512: the whole 16-entry codebook in one register, a run's 16 words in one, a step of 16 weights
+ * in one; steps alternate between a row's two accumulators. */
 typedef __m512 wide_book;
+typedef __m512i wide_words;
 
 AVX512 static inline wide_book wide_codebook(const lcq_index_weight *w, int n, int j) {
     const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
@@ -137,50 +161,86 @@ AVX512 static inline void wide_write(wide_book book, float *entries) {
     _mm512_storeu_ps(entries, book);
 }
 
-AVX512 static inline __attribute__((always_inline)) void wide_run(const int R, const uint8_t *row, int k, wide_book book,
-                                                                const float *x, int K, __m512 acc[][2]) {
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + k / 2)));
-    const __m512 low = _mm512_permutexvar_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), book);
-    const __m512 high = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), book);
-    for (int r = 0; r < R; r++) {
-        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k), low, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K + k + 16), high, acc[r][1]);
-    }
+AVX512 static inline wide_words wide_load(const uint8_t *run, int bytes) {
+    if (bytes == 4) return _mm512_loadu_si512(run);
+    if (bytes == 2) return _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)run));
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)run));
+}
+
+AVX512 static inline wide_words wide_next(wide_words words, const int bits) {
+    return _mm512_srli_epi32(words, bits);
+}
+
+AVX512 static inline __attribute__((always_inline)) void wide_step(const int R, wide_words words, wide_book book,
+                                                                 const float *x, int K, __m512 acc[][2],
+                                                                 const int chain) {
+    const __m512 weights = _mm512_permutexvar_ps(words, book);
+    for (int r = 0; r < R; r++)
+        acc[r][chain] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K), weights, acc[r][chain]);
 }
 
 AVX512 static inline float wide_sum(__m512 a, __m512 b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
-/* The decode product (fewer than LCQ_GEMM_MIN_ROWS rows) of one instruction set, PREFIX narrow (AVX2) or
- * wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each), passes
- * of up to PASS_ROWS activation rows over the column's indices; per group a codebook, runs of 32
- * indices, and the scalar tail where K ends inside a run. The column is inlined with R a constant so
- * the accumulators stay in registers. Written once and instantiated twice because AVX-512 intrinsics
- * only inline into functions compiled for AVX-512, so the two cannot share a plain function. */
+/* The decode product (fewer than LCQ_GEMM_MIN_ROWS rows) of one instruction set, PREFIX narrow (AVX2)
+ * or wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each),
+ * passes of up to PASS_ROWS activation rows over the column's indices; per run its words, per step
+ * of 16 weights one lookup (a new codebook where a group starts) and a shift, two steps at a time so
+ * that they feed two accumulators, then scalar weights where K ends inside a step. The column is
+ * inlined with R a constant so the accumulators stay in registers. Written once and instantiated
+ * twice because AVX-512 intrinsics only inline into functions compiled for AVX-512, so the two
+ * cannot share a plain function. */
 #define DECODE_PRODUCT(PREFIX, TARGET, VECTOR, ZERO)                                                             \
     TARGET static inline __attribute__((always_inline)) void PREFIX##_column(                                  \
-        const int R, const lcq_index_weight *w, int n, const float *x, float *y) {                              \
-        const int K = w->K;                                                                                     \
-        const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);                         \
+        const int R, const int BITS, const lcq_index_weight *w, int n, const float *x, float *y) {              \
+        const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                            \
+        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                            \
         VECTOR acc[PASS_ROWS][2];                                                                               \
         float tail[PASS_ROWS];                                                                                  \
         for (int r = 0; r < R; r++) {                                                                           \
             acc[r][0] = acc[r][1] = ZERO();                                                                     \
             tail[r] = 0.0f;                                                                                     \
         }                                                                                                       \
-        for (int j = 0; j < w->groups && j * w->group_size < K; j++) {                                          \
-            const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K; \
-            const PREFIX##_book book = PREFIX##_codebook(w, n, j);                                              \
-            int k = start;                                                                                      \
-            for (; k + 32 <= stop; k += 32) PREFIX##_run(R, row, k, book, x, K, acc);                           \
-            if (k < stop) {                                                                                     \
-                float entries[16];                                                                              \
-                PREFIX##_write(book, entries);                                                                  \
-                add_tail(row, k, stop, entries, R, x, K, tail);                                                 \
+        PREFIX##_book book = PREFIX##_codebook(w, n, 0);                                                        \
+        int k = 0, group_end = w->group_size;                                                                   \
+        for (int run = 0; k < whole; run++) {                                                                   \
+            PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes); \
+            const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;                            \
+            for (int s = 0; s < steps; s += 2, k += 32) { /* runs and groups are whole pairs of steps */        \
+                if (k == group_end) {                                                                           \
+                    book = PREFIX##_codebook(w, n, k / w->group_size);                                          \
+                    group_end += w->group_size;                                                                 \
+                }                                                                                               \
+                PREFIX##_step(R, words, book, x + k, K, acc, 0);                                                \
+                if (s + 1 == steps) { /* K ends inside this pair */                                             \
+                    k += 16;                                                                                    \
+                    break;                                                                                      \
+                }                                                                                               \
+                words = PREFIX##_next(words, BITS);                                                             \
+                PREFIX##_step(R, words, book, x + k + 16, K, acc, 1);                                           \
+                words = PREFIX##_next(words, BITS);                                                             \
+            }                                                                                                   \
+        }                                                                                                       \
+        if (whole < K) {                                                                                        \
+            float entries[16];                                                                                  \
+            PREFIX##_write(PREFIX##_codebook(w, n, whole / w->group_size), entries);                            \
+            for (; k < K; k++) {                                                                                \
+                const float weight = tail_weight(w, row, k, entries);                                           \
+                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;                          \
             }                                                                                                   \
         }                                                                                                       \
         for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = PREFIX##_sum(acc[r][0], acc[r][1]) + tail[r];    \
+    }                                                                                                           \
+                                                                                                                \
+    /* The column for the layer's bit width, inlined with it a constant. */                                  \
+    TARGET static inline __attribute__((always_inline)) void PREFIX##_bits_column(                             \
+        const int R, const lcq_index_weight *w, int n, const float *x, float *y) {                              \
+        switch (w->bits) {                                                                                      \
+            case 2: PREFIX##_column(R, 2, w, n, x, y); break;                                                   \
+            case 3: PREFIX##_column(R, 3, w, n, x, y); break;                                                   \
+            default: PREFIX##_column(R, 4, w, n, x, y); break;                                                  \
+        }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
     TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {     \
@@ -189,10 +249,10 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
                 const float *rows = x + (int64_t)m * w->K;                                                      \
                 float *out = y + (int64_t)m * w->N;                                                             \
                 switch (M - m) {                                                                                \
-                    case 1: PREFIX##_column(1, w, n, rows, out); break;                                         \
-                    case 2: PREFIX##_column(2, w, n, rows, out); break;                                         \
-                    case 3: PREFIX##_column(3, w, n, rows, out); break;                                         \
-                    default: PREFIX##_column(PASS_ROWS, w, n, rows, out); break;                                \
+                    case 1: PREFIX##_bits_column(1, w, n, rows, out); break;                                    \
+                    case 2: PREFIX##_bits_column(2, w, n, rows, out); break;                                    \
+                    case 3: PREFIX##_bits_column(3, w, n, rows, out); break;                                    \
+                    default: PREFIX##_bits_column(PASS_ROWS, w, n, rows, out); break;                           \
                 }                                                                                               \
             }                                                                                                   \
         }                                                                                                       \
@@ -205,27 +265,30 @@ DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
  * cpu_gemm.c. */
 static void expand(const void *weight, int K, int first, int count, float *out) {
     const lcq_index_weight *w = weight;
+    const int whole = K / 16 * 16, fields = 32 / w->bits;
+    const __m128i bits = _mm_cvtsi32_si128(w->bits); /* a variable shift: expansion is not the bottleneck */
     for (int n = first; n < first + count; n++) {
-        const uint8_t *row = w->indices + (int64_t)n * (w->groups * w->group_size / 2);
+        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
         float *dst = out + (int64_t)(n - first) * K;
-        for (int j = 0; j < w->groups && j * w->group_size < K; j++) {
-            const int start = j * w->group_size, stop = start + w->group_size < K ? start + w->group_size : K;
-            __m256 low, high;
-            codebook(w, n, j, &low, &high);
-            int k = start;
-            for (; k + 32 <= stop; k += 32)
-                for (int h = 0; h < 16; h += 8) {
-                    __m256 lower, upper;
-                    run_weights(row, k, h, low, high, &lower, &upper);
-                    _mm256_storeu_ps(dst + k + h, lower);
-                    _mm256_storeu_ps(dst + k + 16 + h, upper);
+        narrow_book book = narrow_codebook(w, n, 0);
+        int k = 0, group_end = w->group_size;
+        for (int run = 0; k < whole; run++) {
+            narrow_words words = narrow_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
+            for (int s = 0; s < fields && k < whole; s++, k += 16) {
+                if (k == group_end) {
+                    book = narrow_codebook(w, n, k / w->group_size);
+                    group_end += w->group_size;
                 }
-            if (k < stop) {
-                float book[16];
-                _mm256_storeu_ps(book, low);
-                _mm256_storeu_ps(book + 8, high);
-                for (; k < stop; k++) dst[k] = tail_weight(row, k, book);
+                _mm256_storeu_ps(dst + k, lookup(book, words.first));
+                _mm256_storeu_ps(dst + k + 8, lookup(book, words.second));
+                words.first = _mm256_srl_epi32(words.first, bits);
+                words.second = _mm256_srl_epi32(words.second, bits);
             }
+        }
+        if (whole < K) {
+            float entries[16];
+            narrow_write(narrow_codebook(w, n, whole / w->group_size), entries);
+            for (; k < K; k++) dst[k] = tail_weight(w, row, k, entries);
         }
     }
 }

@@ -1,7 +1,8 @@
 """CPU products that read an LCQ layer's indices (cpu_index.c) instead of a dequantized copy.
 
-IndexWeight keeps the indices as nibbles plus S and B in fp32 (0.7 bytes per weight at 4 bits, r 2,
-g 64, against 2 for an fp16 copy), and the kernel builds each group's codebook in registers: on a
+IndexWeight keeps the b-bit indices packed 32 / b to a 32-bit word, plus S and B in fp32 (0.7 bytes
+per weight at 4 bits, r 2, g 64, 0.35 at 2 bits, r 2, g 128, against 2 for an fp16 copy), and the
+kernel builds each group's codebook in registers: on a
 Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); from 16
 rows (cpu_gemm.c) blocks of weight rows are expanded to fp32 for a register-blocked product. Every
 product uses the exact fp32 codebook entries.
@@ -21,8 +22,8 @@ from lcq.format import PackedLinear, decoded_b, decoded_s, unpack_indices
 
 from . import cpu_half, native
 
-MAX_BITS = 4  # indices are stored as nibbles
-TABLE_WIDTH = 16
+LANES = 16  # indices per step: one AVX-512 vector of 32-bit words
+TABLE_WIDTH = 16  # permutes read 4 bits: tables are replicated to 16 entries
 
 
 class _Fields(ctypes.Structure):
@@ -30,7 +31,37 @@ class _Fields(ctypes.Structure):
     _fields_ = [("indices", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
                 ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
-                ("wide", ctypes.c_int)]
+                ("bits", ctypes.c_int), ("runs", ctypes.c_int), ("last_lane_bytes", ctypes.c_int),
+                ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int)]
+
+
+def _as_bytes(lanes: torch.Tensor, lane_bytes: int) -> torch.Tensor:
+    """Non-negative int64 lane values (..., 16) -> their little-endian bytes (..., 16 * lane_bytes)."""
+    bits = 8 * lane_bytes
+    signed = torch.where(lanes >= 2 ** (bits - 1), lanes - 2**bits, lanes)
+    dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[lane_bytes]
+    return (lanes if lane_bytes == 1 else signed).to(dtype).contiguous().view(torch.uint8)
+
+
+def pack_rows(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
+    """Indices (N, K) into the kernel's rows: runs of 16 32-bit words, field s of word i (bits
+    bits * s ..) index 16 s + i of the run, then a partial run in 16 lanes of 1, 2 or 4 bytes.
+    Returns (rows (N, row_bytes) uint8, full runs, lane bytes of the partial run or 0)."""
+    n, k = indices.shape
+    fields = 32 // bits
+    run = LANES * fields
+    runs, rest = divmod(k, run)
+    shifts = bits * torch.arange(fields, dtype=torch.int64).view(1, 1, -1, 1)
+    parts = [_as_bytes((indices[:, : runs * run].reshape(n, runs, fields, LANES) << shifts).sum(2), 4).view(n, -1)]
+    last_lane_bytes = 0
+    if rest:
+        steps = -(-rest // LANES)
+        padded = torch.zeros(n, steps * LANES, dtype=torch.int64)
+        padded[:, :rest] = indices[:, runs * run:]
+        lanes = (padded.view(n, 1, steps, LANES) << shifts[:, :, :steps]).sum(2)
+        last_lane_bytes = next(b for b in (1, 2, 4) if steps * bits <= 8 * b)
+        parts.append(_as_bytes(lanes, last_lane_bytes).view(n, -1))
+    return torch.cat(parts, dim=1).contiguous(), runs, last_lane_bytes
 
 
 def enabled() -> bool:
@@ -48,23 +79,19 @@ class IndexWeight:
 
     def __init__(self, layer: PackedLinear, wide: bool | None = None):
         """wide: decode with AVX-512 (default: wide_available())."""
-        if layer.bits > MAX_BITS:
-            raise ValueError(f"IndexWeight takes up to {MAX_BITS}-bit indices, got {layer.bits}")
         layer = layer.to("cpu")
-        indices = unpack_indices(layer.qweight, layer.bits).to(torch.uint8)  # (N, K_pad), K_pad % 32 == 0
-        runs = indices.view(indices.shape[0], -1, 32)  # byte i of a run: index i, and i + 16 above it
-        self.indices = (runs[..., :16] | (runs[..., 16:] << 4)).contiguous()
+        indices = unpack_indices(layer.qweight, layer.bits)[:, : layer.in_features]
+        self.indices, runs, last_lane_bytes = pack_rows(indices, layer.bits)
         self.scales = decoded_s(layer).contiguous()
         self.offsets = decoded_b(layer).contiguous()
-        tables = torch.zeros(*layer.v.shape[:2], TABLE_WIDTH)
-        tables[..., : layer.v.shape[2]] = layer.v.float()
-        self.tables = tables.contiguous()
+        entries = layer.v.shape[2]
+        self.tables = layer.v.float()[..., torch.arange(TABLE_WIDTH) % entries].contiguous()
         self.table_index = layer.v_index.to(torch.int32).contiguous()
         self.out_features, self.in_features = layer.out_features, layer.in_features
         self.fields = _Fields(self.indices.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
                               self.tables.data_ptr(), self.table_index.data_ptr(), layer.out_features,
-                              layer.in_features, layer.group_size, layer.num_groups, layer.rank,
-                              int(wide_available() if wide is None else wide))
+                              layer.in_features, layer.group_size, layer.num_groups, layer.rank, layer.bits, runs,
+                              last_lane_bytes, self.indices.shape[1], int(wide_available() if wide is None else wide))
         self.pointer = ctypes.addressof(self.fields)
 
     @property
