@@ -218,14 +218,16 @@ INDEX_FORMS = [False] + ([True] if "avx512f" in native.cpu_flags() else [])  # w
                                                    (2, 2, 64, 600), (3, 1, 32, 500)])
 @pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33])
 @pytest.mark.parametrize("wide", INDEX_FORMS)
-def test_index_kernel_matches_reference(bits, rank, group, k, m, wide):
+def test_index_kernel_matches_reference(monkeypatch, bits, rank, group, k, m, wide):
     """Indices read in place, codebook entries exact fp32 (only summation order differs, 1e-6): below
     16 rows the decode form (passes of 4 rows), in the AVX2 and (where the CPU has it) the AVX-512
     form; from 16, blocks of rows expanded to fp32 for cpu_gemm.c's product. Rows hold runs of 16
     words of 16, 10 or 8 indices (2, 3, 4 bits) and a partial run: K = 80 (2 bits) and 37 end in
     one of 2-byte lanes, 100 (3 bits) of 4-byte lanes, 150 (4 bits) after a whole run in 1-byte
     lanes, 600 and 500 after several whole runs; K = 37, 100 and 150 end inside a step of 16 (the
-    scalar tail). N = 70 leaves a partial block of 48 rows."""
+    scalar tail). N = 70 leaves a partial block of 48 rows, and rows packed 32 at a time a partial
+    last chunk."""
+    monkeypatch.setattr(cpu_index, "PACK_ROWS", 32)
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
     weight = cpu_index.IndexWeight(layer, wide=wide)
     x = torch.randn(m, k)
