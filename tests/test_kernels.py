@@ -8,6 +8,8 @@ Tolerances, as ||y - ref|| / ||ref||: fp32 1e-5 (fp32 arithmetic throughout); fp
 2e-2: the kernels round the dequantized weights to the activation dtype before tl.dot (like a
 dense fp16/bf16 layer, relative error 2^-11 / 2^-8 per weight) and the output to that dtype.
 """
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -291,6 +293,17 @@ def test_c_kernels_build_into_a_folder_once(tmp_path):
     stamp = built.stat().st_mtime_ns
     assert native.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
     assert list(tmp_path.iterdir()) == [built]  # no temporary folder left behind
+
+
+def test_c_sources_ship_with_the_package():
+    """An installed package (the CPU Docker image builds there) holds every source and header."""
+    import fnmatch
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["lcq.kernels"]
+    for source in native.SOURCES + native.HEADERS:
+        assert source.is_file() and any(fnmatch.fnmatch(source.name, p) for p in patterns), source.name
 
 
 needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")
