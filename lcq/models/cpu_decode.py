@@ -39,7 +39,7 @@ class CpuDecoder:
         """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer keeps a
         weight the C step reads: indices or an fp16 copy (LCQ layers on CPU; full-precision ones read
         from fp16 files)."""
-        if model.embed_tokens.weight.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
+        if model.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
             return None
         if not cpu_ops.usable():
             return None

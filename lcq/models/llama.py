@@ -69,11 +69,14 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32."""
+    """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32.
+    The embedding table may be kept in fp16 where that is exact (the loader): rows are converted to
+    `dtype` as they are looked up."""
 
     def __init__(self, config: ModelConfig, make_linear: LinearFactory, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.config = config
+        self.dtype = dtype
         table_shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
                                                _freeze=True)
@@ -91,7 +94,7 @@ class LlamaModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         if self.block_size is None:
             raise RuntimeError("bind_kv_cache before the first forward pass")
-        hidden = self.embed_tokens(input_ids)
+        hidden = self.embed_tokens(input_ids).to(self.dtype)
         rope = self.rotary(positions)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
             return self.norm(self.cpu_decoder(hidden, rope, context))[0]

@@ -67,7 +67,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
         model.lm_head_half = half_copy(model.lm_head, exact_only=True)
-        if model.lm_head_half is not None:  # it serves every product (a tied table stays for lookups)
+        # Embedding rows are looked up in an exact fp16 copy too (a tied one shares the head's), so a
+        # CPU model keeps no fp32 table: 113 MB less for SmolLM2's tied 49152 x 576.
+        embed_half = model.lm_head_half if config.tie_word_embeddings else \
+            half_copy(model.embed_tokens.weight, exact_only=True)
+        if embed_half is not None:
+            model.embed_tokens.weight = torch.nn.Parameter(embed_half, requires_grad=False)
+        if model.lm_head_half is not None:  # it serves every product
             model.lm_head = None
         elif can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
             model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
