@@ -290,7 +290,8 @@ def run_cpu_smoke() -> None:
 SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps
     ("decode", 2, 1, 128, 1, 64, 4), ("decode", 2, 1, 128, 1, 128, 4), ("decode", 2, 4, 128, 1, 128, 4),
     ("decode", 2, 2, 128, 2, 128, 4), ("decode", 3, 1, 128, 1, 128, 4), ("decode", 4, 1, 128, 1, 128, 4),
-    ("decode", 4, 4, 128, 1, 128, 4), ("decode", 2, 2, 128, 16, 128, 4), ("decode", 4, 1, 128, 16, 128, 4),
+    ("decode", 4, 2, 128, 1, 128, 4), ("decode", 4, 4, 128, 1, 128, 4), ("decode", 2, 2, 128, 16, 128, 4),
+    ("decode", 4, 1, 128, 16, 128, 4),
     ("gemm", 2, 2, 128, 64, 128, 4), ("gemm", 4, 1, 128, 128, 128, 8),
 ]
 
@@ -303,9 +304,10 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     from lcq.kernels import triton_linear as kernels
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
     pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
-                "bs_ptr": "*fp16", "v_ptr": "*fp16", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+                "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32"}
-    constants = dict(BITS=bits, RANK=rank, GROUP=group, HAS_BIAS=False, SELECT=kernels.uses_select(bits),
+    constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
+                     SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=kernels.block_k(group))
     constants.update(SPLIT_K=8) if kernel == "decode" else constants.update(GROUP_M=8)
     names = fn.arg_names
