@@ -203,13 +203,13 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
             tail[r] = 0.0f;                                                                                     \
         }                                                                                                       \
         PREFIX##_book book = PREFIX##_codebook(w, n, 0);                                                        \
-        int k = 0, group_end = w->group_size;                                                                   \
+        int k = 0, group = 0, group_end = w->group_size; /* groups counted, not divided out */                \
         for (int run = 0; k < whole; run++) {                                                                   \
             PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes); \
             const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;                            \
             for (int s = 0; s < steps; s += 2, k += 32) { /* runs and groups are whole pairs of steps */        \
                 if (k == group_end) {                                                                           \
-                    book = PREFIX##_codebook(w, n, k / w->group_size);                                          \
+                    book = PREFIX##_codebook(w, n, ++group);                                                    \
                     group_end += w->group_size;                                                                 \
                 }                                                                                               \
                 PREFIX##_step(R, words, book, x + k, K, acc, 0);                                                \
@@ -271,12 +271,12 @@ static void expand(const void *weight, int K, int first, int count, float *out) 
         const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
         float *dst = out + (int64_t)(n - first) * K;
         narrow_book book = narrow_codebook(w, n, 0);
-        int k = 0, group_end = w->group_size;
+        int k = 0, group = 0, group_end = w->group_size;
         for (int run = 0; k < whole; run++) {
             narrow_words words = narrow_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
             for (int s = 0; s < fields && k < whole; s++, k += 16) {
                 if (k == group_end) {
-                    book = narrow_codebook(w, n, k / w->group_size);
+                    book = narrow_codebook(w, n, ++group);
                     group_end += w->group_size;
                 }
                 _mm256_storeu_ps(dst + k, lookup(book, words.first));
