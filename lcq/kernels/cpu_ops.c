@@ -120,32 +120,16 @@ void lcq_store_kv(const float *k, const float *v, int64_t row_stride, void *k_ca
     }
 }
 
-/* `rows` cache rows from slot `first`, the `width` floats from `offset` of each, as fp32: pointers
- * into an fp32 cache (row stride `row`), or for an fp16 cache those values converted into `scratch`
- * (row stride `width`), so that attention has one fp32 path. *stride receives the row stride. */
-static const float *block_rows(const void *cache, int half_cache, int64_t first, int rows, int64_t row,
-                               int64_t offset, int width, float *scratch, int64_t *stride) {
-    if (!half_cache) {
-        *stride = row;
-        return (const float *)cache + first * row + offset;
-    }
-    *stride = width;
-    for (int r = 0; r < rows; r++) {
-        const uint16_t *src = (const uint16_t *)cache + (first + r) * row + offset;
-        float *dst = scratch + (int64_t)r * width;
-        int i = 0;
-        for (; i + 8 <= width; i += 8)
-            _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-        for (; i < width; i++) dst[i] = _cvtsh_ss(src[i]);
-    }
-    return scratch;
+/* Cache values as fp32, from an fp32 or (HALF) an fp16 cache: 8 at element i, or one. Inlined with
+ * HALF a constant, so attention reads an fp16 cache where it lies, converting as it loads (converting
+ * each block into a scratch buffer first cost a write and a read of every value). */
+static inline __attribute__((always_inline)) __m256 load8(const int HALF, const void *cache, int64_t i) {
+    return HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)))
+                : _mm256_loadu_ps((const float *)cache + i);
 }
 
-static inline float dot(const float *a, const float *b, int n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int i = 0; i < n; i++) sum += a[i] * b[i];
-    return sum;
+static inline __attribute__((always_inline)) float load1(const int HALF, const void *cache, int64_t i) {
+    return HALF ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
 }
 
 /* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
@@ -155,11 +139,12 @@ static inline __m256 sums8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* scores[t] = scale * (query . key row t) for `count` rows (row stride `stride`): 8 rows at a time,
- * each row's products summed across the head in its own register and the 8 sums reduced together
- * (one horizontal sum per row cost more than the products). */
-static void score_rows(const float *query, const float *keys, int64_t stride, int count, int head_dim, float scale,
-                       float *scores) {
+/* scores[t] = scale * (query . key row t) for `count` cache rows from element `first` (row stride
+ * `stride`): 8 rows at a time, each row's products summed across the head in its own register and
+ * the 8 sums reduced together (one horizontal sum per row cost more than the products). */
+static inline __attribute__((always_inline)) void score_rows(const int HALF, const float *query, const void *cache,
+                                                             int64_t first, int64_t stride, int count, int head_dim,
+                                                             float scale, float *scores) {
     const int vectors = head_dim / 8;
     int t = 0;
     for (; t + 8 <= count; t += 8) {
@@ -168,74 +153,80 @@ static void score_rows(const float *query, const float *keys, int64_t stride, in
         for (int d = 0; d < vectors; d++) {
             const __m256 q = _mm256_loadu_ps(query + 8 * d);
             for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(q, _mm256_loadu_ps(keys + (t + j) * stride + 8 * d), acc[j]);
+                acc[j] = _mm256_fmadd_ps(q, load8(HALF, cache, first + (t + j) * stride + 8 * d), acc[j]);
         }
         __m256 sums = sums8(acc);
         for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
             float tail[8];
-            for (int j = 0; j < 8; j++) tail[j] = query[i] * keys[(t + j) * stride + i];
+            for (int j = 0; j < 8; j++) tail[j] = query[i] * load1(HALF, cache, first + (t + j) * stride + i);
             sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
         }
         _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
     }
-    for (; t < count; t++) scores[t] = dot(query, keys + t * stride, head_dim) * scale;
+    for (; t < count; t++) {
+        float sum = 0.0f;
+        for (int i = 0; i < head_dim; i++) sum += query[i] * load1(HALF, cache, first + t * stride + i);
+        scores[t] = sum * scale;
+    }
 }
 
-/* out[0 .. V*8) += sum over `count` rows t of weights[t] * values row t (row stride `stride`), the
- * V output vectors held in registers over all rows. Inlined with V a constant. */
-static inline __attribute__((always_inline)) void weigh_rows(const int V, const float *weights, const float *values,
-                                                             int64_t stride, int count, float *out) {
+/* out[0 .. V*8) += sum over `count` cache rows t from element `first` of weights[t] * row t, the V
+ * output vectors held in registers over all rows. Inlined with V and HALF constants. */
+static inline __attribute__((always_inline)) void weigh_rows(const int V, const int HALF, const float *weights,
+                                                             const void *cache, int64_t first, int64_t stride,
+                                                             int count, float *out) {
     __m256 acc[8];
     for (int v = 0; v < V; v++) acc[v] = _mm256_loadu_ps(out + 8 * v);
     for (int t = 0; t < count; t++) {
         const __m256 weight = _mm256_broadcast_ss(weights + t);
-        for (int v = 0; v < V; v++) acc[v] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(values + t * stride + 8 * v), acc[v]);
+        for (int v = 0; v < V; v++)
+            acc[v] = _mm256_fmadd_ps(weight, load8(HALF, cache, first + t * stride + 8 * v), acc[v]);
     }
     for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, acc[v]);
 }
 
-/* out (head_dim) += sum over rows of weights[t] * values row t: the head in pieces of up to 8 vectors
- * (64 values) in registers, then the values past the last whole vector. */
-static void weigh_head(const float *weights, const float *values, int64_t stride, int count, int head_dim, float *out) {
+/* out (head_dim) += sum over rows of weights[t] * row t: the head in pieces of up to 8 vectors (64
+ * values) in registers, then the values past the last whole vector. */
+static inline __attribute__((always_inline)) void weigh_head(const int HALF, const float *weights, const void *cache,
+                                                             int64_t first, int64_t stride, int count, int head_dim,
+                                                             float *out) {
+#define WEIGH(V) weigh_rows(V, HALF, weights, cache, first + i, stride, count, out + i)
     int i = 0;
-    for (; i + 64 <= head_dim; i += 64) weigh_rows(8, weights, values + i, stride, count, out + i);
+    for (; i + 64 <= head_dim; i += 64) WEIGH(8);
     switch ((head_dim - i) / 8) {
-        case 1: weigh_rows(1, weights, values + i, stride, count, out + i); break;
-        case 2: weigh_rows(2, weights, values + i, stride, count, out + i); break;
-        case 3: weigh_rows(3, weights, values + i, stride, count, out + i); break;
-        case 4: weigh_rows(4, weights, values + i, stride, count, out + i); break;
-        case 5: weigh_rows(5, weights, values + i, stride, count, out + i); break;
-        case 6: weigh_rows(6, weights, values + i, stride, count, out + i); break;
-        case 7: weigh_rows(7, weights, values + i, stride, count, out + i); break;
+        case 1: WEIGH(1); break;
+        case 2: WEIGH(2); break;
+        case 3: WEIGH(3); break;
+        case 4: WEIGH(4); break;
+        case 5: WEIGH(5); break;
+        case 6: WEIGH(6); break;
+        case 7: WEIGH(7); break;
         default: break;
     }
+#undef WEIGH
     for (i += (head_dim - i) / 8 * 8; i < head_dim; i++)
-        for (int t = 0; t < count; t++) out[i] += weights[t] * values[t * stride + i];
+        for (int t = 0; t < count; t++) out[i] += weights[t] * load1(HALF, cache, first + t * stride + i);
 }
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
  * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
  * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
- * into all heads' outputs. */
-static int attend_task(const float *queries, const void *k_cache, const void *v_cache, int half_cache,
-                       const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group,
-                       int64_t row, int head_dim, int block_size, float scale) {
+ * into all heads' outputs. Inlined with HALF (an fp16 cache) a constant. */
+static inline __attribute__((always_inline)) int attend_task(const int HALF, const float *queries, const void *k_cache,
+                                                             const void *v_cache, const int32_t *table, int length,
+                                                             float *outputs, int task_heads, int first_kv, int group,
+                                                             int64_t row, int head_dim, int block_size, float scale) {
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
-    const int width = task_heads / group * head_dim; /* the task's kv heads in a cache row */
-    /* scores, then (fp16 caches) one block of the task's rows converted to fp32 */
-    float *scores = malloc(sizeof(float) * ((size_t)length * task_heads + (half_cache ? (size_t)block_size * width : 0)));
+    float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
     if (scores == NULL) return -1;
-    float *scratch = scores + (size_t)length * task_heads;
     const int64_t offset = (int64_t)first_kv * head_dim;
-    int64_t stride;
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
-        const float *keys = block_rows(k_cache, half_cache, (int64_t)table[start / block_size] * block_size, count,
-                                       row, offset, width, scratch, &stride);
+        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
         for (int h = 0; h < task_heads; h++)
-            score_rows(queries + h * head_dim, keys + (h / group) * head_dim, stride, count, head_dim, scale,
-                       scores + (int64_t)h * length + start);
+            score_rows(HALF, queries + h * head_dim, k_cache, first + (h / group) * head_dim, row, count, head_dim,
+                       scale, scores + (int64_t)h * length + start);
     }
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
@@ -256,11 +247,10 @@ static int attend_task(const float *queries, const void *k_cache, const void *v_
     }
     for (int start = 0; start < length; start += block_size) {
         const int count = (start + block_size < length ? start + block_size : length) - start;
-        const float *values = block_rows(v_cache, half_cache, (int64_t)table[start / block_size] * block_size, count,
-                                         row, offset, width, scratch, &stride);
+        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
         for (int h = 0; h < task_heads; h++)
-            weigh_head(scores + (int64_t)h * length + start, values + (h / group) * head_dim, stride, count, head_dim,
-                       outputs + (int64_t)h * head_dim);
+            weigh_head(HALF, scores + (int64_t)h * length + start, v_cache, first + (h / group) * head_dim, row, count,
+                       head_dim, outputs + (int64_t)h * head_dim);
     }
     free(scores);
     return 0;
@@ -290,11 +280,12 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
     for (int task = 0; task < seqs * tasks_per_seq; task++) {
         const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
         const int64_t first_head = (int64_t)first_kv * group;
-        if (attend_task(q + s * q_stride + first_head * head_dim, k_cache, v_cache, half_cache,
-                        block_tables + (int64_t)s * max_blocks, context_lens[s],
-                        out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row,
-                        head_dim, block_size, scale))
-            failed = 1;
+#define ATTEND(HALF)                                                                                            \
+    attend_task(HALF, q + s * q_stride + first_head * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks, \
+                context_lens[s], out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv,   \
+                group, row, head_dim, block_size, scale)
+        if (half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+#undef ATTEND
     }
     return failed ? -1 : 0;
 }
