@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_constant.h"
 #include "cpu_gemm.h"
 
 #define PANEL 16       /* activation rows per panel: two vectors (a last panel of up to 8 rows: one) */
@@ -60,17 +61,14 @@ static inline __attribute__((always_inline)) void micro_tile(const int R, const 
 static inline __attribute__((always_inline)) void panel_product(const int V, const float *panel, int K,
                                                                 const float *w, int count, int rows, float *y,
                                                                 int N) {
+#define TILE(R) micro_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
     int n = 0;
-    for (; n + TILE_WEIGHTS <= count; n += TILE_WEIGHTS)
-        micro_tile(TILE_WEIGHTS, V, panel, K, w + (int64_t)n * K, rows, y + n, N);
-    switch (count - n) {
-        case 1: micro_tile(1, V, panel, K, w + (int64_t)n * K, rows, y + n, N); break;
-        case 2: micro_tile(2, V, panel, K, w + (int64_t)n * K, rows, y + n, N); break;
-        case 3: micro_tile(3, V, panel, K, w + (int64_t)n * K, rows, y + n, N); break;
-        case 4: micro_tile(4, V, panel, K, w + (int64_t)n * K, rows, y + n, N); break;
-        case 5: micro_tile(5, V, panel, K, w + (int64_t)n * K, rows, y + n, N); break;
+    for (; n + TILE_WEIGHTS <= count; n += TILE_WEIGHTS) TILE(TILE_WEIGHTS);
+    switch (count - n) { /* fewer than TILE_WEIGHTS rows left */
+        LCQ_CASES_1_TO_5(TILE)
         default: break;
     }
+#undef TILE
 }
 
 /* y[:, 0 .. count) (row stride N) for `count` expanded weight rows against every panel. */

@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "cpu_constant.h"
 #include "cpu_gemm.h"
 
 #define MAX_ROWS 8 /* rows per pass of the decode form over a column */
@@ -74,14 +75,8 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, floa
     for (int n = 0; n < N; n++) {
         for (int m = 0; m < M; m += MAX_ROWS) {
             switch (M - m) {
-                case 1: COLUMN(1); break;
-                case 2: COLUMN(2); break;
-                case 3: COLUMN(3); break;
-                case 4: COLUMN(4); break;
-                case 5: COLUMN(5); break;
-                case 6: COLUMN(6); break;
-                case 7: COLUMN(7); break;
-                default: COLUMN(8); break;
+                LCQ_CASES_1_TO_7(COLUMN)
+                default: COLUMN(MAX_ROWS); break;
             }
         }
     }

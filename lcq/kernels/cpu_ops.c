@@ -11,6 +11,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_constant.h"
+
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
 int lcq_index_matmul(const float *x, int M, const void *w, float *y);                   /* cpu_index.c */
 
@@ -194,13 +196,7 @@ static inline __attribute__((always_inline)) void weigh_head(const int HALF, con
     int i = 0;
     for (; i + 64 <= head_dim; i += 64) WEIGH(8);
     switch ((head_dim - i) / 8) {
-        case 1: WEIGH(1); break;
-        case 2: WEIGH(2); break;
-        case 3: WEIGH(3); break;
-        case 4: WEIGH(4); break;
-        case 5: WEIGH(5); break;
-        case 6: WEIGH(6); break;
-        case 7: WEIGH(7); break;
+        LCQ_CASES_1_TO_7(WEIGH)
         default: break;
     }
 #undef WEIGH

@@ -25,7 +25,7 @@ logger = logging.getLogger("lcq.kernels")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
 SOURCES = (FOLDER / "cpu_gemm.c", FOLDER / "cpu_half.c", FOLDER / "cpu_index.c", FOLDER / "cpu_ops.c")
-HEADERS = (FOLDER / "cpu_gemm.h",)
+HEADERS = (FOLDER / "cpu_constant.h", FOLDER / "cpu_gemm.h")
 
 
 @functools.cache
