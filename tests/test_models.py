@@ -223,6 +223,7 @@ def _random_paged_context(new: list[int], cached: list[int], num_kv_heads: int, 
 PAGED_CASES = pytest.mark.parametrize("new, cached", [
     ([7, 1, 3], [0, 5, 9]),  # chunked prefill with prefixes
     ([40], [3]),  # more new tokens than one tile
+    ([50, 2, 1], [70, 100, 0]),  # several query tiles and key chunks, a short chunk, one new token
     ([1, 1, 1], [0, 6, 36]),  # decode, one length past a tile
     ([1], [20]),  # decode of one sequence (no padding)
     ([1, 1], [4, -1]),  # decode with a padding sequence (context length 0, slot -1), as in a CUDA graph
@@ -292,8 +293,9 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
 @PAGED_CASES
 def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim):
     """The C cache writes are copies, or round to fp16 as torch does (exact either way); C decode
-    attention sums in another order than SDPA. Head sizes: 20 leaves values past the last vector of
-    8, 64 is one piece of 8 vectors in registers, 136 two pieces and one vector."""
+    and prefill attention sum in another order than SDPA. Head sizes: 20 leaves values past the last
+    vector of 8, 64 is one piece of 8 vectors in registers, 136 two pieces and one vector (and, in
+    prefill, 20/24/136 leave padded columns in the 16-wide output tiles)."""
     k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5
@@ -311,6 +313,14 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
         results[c_ops] = (*caches, out)
     for expected, got in zip(results["0"], results["1"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_ops
+def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
+    k_cache, v_cache, context = _random_paged_context([4], [0], 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="more new tokens than tokens in its context"):
+        cpu_ops.prefill_attention(torch.randn(4, 4, 16), k_cache, v_cache, context.block_tables,
+                                  context.context_lens - 1, context.query_start, 0.25)
 
 
 @needs_cpu_ops

@@ -17,7 +17,7 @@
 #include "cpu_gemm.h"
 
 #define PANEL 16       /* activation rows per panel: two vectors (a last panel of up to 8 rows: one) */
-#define TILE_WEIGHTS 6 /* weight rows per micro-tile */
+#define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
 /* Rows m0 .. m0 + width - 1 of x (zeros past M) as a [K][width] panel. */
@@ -40,16 +40,7 @@ static inline int panel_width(int M, int m0) {
 static inline __attribute__((always_inline)) void micro_tile(const int R, const int V, const float *panel, int K,
                                                              const float *w, int rows, float *y, int N) {
     __m256 acc[TILE_WEIGHTS][2];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) acc[r][v] = _mm256_setzero_ps();
-    for (int k = 0; k < K; k++) {
-        __m256 activations[2];
-        for (int v = 0; v < V; v++) activations[v] = _mm256_loadu_ps(panel + (int64_t)k * V * 8 + v * 8);
-        for (int r = 0; r < R; r++) {
-            const __m256 weight = _mm256_broadcast_ss(w + (int64_t)r * K + k);
-            for (int v = 0; v < V; v++) acc[r][v] = _mm256_fmadd_ps(weight, activations[v], acc[r][v]);
-        }
-    }
+    lcq_tile_sums(R, V, w, K, panel, V * 8, K, acc);
     float out[TILE_WEIGHTS][PANEL];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) _mm256_storeu_ps(out[r] + v * 8, acc[r][v]);

@@ -2,6 +2,9 @@
 #ifndef LCQ_CPU_GEMM_H
 #define LCQ_CPU_GEMM_H
 
+#include <immintrin.h>
+#include <stdint.h>
+
 /* From this many rows a product is bounded by arithmetic and takes lcq_expanded_product; below it the
  * decode kernels, which stream each weight once, are faster (3072 x 576 at 12 rows: 0.26 against
  * 0.33 ms for fp16 weights on a 2-core Zen 4). */
@@ -13,5 +16,26 @@ typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count,
 /* y (M, N) = x (M, K) @ W^T, W given by its expansion; x and y fp32 contiguous, M >= 1.
  * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y);
+
+/* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
+ * products (cpu_gemm.c, cpu_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against
+ * V <= 2 vectors of b (row stride ldb). Per k: V loads and R broadcasts feed R x V FMAs (12 FMAs for
+ * 8 loads at 6 x 2, all in 15 of the 16 AVX2 registers). Inlined with R and V constants, so acc
+ * stays in registers. */
+static inline __attribute__((always_inline)) void lcq_tile_sums(const int R, const int V, const float *a, int64_t lda,
+                                                                const float *b, int64_t ldb, int K, __m256 acc[][2]) {
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m256 columns[2];
+        for (int v = 0; v < V; v++) columns[v] = _mm256_loadu_ps(b + k * ldb + v * 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 value = _mm256_broadcast_ss(a + r * lda + k);
+            for (int v = 0; v < V; v++) acc[r][v] = _mm256_fmadd_ps(value, columns[v], acc[r][v]);
+        }
+    }
+}
+
+#define LCQ_TILE_ROWS 6 /* the most rows of a in one lcq_tile_sums */
 
 #endif

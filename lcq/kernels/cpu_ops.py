@@ -1,11 +1,12 @@
-"""The small operations of a CPU decode step in one C call each (cpu_ops.c).
+"""The small operations of a CPU step in one C call each (cpu_ops.c), and paged attention
+(cpu_attention.c).
 
 torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rotary embedding and
 SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;
-decode attention gathered every cached K/V row into a new tensor before it could call SDPA. The C
-versions do one pass each and attention reads the paged cache in place. Used for fp32 CPU tensors
-(KV caches fp32 or fp16) where the library builds (native.py); LCQ_CPU_OPS=0 keeps the torch path
-everywhere.
+attention gathered every cached K/V row into a new tensor before it could call SDPA, per sequence
+in prefill. The C versions do one pass each and attention reads the paged cache in place. Used for
+fp32 CPU tensors (KV caches fp32 or fp16) where the library builds (native.py); LCQ_CPU_OPS=0 keeps
+the torch path everywhere.
 """
 from __future__ import annotations
 
@@ -108,6 +109,28 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      context_lens: torch.Tensor, query_start: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
+    cached tokens up to its own position (their K/V already written) -> same shape."""
+    if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
+        q = q.contiguous()
+    tables, lengths, starts = (t.contiguous() for t in (block_tables, context_lens, query_start))
+    if any(t.dtype != torch.int32 for t in (tables, lengths, starts)):
+        raise ValueError("prefill_attention takes int32 block tables, context lengths and query starts")
+    heads, head_dim = q.shape[1:]
+    out = q.new_empty(q.shape)
+    status = library().lcq_prefill_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), half_cache(k_cache, v_cache),
+        tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
+        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale)
+    if status == -2:
+        raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
+    if status != 0:
+        raise MemoryError("prefill_attention could not allocate its buffers")
+    return out
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
     """The compiled ops (native.load), or None where they cannot run here."""
@@ -121,9 +144,10 @@ def library() -> ctypes.CDLL | None:
         "lcq_silu_mul": [p, p, i64, i64],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
+        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, i32, p],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name in ("lcq_decode_attention", "lcq_decode_layers") else None
+        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers")) else None
     return lib

@@ -4,9 +4,9 @@ cached tokens.
 A step's cache layout is the same for every layer, so PagedAttention works it out once per
 forward pass and every layer reuses it. CUDA tensors go to the Triton kernels in
 lcq.kernels.paged_attention (imported only then, so CPU-only installs work without triton);
-fp32 CPU activations with fp32 or fp16 caches take the C kernels of lcq.kernels.cpu_ops for writes
-and decode steps (attention read through the block tables, no copy of the cache); everything else
-takes the torch path here:
+fp32 CPU activations with fp32 or fp16 caches take the C kernels of lcq.kernels.cpu_ops (cache
+writes, decode and prefill attention read through the block tables, no copy of the cache);
+everything else takes the torch path here:
 gather each sequence's cached K/V rows with one index and call F.scaled_dot_product_attention,
 batching all sequences of a decode step together.
 """
@@ -35,7 +35,7 @@ class PagedAttention:
         self.use_triton = device.type == "cuda" and _HAS_TRITON
         self.use_cpu_ops = (device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
                             and (cache_dtype or dtype) in cpu_ops.CACHE_DTYPES)
-        if self.use_triton or (self.use_cpu_ops and not context.is_prefill):
+        if self.use_triton or self.use_cpu_ops:
             return
         keep = context.slot_mapping >= 0
         self.write_rows = None if bool(keep.all()) else keep
@@ -81,7 +81,10 @@ class PagedAttention:
                 return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
                                      c.max_query_len, scale)
-        if self.use_cpu_ops and not c.is_prefill:
+        if self.use_cpu_ops:
+            if c.is_prefill:
+                return cpu_ops.prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
+                                                 scale)
             return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         if not c.is_prefill:  # (S, kv_heads, max_len, d) for all sequences at once

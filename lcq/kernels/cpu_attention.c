@@ -1,0 +1,409 @@
+/* Attention over the paged KV cache on x86 CPUs (AVX2, FMA, F16C): fp32 arithmetic, caches fp32 or
+ * fp16, read through the block tables where they lie (no gathered copy per sequence).
+ *
+ * Decode (one new token per sequence) is bounded by reading the cache: each K and V row is read
+ * once for all query heads of its kv head, scores 8 rows at a time. Prefill (many new tokens per
+ * sequence) is bounded by arithmetic: flash-attention tiles of up to QUERY_ROWS query rows (positions
+ * x the heads of one kv head) against chunks of KEYS keys, both products on the register tile of
+ * cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cpu_constant.h"
+#include "cpu_exp.h"
+#include "cpu_gemm.h"
+
+/* Cache values as fp32, from an fp32 or (HALF) an fp16 cache: 8 at element i, or one. Inlined with
+ * HALF a constant, so attention reads an fp16 cache where it lies, converting as it loads (converting
+ * each block into a scratch buffer first cost a write and a read of every value). */
+static inline __attribute__((always_inline)) __m256 load8(const int HALF, const void *cache, int64_t i) {
+    return HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)))
+                : _mm256_loadu_ps((const float *)cache + i);
+}
+
+static inline __attribute__((always_inline)) float load1(const int HALF, const void *cache, int64_t i) {
+    return HALF ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+/* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
+static inline __m256 sums8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* scores[t] = scale * (query . key row t) for `count` cache rows from element `first` (row stride
+ * `stride`): 8 rows at a time, each row's products summed across the head in its own register and
+ * the 8 sums reduced together (one horizontal sum per row cost more than the products). */
+static inline __attribute__((always_inline)) void score_rows(const int HALF, const float *query, const void *cache,
+                                                             int64_t first, int64_t stride, int count, int head_dim,
+                                                             float scale, float *scores) {
+    const int vectors = head_dim / 8;
+    int t = 0;
+    for (; t + 8 <= count; t += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int d = 0; d < vectors; d++) {
+            const __m256 q = _mm256_loadu_ps(query + 8 * d);
+            for (int j = 0; j < 8; j++)
+                acc[j] = _mm256_fmadd_ps(q, load8(HALF, cache, first + (t + j) * stride + 8 * d), acc[j]);
+        }
+        __m256 sums = sums8(acc);
+        for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
+            float tail[8];
+            for (int j = 0; j < 8; j++) tail[j] = query[i] * load1(HALF, cache, first + (t + j) * stride + i);
+            sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+        }
+        _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+    }
+    for (; t < count; t++) {
+        float sum = 0.0f;
+        for (int i = 0; i < head_dim; i++) sum += query[i] * load1(HALF, cache, first + t * stride + i);
+        scores[t] = sum * scale;
+    }
+}
+
+/* out[0 .. V*8) += sum over `count` cache rows t from element `first` of weights[t] * row t, the V
+ * output vectors held in registers over all rows. Inlined with V and HALF constants. */
+static inline __attribute__((always_inline)) void weigh_rows(const int V, const int HALF, const float *weights,
+                                                             const void *cache, int64_t first, int64_t stride,
+                                                             int count, float *out) {
+    __m256 acc[8];
+    for (int v = 0; v < V; v++) acc[v] = _mm256_loadu_ps(out + 8 * v);
+    for (int t = 0; t < count; t++) {
+        const __m256 weight = _mm256_broadcast_ss(weights + t);
+        for (int v = 0; v < V; v++)
+            acc[v] = _mm256_fmadd_ps(weight, load8(HALF, cache, first + t * stride + 8 * v), acc[v]);
+    }
+    for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, acc[v]);
+}
+
+/* out (head_dim) += sum over rows of weights[t] * row t: the head in pieces of up to 8 vectors (64
+ * values) in registers, then the values past the last whole vector. */
+static inline __attribute__((always_inline)) void weigh_head(const int HALF, const float *weights, const void *cache,
+                                                             int64_t first, int64_t stride, int count, int head_dim,
+                                                             float *out) {
+#define WEIGH(V) weigh_rows(V, HALF, weights, cache, first + i, stride, count, out + i)
+    int i = 0;
+    for (; i + 64 <= head_dim; i += 64) WEIGH(8);
+    switch ((head_dim - i) / 8) {
+        LCQ_CASES_1_TO_7(WEIGH)
+        default: break;
+    }
+#undef WEIGH
+    for (i += (head_dim - i) / 8 * 8; i < head_dim; i++)
+        for (int t = 0; t < count; t++) out[i] += weights[t] * load1(HALF, cache, first + t * stride + i);
+}
+
+/* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
+ * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
+ * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
+ * into all heads' outputs. Inlined with HALF (an fp16 cache) a constant. */
+static inline __attribute__((always_inline)) int attend_task(const int HALF, const float *queries, const void *k_cache,
+                                                             const void *v_cache, const int32_t *table, int length,
+                                                             float *outputs, int task_heads, int first_kv, int group,
+                                                             int64_t row, int head_dim, int block_size, float scale) {
+    for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
+    if (length <= 0) return 0; /* a padding sequence: zeros */
+    float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
+    if (scores == NULL) return -1;
+    const int64_t offset = (int64_t)first_kv * head_dim;
+    for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
+        const int count = (start + block_size < length ? start + block_size : length) - start;
+        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        for (int h = 0; h < task_heads; h++)
+            score_rows(HALF, queries + h * head_dim, k_cache, first + (h / group) * head_dim, row, count, head_dim,
+                       scale, scores + (int64_t)h * length + start);
+    }
+    for (int h = 0; h < task_heads; h++) {
+        float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
+        for (int t = 0; t < length; t++) top = p[t] > top ? p[t] : top;
+        __m256 sums = _mm256_setzero_ps();
+        int t = 0;
+        for (; t + 8 <= length; t += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(p + t, e);
+            sums = _mm256_add_ps(sums, e);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, sums);
+        for (int i = 0; i < 8; i++) total += lanes[i];
+        for (; t < length; t++) total += (p[t] = exp1(p[t] - top));
+        const float inverse = 1.0f / total;
+        for (t = 0; t < length; t++) p[t] *= inverse;
+    }
+    for (int start = 0; start < length; start += block_size) {
+        const int count = (start + block_size < length ? start + block_size : length) - start;
+        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        for (int h = 0; h < task_heads; h++)
+            weigh_head(HALF, scores + (int64_t)h * length + start, v_cache, first + (h / group) * head_dim, row, count,
+                       head_dim, outputs + (int64_t)h * head_dim);
+    }
+    free(scores);
+    return 0;
+}
+
+/* From this many sequences a task takes all kv heads of a sequence, so each cache row is read whole,
+ * front to back, rather than one kv head's slice per task (64 sequences of 300 tokens, SmolLM2's 3 kv
+ * heads, cache from memory, 2 threads: 4.7 -> 2.9 ms per layer). Fewer sequences are split by kv
+ * head too, to keep every thread busy. */
+#define WHOLE_ROW_MIN_SEQS 8
+
+/* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
+ * block table from caches (blocks, block_size, kv_heads, head_dim), fp32 or fp16 (half_cache).
+ * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
+ * contiguous.
+ * The query heads sharing a kv head read each K/V row once.
+ * A sequence with context length 0 (padding) gets zeros.
+ * Returns 0, or -1 when a score buffer cannot be allocated. */
+int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+                         const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
+                         int heads, int kv_heads, int head_dim, int block_size, float scale) {
+    const int group = heads / kv_heads;
+    const int kv_per_task = seqs >= WHOLE_ROW_MIN_SEQS ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
+    const int64_t row = (int64_t)kv_heads * head_dim; /* floats per cache slot */
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : failed)
+    for (int task = 0; task < seqs * tasks_per_seq; task++) {
+        const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
+        const int64_t first_head = (int64_t)first_kv * group;
+#define ATTEND(HALF)                                                                                            \
+    attend_task(HALF, q + s * q_stride + first_head * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks, \
+                context_lens[s], out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv,   \
+                group, row, head_dim, block_size, scale)
+        if (half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+#undef ATTEND
+    }
+    return failed ? -1 : 0;
+}
+
+#define KEYS 16        /* keys per chunk: one row of scores is two vectors */
+#define QUERY_ROWS 48  /* query rows per prefill task (about 16 positions of a 3-head GQA group) */
+
+/* Stage one chunk of KEYS keys of kv head `kv` of a sequence for the prefill products, as fp32:
+ * K transposed, kt[i][t] (head_dim x KEYS), and V, vp[t][i] (KEYS x padded_dim); keys past
+ * `count` and columns past head_dim are zeros. */
+static inline __attribute__((always_inline)) void stage_chunk(const int HALF, const void *k_cache, const void *v_cache,
+                                                              const int32_t *table, int first_key, int count, int kv,
+                                                              int64_t row, int head_dim, int padded_dim,
+                                                              int block_size, float *kt, float *vp) {
+    for (int i = 0; i < head_dim * KEYS; i++) kt[i] = 0.0f;
+    for (int i = 0; i < KEYS * padded_dim; i++) vp[i] = 0.0f;
+    for (int t = 0; t < count; t++) {
+        const int key = first_key + t;
+        const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
+                           (int64_t)kv * head_dim;
+        for (int i = 0; i < head_dim; i++) {
+            kt[i * KEYS + t] = load1(HALF, k_cache, at + i);
+            vp[t * padded_dim + i] = load1(HALF, v_cache, at + i);
+        }
+    }
+}
+
+/* The largest of the 8 lanes, and their sum. */
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* The per-thread buffers of a prefill task. */
+typedef struct {
+    float *queries; /* (QUERY_ROWS, head_dim), scaled */
+    float *scores;  /* (QUERY_ROWS, KEYS): scores, then their softmax weights */
+    float *outputs; /* (QUERY_ROWS, padded_dim): unnormalised outputs */
+    float *top;     /* (QUERY_ROWS): running maximum score of each row */
+    float *total;   /* (QUERY_ROWS): running sum of exp(score - top) */
+} Tile;
+
+/* c (R, 16) = or += a (R, K) @ b (K, 16). Inlined with R a constant: the accumulators stay in registers. */
+static inline __attribute__((always_inline)) void row_tile(const int R, const float *a, int64_t lda, const float *b,
+                                                           int64_t ldb, int K, float *c, int64_t ldc, int accumulate) {
+    __m256 acc[LCQ_TILE_ROWS][2];
+    lcq_tile_sums(R, 2, a, lda, b, ldb, K, acc);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < 2; v++) {
+            float *out = c + r * ldc + 8 * v;
+            _mm256_storeu_ps(out, accumulate ? _mm256_add_ps(_mm256_loadu_ps(out), acc[r][v]) : acc[r][v]);
+        }
+}
+
+/* c (rows, 16 * panels) = or += a (rows, K) @ b (K, 16 * panels), LCQ_TILE_ROWS rows at a time. */
+static void tile_product(const float *a, int64_t lda, const float *b, int64_t ldb, int K, int rows, int panels,
+                         float *c, int64_t ldc, int accumulate) {
+    for (int p = 0; p < panels; p++)
+        for (int r0 = 0; r0 < rows; r0 += LCQ_TILE_ROWS) {
+#define TILE(R) row_tile(R, a + r0 * lda, lda, b + 16 * p, ldb, K, c + r0 * ldc + 16 * p, ldc, accumulate)
+            switch (rows - r0 < LCQ_TILE_ROWS ? rows - r0 : LCQ_TILE_ROWS) {
+                LCQ_CASES_1_TO_5(TILE)
+                default: TILE(LCQ_TILE_ROWS); break;
+            }
+#undef TILE
+        }
+}
+
+/* Fold a chunk's scores into the running softmax of each row: row r (at position first_position +
+ * r / group) sees the chunk's keys up to its position and below `count`; its scores become weights
+ * exp(score - top), and its outputs and total are rescaled to the new top. */
+static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count,
+                          int padded_dim) {
+    for (int r = 0; r < rows; r++) {
+        const int position = first_position + r / group;
+        const int visible = position - first_key + 1 < count ? position - first_key + 1 : count;
+        float *s = tile->scores + r * KEYS;
+        if (visible <= 0) { /* the whole chunk lies after this row's position */
+            for (int t = 0; t < KEYS; t++) s[t] = 0.0f;
+            continue;
+        }
+        for (int t = visible; t < KEYS; t++) s[t] = -INFINITY;
+        const __m256 low = _mm256_loadu_ps(s), high = _mm256_loadu_ps(s + 8);
+        const float previous = tile->top[r], chunk_top = max8(_mm256_max_ps(low, high));
+        const float top = chunk_top > previous ? chunk_top : previous;
+        const __m256 shift = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
+        /* exp8 gives ~1e-38 for -inf: masked keys are zeroed explicitly */
+        const __m256 e_low = _mm256_and_ps(exp8(_mm256_sub_ps(low, shift)), _mm256_cmp_ps(low, ninf, _CMP_NEQ_OQ));
+        const __m256 e_high = _mm256_and_ps(exp8(_mm256_sub_ps(high, shift)), _mm256_cmp_ps(high, ninf, _CMP_NEQ_OQ));
+        _mm256_storeu_ps(s, e_low);
+        _mm256_storeu_ps(s + 8, e_high);
+        const float sum = sum8(_mm256_add_ps(e_low, e_high));
+        if (top > previous) { /* rescale what earlier chunks gave (nothing before the first) */
+            const float factor = previous == -INFINITY ? 0.0f : exp1(previous - top);
+            float *out = tile->outputs + (int64_t)r * padded_dim;
+            for (int i = 0; i < padded_dim; i++) out[i] *= factor;
+            tile->total[r] *= factor;
+            tile->top[r] = top;
+        }
+        tile->total[r] += sum;
+    }
+}
+
+/* The sequence s with base[s] <= item < base[s + 1] (base: seqs + 1 ascending counts from 0). */
+static int sequence_of(const int64_t *base, int seqs, int64_t item) {
+    int low = 0, high = seqs - 1;
+    while (low < high) {
+        const int mid = (low + high + 1) / 2;
+        if (base[mid] <= item) low = mid; else high = mid - 1;
+    }
+    return low;
+}
+
+/* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
+ * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
+ * onwards; each sees the cache positions up to its own. q: (tokens, heads, head_dim) with q_stride
+ * floats between tokens; out: (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys
+ * are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run over them;
+ * sequences of one new token take the decode form. Returns 0, -1 when a buffer cannot be allocated,
+ * -2 for a sequence with more new tokens than tokens in its context. */
+int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
+                          const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale) {
+    const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
+    const int padded_dim = (head_dim + 15) / 16 * 16, tile_rows = positions_per_tile * group;
+    const int64_t row = (int64_t)kv_heads * head_dim, chunk_floats = (int64_t)head_dim * KEYS + KEYS * padded_dim;
+    int64_t *chunk_base = malloc(sizeof(int64_t) * (seqs + 1)), *task_base = malloc(sizeof(int64_t) * (seqs + 1));
+    if (chunk_base == NULL || task_base == NULL) {
+        free(chunk_base);
+        free(task_base);
+        return -1;
+    }
+    chunk_base[0] = task_base[0] = 0;
+    for (int s = 0; s < seqs; s++) {
+        const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
+        if (n > length || n < 0) {
+            free(chunk_base);
+            free(task_base);
+            return -2;
+        }
+        const int tiled = n > 1;
+        chunk_base[s + 1] = chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS : 0);
+        task_base[s + 1] = task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile * kv_heads : n);
+    }
+    float *staged = malloc(sizeof(float) * (size_t)(chunk_base[seqs] * kv_heads * chunk_floats + 1));
+    if (staged == NULL) {
+        free(chunk_base);
+        free(task_base);
+        return -1;
+    }
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t item = 0; item < chunk_base[seqs] * kv_heads; item++) {
+            const int64_t chunk = item / kv_heads;
+            const int s = sequence_of(chunk_base, seqs, chunk), first_key = (int)(chunk - chunk_base[s]) * KEYS;
+            const int count = context_lens[s] - first_key < KEYS ? context_lens[s] - first_key : KEYS;
+            float *kt = staged + item * chunk_floats;
+#define STAGE(HALF)                                                                                            \
+    stage_chunk(HALF, k_cache, v_cache, block_tables + (int64_t)s * max_blocks, first_key, count, (int)(item % kv_heads), \
+                row, head_dim, padded_dim, block_size, kt, kt + (int64_t)head_dim * KEYS)
+            if (half_cache) STAGE(1); else STAGE(0);
+#undef STAGE
+        }
+        Tile tile = {malloc(sizeof(float) * tile_rows * head_dim), malloc(sizeof(float) * tile_rows * KEYS),
+                     malloc(sizeof(float) * (size_t)tile_rows * padded_dim), malloc(sizeof(float) * tile_rows),
+                     malloc(sizeof(float) * tile_rows)};
+        const int ready = tile.queries && tile.scores && tile.outputs && tile.top && tile.total;
+        if (!ready) failed = 1;
+#pragma omp for schedule(dynamic)
+        for (int64_t task = 0; task < task_base[seqs]; task++) {
+            if (!ready) continue;
+            const int s = sequence_of(task_base, seqs, task), length = context_lens[s];
+            const int n = query_start[s + 1] - query_start[s];
+            const int32_t *table = block_tables + (int64_t)s * max_blocks;
+            if (n == 1) { /* one new token: the decode form, all heads */
+#define ATTEND(HALF)                                                                                           \
+    attend_task(HALF, q + query_start[s] * q_stride, k_cache, v_cache, table, length,                         \
+                out + (int64_t)query_start[s] * heads * head_dim, heads, 0, group, row, head_dim, block_size, scale)
+                if (half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+#undef ATTEND
+                continue;
+            }
+            const int64_t local = task - task_base[s];
+            const int tiles = (n + positions_per_tile - 1) / positions_per_tile, kv = (int)(local % kv_heads);
+            const int first = (tiles - 1 - (int)(local / kv_heads)) * positions_per_tile; /* longest tiles first */
+            const int positions = n - first < positions_per_tile ? n - first : positions_per_tile;
+            const int rows = positions * group, first_position = length - n + first;
+            for (int r = 0; r < rows; r++) {
+                const float *src = q + (int64_t)(query_start[s] + first + r / group) * q_stride +
+                                   (int64_t)(kv * group + r % group) * head_dim;
+                for (int i = 0; i < head_dim; i++) tile.queries[r * head_dim + i] = src[i] * scale;
+                tile.top[r] = -INFINITY;
+                tile.total[r] = 0.0f;
+            }
+            for (int64_t i = 0; i < (int64_t)rows * padded_dim; i++) tile.outputs[i] = 0.0f;
+            for (int first_key = 0; first_key <= first_position + positions - 1; first_key += KEYS) {
+                const float *kt = staged + ((chunk_base[s] + first_key / KEYS) * kv_heads + kv) * chunk_floats;
+                const int count = length - first_key < KEYS ? length - first_key : KEYS;
+                tile_product(tile.queries, head_dim, kt, KEYS, head_dim, rows, 1, tile.scores, KEYS, 0);
+                softmax_chunk(&tile, rows, group, first_position, first_key, count, padded_dim);
+                tile_product(tile.scores, KEYS, kt + (int64_t)head_dim * KEYS, padded_dim, KEYS, rows, padded_dim / 16,
+                             tile.outputs, padded_dim, 1);
+            }
+            for (int r = 0; r < rows; r++) {
+                float *dst = out + ((int64_t)(query_start[s] + first + r / group) * heads + kv * group + r % group) *
+                                   head_dim;
+                const float inverse = 1.0f / tile.total[r];
+                for (int i = 0; i < head_dim; i++) dst[i] = tile.outputs[(int64_t)r * padded_dim + i] * inverse;
+            }
+        }
+        free(tile.queries);
+        free(tile.scores);
+        free(tile.outputs);
+        free(tile.top);
+        free(tile.total);
+    }
+    free(staged);
+    free(chunk_base);
+    free(task_base);
+    return failed ? -1 : 0;
+}
