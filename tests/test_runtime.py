@@ -30,7 +30,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    return LLM(str(tiny), block_size=8)
+    """fp32 throughout, as transformers runs: the CPU default KV cache is fp16."""
+    return LLM(str(tiny), block_size=8, kv_cache_dtype="float32")
 
 
 def _transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
@@ -59,7 +60,7 @@ def test_greedy_matches_transformers_full_precision(tiny, llm):
 
 def test_greedy_matches_transformers_lcq(tmp_path):
     folder = make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
-    outs = LLM(str(folder), block_size=8).generate(PROMPTS, GREEDY)
+    outs = LLM(str(folder), block_size=8, kv_cache_dtype="float32").generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
 
@@ -75,7 +76,7 @@ def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     weights = load_file(folder / "model.safetensors")
     weights["lm_head.weight"][EOS_ID] = 3 * weights["lm_head.weight"][first]  # EOS now beats the old argmax
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    out = LLM(str(folder), block_size=8).generate([PROMPTS[1]], GREEDY)[0]
+    out = LLM(str(folder), block_size=8, kv_cache_dtype="float32").generate([PROMPTS[1]], GREEDY)[0]
     assert out.token_ids[0] == EOS_ID and out.finish_reason == "length"
     assert out.token_ids == _transformers_greedy(folder, PROMPTS[1], 12)
 
@@ -84,10 +85,11 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     together = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     assert together == alone
-    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5)
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, kv_cache_dtype="float32")
     assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == together
     # A pool of 6 blocks of 8 cannot hold all three sequences at once: someone gets preempted.
-    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30)
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30,
+                kv_cache_dtype="float32")
     assert small.engine.blocks.num_total_blocks == 6
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == together
     assert small.engine.stats().num_preemptions_total > 0
@@ -99,11 +101,11 @@ def small_block_bytes(llm) -> int:
 
 
 def test_fp16_kv_cache_holds_twice_the_tokens(tiny, llm):
-    """kv_cache_dtype=float16 on an fp32 CPU model: the same pool holds twice the blocks, a batch
-    larger than the pool runs (with preemptions) on the C attention reading the fp16 cache, and the
-    pool is full after."""
+    """The default KV cache of an fp32 CPU model is fp16: the same pool holds twice the blocks of
+    fp32, a batch larger than the pool runs (with preemptions) on the C attention reading the fp16
+    cache, and the pool is full after."""
     memory_gb = 6 * small_block_bytes(llm) / 2**30
-    half = LLM(str(tiny), block_size=8, kv_cache_memory_gb=memory_gb, kv_cache_dtype="float16")
+    half = LLM(str(tiny), block_size=8, kv_cache_memory_gb=memory_gb)
     assert half.engine.blocks.num_total_blocks == 12
     assert half.engine.runner.k_caches[0].dtype == torch.float16
     outs = half.generate(PROMPTS * 2, GREEDY)
@@ -117,7 +119,10 @@ def test_kv_cache_dtype_is_checked():
         EngineConfig(model="m", kv_cache_dtype="int8").validate()
     with pytest.raises(ValueError, match="auto or the model dtype on a GPU"):
         EngineConfig(model="m", device="cuda", kv_cache_dtype="float32").validate()
-    assert EngineConfig(model="m", device="cpu", kv_cache_dtype="float16").resolved_kv_cache_dtype() == torch.float16
+    assert EngineConfig(model="m", device="cpu", kv_cache_dtype="float32").resolved_kv_cache_dtype() == torch.float32
+    assert EngineConfig(model="m", device="cpu").resolved_kv_cache_dtype() == torch.float16
+    assert EngineConfig(model="m", device="cpu", dtype="bfloat16").resolved_kv_cache_dtype() == torch.bfloat16
+    assert EngineConfig(model="m", device="cuda", dtype="bfloat16").resolved_kv_cache_dtype() == torch.bfloat16
 
 
 def test_prefix_cache_hits_give_the_same_tokens(llm):

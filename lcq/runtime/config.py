@@ -19,7 +19,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
-    kv_cache_dtype: str = "auto"  # the model dtype; float16 halves an fp32 CPU model's cache (CPU only)
+    kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 on CPU too
     enable_prefix_caching: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -36,9 +36,14 @@ class EngineConfig:
         return _named_dtype("dtype", self.dtype)
 
     def resolved_kv_cache_dtype(self) -> torch.dtype:
-        """The model dtype unless set; another one only on CPU (the GPU kernels read the model dtype)."""
+        """auto: float16 for an fp32 model on CPU (half the memory, twice the tokens, and CPU attention
+        as fast or faster, since it converts as it loads), else the model dtype. Set, it may differ from
+        the model dtype only on CPU (the GPU kernels read the model dtype); float32 keeps an fp32 CPU
+        model's tokens equal to transformers'."""
         if self.kv_cache_dtype == "auto":
-            return self.resolved_dtype()
+            model_dtype = self.resolved_dtype()
+            on_cpu = self.resolved_device().type == "cpu"
+            return torch.float16 if on_cpu and model_dtype == torch.float32 else model_dtype
         dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype)
         if dtype != self.resolved_dtype() and self.resolved_device().type == "cuda":
             raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")

@@ -86,8 +86,8 @@ FLAGS = (
     Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
-    Flag("--kv-cache-dtype", str, "auto (the model dtype) or float16: half the KV memory of an fp32 CPU model",
-         "engine"),
+    Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16 or "
+         "float32 (CPU)", "engine"),
     Flag("--gpu-memory-utilization", float, "fraction of GPU memory the engine may use", "engine"),
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
     Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine"),
