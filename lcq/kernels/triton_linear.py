@@ -17,6 +17,8 @@ layers pick their part's table through v_index. See docs/kernels.md for why this
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -245,8 +247,12 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Configs are timed as the engine runs them (graph_time: no launch overhead, weights cold in L2):
 # timed with launches, a product shorter than its launch (a small layer, or a 2-bit layer at the
 # bandwidth limit: ~2 us for 4096x4096) would be timed as the launch and the choice would be noise.
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time)(_decode_kernel)
-_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time)(_gemm_kernel)
+# Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
+# architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
+_KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time,
+                                **_KEEP_TIMINGS)(_decode_kernel)
+_gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
 _counters: dict[torch.device, torch.Tensor] = {}
 
