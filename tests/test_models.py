@@ -316,6 +316,21 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
 
 
 @needs_cpu_ops
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype):
+    """Staged in groups under a small limit (every sequence alone, or two by two) the C prefill gives
+    the same numbers as staged all at once: the groups only bound its buffer."""
+    new, cached = [7, 1, 30, 2, 5], [0, 5, 40, 100, 3]
+    k_cache, v_cache, context = _random_paged_context(new, cached, 3, 24, cache_dtype)
+    q = torch.randn(sum(new), 9, 24)
+    args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, 24 ** -0.5)
+    whole = cpu_ops.prefill_attention(*args)
+    chunk_floats = 3 * (24 * 16 + 16 * 32)  # per chunk of 16 keys, all kv heads: K, and V padded to 32
+    for limit in (1, 12 * chunk_floats):
+        assert torch.equal(cpu_ops.prefill_attention(*args, stage_limit_floats=limit), whole)
+
+
+@needs_cpu_ops
 def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
     k_cache, v_cache, context = _random_paged_context([4], [0], 2, 16, torch.float32)
     with pytest.raises(ValueError, match="more new tokens than tokens in its context"):

@@ -296,105 +296,97 @@ static int sequence_of(const int64_t *base, int seqs, int64_t item) {
     return low;
 }
 
-/* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
- * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
- * onwards; each sees the cache positions up to its own. q: (tokens, heads, head_dim) with q_stride
- * floats between tokens; out: (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys
- * are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run over them;
- * sequences of one new token take the decode form. Returns 0, -1 when a buffer cannot be allocated,
- * -2 for a sequence with more new tokens than tokens in its context. */
-int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
-                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                          const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
-                          int block_size, float scale) {
-    const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
-    const int padded_dim = (head_dim + 15) / 16 * 16, tile_rows = positions_per_tile * group;
-    const int64_t row = (int64_t)kv_heads * head_dim, chunk_floats = (int64_t)head_dim * KEYS + KEYS * padded_dim;
-    int64_t *chunk_base = malloc(sizeof(int64_t) * (seqs + 1)), *task_base = malloc(sizeof(int64_t) * (seqs + 1));
-    if (chunk_base == NULL || task_base == NULL) {
-        free(chunk_base);
-        free(task_base);
-        return -1;
+/* A prefill call's inputs and layout (see lcq_prefill_attention). Sequences of more than one new
+ * token are tiled: chunk_base[s] counts the key chunks staged before sequence s, task_base[s] its
+ * first task (one per kv head and tile of positions_per_tile positions; a single new token is one
+ * task of the decode form). */
+typedef struct {
+    const float *q;
+    int64_t q_stride;
+    const void *k_cache, *v_cache;
+    int half_cache;
+    const int32_t *block_tables, *context_lens, *query_start;
+    int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
+    float scale, *out;
+    int64_t row, chunk_floats; /* floats per cache slot; per staged chunk of one kv head (K then V) */
+    int64_t *chunk_base, *task_base;
+} Prefill;
+
+/* Task `local` of tiled sequence s: one kv head's query rows of one tile over the staged chunks
+ * (staged: this group's buffer, from sequence first_seq on). */
+static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int first_seq, int s, int64_t local) {
+    const int n = p->query_start[s + 1] - p->query_start[s], length = p->context_lens[s], group = p->group;
+    const int tiles = (n + p->positions_per_tile - 1) / p->positions_per_tile, kv = (int)(local % p->kv_heads);
+    const int first = (tiles - 1 - (int)(local / p->kv_heads)) * p->positions_per_tile; /* longest tiles first */
+    const int positions = n - first < p->positions_per_tile ? n - first : p->positions_per_tile;
+    const int rows = positions * group, first_position = length - n + first, head_dim = p->head_dim;
+    for (int r = 0; r < rows; r++) {
+        const float *src = p->q + (int64_t)(p->query_start[s] + first + r / group) * p->q_stride +
+                           (int64_t)(kv * group + r % group) * head_dim;
+        for (int i = 0; i < head_dim; i++) tile->queries[r * head_dim + i] = src[i] * p->scale;
+        tile->top[r] = -INFINITY;
+        tile->total[r] = 0.0f;
     }
-    chunk_base[0] = task_base[0] = 0;
-    for (int s = 0; s < seqs; s++) {
-        const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
-        if (n > length || n < 0) {
-            free(chunk_base);
-            free(task_base);
-            return -2;
-        }
-        const int tiled = n > 1;
-        chunk_base[s + 1] = chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS : 0);
-        task_base[s + 1] = task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile * kv_heads : n);
+    for (int64_t i = 0; i < (int64_t)rows * p->padded_dim; i++) tile->outputs[i] = 0.0f;
+    const int64_t first_chunk = p->chunk_base[s] - p->chunk_base[first_seq];
+    for (int first_key = 0; first_key <= first_position + positions - 1; first_key += KEYS) {
+        const float *kt = staged + ((first_chunk + first_key / KEYS) * p->kv_heads + kv) * p->chunk_floats;
+        const int count = length - first_key < KEYS ? length - first_key : KEYS;
+        tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, 1, tile->scores, KEYS, 0);
+        softmax_chunk(tile, rows, group, first_position, first_key, count, p->padded_dim);
+        tile_product(tile->scores, KEYS, kt + (int64_t)head_dim * KEYS, p->padded_dim, KEYS, rows, p->padded_dim / 16,
+                     tile->outputs, p->padded_dim, 1);
     }
-    float *staged = malloc(sizeof(float) * (size_t)(chunk_base[seqs] * kv_heads * chunk_floats + 1));
-    if (staged == NULL) {
-        free(chunk_base);
-        free(task_base);
-        return -1;
+    for (int r = 0; r < rows; r++) {
+        float *dst = p->out + ((int64_t)(p->query_start[s] + first + r / group) * p->heads + kv * group + r % group) *
+                              head_dim;
+        const float inverse = 1.0f / tile->total[r];
+        for (int i = 0; i < head_dim; i++) dst[i] = tile->outputs[(int64_t)r * p->padded_dim + i] * inverse;
     }
+}
+
+/* Sequences first .. last - 1: stage their chunks into `staged`, then run their tasks. Returns 0, or
+ * -1 when a buffer cannot be allocated. */
+static int attend_sequences(const Prefill *p, int first, int last, float *staged) {
+    const int64_t *chunk_base = p->chunk_base + first, *task_base = p->task_base + first;
+    const int seqs = last - first;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
 #pragma omp for schedule(dynamic, 4)
-        for (int64_t item = 0; item < chunk_base[seqs] * kv_heads; item++) {
-            const int64_t chunk = item / kv_heads;
-            const int s = sequence_of(chunk_base, seqs, chunk), first_key = (int)(chunk - chunk_base[s]) * KEYS;
-            const int count = context_lens[s] - first_key < KEYS ? context_lens[s] - first_key : KEYS;
-            float *kt = staged + item * chunk_floats;
+        for (int64_t item = 0; item < (chunk_base[seqs] - chunk_base[0]) * p->kv_heads; item++) {
+            const int64_t chunk = item / p->kv_heads + chunk_base[0];
+            const int s = first + sequence_of(chunk_base, seqs, chunk);
+            const int first_key = (int)(chunk - p->chunk_base[s]) * KEYS, length = p->context_lens[s];
+            const int count = length - first_key < KEYS ? length - first_key : KEYS;
+            float *kt = staged + item * p->chunk_floats;
 #define STAGE(HALF)                                                                                            \
-    stage_chunk(HALF, k_cache, v_cache, block_tables + (int64_t)s * max_blocks, first_key, count, (int)(item % kv_heads), \
-                row, head_dim, padded_dim, block_size, kt, kt + (int64_t)head_dim * KEYS)
-            if (half_cache) STAGE(1); else STAGE(0);
+    stage_chunk(HALF, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,     \
+                (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, kt,                  \
+                kt + (int64_t)p->head_dim * KEYS)
+            if (p->half_cache) STAGE(1); else STAGE(0);
 #undef STAGE
         }
-        Tile tile = {malloc(sizeof(float) * tile_rows * head_dim), malloc(sizeof(float) * tile_rows * KEYS),
-                     malloc(sizeof(float) * (size_t)tile_rows * padded_dim), malloc(sizeof(float) * tile_rows),
-                     malloc(sizeof(float) * tile_rows)};
+        Tile tile = {malloc(sizeof(float) * p->tile_rows * p->head_dim), malloc(sizeof(float) * p->tile_rows * KEYS),
+                     malloc(sizeof(float) * (size_t)p->tile_rows * p->padded_dim), malloc(sizeof(float) * p->tile_rows),
+                     malloc(sizeof(float) * p->tile_rows)};
         const int ready = tile.queries && tile.scores && tile.outputs && tile.top && tile.total;
         if (!ready) failed = 1;
 #pragma omp for schedule(dynamic)
-        for (int64_t task = 0; task < task_base[seqs]; task++) {
+        for (int64_t task = task_base[0]; task < task_base[seqs]; task++) {
             if (!ready) continue;
-            const int s = sequence_of(task_base, seqs, task), length = context_lens[s];
-            const int n = query_start[s + 1] - query_start[s];
-            const int32_t *table = block_tables + (int64_t)s * max_blocks;
-            if (n == 1) { /* one new token: the decode form, all heads */
+            const int s = first + sequence_of(task_base, seqs, task);
+            const int start = p->query_start[s];
+            if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
 #define ATTEND(HALF)                                                                                           \
-    attend_task(HALF, q + query_start[s] * q_stride, k_cache, v_cache, table, length,                         \
-                out + (int64_t)query_start[s] * heads * head_dim, heads, 0, group, row, head_dim, block_size, scale)
-                if (half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+    attend_task(HALF, p->q + start * p->q_stride, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, \
+                p->context_lens[s], p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row, \
+                p->head_dim, p->block_size, p->scale)
+                if (p->half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
 #undef ATTEND
                 continue;
             }
-            const int64_t local = task - task_base[s];
-            const int tiles = (n + positions_per_tile - 1) / positions_per_tile, kv = (int)(local % kv_heads);
-            const int first = (tiles - 1 - (int)(local / kv_heads)) * positions_per_tile; /* longest tiles first */
-            const int positions = n - first < positions_per_tile ? n - first : positions_per_tile;
-            const int rows = positions * group, first_position = length - n + first;
-            for (int r = 0; r < rows; r++) {
-                const float *src = q + (int64_t)(query_start[s] + first + r / group) * q_stride +
-                                   (int64_t)(kv * group + r % group) * head_dim;
-                for (int i = 0; i < head_dim; i++) tile.queries[r * head_dim + i] = src[i] * scale;
-                tile.top[r] = -INFINITY;
-                tile.total[r] = 0.0f;
-            }
-            for (int64_t i = 0; i < (int64_t)rows * padded_dim; i++) tile.outputs[i] = 0.0f;
-            for (int first_key = 0; first_key <= first_position + positions - 1; first_key += KEYS) {
-                const float *kt = staged + ((chunk_base[s] + first_key / KEYS) * kv_heads + kv) * chunk_floats;
-                const int count = length - first_key < KEYS ? length - first_key : KEYS;
-                tile_product(tile.queries, head_dim, kt, KEYS, head_dim, rows, 1, tile.scores, KEYS, 0);
-                softmax_chunk(&tile, rows, group, first_position, first_key, count, padded_dim);
-                tile_product(tile.scores, KEYS, kt + (int64_t)head_dim * KEYS, padded_dim, KEYS, rows, padded_dim / 16,
-                             tile.outputs, padded_dim, 1);
-            }
-            for (int r = 0; r < rows; r++) {
-                float *dst = out + ((int64_t)(query_start[s] + first + r / group) * heads + kv * group + r % group) *
-                                   head_dim;
-                const float inverse = 1.0f / tile.total[r];
-                for (int i = 0; i < head_dim; i++) dst[i] = tile.outputs[(int64_t)r * padded_dim + i] * inverse;
-            }
+            attend_tile(p, &tile, staged, first, s, task - p->task_base[s]);
         }
         free(tile.queries);
         free(tile.scores);
@@ -402,8 +394,64 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
         free(tile.top);
         free(tile.total);
     }
-    free(staged);
-    free(chunk_base);
-    free(task_base);
     return failed ? -1 : 0;
+}
+
+/* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
+ * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
+ * onwards; each sees the cache positions up to its own. q: (tokens, heads, head_dim) with q_stride
+ * floats between tokens; out: (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys
+ * are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run over them;
+ * sequences of one new token take the decode form. Sequences whose staged chunks would pass
+ * stage_limit floats are staged and attended a group at a time (each group within the limit, or one
+ * sequence), so that many sequences with long cached prefixes do not stage all their keys at once.
+ * Returns 0, -1 when a buffer cannot be allocated, -2 for a sequence with more new tokens than
+ * tokens in its context. */
+int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
+                          const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale, int64_t stage_limit) {
+    const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
+    const int padded_dim = (head_dim + 15) / 16 * 16;
+    Prefill p = {q, q_stride, k_cache, v_cache, half_cache, block_tables, context_lens, query_start, max_blocks,
+                 heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
+                 positions_per_tile * group, scale, out, (int64_t)kv_heads * head_dim,
+                 (int64_t)head_dim * KEYS + KEYS * padded_dim, malloc(sizeof(int64_t) * (seqs + 1)),
+                 malloc(sizeof(int64_t) * (seqs + 1))};
+    int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;
+    if (status == 0) {
+        p.chunk_base[0] = p.task_base[0] = 0;
+        for (int s = 0; s < seqs && status == 0; s++) {
+            const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
+            if (n > length || n < 0) status = -2;
+            const int tiled = n > 1;
+            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS : 0);
+            p.task_base[s + 1] = p.task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
+                                                               kv_heads : n);
+        }
+    }
+    const int64_t floats_per_chunk = kv_heads * p.chunk_floats;
+    float *staged = NULL;
+    for (int first = 0, last; status == 0 && first < seqs; first = last) {
+        for (last = first + 1; last < seqs; last++) /* the group: at least one sequence, within the limit */
+            if ((p.chunk_base[last + 1] - p.chunk_base[first]) * floats_per_chunk > stage_limit) break;
+        if (staged == NULL) { /* once, for the largest group: the limit, or one sequence past it */
+            int64_t largest = 0;
+            for (int s = 0; s < seqs; s++)
+                if (p.chunk_base[s + 1] - p.chunk_base[s] > largest) largest = p.chunk_base[s + 1] - p.chunk_base[s];
+            const int64_t size = largest * floats_per_chunk > stage_limit ? largest * floats_per_chunk : stage_limit;
+            const int64_t needed = p.chunk_base[seqs] * floats_per_chunk < size ? p.chunk_base[seqs] * floats_per_chunk
+                                                                                  : size;
+            staged = malloc(sizeof(float) * (size_t)(needed + 1));
+            if (staged == NULL) {
+                status = -1;
+                break;
+            }
+        }
+        status = attend_sequences(&p, first, last, staged);
+    }
+    free(staged);
+    free(p.chunk_base);
+    free(p.task_base);
+    return status;
 }

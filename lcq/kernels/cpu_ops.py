@@ -109,10 +109,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+# fp32 values of K/V one prefill call stages at most at once (64 MiB), unless one sequence needs more
+STAGE_LIMIT_FLOATS = 16 << 20
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                      context_lens: torch.Tensor, query_start: torch.Tensor, scale: float) -> torch.Tensor:
+                      context_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
+                      stage_limit_floats: int = STAGE_LIMIT_FLOATS) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
-    cached tokens up to its own position (their K/V already written) -> same shape."""
+    cached tokens up to its own position (their K/V already written) -> same shape. Sequences are
+    staged and attended in groups of at most stage_limit_floats staged values (or one sequence)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     tables, lengths, starts = (t.contiguous() for t in (block_tables, context_lens, query_start))
@@ -123,7 +129,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     status = library().lcq_prefill_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), half_cache(k_cache, v_cache),
         tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
-        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale)
+        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, stage_limit_floats)
     if status == -2:
         raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
     if status != 0:
@@ -144,7 +150,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_silu_mul": [p, p, i64, i64],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
-        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32],
+        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i64],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, i32, p],
     }
     for name, argtypes in signatures.items():
