@@ -315,6 +315,25 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("c_ops", ["0", "1"] if cpu_ops.usable() else ["0"])
+def test_fp16_cache_saturates_values_past_its_range(monkeypatch, c_ops):
+    """K/V values past +-65504 are stored as +-65504 by both write paths, not as inf, so that the
+    attention of the sequence stays finite."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    k_cache, v_cache, context = _random_paged_context([5], [0], 2, 16, torch.float16)
+    k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    k[0, 0, :3] = torch.tensor([1e6, -1e6, 7e4])
+    v[2, 1, 5] = -3e5
+    paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, torch.float16)
+    paged.write(k, v, k_cache, v_cache)
+    slots = context.slot_mapping
+    stored_k, stored_v = k_cache.view(-1, 2, 16)[slots], v_cache.view(-1, 2, 16)[slots]
+    assert stored_k[0, 0, :3].tolist() == [65504.0, -65504.0, 65504.0] and stored_v[2, 1, 5].item() == -65504.0
+    assert torch.equal(stored_k[1:], k[1:].half()) and torch.isfinite(stored_v).all()
+    out = paged.attend(torch.randn(5, 4, 16), k_cache, v_cache, 0.25)
+    assert torch.isfinite(out).all()
+
+
 @needs_cpu_ops
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype):

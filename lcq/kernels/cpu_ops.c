@@ -76,7 +76,11 @@ void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width)
     }
 }
 
-/* Caches hold fp32, or fp16 (half_cache) for half the memory and bytes read per step. */
+#define HALF_MAX 65504.0f /* the largest finite fp16 */
+
+/* Caches hold fp32, or fp16 (half_cache) for half the memory and bytes read per step; values past
+ * the fp16 range saturate at +-HALF_MAX (as the torch path does) instead of becoming inf, which
+ * would turn the sequence's attention into NaN. */
 static void store_row(void *cache, int64_t slot, const float *src, int width, int half_cache) {
     if (!half_cache) {
         float *dst = (float *)cache + slot * width;
@@ -84,10 +88,16 @@ static void store_row(void *cache, int64_t slot, const float *src, int width, in
         return;
     }
     uint16_t *dst = (uint16_t *)cache + slot * width;
+    const __m256 high = _mm256_set1_ps(HALF_MAX), low = _mm256_set1_ps(-HALF_MAX);
     int i = 0;
-    for (; i + 8 <= width; i += 8)
-        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT));
-    for (; i < width; i++) dst[i] = _cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT);
+    for (; i + 8 <= width; i += 8) {
+        const __m256 values = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(src + i), high), low);
+        _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
+    }
+    for (; i < width; i++) {
+        const float value = src[i] > HALF_MAX ? HALF_MAX : src[i] < -HALF_MAX ? -HALF_MAX : src[i];
+        dst[i] = _cvtss_sh(value, _MM_FROUND_TO_NEAREST_INT);
+    }
 }
 
 /* Write the new tokens' K and V rows (tokens, kv_width) into their cache slots; slot -1 is skipped. */

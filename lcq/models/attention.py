@@ -24,6 +24,17 @@ from .context import ForwardContext
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+_HALF_MAX = torch.finfo(torch.float16).max
+
+
+def _cache_values(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x in the cache's dtype; an fp16 cache of wider activations saturates at +-65504 (as the C
+    writes do) rather than storing inf, which would turn the sequence's attention into NaN."""
+    if cache_dtype == torch.float16 and x.dtype != torch.float16:
+        x = x.clamp(-_HALF_MAX, _HALF_MAX)
+    return x.to(cache_dtype)
+
+
 class PagedAttention:
     """The cache reads and writes of one step. New token j of a sequence with n new tokens and
     context length L sits at position L - n + j and sees cache positions 0 .. L - n + j."""
@@ -69,8 +80,8 @@ class PagedAttention:
             return cpu_ops.store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
         if self.write_rows is not None:
             k, v = k[self.write_rows], v[self.write_rows]
-        k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = k.to(k_cache.dtype)
-        v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = v.to(v_cache.dtype)
+        k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = _cache_values(k, k_cache.dtype)
+        v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = _cache_values(v, v_cache.dtype)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d)."""
