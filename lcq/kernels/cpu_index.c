@@ -138,6 +138,12 @@ static inline __attribute__((always_inline)) void narrow_step(const int R, narro
     }
 }
 
+/* The 16 weights of the words' low fields, written out (the expansion for cpu_gemm.c). */
+static inline void narrow_write_step(narrow_words words, narrow_book book, float *out) {
+    _mm256_storeu_ps(out, lookup(book, words.first));
+    _mm256_storeu_ps(out + 8, lookup(book, words.second));
+}
+
 static inline float narrow_sum(__m256 a, __m256 b) {
     return horizontal_sum(_mm256_add_ps(a, b));
 }
@@ -177,6 +183,10 @@ AVX512 static inline __attribute__((always_inline)) void wide_step(const int R, 
     const __m512 weights = _mm512_permutexvar_ps(words, book);
     for (int r = 0; r < R; r++)
         acc[r][chain] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K), weights, acc[r][chain]);
+}
+
+AVX512 static inline void wide_write_step(wide_words words, wide_book book, float *out) {
+    _mm512_storeu_ps(out, _mm512_permutexvar_ps(words, book));
 }
 
 AVX512 static inline float wide_sum(__m512 a, __m512 b) {
@@ -243,6 +253,44 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
         }                                                                                                       \
     }                                                                                                           \
                                                                                                                 \
+    /* Row n's weights as fp32 (K), the exact codebook entries: the steps of a column, written out. */     \
+    TARGET static inline __attribute__((always_inline)) void PREFIX##_expand_row(                              \
+        const int BITS, const lcq_index_weight *w, int n, float *out) {                                         \
+        const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                            \
+        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                            \
+        PREFIX##_book book = PREFIX##_codebook(w, n, 0);                                                        \
+        int k = 0, group = 0, group_end = w->group_size;                                                        \
+        for (int run = 0; k < whole; run++) {                                                                   \
+            PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes); \
+            for (int s = 0; s < fields && k < whole; s++, k += 16) {                                            \
+                if (k == group_end) {                                                                           \
+                    book = PREFIX##_codebook(w, n, ++group);                                                    \
+                    group_end += w->group_size;                                                                 \
+                }                                                                                               \
+                PREFIX##_write_step(words, book, out + k);                                                      \
+                words = PREFIX##_next(words, BITS);                                                             \
+            }                                                                                                   \
+        }                                                                                                       \
+        if (whole < K) {                                                                                        \
+            float entries[16];                                                                                  \
+            PREFIX##_write(PREFIX##_codebook(w, n, whole / w->group_size), entries);                            \
+            for (; k < K; k++) out[k] = tail_weight(w, row, k, entries);                                        \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
+    /* Rows first .. first + count - 1 as fp32 (count, K), for cpu_gemm.c (an lcq_expand_rows). */         \
+    TARGET static void PREFIX##_expand(const void *weight, int K, int first, int count, float *out) {           \
+        const lcq_index_weight *w = weight;                                                                     \
+        for (int n = first; n < first + count; n++) {                                                           \
+            float *row = out + (int64_t)(n - first) * K;                                                        \
+            switch (w->bits) {                                                                                  \
+                case 2: PREFIX##_expand_row(2, w, n, row); break;                                               \
+                case 3: PREFIX##_expand_row(3, w, n, row); break;                                               \
+                default: PREFIX##_expand_row(4, w, n, row); break;                                              \
+            }                                                                                                   \
+        }                                                                                                       \
+    }                                                                                                           \
+                                                                                                                \
     TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {     \
         _Pragma("omp parallel for schedule(static)") for (int n = 0; n < w->N; n++) {                           \
             for (int m = 0; m < M; m += PASS_ROWS) {                                                            \
@@ -261,44 +309,13 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
 DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
 DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
-/* Rows first .. first + count - 1 of the weight as fp32 (count, K), the exact codebook entries, for
- * cpu_gemm.c. */
-static void expand(const void *weight, int K, int first, int count, float *out) {
-    const lcq_index_weight *w = weight;
-    const int whole = K / 16 * 16, fields = 32 / w->bits;
-    const __m128i bits = _mm_cvtsi32_si128(w->bits); /* a variable shift: expansion is not the bottleneck */
-    for (int n = first; n < first + count; n++) {
-        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
-        float *dst = out + (int64_t)(n - first) * K;
-        narrow_book book = narrow_codebook(w, n, 0);
-        int k = 0, group = 0, group_end = w->group_size;
-        for (int run = 0; k < whole; run++) {
-            narrow_words words = narrow_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
-            for (int s = 0; s < fields && k < whole; s++, k += 16) {
-                if (k == group_end) {
-                    book = narrow_codebook(w, n, ++group);
-                    group_end += w->group_size;
-                }
-                _mm256_storeu_ps(dst + k, lookup(book, words.first));
-                _mm256_storeu_ps(dst + k + 8, lookup(book, words.second));
-                words.first = _mm256_srl_epi32(words.first, bits);
-                words.second = _mm256_srl_epi32(words.second, bits);
-            }
-        }
-        if (whole < K) {
-            float entries[16];
-            narrow_write(narrow_codebook(w, n, whole / w->group_size), entries);
-            for (; k < K; k++) dst[k] = tail_weight(w, row, k, entries);
-        }
-    }
-}
-
 /* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or a large
  * product's expansion buffers cannot be allocated. */
 int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
-    if (M >= LCQ_GEMM_MIN_ROWS) return lcq_expanded_product(x, M, w->K, w->N, expand, w, y);
+    if (M >= LCQ_GEMM_MIN_ROWS)
+        return lcq_expanded_product(x, M, w->K, w->N, w->wide ? wide_expand : narrow_expand, w, y);
     if (w->wide)
         wide_decode_product(w, x, M, y);
     else
