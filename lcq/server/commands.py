@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 from pathlib import Path
 
 from lcq.errors import UserError
 
 from .settings import add_serve_arguments, resolve
+
+logger = logging.getLogger("lcq.server")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    app = create_app(engine, settings, on_fatal=lambda: server.fail())
+    app = create_app(engine, settings, on_fatal=lambda: server.fail(), on_ready=keep_startup_objects)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
     server = DrainingServer(config, app.state.lifecycle)
@@ -54,3 +57,13 @@ def _serve(args: argparse.Namespace) -> int:
         raise UserError("the model failed to load (see the log above)")
     return 0
 
+
+
+def keep_startup_objects() -> None:
+    """Once the model is loaded, what the process holds (model, tokenizer, libraries: ~330k objects
+    with the demo model) lives as long as it does: frozen out of the cyclic garbage collector, a full
+    collection no longer walks it (155 ms on a 2-core CPU, a pause in every stream). One engine per
+    process, so nothing frozen here becomes garbage later."""
+    gc.collect()
+    gc.freeze()
+    logger.info("froze %d startup objects out of the garbage collector", gc.get_freeze_count())
