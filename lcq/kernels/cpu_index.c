@@ -69,11 +69,6 @@ static inline uint32_t lane_word(const lcq_index_weight *w, const uint8_t *row, 
     return word;
 }
 
-/* The weight of index k of a row from the codebook written out as 16 floats (loop tails). */
-static inline float tail_weight(const lcq_index_weight *w, const uint8_t *row, int k, const float *book) {
-    const int run_length = 16 * (32 / w->bits), s = k % run_length / 16;
-    return book[(lane_word(w, row, k / run_length, k % 16) >> (w->bits * s)) & 15];
-}
 
 /* The instruction-set steps of a decode product. AVX2: a codebook in two registers (entries 0-7 and
  * 8-15), a run's words in two (lanes 0-7 and 8-15), a step of 16 weights as 8 + 8, one accumulator
@@ -146,6 +141,19 @@ static inline void narrow_write_step(narrow_words words, narrow_book book, float
 
 static inline float narrow_sum(__m256 a, __m256 b) {
     return horizontal_sum(_mm256_add_ps(a, b));
+}
+
+/* Weights whole .. K - 1 of row n, past its last whole step of 16 (loop tails), into out: index by
+ * index from the group's codebook written out (whole is a multiple of 16, so one group holds them). */
+static void tail_weights(const lcq_index_weight *w, int n, int whole, float *out) {
+    const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
+    const int run_length = 16 * (32 / w->bits);
+    float book[16];
+    narrow_write(narrow_codebook(w, n, whole / w->group_size), book);
+    for (int k = whole; k < w->K; k++) {
+        const int s = k % run_length / 16;
+        out[k - whole] = book[(lane_word(w, row, k / run_length, k % 16) >> (w->bits * s)) & 15];
+    }
 }
 
 #define AVX512 __attribute__((target("avx512f")))
@@ -233,12 +241,10 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
             }                                                                                                   \
         }                                                                                                       \
         if (whole < K) {                                                                                        \
-            float entries[16];                                                                                  \
-            PREFIX##_write(PREFIX##_codebook(w, n, whole / w->group_size), entries);                            \
-            for (; k < K; k++) {                                                                                \
-                const float weight = tail_weight(w, row, k, entries);                                           \
-                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weight;                          \
-            }                                                                                                   \
+            float weights[16];                                                                                  \
+            tail_weights(w, n, whole, weights);                                                                 \
+            for (; k < K; k++)                                                                                  \
+                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weights[k - whole];              \
         }                                                                                                       \
         for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = PREFIX##_sum(acc[r][0], acc[r][1]) + tail[r];    \
     }                                                                                                           \
@@ -271,11 +277,7 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
                 words = PREFIX##_next(words, BITS);                                                             \
             }                                                                                                   \
         }                                                                                                       \
-        if (whole < K) {                                                                                        \
-            float entries[16];                                                                                  \
-            PREFIX##_write(PREFIX##_codebook(w, n, whole / w->group_size), entries);                            \
-            for (; k < K; k++) out[k] = tail_weight(w, row, k, entries);                                        \
-        }                                                                                                       \
+        if (whole < K) tail_weights(w, n, whole, out + whole);                                                  \
     }                                                                                                           \
                                                                                                                 \
     /* Rows first .. first + count - 1 as fp32 (count, K), for cpu_gemm.c (an lcq_expand_rows). */         \
