@@ -206,9 +206,17 @@ def run_gpu(args: argparse.Namespace) -> None:
 
 
 def explore_variants() -> list[tuple[int, int, int, dict]]:
-    """(M, bits, rank, config) in the order to try them: M = 1 first (tile width with its warps, split,
-    tile depth, pipeline depth), then the tl.dot form at 16 to 64 rows."""
+    """(M, bits, rank, config) in the order to try them: first the M = 1 tiles the autotuner's list
+    starts from with registers capped at 128 (sm_90 SASS: W2 r1 163 -> 128 registers, 7.4 -> 7.7
+    instructions per weight with 10 spill instructions per loop; W4 r2 168 -> 128, 2 spills; 16 warps
+    per SM instead of 12 with 128 threads per block), to test whether occupancy is what the M = 1
+    kernel lacks; then M = 1 by tile width with its warps, split, tile depth and pipeline depth; then
+    the tl.dot form at 16 to 64 rows."""
     variants = []
+    for bits, rank in ((2, 1), (2, 2), (4, 1), (4, 2)):
+        for block_n, warps in ((128, 4), (64, 2)):
+            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=128, num_warps=warps,
+                                                 num_stages=2, maxnreg=128)))
     for bits, rank in ((2, 1), (2, 2), (4, 1)):
         for (block_n, warps), split, block_k_, stages in itertools.product(
                 ((128, 4), (256, 8), (64, 2)), (8, 16), (64, 128), (2, 4)):
@@ -235,7 +243,7 @@ def run_explore(args: argparse.Namespace) -> None:
     shapes = [(4096, 11008), (11008, 4096)]
     layers: dict[tuple, object] = {}
     rows = []
-    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | us | of copy |")
+    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | maxnreg | us | of copy |")
     for m, bits, rank, config in explore_variants():
         for n, k in shapes:
             if time.monotonic() > deadline:
@@ -256,7 +264,8 @@ def run_explore(args: argparse.Namespace) -> None:
             rows.append(dict(shape=[n, k], M=m, bits=bits, rank=rank, config=config, us=us, frac_of_copy=frac))
             c = {"BLOCK_M": m, **config}
             print(f"| {n}x{k} | {m} | {bits} | {rank} | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['SPLIT_K']} "
-                  f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} | {us:.1f} | {frac:.2f} |", flush=True)
+                  f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} | {c.get('maxnreg', '-')} | {us:.1f} "
+                  f"| {frac:.2f} |", flush=True)
     out = args.out or Path(__file__).parent / "results" / "kernels-explore.json"
     out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
     print("\nbest per case:")
