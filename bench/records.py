@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 import os
 import platform
 from datetime import datetime, timezone
@@ -11,11 +12,15 @@ from pathlib import Path
 import torch
 
 
-def cpu_arguments(doc: str, default_output: Path) -> argparse.Namespace:
-    """--threads (also set for torch) and --output, the options of every CPU benchmark."""
+def cpu_arguments(doc: str, default_output: Path,
+                  more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """--threads (also set for torch) and --output, the options of every CPU benchmark, and those that
+    `more` adds."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--output", type=Path, default=default_output)
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args

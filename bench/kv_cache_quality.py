@@ -1,0 +1,76 @@
+"""What an fp16 KV cache costs in quality: perplexity of the demo model (SmolLM2-135M-Instruct, LCQ W4)
+run by our model code on CPU, with the cache in fp32 and in fp16.
+
+Each window of held-out Shakespeare is prefilled in chunks, so that every chunk after the first
+attends to the earlier ones through the paged cache, as a served sequence does; fp16 rounding of the
+cached K and V is then in every logit past the first chunk.
+
+    python bench/kv_cache_quality.py [--threads 2] [--windows 8]
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
+from lcq.models import ForwardContext, load_model  # noqa: E402
+from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
+from lcq.quantizer.texts import evaluation_text  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "kv-cache-quality-cpu.json"
+WINDOW, CHUNK, BLOCK = 512, 128, 16
+
+
+@torch.inference_mode()
+def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype) -> float:
+    model, config = load_model(folder, torch.device("cpu"), torch.float32)
+    blocks = WINDOW // BLOCK
+    shape = (blocks, BLOCK, config.num_kv_heads, config.head_dim)
+    model.bind_kv_cache([torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)],
+                        [torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)])
+    table = torch.arange(blocks, dtype=torch.int32)[None]
+    nll, count = 0.0, 0
+    for w in range(windows):
+        tokens = torch.tensor(ids[w * WINDOW:(w + 1) * WINDOW])
+        logits = []
+        for start in range(0, WINDOW, CHUNK):
+            positions = torch.arange(start, start + CHUNK)
+            context = ForwardContext(
+                is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, CHUNK], dtype=torch.int32),
+                context_lens=torch.tensor([start + CHUNK], dtype=torch.int32), block_tables=table,
+                max_query_len=CHUNK, max_context_len=start + CHUNK)
+            logits.append(model.compute_logits(model(tokens[start:start + CHUNK], positions, context)))
+        nll += torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], tokens[1:], reduction="sum").item()
+        count += WINDOW - 1
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    args = cpu_arguments(__doc__, RESULTS, lambda parser: parser.add_argument(
+        "--windows", type=int, default=8, help="windows of 512 tokens to evaluate"))
+    from transformers import AutoTokenizer
+
+    folder = str(ensure_demo_model())
+    ids = AutoTokenizer.from_pretrained(folder)(evaluation_text(), add_special_tokens=False)["input_ids"]
+    windows = min(args.windows, len(ids) // WINDOW)
+    rows = []
+    for dtype in (torch.float32, torch.float16):
+        value = perplexity(folder, ids, windows, dtype)
+        rows.append({"kv_cache_dtype": str(dtype).removeprefix("torch."), "perplexity": round(value, 4)})
+        print(f"KV cache {rows[-1]['kv_cache_dtype']}: perplexity {value:.4f}", flush=True)
+    change = rows[1]["perplexity"] / rows[0]["perplexity"] - 1
+    print(f"fp16 against fp32: {change:+.4%} over {windows * (WINDOW - 1)} predicted tokens")
+    write_record(args.output, cpu_record(f"python bench/kv_cache_quality.py --threads {args.threads} --windows {windows}",
+                                         args.threads, model=Path(folder).name, text="held-out Shakespeare",
+                                         window=WINDOW, chunk=CHUNK, windows=windows,
+                                         predicted_tokens=windows * (WINDOW - 1), relative_change=round(change, 6),
+                                         load_average_1m=os.getloadavg()[0], rows=rows))
+
+
+if __name__ == "__main__":
+    main()
