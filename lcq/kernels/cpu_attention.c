@@ -98,6 +98,22 @@ static inline __attribute__((always_inline)) void weigh_head(const int HALF, con
         for (int t = 0; t < count; t++) out[i] += weights[t] * load1(HALF, cache, first + t * stride + i);
 }
 
+/* Blocks of a sequence a decode task asks for ahead of reading them. Its blocks lie anywhere in the pool
+ * and, read cold (as each layer's cache is in a decode step), a block's rows otherwise came a few
+ * misses at a time. Caches evicted before each call, two interleaved runs: 64 sequences of 16-300
+ * tokens 1.10-1.43x, of 1,000 1.18-1.51x, 8 of 8,000 1.18-1.55x (the larger gains with fp16 caches);
+ * 2 and 8 blocks ahead did alike; asking for the whole sequence at the start gained less and lost on
+ * 8,000 tokens (past L2). */
+#define PREFETCH_BLOCKS 4
+
+/* Ask for block `block`'s rows (every kv head) of `cache` to be brought into L2. always_inline: as a
+ * function of its own GCC finds it free of side effects (prefetches only) and drops the call. */
+static inline __attribute__((always_inline)) void prefetch_block(const void *cache, int element, const int32_t *table,
+                                                                 int block, int block_size, int64_t row) {
+    const int64_t bytes = (int64_t)block_size * row * element, at = (int64_t)table[block] * bytes;
+    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)cache + at + i, _MM_HINT_T1);
+}
+
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
  * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
  * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
@@ -111,13 +127,18 @@ static inline __attribute__((always_inline)) int attend_task(const int HALF, con
     float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
     if (scores == NULL) return -1;
     const int64_t offset = (int64_t)first_kv * head_dim;
+    const int element = HALF ? 2 : 4, blocks = (length + block_size - 1) / block_size;
+    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(k_cache, element, table, b, block_size, row);
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        if (start / block_size + PREFETCH_BLOCKS < blocks)
+            prefetch_block(k_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
         for (int h = 0; h < task_heads; h++)
             score_rows(HALF, queries + h * head_dim, k_cache, first + (h / group) * head_dim, row, count, head_dim,
                        scale, scores + (int64_t)h * length + start);
     }
+    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(v_cache, element, table, b, block_size, row);
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
         for (int t = 0; t < length; t++) top = p[t] > top ? p[t] : top;
@@ -138,6 +159,8 @@ static inline __attribute__((always_inline)) int attend_task(const int HALF, con
     for (int start = 0; start < length; start += block_size) {
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        if (start / block_size + PREFETCH_BLOCKS < blocks)
+            prefetch_block(v_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
         for (int h = 0; h < task_heads; h++)
             weigh_head(HALF, scores + (int64_t)h * length + start, v_cache, first + (h / group) * head_dim, row, count,
                        head_dim, outputs + (int64_t)h * head_dim);
