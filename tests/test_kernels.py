@@ -15,7 +15,7 @@ import torch
 
 from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
-from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
+from lcq.kernels.cpu_matmul import bf16_available, bf16_products, can_pack, dense_linear, half_copy, pack_weight
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
 
@@ -206,6 +206,49 @@ def test_large_product_covers_every_partial_tile(n, m):
     (13 used)."""
     weight, x = torch.randn(n, 40).half(), torch.randn(m, 40)
     assert_close(cpu_half.half_linear(x, weight), x.double() @ weight.double().t(), torch.float32)
+
+
+def _bf16_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ W^T in float64 after rounding both to bf16, as the bf16 products round them."""
+    return x.bfloat16().double() @ weight.bfloat16().double().t()
+
+
+needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
+
+
+@needs_bf16
+@pytest.mark.parametrize("n", [43, 46, 48])
+@pytest.mark.parametrize("m, k", [(16, 40), (20, 37), (33, 77), (48, 576)])
+def test_bf16_products_round_operands_only(n, m, k):
+    """Within bf16_products the large products equal float64 products of the bf16-rounded operands up
+    to fp32 summation (1e-5): rounding to nearest even, pairs of K (odd K: a zero pad), panels of 32
+    and 16 rows (M = 20: one of 32 with 20 used; 33: 32 and a last one of 1; 48: 32 and 16), tiles of
+    6 weight rows and partial ones (N = 43: 1 row left, 46: 4, 48: none)."""
+    weight, x = torch.randn(n, k).half(), torch.randn(m, k)
+    with bf16_products():
+        y = cpu_half.half_linear(x, weight)
+    assert_close(y, _bf16_reference(x, weight.float()), torch.float32)
+    assert _relative_error(y, x.double() @ weight.double().t()) > 1e-4  # bf16 rounding did happen
+
+
+@needs_bf16
+def test_bf16_products_apply_to_index_weights_from_16_rows_in_this_thread_only():
+    """LCQ products from 16 rows round to bf16 in the block; decode-sized ones stay exact fp32, as do
+    products in other threads and after the block (thread-local, restored)."""
+    import threading
+
+    layer = random_layer(70, 128, 3, 2, 64, seed=5)
+    index_weight, dense = cpu_index.IndexWeight(layer), dequantize(layer, torch.float32)
+    x = torch.randn(33, 128)
+    other: list[torch.Tensor] = []
+    with bf16_products():
+        assert _relative_error(index_weight.linear(x), _bf16_reference(x, dense)) < 1e-6
+        assert _relative_error(index_weight.linear(x[:8]), reference(x[:8], layer)) < 1e-6
+        thread = threading.Thread(target=lambda: other.append(index_weight.linear(x)))
+        thread.start()
+        thread.join()
+    assert _relative_error(other[0], reference(x, layer)) < 1e-6
+    assert _relative_error(index_weight.linear(x), reference(x, layer)) < 1e-6
 
 
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:

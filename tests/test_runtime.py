@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from lcq.kernels.cpu_matmul import bf16_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.async_engine import return_freed_memory
@@ -20,6 +21,9 @@ from tests.tiny_model import make_tiny_hf, make_tiny_lcq
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
+# fp32 KV cache and products, as transformers runs (the CPU defaults are an fp16 cache and, with
+# AVX512_BF16, bf16 operands in large products).
+FP32 = dict(kv_cache_dtype="float32", cpu_matmul_dtype="float32")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22], [30, 31, 32], [40, 41, 42, 43, 44, 45, 46]]
 
 
@@ -30,8 +34,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny):
-    """fp32 throughout, as transformers runs: the CPU default KV cache is fp16."""
-    return LLM(str(tiny), block_size=8, kv_cache_dtype="float32")
+    """fp32 throughout, as transformers runs."""
+    return LLM(str(tiny), block_size=8, **FP32)
 
 
 def _transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
@@ -60,7 +64,7 @@ def test_greedy_matches_transformers_full_precision(tiny, llm):
 
 def test_greedy_matches_transformers_lcq(tmp_path):
     folder = make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
-    outs = LLM(str(folder), block_size=8, kv_cache_dtype="float32").generate(PROMPTS, GREEDY)
+    outs = LLM(str(folder), block_size=8, **FP32).generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
 
@@ -76,7 +80,7 @@ def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     weights = load_file(folder / "model.safetensors")
     weights["lm_head.weight"][EOS_ID] = 3 * weights["lm_head.weight"][first]  # EOS now beats the old argmax
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    out = LLM(str(folder), block_size=8, kv_cache_dtype="float32").generate([PROMPTS[1]], GREEDY)[0]
+    out = LLM(str(folder), block_size=8, **FP32).generate([PROMPTS[1]], GREEDY)[0]
     assert out.token_ids[0] == EOS_ID and out.finish_reason == "length"
     assert out.token_ids == _transformers_greedy(folder, PROMPTS[1], 12)
 
@@ -85,11 +89,11 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     together = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     assert together == alone
-    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, kv_cache_dtype="float32")
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, **FP32)
     assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == together
     # A pool of 6 blocks of 8 cannot hold all three sequences at once: someone gets preempted.
     small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30,
-                kv_cache_dtype="float32")
+                **FP32)
     assert small.engine.blocks.num_total_blocks == 6
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == together
     assert small.engine.stats().num_preemptions_total > 0
@@ -123,6 +127,17 @@ def test_kv_cache_dtype_is_checked():
     assert EngineConfig(model="m", device="cpu").resolved_kv_cache_dtype() == torch.float16
     assert EngineConfig(model="m", device="cpu", dtype="bfloat16").resolved_kv_cache_dtype() == torch.bfloat16
     assert EngineConfig(model="m", device="cuda", dtype="bfloat16").resolved_kv_cache_dtype() == torch.bfloat16
+
+
+def test_cpu_matmul_dtype_is_checked():
+    with pytest.raises(ValueError, match="cpu_matmul_dtype must be auto, float32 or bfloat16"):
+        EngineConfig(model="m", cpu_matmul_dtype="int8").validate()
+    with pytest.raises(ValueError, match="needs an fp32 model on a CPU with AVX512_BF16"):
+        EngineConfig(model="m", device="cpu", dtype="bfloat16", cpu_matmul_dtype="bfloat16").validate()
+    expected = torch.bfloat16 if bf16_available() else torch.float32
+    assert EngineConfig(model="m", device="cpu").resolved_cpu_matmul_dtype() == expected
+    assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32").resolved_cpu_matmul_dtype() == torch.float32
+    assert EngineConfig(model="m", device="cpu", dtype="float16").resolved_cpu_matmul_dtype() == torch.float32
 
 
 def test_prefix_cache_hits_give_the_same_tokens(llm):
@@ -171,6 +186,19 @@ def test_logprobs_match_log_softmax(tiny, llm):
         assert lp.token_id == out.token_ids[i]
         assert lp.logprob == pytest.approx(float(row[lp.token_id]), abs=1e-4)
         assert [t[0] for t in lp.top] == row.topk(3).indices.tolist()
+
+
+@pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
+def test_default_engine_prefills_with_bf16_products(tmp_path):
+    """The CPU default rounds the operands of the C kernels' large products (an 18-token prefill of an
+    LCQ model) to bf16: the first token's logprobs move by about bf16's rounding from fp32's, no more."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32))
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=3)
+    default, exact = LLM(folder, block_size=8, kv_cache_dtype="float32"), LLM(folder, block_size=8, **FP32)
+    assert default.engine.runner.bf16_products and not exact.engine.runner.bf16_products
+    ours, theirs = (engine.generate([PROMPTS[0]], params)[0].logprobs[0].top for engine in (default, exact))
+    differences = [abs(a[2] - b[2]) for a, b in zip(ours, theirs)]
+    assert 0 < max(differences) < 0.05
 
 
 def _seq(params: SamplingParams, tokens=(1, 2, 3)) -> Sequence:

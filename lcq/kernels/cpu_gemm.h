@@ -13,7 +13,8 @@
 /* Writes weight rows first .. first + count - 1 of `weight` (K columns) as fp32 into out (count, K). */
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
 
-/* y (M, N) = x (M, K) @ W^T, W given by its expansion; x and y fp32 contiguous, M >= 1.
+/* y (M, N) = x (M, K) @ W^T, W given by its expansion; x and y fp32 contiguous, M >= 1. Operands
+ * rounded to bf16 (sums fp32) where the calling thread turned that on (lcq_set_bf16_products).
  * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y);
 

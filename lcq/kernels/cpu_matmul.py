@@ -7,12 +7,14 @@ same at M=1 (bandwidth-bound either way). Packing replaces the plain weight, so 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from . import cpu_half
+from . import cpu_half, native
 
 # oneDNN (ONEDNN_PRIMITIVE_CACHE_CAPACITY) and torch's ideep layer (LRU_CACHE_CAPACITY) each keep
 # a compiled product per input shape, about 190 KB apiece, 1024 of them by default. Every new token
@@ -65,3 +67,25 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def bf16_available() -> bool:
+    """Whether the C kernels run here on a CPU with AVX512_BF16 (see bf16_products)."""
+    return native.load() is not None and "avx512_bf16" in native.cpu_flags()
+
+
+@contextlib.contextmanager
+def bf16_products(enabled: bool = True) -> Iterator[None]:
+    """Within the block, the calling thread's large fp32 products in the C kernels (from
+    LCQ_GEMM_MIN_ROWS rows: prefill, many sequences) round activations and weights to bf16 and sum
+    in fp32, twice the multiply-adds per instruction (bf16_available); elsewhere nothing changes.
+    Thread-local and restored on exit, like torch.autocast."""
+    lib = native.load()
+    if lib is None:
+        yield
+        return
+    previous = lib.lcq_set_bf16_products(int(enabled))
+    try:
+        yield
+    finally:
+        lib.lcq_set_bf16_products(previous)

@@ -20,6 +20,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
     kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 on CPU too
+    cpu_matmul_dtype: str = "auto"  # bfloat16 operands (fp32 sums) where the CPU has AVX512_BF16, else float32
     enable_prefix_caching: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -49,6 +50,23 @@ class EngineConfig:
             raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")
         return dtype
 
+    def resolved_cpu_matmul_dtype(self) -> torch.dtype:
+        """The operand dtype of an fp32 CPU model's large products (prefill, many sequences; decode
+        products of fewer rows stay fp32). auto: bfloat16 where the CPU has AVX512_BF16, whose
+        instructions do twice the multiply-adds of fp32 ones (demo-model perplexity +0.02%,
+        docs/kernels.md), else float32, which keeps tokens equal to transformers'."""
+        if self.cpu_matmul_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"cpu_matmul_dtype must be auto, float32 or bfloat16 (got {self.cpu_matmul_dtype})")
+        from lcq.kernels.cpu_matmul import bf16_available
+
+        applies = self.resolved_device().type == "cpu" and self.resolved_dtype() == torch.float32
+        if self.cpu_matmul_dtype == "bfloat16" and not (applies and bf16_available()):
+            raise ValueError("cpu_matmul_dtype bfloat16 needs an fp32 model on a CPU with AVX512_BF16 "
+                             "and the C kernels")
+        if self.cpu_matmul_dtype == "auto":
+            return torch.bfloat16 if applies and bf16_available() else torch.float32
+        return DTYPES[self.cpu_matmul_dtype]
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
@@ -67,6 +85,7 @@ class EngineConfig:
                 raise ValueError(message)
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
+        self.resolved_cpu_matmul_dtype()
 
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

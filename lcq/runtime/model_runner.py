@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from lcq.kernels.cpu_matmul import bf16_products
 from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
@@ -28,6 +29,7 @@ class ModelRunner:
         self.model, self.model_config = load_model(config.model, self.device, self.dtype)
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
+        self.bf16_products = config.resolved_cpu_matmul_dtype() == torch.bfloat16
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
@@ -84,6 +86,11 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Forward the step; returns the sequences that now need a next token and their logits."""
         input_ids, positions, context = self._prepare(scheduled)
+        with bf16_products(self.bf16_products):
+            return self._forward(scheduled, input_ids, positions, context)
+
+    def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
+                 context: ForwardContext) -> tuple[list[Sequence], torch.Tensor]:
         if self.graphs is not None and not context.is_prefill and len(scheduled) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
