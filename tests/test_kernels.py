@@ -218,12 +218,12 @@ needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="bf16 products need
 
 @needs_bf16
 @pytest.mark.parametrize("n", [43, 46, 48])
-@pytest.mark.parametrize("m, k", [(16, 40), (20, 37), (33, 77), (48, 576)])
+@pytest.mark.parametrize("m, k", [(10, 40), (16, 40), (20, 37), (33, 77), (48, 576)])
 def test_bf16_products_round_operands_only(n, m, k):
-    """Within bf16_products the large products equal float64 products of the bf16-rounded operands up
-    to fp32 summation (1e-5): rounding to nearest even, pairs of K (odd K: a zero pad), panels of 32
-    and 16 rows (M = 20: one of 32 with 20 used; 33: 32 and a last one of 1; 48: 32 and 16), tiles of
-    6 weight rows and partial ones (N = 43: 1 row left, 46: 4, 48: none)."""
+    """Within bf16_products the products from 10 rows equal float64 products of the bf16-rounded
+    operands up to fp32 summation (1e-5): rounding to nearest even, pairs of K (odd K: a zero pad),
+    panels of 32 and 16 rows (M = 10: one of 16; 20: one of 32 with 20 used; 33: 32 and a last one of
+    1; 48: 32 and 16), tiles of 6 weight rows and partial ones (N = 43: 1 row left, 46: 4, 48: none)."""
     weight, x = torch.randn(n, k).half(), torch.randn(m, k)
     with bf16_products():
         y = cpu_half.half_linear(x, weight)
@@ -233,8 +233,8 @@ def test_bf16_products_round_operands_only(n, m, k):
 
 @needs_bf16
 def test_bf16_products_apply_to_index_weights_from_16_rows_in_this_thread_only():
-    """LCQ products from 16 rows round to bf16 in the block; decode-sized ones stay exact fp32, as do
-    products in other threads and after the block (thread-local, restored)."""
+    """LCQ products from 10 rows round to bf16 in the block; fewer rows stay exact fp32 (the decode
+    form), as do products in other threads and after the block (thread-local, restored)."""
     import threading
 
     layer = random_layer(70, 128, 3, 2, 64, seed=5)
@@ -243,7 +243,8 @@ def test_bf16_products_apply_to_index_weights_from_16_rows_in_this_thread_only()
     other: list[torch.Tensor] = []
     with bf16_products():
         assert _relative_error(index_weight.linear(x), _bf16_reference(x, dense)) < 1e-6
-        assert _relative_error(index_weight.linear(x[:8]), reference(x[:8], layer)) < 1e-6
+        assert _relative_error(index_weight.linear(x[:10]), _bf16_reference(x[:10], dense)) < 1e-6
+        assert _relative_error(index_weight.linear(x[:9]), reference(x[:9], layer)) < 1e-6
         thread = threading.Thread(target=lambda: other.append(index_weight.linear(x)))
         thread.start()
         thread.join()

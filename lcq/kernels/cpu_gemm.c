@@ -84,7 +84,16 @@ static void block_product(const float *panels, int M, int K, const float *w, int
 #define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define BF16_PANEL 32
 
+/* From this many rows the bf16 product beats the decode forms (a panel of 16 then holds 10-15 rows):
+ * fp32 decode products against the bf16 product of 16 rows, 2 threads on a Zen 4, crossed at 9-13
+ * rows over SmolLM2's five weight shapes with indices and fp16 copies. */
+#define BF16_MIN_ROWS 10
+
 static _Thread_local int bf16_products; /* per calling thread, like torch.autocast */
+
+int lcq_gemm_min_rows(void) {
+    return bf16_products ? BF16_MIN_ROWS : LCQ_GEMM_MIN_ROWS;
+}
 
 /* Turns bf16 products on (where the CPU has AVX512_BF16) or off for the calling thread; returns the
  * previous setting, so a caller can restore it. */

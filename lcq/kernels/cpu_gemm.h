@@ -10,6 +10,10 @@
  * 0.33 ms for fp16 weights on a 2-core Zen 4). */
 #define LCQ_GEMM_MIN_ROWS 16
 
+/* The rows from which a product of the calling thread is lcq_expanded_product's: LCQ_GEMM_MIN_ROWS,
+ * or fewer with bf16 products on. */
+int lcq_gemm_min_rows(void);
+
 /* Writes weight rows first .. first + count - 1 of `weight` (K columns) as fp32 into out (count, K). */
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
 

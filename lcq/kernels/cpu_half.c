@@ -65,11 +65,11 @@ static void expand_half(const void *weight, int K, int first, int count, float *
 }
 
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32. Fewer than
- * LCQ_GEMM_MIN_ROWS rows: per output column, passes of up to MAX_ROWS rows (the column's weights stay
+ * lcq_gemm_min_rows() rows: per output column, passes of up to MAX_ROWS rows (the column's weights stay
  * in L1 between passes). Returns 0, or -1 for M < 1 or when cpu_gemm.c cannot allocate its buffers. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
     if (M < 1) return -1;
-    if (M >= LCQ_GEMM_MIN_ROWS) return lcq_expanded_product(x, M, K, N, expand_half, w, y);
+    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, expand_half, w, y);
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {

@@ -6,7 +6,7 @@
  * c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512 the 16
  * entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per two
  * permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
- * Products of LCQ_GEMM_MIN_ROWS rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
+ * Products of lcq_gemm_min_rows() rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
  * block of weight rows at a time to their fp32 entries in a per-thread buffer and multiplies it there,
  * so no copy of the whole layer is ever made and every product uses the exact entries.
  *
@@ -201,7 +201,7 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
-/* The decode product (fewer than LCQ_GEMM_MIN_ROWS rows) of one instruction set, PREFIX narrow (AVX2)
+/* The decode product (fewer than lcq_gemm_min_rows() rows) of one instruction set, PREFIX narrow (AVX2)
  * or wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each),
  * passes of up to PASS_ROWS activation rows over the column's indices; per run its words, per step
  * of 16 weights one lookup (a new codebook where a group starts) and a shift, two steps at a time so
@@ -316,7 +316,7 @@ DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
-    if (M >= LCQ_GEMM_MIN_ROWS)
+    if (M >= lcq_gemm_min_rows())
         return lcq_expanded_product(x, M, w->K, w->N, w->wide ? wide_expand : narrow_expand, w, y);
     if (w->wide)
         wide_decode_product(w, x, M, y);
