@@ -40,6 +40,10 @@ class ModelRunner:
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         limit = config.max_model_len or c.max_position_embeddings
         self.max_model_len = min(limit, self.num_blocks * self.block_size)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB); context %d tokens; "
+                    "products: %s", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
+                    str(kv_dtype).removeprefix("torch."), self.kv_cache_bytes / 2**30, self.max_model_len,
+                    "bf16 operands from 10 rows" if self.bf16_products else str(self.dtype).removeprefix("torch."))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
