@@ -70,7 +70,7 @@ def enabled() -> bool:
 
 def wide_available() -> bool:
     """AVX-512 decode products where the CPU has AVX-512 F and LCQ_CPU_AVX512 is not 0."""
-    return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and "avx512f" in native.cpu_flags()
+    return native.has_avx512("avx512f")
 
 
 class IndexWeight:

@@ -70,8 +70,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
 
 
 def bf16_available() -> bool:
-    """Whether the C kernels run here on a CPU with AVX512_BF16 (see bf16_products)."""
-    return native.load() is not None and "avx512_bf16" in native.cpu_flags()
+    """Whether the C kernels run here on a CPU with AVX512_BF16 and LCQ_CPU_AVX512 is not 0 (see
+    bf16_products)."""
+    return native.has_avx512("avx512_bf16") and native.load() is not None
 
 
 @contextlib.contextmanager
@@ -84,7 +85,7 @@ def bf16_products(enabled: bool = True) -> Iterator[None]:
     if lib is None:
         yield
         return
-    previous = lib.lcq_set_bf16_products(int(enabled))
+    previous = lib.lcq_set_bf16_products(int(enabled and bf16_available()))
     try:
         yield
     finally:

@@ -61,6 +61,12 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
+def has_avx512(feature: str) -> bool:
+    """Whether the CPU has this AVX-512 feature flag ("avx512f", "avx512_bf16") and LCQ_CPU_AVX512 is
+    not 0, which keeps every kernel on its AVX2 form (as on a CPU without AVX-512)."""
+    return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and feature in cpu_flags()
+
+
 def _compiler() -> str | None:
     return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
 
