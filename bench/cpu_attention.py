@@ -1,6 +1,7 @@
 """CPU paged attention: the C kernels (lcq/kernels/cpu_attention.c) against the torch path of
 lcq/models/attention.py (SDPA on K/V rows gathered from the cache), for prefill and decode steps with
-SmolLM2-135M's heads (9 query and 3 kv heads of 64), fp32 and fp16 caches.
+SmolLM2-135M's heads (9 query and 3 kv heads of 64), fp32 and fp16 caches; on CPUs with AVX512_BF16
+also the C kernels with bf16 products (bf16 operands in prefill tiles; decode stays fp32).
 
 The two are timed alternately in one process (this VM's speed drifts within minutes); each row is
 the median of the rounds.
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_ops  # noqa: E402
+from lcq.kernels.cpu_matmul import bf16_available, bf16_products  # noqa: E402
 from lcq.models.attention import PagedAttention  # noqa: E402
 from lcq.models.context import ForwardContext  # noqa: E402
 
@@ -36,7 +38,7 @@ CASES = {  # name: (new tokens, cached tokens) per sequence
     "decode 8 seqs x 300": ([1] * 8, [299] * 8),
     "decode 64 seqs x 16-300": ([1] * 64, [_rng.randint(15, 299) for _ in range(64)]),
 }
-ROUNDS, CALLS = 5, 3
+ROUNDS, CALLS = 6, 3
 
 
 def paged_step(new: list[int], cached: list[int], cache_dtype: torch.dtype):
@@ -61,12 +63,14 @@ def paged_step(new: list[int], cached: list[int], cache_dtype: torch.dtype):
     return torch.randn(starts[-1], HEADS, HEAD_DIM), caches, context
 
 
-def attend(c_kernels: bool, q, caches, context, cache_dtype) -> torch.Tensor:
-    """One step's attention as the model runs it, the layout worked out per step included."""
-    cpu_ops.ENABLED = c_kernels
+def attend(variant: str, q, caches, context, cache_dtype) -> torch.Tensor:
+    """One step's attention as the model runs it, the layout worked out per step included: variant
+    "c", "c_bf16" (the C kernels with bf16 products) or "torch"."""
+    cpu_ops.ENABLED = variant != "torch"
     try:
-        paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
-        return paged.attend(q, *caches, HEAD_DIM ** -0.5)
+        with bf16_products(variant == "c_bf16"):
+            paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
+            return paged.attend(q, *caches, HEAD_DIM ** -0.5)
     finally:
         cpu_ops.ENABLED = True
 
@@ -82,27 +86,35 @@ def main() -> None:
     if not cpu_ops.usable():
         raise SystemExit("the C kernels do not run here (see lcq/kernels/native.py)")
     rows = []
-    print(f"{'case':<34} {'cache':<8} {'C ms':>8} {'torch ms':>9} {'speedup':>8} {'C GFLOP/s':>10}")
+    variants = ["c", "torch"] + (["c_bf16"] if bf16_available() else [])
+    print(f"{'case':<34} {'cache':<8} {'C ms':>8} {'torch ms':>9} {'speedup':>8} {'C GFLOP/s':>10}"
+          + (f" {'C bf16 ms':>10} {'vs C':>6}" if "c_bf16" in variants else ""))
     for name, (new, cached) in CASES.items():
         for cache_dtype in (torch.float32, torch.float16):
             q, caches, context = paged_step(new, cached, cache_dtype)
-            error = (attend(True, q, caches, context, cache_dtype) -
-                     attend(False, q, caches, context, cache_dtype)).abs().max().item()
-            times: dict[bool, list[float]] = {True: [], False: []}
-            for _ in range(ROUNDS):
-                for c_kernels in (True, False):
+            outputs = {variant: attend(variant, q, caches, context, cache_dtype) for variant in variants}
+            times: dict[str, list[float]] = {variant: [] for variant in variants}
+            for round_ in range(ROUNDS):  # every other round reversed: what ran before changes what is in cache
+                for variant in variants if round_ % 2 == 0 else variants[::-1]:
                     start = time.perf_counter()
                     for _ in range(CALLS):
-                        attend(c_kernels, q, caches, context, cache_dtype)
-                    times[c_kernels].append((time.perf_counter() - start) / CALLS * 1e3)
-            c_ms, torch_ms = statistics.median(times[True]), statistics.median(times[False])
+                        attend(variant, q, caches, context, cache_dtype)
+                    times[variant].append((time.perf_counter() - start) / CALLS * 1e3)
+            c_ms, torch_ms = statistics.median(times["c"]), statistics.median(times["torch"])
             gflop = attention_gflop(new, cached)
             row = {"case": name, "cache_dtype": str(cache_dtype).removeprefix("torch."), "c_ms": round(c_ms, 3),
                    "torch_ms": round(torch_ms, 3), "speedup": round(torch_ms / c_ms, 2),
-                   "c_gflops": round(gflop / c_ms * 1e3, 1), "max_abs_difference": float(f"{error:.2g}")}
+                   "c_gflops": round(gflop / c_ms * 1e3, 1),
+                   "max_abs_difference": float(f"{(outputs['c'] - outputs['torch']).abs().max().item():.2g}")}
+            line = (f"{name:<34} {row['cache_dtype']:<8} {c_ms:8.3f} {torch_ms:9.3f} {row['speedup']:7.2f}x "
+                    f"{row['c_gflops']:10.1f}")
+            if "c_bf16" in variants:
+                bf16_ms = statistics.median(times["c_bf16"])
+                row.update(c_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(c_ms / bf16_ms, 2),
+                           bf16_max_abs_difference=float(f"{(outputs['c_bf16'] - outputs['c']).abs().max().item():.2g}"))
+                line += f" {bf16_ms:10.3f} {row['bf16_speedup']:5.2f}x"
             rows.append(row)
-            print(f"{name:<34} {row['cache_dtype']:<8} {c_ms:8.3f} {torch_ms:9.3f} {row['speedup']:7.2f}x "
-                  f"{row['c_gflops']:10.1f}", flush=True)
+            print(line, flush=True)
     write_record(args.output, cpu_record(f"python bench/cpu_attention.py --threads {args.threads}", args.threads,
                                          heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, block_size=BLOCK,
                                          rounds=ROUNDS, calls_per_round=CALLS,

@@ -10,6 +10,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops
+from lcq.kernels.cpu_matmul import bf16_available, bf16_products
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
@@ -336,17 +337,38 @@ def test_fp16_cache_saturates_values_past_its_range(monkeypatch, c_ops):
 
 @needs_cpu_ops
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype):
+@pytest.mark.parametrize("bf16", [False, True] if bf16_available() else [False])
+def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
     """Staged in groups under a small limit (every sequence alone, or two by two) the C prefill gives
     the same numbers as staged all at once: the groups only bound its buffer."""
     new, cached = [7, 1, 30, 2, 5], [0, 5, 40, 100, 3]
     k_cache, v_cache, context = _random_paged_context(new, cached, 3, 24, cache_dtype)
     q = torch.randn(sum(new), 9, 24)
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, 24 ** -0.5)
-    whole = cpu_ops.prefill_attention(*args)
-    chunk_floats = 3 * (24 * 16 + 16 * 32)  # per chunk of 16 keys, all kv heads: K, and V padded to 32
-    for limit in (1, 12 * chunk_floats):
-        assert torch.equal(cpu_ops.prefill_attention(*args, stage_limit_floats=limit), whole)
+    with bf16_products(bf16):
+        whole = cpu_ops.prefill_attention(*args)
+        chunk_floats = 3 * (24 * 16 + 16 * 32)  # per chunk of 16 keys, all kv heads: K, and V padded to 32
+        for limit in (1, 12 * chunk_floats):
+            assert torch.equal(cpu_ops.prefill_attention(*args, stage_limit_floats=limit), whole)
+
+
+@needs_cpu_ops
+@pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
+@pytest.mark.parametrize("cache_dtype, head_dim", [(torch.float32, 24), (torch.float16, 64), (torch.float32, 136)])
+@pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]), ([40], [3]), ([50, 2, 1], [70, 100, 0]),
+                                         ([1, 1, 1], [0, 6, 36])])
+def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head_dim):
+    """With bf16 products, prefill tiles take bf16 queries, keys, values and softmax weights, scores,
+    softmax and sums staying fp32: within bf16's rounding of the fp32 result (2e-2) and, where a
+    sequence has several new tokens, not equal to it; one-token sequences keep the fp32 decode form."""
+    k_cache, v_cache, context = _random_paged_context(new, cached, 3, head_dim, cache_dtype)
+    q = torch.randn(sum(new), 9, head_dim)
+    args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, head_dim ** -0.5)
+    exact = cpu_ops.prefill_attention(*args)
+    with bf16_products():
+        rounded = cpu_ops.prefill_attention(*args)
+    torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
+    assert torch.equal(rounded, exact) == all(n == 1 for n in new)
 
 
 @needs_cpu_ops

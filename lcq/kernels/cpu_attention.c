@@ -5,12 +5,15 @@
  * once for all query heads of its kv head, scores 8 rows at a time. Prefill (many new tokens per
  * sequence) is bounded by arithmetic: flash-attention tiles of up to QUERY_ROWS query rows (positions
  * x the heads of one kv head) against chunks of KEYS keys, both products on the register tile of
- * cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row).
+ * cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row). Where the
+ * calling thread's products are bf16 (lcq_bf16_products), prefill stages keys, values, queries and
+ * softmax weights as bf16 pairs for the bf16 tile; scores, the softmax and outputs stay fp32.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_constant.h"
 #include "cpu_exp.h"
@@ -226,6 +229,35 @@ static inline __attribute__((always_inline)) void stage_chunk(const int HALF, co
     }
 }
 
+/* An fp32 value rounded to bf16 (to nearest even; values here are finite). */
+static inline uint32_t bf16_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, 4);
+    return (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+}
+
+/* stage_chunk for bf16 products: K as pairs along the head, kt[j][t] = (k[t][2j], k[t][2j + 1])
+ * (head_dim / 2 x KEYS), and V as pairs along the keys, vp[u][i] = (v[2u][i], v[2u + 1][i]) (KEYS / 2
+ * x padded_dim); zeros past `count` and head_dim. head_dim is even. */
+static inline __attribute__((always_inline)) void stage_pair_chunk(const int HALF, const void *k_cache,
+                                                                   const void *v_cache, const int32_t *table,
+                                                                   int first_key, int count, int kv, int64_t row,
+                                                                   int head_dim, int padded_dim, int block_size,
+                                                                   uint32_t *kt, uint32_t *vp) {
+    for (int i = 0; i < head_dim / 2 * KEYS; i++) kt[i] = 0;
+    for (int i = 0; i < KEYS / 2 * padded_dim; i++) vp[i] = 0;
+    for (int t = 0; t < count; t++) {
+        const int key = first_key + t;
+        const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
+                           (int64_t)kv * head_dim;
+        for (int j = 0; j < head_dim / 2; j++)
+            kt[j * KEYS + t] = bf16_bits(load1(HALF, k_cache, at + 2 * j)) |
+                               bf16_bits(load1(HALF, k_cache, at + 2 * j + 1)) << 16;
+        uint16_t *values = (uint16_t *)(vp + t / 2 * padded_dim) + t % 2;
+        for (int i = 0; i < head_dim; i++) values[2 * i] = (uint16_t)bf16_bits(load1(HALF, v_cache, at + i));
+    }
+}
+
 /* The largest of the 8 lanes, and their sum. */
 static inline float max8(__m256 v) {
     __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -241,8 +273,9 @@ static inline float sum8(__m256 v) {
 
 /* The per-thread buffers of a prefill task. */
 typedef struct {
-    float *queries; /* (QUERY_ROWS, head_dim), scaled */
+    float *queries; /* (QUERY_ROWS, head_dim), scaled; bf16: (QUERY_ROWS, head_dim / 2) pairs */
     float *scores;  /* (QUERY_ROWS, KEYS): scores, then their softmax weights */
+    uint32_t *weights; /* bf16: (QUERY_ROWS, KEYS / 2) pairs of softmax weights */
     float *outputs; /* (QUERY_ROWS, padded_dim): unnormalised outputs */
     float *top;     /* (QUERY_ROWS): running maximum score of each row */
     float *total;   /* (QUERY_ROWS): running sum of exp(score - top) */
@@ -270,6 +303,39 @@ static void tile_product(const float *a, int64_t lda, const float *b, int64_t ld
                 LCQ_CASES_1_TO_5(TILE)
                 default: TILE(LCQ_TILE_ROWS); break;
             }
+#undef TILE
+        }
+}
+
+/* The bf16 forms of row_tile and tile_product: a and b bf16 pairs (K pairs deep, strides in pairs),
+ * c (rows, 16 * vectors) fp32, two vectors of 16 columns at a time. */
+LCQ_BF16 static inline __attribute__((always_inline)) void pair_row_tile(const int R, const int V, const uint32_t *a,
+                                                                         int64_t lda, const uint32_t *b, int64_t ldb,
+                                                                         int K, float *c, int64_t ldc, int accumulate) {
+    __m512 acc[LCQ_TILE_ROWS][2];
+    lcq_pair_sums(R, V, a, lda, b, ldb, K, acc);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) {
+            float *out = c + r * ldc + 16 * v;
+            _mm512_storeu_ps(out, accumulate ? _mm512_add_ps(_mm512_loadu_ps(out), acc[r][v]) : acc[r][v]);
+        }
+}
+
+LCQ_BF16 static void pair_tile_product(const uint32_t *a, int64_t lda, const uint32_t *b, int64_t ldb, int K, int rows,
+                                       int vectors, float *c, int64_t ldc, int accumulate) {
+    for (int v0 = 0; v0 < vectors; v0 += 2)
+        for (int r0 = 0; r0 < rows; r0 += LCQ_TILE_ROWS) {
+#define TILE(R) pair_row_tile(R, V, a + r0 * lda, lda, b + 16 * v0, ldb, K, c + r0 * ldc + 16 * v0, ldc, accumulate)
+#define ROWS(V_)                                                                                               \
+    {                                                                                                          \
+        const int V = V_;                                                                                      \
+        switch (rows - r0 < LCQ_TILE_ROWS ? rows - r0 : LCQ_TILE_ROWS) {                                       \
+            LCQ_CASES_1_TO_5(TILE)                                                                             \
+            default: TILE(LCQ_TILE_ROWS); break;                                                               \
+        }                                                                                                      \
+    }
+            if (vectors - v0 >= 2) ROWS(2) else ROWS(1)
+#undef ROWS
 #undef TILE
         }
 }
@@ -331,8 +397,9 @@ typedef struct {
     const int32_t *block_tables, *context_lens, *query_start;
     int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
     float scale, *out;
-    int64_t row, chunk_floats; /* floats per cache slot; per staged chunk of one kv head (K then V) */
+    int64_t row, chunk_floats; /* floats per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
     int64_t *chunk_base, *task_base;
+    int pairs; /* bf16 products: chunks, queries and weights staged as bf16 pairs */
 } Prefill;
 
 /* Task `local` of tiled sequence s: one kv head's query rows of one tile over the staged chunks
@@ -343,10 +410,14 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
     const int first = (tiles - 1 - (int)(local / p->kv_heads)) * p->positions_per_tile; /* longest tiles first */
     const int positions = n - first < p->positions_per_tile ? n - first : p->positions_per_tile;
     const int rows = positions * group, first_position = length - n + first, head_dim = p->head_dim;
+    const int pairs = p->pairs, depth = pairs ? head_dim / 2 : head_dim; /* per query row, in words */
+    uint32_t *query_pairs = (uint32_t *)tile->queries;
     for (int r = 0; r < rows; r++) {
         const float *src = p->q + (int64_t)(p->query_start[s] + first + r / group) * p->q_stride +
                            (int64_t)(kv * group + r % group) * head_dim;
-        for (int i = 0; i < head_dim; i++) tile->queries[r * head_dim + i] = src[i] * p->scale;
+        float *scaled = pairs ? tile->outputs + (int64_t)r * p->padded_dim : tile->queries + r * head_dim; /* zeroed below */
+        for (int i = 0; i < head_dim; i++) scaled[i] = src[i] * p->scale;
+        if (pairs) lcq_round_pairs(scaled, head_dim, query_pairs + r * depth);
         tile->top[r] = -INFINITY;
         tile->total[r] = 0.0f;
     }
@@ -355,10 +426,19 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
     for (int first_key = 0; first_key <= first_position + positions - 1; first_key += KEYS) {
         const float *kt = staged + ((first_chunk + first_key / KEYS) * p->kv_heads + kv) * p->chunk_floats;
         const int count = length - first_key < KEYS ? length - first_key : KEYS;
-        tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, 1, tile->scores, KEYS, 0);
+        if (pairs)
+            pair_tile_product(query_pairs, depth, (const uint32_t *)kt, KEYS, depth, rows, 1, tile->scores, KEYS, 0);
+        else
+            tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, 1, tile->scores, KEYS, 0);
         softmax_chunk(tile, rows, group, first_position, first_key, count, p->padded_dim);
-        tile_product(tile->scores, KEYS, kt + (int64_t)head_dim * KEYS, p->padded_dim, KEYS, rows, p->padded_dim / 16,
-                     tile->outputs, p->padded_dim, 1);
+        if (pairs) {
+            for (int r = 0; r < rows; r++) lcq_round_pairs(tile->scores + r * KEYS, KEYS, tile->weights + r * KEYS / 2);
+            pair_tile_product(tile->weights, KEYS / 2, (const uint32_t *)kt + (int64_t)depth * KEYS, p->padded_dim,
+                              KEYS / 2, rows, p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
+        } else {
+            tile_product(tile->scores, KEYS, kt + (int64_t)head_dim * KEYS, p->padded_dim, KEYS, rows,
+                         p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
+        }
     }
     for (int r = 0; r < rows; r++) {
         float *dst = p->out + ((int64_t)(p->query_start[s] + first + r / group) * p->heads + kv * group + r % group) *
@@ -383,17 +463,24 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int first_key = (int)(chunk - p->chunk_base[s]) * KEYS, length = p->context_lens[s];
             const int count = length - first_key < KEYS ? length - first_key : KEYS;
             float *kt = staged + item * p->chunk_floats;
-#define STAGE(HALF)                                                                                            \
-    stage_chunk(HALF, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,     \
-                (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, kt,                  \
-                kt + (int64_t)p->head_dim * KEYS)
-            if (p->half_cache) STAGE(1); else STAGE(0);
+#define STAGE(FORM, HALF, TYPE, DEPTH)                                                                         \
+    FORM(HALF, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,            \
+         (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, (TYPE *)kt,                 \
+         (TYPE *)kt + (int64_t)(DEPTH) * KEYS)
+            if (p->pairs) {
+                if (p->half_cache) STAGE(stage_pair_chunk, 1, uint32_t, p->head_dim / 2);
+                else STAGE(stage_pair_chunk, 0, uint32_t, p->head_dim / 2);
+            } else {
+                if (p->half_cache) STAGE(stage_chunk, 1, float, p->head_dim);
+                else STAGE(stage_chunk, 0, float, p->head_dim);
+            }
 #undef STAGE
         }
         Tile tile = {malloc(sizeof(float) * p->tile_rows * p->head_dim), malloc(sizeof(float) * p->tile_rows * KEYS),
+                     malloc(sizeof(uint32_t) * p->tile_rows * KEYS / 2),
                      malloc(sizeof(float) * (size_t)p->tile_rows * p->padded_dim), malloc(sizeof(float) * p->tile_rows),
                      malloc(sizeof(float) * p->tile_rows)};
-        const int ready = tile.queries && tile.scores && tile.outputs && tile.top && tile.total;
+        const int ready = tile.queries && tile.scores && tile.weights && tile.outputs && tile.top && tile.total;
         if (!ready) failed = 1;
 #pragma omp for schedule(dynamic)
         for (int64_t task = task_base[0]; task < task_base[seqs]; task++) {
@@ -413,6 +500,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         }
         free(tile.queries);
         free(tile.scores);
+        free(tile.weights);
         free(tile.outputs);
         free(tile.top);
         free(tile.total);
@@ -435,12 +523,13 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
                           int block_size, float scale, int64_t stage_limit) {
     const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
-    const int padded_dim = (head_dim + 15) / 16 * 16;
+    const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
+    const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, half_cache, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
                  positions_per_tile * group, scale, out, (int64_t)kv_heads * head_dim,
-                 (int64_t)head_dim * KEYS + KEYS * padded_dim, malloc(sizeof(int64_t) * (seqs + 1)),
-                 malloc(sizeof(int64_t) * (seqs + 1))};
+                 pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
+                 malloc(sizeof(int64_t) * (seqs + 1)), pairs};
     int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;
     if (status == 0) {
         p.chunk_base[0] = p.task_base[0] = 0;

@@ -25,7 +25,6 @@
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
-#define BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
 /* From this many rows the bf16 product beats the decode forms (a panel of 16 then holds 10-15 rows):
  * fp32 decode products against the bf16 product of 16 rows, 2 threads on a Zen 4, crossed at 9-13
@@ -33,6 +32,10 @@
 #define BF16_MIN_ROWS 10
 
 static _Thread_local int bf16_products; /* per calling thread, like torch.autocast */
+
+int lcq_bf16_products(void) {
+    return bf16_products;
+}
 
 int lcq_gemm_min_rows(void) {
     return bf16_products ? BF16_MIN_ROWS : LCQ_GEMM_MIN_ROWS;
@@ -47,8 +50,7 @@ int lcq_set_bf16_products(int on) {
     return previous;
 }
 
-/* K fp32 values as ceil(K / 2) bf16 pairs, the last one padded with zero. */
-BF16 static void round_pairs(const float *src, int K, uint32_t *pairs) {
+LCQ_BF16 void lcq_round_pairs(const float *src, int K, uint32_t *pairs) {
     uint16_t *dst = (uint16_t *)pairs;
     const int padded = (K + 1) & ~1;
     for (int k = 0; k < padded; k += 16) {
@@ -94,20 +96,11 @@ static inline __attribute__((always_inline)) void micro_tile(const int R, const 
 }
 
 /* bf16: the same with K pairs per row and 16 activation rows per accumulator. */
-BF16 static inline __attribute__((always_inline)) void pair_tile(const int R, const int V, const uint32_t *panel,
-                                                                 int K, const uint32_t *w, int rows, float *y,
-                                                                 int N) {
+LCQ_BF16 static inline __attribute__((always_inline)) void pair_tile(const int R, const int V, const uint32_t *panel,
+                                                                     int K, const uint32_t *w, int rows, float *y,
+                                                                     int N) {
     __m512 acc[TILE_WEIGHTS][2];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k++) {
-        __m512bh columns[2];
-        for (int v = 0; v < V; v++) columns[v] = (__m512bh)_mm512_loadu_si512(panel + (int64_t)k * V * 16 + v * 16);
-        for (int r = 0; r < R; r++) {
-            const __m512bh pair = (__m512bh)_mm512_set1_epi32((int)w[(int64_t)r * K + k]);
-            for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, columns[v]);
-        }
-    }
+    lcq_pair_sums(R, V, w, K, panel, V * 16, K, acc);
     float out[TILE_WEIGHTS][PAIR_PANEL];
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) _mm512_storeu_ps(out[r] + v * 16, acc[r][v]);
@@ -142,7 +135,7 @@ BF16 static inline __attribute__((always_inline)) void pair_tile(const int R, co
 #define FP32_TILE_AT(R) micro_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 #define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT)
-BLOCK_PRODUCT(BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT)
+BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT)
 
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y) {
     const int pairs = bf16_products, width = pairs ? PAIR_PANEL : PANEL;
@@ -156,7 +149,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
         {
             if (pairs) {
 #pragma omp for schedule(static)
-                for (int m = 0; m < M; m++) round_pairs(x + (int64_t)m * K, K, rounded_x + (int64_t)m * words);
+                for (int m = 0; m < M; m++) lcq_round_pairs(x + (int64_t)m * K, K, rounded_x + (int64_t)m * words);
             }
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++)
@@ -173,7 +166,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
                 expand(weight, K, first, count, block);
                 if (pairs) {
                     for (int r = 0; r < count; r++)
-                        round_pairs(block + (int64_t)r * K, K, rounded + (int64_t)r * words);
+                        lcq_round_pairs(block + (int64_t)r * K, K, rounded + (int64_t)r * words);
                     pair_block_product(packed, M, words, rounded, count, y + first, N);
                 } else {
                     fp32_block_product((const float *)packed, M, K, block, count, y + first, N);

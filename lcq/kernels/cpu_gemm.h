@@ -41,6 +41,33 @@ static inline __attribute__((always_inline)) void lcq_tile_sums(const int R, con
     }
 }
 
-#define LCQ_TILE_ROWS 6 /* the most rows of a in one lcq_tile_sums */
+#define LCQ_TILE_ROWS 6 /* the most rows of a in one lcq_tile_sums or lcq_pair_sums */
+
+/* Functions with bf16 instructions (AVX512_BF16), called only where the CPU has them. */
+#define LCQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+/* Whether the calling thread's products take bf16 operands (lcq_set_bf16_products in cpu_gemm.c). */
+int lcq_bf16_products(void);
+
+/* K fp32 values as ceil(K / 2) bf16 pairs (round to nearest even), the last one padded with zero. */
+void lcq_round_pairs(const float *src, int K, uint32_t *pairs);
+
+/* The bf16 form of lcq_tile_sums: acc[r][v] = sum over k < K of pair a[r][k] . pairs b[k][16v ..
+ * 16v + 16), a and b bf16 pairs (row strides in pairs): per k, V loads and R 32-bit broadcasts feed
+ * R x V vdpbf16ps, each two multiply-adds per fp32 lane. */
+LCQ_BF16 static inline __attribute__((always_inline)) void lcq_pair_sums(const int R, const int V, const uint32_t *a,
+                                                                         int64_t lda, const uint32_t *b, int64_t ldb,
+                                                                         int K, __m512 acc[][2]) {
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512bh columns[2];
+        for (int v = 0; v < V; v++) columns[v] = (__m512bh)_mm512_loadu_si512(b + k * ldb + v * 16);
+        for (int r = 0; r < R; r++) {
+            const __m512bh pair = (__m512bh)_mm512_set1_epi32((int)a[r * lda + k]);
+            for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], pair, columns[v]);
+        }
+    }
+}
 
 #endif
