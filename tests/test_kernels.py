@@ -232,9 +232,10 @@ def test_bf16_products_round_operands_only(n, m, k):
 
 
 @needs_bf16
-def test_bf16_products_apply_to_index_weights_from_16_rows_in_this_thread_only():
-    """LCQ products from 10 rows round to bf16 in the block; fewer rows stay exact fp32 (the decode
-    form), as do products in other threads and after the block (thread-local, restored)."""
+def test_bf16_products_apply_to_index_weights_in_this_thread_only():
+    """LCQ products of 5 rows or more round to bf16 in the block (from 10 rows the blocked product,
+    below it the AVX-512 decode form); fewer rows stay exact fp32, as do products in other threads
+    and after the block (thread-local, restored)."""
     import threading
 
     layer = random_layer(70, 128, 3, 2, 64, seed=5)
@@ -242,9 +243,10 @@ def test_bf16_products_apply_to_index_weights_from_16_rows_in_this_thread_only()
     x = torch.randn(33, 128)
     other: list[torch.Tensor] = []
     with bf16_products():
-        assert _relative_error(index_weight.linear(x), _bf16_reference(x, dense)) < 1e-6
-        assert _relative_error(index_weight.linear(x[:10]), _bf16_reference(x[:10], dense)) < 1e-6
-        assert _relative_error(index_weight.linear(x[:9]), reference(x[:9], layer)) < 1e-6
+        for m in (33, 10, 9, 5):
+            assert _relative_error(index_weight.linear(x[:m]), _bf16_reference(x[:m], dense)) < 1e-6
+        for m in (4, 1):
+            assert _relative_error(index_weight.linear(x[:m]), reference(x[:m], layer)) < 1e-6
         thread = threading.Thread(target=lambda: other.append(index_weight.linear(x)))
         thread.start()
         thread.join()
@@ -278,6 +280,27 @@ def test_index_kernel_matches_reference(monkeypatch, bits, rank, group, k, m, wi
     weight = cpu_index.IndexWeight(layer, wide=wide)
     x = torch.randn(m, k)
     assert _relative_error(weight.linear(x), reference(x, layer)) < 1e-6
+
+
+@needs_bf16
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
+                                                   (2, 2, 64, 600), (3, 1, 32, 500)])
+@pytest.mark.parametrize("m", [5, 8, 9])
+def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, group, k, m):
+    """The AVX-512 decode form with bf16 operands (5-9 rows): weights and activations of the whole
+    steps of 16 rounded to bf16, the weights past them (K = 37, 100, 150: the scalar tail) exact
+    fp32, as the kernel takes them; only summation differs (1e-6). Two passes (M = 9: 5 and 4 rows),
+    runs ending inside a pair of steps (K = 80: 5 steps) and every bit width."""
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
+    weight, dense = cpu_index.IndexWeight(layer, wide=True), dequantize(layer, torch.float32).double()
+    x = torch.randn(m, k)
+    whole = k // 16 * 16
+    rounded_x, rounded_w = x.double(), dense.clone()
+    rounded_x[:, :whole] = x[:, :whole].bfloat16().double()
+    rounded_w[:, :whole] = dense[:, :whole].bfloat16().double()
+    with bf16_products():
+        y = weight.linear(x)
+    assert _relative_error(y, rounded_x @ rounded_w.t()) < 1e-6
 
 
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")

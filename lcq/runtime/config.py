@@ -51,10 +51,11 @@ class EngineConfig:
         return dtype
 
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
-        """The operand dtype of an fp32 CPU model's large products (prefill, many sequences; decode
-        products of fewer rows stay fp32). auto: bfloat16 where the CPU has AVX512_BF16, whose
-        instructions do twice the multiply-adds of fp32 ones (demo-model perplexity +0.02%,
-        docs/kernels.md), else float32, which keeps tokens equal to transformers'."""
+        """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
+        (prefill, 10+ sequences, or 5+ for LCQ layers; smaller decode steps stay fp32). auto:
+        bfloat16 where the CPU has AVX512_BF16, whose instructions do twice the multiply-adds of fp32
+        ones (demo-model perplexity within +-0.03%, docs/kernels.md), else float32, which keeps
+        tokens equal to transformers'."""
         if self.cpu_matmul_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"cpu_matmul_dtype must be auto, float32 or bfloat16 (got {self.cpu_matmul_dtype})")
         from lcq.kernels.cpu_matmul import bf16_available
