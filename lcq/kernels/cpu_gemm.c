@@ -82,30 +82,23 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
         for (int r = 0; r < R; r++) y[(int64_t)i * N + r] = out[r * out_stride + i];
 }
 
-/* fp32: y[m, n] for a panel's `rows` valid rows (row stride N), V vectors wide, and R weight rows w
- * (row stride K): R x V accumulators, each the 8 outputs of one weight row for 8 activation rows.
- * Inlined with R and V constants. */
-static inline __attribute__((always_inline)) void micro_tile(const int R, const int V, const float *panel, int K,
-                                                             const float *w, int rows, float *y, int N) {
-    __m256 acc[TILE_WEIGHTS][2];
-    lcq_tile_sums(R, V, w, K, panel, V * 8, K, acc);
-    float out[TILE_WEIGHTS][PANEL];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) _mm256_storeu_ps(out[r] + v * 8, acc[r][v]);
-    store_tile(R, out[0], PANEL, rows, y, N);
-}
+/* PREFIX##tile: y[m, n] for a panel's `rows` valid rows (row stride N), V vectors of LANES rows wide,
+ * and R weight rows w (K elements of TYPE each): R x V accumulators from SUMS (lcq_tile_sums: fp32,
+ * 8 rows per vector; lcq_pair_sums: bf16 pairs, 16), each the outputs of one weight row. Inlined
+ * with R and V constants. */
+#define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS)                                  \
+    ATTR static inline __attribute__((always_inline)) void PREFIX##tile(                                      \
+        const int R, const int V, const TYPE *panel, int K, const TYPE *w, int rows, float *y, int N) {         \
+        VECTOR acc[TILE_WEIGHTS][2];                                                                            \
+        SUMS(R, V, w, K, panel, V * LANES, K, acc);                                                             \
+        float out[TILE_WEIGHTS][PANEL_ROWS];                                                                    \
+        for (int r = 0; r < R; r++)                                                                             \
+            for (int v = 0; v < V; v++) STORE(out[r] + v * LANES, acc[r][v]);                                   \
+        store_tile(R, out[0], PANEL_ROWS, rows, y, N);                                                          \
+    }
 
-/* bf16: the same with K pairs per row and 16 activation rows per accumulator. */
-LCQ_BF16 static inline __attribute__((always_inline)) void pair_tile(const int R, const int V, const uint32_t *panel,
-                                                                     int K, const uint32_t *w, int rows, float *y,
-                                                                     int N) {
-    __m512 acc[TILE_WEIGHTS][2];
-    lcq_pair_sums(R, V, w, K, panel, V * 16, K, acc);
-    float out[TILE_WEIGHTS][PAIR_PANEL];
-    for (int r = 0; r < R; r++)
-        for (int v = 0; v < V; v++) _mm512_storeu_ps(out[r] + v * 16, acc[r][v]);
-    store_tile(R, out[0], PAIR_PANEL, rows, y, N);
-}
+MICRO_TILE(, fp32_, float, __m256, 8, lcq_tile_sums, _mm256_storeu_ps, PANEL)
+MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_ps, PAIR_PANEL)
 
 /* PREFIX##block_product: y[:, 0 .. count) (row stride N) for `count` expanded weight rows (K elements
  * of TYPE each) against every panel of PANEL_ROWS rows, each panel's columns in micro-tiles of
@@ -132,7 +125,7 @@ LCQ_BF16 static inline __attribute__((always_inline)) void pair_tile(const int R
         }                                                                                                       \
     }
 
-#define FP32_TILE_AT(R) micro_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
+#define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 #define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT)
