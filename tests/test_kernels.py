@@ -232,6 +232,24 @@ def test_bf16_products_round_operands_only(n, m, k):
 
 
 @needs_bf16
+@pytest.mark.parametrize("m, k", [(3, 576), (5, 77), (8, 100), (9, 31)])
+def test_half_decode_with_bf16_products_matches_rounded_reference(m, k):
+    """The fp16 kernel's decode form with bf16 operands (3-9 rows): weights and activations of the
+    whole runs of 32 rounded to bf16, the rest (K = 77, 100: a tail; 31: all of it) exact fp32; only
+    summation differs (1e-5). M = 9: passes of 5 and 4 rows; 2 rows stay fp32."""
+    weight, x = torch.randn(70, k).half(), torch.randn(m, k)
+    whole = k // 32 * 32
+    rounded_x, rounded_w = x.double(), weight.double()
+    rounded_x[:, :whole] = x[:, :whole].bfloat16().double()
+    rounded_w[:, :whole] = weight[:, :whole].float().bfloat16().double()
+    with bf16_products():
+        assert_close(cpu_half.half_linear(x, weight), rounded_x @ rounded_w.t(), torch.float32)
+        assert_close(cpu_half.half_linear(x[:2], weight), x[:2].double() @ weight.double().t(), torch.float32)
+        if whole:
+            assert _relative_error(cpu_half.half_linear(x, weight), x.double() @ weight.double().t()) > 1e-4
+
+
+@needs_bf16
 def test_bf16_products_apply_to_index_weights_in_this_thread_only():
     """LCQ products of 5 rows or more round to bf16 in the block (from 10 rows the blocked product,
     below it the AVX-512 decode form); fewer rows stay exact fp32, as do products in other threads

@@ -60,6 +60,19 @@ LCQ_BF16 void lcq_round_pairs(const float *src, int K, uint32_t *pairs) {
     }
 }
 
+uint32_t *lcq_round_rows(const float *x, int M, int K) {
+    const int K2 = (K + 1) / 2;
+    uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)M * K2);
+    if (pairs != NULL)
+        for (int m = 0; m < M; m++) lcq_round_pairs(x + (int64_t)m * K, K, pairs + (int64_t)m * K2);
+    return pairs;
+}
+
+int lcq_even_pass_rows(int M, int most) {
+    const int passes = (M + most - 1) / most;
+    return (M + passes - 1) / passes;
+}
+
 /* The width of the panel at row m0: `panel` rows, or half for a last one of up to half. */
 static inline int panel_width(int M, int m0, int panel) {
     return M - m0 <= panel / 2 ? panel / 2 : panel;

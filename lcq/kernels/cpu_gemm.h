@@ -52,6 +52,12 @@ int lcq_bf16_products(void);
 /* K fp32 values as ceil(K / 2) bf16 pairs (round to nearest even), the last one padded with zero. */
 void lcq_round_pairs(const float *src, int K, uint32_t *pairs);
 
+/* The M rows of x (M, K) as rows of ceil(K / 2) pairs in a new buffer (the caller frees it; NULL when
+ * it cannot be allocated), and the rows per pass that split M into even passes of at most `most`:
+ * the set-up of the bf16 decode forms (cpu_half.c, cpu_index.c). */
+uint32_t *lcq_round_rows(const float *x, int M, int K);
+int lcq_even_pass_rows(int M, int most);
+
 /* The bf16 form of lcq_tile_sums: acc[r][v] = sum over k < K of pair a[r][k] . pairs b[k][16v ..
  * 16v + 16), a and b bf16 pairs (row strides in pairs): per k, V loads and R 32-bit broadcasts feed
  * R x V vdpbf16ps, each two multiply-adds per fp32 lane. */

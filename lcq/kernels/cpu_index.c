@@ -379,11 +379,9 @@ LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_bits_column
 }
 
 LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-    const int K2 = (w->K + 1) / 2;
-    uint32_t *pairs = malloc(sizeof(uint32_t) * (size_t)M * K2);
+    const int K2 = (w->K + 1) / 2, pass_rows = lcq_even_pass_rows(M, PAIR_PASS_ROWS);
+    uint32_t *pairs = lcq_round_rows(x, M, w->K);
     if (pairs == NULL) return -1;
-    for (int m = 0; m < M; m++) lcq_round_pairs(x + (int64_t)m * w->K, w->K, pairs + (int64_t)m * K2);
-    const int passes = (M + PAIR_PASS_ROWS - 1) / PAIR_PASS_ROWS, pass_rows = (M + passes - 1) / passes; /* even */
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < w->N; n++)
         for (int m = 0; m < M; m += pass_rows) {

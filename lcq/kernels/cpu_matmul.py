@@ -77,10 +77,10 @@ def bf16_available() -> bool:
 
 @contextlib.contextmanager
 def bf16_products(enabled: bool = True) -> Iterator[None]:
-    """Within the block, the calling thread's fp32 products of several rows in the C kernels (from
-    10 rows instead of 16, LCQ indices from 5 in their AVX-512 decode form: prefill, many sequences)
-    and its prefill attention round operands to bf16 and sum in fp32, twice the multiply-adds per
-    instruction (bf16_available); elsewhere nothing changes.
+    """Within the block, the calling thread's fp32 products of several rows in the C kernels (the
+    blocked product from 10 rows instead of 16; below it the decode forms of LCQ indices from 5 rows
+    and of fp16 copies from 3) and its prefill attention round operands to bf16 and sum in fp32,
+    twice the multiply-adds per instruction (bf16_available); elsewhere nothing changes.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:

@@ -52,7 +52,7 @@ class EngineConfig:
 
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
         """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
-        (prefill, 10+ sequences, or 5+ for LCQ layers; smaller decode steps stay fp32). auto:
+        (prefill, decode steps of 3+ sequences for fp16 weights and the head, 5+ for LCQ layers). auto:
         bfloat16 where the CPU has AVX512_BF16, whose instructions do twice the multiply-adds of fp32
         ones (demo-model perplexity within +-0.03%, docs/kernels.md), else float32, which keeps
         tokens equal to transformers'."""

@@ -43,7 +43,7 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB); context %d tokens; "
                     "products: %s", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
                     str(kv_dtype).removeprefix("torch."), self.kv_cache_bytes / 2**30, self.max_model_len,
-                    "bf16 operands from 5-10 rows" if self.bf16_products else str(self.dtype).removeprefix("torch."))
+                    "bf16 operands from 3-10 rows" if self.bf16_products else str(self.dtype).removeprefix("torch."))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
