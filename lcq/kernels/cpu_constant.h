@@ -16,4 +16,14 @@
     case 6: CALL(6); break;                                                                                     \
     case 7: CALL(7); break;
 
+/* Passes over rows 0 .. M - 1 of `pass_rows` rows each (the last may be shorter), m the first row of a
+ * pass: CALL(R) with R the pass's row count as a constant, MOST (<= 8) for a full pass of 8 or more. */
+#define LCQ_ROW_PASSES(M, pass_rows, MOST, CALL)                                                                \
+    for (int m = 0; m < (M); m += (pass_rows)) {                                                                \
+        switch ((M) - m < (pass_rows) ? (M) - m : (pass_rows)) {                                                \
+            LCQ_CASES_1_TO_7(CALL)                                                                              \
+            default: CALL(MOST); break;                                                                         \
+        }                                                                                                       \
+    }
+
 #endif

@@ -104,13 +104,7 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
     if (pairs == NULL) return -1;
 #define COLUMN(rows) pair_column(rows, n, pairs + (int64_t)m * K2, K2, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++)
-        for (int m = 0; m < M; m += pass_rows) {
-            switch (M - m < pass_rows ? M - m : pass_rows) {
-                LCQ_CASES_1_TO_7(COLUMN)
-                default: COLUMN(MAX_ROWS); break;
-            }
-        }
+    for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, pass_rows, MAX_ROWS, COLUMN)
 #undef COLUMN
     free(pairs);
     return 0;
@@ -125,14 +119,7 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, floa
     if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) return pair_decode_product(x, M, K, w, N, y);
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        for (int m = 0; m < M; m += MAX_ROWS) {
-            switch (M - m) {
-                LCQ_CASES_1_TO_7(COLUMN)
-                default: COLUMN(MAX_ROWS); break;
-            }
-        }
-    }
+    for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
 #undef COLUMN
     return 0;
 }

@@ -382,19 +382,11 @@ LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const fl
     const int K2 = (w->K + 1) / 2, pass_rows = lcq_even_pass_rows(M, PAIR_PASS_ROWS);
     uint32_t *pairs = lcq_round_rows(x, M, w->K);
     if (pairs == NULL) return -1;
+#define COLUMN(R) \
+    wide_pair_bits_column(R, w, n, pairs + (int64_t)m * K2, K2, x + (int64_t)m * w->K, y + (int64_t)m * w->N)
 #pragma omp parallel for schedule(static)
-    for (int n = 0; n < w->N; n++)
-        for (int m = 0; m < M; m += pass_rows) {
-            const uint32_t *rows = pairs + (int64_t)m * K2;
-            const float *values = x + (int64_t)m * w->K;
-            float *out = y + (int64_t)m * w->N;
-#define COLUMN(R) wide_pair_bits_column(R, w, n, rows, K2, values, out)
-            switch (M - m < pass_rows ? M - m : pass_rows) {
-                LCQ_CASES_1_TO_7(COLUMN)
-                default: COLUMN(PAIR_PASS_ROWS); break;
-            }
+    for (int n = 0; n < w->N; n++) LCQ_ROW_PASSES(M, pass_rows, PAIR_PASS_ROWS, COLUMN)
 #undef COLUMN
-        }
     free(pairs);
     return 0;
 }
