@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_ops  # noqa: E402
-from lcq.kernels.cpu_matmul import bf16_available, bf16_products  # noqa: E402
+from lcq.kernels.cpu_matmul import cpu_products, products_available  # noqa: E402
 from lcq.models.attention import PagedAttention  # noqa: E402
 from lcq.models.context import ForwardContext  # noqa: E402
 
@@ -68,7 +68,7 @@ def attend(variant: str, q, caches, context, cache_dtype) -> torch.Tensor:
     "c", "c_bf16" (the C kernels with bf16 products) or "torch"."""
     cpu_ops.ENABLED = variant != "torch"
     try:
-        with bf16_products(variant == "c_bf16"):
+        with cpu_products(torch.bfloat16 if variant == "c_bf16" else torch.float32):
             paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
             return paged.attend(q, *caches, HEAD_DIM ** -0.5)
     finally:
@@ -86,7 +86,7 @@ def main() -> None:
     if not cpu_ops.usable():
         raise SystemExit("the C kernels do not run here (see lcq/kernels/native.py)")
     rows = []
-    variants = ["c", "torch"] + (["c_bf16"] if bf16_available() else [])
+    variants = ["c", "torch"] + (["c_bf16"] if products_available(torch.bfloat16) else [])
     print(f"{'case':<34} {'cache':<8} {'C ms':>8} {'torch ms':>9} {'speedup':>8} {'C GFLOP/s':>10}"
           + (f" {'C bf16 ms':>10} {'vs C':>6}" if "c_bf16" in variants else ""))
     for name, (new, cached) in CASES.items():

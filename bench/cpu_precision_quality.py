@@ -1,12 +1,12 @@
 """What the CPU defaults cost in quality: perplexity of the demo model (SmolLM2-135M-Instruct, LCQ W4)
 run by our model code on CPU with the KV cache in fp32 and in fp16, and with the large products'
-operands in fp32 and (where the CPU has AVX512_BF16) in bf16.
+operands in fp32 and, where the CPU has them, bf16 (AVX512_BF16) and int8 (AVX512_VNNI).
 
 Each window of held-out Shakespeare is prefilled in chunks, so that every chunk after the first
 attends to the earlier ones through the paged cache, as a served sequence does; fp16 rounding of the
-cached K and V is then in every logit past the first chunk. Chunks of 128 tokens take the large
-products (bf16 where on) in every layer and the head, where a served sequence's decode steps of
-fewer than 16 sequences stay fp32: an upper bound on the bf16 cost.
+cached K and V is then in every logit past the first chunk. Chunks of 128 tokens take the blocked
+product (the form under test) in every layer and the head, where a served sequence's decode steps of
+fewer than 10 sequences take the decode forms: an upper bound on the cost.
 
     python bench/cpu_precision_quality.py [--threads 2] [--windows 8]
 """
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.kernels.cpu_matmul import bf16_available, bf16_products  # noqa: E402
+from lcq.kernels.cpu_matmul import cpu_products, products_available  # noqa: E402
 from lcq.models import ForwardContext, load_model  # noqa: E402
 from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
 from lcq.quantizer.texts import evaluation_text  # noqa: E402
@@ -62,13 +62,14 @@ def main() -> None:
     folder = str(ensure_demo_model())
     ids = AutoTokenizer.from_pretrained(folder)(evaluation_text(), add_special_tokens=False)["input_ids"]
     windows = min(args.windows, len(ids) // WINDOW)
-    settings = [(torch.float32, False), (torch.float16, False)] + ([(torch.float16, True)] if bf16_available() else [])
+    settings = [(torch.float32, torch.float32), (torch.float16, torch.float32)] + [
+        (torch.float16, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)]
     rows = []
-    for cache_dtype, bf16 in settings:
-        with bf16_products(bf16):
+    for cache_dtype, products in settings:
+        with cpu_products(products):
             value = perplexity(folder, ids, windows, cache_dtype)
         rows.append({"kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
-                     "cpu_matmul_dtype": "bfloat16" if bf16 else "float32", "perplexity": round(value, 4),
+                     "cpu_matmul_dtype": str(products).removeprefix("torch."), "perplexity": round(value, 4),
                      "relative_change": round(value / rows[0]["perplexity"] - 1, 6) if rows else 0.0})
         print(f"KV cache {rows[-1]['kv_cache_dtype']}, products {rows[-1]['cpu_matmul_dtype']}: perplexity "
               f"{value:.4f} ({rows[-1]['relative_change']:+.4%})", flush=True)

@@ -1,6 +1,6 @@
 """CPU matrix products: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32 weight packed for
 oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows); on
-CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.bf16_products), which
+CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.cpu_products), which
 changes products from 10 rows.
 
 Each timing cycles through enough distinct weights (at least 256 MiB of fp32) that they come from
@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_half  # noqa: E402
-from lcq.kernels.cpu_matmul import bf16_available, bf16_products, dense_linear, pack_weight  # noqa: E402
+from lcq.kernels.cpu_matmul import cpu_products, products_available, dense_linear, pack_weight  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-products.json"
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate/up 3072x576": (3072, 576),
@@ -55,8 +55,8 @@ def main() -> None:
             row = {"shape": name, "m": m, "fp16_kernel_ms": round(fp16_ms, 3), "onednn_fp32_ms": round(fp32_ms, 3),
                    "speedup": round(fp32_ms / fp16_ms, 2)}
             line = f"{name:<18} M={m:<4} fp16 {fp16_ms:7.3f} ms  oneDNN fp32 {fp32_ms:7.3f} ms  x{fp32_ms / fp16_ms:.2f}"
-            if bf16_available():
-                with bf16_products():
+            if products_available(torch.bfloat16):
+                with cpu_products(torch.bfloat16):
                     bf16_ms = time_ms(cpu_half.half_linear, x, half)
                 row.update(fp16_kernel_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(fp32_ms / bf16_ms, 2))
                 line += f"  with bf16 products {bf16_ms:7.3f} ms  x{fp32_ms / bf16_ms:.2f}"

@@ -15,7 +15,7 @@ import torch
 
 from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
-from lcq.kernels.cpu_matmul import bf16_available, bf16_products, can_pack, dense_linear, half_copy, pack_weight
+from lcq.kernels.cpu_matmul import cpu_products, products_available, can_pack, dense_linear, half_copy, pack_weight
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
 
@@ -213,22 +213,78 @@ def _bf16_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.bfloat16().double() @ weight.bfloat16().double().t()
 
 
-needs_bf16 = pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
+needs_bf16 = pytest.mark.skipif(not products_available(torch.bfloat16), reason="bf16 products need AVX512_BF16 and the C kernels")
 
 
 @needs_bf16
 @pytest.mark.parametrize("n", [43, 46, 48])
 @pytest.mark.parametrize("m, k", [(10, 40), (16, 40), (20, 37), (33, 77), (48, 576)])
 def test_bf16_products_round_operands_only(n, m, k):
-    """Within bf16_products the products from 10 rows equal float64 products of the bf16-rounded
+    """Within cpu_products(torch.bfloat16) the products from 10 rows equal float64 products of the bf16-rounded
     operands up to fp32 summation (1e-5): rounding to nearest even, pairs of K (odd K: a zero pad),
     panels of 32 and 16 rows (M = 10: one of 16; 20: one of 32 with 20 used; 33: 32 and a last one of
     1; 48: 32 and 16), tiles of 6 weight rows and partial ones (N = 43: 1 row left, 46: 4, 48: none)."""
     weight, x = torch.randn(n, k).half(), torch.randn(m, k)
-    with bf16_products():
+    with cpu_products(torch.bfloat16):
         y = cpu_half.half_linear(x, weight)
     assert_close(y, _bf16_reference(x, weight.float()), torch.float32)
     assert _relative_error(y, x.double() @ weight.double().t()) > 1e-4  # bf16 rounding did happen
+
+
+def _int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ W^T in float64 after quantizing both as the int8 products do: per row and block of 64
+    values along K, scale = max |v| / 127 and q = round half to even(v * (127 / max |v|)), in fp32
+    (dividing tensor by tensor: torch turns a division by or of a scalar into a reciprocal's product,
+    which moves ties)."""
+    def quantized(rows: torch.Tensor) -> torch.Tensor:
+        blocks = torch.nn.functional.pad(rows, (0, -rows.shape[1] % 64)).view(rows.shape[0], -1, 64)
+        top = blocks.abs().amax(-1, keepdim=True)
+        most = torch.full_like(top, 127.0)
+        q = torch.round(blocks * torch.where(top > 0, most / top, torch.zeros_like(top)))
+        return (q.double() * (top / most).double()).view(rows.shape[0], -1)[:, :rows.shape[1]]
+
+    return quantized(x.float()) @ quantized(weight.float()).t()
+
+
+needs_int8 = pytest.mark.skipif(not products_available(torch.int8),
+                                reason="int8 products need AVX512_VNNI and AVX512_BF16, and the C kernels")
+
+
+@needs_int8
+@pytest.mark.parametrize("n", [43, 48])
+@pytest.mark.parametrize("m, k", [(16, 40), (20, 37), (33, 130), (48, 576), (70, 64)])
+def test_int8_products_quantize_operands_only(n, m, k):
+    """Within cpu_products(torch.int8) the products from 16 rows equal float64 products of operands
+    quantized to 8 bits per block of 64 (the reference above) up to fp32 scaling and summation (1e-5):
+    words of 4 values (K = 37: one padded), blocks cut short (K = 40, 130), panels of 32 and 16 rows
+    (M = 20: one of 32; 33: 32 and 1; 48: 32 and 16; 70: 32, 32 and 6), partial weight tiles (N = 43)."""
+    weight, x = torch.randn(n, k).half(), torch.randn(m, k)
+    x[:, 1] *= 30  # an outlier channel: its block's scale, not the others'
+    with cpu_products(torch.int8):
+        y = cpu_half.half_linear(x, weight)
+    assert_close(y, _int8_reference(x, weight), torch.float32)
+    assert _relative_error(y, x.double() @ weight.double().t()) > 1e-3  # quantization did happen
+
+
+@needs_int8
+def test_int8_products_start_at_16_rows_and_stay_in_this_thread():
+    """Below 16 rows int8 products are bf16 ones (quantizing every weight would cost more than they
+    save); LCQ index weights quantize their expanded values; other threads keep fp32."""
+    import threading
+
+    layer = random_layer(70, 200, 3, 2, 64, seed=7)
+    index_weight, dense = cpu_index.IndexWeight(layer), dequantize(layer, torch.float32)
+    x = torch.randn(33, 200)
+    other: list[torch.Tensor] = []
+    with cpu_products(torch.int8):
+        assert _relative_error(index_weight.linear(x), _int8_reference(x, dense)) < 1e-5
+        few = index_weight.linear(x[:12])
+        thread = threading.Thread(target=lambda: other.append(index_weight.linear(x)))
+        thread.start()
+        thread.join()
+    with cpu_products(torch.bfloat16):
+        assert torch.equal(few, index_weight.linear(x[:12]))
+    assert _relative_error(other[0], reference(x, layer)) < 1e-6
 
 
 @needs_bf16
@@ -242,7 +298,7 @@ def test_half_decode_with_bf16_products_matches_rounded_reference(m, k):
     rounded_x, rounded_w = x.double(), weight.double()
     rounded_x[:, :whole] = x[:, :whole].bfloat16().double()
     rounded_w[:, :whole] = weight[:, :whole].float().bfloat16().double()
-    with bf16_products():
+    with cpu_products(torch.bfloat16):
         assert_close(cpu_half.half_linear(x, weight), rounded_x @ rounded_w.t(), torch.float32)
         assert_close(cpu_half.half_linear(x[:2], weight), x[:2].double() @ weight.double().t(), torch.float32)
         if whole:
@@ -260,7 +316,7 @@ def test_bf16_products_apply_to_index_weights_in_this_thread_only():
     index_weight, dense = cpu_index.IndexWeight(layer), dequantize(layer, torch.float32)
     x = torch.randn(33, 128)
     other: list[torch.Tensor] = []
-    with bf16_products():
+    with cpu_products(torch.bfloat16):
         for m in (33, 10, 9, 5):
             assert _relative_error(index_weight.linear(x[:m]), _bf16_reference(x[:m], dense)) < 1e-6
         for m in (4, 1):
@@ -316,7 +372,7 @@ def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, g
     rounded_x, rounded_w = x.double(), dense.clone()
     rounded_x[:, :whole] = x[:, :whole].bfloat16().double()
     rounded_w[:, :whole] = dense[:, :whole].bfloat16().double()
-    with bf16_products():
+    with cpu_products(torch.bfloat16):
         y = weight.linear(x)
     assert _relative_error(y, rounded_x @ rounded_w.t()) < 1e-6
 

@@ -10,7 +10,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops
-from lcq.kernels.cpu_matmul import bf16_available, bf16_products
+from lcq.kernels.cpu_matmul import cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
@@ -337,7 +337,7 @@ def test_fp16_cache_saturates_values_past_its_range(monkeypatch, c_ops):
 
 @needs_cpu_ops
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("bf16", [False, True] if bf16_available() else [False])
+@pytest.mark.parametrize("bf16", [False, True] if products_available(torch.bfloat16) else [False])
 def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
     """Staged in groups under a small limit (every sequence alone, or two by two) the C prefill gives
     the same numbers as staged all at once: the groups only bound its buffer."""
@@ -345,7 +345,7 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
     k_cache, v_cache, context = _random_paged_context(new, cached, 3, 24, cache_dtype)
     q = torch.randn(sum(new), 9, 24)
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, 24 ** -0.5)
-    with bf16_products(bf16):
+    with cpu_products(torch.bfloat16 if bf16 else torch.float32):
         whole = cpu_ops.prefill_attention(*args)
         chunk_floats = 3 * (24 * 16 + 16 * 32)  # per chunk of 16 keys, all kv heads: K, and V padded to 32
         for limit in (1, 12 * chunk_floats):
@@ -353,7 +353,7 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
 
 
 @needs_cpu_ops
-@pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
+@pytest.mark.skipif(not products_available(torch.bfloat16), reason="bf16 products need AVX512_BF16 and the C kernels")
 @pytest.mark.parametrize("cache_dtype, head_dim", [(torch.float32, 24), (torch.float16, 64), (torch.float32, 136)])
 @pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]), ([40], [3]), ([50, 2, 1], [70, 100, 0]),
                                          ([1, 1, 1], [0, 6, 36])])
@@ -365,7 +365,7 @@ def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head
     q = torch.randn(sum(new), 9, head_dim)
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, head_dim ** -0.5)
     exact = cpu_ops.prefill_attention(*args)
-    with bf16_products():
+    with cpu_products(torch.bfloat16):
         rounded = cpu_ops.prefill_attention(*args)
     torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
     assert torch.equal(rounded, exact) == all(n == 1 for n in new)

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from lcq.kernels.cpu_matmul import bf16_available
+from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.async_engine import return_freed_memory
@@ -130,14 +130,18 @@ def test_kv_cache_dtype_is_checked():
 
 
 def test_cpu_matmul_dtype_is_checked():
-    with pytest.raises(ValueError, match="cpu_matmul_dtype must be auto, float32 or bfloat16"):
-        EngineConfig(model="m", cpu_matmul_dtype="int8").validate()
+    with pytest.raises(ValueError, match="cpu_matmul_dtype must be auto, float32, bfloat16 or int8"):
+        EngineConfig(model="m", cpu_matmul_dtype="int4").validate()
     with pytest.raises(ValueError, match="needs an fp32 model on a CPU with AVX512_BF16"):
         EngineConfig(model="m", device="cpu", dtype="bfloat16", cpu_matmul_dtype="bfloat16").validate()
-    expected = torch.bfloat16 if bf16_available() else torch.float32
+    with pytest.raises(ValueError, match="int8 needs an fp32 model on a CPU with AVX512_BF16 and AVX512_VNNI"):
+        EngineConfig(model="m", device="cpu", dtype="float16", cpu_matmul_dtype="int8").validate()
+    expected = torch.bfloat16 if products_available(torch.bfloat16) else torch.float32
     assert EngineConfig(model="m", device="cpu").resolved_cpu_matmul_dtype() == expected
     assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32").resolved_cpu_matmul_dtype() == torch.float32
     assert EngineConfig(model="m", device="cpu", dtype="float16").resolved_cpu_matmul_dtype() == torch.float32
+    if products_available(torch.int8):
+        assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="int8").resolved_cpu_matmul_dtype() == torch.int8
 
 
 def test_prefix_cache_hits_give_the_same_tokens(llm):
@@ -188,17 +192,21 @@ def test_logprobs_match_log_softmax(tiny, llm):
         assert [t[0] for t in lp.top] == row.topk(3).indices.tolist()
 
 
-@pytest.mark.skipif(not bf16_available(), reason="bf16 products need AVX512_BF16 and the C kernels")
-def test_default_engine_prefills_with_bf16_products(tmp_path):
+@pytest.mark.parametrize("setting, dtype, largest", [("auto", torch.bfloat16, 0.05), ("int8", torch.int8, 0.15)])
+def test_engine_prefills_with_rounded_products(tmp_path, setting, dtype, largest):
     """The CPU default rounds the operands of the C kernels' large products (an 18-token prefill of an
-    LCQ model) to bf16: the first token's logprobs move by about bf16's rounding from fp32's, no more."""
+    LCQ model) to bf16, and int8 quantizes them to 8 bits per block of 64: the first token's logprobs
+    move from fp32's by about that rounding, no more."""
+    if not products_available(dtype):
+        pytest.skip(f"{setting} products need AVX-512 extensions this CPU lacks, or the C kernels")
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32))
     params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=3)
-    default, exact = LLM(folder, block_size=8, kv_cache_dtype="float32"), LLM(folder, block_size=8, **FP32)
-    assert default.engine.runner.bf16_products and not exact.engine.runner.bf16_products
-    ours, theirs = (engine.generate([PROMPTS[0]], params)[0].logprobs[0].top for engine in (default, exact))
+    rounded = LLM(folder, block_size=8, kv_cache_dtype="float32", cpu_matmul_dtype=setting)
+    exact = LLM(folder, block_size=8, **FP32)
+    assert rounded.engine.runner.products == dtype and exact.engine.runner.products == torch.float32
+    ours, theirs = (engine.generate([PROMPTS[0]], params)[0].logprobs[0].top for engine in (rounded, exact))
     differences = [abs(a[2] - b[2]) for a, b in zip(ours, theirs)]
-    assert 0 < max(differences) < 0.05
+    assert 0 < max(differences) < largest
 
 
 def _seq(params: SamplingParams, tokens=(1, 2, 3)) -> Sequence:

@@ -23,6 +23,8 @@
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
+#define BYTE_PANEL 32  /* int8: activation rows per panel, two vectors of 4-byte words (a last one of up to 16: one) */
+#define SCALE_WORDS 16 /* int8: words of 4 values per scale block (128 values along K) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -31,22 +33,30 @@
  * rows over SmolLM2's five weight shapes with indices and fp16 copies. */
 #define BF16_MIN_ROWS 10
 
-static _Thread_local int bf16_products; /* per calling thread, like torch.autocast */
+/* From this many rows int8 products beat bf16 ones: below, quantizing each expanded weight costs more
+ * than the faster products save (fp16 weights of SmolLM2's shapes, 2 threads on a Zen 4: 0.96-1.1x
+ * at 16 rows, 1.1-1.2x at 32-64, 1.46x at 256). */
+#define INT8_MIN_ROWS 16
+
+static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
 int lcq_bf16_products(void) {
-    return bf16_products;
+    return product_form != LCQ_FP32_PRODUCTS;
 }
 
 int lcq_gemm_min_rows(void) {
-    return bf16_products ? BF16_MIN_ROWS : LCQ_GEMM_MIN_ROWS;
+    return product_form == LCQ_FP32_PRODUCTS ? LCQ_GEMM_MIN_ROWS : BF16_MIN_ROWS;
 }
 
-/* Turns bf16 products on (where the CPU has AVX512_BF16) or off for the calling thread; returns the
- * previous setting, so a caller can restore it. */
-int lcq_set_bf16_products(int on) {
-    const int previous = bf16_products;
+/* Sets the calling thread's product form (the best the CPU has at or below the one asked for);
+ * returns the previous one, so a caller can restore it. */
+int lcq_set_products(int form) {
+    const int previous = product_form;
     __builtin_cpu_init();
-    bf16_products = on && __builtin_cpu_supports("avx512bf16");
+    const int bf16 = __builtin_cpu_supports("avx512bf16"), vnni = bf16 && __builtin_cpu_supports("avx512vnni");
+    product_form = form >= LCQ_INT8_PRODUCTS && vnni ? LCQ_INT8_PRODUCTS
+                   : form >= LCQ_BF16_PRODUCTS && bf16 ? LCQ_BF16_PRODUCTS
+                                                        : LCQ_FP32_PRODUCTS;
     return previous;
 }
 
@@ -71,6 +81,87 @@ uint32_t *lcq_round_rows(const float *x, int M, int K) {
 int lcq_even_pass_rows(int M, int most) {
     const int passes = (M + most - 1) / most;
     return (M + passes - 1) / passes;
+}
+
+/* The int8 form of a row of K values: ceil(K / 4) words of 4 bytes, then per block of 128 values
+ * its scale and its offset (below). */
+static inline int scale_blocks(int words) {
+    return (words + SCALE_WORDS - 1) / SCALE_WORDS;
+}
+
+static inline int byte_row_words(int words) {
+    return words + 2 * scale_blocks(words);
+}
+
+/* K fp32 values as a row of the int8 form (the bytes padded with zeros to a whole word): per block,
+ * scale = max |v| / 127 and q = round(v / scale), stored signed, or q + 128 unsigned (vpdpbusd
+ * multiplies unsigned by signed bytes: weights are the unsigned side), and offset = -128 * sum of q,
+ * which cancels what the weights' +128 adds to their products with these values. */
+LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint32_t *row) {
+    const int words = (K + 3) / 4, blocks = scale_blocks(words), padded = 4 * words;
+    int8_t *bytes = (int8_t *)row;
+    float *scales = (float *)(row + words);
+    int32_t *offsets = (int32_t *)(row + words + blocks);
+    const __m128i flip = _mm_set1_epi8(as_unsigned ? (char)0x80 : 0);
+    for (int b = 0; b < blocks; b++) {
+        const int k0 = b * 4 * SCALE_WORDS, k1 = k0 + 4 * SCALE_WORDS < padded ? k0 + 4 * SCALE_WORDS : padded;
+        __m512 values[SCALE_WORDS / 4], largest = _mm512_setzero_ps();
+        for (int i = 0; i < SCALE_WORDS / 4; i++) { /* the block's values, zeros past K */
+            const int k = k0 + 16 * i, left = K - k <= 0 ? 0 : K - k < 16 ? K - k : 16;
+            values[i] = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), src + k);
+            largest = _mm512_max_ps(largest, _mm512_abs_ps(values[i]));
+        }
+        const float top = _mm512_reduce_max_ps(largest);
+        const __m512 inverse = _mm512_set1_ps(top > 0 ? 127.0f / top : 0.0f);
+        __m512i sum = _mm512_setzero_si512();
+        for (int i = 0; i < SCALE_WORDS / 4 && k0 + 16 * i < k1; i++) {
+            const int stored = k1 - (k0 + 16 * i) < 16 ? k1 - (k0 + 16 * i) : 16;
+            const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values[i], inverse));
+            sum = _mm512_add_epi32(sum, q);
+            _mm_mask_storeu_epi8(bytes + k0 + 16 * i, (__mmask16)((1u << stored) - 1),
+                                 _mm_xor_si128(_mm512_cvtsepi32_epi8(q), flip));
+        }
+        scales[b] = top / 127.0f;
+        offsets[b] = as_unsigned ? 0 : -128 * _mm512_reduce_add_epi32(sum);
+    }
+}
+
+/* The int8 form of lcq_pair_sums: acc[r][v] = sum over the K words of weight row a[r] (unsigned
+ * bytes, row stride lda words) . panel b[k][16v .. 16v + 16) (signed bytes, row stride ldb), both in
+ * the int8 form (the panel's scales and offsets as rows after its K words). Per block, 32-bit sums
+ * start at the panel's offsets and take one vpdpbusd (four multiply-adds per lane) per weight row
+ * and vector per word, then become fp32 times both scales. */
+LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
+                                                                    int64_t lda, const uint32_t *b, int64_t ldb,
+                                                                    int K, __m512 acc[][2]) {
+    const int blocks = scale_blocks(K);
+    const float *scales = (const float *)(b + (int64_t)K * ldb);
+    const int32_t *offsets = (const int32_t *)(b + (int64_t)(K + blocks) * ldb);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+    for (int block = 0; block < blocks; block++) {
+        __m512i sums[TILE_WEIGHTS][2];
+        for (int v = 0; v < V; v++) {
+            const __m512i offset = _mm512_loadu_si512(offsets + block * ldb + v * 16);
+            for (int r = 0; r < R; r++) sums[r][v] = offset;
+        }
+        const int end = (block + 1) * SCALE_WORDS < K ? (block + 1) * SCALE_WORDS : K;
+        for (int k = block * SCALE_WORDS; k < end; k++) {
+            __m512i columns[2];
+            for (int v = 0; v < V; v++) columns[v] = _mm512_loadu_si512(b + k * ldb + v * 16);
+            for (int r = 0; r < R; r++) {
+                const __m512i weights = _mm512_set1_epi32((int)a[r * lda + k]);
+                for (int v = 0; v < V; v++) sums[r][v] = _mm512_dpbusd_epi32(sums[r][v], weights, columns[v]);
+            }
+        }
+        for (int v = 0; v < V; v++) {
+            const __m512 scale = _mm512_loadu_ps(scales + block * ldb + v * 16);
+            for (int r = 0; r < R; r++) {
+                const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(((const float *)(a + r * lda + K))[block]));
+                acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][v]), both, acc[r][v]);
+            }
+        }
+    }
 }
 
 /* The width of the panel at row m0: `panel` rows, or half for a last one of up to half. */
@@ -99,24 +190,26 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
  * and R weight rows w (K elements of TYPE each): R x V accumulators from SUMS (lcq_tile_sums: fp32,
  * 8 rows per vector; lcq_pair_sums: bf16 pairs, 16), each the outputs of one weight row. Inlined
  * with R and V constants. */
-#define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS)                                  \
+#define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS, STRIDE)                                \
     ATTR static inline __attribute__((always_inline)) void PREFIX##tile(                                      \
         const int R, const int V, const TYPE *panel, int K, const TYPE *w, int rows, float *y, int N) {         \
         VECTOR acc[TILE_WEIGHTS][2];                                                                            \
-        SUMS(R, V, w, K, panel, V * LANES, K, acc);                                                             \
+        SUMS(R, V, w, STRIDE(K), panel, V * LANES, K, acc);                                                        \
         float out[TILE_WEIGHTS][PANEL_ROWS];                                                                    \
         for (int r = 0; r < R; r++)                                                                             \
             for (int v = 0; v < V; v++) STORE(out[r] + v * LANES, acc[r][v]);                                   \
         store_tile(R, out[0], PANEL_ROWS, rows, y, N);                                                          \
     }
 
-MICRO_TILE(, fp32_, float, __m256, 8, lcq_tile_sums, _mm256_storeu_ps, PANEL)
-MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_ps, PAIR_PANEL)
+#define WORDS(K) (K) /* the row stride of fp32 and bf16 forms: their K elements */
+MICRO_TILE(, fp32_, float, __m256, 8, lcq_tile_sums, _mm256_storeu_ps, PANEL, WORDS)
+MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_ps, PAIR_PANEL, WORDS)
+MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, BYTE_PANEL, byte_row_words)
 
 /* PREFIX##block_product: y[:, 0 .. count) (row stride N) for `count` expanded weight rows (K elements
  * of TYPE each) against every panel of PANEL_ROWS rows, each panel's columns in micro-tiles of
  * TILE_WEIGHTS weight rows, then the rest: TILE_AT(R) is the micro-tile of R rows at column n. */
-#define BLOCK_PRODUCT(ATTR, PREFIX, TYPE, PANEL_ROWS, TILE_AT)                                               \
+#define BLOCK_PRODUCT(ATTR, PREFIX, TYPE, PANEL_ROWS, TILE_AT, STRIDE)                                            \
     ATTR static inline __attribute__((always_inline)) void PREFIX##panel_product(                             \
         const int V, const TYPE *panel, int K, const TYPE *w, int count, int rows, float *y, int N) {          \
         int n = 0;                                                                                              \
@@ -129,7 +222,7 @@ MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_p
     ATTR static void PREFIX##block_product(const TYPE *panels, int M, int K, const TYPE *w, int count, float *y, \
                                            int N) {                                                             \
         for (int m0 = 0; m0 < M; m0 += PANEL_ROWS) {                                                            \
-            const TYPE *panel = panels + (int64_t)m0 * K;                                                       \
+            const TYPE *panel = panels + (int64_t)m0 * STRIDE(K);                                                  \
             const int rows = M - m0 < PANEL_ROWS ? M - m0 : PANEL_ROWS;                                         \
             if (panel_width(M, m0, PANEL_ROWS) == PANEL_ROWS)                                                   \
                 PREFIX##panel_product(2, panel, K, w, count, rows, y + (int64_t)m0 * N, N);                     \
@@ -140,49 +233,66 @@ MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_p
 
 #define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 #define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
-BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT)
-BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT)
+#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * byte_row_words(K), rows, y + n, N)
+BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
+BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
+BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, byte_row_words)
+
+/* Row r of src (K fp32 values) in the product form's words at dst + r * words; weights (the expanded
+ * rows) take the unsigned int8 form. */
+static void convert_rows(int form, const float *src, int K, int count, int weights, uint32_t *dst, int words) {
+    for (int r = 0; r < count; r++) {
+        if (form == LCQ_INT8_PRODUCTS)
+            quantize_row(src + (int64_t)r * K, K, weights, dst + (int64_t)r * words);
+        else
+            lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
+    }
+}
 
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y) {
-    const int pairs = bf16_products, width = pairs ? PAIR_PANEL : PANEL;
-    const int words = pairs ? (K + 1) / 2 : K; /* 32-bit words per row: fp32 values or bf16 pairs */
+    const int form = product_form == LCQ_INT8_PRODUCTS && M < INT8_MIN_ROWS ? LCQ_BF16_PRODUCTS : product_form;
+    const int converted = form != LCQ_FP32_PRODUCTS;
+    const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
+    const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
+    const int words = form == LCQ_INT8_PRODUCTS ? byte_row_words(values) : values; /* 32-bit words per row */
     const int panels = (M + width - 1) / width, blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
-    uint32_t *rounded_x = pairs ? malloc(sizeof(uint32_t) * (size_t)M * words) : NULL;
+    uint32_t *converted_x = converted ? malloc(sizeof(uint32_t) * (size_t)M * words) : NULL;
     uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)panels * width * words);
-    int failed = packed == NULL || (pairs && rounded_x == NULL);
+    int failed = packed == NULL || (converted && converted_x == NULL);
     if (!failed) {
 #pragma omp parallel reduction(| : failed)
         {
-            if (pairs) {
+            if (converted) {
 #pragma omp for schedule(static)
-                for (int m = 0; m < M; m++) lcq_round_pairs(x + (int64_t)m * K, K, rounded_x + (int64_t)m * words);
+                for (int m = 0; m < M; m++)
+                    convert_rows(form, x + (int64_t)m * K, K, 1, 0, converted_x + (int64_t)m * words, words);
             }
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++)
-                pack_panel(pairs ? rounded_x : (const uint32_t *)x, M, words, p * width,
+                pack_panel(converted ? converted_x : (const uint32_t *)x, M, words, p * width,
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
             float *block = malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
-            uint32_t *rounded = pairs ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
-            const int ready = block != NULL && (!pairs || rounded != NULL);
+            uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
+            const int ready = block != NULL && (!converted || rows != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
                 expand(weight, K, first, count, block);
-                if (pairs) {
-                    for (int r = 0; r < count; r++)
-                        lcq_round_pairs(block + (int64_t)r * K, K, rounded + (int64_t)r * words);
-                    pair_block_product(packed, M, words, rounded, count, y + first, N);
-                } else {
+                if (converted) convert_rows(form, block, K, count, 1, rows, words);
+                if (form == LCQ_INT8_PRODUCTS)
+                    byte_block_product(packed, M, values, rows, count, y + first, N);
+                else if (form == LCQ_BF16_PRODUCTS)
+                    pair_block_product(packed, M, values, rows, count, y + first, N);
+                else
                     fp32_block_product((const float *)packed, M, K, block, count, y + first, N);
-                }
             }
             free(block);
-            free(rounded);
+            free(rows);
         }
     }
-    free(rounded_x);
+    free(converted_x);
     free(packed);
     return failed ? -1 : 0;
 }

@@ -18,7 +18,7 @@ int lcq_gemm_min_rows(void);
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
 
 /* y (M, N) = x (M, K) @ W^T, W given by its expansion; x and y fp32 contiguous, M >= 1. Operands
- * rounded to bf16 (sums fp32) where the calling thread turned that on (lcq_set_bf16_products).
+ * rounded to bf16 (sums fp32) or 8 bits (sums int32) where the calling thread asks (lcq_set_products).
  * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y);
 
@@ -46,7 +46,15 @@ static inline __attribute__((always_inline)) void lcq_tile_sums(const int R, con
 /* Functions with bf16 instructions (AVX512_BF16), called only where the CPU has them. */
 #define LCQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-/* Whether the calling thread's products take bf16 operands (lcq_set_bf16_products in cpu_gemm.c). */
+/* Functions with 8-bit dot products (AVX512_VNNI), called only where the CPU has them. */
+#define LCQ_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+
+/* The forms of the calling thread's products (lcq_set_products in cpu_gemm.c): fp32; bf16 operands
+ * with fp32 sums; and 8-bit operands with 32-bit sums in the blocked product, bf16
+ * elsewhere. */
+enum { LCQ_FP32_PRODUCTS, LCQ_BF16_PRODUCTS, LCQ_INT8_PRODUCTS };
+
+/* Whether the calling thread's products take bf16 (or, in the blocked product, 8-bit) operands. */
 int lcq_bf16_products(void);
 
 /* K fp32 values as ceil(K / 2) bf16 pairs (round to nearest even), the last one padded with zero. */

@@ -69,25 +69,36 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     return F.linear(x, weight, bias)
 
 
-def bf16_available() -> bool:
-    """Whether the C kernels run here on a CPU with AVX512_BF16 and LCQ_CPU_AVX512 is not 0 (see
-    bf16_products)."""
-    return native.has_avx512("avx512_bf16") and native.load() is not None
+# The C kernels' product forms (LCQ_*_PRODUCTS in cpu_gemm.h) by operand dtype, and the CPU flags
+# each needs (int8 uses bf16 where it does not apply).
+PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),
+                 torch.int8: (2, ("avx512_bf16", "avx512_vnni"))}
+
+
+def products_available(dtype: torch.dtype) -> bool:
+    """Whether the C kernels run here and the CPU has what products of this operand dtype need
+    (LCQ_CPU_AVX512=0 leaves float32 only)."""
+    form = PRODUCT_FORMS.get(dtype)
+    return form is not None and native.load() is not None and all(native.has_avx512(flag) for flag in form[1])
 
 
 @contextlib.contextmanager
-def bf16_products(enabled: bool = True) -> Iterator[None]:
-    """Within the block, the calling thread's fp32 products of several rows in the C kernels (the
-    blocked product from 10 rows instead of 16; below it the decode forms of LCQ indices from 5 rows
-    and of fp16 copies from 3) and its prefill attention round operands to bf16 and sum in fp32,
-    twice the multiply-adds per instruction (bf16_available); elsewhere nothing changes.
+def cpu_products(dtype: torch.dtype) -> Iterator[None]:
+    """Within the block, the calling thread's fp32 products of several rows in the C kernels take
+    operands of this dtype with fp32 sums (products_available; elsewhere nothing changes):
+    - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, in the blocked product from 10 rows
+      instead of 16, the decode forms of LCQ indices from 5 rows and of fp16 copies from 3, and
+      prefill attention; operands rounded to nearest even.
+    - int8: vpdpbusd, four multiply-adds per 32-bit lane, in the blocked product (activations and
+      expanded weights quantized to 8 bits per block of 128 values along K, with a scale each);
+      bfloat16 in the rest.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:
         yield
         return
-    previous = lib.lcq_set_bf16_products(int(enabled and bf16_available()))
+    previous = lib.lcq_set_products(PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0)
     try:
         yield
     finally:
-        lib.lcq_set_bf16_products(previous)
+        lib.lcq_set_products(previous)

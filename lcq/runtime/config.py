@@ -56,17 +56,20 @@ class EngineConfig:
         bfloat16 where the CPU has AVX512_BF16, whose instructions do twice the multiply-adds of fp32
         ones (demo-model perplexity within +-0.03%, docs/kernels.md), else float32, which keeps
         tokens equal to transformers'."""
-        if self.cpu_matmul_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"cpu_matmul_dtype must be auto, float32 or bfloat16 (got {self.cpu_matmul_dtype})")
-        from lcq.kernels.cpu_matmul import bf16_available
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+        if self.cpu_matmul_dtype not in ("auto", *names):
+            raise ValueError(f"cpu_matmul_dtype must be auto, float32, bfloat16 or int8 (got {self.cpu_matmul_dtype})")
+        from lcq.kernels.cpu_matmul import products_available
 
         applies = self.resolved_device().type == "cpu" and self.resolved_dtype() == torch.float32
-        if self.cpu_matmul_dtype == "bfloat16" and not (applies and bf16_available()):
-            raise ValueError("cpu_matmul_dtype bfloat16 needs an fp32 model on a CPU with AVX512_BF16 "
-                             "and the C kernels")
         if self.cpu_matmul_dtype == "auto":
-            return torch.bfloat16 if applies and bf16_available() else torch.float32
-        return DTYPES[self.cpu_matmul_dtype]
+            return torch.bfloat16 if applies and products_available(torch.bfloat16) else torch.float32
+        dtype = names[self.cpu_matmul_dtype]
+        if dtype != torch.float32 and not (applies and products_available(dtype)):
+            needs = "AVX512_BF16 and AVX512_VNNI" if dtype == torch.int8 else "AVX512_BF16"
+            raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model on a CPU with {needs} "
+                             "and the C kernels")
+        return dtype
 
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name

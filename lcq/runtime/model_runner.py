@@ -7,7 +7,7 @@ import logging
 
 import torch
 
-from lcq.kernels.cpu_matmul import bf16_products
+from lcq.kernels.cpu_matmul import cpu_products
 from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
@@ -17,6 +17,8 @@ from .sequence import Sequence
 logger = logging.getLogger("lcq.engine")
 
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
+PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",
+                   torch.int8: "int8 operands from 10 rows, bf16 from 3"}  # cpu_matmul.cpu_products
 
 
 class ModelRunner:
@@ -29,7 +31,7 @@ class ModelRunner:
         self.model, self.model_config = load_model(config.model, self.device, self.dtype)
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
-        self.bf16_products = config.resolved_cpu_matmul_dtype() == torch.bfloat16
+        self.products = config.resolved_cpu_matmul_dtype()
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
@@ -43,7 +45,7 @@ class ModelRunner:
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB); context %d tokens; "
                     "products: %s", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
                     str(kv_dtype).removeprefix("torch."), self.kv_cache_bytes / 2**30, self.max_model_len,
-                    "bf16 operands from 3-10 rows" if self.bf16_products else str(self.dtype).removeprefix("torch."))
+                    PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
@@ -90,7 +92,7 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Forward the step; returns the sequences that now need a next token and their logits."""
         input_ids, positions, context = self._prepare(scheduled)
-        with bf16_products(self.bf16_products):
+        with cpu_products(self.products):
             return self._forward(scheduled, input_ids, positions, context)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
