@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_half  # noqa: E402
-from lcq.kernels.cpu_matmul import cpu_products, products_available, dense_linear, pack_weight  # noqa: E402
+from lcq.kernels.cpu_matmul import cpu_products, dense_linear, pack_weight, products_available  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-products.json"
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate/up 3072x576": (3072, 576),

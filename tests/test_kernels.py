@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear
+from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear, layer_codebooks
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
-from lcq.kernels.cpu_matmul import cpu_products, products_available, can_pack, dense_linear, half_copy, pack_weight
+from lcq.kernels.cpu_matmul import can_pack, cpu_products, dense_linear, half_copy, pack_weight, products_available
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
 
@@ -231,19 +231,28 @@ def test_bf16_products_round_operands_only(n, m, k):
     assert _relative_error(y, x.double() @ weight.double().t()) > 1e-4  # bf16 rounding did happen
 
 
-def _int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ W^T in float64 after quantizing both as the int8 products do: per row and block of 64
-    values along K, scale = max |v| / 127 and q = round half to even(v * (127 / max |v|)), in fp32
-    (dividing tensor by tensor: torch turns a division by or of a scalar into a reciprocal's product,
-    which moves ties)."""
-    def quantized(rows: torch.Tensor) -> torch.Tensor:
-        blocks = torch.nn.functional.pad(rows, (0, -rows.shape[1] % 64)).view(rows.shape[0], -1, 64)
-        top = blocks.abs().amax(-1, keepdim=True)
-        most = torch.full_like(top, 127.0)
-        q = torch.round(blocks * torch.where(top > 0, most / top, torch.zeros_like(top)))
-        return (q.double() * (top / most).double()).view(rows.shape[0], -1)[:, :rows.shape[1]]
+def _int8_quantized(rows: torch.Tensor, tops: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows (R, K) as the int8 products take them, float64: per row and block of 64 values along K,
+    scale = top / 127 and q = round half to even(v * (127 / top)) in fp32, top the block's max |v|
+    unless given (R, blocks). Tensor by tensor: torch turns a division by or of a scalar into a
+    reciprocal's product, which moves ties."""
+    blocks = torch.nn.functional.pad(rows, (0, -rows.shape[1] % 64)).view(rows.shape[0], -1, 64)
+    top = blocks.abs().amax(-1, keepdim=True) if tops is None else tops.unsqueeze(-1)
+    most = torch.full_like(top, 127.0)
+    q = torch.round(blocks * torch.where(top > 0, most / top, torch.zeros_like(top)))
+    return (q.double() * (top / most).double()).view(rows.shape[0], -1)[:, :rows.shape[1]]
 
-    return quantized(x.float()) @ quantized(weight.float()).t()
+
+def _int8_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _int8_quantized(x.float()) @ _int8_quantized(weight.float()).t()
+
+
+def _int8_index_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """As _int8_reference, but an LCQ weight's block scale bounds the codebooks of the groups the block
+    meets, as the kernel quantizes codebooks instead of values."""
+    books, k, g = layer_codebooks(layer).abs().amax(-1), layer.in_features, layer.group_size
+    tops = torch.stack([books[:, s // g:(min(s + 64, k) - 1) // g + 1].amax(-1) for s in range(0, k, 64)], 1)
+    return _int8_quantized(x.float()) @ _int8_quantized(dequantize(layer, torch.float32), tops).t()
 
 
 needs_int8 = pytest.mark.skipif(not products_available(torch.int8),
@@ -269,15 +278,14 @@ def test_int8_products_quantize_operands_only(n, m, k):
 @needs_int8
 def test_int8_products_start_at_16_rows_and_stay_in_this_thread():
     """Below 16 rows int8 products are bf16 ones (quantizing every weight would cost more than they
-    save); LCQ index weights quantize their expanded values; other threads keep fp32."""
+    save); other threads keep fp32."""
     import threading
 
     layer = random_layer(70, 200, 3, 2, 64, seed=7)
-    index_weight, dense = cpu_index.IndexWeight(layer), dequantize(layer, torch.float32)
+    index_weight = cpu_index.IndexWeight(layer)
     x = torch.randn(33, 200)
     other: list[torch.Tensor] = []
     with cpu_products(torch.int8):
-        assert _relative_error(index_weight.linear(x), _int8_reference(x, dense)) < 1e-5
         few = index_weight.linear(x[:12])
         thread = threading.Thread(target=lambda: other.append(index_weight.linear(x)))
         thread.start()
@@ -375,6 +383,24 @@ def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, g
     with cpu_products(torch.bfloat16):
         y = weight.linear(x)
     assert _relative_error(y, rounded_x @ rounded_w.t()) < 1e-6
+
+
+@needs_int8
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
+                                                   (2, 2, 64, 600), (3, 1, 32, 500)])
+@pytest.mark.parametrize("wide", INDEX_FORMS)
+def test_index_weights_with_int8_products(bits, rank, group, k, wide):
+    """LCQ weights in int8 products: the AVX-512 form quantizes each group's codebook (a block's
+    scale bounds the codebooks it meets), the AVX2 one its expanded values (_int8_reference); only
+    fp32 scaling and summation differ (1e-5), where int8 rounding itself is ~1e-2 from exact. Partial
+    runs (K = 37, 80, 100, 150), blocks meeting two groups (g = 32) and parts of one (g = 128)."""
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
+    index_weight = cpu_index.IndexWeight(layer, wide=wide)
+    x = torch.randn(33, k)
+    with cpu_products(torch.int8):
+        y = index_weight.linear(x)
+    expected = _int8_index_reference(x, layer) if wide else _int8_reference(x, dequantize(layer, torch.float32))
+    assert _relative_error(y, expected) < 1e-5 and _relative_error(y, reference(x, layer)) > 1e-3
 
 
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")

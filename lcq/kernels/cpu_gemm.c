@@ -24,7 +24,6 @@
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
 #define BYTE_PANEL 32  /* int8: activation rows per panel, two vectors of 4-byte words (a last one of up to 16: one) */
-#define SCALE_WORDS 16 /* int8: words of 4 values per scale block (128 values along K) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -83,30 +82,20 @@ int lcq_even_pass_rows(int M, int most) {
     return (M + passes - 1) / passes;
 }
 
-/* The int8 form of a row of K values: ceil(K / 4) words of 4 bytes, then per block of 128 values
- * its scale and its offset (below). */
-static inline int scale_blocks(int words) {
-    return (words + SCALE_WORDS - 1) / SCALE_WORDS;
-}
-
-static inline int byte_row_words(int words) {
-    return words + 2 * scale_blocks(words);
-}
-
-/* K fp32 values as a row of the int8 form (the bytes padded with zeros to a whole word): per block,
- * scale = max |v| / 127 and q = round(v / scale), stored signed, or q + 128 unsigned (vpdpbusd
+/* K fp32 values as a row of the int8 form (cpu_gemm.h; the bytes padded with zeros to a whole word):
+ * per block, scale = max |v| / 127 and q = round(v / scale), stored signed, or q + 128 unsigned (vpdpbusd
  * multiplies unsigned by signed bytes: weights are the unsigned side), and offset = -128 * sum of q,
  * which cancels what the weights' +128 adds to their products with these values. */
 LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint32_t *row) {
-    const int words = (K + 3) / 4, blocks = scale_blocks(words), padded = 4 * words;
+    const int words = (K + 3) / 4, blocks = lcq_scale_blocks(words), padded = 4 * words;
     int8_t *bytes = (int8_t *)row;
     float *scales = (float *)(row + words);
     int32_t *offsets = (int32_t *)(row + words + blocks);
     const __m128i flip = _mm_set1_epi8(as_unsigned ? (char)0x80 : 0);
     for (int b = 0; b < blocks; b++) {
-        const int k0 = b * 4 * SCALE_WORDS, k1 = k0 + 4 * SCALE_WORDS < padded ? k0 + 4 * SCALE_WORDS : padded;
-        __m512 values[SCALE_WORDS / 4], largest = _mm512_setzero_ps();
-        for (int i = 0; i < SCALE_WORDS / 4; i++) { /* the block's values, zeros past K */
+        const int k0 = b * 4 * LCQ_SCALE_WORDS, k1 = k0 + 4 * LCQ_SCALE_WORDS < padded ? k0 + 4 * LCQ_SCALE_WORDS : padded;
+        __m512 values[LCQ_SCALE_WORDS / 4], largest = _mm512_setzero_ps();
+        for (int i = 0; i < LCQ_SCALE_WORDS / 4; i++) { /* the block's values, zeros past K */
             const int k = k0 + 16 * i, left = K - k <= 0 ? 0 : K - k < 16 ? K - k : 16;
             values[i] = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), src + k);
             largest = _mm512_max_ps(largest, _mm512_abs_ps(values[i]));
@@ -114,7 +103,7 @@ LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint
         const float top = _mm512_reduce_max_ps(largest);
         const __m512 inverse = _mm512_set1_ps(top > 0 ? 127.0f / top : 0.0f);
         __m512i sum = _mm512_setzero_si512();
-        for (int i = 0; i < SCALE_WORDS / 4 && k0 + 16 * i < k1; i++) {
+        for (int i = 0; i < LCQ_SCALE_WORDS / 4 && k0 + 16 * i < k1; i++) {
             const int stored = k1 - (k0 + 16 * i) < 16 ? k1 - (k0 + 16 * i) : 16;
             const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values[i], inverse));
             sum = _mm512_add_epi32(sum, q);
@@ -134,7 +123,7 @@ LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint
 LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
                                                                     int64_t lda, const uint32_t *b, int64_t ldb,
                                                                     int K, __m512 acc[][2]) {
-    const int blocks = scale_blocks(K);
+    const int blocks = lcq_scale_blocks(K);
     const float *scales = (const float *)(b + (int64_t)K * ldb);
     const int32_t *offsets = (const int32_t *)(b + (int64_t)(K + blocks) * ldb);
     for (int r = 0; r < R; r++)
@@ -145,8 +134,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R
             const __m512i offset = _mm512_loadu_si512(offsets + block * ldb + v * 16);
             for (int r = 0; r < R; r++) sums[r][v] = offset;
         }
-        const int end = (block + 1) * SCALE_WORDS < K ? (block + 1) * SCALE_WORDS : K;
-        for (int k = block * SCALE_WORDS; k < end; k++) {
+        const int end = (block + 1) * LCQ_SCALE_WORDS < K ? (block + 1) * LCQ_SCALE_WORDS : K;
+        for (int k = block * LCQ_SCALE_WORDS; k < end; k++) {
             __m512i columns[2];
             for (int v = 0; v < V; v++) columns[v] = _mm512_loadu_si512(b + k * ldb + v * 16);
             for (int r = 0; r < R; r++) {
@@ -204,7 +193,7 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
 #define WORDS(K) (K) /* the row stride of fp32 and bf16 forms: their K elements */
 MICRO_TILE(, fp32_, float, __m256, 8, lcq_tile_sums, _mm256_storeu_ps, PANEL, WORDS)
 MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_ps, PAIR_PANEL, WORDS)
-MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, BYTE_PANEL, byte_row_words)
+MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, BYTE_PANEL, lcq_byte_row_words)
 
 /* PREFIX##block_product: y[:, 0 .. count) (row stride N) for `count` expanded weight rows (K elements
  * of TYPE each) against every panel of PANEL_ROWS rows, each panel's columns in micro-tiles of
@@ -233,10 +222,10 @@ MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, B
 
 #define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
 #define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
-#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * byte_row_words(K), rows, y + n, N)
+#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * lcq_byte_row_words(K), rows, y + n, N)
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
-BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, byte_row_words)
+BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, lcq_byte_row_words)
 
 /* Row r of src (K fp32 values) in the product form's words at dst + r * words; weights (the expanded
  * rows) take the unsigned int8 form. */
@@ -249,12 +238,13 @@ static void convert_rows(int form, const float *src, int K, int count, int weigh
     }
 }
 
-int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, const void *weight, float *y) {
+int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, lcq_expand_byte_rows expand_bytes,
+                         const void *weight, float *y) {
     const int form = product_form == LCQ_INT8_PRODUCTS && M < INT8_MIN_ROWS ? LCQ_BF16_PRODUCTS : product_form;
     const int converted = form != LCQ_FP32_PRODUCTS;
     const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
     const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
-    const int words = form == LCQ_INT8_PRODUCTS ? byte_row_words(values) : values; /* 32-bit words per row */
+    const int words = form == LCQ_INT8_PRODUCTS ? lcq_byte_row_words(values) : values; /* 32-bit words per row */
     const int panels = (M + width - 1) / width, blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
     uint32_t *converted_x = converted ? malloc(sizeof(uint32_t) * (size_t)M * words) : NULL;
     uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)panels * width * words);
@@ -279,8 +269,12 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
-                expand(weight, K, first, count, block);
-                if (converted) convert_rows(form, block, K, count, 1, rows, words);
+                if (form == LCQ_INT8_PRODUCTS && expand_bytes != NULL) {
+                    expand_bytes(weight, K, first, count, rows);
+                } else {
+                    expand(weight, K, first, count, block);
+                    if (converted) convert_rows(form, block, K, count, 1, rows, words);
+                }
                 if (form == LCQ_INT8_PRODUCTS)
                     byte_block_product(packed, M, values, rows, count, y + first, N);
                 else if (form == LCQ_BF16_PRODUCTS)

@@ -115,7 +115,7 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
  * in L1 between passes). Returns 0, or -1 for M < 1 or when cpu_gemm.c cannot allocate its buffers. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
     if (M < 1) return -1;
-    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, expand_half, w, y);
+    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, expand_half, NULL, w, y);
     if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) return pair_decode_product(x, M, K, w, N, y);
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
 #pragma omp parallel for schedule(static)

@@ -312,6 +312,66 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
 DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
 DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
+/* Row n in cpu_gemm.c's unsigned int8 form (BITS a constant where inlined). A block's scale bounds
+ * the codebooks of the groups it meets (their 2^b entries, not only the ones its weights use), so each
+ * codebook is quantized once and a step of 16 weights is one permute of those bytes and one
+ * narrowing store; expanding to fp32 and quantizing the values takes about ten operations per 16. */
+LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const int BITS, const lcq_index_weight *w,
+                                                                         int n, uint32_t *out) {
+    const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS, words = (K + 3) / 4;
+    const int blocks = lcq_scale_blocks(words), block_values = 4 * LCQ_SCALE_WORDS;
+    uint8_t *bytes = (uint8_t *)out;
+    float *scales = (float *)(out + words);
+    memset(out + words, 0, sizeof(uint32_t) * 2 * blocks); /* scales (maxima first) and unused offsets */
+    for (int j = 0; j < w->groups; j++) {
+        const float top = _mm512_reduce_max_ps(_mm512_abs_ps(wide_codebook(w, n, j)));
+        const int last = ((j + 1) * w->group_size < K ? (j + 1) * w->group_size : K) - 1;
+        for (int b = j * w->group_size / block_values; b <= last / block_values; b++)
+            scales[b] = scales[b] > top ? scales[b] : top;
+    }
+    float inverse = 0.0f;
+    __m512i book = _mm512_setzero_si512(); /* the codebook as q + 128 in 32-bit lanes */
+    int k = 0;
+    for (int run = 0; k < whole; run++) {
+        wide_words indices = wide_load(w->indices + (int64_t)n * w->row_bytes + (int64_t)run * 64,
+                                       run < w->runs ? 4 : w->last_lane_bytes);
+        for (int s = 0; s < fields && k < whole; s++, k += 16) {
+            if (k % w->group_size == 0 || k % block_values == 0) { /* steps never straddle either */
+                const float top = scales[k / block_values];
+                inverse = top > 0 ? 127.0f / top : 0.0f;
+                book = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(wide_codebook(w, n, k / w->group_size),
+                                                                         _mm512_set1_ps(inverse))),
+                                        _mm512_set1_epi32(128));
+            }
+            _mm_storeu_si128((__m128i *)(bytes + k), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(indices, book)));
+            indices = wide_next(indices, BITS);
+        }
+    }
+    if (whole < K) {
+        float tail[16];
+        tail_weights(w, n, whole, tail);
+        const float top = scales[whole / block_values];
+        inverse = top > 0 ? 127.0f / top : 0.0f;
+        for (int i = whole; i < K; i++) bytes[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(tail[i - whole] * inverse)) + 128);
+    }
+    for (int i = K; i < 4 * words; i++) bytes[i] = 128; /* zeros */
+    for (int b = 0; b < blocks; b++) scales[b] /= 127.0f;
+}
+
+/* Rows first .. first + count - 1 in the unsigned int8 form (an lcq_expand_byte_rows). */
+LCQ_INT8 static void wide_expand_bytes(const void *weight, int K, int first, int count, uint32_t *out) {
+    const lcq_index_weight *w = weight;
+    const int row_words = lcq_byte_row_words((K + 3) / 4);
+    for (int n = first; n < first + count; n++) {
+        uint32_t *row = out + (int64_t)(n - first) * row_words;
+        switch (w->bits) {
+            case 2: wide_byte_row(2, w, n, row); break;
+            case 3: wide_byte_row(3, w, n, row); break;
+            default: wide_byte_row(4, w, n, row); break;
+        }
+    }
+}
+
 /* The AVX-512 decode product with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more):
  * activations rounded once per call to bf16 pairs along K; per pair of steps the two lookups (32
  * consecutive weights) become one vector of 16 bf16 pairs, and each row takes one vdpbf16ps with its
@@ -397,7 +457,8 @@ int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
     if (M >= lcq_gemm_min_rows())
-        return lcq_expanded_product(x, M, w->K, w->N, w->wide ? wide_expand : narrow_expand, w, y);
+        return lcq_expanded_product(x, M, w->K, w->N, w->wide ? wide_expand : narrow_expand,
+                                    w->wide ? wide_expand_bytes : NULL, w, y);
     if (w->wide && M >= PAIR_MIN_ROWS && lcq_bf16_products()) return wide_pair_decode_product(w, x, M, y);
     if (w->wide)
         wide_decode_product(w, x, M, y);
