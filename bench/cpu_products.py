@@ -1,7 +1,9 @@
 """CPU matrix products: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32 weight packed for
 oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows); on
 CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.cpu_products), which
-changes products from 10 rows.
+changes products from 10 rows, and with AVX512_VNNI int8 products (from 16 rows). Then LCQ W4 r2
+g64 weights (lcq/kernels/cpu_index.c) from 16 rows, bf16 against int8 products: the int8 form
+looks codebooks up as bytes instead of quantizing expanded weights.
 
 Each timing cycles through enough distinct weights (at least 256 MiB of fp32) that they come from
 memory, not cache, as in a decode step of a whole model.
@@ -19,8 +21,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.kernels import cpu_half  # noqa: E402
+from lcq.kernels import cpu_half, cpu_index  # noqa: E402
 from lcq.kernels.cpu_matmul import cpu_products, dense_linear, pack_weight, products_available  # noqa: E402
+
+from tests.test_kernels import random_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-products.json"
 SHAPES = {"qkv 960x576": (960, 576), "o 576x576": (576, 576), "gate/up 3072x576": (3072, 576),
@@ -55,15 +59,39 @@ def main() -> None:
             row = {"shape": name, "m": m, "fp16_kernel_ms": round(fp16_ms, 3), "onednn_fp32_ms": round(fp32_ms, 3),
                    "speedup": round(fp32_ms / fp16_ms, 2)}
             line = f"{name:<18} M={m:<4} fp16 {fp16_ms:7.3f} ms  oneDNN fp32 {fp32_ms:7.3f} ms  x{fp32_ms / fp16_ms:.2f}"
-            if products_available(torch.bfloat16):
-                with cpu_products(torch.bfloat16):
-                    bf16_ms = time_ms(cpu_half.half_linear, x, half)
-                row.update(fp16_kernel_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(fp32_ms / bf16_ms, 2))
-                line += f"  with bf16 products {bf16_ms:7.3f} ms  x{fp32_ms / bf16_ms:.2f}"
+            for dtype in (torch.bfloat16, torch.int8):
+                if products_available(dtype):
+                    label = {torch.bfloat16: "bf16", torch.int8: "int8"}[dtype]
+                    with cpu_products(dtype):
+                        ms = time_ms(cpu_half.half_linear, x, half)
+                    row.update({f"fp16_kernel_{label}_ms": round(ms, 3), f"{label}_speedup": round(fp32_ms / ms, 2)})
+                    line += f"  {label} products {ms:7.3f} ms  x{fp32_ms / ms:.2f}"
             rows.append(row)
             print(line, flush=True)
+    if products_available(torch.int8) and cpu_index.enabled():
+        rows += index_rows()
     write_record(args.output, cpu_record(f"python bench/cpu_products.py --threads {args.threads}", args.threads,
                                          load_average_1m=os.getloadavg()[0], rows=rows))
+
+def index_rows() -> list[dict]:
+    """LCQ W4 r2 g64 weights from 16 rows, bf16 against int8 products."""
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        if name.startswith("head"):
+            continue  # the head is full precision
+        weights = [cpu_index.IndexWeight(random_layer(n, k, 4, 2, 64, seed=i)) for i in range(4)]
+        for m in (16, 32, 64, 256):
+            x = torch.randn(m, k)
+            times = {}
+            for label, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):
+                with cpu_products(dtype):
+                    times[label] = time_ms(lambda x, w: w.linear(x), x, weights)
+            rows.append({"shape": name, "m": m, "weights": "lcq-w4r2g64", "bf16_ms": round(times["bf16"], 3),
+                         "int8_ms": round(times["int8"], 3), "int8_over_bf16": round(times["bf16"] / times["int8"], 2)})
+            print(f"{name:<18} M={m:<4} LCQ W4 r2 g64  bf16 products {times['bf16']:7.3f} ms  int8 {times['int8']:7.3f} ms"
+                  f"  x{times['bf16'] / times['int8']:.2f}", flush=True)
+    return rows
+
 
 if __name__ == "__main__":
     main()

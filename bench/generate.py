@@ -1,7 +1,7 @@
 """Generation speed: our engine against transformers' generate (and llama.cpp when installed).
 
-CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint and on full precision,
-transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
+CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
+int8 products: lcq-int8) and on full precision, transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
 GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and fp16: batch-1
@@ -65,7 +65,8 @@ def bench_ours(folder: str, weights: str, batch1_tokens: int, workload, **engine
     assert ttft_out[0].token_ids
     device = llm.engine.runner.device
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gb()
-    common = dict(model=Path(folder).name, weights=weights, engine="lcq", peak_mem_GB=round(peak, 3))
+    common = dict(model=Path(folder).name, weights=weights, engine="lcq", peak_mem_GB=round(peak, 3),
+                  products=str(llm.engine.runner.products).removeprefix("torch."))
     return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
 
@@ -136,8 +137,9 @@ def bench_llama_cpp(gguf: Path, batch1_tokens: int, workload) -> list[dict]:
 
 def row_engine(row: dict) -> str:
     """The --engines name of a CPU row."""
-    return row["weights"] if row["engine"] == "lcq" and row["weights"] == "fp32" else \
-        "lcq" if row["engine"] == "lcq" else row["engine"]
+    if row["engine"] != "lcq":
+        return row["engine"]
+    return "fp32" if row["weights"] == "fp32" else "lcq-int8" if row.get("products") == "int8" else "lcq"
 
 
 def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
@@ -157,7 +159,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
-    parser.add_argument("--engines", default="lcq,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines", default="lcq,lcq-int8,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -199,6 +201,8 @@ def main() -> None:
         workload = mixed_workload(count, vocab=49152)
         measured = {
             "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0),
+            "lcq-int8": lambda: bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0,
+                                           cpu_matmul_dtype="int8"),
             "fp32": lambda: bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
@@ -209,11 +213,11 @@ def main() -> None:
             result["rows_kept_from_the_previous_run"] = sorted(set(measured) - set(engines))
     save()
     print(f"device: {device}")
-    print("| engine | weights | concurrency | output tok/s | TTFT ms | peak mem GB |")
-    print("|---|---|---|---|---|---|")
+    print("| engine | weights | products | concurrency | output tok/s | TTFT ms | peak mem GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['weights']} | {r['concurrency']} | {r['output_tok_s']} | {r['ttft_ms']} | "
-              f"{r['peak_mem_GB']} |")
+        print(f"| {r['engine']} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | {r['output_tok_s']} | "
+              f"{r['ttft_ms']} | {r['peak_mem_GB']} |")
     print(f"Llama-2-7B weights: W2 r2 g128 {result['llama2_7b_weight_GB']['lcq-w2r2g128']} GB "
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 

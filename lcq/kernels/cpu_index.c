@@ -331,17 +331,22 @@ LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const i
     }
     float inverse = 0.0f;
     __m512i book = _mm512_setzero_si512(); /* the codebook as q + 128 in 32-bit lanes */
-    int k = 0;
+    int k = 0, group = -1, group_end = 0, block_end = 0; /* counted, not divided out */
     for (int run = 0; k < whole; run++) {
         wide_words indices = wide_load(w->indices + (int64_t)n * w->row_bytes + (int64_t)run * 64,
                                        run < w->runs ? 4 : w->last_lane_bytes);
         for (int s = 0; s < fields && k < whole; s++, k += 16) {
-            if (k % w->group_size == 0 || k % block_values == 0) { /* steps never straddle either */
+            if (k == group_end || k == block_end) { /* steps never straddle either */
+                if (k == group_end) {
+                    group++;
+                    group_end += w->group_size;
+                }
+                if (k == block_end) block_end += block_values;
                 const float top = scales[k / block_values];
                 inverse = top > 0 ? 127.0f / top : 0.0f;
-                book = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(wide_codebook(w, n, k / w->group_size),
-                                                                         _mm512_set1_ps(inverse))),
-                                        _mm512_set1_epi32(128));
+                book = _mm512_add_epi32(
+                    _mm512_cvtps_epi32(_mm512_mul_ps(wide_codebook(w, n, group), _mm512_set1_ps(inverse))),
+                    _mm512_set1_epi32(128));
             }
             _mm_storeu_si128((__m128i *)(bytes + k), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(indices, book)));
             indices = wide_next(indices, BITS);
