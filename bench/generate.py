@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -208,6 +209,7 @@ def main() -> None:
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
         kept = json.loads(out.read_text())["rows"] if out.exists() else []
         for name, bench in measured.items():
+            gc.collect()  # the previous engine's cycles, so that each row's RSS is its own engine's
             rows += bench() if name in engines else [r for r in kept if row_engine(r) == name]
         if set(measured) - set(engines):
             result["rows_kept_from_the_previous_run"] = sorted(set(measured) - set(engines))

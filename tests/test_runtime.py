@@ -136,7 +136,7 @@ def test_cpu_matmul_dtype_is_checked():
         EngineConfig(model="m", device="cpu", dtype="bfloat16", cpu_matmul_dtype="bfloat16").validate()
     with pytest.raises(ValueError, match="int8 needs an fp32 model on a CPU with AVX512_BF16 and AVX512_VNNI"):
         EngineConfig(model="m", device="cpu", dtype="float16", cpu_matmul_dtype="int8").validate()
-    expected = torch.bfloat16 if products_available(torch.bfloat16) else torch.float32
+    expected = next((d for d in (torch.int8, torch.bfloat16) if products_available(d)), torch.float32)
     assert EngineConfig(model="m", device="cpu").resolved_cpu_matmul_dtype() == expected
     assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32").resolved_cpu_matmul_dtype() == torch.float32
     assert EngineConfig(model="m", device="cpu", dtype="float16").resolved_cpu_matmul_dtype() == torch.float32
@@ -192,11 +192,11 @@ def test_logprobs_match_log_softmax(tiny, llm):
         assert [t[0] for t in lp.top] == row.topk(3).indices.tolist()
 
 
-@pytest.mark.parametrize("setting, dtype, largest", [("auto", torch.bfloat16, 0.05), ("int8", torch.int8, 0.15)])
+@pytest.mark.parametrize("setting, dtype, largest", [("bfloat16", torch.bfloat16, 0.05), ("int8", torch.int8, 0.15)])
 def test_engine_prefills_with_rounded_products(tmp_path, setting, dtype, largest):
-    """The CPU default rounds the operands of the C kernels' large products (an 18-token prefill of an
-    LCQ model) to bf16, and int8 quantizes them to 8 bits per block of 64: the first token's logprobs
-    move from fp32's by about that rounding, no more."""
+    """bfloat16 rounds the operands of the C kernels' large products (an 18-token prefill of an LCQ
+    model) to bf16, int8 quantizes the LCQ layers' to 8 bits per block of 64: the first token's
+    logprobs move from fp32's by about that rounding, no more."""
     if not products_available(dtype):
         pytest.skip(f"{setting} products need AVX-512 extensions this CPU lacks, or the C kernels")
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32))

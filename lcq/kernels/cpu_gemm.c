@@ -32,9 +32,9 @@
  * rows over SmolLM2's five weight shapes with indices and fp16 copies. */
 #define BF16_MIN_ROWS 10
 
-/* From this many rows int8 products beat bf16 ones: below, quantizing each expanded weight costs more
- * than the faster products save (fp16 weights of SmolLM2's shapes, 2 threads on a Zen 4: 0.96-1.1x
- * at 16 rows, 1.1-1.2x at 32-64, 1.46x at 256). */
+/* From this many rows int8 products beat bf16 ones: below, expanding each weight to bytes costs more
+ * than the faster products save (LCQ W4 r2 g64 on SmolLM2's shapes, 2 threads on a Zen 4: 0.94-1.48x
+ * at 16 rows, 1.08-1.33x at 32, 1.31-2.0x at 64, 1.54-1.86x at 256). */
 #define INT8_MIN_ROWS 16
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
@@ -82,16 +82,15 @@ int lcq_even_pass_rows(int M, int most) {
     return (M + passes - 1) / passes;
 }
 
-/* K fp32 values as a row of the int8 form (cpu_gemm.h; the bytes padded with zeros to a whole word):
- * per block, scale = max |v| / 127 and q = round(v / scale), stored signed, or q + 128 unsigned (vpdpbusd
- * multiplies unsigned by signed bytes: weights are the unsigned side), and offset = -128 * sum of q,
- * which cancels what the weights' +128 adds to their products with these values. */
-LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint32_t *row) {
+/* K fp32 activations as a row of the int8 form (cpu_gemm.h; the bytes padded with zeros to a whole
+ * word): per block, scale = max |v| / 127 and q = round(v / scale), and offset = -128 * sum of q,
+ * which cancels what the weights' +128 adds to their products with these values (vpdpbusd multiplies
+ * unsigned by signed bytes: weights are the unsigned side). */
+LCQ_INT8 static void quantize_row(const float *src, int K, uint32_t *row) {
     const int words = (K + 3) / 4, blocks = lcq_scale_blocks(words), padded = 4 * words;
     int8_t *bytes = (int8_t *)row;
     float *scales = (float *)(row + words);
     int32_t *offsets = (int32_t *)(row + words + blocks);
-    const __m128i flip = _mm_set1_epi8(as_unsigned ? (char)0x80 : 0);
     for (int b = 0; b < blocks; b++) {
         const int k0 = b * 4 * LCQ_SCALE_WORDS, k1 = k0 + 4 * LCQ_SCALE_WORDS < padded ? k0 + 4 * LCQ_SCALE_WORDS : padded;
         __m512 values[LCQ_SCALE_WORDS / 4], largest = _mm512_setzero_ps();
@@ -107,11 +106,10 @@ LCQ_INT8 static void quantize_row(const float *src, int K, int as_unsigned, uint
             const int stored = k1 - (k0 + 16 * i) < 16 ? k1 - (k0 + 16 * i) : 16;
             const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(values[i], inverse));
             sum = _mm512_add_epi32(sum, q);
-            _mm_mask_storeu_epi8(bytes + k0 + 16 * i, (__mmask16)((1u << stored) - 1),
-                                 _mm_xor_si128(_mm512_cvtsepi32_epi8(q), flip));
+            _mm_mask_storeu_epi8(bytes + k0 + 16 * i, (__mmask16)((1u << stored) - 1), _mm512_cvtsepi32_epi8(q));
         }
         scales[b] = top / 127.0f;
-        offsets[b] = as_unsigned ? 0 : -128 * _mm512_reduce_add_epi32(sum);
+        offsets[b] = -128 * _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -227,12 +225,12 @@ BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, lcq_byte_row_words)
 
-/* Row r of src (K fp32 values) in the product form's words at dst + r * words; weights (the expanded
- * rows) take the unsigned int8 form. */
-static void convert_rows(int form, const float *src, int K, int count, int weights, uint32_t *dst, int words) {
+/* Row r of src (K fp32 values) in the product form's words at dst + r * words: bf16 pairs, or the
+ * int8 form of activations. */
+static void convert_rows(int form, const float *src, int K, int count, uint32_t *dst, int words) {
     for (int r = 0; r < count; r++) {
         if (form == LCQ_INT8_PRODUCTS)
-            quantize_row(src + (int64_t)r * K, K, weights, dst + (int64_t)r * words);
+            quantize_row(src + (int64_t)r * K, K, dst + (int64_t)r * words);
         else
             lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
     }
@@ -240,7 +238,8 @@ static void convert_rows(int form, const float *src, int K, int count, int weigh
 
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, lcq_expand_byte_rows expand_bytes,
                          const void *weight, float *y) {
-    const int form = product_form == LCQ_INT8_PRODUCTS && M < INT8_MIN_ROWS ? LCQ_BF16_PRODUCTS : product_form;
+    const int int8 = product_form == LCQ_INT8_PRODUCTS && M >= INT8_MIN_ROWS && expand_bytes != NULL;
+    const int form = product_form == LCQ_INT8_PRODUCTS && !int8 ? LCQ_BF16_PRODUCTS : product_form;
     const int converted = form != LCQ_FP32_PRODUCTS;
     const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
     const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
@@ -255,7 +254,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
             if (converted) {
 #pragma omp for schedule(static)
                 for (int m = 0; m < M; m++)
-                    convert_rows(form, x + (int64_t)m * K, K, 1, 0, converted_x + (int64_t)m * words, words);
+                    convert_rows(form, x + (int64_t)m * K, K, 1, converted_x + (int64_t)m * words, words);
             }
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++)
@@ -269,11 +268,11 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
-                if (form == LCQ_INT8_PRODUCTS && expand_bytes != NULL) {
+                if (form == LCQ_INT8_PRODUCTS) {
                     expand_bytes(weight, K, first, count, rows);
                 } else {
                     expand(weight, K, first, count, block);
-                    if (converted) convert_rows(form, block, K, count, 1, rows, words);
+                    if (converted) convert_rows(form, block, K, count, rows, words);
                 }
                 if (form == LCQ_INT8_PRODUCTS)
                     byte_block_product(packed, M, values, rows, count, y + first, N);

@@ -85,13 +85,13 @@ def products_available(dtype: torch.dtype) -> bool:
 @contextlib.contextmanager
 def cpu_products(dtype: torch.dtype) -> Iterator[None]:
     """Within the block, the calling thread's fp32 products of several rows in the C kernels take
-    operands of this dtype with fp32 sums (products_available; elsewhere nothing changes):
-    - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, in the blocked product from 10 rows
-      instead of 16, the decode forms of LCQ indices from 5 rows and of fp16 copies from 3, and
-      prefill attention; operands rounded to nearest even.
-    - int8: vpdpbusd, four multiply-adds per 32-bit lane, in the blocked product (activations and
-      expanded weights quantized to 8 bits per block of 128 values along K, with a scale each);
-      bfloat16 in the rest.
+    operands of this dtype (products_available; elsewhere nothing changes):
+    - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, sums fp32, operands rounded to nearest
+      even: the blocked product from 10 rows instead of 16, the decode forms of LCQ indices from 5
+      rows and of fp16 copies from 3, and prefill attention.
+    - int8: vpdpbusd, four multiply-adds per 32-bit lane, sums int32, in the blocked product of LCQ
+      layers from 16 rows: activations quantized to 8 bits per block of 64 values along K, each
+      group's codebook quantized once; full-precision weights (the head) and the rest take bfloat16.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:

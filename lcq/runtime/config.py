@@ -20,7 +20,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
     kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 on CPU too
-    cpu_matmul_dtype: str = "auto"  # bfloat16 operands (fp32 sums) where the CPU has AVX512_BF16, else float32
+    cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     enable_prefix_caching: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -52,10 +52,11 @@ class EngineConfig:
 
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
         """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
-        (prefill, decode steps of 3+ sequences for fp16 weights and the head, 5+ for LCQ layers). auto:
-        bfloat16 where the CPU has AVX512_BF16, whose instructions do twice the multiply-adds of fp32
-        ones (demo-model perplexity within +-0.03%, docs/kernels.md), else float32, which keeps
-        tokens equal to transformers'."""
+        (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI and AVX512_BF16 (LCQ
+        layers' products of 16+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
+        sequences), else bfloat16 where it has AVX512_BF16 (twice fp32's multiply-adds per
+        instruction), else float32; the demo model's perplexity moved within +-0.03% with either
+        (docs/kernels.md). float32 keeps tokens equal to transformers'."""
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
         if self.cpu_matmul_dtype not in ("auto", *names):
             raise ValueError(f"cpu_matmul_dtype must be auto, float32, bfloat16 or int8 (got {self.cpu_matmul_dtype})")
@@ -63,7 +64,8 @@ class EngineConfig:
 
         applies = self.resolved_device().type == "cpu" and self.resolved_dtype() == torch.float32
         if self.cpu_matmul_dtype == "auto":
-            return torch.bfloat16 if applies and products_available(torch.bfloat16) else torch.float32
+            usable = [dtype for dtype in (torch.int8, torch.bfloat16) if applies and products_available(dtype)]
+            return usable[0] if usable else torch.float32
         dtype = names[self.cpu_matmul_dtype]
         if dtype != torch.float32 and not (applies and products_available(dtype)):
             needs = "AVX512_BF16 and AVX512_VNNI" if dtype == torch.int8 else "AVX512_BF16"
