@@ -1,7 +1,8 @@
 """Generation speed: our engine against transformers' generate (and llama.cpp when installed).
 
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
-int8 products: lcq-int8) and on full precision, transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
+bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to) and on full precision,
+transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
 GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and fp16: batch-1
@@ -47,7 +48,7 @@ def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[tuple[list[int
             for _ in range(count)]
 
 
-def bench_ours(folder: str, weights: str, batch1_tokens: int, workload, **engine) -> list[dict]:
+def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, workload, **engine) -> list[dict]:
     llm = LLM(folder, **engine)
     prompt = workload[0][0][:32]
     llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
@@ -66,7 +67,7 @@ def bench_ours(folder: str, weights: str, batch1_tokens: int, workload, **engine
     assert ttft_out[0].token_ids
     device = llm.engine.runner.device
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gb()
-    common = dict(model=Path(folder).name, weights=weights, engine="lcq", peak_mem_GB=round(peak, 3),
+    common = dict(model=Path(folder).name, weights=weights, engine="lcq", variant=variant, peak_mem_GB=round(peak, 3),
                   products=str(llm.engine.runner.products).removeprefix("torch."))
     return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
@@ -140,7 +141,7 @@ def row_engine(row: dict) -> str:
     """The --engines name of a CPU row."""
     if row["engine"] != "lcq":
         return row["engine"]
-    return "fp32" if row["weights"] == "fp32" else "lcq-int8" if row.get("products") == "int8" else "lcq"
+    return row.get("variant") or ("fp32" if row["weights"] == "fp32" else "lcq")
 
 
 def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
@@ -160,7 +161,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
-    parser.add_argument("--engines", default="lcq,lcq-int8,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines", default="lcq,lcq-bf16,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
@@ -201,10 +202,10 @@ def main() -> None:
         count, batch1_tokens = (8, 32) if args.quick else (64, 128)
         workload = mixed_workload(count, vocab=49152)
         measured = {
-            "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0),
-            "lcq-int8": lambda: bench_ours(lcq, "lcq-w4r2g64", batch1_tokens, workload, kv_cache_memory_gb=2.0,
-                                           cpu_matmul_dtype="int8"),
-            "fp32": lambda: bench_ours(fp, "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
+            "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq", batch1_tokens, workload, kv_cache_memory_gb=2.0),
+            "lcq-bf16": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-bf16", batch1_tokens, workload,
+                                           kv_cache_memory_gb=2.0, cpu_matmul_dtype="bfloat16"),
+            "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
         kept = json.loads(out.read_text())["rows"] if out.exists() else []
