@@ -2,7 +2,7 @@
 oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows); on
 CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.cpu_products), which
 changes products from 10 rows. Then, with AVX512_VNNI, LCQ W4 r2 g64 weights (lcq/kernels/cpu_index.c)
-from 16 rows with bf16 against int8 products (which only LCQ weights take).
+from 10 rows with bf16 against int8 products (which only LCQ weights take).
 
 Each timing cycles through enough distinct weights (at least 256 MiB of fp32) that they come from
 memory, not cache, as in a decode step of a whole model.
@@ -71,13 +71,13 @@ def main() -> None:
                                          load_average_1m=os.getloadavg()[0], rows=rows))
 
 def index_rows() -> list[dict]:
-    """LCQ W4 r2 g64 weights from 16 rows, bf16 against int8 products."""
+    """LCQ W4 r2 g64 weights from 10 rows, bf16 against int8 products."""
     rows = []
     for name, (n, k) in SHAPES.items():
         if name.startswith("head"):
             continue  # the head is full precision
         weights = [cpu_index.IndexWeight(random_layer(n, k, 4, 2, 64, seed=i)) for i in range(4)]
-        for m in (16, 32, 64, 256):
+        for m in (10, 16, 32, 64, 256):
             x = torch.randn(m, k)
             times = {}
             for label, dtype in (("bf16", torch.bfloat16), ("int8", torch.int8)):

@@ -257,13 +257,13 @@ needs_int8 = pytest.mark.skipif(not products_available(torch.int8),
 
 @needs_int8
 @pytest.mark.parametrize("n", [43, 48])
-@pytest.mark.parametrize("m, k", [(16, 40), (20, 37), (33, 130), (48, 576), (70, 64)])
+@pytest.mark.parametrize("m, k", [(10, 40), (20, 37), (33, 130), (48, 576), (70, 64)])
 def test_int8_products_quantize_operands_only(n, m, k):
-    """Within cpu_products(torch.int8) LCQ products from 16 rows equal float64 products of operands
+    """Within cpu_products(torch.int8) LCQ products from 10 rows equal float64 products of operands
     quantized to 8 bits per block of 64 (_int8_index_reference) up to fp32 scaling and summation
     (1e-5): words of 4 values (K = 37: one padded), blocks cut short (K = 40, 130), panels of 32 and
-    16 rows (M = 20: one of 32; 33: 32 and 1; 48: 32 and 16; 70: 32, 32 and 6), partial weight tiles
-    (N = 43), an outlier channel that sets only its own block's scale."""
+    16 rows (M = 10: one of 16; 20: one of 32; 33: 32 and 1; 48: 32 and 16; 70: 32, 32 and 6),
+    partial weight tiles (N = 43), an outlier channel that sets only its own block's scale."""
     layer = random_layer(n, k, 4, 2, 32, seed=n + k)
     weight, x = cpu_index.IndexWeight(layer, wide=True), torch.randn(m, k)
     x[:, 1] *= 30
@@ -274,10 +274,10 @@ def test_int8_products_quantize_operands_only(n, m, k):
 
 
 @needs_int8
-def test_int8_products_take_lcq_weights_from_16_rows_in_this_thread():
-    """Below 16 rows int8 products are bf16 ones (expanding every weight to bytes would cost more than
-    they save), as are products of full-precision weights (fp16 copies: on the demo model the head in
-    int8 cost +0.33% perplexity) and of the AVX2 index form; other threads keep fp32."""
+def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
+    """Below 10 rows int8 products are bf16 ones (the bf16 decode forms are faster there), as are
+    products of full-precision weights (fp16 copies: on the demo model the head in int8 cost +0.33%
+    perplexity) and of the AVX2 index form; other threads keep fp32."""
     import threading
 
     layer = random_layer(70, 200, 3, 2, 64, seed=7)
@@ -287,7 +287,7 @@ def test_int8_products_take_lcq_weights_from_16_rows_in_this_thread():
     products = {}
     for dtype in (torch.int8, torch.bfloat16):
         with cpu_products(dtype):
-            products[dtype] = [wide.linear(x[:12]), narrow.linear(x), cpu_half.half_linear(x, half)]
+            products[dtype] = [wide.linear(x[:9]), narrow.linear(x), cpu_half.half_linear(x, half)]
             thread = threading.Thread(target=lambda: other.append(wide.linear(x)))
             thread.start()
             thread.join()

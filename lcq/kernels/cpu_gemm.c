@@ -29,13 +29,10 @@
 
 /* From this many rows the bf16 product beats the decode forms (a panel of 16 then holds 10-15 rows):
  * fp32 decode products against the bf16 product of 16 rows, 2 threads on a Zen 4, crossed at 9-13
- * rows over SmolLM2's five weight shapes with indices and fp16 copies. */
+ * rows over SmolLM2's five weight shapes with indices and fp16 copies. LCQ weights' int8 products
+ * start here too: over SmolLM2's four LCQ shapes at W4 r2 g64 they were 1.21-1.27x the bf16 product
+ * at 10-16 rows, and against the bf16 decode forms 0.61-0.85x at 5-8 rows, 1.10x at 9. */
 #define BF16_MIN_ROWS 10
-
-/* From this many rows int8 products beat bf16 ones: below, expanding each weight to bytes costs more
- * than the faster products save (LCQ W4 r2 g64 on SmolLM2's shapes, 2 threads on a Zen 4: 0.94-1.48x
- * at 16 rows, 1.08-1.33x at 32, 1.31-2.0x at 64, 1.54-1.86x at 256). */
-#define INT8_MIN_ROWS 16
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
@@ -238,8 +235,7 @@ static void convert_rows(int form, const float *src, int K, int count, uint32_t 
 
 int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, lcq_expand_byte_rows expand_bytes,
                          const void *weight, float *y) {
-    const int int8 = product_form == LCQ_INT8_PRODUCTS && M >= INT8_MIN_ROWS && expand_bytes != NULL;
-    const int form = product_form == LCQ_INT8_PRODUCTS && !int8 ? LCQ_BF16_PRODUCTS : product_form;
+    const int form = product_form == LCQ_INT8_PRODUCTS && expand_bytes == NULL ? LCQ_BF16_PRODUCTS : product_form;
     const int converted = form != LCQ_FP32_PRODUCTS;
     const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
     const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;

@@ -53,7 +53,7 @@ class EngineConfig:
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
         """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
         (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI and AVX512_BF16 (LCQ
-        layers' products of 16+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
+        layers' products of 10+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
         sequences), else bfloat16 where it has AVX512_BF16 (twice fp32's multiply-adds per
         instruction), else float32; the demo model's perplexity moved within +-0.03% with either
         (docs/kernels.md). float32 keeps tokens equal to transformers'."""

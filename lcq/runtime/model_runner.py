@@ -18,7 +18,7 @@ logger = logging.getLogger("lcq.engine")
 
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
-                   torch.int8: "int8 operands for LCQ layers from 16 rows, else bf16 from 3"}
+                   torch.int8: "int8 operands for LCQ layers from 10 rows, else bf16 from 3"}
 
 
 class ModelRunner:

@@ -89,7 +89,7 @@ FLAGS = (
     Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16 or "
          "float32 (CPU)", "engine"),
     Flag("--cpu-matmul-dtype", str, "auto (int8 where the CPU has AVX512_VNNI and AVX512_BF16, else bfloat16 "
-         "where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 16+ rows "
+         "where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 10+ rows "
          "in 8 bits, bf16 elsewhere): operands of an fp32 CPU model's large products", "engine"),
     Flag("--gpu-memory-utilization", float, "fraction of GPU memory the engine may use", "engine"),
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
