@@ -1,7 +1,8 @@
 /* y (M, N) = x (M, K) @ W^T for products too large for the decode kernels (prefill, many sequences):
  * fp32 arithmetic on x86 CPUs with AVX2 and FMA, or bf16 operands with fp32 sums where the CPU has
  * AVX512_BF16 and the calling thread asks for them, for any weight that can be expanded to fp32 a
- * block of rows at a time (fp16 copies in cpu_half.c, LCQ indices in cpu_index.c).
+ * block of rows at a time (fp16 copies in cpu_half.c, LCQ indices in cpu_index.c); or 8-bit operands
+ * with int32 sums (AVX512_VNNI) for weights that expand to bytes (LCQ indices).
  *
  * Such products are bounded by arithmetic, so the point is to keep the multiply-add units busy: the
  * activations are copied once per call into panels of rows stored k-major, each block of weight rows
@@ -12,7 +13,11 @@
  * reached ~80% of that.) With bf16, vdpbf16ps sums the products of two bf16 pairs into each fp32
  * lane, twice the multiply-adds of an FMA of the same width: activations and each expanded block are
  * rounded to bf16 pairs along K (round to nearest even), a vector is 16 rows of pairs, panels are 32
- * rows stored [K / 2][32], and one 32-bit broadcast of a weight pair meets each vector.
+ * rows stored [K / 2][32], and one 32-bit broadcast of a weight pair meets each vector. With int8,
+ * vpdpbusd sums four products of bytes into each 32-bit lane: activations are quantized per block of
+ * 64 values along K (cpu_gemm.h's int8 form), weights come as bytes from their own expansion, a vector
+ * is 16 rows of 4-byte words, panels are 32 rows stored [K / 4][32] with the blocks' scales and
+ * offsets after them, and each block's int32 sums become fp32 times both scales.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -171,9 +176,9 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
 }
 
 /* PREFIX##tile: y[m, n] for a panel's `rows` valid rows (row stride N), V vectors of LANES rows wide,
- * and R weight rows w (K elements of TYPE each): R x V accumulators from SUMS (lcq_tile_sums: fp32,
- * 8 rows per vector; lcq_pair_sums: bf16 pairs, 16), each the outputs of one weight row. Inlined
- * with R and V constants. */
+ * and R weight rows w (K elements of TYPE each, rows STRIDE(K) apart): R x V accumulators from SUMS
+ * (lcq_tile_sums: fp32, 8 rows per vector; lcq_pair_sums: bf16 pairs, 16; byte_sums: words of 4
+ * bytes, 16), each the outputs of one weight row. Inlined with R and V constants. */
 #define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS, STRIDE)                                \
     ATTR static inline __attribute__((always_inline)) void PREFIX##tile(                                      \
         const int R, const int V, const TYPE *panel, int K, const TYPE *w, int rows, float *y, int N) {         \
@@ -222,8 +227,8 @@ BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, lcq_byte_row_words)
 
-/* Row r of src (K fp32 values) in the product form's words at dst + r * words: bf16 pairs, or the
- * int8 form of activations. */
+/* Row r of src (K fp32 values) in the product form's words at dst + r * words: bf16 pairs (activations
+ * and expanded weights), or the int8 form (activations). */
 static void convert_rows(int form, const float *src, int K, int count, uint32_t *dst, int words) {
     for (int r = 0; r < count; r++) {
         if (form == LCQ_INT8_PRODUCTS)
@@ -256,26 +261,27 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
             for (int p = 0; p < panels; p++)
                 pack_panel(converted ? converted_x : (const uint32_t *)x, M, words, p * width,
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
-            float *block = malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
+            const int bytes = form == LCQ_INT8_PRODUCTS; /* weights expand to bytes, not fp32 */
+            float *block = bytes ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
             uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
-            const int ready = block != NULL && (!converted || rows != NULL);
+            const int ready = (bytes || block != NULL) && (!converted || rows != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
-                if (form == LCQ_INT8_PRODUCTS) {
+                if (bytes) {
                     expand_bytes(weight, K, first, count, rows);
-                } else {
-                    expand(weight, K, first, count, block);
-                    if (converted) convert_rows(form, block, K, count, rows, words);
-                }
-                if (form == LCQ_INT8_PRODUCTS)
                     byte_block_product(packed, M, values, rows, count, y + first, N);
-                else if (form == LCQ_BF16_PRODUCTS)
+                    continue;
+                }
+                expand(weight, K, first, count, block);
+                if (converted) {
+                    convert_rows(form, block, K, count, rows, words);
                     pair_block_product(packed, M, values, rows, count, y + first, N);
-                else
+                } else {
                     fp32_block_product((const float *)packed, M, K, block, count, y + first, N);
+                }
             }
             free(block);
             free(rows);
