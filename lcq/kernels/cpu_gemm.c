@@ -271,8 +271,10 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
                 if (bytes) {
-                    expand_bytes(weight, K, first, count, rows);
-                    byte_block_product(packed, M, values, rows, count, y + first, N);
+                    if (expand_bytes(weight, K, first, count, rows) != 0)
+                        failed = 1;
+                    else
+                        byte_block_product(packed, M, values, rows, count, y + first, N);
                     continue;
                 }
                 expand(weight, K, first, count, block);

