@@ -60,7 +60,7 @@ class EngineConfig:
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
         if self.cpu_matmul_dtype not in ("auto", *names):
             raise ValueError(f"cpu_matmul_dtype must be auto, float32, bfloat16 or int8 (got {self.cpu_matmul_dtype})")
-        from lcq.kernels.cpu_matmul import products_available
+        from lcq.kernels.cpu_matmul import PRODUCT_FORMS, products_available
 
         applies = self.resolved_device().type == "cpu" and self.resolved_dtype() == torch.float32
         if self.cpu_matmul_dtype == "auto":
@@ -68,7 +68,7 @@ class EngineConfig:
             return usable[0] if usable else torch.float32
         dtype = names[self.cpu_matmul_dtype]
         if dtype != torch.float32 and not (applies and products_available(dtype)):
-            needs = "AVX512_BF16 and AVX512_VNNI" if dtype == torch.int8 else "AVX512_BF16"
+            needs = " and ".join(flag.upper() for flag in PRODUCT_FORMS[dtype][1])
             raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model on a CPU with {needs} "
                              "and the C kernels")
         return dtype
