@@ -219,8 +219,8 @@ def main() -> None:
     print("| engine | weights | products | concurrency | output tok/s | TTFT ms | peak mem GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | {r['output_tok_s']} | "
-              f"{r['ttft_ms']} | {r['peak_mem_GB']} |")
+        print(f"| {r['engine']} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | "
+              f"{r['output_tok_s']} | {r['ttft_ms']} | {r['peak_mem_GB']} |")
     print(f"Llama-2-7B weights: W2 r2 g128 {result['llama2_7b_weight_GB']['lcq-w2r2g128']} GB "
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 

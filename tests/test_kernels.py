@@ -213,7 +213,8 @@ def _bf16_reference(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.bfloat16().double() @ weight.bfloat16().double().t()
 
 
-needs_bf16 = pytest.mark.skipif(not products_available(torch.bfloat16), reason="bf16 products need AVX512_BF16 and the C kernels")
+needs_bf16 = pytest.mark.skipif(not products_available(torch.bfloat16),
+                                reason="bf16 products need AVX512_BF16 and the C kernels")
 
 
 @needs_bf16

@@ -94,7 +94,8 @@ LCQ_INT8 static void quantize_row(const float *src, int K, uint32_t *row) {
     float *scales = (float *)(row + words);
     int32_t *offsets = (int32_t *)(row + words + blocks);
     for (int b = 0; b < blocks; b++) {
-        const int k0 = b * 4 * LCQ_SCALE_WORDS, k1 = k0 + 4 * LCQ_SCALE_WORDS < padded ? k0 + 4 * LCQ_SCALE_WORDS : padded;
+        const int k0 = b * 4 * LCQ_SCALE_WORDS;
+        const int k1 = k0 + 4 * LCQ_SCALE_WORDS < padded ? k0 + 4 * LCQ_SCALE_WORDS : padded;
         __m512 values[LCQ_SCALE_WORDS / 4], largest = _mm512_setzero_ps();
         for (int i = 0; i < LCQ_SCALE_WORDS / 4; i++) { /* the block's values, zeros past K */
             const int k = k0 + 16 * i, left = K - k <= 0 ? 0 : K - k < 16 ? K - k : 16;

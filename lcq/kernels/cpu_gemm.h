@@ -34,9 +34,10 @@ static inline int lcq_byte_row_words(int words) {
 }
 
 /* Writes weight rows first .. first + count - 1 into out (count rows of the unsigned int8 form of K
- * values); returns 0, or -1 when a buffer cannot be allocated. Only weights that have one take int8 products: LCQ indices, whose codebooks quantize
- * once per group. Full-precision weights keep bf16: on the demo model int8 products cost +0.33%
- * perplexity with its head in int8, -0.015% with the head in bf16. */
+ * values); returns 0, or -1 when a buffer cannot be allocated. Only weights that have one take int8
+ * products: LCQ indices, whose codebooks quantize once per group. Full-precision weights keep bf16:
+ * on the demo model int8 products cost +0.33% perplexity with its head in int8, -0.015% with the
+ * head in bf16. */
 typedef int (*lcq_expand_byte_rows)(const void *weight, int K, int first, int count, uint32_t *out);
 
 /* y (M, N) = x (M, K) @ W^T, W given by its expansion (and, optionally, its int8 one, else NULL);

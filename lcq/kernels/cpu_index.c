@@ -358,7 +358,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const i
         tail_weights(w, n, whole, tail);
         const float top = scales[whole / block_values];
         inverse = top > 0 ? 127.0f / top : 0.0f;
-        for (int i = whole; i < K; i++) bytes[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(tail[i - whole] * inverse)) + 128);
+        for (int i = whole; i < K; i++) /* rounded to nearest even, as the vector steps are */
+            bytes[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(tail[i - whole] * inverse)) + 128);
     }
     for (int i = K; i < 4 * words; i++) bytes[i] = 128; /* zeros */
     for (int b = 0; b < blocks; b++) scales[b] /= 127.0f;

@@ -69,8 +69,8 @@ class EngineConfig:
         dtype = names[self.cpu_matmul_dtype]
         if dtype != torch.float32 and not (applies and products_available(dtype)):
             needs = " and ".join(flag.upper() for flag in PRODUCT_FORMS[dtype][1])
-            raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model on a CPU with {needs} "
-                             "and the C kernels")
+            raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model, the C kernels and a "
+                             f"CPU with {needs}")
         return dtype
 
     def model_name(self) -> str:
