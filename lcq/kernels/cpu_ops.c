@@ -34,6 +34,7 @@ void lcq_rms_norm(const float *x, float *residual, const float *weight, float *o
             in = res;
         }
         double squares = 0.0;
+#pragma omp simd reduction(+ : squares) /* in vector lanes: one serial chain of adds took 3% of prefill */
         for (int i = 0; i < dim; i++) squares += (double)in[i] * in[i];
         const float scale = 1.0f / sqrtf((float)(squares / dim) + eps);
         for (int i = 0; i < dim; i++) dst[i] = weight[i] * (in[i] * scale);
