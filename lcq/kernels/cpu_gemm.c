@@ -248,9 +248,10 @@ static void convert_rows(int form, const float *src, int K, int count, uint32_t 
     }
 }
 
-int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, lcq_expand_byte_rows expand_bytes,
-                         const void *weight, float *y) {
-    const int form = product_form == LCQ_INT8_PRODUCTS && expand_bytes == NULL ? LCQ_BF16_PRODUCTS : product_form;
+int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
+                         float *y) {
+    const int form =
+        product_form == LCQ_INT8_PRODUCTS && expansions->bytes == NULL ? LCQ_BF16_PRODUCTS : product_form;
     const int converted = form != LCQ_FP32_PRODUCTS;
     const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
     const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
@@ -272,22 +273,28 @@ int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows ex
                 pack_panel(converted ? converted_x : (const uint32_t *)x, M, words, p * width,
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
             const int bytes = form == LCQ_INT8_PRODUCTS; /* weights expand to bytes, not fp32 */
-            float *block = bytes ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
+            const int pairs = form == LCQ_BF16_PRODUCTS && expansions->pairs != NULL; /* or to bf16 pairs */
+            float *block = bytes || pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
             uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
-            const int ready = (bytes || block != NULL) && (!converted || rows != NULL);
+            const int ready = (bytes || pairs || block != NULL) && (!converted || rows != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
                 const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
                 if (bytes) {
-                    if (expand_bytes(weight, K, first, count, rows) != 0)
+                    if (expansions->bytes(weight, K, first, count, rows) != 0)
                         failed = 1;
                     else
                         byte_block_product(packed, M, values, rows, count, y + first, N);
                     continue;
                 }
-                expand(weight, K, first, count, block);
+                if (pairs) {
+                    expansions->pairs(weight, K, first, count, rows);
+                    pair_block_product(packed, M, values, rows, count, y + first, N);
+                    continue;
+                }
+                expansions->fp32(weight, K, first, count, block);
                 if (converted) {
                     convert_rows(form, block, K, count, rows, words);
                     pair_block_product(packed, M, values, rows, count, y + first, N);

@@ -33,6 +33,10 @@ static inline int lcq_byte_row_words(int words) {
     return words + 2 * lcq_scale_blocks(words);
 }
 
+/* Writes weight rows first .. first + count - 1 into out (count rows of ceil(K / 2) bf16 pairs, as
+ * lcq_round_pairs rounds them): for weights that round straight from their storage (fp16 copies). */
+typedef void (*lcq_expand_pair_rows)(const void *weight, int K, int first, int count, uint32_t *out);
+
 /* Writes weight rows first .. first + count - 1 into out (count rows of the unsigned int8 form of K
  * values); returns 0, or -1 when a buffer cannot be allocated. Only weights that have one take int8
  * products: LCQ indices, whose codebooks quantize once per group. Full-precision weights keep bf16:
@@ -40,11 +44,19 @@ static inline int lcq_byte_row_words(int words) {
  * head in bf16. */
 typedef int (*lcq_expand_byte_rows)(const void *weight, int K, int first, int count, uint32_t *out);
 
-/* y (M, N) = x (M, K) @ W^T, W given by its expansion (and, optionally, its int8 one, else NULL);
- * x and y fp32 contiguous, M >= 1. Operands rounded to bf16 (sums fp32) or 8 bits (sums int32) where
- * the calling thread asks (lcq_set_products). Returns 0, or -1 when a buffer cannot be allocated. */
-int lcq_expanded_product(const float *x, int M, int K, int N, lcq_expand_rows expand, lcq_expand_byte_rows expand_bytes,
-                         const void *weight, float *y);
+/* How a weight expands a block of its rows: to fp32 (every weight), and where it has them (else
+ * NULL) straight to bf16 pairs or to the int8 form. */
+typedef struct {
+    lcq_expand_rows fp32;
+    lcq_expand_pair_rows pairs;
+    lcq_expand_byte_rows bytes;
+} lcq_expansions;
+
+/* y (M, N) = x (M, K) @ W^T, W given by its expansions; x and y fp32 contiguous, M >= 1. Operands
+ * rounded to bf16 (sums fp32) or 8 bits (sums int32, where W expands to bytes) where the calling
+ * thread asks (lcq_set_products). Returns 0, or -1 when a buffer cannot be allocated. */
+int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
+                         float *y);
 
 /* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
  * products (cpu_gemm.c, cpu_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against

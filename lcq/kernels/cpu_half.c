@@ -65,6 +65,27 @@ static void expand_half(const void *weight, int K, int first, int count, float *
     for (; i < total; i++) out[i] = _cvtsh_ss(src[i]);
 }
 
+/* Rows first .. first + count - 1 of the fp16 weight as bf16 pairs (as lcq_round_pairs rounds the
+ * fp32 values), 32 values per conversion: one pass, where expand_half then rounding took two over a
+ * buffer twice the size (the head's expansion at 64 sequences). */
+LCQ_BF16 static void expand_half_pairs(const void *weight, int K, int first, int count, uint32_t *out) {
+    const int padded = (K + 1) & ~1;
+    for (int n = 0; n < count; n++) {
+        const uint16_t *src = (const uint16_t *)weight + (int64_t)(first + n) * K;
+        uint16_t *dst = (uint16_t *)(out + (int64_t)n * (padded / 2));
+        for (int k = 0; k < padded; k += 32) {
+            const int left = K - k < 32 ? K - k : 32, stored = padded - k < 32 ? padded - k : 32;
+            const __m512i halves = _mm512_maskz_loadu_epi16((__mmask32)(((uint64_t)1 << left) - 1), src + k);
+            const __m512 low = _mm512_cvtph_ps(_mm512_castsi512_si256(halves));
+            const __m512 high = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(halves, 1));
+            _mm512_mask_storeu_epi16(dst + k, (__mmask32)(((uint64_t)1 << stored) - 1),
+                                     (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        }
+    }
+}
+
+static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL};
+
 /* The decode form with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more): activations
  * rounded once per call to bf16 pairs along K; per 32 weights two conversions to fp32 and one to 16
  * bf16 pairs, then one vdpbf16ps per row where the fp32 form spends four FMAs and four loads (8-wide).
@@ -115,7 +136,7 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
  * in L1 between passes). Returns 0, or -1 for M < 1 or when cpu_gemm.c cannot allocate its buffers. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
     if (M < 1) return -1;
-    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, expand_half, NULL, w, y);
+    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, &half_expansions, w, y);
     if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) return pair_decode_product(x, M, K, w, N, y);
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
 #pragma omp parallel for schedule(static)

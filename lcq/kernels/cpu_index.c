@@ -469,8 +469,11 @@ int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1) return -1;
     if (M >= lcq_gemm_min_rows())
-        return lcq_expanded_product(x, M, w->K, w->N, w->wide ? wide_expand : narrow_expand,
-                                    w->wide ? wide_expand_bytes : NULL, w, y);
+    {
+        const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
+                                           w->wide ? wide_expand_bytes : NULL};
+        return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, y);
+    }
     if (w->wide && M >= PAIR_MIN_ROWS && lcq_bf16_products()) return wide_pair_decode_product(w, x, M, y);
     if (w->wide)
         wide_decode_product(w, x, M, y);
