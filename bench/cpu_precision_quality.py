@@ -1,10 +1,11 @@
 """What the CPU defaults cost in quality: perplexity of the demo model (SmolLM2-135M-Instruct, LCQ W4)
-run by our model code on CPU with the KV cache in fp32 and in fp16, and with the large products'
-operands in fp32 and, where the CPU has them, bf16 (AVX512_BF16) and int8 (AVX512_VNNI).
+run by our model code on CPU with the KV cache in fp32, fp16 and int8 (a scale per head row), and
+with the large products' operands in fp32 and, where the CPU has them, bf16 (AVX512_BF16) and int8
+(AVX512_VNNI).
 
 Each window of held-out Shakespeare is prefilled in chunks, so that every chunk after the first
-attends to the earlier ones through the paged cache, as a served sequence does; fp16 rounding of the
-cached K and V is then in every logit past the first chunk. Chunks of 128 tokens take the blocked
+attends to the earlier ones through the paged cache, as a served sequence does; the cache's rounding
+of K and V is then in every logit (a chunk reads its own K and V from the cache too). Chunks of 128 tokens take the blocked
 product (the form under test) in every layer and the head, where a served sequence's decode steps of
 fewer than 10 sequences take the decode forms: an upper bound on the cost.
 
@@ -34,7 +35,7 @@ WINDOW, CHUNK, BLOCK = 512, 128, 16
 def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype) -> float:
     model, config = load_model(folder, torch.device("cpu"), torch.float32)
     blocks = WINDOW // BLOCK
-    shape = (blocks, BLOCK, config.num_kv_heads, config.head_dim)
+    shape = model.kv_cache_shape(blocks, BLOCK, cache_dtype)
     model.bind_kv_cache([torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)],
                         [torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)])
     table = torch.arange(blocks, dtype=torch.int32)[None]
@@ -62,8 +63,9 @@ def main() -> None:
     folder = str(ensure_demo_model())
     ids = AutoTokenizer.from_pretrained(folder)(evaluation_text(), add_special_tokens=False)["input_ids"]
     windows = min(args.windows, len(ids) // WINDOW)
-    settings = [(torch.float32, torch.float32), (torch.float16, torch.float32)] + [
-        (torch.float16, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)]
+    settings = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.int8, torch.float32)] + [
+        (cache, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)
+        for cache in (torch.float16, torch.int8)]
     rows = []
     for cache_dtype, products in settings:
         with cpu_products(products):

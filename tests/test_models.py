@@ -24,8 +24,8 @@ class PagedBatch:
 
     def __init__(self, model, num_blocks: int = 64, cache_dtype: torch.dtype | None = None):
         c = model.config
-        shape = (num_blocks, BLOCK, c.num_kv_heads, c.head_dim)
         dtype, self.device = cache_dtype or model.dtype, model.embed_tokens.weight.device
+        shape = model.kv_cache_shape(num_blocks, BLOCK, dtype)
         model.bind_kv_cache([torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)],
                             [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)])
         self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
@@ -316,6 +316,55 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def _int8_rows(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 values (..., head_dim) and fp32 scales (...) of an int8 cache's head rows."""
+    values, scale_bytes = cache[..., :-cpu_ops.INT8_SCALE_BYTES], cache[..., -cpu_ops.INT8_SCALE_BYTES:]
+    return values, scale_bytes.contiguous().view(torch.float32).squeeze(-1)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("kv_heads, head_dim", [(3, 24), (3, 20), (3, 64), (2, 136)])
+@PAGED_CASES
+def test_int8_cache_is_the_quantized_fp32_cache(new, cached, kv_heads, head_dim):
+    """An int8 cache stores each new head row as q = round(v * 127 / max |v|) (half to even) with the
+    scale max |v| / 127, exactly; decode and prefill attention over it equal the C attention over the
+    fp32 cache of q * scale within 1e-5 (the scales apply after K's dot products and to V's weights),
+    with fp32 and, where the CPU has them, bf16 products."""
+    _, _, context = _random_paged_context(new, cached, kv_heads, head_dim, torch.float32)
+    shape = cpu_ops.cache_shape(context.block_tables.max().item() + 4, BLOCK, kv_heads, head_dim, torch.int8)
+    caches = []
+    for _ in range(2):  # random rows and scales for the cached tokens
+        cache = torch.empty(shape, dtype=torch.int8)
+        cache[..., :head_dim] = torch.randint(-127, 128, (*shape[:3], head_dim), dtype=torch.int8)
+        cache[..., head_dim:] = (torch.rand(*shape[:3], 1) * 0.02).view(torch.int8)  # values up to 2.5
+        caches.append(cache)
+    q, k, v = (torch.randn(sum(new), h, head_dim) for h in (3 * kv_heads, kv_heads, kv_heads))
+    k[0, 0] *= 100  # an outlier row
+    paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, torch.int8)
+    assert paged.use_cpu_ops
+    paged.write(k, v, *caches)
+    written = context.slot_mapping >= 0
+    for cache, rows in zip(caches, (k[written], v[written])):
+        values, scales = _int8_rows(cache.view(-1, kv_heads, shape[3])[context.slot_mapping[written]])
+        top = rows.abs().amax(-1)
+        most = torch.full_like(top, 127.0)
+        assert torch.equal(values, torch.round(rows * (most / top).unsqueeze(-1)).to(torch.int8))
+        assert torch.equal(scales, top / most)
+    dequantized = [values.float() * scales.unsqueeze(-1) for values, scales in map(_int8_rows, caches)]
+    exact = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, torch.float32)
+    for products in [torch.float32] + ([torch.bfloat16] if products_available(torch.bfloat16) else []):
+        with cpu_products(products):
+            got, expected = paged.attend(q, *caches, 0.3), exact.attend(q, *dequantized, 0.3)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_int8_cache_needs_the_c_attention(monkeypatch):
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    _, _, context = _random_paged_context([3], [2], 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="an int8 KV cache needs the C attention"):
+        PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, torch.int8)
+
+
 @pytest.mark.parametrize("c_ops", ["0", "1"] if cpu_ops.usable() else ["0"])
 def test_fp16_cache_saturates_values_past_its_range(monkeypatch, c_ops):
     """K/V values past +-65504 are stored as +-65504 by both write paths, not as inf, so that the
@@ -382,11 +431,11 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
 @needs_cpu_ops
 @pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
 @pytest.mark.parametrize("arch, cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: qkv bias
-                                               ("llama", torch.float16)])
+                                               ("llama", torch.float16), ("llama", torch.int8)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
-    16 rows the products take cpu_gemm.c's form); fp32 and fp16 caches."""
+    16 rows the products take cpu_gemm.c's form); fp32, fp16 and int8 caches."""
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder)
     runs = []

@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from lcq.kernels import cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
@@ -118,9 +119,35 @@ def test_fp16_kv_cache_holds_twice_the_tokens(tiny, llm):
     assert _pool_is_full(half.engine)
 
 
-def test_kv_cache_dtype_is_checked():
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
-        EngineConfig(model="m", kv_cache_dtype="int8").validate()
+@pytest.mark.skipif(not cpu_ops.usable(), reason="int8 caches need the C kernels")
+def test_int8_kv_cache_holds_more_tokens_and_keeps_the_logprobs(tiny, llm):
+    """An int8 KV cache (head rows of 24 bytes and a 4-byte scale on the tiny model, against 96 bytes in
+    fp32) holds 3.4x the blocks of fp32 in the same pool, runs a batch past the pool with preemptions and leaves it
+    full; the first tokens' logprobs move from an fp32 cache's by its rounding only."""
+    memory_gb = 6 * small_block_bytes(llm) / 2**30
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=memory_gb, kv_cache_dtype="int8")
+    assert small.engine.blocks.num_total_blocks == 6 * 96 // 28
+    outs = small.generate(PROMPTS * 4, GREEDY)
+    assert [len(o.token_ids) for o in outs] == [GREEDY.max_tokens] * 12
+    assert small.engine.stats().num_preemptions_total > 0 and _pool_is_full(small.engine)
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, logprobs=3)
+    int8, fp32 = (LLM(str(tiny), block_size=8, kv_cache_dtype=dtype) for dtype in ("int8", "float32"))
+    for ours, theirs in zip(*(engine.generate([PROMPTS[0]], params)[0].logprobs for engine in (int8, fp32))):
+        differences = [abs(a[2] - b[2]) for a, b in zip(ours.top, theirs.top)]
+        assert max(differences) < 0.05
+
+
+def test_kv_cache_dtype_is_checked(monkeypatch):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, float16"):
+        EngineConfig(model="m", kv_cache_dtype="int4").validate()
+    for setting in (dict(device="cuda"), dict(device="cpu", dtype="bfloat16")):
+        with pytest.raises(ValueError, match="int8 needs an fp32 model on a CPU and the C kernels"):
+            EngineConfig(model="m", kv_cache_dtype="int8", **setting).validate()
+    if cpu_ops.usable():
+        assert EngineConfig(model="m", device="cpu", kv_cache_dtype="int8").resolved_kv_cache_dtype() == torch.int8
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    with pytest.raises(ValueError, match="int8 needs an fp32 model on a CPU and the C kernels"):
+        EngineConfig(model="m", device="cpu", kv_cache_dtype="int8").validate()
     with pytest.raises(ValueError, match="auto or the model dtype on a GPU"):
         EngineConfig(model="m", device="cuda", kv_cache_dtype="float32").validate()
     assert EngineConfig(model="m", device="cpu", kv_cache_dtype="float32").resolved_kv_cache_dtype() == torch.float32

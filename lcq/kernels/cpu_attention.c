@@ -1,5 +1,6 @@
-/* Attention over the paged KV cache on x86 CPUs (AVX2, FMA, F16C): fp32 arithmetic, caches fp32 or
- * fp16, read through the block tables where they lie (no gathered copy per sequence).
+/* Attention over the paged KV cache on x86 CPUs (AVX2, FMA, F16C): fp32 arithmetic, caches fp32,
+ * fp16 or int8 (cpu_cache.h), read through the block tables where they lie (no gathered copy per
+ * sequence).
  *
  * Decode (one new token per sequence) is bounded by reading the cache: each K and V row is read
  * once for all query heads of its kv head, scores 8 rows at a time. Prefill (many new tokens per
@@ -15,20 +16,31 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu_cache.h"
 #include "cpu_constant.h"
 #include "cpu_exp.h"
 #include "cpu_gemm.h"
 
-/* Cache values as fp32, from an fp32 or (HALF) an fp16 cache: 8 at element i, or one. Inlined with
- * HALF a constant, so attention reads an fp16 cache where it lies, converting as it loads (converting
- * each block into a scratch buffer first cost a write and a read of every value). */
-static inline __attribute__((always_inline)) __m256 load8(const int HALF, const void *cache, int64_t i) {
-    return HALF ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)))
-                : _mm256_loadu_ps((const float *)cache + i);
+/* Cache values as fp32, from a cache of the given form (cpu_cache.h; int8 values before their row's
+ * scale): 8 at element i, or one. Inlined with FORM a constant, so attention reads a cache where it
+ * lies, converting as it loads (converting each block into a scratch buffer first cost a write and a
+ * read of every value). */
+static inline __attribute__((always_inline)) __m256 load8(const int FORM, const void *cache, int64_t i) {
+    if (FORM == LCQ_CACHE_INT8)
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)cache + i))));
+    return FORM == LCQ_CACHE_FP16 ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)))
+                                  : _mm256_loadu_ps((const float *)cache + i);
 }
 
-static inline __attribute__((always_inline)) float load1(const int HALF, const void *cache, int64_t i) {
-    return HALF ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+static inline __attribute__((always_inline)) float load1(const int FORM, const void *cache, int64_t i) {
+    if (FORM == LCQ_CACHE_INT8) return ((const int8_t *)cache)[i];
+    return FORM == LCQ_CACHE_FP16 ? _cvtsh_ss(((const uint16_t *)cache)[i]) : ((const float *)cache)[i];
+}
+
+/* The factor of the head row that starts at element `start`: its scale in an int8 cache, else 1. */
+static inline __attribute__((always_inline)) float row_factor(const int FORM, const void *cache, int64_t start,
+                                                              int head_dim) {
+    return FORM == LCQ_CACHE_INT8 ? lcq_cache_scale(cache, start, head_dim) : 1.0f;
 }
 
 /* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
@@ -39,9 +51,9 @@ static inline __m256 sums8(const __m256 *a) {
 }
 
 /* scores[t] = scale * (query . key row t) for `count` cache rows from element `first` (row stride
- * `stride`): 8 rows at a time, each row's products summed across the head in its own register and
+ * `stride`; int8 rows times their scales): 8 rows at a time, each row's products summed across the head in its own register and
  * the 8 sums reduced together (one horizontal sum per row cost more than the products). */
-static inline __attribute__((always_inline)) void score_rows(const int HALF, const float *query, const void *cache,
+static inline __attribute__((always_inline)) void score_rows(const int FORM, const float *query, const void *cache,
                                                              int64_t first, int64_t stride, int count, int head_dim,
                                                              float scale, float *scores) {
     const int vectors = head_dim / 8;
@@ -52,26 +64,32 @@ static inline __attribute__((always_inline)) void score_rows(const int HALF, con
         for (int d = 0; d < vectors; d++) {
             const __m256 q = _mm256_loadu_ps(query + 8 * d);
             for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(q, load8(HALF, cache, first + (t + j) * stride + 8 * d), acc[j]);
+                acc[j] = _mm256_fmadd_ps(q, load8(FORM, cache, first + (t + j) * stride + 8 * d), acc[j]);
         }
         __m256 sums = sums8(acc);
         for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
             float tail[8];
-            for (int j = 0; j < 8; j++) tail[j] = query[i] * load1(HALF, cache, first + (t + j) * stride + i);
+            for (int j = 0; j < 8; j++) tail[j] = query[i] * load1(FORM, cache, first + (t + j) * stride + i);
             sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+        }
+        if (FORM == LCQ_CACHE_INT8) {
+            float factors[8];
+            for (int j = 0; j < 8; j++) factors[j] = row_factor(FORM, cache, first + (t + j) * stride, head_dim);
+            sums = _mm256_mul_ps(sums, _mm256_loadu_ps(factors));
         }
         _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
     }
     for (; t < count; t++) {
         float sum = 0.0f;
-        for (int i = 0; i < head_dim; i++) sum += query[i] * load1(HALF, cache, first + t * stride + i);
-        scores[t] = sum * scale;
+        for (int i = 0; i < head_dim; i++) sum += query[i] * load1(FORM, cache, first + t * stride + i);
+        scores[t] = sum * row_factor(FORM, cache, first + t * stride, head_dim) * scale;
     }
 }
 
 /* out[0 .. V*8) += sum over `count` cache rows t from element `first` of weights[t] * row t, the V
- * output vectors held in registers over all rows. Inlined with V and HALF constants. */
-static inline __attribute__((always_inline)) void weigh_rows(const int V, const int HALF, const float *weights,
+ * output vectors held in registers over all rows (int8 rows' scales are in the weights: attend_task).
+ * Inlined with V and FORM constants. */
+static inline __attribute__((always_inline)) void weigh_rows(const int V, const int FORM, const float *weights,
                                                              const void *cache, int64_t first, int64_t stride,
                                                              int count, float *out) {
     __m256 acc[8];
@@ -79,17 +97,17 @@ static inline __attribute__((always_inline)) void weigh_rows(const int V, const 
     for (int t = 0; t < count; t++) {
         const __m256 weight = _mm256_broadcast_ss(weights + t);
         for (int v = 0; v < V; v++)
-            acc[v] = _mm256_fmadd_ps(weight, load8(HALF, cache, first + t * stride + 8 * v), acc[v]);
+            acc[v] = _mm256_fmadd_ps(weight, load8(FORM, cache, first + t * stride + 8 * v), acc[v]);
     }
     for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, acc[v]);
 }
 
 /* out (head_dim) += sum over rows of weights[t] * row t: the head in pieces of up to 8 vectors (64
  * values) in registers, then the values past the last whole vector. */
-static inline __attribute__((always_inline)) void weigh_head(const int HALF, const float *weights, const void *cache,
+static inline __attribute__((always_inline)) void weigh_head(const int FORM, const float *weights, const void *cache,
                                                              int64_t first, int64_t stride, int count, int head_dim,
                                                              float *out) {
-#define WEIGH(V) weigh_rows(V, HALF, weights, cache, first + i, stride, count, out + i)
+#define WEIGH(V) weigh_rows(V, FORM, weights, cache, first + i, stride, count, out + i)
     int i = 0;
     for (; i + 64 <= head_dim; i += 64) WEIGH(8);
     switch ((head_dim - i) / 8) {
@@ -98,7 +116,7 @@ static inline __attribute__((always_inline)) void weigh_head(const int HALF, con
     }
 #undef WEIGH
     for (i += (head_dim - i) / 8 * 8; i < head_dim; i++)
-        for (int t = 0; t < count; t++) out[i] += weights[t] * load1(HALF, cache, first + t * stride + i);
+        for (int t = 0; t < count; t++) out[i] += weights[t] * load1(FORM, cache, first + t * stride + i);
 }
 
 /* Blocks of a sequence a decode task asks for ahead of reading them. Its blocks lie anywhere in the pool
@@ -120,17 +138,19 @@ static inline __attribute__((always_inline)) void prefetch_block(const void *cac
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
  * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
  * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
- * into all heads' outputs. Inlined with HALF (an fp16 cache) a constant. */
-static inline __attribute__((always_inline)) int attend_task(const int HALF, const float *queries, const void *k_cache,
+ * into all heads' outputs (an int8 cache: each weight times its V row's scale first). Inlined with
+ * FORM a constant. */
+static inline __attribute__((always_inline)) int attend_task(const int FORM, const float *queries, const void *k_cache,
                                                              const void *v_cache, const int32_t *table, int length,
                                                              float *outputs, int task_heads, int first_kv, int group,
                                                              int64_t row, int head_dim, int block_size, float scale) {
+    const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
     float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
     if (scores == NULL) return -1;
-    const int64_t offset = (int64_t)first_kv * head_dim;
-    const int element = HALF ? 2 : 4, blocks = (length + block_size - 1) / block_size;
+    const int64_t offset = (int64_t)first_kv * head_stride;
+    const int element = lcq_cache_element_bytes(FORM), blocks = (length + block_size - 1) / block_size;
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(k_cache, element, table, b, block_size, row);
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
@@ -138,7 +158,7 @@ static inline __attribute__((always_inline)) int attend_task(const int HALF, con
         if (start / block_size + PREFETCH_BLOCKS < blocks)
             prefetch_block(k_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
         for (int h = 0; h < task_heads; h++)
-            score_rows(HALF, queries + h * head_dim, k_cache, first + (h / group) * head_dim, row, count, head_dim,
+            score_rows(FORM, queries + h * head_dim, k_cache, first + (h / group) * head_stride, row, count, head_dim,
                        scale, scores + (int64_t)h * length + start);
     }
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(v_cache, element, table, b, block_size, row);
@@ -164,9 +184,13 @@ static inline __attribute__((always_inline)) int attend_task(const int HALF, con
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
         if (start / block_size + PREFETCH_BLOCKS < blocks)
             prefetch_block(v_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
-        for (int h = 0; h < task_heads; h++)
-            weigh_head(HALF, scores + (int64_t)h * length + start, v_cache, first + (h / group) * head_dim, row, count,
-                       head_dim, outputs + (int64_t)h * head_dim);
+        for (int h = 0; h < task_heads; h++) {
+            float *weights = scores + (int64_t)h * length + start;
+            const int64_t head_first = first + (h / group) * head_stride;
+            if (FORM == LCQ_CACHE_INT8)
+                for (int t = 0; t < count; t++) weights[t] *= row_factor(FORM, v_cache, head_first + t * row, head_dim);
+            weigh_head(FORM, weights, v_cache, head_first, row, count, head_dim, outputs + (int64_t)h * head_dim);
+        }
     }
     free(scores);
     return 0;
@@ -179,28 +203,30 @@ static inline __attribute__((always_inline)) int attend_task(const int HALF, con
 #define WHOLE_ROW_MIN_SEQS 8
 
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
- * block table from caches (blocks, block_size, kv_heads, head_dim), fp32 or fp16 (half_cache).
+ * block table from caches (blocks, block_size, kv_heads, head row) of the given form (cpu_cache.h).
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
  * A sequence with context length 0 (padding) gets zeros.
  * Returns 0, or -1 when a score buffer cannot be allocated. */
-int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale) {
     const int group = heads / kv_heads;
     const int kv_per_task = seqs >= WHOLE_ROW_MIN_SEQS ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
-    const int64_t row = (int64_t)kv_heads * head_dim; /* floats per cache slot */
+    const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
     for (int task = 0; task < seqs * tasks_per_seq; task++) {
         const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
         const int64_t first_head = (int64_t)first_kv * group;
-#define ATTEND(HALF)                                                                                            \
-    attend_task(HALF, q + s * q_stride + first_head * head_dim, k_cache, v_cache, block_tables + (int64_t)s * max_blocks, \
-                context_lens[s], out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv,   \
-                group, row, head_dim, block_size, scale)
-        if (half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+#define ATTEND(FORM)                                                                                            \
+    if (attend_task(FORM, q + s * q_stride + first_head * head_dim, k_cache, v_cache,                          \
+                    block_tables + (int64_t)s * max_blocks, context_lens[s],                                   \
+                    out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row, \
+                    head_dim, block_size, scale))                                                              \
+        failed = 1;
+        LCQ_CACHE_FORMS(cache_form, ATTEND)
 #undef ATTEND
     }
     return failed ? -1 : 0;
@@ -209,10 +235,11 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
 #define KEYS 16        /* keys per chunk: one row of scores is two vectors */
 #define QUERY_ROWS 48  /* query rows per prefill task (about 16 positions of a 3-head GQA group) */
 
-/* Stage one chunk of KEYS keys of kv head `kv` of a sequence for the prefill products, as fp32:
+/* Stage one chunk of KEYS keys of kv head `kv` of a sequence for the prefill products, as fp32 (int8
+ * rows times their scales):
  * K transposed, kt[i][t] (head_dim x KEYS), and V, vp[t][i] (KEYS x padded_dim); keys past
  * `count` and columns past head_dim are zeros. */
-static inline __attribute__((always_inline)) void stage_chunk(const int HALF, const void *k_cache, const void *v_cache,
+static inline __attribute__((always_inline)) void stage_chunk(const int FORM, const void *k_cache, const void *v_cache,
                                                               const int32_t *table, int first_key, int count, int kv,
                                                               int64_t row, int head_dim, int padded_dim,
                                                               int block_size, float *kt, float *vp) {
@@ -221,10 +248,11 @@ static inline __attribute__((always_inline)) void stage_chunk(const int HALF, co
     for (int t = 0; t < count; t++) {
         const int key = first_key + t;
         const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
-                           (int64_t)kv * head_dim;
+                           (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
+        const float k_factor = row_factor(FORM, k_cache, at, head_dim), v_factor = row_factor(FORM, v_cache, at, head_dim);
         for (int i = 0; i < head_dim; i++) {
-            kt[i * KEYS + t] = load1(HALF, k_cache, at + i);
-            vp[t * padded_dim + i] = load1(HALF, v_cache, at + i);
+            kt[i * KEYS + t] = load1(FORM, k_cache, at + i) * k_factor;
+            vp[t * padded_dim + i] = load1(FORM, v_cache, at + i) * v_factor;
         }
     }
 }
@@ -239,7 +267,7 @@ static inline uint32_t bf16_bits(float value) {
 /* stage_chunk for bf16 products: K as pairs along the head, kt[j][t] = (k[t][2j], k[t][2j + 1])
  * (head_dim / 2 x KEYS), and V as pairs along the keys, vp[u][i] = (v[2u][i], v[2u + 1][i]) (KEYS / 2
  * x padded_dim); zeros past `count` and head_dim. head_dim is even. */
-static inline __attribute__((always_inline)) void stage_pair_chunk(const int HALF, const void *k_cache,
+static inline __attribute__((always_inline)) void stage_pair_chunk(const int FORM, const void *k_cache,
                                                                    const void *v_cache, const int32_t *table,
                                                                    int first_key, int count, int kv, int64_t row,
                                                                    int head_dim, int padded_dim, int block_size,
@@ -249,12 +277,14 @@ static inline __attribute__((always_inline)) void stage_pair_chunk(const int HAL
     for (int t = 0; t < count; t++) {
         const int key = first_key + t;
         const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
-                           (int64_t)kv * head_dim;
+                           (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
+        const float k_factor = row_factor(FORM, k_cache, at, head_dim), v_factor = row_factor(FORM, v_cache, at, head_dim);
         for (int j = 0; j < head_dim / 2; j++)
-            kt[j * KEYS + t] = bf16_bits(load1(HALF, k_cache, at + 2 * j)) |
-                               bf16_bits(load1(HALF, k_cache, at + 2 * j + 1)) << 16;
+            kt[j * KEYS + t] = bf16_bits(load1(FORM, k_cache, at + 2 * j) * k_factor) |
+                               bf16_bits(load1(FORM, k_cache, at + 2 * j + 1) * k_factor) << 16;
         uint16_t *values = (uint16_t *)(vp + t / 2 * padded_dim) + t % 2;
-        for (int i = 0; i < head_dim; i++) values[2 * i] = (uint16_t)bf16_bits(load1(HALF, v_cache, at + i));
+        for (int i = 0; i < head_dim; i++)
+            values[2 * i] = (uint16_t)bf16_bits(load1(FORM, v_cache, at + i) * v_factor);
     }
 }
 
@@ -393,11 +423,11 @@ typedef struct {
     const float *q;
     int64_t q_stride;
     const void *k_cache, *v_cache;
-    int half_cache;
+    int cache_form;
     const int32_t *block_tables, *context_lens, *query_start;
     int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
     float scale, *out;
-    int64_t row, chunk_floats; /* floats per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
+    int64_t row, chunk_floats; /* elements per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
     int64_t *chunk_base, *task_base;
     int pairs; /* bf16 products: chunks, queries and weights staged as bf16 pairs */
 } Prefill;
@@ -463,17 +493,19 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int first_key = (int)(chunk - p->chunk_base[s]) * KEYS, length = p->context_lens[s];
             const int count = length - first_key < KEYS ? length - first_key : KEYS;
             float *kt = staged + item * p->chunk_floats;
-#define STAGE(FORM, HALF, TYPE, DEPTH)                                                                         \
-    FORM(HALF, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,            \
-         (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, (TYPE *)kt,                 \
-         (TYPE *)kt + (int64_t)(DEPTH) * KEYS)
+#define STAGE(FUNCTION, FORM, TYPE, DEPTH)                                                                     \
+    FUNCTION(FORM, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,        \
+             (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, (TYPE *)kt,             \
+             (TYPE *)kt + (int64_t)(DEPTH) * KEYS)
+#define STAGE_PAIRS(FORM) STAGE(stage_pair_chunk, FORM, uint32_t, p->head_dim / 2)
+#define STAGE_FLOATS(FORM) STAGE(stage_chunk, FORM, float, p->head_dim)
             if (p->pairs) {
-                if (p->half_cache) STAGE(stage_pair_chunk, 1, uint32_t, p->head_dim / 2);
-                else STAGE(stage_pair_chunk, 0, uint32_t, p->head_dim / 2);
+                LCQ_CACHE_FORMS(p->cache_form, STAGE_PAIRS)
             } else {
-                if (p->half_cache) STAGE(stage_chunk, 1, float, p->head_dim);
-                else STAGE(stage_chunk, 0, float, p->head_dim);
+                LCQ_CACHE_FORMS(p->cache_form, STAGE_FLOATS)
             }
+#undef STAGE_FLOATS
+#undef STAGE_PAIRS
 #undef STAGE
         }
         Tile tile = {malloc(sizeof(float) * p->tile_rows * p->head_dim), malloc(sizeof(float) * p->tile_rows * KEYS),
@@ -488,11 +520,13 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int s = first + sequence_of(task_base, seqs, task);
             const int start = p->query_start[s];
             if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
-#define ATTEND(HALF)                                                                                           \
-    attend_task(HALF, p->q + start * p->q_stride, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, \
-                p->context_lens[s], p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row, \
-                p->head_dim, p->block_size, p->scale)
-                if (p->half_cache ? ATTEND(1) : ATTEND(0)) failed = 1;
+#define ATTEND(FORM)                                                                                           \
+    if (attend_task(FORM, p->q + start * p->q_stride, p->k_cache, p->v_cache,                                 \
+                    p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s],                         \
+                    p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row, p->head_dim, \
+                    p->block_size, p->scale))                                                                 \
+        failed = 1;
+                LCQ_CACHE_FORMS(p->cache_form, ATTEND)
 #undef ATTEND
                 continue;
             }
@@ -518,16 +552,16 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
  * sequence), so that many sequences with long cached prefixes do not stage all their keys at once.
  * Returns 0, -1 when a buffer cannot be allocated, -2 for a sequence with more new tokens than
  * tokens in its context. */
-int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
                           int block_size, float scale, int64_t stage_limit) {
     const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
     const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
-    Prefill p = {q, q_stride, k_cache, v_cache, half_cache, block_tables, context_lens, query_start, max_blocks,
+    Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
-                 positions_per_tile * group, scale, out, (int64_t)kv_heads * head_dim,
+                 positions_per_tile * group, scale, out, (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
                  malloc(sizeof(int64_t) * (seqs + 1)), pairs};
     int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;

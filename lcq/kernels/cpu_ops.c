@@ -12,11 +12,12 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "cpu_cache.h"
 #include "cpu_exp.h"
 
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
 int lcq_index_matmul(const float *x, int M, const void *w, float *y);                   /* cpu_index.c */
-int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int half_cache,
+int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale); /* cpu_attention.c */
 
@@ -79,11 +80,39 @@ void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width)
 
 #define HALF_MAX 65504.0f /* the largest finite fp16 */
 
-/* Caches hold fp32, or fp16 (half_cache) for half the memory and bytes read per step; values past
- * the fp16 range saturate at +-HALF_MAX (as the torch path does) instead of becoming inf, which
- * would turn the sequence's attention into NaN. */
-static void store_row(void *cache, int64_t slot, const float *src, int width, int half_cache) {
-    if (!half_cache) {
+/* One head row as int8 (cpu_cache.h): q = round(v * 127 / max |v|) to nearest even, then the scale
+ * max |v| / 127 (a row of zeros: scale 0). */
+static void store_int8_head(int8_t *dst, const float *src, int head_dim) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 largest = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= head_dim; i += 8) largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+    float lanes[8], top = 0.0f;
+    _mm256_storeu_ps(lanes, largest);
+    for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
+    for (int j = i; j < head_dim; j++) top = fabsf(src[j]) > top ? fabsf(src[j]) : top;
+    const float inverse = top > 0.0f ? 127.0f / top : 0.0f, scale = top / 127.0f;
+    for (i = 0; i + 8 <= head_dim; i += 8) {
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + i), _mm256_set1_ps(inverse)));
+        const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+        _mm_storel_epi64((__m128i *)(dst + i), _mm_packs_epi16(words, words));
+    }
+    for (; i < head_dim; i++) dst[i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(src[i] * inverse));
+    memcpy(dst + head_dim, &scale, sizeof scale);
+}
+
+/* Caches hold fp32, fp16 for half the memory and bytes read per step, or int8 with a scale per head
+ * row for about a quarter (cpu_cache.h). fp16 values past its range saturate at +-HALF_MAX (as the
+ * torch path does) instead of becoming inf, which would turn the sequence's attention into NaN. */
+static void store_row(void *cache, int64_t slot, const float *src, int kv_heads, int head_dim, int form) {
+    const int width = kv_heads * head_dim;
+    if (form == LCQ_CACHE_INT8) {
+        const int stride = lcq_cache_head_stride(form, head_dim);
+        for (int h = 0; h < kv_heads; h++)
+            store_int8_head((int8_t *)cache + (slot * kv_heads + h) * stride, src + h * head_dim, head_dim);
+        return;
+    }
+    if (form == LCQ_CACHE_FP32) {
         float *dst = (float *)cache + slot * width;
         for (int i = 0; i < width; i++) dst[i] = src[i];
         return;
@@ -101,13 +130,14 @@ static void store_row(void *cache, int64_t slot, const float *src, int width, in
     }
 }
 
-/* Write the new tokens' K and V rows (tokens, kv_width) into their cache slots; slot -1 is skipped. */
+/* Write the new tokens' K and V rows (tokens, kv_heads * head_dim) into their cache slots; slot -1 is
+ * skipped. */
 void lcq_store_kv(const float *k, const float *v, int64_t row_stride, void *k_cache, void *v_cache,
-                  const int64_t *slots, int64_t tokens, int kv_width, int half_cache) {
+                  const int64_t *slots, int64_t tokens, int kv_heads, int head_dim, int cache_form) {
     for (int64_t t = 0; t < tokens; t++) {
         if (slots[t] < 0) continue;
-        store_row(k_cache, slots[t], k + t * row_stride, kv_width, half_cache);
-        store_row(v_cache, slots[t], v + t * row_stride, kv_width, half_cache);
+        store_row(k_cache, slots[t], k + t * row_stride, kv_heads, head_dim, cache_form);
+        store_row(v_cache, slots[t], v + t * row_stride, kv_heads, head_dim, cache_form);
     }
 }
 
@@ -135,14 +165,14 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, fl
  * each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
  * hidden) holds the embeddings and receives the residual stream after the last layer (before the
- * final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or NULL, KV caches fp32
- * or fp16 (half_cache). work holds
+ * final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or NULL, KV caches of
+ * the given form (cpu_cache.h). work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, or -1 on bad sizes
  * or a failed allocation. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const float *cos, const float *sin,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, int half_cache, float *work) {
+                      int block_size, float scale, int cache_form, float *work) {
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     float *normed = work, *qkv = normed + (int64_t)rows * hidden, *attn = qkv + (int64_t)rows * qkv_width;
     float *projected = attn + (int64_t)rows * q_width, *gate_up = projected + (int64_t)rows * hidden;
@@ -153,9 +183,9 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, qkv)) return -1;
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
-        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_width,
-                     half_cache);
-        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, half_cache, block_tables, max_blocks, context_lens,
+        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
+                     head_dim, cache_form);
+        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
                                  attn, rows, heads, kv_heads, head_dim, block_size, scale))
             return -1;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, projected)) return -1;

@@ -5,8 +5,8 @@ torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rota
 SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;
 attention gathered every cached K/V row into a new tensor before it could call SDPA, per sequence
 in prefill. The C versions do one pass each and attention reads the paged cache in place. Used for
-fp32 CPU tensors (KV caches fp32 or fp16) where the library builds (native.py); LCQ_CPU_OPS=0 keeps
-the torch path everywhere.
+fp32 CPU tensors (KV caches fp32, fp16 or int8: cache_shape) where the library builds (native.py);
+LCQ_CPU_OPS=0 keeps the torch path everywhere.
 """
 from __future__ import annotations
 
@@ -64,34 +64,50 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-CACHE_DTYPES = (torch.float32, torch.float16)  # the KV cache dtypes the C attention reads
+CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)  # the KV cache forms the C attention reads, in
+# cpu_cache.h's order; only the C kernels read int8 caches
 HALF_WEIGHT, INDEX_WEIGHT = 0, 1  # kinds of linear weight in lcq_decode_layers' table (cpu_ops.c)
+INT8_SCALE_BYTES = 4  # an int8 cache's head row: head_dim values, then their fp32 scale
 
 
-def half_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
-    """1 for fp16 caches, 0 for fp32 (the C functions' flag); other dtypes are refused."""
+def cache_shape(blocks: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The shape of a K or V cache: (blocks, block_size, kv_heads, head row), a head row being head_dim
+    values, and for int8 their scale's 4 bytes after them (cpu_cache.h)."""
+    return blocks, block_size, kv_heads, head_dim + (INT8_SCALE_BYTES if dtype == torch.int8 else 0)
+
+
+def cache_form(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The C functions' cache form (cpu_cache.h) of two CPU caches of one dtype; others are refused."""
     if k_cache.dtype != v_cache.dtype or k_cache.dtype not in CACHE_DTYPES or not k_cache.is_cpu:
-        raise ValueError(f"the C attention takes fp32 or fp16 CPU caches, got {k_cache.dtype}")
-    return int(k_cache.dtype == torch.float16)
+        raise ValueError(f"the C attention takes fp32, fp16 or int8 CPU caches, got {k_cache.dtype}")
+    return CACHE_DTYPES.index(k_cache.dtype)
+
+
+def cache_head_dim(cache: torch.Tensor) -> int:
+    """head_dim of a cache of cache_shape."""
+    return cache.shape[3] - (INT8_SCALE_BYTES if cache.dtype == torch.int8 else 0)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slots: torch.Tensor) -> None:
     """k, v (tokens, kv_heads, head_dim), rows of one stride, into cache slots (int64; -1 skipped);
-    an fp16 cache gets the rows rounded to nearest."""
-    width = k_cache.shape[2] * k_cache.shape[3]
+    an fp16 cache gets the rows rounded to nearest, an int8 one each head row quantized with its scale
+    (max |v| / 127)."""
     rows_ok = all(t.stride(2) == 1 and t.stride(1) == t.shape[2] for t in (k, v)) and k.stride(0) == v.stride(0)
-    if not (rows_ok and k_cache.is_contiguous() and v_cache.is_contiguous() and slots.dtype == torch.int64):
-        raise ValueError("store_kv needs packed K/V rows of one stride, contiguous caches and int64 slots")
+    shape_ok = k_cache.shape[2] == k.shape[1] and cache_head_dim(k_cache) == k.shape[2]
+    if not (rows_ok and shape_ok and k_cache.is_contiguous() and v_cache.is_contiguous()
+            and slots.dtype == torch.int64):
+        raise ValueError("store_kv needs packed K/V rows of one stride and the caches' head shape, contiguous "
+                         "caches and int64 slots")
     slots = slots.contiguous()
     library().lcq_store_kv(k.data_ptr(), v.data_ptr(), k.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-                           slots.data_ptr(), k.shape[0], width, half_cache(k_cache, v_cache))
+                           slots.data_ptr(), k.shape[0], k.shape[1], k.shape[2], cache_form(k_cache, v_cache))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (fp32 or fp16
-    caches) -> same shape."""
+    """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (caches of
+    cache_shape) -> same shape."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
@@ -100,7 +116,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     seqs, heads, head_dim = q.shape
     out = q.new_empty(q.shape)
     status = library().lcq_decode_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), half_cache(k_cache, v_cache),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
         k_cache.shape[1], scale)
@@ -127,7 +143,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     heads, head_dim = q.shape[1:]
     out = q.new_empty(q.shape)
     status = library().lcq_prefill_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), half_cache(k_cache, v_cache),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
         heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, stage_limit_floats)
     if status == -2:
@@ -148,7 +164,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
-        "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32],
+        "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i64],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, i32, p],

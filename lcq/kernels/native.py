@@ -28,7 +28,7 @@ logger = logging.getLogger("lcq.kernels")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
 SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("attention", "gemm", "half", "index", "ops"))
-HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("constant", "exp", "gemm"))
+HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("cache", "constant", "exp", "gemm"))
 
 
 @functools.cache

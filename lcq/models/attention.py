@@ -4,7 +4,7 @@ cached tokens.
 A step's cache layout is the same for every layer, so PagedAttention works it out once per
 forward pass and every layer reuses it. CUDA tensors go to the Triton kernels in
 lcq.kernels.paged_attention (imported only then, so CPU-only installs work without triton);
-fp32 CPU activations with fp32 or fp16 caches take the C kernels of lcq.kernels.cpu_ops (cache
+fp32 CPU activations with fp32, fp16 or int8 caches take the C kernels of lcq.kernels.cpu_ops (cache
 writes, decode and prefill attention read through the block tables, no copy of the cache);
 everything else takes the torch path here:
 gather each sequence's cached K/V rows with one index and call F.scaled_dot_product_attention,
@@ -48,6 +48,9 @@ class PagedAttention:
                             and (cache_dtype or dtype) in cpu_ops.CACHE_DTYPES)
         if self.use_triton or self.use_cpu_ops:
             return
+        if cache_dtype == torch.int8:
+            raise ValueError("an int8 KV cache needs the C attention: an fp32 model on a CPU where the C kernels "
+                             "build, with LCQ_CPU_OPS not 0")
         keep = context.slot_mapping >= 0
         self.write_rows = None if bool(keep.all()) else keep
         self.write_slots = context.slot_mapping if self.write_rows is None else context.slot_mapping[keep]

@@ -75,7 +75,7 @@ class CpuDecoder:
             self.table, len(self.model.layers), x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim,
             intermediate, self.model.layers[0].input_layernorm.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
             tables.data_ptr(), tables.shape[1], lengths.data_ptr(), attention.k_cache.shape[1], attention.scale,
-            cpu_ops.half_cache(attention.k_cache, attention.v_cache), work.data_ptr())
+            cpu_ops.cache_form(attention.k_cache, attention.v_cache), work.data_ptr())
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x

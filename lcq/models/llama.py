@@ -6,10 +6,12 @@ fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the s
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
+from lcq.kernels import cpu_ops
 from lcq.kernels.cpu_matmul import dense_linear
 
 from .attention import PagedAttention
@@ -110,7 +112,7 @@ class LlamaModel(torch.nn.Module):
         return dense_linear(hidden, self.lm_head, half=self.lm_head_half).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
-        """One (num_blocks, block_size, num_kv_heads, head_dim) pair per layer."""
+        """One pair of kv_cache_shape per layer."""
         if len(k_caches) != len(self.layers) or len(v_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
         for layer, k, v in zip(self.layers, k_caches, v_caches):
@@ -118,7 +120,11 @@ class LlamaModel(torch.nn.Module):
         self.block_size = k_caches[0].shape[1]
         self.cpu_decoder = CpuDecoder.build(self)
 
+    def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> tuple[int, ...]:
+        """The shape of one layer's K (or V) cache: (num_blocks, block_size, num_kv_heads, head_dim), and
+        for an int8 cache each head row's scale after its values (cpu_ops.cache_shape)."""
+        return cpu_ops.cache_shape(num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim, dtype)
+
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
-        c = self.config
-        per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * torch.empty(0, dtype=dtype).element_size()
-        return block_size * per_token
+        elements = math.prod(self.kv_cache_shape(1, block_size, dtype))
+        return 2 * self.config.num_layers * elements * torch.empty(0, dtype=dtype).element_size()

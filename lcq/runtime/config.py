@@ -19,7 +19,7 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
-    kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 on CPU too
+    kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 or int8 on CPU too
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     enable_prefix_caching: bool = True
     max_queue: int = 256
@@ -40,12 +40,20 @@ class EngineConfig:
         """auto: float16 for an fp32 model on CPU (half the memory, twice the tokens, and CPU attention
         as fast or faster, since it converts as it loads), else the model dtype. Set, it may differ from
         the model dtype only on CPU (the GPU kernels read the model dtype); float32 keeps an fp32 CPU
-        model's tokens equal to transformers'."""
+        model's tokens equal to transformers'. int8 (an fp32 CPU model with the C kernels): each head
+        row in bytes with its fp32 scale, 1.9x fp16's tokens per GiB at head_dim 64."""
+        on_cpu = self.resolved_device().type == "cpu"
         if self.kv_cache_dtype == "auto":
             model_dtype = self.resolved_dtype()
-            on_cpu = self.resolved_device().type == "cpu"
             return torch.float16 if on_cpu and model_dtype == torch.float32 else model_dtype
-        dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype)
+        if self.kv_cache_dtype == "int8":
+            from lcq.kernels import cpu_ops
+
+            if not (on_cpu and self.resolved_dtype() == torch.float32 and cpu_ops.usable()):
+                raise ValueError("kv_cache_dtype int8 needs an fp32 model on a CPU and the C kernels "
+                                 "(LCQ_CPU_OPS not 0)")
+            return torch.int8
+        dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype, "int8")
         if dtype != self.resolved_dtype() and self.resolved_device().type == "cuda":
             raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")
         return dtype
@@ -98,7 +106,8 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
           "float32": torch.float32, "fp32": torch.float32}
 
 
-def _named_dtype(setting: str, name: str) -> torch.dtype:
+def _named_dtype(setting: str, name: str, *others: str) -> torch.dtype:
+    """The dtype of a setting's name; `others`: the setting's names that DTYPES lacks, for the error."""
     if name not in DTYPES:
-        raise ValueError(f"{setting} must be one of auto, {', '.join(DTYPES)} (got {name})")
+        raise ValueError(f"{setting} must be one of auto, {', '.join((*others, *DTYPES))} (got {name})")
     return DTYPES[name]

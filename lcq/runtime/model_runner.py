@@ -35,7 +35,7 @@ class ModelRunner:
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
-        shape = (self.num_blocks, self.block_size, c.num_kv_heads, c.head_dim)
+        shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
         self.model.bind_kv_cache(self.k_caches, self.v_caches)

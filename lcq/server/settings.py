@@ -86,8 +86,8 @@ FLAGS = (
     Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
-    Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16 or "
-         "float32 (CPU)", "engine"),
+    Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16, or on CPU "
+         "float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens)", "engine"),
     Flag("--cpu-matmul-dtype", str, "auto (int8 where the CPU has AVX512_VNNI and AVX512_BF16, else bfloat16 "
          "where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 10+ rows "
          "in 8 bits, bf16 elsewhere): operands of an fp32 CPU model's large products", "engine"),
