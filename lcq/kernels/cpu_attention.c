@@ -51,8 +51,9 @@ static inline __m256 sums8(const __m256 *a) {
 }
 
 /* scores[t] = scale * (query . key row t) for `count` cache rows from element `first` (row stride
- * `stride`; int8 rows times their scales): 8 rows at a time, each row's products summed across the head in its own register and
- * the 8 sums reduced together (one horizontal sum per row cost more than the products). */
+ * `stride`; int8 rows times their scales): 8 rows at a time, each row's products summed across the
+ * head in its own register and the 8 sums reduced together (one horizontal sum per row cost more than
+ * the products). */
 static inline __attribute__((always_inline)) void score_rows(const int FORM, const float *query, const void *cache,
                                                              int64_t first, int64_t stride, int count, int head_dim,
                                                              float scale, float *scores) {
@@ -249,7 +250,8 @@ static inline __attribute__((always_inline)) void stage_chunk(const int FORM, co
         const int key = first_key + t;
         const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
                            (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
-        const float k_factor = row_factor(FORM, k_cache, at, head_dim), v_factor = row_factor(FORM, v_cache, at, head_dim);
+        const float k_factor = row_factor(FORM, k_cache, at, head_dim);
+        const float v_factor = row_factor(FORM, v_cache, at, head_dim);
         for (int i = 0; i < head_dim; i++) {
             kt[i * KEYS + t] = load1(FORM, k_cache, at + i) * k_factor;
             vp[t * padded_dim + i] = load1(FORM, v_cache, at + i) * v_factor;
@@ -278,7 +280,8 @@ static inline __attribute__((always_inline)) void stage_pair_chunk(const int FOR
         const int key = first_key + t;
         const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
                            (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
-        const float k_factor = row_factor(FORM, k_cache, at, head_dim), v_factor = row_factor(FORM, v_cache, at, head_dim);
+        const float k_factor = row_factor(FORM, k_cache, at, head_dim);
+        const float v_factor = row_factor(FORM, v_cache, at, head_dim);
         for (int j = 0; j < head_dim / 2; j++)
             kt[j * KEYS + t] = bf16_bits(load1(FORM, k_cache, at + 2 * j) * k_factor) |
                                bf16_bits(load1(FORM, k_cache, at + 2 * j + 1) * k_factor) << 16;
@@ -561,7 +564,8 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
     const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
-                 positions_per_tile * group, scale, out, (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
+                 positions_per_tile * group, scale, out,
+                 (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
                  malloc(sizeof(int64_t) * (seqs + 1)), pairs};
     int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;

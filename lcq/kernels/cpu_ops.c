@@ -86,7 +86,8 @@ static void store_int8_head(int8_t *dst, const float *src, int head_dim) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 largest = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 8 <= head_dim; i += 8) largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+    for (; i + 8 <= head_dim; i += 8)
+        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
     float lanes[8], top = 0.0f;
     _mm256_storeu_ps(lanes, largest);
     for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
