@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import platform
+import resource
 import threading
 
 import pytest
@@ -14,8 +16,8 @@ from lcq.kernels import cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
-from lcq.runtime.async_engine import return_freed_memory
 from lcq.runtime.detokenizer import IncrementalDetokenizer
+from lcq.runtime.host_memory import return_freed_memory
 from lcq.runtime.sampler import sample
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
@@ -271,10 +273,18 @@ def test_detokenizer_never_emits_broken_characters(llm):
     assert not any("\ufffd" in p for p in pieces)
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
-def test_idle_engine_can_hand_freed_memory_back():
-    from lcq.runtime import async_engine
-    assert async_engine._MALLOC_TRIM is not None
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt and malloc_trim are glibc's")
+def test_cpu_engine_reuses_freed_activations_and_can_hand_them_back(llm):
+    """The llm fixture's CPU engine set the heap policy: four blocks of 20 MB, a prefill step's
+    activations, allocated and freed again and again fault in no fresh pages after the first rounds
+    (glibc's defaults map each one anew: 20,480 faults of 4 KB pages per round)."""
+    faults = []
+    for _ in range(4):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [torch.ones(5 << 20) for _ in range(4)]
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        del blocks
+    assert faults[-1] < 500, faults
     return_freed_memory()
 
 
@@ -284,6 +294,7 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
         with pytest.raises(EngineNotReadyError):
             engine.add_request("early", [1, 2], GREEDY)
         await engine.start()
+        assert gc.get_freeze_count() > 0  # the loaded model is out of the collector's walks
         deltas = [d async for d in engine.add_request("a", PROMPTS[0], GREEDY)]
         assert "".join(d.text for d in deltas) == llm.generate([PROMPTS[0]], GREEDY)[0].text
         assert deltas[-1].finish_reason == "length" and deltas[0].first_token_time is not None
@@ -317,6 +328,7 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
             engine.add_request("late", [1], GREEDY)
 
     asyncio.run(scenario())
+    gc.unfreeze()
 
 
 @pytest.mark.gpu

@@ -5,40 +5,27 @@ Requests and aborts arrive on the event loop and are handed to the worker throug
 the next step drains, so the engine's state is only ever touched by one thread. That thread is
 always the same one (loading included): one malloc arena and one OpenMP thread team, not one per
 pool thread. When the engine goes idle, heap memory freed by the last steps is handed back to the
-OS (glibc keeps it otherwise), so memory after a burst of requests returns to where it was.
+OS (host_memory.py), so memory after a burst of requests returns to where it was. Once loaded, the
+model's Python objects are frozen out of the garbage collector: a full collection walking them took
+0.15 s, a pause for every stream, on SmolLM2-135M.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import gc
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator
 
 from .config import EngineConfig
 from .engine import EngineStats, LLMEngine
 from .errors import EngineNotReadyError, QueueFullError
+from .host_memory import return_freed_memory
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("lcq.engine")
-
-
-def _glibc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
-
-
-_MALLOC_TRIM = _glibc_malloc_trim()
-
-
-def return_freed_memory() -> None:
-    """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
 
 
 class AsyncEngine:
@@ -64,6 +51,7 @@ class AsyncEngine:
         except BaseException as e:
             self.load_error = e
             raise
+        gc.freeze()  # what loading made lives as long as the server: full collections skip it from now on
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     @property

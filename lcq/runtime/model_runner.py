@@ -12,6 +12,7 @@ from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .host_memory import keep_freed_memory
 from .sequence import Sequence
 
 logger = logging.getLogger("lcq.engine")
@@ -27,6 +28,8 @@ class ModelRunner:
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
         on_cuda = self.device.type == "cuda"
+        if not on_cuda:
+            keep_freed_memory()  # each prefill step's activations are reused, not faulted in afresh
         before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
         self.model, self.model_config = load_model(config.model, self.device, self.dtype)
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
