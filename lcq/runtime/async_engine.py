@@ -167,3 +167,4 @@ class AsyncEngine:
         except asyncio.CancelledError:
             pass
         self._worker.shutdown(wait=False)
+        gc.unfreeze()  # collectable again, as at exit (bindings report objects left uncollected as leaks)
