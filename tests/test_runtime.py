@@ -8,6 +8,7 @@ import gc
 import platform
 import resource
 import threading
+import weakref
 
 import pytest
 import torch
@@ -288,13 +289,24 @@ def test_cpu_engine_reuses_freed_activations_and_can_hand_them_back(llm):
     return_freed_memory()
 
 
+def test_a_dropped_engine_frees_its_model_at_once(tmp_path):
+    """Loading freezes what is alive out of the garbage collector, which then never frees a reference
+    cycle among those objects: the model (and its one-call decoder, where the C kernels run) must be
+    freed by reference counts alone."""
+    engine = LLM(str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32)), block_size=8, **FP32)
+    assert gc.get_freeze_count() > 0
+    assert (engine.engine.runner.model.cpu_decoder is not None) == cpu_ops.usable()
+    model = weakref.ref(engine.engine.runner.model)
+    del engine
+    assert model() is None
+
+
 def test_async_engine_streams_aborts_and_drains(tiny, llm):
     async def scenario():
         engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8, max_queue=2))
         with pytest.raises(EngineNotReadyError):
             engine.add_request("early", [1, 2], GREEDY)
         await engine.start()
-        assert gc.get_freeze_count() > 0  # the loaded model is out of the collector's walks
         deltas = [d async for d in engine.add_request("a", PROMPTS[0], GREEDY)]
         assert "".join(d.text for d in deltas) == llm.generate([PROMPTS[0]], GREEDY)[0].text
         assert deltas[-1].finish_reason == "length" and deltas[0].first_token_time is not None
@@ -323,7 +335,7 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
         drain = asyncio.create_task(engine.shutdown(drain_timeout=10))
         deltas = [d async for d in long_running]
         await drain
-        assert deltas[-1].finish_reason == "length" and engine.is_draining and gc.get_freeze_count() == 0
+        assert deltas[-1].finish_reason == "length" and engine.is_draining
         with pytest.raises(EngineNotReadyError):
             engine.add_request("late", [1], GREEDY)
 

@@ -20,13 +20,17 @@ from .context import ForwardContext
 
 class CpuDecoder:
     """The pointer table of a model's layers (weights, norms, KV caches), built once after the caches
-    are bound; `runs` says whether a step can take it."""
+    are bound; `runs` says whether a step can take it. It keeps no reference to the model (the model
+    holds it), so a dropped engine's weights are freed at once, not by a later garbage collection."""
 
     def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
         """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds and
         addresses (ints, the layers keep what they point to), or None."""
         c = model.config
-        self.model = model
+        attention = model.layers[0].self_attn
+        self.num_layers, self.eps = len(model.layers), model.layers[0].input_layernorm.eps
+        self.block_size, self.scale = attention.k_cache.shape[1], attention.scale
+        self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
         self.table = (ctypes.c_void_p * len(entries))(
             *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
@@ -70,12 +74,10 @@ class CpuDecoder:
         rows = x.shape[0]
         work = torch.empty(rows * self.work_per_row)
         hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
-        attention = self.model.layers[0].self_attn
         status = cpu_ops.library().lcq_decode_layers(
-            self.table, len(self.model.layers), x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim,
-            intermediate, self.model.layers[0].input_layernorm.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(),
-            tables.data_ptr(), tables.shape[1], lengths.data_ptr(), attention.k_cache.shape[1], attention.scale,
-            cpu_ops.cache_form(attention.k_cache, attention.v_cache), work.data_ptr())
+            self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
+            self.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+            lengths.data_ptr(), self.block_size, self.scale, self.cache_form, work.data_ptr())
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x

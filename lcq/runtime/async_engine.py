@@ -5,14 +5,11 @@ Requests and aborts arrive on the event loop and are handed to the worker throug
 the next step drains, so the engine's state is only ever touched by one thread. That thread is
 always the same one (loading included): one malloc arena and one OpenMP thread team, not one per
 pool thread. When the engine goes idle, heap memory freed by the last steps is handed back to the
-OS (host_memory.py), so memory after a burst of requests returns to where it was. Once loaded, the
-model's Python objects are frozen out of the garbage collector: a full collection walking them took
-0.15 s, a pause for every stream, on SmolLM2-135M.
+OS (host_memory.py), so memory after a burst of requests returns to where it was.
 """
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +48,6 @@ class AsyncEngine:
         except BaseException as e:
             self.load_error = e
             raise
-        gc.freeze()  # what loading made lives as long as the server: full collections skip it from now on
         self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     @property
@@ -167,4 +163,3 @@ class AsyncEngine:
         except asyncio.CancelledError:
             pass
         self._worker.shutdown(wait=False)
-        gc.unfreeze()  # collectable again, as at exit (bindings report objects left uncollected as leaks)

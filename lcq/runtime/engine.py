@@ -17,6 +17,7 @@ import torch
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampler import sample
@@ -61,6 +62,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
+        freeze_loaded_objects()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a client mistake) before anything is queued."""
