@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcq.errors import UserError
-from lcq.kernels import cpu_half, cpu_ops
+from lcq.kernels import cpu_half, cpu_ops, native
 from lcq.kernels.cpu_matmul import cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
@@ -314,6 +314,37 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
         results[c_ops] = (*caches, out)
     for expected, got in zip(results["0"], results["1"]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_cpu_ops
+@pytest.mark.skipif(not native.has_avx512("avx512vl"), reason="heads three at a time need AVX-512")
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (2, 20), (3, 64), (4, 24), (5, 136), (7, 64)])
+@pytest.mark.parametrize("seqs", [3, 9])  # below and from WHOLE_ROW_MIN_SEQS: tasks of one kv head, or all
+def test_cpu_decode_attention_in_passes_of_heads_equals_one_at_a_time(cache_dtype, group, head_dim, seqs):
+    """With AVX-512 decode attention scores and weighs the heads of a GQA group in passes of up to
+    three (each cache row loaded once per pass): the same sums in the same order, for groups that
+    split into passes of 3, 2 and 1 and head sizes with and without a tail (where the compiler may
+    contract the scalar tail's products into FMAs in one build and not the other: 1e-7 apart)."""
+    lengths = [5 + 37 * i % 90 for i in range(seqs)]
+    _, _, context = _random_paged_context([1] * seqs, [n - 1 for n in lengths], 2, head_dim, torch.float32)
+    shape = cpu_ops.cache_shape(context.block_tables.max().item() + 1, BLOCK, 2, head_dim, cache_dtype)
+    if cache_dtype == torch.int8:
+        caches = [torch.randint(-127, 128, shape, dtype=torch.int8) for _ in range(2)]
+        for cache in caches:
+            cache[..., head_dim:] = (torch.rand(*shape[:3], 1) * 0.02).view(torch.int8)
+    else:
+        caches = [torch.randn(shape).to(cache_dtype) for _ in range(2)]
+    q = torch.randn(seqs, 2 * group, head_dim)
+    library = cpu_ops.library()
+    try:
+        outputs = []
+        for wide in (0, 1):
+            assert library.lcq_use_wide_attention(wide) == wide
+            outputs.append(cpu_ops.decode_attention(q, *caches, context.block_tables, context.context_lens, 0.2))
+    finally:
+        library.lcq_use_wide_attention(1)
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=1e-6)
 
 
 def _int8_rows(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,9 @@
  * fp16 or int8 (cpu_cache.h), read through the block tables where they lie (no gathered copy per
  * sequence).
  *
- * Decode (one new token per sequence) is bounded by reading the cache: each K and V row is read
- * once for all query heads of its kv head, scores 8 rows at a time. Prefill (many new tokens per
+ * Decode (one new token per sequence) is bounded by reading the cache and converting it: each K and
+ * V row is read from memory once for all query heads of its kv head, and loaded and converted once
+ * per pass of up to three of them (attend_task), scores 8 rows at a time. Prefill (many new tokens per
  * sequence) is bounded by arithmetic: flash-attention tiles of up to QUERY_ROWS query rows (positions
  * x the heads of one kv head) against chunks of KEYS keys, both products on the register tile of
  * cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row). Where the
@@ -43,6 +44,8 @@ static inline __attribute__((always_inline)) float row_factor(const int FORM, co
     return FORM == LCQ_CACHE_INT8 ? lcq_cache_scale(cache, start, head_dim) : 1.0f;
 }
 
+#define MAX_GROUP 3 /* query heads of a GQA group scored in one pass over the rows (attend_task) */
+
 /* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
 static inline __m256 sums8(const __m256 *a) {
     const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
@@ -50,65 +53,83 @@ static inline __m256 sums8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-/* scores[t] = scale * (query . key row t) for `count` cache rows from element `first` (row stride
- * `stride`; int8 rows times their scales): 8 rows at a time, each row's products summed across the
- * head in its own register and the 8 sums reduced together (one horizontal sum per row cost more than
- * the products). */
-static inline __attribute__((always_inline)) void score_rows(const int FORM, const float *query, const void *cache,
-                                                             int64_t first, int64_t stride, int count, int head_dim,
-                                                             float scale, float *scores) {
+/* scores[g][t] = scale * (query g . key row t) for G query heads (queries head_dim apart, scores
+ * score_stride apart) and `count` cache rows from element `first` (row stride `stride`; int8 rows
+ * times their scales): 8 rows at a time, each row's products summed across the head in its own
+ * register and the 8 sums reduced together (one horizontal sum per row cost more than the
+ * products). Each key vector is loaded and converted once for the G heads. Inlined with G and FORM
+ * constants: 8 x G accumulators, so G > 1 needs AVX-512's 32 registers. */
+static inline __attribute__((always_inline)) void score_rows(const int G, const int FORM, const float *query,
+                                                             const void *cache, int64_t first, int64_t stride,
+                                                             int count, int head_dim, float scale, float *scores,
+                                                             int64_t score_stride) {
     const int vectors = head_dim / 8;
     int t = 0;
     for (; t + 8 <= count; t += 8) {
-        __m256 acc[8];
-        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        __m256 acc[MAX_GROUP][8];
+        for (int g = 0; g < G; g++)
+            for (int j = 0; j < 8; j++) acc[g][j] = _mm256_setzero_ps();
         for (int d = 0; d < vectors; d++) {
-            const __m256 q = _mm256_loadu_ps(query + 8 * d);
-            for (int j = 0; j < 8; j++)
-                acc[j] = _mm256_fmadd_ps(q, load8(FORM, cache, first + (t + j) * stride + 8 * d), acc[j]);
+            __m256 q[MAX_GROUP];
+            for (int g = 0; g < G; g++) q[g] = _mm256_loadu_ps(query + g * head_dim + 8 * d);
+            for (int j = 0; j < 8; j++) {
+                const __m256 key = load8(FORM, cache, first + (t + j) * stride + 8 * d);
+                for (int g = 0; g < G; g++) acc[g][j] = _mm256_fmadd_ps(q[g], key, acc[g][j]);
+            }
         }
-        __m256 sums = sums8(acc);
-        for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
-            float tail[8];
-            for (int j = 0; j < 8; j++) tail[j] = query[i] * load1(FORM, cache, first + (t + j) * stride + i);
-            sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
-        }
-        if (FORM == LCQ_CACHE_INT8) {
-            float factors[8];
+        float factors[8];
+        if (FORM == LCQ_CACHE_INT8)
             for (int j = 0; j < 8; j++) factors[j] = row_factor(FORM, cache, first + (t + j) * stride, head_dim);
-            sums = _mm256_mul_ps(sums, _mm256_loadu_ps(factors));
+        for (int g = 0; g < G; g++) {
+            __m256 sums = sums8(acc[g]);
+            for (int i = 8 * vectors; i < head_dim; i++) { /* head sizes that are not a multiple of 8 */
+                float tail[8];
+                for (int j = 0; j < 8; j++)
+                    tail[j] = query[g * head_dim + i] * load1(FORM, cache, first + (t + j) * stride + i);
+                sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
+            }
+            if (FORM == LCQ_CACHE_INT8) sums = _mm256_mul_ps(sums, _mm256_loadu_ps(factors));
+            _mm256_storeu_ps(scores + g * score_stride + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
         }
-        _mm256_storeu_ps(scores + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
     }
-    for (; t < count; t++) {
-        float sum = 0.0f;
-        for (int i = 0; i < head_dim; i++) sum += query[i] * load1(FORM, cache, first + t * stride + i);
-        scores[t] = sum * row_factor(FORM, cache, first + t * stride, head_dim) * scale;
-    }
+    for (; t < count; t++)
+        for (int g = 0; g < G; g++) {
+            float sum = 0.0f;
+            for (int i = 0; i < head_dim; i++)
+                sum += query[g * head_dim + i] * load1(FORM, cache, first + t * stride + i);
+            scores[g * score_stride + t] = sum * row_factor(FORM, cache, first + t * stride, head_dim) * scale;
+        }
 }
 
-/* out[0 .. V*8) += sum over `count` cache rows t from element `first` of weights[t] * row t, the V
- * output vectors held in registers over all rows (int8 rows' scales are in the weights: attend_task).
- * Inlined with V and FORM constants. */
-static inline __attribute__((always_inline)) void weigh_rows(const int V, const int FORM, const float *weights,
+/* out[g][0 .. V*8) += sum over `count` cache rows t from element `first` of weights[g][t] * row t for
+ * G heads (weights weight_stride apart, outputs head_dim apart), the G x V output vectors held in
+ * registers over all rows and each row vector loaded once (int8 rows' scales are in the weights:
+ * attend_task). Inlined with G, V and FORM constants. */
+static inline __attribute__((always_inline)) void weigh_rows(const int G, const int V, const int FORM,
+                                                             const float *weights, int64_t weight_stride,
                                                              const void *cache, int64_t first, int64_t stride,
-                                                             int count, float *out) {
-    __m256 acc[8];
-    for (int v = 0; v < V; v++) acc[v] = _mm256_loadu_ps(out + 8 * v);
+                                                             int count, float *out, int head_dim) {
+    __m256 acc[MAX_GROUP][8];
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < V; v++) acc[g][v] = _mm256_loadu_ps(out + g * head_dim + 8 * v);
     for (int t = 0; t < count; t++) {
-        const __m256 weight = _mm256_broadcast_ss(weights + t);
-        for (int v = 0; v < V; v++)
-            acc[v] = _mm256_fmadd_ps(weight, load8(FORM, cache, first + t * stride + 8 * v), acc[v]);
+        __m256 weight[MAX_GROUP];
+        for (int g = 0; g < G; g++) weight[g] = _mm256_broadcast_ss(weights + g * weight_stride + t);
+        for (int v = 0; v < V; v++) {
+            const __m256 value = load8(FORM, cache, first + t * stride + 8 * v);
+            for (int g = 0; g < G; g++) acc[g][v] = _mm256_fmadd_ps(weight[g], value, acc[g][v]);
+        }
     }
-    for (int v = 0; v < V; v++) _mm256_storeu_ps(out + 8 * v, acc[v]);
+    for (int g = 0; g < G; g++)
+        for (int v = 0; v < V; v++) _mm256_storeu_ps(out + g * head_dim + 8 * v, acc[g][v]);
 }
 
-/* out (head_dim) += sum over rows of weights[t] * row t: the head in pieces of up to 8 vectors (64
- * values) in registers, then the values past the last whole vector. */
-static inline __attribute__((always_inline)) void weigh_head(const int FORM, const float *weights, const void *cache,
-                                                             int64_t first, int64_t stride, int count, int head_dim,
-                                                             float *out) {
-#define WEIGH(V) weigh_rows(V, FORM, weights, cache, first + i, stride, count, out + i)
+/* out[g] (head_dim) += sum over rows of weights[g][t] * row t for G heads: the head in pieces of up
+ * to 8 vectors (64 values) in registers, then the values past the last whole vector. */
+static inline __attribute__((always_inline)) void weigh_head(const int G, const int FORM, const float *weights,
+                                                             int64_t weight_stride, const void *cache, int64_t first,
+                                                             int64_t stride, int count, int head_dim, float *out) {
+#define WEIGH(V) weigh_rows(G, V, FORM, weights, weight_stride, cache, first + i, stride, count, out + i, head_dim)
     int i = 0;
     for (; i + 64 <= head_dim; i += 64) WEIGH(8);
     switch ((head_dim - i) / 8) {
@@ -117,7 +138,9 @@ static inline __attribute__((always_inline)) void weigh_head(const int FORM, con
     }
 #undef WEIGH
     for (i += (head_dim - i) / 8 * 8; i < head_dim; i++)
-        for (int t = 0; t < count; t++) out[i] += weights[t] * load1(FORM, cache, first + t * stride + i);
+        for (int g = 0; g < G; g++)
+            for (int t = 0; t < count; t++)
+                out[g * head_dim + i] += weights[g * weight_stride + t] * load1(FORM, cache, first + t * stride + i);
 }
 
 /* Blocks of a sequence a decode task asks for ahead of reading them. Its blocks lie anywhere in the pool
@@ -139,12 +162,14 @@ static inline __attribute__((always_inline)) void prefetch_block(const void *cac
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
  * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
  * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
- * into all heads' outputs (an int8 cache: each weight times its V row's scale first). Inlined with
- * FORM a constant. */
-static inline __attribute__((always_inline)) int attend_task(const int FORM, const float *queries, const void *k_cache,
-                                                             const void *v_cache, const int32_t *table, int length,
-                                                             float *outputs, int task_heads, int first_kv, int group,
-                                                             int64_t row, int head_dim, int block_size, float scale) {
+ * into all heads' outputs (an int8 cache: each weight times its V row's scale first). The heads of a
+ * GQA group go through the rows PASS at a time (each row loaded and converted once per pass). Inlined
+ * with FORM and PASS constants. */
+static inline __attribute__((always_inline)) int attend_task(const int FORM, const int PASS, const float *queries,
+                                                             const void *k_cache, const void *v_cache,
+                                                             const int32_t *table, int length, float *outputs,
+                                                             int task_heads, int first_kv, int group, int64_t row,
+                                                             int head_dim, int block_size, float scale) {
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
@@ -152,15 +177,27 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     if (scores == NULL) return -1;
     const int64_t offset = (int64_t)first_kv * head_stride;
     const int element = lcq_cache_element_bytes(FORM), blocks = (length + block_size - 1) / block_size;
+/* CALL(G, h, kv) for each pass of G heads (a constant) from head h of the task, of its kv head kv. */
+#define HEAD_PASSES(CALL)                                                                                       \
+    for (int h = 0; h < task_heads;) {                                                                          \
+        const int kv = h / group, left = (kv + 1) * group - h;                                                  \
+        switch (PASS == 1 || left == 1 ? 1 : PASS == 2 || left == 2 ? 2 : 3) {                                  \
+            case 1: CALL(1, h, kv); h += 1; break;                                                              \
+            case 2: CALL(2, h, kv); h += 2; break;                                                              \
+            default: CALL(3, h, kv); h += 3; break;                                                             \
+        }                                                                                                       \
+    }
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(k_cache, element, table, b, block_size, row);
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
         if (start / block_size + PREFETCH_BLOCKS < blocks)
             prefetch_block(k_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
-        for (int h = 0; h < task_heads; h++)
-            score_rows(FORM, queries + h * head_dim, k_cache, first + (h / group) * head_stride, row, count, head_dim,
-                       scale, scores + (int64_t)h * length + start);
+#define SCORE(G, h, kv)                                                                                         \
+    score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, head_dim, scale, \
+               scores + (int64_t)(h) * length + start, length)
+        HEAD_PASSES(SCORE)
+#undef SCORE
     }
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(v_cache, element, table, b, block_size, row);
     for (int h = 0; h < task_heads; h++) {
@@ -185,16 +222,62 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
         if (start / block_size + PREFETCH_BLOCKS < blocks)
             prefetch_block(v_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
-        for (int h = 0; h < task_heads; h++) {
-            float *weights = scores + (int64_t)h * length + start;
-            const int64_t head_first = first + (h / group) * head_stride;
-            if (FORM == LCQ_CACHE_INT8)
-                for (int t = 0; t < count; t++) weights[t] *= row_factor(FORM, v_cache, head_first + t * row, head_dim);
-            weigh_head(FORM, weights, v_cache, head_first, row, count, head_dim, outputs + (int64_t)h * head_dim);
-        }
+        if (FORM == LCQ_CACHE_INT8)
+            for (int h = 0; h < task_heads; h++)
+                for (int t = 0; t < count; t++)
+                    scores[(int64_t)h * length + start + t] *=
+                        row_factor(FORM, v_cache, first + (h / group) * head_stride + t * row, head_dim);
+#define WEIGH_HEADS(G, h, kv)                                                                                   \
+    weigh_head(G, FORM, scores + (int64_t)(h) * length + start, length, v_cache, first + (kv) * head_stride, row, \
+               count, head_dim, outputs + (int64_t)(h) * head_dim)
+        HEAD_PASSES(WEIGH_HEADS)
+#undef WEIGH_HEADS
     }
+#undef HEAD_PASSES
     free(scores);
     return 0;
+}
+
+/* attend_task for any cache form, heads one at a time (AVX2: 16 registers) or three at a time
+ * (AVX-512's 32 registers, of which a pass of 3 heads takes 24 accumulators). Against one at a time,
+ * with the same results: 64 sequences of 16-300 tokens with SmolLM2's 9 query and 3 kv heads of 64
+ * 1.07-1.09x with an fp16 cache, 1.15-1.19x with int8, 16 sequences of 1,000-1,100 tokens 1.09x
+ * (caches from memory, two builds alternating on a 2-core Zen 4); heads of 128 in groups of 4 and 7
+ * 1.01-1.03x, where reading the cache bounds it. */
+#define ATTEND_FORMS(ATTR, NAME, PASS)                                                                          \
+    ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
+                         const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group, \
+                         int64_t row, int head_dim, int block_size, float scale) {                              \
+        const int pass = PASS;                                                                                  \
+        int status = 0;                                                                                         \
+        LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
+        return status;                                                                                          \
+    }
+#define ATTEND(FORM)                                                                                            \
+    status = attend_task(FORM, pass, queries, k_cache, v_cache, table, length, outputs, task_heads, first_kv, group, \
+                         row, head_dim, block_size, scale)
+ATTEND_FORMS(, attend_narrow, 1)
+ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
+#undef ATTEND
+#undef ATTEND_FORMS
+
+static int wide_attention; /* lcq_use_wide_attention */
+
+/* attend_task in the form this CPU and the caller chose (lcq_use_wide_attention). */
+static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
+                  int length, float *outputs, int task_heads, int first_kv, int group, int64_t row, int head_dim,
+                  int block_size, float scale) {
+    return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, length, outputs,
+                                                          task_heads, first_kv, group, row, head_dim, block_size,
+                                                          scale);
+}
+
+/* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
+ * it and it is not turned off): returns the setting now in force. */
+int lcq_use_wide_attention(int wanted) {
+    __builtin_cpu_init();
+    wide_attention = wanted && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+    return wide_attention;
 }
 
 /* From this many sequences a task takes all kv heads of a sequence, so each cache row is read whole,
@@ -221,14 +304,11 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
     for (int task = 0; task < seqs * tasks_per_seq; task++) {
         const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
         const int64_t first_head = (int64_t)first_kv * group;
-#define ATTEND(FORM)                                                                                            \
-    if (attend_task(FORM, q + s * q_stride + first_head * head_dim, k_cache, v_cache,                          \
-                    block_tables + (int64_t)s * max_blocks, context_lens[s],                                   \
-                    out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row, \
-                    head_dim, block_size, scale))                                                              \
-        failed = 1;
-        LCQ_CACHE_FORMS(cache_form, ATTEND)
-#undef ATTEND
+        if (attend(cache_form, q + s * q_stride + first_head * head_dim, k_cache, v_cache,
+                block_tables + (int64_t)s * max_blocks, context_lens[s],
+                out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row,
+                head_dim, block_size, scale))
+            failed = 1;
     }
     return failed ? -1 : 0;
 }
@@ -523,14 +603,11 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int s = first + sequence_of(task_base, seqs, task);
             const int start = p->query_start[s];
             if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
-#define ATTEND(FORM)                                                                                           \
-    if (attend_task(FORM, p->q + start * p->q_stride, p->k_cache, p->v_cache,                                 \
-                    p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s],                         \
-                    p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row, p->head_dim, \
-                    p->block_size, p->scale))                                                                 \
-        failed = 1;
-                LCQ_CACHE_FORMS(p->cache_form, ATTEND)
-#undef ATTEND
+                if (attend(p->cache_form, p->q + start * p->q_stride, p->k_cache, p->v_cache,
+                           p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s],
+                           p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row,
+                           p->head_dim, p->block_size, p->scale))
+                    failed = 1;
                 continue;
             }
             attend_tile(p, &tile, staged, first, s, task - p->task_base[s]);
