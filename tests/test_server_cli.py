@@ -85,7 +85,7 @@ def test_sigterm_drains_then_exits(tmp_path):
     try:
         url = _wait_until_ready(process, log)
         startup = log.read_text()
-        frozen = re.search(r"froze (\d+) startup objects", startup)
+        frozen = re.search(r"froze (\d+) objects out of the garbage collector", startup)
         assert frozen and int(frozen.group(1)) > 10_000  # model and libraries out of the collector's walks
         assert re.search(r"KV cache: \d+ blocks of 16 tokens \(\d+ tokens, float16, 0\.05 GiB\)", startup)
         body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,

@@ -17,6 +17,9 @@ from __future__ import annotations
 import atexit
 import ctypes
 import gc
+import logging
+
+logger = logging.getLogger("lcq.engine")
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -56,6 +59,8 @@ def freeze_loaded_objects() -> None:
     released, so the final collection still frees them (native bindings report what it does not as
     leaks). Objects frozen this way that later become unreachable through reference cycles are not
     freed, so the model breaks no cycle it is part of (cpu_decode.py keeps no reference to it)."""
+    gc.collect()  # what is garbage already is freed, not frozen
     gc.freeze()
+    logger.info("froze %d objects out of the garbage collector", gc.get_freeze_count())
     atexit.unregister(gc.unfreeze)
     atexit.register(gc.unfreeze)

@@ -34,11 +34,9 @@ router = APIRouter()
 class Lifecycle:
     """Background model load at startup; one idempotent drain for SIGTERM and lifespan shutdown alike."""
 
-    def __init__(self, state: ServerState, on_fatal: Callable[[], None] | None,
-                 on_ready: Callable[[], None] | None = None):
+    def __init__(self, state: ServerState, on_fatal: Callable[[], None] | None):
         self.state = state
         self.on_fatal = on_fatal
-        self.on_ready = on_ready
         self._start: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
 
@@ -53,8 +51,6 @@ class Lifecycle:
     async def _load(self) -> None:
         try:
             await self.state.engine.start()
-            if self.on_ready is not None:
-                self.on_ready()
             logger.info("model %s ready", self.state.model_name)
         except Exception:
             logger.exception("the model failed to load")
@@ -150,15 +146,15 @@ def _openapi_with_400(app: FastAPI) -> Callable[[], dict]:
 
 
 def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | None = None,
-               on_fatal: Callable[[], None] | None = None, on_ready: Callable[[], None] | None = None) -> FastAPI:
+               on_fatal: Callable[[], None] | None = None) -> FastAPI:
     """The app serving `engine` (or a new AsyncEngine for `config`); `on_fatal` runs if the model fails to
-    load, `on_ready` once it has loaded, before /health says ready."""
+    load."""
     if isinstance(engine, EngineConfig):
         engine = AsyncEngine(engine)
     settings = settings or ServeSettings()
     metrics = ServerMetrics(engine.model_name, engine.stats)
     state = ServerState(engine=engine, settings=settings, metrics=metrics)
-    lifecycle = Lifecycle(state, on_fatal, on_ready)
+    lifecycle = Lifecycle(state, on_fatal)
     app = FastAPI(title="lcq", version=__version__, lifespan=lifecycle.lifespan,
                   description="OpenAI-compatible server for LCQ-quantized models")
     app.state.lcq = state

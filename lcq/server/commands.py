@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    app = create_app(engine, settings, on_fatal=lambda: server.fail(), on_ready=keep_startup_objects)
+    app = create_app(engine, settings, on_fatal=lambda: server.fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
     server = DrainingServer(config, app.state.lifecycle)
@@ -56,14 +55,3 @@ def _serve(args: argparse.Namespace) -> int:
     if server.failed:
         raise UserError("the model failed to load (see the log above)")
     return 0
-
-
-
-def keep_startup_objects() -> None:
-    """Once the model is loaded, what the process holds (model, tokenizer, libraries: ~330k objects
-    with the demo model) lives as long as it does: frozen out of the cyclic garbage collector, a full
-    collection no longer walks it (155 ms on a 2-core CPU, a pause in every stream). One engine per
-    process, so nothing frozen here becomes garbage later."""
-    gc.collect()
-    gc.freeze()
-    logger.info("froze %d startup objects out of the garbage collector", gc.get_freeze_count())
