@@ -243,7 +243,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
  * with the same results: 64 sequences of 16-300 tokens with SmolLM2's 9 query and 3 kv heads of 64
  * 1.07-1.09x with an fp16 cache, 1.15-1.19x with int8, 16 sequences of 1,000-1,100 tokens 1.09x
  * (caches from memory, two builds alternating on a 2-core Zen 4); heads of 128 in groups of 4 and 7
- * 1.01-1.03x, where reading the cache bounds it. */
+ * 1.01-1.03x, where reading the cache bounds it. An fp32 cache has no conversion to share and ran
+ * 0.90-1.0x: it keeps passes of one head. */
 #define ATTEND_FORMS(ATTR, NAME, PASS)                                                                          \
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
                          const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group, \
@@ -254,8 +255,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         return status;                                                                                          \
     }
 #define ATTEND(FORM)                                                                                            \
-    status = attend_task(FORM, pass, queries, k_cache, v_cache, table, length, outputs, task_heads, first_kv, group, \
-                         row, head_dim, block_size, scale)
+    status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, length, outputs, \
+                         task_heads, first_kv, group, row, head_dim, block_size, scale)
 ATTEND_FORMS(, attend_narrow, 1)
 ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
 #undef ATTEND
