@@ -53,19 +53,37 @@ static inline __m256 sums8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+/* The largest of the 8 lanes, and their sum. */
+static inline float max8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
 /* scores[g][t] = scale * (query g . key row t) for G query heads (queries head_dim apart, scores
  * score_stride apart) and `count` cache rows from element `first` (row stride `stride`; int8 rows
- * times their scales): 8 rows at a time, each row's products summed across the head in its own
- * register and the 8 sums reduced together (one horizontal sum per row cost more than the
- * products). Each key vector is loaded and converted once for the G heads. Inlined with G and FORM
- * constants: 8 x G accumulators, so G > 1 needs AVX-512's 32 registers. */
+ * times their scales; `readable` rows lie there, count or more): 8 rows at a time, each row's
+ * products summed across the head in its own register and the 8 sums reduced together (one
+ * horizontal sum per row cost more than the products). Each key vector is loaded and converted
+ * once for the G heads. Inlined with G and FORM constants: 8 x G accumulators, so G > 1 needs
+ * AVX-512's 32 registers. */
 static inline __attribute__((always_inline)) void score_rows(const int G, const int FORM, const float *query,
                                                              const void *cache, int64_t first, int64_t stride,
-                                                             int count, int head_dim, float scale, float *scores,
-                                                             int64_t score_stride) {
+                                                             int count, int readable, int head_dim, float scale,
+                                                             float *scores, int64_t score_stride) {
     const int vectors = head_dim / 8;
     int t = 0;
-    for (; t + 8 <= count; t += 8) {
+    for (; t < count && t + 8 <= readable; t += 8) {
+        /* 8 rows even past `count` (a sequence's last block), within the `readable` rows of its block:
+         * the lanes of rows past `count` are not stored (a row per lane, so they touch no other) */
+        const __m256i stored =
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(count - t), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
         __m256 acc[MAX_GROUP][8];
         for (int g = 0; g < G; g++)
             for (int j = 0; j < 8; j++) acc[g][j] = _mm256_setzero_ps();
@@ -89,10 +107,10 @@ static inline __attribute__((always_inline)) void score_rows(const int G, const 
                 sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
             }
             if (FORM == LCQ_CACHE_INT8) sums = _mm256_mul_ps(sums, _mm256_loadu_ps(factors));
-            _mm256_storeu_ps(scores + g * score_stride + t, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+            _mm256_maskstore_ps(scores + g * score_stride + t, stored, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
         }
     }
-    for (; t < count; t++)
+    for (; t < count; t++) /* rows of a block of fewer than 8 past the last 8 */
         for (int g = 0; g < G; g++) {
             float sum = 0.0f;
             for (int i = 0; i < head_dim; i++)
@@ -194,17 +212,21 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         if (start / block_size + PREFETCH_BLOCKS < blocks)
             prefetch_block(k_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
 #define SCORE(G, h, kv)                                                                                         \
-    score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, head_dim, scale, \
-               scores + (int64_t)(h) * length + start, length)
+    score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, block_size,   \
+               head_dim, scale, scores + (int64_t)(h) * length + start, length)
         HEAD_PASSES(SCORE)
 #undef SCORE
     }
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(v_cache, element, table, b, block_size, row);
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
-        for (int t = 0; t < length; t++) top = p[t] > top ? p[t] : top;
-        __m256 sums = _mm256_setzero_ps();
+        __m256 tops = _mm256_set1_ps(-INFINITY);
         int t = 0;
+        for (; t + 8 <= length; t += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(p + t));
+        top = max8(tops);
+        for (; t < length; t++) top = p[t] > top ? p[t] : top;
+        __m256 sums = _mm256_setzero_ps();
+        t = 0;
         for (; t + 8 <= length; t += 8) {
             const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
             _mm256_storeu_ps(p + t, e);
@@ -370,19 +392,6 @@ static inline __attribute__((always_inline)) void stage_pair_chunk(const int FOR
         for (int i = 0; i < head_dim; i++)
             values[2 * i] = (uint16_t)bf16_bits(load1(FORM, v_cache, at + i) * v_factor);
     }
-}
-
-/* The largest of the 8 lanes, and their sum. */
-static inline float max8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
-static inline float sum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
 /* The per-thread buffers of a prefill task. */
