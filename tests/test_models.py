@@ -200,18 +200,19 @@ def test_unsupported_architecture_is_one_clear_error(tmp_path):
 
 
 def _random_paged_context(new: list[int], cached: list[int], num_kv_heads: int, head_dim: int,
-                          dtype: torch.dtype):
+                          dtype: torch.dtype, block_size: int = BLOCK):
     """Caches filled at random, each sequence's blocks scattered over the pool (tables padded with -1)."""
     torch.manual_seed(0)
     lengths = [c + n for c, n in zip(cached, new)]
-    blocks_needed = [-(-length // BLOCK) for length in lengths]
+    blocks_needed = [-(-length // block_size) for length in lengths]
     pool = torch.randperm(sum(blocks_needed) + 3).tolist()
     tables, slots = [], []
     for length, count, n in zip(lengths, blocks_needed, new):
         table, pool = pool[:count], pool[count:]
         tables.append(table + [-1] * (max(blocks_needed) - count))
-        slots += [table[p // BLOCK] * BLOCK + p % BLOCK for p in range(length - n, length)] if length else [-1]
-    shape = (sum(blocks_needed) + 3, BLOCK, num_kv_heads, head_dim)
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(length - n, length)] \
+            if length else [-1]
+    shape = (sum(blocks_needed) + 3, block_size, num_kv_heads, head_dim)
     k_cache, v_cache = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
     context = ForwardContext(
         is_prefill=max(new) > 1, slot_mapping=torch.tensor(slots),
@@ -292,18 +293,21 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
     (4, 2, torch.float32, 24), (3, 3, torch.float32, 24), (9, 3, torch.float32, 24), (9, 3, torch.float16, 24),
     (9, 3, torch.float32, 20), (9, 3, torch.float16, 64), (9, 3, torch.float32, 136)])
 @PAGED_CASES
-def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim):
+@pytest.mark.parametrize("block_size", [BLOCK, 16])
+def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim,
+                                                    block_size):
     """The C cache writes are copies, or round to fp16 as torch does (exact either way); C decode
     and prefill attention sum in another order than SDPA. Head sizes: 20 leaves values past the last
     vector of 8, 64 is one piece of 8 vectors in registers, 136 two pieces and one vector (and, in
-    prefill, 20/24/136 leave padded columns in the 16-wide output tiles)."""
-    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype)
+    prefill, 20/24/136 leave padded columns in the 16-wide output tiles). Blocks of 4 are scored a
+    row at a time, blocks of 16 8 rows at a time, a sequence's last block too."""
+    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype, block_size)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5
     results = {}
     for c_ops in ("0", "1"):
         monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-        paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
+        paged = PagedAttention(context, block_size, torch.device("cpu"), torch.float32, cache_dtype)
         assert paged.use_cpu_ops == (c_ops == "1")
         caches = k_cache.clone(), v_cache.clone()
         paged.write(k, v, *caches)
@@ -321,14 +325,16 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("group, head_dim", [(1, 64), (2, 20), (3, 64), (4, 24), (5, 136), (7, 64)])
 @pytest.mark.parametrize("seqs", [3, 9])  # below and from WHOLE_ROW_MIN_SEQS: tasks of one kv head, or all
-def test_cpu_decode_attention_in_passes_of_heads_equals_one_at_a_time(cache_dtype, group, head_dim, seqs):
+@pytest.mark.parametrize("block_size", [BLOCK, 16])
+def test_cpu_decode_attention_in_passes_of_heads_equals_one_at_a_time(cache_dtype, group, head_dim, seqs, block_size):
     """With AVX-512 decode attention scores and weighs the heads of a GQA group in passes of up to
     three (each cache row loaded once per pass): the same sums in the same order, for groups that
     split into passes of 3, 2 and 1 and head sizes with and without a tail (where the compiler may
     contract the scalar tail's products into FMAs in one build and not the other: 1e-7 apart)."""
     lengths = [5 + 37 * i % 90 for i in range(seqs)]
-    _, _, context = _random_paged_context([1] * seqs, [n - 1 for n in lengths], 2, head_dim, torch.float32)
-    shape = cpu_ops.cache_shape(context.block_tables.max().item() + 1, BLOCK, 2, head_dim, cache_dtype)
+    _, _, context = _random_paged_context([1] * seqs, [n - 1 for n in lengths], 2, head_dim, torch.float32,
+                                          block_size)
+    shape = cpu_ops.cache_shape(context.block_tables.max().item() + 1, block_size, 2, head_dim, cache_dtype)
     if cache_dtype == torch.int8:
         caches = [torch.randint(-127, 128, shape, dtype=torch.int8) for _ in range(2)]
         for cache in caches:
