@@ -124,7 +124,7 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
     uint32_t *pairs = lcq_round_rows(x, M, K);
     if (pairs == NULL) return -1;
 #define COLUMN(rows) pair_column(rows, n, pairs + (int64_t)m * K2, K2, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
-#pragma omp parallel for schedule(static)
+    LCQ_DECODE_COLUMNS
     for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, pass_rows, MAX_ROWS, COLUMN)
 #undef COLUMN
     free(pairs);
@@ -139,7 +139,7 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, floa
     if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, &half_expansions, w, y);
     if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) return pair_decode_product(x, M, K, w, N, y);
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
-#pragma omp parallel for schedule(static)
+    LCQ_DECODE_COLUMNS
     for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
 #undef COLUMN
     return 0;

@@ -295,7 +295,7 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
     }                                                                                                           \
                                                                                                                 \
     TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {     \
-        _Pragma("omp parallel for schedule(static)") for (int n = 0; n < w->N; n++) {                           \
+        LCQ_DECODE_COLUMNS for (int n = 0; n < w->N; n++) {                                                    \
             for (int m = 0; m < M; m += PASS_ROWS) {                                                            \
                 const float *rows = x + (int64_t)m * w->K;                                                      \
                 float *out = y + (int64_t)m * w->N;                                                             \
@@ -456,7 +456,7 @@ LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const fl
     if (pairs == NULL) return -1;
 #define COLUMN(R) \
     wide_pair_bits_column(R, w, n, pairs + (int64_t)m * K2, K2, x + (int64_t)m * w->K, y + (int64_t)m * w->N)
-#pragma omp parallel for schedule(static)
+    LCQ_DECODE_COLUMNS
     for (int n = 0; n < w->N; n++) LCQ_ROW_PASSES(M, pass_rows, PAIR_PASS_ROWS, COLUMN)
 #undef COLUMN
     free(pairs);
