@@ -301,6 +301,23 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
     vector of 8, 64 is one piece of 8 vectors in registers, 136 two pieces and one vector (and, in
     prefill, 20/24/136 leave padded columns in the 16-wide output tiles). Blocks of 4 are scored a
     row at a time, blocks of 16 8 rows at a time, a sequence's last block too."""
+    _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim, block_size)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("heads, kv_heads, cache_dtype, head_dim", [
+    (9, 3, torch.float32, 24), (9, 3, torch.float16, 64), (4, 2, torch.float32, 20)])
+@pytest.mark.parametrize("cached", [[300, 128, 127, 0], [700]])
+def test_cpu_decode_attention_in_parts_matches_torch_path(monkeypatch, cached, heads, kv_heads, cache_dtype, head_dim):
+    """Fewer than 8 sequences decode each context in parts of 32 blocks (128 tokens here), each part
+    softmax-normalized on its own and the parts combined after: 301 tokens are 3 parts, 129 two (the
+    second of one token), 128 one, 701 six; a padding sequence (context 0) stays zeros."""
+    new = [1] * len(cached)
+    _check_cpu_attention_against_torch(monkeypatch, new, [c if c else -1 for c in cached], heads, kv_heads,
+                                       cache_dtype, head_dim, BLOCK)
+
+
+def _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim, block_size):
     k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype, block_size)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5

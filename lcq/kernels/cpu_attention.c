@@ -186,8 +186,8 @@ static inline __attribute__((always_inline)) void prefetch_block(const void *cac
 static inline __attribute__((always_inline)) int attend_task(const int FORM, const int PASS, const float *queries,
                                                              const void *k_cache, const void *v_cache,
                                                              const int32_t *table, int length, float *outputs,
-                                                             int task_heads, int first_kv, int group, int64_t row,
-                                                             int head_dim, int block_size, float scale) {
+                                                             float *stats, int task_heads, int first_kv, int group,
+                                                             int64_t row, int head_dim, int block_size, float scale) {
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
@@ -238,6 +238,10 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         for (; t < length; t++) total += (p[t] = exp1(p[t] - top));
         const float inverse = 1.0f / total;
         for (t = 0; t < length; t++) p[t] *= inverse;
+        if (stats != NULL) { /* the softmax's largest score and sum, for combining with other parts */
+            stats[2 * h] = top;
+            stats[2 * h + 1] = total;
+        }
     }
     for (int start = 0; start < length; start += block_size) {
         const int count = (start + block_size < length ? start + block_size : length) - start;
@@ -269,8 +273,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
  * 0.90-1.0x: it keeps passes of one head. */
 #define ATTEND_FORMS(ATTR, NAME, PASS)                                                                          \
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
-                         const int32_t *table, int length, float *outputs, int task_heads, int first_kv, int group, \
-                         int64_t row, int head_dim, int block_size, float scale) {                              \
+                         const int32_t *table, int length, float *outputs, float *stats, int task_heads,        \
+                         int first_kv, int group, int64_t row, int head_dim, int block_size, float scale) {     \
         const int pass = PASS;                                                                                  \
         int status = 0;                                                                                         \
         LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
@@ -278,7 +282,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     }
 #define ATTEND(FORM)                                                                                            \
     status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, length, outputs, \
-                         task_heads, first_kv, group, row, head_dim, block_size, scale)
+                         stats, task_heads, first_kv, group, row, head_dim, block_size, scale)
 ATTEND_FORMS(, attend_narrow, 1)
 ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
 #undef ATTEND
@@ -288,11 +292,11 @@ static int wide_attention; /* lcq_use_wide_attention */
 
 /* attend_task in the form this CPU and the caller chose (lcq_use_wide_attention). */
 static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
-                  int length, float *outputs, int task_heads, int first_kv, int group, int64_t row, int head_dim,
-                  int block_size, float scale) {
+                  int length, float *outputs, float *stats, int task_heads, int first_kv, int group, int64_t row,
+                  int head_dim, int block_size, float scale) {
     return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, length, outputs,
-                                                          task_heads, first_kv, group, row, head_dim, block_size,
-                                                          scale);
+                                                          stats, task_heads, first_kv, group, row, head_dim,
+                                                          block_size, scale);
 }
 
 /* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
@@ -306,8 +310,30 @@ int lcq_use_wide_attention(int wanted) {
 /* From this many sequences a task takes all kv heads of a sequence, so each cache row is read whole,
  * front to back, rather than one kv head's slice per task (64 sequences of 300 tokens, SmolLM2's 3 kv
  * heads, cache from memory, 2 threads: 4.7 -> 2.9 ms per layer). Fewer sequences are split by kv
- * head too, to keep every thread busy. */
+ * head too, to keep every thread busy, and their contexts in parts of CHUNK_BLOCKS blocks: at batch 1
+ * SmolLM2's 3 kv heads were 3 tasks for 2 threads, one thread doing two of them. With parts (caches
+ * from memory, the builds alternating): one sequence of 2,000-6,000 tokens 1.13-1.17x (fp16 and int8
+ * caches), 2 of ~550 1.05x, one of 3,000 with 32 query and 8 kv heads of 128 1.10x. */
 #define WHOLE_ROW_MIN_SEQS 8
+#define CHUNK_BLOCKS 32
+
+/* out (heads, head_dim) of one kv head's query heads from `count` parts of their context, each part
+ * (`stride` floats apart) heads x head_dim normalized outputs, then each head's largest score and
+ * softmax sum: each part weighed by its sum times exp(its largest score - the largest of all). */
+static void combine_parts(const float *parts, int count, int64_t stride, int heads, int head_dim, float *out) {
+    for (int h = 0; h < heads; h++) {
+        const float *stats = parts + (int64_t)heads * head_dim + 2 * h;
+        float top = -INFINITY, total = 0.0f;
+        for (int c = 0; c < count; c++) top = fmaxf(top, stats[c * stride]);
+        for (int i = 0; i < head_dim; i++) out[h * head_dim + i] = 0.0f;
+        for (int c = 0; c < count; c++) {
+            const float weight = stats[c * stride + 1] * exp1(stats[c * stride] - top);
+            total += weight;
+            for (int i = 0; i < head_dim; i++) out[h * head_dim + i] += weight * parts[c * stride + h * head_dim + i];
+        }
+        for (int i = 0; i < head_dim; i++) out[h * head_dim + i] /= total;
+    }
+}
 
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
  * block table from caches (blocks, block_size, kv_heads, head row) of the given form (cpu_cache.h).
@@ -315,24 +341,50 @@ int lcq_use_wide_attention(int wanted) {
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
  * A sequence with context length 0 (padding) gets zeros.
- * Returns 0, or -1 when a score buffer cannot be allocated. */
+ * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale) {
-    const int group = heads / kv_heads;
-    const int kv_per_task = seqs >= WHOLE_ROW_MIN_SEQS ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
+    const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
+    const int kv_per_task = whole_rows ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
+    /* Parts per sequence (1 from WHOLE_ROW_MIN_SEQS sequences); a sequence's tasks start at first[s]. */
+    int first[WHOLE_ROW_MIN_SEQS + 1] = {0}, parted = 0;
+    for (int s = 0; s < seqs && !whole_rows; s++) {
+        const int blocks = (context_lens[s] + block_size - 1) / block_size;
+        const int parts = blocks > CHUNK_BLOCKS ? (blocks + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS : 1;
+        first[s + 1] = first[s] + parts * tasks_per_seq;
+        parted |= parts > 1;
+    }
+    const int tasks = whole_rows ? seqs * tasks_per_seq : first[seqs];
+    const int64_t part_floats = (int64_t)group * (head_dim + 2); /* a task of one kv head: outputs, statistics */
+    float *parts = parted ? malloc(sizeof(float) * (size_t)tasks * part_floats) : NULL;
+    if (parted && parts == NULL) return -1;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) reduction(| : failed)
-    for (int task = 0; task < seqs * tasks_per_seq; task++) {
-        const int s = task / tasks_per_seq, first_kv = task % tasks_per_seq * kv_per_task;
+    for (int task = 0; task < tasks; task++) {
+        int s = whole_rows ? task / tasks_per_seq : 0;
+        while (!whole_rows && first[s + 1] <= task) s++;
+        const int local = whole_rows ? task % tasks_per_seq : task - first[s];
+        const int first_kv = local % tasks_per_seq * kv_per_task, part = local / tasks_per_seq;
+        const int many = !whole_rows && first[s + 1] - first[s] > tasks_per_seq;
         const int64_t first_head = (int64_t)first_kv * group;
+        const int skipped = part * CHUNK_BLOCKS * block_size, left = context_lens[s] - skipped;
+        float *outputs = many ? parts + task * part_floats : out + ((int64_t)s * heads + first_head) * head_dim;
         if (attend(cache_form, q + s * q_stride + first_head * head_dim, k_cache, v_cache,
-                block_tables + (int64_t)s * max_blocks, context_lens[s],
-                out + ((int64_t)s * heads + first_head) * head_dim, kv_per_task * group, first_kv, group, row,
-                head_dim, block_size, scale))
+                   block_tables + (int64_t)s * max_blocks + part * CHUNK_BLOCKS,
+                   many && left > CHUNK_BLOCKS * block_size ? CHUNK_BLOCKS * block_size : left, outputs,
+                   many ? outputs + group * head_dim : NULL, kv_per_task * group, first_kv, group, row, head_dim,
+                   block_size, scale))
             failed = 1;
     }
+    for (int s = 0; s < seqs && parted && !failed; s++) {
+        const int count = (first[s + 1] - first[s]) / tasks_per_seq;
+        for (int kv = 0; kv < kv_heads && count > 1; kv++) /* its parts: tasks first[s] + part * kv_heads + kv */
+            combine_parts(parts + ((int64_t)first[s] + kv) * part_floats, count, kv_heads * part_floats, group,
+                          head_dim, out + ((int64_t)s * heads + (int64_t)kv * group) * head_dim);
+    }
+    free(parts);
     return failed ? -1 : 0;
 }
 
@@ -615,7 +667,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
                 if (attend(p->cache_form, p->q + start * p->q_stride, p->k_cache, p->v_cache,
                            p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s],
-                           p->out + (int64_t)start * p->heads * p->head_dim, p->heads, 0, p->group, p->row,
+                           p->out + (int64_t)start * p->heads * p->head_dim, NULL, p->heads, 0, p->group, p->row,
                            p->head_dim, p->block_size, p->scale))
                     failed = 1;
                 continue;
