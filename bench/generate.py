@@ -10,6 +10,7 @@ tokens/s and the throughput curve over 1..256 concurrent sequences, with peak me
 weights, KV cache and activations.
 
     python bench/generate.py                 # CPU study, writes bench/results/generate-cpu.json
+    python bench/generate.py --rounds 3      # every engine three times, in alternating order: medians
     python bench/generate.py --quick         # fewer tokens and requests (a smoke run)
     python bench/generate.py --gpu-7b        # on a CUDA machine
 """
@@ -22,6 +23,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -144,6 +146,40 @@ def row_engine(row: dict) -> str:
     return row.get("variant") or ("fp32" if row["weights"] == "fp32" else "lcq")
 
 
+def median_rows(rounds: list[list[dict]], name: str) -> list[dict]:
+    """One row per concurrency of engine `name`: its median over the rounds (TTFT too), every round's
+    output tokens/s in `output_tok_s_rounds`, and the first round's memory (later rounds start from the
+    heap the earlier engines of the process left)."""
+    by_concurrency: dict[int, list[dict]] = {}
+    for measured in rounds:
+        for row in measured:
+            if row_engine(row) == name:
+                by_concurrency.setdefault(row["concurrency"], []).append(row)
+    merged = []
+    for concurrency, runs in by_concurrency.items():
+        ttfts = [r["ttft_ms"] for r in runs if r["ttft_ms"] is not None]
+        merged.append(dict(runs[0], output_tok_s=round(statistics.median(r["output_tok_s"] for r in runs), 2),
+                           ttft_ms=round(statistics.median(ttfts), 1) if ttfts else None,
+                           output_tok_s_rounds=[r["output_tok_s"] for r in runs]))
+    return merged
+
+
+def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
+    """Our default engine's output tokens/s over each other engine's, per round and concurrency: rows of
+    one round ran minutes apart, so their ratio holds up where this VM's speed drifts between rounds."""
+    ratios: dict[str, list[float]] = {}
+    for measured in rounds:
+        speed = {(row_engine(r), r["concurrency"]): r["output_tok_s"] for r in measured}
+        for (engine, concurrency), ours in speed.items():
+            if engine != "lcq":
+                continue
+            for other in ("transformers", "llama.cpp"):
+                if speed.get((other, concurrency)):
+                    key = f"lcq / {other} at concurrency {concurrency}"
+                    ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
+    return ratios
+
+
 def seven_b_weight_gb(bits: int, rank: int, group_size: int) -> float:
     """Llama-2-7B weight bytes from the format: PackedLinear.nbytes of one layer's seven packed
     linears times 32 layers, plus the fp16 embeddings, head and norms."""
@@ -163,6 +199,9 @@ def main() -> None:
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--engines", default="lcq,lcq-bf16,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="CPU: measure every engine this many times, in alternating order, and report "
+                             "medians and per-round ratios (this VM's speed drifts over minutes)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for every engine (use fewer when the machine is shared: "
@@ -209,9 +248,18 @@ def main() -> None:
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
         kept = json.loads(out.read_text())["rows"] if out.exists() else []
-        for name, bench in measured.items():
-            gc.collect()  # the previous engine's cycles, so that each row's RSS is its own engine's
-            rows += bench() if name in engines else [r for r in kept if row_engine(r) == name]
+        rounds: list[list[dict]] = []
+        for index in range(args.rounds):  # forward, then backward: no engine always runs first
+            order = list(measured) if index % 2 == 0 else list(reversed(measured))
+            rounds.append([])
+            for name in order:
+                if name in engines:
+                    gc.collect()  # the previous engine's cycles, so that each row's RSS is its own engine's
+                    rounds[-1] += measured[name]()
+        for name in measured:
+            rows += median_rows(rounds, name) if name in engines else [r for r in kept if row_engine(r) == name]
+        result["rounds"] = args.rounds
+        result["ratios_per_round"] = round_ratios(rounds)
         if set(measured) - set(engines):
             result["rows_kept_from_the_previous_run"] = sorted(set(measured) - set(engines))
     save()
@@ -221,6 +269,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['engine']} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | "
               f"{r['output_tok_s']} | {r['ttft_ms']} | {r['peak_mem_GB']} |")
+    for pair, ratios in result.get("ratios_per_round", {}).items():
+        print(f"{pair}: " + ", ".join(f"{x}x" for x in ratios))
     print(f"Llama-2-7B weights: W2 r2 g128 {result['llama2_7b_weight_GB']['lcq-w2r2g128']} GB "
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 

@@ -352,3 +352,24 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path):
     assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == \
         [o.token_ids for o in eager.generate(prompts, GREEDY)]
     assert _pool_is_full(graphed.engine)
+
+
+def test_generation_bench_reports_medians_and_per_round_ratios():
+    from bench.generate import median_rows, round_ratios
+
+    def row(engine, concurrency, speed, ttft=None, **extra):
+        return dict(engine=engine, weights="w", concurrency=concurrency, output_tok_s=speed, ttft_ms=ttft,
+                    peak_mem_GB=1.0 + speed / 1000, **extra)
+
+    rounds = [[row("lcq", 1, 100.0, 50.0, variant="lcq"), row("lcq", 64, 400.0, variant="lcq"),
+               row("transformers", 1, 10.0, 200.0), row("transformers", 64, 50.0)],
+              [row("transformers", 64, 80.0), row("transformers", 1, 20.0, 100.0),
+               row("lcq", 64, 480.0, variant="lcq"), row("lcq", 1, 120.0, 70.0, variant="lcq")],
+              [row("lcq", 1, 90.0, 60.0, variant="lcq"), row("lcq", 64, 500.0, variant="lcq"),
+               row("transformers", 1, 15.0, 300.0), row("transformers", 64, 60.0)]]
+    ours = {r["concurrency"]: r for r in median_rows(rounds, "lcq")}
+    assert ours[1]["output_tok_s"] == 100.0 and ours[1]["ttft_ms"] == 60.0
+    assert ours[64]["output_tok_s"] == 480.0 and ours[64]["output_tok_s_rounds"] == [400.0, 480.0, 500.0]
+    assert ours[64]["peak_mem_GB"] == 1.4  # the first round's
+    assert round_ratios(rounds) == {"lcq / transformers at concurrency 1": [10.0, 6.0, 6.0],
+                                    "lcq / transformers at concurrency 64": [8.0, 6.0, 8.33]}
