@@ -68,6 +68,26 @@ def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype):
     assert_close(triton_linear.decode(x, layer, SMALL_DECODE), reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype,block_k",
+                         [(*case, None) for case in DECODE_CASES if case[4] <= 2] +
+                         [(2, 2, 128, 300, 1, torch.float16, 128), (4, 1, 128, 300, 2, torch.float32, 128)])
+def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k, m, dtype, block_k):
+    """The FMA form with REDUCE_K (each tile's products summed over K in the loop), also 128 deep."""
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
+    x = torch.randn(m, k).to(dtype)
+    config = {**SMALL_DECODE, "REDUCE_K": True, **({"BLOCK_K": block_k} if block_k else {})}
+    assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
+
+
+def test_autotuner_times_reduce_k_only_for_the_fma_form():
+    def reducing(block_m):
+        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m)
+        return sum(c.kwargs["REDUCE_K"] for c in kept), len(kept)
+
+    assert reducing(1) == (3, len(triton_linear.DECODE_CONFIGS))
+    assert reducing(16) == (0, len(triton_linear.DECODE_CONFIGS) - 3)
+
+
 GEMM_CASES = [  # bits, rank, group, K, dtype (M = 33: three row tiles, the last one partial)
     (2, 3, 32, 80, torch.float16),
     (3, 1, 64, 100, torch.float32),

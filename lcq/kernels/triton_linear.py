@@ -122,8 +122,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups."""
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   REDUCE_K: tl.constexpr = False):
+    """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
+    The FMA form (BLOCK_M < 16) keeps every product of a tile in registers and reduces over K once,
+    after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
+    registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93; see DECODE_CONFIGS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -137,7 +141,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     start = pid_k * per_split
     end = tl.minimum(start + per_split, tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    products = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N), dtype=tl.float32)  # FMA form: reduced once, after the loop
+    products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K else 1, BLOCK_N), dtype=tl.float32)
     for tile in range(start, end):
         k0 = tile * BLOCK_K
         k_idx = k0 + offs_k
@@ -147,9 +151,11 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                           BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
         if BLOCK_M >= 16:
             acc = _dot(x, w, acc, DOT_IN_FP32)
+        elif REDUCE_K:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         else:
             products += x.to(tl.float32)[:, :, None] * w[None, :, :]
-    if BLOCK_M < 16:
+    if BLOCK_M < 16 and not REDUCE_K:
         acc = tl.sum(products, axis=1)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -229,11 +235,23 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 # Pre-chosen on an H100 (132 SMs) by `bench/kernels.py --explore` over tile width and warps,
 # split, depth and pipeline stages: split 8 wins almost everywhere; 64 columns per 2 warps at 1 row
 # and 4 bits, 128 per 4 warps otherwise; 256-wide / 8-warp tiles never won and cost up to 5x.
+# The REDUCE_K forms (1 and 2 rows) were added after that run, from sm_90 builds only: they hold
+# 72-93 registers instead of 128-168 (W2 r1, W4 r1/r2), so 20-28 warps fit an SM instead of 12-16,
+# for 4-5% more instructions per weight; the measured M = 1 kernel ran at ~3x its instruction
+# bound, which points at latency. The autotuner times them on the GPU; they are dropped where BLOCK_M
+# takes tl.dot, for which REDUCE_K changes nothing.
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-    for bn, sk, w, s in [(64, 8, 2, 2), (64, 8, 2, 4), (128, 4, 4, 2), (128, 8, 4, 2), (128, 8, 4, 4),
-                         (128, 16, 4, 2)]
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "REDUCE_K": reduce_k}, num_warps=w, num_stages=s)
+    for bn, sk, w, s, reduce_k in [(64, 8, 2, 2, False), (64, 8, 2, 4, False), (128, 4, 4, 2, False),
+                                   (128, 8, 4, 2, False), (128, 8, 4, 4, False), (128, 16, 4, 2, False),
+                                   (64, 8, 2, 2, True), (128, 8, 4, 2, True), (128, 8, 4, 4, True)]
 ]
+
+
+def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
+    """The autotuner's early prune: REDUCE_K configs only where the FMA form runs (BLOCK_M < 16)."""
+    return [c for c in configs if kwargs["BLOCK_M"] < 16 or not c.kwargs["REDUCE_K"]]
+
 GEMM_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3),
@@ -251,6 +269,7 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time,
+                                prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
@@ -320,7 +339,7 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
-    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), num_warps and num_stages."""
+    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, num_warps and num_stages."""
     m, k = x.shape
     n = layer.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
