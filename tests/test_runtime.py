@@ -265,6 +265,32 @@ def test_sampler_penalties():
     assert sample(logits.clone(), [seq])[0] == [1]
 
 
+def test_sampler_logit_bias():
+    logits = torch.tensor([[2.0, 1.9, -1.0, 0.0], [2.0, 1.9, -1.0, 0.0]])
+    banned = _seq(SamplingParams(temperature=0.0, logit_bias={0: -100.0}))
+    forced = _seq(SamplingParams(temperature=1.0, logit_bias={2: 100.0}))
+    plain = _seq(SamplingParams(temperature=0.0))
+    assert sample(logits.clone(), [banned, plain])[0] == [1, 0]  # rows keep their own biases
+    assert {sample(logits.clone(), [forced, plain])[0][0] for _ in range(50)} == {2}
+    reported = sample(logits.clone(), [_seq(SamplingParams(temperature=0.0, logprobs=0, logit_bias={0: -100.0}))])[1]
+    torch.testing.assert_close(reported[0], torch.log_softmax(logits[0], -1))  # raw, as OpenAI reports them
+
+
+def test_logit_bias_steers_generation_and_is_checked(llm):
+    plain = llm.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    banned = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                       logit_bias={plain[0]: -100}))[0].token_ids
+    assert banned[0] != plain[0] and plain[0] not in banned
+    forced = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=5, temperature=0.8, ignore_eos=True,
+                                                       logit_bias={77: 100}))[0].token_ids
+    assert forced == [77] * 5
+    vocab = llm.engine.runner.model_config.vocab_size
+    for bias, message in [({1: 101.0}, "between -100 and 100"), ({vocab: 1.0}, "logit_bias token ids"),
+                          ({t: 1.0 for t in range(301)}, "at most 300")]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPTS[1]], SamplingParams(max_tokens=2, logit_bias=bias))
+
+
 def test_detokenizer_never_emits_broken_characters(llm):
     tokenizer = llm.tokenizer
     ids = tokenizer("café 東京 🙂 ok", add_special_tokens=False)["input_ids"]

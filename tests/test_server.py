@@ -202,6 +202,34 @@ def test_token_prompts_and_detokenize(server, client):
     assert by_ids.usage.prompt_tokens == 2 * len(ids)
 
 
+def test_logit_bias_through_the_openai_client(server, client):
+    token = httpx.post(server.url + "/tokenize", json={"prompt": " castle"}).json()["tokens"][-1]
+    expected = httpx.post(server.url + "/detokenize", json={"tokens": [token] * 3}).json()["prompt"]
+    forced = client.completions.create(model=MODEL, prompt="Hello", max_tokens=3, temperature=0,
+                                       logit_bias={str(token): 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == expected
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                          temperature=0.7, logit_bias={str(token): 100},
+                                          extra_body={"ignore_eos": True})
+    assert chat.choices[0].message.content == expected
+    post = lambda body: httpx.post(server.url + "/v1/completions", json={"prompt": "x", **body})  # noqa: E731
+    for bias in ({"abc": 1}, {"10000000": 1}, {str(token): 200}):
+        assert error_of(post({"logit_bias": bias}), 400)["param"] == "logit_bias"
+
+
+def test_json_output_and_tool_calls_are_refused_not_ignored(client):
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    for extra, param in [(dict(response_format={"type": "json_object"}), "response_format"),
+                         (dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
+        assert refused.value.body["param"] == param and refused.value.body["code"] == "unsupported_value"
+    for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none")):
+        reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
+        assert reply.choices[0].message.content is not None
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

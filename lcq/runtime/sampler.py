@@ -1,4 +1,4 @@
-"""Next-token choice for a batch: penalties, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Next-token choice for a batch: penalties, logit bias, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Everything is batched on the logits' device; only seeded requests draw their random numbers from
 their own generator, so a seed gives the same tokens whatever else is in the batch.
@@ -24,6 +24,16 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """OpenAI's logit_bias: each listed token's bias added to its logit (after the penalties)."""
+    for row, seq in enumerate(seqs):
+        if seq.params.logit_bias:
+            ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
+            logits[row, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device,
+                                             dtype=logits.dtype)
+    return logits
+
+
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p as masks; returns probabilities."""
     device = logits.device
@@ -44,13 +54,18 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-    """Tokens for each row, and the raw log-probabilities (before penalties and temperature, as
-    OpenAI reports them) when any row asked for logprobs."""
+    """Tokens for each row, and the raw log-probabilities (before penalties, logit bias and
+    temperature, as OpenAI reports them) when any row asked for logprobs."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
+    needs_bias = any(s.params.logit_bias for s in seqs)
+    if needs_penalty or needs_bias:
+        logits = logits.clone()
     if needs_penalty:
-        logits = apply_penalties(logits.clone(), seqs)
+        logits = apply_penalties(logits, seqs)
+    if needs_bias:
+        logits = apply_logit_bias(logits, seqs)
     greedy = [s.params.temperature == 0 for s in seqs]
     chosen = logits.argmax(dim=-1)
     if not all(greedy):

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping settings (OpenAI fields plus vLLM's common extras)."""
@@ -22,6 +25,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     n: int = 1  # the server fans n out into n engine requests
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -37,6 +41,9 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (1 <= self.n <= 16, "n must be between 1 and 16"),
             (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
+            (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "
+                                                                           "and 100"),
         ]
         for ok, message in checks:
             if not ok:

@@ -66,6 +66,8 @@ def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/chat/completions")
+    if (refused := body.unsupported()) is not None:
+        raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
     top = body.top_logprobs or 0
@@ -75,6 +77,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    state.check_token_ids(list(params.logit_bias), "logit_bias")
     prompt = render_chat(state.engine.tokenizer, body.messages)
     generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     generation.submit()

@@ -75,6 +75,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
+    state.check_token_ids(list(params.logit_bias), "logit_bias")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
     generation.submit()
     tokenizer = state.engine.tokenizer

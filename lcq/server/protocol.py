@@ -46,6 +46,7 @@ class SamplingRequest(OpenAIRequest):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -74,9 +75,19 @@ class SamplingRequest(OpenAIRequest):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             n=pick(self.n, 1),
+            logit_bias=self.token_biases(),
         )
         params.validate()
         return params
+
+    def token_biases(self) -> dict[int, float]:
+        """logit_bias with integer token ids; raises ValueError for a key that is not one."""
+        biases = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.strip().isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            biases[int(key)] = value
+        return biases
 
     @property
     def include_usage(self) -> bool:
@@ -107,6 +118,23 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
+    # Known so that they are refused rather than ignored: generation would not honour them.
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for a request asking for what this server cannot do: JSON output (no
+        constrained decoding) or tool calls (no tool-call parsing), as vLLM refuses tool_choice "auto"
+        without a parser; tools with tool_choice "none" only generate text, so they pass."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            return "response_format", f"response_format type {kind!r} is not supported: this server has no " \
+                                      "constrained decoding"
+        if self.tools and self.tool_choice != "none":
+            return "tools", "tools are not supported (no tool-call parsing); send tool_choice \"none\" to " \
+                            "generate text only"
+        return None
 
 
 class TokenizeRequest(OpenAIRequest):
