@@ -220,14 +220,22 @@ def test_logit_bias_through_the_openai_client(server, client):
 def test_json_output_and_tool_calls_are_refused_not_ignored(client):
     messages = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+    functions = [tool["function"] for tool in tools]
     for extra, param in [(dict(response_format={"type": "json_object"}), "response_format"),
-                         (dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools")]:
+                         (dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools"),
+                         (dict(functions=functions), "functions")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert refused.value.body["param"] == param and refused.value.body["code"] == "unsupported_value"
-    for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none")):
+    for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
+        assert refused.value.body["param"] == param
+    for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none"),
+                  dict(functions=functions, function_call="none")):
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert reply.choices[0].message.content is not None
+    assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2).choices
 
 
 def test_client_errors_use_the_envelope(server):

@@ -66,8 +66,6 @@ def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/chat/completions")
-    if (refused := body.unsupported()) is not None:
-        raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
     top = body.top_logprobs or 0

@@ -24,6 +24,11 @@ class OpenAIRequest(BaseModel):
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) when the request asks for what this server cannot do and ignoring it
+        would return something else than asked (a 400); None otherwise."""
+        return None
+
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -98,6 +103,16 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool = False
     logprobs: Int64 | None = None
+    best_of: Int64 | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """best_of (ranking more samples than returned) and suffix (insertion) are not implemented."""
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            return "best_of", "best_of is not supported: ask for n choices and rank them by their logprobs"
+        if self.suffix:
+            return "suffix", "suffix (insertion) is not supported"
+        return None
 
 
 class ContentPart(BaseModel):
@@ -122,18 +137,21 @@ class ChatCompletionRequest(SamplingRequest):
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None  # the older form of tools
+    function_call: str | dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(field, message) for a request asking for what this server cannot do: JSON output (no
-        constrained decoding) or tool calls (no tool-call parsing), as vLLM refuses tool_choice "auto"
-        without a parser; tools with tool_choice "none" only generate text, so they pass."""
+        """JSON output (no constrained decoding) and tool calls (no tool-call parsing), as vLLM refuses
+        tool_choice "auto" without a parser; tools with tool_choice "none" only generate text, so they pass."""
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             return "response_format", f"response_format type {kind!r} is not supported: this server has no " \
                                       "constrained decoding"
-        if self.tools and self.tool_choice != "none":
-            return "tools", "tools are not supported (no tool-call parsing); send tool_choice \"none\" to " \
-                            "generate text only"
+        for field, choice, name in (("tools", self.tool_choice, "tool_choice"),
+                                    ("functions", self.function_call, "function_call")):
+            if getattr(self, field) and choice != "none":
+                return field, f"{field} are not supported (no tool-call parsing); send {name} \"none\" to " \
+                              "generate text only"
         return None
 
 

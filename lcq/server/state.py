@@ -34,10 +34,12 @@ class ServerState:
             raise not_ready(retry_after=self.settings.retry_after)
 
     def check_request(self, request: OpenAIRequest, route: str) -> None:
-        """Log fields we ignore, 404 a model we do not serve, 503 when not ready."""
+        """Log fields we ignore, 400 what we cannot do, 404 a model we do not serve, 503 when not ready."""
         unknown = request.unknown_fields()
         if unknown:
             logger.info("%s: ignoring unknown fields %s", route, ", ".join(unknown))
+        if (refused := request.unsupported()) is not None:
+            raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         model = getattr(request, "model", None)
         if model and model != self.model_name:
             self.metrics.rejected("model_not_found")
