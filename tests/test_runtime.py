@@ -291,6 +291,21 @@ def test_logit_bias_steers_generation_and_is_checked(llm):
             llm.generate([PROMPTS[1]], SamplingParams(max_tokens=2, logit_bias=bias))
 
 
+def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):
+    plain = llm.generate([PROMPTS[2]], GREEDY)[0].token_ids
+    stopped = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[plain[1]]))[0]
+    assert stopped.token_ids == plain[:2] and stopped.finish_reason == "stop"
+    held = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[plain[1]],
+                                                     min_tokens=6))[0]
+    assert len(held.token_ids) >= 6 and plain[1] not in held.token_ids[:6]
+    # EOS forced by a bias still waits for min_tokens, then ends the output at once.
+    eos_first = SamplingParams(max_tokens=12, temperature=0, logit_bias={EOS_ID: 100}, min_tokens=4)
+    out = llm.generate([PROMPTS[2]], eos_first)[0]
+    assert EOS_ID not in out.token_ids[:4] and out.token_ids[4] == EOS_ID and len(out.token_ids) == 5
+    with pytest.raises(ValueError, match="min_tokens"):
+        llm.generate([PROMPTS[2]], SamplingParams(max_tokens=3, min_tokens=4))
+
+
 def test_detokenizer_never_emits_broken_characters(llm):
     tokenizer = llm.tokenizer
     ids = tokenizer("café 東京 🙂 ok", add_special_tokens=False)["input_ids"]

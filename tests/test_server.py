@@ -212,6 +212,10 @@ def test_logit_bias_through_the_openai_client(server, client):
                                           temperature=0.7, logit_bias={str(token): 100},
                                           extra_body={"ignore_eos": True})
     assert chat.choices[0].message.content == expected
+    held = client.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0,
+                                     logit_bias={str(token): 100},
+                                     extra_body={"stop_token_ids": [token], "min_tokens": 3})
+    assert held.choices[0].finish_reason == "stop" and held.usage.completion_tokens == 4
     post = lambda body: httpx.post(server.url + "/v1/completions", json={"prompt": "x", **body})  # noqa: E731
     for bias in ({"abc": 1}, {"10000000": 1}, {str(token): 200}):
         assert error_of(post({"logit_bias": bias}), 400)["param"] == "logit_bias"

@@ -118,7 +118,7 @@ class LLMEngine:
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
             to_sample, logits = self.runner.run(scheduled)
-            tokens, logprobs = sample(logits, to_sample) if to_sample else ([], None)
+            tokens, logprobs = sample(logits, to_sample, self.eos_ids) if to_sample else ([], None)
         except Exception:
             if len(scheduled) > 1:  # find the culprit: rerun one at a time
                 return [out for item in scheduled for out in self._run([item])]

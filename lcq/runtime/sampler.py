@@ -1,9 +1,12 @@
-"""Next-token choice for a batch: penalties, logit bias, temperature, top-k, top-p, min-p, seeds, logprobs.
+"""Next-token choice for a batch: penalties, logit bias, min_tokens, temperature, top-k, top-p, min-p,
+seeds, logprobs.
 
 Everything is batched on the logits' device; only seeded requests draw their random numbers from
 their own generator, so a seed gives the same tokens whatever else is in the batch.
 """
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 
@@ -34,6 +37,13 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     return logits
 
 
+def stop_ids_held_back(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
+    """The tokens that would end seq and that min_tokens keeps from being sampled yet."""
+    if seq.num_output_tokens >= seq.params.min_tokens:
+        return []
+    return sorted(set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids)))
+
+
 def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p as masks; returns probabilities."""
     device = logits.device
@@ -53,19 +63,25 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], torch.Tensor | None]:
-    """Tokens for each row, and the raw log-probabilities (before penalties, logit bias and
-    temperature, as OpenAI reports them) when any row asked for logprobs."""
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           eos_ids: Collection[int] = ()) -> tuple[list[int], torch.Tensor | None]:
+    """Tokens for each row, and the raw log-probabilities (before penalties, logit bias, min_tokens
+    and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the tokens
+    that end a sequence, which min_tokens holds back."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
     needs_bias = any(s.params.logit_bias for s in seqs)
-    if needs_penalty or needs_bias:
+    held_back = [stop_ids_held_back(s, eos_ids) for s in seqs]
+    if needs_penalty or needs_bias or any(held_back):
         logits = logits.clone()
     if needs_penalty:
         logits = apply_penalties(logits, seqs)
     if needs_bias:
         logits = apply_logit_bias(logits, seqs)
+    for row, ids in enumerate(held_back):
+        if ids:
+            logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
     greedy = [s.params.temperature == 0 for s in seqs]
     chosen = logits.argmax(dim=-1)
     if not all(greedy):

@@ -26,6 +26,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     n: int = 1  # the server fans n out into n engine requests
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -40,6 +41,8 @@ class SamplingParams:
             (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (1 <= self.n <= 16, "n must be between 1 and 16"),
+            (0 <= self.min_tokens and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
+             "min_tokens must be between 0 and max_tokens"),
             (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "

@@ -52,6 +52,7 @@ class SamplingRequest(OpenAIRequest):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    min_tokens: Count | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -81,6 +82,7 @@ class SamplingRequest(OpenAIRequest):
             logprobs=logprobs,
             n=pick(self.n, 1),
             logit_bias=self.token_biases(),
+            min_tokens=pick(self.min_tokens, defaults.min_tokens),
         )
         params.validate()
         return params
