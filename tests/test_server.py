@@ -242,6 +242,21 @@ def test_json_output_and_tool_calls_are_refused_not_ignored(client):
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2).choices
 
 
+def test_chat_template_options(server, client):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer is"}]
+    tokenize = lambda **options: httpx.post(server.url + "/tokenize", json={"messages": messages, **options})  # noqa: E731
+    detokenize = lambda ids: httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]  # noqa: E731
+    continued = tokenize(add_generation_prompt=False, continue_final_message=True).json()
+    assert detokenize(continued["tokens"]).endswith("The answer is")
+    assert detokenize(tokenize().json()["tokens"]).endswith("<|im_start|>assistant\n")
+    assert detokenize(tokenize(chat_template_kwargs={"preamble": "Be brief."}).json()["tokens"]).startswith("Be brief.")
+    assert error_of(tokenize(continue_final_message=True), 400)["param"] == "continue_final_message"
+    assert error_of(tokenize(chat_template_kwargs={"tokenize": True}), 400)["param"] == "chat_template_kwargs"
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                           extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert reply.usage.prompt_tokens == continued["count"]
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

@@ -110,7 +110,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise APIError(400, "give exactly one of `prompt` and `messages`", code="invalid_value")
     tokenizer = state.engine.tokenizer
     if body.messages is not None:
-        tokens = chat.render_chat(tokenizer, body.messages)
+        tokens = chat.render_chat(tokenizer, body.messages, body)
     else:
         tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the tokenizer's chat template, n choices, logprobs."""
 from __future__ import annotations
 
+import inspect
 import uuid
 
 from fastapi import APIRouter, Request
@@ -10,7 +11,8 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from .errors import APIError, error_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
-    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTokenLogprob, DeltaMessage, TopLogprob, dump
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, TopLogprob, \
+    dump
 from .sse import sse_events, sse_response
 from .state import get_state
 
@@ -37,12 +39,23 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def render_chat(tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Token ids of the conversation plus the assistant turn's opening, per the model's own template."""
+def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions) -> list[int]:
+    """Token ids of the conversation plus the assistant turn's opening (or the last message continued),
+    per the model's own template."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
+    if options.add_generation_prompt and options.continue_final_message:
+        raise APIError(400, "continue_final_message needs add_generation_prompt false", code="invalid_value",
+                       param="continue_final_message")
+    variables = options.chat_template_kwargs or {}
+    reserved = sorted(set(variables) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", code="invalid_value",
+                       param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt=True, tokenize=False)
+        text = tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt=options.add_generation_prompt,
+                                             continue_final_message=options.continue_final_message, tokenize=False,
+                                             **variables)
     except APIError:
         raise
     except Exception as e:  # jinja raises for conversations the template forbids (e.g. roles not alternating)
@@ -76,7 +89,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
-    prompt = render_chat(state.engine.tokenizer, body.messages)
+    prompt = render_chat(state.engine.tokenizer, body.messages, body)
     generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     generation.submit()
 

@@ -130,7 +130,16 @@ class ChatMessage(BaseModel):
     name: str | None = None
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatTemplateOptions(OpenAIRequest):
+    """How messages become a prompt (vLLM's extras): the assistant turn's opening, or the last
+    (assistant) message continued as it is, and variables for the template (e.g. enable_thinking)."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Count | None = None
     logprobs: bool = False
@@ -157,7 +166,7 @@ class ChatCompletionRequest(SamplingRequest):
         return None
 
 
-class TokenizeRequest(OpenAIRequest):
+class TokenizeRequest(ChatTemplateOptions):
     """Either a prompt (as /v1/completions sees it) or messages (rendered with the chat template)."""
 
     model: str | None = None
