@@ -190,6 +190,9 @@ def test_stop_strings_across_tokens_are_never_shown(llm):
     assert len(stop) == 6
     out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop]))[0]
     assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
+    kept = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[stop],
+                                                     include_stop_str_in_output=True))[0]
+    assert kept.stop_reason == stop and kept.text == text[:text.find(stop)] + stop
 
 
 def test_stop_token_ids_and_eos(llm):

@@ -170,6 +170,9 @@ def test_stop_sequence_cuts_the_text(client):
     stop = text[5:8]
     cut = client.completions.create(**args, stop=[stop, "never appears"]).choices[0]
     assert cut.finish_reason == "stop" and cut.text == text[:text.index(stop)]
+    kept = client.completions.create(**{**args, "extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
+                                     stop=[stop]).choices[0]
+    assert kept.text == text[:text.index(stop)] + stop
 
 
 def test_logprobs_shapes(server, client):

@@ -156,6 +156,8 @@ class LLMEngine:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.detokenizer.stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_string
+            if p.include_stop_str_in_output:
+                text += seq.detokenizer.stop_string
         elif seq.num_output_tokens >= seq.max_tokens:
             seq.finish_reason = "length"
         if seq.finish_reason is not None:

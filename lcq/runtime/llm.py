@@ -15,6 +15,7 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
     usage: Usage | None = None
 
@@ -41,5 +42,5 @@ class LLM:
                 if out.logprobs:
                     done.logprobs += out.logprobs
                 if out.finished:
-                    done.finish_reason, done.usage = out.finish_reason, out.usage
+                    done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
         return [results[str(i)] for i in range(len(prompts))]

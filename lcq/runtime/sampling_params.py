@@ -27,6 +27,7 @@ class SamplingParams:
     n: int = 1  # the server fans n out into n engine requests
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
+    include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""

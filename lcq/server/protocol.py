@@ -53,6 +53,7 @@ class SamplingRequest(OpenAIRequest):
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     min_tokens: Count | None = None
+    include_stop_str_in_output: bool = False
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -83,6 +84,7 @@ class SamplingRequest(OpenAIRequest):
             n=pick(self.n, 1),
             logit_bias=self.token_biases(),
             min_tokens=pick(self.min_tokens, defaults.min_tokens),
+            include_stop_str_in_output=self.include_stop_str_in_output,
         )
         params.validate()
         return params
