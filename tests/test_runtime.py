@@ -225,6 +225,29 @@ def test_logprobs_match_log_softmax(tiny, llm):
         assert [t[0] for t in lp.top] == row.topk(3).indices.tolist()
 
 
+def test_prompt_logprobs_match_log_softmax(tiny):
+    """Every prompt token's logprob and alternatives, also when the prompt is prefilled in chunks and
+    when its blocks are in the prefix cache (they are computed anyway)."""
+    prompt = PROMPTS[0]
+    model = load_reference_model(tiny)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=8, max_num_seqs=2, kv_cache_dtype="float32",
+                  cpu_matmul_dtype="float32")
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, prompt_logprobs=2)
+    for _ in range(2):  # the second time the prompt's blocks are cached
+        out = chunked.generate([prompt, PROMPTS[1]], [params, GREEDY])
+        assert out[1].prompt_logprobs is None
+        entries = out[0].prompt_logprobs
+        assert len(entries) == len(prompt) and entries[0] is None
+        for position, entry in enumerate(entries[1:], start=1):
+            row = expected[position - 1]
+            assert entry.token_id == prompt[position]
+            assert entry.logprob == pytest.approx(float(row[prompt[position]]), abs=1e-4)
+            assert [t[0] for t in entry.top] == row.topk(2).indices.tolist()
+    assert _pool_is_full(chunked.engine)
+
+
 @pytest.mark.parametrize("setting, dtype, largest", [("bfloat16", torch.bfloat16, 0.05), ("int8", torch.int8, 0.15)])
 def test_engine_prefills_with_rounded_products(tmp_path, setting, dtype, largest):
     """bfloat16 rounds the operands of the C kernels' large products (an 18-token prefill of an LCQ

@@ -183,8 +183,12 @@ def test_logprobs_shapes(server, client):
     prompt_len = r.usage.prompt_tokens
     lp = choice.logprobs
     assert choice.text.startswith(prompt) and len(lp.tokens) == prompt_len + 4
-    assert lp.token_logprobs[:prompt_len] == [None] * prompt_len
-    assert all(x <= 0 for x in lp.token_logprobs[prompt_len:])
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])  # the prompt's too
+    assert all(len(top) == 2 for top in lp.top_logprobs[1:prompt_len])
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
+    assert [x for part in streamed for x in part.token_logprobs] == pytest.approx(lp.token_logprobs)
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[prompt_len:])
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[prompt_len] == len(prompt)
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,

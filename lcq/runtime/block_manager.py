@@ -44,8 +44,9 @@ class BlockManager:
 
     def reuse_cached_prefix(self, seq: Sequence) -> None:
         """For a sequence with nothing computed: take the cached blocks of its longest cached prefix of
-        full blocks. The last prompt token is always recomputed so the step has logits to sample from."""
-        if not self.enable_prefix_caching or seq.block_table:
+        full blocks. The last prompt token is always recomputed so the step has logits to sample from;
+        a sequence asking for prompt logprobs computes every prompt token."""
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return
         parent = None
         for start in range(0, len(seq) - 1 - (len(seq) - 1) % self.block_size, self.block_size):

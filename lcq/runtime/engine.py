@@ -18,7 +18,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .host_memory import freeze_loaded_objects
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PromptLogprobs
 from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -117,7 +117,7 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
-            to_sample, logits = self.runner.run(scheduled)
+            to_sample, logits, prompt_logprobs = self.runner.run(scheduled)
             tokens, logprobs = sample(logits, to_sample, self.eos_ids) if to_sample else ([], None)
         except Exception:
             if len(scheduled) > 1:  # find the culprit: rerun one at a time
@@ -126,6 +126,8 @@ class LLMEngine:
             logger.exception("request %s failed", seq.request_id)
             seq.finish_reason = "error"
             return [self._finish(seq, error="generation failed: internal error in the model step")]
+        for part in prompt_logprobs:
+            self._keep_prompt_logprobs(part)
         for seq, count in scheduled:
             seq.num_computed_tokens += count
             self.blocks.register_full_blocks(seq)
@@ -167,18 +169,29 @@ class LLMEngine:
         return self._delta(seq, text)
 
     def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
+        values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0))
+        return self._token_logprob(token, float(logprobs[token]), values, ids)
+
+    def _token_logprob(self, token: int, logprob: float, top_values: torch.Tensor, top_ids: torch.Tensor
+                       ) -> TokenLogprob:
         decode = self.tokenizer.decode
-        best = []
-        if top:
-            values, ids = logprobs.topk(top)
-            best = [(int(i), decode([int(i)]), float(v)) for v, i in zip(values, ids)]
-        return TokenLogprob(token_id=token, token=decode([token]), logprob=float(logprobs[token]), top=best)
+        best = [(int(i), decode([int(i)]), float(v)) for v, i in zip(top_values, top_ids)]
+        return TokenLogprob(token_id=token, token=decode([token]), logprob=logprob, top=best)
+
+    def _keep_prompt_logprobs(self, part: PromptLogprobs) -> None:
+        seq = part.seq
+        for i, logprob in enumerate(part.logprobs.tolist()):
+            position = part.first + i
+            seq.prompt_logprobs[position] = self._token_logprob(seq.token_ids[position], logprob, part.top_values[i],
+                                                                part.top_ids[i])
 
     def _delta(self, seq: Sequence, text: str, **extra) -> RequestOutput:
         first = seq.num_output_tokens == len(seq.pending_ids) and seq.first_token_time is not None
         output = RequestOutput(
             request_id=seq.request_id, text=text, token_ids=seq.pending_ids,
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None, **extra)
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            output.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
         if first:
             output.queue_time = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
             output.first_token_time = seq.first_token_time - seq.arrival_time

@@ -17,6 +17,7 @@ class Completion:
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     usage: Usage | None = None
 
 
@@ -41,6 +42,8 @@ class LLM:
                 done.text += out.text
                 if out.logprobs:
                     done.logprobs += out.logprobs
+                if out.prompt_logprobs is not None:
+                    done.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
         return [results[str(i)] for i in range(len(prompts))]

@@ -4,6 +4,7 @@ On CUDA, decode steps replay captured graphs (see cuda_graphs.py)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 
@@ -18,8 +19,19 @@ from .sequence import Sequence
 logger = logging.getLogger("lcq.engine")
 
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
+PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt logprobs (25 MB at 49k)
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
                    torch.int8: "int8 operands for LCQ layers from 10 rows, else bf16 from 3"}
+
+
+@dataclass
+class PromptLogprobs:
+    """Prompt tokens first .. first + n - 1 of seq: each one's logprob (n,), and the k best (n, k)."""
+    seq: Sequence
+    first: int
+    logprobs: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
 
 
 class ModelRunner:
@@ -92,25 +104,44 @@ class ModelRunner:
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
-        """Forward the step; returns the sequences that now need a next token and their logits."""
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
+        """Forward the step; returns the sequences that now need a next token, their logits, and the
+        prompt logprobs of this step's prompt tokens for sequences that asked for them."""
         input_ids, positions, context = self._prepare(scheduled)
         with cpu_products(self.products):
             return self._forward(scheduled, input_ids, positions, context)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
-                 context: ForwardContext) -> tuple[list[Sequence], torch.Tensor]:
+                 context: ForwardContext) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
         if self.graphs is not None and not context.is_prefill and len(scheduled) <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
-        rows, to_sample = [], []
+        rows, to_sample, prompt_logprobs = [], [], []
         end = 0
         for seq, count in scheduled:
+            if seq.params.prompt_logprobs is not None:
+                prompt_logprobs += self._prompt_logprobs(seq, hidden[end:end + count])
             end += count
             if seq.num_computed_tokens + count == len(seq):
                 rows.append(end - 1)
                 to_sample.append(seq)
         if not rows:
-            return [], torch.empty(0)
-        return to_sample, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+            return [], torch.empty(0), prompt_logprobs
+        return to_sample, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]), prompt_logprobs
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[PromptLogprobs]:
+        """Logprobs of the prompt tokens that this step's rows of seq predict (row i is position
+        num_computed_tokens + i, which predicts the token after it), PROMPT_LOGPROB_ROWS rows of
+        logits at a time."""
+        first = seq.num_computed_tokens
+        count = min(hidden.shape[0], seq.num_prompt_tokens - 1 - first)
+        parts = []
+        for start in range(0, max(count, 0), PROMPT_LOGPROB_ROWS):
+            stop = min(start + PROMPT_LOGPROB_ROWS, count)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:stop]), dim=-1)
+            targets = torch.tensor(seq.token_ids[first + start + 1:first + stop + 1], device=logprobs.device)
+            top = logprobs.topk(seq.params.prompt_logprobs, dim=-1)
+            parts.append(PromptLogprobs(seq, first + start + 1, logprobs.gather(1, targets[:, None])[:, 0].cpu(),
+                                        top.values.cpu(), top.indices.cpu()))
+        return parts

@@ -38,6 +38,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
     error: str | None = None
     # Timing, for metrics: seconds since the request arrived.
     queue_time: float | None = None  # set on the first delta

@@ -28,6 +28,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
+    prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -41,6 +42,8 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be between 0 "
+                                                                                "and 20"),
             (1 <= self.n <= 16, "n must be between 1 and 16"),
             (0 <= self.min_tokens and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
              "min_tokens must be between 0 and max_tokens"),

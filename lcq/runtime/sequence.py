@@ -40,6 +40,10 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.pending_ids: list[int] = []  # generated tokens not yet streamed
         self.pending_logprobs: list = []
+        # Prompt logprobs (prompt_logprobs set): one entry per prompt token, None for the first; sent
+        # with the first delta.
+        self.prompt_logprobs: list | None = [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
+        self.prompt_logprobs_sent = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -52,7 +52,7 @@ class LogprobFormatter:
             if isinstance(entry, TokenLogprob):
                 token, logprob = entry.token, entry.logprob
                 top = {text: lp for _, text, lp in entry.top[:self.top]}
-            else:  # an echoed prompt token: the engine computes no prompt logprobs
+            else:  # the echoed prompt's first token, which has no logprob
                 token, logprob, top = entry[0], None, None
             out.tokens.append(token)
             out.token_logprobs.append(logprob)
@@ -74,6 +74,8 @@ async def create_completion(body: CompletionRequest, request: Request):
         params = body.sampling_params(max_tokens, body.logprobs)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
+    if body.echo and body.logprobs is not None:
+        params.prompt_logprobs = body.logprobs  # the echoed prompt comes with its logprobs, as OpenAI's did
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
@@ -81,25 +83,30 @@ async def create_completion(body: CompletionRequest, request: Request):
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0) if body.logprobs is not None else None
 
-    def echoed(choice: Choice) -> tuple[str, list]:
-        """The prompt text and its logprob entries (no values) that `echo` puts before the completion."""
+    def echoed(choice: Choice, prompt_logprobs: list[TokenLogprob | None] | None) -> tuple[str, list]:
+        """The prompt text and its logprob entries that `echo` puts before the completion (the first
+        token has no logprob)."""
         if not body.echo:
             return "", []
         prompt = choice.index // params.n
-        entries = [(tokenizer.decode([t]), None) for t in prompts[prompt]] if logprobs else []
+        known = prompt_logprobs or [None] * len(prompts[prompt])  # none if the request failed before
+        entries = [entry or (tokenizer.decode([t]), None) for t, entry in zip(prompts[prompt], known)] \
+            if logprobs else []
         return prompt_texts[prompt], entries
 
     def chunk(choices: list[CompletionChoice], usage=None) -> dict:
         return dump(CompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
-        def start():
-            for choice in generation.choices if body.echo else []:
-                text, entries = echoed(choice)
-                lp = logprobs.format(choice.index, entries) if logprobs else None
-                yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=lp)])
+        def start():  # with logprobs the echo waits for the prompt's logprobs: the first delta brings them
+            for choice in generation.choices if body.echo and not logprobs else []:
+                yield chunk([CompletionChoice(index=choice.index, text=echoed(choice, None)[0])])
 
         def on_delta(choice: Choice, out: RequestOutput):
+            if out.prompt_logprobs is not None and body.echo:
+                text, entries = echoed(choice, out.prompt_logprobs)
+                yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=logprobs.format(choice.index,
+                                                                                                      entries))])
             if out.text or out.finish_reason or (logprobs and out.logprobs):
                 lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
                 yield chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=lp,
@@ -117,7 +124,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         raise failure
     choices = []
     for choice in generation.choices:
-        text, entries = echoed(choice)
+        text, entries = echoed(choice, choice.prompt_logprobs)
         lp = logprobs.format(choice.index, entries + choice.logprobs) if logprobs else None
         choices.append(CompletionChoice(index=choice.index, text=text + choice.text, logprobs=lp,
                                         finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))

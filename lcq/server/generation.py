@@ -41,6 +41,7 @@ class Choice:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     cached_tokens: int = 0
@@ -50,6 +51,8 @@ class Choice:
         self.text += out.text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
             if out.usage is not None:
