@@ -189,6 +189,16 @@ def test_logprobs_shapes(server, client):
         model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True, stream=True,
         extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
     assert [x for part in streamed for x in part.token_logprobs] == pytest.approx(lp.token_logprobs)
+    # max_tokens 0 with echo scores the prompt: its text and logprobs, nothing generated
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True)
+    assert scored.choices[0].text == prompt and scored.choices[0].finish_reason == "length"
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:prompt_len])
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == prompt_len
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, logprobs=1, echo=True,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
     assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[prompt_len:])
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[prompt_len] == len(prompt)
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,

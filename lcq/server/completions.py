@@ -70,8 +70,11 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_request(body, "/v1/completions")
     prompts, prompt_texts = tokenize_prompts(state, body.prompt)
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    # max_tokens 0 with echo: OpenAI's legacy scoring of a prompt (its text and logprobs, nothing
+    # generated); the engine still samples one token to finish the prompt's step, which is dropped.
+    scoring = body.echo and max_tokens == 0
     try:
-        params = body.sampling_params(max_tokens, body.logprobs)
+        params = body.sampling_params(1 if scoring else max_tokens, body.logprobs)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     if body.echo and body.logprobs is not None:
@@ -94,6 +97,10 @@ async def create_completion(body: CompletionRequest, request: Request):
             if logprobs else []
         return prompt_texts[prompt], entries
 
+    def ending(reason: str | None) -> str | None:
+        """The finish reason to report: "length" for a scored prompt, which asked for no tokens."""
+        return "length" if scoring and reason in ("stop", "length") else reason
+
     def chunk(choices: list[CompletionChoice], usage=None) -> dict:
         return dump(CompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
@@ -107,14 +114,17 @@ async def create_completion(body: CompletionRequest, request: Request):
                 text, entries = echoed(choice, out.prompt_logprobs)
                 yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=logprobs.format(choice.index,
                                                                                                       entries))])
-            if out.text or out.finish_reason or (logprobs and out.logprobs):
+            if scoring:
+                if out.finish_reason:
+                    yield chunk([CompletionChoice(index=choice.index, text="", finish_reason=ending(out.finish_reason))])
+            elif out.text or out.finish_reason or (logprobs and out.logprobs):
                 lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
                 yield chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=lp,
                                               finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
 
         def finish():
             if body.include_usage:
-                yield chunk([], usage=generation.usage())
+                yield chunk([], usage=generation.usage(count_completions=not scoring))
 
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
 
@@ -125,7 +135,10 @@ async def create_completion(body: CompletionRequest, request: Request):
     choices = []
     for choice in generation.choices:
         text, entries = echoed(choice, choice.prompt_logprobs)
-        lp = logprobs.format(choice.index, entries + choice.logprobs) if logprobs else None
-        choices.append(CompletionChoice(index=choice.index, text=text + choice.text, logprobs=lp,
-                                        finish_reason=choice.finish_reason, stop_reason=choice.stop_reason))
-    return CompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=generation.usage())
+        generated, generated_text = ([], "") if scoring else (choice.logprobs, choice.text)
+        lp = logprobs.format(choice.index, entries + generated) if logprobs else None
+        choices.append(CompletionChoice(index=choice.index, text=text + generated_text, logprobs=lp,
+                                        finish_reason=ending(choice.finish_reason),
+                                        stop_reason=None if scoring else choice.stop_reason))
+    return CompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
+                              usage=generation.usage(count_completions=not scoring))

@@ -165,10 +165,11 @@ class Generation:
                 return APIError(500, choice.error or "generation failed", code="engine_error")
         return None
 
-    def usage(self) -> UsageInfo:
-        """Prompt tokens once per prompt (not per choice), completion tokens of every choice."""
+    def usage(self, count_completions: bool = True) -> UsageInfo:
+        """Prompt tokens once per prompt (not per choice), completion tokens of every choice (none
+        where the response drops them: a scored prompt)."""
         prompt_tokens = sum(len(p) for p in self.prompts)
-        completion = sum(len(c.token_ids) for c in self.choices)
+        completion = sum(len(c.token_ids) for c in self.choices) if count_completions else 0
         n = len(self.choices) // max(1, len(self.prompts))
         cached = sum(self.choices[p * n].cached_tokens for p in range(len(self.prompts)))
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
