@@ -274,6 +274,21 @@ def test_chat_template_options(server, client):
     assert reply.usage.prompt_tokens == continued["count"]
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client):
+    ids = list(range(300))  # past this server's max_model_len of 256
+    kept = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True,
+                                     extra_body={"truncate_prompt_tokens": 100})
+    assert kept.usage.prompt_tokens == 100
+    assert kept.choices[0].text.startswith(httpx.post(server.url + "/detokenize", json={"tokens": ids[-100:]})
+                                           .json()["prompt"])
+    messages = [{"role": "user", "content": "word " * 400}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+                                          extra_body={"truncate_prompt_tokens": 50})
+    assert chat.usage.prompt_tokens == 50
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

@@ -89,7 +89,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
-    prompt = render_chat(state.engine.tokenizer, body.messages, body)
+    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body))
     generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     generation.submit()
 

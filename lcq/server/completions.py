@@ -69,6 +69,10 @@ async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/completions")
     prompts, prompt_texts = tokenize_prompts(state, body.prompt)
+    kept = [body.truncated(ids) for ids in prompts]
+    prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
+                    for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
+    prompts = kept
     max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     # max_tokens 0 with echo: OpenAI's legacy scoring of a prompt (its text and logprobs, nothing
     # generated); the engine still samples one token to finish the prompt's step, which is dropped.

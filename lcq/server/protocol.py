@@ -54,6 +54,7 @@ class SamplingRequest(OpenAIRequest):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     min_tokens: Count | None = None
     include_stop_str_in_output: bool = False
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -88,6 +89,12 @@ class SamplingRequest(OpenAIRequest):
         )
         params.validate()
         return params
+
+    def truncated(self, ids: list[int]) -> list[int]:
+        """vLLM's truncate_prompt_tokens: only the prompt's last k tokens (for prompts that outgrew the
+        context, as long chats do)."""
+        k = self.truncate_prompt_tokens
+        return ids if k is None or len(ids) <= k else ids[-k:]
 
     def token_biases(self) -> dict[int, float]:
         """logit_bias with integer token ids; raises ValueError for a key that is not one."""
