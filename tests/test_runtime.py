@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import gc
 import platform
 import resource
@@ -20,6 +21,7 @@ from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, Que
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.host_memory import return_freed_memory
 from lcq.runtime.sampler import sample
+from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
 
@@ -330,6 +332,30 @@ def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):
     assert EOS_ID not in out.token_ids[:4] and out.token_ids[4] == EOS_ID and len(out.token_ids) == 5
     with pytest.raises(ValueError, match="min_tokens"):
         llm.generate([PROMPTS[2]], SamplingParams(max_tokens=3, min_tokens=4))
+
+
+def test_json_output_follows_its_schema(llm):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "size": {"type": "integer"}},
+              "required": ["color", "size"], "additionalProperties": False}
+    constrained = SamplingParams(max_tokens=40, temperature=0.9, seed=3,
+                                 structured_output=StructuredOutput(json.dumps(schema)))
+    plain = llm.generate([PROMPTS[1]], GREEDY)[0].token_ids
+    out = llm.generate([PROMPTS[0], PROMPTS[1]], [constrained, GREEDY])
+    assert out[1].token_ids == plain  # the other row of the batch is not constrained
+    assert out[0].finish_reason == "stop", out[0].text
+    value = json.loads(out[0].text)
+    assert value["color"] in ("red", "blue") and isinstance(value["size"], int) and set(value) == {"color", "size"}
+    # any JSON object; a bias towards "}" closes it at once
+    close = llm.tokenizer.encode("}", add_special_tokens=False)
+    anything = SamplingParams(max_tokens=20, temperature=0, structured_output=StructuredOutput(),
+                              logit_bias={close[0]: 30})
+    assert json.loads(llm.generate([PROMPTS[2]], anything)[0].text) == {}
+    for bad in ({"type": "no-such-type"}, {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}):
+        with pytest.raises(ValueError, match="json_schema"):
+            llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
+    with pytest.raises(ValueError, match="min_tokens"):
+        llm.generate([PROMPTS[2]], SamplingParams(min_tokens=2, structured_output=StructuredOutput()))
 
 
 def test_detokenizer_never_emits_broken_characters(llm):

@@ -238,12 +238,11 @@ def test_logit_bias_through_the_openai_client(server, client):
         assert error_of(post({"logit_bias": bias}), 400)["param"] == "logit_bias"
 
 
-def test_json_output_and_tool_calls_are_refused_not_ignored(client):
+def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     messages = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     functions = [tool["function"] for tool in tools]
-    for extra, param in [(dict(response_format={"type": "json_object"}), "response_format"),
-                         (dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools"),
+    for extra, param in [(dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools"),
                          (dict(functions=functions), "functions")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
@@ -287,6 +286,31 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client):
     assert chat.usage.prompt_tokens == 50
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+
+
+def test_json_output_through_the_openai_client(client):
+    pytest.importorskip("xgrammar")
+    messages = [{"role": "user", "content": "Describe a fruit."}]
+    schema = {"type": "object", "properties": {"name": {"enum": ["apple", "pear"]}, "ripe": {"type": "boolean"}},
+              "required": ["name", "ripe"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "fruit", "schema": schema, "strict": True}}
+    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0.7, seed=1,
+                                           response_format=fmt)
+    assert reply.choices[0].finish_reason == "stop"
+    fruit = json.loads(reply.choices[0].message.content)
+    assert fruit["name"] in ("apple", "pear") and isinstance(fruit["ripe"], bool)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=40, temperature=0.7, seed=1, response_format=fmt, stream=True)
+        if c.choices)
+    assert streamed == reply.choices[0].message.content
+    completion = client.completions.create(model=MODEL, prompt="Fruit:", max_tokens=40, temperature=0,
+                                           extra_body={"response_format": fmt})
+    assert json.loads(completion.choices[0].text)["name"] in ("apple", "pear")
+    for bad in ({"type": "yaml"}, {"type": "json_schema", "json_schema": {"name": "x"}},
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format=bad)
+        assert refused.value.body["param"] == "response_format"
 
 
 def test_client_errors_use_the_envelope(server):

@@ -24,6 +24,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+from .structured_output import StructuredOutputs
 
 logger = logging.getLogger("lcq.engine")
 
@@ -62,6 +63,7 @@ class LLMEngine:
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
+        self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         freeze_loaded_objects()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -74,6 +76,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if params.structured_output is not None:
+            self.structured.check(params.structured_output)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
                              f"shorten the prompt")
@@ -86,6 +90,8 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seq = Sequence(request_id, prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                        max_tokens)
+        if params.structured_output is not None:
+            self.structured.start(seq)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -118,7 +124,8 @@ class LLMEngine:
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
             to_sample, logits, prompt_logprobs = self.runner.run(scheduled)
-            tokens, logprobs = sample(logits, to_sample, self.eos_ids) if to_sample else ([], None)
+            tokens, logprobs = sample(logits, to_sample, self.eos_ids, self.structured.constrain) \
+                if to_sample else ([], None)
         except Exception:
             if len(scheduled) > 1:  # find the culprit: rerun one at a time
                 return [out for item in scheduled for out in self._run([item])]
@@ -152,7 +159,8 @@ class LLMEngine:
             seq.pending_logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
         text = seq.detokenizer.add(token)
         p = seq.params
-        if token in self.eos_ids and not p.ignore_eos:
+        grammar_ended = seq.grammar is not None and self.structured.accept(seq, token)
+        if (token in self.eos_ids and not p.ignore_eos) or grammar_ended:
             seq.finish_reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token

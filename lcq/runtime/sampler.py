@@ -1,12 +1,12 @@
-"""Next-token choice for a batch: penalties, logit bias, min_tokens, temperature, top-k, top-p, min-p,
-seeds, logprobs.
+"""Next-token choice for a batch: penalties, logit bias, min_tokens, grammars, temperature, top-k, top-p,
+min-p, seeds, logprobs.
 
 Everything is batched on the logits' device; only seeded requests draw their random numbers from
 their own generator, so a seed gives the same tokens whatever else is in the batch.
 """
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
@@ -63,17 +63,20 @@ def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence],
-           eos_ids: Collection[int] = ()) -> tuple[list[int], torch.Tensor | None]:
-    """Tokens for each row, and the raw log-probabilities (before penalties, logit bias, min_tokens
-    and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the tokens
-    that end a sequence, which min_tokens holds back."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] = (),
+           constrain: Callable[[torch.Tensor, list[Sequence]], None] | None = None
+           ) -> tuple[list[int], torch.Tensor | None]:
+    """Tokens for each row, and the raw log-probabilities (before penalties, logit bias, min_tokens,
+    grammars and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the
+    tokens that end a sequence, which min_tokens holds back; constrain: masks the rows of sequences
+    with a grammar (StructuredOutputs.constrain)."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
     needs_bias = any(s.params.logit_bias for s in seqs)
     held_back = [stop_ids_held_back(s, eos_ids) for s in seqs]
-    if needs_penalty or needs_bias or any(held_back):
+    constrained = constrain is not None and any(s.grammar is not None for s in seqs)
+    if needs_penalty or needs_bias or any(held_back) or constrained:
         logits = logits.clone()
     if needs_penalty:
         logits = apply_penalties(logits, seqs)
@@ -82,6 +85,8 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
     for row, ids in enumerate(held_back):
         if ids:
             logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
+    if constrained:
+        constrain(logits, seqs)
     greedy = [s.params.temperature == 0 for s in seqs]
     chosen = logits.argmax(dim=-1)
     if not all(greedy):

@@ -7,6 +7,13 @@ from dataclasses import dataclass, field
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Output constrained to JSON (structured_output.py): any JSON object, or one that follows a schema."""
+
+    json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it); None: an object
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping settings (OpenAI fields plus vLLM's common extras)."""
@@ -29,6 +36,7 @@ class SamplingParams:
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
+    structured_output: StructuredOutput | None = None  # JSON output (OpenAI's response_format)
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -47,6 +55,8 @@ class SamplingParams:
             (1 <= self.n <= 16, "n must be between 1 and 16"),
             (0 <= self.min_tokens and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
              "min_tokens must be between 0 and max_tokens"),
+            (not (self.min_tokens and self.structured_output), "min_tokens cannot be combined with JSON output, "
+                                                                "which ends where its grammar does"),
             (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "

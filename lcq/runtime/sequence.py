@@ -44,6 +44,7 @@ class Sequence:
         # with the first delta.
         self.prompt_logprobs: list | None = [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
+        self.grammar = None  # the grammar matcher of a constrained output (structured_output.py)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -5,6 +5,7 @@ so client mistakes must be 4xx with a useful message, never FastAPI's 422 or a b
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lcq.runtime.errors import EngineNotReadyError, QueueFullError
+from lcq.runtime.sampling_params import SamplingParams
 
 from .protocol import ErrorResponse
 
@@ -60,6 +62,10 @@ def not_ready(message: str = "the model is loading or the server is shutting dow
     return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(retry_after)})
 
 
+# Request fields whose values the engine checks (LLMEngine.check_request), so errors can name them.
+ENGINE_CHECKED_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt", "response_format"}
+
+
 def engine_error(e: Exception, retry_after: int = 1) -> APIError:
     """Map what AsyncEngine.add_request raises to the status a client should see."""
     if isinstance(e, QueueFullError):
@@ -67,8 +73,9 @@ def engine_error(e: Exception, retry_after: int = 1) -> APIError:
                         headers={"Retry-After": str(retry_after)})
     if isinstance(e, EngineNotReadyError):
         return not_ready(str(e) or "the engine is not ready", retry_after)
-    if isinstance(e, ValueError):
-        return APIError(400, str(e), code="invalid_value")
+    if isinstance(e, ValueError):  # the engine's messages start with the request field they concern
+        first = str(e).split(" ", 1)[0]
+        return APIError(400, str(e), code="invalid_value", param=first if first in ENGINE_CHECKED_FIELDS else None)
     raise e
 
 

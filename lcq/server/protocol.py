@@ -5,12 +5,13 @@ checked once by SamplingParams.validate so the server and the engine agree on wh
 """
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from lcq.runtime.sampling_params import SamplingParams
+from lcq.runtime.sampling_params import SamplingParams, StructuredOutput
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -55,6 +56,7 @@ class SamplingRequest(OpenAIRequest):
     min_tokens: Count | None = None
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -86,9 +88,24 @@ class SamplingRequest(OpenAIRequest):
             logit_bias=self.token_biases(),
             min_tokens=pick(self.min_tokens, defaults.min_tokens),
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_output=self.structured_output(),
         )
         params.validate()
         return params
+
+    def structured_output(self) -> StructuredOutput | None:
+        """response_format as the engine's JSON constraint (None for text); ValueError when malformed."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutput()
+        if kind == "json_schema":
+            schema = (self.response_format.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+            return StructuredOutput(json.dumps(schema))  # key order kept: the JSON follows the properties in order
+        raise ValueError(f"response_format type {kind!r} is not supported: text, json_object or json_schema")
 
     def truncated(self, ids: list[int]) -> list[int]:
         """vLLM's truncate_prompt_tokens: only the prompt's last k tokens (for prompts that outgrew the
@@ -154,19 +171,14 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     logprobs: bool = False
     top_logprobs: Int64 | None = None
     # Known so that they are refused rather than ignored: generation would not honour them.
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: str | dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """JSON output (no constrained decoding) and tool calls (no tool-call parsing), as vLLM refuses
-        tool_choice "auto" without a parser; tools with tool_choice "none" only generate text, so they pass."""
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            return "response_format", f"response_format type {kind!r} is not supported: this server has no " \
-                                      "constrained decoding"
+        """Tool calls (no tool-call parsing), as vLLM refuses tool_choice "auto" without a parser; tools
+        with tool_choice "none" only generate text, so they pass."""
         for field, choice, name in (("tools", self.tool_choice, "tool_choice"),
                                     ("functions", self.function_call, "function_call")):
             if getattr(self, field) and choice != "none":
