@@ -243,10 +243,13 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     functions = [tool["function"] for tool in tools]
     for extra, param in [(dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools"),
-                         (dict(functions=functions), "functions")]:
+                         (dict(functions=functions), "functions"),
+                         (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+                         (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
+                          "response_format")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
-        assert refused.value.body["param"] == param and refused.value.body["code"] == "unsupported_value"
+        assert refused.value.body["param"] == param
     for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
@@ -286,6 +289,41 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client):
     assert chat.usage.prompt_tokens == 50
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+
+
+def test_forced_tool_calls(client):
+    pytest.importorskip("xgrammar")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}, "days": {"enum": [1, 2, 3]}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+    clock = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+        "additionalProperties": False}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather, clock], tool_choice=named,
+                                           max_tokens=100, temperature=0)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = json.loads(call.function.arguments)
+    assert arguments["city"] in ("Paris", "Oslo") and arguments["days"] in (1, 2, 3)
+    required = client.chat.completions.create(model=MODEL, messages=messages, tools=[weather, clock],
+                                              tool_choice="required", max_tokens=100, temperature=0.8, seed=2)
+    assert required.choices[0].finish_reason == "tool_calls"
+    call = required.choices[0].message.tool_calls[0]
+    assert call.function.name in ("get_weather", "get_time") and isinstance(json.loads(call.function.arguments), dict)
+    streamed = [c.choices[0].delta.tool_calls for c in client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[weather], tool_choice=named, max_tokens=100, temperature=0, stream=True)
+        if c.choices and c.choices[0].delta.tool_calls]
+    assert streamed[0][0].function.arguments == reply.choices[0].message.tool_calls[0].function.arguments
+    # the call and its result as history: the next turn renders and answers in text
+    history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                          {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    answer = client.chat.completions.create(model=MODEL, messages=history, tools=[weather], tool_choice="none",
+                                            max_tokens=3)
+    assert answer.choices[0].message.content is not None
 
 
 def test_json_output_through_the_openai_client(client):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import uuid
 
 from fastapi import APIRouter, Request
@@ -11,8 +12,8 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from .errors import APIError, error_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
-    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, TopLogprob, \
-    dump
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, FunctionCall, \
+    ToolCall, ToolCallDelta, TopLogprob, dump
 from .sse import sse_events, sse_response
 from .state import get_state
 
@@ -33,15 +34,17 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                                param=f"messages.{i}.content", code="invalid_value")
             content = "".join(part.text or "" for part in content)
         entry = {"role": message.role, "content": content or ""}
-        if message.name:
-            entry["name"] = message.name
+        for key in ("name", "tool_calls", "tool_call_id"):  # tool conversations, for templates that render them
+            if getattr(message, key):
+                entry[key] = getattr(message, key)
         out.append(entry)
     return out
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions) -> list[int]:
+def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
+                tools: list[dict] | None = None) -> list[int]:
     """Token ids of the conversation plus the assistant turn's opening (or the last message continued),
-    per the model's own template."""
+    per the model's own template (which describes `tools` to the model where it knows how)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
     if options.add_generation_prompt and options.continue_final_message:
@@ -53,7 +56,8 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", code="invalid_value",
                        param="chat_template_kwargs")
     try:
-        text = tokenizer.apply_chat_template(message_dicts(messages), add_generation_prompt=options.add_generation_prompt,
+        text = tokenizer.apply_chat_template(message_dicts(messages), tools=tools,
+                                             add_generation_prompt=options.add_generation_prompt,
                                              continue_final_message=options.continue_final_message, tokenize=False,
                                              **variables)
     except APIError:
@@ -62,6 +66,21 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages",
                        code="invalid_value") from None
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list[ToolCall] | None, str | None]:
+    """(tool calls, finish reason) of a forced call's generated JSON: the named function's arguments, or
+    {"name", "arguments"} for "required". A call cut short by max_tokens keeps its text, unparsed,
+    as the arguments of a named function, or comes back as content (no tool call) for "required"."""
+    call_id = f"call_{uuid.uuid4().hex[:24]}"
+    if forced != "required":
+        return [ToolCall(id=call_id, function=FunctionCall(name=forced, arguments=text))], finish_reason
+    try:
+        value = json.loads(text)
+        call = FunctionCall(name=value["name"], arguments=json.dumps(value["arguments"]))
+    except (ValueError, KeyError, TypeError):
+        return None, finish_reason
+    return [ToolCall(id=call_id, function=call)], "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
@@ -89,7 +108,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
-    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body))
+    forced = body.forced_tool()
+    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body, body.tools if forced else None))
     generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     generation.submit()
 
@@ -102,7 +122,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
 
         def on_delta(choice: Choice, out: RequestOutput):
-            if out.text or out.finish_reason or (body.logprobs and out.logprobs):
+            if forced:  # the call goes out whole once its JSON is complete
+                if out.finish_reason:
+                    calls, reason = forced_call(choice.text, forced, out.finish_reason)
+                    delta = DeltaMessage(content=None if calls else choice.text, tool_calls=None if calls is None else
+                                         [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
+                    yield chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
+            elif out.text or out.finish_reason or (body.logprobs and out.logprobs):
                 lp = chat_logprobs(out.logprobs or [], top) if body.logprobs else None
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
                                              logprobs=lp, finish_reason=out.finish_reason,
@@ -118,9 +144,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     failure = generation.failure()
     if failure:
         raise failure
-    choices = [ChatChoice(index=c.index, message=AssistantMessage(content=c.text),
-                          logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
-                          finish_reason=c.finish_reason, stop_reason=c.stop_reason)
-               for c in generation.choices]
+    choices = []
+    for c in generation.choices:
+        calls, reason = forced_call(c.text, forced, c.finish_reason) if forced else (None, c.finish_reason)
+        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=None if calls else c.text,
+                                                                          tool_calls=calls),
+                                  logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
+                                  finish_reason=reason, stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
                                   usage=generation.usage())

@@ -154,6 +154,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, passed to the template
+    tool_call_id: str | None = None  # which call a tool message answers
 
 
 class ChatTemplateOptions(OpenAIRequest):
@@ -177,14 +179,52 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     function_call: str | dict[str, Any] | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """Tool calls (no tool-call parsing), as vLLM refuses tool_choice "auto" without a parser; tools
-        with tool_choice "none" only generate text, so they pass."""
-        for field, choice, name in (("tools", self.tool_choice, "tool_choice"),
-                                    ("functions", self.function_call, "function_call")):
-            if getattr(self, field) and choice != "none":
-                return field, f"{field} are not supported (no tool-call parsing); send {name} \"none\" to " \
-                              "generate text only"
+        """Tools the model may choose to call (tool_choice "auto", the default with tools) need a parser
+        of each model's own tool-call syntax, which this server has not, as vLLM refuses "auto" without
+        one; "required" and a named function are forced calls, generated as JSON (tool_call_schema)."""
+        if self.tools and (self.tool_choice is None or self.tool_choice == "auto"):
+            return "tools", "tool_choice \"auto\" is not supported (no tool-call parser); use \"required\", " \
+                            "a named function, or \"none\""
+        if self.functions and self.function_call != "none":
+            return "functions", "functions are not supported; use tools with a forced tool_choice"
         return None
+
+    def forced_tool(self) -> str | None:
+        """\"required\" or the named function when the reply must be a tool call, else None."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if self.tool_choice == "required":
+            return "required"
+        return ((self.tool_choice or {}).get("function") or {}).get("name") if isinstance(self.tool_choice, dict) \
+            else None
+
+    def tool_call_schema(self) -> dict | None:
+        """The JSON a forced call is generated as: the named function's parameters, or for "required"
+        {"name": one of the functions, "arguments": its parameters}; ValueError for a malformed choice."""
+        forced = self.forced_tool()
+        if forced is None:
+            return None
+        functions = {}
+        for tool in self.tools:
+            function = tool.get("function") if tool.get("type") == "function" else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError("tools must be {\"type\": \"function\", \"function\": {\"name\": ...}} objects")
+            functions[function["name"]] = function.get("parameters") or {"type": "object"}
+        if forced == "required":
+            return {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                               "required": ["name", "arguments"], "additionalProperties": False}
+                              for name, parameters in functions.items()]}
+        if forced not in functions:
+            raise ValueError(f"tool_choice names {forced!r}, which is not among the tools")
+        return functions[forced]
+
+    def structured_output(self) -> StructuredOutput | None:
+        schema = self.tool_call_schema()
+        if schema is None:
+            return super().structured_output()
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise ValueError("response_format cannot be combined with a forced tool call")
+        return StructuredOutput(json.dumps(schema))
 
 
 class TokenizeRequest(ChatTemplateOptions):
@@ -257,9 +297,25 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ToolCallDelta(ToolCall):
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -284,6 +340,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _only_set(self, handler) -> dict[str, Any]:
