@@ -7,6 +7,7 @@ import copy
 import json
 import gc
 import platform
+import re
 import resource
 import threading
 import weakref
@@ -351,6 +352,11 @@ def test_json_output_follows_its_schema(llm):
     anything = SamplingParams(max_tokens=20, temperature=0, structured_output=StructuredOutput(),
                               logit_bias={close[0]: 30})
     assert json.loads(llm.generate([PROMPTS[2]], anything)[0].text) == {}
+    coded = SamplingParams(max_tokens=10, temperature=1.0, seed=5, structured_output=StructuredOutput(regex="[a-c]{2}x"))
+    out = llm.generate([PROMPTS[0]], coded)[0]
+    assert out.finish_reason == "stop" and re.fullmatch("[a-c]{2}x", out.text)
+    with pytest.raises(ValueError, match="guided_regex"):
+        llm.generate([PROMPTS[0]], SamplingParams(structured_output=StructuredOutput(regex="[a-")))
     for bad in ({"type": "no-such-type"}, {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}):
         with pytest.raises(ValueError, match="json_schema"):
             llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -344,6 +345,21 @@ def test_json_output_through_the_openai_client(client):
     completion = client.completions.create(model=MODEL, prompt="Fruit:", max_tokens=40, temperature=0,
                                            extra_body={"response_format": fmt})
     assert json.loads(completion.choices[0].text)["name"] in ("apple", "pear")
+    sentiment = client.completions.create(model=MODEL, prompt="Great film!", max_tokens=10, temperature=0.9, n=4,
+                                          extra_body={"guided_choice": ["positive", "negative", "so-so (meh)"]})
+    assert {c.text for c in sentiment.choices} <= {"positive", "negative", "so-so (meh)"}
+    assert all(c.finish_reason == "stop" for c in sentiment.choices)
+    code = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0.9,
+                                          extra_body={"guided_regex": "[A-Z]{3}-[0-9]{2}"})
+    assert re.fullmatch("[A-Z]{3}-[0-9]{2}", code.choices[0].message.content)
+    guided = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0.7, seed=1,
+                                            extra_body={"guided_json": json.dumps(schema)})
+    assert json.loads(guided.choices[0].message.content)["name"] in ("apple", "pear")
+    for extra, param in [({"guided_regex": "(", "guided_choice": ["a"]}, "guided_choice"),
+                         ({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
+        assert refused.value.body["param"] == param, refused.value.body
     for bad in ({"type": "yaml"}, {"type": "json_schema", "json_schema": {"name": "x"}},
                 {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}):
         with pytest.raises(openai.BadRequestError) as refused:

@@ -9,9 +9,11 @@ MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """Output constrained to JSON (structured_output.py): any JSON object, or one that follows a schema."""
+    """Output constrained (structured_output.py) to a regular expression, or else to JSON: one that
+    follows a schema, or any JSON object."""
 
-    json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it); None: an object
+    json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it)
+    regex: str | None = None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Output constrained to JSON (OpenAI's response_format json_object and json_schema) with xgrammar.
+"""Output constrained to JSON (OpenAI's response_format json_object and json_schema) or to a regular
+expression (vLLM's guided_regex and guided_choice) with xgrammar.
 
 Each constrained sequence has a grammar matcher; before a step's tokens are chosen, the matcher of
 each such row writes a bitmask of the tokens that keep the output a prefix of valid JSON (xgrammar
@@ -10,6 +11,7 @@ otherwise loop on it. xgrammar is imported on the first constrained request only
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 
 import torch
@@ -31,16 +33,22 @@ class StructuredOutputs:
             try:
                 import xgrammar
             except ImportError:
-                raise ValueError("response_format json needs the xgrammar package (pip install xgrammar)") from None
+                raise ValueError("response_format and guided outputs need the xgrammar package (pip install "
+                                 "xgrammar)") from None
             if self._compiler is None:
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                                stop_token_ids=self.eos_ids)
                 self._compiler = xgrammar.GrammarCompiler(info)
-            schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
             try:
-                self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
-            except Exception as e:  # xgrammar raises RuntimeError for schemas it cannot compile
-                raise ValueError(f"response_format json_schema cannot be used: {e}") from None
+                if spec.regex is not None:
+                    self._grammars[spec] = self._compiler.compile_regex(spec.regex)
+                else:
+                    schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
+                    self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
+            except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
+                what = "guided_regex" if spec.regex is not None else "response_format json_schema"
+                reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
+                raise ValueError(f"{what} cannot be used: {reason}") from None
         return self._grammars[spec]
 
     def check(self, spec: StructuredOutput) -> None:

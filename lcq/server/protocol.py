@@ -6,6 +6,7 @@ checked once by SamplingParams.validate so the server and the engine agree on wh
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -57,6 +58,9 @@ class SamplingRequest(OpenAIRequest):
     include_stop_str_in_output: bool = False
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
+    guided_regex: str | None = None  # vLLM's: the output matches this regular expression
+    guided_choice: list[str] | None = None  # vLLM's: the output is one of these strings
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -94,8 +98,24 @@ class SamplingRequest(OpenAIRequest):
         return params
 
     def structured_output(self) -> StructuredOutput | None:
-        """response_format as the engine's JSON constraint (None for text); ValueError when malformed."""
+        """response_format, or one of vLLM's guided_json / guided_regex / guided_choice, as the engine's
+        constraint (None for free text); ValueError when malformed or when more than one is given."""
         kind = (self.response_format or {}).get("type", "text")
+        guided = [name for name in ("guided_json", "guided_regex", "guided_choice") if getattr(self, name) is not None]
+        if len(guided) + (kind != "text") > 1:
+            raise ValueError(f"{guided[-1]} cannot be combined with {(['response_format'] + guided)[0]}")
+        if self.guided_json is not None:
+            try:
+                schema = json.loads(self.guided_json) if isinstance(self.guided_json, str) else self.guided_json
+            except ValueError:
+                raise ValueError("guided_json is not valid JSON") from None
+            return StructuredOutput(json.dumps(schema))
+        if self.guided_regex is not None:
+            return StructuredOutput(regex=self.guided_regex)
+        if self.guided_choice is not None:
+            if not self.guided_choice:
+                raise ValueError("guided_choice needs at least one string")
+            return StructuredOutput(regex="|".join(f"({re.escape(choice)})" for choice in self.guided_choice))
         if kind == "text":
             return None
         if kind == "json_object":
