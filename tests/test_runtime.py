@@ -107,6 +107,21 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     assert _pool_is_full(small.engine)
 
 
+def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):
+    """Recompute after preemption keeps the generated tokens, the prompt logprobs and the matcher's state."""
+    pytest.importorskip("xgrammar")
+    together = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30, **FP32)
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, prompt_logprobs=1), GREEDY,
+              SamplingParams(max_tokens=30, temperature=0, structured_output=StructuredOutput(regex="[a-z]{20}"))]
+    out = small.generate(PROMPTS, params)
+    assert small.engine.stats().num_preemptions_total > 0
+    assert out[0].token_ids == together[0] and len(out[0].prompt_logprobs) == len(PROMPTS[0])
+    assert all(entry is not None for entry in out[0].prompt_logprobs[1:])
+    assert re.fullmatch("[a-z]{20}", out[2].text) and out[2].finish_reason == "stop"
+    assert _pool_is_full(small.engine)
+
+
 def small_block_bytes(llm) -> int:
     return llm.engine.runner.model.kv_cache_bytes_per_block(8, torch.float32)
 
