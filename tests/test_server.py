@@ -17,6 +17,7 @@ import uvicorn
 from lcq.runtime import EngineConfig
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
+from lcq.server.tool_calls import HermesStream, parse_hermes
 from tests.tiny_model import make_tiny_hf
 
 MODEL = "tiny"
@@ -243,7 +244,7 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     messages = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     functions = [tool["function"] for tool in tools]
-    for extra, param in [(dict(tools=tools), "tools"), (dict(tools=tools, tool_choice="auto"), "tools"),
+    for extra, param in [(dict(tools=tools), "tool_choice"), (dict(tools=tools, tool_choice="auto"), "tool_choice"),
                          (dict(functions=functions), "functions"),
                          (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
                          (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
@@ -327,6 +328,48 @@ def test_forced_tool_calls(client):
     assert answer.choices[0].message.content is not None
 
 
+def test_hermes_tool_calls_are_parsed():
+    content, calls = parse_hermes('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
+                                  '<tool_call>{"name": "g", "arguments": "{}"}</tool_call>')
+    assert content == "Let me check." and [(c.function.name, c.function.arguments) for c in calls] == \
+        [("f", '{"x": 1}'), ("g", "{}")]
+    unclosed, calls = parse_hermes('<tool_call>{"name": "f", "arguments": {}}')  # ended at EOS before the tag
+    assert unclosed is None and calls[0].function.name == "f"
+    assert parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
+    assert parse_hermes("plain answer") == ("plain answer", [])
+    stream = HermesStream()
+    pieces = [stream.feed(d) for d in ("Sure", ", <to", "ol_call>{\"name\": \"f\", ", '"arguments": {}}</tool_call>')]
+    assert "".join(pieces) == "Sure, " and pieces[1] == ", "  # "<to" is held back until it is clearly not text
+    content, calls = stream.finish()
+    assert content is None and calls[0].function.name == "f"
+    plain = HermesStream()
+    assert plain.feed("a <to") == "a " and plain.feed("p") == "<top" and plain.finish() == (None, [])
+
+
+def test_auto_tool_calls_with_the_hermes_parser(model_dir):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    reply = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    forced_text = {"guided_choice": [reply]}  # the tiny model says it, as a tool-trained one would
+    app = create_app(engine_config(model_dir), ServeSettings(tool_call_parser="hermes"))
+    with LiveServer(app) as live:
+        hermes = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        messages = [{"role": "user", "content": "Weather in Paris?"}]
+        out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
+                                             temperature=0, extra_body=forced_text)
+        choice = out.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls[0].function.name == "get_weather"
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        chunks = list(hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
+                                                     temperature=0, stream=True, extra_body=forced_text))
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        calls = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+        assert [call.function.name for call in calls] == ["get_weather"]
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        text = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=5)
+        assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
+
+
 def test_json_output_through_the_openai_client(client):
     pytest.importorskip("xgrammar")
     messages = [{"role": "user", "content": "Describe a fruit."}]
@@ -345,7 +388,7 @@ def test_json_output_through_the_openai_client(client):
     completion = client.completions.create(model=MODEL, prompt="Fruit:", max_tokens=40, temperature=0,
                                            extra_body={"response_format": fmt})
     assert json.loads(completion.choices[0].text)["name"] in ("apple", "pear")
-    sentiment = client.completions.create(model=MODEL, prompt="Great film!", max_tokens=10, temperature=0.9, n=4,
+    sentiment = client.completions.create(model=MODEL, prompt="Great film!", max_tokens=40, temperature=0.9, n=4,
                                           extra_body={"guided_choice": ["positive", "negative", "so-so (meh)"]})
     assert {c.text for c in sentiment.choices} <= {"positive", "negative", "so-so (meh)"}
     assert all(c.finish_reason == "stop" for c in sentiment.choices)

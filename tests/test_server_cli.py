@@ -50,8 +50,10 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("LCQ_PORT")
     assert main(["serve", str(tmp_path), "--max-num-seqs", "0"]) == 2  # EngineConfig.validate
     assert main(["serve", str(tmp_path), "--log-level", "loud"]) == 2
+    assert main(["serve", str(tmp_path), "--tool-call-parser", "xml"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 5 and all(line.startswith("lcq: error: ") for line in lines)
+    assert len(lines) == 6 and all(line.startswith("lcq: error: ") for line in lines)
+    assert "tool call parser" in lines[5]
     assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import inspect
-import json
 import uuid
 
 from fastapi import APIRouter, Request
@@ -12,10 +11,11 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from .errors import APIError, error_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
-    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, FunctionCall, \
-    ToolCall, ToolCallDelta, TopLogprob, dump
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, ToolCall, \
+    ToolCallDelta, TopLogprob, dump
 from .sse import sse_events, sse_response
 from .state import get_state
+from .tool_calls import HermesStream, forced_call, parse_hermes
 
 router = APIRouter()
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
@@ -68,21 +68,6 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     return tokenizer.encode(text, add_special_tokens=False)
 
 
-def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list[ToolCall] | None, str | None]:
-    """(tool calls, finish reason) of a forced call's generated JSON: the named function's arguments, or
-    {"name", "arguments"} for "required". A call cut short by max_tokens keeps its text, unparsed,
-    as the arguments of a named function, or comes back as content (no tool call) for "required"."""
-    call_id = f"call_{uuid.uuid4().hex[:24]}"
-    if forced != "required":
-        return [ToolCall(id=call_id, function=FunctionCall(name=forced, arguments=text))], finish_reason
-    try:
-        value = json.loads(text)
-        call = FunctionCall(name=value["name"], arguments=json.dumps(value["arguments"]))
-    except (ValueError, KeyError, TypeError):
-        return None, finish_reason
-    return [ToolCall(id=call_id, function=call)], "tool_calls" if finish_reason == "stop" else finish_reason
-
-
 def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
     def top_entry(text: str, logprob: float) -> TopLogprob:
         return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
@@ -109,7 +94,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     forced = body.forced_tool()
-    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body, body.tools if forced else None))
+    parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
+    if parsed and state.settings.tool_call_parser is None:
+        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes); or use "
+                       "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
+    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body,
+                                        body.tools if forced or parsed else None))
     generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
     generation.submit()
 
@@ -117,17 +107,29 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
+        held = {choice.index: HermesStream() for choice in generation.choices} if parsed else {}
+
         def start():
             for choice in generation.choices:
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+
+        def calls_chunk(choice: Choice, content: str | None, calls: list[ToolCall] | None, reason: str | None):
+            delta = DeltaMessage(content=content, tool_calls=None if not calls else
+                                 [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
+            return chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
 
         def on_delta(choice: Choice, out: RequestOutput):
             if forced:  # the call goes out whole once its JSON is complete
                 if out.finish_reason:
                     calls, reason = forced_call(choice.text, forced, out.finish_reason)
-                    delta = DeltaMessage(content=None if calls else choice.text, tool_calls=None if calls is None else
-                                         [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-                    yield chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
+                    yield calls_chunk(choice, None if calls else choice.text, calls, reason)
+            elif parsed:  # text until a call starts, the calls once the reply is complete
+                text = held[choice.index].feed(out.text)
+                if text:
+                    yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=text))])
+                if out.finish_reason:
+                    content, calls = held[choice.index].finish()
+                    yield calls_chunk(choice, content, calls, "tool_calls" if calls else out.finish_reason)
             elif out.text or out.finish_reason or (body.logprobs and out.logprobs):
                 lp = chat_logprobs(out.logprobs or [], top) if body.logprobs else None
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
@@ -146,9 +148,14 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise failure
     choices = []
     for c in generation.choices:
-        calls, reason = forced_call(c.text, forced, c.finish_reason) if forced else (None, c.finish_reason)
-        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=None if calls else c.text,
-                                                                          tool_calls=calls),
+        content, calls, reason = c.text, None, c.finish_reason
+        if forced:
+            calls, reason = forced_call(c.text, forced, c.finish_reason)
+            content = None if calls else c.text
+        elif parsed:
+            content, calls = parse_hermes(c.text)
+            reason, calls = ("tool_calls", calls) if calls else (reason, None)
+        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
                                   logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
                                   finish_reason=reason, stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,

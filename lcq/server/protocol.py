@@ -115,7 +115,8 @@ class SamplingRequest(OpenAIRequest):
         if self.guided_choice is not None:
             if not self.guided_choice:
                 raise ValueError("guided_choice needs at least one string")
-            return StructuredOutput(regex="|".join(f"({re.escape(choice)})" for choice in self.guided_choice))
+            literal = [re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", choice) for choice in self.guided_choice]
+            return StructuredOutput(regex="|".join(f"({text})" for text in literal))  # metacharacters escaped
         if kind == "text":
             return None
         if kind == "json_object":
@@ -198,13 +199,13 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: str | dict[str, Any] | None = None
 
+    @property
+    def auto_tools(self) -> bool:
+        """Whether the model may choose to call a tool (tool_choice "auto", the default with tools)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
     def unsupported(self) -> tuple[str, str] | None:
-        """Tools the model may choose to call (tool_choice "auto", the default with tools) need a parser
-        of each model's own tool-call syntax, which this server has not, as vLLM refuses "auto" without
-        one; "required" and a named function are forced calls, generated as JSON (tool_call_schema)."""
-        if self.tools and (self.tool_choice is None or self.tool_choice == "auto"):
-            return "tools", "tool_choice \"auto\" is not supported (no tool-call parser); use \"required\", " \
-                            "a named function, or \"none\""
+        """The legacy functions; tools are handled (tool_calls.py), "auto" where the server has a parser."""
         if self.functions and self.function_call != "none":
             return "functions", "functions are not supported; use tools with a forced tool_choice"
         return None

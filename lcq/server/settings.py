@@ -14,6 +14,7 @@ from lcq.errors import UserError
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
+TOOL_CALL_PARSERS = ("hermes",)  # tool_calls.py
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ServeSettings:
     keepalive_interval: float = 10.0  # seconds between SSE keep-alive comments while nothing else is sent
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
+    tool_call_parser: str | None = None  # how replies of tool_choice "auto" are read (tool_calls.PARSERS)
 
     def __post_init__(self) -> None:
         checks = [
@@ -38,6 +40,8 @@ class ServeSettings:
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
+            (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
+             f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -102,6 +106,8 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
+    Flag("--tool-call-parser", str, "hermes: read <tool_call>{...}</tool_call> in replies (Qwen2.5, Hermes), so "
+         "that tool_choice auto works", "server"),
 )
 
 
