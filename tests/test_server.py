@@ -17,7 +17,7 @@ import uvicorn
 from lcq.runtime import EngineConfig
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import HermesStream, parse_hermes
+from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json
 from tests.tiny_model import make_tiny_hf
 
 MODEL = "tiny"
@@ -337,20 +337,37 @@ def test_hermes_tool_calls_are_parsed():
     assert unclosed is None and calls[0].function.name == "f"
     assert parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
     assert parse_hermes("plain answer") == ("plain answer", [])
-    stream = HermesStream()
+    stream = ToolCallStream("hermes")
     pieces = [stream.feed(d) for d in ("Sure", ", <to", "ol_call>{\"name\": \"f\", ", '"arguments": {}}</tool_call>')]
     assert "".join(pieces) == "Sure, " and pieces[1] == ", "  # "<to" is held back until it is clearly not text
     content, calls = stream.finish()
     assert content is None and calls[0].function.name == "f"
-    plain = HermesStream()
+    plain = ToolCallStream("hermes")
     assert plain.feed("a <to") == "a " and plain.feed("p") == "<top" and plain.finish() == (None, [])
 
 
-def test_auto_tool_calls_with_the_hermes_parser(model_dir):
+def test_llama3_json_tool_calls_are_parsed():
+    content, calls = parse_llama3_json(' {"name": "f", "parameters": {"x": 1}}; {"name": "g", "parameters": {}}\n')
+    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}'),
+                                                                                          ("g", "{}")]
+    assert parse_llama3_json("Paris is sunny.") == ("Paris is sunny.", [])
+    assert parse_llama3_json('{"name": "f", "parameters": {') == ('{"name": "f", "parameters": {', [])  # cut short
+    assert parse_llama3_json('{"city": "Paris"}') == ('{"city": "Paris"}', [])  # JSON, but not a call
+    stream = ToolCallStream("llama3_json")
+    assert stream.feed(" ") == "" and stream.feed('{"name": "f", ') == "" and stream.feed('"parameters": {}}') == ""
+    assert stream.finish()[1][0].function.name == "f"
+    text = ToolCallStream("llama3_json")
+    assert text.feed("Sun") == "Sun" and text.feed("ny {x}") == "ny {x}" and text.finish() == (None, [])
+
+
+@pytest.mark.parametrize("parser, reply", [
+    ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}')])
+def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
+    pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-    reply = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
     forced_text = {"guided_choice": [reply]}  # the tiny model says it, as a tool-trained one would
-    app = create_app(engine_config(model_dir), ServeSettings(tool_call_parser="hermes"))
+    app = create_app(engine_config(model_dir), ServeSettings(tool_call_parser=parser))
     with LiveServer(app) as live:
         hermes = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "Weather in Paris?"}]

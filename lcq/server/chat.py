@@ -15,7 +15,7 @@ from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
     ToolCallDelta, TopLogprob, dump
 from .sse import sse_events, sse_response
 from .state import get_state
-from .tool_calls import HermesStream, forced_call, parse_hermes
+from .tool_calls import PARSERS, ToolCallStream, forced_call
 
 router = APIRouter()
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
@@ -96,7 +96,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     forced = body.forced_tool()
     parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
     if parsed and state.settings.tool_call_parser is None:
-        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes); or use "
+        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json); or use "
                        "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
     prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body,
                                         body.tools if forced or parsed else None))
@@ -107,7 +107,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
-        held = {choice.index: HermesStream() for choice in generation.choices} if parsed else {}
+        held = {choice.index: ToolCallStream(state.settings.tool_call_parser) for choice in generation.choices} \
+            if parsed else {}
 
         def start():
             for choice in generation.choices:
@@ -153,7 +154,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             calls, reason = forced_call(c.text, forced, c.finish_reason)
             content = None if calls else c.text
         elif parsed:
-            content, calls = parse_hermes(c.text)
+            content, calls = PARSERS[state.settings.tool_call_parser][0](c.text)
             reason, calls = ("tool_calls", calls) if calls else (reason, None)
         choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
                                   logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,

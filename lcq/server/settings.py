@@ -14,7 +14,7 @@ from lcq.errors import UserError
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
-TOOL_CALL_PARSERS = ("hermes",)  # tool_calls.py
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # tool_calls.PARSERS
 
 
 @dataclass
@@ -106,8 +106,8 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
-    Flag("--tool-call-parser", str, "hermes: read <tool_call>{...}</tool_call> in replies (Qwen2.5, Hermes), so "
-         "that tool_choice auto works", "server"),
+    Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes) or llama3_json "
+         "(replies that are JSON calls: Llama 3.1-3.3): how replies are read so that tool_choice auto works", "server"),
 )
 
 

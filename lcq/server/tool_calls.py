@@ -3,9 +3,13 @@ from its own syntax.
 
 A forced call (tool_choice "required" or a named function) is generated under a JSON constraint
 (ChatCompletionRequest.tool_call_schema), so its text is the call. With tool_choice "auto" the model
-writes free text in which it may call tools in the syntax its chat template taught it; `lcq serve
---tool-call-parser hermes` reads the Hermes form that Qwen2.5 and Hermes models use,
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, as vLLM's parser of that name does.
+writes free text in which it may call tools in the syntax its chat template taught it, and `lcq serve
+--tool-call-parser NAME` reads it as vLLM's parser of that name does:
+- hermes (Qwen2.5, Hermes models): `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` blocks
+  anywhere in the reply;
+- llama3_json (Llama 3.1-3.3 with their tool templates): a reply that is JSON calls
+  `{"name": ..., "parameters": {...}}`, several separated by ";" (the `<|python_tag|>` before them is a
+  special token the detokenizer drops).
 """
 from __future__ import annotations
 
@@ -57,33 +61,60 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content or None) if calls else text, calls
 
 
-class HermesStream:
-    """Streams a reply's text, holding it back from the first tool-call tag on (and any tail that could
-    be the start of one), so that calls go out parsed, once the reply is complete."""
+def hermes_held_from(text: str, sent: int) -> int:
+    """Where the text must start being held back: its first tool-call tag, or a tail that could begin one."""
+    start = text.find(HERMES_START, sent)
+    if start >= 0:
+        return start
+    for size in range(min(len(HERMES_START) - 1, len(text) - sent), 0, -1):
+        if HERMES_START.startswith(text[-size:]):
+            return len(text) - size
+    return len(text)
 
-    def __init__(self) -> None:
+
+def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(None, the calls) for a reply made of JSON calls separated by ";", else (the text, [])."""
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    body = text.strip()
+    try:
+        while at < len(body):
+            value, at = decoder.raw_decode(body, at)
+            calls.append(_call(value["name"], value.get("parameters", value.get("arguments", {}))))
+            while at < len(body) and body[at] in "; \t\n":
+                at += 1
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, []
+    return (None, calls) if calls else (text, [])
+
+
+def llama3_json_held_from(text: str, sent: int) -> int:
+    """A reply that opens with "{" (after any whitespace) is calls, held back whole; others are text."""
+    opening = text.lstrip()
+    return sent if not opening or opening.startswith("{") else len(text)
+
+
+# name: (parse a complete reply, where a partial reply starts to be held back)
+PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, llama3_json_held_from)}
+
+
+class ToolCallStream:
+    """Streams a reply's text, holding it back from where a tool call may start (per the parser), so
+    that calls go out parsed once the reply is complete."""
+
+    def __init__(self, parser: str):
+        self.parse, self.held_from = PARSERS[parser]
         self.text = ""
         self.sent = 0
 
     def feed(self, delta: str) -> str:
         """The part of the text so far that can be sent as content now."""
         self.text += delta
-        start = self.text.find(HERMES_START, self.sent)
-        if start >= 0:
-            end = start
-        else:
-            end = len(self.text)
-            for size in range(min(len(HERMES_START) - 1, len(self.text) - self.sent), 0, -1):
-                if HERMES_START.startswith(self.text[-size:]):
-                    end -= size
-                    break
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
+        end = max(self.sent, self.held_from(self.text, self.sent))
+        out, self.sent = self.text[self.sent:end], end
         return out
 
     def finish(self) -> tuple[str | None, list[ToolCall]]:
         """(the content not sent yet, the calls) once the reply is complete."""
         rest = self.text[self.sent:]
-        if HERMES_START not in rest:
-            return rest or None, []
-        content, calls = parse_hermes(rest)
-        return content, calls
+        content, calls = self.parse(rest)
+        return (content or None) if calls else (rest or None), calls
