@@ -316,10 +316,12 @@ def test_forced_tool_calls(client):
     assert required.choices[0].finish_reason == "tool_calls"
     call = required.choices[0].message.tool_calls[0]
     assert call.function.name in ("get_weather", "get_time") and isinstance(json.loads(call.function.arguments), dict)
-    streamed = [c.choices[0].delta.tool_calls for c in client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[weather], tool_choice=named, max_tokens=100, temperature=0, stream=True)
-        if c.choices and c.choices[0].delta.tool_calls]
+    chunks = [c for c in client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[weather], tool_choice=named, max_tokens=100, temperature=0, stream=True,
+        logprobs=True) if c.choices]
+    streamed = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
     assert streamed[0][0].function.arguments == reply.choices[0].message.tool_calls[0].function.arguments
+    assert len(chunks[-1].choices[0].logprobs.content) == reply.usage.completion_tokens  # all, at the end
     # the call and its result as history: the next turn renders and answers in text
     history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                           {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]

@@ -115,9 +115,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
 
         def calls_chunk(choice: Choice, content: str | None, calls: list[ToolCall] | None, reason: str | None):
+            """The end of a reply read for tool calls, with the logprobs of all its tokens."""
             delta = DeltaMessage(content=content, tool_calls=None if not calls else
                                  [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-            return chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason)])
+            return chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason,
+                                          logprobs=chat_logprobs(choice.logprobs, top) if body.logprobs else None)])
 
         def on_delta(choice: Choice, out: RequestOutput):
             if forced:  # the call goes out whole once its JSON is complete
