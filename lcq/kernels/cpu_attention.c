@@ -161,12 +161,15 @@ static inline __attribute__((always_inline)) void weigh_head(const int G, const 
                 out[g * head_dim + i] += weights[g * weight_stride + t] * load1(FORM, cache, first + t * stride + i);
 }
 
-/* Blocks of a sequence a decode task asks for ahead of reading them. Its blocks lie anywhere in the pool
- * and, read cold (as each layer's cache is in a decode step), a block's rows otherwise came a few
- * misses at a time. Caches evicted before each call, two interleaved runs: 64 sequences of 16-300
- * tokens 1.10-1.43x, of 1,000 1.18-1.51x, 8 of 8,000 1.18-1.55x (the larger gains with fp16 caches);
- * 2 and 8 blocks ahead did alike; asking for the whole sequence at the start gained less and lost on
- * 8,000 tokens (past L2). */
+/* Blocks a decode task asks for ahead of reading them. Its blocks lie anywhere in the pool and, read
+ * cold (as each layer's cache is in a decode step), a block's rows otherwise came a few misses at a
+ * time. Caches evicted before each call, two interleaved runs: 64 sequences of 16-300 tokens
+ * 1.10-1.43x, of 1,000 1.18-1.51x, 8 of 8,000 1.18-1.55x (the larger gains with fp16 caches); 2 and 8
+ * blocks ahead did alike; asking for the whole sequence at the start gained less and lost on 8,000
+ * tokens (past L2). The stream does not stop at the end of a pass: the last K blocks ask for the
+ * first V blocks, and the last V blocks for the first K blocks of the task the thread takes next
+ * (64 sequences of 16-300 tokens, fp16 cache from memory, 2 threads, alternating with the builds
+ * before: 1.09x for the first, 1.22-1.26x with both). */
 #define PREFETCH_BLOCKS 4
 
 /* Ask for block `block`'s rows (every kv head) of `cache` to be brought into L2. always_inline: as a
@@ -178,16 +181,19 @@ static inline __attribute__((always_inline)) void prefetch_block(const void *cac
 }
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
- * sequence (whole GQA groups, from kv head first_kv) over its cached tokens, a cache block at a time:
+ * sequence (whole GQA groups, from kv head first_kv) over its cached tokens (`length`, blocks in
+ * `table`; the thread's next task reads `next_length` tokens through `next_table`), a block at a time:
  * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
  * into all heads' outputs (an int8 cache: each weight times its V row's scale first). The heads of a
  * GQA group go through the rows PASS at a time (each row loaded and converted once per pass). Inlined
  * with FORM and PASS constants. */
 static inline __attribute__((always_inline)) int attend_task(const int FORM, const int PASS, const float *queries,
                                                              const void *k_cache, const void *v_cache,
-                                                             const int32_t *table, int length, float *outputs,
-                                                             float *stats, int task_heads, int first_kv, int group,
-                                                             int64_t row, int head_dim, int block_size, float scale) {
+                                                             const int32_t *table, int length,
+                                                             const int32_t *next_table, int next_length,
+                                                             float *outputs, float *stats, int task_heads,
+                                                             int first_kv, int group, int64_t row, int head_dim,
+                                                             int block_size, float scale) {
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
@@ -195,6 +201,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     if (scores == NULL) return -1;
     const int64_t offset = (int64_t)first_kv * head_stride;
     const int element = lcq_cache_element_bytes(FORM), blocks = (length + block_size - 1) / block_size;
+    const int next_blocks = (next_length + block_size - 1) / block_size;
 /* CALL(G, h, kv) for each pass of G heads (a constant) from head h of the task, of its kv head kv. */
 #define HEAD_PASSES(CALL)                                                                                       \
     for (int h = 0; h < task_heads;) {                                                                          \
@@ -209,15 +216,17 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
-        if (start / block_size + PREFETCH_BLOCKS < blocks)
-            prefetch_block(k_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
+        const int ahead = start / block_size + PREFETCH_BLOCKS;
+        if (ahead < blocks)
+            prefetch_block(k_cache, element, table, ahead, block_size, row);
+        else if (ahead - blocks < blocks)
+            prefetch_block(v_cache, element, table, ahead - blocks, block_size, row);
 #define SCORE(G, h, kv)                                                                                         \
     score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, block_size,   \
                head_dim, scale, scores + (int64_t)(h) * length + start, length)
         HEAD_PASSES(SCORE)
 #undef SCORE
     }
-    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(v_cache, element, table, b, block_size, row);
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
         __m256 tops = _mm256_set1_ps(-INFINITY);
@@ -246,8 +255,11 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     for (int start = 0; start < length; start += block_size) {
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
-        if (start / block_size + PREFETCH_BLOCKS < blocks)
-            prefetch_block(v_cache, element, table, start / block_size + PREFETCH_BLOCKS, block_size, row);
+        const int ahead = start / block_size + PREFETCH_BLOCKS;
+        if (ahead < blocks)
+            prefetch_block(v_cache, element, table, ahead, block_size, row);
+        else if (ahead - blocks < next_blocks)
+            prefetch_block(k_cache, element, next_table, ahead - blocks, block_size, row);
         if (FORM == LCQ_CACHE_INT8)
             for (int h = 0; h < task_heads; h++)
                 for (int t = 0; t < count; t++)
@@ -273,16 +285,18 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
  * 0.90-1.0x: it keeps passes of one head. */
 #define ATTEND_FORMS(ATTR, NAME, PASS)                                                                          \
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
-                         const int32_t *table, int length, float *outputs, float *stats, int task_heads,        \
-                         int first_kv, int group, int64_t row, int head_dim, int block_size, float scale) {     \
+                         const int32_t *table, int length, const int32_t *next_table, int next_length,          \
+                         float *outputs, float *stats, int task_heads, int first_kv, int group, int64_t row,    \
+                         int head_dim, int block_size, float scale) {                                           \
         const int pass = PASS;                                                                                  \
         int status = 0;                                                                                         \
         LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
         return status;                                                                                          \
     }
 #define ATTEND(FORM)                                                                                            \
-    status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, length, outputs, \
-                         stats, task_heads, first_kv, group, row, head_dim, block_size, scale)
+    status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, length,        \
+                         next_table, next_length, outputs, stats, task_heads, first_kv, group, row, head_dim,     \
+                         block_size, scale)
 ATTEND_FORMS(, attend_narrow, 1)
 ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
 #undef ATTEND
@@ -292,11 +306,11 @@ static int wide_attention; /* lcq_use_wide_attention */
 
 /* attend_task in the form this CPU and the caller chose (lcq_use_wide_attention). */
 static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
-                  int length, float *outputs, float *stats, int task_heads, int first_kv, int group, int64_t row,
-                  int head_dim, int block_size, float scale) {
-    return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, length, outputs,
-                                                          stats, task_heads, first_kv, group, row, head_dim,
-                                                          block_size, scale);
+                  int length, const int32_t *next_table, int next_length, float *outputs, float *stats,
+                  int task_heads, int first_kv, int group, int64_t row, int head_dim, int block_size, float scale) {
+    return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, length, next_table,
+                                                          next_length, outputs, stats, task_heads, first_kv, group,
+                                                          row, head_dim, block_size, scale);
 }
 
 /* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
@@ -342,46 +356,72 @@ static void combine_parts(const float *parts, int count, int64_t stride, int hea
  * The query heads sharing a kv head read each K/V row once.
  * A sequence with context length 0 (padding) gets zeros.
  * Returns 0, or -1 when a buffer cannot be allocated. */
+/* How lcq_decode_attention splits its sequences into tasks: a sequence's tasks start at first[s]. */
+typedef struct {
+    int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size;
+    int first[WHOLE_ROW_MIN_SEQS + 1];
+    const int32_t *block_tables, *context_lens;
+} decode_plan;
+
+/* What a task reads: the query heads of sequence `seq` from kv head first_kv on, over `length` cached
+ * tokens whose blocks start at `table` (part `part` of the context); `many`: one of several parts. */
+typedef struct {
+    int seq, first_kv, part, many, length;
+    const int32_t *table;
+} decode_task;
+
+static decode_task task_of(const decode_plan *p, int task) {
+    decode_task t = {0};
+    int s = p->whole_rows ? task / p->tasks_per_seq : 0;
+    while (!p->whole_rows && p->first[s + 1] <= task) s++;
+    const int local = p->whole_rows ? task % p->tasks_per_seq : task - p->first[s];
+    t.seq = s;
+    t.first_kv = local % p->tasks_per_seq * p->kv_per_task;
+    t.part = local / p->tasks_per_seq;
+    t.many = !p->whole_rows && p->first[s + 1] - p->first[s] > p->tasks_per_seq;
+    const int chunk = CHUNK_BLOCKS * p->block_size, left = p->context_lens[s] - t.part * chunk;
+    t.length = t.many && left > chunk ? chunk : left;
+    t.table = p->block_tables + (int64_t)s * p->max_blocks + t.part * CHUNK_BLOCKS;
+    return t;
+}
+
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale) {
     const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
-    const int kv_per_task = whole_rows ? kv_heads : 1, tasks_per_seq = kv_heads / kv_per_task;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
-    /* Parts per sequence (1 from WHOLE_ROW_MIN_SEQS sequences); a sequence's tasks start at first[s]. */
-    int first[WHOLE_ROW_MIN_SEQS + 1] = {0}, parted = 0;
+    decode_plan plan = {whole_rows, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size,
+                        {0}, block_tables, context_lens};
+    /* Parts per sequence (1 from WHOLE_ROW_MIN_SEQS sequences). */
+    int parted = 0;
     for (int s = 0; s < seqs && !whole_rows; s++) {
         const int blocks = (context_lens[s] + block_size - 1) / block_size;
         const int parts = blocks > CHUNK_BLOCKS ? (blocks + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS : 1;
-        first[s + 1] = first[s] + parts * tasks_per_seq;
+        plan.first[s + 1] = plan.first[s] + parts * plan.tasks_per_seq;
         parted |= parts > 1;
     }
-    const int tasks = whole_rows ? seqs * tasks_per_seq : first[seqs];
+    const int tasks = whole_rows ? seqs : plan.first[seqs];
     const int64_t part_floats = (int64_t)group * (head_dim + 2); /* a task of one kv head: outputs, statistics */
     float *parts = parted ? malloc(sizeof(float) * (size_t)tasks * part_floats) : NULL;
     if (parted && parts == NULL) return -1;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic) reduction(| : failed)
-    for (int task = 0; task < tasks; task++) {
-        int s = whole_rows ? task / tasks_per_seq : 0;
-        while (!whole_rows && first[s + 1] <= task) s++;
-        const int local = whole_rows ? task % tasks_per_seq : task - first[s];
-        const int first_kv = local % tasks_per_seq * kv_per_task, part = local / tasks_per_seq;
-        const int many = !whole_rows && first[s + 1] - first[s] > tasks_per_seq;
-        const int64_t first_head = (int64_t)first_kv * group;
-        const int skipped = part * CHUNK_BLOCKS * block_size, left = context_lens[s] - skipped;
-        float *outputs = many ? parts + task * part_floats : out + ((int64_t)s * heads + first_head) * head_dim;
-        if (attend(cache_form, q + s * q_stride + first_head * head_dim, k_cache, v_cache,
-                   block_tables + (int64_t)s * max_blocks + part * CHUNK_BLOCKS,
-                   many && left > CHUNK_BLOCKS * block_size ? CHUNK_BLOCKS * block_size : left, outputs,
-                   many ? outputs + group * head_dim : NULL, kv_per_task * group, first_kv, group, row, head_dim,
-                   block_size, scale))
+    int failed = 0, claimed = 0;
+    /* Tasks handed out one at a time as threads free up, each thread claiming its next task before it
+     * reads the current one, whose last blocks then ask for the next one's first. */
+#pragma omp parallel reduction(| : failed)
+    for (int task = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED), next; task < tasks; task = next) {
+        next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        const decode_task t = task_of(&plan, task), ahead = next < tasks ? task_of(&plan, next) : (decode_task){0};
+        const int64_t first_head = (int64_t)t.first_kv * group;
+        float *outputs = t.many ? parts + task * part_floats : out + ((int64_t)t.seq * heads + first_head) * head_dim;
+        if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.length,
+                   ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
+                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale))
             failed = 1;
     }
     for (int s = 0; s < seqs && parted && !failed; s++) {
-        const int count = (first[s + 1] - first[s]) / tasks_per_seq;
+        const int count = (plan.first[s + 1] - plan.first[s]) / plan.tasks_per_seq;
         for (int kv = 0; kv < kv_heads && count > 1; kv++) /* its parts: tasks first[s] + part * kv_heads + kv */
-            combine_parts(parts + ((int64_t)first[s] + kv) * part_floats, count, kv_heads * part_floats, group,
+            combine_parts(parts + ((int64_t)plan.first[s] + kv) * part_floats, count, kv_heads * part_floats, group,
                           head_dim, out + ((int64_t)s * heads + (int64_t)kv * group) * head_dim);
     }
     free(parts);
@@ -666,7 +706,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int start = p->query_start[s];
             if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
                 if (attend(p->cache_form, p->q + start * p->q_stride, p->k_cache, p->v_cache,
-                           p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s],
+                           p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s], NULL, 0,
                            p->out + (int64_t)start * p->heads * p->head_dim, NULL, p->heads, 0, p->group, p->row,
                            p->head_dim, p->block_size, p->scale))
                     failed = 1;
