@@ -316,6 +316,33 @@ def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
     assert all(_relative_error(y, reference(x, layer)) < 1e-6 for y in other)
 
 
+@needs_half_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
+def test_swiglu_inside_the_product_equals_product_then_swiglu(dtype):
+    """With swiglu the C products of a [gate; up] weight return silu(gate) * up: the blocked product
+    finishes each block of both halves' outputs in cache (an intermediate width of 37 leaves a last
+    block of 13 and values past whole vectors), the decode forms the whole product; the same values
+    bit for bit as the product then cpu_ops.silu_mul, for LCQ indices (AVX-512 and AVX2 forms) and
+    fp16 copies, with every product form this CPU has."""
+    layer = random_layer(74, 200, 4, 2, 64, seed=11)
+    weights = [cpu_index.IndexWeight(layer, wide=False), torch.randn(74, 200).half()]
+    if cpu_index.wide_available():
+        weights.append(cpu_index.IndexWeight(layer, wide=True))
+    x = torch.randn(40, 200)
+    with cpu_products(dtype):
+        for weight in weights:
+            product = (lambda x, swiglu=False: cpu_half.half_linear(x, weight, swiglu)) \
+                if isinstance(weight, torch.Tensor) else weight.linear
+            for m in (1, 4, 7, 12, 33, 40):
+                fused = product(x[:m], swiglu=True)
+                assert fused.shape == (m, 37)
+                assert torch.equal(fused, cpu_ops.silu_mul(product(x[:m])))
+    with pytest.raises(ValueError):
+        cpu_half.half_linear(x, torch.randn(73, 200).half(), swiglu=True)
+    with pytest.raises(ValueError):
+        cpu_index.IndexWeight(random_layer(73, 200, 4, 2, 64, seed=1)).linear(x, swiglu=True)
+
+
 @needs_bf16
 @pytest.mark.parametrize("m, k", [(3, 576), (5, 77), (8, 100), (9, 31)])
 def test_half_decode_with_bf16_products_matches_rounded_reference(m, k):

@@ -1,4 +1,4 @@
-/* exp for the C kernels' softmax (cpu_attention.c) and SwiGLU (cpu_ops.c), AVX2. */
+/* exp for the C kernels' softmax (cpu_attention.c), and SwiGLU (cpu_ops.c, cpu_gemm.c), AVX2. */
 #ifndef LCQ_CPU_EXP_H
 #define LCQ_CPU_EXP_H
 
@@ -28,6 +28,18 @@ static inline __m256 exp8(__m256 x) {
 /* The same for one value (loop tails), so that every element of a row is computed alike. */
 static inline float exp1(float x) {
     return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
+}
+
+/* out[i] = silu(gate[i]) * up[i] for `width` values: every element computed alike (vector lanes or
+ * the tail), so a row gives the same values whole or in pieces. */
+static inline void lcq_silu_mul_row(const float *gate, const float *up, float *out, int64_t width) {
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i), one = _mm256_set1_ps(1.0f);
+        const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+    }
+    for (; i < width; i++) out[i] = gate[i] * (1.0f / (1.0f + exp1(-gate[i]))) * up[i];
 }
 
 #endif

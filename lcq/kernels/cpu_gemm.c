@@ -24,6 +24,7 @@
 #include <stdlib.h>
 
 #include "cpu_constant.h"
+#include "cpu_exp.h"
 #include "cpu_gemm.h"
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
@@ -248,18 +249,32 @@ static void convert_rows(int form, const float *src, int K, int count, uint32_t 
     }
 }
 
+float *lcq_swiglu_products(int swiglu, int M, int N, float *y) {
+    return swiglu ? malloc(sizeof(float) * (size_t)M * N) : y;
+}
+
+int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int status) {
+    if (!swiglu) return status;
+    if (products == NULL) return -1;
+    if (status == 0) lcq_silu_mul(products, y, M, N / 2);
+    free(products);
+    return status;
+}
+
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
-                         float *y) {
+                         int swiglu, float *y) {
     const int form =
         product_form == LCQ_INT8_PRODUCTS && expansions->bytes == NULL ? LCQ_BF16_PRODUCTS : product_form;
     const int converted = form != LCQ_FP32_PRODUCTS;
     const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
     const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
     const int words = form == LCQ_INT8_PRODUCTS ? lcq_byte_row_words(values) : values; /* 32-bit words per row */
-    const int panels = (M + width - 1) / width, blocks = (N + BLOCK_ROWS - 1) / BLOCK_ROWS;
+    /* With swiglu, a block is rows first .. of both halves of W, and y takes silu(gate) * up. */
+    const int halves = swiglu ? 2 : 1, outputs = N / halves, block_outputs = BLOCK_ROWS / halves;
+    const int panels = (M + width - 1) / width, blocks = (outputs + block_outputs - 1) / block_outputs;
     uint32_t *converted_x = converted ? malloc(sizeof(uint32_t) * (size_t)M * words) : NULL;
     uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)panels * width * words);
-    int failed = packed == NULL || (converted && converted_x == NULL);
+    int failed = packed == NULL || (converted && converted_x == NULL) || (swiglu && N % 2);
     if (!failed) {
 #pragma omp parallel reduction(| : failed)
         {
@@ -276,34 +291,46 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
             const int pairs = form == LCQ_BF16_PRODUCTS && expansions->pairs != NULL; /* or to bf16 pairs */
             float *block = bytes || pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
             uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
-            const int ready = (bytes || pairs || block != NULL) && (!converted || rows != NULL);
+            float *products = swiglu ? malloc(sizeof(float) * BLOCK_ROWS * (size_t)M) : NULL; /* gate, up */
+            const int ready = (bytes || pairs || block != NULL) && (!converted || rows != NULL) &&
+                              (!swiglu || products != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
-                const int first = b * BLOCK_ROWS, count = N - first < BLOCK_ROWS ? N - first : BLOCK_ROWS;
-                if (bytes) {
-                    if (expansions->bytes(weight, K, first, count, rows) != 0)
-                        failed = 1;
-                    else
-                        byte_block_product(packed, M, values, rows, count, y + first, N);
+                const int first = b * block_outputs;
+                const int count = outputs - first < block_outputs ? outputs - first : block_outputs;
+                int expanded = 1;
+                for (int h = 0; h < halves; h++) { /* rows first + h * outputs .. at row h * count of the block */
+                    const int at = first + h * outputs, row = h * count;
+                    if (bytes)
+                        expanded &= expansions->bytes(weight, K, at, count, rows + (int64_t)row * words) == 0;
+                    else if (pairs)
+                        expansions->pairs(weight, K, at, count, rows + (int64_t)row * words);
+                    else {
+                        expansions->fp32(weight, K, at, count, block + (int64_t)row * K);
+                        if (converted) convert_rows(form, block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
+                    }
+                }
+                if (!expanded) {
+                    failed = 1;
                     continue;
                 }
-                if (pairs) {
-                    expansions->pairs(weight, K, first, count, rows);
-                    pair_block_product(packed, M, values, rows, count, y + first, N);
-                    continue;
-                }
-                expansions->fp32(weight, K, first, count, block);
-                if (converted) {
-                    convert_rows(form, block, K, count, rows, words);
-                    pair_block_product(packed, M, values, rows, count, y + first, N);
-                } else {
-                    fp32_block_product((const float *)packed, M, K, block, count, y + first, N);
-                }
+                float *out = swiglu ? products : y + first;
+                const int out_stride = swiglu ? halves * count : N;
+                if (bytes)
+                    byte_block_product(packed, M, values, rows, halves * count, out, out_stride);
+                else if (converted)
+                    pair_block_product(packed, M, values, rows, halves * count, out, out_stride);
+                else
+                    fp32_block_product((const float *)packed, M, K, block, halves * count, out, out_stride);
+                for (int m = 0; swiglu && m < M; m++)
+                    lcq_silu_mul_row(products + (int64_t)m * out_stride, products + (int64_t)m * out_stride + count,
+                                     y + (int64_t)m * outputs + first, count);
             }
             free(block);
             free(rows);
+            free(products);
         }
     }
     free(converted_x);

@@ -54,9 +54,20 @@ typedef struct {
 
 /* y (M, N) = x (M, K) @ W^T, W given by its expansions; x and y fp32 contiguous, M >= 1. Operands
  * rounded to bf16 (sums fp32) or 8 bits (sums int32, where W expands to bytes) where the calling
- * thread asks (lcq_set_products). Returns 0, or -1 when a buffer cannot be allocated. */
+ * thread asks (lcq_set_products). With swiglu, W is [gate; up] (N even) and y (M, N / 2) takes
+ * silu(x @ gate^T) * (x @ up^T), each block of both halves' outputs finished while it is in cache (the
+ * same values as the product then lcq_silu_mul). Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
-                         float *y);
+                         int swiglu, float *y);
+
+/* The decode forms write whole products: with swiglu into a buffer from lcq_swiglu_products (M, N),
+ * which lcq_swiglu_finish turns into y (M, N / 2) = silu(gate) * up and frees (else both pass y
+ * through); finish returns the product's status, or -1 when the buffer could not be allocated. */
+float *lcq_swiglu_products(int swiglu, int M, int N, float *y);
+int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int status);
+
+/* out (rows, width) = silu(gate) * up for gate_up (rows, 2 * width) = [gate, up] (cpu_ops.c). */
+void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width);
 
 /* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
  * products (cpu_gemm.c, cpu_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against

@@ -131,16 +131,24 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
     return 0;
 }
 
-/* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32. Fewer than
- * lcq_gemm_min_rows() rows: per output column, passes of up to MAX_ROWS rows (the column's weights stay
- * in L1 between passes). Returns 0, or -1 for M < 1 or when cpu_gemm.c cannot allocate its buffers. */
-int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y) {
-    if (M < 1) return -1;
-    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, &half_expansions, w, y);
-    if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) return pair_decode_product(x, M, K, w, N, y);
-#define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, y + (int64_t)m * N, N)
-    LCQ_DECODE_COLUMNS
-    for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
+/* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32, or with swiglu (W =
+ * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). Fewer than lcq_gemm_min_rows() rows: per
+ * output column, passes of up to MAX_ROWS rows (the column's weights stay in L1 between passes).
+ * Returns 0, or -1 for M < 1 or when a buffer cannot be allocated. */
+int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, float *y) {
+    if (M < 1 || (swiglu && N % 2)) return -1;
+    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, &half_expansions, w, swiglu, y);
+    float *products = lcq_swiglu_products(swiglu, M, N, y);
+    int status = 0;
+    if (products == NULL) {
+        status = -1;
+    } else if (M >= PAIR_MIN_ROWS && lcq_bf16_products()) {
+        status = pair_decode_product(x, M, K, w, N, products);
+    } else {
+#define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, products + (int64_t)m * N, N)
+        LCQ_DECODE_COLUMNS
+        for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
 #undef COLUMN
-    return 0;
+    }
+    return lcq_swiglu_finish(swiglu, products, M, N, y, status);
 }

@@ -26,17 +26,18 @@ def enabled() -> bool:
     return os.environ.get("LCQ_CPU_HALF", "1") != "0" and library() is not None
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float32, weight (N, K) float16 -> (M, N) float32."""
+def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """x (M, K) float32, weight (N, K) float16 -> (M, N) float32; with swiglu (weight = [gate; up])
+    silu(x @ gate^T) * (x @ up^T), (M, N / 2), the product finishing it block by block."""
     x = x.contiguous()
     if x.dtype != torch.float32 or weight.dtype != torch.float16 or not weight.is_contiguous():
         raise TypeError("half_linear takes float32 activations and a contiguous float16 weight")
-    if x.dim() != 2 or x.shape[1] != weight.shape[1]:
+    if x.dim() != 2 or x.shape[1] != weight.shape[1] or (swiglu and weight.shape[0] % 2):
         raise ValueError(f"half_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-    if x.shape[0]:
-        library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(), weight.shape[0],
-                                  y.data_ptr())
+    y = torch.empty(x.shape[0], weight.shape[0] // (2 if swiglu else 1), dtype=torch.float32)
+    if x.shape[0] and library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
+                                                weight.shape[0], int(swiglu), y.data_ptr()):
+        raise MemoryError("lcq_half_matmul could not allocate its buffers")
     return y
 
 
@@ -46,6 +47,6 @@ def library() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is not None:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, pointer]
+        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer]
         lib.lcq_half_matmul.restype = integer
     return lib

@@ -463,21 +463,25 @@ LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const fl
     return 0;
 }
 
-/* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32. Returns 0, or -1 when M < 1 or a large
- * product's expansion buffers cannot be allocated. */
-int lcq_index_matmul(const float *x, int M, const void *weight, float *y) {
+/* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32, or with swiglu (W = [gate; up]) y (M, N / 2) =
+ * silu(gate) * up (cpu_gemm.h). Returns 0, or -1 when M < 1 or a buffer cannot be allocated. */
+int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, float *y) {
     const lcq_index_weight *w = weight;
-    if (M < 1) return -1;
-    if (M >= lcq_gemm_min_rows())
-    {
+    if (M < 1 || (swiglu && w->N % 2)) return -1;
+    if (M >= lcq_gemm_min_rows()) {
         const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
                                            w->wide ? wide_expand_bytes : NULL};
-        return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, y);
+        return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, swiglu, y);
     }
-    if (w->wide && M >= PAIR_MIN_ROWS && lcq_bf16_products()) return wide_pair_decode_product(w, x, M, y);
-    if (w->wide)
-        wide_decode_product(w, x, M, y);
+    float *products = lcq_swiglu_products(swiglu, M, w->N, y);
+    int status = 0;
+    if (products == NULL)
+        status = -1;
+    else if (w->wide && M >= PAIR_MIN_ROWS && lcq_bf16_products())
+        status = wide_pair_decode_product(w, x, M, products);
+    else if (w->wide)
+        wide_decode_product(w, x, M, products);
     else
-        narrow_decode_product(w, x, M, y);
-    return 0;
+        narrow_decode_product(w, x, M, products);
+    return lcq_swiglu_finish(swiglu, products, M, w->N, y, status);
 }

@@ -101,16 +101,19 @@ class IndexWeight:
         return sum(t.numel() * t.element_size()
                    for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index))
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) float32 -> (..., N) float32."""
+    def linear(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+        """x (..., K) float32 -> (..., N) float32; with swiglu (the layer is [gate; up]) silu(x @ gate^T)
+        * (x @ up^T), (..., N / 2), the product finishing it block by block."""
         rows = x.reshape(-1, x.shape[-1]).contiguous()
-        if x.dtype != torch.float32 or rows.shape[1] != self.in_features:
+        if x.dtype != torch.float32 or rows.shape[1] != self.in_features or (swiglu and self.out_features % 2):
             raise ValueError(f"IndexWeight.linear takes float32 (..., {self.in_features}), got {x.dtype} "
                              f"{tuple(x.shape)}")
-        y = torch.empty(rows.shape[0], self.out_features)
-        if rows.shape[0] and library().lcq_index_matmul(rows.data_ptr(), rows.shape[0], self.pointer, y.data_ptr()):
-            raise MemoryError("lcq_index_matmul could not allocate its expansion buffers")
-        return y.reshape(*x.shape[:-1], self.out_features)
+        width = self.out_features // (2 if swiglu else 1)
+        y = torch.empty(rows.shape[0], width)
+        if rows.shape[0] and library().lcq_index_matmul(rows.data_ptr(), rows.shape[0], self.pointer, int(swiglu),
+                                                        y.data_ptr()):
+            raise MemoryError("lcq_index_matmul could not allocate its buffers")
+        return y.reshape(*x.shape[:-1], width)
 
 
 @functools.cache
@@ -118,6 +121,7 @@ def library() -> ctypes.CDLL | None:
     """The compiled kernels (native.load), or None where they cannot run here."""
     lib = native.load()
     if lib is not None:
-        lib.lcq_index_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        lib.lcq_index_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                         ctypes.c_void_p]
         lib.lcq_index_matmul.restype = ctypes.c_int
     return lib

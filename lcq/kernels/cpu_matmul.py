@@ -69,6 +69,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     return F.linear(x, weight, bias)
 
 
+def half_swiglu(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T) for fp32 x (..., K) and the fp16 copy of [gate; up] (half_copy),
+    finished inside the product (cpu_half.half_linear)."""
+    y = cpu_half.half_linear(x.reshape(-1, x.shape[-1]), half, swiglu=True)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 # The C kernels' product forms (LCQ_*_PRODUCTS in cpu_gemm.h) by operand dtype, and the CPU flags
 # each needs (int8 uses bf16 where it does not apply).
 PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),

@@ -15,8 +15,8 @@
 #include "cpu_cache.h"
 #include "cpu_exp.h"
 
-int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, float *y); /* cpu_half.c */
-int lcq_index_matmul(const float *x, int M, const void *w, float *y);                   /* cpu_index.c */
+int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, float *y); /* cpu_half.c */
+int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y);       /* cpu_index.c */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale); /* cpu_attention.c */
@@ -65,17 +65,8 @@ void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int hea
 /* out (rows, width) = silu(gate) * up for gate_up (rows, 2 * width) = [gate, up]. */
 void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width) {
 #pragma omp parallel for if (rows >= 16)
-    for (int64_t r = 0; r < rows; r++) {
-        const float *gate = gate_up + r * 2 * width, *up = gate + width;
-        float *dst = out + r * width;
-        int64_t i = 0;
-        for (; i + 8 <= width; i += 8) {
-            const __m256 g = _mm256_loadu_ps(gate + i), one = _mm256_set1_ps(1.0f);
-            const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
-        }
-        for (; i < width; i++) dst[i] = gate[i] * (1.0f / (1.0f + exp1(-gate[i]))) * up[i];
-    }
+    for (int64_t r = 0; r < rows; r++)
+        lcq_silu_mul_row(gate_up + r * 2 * width, gate_up + r * 2 * width + width, out + r * width, width);
 }
 
 #define HALF_MAX 65504.0f /* the largest finite fp16 */
@@ -154,10 +145,11 @@ enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, O_KIND, O, O_BIAS, POST_NORM, GATE_U
        DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
-/* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`. */
-static int linear(void *const *entry, const float *x, int rows, int K, int N, float *y) {
-    const int status = (intptr_t)entry[0] == INDEX_WEIGHT ? lcq_index_matmul(x, rows, entry[1], y)
-                                                          : lcq_half_matmul(x, rows, K, entry[1], N, y);
+/* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
+ * swiglu and no bias, y (rows, N / 2) = silu(gate) * up of W = [gate; up] (cpu_gemm.h). */
+static int linear(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y) {
+    const int status = (intptr_t)entry[0] == INDEX_WEIGHT ? lcq_index_matmul(x, rows, entry[1], swiglu, y)
+                                                          : lcq_half_matmul(x, rows, K, entry[1], N, swiglu, y);
     add_bias(y, entry[2], rows, N);
     return status;
 }
@@ -182,18 +174,22 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
         void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
         lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
-        if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, qkv)) return -1;
+        if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
                                  attn, rows, heads, kv_heads, head_dim, block_size, scale))
             return -1;
-        if (linear(p + O_KIND, attn, rows, q_width, hidden, projected)) return -1;
+        if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
-        if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, gate_up)) return -1;
-        lcq_silu_mul(gate_up, activated, rows, intermediate);
-        if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, projected)) return -1;
+        if (p[GATE_UP_BIAS] == NULL) { /* the product finishes SwiGLU itself */
+            if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
+        } else {
+            if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 0, gate_up)) return -1;
+            lcq_silu_mul(gate_up, activated, rows, intermediate);
+        }
+        if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
         for (int64_t i = 0; i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* x += MLP output */
     }
     return 0;

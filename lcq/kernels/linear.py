@@ -15,7 +15,7 @@ from lcq.format import PackedLinear, dequantize
 
 from . import cpu_index, cpu_ops
 from .cpu_index import IndexWeight
-from .cpu_matmul import dense_linear, half_copy, pack_weight
+from .cpu_matmul import dense_linear, half_copy, half_swiglu, pack_weight
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -95,6 +95,18 @@ class LCQLinear(torch.nn.Module):
         if self._half is not None:
             return cpu_ops.HALF_WEIGHT, self._half.data_ptr(), bias
         return None
+
+    def fused_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate; up] layer where the CPU kernels finish it inside the product
+        (fp32 activations, a cached weight, no bias; the same values as the product then SwiGLU,
+        without writing and re-reading the product), else None."""
+        if not self.cache_dense or self.layer.bias is not None or x.dtype != torch.float32:
+            return None
+        if self._cached_dtype != x.dtype:
+            self.warm(x.dtype)
+        if self._index is not None:
+            return self._index.linear(x, swiglu=True)
+        return half_swiglu(x, self._half) if self._half is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cache_dense:

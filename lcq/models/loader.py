@@ -8,7 +8,7 @@ import torch
 
 from lcq.format import CheckpointReader, PackedLinear
 from lcq.kernels import LCQLinear, cpu_ops
-from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, pack_weight
+from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
 from .config import ModelConfig
 from .llama import LlamaModel
@@ -31,6 +31,13 @@ class DenseLinear(torch.nn.Module):
         if self.half is None or (self.bias is not None and self.bias.dtype != torch.float32):
             return None
         return cpu_ops.HALF_WEIGHT, self.half.data_ptr(), self.bias
+
+    def fused_swiglu(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up of this [gate; up] layer where the CPU kernel finishes it inside the product
+        (the fp16 copy, fp32 activations, no bias), else None."""
+        if self.half is None or self.bias is not None or x.dtype != torch.float32:
+            return None
+        return half_swiglu(x, self.half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return dense_linear(x, self.weight, self.bias, self.half)
