@@ -349,13 +349,6 @@ static void combine_parts(const float *parts, int count, int64_t stride, int hea
     }
 }
 
-/* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
- * block table from caches (blocks, block_size, kv_heads, head row) of the given form (cpu_cache.h).
- * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
- * contiguous.
- * The query heads sharing a kv head read each K/V row once.
- * A sequence with context length 0 (padding) gets zeros.
- * Returns 0, or -1 when a buffer cannot be allocated. */
 /* How lcq_decode_attention splits its sequences into tasks: a sequence's tasks start at first[s]. */
 typedef struct {
     int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size;
@@ -385,6 +378,13 @@ static decode_task task_of(const decode_plan *p, int task) {
     return t;
 }
 
+/* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
+ * block table from caches (blocks, block_size, kv_heads, head row) of the given form (cpu_cache.h).
+ * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
+ * contiguous.
+ * The query heads sharing a kv head read each K/V row once.
+ * A sequence with context length 0 (padding) gets zeros.
+ * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale) {
