@@ -479,6 +479,22 @@ def test_cached_layer_keeps_only_fp16_weights_without_the_index_kernel(monkeypat
         assert y.shape == (1, m, 70) and _relative_error(y[0], reference(x[0], layer)) < 3e-3
 
 
+def test_released_layer_serves_its_dtype_and_refuses_others():
+    """release_packed drops the packed tensors of a warmed layer (nothing before it is warmed);
+    products in its dtype go on unchanged, another dtype or a move is a clear error."""
+    layer = random_layer(70, 100, 3, 2, 32, seed=5, bias=True)
+    cached = LCQLinear(layer, cache_dense=True)
+    x = torch.randn(9, 100)
+    assert cached.release_packed() == 0 and cached.layer is layer
+    y = cached(x)
+    assert cached.release_packed() == layer.nbytes() and cached.layer is None
+    assert torch.equal(cached(x), y) and (cached.in_features, cached.out_features) == (100, 70)
+    with pytest.raises(RuntimeError, match="load the model again"):
+        cached(x.bfloat16())
+    with pytest.raises(RuntimeError, match="load the model again"):
+        cached.to("cpu")
+
+
 def test_cached_layer_without_the_fp16_kernel_is_fp32(monkeypatch):
     monkeypatch.setenv("LCQ_CPU_HALF", "0")
     layer = random_layer(70, 100, 3, 2, 32, seed=5, bias=True)

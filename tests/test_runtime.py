@@ -70,10 +70,16 @@ def test_greedy_matches_transformers_full_precision(tiny, llm):
 
 
 def test_greedy_matches_transformers_lcq(tmp_path):
+    """Also: the engine's CPU layers keep only their cached weights (the packed tensors dropped)."""
+    from lcq.kernels import LCQLinear
+
     folder = make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
-    outs = LLM(str(folder), block_size=8, **FP32).generate(PROMPTS, GREEDY)
+    llm = LLM(str(folder), block_size=8, **FP32)
+    outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
+    layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, LCQLinear)]
+    assert layers and all(m.layer is None for m in layers)
 
 
 def test_ignore_eos_keeps_generating_after_eos(tmp_path):

@@ -20,34 +20,30 @@ from .cpu_matmul import dense_linear, half_copy, half_swiglu, pack_weight
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-def lcq_linear(x: torch.Tensor, layer: PackedLinear, dense_weight: torch.Tensor | None = None,
-               half_weight: torch.Tensor | None = None, index_weight: IndexWeight | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K); dense_weight is W dequantized
-    (plain, or from cpu_matmul.pack_weight), half_weight its fp16 copy (cpu_matmul.half_copy) and
-    index_weight its indices in the CPU kernel's layout, which fp32 products use instead."""
-    if index_weight is not None and x.dtype == torch.float32:
-        y = index_weight.linear(x)
-        return y if layer.bias is None else y + layer.bias.float()
-    cached = dense_weight is not None or (half_weight is not None and x.dtype == torch.float32)
-    if x.is_cuda and not cached and x.numel() and _HAS_TRITON:
+def lcq_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K): the Triton kernels for CUDA
+    tensors, else W dequantized in x's dtype."""
+    if x.is_cuda and x.numel() and _HAS_TRITON:
         from .triton_linear import triton_linear
         return triton_linear(x, layer)
-    weight = dense_weight if cached else dequantize(layer, x.dtype)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    return dense_linear(x, weight, bias, half_weight)
+    return dense_linear(x, dequantize(layer, x.dtype), bias)
 
 
 class LCQLinear(torch.nn.Module):
-    """A packed linear layer as a module; its tensors are buffers so .to(device) moves them.
+    """A packed linear layer as a module; .to(device) moves its packed tensors.
 
-    cache_dense keeps a CPU weight built at load: for fp32 products the indices in the index
+    cache_dense keeps a CPU weight built at load (warm): for fp32 products the indices in the index
     kernel's layout where it runs (cpu_index), else the dequantized weight as an fp16 copy
-    (cpu_matmul.half_copy) or packed for oneDNN.
+    (cpu_matmul.half_copy) or packed for oneDNN. An engine, whose dtype and device are fixed, then
+    drops the packed tensors (release_packed).
     """
 
     def __init__(self, layer: PackedLinear, cache_dense: bool = False):
         super().__init__()
-        self.layer = layer
+        self.layer: PackedLinear | None = layer
+        self.bias = layer.bias
+        self._features = (layer.in_features, layer.out_features)
         self.cache_dense = cache_dense
         self._dense: torch.Tensor | None = None
         self._half: torch.Tensor | None = None
@@ -56,11 +52,11 @@ class LCQLinear(torch.nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.layer.in_features
+        return self._features[0]
 
     @property
     def out_features(self) -> int:
-        return self.layer.out_features
+        return self._features[1]
 
     @property
     def uses_half_weights(self) -> bool:
@@ -70,26 +66,44 @@ class LCQLinear(torch.nn.Module):
     def uses_index_weights(self) -> bool:
         return self._index is not None
 
+    def _packed(self) -> PackedLinear:
+        if self.layer is None:
+            raise RuntimeError(f"this LCQ layer kept only its CPU weight for {self._cached_dtype} "
+                               "(release_packed); load the model again for another dtype or device")
+        return self.layer
+
     def _apply(self, fn, recurse=True):  # keep the packed tensors in step with .to()/.cuda()
-        self.layer = self.layer.to(fn(torch.empty(0, device=self.layer.qweight.device)).device)
+        self.layer = self._packed().to(fn(torch.empty(0, device=self._packed().qweight.device)).device)
+        self.bias = self.layer.bias
         self._dense = self._half = self._index = self._cached_dtype = None
         return super()._apply(fn, recurse)
 
     def warm(self, dtype: torch.dtype) -> None:
         """Build the cached weight now, at load time, rather than on the first request."""
+        layer = self._packed()
         self._dense = self._half = self._index = None
-        if dtype == torch.float32 and self.layer.qweight.device.type == "cpu" and cpu_index.enabled():
-            self._index = IndexWeight(self.layer)
+        if dtype == torch.float32 and layer.qweight.device.type == "cpu" and cpu_index.enabled():
+            self._index = IndexWeight(layer)
         else:
-            weight = dequantize(self.layer, dtype)
+            weight = dequantize(layer, dtype)
             self._half = half_copy(weight, exact_only=False)
             self._dense = None if self._half is not None else pack_weight(weight)
         self._cached_dtype = dtype
 
+    def release_packed(self) -> int:
+        """Drop the packed tensors, which a warmed CPU layer no longer reads (0.28-0.55 bytes per
+        weight beside its cached weight), for a model whose dtype and device stay as loaded; returns
+        the bytes dropped. Warming for another dtype or moving the layer then raises."""
+        if not self.cache_dense or self._cached_dtype is None or self.layer is None:
+            return 0
+        dropped = self.layer.nbytes()
+        self.layer = None
+        return dropped
+
     def decode_weights(self) -> tuple[int, int, torch.Tensor | None] | None:
         """(weight kind, its address, fp32 bias or None) for the one-call CPU decode step
         (cpu_ops.INDEX_WEIGHT or HALF_WEIGHT), where this layer keeps its indices or an fp16 copy."""
-        bias = None if self.layer.bias is None else self.layer.bias.float().contiguous()
+        bias = None if self.bias is None else self.bias.float().contiguous()
         if self._index is not None:
             return cpu_ops.INDEX_WEIGHT, self._index.pointer, bias
         if self._half is not None:
@@ -100,7 +114,7 @@ class LCQLinear(torch.nn.Module):
         """silu(gate) * up of this [gate; up] layer where the CPU kernels finish it inside the product
         (fp32 activations, a cached weight, no bias; the same values as the product then SwiGLU,
         without writing and re-reading the product), else None."""
-        if not self.cache_dense or self.layer.bias is not None or x.dtype != torch.float32:
+        if not self.cache_dense or self.bias is not None or x.dtype != torch.float32:
             return None
         if self._cached_dtype != x.dtype:
             self.warm(x.dtype)
@@ -109,8 +123,12 @@ class LCQLinear(torch.nn.Module):
         return half_swiglu(x, self._half) if self._half is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cache_dense:
-            if self._cached_dtype != x.dtype:
-                self.warm(x.dtype)
-            return lcq_linear(x, self.layer, self._dense, self._half, self._index)
-        return lcq_linear(x, self.layer)
+        if not self.cache_dense:
+            return lcq_linear(x, self._packed())
+        if self._cached_dtype != x.dtype:
+            self.warm(x.dtype)
+        if self._index is not None:
+            y = self._index.linear(x)
+            return y if self.bias is None else y + self.bias.float()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return dense_linear(x, self._dense, bias, self._half)

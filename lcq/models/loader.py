@@ -44,9 +44,11 @@ class DenseLinear(torch.nn.Module):
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               cache_dense: bool | None = None) -> tuple[LlamaModel, ModelConfig]:
+               cache_dense: bool | None = None, keep_packed: bool = True) -> tuple[LlamaModel, ModelConfig]:
     """Our model for a folder, on `device` in `dtype`. cache_dense (default: on CPU) keeps each LCQ
-    layer's dequantized weight, trading memory for CPU speed; GPUs run the fused kernels instead."""
+    layer's dequantized weight, trading memory for CPU speed; GPUs run the fused kernels instead.
+    keep_packed=False drops cached layers' packed tensors (LCQLinear.release_packed): for callers
+    that run the model only in this dtype on this device, as an engine does."""
     device = torch.device(device)
     config = ModelConfig.from_folder(path)
     reader = CheckpointReader(path)
@@ -88,4 +90,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for module in model.modules():
             if isinstance(module, LCQLinear):
                 module.warm(dtype)
+                if not keep_packed:
+                    module.release_packed()
     return model.eval(), config

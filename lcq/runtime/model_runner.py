@@ -13,7 +13,7 @@ from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .host_memory import keep_freed_memory
+from .host_memory import keep_freed_memory, return_freed_memory
 from .sequence import Sequence
 
 logger = logging.getLogger("lcq.engine")
@@ -43,7 +43,9 @@ class ModelRunner:
         if not on_cuda:
             keep_freed_memory()  # each prefill step's activations are reused, not faulted in afresh
         before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
-        self.model, self.model_config = load_model(config.model, self.device, self.dtype)
+        self.model, self.model_config = load_model(config.model, self.device, self.dtype, keep_packed=False)
+        if not on_cuda:
+            return_freed_memory()  # the packed tensors the CPU layers dropped
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
