@@ -450,7 +450,7 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, 24 ** -0.5)
     with cpu_products(torch.bfloat16 if bf16 else torch.float32):
         whole = cpu_ops.prefill_attention(*args)
-        chunk_floats = 3 * (24 * 16 + 16 * 32)  # per chunk of 16 keys, all kv heads: K, and V padded to 32
+        chunk_floats = 3 * (24 * 32 + 32 * 32)  # per chunk of 32 keys, all kv heads: K, and V padded to 32
         for limit in (1, 12 * chunk_floats):
             assert torch.equal(cpu_ops.prefill_attention(*args, stage_limit_floats=limit), whole)
 
