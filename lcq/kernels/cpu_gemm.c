@@ -309,7 +309,8 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                         expansions->pairs(weight, K, at, count, rows + (int64_t)row * words);
                     else {
                         expansions->fp32(weight, K, at, count, block + (int64_t)row * K);
-                        if (converted) convert_rows(form, block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
+                        if (converted)
+                            convert_rows(form, block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
                     }
                 }
                 if (!expanded) {
