@@ -273,7 +273,8 @@ def _int8_index_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
 
 
 needs_int8 = pytest.mark.skipif(not products_available(torch.int8),
-                                reason="int8 products need AVX512_VNNI and AVX512_BF16, and the C kernels")
+                                reason="int8 products need AVX512_VNNI, AVX512_BF16 and AVX512_VBMI, and the C "
+                                       "kernels")
 
 
 @needs_int8
@@ -435,12 +436,13 @@ def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, g
 
 @needs_int8
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
-                                                   (2, 2, 64, 600), (3, 1, 32, 500)])
+                                                   (2, 2, 64, 600), (3, 1, 32, 500), (4, 2, 96, 330)])
 def test_index_weights_with_int8_products(bits, rank, group, k):
     """Every bit width and rank in int8 products: each group's codebook quantized once, a block's
     scale bounding the codebooks it meets (_int8_index_reference); only fp32 scaling and summation
     differ (1e-5), where int8 rounding itself is ~1e-2 from exact. Partial runs (K = 37, 80, 100,
-    150), blocks meeting two groups (g = 32) and parts of one (g = 128)."""
+    150, 330), blocks meeting two groups (g = 32, 96) and parts of one (g = 128), blocks that take
+    their later steps from the next run (3 bits, K = 500: runs of 160 indices)."""
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
     x = torch.randn(33, k)
     with cpu_products(torch.int8):
@@ -458,9 +460,10 @@ def test_index_kernel_takes_fused_layers_and_is_small():
         assert _relative_error(cached(x), reference(x, layer)) < 1e-6
     assert cached.uses_index_weights and cached._half is None and cached._dense is None
     fp16_bytes = 2 * 256 * 576
-    # b / 16 of an fp16 copy plus S and B (0.094 / 2); at 3 bits a word holds 10 indices (30 bits) and
-    # K = 576 ends in a partial run of 96 indices in 4-byte lanes (3.56 bits per index)
-    for bits, ratio in ((4, 0.36), (3, 0.33), (2, 0.23)):
+    # b / 16 of an fp16 copy plus S and B (0.094 / 2) and, for the int8 expansion, the largest
+    # codebook entry each block of 64 values meets (0.031 / 2); at 3 bits a word holds 10 indices (30
+    # bits) and K = 576 ends in a partial run of 96 indices in 4-byte lanes (3.56 bits per index)
+    for bits, ratio in ((4, 0.38), (3, 0.36), (2, 0.26)):
         weight = cpu_index.IndexWeight(random_layer(256, 576, bits, 2, 64, seed=3))
         assert weight.nbytes < ratio * fp16_bytes, (bits, weight.nbytes / fp16_bytes)
 

@@ -188,7 +188,7 @@ def test_cpu_matmul_dtype_is_checked():
         EngineConfig(model="m", cpu_matmul_dtype="int4").validate()
     with pytest.raises(ValueError, match="bfloat16 needs an fp32 model, the C kernels and a CPU with AVX512_BF16$"):
         EngineConfig(model="m", device="cpu", dtype="bfloat16", cpu_matmul_dtype="bfloat16").validate()
-    with pytest.raises(ValueError, match="int8 needs .* a CPU with AVX512_BF16 and AVX512_VNNI$"):
+    with pytest.raises(ValueError, match="int8 needs .* a CPU with AVX512_BF16, AVX512_VNNI and AVX512_VBMI$"):
         EngineConfig(model="m", device="cpu", dtype="float16", cpu_matmul_dtype="int8").validate()
     expected = next((d for d in (torch.int8, torch.bfloat16) if products_available(d)), torch.float32)
     assert EngineConfig(model="m", device="cpu").resolved_cpu_matmul_dtype() == expected

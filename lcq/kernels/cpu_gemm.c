@@ -55,7 +55,8 @@ int lcq_gemm_min_rows(void) {
 int lcq_set_products(int form) {
     const int previous = product_form;
     __builtin_cpu_init();
-    const int bf16 = __builtin_cpu_supports("avx512bf16"), vnni = bf16 && __builtin_cpu_supports("avx512vnni");
+    const int bf16 = __builtin_cpu_supports("avx512bf16"), vnni = bf16 && __builtin_cpu_supports("avx512vnni") &&
+                                                          __builtin_cpu_supports("avx512vbmi");
     product_form = form >= LCQ_INT8_PRODUCTS && vnni ? LCQ_INT8_PRODUCTS
                    : form >= LCQ_BF16_PRODUCTS && bf16 ? LCQ_BF16_PRODUCTS
                                                         : LCQ_FP32_PRODUCTS;

@@ -93,8 +93,9 @@ static inline __attribute__((always_inline)) void lcq_tile_sums(const int R, con
 /* Functions with bf16 instructions (AVX512_BF16), called only where the CPU has them. */
 #define LCQ_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 
-/* Functions with 8-bit dot products (AVX512_VNNI), called only where the CPU has them. */
-#define LCQ_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
+/* Functions with 8-bit dot products (AVX512_VNNI) and byte permutes (AVX512_VBMI, for the LCQ
+ * expansion), called only where the CPU has both. */
+#define LCQ_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
 /* The forms of the calling thread's products (lcq_set_products in cpu_gemm.c): fp32; bf16 operands
  * with fp32 sums; and 8-bit operands with 32-bit sums in the blocked product of weights that expand

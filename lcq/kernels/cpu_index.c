@@ -39,6 +39,7 @@ typedef struct {
     int N, K, group_size, groups, rank;
     int bits, runs, last_lane_bytes, row_bytes; /* last_lane_bytes 0: no partial run */
     int wide; /* decode with AVX-512 (the caller checked the CPU has it) */
+    const float *tops; /* (N, ceil(K / 64)) lcq_index_block_tops, for the int8 expansion; NULL where not wide */
 } lcq_index_weight;
 
 static float horizontal_sum(__m256 v) {
@@ -312,75 +313,138 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
 DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
 DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
 
-/* Row n in cpu_gemm.c's unsigned int8 form (BITS a constant where inlined). A block's scale bounds
- * the codebooks of the groups it meets (their 2^b entries, not only the ones its weights use), so each
- * codebook is built once (into books, one vector per group) and quantized once per block it meets,
- * and a step of 16 weights is one permute of those bytes and one narrowing store; expanding to fp32
- * and quantizing the values took about ten operations per 16. */
-LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const int BITS, const lcq_index_weight *w,
-                                                                         int n, __m512 *books, uint32_t *out) {
-    const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS, words = (K + 3) / 4;
-    const int blocks = lcq_scale_blocks(words), block_values = 4 * LCQ_SCALE_WORDS;
-    uint8_t *bytes = (uint8_t *)out;
-    float *scales = (float *)(out + words);
-    memset(out + words, 0, sizeof(uint32_t) * 2 * blocks); /* scales (maxima first) and unused offsets */
-    for (int j = 0; j < w->groups; j++) {
-        books[j] = wide_codebook(w, n, j);
-        const float top = _mm512_reduce_max_ps(_mm512_abs_ps(books[j]));
-        const int last = ((j + 1) * w->group_size < K ? (j + 1) * w->group_size : K) - 1;
-        for (int b = j * w->group_size / block_values; b <= last / block_values; b++)
-            scales[b] = scales[b] > top ? scales[b] : top;
-    }
-    float inverse = 0.0f;
-    __m512i book = _mm512_setzero_si512(); /* the codebook as q + 128 in 32-bit lanes */
-    int k = 0, group = -1, group_end = 0, block_end = 0; /* counted, not divided out */
-    for (int run = 0; k < whole; run++) {
-        wide_words indices = wide_load(w->indices + (int64_t)n * w->row_bytes + (int64_t)run * 64,
-                                       run < w->runs ? 4 : w->last_lane_bytes);
-        for (int s = 0; s < fields && k < whole; s++, k += 16) {
-            if (k == group_end || k == block_end) { /* steps never straddle either */
-                if (k == group_end) {
-                    group++;
-                    group_end += w->group_size;
-                }
-                if (k == block_end) block_end += block_values;
-                const float top = scales[k / block_values];
-                inverse = top > 0 ? 127.0f / top : 0.0f;
-                book = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(books[group], _mm512_set1_ps(inverse))),
-                                        _mm512_set1_epi32(128));
-            }
-            _mm_storeu_si128((__m128i *)(bytes + k), _mm512_cvtepi32_epi8(_mm512_permutexvar_epi32(indices, book)));
-            indices = wide_next(indices, BITS);
+/* tops (N, ceil(K / 64)) = the largest |entry| of the codebooks that each block of 64 values along
+ * a row meets (all 2^b entries of each): the int8 expansion's scale of the block, found once when a
+ * weight is set up (AVX-512 weights). */
+AVX512 void lcq_index_block_tops(const void *weight, float *tops) {
+    const lcq_index_weight *w = weight;
+    const int blocks = lcq_scale_blocks((w->K + 3) / 4), block_values = 4 * LCQ_SCALE_WORDS;
+    for (int n = 0; n < w->N; n++) {
+        float *row = tops + (int64_t)n * blocks;
+        for (int b = 0; b < blocks; b++) row[b] = 0.0f;
+        for (int j = 0; j < w->groups; j++) {
+            const float top = _mm512_reduce_max_ps(_mm512_abs_ps(wide_codebook(w, n, j)));
+            const int last = ((j + 1) * w->group_size < w->K ? (j + 1) * w->group_size : w->K) - 1;
+            for (int b = j * w->group_size / block_values; b <= last / block_values; b++)
+                row[b] = row[b] > top ? row[b] : top;
         }
     }
-    if (whole < K) {
-        float tail[16];
-        tail_weights(w, n, whole, tail);
-        const float top = scales[whole / block_values];
-        inverse = top > 0 ? 127.0f / top : 0.0f;
-        for (int i = whole; i < K; i++) /* rounded to nearest even, as the vector steps are */
-            bytes[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(tail[i - whole] * inverse)) + 128);
-    }
-    for (int i = K; i < 4 * words; i++) bytes[i] = 128; /* zeros */
-    for (int b = 0; b < blocks; b++) scales[b] /= 127.0f;
 }
 
-/* Rows first .. first + count - 1 in the unsigned int8 form (an lcq_expand_byte_rows). Building each
- * codebook once, not again for the quantized bytes, made products of 10-16 rows 1.1-1.3x faster. */
+/* A codebook as 16 unsigned bytes q + 128, q = round(entry * inverse): group scales s (rank) and
+ * offset, the row's table v (rank x 16). */
+LCQ_INT8 static inline __m128i byte_book(const float *s, float offset, const float *v, int rank, float inverse) {
+    __m512 book = _mm512_set1_ps(-offset);
+    for (int r = 0; r < rank; r++) book = _mm512_fmadd_ps(_mm512_set1_ps(s[r]), _mm512_loadu_ps(v + r * 16), book);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(book, _mm512_set1_ps(inverse)));
+    return _mm512_cvtepi32_epi8(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
+}
+
+/* The fields of the 4 steps of a block, as wide_byte_row takes them with vpmultishiftqb: byte u of
+ * each 64-bit lane (words 2q and 2q + 1) is field u / 2 of word 2q + u % 2, which starts at bit
+ * 32 (u % 2) + BITS (u / 2) of the lane. */
+static inline uint64_t step_shifts(int bits) {
+    uint64_t shifts = 0;
+    for (int u = 0; u < 8; u++) shifts |= (uint64_t)(32 * (u % 2) + bits * (u / 2)) << 8 * u;
+    return shifts;
+}
+
+/* Byte 16 s + 2 q + p (value 16 s + i of the block, i = 2q + p) is byte 8 q + 2 s + p of those. */
+static const uint8_t K_ORDER[64] = {0, 1, 8,  9,  16, 17, 24, 25, 32, 33, 40, 41, 48, 49, 56, 57,
+                                    2, 3, 10, 11, 18, 19, 26, 27, 34, 35, 42, 43, 50, 51, 58, 59,
+                                    4, 5, 12, 13, 20, 21, 28, 29, 36, 37, 44, 45, 52, 53, 60, 61,
+                                    6, 7, 14, 15, 22, 23, 30, 31, 38, 39, 46, 47, 54, 55, 62, 63};
+
+/* Row n in cpu_gemm.c's unsigned int8 form (BITS a constant where inlined), one block of 64 values (4
+ * steps) at a time. A block's scale bounds the codebooks of the groups it meets (their 2^b entries,
+ * w->tops), whose bytes make its table (a first group in bytes 0-15, a second from the block's middle
+ * in 16-31). vpmultishiftqb takes the block's fields out of the run's words (each 64-bit lane holds
+ * words 2q and 2q + 1, and its 8 bytes become their fields for the 4 steps; a block that runs into
+ * the next run, at 3 bits, takes its later steps from there), a ternary-logic op masks them and adds
+ * the second group's offset, vpermb looks the 64 up in the table and a second vpermb puts them in K
+ * order. inverses: a buffer of one float per block. */
+LCQ_INT8 static inline __attribute__((always_inline)) void wide_byte_row(const int BITS, const lcq_index_weight *w,
+                                                                         int n, float *inverses, uint32_t *out) {
+    const int K = w->K, whole = K / 16 * 16, steps = K / 16, fields = 32 / BITS, words = (K + 3) / 4;
+    const int blocks = lcq_scale_blocks(words), block_values = 4 * LCQ_SCALE_WORDS, group_size = w->group_size;
+    const int rank = w->rank, runs = w->runs, last_lane_bytes = w->last_lane_bytes;
+    const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
+    const float *tops = w->tops + (int64_t)n * blocks, *offsets = w->offsets + (int64_t)n * w->groups;
+    const float *scales = w->scales + (int64_t)n * w->groups * rank;
+    const float *table_row = w->tables + (int64_t)w->table_index[n] * rank * 16;
+    uint8_t *bytes = (uint8_t *)out;
+    float *block_scales = (float *)(out + words);
+    int32_t *block_offsets = (int32_t *)(out + words + blocks);
+    /* The blocks' scales (largest entry / 127) and inverses (127 / largest entry, 0 for 0). */
+    for (int b = 0; b < blocks; b += 16) {
+        const __mmask16 lanes = blocks - b >= 16 ? 0xFFFF : (__mmask16)((1u << (blocks - b)) - 1);
+        const __m512 top = _mm512_maskz_loadu_ps(lanes, tops + b);
+        _mm512_mask_storeu_ps(inverses + b, lanes,
+                              _mm512_maskz_div_ps(_mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ),
+                                                  _mm512_set1_ps(127.0f), top));
+        _mm512_mask_storeu_ps(block_scales + b, lanes, _mm512_div_ps(top, _mm512_set1_ps(127.0f)));
+        _mm512_mask_storeu_epi32(block_offsets + b, lanes, _mm512_setzero_si512());
+    }
+    const __m512i shifts = _mm512_set1_epi64((long long)step_shifts(BITS));
+    const __m512i field_mask = _mm512_set1_epi8((1 << BITS) - 1);
+    const __m512i order = _mm512_loadu_si512(K_ORDER), later_steps = _mm512_set1_epi64(0x1010101000000000);
+    for (int b = 0, group = 0, group_end = group_size; b < blocks; b++) {
+        const int k0 = b * block_values;
+        while (k0 >= group_end) {
+            group++;
+            group_end += group_size;
+        }
+        /* The table: bytes 0-15 the codebook of steps 0 and 1, 16-31 that of steps 2 and 3 (the same,
+         * or the next group's from the block's middle). */
+        const __m128i book = byte_book(scales + group * rank, offsets[group], table_row, rank, inverses[b]);
+        const int second = (k0 + block_values < K ? k0 + block_values : K) > group_end;
+        const __m512i table = _mm512_inserti32x4(
+            _mm512_castsi128_si512(book),
+            second ? byte_book(scales + (group + 1) * rank, offsets[group + 1], table_row, rank, inverses[b]) : book,
+            1);
+        const int first = 4 * b, count = steps - first < 4 ? steps - first : 4; /* whole steps in the block */
+        if (count > 0) {
+            const int run = first / fields, field = first % fields;
+            __m512i picked = _mm512_multishift_epi64_epi8(
+                _mm512_add_epi8(shifts, _mm512_set1_epi8((char)(BITS * field))),
+                wide_load(row + (int64_t)run * 64, run < runs ? 4 : last_lane_bytes));
+            if (field + count > fields) { /* steps fields - field .. come from the next run */
+                const uint64_t later = (0xFFull << 2 * (fields - field) & 0xFF) * 0x0101010101010101ull;
+                picked = _mm512_mask_multishift_epi64_epi8(
+                    picked, later, _mm512_add_epi8(shifts, _mm512_set1_epi8((char)(BITS * (field - fields)))),
+                    wide_load(row + (int64_t)(run + 1) * 64, run + 1 < runs ? 4 : last_lane_bytes));
+            }
+            /* (picked & field_mask) | 16 for steps 2 and 3: ternary-logic table 0xEA is (A & B) | C */
+            const __m512i entries = _mm512_ternarylogic_epi32(picked, field_mask, later_steps, 0xEA);
+            const __m512i values = _mm512_permutexvar_epi8(order, _mm512_permutexvar_epi8(entries, table));
+            _mm512_mask_storeu_epi8(bytes + k0, count == 4 ? ~0ull : (1ull << 16 * count) - 1, values);
+        }
+        if (whole < K && whole >= k0 && whole < k0 + block_values) {
+            float tail[16];
+            tail_weights(w, n, whole, tail);
+            for (int i = whole; i < K; i++) /* rounded to nearest even, as the vector steps are */
+                bytes[i] = (uint8_t)(_mm_cvtss_si32(_mm_set_ss(tail[i - whole] * inverses[b])) + 128);
+        }
+    }
+    for (int i = K; i < 4 * words; i++) bytes[i] = 128; /* zeros */
+}
+
+/* Rows first .. first + count - 1 in the unsigned int8 form (an lcq_expand_byte_rows). */
 LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int count, uint32_t *out) {
     const lcq_index_weight *w = weight;
     const int row_words = lcq_byte_row_words((K + 3) / 4);
-    __m512 *books = _mm_malloc(sizeof(__m512) * (size_t)w->groups, 64);
-    if (books == NULL) return -1;
+    const int blocks = lcq_scale_blocks((K + 3) / 4);
+    float *inverses = malloc(sizeof(float) * (size_t)blocks);
+    if (inverses == NULL) return -1;
     for (int n = first; n < first + count; n++) {
         uint32_t *row = out + (int64_t)(n - first) * row_words;
         switch (w->bits) {
-            case 2: wide_byte_row(2, w, n, books, row); break;
-            case 3: wide_byte_row(3, w, n, books, row); break;
-            default: wide_byte_row(4, w, n, books, row); break;
+            case 2: wide_byte_row(2, w, n, inverses, row); break;
+            case 3: wide_byte_row(3, w, n, inverses, row); break;
+            default: wide_byte_row(4, w, n, inverses, row); break;
         }
     }
-    _mm_free(books);
+    free(inverses);
     return 0;
 }
 

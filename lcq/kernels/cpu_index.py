@@ -1,7 +1,8 @@
 """CPU products that read an LCQ layer's indices (cpu_index.c) instead of a dequantized copy.
 
 IndexWeight keeps the b-bit indices packed 32 / b to a 32-bit word, plus S and B in fp32 (0.7 bytes
-per weight at 4 bits, r 2, g 64, 0.35 at 2 bits, r 2, g 128, against 2 for an fp16 copy), and the
+per weight at 4 bits, r 2, g 64, 0.35 at 2 bits, r 2, g 128, against 2 for an fp16 copy; with
+AVX-512 0.06 more, the int8 expansion's block scales), and the
 kernel builds each group's codebook in registers: on a
 Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); from 16
 rows (cpu_gemm.c) blocks of weight rows are expanded to fp32 for a register-blocked product. Every
@@ -36,7 +37,7 @@ class _Fields(ctypes.Structure):
                 ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
                 ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
                 ("bits", ctypes.c_int), ("runs", ctypes.c_int), ("last_lane_bytes", ctypes.c_int),
-                ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int)]
+                ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int), ("tops", ctypes.c_void_p)]
 
 
 def pack_rows(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
@@ -90,16 +91,22 @@ class IndexWeight:
         self.tables = layer.v.float()[..., torch.arange(TABLE_WIDTH) % entries].contiguous()
         self.table_index = layer.v_index.to(torch.int32).contiguous()
         self.out_features, self.in_features = layer.out_features, layer.in_features
+        wide = wide_available() if wide is None else wide
+        # The largest |codebook entry| each block of 64 values meets, for the int8 expansion (AVX-512).
+        self.tops = torch.empty(layer.out_features, -(-layer.in_features // 64)) if wide else torch.empty(0)
         self.fields = _Fields(self.indices.data_ptr(), self.scales.data_ptr(), self.offsets.data_ptr(),
                               self.tables.data_ptr(), self.table_index.data_ptr(), layer.out_features,
                               layer.in_features, layer.group_size, layer.num_groups, layer.rank, layer.bits, runs,
-                              last_lane_bytes, self.indices.shape[1], int(wide_available() if wide is None else wide))
+                              last_lane_bytes, self.indices.shape[1], int(wide),
+                              self.tops.data_ptr() if wide else None)
         self.pointer = ctypes.addressof(self.fields)
+        if wide:
+            library().lcq_index_block_tops(self.pointer, self.tops.data_ptr())
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index))
+                   for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index, self.tops))
 
     def linear(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """x (..., K) float32 -> (..., N) float32; with swiglu (the layer is [gate; up]) silu(x @ gate^T)
@@ -124,4 +131,6 @@ def library() -> ctypes.CDLL | None:
         lib.lcq_index_matmul.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                                          ctypes.c_void_p]
         lib.lcq_index_matmul.restype = ctypes.c_int
+        lib.lcq_index_block_tops.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.lcq_index_block_tops.restype = None
     return lib

@@ -79,7 +79,7 @@ def half_swiglu(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
 # The C kernels' product forms (LCQ_*_PRODUCTS in cpu_gemm.h) by operand dtype, and the CPU flags
 # each needs (int8 uses bf16 where it does not apply).
 PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),
-                 torch.int8: (2, ("avx512_bf16", "avx512_vnni"))}
+                 torch.int8: (2, ("avx512_bf16", "avx512_vnni", "avx512vbmi"))}
 
 
 def products_available(dtype: torch.dtype) -> bool:

@@ -4,9 +4,9 @@ cpu_ops.c, one shared library.
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
 Linux, AVX2/FMA/F16C or a compiler it is not used (one log line) and callers take their torch path.
-It runs on any CPU with AVX2 (AVX-512, AVX512_BF16 and AVX512_VNNI code is chosen at run time), but
-its bf16 code needs GCC 10 or clang 9 to compile; with an older compiler the build fails (logged) and
-the torch path runs.
+It runs on any CPU with AVX2 (AVX-512, AVX512_BF16, AVX512_VNNI and AVX512_VBMI code is chosen at run
+time), but its bf16 code needs GCC 10 or clang 9 to compile; with an older compiler the build fails
+(logged) and the torch path runs.
 """
 from __future__ import annotations
 

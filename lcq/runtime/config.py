@@ -60,7 +60,7 @@ class EngineConfig:
 
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
         """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
-        (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI and AVX512_BF16 (LCQ
+        (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16 (LCQ
         layers' products of 10+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
         sequences), else bfloat16 where it has AVX512_BF16 (twice fp32's multiply-adds per
         instruction), else float32; the demo model's perplexity moved within +-0.03% with either
@@ -76,7 +76,8 @@ class EngineConfig:
             return usable[0] if usable else torch.float32
         dtype = names[self.cpu_matmul_dtype]
         if dtype != torch.float32 and not (applies and products_available(dtype)):
-            needs = " and ".join(flag.upper() for flag in PRODUCT_FORMS[dtype][1])
+            flags = ["AVX512_" + flag.removeprefix("avx512").lstrip("_").upper() for flag in PRODUCT_FORMS[dtype][1]]
+            needs = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
             raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model, the C kernels and a "
                              f"CPU with {needs}")
         return dtype
