@@ -113,6 +113,22 @@ def test_dequantize_kernel_matches_reference(bits, rank, group, k, dtype):
     torch.testing.assert_close(weight_t, dequantize(layer).t().to(dtype))
 
 
+@pytest.mark.parametrize("bits,rank,group,k", [(3, 3, 32, 80), (4, 1, 64, 100), (4, 2, 128, 150)])
+def test_gather_in_the_other_orientation_matches_reference(monkeypatch, bits, rank, group, k):
+    """The V gather laid out (columns, depth) as for Triton 3.6, (depth, columns) as for 3.7 and
+    later: whichever the installed Triton does not take, through every kernel that gathers."""
+    flipped = triton_linear.tl.constexpr(not triton_linear.GATHER_COLUMNS_FIRST)
+    monkeypatch.setattr(triton_linear, "GATHER_COLUMNS_FIRST", flipped)
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 3)
+    for m, config in ((1, SMALL_DECODE), (2, {**SMALL_DECODE, "REDUCE_K": True}), (3, SMALL_DECODE)):
+        x = torch.randn(m, k, dtype=torch.float16)
+        assert_close(triton_linear.decode(x, layer, config), reference(x, layer), torch.float16)
+    x = torch.randn(33, k)
+    assert_close(triton_linear.gemm(x, layer, SMALL_GEMM), reference(x, layer), torch.float32)
+    torch.testing.assert_close(triton_linear.dequantized_transpose(layer, torch.float32, torch.device("cpu")),
+                               dequantize(layer).t().float())
+
+
 def fused_layer(bits: int) -> PackedLinear:
     """Three parts with their own V tables (like q, k, v), only the first with a bias."""
     parts = [random_layer(n, 64, bits, 2, 32, seed=i, bias=i == 0) for i, n in enumerate((24, 8, 8))]
