@@ -365,6 +365,7 @@ def run_sass() -> None:
     import tempfile
     import triton
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    print(f"sm_90 builds by Triton {triton.__version__} (layouts differ between versions: docs/kernels.md)")
     print("| kernel | W | r | g | BLOCK_M | BLOCK_N | REDUCE_K | regs | stack | loop instr / weight | top opcodes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in SASS_CASES:
