@@ -107,7 +107,11 @@ static inline __attribute__((always_inline)) void score_rows(const int G, const 
                 sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail));
             }
             if (FORM == LCQ_CACHE_INT8) sums = _mm256_mul_ps(sums, _mm256_loadu_ps(factors));
-            _mm256_maskstore_ps(scores + g * score_stride + t, stored, _mm256_mul_ps(sums, _mm256_set1_ps(scale)));
+            const __m256 scaled = _mm256_mul_ps(sums, _mm256_set1_ps(scale));
+            if (count - t >= 8) /* AMD microcodes vmaskmovps stores: whole 8s alone gave 1.07-1.28x */
+                _mm256_storeu_ps(scores + g * score_stride + t, scaled);
+            else
+                _mm256_maskstore_ps(scores + g * score_stride + t, stored, scaled);
         }
     }
     for (; t < count; t++) /* rows of a block of fewer than 8 past the last 8 */
@@ -169,15 +173,25 @@ static inline __attribute__((always_inline)) void weigh_head(const int G, const 
  * tokens (past L2). The stream does not stop at the end of a pass: the last K blocks ask for the
  * first V blocks, and the last V blocks for the first K blocks of the task the thread takes next
  * (64 sequences of 16-300 tokens, fp16 cache from memory, 2 threads, alternating with the builds
- * before: 1.09x for the first, 1.22-1.26x with both). */
+ * before: 1.09x for the first, 1.22-1.26x with both). A block's prefetches are issued a part per kv
+ * head, before that head's pass: a burst of a whole block's lines (96 at SmolLM2's shape) filled the
+ * core's miss buffers and stalled the thread until memory answered, so compute and memory took turns
+ * (30 layers' caches of 64 sequences of 16-300 tokens, fp16, 2 threads, four rounds alternating with
+ * the build before: 1.23-1.38x with score_rows' plain stores, 12.2-14.6 ms a step; prefetching every
+ * other line lost, parts of a few rows each did not gain). */
 #define PREFETCH_BLOCKS 4
 
-/* Ask for block `block`'s rows (every kv head) of `cache` to be brought into L2. always_inline: as a
- * function of its own GCC finds it free of side effects (prefetches only) and drops the call. */
-static inline __attribute__((always_inline)) void prefetch_block(const void *cache, int element, const int32_t *table,
-                                                                 int block, int block_size, int64_t row) {
+/* Ask for part `part` of `parts` of block `block`'s rows (every kv head) of `cache` to be brought into
+ * L2; nothing for a NULL cache. always_inline: as a function of its own GCC finds it free of side
+ * effects (prefetches only) and drops the call. */
+static inline __attribute__((always_inline)) void prefetch_part(const void *cache, int element, const int32_t *table,
+                                                                int block, int block_size, int64_t row, int part,
+                                                                int parts) {
+    if (cache == NULL) return;
     const int64_t bytes = (int64_t)block_size * row * element, at = (int64_t)table[block] * bytes;
-    for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch((const char *)cache + at + i, _MM_HINT_T1);
+    const int64_t lines = (bytes + 63) / 64;
+    for (int64_t i = lines * part / parts; i < lines * (part + 1) / parts; i++)
+        _mm_prefetch((const char *)cache + at + 64 * i, _MM_HINT_T1);
 }
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
@@ -212,16 +226,20 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
             default: CALL(3, h, kv); h += 3; break;                                                             \
         }                                                                                                       \
     }
-    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++) prefetch_block(k_cache, element, table, b, block_size, row);
+    const int task_kv = task_heads / group; /* a block ahead is asked for a part per kv head */
+/* Part kv of block `block` of `cache` (through `blocks_at`), asked for by the first pass of kv head kv. */
+#define PREFETCH_AHEAD(h, kv, cache, blocks_at, block)                                                          \
+    if ((h) % group == 0) prefetch_part(cache, element, blocks_at, block, block_size, row, kv, task_kv)
+    for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++)
+        prefetch_part(k_cache, element, table, b, block_size, row, 0, 1);
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
-        const int ahead = start / block_size + PREFETCH_BLOCKS;
-        if (ahead < blocks)
-            prefetch_block(k_cache, element, table, ahead, block_size, row);
-        else if (ahead - blocks < blocks)
-            prefetch_block(v_cache, element, table, ahead - blocks, block_size, row);
+        const int ahead = start / block_size + PREFETCH_BLOCKS; /* K blocks, then V blocks */
+        const void *ahead_cache = ahead < blocks ? k_cache : ahead - blocks < blocks ? v_cache : NULL;
+        const int ahead_block = ahead < blocks ? ahead : ahead - blocks;
 #define SCORE(G, h, kv)                                                                                         \
+    PREFETCH_AHEAD(h, kv, ahead_cache, table, ahead_block);                                                     \
     score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, block_size,   \
                head_dim, scale, scores + (int64_t)(h) * length + start, length)
         HEAD_PASSES(SCORE)
@@ -255,23 +273,24 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     for (int start = 0; start < length; start += block_size) {
         const int count = (start + block_size < length ? start + block_size : length) - start;
         const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
-        const int ahead = start / block_size + PREFETCH_BLOCKS;
-        if (ahead < blocks)
-            prefetch_block(v_cache, element, table, ahead, block_size, row);
-        else if (ahead - blocks < next_blocks)
-            prefetch_block(k_cache, element, next_table, ahead - blocks, block_size, row);
+        const int ahead = start / block_size + PREFETCH_BLOCKS; /* V blocks, then the next task's K blocks */
+        const void *ahead_cache = ahead < blocks ? v_cache : ahead - blocks < next_blocks ? k_cache : NULL;
+        const int32_t *ahead_table = ahead < blocks ? table : next_table;
+        const int ahead_block = ahead < blocks ? ahead : ahead - blocks;
         if (FORM == LCQ_CACHE_INT8)
             for (int h = 0; h < task_heads; h++)
                 for (int t = 0; t < count; t++)
                     scores[(int64_t)h * length + start + t] *=
                         row_factor(FORM, v_cache, first + (h / group) * head_stride + t * row, head_dim);
 #define WEIGH_HEADS(G, h, kv)                                                                                   \
+    PREFETCH_AHEAD(h, kv, ahead_cache, ahead_table, ahead_block);                                               \
     weigh_head(G, FORM, scores + (int64_t)(h) * length + start, length, v_cache, first + (kv) * head_stride, row, \
                count, head_dim, outputs + (int64_t)(h) * head_dim)
         HEAD_PASSES(WEIGH_HEADS)
 #undef WEIGH_HEADS
     }
 #undef HEAD_PASSES
+#undef PREFETCH_AHEAD
     free(scores);
     return 0;
 }
