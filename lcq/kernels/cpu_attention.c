@@ -176,7 +176,7 @@ static inline __attribute__((always_inline)) void weigh_head(const int G, const 
  * before: 1.09x for the first, 1.22-1.26x with both). A block's prefetches are issued a part per kv
  * head, before that head's pass: a burst of a whole block's lines (96 at SmolLM2's shape) filled the
  * core's miss buffers and stalled the thread until memory answered, so compute and memory took turns
- * (30 layers' caches of 64 sequences of 16-300 tokens, fp16, 2 threads, four rounds alternating with
+ * (cpu_gemm.h's stream spreads the blocked product's the same way) (30 layers' caches of 64 sequences of 16-300 tokens, fp16, 2 threads, four rounds alternating with
  * the build before: 1.23-1.38x with score_rows' plain stores, 12.2-14.6 ms a step; prefetching every
  * other line lost, parts of a few rows each did not gain). */
 #define PREFETCH_BLOCKS 4
@@ -523,7 +523,7 @@ typedef struct {
 static inline __attribute__((always_inline)) void row_tile(const int R, const float *a, int64_t lda, const float *b,
                                                            int64_t ldb, int K, float *c, int64_t ldc, int accumulate) {
     __m256 acc[LCQ_TILE_ROWS][2];
-    lcq_tile_sums(R, 2, a, lda, b, ldb, K, acc);
+    lcq_tile_sums(R, 2, a, lda, b, ldb, K, acc, NULL);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < 2; v++) {
             float *out = c + r * ldc + 8 * v;
@@ -551,7 +551,7 @@ LCQ_BF16 static inline __attribute__((always_inline)) void pair_row_tile(const i
                                                                          int64_t lda, const uint32_t *b, int64_t ldb,
                                                                          int K, float *c, int64_t ldc, int accumulate) {
     __m512 acc[LCQ_TILE_ROWS][2];
-    lcq_pair_sums(R, V, a, lda, b, ldb, K, acc);
+    lcq_pair_sums(R, V, a, lda, b, ldb, K, acc, NULL);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) {
             float *out = c + r * ldc + 16 * v;

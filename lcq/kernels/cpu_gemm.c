@@ -134,7 +134,7 @@ LCQ_INT8 static inline __attribute__((always_inline)) __m512i add_byte_products(
  * and vector per word, then become fp32 times both scales. */
 LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
                                                                     int64_t lda, const uint32_t *b, int64_t ldb,
-                                                                    int K, __m512 acc[][2]) {
+                                                                    int K, __m512 acc[][2], lcq_line_stream *stream) {
     const int blocks = lcq_scale_blocks(K);
     const float *scales = (const float *)(b + (int64_t)K * ldb);
     const int32_t *offsets = (const int32_t *)(b + (int64_t)(K + blocks) * ldb);
@@ -154,6 +154,7 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R
                 const __m512i weights = _mm512_set1_epi32((int)a[r * lda + k]);
                 for (int v = 0; v < V; v++) sums[r][v] = add_byte_products(sums[r][v], weights, columns[v]);
             }
+            if (k % LCQ_STREAM_EVERY == LCQ_STREAM_EVERY - 1) lcq_stream_step(stream);
         }
         for (int v = 0; v < V; v++) {
             const __m512 scale = _mm512_loadu_ps(scales + block * ldb + v * 16);
@@ -190,12 +191,13 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
 /* PREFIX##tile: y[m, n] for a panel's `rows` valid rows (row stride N), V vectors of LANES rows wide,
  * and R weight rows w (K elements of TYPE each, rows STRIDE(K) apart): R x V accumulators from SUMS
  * (lcq_tile_sums: fp32, 8 rows per vector; lcq_pair_sums: bf16 pairs, 16; byte_sums: words of 4
- * bytes, 16), each the outputs of one weight row. Inlined with R and V constants. */
+ * bytes, 16), each the outputs of one weight row, stepping the stream. Inlined with R and V constants. */
 #define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS, STRIDE)                                \
-    ATTR static inline __attribute__((always_inline)) void PREFIX##tile(                                      \
-        const int R, const int V, const TYPE *panel, int K, const TYPE *w, int rows, float *y, int N) {         \
+    ATTR static inline __attribute__((always_inline)) void PREFIX##tile(const int R, const int V, const TYPE *panel, \
+                                                                        int K, const TYPE *w, int rows, float *y,   \
+                                                                        int N, lcq_line_stream *stream) {           \
         VECTOR acc[TILE_WEIGHTS][2];                                                                            \
-        SUMS(R, V, w, STRIDE(K), panel, V * LANES, K, acc);                                                        \
+        SUMS(R, V, w, STRIDE(K), panel, V * LANES, K, acc, stream);                                                \
         float out[TILE_WEIGHTS][PANEL_ROWS];                                                                    \
         for (int r = 0; r < R; r++)                                                                             \
             for (int v = 0; v < V; v++) STORE(out[r] + v * LANES, acc[r][v]);                                   \
@@ -212,7 +214,8 @@ MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, B
  * TILE_WEIGHTS weight rows, then the rest: TILE_AT(R) is the micro-tile of R rows at column n. */
 #define BLOCK_PRODUCT(ATTR, PREFIX, TYPE, PANEL_ROWS, TILE_AT, STRIDE)                                            \
     ATTR static inline __attribute__((always_inline)) void PREFIX##panel_product(                             \
-        const int V, const TYPE *panel, int K, const TYPE *w, int count, int rows, float *y, int N) {          \
+        const int V, const TYPE *panel, int K, const TYPE *w, int count, int rows, float *y, int N,            \
+        lcq_line_stream *stream) {                                                                              \
         int n = 0;                                                                                              \
         for (; n + TILE_WEIGHTS <= count; n += TILE_WEIGHTS) TILE_AT(TILE_WEIGHTS);                             \
         switch (count - n) { /* fewer than TILE_WEIGHTS rows left */                                          \
@@ -221,20 +224,20 @@ MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, B
         }                                                                                                       \
     }                                                                                                           \
     ATTR static void PREFIX##block_product(const TYPE *panels, int M, int K, const TYPE *w, int count, float *y, \
-                                           int N) {                                                             \
+                                           int N, lcq_line_stream *stream) {                                    \
         for (int m0 = 0; m0 < M; m0 += PANEL_ROWS) {                                                            \
             const TYPE *panel = panels + (int64_t)m0 * STRIDE(K);                                                  \
             const int rows = M - m0 < PANEL_ROWS ? M - m0 : PANEL_ROWS;                                         \
             if (panel_width(M, m0, PANEL_ROWS) == PANEL_ROWS)                                                   \
-                PREFIX##panel_product(2, panel, K, w, count, rows, y + (int64_t)m0 * N, N);                     \
+                PREFIX##panel_product(2, panel, K, w, count, rows, y + (int64_t)m0 * N, N, stream);             \
             else                                                                                                \
-                PREFIX##panel_product(1, panel, K, w, count, rows, y + (int64_t)m0 * N, N);                     \
+                PREFIX##panel_product(1, panel, K, w, count, rows, y + (int64_t)m0 * N, N, stream);             \
         }                                                                                                       \
     }
 
-#define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
-#define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N)
-#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * lcq_byte_row_words(K), rows, y + n, N)
+#define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N, stream)
+#define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N, stream)
+#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * lcq_byte_row_words(K), rows, y + n, N, stream)
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, lcq_byte_row_words)
@@ -248,6 +251,18 @@ static void convert_rows(int form, const float *src, int K, int count, uint32_t 
         else
             lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
     }
+}
+
+/* The stream of the block of rows from `first` (of each half), paced over a product of `tiles`
+ * micro-tiles `depth` steps deep along K. */
+static void stream_block(const lcq_expansions *expansions, const void *weight, int K, int first, int outputs,
+                         int halves, int tiles, int depth, lcq_line_stream *stream) {
+    const int count = outputs - first < BLOCK_ROWS / halves ? outputs - first : BLOCK_ROWS / halves;
+    for (int h = 0; h < halves; h++) expansions->stream(weight, K, first + h * outputs, count, stream);
+    int64_t lines = 0;
+    for (int r = 0; r < stream->ranges; r++) lines += stream->lines[r];
+    const int64_t steps = (int64_t)tiles * (depth / LCQ_STREAM_EVERY);
+    stream->per_step = steps > 0 ? (int)((lines + steps - 1) / steps) : 0;
 }
 
 float *lcq_swiglu_products(int swiglu, int M, int N, float *y) {
@@ -320,12 +335,16 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 }
                 float *out = swiglu ? products : y + first;
                 const int out_stride = swiglu ? halves * count : N;
+                lcq_line_stream next = {0}; /* the next block, this thread's under the static schedule */
+                if (b + 1 < blocks && expansions->stream != NULL)
+                    stream_block(expansions, weight, K, first + block_outputs, outputs, halves,
+                                 panels * ((halves * count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), values, &next);
                 if (bytes)
-                    byte_block_product(packed, M, values, rows, halves * count, out, out_stride);
+                    byte_block_product(packed, M, values, rows, halves * count, out, out_stride, &next);
                 else if (converted)
-                    pair_block_product(packed, M, values, rows, halves * count, out, out_stride);
+                    pair_block_product(packed, M, values, rows, halves * count, out, out_stride, &next);
                 else
-                    fp32_block_product((const float *)packed, M, K, block, halves * count, out, out_stride);
+                    fp32_block_product((const float *)packed, M, K, block, halves * count, out, out_stride, &next);
                 for (int m = 0; swiglu && m < M; m++)
                     lcq_silu_mul_row(products + (int64_t)m * out_stride, products + (int64_t)m * out_stride + count,
                                      y + (int64_t)m * outputs + first, count);

@@ -84,7 +84,12 @@ LCQ_BF16 static void expand_half_pairs(const void *weight, int K, int first, int
     }
 }
 
-static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL};
+/* Rows first .. first + count - 1 into the stream (an lcq_stream_rows). */
+static void stream_half(const void *weight, int K, int first, int count, lcq_line_stream *stream) {
+    lcq_stream_add(stream, (const uint16_t *)weight + (int64_t)first * K, (int64_t)count * K * 2);
+}
+
+static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL, stream_half};
 
 /* The decode form with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more): activations
  * rounded once per call to bf16 pairs along K; per 32 weights two conversions to fp32 and one to 16

@@ -448,6 +448,21 @@ LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int 
     return 0;
 }
 
+/* What expanding rows first .. first + count - 1 reads, into the stream (an lcq_stream_rows): their
+ * indices, S, B, table rows and block scales (the tables are a layer's few hundred bytes). */
+static void stream_index_rows(const void *weight, int K, int first, int count, lcq_line_stream *stream) {
+    const lcq_index_weight *w = weight;
+    const int64_t entries = (int64_t)w->groups * w->rank;
+    lcq_stream_add(stream, w->indices + (int64_t)first * w->row_bytes, (int64_t)count * w->row_bytes);
+    lcq_stream_add(stream, w->scales + first * entries, sizeof(float) * count * entries);
+    lcq_stream_add(stream, w->offsets + (int64_t)first * w->groups, sizeof(float) * count * w->groups);
+    lcq_stream_add(stream, w->table_index + first, sizeof(int32_t) * count);
+    if (w->tops != NULL) {
+        const int blocks = lcq_scale_blocks((K + 3) / 4);
+        lcq_stream_add(stream, w->tops + (int64_t)first * blocks, sizeof(float) * count * blocks);
+    }
+}
+
 /* The AVX-512 decode product with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more):
  * activations rounded once per call to bf16 pairs along K; per pair of steps the two lookups (32
  * consecutive weights) become one vector of 16 bf16 pairs, and each row takes one vdpbf16ps with its
@@ -534,7 +549,7 @@ int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, floa
     if (M < 1 || (swiglu && w->N % 2)) return -1;
     if (M >= lcq_gemm_min_rows()) {
         const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
-                                           w->wide ? wide_expand_bytes : NULL};
+                                           w->wide ? wide_expand_bytes : NULL, stream_index_rows};
         return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, swiglu, y);
     }
     float *products = lcq_swiglu_products(swiglu, M, w->N, y);
