@@ -587,3 +587,22 @@ def test_cpu_ops_match_torch(rows):
     gate_up = torch.randn(rows, 2 * dim)
     assert_close(cpu_ops.silu_mul(gate_up), torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:],
                  torch.float32)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("width", [1, 7, 8, 33, 49152])
+def test_cpu_argmax_matches_torch(width):
+    """The sampler's C argmax gives torch.argmax's index exactly: the first of tied maxima (rows of
+    few distinct values), the first NaN of a row with NaNs, rows of -inf and of signed zeros, widths
+    that are not a multiple of the vector, and 1 to 20 rows (20: the multi-threaded branch)."""
+    generator = torch.Generator().manual_seed(width)
+    for rows in (1, 20):
+        x = torch.randint(0, 4, (rows, width), generator=generator).float() if width > 1 else torch.randn(rows, 1)
+        x[0] = torch.randn(width, generator=generator)
+        if rows > 1:
+            x[1] = float("-inf")
+            x[2] = -0.0
+            x[2, width // 2] = 0.0
+            x[3, width - 1] = float("nan")
+            x[3, width // 3] = float("nan")
+        assert torch.equal(cpu_ops.argmax(x), x.argmax(dim=-1))

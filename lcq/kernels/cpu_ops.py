@@ -125,6 +125,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """torch.argmax(x, dim=-1) for an fp32 CPU tensor (usable(x)), int64."""
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError("argmax needs a non-empty last dimension")
+    x = x.contiguous()
+    out = torch.empty(x.shape[:-1], dtype=torch.int64)
+    library().lcq_argmax_rows(x.data_ptr(), x.numel() // max(x.shape[-1], 1), x.shape[-1], out.data_ptr())
+    return out
+
+
 # fp32 values of K/V one prefill call stages at most at once (64 MiB), unless one sequence needs more
 STAGE_LIMIT_FLOATS = 16 << 20
 
@@ -164,6 +174,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
+        "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i64],

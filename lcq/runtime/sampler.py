@@ -10,7 +10,15 @@ from collections.abc import Callable, Collection
 
 import torch
 
+from lcq.kernels import cpu_ops
+
 from .sequence import Sequence
+
+
+def argmax(values: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value: the C kernel for fp32 CPU rows, where torch's argmax
+    took 4% of a decode step of 64 sequences (cpu_ops.argmax), else torch's."""
+    return cpu_ops.argmax(values) if cpu_ops.usable(values) else values.argmax(dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -88,7 +96,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
     if constrained:
         constrain(logits, seqs)
     greedy = [s.params.temperature == 0 for s in seqs]
-    chosen = logits.argmax(dim=-1)
+    chosen = argmax(logits)
     if not all(greedy):
         probs = _filter(logits, seqs)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
@@ -96,6 +104,6 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
         for row, seq in enumerate(seqs):
             if seq.generator is not None and not greedy[row]:
                 noise[row] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(probs.device)
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = argmax(probs / noise)
         chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
     return chosen.tolist(), logprobs
