@@ -176,9 +176,10 @@ static inline __attribute__((always_inline)) void weigh_head(const int G, const 
  * before: 1.09x for the first, 1.22-1.26x with both). A block's prefetches are issued a part per kv
  * head, before that head's pass: a burst of a whole block's lines (96 at SmolLM2's shape) filled the
  * core's miss buffers and stalled the thread until memory answered, so compute and memory took turns
- * (cpu_gemm.h's stream spreads the blocked product's the same way) (30 layers' caches of 64 sequences of 16-300 tokens, fp16, 2 threads, four rounds alternating with
- * the build before: 1.23-1.38x with score_rows' plain stores, 12.2-14.6 ms a step; prefetching every
- * other line lost, parts of a few rows each did not gain). */
+ * (cpu_gemm.h's stream spreads the blocked product's prefetches for the same reason). 30 layers'
+ * caches of 64 sequences of 16-300 tokens, fp16, 2 threads, four rounds alternating with the build
+ * before: 1.23-1.38x with score_rows' plain stores, 12.2-14.6 ms a step; prefetching every other line
+ * lost, parts of a few rows each did not gain. */
 #define PREFETCH_BLOCKS 4
 
 /* Ask for part `part` of `parts` of block `block`'s rows of `cache` to be brought into L2, of each row
