@@ -60,8 +60,9 @@ def main() -> None:
                   f"{preempted}", flush=True)
     write_record(args.output, cpu_record(
         f"python bench/long_context.py --threads {args.threads} --sequences {args.sequences} --context "
-        f"{args.context} --tokens {args.tokens} --kv-cache-dtypes {args.kv_cache_dtypes}", args.threads, sequences=args.sequences, context=args.context,
-        tokens=args.tokens, kv_cache_gb=KV_CACHE_GB, load_average_1m=os.getloadavg()[0], rows=rows))
+        f"{args.context} --tokens {args.tokens} --runs {args.runs} --kv-cache-dtypes {args.kv_cache_dtypes}",
+        args.threads, sequences=args.sequences, context=args.context, tokens=args.tokens, runs=args.runs,
+        kv_cache_gb=KV_CACHE_GB, load_average_1m=os.getloadavg()[0], rows=rows))
 
 
 if __name__ == "__main__":
