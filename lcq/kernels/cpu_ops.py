@@ -26,13 +26,12 @@ ENABLED = os.environ.get("LCQ_CPU_OPS", "1") != "0"
 
 def usable(*tensors: torch.Tensor | None) -> bool:
     """True when the C ops run here and every given tensor is an fp32 CPU tensor. Called several
-    times per layer and token, so kept to attribute reads."""
-    if not (ENABLED and library() is not None):
-        return False
+    times per layer and token, so kept to attribute reads; the tensors are checked first, so that
+    GPU tensors (the sampler's logits on a GPU) never build the library."""
     for t in tensors:
         if t is not None and (t.dtype is not torch.float32 or not t.is_cpu):
             return False
-    return True
+    return ENABLED and library() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
