@@ -70,7 +70,8 @@ def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, work
     device = llm.engine.runner.device
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gb()
     common = dict(model=Path(folder).name, weights=weights, engine="lcq", variant=variant, peak_mem_GB=round(peak, 3),
-                  products=str(llm.engine.runner.products).removeprefix("torch."))
+                  products=str(llm.engine.runner.products).removeprefix("torch."),
+                  int8_weights_MB=round(llm.engine.runner.int8_weight_bytes / 2**20, 1))
     return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
 

@@ -467,6 +467,29 @@ def test_index_weights_with_int8_products(bits, rank, group, k):
     assert _relative_error(y, reference(x, layer)) > 1e-3
 
 
+@needs_int8
+@pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
+                                                      (150, 600, 2, 2, 128)])
+def test_kept_int8_rows_are_what_int8_products_expand(n, k, bits, rank, group):
+    """A weight that keeps its int8 rows (keep_byte_rows) gives the products of one that expands them
+    per block, bit for bit, from 10 rows (last blocks and micro-tiles cut short at N = 43, 74, 100,
+    150; gate/up halves of 37, 50 and 75 rows); from 4 rows it takes int8 products (the decode forms
+    are slower than reading kept bytes there), below 4 the same decode forms as without."""
+    layer = random_layer(n, k, bits, rank, group, seed=n + k)
+    expanding, kept = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
+    words = -(-k // 4)
+    assert kept.keep_byte_rows() == kept.byte_rows_nbytes == 4 * n * (words + 2 * -(-words // 16))
+    assert kept.nbytes == expanding.nbytes + kept.byte_rows_nbytes
+    x = torch.randn(70, k)
+    with cpu_products(torch.int8):
+        for m in (1, 3, 10, 16, 33, 70):
+            for swiglu in (False, True) if n % 2 == 0 else (False,):
+                assert torch.equal(kept.linear(x[:m], swiglu), expanding.linear(x[:m], swiglu)), (m, swiglu)
+        for m in (4, 9):
+            assert _relative_error(kept.linear(x[:m]), _int8_index_reference(x[:m], layer)) < 1e-5
+    assert cpu_index.IndexWeight(layer, wide=False).keep_byte_rows() == 0  # the AVX2 form has no int8 products
+
+
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")
 def test_index_kernel_takes_fused_layers_and_is_small():
     layer = fused_layer(bits=4)  # three V tables picked per column, a bias on the first part

@@ -272,6 +272,38 @@ def test_prompt_logprobs_match_log_softmax(tiny):
     assert _pool_is_full(chunked.engine)
 
 
+def test_cpu_int8_weights_setting():
+    """on needs int8 products; auto keeps the int8 form when it takes at most a tenth of the memory
+    available (unknown: not), off never."""
+    with pytest.raises(ValueError, match="cpu_int8_weights must be auto, on or off"):
+        EngineConfig(model="m", cpu_int8_weights="yes").validate()
+    with pytest.raises(ValueError, match="cpu_int8_weights on needs int8 products"):
+        EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32", cpu_int8_weights="on").validate()
+    assert not EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32").keeps_int8_weights(1, 100)
+    if products_available(torch.int8):
+        config = EngineConfig(model="m", device="cpu", cpu_matmul_dtype="int8")
+        assert config.keeps_int8_weights(10, 100) and not config.keeps_int8_weights(11, 100)
+        assert not config.keeps_int8_weights(10, None)
+        config.cpu_int8_weights = "on"
+        assert config.keeps_int8_weights(11, 100) and config.keeps_int8_weights(10, None)
+        config.cpu_int8_weights = "off"
+        assert not config.keeps_int8_weights(10, 100)
+
+
+@pytest.mark.skipif(not products_available(torch.int8), reason="int8 products need AVX512_VNNI, AVX512_VBMI and "
+                                                                "AVX512_BF16, and the C kernels")
+def test_engine_with_kept_int8_weights_prefills_the_same(tmp_path):
+    """With cpu_int8_weights on, LCQ layers keep their int8 form and an 18-token prefill reads it in
+    place of expanding blocks: the same logprobs bit for bit as an engine that expands."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32))
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, logprobs=3)
+    kept, expanding = (LLM(folder, block_size=8, cpu_matmul_dtype="int8", cpu_int8_weights=setting)
+                       for setting in ("on", "off"))
+    assert kept.engine.runner.int8_weight_bytes > 0 and expanding.engine.runner.int8_weight_bytes == 0
+    ours, theirs = (engine.generate([PROMPTS[0]], params)[0].logprobs[0] for engine in (kept, expanding))
+    assert ours == theirs
+
+
 @pytest.mark.parametrize("setting, dtype, largest", [("bfloat16", torch.bfloat16, 0.05), ("int8", torch.int8, 0.15)])
 def test_engine_prefills_with_rounded_products(tmp_path, setting, dtype, largest):
     """bfloat16 rounds the operands of the C kernels' large products (an 18-token prefill of an LCQ

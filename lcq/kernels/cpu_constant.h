@@ -27,7 +27,7 @@
     }
 
 /* The loop over a decode product's output columns (cpu_index.c, cpu_half.c: fewer than
- * lcq_gemm_min_rows() rows). Guided: each thread takes large contiguous chunks first (it streams its
+ * lcq_gemm_min_rows(...) rows). Guided: each thread takes large contiguous chunks first (it streams its
  * weights in order), then smaller ones down to 32 columns, so a thread that runs slower for a while
  * (this VM's two vCPUs differed by 10-15% in profiles) does not keep the other waiting at the end.
  * Against static halves, the schedules alternating in one process (SmolLM2 W4, 2 threads, Zen 4):

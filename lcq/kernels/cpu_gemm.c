@@ -40,14 +40,21 @@
  * at 10-16 rows, and against the bf16 decode forms 0.61-0.85x at 5-8 rows, 1.10x at 9. */
 #define BF16_MIN_ROWS 10
 
+/* With a weight's int8 rows kept (lcq_expansions.byte_rows), its int8 product has no expansion to
+ * amortize and reads 1.125 bytes per weight: against the bf16 and fp32 decode forms, over SmolLM2's
+ * three LCQ shapes at W4 r2 g64 (weights from memory, 2 threads, Zen 4), 1.06-1.26x at 4 rows,
+ * 1.27-1.61x at 5, up to 2.2-3.0x at 9; 0.92-1.10x at 3, 0.59-0.90x at 1-2. */
+#define KEPT_BYTES_MIN_ROWS 4
+
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
 int lcq_bf16_products(void) {
     return product_form != LCQ_FP32_PRODUCTS;
 }
 
-int lcq_gemm_min_rows(void) {
-    return product_form == LCQ_FP32_PRODUCTS ? LCQ_GEMM_MIN_ROWS : BF16_MIN_ROWS;
+int lcq_gemm_min_rows(int kept_bytes) {
+    if (product_form == LCQ_FP32_PRODUCTS) return LCQ_GEMM_MIN_ROWS;
+    return kept_bytes && product_form == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS : BF16_MIN_ROWS;
 }
 
 /* Sets the calling thread's product form (the best the CPU has at or below the one asked for);
@@ -274,11 +281,18 @@ static void convert_rows(int form, const float *src, int K, int count, uint32_t 
 }
 
 /* The stream of the block of rows from `first` (of each half), paced over a product of `tiles`
- * micro-tiles `depth` steps deep along K. */
-static void stream_block(const lcq_expansions *expansions, const void *weight, int K, int first, int outputs,
-                         int halves, int tiles, int depth, lcq_line_stream *stream) {
+ * micro-tiles `depth` steps deep along K: what expanding them reads, or their kept int8 rows (`words`
+ * each) where byte_rows is not NULL. */
+static void stream_block(const lcq_expansions *expansions, const void *weight, const uint32_t *byte_rows, int words,
+                         int K, int first, int outputs, int halves, int tiles, int depth, lcq_line_stream *stream) {
     const int count = outputs - first < BLOCK_ROWS / halves ? outputs - first : BLOCK_ROWS / halves;
-    for (int h = 0; h < halves; h++) expansions->stream(weight, K, first + h * outputs, count, stream);
+    for (int h = 0; h < halves; h++) {
+        const int at = first + h * outputs;
+        if (byte_rows != NULL)
+            lcq_stream_add(stream, byte_rows + (int64_t)at * words, sizeof(uint32_t) * (int64_t)count * words);
+        else
+            expansions->stream(weight, K, at, count, stream);
+    }
     int64_t lines = 0;
     for (int r = 0; r < stream->ranges; r++) lines += stream->lines[r];
     const int64_t steps = (int64_t)tiles * (depth / LCQ_STREAM_EVERY);
@@ -325,10 +339,11 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
             const int bytes = form == LCQ_INT8_PRODUCTS; /* weights expand to bytes, not fp32 */
             const int pairs = form == LCQ_BF16_PRODUCTS && expansions->pairs != NULL; /* or to bf16 pairs */
+            const uint32_t *kept = bytes ? expansions->byte_rows : NULL; /* or are bytes already */
             float *block = bytes || pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
-            uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
+            uint32_t *rows = converted && kept == NULL ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
             float *products = swiglu ? malloc(sizeof(float) * BLOCK_ROWS * (size_t)M) : NULL; /* gate, up */
-            const int ready = (bytes || pairs || block != NULL) && (!converted || rows != NULL) &&
+            const int ready = (bytes || pairs || block != NULL) && (!converted || kept != NULL || rows != NULL) &&
                               (!swiglu || products != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
@@ -336,10 +351,13 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 if (!ready) continue;
                 const int first = b * block_outputs;
                 const int count = outputs - first < block_outputs ? outputs - first : block_outputs;
+                const void *source[2]; /* each half's rows in the product's form */
                 int expanded = 1;
                 for (int h = 0; h < halves; h++) { /* rows first + h * outputs .. at row h * count of the block */
                     const int at = first + h * outputs, row = h * count;
-                    if (bytes)
+                    if (kept != NULL)
+                        source[h] = kept + (int64_t)at * words;
+                    else if (bytes)
                         expanded &= expansions->bytes(weight, K, at, count, rows + (int64_t)row * words) == 0;
                     else if (pairs)
                         expansions->pairs(weight, K, at, count, rows + (int64_t)row * words);
@@ -348,6 +366,8 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                         if (converted)
                             convert_rows(form, block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
                     }
+                    if (kept == NULL)
+                        source[h] = converted ? (const void *)(rows + (int64_t)row * words) : block + (int64_t)row * K;
                 }
                 if (!expanded) {
                     failed = 1;
@@ -356,15 +376,18 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 float *out = swiglu ? products : y + first;
                 const int out_stride = swiglu ? halves * count : N;
                 lcq_line_stream next = {0}; /* the next block, this thread's under the static schedule */
-                if (b + 1 < blocks && expansions->stream != NULL)
-                    stream_block(expansions, weight, K, first + block_outputs, outputs, halves,
-                                 panels * ((halves * count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), values, &next);
-                if (bytes)
-                    byte_block_product(packed, M, values, rows, halves * count, out, out_stride, &next);
-                else if (converted)
-                    pair_block_product(packed, M, values, rows, halves * count, out, out_stride, &next);
-                else
-                    fp32_block_product((const float *)packed, M, K, block, halves * count, out, out_stride, &next);
+                if (b + 1 < blocks && (kept != NULL || expansions->stream != NULL))
+                    stream_block(expansions, weight, kept, words, K, first + block_outputs, outputs, halves,
+                                 panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), values, &next);
+                for (int h = 0; h < halves; h++) { /* the halves' outputs side by side in out */
+                    if (bytes)
+                        byte_block_product(packed, M, values, source[h], count, out + h * count, out_stride, &next);
+                    else if (converted)
+                        pair_block_product(packed, M, values, source[h], count, out + h * count, out_stride, &next);
+                    else
+                        fp32_block_product((const float *)packed, M, K, source[h], count, out + h * count, out_stride,
+                                           &next);
+                }
                 for (int m = 0; swiglu && m < M; m++)
                     lcq_silu_mul_row(products + (int64_t)m * out_stride, products + (int64_t)m * out_stride + count,
                                      y + (int64_t)m * outputs + first, count);

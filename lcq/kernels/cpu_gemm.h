@@ -11,8 +11,9 @@
 #define LCQ_GEMM_MIN_ROWS 16
 
 /* The rows from which a product of the calling thread is lcq_expanded_product's: LCQ_GEMM_MIN_ROWS,
- * or fewer with bf16 products on. */
-int lcq_gemm_min_rows(void);
+ * or fewer with bf16 products on, and fewer still for int8 products of a weight whose int8 rows are
+ * kept (kept_bytes: lcq_expansions.byte_rows is not NULL). */
+int lcq_gemm_min_rows(int kept_bytes);
 
 /* Writes weight rows first .. first + count - 1 of `weight` (K columns) as fp32 into out (count, K). */
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
@@ -87,12 +88,15 @@ static inline __attribute__((always_inline)) void lcq_stream_step(lcq_line_strea
 typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count, lcq_line_stream *stream);
 
 /* How a weight expands a block of its rows: to fp32 (every weight), and where it has them (else
- * NULL) straight to bf16 pairs or to the int8 form; and what a block of its rows reads. */
+ * NULL) straight to bf16 pairs or to the int8 form; what a block of its rows reads; and, where the
+ * weight keeps them (else NULL), all its rows already in the int8 form (N rows of
+ * lcq_byte_row_words((K + 3) / 4) words), which int8 products then read in place of expanding. */
 typedef struct {
     lcq_expand_rows fp32;
     lcq_expand_pair_rows pairs;
     lcq_expand_byte_rows bytes;
     lcq_stream_rows stream;
+    const uint32_t *byte_rows;
 } lcq_expansions;
 
 /* y (M, N) = x (M, K) @ W^T, W given by its expansions; x and y fp32 contiguous, M >= 1. Operands

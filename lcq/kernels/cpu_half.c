@@ -89,7 +89,7 @@ static void stream_half(const void *weight, int K, int first, int count, lcq_lin
     lcq_stream_add(stream, (const uint16_t *)weight + (int64_t)first * K, (int64_t)count * K * 2);
 }
 
-static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL, stream_half};
+static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL, stream_half, NULL};
 
 /* The decode form with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more): activations
  * rounded once per call to bf16 pairs along K; per 32 weights two conversions to fp32 and one to 16
@@ -137,12 +137,12 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
 }
 
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32, or with swiglu (W =
- * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). Fewer than lcq_gemm_min_rows() rows: per
+ * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). Fewer than lcq_gemm_min_rows(0) rows: per
  * output column, passes of up to MAX_ROWS rows (the column's weights stay in L1 between passes).
  * Returns 0, or -1 for M < 1 or when a buffer cannot be allocated. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, float *y) {
     if (M < 1 || (swiglu && N % 2)) return -1;
-    if (M >= lcq_gemm_min_rows()) return lcq_expanded_product(x, M, K, N, &half_expansions, w, swiglu, y);
+    if (M >= lcq_gemm_min_rows(0)) return lcq_expanded_product(x, M, K, N, &half_expansions, w, swiglu, y);
     float *products = lcq_swiglu_products(swiglu, M, N, y);
     int status = 0;
     if (products == NULL) {

@@ -7,8 +7,10 @@
  * entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per two
  * permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
  * Products of lcq_gemm_min_rows() rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
- * block of weight rows at a time to their fp32 entries in a per-thread buffer and multiplies it there,
- * so no copy of the whole layer is ever made and every product uses the exact entries.
+ * block of weight rows at a time to their fp32 entries (or with int8 products to bytes) in a
+ * per-thread buffer and multiplies it there, so no copy of the whole layer is made unless asked for
+ * (lcq_index_byte_rows: the int8 form kept, memory for speed) and every fp32 product uses the exact
+ * entries.
  *
  * Index layout, one function for every bit width b: a row is runs of 16 32-bit words, each word
  * holding P = 32 / b indices (16, 10 or 8); field s of word i (bits b s ..) is index 16 s + i of the
@@ -28,6 +30,7 @@
 #include "cpu_gemm.h"
 
 #define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
+#define PACK_BLOCK_ROWS 64 /* rows per task of lcq_index_byte_rows */
 
 /* Must match IndexWeight in cpu_index.py. */
 typedef struct {
@@ -40,6 +43,7 @@ typedef struct {
     int bits, runs, last_lane_bytes, row_bytes; /* last_lane_bytes 0: no partial run */
     int wide; /* decode with AVX-512 (the caller checked the CPU has it) */
     const float *tops; /* (N, ceil(K / 64)) lcq_index_block_tops, for the int8 expansion; NULL where not wide */
+    const uint32_t *byte_rows; /* every row in the int8 form (lcq_index_byte_rows), or NULL: expanded per block */
 } lcq_index_weight;
 
 static float horizontal_sum(__m256 v) {
@@ -203,7 +207,7 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
     return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
 }
 
-/* The decode product (fewer than lcq_gemm_min_rows() rows) of one instruction set, PREFIX narrow (AVX2)
+/* The decode product (fewer than lcq_gemm_min_rows(...) rows) of one instruction set, PREFIX narrow (AVX2)
  * or wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each),
  * passes of up to PASS_ROWS activation rows over the column's indices; per run its words, per step
  * of 16 weights one lookup (a new codebook where a group starts) and a shift, two steps at a time so
@@ -448,6 +452,26 @@ LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int 
     return 0;
 }
 
+/* The int8 form of every row of a wide weight (N rows of lcq_byte_row_words((K + 3) / 4) words) into
+ * out, for int8 products to read in place of expanding a block of rows per call; returns 0, or -1
+ * for a weight without the form (not wide) or a failed allocation. */
+LCQ_INT8 int lcq_index_byte_rows(const void *weight, uint32_t *out) {
+    const lcq_index_weight *w = weight;
+    if (!w->wide) return -1;
+    const int words = lcq_byte_row_words((w->K + 3) / 4);
+    int failed = 0;
+#pragma omp parallel for schedule(static) reduction(| : failed)
+    for (int first = 0; first < w->N; first += PACK_BLOCK_ROWS) {
+        const int count = w->N - first < PACK_BLOCK_ROWS ? w->N - first : PACK_BLOCK_ROWS;
+        failed |= wide_expand_bytes(weight, w->K, first, count, out + (int64_t)first * words) != 0;
+    }
+    return failed ? -1 : 0;
+}
+
+int lcq_index_byte_row_words(int K) {
+    return lcq_byte_row_words((K + 3) / 4);
+}
+
 /* What expanding rows first .. first + count - 1 reads, into the stream (an lcq_stream_rows): their
  * indices, S, B, table rows and block scales (the tables are a layer's few hundred bytes). */
 static void stream_index_rows(const void *weight, int K, int first, int count, lcq_line_stream *stream) {
@@ -547,9 +571,9 @@ LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const fl
 int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1 || (swiglu && w->N % 2)) return -1;
-    if (M >= lcq_gemm_min_rows()) {
+    if (M >= lcq_gemm_min_rows(w->byte_rows != NULL)) {
         const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
-                                           w->wide ? wide_expand_bytes : NULL, stream_index_rows};
+                                           w->wide ? wide_expand_bytes : NULL, stream_index_rows, w->byte_rows};
         return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, swiglu, y);
     }
     float *products = lcq_swiglu_products(swiglu, M, w->N, y);

@@ -37,7 +37,8 @@ class _Fields(ctypes.Structure):
                 ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
                 ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
                 ("bits", ctypes.c_int), ("runs", ctypes.c_int), ("last_lane_bytes", ctypes.c_int),
-                ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int), ("tops", ctypes.c_void_p)]
+                ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int), ("tops", ctypes.c_void_p),
+                ("byte_rows", ctypes.c_void_p)]
 
 
 def pack_rows(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
@@ -100,13 +101,36 @@ class IndexWeight:
                               last_lane_bytes, self.indices.shape[1], int(wide),
                               self.tops.data_ptr() if wide else None)
         self.pointer = ctypes.addressof(self.fields)
+        self.byte_rows = torch.empty(0, dtype=torch.int32)
         if wide:
             library().lcq_index_block_tops(self.pointer, self.tops.data_ptr())
 
     @property
+    def byte_rows_nbytes(self) -> int:
+        """What keep_byte_rows would keep: the int8 form of every weight, 1.125 bytes per weight at
+        K = 576 (a byte per value, a scale and an offset per 64), where the AVX-512 form runs; else 0."""
+        if not self.fields.wide:
+            return 0
+        return 4 * self.out_features * library().lcq_index_byte_row_words(self.in_features)
+
+    def keep_byte_rows(self) -> int:
+        """Expand every row to the int8 form now, once, for int8 products to read where they would
+        expand each block of rows per call (the same bytes, so the same outputs); returns the bytes
+        kept (0 where the AVX-512 form does not run). Memory for speed: decode steps of many
+        sequences spend a tenth of their time expanding (docs/kernels.md)."""
+        size = self.byte_rows_nbytes
+        if size and not self.byte_rows.numel():
+            self.byte_rows = torch.empty(size // 4, dtype=torch.int32)
+            if library().lcq_index_byte_rows(self.pointer, self.byte_rows.data_ptr()):
+                raise MemoryError("lcq_index_byte_rows could not allocate its buffers")
+            self.fields.byte_rows = self.byte_rows.data_ptr()
+        return size
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
-                   for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index, self.tops))
+                   for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index, self.tops,
+                             self.byte_rows))
 
     def linear(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """x (..., K) float32 -> (..., N) float32; with swiglu (the layer is [gate; up]) silu(x @ gate^T)
@@ -133,4 +157,8 @@ def library() -> ctypes.CDLL | None:
         lib.lcq_index_matmul.restype = ctypes.c_int
         lib.lcq_index_block_tops.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.lcq_index_block_tops.restype = None
+        lib.lcq_index_byte_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.lcq_index_byte_rows.restype = ctypes.c_int
+        lib.lcq_index_byte_row_words.argtypes = [ctypes.c_int]
+        lib.lcq_index_byte_row_words.restype = ctypes.c_int
     return lib

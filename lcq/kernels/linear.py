@@ -90,6 +90,16 @@ class LCQLinear(torch.nn.Module):
             self._dense = None if self._half is not None else pack_weight(weight)
         self._cached_dtype = dtype
 
+    @property
+    def byte_rows_nbytes(self) -> int:
+        """The bytes keep_byte_rows would add (0 unless this layer keeps indices in the AVX-512 form)."""
+        return self._index.byte_rows_nbytes if self._index is not None else 0
+
+    def keep_byte_rows(self) -> int:
+        """Keep the int8 form of every weight beside the indices, which int8 products then read
+        instead of expanding blocks of rows per call (IndexWeight.keep_byte_rows); returns its bytes."""
+        return self._index.keep_byte_rows() if self._index is not None else 0
+
     def release_packed(self) -> int:
         """Drop the packed tensors, which a warmed CPU layer no longer reads (0.28-0.55 bytes per
         weight beside its cached weight), for a model whose dtype and device stay as loaded; returns

@@ -21,6 +21,7 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
     kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 or int8 on CPU too
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
+    cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
     enable_prefix_caching: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
@@ -82,6 +83,17 @@ class EngineConfig:
                              f"CPU with {needs}")
         return dtype
 
+    def keeps_int8_weights(self, size: int, available: int | None) -> bool:
+        """Whether LCQ layers keep the int8 form of their weights (`size` bytes, 1.125 per weight at
+        K = 576) beside their indices, for int8 products to read instead of expanding each block of
+        rows at every call: memory for speed (decode steps of 64 sequences spent a tenth of their time
+        expanding). auto: when int8 products are on and the form takes at most a tenth of the memory
+        `available` (None: unknown, so not); on: whenever int8 products are on (validate() refuses it
+        otherwise); off: never. Batch-1 decode reads the indices either way."""
+        if self.cpu_int8_weights == "off" or self.resolved_cpu_matmul_dtype() != torch.int8:
+            return False
+        return self.cpu_int8_weights == "on" or (available is not None and size <= available // 10)
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
@@ -100,7 +112,12 @@ class EngineConfig:
                 raise ValueError(message)
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
-        self.resolved_cpu_matmul_dtype()
+        products = self.resolved_cpu_matmul_dtype()
+        if self.cpu_int8_weights not in ("auto", "on", "off"):
+            raise ValueError(f"cpu_int8_weights must be auto, on or off (got {self.cpu_int8_weights})")
+        if self.cpu_int8_weights == "on" and products != torch.int8:
+            raise ValueError("cpu_int8_weights on needs int8 products (cpu_matmul_dtype int8, or auto on a CPU "
+                             "with AVX512_VNNI, AVX512_VBMI and AVX512_BF16)")
 
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -1,4 +1,5 @@
-"""How the process treats its memory: what the garbage collector walks, and what the heap keeps.
+"""How the process treats its memory: what the garbage collector walks, what the heap keeps, and
+how much the machine has left.
 
 Once an engine is loaded, everything alive is frozen out of the garbage collector: Python's full
 collections, which the objects requests leave behind trigger now and then (once in the first
@@ -52,6 +53,19 @@ def return_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def available_memory_bytes() -> int | None:
+    """What the kernel reckons can still be allocated without swapping (MemAvailable), or None where
+    /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def freeze_loaded_objects() -> None:

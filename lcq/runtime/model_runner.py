@@ -9,11 +9,12 @@ from dataclasses import dataclass
 import torch
 
 from lcq.kernels.cpu_matmul import cpu_products
+from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .host_memory import keep_freed_memory, return_freed_memory
+from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory
 from .sequence import Sequence
 
 logger = logging.getLogger("lcq.engine")
@@ -49,6 +50,7 @@ class ModelRunner:
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
+        self.int8_weight_bytes = self._keep_int8_weights(config)
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
         self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
@@ -70,6 +72,18 @@ class ModelRunner:
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+
+    def _keep_int8_weights(self, config: EngineConfig) -> int:
+        """LCQ layers keep their int8 form where the config says so (EngineConfig.keeps_int8_weights);
+        returns the bytes kept, before the KV pool is sized."""
+        layers = [m for m in self.model.modules() if isinstance(m, LCQLinear)]
+        size = sum(layer.byte_rows_nbytes for layer in layers)
+        if not size or not config.keeps_int8_weights(size, available_memory_bytes()):
+            return 0
+        kept = sum(layer.keep_byte_rows() for layer in layers)
+        logger.info("LCQ layers keep their int8 form (%.0f MB), which their products of 4 rows or more read",
+                    kept / 2**20)
+        return kept
 
     def _kv_budget(self, config: EngineConfig) -> int:
         """gpu_memory_utilization is the share of the GPU this engine may use (weights, KV cache and
