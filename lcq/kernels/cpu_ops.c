@@ -216,7 +216,10 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
     for (int l = 0; l < num_layers; l++) {
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
         void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
-        lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
+        if (l == 0)
+            lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
+        else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
+            lcq_rms_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
@@ -233,7 +236,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             lcq_silu_mul(gate_up, activated, rows, intermediate);
         }
         if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
-        for (int64_t i = 0; i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* x += MLP output */
     }
+    for (int64_t i = 0; num_layers > 0 && i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* the last MLP's */
     return 0;
 }
