@@ -15,7 +15,7 @@ import weakref
 import pytest
 import torch
 
-from lcq.kernels import cpu_half, cpu_ops
+from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
@@ -290,8 +290,9 @@ def test_cpu_int8_weights_setting():
         assert not config.keeps_int8_weights(10, 100)
 
 
-@pytest.mark.skipif(not products_available(torch.int8), reason="int8 products need AVX512_VNNI, AVX512_VBMI and "
-                                                                "AVX512_BF16, and the C kernels")
+@pytest.mark.skipif(not products_available(torch.int8) or not cpu_index.enabled(),
+                    reason="int8 products need AVX512_VNNI, AVX512_VBMI and AVX512_BF16, the C kernels, and LCQ "
+                           "layers that keep their indices (LCQ_CPU_INDEX not 0)")
 def test_engine_with_kept_int8_weights_prefills_the_same(tmp_path):
     """With cpu_int8_weights on, LCQ layers keep their int8 form and an 18-token prefill reads it in
     place of expanding blocks: the same logprobs bit for bit as an engine that expands."""

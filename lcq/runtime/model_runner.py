@@ -78,7 +78,12 @@ class ModelRunner:
         returns the bytes kept, before the KV pool is sized."""
         layers = [m for m in self.model.modules() if isinstance(m, LCQLinear)]
         size = sum(layer.byte_rows_nbytes for layer in layers)
-        if not size or not config.keeps_int8_weights(size, available_memory_bytes()):
+        if not size:
+            if config.cpu_int8_weights == "on" and config.keeps_int8_weights(0, None):
+                logger.warning("cpu_int8_weights on: no layer has an int8 form to keep (no LCQ layers, or they "
+                               "keep fp16 copies: LCQ_CPU_INDEX=0)")
+            return 0
+        if not config.keeps_int8_weights(size, available_memory_bytes()):
             return 0
         kept = sum(layer.keep_byte_rows() for layer in layers)
         logger.info("LCQ layers keep their int8 form (%.0f MB), which their products of 4 rows or more read",
