@@ -11,6 +11,7 @@ import re
 import resource
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.detokenizer import IncrementalDetokenizer
-from lcq.runtime.host_memory import return_freed_memory
+from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
 from lcq.runtime.sampler import sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
@@ -288,6 +289,34 @@ def test_cpu_int8_weights_setting():
         assert config.keeps_int8_weights(11, 100) and config.keeps_int8_weights(10, None)
         config.cpu_int8_weights = "off"
         assert not config.keeps_int8_weights(10, 100)
+
+
+def test_available_memory_respects_a_container_limit(tmp_path):
+    """available_memory_bytes: MemAvailable, or the memory cgroup's limit minus its usage where that is
+    less (cgroup v2 and v1, the cgroup's own folder or, as a container sees it, the mount's top); no
+    limit ("max", v1's huge number) leaves MemAvailable."""
+    def tree(name: str, cgroup: str, files: dict[str, str]) -> Path:
+        root = tmp_path / name
+        (root / "proc/self").mkdir(parents=True)
+        (root / "proc/meminfo").write_text("MemTotal: 67108864 kB\nMemAvailable: 50331648 kB\n")  # 48 GiB
+        (root / "proc/self/cgroup").write_text(cgroup)
+        for path, text in files.items():
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text)
+        return root
+
+    gib = 1 << 30
+    v2 = tree("v2", "0::/app\n", {"sys/fs/cgroup/app/memory.max": str(16 * gib), "sys/fs/cgroup/app/memory.current": str(4 * gib)})
+    assert available_memory_bytes(v2) == 12 * gib
+    v1_top = tree("v1", "4:memory:/docker/abc\n1:cpu:/\n", {"sys/fs/cgroup/memory/memory.limit_in_bytes": str(8 * gib),
+                                                              "sys/fs/cgroup/memory/memory.usage_in_bytes": str(gib)})
+    assert available_memory_bytes(v1_top) == 7 * gib
+    unlimited = tree("none", "0::/\n", {"sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "5"})
+    assert available_memory_bytes(unlimited) == 48 * gib
+    huge = tree("huge", "4:memory:/x\n", {"sys/fs/cgroup/memory/x/memory.limit_in_bytes": "9223372036854771712",
+                                           "sys/fs/cgroup/memory/x/memory.usage_in_bytes": "5"})
+    assert available_memory_bytes(huge) == 48 * gib
+    assert available_memory_bytes(tmp_path / "nothing") is None
 
 
 @pytest.mark.skipif(not products_available(torch.int8) or not cpu_index.enabled(),

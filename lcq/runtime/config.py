@@ -88,7 +88,8 @@ class EngineConfig:
         K = 576) beside their indices, for int8 products to read instead of expanding each block of
         rows at every call: memory for speed (decode steps of 64 sequences spent a tenth of their time
         expanding). auto: when int8 products are on and the form takes at most a tenth of the memory
-        `available` (None: unknown, so not); on: whenever int8 products are on (validate() refuses it
+        `available` (host_memory.available_memory_bytes: a container's limit counts; None: unknown, so
+        not); on: whenever int8 products are on (validate() refuses it
         otherwise); off: never. Batch-1 decode reads the indices either way."""
         if self.cpu_int8_weights == "off" or self.resolved_cpu_matmul_dtype() != torch.int8:
             return False

@@ -23,7 +23,7 @@ from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
-from .sequence import Sequence, Status
+from .sequence import Sequence
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger("lcq.engine")

@@ -19,6 +19,7 @@ import atexit
 import ctypes
 import gc
 import logging
+from pathlib import Path
 
 logger = logging.getLogger("lcq.engine")
 
@@ -55,17 +56,48 @@ def return_freed_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-def available_memory_bytes() -> int | None:
-    """What the kernel reckons can still be allocated without swapping (MemAvailable), or None where
-    /proc/meminfo does not say."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+def available_memory_bytes(root: Path = Path("/")) -> int | None:
+    """What can still be allocated without swapping or hitting a container's limit: the kernel's
+    MemAvailable, or less where the process's memory cgroup (v2 memory.max, v1 limit_in_bytes) leaves
+    less above its usage (a container limited to 16 GB on a 256 GB host sees the host's
+    MemAvailable); None where /proc/meminfo does not say. `root`: where /proc and /sys are (tests)."""
+    meminfo = _read(root / "proc/meminfo")
+    line = next((entry for entry in (meminfo or "").splitlines() if entry.startswith("MemAvailable:")), None)
+    if line is None:
+        return None
+    available = int(line.split()[1]) * 1024
+    headroom = _cgroup_headroom(root)
+    return available if headroom is None else min(available, headroom)
+
+
+def _cgroup_headroom(root: Path) -> int | None:
+    """The memory cgroup's limit minus its usage, or None without a limit. Where the cgroup's own
+    folder is not mounted (a container sees its cgroup at the mount's top), the top's files."""
+    for entry in (_read(root / "proc/self/cgroup") or "").splitlines():
+        _, controllers, path = entry.split(":", 2)
+        if controllers == "":  # v2: the unified hierarchy
+            folders, files = [root / "sys/fs/cgroup"], ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            folders, files = [root / "sys/fs/cgroup/memory"], ("memory.limit_in_bytes", "memory.usage_in_bytes")
+        else:
+            continue
+        folders.insert(0, folders[0] / path.lstrip("/"))
+        for folder in folders:
+            limit, usage = (_read(folder / name) for name in files)
+            if limit is None or usage is None:
+                continue
+            limit = limit.strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # no limit here (v1 writes a huge number)
+                break
+            return max(0, int(limit) - int(usage))
     return None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, ValueError):
+        return None
 
 
 def freeze_loaded_objects() -> None:

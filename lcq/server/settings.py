@@ -96,7 +96,7 @@ FLAGS = (
          "bfloat16 where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 10+ "
          "rows in 8 bits, bf16 elsewhere): operands of an fp32 CPU model's large products", "engine"),
     Flag("--cpu-int8-weights", str, "auto (when int8 products are on and it takes at most a tenth of the available "
-         "memory), on or off: LCQ layers also keep their weights in the int8 form (1.125 bytes per weight) so that "
+         "memory, a container's limit included), on or off: LCQ layers also keep their weights in the int8 form (1.125 bytes per weight) so that "
          "int8 products read them instead of expanding indices at every step", "engine"),
     Flag("--gpu-memory-utilization", float, "fraction of GPU memory the engine may use", "engine"),
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
