@@ -22,6 +22,7 @@ import torch
 from lcq.format import PackedLinear, decoded_b, decoded_s, unpack_indices
 
 from . import cpu_half, native
+from .cpu_matmul import products_available
 
 LANES = 16  # indices per step: one AVX-512 vector of 32-bit words
 TABLE_WIDTH = 16  # permutes read 4 bits: tables are replicated to 16 entries
@@ -108,8 +109,9 @@ class IndexWeight:
     @property
     def byte_rows_nbytes(self) -> int:
         """What keep_byte_rows would keep: the int8 form of every weight, 1.125 bytes per weight at
-        K = 576 (a byte per value, a scale and an offset per 64), where the AVX-512 form runs; else 0."""
-        if not self.fields.wide:
+        K = 576 (a byte per value, a scale and an offset per 64), where the AVX-512 form runs on a CPU
+        with int8 products (AVX512_VNNI and AVX512_VBMI, which expanding to it needs); else 0."""
+        if not self.fields.wide or not products_available(torch.int8):
             return 0
         return 4 * self.out_features * library().lcq_index_byte_row_words(self.in_features)
 
