@@ -42,8 +42,9 @@
 
 /* With a weight's int8 rows kept (lcq_expansions.byte_rows), its int8 product has no expansion to
  * amortize and reads 1.125 bytes per weight: against the bf16 and fp32 decode forms, over SmolLM2's
- * three LCQ shapes at W4 r2 g64 (weights from memory, 2 threads, Zen 4), 1.06-1.26x at 4 rows,
- * 1.27-1.61x at 5, up to 2.2-3.0x at 9; 0.92-1.10x at 3, 0.59-0.90x at 1-2. */
+ * LCQ shapes at W4 r2 g64 (weights from memory, 2 threads, Zen 4, alternating in one process),
+ * 1.06-1.26x and in a second run 0.89-1.27x at 4 rows (1.10x summed over the four shapes),
+ * 1.17-1.61x at 5-6, up to 1.9-3.0x at 9; 0.92-1.10x at 3, 0.59-0.90x at 1-2. */
 #define KEPT_BYTES_MIN_ROWS 4
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
