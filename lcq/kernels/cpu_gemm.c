@@ -41,11 +41,12 @@
 #define BF16_MIN_ROWS 10
 
 /* With a weight's int8 rows kept (lcq_expansions.byte_rows), its int8 product has no expansion to
- * amortize and reads 1.125 bytes per weight: against the bf16 and fp32 decode forms, over SmolLM2's
- * LCQ shapes at W4 r2 g64 (weights from memory, 2 threads, Zen 4, alternating in one process),
- * 1.06-1.26x and in a second run 0.89-1.27x at 4 rows (1.10x summed over the four shapes),
- * 1.17-1.61x at 5-6, up to 1.9-3.0x at 9; 0.92-1.10x at 3, 0.59-0.90x at 1-2. */
-#define KEPT_BYTES_MIN_ROWS 4
+ * amortize and reads 1.125 bytes per weight: against the fp32 decode form (tiles of 16 columns, the
+ * table held in registers), over SmolLM2's LCQ shapes at W4 r2 g64 (weights from memory, 2 threads,
+ * Zen 4, two libraries alternating in one process), 1.07x and 1.27x summed over the four shapes at
+ * 5 rows, 1.46x at 6; 0.99x and 0.79x at 4, 1.01x at 3. (Against the decode form before its tiles,
+ * 1.10x at 4.) */
+#define KEPT_BYTES_MIN_ROWS 5
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 

@@ -30,6 +30,10 @@
 #include "cpu_gemm.h"
 
 #define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
+#define TILE_COLUMNS 16 /* output columns whose sums are reduced together */
+#define HELD_RANKS 4 /* ranks whose table rows a decode column holds in registers (AVX-512) */
+/* The loop over a decode product's tiles: LCQ_DECODE_COLUMNS' guided chunks of 32 columns, in tiles. */
+#define DECODE_TILES _Pragma("omp parallel for schedule(guided, 2)")
 #define PACK_BLOCK_ROWS 64 /* rows per task of lcq_index_byte_rows */
 
 /* Must match IndexWeight in cpu_index.py. */
@@ -53,18 +57,9 @@ static float horizontal_sum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* Codebook entries 0-7 and 8-15 of group j of row n. */
-static inline void codebook(const lcq_index_weight *w, int n, int j, __m256 *low, __m256 *high) {
-    const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
-    const float *v = w->tables + (int64_t)w->table_index[n] * w->rank * 16;
-    __m256 lo = _mm256_set1_ps(-w->offsets[(int64_t)n * w->groups + j]), hi = lo;
-    for (int r = 0; r < w->rank; r++) {
-        const __m256 scale = _mm256_set1_ps(s[r]);
-        lo = _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + r * 16), lo);
-        hi = _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + r * 16 + 8), hi);
-    }
-    *low = lo;
-    *high = hi;
+/* Row n's table V (rank x 16). */
+static inline const float *table_row(const lcq_index_weight *w, int n) {
+    return w->tables + (int64_t)w->table_index[n] * w->rank * 16;
 }
 
 /* Word (or partial-run lane) i of run `run` of a row. */
@@ -76,9 +71,10 @@ static inline uint32_t lane_word(const lcq_index_weight *w, const uint8_t *row, 
 }
 
 
-/* The instruction-set steps of a decode product. AVX2: a codebook in two registers (entries 0-7 and
- * 8-15), a run's words in two (lanes 0-7 and 8-15), a step of 16 weights as 8 + 8, one accumulator
- * per half. */
+/* The instruction-set steps of a decode product. Codebooks take RANK, a constant where inlined: 1 to
+ * HELD_RANKS, or 0 for any rank (w->rank, read at run time). AVX2: a codebook in two registers
+ * (entries 0-7 and 8-15), built from the table in memory; a run's words in two (lanes 0-7 and 8-15), a
+ * step of 16 weights as 8 + 8, one accumulator per half. */
 typedef struct {
     __m256 low, high;
 } narrow_book;
@@ -87,9 +83,27 @@ typedef struct {
     __m256i first, second;
 } narrow_words;
 
-static inline narrow_book narrow_codebook(const lcq_index_weight *w, int n, int j) {
+typedef struct {
+    const float *v;
+} narrow_table;
+
+static inline narrow_table narrow_table_of(const lcq_index_weight *w, int n, const int RANK) {
+    (void)RANK;
+    return (narrow_table){table_row(w, n)};
+}
+
+/* Entries 0-7 and 8-15 of the codebook of group j of row n (table: the row's). */
+static inline narrow_book narrow_codebook(const lcq_index_weight *w, const narrow_table *table, const int RANK, int n,
+                                          int j) {
+    const int rank = RANK ? RANK : w->rank;
+    const float *s = w->scales + ((int64_t)n * w->groups + j) * rank;
     narrow_book book;
-    codebook(w, n, j, &book.low, &book.high);
+    book.low = book.high = _mm256_set1_ps(-w->offsets[(int64_t)n * w->groups + j]);
+    for (int r = 0; r < rank; r++) {
+        const __m256 scale = _mm256_set1_ps(s[r]);
+        book.low = _mm256_fmadd_ps(scale, _mm256_loadu_ps(table->v + r * 16), book.low);
+        book.high = _mm256_fmadd_ps(scale, _mm256_loadu_ps(table->v + r * 16 + 8), book.high);
+    }
     return book;
 }
 
@@ -145,8 +159,9 @@ static inline void narrow_write_step(narrow_words words, narrow_book book, float
     _mm256_storeu_ps(out + 8, lookup(book, words.second));
 }
 
-static inline float narrow_sum(__m256 a, __m256 b) {
-    return horizontal_sum(_mm256_add_ps(a, b));
+/* out[c] = the sum of column c's lanes + tails[c], for a tile's `count` columns. */
+static inline void narrow_reduce(const __m256 *sums, const float *tails, int count, float *out) {
+    for (int c = 0; c < count; c++) out[c] = horizontal_sum(sums[c]) + tails[c];
 }
 
 /* Weights whole .. K - 1 of row n, past its last whole step of 16 (loop tails), into out: index by
@@ -154,8 +169,9 @@ static inline float narrow_sum(__m256 a, __m256 b) {
 static void tail_weights(const lcq_index_weight *w, int n, int whole, float *out) {
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     const int run_length = 16 * (32 / w->bits);
+    const narrow_table table = narrow_table_of(w, n, 0);
     float book[16];
-    narrow_write(narrow_codebook(w, n, whole / w->group_size), book);
+    narrow_write(narrow_codebook(w, &table, 0, n, whole / w->group_size), book);
     for (int k = whole; k < w->K; k++) {
         const int s = k % run_length / 16;
         out[k - whole] = book[(lane_word(w, row, k / run_length, k % 16) >> (w->bits * s)) & 15];
@@ -169,11 +185,28 @@ static void tail_weights(const lcq_index_weight *w, int n, int whole, float *out
 typedef __m512 wide_book;
 typedef __m512i wide_words;
 
-AVX512 static inline wide_book wide_codebook(const lcq_index_weight *w, int n, int j) {
-    const float *s = w->scales + ((int64_t)n * w->groups + j) * w->rank;
-    const float *v = w->tables + (int64_t)w->table_index[n] * w->rank * 16;
+/* A row's table, in registers where RANK is a constant: a group's codebook is then rank
+ * multiply-adds with broadcast scales (with the table loaded per group and the rank a variable, its
+ * building was about a third of a batch-1 product's instructions). */
+typedef struct {
+    __m512 rows[HELD_RANKS];
+    const float *v;
+} wide_table;
+
+AVX512 static inline wide_table wide_table_of(const lcq_index_weight *w, int n, const int RANK) {
+    wide_table table;
+    table.v = table_row(w, n);
+    for (int r = 0; r < RANK; r++) table.rows[r] = _mm512_loadu_ps(table.v + r * 16);
+    return table;
+}
+
+AVX512 static inline wide_book wide_codebook(const lcq_index_weight *w, const wide_table *table, const int RANK, int n,
+                                             int j) {
+    const int rank = RANK ? RANK : w->rank;
+    const float *s = w->scales + ((int64_t)n * w->groups + j) * rank;
     __m512 book = _mm512_set1_ps(-w->offsets[(int64_t)n * w->groups + j]);
-    for (int r = 0; r < w->rank; r++) book = _mm512_fmadd_ps(_mm512_set1_ps(s[r]), _mm512_loadu_ps(v + r * 16), book);
+    for (int r = 0; r < rank; r++)
+        book = _mm512_fmadd_ps(_mm512_set1_ps(s[r]), RANK ? table->rows[r] : _mm512_loadu_ps(table->v + r * 16), book);
     return book;
 }
 
@@ -203,80 +236,100 @@ AVX512 static inline void wide_write_step(wide_words words, wide_book book, floa
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(words, book));
 }
 
-AVX512 static inline float wide_sum(__m512 a, __m512 b) {
-    return _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+/* out[c] = the sum of column c's lanes + tails[c], for a tile's `count` columns: a transpose-add tree
+ * over the 16 (45 vector operations, where a horizontal sum per column took 9, in a dependent chain
+ * that was a fifth of a batch-1 product's time). */
+AVX512 static inline void wide_reduce(const __m512 *sums, const float *tails, int count, float *out) {
+    __m512 v[TILE_COLUMNS], pairs[8], quads[4], halves[2];
+    for (int c = 0; c < TILE_COLUMNS; c++) v[c] = c < count ? sums[c] : _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++) /* per 128-bit lane: a0 + a2, b0 + b2, a1 + a3, b1 + b3 of a, b = v[2i], v[2i + 1] */
+        pairs[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++) /* per 128-bit lane: the lane's sums of columns 4i .. 4i + 3 */
+        quads[i] = _mm512_add_ps(_mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_ps(pairs[2 * i], pairs[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    for (int i = 0; i < 2; i++) /* 128-bit lanes: quads 2i (lanes 0 + 1, 2 + 3), then quads 2i + 1 (the same) */
+        halves[i] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                  _mm512_shuffle_f32x4(quads[2 * i], quads[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 totals = _mm512_add_ps(_mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                        _mm512_shuffle_f32x4(halves[0], halves[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __mmask16 lanes = (__mmask16)((1u << count) - 1);
+    _mm512_mask_storeu_ps(out, lanes, _mm512_add_ps(totals, _mm512_maskz_loadu_ps(lanes, tails)));
 }
 
 /* The decode product (fewer than lcq_gemm_min_rows(...) rows) of one instruction set, PREFIX narrow (AVX2)
- * or wide (AVX-512), from that set's steps above: per output column (one OpenMP iteration each),
- * passes of up to PASS_ROWS activation rows over the column's indices; per run its words, per step
- * of 16 weights one lookup (a new codebook where a group starts) and a shift, two steps at a time so
- * that they feed two accumulators, then scalar weights where K ends inside a step. The column is
- * inlined with R a constant so the accumulators stay in registers. Written once and instantiated
- * twice because AVX-512 intrinsics only inline into functions compiled for AVX-512, so the two
- * cannot share a plain function. */
-#define DECODE_PRODUCT(PREFIX, TARGET, VECTOR, ZERO)                                                             \
-    TARGET static inline __attribute__((always_inline)) void PREFIX##_column(                                  \
-        const int R, const int BITS, const lcq_index_weight *w, int n, const float *x, float *y) {              \
-        const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                            \
-        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                            \
-        VECTOR acc[PASS_ROWS][2];                                                                               \
-        float tail[PASS_ROWS];                                                                                  \
-        for (int r = 0; r < R; r++) {                                                                           \
-            acc[r][0] = acc[r][1] = ZERO();                                                                     \
-            tail[r] = 0.0f;                                                                                     \
-        }                                                                                                       \
-        PREFIX##_book book = PREFIX##_codebook(w, n, 0);                                                        \
-        int k = 0, group = 0, group_end = w->group_size; /* groups counted, not divided out */                \
-        for (int run = 0; k < whole; run++) {                                                                   \
-            PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes); \
-            const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;                            \
-            for (int s = 0; s < steps; s += 2, k += 32) { /* runs and groups are whole pairs of steps */        \
-                if (k == group_end) {                                                                           \
-                    book = PREFIX##_codebook(w, n, ++group);                                                    \
-                    group_end += w->group_size;                                                                 \
-                }                                                                                               \
-                PREFIX##_step(R, words, book, x + k, K, acc, 0);                                                \
-                if (s + 1 == steps) { /* K ends inside this pair */                                             \
-                    k += 16;                                                                                    \
-                    break;                                                                                      \
-                }                                                                                               \
-                words = PREFIX##_next(words, BITS);                                                             \
-                PREFIX##_step(R, words, book, x + k + 16, K, acc, 1);                                           \
-                words = PREFIX##_next(words, BITS);                                                             \
-            }                                                                                                   \
-        }                                                                                                       \
-        if (whole < K) {                                                                                        \
-            float weights[16];                                                                                  \
-            tail_weights(w, n, whole, weights);                                                                 \
-            for (; k < K; k++)                                                                                  \
-                for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + k] * weights[k - whole];              \
-        }                                                                                                       \
-        for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = PREFIX##_sum(acc[r][0], acc[r][1]) + tail[r];    \
-    }                                                                                                           \
-                                                                                                                \
-    /* The column for the layer's bit width, inlined with it a constant. */                                  \
-    TARGET static inline __attribute__((always_inline)) void PREFIX##_bits_column(                             \
-        const int R, const lcq_index_weight *w, int n, const float *x, float *y) {                              \
-        switch (w->bits) {                                                                                      \
-            case 2: PREFIX##_column(R, 2, w, n, x, y); break;                                                   \
-            case 3: PREFIX##_column(R, 3, w, n, x, y); break;                                                   \
-            default: PREFIX##_column(R, 4, w, n, x, y); break;                                                  \
-        }                                                                                                       \
-    }                                                                                                           \
-                                                                                                                \
+ * or wide (AVX-512), from that set's steps above: per tile of TILE_COLUMNS output columns (chunks of
+ * tiles are OpenMP's iterations), passes of up to PASS_ROWS activation rows over each column's
+ * indices; per run its words, per step of 16 weights one lookup (a new codebook where a group starts)
+ * and a shift, two steps at a time so that they feed two accumulators, then scalar weights where K
+ * ends inside a step; the tile's column sums are reduced together. A column is inlined with R, the
+ * bit width and the rank constants, so the accumulators and the table stay in registers. Written
+ * once and instantiated twice because AVX-512 intrinsics only inline into functions compiled for
+ * AVX-512, so the two cannot share a plain function. */
+#define DECODE_PRODUCT(PREFIX, TARGET, VECTOR, ZERO, ADD)                                                           \
+    /* sums[r][c] and tails[r][c]: column c of the tile (row n) for activation rows r < R. */                       \
+    TARGET static inline __attribute__((always_inline)) void PREFIX##_column(                                       \
+        const int R, const int BITS, const int RANK, const lcq_index_weight *w, int n, const float *x,              \
+        VECTOR sums[][TILE_COLUMNS], float tails[][TILE_COLUMNS], int c) {                                          \
+        const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                                \
+        const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                                \
+        VECTOR acc[PASS_ROWS][2];                                                                                   \
+        for (int r = 0; r < R; r++) {                                                                               \
+            acc[r][0] = acc[r][1] = ZERO();                                                                         \
+            tails[r][c] = 0.0f;                                                                                     \
+        }                                                                                                           \
+        const PREFIX##_table table = PREFIX##_table_of(w, n, RANK);                                                 \
+        PREFIX##_book book = PREFIX##_codebook(w, &table, RANK, n, 0);                                              \
+        int k = 0, group = 0, group_end = w->group_size; /* groups counted, not divided out */                      \
+        for (int run = 0; k < whole; run++) {                                                                       \
+            PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);  \
+            const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;                                \
+            for (int s = 0; s < steps; s += 2, k += 32) { /* runs and groups are whole pairs of steps */            \
+                if (k == group_end) {                                                                               \
+                    book = PREFIX##_codebook(w, &table, RANK, n, ++group);                                          \
+                    group_end += w->group_size;                                                                     \
+                }                                                                                                   \
+                PREFIX##_step(R, words, book, x + k, K, acc, 0);                                                    \
+                if (s + 1 == steps) { /* K ends inside this pair */                                                 \
+                    k += 16;                                                                                        \
+                    break;                                                                                          \
+                }                                                                                                   \
+                words = PREFIX##_next(words, BITS);                                                                 \
+                PREFIX##_step(R, words, book, x + k + 16, K, acc, 1);                                               \
+                words = PREFIX##_next(words, BITS);                                                                 \
+            }                                                                                                       \
+        }                                                                                                           \
+        if (whole < K) {                                                                                            \
+            float weights[16];                                                                                      \
+            tail_weights(w, n, whole, weights);                                                                     \
+            for (; k < K; k++)                                                                                      \
+                for (int r = 0; r < R; r++) tails[r][c] += x[(int64_t)r * K + k] * weights[k - whole];              \
+        }                                                                                                           \
+        for (int r = 0; r < R; r++) sums[r][c] = ADD(acc[r][0], acc[r][1]);                                         \
+    }                                                                                                               \
+                                                                                                                    \
+    /* y[r, n0 + c] for R rows and the tile's `count` columns from n0. */                                           \
+    TARGET static inline __attribute__((always_inline)) void PREFIX##_tile(                                         \
+        const int R, const int BITS, const int RANK, const lcq_index_weight *w, int n0, int count, const float *x,  \
+        float *y) {                                                                                                 \
+        VECTOR sums[PASS_ROWS][TILE_COLUMNS];                                                                       \
+        float tails[PASS_ROWS][TILE_COLUMNS];                                                                       \
+        for (int c = 0; c < count; c++) PREFIX##_column(R, BITS, RANK, w, n0 + c, x, sums, tails, c);               \
+        for (int r = 0; r < R; r++) PREFIX##_reduce(sums[r], tails[r], count, y + (int64_t)r * w->N + n0);          \
+    }                                                                                                               \
+                                                                                                                    \
     /* Row n's weights as fp32 (K), the exact codebook entries: the steps of a column, written out. */     \
     TARGET static inline __attribute__((always_inline)) void PREFIX##_expand_row(                              \
         const int BITS, const lcq_index_weight *w, int n, float *out) {                                         \
         const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                            \
         const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                            \
-        PREFIX##_book book = PREFIX##_codebook(w, n, 0);                                                        \
+        const PREFIX##_table table = PREFIX##_table_of(w, n, 0);                                                \
+        PREFIX##_book book = PREFIX##_codebook(w, &table, 0, n, 0);                                             \
         int k = 0, group = 0, group_end = w->group_size;                                                        \
         for (int run = 0; k < whole; run++) {                                                                   \
             PREFIX##_words words = PREFIX##_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes); \
             for (int s = 0; s < fields && k < whole; s++, k += 16) {                                            \
                 if (k == group_end) {                                                                           \
-                    book = PREFIX##_codebook(w, n, ++group);                                                    \
+                    book = PREFIX##_codebook(w, &table, 0, n, ++group);                                         \
                     group_end += w->group_size;                                                                 \
                 }                                                                                               \
                 PREFIX##_write_step(words, book, out + k);                                                      \
@@ -297,25 +350,75 @@ AVX512 static inline float wide_sum(__m512 a, __m512 b) {
                 default: PREFIX##_expand_row(4, w, n, row); break;                                              \
             }                                                                                                   \
         }                                                                                                       \
-    }                                                                                                           \
-                                                                                                                \
-    TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {     \
-        LCQ_DECODE_COLUMNS for (int n = 0; n < w->N; n++) {                                                    \
-            for (int m = 0; m < M; m += PASS_ROWS) {                                                            \
-                const float *rows = x + (int64_t)m * w->K;                                                      \
-                float *out = y + (int64_t)m * w->N;                                                             \
-                switch (M - m) {                                                                                \
-                    case 1: PREFIX##_bits_column(1, w, n, rows, out); break;                                    \
-                    case 2: PREFIX##_bits_column(2, w, n, rows, out); break;                                    \
-                    case 3: PREFIX##_bits_column(3, w, n, rows, out); break;                                    \
-                    default: PREFIX##_bits_column(PASS_ROWS, w, n, rows, out); break;                           \
-                }                                                                                               \
-            }                                                                                                   \
-        }                                                                                                       \
     }
 
-DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps)
-DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps)
+DECODE_PRODUCT(narrow, , __m256, _mm256_setzero_ps, _mm256_add_ps)
+DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps, _mm512_add_ps)
+
+/* PREFIX##_tiles_BITS_RANK: the decode product for one bit width and rank, both literals in its own
+ * function, so that each variant's registers are allocated apart from the others' (the 60 ranks,
+ * widths and row counts of AVX-512 in one function spilled the accumulators: 0.5-0.8x). */
+#define TILES(PREFIX, TARGET, BITS, RANK)                                                                           \
+    TARGET static void PREFIX##_tiles_##BITS##_##RANK(const lcq_index_weight *w, const float *x, int M, float *y) { \
+        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
+        DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
+            const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
+            for (int m = 0; m < M; m += PASS_ROWS) {                                                                \
+                const float *rows = x + (int64_t)m * w->K;                                                          \
+                float *out = y + (int64_t)m * w->N;                                                                 \
+                switch (M - m) {                                                                                    \
+                    case 1: PREFIX##_tile(1, BITS, RANK, w, n0, count, rows, out); break;                           \
+                    case 2: PREFIX##_tile(2, BITS, RANK, w, n0, count, rows, out); break;                           \
+                    case 3: PREFIX##_tile(3, BITS, RANK, w, n0, count, rows, out); break;                           \
+                    default: PREFIX##_tile(PASS_ROWS, BITS, RANK, w, n0, count, rows, out); break;                  \
+                }                                                                                                   \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
+/* AVX2: codebooks from the table in memory, any rank (held tables would take half its 16 registers). */
+TILES(narrow, , 2, 0)
+TILES(narrow, , 3, 0)
+TILES(narrow, , 4, 0)
+
+static void narrow_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
+    switch (w->bits) {
+        case 2: narrow_tiles_2_0(w, x, M, y); break;
+        case 3: narrow_tiles_3_0(w, x, M, y); break;
+        default: narrow_tiles_4_0(w, x, M, y); break;
+    }
+}
+
+/* AVX-512: the table held in registers for ranks 1 to HELD_RANKS, any other from memory. */
+_Static_assert(HELD_RANKS == 4, "wide_decode_product names ranks 1 to 4");
+#define WIDE_TILES(BITS)                                                                                            \
+    TILES(wide, AVX512, BITS, 1)                                                                                    \
+    TILES(wide, AVX512, BITS, 2)                                                                                    \
+    TILES(wide, AVX512, BITS, 3)                                                                                    \
+    TILES(wide, AVX512, BITS, 4)                                                                                    \
+    TILES(wide, AVX512, BITS, 0)
+WIDE_TILES(2)
+WIDE_TILES(3)
+WIDE_TILES(4)
+#undef WIDE_TILES
+#undef TILES
+
+#define WIDE_RANKS(BITS)                                                                                            \
+    switch (w->rank) {                                                                                              \
+        case 1: wide_tiles_##BITS##_1(w, x, M, y); break;                                                           \
+        case 2: wide_tiles_##BITS##_2(w, x, M, y); break;                                                           \
+        case 3: wide_tiles_##BITS##_3(w, x, M, y); break;                                                           \
+        case 4: wide_tiles_##BITS##_4(w, x, M, y); break;                                                           \
+        default: wide_tiles_##BITS##_0(w, x, M, y); break;                                                          \
+    }
+AVX512 static void wide_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
+    switch (w->bits) {
+        case 2: WIDE_RANKS(2) break;
+        case 3: WIDE_RANKS(3) break;
+        default: WIDE_RANKS(4) break;
+    }
+}
+#undef WIDE_RANKS
 
 /* tops (N, ceil(K / 64)) = the largest |entry| of the codebooks that each block of 64 values along
  * a row meets (all 2^b entries of each): the int8 expansion's scale of the block, found once when a
@@ -324,10 +427,11 @@ AVX512 void lcq_index_block_tops(const void *weight, float *tops) {
     const lcq_index_weight *w = weight;
     const int blocks = lcq_scale_blocks((w->K + 3) / 4), block_values = 4 * LCQ_SCALE_WORDS;
     for (int n = 0; n < w->N; n++) {
+        const wide_table table = wide_table_of(w, n, 0);
         float *row = tops + (int64_t)n * blocks;
         for (int b = 0; b < blocks; b++) row[b] = 0.0f;
         for (int j = 0; j < w->groups; j++) {
-            const float top = _mm512_reduce_max_ps(_mm512_abs_ps(wide_codebook(w, n, j)));
+            const float top = _mm512_reduce_max_ps(_mm512_abs_ps(wide_codebook(w, &table, 0, n, j)));
             const int last = ((j + 1) * w->group_size < w->K ? (j + 1) * w->group_size : w->K) - 1;
             for (int b = j * w->group_size / block_values; b <= last / block_values; b++)
                 row[b] = row[b] > top ? row[b] : top;
@@ -505,14 +609,15 @@ LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(cons
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     __m512 acc[PAIR_PASS_ROWS][2]; /* pairs of steps alternate between a row's two */
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    wide_book book = wide_codebook(w, n, 0);
+    const wide_table table = wide_table_of(w, n, 0);
+    wide_book book = wide_codebook(w, &table, 0, n, 0);
     int k = 0, group = 0, group_end = w->group_size, chain = 0;
     for (int run = 0; k < whole; run++) {
         wide_words words = wide_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
         const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;
         for (int s = 0; s < steps; s += 2) { /* runs and groups are whole pairs of steps */
             if (k == group_end) {
-                book = wide_codebook(w, n, ++group);
+                book = wide_codebook(w, &table, 0, n, ++group);
                 group_end += w->group_size;
             }
             const int both = s + 1 < steps; /* else K ends inside this pair: 16 weights, 8 pairs */
@@ -539,7 +644,7 @@ LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(cons
         for (int i = whole; i < K; i++)
             for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + i] * weights[i - whole];
     }
-    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = wide_sum(acc[r][0], acc[r][1]) + tail[r];
+    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
 }
 
 LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_bits_column(const int R,

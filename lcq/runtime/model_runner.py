@@ -86,8 +86,8 @@ class ModelRunner:
         if not config.keeps_int8_weights(size, available_memory_bytes()):
             return 0
         kept = sum(layer.keep_byte_rows() for layer in layers)
-        logger.info("LCQ layers keep their int8 form (%.0f MB), which their products of 4 rows or more read",
-                    kept / 2**20)
+        logger.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
+                    "expanding indices", kept / 2**20)
         return kept
 
     def _kv_budget(self, config: EngineConfig) -> int:
