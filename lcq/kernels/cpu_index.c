@@ -71,10 +71,13 @@ static inline uint32_t lane_word(const lcq_index_weight *w, const uint8_t *row, 
 }
 
 
-/* The instruction-set steps of a decode product. Codebooks take RANK, a constant where inlined: 1 to
- * HELD_RANKS, or 0 for any rank (w->rank, read at run time). AVX2: a codebook in two registers
- * (entries 0-7 and 8-15), built from the table in memory; a run's words in two (lanes 0-7 and 8-15), a
- * step of 16 weights as 8 + 8, one accumulator per half. */
+/* The instruction-set steps of a decode product. A row's table V is held in registers (or where the
+ * compiler spills them, on the stack) when RANK is a constant of 1 to HELD_RANKS, so a group's
+ * codebook is a broadcast of B and r multiply-adds (with the table loaded per group and the rank a
+ * run-time loop, building codebooks was a third of a batch-1 product's instructions); RANK 0 takes
+ * any rank (w->rank) and reads the table per group. AVX2: a codebook in two registers (entries 0-7 and
+ * 8-15), a run's words in two (lanes 0-7 and 8-15), a step of 16 weights as 8 + 8, one accumulator
+ * per half. */
 typedef struct {
     __m256 low, high;
 } narrow_book;
@@ -84,12 +87,18 @@ typedef struct {
 } narrow_words;
 
 typedef struct {
+    __m256 low[HELD_RANKS], high[HELD_RANKS];
     const float *v;
 } narrow_table;
 
 static inline narrow_table narrow_table_of(const lcq_index_weight *w, int n, const int RANK) {
-    (void)RANK;
-    return (narrow_table){table_row(w, n)};
+    narrow_table table;
+    table.v = table_row(w, n);
+    for (int r = 0; r < RANK; r++) {
+        table.low[r] = _mm256_loadu_ps(table.v + r * 16);
+        table.high[r] = _mm256_loadu_ps(table.v + r * 16 + 8);
+    }
+    return table;
 }
 
 /* Entries 0-7 and 8-15 of the codebook of group j of row n (table: the row's). */
@@ -101,8 +110,8 @@ static inline narrow_book narrow_codebook(const lcq_index_weight *w, const narro
     book.low = book.high = _mm256_set1_ps(-w->offsets[(int64_t)n * w->groups + j]);
     for (int r = 0; r < rank; r++) {
         const __m256 scale = _mm256_set1_ps(s[r]);
-        book.low = _mm256_fmadd_ps(scale, _mm256_loadu_ps(table->v + r * 16), book.low);
-        book.high = _mm256_fmadd_ps(scale, _mm256_loadu_ps(table->v + r * 16 + 8), book.high);
+        book.low = _mm256_fmadd_ps(scale, RANK ? table->low[r] : _mm256_loadu_ps(table->v + r * 16), book.low);
+        book.high = _mm256_fmadd_ps(scale, RANK ? table->high[r] : _mm256_loadu_ps(table->v + r * 16 + 8), book.high);
     }
     return book;
 }
@@ -159,9 +168,21 @@ static inline void narrow_write_step(narrow_words words, narrow_book book, float
     _mm256_storeu_ps(out + 8, lookup(book, words.second));
 }
 
-/* out[c] = the sum of column c's lanes + tails[c], for a tile's `count` columns. */
+/* out[c] = the sum of column c's lanes + tails[c], for a tile's `count` columns: 8 at a time by a
+ * tree of horizontal adds (9 vector operations for 8 columns, where a horizontal sum took 5 each). */
 static inline void narrow_reduce(const __m256 *sums, const float *tails, int count, float *out) {
-    for (int c = 0; c < count; c++) out[c] = horizontal_sum(sums[c]) + tails[c];
+    for (int c0 = 0; c0 < count; c0 += 8) {
+        __m256 v[8];
+        for (int c = 0; c < 8; c++) v[c] = c0 + c < count ? sums[c0 + c] : _mm256_setzero_ps();
+        /* per 128-bit half: the half's sums of columns c0 .. c0 + 3, then of c0 + 4 .. c0 + 7 */
+        const __m256 first = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        const __m256 second = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        const __m256 totals = _mm256_add_ps(_mm256_permute2f128_ps(first, second, 0x20),
+                                            _mm256_permute2f128_ps(first, second, 0x31));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, totals);
+        for (int c = 0; c < 8 && c0 + c < count; c++) out[c0 + c] = lanes[c] + tails[c0 + c];
+    }
 }
 
 /* Weights whole .. K - 1 of row n, past its last whole step of 16 (loop tails), into out: index by
@@ -185,9 +206,7 @@ static void tail_weights(const lcq_index_weight *w, int n, int whole, float *out
 typedef __m512 wide_book;
 typedef __m512i wide_words;
 
-/* A row's table, in registers where RANK is a constant: a group's codebook is then rank
- * multiply-adds with broadcast scales (with the table loaded per group and the rank a variable, its
- * building was about a third of a batch-1 product's instructions). */
+/* A row's table: one register per rank. */
 typedef struct {
     __m512 rows[HELD_RANKS];
     const float *v;
@@ -376,49 +395,44 @@ DECODE_PRODUCT(wide, AVX512, __m512, _mm512_setzero_ps, _mm512_add_ps)
         }                                                                                                           \
     }
 
-/* AVX2: codebooks from the table in memory, any rank (held tables would take half its 16 registers). */
-TILES(narrow, , 2, 0)
-TILES(narrow, , 3, 0)
-TILES(narrow, , 4, 0)
-
-static void narrow_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-    switch (w->bits) {
-        case 2: narrow_tiles_2_0(w, x, M, y); break;
-        case 3: narrow_tiles_3_0(w, x, M, y); break;
-        default: narrow_tiles_4_0(w, x, M, y); break;
-    }
-}
-
-/* AVX-512: the table held in registers for ranks 1 to HELD_RANKS, any other from memory. */
-_Static_assert(HELD_RANKS == 4, "wide_decode_product names ranks 1 to 4");
-#define WIDE_TILES(BITS)                                                                                            \
-    TILES(wide, AVX512, BITS, 1)                                                                                    \
-    TILES(wide, AVX512, BITS, 2)                                                                                    \
-    TILES(wide, AVX512, BITS, 3)                                                                                    \
-    TILES(wide, AVX512, BITS, 4)                                                                                    \
-    TILES(wide, AVX512, BITS, 0)
-WIDE_TILES(2)
-WIDE_TILES(3)
-WIDE_TILES(4)
-#undef WIDE_TILES
+/* PREFIX##_tiles_BITS_RANK for every width, ranks 1 to HELD_RANKS and 0 (any other rank). */
+_Static_assert(HELD_RANKS == 4, "the decode products name ranks 1 to 4");
+#define RANK_TILES(PREFIX, TARGET, BITS)                                                                            \
+    TILES(PREFIX, TARGET, BITS, 1)                                                                                  \
+    TILES(PREFIX, TARGET, BITS, 2)                                                                                  \
+    TILES(PREFIX, TARGET, BITS, 3)                                                                                  \
+    TILES(PREFIX, TARGET, BITS, 4)                                                                                  \
+    TILES(PREFIX, TARGET, BITS, 0)
+RANK_TILES(narrow, , 2)
+RANK_TILES(narrow, , 3)
+RANK_TILES(narrow, , 4)
+RANK_TILES(wide, AVX512, 2)
+RANK_TILES(wide, AVX512, 3)
+RANK_TILES(wide, AVX512, 4)
+#undef RANK_TILES
 #undef TILES
 
-#define WIDE_RANKS(BITS)                                                                                            \
+/* PREFIX##_decode_product: the variant for the weight's width and rank. */
+#define RANKS(PREFIX, BITS)                                                                                         \
     switch (w->rank) {                                                                                              \
-        case 1: wide_tiles_##BITS##_1(w, x, M, y); break;                                                           \
-        case 2: wide_tiles_##BITS##_2(w, x, M, y); break;                                                           \
-        case 3: wide_tiles_##BITS##_3(w, x, M, y); break;                                                           \
-        case 4: wide_tiles_##BITS##_4(w, x, M, y); break;                                                           \
-        default: wide_tiles_##BITS##_0(w, x, M, y); break;                                                          \
+        case 1: PREFIX##_tiles_##BITS##_1(w, x, M, y); break;                                                       \
+        case 2: PREFIX##_tiles_##BITS##_2(w, x, M, y); break;                                                       \
+        case 3: PREFIX##_tiles_##BITS##_3(w, x, M, y); break;                                                       \
+        case 4: PREFIX##_tiles_##BITS##_4(w, x, M, y); break;                                                       \
+        default: PREFIX##_tiles_##BITS##_0(w, x, M, y); break;                                                      \
     }
-AVX512 static void wide_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-    switch (w->bits) {
-        case 2: WIDE_RANKS(2) break;
-        case 3: WIDE_RANKS(3) break;
-        default: WIDE_RANKS(4) break;
+#define DECODE_DISPATCH(PREFIX, TARGET)                                                                             \
+    TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {        \
+        switch (w->bits) {                                                                                          \
+            case 2: RANKS(PREFIX, 2) break;                                                                         \
+            case 3: RANKS(PREFIX, 3) break;                                                                         \
+            default: RANKS(PREFIX, 4) break;                                                                        \
+        }                                                                                                           \
     }
-}
-#undef WIDE_RANKS
+DECODE_DISPATCH(narrow, )
+DECODE_DISPATCH(wide, AVX512)
+#undef DECODE_DISPATCH
+#undef RANKS
 
 /* tops (N, ceil(K / 64)) = the largest |entry| of the codebooks that each block of 64 values along
  * a row meets (all 2^b entries of each): the int8 expansion's scale of the block, found once when a
