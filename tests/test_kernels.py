@@ -433,13 +433,16 @@ def test_index_kernel_matches_reference(monkeypatch, bits, rank, group, k, m, wi
 
 @needs_bf16
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
-                                                   (2, 2, 64, 600), (3, 1, 32, 500)])
-@pytest.mark.parametrize("m", [5, 8, 9])
+                                                   (2, 2, 64, 600), (3, 1, 32, 500), (4, 4, 64, 300), (3, 5, 32, 96)])
+@pytest.mark.parametrize("m", [5, 6, 7, 8, 9])
 def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, group, k, m):
     """The AVX-512 decode form with bf16 operands (5-9 rows): weights and activations of the whole
     steps of 16 rounded to bf16, the weights past them (K = 37, 100, 150: the scalar tail) exact
-    fp32, as the kernel takes them; only summation differs (1e-6). Two passes (M = 9: 5 and 4 rows),
-    runs ending inside a pair of steps (K = 80: 5 steps) and every bit width."""
+    fp32, as the kernel takes them; only summation differs (1e-6). Every pass size it has (4-8 rows;
+    M = 9: 5 and 4), runs ending inside a pair of steps (K = 80: 5 steps), every bit width, ranks 1-4
+    (tables held) and 5 (read per group), and a partial last tile of 16 columns (N = 70). At rank 5
+    an entry's five fp32 products can round an ulp away from dequantize's, which can move its bf16
+    rounding: 1e-5 there."""
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank)
     weight, dense = cpu_index.IndexWeight(layer, wide=True), dequantize(layer, torch.float32).double()
     x = torch.randn(m, k)
@@ -449,7 +452,7 @@ def test_index_decode_with_bf16_products_matches_rounded_reference(bits, rank, g
     rounded_w[:, :whole] = dense[:, :whole].bfloat16().double()
     with cpu_products(torch.bfloat16):
         y = weight.linear(x)
-    assert _relative_error(y, rounded_x @ rounded_w.t()) < 1e-6
+    assert _relative_error(y, rounded_x @ rounded_w.t()) < (1e-6 if rank <= 4 else 1e-5)
 
 
 @needs_int8

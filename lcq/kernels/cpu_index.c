@@ -50,13 +50,6 @@ typedef struct {
     const uint32_t *byte_rows; /* every row in the int8 form (lcq_index_byte_rows), or NULL: expanded per block */
 } lcq_index_weight;
 
-static float horizontal_sum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* Row n's table V (rank x 16). */
 static inline const float *table_row(const lcq_index_weight *w, int n) {
     return w->tables + (int64_t)w->table_index[n] * w->rank * 16;
@@ -412,27 +405,27 @@ RANK_TILES(wide, AVX512, 4)
 #undef RANK_TILES
 #undef TILES
 
-/* PREFIX##_decode_product: the variant for the weight's width and rank. */
-#define RANKS(PREFIX, BITS)                                                                                         \
+/* RESULT PREFIX##_tiles_BITS_RANK ARGS for the weight's rank (RESULT: empty, or `status =`). */
+#define RANKS(PREFIX, BITS, RESULT, ARGS)                                                                           \
     switch (w->rank) {                                                                                              \
-        case 1: PREFIX##_tiles_##BITS##_1(w, x, M, y); break;                                                       \
-        case 2: PREFIX##_tiles_##BITS##_2(w, x, M, y); break;                                                       \
-        case 3: PREFIX##_tiles_##BITS##_3(w, x, M, y); break;                                                       \
-        case 4: PREFIX##_tiles_##BITS##_4(w, x, M, y); break;                                                       \
-        default: PREFIX##_tiles_##BITS##_0(w, x, M, y); break;                                                      \
+        case 1: RESULT PREFIX##_tiles_##BITS##_1 ARGS; break;                                                       \
+        case 2: RESULT PREFIX##_tiles_##BITS##_2 ARGS; break;                                                       \
+        case 3: RESULT PREFIX##_tiles_##BITS##_3 ARGS; break;                                                       \
+        case 4: RESULT PREFIX##_tiles_##BITS##_4 ARGS; break;                                                       \
+        default: RESULT PREFIX##_tiles_##BITS##_0 ARGS; break;                                                      \
     }
+/* PREFIX##_decode_product: the variant for the weight's width and rank. */
 #define DECODE_DISPATCH(PREFIX, TARGET)                                                                             \
     TARGET static void PREFIX##_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {        \
         switch (w->bits) {                                                                                          \
-            case 2: RANKS(PREFIX, 2) break;                                                                         \
-            case 3: RANKS(PREFIX, 3) break;                                                                         \
-            default: RANKS(PREFIX, 4) break;                                                                        \
+            case 2: RANKS(PREFIX, 2, , (w, x, M, y)) break;                                                         \
+            case 3: RANKS(PREFIX, 3, , (w, x, M, y)) break;                                                         \
+            default: RANKS(PREFIX, 4, , (w, x, M, y)) break;                                                        \
         }                                                                                                           \
     }
 DECODE_DISPATCH(narrow, )
 DECODE_DISPATCH(wide, AVX512)
 #undef DECODE_DISPATCH
-#undef RANKS
 
 /* tops (N, ceil(K / 64)) = the largest |entry| of the codebooks that each block of 64 values along
  * a row meets (all 2^b entries of each): the int8 expansion's scale of the block, found once when a
@@ -608,30 +601,34 @@ static void stream_index_rows(const void *weight, int K, int first, int count, l
 /* The AVX-512 decode product with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more):
  * activations rounded once per call to bf16 pairs along K; per pair of steps the two lookups (32
  * consecutive weights) become one vector of 16 bf16 pairs, and each row takes one vdpbf16ps with its
- * 16 pairs of activations where the fp32 form takes two FMAs and two loads, in passes of up to 8
- * rows (the fp32 form: 4). Weights past the last whole step stay fp32, as in the fp32 form. Against
- * the fp32 form (same library, the setting alternating, 2 threads, Zen 4, SmolLM2's shapes at W4):
- * 0.83-0.97x at 2-4 rows, where the lookups and the conversion bound both, 1.08-1.31x at 5-8. */
+ * 16 pairs of activations where the fp32 form takes two FMAs and two loads, in passes of 4 to 8
+ * rows (the fp32 form: up to 4), with tables held and tiles reduced as in the fp32 form (1.19-1.28x
+ * the form before them at 5-9 rows). Weights past the last whole step stay fp32, as in the fp32 form.
+ * Against the fp32 form (two copies of the library alternating, 2 threads, Zen 4, SmolLM2's shapes
+ * at W4, both forms tiled): 1.10-1.20x at 5-6 rows, 1.00-1.06x at 9; before tiles 0.83-0.97x at 2-4
+ * rows, where the lookups and the conversion bound both, 1.08-1.31x at 5-8. */
 #define PAIR_PASS_ROWS 8
 #define PAIR_MIN_ROWS 5
+_Static_assert(PAIR_MIN_ROWS >= 4, "wide_pair_tiles_* take passes of 4 to 8 rows");
 
-LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(const int R, const int BITS,
-                                                                            const lcq_index_weight *w, int n,
-                                                                            const uint32_t *pairs, int K2,
-                                                                            const float *x, float *y) {
+/* sums[r][c] and tails[r][c]: column c of a tile (row n) for R activation rows, as bf16 pairs (row
+ * stride K2) and, for the scalar tail, fp32 (x). */
+LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(
+    const int R, const int BITS, const int RANK, const lcq_index_weight *w, int n, const uint32_t *pairs, int K2,
+    const float *x, __m512 sums[][TILE_COLUMNS], float tails[][TILE_COLUMNS], int c) {
     const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     __m512 acc[PAIR_PASS_ROWS][2]; /* pairs of steps alternate between a row's two */
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    const wide_table table = wide_table_of(w, n, 0);
-    wide_book book = wide_codebook(w, &table, 0, n, 0);
+    const wide_table table = wide_table_of(w, n, RANK);
+    wide_book book = wide_codebook(w, &table, RANK, n, 0);
     int k = 0, group = 0, group_end = w->group_size, chain = 0;
     for (int run = 0; k < whole; run++) {
         wide_words words = wide_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
         const int steps = (whole - k) / 16 < fields ? (whole - k) / 16 : fields;
         for (int s = 0; s < steps; s += 2) { /* runs and groups are whole pairs of steps */
             if (k == group_end) {
-                book = wide_codebook(w, &table, 0, n, ++group);
+                book = wide_codebook(w, &table, RANK, n, ++group);
                 group_end += w->group_size;
             }
             const int both = s + 1 < steps; /* else K ends inside this pair: 16 weights, 8 pairs */
@@ -651,38 +648,75 @@ LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(cons
             chain ^= 1;
         }
     }
-    float tail[PAIR_PASS_ROWS] = {0};
+    for (int r = 0; r < R; r++) tails[r][c] = 0.0f;
     if (whole < K) {
         float weights[16];
         tail_weights(w, n, whole, weights);
         for (int i = whole; i < K; i++)
-            for (int r = 0; r < R; r++) tail[r] += x[(int64_t)r * K + i] * weights[i - whole];
+            for (int r = 0; r < R; r++) tails[r][c] += x[(int64_t)r * K + i] * weights[i - whole];
     }
-    for (int r = 0; r < R; r++) y[(int64_t)r * w->N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1])) + tail[r];
+    for (int r = 0; r < R; r++) sums[r][c] = _mm512_add_ps(acc[r][0], acc[r][1]);
 }
 
-LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_bits_column(const int R,
-                                                                                 const lcq_index_weight *w, int n,
-                                                                                 const uint32_t *pairs, int K2,
-                                                                                 const float *x, float *y) {
-    switch (w->bits) {
-        case 2: wide_pair_column(R, 2, w, n, pairs, K2, x, y); break;
-        case 3: wide_pair_column(R, 3, w, n, pairs, K2, x, y); break;
-        default: wide_pair_column(R, 4, w, n, pairs, K2, x, y); break;
-    }
+/* y[r, n0 + c] for R rows and a tile's `count` columns from n0. */
+LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_tile(
+    const int R, const int BITS, const int RANK, const lcq_index_weight *w, int n0, int count, const uint32_t *pairs,
+    int K2, const float *x, float *y) {
+    __m512 sums[PAIR_PASS_ROWS][TILE_COLUMNS];
+    float tails[PAIR_PASS_ROWS][TILE_COLUMNS];
+    for (int c = 0; c < count; c++) wide_pair_column(R, BITS, RANK, w, n0 + c, pairs, K2, x, sums, tails, c);
+    for (int r = 0; r < R; r++) wide_reduce(sums[r], tails[r], count, y + (int64_t)r * w->N + n0);
 }
+
+/* wide_pair_tiles_BITS_RANK: the product for one bit width and rank, in its own function (TILES). M >= 4
+ * rows go in passes of 4 to 8 (sizes as even as can be: M / passes >= 4 with passes = ceil(M / 8)),
+ * so the tile is instantiated for those five row counts only. */
+#define PAIR_TILES(BITS, RANK)                                                                                      \
+    LCQ_BF16 static int wide_pair_tiles_##BITS##_##RANK(const lcq_index_weight *w, const float *x, int M, float *y) { \
+        const int K2 = (w->K + 1) / 2, passes = (M + PAIR_PASS_ROWS - 1) / PAIR_PASS_ROWS;                          \
+        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
+        uint32_t *pairs = lcq_round_rows(x, M, w->K);                                                               \
+        if (pairs == NULL) return -1;                                                                               \
+        DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
+            const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
+            for (int pass = 0, m = 0; pass < passes; pass++) {                                                      \
+                const int rows = M / passes + (pass < M % passes);                                                  \
+                const uint32_t *p = pairs + (int64_t)m * K2;                                                        \
+                const float *xs = x + (int64_t)m * w->K;                                                            \
+                float *out = y + (int64_t)m * w->N;                                                                 \
+                switch (rows) {                                                                                     \
+                    case 4: wide_pair_tile(4, BITS, RANK, w, n0, count, p, K2, xs, out); break;                     \
+                    case 5: wide_pair_tile(5, BITS, RANK, w, n0, count, p, K2, xs, out); break;                     \
+                    case 6: wide_pair_tile(6, BITS, RANK, w, n0, count, p, K2, xs, out); break;                     \
+                    case 7: wide_pair_tile(7, BITS, RANK, w, n0, count, p, K2, xs, out); break;                     \
+                    default: wide_pair_tile(PAIR_PASS_ROWS, BITS, RANK, w, n0, count, p, K2, xs, out); break;       \
+                }                                                                                                   \
+                m += rows;                                                                                          \
+            }                                                                                                       \
+        }                                                                                                           \
+        free(pairs);                                                                                                \
+        return 0;                                                                                                   \
+    }
+#define PAIR_RANK_TILES(BITS)                                                                                       \
+    PAIR_TILES(BITS, 1)                                                                                             \
+    PAIR_TILES(BITS, 2)                                                                                             \
+    PAIR_TILES(BITS, 3)                                                                                             \
+    PAIR_TILES(BITS, 4)                                                                                             \
+    PAIR_TILES(BITS, 0)
+PAIR_RANK_TILES(2)
+PAIR_RANK_TILES(3)
+PAIR_RANK_TILES(4)
+#undef PAIR_RANK_TILES
+#undef PAIR_TILES
 
 LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const float *x, int M, float *y) {
-    const int K2 = (w->K + 1) / 2, pass_rows = lcq_even_pass_rows(M, PAIR_PASS_ROWS);
-    uint32_t *pairs = lcq_round_rows(x, M, w->K);
-    if (pairs == NULL) return -1;
-#define COLUMN(R) \
-    wide_pair_bits_column(R, w, n, pairs + (int64_t)m * K2, K2, x + (int64_t)m * w->K, y + (int64_t)m * w->N)
-    LCQ_DECODE_COLUMNS
-    for (int n = 0; n < w->N; n++) LCQ_ROW_PASSES(M, pass_rows, PAIR_PASS_ROWS, COLUMN)
-#undef COLUMN
-    free(pairs);
-    return 0;
+    int status = 0;
+    switch (w->bits) {
+        case 2: RANKS(wide_pair, 2, status = , (w, x, M, y)) break;
+        case 3: RANKS(wide_pair, 3, status = , (w, x, M, y)) break;
+        default: RANKS(wide_pair, 4, status = , (w, x, M, y)) break;
+    }
+    return status;
 }
 
 /* x (M, K) fp32 contiguous, M >= 1; y (M, N) fp32, or with swiglu (W = [gate; up]) y (M, N / 2) =
