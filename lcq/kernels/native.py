@@ -89,7 +89,7 @@ def library_name() -> str:
 def build(folder: Path) -> Path:
     """Compile into folder/lcq_cpu_<hash of sources and flags>.so unless it is there; building in a
     temporary folder and renaming makes concurrent first uses safe. The sources compile at once, one
-    compiler each (cpu_index.c, a decode product per bit width and rank, takes two thirds of the
+    compiler each (cpu_index.c, a decode product per bit width and rank, takes most of the
     time), then link."""
     target = folder / library_name()
     if target.is_file():
