@@ -5,7 +5,9 @@
  * b-bit indices plus its group scales, about b / 8 + 0.19 (r 2, g 64). Each group's codebook
  * c = S @ V - B is built in registers and weights are looked up by permutes: with AVX-512 the 16
  * entries fit one register (16 weights per vpermps), with AVX2 two registers (8 weights per two
- * permutes and a blend). On a Zen 4 that decodes as fast as the fp16 copy (bench/cpu_index.py).
+ * permutes and a blend), the row's table held in registers and a tile of 16 output columns reduced
+ * at once. On a Zen 4 that decodes 1.3-1.9x as fast as the fp16 copy with AVX-512, 0.9-1.2x with
+ * AVX2, at M = 1 (bench/cpu_index.py).
  * Products of lcq_gemm_min_rows() rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
  * block of weight rows at a time to their fp32 entries (or with int8 products to bytes) in a
  * per-thread buffer and multiplies it there, so no copy of the whole layer is made unless asked for
@@ -31,7 +33,7 @@
 
 #define PASS_ROWS 4 /* activation rows per pass over a column's indices: 4 x 2 accumulators */
 #define TILE_COLUMNS 16 /* output columns whose sums are reduced together */
-#define HELD_RANKS 4 /* ranks whose table rows a decode column holds in registers (AVX-512) */
+#define HELD_RANKS 4 /* ranks whose table rows a decode column holds in registers */
 /* The loop over a decode product's tiles: LCQ_DECODE_COLUMNS' guided chunks of 32 columns, in tiles. */
 #define DECODE_TILES _Pragma("omp parallel for schedule(guided, 2)")
 #define PACK_BLOCK_ROWS 64 /* rows per task of lcq_index_byte_rows */

@@ -3,10 +3,10 @@
 IndexWeight keeps the b-bit indices packed 32 / b to a 32-bit word, plus S and B in fp32 (0.7 bytes
 per weight at 4 bits, r 2, g 64, 0.35 at 2 bits, r 2, g 128, against 2 for an fp16 copy; with
 AVX-512 0.06 more, the int8 expansion's block scales), and the
-kernel builds each group's codebook in registers: on a
-Zen 4, decode products run at the fp16 kernel's speed (bench/cpu_index.py, docs/kernels.md); from 16
-rows (cpu_gemm.c) blocks of weight rows are expanded to fp32 for a register-blocked product. Every
-product uses the exact fp32 codebook entries.
+kernel builds each group's codebook in registers: on a Zen 4, batch-1 decode products run at
+1.3-1.9x the fp16 kernel's speed with AVX-512 (bench/cpu_index.py, docs/kernels.md); from
+lcq_gemm_min_rows() rows (cpu_gemm.c) blocks of weight rows are expanded for a register-blocked
+product. Every fp32 product uses the exact fp32 codebook entries.
 
 LCQ_CPU_INDEX=0 keeps the fp16 copy instead (faster where permutes are slow, as on Zen 1), and
 LCQ_CPU_AVX512=0 the AVX2 form on CPUs with AVX-512.
