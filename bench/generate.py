@@ -209,10 +209,11 @@ def main() -> None:
                              "spinning OpenMP threads on busy cores are many times slower)")
     args = parser.parse_args()
     from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
+    from bench.records import cpu_name
     from lcq.paths import cache_dir
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
     rows: list[dict] = []
     result = {
         "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
