@@ -474,23 +474,29 @@ def test_index_weights_with_int8_products(bits, rank, group, k):
 
 @needs_int8
 @pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
-                                                      (150, 600, 2, 2, 128)])
+                                                      (150, 600, 2, 2, 128), (128, 90, 4, 1, 32)])
 def test_kept_int8_rows_are_what_int8_products_expand(n, k, bits, rank, group):
-    """A weight that keeps its int8 rows (keep_byte_rows) gives the products of one that expands them
-    per block, bit for bit, from 10 rows (last blocks and micro-tiles cut short at N = 43, 74, 100,
-    150; gate/up halves of 37, 50 and 75 rows); from 5 rows it takes int8 products (the decode forms
-    are slower than reading kept bytes there), below 5 the same decode forms as without."""
+    """A weight that keeps its int8 rows (keep_byte_rows, panels of 32 rows) gives the products of one
+    that expands them per panel, bit for bit, from 10 rows (last panels of 11, 4, 22 rows and one
+    whole; activation rows past the tiles of 6); gate/up halves of 64 rows share panels with neither
+    half and take SwiGLU per tile, halves of 37, 50 and 75 rows the product then SwiGLU, the same
+    values either way. From 3 rows it takes int8 products (the decode forms are slower than reading
+    kept bytes there), below 3 the same decode forms as without."""
     layer = random_layer(n, k, bits, rank, group, seed=n + k)
     expanding, kept = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
     words = -(-k // 4)
-    assert kept.keep_byte_rows() == kept.byte_rows_nbytes == 4 * n * (words + 2 * -(-words // 16))
+    panel_rows = -(-n // 32) * 32
+    assert kept.keep_byte_rows() == kept.byte_rows_nbytes == 4 * panel_rows * (words + 2 * -(-words // 16))
     assert kept.nbytes == expanding.nbytes + kept.byte_rows_nbytes
     x = torch.randn(70, k)
     with cpu_products(torch.int8):
-        for m in (1, 4, 10, 16, 33, 70):
+        for m in (1, 2, 10, 16, 33, 70):
             for swiglu in (False, True) if n % 2 == 0 else (False,):
                 assert torch.equal(kept.linear(x[:m], swiglu), expanding.linear(x[:m], swiglu)), (m, swiglu)
-        for m in (5, 9):
+            if n % 2 == 0 and m >= 10:
+                gate, up = kept.linear(x[:m]).chunk(2, dim=1)
+                assert _relative_error(kept.linear(x[:m], True), torch.nn.functional.silu(gate) * up) < 1e-6
+        for m in (3, 4, 9, 33):
             assert _relative_error(kept.linear(x[:m]), _int8_index_reference(x[:m], layer)) < 1e-5
     assert cpu_index.IndexWeight(layer, wide=False).keep_byte_rows() == 0  # the AVX2 form has no int8 products
 

@@ -14,10 +14,14 @@
  * lane, twice the multiply-adds of an FMA of the same width: activations and each expanded block are
  * rounded to bf16 pairs along K (round to nearest even), a vector is 16 rows of pairs, panels are 32
  * rows stored [K / 2][32], and one 32-bit broadcast of a weight pair meets each vector. With int8,
- * vpdpbusd sums four products of bytes into each 32-bit lane: activations are quantized per block of
- * 64 values along K (cpu_gemm.h's int8 form), weights come as bytes from their own expansion, a vector
- * is 16 rows of 4-byte words, panels are 32 rows stored [K / 4][32] with the blocks' scales and
- * offsets after them, and each block's int32 sums become fp32 times both scales.
+ * vpdpbusd sums four products of bytes into each 32-bit lane and the roles turn round: activations are
+ * quantized per block of 64 values along K (cpu_gemm.h's int8 form) and stay rows, weights are bytes
+ * from their own expansion (or kept) stored as panels of 32 rows [K / 4][32] with the blocks' scales
+ * after them (lcq_byte_panels), a vector is 16 weight rows of 4-byte words, and a tile of 6 activation
+ * rows x 2 weight vectors broadcasts 6 activation words per step against 2 weight loads; each block's
+ * int32 sums become fp32 times both scales, and each tile stores whole vectors of a row's outputs.
+ * (Activations as the panels, the form before, padded each panel to 16 or 32 rows and stored each
+ * tile's outputs one at a time, transposed: a product of 33 rows took 1.46x one of 32.)
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -29,7 +33,7 @@
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
-#define BYTE_PANEL 32  /* int8: activation rows per panel, two vectors of 4-byte words (a last one of up to 16: one) */
+#define BYTE_PANEL 32  /* int8: weight rows per panel, two vectors of 4-byte words (lcq_byte_panels) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -41,12 +45,12 @@
 #define BF16_MIN_ROWS 10
 
 /* With a weight's int8 rows kept (lcq_expansions.byte_rows), its int8 product has no expansion to
- * amortize and reads 1.125 bytes per weight: against the fp32 decode form (tiles of 16 columns, the
- * table held in registers), over SmolLM2's LCQ shapes at W4 r2 g64 (weights from memory, 2 threads,
- * Zen 4, two libraries alternating in one process), 1.07x and 1.27x summed over the four shapes at
- * 5 rows, 1.46x at 6; 0.99x and 0.79x at 4, 1.01x at 3. (Against the decode form before its tiles,
- * 1.10x at 4.) */
-#define KEPT_BYTES_MIN_ROWS 5
+ * amortize and reads 1.125 bytes per weight, and it pads no activation row: against the fp32 decode
+ * form (tiles of 16 columns, the table held in registers), over SmolLM2's LCQ shapes at W4 r2 g64
+ * (weights from memory, 2 threads, Zen 5, two libraries alternating in one process), 1.14-1.48x at 3
+ * rows and 1.30-1.69x at 4; at 2, 0.92-1.29x (gate/up slower); the decode forms below. (The product
+ * before, whose activation panels padded 3-5 rows to 16, crossed at 5 on a Zen 4.) */
+#define KEPT_BYTES_MIN_ROWS 3
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
@@ -156,59 +160,166 @@ LCQ_INT8 static inline __attribute__((always_inline)) __m512i add_byte_products(
     return sums;
 }
 
-/* One step along K of byte_sums: R weight words (row stride lda) broadcast against V vectors of the
- * panel's row at b. */
+/* One step along K of byte_sums: R activation words (row stride lda) broadcast against the V weight
+ * vectors of the panel's row at b. */
 LCQ_INT8 static inline __attribute__((always_inline)) void byte_step(const int R, const int V, const uint32_t *a,
                                                                     int64_t lda, const uint32_t *b,
                                                                     __m512i sums[][2]) {
-    __m512i columns[2];
-    for (int v = 0; v < V; v++) columns[v] = _mm512_loadu_si512(b + v * 16);
+    __m512i weights[2];
+    for (int v = 0; v < V; v++) weights[v] = _mm512_loadu_si512(b + v * 16);
     for (int r = 0; r < R; r++) {
-        const __m512i weights = _mm512_set1_epi32((int)a[r * lda]);
-        for (int v = 0; v < V; v++) sums[r][v] = add_byte_products(sums[r][v], weights, columns[v]);
+        const __m512i words = _mm512_set1_epi32((int)a[r * lda]);
+        for (int v = 0; v < V; v++) sums[r][v] = add_byte_products(sums[r][v], weights[v], words);
     }
 }
 
-/* The int8 form of lcq_pair_sums: acc[r][v] = sum over the K words of weight row a[r] (unsigned
- * bytes, row stride lda words) . panel b[k][16v .. 16v + 16) (signed bytes, row stride ldb), both in
- * the int8 form (the panel's scales and offsets as rows after its K words). Per block, 32-bit sums
- * start at the panel's offsets and take one vpdpbusd (four multiply-adds per lane) per weight row
- * and vector per word, then become fp32 times both scales. The steps run LCQ_STREAM_EVERY at a time,
- * the stream stepped between them: with the step's test inside every step, GCC kept the panel's
- * pointer on the stack (a store and reload per step); unrolled, 1.00-1.03x on SmolLM2's LCQ shapes
- * at 64-256 rows (0.94-0.99x at 16, within noise there), two libraries alternating, Zen 5. */
+/* acc[r][v] = the products of activation row a[r] (the int8 form: K words of signed bytes, then its
+ * blocks' scales and offsets; row stride lda words) with weight rows 16v .. 16v + 16 of the panel b
+ * (unsigned bytes, [K words + scales...][BYTE_PANEL], lcq_byte_panels). Per block, 32-bit sums start
+ * at the row's offset and take one vpdpbusd (four multiply-adds per lane) per activation row and
+ * weight vector per word, then become fp32 times both scales. The steps run LCQ_STREAM_EVERY at a
+ * time, the stream stepped between them: with the step's test inside every step, GCC kept a pointer
+ * on the stack (a store and reload per step); unrolled, 1.00-1.03x on SmolLM2's LCQ shapes at 64-256
+ * rows, two libraries alternating, Zen 5. */
 LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
-                                                                    int64_t lda, const uint32_t *b, int64_t ldb,
-                                                                    int K, __m512 acc[][2], lcq_line_stream *stream) {
+                                                                    int64_t lda, const uint32_t *b, int K,
+                                                                    __m512 acc[][2], lcq_line_stream *stream) {
     const int blocks = lcq_scale_blocks(K);
-    const float *scales = (const float *)(b + (int64_t)K * ldb);
-    const int32_t *offsets = (const int32_t *)(b + (int64_t)(K + blocks) * ldb);
+    const float *scales = (const float *)(b + (int64_t)K * BYTE_PANEL);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
     for (int block = 0; block < blocks; block++) {
-        __m512i sums[TILE_WEIGHTS][2];
-        for (int v = 0; v < V; v++) {
-            const __m512i offset = _mm512_loadu_si512(offsets + block * ldb + v * 16);
-            for (int r = 0; r < R; r++) sums[r][v] = offset;
+        __m512i sums[LCQ_TILE_ROWS][2];
+        for (int r = 0; r < R; r++) {
+            const __m512i offset = _mm512_set1_epi32(((const int32_t *)(a + r * lda + K + blocks))[block]);
+            for (int v = 0; v < V; v++) sums[r][v] = offset;
         }
         const int steps = (block + 1) * LCQ_SCALE_WORDS < K ? LCQ_SCALE_WORDS : K - block * LCQ_SCALE_WORDS;
-        const uint32_t *column = b + (int64_t)block * LCQ_SCALE_WORDS * ldb, *weight = a + block * LCQ_SCALE_WORDS;
+        const uint32_t *weights = b + (int64_t)block * LCQ_SCALE_WORDS * BYTE_PANEL, *words = a + block * LCQ_SCALE_WORDS;
         int k = 0;
         for (; k + LCQ_STREAM_EVERY <= steps; k += LCQ_STREAM_EVERY) {
 #pragma GCC unroll 4
             for (int u = 0; u < LCQ_STREAM_EVERY; u++)
-                byte_step(R, V, weight + k + u, lda, column + (k + u) * ldb, sums);
+                byte_step(R, V, words + k + u, lda, weights + (k + u) * BYTE_PANEL, sums);
             lcq_stream_step(stream);
         }
-        for (; k < steps; k++) byte_step(R, V, weight + k, lda, column + k * ldb, sums);
+        for (; k < steps; k++) byte_step(R, V, words + k, lda, weights + k * BYTE_PANEL, sums);
         for (int v = 0; v < V; v++) {
-            const __m512 scale = _mm512_loadu_ps(scales + block * ldb + v * 16);
+            const __m512 scale = _mm512_loadu_ps(scales + block * BYTE_PANEL + v * 16);
             for (int r = 0; r < R; r++) {
                 const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(((const float *)(a + r * lda + K))[block]));
                 acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][v]), both, acc[r][v]);
             }
         }
     }
+}
+
+/* y[r][0 .. columns) (row stride ldy) for R activation rows and the first `columns` rows of a weight
+ * panel (V vectors of 16: columns > 16 (V - 1)): whole vectors stored, the last one masked. */
+LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R, const int V, const uint32_t *a,
+                                                                    int64_t lda, const uint32_t *panel, int K,
+                                                                    int columns, float *y, int64_t ldy,
+                                                                    lcq_line_stream *stream) {
+    __m512 acc[LCQ_TILE_ROWS][2];
+    byte_sums(R, V, a, lda, panel, K, acc, stream);
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) {
+            const int left = columns - 16 * v;
+            if (left >= 16)
+                _mm512_storeu_ps(y + r * ldy + 16 * v, acc[r][v]);
+            else
+                _mm512_mask_storeu_ps(y + r * ldy + 16 * v, (__mmask16)((1u << left) - 1), acc[r][v]);
+        }
+}
+
+/* byte_tile of R activation rows for a task's panels: with an up panel, y takes silu(gate) * up. */
+LCQ_INT8 static inline __attribute__((always_inline)) void byte_task_tile(const int R, const int V, const uint32_t *a,
+                                                                         int64_t lda, const uint32_t *gate,
+                                                                         const uint32_t *up, int K, int columns,
+                                                                         float *y, int64_t ldy,
+                                                                         lcq_line_stream *stream) {
+    if (up == NULL) {
+        byte_tile(R, V, a, lda, gate, K, columns, y, ldy, stream);
+        return;
+    }
+    float products[LCQ_TILE_ROWS][2 * BYTE_PANEL]; /* gate, then up */
+    byte_tile(R, V, a, lda, gate, K, columns, products[0], 2 * BYTE_PANEL, stream);
+    byte_tile(R, V, a, lda, up, K, columns, products[0] + BYTE_PANEL, 2 * BYTE_PANEL, stream);
+    for (int r = 0; r < R; r++) lcq_silu_mul_row(products[r], products[r] + BYTE_PANEL, y + r * ldy, columns);
+}
+
+/* y[m][0 .. columns) (row stride ldy) for the M activation rows (`words` words apart, K words of
+ * bytes each) and a task's panels: tiles of LCQ_TILE_ROWS rows, then the rest. */
+LCQ_INT8 static inline __attribute__((always_inline)) void byte_task_rows(const int V, const uint32_t *x, int M,
+                                                                         int K, int words, const uint32_t *gate,
+                                                                         const uint32_t *up, int columns, float *y,
+                                                                         int64_t ldy, lcq_line_stream *stream) {
+#define BYTE_TILE_AT(R) \
+    byte_task_tile(R, V, x + (int64_t)m * words, words, gate, up, K, columns, y + (int64_t)m * ldy, ldy, stream)
+    int m = 0;
+    for (; m + LCQ_TILE_ROWS <= M; m += LCQ_TILE_ROWS) BYTE_TILE_AT(LCQ_TILE_ROWS);
+    switch (M - m) {
+        LCQ_CASES_1_TO_5(BYTE_TILE_AT)
+        default: break;
+    }
+#undef BYTE_TILE_AT
+}
+
+LCQ_INT8 static void byte_task_product(const uint32_t *x, int M, int K, int words, const uint32_t *gate,
+                                       const uint32_t *up, int columns, float *y, int64_t ldy,
+                                       lcq_line_stream *stream) {
+    if (columns > 16)
+        byte_task_rows(2, x, M, K, words, gate, up, columns, y, ldy, stream);
+    else
+        byte_task_rows(1, x, M, K, words, gate, up, columns, y, ldy, stream);
+}
+
+/* dst[c][16 * i] = src[i][c] for 16 rows of 16 words (rows at src, src_stride apart, `rows` of them
+ * there, zeros after; `columns` words of each, the rest not stored; dst rows dst_stride apart): four
+ * rounds of unpacks and 128-bit shuffles. */
+LCQ_INT8 static void transpose_words(const uint32_t *src, int64_t src_stride, int rows, int columns, uint32_t *dst,
+                                     int64_t dst_stride) {
+    const __mmask16 present = (__mmask16)((1u << columns) - 1);
+    __m512i r[16], t[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = i < rows ? _mm512_maskz_loadu_epi32(present, src + i * src_stride) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; i += 2) { /* t[i]: per 128-bit lane L, words 4L, 4L + 1 of rows i, i + 1 */
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) { /* r[g + e]: per lane L, word 4L + e of rows g .. g + 3 */
+        r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
+        r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+        r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
+        r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+    }
+    for (int e = 0; e < 4; e++) { /* rows 0-7, then 8-15: words e, 8 + e (t[e]) and 4 + e, 12 + e (t[4 + e]) */
+        t[e] = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88);
+        t[4 + e] = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
+        t[8 + e] = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
+        t[12 + e] = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
+    }
+    for (int e = 0; e < 4; e++) { /* word c of every row */
+        r[e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0x88);
+        r[8 + e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0xdd);
+        r[4 + e] = _mm512_shuffle_i32x4(t[4 + e], t[12 + e], 0x88);
+        r[12 + e] = _mm512_shuffle_i32x4(t[4 + e], t[12 + e], 0xdd);
+    }
+    for (int c = 0; c < columns; c++) _mm512_storeu_si512(dst + c * dst_stride, r[c]);
+}
+
+LCQ_INT8 void lcq_byte_panels(const uint32_t *rows, int count, int words, uint32_t *panels) {
+    for (int first = 0; first < count; first += 16) {
+        uint32_t *panel = panels + (int64_t)(first / BYTE_PANEL) * BYTE_PANEL * words + first % BYTE_PANEL;
+        const int height = count - first < 16 ? count - first : 16;
+        for (int c = 0; c < words; c += 16)
+            transpose_words(rows + (int64_t)first * words + c, words, height, words - c < 16 ? words - c : 16,
+                            panel + (int64_t)c * BYTE_PANEL, BYTE_PANEL);
+    }
+    if (count % BYTE_PANEL > 0 && count % BYTE_PANEL <= 16) /* the last panel's second half: zeros */
+        for (int c = 0; c < words; c++)
+            for (int i = 16; i < BYTE_PANEL; i++)
+                panels[(int64_t)(count / BYTE_PANEL) * BYTE_PANEL * words + (int64_t)c * BYTE_PANEL + i] = 0;
 }
 
 /* The width of the panel at row m0: `panel` rows, or half for a last one of up to half. */
@@ -235,8 +346,8 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
 
 /* PREFIX##tile: y[m, n] for a panel's `rows` valid rows (row stride N), V vectors of LANES rows wide,
  * and R weight rows w (K elements of TYPE each, rows STRIDE(K) apart): R x V accumulators from SUMS
- * (lcq_tile_sums: fp32, 8 rows per vector; lcq_pair_sums: bf16 pairs, 16; byte_sums: words of 4
- * bytes, 16), each the outputs of one weight row, stepping the stream. Inlined with R and V constants. */
+ * (lcq_tile_sums: fp32, 8 rows per vector; lcq_pair_sums: bf16 pairs, 16), each the outputs of one
+ * weight row, stepping the stream. Inlined with R and V constants. */
 #define MICRO_TILE(ATTR, PREFIX, TYPE, VECTOR, LANES, SUMS, STORE, PANEL_ROWS, STRIDE)                                \
     ATTR static inline __attribute__((always_inline)) void PREFIX##tile(const int R, const int V, const TYPE *panel, \
                                                                         int K, const TYPE *w, int rows, float *y,   \
@@ -252,7 +363,6 @@ static inline __attribute__((always_inline)) void store_tile(const int R, const 
 #define WORDS(K) (K) /* the row stride of fp32 and bf16 forms: their K elements */
 MICRO_TILE(, fp32_, float, __m256, 8, lcq_tile_sums, _mm256_storeu_ps, PANEL, WORDS)
 MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_ps, PAIR_PANEL, WORDS)
-MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, BYTE_PANEL, lcq_byte_row_words)
 
 /* PREFIX##block_product: y[:, 0 .. count) (row stride N) for `count` expanded weight rows (K elements
  * of TYPE each) against every panel of PANEL_ROWS rows, each panel's columns in micro-tiles of
@@ -282,32 +392,25 @@ MICRO_TILE(LCQ_INT8, byte_, uint32_t, __m512, 16, byte_sums, _mm512_storeu_ps, B
 
 #define FP32_TILE_AT(R) fp32_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N, stream)
 #define PAIR_TILE_AT(R) pair_tile(R, V, panel, K, w + (int64_t)n * K, rows, y + n, N, stream)
-#define BYTE_TILE_AT(R) byte_tile(R, V, panel, K, w + (int64_t)n * lcq_byte_row_words(K), rows, y + n, N, stream)
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
-BLOCK_PRODUCT(LCQ_INT8, byte_, uint32_t, BYTE_PANEL, BYTE_TILE_AT, lcq_byte_row_words)
 
-/* Row r of src (K fp32 values) in the product form's words at dst + r * words: bf16 pairs (activations
- * and expanded weights), or the int8 form (activations). */
-static void convert_rows(int form, const float *src, int K, int count, uint32_t *dst, int words) {
-    for (int r = 0; r < count; r++) {
-        if (form == LCQ_INT8_PRODUCTS)
-            quantize_row(src + (int64_t)r * K, K, dst + (int64_t)r * words);
-        else
-            lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
-    }
+/* Rows of src (K fp32 values each) as rows of `words` bf16 pairs at dst (activations and expanded weights). */
+static void convert_rows(const float *src, int K, int count, uint32_t *dst, int words) {
+    for (int r = 0; r < count; r++) lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
 }
 
-/* The stream of the block of rows from `first` (of each half), paced over a product of `tiles`
- * micro-tiles `depth` steps deep along K: what expanding them reads, or their kept int8 rows (`words`
- * each) where byte_rows is not NULL. */
-static void stream_block(const lcq_expansions *expansions, const void *weight, const uint32_t *byte_rows, int words,
-                         int K, int first, int outputs, int halves, int tiles, int depth, lcq_line_stream *stream) {
-    const int count = outputs - first < BLOCK_ROWS / halves ? outputs - first : BLOCK_ROWS / halves;
+/* The stream of the block of `rows` rows from `first` (of each half), paced over a product of `tiles`
+ * micro-tiles `depth` steps deep along K: what expanding them reads, or their kept int8 panel (`words`
+ * words per row) where panels is not NULL. */
+static void stream_block(const lcq_expansions *expansions, const void *weight, const uint32_t *panels, int words,
+                         int K, int first, int rows, int outputs, int halves, int tiles, int depth,
+                         lcq_line_stream *stream) {
+    const int count = outputs - first < rows ? outputs - first : rows;
     for (int h = 0; h < halves; h++) {
         const int at = first + h * outputs;
-        if (byte_rows != NULL)
-            lcq_stream_add(stream, byte_rows + (int64_t)at * words, sizeof(uint32_t) * (int64_t)count * words);
+        if (panels != NULL)
+            lcq_stream_add(stream, panels + (int64_t)at * words, sizeof(uint32_t) * BYTE_PANEL * (int64_t)words);
         else
             expansions->stream(weight, K, at, count, stream);
     }
@@ -329,14 +432,74 @@ int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int s
     return status;
 }
 
+/* lcq_expanded_product with int8 products: activations quantized to rows of the int8 form, weights as
+ * panels of BYTE_PANEL rows (kept, or each task's rows expanded then transposed), a task per panel of
+ * each half's rows; tiles of LCQ_TILE_ROWS activation rows (6 x 2 vectors of 16 weight rows) store
+ * whole output vectors, and no activation row is padded (a step of 33 sequences is 33 rows). */
+LCQ_INT8 static int byte_product(const float *x, int M, int K, int N, const lcq_expansions *expansions,
+                                 const void *weight, int swiglu, float *y) {
+    const int halves = swiglu ? 2 : 1, outputs = N / halves;
+    if (swiglu && N % 2) return -1;
+    if (swiglu && outputs % BYTE_PANEL) { /* a panel would hold rows of both halves: the product, then SwiGLU */
+        float *products = lcq_swiglu_products(1, M, N, y);
+        const int status = products == NULL ? -1 : byte_product(x, M, K, N, expansions, weight, 0, products);
+        return lcq_swiglu_finish(1, products, M, N, y, status);
+    }
+    const int values = (K + 3) / 4, words = lcq_byte_row_words(values); /* 32-bit words per row */
+    const int tasks = (outputs + BYTE_PANEL - 1) / BYTE_PANEL, tiles = (M + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS;
+    const uint32_t *kept = expansions->byte_rows;
+    uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)M * words);
+    int failed = rows == NULL;
+    if (!failed) {
+#pragma omp parallel reduction(| : failed)
+        {
+#pragma omp for schedule(static)
+            for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
+            /* without kept panels: a task's rows expanded, then each half's panel */
+            uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * BYTE_PANEL * (size_t)words * (1 + halves)) : NULL;
+            const int ready = kept != NULL || expanded != NULL;
+            if (!ready) failed = 1;
+#pragma omp for schedule(static)
+            for (int t = 0; t < tasks; t++) {
+                if (!ready) continue;
+                const int first = t * BYTE_PANEL, columns = outputs - first < BYTE_PANEL ? outputs - first : BYTE_PANEL;
+                const uint32_t *panels[2] = {NULL, NULL};
+                int expanded_all = 1;
+                for (int h = 0; h < halves; h++) {
+                    const int at = first + h * outputs;
+                    if (kept != NULL) {
+                        panels[h] = kept + (int64_t)at * words;
+                        continue;
+                    }
+                    uint32_t *panel = expanded + (int64_t)(1 + h) * BYTE_PANEL * words;
+                    expanded_all &= expansions->bytes(weight, K, at, columns, expanded) == 0;
+                    lcq_byte_panels(expanded, columns, words, panel);
+                    panels[h] = panel;
+                }
+                if (!expanded_all) {
+                    failed = 1;
+                    continue;
+                }
+                lcq_line_stream next = {0}; /* the next task, this thread's under the static schedule */
+                if (t + 1 < tasks && (kept != NULL || expansions->stream != NULL))
+                    stream_block(expansions, weight, kept, words, K, first + BYTE_PANEL, BYTE_PANEL, outputs, halves,
+                                 halves * tiles, values, &next);
+                byte_task_product(rows, M, values, words, panels[0], panels[1], columns, y + first, outputs, &next);
+            }
+            free(expanded);
+        }
+    }
+    free(rows);
+    return failed ? -1 : 0;
+}
+
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
                          int swiglu, float *y) {
-    const int form =
-        product_form == LCQ_INT8_PRODUCTS && expansions->bytes == NULL ? LCQ_BF16_PRODUCTS : product_form;
-    const int converted = form != LCQ_FP32_PRODUCTS;
-    const int width = form == LCQ_INT8_PRODUCTS ? BYTE_PANEL : form == LCQ_BF16_PRODUCTS ? PAIR_PANEL : PANEL;
-    const int values = form == LCQ_INT8_PRODUCTS ? (K + 3) / 4 : form == LCQ_BF16_PRODUCTS ? (K + 1) / 2 : K;
-    const int words = form == LCQ_INT8_PRODUCTS ? lcq_byte_row_words(values) : values; /* 32-bit words per row */
+    if (product_form == LCQ_INT8_PRODUCTS && expansions->bytes != NULL)
+        return byte_product(x, M, K, N, expansions, weight, swiglu, y);
+    const int converted = product_form != LCQ_FP32_PRODUCTS; /* bf16 pairs */
+    const int width = converted ? PAIR_PANEL : PANEL;
+    const int words = converted ? (K + 1) / 2 : K; /* 32-bit words per row */
     /* With swiglu, a block is rows first .. of both halves of W, and y takes silu(gate) * up. */
     const int halves = swiglu ? 2 : 1, outputs = N / halves, block_outputs = BLOCK_ROWS / halves;
     const int panels = (M + width - 1) / width, blocks = (outputs + block_outputs - 1) / block_outputs;
@@ -348,21 +511,17 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
         {
             if (converted) {
 #pragma omp for schedule(static)
-                for (int m = 0; m < M; m++)
-                    convert_rows(form, x + (int64_t)m * K, K, 1, converted_x + (int64_t)m * words, words);
+                for (int m = 0; m < M; m++) convert_rows(x + (int64_t)m * K, K, 1, converted_x + (int64_t)m * words, words);
             }
 #pragma omp for schedule(static)
             for (int p = 0; p < panels; p++)
                 pack_panel(converted ? converted_x : (const uint32_t *)x, M, words, p * width,
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
-            const int bytes = form == LCQ_INT8_PRODUCTS; /* weights expand to bytes, not fp32 */
-            const int pairs = form == LCQ_BF16_PRODUCTS && expansions->pairs != NULL; /* or to bf16 pairs */
-            const uint32_t *kept = bytes ? expansions->byte_rows : NULL; /* or are bytes already */
-            float *block = bytes || pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
-            uint32_t *rows = converted && kept == NULL ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
+            const int pairs = converted && expansions->pairs != NULL; /* weights expand to bf16 pairs */
+            float *block = pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
+            uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
             float *products = swiglu ? malloc(sizeof(float) * BLOCK_ROWS * (size_t)M) : NULL; /* gate, up */
-            const int ready = (bytes || pairs || block != NULL) && (!converted || kept != NULL || rows != NULL) &&
-                              (!swiglu || products != NULL);
+            const int ready = (pairs || block != NULL) && (!converted || rows != NULL) && (!swiglu || products != NULL);
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
@@ -370,38 +529,26 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 const int first = b * block_outputs;
                 const int count = outputs - first < block_outputs ? outputs - first : block_outputs;
                 const void *source[2]; /* each half's rows in the product's form */
-                int expanded = 1;
                 for (int h = 0; h < halves; h++) { /* rows first + h * outputs .. at row h * count of the block */
                     const int at = first + h * outputs, row = h * count;
-                    if (kept != NULL)
-                        source[h] = kept + (int64_t)at * words;
-                    else if (bytes)
-                        expanded &= expansions->bytes(weight, K, at, count, rows + (int64_t)row * words) == 0;
-                    else if (pairs)
+                    if (pairs)
                         expansions->pairs(weight, K, at, count, rows + (int64_t)row * words);
                     else {
                         expansions->fp32(weight, K, at, count, block + (int64_t)row * K);
                         if (converted)
-                            convert_rows(form, block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
+                            convert_rows(block + (int64_t)row * K, K, count, rows + (int64_t)row * words, words);
                     }
-                    if (kept == NULL)
-                        source[h] = converted ? (const void *)(rows + (int64_t)row * words) : block + (int64_t)row * K;
-                }
-                if (!expanded) {
-                    failed = 1;
-                    continue;
+                    source[h] = converted ? (const void *)(rows + (int64_t)row * words) : block + (int64_t)row * K;
                 }
                 float *out = swiglu ? products : y + first;
                 const int out_stride = swiglu ? halves * count : N;
                 lcq_line_stream next = {0}; /* the next block, this thread's under the static schedule */
-                if (b + 1 < blocks && (kept != NULL || expansions->stream != NULL))
-                    stream_block(expansions, weight, kept, words, K, first + block_outputs, outputs, halves,
-                                 panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), values, &next);
+                if (b + 1 < blocks && expansions->stream != NULL)
+                    stream_block(expansions, weight, NULL, words, K, first + block_outputs, block_outputs, outputs,
+                                 halves, panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), words, &next);
                 for (int h = 0; h < halves; h++) { /* the halves' outputs side by side in out */
-                    if (bytes)
-                        byte_block_product(packed, M, values, source[h], count, out + h * count, out_stride, &next);
-                    else if (converted)
-                        pair_block_product(packed, M, values, source[h], count, out + h * count, out_stride, &next);
+                    if (converted)
+                        pair_block_product(packed, M, words, source[h], count, out + h * count, out_stride, &next);
                     else
                         fp32_block_product((const float *)packed, M, K, source[h], count, out + h * count, out_stride,
                                            &next);

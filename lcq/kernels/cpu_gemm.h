@@ -87,10 +87,16 @@ static inline __attribute__((always_inline)) void lcq_stream_step(lcq_line_strea
 /* Adds the memory that expanding rows first .. first + count - 1 reads to the stream. */
 typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count, lcq_line_stream *stream);
 
+/* `count` rows in the unsigned int8 form (`words` words each, row after row) as panels of 32 rows,
+ * ceil(count / 32) of them, each [words][32] (word k of its rows side by side; rows past count zero):
+ * the form in which int8 products read weights (cpu_gemm.c). */
+void lcq_byte_panels(const uint32_t *rows, int count, int words, uint32_t *panels);
+
 /* How a weight expands a block of its rows: to fp32 (every weight), and where it has them (else
  * NULL) straight to bf16 pairs or to the int8 form; what a block of its rows reads; and, where the
- * weight keeps them (else NULL), all its rows already in the int8 form (N rows of
- * lcq_byte_row_words((K + 3) / 4) words), which int8 products then read in place of expanding. */
+ * weight keeps them (else NULL), all its rows already in the int8 form as panels (lcq_byte_panels of
+ * its N rows of lcq_byte_row_words((K + 3) / 4) words), which int8 products then read in place of
+ * expanding. */
 typedef struct {
     lcq_expand_rows fp32;
     lcq_expand_pair_rows pairs;

@@ -36,7 +36,7 @@
 #define HELD_RANKS 4 /* ranks whose table rows a decode column holds in registers */
 /* The loop over a decode product's tiles: LCQ_DECODE_COLUMNS' guided chunks of 32 columns, in tiles. */
 #define DECODE_TILES _Pragma("omp parallel for schedule(guided, 2)")
-#define PACK_BLOCK_ROWS 64 /* rows per task of lcq_index_byte_rows */
+#define PACK_BLOCK_ROWS 64 /* rows per task of lcq_index_byte_rows: whole panels of 32 */
 
 /* Must match IndexWeight in cpu_index.py. */
 typedef struct {
@@ -565,24 +565,34 @@ LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int 
     return 0;
 }
 
-/* The int8 form of every row of a wide weight (N rows of lcq_byte_row_words((K + 3) / 4) words) into
- * out, for int8 products to read in place of expanding a block of rows per call; returns 0, or -1
- * for a weight without the form (not wide) or a failed allocation. */
+/* The int8 form of every row of a wide weight as panels (lcq_byte_panels: lcq_index_byte_words(N, K)
+ * words) into out, for int8 products to read in place of expanding a block of rows per call; returns
+ * 0, or -1 for a weight without the form (not wide) or a failed allocation. */
 LCQ_INT8 int lcq_index_byte_rows(const void *weight, uint32_t *out) {
     const lcq_index_weight *w = weight;
     if (!w->wide) return -1;
     const int words = lcq_byte_row_words((w->K + 3) / 4);
     int failed = 0;
-#pragma omp parallel for schedule(static) reduction(| : failed)
-    for (int first = 0; first < w->N; first += PACK_BLOCK_ROWS) {
-        const int count = w->N - first < PACK_BLOCK_ROWS ? w->N - first : PACK_BLOCK_ROWS;
-        failed |= wide_expand_bytes(weight, w->K, first, count, out + (int64_t)first * words) != 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        uint32_t *rows = malloc(sizeof(uint32_t) * PACK_BLOCK_ROWS * (size_t)words);
+        failed |= rows == NULL;
+#pragma omp for schedule(static)
+        for (int first = 0; first < w->N; first += PACK_BLOCK_ROWS) {
+            const int count = w->N - first < PACK_BLOCK_ROWS ? w->N - first : PACK_BLOCK_ROWS;
+            if (rows == NULL || wide_expand_bytes(weight, w->K, first, count, rows) != 0) {
+                failed = 1;
+                continue;
+            }
+            lcq_byte_panels(rows, count, words, out + (int64_t)first * words);
+        }
+        free(rows);
     }
     return failed ? -1 : 0;
 }
 
-int lcq_index_byte_row_words(int K) {
-    return lcq_byte_row_words((K + 3) / 4);
+int64_t lcq_index_byte_words(int N, int K) {
+    return (int64_t)(N + 31) / 32 * 32 * lcq_byte_row_words((K + 3) / 4);
 }
 
 /* What expanding rows first .. first + count - 1 reads, into the stream (an lcq_stream_rows): their

@@ -113,7 +113,7 @@ class IndexWeight:
         with int8 products (AVX512_VNNI and AVX512_VBMI, which expanding to it needs); else 0."""
         if not self.fields.wide or not products_available(torch.int8):
             return 0
-        return 4 * self.out_features * library().lcq_index_byte_row_words(self.in_features)
+        return 4 * library().lcq_index_byte_words(self.out_features, self.in_features)
 
     def keep_byte_rows(self) -> int:
         """Expand every row to the int8 form now, once, for int8 products to read where they would
@@ -161,6 +161,6 @@ def library() -> ctypes.CDLL | None:
         lib.lcq_index_block_tops.restype = None
         lib.lcq_index_byte_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.lcq_index_byte_rows.restype = ctypes.c_int
-        lib.lcq_index_byte_row_words.argtypes = [ctypes.c_int]
-        lib.lcq_index_byte_row_words.restype = ctypes.c_int
+        lib.lcq_index_byte_words.argtypes = [ctypes.c_int, ctypes.c_int]
+        lib.lcq_index_byte_words.restype = ctypes.c_int64
     return lib

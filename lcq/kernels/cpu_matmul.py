@@ -97,7 +97,7 @@ def cpu_products(dtype: torch.dtype) -> Iterator[None]:
       even: the blocked product from 10 rows instead of 16, the decode forms of LCQ indices from 5
       rows and of fp16 copies from 3, and prefill attention.
     - int8: vpdpbusd, four multiply-adds per 32-bit lane, sums int32, in the blocked product of LCQ
-      layers from 10 rows: activations quantized to 8 bits per block of 64 values along K, each
+      layers from 10 rows (3 where a layer keeps its int8 weights): activations quantized to 8 bits per block of 64 values along K, each
       group's codebook quantized once; full-precision weights (the head) and the rest take bfloat16.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
