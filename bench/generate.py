@@ -5,6 +5,10 @@ bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to) and on
 transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
+CPU (--curve): our engine on the LCQ demo checkpoint, the throughput curve over 1..64 concurrent
+sequences (128-token prompts, 128 tokens out each), where decode steps of a few sequences take other
+kernels than one sequence or many (docs/kernels.md).
+
 GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and fp16: batch-1
 tokens/s and the throughput curve over 1..256 concurrent sequences, with peak memory split into
 weights, KV cache and activations.
@@ -12,6 +16,7 @@ weights, KV cache and activations.
     python bench/generate.py                 # CPU study, writes bench/results/generate-cpu.json
     python bench/generate.py --rounds 3      # every engine three times, in alternating order: medians
     python bench/generate.py --quick         # fewer tokens and requests (a smoke run)
+    python bench/generate.py --curve         # CPU curve, writes bench/results/generate-cpu-curve.json
     python bench/generate.py --gpu-7b        # on a CUDA machine
 """
 from __future__ import annotations
@@ -197,6 +202,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
+    parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--engines", default="lcq,lcq-bf16,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
@@ -223,7 +229,7 @@ def main() -> None:
                                 "fp16": round(2 * 6.74e9 / 1e9, 2)},
         "rows": rows,
     }
-    name = "gpu" if args.gpu_7b else "cpu"
+    name = "gpu" if args.gpu_7b else "cpu-curve" if args.curve else "cpu"
     out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -234,6 +240,12 @@ def main() -> None:
 
     if args.gpu_7b:
         bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save)
+    elif args.curve:
+        torch.set_num_threads(args.threads)
+        result["threads"] = args.threads
+        llm = LLM(str(ensure_demo_model()), kv_cache_memory_gb=2.0)
+        concurrencies = [1, 8] if args.quick else [1, 2, 3, 4, 8, 16, 32, 64]
+        throughput_curve(llm, "smollm2-135m-instruct", "lcq-w4r2g64", concurrencies, rows, save)
     else:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
@@ -277,9 +289,38 @@ def main() -> None:
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 
 
+def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int], rows: list[dict], save) -> None:
+    """Output tokens/s of each number of sequences (128-token prompts, distinct, 128 tokens out each)
+    generated together; peak memory as the GPU's allocator or the process's RSS reports it. Each row
+    is appended to rows and saved as soon as it is measured."""
+    cuda = llm.engine.runner.device.type == "cuda"
+    weights_gb = llm.engine.runner.weight_bytes / 2**30
+    kv_gb = llm.engine.runner.kv_cache_bytes / 2**30
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    for concurrency in concurrencies:
+        prompts = [[1000 + i] * 128 for i in range(concurrency)]
+        llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        if cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gb()
+        row = dict(model=model, weights=weights, engine="lcq", concurrency=concurrency,
+                   output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
+                   peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2))
+        if cuda:  # the allocator splits the peak; a CPU process's RSS has no such split
+            row.update(weights_GB=round(weights_gb, 2), activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2))
+        rows.append(row)
+        print(rows[-1], flush=True)
+        save()
+
+
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -> None:
-    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
-    each row is appended to rows and saved as soon as it is measured."""
+    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed."""
     import tempfile
 
     from bench.random_model import write_random_llama
@@ -289,29 +330,9 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -
         for weights in weight_kinds:
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
-            weights_gb = llm.engine.runner.weight_bytes / 2**30
-            kv_gb = llm.engine.runner.kv_cache_bytes / 2**30
-            for concurrency in concurrencies:
-                workload = [([1000 + i] * 128, 128) for i in range(concurrency)]
-                params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
-                llm.generate([workload[0][0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                start = time.perf_counter()
-                outs = llm.generate([p for p, _ in workload], params)
-                torch.cuda.synchronize()
-                elapsed = time.perf_counter() - start
-                peak = torch.cuda.max_memory_allocated() / 2**30
-                rows.append(dict(model="llama-2-7b-shaped-random", weights=weights, engine="lcq",
-                                 concurrency=concurrency,
-                                 output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
-                                 peak_mem_GB=round(peak, 2), weights_GB=round(weights_gb, 2), kv_cache_GB=round(kv_gb, 2),
-                                 activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2)))
-                print(rows[-1], flush=True)
-                save()
+            throughput_curve(llm, "llama-2-7b-shaped-random", weights, concurrencies, rows, save)
             del llm
             torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()
