@@ -269,6 +269,30 @@ def test_bf16_products_round_operands_only(n, m, k):
     assert _relative_error(y, x.double() @ weight.double().t()) > 1e-4  # bf16 rounding did happen
 
 
+@needs_bf16
+@pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (128, 77)])
+def test_half_pair_panels_give_the_bf16_products(n, k):
+    """An fp16 weight's kept bf16 panels (cpu_half.pair_panels: N rounded up to 32 rows, K to pairs)
+    give, from 10 rows, the blocked bf16 product's values bit for bit (the same sums in the same
+    order, the weights the vectors and the activations broadcast), and from 3 rows the bf16-rounded
+    product (below 10 the decode form, which sums in another order, is not read); SwiGLU over halves of
+    48 (product, then SwiGLU) and 64 rows (per tile); 1-2 rows keep the exact fp32 decode form."""
+    weight, x = torch.randn(n, k).half(), torch.randn(40, k)
+    panels = cpu_half.pair_panels(weight)
+    assert 4 * panels.numel() == cpu_half.pair_panel_bytes(n, k) == 4 * -(-n // 32) * 32 * ((k + 1) // 2)
+    with cpu_products(torch.bfloat16):
+        for m in (10, 16, 33, 40):
+            assert torch.equal(cpu_half.half_linear(x[:m], weight, panels=panels), cpu_half.half_linear(x[:m], weight))
+            if n % 2 == 0:
+                gate, up = cpu_half.half_linear(x[:m], weight).chunk(2, dim=1)
+                swiglu = cpu_half.half_linear(x[:m], weight, swiglu=True, panels=panels)
+                assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
+        for m in (3, 5, 9):
+            assert_close(cpu_half.half_linear(x[:m], weight, panels=panels), _bf16_reference(x[:m], weight.float()),
+                         torch.float32)
+        assert torch.equal(cpu_half.half_linear(x[:2], weight, panels=panels), cpu_half.half_linear(x[:2], weight))
+
+
 def _int8_quantized(rows: torch.Tensor, tops: torch.Tensor | None = None) -> torch.Tensor:
     """Rows (R, K) as the int8 products take them, float64: per row and block of 64 values along K,
     scale = top / 127 and q = round half to even(v * (127 / top)) in fp32, top the block's max |v|

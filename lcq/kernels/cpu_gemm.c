@@ -17,11 +17,13 @@
  * vpdpbusd sums four products of bytes into each 32-bit lane and the roles turn round: activations are
  * quantized per block of 64 values along K (cpu_gemm.h's int8 form) and stay rows, weights are bytes
  * from their own expansion (or kept) stored as panels of 32 rows [K / 4][32] with the blocks' scales
- * after them (lcq_byte_panels), a vector is 16 weight rows of 4-byte words, and a tile of 6 activation
+ * after them (lcq_word_panels), a vector is 16 weight rows of 4-byte words, and a tile of 6 activation
  * rows x 2 weight vectors broadcasts 6 activation words per step against 2 weight loads; each block's
  * int32 sums become fp32 times both scales, and each tile stores whole vectors of a row's outputs.
  * (Activations as the panels, the form before, padded each panel to 16 or 32 rows and stored each
- * tile's outputs one at a time, transposed: a product of 33 rows took 1.46x one of 32.)
+ * tile's outputs one at a time, transposed: a product of 33 rows took 1.46x one of 32.) bf16 products
+ * of a weight that keeps its rows as panels of pairs (lcq_expansions.pair_panels: the fp16 head) take
+ * that panel form too; expanding per call, their transposes cost more than the padding saved.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -33,7 +35,7 @@
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
-#define BYTE_PANEL 32  /* int8: weight rows per panel, two vectors of 4-byte words (lcq_byte_panels) */
+#define WORD_PANEL 32  /* int8: weight rows per panel, two vectors of 4-byte words (lcq_word_panels) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -52,15 +54,18 @@
  * before, whose activation panels padded 3-5 rows to 16, crossed at 5 on a Zen 4.) */
 #define KEPT_BYTES_MIN_ROWS 3
 
+#define KEPT_PAIRS_MIN_ROWS 3
+
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
 int lcq_bf16_products(void) {
     return product_form != LCQ_FP32_PRODUCTS;
 }
 
-int lcq_gemm_min_rows(int kept_bytes) {
+int lcq_gemm_min_rows(int kept) {
     if (product_form == LCQ_FP32_PRODUCTS) return LCQ_GEMM_MIN_ROWS;
-    return kept_bytes && product_form == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS : BF16_MIN_ROWS;
+    if (kept == LCQ_INT8_PRODUCTS && product_form == LCQ_INT8_PRODUCTS) return KEPT_BYTES_MIN_ROWS;
+    return kept == LCQ_BF16_PRODUCTS ? KEPT_PAIRS_MIN_ROWS : BF16_MIN_ROWS;
 }
 
 /* Sets the calling thread's product form (the best the CPU has at or below the one asked for);
@@ -154,15 +159,17 @@ LCQ_INT8 static void quantize_row(const float *src, int K, uint32_t *row) {
 /* sums + the four products of unsigned bytes u and signed bytes s in each 32-bit lane, in place: with
  * the intrinsic, GCC 12 copied every accumulator to another register and back around each vpdpbusd
  * (24 moves per 12 multiply-adds in byte_sums): without them the int8 product of SmolLM2 gate/up and
- * down shapes ran 1.07-1.21x faster at 16-256 rows (two libraries alternating). */
-LCQ_INT8 static inline __attribute__((always_inline)) __m512i add_byte_products(__m512i sums, __m512i u, __m512i s) {
+ * down shapes ran 1.07-1.21x faster at 16-256 rows (two libraries alternating). Inline asm needs no
+ * AVX512_VNNI target, so the panel products below share one for int8 and bf16 (LCQ_BF16: int8 products
+ * run only where the CPU also has AVX512_BF16, lcq_set_products). */
+LCQ_BF16 static inline __attribute__((always_inline)) __m512i add_byte_products(__m512i sums, __m512i u, __m512i s) {
     __asm__("vpdpbusd %2, %1, %0" : "+v"(sums) : "v"(u), "v"(s));
     return sums;
 }
 
 /* One step along K of byte_sums: R activation words (row stride lda) broadcast against the V weight
  * vectors of the panel's row at b. */
-LCQ_INT8 static inline __attribute__((always_inline)) void byte_step(const int R, const int V, const uint32_t *a,
+LCQ_BF16 static inline __attribute__((always_inline)) void byte_step(const int R, const int V, const uint32_t *a,
                                                                     int64_t lda, const uint32_t *b,
                                                                     __m512i sums[][2]) {
     __m512i weights[2];
@@ -175,17 +182,17 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_step(const int R
 
 /* acc[r][v] = the products of activation row a[r] (the int8 form: K words of signed bytes, then its
  * blocks' scales and offsets; row stride lda words) with weight rows 16v .. 16v + 16 of the panel b
- * (unsigned bytes, [K words + scales...][BYTE_PANEL], lcq_byte_panels). Per block, 32-bit sums start
+ * (unsigned bytes, [K words + scales...][WORD_PANEL], lcq_word_panels). Per block, 32-bit sums start
  * at the row's offset and take one vpdpbusd (four multiply-adds per lane) per activation row and
  * weight vector per word, then become fp32 times both scales. The steps run LCQ_STREAM_EVERY at a
  * time, the stream stepped between them: with the step's test inside every step, GCC kept a pointer
  * on the stack (a store and reload per step); unrolled, 1.00-1.03x on SmolLM2's LCQ shapes at 64-256
  * rows, two libraries alternating, Zen 5. */
-LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
+LCQ_BF16 static inline __attribute__((always_inline)) void byte_sums(const int R, const int V, const uint32_t *a,
                                                                     int64_t lda, const uint32_t *b, int K,
                                                                     __m512 acc[][2], lcq_line_stream *stream) {
     const int blocks = lcq_scale_blocks(K);
-    const float *scales = (const float *)(b + (int64_t)K * BYTE_PANEL);
+    const float *scales = (const float *)(b + (int64_t)K * WORD_PANEL);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
     for (int block = 0; block < blocks; block++) {
@@ -195,17 +202,17 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R
             for (int v = 0; v < V; v++) sums[r][v] = offset;
         }
         const int steps = (block + 1) * LCQ_SCALE_WORDS < K ? LCQ_SCALE_WORDS : K - block * LCQ_SCALE_WORDS;
-        const uint32_t *weights = b + (int64_t)block * LCQ_SCALE_WORDS * BYTE_PANEL, *words = a + block * LCQ_SCALE_WORDS;
+        const uint32_t *weights = b + (int64_t)block * LCQ_SCALE_WORDS * WORD_PANEL, *words = a + block * LCQ_SCALE_WORDS;
         int k = 0;
         for (; k + LCQ_STREAM_EVERY <= steps; k += LCQ_STREAM_EVERY) {
 #pragma GCC unroll 4
             for (int u = 0; u < LCQ_STREAM_EVERY; u++)
-                byte_step(R, V, words + k + u, lda, weights + (k + u) * BYTE_PANEL, sums);
+                byte_step(R, V, words + k + u, lda, weights + (k + u) * WORD_PANEL, sums);
             lcq_stream_step(stream);
         }
-        for (; k < steps; k++) byte_step(R, V, words + k, lda, weights + k * BYTE_PANEL, sums);
+        for (; k < steps; k++) byte_step(R, V, words + k, lda, weights + k * WORD_PANEL, sums);
         for (int v = 0; v < V; v++) {
-            const __m512 scale = _mm512_loadu_ps(scales + block * BYTE_PANEL + v * 16);
+            const __m512 scale = _mm512_loadu_ps(scales + block * WORD_PANEL + v * 16);
             for (int r = 0; r < R; r++) {
                 const __m512 both = _mm512_mul_ps(scale, _mm512_set1_ps(((const float *)(a + r * lda + K))[block]));
                 acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[r][v]), both, acc[r][v]);
@@ -214,14 +221,48 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_sums(const int R
     }
 }
 
+/* One step along K of pair_sums: R activation pairs broadcast against the V weight vectors at b. */
+LCQ_BF16 static inline __attribute__((always_inline)) void pair_step(const int R, const int V, const uint32_t *a,
+                                                                    int64_t lda, const uint32_t *b, __m512 acc[][2]) {
+    __m512bh weights[2];
+    for (int v = 0; v < V; v++) weights[v] = (__m512bh)_mm512_loadu_si512(b + v * 16);
+    for (int r = 0; r < R; r++) {
+        const __m512bh pair = (__m512bh)_mm512_set1_epi32((int)a[r * lda]);
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], weights[v], pair);
+    }
+}
+
+/* The bf16 form of byte_sums: acc[r][v] = the products of activation row a[r] (K bf16 pairs) with
+ * weight rows 16v .. 16v + 16 of the panel b ([K][WORD_PANEL] pairs), one vdpbf16ps (two
+ * multiply-adds per fp32 lane) per activation row and weight vector per pair: the sums, in the same
+ * order, of the activation panels' form (lcq_pair_sums), so the same values. */
+LCQ_BF16 static inline __attribute__((always_inline)) void pair_sums(const int R, const int V, const uint32_t *a,
+                                                                    int64_t lda, const uint32_t *b, int K,
+                                                                    __m512 acc[][2], lcq_line_stream *stream) {
+    for (int r = 0; r < R; r++)
+        for (int v = 0; v < V; v++) acc[r][v] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + LCQ_STREAM_EVERY <= K; k += LCQ_STREAM_EVERY) {
+#pragma GCC unroll 4
+        for (int u = 0; u < LCQ_STREAM_EVERY; u++) pair_step(R, V, a + k + u, lda, b + (k + u) * WORD_PANEL, acc);
+        lcq_stream_step(stream);
+    }
+    for (; k < K; k++) pair_step(R, V, a + k, lda, b + k * WORD_PANEL, acc);
+}
+
 /* y[r][0 .. columns) (row stride ldy) for R activation rows and the first `columns` rows of a weight
- * panel (V vectors of 16: columns > 16 (V - 1)): whole vectors stored, the last one masked. */
-LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R, const int V, const uint32_t *a,
-                                                                    int64_t lda, const uint32_t *panel, int K,
-                                                                    int columns, float *y, int64_t ldy,
-                                                                    lcq_line_stream *stream) {
+ * panel (V vectors of 16: columns > 16 (V - 1)), in the product form FORM (LCQ_INT8_PRODUCTS or
+ * LCQ_BF16_PRODUCTS): whole vectors stored, the last one masked. */
+LCQ_BF16 static inline __attribute__((always_inline)) void panel_tile(const int FORM, const int R, const int V,
+                                                                     const uint32_t *a, int64_t lda,
+                                                                     const uint32_t *panel, int K, int columns,
+                                                                     float *y, int64_t ldy,
+                                                                     lcq_line_stream *stream) {
     __m512 acc[LCQ_TILE_ROWS][2];
-    byte_sums(R, V, a, lda, panel, K, acc, stream);
+    if (FORM == LCQ_INT8_PRODUCTS)
+        byte_sums(R, V, a, lda, panel, K, acc, stream);
+    else
+        pair_sums(R, V, a, lda, panel, K, acc, stream);
     for (int r = 0; r < R; r++)
         for (int v = 0; v < V; v++) {
             const int left = columns - 16 * v;
@@ -232,52 +273,56 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R
         }
 }
 
-/* byte_tile of R activation rows for a task's panels: with an up panel, y takes silu(gate) * up. */
-LCQ_INT8 static inline __attribute__((always_inline)) void byte_task_tile(const int R, const int V, const uint32_t *a,
-                                                                         int64_t lda, const uint32_t *gate,
-                                                                         const uint32_t *up, int K, int columns,
-                                                                         float *y, int64_t ldy,
-                                                                         lcq_line_stream *stream) {
+/* panel_tile of R activation rows for a task's panels: with an up panel, y takes silu(gate) * up. */
+LCQ_BF16 static inline __attribute__((always_inline)) void task_tile(const int FORM, const int R, const int V,
+                                                                    const uint32_t *a, int64_t lda,
+                                                                    const uint32_t *gate, const uint32_t *up, int K,
+                                                                    int columns, float *y, int64_t ldy,
+                                                                    lcq_line_stream *stream) {
     if (up == NULL) {
-        byte_tile(R, V, a, lda, gate, K, columns, y, ldy, stream);
+        panel_tile(FORM, R, V, a, lda, gate, K, columns, y, ldy, stream);
         return;
     }
-    float products[LCQ_TILE_ROWS][2 * BYTE_PANEL]; /* gate, then up */
-    byte_tile(R, V, a, lda, gate, K, columns, products[0], 2 * BYTE_PANEL, stream);
-    byte_tile(R, V, a, lda, up, K, columns, products[0] + BYTE_PANEL, 2 * BYTE_PANEL, stream);
-    for (int r = 0; r < R; r++) lcq_silu_mul_row(products[r], products[r] + BYTE_PANEL, y + r * ldy, columns);
+    float products[LCQ_TILE_ROWS][2 * WORD_PANEL]; /* gate, then up */
+    panel_tile(FORM, R, V, a, lda, gate, K, columns, products[0], 2 * WORD_PANEL, stream);
+    panel_tile(FORM, R, V, a, lda, up, K, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
+    for (int r = 0; r < R; r++) lcq_silu_mul_row(products[r], products[r] + WORD_PANEL, y + r * ldy, columns);
 }
 
 /* y[m][0 .. columns) (row stride ldy) for the M activation rows (`words` words apart, K words of
- * bytes each) and a task's panels: tiles of LCQ_TILE_ROWS rows, then the rest. */
-LCQ_INT8 static inline __attribute__((always_inline)) void byte_task_rows(const int V, const uint32_t *x, int M,
-                                                                         int K, int words, const uint32_t *gate,
-                                                                         const uint32_t *up, int columns, float *y,
-                                                                         int64_t ldy, lcq_line_stream *stream) {
-#define BYTE_TILE_AT(R) \
-    byte_task_tile(R, V, x + (int64_t)m * words, words, gate, up, K, columns, y + (int64_t)m * ldy, ldy, stream)
+ * bytes or pairs each) and a task's panels: tiles of LCQ_TILE_ROWS rows, then the rest. */
+LCQ_BF16 static inline __attribute__((always_inline)) void task_rows(const int FORM, const int V, const uint32_t *x,
+                                                                    int M, int K, int words, const uint32_t *gate,
+                                                                    const uint32_t *up, int columns, float *y,
+                                                                    int64_t ldy, lcq_line_stream *stream) {
+#define TASK_TILE_AT(R) \
+    task_tile(FORM, R, V, x + (int64_t)m * words, words, gate, up, K, columns, y + (int64_t)m * ldy, ldy, stream)
     int m = 0;
-    for (; m + LCQ_TILE_ROWS <= M; m += LCQ_TILE_ROWS) BYTE_TILE_AT(LCQ_TILE_ROWS);
+    for (; m + LCQ_TILE_ROWS <= M; m += LCQ_TILE_ROWS) TASK_TILE_AT(LCQ_TILE_ROWS);
     switch (M - m) {
-        LCQ_CASES_1_TO_5(BYTE_TILE_AT)
+        LCQ_CASES_1_TO_5(TASK_TILE_AT)
         default: break;
     }
-#undef BYTE_TILE_AT
+#undef TASK_TILE_AT
 }
 
-LCQ_INT8 static void byte_task_product(const uint32_t *x, int M, int K, int words, const uint32_t *gate,
-                                       const uint32_t *up, int columns, float *y, int64_t ldy,
-                                       lcq_line_stream *stream) {
-    if (columns > 16)
-        byte_task_rows(2, x, M, K, words, gate, up, columns, y, ldy, stream);
+LCQ_BF16 static void task_product(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate,
+                                  const uint32_t *up, int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
+    const int wide = columns > 16;
+    if (form == LCQ_INT8_PRODUCTS && wide)
+        task_rows(LCQ_INT8_PRODUCTS, 2, x, M, K, words, gate, up, columns, y, ldy, stream);
+    else if (form == LCQ_INT8_PRODUCTS)
+        task_rows(LCQ_INT8_PRODUCTS, 1, x, M, K, words, gate, up, columns, y, ldy, stream);
+    else if (wide)
+        task_rows(LCQ_BF16_PRODUCTS, 2, x, M, K, words, gate, up, columns, y, ldy, stream);
     else
-        byte_task_rows(1, x, M, K, words, gate, up, columns, y, ldy, stream);
+        task_rows(LCQ_BF16_PRODUCTS, 1, x, M, K, words, gate, up, columns, y, ldy, stream);
 }
 
 /* dst[c][16 * i] = src[i][c] for 16 rows of 16 words (rows at src, src_stride apart, `rows` of them
  * there, zeros after; `columns` words of each, the rest not stored; dst rows dst_stride apart): four
  * rounds of unpacks and 128-bit shuffles. */
-LCQ_INT8 static void transpose_words(const uint32_t *src, int64_t src_stride, int rows, int columns, uint32_t *dst,
+LCQ_BF16 static void transpose_words(const uint32_t *src, int64_t src_stride, int rows, int columns, uint32_t *dst,
                                      int64_t dst_stride) {
     const __mmask16 present = (__mmask16)((1u << columns) - 1);
     __m512i r[16], t[16];
@@ -308,18 +353,18 @@ LCQ_INT8 static void transpose_words(const uint32_t *src, int64_t src_stride, in
     for (int c = 0; c < columns; c++) _mm512_storeu_si512(dst + c * dst_stride, r[c]);
 }
 
-LCQ_INT8 void lcq_byte_panels(const uint32_t *rows, int count, int words, uint32_t *panels) {
+LCQ_BF16 void lcq_word_panels(const uint32_t *rows, int count, int words, uint32_t *panels) {
     for (int first = 0; first < count; first += 16) {
-        uint32_t *panel = panels + (int64_t)(first / BYTE_PANEL) * BYTE_PANEL * words + first % BYTE_PANEL;
+        uint32_t *panel = panels + (int64_t)(first / WORD_PANEL) * WORD_PANEL * words + first % WORD_PANEL;
         const int height = count - first < 16 ? count - first : 16;
         for (int c = 0; c < words; c += 16)
             transpose_words(rows + (int64_t)first * words + c, words, height, words - c < 16 ? words - c : 16,
-                            panel + (int64_t)c * BYTE_PANEL, BYTE_PANEL);
+                            panel + (int64_t)c * WORD_PANEL, WORD_PANEL);
     }
-    if (count % BYTE_PANEL > 0 && count % BYTE_PANEL <= 16) /* the last panel's second half: zeros */
+    if (count % WORD_PANEL > 0 && count % WORD_PANEL <= 16) /* the last panel's second half: zeros */
         for (int c = 0; c < words; c++)
-            for (int i = 16; i < BYTE_PANEL; i++)
-                panels[(int64_t)(count / BYTE_PANEL) * BYTE_PANEL * words + (int64_t)c * BYTE_PANEL + i] = 0;
+            for (int i = 16; i < WORD_PANEL; i++)
+                panels[(int64_t)(count / WORD_PANEL) * WORD_PANEL * words + (int64_t)c * WORD_PANEL + i] = 0;
 }
 
 /* The width of the panel at row m0: `panel` rows, or half for a last one of up to half. */
@@ -410,7 +455,7 @@ static void stream_block(const lcq_expansions *expansions, const void *weight, c
     for (int h = 0; h < halves; h++) {
         const int at = first + h * outputs;
         if (panels != NULL)
-            lcq_stream_add(stream, panels + (int64_t)at * words, sizeof(uint32_t) * BYTE_PANEL * (int64_t)words);
+            lcq_stream_add(stream, panels + (int64_t)at * words, sizeof(uint32_t) * WORD_PANEL * (int64_t)words);
         else
             expansions->stream(weight, K, at, count, stream);
     }
@@ -432,37 +477,45 @@ int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int s
     return status;
 }
 
-/* lcq_expanded_product with int8 products: activations quantized to rows of the int8 form, weights as
- * panels of BYTE_PANEL rows (kept, or each task's rows expanded then transposed), a task per panel of
- * each half's rows; tiles of LCQ_TILE_ROWS activation rows (6 x 2 vectors of 16 weight rows) store
- * whole output vectors, and no activation row is padded (a step of 33 sequences is 33 rows). */
-LCQ_INT8 static int byte_product(const float *x, int M, int K, int N, const lcq_expansions *expansions,
-                                 const void *weight, int swiglu, float *y) {
+/* lcq_expanded_product in the panel form: activations as rows of the product form (quantize_row for
+ * int8, lcq_round_pairs for bf16), weights as panels of WORD_PANEL rows (the weight's kept ones, or,
+ * for int8, each task's rows expanded then transposed), a task per panel of each half's rows; tiles of
+ * LCQ_TILE_ROWS activation rows (6 x 2 vectors of 16 weight rows) store whole output vectors, and no
+ * activation row is padded (a step of 33 sequences is 33 rows). */
+LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N, const lcq_expansions *expansions,
+                                  const void *weight, int swiglu, float *y) {
     const int halves = swiglu ? 2 : 1, outputs = N / halves;
     if (swiglu && N % 2) return -1;
-    if (swiglu && outputs % BYTE_PANEL) { /* a panel would hold rows of both halves: the product, then SwiGLU */
+    if (swiglu && outputs % WORD_PANEL) { /* a panel would hold rows of both halves: the product, then SwiGLU */
         float *products = lcq_swiglu_products(1, M, N, y);
-        const int status = products == NULL ? -1 : byte_product(x, M, K, N, expansions, weight, 0, products);
+        const int status = products == NULL ? -1 : panel_product(form, x, M, K, N, expansions, weight, 0, products);
         return lcq_swiglu_finish(1, products, M, N, y, status);
     }
-    const int values = (K + 3) / 4, words = lcq_byte_row_words(values); /* 32-bit words per row */
-    const int tasks = (outputs + BYTE_PANEL - 1) / BYTE_PANEL, tiles = (M + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS;
-    const uint32_t *kept = expansions->byte_rows;
+    const int bytes = form == LCQ_INT8_PRODUCTS;
+    const int depth = bytes ? (K + 3) / 4 : (K + 1) / 2; /* words of values per row */
+    const int words = bytes ? lcq_byte_row_words(depth) : depth; /* 32-bit words per row */
+    const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiles = (M + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS;
+    const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
     uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)M * words);
     int failed = rows == NULL;
     if (!failed) {
 #pragma omp parallel reduction(| : failed)
         {
 #pragma omp for schedule(static)
-            for (int m = 0; m < M; m++) quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
-            /* without kept panels: a task's rows expanded, then each half's panel */
-            uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * BYTE_PANEL * (size_t)words * (1 + halves)) : NULL;
+            for (int m = 0; m < M; m++) {
+                if (bytes)
+                    quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
+                else
+                    lcq_round_pairs(x + (int64_t)m * K, K, rows + (int64_t)m * words);
+            }
+            /* without kept panels (int8 only): a task's rows expanded, then each half's panel */
+            uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
             const int ready = kept != NULL || expanded != NULL;
             if (!ready) failed = 1;
 #pragma omp for schedule(static)
             for (int t = 0; t < tasks; t++) {
                 if (!ready) continue;
-                const int first = t * BYTE_PANEL, columns = outputs - first < BYTE_PANEL ? outputs - first : BYTE_PANEL;
+                const int first = t * WORD_PANEL, columns = outputs - first < WORD_PANEL ? outputs - first : WORD_PANEL;
                 const uint32_t *panels[2] = {NULL, NULL};
                 int expanded_all = 1;
                 for (int h = 0; h < halves; h++) {
@@ -471,9 +524,9 @@ LCQ_INT8 static int byte_product(const float *x, int M, int K, int N, const lcq_
                         panels[h] = kept + (int64_t)at * words;
                         continue;
                     }
-                    uint32_t *panel = expanded + (int64_t)(1 + h) * BYTE_PANEL * words;
+                    uint32_t *panel = expanded + (int64_t)(1 + h) * WORD_PANEL * words;
                     expanded_all &= expansions->bytes(weight, K, at, columns, expanded) == 0;
-                    lcq_byte_panels(expanded, columns, words, panel);
+                    lcq_word_panels(expanded, columns, words, panel);
                     panels[h] = panel;
                 }
                 if (!expanded_all) {
@@ -482,9 +535,9 @@ LCQ_INT8 static int byte_product(const float *x, int M, int K, int N, const lcq_
                 }
                 lcq_line_stream next = {0}; /* the next task, this thread's under the static schedule */
                 if (t + 1 < tasks && (kept != NULL || expansions->stream != NULL))
-                    stream_block(expansions, weight, kept, words, K, first + BYTE_PANEL, BYTE_PANEL, outputs, halves,
-                                 halves * tiles, values, &next);
-                byte_task_product(rows, M, values, words, panels[0], panels[1], columns, y + first, outputs, &next);
+                    stream_block(expansions, weight, kept, words, K, first + WORD_PANEL, WORD_PANEL, outputs, halves,
+                                 halves * tiles, depth, &next);
+                task_product(form, rows, M, depth, words, panels[0], panels[1], columns, y + first, outputs, &next);
             }
             free(expanded);
         }
@@ -496,7 +549,9 @@ LCQ_INT8 static int byte_product(const float *x, int M, int K, int N, const lcq_
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
                          int swiglu, float *y) {
     if (product_form == LCQ_INT8_PRODUCTS && expansions->bytes != NULL)
-        return byte_product(x, M, K, N, expansions, weight, swiglu, y);
+        return panel_product(LCQ_INT8_PRODUCTS, x, M, K, N, expansions, weight, swiglu, y);
+    if (product_form != LCQ_FP32_PRODUCTS && expansions->pair_panels != NULL)
+        return panel_product(LCQ_BF16_PRODUCTS, x, M, K, N, expansions, weight, swiglu, y);
     const int converted = product_form != LCQ_FP32_PRODUCTS; /* bf16 pairs */
     const int width = converted ? PAIR_PANEL : PANEL;
     const int words = converted ? (K + 1) / 2 : K; /* 32-bit words per row */

@@ -11,9 +11,10 @@
 #define LCQ_GEMM_MIN_ROWS 16
 
 /* The rows from which a product of the calling thread is lcq_expanded_product's: LCQ_GEMM_MIN_ROWS,
- * or fewer with bf16 products on, and fewer still for int8 products of a weight whose int8 rows are
- * kept (kept_bytes: lcq_expansions.byte_rows is not NULL). */
-int lcq_gemm_min_rows(int kept_bytes);
+ * or fewer with bf16 products on, and fewer still where the weight keeps its rows as panels of the
+ * thread's product form (kept: LCQ_INT8_PRODUCTS for lcq_expansions.byte_rows, LCQ_BF16_PRODUCTS for
+ * pair_panels, else LCQ_FP32_PRODUCTS). */
+int lcq_gemm_min_rows(int kept);
 
 /* Writes weight rows first .. first + count - 1 of `weight` (K columns) as fp32 into out (count, K). */
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
@@ -90,11 +91,11 @@ typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count,
 /* `count` rows in the unsigned int8 form (`words` words each, row after row) as panels of 32 rows,
  * ceil(count / 32) of them, each [words][32] (word k of its rows side by side; rows past count zero):
  * the form in which int8 products read weights (cpu_gemm.c). */
-void lcq_byte_panels(const uint32_t *rows, int count, int words, uint32_t *panels);
+void lcq_word_panels(const uint32_t *rows, int count, int words, uint32_t *panels);
 
 /* How a weight expands a block of its rows: to fp32 (every weight), and where it has them (else
  * NULL) straight to bf16 pairs or to the int8 form; what a block of its rows reads; and, where the
- * weight keeps them (else NULL), all its rows already in the int8 form as panels (lcq_byte_panels of
+ * weight keeps them (else NULL), all its rows already in the int8 form as panels (lcq_word_panels of
  * its N rows of lcq_byte_row_words((K + 3) / 4) words), which int8 products then read in place of
  * expanding. */
 typedef struct {
@@ -103,6 +104,7 @@ typedef struct {
     lcq_expand_byte_rows bytes;
     lcq_stream_rows stream;
     const uint32_t *byte_rows;
+    const uint32_t *pair_panels;
 } lcq_expansions;
 
 /* y (M, N) = x (M, K) @ W^T, W given by its expansions; x and y fp32 contiguous, M >= 1. Operands

@@ -89,7 +89,7 @@ static void stream_half(const void *weight, int K, int first, int count, lcq_lin
     lcq_stream_add(stream, (const uint16_t *)weight + (int64_t)first * K, (int64_t)count * K * 2);
 }
 
-static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL, stream_half, NULL};
+static const lcq_expansions half_expansions = {expand_half, expand_half_pairs, NULL, stream_half, NULL, NULL};
 
 /* The decode form with bf16 operands (bf16 products on, PAIR_MIN_ROWS rows or more): activations
  * rounded once per call to bf16 pairs along K; per 32 weights two conversions to fp32 and one to 16
@@ -136,13 +136,41 @@ LCQ_BF16 static int pair_decode_product(const float *x, int M, int K, const uint
     return 0;
 }
 
+/* The weight (N, K) as panels of bf16 pairs (lcq_word_panels of its rows as expand_half_pairs rounds
+ * them: ceil(N / 32) * 32 * ceil(K / 2) words) into out, for bf16 products to read in place of
+ * converting rows per call; returns 0, or -1 when a buffer cannot be allocated. */
+LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out) {
+    const int words = (K + 1) / 2, block = 64; /* rows per task: whole panels */
+    int failed = 0;
+#pragma omp parallel reduction(| : failed)
+    {
+        uint32_t *rows = malloc(sizeof(uint32_t) * block * (size_t)words);
+        failed |= rows == NULL;
+#pragma omp for schedule(static)
+        for (int first = 0; first < N; first += block) {
+            if (rows == NULL) continue;
+            const int count = N - first < block ? N - first : block;
+            expand_half_pairs(w, K, first, count, rows);
+            lcq_word_panels(rows, count, words, out + (int64_t)first * words);
+        }
+        free(rows);
+    }
+    return failed ? -1 : 0;
+}
+
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32, or with swiglu (W =
- * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). Fewer than lcq_gemm_min_rows(0) rows: per
- * output column, passes of up to MAX_ROWS rows (the column's weights stay in L1 between passes).
- * Returns 0, or -1 for M < 1 or when a buffer cannot be allocated. */
-int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, float *y) {
+ * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). panels: the weight's lcq_half_pair_panels,
+ * or NULL. Fewer than lcq_gemm_min_rows(...) rows: per output column, passes of up to MAX_ROWS rows
+ * (the column's weights stay in L1 between passes). Returns 0, or -1 for M < 1 or when a buffer
+ * cannot be allocated. */
+int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, const uint32_t *panels,
+                    float *y) {
     if (M < 1 || (swiglu && N % 2)) return -1;
-    if (M >= lcq_gemm_min_rows(0)) return lcq_expanded_product(x, M, K, N, &half_expansions, w, swiglu, y);
+    if (M >= lcq_gemm_min_rows(panels != NULL ? LCQ_BF16_PRODUCTS : LCQ_FP32_PRODUCTS)) {
+        lcq_expansions expansions = half_expansions;
+        expansions.pair_panels = panels;
+        return lcq_expanded_product(x, M, K, N, &expansions, w, swiglu, y);
+    }
     float *products = lcq_swiglu_products(swiglu, M, N, y);
     int status = 0;
     if (products == NULL) {

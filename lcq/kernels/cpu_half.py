@@ -26,9 +26,11 @@ def enabled() -> bool:
     return os.environ.get("LCQ_CPU_HALF", "1") != "0" and library() is not None
 
 
-def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
+                panels: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, weight (N, K) float16 -> (M, N) float32; with swiglu (weight = [gate; up])
-    silu(x @ gate^T) * (x @ up^T), (M, N / 2), the product finishing it block by block."""
+    silu(x @ gate^T) * (x @ up^T), (M, N / 2), the product finishing it block by block. panels: the
+    weight's pair_panels, which bf16 products of several rows then read (the same values)."""
     x = x.contiguous()
     if x.dtype != torch.float32 or weight.dtype != torch.float16 or not weight.is_contiguous():
         raise TypeError("half_linear takes float32 activations and a contiguous float16 weight")
@@ -36,7 +38,8 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False) -> 
         raise ValueError(f"half_linear: x {tuple(x.shape)} does not match weight {tuple(weight.shape)}")
     y = torch.empty(x.shape[0], weight.shape[0] // (2 if swiglu else 1), dtype=torch.float32)
     if x.shape[0] and library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
-                                                weight.shape[0], int(swiglu), y.data_ptr()):
+                                                weight.shape[0], int(swiglu),
+                                                panels.data_ptr() if panels is not None else None, y.data_ptr()):
         raise MemoryError("lcq_half_matmul could not allocate its buffers")
     return y
 
@@ -47,6 +50,23 @@ def library() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is not None:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer]
+        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer, pointer]
         lib.lcq_half_matmul.restype = integer
+        lib.lcq_half_pair_panels.argtypes = [pointer, integer, integer, pointer]
+        lib.lcq_half_pair_panels.restype = integer
     return lib
+
+
+def pair_panel_bytes(n: int, k: int) -> int:
+    """What pair_panels keeps for an (n, k) weight: rows rounded up to panels of 32, K to pairs."""
+    return 4 * -(-n // 32) * 32 * ((k + 1) // 2)
+
+
+def pair_panels(weight: torch.Tensor) -> torch.Tensor:
+    """The fp16 weight (N, K) as panels of bf16 pairs (int32 words), for half_linear's bf16 products:
+    2 bytes per weight, what the weight itself takes."""
+    panels = torch.empty(pair_panel_bytes(*weight.shape) // 4, dtype=torch.int32)
+    n, k = weight.shape
+    if library().lcq_half_pair_panels(weight.data_ptr(), n, k, panels.data_ptr()):
+        raise MemoryError("lcq_half_pair_panels could not allocate its buffers")
+    return panels

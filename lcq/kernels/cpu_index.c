@@ -565,7 +565,7 @@ LCQ_INT8 static int wide_expand_bytes(const void *weight, int K, int first, int 
     return 0;
 }
 
-/* The int8 form of every row of a wide weight as panels (lcq_byte_panels: lcq_index_byte_words(N, K)
+/* The int8 form of every row of a wide weight as panels (lcq_word_panels: lcq_index_byte_words(N, K)
  * words) into out, for int8 products to read in place of expanding a block of rows per call; returns
  * 0, or -1 for a weight without the form (not wide) or a failed allocation. */
 LCQ_INT8 int lcq_index_byte_rows(const void *weight, uint32_t *out) {
@@ -584,7 +584,7 @@ LCQ_INT8 int lcq_index_byte_rows(const void *weight, uint32_t *out) {
                 failed = 1;
                 continue;
             }
-            lcq_byte_panels(rows, count, words, out + (int64_t)first * words);
+            lcq_word_panels(rows, count, words, out + (int64_t)first * words);
         }
         free(rows);
     }
@@ -736,9 +736,9 @@ LCQ_BF16 static int wide_pair_decode_product(const lcq_index_weight *w, const fl
 int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, float *y) {
     const lcq_index_weight *w = weight;
     if (M < 1 || (swiglu && w->N % 2)) return -1;
-    if (M >= lcq_gemm_min_rows(w->byte_rows != NULL)) {
+    if (M >= lcq_gemm_min_rows(w->byte_rows != NULL ? LCQ_INT8_PRODUCTS : LCQ_FP32_PRODUCTS)) {
         const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
-                                           w->wide ? wide_expand_bytes : NULL, stream_index_rows, w->byte_rows};
+                                           w->wide ? wide_expand_bytes : NULL, stream_index_rows, w->byte_rows, NULL};
         return lcq_expanded_product(x, M, w->K, w->N, &expansions, w, swiglu, y);
     }
     float *products = lcq_swiglu_products(swiglu, M, w->N, y);

@@ -58,11 +58,13 @@ def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
-                 half: torch.Tensor | None = None) -> torch.Tensor:
+                 half: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for a plain weight or one made by pack_weight; fp32 products use `half`
-    (from half_copy) when given, and then `weight` may be None."""
+    (from half_copy) when given, and then `weight` may be None; `panels`: half's cpu_half.pair_panels,
+    for its bf16 products."""
     if half is not None and x.dtype == torch.float32:
-        y = cpu_half.half_linear(x.reshape(-1, x.shape[-1]), half).reshape(*x.shape[:-1], half.shape[0])
+        rows = x.reshape(-1, x.shape[-1])
+        y = cpu_half.half_linear(rows, half, panels=panels).reshape(*x.shape[:-1], half.shape[0])
         return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -94,8 +96,9 @@ def cpu_products(dtype: torch.dtype) -> Iterator[None]:
     """Within the block, the calling thread's fp32 products of several rows in the C kernels take
     operands of this dtype (products_available; elsewhere nothing changes):
     - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, sums fp32, operands rounded to nearest
-      even: the blocked product from 10 rows instead of 16, the decode forms of LCQ indices from 5
-      rows and of fp16 copies from 3, and prefill attention.
+      even: the blocked product from 10 rows instead of 16 (from 3 for a weight with kept
+      pair_panels), the decode forms of LCQ indices from 5 rows and of fp16 copies from 3, and
+      prefill attention.
     - int8: vpdpbusd, four multiply-adds per 32-bit lane, sums int32, in the blocked product of LCQ
       layers from 10 rows (3 where a layer keeps its int8 weights): activations quantized to 8 bits per block of 64 values along K, each
       group's codebook quantized once; full-precision weights (the head) and the rest take bfloat16.

@@ -93,6 +93,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
+        self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
 
     @torch.inference_mode()
@@ -112,7 +113,7 @@ class LlamaModel(torch.nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return dense_linear(hidden, self.lm_head, half=self.lm_head_half).float()
+        return dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """One pair of kv_cache_shape per layer."""
