@@ -35,7 +35,7 @@
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
-#define WORD_PANEL 32  /* int8: weight rows per panel, two vectors of 4-byte words (lcq_word_panels) */
+#define WORD_PANEL 32  /* int8, kept bf16: weight rows per panel, two vectors of 32-bit words (lcq_word_panels) */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -54,6 +54,10 @@
  * before, whose activation panels padded 3-5 rows to 16, crossed at 5 on a Zen 4.) */
 #define KEPT_BYTES_MIN_ROWS 3
 
+/* With a weight's bf16 panels kept (lcq_expansions.pair_panels: the fp16 head), from this many rows
+ * its products read them: against the bf16 decode form of fp16 copies, SmolLM2's 49152 x 576 head
+ * from memory (Zen 5, 2 threads, alternating) 1.29x at 3 rows, 1.24x at 4, 1.18x at 6, 1.35x at 8;
+ * 1-2 rows keep the exact fp32 decode form, which reads as many bytes. */
 #define KEPT_PAIRS_MIN_ROWS 3
 
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
