@@ -1,10 +1,11 @@
 """CPU matrix products: the fp16 kernel (lcq/kernels/cpu_half.c) against the fp32 weight packed for
 oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows); on
 CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.cpu_products), which
-changes products from 10 rows. Then, with AVX512_VNNI, LCQ W4 r2 g64 weights (lcq/kernels/cpu_index.c)
-with bf16 against int8 products (which only LCQ weights take), and int8 products of weights that
-keep their int8 rows (IndexWeight.keep_byte_rows, the engine's cpu_int8_weights), which take the
-blocked int8 product from 4 rows instead of 10.
+changes products from 3 rows, and with the weight's bf16 panels kept (cpu_half.pair_panels, which the
+engine keeps for the head), read from 3 rows. Then, with AVX512_VNNI, LCQ W4 r2 g64 weights
+(lcq/kernels/cpu_index.c) with bf16 against int8 products (which only LCQ weights take), and int8
+products of weights that keep their int8 rows (IndexWeight.keep_byte_rows, the engine's
+cpu_int8_weights), which take the blocked int8 product from 3 rows instead of 10.
 
 Each timing cycles through enough distinct weights (at least 256 MiB of fp32; for LCQ weights, 128
 MiB of kept int8 rows) that they come from memory, not cache, as in a decode step of a whole model.
@@ -35,7 +36,7 @@ POOL_BYTES = 256 << 20
 KEPT_POOL_BYTES = 128 << 20  # of LCQ weights' kept int8 rows (1.125 bytes per weight beside 0.7 of indices)
 
 
-def time_ms(product, x: torch.Tensor, weights: list[torch.Tensor], repeats: int = 3) -> float:
+def time_ms(product, x: torch.Tensor, weights: list, repeats: int = 3) -> float:
     for w in weights:  # warm-up
         product(x, w)
     start = time.perf_counter()
@@ -55,6 +56,7 @@ def main() -> None:
         fp32 = [torch.randn(n, k) / k ** 0.5 for _ in range(count)]
         packed, half = [pack_weight(w) for w in fp32], [w.half() for w in fp32]
         del fp32
+        panels = [cpu_half.pair_panels(w) for w in half] if products_available(torch.bfloat16) else []
         for m in ROWS:
             x = torch.randn(m, k)
             fp16_ms, fp32_ms = time_ms(cpu_half.half_linear, x, half), time_ms(dense_linear, x, packed)
@@ -64,8 +66,12 @@ def main() -> None:
             if products_available(torch.bfloat16):
                 with cpu_products(torch.bfloat16):
                     bf16_ms = time_ms(cpu_half.half_linear, x, half)
-                row.update(fp16_kernel_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(fp32_ms / bf16_ms, 2))
-                line += f"  with bf16 products {bf16_ms:7.3f} ms  x{fp32_ms / bf16_ms:.2f}"
+                    kept_ms = time_ms(lambda x, pair: cpu_half.half_linear(x, pair[0], panels=pair[1]), x,
+                                      list(zip(half, panels)))
+                row.update(fp16_kernel_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(fp32_ms / bf16_ms, 2),
+                           bf16_panels_ms=round(kept_ms, 3), panels_over_bf16=round(bf16_ms / kept_ms, 2))
+                line += (f"  with bf16 products {bf16_ms:7.3f} ms  x{fp32_ms / bf16_ms:.2f}"
+                         f"  panels kept {kept_ms:7.3f} ms  x{bf16_ms / kept_ms:.2f}")
             rows.append(row)
             print(line, flush=True)
     if products_available(torch.int8) and cpu_index.enabled():
@@ -86,7 +92,7 @@ def index_rows() -> list[dict]:
         kept = [cpu_index.IndexWeight(layer) for _ in expanding]
         for weight in kept:
             weight.keep_byte_rows()
-        for m in (1, 2, 4, 8, 10, 16, 32, 64, 256):
+        for m in (1, 2, 3, 4, 8, 10, 16, 32, 64, 256):
             x = torch.randn(m, k)
             times = {}
             for label, dtype, weights in (("bf16", torch.bfloat16, expanding), ("int8", torch.int8, expanding),
