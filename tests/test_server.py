@@ -614,3 +614,18 @@ def test_full_queue_429_and_keepalive_while_waiting(small_server):
                 assert int(full.headers["retry-after"]) >= 0
     assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 1
     small_server.wait_pool_full()
+
+
+def test_speculative_decoding_streams_the_same_text(model_dir, server, client):
+    """A server drafting by prompt lookup streams what the plain one does, and counts its drafts."""
+    app = create_app(engine_config(model_dir, num_speculative_tokens=4), ServeSettings())
+    messages = [{"role": "user", "content": "To be, or not to be, to be, or not to be, to be"}]
+    request = dict(model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**request).choices[0].message.content
+    with LiveServer(app) as live:
+        drafting = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        stream = drafting.chat.completions.create(**request, stream=True)
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == plain
+        accepted = live.metric("lcq:spec_decode_num_accepted_tokens_total")
+        assert 0 < accepted <= live.metric("lcq:spec_decode_num_draft_tokens_total")
+        live.wait_pool_full()

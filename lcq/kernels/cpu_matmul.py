@@ -82,6 +82,7 @@ def half_swiglu(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
 # each needs (int8 uses bf16 where it does not apply).
 PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),
                  torch.int8: (2, ("avx512_bf16", "avx512_vnni", "avx512vbmi"))}
+ROUNDED_MIN_ROWS = 3  # products of fewer rows are fp32 whatever cpu_products says (its smallest threshold)
 
 
 def products_available(dtype: torch.dtype) -> bool:

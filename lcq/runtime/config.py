@@ -26,6 +26,9 @@ class EngineConfig:
     max_queue: int = 256
     cuda_graphs: bool = True
     seed: int = 0
+    num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
+    prompt_lookup_max: int = 4  # longest n-gram matched
+    prompt_lookup_min: int = 2  # shortest n-gram matched
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -107,6 +110,9 @@ class EngineConfig:
             (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
+            (0 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be between 0 and 16"),
+            (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,
+             "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max <= 16"),
         ]
         for ok, message in checks:
             if not ok:

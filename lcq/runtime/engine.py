@@ -1,11 +1,13 @@
 """The synchronous engine: requests in, one step at a time, deltas out.
 
-A step schedules, runs the model once for every scheduled sequence, samples, detokenizes and
+A step drafts tokens by prompt lookup where speculative decoding is on (speculative.py), schedules,
+runs the model once for every scheduled sequence, samples (or verifies drafts), detokenizes and
 checks stop conditions. A request that fails (even inside a batched forward) is finished with
 finish_reason "error"; the others go on.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -24,6 +26,7 @@ from .sampler import sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
+from .speculative import PromptLookup, can_draft, verify
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger("lcq.engine")
@@ -37,6 +40,8 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions_total: int
+    num_draft_tokens_total: int = 0  # drafts verified (speculative decoding)
+    num_accepted_tokens_total: int = 0  # drafts the model agreed with
 
 
 def eos_token_ids(model_dir: str, tokenizer) -> set[int]:
@@ -64,6 +69,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
+        self.lookup = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) \
+            if config.num_speculative_tokens else None
+        self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -109,10 +117,16 @@ class LLMEngine:
         return EngineStats(num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
                            kv_cache_usage=self.blocks.usage(), num_free_blocks=self.blocks.num_free_blocks,
                            num_total_blocks=self.blocks.num_total_blocks,
-                           num_preemptions_total=self.scheduler.num_preemptions)
+                           num_preemptions_total=self.scheduler.num_preemptions,
+                           num_draft_tokens_total=self.draft_tokens_total,
+                           num_accepted_tokens_total=self.accepted_tokens_total)
 
     def step(self) -> list[RequestOutput]:
+        drafted = self._draft() if self.lookup is not None else []
         scheduled = self.scheduler.schedule()
+        counts = {seq: count for seq, count in scheduled}
+        for seq in drafted:  # keep the drafts that were scheduled (a budget or block shortage cuts them)
+            self._keep_drafts(seq, counts.get(seq, 1) - 1)
         if not scheduled:
             return []
         now = time.monotonic()
@@ -121,27 +135,51 @@ class LLMEngine:
                 seq.first_scheduled_time = now
         return self._run(scheduled)
 
+    def _draft(self) -> list[Sequence]:
+        """Append prompt-lookup drafts to the running sequences that can take them; returns those."""
+        drafted = []
+        for seq in self.scheduler.running:
+            if can_draft(seq):
+                # The step emits up to len(draft) + 1 tokens: never past max_tokens (nor the context).
+                draft = self.lookup.propose(seq, seq.max_tokens - seq.num_output_tokens - 1)
+                if draft:
+                    seq.token_ids.extend(draft)
+                    seq.num_draft_tokens = len(draft)
+                    drafted.append(seq)
+        return drafted
+
+    def _keep_drafts(self, seq: Sequence, count: int) -> None:
+        """Keep the first `count` of seq's drafts (all of them when count is larger), drop the rest."""
+        dropped = max(seq.num_draft_tokens - max(count, 0), 0)
+        if dropped:
+            del seq.token_ids[len(seq) - dropped:]
+            seq.num_draft_tokens -= dropped
+
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
             to_sample, logits, prompt_logprobs = self.runner.run(scheduled)
-            tokens, logprobs = sample(logits, to_sample, self.eos_ids, self.structured.constrain) \
-                if to_sample else ([], None)
+            tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
             if len(scheduled) > 1:  # find the culprit: rerun one at a time
                 return [out for item in scheduled for out in self._run([item])]
             seq = scheduled[0][0]
             logger.exception("request %s failed", seq.request_id)
+            self._keep_drafts(seq, 0)
             seq.finish_reason = "error"
             return [self._finish(seq, error="generation failed: internal error in the model step")]
         for part in prompt_logprobs:
             self._keep_prompt_logprobs(part)
         for seq, count in scheduled:
+            if seq.num_draft_tokens:  # the drafts leave token_ids; the accepted ones come back as tokens
+                self.draft_tokens_total += seq.num_draft_tokens
+                self._keep_drafts(seq, 0)
+                count = 0
             seq.num_computed_tokens += count
             self.blocks.register_full_blocks(seq)
         outputs = []
-        for row, (seq, token) in enumerate(zip(to_sample, tokens)):
+        for seq, emitted, rows in zip(to_sample, tokens, logprobs):
             try:
-                output = self._append(seq, token, None if logprobs is None else logprobs[row])
+                output = self._append(seq, emitted, rows)
             except Exception:
                 logger.exception("request %s failed", seq.request_id)
                 seq.finish_reason = "error"
@@ -150,7 +188,49 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> RequestOutput | None:
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[list[int]], list[list]]:
+        """Each sequence's new tokens (one, or its accepted drafts plus one) and, per token, the raw
+        log-probabilities of the row that chose it (None where no request of its kind asked for them)."""
+        starts = list(itertools.accumulate((1 + seq.num_draft_tokens for seq in seqs), initial=0))
+        tokens: list[list[int]] = [[] for _ in seqs]
+        logprob_rows: list[list] = [[] for _ in seqs]
+        plain = [i for i, seq in enumerate(seqs) if not seq.num_draft_tokens]
+        drafted = [i for i, seq in enumerate(seqs) if seq.num_draft_tokens]
+        if plain:
+            rows = logits if not drafted else logits[[starts[i] for i in plain]]
+            chosen, logprobs = sample(rows, [seqs[i] for i in plain], self.eos_ids, self.structured.constrain)
+            for k, (i, token) in enumerate(zip(plain, chosen)):
+                tokens[i], logprob_rows[i] = [token], [None if logprobs is None else logprobs[k]]
+        if drafted:
+            rows = logits[[row for i in drafted for row in range(starts[i], starts[i + 1])]]
+            group = [seqs[i] for i in drafted]
+            logprobs = torch.log_softmax(rows, dim=-1) if any(s.params.logprobs is not None for s in group) else None
+            drafts = [seq.token_ids[len(seq) - seq.num_draft_tokens:] for seq in group]
+            first = 0
+            for i, seq, emitted in zip(drafted, group, verify(rows, group, drafts)):
+                tokens[i] = emitted
+                logprob_rows[i] = [None if logprobs is None else logprobs[first + j] for j in range(len(emitted))]
+                first += 1 + seq.num_draft_tokens
+                self.accepted_tokens_total += len(emitted) - 1
+                seq.draft_room = len(emitted)
+        return tokens, logprob_rows
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[torch.Tensor | None]) -> RequestOutput | None:
+        """Take the step's new tokens in order until one ends the sequence; the text they make final."""
+        text = ""
+        for token, row in zip(tokens, logprobs):
+            text += self._take(seq, token, row)
+            if seq.finish_reason is not None:
+                if seq.detokenizer.stop_string is None:
+                    text += seq.detokenizer.flush()
+                return self._finish(seq, text)
+        # Accepted drafts are in the cache already; the last token is not (it is the next step's input).
+        seq.num_computed_tokens = len(seq) - 1
+        self.blocks.register_full_blocks(seq)
+        return self._delta(seq, text)
+
+    def _take(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> str:
+        """Append one token; returns the text it makes final, and sets finish_reason if it ends seq."""
         seq.token_ids.append(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -170,11 +250,7 @@ class LLMEngine:
                 text += seq.detokenizer.stop_string
         elif seq.num_output_tokens >= seq.max_tokens:
             seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            if seq.detokenizer.stop_string is None:
-                text += seq.detokenizer.flush()
-            return self._finish(seq, text)
-        return self._delta(seq, text)
+        return text
 
     def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
         values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0))

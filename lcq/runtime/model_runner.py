@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from lcq.kernels.cpu_half import pair_panel_bytes, pair_panels
-from lcq.kernels.cpu_matmul import cpu_products
+from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, cpu_products
 from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
 
@@ -120,40 +120,49 @@ class ModelRunner:
         return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        ids, positions, slots, starts, lengths = [], [], [], [0], []
+        ids, positions, slots, starts, lengths, tables = [], [], [], [0], [], []
         bs = self.block_size
+        width = max(len(seq.block_table) for seq, _ in scheduled)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
             ids.extend(seq.token_ids[begin:begin + count])
             for pos in range(begin, begin + count):
                 positions.append(pos)
                 slots.append(seq.block_table[pos // bs] * bs + pos % bs)
-            starts.append(len(ids))
-            lengths.append(begin + count)
-        width = max(len(seq.block_table) for seq, _ in scheduled)
-        tables = [seq.block_table + [-1] * (width - len(seq.block_table)) for seq, _ in scheduled]
+            # A sequence verifying drafts is one query per token, each over the cache up to itself (every
+            # row's K and V are stored before attention reads them), so the step stays a decode step.
+            query = 1 if seq.num_draft_tokens else count
+            for end in range(begin + query, begin + count + 1, query):
+                starts.append(starts[-1] + query)
+                lengths.append(end)
+                tables.append(seq.block_table + [-1] * (width - len(seq.block_table)))
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
         context = ForwardContext(
-            is_prefill=any(count > 1 for _, count in scheduled), slot_mapping=tensor(slots, torch.int64),
+            is_prefill=len(lengths) < len(ids), slot_mapping=tensor(slots, torch.int64),
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
-            block_tables=tensor(tables, torch.int32), max_query_len=max(c for _, c in scheduled),
+            block_tables=tensor(tables, torch.int32), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths))
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
-        """Forward the step; returns the sequences that now need a next token, their logits, and the
-        prompt logprobs of this step's prompt tokens for sequences that asked for them."""
+        """Forward the step; returns the sequences that now need a next token, their logits (1 + its
+        num_draft_tokens rows each), and the prompt logprobs of this step's prompt tokens for sequences
+        that asked for them."""
         input_ids, positions, context = self._prepare(scheduled)
-        with cpu_products(self.products):
+        drafts = sum(seq.num_draft_tokens for seq, _ in scheduled)
+        # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep it
+        # at fp32, so that verifying them rounds nothing plain decoding would not.
+        exact = drafts and len(input_ids) - drafts < ROUNDED_MIN_ROWS
+        with cpu_products(torch.float32 if exact else self.products):
             return self._forward(scheduled, input_ids, positions, context)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
                  context: ForwardContext) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
-        if self.graphs is not None and not context.is_prefill and len(scheduled) <= self.graphs.max_batch:
+        if self.graphs is not None and not context.is_prefill and context.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
@@ -164,7 +173,7 @@ class ModelRunner:
                 prompt_logprobs += self._prompt_logprobs(seq, hidden[end:end + count])
             end += count
             if seq.num_computed_tokens + count == len(seq):
-                rows.append(end - 1)
+                rows.extend(range(end - 1 - seq.num_draft_tokens, end))
                 to_sample.append(seq)
         if not rows:
             return [], torch.empty(0), prompt_logprobs

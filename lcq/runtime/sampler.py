@@ -52,7 +52,7 @@ def stop_ids_held_back(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
     return sorted(set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids)))
 
 
-def _filter(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p as masks; returns probabilities."""
     device = logits.device
     temperature = torch.tensor([s.params.temperature for s in seqs], device=device).clamp_min(1e-5)
@@ -98,7 +98,7 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
     greedy = [s.params.temperature == 0 for s in seqs]
     chosen = argmax(logits)
     if not all(greedy):
-        probs = _filter(logits, seqs)
+        probs = filtered_probs(logits, seqs)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_()
         for row, seq in enumerate(seqs):

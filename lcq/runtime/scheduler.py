@@ -1,9 +1,10 @@
 """Continuous batching: which sequences run this step, and how many of their tokens.
 
 Each step has a token budget (max_num_batched_tokens). Running sequences go first (decodes take
-one token, unfinished prompts take a chunk); then waiting ones are admitted while the budget,
-max_num_seqs and free blocks allow. When blocks run out, the newest running sequence is
-preempted: its blocks are freed and it is recomputed later (its tokens are kept).
+one token, or one plus their drafts, unfinished prompts take a chunk); then waiting ones are
+admitted while the budget, max_num_seqs and free blocks allow. When blocks run out, the newest
+running sequence is preempted: its blocks are freed and it is recomputed later (its tokens are
+kept); drafts that do not fit are dropped instead.
 """
 from __future__ import annotations
 
@@ -38,6 +39,8 @@ class Scheduler:
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
             count = min(seq.num_uncomputed, budget)
+            if seq.num_draft_tokens and not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
+                count = 1  # no preemption for drafts: they are dropped (the engine keeps the scheduled ones)
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 preempted = True
                 self.preempt(self.running[-1])

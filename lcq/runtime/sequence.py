@@ -45,6 +45,12 @@ class Sequence:
         self.prompt_logprobs: list | None = [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
         self.grammar = None  # the grammar matcher of a constrained output (structured_output.py)
+        # Speculative decoding (speculative.py): during a step, the last num_draft_tokens of token_ids are
+        # drafts to verify; the n-gram index of prompt lookup covers token_ids[:ngram_indexed_until].
+        self.num_draft_tokens = 0
+        self.draft_room: int | None = None  # the next drafts' most: one past what the last verification accepted
+        self.ngram_index: dict[tuple[int, ...], int] = {}
+        self.ngram_indexed_until = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

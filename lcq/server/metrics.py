@@ -21,7 +21,8 @@ TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20
 
 
 class EngineStatsCollector:
-    """Gauges (and the preemption counter) that mirror the engine's own state when Prometheus scrapes."""
+    """Gauges (and the preemption and draft counters) that mirror the engine's own state when Prometheus
+    scrapes."""
 
     def __init__(self, stats: Callable[[], object | None], model_name: str):
         self.stats = stats
@@ -38,10 +39,15 @@ class EngineStatsCollector:
             gauge = GaugeMetricFamily(f"lcq:{name}", name.replace("_", " "), labels=["model_name"])
             gauge.add_metric([self.model_name], float(value))
             yield gauge
-        preemptions = CounterMetricFamily("lcq:num_preemptions", "requests preempted to free KV blocks",
-                                          labels=["model_name"])
-        preemptions.add_metric([self.model_name], float(getattr(stats, "num_preemptions_total", 0)))
-        yield preemptions
+        counters = {
+            "num_preemptions": ("requests preempted to free KV blocks", "num_preemptions_total"),
+            "spec_decode_num_draft_tokens": ("draft tokens verified (speculative decoding)", "num_draft_tokens_total"),
+            "spec_decode_num_accepted_tokens": ("draft tokens accepted", "num_accepted_tokens_total"),
+        }
+        for name, (doc, field) in counters.items():
+            counter = CounterMetricFamily(f"lcq:{name}", doc, labels=["model_name"])
+            counter.add_metric([self.model_name], float(getattr(stats, field, 0)))
+            yield counter
 
     def describe(self):
         return []  # collected lazily: describing would call the engine at registration time

@@ -105,6 +105,11 @@ FLAGS = (
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
     Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
+    Flag("--num-speculative-tokens", int, "speculative decoding by prompt lookup: up to this many tokens copied "
+         "from earlier in each sequence are verified per step (0: off); for outputs that repeat their context",
+         "engine"),
+    Flag("--prompt-lookup-max", int, "longest n-gram that prompt lookup matches", "engine"),
+    Flag("--prompt-lookup-min", int, "shortest n-gram that prompt lookup matches", "engine"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),

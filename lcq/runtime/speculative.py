@@ -1,0 +1,99 @@
+"""Speculative decoding by prompt lookup: draft tokens copied from earlier in the sequence, verified in
+one step.
+
+At batch 1 a decode step reads every weight for one token; reading them for 1 + k tokens costs little
+more (the products are bound by memory, not arithmetic). Where the output repeats its context
+(quoting, summarizing, editing code, structured data), the tokens that followed the latest earlier
+occurrence of the sequence's last n tokens are often the next ones too: PromptLookup proposes up to
+k of them, the model scores the last token and the k drafts together as 1 + k rows, and `verify`
+keeps the drafts the model agrees with plus one token of its own, so a step yields 1 to k + 1 tokens.
+Where nothing matches, nothing is drafted and the step is an ordinary one.
+
+Verification keeps the output distribution exact: greedy rows keep a draft while it is the argmax;
+sampled rows keep draft d with probability p(d), and on rejection draw from p without d (the
+residual of speculative sampling when the draft distribution is a single token), so every emitted
+token is distributed as plain sampling would give it (tested). Sequences with repetition, presence
+or frequency penalties, a grammar, or min_tokens still to reach do not draft: their rows would need
+per-row states. Drafts are rows of the products, so on CPU the product form may change with the row
+count, as it does with batching (docs/kernels.md); tokens equal plain decoding's with
+cpu_matmul_dtype float32.
+"""
+from __future__ import annotations
+
+import torch
+
+from .sampler import apply_logit_bias, argmax, filtered_probs
+from .sequence import Sequence
+
+
+class PromptLookup:
+    """Drafts from n-gram matches, longest n first (vLLM's ngram method: prompt_lookup_max/min)."""
+
+    def __init__(self, num_tokens: int, max_n: int, min_n: int):
+        self.num_tokens = num_tokens
+        self.sizes = range(max_n, min_n - 1, -1)
+
+    def propose(self, seq: Sequence, limit: int) -> list[int]:
+        """Up to min(k, limit, seq.draft_room) tokens that followed the latest earlier occurrence of seq's
+        last n tokens. draft_room (one more than the last verification accepted) keeps a sequence whose
+        drafts keep failing to one draft row a step, where k rows would cost k times as much for nothing."""
+        tokens = seq.token_ids
+        index = seq.ngram_index
+        # Index every n-gram that has a following token (it ends before the last token); each step adds
+        # only the n-grams ending at the tokens appended since, so a lookup costs O(n), not O(length).
+        for end in range(seq.ngram_indexed_until, len(tokens)):
+            for n in self.sizes:
+                if end >= n:
+                    index[tuple(tokens[end - n:end])] = end
+        seq.ngram_indexed_until = len(tokens)
+        count = min(self.num_tokens, limit, self.num_tokens if seq.draft_room is None else seq.draft_room)
+        for n in self.sizes:
+            if count > 0 and len(tokens) > n:
+                end = index.get(tuple(tokens[-n:]))
+                if end is not None:
+                    return tokens[end:end + count]
+        return []
+
+
+def can_draft(seq: Sequence) -> bool:
+    """Decoding one token, and sampled without per-row state (penalties, grammars, held-back stops)."""
+    p = seq.params
+    return (seq.num_uncomputed == 1 and seq.grammar is None and p.repetition_penalty == 1.0
+            and not p.presence_penalty and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
+
+
+def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
+    """The tokens each drafted sequence emits: the drafts its rows accept, then one of its own.
+
+    logits: 1 + len(drafts[i]) rows per sequence, in order; row j scores the token after draft j (row
+    0: after the sequence's last token). Logit bias applies per row (it does not depend on position).
+    """
+    rows = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
+    if any(seq.params.logit_bias for seq in seqs):
+        logits = apply_logit_bias(logits.clone(), rows)
+    best = argmax(logits).tolist()
+    probs = filtered_probs(logits, rows) if any(not seq.params.greedy for seq in seqs) else None
+    emitted, row = [], 0
+    for seq, draft in zip(seqs, drafts):
+        tokens = []
+        for j in range(len(draft) + 1):
+            token = best[row + j] if seq.params.greedy else _draw(probs[row + j], draft[j:j + 1], seq.generator)
+            tokens.append(token)
+            if j == len(draft) or token != draft[j]:
+                break
+        emitted.append(tokens)
+        row += len(draft) + 1
+    return emitted
+
+
+def _draw(probs: torch.Tensor, draft: list[int], generator: torch.Generator | None) -> int:
+    """A token distributed as probs: the draft token d itself with probability probs[d], else one drawn
+    from probs without d (without a draft: one drawn from probs)."""
+    if draft:
+        d = draft[0]
+        if float(torch.rand(1, generator=generator)) < float(probs[d]):
+            return d
+        probs = probs.clone()
+        probs[d] = 0.0
+    noise = torch.empty(probs.shape[0]).exponential_(generator=generator).to(probs.device)
+    return int(argmax((probs / noise).unsqueeze(0))[0])  # exponential race: argmax(p / E) draws from p

@@ -1,0 +1,162 @@
+"""Speculative decoding by prompt lookup: the proposer, the exactness of verification, and the engine
+giving the tokens it gives without drafts (batched, chunked, preempted, stopped mid-draft)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcq.kernels import cpu_index
+from lcq.kernels.cpu_matmul import products_available
+from lcq.runtime import LLM, EngineConfig, SamplingParams
+from lcq.runtime.sequence import Sequence
+from lcq.runtime.speculative import PromptLookup, can_draft, verify
+from tests.test_runtime import FP32, small_block_bytes
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+
+# Prompts that repeat themselves, so that lookups match from the first step; the tiny random model
+# also falls into loops of its own, which later lookups find.
+PROMPTS = [[5, 6, 7, 8, 9, 5, 6, 7, 8, 9, 5, 6, 7], [30, 31, 32], [40, 41, 42, 43, 44, 45, 40, 41, 42, 43]]
+GREEDY = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+
+def _seq(tokens: list[int], params: SamplingParams = GREEDY) -> Sequence:
+    """A decoding sequence: every token but the last in the cache."""
+    seq = Sequence("r", list(tokens), params, detokenizer=None, max_tokens=100)
+    seq.num_computed_tokens = len(tokens) - 1
+    return seq
+
+
+@pytest.fixture(scope="module", params=["hf", "lcq"])
+def tiny(request, tmp_path_factory):
+    """Full precision (torch layers) and LCQ (the C decode step: verification rows are its rows)."""
+    folder = tmp_path_factory.mktemp("speculative")
+    return make_tiny_hf(folder / "hf", "llama") if request.param == "hf" else \
+        make_tiny_lcq(folder, "llama", bits=4, rank=2, group_size=32)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    return LLM(str(tiny), block_size=8, **FP32)
+
+
+@pytest.fixture(scope="module")
+def drafting(tiny):
+    return LLM(str(tiny), block_size=8, num_speculative_tokens=4, **FP32)
+
+
+def test_prompt_lookup_takes_the_latest_longest_match():
+    lookup = PromptLookup(num_tokens=3, max_n=3, min_n=1)
+    seq = _seq([1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 2, 3])
+    assert lookup.propose(seq, limit=10) == [7, 8, 4]  # "2 3" last seen before 7 8 4 (3-gram "4 2 3" unseen)
+    assert lookup.propose(seq, limit=2) == [7, 8]
+    seq.token_ids += [7]  # the index grows with the sequence: "2 3 7" now matches its own earlier run
+    assert lookup.propose(seq, limit=10) == [8, 4, 2]
+    seq.draft_room = 1
+    assert lookup.propose(seq, limit=10) == [8]
+    assert PromptLookup(3, 3, 2).propose(_seq([1, 2, 3, 4]), limit=10) == []  # nothing repeats
+    assert PromptLookup(3, 3, 1).propose(_seq([5, 1, 2, 5]), limit=10) == [1, 2, 5]  # may run into the suffix
+
+
+def test_only_plain_decoding_sequences_draft():
+    assert can_draft(_seq([1, 2, 3]))
+    for params in (SamplingParams(repetition_penalty=1.1), SamplingParams(presence_penalty=0.5),
+                   SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=1, max_tokens=5)):
+        assert not can_draft(_seq([1, 2, 3], params)), params
+    prefilling = _seq([1, 2, 3])
+    prefilling.num_computed_tokens = 0
+    assert not can_draft(prefilling)
+
+
+def test_verify_keeps_greedy_argmax():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 0.0], [2.0, 0.0, 0.0, 1.0], [0.0, 0.0, 5.0, 0.0]])
+    assert verify(logits, [_seq([1])], [[1, 0]]) == [[1, 0, 2]]  # both drafts are the argmax, then a bonus
+    assert verify(logits, [_seq([1])], [[1, 3]]) == [[1, 0]]  # the second is not: the argmax replaces it
+    assert verify(logits[:2], [_seq([1])], [[2]]) == [[1]]
+
+
+@pytest.mark.parametrize("params, draft", [
+    (SamplingParams(temperature=1.0, seed=7), 1),  # a likely draft
+    (SamplingParams(temperature=0.7, seed=8), 3),  # an unlikely one, with temperature
+    (SamplingParams(temperature=1.0, top_k=2, seed=9), 3),  # one top-k removes: never accepted
+])
+def test_verify_draws_each_token_as_plain_sampling_would(params, draft):
+    """The first emitted token is distributed as the filtered softmax of its row, whatever the draft."""
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]]))
+    seq = _seq([1], params)
+    draws = 6000
+    counts = torch.zeros(4)
+    for _ in range(draws):
+        counts[verify(logits, [seq], [[draft]])[0][0]] += 1
+    probs = torch.softmax(logits[0] / params.temperature, -1)
+    if params.top_k:
+        probs[probs.argsort()[:-params.top_k]] = 0
+        probs /= probs.sum()
+    # 6000 draws: a standard error of at most 0.0065 per token, so 0.03 is over four of them.
+    assert torch.allclose(counts / draws, probs, atol=0.03), (counts / draws, probs)
+    if params.top_k:
+        assert counts[draft] == 0
+
+
+def test_drafts_give_the_plain_greedy_tokens(tiny, plain, drafting):
+    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in drafting.generate(PROMPTS, GREEDY)] == expected
+    assert [drafting.generate([p], GREEDY)[0].token_ids for p in PROMPTS] == expected
+    stats = drafting.engine.stats()
+    assert stats.num_accepted_tokens_total > 0 and stats.num_draft_tokens_total >= stats.num_accepted_tokens_total
+    # Drafts cut by a token budget of 5, and a pool of 6 blocks of 8 where someone gets preempted.
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, num_speculative_tokens=4, **FP32)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == expected
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(plain) / 2**30,
+                num_speculative_tokens=4, **FP32)
+    shorter = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)  # each fits the 48 tokens alone
+    assert [o.token_ids for o in small.generate(PROMPTS, shorter)] == [e[:30] for e in expected]
+    assert small.engine.stats().num_preemptions_total > 0
+    for engine in (drafting.engine, chunked.engine, small.engine):
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
+
+
+@pytest.mark.skipif(not products_available(torch.int8) or not cpu_index.enabled(),
+                    reason="int8 products need AVX512_VNNI, AVX512_VBMI and AVX512_BF16 and the C kernels")
+def test_drafts_keep_exact_products_at_batch_one(tmp_path):
+    """With rounded product forms on (int8 for LCQ layers that keep their int8 weights, from 3 rows), a
+    lone sequence's verification steps stay fp32, as its plain decode steps of one row are, so drafting
+    changes no token and moves logprobs only by fp32 sums taken in another order."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32))
+    settings = dict(block_size=8, kv_cache_dtype="float32", cpu_matmul_dtype="int8", cpu_int8_weights="on")
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+    expected = LLM(folder, **settings).generate([PROMPTS[0]], params)[0]
+    drafting = LLM(folder, num_speculative_tokens=4, **settings)
+    got = drafting.generate([PROMPTS[0]], params)[0]
+    assert got.token_ids == expected.token_ids and drafting.engine.stats().num_accepted_tokens_total > 0
+    # int8 operands in the verification steps would move them by 1e-3 and more.
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(got.logprobs, expected.logprobs)) < 1e-4
+
+
+def test_stops_inside_drafts_and_logprobs(plain, drafting):
+    base = plain.generate([PROMPTS[0]], GREEDY)[0]
+    stop_id = base.token_ids[9]
+    cases = [SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+             SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[stop_id]),
+             SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=[base.text[10:14]]),
+             SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)]
+    for params in cases:
+        want, got = plain.generate([PROMPTS[0]], params)[0], drafting.generate([PROMPTS[0]], params)[0]
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
+        if params.logprobs:
+            for a, b in zip(got.logprobs, want.logprobs):
+                assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+                assert [t[0] for t in a.top] == [t[0] for t in b.top]
+
+
+def test_seeded_sampling_with_drafts_is_reproducible(drafting):
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
+    first = drafting.generate([PROMPTS[2]], params)[0].token_ids
+    assert drafting.generate([PROMPTS[2], PROMPTS[1]], [params, GREEDY])[0].token_ids == first
+
+
+def test_speculative_settings_are_checked():
+    for settings, message in [(dict(num_speculative_tokens=17), "num_speculative_tokens"),
+                              (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min")]:
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(model="unused", **settings).validate()
