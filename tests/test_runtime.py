@@ -22,7 +22,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
-from lcq.runtime.sampler import sample
+from lcq.runtime.sampler import draw, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
@@ -365,6 +365,36 @@ def test_sampler_filters():
     ]:
         seen = {sample(logits.clone(), [_seq(params)])[0][0] for _ in range(200)}
         assert seen == allowed, params
+
+
+def test_keep_top_cuts_where_sorting_each_row_does():
+    """keep_top looks for each row's cut among its 256, then 4096 most likely tokens, then the whole row:
+    every level gives the cut of the sorted row (peaked rows end in the first, flatter ones later)."""
+    g = torch.Generator().manual_seed(0)
+    vocab = 8192
+    scales = torch.tensor([8.0, 3.0, 1.0, 0.01]).repeat_interleave(3).unsqueeze(1)  # no ties, even when flat
+    probs = torch.softmax(torch.randn(len(scales), vocab, generator=g) * scales, -1)
+    top_k = torch.tensor([vocab, 5, 300, vocab, 5000, 100, vocab, 3000, 50, vocab, 6000, 1])
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.5, 0.99, 1.0, 0.8, 0.9, 1.0, 0.9, 0.7, 0.3])
+    order = probs.argsort(-1, descending=True)
+    ranked = probs.gather(1, order)
+    drop = (torch.arange(vocab) >= top_k[:, None]) | ((ranked.cumsum(-1) - ranked) >= top_p[:, None] * probs.sum(-1, True))
+    expected = torch.zeros_like(probs).scatter(1, order, ranked.masked_fill(drop, 0.0))
+    kept = keep_top(probs, top_k, top_p)
+    assert torch.equal(kept > 0, expected > 0)
+    torch.testing.assert_close(kept, expected)
+    widths = (kept > 0).sum(-1)
+    assert widths.min() <= 256 and ((widths > 256) & (widths <= 4096)).any() and widths.max() > 4096
+
+
+def test_draw_follows_the_probabilities():
+    probs = torch.tensor([0.2, 0.5, 0.0, 0.25, 0.05]) * 3  # need not sum to 1
+    draws = draw(probs.repeat(20000, 1), [_seq(SamplingParams())] * 20000)
+    frequencies = torch.bincount(draws, minlength=5) / 20000
+    assert frequencies[2] == 0  # never a token without probability
+    torch.testing.assert_close(frequencies, probs / probs.sum(), atol=0.015, rtol=0)  # > 4 standard errors
+    together = draw(probs.repeat(3, 1), [_seq(SamplingParams(seed=5)), _seq(SamplingParams()), _seq(SamplingParams(seed=5))])
+    assert together[[0, 2]].tolist() == draw(probs.unsqueeze(0), [_seq(SamplingParams(seed=5))]).tolist() * 2
 
 
 def test_sampler_penalties():

@@ -14,6 +14,8 @@ from lcq.kernels import cpu_ops
 
 from .sequence import Sequence
 
+CANDIDATES = (256, 4096)  # keep_top's candidate widths, before a whole row
+
 
 def argmax(values: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest value: the C kernel for fp32 CPU rows, where torch's argmax
@@ -63,12 +65,51 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else probs.shape[1] for s in seqs], device=device)
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
     if bool((top_k < probs.shape[1]).any() or (top_p < 1).any()):
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        rank = torch.arange(probs.shape[1], device=device).unsqueeze(0)
-        mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        drop = (rank >= top_k.unsqueeze(1)) | (mass_before >= top_p.unsqueeze(1) * sorted_probs.sum(-1, keepdim=True))
-        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = keep_top(probs, top_k, top_p)
     return probs / probs.sum(-1, keepdim=True)
+
+
+def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """probs with each row's tokens zeroed outside its top_k most likely and outside the fewest most likely
+    that hold top_p of its mass. A row's cut is looked for among its CANDIDATES[0] most likely tokens
+    (torch.topk: 0.07 ms for a 49k-token row, where sorting the row took 3 ms), among more where those
+    hold too little of the mass, and only then in the sorted row."""
+    vocab = probs.shape[1]
+    total = probs.sum(-1)
+    kept, rows = None, None  # rows: those still unsettled (None: all)
+    for width in (*(w for w in CANDIDATES if w < vocab), vocab):
+        part = probs if rows is None else probs[rows]
+        limit_k, limit_p = (top_k, top_p * total) if rows is None else (top_k[rows], top_p[rows] * total[rows])
+        values, order = part.topk(width, dim=-1)  # most likely first
+        keep = (torch.arange(width, device=probs.device) < limit_k.unsqueeze(1)) & \
+            ((values.cumsum(-1) - values) < limit_p.unsqueeze(1))
+        cut = torch.zeros_like(part).scatter_(1, order, values * keep)
+        if rows is None:
+            kept, rows = cut, torch.arange(probs.shape[0], device=probs.device)
+        else:
+            kept[rows] = cut
+        # Rows whose cut may lie past these candidates: all kept, top_k allows more, top_p is not reached.
+        unsettled = keep[:, -1] & (limit_k > width) & (values.sum(-1) < limit_p)
+        if not bool(unsettled.any()):
+            break
+        rows = rows[unsettled]
+    return kept
+
+
+def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One token per row, distributed as the row's probabilities (which need not sum to 1): the inverse
+    of its cumulative sum at a uniform number, drawn from the sequence's own generator where it has a
+    seed, so that a seed gives the same tokens whatever else is in the batch. One random number per
+    row, where a race of exponentials (argmax p / E) drew one per vocabulary entry: 0.7 ms a row."""
+    uniform = torch.rand(len(seqs))
+    for row, seq in enumerate(seqs):
+        if seq.generator is not None:
+            uniform[row] = torch.rand(1, generator=seq.generator)[0]
+    cdf = probs.float().cumsum(-1)
+    total = cdf[:, -1:]
+    chosen = torch.searchsorted(cdf, (uniform.to(probs.device).unsqueeze(1) * total).contiguous(), right=True)
+    # u * total may round up to the total: never past the last token that still adds to the sum.
+    return torch.minimum(chosen, torch.searchsorted(cdf, total.contiguous())).squeeze(1)
 
 
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] = (),
@@ -95,15 +136,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
             logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
     if constrained:
         constrain(logits, seqs)
-    greedy = [s.params.temperature == 0 for s in seqs]
     chosen = argmax(logits)
-    if not all(greedy):
-        probs = filtered_probs(logits, seqs)
-        # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
-        noise = torch.empty_like(probs).exponential_()
-        for row, seq in enumerate(seqs):
-            if seq.generator is not None and not greedy[row]:
-                noise[row] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator).to(probs.device)
-        sampled = argmax(probs / noise)
-        chosen = torch.where(torch.tensor(greedy, device=logits.device), chosen, sampled)
+    sampled = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)
+        picked = [seqs[row] for row in sampled]
+        chosen[rows] = draw(filtered_probs(logits[rows], picked), picked).to(chosen.dtype)
     return chosen.tolist(), logprobs

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import apply_logit_bias, argmax, filtered_probs
+from .sampler import apply_logit_bias, argmax, draw, filtered_probs
 from .sequence import Sequence
 
 
@@ -77,7 +77,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     for seq, draft in zip(seqs, drafts):
         tokens = []
         for j in range(len(draft) + 1):
-            token = best[row + j] if seq.params.greedy else _draw(probs[row + j], draft[j:j + 1], seq.generator)
+            token = best[row + j] if seq.params.greedy else _draw(probs[row + j], draft[j:j + 1], seq)
             tokens.append(token)
             if j == len(draft) or token != draft[j]:
                 break
@@ -86,14 +86,13 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     return emitted
 
 
-def _draw(probs: torch.Tensor, draft: list[int], generator: torch.Generator | None) -> int:
+def _draw(probs: torch.Tensor, draft: list[int], seq: Sequence) -> int:
     """A token distributed as probs: the draft token d itself with probability probs[d], else one drawn
     from probs without d (without a draft: one drawn from probs)."""
     if draft:
         d = draft[0]
-        if float(torch.rand(1, generator=generator)) < float(probs[d]):
+        if float(torch.rand(1, generator=seq.generator)) < float(probs[d]):
             return d
         probs = probs.clone()
         probs[d] = 0.0
-    noise = torch.empty(probs.shape[0]).exponential_(generator=generator).to(probs.device)
-    return int(argmax((probs / noise).unsqueeze(0))[0])  # exponential race: argmax(p / E) draws from p
+    return int(draw(probs.unsqueeze(0), [seq])[0])
