@@ -39,9 +39,12 @@ def plain(tiny):
     return LLM(str(tiny), block_size=8, **FP32)
 
 
+DRAFT_ALWAYS = dict(num_speculative_tokens=4, speculative_disable_by_batch_size=64)  # also when batched
+
+
 @pytest.fixture(scope="module")
 def drafting(tiny):
-    return LLM(str(tiny), block_size=8, num_speculative_tokens=4, **FP32)
+    return LLM(str(tiny), block_size=8, **DRAFT_ALWAYS, **FP32)
 
 
 def test_prompt_lookup_takes_the_latest_longest_match():
@@ -104,10 +107,10 @@ def test_drafts_give_the_plain_greedy_tokens(tiny, plain, drafting):
     stats = drafting.engine.stats()
     assert stats.num_accepted_tokens_total > 0 and stats.num_draft_tokens_total >= stats.num_accepted_tokens_total
     # Drafts cut by a token budget of 5, and a pool of 6 blocks of 8 where someone gets preempted.
-    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, num_speculative_tokens=4, **FP32)
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, **DRAFT_ALWAYS, **FP32)
     assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == expected
     small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(plain) / 2**30,
-                num_speculative_tokens=4, **FP32)
+                **DRAFT_ALWAYS, **FP32)
     shorter = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)  # each fits the 48 tokens alone
     assert [o.token_ids for o in small.generate(PROMPTS, shorter)] == [e[:30] for e in expected]
     assert small.engine.stats().num_preemptions_total > 0
@@ -157,6 +160,17 @@ def test_seeded_sampling_with_drafts_is_reproducible(drafting):
 
 def test_speculative_settings_are_checked():
     for settings, message in [(dict(num_speculative_tokens=17), "num_speculative_tokens"),
-                              (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min")]:
+                              (dict(prompt_lookup_min=3, prompt_lookup_max=2), "prompt_lookup_min"),
+                              (dict(speculative_disable_by_batch_size=1), "speculative_disable_by_batch_size")]:
         with pytest.raises(ValueError, match=message):
             EngineConfig(model="unused", **settings).validate()
+
+
+def test_no_drafts_from_the_batch_size_on(tiny, plain):
+    """By default (speculative_disable_by_batch_size 2) only a lone sequence drafts."""
+    default = LLM(str(tiny), block_size=8, num_speculative_tokens=4, **FP32)
+    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    assert [o.token_ids for o in default.generate(PROMPTS, GREEDY)] == expected
+    assert default.engine.stats().num_draft_tokens_total == 0
+    assert default.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected[0]
+    assert default.engine.stats().num_draft_tokens_total > 0

@@ -29,6 +29,9 @@ class EngineConfig:
     num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
+    # No drafts while this many sequences or more run: on CPU each draft row then costs about as much as
+    # it saves (bench/speculative.py); at batch 1 they are nearly free.
+    speculative_disable_by_batch_size: int = 2
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -113,6 +116,7 @@ class EngineConfig:
             (0 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be between 0 and 16"),
             (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,
              "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max <= 16"),
+            (self.speculative_disable_by_batch_size >= 2, "speculative_disable_by_batch_size must be at least 2"),
         ]
         for ok, message in checks:
             if not ok:

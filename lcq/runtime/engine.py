@@ -71,6 +71,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         self.lookup = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) \
             if config.num_speculative_tokens else None
+        self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
 
@@ -138,6 +139,8 @@ class LLMEngine:
     def _draft(self) -> list[Sequence]:
         """Append prompt-lookup drafts to the running sequences that can take them; returns those."""
         drafted = []
+        if len(self.scheduler.running) >= self.draft_batch_limit:
+            return drafted
         for seq in self.scheduler.running:
             if can_draft(seq):
                 # The step emits up to len(draft) + 1 tokens: never past max_tokens (nor the context).

@@ -110,6 +110,8 @@ FLAGS = (
          "engine"),
     Flag("--prompt-lookup-max", int, "longest n-gram that prompt lookup matches", "engine"),
     Flag("--prompt-lookup-min", int, "shortest n-gram that prompt lookup matches", "engine"),
+    Flag("--speculative-disable-by-batch-size", int, "no drafts while this many sequences or more run (the "
+         "default 2 drafts at batch 1 only: on CPU, draft rows of several sequences cost what they save)", "engine"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
