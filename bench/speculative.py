@@ -1,0 +1,110 @@
+"""Speculative decoding by prompt lookup on CPU: the demo model (SmolLM2-135M-Instruct, LCQ W4) answering
+chat requests greedily with num_speculative_tokens off and on, one engine per setting in this process,
+their runs alternating (this VM's speed drifts within minutes).
+
+Three tasks: quoting a passage back (the output repeats the prompt), editing code (it repeats most of
+it), and an open question (it repeats only what the model repeats of itself). One sequence decodes
+greedily; several run the same request sampled (temperature 0.7, top-p 0.95, a seed each), so that
+their outputs differ, each to MAX_TOKENS (ignore_eos: every run does the same work at the same batch
+size). Each row: output tokens/s over the whole requests (prefill included), the drafts
+verified and accepted, and, for greedy rows, whether the tokens equal those of the engine without
+drafts (verification steps of one sequence keep the plain steps' fp32 products, so they should).
+Sampled rows draw differently with drafts (each token is still distributed as without them).
+
+    python bench/speculative.py [--threads 2] [--settings 0,2,4,8] [--concurrency 1,2,4,8] [--rounds 3]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
+from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
+from lcq.runtime import LLM, SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "speculative-cpu.json"
+PASSAGE = ("The river rose in the night and by morning it had covered the lower fields. The farmers moved "
+           "their animals to the hill behind the village, where the old chapel stood, and waited. Nobody "
+           "spoke much. Around noon the rain stopped, the clouds broke apart, and the water began to fall "
+           "back as quickly as it had come, leaving mud, broken fences and a smell of wet earth.")
+CODE = ("def mean(values):\n    total = 0\n    for value in values:\n        total += value\n"
+        "    return total / len(values)\n\n\ndef spread(values):\n    center = mean(values)\n"
+        "    return max(values) - center, center - min(values)\n")
+TASKS = {
+    "quote": "Repeat the following text exactly, word for word:\n\n" + PASSAGE,
+    "edit": "Rename the function mean to average everywhere in this code and show the whole code:\n\n" + CODE,
+    "open": "Give three tips for learning to play the piano.",
+}
+MAX_TOKENS = 256
+
+
+def options(parser) -> None:
+    parser.add_argument("--settings", default="0,2,4,8", help="comma-separated num_speculative_tokens")
+    parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated copies of each request run together")
+    parser.add_argument("--rounds", type=int, default=3)
+
+
+def main() -> None:
+    args = cpu_arguments(__doc__, RESULTS, options)
+    settings = [int(k) for k in args.settings.split(",")]
+    # Drafts at every batch size here (the server's default, speculative_disable_by_batch_size 2, drafts
+    # at batch 1 only): the rows of several sequences are what that default is measured by.
+    engines = {k: LLM(str(ensure_demo_model()), kv_cache_memory_gb=0.5, num_speculative_tokens=k,
+                      speculative_disable_by_batch_size=64) for k in settings}
+    tokenizer = engines[settings[0]].engine.tokenizer
+    prompts = {name: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=True)["input_ids"]
+               for name, text in TASKS.items()}
+    rows = []
+    for concurrency in (int(c) for c in args.concurrency.split(",")):
+        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0)] if concurrency == 1 else \
+            [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.95, seed=i, ignore_eos=True)
+             for i in range(concurrency)]
+        for name, prompt in prompts.items():
+            batch = [prompt] * concurrency
+            for llm in engines.values():  # warm-up: the prefix cache holds the prompt in every timed round
+                llm.generate(batch, params)
+            timings = {k: [] for k in settings}
+            outputs, drafts = {}, {}
+            for round_ in range(args.rounds):
+                for k, llm in engines.items() if round_ % 2 == 0 else reversed(engines.items()):
+                    before = llm.engine.stats()
+                    start = time.perf_counter()
+                    outs = llm.generate(batch, params)
+                    elapsed = time.perf_counter() - start
+                    after = llm.engine.stats()
+                    timings[k].append(sum(len(o.token_ids) for o in outs) / elapsed)
+                    outputs[k] = [o.token_ids for o in outs]
+                    drafts[k] = (after.num_draft_tokens_total - before.num_draft_tokens_total,
+                                 after.num_accepted_tokens_total - before.num_accepted_tokens_total)
+            base = statistics.median(timings[settings[0]])
+            for k in settings:
+                speed = statistics.median(timings[k])
+                row = {"task": name, "concurrency": concurrency, "num_speculative_tokens": k,
+                       "output_tokens": sum(len(t) for t in outputs[k]), "output_tok_s": round(speed, 1),
+                       "output_tok_s_rounds": [round(t, 1) for t in timings[k]],
+                       "speedup": round(speed / base, 2), "draft_tokens": drafts[k][0],
+                       "accepted_tokens": drafts[k][1],
+                       "same_tokens": outputs[k] == outputs[settings[0]] if concurrency == 1 else None}
+                rows.append(row)
+                print(f"{name:6s} x{concurrency:<3d} k={k}: {speed:7.1f} tok/s ({speed / base:.2f}x), "
+                      f"{row['output_tokens']} tokens, drafts {drafts[k][0]} accepted {drafts[k][1]}, "
+                      f"same tokens: {row['same_tokens']}", flush=True)
+    print()
+    print("| task | sequences | k | output tok/s | speedup | drafts accepted | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        accepted = f"{r['accepted_tokens']} / {r['draft_tokens']}" if r["draft_tokens"] else "-"
+        same = {None: "-", True: "yes", False: "no"}[r["same_tokens"]]
+        print(f"| {r['task']} | {r['concurrency']} | {r['num_speculative_tokens']} | {r['output_tok_s']} | "
+              f"{r['speedup']}x | {accepted} | {same} |")
+    command = "bench/speculative.py " + " ".join(sys.argv[1:])
+    write_record(args.output, cpu_record(command, args.threads, model=Path(str(ensure_demo_model())).name,
+                                         max_tokens=MAX_TOKENS, rounds=args.rounds, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
