@@ -1,4 +1,5 @@
-"""What every CPU benchmark records beside its rows: the machine and versions, written atomically."""
+"""What every CPU benchmark records beside its rows: the machine and versions, written atomically.
+torch is imported where it is used: the serving load generator (serve.py) records the machine too."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,6 @@ import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-
-import torch
 
 
 def cpu_arguments(doc: str, default_output: Path,
@@ -22,6 +21,8 @@ def cpu_arguments(doc: str, default_output: Path,
     if more is not None:
         more(parser)
     args = parser.parse_args()
+    import torch
+
     torch.set_num_threads(args.threads)
     return args
 
@@ -39,6 +40,8 @@ def cpu_name() -> str:
 
 def cpu_record(command: str, threads: int, **fields) -> dict:
     """device, threads, date, versions and command, then `fields`."""
+    import torch
+
     return {"device": f"cpu: {cpu_name()}, {os.cpu_count()} cores", "threads": threads,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__}, "command": command,

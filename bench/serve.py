@@ -30,6 +30,9 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_name  # noqa: E402
+
 RESULTS = Path(__file__).parent / "results"
 WORDS = ("the quick brown fox jumps over a lazy dog while seven small birds sing about rivers, "
          "mountains and the long history of quiet towns near the sea").split()
@@ -187,12 +190,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def device_name() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return f"cpu: {cpu}, {os.cpu_count()} cores"
-
-
 async def run_load(url: str, model: str, args: argparse.Namespace, headers: dict) -> tuple[Totals, float]:
     totals = Totals()
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
@@ -311,7 +308,7 @@ def main() -> None:
                 "duration_s": args.duration, "grace_s": args.grace, "prompt_words": PROMPT_WORDS,
                 "output_tokens": OUTPUT_TOKENS,
                 "serve_args": args.serve_arg, "seed": args.seed, "label": args.label}
-    record = {"device": device_name(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = {"device": f"cpu: {cpu_name()}, {os.cpu_count()} cores", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "settings": settings, "results": results}
     if args.rounds > 1:  # memory across rounds on one server: the first round is `results`
         settings["rounds"] = args.rounds
