@@ -136,8 +136,10 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
             logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
     if constrained:
         constrain(logits, seqs)
-    chosen = argmax(logits)
     sampled = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
+    if len(sampled) == len(seqs):
+        return draw(filtered_probs(logits, seqs), seqs).tolist(), logprobs
+    chosen = argmax(logits)
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         picked = [seqs[row] for row in sampled]
