@@ -14,7 +14,7 @@ from lcq.kernels import cpu_ops
 
 from .sequence import Sequence
 
-CANDIDATES = (256, 4096)  # keep_top's candidate widths, before a whole row
+CANDIDATES = (32, 256, 4096)  # keep_top's candidate widths, before a whole row
 
 
 def argmax(values: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,9 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """probs with each row's tokens zeroed outside its top_k most likely and outside the fewest most likely
     that hold top_p of its mass. A row's cut is looked for among its CANDIDATES[0] most likely tokens
-    (torch.topk: 0.07 ms for a 49k-token row, where sorting the row took 3 ms), among more where those
-    hold too little of the mass, and only then in the sorted row."""
+    (torch.topk: 0.03 ms for a 49k-token row, where sorting the row took 3 ms), among more where those
+    hold too little of the mass, and only then in the sorted row. SmolLM2 sampled at temperature 0.7
+    keeps a median of 2 tokens at top-p 0.95 (at most 59 of 64 rows), at 1.0 a median of 11 (1,008)."""
     vocab = probs.shape[1]
     total = probs.sum(-1)
     kept, rows = None, None  # rows: those still unsettled (None: all)
