@@ -22,7 +22,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
-from lcq.runtime.sampler import draw, keep_top, sample
+from lcq.runtime.sampler import apply_penalties, draw, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
@@ -405,6 +405,28 @@ def test_sampler_penalties():
     seq.num_prompt_tokens = 0  # token 3 is output
     seq.token_ids = [0, 0]
     assert sample(logits.clone(), [seq])[0] == [1]
+
+
+def test_penalties_of_a_batch_are_each_rows_own():
+    """apply_penalties on a batch of mixed settings equals each row penalized alone, as written out here."""
+    g = torch.Generator().manual_seed(0)
+    settings = [dict(), dict(repetition_penalty=1.3), dict(presence_penalty=0.7), dict(frequency_penalty=-0.4,
+                repetition_penalty=0.8), dict(presence_penalty=1.0, frequency_penalty=0.5)]
+    seqs = []
+    for i, kw in enumerate(settings * 2):
+        seq = _seq(SamplingParams(**kw), tokens=torch.randint(0, 50, (5 + i,), generator=g).tolist())
+        seq.token_ids += torch.randint(0, 50, (i * 3,), generator=g).tolist()  # output tokens, repeats among them
+        seqs.append(seq)
+    logits = torch.randn(len(seqs), 50, generator=g) * 3
+    expected = logits.clone()
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        for token in set(seq.token_ids):
+            value = expected[row, token]
+            expected[row, token] = value / p.repetition_penalty if value > 0 else value * p.repetition_penalty
+        for token in set(seq.output_ids):
+            expected[row, token] -= p.frequency_penalty * seq.output_ids.count(token) + p.presence_penalty
+    torch.testing.assert_close(apply_penalties(logits.clone(), seqs), expected)
 
 
 def test_sampler_logit_bias():

@@ -6,6 +6,7 @@ their own generator, so a seed gives the same tokens whatever else is in the bat
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection
 
 import torch
@@ -24,16 +25,29 @@ def argmax(values: torch.Tensor) -> torch.Tensor:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Repetition (prompt and output tokens, as in vLLM/HF), presence and frequency (output tokens)."""
-    for row, seq in enumerate(seqs):
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
-            values = logits[row, seen]
-            logits[row, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
-        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
-            counts = torch.bincount(torch.tensor(seq.output_ids, device=logits.device), minlength=logits.shape[1])
-            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    """Repetition (prompt and output tokens, as in vLLM/HF), presence and frequency (output tokens), in
+    place, touching only each row's tokens (whole-vocabulary passes per row took 0.1 ms a row), whose
+    ids go to torch as one flat list (nested ones cost more than the penalties)."""
+    device = logits.device
+
+    def entries(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token) index pairs of every token of every row's list."""
+        rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(row) for row in lists]))
+        return rows.to(device), torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64,
+                                             device=device)
+
+    def values(setting: str) -> torch.Tensor:
+        return torch.tensor([getattr(s.params, setting) for s in seqs], dtype=logits.dtype, device=device)
+
+    if any(s.params.repetition_penalty != 1.0 for s in seqs):
+        index = entries([list(set(s.token_ids)) if s.params.repetition_penalty != 1.0 else [] for s in seqs])
+        seen, penalty = logits[index], values("repetition_penalty")[index[0]]
+        logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
+    if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
+        for setting, lists in (("frequency_penalty", [s.output_ids for s in seqs]),  # once per occurrence
+                               ("presence_penalty", [list(set(s.output_ids)) for s in seqs])):  # once per token
+            index = entries(lists)
+            logits.index_put_(index, -values(setting)[index[0]], accumulate=True)
     return logits
 
 
