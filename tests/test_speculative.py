@@ -174,3 +174,21 @@ def test_no_drafts_from_the_batch_size_on(tiny, plain):
     assert default.engine.stats().num_draft_tokens_total == 0
     assert default.generate([PROMPTS[0]], GREEDY)[0].token_ids == expected[0]
     assert default.engine.stats().num_draft_tokens_total > 0
+
+
+@pytest.mark.gpu
+def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
+    """Verification rows are decode rows: a lone sequence's 1 + 4 rows replay the graph of 8 and give the
+    eager engine's tokens; against plain decoding (the 1-row kernel), the same tokens' logprobs agree to
+    fp16 products summed in another order."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32))
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+    graphed = LLM(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4)
+    assert graphed.engine.runner.graphs is not None
+    eager = LLM(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4, cuda_graphs=False)
+    got = graphed.generate([PROMPTS[0]], params)[0]
+    assert got.token_ids == eager.generate([PROMPTS[0]], params)[0].token_ids
+    assert graphed.engine.stats().num_accepted_tokens_total > 0
+    plain = LLM(folder, block_size=8, max_num_seqs=8).generate([PROMPTS[0]], params)[0]
+    same = next((i for i, (a, b) in enumerate(zip(got.token_ids, plain.token_ids)) if a != b), len(got.token_ids))
+    assert same > 0 and all(abs(a.logprob - b.logprob) < 2e-2 for a, b in zip(got.logprobs[:same], plain.logprobs))
