@@ -22,7 +22,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
-from lcq.runtime.sampler import apply_penalties, draw, keep_top, sample
+from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq
@@ -405,6 +405,42 @@ def test_sampler_penalties():
     seq.num_prompt_tokens = 0  # token 3 is output
     seq.token_ids = [0, 0]
     assert sample(logits.clone(), [seq])[0] == [1]
+
+
+@pytest.mark.skipif(not cpu_ops.usable(), reason="the C kernels do not build here")
+def test_c_sampler_draws_where_the_torch_ops_do():
+    """cpu_ops.sample_rows against filtered_probs + draw at the same uniform numbers: the token it picks
+    has probability and spans the target in the cumulative sum (up to fp32 rounding), over rows from
+    peaked to flat, temperature alone, min-p, top-k, top-p (cuts in the histogram's small-weight pass
+    and past it), and targets near 0 and 1."""
+    g = torch.Generator().manual_seed(0)
+    rows, vocab = 96, 3000
+    logits = torch.randn(rows, vocab, generator=g) * torch.tensor([10.0, 3.0, 1.0, 0.05]).repeat(rows // 4)[:, None]
+    settings = [dict(temperature=t, top_p=p, top_k=k, min_p=m) for t, p, k, m in
+                [(1.0, 1.0, 0, 0.0), (0.7, 0.95, 0, 0.0), (1.0, 0.5, 0, 0.0), (1.3, 1.0, 40, 0.0),
+                 (1.0, 0.9, 200, 0.0), (0.5, 1.0, 0, 0.1), (1.0, 0.99, 2999, 0.01), (2.0, 0.3, 1, 0.0)]]
+    seqs = [_seq(SamplingParams(**settings[r % len(settings)])) for r in range(rows)]
+    # One token of weight 1 and 2,999 near 9e-5 (below the first pass's 1e-4) holding 0.27 of the total: the
+    # top-p 0.9 (and top-k 200) cut of rows 4, 12, ... falls among those, which only the second, full pass sees.
+    logits[4::8] = torch.randn(rows // 8, vocab, generator=g) * 0.01 - 9.3
+    logits[4::8, 0] = 0.0
+    uniform = torch.rand(rows, generator=g)
+    uniform[:4], uniform[4:8] = 1e-6, 1.0 - 2**-24
+    vocab_k = torch.tensor([s.params.top_k or vocab for s in seqs])
+    tokens = cpu_ops.sample_rows(logits, *(torch.tensor([getattr(s.params, name) for s in seqs]) for name in
+                                           ("temperature", "min_p")), vocab_k,
+                                 torch.tensor([s.params.top_p for s in seqs]), uniform)
+    probs = filtered_probs(logits, seqs).double()
+    cdf = probs.cumsum(-1)
+    for r, token in enumerate(tokens.tolist()):
+        assert probs[r, token] > 0, (r, seqs[r].params)
+        target = uniform[r].item() * cdf[r, -1].item()
+        before = cdf[r, token - 1].item() if token else 0.0
+        assert before - 1e-5 <= target <= cdf[r, token].item() + 1e-5, (r, seqs[r].params)
+    # Equal weights at the cut: the lower token ids are kept.
+    flat = cpu_ops.sample_rows(torch.zeros(200, vocab), torch.ones(200), torch.zeros(200), torch.full((200,), 10),
+                               torch.ones(200), torch.rand(200, generator=g))
+    assert set(flat.tolist()) == set(range(10))
 
 
 def test_penalties_of_a_batch_are_each_rows_own():

@@ -134,6 +134,24 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, top_k: torch.Tensor,
+                top_p: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A token per row of fp32 CPU logits (rows, n) (usable(logits)): softmax at the row's temperature, min-p,
+    top-k (n or more: none) and top-p, then the inverse of the kept probabilities' running sum at uniform,
+    as sampler.filtered_probs and sampler.draw do (lcq_sample_rows). Settings: one value per row."""
+    logits = logits.contiguous()
+    rows, n = logits.shape
+    settings = [t.contiguous().to(dtype) for t, dtype in ((temperature, torch.float32), (min_p, torch.float32),
+                                                          (top_k, torch.int64), (top_p, torch.float32),
+                                                          (uniform, torch.float32))]
+    if any(t.shape != (rows,) for t in settings):
+        raise ValueError(f"sample_rows takes one setting per row ({rows})")
+    tokens = torch.empty(rows, dtype=torch.int64)
+    if library().lcq_sample_rows(logits.data_ptr(), rows, n, *(t.data_ptr() for t in settings), tokens.data_ptr()):
+        raise MemoryError("lcq_sample_rows could not allocate its buffers")
+    return tokens
+
+
 # fp32 values of K/V one prefill call stages at most at once (64 MiB), unless one sequence needs more
 STAGE_LIMIT_FLOATS = 16 << 20
 
@@ -174,6 +192,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
         "lcq_argmax_rows": [p, i64, i64, p],
+        "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i64],
@@ -181,7 +200,7 @@ def library() -> ctypes.CDLL | None:
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers")) else None
+        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers", "sample_rows")) else None
     lib.lcq_use_wide_attention.argtypes = [i32]
     lib.lcq_use_wide_attention(int(native.has_avx512("avx512vl")))
     return lib
