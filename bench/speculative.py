@@ -1,15 +1,16 @@
 """Speculative decoding by prompt lookup on CPU: the demo model (SmolLM2-135M-Instruct, LCQ W4) answering
-chat requests greedily with num_speculative_tokens off and on, one engine per setting in this process,
+chat requests with num_speculative_tokens off and on, one engine per setting in this process,
 their runs alternating (this VM's speed drifts within minutes).
 
 Three tasks: quoting a passage back (the output repeats the prompt), editing code (it repeats most of
 it), and an open question (it repeats only what the model repeats of itself). One sequence decodes
-greedily; several run the same request sampled (temperature 0.7, top-p 0.95, a seed each), so that
-their outputs differ, each to MAX_TOKENS (ignore_eos: every run does the same work at the same batch
-size). Each row: output tokens/s over the whole requests (prefill included), the drafts
-verified and accepted, and, for greedy rows, whether the tokens equal those of the engine without
-drafts (verification steps of one sequence keep the plain steps' fp32 products, so they should).
-Sampled rows draw differently with drafts (each token is still distributed as without them).
+greedily, then sampled; several run the same request sampled (temperature 0.7, top-p 0.95, a seed
+each), so that their outputs differ. Sampled runs go to MAX_TOKENS (ignore_eos: every run does the
+same work at the same batch size). Each row: output tokens/s over the whole requests (prefill
+included), the drafts verified and accepted, and, for greedy rows, whether the tokens equal those of
+the engine without drafts (verification steps of one sequence keep the plain steps' fp32 products, so
+they should). Sampled rows draw differently with drafts (each token is still distributed as without
+them).
 
     python bench/speculative.py [--threads 2] [--settings 0,2,4,8] [--concurrency 1,2,4,8] [--rounds 3]
 """
@@ -59,10 +60,11 @@ def main() -> None:
                                                    tokenize=True, return_dict=True)["input_ids"]
                for name, text in TASKS.items()}
     rows = []
-    for concurrency in (int(c) for c in args.concurrency.split(",")):
-        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0)] if concurrency == 1 else \
-            [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.95, seed=i, ignore_eos=True)
-             for i in range(concurrency)]
+    runs = [(c, sampled) for c in (int(c) for c in args.concurrency.split(",")) for sampled in
+            ((False, True) if c == 1 else (True,))]
+    for concurrency, sampled in runs:
+        params = [SamplingParams(max_tokens=MAX_TOKENS, temperature=0.7, top_p=0.95, seed=i, ignore_eos=True)
+                  for i in range(concurrency)] if sampled else [SamplingParams(max_tokens=MAX_TOKENS, temperature=0)]
         for name, prompt in prompts.items():
             batch = [prompt] * concurrency
             for llm in engines.values():  # warm-up: the prefix cache holds the prompt in every timed round
@@ -83,23 +85,25 @@ def main() -> None:
             base = statistics.median(timings[settings[0]])
             for k in settings:
                 speed = statistics.median(timings[k])
-                row = {"task": name, "concurrency": concurrency, "num_speculative_tokens": k,
+                row = {"task": name, "concurrency": concurrency, "sampled": sampled, "num_speculative_tokens": k,
                        "output_tokens": sum(len(t) for t in outputs[k]), "output_tok_s": round(speed, 1),
                        "output_tok_s_rounds": [round(t, 1) for t in timings[k]],
                        "speedup": round(speed / base, 2), "draft_tokens": drafts[k][0],
                        "accepted_tokens": drafts[k][1],
-                       "same_tokens": outputs[k] == outputs[settings[0]] if concurrency == 1 else None}
+                       "same_tokens": None if sampled else outputs[k] == outputs[settings[0]]}
                 rows.append(row)
-                print(f"{name:6s} x{concurrency:<3d} k={k}: {speed:7.1f} tok/s ({speed / base:.2f}x), "
+                print(f"{name:6s} x{concurrency:<3d} {'sampled' if sampled else 'greedy'} k={k}: {speed:7.1f} tok/s "
+                      f"({speed / base:.2f}x), "
                       f"{row['output_tokens']} tokens, drafts {drafts[k][0]} accepted {drafts[k][1]}, "
                       f"same tokens: {row['same_tokens']}", flush=True)
     print()
-    print("| task | sequences | k | output tok/s | speedup | drafts accepted | same tokens |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| task | sequences | sampled | k | output tok/s | speedup | drafts accepted | same tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         accepted = f"{r['accepted_tokens']} / {r['draft_tokens']}" if r["draft_tokens"] else "-"
         same = {None: "-", True: "yes", False: "no"}[r["same_tokens"]]
-        print(f"| {r['task']} | {r['concurrency']} | {r['num_speculative_tokens']} | {r['output_tok_s']} | "
+        sampled = "yes" if r["sampled"] else "no"
+        print(f"| {r['task']} | {r['concurrency']} | {sampled} | {r['num_speculative_tokens']} | {r['output_tok_s']} | "
               f"{r['speedup']}x | {accepted} | {same} |")
     command = "bench/speculative.py " + " ".join(sys.argv[1:])
     write_record(args.output, cpu_record(command, args.threads, model=Path(str(ensure_demo_model())).name,
