@@ -1,8 +1,9 @@
 """Next-token choice for a batch: penalties, logit bias, min_tokens, grammars, temperature, top-k, top-p,
 min-p, seeds, logprobs.
 
-Everything is batched on the logits' device; only seeded requests draw their random numbers from
-their own generator, so a seed gives the same tokens whatever else is in the batch.
+Everything is batched on the logits' device (on CPU the sampled rows in one C call, cpu_ops.sample_rows);
+each sampled row takes one uniform number, and seeded requests draw theirs from their own generator,
+so a seed gives the same tokens whatever else is in the batch.
 """
 from __future__ import annotations
 
