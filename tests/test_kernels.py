@@ -436,12 +436,12 @@ INDEX_FORMS = [False] + ([True] if "avx512f" in native.cpu_flags() else [])  # w
 @needs_half_kernel
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 32, 80), (3, 3, 64, 100), (4, 2, 128, 150), (4, 1, 32, 37),
                                                    (2, 2, 64, 600), (3, 1, 32, 500), (4, 4, 64, 300), (3, 5, 32, 96)])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 16, 33])
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 9, 16, 33])
 @pytest.mark.parametrize("wide", INDEX_FORMS)
 def test_index_kernel_matches_reference(monkeypatch, bits, rank, group, k, m, wide):
     """Indices read in place, codebook entries exact fp32 (only summation order differs, 1e-6): below
-    16 rows the decode form (passes of 4 rows), in the AVX2 and (where the CPU has it) the AVX-512
-    form; from 16, blocks of rows expanded to fp32 for cpu_gemm.c's product. Rows hold runs of 16
+    16 rows the decode form (even passes of up to 4 rows; 6 in AVX-512), in the AVX2 and (where the CPU
+    has it) the AVX-512 form; from 16, blocks of rows expanded to fp32 for cpu_gemm.c's product. Rows hold runs of 16
     words of 16, 10 or 8 indices (2, 3, 4 bits) and a partial run: K = 80 (2 bits) and 37 end in
     one of 2-byte lanes, 100 (3 bits) of 4-byte lanes, 150 (4 bits) after a whole run in 1-byte
     lanes, 600 and 500 after several whole runs; K = 37, 100 and 150 end inside a step of 16 (the
