@@ -206,7 +206,10 @@ def run_gpu(args: argparse.Namespace) -> None:
 
 
 def explore_variants() -> list[tuple[int, int, int, dict]]:
-    """(M, bits, rank, config) in the order to try them: first the M = 1 tiles that reduce each tile
+    """(M, bits, rank, config) in the order to try them: first the FMA form's main tiles with and
+    without PREFETCH side by side (the next tile's codes loaded while this one is multiplied: the
+    M = 1 kernel waited for each tile's words from memory, which Triton's pipeliner does not move
+    ahead for loads that do not feed tl.dot); then the M = 1 tiles that reduce each tile
     in the loop (REDUCE_K: sm_90 SASS W2 r1 93 registers instead of 163, W4 r2 72 instead of 168, for
     4-5% more instructions per weight), also 128 deep and 256 wide, which only fit registers that
     way (128 x 128 at W2 r1: 57 registers and 6.3 instructions per weight, r2 100 and 6.5); then the tiles the autotuner's list starts from with registers capped at 128 (W2 r1 163 ->
@@ -215,6 +218,11 @@ def explore_variants() -> list[tuple[int, int, int, dict]]:
     occupancy is what the M = 1 kernel lacks; then M = 1 by tile width with its warps, split, tile
     depth and pipeline depth; then the tl.dot form at 16 to 64 rows."""
     variants = []
+    for m, bits, rank in ((1, 2, 1), (1, 2, 2), (1, 4, 1), (1, 4, 2), (2, 2, 2)):
+        for (block_n, warps, reduce_k), prefetch in itertools.product(
+                ((128, 4, True), (128, 4, False), (64, 2, True)), (False, True)):
+            variants.append((m, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=64, num_warps=warps,
+                                                 num_stages=2, REDUCE_K=reduce_k, PREFETCH=prefetch)))
     reducing = {2: [(128, 4, 64), (128, 4, 128), (64, 2, 64), (64, 2, 128), (256, 4, 64), (256, 4, 128)],
                 4: [(128, 4, 64), (128, 4, 128), (64, 2, 64)]}  # W4's other tiles spill or take 237-255 registers
     for bits, rank in ((2, 1), (2, 2), (4, 1), (4, 2)):
@@ -251,8 +259,8 @@ def run_explore(args: argparse.Namespace) -> None:
     shapes = [(4096, 11008), (11008, 4096)]
     layers: dict[tuple, object] = {}
     rows = []
-    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | maxnreg | REDUCE_K | us "
-          "| of copy |")
+    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | maxnreg | REDUCE_K "
+          "| PREFETCH | us | of copy |")
     for m, bits, rank, config in explore_variants():
         for n, k in shapes:
             if time.monotonic() > deadline:
@@ -274,7 +282,7 @@ def run_explore(args: argparse.Namespace) -> None:
             c = {"BLOCK_M": m, **config}
             print(f"| {n}x{k} | {m} | {bits} | {rank} | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['SPLIT_K']} "
                   f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} | {c.get('maxnreg', '-')} "
-                  f"| {c.get('REDUCE_K', False)} | {us:.1f} "
+                  f"| {c.get('REDUCE_K', False)} | {c.get('PREFETCH', False)} | {us:.1f} "
                   f"| {frac:.2f} |", flush=True)
     out = args.out or Path(__file__).parent / "results" / "kernels-explore.json"
     out.write_text(json.dumps({**header, "rows": rows}, indent=1) + "\n")
@@ -306,20 +314,25 @@ def run_cpu_smoke() -> None:
             raise SystemExit("cpu smoke failed")
 
 
-SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K
-    ("decode", 2, 1, 128, 1, 64, 4, False), ("decode", 2, 1, 128, 1, 128, 4, False),
-    ("decode", 2, 1, 128, 1, 128, 4, True), ("decode", 2, 4, 128, 1, 128, 4, False),
-    ("decode", 2, 2, 128, 2, 128, 4, False), ("decode", 2, 2, 128, 2, 128, 4, True),
-    ("decode", 3, 1, 128, 1, 128, 4, False), ("decode", 4, 1, 128, 1, 128, 4, False),
-    ("decode", 4, 1, 128, 1, 128, 4, True), ("decode", 4, 2, 128, 1, 128, 4, False),
-    ("decode", 4, 2, 128, 1, 128, 4, True), ("decode", 4, 4, 128, 1, 128, 4, False),
-    ("decode", 2, 2, 128, 16, 128, 4, False), ("decode", 4, 1, 128, 16, 128, 4, False),
-    ("gemm", 2, 2, 128, 64, 128, 4, False), ("gemm", 4, 1, 128, 128, 128, 8, False),
+SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K, PREFETCH
+    ("decode", 2, 1, 128, 1, 64, 4, False, False), ("decode", 2, 1, 128, 1, 128, 4, False, False),
+    ("decode", 2, 1, 128, 1, 128, 4, False, True), ("decode", 2, 1, 128, 1, 128, 4, True, False),
+    ("decode", 2, 1, 128, 1, 128, 4, True, True), ("decode", 2, 4, 128, 1, 128, 4, False, False),
+    ("decode", 2, 2, 128, 2, 128, 4, False, False), ("decode", 2, 2, 128, 2, 128, 4, True, False),
+    ("decode", 2, 2, 128, 2, 128, 4, True, True), ("decode", 3, 1, 128, 1, 128, 4, False, False),
+    ("decode", 3, 1, 128, 1, 128, 4, False, True), ("decode", 4, 1, 128, 1, 128, 4, False, False),
+    ("decode", 4, 1, 128, 1, 128, 4, False, True), ("decode", 4, 1, 128, 1, 128, 4, True, False),
+    ("decode", 4, 1, 128, 1, 128, 4, True, True), ("decode", 4, 2, 128, 1, 128, 4, False, False),
+    ("decode", 4, 2, 128, 1, 128, 4, True, False), ("decode", 4, 2, 128, 1, 128, 4, True, True),
+    ("decode", 4, 4, 128, 1, 128, 4, False, False), ("decode", 2, 2, 128, 16, 128, 4, False, False),
+    ("decode", 2, 2, 128, 16, 128, 4, False, True), ("decode", 4, 1, 128, 16, 128, 4, False, False),
+    ("decode", 4, 1, 128, 16, 128, 4, False, True),
+    ("gemm", 2, 2, 128, 64, 128, 4, False, False), ("gemm", 4, 1, 128, 128, 128, 8, False, False),
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
-                 reduce_k: bool = False):
+                 reduce_k: bool = False, prefetch: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -332,7 +345,10 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=kernels.block_k(group))
-    constants.update(SPLIT_K=8, REDUCE_K=reduce_k) if kernel == "decode" else constants.update(GROUP_M=8)
+    if kernel == "decode":
+        constants.update(SPLIT_K=8, REDUCE_K=reduce_k, PREFETCH=prefetch)
+    else:
+        constants.update(GROUP_M=8)
     names = fn.arg_names
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constants and n != "M"}
@@ -366,10 +382,11 @@ def run_sass() -> None:
     import triton
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     print(f"sm_90 builds by Triton {triton.__version__} (layouts differ between versions: docs/kernels.md)")
-    print("| kernel | W | r | g | BLOCK_M | BLOCK_N | REDUCE_K | regs | stack | loop instr / weight | top opcodes |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| kernel | W | r | g | BLOCK_M | BLOCK_N | REDUCE_K | PREFETCH | regs | stack | loop instr / weight "
+          "| top opcodes |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in SASS_CASES:
-        kernel, bits, rank, group, block_m, block_n, warps, reduce_k = case
+        kernel, bits, rank, group, block_m, block_n, warps, reduce_k, prefetch = case
         compiled = compile_sm90(*case)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
@@ -383,8 +400,8 @@ def run_sass() -> None:
                                       for line in loop)
         weights_per_thread = block_n * compile_block_k(group) // (32 * warps)  # one K tile per iteration
         top = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(6))
-        print(f"| {kernel} | {bits} | {rank} | {group} | {block_m} | {block_n} | {reduce_k} | {regs} | {stack} "
-              f"| {len(loop) / weights_per_thread:.1f} | {top} |", flush=True)
+        print(f"| {kernel} | {bits} | {rank} | {group} | {block_m} | {block_n} | {reduce_k} | {prefetch} | {regs} "
+              f"| {stack} | {len(loop) / weights_per_thread:.1f} | {top} |", flush=True)
 
 
 def main() -> None:

@@ -62,31 +62,39 @@ DECODE_CASES = [  # bits, rank, group, K, M, dtype
 ]
 
 
+# PREFETCH loads each tile's codes one iteration ahead: with 3 slices most hold one tile (only the
+# prologue's load and the masked one past the slice), with one slice all 2-4 tiles pass through it.
+PREFETCHING = [{"PREFETCH": False}, {"PREFETCH": True}, {"PREFETCH": True, "SPLIT_K": 1}]
+
+
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype", DECODE_CASES)
-def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype):
+def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype, prefetch):
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
     x = torch.randn(m, k).to(dtype)
-    assert_close(triton_linear.decode(x, layer, SMALL_DECODE), reference(x, layer), dtype)
+    assert_close(triton_linear.decode(x, layer, {**SMALL_DECODE, **prefetch}), reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype,block_k",
                          [(*case, None) for case in DECODE_CASES if case[4] <= 2] +
                          [(2, 2, 128, 300, 1, torch.float16, 128), (4, 1, 128, 300, 2, torch.float32, 128)])
-def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k, m, dtype, block_k):
+def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k, m, dtype, block_k, prefetch):
     """The FMA form with REDUCE_K (each tile's products summed over K in the loop), also 128 deep."""
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
     x = torch.randn(m, k).to(dtype)
-    config = {**SMALL_DECODE, "REDUCE_K": True, **({"BLOCK_K": block_k} if block_k else {})}
+    config = {**SMALL_DECODE, "REDUCE_K": True, **prefetch, **({"BLOCK_K": block_k} if block_k else {})}
     assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
 
 
 def test_autotuner_times_reduce_k_only_for_the_fma_form():
-    def reducing(block_m):
+    reducing = sum(c.kwargs["REDUCE_K"] for c in triton_linear.DECODE_CONFIGS)
+    assert 0 < reducing < len(triton_linear.DECODE_CONFIGS)
+    for block_m, expected in ((1, reducing), (2, reducing), (16, 0), (64, 0)):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m)
-        return sum(c.kwargs["REDUCE_K"] for c in kept), len(kept)
-
-    assert reducing(1) == (3, len(triton_linear.DECODE_CONFIGS))
-    assert reducing(16) == (0, len(triton_linear.DECODE_CONFIGS) - 3)
+        assert sum(c.kwargs["REDUCE_K"] for c in kept) == expected
+        assert len(kept) == len(triton_linear.DECODE_CONFIGS) - reducing + expected
+        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}  # timed both ways at every M
 
 
 GEMM_CASES = [  # bits, rank, group, K, dtype (M = 33: three row tiles, the last one partial)
@@ -121,7 +129,8 @@ def test_gather_in_the_other_orientation_matches_reference(monkeypatch, bits, ra
     flipped = triton_linear.tl.constexpr(not triton_linear.GATHER_COLUMNS_FIRST)
     monkeypatch.setattr(triton_linear, "GATHER_COLUMNS_FIRST", flipped)
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 3)
-    for m, config in ((1, SMALL_DECODE), (2, {**SMALL_DECODE, "REDUCE_K": True}), (3, SMALL_DECODE)):
+    for m, config in ((1, SMALL_DECODE), (2, {**SMALL_DECODE, "REDUCE_K": True, "PREFETCH": True}),
+                      (3, {**SMALL_DECODE, "PREFETCH": True})):
         x = torch.randn(m, k, dtype=torch.float16)
         assert_close(triton_linear.decode(x, layer, config), reference(x, layer), torch.float16)
     x = torch.randn(33, k)
@@ -145,11 +154,12 @@ def test_fused_layer_with_bias(product, m):
     assert_close(y, reference(x, layer), torch.float16)
 
 
-def test_split_k_counters_reset_between_launches():
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_split_k_counters_reset_between_launches(prefetch):
     """The last program of each N tile sums the slices and zeroes its counter for the next launch."""
     layer = random_layer(40, 256, 2, 2, 32, seed=5)
     x = torch.randn(2, 256)
-    config = {"BLOCK_N": 16, "SPLIT_K": 16}  # more slices than the 8 tiles of K: some are empty
+    config = {"BLOCK_N": 16, "SPLIT_K": 16, "PREFETCH": prefetch}  # more slices than K's 8 tiles: some empty
     first = triton_linear.decode(x, layer, config)
     second = triton_linear.decode(x, layer, config)
     assert torch.equal(first, second)

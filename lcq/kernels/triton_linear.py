@@ -44,15 +44,21 @@ MAX_SPLIT_K = 16
 
 
 @triton.jit
-def _plane(qw_ptr, k0, offs_n, n_mask, N, BITS: tl.constexpr, WIDTH: tl.constexpr, WORD_OFFSET: tl.constexpr,
-           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One bit plane of the indices k0 .. k0 + BLOCK_K - 1 for columns offs_n, int32 (BLOCK_K, BLOCK_N)."""
-    PER_WORD: tl.constexpr = 32 // WIDTH
+def _plane_words(qw_ptr, k0, offs_n, mask, N, BITS: tl.constexpr, WIDTH: tl.constexpr, WORD_OFFSET: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """The words of one bit plane holding the indices k0 .. k0 + BLOCK_K - 1 of columns offs_n,
+    int32 (BLOCK_K / 32 * WIDTH, BLOCK_N)."""
     ROWS: tl.constexpr = BLOCK_K // 32 * WIDTH
     block = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     rows = tl.reshape(block[:, None] * BITS + WORD_OFFSET + tl.arange(0, WIDTH)[None, :], (ROWS,))
-    words = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0,
-                    eviction_policy="evict_first")
+    return tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=mask[None, :], other=0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _unpack(words, WIDTH: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The WIDTH-bit fields of a plane's words (_plane_words) as int32 (BLOCK_K, BLOCK_N)."""
+    PER_WORD: tl.constexpr = 32 // WIDTH
     shifts = tl.arange(0, PER_WORD) * WIDTH
     parts = (words[:, None, :] >> shifts[None, :, None]) & ((1 << WIDTH) - 1)
     return tl.reshape(parts, (BLOCK_K, BLOCK_N))
@@ -65,34 +71,62 @@ def _table_offsets(vi_ptr, offs_n, n_mask, BITS: tl.constexpr, RANKS: tl.constex
 
 
 @triton.jit
-def _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK: tl.constexpr):
-    """S[n, group, k] for the columns offs_n, fp32."""
-    s = tl.load(sq_ptr + (group * RANK + k) * N + offs_n, mask=n_mask, other=0, eviction_policy="evict_first")
-    return s.to(tl.float32) * tl.load(ss_ptr + k * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+def _tile_words(qw_ptr, k0, offs_n, mask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The words of a tile's index planes: at 3 bits a 2-bit and a 1-bit plane, otherwise one (twice)."""
+    if BITS == 3:
+        words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, 2, 0, BLOCK_K)
+        top_words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, 1, 2, BLOCK_K)
+    else:
+        words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, BITS, 0, BLOCK_K)
+        top_words = words
+    return words, top_words
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                  BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
-                  SELECT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP.
+def _tile_indices(words, top_words, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The indices in a tile's words (_tile_words), int32 (BLOCK_K, BLOCK_N)."""
+    if BITS == 3:
+        q = _unpack(words, 2, BLOCK_K, BLOCK_N) | (_unpack(top_words, 1, BLOCK_K, BLOCK_N) << 2)
+    else:
+        q = _unpack(words, BITS, BLOCK_K, BLOCK_N)
+    return q
+
+
+@triton.jit
+def _group_codes(sq_ptr, bq_ptr, k0, offs_n, mask, N, RANK: tl.constexpr, GROUP: tl.constexpr):
+    """The S codes of the group holding index k0, rank k in byte k of an int32 per column (one tensor
+    at every rank, so that the decode kernel can carry them a tile ahead), and its B codes."""
+    group = k0 // GROUP
+    s_codes = tl.zeros_like(offs_n)
+    for k in tl.static_range(RANK):
+        code = tl.load(sq_ptr + (group * RANK + k) * N + offs_n, mask=mask, other=0, eviction_policy="evict_first")
+        s_codes |= (code.to(tl.int32) & 0xFF) << (8 * k)
+    b_codes = tl.load(bq_ptr + group * N + offs_n, mask=mask, other=0, eviction_policy="evict_first")
+    return s_codes, b_codes
+
+
+@triton.jit
+def _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N):
+    """S[n, group, k] for the columns offs_n, fp32, from _group_codes' packed codes."""
+    code = (s_codes << (24 - 8 * k)) >> 24  # byte k, sign extended
+    return code.to(tl.float32) * tl.load(ss_ptr + k * N + offs_n, mask=n_mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
+                  RANK: tl.constexpr, RANKS: tl.constexpr, SELECT: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's weights as fp32 (BLOCK_K, BLOCK_N) from its indices and group codes: w = S . V[:, q] - B.
     v_ptr: the gather table (RANKS: the rank padded to a power of two), v_base: each column's table
     offset (_table_offsets)."""
-    if BITS == 3:  # a 2-bit plane (bits 0-1) and a 1-bit plane (bit 2)
-        q = _plane(qw_ptr, k0, offs_n, n_mask, N, BITS, 2, 0, BLOCK_K, BLOCK_N)
-        q = q | (_plane(qw_ptr, k0, offs_n, n_mask, N, BITS, 1, 2, BLOCK_K, BLOCK_N) << 2)
-    else:
-        q = _plane(qw_ptr, k0, offs_n, n_mask, N, BITS, BITS, 0, BLOCK_K, BLOCK_N)
-    group = k0 // GROUP
-    b = tl.load(bq_ptr + group * N + offs_n, mask=n_mask, other=0, eviction_policy="evict_first").to(tl.float32)
-    b = b * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+    b = b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
     if SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
         c0 = -b
         c1 = -b
         c2 = -b
         c3 = -b
         for k in tl.static_range(RANK):
-            s = _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK)
+            s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
             table = v_ptr + v_base + k
             c0 += s * tl.load(table)
             c1 += s * tl.load(table + RANKS)
@@ -104,7 +138,7 @@ def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, off
         ranks = tl.arange(0, RANKS)
         scales = tl.zeros((BLOCK_N, RANKS), dtype=tl.float32)
         for k in tl.static_range(RANK):
-            s = _group_scale(sq_ptr, ss_ptr, group, k, offs_n, n_mask, N, RANK)
+            s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
             scales += tl.where(ranks[None, :] == k, s[:, None], 0.0)
         if GATHER_COLUMNS_FIRST:  # (BLOCK_N, BLOCK_K, RANKS), then back to (BLOCK_K, BLOCK_N)
             v = tl.load(v_ptr + (v_base[:, None] + tl.trans(q) * RANKS)[:, :, None] + ranks[None, None, :])
@@ -119,6 +153,18 @@ def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, off
             else:
                 w = tl.sum(v * scales[None, :, :], axis=2) - b[None, :]
     return w
+
+
+@triton.jit
+def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                  BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
+                  SELECT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP."""
+    words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
+    q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
+    s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
+    return _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
+                         RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -137,11 +183,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   REDUCE_K: tl.constexpr = False):
+                   REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     The FMA form (BLOCK_M < 16) keeps every product of a tile in registers and reduces over K once,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
-    registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93; see DECODE_CONFIGS)."""
+    registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH loads the next tile's codes
+    before multiplying this one, which Triton's pipeliner does not do for loads that do not feed
+    tl.dot (see DECODE_CONFIGS)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -156,19 +204,34 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     end = tl.minimum(start + per_split, tiles)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K else 1, BLOCK_N), dtype=tl.float32)
+    if PREFETCH:
+        first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
+        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
+        s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
     for tile in range(start, end):
         k0 = tile * BLOCK_K
         k_idx = k0 + offs_k
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
-        w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
+        if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
+            following = offs_n < tl.where(tile + 1 < end, N, 0)
+            next_words, next_top_words = _tile_words(qw_ptr, k0 + BLOCK_K, offs_n, following, N, BITS, BLOCK_K)
+            next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, k0 + BLOCK_K, offs_n, following, N,
+                                                      RANK, GROUP)
+            q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
+            w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
+                              RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
+        else:
+            w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
+                              BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
         if BLOCK_M >= 16:
             acc = _dot(x, w, acc, DOT_IN_FP32)
         elif REDUCE_K:
             acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
         else:
             products += x.to(tl.float32)[:, :, None] * w[None, :, :]
+        if PREFETCH:
+            words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
     if BLOCK_M < 16 and not REDUCE_K:
         acc = tl.sum(products, axis=1)
     out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
@@ -249,16 +312,24 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 # Pre-chosen on an H100 (132 SMs) by `bench/kernels.py --explore` over tile width and warps,
 # split, depth and pipeline stages: split 8 wins almost everywhere; 64 columns per 2 warps at 1 row
 # and 4 bits, 128 per 4 warps otherwise; 256-wide / 8-warp tiles never won and cost up to 5x.
-# The REDUCE_K forms (1 and 2 rows) were added after that run, from sm_90 builds only: they hold
-# 72-93 registers instead of 128-168 (W2 r1, W4 r1/r2), so 20-28 warps fit an SM instead of 12-16,
-# for 4-5% more instructions per weight; the measured M = 1 kernel ran at ~3x its instruction
-# bound, which points at latency. The autotuner times them on the GPU; they are dropped where BLOCK_M
-# takes tl.dot, for which REDUCE_K changes nothing.
+# Added since, from sm_90 builds only (not yet timed on a GPU; the autotuner times them):
+# - REDUCE_K (the FMA form, 1 and 2 rows): 72-93 registers instead of 128-168 (W2 r1, W4 r1/r2), so
+#   20-28 warps fit an SM instead of 12-16, for 4-5% more instructions per weight;
+# - PREFETCH: the next tile's index words and S and B codes are loaded while this tile is multiplied.
+#   Triton's pipeliner (num_stages) moves only loads that feed tl.dot, so the FMA form waited for
+#   every tile's words from memory (one 16-byte load per thread in flight: at 12 warps an SM that is
+#   ~6 KB, where the H100's bandwidth needs ~10-20 KB in flight per SM), which fits the measured M = 1
+#   kernel running at ~3x its instruction bound. 0-4 more registers, 1-4% more instructions.
+# REDUCE_K is dropped where BLOCK_M takes tl.dot, for which it changes nothing.
 DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "REDUCE_K": reduce_k}, num_warps=w, num_stages=s)
-    for bn, sk, w, s, reduce_k in [(64, 8, 2, 2, False), (64, 8, 2, 4, False), (128, 4, 4, 2, False),
-                                   (128, 8, 4, 2, False), (128, 8, 4, 4, False), (128, 16, 4, 2, False),
-                                   (64, 8, 2, 2, True), (128, 8, 4, 2, True), (128, 8, 4, 4, True)]
+    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
+                  num_warps=w, num_stages=s)
+    for bn, sk, w, s, reduce_k, prefetch in [
+        (64, 8, 2, 2, False, False), (64, 8, 2, 4, False, False), (128, 4, 4, 2, False, False),
+        (128, 8, 4, 2, False, False), (128, 8, 4, 4, False, False), (128, 16, 4, 2, False, False),
+        (64, 8, 2, 2, False, True), (128, 8, 4, 2, False, True), (128, 16, 4, 2, False, True),
+        (128, 8, 4, 2, True, False), (64, 8, 2, 2, True, True), (128, 8, 4, 2, True, True),
+        (128, 16, 4, 2, True, True)]
 ]
 
 
@@ -274,7 +345,7 @@ GEMM_CONFIGS = [
 _KEY = ["N", "K", "BITS", "RANK", "GROUP"]
 DEQUANT_BLOCK_N = 128
 # Under TRITON_INTERPRET=1 (CPU tensors) autotuning cannot time anything: fixed small tiles.
-INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 32, "SPLIT_K": 2}
+INTERPRETER_DECODE_CONFIG = {"BLOCK_N": 32, "SPLIT_K": 2, "PREFETCH": True}
 INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Configs are timed as the engine runs them (graph_time: no launch overhead, weights cold in L2):
 # timed with launches, a product shorter than its launch (a small layer, or a 2-bit layer at the
@@ -353,7 +424,8 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
-    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, num_warps and num_stages."""
+    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
+    num_stages."""
     m, k = x.shape
     n = layer.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
