@@ -183,13 +183,46 @@ def test_sliding_window_caps_the_context(tmp_path):
     assert config.max_position_embeddings == 64
 
 
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_yarn_matches_transformers_past_the_original_context(tmp_path, monkeypatch, c_ops):
+    """Qwen2 with YaRN (as its model card extends the context): frequencies ramped between kept and
+    interpolated, cos and sin scaled; a 100-token prompt runs past the original 64 positions."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "qwen2", max_position_embeddings=64, rope_scaling=YARN)
+    model, config = load_model(folder)
+    assert config.max_position_embeddings == 256  # 4 x the original, where transformers' config says 64
+    long_prompt = [(7 * i + 3) % 300 + 1 for i in range(100)]
+    _check_against(load_reference_model(folder), model, PROMPTS + [long_prompt], decode_steps=3)
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"attention_factor": 0.8}, {"mscale": 0.707, "mscale_all_dim": 1.0}, {"beta_fast": 16, "beta_slow": 2},
+    {"truncate": False}, {"factor": None, "original_max_position_embeddings": 32},
+])
+def test_yarn_frequencies_are_transformers(settings):
+    from transformers import Qwen2Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from lcq.models.layers import rope_settings, rotary_frequencies
+    sizes = dict(hidden_size=128, num_attention_heads=2, max_position_embeddings=128, rope_theta=10000.0)
+    rope = {**YARN, **settings}
+    inv_freq, scale = rotary_frequencies(64, rope_settings({**sizes, "rope_scaling": rope}))
+    expected, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](Qwen2Config(**sizes, rope_scaling=rope), "cpu")
+    torch.testing.assert_close(inv_freq.float(), expected, rtol=1e-6, atol=0)
+    assert scale == pytest.approx(expected_scale, rel=1e-12)
+    assert settings.get("attention_factor") or scale != 1.0
+
+
 def test_unsupported_rope_type_is_one_clear_error(tmp_path):
     folder = make_tiny_hf(tmp_path, "llama")
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="rope type 'yarn' is not supported"):
+    with pytest.raises(UserError, match="rope type 'longrope' is not supported"):
         load_model(folder)
 
 

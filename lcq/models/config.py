@@ -51,15 +51,19 @@ class ModelConfig:
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=_attention_span(c),
+            max_position_embeddings=_attention_span(c, rope),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)), rope=rope,
         )
 
 
-def _attention_span(c: dict) -> int:
-    """Longest context we serve. Attention here is always full, so a model trained with a sliding
-    window (Mistral v0.1; Qwen2 with use_sliding_window) is capped at its window, where both agree."""
+def _attention_span(c: dict, rope: dict) -> int:
+    """Longest context we serve. YaRN extends it to factor x the original length (the model card's
+    recipe for long context: add the scaling to the config; vLLM does the same). Attention here is
+    always full, so a model trained with a sliding window (Mistral v0.1; Qwen2 with
+    use_sliding_window) is capped at its window, where both agree."""
     span = c.get("max_position_embeddings", 4096)
+    if rope["rope_type"] == "yarn":
+        span = max(span, int(rope["original_max_position_embeddings"] * rope["factor"]))
     window = c.get("sliding_window") if c["model_type"] == "mistral" or c.get("use_sliding_window") else None
     return min(span, window) if window else span

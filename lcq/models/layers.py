@@ -29,25 +29,33 @@ class RMSNorm(torch.nn.Module):
         return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
 
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def rope_settings(config: dict) -> dict:
     """Rotary settings from either config style: transformers 5 `rope_parameters`, or the older
-    top-level `rope_theta` plus `rope_scaling`."""
+    top-level `rope_theta` plus `rope_scaling`. Scaled types without an original context length
+    take the model's, and YaRN without a factor the ratio of the two, as transformers does."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_type"] in ("llama3", "yarn"):
+        params["original_max_position_embeddings"] = (config.get("original_max_position_embeddings")
+                                                      or params.get("original_max_position_embeddings")
+                                                      or config.get("max_position_embeddings", 4096))
+    if params["rope_type"] == "yarn" and params.get("factor") is None:
+        params["factor"] = config.get("max_position_embeddings", 4096) / params["original_max_position_embeddings"]
     return params
 
 
-def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
+def rotary_frequencies(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64) and the factor on cos and sin (YaRN's attention scaling, else 1)."""
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = rope["rope_type"]
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / rope["factor"]
+        return inv_freq / rope["factor"], 1.0
     if kind == "llama3":  # keep high frequencies, divide low ones by `factor`, blend in between
         factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
         original = rope["original_max_position_embeddings"]
@@ -56,8 +64,37 @@ def inverse_frequencies(head_dim: int, rope: dict) -> torch.Tensor:
         smooth = (original / wavelength - low) / (high - low)
         blended = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelength >= original / high) & (wavelength <= original / low)
-        return torch.where(medium, blended, scaled)
+        return torch.where(medium, blended, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(inv_freq, head_dim, rope)
     raise ValueError(f"rope type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
+
+
+def _yarn(inv_freq: torch.Tensor, head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
+    """YaRN (arXiv 2309.00071): dimensions that turn fewer than beta_slow times over the original
+    context are interpolated (divided by `factor`), those that turn more than beta_fast times are
+    kept, a linear ramp blends the ones between; cos and sin are scaled by 0.1 ln(factor) + 1
+    (or the ratio of two such terms with mscale / mscale_all_dim, or attention_factor as given)."""
+    factor, original, base = rope["factor"], rope["original_max_position_embeddings"], rope["rope_theta"]
+
+    def magnitude(scale: float, mscale: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = (magnitude(factor, mscale) / magnitude(factor, mscale_all_dim)
+                            if mscale and mscale_all_dim else magnitude(factor))
+
+    def dimension(turns: float) -> float:  # the dimension whose frequency turns `turns` times over `original`
+        return head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dimension(rope.get("beta_fast") or 32), dimension(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float64) - low) / max(high - low, 0.001)).clamp(0, 1)
+    return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
 
 
 class RotaryEmbedding(torch.nn.Module):
@@ -65,9 +102,10 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, rope: dict):
         super().__init__()
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inverse_frequencies(head_dim, rope))
-        self.register_buffer("cos", freqs.cos().float(), persistent=False)
-        self.register_buffer("sin", freqs.sin().float(), persistent=False)
+        inv_freq, scale = rotary_frequencies(head_dim, rope)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+        self.register_buffer("cos", (freqs.cos() * scale).float(), persistent=False)
+        self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, 1, d/2) for positions (T,): looked up once per step, used by every layer."""
