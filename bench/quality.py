@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
-from lcq.quantizer.pipeline import DEFAULT_LR  # noqa: E402
+from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402
@@ -122,6 +122,7 @@ class Run:
     assign: str = "nearest"  # lcq: nearest entry, GPTQ's error-compensating sweep, or the sweep with a refit
     act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
     nsamples: int | None = None  # calibration windows; None: the study's setting
+    finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
 
     @property
     def key(self) -> str:
@@ -134,6 +135,7 @@ class Run:
             name += "" if self.assign == "nearest" else f"-{self.assign}"
         name += "-act" if self.act_order else ""
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
+        name += f"-ft{self.finetune}" if self.finetune else ""
         return name
 
 
@@ -177,6 +179,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
+        cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
     cmd += " --act-order" if run.act_order else ""
     return cmd
 
@@ -189,7 +192,9 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "epochs": epochs_of(run, settings) if run.method == "lcq" else None,
                  "assign": run.assign if run.method == "lcq" else None, "act_order": run.act_order,
                  "nsamples": nsamples_of(run, settings) if run.method in ("lcq", "gptq") else None,
-                 "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None}
+                 "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None,
+                 "finetune_epochs": run.finetune if run.method == "lcq" else None,
+                 "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -205,7 +210,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
-                                  act_order=run.act_order, seed=0)
+                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command)
@@ -223,10 +228,11 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
                 "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"]}
     if run.method == "lcq":
-        expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order)
+        expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
+                        finetune_epochs=run.finetune)
         if epochs_of(run, settings):
             expected.update(lr=DEFAULT_LR[run.bits])
-    recorded = {"assign": "nearest", **quant}  # folders from before --assign existed
+    recorded = {"assign": "nearest", "finetune_epochs": 0, **quant}  # folders from before these options existed
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
@@ -298,7 +304,8 @@ def plot(results: dict, path: Path) -> None:
     series += [("LCQ r2, 1 epoch", "D", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 1
                  and default_epochs != 1)]
     series += [("LCQ r2, 10 epochs", "*", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 10
-                 and nearest(r) and study_calib(r) and default_epochs != 10)]
+                 and nearest(r) and study_calib(r) and default_epochs != 10 and not r.get("finetune_epochs"))]
+    series += [("LCQ, 10 epochs + end-to-end", "p", lambda r: r["method"] == "lcq" and r.get("finetune_epochs"))]
     best = {}
     for r in rows:
         if r["method"] == "lcq" and (r["bits"] not in best or r["perplexity"] < best[r["bits"]]["perplexity"]):
@@ -356,15 +363,16 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
     rows = results["rows"]
     s = results["settings"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
-    table = ["| row | method | bits | rank | init | epochs | assign | calib windows | bits/weight | perplexity | vs fp16 "
-             "| quantize s | eval s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| row | method | bits | rank | init | epochs | end-to-end epochs | assign | calib windows | bits/weight "
+             "| perplexity | vs fp16 | quantize s | eval s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0,
-                                         r.get("assign") or "")):
+                                         r.get("finetune_epochs") or 0, r.get("assign") or "")):
         assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
-                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} | {assign} | {calib_windows} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
+                     f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} | {calib_windows} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
                      f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -176,11 +177,15 @@ def _logits_similarity(full_folder, quantized_folder) -> float:
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lcq", "gptq"])
 def test_quantize_on_cuda(tmp_path, tiny_hf, method):
-    """The whole pipeline on the GPU (`--device cuda`); the peak it reports is torch's device peak."""
+    """The whole pipeline on the GPU (`--device cuda`), LCQ with its end-to-end stage; the peak it
+    reports is torch's device peak."""
     options = QuantizeOptions(bits=4, rank=2 if method == "lcq" else 1, group_size=32, method=method,
-                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=2, device="cuda")
+                              calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=2, device="cuda",
+                              finetune_epochs=2 if method == "lcq" else 0)
     summary = quantize_model(tiny_hf, tmp_path / "q", options, progress=False)
     assert 0 < summary.peak_memory_bytes < 2**30
+    if method == "lcq":
+        assert summary.finetune_kl[1] <= summary.finetune_kl[0]
     assert _logits_similarity(tiny_hf, tmp_path / "q") > 0.97
 
 
@@ -244,6 +249,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--group-size", "48"], "--group-size must be 32, 64 or 128"),
         (["quantize", str(tiny_hf), out, "--method", "awq"], "--method must be one of"),
         (["quantize", str(tiny_hf), out, "--method", "gptq", "--rank", "2"], "--rank must be 1"),
+        (["quantize", str(tiny_hf), out, "--finetune-epochs", "-1"], "--finetune-epochs must be >= 0"),
+        (["quantize", str(tiny_hf), out, "--method", "rtn", "--rank", "1", "--finetune-epochs", "2"],
+         "--finetune-epochs applies to --method lcq only"),
+        (["quantize", str(tiny_hf), out, "--finetune-lr", "0"], "--finetune-lr must be positive"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),
@@ -271,3 +280,72 @@ def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     assert _main(["eval", str(tiny_hf), "--text", str(text), "--ctx", "32"]) == 0
     full = float(capsys.readouterr().out.split()[1])
     assert 1.0 < full and abs(quantized / full - 1) < 0.2, (quantized, full)
+
+
+def _end_to_end_options(**changes) -> QuantizeOptions:
+    return QuantizeOptions(**{**dict(bits=2, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT,
+                                     nsamples=4, seqlen=32, epochs=1, finetune_epochs=10), **changes})
+
+
+def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf):
+    """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
+    loader; the KL to the full-precision model's outputs drops, and so does the dequantized model's."""
+    summary = quantize_model(tiny_hf, tmp_path / "tuned", _end_to_end_options(), progress=False)
+    quantize_model(tiny_hf, tmp_path / "plain", _end_to_end_options(finetune_epochs=0), progress=False)
+    before, after = summary.finetune_kl
+    assert after < 0.95 * before
+    tuned, plain = CheckpointReader(tmp_path / "tuned"), CheckpointReader(tmp_path / "plain")
+    assert tuned.quant["finetune_epochs"] == 10 and tuned.quant["finetune_lr"] == 1e-3
+    assert plain.quant["finetune_epochs"] == 0 and plain.quant["finetune_lr"] is None
+    for prefix in tuned.quantized_prefixes():
+        assert torch.equal(tuned.tensor(f"{prefix}.qweight"), plain.tensor(f"{prefix}.qweight"))
+    assert not torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.s_q"),
+                           plain.tensor("model.layers.0.self_attn.q_proj.s_q"))
+    assert not torch.equal(tuned.tensor("model.layers.1.input_layernorm.weight"),
+                           plain.tensor("model.layers.1.input_layernorm.weight"))
+    assert _output_kl(tiny_hf, tmp_path / "tuned") < _output_kl(tiny_hf, tmp_path / "plain")
+
+
+def _output_kl(reference_dir, model_dir) -> float:
+    """KL from the reference model's next-token distributions to the model's, on held-out token ids."""
+    from lcq.quantizer.finetune import token_kl
+    from lcq.quantizer.reference import load_reference_model
+
+    ids = torch.arange(3, 3 + 2 * 40).remainder(300).reshape(2, 40)
+    with torch.no_grad():
+        return float(token_kl(load_reference_model(model_dir)(ids).logits,
+                              load_reference_model(reference_dir)(ids).logits))
+
+
+@pytest.mark.parametrize("stop", ["tuning", "renaming"])
+def test_end_to_end_stage_resumes_to_the_same_files(tmp_path, tiny_hf, monkeypatch, stop):
+    """Stopped while tuning (the blocks untouched: tuned again) or between the renames of tuned
+    blocks (finished from the block-*.tuned files): the same files as a run never stopped."""
+    import lcq.quantizer.pipeline as pipeline
+
+    options = _end_to_end_options(finetune_epochs=2)
+    quantize_model(tiny_hf, tmp_path / "whole", options, progress=False)
+    if stop == "tuning":
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+        monkeypatch.setattr(pipeline, "finetune", interrupted)
+    else:
+        original = Path.replace
+        renamed = []
+
+        def interrupted(self, target):
+            if self.suffix == ".tuned" and renamed:
+                raise KeyboardInterrupt
+            renamed.append(self)
+            return original(self, target)
+        monkeypatch.setattr(Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_hf, tmp_path / "resumed", options, progress=False)
+    partial = tmp_path / "resumed.partial"
+    assert len(list(partial.glob("*.tuned"))) == (0 if stop == "tuning" else 1)
+    monkeypatch.undo()
+    quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+    whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")
+    assert sorted(whole.names()) == sorted(resumed.names())
+    for name in whole.names():
+        torch.testing.assert_close(whole.tensor(name), resumed.tensor(name), rtol=0, atol=0)

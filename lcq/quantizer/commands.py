@@ -22,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=None,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
                         "default by bit width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4)")
+    q.add_argument("--finetune-epochs", type=int, default=0,
+                   help="lcq: epochs of the end-to-end stage after the blocks (S, V, B and norms tuned on the KL "
+                        "to the full-precision model's outputs, indices fixed; default 0: off)")
+    q.add_argument("--finetune-lr", type=float, default=None,
+                   help="that stage's relative Adam step (default by bit width: 1e-3 at 2 bits, 3e-4 at 3, 1e-4 at 4)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
@@ -67,7 +72,8 @@ def _quantize(args: argparse.Namespace) -> int:
     options = QuantizeOptions(bits=args.bits, rank=rank, group_size=args.group_size, method=args.method,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                               init=args.init, assign=args.assign, device=args.device, act_order=args.act_order, seed=args.seed,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+                              finetune_lr=args.finetune_lr)
     check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
     if options.needs_data:  # fetched only once everything else is known to be fine
@@ -76,6 +82,9 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
           f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
+    if summary.finetune_kl is not None:
+        print(f"end-to-end stage: KL to the full-precision outputs {summary.finetune_kl[0]:.4f} -> "
+              f"{summary.finetune_kl[1]:.4f} on the calibration windows")
     return 0
 
 

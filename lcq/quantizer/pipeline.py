@@ -21,6 +21,7 @@ from lcq.format import (CheckpointReader, PackedLinear, copy_model_assets, dequa
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
+from .finetune import NORMS, finetune
 from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .reference import hf_config, read_config
@@ -37,6 +38,9 @@ PROGRESS_FILE = "lcq-progress.json"
 # must shrink as the entries get closer: on SmolLM2-135M (blocks 0-2, held-out text) 1e-2 lowered the
 # block error most at 2 bits but never lowered it at 4 bits, where 1e-3 cut it by 7-14%.
 DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
+# The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
+# the block-wise stage already fitted, so it is smaller.
+DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
 
@@ -57,6 +61,8 @@ class QuantizeOptions:
     act_order: bool = False
     seed: int = 0
     batch_size: int = 4
+    finetune_epochs: int = 0
+    finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
@@ -78,6 +84,9 @@ class QuantizeOptions:
             (self.method == "lcq" or self.assign == "nearest", "--assign applies to --method lcq only"),
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.finetune_epochs >= 0, "--finetune-epochs must be >= 0"),
+            (self.method == "lcq" or self.finetune_epochs == 0, "--finetune-epochs applies to --method lcq only"),
+            (self.finetune_lr is None or self.finetune_lr > 0, f"--finetune-lr must be positive (got {self.finetune_lr})"),
             (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
@@ -94,6 +103,11 @@ class QuantizeOptions:
         return DEFAULT_LR[self.bits] if self.lr is None else self.lr
 
     @property
+    def end_to_end_lr(self) -> float:
+        """The end-to-end stage's Adam step: --finetune-lr, or the default for the bit width."""
+        return DEFAULT_FINETUNE_LR[self.bits] if self.finetune_lr is None else self.finetune_lr
+
+    @property
     def needs_data(self) -> bool:
         return self.method != "rtn"
 
@@ -108,6 +122,7 @@ class QuantizeOptions:
         text = d.pop("calib_text")
         d["calib_chars"] = len(text) if text else 0
         d["lr"] = self.block_lr
+        d["finetune_lr"] = self.end_to_end_lr if self.finetune_epochs else None
         return d
 
 
@@ -118,6 +133,7 @@ class QuantizeSummary:
     size_bytes: int
     peak_memory_bytes: int
     block_losses: list[tuple[float, float]] = field(default_factory=list)
+    finetune_kl: tuple[float, float] | None = None  # the end-to-end stage's KL before and after
 
 
 def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -168,6 +184,25 @@ class _Source:
 
     def non_block_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith("model.layers.")}
+
+    def causal_lm(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """The transformers CausalLM holding `state` (fp32) and our rotary tables; tensors not in it stay
+        on the meta device, for functional_call to provide."""
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(self.config)
+        model.load_state_dict({k: v.float().to(self.device) for k, v in state.items()}, strict=False, assign=True)
+        model.model.rotary_emb = self.rotary_module
+        if self.config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's last RMSNorm applied to hidden states (S, T, H), fp32."""
+        weight = self.reader.tensor("model.norm.weight").float().to(hidden.device)
+        variance = hidden.float().pow(2).mean(-1, keepdim=True)
+        return weight * hidden.float() * torch.rsqrt(variance + self.config.rms_norm_eps)
 
 
 def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int, full: bool) -> dict[str, torch.Tensor]:
@@ -315,13 +350,17 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
+    finetune_kl = None
+    if options.finetune_epochs:
+        finetune_kl = _finetune_stage(source, partial, tokens.to(device), fp_stream, options, progress)
     write_shard(partial / "model-extra.safetensors",
                 {name: t.to(torch.float16) if t.is_floating_point() else t
                  for name, t in source.non_block_tensors().items()})
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method,
         modules_not_quantized=["model.embed_tokens", "model.norm", "lm_head"],
-        **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars")})
+        **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
+                                   "finetune_epochs", "finetune_lr")})
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
@@ -334,7 +373,56 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     weights = sum(_numel(reader, p) for p in reader.quantized_prefixes())
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
-                           size_bytes=size, peak_memory_bytes=_peak_memory(device), block_losses=losses)
+                           size_bytes=size, peak_memory_bytes=_peak_memory(device), block_losses=losses,
+                           finetune_kl=finetune_kl)
+
+
+def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, fp_stream: torch.Tensor,
+                    options: QuantizeOptions, progress: bool) -> tuple[float, float] | None:
+    """The end-to-end stage (finetune.py) over the packed blocks in `partial`. The tuned blocks are
+    written beside them (block-*.tuned) and the progress file marked before any replaces its block,
+    so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by tuning
+    again from the untouched blocks."""
+    from safetensors.torch import load_file
+    from tqdm import tqdm
+
+    shards = [partial / f"block-{index:05d}.safetensors" for index in range(source.num_layers)]
+    tuned_files = [shard.with_suffix(".tuned") for shard in shards]
+    state = json.loads((partial / PROGRESS_FILE).read_text())
+    kl = None
+    if not state.get("tuned"):
+        for stale in tuned_files:
+            stale.unlink(missing_ok=True)
+        blocks = [load_file(str(shard)) for shard in shards]
+        packed = {f"model.layers.{index}.{name}": layer for index, shard in enumerate(shards)
+                  for name, layer in _read_block(shard, index, options).items()}
+        norms = {f"model.layers.{index}.{norm}.weight": blocks[index][f"model.layers.{index}.{norm}.weight"]
+                 for index in range(source.num_layers) for norm in NORMS}
+        extra = source.non_block_tensors()
+        model = source.causal_lm({**extra, **norms})
+        head = model.lm_head.weight.detach()
+        steps = options.finetune_epochs * -(-len(tokens) // options.batch_size)
+        bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
+
+        def on_step(loss: float) -> None:
+            bar.update()
+            bar.set_postfix(kl=f"{loss:.3g}")
+        tuned, tuned_norms, kl = finetune(model, packed, norms, tokens, source.final_norm(fp_stream), head,
+                                          options.finetune_epochs, options.end_to_end_lr, options.batch_size,
+                                          options.seed, on_step)
+        bar.close()
+        for index, (tensors, target) in enumerate(zip(blocks, tuned_files)):
+            prefix = f"model.layers.{index}."
+            for name, layer in tuned.items():
+                if name.startswith(prefix):
+                    tensors.update(linear_tensors(name, layer))
+            tensors.update({name: w.to(torch.float16) for name, w in tuned_norms.items() if name.startswith(prefix)})
+            write_shard(target, tensors)
+        write_json(partial / PROGRESS_FILE, {**state, "tuned": True})
+    for tuned_file, shard in zip(tuned_files, shards):
+        if tuned_file.is_file():
+            tuned_file.replace(shard)
+    return kl
 
 
 def _numel(reader: CheckpointReader, prefix: str) -> int:
