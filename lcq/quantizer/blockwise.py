@@ -66,42 +66,47 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
         return float(block_error(outputs, targets))
 
 
-def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
-                   epochs: int, lr: float, batch: int = 4, seed: int = 0,
-                   on_step: Callable[[float], None] | None = None) -> tuple[float, float]:
-    """Adam on every layer's S, V, B; returns (loss before, loss after) on all calibration samples.
-
-    Each parameter's step size is lr times its typical magnitude (Adam steps are about lr in size,
-    and S, B and V live on very different scales). If training does not lower the loss, the
-    starting codebooks are kept."""
-    before = _loss(call, fits, inputs, targets, batch)
-    if epochs <= 0:
-        return before, before
-    start = [Codebook(f.book.s.clone(), f.book.v.clone(), f.book.b.clone()) for f in fits]
-    groups = []
-    for f in fits:
-        for tensor in (f.book.s, f.book.v, f.book.b):
-            tensor.requires_grad_(True)
-            groups.append({"params": [tensor], "lr": lr * float(tensor.detach().abs().mean().clamp_min(1e-8))})
-    optimizer = torch.optim.Adam(groups)
-    steps = epochs * -(-inputs.shape[0] // batch)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor], samples: int,
+                epochs: int, lr: float, batch: int, seed: int, on_step: Callable[[float], None] | None) -> None:
+    """Adam on `tensors` in place over `epochs` shuffled passes of `samples` in batches, cosine schedule;
+    step_loss(rows) is a batch's loss. Each tensor's step is lr times its mean magnitude: Adam steps are
+    about lr in size, and S, B, V (and norm weights) live on very different scales."""
+    for tensor in tensors:
+        tensor.requires_grad_(True)
+    optimizer = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().abs().mean().clamp_min(1e-8))}
+                                  for t in tensors])
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-samples // batch))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(inputs.shape[0], generator=generator)
-        for i in range(0, inputs.shape[0], batch):
-            rows = order[i:i + batch].to(inputs.device)
-            weights = {f"{f.name}.weight": f.weight() for f in fits}
-            loss = block_error(call(weights, inputs[rows]), targets[rows])
+        order = torch.randperm(samples, generator=generator).to(tensors[0].device)
+        for i in range(0, samples, batch):
+            loss = step_loss(order[i:i + batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             if on_step is not None:
                 on_step(loss.item())
-    for f in fits:
-        for tensor in (f.book.s, f.book.v, f.book.b):
-            tensor.requires_grad_(False)
+    for tensor in tensors:
+        tensor.requires_grad_(False)
+
+
+def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
+                   epochs: int, lr: float, batch: int = 4, seed: int = 0,
+                   on_step: Callable[[float], None] | None = None) -> tuple[float, float]:
+    """Adam on every layer's S, V, B (adam_epochs); returns (loss before, loss after) on all calibration
+    samples. If training does not lower the loss, the starting codebooks are kept."""
+    before = _loss(call, fits, inputs, targets, batch)
+    if epochs <= 0:
+        return before, before
+    start = [Codebook(f.book.s.clone(), f.book.v.clone(), f.book.b.clone()) for f in fits]
+
+    def step_loss(rows: torch.Tensor) -> torch.Tensor:
+        weights = {f"{f.name}.weight": f.weight() for f in fits}
+        return block_error(call(weights, inputs[rows]), targets[rows])
+
+    adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs, lr,
+                batch, seed, on_step)
     after = _loss(call, fits, inputs, targets, batch)
     if after > before:
         for f, book in zip(fits, start):

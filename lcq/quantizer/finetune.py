@@ -22,6 +22,7 @@ from lcq.format import PackedLinear, dual_quantize, encode_linear
 from lcq.format.codebook import decoded_b, decoded_s
 from lcq.format.packing import unpack_indices
 
+from .blockwise import adam_epochs
 from .fit import Codebook, stored_codebook
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
@@ -76,7 +77,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norms: dic
     model: the quantized model's transformers CausalLM with every tensor but the packed layers' weights
     (and biases) loaded; packed: prefix -> layer; norms: name -> weight to tune; tokens (S, T);
     teacher (S, T, H): the full-precision final hidden states; head (V, H): the output embedding.
-    Each step is lr times the tensor's mean magnitude, as in the block-wise stage."""
+    Steps are relative to each tensor's magnitude (adam_epochs), as in the block-wise stage."""
     device = head.device
     layers = [LayerTuning.start(prefix, layer, device) for prefix, layer in packed.items()]
     norms = {name: weight.detach().float().to(device).clone() for name, weight in norms.items()}
@@ -100,24 +101,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norms: dic
     if epochs <= 0:
         return packed, {}, (before, before)
     trained = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + list(norms.values())
-    for tensor in trained:
-        tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().abs().mean().clamp_min(1e-8))}
-                                  for t in trained])
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-len(tokens) // batch))
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(tokens), generator=generator).to(device)
-        for i in range(0, len(tokens), batch):
-            step_loss = loss(order[i:i + batch], weights())
-            optimizer.zero_grad(set_to_none=True)
-            step_loss.backward()
-            optimizer.step()
-            schedule.step()
-            if on_step is not None:
-                on_step(step_loss.item())
-    for tensor in trained:
-        tensor.requires_grad_(False)
+    adam_epochs(trained, lambda rows: loss(rows, weights()), len(tokens), epochs, lr, batch, seed, on_step)
     for layer in layers:  # scored as they will be stored: S and B through int8, V and the norms fp16
         layer.book = stored_codebook(layer.book)
     norms = {name: w.half().float() for name, w in norms.items()}
