@@ -8,6 +8,7 @@ Tolerances, as ||y - ref|| / ||ref||: fp32 1e-5 (fp32 arithmetic throughout); fp
 2e-2: the kernels round the dequantized weights to the activation dtype before tl.dot (like a
 dense fp16/bf16 layer, relative error 2^-11 / 2^-8 per weight) and the output to that dtype.
 """
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -223,6 +224,22 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
         y = lcq_linear(x, layer)
         torch.cuda.synchronize()
         assert_close(y.cpu(), reference(x.cpu(), layer.to("cpu")), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
+@pytest.mark.parametrize("m", [1, 2, 16])
+def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
+    """Every decode form the autotuner may pick, compiled: plain, REDUCE_K (FMA rows only) and
+    PREFETCH, each checked, not only the one that wins the timing."""
+    layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
+    x = torch.randn(m, k, device="cuda").to(torch.float16)
+    expected = reference(x.cpu(), layer.to("cpu"))
+    for reduce_k, prefetch in itertools.product((False, True) if m < 16 else (False,), (False, True)):
+        config = {"BLOCK_N": 128, "SPLIT_K": 8, "REDUCE_K": reduce_k, "PREFETCH": prefetch, "num_warps": 4}
+        y = triton_linear.decode(x, layer, config)
+        torch.cuda.synchronize()
+        assert_close(y.cpu(), expected, torch.float16)
 
 
 needs_half_kernel = pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here "
