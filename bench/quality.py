@@ -109,7 +109,8 @@ NOTES = """
 - The end-to-end stage (`--finetune-epochs`, the -ftN rows, measured 2026-12-01 on the faster
   machine): after the blocks, every S, V, B and the blocks' norms are tuned on the KL from the fp16
   model's next-token distributions over the same 16 calibration windows, indices fixed. It is the
-  largest single gain at 2 bits: W2 r2 e10 2.967x -> 2.624x, W2 r4 e10 2.880x -> 2.499x; at W3 r2
+  largest single gain at 2 bits: W2 r2 e10 2.967x -> 2.624x (on 4x the evaluation tokens 3.047x ->
+  2.626x, quality-cpu-eval16.json), W2 r4 e10 2.880x -> 2.499x; at W3 r2
   (1.381x -> 1.380x) and W4 r2 (1.053x -> 1.057x) it changes nothing beyond the noise. Its step
   was chosen on 8 held-out King James windows (seed 1), not on this table's text: on a W2 r2 e10
   folder quantized again for it (145.16 here, where the table's row, from another machine, has
