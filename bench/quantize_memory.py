@@ -46,6 +46,8 @@ def main() -> int:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--finetune-epochs", type=int, default=0,
+                        help="run the end-to-end stage too and report its peak (it holds every block)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -53,7 +55,7 @@ def main() -> int:
         f"{torch.get_num_threads()} threads)"
     options = QuantizeOptions(bits=args.bits, rank=args.rank, group_size=args.group_size, method=args.method,
                               calib_text=calibration_text(), nsamples=args.nsamples, seqlen=args.seqlen,
-                              epochs=args.epochs, device=args.device)
+                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, device=args.device)
     with tempfile.TemporaryDirectory() as tmp:
         source = write_random_llama(Path(tmp) / "fp16", quantized=False,
                                     shapes={**LLAMA2_7B, "num_hidden_layers": args.layers})
@@ -66,13 +68,17 @@ def main() -> int:
            "peak_memory_GiB": round(summary.peak_memory_bytes / 2**30, 2),
            "activations_GiB": round(activation_gib(args.nsamples, args.seqlen, LLAMA2_7B["hidden_size"]), 2),
            "seconds_per_block": round(seconds / args.layers, 1),
+           "finetune_epochs": args.finetune_epochs,
+           "finetune_peak_memory_GiB": (round(summary.finetune_peak_memory_bytes / 2**30, 2)
+                                        if args.finetune_epochs else None),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "command": " ".join(["python"] + sys.argv)}
     print(f"| device | blocks | W{args.bits} r{args.rank} g{args.group_size} | calibration | epochs | peak GiB "
-          f"| activations GiB | s/block |\n| {device_name} | {args.layers} | {args.method} | "
-          f"{args.nsamples} x {args.seqlen} | {args.epochs} | {row['peak_memory_GiB']} | {row['activations_GiB']} "
-          f"| {row['seconds_per_block']} |")
+          f"| activations GiB | s/block | end-to-end epochs | end-to-end peak GiB |\n| {device_name} | {args.layers} "
+          f"| {args.method} | {args.nsamples} x {args.seqlen} | {args.epochs} | {row['peak_memory_GiB']} "
+          f"| {row['activations_GiB']} | {row['seconds_per_block']} | {args.finetune_epochs} "
+          f"| {row['finetune_peak_memory_GiB']} |")
     out = ROOT / "bench" / "results" / f"quantize-memory-{'gpu' if args.device == 'cuda' else 'cpu'}.json"
     rows = json.loads(out.read_text())["rows"] if out.exists() else []
     tmp_out = out.with_name(out.name + ".tmp")

@@ -287,6 +287,33 @@ def _end_to_end_options(**changes) -> QuantizeOptions:
                                      nsamples=4, seqlen=32, epochs=1, finetune_epochs=10), **changes})
 
 
+def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
+    """The end-to-end stage's product rebuilds the weight in backward instead of keeping it; its
+    gradients for x and the codebook values are autograd's through the gathered weight (float64; K = 40
+    pads the last group of 16, several weights share each entry)."""
+    from lcq.quantizer.finetune import CodebookProduct, dense_weight
+
+    generator = torch.Generator().manual_seed(0)
+    n, k, group, levels = 6, 40, 16, 4
+    codes = torch.randint(0, levels, (n, 3, group), generator=generator).to(torch.uint8)
+    bias = torch.randn(n, generator=generator, dtype=torch.float64)
+    grad_y = torch.randn(2, 5, n, generator=generator, dtype=torch.float64)
+    grads = []
+    for product in ("ours", "autograd"):
+        x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
+        values = torch.randn(n, 3, levels, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
+                             requires_grad=True)
+        if product == "ours":
+            y = CodebookProduct.apply(x, values, codes, k, bias)
+        else:
+            y = torch.nn.functional.linear(x, dense_weight(values, codes, k), bias)
+        y.backward(grad_y)
+        grads.append((y.detach(), x.grad, values.grad))
+    for ours, reference in zip(*grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
+    assert grads[0][2][:, 2].abs().sum() > 0  # the padded last group's entries get their real columns' gradient
+
+
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops, and so does the dequantized model's."""

@@ -84,7 +84,8 @@ def _quantize(args: argparse.Namespace) -> int:
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
     if summary.finetune_kl is not None:
         print(f"end-to-end stage: KL to the full-precision outputs {summary.finetune_kl[0]:.4f} -> "
-              f"{summary.finetune_kl[1]:.4f} on the calibration windows")
+              f"{summary.finetune_kl[1]:.4f} on the calibration windows, peak memory "
+              f"{summary.finetune_peak_memory_bytes / 2**30:.2f} GiB")
     return 0
 
 

@@ -8,15 +8,20 @@ indices stay as packed, the codebooks move under them (as AQLM's global fine-tun
 B go back through the dual quantization at the end. The teacher is the full-precision model's final
 hidden state (after its last norm), which the block-wise stage has already computed, so its logits
 cost one product with the head per batch and no second model is held.
+
+Memory is what limits this stage, since it holds the whole model at once: each layer keeps only its
+indices as bytes and its codebooks (CodebookProduct rebuilds the dense weight when it needs it), and
+each decoder block keeps only its input for the backward pass, recomputing the rest then.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from lcq.format import PackedLinear, dual_quantize, encode_linear
 from lcq.format.codebook import decoded_b, decoded_s
@@ -26,6 +31,35 @@ from .blockwise import adam_epochs
 from .fit import Codebook, stored_codebook
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def dense_weight(values: torch.Tensor, codes: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The (N, K) weight of codebook values (N, G, L) at byte indices (N, G, g)."""
+    return torch.gather(values, 2, codes.long()).reshape(codes.shape[0], -1)[:, :in_features]
+
+
+class CodebookProduct(torch.autograd.Function):
+    """x W^T (+ bias) for W = dense_weight(values, codes), differentiable in x and the values.
+
+    Autograd through the gathered weight would keep the fp32 weight and int64 indices of every layer
+    until the backward pass (12 bytes per weight, ~80 GB for a 7B model); this keeps x and the byte
+    indices the layer holds anyway, rebuilds W in backward and folds its gradient into the values."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, in_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, values, codes)
+        ctx.in_features = in_features
+        return F.linear(x, dense_weight(values, codes, in_features), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, values, codes = ctx.saved_tensors
+        grad_x = grad_y @ dense_weight(values, codes, ctx.in_features)
+        grad_w = grad_y.flatten(0, -2).t() @ x.flatten(0, -2)
+        grad_w = F.pad(grad_w, (0, codes[0].numel() - ctx.in_features)).view(codes.shape)
+        grad_values = torch.zeros_like(values).scatter_add_(2, codes.long(), grad_w)
+        return grad_x, grad_values, None, None, None
 
 
 @dataclass
@@ -40,24 +74,34 @@ class LayerTuning:
     @classmethod
     def start(cls, prefix: str, layer: PackedLinear, device: torch.device) -> "LayerTuning":
         """The codebook exactly as stored (S, B decoded from int8, V from fp16), so tuning starts from
-        the packed model."""
-        layer = layer.to(device)
+        the packed model. Only the indices and the codebook go to the device; `layer` stays where it was."""
+        on_device = layer.to(device)
         n, groups = layer.out_features, layer.num_groups
-        codes = unpack_indices(layer.qweight, layer.bits).reshape(n, groups, layer.group_size).to(torch.uint8)
-        book = Codebook(s=decoded_s(layer).float(), v=layer.v[0].float(), b=decoded_b(layer).float())
+        codes = unpack_indices(on_device.qweight, layer.bits).reshape(n, groups, layer.group_size).to(torch.uint8)
+        book = Codebook(s=decoded_s(on_device).float(), v=on_device.v[0].float(), b=decoded_b(on_device).float())
         return cls(prefix, layer, codes, book)
 
-    def weight(self) -> torch.Tensor:
-        """The dense (N, K) weight, differentiable in S, V and B."""
-        n = self.codes.shape[0]
-        dense = torch.gather(self.book.values(), 2, self.codes.long()).reshape(n, -1)
-        return dense[:, :self.layer.in_features]
+    def bias(self) -> torch.Tensor | None:
+        return None if self.layer.bias is None else self.layer.bias.float().to(self.codes.device)
 
     def packed(self) -> PackedLinear:
         s_q, s_scale, b_q, b_scale = dual_quantize(self.book.s.detach(), self.book.b.detach())
         indices = self.codes.reshape(self.codes.shape[0], -1)[:, :self.layer.in_features].long()
         return encode_linear(indices, s_q, s_scale, b_q, b_scale, self.book.v.detach(), self.layer.in_features,
-                             self.layer.bits, self.layer.group_size, self.layer.bias)
+                             self.layer.bits, self.layer.group_size, self.bias())
+
+
+class TunedLinear(torch.nn.Module):
+    """Stands in for a packed layer's nn.Linear in the model under tuning."""
+
+    def __init__(self, tuning: LayerTuning):
+        super().__init__()
+        self.tuning = tuning
+        self.bias = tuning.bias()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.tuning
+        return CodebookProduct.apply(x, t.book.values(), t.codes, t.layer.in_features, self.bias)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -67,33 +111,39 @@ def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torc
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean")
 
 
-def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norms: dict[str, torch.Tensor],
+def _recompute_in_backward(block: torch.nn.Module) -> None:
+    """Keep only the block's inputs for the backward pass and run its forward again there."""
+    block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names: list[str],
              tokens: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int, lr: float,
              batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
              ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor], tuple[float, float]]:
-    """Adam on every layer's S, V, B and the given norm weights; returns the tuned layers (re-packed),
+    """Adam on every layer's S, V, B and the named norm weights; returns the tuned layers (re-packed),
     the tuned norms and the KL on all windows before and after (the start is kept if it was lower).
 
-    model: the quantized model's transformers CausalLM with every tensor but the packed layers' weights
-    (and biases) loaded; packed: prefix -> layer; norms: name -> weight to tune; tokens (S, T);
-    teacher (S, T, H): the full-precision final hidden states; head (V, H): the output embedding.
-    Steps are relative to each tensor's magnitude (adam_epochs), as in the block-wise stage."""
+    model: the quantized model's transformers CausalLM (fp32) with every tensor but the packed layers'
+    loaded, which this turns into the model under tuning (its packed layers become TunedLinear);
+    packed: prefix -> layer; tokens (S, T); teacher (S, T, H): the full-precision final hidden states;
+    head (V, H): the output embedding. Steps are relative to each tensor's magnitude (adam_epochs), as
+    in the block-wise stage."""
     device = head.device
+    model.requires_grad_(False)
     layers = [LayerTuning.start(prefix, layer, device) for prefix, layer in packed.items()]
-    norms = {name: weight.detach().float().to(device).clone() for name, weight in norms.items()}
-    biases = {f"{t.prefix}.bias": t.layer.bias.float() for t in layers if t.layer.bias is not None}
+    for tuning in layers:
+        parent, _, name = tuning.prefix.rpartition(".")
+        setattr(model.get_submodule(parent), name, TunedLinear(tuning))
+    for block in model.model.layers:
+        _recompute_in_backward(block)
+    norms = {name: model.get_parameter(name) for name in norm_names}
 
-    def weights() -> dict[str, torch.Tensor]:
-        return {**{f"{t.prefix}.weight": t.weight() for t in layers}, **norms, **biases}
-
-    def loss(rows: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = functional_call(model, tensors, (tokens[rows],), {"use_cache": False}, strict=False).logits
-        return token_kl(logits, teacher[rows].float() @ head.t())
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        return token_kl(model(tokens[rows], use_cache=False).logits, teacher[rows].float() @ head.t())
 
     def total() -> float:
         with torch.no_grad():
-            tensors = weights()
-            sums = [float(loss(torch.arange(i, min(i + batch, len(tokens)), device=device), tensors)) *
+            sums = [float(loss(torch.arange(i, min(i + batch, len(tokens)), device=device))) *
                     min(batch, len(tokens) - i) for i in range(0, len(tokens), batch)]
         return sum(sums) / len(tokens)
 
@@ -101,11 +151,13 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norms: dic
     if epochs <= 0:
         return packed, {}, (before, before)
     trained = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + list(norms.values())
-    adam_epochs(trained, lambda rows: loss(rows, weights()), len(tokens), epochs, lr, batch, seed, on_step)
+    adam_epochs(trained, loss, len(tokens), epochs, lr, batch, seed, on_step)
     for layer in layers:  # scored as they will be stored: S and B through int8, V and the norms fp16
         layer.book = stored_codebook(layer.book)
-    norms = {name: w.half().float() for name, w in norms.items()}
+    with torch.no_grad():
+        for weight in norms.values():
+            weight.copy_(weight.half().float())
     after = total()
     if after > before:
         return packed, {}, (before, before)
-    return {t.prefix: t.packed() for t in layers}, norms, (before, after)
+    return {t.prefix: t.packed() for t in layers}, {name: w.detach() for name, w in norms.items()}, (before, after)

@@ -1,12 +1,16 @@
 """quantize_model: a Hugging Face folder in, an LCQ folder out, one decoder block at a time.
 
 Peak memory is about one block plus the calibration activations: block tensors are read from the
-source safetensors when the block's turn comes and freed after its packed shard is written. The
+source safetensors when the block's turn comes and freed after its packed shard is written (the
+optional end-to-end stage then holds every block's indices and codebooks, finetune.py). The
 output grows in OUT_DIR.partial (with a progress file) and is renamed when complete, so a
 half-written folder never looks valid and --resume continues after the last finished block.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import json
 import resource
 import shutil
@@ -135,6 +139,7 @@ class QuantizeSummary:
     peak_memory_bytes: int
     block_losses: list[tuple[float, float]] = field(default_factory=list)
     finetune_kl: tuple[float, float] | None = None  # the end-to-end stage's KL before and after
+    finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
 
 
 def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
@@ -285,6 +290,19 @@ def _peak_memory(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak: torch's counter on CUDA; on Linux the process's peak RSS (clear_refs 5), after
+    glibc hands its freed heap back so that the new peak starts from what is live; elsewhere nothing,
+    so the peak read later also covers what came before."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif Path("/proc/self/clear_refs").exists():
+        gc.collect()
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def check_paths(model_dir: Path, out_dir: Path) -> dict:
     """The source's config (a supported architecture), and an output folder that does not exist yet."""
     config = read_config(model_dir)
@@ -351,9 +369,14 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
-    finetune_kl = None
+    finetune_kl = finetune_peak = None
+    peak = _peak_memory(device)
     if options.finetune_epochs:
-        finetune_kl = _finetune_stage(source, partial, tokens.to(device), fp_stream, options, progress)
+        teacher = source.final_norm(fp_stream)
+        fp_stream = q_stream = targets = None  # the block pass's activations, on the device, not needed now
+        _reset_peak_memory(device)
+        finetune_kl = _finetune_stage(source, partial, tokens.to(device), teacher, options, progress)
+        finetune_peak = _peak_memory(device)
     write_shard(partial / "model-extra.safetensors",
                 {name: t.to(torch.float16) if t.is_floating_point() else t
                  for name, t in source.non_block_tensors().items()})
@@ -374,13 +397,14 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     weights = sum(_numel(reader, p) for p in reader.quantized_prefixes())
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
-                           size_bytes=size, peak_memory_bytes=_peak_memory(device), block_losses=losses,
-                           finetune_kl=finetune_kl)
+                           size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
+                           finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
 
 
-def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, fp_stream: torch.Tensor,
+def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teacher: torch.Tensor,
                     options: QuantizeOptions, progress: bool) -> tuple[float, float] | None:
-    """The end-to-end stage (finetune.py) over the packed blocks in `partial`. The tuned blocks are
+    """The end-to-end stage (finetune.py) over the packed blocks in `partial`, towards the full-precision
+    model's final hidden states `teacher` (after its last norm). The tuned blocks are
     written beside them (block-*.tuned) and the progress file marked before any replaces its block,
     so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by tuning
     again from the untouched blocks."""
@@ -395,12 +419,11 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, fp_str
         for stale in tuned_files:
             stale.unlink(missing_ok=True)
         blocks = [load_file(str(shard)) for shard in shards]
-        packed = {f"model.layers.{index}.{name}": layer for index, shard in enumerate(shards)
-                  for name, layer in _read_block(shard, index, options).items()}
+        packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, blocks))
+                  for name, layer in _read_block(shard, index, options, tensors).items()}
         norms = {f"model.layers.{index}.{norm}.weight": blocks[index][f"model.layers.{index}.{norm}.weight"]
                  for index in range(source.num_layers) for norm in NORMS}
-        extra = source.non_block_tensors()
-        model = source.causal_lm({**extra, **norms})
+        model = source.causal_lm({**source.non_block_tensors(), **norms})
         head = model.lm_head.weight.detach()
         steps = options.finetune_epochs * -(-len(tokens) // options.batch_size)
         bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
@@ -408,7 +431,7 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, fp_str
         def on_step(loss: float) -> None:
             bar.update()
             bar.set_postfix(kl=f"{loss:.3g}")
-        tuned, tuned_norms, kl = finetune(model, packed, norms, tokens, source.final_norm(fp_stream), head,
+        tuned, tuned_norms, kl = finetune(model, packed, list(norms), tokens, teacher, head,
                                           options.finetune_epochs, options.end_to_end_lr, options.batch_size,
                                           options.seed, on_step)
         bar.close()
@@ -445,13 +468,13 @@ def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:
     return 0
 
 
-def _read_block(shard: Path, index: int, options: QuantizeOptions) -> dict[str, PackedLinear]:
-    """The packed layers of a finished block, read back from its shard (for --resume)."""
-    from safetensors import safe_open
+def _read_block(shard: Path, index: int, options: QuantizeOptions,
+                tensors: dict[str, torch.Tensor] | None = None) -> dict[str, PackedLinear]:
+    """The packed layers of a finished block, from its shard's tensors (read here unless given)."""
+    from safetensors.torch import load_file
 
     from lcq.format.checkpoint import linear_from_tensors
 
-    with safe_open(str(shard), framework="pt") as f:
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    tensors = load_file(str(shard)) if tensors is None else tensors
     return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", options.bits, options.rank,
                                       options.group_size, lambda _: str(shard)) for name in LINEARS}
