@@ -291,7 +291,8 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     """The end-to-end stage's product rebuilds the weight in backward instead of keeping it; its
     gradients for x and the codebook values are autograd's through the gathered weight (float64; K = 40
     pads the last group of 16, several weights share each entry)."""
-    from lcq.quantizer.finetune import CodebookProduct, dense_weight
+    from lcq.quantizer.finetune import CodebookProduct
+    from lcq.quantizer.fit import dense_weight
 
     generator = torch.Generator().manual_seed(0)
     n, k, group, levels = 6, 40, 16, 4

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch.func import functional_call
 
-from .fit import Codebook, assign
+from .fit import Codebook, assign, dense_weight
 
 BlockCall = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
@@ -35,8 +35,7 @@ class LayerFit:
     def weight(self) -> torch.Tensor:
         """The dense (N, K) weight the current codebook gives, differentiable in S, V and B."""
         values = self.book.values()
-        idx = assign(self.wg, values.detach())
-        return torch.gather(values, 2, idx).reshape(self.wg.shape[0], -1)[:, :self.in_features]
+        return dense_weight(values, assign(self.wg, values.detach()), self.in_features)
 
 
 def block_call(block: torch.nn.Module, rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -28,14 +28,9 @@ from lcq.format.codebook import decoded_b, decoded_s
 from lcq.format.packing import unpack_indices
 
 from .blockwise import adam_epochs
-from .fit import Codebook, stored_codebook
+from .fit import Codebook, dense_weight, stored_codebook
 
 NORMS = ("input_layernorm", "post_attention_layernorm")
-
-
-def dense_weight(values: torch.Tensor, codes: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The (N, K) weight of codebook values (N, G, L) at byte indices (N, G, g)."""
-    return torch.gather(values, 2, codes.long()).reshape(codes.shape[0], -1)[:, :in_features]
 
 
 class CodebookProduct(torch.autograd.Function):

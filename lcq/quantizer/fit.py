@@ -25,6 +25,11 @@ class Codebook:
         return codebooks(self.s, self.v, self.b)
 
 
+def dense_weight(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The (N, K) weight of codebook values (N, G, L) at indices (N, G, g), padding columns dropped."""
+    return torch.gather(values, 2, indices.long()).reshape(indices.shape[0], -1)[:, :in_features]
+
+
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     """(N, K) -> (N, G, g), zero-padded to whole groups."""
     n_rows, k = weight.shape
