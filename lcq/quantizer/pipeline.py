@@ -193,7 +193,7 @@ class _Source:
 
     def causal_lm(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The transformers CausalLM holding `state` (fp32) and our rotary tables; tensors not in it stay
-        on the meta device, for functional_call to provide."""
+        on the meta device (the packed layers' weights: finetune.py puts its own layers there)."""
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
