@@ -34,7 +34,8 @@ step 170 test-gpu "$py" -m pytest -q -m gpu tests/test_quantizer.py tests/test_k
     tests/test_runtime.py tests/test_speculative.py
 step 150 kernels-quick "$py" bench/kernels.py --quick
 step 120 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
-step 80 quantize-memory "$py" bench/quantize_memory.py --device cuda --layers 1 --epochs 1 --nsamples 16
+step 90 quantize-memory "$py" bench/quantize_memory.py --device cuda --layers 1 --epochs 1 --nsamples 16 \
+    --finetune-epochs 1
 
 tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \
     bench/results/quantize-memory-gpu.json 2>/dev/null)
