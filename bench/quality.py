@@ -121,7 +121,20 @@ NOTES = """
   windows closely (their KL 0.051 against 0.082 held out), and the end-to-end stage has nothing
   the held-out text rewards. Defaults: 1e-3 at W2, 3e-4 at W3 (between, not swept), 1e-4 at W4.
   It costs about 29 s per epoch over 16 x 256 tokens on 2 cores (the -ft10 rows took ~500 s in all,
-  the blocks alone 266 s), and holds the whole model for the backward pass.
+  the blocks alone 266 s), and holds the whole model for the backward pass: since bfbb4c3 each
+  layer as byte indices and codebooks, each block only its input (recomputed in backward), 0.55 GiB
+  per Llama-2-7B-shaped block where it had taken 2.97 (`python bench/quantize_memory.py --layers 1|2
+  --nsamples 4 --seqlen 256 --epochs 0 --finetune-epochs 1`, 2-core CPU, peak RSS of the stage; the
+  written files are byte-identical; on the demo model at W2 r2 g64 with 16 x 256 windows the stage
+  peaked at 4.72 GiB where it had at 6.12, and an epoch took 45 s against 43 s on that day's machine:
+  the recomputation costs about what the gradients the head and embeddings no longer get had cost).
+- More calibration windows help the end-to-end stage, not the block-wise one (2026-12-01, the Zen 5
+  machine): at W2 r2 e10 with 64 windows instead of 16 the blocks alone score 150.26 (3.126x,
+  lcq-w2r2-e10-n64; 142.60 with 16, measured on another machine), and the end-to-end stage takes that
+  to 120.90 (2.516x, lcq-w2r2-e10-n64-ft10) where with 16 windows it reached 126.12. The likely
+  reading, not tested further: with 16 windows the stage soon fits those windows at the held-out
+  text's cost. The -n64-ft10 row took 2844 s on 2 cores (its blocks about as long as the -n64 row's
+  1073 s), part of it alongside the test suite.
 - The lcq-w4r2-rtninit row is the demo model that `lcq serve` builds on first run
   (lcq/quantizer/demo.py, same settings, evaluated from that folder). Greedy decoding of "What is the
   capital of France?" with it answers "The capital of France is Paris."
@@ -177,6 +190,7 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 4, 4, epochs=10), Run("lcq", 3, 4, epochs=10), Run("lcq", 4, 2, epochs=20)]
         runs += [Run("lcq", 3, r, epochs=10, nsamples=more) for r in (2, 4)] + [Run("lcq", 2, 4, epochs=10)]
         runs += [Run("lcq", b, r, epochs=10, finetune=10) for b, r in ((2, 2), (4, 2), (3, 2), (2, 4))]
+        runs += [Run("lcq", 2, 2, epochs=10, nsamples=more, finetune=f) for f in (10, 0)]  # more windows, which stage?
     return runs
 
 
