@@ -190,7 +190,8 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 4, 4, epochs=10), Run("lcq", 3, 4, epochs=10), Run("lcq", 4, 2, epochs=20)]
         runs += [Run("lcq", 3, r, epochs=10, nsamples=more) for r in (2, 4)] + [Run("lcq", 2, 4, epochs=10)]
         runs += [Run("lcq", b, r, epochs=10, finetune=10) for b, r in ((2, 2), (4, 2), (3, 2), (2, 4))]
-        runs += [Run("lcq", 2, 2, epochs=10, nsamples=more, finetune=f) for f in (10, 0)]  # more windows, which stage?
+        # more calibration windows at W2: which stage takes them?
+        runs += [Run("lcq", 2, 2, epochs=10, nsamples=more, finetune=f) for f in (10, 0)]
     return runs
 
 
