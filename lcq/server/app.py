@@ -18,12 +18,13 @@ from fastapi.responses import Response
 from lcq import __version__
 from lcq.runtime import AsyncEngine, EngineConfig
 
-from . import chat, completions
+from . import chat, completions, responses
 from .errors import APIError, error_responses, install_error_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import GuardMiddleware
 from .protocol import DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, \
     TokenizeResponse, VersionResponse
+from .response_store import ResponseStore
 from .settings import ServeSettings
 from .state import ServerState, get_state
 
@@ -153,7 +154,8 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
         engine = AsyncEngine(engine)
     settings = settings or ServeSettings()
     metrics = ServerMetrics(engine.model_name, engine.stats)
-    state = ServerState(engine=engine, settings=settings, metrics=metrics)
+    state = ServerState(engine=engine, settings=settings, metrics=metrics,
+                        responses=ResponseStore(settings.responses_store_size))
     lifecycle = Lifecycle(state, on_fatal)
     app = FastAPI(title="lcq", version=__version__, lifespan=lifecycle.lifespan,
                   description="OpenAI-compatible server for LCQ-quantized models")
@@ -163,6 +165,7 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
     app.include_router(router)
     app.include_router(completions.router)
     app.include_router(chat.router)
+    app.include_router(responses.router)
     app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,
                        max_body_bytes=settings.max_body_bytes)
     app.openapi = _openapi_with_400(app)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import uuid
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 
@@ -14,8 +15,8 @@ from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, ToolCall, \
     ToolCallDelta, TopLogprob, dump
 from .sse import sse_events, sse_response
-from .state import get_state
-from .tool_calls import PARSERS, ToolCallStream, forced_call
+from .state import ServerState, get_state
+from .tool_calls import ReplyReader, read_reply
 
 router = APIRouter()
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
@@ -78,11 +79,31 @@ def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
         for e in entries])
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
-async def create_chat_completion(body: ChatCompletionRequest, request: Request):
-    state = get_state(request)
-    state.check_request(body, "/v1/chat/completions")
+@dataclass
+class ChatTurn:
+    """A chat request submitted to the engine, and how its replies are read: a forced tool call, calls
+    in the model's own syntax (`parser`), or text. The Responses API runs its requests through it too."""
+
+    generation: Generation
+    forced: str | None
+    parser: str | None
+    logprobs: bool
+    top: int  # alternatives per token in logprobs
+
+    def reader(self) -> ReplyReader:
+        return ReplyReader(self.forced, self.parser)
+
+    def reply(self, choice: Choice) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content, tool calls, finish reason) of a finished choice."""
+        return read_reply(choice.text, self.forced, self.parser, choice.finish_reason)
+
+    def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
+        return chat_logprobs(entries, self.top) if self.logprobs else None
+
+
+def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, request_id: str) -> ChatTurn:
+    """Check the request, render its prompt and submit it (every choice, or none with an error)."""
+    state.check_request(body, route)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
     top = body.top_logprobs or 0
@@ -100,44 +121,43 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                        "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
     prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body,
                                         body.tools if forced or parsed else None))
-    generation = Generation(state, f"chatcmpl-{uuid.uuid4().hex}", [prompt], params)
+    generation = Generation(state, request_id, [prompt], params)
     generation.submit()
+    return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top)
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    state = get_state(request)
+    turn = start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{uuid.uuid4().hex}")
+    generation = turn.generation
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
         return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
 
     if body.stream:
-        held = {choice.index: ToolCallStream(state.settings.tool_call_parser) for choice in generation.choices} \
-            if parsed else {}
+        readers = {choice.index: turn.reader() for choice in generation.choices}
 
         def start():
             for choice in generation.choices:
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
 
-        def calls_chunk(choice: Choice, content: str | None, calls: list[ToolCall] | None, reason: str | None):
-            """The end of a reply read for tool calls, with the logprobs of all its tokens."""
-            delta = DeltaMessage(content=content, tool_calls=None if not calls else
-                                 [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-            return chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason,
-                                          logprobs=chat_logprobs(choice.logprobs, top) if body.logprobs else None)])
-
         def on_delta(choice: Choice, out: RequestOutput):
-            if forced:  # the call goes out whole once its JSON is complete
-                if out.finish_reason:
-                    calls, reason = forced_call(choice.text, forced, out.finish_reason)
-                    yield calls_chunk(choice, None if calls else choice.text, calls, reason)
-            elif parsed:  # text until a call starts, the calls once the reply is complete
-                text = held[choice.index].feed(out.text)
+            if turn.forced or turn.parser:  # text until a call may start; calls once the reply is complete
+                text = readers[choice.index].feed(out.text)
                 if text:
                     yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=text))])
-                if out.finish_reason:
-                    content, calls = held[choice.index].finish()
-                    yield calls_chunk(choice, content, calls, "tool_calls" if calls else out.finish_reason)
-            elif out.text or out.finish_reason or (body.logprobs and out.logprobs):
-                lp = chat_logprobs(out.logprobs or [], top) if body.logprobs else None
+                if out.finish_reason:  # with the logprobs of all the reply's tokens
+                    content, calls, reason = readers[choice.index].finish(out.finish_reason)
+                    delta = DeltaMessage(content=content, tool_calls=None if not calls else
+                                         [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
+                    yield chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason,
+                                                 logprobs=turn.logprobs_of(choice.logprobs))])
+            elif out.text or out.finish_reason or (turn.logprobs and out.logprobs):
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
-                                             logprobs=lp, finish_reason=out.finish_reason,
-                                             stop_reason=out.stop_reason)])
+                                             logprobs=turn.logprobs_of(out.logprobs or []),
+                                             finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
 
         def finish():
             if body.include_usage:
@@ -151,15 +171,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise failure
     choices = []
     for c in generation.choices:
-        content, calls, reason = c.text, None, c.finish_reason
-        if forced:
-            calls, reason = forced_call(c.text, forced, c.finish_reason)
-            content = None if calls else c.text
-        elif parsed:
-            content, calls = PARSERS[state.settings.tool_call_parser][0](c.text)
-            reason, calls = ("tool_calls", calls) if calls else (reason, None)
+        content, calls, reason = turn.reply(c)
         choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
-                                  logprobs=chat_logprobs(c.logprobs, top) if body.logprobs else None,
-                                  finish_reason=reason, stop_reason=c.stop_reason))
+                                  logprobs=turn.logprobs_of(c.logprobs), finish_reason=reason,
+                                  stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
                                   usage=generation.usage())

@@ -30,6 +30,7 @@ class ServeSettings:
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
     tool_call_parser: str | None = None  # how replies of tool_choice "auto" are read (tool_calls.PARSERS)
+    responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
 
     def __post_init__(self) -> None:
         checks = [
@@ -39,6 +40,7 @@ class ServeSettings:
             (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
+            (self.responses_store_size >= 0, f"responses store size must be >= 0, got {self.responses_store_size}"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
@@ -118,6 +120,8 @@ FLAGS = (
     Flag("--log-level", str, "uvicorn log level", "server"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes) or llama3_json "
          "(replies that are JSON calls: Llama 3.1-3.3): how replies are read so that tool_choice auto works", "server"),
+    Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
+         "the least recently used dropped beyond it (0: none kept)", "server"),
 )
 
 

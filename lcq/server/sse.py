@@ -1,6 +1,7 @@
-"""Server-sent events for both generation endpoints: one `data:` JSON chunk per delta, keep-alive comments
+"""Server-sent events for the generation endpoints: one `data:` JSON chunk per delta, keep-alive comments
 while nothing is produced (proxies close idle connections), an error event if generation fails mid-stream,
-and `data: [DONE]` at the end."""
+and `data: [DONE]` at the end. The Responses API names each event instead (`event: TYPE`) and ends with
+its last event."""
 from __future__ import annotations
 
 import json
@@ -24,14 +25,26 @@ def event(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def named_event(payload: dict) -> str:
+    """An event named by its payload's `type`, as the Responses API sends them."""
+    return f"event: {payload['type']}\n{event(payload)}"
+
+
+def error_chunks(message: str) -> Iterable[dict]:
+    yield error_body(500, message, code="engine_error")
+
+
 async def sse_events(generation: Generation, keepalive: float,
                      start: Callable[[], Iterable[dict]],
                      on_delta: Callable[[Choice, RequestOutput], Iterable[dict]],
-                     finish: Callable[[], Iterable[dict]]) -> AsyncIterator[str]:
-    """Drive `generation` and render it: `start` chunks first, one batch per delta, `finish` chunks last."""
+                     finish: Callable[[], Iterable[dict]],
+                     failed: Callable[[str], Iterable[dict]] = error_chunks,
+                     render: Callable[[dict], str] = event, end: str = DONE) -> AsyncIterator[str]:
+    """Drive `generation` and render it: `start` chunks first, one batch per delta, `finish` chunks last
+    (or `failed` ones if the engine fails the request), then `end`."""
     try:
         for chunk in start():
-            yield event(chunk)
+            yield render(chunk)
         async for item in generation.deltas(keepalive):
             if item is None:
                 yield KEEPALIVE
@@ -39,14 +52,17 @@ async def sse_events(generation: Generation, keepalive: float,
             choice, out = item
             if out.finish_reason == "error":
                 logger.error("generation of %s failed: %s", choice.request_id, out.error)
-                yield event(error_body(500, out.error or "generation failed", code="engine_error"))
-                yield DONE
+                for chunk in failed(out.error or "generation failed"):
+                    yield render(chunk)
+                if end:
+                    yield end
                 return
             for chunk in on_delta(choice, out):
-                yield event(chunk)
+                yield render(chunk)
         for chunk in finish():
-            yield event(chunk)
-        yield DONE
+            yield render(chunk)
+        if end:
+            yield end
     finally:
         generation.abort()
 

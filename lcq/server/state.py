@@ -9,6 +9,7 @@ from fastapi import Request
 from .errors import APIError, not_ready
 from .metrics import ServerMetrics
 from .protocol import OpenAIRequest
+from .response_store import ResponseStore
 from .settings import ServeSettings
 
 logger = logging.getLogger("lcq.server")
@@ -19,6 +20,7 @@ class ServerState:
     engine: object  # lcq.runtime.AsyncEngine
     settings: ServeSettings
     metrics: ServerMetrics
+    responses: ResponseStore  # stored responses of /v1/responses
 
     @property
     def model_name(self) -> str:

@@ -42,6 +42,20 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
     return [call], "tool_calls" if finish_reason == "stop" else finish_reason
 
 
+def read_reply(text: str, forced: str | None, parser: str | None,
+               finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
+    """(content, tool calls or None, finish reason) of a complete reply: a forced call's JSON, calls the
+    model made in its own syntax (read by `parser`), or plain text."""
+    if forced:
+        calls, reason = forced_call(text, forced, finish_reason)
+        return (None if calls else text), calls, reason
+    if parser:
+        content, calls = PARSERS[parser][0](text)
+        if calls:
+            return content, calls, "tool_calls"
+    return text, None, finish_reason
+
+
 def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     """(the text outside the calls, or None when nothing else was said; the calls), from a reply in the
     Hermes form. A block whose JSON does not parse stays in the text; the last block may lack its
@@ -118,3 +132,29 @@ class ToolCallStream:
         rest = self.text[self.sent:]
         content, calls = self.parse(rest)
         return (content or None) if calls else (rest or None), calls
+
+
+class ReplyReader:
+    """One reply read as it streams: what can be sent as content now, and at the end the rest, the tool
+    calls and the finish reason. Plain text passes through; a forced call is held back whole; with a
+    parser, text is held from where a call may start."""
+
+    def __init__(self, forced: str | None, parser: str | None):
+        self.forced = forced
+        self.calls = ToolCallStream(parser) if parser and not forced else None
+        self.text = ""
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.forced:
+            return ""
+        return self.calls.feed(delta) if self.calls else delta
+
+    def finish(self, finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
+        """(content not sent yet, tool calls or None, finish reason)."""
+        if self.forced:
+            return read_reply(self.text, self.forced, None, finish_reason)
+        if self.calls is None:
+            return None, None, finish_reason
+        content, calls = self.calls.finish()
+        return (content, calls, "tool_calls") if calls else (content, None, finish_reason)

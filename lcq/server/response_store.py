@@ -1,0 +1,45 @@
+"""Stored responses, for GET /v1/responses/{id} and for continuing a conversation with
+`previous_response_id`: kept in this process's memory, the least recently used dropped past a count.
+
+Each entry holds its whole conversation as chat messages, so a response whose ancestors were dropped
+still continues; the message dicts are shared with those ancestors, not copied.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from .responses_protocol import ResponseObject
+
+
+@dataclass
+class StoredResponse:
+    response: ResponseObject
+    conversation: list[dict[str, Any]]  # chat messages up to this response's output (instructions excluded)
+
+
+class ResponseStore:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, entry: StoredResponse) -> None:
+        if self.capacity <= 0:
+            return
+        self._entries[entry.response.id] = entry
+        self._entries.move_to_end(entry.response.id)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+    def delete(self, response_id: str) -> bool:
+        return self._entries.pop(response_id, None) is not None

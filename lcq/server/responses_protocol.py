@@ -1,0 +1,231 @@
+"""The Responses API's models (POST /v1/responses), in OpenAI's shapes, and how a request becomes a chat
+request: input items as chat messages, function tools and the text format in chat's form. One path
+(chat.start_chat) then checks, renders and submits both kinds of request.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import APIError
+from .protocol import ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, SamplingRequest
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"  # what `include` names to get the output's logprobs
+TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+class InputPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class InputItem(BaseModel):
+    """A message (`role`, `content`), a function call the model made, or a call's output, as OpenAI
+    sends them; `type` defaults to a message, as the easy input form leaves it out."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = "message"
+    role: Literal["system", "developer", "user", "assistant"] | None = None
+    content: str | list[InputPart] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[InputPart] | None = None
+
+
+def _text(value: str | list[InputPart] | None, param: str) -> str:
+    if not isinstance(value, list):
+        return value or ""
+    kinds = sorted({part.type for part in value} - set(TEXT_PARTS))
+    if kinds:
+        raise APIError(400, f"{param}: only text parts are supported, got {kinds}", param=param, code="invalid_value")
+    return "".join(part.text or "" for part in value)
+
+
+def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
+    """The input as chat messages: a string is one user message; a model's function calls join the
+    assistant turn they follow, and each call's output is a tool message answering it."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        param = f"input.{i}"
+        if item.type == "message":
+            if item.role is None:
+                raise APIError(400, f"{param}: a message needs a role", param=param, code="invalid_value")
+            messages.append({"role": item.role, "content": _text(item.content, f"{param}.content")})
+        elif item.type == "function_call":
+            if not (item.call_id and item.name and item.arguments is not None):
+                raise APIError(400, f"{param}: a function_call needs call_id, name and arguments", param=param,
+                               code="invalid_value")
+            call = {"id": item.call_id, "type": "function",
+                    "function": {"name": item.name, "arguments": item.arguments}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif item.type == "function_call_output":
+            if not item.call_id:
+                raise APIError(400, f"{param}: a function_call_output needs call_id", param=param, code="invalid_value")
+            messages.append({"role": "tool", "tool_call_id": item.call_id,
+                             "content": _text(item.output, f"{param}.output")})
+        elif item.type != "reasoning":  # this server writes none; a client may send back another's
+            raise APIError(400, f"{param}: input items of type {item.type!r} are not supported (message, "
+                           "function_call, function_call_output)", param=param, code="unsupported_value")
+    return messages
+
+
+class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
+    """OpenAI's fields, plus the chat endpoint's sampling extras (top_k, min_p, penalties, seed, stop, ...)."""
+
+    input: str | list[InputItem]
+    instructions: str | None = None
+    max_output_tokens: Count | None = None
+    text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
+    tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "parameters", ...}
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    previous_response_id: str | None = None
+    store: bool = True
+    metadata: dict[str, str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    include: list[str] | None = None
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = None
+    conversation: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """What this server cannot do, refused rather than ignored."""
+        if self.background:
+            return "background", "background responses are not supported: stream, or wait for the response"
+        if self.conversation is not None:
+            return "conversation", "conversation objects are not supported; continue with previous_response_id"
+        if self.truncation == "auto":
+            return "truncation", "truncation \"auto\" is not supported; truncate_prompt_tokens keeps a prompt's end"
+        if (self.n or 1) != 1:
+            return "n", "a response has one output; send several requests for several samples"
+        for i, tool in enumerate(self.tools or []):
+            if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+                return f"tools.{i}", f"only function tools with a name are supported, got type {tool.get('type')!r}"
+        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") != "function":
+            return "tool_choice", f"tool_choice type {self.tool_choice.get('type')!r} is not supported"
+        return None
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS_INCLUDE in (self.include or []) or bool(self.top_logprobs)
+
+    def chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+        """This request as a chat request over `messages` (the conversation so far, instructions first)."""
+        shared = set(SamplingRequest.model_fields) | set(ChatTemplateOptions.model_fields)
+        fields = self.model_dump(include=shared - {"n", "max_tokens", "response_format", "stream_options"})
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            choice = {"type": "function", "function": {"name": choice.get("name")}}
+        fields.update(
+            messages=messages,
+            max_completion_tokens=self.max_output_tokens if self.max_output_tokens is not None else self.max_tokens,
+            logprobs=self.wants_logprobs,
+            top_logprobs=self.top_logprobs if self.wants_logprobs else None,
+            tools=[{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
+                   for tool in self.tools] if self.tools else None,
+            tool_choice=choice,
+            response_format=self.response_format_of_text())
+        try:
+            return ChatCompletionRequest.model_validate(fields)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise APIError(400, f"{where}: {first['msg']}", param="input", code="invalid_value") from None
+
+    def response_format_of_text(self) -> dict[str, Any] | None:
+        """`text.format` in chat's response_format form (a JSON schema's fields move under json_schema)."""
+        fmt = (self.text or {}).get("format")
+        if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+            return fmt if isinstance(fmt, dict) else self.response_format
+        return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
+
+
+class OutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[ChatTokenLogprob] | None = None
+
+
+class OutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[OutputText]
+
+
+class FunctionCallItem(BaseModel):
+    type: Literal["function_call"] = "function_call"
+    id: str
+    call_id: str  # what the function_call_output answering it names
+    name: str
+    arguments: str  # JSON text
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
+class InputTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
+class OutputTokensDetails(BaseModel):
+    reasoning_tokens: int = 0
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    output_tokens_details: OutputTokensDetails = Field(default_factory=OutputTokensDetails)
+    total_tokens: int
+
+
+class IncompleteDetails(BaseModel):
+    reason: Literal["max_output_tokens"] = "max_output_tokens"
+
+
+class ResponseError(BaseModel):
+    code: str
+    message: str
+
+
+class ResponseObject(BaseModel):
+    """A response, with the request's settings echoed as OpenAI does."""
+
+    id: str
+    object: Literal["response"] = "response"
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    model: str
+    output: list[OutputMessage | FunctionCallItem] = Field(default_factory=list)
+    usage: ResponseUsage | None = None
+    incomplete_details: IncompleteDetails | None = None
+    error: ResponseError | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] = Field(default_factory=list)
+    tool_choice: str | dict[str, Any] = "auto"
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    metadata: dict[str, str] = Field(default_factory=dict)
+    previous_response_id: str | None = None
+    store: bool = True
+    truncation: Literal["auto", "disabled"] = "disabled"
+    user: str | None = None
+
+
+class DeletedResponse(BaseModel):
+    id: str
+    object: Literal["response.deleted"] = "response.deleted"
+    deleted: bool = True

@@ -1,0 +1,208 @@
+"""The Responses API (/v1/responses) end to end: real uvicorn, a tiny random model, the official openai
+client's `responses` resource and its stream helper. Each request is checked against the chat endpoint
+given the same conversation: equal greedy text and equal prompt token counts mean the input items,
+instructions and stored history became the same prompt."""
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from lcq.server.app import create_app
+from lcq.server.response_store import ResponseStore, StoredResponse
+from lcq.server.responses_protocol import ResponseObject
+from lcq.server.settings import ServeSettings
+from tests.live_server import MODEL, LiveServer, engine_config
+from tests.tiny_model import make_tiny_hf
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+    "additionalProperties": False}}
+ANSWERS = {"guided_choice": ["It is sunny.", "It rains."]}  # replies that end (status completed), not cut short
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = make_tiny_hf(tmp_path_factory.mktemp("tiny"), seed=0)
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(responses_store_size=8))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def chat(client, messages, **kwargs):
+    return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
+
+
+def test_text_response_matches_chat_and_its_stream(server, client):
+    response = client.responses.create(model=MODEL, input="Tell me about bits.", instructions="Be brief.",
+                                       max_output_tokens=12, temperature=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me about bits."}]
+    same = chat(client, messages, max_tokens=12)
+    assert response.id.startswith("resp_") and response.object == "response" and response.model == MODEL
+    assert response.output_text == same.choices[0].message.content
+    assert (response.usage.input_tokens, response.usage.output_tokens) == \
+        (same.usage.prompt_tokens, same.usage.completion_tokens)
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.instructions == "Be brief." and response.max_output_tokens == 12 and response.temperature == 0
+
+    events = list(client.responses.create(model=MODEL, input="Tell me about bits.", instructions="Be brief.",
+                                          max_output_tokens=12, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == response.output_text
+    last = events[-1].response
+    assert last.output_text == response.output_text and last.usage.output_tokens == 12
+    assert last.output[0].id == events[2].item.id == events[-2].item.id
+
+
+def test_stream_helper_and_completed_status(client):
+    with client.responses.stream(model=MODEL, input="Weather?", temperature=0.8, extra_body=ANSWERS) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert final.status == "completed" and final.output_text in ANSWERS["guided_choice"]
+    assert "".join(deltas) == final.output_text and final.output[0].status == "completed"
+
+
+def test_previous_response_id_continues_the_stored_conversation(server, client):
+    first = client.responses.create(model=MODEL, input="Hi", instructions="Be kind.", max_output_tokens=5,
+                                    temperature=0)
+    second = client.responses.create(model=MODEL, input="And then?", previous_response_id=first.id,
+                                     max_output_tokens=5, temperature=0)
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": first.output_text},
+               {"role": "user", "content": "And then?"}]  # instructions apply to their own response only
+    same = chat(client, history, max_tokens=5)
+    assert second.output_text == same.choices[0].message.content
+    assert second.usage.input_tokens == same.usage.prompt_tokens and second.previous_response_id == first.id
+
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.responses.create(model=MODEL, input="x", previous_response_id=first.id)
+    assert missing.value.body["param"] == "previous_response_id"
+    # the second still continues: it holds the whole conversation, not a link to the first
+    third = client.responses.create(model=MODEL, input="Go on.", previous_response_id=second.id, max_output_tokens=2)
+    assert third.usage.input_tokens > second.usage.input_tokens
+    unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+
+
+def test_store_drops_the_least_recently_used():
+    store = ResponseStore(capacity=2)
+    entries = [StoredResponse(ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model=MODEL), [])
+               for i in range(3)]
+    store.put(entries[0])
+    store.put(entries[1])
+    assert store.get("resp_0") is entries[0]  # now the most recently used
+    store.put(entries[2])
+    assert store.get("resp_1") is None and store.get("resp_0") is entries[0] and len(store) == 2
+    empty = ResponseStore(capacity=0)
+    empty.put(entries[0])
+    assert empty.get("resp_0") is None
+
+
+def test_function_calls_and_their_outputs(client):
+    pytest.importorskip("xgrammar")
+    named = {"type": "function", "name": "get_weather"}
+    response = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice=named,
+                                       max_output_tokens=60, temperature=0)
+    call = response.output[0]
+    assert [item.type for item in response.output] == ["function_call"] and response.status == "completed"
+    assert call.name == "get_weather" and call.call_id.startswith("call_") and call.id.startswith("fc_")
+    assert json.loads(call.arguments)["city"] in ("Paris", "Oslo")
+
+    events = list(client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice=named,
+                                          max_output_tokens=60, temperature=0, stream=True))
+    done = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(done) == 1 and done[0].arguments == call.arguments and events[-1].type == "response.completed"
+    assert not [e for e in events if e.type.startswith("response.output_text")]
+
+    # the call's output as the next turn, by reference and sent in full: the same prompt
+    answer = client.responses.create(model=MODEL, previous_response_id=response.id, tools=[WEATHER], tool_choice="none",
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "sunny"}], max_output_tokens=6, temperature=0)
+    resent = client.responses.create(model=MODEL, tools=[WEATHER], tool_choice="none", max_output_tokens=6,
+                                     temperature=0, store=False, input=[
+                                         {"role": "user", "content": "Weather in Paris?"},
+                                         {"type": "function_call", "call_id": call.call_id, "name": call.name,
+                                          "arguments": call.arguments},
+                                         {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert answer.output[0].type == "message" and answer.output_text == resent.output_text
+    assert answer.usage.input_tokens == resent.usage.input_tokens
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": "", "tool_calls": [
+                   {"id": call.call_id, "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments}}]},
+               {"role": "tool", "tool_call_id": call.call_id, "content": "sunny"}]
+    same = chat(client, history, max_tokens=6, tools=[{"type": "function", "function": {
+        k: v for k, v in WEATHER.items() if k != "type"}}], tool_choice="none")
+    assert answer.usage.input_tokens == same.usage.prompt_tokens
+    assert answer.output_text == same.choices[0].message.content
+
+
+def test_json_schema_text_format_and_logprobs(client):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"name": {"enum": ["apple", "pear"]}}, "required": ["name"],
+              "additionalProperties": False}
+    fmt = {"format": {"type": "json_schema", "name": "fruit", "schema": schema, "strict": True}}
+    fruit = client.responses.create(model=MODEL, input="A fruit?", text=fmt, max_output_tokens=30, temperature=0.7)
+    assert json.loads(fruit.output_text)["name"] in ("apple", "pear") and fruit.text.format.type == "json_schema"
+
+    scored = client.responses.create(model=MODEL, input="Hello", max_output_tokens=5, temperature=0, top_logprobs=3,
+                                     include=["message.output_text.logprobs"])
+    same = chat(client, [{"role": "user", "content": "Hello"}], max_tokens=5, logprobs=True, top_logprobs=3)
+    ours, theirs = scored.output[0].content[0].logprobs, same.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in ours] == [(e.token, e.logprob) for e in theirs] and len(ours) == 5
+    assert all(len(e.top_logprobs) == 3 for e in ours)
+    streamed = [e for e in client.responses.create(model=MODEL, input="Hello", max_output_tokens=5, temperature=0,
+                                                   top_logprobs=3, include=["message.output_text.logprobs"],
+                                                   stream=True) if e.type == "response.output_text.delta"]
+    assert [lp.token for e in streamed for lp in e.logprobs] == [e.token for e in ours]
+
+
+def test_bad_requests_get_the_envelope(server, client):
+    def refused(body: dict, status: int = 400) -> dict:
+        reply = httpx.post(server.url + "/v1/responses", json=body)
+        assert reply.status_code == status, reply.text
+        error = reply.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        return error
+
+    assert refused({"input": [{"type": "item_reference", "id": "x"}]})["param"] == "input.0"
+    assert refused({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]})["param"] \
+        == "input.0.content"
+    assert refused({"input": [{"content": "no role"}]})["param"] == "input.0"
+    assert refused({"input": [{"type": "function_call", "name": "f"}]})["param"] == "input.0"
+    assert refused({"input": "x", "background": True})["param"] == "background"
+    assert refused({"input": "x", "tools": [{"type": "web_search"}]})["param"] == "tools.0"
+    assert refused({"input": "x", "tools": [WEATHER]})["param"] == "tool_choice"  # "auto" needs a parser
+    assert refused({"input": "x", "n": 2})["param"] == "n"
+    assert refused({"input": "x", "truncation": "auto"})["param"] == "truncation"
+    refused({"input": []})
+    refused({"input": "x", "max_output_tokens": -1})
+    refused({"input": "x", "text": {"format": {"type": "yaml"}}})
+    assert refused({"model": "gpt-5", "input": "x"}, 404)["code"] == "model_not_found"
+    assert refused({"input": "x", "previous_response_id": "resp_none"}, 404)["code"] == "response_not_found"
+    assert httpx.delete(server.url + "/v1/responses/resp_none").status_code == 404
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model=MODEL, input="x", temperature=9)
+
+
+def test_disconnect_mid_stream_frees_the_pool(server):
+    with httpx.stream("POST", server.url + "/v1/responses", json={"input": "x", "max_output_tokens": 200,
+                                                                   "stream": True, "extra": 1}) as reply:
+        lines = reply.iter_lines()
+        assert next(lines) == "event: response.created"
+    server.wait_pool_full()
