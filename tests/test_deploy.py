@@ -1,7 +1,8 @@
 """Deployment files agree with the code: no docker engine or cluster needed.
 
 Compose, Prometheus, Grafana, nginx and Kubernetes files are parsed and cross-checked against the server's
-real metric registry, its serve flags and the Makefile's install and serve commands.
+real metric registry, its serve flags and the Makefile's install and serve commands. Where an nginx binary
+is installed, the shipped nginx.conf also runs in front of live servers.
 """
 from __future__ import annotations
 
@@ -189,3 +190,22 @@ def test_bench_reads_the_servers_exposition():
     assert samples["lcq:request_prompt_tokens_count"] == 1
     assert samples["lcq:e2e_request_latency_seconds_count"] == 1
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
+
+
+def test_shipped_nginx_retries_generation_on_a_replica_that_answers_503(tmp_path):
+    """A replica whose model is not loaded answers 503 before starting anything, so the balancer sends the
+    POST on to a ready replica (nginx retries POSTs only with `non_idempotent`)."""
+    openai = pytest.importorskip("openai")
+    from lcq.server.app import create_app
+    from tests.live_server import MODEL, LiveServer, ShippedNginx, engine_config
+    from tests.tiny_model import make_tiny_hf
+
+    ready = create_app(engine_config(make_tiny_hf(tmp_path / "model", seed=0)))
+    never_loads = create_app(engine_config(tmp_path / "no-such-model"))
+    with LiveServer(ready) as good, LiveServer(never_loads, wait_for_model=False) as loading, \
+            ShippedNginx([loading, good], tmp_path) as nginx:
+        via = openai.OpenAI(base_url=nginx.url + "/v1", api_key="unused", max_retries=0)
+        for _ in range(4):  # one of them goes to the 503 replica first, which is then left out for a while
+            reply = via.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+            assert reply.usage.completion_tokens == 2
+        assert loading.metric("lcq:http_requests_total", status="503") >= 1

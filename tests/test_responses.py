@@ -14,7 +14,7 @@ from lcq.server.app import create_app
 from lcq.server.response_store import ResponseStore, StoredResponse
 from lcq.server.responses_protocol import ResponseObject
 from lcq.server.settings import ServeSettings
-from tests.live_server import MODEL, LiveServer, engine_config
+from tests.live_server import MODEL, LiveServer, ShippedNginx, engine_config
 from tests.tiny_model import make_tiny_hf
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather in a city", "parameters": {
@@ -206,3 +206,23 @@ def test_disconnect_mid_stream_frees_the_pool(server):
         lines = reply.iter_lines()
         assert next(lines) == "event: response.created"
     server.wait_pool_full()
+
+
+
+def test_replicas_behind_the_shipped_nginx_config_continue_stored_responses(server, tmp_path):
+    """A response continued or fetched through the shipped balancer finds the replica that stored it,
+    whichever replica the balancer asks first."""
+    with LiveServer(create_app(engine_config(make_tiny_hf(tmp_path / "model", seed=0)))) as other, \
+            ShippedNginx([server, other], tmp_path) as nginx:
+        via = openai.OpenAI(base_url=nginx.url + "/v1", api_key="unused", max_retries=0)
+        replicas = (server, other)
+        misses = [live.metric("lcq:http_requests_total", status="404") for live in replicas]
+        previous = None
+        for turn in range(4):  # the balancer alternates, so half the first tries go to the wrong replica
+            previous = via.responses.create(model=MODEL, input=f"Turn {turn}.", max_output_tokens=2,
+                                            previous_response_id=previous.id if previous else None)
+            assert via.responses.retrieve(previous.id).output_text == previous.output_text
+        assert previous.usage.input_tokens > 4 * 5  # four turns of history
+        misses = [live.metric("lcq:http_requests_total", status="404") - before
+                  for live, before in zip(replicas, misses)]
+        assert sum(misses) >= 3, misses  # answered by the replica that has it after a 404 elsewhere
