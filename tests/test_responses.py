@@ -5,9 +5,11 @@ instructions and stored history became the same prompt."""
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import httpx
 import openai
+import pydantic
 import pytest
 
 from lcq.server.app import create_app
@@ -159,6 +161,14 @@ def test_json_schema_text_format_and_logprobs(client):
     fmt = {"format": {"type": "json_schema", "name": "fruit", "schema": schema, "strict": True}}
     fruit = client.responses.create(model=MODEL, input="A fruit?", text=fmt, max_output_tokens=30, temperature=0.7)
     assert json.loads(fruit.output_text)["name"] in ("apple", "pear") and fruit.text.format.type == "json_schema"
+
+    class Fruit(pydantic.BaseModel):  # the client's own schema and parsing (responses.parse)
+        name: Literal["apple", "pear"]
+        ripe: bool
+
+    parsed = client.responses.parse(model=MODEL, input="A fruit?", text_format=Fruit, max_output_tokens=40,
+                                    temperature=0.7).output_parsed
+    assert parsed.name in ("apple", "pear") and isinstance(parsed.ripe, bool)
 
     scored = client.responses.create(model=MODEL, input="Hello", max_output_tokens=5, temperature=0, top_logprobs=3,
                                      include=["message.output_text.logprobs"])
