@@ -414,6 +414,12 @@ def test_metrics_move_after_requests(server, client):
     assert server.metric("lcq:time_to_first_token_seconds_count") > before["lcq:time_to_first_token_seconds_count"]
     assert server.metric("lcq:request_success_total", finished_reason="length") == success + 1
     assert server.metric("lcq:http_requests_total", status="200") >= ok + 1
+    queries, hits = server.metric("lcq:prefix_cache_queries_total"), server.metric("lcq:prefix_cache_hits_total")
+    long_prompt = "To be, or not to be, that is the question. " * 6
+    for _ in range(2):  # the second finds the first's full blocks cached
+        again = client.completions.create(model=MODEL, prompt=long_prompt, max_tokens=1)
+    assert server.metric("lcq:prefix_cache_queries_total") == queries + 2 * again.usage.prompt_tokens
+    assert server.metric("lcq:prefix_cache_hits_total") - hits >= again.usage.prompt_tokens_details.cached_tokens > 0
     text = httpx.get(server.url + "/metrics").text
     for name in ("lcq:num_requests_running", "lcq:num_requests_waiting", "lcq:kv_cache_usage_perc",
                  "lcq:num_preemptions_total", "lcq:inter_token_latency_seconds_bucket",

@@ -74,6 +74,9 @@ class ServerMetrics:
         self.request_errors = counter("request_error", "requests that failed inside the engine")
         self.request_rejected = counter("request_rejected", "requests refused before running", ("reason",))
         self.http_requests = counter("http_requests", "HTTP responses by status", ("status",))
+        self.prefix_cache_queries = counter("prefix_cache_queries", "prompt tokens of finished requests looked up "
+                                            "in the prefix cache")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "prompt tokens served from the prefix cache")
         self.ttft = histogram("time_to_first_token_seconds", "arrival to first token", LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "time between generated tokens", LATENCY_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "arrival to last token", LATENCY_BUCKETS)
@@ -124,6 +127,9 @@ class RequestTracker:
             self.generated += new_tokens
             m.generation_tokens.labels(name).inc(new_tokens)
         if out.finish_reason is not None:
+            if out.usage is not None:  # the hit rate a vLLM dashboard plots as hits / queries
+                m.prefix_cache_queries.labels(name).inc(out.usage.prompt_tokens)
+                m.prefix_cache_hits.labels(name).inc(out.usage.cached_tokens)
             self.finish(out.finish_reason)
 
     def finish(self, reason: str) -> None:
