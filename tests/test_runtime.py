@@ -10,6 +10,7 @@ import platform
 import re
 import resource
 import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -644,3 +645,22 @@ def test_generation_bench_reports_medians_and_per_round_ratios():
     assert ours[64]["peak_mem_GB"] == 1.4  # the first round's
     assert round_ratios(rounds) == {"lcq / transformers at concurrency 1": [10.0, 6.0, 6.0],
                                     "lcq / transformers at concurrency 64": [8.0, 6.0, 8.33]}
+
+
+def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
+    def engine_threads() -> int:
+        return sum(t.name.startswith("lcq-engine") for t in threading.enumerate())
+
+    async def scenario(before: int):
+        engine = AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
+        with pytest.raises((OSError, ValueError)):
+            await engine.start()
+        assert engine_threads() == before + 1 and not engine.is_ready
+        await engine.shutdown()
+
+    before = engine_threads()
+    asyncio.run(scenario(before))
+    deadline = time.time() + 10
+    while engine_threads() > before:
+        assert time.time() < deadline, "the loading thread outlived shutdown"
+        time.sleep(0.02)

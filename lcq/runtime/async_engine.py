@@ -148,7 +148,8 @@ class AsyncEngine:
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish within the timeout, abort the rest, stop."""
         self.is_draining = True
-        if self.engine is None or self._loop_task is None:
+        if self.engine is None or self._loop_task is None:  # never loaded: only the loading thread to stop
+            self._worker.shutdown(wait=False)
             return
         deadline = asyncio.get_running_loop().time() + drain_timeout
         while (self.engine.has_work() or self._inbox) and asyncio.get_running_loop().time() < deadline:
