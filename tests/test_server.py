@@ -328,6 +328,15 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         text = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=5)
         assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
+        twice = {"guided_choice": [reply + ("\n" if parser == "hermes" else "; ") + reply]}
+        for parallel, count in ((True, 2), (False, 1)):  # parallel_tool_calls false: the first call only
+            out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
+                                                 parallel_tool_calls=parallel, extra_body=twice)
+            assert len(out.choices[0].message.tool_calls) == count
+            chunks = list(hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather],
+                                                         max_tokens=200, parallel_tool_calls=parallel,
+                                                         extra_body=twice, stream=True))
+            assert len([call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]) == count
 
 
 def test_json_output_through_the_openai_client(client):

@@ -89,13 +89,14 @@ class ChatTurn:
     parser: str | None
     logprobs: bool
     top: int  # alternatives per token in logprobs
+    parallel: bool  # parallel_tool_calls: false keeps a reply's first call only
 
     def reader(self) -> ReplyReader:
-        return ReplyReader(self.forced, self.parser)
+        return ReplyReader(self.forced, self.parser, self.parallel)
 
     def reply(self, choice: Choice) -> tuple[str | None, list[ToolCall] | None, str | None]:
         """(content, tool calls, finish reason) of a finished choice."""
-        return read_reply(choice.text, self.forced, self.parser, choice.finish_reason)
+        return read_reply(choice.text, self.forced, self.parser, choice.finish_reason, self.parallel)
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         return chat_logprobs(entries, self.top) if self.logprobs else None
@@ -123,7 +124,8 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
                                         body.tools if forced or parsed else None))
     generation = Generation(state, request_id, [prompt], params)
     generation.submit()
-    return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top)
+    return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
+                    body.parallel_tool_calls)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,

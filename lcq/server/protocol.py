@@ -196,6 +196,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     # Known so that they are refused rather than ignored: generation would not honour them.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True  # false: at most one call per reply
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: str | dict[str, Any] | None = None
 

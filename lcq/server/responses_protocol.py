@@ -132,6 +132,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
             tools=[{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}}
                    for tool in self.tools] if self.tools else None,
             tool_choice=choice,
+            parallel_tool_calls=self.parallel_tool_calls,
             response_format=self.response_format_of_text())
         try:
             return ChatCompletionRequest.model_validate(fields)

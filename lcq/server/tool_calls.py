@@ -42,17 +42,17 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
     return [call], "tool_calls" if finish_reason == "stop" else finish_reason
 
 
-def read_reply(text: str, forced: str | None, parser: str | None,
-               finish_reason: str | None) -> tuple[str | None, list[ToolCall] | None, str | None]:
+def read_reply(text: str, forced: str | None, parser: str | None, finish_reason: str | None,
+               parallel: bool = True) -> tuple[str | None, list[ToolCall] | None, str | None]:
     """(content, tool calls or None, finish reason) of a complete reply: a forced call's JSON, calls the
-    model made in its own syntax (read by `parser`), or plain text."""
+    model made in its own syntax (read by `parser`; only the first unless `parallel`), or plain text."""
     if forced:
         calls, reason = forced_call(text, forced, finish_reason)
         return (None if calls else text), calls, reason
     if parser:
         content, calls = PARSERS[parser][0](text)
         if calls:
-            return content, calls, "tool_calls"
+            return content, calls if parallel else calls[:1], "tool_calls"
     return text, None, finish_reason
 
 
@@ -139,9 +139,10 @@ class ReplyReader:
     calls and the finish reason. Plain text passes through; a forced call is held back whole; with a
     parser, text is held from where a call may start."""
 
-    def __init__(self, forced: str | None, parser: str | None):
+    def __init__(self, forced: str | None, parser: str | None, parallel: bool = True):
         self.forced = forced
         self.calls = ToolCallStream(parser) if parser and not forced else None
+        self.parallel = parallel
         self.text = ""
 
     def feed(self, delta: str) -> str:
@@ -157,4 +158,5 @@ class ReplyReader:
         if self.calls is None:
             return None, None, finish_reason
         content, calls = self.calls.finish()
-        return (content, calls, "tool_calls") if calls else (content, None, finish_reason)
+        return (content, calls if self.parallel else calls[:1], "tool_calls") if calls else \
+            (content, None, finish_reason)
