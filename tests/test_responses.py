@@ -198,6 +198,7 @@ def test_bad_requests_get_the_envelope(server, client):
     assert refused({"input": "x", "background": True})["param"] == "background"
     assert refused({"input": "x", "tools": [{"type": "web_search"}]})["param"] == "tools.0"
     assert refused({"input": "x", "tools": [WEATHER]})["param"] == "tool_choice"  # "auto" needs a parser
+    assert refused({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function"}})["param"] == "tool_choice"
     assert refused({"input": "x", "n": 2})["param"] == "n"
     assert refused({"input": "x", "truncation": "auto"})["param"] == "truncation"
     refused({"input": []})

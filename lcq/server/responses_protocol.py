@@ -109,8 +109,9 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
         for i, tool in enumerate(self.tools or []):
             if tool.get("type") != "function" or not isinstance(tool.get("name"), str):
                 return f"tools.{i}", f"only function tools with a name are supported, got type {tool.get('type')!r}"
-        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") != "function":
-            return "tool_choice", f"tool_choice type {self.tool_choice.get('type')!r} is not supported"
+        if isinstance(self.tool_choice, dict) and (self.tool_choice.get("type") != "function"
+                                                   or not isinstance(self.tool_choice.get("name"), str)):
+            return "tool_choice", "tool_choice must be auto, none, required or {\"type\": \"function\", \"name\": ...}"
         return None
 
     @property
