@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
-from .errors import APIError, error_responses, invalid_value
+from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, ToolCall, \
@@ -129,7 +129,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+             responses=generation_responses(STREAM_RESPONSE))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
     turn = start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{uuid.uuid4().hex}")

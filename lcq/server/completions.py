@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
-from .errors import APIError, error_responses, invalid_value
+from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, \
     dump
@@ -64,7 +64,7 @@ class LogprobFormatter:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse,
-             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+             responses=generation_responses(STREAM_RESPONSE))
 async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/completions")

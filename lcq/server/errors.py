@@ -125,6 +125,12 @@ def error_responses(*statuses: int) -> dict:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
+def generation_responses(stream: dict) -> dict:
+    """OpenAPI `responses` of a generation route: `stream` (its SSE form) beside the JSON body, and every
+    status one can answer (bad value, key, model, body size, full queue, loading or draining)."""
+    return {200: stream, **error_responses(400, 401, 404, 413, 429, 503)}
+
+
 def invalid_value(message: str, request: object) -> APIError:
     """A 400 for a value check; `param` is the request field the message starts with, if it is one."""
     first = message.split(" ", 1)[0]

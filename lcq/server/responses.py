@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from lcq.runtime.outputs import RequestOutput
 
 from .chat import ChatTurn, start_chat
-from .errors import APIError, error_responses
+from .errors import APIError, error_responses, generation_responses
 from .generation import Choice
 from .protocol import ToolCall, dump
 from .response_store import StoredResponse
@@ -98,7 +98,7 @@ def _assistant_message(content: str | None, calls: list[ToolCall] | None) -> dic
 
 
 @router.post("/v1/responses", response_model=ResponseObject,
-             responses={200: STREAM_RESPONSE, **error_responses(400, 401, 404, 413, 429, 503)})
+             responses=generation_responses(STREAM_RESPONSE))
 async def create_response(body: ResponsesRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/responses")
