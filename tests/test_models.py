@@ -99,7 +99,7 @@ def _check_against(reference, model, prompts: list[list[int]], decode_steps: int
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""
@@ -129,7 +129,7 @@ def test_chunked_prefill_matches_transformers(tmp_path):
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=2, chunk=3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
     """fp32 products and the index kernel (cpu_index) are exact up to summation order; the fp16
@@ -168,10 +168,11 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_model_follows_transformers(tmp_path, dtype):
+def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps."""
-    folder = make_tiny_lcq(tmp_path, "qwen2", bits=2, rank=2, group_size=32, method="rtn")
+    folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder, device="cuda", dtype=dtype)
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3, chunk=4,
                    atol=0.1 if dtype == torch.float16 else 0.25)
@@ -518,6 +519,7 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
 @needs_cpu_ops
 @pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
 @pytest.mark.parametrize("arch, cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: qkv bias
+                                               ("qwen3", torch.float32),  # qwen3: head norms
                                                ("llama", torch.float16), ("llama", torch.int8)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical

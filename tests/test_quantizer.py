@@ -315,11 +315,12 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     assert grads[0][2][:, 2].abs().sum() > 0  # the padded last group's entries get their real columns' gradient
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
-    Llama on held-out tokens too. Qwen2's q/k/v biases go through the tuned products and back unchanged."""
+    Llama on held-out tokens too. Qwen2's q/k/v biases go through the tuned products and back unchanged;
+    Qwen3's per-head q/k norms are tuned with the others."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     summary = quantize_model(source, tmp_path / "tuned", _end_to_end_options(), progress=False)
     quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0), progress=False)
@@ -337,6 +338,9 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     if arch == "qwen2":
         assert torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.bias"),
                            plain.tensor("model.layers.0.self_attn.q_proj.bias"))
+    if arch == "qwen3":
+        assert not torch.equal(tuned.tensor("model.layers.1.self_attn.k_norm.weight"),
+                               plain.tensor("model.layers.1.self_attn.k_norm.weight"))
     tuned_kl, plain_kl = _output_kl(source, tmp_path / "tuned"), _output_kl(source, tmp_path / "plain")
     if arch == "llama":  # held out: the random 2-block Qwen2 tuned on 4 x 32 tokens does not carry its gain over
         assert tuned_kl < plain_kl

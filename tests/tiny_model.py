@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (  # `preamble`: a template variable, as chat_template_kwargs ca
     "{% if preamble is defined %}{{ preamble }}\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 
 
 def make_tokenizer(folder: Path, vocab_size: int = 384):
@@ -51,7 +51,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,10 +64,13 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
         sizes["rope_theta"] = 500000.0
+    if arch == "qwen3":  # as Qwen3-0.6B: heads x head_dim (128) wider than hidden (96)
+        sizes["head_dim"] = 32
     sizes.update(overrides)
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM), "llama3": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
@@ -77,6 +80,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.08)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # qwen3's head norms start at one
+                param.uniform_(0.5, 1.5)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

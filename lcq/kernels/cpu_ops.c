@@ -23,6 +23,15 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale); /* cpu_attention.c */
 
+/* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
+static inline void norm_vector(const float *in, const float *weight, float *dst, int dim, float eps) {
+    double squares = 0.0;
+#pragma omp simd reduction(+ : squares) /* in vector lanes: one serial chain of adds took 3% of prefill */
+    for (int i = 0; i < dim; i++) squares += (double)in[i] * in[i];
+    const float scale = 1.0f / sqrtf((float)(squares / dim) + eps);
+    for (int i = 0; i < dim; i++) dst[i] = weight[i] * (in[i] * scale);
+}
+
 /* out = weight * x / rms(x) per row. With residual: residual += x first and the sum is normalised
  * (the residual stream then holds the sum, as the decoder layer needs). */
 void lcq_rms_norm(const float *x, float *residual, const float *weight, float *out, int64_t rows, int dim,
@@ -30,18 +39,25 @@ void lcq_rms_norm(const float *x, float *residual, const float *weight, float *o
 #pragma omp parallel for if (rows >= 16)
     for (int64_t r = 0; r < rows; r++) {
         const float *in = x + r * dim;
-        float *dst = out + r * dim;
         if (residual != NULL) {
             float *res = residual + r * dim;
             for (int i = 0; i < dim; i++) res[i] += in[i];
             in = res;
         }
-        double squares = 0.0;
-#pragma omp simd reduction(+ : squares) /* in vector lanes: one serial chain of adds took 3% of prefill */
-        for (int i = 0; i < dim; i++) squares += (double)in[i] * in[i];
-        const float scale = 1.0f / sqrtf((float)(squares / dim) + eps);
-        for (int i = 0; i < dim; i++) dst[i] = weight[i] * (in[i] * scale);
+        norm_vector(in, weight, out + r * dim, dim, eps);
     }
+}
+
+/* Normalise, in place, each of the first `heads` heads of every token row by one head_dim weight
+ * (Qwen3's q_norm and k_norm, before the rotary embedding). */
+void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *weight,
+                   float eps) {
+#pragma omp parallel for if (tokens >= 16)
+    for (int64_t t = 0; t < tokens; t++)
+        for (int h = 0; h < heads; h++) {
+            float *head = x + t * row_stride + (int64_t)h * head_dim;
+            norm_vector(head, weight, head, head_dim, eps);
+        }
 }
 
 /* Rotate the first `heads` heads of every token row in place (the half-split layout): with
@@ -371,9 +387,10 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 }
 
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
- * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias. */
-enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, O_KIND, O, O_BIAS, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
-       DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, POINTERS_PER_LAYER };
+ * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
+ * Q_NORM and K_NORM are the per-head norm weights of Qwen3, NULL for other models. */
+enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, O_KIND, O, O_BIAS, POST_NORM, GATE_UP_KIND, GATE_UP,
+       GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -409,6 +426,10 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
             lcq_rms_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
+        if (p[Q_NORM] != NULL) { /* Qwen3 */
+            lcq_head_norm(qkv, rows, qkv_width, heads, head_dim, p[Q_NORM], eps);
+            lcq_head_norm(qkv + q_width, rows, qkv_width, kv_heads, head_dim, p[K_NORM], eps);
+        }
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);

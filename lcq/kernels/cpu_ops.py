@@ -46,6 +46,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     return out, x if residual is None else residual
 
 
+def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
+    """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width) by
+    `weight` (head_dim,): Qwen3's q and k norms on the fused projection."""
+    if x.stride(-1) != 1 or not weight.is_contiguous() or heads * head_dim > x.shape[-1]:
+        raise ValueError("head_norm_ needs unit-stride rows holding the heads and a contiguous weight")
+    library().lcq_head_norm(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, weight.data_ptr(), eps)
+
+
 def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate, in place, the first `heads` heads of every row of x (tokens, width);
     cos and sin hold (tokens, head_dim / 2) values."""
@@ -189,6 +197,7 @@ def library() -> ctypes.CDLL | None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
+        "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
         "lcq_silu_mul": [p, p, i64, i64],
         "lcq_argmax_rows": [p, i64, i64, p],

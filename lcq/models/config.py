@@ -9,7 +9,8 @@ from lcq.errors import UserError
 
 from .layers import ROPE_TYPES, rope_settings
 
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
+                           "Qwen3ForCausalLM": "qwen3"}
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm on each query and key head before the rotary embedding
     rope: dict
 
     @classmethod
@@ -53,7 +55,8 @@ class ModelConfig:
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             max_position_embeddings=_attention_span(c, rope),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)), rope=rope,
+            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
+            qk_norm=c["model_type"] == "qwen3", rope=rope,
         )
 
 

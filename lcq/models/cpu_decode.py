@@ -55,8 +55,9 @@ class CpuDecoder:
             if any(w is None for w in weights) or attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES:
                 return None
             qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
-            entries += [layer.input_layernorm.weight, *qkv, *o, layer.post_attention_layernorm.weight, *gate_up,
-                        *down, attention.k_cache, attention.v_cache]
+            head_norms = [None, None] if attention.q_norm is None else [attention.q_norm.weight, attention.k_norm.weight]
+            entries += [layer.input_layernorm.weight, *qkv, *head_norms, *o, layer.post_attention_layernorm.weight,
+                        *gate_up, *down, attention.k_cache, attention.v_cache]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)

@@ -1,4 +1,4 @@
-"""Small building blocks of a Llama-family decoder: RMSNorm, rotary embedding, SwiGLU.
+"""Small building blocks of a Llama-family decoder: RMSNorm (also per head), rotary embedding, SwiGLU.
 
 fp32 CPU tensors take the one-call C versions (lcq.kernels.cpu_ops) where they build; the torch
 expressions below are the same computations for every other device and dtype.
@@ -27,6 +27,15 @@ class RMSNorm(torch.nn.Module):
             return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
         s = x if residual is None else residual + x
         return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
+
+
+def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
+    """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width), a
+    view into the fused projection: Qwen3's q_norm and k_norm, applied before the rotary embedding."""
+    if cpu_ops.usable(x, weight) and x.stride(-1) == 1:
+        return cpu_ops.head_norm_(x, heads, head_dim, weight, eps)
+    rows = x[:, :heads * head_dim].unflatten(-1, (heads, head_dim))
+    rows.copy_(weight * F.rms_norm(rows.float(), (head_dim,), eps=eps).to(x.dtype))
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
@@ -18,7 +18,7 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
-from .layers import RMSNorm, RotaryEmbedding, rotary_qkv, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, head_norm_, rotary_qkv, silu_and_mul
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 
@@ -27,16 +27,23 @@ LinearFactory = Callable[[list[str]], torch.nn.Module]
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj = make_linear([f"{prefix}.o_proj"])
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
-        q, k, v = rotary_qkv(self.qkv_proj(hidden), self.num_heads, self.num_kv_heads, self.head_dim, *rope)
+        qkv = self.qkv_proj(hidden)
+        if self.q_norm is not None:
+            q_width = self.num_heads * self.head_dim
+            head_norm_(qkv, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps)
+            head_norm_(qkv[:, q_width:], self.num_kv_heads, self.head_dim, self.k_norm.weight, self.k_norm.eps)
+        q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale)
         return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
@@ -60,7 +67,7 @@ class DecoderLayer(torch.nn.Module):
         super().__init__()
         prefix = f"model.layers.{index}"
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear)
+        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(f"{prefix}.mlp", make_linear)
 

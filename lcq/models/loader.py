@@ -75,6 +75,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for i, layer in enumerate(model.layers):
             layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
             layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
+            if config.qk_norm:
+                layer.self_attn.q_norm.weight.copy_(read(f"model.layers.{i}.self_attn.q_norm.weight"))
+                layer.self_attn.k_norm.weight.copy_(read(f"model.layers.{i}.self_attn.k_norm.weight"))
         model.lm_head_half = half_copy(model.lm_head, exact_only=True)
         # Embedding rows are looked up in an exact fp16 copy too (a tied one shares the head's), so a
         # CPU model keeps no fp32 table: 113 MB less for SmolLM2's tied 49152 x 576.

@@ -30,8 +30,6 @@ from lcq.format.packing import unpack_indices
 from .blockwise import adam_epochs
 from .fit import Codebook, dense_weight, stored_codebook
 
-NORMS = ("input_layernorm", "post_attention_layernorm")
-
 
 class CodebookProduct(torch.autograd.Function):
     """x W^T (+ bias) for W = dense_weight(values, codes), differentiable in x and the values.

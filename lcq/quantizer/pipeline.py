@@ -25,7 +25,7 @@ from lcq.format import (CheckpointReader, PackedLinear, copy_model_assets, dequa
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
-from .finetune import NORMS, finetune
+from .finetune import finetune
 from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .reference import hf_config, read_config
@@ -45,7 +45,7 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 @dataclass
@@ -421,8 +421,8 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teache
         blocks = [load_file(str(shard)) for shard in shards]
         packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, blocks))
                   for name, layer in _read_block(shard, index, options, tensors).items()}
-        norms = {f"model.layers.{index}.{norm}.weight": blocks[index][f"model.layers.{index}.{norm}.weight"]
-                 for index in range(source.num_layers) for norm in NORMS}
+        norms = {name: tensor for tensors in blocks for name, tensor in tensors.items()  # Qwen3's q/k norms too
+                 if name.endswith("norm.weight")}
         model = source.causal_lm({**source.non_block_tensors(), **norms})
         head = model.lm_head.weight.detach()
         steps = options.finetune_epochs * -(-len(tokens) // options.batch_size)
