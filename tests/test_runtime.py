@@ -664,3 +664,29 @@ def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
     while engine_threads() > before:
         assert time.time() < deadline, "the loading thread outlived shutdown"
         time.sleep(0.02)
+
+
+def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path):
+    """The model's generation_config.json sampling values fill what a request leaves unset (vLLM's
+    `generation_config="auto"`); `vllm` keeps the built-in ones; values no request may ask are refused."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny, tmp_path / "tuned")
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": 0.0, "top_k": 20,
+                                "max_new_tokens": 7, "do_sample": True}))
+    tuned = LLM(str(folder), block_size=8, **FP32)
+    defaults = tuned.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens, defaults.top_p) == (0.0, 20, 7, 1.0)
+    outs = tuned.generate(PROMPTS)  # greedy and 7 tokens, where the built-in defaults sample 16
+    assert [o.token_ids for o in outs] == [o.token_ids for o in llm.generate(PROMPTS, SamplingParams(max_tokens=7,
+                                                                                                   temperature=0))]
+    assert LLM(str(folder), block_size=8, generation_config="vllm", **FP32).get_default_sampling_params() == \
+        SamplingParams()
+    assert LLM(str(tiny), generation_config=str(folder)).get_default_sampling_params() == defaults  # another's
+    path.write_text(json.dumps({"temperature": 3.0}))
+    with pytest.raises(ValueError, match="generation_config.json: temperature must be between 0 and 2"):
+        LLM(str(folder))
+    with pytest.raises(ValueError, match="auto, vllm or a folder"):
+        LLM(str(tiny), generation_config=str(tmp_path / "nowhere"))

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .generation_config import sampling_defaults
+
 
 @dataclass
 class EngineConfig:
@@ -26,6 +28,7 @@ class EngineConfig:
     max_queue: int = 256
     cuda_graphs: bool = True
     seed: int = 0
+    generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
@@ -121,6 +124,7 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        sampling_defaults(self.generation_config, self.model)
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         products = self.resolved_cpu_matmul_dtype()

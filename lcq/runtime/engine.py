@@ -8,17 +8,16 @@ finish_reason "error"; the others go on.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
 from .outputs import RequestOutput, TokenLogprob, Usage
@@ -44,16 +43,6 @@ class EngineStats:
     num_accepted_tokens_total: int = 0  # drafts the model agreed with
 
 
-def eos_token_ids(model_dir: str, tokenizer) -> set[int]:
-    """EOS ids from the tokenizer and generation_config.json (chat models often list several)."""
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    path = Path(model_dir) / "generation_config.json"
-    if path.is_file():
-        value = json.loads(path.read_text()).get("eos_token_id")
-        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
-    return ids
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
@@ -65,6 +54,11 @@ class LLMEngine:
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
+        if self.sampling_defaults:
+            logger.info("requests that leave them unset sample with the model's generation config: %s "
+                        "(--generation-config vllm for the built-in defaults)",
+                        ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
@@ -74,6 +68,10 @@ class LLMEngine:
         self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
+
+    def default_params(self, **changes) -> SamplingParams:
+        """SamplingParams with the model's defaults (sampling_defaults) under the given fields."""
+        return SamplingParams(**{**self.sampling_defaults, **changes})
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a client mistake) before anything is queued."""

@@ -26,9 +26,14 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self.tokenizer = self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (vLLM's name)."""
+        return self.engine.default_params()
+
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
-        params = params or SamplingParams()
+        """params default to get_default_sampling_params()."""
+        params = params or self.engine.default_params()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Completion] = {}
         for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
