@@ -585,3 +585,33 @@ def test_speculative_decoding_streams_the_same_text(model_dir, server, client):
         accepted = live.metric("lcq:spec_decode_num_accepted_tokens_total")
         assert 0 < accepted <= live.metric("lcq:spec_decode_num_draft_tokens_total")
         live.wait_pool_full()
+
+
+def test_unset_sampling_fields_take_the_models_generation_config(model_dir, tmp_path):
+    """A generation_config.json with temperature 0 and max_new_tokens 4: requests that leave them unset
+    are greedy and 4 tokens long on every generation route; a request's own values win."""
+    import shutil
+
+    folder = shutil.copytree(model_dir, tmp_path / "tuned")
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": 0.0, "max_new_tokens": 4}))
+    messages = [{"role": "user", "content": "Hello"}]
+    with LiveServer(create_app(engine_config(folder, generation_config="auto"), ServeSettings())) as live:
+        tuned = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        chat = tuned.chat.completions.create(model=MODEL, messages=messages, extra_body={"ignore_eos": True})
+        greedy = tuned.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=4,
+                                               extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 4
+        assert chat.choices[0].message.content == greedy.choices[0].message.content
+        longer = tuned.chat.completions.create(model=MODEL, messages=messages, max_tokens=9,
+                                               extra_body={"ignore_eos": True})
+        assert longer.usage.completion_tokens == 9
+        assert longer.choices[0].message.content.startswith(chat.choices[0].message.content)  # still greedy
+        text = tuned.completions.create(model=MODEL, prompt="Hello", extra_body={"ignore_eos": True})
+        assert text.usage.completion_tokens == 4
+        reply = tuned.responses.create(model=MODEL, input="Hello", store=False)
+        assert reply.usage.output_tokens <= 4
+    with LiveServer(create_app(engine_config(folder, generation_config="vllm"), ServeSettings())) as live:
+        plain = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        assert plain.completions.create(model=MODEL, prompt="Hello", extra_body={"ignore_eos": True}
+                                        ).usage.completion_tokens == 16  # OpenAI's default for completions

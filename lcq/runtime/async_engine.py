@@ -59,6 +59,11 @@ class AsyncEngine:
         return self.engine.tokenizer if self.engine else None
 
     @property
+    def sampling_defaults(self) -> dict[str, float | int]:
+        """The model's values for sampling fields a request leaves unset (generation_config.py)."""
+        return self.engine.sampling_defaults if self.engine else {}
+
+    @property
     def model_name(self) -> str:
         return self.config.model_name()
 

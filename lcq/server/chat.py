@@ -110,7 +110,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     try:
-        params = body.sampling_params(max_tokens, top if body.logprobs else None)
+        params = body.sampling_params(max_tokens, top if body.logprobs else None, state.engine.sampling_defaults)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")

@@ -73,12 +73,13 @@ async def create_completion(body: CompletionRequest, request: Request):
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
     prompts = kept
-    max_tokens = DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    defaults = state.engine.sampling_defaults
+    max_tokens = defaults.get("max_tokens", DEFAULT_MAX_TOKENS) if body.max_tokens is None else body.max_tokens
     # max_tokens 0 with echo: OpenAI's legacy scoring of a prompt (its text and logprobs, nothing
     # generated); the engine still samples one token to finish the prompt's step, which is dropped.
     scoring = body.echo and max_tokens == 0
     try:
-        params = body.sampling_params(1 if scoring else max_tokens, body.logprobs)
+        params = body.sampling_params(1 if scoring else max_tokens, body.logprobs, defaults)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     if body.echo and body.logprobs is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -66,16 +66,19 @@ class SamplingRequest(OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-        """SamplingParams for one choice (n is fanned out by the server); raises ValueError for a 400."""
-        defaults = SamplingParams()
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        model_defaults: Mapping[str, float | int]) -> SamplingParams:
+        """SamplingParams for one choice (n is fanned out by the server); raises ValueError for a 400.
+        Fields left unset take the model's generation-config values (`model_defaults`, the engine's
+        sampling_defaults), else the built-in ones; max_tokens None means the rest of the context."""
+        defaults = SamplingParams(**model_defaults)
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
         def pick(value, default):
             return default if value is None else value
 
         params = SamplingParams(
-            max_tokens=max_tokens,
+            max_tokens=pick(max_tokens, model_defaults.get("max_tokens")),
             temperature=pick(self.temperature, defaults.temperature),
             top_p=pick(self.top_p, defaults.top_p),
             top_k=pick(self.top_k, defaults.top_k),
