@@ -26,7 +26,7 @@ from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, merge_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
@@ -47,11 +47,12 @@ def llm(tiny):
     return LLM(str(tiny), block_size=8, **FP32)
 
 
-def _transformers_greedy(folder, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy tokens with EOS allowed but not stopping, as our `ignore_eos=True` does.
+def _transformers_greedy(folder, prompt: list[int], n: int, model=None) -> list[int]:
+    """transformers' greedy tokens with EOS allowed but not stopping, as our `ignore_eos=True` does
+    (of `model`, else the folder's).
 
     `min_new_tokens` would not do: it forbids EOS, so the two differ wherever EOS is the argmax."""
-    model = load_reference_model(folder)
+    model = model or load_reference_model(folder)
     config = copy.deepcopy(model.generation_config)
     config.eos_token_id, config.max_new_tokens, config.do_sample = [], n, False
     out = model.generate(torch.tensor([prompt]), generation_config=config)
@@ -669,7 +670,6 @@ def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
 def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path):
     """The model's generation_config.json sampling values fill what a request leaves unset (vLLM's
     `generation_config="auto"`); `vllm` keeps the built-in ones; values no request may ask are refused."""
-    import json
     import shutil
 
     folder = shutil.copytree(tiny, tmp_path / "tuned")
@@ -690,3 +690,47 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
         LLM(str(folder))
     with pytest.raises(ValueError, match="auto, vllm or a folder"):
         LLM(str(tiny), generation_config=str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("base", ["fp32", "lcq"])
+def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, base):
+    """An adapter served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) gives the greedy
+    tokens of transformers with the adapter merged into the weights, alone and batched with base-model
+    requests; the prefix cache never hands the adapter the base model's KV blocks, but does its own."""
+    folder = tiny if base == "fp32" else make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
+    adapter = make_tiny_adapter(tmp_path / "adapter", folder)
+    llm = LLM(str(folder), block_size=8, lora_modules=f"sql={adapter}", **FP32)
+    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql")
+    merged = merge_adapter(load_reference_model(folder), adapter)
+    expected = [_transformers_greedy(None, prompt, 12, merged) for prompt in PROMPTS]
+    base_tokens = [_transformers_greedy(folder, prompt, 12) for prompt in PROMPTS]
+    assert expected != base_tokens
+    outs = llm.generate(PROMPTS + PROMPTS, [tuned] * 3 + [GREEDY] * 3)
+    assert [o.token_ids for o in outs] == expected + base_tokens
+    prompt = list(range(60, 80))  # two full blocks, cached by the base model first
+    llm.generate([prompt], GREEDY)
+    first, again = (llm.generate([prompt], tuned)[0] for _ in range(2))
+    assert first.usage.cached_tokens == 0 and again.usage.cached_tokens == 16
+    assert first.token_ids == again.token_ids == _transformers_greedy(None, prompt, 12, merged)
+    assert _pool_is_full(llm.engine)
+    with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
+        llm.generate(PROMPTS[:1], SamplingParams(lora="other"))
+
+
+def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
+    import json
+
+    from lcq.errors import UserError
+
+    adapter = make_tiny_adapter(tmp_path / "dora", tiny)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "use_dora": True}))
+    with pytest.raises(UserError, match="use_dora True is not supported"):
+        LLM(str(tiny), lora_modules=f"d={adapter}")
+    with pytest.raises(ValueError, match="holds no adapter_config.json"):
+        LLM(str(tiny), lora_modules=f"x={tmp_path}")
+    with pytest.raises(ValueError, match="name=folder entries"):
+        LLM(str(tiny), lora_modules="just-a-folder")
+    wide = make_tiny_adapter(tmp_path / "wide", make_tiny_hf(tmp_path / "wider", "llama", hidden_size=128))
+    with pytest.raises(UserError, match="do not fit"):
+        LLM(str(tiny), lora_modules=f"w={wide}")

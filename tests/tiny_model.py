@@ -101,3 +101,60 @@ def make_tiny_lcq(folder: str | Path, arch: str = "llama", bits: int = 4, rank: 
                               calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32, epochs=1, seed=seed)
     quantize_model(hf, folder / "lcq", options, progress=False)
     return folder / "lcq"
+
+
+LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def make_tiny_adapter(folder: str | Path, model_dir: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                      targets: tuple[str, ...] = LORA_TARGETS) -> Path:
+    """A random PEFT LoRA folder for the model in `model_dir` (B random too, where PEFT starts it at
+    zero, so that the adapter changes the output), over `targets` of every decoder layer."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = _meta_model(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(config.num_hidden_layers):
+        for target in targets:
+            n, k = model.get_submodule(f"model.layers.{i}.{target}").weight.shape
+            prefix = f"base_model.model.model.layers.{i}.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, k, generator=generator) * 0.1
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(n, rank, generator=generator) * 0.1
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted({t.split(".")[-1] for t in targets}),
+        "bias": "none", "use_dora": False, "use_rslora": False, "fan_in_fan_out": False, "modules_to_save": None}))
+    return folder
+
+
+def _meta_model(config):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """A transformers model with the adapter merged into its weights (W += alpha / r * B @ A): the
+    reference an adapter served over the unmerged base must match."""
+    import json
+
+    from safetensors.torch import load_file
+
+    settings = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    with torch.no_grad():
+        for name, a in tensors.items():
+            if name.endswith(".lora_A.weight"):
+                module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                b = tensors[name.replace("lora_A", "lora_B")]
+                weight = model.get_submodule(module).weight
+                weight += (settings["lora_alpha"] / settings["r"] * b.double() @ a.double()).to(weight.dtype)
+    return model

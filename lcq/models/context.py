@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .lora import LoRABatch
+
 
 @dataclass
 class ForwardContext:
@@ -22,6 +24,7 @@ class ForwardContext:
     context_lens int32 (num_seqs,): tokens in cache after this step (cached prefix + new ones).
     block_tables int32 (num_seqs, max_blocks): cache blocks of each sequence, padded with -1.
     max_query_len, max_context_len: python ints for kernel launch sizes.
+    lora         the step's LoRA adapters and their rows, or None when no sequence uses one.
     """
 
     is_prefill: bool
@@ -31,6 +34,7 @@ class ForwardContext:
     block_tables: torch.Tensor
     max_query_len: int
     max_context_len: int
+    lora: LoRABatch | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -63,7 +63,7 @@ class CpuDecoder:
         return cls(model, entries)
 
     def runs(self, context: ForwardContext) -> bool:
-        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED
+        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and context.lora is None
 
     def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: ForwardContext
                  ) -> torch.Tensor:

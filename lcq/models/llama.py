@@ -19,11 +19,18 @@ from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
 from .layers import RMSNorm, RotaryEmbedding, head_norm_, rotary_qkv, silu_and_mul
+from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 
 # make_linear(names) -> module computing x @ W^T (+ bias) for the named checkpoint matrices fused along N.
 LinearFactory = Callable[[list[str]], torch.nn.Module]
+
+
+def project(linear: torch.nn.Module, name: str, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+    """x through the fused layer `name`, plus the LoRA products of the rows whose sequences use an adapter."""
+    y = linear(x)
+    return y if lora is None else lora.add(name, x, y)
 
 
 class Attention(torch.nn.Module):
@@ -36,9 +43,11 @@ class Attention(torch.nn.Module):
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.scale = self.head_dim ** -0.5
         self.k_cache = self.v_cache = torch.empty(0)
+        self.prefix = prefix
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden)
+        lora = attention.context.lora
+        qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
         if self.q_norm is not None:
             q_width = self.num_heads * self.head_dim
             head_norm_(qkv, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps)
@@ -46,7 +55,7 @@ class Attention(torch.nn.Module):
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale)
-        return self.o_proj(out.reshape(-1, self.num_heads * self.head_dim))
+        return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
 
 class MLP(torch.nn.Module):
@@ -54,12 +63,13 @@ class MLP(torch.nn.Module):
         super().__init__()
         self.gate_up_proj = make_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj = make_linear([f"{prefix}.down_proj"])
+        self.prefix = prefix
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        activated = self.gate_up_proj.fused_swiglu(x)  # on CPU, finished inside the product
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        activated = None if lora else self.gate_up_proj.fused_swiglu(x)  # on CPU, finished inside the product
         if activated is None:
-            activated = silu_and_mul(self.gate_up_proj(x))
-        return self.down_proj(activated)
+            activated = silu_and_mul(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora))
+        return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -77,7 +87,7 @@ class DecoderLayer(torch.nn.Module):
         (mlp output, residual) here, their sum is the transformers layer's output."""
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden, residual = self.post_attention_layernorm(self.self_attn(hidden, rope, attention), residual)
-        return self.mlp(hidden), residual
+        return self.mlp(hidden, attention.context.lora), residual
 
 
 class LlamaModel(torch.nn.Module):

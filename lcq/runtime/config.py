@@ -28,6 +28,7 @@ class EngineConfig:
     max_queue: int = 256
     cuda_graphs: bool = True
     seed: int = 0
+    lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
     prompt_lookup_max: int = 4  # longest n-gram matched
@@ -104,6 +105,21 @@ class EngineConfig:
             return False
         return self.cpu_int8_weights == "on" or (available is not None and size <= available // 10)
 
+    def lora_adapters(self) -> dict[str, str]:
+        """lora_modules as {name: PEFT folder}; ValueError where it is malformed."""
+        adapters: dict[str, str] = {}
+        for entry in filter(None, (part.strip() for part in (self.lora_modules or "").split(","))):
+            name, sep, folder = entry.partition("=")
+            name, folder = name.strip(), folder.strip()
+            if not sep or not name or not folder:
+                raise ValueError(f"lora_modules takes name=folder entries separated by commas (got {entry!r})")
+            if name in adapters or name == self.model_name():
+                raise ValueError(f"lora_modules: the name {name!r} is used twice")
+            if not (Path(folder) / "adapter_config.json").is_file():
+                raise ValueError(f"lora_modules: {folder} holds no adapter_config.json (a PEFT LoRA folder)")
+            adapters[name] = folder
+        return adapters
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
@@ -125,6 +141,7 @@ class EngineConfig:
             if not ok:
                 raise ValueError(message)
         sampling_defaults(self.generation_config, self.model)
+        self.lora_adapters()
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         products = self.resolved_cpu_matmul_dtype()

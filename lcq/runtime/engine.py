@@ -85,6 +85,8 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.structured_output is not None:
             self.structured.check(params.structured_output)
+        if params.lora is not None and params.lora not in self.runner.adapters:
+            raise ValueError(f"no LoRA adapter {params.lora!r} is loaded (lora_modules)")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
                              f"shorten the prompt")

@@ -29,6 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    lora: str | None = None  # the LoRA adapter (EngineConfig.lora_modules) to run with; None: the base model
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
