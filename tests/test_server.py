@@ -615,3 +615,39 @@ def test_unset_sampling_fields_take_the_models_generation_config(model_dir, tmp_
         plain = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         assert plain.completions.create(model=MODEL, prompt="Hello", extra_body={"ignore_eos": True}
                                         ).usage.completion_tokens == 16  # OpenAI's default for completions
+
+
+def test_lora_adapters_are_served_as_models_of_their_own(model_dir, tmp_path):
+    """`--lora-modules`: each adapter is a model in /v1/models (its parent the base) that chat,
+    completions and Responses requests name; its replies are the offline engine's with that adapter,
+    and the base model's stay the base's."""
+    from lcq.runtime import LLM, SamplingParams
+    from tests.tiny_model import make_tiny_adapter
+
+    adapter = make_tiny_adapter(tmp_path / "sql", model_dir)
+    config = engine_config(model_dir, lora_modules=f"sql-lora={adapter}")
+    offline = LLM(config.model, lora_modules=config.lora_modules, kv_cache_memory_gb=0.01)
+    prompt = "Hello"
+    ids = offline.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    expected = {name: offline.generate([ids], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora=lora)
+                                       )[0].text for name, lora in ((MODEL, None), ("sql-lora", "sql-lora"))}
+    assert expected[MODEL] != expected["sql-lora"]
+    with LiveServer(create_app(config, ServeSettings())) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        cards = {card.id: card for card in client.models.list().data}
+        assert set(cards) == {MODEL, "sql-lora"} and cards["sql-lora"].parent == MODEL
+        assert client.models.retrieve("sql-lora").parent == MODEL
+        for name, text in expected.items():
+            out = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0,
+                                            extra_body={"ignore_eos": True})
+            assert out.choices[0].text == text and out.model == name
+        messages = [{"role": "user", "content": "Hi"}]
+        chats = [client.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                                extra_body={"ignore_eos": True}).choices[0].message.content
+                 for name in (MODEL, "sql-lora")]
+        assert chats[0] != chats[1]
+        reply = client.responses.create(model="sql-lora", input="Hi", max_output_tokens=6, temperature=0,
+                                        extra_body={"ignore_eos": True}, store=False)
+        assert reply.output_text == chats[1] and reply.model == "sql-lora"
+        with pytest.raises(openai.NotFoundError, match="serves `tiny`, `sql-lora`"):
+            client.completions.create(model="other", prompt=prompt, max_tokens=2)

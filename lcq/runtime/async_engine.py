@@ -29,6 +29,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
         self.config = config
+        self.adapters = config.lora_adapters()  # LoRA adapter name -> folder
         self.engine: LLMEngine | None = None
         self.is_draining = False
         self._lock = threading.RLock()

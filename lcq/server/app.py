@@ -79,18 +79,24 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse()
 
 
+def model_cards(state: ServerState) -> list[ModelCard]:
+    """The base model, then each LoRA adapter with the base as its parent (as vLLM lists them)."""
+    context = state.engine.max_model_len or None
+    return [ModelCard(id=state.model_name, max_model_len=context)] + [
+        ModelCard(id=name, parent=state.model_name, max_model_len=context) for name in state.adapters]
+
+
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
-    state = get_state(request)
-    return ModelList(data=[ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len or None)])
+    return ModelList(data=model_cards(get_state(request)))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(401, 404))
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    state = get_state(request)
-    if model_id != state.model_name:
-        raise APIError(404, f"the model `{model_id}` does not exist", param="model", code="model_not_found")
-    return ModelCard(id=state.model_name, max_model_len=state.engine.max_model_len or None)
+    for card in model_cards(get_state(request)):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"the model `{model_id}` does not exist", param="model", code="model_not_found")
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE: {}}}})

@@ -113,6 +113,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
         params = body.sampling_params(max_tokens, top if body.logprobs else None, state.engine.sampling_defaults)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
+    params.lora = state.adapter_for(body)
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     forced = body.forced_tool()
@@ -136,7 +137,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     generation = turn.generation
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
-        return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
+        return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=generation.model, choices=choices, usage=usage))
 
     if body.stream:
         readers = {choice.index: turn.reader() for choice in generation.choices}
@@ -177,5 +178,5 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
                                   logprobs=turn.logprobs_of(c.logprobs), finish_reason=reason,
                                   stop_reason=c.stop_reason))
-    return ChatCompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
+    return ChatCompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
                                   usage=generation.usage())

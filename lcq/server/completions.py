@@ -82,6 +82,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         params = body.sampling_params(1 if scoring else max_tokens, body.logprobs, defaults)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
+    params.lora = state.adapter_for(body)
     if body.echo and body.logprobs is not None:
         params.prompt_logprobs = body.logprobs  # the echoed prompt comes with its logprobs, as OpenAI's did
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
@@ -107,7 +108,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         return "length" if scoring and reason in ("stop", "length") else reason
 
     def chunk(choices: list[CompletionChoice], usage=None) -> dict:
-        return dump(CompletionChunk(id=generation.id, created=generation.created, model=state.model_name, choices=choices, usage=usage))
+        return dump(CompletionChunk(id=generation.id, created=generation.created, model=generation.model, choices=choices, usage=usage))
 
     if body.stream:
         def start():  # with logprobs the echo waits for the prompt's logprobs: the first delta brings them
@@ -145,5 +146,5 @@ async def create_completion(body: CompletionRequest, request: Request):
         choices.append(CompletionChoice(index=choice.index, text=text + generated_text, logprobs=lp,
                                         finish_reason=ending(choice.finish_reason),
                                         stop_reason=None if scoring else choice.stop_reason))
-    return CompletionResponse(id=generation.id, created=generation.created, model=state.model_name, choices=choices,
+    return CompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
                               usage=generation.usage(count_completions=not scoring))

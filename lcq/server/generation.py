@@ -66,6 +66,7 @@ class Generation:
         self.state = state
         self.id = base_id
         self.created = int(time.time())
+        self.model = params.lora or state.model_name  # what replies name: the adapter asked for, else the base
         self.choices = [
             Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
                    params=dataclasses.replace(params, n=1, seed=None if params.seed is None

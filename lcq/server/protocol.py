@@ -403,6 +403,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "lcq"
+    parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
 
 

@@ -72,13 +72,15 @@ class ResponseBuilder:
             cached = InputTokensDetails(cached_tokens=counts.prompt_tokens_details.cached_tokens)
             usage = ResponseUsage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,
                                   total_tokens=counts.total_tokens, input_tokens_details=cached)
+        defaults = self.state.engine.sampling_defaults  # what an unset temperature or top_p sampled with
         return ResponseObject(
-            id=self.id, created_at=self.created, status=status, model=self.state.model_name, output=output or [],
+            id=self.id, created_at=self.created, status=status, output=output or [],
+            model=self.state.adapter_for(body) or self.state.model_name,
             usage=usage, incomplete_details=IncompleteDetails() if status == "incomplete" else None,
             error=ResponseError(code="engine_error", message=error) if error else None,
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs, tools=body.tools or [],
+            temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
+            top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs, tools=body.tools or [],
             tool_choice=body.tool_choice or "auto", parallel_tool_calls=body.parallel_tool_calls,
             text=body.text or {"format": {"type": "text"}}, metadata=body.metadata or {},
             previous_response_id=body.previous_response_id, store=body.store, truncation=body.truncation or "disabled",

@@ -104,6 +104,8 @@ FLAGS = (
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
     Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine"),
     Flag("--seed", int, "engine seed for requests without their own", "engine"),
+    Flag("--lora-modules", str, "LoRA adapters (PEFT folders) served beside the model, each under its own model "
+         "name: name=folder[,name=folder...]", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",

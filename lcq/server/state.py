@@ -26,6 +26,16 @@ class ServerState:
     def model_name(self) -> str:
         return self.engine.model_name
 
+    @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapters served beside the base model, by the model name clients send: their folders."""
+        return self.engine.adapters
+
+    def adapter_for(self, request: OpenAIRequest) -> str | None:
+        """The adapter a (checked) request names as its model, or None for the base model."""
+        model = getattr(request, "model", None)
+        return model if model in self.adapters else None
+
     def accepting(self) -> bool:
         return bool(self.engine.is_ready and not self.engine.is_draining)
 
@@ -43,9 +53,10 @@ class ServerState:
         if (refused := request.unsupported()) is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         model = getattr(request, "model", None)
-        if model and model != self.model_name:
+        if model and model != self.model_name and model not in self.adapters:
             self.metrics.rejected("model_not_found")
-            raise APIError(404, f"the model `{model}` does not exist; this server serves `{self.model_name}`",
+            served = ", ".join(f"`{name}`" for name in (self.model_name, *self.adapters))
+            raise APIError(404, f"the model `{model}` does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         self.require_ready()
 
