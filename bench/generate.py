@@ -1,7 +1,8 @@
 """Generation speed: our engine against transformers' generate (and llama.cpp when installed).
 
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
-bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to) and on full precision,
+bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to; lcq-lora: every request with
+a random rank-16 LoRA adapter over all linear layers) and on full precision,
 transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
@@ -55,18 +56,43 @@ def mixed_workload(count: int, vocab: int, seed: int = 0) -> list[tuple[list[int
             for _ in range(count)]
 
 
-def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, workload, **engine) -> list[dict]:
+def random_adapter(model_dir: str, rank: int) -> str:
+    """A random PEFT LoRA folder of `rank` over all seven linear layers of every decoder layer (cached)."""
+    from lcq.paths import cache_dir
+    from tests.tiny_model import make_tiny_adapter
+
+    folder = cache_dir() / "bench-adapters" / f"{Path(model_dir).name}-r{rank}"
+    if not (folder / "adapter_config.json").is_file():
+        make_tiny_adapter(folder, model_dir, rank=rank, alpha=2.0 * rank, targets=LORA_ALL_LINEARS)
+    return str(folder)
+
+
+LORA_ALL_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+LORA_RANK = 16
+
+
+def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, workload, lora: bool = False,
+               **engine) -> list[dict]:
+    """lora: every request runs with a random rank-16 adapter over all linear layers (LoRA steps take
+    the Python layers: no one-call CPU decode step)."""
+    if lora:
+        engine["lora_modules"] = f"bench={random_adapter(folder, LORA_RANK)}"
     llm = LLM(folder, **engine)
+
+    def greedy(max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, lora="bench" if lora else None)
+
     prompt = workload[0][0][:32]
-    llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))  # warm-up
+    llm.generate([prompt], greedy(8))  # warm-up
     start = time.perf_counter()
-    ttft_out = llm.generate([workload[1][0][:128]], SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+    ttft_out = llm.generate([workload[1][0][:128]], greedy(1))
     ttft = time.perf_counter() - start
     start = time.perf_counter()
-    out = llm.generate([prompt], SamplingParams(max_tokens=batch1_tokens, temperature=0, ignore_eos=True))
+    out = llm.generate([prompt], greedy(batch1_tokens))
     elapsed = time.perf_counter() - start
     batch1 = len(out[0].token_ids) / elapsed
-    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for _, n in workload]
+    params = [greedy(n) for _, n in workload]
     start = time.perf_counter()
     outs = llm.generate([p for p, _ in workload], params)
     elapsed = time.perf_counter() - start
@@ -179,7 +205,7 @@ def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
         for (engine, concurrency), ours in speed.items():
             if engine != "lcq":
                 continue
-            for other in ("transformers", "llama.cpp"):
+            for other in ("transformers", "llama.cpp", "lcq-lora"):
                 if speed.get((other, concurrency)):
                     key = f"lcq / {other} at concurrency {concurrency}"
                     ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
@@ -204,7 +230,7 @@ def main() -> None:
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
-    parser.add_argument("--engines", default="lcq,lcq-bf16,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-lora,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: measure every engine this many times, in alternating order, and report "
@@ -258,6 +284,8 @@ def main() -> None:
             "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "lcq-bf16": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-bf16", batch1_tokens, workload,
                                            kv_cache_memory_gb=2.0, cpu_matmul_dtype="bfloat16"),
+            "lcq-lora": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-lora", batch1_tokens, workload, lora=True,
+                                           kv_cache_memory_gb=2.0),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
@@ -281,7 +309,7 @@ def main() -> None:
     print("| engine | weights | products | concurrency | output tok/s | TTFT ms | peak mem GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['engine']} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | "
+        print(f"| {row_engine(r)} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | "
               f"{r['output_tok_s']} | {r['ttft_ms']} | {r['peak_mem_GB']} |")
     for pair, ratios in result.get("ratios_per_round", {}).items():
         print(f"{pair}: " + ", ".join(f"{x}x" for x in ratios))
