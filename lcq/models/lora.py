@@ -110,15 +110,20 @@ def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, 
 
 @dataclass
 class LoRABatch:
-    """The adapters of one step: each with the rows (int64 indices into the flattened batch) that use it."""
+    """The adapters of one step: each with the rows (int64 indices into the flattened batch) that use
+    it, or None where one adapter has every row (no gather and scatter then)."""
 
-    groups: list[tuple[Adapter, torch.Tensor]]
+    groups: list[tuple[Adapter, torch.Tensor | None]]
 
     def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (rows, N) = x @ W^T of fused layer `layer`, plus each adapter's product on its rows (in place)."""
         for adapter, rows in self.groups:
             weights = adapter.get(layer)
-            if weights is not None:
-                a, b = weights
+            if weights is None:
+                continue
+            a, b = weights
+            if rows is None:
+                y.addmm_(x @ a.t(), b.t())
+            else:
                 y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
         return y

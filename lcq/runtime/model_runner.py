@@ -152,8 +152,8 @@ class ModelRunner:
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
             block_tables=tensor(tables, torch.int32), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
-            lora=LoRABatch([(self.adapters[name], tensor(rows, torch.int64)) for name, rows in adapter_rows.items()])
-            if adapter_rows else None)
+            lora=LoRABatch([(self.adapters[name], None if len(rows) == len(ids) else tensor(rows, torch.int64))
+                            for name, rows in adapter_rows.items()]) if adapter_rows else None)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
