@@ -212,19 +212,27 @@ def test_tool_calls_after_thinking(client):
     calls = [call for c in chunks for call in c.choices[0].delta.tool_calls or []]
     assert [call.function.name for call in calls] == ["get_weather"] and chunks[-1].choices[0].finish_reason == \
         "tool_calls"
+    tool = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}}
+    with client.responses.stream(model=MODEL, input="Capital of France?", tools=[tool], max_output_tokens=200,
+                                 extra_body={"guided_choice": [reply]}) as stream:
+        added = [(e.output_index, e.item.type) for e in stream if e.type == "response.output_item.added"]
+        final = stream.get_final_response()
+    assert added == [(0, "reasoning"), (1, "function_call")]
+    assert [item.type for item in final.output] == ["reasoning", "function_call"] and final.output_text == ""
 
 
 def test_responses_reasoning_item(server, client):
     pytest.importorskip("xgrammar")
     response = client.responses.create(model=MODEL, input="Capital of France?", max_output_tokens=60,
-                                       extra_body=SAY)
+                                       temperature=0, extra_body=SAY)
     kinds = [type(item).__name__ for item in response.output]
     assert kinds == ["ResponseReasoningItem", "ResponseOutputMessage"]
     thought = response.output[0]
     assert thought.id.startswith("rs_") and thought.summary == [] and thought.status == "completed"
     assert [(c.type, c.text) for c in thought.content] == [("reasoning_text", "Paris is in France.")]
     assert response.output_text == "Paris." and response.status == "completed"
-    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, extra_body=SAY)
+    chat = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60, temperature=0,
+                                          extra_body=SAY)  # the same prompt and tokens
     assert response.usage.output_tokens_details.reasoning_tokens == \
         chat.usage.completion_tokens_details.reasoning_tokens > 0
 
@@ -307,9 +315,17 @@ def test_reasoning_sent_back_reaches_the_template(thinking):
 
 
 def test_thinking_cut_off_is_all_reasoning(thinking):
-    out = client_of(thinking).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
+    client = client_of(thinking)
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)
     assert out.choices[0].message.content is None and out.choices[0].message.reasoning is not None
     assert out.usage.completion_tokens_details.reasoning_tokens == 5
+    events = list(client.responses.create(model=MODEL, input="Capital of France?", max_output_tokens=5,
+                                          temperature=0, stream=True))  # the stream helper wants "completed"
+    kinds, final = [e.type for e in events], events[-1].response
+    assert final.status == "incomplete" and [(item.type, item.status) for item in final.output] == \
+        [("reasoning", "incomplete")] and final.output_text == ""
+    assert "response.reasoning_text.done" in kinds and "response.output_text.delta" not in kinds
+    assert final.output[0].content[0].text == out.choices[0].message.reasoning
 
 
 def test_without_the_parser_nothing_changes(thinking_dir):
