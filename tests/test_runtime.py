@@ -537,6 +537,24 @@ def test_json_output_follows_its_schema(llm):
         llm.generate([PROMPTS[2]], SamplingParams(min_tokens=2, structured_output=StructuredOutput()))
 
 
+def test_a_grammar_can_start_after_a_marker(llm):
+    """structured_output_after: free text until the marker, the grammar from the next token on; a marker
+    that never comes leaves the output free."""
+    pytest.importorskip("xgrammar")
+    plain = llm.generate([PROMPTS[1]], GREEDY)[0]
+    marker = llm.tokenizer.decode(plain.token_ids[:3])  # the greedy output's first three tokens
+    later = SamplingParams(max_tokens=12, temperature=0, structured_output=StructuredOutput(regex="[a-c]{2}x"),
+                           structured_output_after=marker)
+    never = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, structured_output=StructuredOutput(
+        regex="[a-c]{2}x"), structured_output_after="no such text")
+    out, free = llm.generate([PROMPTS[1], PROMPTS[1]], [later, never])
+    assert out.token_ids[:3] == plain.token_ids[:3] and out.finish_reason == "stop"
+    assert re.fullmatch(re.escape(marker) + "[a-c]{2}x", out.text), out.text
+    assert free.token_ids == plain.token_ids
+    with pytest.raises(ValueError, match="structured_output_after"):
+        llm.generate([PROMPTS[1]], SamplingParams(structured_output_after="</think>"))
+
+
 def test_detokenizer_never_emits_broken_characters(llm):
     tokenizer = llm.tokenizer
     ids = tokenizer("café 東京 🙂 ok", add_special_tokens=False)["input_ids"]

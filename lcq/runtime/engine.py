@@ -99,7 +99,7 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         seq = Sequence(request_id, prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
                        max_tokens)
-        if params.structured_output is not None:
+        if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
@@ -240,9 +240,12 @@ class LLMEngine:
         seq.pending_ids.append(token)
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
+        searched_from = len(seq.detokenizer.text)
         text = seq.detokenizer.add(token)
         p = seq.params
         grammar_ended = seq.grammar is not None and self.structured.accept(seq, token)
+        if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker
+            self.structured.start_after(seq, searched_from)
         if (token in self.eos_ids and not p.ignore_eos) or grammar_ended:
             seq.finish_reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids:

@@ -40,6 +40,9 @@ class SamplingParams:
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
     structured_output: StructuredOutput | None = None  # JSON output (OpenAI's response_format)
+    # The grammar starts once the output's text holds this string (a reasoning model's "</think>": the
+    # answer is constrained, not the thinking before it); None: from the first token.
+    structured_output_after: str | None = None
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -60,6 +63,9 @@ class SamplingParams:
              "min_tokens must be between 0 and max_tokens"),
             (not (self.min_tokens and self.structured_output), "min_tokens cannot be combined with JSON output, "
                                                                 "which ends where its grammar does"),
+            (self.structured_output_after is None or (self.structured_output is not None
+                                                       and self.structured_output_after != ""),
+             "structured_output_after needs structured_output and a non-empty string"),
             (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "

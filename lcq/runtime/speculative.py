@@ -56,9 +56,10 @@ class PromptLookup:
 
 
 def can_draft(seq: Sequence) -> bool:
-    """Decoding one token, and sampled without per-row state (penalties, grammars, held-back stops)."""
+    """Decoding one token, and sampled without per-row state (penalties, grammars, also one that starts
+    later, held-back stops)."""
     p = seq.params
-    return (seq.num_uncomputed == 1 and seq.grammar is None and p.repetition_penalty == 1.0
+    return (seq.num_uncomputed == 1 and p.structured_output is None and p.repetition_penalty == 1.0
             and not p.presence_penalty and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
 
 

@@ -7,6 +7,10 @@ does this in C++ in about 0.1 ms), disallowed logits become -inf, and the chosen
 matcher. Once the JSON is complete only the end-of-sequence tokens remain allowed, so generation stops
 there. JSON is compact (no whitespace between tokens): models that pad JSON with whitespace could
 otherwise loop on it. xgrammar is imported on the first constrained request only.
+
+A grammar may start later (SamplingParams.structured_output_after): the output is free until its text
+holds the marker, and the grammar constrains the tokens after the one that completed it (the rest of
+that token's text, as a rule whitespace after a reasoning model's "</think>", is not checked).
 """
 from __future__ import annotations
 
@@ -56,9 +60,16 @@ class StructuredOutputs:
         self._grammar(spec)
 
     def start(self, seq: Sequence) -> None:
-        """Give seq a matcher (its output so far is empty)."""
+        """Give seq a matcher: its next tokens follow the grammar from its start."""
         import xgrammar
         seq.grammar = xgrammar.GrammarMatcher(self._grammar(seq.params.structured_output))
+
+    def start_after(self, seq: Sequence, searched_from: int) -> None:
+        """Start seq's matcher if its output text, past `searched_from` minus the marker's length (what
+        earlier tokens left unsearched), now holds the marker."""
+        marker = seq.params.structured_output_after
+        if seq.detokenizer.text.find(marker, max(0, searched_from - len(marker) + 1)) >= 0:
+            self.start(seq)
 
     def constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """Set to -inf, in place, every logit of a constrained row that its grammar does not allow next."""

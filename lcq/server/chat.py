@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, n choices, logprobs."""
+"""POST /v1/chat/completions: messages rendered with the tokenizer's chat template, n choices, logprobs,
+tool calls, and a reasoning model's thinking apart from its answer."""
 from __future__ import annotations
 
 import inspect
@@ -12,8 +13,9 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
-    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, DeltaMessage, ToolCall, \
-    ToolCallDelta, TopLogprob, dump
+    ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
+    CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump
+from .reasoning import THINK_END, ReasoningParser, ReasoningStream
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 from .tool_calls import ReplyReader, read_reply
@@ -24,7 +26,8 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Ch
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template expects them: role and plain-text content."""
+    """Messages as the chat template expects them: role and plain-text content (and an assistant turn's
+    thinking as `reasoning_content`, which templates such as Qwen3's render where they keep it)."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -38,14 +41,17 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
         for key in ("name", "tool_calls", "tool_call_id"):  # tool conversations, for templates that render them
             if getattr(message, key):
                 entry[key] = getattr(message, key)
+        reasoning = message.reasoning_content or message.reasoning
+        if reasoning:
+            entry["reasoning_content"] = reasoning
         out.append(entry)
     return out
 
 
-def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
-                tools: list[dict] | None = None) -> list[int]:
-    """Token ids of the conversation plus the assistant turn's opening (or the last message continued),
-    per the model's own template (which describes `tools` to the model where it knows how)."""
+def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
+                tools: list[dict] | None = None) -> str:
+    """The conversation plus the assistant turn's opening (or the last message continued), per the
+    model's own template (which describes `tools` to the model where it knows how)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
     if options.add_generation_prompt and options.continue_final_message:
@@ -66,7 +72,13 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     except Exception as e:  # jinja raises for conversations the template forbids (e.g. roles not alternating)
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages",
                        code="invalid_value") from None
-    return tokenizer.encode(text, add_special_tokens=False)
+    return text
+
+
+def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
+                tools: list[dict] | None = None) -> list[int]:
+    """Token ids of chat_prompt."""
+    return tokenizer.encode(chat_prompt(tokenizer, messages, options, tools), add_special_tokens=False)
 
 
 def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
@@ -81,8 +93,9 @@ def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
 
 @dataclass
 class ChatTurn:
-    """A chat request submitted to the engine, and how its replies are read: a forced tool call, calls
-    in the model's own syntax (`parser`), or text. The Responses API runs its requests through it too."""
+    """A chat request submitted to the engine, and how its replies are read: the thinking apart
+    (`reasoning`, with --reasoning-parser), then a forced tool call, calls in the model's own syntax
+    (`parser`), or text. The Responses API runs its requests through it too."""
 
     generation: Generation
     forced: str | None
@@ -90,16 +103,59 @@ class ChatTurn:
     logprobs: bool
     top: int  # alternatives per token in logprobs
     parallel: bool  # parallel_tool_calls: false keeps a reply's first call only
+    reasoning: ReasoningParser | None = None
 
-    def reader(self) -> ReplyReader:
-        return ReplyReader(self.forced, self.parser, self.parallel)
+    def reader(self) -> TurnReader:
+        return TurnReader(self.reasoning.stream() if self.reasoning else None,
+                          ReplyReader(self.forced, self.parser, self.parallel))
 
-    def reply(self, choice: Choice) -> tuple[str | None, list[ToolCall] | None, str | None]:
-        """(content, tool calls, finish reason) of a finished choice."""
-        return read_reply(choice.text, self.forced, self.parser, choice.finish_reason, self.parallel)
+    def reply(self, choice: Choice) -> tuple[str | None, str | None, list[ToolCall] | None, str | None]:
+        """(reasoning, content, tool calls, finish reason) of a finished choice; content None when the
+        reply ended inside its reasoning."""
+        reasoning, content = self.reasoning.split(choice.text) if self.reasoning else (None, choice.text)
+        if content is None:
+            return reasoning, None, None, choice.finish_reason
+        return (reasoning, *read_reply(content, self.forced, self.parser, choice.finish_reason, self.parallel))
+
+    def usage(self) -> UsageInfo:
+        """The generation's usage, and the replies' reasoning tokens where thinking is read apart."""
+        usage = self.generation.usage()
+        if self.reasoning is not None:
+            decode = self.generation.state.engine.tokenizer.decode
+            usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
+                self.reasoning.reasoning_tokens(c.text, c.token_ids, decode) for c in self.generation.choices))
+        return usage
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         return chat_logprobs(entries, self.top) if self.logprobs else None
+
+
+class TurnReader:
+    """One reply read as it streams: the (reasoning, content) that can be sent now, and at the end the
+    rest, the tool calls and the finish reason. Tool calls are read from the content only."""
+
+    def __init__(self, reasoning: ReasoningStream | None, reply: ReplyReader):
+        self.reasoning = reasoning
+        self.reply = reply
+
+    @property
+    def reasoned(self) -> bool:
+        """Whether the reply has a reasoning part (so far)."""
+        return self.reasoning is not None and self.reasoning.entered
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        reasoning, content = self.reasoning.feed(delta) if self.reasoning else ("", delta)
+        return reasoning, self.reply.feed(content)
+
+    def finish(self, finish_reason: str | None) -> tuple[str, str | None, list[ToolCall] | None, str | None]:
+        """(reasoning not sent yet, content not sent yet, tool calls or None, finish reason); content
+        None when the reply ended inside its reasoning."""
+        reasoning, content = self.reasoning.finish() if self.reasoning else ("", "")
+        if self.reasoning is not None and self.reasoning.thinking:
+            return reasoning, None, None, finish_reason
+        content = self.reply.feed(content)
+        rest, calls, reason = self.reply.finish(finish_reason)
+        return reasoning, content + (rest or ""), calls, reason
 
 
 def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, request_id: str) -> ChatTurn:
@@ -121,12 +177,16 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     if parsed and state.settings.tool_call_parser is None:
         raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json); or use "
                        "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
-    prompt = body.truncated(render_chat(state.engine.tokenizer, body.messages, body,
-                                        body.tools if forced or parsed else None))
-    generation = Generation(state, request_id, [prompt], params)
+    tokenizer = state.engine.tokenizer
+    text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
+    reasoning = ReasoningParser(text) if state.settings.reasoning_parser else None
+    if reasoning is not None and reasoning.inside and params.structured_output is not None:
+        params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
+    generation = Generation(state, request_id, [body.truncated(tokenizer.encode(text, add_special_tokens=False))],
+                            params)
     generation.submit()
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
-                    body.parallel_tool_calls)
+                    body.parallel_tool_calls, reasoning)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,
@@ -141,30 +201,33 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
     if body.stream:
         readers = {choice.index: turn.reader() for choice in generation.choices}
+        whole = turn.forced or turn.parser  # calls are read from the complete reply, sent with all its logprobs
 
         def start():
             for choice in generation.choices:
                 yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
 
         def on_delta(choice: Choice, out: RequestOutput):
-            if turn.forced or turn.parser:  # text until a call may start; calls once the reply is complete
-                text = readers[choice.index].feed(out.text)
-                if text:
-                    yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=text))])
-                if out.finish_reason:  # with the logprobs of all the reply's tokens
-                    content, calls, reason = readers[choice.index].finish(out.finish_reason)
-                    delta = DeltaMessage(content=content, tool_calls=None if not calls else
-                                         [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-                    yield chunk([ChatChunkChoice(index=choice.index, delta=delta, finish_reason=reason,
-                                                 logprobs=turn.logprobs_of(choice.logprobs))])
-            elif out.text or out.finish_reason or (turn.logprobs and out.logprobs):
-                yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(content=out.text or None),
-                                             logprobs=turn.logprobs_of(out.logprobs or []),
-                                             finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+            reader = readers[choice.index]
+            reasoning, content = reader.feed(out.text)
+            calls, reason = None, None
+            if out.finish_reason:
+                more_reasoning, more_content, calls, reason = reader.finish(out.finish_reason)
+                reasoning, content = reasoning + more_reasoning, content + (more_content or "")
+            if whole:
+                logprobs = turn.logprobs_of(choice.logprobs) if out.finish_reason else None
+            else:
+                logprobs = turn.logprobs_of(out.logprobs or [])
+            if reasoning or content or out.finish_reason or (not whole and turn.logprobs and out.logprobs):
+                delta = DeltaMessage(content=content or None, reasoning=reasoning or None,
+                                     reasoning_content=reasoning or None, tool_calls=None if not calls else
+                                     [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
+                yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=reason,
+                                             stop_reason=out.stop_reason)])
 
         def finish():
             if body.include_usage:
-                yield chunk([], usage=generation.usage())
+                yield chunk([], usage=turn.usage())
 
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
 
@@ -174,9 +237,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         raise failure
     choices = []
     for c in generation.choices:
-        content, calls, reason = turn.reply(c)
-        choices.append(ChatChoice(index=c.index, message=AssistantMessage(content=content, tool_calls=calls),
-                                  logprobs=turn.logprobs_of(c.logprobs), finish_reason=reason,
-                                  stop_reason=c.stop_reason))
+        reasoning, content, calls, reason = turn.reply(c)
+        message = AssistantMessage(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls)
+        choices.append(ChatChoice(index=c.index, message=message, logprobs=turn.logprobs_of(c.logprobs),
+                                  finish_reason=reason, stop_reason=c.stop_reason))
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
-                                  usage=generation.usage())
+                                  usage=turn.usage())

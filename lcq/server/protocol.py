@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Annotated, Any, Literal, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
@@ -180,6 +180,8 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, passed to the template
     tool_call_id: str | None = None  # which call a tool message answers
+    reasoning: str | None = None  # an assistant turn's thinking, as this server returned it (vLLM's name)
+    reasoning_content: str | None = None  # the same, as DeepSeek's API names it
 
 
 class ChatTemplateOptions(OpenAIRequest):
@@ -273,15 +275,36 @@ def now() -> int:
     return int(time.time())
 
 
+class OmitsUnset(BaseModel):
+    """A model whose `omitted_when_none` fields are left out of its JSON when None: fields that only a
+    server option fills (--reasoning-parser), so that responses without it stay as they were."""
+
+    omitted_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):  # no return annotation: the schema stays the fields' own
+        data = handler(self)
+        for key in self.omitted_when_none:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
+
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
 
 
-class UsageInfo(BaseModel):
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = 0  # up to and including the one that ends the thinking
+
+
+class UsageInfo(OmitsUnset):
+    omitted_when_none = ("completion_tokens_details",)
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class CompletionLogprobs(BaseModel):
@@ -337,9 +360,12 @@ class ToolCallDelta(ToolCall):
     index: int
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(OmitsUnset):
+    omitted_when_none = ("reasoning", "reasoning_content")
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = None  # the thinking (--reasoning-parser), as vLLM names it
+    reasoning_content: str | None = None  # the same, as DeepSeek's API and vLLM before 0.11 name it
     tool_calls: list[ToolCall] | None = None
 
 
@@ -365,6 +391,8 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")

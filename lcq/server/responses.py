@@ -1,9 +1,10 @@
 """POST /v1/responses (OpenAI's Responses API), GET and DELETE /v1/responses/{id}.
 
 A request runs the chat path (its input as messages, `instructions` as the system message); its output
-is a message and the function calls the model made, streamed as the API's named events:
-response.created, output items and their text or argument deltas, then response.completed (or
-.incomplete at max_output_tokens, .failed after an `error` event). With `store` (on by default, as at
+is the model's thinking as a reasoning item (with --reasoning-parser), a message and the function calls
+the model made, streamed as the API's named events: response.created, output items and their
+reasoning, text or argument deltas, then response.completed (or .incomplete at max_output_tokens,
+.failed after an `error` event). With `store` (on by default, as at
 OpenAI) the response can be fetched and continued by `previous_response_id`; see response_store.py.
 """
 from __future__ import annotations
@@ -22,7 +23,8 @@ from .generation import Choice
 from .protocol import ToolCall, dump
 from .response_store import StoredResponse
 from .responses_protocol import DeletedResponse, FunctionCallItem, IncompleteDetails, InputTokensDetails, \
-    OutputMessage, OutputText, ResponseError, ResponseObject, ResponsesRequest, ResponseUsage, input_messages
+    OutputMessage, OutputText, OutputTokensDetails, ReasoningItem, ReasoningText, ResponseError, ResponseObject, \
+    ResponsesRequest, ResponseUsage, input_messages
 from .sse import named_event, sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -46,6 +48,10 @@ class ResponseBuilder:
         self.id = response_id
         self.created = created
         self.message_id = f"msg_{uuid.uuid4().hex}"
+        self.reasoning_id = f"rs_{uuid.uuid4().hex}"
+
+    def reasoning(self, text: str, status: str) -> ReasoningItem:
+        return ReasoningItem(id=self.reasoning_id, status=status, content=[ReasoningText(text=text)])
 
     def message(self, text: str, status: str, logprobs: list | None = None) -> OutputMessage:
         return OutputMessage(id=self.message_id, status=status, content=[OutputText(text=text, logprobs=logprobs)])
@@ -55,12 +61,15 @@ class ResponseBuilder:
         return FunctionCallItem(id=f"fc_{call.id.removeprefix('call_')}", call_id=call.id, name=call.function.name,
                                 arguments=call.function.arguments if status == "completed" else "", status=status)
 
-    def output(self, content: str | None, calls: list[ToolCall] | None, status: str,
-               logprobs: list | None) -> list[OutputMessage | FunctionCallItem]:
-        """A message (unless the reply is only calls), then the calls."""
-        items: list[OutputMessage | FunctionCallItem] = []
-        if content or not calls:
-            items.append(self.message(content or "", status, logprobs))
+    def output(self, reasoning: str | None, content: str | None, calls: list[ToolCall] | None, status: str,
+               logprobs: list | None) -> list[ReasoningItem | OutputMessage | FunctionCallItem]:
+        """The reasoning (if read apart), a message (unless the reply is only calls, or was cut off in its
+        reasoning), then the calls."""
+        items: list[ReasoningItem | OutputMessage | FunctionCallItem] = []
+        if reasoning is not None:
+            items.append(self.reasoning(reasoning, "incomplete" if content is None else "completed"))
+        if content is not None and (content or not calls):
+            items.append(self.message(content, status, logprobs))
         return items + [self.call(call) for call in calls or []]
 
     def response(self, status: str, output: list | None = None, turn: ChatTurn | None = None,
@@ -68,10 +77,13 @@ class ResponseBuilder:
         body = self.body
         usage = None
         if turn is not None:
-            counts = turn.generation.usage()
+            counts = turn.usage()
             cached = InputTokensDetails(cached_tokens=counts.prompt_tokens_details.cached_tokens)
+            details = counts.completion_tokens_details
+            reasoning = OutputTokensDetails(reasoning_tokens=details.reasoning_tokens if details else 0)
             usage = ResponseUsage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,
-                                  total_tokens=counts.total_tokens, input_tokens_details=cached)
+                                  total_tokens=counts.total_tokens, input_tokens_details=cached,
+                                  output_tokens_details=reasoning)
         defaults = self.state.engine.sampling_defaults  # what an unset temperature or top_p sampled with
         return ResponseObject(
             id=self.id, created_at=self.created, status=status, output=output or [],
@@ -91,9 +103,12 @@ def _status(finish_reason: str | None) -> str:
     return "incomplete" if finish_reason == "length" else "completed"
 
 
-def _assistant_message(content: str | None, calls: list[ToolCall] | None) -> dict[str, Any]:
-    """The reply as the chat message a later turn's template renders."""
+def _assistant_message(reasoning: str | None, content: str | None, calls: list[ToolCall] | None) -> dict[str, Any]:
+    """The reply as the chat message a later turn's template renders (the thinking as reasoning_content,
+    which the template keeps or drops)."""
     message: dict[str, Any] = {"role": "assistant", "content": content or ""}
+    if reasoning:
+        message["reasoning_content"] = reasoning
     if calls:
         message["tool_calls"] = [call.model_dump() for call in calls]
     return message
@@ -110,15 +125,17 @@ async def create_response(body: ResponsesRequest, request: Request):
         if previous is None:
             raise _not_found(body.previous_response_id, "previous_response_id")
         history = previous.conversation
-    conversation = history + input_messages(body.input)
+    conversation = history + input_messages(body.input, keep_reasoning=state.settings.reasoning_parser is not None)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     builder = ResponseBuilder(body, state, f"resp_{uuid.uuid4().hex}", 0)
     turn = start_chat(body.chat_request(system + conversation), state, "/v1/responses", builder.id)
     builder.created = turn.generation.created
 
-    def keep(response: ResponseObject, content: str | None, calls: list[ToolCall] | None) -> ResponseObject:
+    def keep(response: ResponseObject, reasoning: str | None, content: str | None,
+             calls: list[ToolCall] | None) -> ResponseObject:
         if body.store:
-            state.responses.put(StoredResponse(response, conversation + [_assistant_message(content, calls)]))
+            state.responses.put(StoredResponse(response, conversation + [_assistant_message(reasoning, content,
+                                                                                             calls)]))
         return response
 
     if body.stream:
@@ -129,22 +146,26 @@ async def create_response(body: ResponsesRequest, request: Request):
     if failure:
         raise failure
     choice = turn.generation.choices[0]
-    content, calls, _ = turn.reply(choice)
+    reasoning, content, calls, _ = turn.reply(choice)
     status = _status(choice.finish_reason)
     logprobs = turn.logprobs_of(choice.logprobs).content if turn.logprobs else None
-    output = builder.output(content, calls, status, logprobs)
-    return keep(builder.response(status, output, turn), content, calls)
+    output = builder.output(reasoning, content, calls, status, logprobs)
+    return keep(builder.response(status, output, turn), reasoning, content, calls)
 
 
 def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
-            keep: Callable[[ResponseObject, str | None, list[ToolCall] | None], ResponseObject]) -> AsyncIterator[str]:
+            keep: Callable[[ResponseObject, str | None, str | None, list[ToolCall] | None], ResponseObject]
+            ) -> AsyncIterator[str]:
     """The named events of one response, in the order the official client's stream helper checks; `keep`
     stores the finished response."""
     reader = turn.reader()
     sequence = itertools.count()
+    thought: list[str] = []  # the reasoning item's text so far
     sent: list[str] = []  # the message's text so far
     pending: list[dict] = []  # logprobs of tokens whose text the detokenizer still holds (a split character)
-    output: list[OutputMessage | FunctionCallItem] = []
+    output: list[ReasoningItem | OutputMessage | FunctionCallItem] = []
+    opened: dict[str, int] = {}  # "reasoning", "message": the item's output_index once it is added
+    closed: set[str] = set()
     final: dict[str, Any] = {}
 
     def render(payload: dict) -> str:
@@ -153,24 +174,54 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
     def lifecycle(kind: str, response: ResponseObject) -> dict:
         return {"type": f"response.{kind}", "response": dump(response)}
 
+    def reasoning_events(text: str) -> Iterator[dict]:
+        if "reasoning" not in opened:  # the item opens with the reasoning, before its first text
+            opened["reasoning"] = index = len(output)
+            output.append(builder.reasoning("", "in_progress"))
+            yield {"type": "response.output_item.added", "output_index": index,
+                   "item": {**dump(output[index]), "content": []}}
+            yield {"type": "response.content_part.added", "item_id": builder.reasoning_id, "output_index": index,
+                   "content_index": 0, "part": dump(ReasoningText(text=""))}
+        if text:
+            thought.append(text)
+            yield {"type": "response.reasoning_text.delta", "item_id": builder.reasoning_id,
+                   "output_index": opened["reasoning"], "content_index": 0, "delta": text}
+
+    def reasoning_done(status: str) -> Iterator[dict]:
+        if "reasoning" not in opened or "reasoning" in closed:
+            return
+        closed.add("reasoning")
+        index = opened["reasoning"]
+        output[index] = item = builder.reasoning("".join(thought), status)
+        part = item.content[0]
+        yield {"type": "response.reasoning_text.done", "item_id": item.id, "output_index": index,
+               "content_index": 0, "text": part.text}
+        yield {"type": "response.content_part.done", "item_id": item.id, "output_index": index, "content_index": 0,
+               "part": dump(part)}
+        yield {"type": "response.output_item.done", "output_index": index, "item": dump(item)}
+
     def text_events(text: str, logprobs: list) -> Iterator[dict]:
-        if not output:  # the message opens with its first text
+        if "message" not in opened:  # the message opens with its first text, once the reasoning is complete
+            yield from reasoning_done("completed")
+            opened["message"] = index = len(output)
             output.append(builder.message("", "in_progress"))
-            yield {"type": "response.output_item.added", "output_index": 0,
-                   "item": {**dump(output[0]), "content": []}}
-            yield {"type": "response.content_part.added", "item_id": builder.message_id, "output_index": 0,
+            yield {"type": "response.output_item.added", "output_index": index,
+                   "item": {**dump(output[index]), "content": []}}
+            yield {"type": "response.content_part.added", "item_id": builder.message_id, "output_index": index,
                    "content_index": 0, "part": dump(OutputText(text=""))}
         if text or logprobs:
             sent.append(text)
-            yield {"type": "response.output_text.delta", "item_id": builder.message_id, "output_index": 0,
-                   "content_index": 0, "delta": text, "logprobs": logprobs}
+            yield {"type": "response.output_text.delta", "item_id": builder.message_id,
+                   "output_index": opened["message"], "content_index": 0, "delta": text, "logprobs": logprobs}
 
     def start() -> Iterator[dict]:
         yield lifecycle("created", builder.response("in_progress"))
         yield lifecycle("in_progress", builder.response("in_progress"))
 
     def on_delta(choice: Choice, out: RequestOutput) -> Iterator[dict]:
-        text = reader.feed(out.text)
+        reasoning, text = reader.feed(out.text)
+        if reader.reasoned:
+            yield from reasoning_events(reasoning)
         if turn.logprobs and not (turn.forced or turn.parser):  # a token's logprob goes out with its text
             pending.extend(dump(turn.logprobs_of(out.logprobs or []))["content"])
         if text:
@@ -178,19 +229,23 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
             pending.clear()
         if out.finish_reason is None:
             return
-        rest, calls, _ = reader.finish(out.finish_reason)
+        reasoning, rest, calls, _ = reader.finish(out.finish_reason)
+        if reader.reasoned:
+            yield from reasoning_events(reasoning)
+        yield from reasoning_done("incomplete" if rest is None else "completed")
         status = _status(out.finish_reason)
-        if rest or pending or not calls:
-            yield from text_events(rest or "", pending)
-        if output:
+        if rest is not None and (rest or pending or not calls):
+            yield from text_events(rest, pending)
+        if "message" in opened:
+            index = opened["message"]
             all_logprobs = turn.logprobs_of(choice.logprobs).content if turn.logprobs else None
-            output[0] = builder.message("".join(sent), status, all_logprobs)
-            part = output[0].content[0]
-            yield {"type": "response.output_text.done", "item_id": builder.message_id, "output_index": 0,
+            output[index] = builder.message("".join(sent), status, all_logprobs)
+            part = output[index].content[0]
+            yield {"type": "response.output_text.done", "item_id": builder.message_id, "output_index": index,
                    "content_index": 0, "text": part.text, "logprobs": dump(part)["logprobs"] or []}
-            yield {"type": "response.content_part.done", "item_id": builder.message_id, "output_index": 0,
+            yield {"type": "response.content_part.done", "item_id": builder.message_id, "output_index": index,
                    "content_index": 0, "part": dump(part)}
-            yield {"type": "response.output_item.done", "output_index": 0, "item": dump(output[0])}
+            yield {"type": "response.output_item.done", "output_index": index, "item": dump(output[index])}
         for call in calls or []:  # each call goes out whole: its arguments are complete only now
             index, item = len(output), builder.call(call)
             output.append(item)
@@ -201,11 +256,12 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
             yield {"type": "response.function_call_arguments.done", "item_id": item.id, "output_index": index,
                    "name": item.name, "arguments": item.arguments}
             yield {"type": "response.output_item.done", "output_index": index, "item": dump(item)}
-        final.update(status=status, content="".join(sent) or None, calls=calls)
+        final.update(status=status, reasoning="".join(thought) if reader.reasoned else None,
+                     content="".join(sent) or None, calls=calls)
 
     def finish() -> Iterator[dict]:
         response = builder.response(final["status"], output, turn)
-        keep(response, final["content"], final["calls"])
+        keep(response, final["reasoning"], final["content"], final["calls"])
         yield lifecycle("completed" if final["status"] == "completed" else "incomplete", response)
 
     def failed(message: str) -> Iterator[dict]:

@@ -44,18 +44,35 @@ def _text(value: str | list[InputPart] | None, param: str) -> str:
     return "".join(part.text or "" for part in value)
 
 
-def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
+def _reasoning_text(item: InputItem) -> str:
+    """The text of a reasoning item's reasoning_text parts (one from another server may have none)."""
+    parts = item.content if isinstance(item.content, list) else []
+    return "".join(part.text or "" for part in parts if part.type == "reasoning_text")
+
+
+def input_messages(items: str | list[InputItem], keep_reasoning: bool = False) -> list[dict[str, Any]]:
     """The input as chat messages: a string is one user message; a model's function calls join the
-    assistant turn they follow, and each call's output is a tool message answering it."""
+    assistant turn they follow, and each call's output is a tool message answering it. With
+    `keep_reasoning` (a reasoning parser), a reasoning item's text becomes the `reasoning_content` of
+    the assistant turn that follows it, for the template to render or drop; else reasoning is dropped."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
     messages: list[dict[str, Any]] = []
+    reasoning = ""  # of a reasoning item not yet given to an assistant turn
+
+    def assistant_turn(message: dict[str, Any]) -> dict[str, Any]:
+        nonlocal reasoning
+        if reasoning:
+            message["reasoning_content"], reasoning = reasoning, ""
+        return message
+
     for i, item in enumerate(items):
         param = f"input.{i}"
         if item.type == "message":
             if item.role is None:
                 raise APIError(400, f"{param}: a message needs a role", param=param, code="invalid_value")
-            messages.append({"role": item.role, "content": _text(item.content, f"{param}.content")})
+            message = {"role": item.role, "content": _text(item.content, f"{param}.content")}
+            messages.append(assistant_turn(message) if item.role == "assistant" else message)
         elif item.type == "function_call":
             if not (item.call_id and item.name and item.arguments is not None):
                 raise APIError(400, f"{param}: a function_call needs call_id, name and arguments", param=param,
@@ -63,15 +80,18 @@ def input_messages(items: str | list[InputItem]) -> list[dict[str, Any]]:
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
             if messages and messages[-1]["role"] == "assistant":
-                messages[-1].setdefault("tool_calls", []).append(call)
+                assistant_turn(messages[-1]).setdefault("tool_calls", []).append(call)
             else:
-                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+                messages.append(assistant_turn({"role": "assistant", "content": "", "tool_calls": [call]}))
         elif item.type == "function_call_output":
             if not item.call_id:
                 raise APIError(400, f"{param}: a function_call_output needs call_id", param=param, code="invalid_value")
             messages.append({"role": "tool", "tool_call_id": item.call_id,
                              "content": _text(item.output, f"{param}.output")})
-        elif item.type != "reasoning":  # this server writes none; a client may send back another's
+        elif item.type == "reasoning":
+            if keep_reasoning:
+                reasoning += _reasoning_text(item)
+        else:
             raise APIError(400, f"{param}: input items of type {item.type!r} are not supported (message, "
                            "function_call, function_call_output)", param=param, code="unsupported_value")
     return messages
@@ -157,6 +177,21 @@ class OutputText(BaseModel):
     logprobs: list[ChatTokenLogprob] | None = None
 
 
+class ReasoningText(BaseModel):
+    type: Literal["reasoning_text"] = "reasoning_text"
+    text: str
+
+
+class ReasoningItem(BaseModel):
+    """A reasoning model's thinking (--reasoning-parser): the text itself, no summary."""
+
+    type: Literal["reasoning"] = "reasoning"
+    id: str
+    summary: list[Any] = Field(default_factory=list)
+    content: list[ReasoningText]
+    status: Literal["in_progress", "completed", "incomplete"] = "completed"
+
+
 class OutputMessage(BaseModel):
     type: Literal["message"] = "message"
     id: str
@@ -207,7 +242,7 @@ class ResponseObject(BaseModel):
     created_at: int
     status: Literal["in_progress", "completed", "incomplete", "failed"]
     model: str
-    output: list[OutputMessage | FunctionCallItem] = Field(default_factory=list)
+    output: list[ReasoningItem | OutputMessage | FunctionCallItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
     incomplete_details: IncompleteDetails | None = None
     error: ResponseError | None = None

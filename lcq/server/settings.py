@@ -15,6 +15,7 @@ from lcq.errors import UserError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # tool_calls.PARSERS
+REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ServeSettings:
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
     tool_call_parser: str | None = None  # how replies of tool_choice "auto" are read (tool_calls.PARSERS)
+    reasoning_parser: str | None = None  # how a reasoning model's thinking is split from its answer (reasoning.py)
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
 
     def __post_init__(self) -> None:
@@ -44,6 +46,8 @@ class ServeSettings:
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
+            (self.reasoning_parser in (None, *REASONING_PARSERS),
+             f"reasoning parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -124,6 +128,9 @@ FLAGS = (
     Flag("--log-level", str, "uvicorn log level", "server"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes) or llama3_json "
          "(replies that are JSON calls: Llama 3.1-3.3): how replies are read so that tool_choice auto works", "server"),
+    Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
+         "QwQ, Qwen3): the thinking goes to `reasoning` (chat) or a reasoning item (Responses), the answer to the "
+         "content, and response_format applies after the thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
          "the least recently used dropped beyond it (0: none kept)", "server"),
 )

@@ -1,0 +1,110 @@
+"""Reasoning in replies: the thinking a reasoning model writes before its answer, split from the answer.
+
+`lcq serve --reasoning-parser NAME` reads it as vLLM's parser of that name does. Both names read one
+syntax, `<think>` ... `</think>`:
+- deepseek_r1 (DeepSeek-R1 and its distills, QwQ);
+- qwen3 (Qwen3, hybrid and Thinking).
+Newer chat templates open the thinking themselves (the generation prompt ends with `<think>` and a
+newline, so the reply has only `</think>`); others leave the model to write `<think>` first; with
+Qwen3's enable_thinking false the prompt closes an empty thinking. So the rendered prompt decides how a
+reply starts: inside reasoning when the prompt ends inside an open `<think>`, else as content, where a
+reply that opens (after whitespace) with `<think>` enters reasoning. Reasoning ends at the first
+`</think>`; the whitespace after it belongs to neither part.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Callable
+
+PARSERS = ("deepseek_r1", "qwen3")  # the same syntax under vLLM's two names
+THINK_START, THINK_END = "<think>", "</think>"
+
+
+def _tag_prefix(text: str, tag: str) -> int:
+    """Length of the longest tail of text that is a proper prefix of tag (it may be the tag's start)."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
+
+
+class ReasoningStream:
+    """One reply split as it streams: `feed` returns the (reasoning, content) text that is final, and
+    never part of a tag: a tail that may begin one is held until the next text decides."""
+
+    def __init__(self, inside: bool):
+        self.inside = inside  # the prompt opened the reasoning
+        self.state = "start"  # start (before any text but whitespace), reasoning, ended (after </think>), content
+        self.entered = False  # the reply has a reasoning part
+        self.held = ""
+
+    @property
+    def thinking(self) -> bool:
+        """Whether the reply is inside its reasoning now (at the end: whether it was cut off there)."""
+        return self.state == "reasoning" or (self.state == "start" and self.inside)
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        text, self.held = self.held + delta, ""
+        reasoning = content = ""
+        while text:
+            if self.state == "start":
+                opening = text.lstrip()
+                if opening.startswith(THINK_START):
+                    self.state, self.entered, text = "reasoning", True, opening[len(THINK_START):]
+                elif THINK_START.startswith(opening):  # only whitespace yet, or a tag not yet complete
+                    self.held, text = text, ""
+                else:
+                    self.state, self.entered = ("reasoning", True) if self.inside else ("content", False)
+            elif self.state == "reasoning":
+                end = text.find(THINK_END)
+                if end >= 0:
+                    reasoning, self.state, text = reasoning + text[:end], "ended", text[end + len(THINK_END):]
+                else:
+                    cut = len(text) - _tag_prefix(text, THINK_END)
+                    reasoning, self.held, text = reasoning + text[:cut], text[cut:], ""
+            elif self.state == "ended":
+                text = text.lstrip()
+                if text:
+                    self.state = "content"
+            else:
+                content, text = content + text, ""
+        return reasoning, content
+
+    def finish(self) -> tuple[str, str]:
+        """The held-back text, once the reply is complete."""
+        rest, self.held = self.held, ""
+        if self.state == "start":
+            self.state, self.entered = ("reasoning", True) if self.inside else ("content", False)
+        return (rest, "") if self.state == "reasoning" else ("", rest)
+
+
+class ReasoningParser:
+    """How the replies to one rendered prompt are split: whether they start inside reasoning."""
+
+    def __init__(self, prompt: str):
+        start = prompt.rfind(THINK_START)
+        self.inside = start >= 0 and THINK_END not in prompt[start:]
+
+    def stream(self) -> ReasoningStream:
+        return ReasoningStream(self.inside)
+
+    def split(self, text: str) -> tuple[str | None, str | None]:
+        """(reasoning, content) of a complete reply: reasoning None when it has none; content None when
+        the reply ended inside its reasoning (cut off by max_tokens)."""
+        stream = self.stream()
+        reasoning, content = stream.feed(text)
+        more_reasoning, more_content = stream.finish()
+        return (reasoning + more_reasoning if stream.entered else None,
+                None if stream.thinking else content + more_content)
+
+    def reasoning_tokens(self, text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+        """How many of a reply's tokens are reasoning: up to and including the one that completes
+        `</think>` (the first token whose prefix decodes with it), all of them for a reply cut off in
+        its reasoning, none for a reply without."""
+        reasoning, content = self.split(text)
+        if reasoning is None:
+            return 0
+        if content is None:
+            return len(token_ids)
+        first = bisect_left(range(1, len(token_ids) + 1), True, key=lambda k: THINK_END in decode(token_ids[:k]))
+        return min(first + 1, len(token_ids))
