@@ -645,6 +645,24 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path):
     assert _pool_is_full(graphed.engine)
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_hold_lora_adapters(tmp_path):
+    """Decode graphs captured with two adapters serve steps that mix them with the base model: the
+    eager engine's tokens, which differ from the base's."""
+    folder = make_tiny_lcq(tmp_path, "qwen3", bits=2, rank=2, group_size=32)
+    modules = ",".join(f"{name}={make_tiny_adapter(tmp_path / name, folder, seed=seed)}"
+                       for seed, name in enumerate(("sql", "chat")))
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
+              for lora in ("sql", None, "chat", "sql", None)]
+    prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
+    graphed = LLM(str(folder), block_size=8, max_num_seqs=8, lora_modules=modules)
+    assert graphed.engine.runner.graphs is not None
+    eager = LLM(str(folder), block_size=8, max_num_seqs=8, cuda_graphs=False, lora_modules=modules)
+    tokens = [o.token_ids for o in graphed.generate(prompts, params)]
+    assert tokens == [o.token_ids for o in eager.generate(prompts, params)]
+    assert tokens[0] != [o.token_ids for o in eager.generate(prompts[:1], GREEDY)][0]
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
@@ -712,19 +730,25 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
 
 @pytest.mark.parametrize("base", ["fp32", "lcq"])
 def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, base):
-    """An adapter served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) gives the greedy
-    tokens of transformers with the adapter merged into the weights, alone and batched with base-model
-    requests; the prefix cache never hands the adapter the base model's KV blocks, but does its own."""
+    """Adapters served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) give the greedy
+    tokens of transformers with each adapter merged into the weights, alone and batched with each other
+    (different ranks and layers) and with base-model requests; the prefix cache never hands an adapter
+    the base model's KV blocks, but does its own."""
     folder = tiny if base == "fp32" else make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
     adapter = make_tiny_adapter(tmp_path / "adapter", folder)
-    llm = LLM(str(folder), block_size=8, lora_modules=f"sql={adapter}", **FP32)
+    other = make_tiny_adapter(tmp_path / "other", folder, rank=6, seed=1,
+                              targets=("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj"))
+    llm = LLM(str(folder), block_size=8, lora_modules=f"sql={adapter},chat={other}", **FP32)
     tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql")
     merged = merge_adapter(load_reference_model(folder), adapter)
     expected = [_transformers_greedy(None, prompt, 12, merged) for prompt in PROMPTS]
+    other_merged = merge_adapter(load_reference_model(folder), other)
+    expected_other = [_transformers_greedy(None, prompt, 12, other_merged) for prompt in PROMPTS]
     base_tokens = [_transformers_greedy(folder, prompt, 12) for prompt in PROMPTS]
-    assert expected != base_tokens
-    outs = llm.generate(PROMPTS + PROMPTS, [tuned] * 3 + [GREEDY] * 3)
-    assert [o.token_ids for o in outs] == expected + base_tokens
+    assert expected != base_tokens and expected_other != base_tokens
+    chat = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="chat")
+    outs = llm.generate(PROMPTS * 3, [tuned] * 3 + [GREEDY] * 3 + [chat] * 3)
+    assert [o.token_ids for o in outs] == expected + base_tokens + expected_other
     prompt = list(range(60, 80))  # two full blocks, cached by the base model first
     llm.generate([prompt], GREEDY)
     first, again = (llm.generate([prompt], tuned)[0] for _ in range(2))

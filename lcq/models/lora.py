@@ -6,8 +6,9 @@ meant to run. Our layers fuse q/k/v and gate/up along N; an adapter's matrices f
 one fused layer are joined the same way: their A rows stacked, their B placed block-diagonally
 at each part's rows (a part the adapter leaves out contributes nothing).
 
-A step may mix sequences of several adapters and of none: LoRABatch holds, per adapter, the rows
-of the flattened batch that use it, and each layer adds each adapter's product to its rows.
+A step may mix sequences of several adapters and of none: AdapterStack holds all adapters side by
+side, LoRABatch says which one each row of the flattened batch uses, and each layer adds, per row,
+its adapter's product (the others' masked out).
 """
 from __future__ import annotations
 
@@ -57,8 +58,9 @@ def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, 
     settings = json.loads((folder / CONFIG_FILE).read_text())
     if settings.get("peft_type", "LORA") != "LORA":
         raise _refuse(folder, f"peft_type {settings['peft_type']} is not LoRA")
-    for key, allowed in (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),
-                         ("fan_in_fan_out", (False, None)), ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None))):
+    refused_unless = (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),
+                      ("fan_in_fan_out", (False, None)), ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None)))
+    for key, allowed in refused_unless:
         if settings.get(key) not in allowed:
             raise _refuse(folder, f"{key} {settings[key]!r} is not supported")
     alpha, rslora = settings.get("lora_alpha", settings.get("r", 8)), bool(settings.get("use_rslora"))
@@ -108,22 +110,43 @@ def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, 
     return adapter
 
 
+class AdapterStack:
+    """Every served adapter's matrices of each fused layer side by side: A (S R, K) and B (N, S R), adapter s
+    in columns s R .. s R + R (R: the largest rank any of them has there, the rest zero). One product
+    then serves a step whatever mix of adapters its rows use, and the step's shapes do not depend on
+    that mix, so CUDA graphs capture it."""
+
+    def __init__(self, adapters: list[Adapter]):
+        self.count = len(adapters)
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        for layer in dict.fromkeys(key for adapter in adapters for key in adapter):
+            present = [adapter[layer] for adapter in adapters if layer in adapter]
+            rank, (a0, b0) = max(a.shape[0] for a, _ in present), present[0]
+            a_all = a0.new_zeros(self.count * rank, a0.shape[1])
+            b_all = b0.new_zeros(b0.shape[0], self.count * rank)
+            for index, adapter in enumerate(adapters):
+                if layer in adapter:
+                    a, b = adapter[layer]
+                    a_all[index * rank:index * rank + a.shape[0]] = a
+                    b_all[:, index * rank:index * rank + b.shape[1]] = b
+            owner = torch.arange(self.count, device=a0.device).repeat_interleave(rank)  # each column's adapter
+            self.layers[layer] = (a_all, b_all, owner)
+
+
 @dataclass
 class LoRABatch:
-    """The adapters of one step: each with the rows (int64 indices into the flattened batch) that use
-    it, or None where one adapter has every row (no gather and scatter then)."""
+    """A step's adapters: `slots` (rows,) int64 holds each row's adapter index in the stack, -1 for rows of
+    the base model."""
 
-    groups: list[tuple[Adapter, torch.Tensor | None]]
+    stack: AdapterStack
+    slots: torch.Tensor
 
     def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y (rows, N) = x @ W^T of fused layer `layer`, plus each adapter's product on its rows (in place)."""
-        for adapter, rows in self.groups:
-            weights = adapter.get(layer)
-            if weights is None:
-                continue
-            a, b = weights
-            if rows is None:
-                y.addmm_(x @ a.t(), b.t())
-            else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.t()) @ b.t())
-        return y
+        """y (rows, N) = x @ W^T of fused layer `layer`, plus each row's adapter product (in place): x times
+        every adapter's A, the columns of other adapters zeroed per row, times every B."""
+        weights = self.stack.layers.get(layer)
+        if weights is None:
+            return y
+        a, b, owner = weights
+        low_rank = (x @ a.t()).mul_(self.slots.unsqueeze(1) == owner)
+        return y.addmm_(low_rank, b.t())

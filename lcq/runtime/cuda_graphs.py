@@ -13,6 +13,7 @@ import logging
 import torch
 
 from lcq.models import ForwardContext
+from lcq.models.lora import AdapterStack, LoRABatch
 
 logger = logging.getLogger("lcq.engine")
 
@@ -27,8 +28,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device):
+    def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
+                 adapters: AdapterStack | None = None):
+        """adapters: the served LoRA adapters, whose products the graphs then hold for every row (each row's
+        adapter index in a static buffer, -1 for the base model and padding)."""
         self.model = model
+        self.adapters = adapters
         self.sizes = graph_batch_sizes(max_num_seqs)
         top = self.sizes[-1]
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
@@ -37,6 +42,7 @@ class DecodeGraphs:
         self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.adapter_slots = torch.full((top,), -1, dtype=torch.int64, device=device)
         self.max_context_len = max_blocks_per_seq * block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._capture()
@@ -46,10 +52,11 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _context(self, size: int) -> ForwardContext:
+        lora = None if self.adapters is None else LoRABatch(self.adapters, self.adapter_slots[:size])
         return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:size],
                               query_start=self.query_start[:size + 1], context_lens=self.context_lens[:size],
                               block_tables=self.block_tables[:size], max_query_len=1,
-                              max_context_len=self.max_context_len)
+                              max_context_len=self.max_context_len, lora=lora)
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -76,12 +83,17 @@ class DecodeGraphs:
         self.slot_mapping[:n].copy_(context.slot_mapping)
         self.context_lens[:n].copy_(context.context_lens)
         self.block_tables[:n, :width].copy_(context.block_tables)
+        if context.lora is not None:
+            self.adapter_slots[:n].copy_(context.lora.slots)
+        else:
+            self.adapter_slots[:n].fill_(-1)
         if size > n:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
             self.slot_mapping[n:size].fill_(-1)
             self.context_lens[n:size].fill_(1)
             self.block_tables[n:size].zero_()
+            self.adapter_slots[n:size].fill_(-1)
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:n]

@@ -12,7 +12,7 @@ from lcq.kernels.cpu_half import pair_panel_bytes, pair_panels
 from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, cpu_products
 from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
-from lcq.models.lora import Adapter, LoRABatch, load_adapter
+from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
@@ -49,9 +49,10 @@ class ModelRunner:
         self.model, self.model_config = load_model(config.model, self.device, self.dtype, keep_packed=False)
         if not on_cuda:
             return_freed_memory()  # the packed tensors the CPU layers dropped
-        self.adapters: dict[str, Adapter] = {
-            name: load_adapter(folder, self.model_config, self.device, self.dtype)
-            for name, folder in config.lora_adapters().items()}
+        folders = config.lora_adapters()
+        self.adapters = {name: index for index, name in enumerate(folders)}  # name -> index in the stack
+        self.adapter_stack = AdapterStack([load_adapter(folder, self.model_config, self.device, self.dtype)
+                                           for folder in folders.values()]) if folders else None
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
@@ -75,7 +76,8 @@ class ModelRunner:
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
-                                           -(-self.max_model_len // self.block_size), self.block_size, self.device)
+                                           -(-self.max_model_len // self.block_size), self.block_size, self.device,
+                                           self.adapter_stack)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
@@ -125,13 +127,12 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         ids, positions, slots, starts, lengths, tables = [], [], [], [0], [], []
-        adapter_rows: dict[str, list[int]] = {}
+        adapter_slots: list[int] = []  # each row's adapter index, -1 for the base model
         bs = self.block_size
         width = max(len(seq.block_table) for seq, _ in scheduled)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
-            if seq.params.lora is not None:
-                adapter_rows.setdefault(seq.params.lora, []).extend(range(len(ids), len(ids) + count))
+            adapter_slots += [-1 if seq.params.lora is None else self.adapters[seq.params.lora]] * count
             ids.extend(seq.token_ids[begin:begin + count])
             for pos in range(begin, begin + count):
                 positions.append(pos)
@@ -152,8 +153,8 @@ class ModelRunner:
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
             block_tables=tensor(tables, torch.int32), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
-            lora=LoRABatch([(self.adapters[name], None if len(rows) == len(ids) else tensor(rows, torch.int64))
-                            for name, rows in adapter_rows.items()]) if adapter_rows else None)
+            lora=LoRABatch(self.adapter_stack, tensor(adapter_slots, torch.int64))
+            if max(adapter_slots) >= 0 else None)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
@@ -171,8 +172,7 @@ class ModelRunner:
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
                  context: ForwardContext) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
-        if self.graphs is not None and not context.is_prefill and context.num_seqs <= self.graphs.max_batch \
-                and context.lora is None:  # graphs hold no adapter products: LoRA steps run eagerly
+        if self.graphs is not None and not context.is_prefill and context.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
