@@ -103,7 +103,7 @@ def test_previous_response_id_continues_the_stored_conversation(server, client):
 
 def test_store_drops_the_least_recently_used():
     store = ResponseStore(capacity=2)
-    entries = [StoredResponse(ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model=MODEL), [])
+    entries = [StoredResponse(ResponseObject(id=f"resp_{i}", created_at=0, status="completed", model=MODEL), [], [])
                for i in range(3)]
     store.put(entries[0])
     store.put(entries[1])
@@ -237,3 +237,31 @@ def test_replicas_behind_the_shipped_nginx_config_continue_stored_responses(serv
         misses = [live.metric("lcq:http_requests_total", status="404") - before
                   for live, before in zip(replicas, misses)]
         assert sum(misses) >= 3, misses  # answered by the replica that has it after a 404 elsewhere
+
+
+def test_input_items_lists_a_stored_responses_own_input(client):
+    """client.responses.input_items.list: this response's input items (not the earlier turns), newest
+    first by default, in OpenAI's shapes with ids; the client's cursor pages through them with `after`."""
+    first = client.responses.create(model=MODEL, input="Hello", max_output_tokens=3, store=True)
+    items = list(client.responses.input_items.list(first.id))
+    assert len(items) == 1 and items[0].type == "message" and items[0].role == "user"
+    assert items[0].content[0].type == "input_text" and items[0].content[0].text == "Hello"
+    assert items[0].id.startswith("msg_")
+    turns = [{"role": "user", "content": f"Question {i}"} for i in range(5)]
+    call = {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}", "id": "fc_given"}
+    output = {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}
+    second = client.responses.create(model=MODEL, input=turns + [call, output], previous_response_id=first.id,
+                                     max_output_tokens=3)
+    paged = list(client.responses.input_items.list(second.id, limit=2, order="asc"))  # three pages
+    assert [getattr(item, "content", None) and item.content[0].text for item in paged[:5]] == \
+        [f"Question {i}" for i in range(5)]
+    assert [item.type for item in paged[5:]] == ["function_call", "function_call_output"]
+    assert paged[5].id == "fc_given" and paged[6].output == "sunny" and len({item.id for item in paged}) == 7
+    newest = client.responses.input_items.list(second.id, limit=1)
+    assert newest.data[0].type == "function_call_output" and newest.has_more
+    with pytest.raises(openai.NotFoundError):
+        client.responses.input_items.list("resp_missing")
+    with pytest.raises(openai.BadRequestError):
+        client.responses.input_items.list(second.id, limit=0)
+    with pytest.raises(openai.BadRequestError, match="no input item"):
+        client.responses.input_items.list(second.id, after="msg_missing")

@@ -17,6 +17,7 @@ from .responses_protocol import ResponseObject
 class StoredResponse:
     response: ResponseObject
     conversation: list[dict[str, Any]]  # chat messages up to this response's output (instructions excluded)
+    input_items: list[dict[str, Any]]  # this response's own input, as its input_items route lists it
 
 
 class ResponseStore:

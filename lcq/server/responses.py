@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Annotated, Any, AsyncIterator, Callable, Iterator, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from lcq.runtime.outputs import RequestOutput
 
@@ -22,9 +22,9 @@ from .errors import APIError, error_responses, generation_responses
 from .generation import Choice
 from .protocol import ToolCall, dump
 from .response_store import StoredResponse
-from .responses_protocol import DeletedResponse, FunctionCallItem, IncompleteDetails, InputTokensDetails, \
-    OutputMessage, OutputText, OutputTokensDetails, ReasoningItem, ReasoningText, ResponseError, ResponseObject, \
-    ResponsesRequest, ResponseUsage, input_messages
+from .responses_protocol import DeletedResponse, FunctionCallItem, IncompleteDetails, InputItemList, \
+    InputTokensDetails, OutputMessage, OutputText, OutputTokensDetails, ReasoningItem, ReasoningText, ResponseError, \
+    ResponseObject, ResponsesRequest, ResponseUsage, input_messages, listed_input
 from .sse import named_event, sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -135,7 +135,8 @@ async def create_response(body: ResponsesRequest, request: Request):
              calls: list[ToolCall] | None) -> ResponseObject:
         if body.store:
             state.responses.put(StoredResponse(response, conversation + [_assistant_message(reasoning, content,
-                                                                                             calls)]))
+                                                                                             calls)],
+                                               listed_input(body.input)))
         return response
 
     if body.stream:
@@ -278,6 +279,27 @@ async def get_response(response_id: str, request: Request) -> ResponseObject:
     if stored is None:
         raise _not_found(response_id)
     return stored.response
+
+
+@router.get("/v1/responses/{response_id}/input_items", response_model=InputItemList,
+            responses=error_responses(400, 401, 404))
+async def list_input_items(response_id: str, request: Request, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                           order: Literal["asc", "desc"] = "desc", after: str | None = None) -> InputItemList:
+    """The input items a stored response was created with (not its earlier turns), newest first unless
+    order is asc; pages of `limit` items, the next one `after` the last id."""
+    stored = get_state(request).responses.get(response_id)
+    if stored is None:
+        raise _not_found(response_id)
+    items = stored.input_items if order == "asc" else stored.input_items[::-1]
+    if after is not None:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise APIError(400, f"no input item {after!r} in response {response_id!r}", param="after",
+                           code="invalid_value")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return InputItemList(data=page, first_id=page[0]["id"] if page else None,
+                         last_id=page[-1]["id"] if page else None, has_more=len(items) > limit)
 
 
 @router.delete("/v1/responses/{response_id}", response_model=DeletedResponse, responses=error_responses(401, 404))

@@ -4,6 +4,7 @@ request: input items as chat messages, function tools and the text format in cha
 """
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -95,6 +96,38 @@ def input_messages(items: str | list[InputItem], keep_reasoning: bool = False) -
             raise APIError(400, f"{param}: input items of type {item.type!r} are not supported (message, "
                            "function_call, function_call_output)", param=param, code="unsupported_value")
     return messages
+
+
+ITEM_ID_PREFIXES = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+
+
+def listed_input(items: str | list[InputItem]) -> list[dict[str, Any]]:
+    """The input as GET /v1/responses/{id}/input_items lists it, in OpenAI's item shapes: a string as a
+    user message, text content as one part, each item with its id (a new one where the client gave
+    none) and status completed."""
+    if isinstance(items, str):
+        items = [InputItem(role="user", content=items)]
+    listed = []
+    for item in items:
+        data = item.model_dump(exclude_none=True)
+        if isinstance(item.content, str):
+            kind = "output_text" if item.role == "assistant" else "input_text"
+            data["content"] = [{"type": kind, "text": item.content, **({"annotations": []} if kind == "output_text"
+                                                                       else {})}]
+        data.setdefault("id", f"{ITEM_ID_PREFIXES.get(item.type, 'item')}_{uuid.uuid4().hex}")
+        data.setdefault("status", "completed")
+        listed.append(data)
+    return listed
+
+
+class InputItemList(BaseModel):
+    """A page of a stored response's input items (OpenAI's cursor page: `after` the last id while has_more)."""
+
+    object: Literal["list"] = "list"
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
