@@ -49,7 +49,7 @@ def study(bits: int, blocks: int, lrs: list[float], epochs: int, source: _Source
     rows = []
     for index in range(blocks):
         block = source.block(index)
-        call = block_call(block, source.rotary)
+        call = block_call(block, source.block_inputs(index))
         targets = {name: run_block(call, {}, x, BATCH) for name, x in fp.items()}
 
         def errors(fits: list[LayerFit]) -> dict[str, float]:

@@ -23,7 +23,7 @@ CHAT_TEMPLATE = (  # `preamble`: a template variable, as chat_template_kwargs ca
     "{% if preamble is defined %}{{ preamble }}\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3")
 
 
 def make_tokenizer(folder: Path, vocab_size: int = 384):
@@ -50,8 +50,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
+        MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -66,11 +66,16 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes["rope_theta"] = 500000.0
     if arch == "qwen3":  # as Qwen3-0.6B: heads x head_dim (128) wider than hidden (96)
         sizes["head_dim"] = 32
+    if arch == "gemma3":  # a sliding-window layer (its own rotary base), then a full one; scores scaled by 1/sqrt(24)
+        sizes.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=256, tie_word_embeddings=True,
+                     layer_types=["sliding_attention", "full_attention"],
+                     rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                                      "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}})
     sizes.update(overrides)
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM), "llama3": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
@@ -82,6 +87,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight")):  # qwen3's head norms start at one
                 param.uniform_(0.5, 1.5)
+            elif arch == "gemma3" and name.endswith("norm.weight"):  # gemma's norms store w - 1, starting at 0
+                param.uniform_(-0.5, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcq.errors import UserError
@@ -10,7 +10,8 @@ from lcq.errors import UserError
 from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3"}
+                           "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text"}
+GEMMA = ("gemma3_text",)  # model types with Gemma's layer: norms around attention and MLP, weights stored as w - 1
 
 
 @dataclass
@@ -27,8 +28,16 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
-    qk_norm: bool  # Qwen3: RMSNorm on each query and key head before the rotary embedding
+    qk_norm: bool  # Qwen3, Gemma 3: RMSNorm on each query and key head before the rotary embedding
     rope: dict
+    # Gemma 3 (the defaults are every other family's):
+    layer_windows: list[int] = field(default_factory=list)  # per layer: sliding window in tokens, 0: full
+    rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
+    embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
+    activation: str = "silu"  # of the gate: silu, or gelu_tanh (Gemma)
+    sandwich_norms: bool = False  # Gemma: attention and MLP outputs normalised too, before the residual add
+    query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -48,19 +57,50 @@ class ModelConfig:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
         heads = c["num_attention_heads"]
+        gemma = _gemma_fields(c, folder) if c["model_type"] in GEMMA else {}
         return cls(
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=_attention_span(c, rope),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            max_position_embeddings=_attention_span(c, gemma.get("rope", rope), gemma.get("layer_windows")),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] == "qwen3", rope=rope,
+            qk_norm=c["model_type"] in ("qwen3", *GEMMA), rope=gemma.pop("rope", rope), **gemma,
         )
 
+    def __post_init__(self) -> None:
+        if not self.layer_windows:
+            self.layer_windows = [0] * self.num_layers
 
-def _attention_span(c: dict, rope: dict) -> int:
+
+def _gemma_fields(c: dict, folder: str | Path) -> dict:
+    """Gemma 3's differences from a Llama layer, from either config style: transformers 5 (layer_types,
+    rope_parameters per layer type) or the first one on the Hub (sliding_window_pattern, rope_theta and
+    rope_local_base_freq, rope_scaling for the full layers)."""
+    if c.get("use_bidirectional_attention") or c.get("attn_logit_softcapping"):
+        raise UserError(f"{folder}: bidirectional attention and attention logit soft-capping are not supported")
+    pattern = c.get("sliding_window_pattern", 6)
+    types = c.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                     for i in range(c["num_hidden_layers"])]
+    window = c.get("sliding_window") or 4096
+    params = c.get("rope_parameters") or {}
+    full = dict(params.get("full_attention") or c.get("rope_scaling") or {})
+    full.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
+    local = dict(params.get("sliding_attention") or {})
+    local.setdefault("rope_theta", c.get("rope_local_base_freq", 10_000.0))
+    rope, rope_local = (rope_settings({"rope_parameters": r, "max_position_embeddings": c.get(
+        "max_position_embeddings", 131_072)}) for r in (full, local))
+    for settings in (rope, rope_local):
+        if settings["rope_type"] not in ROPE_TYPES:
+            raise UserError(f"{folder}: rope type {settings['rope_type']!r} is not supported")
+    return dict(layer_windows=[window if kind == "sliding_attention" else 0 for kind in types], rope=rope,
+                rope_local=rope_local, embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh",
+                sandwich_norms=True, query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                logit_softcap=c.get("final_logit_softcapping"))
+
+
+def _attention_span(c: dict, rope: dict, windows: list[int] | None = None) -> int:
     """Longest context we serve. YaRN extends it to factor x the original length (the model card's
     recipe for long context: add the scaling to the config; vLLM does the same). Attention here is
     always full, so a model trained with a sliding window (Mistral v0.1; Qwen2 with
@@ -69,4 +109,5 @@ def _attention_span(c: dict, rope: dict) -> int:
     if rope["rope_type"] == "yarn":
         span = max(span, int(rope["original_max_position_embeddings"] * rope["factor"]))
     window = c.get("sliding_window") if c["model_type"] == "mistral" or c.get("use_sliding_window") else None
+    window = min(w for w in windows if w) if windows and any(windows) else window
     return min(span, window) if window else span

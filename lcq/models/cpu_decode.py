@@ -28,7 +28,7 @@ class CpuDecoder:
         addresses (ints, the layers keep what they point to), or None."""
         c = model.config
         attention = model.layers[0].self_attn
-        self.num_layers, self.eps = len(model.layers), model.layers[0].input_layernorm.eps
+        self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
         self.block_size, self.scale = attention.k_cache.shape[1], attention.scale
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
@@ -43,8 +43,11 @@ class CpuDecoder:
         """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer keeps a
         weight the C step reads: indices or an fp16 copy (LCQ layers on CPU; full-precision ones read
         from fp16 files)."""
+        c = model.config
         if model.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
             return None
+        if c.sandwich_norms or c.activation != "silu" or any(c.layer_windows):
+            return None  # a Gemma layer: the C step runs the Llama one
         if not cpu_ops.usable():
             return None
         entries: list[torch.Tensor | int | None] = []
@@ -55,8 +58,9 @@ class CpuDecoder:
             if any(w is None for w in weights) or attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES:
                 return None
             qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
-            head_norms = [None, None] if attention.q_norm is None else [attention.q_norm.weight, attention.k_norm.weight]
-            entries += [layer.input_layernorm.weight, *qkv, *head_norms, *o, layer.post_attention_layernorm.weight,
+            head_norms = [None, None] if attention.q_norm is None else \
+                [attention.q_norm.weight, attention.k_norm.weight]
+            entries += [layer.attention_norm.weight, *qkv, *head_norms, *o, layer.mlp_norm.weight,
                         *gate_up, *down, attention.k_cache, attention.v_cache]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None

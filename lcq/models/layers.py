@@ -1,4 +1,4 @@
-"""Small building blocks of a Llama-family decoder: RMSNorm (also per head), rotary embedding, SwiGLU.
+"""Small building blocks of a Llama-family decoder: RMSNorm (also per head), rotary embedding, gated MLP activations.
 
 fp32 CPU tensors take the one-call C versions (lcq.kernels.cpu_ops) where they build; the torch
 expressions below are the same computations for every other device and dtype.
@@ -143,8 +143,9 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
             v.reshape(-1, num_kv_heads, head_dim))
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if cpu_ops.usable(gate_up):
+def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), or Gemma's GeGLU (gelu_tanh)."""
+    if activation == "silu" and cpu_ops.usable(gate_up):
         return cpu_ops.silu_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up

@@ -1,8 +1,10 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and Gemma 3) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
 fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the same call.
+Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP outputs normalised too,
+GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
-from .layers import RMSNorm, RotaryEmbedding, head_norm_, rotary_qkv, silu_and_mul
+from .layers import RMSNorm, RotaryEmbedding, gated, head_norm_, rotary_qkv
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -34,14 +36,17 @@ def project(linear: torch.nn.Module, name: str, x: torch.Tensor, lora: LoRABatch
 
 
 class Attention(torch.nn.Module):
-    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype,
+                 window: int):
+        """window: a sliding-window layer's span in tokens, 0 for full attention."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj = make_linear([f"{prefix}.o_proj"])
         self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
-        self.scale = self.head_dim ** -0.5
+        self.scale = config.query_scale or self.head_dim ** -0.5
+        self.window = window
         self.k_cache = self.v_cache = torch.empty(0)
         self.prefix = prefix
 
@@ -59,35 +64,52 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    def __init__(self, prefix: str, make_linear: LinearFactory):
+    def __init__(self, prefix: str, make_linear: LinearFactory, activation: str):
         super().__init__()
         self.gate_up_proj = make_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj = make_linear([f"{prefix}.down_proj"])
+        self.activation = activation
         self.prefix = prefix
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        activated = None if lora else self.gate_up_proj.fused_swiglu(x)  # on CPU, finished inside the product
+        activated = None  # on CPU, SwiGLU is finished inside the product where it can be
+        if lora is None and self.activation == "silu":
+            activated = self.gate_up_proj.fused_swiglu(x)
         if activated is None:
-            activated = silu_and_mul(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora))
+            activated = gated(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation)
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
 class DecoderLayer(torch.nn.Module):
+    """Norms by role: before attention, before the MLP, and (Gemma) on the attention and MLP outputs."""
+
     def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
         prefix = f"model.layers.{index}"
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.mlp = MLP(f"{prefix}.mlp", make_linear)
+
+        def norm() -> RMSNorm:
+            return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+        self.attention_norm = norm()
+        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
+        self.mlp_norm = norm()
+        self.mlp = MLP(f"{prefix}.mlp", make_linear, config.activation)
+        self.attention_output_norm = norm() if config.sandwich_norms else None
+        self.mlp_output_norm = norm() if config.sandwich_norms else None
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope: Rope, attention: PagedAttention
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried beside the layer's output and added by the next norm:
         (mlp output, residual) here, their sum is the transformers layer's output."""
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden, residual = self.post_attention_layernorm(self.self_attn(hidden, rope, attention), residual)
-        return self.mlp(hidden, attention.context.lora), residual
+        hidden, residual = self.attention_norm(hidden, residual)
+        hidden = self.self_attn(hidden, rope, attention)
+        if self.attention_output_norm is not None:
+            hidden = self.attention_output_norm(hidden)[0]
+        hidden, residual = self.mlp_norm(hidden, residual)
+        hidden = self.mlp(hidden, attention.context.lora)
+        if self.mlp_output_norm is not None:
+            hidden = self.mlp_output_norm(hidden)[0]
+        return hidden, residual
 
 
 class LlamaModel(torch.nn.Module):
@@ -103,6 +125,8 @@ class LlamaModel(torch.nn.Module):
         self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
                                                _freeze=True)
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.rotary_local = None if config.rope_local is None else \
+            RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_local)
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -118,19 +142,24 @@ class LlamaModel(torch.nn.Module):
         if self.block_size is None:
             raise RuntimeError("bind_kv_cache before the first forward pass")
         hidden = self.embed_tokens(input_ids).to(self.dtype)
+        if self.config.embed_scale != 1.0:  # rounded to the model dtype first, as transformers does
+            hidden = hidden * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         rope = self.rotary(positions)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
             return self.norm(self.cpu_decoder(hidden, rope, context))[0]
+        local_rope = rope if self.rotary_local is None else self.rotary_local(positions)
         attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype,
                                    self.layers[0].self_attn.k_cache.dtype)
         residual = None
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, rope, attention)
+            hidden, residual = layer(hidden, residual, local_rope if layer.self_attn.window else rope, attention)
         return self.norm(hidden, residual)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
+        logits = dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
+        cap = self.config.logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """One pair of kv_cache_shape per layer."""

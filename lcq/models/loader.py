@@ -43,6 +43,18 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
+def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torch.nn.Module, str]]:
+    """A decoder layer's norms and their checkpoint names, which mean different roles in Gemma's layer."""
+    attention = layer.self_attn
+    head_norms = [(attention.q_norm, "self_attn.q_norm"), (attention.k_norm, "self_attn.k_norm")] \
+        if config.qk_norm else []
+    if config.sandwich_norms:
+        return [(layer.attention_norm, "input_layernorm"), (layer.attention_output_norm, "post_attention_layernorm"),
+                (layer.mlp_norm, "pre_feedforward_layernorm"), (layer.mlp_output_norm, "post_feedforward_layernorm"),
+                *head_norms]
+    return [(layer.attention_norm, "input_layernorm"), (layer.mlp_norm, "post_attention_layernorm"), *head_norms]
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                cache_dense: bool | None = None, keep_packed: bool = True) -> tuple[LlamaModel, ModelConfig]:
     """Our model for a folder, on `device` in `dtype`. cache_dense (default: on CPU) keeps each LCQ
@@ -67,17 +79,19 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     with torch.device(device):
         model = LlamaModel(config, make_linear, dtype)
+    def norm_weight(name: str) -> torch.Tensor:
+        """A norm's scale: Gemma stores it as w - 1 (its norm multiplies by 1 + w, in fp32)."""
+        weight = reader.tensor(name).float()
+        return (weight + 1 if config.sandwich_norms else weight).to(device=device, dtype=dtype)
+
     with torch.no_grad():
         model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
-        model.norm.weight.copy_(read("model.norm.weight"))
+        model.norm.weight.copy_(norm_weight("model.norm.weight"))
         if not config.tie_word_embeddings:
             model.lm_head.copy_(read("lm_head.weight"))
         for i, layer in enumerate(model.layers):
-            layer.input_layernorm.weight.copy_(read(f"model.layers.{i}.input_layernorm.weight"))
-            layer.post_attention_layernorm.weight.copy_(read(f"model.layers.{i}.post_attention_layernorm.weight"))
-            if config.qk_norm:
-                layer.self_attn.q_norm.weight.copy_(read(f"model.layers.{i}.self_attn.q_norm.weight"))
-                layer.self_attn.k_norm.weight.copy_(read(f"model.layers.{i}.self_attn.k_norm.weight"))
+            for module, name in _layer_norms(layer, config):
+                module.weight.copy_(norm_weight(f"model.layers.{i}.{name}.weight"))
         model.lm_head_half = half_copy(model.lm_head, exact_only=True)
         # Embedding rows are looked up in an exact fp16 copy too (a tied one shares the head's), so a
         # CPU model keeps no fp32 table: 113 MB less for SmolLM2's tied 49152 x 576.

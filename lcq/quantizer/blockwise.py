@@ -38,12 +38,12 @@ class LayerFit:
         return dense_weight(values, assign(self.wg, values.detach()), self.in_features)
 
 
-def block_call(block: torch.nn.Module, rotary: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-               ) -> BlockCall:
-    """f(weights, hidden) running the transformers decoder block with some weights replaced."""
+def block_call(block: torch.nn.Module, inputs: Callable[[torch.Tensor], dict]) -> BlockCall:
+    """f(weights, hidden) running the transformers decoder block with some weights replaced; inputs(hidden)
+    gives the block's other arguments (rotary cos and sin, an attention mask where it needs one)."""
 
     def call(weights: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        return functional_call(block, weights, (hidden,), {"position_embeddings": rotary(hidden)}, strict=False)
+        return functional_call(block, weights, (hidden,), inputs(hidden), strict=False)
 
     return call
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import inspect
 import json
 import resource
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -45,7 +47,9 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}
+MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
+OFFSET_NORMS = ("gemma3_text",)  # norms that multiply by 1 + w
 
 
 @dataclass
@@ -164,8 +168,8 @@ class _Source:
         self.reader = CheckpointReader(model_dir)
         if self.reader.quant is not None:
             raise UserError(f"{model_dir} is already quantized; quantize a full-precision folder")
-        modeling = importlib.import_module(f"transformers.models.{self.config.model_type}."
-                                           f"modeling_{self.config.model_type}")
+        module = MODELING_MODULE.get(self.config.model_type, self.config.model_type)
+        modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         prefix = CLASS_PREFIX[self.config.model_type]
         self.layer_class = getattr(modeling, f"{prefix}DecoderLayer")
         self.rotary_module = getattr(modeling, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
@@ -184,9 +188,24 @@ class _Source:
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.device).eval()
 
-    def rotary(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        return self.rotary_module(hidden, positions)
+    def block_inputs(self, index: int) -> Callable[[torch.Tensor], dict]:
+        """inputs(hidden) of block_call for block `index`: its rotary cos and sin (Gemma's sliding-window
+        layers have their own), and for a sliding-window layer whose windows are shorter than the
+        calibration text, its mask (transformers' blocks read none: full causal attention otherwise)."""
+        kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
+        per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
+        window = self.config.sliding_window if kind == "sliding_attention" else None
+
+        def inputs(hidden: torch.Tensor) -> dict:
+            length = hidden.shape[1]
+            positions = torch.arange(length, device=hidden.device).unsqueeze(0)
+            rope = self.rotary_module(hidden, positions, kind) if per_kind else self.rotary_module(hidden, positions)
+            if not window or length <= window:
+                return {"position_embeddings": rope}
+            offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
+            return {"position_embeddings": rope, "attention_mask": ((offsets >= 0) & (offsets < window))[None, None]}
+
+        return inputs
 
     def non_block_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith("model.layers.")}
@@ -200,6 +219,9 @@ class _Source:
             model = AutoModelForCausalLM.from_config(self.config)
         model.load_state_dict({k: v.float().to(self.device) for k, v in state.items()}, strict=False, assign=True)
         model.model.rotary_emb = self.rotary_module
+        embed = model.model.embed_tokens
+        if hasattr(embed, "scalar_embed_scale"):  # Gemma's scale, a buffer left on the meta device
+            embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=self.device)
         if self.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
@@ -207,6 +229,7 @@ class _Source:
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's last RMSNorm applied to hidden states (S, T, H), fp32."""
         weight = self.reader.tensor("model.norm.weight").float().to(hidden.device)
+        weight = weight + 1 if self.config.model_type in OFFSET_NORMS else weight
         variance = hidden.float().pow(2).mean(-1, keepdim=True)
         return weight * hidden.float() * torch.rsqrt(variance + self.config.rms_norm_eps)
 
@@ -231,10 +254,10 @@ def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int,
     return {name: stats[name] / counts[name] for name in LINEARS}
 
 
-def _quantize_block(source: _Source, block: torch.nn.Module, options: QuantizeOptions, q_inputs, targets,
-                    progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
-    """Quantize the seven linear layers of one decoder block with the chosen method."""
-    call = block_call(block, source.rotary)
+def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options: QuantizeOptions, q_inputs,
+                    targets, progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
+    """Quantize the seven linear layers of decoder block `index` with the chosen method."""
+    call = block_call(block, source.block_inputs(index))
     weights = {name: block.get_submodule(name).weight.detach().float() for name in LINEARS}
     biases = {name: block.get_submodule(name).bias for name in LINEARS}
     stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.gptq_indices) \
@@ -346,13 +369,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         shard = partial / f"block-{index:05d}.safetensors"
         targets = None
         if options.needs_data:
-            call = block_call(block, source.rotary)
+            call = block_call(block, source.block_inputs(index))
             targets = run_block(call, {}, fp_stream, options.batch_size)
         if index < done:
             packed = _read_block(shard, index, options)
             block_losses = (float("nan"), float("nan"))
         else:
-            packed, block_losses = _quantize_block(source, block, options, q_stream, targets, bar)
+            packed, block_losses = _quantize_block(source, index, block, options, q_stream, targets, bar)
             tensors = {}
             for name, layer in packed.items():
                 tensors.update(linear_tensors(f"model.layers.{index}.{name}", layer))
@@ -364,8 +387,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         losses.append(block_losses)
         if options.needs_data:
             bar.set_postfix(loss=f"{block_losses[1]:.3g}")
-            q_stream = run_block(block_call(block, source.rotary), _dense_weights(packed, device), q_stream,
-                                 options.batch_size)
+            q_stream = run_block(block_call(block, source.block_inputs(index)), _dense_weights(packed, device),
+                                 q_stream, options.batch_size)
             fp_stream = targets
         del block
 

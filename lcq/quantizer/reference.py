@@ -13,7 +13,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import CheckpointReader, FormatError, dequantize
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def read_config(model_dir: str | Path) -> dict:
