@@ -43,8 +43,14 @@ class EngineConfig:
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
+        """auto: float32 on CPU; on a GPU float16, or bfloat16 for Gemma, whose residual stream outgrows
+        fp16's range (its checkpoints are bf16, and transformers and vLLM run it so)."""
         if self.dtype == "auto":
-            return torch.float16 if self.resolved_device().type == "cuda" else torch.float32
+            if self.resolved_device().type != "cuda":
+                return torch.float32
+            from lcq.models.config import GEMMA, ModelConfig
+
+            return torch.bfloat16 if ModelConfig.from_folder(self.model).model_type in GEMMA else torch.float16
         return _named_dtype("dtype", self.dtype)
 
     def resolved_kv_cache_dtype(self) -> torch.dtype:
