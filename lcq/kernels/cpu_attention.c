@@ -202,15 +202,16 @@ static inline __attribute__((always_inline)) void prefetch_part(const void *cach
 }
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
- * sequence (whole GQA groups, from kv head first_kv) over its cached tokens (`length`, blocks in
- * `table`; the thread's next task reads `next_length` tokens through `next_table`), a block at a time:
- * each block's K rows give all heads' scores, and after the softmax each block's V rows are weighed
- * into all heads' outputs (an int8 cache: each weight times its V row's scale first). The heads of a
- * GQA group go through the rows PASS at a time (each row loaded and converted once per pass). Inlined
- * with FORM and PASS constants. */
+ * sequence (whole GQA groups, from kv head first_kv) over the positions skip .. length - 1 of the
+ * blocks in `table` (skip > 0 where a sliding window begins inside the first block: its rows before
+ * the window are not read; the thread's next task reads `next_length` tokens through `next_table`), a
+ * block at a time: each block's K rows give all heads' scores, and after the softmax each block's V
+ * rows are weighed into all heads' outputs (an int8 cache: each weight times its V row's scale
+ * first). The heads of a GQA group go through the rows PASS at a time (each row loaded and converted
+ * once per pass). Inlined with FORM and PASS constants. */
 static inline __attribute__((always_inline)) int attend_task(const int FORM, const int PASS, const float *queries,
                                                              const void *k_cache, const void *v_cache,
-                                                             const int32_t *table, int length,
+                                                             const int32_t *table, int skip, int length,
                                                              const int32_t *next_table, int next_length,
                                                              float *outputs, float *stats, int task_heads,
                                                              int first_kv, int group, int64_t row, int head_dim,
@@ -218,7 +219,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
-    float *scores = malloc(sizeof(float) * (size_t)length * task_heads);
+    const int span = length - skip; /* scores per head */
+    float *scores = malloc(sizeof(float) * (size_t)span * task_heads);
     if (scores == NULL) return -1;
     const int64_t offset = (int64_t)first_kv * head_stride;
     const int element = lcq_cache_element_bytes(FORM), blocks = (length + block_size - 1) / block_size;
@@ -241,29 +243,34 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     prefetch_part(cache, element, blocks_at, block, block_size, row, offset, task_width, kv, task_kv)
     for (int b = 0; b < PREFETCH_BLOCKS && b < blocks; b++)
         prefetch_part(k_cache, element, table, b, block_size, row, offset, task_width, 0, 1);
+/* The rows of the block from position `start` that the task reads: `count` from element `first`, their
+ * scores from index `at` of each head's. */
+#define BLOCK_ROWS(start)                                                                                       \
+    const int skipped = (start) ? 0 : skip, at = (start) + skipped - skip;                                      \
+    const int count = ((start) + block_size < length ? (start) + block_size : length) - (start) - skipped;      \
+    const int64_t first = ((int64_t)table[(start) / block_size] * block_size + skipped) * row + offset
     for (int start = 0; start < length; start += block_size) { /* block by block: no division per token */
-        const int count = (start + block_size < length ? start + block_size : length) - start;
-        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        BLOCK_ROWS(start);
         const int ahead = start / block_size + PREFETCH_BLOCKS; /* K blocks, then V blocks */
         const void *ahead_cache = ahead < blocks ? k_cache : ahead - blocks < blocks ? v_cache : NULL;
         const int ahead_block = ahead < blocks ? ahead : ahead - blocks;
 #define SCORE(G, h, kv)                                                                                         \
     PREFETCH_AHEAD(h, kv, ahead_cache, table, ahead_block);                                                     \
-    score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count, block_size,   \
-               head_dim, scale, scores + (int64_t)(h) * length + start, length)
+    score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count,              \
+               block_size - skipped, head_dim, scale, scores + (int64_t)(h) * span + at, span)
         HEAD_PASSES(SCORE)
 #undef SCORE
     }
     for (int h = 0; h < task_heads; h++) {
-        float *p = scores + (int64_t)h * length, top = -INFINITY, total = 0.0f;
+        float *p = scores + (int64_t)h * span, top = -INFINITY, total = 0.0f;
         __m256 tops = _mm256_set1_ps(-INFINITY);
         int t = 0;
-        for (; t + 8 <= length; t += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(p + t));
+        for (; t + 8 <= span; t += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(p + t));
         top = max8(tops);
-        for (; t < length; t++) top = p[t] > top ? p[t] : top;
+        for (; t < span; t++) top = p[t] > top ? p[t] : top;
         __m256 sums = _mm256_setzero_ps();
         t = 0;
-        for (; t + 8 <= length; t += 8) {
+        for (; t + 8 <= span; t += 8) {
             const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
             _mm256_storeu_ps(p + t, e);
             sums = _mm256_add_ps(sums, e);
@@ -271,17 +278,16 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         float lanes[8];
         _mm256_storeu_ps(lanes, sums);
         for (int i = 0; i < 8; i++) total += lanes[i];
-        for (; t < length; t++) total += (p[t] = exp1(p[t] - top));
+        for (; t < span; t++) total += (p[t] = exp1(p[t] - top));
         const float inverse = 1.0f / total;
-        for (t = 0; t < length; t++) p[t] *= inverse;
+        for (t = 0; t < span; t++) p[t] *= inverse;
         if (stats != NULL) { /* the softmax's largest score and sum, for combining with other parts */
             stats[2 * h] = top;
             stats[2 * h + 1] = total;
         }
     }
     for (int start = 0; start < length; start += block_size) {
-        const int count = (start + block_size < length ? start + block_size : length) - start;
-        const int64_t first = (int64_t)table[start / block_size] * block_size * row + offset;
+        BLOCK_ROWS(start);
         const int ahead = start / block_size + PREFETCH_BLOCKS; /* V blocks, then the next task's K blocks */
         const void *ahead_cache = ahead < blocks ? v_cache : ahead - blocks < next_blocks ? k_cache : NULL;
         const int32_t *ahead_table = ahead < blocks ? table : next_table;
@@ -289,15 +295,16 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         if (FORM == LCQ_CACHE_INT8)
             for (int h = 0; h < task_heads; h++)
                 for (int t = 0; t < count; t++)
-                    scores[(int64_t)h * length + start + t] *=
+                    scores[(int64_t)h * span + at + t] *=
                         row_factor(FORM, v_cache, first + (h / group) * head_stride + t * row, head_dim);
 #define WEIGH_HEADS(G, h, kv)                                                                                   \
     PREFETCH_AHEAD(h, kv, ahead_cache, ahead_table, ahead_block);                                               \
-    weigh_head(G, FORM, scores + (int64_t)(h) * length + start, length, v_cache, first + (kv) * head_stride, row, \
-               count, head_dim, outputs + (int64_t)(h) * head_dim)
+    weigh_head(G, FORM, scores + (int64_t)(h) * span + at, span, v_cache, first + (kv) * head_stride, row, count, \
+               head_dim, outputs + (int64_t)(h) * head_dim)
         HEAD_PASSES(WEIGH_HEADS)
 #undef WEIGH_HEADS
     }
+#undef BLOCK_ROWS
 #undef HEAD_PASSES
 #undef PREFETCH_AHEAD
     free(scores);
@@ -313,16 +320,16 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
  * 0.90-1.0x: it keeps passes of one head. */
 #define ATTEND_FORMS(ATTR, NAME, PASS)                                                                          \
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
-                         const int32_t *table, int length, const int32_t *next_table, int next_length,          \
-                         float *outputs, float *stats, int task_heads, int first_kv, int group, int64_t row,    \
-                         int head_dim, int block_size, float scale) {                                           \
+                         const int32_t *table, int skip, int length, const int32_t *next_table,                 \
+                         int next_length, float *outputs, float *stats, int task_heads, int first_kv, int group, \
+                         int64_t row, int head_dim, int block_size, float scale) {                              \
         const int pass = PASS;                                                                                  \
         int status = 0;                                                                                         \
         LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
         return status;                                                                                          \
     }
 #define ATTEND(FORM)                                                                                            \
-    status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, length,        \
+    status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, skip, length,  \
                          next_table, next_length, outputs, stats, task_heads, first_kv, group, row, head_dim,     \
                          block_size, scale)
 ATTEND_FORMS(, attend_narrow, 1)
@@ -334,11 +341,11 @@ static int wide_attention; /* lcq_use_wide_attention */
 
 /* attend_task in the form this CPU and the caller chose (lcq_use_wide_attention). */
 static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
-                  int length, const int32_t *next_table, int next_length, float *outputs, float *stats,
+                  int skip, int length, const int32_t *next_table, int next_length, float *outputs, float *stats,
                   int task_heads, int first_kv, int group, int64_t row, int head_dim, int block_size, float scale) {
-    return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, length, next_table,
-                                                          next_length, outputs, stats, task_heads, first_kv, group,
-                                                          row, head_dim, block_size, scale);
+    return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, skip, length,
+                                                          next_table, next_length, outputs, stats, task_heads,
+                                                          first_kv, group, row, head_dim, block_size, scale);
 }
 
 /* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
@@ -377,17 +384,24 @@ static void combine_parts(const float *parts, int count, int64_t stride, int hea
     }
 }
 
+/* The first position a query at position length - 1 sees: 0, or the first of its sliding window of
+ * `window` positions (0: none). */
+static inline int window_start(int length, int window) {
+    return window > 0 && length > window ? length - window : 0;
+}
+
 /* How lcq_decode_attention splits its sequences into tasks: a sequence's tasks start at first[s]. */
 typedef struct {
-    int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size;
+    int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size, window;
     int first[WHOLE_ROW_MIN_SEQS + 1];
     const int32_t *block_tables, *context_lens;
 } decode_plan;
 
-/* What a task reads: the query heads of sequence `seq` from kv head first_kv on, over `length` cached
- * tokens whose blocks start at `table` (part `part` of the context); `many`: one of several parts. */
+/* What a task reads: the query heads of sequence `seq` from kv head first_kv on, over the positions
+ * skip .. length - 1 of the blocks from `table` (part `part` of the context's window, from the block
+ * where it begins); `many`: one of several parts. */
 typedef struct {
-    int seq, first_kv, part, many, length;
+    int seq, first_kv, part, many, skip, length;
     const int32_t *table;
 } decode_task;
 
@@ -400,14 +414,19 @@ static decode_task task_of(const decode_plan *p, int task) {
     t.first_kv = local % p->tasks_per_seq * p->kv_per_task;
     t.part = local / p->tasks_per_seq;
     t.many = !p->whole_rows && p->first[s + 1] - p->first[s] > p->tasks_per_seq;
-    const int chunk = CHUNK_BLOCKS * p->block_size, left = p->context_lens[s] - t.part * chunk;
+    const int begin = window_start(p->context_lens[s], p->window);
+    const int first_block = begin / p->block_size + t.part * CHUNK_BLOCKS, chunk = CHUNK_BLOCKS * p->block_size;
+    const int left = p->context_lens[s] - first_block * p->block_size;
     t.length = t.many && left > chunk ? chunk : left;
-    t.table = p->block_tables + (int64_t)s * p->max_blocks + t.part * CHUNK_BLOCKS;
+    t.skip = t.part == 0 ? begin % p->block_size : 0;
+    t.table = p->block_tables + (int64_t)s * p->max_blocks + first_block;
     return t;
 }
 
-/* One query token per sequence against its cached tokens 0 .. context_len - 1, read through the
- * block table from caches (blocks, block_size, kv_heads, head row) of the given form (cpu_cache.h).
+/* One query token per sequence against its cached tokens 0 .. context_len - 1, or with a sliding
+ * window (window > 0) the last `window` of them, read through the block table from caches (blocks,
+ * block_size, kv_heads, head row) of the given form (cpu_cache.h); the tokens before the window are
+ * not read.
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
@@ -415,15 +434,16 @@ static decode_task task_of(const decode_plan *p, int task) {
  * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
-                         int heads, int kv_heads, int head_dim, int block_size, float scale) {
+                         int heads, int kv_heads, int head_dim, int block_size, float scale, int window) {
     const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
     decode_plan plan = {whole_rows, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size,
-                        {0}, block_tables, context_lens};
+                        window, {0}, block_tables, context_lens};
     /* Parts per sequence (1 from WHOLE_ROW_MIN_SEQS sequences). */
     int parted = 0;
     for (int s = 0; s < seqs && !whole_rows; s++) {
-        const int blocks = (context_lens[s] + block_size - 1) / block_size;
+        const int blocks =
+            (context_lens[s] + block_size - 1) / block_size - window_start(context_lens[s], window) / block_size;
         const int parts = blocks > CHUNK_BLOCKS ? (blocks + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS : 1;
         plan.first[s + 1] = plan.first[s] + parts * plan.tasks_per_seq;
         parted |= parts > 1;
@@ -441,8 +461,8 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
         const decode_task t = task_of(&plan, task), ahead = next < tasks ? task_of(&plan, next) : (decode_task){0};
         const int64_t first_head = (int64_t)t.first_kv * group;
         float *outputs = t.many ? parts + task * part_floats : out + ((int64_t)t.seq * heads + first_head) * head_dim;
-        if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.length,
-                   ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
+        if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.skip,
+                   t.length, ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
                    plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale))
             failed = 1;
     }
@@ -588,18 +608,21 @@ LCQ_BF16 static void pair_tile_product(const uint32_t *a, int64_t lda, const uin
 }
 
 /* Fold a chunk's scores into the running softmax of each row: row r (at position first_position +
- * r / group) sees the chunk's keys up to its position and below `count`; its scores become weights
- * exp(score - top), and its outputs and total are rescaled to the new top. */
-static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count,
+ * r / group) sees the chunk's keys up to its position and below `count`, and with a sliding window
+ * (window > 0) none before its window; its scores become weights exp(score - top), and its outputs
+ * and total are rescaled to the new top. */
+static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count, int window,
                           int padded_dim) {
     for (int r = 0; r < rows; r++) {
         const int position = first_position + r / group;
         const int visible = position - first_key + 1 < count ? position - first_key + 1 : count;
+        const int before = window_start(position + 1, window) - first_key, hidden = before > 0 ? before : 0;
         float *s = tile->scores + r * KEYS;
-        if (visible <= 0) { /* the whole chunk lies after this row's position */
+        if (visible <= hidden) { /* the whole chunk lies after this row's position or before its window */
             for (int t = 0; t < KEYS; t++) s[t] = 0.0f;
             continue;
         }
+        for (int t = 0; t < hidden; t++) s[t] = -INFINITY;
         for (int t = visible; t < KEYS; t++) s[t] = -INFINITY;
         __m256 values[KEYS / 8], largest = _mm256_set1_ps(-INFINITY), sums = _mm256_setzero_ps();
         for (int i = 0; i < KEYS / 8; i++) largest = _mm256_max_ps(largest, values[i] = _mm256_loadu_ps(s + 8 * i));
@@ -646,10 +669,18 @@ typedef struct {
     const int32_t *block_tables, *context_lens, *query_start;
     int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
     float scale, *out;
+    int window; /* a sliding window's positions, or 0 */
     int64_t row, chunk_floats; /* elements per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
     int64_t *chunk_base, *task_base;
     int pairs; /* bf16 products: chunks, queries and weights staged as bf16 pairs */
 } Prefill;
+
+/* The first chunk of keys any new token of sequence s sees: chunks before it lie before every new
+ * token's sliding window, and are neither staged nor read. */
+static int first_seen_chunk(const Prefill *p, int s) {
+    const int n = p->query_start[s + 1] - p->query_start[s];
+    return window_start(p->context_lens[s] - n + 1, p->window) / KEYS;
+}
 
 /* Task `local` of tiled sequence s: one kv head's query rows of one tile over the staged chunks
  * (staged: this group's buffer, from sequence first_seq on). */
@@ -671,8 +702,10 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
         tile->total[r] = 0.0f;
     }
     for (int64_t i = 0; i < (int64_t)rows * p->padded_dim; i++) tile->outputs[i] = 0.0f;
-    const int64_t first_chunk = p->chunk_base[s] - p->chunk_base[first_seq];
-    for (int first_key = 0; first_key <= first_position + positions - 1; first_key += KEYS) {
+    /* where chunk 0 would lie in `staged` (the chunks before the first one seen are not staged) */
+    const int64_t first_chunk = p->chunk_base[s] - p->chunk_base[first_seq] - first_seen_chunk(p, s);
+    const int lowest = window_start(first_position + 1, p->window); /* the first key of the tile's first row */
+    for (int first_key = lowest / KEYS * KEYS; first_key <= first_position + positions - 1; first_key += KEYS) {
         const float *kt = staged + ((first_chunk + first_key / KEYS) * p->kv_heads + kv) * p->chunk_floats;
         const int count = length - first_key < KEYS ? length - first_key : KEYS;
         if (pairs)
@@ -680,7 +713,7 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
                               KEYS, 0);
         else
             tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, KEYS / 16, tile->scores, KEYS, 0);
-        softmax_chunk(tile, rows, group, first_position, first_key, count, p->padded_dim);
+        softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->padded_dim);
         if (pairs) {
             for (int r = 0; r < rows; r++) lcq_round_pairs(tile->scores + r * KEYS, KEYS, tile->weights + r * KEYS / 2);
             pair_tile_product(tile->weights, KEYS / 2, (const uint32_t *)kt + (int64_t)depth * KEYS, p->padded_dim,
@@ -710,7 +743,8 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         for (int64_t item = 0; item < (chunk_base[seqs] - chunk_base[0]) * p->kv_heads; item++) {
             const int64_t chunk = item / p->kv_heads + chunk_base[0];
             const int s = first + sequence_of(chunk_base, seqs, chunk);
-            const int first_key = (int)(chunk - p->chunk_base[s]) * KEYS, length = p->context_lens[s];
+            const int first_key = (int)(chunk - p->chunk_base[s] + first_seen_chunk(p, s)) * KEYS;
+            const int length = p->context_lens[s];
             const int count = length - first_key < KEYS ? length - first_key : KEYS;
             float *kt = staged + item * p->chunk_floats;
 #define STAGE(FUNCTION, FORM, TYPE, DEPTH)                                                                     \
@@ -740,8 +774,11 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             const int s = first + sequence_of(task_base, seqs, task);
             const int start = p->query_start[s];
             if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
+                const int length = p->context_lens[s], begin = window_start(length, p->window);
+                const int skipped = begin / p->block_size * p->block_size; /* the blocks before the window's */
                 if (attend(p->cache_form, p->q + start * p->q_stride, p->k_cache, p->v_cache,
-                           p->block_tables + (int64_t)s * p->max_blocks, p->context_lens[s], NULL, 0,
+                           p->block_tables + (int64_t)s * p->max_blocks + begin / p->block_size, begin - skipped,
+                           length - skipped, NULL, 0,
                            p->out + (int64_t)start * p->heads * p->head_dim, NULL, p->heads, 0, p->group, p->row,
                            p->head_dim, p->block_size, p->scale))
                     failed = 1;
@@ -761,9 +798,11 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
- * onwards; each sees the cache positions up to its own. q: (tokens, heads, head_dim) with q_stride
- * floats between tokens; out: (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys
- * are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run over them;
+ * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
+ * last `window` of those. q: (tokens, heads, head_dim) with q_stride floats between tokens; out:
+ * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new
+ * token sees are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run
+ * over them from the chunk where their first row's window begins;
  * sequences of one new token take the decode form. Sequences whose staged chunks would pass
  * stage_limit floats are staged and attended a group at a time (each group within the limit, or one
  * sequence), so that many sequences with long cached prefixes do not stage all their keys at once.
@@ -772,13 +811,13 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
-                          int block_size, float scale, int64_t stage_limit) {
+                          int block_size, float scale, int window, int64_t stage_limit) {
     const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
     const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
-                 positions_per_tile * group, scale, out,
+                 positions_per_tile * group, scale, out, window,
                  (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
                  malloc(sizeof(int64_t) * (seqs + 1)), pairs};
@@ -789,7 +828,7 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
             const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
             if (n > length || n < 0) status = -2;
             const int tiled = n > 1;
-            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS : 0);
+            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS - first_seen_chunk(&p, s) : 0);
             p.task_base[s + 1] = p.task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
                                                                kv_heads : n);
         }

@@ -21,7 +21,8 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
 int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y);       /* cpu_index.c */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
-                         int heads, int kv_heads, int head_dim, int block_size, float scale); /* cpu_attention.c */
+                         int heads, int kv_heads, int head_dim, int block_size, float scale,
+                         int window); /* cpu_attention.c */
 
 /* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
 static inline void norm_vector(const float *in, const float *weight, float *dst, int dim, float eps) {
@@ -434,7 +435,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
-                                 attn, rows, heads, kv_heads, head_dim, block_size, scale))
+                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, 0)) /* full attention */
             return -1;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */

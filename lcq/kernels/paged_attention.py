@@ -9,6 +9,10 @@ block table (so any block size works), with an online softmax in fp32:
 - prefill: one program per (sequence, head, tile of BLOCK_M new tokens); new token j of a
   sequence with n new tokens and context length L sits at position L - n + j and sees the cached
   tokens 0 .. L - n + j (a cached prefix plus the causal part of its own chunk).
+With a sliding window of W (WINDOW > 0, a constant: Gemma 3's layers use one W or none) a query at
+position i sees only the tokens i - W + 1 .. i: the loops start at the tile holding the first token
+that a program's first query sees, and the tile where a window begins is masked; WINDOW 0 compiles
+the full-attention kernels.
 Loop bounds come from context_lens in memory, never from the host, and store_kv skips slot -1
 without a host check, so a decode step can be captured in a CUDA graph (batches padded with
 slot -1 and context length 0, whose output rows are zeros).
@@ -56,12 +60,16 @@ def _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr):
+def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """Fold one tile of scores (rows, BLOCK_N; masked entries -inf) and its values into the running
-    max m_i, normaliser l_i and output acc."""
+    max m_i, normaliser l_i and output acc. EMPTY_ROWS: a row may have seen no key yet (its window
+    begins past this tile), which must leave it at zero rather than exp(-inf - -inf) = NaN."""
     m_new = tl.maximum(m_i, tl.max(scores, 1))
-    p = tl.exp(scores - m_new[:, None])
-    alpha = tl.exp(m_i - m_new)
+    shift = m_new
+    if EMPTY_ROWS:  # such a row keeps m_i -inf (a shift of 0 would underflow later scores)
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(scores - shift[:, None])
+    alpha = tl.exp(m_i - shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -71,7 +79,7 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr):
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_ROWS)
@@ -86,16 +94,21 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
     m_i = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_ROWS,), tl.float32)
     acc = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
-    for start in range(0, length, BLOCK_N):
+    lowest = 0  # the first token the query sees
+    if WINDOW > 0:
+        lowest = tl.maximum(length - WINDOW, 0)
+    for start in range(lowest // BLOCK_N * BLOCK_N, length, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_mask = t < length
+        if WINDOW > 0:
+            t_mask = t_mask & (t >= lowest)
         rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
-        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, False)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
     tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -105,7 +118,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -126,7 +139,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        for start in range(0, end, BLOCK_N):
+        lowest = 0  # the first token the tile's first query sees
+        if WINDOW > 0:
+            lowest = tl.maximum(length - num_new + m0 - WINDOW + 1, 0)
+        for start in range(lowest // BLOCK_N * BLOCK_N, end, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             t_mask = t < end
             rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
@@ -135,8 +151,12 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
             v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             visible = t_mask[None, :] & (t[None, :] <= positions[:, None])
+            if WINDOW > 0:
+                visible = visible & (t[None, :] > positions[:, None] - WINDOW)
             scores = tl.where(visible, scores, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION)
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, WINDOW > 0)
+        if WINDOW > 0:  # a row past the new tokens (not stored) may see no key of its window: 0 / 0
+            l_i = tl.maximum(l_i, 1e-30)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (first + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -152,8 +172,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d)."""
+                     context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+    """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d); window > 0:
+    over the last `window` cached tokens only."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
@@ -163,15 +184,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, block_tables, context_lens, scale, *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype))
+        PRECISION=_precision(q.dtype), WINDOW=window)
     return out
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int,
-                      scale: float) -> torch.Tensor:
+                      scale: float, window: int = 0) -> torch.Tensor:
     """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
-    in the cache after their sequence's prefix -> (T, heads, d)."""
+    in the cache after their sequence's prefix -> (T, heads, d); window > 0: each over the last
+    `window` positions up to its own."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
@@ -181,5 +203,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, block_tables, context_lens, query_start, scale,
         *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype))
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window)
     return out

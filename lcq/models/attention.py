@@ -9,6 +9,10 @@ writes, decode and prefill attention read through the block tables, no copy of t
 everything else takes the torch path here:
 gather each sequence's cached K/V rows with one index and call F.scaled_dot_product_attention,
 batching all sequences of a decode step together.
+
+attend(..., window=W) with W > 0 is sliding-window attention (Gemma 3's local layers): the token at
+position i sees the positions i - W + 1 .. i, and every path reads only those cache rows (the
+kernels from the block or key tile where it begins); window 0 is full causal attention.
 """
 from __future__ import annotations
 
@@ -37,7 +41,8 @@ def _cache_values(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
 
 class PagedAttention:
     """The cache reads and writes of one step. New token j of a sequence with n new tokens and
-    context length L sits at position L - n + j and sees cache positions 0 .. L - n + j."""
+    context length L sits at position L - n + j and sees cache positions 0 .. L - n + j (or, with a
+    sliding window of W, the last W of them)."""
 
     def __init__(self, context: ForwardContext, block_size: int, device: torch.device, dtype: torch.dtype,
                  cache_dtype: torch.dtype | None = None):
@@ -54,25 +59,45 @@ class PagedAttention:
         keep = context.slot_mapping >= 0
         self.write_rows = None if bool(keep.all()) else keep
         self.write_slots = context.slot_mapping if self.write_rows is None else context.slot_mapping[keep]
-        lengths = context.context_lens.tolist()
         # cache slot of every token of every sequence, (num_seqs, max_context_len); padding reads slot 0
         t = torch.arange(context.max_context_len, device=device)
         blocks = context.block_tables[:, : -(-context.max_context_len // block_size)].clamp_min(0).long()
         self.read_slots = blocks[:, t // block_size] * block_size + t % block_size
-        if not context.is_prefill:
-            ragged = min(lengths) != context.max_context_len
-            self.decode_mask = (t < context.context_lens.unsqueeze(1)).view(len(lengths), 1, 1, -1) if ragged else None
-            return
-        starts = context.query_start.tolist()
-        self.sequences = []  # (begin, end, length, mask); mask None: causal from the first token or one query
-        for i, length in enumerate(lengths):
+        self.window_reads = {}  # window -> the torch path's reads with it (_reads)
+
+    def _reads(self, window: int):
+        """What the torch path reads with a sliding window of `window` positions (0: none), worked out
+        at a layer's first call and kept for the step's other layers. Decode: the slots (seqs, keys) and
+        a mask of the keys each sequence sees, or None for all; prefill: per sequence (begin, end, first
+        key, length, mask), mask None for causal from the first key or one query."""
+        if window in self.window_reads:
+            return self.window_reads[window]
+        c, device = self.context, self.read_slots.device
+        if not c.is_prefill:
+            t = torch.arange(window or c.max_context_len, device=device)
+            if window:  # each sequence's last `window` positions (its first `window` where it is shorter)
+                t = (c.context_lens.long() - window).clamp_min(0).unsqueeze(1) + t
+            seen = t < c.context_lens.unsqueeze(1)
+            slots = self.read_slots.gather(1, t.clamp_max(c.max_context_len - 1)) if window else self.read_slots
+            self.window_reads[window] = slots, None if bool(seen.all()) else seen.view(len(seen), 1, 1, -1)
+            return self.window_reads[window]
+        starts = c.query_start.tolist()
+        self.window_reads[window] = sequences = []
+        for i, length in enumerate(c.context_lens.tolist()):
             begin, end = starts[i], starts[i + 1]
             n_new = end - begin
-            mask = None
-            if 1 < n_new < length:  # a cached prefix before a chunk of several tokens
+            first, mask = 0, None
+            if window and length > window:  # from the first new token's window on, each row its own window
+                first = max(0, length - n_new - window + 1)
+                if n_new > 1:
+                    query_pos = torch.arange(length - n_new, length, device=device).unsqueeze(1)
+                    key_pos = torch.arange(first, length, device=device).unsqueeze(0)
+                    mask = (key_pos <= query_pos) & (key_pos > query_pos - window)
+            elif 1 < n_new < length:  # a cached prefix before a chunk of several tokens
                 query_pos = torch.arange(length - n_new, length, device=device).unsqueeze(1)
                 mask = query_pos >= torch.arange(length, device=device).unsqueeze(0)
-            self.sequences.append((begin, end, length, mask))
+            sequences.append((begin, end, first, length, mask))
+        return sequences
 
     def write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """k, v (T, kv_heads, d) of the new tokens into their slots; slot -1 (padding) is skipped."""
@@ -86,31 +111,36 @@ class PagedAttention:
         k_cache.view(-1, *k_cache.shape[2:])[self.write_slots] = _cache_values(k, k_cache.dtype)
         v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = _cache_values(v, v_cache.dtype)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float) -> torch.Tensor:
-        """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d)."""
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
+               window: int = 0) -> torch.Tensor:
+        """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
+        each token sees only the last `window` positions up to its own."""
         c = self.context
         if self.use_triton:
             from lcq.kernels.paged_attention import decode_attention, prefill_attention
             if not c.is_prefill:
-                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
+                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                     c.max_query_len, scale)
+                                     c.max_query_len, scale, window)
         if self.use_cpu_ops:
             if c.is_prefill:
                 return cpu_ops.prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                                 scale)
-            return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale)
+                                                 scale, window=window)
+            return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+        if window >= c.max_context_len:  # a window past every context hides nothing
+            window = 0
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-        if not c.is_prefill:  # (S, kv_heads, max_len, d) for all sequences at once
-            keys = k_rows[self.read_slots].transpose(1, 2).to(q.dtype)
-            values = v_rows[self.read_slots].transpose(1, 2).to(q.dtype)
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=self.decode_mask,
-                                                 scale=scale, enable_gqa=True)
+        if not c.is_prefill:  # (S, kv_heads, keys, d) for all sequences at once
+            slots, mask = self._reads(window)
+            keys = k_rows[slots].transpose(1, 2).to(q.dtype)
+            values = v_rows[slots].transpose(1, 2).to(q.dtype)
+            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                                 enable_gqa=True)
             return out.squeeze(2)
         out = torch.empty_like(q)
         group = q.shape[1] // k_cache.shape[2]
-        for i, (begin, end, length, mask) in enumerate(self.sequences):
-            slots = self.read_slots[i, :length]
+        for i, (begin, end, first, length, mask) in enumerate(self._reads(window)):
+            slots = self.read_slots[i, first:length]
             # K/V heads repeated for their query heads, and 4-D: torch then takes its fused (flash)
             # kernel; enable_gqa took the unfused one (3x slower at 256 tokens of SmolLM2 on a CPU)
             keys, values = (rows[slots].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0).to(q.dtype)

@@ -1,0 +1,221 @@
+"""Sliding-window attention (window W > 0: the query at position i sees the positions j with
+i - W < j <= i) in every attention path, against a dense reference: each sequence's K/V gathered
+from the cache, the explicit mask, torch.softmax, in float64.
+
+Tolerances: fp32 arithmetic over fp32, fp16 or int8 caches (the reference takes the same cache
+values, dequantized exactly) sums a few hundred products in another order: 1e-5, as the existing
+attention tests. bf16 products (C prefill) round queries, keys, values and weights to 8 bits of
+mantissa: 2e-2. Triton with fp16 queries and caches rounds the softmax weights to fp16 for the
+second product: 2e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lcq.kernels import cpu_ops
+from lcq.kernels.cpu_matmul import cpu_products, products_available
+from lcq.models.attention import PagedAttention
+from tests.test_models import BLOCK, _int8_rows, _random_paged_context, needs_cpu_ops
+
+KEYS = 32  # keys per chunk of the C prefill (cpu_attention.c) and per tile of the Triton kernels (BLOCK_N)
+
+# W = 1; within one block of 4; not a multiple of the block size; past a key chunk (32) and not a multiple of
+# it; past the first part (32 blocks of 4) of a long decode context; past every context (= full attention)
+WINDOWS = pytest.mark.parametrize("window", [1, 3, 6, 33, 301, 1000])
+CASES = pytest.mark.parametrize("new, cached", [
+    ([1, 1, 1], [0, 6, 36]),  # decode
+    ([1] * 9, [0, 3, 16, 17, 31, 2, 5, 40, -1]),  # 8+ sequences (C: whole cache rows), a padding sequence
+    ([1, 1], [299, 700]),  # C: contexts in parts of 32 blocks, the window beginning inside the first's first block
+    ([7, 1, 3], [0, 5, 9]),  # prefill: cached prefixes before chunks, a single new token
+    ([50, 2, 1], [70, 100, 0]),  # several query tiles and key chunks
+    ([45, 3], [200, 30]),  # long prefixes: C stages no chunk before the first new token's window
+])
+SHAPES = pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 4, 256)])  # GQA; Gemma 3's heads
+
+
+def _paged_caches(new, cached, kv_heads, head_dim, dtype, block_size=BLOCK):
+    """_random_paged_context's context and caches; int8 caches (the C kernels' form) of random values and
+    scales."""
+    k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim,
+                                                      torch.float32 if dtype == torch.int8 else dtype, block_size)
+    if dtype == torch.int8:
+        shape = cpu_ops.cache_shape(k_cache.shape[0], block_size, kv_heads, head_dim, torch.int8)
+        k_cache, v_cache = (torch.randint(-127, 128, shape, dtype=torch.int8) for _ in range(2))
+        for cache in (k_cache, v_cache):
+            cache[..., head_dim:] = (torch.rand(*shape[:3], 1) * 0.02).view(torch.int8)  # values up to 2.5
+    return k_cache, v_cache, context
+
+
+def _values(cache: torch.Tensor) -> torch.Tensor:
+    """The cache's values as float64 rows (slots, kv_heads, head_dim)."""
+    if cache.dtype == torch.int8:
+        values, scales = _int8_rows(cache)
+        cache = values.double() * scales.double().unsqueeze(-1)
+    return cache.double().flatten(0, 1)
+
+
+def dense_attention(q, k_cache, v_cache, context, block_size, scale, window):
+    """Attention of every new token over its sequence's gathered K/V, masked explicitly; padding sequences
+    (context length 0) zeros."""
+    k_rows, v_rows = _values(k_cache), _values(v_cache)
+    group = q.shape[1] // k_rows.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    starts = context.query_start.tolist()
+    for i, length in enumerate(context.context_lens.tolist()):
+        begin, end = starts[i], starts[i + 1]
+        if length == 0:
+            continue
+        keys = torch.arange(length)
+        slots = context.block_tables[i].long()[keys // block_size] * block_size + keys % block_size
+        k, v = (rows[slots].repeat_interleave(group, 1) for rows in (k_rows, v_rows))  # (length, heads, d)
+        positions = torch.arange(length - (end - begin), length).unsqueeze(1)
+        seen = (keys <= positions) & ((keys > positions - window) if window else True)
+        scores = torch.einsum("qhd,khd->hqk", q[begin:end].double(), k) * scale
+        out[begin:end] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
+    return out
+
+
+def _zero_padding(out: torch.Tensor, context) -> torch.Tensor:
+    """out with the rows of padding sequences zeroed (SDPA leaves them NaN)."""
+    for i, length in enumerate(context.context_lens.tolist()):
+        if length == 0:
+            out[context.query_start[i]:context.query_start[i + 1]] = 0
+    return out
+
+
+def _check_paged_attention(monkeypatch, c_ops, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
+                           block_size=BLOCK, products=torch.float32, tolerance=1e-5):
+    """PagedAttention.attend with fp32 queries, through the C kernels or the torch path, against the reference."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops)
+    k_cache, v_cache, context = _paged_caches(new, cached, kv_heads, head_dim, cache_dtype, block_size)
+    q = torch.randn(sum(new), heads, head_dim)
+    scale = head_dim ** -0.5
+    paged = PagedAttention(context, block_size, torch.device("cpu"), torch.float32, cache_dtype)
+    assert paged.use_cpu_ops == c_ops
+    with cpu_products(products):
+        out = paged.attend(q, k_cache, v_cache, scale, window=window)
+    expected = dense_attention(q, k_cache, v_cache, context, block_size, scale, window).float()
+    torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
+
+
+@WINDOWS
+@CASES
+@SHAPES
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_torch_path_window_matches_dense_reference(monkeypatch, new, cached, heads, kv_heads, head_dim, cache_dtype,
+                                                   window):
+    _check_paged_attention(monkeypatch, False, new, cached, heads, kv_heads, head_dim, cache_dtype, window)
+
+
+@needs_cpu_ops
+@WINDOWS
+@CASES
+@SHAPES
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("block_size", [BLOCK, 16])  # blocks of 16: the C decode scores 8 rows at a time
+def test_c_window_matches_dense_reference(monkeypatch, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
+                                          block_size):
+    _check_paged_attention(monkeypatch, True, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
+                           block_size)
+
+
+@needs_cpu_ops
+@pytest.mark.skipif(not products_available(torch.bfloat16), reason="bf16 products need AVX512_BF16 and the C kernels")
+@pytest.mark.parametrize("window", [3, 33])
+@pytest.mark.parametrize("new, cached", [([50, 2, 1], [70, 100, 0]), ([45, 3], [200, 30])])
+@SHAPES
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+def test_c_prefill_window_with_bf16_products(monkeypatch, new, cached, heads, kv_heads, head_dim, cache_dtype, window):
+    _check_paged_attention(monkeypatch, True, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
+                           products=torch.bfloat16, tolerance=2e-2)
+
+
+@pytest.mark.parametrize("window", [1, 6, 33, 1000])
+@pytest.mark.parametrize("new, cached", [
+    ([1, 1, 1], [0, 6, 36]), ([1, 1], [4, -1]),  # decode, with a padding sequence
+    ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0])])  # prefill: prefixes; several query and key tiles
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
+def test_triton_window_matches_dense_reference(new, cached, head_dim, dtype, window):
+    """The Triton kernels under the interpreter (conftest.py), 4 query heads on 2 kv heads."""
+    from lcq.kernels.paged_attention import decode_attention, prefill_attention
+
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, head_dim, dtype)
+    q = torch.randn(sum(new), 4, head_dim, dtype=dtype)
+    scale = head_dim ** -0.5
+    c = context
+    if c.is_prefill:
+        out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
+                                scale, window)
+    else:
+        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    expected = dense_attention(q, k_cache, v_cache, context, BLOCK, scale, window).to(dtype)
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+def _poisoned(cache: torch.Tensor, context, block_size: int, bound) -> torch.Tensor:
+    """A copy of the cache with NaN in the rows of each sequence's positions before bound(i, length, n)
+    (an int8 cache: in their scales)."""
+    cache = cache.clone()
+    rows = (cache[..., -cpu_ops.INT8_SCALE_BYTES:].view(torch.float32) if cache.dtype == torch.int8 else cache)
+    starts = context.query_start.tolist()
+    for i, length in enumerate(context.context_lens.tolist()):
+        for j in range(bound(length, starts[i + 1] - starts[i])):
+            rows[context.block_tables[i, j // block_size], j % block_size] = float("nan")
+    return cache
+
+
+@pytest.mark.parametrize("path", ["torch", "c"] if cpu_ops.usable() else ["torch"])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+@pytest.mark.parametrize("new, cached, window", [
+    ([1, 1, 1], [37, 8, 100], 6), ([1] * 9, [35, 3, 16, 17, 31, 2, 5, 40, 60], 5),  # windows inside blocks
+    ([1, 1], [299, 700], 301),  # in parts
+    ([40, 1, 3], [100, 50, 70], 33)])  # prefill
+def test_rows_before_the_window_are_not_read(monkeypatch, path, cache_dtype, new, cached, window):
+    """NaN in every cache row before a decode query's window leaves its output finite and equal to the
+    reference: the decode kernels start at the window, even inside a block of 16. Prefill reads from the
+    first new token's window on (the C kernel from the chunk of 32 keys where it begins), so NaN before
+    that chunk changes nothing either."""
+    if path == "torch" and cache_dtype == torch.int8:
+        pytest.skip("an int8 cache needs the C attention")
+    monkeypatch.setattr(cpu_ops, "ENABLED", path == "c")
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, cache_dtype, 16)
+    q = torch.randn(sum(new), 6, 64)
+    expected = dense_attention(q, k_cache, v_cache, context, 16, 0.125, window).float()
+
+    def bound(length, n):
+        first = max(0, length - n - window + 1)
+        return first if n == 1 else first // KEYS * KEYS
+
+    paged = PagedAttention(context, 16, torch.device("cpu"), torch.float32, cache_dtype)
+    out = paged.attend(q, *(_poisoned(cache, context, 16, bound) for cache in (k_cache, v_cache)), 0.125,
+                       window=window)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("new, cached, window", [([1, 1], [37, 100], 6), ([40, 3], [100, 70], 33)])
+def test_triton_reads_from_the_window_tile(new, cached, window):
+    """The Triton kernels: decode loads only the window (the rows before it in its first tile are masked
+    loads), prefill from the tile of 32 where its first query's window begins."""
+    from lcq.kernels.paged_attention import decode_attention, prefill_attention
+
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, torch.float32)
+    q = torch.randn(sum(new), 4, 64)
+    expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window).float()
+
+    def bound(length, n):
+        first = max(0, length - n - window + 1)
+        return first if n == 1 else first // KEYS * KEYS
+
+    k_cache, v_cache = (_poisoned(cache, context, BLOCK, bound) for cache in (k_cache, v_cache))
+    c = context
+    if c.is_prefill:
+        out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
+                                0.125, window)
+    else:
+        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, 0.125, window)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
