@@ -178,10 +178,23 @@ def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
                    atol=0.1 if dtype == torch.float16 else 0.25)
 
 
-def test_sliding_window_caps_the_context(tmp_path):
-    folder = make_tiny_hf(tmp_path, "mistral", sliding_window=64)
-    _, config = load_model(folder)
-    assert config.max_position_embeddings == 64
+@pytest.mark.parametrize("arch, overrides", [
+    ("mistral", {"sliding_window": 7}),  # every layer
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),  # layers from 1 on
+    ("gemma3", {"sliding_window": 7})])  # layer 0, with its own rotary base
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monkeypatch, arch, overrides, c_ops):
+    """Prompts of 11 and 20 tokens against a 7-token window, prefilled in chunks of 4 after their
+    cached part, then decoded (from fp16 weights: the one-call CPU decode step where it runs): the
+    context is not capped."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16, **overrides)
+    model, config = load_model(folder)
+    windows = {"mistral": [7, 7], "qwen2": [0, 7], "gemma3": [7, 0]}[arch]
+    assert config.layer_windows == windows and config.max_position_embeddings == 256
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
+    _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=4, chunk=4)
+    assert (model.cpu_decoder is None) == (arch == "gemma3" or c_ops == "0" or not cpu_half.enabled())
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}

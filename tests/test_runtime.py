@@ -776,3 +776,11 @@ def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
     wide = make_tiny_adapter(tmp_path / "wide", make_tiny_hf(tmp_path / "wider", "llama", hidden_size=128))
     with pytest.raises(UserError, match="do not fit"):
         LLM(str(tiny), lora_modules=f"w={wide}")
+
+
+def test_gemma_runs_in_bfloat16_on_a_gpu_by_default(tmp_path):
+    """dtype auto: fp16 on a GPU, except for Gemma, whose residual stream outgrows fp16; fp32 on CPU."""
+    gemma, llama = make_tiny_hf(tmp_path / "gemma", "gemma3"), make_tiny_hf(tmp_path / "llama", "llama")
+    assert EngineConfig(model=str(gemma), device="cuda").resolved_dtype() == torch.bfloat16
+    assert EngineConfig(model=str(llama), device="cuda").resolved_dtype() == torch.float16
+    assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32

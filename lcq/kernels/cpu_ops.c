@@ -389,9 +389,10 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
  * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
- * Q_NORM and K_NORM are the per-head norm weights of Qwen3, NULL for other models. */
+ * Q_NORM and K_NORM are the per-head norm weights of Qwen3, NULL for other models; WINDOW the layer's
+ * sliding window in tokens (cast to a pointer; 0: full attention). */
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, O_KIND, O, O_BIAS, POST_NORM, GATE_UP_KIND, GATE_UP,
-       GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, POINTERS_PER_LAYER };
+       GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, WINDOW, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -435,7 +436,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
-                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, 0)) /* full attention */
+                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, (int)(intptr_t)p[WINDOW]))
             return -1;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */

@@ -58,12 +58,12 @@ class ModelConfig:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         heads = c["num_attention_heads"]
         gemma = _gemma_fields(c, folder) if c["model_type"] in GEMMA else {}
-        return cls(
+        return cls(layer_windows=_layer_windows(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=_attention_span(c, gemma.get("rope", rope), gemma.get("layer_windows")),
+            max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
             qk_norm=c["model_type"] in ("qwen3", *GEMMA), rope=gemma.pop("rope", rope), **gemma,
@@ -80,10 +80,6 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
     rope_local_base_freq, rope_scaling for the full layers)."""
     if c.get("use_bidirectional_attention") or c.get("attn_logit_softcapping"):
         raise UserError(f"{folder}: bidirectional attention and attention logit soft-capping are not supported")
-    pattern = c.get("sliding_window_pattern", 6)
-    types = c.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
-                                     for i in range(c["num_hidden_layers"])]
-    window = c.get("sliding_window") or 4096
     params = c.get("rope_parameters") or {}
     full = dict(params.get("full_attention") or c.get("rope_scaling") or {})
     full.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
@@ -94,20 +90,33 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
     for settings in (rope, rope_local):
         if settings["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {settings['rope_type']!r} is not supported")
-    return dict(layer_windows=[window if kind == "sliding_attention" else 0 for kind in types], rope=rope,
-                rope_local=rope_local, embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh",
+    return dict(rope=rope, rope_local=rope_local, embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh",
                 sandwich_norms=True, query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
                 logit_softcap=c.get("final_logit_softcapping"))
 
 
-def _attention_span(c: dict, rope: dict, windows: list[int] | None = None) -> int:
+def _layer_windows(c: dict) -> list[int]:
+    """Each layer's sliding window (0: full attention), as transformers reads the config: Gemma 3's
+    layer_types (or every sliding_window_pattern-th layer full), all of Mistral's layers, and Qwen2/3's
+    layers from max_window_layers on where use_sliding_window is set."""
+    count, kind = c["num_hidden_layers"], c["model_type"]
+    if kind in GEMMA:
+        window, pattern = c.get("sliding_window") or 4096, c.get("sliding_window_pattern", 6)
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
+    elif kind == "mistral":
+        return [c.get("sliding_window") or 0] * count
+    else:
+        window = c.get("sliding_window") if c.get("use_sliding_window") else None
+        first = c.get("max_window_layers", 28)
+        default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(count)]
+    types = c.get("layer_types") or default
+    return [(window or 0) if layer == "sliding_attention" else 0 for layer in types]
+
+
+def _context_length(c: dict, rope: dict) -> int:
     """Longest context we serve. YaRN extends it to factor x the original length (the model card's
-    recipe for long context: add the scaling to the config; vLLM does the same). Attention here is
-    always full, so a model trained with a sliding window (Mistral v0.1; Qwen2 with
-    use_sliding_window) is capped at its window, where both agree."""
+    recipe for long context: add the scaling to the config; vLLM does the same)."""
     span = c.get("max_position_embeddings", 4096)
     if rope["rope_type"] == "yarn":
         span = max(span, int(rope["original_max_position_embeddings"] * rope["factor"]))
-    window = c.get("sliding_window") if c["model_type"] == "mistral" or c.get("use_sliding_window") else None
-    window = min(w for w in windows if w) if windows and any(windows) else window
-    return min(span, window) if window else span
+    return span

@@ -24,8 +24,8 @@ class CpuDecoder:
     holds it), so a dropped engine's weights are freed at once, not by a later garbage collection."""
 
     def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
-        """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds and
-        addresses (ints, the layers keep what they point to), or None."""
+        """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds,
+        addresses (the layers keep what they point to) and sliding windows (ints), or None."""
         c = model.config
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
@@ -46,7 +46,7 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
             return None
-        if c.sandwich_norms or c.activation != "silu" or any(c.layer_windows):
+        if c.sandwich_norms or c.activation != "silu":
             return None  # a Gemma layer: the C step runs the Llama one
         if not cpu_ops.usable():
             return None
@@ -61,7 +61,7 @@ class CpuDecoder:
             head_norms = [None, None] if attention.q_norm is None else \
                 [attention.q_norm.weight, attention.k_norm.weight]
             entries += [layer.attention_norm.weight, *qkv, *head_norms, *o, layer.mlp_norm.weight,
-                        *gate_up, *down, attention.k_cache, attention.v_cache]
+                        *gate_up, *down, attention.k_cache, attention.v_cache, attention.window]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)

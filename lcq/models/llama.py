@@ -59,7 +59,7 @@ class Attention(torch.nn.Module):
             head_norm_(qkv[:, q_width:], self.num_kv_heads, self.head_dim, self.k_norm.weight, self.k_norm.eps)
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
         attention.write(k, v, self.k_cache, self.v_cache)
-        out = attention.attend(q, self.k_cache, self.v_cache, self.scale)
+        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
 

@@ -1,6 +1,7 @@
 """Engine settings (the server's flags map onto these one to one)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,9 +49,9 @@ class EngineConfig:
         if self.dtype == "auto":
             if self.resolved_device().type != "cuda":
                 return torch.float32
-            from lcq.models.config import GEMMA, ModelConfig
+            from lcq.models.config import GEMMA
 
-            return torch.bfloat16 if ModelConfig.from_folder(self.model).model_type in GEMMA else torch.float16
+            return torch.bfloat16 if _model_type(self.model) in GEMMA else torch.float16
         return _named_dtype("dtype", self.dtype)
 
     def resolved_kv_cache_dtype(self) -> torch.dtype:
@@ -156,6 +157,14 @@ class EngineConfig:
         if self.cpu_int8_weights == "on" and products != torch.int8:
             raise ValueError("cpu_int8_weights on needs int8 products (cpu_matmul_dtype int8, or auto on a CPU "
                              "with AVX512_VNNI, AVX512_VBMI and AVX512_BF16)")
+
+
+def _model_type(folder: str) -> str | None:
+    """config.json's model_type, or None where the folder has no readable one (the loader says why)."""
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
