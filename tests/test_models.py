@@ -24,7 +24,7 @@ class PagedBatch:
 
     def __init__(self, model, num_blocks: int = 64, cache_dtype: torch.dtype | None = None):
         c = model.config
-        dtype, self.device = cache_dtype or model.dtype, model.embed_tokens.weight.device
+        dtype, self.device = cache_dtype or model.dtype, model.norm.weight.device
         shape = model.kv_cache_shape(num_blocks, BLOCK, dtype)
         model.bind_kv_cache([torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)],
                             [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)])

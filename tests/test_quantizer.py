@@ -417,3 +417,33 @@ def test_block_calls_chain_into_the_models_hidden_states(tmp_path, arch, overrid
         hidden = run_block(block_call(source.block(index), source.block_inputs(index)), {}, hidden, batch=2)
         if index < source.num_layers - 1:  # the last entry is after the final norm
             torch.testing.assert_close(hidden, expected[index + 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
+    """--head-bits 4 over W2 layers: lm_head packed (format version 2), a tied embedding table not stored
+    but looked up from the packed head; the real loader and the engine follow transformers with every
+    packed matrix dequantized, and the folder is smaller than with the fp16 head."""
+    from lcq.models.loader import load_model
+    from lcq.runtime import LLM, SamplingParams
+    from tests.test_models import PROMPTS, _check_against
+
+    hf = make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=tied)
+    options = dict(bits=2, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                   epochs=1)
+    plain = quantize_model(hf, tmp_path / "plain", QuantizeOptions(**options), progress=False)
+    packed = quantize_model(hf, tmp_path / "head", QuantizeOptions(**options, head_bits=4), progress=False)
+    reader = CheckpointReader(tmp_path / "head")
+    assert reader.quant["format_version"] == 2 and reader.quant["head_bits"] == 4
+    assert reader.linear("lm_head").bits == 4 and reader.linear("model.layers.0.mlp.up_proj").bits == 2
+    assert reader.has("model.embed_tokens.weight") != tied and not reader.has("lm_head.weight")
+    assert packed.bits_per_weight == plain.bits_per_weight and packed.size_bytes < plain.size_bytes
+    reference = load_reference_model(tmp_path / "head")
+    model, _ = load_model(tmp_path / "head")
+    _check_against(reference, model, PROMPTS, decode_steps=3, atol=2e-4)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = LLM(str(tmp_path / "head"), kv_cache_dtype="float32", cpu_matmul_dtype="float32").generate(PROMPTS, greedy)
+    for prompt, out in zip(PROMPTS, outs):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[],
+                                      min_new_tokens=8)[0, len(prompt):].tolist()
+        assert out.token_ids == expected

@@ -21,6 +21,11 @@ from .packing import SUPPORTED_BITS
 
 QUANT_METHOD = "lcq"
 FORMAT_VERSION = 1
+# Version 2: lm_head may be packed too, with its own bit width (head_bits); written only by
+# checkpoints that pack it, so that readers of version 1 refuse them rather than miss the head.
+HEAD_FORMAT_VERSION = 2
+READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION)
+HEAD = "lm_head"
 PACK_LAYOUT = "kmajor-planes"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -39,9 +44,10 @@ class FormatError(ValueError):
 
 def quantization_config(bits: int, rank: int, group_size: int, method: str,
                         modules_not_quantized: list[str], **extra: Any) -> dict[str, Any]:
-    """The `quantization_config` block of config.json."""
+    """The `quantization_config` block of config.json (a packed lm_head: head_bits among `extra`)."""
+    version = HEAD_FORMAT_VERSION if extra.get("head_bits") else FORMAT_VERSION
     return {
-        "quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "pack_layout": PACK_LAYOUT,
+        "quant_method": QUANT_METHOD, "format_version": version, "pack_layout": PACK_LAYOUT,
         "bits": bits, "rank": rank, "group_size": group_size, "method": method,
         "scale_bits": 8, "modules_not_quantized": modules_not_quantized, **extra,
     }
@@ -129,15 +135,17 @@ class CheckpointReader:
             return None
         if quant.get("quant_method") != QUANT_METHOD:
             raise FormatError(f"{path}: quant_method {quant.get('quant_method')!r} is not {QUANT_METHOD!r}")
-        if quant.get("format_version") != FORMAT_VERSION:
+        if quant.get("format_version") not in READABLE_VERSIONS:
             raise FormatError(f"{path}: format_version {quant.get('format_version')!r} is not supported "
-                              f"(this lcq reads version {FORMAT_VERSION})")
+                              f"(this lcq reads versions {', '.join(map(str, READABLE_VERSIONS))})")
         for key in ("bits", "rank", "group_size"):
             if not isinstance(quant.get(key), int):
                 raise FormatError(f"{path}: quantization_config.{key} missing or not an integer")
         if quant["bits"] not in SUPPORTED_BITS or quant["rank"] < 1 or quant["group_size"] % 32:
             raise FormatError(f"{path}: unsupported bits={quant['bits']} rank={quant['rank']} "
                               f"group_size={quant['group_size']}")
+        if quant.get("head_bits") not in (None, 0, *SUPPORTED_BITS):  # 0: the head kept in full precision
+            raise FormatError(f"{path}: unsupported head_bits={quant['head_bits']}")
         return quant
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -191,7 +199,8 @@ class CheckpointReader:
         """Load and validate one packed linear layer."""
         if self.quant is None:
             raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
-        return linear_from_tensors(_LazyTensors(self), prefix, self.quant["bits"], self.quant["rank"],
+        bits = self.quant.get("head_bits") if prefix == HEAD else None
+        return linear_from_tensors(_LazyTensors(self), prefix, bits or self.quant["bits"], self.quant["rank"],
                                    self.quant["group_size"], lambda name: str(self._files.get(name, self.folder)))
 
 

@@ -149,6 +149,14 @@ def layer_codebooks(layer: PackedLinear) -> torch.Tensor:
     return torch.einsum("ngr,nrl->ngl", s, v) - b.unsqueeze(-1)
 
 
+def output_rows(layer: PackedLinear, rows: torch.Tensor) -> PackedLinear:
+    """The layer restricted to output rows `rows` (int64), in that order: dequantize() of it gives
+    those rows of W, which is how a packed head shared with the embeddings looks tokens up."""
+    return replace(layer, qweight=layer.qweight[:, rows], s_q=layer.s_q[:, :, rows], s_scale=layer.s_scale[:, rows],
+                   b_q=layer.b_q[:, rows], b_scale=layer.b_scale[rows], v_index=layer.v_index[rows],
+                   bias=None if layer.bias is None else layer.bias[rows])
+
+
 def dequantize(layer: PackedLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The reference: the dense (N, K) weight the packed layer stands for."""
     indices = unpack_indices(layer.qweight, layer.bits)  # (N, K_pad)

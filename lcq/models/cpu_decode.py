@@ -44,7 +44,7 @@ class CpuDecoder:
         weight the C step reads: indices or an fp16 copy (LCQ layers on CPU; full-precision ones read
         from fp16 files)."""
         c = model.config
-        if model.dtype != torch.float32 or not model.embed_tokens.weight.is_cpu:
+        if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
         if c.sandwich_norms or c.activation != "silu":
             return None  # a Gemma layer: the C step runs the Llama one

@@ -10,7 +10,20 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lcq.format import PackedLinear, dequantize, output_rows
 from lcq.kernels import cpu_ops
+
+
+class PackedEmbedding(torch.nn.Module):
+    """Embeddings tied to a packed lm_head: each token's row dequantized from the head as it is looked up
+    (the rows of a step, a few KB, where the table would take vocab x hidden x 2 bytes)."""
+
+    def __init__(self, layer: PackedLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(output_rows(self.layer, input_ids))
 
 
 class RMSNorm(torch.nn.Module):

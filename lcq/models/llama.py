@@ -134,6 +134,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
+        self.packed_head: torch.nn.Module | None = None  # an LCQ layer (quantize --head-bits), then lm_head is None
         self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
 
@@ -157,7 +158,10 @@ class LlamaModel(torch.nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
+        if self.packed_head is not None:
+            logits = self.packed_head(hidden).float()
+        else:
+            logits = dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
         cap = self.config.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

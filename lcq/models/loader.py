@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from lcq.format import CheckpointReader, PackedLinear
+from lcq.format import HEAD, CheckpointReader, PackedLinear
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
 from .config import ModelConfig
+from .layers import PackedEmbedding
 from .llama import LlamaModel
 
 
@@ -85,24 +86,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return (weight + 1 if config.sandwich_norms else weight).to(device=device, dtype=dtype)
 
     with torch.no_grad():
-        model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
         model.norm.weight.copy_(norm_weight("model.norm.weight"))
-        if not config.tie_word_embeddings:
-            model.lm_head.copy_(read("lm_head.weight"))
         for i, layer in enumerate(model.layers):
             for module, name in _layer_norms(layer, config):
                 module.weight.copy_(norm_weight(f"model.layers.{i}.{name}.weight"))
-        model.lm_head_half = half_copy(model.lm_head, exact_only=True)
-        # Embedding rows are looked up in an exact fp16 copy too (a tied one shares the head's), so a
-        # CPU model keeps no fp32 table: 113 MB less for SmolLM2's tied 49152 x 576.
-        embed_half = model.lm_head_half if config.tie_word_embeddings else \
-            half_copy(model.embed_tokens.weight, exact_only=True)
-        if embed_half is not None:
-            model.embed_tokens.weight = torch.nn.Parameter(embed_half, requires_grad=False)
-        if model.lm_head_half is not None:  # it serves every product
-            model.lm_head = None
-        elif can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
-            model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
+        if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
+            _use_packed_head(model, reader, read, device, cache_dense)
+        else:
+            _use_dense_head(model, config, read)
     if cache_dense:
         for module in model.modules():
             if isinstance(module, LCQLinear):
@@ -110,3 +101,40 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 if not keep_packed:
                     module.release_packed()
     return model.eval(), config
+
+
+def _use_packed_head(model: LlamaModel, reader: CheckpointReader, read, device: torch.device,
+                     cache_dense: bool) -> None:
+    """lm_head as an LCQ layer (quantize --head-bits); a tied embedding table is not stored, and tokens
+    are looked up from the packed head, which keeps its packed tensors for that."""
+    layer = reader.linear(HEAD).to(device)
+    model.packed_head, model.lm_head = LCQLinear(layer, cache_dense), None
+    if reader.has("model.embed_tokens.weight"):
+        model.embed_tokens.weight = torch.nn.Parameter(_lookup_table(read("model.embed_tokens.weight")),
+                                                       requires_grad=False)
+    else:
+        model.embed_tokens = PackedEmbedding(layer)
+
+
+def _lookup_table(table: torch.Tensor) -> torch.Tensor:
+    """The embedding table as looked up: an exact fp16 copy where there is one (a CPU model then keeps no
+    fp32 table: 113 MB less for SmolLM2's tied 49152 x 576), else as read."""
+    half = half_copy(table, exact_only=True)
+    return table if half is None else half
+
+
+def _use_dense_head(model: LlamaModel, config: ModelConfig, read) -> None:
+    """The full-precision head: an exact fp16 copy serving every CPU product where there is one (and the
+    lookups of a tied table), else the weight, packed for CPU products where it can be."""
+    model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
+    if not config.tie_word_embeddings:
+        model.lm_head.copy_(read("lm_head.weight"))
+    model.lm_head_half = half_copy(model.lm_head, exact_only=True)
+    # A tied table's lookups share the head's fp16 copy
+    embed = model.lm_head_half if config.tie_word_embeddings and model.lm_head_half is not None else \
+        _lookup_table(model.embed_tokens.weight)
+    model.embed_tokens.weight = torch.nn.Parameter(embed, requires_grad=False)
+    if model.lm_head_half is not None:  # it serves every product
+        model.lm_head = None
+    elif can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
+        model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)

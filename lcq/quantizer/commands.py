@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "to the full-precision model's outputs, indices fixed; default 0: off)")
     q.add_argument("--finetune-lr", type=float, default=None,
                    help="that stage's relative Adam step (default by bit width: 1e-3 at 2 bits, 3e-4 at 3, 1e-4 at 4)")
+    q.add_argument("--head-bits", type=int, default=0,
+                   help="pack lm_head too, at 2, 3 or 4 bits (the same rank and group size; a tied embedding table "
+                        "is then looked up from it and not stored; default 0: kept in fp16)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
@@ -71,9 +74,9 @@ def _quantize(args: argparse.Namespace) -> int:
     rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1
     options = QuantizeOptions(bits=args.bits, rank=rank, group_size=args.group_size, method=args.method,
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
-                              init=args.init, assign=args.assign, device=args.device, act_order=args.act_order, seed=args.seed,
-                              batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                              finetune_lr=args.finetune_lr)
+                              init=args.init, assign=args.assign, device=args.device, act_order=args.act_order,
+                              seed=args.seed, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+                              finetune_lr=args.finetune_lr, head_bits=args.head_bits)
     check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
     if options.needs_data:  # fetched only once everything else is known to be fine

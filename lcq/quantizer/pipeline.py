@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from lcq.errors import UserError
-from lcq.format import (CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
+from lcq.format import (HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
@@ -71,6 +71,7 @@ class QuantizeOptions:
     batch_size: int = 4
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
+    head_bits: int = 0  # lm_head (and the embeddings it is tied to) packed at this width; 0: kept fp16
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
@@ -82,6 +83,7 @@ class QuantizeOptions:
         """Every setting but the calibration text (checked before any default text is fetched)."""
         checks = [
             (self.bits in (2, 3, 4), f"--bits must be 2, 3 or 4 (got {self.bits})"),
+            (self.head_bits in (0, 2, 3, 4), f"--head-bits must be 0 (fp16), 2, 3 or 4 (got {self.head_bits})"),
             (1 <= self.rank <= 4, f"--rank must be 1 to 4 (got {self.rank})"),
             (self.group_size in (32, 64, 128), f"--group-size must be 32, 64 or 128 (got {self.group_size})"),
             (self.method in METHODS, f"--method must be one of {', '.join(METHODS)} (got {self.method})"),
@@ -138,7 +140,7 @@ class QuantizeOptions:
 @dataclass
 class QuantizeSummary:
     seconds: float
-    bits_per_weight: float
+    bits_per_weight: float  # of the decoder's packed layers (a packed head shows in size_bytes)
     size_bytes: int
     peak_memory_bytes: int
     block_losses: list[tuple[float, float]] = field(default_factory=list)
@@ -262,18 +264,7 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     biases = {name: block.get_submodule(name).bias for name in LINEARS}
     stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
-    fits = []
-    for name, w in weights.items():
-        wg = grouped(w, options.group_size)
-        diag = None
-        if name in stats:
-            diag = stats[name].diagonal() if options.gptq_indices else stats[name]
-        h = grouped_importance(diag, w.shape[1], options.group_size, w.device)
-        if options.method == "lcq":
-            book = lcq_init(wg, h, options.bits, options.rank, options.init)
-        else:
-            book = rtn_codebook(wg, h > 0, options.bits, options.rank)
-        fits.append(LayerFit(name=name, wg=wg, in_features=w.shape[1], book=book))
+    fits = [_initial_fit(name, w, stats.get(name), options, options.bits) for name, w in weights.items()]
     losses = (0.0, 0.0)
     if options.method == "lcq":
         def on_step(loss: float) -> None:
@@ -283,21 +274,60 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     packed = {}
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
-        indices = None
-        if options.gptq_indices:
-            hessian = 2 * stats[f.name]
-
-            def sweep() -> torch.Tensor:
-                return gptq_indices(weights[f.name], hessian, stored_codebook(f.book).values(), options.group_size,
-                                    options.act_order)
-            indices = sweep()
-            if options.assign == "gptq-refit":
-                s, b = fit_codebooks_to_indices(weights[f.name], hessian, indices, f.book.s, f.book.v, f.book.b,
-                                                options.group_size)
-                f.book = Codebook(s, f.book.v, b)
-                indices = sweep()  # the refit codebook, dual-quantized, is what the indices must serve
-        packed[f.name] = pack(f.book, f.wg, f.in_features, options.bits, options.group_size, bias, indices)
+        packed[f.name] = _packed_fit(f, weights[f.name], stats.get(f.name), bias, options, options.bits)
     return packed, losses
+
+
+def _initial_fit(name: str, w: torch.Tensor, stat: torch.Tensor | None, options: QuantizeOptions,
+                 bits: int) -> LayerFit:
+    """A layer's starting codebooks: LCQ's weighted k-means (or RTN grid) fit, else the RTN grid; `stat`:
+    its inputs' mean x x^T (GPTQ sweeps) or mean x_k^2, the importance of each input, or None (RTN)."""
+    wg = grouped(w, options.group_size)
+    diag = None if stat is None else stat.diagonal() if options.gptq_indices else stat
+    h = grouped_importance(diag, w.shape[1], options.group_size, w.device)
+    book = lcq_init(wg, h, bits, options.rank, options.init) if options.method == "lcq" else \
+        rtn_codebook(wg, h > 0, bits, options.rank)
+    return LayerFit(name=name, wg=wg, in_features=w.shape[1], book=book)
+
+
+def _packed_fit(f: LayerFit, weight: torch.Tensor, stat: torch.Tensor | None, bias: torch.Tensor | None,
+                options: QuantizeOptions, bits: int) -> PackedLinear:
+    """The fitted layer packed: each weight's nearest entry, or GPTQ's sweep over the codebooks (with
+    gptq-refit, S and B refit to the sweep's indices, then swept again)."""
+    indices = None
+    if options.gptq_indices:
+        hessian = 2 * stat
+
+        def sweep() -> torch.Tensor:
+            return gptq_indices(weight, hessian, stored_codebook(f.book).values(), options.group_size,
+                                options.act_order)
+        indices = sweep()
+        if options.assign == "gptq-refit":
+            s, b = fit_codebooks_to_indices(weight, hessian, indices, f.book.s, f.book.v, f.book.b,
+                                            options.group_size)
+            f.book = Codebook(s, f.book.v, b)
+            indices = sweep()  # the refit codebook, dual-quantized, is what the indices must serve
+    return pack(f.book, f.wg, f.in_features, bits, options.group_size, bias, indices)
+
+
+def _head_stat(source: _Source, hidden: torch.Tensor, options: QuantizeOptions, batch: int) -> torch.Tensor:
+    """The head's input statistic (_initial_fit) over the quantized model's last hidden states."""
+    total, count = 0, 0
+    for start in range(0, hidden.shape[0], batch):
+        x = source.final_norm(hidden[start:start + batch]).reshape(-1, hidden.shape[-1])
+        total = total + (x.t() @ x if options.gptq_indices else (x * x).sum(0))
+        count += x.shape[0]
+    return total / count
+
+
+def _packed_head(source: _Source, stat: torch.Tensor | None, options: QuantizeOptions,
+                 device: torch.device) -> PackedLinear:
+    """lm_head (or the embedding table it is tied to) packed at head_bits, from the RTN or weighted
+    k-means fit (no block-wise stage: the head's output is the logits)."""
+    name = "model.embed_tokens.weight" if source.config.tie_word_embeddings else "lm_head.weight"
+    weight = source.reader.tensor(name).float().to(device)
+    fit = _initial_fit(HEAD, weight, stat, options, options.head_bits)
+    return _packed_fit(fit, weight, stat, None, options, options.head_bits)
 
 
 def _dense_weights(packed: dict[str, PackedLinear], device: torch.device) -> dict[str, torch.Tensor]:
@@ -392,6 +422,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
+    head_stat = _head_stat(source, q_stream, options, options.batch_size) \
+        if options.head_bits and options.needs_data else None
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
     if options.finetune_epochs:
@@ -400,14 +432,18 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         _reset_peak_memory(device)
         finetune_kl = _finetune_stage(source, partial, tokens.to(device), teacher, options, progress)
         finetune_peak = _peak_memory(device)
-    write_shard(partial / "model-extra.safetensors",
-                {name: t.to(torch.float16) if t.is_floating_point() else t
-                 for name, t in source.non_block_tensors().items()})
+    extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
+    kept = ["model.embed_tokens", "model.norm", HEAD]
+    if options.head_bits:  # a tied table is not stored: the packed head serves the embedding lookups too
+        tied = source.config.tie_word_embeddings
+        del extra["model.embed_tokens.weight" if tied else "lm_head.weight"]
+        kept = ["model.norm"] if tied else ["model.embed_tokens", "model.norm"]
+        extra.update(linear_tensors(HEAD, _packed_head(source, head_stat, options, device).to("cpu")))
+    write_shard(partial / "model-extra.safetensors", extra)
     config_dict["quantization_config"] = quantization_config(
-        options.bits, options.rank, options.group_size, options.method,
-        modules_not_quantized=["model.embed_tokens", "model.norm", "lm_head"],
+        options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr")})
+                                   "finetune_epochs", "finetune_lr", "head_bits")})
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
@@ -416,8 +452,9 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     partial.rename(out_dir)
 
     reader = CheckpointReader(out_dir)
-    linear_bits = sum(reader.linear(p).bits_per_weight() * _numel(reader, p) for p in reader.quantized_prefixes())
-    weights = sum(_numel(reader, p) for p in reader.quantized_prefixes())
+    layers = [p for p in reader.quantized_prefixes() if p != HEAD]  # the decoder's: a packed head shows in the size
+    linear_bits = sum(reader.linear(p).bits_per_weight() * _numel(reader, p) for p in layers)
+    weights = sum(_numel(reader, p) for p in layers)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,

@@ -60,6 +60,8 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
         if layer.bias is not None:
             state[f"{prefix}.bias"] = layer.bias.to(dtype)
     packed = set(reader.quantized_prefixes())
+    if "lm_head" in packed and config.tie_word_embeddings:  # the packed head is the embedding table too
+        state["model.embed_tokens.weight"] = state["lm_head.weight"]
     for name in reader.names():
         if name.rsplit(".", 1)[0] not in packed:
             state[name] = reader.tensor(name).to(dtype)
