@@ -152,6 +152,7 @@ class Run:
     act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
+    head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
 
     @property
     def key(self) -> str:
@@ -165,6 +166,7 @@ class Run:
         name += "-act" if self.act_order else ""
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
         name += f"-ft{self.finetune}" if self.finetune else ""
+        name += f"-h{self.head}" if self.head else ""
         return name
 
 
@@ -192,6 +194,8 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", b, r, epochs=10, finetune=10) for b, r in ((2, 2), (4, 2), (3, 2), (2, 4))]
         # more calibration windows at W2: which stage takes them?
         runs += [Run("lcq", 2, 2, epochs=10, nsamples=more, finetune=f) for f in (10, 0)]
+        # the head packed too (--head-bits): what it costs in perplexity for what it saves in bytes
+        runs += [Run("lcq", 4, 2, head=4), Run("lcq", 2, 2, epochs=10, head=4)]
     return runs
 
 
@@ -213,6 +217,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
         cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
     cmd += " --act-order" if run.act_order else ""
+    cmd += f" --head-bits {run.head}" if run.head else ""
     return cmd
 
 
@@ -226,7 +231,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "nsamples": nsamples_of(run, settings) if run.method in ("lcq", "gptq") else None,
                  "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None,
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
-                 "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None}
+                 "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
+                 "head_bits": run.head or None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -242,10 +248,10 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
-                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune)
+                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune, head_bits=run.head)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
-                   command=command)
+                   command=command, size_MB=round(summary.size_bytes / 1e6, 1))
     started = time.time()
     row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
     row["eval_seconds"] = round(time.time() - started, 1)
@@ -258,13 +264,13 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     """A reused folder must have been quantized with exactly the row's settings."""
     quant = json.loads((folder / "config.json").read_text())["quantization_config"]
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
-                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"]}
+                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head}
     if run.method == "lcq":
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
         if epochs_of(run, settings):
             expected.update(lr=DEFAULT_LR[run.bits])
-    recorded = {"assign": "nearest", "finetune_epochs": 0, **quant}  # folders from before these options existed
+    recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, **quant}  # folders from before these options
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
@@ -392,12 +398,19 @@ def goal_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def head_column(row: dict) -> str:
+    """The head's width, and the folder's size where the row recorded it."""
+    head = f"W{row['head_bits']}" if row.get("head_bits") else "fp16"
+    return head + (f" ({row['size_MB']:.0f} MB)" if row.get("size_MB") else "")
+
+
 def write_report(results: dict, path: Path, image: str, results_name: str) -> None:
     rows = results["rows"]
     s = results["settings"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
     table = ["| row | method | bits | rank | init | epochs | end-to-end epochs | assign | calib windows | bits/weight "
-             "| perplexity | vs fp16 | quantize s | eval s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| head | perplexity | vs fp16 | quantize s | eval s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (-r["bits"], r["method"], r["rank"], r["init"] or "", r["epochs"] or 0,
                                          r.get("finetune_epochs") or 0, r.get("assign") or "")):
         assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
@@ -406,7 +419,7 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
                      f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} "
-                     f"| {calib_windows} | {r['bits_per_weight']:.3f} | {r['perplexity']:.2f} | {ratio} "
+                     f"| {calib_windows} | {r['bits_per_weight']:.3f} | {head_column(r)} | {r['perplexity']:.2f} | {ratio} "
                      f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
     windows = s["eval_tokens"] // CTX
@@ -416,7 +429,9 @@ Generated by `python bench/quality.py` from `bench/results/{results_name}`; do n
 
 Model: {results['model']}.
 Every linear layer of the 30 decoder blocks is quantized at group size {GROUP_SIZE}; embeddings, norms
-and the tied lm_head stay fp16. Bits per weight count every stored bit of the linear layers (indices,
+and the tied lm_head stay fp16 unless the head column names a width (`--head-bits`: the head packed
+too, and the tied table looked up from it; the folder's size beside it). Bits per weight count
+every stored bit of the decoder's linear layers (indices,
 8-bit S and B, their per-row fp16 scales, V), as in docs/format.md.
 
 - Calibration: {results['calibration']}:
