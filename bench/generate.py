@@ -2,7 +2,8 @@
 
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
 bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to; lcq-lora: every request with
-a random rank-16 LoRA adapter over all linear layers) and on full precision,
+a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's settings with lm_head packed
+at 4 bits too) and on full precision,
 transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
@@ -205,7 +206,7 @@ def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
         for (engine, concurrency), ours in speed.items():
             if engine != "lcq":
                 continue
-            for other in ("transformers", "llama.cpp", "lcq-lora"):
+            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora"):
                 if speed.get((other, concurrency)):
                     key = f"lcq / {other} at concurrency {concurrency}"
                     ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
@@ -230,7 +231,7 @@ def main() -> None:
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
-    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-lora,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: measure every engine this many times, in alternating order, and report "
@@ -284,6 +285,8 @@ def main() -> None:
             "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "lcq-bf16": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-bf16", batch1_tokens, workload,
                                            kv_cache_memory_gb=2.0, cpu_matmul_dtype="bfloat16"),
+            "lcq-h4": lambda: bench_ours(str(ensure_demo_model(head_bits=4)), "lcq-w4r2g64-h4", "lcq-h4",
+                                         batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "lcq-lora": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-lora", batch1_tokens, workload, lora=True,
                                            kv_cache_memory_gb=2.0),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),

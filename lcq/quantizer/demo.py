@@ -27,11 +27,11 @@ DEMO_SERVED_NAME = "smollm2-135m-instruct-lcq"
 DEMO_SETTINGS = dict(bits=4, rank=2, group_size=64, method="lcq", nsamples=16, seqlen=256, epochs=0, init="rtn")
 
 
-def demo_folder_name() -> str:
+def demo_folder_name(head_bits: int = 0) -> str:
     """Named by every setting, so a cache from other settings is never mistaken for this one."""
     s = DEMO_SETTINGS
     return (f"smollm2-135m-instruct-lcq-w{s['bits']}r{s['rank']}g{s['group_size']}"
-            f"-n{s['nsamples']}s{s['seqlen']}e{s['epochs']}-{s['init']}")
+            f"-n{s['nsamples']}s{s['seqlen']}e{s['epochs']}-{s['init']}" + (f"-h{head_bits}" if head_bits else ""))
 
 
 def fetch_demo(cache: str | Path | None = None) -> Path:
@@ -72,16 +72,17 @@ def fetch_demo(cache: str | Path | None = None) -> Path:
     return target
 
 
-def ensure_demo_model(cache: str | Path | None = None, progress: bool = True) -> Path:
-    """The LCQ demo folder, quantized from the fp16 folder on first use (KJV calibration text)."""
+def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, head_bits: int = 0) -> Path:
+    """The LCQ demo folder, quantized from the fp16 folder on first use (KJV calibration text); with
+    head_bits, a variant whose lm_head is packed too (benchmarks compare the two)."""
     from .pipeline import QuantizeOptions, quantize_model
     from .texts import calibration_text
 
     folder = cache_dir(cache)
-    target = folder / demo_folder_name()
+    target = folder / demo_folder_name(head_bits)
     if (target / "config.json").is_file():
         return target
     source = fetch_demo(folder)
-    options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder))
+    options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder), head_bits=head_bits)
     quantize_model(source, target, options, resume=True, progress=progress)
     return target

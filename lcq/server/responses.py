@@ -92,7 +92,8 @@ class ResponseBuilder:
             error=ResponseError(code="engine_error", message=error) if error else None,
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
-            top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs, tools=body.tools or [],
+            top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs,
+            tools=body.tools or [],
             tool_choice=body.tool_choice or "auto", parallel_tool_calls=body.parallel_tool_calls,
             text=body.text or {"format": {"type": "text"}}, metadata=body.metadata or {},
             previous_response_id=body.previous_response_id, store=body.store, truncation=body.truncation or "disabled",
@@ -175,14 +176,17 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
     def lifecycle(kind: str, response: ResponseObject) -> dict:
         return {"type": f"response.{kind}", "response": dump(response)}
 
+    def open_item(kind: str, item: ReasoningItem | OutputMessage, part: ReasoningText | OutputText) -> Iterator[dict]:
+        """The reasoning or message item added at the next output index, with its one content part."""
+        opened[kind] = index = len(output)
+        output.append(item)
+        yield {"type": "response.output_item.added", "output_index": index, "item": {**dump(item), "content": []}}
+        yield {"type": "response.content_part.added", "item_id": item.id, "output_index": index, "content_index": 0,
+               "part": dump(part)}
+
     def reasoning_events(text: str) -> Iterator[dict]:
         if "reasoning" not in opened:  # the item opens with the reasoning, before its first text
-            opened["reasoning"] = index = len(output)
-            output.append(builder.reasoning("", "in_progress"))
-            yield {"type": "response.output_item.added", "output_index": index,
-                   "item": {**dump(output[index]), "content": []}}
-            yield {"type": "response.content_part.added", "item_id": builder.reasoning_id, "output_index": index,
-                   "content_index": 0, "part": dump(ReasoningText(text=""))}
+            yield from open_item("reasoning", builder.reasoning("", "in_progress"), ReasoningText(text=""))
         if text:
             thought.append(text)
             yield {"type": "response.reasoning_text.delta", "item_id": builder.reasoning_id,
@@ -204,12 +208,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder,
     def text_events(text: str, logprobs: list) -> Iterator[dict]:
         if "message" not in opened:  # the message opens with its first text, once the reasoning is complete
             yield from reasoning_done("completed")
-            opened["message"] = index = len(output)
-            output.append(builder.message("", "in_progress"))
-            yield {"type": "response.output_item.added", "output_index": index,
-                   "item": {**dump(output[index]), "content": []}}
-            yield {"type": "response.content_part.added", "item_id": builder.message_id, "output_index": index,
-                   "content_index": 0, "part": dump(OutputText(text=""))}
+            yield from open_item("message", builder.message("", "in_progress"), OutputText(text=""))
         if text or logprobs:
             sent.append(text)
             yield {"type": "response.output_text.delta", "item_id": builder.message_id,
