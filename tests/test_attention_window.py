@@ -10,6 +10,8 @@ second product: 2e-2.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -138,18 +140,11 @@ def test_c_prefill_window_with_bf16_products(monkeypatch, new, cached, heads, kv
 @pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
 def test_triton_window_matches_dense_reference(new, cached, head_dim, dtype, window):
-    """The Triton kernels under the interpreter (conftest.py), 4 query heads on 2 kv heads."""
-    from lcq.kernels.paged_attention import decode_attention, prefill_attention
-
+    """The Triton kernels (under the interpreter without a GPU: conftest.py), 4 query heads on 2 kv heads."""
     k_cache, v_cache, context = _paged_caches(new, cached, 2, head_dim, dtype)
     q = torch.randn(sum(new), 4, head_dim, dtype=dtype)
     scale = head_dim ** -0.5
-    c = context
-    if c.is_prefill:
-        out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
-                                scale, window)
-    else:
-        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+    out = _triton_attention(q, k_cache, v_cache, context, scale, window)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, scale, window).to(dtype)
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
@@ -200,8 +195,6 @@ def test_rows_before_the_window_are_not_read(monkeypatch, path, cache_dtype, new
 def test_triton_reads_from_the_window_tile(new, cached, window):
     """The Triton kernels: decode loads only the window (the rows before it in its first tile are masked
     loads), prefill from the tile of 32 where its first query's window begins."""
-    from lcq.kernels.paged_attention import decode_attention, prefill_attention
-
     k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, torch.float32)
     q = torch.randn(sum(new), 4, 64)
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window).float()
@@ -211,11 +204,24 @@ def test_triton_reads_from_the_window_tile(new, cached, window):
         return first if n == 1 else first // KEYS * KEYS
 
     k_cache, v_cache = (_poisoned(cache, context, BLOCK, bound) for cache in (k_cache, v_cache))
-    c = context
-    if c.is_prefill:
-        out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
-                                0.125, window)
-    else:
-        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, 0.125, window)
+    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context, scale: float,
+                      window: int) -> torch.Tensor:
+    """The step's Triton attention, compiled on a GPU where there is one (`make test-gpu` runs these
+    tests there), else interpreted; the output on the CPU."""
+    from lcq.kernels.paged_attention import decode_attention, prefill_attention
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k_cache, v_cache = (t.to(device) for t in (q, k_cache, v_cache))
+    c = dataclasses.replace(context, **{name: getattr(context, name).to(device) for name in
+                                        ("slot_mapping", "query_start", "context_lens", "block_tables")})
+    if c.is_prefill:
+        out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
+                                scale, window)
+    else:
+        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+    return out.cpu()
