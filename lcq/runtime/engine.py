@@ -115,6 +115,11 @@ class LLMEngine:
         seq.finish_reason = "abort"
         return self._finish(seq)
 
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """LoRA adapters served now, by name: their folders."""
+        return {name: served.folder for name, served in self.runner.adapters.served.items()}
+
     def read_lora_adapter(self, name: str, folder: str) -> LoRAAdapter:
         """Check the name and read the PEFT folder (ValueError, or UserError for the folder); touches no
         engine state, so the server runs it off the engine's thread."""
