@@ -881,6 +881,10 @@ def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
         llm.load_lora_adapter("wide", make_tiny_adapter(tmp_path / "wide", tiny, rank=8))
     with pytest.raises(UserError, match="needs adapter_config.json"):
         llm.load_lora_adapter("nothing", tmp_path)
+    broken = make_tiny_adapter(tmp_path / "broken", tiny)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="cannot be read"):
+        llm.load_lora_adapter("broken", broken)
     llm.load_lora_adapter("second", folder)
     with pytest.raises(ValueError, match="all 2 LoRA adapter slots are in use"):
         llm.load_lora_adapter("third", folder)

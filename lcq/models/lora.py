@@ -66,7 +66,11 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise _refuse(folder, f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (a PEFT LoRA folder in safetensors)")
-    settings = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        settings = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # unreadable, not JSON, not safetensors (SafetensorError is no OSError)
+        raise _refuse(folder, f"cannot be read: {e}") from None
     if settings.get("peft_type", "LORA") != "LORA":
         raise _refuse(folder, f"peft_type {settings['peft_type']} is not LoRA")
     refused_unless = (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),
@@ -77,7 +81,6 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
     alpha, rslora = settings.get("lora_alpha", settings.get("r", 8)), bool(settings.get("use_rslora"))
     shapes = part_shapes(config)
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    tensors = load_file(str(folder / WEIGHTS_FILE))
     for name, a in tensors.items():
         if not name.endswith(".lora_A.weight"):
             if not name.endswith(".lora_B.weight"):
