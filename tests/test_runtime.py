@@ -807,6 +807,7 @@ def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tmp_pa
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora) for lora in ("sql", None, "chat")]
     fixed = LLM(str(tiny), block_size=8, lora_modules=f"sql={sql},chat={chat}", **FP32)
     expected = [fixed.generate([prompt], p)[0].token_ids for prompt, p in zip(PROMPTS, params)]
+    assert fixed.engine.runner.adapters.stack.rank == 6  # fixed adapters: their largest rank, no more
     llm = LLM(str(tiny), block_size=8, max_loras=2, **FP32)
     assert llm.engine.runner.adapters.stack.rank == 16  # vLLM's default max_lora_rank
     llm.load_lora_adapter("sql", sql)

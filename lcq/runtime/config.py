@@ -34,7 +34,7 @@ class EngineConfig:
     # /v1/load_lora_adapter and /v1/unload_lora_adapter routes (absent without it).
     allow_runtime_lora_updating: bool = False
     max_loras: int | None = None  # adapter slots; default: the number of lora_modules, at least 1 with runtime updating
-    max_lora_rank: int | None = None  # rank room of each slot; default: 16, or the largest rank of lora_modules
+    max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
     prompt_lookup_max: int = 4  # longest n-gram matched

@@ -85,7 +85,10 @@ class ModelRunner:
         start = {name: load_adapter(folder, self.model_config, config.max_lora_rank)
                  for name, folder in config.lora_adapters().items()}
         slots = config.resolved_max_loras()
-        rank = config.max_lora_rank or max([DEFAULT_MAX_LORA_RANK, *(adapter.rank for adapter in start.values())])
+        # Fixed adapters need no room beyond their own ranks: a slot's width is what every step pays for.
+        ranks = [adapter.rank for adapter in start.values()]
+        room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
+        rank = config.max_lora_rank or max(ranks + room)
         stack = AdapterStack(self.model_config, slots, rank, self.device, self.dtype) if slots else None
         registry = AdapterRegistry(stack, self.model_config, config.model_name())
         for name, adapter in start.items():

@@ -117,7 +117,7 @@ FLAGS = (
     Flag("--max-loras", int, "LoRA adapters held at once, the slots that every step's LoRA products cover; "
          "default: the number of --lora-modules, at least 1 with --allow-runtime-lora-updating", "engine"),
     Flag("--max-lora-rank", int, "largest LoRA rank a slot holds; LoRA products cost max-loras x this on every "
-         "layer; default: 16, or the largest rank of --lora-modules", "engine"),
+         "layer; default: the largest rank of --lora-modules, at least 16 with --allow-runtime-lora-updating", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
