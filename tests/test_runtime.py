@@ -648,7 +648,8 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path):
 @pytest.mark.gpu
 def test_cuda_graphs_hold_lora_adapters(tmp_path):
     """Decode graphs captured with two adapters serve steps that mix them with the base model: the
-    eager engine's tokens, which differ from the base's."""
+    eager engine's tokens, which differ from the base's; so do graphs captured before adapters were
+    loaded into their slots, and after one was swapped for other weights."""
     folder = make_tiny_lcq(tmp_path, "qwen3", bits=2, rank=2, group_size=32)
     modules = ",".join(f"{name}={make_tiny_adapter(tmp_path / name, folder, seed=seed)}"
                        for seed, name in enumerate(("sql", "chat")))
@@ -661,6 +662,18 @@ def test_cuda_graphs_hold_lora_adapters(tmp_path):
     tokens = [o.token_ids for o in graphed.generate(prompts, params)]
     assert tokens == [o.token_ids for o in eager.generate(prompts, params)]
     assert tokens[0] != [o.token_ids for o in eager.generate(prompts[:1], GREEDY)][0]
+    # Graphs captured before any adapter was loaded replay the slots as loads and unloads rewrite them.
+    loaded = LLM(str(folder), block_size=8, max_num_seqs=8, max_loras=2, allow_runtime_lora_updating=True)
+    assert loaded.engine.runner.graphs is not None
+    for name in ("chat", "sql"):
+        loaded.load_lora_adapter(name, tmp_path / name)
+    assert [o.token_ids for o in loaded.generate(prompts, params)] == tokens
+    loaded.unload_lora_adapter("sql")
+    loaded.load_lora_adapter("sql", tmp_path / "chat")  # other weights under the same name
+    swapped = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="chat" if lora else None)
+               for lora in ("sql", None, "chat", "sql", None)]
+    assert [o.token_ids for o in loaded.generate(prompts, params)] == \
+        [o.token_ids for o in eager.generate(prompts, swapped)]
 
 
 def test_generation_bench_reports_medians_and_per_round_ratios():
@@ -784,3 +797,99 @@ def test_gemma_runs_in_bfloat16_on_a_gpu_by_default(tmp_path):
     assert EngineConfig(model=str(gemma), device="cuda").resolved_dtype() == torch.bfloat16
     assert EngineConfig(model=str(llama), device="cuda").resolved_dtype() == torch.float16
     assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32
+
+
+def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tmp_path):
+    """Adapters loaded into free slots give the tokens of the same adapters given as lora_modules, batched
+    with each other and the base model; an unloaded one is refused and its slot serves the next load."""
+    sql = make_tiny_adapter(tmp_path / "sql", tiny)
+    chat = make_tiny_adapter(tmp_path / "chat", tiny, rank=6, seed=1, targets=("self_attn.k_proj", "mlp.gate_proj"))
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora) for lora in ("sql", None, "chat")]
+    fixed = LLM(str(tiny), block_size=8, lora_modules=f"sql={sql},chat={chat}", **FP32)
+    expected = [fixed.generate([prompt], p)[0].token_ids for prompt, p in zip(PROMPTS, params)]
+    assert fixed.engine.runner.adapters.stack.rank == 6  # fixed adapters: their largest rank, no more
+    llm = LLM(str(tiny), block_size=8, max_loras=2, **FP32)
+    assert llm.engine.runner.adapters.stack.rank == 16  # vLLM's default max_lora_rank
+    llm.load_lora_adapter("sql", sql)
+    llm.load_lora_adapter("chat", chat)
+    assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected
+    assert expected[0] != llm.generate(PROMPTS[:1], GREEDY)[0].token_ids
+    llm.unload_lora_adapter("sql")
+    with pytest.raises(ValueError, match="no LoRA adapter 'sql'"):
+        llm.generate(PROMPTS[:1], params[:1])
+    llm.load_lora_adapter("sql2", sql)  # into the slot "sql" left
+    assert llm.generate(PROMPTS[:1], [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql2")]
+                        )[0].token_ids == expected[0]
+    assert _pool_is_full(llm.engine)
+
+
+def test_lora_adapter_reloaded_under_its_name_never_reuses_the_old_weights_cache(tiny, tmp_path):
+    """The prefix cache keys an adapter's blocks by its load, not its name: a different folder loaded
+    under the same name recomputes the prompt (and then caches its own blocks)."""
+    first, second = (make_tiny_adapter(tmp_path / f"a{seed}", tiny, seed=seed) for seed in (0, 1))
+    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="a")
+    prompt = list(range(60, 80))  # two full blocks
+    expected = LLM(str(tiny), block_size=8, lora_modules=f"a={second}", **FP32).generate([prompt], tuned)[0].token_ids
+    llm = LLM(str(tiny), block_size=8, max_loras=1, **FP32)
+    llm.load_lora_adapter("a", first)
+    old = llm.generate([prompt], tuned)[0]
+    assert llm.generate([prompt], tuned)[0].usage.cached_tokens == 16
+    llm.unload_lora_adapter("a")
+    llm.load_lora_adapter("a", second)
+    new, again = (llm.generate([prompt], tuned)[0] for _ in range(2))
+    assert new.usage.cached_tokens == 0 and again.usage.cached_tokens == 16
+    assert new.token_ids == again.token_ids == expected != old.token_ids
+
+
+def test_lora_adapter_unloaded_while_running_finishes_on_its_slot(tiny, tmp_path):
+    """Unloading refuses new requests at once; the running one finishes with the adapter's tokens, and its
+    slot is zeroed and freed only when it ends."""
+    from lcq.runtime import LLMEngine
+
+    folder = make_tiny_adapter(tmp_path / "sql", tiny)
+    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql")
+    expected = LLM(str(tiny), block_size=8, lora_modules=f"sql={folder}", **FP32).generate(PROMPTS[:1], tuned)[0]
+    engine = LLMEngine(EngineConfig(model=str(tiny), block_size=8, max_loras=1, **FP32))
+    engine.load_lora_adapter("sql", engine.read_lora_adapter("sql", str(folder)))
+    engine.add_request("running", PROMPTS[0], tuned)
+    tokens = [t for _ in range(3) for out in engine.step() for t in out.token_ids]
+    engine.unload_lora_adapter("sql")
+    with pytest.raises(ValueError, match="no LoRA adapter 'sql'"):
+        engine.add_request("late", PROMPTS[1], tuned)
+    with pytest.raises(ValueError, match="all 1 LoRA adapter slots are in use"):
+        engine.load_lora_adapter("other", engine.read_lora_adapter("other", str(folder)))
+    stack = engine.runner.adapters.stack
+    while engine.has_work():
+        tokens += [t for out in engine.step() for t in out.token_ids]
+    assert tokens == expected.token_ids
+    assert all(not a.any() and not b.any() for a, b, _ in stack.layers.values())
+    engine.load_lora_adapter("other", engine.read_lora_adapter("other", str(folder)))
+
+
+def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
+    from lcq.errors import UserError
+    from lcq.runtime import AdapterNotFoundError
+
+    folder = make_tiny_adapter(tmp_path / "sql", tiny)
+    with pytest.raises(ValueError, match="no adapter slots"):
+        LLM(str(tiny)).load_lora_adapter("sql", folder)
+    llm = LLM(str(tiny), lora_modules=f"sql={folder}", max_loras=2, max_lora_rank=4)
+    with pytest.raises(ValueError, match="'sql' has already been loaded"):
+        llm.load_lora_adapter("sql", folder)
+    with pytest.raises(ValueError, match="the base model's"):
+        llm.load_lora_adapter(tiny.name, folder)
+    with pytest.raises(UserError, match="rank 8 is above max_lora_rank 4"):
+        llm.load_lora_adapter("wide", make_tiny_adapter(tmp_path / "wide", tiny, rank=8))
+    with pytest.raises(UserError, match="needs adapter_config.json"):
+        llm.load_lora_adapter("nothing", tmp_path)
+    broken = make_tiny_adapter(tmp_path / "broken", tiny)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="cannot be read"):
+        llm.load_lora_adapter("broken", broken)
+    llm.load_lora_adapter("second", folder)
+    with pytest.raises(ValueError, match="all 2 LoRA adapter slots are in use"):
+        llm.load_lora_adapter("third", folder)
+    with pytest.raises(AdapterNotFoundError, match="'third' is not loaded"):
+        llm.unload_lora_adapter("third")
+    with pytest.raises(ValueError, match="max_loras .1. must be at least the number of lora_modules .2."):
+        LLM(str(tiny), lora_modules=f"a={folder},b={folder}", max_loras=1)

@@ -651,3 +651,81 @@ def test_lora_adapters_are_served_as_models_of_their_own(model_dir, tmp_path):
         assert reply.output_text == chats[1] and reply.model == "sql-lora"
         with pytest.raises(openai.NotFoundError, match="serves `tiny`, `sql-lora`"):
             client.completions.create(model="other", prompt=prompt, max_tokens=2)
+
+
+def test_lora_adapters_load_and_unload_at_runtime(model_dir, tmp_path):
+    """--allow-runtime-lora-updating: vLLM's load and unload routes (behind the API key). A loaded adapter
+    is a model of its own whose replies equal those of the same folder given at start (--lora-modules),
+    alone or batched with others; unloaded, it is gone, its running request still finishing with it;
+    another folder loaded under its name replies with its own weights, never the old ones' cached
+    blocks. Names in use, folders that cannot be served, full slots and unknown names are refused."""
+    from tests.tiny_model import make_tiny_adapter
+
+    first, second = (make_tiny_adapter(tmp_path / f"a{seed}", model_dir, seed=seed) for seed in (0, 1))
+    config = engine_config(model_dir, lora_modules=f"first={first},second={second}", max_loras=3,
+                           allow_runtime_lora_updating=True)
+    with LiveServer(create_app(config, ServeSettings(api_key="sekret"))) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="sekret", max_retries=0)
+        auth = {"Authorization": "Bearer sekret"}
+
+        def post(route: str, body: dict, headers: dict = auth) -> httpx.Response:
+            return httpx.post(live.url + route, json=body, headers=headers, timeout=30)
+
+        prompt = "Once upon a time " * 12  # several full KV blocks, for the prefix cache
+        args = dict(prompt=prompt, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+
+        def complete(model: str):
+            return client.completions.create(model=model, **args)
+
+        def text(model: str) -> str:
+            return complete(model).choices[0].text
+
+        expected = {name: text(name) for name in (MODEL, "first", "second")}
+        assert len(set(expected.values())) == 3
+        assert error_of(post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(first)}, {}), 401)
+        loaded = post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(first)})
+        assert loaded.status_code == 200 and loaded.text == "Success: LoRA adapter 'sql' added successfully."
+        assert {card.id: card.parent for card in client.models.list().data}["sql"] == MODEL
+        assert text("sql") == expected["first"]
+
+        async def together() -> list[str]:
+            async with openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="sekret", max_retries=0) as aclient:
+                outs = await asyncio.gather(*(aclient.completions.create(model=name, **args)
+                                              for name in ("sql", MODEL, "second", "sql")))
+            return [out.choices[0].text for out in outs]
+
+        assert asyncio.run(together()) == [expected[name] for name in ("first", MODEL, "second", "first")]
+
+        for name, folder, message in (("sql", first, "'sql' has already been loaded"),
+                                      (MODEL, first, "the base model's"),
+                                      ("bad", tmp_path, "needs adapter_config.json")):
+            error = error_of(post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)}), 400)
+            assert message in error["message"]
+        assert error_of(post("/v1/load_lora_adapter", {"lora_name": "sql2"}), 400)["param"] == "lora_path"
+        full = error_of(post("/v1/load_lora_adapter", {"lora_name": "more", "lora_path": str(second)}), 400)
+        assert "all 3 LoRA adapter slots are in use" in full["message"]
+
+        stream = client.completions.create(model="sql", stream=True, **{**args, "max_tokens": 48})
+        streamed = next(iter(stream)).choices[0].text  # running with the adapter
+        removed = post("/v1/unload_lora_adapter", {"lora_name": "sql"})
+        assert removed.status_code == 200 and removed.text == "Success: LoRA adapter 'sql' removed successfully."
+        with pytest.raises(openai.NotFoundError, match="the model `sql` does not exist"):
+            complete("sql")
+        assert "sql" not in {card.id for card in client.models.list().data}
+        streamed += "".join(chunk.choices[0].text for chunk in stream if chunk.choices)
+        assert streamed == client.completions.create(model="first", **{**args, "max_tokens": 48}).choices[0].text
+        error = error_of(post("/v1/unload_lora_adapter", {"lora_name": "sql"}), 404)
+        assert error["code"] == "model_not_found" and "'sql' is not loaded" in error["message"]
+
+        assert post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(second)}).status_code == 200
+        reloaded = complete("sql")
+        assert reloaded.choices[0].text == expected["second"]
+        assert reloaded.usage.prompt_tokens_details.cached_tokens == 0  # the first load's blocks are not its own
+        assert complete("sql").usage.prompt_tokens_details.cached_tokens > 0
+        live.wait_pool_full()
+
+
+def test_runtime_lora_routes_need_the_flag(server):
+    for route, body in (("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": "/tmp"}),
+                        ("/v1/unload_lora_adapter", {"lora_name": "sql"})):
+        assert "no route" in error_of(httpx.post(server.url + route, json=body), 404)["message"]

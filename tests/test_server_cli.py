@@ -73,6 +73,13 @@ def test_flags_win_over_environment():
     assert defaults.model is None and defaults.engine_fields == {} and defaults.settings.port == 8000
 
 
+def test_runtime_lora_flags_from_the_command_line_or_environment():
+    env = {"LCQ_ALLOW_RUNTIME_LORA_UPDATING": "true", "LCQ_MAX_LORAS": "4"}
+    assert resolve(parse("--max-lora-rank", "8"), env).engine_fields == {
+        "allow_runtime_lora_updating": True, "max_loras": 4, "max_lora_rank": 8}
+    assert resolve(parse("--allow-runtime-lora-updating"), {}).engine_fields == {"allow_runtime_lora_updating": True}
+
+
 def test_sigterm_drains_then_exits(tmp_path):
     """After SIGTERM: /health says 503, new requests 503, the running stream ends cleanly, exit code 0."""
     model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=4096)

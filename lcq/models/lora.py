@@ -2,13 +2,13 @@
 
 An adapter adds scale * B (A x) to some linear layers: A (r, K), B (N, r). The base weights stay
 as they are, packed or dense, so many adapters share one 2-bit base, as QLoRA fine-tunes are
-meant to run. Our layers fuse q/k/v and gate/up along N; an adapter's matrices for the parts of
-one fused layer are joined the same way: their A rows stacked, their B placed block-diagonally
-at each part's rows (a part the adapter leaves out contributes nothing).
+meant to run.
 
-A step may mix sequences of several adapters and of none: AdapterStack holds all adapters side by
-side, LoRABatch says which one each row of the flattened batch uses, and each layer adds, per row,
-its adapter's product (the others' masked out).
+A step may mix sequences of several adapters and of none: AdapterStack has a fixed number of slots,
+each with room for one adapter of rank up to a fixed rank on every layer; LoRABatch says which slot
+each row of the flattened batch uses, and each layer adds, per row, its slot's product (the other
+slots' masked out). Adapters are copied into free slots and zeroed out of them in place, so the
+stack's shapes never change: CUDA graphs captured once serve whatever the slots hold later.
 """
 from __future__ import annotations
 
@@ -29,7 +29,17 @@ FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_at
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
          "mlp.down_proj": ("mlp.down_proj",)}
 
-Adapter = dict[str, tuple[torch.Tensor, torch.Tensor]]  # fused layer name -> (A (R, K), scale * B (N, R))
+
+@dataclass
+class LoRAAdapter:
+    """One PEFT folder's matrices, on the CPU in fp32 until a stack copies them into a slot."""
+
+    folder: str
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]]  # checkpoint matrix name -> (A (r, K), scale * B (N, r))
+
+    @property
+    def rank(self) -> int:
+        return max(a.shape[0] for a, _ in self.parts.values())
 
 
 def part_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -46,16 +56,21 @@ def _refuse(folder: Path, what: str) -> UserError:
     return UserError(f"LoRA adapter {folder}: {what}")
 
 
-def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> Adapter:
-    """A PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) for our fused layers.
+def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None = None) -> LoRAAdapter:
+    """A PEFT LoRA folder (adapter_config.json, adapter_model.safetensors) for this model's layers.
     UserError for what we would otherwise serve wrongly: DoRA, trained biases or extra modules
-    (embeddings, the head), per-module ranks, fan_in_fan_out, shapes that do not fit the model."""
+    (embeddings, the head), per-module ranks, fan_in_fan_out, shapes that do not fit the model, and
+    a rank above `max_rank` (the stack's room)."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise _refuse(folder, f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (a PEFT LoRA folder in safetensors)")
-    settings = json.loads((folder / CONFIG_FILE).read_text())
+    try:
+        settings = json.loads((folder / CONFIG_FILE).read_text())
+        tensors = load_file(str(folder / WEIGHTS_FILE))
+    except Exception as e:  # unreadable, not JSON, not safetensors (SafetensorError is no OSError)
+        raise _refuse(folder, f"cannot be read: {e}") from None
     if settings.get("peft_type", "LORA") != "LORA":
         raise _refuse(folder, f"peft_type {settings['peft_type']} is not LoRA")
     refused_unless = (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),
@@ -65,8 +80,7 @@ def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, 
             raise _refuse(folder, f"{key} {settings[key]!r} is not supported")
     alpha, rslora = settings.get("lora_alpha", settings.get("r", 8)), bool(settings.get("use_rslora"))
     shapes = part_shapes(config)
-    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # checkpoint matrix name -> (A, scale * B)
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, a in tensors.items():
         if not name.endswith(".lora_A.weight"):
             if not name.endswith(".lora_B.weight"):
@@ -83,70 +97,68 @@ def load_adapter(folder: str | Path, config: ModelConfig, device: torch.device, 
         if b is None or a.shape != (rank, k) or b.shape != (n, rank):
             raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {None if b is None else tuple(b.shape)} "
                                   f"do not fit its ({n}, {k}) weight")
+        if max_rank is not None and rank > max_rank:
+            raise _refuse(folder, f"rank {rank} is above max_lora_rank {max_rank}")
         scale = alpha / (rank ** 0.5 if rslora else rank)
         parts[module] = (a.float(), b.float() * scale)
     if not parts:
         raise _refuse(folder, "holds no LoRA matrices")
-    adapter: Adapter = {}
-    for index in range(config.num_layers):
-        for fused, members in FUSED.items():
-            names = [f"model.layers.{index}.{m}" for m in members]
-            if not any(n in parts for n in names):
-                continue
-            a_rows, b_blocks = [], []
-            rank_total = sum(parts[n][0].shape[0] for n in names if n in parts)
-            offset = 0
-            for n, member in zip(names, members):
-                rows = shapes[member][0]
-                block = torch.zeros(rows, rank_total)
-                if n in parts:
-                    a, b = parts[n]
-                    a_rows.append(a)
-                    block[:, offset:offset + a.shape[0]] = b
-                    offset += a.shape[0]
-                b_blocks.append(block)
-            adapter[f"model.layers.{index}.{fused}"] = (torch.cat(a_rows).to(device, dtype),
-                                                       torch.cat(b_blocks).to(device, dtype))
-    return adapter
+    return LoRAAdapter(str(folder), parts)
 
 
 class AdapterStack:
-    """Every served adapter's matrices of each fused layer side by side: A (S R, K) and B (N, S R), adapter s
-    in columns s R .. s R + R (R: the largest rank any of them has there, the rest zero). One product
-    then serves a step whatever mix of adapters its rows use, and the step's shapes do not depend on
-    that mix, so CUDA graphs capture it."""
+    """`slots` adapters of rank up to `rank` side by side on every fused layer: A (S W, K) and B (N, S W),
+    W = rank x the layer's parts (3 for q, k, v). Slot s owns columns s W .. s W + W; part j of a fused
+    layer takes columns j rank .. j rank + r of them and, in B, that part's rows. Unused columns hold
+    zeros, which add nothing. One product then serves a step whatever mix of slots its rows use."""
 
-    def __init__(self, adapters: list[Adapter]):
-        self.count = len(adapters)
-        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for layer in dict.fromkeys(key for adapter in adapters for key in adapter):
-            present = [adapter[layer] for adapter in adapters if layer in adapter]
-            rank, (a0, b0) = max(a.shape[0] for a, _ in present), present[0]
-            a_all = a0.new_zeros(self.count * rank, a0.shape[1])
-            b_all = b0.new_zeros(b0.shape[0], self.count * rank)
-            for index, adapter in enumerate(adapters):
-                if layer in adapter:
-                    a, b = adapter[layer]
-                    a_all[index * rank:index * rank + a.shape[0]] = a
-                    b_all[:, index * rank:index * rank + b.shape[1]] = b
-            owner = torch.arange(self.count, device=a0.device).repeat_interleave(rank)  # each column's adapter
-            self.layers[layer] = (a_all, b_all, owner)
+    def __init__(self, config: ModelConfig, slots: int, rank: int, device: torch.device, dtype: torch.dtype):
+        self.slots, self.rank = slots, rank
+        shapes = part_shapes(config)
+        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # fused layer -> A, B, owner
+        # checkpoint matrix name -> (its fused layer, its first column within a slot, its first row in B)
+        self.places: dict[str, tuple[str, int, int]] = {}
+        for index in range(config.num_layers):
+            for fused, members in FUSED.items():
+                layer = f"model.layers.{index}.{fused}"
+                rows = 0
+                for part, member in enumerate(members):
+                    self.places[f"model.layers.{index}.{member}"] = (layer, part * rank, rows)
+                    rows += shapes[member][0]
+                width = rank * len(members)
+                a = torch.zeros(slots * width, shapes[members[0]][1], device=device, dtype=dtype)
+                b = torch.zeros(rows, slots * width, device=device, dtype=dtype)
+                owner = torch.arange(slots, device=device).repeat_interleave(width)  # each column's slot
+                self.layers[layer] = (a, b, owner)
+
+    def load(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy the adapter into `slot` (zeros where it has nothing); load_adapter checked its rank."""
+        self.clear(slot)
+        for module, (a, b) in adapter.parts.items():
+            layer, column, row = self.places[module]
+            a_all, b_all, _ = self.layers[layer]
+            first = slot * (a_all.shape[0] // self.slots) + column
+            a_all[first:first + a.shape[0]].copy_(a)
+            b_all[row:row + b.shape[0], first:first + a.shape[0]].copy_(b)
+
+    def clear(self, slot: int) -> None:
+        for a_all, b_all, _ in self.layers.values():
+            width = a_all.shape[0] // self.slots
+            a_all[slot * width:(slot + 1) * width].zero_()
+            b_all[:, slot * width:(slot + 1) * width].zero_()
 
 
 @dataclass
 class LoRABatch:
-    """A step's adapters: `slots` (rows,) int64 holds each row's adapter index in the stack, -1 for rows of
-    the base model."""
+    """A step's adapters: `slots` (rows,) int64 holds each row's slot in the stack, -1 for rows of the base
+    model."""
 
     stack: AdapterStack
     slots: torch.Tensor
 
     def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (rows, N) = x @ W^T of fused layer `layer`, plus each row's adapter product (in place): x times
-        every adapter's A, the columns of other adapters zeroed per row, times every B."""
-        weights = self.stack.layers.get(layer)
-        if weights is None:
-            return y
-        a, b, owner = weights
+        every slot's A, the columns of other slots zeroed per row, times every B."""
+        a, b, owner = self.stack.layers[layer]
         low_rank = (x @ a.t()).mul_(self.slots.unsqueeze(1) == owner)
         return y.addmm_(low_rank, b.t())

@@ -1,19 +1,20 @@
 """The engine behind the server: one loop, each step run in a worker thread so the event loop
 stays free for HTTP; every request gets its own stream of deltas.
 
-Requests and aborts arrive on the event loop and are handed to the worker through an inbox that
-the next step drains, so the engine's state is only ever touched by one thread. That thread is
-always the same one (loading included): one malloc arena and one OpenMP thread team, not one per
-pool thread. When the engine goes idle, heap memory freed by the last steps is handed back to the
-OS (host_memory.py), so memory after a burst of requests returns to where it was.
+Requests, aborts and LoRA adapter loads and unloads arrive on the event loop and are handed to the
+worker through an inbox that the next step drains, so the engine's state is only ever touched by
+one thread, and never during a step. That thread is always the same one (loading included): one
+malloc arena and one OpenMP thread team, not one per pool thread. When the engine goes idle, heap
+memory freed by the last steps is handed back to the OS (host_memory.py), so memory after a burst
+of requests returns to where it was.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import AsyncIterator, Callable
 
 from .config import EngineConfig
 from .engine import EngineStats, LLMEngine
@@ -29,12 +30,12 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
         self.config = config
-        self.adapters = config.lora_adapters()  # LoRA adapter name -> folder
         self.engine: LLMEngine | None = None
         self.is_draining = False
         self._lock = threading.RLock()
         self._inbox: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
+        self._adapter_changes: list[tuple[Callable[[], None], Future]] = []  # run between steps, in order
         self._streams: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
@@ -69,6 +70,11 @@ class AsyncEngine:
         return self.config.model_name()
 
     @property
+    def adapters(self) -> dict[str, str]:
+        """LoRA adapters served now, by name: their folders (lora_modules' while the model loads)."""
+        return self.engine.lora_adapters if self.engine else self.config.lora_adapters()
+
+    @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len if self.engine else 0
 
@@ -82,8 +88,7 @@ class AsyncEngine:
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams
                     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; iterate the result for its deltas. Stopping iteration aborts it."""
-        if not self.is_ready:
-            raise EngineNotReadyError("the engine is draining" if self.is_draining else "the model is still loading")
+        self._require_ready()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
@@ -114,10 +119,35 @@ class AsyncEngine:
         if self._wake is not None:
             self._wake.set()
 
+    async def load_lora_adapter(self, name: str, folder: str) -> None:
+        """Serve the PEFT folder as `name` from the next step on. The folder is read off the engine's
+        thread; ValueError or UserError (lcq.errors) where it cannot be."""
+        self._require_ready()
+        adapter = await asyncio.get_running_loop().run_in_executor(None, self.engine.read_lora_adapter, name, folder)
+        await self._between_steps(lambda: self.engine.load_lora_adapter(name, adapter))
+
+    async def unload_lora_adapter(self, name: str) -> None:
+        """Refuse new requests for `name` from the next step on (AdapterNotFoundError if none is loaded);
+        running ones finish with it."""
+        self._require_ready()
+        await self._between_steps(lambda: self.engine.unload_lora_adapter(name))
+
+    async def _between_steps(self, change: Callable[[], None]) -> None:
+        done: Future = Future()
+        with self._lock:
+            self._adapter_changes.append((change, done))
+        self._wake.set()
+        await asyncio.wrap_future(done)
+
+    def _require_ready(self) -> None:
+        if not self.is_ready:
+            raise EngineNotReadyError("the engine is draining" if self.is_draining else "the model is still loading")
+
     def _step(self) -> list[RequestOutput]:
         with self._lock:
             inbox, self._inbox = self._inbox, []
             aborts, self._aborts = self._aborts, []
+            changes, self._adapter_changes = self._adapter_changes, []
         outputs = []
         for request_id, prompt_ids, params in inbox:
             try:
@@ -128,12 +158,18 @@ class AsyncEngine:
             output = self.engine.abort(request_id)
             if output is not None:
                 outputs.append(output)
+        for change, done in changes:  # after the requests queued before them, which keep their adapter
+            try:
+                change()
+                done.set_result(None)
+            except Exception as e:
+                done.set_exception(e)
         return outputs + self.engine.step()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not (self.engine.has_work() or self._inbox or self._aborts):
+            if not (self.engine.has_work() or self._inbox or self._aborts or self._adapter_changes):
                 await loop.run_in_executor(self._worker, return_freed_memory)
                 await self._wake.wait()
                 self._wake.clear()

@@ -48,7 +48,7 @@ class BlockManager:
         a sequence asking for prompt logprobs computes every prompt token."""
         if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return
-        parent = seq.params.lora  # a LoRA adapter's KV differs from the base model's for the same tokens
+        parent = _seed(seq)
         for start in range(0, len(seq) - 1 - (len(seq) - 1) % self.block_size, self.block_size):
             tokens = tuple(seq.token_ids[start:start + self.block_size])
             key = hash((parent, tokens))
@@ -79,7 +79,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         first = seq.num_hashed_blocks  # blocks before it are hashed already: each step hashes only new ones
-        parent = self.blocks[seq.block_table[first - 1]].hash if first else seq.params.lora
+        parent = self.blocks[seq.block_table[first - 1]].hash if first else _seed(seq)
         for index in range(first, seq.num_computed_tokens // self.block_size):
             block = self.blocks[seq.block_table[index]]
             if block.hash is None:
@@ -104,3 +104,9 @@ class BlockManager:
         if block.ref_count == 0:
             del self.free[block_id]
         block.ref_count += 1
+
+
+def _seed(seq: Sequence) -> str | None:
+    """What a sequence's first block hash is chained to: the load of its LoRA adapter (a load's KV differs
+    from the base model's, and from another load's under the same name, for the same tokens), or None."""
+    return None if seq.adapter is None else seq.adapter.load_id

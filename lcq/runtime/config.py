@@ -30,6 +30,11 @@ class EngineConfig:
     cuda_graphs: bool = True
     seed: int = 0
     lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
+    # Adapters loaded and unloaded while serving: at least one adapter slot, and the server's
+    # /v1/load_lora_adapter and /v1/unload_lora_adapter routes (absent without it).
+    allow_runtime_lora_updating: bool = False
+    max_loras: int | None = None  # adapter slots; default: the number of lora_modules, at least 1 with runtime updating
+    max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
     prompt_lookup_max: int = 4  # longest n-gram matched
@@ -127,6 +132,13 @@ class EngineConfig:
             adapters[name] = folder
         return adapters
 
+    def resolved_max_loras(self) -> int:
+        """Adapter slots: max_loras, else one per lora_modules entry and at least one with runtime updating.
+        0: no adapter stack at all, so steps run as if LoRA did not exist."""
+        if self.max_loras is not None:
+            return self.max_loras
+        return max(len(self.lora_adapters()), int(self.allow_runtime_lora_updating))
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
@@ -143,12 +155,16 @@ class EngineConfig:
             (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,
              "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max <= 16"),
             (self.speculative_disable_by_batch_size >= 2, "speculative_disable_by_batch_size must be at least 2"),
+            (self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         sampling_defaults(self.generation_config, self.model)
-        self.lora_adapters()
+        adapters = self.lora_adapters()
+        if self.max_loras is not None and self.max_loras < len(adapters):
+            raise ValueError(f"max_loras ({self.max_loras}) must be at least the number of lora_modules "
+                             f"({len(adapters)})")
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         products = self.resolved_cpu_matmul_dtype()

@@ -30,8 +30,9 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
                  adapters: AdapterStack | None = None):
-        """adapters: the served LoRA adapters, whose products the graphs then hold for every row (each row's
-        adapter index in a static buffer, -1 for the base model and padding)."""
+        """adapters: the LoRA adapter slots, whose products the graphs then hold for every row (each row's
+        slot in a static buffer, -1 for the base model and padding). Loading and unloading adapters
+        rewrites the slots in place, so the graphs stay valid."""
         self.model = model
         self.adapters = adapters
         self.sizes = graph_batch_sizes(max_num_seqs)

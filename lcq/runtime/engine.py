@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lcq.models.lora import LoRAAdapter
+
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -85,8 +87,8 @@ class LLMEngine:
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if params.structured_output is not None:
             self.structured.check(params.structured_output)
-        if params.lora is not None and params.lora not in self.runner.adapters:
-            raise ValueError(f"no LoRA adapter {params.lora!r} is loaded (lora_modules)")
+        if params.lora is not None and params.lora not in self.runner.adapters.served:
+            raise ValueError(f"no LoRA adapter {params.lora!r} is loaded")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
                              f"shorten the prompt")
@@ -101,6 +103,8 @@ class LLMEngine:
                        max_tokens)
         if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
+        if params.lora is not None:
+            seq.adapter = self.runner.adapters.acquire(params.lora)
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -110,6 +114,27 @@ class LLMEngine:
             return None
         seq.finish_reason = "abort"
         return self._finish(seq)
+
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """LoRA adapters served now, by name: their folders."""
+        return {name: served.folder for name, served in self.runner.adapters.served.items()}
+
+    def read_lora_adapter(self, name: str, folder: str) -> LoRAAdapter:
+        """Check the name and read the PEFT folder (ValueError, or UserError for the folder); touches no
+        engine state, so the server runs it off the engine's thread."""
+        return self.runner.adapters.read(name, folder)
+
+    def load_lora_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+        """Serve a read adapter under `name` (ValueError: the name is taken, or no slot is free)."""
+        self.runner.adapters.load(name, adapter)
+        logger.info("LoRA adapter %s loaded from %s", name, adapter.folder)
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Refuse new requests for `name` (AdapterNotFoundError if it is not loaded); those running finish
+        with it, and its slot is freed when the last one does."""
+        self.runner.adapters.unload(name)
+        logger.info("LoRA adapter %s unloaded", name)
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -290,7 +315,8 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, text: str = "", error: str | None = None) -> RequestOutput:
         self.scheduler.finish(seq)
-        self.sequences.pop(seq.request_id, None)
+        if self.sequences.pop(seq.request_id, None) is not None and seq.adapter is not None:
+            self.runner.adapters.release(seq.adapter)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.num_cached_tokens)
         return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,

@@ -7,3 +7,7 @@ class QueueFullError(RuntimeError):
 
 class EngineNotReadyError(RuntimeError):
     """The engine is loading or draining and takes no new requests (HTTP 503)."""
+
+
+class AdapterNotFoundError(LookupError):
+    """No LoRA adapter of that name is loaded (HTTP 404 when unloading it)."""

@@ -30,6 +30,14 @@ class LLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's name)."""
         return self.engine.default_params()
 
+    def load_lora_adapter(self, name: str, folder: str) -> None:
+        """Serve a PEFT LoRA folder as `name` (SamplingParams.lora) in a free slot of max_loras."""
+        self.engine.load_lora_adapter(name, self.engine.read_lora_adapter(name, str(folder)))
+
+    def unload_lora_adapter(self, name: str) -> None:
+        """Free `name`'s slot; requests may no longer name it."""
+        self.engine.unload_lora_adapter(name)
+
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
         """params default to get_default_sampling_params()."""

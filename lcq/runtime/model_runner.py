@@ -14,6 +14,7 @@ from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 
+from .adapters import AdapterRegistry
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory
@@ -21,6 +22,7 @@ from .sequence import Sequence
 
 logger = logging.getLogger("lcq.engine")
 
+DEFAULT_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
 PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt logprobs (25 MB at 49k)
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
@@ -49,10 +51,7 @@ class ModelRunner:
         self.model, self.model_config = load_model(config.model, self.device, self.dtype, keep_packed=False)
         if not on_cuda:
             return_freed_memory()  # the packed tensors the CPU layers dropped
-        folders = config.lora_adapters()
-        self.adapters = {name: index for index, name in enumerate(folders)}  # name -> index in the stack
-        self.adapter_stack = AdapterStack([load_adapter(folder, self.model_config, self.device, self.dtype)
-                                           for folder in folders.values()]) if folders else None
+        self.adapters = self._load_adapters(config)
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
@@ -77,9 +76,26 @@ class ModelRunner:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
-                                           self.adapter_stack)
+                                           self.adapters.stack)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+
+    def _load_adapters(self, config: EngineConfig) -> AdapterRegistry:
+        """The adapter slots (none without adapters or runtime updating), holding lora_modules' adapters."""
+        start = {name: load_adapter(folder, self.model_config, config.max_lora_rank)
+                 for name, folder in config.lora_adapters().items()}
+        slots = config.resolved_max_loras()
+        # Fixed adapters need no room beyond their own ranks: a slot's width is what every step pays for.
+        ranks = [adapter.rank for adapter in start.values()]
+        room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
+        rank = config.max_lora_rank or max(ranks + room)
+        stack = AdapterStack(self.model_config, slots, rank, self.device, self.dtype) if slots else None
+        registry = AdapterRegistry(stack, self.model_config, config.model_name())
+        for name, adapter in start.items():
+            registry.load(name, adapter)
+        if stack is not None:
+            logger.info("LoRA: %d adapter slots of rank %d", slots, rank)
+        return registry
 
     def _keep_int8_weights(self, config: EngineConfig) -> int:
         """LCQ layers keep their int8 form where the config says so (EngineConfig.keeps_int8_weights);
@@ -127,12 +143,12 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         ids, positions, slots, starts, lengths, tables = [], [], [], [0], [], []
-        adapter_slots: list[int] = []  # each row's adapter index, -1 for the base model
+        adapter_slots: list[int] = []  # each row's adapter slot, -1 for the base model
         bs = self.block_size
         width = max(len(seq.block_table) for seq, _ in scheduled)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
-            adapter_slots += [-1 if seq.params.lora is None else self.adapters[seq.params.lora]] * count
+            adapter_slots += [-1 if seq.adapter is None else seq.adapter.slot] * count
             ids.extend(seq.token_ids[begin:begin + count])
             for pos in range(begin, begin + count):
                 positions.append(pos)
@@ -153,7 +169,7 @@ class ModelRunner:
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
             block_tables=tensor(tables, torch.int32), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
-            lora=LoRABatch(self.adapter_stack, tensor(adapter_slots, torch.int64))
+            lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
             if max(adapter_slots) >= 0 else None)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 

@@ -6,6 +6,7 @@ import time
 
 import torch
 
+from .adapters import ServedAdapter
 from .detokenizer import IncrementalDetokenizer
 from .sampling_params import SamplingParams
 
@@ -25,6 +26,7 @@ class Sequence:
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
+        self.adapter: ServedAdapter | None = None  # the LoRA adapter it runs with (params.lora, as loaded)
         self.max_tokens = max_tokens  # resolved: never past the context length
         self.detokenizer = detokenizer
         self.status = Status.WAITING

@@ -440,6 +440,17 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's body of POST /v1/load_lora_adapter: serve the PEFT folder at lora_path as model lora_name."""
+
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    lora_name: str
+
+
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int

@@ -110,6 +110,14 @@ FLAGS = (
     Flag("--seed", int, "engine seed for requests without their own", "engine"),
     Flag("--lora-modules", str, "LoRA adapters (PEFT folders) served beside the model, each under its own model "
          "name: name=folder[,name=folder...]", "engine"),
+    Flag("--allow-runtime-lora-updating", bool, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+         "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload LoRA adapters while serving: any client "
+         "holding the API key may then make the server read a folder of its choosing; without it those routes "
+         "answer 404", "engine"),
+    Flag("--max-loras", int, "LoRA adapters held at once, the slots that every step's LoRA products cover; "
+         "default: the number of --lora-modules, at least 1 with --allow-runtime-lora-updating", "engine"),
+    Flag("--max-lora-rank", int, "largest LoRA rank a slot holds; LoRA products cost max-loras x this on every "
+         "layer; default: the largest rank of --lora-modules, at least 16 with --allow-runtime-lora-updating", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
