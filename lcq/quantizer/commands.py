@@ -85,6 +85,9 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
           f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
+    if summary.head_kl is not None:
+        print(f"head stage: KL to the full-precision outputs {summary.head_kl[0]:.4f} -> {summary.head_kl[1]:.4f} "
+              f"on the calibration windows")
     if summary.finetune_kl is not None:
         print(f"end-to-end stage: KL to the full-precision outputs {summary.finetune_kl[0]:.4f} -> "
               f"{summary.finetune_kl[1]:.4f} on the calibration windows, peak memory "

@@ -9,7 +9,10 @@ B go back through the dual quantization at the end. The teacher is the full-prec
 hidden state (after its last norm), which the block-wise stage has already computed, so its logits
 cost one product with the head per batch and no second model is held.
 
-Memory is what limits this stage, since it holds the whole model at once: each layer keeps only its
+A packed head gets a stage of its own first (tune_head): the same KL over the quantized model's final
+hidden states, with only the head's codebooks moving, which is cheap since no block runs.
+
+Memory is what limits the end-to-end stage, since it holds the whole model at once: each layer keeps only its
 indices as bytes and its codebooks (CodebookProduct rebuilds the dense weight when it needs it), and
 each decoder block keeps only its input for the backward pass, recomputing the rest then.
 """
@@ -134,23 +137,55 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     def loss(rows: torch.Tensor) -> torch.Tensor:
         return token_kl(model(tokens[rows], use_cache=False).logits, teacher[rows].float() @ head.t())
 
+    before, after = _tune(layers, list(norms.values()), loss, len(tokens), epochs, lr, batch, seed, on_step)
+    if after >= before:
+        return packed, {}, (before, before)
+    return {t.prefix: t.packed() for t in layers}, {name: w.detach() for name, w in norms.items()}, (before, after)
+
+
+def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int,
+              lr: float, batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
+              ) -> tuple[PackedLinear, tuple[float, float]]:
+    """The head stage: the packed head's S, V and B (indices fixed) tuned on the KL from the
+    full-precision model's next-token distributions to the quantized model's, over its final hidden
+    states. The head's output is the logits, so its own reconstruction error says little about what
+    matters; this also lets the head make up for the decoder's error. Returns the tuned layer (the
+    start if that scored lower) and the KL before and after.
+
+    hidden, teacher (S, T, H): the quantized and full-precision models' final hidden states (after the
+    last norm); head (V, H): the full-precision head."""
+    tuning = LayerTuning.start("lm_head", layer, head.device)
+    bias = tuning.bias()
+
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        logits = CodebookProduct.apply(hidden[rows].float(), tuning.book.values(), tuning.codes, layer.in_features, bias)
+        return token_kl(logits, teacher[rows].float() @ head.t())
+
+    before, after = _tune([tuning], [], loss, len(hidden), epochs, lr, batch, seed, on_step)
+    return (layer, (before, before)) if after >= before else (tuning.packed(), (before, after))
+
+
+def _tune(layers: list[LayerTuning], others: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor],
+          samples: int, epochs: int, lr: float, batch: int, seed: int,
+          on_step: Callable[[float], None] | None) -> tuple[float, float]:
+    """Adam on the layers' S, V, B and `others`; the mean loss over all samples before and after, the
+    after scored as it will be stored (S and B through int8, V and `others` fp16)."""
+    device = layers[0].codes.device
+
     def total() -> float:
         with torch.no_grad():
-            sums = [float(loss(torch.arange(i, min(i + batch, len(tokens)), device=device))) *
-                    min(batch, len(tokens) - i) for i in range(0, len(tokens), batch)]
-        return sum(sums) / len(tokens)
+            sums = [float(loss(torch.arange(i, min(i + batch, samples), device=device))) * min(batch, samples - i)
+                    for i in range(0, samples, batch)]
+        return sum(sums) / samples
 
     before = total()
     if epochs <= 0:
-        return packed, {}, (before, before)
-    trained = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + list(norms.values())
-    adam_epochs(trained, loss, len(tokens), epochs, lr, batch, seed, on_step)
-    for layer in layers:  # scored as they will be stored: S and B through int8, V and the norms fp16
+        return before, before
+    trained = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + others
+    adam_epochs(trained, loss, samples, epochs, lr, batch, seed, on_step)
+    for layer in layers:
         layer.book = stored_codebook(layer.book)
     with torch.no_grad():
-        for weight in norms.values():
+        for weight in others:
             weight.copy_(weight.half().float())
-    after = total()
-    if after > before:
-        return packed, {}, (before, before)
-    return {t.prefix: t.packed() for t in layers}, {name: w.detach() for name, w in norms.items()}, (before, after)
+    return before, total()

@@ -27,7 +27,7 @@ from lcq.format import (HEAD, CheckpointReader, PackedLinear, copy_model_assets,
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
-from .finetune import finetune
+from .finetune import finetune, tune_head
 from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .reference import hf_config, read_config
@@ -144,6 +144,7 @@ class QuantizeSummary:
     size_bytes: int
     peak_memory_bytes: int
     block_losses: list[tuple[float, float]] = field(default_factory=list)
+    head_kl: tuple[float, float] | None = None  # the head stage's KL before and after (a packed head only)
     finetune_kl: tuple[float, float] | None = None  # the end-to-end stage's KL before and after
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
 
@@ -330,6 +331,27 @@ def _packed_head(source: _Source, stat: torch.Tensor | None, options: QuantizeOp
     return _packed_fit(fit, weight, stat, None, options, options.head_bits)
 
 
+def _head_stage(source: _Source, head: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor,
+                options: QuantizeOptions, progress: bool) -> tuple[PackedLinear, tuple[float, float]]:
+    """The packed head tuned on the logits' KL (finetune.tune_head) for the block-wise stage's epochs and
+    step at the head's width, over the last hidden states of the quantized and full-precision models."""
+    from tqdm import tqdm
+
+    name = "model.embed_tokens.weight" if source.config.tie_word_embeddings else "lm_head.weight"
+    weight = source.reader.tensor(name).float().to(head.qweight.device)
+    bar = tqdm(total=options.epochs * -(-len(hidden) // options.batch_size), desc="head", disable=not progress,
+               unit="step")
+
+    def on_step(loss: float) -> None:
+        bar.update()
+        bar.set_postfix(kl=f"{loss:.3g}")
+    lr = DEFAULT_LR[options.head_bits] if options.lr is None else options.lr
+    tuned = tune_head(head, source.final_norm(hidden), source.final_norm(teacher), weight, options.epochs, lr,
+                      options.batch_size, options.seed, on_step)
+    bar.close()
+    return tuned
+
+
 def _dense_weights(packed: dict[str, PackedLinear], device: torch.device) -> dict[str, torch.Tensor]:
     weights = {}
     for name, layer in packed.items():
@@ -422,8 +444,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
-    head_stat = _head_stat(source, q_stream, options, options.batch_size) \
-        if options.head_bits and options.needs_data else None
+    head, head_kl = None, None
+    if options.head_bits:
+        head_stat = _head_stat(source, q_stream, options, options.batch_size) if options.needs_data else None
+        head = _packed_head(source, head_stat, options, device)
+        if options.needs_data and options.epochs:
+            head, head_kl = _head_stage(source, head, q_stream, fp_stream, options, progress)
+        head = head.to("cpu")  # off the device while the end-to-end stage holds the whole model
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
     if options.finetune_epochs:
@@ -438,7 +465,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         tied = source.config.tie_word_embeddings
         del extra["model.embed_tokens.weight" if tied else "lm_head.weight"]
         kept = ["model.norm"] if tied else ["model.embed_tokens", "model.norm"]
-        extra.update(linear_tensors(HEAD, _packed_head(source, head_stat, options, device).to("cpu")))
+        extra.update(linear_tensors(HEAD, head))
     write_shard(partial / "model-extra.safetensors", extra)
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
@@ -458,7 +485,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
-                           finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
+                           head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
 
 
 def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teacher: torch.Tensor,
