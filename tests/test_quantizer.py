@@ -320,12 +320,16 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
     Llama on held-out tokens too. Qwen2's q/k/v biases go through the tuned products and back unchanged;
-    Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer."""
+    Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer. The
+    Llama's head is packed too, and tuned with the blocks."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
     epochs = 30 if arch == "gemma3" else 10
-    summary = quantize_model(source, tmp_path / "tuned", _end_to_end_options(finetune_epochs=epochs), progress=False)
-    quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0), progress=False)
+    head_bits = 4 if arch == "llama" else 0
+    summary = quantize_model(source, tmp_path / "tuned", _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits),
+                             progress=False)
+    quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0, head_bits=head_bits),
+                   progress=False)
     before, after = summary.finetune_kl
     assert after < 0.95 * before
     tuned, plain = CheckpointReader(tmp_path / "tuned"), CheckpointReader(tmp_path / "plain")
@@ -337,6 +341,9 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
                            plain.tensor("model.layers.0.self_attn.q_proj.s_q"))
     assert not torch.equal(tuned.tensor("model.layers.1.input_layernorm.weight"),
                            plain.tensor("model.layers.1.input_layernorm.weight"))
+    if head_bits:
+        assert "lm_head" in tuned.quantized_prefixes()
+        assert not torch.equal(tuned.tensor("lm_head.s_q"), plain.tensor("lm_head.s_q"))
     if arch == "qwen2":
         assert torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.bias"),
                            plain.tensor("model.layers.0.self_attn.q_proj.bias"))
@@ -364,11 +371,12 @@ def _output_kl(reference_dir, model_dir) -> float:
 
 @pytest.mark.parametrize("stop", ["tuning", "renaming"])
 def test_end_to_end_stage_resumes_to_the_same_files(tmp_path, tiny_hf, monkeypatch, stop):
-    """Stopped while tuning (the blocks untouched: tuned again) or between the renames of tuned
-    blocks (finished from the block-*.tuned files): the same files as a run never stopped."""
+    """Stopped while tuning (the blocks and the packed head untouched: tuned again, the head not fitted
+    again) or between the renames of tuned shards (finished from the *.tuned files): the same files
+    as a run never stopped."""
     import lcq.quantizer.pipeline as pipeline
 
-    options = _end_to_end_options(finetune_epochs=2)
+    options = _end_to_end_options(finetune_epochs=2, head_bits=4)
     quantize_model(tiny_hf, tmp_path / "whole", options, progress=False)
     if stop == "tuning":
         def interrupted(*args, **kwargs):
@@ -387,7 +395,8 @@ def test_end_to_end_stage_resumes_to_the_same_files(tmp_path, tiny_hf, monkeypat
     with pytest.raises(KeyboardInterrupt):
         quantize_model(tiny_hf, tmp_path / "resumed", options, progress=False)
     partial = tmp_path / "resumed.partial"
-    assert len(list(partial.glob("*.tuned"))) == (0 if stop == "tuning" else 1)
+    left = [] if stop == "tuning" else ["block-00001.tuned", "lm_head.tuned"]  # the first rename done
+    assert sorted(f.name for f in partial.glob("*.tuned")) == left
     monkeypatch.undo()
     quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
     whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")

@@ -39,6 +39,7 @@ METHODS = ("lcq", "rtn", "gptq")
 # or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
 ASSIGNMENTS = ("nearest", "gptq", "gptq-refit")
 PROGRESS_FILE = "lcq-progress.json"
+HEAD_SHARD = "lm_head.safetensors"  # a packed head's own shard, written once the blocks are done
 # The block-wise stage's default Adam step per bit width, relative to each of S, V, B's mean
 # magnitude. A step of that size moves codebook entries by a fixed share of the group's range, so it
 # must shrink as the entries get closer: on SmolLM2-135M (blocks 0-2, held-out text) 1e-2 lowered the
@@ -444,13 +445,15 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
-    head, head_kl = None, None
-    if options.head_bits:
+    head_kl = None
+    if options.head_bits and not json.loads((partial / PROGRESS_FILE).read_text()).get("head"):
         head_stat = _head_stat(source, q_stream, options, options.batch_size) if options.needs_data else None
         head = _packed_head(source, head_stat, options, device)
         if options.needs_data and options.epochs:
             head, head_kl = _head_stage(source, head, q_stream, fp_stream, options, progress)
-        head = head.to("cpu")  # off the device while the end-to-end stage holds the whole model
+        write_shard(partial / HEAD_SHARD, linear_tensors(HEAD, head.to("cpu")))
+        write_json(partial / PROGRESS_FILE, {"options": recorded, "done": source.num_layers, "head": True})
+        del head
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
     if options.finetune_epochs:
@@ -465,7 +468,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         tied = source.config.tie_word_embeddings
         del extra["model.embed_tokens.weight" if tied else "lm_head.weight"]
         kept = ["model.norm"] if tied else ["model.embed_tokens", "model.norm"]
-        extra.update(linear_tensors(HEAD, head))
     write_shard(partial / "model-extra.safetensors", extra)
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
@@ -490,25 +492,31 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
 
 def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teacher: torch.Tensor,
                     options: QuantizeOptions, progress: bool) -> tuple[float, float] | None:
-    """The end-to-end stage (finetune.py) over the packed blocks in `partial`, towards the full-precision
-    model's final hidden states `teacher` (after its last norm). The tuned blocks are
-    written beside them (block-*.tuned) and the progress file marked before any replaces its block,
-    so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by tuning
-    again from the untouched blocks."""
+    """The end-to-end stage (finetune.py) over the packed blocks in `partial`, and a packed head with
+    them, towards the full-precision model's final hidden states `teacher` (after its last norm). The
+    tuned shards are written beside them (*.tuned) and the progress file marked before any replaces
+    its shard, so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by
+    tuning again from the untouched shards."""
     from safetensors.torch import load_file
     from tqdm import tqdm
 
+    from lcq.format.checkpoint import linear_from_tensors
+
     shards = [partial / f"block-{index:05d}.safetensors" for index in range(source.num_layers)]
+    shards += [partial / HEAD_SHARD] if options.head_bits else []
     tuned_files = [shard.with_suffix(".tuned") for shard in shards]
     state = json.loads((partial / PROGRESS_FILE).read_text())
     kl = None
     if not state.get("tuned"):
         for stale in tuned_files:
             stale.unlink(missing_ok=True)
-        blocks = [load_file(str(shard)) for shard in shards]
-        packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, blocks))
-                  for name, layer in _read_block(shard, index, options, tensors).items()}
-        norms = {name: tensor for tensors in blocks for name, tensor in tensors.items()  # Qwen3's q/k norms too
+        contents = [load_file(str(shard)) for shard in shards]
+        packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, contents))
+                  if index < source.num_layers for name, layer in _read_block(shard, index, options, tensors).items()}
+        if options.head_bits:
+            packed[HEAD] = linear_from_tensors(contents[-1], HEAD, options.head_bits, options.rank, options.group_size,
+                                               lambda _: str(shards[-1]))
+        norms = {name: tensor for tensors in contents for name, tensor in tensors.items()  # Qwen3's q/k norms too
                  if name.endswith("norm.weight")}
         model = source.causal_lm({**source.non_block_tensors(), **norms})
         head = model.lm_head.weight.detach()
@@ -522,12 +530,11 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teache
                                           options.finetune_epochs, options.end_to_end_lr, options.batch_size,
                                           options.seed, on_step)
         bar.close()
-        for index, (tensors, target) in enumerate(zip(blocks, tuned_files)):
-            prefix = f"model.layers.{index}."
+        for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
-                if name.startswith(prefix):
+                if f"{name}.qweight" in tensors:
                     tensors.update(linear_tensors(name, layer))
-            tensors.update({name: w.to(torch.float16) for name, w in tuned_norms.items() if name.startswith(prefix)})
+            tensors.update({name: w.to(torch.float16) for name, w in tuned_norms.items() if name in tensors})
             write_shard(target, tensors)
         write_json(partial / PROGRESS_FILE, {**state, "tuned": True})
     for tuned_file, shard in zip(tuned_files, shards):
