@@ -421,7 +421,8 @@ def test_block_calls_chain_into_the_models_hidden_states(tmp_path, arch, overrid
     ids = torch.arange(3, 3 + 2 * 24).remainder(300).reshape(2, 24)
     with torch.no_grad():
         expected = load_reference_model(folder)(ids, output_hidden_states=True).hidden_states
-    hidden = expected[0]
+    hidden = source.embed(ids)
+    torch.testing.assert_close(hidden, expected[0], rtol=1e-6, atol=1e-6)  # Gemma's scaled embeddings too
     for index in range(source.num_layers):
         hidden = run_block(block_call(source.block(index), source.block_inputs(index)), {}, hidden, batch=2)
         if index < source.num_layers - 1:  # the last entry is after the final norm

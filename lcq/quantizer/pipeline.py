@@ -51,6 +51,7 @@ DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma3_text",)  # norms that multiply by 1 + w
+SCALED_EMBEDDINGS = ("gemma3_text",)  # token embeddings multiplied by sqrt(hidden_size)
 
 
 @dataclass
@@ -229,6 +230,12 @@ class _Source:
         if self.config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first block's input (S, T, H), fp32: the tokens' embeddings, with Gemma's scale."""
+        table = self.reader.tensor("model.embed_tokens.weight").float().to(self.device)
+        scale = self.config.hidden_size ** 0.5 if self.config.model_type in SCALED_EMBEDDINGS else 1.0
+        return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's last RMSNorm applied to hidden states (S, T, H), fp32."""
@@ -410,10 +417,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     if options.needs_data:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed)
-        embed = source.reader.tensor("model.embed_tokens.weight").float().to(device)
-        fp_stream = torch.nn.functional.embedding(tokens.to(device), embed)
+        fp_stream = source.embed(tokens)
         q_stream = fp_stream.clone()
-        del embed
 
     losses: list[tuple[float, float]] = []
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
