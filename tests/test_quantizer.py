@@ -455,8 +455,9 @@ def test_head_stage_moves_the_packed_heads_codebooks_towards_the_full_precision_
 @pytest.mark.parametrize("tied", [True, False])
 def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
     """--head-bits 4 over W2 layers: lm_head packed (format version 2), a tied embedding table not stored
-    but looked up from the packed head; the real loader and the engine follow transformers with every
-    packed matrix dequantized, and the folder is smaller than with the fp16 head."""
+    but looked up from the packed head, an untied one packed too (version 3); the real loader and the
+    engine follow transformers with every packed matrix dequantized, and the folder is smaller than with
+    the fp16 head."""
     from lcq.models.loader import load_model
     from lcq.runtime import LLM, SamplingParams
     from tests.test_models import PROMPTS, _check_against
@@ -467,9 +468,12 @@ def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
     plain = quantize_model(hf, tmp_path / "plain", QuantizeOptions(**options), progress=False)
     packed = quantize_model(hf, tmp_path / "head", QuantizeOptions(**options, head_bits=4), progress=False)
     reader = CheckpointReader(tmp_path / "head")
-    assert reader.quant["format_version"] == 2 and reader.quant["head_bits"] == 4
+    assert reader.quant["format_version"] == (2 if tied else 3) and reader.quant["head_bits"] == 4
     assert reader.linear("lm_head").bits == 4 and reader.linear("model.layers.0.mlp.up_proj").bits == 2
-    assert reader.has("model.embed_tokens.weight") != tied and not reader.has("lm_head.weight")
+    assert not reader.has("model.embed_tokens.weight") and not reader.has("lm_head.weight")
+    assert reader.has("model.embed_tokens.qweight") != tied
+    if not tied:
+        assert reader.quant["embed_bits"] == 4 and reader.linear("model.embed_tokens").bits == 4
     assert packed.bits_per_weight == plain.bits_per_weight and packed.size_bytes < plain.size_bytes
     assert packed.head_kl[1] < packed.head_kl[0] and plain.head_kl is None  # the head stage ran
     reference = load_reference_model(tmp_path / "head")

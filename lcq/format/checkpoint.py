@@ -24,8 +24,12 @@ FORMAT_VERSION = 1
 # Version 2: lm_head may be packed too, with its own bit width (head_bits); written only by
 # checkpoints that pack it, so that readers of version 1 refuse them rather than miss the head.
 HEAD_FORMAT_VERSION = 2
-READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION)
+# Version 3: an untied embedding table may be packed too, at the head's width (embed_bits); readers of
+# version 2 would look its tokens up in the packed head instead.
+EMBED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION, EMBED_FORMAT_VERSION)
 HEAD = "lm_head"
+EMBED = "model.embed_tokens"
 PACK_LAYOUT = "kmajor-planes"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,8 +48,10 @@ class FormatError(ValueError):
 
 def quantization_config(bits: int, rank: int, group_size: int, method: str,
                         modules_not_quantized: list[str], **extra: Any) -> dict[str, Any]:
-    """The `quantization_config` block of config.json (a packed lm_head: head_bits among `extra`)."""
-    version = HEAD_FORMAT_VERSION if extra.get("head_bits") else FORMAT_VERSION
+    """The `quantization_config` block of config.json (a packed lm_head: head_bits among `extra`; a packed
+    untied embedding table: embed_bits)."""
+    version = EMBED_FORMAT_VERSION if extra.get("embed_bits") else \
+        HEAD_FORMAT_VERSION if extra.get("head_bits") else FORMAT_VERSION
     return {
         "quant_method": QUANT_METHOD, "format_version": version, "pack_layout": PACK_LAYOUT,
         "bits": bits, "rank": rank, "group_size": group_size, "method": method,
@@ -144,8 +150,9 @@ class CheckpointReader:
         if quant["bits"] not in SUPPORTED_BITS or quant["rank"] < 1 or quant["group_size"] % 32:
             raise FormatError(f"{path}: unsupported bits={quant['bits']} rank={quant['rank']} "
                               f"group_size={quant['group_size']}")
-        if quant.get("head_bits") not in (None, 0, *SUPPORTED_BITS):  # 0: the head kept in full precision
-            raise FormatError(f"{path}: unsupported head_bits={quant['head_bits']}")
+        for key in ("head_bits", "embed_bits"):
+            if quant.get(key) not in (None, 0, *SUPPORTED_BITS):  # 0: kept in full precision
+                raise FormatError(f"{path}: unsupported {key}={quant[key]}")
         return quant
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -199,7 +206,7 @@ class CheckpointReader:
         """Load and validate one packed linear layer."""
         if self.quant is None:
             raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
-        bits = self.quant.get("head_bits") if prefix == HEAD else None
+        bits = self.quant.get("head_bits") if prefix == HEAD else self.quant.get("embed_bits") if prefix == EMBED else None
         return linear_from_tensors(_LazyTensors(self), prefix, bits or self.quant["bits"], self.quant["rank"],
                                    self.quant["group_size"], lambda name: str(self._files.get(name, self.folder)))
 

@@ -15,8 +15,9 @@ from lcq.kernels import cpu_ops
 
 
 class PackedEmbedding(torch.nn.Module):
-    """Embeddings tied to a packed lm_head: each token's row dequantized from the head as it is looked up
-    (the rows of a step, a few KB, where the table would take vocab x hidden x 2 bytes)."""
+    """Embeddings looked up from a packed table (their own, or the packed lm_head they are tied to): each
+    token's row dequantized as it is looked up (the rows of a step, a few KB, where the table would take
+    vocab x hidden x 2 bytes)."""
 
     def __init__(self, layer: PackedLinear):
         super().__init__()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lcq.format import HEAD, CheckpointReader, PackedLinear
+from lcq.format import EMBED, HEAD, CheckpointReader, PackedLinear
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
@@ -105,13 +105,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
 def _use_packed_head(model: LlamaModel, reader: CheckpointReader, read, device: torch.device,
                      cache_dense: bool) -> None:
-    """lm_head as an LCQ layer (quantize --head-bits); a tied embedding table is not stored, and tokens
-    are looked up from the packed head, which keeps its packed tensors for that."""
+    """lm_head as an LCQ layer (quantize --head-bits). Tokens are looked up from a packed table: an untied
+    model's own (format version 3), else the packed head a tied table is not stored beside, which keeps
+    its packed tensors for that; or from an fp16 table (untied, version 2)."""
     layer = reader.linear(HEAD).to(device)
     model.packed_head, model.lm_head = LCQLinear(layer, cache_dense), None
-    if reader.has("model.embed_tokens.weight"):
-        model.embed_tokens.weight = torch.nn.Parameter(_lookup_table(read("model.embed_tokens.weight")),
-                                                       requires_grad=False)
+    if reader.has(f"{EMBED}.qweight"):
+        model.embed_tokens = PackedEmbedding(reader.linear(EMBED).to(device))
+    elif reader.has(f"{EMBED}.weight"):
+        model.embed_tokens.weight = torch.nn.Parameter(_lookup_table(read(f"{EMBED}.weight")), requires_grad=False)
     else:
         model.embed_tokens = PackedEmbedding(layer)
 

@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="that stage's relative Adam step (default by bit width: 1e-3 at 2 bits, 3e-4 at 3, 1e-4 at 4)")
     q.add_argument("--head-bits", type=int, default=0,
                    help="pack lm_head too, at 2, 3 or 4 bits (the same rank and group size; a tied embedding table "
-                        "is then looked up from it and not stored; default 0: kept in fp16)")
+                        "is then looked up from it and not stored, an untied one packed at that width too; "
+                        "default 0: both kept in fp16)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from lcq.errors import UserError
-from lcq.format import (HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
+from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
@@ -73,7 +73,7 @@ class QuantizeOptions:
     batch_size: int = 4
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
-    head_bits: int = 0  # lm_head (and the embeddings it is tied to) packed at this width; 0: kept fp16
+    head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
@@ -231,9 +231,10 @@ class _Source:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The first block's input (S, T, H), fp32: the tokens' embeddings, with Gemma's scale."""
-        table = self.reader.tensor("model.embed_tokens.weight").float().to(self.device)
+    def embed(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """The first block's input (S, T, H), fp32: the tokens' embeddings (from `table`, else the
+        model's), with Gemma's scale."""
+        table = self.reader.tensor(f"{EMBED}.weight").float().to(self.device) if table is None else table
         scale = self.config.hidden_size ** 0.5 if self.config.model_type in SCALED_EMBEDDINGS else 1.0
         return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
 
@@ -339,6 +340,15 @@ def _packed_head(source: _Source, stat: torch.Tensor | None, options: QuantizeOp
     return _packed_fit(fit, weight, stat, None, options, options.head_bits)
 
 
+def _packed_embedding(source: _Source, options: QuantizeOptions, device: torch.device) -> PackedLinear:
+    """An untied embedding table packed at the head's width: the weighted k-means or RTN fit with every
+    hidden unit alike (a table has no input statistic). Lookups cost no product, so this saves memory
+    only: a quarter of Llama-3-8B's weights at W2 are its fp16 table."""
+    weight = source.reader.tensor(f"{EMBED}.weight").float().to(device)
+    fit = _initial_fit(EMBED, weight, None, options, options.head_bits)
+    return pack(fit.book, fit.wg, fit.in_features, options.head_bits, options.group_size)
+
+
 def _head_stage(source: _Source, head: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor,
                 options: QuantizeOptions, progress: bool) -> tuple[PackedLinear, tuple[float, float]]:
     """The packed head tuned on the logits' KL (finetune.tune_head) for the block-wise stage's epochs and
@@ -412,13 +422,16 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         torch.cuda.reset_peak_memory_stats(device)
     source = _Source(model_dir, device)
     torch.manual_seed(options.seed)
+    # With a packed head, an untied table is packed too; the quantized stream starts from its lookups.
+    embedding = _packed_embedding(source, options, device) \
+        if options.head_bits and not source.config.tie_word_embeddings else None
 
     fp_stream = q_stream = None
     if options.needs_data:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed)
         fp_stream = source.embed(tokens)
-        q_stream = fp_stream.clone()
+        q_stream = fp_stream.clone() if embedding is None else source.embed(tokens, dequantize(embedding))
 
     losses: list[tuple[float, float]] = []
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
@@ -465,19 +478,22 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         teacher = source.final_norm(fp_stream)
         fp_stream = q_stream = targets = None  # the block pass's activations, on the device, not needed now
         _reset_peak_memory(device)
-        finetune_kl = _finetune_stage(source, partial, tokens.to(device), teacher, options, progress)
+        finetune_kl = _finetune_stage(source, partial, tokens.to(device), teacher, embedding, options, progress)
         finetune_peak = _peak_memory(device)
     extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
-    kept = ["model.embed_tokens", "model.norm", HEAD]
-    if options.head_bits:  # a tied table is not stored: the packed head serves the embedding lookups too
-        tied = source.config.tie_word_embeddings
-        del extra["model.embed_tokens.weight" if tied else "lm_head.weight"]
-        kept = ["model.norm"] if tied else ["model.embed_tokens", "model.norm"]
+    kept = [EMBED, "model.norm", HEAD]
+    if options.head_bits:  # a tied table is not stored: the packed head serves its lookups
+        del extra[f"{EMBED}.weight"]
+        extra.pop(f"{HEAD}.weight", None)
+        kept = ["model.norm"]
+        if embedding is not None:
+            extra.update(linear_tensors(EMBED, embedding.to("cpu")))
     write_shard(partial / "model-extra.safetensors", extra)
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr", "head_bits")})
+                                   "finetune_epochs", "finetune_lr", "head_bits")},
+        **({"embed_bits": options.head_bits} if embedding is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
@@ -486,7 +502,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     partial.rename(out_dir)
 
     reader = CheckpointReader(out_dir)
-    layers = [p for p in reader.quantized_prefixes() if p != HEAD]  # the decoder's: a packed head shows in the size
+    layers = [p for p in reader.quantized_prefixes() if p not in (HEAD, EMBED)]  # the decoder's (the rest: the size)
     linear_bits = sum(reader.linear(p).bits_per_weight() * _numel(reader, p) for p in layers)
     weights = sum(_numel(reader, p) for p in layers)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
@@ -496,12 +512,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
 
 
 def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teacher: torch.Tensor,
-                    options: QuantizeOptions, progress: bool) -> tuple[float, float] | None:
+                    embedding: PackedLinear | None, options: QuantizeOptions, progress: bool,
+                    ) -> tuple[float, float] | None:
     """The end-to-end stage (finetune.py) over the packed blocks in `partial`, and a packed head with
     them, towards the full-precision model's final hidden states `teacher` (after its last norm). The
     tuned shards are written beside them (*.tuned) and the progress file marked before any replaces
     its shard, so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by
-    tuning again from the untouched shards."""
+    tuning again from the untouched shards. `embedding`: a packed untied table, looked up as served."""
     from safetensors.torch import load_file
     from tqdm import tqdm
 
@@ -523,7 +540,8 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teache
                                                lambda _: str(shards[-1]))
         norms = {name: tensor for tensors in contents for name, tensor in tensors.items()  # Qwen3's q/k norms too
                  if name.endswith("norm.weight")}
-        model = source.causal_lm({**source.non_block_tensors(), **norms})
+        looked_up = {} if embedding is None else {f"{EMBED}.weight": dequantize(embedding)}  # as it is served
+        model = source.causal_lm({**source.non_block_tensors(), **norms, **looked_up})
         head = model.lm_head.weight.detach()
         steps = options.finetune_epochs * -(-len(tokens) // options.batch_size)
         bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
