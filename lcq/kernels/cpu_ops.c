@@ -81,11 +81,17 @@ void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int hea
     }
 }
 
-/* out (rows, width) = silu(gate) * up for gate_up (rows, 2 * width) = [gate, up]. */
-void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width) {
+/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up]: SwiGLU (LCQ_SILU) or
+ * Gemma's GeGLU (LCQ_GELU_TANH). */
+void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation) {
 #pragma omp parallel for if (rows >= 16)
-    for (int64_t r = 0; r < rows; r++)
-        lcq_silu_mul_row(gate_up + r * 2 * width, gate_up + r * 2 * width + width, out + r * width, width);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * width, *up = gate + width;
+        if (activation == LCQ_GELU_TANH)
+            lcq_gelu_tanh_mul_row(gate, up, out + r * width, width);
+        else
+            lcq_silu_mul_row(gate, up, out + r * width, width);
+    }
 }
 
 /* out[r] = the index of the largest value of row r of x (rows, n), as torch.argmax: the first of equal
@@ -444,7 +450,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
         } else {
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 0, gate_up)) return -1;
-            lcq_silu_mul(gate_up, activated, rows, intermediate);
+            lcq_gated_mul(gate_up, activated, rows, intermediate, LCQ_SILU);
         }
         if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
     }

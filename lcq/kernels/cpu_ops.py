@@ -62,12 +62,17 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up (..., 2 * width) = [gate, up]."""
+ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations of the C MLP (ModelConfig.activation), in cpu_exp.h's order
+
+
+def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu) or Gemma's GeGLU (gelu_tanh,
+    torch's gelu with approximate="tanh")."""
     gate_up = gate_up.contiguous()
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
-    library().lcq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width)
+    library().lcq_gated_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width,
+                            ACTIVATIONS.index(activation))
     return out
 
 
@@ -200,7 +205,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, p, p],
-        "lcq_silu_mul": [p, p, i64, i64],
+        "lcq_gated_mul": [p, p, i64, i64, i32],
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
