@@ -194,7 +194,7 @@ def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monk
     assert config.layer_windows == windows and config.max_position_embeddings == 256
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=4, chunk=4)
-    assert (model.cpu_decoder is None) == (arch == "gemma3" or c_ops == "0" or not cpu_half.enabled())
+    assert (model.cpu_decoder is None) == (c_ops == "0" or not cpu_half.enabled())
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
@@ -533,12 +533,16 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
 @pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
 @pytest.mark.parametrize("arch, cache_dtype", [("llama", torch.float32), ("qwen2", torch.float32),  # qwen2: qkv bias
                                                ("qwen3", torch.float32),  # qwen3: head norms
+                                               ("gemma3", torch.float32), ("gemma3", torch.float16),
                                                ("llama", torch.float16), ("llama", torch.int8)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
-    16 rows the products take cpu_gemm.c's form); fp32, fp16 and int8 caches."""
-    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
+    16 rows the products take cpu_gemm.c's form); fp32, fp16 and int8 caches. Gemma 3: norms of the
+    attention and MLP outputs, GeGLU, scaled embeddings and queries, and a 7-token sliding-window layer
+    with its own rotary base that the prompts of 9 and 11 tokens run past."""
+    overrides = {"sliding_window": 7} if arch == "gemma3" else {}
+    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn", **overrides)
     model, _ = load_model(folder)
     runs = []
     for one_call, prompts in ((True, PROMPTS), (False, PROMPTS), (True, PROMPTS * 6), (False, PROMPTS * 6)):

@@ -85,6 +85,25 @@ def test_greedy_matches_transformers_lcq(tmp_path):
     assert layers and all(m.layer is None for m in layers)
 
 
+def test_gemma_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch):
+    """Gemma 3 from fp16 weights (a 7-token sliding-window layer with its own rotary base, then a full
+    one): the engine's decode steps run the one-call C step where the C kernels build, and its greedy
+    tokens are transformers'."""
+    from lcq.models.cpu_decode import CpuDecoder
+
+    steps = []
+    decode = CpuDecoder.__call__
+    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *args: steps.append(1) or decode(self, *args))
+    folder = make_tiny_hf(tmp_path, "gemma3", dtype=torch.float16, sliding_window=7)
+    llm = LLM(str(folder), block_size=8, **FP32)
+    outs = llm.generate(PROMPTS, GREEDY)
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == _transformers_greedy(folder, prompt, 12)
+    one_call = cpu_ops.usable() and cpu_half.enabled()
+    assert (llm.engine.runner.model.cpu_decoder is not None) == one_call
+    assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
+
+
 def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     """A model whose EOS is the greedy choice: with `ignore_eos` we emit EOS and go on, as transformers does."""
     from safetensors.torch import load_file, save_file

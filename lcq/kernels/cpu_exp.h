@@ -1,4 +1,4 @@
-/* exp for the C kernels' softmax (cpu_attention.c), and SwiGLU (cpu_ops.c, cpu_gemm.c), AVX2. */
+/* exp for the C kernels' softmax (cpu_attention.c), SwiGLU and GeGLU (cpu_ops.c, cpu_gemm.c), AVX2. */
 #ifndef LCQ_CPU_EXP_H
 #define LCQ_CPU_EXP_H
 
@@ -40,6 +40,25 @@ static inline void lcq_silu_mul_row(const float *gate, const float *up, float *o
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
     }
     for (; i < width; i++) out[i] = gate[i] * (1.0f / (1.0f + exp1(-gate[i]))) * up[i];
+}
+
+enum { LCQ_SILU, LCQ_GELU_TANH }; /* gated activations (lcq_gated_mul); cpu_ops.py's ACTIVATIONS */
+
+/* gelu(x) with tanh's approximation, 0.5 x (1 + tanh(u)) for u = sqrt(2 / pi) (x + 0.044715 x^3), as
+ * x / (1 + e^(-2u)): the same function without tanh's rounding near -1, where 1 + tanh(u) cancels. */
+static inline __m256 gelu_tanh8(__m256 x) {
+    const __m256 twice_scale = _mm256_set1_ps(-2.0f * 0.7978845608028654f); /* -2 sqrt(2 / pi) */
+    const __m256 cubic = _mm256_fmadd_ps(_mm256_mul_ps(x, x), _mm256_set1_ps(0.044715f), _mm256_set1_ps(1.0f));
+    const __m256 e = exp8(_mm256_mul_ps(_mm256_mul_ps(x, cubic), twice_scale));
+    return _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+}
+
+/* out[i] = gelu_tanh(gate[i]) * up[i] (Gemma's GeGLU), every element computed alike as above. */
+static inline void lcq_gelu_tanh_mul_row(const float *gate, const float *up, float *out, int64_t width) {
+    int64_t i = 0;
+    for (; i + 8 <= width; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu_tanh8(_mm256_loadu_ps(gate + i)), _mm256_loadu_ps(up + i)));
+    for (; i < width; i++) out[i] = _mm256_cvtss_f32(gelu_tanh8(_mm256_set1_ps(gate[i]))) * up[i];
 }
 
 #endif

@@ -111,7 +111,7 @@ typedef struct {
  * rounded to bf16 (sums fp32) or 8 bits (sums int32, where W expands to bytes) where the calling
  * thread asks (lcq_set_products). With swiglu, W is [gate; up] (N even) and y (M, N / 2) takes
  * silu(x @ gate^T) * (x @ up^T), each block of both halves' outputs finished while it is in cache (the
- * same values as the product then lcq_silu_mul). Returns 0, or -1 when a buffer cannot be allocated. */
+ * same values as the product then lcq_gated_mul). Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
                          int swiglu, float *y);
 
@@ -121,8 +121,9 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
 float *lcq_swiglu_products(int swiglu, int M, int N, float *y);
 int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int status);
 
-/* out (rows, width) = silu(gate) * up for gate_up (rows, 2 * width) = [gate, up] (cpu_ops.c). */
-void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width);
+/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up], act LCQ_SILU or
+ * LCQ_GELU_TANH (cpu_exp.h; cpu_ops.c). */
+void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation);
 
 /* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
  * products (cpu_gemm.c, cpu_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against

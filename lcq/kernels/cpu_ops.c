@@ -62,13 +62,15 @@ void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int 
 }
 
 /* Rotate the first `heads` heads of every token row in place (the half-split layout): with
- * x = [a, b], x' = [a cos - b sin, b cos + a sin]. cos, sin: (tokens, head_dim / 2). */
+ * x = [a, b], x' = [a cos - b sin, b cos + a sin]. cos, sin: rows of head_dim / 2 values, token t taking
+ * row positions[t] (a model's whole table: the one-call decode step), or row t without positions. */
 void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *cos,
-                const float *sin) {
+                const float *sin, const int64_t *positions) {
     const int half = head_dim / 2;
 #pragma omp parallel for if (tokens >= 16)
     for (int64_t t = 0; t < tokens; t++) {
-        const float *c = cos + t * half, *s = sin + t * half;
+        const int64_t row = positions != NULL ? positions[t] : t;
+        const float *c = cos + row * half, *s = sin + row * half;
         for (int h = 0; h < heads; h++) {
             float *a = x + t * row_stride + (int64_t)h * head_dim, *b = a + half;
 #pragma omp simd
@@ -81,11 +83,17 @@ void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int hea
     }
 }
 
-/* out (rows, width) = silu(gate) * up for gate_up (rows, 2 * width) = [gate, up]. */
-void lcq_silu_mul(const float *gate_up, float *out, int64_t rows, int64_t width) {
+/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up]: SwiGLU (LCQ_SILU) or
+ * Gemma's GeGLU (LCQ_GELU_TANH). */
+void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation) {
 #pragma omp parallel for if (rows >= 16)
-    for (int64_t r = 0; r < rows; r++)
-        lcq_silu_mul_row(gate_up + r * 2 * width, gate_up + r * 2 * width + width, out + r * width, width);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = gate_up + r * 2 * width, *up = gate + width;
+        if (activation == LCQ_GELU_TANH)
+            lcq_gelu_tanh_mul_row(gate, up, out + r * width, width);
+        else
+            lcq_silu_mul_row(gate, up, out + r * width, width);
+    }
 }
 
 /* out[r] = the index of the largest value of row r of x (rows, n), as torch.argmax: the first of equal
@@ -389,10 +397,14 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
  * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
- * Q_NORM and K_NORM are the per-head norm weights of Qwen3, NULL for other models; WINDOW the layer's
- * sliding window in tokens (cast to a pointer; 0: full attention). */
-enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, O_KIND, O, O_BIAS, POST_NORM, GATE_UP_KIND, GATE_UP,
-       GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, K_CACHE, V_CACHE, WINDOW, POINTERS_PER_LAYER };
+ * Q_NORM and K_NORM are the per-head norm weights of Qwen3 and Gemma 3, NULL for other models;
+ * ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM Gemma's norms of the attention and MLP outputs before their
+ * residual adds, else NULL; COS and SIN the layer's whole rotary tables (Gemma's sliding-window layers
+ * have their own base), a row of head_dim / 2 per position; WINDOW the layer's sliding window in tokens
+ * (cast to a pointer; 0: full attention). */
+enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, ATTENTION_OUTPUT_NORM,
+       POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, K_CACHE, V_CACHE,
+       WINDOW, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -404,18 +416,21 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
     return status;
 }
 
-/* A whole decode step of a Llama-family model's decoder layers, for sequences of one new token
- * each: the same operations, in the same order and with the same kernels, as the Python
+/* A whole decode step of a Llama-family model's decoder layers (Gemma 3's too), for sequences of one
+ * new token each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
- * hidden) holds the embeddings and receives the residual stream after the last layer (before the
- * final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or NULL, KV caches of
- * the given form (cpu_cache.h). work holds
- * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, or -1 on bad sizes
- * or a failed allocation. */
+ * hidden) holds the embeddings (scaled, for Gemma) and receives the residual stream after the last
+ * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
+ * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
+ * Row r is at positions[r], below the rotary tables' table_positions rows. work holds
+ * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
+ * failed allocation, or -2 on a position outside the rotary tables. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
-                      int head_dim, int intermediate, float eps, const float *cos, const float *sin,
+                      int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, int cache_form, float *work) {
+                      int block_size, float scale, int activation, int cache_form, float *work) {
+    for (int r = 0; r < rows; r++)
+        if (positions[r] < 0 || positions[r] >= table_positions) return -2;
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     float *normed = work, *qkv = normed + (int64_t)rows * hidden, *attn = qkv + (int64_t)rows * qkv_width;
     float *projected = attn + (int64_t)rows * q_width, *gate_up = projected + (int64_t)rows * hidden;
@@ -428,25 +443,29 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
             lcq_rms_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
-        if (p[Q_NORM] != NULL) { /* Qwen3 */
+        if (p[Q_NORM] != NULL) { /* Qwen3, Gemma 3 */
             lcq_head_norm(qkv, rows, qkv_width, heads, head_dim, p[Q_NORM], eps);
             lcq_head_norm(qkv + q_width, rows, qkv_width, kv_heads, head_dim, p[K_NORM], eps);
         }
-        lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, cos, sin);
+        lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
                                  attn, rows, heads, kv_heads, head_dim, block_size, scale, (int)(intptr_t)p[WINDOW]))
             return -1;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
+        if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
+            lcq_rms_norm(projected, NULL, p[ATTENTION_OUTPUT_NORM], projected, rows, hidden, eps);
         lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
-        if (p[GATE_UP_BIAS] == NULL) { /* the product finishes SwiGLU itself */
+        if (activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL) { /* the product finishes SwiGLU itself */
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
         } else {
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 0, gate_up)) return -1;
-            lcq_silu_mul(gate_up, activated, rows, intermediate);
+            lcq_gated_mul(gate_up, activated, rows, intermediate, activation);
         }
         if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
+        if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
+            lcq_rms_norm(projected, NULL, p[MLP_OUTPUT_NORM], projected, rows, hidden, eps);
     }
     for (int64_t i = 0; num_layers > 0 && i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* the last MLP's */
     return 0;

@@ -59,15 +59,21 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     cos and sin hold (tokens, head_dim / 2) values."""
     if x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or heads * head_dim > x.shape[-1]:
         raise ValueError("rotary_ needs unit-stride rows holding the heads and contiguous cos/sin tables")
-    library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr())
+    library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
+                         None)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up (..., 2 * width) = [gate, up]."""
+ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations of the C MLP (ModelConfig.activation), in cpu_exp.h's order
+
+
+def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu) or Gemma's GeGLU (gelu_tanh,
+    torch's gelu with approximate="tanh")."""
     gate_up = gate_up.contiguous()
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
-    library().lcq_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width)
+    library().lcq_gated_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width,
+                            ACTIVATIONS.index(activation))
     return out
 
 
@@ -199,14 +205,15 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
-        "lcq_rotary": [p, i64, i64, i32, i32, p, p],
-        "lcq_silu_mul": [p, p, i64, i64],
+        "lcq_rotary": [p, i64, i64, i32, i32, p, p, p],
+        "lcq_gated_mul": [p, p, i64, i64, i32],
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, i32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i32, i64],
-        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, p, p, p, i32, p, i32, f32, i32, p],
+        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, i32, i32,
+                              p],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

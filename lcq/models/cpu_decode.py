@@ -3,9 +3,10 @@
 What CUDA graphs do on a GPU: at batch 1 a small model's matrix products take about half of a
 CPU decode step, and the rest was Python calling a dozen operations per layer. The C loop
 (lcq_decode_layers in lcq/kernels/cpu_ops.c) runs the same kernels in the same order as the
-Python layers on this path (fp16 weight copies, the C norms, rotary, cache writes and attention),
-so both give the same numbers; the Python layers remain the path for prefill, GPUs and any model
-this one cannot take.
+Python layers on this path (fp16 weight copies, the C norms, rotary, activations, cache writes and
+attention), so both give the same numbers; the Python layers remain the path for prefill, GPUs and any
+model this one cannot take. Gemma 3's differences are entries of the layer table (norms of the
+attention and MLP outputs, each layer's rotary table) and one switch (GeGLU).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class CpuDecoder:
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
         self.block_size, self.scale = attention.k_cache.shape[1], attention.scale
+        self.activation, self.table_positions = cpu_ops.ACTIVATIONS.index(c.activation), model.rotary.cos.shape[0]
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
         self.table = (ctypes.c_void_p * len(entries))(
@@ -46,9 +48,7 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.sandwich_norms or c.activation != "silu":
-            return None  # a Gemma layer: the C step runs the Llama one
-        if not cpu_ops.usable():
+        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable():
             return None
         entries: list[torch.Tensor | int | None] = []
         for layer in model.layers:
@@ -60,8 +60,12 @@ class CpuDecoder:
             qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
             head_norms = [None, None] if attention.q_norm is None else \
                 [attention.q_norm.weight, attention.k_norm.weight]
-            entries += [layer.attention_norm.weight, *qkv, *head_norms, *o, layer.mlp_norm.weight,
-                        *gate_up, *down, attention.k_cache, attention.v_cache, attention.window]
+            rotary = model.rotary_local if attention.window and model.rotary_local is not None else model.rotary
+            output_norms = [None if norm is None else norm.weight
+                            for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
+            entries += [layer.attention_norm.weight, *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],
+                        layer.mlp_norm.weight, *gate_up, *down, output_norms[1], attention.k_cache, attention.v_cache,
+                        attention.window]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)
@@ -69,11 +73,11 @@ class CpuDecoder:
     def runs(self, context: ForwardContext) -> bool:
         return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and context.lora is None
 
-    def __call__(self, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], context: ForwardContext
-                 ) -> torch.Tensor:
-        """Embeddings (rows, hidden) -> the residual stream after the last layer (before the final norm)."""
+    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
+        """Embeddings (rows, hidden) at positions (rows,) -> the residual stream after the last layer (before
+        the final norm). Each layer reads its rotary table's rows itself (no per-step lookup)."""
         x = hidden.contiguous()  # the embedding lookup's own tensor: updated in place
-        cos, sin = (t.contiguous() for t in rope)
+        positions = positions.to(torch.int64).contiguous()
         tables, lengths = context.block_tables.contiguous(), context.context_lens.contiguous()
         slots = context.slot_mapping.contiguous()
         rows = x.shape[0]
@@ -81,8 +85,10 @@ class CpuDecoder:
         hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
-            self.eps, cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-            lengths.data_ptr(), self.block_size, self.scale, self.cache_form, work.data_ptr())
+            self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+            lengths.data_ptr(), self.block_size, self.scale, self.activation, self.cache_form, work.data_ptr())
+        if status == -2:
+            raise IndexError(f"a position past the rotary tables' {self.table_positions}")
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x

@@ -159,7 +159,7 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
 
 def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), or Gemma's GeGLU (gelu_tanh)."""
-    if activation == "silu" and cpu_ops.usable(gate_up):
-        return cpu_ops.silu_mul(gate_up)
+    if cpu_ops.usable(gate_up):
+        return cpu_ops.gated_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)
     return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up

@@ -145,9 +145,9 @@ class LlamaModel(torch.nn.Module):
         hidden = self.embed_tokens(input_ids).to(self.dtype)
         if self.config.embed_scale != 1.0:  # rounded to the model dtype first, as transformers does
             hidden = hidden * torch.tensor(self.config.embed_scale, dtype=self.dtype)
-        rope = self.rotary(positions)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
-            return self.norm(self.cpu_decoder(hidden, rope, context))[0]
+            return self.norm(self.cpu_decoder(hidden, positions, context))[0]
+        rope = self.rotary(positions)
         local_rope = rope if self.rotary_local is None else self.rotary_local(positions)
         attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype,
                                    self.layers[0].self_attn.k_cache.dtype)
