@@ -842,6 +842,30 @@ def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tmp_pa
     assert _pool_is_full(llm.engine)
 
 
+def test_lora_products_skip_the_layers_no_held_adapter_touches(tiny, tmp_path):
+    """Eager steps skip the layers no held adapter has matrices in (PEFT's default targets are q and v
+    only); the count follows loads and unloads. A CUDA graph's batch keeps every layer, so that adapters
+    loaded after its capture take effect (an unheld layer's A, poisoned here, then reaches y)."""
+    from lcq.models.lora import LoRABatch
+
+    qv = make_tiny_adapter(tmp_path / "qv", tiny, targets=("self_attn.q_proj", "self_attn.v_proj"))
+    chat = make_tiny_adapter(tmp_path / "chat", tiny, seed=1, targets=("self_attn.k_proj", "mlp.gate_proj"))
+    llm = LLM(str(tiny), block_size=8, max_loras=2, **FP32)
+    stack = llm.engine.runner.adapters.stack
+    llm.load_lora_adapter("qv", qv)
+    llm.load_lora_adapter("chat", chat)
+    qkv, gate_up, down = (f"model.layers.0.{name}" for name in ("self_attn.qkv_proj", "mlp.gate_up_proj",
+                                                                 "mlp.down_proj"))
+    assert (stack.holders[qkv], stack.holders[gate_up], stack.holders[down]) == (2, 1, 0)
+    llm.unload_lora_adapter("qv")
+    assert (stack.holders[qkv], stack.holders[gate_up], stack.holders[down]) == (1, 1, 0)
+    stack.layers[down][0].fill_(float("nan"))
+    x, y = torch.ones(2, stack.layers[down][0].shape[1]), torch.zeros(2, stack.layers[down][1].shape[0])
+    slots = torch.tensor([1, -1])
+    assert torch.equal(LoRABatch(stack, slots).add(down, x, y.clone()), y)
+    assert LoRABatch(stack, slots, every_layer=True).add(down, x, y.clone()).isnan().all()
+
+
 def test_lora_adapter_reloaded_under_its_name_never_reuses_the_old_weights_cache(tiny, tmp_path):
     """The prefix cache keys an adapter's blocks by its load, not its name: a different folder loaded
     under the same name recomputes the prompt (and then caches its own blocks)."""

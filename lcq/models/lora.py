@@ -110,7 +110,8 @@ class AdapterStack:
     """`slots` adapters of rank up to `rank` side by side on every fused layer: A (S W, K) and B (N, S W),
     W = rank x the layer's parts (3 for q, k, v). Slot s owns columns s W .. s W + W; part j of a fused
     layer takes columns j rank .. j rank + r of them and, in B, that part's rows. Unused columns hold
-    zeros, which add nothing. One product then serves a step whatever mix of slots its rows use."""
+    zeros, which add nothing. One product then serves a step whatever mix of slots its rows use.
+    Layers no held adapter touches (most, for PEFT's default q and v targets) are skipped in eager steps."""
 
     def __init__(self, config: ModelConfig, slots: int, rank: int, device: torch.device, dtype: torch.dtype):
         self.slots, self.rank = slots, rank
@@ -130,10 +131,15 @@ class AdapterStack:
                 b = torch.zeros(rows, slots * width, device=device, dtype=dtype)
                 owner = torch.arange(slots, device=device).repeat_interleave(width)  # each column's slot
                 self.layers[layer] = (a, b, owner)
+        self.held: dict[int, set[str]] = {}  # slot -> the fused layers its adapter has matrices in
+        self.holders: dict[str, int] = dict.fromkeys(self.layers, 0)  # fused layer -> slots with matrices there
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy the adapter into `slot` (zeros where it has nothing); load_adapter checked its rank."""
         self.clear(slot)
+        self.held[slot] = {self.places[module][0] for module in adapter.parts}
+        for layer in self.held[slot]:
+            self.holders[layer] += 1
         for module, (a, b) in adapter.parts.items():
             layer, column, row = self.places[module]
             a_all, b_all, _ = self.layers[layer]
@@ -142,6 +148,8 @@ class AdapterStack:
             b_all[row:row + b.shape[0], first:first + a.shape[0]].copy_(b)
 
     def clear(self, slot: int) -> None:
+        for layer in self.held.pop(slot, ()):
+            self.holders[layer] -= 1
         for a_all, b_all, _ in self.layers.values():
             width = a_all.shape[0] // self.slots
             a_all[slot * width:(slot + 1) * width].zero_()
@@ -151,14 +159,18 @@ class AdapterStack:
 @dataclass
 class LoRABatch:
     """A step's adapters: `slots` (rows,) int64 holds each row's slot in the stack, -1 for rows of the base
-    model."""
+    model. `every_layer`: products on layers no adapter holds too, as a CUDA graph must, so that adapters
+    loaded after its capture take effect."""
 
     stack: AdapterStack
     slots: torch.Tensor
+    every_layer: bool = False
 
     def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (rows, N) = x @ W^T of fused layer `layer`, plus each row's adapter product (in place): x times
         every slot's A, the columns of other slots zeroed per row, times every B."""
+        if not (self.every_layer or self.stack.holders[layer]):
+            return y
         a, b, owner = self.stack.layers[layer]
         low_rank = (x @ a.t()).mul_(self.slots.unsqueeze(1) == owner)
         return y.addmm_(low_rank, b.t())

@@ -53,7 +53,8 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _context(self, size: int) -> ForwardContext:
-        lora = None if self.adapters is None else LoRABatch(self.adapters, self.adapter_slots[:size])
+        lora = None if self.adapters is None else \
+            LoRABatch(self.adapters, self.adapter_slots[:size], every_layer=True)
         return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:size],
                               query_start=self.query_start[:size + 1], context_lens=self.context_lens[:size],
                               block_tables=self.block_tables[:size], max_query_len=1,
