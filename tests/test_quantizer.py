@@ -326,8 +326,8 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
     epochs = 30 if arch == "gemma3" else 10
     head_bits = 4 if arch == "llama" else 0
-    summary = quantize_model(source, tmp_path / "tuned", _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits),
-                             progress=False)
+    summary = quantize_model(source, tmp_path / "tuned",
+                             _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits), progress=False)
     quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0, head_bits=head_bits),
                    progress=False)
     before, after = summary.finetune_kl

@@ -9,8 +9,8 @@ from .codebook import (PackedLinear, codebooks, decoded_b, decoded_s, dequantize
 from .packing import SUPPORTED_BITS, pack_indices, plane_layout, unpack_indices
 
 __all__ = [
-    "EMBED", "FORMAT_VERSION", "HEAD", "QUANT_METHOD", "CheckpointReader", "FormatError", "copy_model_assets", "linear_tensors",
-    "quantization_config", "write_index", "write_json", "write_shard", "PackedLinear", "codebooks", "decoded_b",
+    "EMBED", "FORMAT_VERSION", "HEAD", "QUANT_METHOD", "CheckpointReader", "FormatError", "copy_model_assets",
+    "linear_tensors", "quantization_config", "write_index", "write_json", "write_shard", "PackedLinear", "codebooks", "decoded_b",
     "decoded_s", "dequantize", "dual_quantize", "encode_linear", "layer_codebooks", "output_rows", "padded_in_features",
     "SUPPORTED_BITS", "pack_indices", "plane_layout", "unpack_indices",
 ]

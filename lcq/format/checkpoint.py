@@ -206,7 +206,7 @@ class CheckpointReader:
         """Load and validate one packed linear layer."""
         if self.quant is None:
             raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
-        bits = self.quant.get("head_bits") if prefix == HEAD else self.quant.get("embed_bits") if prefix == EMBED else None
+        bits = {HEAD: self.quant.get("head_bits"), EMBED: self.quant.get("embed_bits")}.get(prefix)
         return linear_from_tensors(_LazyTensors(self), prefix, bits or self.quant["bits"], self.quant["rank"],
                                    self.quant["group_size"], lambda name: str(self._files.get(name, self.folder)))
 

@@ -158,7 +158,8 @@ def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, 
     bias = tuning.bias()
 
     def loss(rows: torch.Tensor) -> torch.Tensor:
-        logits = CodebookProduct.apply(hidden[rows].float(), tuning.book.values(), tuning.codes, layer.in_features, bias)
+        logits = CodebookProduct.apply(hidden[rows].float(), tuning.book.values(), tuning.codes, layer.in_features,
+                                       bias)
         return token_kl(logits, teacher[rows].float() @ head.t())
 
     before, after = _tune([tuning], [], loss, len(hidden), epochs, lr, batch, seed, on_step)
