@@ -334,16 +334,21 @@ def _packed_head(source: _Source, stat: torch.Tensor | None, options: QuantizeOp
                  device: torch.device) -> PackedLinear:
     """lm_head (or the embedding table it is tied to) packed at head_bits, from the RTN or weighted
     k-means fit (no block-wise stage: the head's output is the logits)."""
-    name = "model.embed_tokens.weight" if source.config.tie_word_embeddings else "lm_head.weight"
-    weight = source.reader.tensor(name).float().to(device)
+    weight = _head_weight(source, device)
     fit = _initial_fit(HEAD, weight, stat, options, options.head_bits)
     return _packed_fit(fit, weight, stat, None, options, options.head_bits)
+
+
+def _head_weight(source: _Source, device: torch.device) -> torch.Tensor:
+    """The full-precision head (fp32): lm_head, or the embedding table it is tied to."""
+    name = f"{EMBED}.weight" if source.config.tie_word_embeddings else f"{HEAD}.weight"
+    return source.reader.tensor(name).float().to(device)
 
 
 def _packed_embedding(source: _Source, options: QuantizeOptions, device: torch.device) -> PackedLinear:
     """An untied embedding table packed at the head's width: the weighted k-means or RTN fit with every
     hidden unit alike (a table has no input statistic). Lookups cost no product, so this saves memory
-    only: a quarter of Llama-3-8B's weights at W2 are its fp16 table."""
+    only, but an fp16 table is a quarter of Llama-3-8B's bytes at W2."""
     weight = source.reader.tensor(f"{EMBED}.weight").float().to(device)
     fit = _initial_fit(EMBED, weight, None, options, options.head_bits)
     return pack(fit.book, fit.wg, fit.in_features, options.head_bits, options.group_size)
@@ -355,8 +360,7 @@ def _head_stage(source: _Source, head: PackedLinear, hidden: torch.Tensor, teach
     step at the head's width, over the last hidden states of the quantized and full-precision models."""
     from tqdm import tqdm
 
-    name = "model.embed_tokens.weight" if source.config.tie_word_embeddings else "lm_head.weight"
-    weight = source.reader.tensor(name).float().to(head.qweight.device)
+    weight = _head_weight(source, head.qweight.device)
     bar = tqdm(total=options.epochs * -(-len(hidden) // options.batch_size), desc="head", disable=not progress,
                unit="step")
 
