@@ -259,8 +259,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
     elif reuse is not None:
         model_dir, seconds = reuse
         check_settings(model_dir, run, settings)
-        row.update(bits_per_weight=round(stored_bits_per_weight(model_dir), 4), quantize_seconds=seconds,
-                   command=command, reused=str(model_dir))
+        row.update(bits_per_weight=round(CheckpointReader(model_dir).decoder_bits_per_weight(), 4),
+                   quantize_seconds=seconds, command=command, reused=str(model_dir))
     else:
         model_dir = work / run.key
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -293,18 +293,6 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
-
-
-def stored_bits_per_weight(folder: Path) -> float:
-    """Stored bits per weight over all packed linear layers (weighted by their sizes)."""
-    reader = CheckpointReader(folder)
-    total_bits = total_weights = 0.0
-    for prefix in reader.quantized_prefixes():
-        layer = reader.linear(prefix)
-        weights = layer.out_features * layer.in_features
-        total_bits += layer.bits_per_weight() * weights
-        total_weights += weights
-    return total_bits / total_weights
 
 
 def load_results(path: Path, settings: dict, model: str | None = None) -> dict:

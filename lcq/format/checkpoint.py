@@ -202,6 +202,13 @@ class CheckpointReader:
         """Names of the packed linear layers, in file order."""
         return [name[: -len(".qweight")] for name in self._files if name.endswith(".qweight")]
 
+    def decoder_bits_per_weight(self) -> float:
+        """Stored bits per weight of the decoder's packed layers, weighted by their sizes (a packed head
+        or embedding table, which only some checkpoints have, is left out so that rows compare)."""
+        layers = [self.linear(p) for p in self.quantized_prefixes() if p not in (HEAD, EMBED)]
+        weights = [layer.out_features * layer.in_features for layer in layers]
+        return sum(layer.bits_per_weight() * n for layer, n in zip(layers, weights)) / sum(weights)
+
     def linear(self, prefix: str) -> PackedLinear:
         """Load and validate one packed linear layer."""
         if self.quant is None:

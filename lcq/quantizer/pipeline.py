@@ -506,11 +506,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     partial.rename(out_dir)
 
     reader = CheckpointReader(out_dir)
-    layers = [p for p in reader.quantized_prefixes() if p not in (HEAD, EMBED)]  # the decoder's (the rest: the size)
-    linear_bits = sum(reader.linear(p).bits_per_weight() * _numel(reader, p) for p in layers)
-    weights = sum(_numel(reader, p) for p in layers)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    return QuantizeSummary(seconds=time.time() - started, bits_per_weight=linear_bits / weights,
+    return QuantizeSummary(seconds=time.time() - started, bits_per_weight=reader.decoder_bits_per_weight(),
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
                            head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
 
@@ -568,11 +565,6 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teache
         if tuned_file.is_file():
             tuned_file.replace(shard)
     return kl
-
-
-def _numel(reader: CheckpointReader, prefix: str) -> int:
-    n, k = (int(d) for d in reader.tensor(f"{prefix}.shape"))
-    return n * k
 
 
 def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:
