@@ -170,6 +170,7 @@ class Run:
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
+    held_out: int = 0  # lcq with block-wise epochs: held-out windows choosing each block's epoch (--val-samples)
 
     @property
     def key(self) -> str:
@@ -184,6 +185,7 @@ class Run:
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
         name += f"-ft{self.finetune}" if self.finetune else ""
         name += f"-h{self.head}" if self.head else ""
+        name += f"-v{self.held_out}" if self.held_out else ""
         return name
 
 
@@ -215,6 +217,8 @@ def study_runs(quick: bool) -> list[Run]:
         # (with block-wise epochs the head stage tunes it on the logits' KL, the end-to-end stage with the blocks)
         runs += [Run("lcq", 4, 2, head=4), Run("lcq", 2, 2, epochs=10, head=4), Run("lcq", 4, 2, epochs=10, head=4),
                  Run("lcq", 2, 2, epochs=10, finetune=10, head=4)]
+        # held-out windows (--val-samples, the quantizer's default since 2026-12-01) choose each block's epoch
+        runs += [Run("lcq", b, 2, epochs=10, held_out=4) for b in (4, 3, 2)]
     return runs
 
 
@@ -235,6 +239,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
         cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
+        cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
     return cmd
@@ -251,7 +256,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None,
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
-                 "head_bits": run.head or None}
+                 "head_bits": run.head or None,
+                 "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -267,7 +273,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
-                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune, head_bits=run.head)
+                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune, head_bits=run.head,
+                                  val_samples=run.held_out)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command, size_MB=round(summary.size_bytes / 1e6, 1))
@@ -288,8 +295,9 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
         if epochs_of(run, settings):
-            expected.update(lr=DEFAULT_LR[run.bits])
-    recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, **quant}  # folders from before these options
+            expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out)
+    # folders from before these options
+    recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, "val_samples": 0, **quant}
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")

@@ -16,7 +16,7 @@ from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.reference import load_reference_model
-from lcq.quantizer.pipeline import DEFAULT_LR
+from lcq.quantizer.pipeline import DEFAULT_LR, calibration_batch
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
 
@@ -121,11 +121,12 @@ def test_block_error_counts_each_token_relative_to_its_size():
     assert block_error(targets, targets) == 0
 
 
-def test_blockwise_optimization_lowers_block_loss():
-    """A two-layer 'block' (y = W2 silu(W1 x)) trained to match its full-precision output."""
+def _two_layer_block(samples: int = 16):
+    """A two-layer 'block' (y = W2 silu(W1 x)): its call, RTN-started fits of its layers, inputs and its
+    full-precision outputs."""
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.SiLU(), torch.nn.Linear(96, 64, bias=False))
-    inputs = torch.randn(16, 8, 64)
+    inputs = torch.randn(samples, 8, 64)
     with torch.no_grad():
         targets = block(inputs)
     fits = []
@@ -138,8 +139,50 @@ def test_blockwise_optimization_lowers_block_loss():
     def call(weights, hidden):
         return torch.func.functional_call(block, weights, (hidden,), strict=False)
 
+    return call, fits, inputs, targets
+
+
+def test_blockwise_optimization_lowers_block_loss():
+    call, fits, inputs, targets = _two_layer_block()
     before, after = optimize_block(call, fits, inputs, targets, epochs=8, lr=1e-2, batch=4)
     assert after < 0.9 * before
+
+
+def test_held_out_windows_follow_the_training_windows(tiny_hf):
+    """Holding windows out does not change the ones trained on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf))
+    plain = calibration_batch(tokenizer, CALIBRATION_TEXT, 5, 16, 0)
+    more = calibration_batch(tokenizer, CALIBRATION_TEXT, 5, 16, 0, held_out=3)
+    assert more.shape == (8, 16) and torch.equal(more[:5], plain) and not torch.equal(more[5:], plain[:3])
+
+
+def _books(fits) -> list[torch.Tensor]:
+    return [t.clone() for f in fits for t in (f.book.s, f.book.v, f.book.b)]
+
+
+def test_held_out_windows_choose_the_codebooks_kept():
+    """Held-out windows whose targets are the starting codebooks' own outputs: every step away from the
+    start raises their error, so the start is kept although training lowers the training error."""
+    call, fits, inputs, targets = _two_layer_block(20)
+    start = _books(fits)
+    held_inputs = inputs[16:]
+    with torch.no_grad():
+        held_targets = call({f"{f.name}.weight": f.weight() for f in fits}, held_inputs)
+    before, after = optimize_block(call, fits, inputs[:16], targets[:16], epochs=4, lr=1e-2, batch=4,
+                                   held_out=(held_inputs, held_targets))
+    assert before == after == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(start, _books(fits)))
+
+    call, fits, inputs, targets = _two_layer_block(20)  # held-out windows like the training ones: training pays
+    start = _books(fits)
+    held = (inputs[16:], targets[16:])
+    before, after = optimize_block(call, fits, inputs[:16], targets[:16], epochs=4, lr=1e-2, batch=4, held_out=held)
+    with torch.no_grad():
+        kept_score = float(block_error(call({f"{f.name}.weight": f.weight() for f in fits}, held[0]), held[1]))
+    assert after < before and kept_score == after
+    assert not all(torch.equal(a, b) for a, b in zip(start, _books(fits)))
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +204,7 @@ def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch
     assert len(reader.quantized_prefixes()) == 7 * 2
     assert reader.quant["method"] == method and not (tmp_path / "q.partial").exists()
     assert reader.quant["lr"] == DEFAULT_LR[4]  # the step the block-wise stage used, recorded with the file
+    assert reader.quant["val_samples"] == (4 if method == "lcq" else 0)  # a quarter of nsamples held out
     assert _logits_similarity(hf, tmp_path / "q") > (0.97 if group_size == 32 else 0.95)
 
 
@@ -253,6 +297,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--method", "rtn", "--rank", "1", "--finetune-epochs", "2"],
          "--finetune-epochs applies to --method lcq only"),
         (["quantize", str(tiny_hf), out, "--finetune-lr", "0"], "--finetune-lr must be positive"),
+        (["quantize", str(tiny_hf), out, "--val-samples", "-1"], "--val-samples must be >= 0"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),

@@ -66,10 +66,12 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
 
 
 def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor], samples: int,
-                epochs: int, lr: float, batch: int, seed: int, on_step: Callable[[float], None] | None) -> None:
+                epochs: int, lr: float, batch: int, seed: int, on_step: Callable[[float], None] | None,
+                after_epoch: Callable[[], None] | None = None) -> None:
     """Adam on `tensors` in place over `epochs` shuffled passes of `samples` in batches, cosine schedule;
-    step_loss(rows) is a batch's loss. Each tensor's step is lr times its mean magnitude: Adam steps are
-    about lr in size, and S, B, V (and norm weights) live on very different scales."""
+    step_loss(rows) is a batch's loss, after_epoch() is called at the end of each pass. Each tensor's step
+    is lr times its mean magnitude: Adam steps are about lr in size, and S, B, V (and norm weights) live
+    on very different scales."""
     for tensor in tensors:
         tensor.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().abs().mean().clamp_min(1e-8))}
@@ -86,29 +88,53 @@ def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor],
             schedule.step()
             if on_step is not None:
                 on_step(loss.item())
+        if after_epoch is not None:
+            with torch.no_grad():
+                after_epoch()
     for tensor in tensors:
         tensor.requires_grad_(False)
 
 
 def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
                    epochs: int, lr: float, batch: int = 4, seed: int = 0,
-                   on_step: Callable[[float], None] | None = None) -> tuple[float, float]:
-    """Adam on every layer's S, V, B (adam_epochs); returns (loss before, loss after) on all calibration
-    samples. If training does not lower the loss, the starting codebooks are kept."""
-    before = _loss(call, fits, inputs, targets, batch)
+                   on_step: Callable[[float], None] | None = None,
+                   held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+    """Adam on every layer's S, V, B (adam_epochs). The codebooks kept are the best seen: with
+    `held_out` (inputs, targets) windows, those of the epoch (0: the start) with the lowest error on
+    them, scored after every epoch; without, the start or the end, scored on the training windows.
+    Returns the score (error) at the start and of the codebooks kept.
+
+    Why held-out windows: with a few thousand calibration tokens the stage fits the windows themselves.
+    On Gemma-3-270M at W4 (16 windows of 256 tokens) it lowered the training error of every block by
+    6-50%, but the error on other windows of the same book rose for two blocks and barely moved for most."""
+    score_inputs, score_targets = held_out if held_out is not None else (inputs, targets)
+
+    def score() -> float:
+        return _loss(call, fits, score_inputs, score_targets, batch)
+
+    def snapshot() -> list[Codebook]:
+        return [Codebook(f.book.s.detach().clone(), f.book.v.detach().clone(), f.book.b.detach().clone())
+                for f in fits]
+
+    before = best = score()
     if epochs <= 0:
         return before, before
-    start = [Codebook(f.book.s.clone(), f.book.v.clone(), f.book.b.clone()) for f in fits]
+    kept = snapshot()
+
+    def keep_if_best() -> None:
+        nonlocal best, kept
+        loss = score()
+        if loss < best:
+            best, kept = loss, snapshot()
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         return block_error(call(weights, inputs[rows]), targets[rows])
 
     adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs, lr,
-                batch, seed, on_step)
-    after = _loss(call, fits, inputs, targets, batch)
-    if after > before:
-        for f, book in zip(fits, start):
-            f.book = book
-        return before, before
-    return before, after
+                batch, seed, on_step, keep_if_best if held_out is not None else None)
+    if held_out is None:
+        keep_if_best()
+    for f, book in zip(fits, kept):
+        f.book = book
+    return before, best

@@ -22,6 +22,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--lr", type=float, default=None,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
                         "default by bit width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4)")
+    q.add_argument("--val-samples", type=int, default=None,
+                   help="lcq: held-out calibration windows of the block-wise stage; each block keeps the codebooks "
+                        "of the epoch (0: the start) with the lowest error on them (default: a quarter of "
+                        "--nsamples; 0: the start or the end, by the error on the training windows)")
     q.add_argument("--finetune-epochs", type=int, default=0,
                    help="lcq: epochs of the end-to-end stage after the blocks (S, V, B and norms tuned on the KL "
                         "to the full-precision model's outputs, indices fixed; default 0: off)")
@@ -77,7 +81,8 @@ def _quantize(args: argparse.Namespace) -> int:
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                               init=args.init, assign=args.assign, device=args.device, act_order=args.act_order,
                               seed=args.seed, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                              finetune_lr=args.finetune_lr, head_bits=args.head_bits)
+                              finetune_lr=args.finetune_lr, head_bits=args.head_bits,
+                              val_samples=args.val_samples)
     check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
     if options.needs_data:  # fetched only once everything else is known to be fine

@@ -74,6 +74,7 @@ class QuantizeOptions:
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
+    val_samples: int | None = None  # held-out windows of the block-wise stage; None: a quarter of nsamples
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
@@ -96,6 +97,7 @@ class QuantizeOptions:
             (self.method == "lcq" or self.assign == "nearest", "--assign applies to --method lcq only"),
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
+            (self.val_samples is None or self.val_samples >= 0, f"--val-samples must be >= 0 (got {self.val_samples})"),
             (self.finetune_epochs >= 0, "--finetune-epochs must be >= 0"),
             (self.method == "lcq" or self.finetune_epochs == 0, "--finetune-epochs applies to --method lcq only"),
             (self.finetune_lr is None or self.finetune_lr > 0,
@@ -121,6 +123,14 @@ class QuantizeOptions:
         return DEFAULT_FINETUNE_LR[self.bits] if self.finetune_lr is None else self.finetune_lr
 
     @property
+    def held_out_windows(self) -> int:
+        """Calibration windows the block-wise stage scores its epochs on and never trains on (optimize_block):
+        --val-samples, by default a quarter of --nsamples (at least 1); none where that stage does not run."""
+        if self.method != "lcq" or self.epochs == 0:
+            return 0
+        return max(1, self.nsamples // 4) if self.val_samples is None else self.val_samples
+
+    @property
     def needs_data(self) -> bool:
         return self.method != "rtn"
 
@@ -135,6 +145,7 @@ class QuantizeOptions:
         text = d.pop("calib_text")
         d["calib_chars"] = len(text) if text else 0
         d["lr"] = self.block_lr
+        d["val_samples"] = self.held_out_windows
         d["finetune_lr"] = self.end_to_end_lr if self.finetune_epochs else None
         return d
 
@@ -151,15 +162,16 @@ class QuantizeSummary:
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
 
 
-def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """nsamples windows of seqlen tokens at random offsets of the tokenized text (seeded)."""
+def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, held_out: int = 0) -> torch.Tensor:
+    """nsamples windows of seqlen tokens at random offsets of the tokenized text (seeded), then `held_out`
+    more drawn with the next seed (the training windows do not depend on how many are held out)."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise UserError("calibration text is empty after tokenization")
     seqlen = min(seqlen, ids.numel())
-    generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=generator)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+    starts = [torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=torch.Generator().manual_seed(seed + i))
+              for i, count in enumerate((nsamples, held_out))]
+    return torch.stack([ids[s:s + seqlen] for s in torch.cat(starts).tolist()])
 
 
 class _Source:
@@ -268,19 +280,22 @@ def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int,
 
 def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options: QuantizeOptions, q_inputs,
                     targets, progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
-    """Quantize the seven linear layers of decoder block `index` with the chosen method."""
+    """Quantize the seven linear layers of decoder block `index` with the chosen method; q_inputs and
+    targets hold the training windows, then the held-out ones."""
     call = block_call(block, source.block_inputs(index))
     weights = {name: block.get_submodule(name).weight.detach().float() for name in LINEARS}
     biases = {name: block.get_submodule(name).bias for name in LINEARS}
-    stats = _input_stats(call, block, q_inputs, options.batch_size, full=options.gptq_indices) \
+    n = options.nsamples
+    stats = _input_stats(call, block, q_inputs[:n], options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
     fits = [_initial_fit(name, w, stats.get(name), options, options.bits) for name, w in weights.items()]
     losses = (0.0, 0.0)
     if options.method == "lcq":
         def on_step(loss: float) -> None:
             progress_bar.set_postfix(loss=f"{loss:.3g}")
-        losses = optimize_block(call, fits, q_inputs, targets, options.epochs, options.block_lr,
-                                options.batch_size, options.seed, on_step)
+        held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
+        losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, options.block_lr,
+                                options.batch_size, options.seed, on_step, held_out)
     packed = {}
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
@@ -431,9 +446,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if options.head_bits and not source.config.tie_word_embeddings else None
 
     fp_stream = q_stream = None
+    train = slice(0, options.nsamples)  # the streams' rows trained on; the held-out windows follow them
     if options.needs_data:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed)
+        tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed,
+                                   options.held_out_windows)
         fp_stream = source.embed(tokens)
         q_stream = fp_stream.clone() if embedding is None else source.embed(tokens, dequantize(embedding))
 
@@ -469,20 +486,21 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
 
     head_kl = None
     if options.head_bits and not json.loads((partial / PROGRESS_FILE).read_text()).get("head"):
-        head_stat = _head_stat(source, q_stream, options, options.batch_size) if options.needs_data else None
+        head_stat = _head_stat(source, q_stream[train], options, options.batch_size) if options.needs_data else None
         head = _packed_head(source, head_stat, options, device)
         if options.needs_data and options.epochs:
-            head, head_kl = _head_stage(source, head, q_stream, fp_stream, options, progress)
+            head, head_kl = _head_stage(source, head, q_stream[train], fp_stream[train], options, progress)
         write_shard(partial / HEAD_SHARD, linear_tensors(HEAD, head.to("cpu")))
         write_json(partial / PROGRESS_FILE, {"options": recorded, "done": source.num_layers, "head": True})
         del head
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
     if options.finetune_epochs:
-        teacher = source.final_norm(fp_stream)
+        teacher = source.final_norm(fp_stream[train])
         fp_stream = q_stream = targets = None  # the block pass's activations, on the device, not needed now
         _reset_peak_memory(device)
-        finetune_kl = _finetune_stage(source, partial, tokens.to(device), teacher, embedding, options, progress)
+        finetune_kl = _finetune_stage(source, partial, tokens[train].to(device), teacher, embedding, options,
+                                      progress)
         finetune_peak = _peak_memory(device)
     extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
     kept = [EMBED, "model.norm", HEAD]
@@ -496,7 +514,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr", "head_bits")},
+                                   "finetune_epochs", "finetune_lr", "head_bits", "val_samples")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
