@@ -171,6 +171,7 @@ class Run:
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
     held_out: int = 0  # lcq with block-wise epochs: held-out windows choosing each block's epoch (--val-samples)
+    block_error: str = "relative"  # lcq with block-wise epochs: that stage's error (--block-error)
 
     @property
     def key(self) -> str:
@@ -186,6 +187,7 @@ class Run:
         name += f"-ft{self.finetune}" if self.finetune else ""
         name += f"-h{self.head}" if self.head else ""
         name += f"-v{self.held_out}" if self.held_out else ""
+        name += "-nw" if self.block_error == "norm-weighted" else ""
         return name
 
 
@@ -219,6 +221,8 @@ def study_runs(quick: bool) -> list[Run]:
                  Run("lcq", 2, 2, epochs=10, finetune=10, head=4)]
         # held-out windows (--val-samples, the quantizer's default since 2026-12-01) choose each block's epoch
         runs += [Run("lcq", b, 2, epochs=10, held_out=4) for b in (4, 3, 2)]
+        # and each hidden unit of the block error weighted by the norms that read it (--block-error norm-weighted)
+        runs += [Run("lcq", b, 2, epochs=10, held_out=4, block_error="norm-weighted") for b in (4, 2, 3)]
     return runs
 
 
@@ -240,6 +244,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
         cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
         cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
+        cmd += f" --block-error {run.block_error}" if run.block_error != "relative" else ""
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
     return cmd
@@ -257,7 +262,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
                  "head_bits": run.head or None,
-                 "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None}
+                 "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
+                 "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -274,7 +280,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune, head_bits=run.head,
-                                  val_samples=run.held_out)
+                                  val_samples=run.held_out, block_error=run.block_error)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command, size_MB=round(summary.size_bytes / 1e6, 1))
@@ -295,9 +301,10 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
         if epochs_of(run, settings):
-            expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out)
+            expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out, block_error=run.block_error)
     # folders from before these options
-    recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, "val_samples": 0, **quant}
+    recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, "val_samples": 0, "block_error": "relative",
+                **quant}
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")

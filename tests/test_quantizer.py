@@ -121,6 +121,49 @@ def test_block_error_counts_each_token_relative_to_its_size():
     assert block_error(targets, targets) == 0
 
 
+def test_block_error_weighs_hidden_units_where_asked():
+    targets = torch.ones(1, 2, 4)
+    outputs = targets.clone()
+    outputs[..., 0] += 0.5
+    assert block_error(outputs, targets) > 0
+    assert block_error(outputs, targets, torch.tensor([0.0, 1.0, 1.0, 1.0])) == 0
+    assert block_error(outputs, targets, torch.tensor([2.0, 1.0, 1.0, 1.0])) > block_error(outputs, targets)
+
+
+def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(tmp_path):
+    """Gemma's norms multiply by 1 + w; its post-attention norm scales the attention's output, not the
+    residual stream, so it is not a reader."""
+    from safetensors.torch import load_file
+
+    from lcq.quantizer.pipeline import _Source
+
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3")
+    state = {name: t.float() for file in hf.glob("*.safetensors") for name, t in load_file(str(file)).items()}
+
+    def squares(name: str) -> torch.Tensor:
+        square = (state[name] + 1).pow(2)
+        return square / square.mean()
+
+    source = _Source(hf, torch.device("cpu"))
+    assert torch.allclose(source.residual_units(1), squares("model.norm.weight"))
+    readers = ["model.layers.1.input_layernorm.weight", "model.layers.1.pre_feedforward_layernorm.weight",
+               "model.norm.weight"]
+    assert torch.allclose(source.residual_units(0), torch.stack([squares(name) for name in readers]).mean(0))
+    assert not torch.allclose(squares("model.layers.1.post_attention_layernorm.weight"), squares(readers[0]))
+
+
+def test_norm_weighted_block_error_is_used_and_recorded(tmp_path):
+    hf = make_tiny_hf(tmp_path / "hf", "gemma3")
+    losses = {}
+    for block_error_kind in ("relative", "norm-weighted"):
+        options = QuantizeOptions(bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                                  epochs=1, block_error=block_error_kind)
+        summary = quantize_model(hf, tmp_path / block_error_kind, options, progress=False)
+        assert CheckpointReader(tmp_path / block_error_kind).quant["block_error"] == block_error_kind
+        losses[block_error_kind] = summary.block_losses[0][0]  # the first block's error at the start
+    assert losses["relative"] != losses["norm-weighted"]
+
+
 def _two_layer_block(samples: int = 16):
     """A two-layer 'block' (y = W2 silu(W1 x)): its call, RTN-started fits of its layers, inputs and its
     full-precision outputs."""
@@ -298,6 +341,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
          "--finetune-epochs applies to --method lcq only"),
         (["quantize", str(tiny_hf), out, "--finetune-lr", "0"], "--finetune-lr must be positive"),
         (["quantize", str(tiny_hf), out, "--val-samples", "-1"], "--val-samples must be >= 0"),
+        (["quantize", str(tiny_hf), out, "--block-error", "mse"], "--block-error must be one of"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),

@@ -8,7 +8,10 @@ forward pass, so the gradient reaches exactly the codebook entries in use.
 The error is measured per token relative to the token's size (block_error): everything that reads
 the residual stream reads it through an RMSNorm, and a plain MSE is ruled by the attention-sink
 token, whose hidden state in SmolLM2-135M is about 25,000 in norm against a median of 150 (99% of
-the squared norm of a calibration batch from block 15 on).
+the squared norm of a calibration batch from block 15 on). For the same reason its hidden units can
+be weighted by how strongly those norms scale them (`units`, the quantizer's --block-error
+norm-weighted): an RMSNorm multiplies unit c by its weight w_c, so an error in c reaches every reader
+w_c times as large, and Gemma-3-270M's readers weigh their units from 0.004 to 15 (in w^2).
 """
 from __future__ import annotations
 
@@ -48,9 +51,13 @@ def block_call(block: torch.nn.Module, inputs: Callable[[torch.Tensor], dict]) -
     return call
 
 
-def block_error(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of |output - target|^2 / |target|^2."""
-    return ((outputs - targets).pow(2).sum(-1) / targets.pow(2).sum(-1).clamp_min(1e-12)).mean()
+def block_error(outputs: torch.Tensor, targets: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over tokens of |output - target|^2 / |target|^2, each hidden unit's square weighted by
+    `units` (H,) where given."""
+    error, size = (outputs - targets).pow(2), targets.pow(2)
+    if units is not None:
+        error, size = error * units, size * units
+    return (error.sum(-1) / size.sum(-1).clamp_min(1e-12)).mean()
 
 
 @torch.no_grad()
@@ -58,11 +65,12 @@ def run_block(call: BlockCall, weights: dict[str, torch.Tensor], inputs: torch.T
     return torch.cat([call(weights, inputs[i:i + batch]) for i in range(0, inputs.shape[0], batch)])
 
 
-def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor, batch: int) -> float:
+def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor, batch: int,
+          units: torch.Tensor | None) -> float:
     with torch.no_grad():
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         outputs = run_block(call, weights, inputs, batch)
-        return float(block_error(outputs, targets))
+        return float(block_error(outputs, targets, units))
 
 
 def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor], samples: int,
@@ -98,11 +106,13 @@ def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor],
 def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
                    epochs: int, lr: float, batch: int = 4, seed: int = 0,
                    on_step: Callable[[float], None] | None = None,
-                   held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[float, float]:
+                   held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   units: torch.Tensor | None = None) -> tuple[float, float]:
     """Adam on every layer's S, V, B (adam_epochs). The codebooks kept are the best seen: with
     `held_out` (inputs, targets) windows, those of the epoch (0: the start) with the lowest error on
     them, scored after every epoch; without, the start or the end, scored on the training windows.
-    Returns the score (error) at the start and of the codebooks kept.
+    Returns the score (error, its hidden units weighted by `units` if given) at the start and of the
+    codebooks kept.
 
     Why held-out windows: with a few thousand calibration tokens the stage fits the windows themselves.
     On Gemma-3-270M at W4 (16 windows of 256 tokens) it lowered the training error of every block by
@@ -111,7 +121,7 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
     score_inputs, score_targets = held_out if held_out is not None else (inputs, targets)
 
     def score() -> float:
-        return _loss(call, fits, score_inputs, score_targets, batch)
+        return _loss(call, fits, score_inputs, score_targets, batch, units)
 
     def snapshot() -> list[Codebook]:
         return [Codebook(f.book.s.detach().clone(), f.book.v.detach().clone(), f.book.b.detach().clone())
@@ -130,7 +140,7 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
 
     def step_loss(rows: torch.Tensor) -> torch.Tensor:
         weights = {f"{f.name}.weight": f.weight() for f in fits}
-        return block_error(call(weights, inputs[rows]), targets[rows])
+        return block_error(call(weights, inputs[rows]), targets[rows], units)
 
     adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs, lr,
                 batch, seed, on_step, keep_if_best if held_out is not None else None)

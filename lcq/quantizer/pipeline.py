@@ -51,6 +51,11 @@ DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma3_text",)  # norms that multiply by 1 + w
+# Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
+# output before it is added, so it reads nothing of the stream).
+RESIDUAL_READERS = {"gemma3_text": ("input_layernorm", "pre_feedforward_layernorm")}
+DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
+BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma3_text",)  # token embeddings multiplied by sqrt(hidden_size)
 
 
@@ -75,6 +80,7 @@ class QuantizeOptions:
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
     val_samples: int | None = None  # held-out windows of the block-wise stage; None: a quarter of nsamples
+    block_error: str = "relative"  # that stage's error: per token relative, or with the readers' unit weights
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
@@ -98,6 +104,8 @@ class QuantizeOptions:
             (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
             (self.val_samples is None or self.val_samples >= 0, f"--val-samples must be >= 0 (got {self.val_samples})"),
+            (self.block_error in BLOCK_ERRORS,
+             f"--block-error must be one of {', '.join(BLOCK_ERRORS)} (got {self.block_error})"),
             (self.finetune_epochs >= 0, "--finetune-epochs must be >= 0"),
             (self.method == "lcq" or self.finetune_epochs == 0, "--finetune-epochs applies to --method lcq only"),
             (self.finetune_lr is None or self.finetune_lr > 0,
@@ -224,6 +232,17 @@ class _Source:
 
         return inputs
 
+    def residual_units(self, index: int) -> torch.Tensor:
+        """How much each hidden unit of block `index`'s output weighs downstream (H,): over every norm
+        that reads the residual stream after it (the later blocks' and the final one), the mean of its
+        squared weights, each norm's normalized to mean 1 so that every reader counts alike."""
+        readers = RESIDUAL_READERS.get(self.config.model_type, DEFAULT_RESIDUAL_READERS)
+        names = [f"model.layers.{later}.{norm}.weight" for later in range(index + 1, self.num_layers)
+                 for norm in readers] + ["model.norm.weight"]
+        offset = 1.0 if self.config.model_type in OFFSET_NORMS else 0.0
+        squares = torch.stack([(self.reader.tensor(name).float() + offset).pow(2) for name in names])
+        return (squares / squares.mean(-1, keepdim=True).clamp_min(1e-12)).mean(0).to(self.device)
+
     def non_block_tensors(self) -> dict[str, torch.Tensor]:
         return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith("model.layers.")}
 
@@ -294,8 +313,9 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
         def on_step(loss: float) -> None:
             progress_bar.set_postfix(loss=f"{loss:.3g}")
         held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
+        units = source.residual_units(index) if options.block_error == "norm-weighted" else None
         losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, options.block_lr,
-                                options.batch_size, options.seed, on_step, held_out)
+                                options.batch_size, options.seed, on_step, held_out, units)
     packed = {}
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
@@ -514,7 +534,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr", "head_bits", "val_samples")},
+                                   "finetune_epochs", "finetune_lr", "head_bits", "val_samples",
+                                   "block_error")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
