@@ -8,10 +8,12 @@ forward pass, so the gradient reaches exactly the codebook entries in use.
 The error is measured per token relative to the token's size (block_error): everything that reads
 the residual stream reads it through an RMSNorm, and a plain MSE is ruled by the attention-sink
 token, whose hidden state in SmolLM2-135M is about 25,000 in norm against a median of 150 (99% of
-the squared norm of a calibration batch from block 15 on). For the same reason its hidden units can
-be weighted by how strongly those norms scale them (`units`, the quantizer's --block-error
-norm-weighted): an RMSNorm multiplies unit c by its weight w_c, so an error in c reaches every reader
-w_c times as large, and Gemma-3-270M's readers weigh their units from 0.004 to 15 (in w^2).
+the squared norm of a calibration batch from block 15 on). For the same reason the quantizer weighs
+its hidden units by how strongly those norms scale them (`units`; --block-error norm-weighted, the
+default): an RMSNorm multiplies unit c by its weight w_c, so an error in c reaches every reader w_c
+times as large. Gemma-3-270M's readers weigh their units from 0.004 to 15 (in w^2), and there the
+weighting took W2 r2 e10 from 3.12x to 2.37x of fp16 perplexity; SmolLM2-135M's (0.5 to 2.2) moved
+nothing beyond noise.
 """
 from __future__ import annotations
 

@@ -26,10 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="lcq: held-out calibration windows of the block-wise stage; each block keeps the codebooks "
                         "of the epoch (0: the start) with the lowest error on them (default: a quarter of "
                         "--nsamples; 0: the start or the end, by the error on the training windows)")
-    q.add_argument("--block-error", default="relative",
-                   help="lcq: the block-wise stage's error, relative (each token's output error relative to its "
-                        "size) or norm-weighted (also each hidden unit weighted by how strongly the later norms "
-                        "that read the residual stream scale it)")
+    q.add_argument("--block-error", default="norm-weighted",
+                   help="lcq: the block-wise stage's error, norm-weighted (each token's output error relative to "
+                        "its size, each hidden unit weighted by how strongly the later norms that read the "
+                        "residual stream scale it; default) or relative (all units alike)")
     q.add_argument("--finetune-epochs", type=int, default=0,
                    help="lcq: epochs of the end-to-end stage after the blocks (S, V, B and norms tuned on the KL "
                         "to the full-precision model's outputs, indices fixed; default 0: off)")

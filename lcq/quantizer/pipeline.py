@@ -80,7 +80,7 @@ class QuantizeOptions:
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
     val_samples: int | None = None  # held-out windows of the block-wise stage; None: a quarter of nsamples
-    block_error: str = "relative"  # that stage's error: per token relative, or with the readers' unit weights
+    block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""
