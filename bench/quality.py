@@ -188,8 +188,10 @@ class Run:
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
-    held_out: int = 0  # lcq with block-wise epochs: held-out windows choosing each block's epoch (--val-samples)
-    block_error: str = "relative"  # lcq with block-wise epochs: that stage's error (--block-error)
+    # lcq with block-wise epochs: held-out windows choosing each block's epoch (--val-samples), and that
+    # stage's error (--block-error); 0 and relative, the quantizer's defaults before 2026-12-01, reproduce older rows
+    held_out: int = 0
+    block_error: str = "relative"
 
     @property
     def key(self) -> str:
