@@ -189,8 +189,9 @@ class Run:
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
-    # lcq with block-wise epochs: held-out windows choosing each block's epoch (--val-samples), and that
-    # stage's error (--block-error); 0 and relative, the quantizer's defaults before 2026-12-01, reproduce older rows
+    # lcq with block-wise epochs: held-out windows choosing each block's epoch, and the head's and the end-to-end
+    # stage's (--val-samples), and the block-wise error (--block-error); 0 and relative, the quantizer's
+    # defaults before 2026-12-01, reproduce older rows
     held_out: int = 0
     block_error: str = "relative"
 
@@ -244,6 +245,8 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", b, 2, epochs=10, held_out=4) for b in (4, 3, 2)]
         # and each hidden unit of the block error weighted by the norms that read it (--block-error norm-weighted)
         runs += [Run("lcq", b, 2, epochs=10, held_out=4, block_error="norm-weighted") for b in (4, 2, 3)]
+        # the held-out windows choosing the end-to-end stage's epoch too (since 2026-12-01, second session)
+        runs += [Run("lcq", 2, 2, epochs=10, finetune=10, held_out=4, block_error="norm-weighted")]
     return runs
 
 
@@ -305,6 +308,10 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command, size_MB=round(summary.size_bytes / 1e6, 1))
+        for stage, score in (("head", summary.head_kl), ("finetune", summary.finetune_kl)):
+            if score is not None:  # the stage's KL before and after, on the held-out windows if any
+                row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],
+                            f"{stage}_epoch": score.epoch})
     started = time.time()
     row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
     row["eval_seconds"] = round(time.time() - started, 1)

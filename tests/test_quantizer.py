@@ -372,8 +372,10 @@ def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
 
 
 def _end_to_end_options(**changes) -> QuantizeOptions:
+    """No held-out windows: these tests are about the stage's tuning, which 1 window of 32 tokens would
+    often stop at the start (test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows)."""
     return QuantizeOptions(**{**dict(bits=2, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT,
-                                     nsamples=4, seqlen=32, epochs=1, finetune_epochs=10), **changes})
+                                     nsamples=4, seqlen=32, epochs=1, finetune_epochs=10, val_samples=0), **changes})
 
 
 def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
@@ -419,8 +421,8 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
                              _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits), progress=False)
     quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0, head_bits=head_bits),
                    progress=False)
-    before, after = summary.finetune_kl
-    assert after < 0.95 * before
+    before, after, epoch = summary.finetune_kl
+    assert after < 0.95 * before and epoch == epochs
     tuned, plain = CheckpointReader(tmp_path / "tuned"), CheckpointReader(tmp_path / "plain")
     assert tuned.quant["finetune_epochs"] == epochs and tuned.quant["finetune_lr"] == 1e-3
     assert plain.quant["finetune_epochs"] == 0 and plain.quant["finetune_lr"] is None
@@ -533,12 +535,65 @@ def test_head_stage_moves_the_packed_heads_codebooks_towards_the_full_precision_
 
     def kl(packed, rows: slice) -> float:
         return float(token_kl(hidden[rows] @ dequantize(packed).t(), teacher[rows] @ head.t()))
-    tuned, (before, after) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4)
+    tuned, (before, after, epoch) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4)
+    assert epoch == 10  # without held-out windows: the end, unless the start scores lower
     assert after < 0.8 * before  # measured: 0.335 -> 0.232
     assert torch.equal(tuned.qweight, layer.qweight) and not torch.equal(tuned.s_q, layer.s_q)
     assert kl(tuned, slice(0, 18)) == pytest.approx(after, rel=1e-4)
     assert kl(layer, slice(0, 18)) == pytest.approx(before, rel=1e-4)
     assert kl(tuned, slice(18, 24)) < 0.9 * kl(layer, slice(18, 24))  # 0.309 -> 0.246
+
+
+def test_head_stage_keeps_the_best_epoch_on_held_out_windows():
+    """With held-out windows the head stage keeps the codebooks of the epoch, the start included, with
+    the lowest KL there, scored as stored. Held-out windows whose teacher logits are the start's own:
+    every step away from the start raises their KL, so the start is kept although training lowers the
+    KL on the training windows. Held-out windows like the training ones: a later epoch is kept and the
+    stored layer gives the KL reported."""
+    from lcq.quantizer.finetune import token_kl, tune_head
+
+    generator = torch.Generator().manual_seed(0)
+    head = 0.2 * torch.randn(64, 64, generator=generator)  # square: any logits are some teacher's
+    teacher = torch.randn(24, 16, 64, generator=generator)
+    hidden = teacher + 0.3 * torch.randn(24, 16, 64, generator=generator)
+    wg = grouped(head, 32)
+    layer = pack(rtn_codebook(wg, torch.ones_like(wg, dtype=torch.bool), 2, 2), wg, 64, 2, 32)
+
+    def kl(packed, states: torch.Tensor, teachers: torch.Tensor) -> float:
+        return float(token_kl(states @ dequantize(packed).t(), teachers @ head.t()))
+    own = torch.linalg.solve(head, dequantize(layer) @ hidden[18:].reshape(-1, 64).t()).t().reshape(6, 16, 64)
+    assert kl(layer, hidden[18:], own) < 1e-6
+    kept, score = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4,
+                            held_out=(hidden[18:], own))
+    trained, _ = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4)
+    assert kept is layer and score.epoch == 0 and score.after == score.before
+    assert kl(trained, hidden[:18], teacher[:18]) < 0.8 * kl(layer, hidden[:18], teacher[:18])
+
+    tuned, score = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4,
+                             held_out=(hidden[18:], teacher[18:]))
+    assert 1 <= score.epoch <= 10 and score.after < 0.9 * score.before
+    assert kl(tuned, hidden[18:], teacher[18:]) == pytest.approx(score.after, rel=1e-4)
+    assert kl(layer, hidden[18:], teacher[18:]) == pytest.approx(score.before, rel=1e-4)
+
+
+def test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows(tmp_path, tiny_hf):
+    """The quantizer's default: a quarter of the calibration windows held out, drawn after the training
+    ones (calibration_batch). The end-to-end stage reports its KL on them, and the written model, read
+    back by the reference loader, gives that KL there: the kept epoch is scored as it is stored."""
+    from transformers import AutoTokenizer
+
+    from lcq.quantizer.finetune import token_kl
+
+    options = _end_to_end_options(nsamples=8, val_samples=None, finetune_epochs=6)
+    summary = quantize_model(tiny_hf, tmp_path / "q", options, progress=False)
+    assert CheckpointReader(tmp_path / "q").quant["val_samples"] == 2
+    held = calibration_batch(AutoTokenizer.from_pretrained(str(tiny_hf)), CALIBRATION_TEXT, 8, 32, 0, held_out=2)[8:]
+    with torch.no_grad():
+        written = float(token_kl(load_reference_model(tmp_path / "q")(held).logits,
+                                 load_reference_model(tiny_hf)(held).logits))
+    before, after, epoch = summary.finetune_kl
+    assert 0 <= epoch <= 6 and after <= before
+    assert written == pytest.approx(after, rel=1e-3)  # measured: 0.168003 against 0.167991
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -564,7 +619,7 @@ def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
     if not tied:
         assert reader.quant["embed_bits"] == 4 and reader.linear("model.embed_tokens").bits == 4
     assert packed.bits_per_weight == plain.bits_per_weight and packed.size_bytes < plain.size_bytes
-    assert packed.head_kl[1] < packed.head_kl[0] and plain.head_kl is None  # the head stage ran
+    assert packed.head_kl.epoch > 0 and plain.head_kl is None  # the head stage ran and kept an epoch
     reference = load_reference_model(tmp_path / "head")
     model, _ = load_model(tmp_path / "head")
     _check_against(reference, model, PROMPTS, decode_steps=3, atol=2e-4)

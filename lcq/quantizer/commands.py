@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
                         "default by bit width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4)")
     q.add_argument("--val-samples", type=int, default=None,
-                   help="lcq: held-out calibration windows of the block-wise stage; each block keeps the codebooks "
-                        "of the epoch (0: the start) with the lowest error on them (default: a quarter of "
-                        "--nsamples; 0: the start or the end, by the error on the training windows)")
+                   help="lcq: held-out calibration windows; each block, the head and the end-to-end stage keep the "
+                        "codebooks of the epoch (0: the start) with the lowest error on them (default: a "
+                        "quarter of --nsamples; 0: the start or the end, by the error on the training windows)")
     q.add_argument("--block-error", default="norm-weighted",
                    help="lcq: the block-wise stage's error, norm-weighted (each token's output error relative to "
                         "its size, each hidden unit weighted by how strongly the later norms that read the "
@@ -95,13 +95,13 @@ def _quantize(args: argparse.Namespace) -> int:
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
           f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
-    if summary.head_kl is not None:
-        print(f"head stage: KL to the full-precision outputs {summary.head_kl[0]:.4f} -> {summary.head_kl[1]:.4f} "
-              f"on the calibration windows")
-    if summary.finetune_kl is not None:
-        print(f"end-to-end stage: KL to the full-precision outputs {summary.finetune_kl[0]:.4f} -> "
-              f"{summary.finetune_kl[1]:.4f} on the calibration windows, peak memory "
-              f"{summary.finetune_peak_memory_bytes / 2**30:.2f} GiB")
+    windows = "held-out" if options.held_out_windows else "calibration"
+    for stage, score, peak in (("head", summary.head_kl, None),
+                               ("end-to-end", summary.finetune_kl, summary.finetune_peak_memory_bytes)):
+        if score is not None:
+            print(f"{stage} stage: KL to the full-precision outputs {score.before:.4f} -> {score.after:.4f} on the "
+                  f"{windows} windows (epoch {score.epoch} kept)"
+                  + ("" if peak is None else f", peak memory {peak / 2**30:.2f} GiB"))
     return 0
 
 

@@ -27,7 +27,7 @@ from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_
                         quantization_config, write_index, write_json, write_shard)
 
 from .blockwise import LayerFit, block_call, optimize_block, run_block
-from .finetune import finetune, tune_head
+from .finetune import StageScore, finetune, tune_head
 from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .reference import hf_config, read_config
@@ -79,7 +79,7 @@ class QuantizeOptions:
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
-    val_samples: int | None = None  # held-out windows of the block-wise stage; None: a quarter of nsamples
+    val_samples: int | None = None  # held-out windows of the tuning stages; None: a quarter of nsamples
     block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
 
     def validate(self) -> None:
@@ -132,9 +132,10 @@ class QuantizeOptions:
 
     @property
     def held_out_windows(self) -> int:
-        """Calibration windows the block-wise stage scores its epochs on and never trains on (optimize_block):
-        --val-samples, by default a quarter of --nsamples (at least 1); none where that stage does not run."""
-        if self.method != "lcq" or self.epochs == 0:
+        """Calibration windows the block-wise, head and end-to-end stages score their epochs on and never
+        train on (optimize_block, finetune._tune): --val-samples, by default a quarter of --nsamples (at
+        least 1); none where no stage trains."""
+        if self.method != "lcq" or self.epochs == self.finetune_epochs == 0:
             return 0
         return max(1, self.nsamples // 4) if self.val_samples is None else self.val_samples
 
@@ -165,8 +166,8 @@ class QuantizeSummary:
     size_bytes: int
     peak_memory_bytes: int
     block_losses: list[tuple[float, float]] = field(default_factory=list)
-    head_kl: tuple[float, float] | None = None  # the head stage's KL before and after (a packed head only)
-    finetune_kl: tuple[float, float] | None = None  # the end-to-end stage's KL before and after
+    head_kl: StageScore | None = None  # the head stage's (a packed head only)
+    finetune_kl: StageScore | None = None  # the end-to-end stage's
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
 
 
@@ -389,22 +390,25 @@ def _packed_embedding(source: _Source, options: QuantizeOptions, device: torch.d
     return pack(fit.book, fit.wg, fit.in_features, options.head_bits, options.group_size)
 
 
-def _head_stage(source: _Source, head: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor,
-                options: QuantizeOptions, progress: bool) -> tuple[PackedLinear, tuple[float, float]]:
+def _head_stage(source: _Source, head: PackedLinear, train: tuple[torch.Tensor, torch.Tensor],
+                held_out: tuple[torch.Tensor, torch.Tensor], options: QuantizeOptions, progress: bool,
+                ) -> tuple[PackedLinear, StageScore]:
     """The packed head tuned on the logits' KL (finetune.tune_head) for the block-wise stage's epochs and
-    step at the head's width, over the last hidden states of the quantized and full-precision models."""
+    step at the head's width; train and held_out: the last hidden states of the quantized and
+    full-precision models over those windows (no held-out windows: empty)."""
     from tqdm import tqdm
 
     weight = _head_weight(source, head.qweight.device)
-    bar = tqdm(total=options.epochs * -(-len(hidden) // options.batch_size), desc="head", disable=not progress,
+    bar = tqdm(total=options.epochs * -(-len(train[0]) // options.batch_size), desc="head", disable=not progress,
                unit="step")
 
     def on_step(loss: float) -> None:
         bar.update()
         bar.set_postfix(kl=f"{loss:.3g}")
     lr = DEFAULT_LR[options.head_bits] if options.lr is None else options.lr
-    tuned = tune_head(head, source.final_norm(hidden), source.final_norm(teacher), weight, options.epochs, lr,
-                      options.batch_size, options.seed, on_step)
+    train, held_out = ((source.final_norm(quantized), source.final_norm(full)) for quantized, full in (train, held_out))
+    tuned = tune_head(head, *train, weight, options.epochs, lr, options.batch_size, options.seed, on_step,
+                      held_out if len(held_out[0]) else None)
     bar.close()
     return tuned
 
@@ -466,7 +470,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if options.head_bits and not source.config.tie_word_embeddings else None
 
     fp_stream = q_stream = None
-    train = slice(0, options.nsamples)  # the streams' rows trained on; the held-out windows follow them
+    # the streams' rows trained on, then the held-out windows
+    train, held = slice(0, options.nsamples), slice(options.nsamples, None)
     if options.needs_data:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed,
@@ -509,18 +514,20 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         head_stat = _head_stat(source, q_stream[train], options, options.batch_size) if options.needs_data else None
         head = _packed_head(source, head_stat, options, device)
         if options.needs_data and options.epochs:
-            head, head_kl = _head_stage(source, head, q_stream[train], fp_stream[train], options, progress)
+            head, head_kl = _head_stage(source, head, (q_stream[train], fp_stream[train]),
+                                        (q_stream[held], fp_stream[held]), options, progress)
         write_shard(partial / HEAD_SHARD, linear_tensors(HEAD, head.to("cpu")))
         write_json(partial / PROGRESS_FILE, {"options": recorded, "done": source.num_layers, "head": True})
         del head
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
     if options.finetune_epochs:
-        teacher = source.final_norm(fp_stream[train])
+        teacher = source.final_norm(fp_stream)
         fp_stream = q_stream = targets = None  # the block pass's activations, on the device, not needed now
         _reset_peak_memory(device)
-        finetune_kl = _finetune_stage(source, partial, tokens[train].to(device), teacher, embedding, options,
-                                      progress)
+        tokens = tokens.to(device)
+        finetune_kl = _finetune_stage(source, partial, (tokens[train], teacher[train]),
+                                      (tokens[held], teacher[held]), embedding, options, progress)
         finetune_peak = _peak_memory(device)
     extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
     kept = [EMBED, "model.norm", HEAD]
@@ -551,11 +558,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                            head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
 
 
-def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teacher: torch.Tensor,
-                    embedding: PackedLinear | None, options: QuantizeOptions, progress: bool,
-                    ) -> tuple[float, float] | None:
+def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, torch.Tensor],
+                    held_out: tuple[torch.Tensor, torch.Tensor], embedding: PackedLinear | None,
+                    options: QuantizeOptions, progress: bool) -> StageScore | None:
     """The end-to-end stage (finetune.py) over the packed blocks in `partial`, and a packed head with
-    them, towards the full-precision model's final hidden states `teacher` (after its last norm). The
+    them; train and held_out: windows' tokens and the full-precision model's final hidden states
+    (after its last norm), the teacher (no held-out windows: empty). The
     tuned shards are written beside them (*.tuned) and the progress file marked before any replaces
     its shard, so an interrupted run resumes by finishing the renames, or, if it stopped earlier, by
     tuning again from the untouched shards. `embedding`: a packed untied table, looked up as served."""
@@ -583,15 +591,15 @@ def _finetune_stage(source: _Source, partial: Path, tokens: torch.Tensor, teache
         looked_up = {} if embedding is None else {f"{EMBED}.weight": dequantize(embedding)}  # as it is served
         model = source.causal_lm({**source.non_block_tensors(), **norms, **looked_up})
         head = model.lm_head.weight.detach()
-        steps = options.finetune_epochs * -(-len(tokens) // options.batch_size)
+        steps = options.finetune_epochs * -(-len(train[0]) // options.batch_size)
         bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
 
         def on_step(loss: float) -> None:
             bar.update()
             bar.set_postfix(kl=f"{loss:.3g}")
-        tuned, tuned_norms, kl = finetune(model, packed, list(norms), tokens, teacher, head,
-                                          options.finetune_epochs, options.end_to_end_lr, options.batch_size,
-                                          options.seed, on_step)
+        tuned, tuned_norms, kl = finetune(model, packed, list(norms), *train, head, options.finetune_epochs,
+                                          options.end_to_end_lr, options.batch_size, options.seed, on_step,
+                                          held_out if len(held_out[0]) else None)
         bar.close()
         for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
