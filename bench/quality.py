@@ -311,7 +311,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         for stage, score in (("head", summary.head_kl), ("finetune", summary.finetune_kl)):
             if score is not None:  # the stage's KL before and after, on the held-out windows if any
                 row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],
-                            f"{stage}_epoch": score.epoch})
+                            f"{stage}_epoch": score.epoch, f"{stage}_kl_by_epoch": [round(kl, 4) for kl in score.by_epoch]})
     started = time.time()
     row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
     row["eval_seconds"] = round(time.time() - started, 1)

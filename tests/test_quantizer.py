@@ -421,7 +421,7 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
                              _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits), progress=False)
     quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0, head_bits=head_bits),
                    progress=False)
-    before, after, epoch = summary.finetune_kl
+    before, after, epoch, _ = summary.finetune_kl
     assert after < 0.95 * before and epoch == epochs
     tuned, plain = CheckpointReader(tmp_path / "tuned"), CheckpointReader(tmp_path / "plain")
     assert tuned.quant["finetune_epochs"] == epochs and tuned.quant["finetune_lr"] == 1e-3
@@ -535,8 +535,9 @@ def test_head_stage_moves_the_packed_heads_codebooks_towards_the_full_precision_
 
     def kl(packed, rows: slice) -> float:
         return float(token_kl(hidden[rows] @ dequantize(packed).t(), teacher[rows] @ head.t()))
-    tuned, (before, after, epoch) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4)
-    assert epoch == 10  # without held-out windows: the end, unless the start scores lower
+    tuned, (before, after, epoch, by_epoch) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2,
+                                                        batch=4)
+    assert epoch == 10 and by_epoch == ()  # without held-out windows: the end, unless the start scores lower
     assert after < 0.8 * before  # measured: 0.335 -> 0.232
     assert torch.equal(tuned.qweight, layer.qweight) and not torch.equal(tuned.s_q, layer.s_q)
     assert kl(tuned, slice(0, 18)) == pytest.approx(after, rel=1e-4)
@@ -566,12 +567,13 @@ def test_head_stage_keeps_the_best_epoch_on_held_out_windows():
     kept, score = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4,
                             held_out=(hidden[18:], own))
     trained, _ = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4)
-    assert kept is layer and score.epoch == 0 and score.after == score.before
+    assert kept is layer and score.epoch == 0 and score.after == score.before < min(score.by_epoch)
     assert kl(trained, hidden[:18], teacher[:18]) < 0.8 * kl(layer, hidden[:18], teacher[:18])
 
     tuned, score = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2, batch=4,
                              held_out=(hidden[18:], teacher[18:]))
     assert 1 <= score.epoch <= 10 and score.after < 0.9 * score.before
+    assert len(score.by_epoch) == 10 and score.after == min(score.by_epoch) == score.by_epoch[score.epoch - 1]
     assert kl(tuned, hidden[18:], teacher[18:]) == pytest.approx(score.after, rel=1e-4)
     assert kl(layer, hidden[18:], teacher[18:]) == pytest.approx(score.before, rel=1e-4)
 
@@ -591,8 +593,8 @@ def test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows(tmp_path, tin
     with torch.no_grad():
         written = float(token_kl(load_reference_model(tmp_path / "q")(held).logits,
                                  load_reference_model(tiny_hf)(held).logits))
-    before, after, epoch = summary.finetune_kl
-    assert 0 <= epoch <= 6 and after <= before
+    before, after, epoch, by_epoch = summary.finetune_kl
+    assert 0 <= epoch <= 6 and after == min(before, *by_epoch)
     assert written == pytest.approx(after, rel=1e-3)  # measured: 0.168003 against 0.167991
 
 

@@ -102,6 +102,8 @@ def _quantize(args: argparse.Namespace) -> int:
             print(f"{stage} stage: KL to the full-precision outputs {score.before:.4f} -> {score.after:.4f} on the "
                   f"{windows} windows (epoch {score.epoch} kept)"
                   + ("" if peak is None else f", peak memory {peak / 2**30:.2f} GiB"))
+            if score.by_epoch:
+                print(f"{stage} stage: held-out KL after each epoch " + " ".join(f"{kl:.4f}" for kl in score.by_epoch))
     return 0
 
 

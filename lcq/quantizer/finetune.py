@@ -117,12 +117,13 @@ Windows = tuple[Callable[[torch.Tensor], torch.Tensor], int]
 
 
 class StageScore(NamedTuple):
-    """A tuning stage's mean KL at the start and of the codebooks kept, and the epoch they come from
-    (0: the start)."""
+    """A tuning stage's mean KL at the start and of the codebooks kept, the epoch they come from (0: the
+    start), and with held-out windows the KL there after each epoch."""
 
     before: float
     after: float
     epoch: int
+    by_epoch: tuple[float, ...] = ()
 
 
 def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names: list[str],
@@ -218,7 +219,7 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
     start = [Codebook(layer.book.s.clone(), layer.book.v.clone(), layer.book.b.clone()) for layer in layers], \
         [w.detach().clone() for w in others]
     before = best = mean_loss()
-    kept, kept_epoch, finished = None, 0, 0
+    kept, kept_epoch, finished, scores = None, 0, 0, []
 
     def score_stored() -> None:
         nonlocal best, kept, kept_epoch, finished
@@ -230,6 +231,7 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         hold(*stored)
         score = mean_loss()
         hold(*trained)
+        scores.append(score)
         if score < best:
             best, kept, kept_epoch = score, stored, finished
 
@@ -237,4 +239,4 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         trained = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + others
         adam_epochs(trained, train[0], train[1], epochs, lr, batch, seed, on_step, score_stored)
     hold(*(kept if kept is not None else start))
-    return StageScore(before, best, kept_epoch)
+    return StageScore(before, best, kept_epoch, tuple(scores) if held_out is not None else ())
