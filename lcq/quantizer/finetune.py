@@ -12,6 +12,9 @@ cost one product with the head per batch and no second model is held.
 A packed head gets a stage of its own first (tune_head): the same KL over the quantized model's final
 hidden states, with only the head's codebooks moving, which is cheap since no block runs.
 
+Both stages keep the codebooks of the epoch, the start included, with the lowest KL on held-out
+calibration windows they never train on (_tune), as the block-wise stage does with its error.
+
 Memory is what limits the end-to-end stage, since it holds the whole model at once: each layer keeps only its
 indices as bytes and its codebooks (CodebookProduct rebuilds the dense weight when it needs it), and
 each decoder block keeps only its input for the backward pass, recomputing the rest then.
