@@ -467,7 +467,7 @@ def test_end_to_end_stage_resumes_to_the_same_files(tmp_path, tiny_hf, monkeypat
     as a run never stopped."""
     import lcq.quantizer.pipeline as pipeline
 
-    options = _end_to_end_options(finetune_epochs=2, head_bits=4)
+    options = _end_to_end_options(finetune_epochs=2, head_bits=4, val_samples=None)  # held-out windows too
     quantize_model(tiny_hf, tmp_path / "whole", options, progress=False)
     if stop == "tuning":
         def interrupted(*args, **kwargs):
