@@ -262,7 +262,7 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", b, 2, epochs=10, held_out=4, block_error="norm-weighted") for b in (4, 2, 3)]
         # the held-out windows choosing the end-to-end stage's epoch too (since 2026-12-01, second session)
         runs += [Run("lcq", b, 2, epochs=10, finetune=f, held_out=4, block_error="norm-weighted")
-                 for b, f in ((2, 10), (2, 40), (3, 10))]
+                 for b, f in ((2, 10), (2, 40), (3, 10), (4, 10))]
     return runs
 
 
