@@ -371,6 +371,23 @@ def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     assert 1.0 < full and abs(quantized / full - 1) < 0.2, (quantized, full)
 
 
+def test_cli_reports_the_tuning_stages_on_the_held_out_windows(tmp_path, tiny_hf, capsys):
+    """The quantize command says what each tuning stage kept and its held-out KL after every epoch."""
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIBRATION_TEXT)
+    code = _main(["quantize", str(tiny_hf), str(tmp_path / "q"), "--bits", "2", "--rank", "2", "--group-size", "32",
+                  "--calib", str(calib), "--nsamples", "8", "--seqlen", "32", "--epochs", "2",
+                  "--finetune-epochs", "3", "--head-bits", "4"])
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 0
+    for stage, epochs in (("head", 2), ("end-to-end", 3)):
+        kept = [line for line in lines if line.startswith(f"{stage} stage: KL")]
+        by_epoch = [line for line in lines if line.startswith(f"{stage} stage: held-out KL after each epoch")]
+        assert len(kept) == 1 and "on the held-out windows (epoch" in kept[0], lines
+        assert len(by_epoch) == 1 and len(by_epoch[0].split("epoch ")[1].split()) == epochs, lines
+    assert "peak memory" in [line for line in lines if line.startswith("end-to-end stage: KL")][0]
+
+
 def _end_to_end_options(**changes) -> QuantizeOptions:
     """No held-out windows: these tests are about the stage's tuning, which 1 window of 32 tokens would
     often stop at the start (test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows)."""
