@@ -203,6 +203,7 @@ class Run:
     act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
+    finetune_samples: int | None = None  # that stage's training windows (--finetune-samples); None: nsamples
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
     # lcq with block-wise epochs: held-out windows choosing each block's epoch, and the head's and the end-to-end
     # stage's (--val-samples), and the block-wise error (--block-error); 0 and relative, the quantizer's
@@ -222,6 +223,7 @@ class Run:
         name += "-act" if self.act_order else ""
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
         name += f"-ft{self.finetune}" if self.finetune else ""
+        name += "" if self.finetune_samples is None else f"-fs{self.finetune_samples}"
         name += f"-h{self.head}" if self.head else ""
         name += f"-v{self.held_out}" if self.held_out else ""
         name += "-nw" if self.block_error == "norm-weighted" else ""
@@ -263,6 +265,9 @@ def study_runs(quick: bool) -> list[Run]:
         # the held-out windows choosing the end-to-end stage's epoch too (since 2026-12-01, second session)
         runs += [Run("lcq", b, 2, epochs=10, finetune=f, held_out=4, block_error="norm-weighted")
                  for b, f in ((2, 10), (2, 40), (3, 10), (4, 10))]
+        # more windows for the end-to-end stage alone (--finetune-samples): the -n64 rows had them help it
+        # but not the block-wise stage
+        runs += [Run("lcq", 2, 2, epochs=10, finetune=10, finetune_samples=64, held_out=4, block_error="norm-weighted")]
     return runs
 
 
@@ -283,6 +288,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
         cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
+        cmd += "" if run.finetune_samples is None else f" --finetune-samples {run.finetune_samples}"
         cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
         cmd += f" --block-error {run.block_error}" if epochs_of(run, settings) else ""
     cmd += " --act-order" if run.act_order else ""
@@ -301,6 +307,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None,
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
+                 "finetune_samples": (run.finetune_samples or nsamples_of(run, settings)) if run.finetune else None,
                  "head_bits": run.head or None,
                  "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
                  "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None}
@@ -319,7 +326,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
-                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune, head_bits=run.head,
+                                  act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
+                                  finetune_samples=run.finetune_samples, head_bits=run.head,
                                   val_samples=run.held_out, block_error=run.block_error)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
@@ -344,6 +352,8 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     if run.method == "lcq":
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
+        if run.finetune_samples is not None:
+            expected.update(finetune_samples=run.finetune_samples)
         if epochs_of(run, settings):
             expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out, block_error=run.block_error)
     # folders from before these options
@@ -482,6 +492,8 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
+        if r.get("finetune_samples") not in (None, calib_windows):
+            calib_windows = f"{calib_windows} ({r['finetune_samples']} end-to-end)"
         table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
                      f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} "
@@ -512,7 +524,8 @@ every stored bit of the decoder's linear layers (indices,
   token's size (study default {s['epochs']}); indices are each weight's nearest codebook entry unless
   the assign column names a GPTQ sweep (act-order where the row's name ends in -act); rows with
   end-to-end epochs (-ftN) then tune every S, V, B and the block norms on the KL to the fp16 model's
-  next-token distributions over the same calibration windows, indices fixed (`--finetune-epochs`).
+  next-token distributions over the same calibration windows (more where the name has -fsN,
+  `--finetune-samples`), indices fixed (`--finetune-epochs`).
   RTN and GPTQ use the same packed format at rank 1 (min-max grid with an integer zero point), so
   their bits per weight match LCQ r1 exactly.
 - Machine: {results['device']};

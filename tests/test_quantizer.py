@@ -195,13 +195,27 @@ def test_blockwise_optimization_lowers_block_loss():
 
 
 def test_held_out_windows_follow_the_training_windows(tiny_hf):
-    """Holding windows out does not change the ones trained on."""
+    """Holding windows out does not change the ones trained on, nor the end-to-end stage's extra windows
+    the ones before them."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_hf))
     plain = calibration_batch(tokenizer, CALIBRATION_TEXT, 5, 16, 0)
     more = calibration_batch(tokenizer, CALIBRATION_TEXT, 5, 16, 0, held_out=3)
     assert more.shape == (8, 16) and torch.equal(more[:5], plain) and not torch.equal(more[5:], plain[:3])
+    extra = calibration_batch(tokenizer, CALIBRATION_TEXT, 5, 16, 0, held_out=3, extra=4)
+    assert extra.shape == (12, 16) and torch.equal(extra[:8], more)
+    assert not any(torch.equal(window, other) for window in extra[8:] for other in more)
+
+
+def test_window_rows_of_each_stage():
+    """The block-wise stage trains on the first nsamples windows; the end-to-end stage on its own count:
+    the first of those, then the extra windows drawn after the held-out ones."""
+    rows = QuantizeOptions(nsamples=4, val_samples=2, finetune_epochs=1, finetune_samples=7).window_rows()
+    assert rows[:2] == (slice(0, 4), slice(4, 6)) and rows[2].tolist() == [0, 1, 2, 3, 6, 7, 8]
+    rows = QuantizeOptions(nsamples=4, val_samples=2, finetune_epochs=1, finetune_samples=3).window_rows()
+    assert rows[2].tolist() == [0, 1, 2]
+    assert QuantizeOptions(nsamples=4, val_samples=2, finetune_epochs=1).window_rows()[2].tolist() == [0, 1, 2, 3]
 
 
 def _books(fits) -> list[torch.Tensor]:
@@ -344,6 +358,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
          "--finetune-epochs applies to --method lcq only"),
         (["quantize", str(tiny_hf), out, "--finetune-lr", "0"], "--finetune-lr must be positive"),
         (["quantize", str(tiny_hf), out, "--val-samples", "-1"], "--val-samples must be >= 0"),
+        (["quantize", str(tiny_hf), out, "--finetune-epochs", "2", "--finetune-samples", "0"],
+         "--finetune-samples must be >= 1"),
+        (["quantize", str(tiny_hf), out, "--finetune-samples", "8"], "--finetune-samples needs --finetune-epochs"),
         (["quantize", str(tiny_hf), out, "--block-error", "mse"], "--block-error must be one of"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
@@ -616,6 +633,28 @@ def test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows(tmp_path, tin
     before, after, epoch, by_epoch = summary.finetune_kl
     assert 0 <= epoch <= 6 and after == min(before, *by_epoch)
     assert written == pytest.approx(after, rel=1e-3)  # measured: 0.168003 against 0.167991
+
+
+def test_end_to_end_stage_trains_on_its_own_windows(tmp_path, tiny_hf):
+    """--finetune-samples 6 over --nsamples 2: the block-wise stage sees the same 2 windows as without
+    it (the same indices), and the end-to-end stage trains on 6; without held-out windows it reports
+    its KL on them, and the written model, read back by the reference loader, gives that KL there."""
+    from transformers import AutoTokenizer
+
+    from lcq.quantizer.finetune import token_kl
+
+    summary = quantize_model(tiny_hf, tmp_path / "more", _end_to_end_options(nsamples=2, finetune_samples=6,
+                                                                                finetune_epochs=3), progress=False)
+    quantize_model(tiny_hf, tmp_path / "same", _end_to_end_options(nsamples=2, finetune_epochs=3), progress=False)
+    more, same = CheckpointReader(tmp_path / "more"), CheckpointReader(tmp_path / "same")
+    assert more.quant["finetune_samples"] == 6 and same.quant["finetune_samples"] == 2
+    for prefix in more.quantized_prefixes():
+        assert torch.equal(more.tensor(f"{prefix}.qweight"), same.tensor(f"{prefix}.qweight"))
+    windows = calibration_batch(AutoTokenizer.from_pretrained(str(tiny_hf)), CALIBRATION_TEXT, 2, 32, 0, extra=4)
+    with torch.no_grad():
+        written = float(token_kl(load_reference_model(tmp_path / "more")(windows).logits,
+                                 load_reference_model(tiny_hf)(windows).logits))
+    assert written == pytest.approx(summary.finetune_kl.after, rel=1e-3)
 
 
 @pytest.mark.parametrize("tied", [True, False])

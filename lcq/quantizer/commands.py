@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "to the full-precision model's outputs, indices fixed; default 0: off)")
     q.add_argument("--finetune-lr", type=float, default=None,
                    help="that stage's relative Adam step (default by bit width: 1e-3 at 2 bits, 3e-4 at 3, 1e-4 at 4)")
+    q.add_argument("--finetune-samples", type=int, default=None,
+                   help="that stage's training windows (default: --nsamples): the block-wise stage's first, then "
+                        "more drawn after the held-out ones")
     q.add_argument("--head-bits", type=int, default=0,
                    help="pack lm_head too, at 2, 3 or 4 bits (the same rank and group size; a tied embedding table "
                         "is then looked up from it and not stored, an untied one packed at that width too; "
@@ -85,7 +88,8 @@ def _quantize(args: argparse.Namespace) -> int:
                               nsamples=args.nsamples, seqlen=args.seqlen, epochs=args.epochs, lr=args.lr,
                               init=args.init, assign=args.assign, device=args.device, act_order=args.act_order,
                               seed=args.seed, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                              finetune_lr=args.finetune_lr, head_bits=args.head_bits,
+                              finetune_lr=args.finetune_lr, finetune_samples=args.finetune_samples,
+                              head_bits=args.head_bits,
                               val_samples=args.val_samples, block_error=args.block_error)
     check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()

@@ -78,6 +78,7 @@ class QuantizeOptions:
     batch_size: int = 4
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
+    finetune_samples: int | None = None  # the end-to-end stage's training windows; None: nsamples
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
     val_samples: int | None = None  # held-out windows of the tuning stages; None: a quarter of nsamples
     block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
@@ -110,6 +111,9 @@ class QuantizeOptions:
             (self.method == "lcq" or self.finetune_epochs == 0, "--finetune-epochs applies to --method lcq only"),
             (self.finetune_lr is None or self.finetune_lr > 0,
              f"--finetune-lr must be positive (got {self.finetune_lr})"),
+            (self.finetune_samples is None or self.finetune_samples >= 1,
+             f"--finetune-samples must be >= 1 (got {self.finetune_samples})"),
+            (self.finetune_samples is None or self.finetune_epochs > 0, "--finetune-samples needs --finetune-epochs"),
             (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
@@ -131,6 +135,12 @@ class QuantizeOptions:
         return DEFAULT_FINETUNE_LR[self.bits] if self.finetune_lr is None else self.finetune_lr
 
     @property
+    def end_to_end_windows(self) -> int:
+        """The end-to-end stage's training windows: --finetune-samples, by default --nsamples. The first
+        of them are the block-wise stage's; more are drawn after the held-out ones (calibration_batch)."""
+        return self.nsamples if self.finetune_samples is None else self.finetune_samples
+
+    @property
     def held_out_windows(self) -> int:
         """Calibration windows the block-wise, head and end-to-end stages score their epochs on and never
         train on (optimize_block, finetune._tune): --val-samples, by default a quarter of --nsamples (at
@@ -138,6 +148,19 @@ class QuantizeOptions:
         if self.method != "lcq" or self.epochs == self.finetune_epochs == 0:
             return 0
         return max(1, self.nsamples // 4) if self.val_samples is None else self.val_samples
+
+    @property
+    def extra_windows(self) -> int:
+        """Windows the end-to-end stage trains on beyond the block-wise stage's."""
+        return max(0, self.end_to_end_windows - self.nsamples)
+
+    def window_rows(self) -> tuple[slice, slice, torch.Tensor]:
+        """Which of calibration_batch's rows each stage uses: the block-wise and head stages' training
+        windows, the held-out ones, and the end-to-end stage's training windows (the first of the
+        block-wise ones, then the extra ones drawn after the held-out)."""
+        n, held = self.nsamples, self.held_out_windows
+        extra = torch.arange(n + held, n + held + self.extra_windows)
+        return slice(0, n), slice(n, n + held), torch.cat([torch.arange(min(n, self.end_to_end_windows)), extra])
 
     @property
     def needs_data(self) -> bool:
@@ -156,6 +179,7 @@ class QuantizeOptions:
         d["lr"] = self.block_lr
         d["val_samples"] = self.held_out_windows
         d["finetune_lr"] = self.end_to_end_lr if self.finetune_epochs else None
+        d["finetune_samples"] = self.end_to_end_windows if self.finetune_epochs else None
         return d
 
 
@@ -171,15 +195,17 @@ class QuantizeSummary:
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
 
 
-def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, held_out: int = 0) -> torch.Tensor:
+def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, held_out: int = 0,
+                      extra: int = 0) -> torch.Tensor:
     """nsamples windows of seqlen tokens at random offsets of the tokenized text (seeded), then `held_out`
-    more drawn with the next seed (the training windows do not depend on how many are held out)."""
+    more drawn with the next seed, then `extra` more (the end-to-end stage's beyond nsamples) with the
+    one after: no count changes the windows drawn before it."""
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise UserError("calibration text is empty after tokenization")
     seqlen = min(seqlen, ids.numel())
     starts = [torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=torch.Generator().manual_seed(seed + i))
-              for i, count in enumerate((nsamples, held_out))]
+              for i, count in enumerate((nsamples, held_out, extra))]
     return torch.stack([ids[s:s + seqlen] for s in torch.cat(starts).tolist()])
 
 
@@ -470,14 +496,17 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if options.head_bits and not source.config.tie_word_embeddings else None
 
     fp_stream = q_stream = None
-    # the streams' rows trained on, then the held-out windows
-    train, held = slice(0, options.nsamples), slice(options.nsamples, None)
+    train, held, end_to_end = options.window_rows()
+    # The quantized stream carries the block-wise stage's windows (training, then held-out); the
+    # full-precision one the end-to-end stage's extra windows after them too, for their teacher.
+    quantized_rows = slice(0, held.stop)
     if options.needs_data:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed,
-                                   options.held_out_windows)
+                                   options.held_out_windows, options.extra_windows)
         fp_stream = source.embed(tokens)
-        q_stream = fp_stream.clone() if embedding is None else source.embed(tokens, dequantize(embedding))
+        q_stream = fp_stream[quantized_rows].clone() if embedding is None else \
+            source.embed(tokens[quantized_rows], dequantize(embedding))
 
     losses: list[tuple[float, float]] = []
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
@@ -492,7 +521,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             packed = _read_block(shard, index, options)
             block_losses = (float("nan"), float("nan"))
         else:
-            packed, block_losses = _quantize_block(source, index, block, options, q_stream, targets, bar)
+            packed, block_losses = _quantize_block(source, index, block, options, q_stream,
+                                                   None if targets is None else targets[quantized_rows], bar)
             tensors = {}
             for name, layer in packed.items():
                 tensors.update(linear_tensors(f"model.layers.{index}.{name}", layer))
@@ -526,7 +556,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         fp_stream = q_stream = targets = None  # the block pass's activations, on the device, not needed now
         _reset_peak_memory(device)
         tokens = tokens.to(device)
-        finetune_kl = _finetune_stage(source, partial, (tokens[train], teacher[train]),
+        finetune_kl = _finetune_stage(source, partial, (tokens[end_to_end], teacher[end_to_end]),
                                       (tokens[held], teacher[held]), embedding, options, progress)
         finetune_peak = _peak_memory(device)
     extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
@@ -541,7 +571,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr", "head_bits", "val_samples",
+                                   "finetune_epochs", "finetune_lr", "finetune_samples", "head_bits", "val_samples",
                                    "block_error")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}))
     config_dict["torch_dtype"] = "float16"
