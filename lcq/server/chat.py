@@ -232,9 +232,6 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
 
     await generation.run(request)
-    failure = generation.failure()
-    if failure:
-        raise failure
     choices = []
     for c in generation.choices:
         reasoning, content, calls, reason = turn.reply(c)

@@ -135,9 +135,6 @@ async def create_completion(body: CompletionRequest, request: Request):
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))
 
     await generation.run(request)
-    failure = generation.failure()
-    if failure:
-        raise failure
     choices = []
     for choice in generation.choices:
         text, entries = echoed(choice, choice.prompt_logprobs)

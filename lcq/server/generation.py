@@ -137,7 +137,8 @@ class Generation:
                     logger.debug("abort of %s: already finished", choice.request_id, exc_info=True)
 
     async def run(self, request: Request) -> None:
-        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort at once."""
+        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort at once.
+        A choice the engine failed (not a client mistake) fails the whole response with a 500."""
 
         async def consume() -> None:
             async for _ in self.deltas():
@@ -158,13 +159,9 @@ class Generation:
             task.cancel()
             disconnected.cancel()
             self.abort()
-
-    def failure(self) -> APIError | None:
-        """A 500 for the first choice the engine failed (not a client mistake), if any."""
         for choice in self.choices:
             if choice.finish_reason == "error":
-                return APIError(500, choice.error or "generation failed", code="engine_error")
-        return None
+                raise APIError(500, choice.error or "generation failed", code="engine_error")
 
     def usage(self, count_completions: bool = True) -> UsageInfo:
         """Prompt tokens once per prompt (not per choice), completion tokens of every choice (none

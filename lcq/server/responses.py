@@ -144,9 +144,6 @@ async def create_response(body: ResponsesRequest, request: Request):
         return sse_response(_stream(state, turn, builder, keep))
 
     await turn.generation.run(request)
-    failure = turn.generation.failure()
-    if failure:
-        raise failure
     choice = turn.generation.choices[0]
     reasoning, content, calls, _ = turn.reply(choice)
     status = _status(choice.finish_reason)
