@@ -32,14 +32,17 @@ def test_pack_rejects_out_of_range():
         pack_indices(torch.full((1, 32), 4), 2)
 
 
-def random_layer(n=24, k=80, bits=3, rank=2, group=32, seed=0) -> PackedLinear:
+def random_layer(n: int = 24, k: int = 80, bits: int = 3, rank: int = 2, group: int = 32, seed: int = 0,
+                 bias: bool = False) -> PackedLinear:
+    """A packed layer with random indices and codebooks (seeded); the kernels' tests use it too."""
     g = torch.Generator().manual_seed(seed)
     groups = -(-k // group)
     s = torch.rand(n, groups, rank, generator=g) + 0.1
     b = torch.randn(n, groups, generator=g)
     v = torch.randn(rank, 1 << bits, generator=g)
     indices = torch.randint(0, 1 << bits, (n, k), generator=g)
-    return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group)
+    return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group,
+                         bias=torch.randn(n, generator=g) if bias else None)
 
 
 def test_dequantize_matches_codebook_definition():

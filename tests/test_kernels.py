@@ -15,26 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear, layer_codebooks
+from lcq.format import PackedLinear, dequantize, layer_codebooks
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
 from lcq.kernels.cpu_matmul import can_pack, cpu_products, dense_linear, half_copy, pack_weight, products_available
+from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SMALL_DECODE = {"BLOCK_N": 16, "SPLIT_K": 3}
 SMALL_GEMM = {"BLOCK_M": 16, "BLOCK_N": 16, "GROUP_M": 2}
-
-
-def random_layer(n: int, k: int, bits: int, rank: int, group: int, seed: int, bias: bool = False) -> PackedLinear:
-    g = torch.Generator().manual_seed(seed)
-    groups = -(-k // group)
-    s = torch.rand(n, groups, rank, generator=g) + 0.1
-    b = torch.randn(n, groups, generator=g)
-    v = torch.randn(rank, 1 << bits, generator=g)
-    indices = torch.randint(0, 1 << bits, (n, k), generator=g)
-    return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group,
-                         bias=torch.randn(n, generator=g) if bias else None)
 
 
 def reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
