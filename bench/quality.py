@@ -279,8 +279,7 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", b, 2, epochs=10, finetune=f, held_out=4, block_error="norm-weighted")
                  for b, f in ((2, 10), (2, 40), (3, 10), (4, 10))]
         # more windows for the end-to-end stage alone (--finetune-samples): the -n64 rows had them help it
-        # but not the block-wise stage
-        # (3 epochs over 64 windows: about the steps, and the time, of 10 over the study's 16)
+        # but not the block-wise stage; 3 epochs over 64 take about the steps and time of 10 over the study's 16
         runs += [Run("lcq", 2, 2, epochs=10, finetune=f, finetune_samples=64, held_out=4, block_error="norm-weighted")
                  for f in (10, 3)]
     return runs
