@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
+from lcq.quantizer.layer_bits import LayerWidths  # noqa: E402
 from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
@@ -218,6 +219,7 @@ class Run:
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     finetune_samples: int | None = None  # that stage's training windows (--finetune-samples); None: nsamples
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
+    layer_bits: tuple[str, ...] = ()  # rules for decoder layers at another width (--layer-bits)
     # lcq with block-wise epochs: held-out windows choosing each block's epoch, and the head's and the end-to-end
     # stage's (--val-samples), and the block-wise error (--block-error); 0 and relative, the quantizer's
     # defaults before 2026-12-01, reproduce older rows
@@ -238,6 +240,7 @@ class Run:
         name += f"-ft{self.finetune}" if self.finetune else ""
         name += "" if self.finetune_samples is None else f"-fs{self.finetune_samples}"
         name += f"-h{self.head}" if self.head else ""
+        name += "".join(f"-{rule.replace('=', '-w')}" for rule in self.layer_bits)
         name += f"-v{self.held_out}" if self.held_out else ""
         name += "-nw" if self.block_error == "norm-weighted" else ""
         return name
@@ -282,6 +285,10 @@ def study_runs(quick: bool) -> list[Run]:
         # but not the block-wise stage; 3 epochs over 64 take about the steps and time of 10 over the study's 16
         runs += [Run("lcq", 2, 2, epochs=10, finetune=f, finetune_samples=64, held_out=4, block_error="norm-weighted")
                  for f in (10, 3)]
+        # some layers at 3 bits over W2 (--layer-bits), as llama.cpp's K-quant mixes do: down_proj is a quarter of
+        # SmolLM2's linear weights, q/k/v a sixth, gate/up a half; against the line from W2 to W3 at the same bpw
+        runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", layer_bits=(rule,))
+                 for rule in ("down_proj=3", "qkv=3", "gate_up=3")]
     return runs
 
 
@@ -307,6 +314,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += f" --block-error {run.block_error}" if epochs_of(run, settings) else ""
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
+    cmd += f" --layer-bits {','.join(run.layer_bits)}" if run.layer_bits else ""
     return cmd
 
 
@@ -322,7 +330,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
                  "finetune_samples": (run.finetune_samples or nsamples_of(run, settings)) if run.finetune else None,
-                 "head_bits": run.head or None,
+                 "head_bits": run.head or None, "layer_bits": list(run.layer_bits) or None,
                  "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
                  "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None}
     model_dir = source
@@ -342,6 +350,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
                                   finetune_samples=run.finetune_samples, head_bits=run.head,
+                                  layer_bits=list(run.layer_bits),
                                   val_samples=run.held_out, block_error=run.block_error)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
@@ -360,9 +369,11 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
 
 def check_settings(folder: Path, run: Run, settings: dict) -> None:
     """A reused folder must have been quantized with exactly the row's settings."""
-    quant = json.loads((folder / "config.json").read_text())["quantization_config"]
+    config = json.loads((folder / "config.json").read_text())
+    quant = config["quantization_config"]
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
-                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head}
+                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head,
+                "layer_bits": LayerWidths(run.bits, list(run.layer_bits)).overrides(config["num_hidden_layers"])}
     if run.method == "lcq":
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
@@ -372,7 +383,7 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
             expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out, block_error=run.block_error)
     # folders from before these options
     recorded = {"assign": "nearest", "finetune_epochs": 0, "head_bits": 0, "val_samples": 0, "block_error": "relative",
-                **quant}
+                "layer_bits": {}, **quant}
     wrong = {k: (recorded.get(k), v) for k, v in expected.items() if recorded.get(k) != v}
     if wrong:
         raise SystemExit(f"{folder}: quantized with other settings than row {run.key}: {wrong}")
@@ -435,9 +446,11 @@ def plot(results: dict, path: Path) -> None:
     series += [("LCQ r2, 10 epochs", "*", lambda r: r["method"] == "lcq" and r["rank"] == 2 and r["epochs"] == 10
                  and nearest(r) and study_calib(r) and default_epochs != 10 and not r.get("finetune_epochs"))]
     series += [("LCQ, 10 epochs + end-to-end", "p", lambda r: r["method"] == "lcq" and r.get("finetune_epochs"))]
+    series += [("LCQ, some layers at more bits", "d", lambda r: bool(r.get("layer_bits")))]
     best = {}
     for r in rows:
-        if r["method"] == "lcq" and (r["bits"] not in best or r["perplexity"] < best[r["bits"]]["perplexity"]):
+        if r["method"] == "lcq" and not r.get("layer_bits") and (
+                r["bits"] not in best or r["perplexity"] < best[r["bits"]]["perplexity"]):
             best[r["bits"]] = r
     series += [("LCQ, best row per bit width", "h", lambda r: any(r is b for b in best.values()))]
     for label, marker, selected in series:
@@ -464,7 +477,7 @@ def goal_lines(rows: list[dict]) -> list[str]:
         return ["- No fp16 row yet, so no goal can be judged."]
     lines = []
     for bits, limit in GOALS.items():
-        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits]
+        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits and not r.get("layer_bits")]
         if not lcq:
             lines.append(f"- LCQ W{bits}g{GROUP_SIZE} within {limit:g}x of fp16: not measured.")
             continue
@@ -508,7 +521,8 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
         if r.get("finetune_samples") not in (None, calib_windows):
             calib_windows = f"{calib_windows} ({r['finetune_samples']} end-to-end)"
-        table.append(f"| {r['key']} | {r['method']} | {r['bits']} | {r['rank'] if r['method'] != 'fp16' else '-'} "
+        bits = f"{r['bits']} ({', '.join(r['layer_bits'])})" if r.get("layer_bits") else r["bits"]
+        table.append(f"| {r['key']} | {r['method']} | {bits} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
                      f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} "
                      f"| {calib_windows} | {r['bits_per_weight']:.3f} | {head_column(r)} | {r['perplexity']:.2f} | {ratio} "

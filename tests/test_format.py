@@ -112,6 +112,16 @@ def test_unknown_format_version_is_refused(tmp_path):
         CheckpointReader(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("layer_bits", [{"model.layers.0.mlp.up_proj": 5}, ["model.layers.0.mlp.up_proj"]])
+def test_bad_layer_widths_are_refused(tmp_path, layer_bits):
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"].update(format_version=4, layer_bits=layer_bits)
+    write_json(tmp_path / "ckpt" / "config.json", cfg)
+    with pytest.raises(FormatError, match="layer_bits must map module names to 2, 3 or 4"):
+        CheckpointReader(tmp_path / "ckpt")
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")

@@ -1,22 +1,27 @@
 """The quantizer: codebook fits, GPTQ, the block-wise stage, the pipeline and the CLI."""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import replace
 from pathlib import Path
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lcq.cli import main
-from lcq.format import CheckpointReader, dequantize
+from lcq.format import (CheckpointReader, FormatError, dequantize, linear_tensors, pack_indices, unpack_indices,
+                        write_json, write_shard)
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
+from lcq.quantizer.layer_bits import LayerWidths
+from lcq.quantizer.pipeline import DEFAULT_LR, LINEARS, calibration_batch
 from lcq.quantizer.reference import load_reference_model
-from lcq.quantizer.pipeline import DEFAULT_LR, calibration_batch
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
 
@@ -294,8 +299,9 @@ def test_quantize_on_cuda(tmp_path, tiny_hf, method):
 
 
 def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monkeypatch):
+    """Layers at their own widths (--layer-bits) too: the finished block is read back at its widths."""
     options = QuantizeOptions(bits=3, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT,
-                              nsamples=4, seqlen=32, epochs=1)
+                              nsamples=4, seqlen=32, epochs=1, layer_bits=["down_proj=4,gate_up@0=2"])
     quantize_model(tiny_hf, tmp_path / "whole", options, progress=False)
 
     import lcq.quantizer.pipeline as pipeline
@@ -362,6 +368,12 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
          "--finetune-samples must be >= 1"),
         (["quantize", str(tiny_hf), out, "--finetune-samples", "8"], "--finetune-samples needs --finetune-epochs"),
         (["quantize", str(tiny_hf), out, "--block-error", "mse"], "--block-error must be one of"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "down_proj:3"], "expected NAME[@FIRST[-LAST]]=BITS"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "down=3"], "unknown projection 'down'"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "down_proj=5"], "bits must be 2, 3 or 4"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "qkv=3", "--layer-bits", "v_proj@1=4"],
+         "need one width (layer 1: 3, 3, 4)"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "down_proj@0-2=3"], "layer 2 does not exist"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),
@@ -663,10 +675,6 @@ def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
     but looked up from the packed head, an untied one packed too (version 3); the real loader and the
     engine follow transformers with every packed matrix dequantized, and the folder is smaller than with
     the fp16 head."""
-    from lcq.models.loader import load_model
-    from lcq.runtime import LLM, SamplingParams
-    from tests.test_models import PROMPTS, _check_against
-
     hf = make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=tied)
     options = dict(bits=2, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                    epochs=1)
@@ -681,12 +689,73 @@ def test_packed_head_serves_logits_and_tied_lookups(tmp_path, tied):
         assert reader.quant["embed_bits"] == 4 and reader.linear("model.embed_tokens").bits == 4
     assert packed.bits_per_weight == plain.bits_per_weight and packed.size_bytes < plain.size_bytes
     assert packed.head_kl.epoch > 0 and plain.head_kl is None  # the head stage ran and kept an epoch
-    reference = load_reference_model(tmp_path / "head")
-    model, _ = load_model(tmp_path / "head")
+    _check_serves_like_its_reference(tmp_path / "head")
+
+
+def _check_serves_like_its_reference(folder) -> None:
+    """The real loader's model and the engine follow transformers with every packed matrix dequantized:
+    logits over prefill and decode steps, and greedy tokens."""
+    from lcq.models.loader import load_model
+    from lcq.runtime import LLM, SamplingParams
+    from tests.test_models import PROMPTS, _check_against
+
+    reference = load_reference_model(folder)
+    model, _ = load_model(folder)
     _check_against(reference, model, PROMPTS, decode_steps=3, atol=2e-4)
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    outs = LLM(str(tmp_path / "head"), kv_cache_dtype="float32", cpu_matmul_dtype="float32").generate(PROMPTS, greedy)
+    outs = LLM(str(folder), kv_cache_dtype="float32", cpu_matmul_dtype="float32").generate(PROMPTS, greedy)
     for prompt, out in zip(PROMPTS, outs):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[],
                                       min_new_tokens=8)[0, len(prompt):].tolist()
         assert out.token_ids == expected
+
+
+def test_layer_width_rules():
+    """--layer-bits rules: a projection or alias, in every layer or a range, later rules winning."""
+    widths = LayerWidths(2, ["down_proj=3,qkv@1=4", "all@3-4=3", "down_proj@4=4"])
+    assert [widths.of(0, name) for name in LINEARS] == [2, 2, 2, 2, 2, 2, 3]
+    assert [widths.of(1, name) for name in LINEARS] == [4, 4, 4, 2, 2, 2, 3]
+    assert [widths.of(3, name) for name in LINEARS] == [3] * 7
+    assert [widths.of(4, name) for name in LINEARS] == [3] * 6 + [4]
+    assert widths.of(9, "mlp.down_proj") == 3 and widths.of(9, "mlp.up_proj") == 2
+    assert widths.overrides(2) == {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
+                                   **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}
+    assert LayerWidths(3, ["all=3"]).overrides(2) == {}
+
+
+def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny_hf):
+    """--layer-bits over W2 (down_proj at 3 bits, layer 1's q/k/v at 4): format version 4 with the width of
+    every layer not at --bits; both tuning stages fit each layer at its width, which lowers the KL to the
+    full-precision model; the real loader and the engine follow transformers with the dequantized weights.
+    A folder whose fused q/k/v parts differ in width is refused with one line."""
+    from lcq.models.loader import load_model
+
+    options = dict(bits=2, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                   epochs=1, finetune_epochs=1)
+    plain = quantize_model(tiny_hf, tmp_path / "plain", QuantizeOptions(**options), progress=False)
+    mixed = quantize_model(tiny_hf, tmp_path / "mixed", QuantizeOptions(**options, layer_bits=["down_proj=3", "qkv@1=4"]),
+                           progress=False)
+    reader = CheckpointReader(tmp_path / "mixed")
+    expected = {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
+                **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}
+    assert reader.quant["format_version"] == 4 and reader.quant["bits"] == 2 and reader.quant["layer_bits"] == expected
+    prefixes = reader.quantized_prefixes()
+    assert {p: reader.linear(p).bits for p in prefixes} == {p: expected.get(p, 2) for p in prefixes}
+    assert plain.bits_per_weight + 0.2 < mixed.bits_per_weight < plain.bits_per_weight + 1
+    assert mixed.finetune_kl.before < plain.finetune_kl.before and mixed.finetune_kl.after < plain.finetune_kl.after
+    _check_serves_like_its_reference(tmp_path / "mixed")
+
+    # v_proj of layer 0 stored at 3 bits (the same indices and values, its table padded): q/k/v now differ
+    name = "model.layers.0.self_attn.v_proj"
+    layer = reader.linear(name)
+    wider = replace(layer, qweight=pack_indices(unpack_indices(layer.qweight, 2), 3), bits=3,
+                    v=torch.cat([layer.v, torch.zeros_like(layer.v)], dim=2))
+    shard = reader.folder / json.loads((reader.folder / "model.safetensors.index.json").read_text())["weight_map"][
+        f"{name}.qweight"]
+    write_shard(shard, {**load_file(str(shard)), **linear_tensors(name, wider)})
+    config = json.loads((reader.folder / "config.json").read_text())
+    config["quantization_config"]["layer_bits"][name] = 3
+    write_json(reader.folder / "config.json", config)
+    assert torch.equal(dequantize(CheckpointReader(reader.folder).linear(name)), dequantize(layer))
+    with pytest.raises(FormatError, match="v_proj are packed at different widths \\(2, 2, 3\\)"):
+        load_model(reader.folder)

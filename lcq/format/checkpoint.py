@@ -27,7 +27,10 @@ HEAD_FORMAT_VERSION = 2
 # Version 3: an untied embedding table may be packed too, at the head's width (embed_bits); readers of
 # version 2 would look its tokens up in the packed head instead.
 EMBED_FORMAT_VERSION = 3
-READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION, EMBED_FORMAT_VERSION)
+# Version 4: decoder linear layers may have their own width (layer_bits: module name -> bits); readers of
+# version 3 would read those at `bits`.
+LAYER_BITS_FORMAT_VERSION = 4
+READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION, EMBED_FORMAT_VERSION, LAYER_BITS_FORMAT_VERSION)
 HEAD = "lm_head"
 EMBED = "model.embed_tokens"
 PACK_LAYOUT = "kmajor-planes"
@@ -49,9 +52,10 @@ class FormatError(ValueError):
 def quantization_config(bits: int, rank: int, group_size: int, method: str,
                         modules_not_quantized: list[str], **extra: Any) -> dict[str, Any]:
     """The `quantization_config` block of config.json (a packed lm_head: head_bits among `extra`; a packed
-    untied embedding table: embed_bits)."""
-    version = EMBED_FORMAT_VERSION if extra.get("embed_bits") else \
-        HEAD_FORMAT_VERSION if extra.get("head_bits") else FORMAT_VERSION
+    untied embedding table: embed_bits; layers at their own width: layer_bits). Each is written with the
+    lowest version that reads it."""
+    version = LAYER_BITS_FORMAT_VERSION if extra.get("layer_bits") else EMBED_FORMAT_VERSION if extra.get("embed_bits") \
+        else HEAD_FORMAT_VERSION if extra.get("head_bits") else FORMAT_VERSION
     return {
         "quant_method": QUANT_METHOD, "format_version": version, "pack_layout": PACK_LAYOUT,
         "bits": bits, "rank": rank, "group_size": group_size, "method": method,
@@ -153,6 +157,10 @@ class CheckpointReader:
         for key in ("head_bits", "embed_bits"):
             if quant.get(key) not in (None, 0, *SUPPORTED_BITS):  # 0: kept in full precision
                 raise FormatError(f"{path}: unsupported {key}={quant[key]}")
+        layer_bits = quant.get("layer_bits", {})
+        if not isinstance(layer_bits, dict) or any(
+                not isinstance(name, str) or bits not in SUPPORTED_BITS for name, bits in layer_bits.items()):
+            raise FormatError(f"{path}: quantization_config.layer_bits must map module names to 2, 3 or 4")
         return quant
 
     def _tensor_files(self) -> dict[str, Path]:
@@ -209,12 +217,16 @@ class CheckpointReader:
         weights = [layer.out_features * layer.in_features for layer in layers]
         return sum(layer.bits_per_weight() * n for layer, n in zip(layers, weights)) / sum(weights)
 
+    def bits_of(self, prefix: str) -> int:
+        """The width of the packed layer `prefix`: the head's, the table's, its own, or `bits`."""
+        bits = {HEAD: self.quant.get("head_bits"), EMBED: self.quant.get("embed_bits")}.get(prefix)
+        return bits or self.quant.get("layer_bits", {}).get(prefix, self.quant["bits"])
+
     def linear(self, prefix: str) -> PackedLinear:
         """Load and validate one packed linear layer."""
         if self.quant is None:
             raise FormatError(f"{self.folder / 'config.json'}: no quantization_config (not an LCQ checkpoint)")
-        bits = {HEAD: self.quant.get("head_bits"), EMBED: self.quant.get("embed_bits")}.get(prefix)
-        return linear_from_tensors(_LazyTensors(self), prefix, bits or self.quant["bits"], self.quant["rank"],
+        return linear_from_tensors(_LazyTensors(self), prefix, self.bits_of(prefix), self.quant["rank"],
                                    self.quant["group_size"], lambda name: str(self._files.get(name, self.folder)))
 
 

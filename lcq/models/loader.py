@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lcq.format import EMBED, HEAD, CheckpointReader, PackedLinear
+from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
@@ -73,7 +73,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     def make_linear(names: list[str]) -> torch.nn.Module:
         if reader.quant is not None and reader.has(f"{names[0]}.qweight"):
-            return LCQLinear(PackedLinear.concat([reader.linear(n) for n in names]).to(device), cache_dense)
+            parts = [reader.linear(n) for n in names]
+            if len({part.bits for part in parts}) > 1:
+                raise FormatError(f"{reader.folder}: {', '.join(names)} are packed at different widths "
+                                  f"({', '.join(str(part.bits) for part in parts)}); lcq runs them as one fused "
+                                  "product, which needs one width")
+            return LCQLinear(PackedLinear.concat(parts).to(device), cache_dense)
         biases = [f"{n}.bias" for n in names]
         bias = torch.cat([read(b) for b in biases]) if all(reader.has(b) for b in biases) else None
         return DenseLinear(torch.cat([read(f"{n}.weight") for n in names]), bias)

@@ -42,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pack lm_head too, at 2, 3 or 4 bits (the same rank and group size; a tied embedding table "
                         "is then looked up from it and not stored, an untied one packed at that width too; "
                         "default 0: both kept in fp16)")
+    q.add_argument("--layer-bits", action="append", default=[], metavar="RULES",
+                   help="decoder layers at another width than --bits: NAME[@FIRST[-LAST]]=BITS rules, comma-separated "
+                        "or repeated, later ones winning; NAME a projection (q_proj ... down_proj) or qkv, gate_up, all "
+                        "(q/k/v and gate/up run fused and need one width); e.g. down_proj=3,all@0=4")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
@@ -89,10 +93,11 @@ def _quantize(args: argparse.Namespace) -> int:
                               init=args.init, assign=args.assign, device=args.device, act_order=args.act_order,
                               seed=args.seed, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                               finetune_lr=args.finetune_lr, finetune_samples=args.finetune_samples,
-                              head_bits=args.head_bits,
+                              head_bits=args.head_bits, layer_bits=args.layer_bits,
                               val_samples=args.val_samples, block_error=args.block_error)
-    check_paths(Path(args.model_dir), Path(args.out_dir))
+    config = check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
+    options.widths.check_layers(config["num_hidden_layers"])
     if options.needs_data:  # fetched only once everything else is known to be fine
         options.calib_text = _read_text(args.calib, calibration_text)
     summary = quantize_model(args.model_dir, args.out_dir, options, resume=args.resume)

@@ -30,6 +30,7 @@ from .blockwise import LayerFit, block_call, optimize_block, run_block
 from .finetune import StageScore, finetune, tune_head
 from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from .gptq import fit_codebooks_to_indices, gptq_indices
+from .layer_bits import LayerWidths
 from .reference import hf_config, read_config
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -80,6 +81,7 @@ class QuantizeOptions:
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     finetune_samples: int | None = None  # the end-to-end stage's training windows; None: nsamples
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
+    layer_bits: list[str] = field(default_factory=list)  # rules for layers at another width (layer_bits.py)
     val_samples: int | None = None  # held-out windows of the tuning stages; None: a quarter of nsamples
     block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
 
@@ -121,8 +123,14 @@ class QuantizeOptions:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        LayerWidths(self.bits, self.layer_bits)  # parses the --layer-bits rules: a bad one raises
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda asked for, but no CUDA device is available")
+
+    @property
+    def widths(self) -> LayerWidths:
+        """Each decoder linear layer's width: --bits, or what a --layer-bits rule gives it."""
+        return LayerWidths(self.bits, self.layer_bits)
 
     @property
     def block_lr(self) -> float:
@@ -334,7 +342,8 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     n = options.nsamples
     stats = _input_stats(call, block, q_inputs[:n], options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
-    fits = [_initial_fit(name, w, stats.get(name), options, options.bits) for name, w in weights.items()]
+    widths = options.widths
+    fits = [_initial_fit(name, w, stats.get(name), options, widths.of(index, name)) for name, w in weights.items()]
     losses = (0.0, 0.0)
     if options.method == "lcq":
         def on_step(loss: float) -> None:
@@ -346,7 +355,7 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     packed = {}
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
-        packed[f.name] = _packed_fit(f, weights[f.name], stats.get(f.name), bias, options, options.bits)
+        packed[f.name] = _packed_fit(f, weights[f.name], stats.get(f.name), bias, options, widths.of(index, f.name))
     return packed, losses
 
 
@@ -483,6 +492,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.validate()
     config_dict = check_paths(model_dir, out_dir)
+    options.widths.check_layers(config_dict["num_hidden_layers"])
     partial = out_dir.with_name(out_dir.name + ".partial")
     recorded = options.recorded()
     done = _prepare_partial(partial, recorded, resume)
@@ -568,12 +578,14 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if embedding is not None:
             extra.update(linear_tensors(EMBED, embedding.to("cpu")))
     write_shard(partial / "model-extra.safetensors", extra)
+    layer_bits = options.widths.overrides(source.num_layers)
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
                                    "finetune_epochs", "finetune_lr", "finetune_samples", "head_bits", "val_samples",
                                    "block_error")},
-        **({"embed_bits": options.head_bits} if embedding is not None else {}))
+        **({"embed_bits": options.head_bits} if embedding is not None else {}),
+        **({"layer_bits": layer_bits} if layer_bits else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
@@ -666,5 +678,6 @@ def _read_block(shard: Path, index: int, options: QuantizeOptions,
     from lcq.format.checkpoint import linear_from_tensors
 
     tensors = load_file(str(shard)) if tensors is None else tensors
-    return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", options.bits, options.rank,
+    widths = options.widths
+    return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", widths.of(index, name), options.rank,
                                       options.group_size, lambda _: str(shard)) for name in LINEARS}

@@ -1,0 +1,90 @@
+"""Per-layer bit widths (`--layer-bits`): some of the decoder's linear layers at another width than
+`--bits`, as llama.cpp's K-quant mixes give attn_v and ffn_down more bits than the rest.
+
+A rule is NAME[@FIRST[-LAST]]=BITS: the projection NAME (a Hugging Face name such as down_proj, or
+qkv, gate_up, all) in decoder layers FIRST to LAST (every layer without @), at BITS. Later rules win.
+The runtime fuses q/k/v and gate/up into one product each, so their parts must share a width.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lcq.errors import UserError
+
+PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
+WIDTHS = (2, 3, 4)
+_RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
+
+
+@dataclass(frozen=True)
+class WidthRule:
+    projections: tuple[str, ...]
+    first: int  # decoder layers first..last (inclusive); last None: every layer
+    last: int | None
+    bits: int
+
+    def covers(self, layer: int) -> bool:
+        return self.first <= layer and (self.last is None or layer <= self.last)
+
+
+def parse_rule(spec: str) -> WidthRule:
+    """One rule from its text, or a UserError saying what a rule looks like."""
+    match = _RULE.fullmatch(spec.strip())
+    names = ", ".join([*PROJECTIONS, *ALIASES])
+    if match is None:
+        raise UserError(f"--layer-bits {spec!r}: expected NAME[@FIRST[-LAST]]=BITS, NAME one of {names}")
+    name, bits = match["name"], int(match["bits"])
+    if name not in PROJECTIONS and name not in ALIASES:
+        raise UserError(f"--layer-bits {spec!r}: unknown projection {name!r} (one of {names})")
+    if bits not in WIDTHS:
+        raise UserError(f"--layer-bits {spec!r}: bits must be 2, 3 or 4")
+    if match["first"] is None:
+        return WidthRule(ALIASES.get(name, (name,)), 0, None, bits)
+    first = int(match["first"])
+    last = first if match["last"] is None else int(match["last"])
+    if last < first:
+        raise UserError(f"--layer-bits {spec!r}: the last layer comes before the first")
+    return WidthRule(ALIASES.get(name, (name,)), first, last, bits)
+
+
+class LayerWidths:
+    """The width of each decoder linear layer: `bits`, unless a rule says otherwise."""
+
+    def __init__(self, bits: int, specs: list[str]):
+        self.bits = bits
+        self.rules = [parse_rule(part) for spec in specs for part in spec.split(",") if part.strip()]
+        # Past the highest layer any rule names, every layer is alike: checking one more covers them all.
+        named = [rule.last for rule in self.rules if rule.last is not None]
+        for layer in range(max(named, default=0) + 2):
+            self._check_fused(layer)
+
+    def of(self, layer: int, linear: str) -> int:
+        """The width of `linear` (e.g. "mlp.down_proj") in decoder layer `layer`."""
+        projection = linear.rsplit(".", 1)[-1]
+        widths = [rule.bits for rule in self.rules if projection in rule.projections and rule.covers(layer)]
+        return widths[-1] if widths else self.bits
+
+    def check_layers(self, num_layers: int) -> None:
+        """Refuse rules naming layers the model does not have (a typo would otherwise do nothing)."""
+        for rule in self.rules:
+            if rule.last is not None and rule.last >= num_layers:
+                raise UserError(f"--layer-bits: layer {rule.last} does not exist "
+                                f"(the model has {num_layers} layers, 0 to {num_layers - 1})")
+
+    def overrides(self, num_layers: int) -> dict[str, int]:
+        """Full module name -> width, for every layer whose width is not `bits` (quantization_config.layer_bits)."""
+        widths = {f"model.layers.{layer}.{PROJECTIONS[p]}.{p}": self.of(layer, p)
+                  for layer in range(num_layers) for p in PROJECTIONS}
+        return {name: bits for name, bits in widths.items() if bits != self.bits}
+
+    def _check_fused(self, layer: int) -> None:
+        for parts in FUSED:
+            widths = [self.of(layer, p) for p in parts]
+            if len(set(widths)) > 1:
+                alias = next(a for a, members in ALIASES.items() if members == parts)
+                raise UserError(f"--layer-bits: {', '.join(parts)} run as one fused product and need one width "
+                                f"(layer {layer}: {', '.join(map(str, widths))}); set {alias}=BITS instead")
