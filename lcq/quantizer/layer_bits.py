@@ -11,12 +11,12 @@ import re
 from dataclasses import dataclass
 
 from lcq.errors import UserError
+from lcq.format import SUPPORTED_BITS
 
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
-WIDTHS = (2, 3, 4)
 _RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 
@@ -40,7 +40,7 @@ def parse_rule(spec: str) -> WidthRule:
     name, bits = match["name"], int(match["bits"])
     if name not in PROJECTIONS and name not in ALIASES:
         raise UserError(f"--layer-bits {spec!r}: unknown projection {name!r} (one of {names})")
-    if bits not in WIDTHS:
+    if bits not in SUPPORTED_BITS:
         raise UserError(f"--layer-bits {spec!r}: bits must be 2, 3 or 4")
     if match["first"] is None:
         return WidthRule(ALIASES.get(name, (name,)), 0, None, bits)
