@@ -286,9 +286,15 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 2, 2, epochs=10, finetune=f, finetune_samples=64, held_out=4, block_error="norm-weighted")
                  for f in (10, 3)]
         # some layers at 3 bits over W2 (--layer-bits), as llama.cpp's K-quant mixes do: down_proj is a quarter of
-        # SmolLM2's linear weights, q/k/v a sixth, gate/up a half; against the line from W2 to W3 at the same bpw
+        # SmolLM2's linear weights, q/k/v a sixth, gate/up a half, o_proj a eleventh; the first or last 4 of 30 layers
         runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", layer_bits=(rule,))
-                 for rule in ("down_proj=3", "qkv=3", "gate_up=3")]
+                 for rule in ("down_proj=3", "qkv=3", "gate_up=3", "o_proj=3", "all@0-3=3", "all@26-29=3")]
+        # q/k/v and the first layers gained most per bit: together, with down_proj, and with the end-to-end
+        # stage's cheap setting; Gemma-3-270M's first 3 of 18 layers
+        runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", layer_bits=rules)
+                 for rules in (("qkv=3", "down_proj=3"), ("qkv=3", "all@0-3=3"), ("all@0-2=3",))]
+        runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
+                     layer_bits=("qkv=3",))]
     return runs
 
 
