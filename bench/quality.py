@@ -203,6 +203,23 @@ NOTES = """
   (8192 tokens, quality-cpu-gemma-3-270m-fp16-eval16.json) the same settings take W2 r2 e10 from
   214.98 (1.691x, 16 windows) to 188.89 (1.486x), the held-out KL from 1.113 to 0.972 (still falling
   at the tenth epoch: 0.9725, 0.9723), in 4996 s against 1595 s.
+- Some layers at 3 bits over W2 (`--layer-bits`, the -NAME-wB rows, 2026-12-02, the Zen 4 machine),
+  one projection kind or layer range at a time, against lcq-w2r2-e10-v4-nw (145.13 at 2.446 bpw) and
+  lcq-w3r2-e10-v4-nw (67.59 at 3.446, this study's first W3 row with the current defaults). Gain per
+  added bit/weight, ln(145.13 / perplexity) / added bpw: the first 4 of 30 layers 0.83 (129.98 at
+  2.579), q/k/v 0.73 (129.49 at 2.602), the last 4 layers 0.53 (135.25), gate/up 0.53 (111.54 at
+  2.946), down_proj 0.49 (128.45 at 2.696), o_proj 0.11 (143.62 at 2.540, within the noise); W2 to W3
+  in whole 0.76, more than the single kinds' gains add up to (0.51 for q/k/v, o, gate/up and down):
+  the layers' errors compound. The first layers' gain sits in the first two: 1.51 for layers 0-1
+  (131.21 at 2.512), 0.83 for 0-3, 0.61 for 0-7 (123.36 at 2.712). Two together: q/k/v and down_proj
+  107.84 at 2.852 (0.73), q/k/v and the first 4 layers 115.98 at 2.715 (0.83), q/k/v and the first 2
+  117.65 at 2.658 (0.99). Rank 4 had bought less with about as many bits
+  (lcq-w2r4-e10, 138.43 at 2.743, older settings). With the end-to-end stage, 3 epochs over 64
+  windows, q/k/v at 3 bits score 109.93 (held-out KL 1.194 -> 0.876) against 120.43 without. On
+  Gemma-3-270M (8192 tokens, quality-cpu-gemma-3-270m-fp16-eval16.json; W2 301.75 at 2.435, W3
+  149.82 at 3.435, 0.70 in whole) the first 2 of 18 layers gained 1.18 (264.66 at 2.546), the first
+  3 0.95 (257.53 at 2.602), down_proj 0.76 (252.16 at 2.670) and q/k/v only 0.41 (280.80 at 2.611):
+  the first two layers pay most on both models, q/k/v on one.
 """
 
 
@@ -286,13 +303,15 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 2, 2, epochs=10, finetune=f, finetune_samples=64, held_out=4, block_error="norm-weighted")
                  for f in (10, 3)]
         # some layers at 3 bits over W2 (--layer-bits), as llama.cpp's K-quant mixes do: down_proj is a quarter of
-        # SmolLM2's linear weights, q/k/v a sixth, gate/up a half, o_proj a eleventh; the first or last 4 of 30 layers
+        # SmolLM2's linear weights, q/k/v a sixth, gate/up a half, o_proj a eleventh; the first or last 4 of 30 layers,
+        # the first 2 or 8
         runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", layer_bits=(rule,))
-                 for rule in ("down_proj=3", "qkv=3", "gate_up=3", "o_proj=3", "all@0-3=3", "all@26-29=3")]
+                 for rule in ("down_proj=3", "qkv=3", "gate_up=3", "o_proj=3", "all@0-3=3", "all@26-29=3",
+                              "all@0-1=3", "all@0-7=3")]
         # q/k/v and the first layers gained most per bit: together, with down_proj, and with the end-to-end
-        # stage's cheap setting; Gemma-3-270M's first 3 of 18 layers
+        # stage's cheap setting; Gemma-3-270M's first 3 of 18 layers; the first 2 layers with q/k/v
         runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", layer_bits=rules)
-                 for rules in (("qkv=3", "down_proj=3"), ("qkv=3", "all@0-3=3"), ("all@0-2=3",))]
+                 for rules in (("qkv=3", "down_proj=3"), ("qkv=3", "all@0-3=3"), ("all@0-2=3",), ("all@0-1=3", "qkv=3"))]
         runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
                      layer_bits=("qkv=3",))]
     return runs
