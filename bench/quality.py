@@ -237,6 +237,7 @@ class Run:
     finetune_samples: int | None = None  # that stage's training windows (--finetune-samples); None: nsamples
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
     layer_bits: tuple[str, ...] = ()  # rules for decoder layers at another width (--layer-bits)
+    target_bits: float | None = None  # each layer's width chosen for these stored bits per weight (--target-bits)
     # lcq with block-wise epochs: held-out windows choosing each block's epoch, and the head's and the end-to-end
     # stage's (--val-samples), and the block-wise error (--block-error); 0 and relative, the quantizer's
     # defaults before 2026-12-01, reproduce older rows
@@ -258,6 +259,7 @@ class Run:
         name += "" if self.finetune_samples is None else f"-fs{self.finetune_samples}"
         name += f"-h{self.head}" if self.head else ""
         name += "".join(f"-{rule.replace('=', '-w')}" for rule in self.layer_bits)
+        name += "" if self.target_bits is None else f"-t{self.target_bits:g}"
         name += f"-v{self.held_out}" if self.held_out else ""
         name += "-nw" if self.block_error == "norm-weighted" else ""
         return name
@@ -314,6 +316,9 @@ def study_runs(quick: bool) -> list[Run]:
                  for rules in (("qkv=3", "down_proj=3"), ("qkv=3", "all@0-3=3"), ("all@0-2=3",), ("all@0-1=3", "qkv=3"))]
         runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
                      layer_bits=("qkv=3",))]
+        # each layer's width chosen by the quantizer (--target-bits) at the bits per weight of hand-picked rows above
+        runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=target)
+                 for target in (2.6021, 2.6583, 2.8521, 2.5124)]
     return runs
 
 
@@ -340,6 +345,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
     cmd += f" --layer-bits {','.join(run.layer_bits)}" if run.layer_bits else ""
+    cmd += "" if run.target_bits is None else f" --target-bits {run.target_bits:g}"
     return cmd
 
 
@@ -356,6 +362,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
                  "finetune_samples": (run.finetune_samples or nsamples_of(run, settings)) if run.finetune else None,
                  "head_bits": run.head or None, "layer_bits": list(run.layer_bits) or None,
+                 "target_bits": run.target_bits,
                  "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
                  "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None}
     model_dir = source
@@ -375,11 +382,11 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
                                   finetune_samples=run.finetune_samples, head_bits=run.head,
-                                  layer_bits=list(run.layer_bits),
+                                  layer_bits=list(run.layer_bits), target_bits=run.target_bits,
                                   val_samples=run.held_out, block_error=run.block_error)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
-                   command=command, size_MB=round(summary.size_bytes / 1e6, 1))
+                   command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None)
         for stage, score in (("head", summary.head_kl), ("finetune", summary.finetune_kl)):
             if score is not None:  # the stage's KL before and after, on the held-out windows if any
                 row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],
@@ -399,6 +406,8 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
                 "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head,
                 "layer_bits": LayerWidths(run.bits, list(run.layer_bits)).overrides(config["num_hidden_layers"])}
+    if run.target_bits is not None:  # the widths are the quantizer's choice
+        expected.update(target_bits=run.target_bits, layer_bits=quant.get("layer_bits"))
     if run.method == "lcq":
         expected.update(epochs=epochs_of(run, settings), init=run.init, assign=run.assign, act_order=run.act_order,
                         finetune_epochs=run.finetune)
@@ -546,7 +555,8 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
         if r.get("finetune_samples") not in (None, calib_windows):
             calib_windows = f"{calib_windows} ({r['finetune_samples']} end-to-end)"
-        bits = f"{r['bits']} ({', '.join(r['layer_bits'])})" if r.get("layer_bits") else r["bits"]
+        bits = f"{r['bits']} (chosen for {r['target_bits']:g})" if r.get("target_bits") else \
+            f"{r['bits']} ({', '.join(r['layer_bits'])})" if r.get("layer_bits") else r["bits"]
         table.append(f"| {r['key']} | {r['method']} | {bits} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
                      f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} "

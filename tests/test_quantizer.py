@@ -25,13 +25,7 @@ from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: one thread is faster, and much faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrices():
@@ -250,11 +244,6 @@ def test_held_out_windows_choose_the_codebooks_kept():
     assert not all(torch.equal(a, b) for a, b in zip(start, _books(fits)))
 
 
-@pytest.fixture(scope="module")
-def tiny_hf(tmp_path_factory):
-    return make_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama")
-
-
 @pytest.mark.parametrize("method,arch,group_size", [("lcq", "llama", 32), ("gptq", "qwen2", 64), ("rtn", "mistral", 64)])
 def test_quantize_save_load_matches_dequantized_reference(tmp_path, method, arch, group_size):
     """Group size 64 pads every layer (hidden 96, intermediate 160) to whole groups."""
@@ -374,6 +363,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--layer-bits", "qkv=3", "--layer-bits", "v_proj@1=4"],
          "need one width (layer 1: 3, 3, 4)"),
         (["quantize", str(tiny_hf), out, "--layer-bits", "down_proj@0-2=3"], "layer 2 does not exist"),
+        (["quantize", str(tiny_hf), out, "--target-bits", "2.6", "--layer-bits", "qkv=3"], "drop --layer-bits"),
+        (["quantize", str(tiny_hf), out, "--method", "rtn", "--rank", "1", "--target-bits", "2.6"], "not rtn"),
+        (["quantize", str(tiny_hf), out, "--target-bits", "1.5"], "choose a target in that range"),
+        (["quantize", str(tiny_hf), out, "--target-bits", "9"], "choose a target in that range"),
+        (["quantize", str(tiny_hf), out, "--target-bits", "nan"], "choose a target in that range"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),

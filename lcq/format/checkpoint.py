@@ -196,6 +196,14 @@ class CheckpointReader:
     def has(self, name: str) -> bool:
         return name in self._files
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape, from its file's header (nothing is read)."""
+        path = self._files.get(name)
+        if path is None:
+            raise FormatError(f"{self.folder}: tensor '{name}' missing")
+        with safe_open(str(path), framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
     def tensor(self, name: str) -> torch.Tensor:
         path = self._files.get(name)
         if path is None:

@@ -73,7 +73,8 @@ class PackedLinear:
 
     def bits_per_weight(self) -> float:
         """Stored bits per weight, as on disk (docs/format.md): packed tensors plus the 8-byte shape."""
-        stored = self.nbytes() - self.v_index.numel() * self.v_index.element_size() + 8 * self.v.shape[0]
+        stored = stored_bytes(self.out_features, self.in_features, self.bits, self.rank, self.group_size,
+                              self.v.shape[0])
         return 8 * stored / (self.out_features * self.in_features)
 
     @staticmethod
@@ -108,6 +109,16 @@ class PackedLinear:
 
 
 _TENSOR_FIELDS = ("qweight", "s_q", "s_scale", "b_q", "b_scale", "v", "v_index")
+
+
+def stored_bytes(out_features: int, in_features: int, bits: int, rank: int, group_size: int, parts: int = 1) -> int:
+    """Bytes on disk of an (out_features, in_features) layer of `parts` concatenated matrices (docs/format.md):
+    the packed indices, S and B in int8 with their fp16 scales, each part's fp16 V and its 8-byte shape.
+    From the shape alone, so that widths can be budgeted before anything is packed (quantizer/allocation.py)."""
+    groups = padded_in_features(in_features, group_size) // group_size
+    indices = groups * group_size * bits // 8 * out_features
+    codebook_factors = (groups * rank + 2 * rank + groups + 2) * out_features
+    return indices + codebook_factors + parts * (2 * rank * (1 << bits) + 8)
 
 
 def codebooks(s: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

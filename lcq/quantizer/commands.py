@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="decoder layers at another width than --bits: NAME[@FIRST[-LAST]]=BITS rules, comma-separated "
                         "or repeated, later ones winning; NAME a projection (q_proj ... down_proj) or qkv, gate_up, all "
                         "(q/k/v and gate/up run fused and need one width); e.g. down_proj=3,all@0=4")
+    q.add_argument("--target-bits", type=float, default=None, metavar="BPW",
+                   help="choose each decoder layer's width (--bits or more) to store BPW bits per weight in all, "
+                        "as printed at the end: the layers whose extra bits lower the estimated loss most get them "
+                        "(a backward pass of the full-precision model over 16 calibration windows weighs them)")
     q.add_argument("--init", default="kmeans", help="kmeans or rtn")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
@@ -84,7 +88,8 @@ def _read_text(path: str | None, default) -> str:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .pipeline import QuantizeOptions, check_paths, quantize_model
+    from .allocation import describe_widths
+    from .pipeline import QuantizeOptions, check_model, check_paths, quantize_model
     from .texts import calibration_text
 
     rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1
@@ -93,17 +98,19 @@ def _quantize(args: argparse.Namespace) -> int:
                               init=args.init, assign=args.assign, device=args.device, act_order=args.act_order,
                               seed=args.seed, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
                               finetune_lr=args.finetune_lr, finetune_samples=args.finetune_samples,
-                              head_bits=args.head_bits, layer_bits=args.layer_bits,
+                              head_bits=args.head_bits, layer_bits=args.layer_bits, target_bits=args.target_bits,
                               val_samples=args.val_samples, block_error=args.block_error)
     config = check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
-    options.widths.check_layers(config["num_hidden_layers"])
+    check_model(Path(args.model_dir), config, options)
     if options.needs_data:  # fetched only once everything else is known to be fine
         options.calib_text = _read_text(args.calib, calibration_text)
     summary = quantize_model(args.model_dir, args.out_dir, options, resume=args.resume)
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
           f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
+    if options.target_bits is not None:
+        print(f"--target-bits {options.target_bits}: {describe_widths(summary.layer_bits, options.bits)}")
     windows = "held-out" if options.held_out_windows else "calibration"
     for stage, score, peak in (("head", summary.head_kl, None),
                                ("end-to-end", summary.finetune_kl, summary.finetune_peak_memory_bytes)):

@@ -16,7 +16,7 @@ import json
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,9 +26,11 @@ from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
 
+from .allocation import FISHER_WINDOWS, UNITS, WIDEST, Unit, check_target, choose_widths, fisher_pass, linear_shapes, unit_bytes
 from .blockwise import LayerFit, block_call, optimize_block, run_block
 from .finetune import StageScore, finetune, tune_head
-from .fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, pack, rtn_codebook,
+                  stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .layer_bits import LayerWidths
 from .reference import hf_config, read_config
@@ -40,6 +42,7 @@ METHODS = ("lcq", "rtn", "gptq")
 # or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
 ASSIGNMENTS = ("nearest", "gptq", "gptq-refit")
 PROGRESS_FILE = "lcq-progress.json"
+WIDTHS_FILE = "lcq-target-widths.json"  # --target-bits: the --layer-bits rules chosen, kept for --resume
 HEAD_SHARD = "lm_head.safetensors"  # a packed head's own shard, written once the blocks are done
 # The block-wise stage's default Adam step per bit width, relative to each of S, V, B's mean
 # magnitude. A step of that size moves codebook entries by a fixed share of the group's range, so it
@@ -82,6 +85,7 @@ class QuantizeOptions:
     finetune_samples: int | None = None  # the end-to-end stage's training windows; None: nsamples
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
     layer_bits: list[str] = field(default_factory=list)  # rules for layers at another width (layer_bits.py)
+    target_bits: float | None = None  # stored bits per weight to spend, each layer's width chosen (allocation.py)
     val_samples: int | None = None  # held-out windows of the tuning stages; None: a quarter of nsamples
     block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
 
@@ -119,6 +123,10 @@ class QuantizeOptions:
             (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
+            (self.target_bits is None or not self.layer_bits,
+             "--target-bits chooses every layer's width itself: drop --layer-bits, or the target"),
+            (self.target_bits is None or self.needs_data,
+             "--target-bits weighs layers on calibration text: --method lcq or gptq, not rtn"),
         ]
         for ok, message in checks:
             if not ok:
@@ -201,6 +209,7 @@ class QuantizeSummary:
     head_kl: StageScore | None = None  # the head stage's (a packed head only)
     finetune_kl: StageScore | None = None  # the end-to-end stage's
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
+    layer_bits: list[str] = field(default_factory=list)  # the --layer-bits rules used (--target-bits: chosen)
 
 
 def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, held_out: int = 0,
@@ -343,7 +352,8 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     stats = _input_stats(call, block, q_inputs[:n], options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
     widths = options.widths
-    fits = [_initial_fit(name, w, stats.get(name), options, widths.of(index, name)) for name, w in weights.items()]
+    fits = [_initial_fit(name, w, _importance(stats.get(name), options), options, widths.of(index, name))
+            for name, w in weights.items()]
     losses = (0.0, 0.0)
     if options.method == "lcq":
         def on_step(loss: float) -> None:
@@ -359,13 +369,17 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
     return packed, losses
 
 
-def _initial_fit(name: str, w: torch.Tensor, stat: torch.Tensor | None, options: QuantizeOptions,
+def _importance(stat: torch.Tensor | None, options: QuantizeOptions) -> torch.Tensor | None:
+    """Each input's mean x_k^2 from a layer's input statistic: mean x x^T (GPTQ sweeps) or that already."""
+    return None if stat is None else stat.diagonal() if options.gptq_indices else stat
+
+
+def _initial_fit(name: str, w: torch.Tensor, importance: torch.Tensor | None, options: QuantizeOptions,
                  bits: int) -> LayerFit:
-    """A layer's starting codebooks: LCQ's weighted k-means (or RTN grid) fit, else the RTN grid; `stat`:
-    its inputs' mean x x^T (GPTQ sweeps) or mean x_k^2, the importance of each input, or None (RTN)."""
+    """A layer's starting codebooks: LCQ's weighted k-means (or RTN grid) fit, else the RTN grid;
+    `importance`: its inputs' mean x_k^2, or None (RTN: every input alike)."""
     wg = grouped(w, options.group_size)
-    diag = None if stat is None else stat.diagonal() if options.gptq_indices else stat
-    h = grouped_importance(diag, w.shape[1], options.group_size, w.device)
+    h = grouped_importance(importance, w.shape[1], options.group_size, w.device)
     book = lcq_init(wg, h, bits, options.rank, options.init) if options.method == "lcq" else \
         rtn_codebook(wg, h > 0, bits, options.rank)
     return LayerFit(name=name, wg=wg, in_features=w.shape[1], book=book)
@@ -406,7 +420,7 @@ def _packed_head(source: _Source, stat: torch.Tensor | None, options: QuantizeOp
     """lm_head (or the embedding table it is tied to) packed at head_bits, from the RTN or weighted
     k-means fit (no block-wise stage: the head's output is the logits)."""
     weight = _head_weight(source, device)
-    fit = _initial_fit(HEAD, weight, stat, options, options.head_bits)
+    fit = _initial_fit(HEAD, weight, _importance(stat, options), options, options.head_bits)
     return _packed_fit(fit, weight, stat, None, options, options.head_bits)
 
 
@@ -474,6 +488,14 @@ def _reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
+def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
+    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach."""
+    options.widths.check_layers(config["num_hidden_layers"])
+    if options.target_bits is not None:
+        shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
+        check_target(shapes, options.target_bits, options.bits, options.rank, options.group_size)
+
+
 def check_paths(model_dir: Path, out_dir: Path) -> dict:
     """The source's config (a supported architecture), and an output folder that does not exist yet."""
     config = read_config(model_dir)
@@ -492,7 +514,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.validate()
     config_dict = check_paths(model_dir, out_dir)
-    options.widths.check_layers(config_dict["num_hidden_layers"])
+    check_model(model_dir, config_dict, options)
     partial = out_dir.with_name(out_dir.name + ".partial")
     recorded = options.recorded()
     done = _prepare_partial(partial, recorded, resume)
@@ -517,6 +539,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         fp_stream = source.embed(tokens)
         q_stream = fp_stream[quantized_rows].clone() if embedding is None else \
             source.embed(tokens[quantized_rows], dequantize(embedding))
+        if options.target_bits is not None:
+            options = replace(options, layer_bits=_target_widths(source, tokens[train], options, partial, progress))
 
     losses: list[tuple[float, float]] = []
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
@@ -585,19 +609,22 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                                    "finetune_epochs", "finetune_lr", "finetune_samples", "head_bits", "val_samples",
                                    "block_error")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}),
-        **({"layer_bits": layer_bits} if layer_bits else {}))
+        **({"layer_bits": layer_bits} if layer_bits else {}),
+        **({"target_bits": options.target_bits} if options.target_bits is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
     write_index(partial)
     (partial / PROGRESS_FILE).unlink()
+    (partial / WIDTHS_FILE).unlink(missing_ok=True)
     partial.rename(out_dir)
 
     reader = CheckpointReader(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=reader.decoder_bits_per_weight(),
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
-                           head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak)
+                           head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak,
+                           layer_bits=options.layer_bits)
 
 
 def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, torch.Tensor],
@@ -654,6 +681,43 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
         if tuned_file.is_file():
             tuned_file.replace(shard)
     return kl
+
+
+def _target_widths(source: _Source, tokens: torch.Tensor, options: QuantizeOptions, partial: Path,
+                   progress: bool) -> list[str]:
+    """The --layer-bits rules that --target-bits buys (allocation.py), chosen once: a resumed run reads
+    them back. Each layer's loss at each width is estimated from its starting fit at that width."""
+    from tqdm import tqdm
+
+    saved = partial / WIDTHS_FILE
+    if saved.is_file():
+        return json.loads(saved.read_text())
+    shapes = linear_shapes(source.reader, source.num_layers)
+    widths = range(options.bits, WIDEST + 1)
+    units = {(layer, name): Unit(layer, name, {b: unit_bytes(shapes, layer, name, b, options.rank, options.group_size)
+                                               for b in widths}, dict.fromkeys(widths, 0.0))
+             for layer in range(source.num_layers) for name in UNITS}
+    bar = tqdm(total=source.num_layers, desc="weighing layers", disable=not progress, unit="block")
+
+    def on_block(index: int, block: torch.nn.Module, fisher: dict[str, torch.Tensor],
+                 importance: dict[str, torch.Tensor]) -> None:
+        for name, linears in UNITS.items():
+            for linear in linears:
+                w = block.get_submodule(linear).weight.detach().float()
+                for b in widths:
+                    book = stored_codebook(_initial_fit(linear, w, importance[linear], options, b).book).values()
+                    wg = grouped(w, options.group_size)
+                    error = w - dense_weight(book, assign(wg, book), w.shape[1])
+                    units[index, name].loss[b] += 0.5 * float((fisher[linear] * error.pow(2)).sum())
+        bar.update()
+    fisher_pass(source, tokens[:FISHER_WINDOWS], _head_weight(source, source.device), options.batch_size, on_block)
+    bar.close()
+    weights = sum(n * k for n, k in shapes.values())
+    base = sum(u.stored[options.bits] for u in units.values())
+    chosen = choose_widths(list(units.values()), options.bits, options.target_bits * weights / 8 - base)
+    rules = [units[key].rule(b) for key, b in chosen.items() if b != options.bits]
+    write_json(saved, rules)
+    return rules
 
 
 def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:

@@ -1,0 +1,117 @@
+"""--target-bits: the Fisher pass, the greedy choice of widths, and quantization to a budget."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcq.cli import main
+from lcq.format import CheckpointReader
+from lcq.quantizer import QuantizeOptions, quantize_model
+from lcq.quantizer.allocation import (UNITS, Unit, bits_per_weight_range, choose_widths, describe_widths, fisher_pass,
+                                      linear_shapes)
+from lcq.quantizer.layer_bits import LayerWidths
+from lcq.quantizer.pipeline import WIDTHS_FILE, _head_weight, _Source
+from lcq.quantizer.reference import load_reference_model
+from tests.test_quantizer import _check_serves_like_its_reference
+from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_fisher_pass_equals_the_whole_models_per_token_gradients(tmp_path, arch):
+    """Block by block, forward then back down, the pass gives every linear layer sum_t g_t^2 (x_t^2)^T and
+    mean x^2 exactly as one backward pass of the whole transformers model does (summed next-token loss)."""
+    folder = make_tiny_hf(tmp_path / arch, arch)
+    source = _Source(folder, torch.device("cpu"))
+    tokens = torch.randint(0, source.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    found = {}
+
+    def on_block(index, block, fisher, importance):
+        for name in fisher:
+            found[index, name] = (fisher[name], importance[name])
+    fisher_pass(source, tokens, _head_weight(source, torch.device("cpu")), 2, on_block)
+
+    model = load_reference_model(folder)
+    seen, hooks = {}, []
+    for index, layer in enumerate(model.model.layers):
+        for linears in UNITS.values():
+            for name in linears:
+                def hook(module, args, output, key=(index, name)):
+                    seen[key] = [args[0].detach().flatten(0, -2)]
+                    output.register_hook(lambda g: seen[key].append(g.flatten(0, -2)))
+                hooks.append(layer.get_submodule(name).register_forward_hook(hook))
+    logits = model(tokens).logits
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
+    assert set(found) == set(seen) and len(found) == 7 * source.num_layers
+    for key, (x, g) in seen.items():
+        fisher, importance = found[key]
+        torch.testing.assert_close(fisher, g.pow(2).t() @ x.pow(2), rtol=1e-3, atol=1e-6 * float(fisher.max()))
+        torch.testing.assert_close(importance, x.pow(2).mean(0), rtol=1e-4, atol=1e-7)
+
+
+def test_widths_go_to_the_largest_loss_drop_per_byte_within_the_budget():
+    units = [Unit(0, "qkv", {2: 0, 3: 100, 4: 200}, {2: 10.0, 3: 4.0, 4: 3.5}),  # drops 6 then 0.5 per 100 bytes
+             Unit(0, "down_proj", {2: 0, 3: 300, 4: 600}, {2: 30.0, 3: 9.0, 4: 0.0}),  # 21 then 9 per 300
+             Unit(1, "o_proj", {2: 0, 3: 50, 4: 100}, {2: 1.0, 3: 1.0, 4: 1.0})]  # nothing to gain
+    assert choose_widths(units, 2, 99) == {(0, "qkv"): 2, (0, "down_proj"): 2, (1, "o_proj"): 2}
+    assert choose_widths(units, 2, 100) == {(0, "qkv"): 3, (0, "down_proj"): 2, (1, "o_proj"): 2}
+    # down_proj's first bit (7 per 100) comes first; its second (3 per 100) does not fit, qkv's first still does
+    assert choose_widths(units, 2, 450) == {(0, "qkv"): 3, (0, "down_proj"): 3, (1, "o_proj"): 2}
+    assert choose_widths(units, 2, 700) == {(0, "qkv"): 3, (0, "down_proj"): 4, (1, "o_proj"): 2}
+    assert choose_widths(units, 2, 10_000) == {(0, "qkv"): 4, (0, "down_proj"): 4, (1, "o_proj"): 2}
+    rules = [units[0].rule(3), "qkv@1=3", "qkv@2=3", "down_proj@0=4", "qkv@5=3"]
+    assert describe_widths(rules, 2) == "qkv=3 in layers 0-2, 5; down_proj=4 in layers 0; the rest at 2 bits"
+    assert describe_widths([], 3) == "every layer at 3 bits"
+
+
+def test_target_bits_quantizes_to_the_budget_resumes_and_serves(tmp_path, tiny_hf, capsys, monkeypatch):
+    """The CLI spends the budget (bits per weight at most the target, some layers wider, fused parts alike),
+    records the target and the chosen widths (format version 4) and says which; an interrupted run resumes
+    with the widths it chose, without weighing the layers again, to the same files; the folder serves like
+    transformers with its dequantized weights."""
+    import lcq.quantizer.pipeline as pipeline
+
+    low, high = bits_per_weight_range(linear_shapes(CheckpointReader(tiny_hf), 2), 2, 2, 64)
+    target = round(low + 0.3 * (high - low), 2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIBRATION_TEXT)
+    whole = tmp_path / "whole"
+    assert main(["quantize", str(tiny_hf), str(whole), "--calib", str(calib), "--nsamples", "4", "--seqlen", "32",
+                 "--epochs", "1", "--target-bits", str(target)]) == 0
+    printed = capsys.readouterr().out
+    reader = CheckpointReader(whole)
+    quant = reader.quant
+    assert quant["target_bits"] == target and quant["format_version"] == 4
+    assert low < reader.decoder_bits_per_weight() <= target
+    chosen = printed.split(f"--target-bits {target}: ")[1].strip()
+    assert chosen.endswith("the rest at 2 bits") and "=3 in layers" in chosen
+    for prefix in reader.quantized_prefixes():
+        assert reader.linear(prefix).bits == quant["layer_bits"].get(prefix, 2)
+    _check_serves_like_its_reference(whole)
+
+    options = QuantizeOptions(bits=2, rank=2, group_size=64, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1, target_bits=target)
+    original = pipeline._quantize_block
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(pipeline, "_quantize_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(tiny_hf, tmp_path / "resumed", options, progress=False)
+    rules = json.loads((tmp_path / "resumed.partial" / WIDTHS_FILE).read_text())
+    assert LayerWidths(2, rules).overrides(2) == quant["layer_bits"]
+
+    def weighed_again(*args, **kwargs):
+        raise AssertionError("the widths were chosen before the interruption")
+    monkeypatch.setattr(pipeline, "_quantize_block", original)
+    monkeypatch.setattr(pipeline, "fisher_pass", weighed_again)
+    summary = quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+    assert summary.layer_bits == rules
+    resumed = CheckpointReader(tmp_path / "resumed")
+    assert sorted(resumed.names()) == sorted(reader.names()) and not (tmp_path / "resumed" / WIDTHS_FILE).exists()
+    for name in reader.names():
+        torch.testing.assert_close(reader.tensor(name), resumed.tensor(name), rtol=0, atol=0)
