@@ -1,4 +1,4 @@
-"""--target-bits: the Fisher pass, the greedy choice of widths, and quantization to a budget."""
+"""--target-bits: the weighing pass, the greedy choice of widths, and quantization to a budget."""
 from __future__ import annotations
 
 import json
@@ -9,8 +9,8 @@ import torch
 from lcq.cli import main
 from lcq.format import CheckpointReader
 from lcq.quantizer import QuantizeOptions, quantize_model
-from lcq.quantizer.allocation import (UNITS, Unit, bits_per_weight_range, choose_widths, describe_widths, fisher_pass,
-                                      linear_shapes)
+from lcq.quantizer.allocation import (UNITS, Unit, bits_per_weight_range, choose_widths, describe_widths,
+                                      linear_shapes, weigh_blocks)
 from lcq.quantizer.layer_bits import LayerWidths
 from lcq.quantizer.pipeline import WIDTHS_FILE, _head_weight, _Source
 from lcq.quantizer.reference import load_reference_model
@@ -22,35 +22,59 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
-def test_fisher_pass_equals_the_whole_models_per_token_gradients(tmp_path, arch):
-    """Block by block, forward then back down, the pass gives every linear layer sum_t g_t^2 (x_t^2)^T and
-    mean x^2 exactly as one backward pass of the whole transformers model does (summed next-token loss)."""
+def test_block_weighing_equals_the_whole_models_gradients(tmp_path, arch):
+    """Block by block, forward then back down, the pass hands every block the loss gradient at its output and
+    each linear layer's mean x^2 exactly as one backward pass of the whole transformers model gives them
+    (summed next-token loss): a block's estimated loss increase with a weight replaced is 1/2 sum_t (g_t .
+    (y'_t - y_t))^2, y' the layer's output in the whole model run with that weight."""
     folder = make_tiny_hf(tmp_path / arch, arch)
     source = _Source(folder, torch.device("cpu"))
     tokens = torch.randint(0, source.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
-    found = {}
+    noise = torch.Generator().manual_seed(1)
+    changed = {(index, name): source.reader.tensor(f"model.layers.{index}.{name}.weight").float() +
+               0.05 * torch.randn(source.reader.shape(f"model.layers.{index}.{name}.weight"), generator=noise)
+               for index in range(source.num_layers) for name in ("self_attn.q_proj", "mlp.down_proj")}
+    estimated, importance = {}, {}
 
-    def on_block(index, block, fisher, importance):
-        for name in fisher:
-            found[index, name] = (fisher[name], importance[name])
-    fisher_pass(source, tokens, _head_weight(source, torch.device("cpu")), 2, on_block)
+    def on_block(block):
+        importance.update({(block.index, name): value for name, value in block.importance.items()})
+        for (index, name), weight in changed.items():
+            if index == block.index:
+                estimated[index, name] = block.loss_increase({f"{name}.weight": weight})
+    weigh_blocks(source, tokens, _head_weight(source, torch.device("cpu")), 2, on_block)
 
     model = load_reference_model(folder)
-    seen, hooks = {}, []
+    outputs, grads, inputs = {}, {}, {}
+
+    def keep(index):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            outputs[index] = hidden.detach()
+            if hidden.requires_grad:
+                hidden.register_hook(lambda g: grads.__setitem__(index, g))
+        return hook
+    hooks = [layer.register_forward_hook(keep(index)) for index, layer in enumerate(model.model.layers)]
     for index, layer in enumerate(model.model.layers):
-        for linears in UNITS.values():
-            for name in linears:
-                def hook(module, args, output, key=(index, name)):
-                    seen[key] = [args[0].detach().flatten(0, -2)]
-                    output.register_hook(lambda g: seen[key].append(g.flatten(0, -2)))
-                hooks.append(layer.get_submodule(name).register_forward_hook(hook))
+        for names in UNITS.values():
+            for name in names:
+                hooks.append(layer.get_submodule(name).register_forward_hook(
+                    lambda m, args, out, key=(index, name): inputs.__setitem__(key, args[0].detach().flatten(0, -2))))
     logits = model(tokens).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
-    assert set(found) == set(seen) and len(found) == 7 * source.num_layers
-    for key, (x, g) in seen.items():
-        fisher, importance = found[key]
-        torch.testing.assert_close(fisher, g.pow(2).t() @ x.pow(2), rtol=1e-3, atol=1e-6 * float(fisher.max()))
-        torch.testing.assert_close(importance, x.pow(2).mean(0), rtol=1e-4, atol=1e-7)
+    assert set(importance) == set(inputs) and len(importance) == 7 * source.num_layers
+    for key, x in inputs.items():
+        torch.testing.assert_close(importance[key], x.pow(2).mean(0), rtol=1e-4, atol=1e-7)
+    base, gradient = dict(outputs), dict(grads)
+    for (index, name), weight in changed.items():
+        module = model.model.layers[index].get_submodule(name)
+        original = module.weight.data.clone()
+        module.weight.data = weight
+        with torch.no_grad():
+            model(tokens)
+        module.weight.data = original
+        expected = 0.5 * float((gradient[index] * (outputs[index] - base[index])).sum(-1).pow(2).sum())
+        assert estimated[index, name] > 0
+        assert estimated[index, name] == pytest.approx(expected, rel=1e-3), (index, name)
 
 
 def test_widths_go_to_the_largest_loss_drop_per_byte_within_the_budget():
@@ -108,7 +132,7 @@ def test_target_bits_quantizes_to_the_budget_resumes_and_serves(tmp_path, tiny_h
     def weighed_again(*args, **kwargs):
         raise AssertionError("the widths were chosen before the interruption")
     monkeypatch.setattr(pipeline, "_quantize_block", original)
-    monkeypatch.setattr(pipeline, "fisher_pass", weighed_again)
+    monkeypatch.setattr(pipeline, "weigh_blocks", weighed_again)
     summary = quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
     assert summary.layer_bits == rules
     resumed = CheckpointReader(tmp_path / "resumed")

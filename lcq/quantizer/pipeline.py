@@ -26,7 +26,8 @@ from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
 
-from .allocation import FISHER_WINDOWS, UNITS, WIDEST, Unit, check_target, choose_widths, fisher_pass, linear_shapes, unit_bytes
+from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
+                         linear_shapes, unit_bytes, weigh_blocks)
 from .blockwise import LayerFit, block_call, optimize_block, run_block
 from .finetune import StageScore, finetune, tune_head
 from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, pack, rtn_codebook,
@@ -686,7 +687,7 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
 def _target_widths(source: _Source, tokens: torch.Tensor, options: QuantizeOptions, partial: Path,
                    progress: bool) -> list[str]:
     """The --layer-bits rules that --target-bits buys (allocation.py), chosen once: a resumed run reads
-    them back. Each layer's loss at each width is estimated from its starting fit at that width."""
+    them back. Each unit's loss at each width is estimated with its starting fit at that width."""
     from tqdm import tqdm
 
     saved = partial / WIDTHS_FILE
@@ -695,22 +696,22 @@ def _target_widths(source: _Source, tokens: torch.Tensor, options: QuantizeOptio
     shapes = linear_shapes(source.reader, source.num_layers)
     widths = range(options.bits, WIDEST + 1)
     units = {(layer, name): Unit(layer, name, {b: unit_bytes(shapes, layer, name, b, options.rank, options.group_size)
-                                               for b in widths}, dict.fromkeys(widths, 0.0))
+                                               for b in widths}, {})
              for layer in range(source.num_layers) for name in UNITS}
     bar = tqdm(total=source.num_layers, desc="weighing layers", disable=not progress, unit="block")
 
-    def on_block(index: int, block: torch.nn.Module, fisher: dict[str, torch.Tensor],
-                 importance: dict[str, torch.Tensor]) -> None:
+    def on_block(block: BlockGradient) -> None:
         for name, linears in UNITS.items():
-            for linear in linears:
-                w = block.get_submodule(linear).weight.detach().float()
-                for b in widths:
-                    book = stored_codebook(_initial_fit(linear, w, importance[linear], options, b).book).values()
-                    wg = grouped(w, options.group_size)
-                    error = w - dense_weight(book, assign(wg, book), w.shape[1])
-                    units[index, name].loss[b] += 0.5 * float((fisher[linear] * error.pow(2)).sum())
+            for b in widths:
+                fitted = {}
+                for linear in linears:
+                    w = block.block.get_submodule(linear).weight.detach().float()
+                    book = stored_codebook(_initial_fit(linear, w, block.importance[linear], options, b).book).values()
+                    fitted[f"{linear}.weight"] = dense_weight(book, assign(grouped(w, options.group_size), book),
+                                                              w.shape[1])
+                units[block.index, name].loss[b] = block.loss_increase(fitted)
         bar.update()
-    fisher_pass(source, tokens[:FISHER_WINDOWS], _head_weight(source, source.device), options.batch_size, on_block)
+    weigh_blocks(source, tokens[:WEIGHING_WINDOWS], _head_weight(source, source.device), options.batch_size, on_block)
     bar.close()
     weights = sum(n * k for n, k in shapes.values())
     base = sum(u.stored[options.bits] for u in units.values())
