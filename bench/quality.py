@@ -329,6 +329,8 @@ def study_runs(quick: bool) -> list[Run]:
         # above: SmolLM2's, then Gemma-3-270M's first 2 layers and its down_proj
         runs += [Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=target)
                  for target in (2.6021, 2.6583, 2.8521, 2.5124, 2.5459, 2.6701)]
+        runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
+                     target_bits=2.6021)]
     return runs
 
 
