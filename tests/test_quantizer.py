@@ -366,7 +366,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--target-bits", "2.6", "--layer-bits", "qkv=3"], "drop --layer-bits"),
         (["quantize", str(tiny_hf), out, "--method", "rtn", "--rank", "1", "--target-bits", "2.6"], "not rtn"),
         (["quantize", str(tiny_hf), out, "--target-bits", "1.5"], "choose a target in that range"),
-        (["quantize", str(tiny_hf), out, "--target-bits", "9"], "choose a target in that range"),
+        (["quantize", str(tiny_hf), out, "--target-bits", "9"], "with every layer at 4; choose a target"),
         (["quantize", str(tiny_hf), out, "--target-bits", "nan"], "choose a target in that range"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),

@@ -77,9 +77,9 @@ def check_target(shapes: dict[tuple[int, str], tuple[int, int]], target: float, 
     """Refuse a budget below every layer at --bits, or at or above every layer at the widest."""
     low, high = bits_per_weight_range(shapes, bits, rank, group_size)
     if not low <= target < high:
-        raise UserError(f"--target-bits {target}: with --bits {bits}, rank {rank} and group size {group_size} this "
-                        f"model stores {low:.3f} to {high:.3f} bits per weight; choose a target in that range "
-                        f"(below {high:.3f}: at that, use --bits {WIDEST})")
+        raise UserError(f"--target-bits {target}: at rank {rank} and group size {group_size} this model stores "
+                        f"{low:.3f} bits per weight with every layer at --bits {bits} and {high:.3f} with every layer "
+                        f"at {WIDEST}; choose a target in that range, below {high:.3f} (or --bits {WIDEST})")
 
 
 def choose_widths(units: list[Unit], bits: int, budget_bytes: float) -> dict[tuple[int, str], int]:
