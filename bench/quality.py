@@ -33,7 +33,7 @@ from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
 from lcq.quantizer.layer_bits import LayerWidths  # noqa: E402
 from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR  # noqa: E402
-from lcq.quantizer.demo import fetch_demo  # noqa: E402
+from lcq.quantizer.demo import FP16_FOLDER, fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402
 from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
@@ -259,6 +259,7 @@ class Run:
     # defaults before 2026-12-01, reproduce older rows
     held_out: int = 0
     block_error: str = "relative"
+    group_size: int = GROUP_SIZE
 
     @property
     def key(self) -> str:
@@ -278,6 +279,7 @@ class Run:
         name += "" if self.target_bits is None else f"-t{self.target_bits:g}"
         name += f"-v{self.held_out}" if self.held_out else ""
         name += "-nw" if self.block_error == "norm-weighted" else ""
+        name += "" if self.group_size == GROUP_SIZE else f"-g{self.group_size}"
         return name
 
 
@@ -338,6 +340,10 @@ def study_runs(quick: bool) -> list[Run]:
                  for target in (2.6021, 2.6583, 2.8521, 2.5124, 2.5459, 2.6701)]
         runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
                      target_bits=2.6021)]
+        # at the bits of llama.cpp's best types on this model (bench/quality_llama_cpp.py): Q4_0 with an importance
+        # matrix (4.513 bits/weight, blocks of 32) and IQ3_XXS with one (4.141: IQ4_NL where rows are not 256-blocks)
+        runs += [Run("lcq", 4, 1, epochs=10, held_out=4, block_error="norm-weighted", group_size=32),
+                 Run("lcq", 3, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=4.1405)]
     return runs
 
 
@@ -351,7 +357,7 @@ def nsamples_of(run: Run, settings: dict) -> int:
 
 def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     cmd = (f"lcq quantize {source} {out} --method {run.method} --bits {run.bits} --rank {run.rank} "
-           f"--group-size {GROUP_SIZE}")
+           f"--group-size {run.group_size}")
     if run.method != "rtn":
         cmd += f" --nsamples {nsamples_of(run, settings)} --seqlen {settings['seqlen']}"
     if run.method == "lcq":
@@ -383,7 +389,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "head_bits": run.head or None, "layer_bits": list(run.layer_bits) or None,
                  "target_bits": run.target_bits,
                  "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
-                 "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None}
+                 "block_error": run.block_error if run.method == "lcq" and epochs_of(run, settings) else None,
+                 **({} if run.group_size == GROUP_SIZE else {"group_size": run.group_size})}
     model_dir = source
     command = quantize_command(run, settings, "$FP16", f"$OUT/{run.key}")
     if run.method == "fp16":
@@ -396,7 +403,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
     else:
         model_dir = work / run.key
         shutil.rmtree(model_dir, ignore_errors=True)
-        options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=GROUP_SIZE, method=run.method,
+        options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=run.group_size, method=run.method,
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
@@ -422,7 +429,7 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     """A reused folder must have been quantized with exactly the row's settings."""
     config = json.loads((folder / "config.json").read_text())
     quant = config["quantization_config"]
-    expected = {"bits": run.bits, "rank": run.rank, "group_size": GROUP_SIZE, "method": run.method,
+    expected = {"bits": run.bits, "rank": run.rank, "group_size": run.group_size, "method": run.method,
                 "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head,
                 "layer_bits": LayerWidths(run.bits, list(run.layer_bits)).overrides(config["num_hidden_layers"])}
     if run.target_bits is not None:  # the widths are the quantizer's choice
@@ -470,6 +477,34 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
+def llama_cpp_rows(settings: dict) -> list[dict]:
+    """llama.cpp's types on the demo model (bench/quality_llama_cpp.py), where evaluated on the same tokens."""
+    path = ROOT / "bench" / "results" / "quality-llama-cpp-cpu.json"
+    if not path.is_file():
+        return []
+    record = json.loads(path.read_text())
+    same = record["model"] == FP16_FOLDER and record["settings"]["eval_tokens"] == settings["eval_tokens"]
+    return [r for r in record["rows"] if r["type"] != "F16"] if same else []
+
+
+def llama_cpp_lines(results: dict) -> list[str]:
+    """A table of llama.cpp's types, each beside the best LCQ row that stores no more bits per weight."""
+    peers = llama_cpp_rows(results["settings"])
+    if not peers:
+        return ["Not measured on these evaluation tokens (`python bench/quality_llama_cpp.py`)."]
+    lcq = [r for r in results["rows"] if r["method"] == "lcq"]
+    lines = ["| llama.cpp type | decoder layers' types | bits/weight | perplexity | vs fp16 "
+             "| best LCQ row at no more bits | its bits/weight | its perplexity |", "|---|---|---|---|---|---|---|---|"]
+    for peer in sorted(peers, key=lambda r: r["bits_per_weight"]):
+        fitting = [r for r in lcq if r["bits_per_weight"] <= peer["bits_per_weight"]]
+        best = min(fitting, key=lambda r: r["perplexity"]) if fitting else None
+        types = ", ".join(f"{name} x{count}" for name, count in peer["tensor_types"].items())
+        ours = f"{best['key']} | {best['bits_per_weight']:.3f} | {best['perplexity']:.2f}" if best else "- | - | -"
+        lines.append(f"| {peer['type']}{' + imatrix' if peer['imatrix'] else ''} | {types} "
+                     f"| {peer['bits_per_weight']:.3f} | {peer['perplexity']:.2f} | {peer['vs_fp16']:.3f}x | {ours} |")
+    return lines
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -478,7 +513,7 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     fp16 = next((r["perplexity"] for r in rows if r["method"] == "fp16"), None)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     ax.set_prop_cycle(color=plt.cm.tab20.colors[::2] + plt.cm.tab20.colors[1::2])  # 20 distinct colours
     default_epochs = results["settings"]["epochs"]
     study_calib = lambda r: r.get("nsamples") in (None, results["settings"]["nsamples"])  # noqa: E731
@@ -510,6 +545,10 @@ def plot(results: dict, path: Path) -> None:
         points = sorted((r["bits_per_weight"], r["perplexity"]) for r in rows if selected(r))
         if points:
             ax.plot(*zip(*points), marker=marker, label=label)
+    peers = llama_cpp_rows(results["settings"])
+    if peers:
+        ax.scatter([r["bits_per_weight"] for r in peers], [r["perplexity"] for r in peers], marker="x",
+                   color="black", label="llama.cpp types", zorder=3)
     if fp16 is not None:
         ax.axhline(fp16, color="black", linestyle="--", linewidth=1, label=f"fp16 ({fp16:.1f})")
     ax.set_yscale("log")
@@ -517,7 +556,7 @@ def plot(results: dict, path: Path) -> None:
     ax.set_ylabel(f"perplexity (held-out Shakespeare, ctx {CTX})")
     ax.set_title(f"SmolLM2-135M-Instruct, group size {GROUP_SIZE}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -530,7 +569,8 @@ def goal_lines(rows: list[dict]) -> list[str]:
         return ["- No fp16 row yet, so no goal can be judged."]
     lines = []
     for bits, limit in GOALS.items():
-        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits and not r.get("layer_bits")]
+        lcq = [r for r in rows if r["method"] == "lcq" and r["bits"] == bits and not r.get("layer_bits")
+               and r.get("group_size", GROUP_SIZE) == GROUP_SIZE]
         if not lcq:
             lines.append(f"- LCQ W{bits}g{GROUP_SIZE} within {limit:g}x of fp16: not measured.")
             continue
@@ -588,7 +628,7 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
 Generated by `python bench/quality.py` from `bench/results/{results_name}`; do not edit by hand.
 
 Model: {results['model']}.
-Every linear layer of the 30 decoder blocks is quantized at group size {GROUP_SIZE}; embeddings, norms
+Every linear layer of the 30 decoder blocks is quantized at group size {GROUP_SIZE} (rows named -gN: N); embeddings, norms
 and the tied lm_head stay fp16 unless the head column names a width (`--head-bits`: the head packed
 too, and the tied table looked up from it; the folder's size beside it). Bits per weight count
 every stored bit of the decoder's linear layers (indices,
@@ -621,6 +661,18 @@ every stored bit of the decoder's linear layers (indices,
 ## Goals
 
 {chr(10).join(goal_lines(rows))}
+
+## Against llama.cpp's types
+
+The same model, calibration windows (for llama.cpp's importance matrix) and evaluation, with every
+decoder linear layer in one of llama.cpp's types and embeddings kept F16
+(`python bench/quality_llama_cpp.py`, bench/results/quality-llama-cpp-cpu.json); its perplexity is
+that of the weights llama.cpp dequantizes, in the same reference model. Where a layer's rows do
+not split into a type's blocks (256 weights for the K- and IQ-types; this model's rows are 576 and
+1536 long), llama.cpp stores that layer in another type, so the column beside the name says what
+the decoder holds.
+
+{chr(10).join(llama_cpp_lines(results))}
 
 ## Notes
 
