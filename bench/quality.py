@@ -340,10 +340,12 @@ def study_runs(quick: bool) -> list[Run]:
                  for target in (2.6021, 2.6583, 2.8521, 2.5124, 2.5459, 2.6701)]
         runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
                      target_bits=2.6021)]
-        # at the bits of llama.cpp's best types on this model (bench/quality_llama_cpp.py): Q4_0 with an importance
-        # matrix (4.513 bits/weight, blocks of 32) and IQ3_XXS with one (4.141: IQ4_NL where rows are not 256-blocks)
+        # at the bits of llama.cpp's types on this model (bench/quality_llama_cpp.py), all with an importance matrix:
+        # Q4_0 (4.513 bits/weight, blocks of 32), IQ3_XXS (4.141) and IQ2_XS (3.961), the last two IQ4_NL wherever
+        # rows do not split into 256-blocks
         runs += [Run("lcq", 4, 1, epochs=10, held_out=4, block_error="norm-weighted", group_size=32),
-                 Run("lcq", 3, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=4.1405)]
+                 Run("lcq", 3, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=4.1405),
+                 Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=3.9612)]
     return runs
 
 
