@@ -260,6 +260,14 @@ class Run:
     held_out: int = 0
     block_error: str = "relative"
     group_size: int = GROUP_SIZE
+    # rows with layers at other widths: each trained at its width's step (the quantizer since 2026-12-02, third
+    # session), not all at --bits' step (--lr, as the rows before)
+    width_steps: bool = False
+
+    @property
+    def single_step(self) -> bool:
+        """Whether the row's layers of several widths all took --bits' block-wise step (--lr)."""
+        return bool(self.layer_bits or self.target_bits is not None) and not self.width_steps
 
     @property
     def key(self) -> str:
@@ -280,6 +288,7 @@ class Run:
         name += f"-v{self.held_out}" if self.held_out else ""
         name += "-nw" if self.block_error == "norm-weighted" else ""
         name += "" if self.group_size == GROUP_SIZE else f"-g{self.group_size}"
+        name += "-ws" if self.width_steps else ""
         return name
 
 
@@ -346,6 +355,9 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 4, 1, epochs=10, held_out=4, block_error="norm-weighted", group_size=32),
                  Run("lcq", 3, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=4.1405),
                  Run("lcq", 2, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=3.9612)]
+        # each layer trained at its own width's step (-ws), against the rows above at --bits' step for all
+        runs += [Run("lcq", b, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=t, width_steps=True)
+                 for b, t in ((2, 3.9612), (3, 4.1405), (2, 2.6021))]
     return runs
 
 
@@ -369,6 +381,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += "" if run.finetune_samples is None else f" --finetune-samples {run.finetune_samples}"
         cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
         cmd += f" --block-error {run.block_error}" if epochs_of(run, settings) else ""
+        cmd += f" --lr {DEFAULT_LR[run.bits]:g}" if run.single_step and epochs_of(run, settings) else ""
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
     cmd += f" --layer-bits {','.join(run.layer_bits)}" if run.layer_bits else ""
@@ -411,7 +424,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
                                   finetune_samples=run.finetune_samples, head_bits=run.head,
                                   layer_bits=list(run.layer_bits), target_bits=run.target_bits,
-                                  val_samples=run.held_out, block_error=run.block_error)
+                                  val_samples=run.held_out, block_error=run.block_error,
+                                  lr=DEFAULT_LR[run.bits] if run.single_step else None)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None)

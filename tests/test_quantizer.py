@@ -193,6 +193,18 @@ def test_blockwise_optimization_lowers_block_loss():
     assert after < 0.9 * before
 
 
+def test_each_layer_takes_its_own_step():
+    """One step per layer (a layer's width sets its step): a layer given 0 keeps its codebooks, the other
+    moves, and the block still improves."""
+    call, fits, inputs, targets = _two_layer_block()
+    start = _books(fits)
+    before, after = optimize_block(call, fits, inputs, targets, epochs=4, lr=[0.0, 1e-2], batch=4)
+    books = _books(fits)
+    assert all(torch.equal(a, b) for a, b in zip(start[:3], books[:3]))
+    assert not any(torch.equal(a, b) for a, b in zip(start[3:], books[3:]))
+    assert after < before
+
+
 def test_held_out_windows_follow_the_training_windows(tiny_hf):
     """Holding windows out does not change the ones trained on, nor the end-to-end stage's extra windows
     the ones before them."""
@@ -733,6 +745,7 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
     expected = {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
                 **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}
     assert reader.quant["format_version"] == 4 and reader.quant["bits"] == 2 and reader.quant["layer_bits"] == expected
+    assert reader.quant["lr"] == DEFAULT_LR[2] and reader.quant["layer_lr"] == {"3": DEFAULT_LR[3], "4": DEFAULT_LR[4]}
     prefixes = reader.quantized_prefixes()
     assert {p: reader.linear(p).bits for p in prefixes} == {p: expected.get(p, 2) for p in prefixes}
     assert plain.bits_per_weight + 0.2 < mixed.bits_per_weight < plain.bits_per_weight + 1

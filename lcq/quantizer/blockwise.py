@@ -18,7 +18,7 @@ nothing beyond noise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.func import functional_call
@@ -76,16 +76,17 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
 
 
 def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor], samples: int,
-                epochs: int, lr: float, batch: int, seed: int, on_step: Callable[[float], None] | None,
-                after_epoch: Callable[[], None] | None = None) -> None:
+                epochs: int, lr: float | Sequence[float], batch: int, seed: int,
+                on_step: Callable[[float], None] | None, after_epoch: Callable[[], None] | None = None) -> None:
     """Adam on `tensors` in place over `epochs` shuffled passes of `samples` in batches, cosine schedule;
     step_loss(rows) is a batch's loss, after_epoch() is called at the end of each pass. Each tensor's step
-    is lr times its mean magnitude: Adam steps are about lr in size, and S, B, V (and norm weights) live
-    on very different scales."""
+    is lr (one for all, or one per tensor) times its mean magnitude: Adam steps are about lr in size, and
+    S, B, V (and norm weights) live on very different scales."""
+    rates = [lr] * len(tensors) if isinstance(lr, (int, float)) else list(lr)
     for tensor in tensors:
         tensor.requires_grad_(True)
-    optimizer = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().abs().mean().clamp_min(1e-8))}
-                                  for t in tensors])
+    optimizer = torch.optim.Adam([{"params": [t], "lr": rate * float(t.detach().abs().mean().clamp_min(1e-8))}
+                                  for t, rate in zip(tensors, rates, strict=True)])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-samples // batch))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -106,11 +107,12 @@ def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor],
 
 
 def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: torch.Tensor,
-                   epochs: int, lr: float, batch: int = 4, seed: int = 0,
+                   epochs: int, lr: float | Sequence[float], batch: int = 4, seed: int = 0,
                    on_step: Callable[[float], None] | None = None,
                    held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
                    units: torch.Tensor | None = None) -> tuple[float, float]:
-    """Adam on every layer's S, V, B (adam_epochs). The codebooks kept are the best seen: with
+    """Adam on every layer's S, V, B (adam_epochs; `lr`: one step, or one per layer of `fits`, since the
+    step that suits a layer depends on its width). The codebooks kept are the best seen: with
     `held_out` (inputs, targets) windows, those of the epoch (0: the start) with the lowest error on
     them, scored after every epoch; without, the start or the end, scored on the training windows.
     Returns the score (error, its hidden units weighted by `units` if given) at the start and of the
@@ -144,8 +146,10 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         return block_error(call(weights, inputs[rows]), targets[rows], units)
 
-    adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs, lr,
-                batch, seed, on_step, keep_if_best if held_out is not None else None)
+    rates = [lr] * len(fits) if isinstance(lr, (int, float)) else list(lr)
+    adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs,
+                [rate for rate in rates for _ in range(3)], batch, seed, on_step,
+                keep_if_best if held_out is not None else None)
     if held_out is None:
         keep_if_best()
     for f, book in zip(fits, kept):

@@ -144,7 +144,12 @@ class QuantizeOptions:
     @property
     def block_lr(self) -> float:
         """The block-wise stage's Adam step: --lr, or the default for the bit width."""
-        return DEFAULT_LR[self.bits] if self.lr is None else self.lr
+        return self.block_lr_of(self.bits)
+
+    def block_lr_of(self, bits: int) -> float:
+        """The block-wise stage's step for a layer of width `bits`: --lr, or that width's default, since a
+        step that moves 2-bit codebooks well overshoots 3- and 4-bit ones (DEFAULT_LR)."""
+        return DEFAULT_LR[bits] if self.lr is None else self.lr
 
     @property
     def end_to_end_lr(self) -> float:
@@ -361,7 +366,8 @@ def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options
             progress_bar.set_postfix(loss=f"{loss:.3g}")
         held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
         units = source.residual_units(index) if options.block_error == "norm-weighted" else None
-        losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, options.block_lr,
+        steps = [options.block_lr_of(widths.of(index, f.name)) for f in fits]
+        losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, steps,
                                 options.batch_size, options.seed, on_step, held_out, units)
     packed = {}
     for f in fits:
@@ -455,7 +461,7 @@ def _head_stage(source: _Source, head: PackedLinear, train: tuple[torch.Tensor, 
     def on_step(loss: float) -> None:
         bar.update()
         bar.set_postfix(kl=f"{loss:.3g}")
-    lr = DEFAULT_LR[options.head_bits] if options.lr is None else options.lr
+    lr = options.block_lr_of(options.head_bits)
     train, held_out = ((source.final_norm(quantized), source.final_norm(full)) for quantized, full in (train, held_out))
     tuned = tune_head(head, *train, weight, options.epochs, lr, options.batch_size, options.seed, on_step,
                       held_out if len(held_out[0]) else None)
@@ -611,6 +617,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                                    "block_error")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}),
         **({"layer_bits": layer_bits} if layer_bits else {}),
+        **({"layer_lr": {str(b): options.block_lr_of(b) for b in sorted(set(layer_bits.values()))}}
+           if layer_bits and options.method == "lcq" and options.epochs else {}),
         **({"target_bits": options.target_bits} if options.target_bits is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
