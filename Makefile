@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_CPU := torch==2.13.0
 
 
-.PHONY: venv test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality clean
+.PHONY: venv test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,14 @@ bench-generate: venv
 
 bench-serve: venv
 	$(BIN)/python bench/serve.py
+
+quality: venv
+	$(BIN)/python bench/quality.py
+
+# llama.cpp's types on the same model and evaluation (builds llama.cpp's quantize tools, ~6 min on 2 cores)
+quality-llama-cpp: venv
+	$(BIN)/pip install -q 'sentencepiece>=0.2'
+	$(BIN)/python bench/quality_llama_cpp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

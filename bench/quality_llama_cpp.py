@@ -40,7 +40,8 @@ from lcq.quantizer.downloads import pypi_file  # noqa: E402
 
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 TOOLS = ("llama-quantize", "llama-imatrix")
-# (type, with an importance matrix): llama.cpp's 2-, 3- and 4-bit choices; the IQ types need the matrix.
+# (type, with an importance matrix): llama.cpp's 2-, 3- and 4-bit choices; the IQ types need the matrix. Q4_1 and
+# Q4_K_M are the types the demo model's and Gemma-3-270M's fp16 folders were dequantized from (PyPI GGUFs).
 TYPES = (("Q2_0", False), ("Q2_K", False), ("Q2_K", True), ("IQ2_XS", True), ("IQ2_M", True),
          ("Q3_K_M", False), ("Q3_K_M", True), ("IQ3_XXS", True), ("Q4_0", False), ("Q4_0", True),
          ("IQ4_NL", True), ("Q4_1", False), ("Q4_K_M", False), ("Q4_K_M", True))
@@ -233,8 +234,11 @@ def main() -> int:
     shutil.rmtree(work / "dequantized", ignore_errors=True)
 
     settings = {"ctx": CTX, "eval_tokens": tokens, "nsamples": args.nsamples, "seqlen": args.seqlen}
+    command = "python bench/quality_llama_cpp.py " + " ".join(sys.argv[1:])
     previous = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    commands = [command]
     if previous.get("model") == source.name and previous.get("settings") == settings:  # --only adds to a study
+        commands = previous["commands"] + commands
         measured = {(r["type"], r["imatrix"]) for r in rows}
         order = [("F16", False), *TYPES]
         rows = sorted([r for r in previous["rows"] if (r["type"], r["imatrix"]) not in measured] + rows,
@@ -243,7 +247,7 @@ def main() -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                            "transformers": transformers.__version__, "llama.cpp": f"vendored by {LLAMA_CPP}"},
-              "command": "python bench/quality_llama_cpp.py " + " ".join(sys.argv[1:]),
+              "commands": commands,
               "model": source.name, "settings": settings, "fp16_perplexity": fp16_ppl, "rows": rows}
     write_record(args.output, record)
     print("\n| llama.cpp type | decoder bits/weight | perplexity | vs fp16 | fallback tensors |\n| --- | --- | --- | --- | --- |")
