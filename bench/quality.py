@@ -236,6 +236,35 @@ NOTES = """
   models; from a sixth of a bit up it matched or beat every hand-picked rule measured. With the
   end-to-end stage's cheap setting (3 epochs over 64 windows) the 2.6021 target scored 103.28 at
   2.601 (held-out KL 1.179 -> 0.833, 1154 s), q/k/v at 3 bits by hand 109.93.
+- llama.cpp's types (`python bench/quality_llama_cpp.py`, the table above, 2026-12-02, the Zen 4
+  machine; llama.cpp as vendored by llama-cpp-python 0.3.36, commit 0c1e570 of 2026-10-01). Its K- and
+  IQ-types quantize rows in blocks of 256 weights; a layer whose rows are 576 long (every projection
+  here but down_proj; 640 on Gemma-3-270M) is stored in a 32-block type instead (Q4_0, IQ4_NL, Q5_0),
+  so on these models its 2- and 3-bit files hold 3.96 to 4.63 bits per weight in the decoder, and its
+  one type below that, Q2_0 (2.25: symmetric, one fp16 scale per 64 weights; with the importance matrix
+  it scored the same, to the last digit), scores 93,000x fp16. With the importance matrix over the
+  study's 16 calibration windows, IQ2_XS scores 67.81 (1.411x) at 3.961 and IQ3_XXS 56.93 (1.184x) at
+  4.141; LCQ with each layer's width chosen for those bits scores 55.80 (1.161x) at 3.959 over W2
+  and 53.25 (1.108x) at 4.139 over W3 (the -ws rows). Below 3.9 bits llama.cpp has nothing for this
+  model, where LCQ has W3 r4 at 3.743 (1.227x, 64 windows) and W2 r2 at 2.446 (2.478x with the
+  end-to-end stage over 64 windows). At 4 bits the comparison measures the reference as much as the
+  methods: the demo's fp16 folder is its Q4_1 GGUF dequantized, which llama.cpp's Q4_1 reproduces
+  (48.06 at 5.0) and LCQ W4 r1 at group 32, whose groups are Q4_1's blocks, nearly so (48.15, 1.002x,
+  at 4.548); Q4_0 with the matrix, on the same 32-weight blocks, scores 1.034x at 4.513, where LCQ's
+  64-weight groups, two of those blocks each, score 1.053x at 4.447 (W4 r2 e10). On Gemma-3-270M
+  (8192 tokens, bench/results/quality-llama-cpp-cpu-gemma-3-270m-fp16-eval16.json; its folder is a
+  Q4_K_M GGUF dequantized, which Q4_K_M reproduces, 1.000x), all with the matrix: IQ2_XS 1.802x at
+  3.766, IQ2_M 1.506x at 3.971, IQ3_XXS 1.296x at 4.066, Q3_K_M 1.104x at 4.544, Q4_0 1.069x at
+  4.513, against LCQ W2 r2 1.486x at 2.435 (end-to-end stage over 64 windows), W3 r2 e10 1.179x at
+  3.435 (1.111x with the end-to-end stage), W4 r2 e10 1.052x at 4.435 (1.037x). Without the matrix
+  llama.cpp's files score far worse on both models (SmolLM2 Q2_K 1.302x against 1.076x with it, Gemma
+  Q4_0 1.796x against 1.069x). On a 7B-class model, whose rows split into 256-blocks, its 2- and 3-bit
+  files keep their nominal bits; that comparison is not measured here.
+- Each layer trained at its own width's step (the -ws rows, the quantizer's default since 2026-12-02,
+  third session; before, every layer of a mixed-width block took `--bits`' step, 1e-2 over W2, where
+  the step study found 1e-3 right at 4 bits): at 3.959 bits per weight over W2, 55.80 against 58.03
+  with W2's step for all (-3.8%), and at 2.601 125.27 against 128.09 (-2.2%), the widths chosen
+  alike in both.
 """
 
 
