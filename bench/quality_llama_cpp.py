@@ -52,10 +52,11 @@ CTX = 512
 def run(command: list[str], log: Path) -> str:
     """Run a tool, its output kept in `log`; a failure stops the study with the log's tail."""
     result = subprocess.run(command, capture_output=True, text=True)
-    log.write_text(result.stdout + result.stderr)
+    output = result.stdout + result.stderr
+    log.write_text(output)
     if result.returncode != 0:
-        raise SystemExit(f"{command[0]} failed ({log}):\n" + "\n".join((result.stdout + result.stderr).splitlines()[-15:]))
-    return result.stdout + result.stderr
+        raise SystemExit(f"{command[0]} failed ({log}):\n" + "\n".join(output.splitlines()[-15:]))
+    return output
 
 
 def llama_cpp_tree(cache: Path) -> Path:
@@ -250,10 +251,12 @@ def main() -> int:
               "commands": commands,
               "model": source.name, "settings": settings, "fp16_perplexity": fp16_ppl, "rows": rows}
     write_record(args.output, record)
-    print("\n| llama.cpp type | decoder bits/weight | perplexity | vs fp16 | fallback tensors |\n| --- | --- | --- | --- | --- |")
+    print("\n| llama.cpp type | decoder bits/weight | perplexity | vs fp16 | fallback tensors |")
+    print("| --- | --- | --- | --- | --- |")
     for row in rows:
         label = row["type"] + (" + imatrix" if row["imatrix"] else "")
-        print(f"| {label} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['vs_fp16']:.3f}x | {row['fallbacks']} |")
+        print(f"| {label} | {row['bits_per_weight']:.3f} | {row['perplexity']:.3f} | {row['vs_fp16']:.3f}x "
+              f"| {row['fallbacks']} |")
     return 0
 
 

@@ -75,6 +75,11 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
         return float(block_error(outputs, targets, units))
 
 
+def _each(lr: float | Sequence[float], count: int) -> list[float]:
+    """One step per item: `lr` for all, or `lr` as given, one per item."""
+    return [lr] * count if isinstance(lr, (int, float)) else list(lr)
+
+
 def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor], torch.Tensor], samples: int,
                 epochs: int, lr: float | Sequence[float], batch: int, seed: int,
                 on_step: Callable[[float], None] | None, after_epoch: Callable[[], None] | None = None) -> None:
@@ -82,11 +87,10 @@ def adam_epochs(tensors: list[torch.Tensor], step_loss: Callable[[torch.Tensor],
     step_loss(rows) is a batch's loss, after_epoch() is called at the end of each pass. Each tensor's step
     is lr (one for all, or one per tensor) times its mean magnitude: Adam steps are about lr in size, and
     S, B, V (and norm weights) live on very different scales."""
-    rates = [lr] * len(tensors) if isinstance(lr, (int, float)) else list(lr)
     for tensor in tensors:
         tensor.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": [t], "lr": rate * float(t.detach().abs().mean().clamp_min(1e-8))}
-                                  for t, rate in zip(tensors, rates, strict=True)])
+                                  for t, rate in zip(tensors, _each(lr, len(tensors)), strict=True)])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * -(-samples // batch))
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
@@ -146,9 +150,8 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         return block_error(call(weights, inputs[rows]), targets[rows], units)
 
-    rates = [lr] * len(fits) if isinstance(lr, (int, float)) else list(lr)
     adam_epochs([t for f in fits for t in (f.book.s, f.book.v, f.book.b)], step_loss, inputs.shape[0], epochs,
-                [rate for rate in rates for _ in range(3)], batch, seed, on_step,
+                [rate for rate in _each(lr, len(fits)) for _ in range(3)], batch, seed, on_step,
                 keep_if_best if held_out is not None else None)
     if held_out is None:
         keep_if_best()

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--epochs", type=int, default=10)
     q.add_argument("--lr", type=float, default=None,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
-                        "default by each layer's width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4; given, every layer takes it)")
+                        "default by each layer's width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4; given, every layer "
+                        "takes it)")
     q.add_argument("--val-samples", type=int, default=None,
                    help="lcq: held-out calibration windows; each block, the head and the end-to-end stage keep the "
                         "codebooks of the epoch (0: the start) with the lowest error on them (default: a "
