@@ -289,8 +289,8 @@ class Run:
     held_out: int = 0
     block_error: str = "relative"
     group_size: int = GROUP_SIZE
-    # rows with layers at other widths: each trained at its width's step (the quantizer since 2026-12-02, third
-    # session), not all at --bits' step (--lr, as the rows before)
+    # rows with layers at other widths: each trained at its width's step in both stages (the quantizer since
+    # 2026-12-02), not all at --bits' step (--lr and --finetune-lr, as the rows before)
     width_steps: bool = False
 
     @property
@@ -388,6 +388,8 @@ def study_runs(quick: bool) -> list[Run]:
         # last on Gemma-3-270M)
         runs += [Run("lcq", b, 2, epochs=10, held_out=4, block_error="norm-weighted", target_bits=t, width_steps=True)
                  for b, t in ((2, 3.9612), (3, 4.1405), (2, 2.6021), (2, 2.6701))]
+        runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, held_out=4, block_error="norm-weighted",
+                     target_bits=2.6021, width_steps=True)]
     return runs
 
 
@@ -412,6 +414,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
         cmd += f" --block-error {run.block_error}" if epochs_of(run, settings) else ""
         cmd += f" --lr {DEFAULT_LR[run.bits]:g}" if run.single_step and epochs_of(run, settings) else ""
+        cmd += f" --finetune-lr {DEFAULT_FINETUNE_LR[run.bits]:g}" if run.single_step and run.finetune else ""
     cmd += " --act-order" if run.act_order else ""
     cmd += f" --head-bits {run.head}" if run.head else ""
     cmd += f" --layer-bits {','.join(run.layer_bits)}" if run.layer_bits else ""
@@ -455,7 +458,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   finetune_samples=run.finetune_samples, head_bits=run.head,
                                   layer_bits=list(run.layer_bits), target_bits=run.target_bits,
                                   val_samples=run.held_out, block_error=run.block_error,
-                                  lr=DEFAULT_LR[run.bits] if run.single_step else None)
+                                  lr=DEFAULT_LR[run.bits] if run.single_step else None,
+                                  finetune_lr=DEFAULT_FINETUNE_LR[run.bits] if run.single_step else None)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
                    command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None)

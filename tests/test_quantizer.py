@@ -20,7 +20,7 @@ from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LayerWidths
-from lcq.quantizer.pipeline import DEFAULT_LR, LINEARS, calibration_batch
+from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, LINEARS, calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
 
@@ -746,6 +746,7 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
                 **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}
     assert reader.quant["format_version"] == 4 and reader.quant["bits"] == 2 and reader.quant["layer_bits"] == expected
     assert reader.quant["lr"] == DEFAULT_LR[2] and reader.quant["layer_lr"] == {"3": DEFAULT_LR[3], "4": DEFAULT_LR[4]}
+    assert reader.quant["layer_finetune_lr"] == {"3": DEFAULT_FINETUNE_LR[3], "4": DEFAULT_FINETUNE_LR[4]}
     prefixes = reader.quantized_prefixes()
     assert {p: reader.linear(p).bits for p in prefixes} == {p: expected.get(p, 2) for p in prefixes}
     assert plain.bits_per_weight + 0.2 < mixed.bits_per_weight < plain.bits_per_weight + 1

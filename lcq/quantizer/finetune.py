@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
              tokens: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int, lr: float,
              batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
              held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
+             width_lr: Callable[[int], float] | None = None,
              ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor], StageScore]:
     """Adam on every layer's S, V, B and the named norm weights; returns the tuned layers (re-packed),
     the tuned norms and the stage's score (_tune: the best epoch on the `held_out` (tokens, teacher)
@@ -143,7 +144,8 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     loaded, which this turns into the model under tuning (its packed layers become TunedLinear);
     packed: prefix -> layer; tokens (S, T); teacher (S, T, H): the full-precision final hidden states;
     head (V, H): the output embedding. Steps are relative to each tensor's magnitude (adam_epochs), as
-    in the block-wise stage."""
+    in the block-wise stage: width_lr(bits) for a layer of that width where given, else lr; lr for the
+    norms."""
     device = head.device
     model.requires_grad_(False)
     layers = [LayerTuning.start(prefix, layer, device) for prefix, layer in packed.items()]
@@ -159,7 +161,9 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
             return token_kl(model(tokens[rows], use_cache=False).logits, teacher[rows].float() @ head.t())
         return loss, len(tokens)
 
-    score = _tune(layers, list(norms.values()), kl_on(tokens, teacher), epochs, lr, batch, seed, on_step,
+    step_of = width_lr or (lambda bits: lr)
+    steps = [step_of(t.layer.bits) for t in layers for _ in range(3)] + [lr] * len(norms)
+    score = _tune(layers, list(norms.values()), kl_on(tokens, teacher), epochs, steps, batch, seed, on_step,
                   None if held_out is None else kl_on(*held_out))
     if score.epoch == 0:
         return packed, {}, score
@@ -193,9 +197,11 @@ def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, 
     return (layer if score.epoch == 0 else tuning.packed()), score
 
 
-def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows, epochs: int, lr: float,
-          batch: int, seed: int, on_step: Callable[[float], None] | None, held_out: Windows | None) -> StageScore:
-    """Adam on the layers' S, V, B and `others` over the `train` windows (adam_epochs). Every candidate is
+def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows, epochs: int,
+          lr: float | Sequence[float], batch: int, seed: int, on_step: Callable[[float], None] | None,
+          held_out: Windows | None) -> StageScore:
+    """Adam on the layers' S, V, B and `others` over the `train` windows (adam_epochs; `lr`: one step, or one
+    per tensor in that order). Every candidate is
     scored as it will be stored (S and B through int8, V and `others` fp16) by its mean loss: with
     `held_out` windows after every epoch, without only at the end, on the training windows. The best,
     the start included, is what the layers and `others` hold on return (the start: as they were).

@@ -154,7 +154,11 @@ class QuantizeOptions:
     @property
     def end_to_end_lr(self) -> float:
         """The end-to-end stage's Adam step: --finetune-lr, or the default for the bit width."""
-        return DEFAULT_FINETUNE_LR[self.bits] if self.finetune_lr is None else self.finetune_lr
+        return self.end_to_end_lr_of(self.bits)
+
+    def end_to_end_lr_of(self, bits: int) -> float:
+        """The end-to-end stage's step for a layer of width `bits`: --finetune-lr, or that width's default."""
+        return DEFAULT_FINETUNE_LR[bits] if self.finetune_lr is None else self.finetune_lr
 
     @property
     def end_to_end_windows(self) -> int:
@@ -619,6 +623,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         **({"layer_bits": layer_bits} if layer_bits else {}),
         **({"layer_lr": {str(b): options.block_lr_of(b) for b in sorted(set(layer_bits.values()))}}
            if layer_bits and options.method == "lcq" and options.epochs else {}),
+        **({"layer_finetune_lr": {str(b): options.end_to_end_lr_of(b) for b in sorted(set(layer_bits.values()))}}
+           if layer_bits and options.finetune_epochs else {}),
         **({"target_bits": options.target_bits} if options.target_bits is not None else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
@@ -677,7 +683,7 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
             bar.set_postfix(kl=f"{loss:.3g}")
         tuned, tuned_norms, kl = finetune(model, packed, list(norms), *train, head, options.finetune_epochs,
                                           options.end_to_end_lr, options.batch_size, options.seed, on_step,
-                                          held_out if len(held_out[0]) else None)
+                                          held_out if len(held_out[0]) else None, options.end_to_end_lr_of)
         bar.close()
         for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
