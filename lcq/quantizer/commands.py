@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="lcq: epochs of the end-to-end stage after the blocks (S, V, B and norms tuned on the KL "
                         "to the full-precision model's outputs, indices fixed; default 0: off)")
     q.add_argument("--finetune-lr", type=float, default=None,
-                   help="that stage's relative Adam step (default by bit width: 1e-3 at 2 bits, 3e-4 at 3, 1e-4 at 4)")
+                   help="that stage's relative Adam step (default by each layer's width: 1e-3 at 2 bits, 3e-4 at "
+                        "3, 1e-4 at 4; given, every layer takes it)")
     q.add_argument("--finetune-samples", type=int, default=None,
                    help="that stage's training windows (default: --nsamples): the block-wise stage's first, then "
                         "more drawn after the held-out ones")
