@@ -264,7 +264,10 @@ NOTES = """
   third session; before, every layer of a mixed-width block took `--bits`' step, 1e-2 over W2, where
   the step study found 1e-3 right at 4 bits): at 3.959 bits per weight over W2, 55.80 against 58.03
   with W2's step for all (-3.8%), and at 2.601 125.27 against 128.09 (-2.2%), the widths chosen
-  alike in both; on Gemma-3-270M (8192 tokens) at 2.664, 234.69 against 241.90 (-3.0%).
+  alike in both; on Gemma-3-270M (8192 tokens) at 2.664, 234.69 against 241.90 (-3.0%). With the
+  end-to-end stage after it (3 epochs over 64 windows, that stage's steps per width too) the gain is
+  gone: 103.69 against 103.28 at 2.601; the stage started from a lower held-out KL (1.096 against
+  1.179) and ended where the single step's did (0.832 against 0.833).
 """
 
 
