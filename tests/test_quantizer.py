@@ -368,6 +368,10 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--finetune-epochs", "2", "--finetune-samples", "0"],
          "--finetune-samples must be >= 1"),
         (["quantize", str(tiny_hf), out, "--finetune-samples", "8"], "--finetune-samples needs --finetune-epochs"),
+        (["quantize", str(tiny_hf), out, "--finetune-epochs", "2", "--finetune-index-updates", "1.5"],
+         "--finetune-index-updates must be a fraction in [0, 1)"),
+        (["quantize", str(tiny_hf), out, "--finetune-epochs", "1", "--finetune-index-updates", "0.01"],
+         "it needs --finetune-epochs 2 or more"),
         (["quantize", str(tiny_hf), out, "--block-error", "mse"], "--block-error must be one of"),
         (["quantize", str(tiny_hf), out, "--layer-bits", "down_proj:3"], "expected NAME[@FIRST[-LAST]]=BITS"),
         (["quantize", str(tiny_hf), out, "--layer-bits", "down=3"], "unknown projection 'down'"),
@@ -446,19 +450,70 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     bias = torch.randn(n, generator=generator, dtype=torch.float64)
     grad_y = torch.randn(2, 5, n, generator=generator, dtype=torch.float64)
     grads = []
+    weight_grad = torch.zeros(codes.shape, dtype=torch.float64)
     for product in ("ours", "autograd"):
         x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
         values = torch.randn(n, 3, levels, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
                              requires_grad=True)
         if product == "ours":
-            y = CodebookProduct.apply(x, values, codes, k, bias)
+            y = CodebookProduct.apply(x, values, codes, k, bias, weight_grad)
+            weight = weight_grad.reshape(n, -1)
         else:
-            y = torch.nn.functional.linear(x, dense_weight(values, codes, k), bias)
+            weight = dense_weight(values, codes, k).detach().requires_grad_(True)
+            y = torch.nn.functional.linear(x, dense_weight(values, codes, k) + weight - weight.detach(), bias)
         y.backward(grad_y)
-        grads.append((y.detach(), x.grad, values.grad))
+        grads.append((y.detach(), x.grad, values.grad, weight.grad if product == "autograd" else weight[:, :k]))
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     assert grads[0][2][:, 2].abs().sum() > 0  # the padded last group's entries get their real columns' gradient
+    assert weight_grad.reshape(n, -1)[:, k:].abs().sum() == 0  # the padding's weights have none
+
+
+def test_index_updates_move_the_steepest_weights_one_entry_downhill():
+    """Entries in value order: 3 (-1.0), 0 (0.0), 2 (1.0), 1 (3.0). Each weight may step to the next
+    entry against its gradient; the largest |gradient| per unit of that step go first, the given
+    fraction of the weights at most; a weight at the top entry with a gradient to go up, or without
+    gradient, stays."""
+    from lcq.quantizer.finetune import move_indices
+
+    values = torch.tensor([[[0.0, 3.0, 1.0, -1.0]]])
+    codes = torch.tensor([[[0, 2, 1, 3, 2, 0]]], dtype=torch.uint8)
+    weight_grad = torch.tensor([[[2.0, -1.0, -5.0, -3.0, 1.5, 0.0]]])
+    # gradient per unit of step: 2/1 (to entry 3), 1/2 (to 1), none, 3/1 (to 0), 1.5/1 (to 0), none
+    assert move_indices(values, codes, weight_grad, 0.5).tolist() == [[[3, 2, 1, 0, 0, 0]]]
+    assert move_indices(values, codes, weight_grad, 0.99).tolist() == [[[3, 1, 1, 0, 0, 0]]]
+    assert move_indices(values, codes, weight_grad, 0.1).tolist() == codes.tolist()  # int(0.6): none
+    assert codes.tolist() == [[[0, 2, 1, 3, 2, 0]]]  # new indices, the given ones untouched
+
+
+@pytest.mark.parametrize("val_samples", [0, None])
+def test_end_to_end_index_updates_are_written_as_scored(tmp_path, tiny_hf, val_samples):
+    """--finetune-index-updates 0.002 over 4 epochs: indices move between epochs, 0.2% of each layer's
+    weights at most each time, and the model written, read back by the reference loader, gives the KL
+    the stage reports, on the training windows (val_samples 0) or the held-out ones: the kept epoch's
+    indices are stored with its codebooks."""
+    from transformers import AutoTokenizer
+
+    from lcq.quantizer.finetune import token_kl
+
+    options = _end_to_end_options(finetune_epochs=4, val_samples=val_samples, finetune_index_updates=0.002)
+    summary = quantize_model(tiny_hf, tmp_path / "moved", options, progress=False)
+    quantize_model(tiny_hf, tmp_path / "fixed", replace(options, finetune_epochs=0, finetune_index_updates=0.0),
+                   progress=False)
+    moved, fixed = CheckpointReader(tmp_path / "moved"), CheckpointReader(tmp_path / "fixed")
+    assert moved.quant["finetune_index_updates"] == 0.002 and fixed.quant["finetune_index_updates"] == 0.0
+    changed = [float((unpack_indices(moved.tensor(f"{p}.qweight"), 2) != unpack_indices(fixed.tensor(f"{p}.qweight"), 2))
+                     .float().mean()) for p in moved.quantized_prefixes()]
+    before, after, epoch, _ = summary.finetune_kl
+    # indices move after every epoch but the last: the kept epoch's after epoch-1 moves of 0.2% at most
+    assert (0 < max(changed) <= 0.002 * (epoch - 1) + 1e-6) if epoch > 1 else max(changed) == 0, (epoch, changed)
+    windows = calibration_batch(AutoTokenizer.from_pretrained(str(tiny_hf)), CALIBRATION_TEXT, 4, 32, 0,
+                                held_out=options.held_out_windows)
+    scored = windows[4:] if options.held_out_windows else windows
+    with torch.no_grad():
+        written = float(token_kl(load_reference_model(tmp_path / "moved")(scored).logits,
+                                 load_reference_model(tiny_hf)(scored).logits))
+    assert written == pytest.approx(after, rel=1e-3) and after <= before
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])

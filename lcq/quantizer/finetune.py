@@ -4,8 +4,11 @@ next-token distributions to the quantized model's, over the calibration windows.
 
 The block-wise stage fits each block to its full-precision output on its own; errors that are small
 per block still add up over the blocks, and only the model's output says which of them matter. The
-indices stay as packed, the codebooks move under them (as AQLM's global fine-tuning does), and S and
-B go back through the dual quantization at the end. The teacher is the full-precision model's final
+codebooks move under the indices (as AQLM's global fine-tuning does), and S and B go back through the
+dual quantization at the end. The indices stay as packed unless --finetune-index-updates asks for
+discrete steps between epochs too (move_indices, after PV-tuning): the block-wise stage chose each
+weight's entry as the one nearest its full-precision value, and only the model's output can say that
+a neighbouring entry serves it better. The teacher is the full-precision model's final
 hidden state (after its last norm), which the block-wise stage has already computed, so its logits
 cost one product with the head per batch and no second model is held.
 
@@ -42,13 +45,15 @@ class CodebookProduct(torch.autograd.Function):
 
     Autograd through the gathered weight would keep the fp32 weight and int64 indices of every layer
     until the backward pass (12 bytes per weight, ~80 GB for a 7B model); this keeps x and the byte
-    indices the layer holds anyway, rebuilds W in backward and folds its gradient into the values."""
+    indices the layer holds anyway, rebuilds W in backward and folds its gradient into the values.
+    Where `weight_grad` (shaped like codes) is given, the weight's own gradient is added to it too, for
+    the index updates (move_indices)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, values: torch.Tensor, codes: torch.Tensor, in_features: int,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, weight_grad: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, values, codes)
-        ctx.in_features = in_features
+        ctx.in_features, ctx.weight_grad = in_features, weight_grad
         return F.linear(x, dense_weight(values, codes, in_features), bias)
 
     @staticmethod
@@ -58,17 +63,44 @@ class CodebookProduct(torch.autograd.Function):
         grad_w = grad_y.flatten(0, -2).t() @ x.flatten(0, -2)
         grad_w = F.pad(grad_w, (0, codes[0].numel() - ctx.in_features)).view(codes.shape)
         grad_values = torch.zeros_like(values).scatter_add_(2, codes.long(), grad_w)
-        return grad_x, grad_values, None, None, None
+        if ctx.weight_grad is not None:
+            ctx.weight_grad.add_(grad_w)
+        return grad_x, grad_values, None, None, None, None
+
+
+def move_indices(values: torch.Tensor, codes: torch.Tensor, weight_grad: torch.Tensor,
+                 fraction: float) -> torch.Tensor:
+    """New indices (N, G, g) for one discrete step: every weight may move to the entry next to its own
+    in value order, on the side its gradient `weight_grad` points down to; of these moves the
+    `fraction` of the layer's weights with the largest |gradient| per unit of move are made.
+
+    Why that order: with the loss modelled as linear plus an equal curvature L for every weight, a
+    move by d lowers it when |gradient| * |d| > L d^2 / 2, that is when |gradient| / |d| > L / 2; taking
+    the largest of these ratios is choosing the L that lets exactly `fraction` of the weights move.
+    Moves to an entry of the same value, and weights without gradient (padding), are never made."""
+    ordered, order = values.sort(dim=-1)
+    position = order.argsort(dim=-1).gather(-1, codes.long())
+    target = (position - weight_grad.sign().long()).clamp(0, values.shape[-1] - 1)
+    distance = (ordered.gather(-1, target) - ordered.gather(-1, position)).abs()
+    ratio = torch.where(distance > 0, weight_grad.abs() / distance.clamp_min(1e-30), 0.0).flatten()
+    count = min(int(fraction * ratio.numel()), int((ratio > 0).sum()))
+    moved = codes.clone()
+    if count:
+        chosen = ratio.topk(count).indices
+        moved.view(-1)[chosen] = order.gather(-1, target).view(-1)[chosen].to(codes.dtype)
+    return moved
 
 
 @dataclass
 class LayerTuning:
-    """One packed layer under tuning: its indices (N, G, g) as bytes and its float codebook."""
+    """One packed layer under tuning: its indices (N, G, g) as bytes, its float codebook and, where its
+    indices may move, the sum of its weight's gradient since they last did."""
 
     prefix: str
     layer: PackedLinear
     codes: torch.Tensor
     book: Codebook
+    weight_grad: torch.Tensor | None = None
 
     @classmethod
     def start(cls, prefix: str, layer: PackedLinear, device: torch.device) -> "LayerTuning":
@@ -100,7 +132,7 @@ class TunedLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tuning
-        return CodebookProduct.apply(x, t.book.values(), t.codes, t.layer.in_features, self.bias)
+        return CodebookProduct.apply(x, t.book.values(), t.codes, t.layer.in_features, self.bias, t.weight_grad)
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -133,7 +165,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
              tokens: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int, lr: float,
              batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
              held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-             width_lr: Callable[[int], float] | None = None,
+             width_lr: Callable[[int], float] | None = None, index_updates: float = 0.0,
              ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor], StageScore]:
     """Adam on every layer's S, V, B and the named norm weights; returns the tuned layers (re-packed),
     the tuned norms and the stage's score (_tune: the best epoch on the `held_out` (tokens, teacher)
@@ -145,7 +177,9 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     packed: prefix -> layer; tokens (S, T); teacher (S, T, H): the full-precision final hidden states;
     head (V, H): the output embedding. Steps are relative to each tensor's magnitude (adam_epochs), as
     in the block-wise stage: width_lr(bits) for a layer of that width where given, else lr; lr for the
-    norms."""
+    norms. index_updates > 0: after every epoch but the last, that fraction of each layer's weights move
+    to a neighbouring entry (move_indices, on the weight's gradient summed over the epoch); this holds
+    a float32 gradient per weight for the stage."""
     device = head.device
     model.requires_grad_(False)
     layers = [LayerTuning.start(prefix, layer, device) for prefix, layer in packed.items()]
@@ -155,6 +189,9 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     for block in model.model.layers:
         _recompute_in_backward(block)
     norms = {name: model.get_parameter(name) for name in norm_names}
+    if index_updates:
+        for tuning in layers:
+            tuning.weight_grad = torch.zeros(tuning.codes.shape, device=device)
 
     def kl_on(tokens: torch.Tensor, teacher: torch.Tensor) -> Windows:
         def loss(rows: torch.Tensor) -> torch.Tensor:
@@ -163,8 +200,13 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
 
     step_of = width_lr or (lambda bits: lr)
     steps = [step_of(t.layer.bits) for t in layers for _ in range(3)] + [lr] * len(norms)
+    def move_all_indices() -> None:
+        for tuning in layers:
+            tuning.codes = move_indices(tuning.book.values(), tuning.codes, tuning.weight_grad, index_updates)
+            tuning.weight_grad.zero_()
+
     score = _tune(layers, list(norms.values()), kl_on(tokens, teacher), epochs, steps, batch, seed, on_step,
-                  None if held_out is None else kl_on(*held_out))
+                  None if held_out is None else kl_on(*held_out), move_all_indices if index_updates else None)
     if score.epoch == 0:
         return packed, {}, score
     return {t.prefix: t.packed() for t in layers}, {name: w.detach() for name, w in norms.items()}, score
@@ -199,12 +241,14 @@ def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, 
 
 def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows, epochs: int,
           lr: float | Sequence[float], batch: int, seed: int, on_step: Callable[[float], None] | None,
-          held_out: Windows | None) -> StageScore:
+          held_out: Windows | None, between_epochs: Callable[[], None] | None = None) -> StageScore:
     """Adam on the layers' S, V, B and `others` over the `train` windows (adam_epochs; `lr`: one step, or one
-    per tensor in that order). Every candidate is
+    per tensor in that order), between_epochs() called after every epoch but the last, once it is
+    scored (it may replace the layers' indices). Every candidate is
     scored as it will be stored (S and B through int8, V and `others` fp16) by its mean loss: with
     `held_out` windows after every epoch, without only at the end, on the training windows. The best,
-    the start included, is what the layers and `others` hold on return (the start: as they were).
+    the start included, is what the layers (codebooks and indices) and `others` hold on return (the
+    start: as they were).
 
     Why held-out windows: the end-to-end stage fits its few calibration windows. On SmolLM2-135M at W2
     r2 e10 with 16 windows and 40 epochs their KL fell to about 0.2 while 4 held-out windows stayed
@@ -219,15 +263,16 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
                     for i in range(0, samples, batch)]
         return sum(sums) / samples
 
-    def hold(books: list[Codebook], weights: list[torch.Tensor]) -> None:
-        for layer, book in zip(layers, books):
-            layer.book = book
+    def hold(books: list[Codebook], codes: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
+        for layer, book, layer_codes in zip(layers, books, codes):
+            layer.book, layer.codes = book, layer_codes
         with torch.no_grad():
             for weight, value in zip(others, weights):
                 weight.copy_(value)
 
+    # Indices are replaced, never changed in place (move_indices), so a state holds them by reference.
     start = [Codebook(layer.book.s.clone(), layer.book.v.clone(), layer.book.b.clone()) for layer in layers], \
-        [w.detach().clone() for w in others]
+        [layer.codes for layer in layers], [w.detach().clone() for w in others]
     before = best = mean_loss()
     kept, kept_epoch, finished, scores = None, 0, 0, []
 
@@ -236,8 +281,9 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         finished += 1
         if held_out is None and finished < epochs:
             return
-        trained = [layer.book for layer in layers], [w.detach().clone() for w in others]
-        stored = [stored_codebook(layer.book) for layer in layers], [w.detach().half().float() for w in others]
+        codes = [layer.codes for layer in layers]
+        trained = [layer.book for layer in layers], codes, [w.detach().clone() for w in others]
+        stored = [stored_codebook(layer.book) for layer in layers], codes, [w.detach().half().float() for w in others]
         hold(*stored)
         score = mean_loss()
         hold(*trained)
@@ -245,8 +291,13 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         if score < best:
             best, kept, kept_epoch = score, stored, finished
 
+    def after_epoch() -> None:
+        score_stored()
+        if between_epochs is not None and finished < epochs:
+            between_epochs()
+
     if epochs > 0:
         tensors = [t for layer in layers for t in (layer.book.s, layer.book.v, layer.book.b)] + others
-        adam_epochs(tensors, train[0], train[1], epochs, lr, batch, seed, on_step, score_stored)
+        adam_epochs(tensors, train[0], train[1], epochs, lr, batch, seed, on_step, after_epoch)
     hold(*(kept if kept is not None else start))
     return StageScore(before, best, kept_epoch, tuple(scores) if held_out is not None else ())

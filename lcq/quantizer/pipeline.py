@@ -84,6 +84,7 @@ class QuantizeOptions:
     finetune_epochs: int = 0
     finetune_lr: float | None = None  # None: DEFAULT_FINETUNE_LR for the bit width
     finetune_samples: int | None = None  # the end-to-end stage's training windows; None: nsamples
+    finetune_index_updates: float = 0.0  # fraction of each layer's weights moved between end-to-end epochs
     head_bits: int = 0  # lm_head and the embedding table (tied or not) packed at this width; 0: kept fp16
     layer_bits: list[str] = field(default_factory=list)  # rules for layers at another width (layer_bits.py)
     target_bits: float | None = None  # stored bits per weight to spend, each layer's width chosen (allocation.py)
@@ -121,6 +122,10 @@ class QuantizeOptions:
             (self.finetune_samples is None or self.finetune_samples >= 1,
              f"--finetune-samples must be >= 1 (got {self.finetune_samples})"),
             (self.finetune_samples is None or self.finetune_epochs > 0, "--finetune-samples needs --finetune-epochs"),
+            (0 <= self.finetune_index_updates < 1,
+             f"--finetune-index-updates must be a fraction in [0, 1) (got {self.finetune_index_updates})"),
+            (self.finetune_index_updates == 0 or self.finetune_epochs >= 2,
+             "--finetune-index-updates moves indices between end-to-end epochs: it needs --finetune-epochs 2 or more"),
             (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
@@ -617,8 +622,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
-                                   "finetune_epochs", "finetune_lr", "finetune_samples", "head_bits", "val_samples",
-                                   "block_error")},
+                                   "finetune_epochs", "finetune_lr", "finetune_samples", "finetune_index_updates",
+                                   "head_bits", "val_samples", "block_error")},
         **({"embed_bits": options.head_bits} if embedding is not None else {}),
         **({"layer_bits": layer_bits} if layer_bits else {}),
         **({"layer_lr": {str(b): options.block_lr_of(b) for b in sorted(set(layer_bits.values()))}}
@@ -683,7 +688,8 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
             bar.set_postfix(kl=f"{loss:.3g}")
         tuned, tuned_norms, kl = finetune(model, packed, list(norms), *train, head, options.finetune_epochs,
                                           options.end_to_end_lr, options.batch_size, options.seed, on_step,
-                                          held_out if len(held_out[0]) else None, options.end_to_end_lr_of)
+                                          held_out if len(held_out[0]) else None, options.end_to_end_lr_of,
+                                          options.finetune_index_updates)
         bar.close()
         for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
