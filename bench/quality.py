@@ -283,6 +283,7 @@ class Run:
     nsamples: int | None = None  # calibration windows; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     finetune_samples: int | None = None  # that stage's training windows (--finetune-samples); None: nsamples
+    index_updates: float = 0.0  # that stage's fraction of weights moved between epochs (--finetune-index-updates)
     head: int = 0  # lm_head packed at this width (--head-bits); 0: kept fp16
     layer_bits: tuple[str, ...] = ()  # rules for decoder layers at another width (--layer-bits)
     target_bits: float | None = None  # each layer's width chosen for these stored bits per weight (--target-bits)
@@ -314,6 +315,7 @@ class Run:
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
         name += f"-ft{self.finetune}" if self.finetune else ""
         name += "" if self.finetune_samples is None else f"-fs{self.finetune_samples}"
+        name += f"-iu{self.index_updates:g}" if self.index_updates else ""
         name += f"-h{self.head}" if self.head else ""
         name += "".join(f"-{rule.replace('=', '-w')}" for rule in self.layer_bits)
         name += "" if self.target_bits is None else f"-t{self.target_bits:g}"
@@ -414,6 +416,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
         cmd += f" --finetune-epochs {run.finetune}" if run.finetune else ""
         cmd += "" if run.finetune_samples is None else f" --finetune-samples {run.finetune_samples}"
+        cmd += f" --finetune-index-updates {run.index_updates:g}" if run.index_updates else ""
         cmd += f" --val-samples {run.held_out}" if epochs_of(run, settings) else ""
         cmd += f" --block-error {run.block_error}" if epochs_of(run, settings) else ""
         cmd += f" --lr {DEFAULT_LR[run.bits]:g}" if run.single_step and epochs_of(run, settings) else ""
@@ -437,6 +440,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
                  "finetune_samples": (run.finetune_samples or nsamples_of(run, settings)) if run.finetune else None,
+                 **({"finetune_index_updates": run.index_updates} if run.index_updates else {}),
                  "head_bits": run.head or None, "layer_bits": list(run.layer_bits) or None,
                  "target_bits": run.target_bits,
                  "val_samples": run.held_out if run.method == "lcq" and epochs_of(run, settings) else None,
@@ -458,7 +462,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=0, finetune_epochs=run.finetune,
-                                  finetune_samples=run.finetune_samples, head_bits=run.head,
+                                  finetune_samples=run.finetune_samples, finetune_index_updates=run.index_updates,
+                                  head_bits=run.head,
                                   layer_bits=list(run.layer_bits), target_bits=run.target_bits,
                                   val_samples=run.held_out, block_error=run.block_error,
                                   lr=DEFAULT_LR[run.bits] if run.single_step else None,
@@ -492,6 +497,8 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
                         finetune_epochs=run.finetune)
         if run.finetune_samples is not None:
             expected.update(finetune_samples=run.finetune_samples)
+        if run.index_updates:
+            expected.update(finetune_index_updates=run.index_updates)
         if epochs_of(run, settings):
             expected.update(lr=DEFAULT_LR[run.bits], val_samples=run.held_out, block_error=run.block_error)
     # folders from before these options
@@ -667,11 +674,14 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
         if r.get("finetune_samples") not in (None, calib_windows):
             calib_windows = f"{calib_windows} ({r['finetune_samples']} end-to-end)"
+        end_to_end = r.get("finetune_epochs") or (0 if r["method"] == "lcq" else "-")
+        if r.get("finetune_index_updates"):
+            end_to_end = f"{end_to_end} ({r['finetune_index_updates']:.2%} of indices moved between epochs)"
         bits = f"{r['bits']} (chosen for {r['target_bits']:g})" if r.get("target_bits") else \
             f"{r['bits']} ({', '.join(r['layer_bits'])})" if r.get("layer_bits") else r["bits"]
         table.append(f"| {r['key']} | {r['method']} | {bits} | {r['rank'] if r['method'] != 'fp16' else '-'} "
                      f"| {r['init'] or '-'} | {'-' if r['epochs'] is None else r['epochs']} "
-                     f"| {r.get('finetune_epochs') or (0 if r['method'] == 'lcq' else '-')} | {assign} "
+                     f"| {end_to_end} | {assign} "
                      f"| {calib_windows} | {r['bits_per_weight']:.3f} | {head_column(r)} | {r['perplexity']:.2f} | {ratio} "
                      f"| {'-' if r['quantize_seconds'] is None else round(r['quantize_seconds'])} | {r['eval_seconds']:.0f} |")
     commands = [f"    {r['command']}" for r in rows if r["command"]]
@@ -700,7 +710,9 @@ every stored bit of the decoder's linear layers (indices,
   the assign column names a GPTQ sweep (act-order where the row's name ends in -act); rows with
   end-to-end epochs (-ftN) then tune every S, V, B and the block norms on the KL to the fp16 model's
   next-token distributions over the same calibration windows (more where the name has -fsN,
-  `--finetune-samples`), indices fixed (`--finetune-epochs`).
+  `--finetune-samples`), indices fixed (`--finetune-epochs`) unless the name has -iuF: then after every
+  end-to-end epoch but the last the fraction F of each layer's weights moves to the neighbouring entry its
+  gradient over the epoch favours most (`--finetune-index-updates`).
   RTN and GPTQ use the same packed format at rank 1 (min-max grid with an integer zero point), so
   their bits per weight match LCQ r1 exactly.
 - Machine: {results['device']};
