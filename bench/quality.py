@@ -475,6 +475,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
             if score is not None:  # the stage's KL before and after, on the held-out windows if any
                 row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],
                             f"{stage}_epoch": score.epoch, f"{stage}_kl_by_epoch": [round(kl, 4) for kl in score.by_epoch]})
+                if score.moved:
+                    row[f"{stage}_moved"] = [round(fraction, 6) for fraction in score.moved]
     started = time.time()
     row["perplexity"] = round(perplexity(model_dir, text, ctx=CTX, max_tokens=settings["eval_tokens"]), 4)
     row["eval_seconds"] = round(time.time() - started, 1)

@@ -441,7 +441,7 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     """The end-to-end stage's product rebuilds the weight in backward instead of keeping it; its
     gradients for x and the codebook values are autograd's through the gathered weight (float64; K = 40
     pads the last group of 16, several weights share each entry)."""
-    from lcq.quantizer.finetune import CodebookProduct
+    from lcq.quantizer.finetune import CodebookProduct, WeightSums
     from lcq.quantizer.fit import dense_weight
 
     generator = torch.Generator().manual_seed(0)
@@ -450,14 +450,14 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     bias = torch.randn(n, generator=generator, dtype=torch.float64)
     grad_y = torch.randn(2, 5, n, generator=generator, dtype=torch.float64)
     grads = []
-    weight_grad = torch.zeros(codes.shape, dtype=torch.float64)
+    sums = WeightSums(torch.zeros(codes.shape, dtype=torch.float64), torch.zeros(codes.shape, dtype=torch.float64))
     for product in ("ours", "autograd"):
         x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64, requires_grad=True)
         values = torch.randn(n, 3, levels, generator=torch.Generator().manual_seed(2), dtype=torch.float64,
                              requires_grad=True)
         if product == "ours":
-            y = CodebookProduct.apply(x, values, codes, k, bias, weight_grad)
-            weight = weight_grad.reshape(n, -1)
+            y = CodebookProduct.apply(x, values, codes, k, bias, sums)
+            weight = sums.grad.reshape(n, -1)
         else:
             weight = dense_weight(values, codes, k).detach().requires_grad_(True)
             y = torch.nn.functional.linear(x, dense_weight(values, codes, k) + weight - weight.detach(), bias)
@@ -466,47 +466,60 @@ def test_codebook_product_gradients_equal_autograd_through_the_dense_weight():
     for ours, reference in zip(*grads):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-12)
     assert grads[0][2][:, 2].abs().sum() > 0  # the padded last group's entries get their real columns' gradient
-    assert weight_grad.reshape(n, -1)[:, k:].abs().sum() == 0  # the padding's weights have none
+    # each weight's curvature: the sum over the 10 tokens of its squared gradient from that token alone
+    x = torch.randn(2, 5, k, generator=torch.Generator().manual_seed(1), dtype=torch.float64).reshape(10, k)
+    per_token = grad_y.reshape(10, n, 1) * x.reshape(10, 1, k)
+    torch.testing.assert_close(sums.curvature.reshape(n, -1)[:, :k], per_token.square().sum(0), rtol=1e-12, atol=0)
+    assert sums.grad.reshape(n, -1)[:, k:].abs().sum() == sums.curvature.reshape(n, -1)[:, k:].sum() == 0  # padding
 
 
 def test_index_updates_move_the_steepest_weights_one_entry_downhill():
     """Entries in value order: 3 (-1.0), 0 (0.0), 2 (1.0), 1 (3.0). Each weight may step to the next
-    entry against its gradient; the largest |gradient| per unit of that step go first, the given
+    entry against its gradient; the largest |gradient| / (curvature * step) go first, the given
     fraction of the weights at most; a weight at the top entry with a gradient to go up, or without
-    gradient, stays."""
-    from lcq.quantizer.finetune import move_indices
+    gradient or curvature, stays."""
+    from lcq.quantizer.finetune import WeightSums, move_indices
 
     values = torch.tensor([[[0.0, 3.0, 1.0, -1.0]]])
-    codes = torch.tensor([[[0, 2, 1, 3, 2, 0]]], dtype=torch.uint8)
-    weight_grad = torch.tensor([[[2.0, -1.0, -5.0, -3.0, 1.5, 0.0]]])
-    # gradient per unit of step: 2/1 (to entry 3), 1/2 (to 1), none, 3/1 (to 0), 1.5/1 (to 0), none
-    assert move_indices(values, codes, weight_grad, 0.5).tolist() == [[[3, 2, 1, 0, 0, 0]]]
-    assert move_indices(values, codes, weight_grad, 0.99).tolist() == [[[3, 1, 1, 0, 0, 0]]]
-    assert move_indices(values, codes, weight_grad, 0.1).tolist() == codes.tolist()  # int(0.6): none
-    assert codes.tolist() == [[[0, 2, 1, 3, 2, 0]]]  # new indices, the given ones untouched
+    codes = torch.tensor([[[0, 2, 1, 3, 2, 0, 1]]], dtype=torch.uint8)
+    grad = torch.tensor([[[2.0, -1.0, -5.0, -3.0, 1.5, 0.0, 4.0]]])
+    flat = WeightSums(grad, torch.tensor([[[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]]))
+    # ratios: 2/1 (to entry 3), 1/2 (to 1), none (top), 3/1 (to 0), 1.5/1 (to 0), none (no gradient), none (no curvature)
+    assert move_indices(values, codes, flat, 0.45).tolist() == [[[3, 2, 1, 0, 0, 0, 1]]]
+    assert move_indices(values, codes, flat, 0.99).tolist() == [[[3, 1, 1, 0, 0, 0, 1]]]
+    assert move_indices(values, codes, flat, 0.1).tolist() == codes.tolist()  # int(0.7): none
+    # a curvature of 10 on the third weight, 0.1 on the second: ratios 2, 5, -, 0.3, 1.5
+    curved = WeightSums(grad, torch.tensor([[[1.0, 0.1, 1.0, 10.0, 1.0, 1.0, 0.0]]]))
+    assert move_indices(values, codes, curved, 0.3).tolist() == [[[3, 1, 1, 3, 2, 0, 1]]]
+    assert codes.tolist() == [[[0, 2, 1, 3, 2, 0, 1]]]  # new indices, the given ones untouched
 
 
-@pytest.mark.parametrize("val_samples", [0, None])
-def test_end_to_end_index_updates_are_written_as_scored(tmp_path, tiny_hf, val_samples):
-    """--finetune-index-updates 0.002 over 4 epochs: indices move between epochs, 0.2% of each layer's
-    weights at most each time, and the model written, read back by the reference loader, gives the KL
-    the stage reports, on the training windows (val_samples 0) or the held-out ones: the kept epoch's
-    indices are stored with its codebooks."""
+@pytest.mark.parametrize("val_samples, fraction", [(0, 0.002), (None, 0.002), (0, 0.5)])
+def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, tiny_hf, val_samples, fraction):
+    """--finetune-index-updates over 4 epochs: after each of the first 3 the fraction of each layer's
+    weights moves, or a quarter, a sixteenth or none of it, whichever first lowers the training KL
+    (half of them moving, it never does); the model written, read back by the reference loader, gives
+    the KL the stage reports, on the training windows (val_samples 0) or the held-out ones: the kept
+    epoch's indices are stored with its codebooks."""
     from transformers import AutoTokenizer
 
     from lcq.quantizer.finetune import token_kl
 
-    options = _end_to_end_options(finetune_epochs=4, val_samples=val_samples, finetune_index_updates=0.002)
+    options = _end_to_end_options(finetune_epochs=4, val_samples=val_samples, finetune_index_updates=fraction)
     summary = quantize_model(tiny_hf, tmp_path / "moved", options, progress=False)
     quantize_model(tiny_hf, tmp_path / "fixed", replace(options, finetune_epochs=0, finetune_index_updates=0.0),
                    progress=False)
     moved, fixed = CheckpointReader(tmp_path / "moved"), CheckpointReader(tmp_path / "fixed")
-    assert moved.quant["finetune_index_updates"] == 0.002 and fixed.quant["finetune_index_updates"] == 0.0
+    assert moved.quant["finetune_index_updates"] == fraction and fixed.quant["finetune_index_updates"] == 0.0
     changed = [float((unpack_indices(moved.tensor(f"{p}.qweight"), 2) != unpack_indices(fixed.tensor(f"{p}.qweight"), 2))
                      .float().mean()) for p in moved.quantized_prefixes()]
-    before, after, epoch, _ = summary.finetune_kl
-    # indices move after every epoch but the last: the kept epoch's after epoch-1 moves of 0.2% at most
-    assert (0 < max(changed) <= 0.002 * (epoch - 1) + 1e-6) if epoch > 1 else max(changed) == 0, (epoch, changed)
+    before, after, epoch, _, steps = summary.finetune_kl
+    assert len(steps) == 3 and set(steps) <= {fraction, fraction / 4, fraction / 16, 0.0}, steps
+    if fraction == 0.5:
+        assert max(steps) < fraction
+    # the kept epoch's indices: after the moves of the epochs before it
+    assert max(changed) <= sum(steps[:max(epoch - 1, 0)]) + 1e-6, (epoch, steps, changed)
+    assert max(changed) > 0 or not any(steps[:max(epoch - 1, 0)]), (epoch, steps, changed)
     windows = calibration_batch(AutoTokenizer.from_pretrained(str(tiny_hf)), CALIBRATION_TEXT, 4, 32, 0,
                                 held_out=options.held_out_windows)
     scored = windows[4:] if options.held_out_windows else windows
@@ -531,7 +544,7 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
                              _end_to_end_options(finetune_epochs=epochs, head_bits=head_bits), progress=False)
     quantize_model(source, tmp_path / "plain", _end_to_end_options(finetune_epochs=0, head_bits=head_bits),
                    progress=False)
-    before, after, epoch, _ = summary.finetune_kl
+    before, after, epoch = summary.finetune_kl[:3]
     assert after < 0.95 * before and epoch == epochs
     tuned, plain = CheckpointReader(tmp_path / "tuned"), CheckpointReader(tmp_path / "plain")
     assert tuned.quant["finetune_epochs"] == epochs and tuned.quant["finetune_lr"] == 1e-3
@@ -645,7 +658,7 @@ def test_head_stage_moves_the_packed_heads_codebooks_towards_the_full_precision_
 
     def kl(packed, rows: slice) -> float:
         return float(token_kl(hidden[rows] @ dequantize(packed).t(), teacher[rows] @ head.t()))
-    tuned, (before, after, epoch, by_epoch) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2,
+    tuned, (before, after, epoch, by_epoch, _) = tune_head(layer, hidden[:18], teacher[:18], head, epochs=10, lr=1e-2,
                                                         batch=4)
     assert epoch == 10 and by_epoch == ()  # without held-out windows: the end, unless the start scores lower
     assert after < 0.8 * before  # measured: 0.335 -> 0.232
@@ -703,7 +716,7 @@ def test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows(tmp_path, tin
     with torch.no_grad():
         written = float(token_kl(load_reference_model(tmp_path / "q")(held).logits,
                                  load_reference_model(tiny_hf)(held).logits))
-    before, after, epoch, by_epoch = summary.finetune_kl
+    before, after, epoch, by_epoch = summary.finetune_kl[:4]
     assert 0 <= epoch <= 6 and after == min(before, *by_epoch)
     assert written == pytest.approx(after, rel=1e-3)  # measured: 0.168003 against 0.167991
 
