@@ -14,7 +14,7 @@ from lcq.kernels.cpu_matmul import cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_multimodal
 
 BLOCK = 4
 
@@ -107,6 +107,40 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
     folder = make_tiny_hf(tmp_path / arch, arch)
     model, _ = load_model(folder)
     _check_against(load_reference_model(folder), model, PROMPTS)
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral"])
+@pytest.mark.parametrize("layout", ["full", "sparse"])
+def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
+    """Gemma 3 4B-style, LLaVA and Mistral Small 3.1-style folders: our model of the wrapper folder is the text model it holds
+    (config completed from transformers' defaults where text_config leaves them out, tensors under
+    either prefix, the vision tower never read), against the wrapper's own transformers model."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+    from tests.tiny_model import WRAPPED
+
+    folder = make_tiny_multimodal(tmp_path, arch, layout)
+    reader = CheckpointReader(folder)
+    assert not [name for name in reader.names() if not name.startswith(("model.layers.", "model.embed_tokens",
+                                                                       "model.norm", "lm_head"))]
+    model, config = load_model(folder)
+    assert config.tie_word_embeddings == reader.config["tie_word_embeddings"] == (not reader.has("lm_head.weight"))
+    _check_against(getattr(transformers, WRAPPED[arch][1]).from_pretrained(folder).eval(), model, PROMPTS,
+                   decode_steps=3)
+
+
+def test_multimodal_checkpoint_errors_are_one_line(tmp_path):
+    folder = make_tiny_multimodal(tmp_path, "gemma3")
+    config = json.loads((folder / "config.json").read_text())
+    del config["text_config"]["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="text_config has no model_type"):
+        load_model(folder)
+    config["text_config"] = {"model_type": "gpt2"}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="GPT2LMHeadModel is not supported"):
+        load_model(folder)
 
 
 @pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")

@@ -22,7 +22,7 @@ from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LayerWidths
 from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, LINEARS, calibration_batch
 from lcq.quantizer.reference import load_reference_model
-from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
+from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -152,6 +152,24 @@ def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(t
                "model.norm.weight"]
     assert torch.allclose(source.residual_units(0), torch.stack([squares(name) for name in readers]).mean(0))
     assert not torch.allclose(squares("model.layers.1.post_attention_layernorm.weight"), squares(readers[0]))
+
+
+def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path):
+    """A Gemma 3 4B-style folder (sparse text_config, tensors under model.language_model.*) quantizes
+    to exactly what its text model alone does: the same tensors, a text-only config and no vision tower."""
+    wrapped = make_tiny_multimodal(tmp_path, "gemma3", "sparse")
+    options = QuantizeOptions(bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1)
+    for source, out in ((wrapped, tmp_path / "from-wrapped"), (wrapped.parent / "text", tmp_path / "from-text")):
+        quantize_model(source, out, options, progress=False)
+    ours, alone = CheckpointReader(tmp_path / "from-wrapped"), CheckpointReader(tmp_path / "from-text")
+    assert sorted(ours.names()) == sorted(alone.names())
+    for name in alone.names():
+        assert torch.equal(ours.tensor(name), alone.tensor(name)), name
+    config = json.loads((tmp_path / "from-wrapped" / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and "text_config" not in config
+    assert config["quantization_config"] == alone.config["quantization_config"]
+    assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 
 
 def test_norm_weighted_block_error_is_used_and_recorded(tmp_path):

@@ -26,7 +26,7 @@ from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
-from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, merge_adapter
+from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, merge_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
@@ -83,6 +83,18 @@ def test_greedy_matches_transformers_lcq(tmp_path):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
     layers = [m for m in llm.engine.runner.model.modules() if isinstance(m, LCQLinear)]
     assert layers and all(m.layer is None for m in layers)
+
+
+def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tmp_path):
+    """A Gemma 3 4B-style folder served text-only: the engine's greedy tokens are those of transformers'
+    Gemma3ForConditionalGeneration on the same folder."""
+    import transformers
+
+    folder = make_tiny_multimodal(tmp_path, "gemma3")
+    llm = LLM(str(folder), block_size=8, **FP32)
+    reference = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
+        assert out.token_ids == _transformers_greedy(folder, prompt, 12, reference)
 
 
 def test_gemma_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch):

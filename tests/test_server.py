@@ -387,6 +387,9 @@ def test_client_errors_use_the_envelope(server):
     error_of(post("/v1/completions", {"prompt": [10**6]}), 400)
     error_of(post("/v1/chat/completions", {"messages": []}), 400)
     error_of(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    assert error_of(post("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, image]}]}), 400)["param"] == "messages.0.content"
     too_long = error_of(post("/v1/completions", {"prompt": list(range(300))}), 400)["message"]
     assert "300" in too_long and "256" in too_long
     error_of(httpx.post(server.url + "/v1/completions", content=b"{not json",

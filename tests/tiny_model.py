@@ -93,6 +93,58 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     return folder
 
 
+# A multimodal wrapper per text family, with its tiny vision tower's config.
+WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
+               model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, image_size=28, patch_size=14), dict(mm_tokens_per_image=4)),
+           "llama": ("LlavaConfig", "LlavaForConditionalGeneration", dict(
+               model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+               num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32), {}),
+           "mistral": ("Mistral3Config", "Mistral3ForConditionalGeneration", dict(
+               model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+               image_size=28, patch_size=14, head_dim=16), dict(spatial_merge_size=2))}
+
+
+def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str = "full") -> Path:
+    """A multimodal checkpoint (Gemma 3 4B-style, LLaVA over Llama, Mistral Small 3.1-style) whose
+    language model is make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
+    under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
+    what differs from the defaults, as in the Hub's Gemma 3 files, and tensors sit under
+    model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them. Returns
+    `folder`/wrapped; the text model it holds is also in `folder`/text."""
+    import json
+
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text_dir = make_tiny_hf(Path(folder) / "text", arch)
+    folder = Path(folder) / "wrapped"
+    text = transformers.AutoModelForCausalLM.from_pretrained(text_dir)
+    config_cls, model_cls, vision, extra = WRAPPED[arch]
+    tokens = len(make_tokenizer(folder))
+    config = getattr(transformers, config_cls)(text_config=text.config.to_dict(), vision_config=vision,
+                                                image_token_index=tokens - 1,
+                                                tie_word_embeddings=text.config.tie_word_embeddings, **extra)
+    torch.manual_seed(1)
+    model = getattr(transformers, model_cls)(config).eval()
+    model.model.language_model.load_state_dict(text.model.state_dict())
+    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    model.save_pretrained(folder)
+    if layout == "sparse":
+        saved = json.loads((folder / "config.json").read_text())
+        defaults = type(config.text_config)().to_dict()
+        saved["text_config"] = {key: value for key, value in config.text_config.to_dict().items()
+                                if key == "model_type" or defaults.get(key) != value}
+        (folder / "config.json").write_text(json.dumps(saved))
+        tensors = load_file(str(folder / "model.safetensors"))
+        moved = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
+                 "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
+        renamed = {next(new + name[len(old):] for old, new in moved.items() if name.startswith(old)): t
+                   for name, t in tensors.items()}
+        save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
 CALIBRATION_TEXT = " ".join(CORPUS * 6)
 
 

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .codebook import PackedLinear, padded_in_features
+from .language_model import LanguageModelError, is_wrapper, language_model_config, text_model_name
 from .packing import SUPPORTED_BITS
 
 QUANT_METHOD = "lcq"
@@ -123,7 +124,8 @@ def _numel(shape: list[int]) -> int:
 
 
 class CheckpointReader:
-    """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes."""
+    """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes. Of a
+    multimodal folder it reads the language model alone, under its text-model names (language_model.py)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -133,11 +135,20 @@ class CheckpointReader:
         if not config_path.is_file():
             raise FormatError(f"{config_path}: missing (not a Hugging Face model folder)")
         try:
-            self.config: dict[str, Any] = json.loads(config_path.read_text())
+            stored = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+        try:
+            self.config: dict[str, Any] = language_model_config(stored)
+        except LanguageModelError as e:
+            raise FormatError(f"{config_path}: {e}") from None
         self.quant: dict[str, Any] | None = self._validated_quant_config(config_path)
         self._files = self._tensor_files()
+        self._stored_names = {}  # text-model name -> name in the file, where they differ
+        if is_wrapper(stored):
+            self._stored_names = {text_model_name(name): name for name in self._files
+                                  if text_model_name(name) is not None}
+            self._files = {text: self._files[name] for text, name in self._stored_names.items()}
 
     def _validated_quant_config(self, path: Path) -> dict[str, Any] | None:
         quant = self.config.get("quantization_config")
@@ -202,7 +213,7 @@ class CheckpointReader:
         if path is None:
             raise FormatError(f"{self.folder}: tensor '{name}' missing")
         with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(name).get_shape())
+            return tuple(f.get_slice(self._stored_names.get(name, name)).get_shape())
 
     def tensor(self, name: str) -> torch.Tensor:
         path = self._files.get(name)
@@ -210,7 +221,7 @@ class CheckpointReader:
             raise FormatError(f"{self.folder}: tensor '{name}' missing")
         try:
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(name)
+                return f.get_tensor(self._stored_names.get(name, name))
         except Exception as e:
             raise FormatError(f"{path}: tensor '{name}' unreadable ({_first_line(e)})") from None
 
