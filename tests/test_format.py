@@ -137,17 +137,17 @@ def test_bits_per_weight_matches_documented_formula():
     assert abs(layer.bits_per_weight() - expected) < 1e-9
 
 
-def test_language_model_config_of_a_multimodal_wrapper():
+def test_view_config_of_a_multimodal_wrapper():
     """The Hub's Gemma 3 4B config.json (text_config with only what differs from the defaults) becomes the
     text model's full config; a wrapper's own tie_word_embeddings wins over text_config's, as transformers
     ties a wrapper's head; plain configs pass through unchanged."""
-    from lcq.format import language_model_config
+    from lcq.format import view_config
 
     gemma = {"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "torch_dtype": "bfloat16",
              "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
                              "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
                              "sliding_window": 1024}, "vision_config": {"model_type": "siglip_vision_model"}}
-    text = language_model_config(gemma)
+    text = view_config(gemma)
     assert text["architectures"] == ["Gemma3ForCausalLM"] and text["model_type"] == "gemma3_text"
     assert (text["hidden_size"], text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]) == \
         (2560, 8, 4, 256)
@@ -155,7 +155,7 @@ def test_language_model_config_of_a_multimodal_wrapper():
     assert text["rope_parameters"]["full_attention"] == {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6}
     mistral = {"architectures": ["Mistral3ForConditionalGeneration"],
                "text_config": {"model_type": "mistral", "tie_word_embeddings": False}}
-    assert not language_model_config(mistral)["tie_word_embeddings"]
-    assert language_model_config({**mistral, "tie_word_embeddings": True})["tie_word_embeddings"]
+    assert not view_config(mistral)["tie_word_embeddings"]
+    assert view_config({**mistral, "tie_word_embeddings": True})["tie_word_embeddings"]
     plain = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "text_config": {"model_type": "x"}}
-    assert language_model_config(plain) is plain
+    assert view_config(plain) is plain

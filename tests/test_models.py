@@ -130,6 +130,43 @@ def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout)
                    decode_steps=3)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_phi3_reads_as_mistral_with_its_fused_projections_split(tmp_path, window):
+    """Phi-3 / Phi-4 folders (q/k/v and gate/up stored fused; Phi-3-mini's sliding window): our model
+    against transformers' Phi3ForCausalLM of the same folder."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+
+    folder = make_tiny_hf(tmp_path, "phi3", sliding_window=window)
+    reader = CheckpointReader(folder)
+    assert reader.config["model_type"] == "mistral" and reader.config.get("sliding_window") == window
+    assert reader.shape("model.layers.0.self_attn.k_proj.weight") == (2 * 24, 96)
+    assert not any("qkv_proj" in name or "gate_up_proj" in name for name in reader.names())
+    model, config = load_model(folder)
+    assert config.layer_windows == [window or 0] * 2
+    reference = transformers.Phi3ForCausalLM.from_pretrained(folder).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3)
+
+
+def test_phi3_errors_are_one_line(tmp_path):
+    """Phi-4-mini's partial rotary embedding and Phi-3.5's long-context rope are refused by name, and a
+    fused matrix shorter than config.json says is caught where it is read."""
+    from lcq.format import CheckpointReader, FormatError
+
+    folder = make_tiny_hf(tmp_path, "phi3")
+    config = json.loads((folder / "config.json").read_text())
+    for changes, message in (({"partial_rotary_factor": 0.75}, "partial rotary"),
+                             ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 12,
+                                                "long_factor": [1.0] * 12}}, "rope type 'longrope'")):
+        (folder / "config.json").write_text(json.dumps({**config, **changes, "rope_parameters": None}))
+        with pytest.raises(UserError, match=message):
+            load_model(folder)
+    (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
+    with pytest.raises(FormatError, match="qkv_proj.weight' has 192 rows, config.json gives .*v_proj.weight rows"):
+        CheckpointReader(folder).tensor("model.layers.0.self_attn.v_proj.weight")
+
+
 def test_multimodal_checkpoint_errors_are_one_line(tmp_path):
     folder = make_tiny_multimodal(tmp_path, "gemma3")
     config = json.loads((folder / "config.json").read_text())

@@ -172,6 +172,28 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path):
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 
 
+def test_phi3_quantizes_as_mistral(tmp_path):
+    """A Phi-3 folder (fused q/k/v and gate/up, a sliding window) quantizes into a Mistral checkpoint whose
+    parts are packed under their own names, and the engine's greedy tokens on it are transformers' with
+    the dequantized weights."""
+    from lcq.runtime import LLM, SamplingParams
+
+    hf = make_tiny_hf(tmp_path / "hf", "phi3", sliding_window=7)
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1)
+    quantize_model(hf, tmp_path / "lcq", options, progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    assert reader.config["architectures"] == ["MistralForCausalLM"] and reader.config["sliding_window"] == 7
+    assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
+        {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    reference = load_reference_model(tmp_path / "lcq")
+    prompt = [5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11]
+    expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
+    out = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32").generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert out[0].token_ids == expected[0, len(prompt):].tolist()
+
+
 def test_norm_weighted_block_error_is_used_and_recorded(tmp_path):
     hf = make_tiny_hf(tmp_path / "hf", "gemma3")
     losses = {}

@@ -6,13 +6,13 @@ from .checkpoint import (EMBED, FORMAT_VERSION, HEAD, QUANT_METHOD, CheckpointRe
                          linear_tensors, quantization_config, write_index, write_json, write_shard)
 from .codebook import (PackedLinear, codebooks, decoded_b, decoded_s, dequantize, dual_quantize, encode_linear,
                        layer_codebooks, output_rows, padded_in_features, stored_bytes)
-from .language_model import LanguageModelError, language_model_config
 from .packing import SUPPORTED_BITS, pack_indices, plane_layout, unpack_indices
+from .views import VIEWED_ARCHITECTURES, ViewError, view_config
 
 __all__ = [
     "EMBED", "FORMAT_VERSION", "HEAD", "QUANT_METHOD", "CheckpointReader", "FormatError", "copy_model_assets",
     "linear_tensors", "quantization_config", "write_index", "write_json", "write_shard", "PackedLinear", "codebooks", "decoded_b",
     "decoded_s", "dequantize", "dual_quantize", "encode_linear", "layer_codebooks", "output_rows", "padded_in_features",
-    "stored_bytes", "LanguageModelError", "language_model_config", "SUPPORTED_BITS", "pack_indices", "plane_layout",
-    "unpack_indices",
+    "stored_bytes", "SUPPORTED_BITS", "pack_indices", "plane_layout", "unpack_indices", "VIEWED_ARCHITECTURES", "ViewError",
+    "view_config",
 ]

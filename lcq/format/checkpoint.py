@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .codebook import PackedLinear, padded_in_features
-from .language_model import LanguageModelError, is_wrapper, language_model_config, text_model_name
+from .views import StoredTensor, ViewError, view_config, view_tensors
 from .packing import SUPPORTED_BITS
 
 QUANT_METHOD = "lcq"
@@ -124,8 +124,9 @@ def _numel(shape: list[int]) -> int:
 
 
 class CheckpointReader:
-    """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes. Of a
-    multimodal folder it reads the language model alone, under its text-model names (language_model.py)."""
+    """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes. A folder
+    of another architecture reads as the one lcq runs for it (views.py): `config` and the tensor names
+    are that architecture's."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
@@ -139,16 +140,13 @@ class CheckpointReader:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
         try:
-            self.config: dict[str, Any] = language_model_config(stored)
-        except LanguageModelError as e:
+            self.config: dict[str, Any] = view_config(stored)
+        except ViewError as e:
             raise FormatError(f"{config_path}: {e}") from None
         self.quant: dict[str, Any] | None = self._validated_quant_config(config_path)
         self._files = self._tensor_files()
-        self._stored_names = {}  # text-model name -> name in the file, where they differ
-        if is_wrapper(stored):
-            self._stored_names = {text_model_name(name): name for name in self._files
-                                  if text_model_name(name) is not None}
-            self._files = {text: self._files[name] for text, name in self._stored_names.items()}
+        self._stored = view_tensors(stored, list(self._files)) or {name: StoredTensor(name) for name in self._files}
+        self._files = {name: self._files[where.name] for name, where in self._stored.items()}
 
     def _validated_quant_config(self, path: Path) -> dict[str, Any] | None:
         quant = self.config.get("quantization_config")
@@ -212,18 +210,27 @@ class CheckpointReader:
         path = self._files.get(name)
         if path is None:
             raise FormatError(f"{self.folder}: tensor '{name}' missing")
+        where = self._stored[name]
         with safe_open(str(path), framework="pt") as f:
-            return tuple(f.get_slice(self._stored_names.get(name, name)).get_shape())
+            shape = tuple(f.get_slice(where.name).get_shape())
+        return shape if where.rows is None else (where.rows[1] - where.rows[0], *shape[1:])
 
     def tensor(self, name: str) -> torch.Tensor:
         path = self._files.get(name)
         if path is None:
             raise FormatError(f"{self.folder}: tensor '{name}' missing")
+        where = self._stored[name]
         try:
             with safe_open(str(path), framework="pt") as f:
-                return f.get_tensor(self._stored_names.get(name, name))
+                if where.rows is None:
+                    return f.get_tensor(where.name)
+                tensor = f.get_slice(where.name)[where.rows[0]:where.rows[1]]
         except Exception as e:
-            raise FormatError(f"{path}: tensor '{name}' unreadable ({_first_line(e)})") from None
+            raise FormatError(f"{path}: tensor '{where.name}' unreadable ({_first_line(e)})") from None
+        if tensor.shape[0] != where.rows[1] - where.rows[0]:
+            raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows, "
+                              f"config.json gives {name} rows {where.rows[0]} to {where.rows[1]}")
+        return tensor
 
     def quantized_prefixes(self) -> list[str]:
         """Names of the packed linear layers, in file order."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcq.errors import UserError
-from lcq.format import LanguageModelError, language_model_config
+from lcq.format import VIEWED_ARCHITECTURES, ViewError, view_config
 
 from .layers import ROPE_TYPES, rope_settings
 
@@ -46,15 +46,15 @@ class ModelConfig:
         if not path.is_file():
             raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
         try:
-            c = language_model_config(json.loads(path.read_text()))
+            c = view_config(json.loads(path.read_text()))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON ({e.msg})") from None
-        except LanguageModelError as e:
+        except ViewError as e:
             raise UserError(f"{path}: {e}") from None
         architecture = (c.get("architectures") or [c.get("model_type", "?")])[0]
         if architecture not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
             raise UserError(f"{folder}: architecture {architecture} is not supported "
-                            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+                            f"(supported: {', '.join((*SUPPORTED_ARCHITECTURES, *VIEWED_ARCHITECTURES))})")
         rope = rope_settings(c)
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "

@@ -11,29 +11,30 @@ from pathlib import Path
 import torch
 
 from lcq.errors import UserError
-from lcq.format import CheckpointReader, FormatError, LanguageModelError, dequantize, language_model_config
+from lcq.format import VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize, view_config
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def read_config(model_dir: str | Path) -> dict:
-    """config.json as a dict (a multimodal folder's: its language model's), checked to be a supported
-    Llama-family architecture."""
+    """config.json as a dict (of the architecture lcq reads the folder as: lcq.format.views), checked to be
+    a supported Llama-family architecture."""
     path = Path(model_dir)
     if not path.is_dir():
         raise UserError(f"{path}: no such model folder")
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (not a Hugging Face model folder)")
     try:
-        config = language_model_config(json.loads((path / "config.json").read_text()))
+        config = view_config(json.loads((path / "config.json").read_text()))
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
-    except LanguageModelError as e:
+    except ViewError as e:
         raise UserError(f"{path / 'config.json'}: {e}") from None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(f"{path}: architecture {model_type!r} is not supported "
-                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}; read as one of them: "
+                        f"{', '.join(VIEWED_ARCHITECTURES)})")
     return config
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lcq.format import language_model_config
+from lcq.format import view_config
 
 from .generation_config import sampling_defaults
 
@@ -180,7 +180,7 @@ class EngineConfig:
 def _model_type(folder: str) -> str | None:
     """config.json's model_type, or None where the folder has no readable one (the loader says why)."""
     try:
-        return language_model_config(json.loads((Path(folder) / "config.json").read_text())).get("model_type")
+        return view_config(json.loads((Path(folder) / "config.json").read_text())).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None
 

@@ -1,0 +1,142 @@
+"""Folders lcq reads as an architecture it runs: the config and tensor names a reader sees.
+
+- Multimodal wrappers (Gemma 3 from 4B up: Gemma3ForConditionalGeneration; Mistral Small 3.1:
+  Mistral3ForConditionalGeneration; LlavaForConditionalGeneration) keep a Llama-family language model
+  beside a vision tower: its config under `text_config`, its tensors under a prefix. They read as that
+  language model alone (its config completed with transformers' defaults, since the Hub's files leave
+  out every default); the vision tower and projector are never read.
+- Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
+  gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
+  (read alone from the file), so every part is quantized and fused again as in the other families.
+
+A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+# Where a wrapper keeps the language model's tensors, and their text-model names: the Hub's files (and
+# what transformers writes) first, then transformers 4.52-4.57's own saves.
+TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+                 ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+# Top-level settings a wrapper's text model inherits where its text_config has none.
+INHERITED = ("torch_dtype", "dtype")
+# Top-level settings that win over text_config's: transformers ties a wrapper's head to its embedding
+# table by the wrapper's own setting (a Mistral3 whose text_config says untied is saved without a head).
+OVERRIDING = ("tie_word_embeddings",)
+# Architectures read as another one (named in the errors that list what lcq reads).
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", *WRAPPERS)
+# Phi-3's settings that Mistral's config has under the same name and meaning.
+PHI3_KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+             "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
+             "torch_dtype", "dtype", "initializer_range", "use_cache")
+
+
+class ViewError(ValueError):
+    """A folder whose model cannot be read as one lcq runs."""
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where a tensor of the view lives: a stored tensor, or the rows [start, stop) of one."""
+
+    name: str
+    rows: tuple[int, int] | None = None
+
+
+def view_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json of the model lcq runs for a folder whose config.json is `config`."""
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture in WRAPPERS:
+        return _text_model_config(config, architecture)
+    if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
+        return _phi3_as_mistral(config)
+    return config
+
+
+def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor] | None:
+    """The view's tensor names and where each is stored, for a folder with config.json `config` and
+    tensors `stored`; None where the names are the stored ones."""
+    architecture = (config.get("architectures") or [None])[0]
+    if architecture in WRAPPERS:
+        return {text: StoredTensor(name) for name in stored if (text := _text_model_name(name)) is not None}
+    if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
+        return _phi3_parts(_phi3_as_mistral(config), stored)
+    return None
+
+
+def _text_model_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    text = dict(config.get("text_config") or {})
+    if "model_type" not in text:
+        raise ViewError(f"{architecture}: text_config has no model_type")
+    model_type = text.pop("model_type")
+    completed = _completed(model_type, text, architecture)
+    for key in INHERITED:
+        if completed.get(key) is None and key in config:
+            completed[key] = config[key]
+    completed.update({key: config[key] for key in OVERRIDING if key in config})
+    return completed
+
+
+def _completed(model_type: str, settings: dict[str, Any], what: str) -> dict[str, Any]:
+    """`settings` of a `model_type` config with transformers' defaults for the rest, named as its CausalLM."""
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        completed = AutoConfig.for_model(model_type, **settings).to_dict()
+    except (ImportError, ValueError, KeyError) as e:
+        raise ViewError(f"{what}: this transformers cannot read its text model "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    for key in ("transformers_version", "_name_or_path", "id2label", "label2id"):
+        completed.pop(key, None)
+    completed["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)]
+    return completed
+
+
+def _text_model_name(name: str) -> str | None:
+    """A wrapper's stored tensor name as the text model's, or None for the other parts' tensors."""
+    for stored, text in TEXT_PREFIXES:
+        if name.startswith(stored):
+            return text + name[len(stored):]
+    return None
+
+
+def _phi3_as_mistral(config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3's config as Mistral's, refusing what Mistral's decoder does not do: a partial rotary
+    embedding (Phi-4-mini) and long-context rotary scaling (Phi-3.5, the 128k Phi-3 models)."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ViewError(f"Phi3ForCausalLM: a partial rotary embedding (partial_rotary_factor {partial}) is not supported")
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ViewError(f"Phi3ForCausalLM: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
+    if "rope_theta" in rope:
+        config = {**config, "rope_theta": rope["rope_theta"]}
+    kept = {key: config[key] for key in PHI3_KEPT if key in config}
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept,
+            "head_dim": config["hidden_size"] // config["num_attention_heads"]}
+
+
+def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, but each fused projection as its parts' row ranges."""
+    head_dim = config["head_dim"]
+    queries, keys = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    intermediate = config["intermediate_size"]
+    fused = {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", 0, queries),
+                                           ("self_attn.k_proj.weight", queries, queries + keys),
+                                           ("self_attn.v_proj.weight", queries + keys, queries + 2 * keys)),
+             "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate),
+                                         ("mlp.up_proj.weight", intermediate, 2 * intermediate))}
+    view = {}
+    for name in stored:
+        suffix = next((s for s in fused if name.endswith("." + s)), None)
+        if suffix is None:
+            view[name] = StoredTensor(name)
+            continue
+        prefix = name[: -len(suffix)]
+        view.update({prefix + part: StoredTensor(name, (start, stop)) for part, start, stop in fused[suffix]})
+    return view
