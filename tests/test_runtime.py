@@ -238,6 +238,8 @@ def test_prefix_cache_hits_give_the_same_tokens(llm):
     second = llm.generate([prompt], GREEDY)[0]
     assert second.token_ids == first.token_ids
     assert first.usage.cached_tokens == 0 and second.usage.cached_tokens == 32  # 4 full blocks of 8, not the last token
+    # the first wrote all 5 of its full blocks; the second recomputed the last one, already cached
+    assert (first.usage.cache_written_tokens, second.usage.cache_written_tokens) == (40, 0)
     assert _pool_is_full(llm.engine)
 
 

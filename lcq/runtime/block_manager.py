@@ -85,7 +85,9 @@ class BlockManager:
             if block.hash is None:
                 block.tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
                 block.hash = hash((parent, block.tokens))
-                self.by_hash.setdefault(block.hash, block.id)
+                written = self.by_hash.setdefault(block.hash, block.id) == block.id
+                if written and (index + 1) * self.block_size <= seq.num_prompt_tokens:
+                    seq.num_cache_written_tokens += self.block_size
             parent = block.hash
             seq.num_hashed_blocks = index + 1
 

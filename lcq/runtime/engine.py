@@ -318,6 +318,6 @@ class LLMEngine:
         if self.sequences.pop(seq.request_id, None) is not None and seq.adapter is not None:
             self.runner.adapters.release(seq.adapter)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-                      cached_tokens=seq.num_cached_tokens)
+                      cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens)
         return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,
                            error=error)

@@ -17,6 +17,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    cache_written_tokens: int = 0  # prompt tokens added to the prefix cache (blocks no other request had)
 
     @property
     def total_tokens(self) -> int:

@@ -33,6 +33,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
+        self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
         self.num_hashed_blocks = 0  # leading blocks registered for prefix caching
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None

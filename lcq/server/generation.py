@@ -45,6 +45,7 @@ class Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     cached_tokens: int = 0
+    cache_written_tokens: int = 0
     error: str | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -56,7 +57,7 @@ class Choice:
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
             if out.usage is not None:
-                self.cached_tokens = out.usage.cached_tokens
+                self.cached_tokens, self.cache_written_tokens = out.usage.cached_tokens, out.usage.cache_written_tokens
 
 
 class Generation:
@@ -169,10 +170,11 @@ class Generation:
         prompt_tokens = sum(len(p) for p in self.prompts)
         completion = sum(len(c.token_ids) for c in self.choices) if count_completions else 0
         n = len(self.choices) // max(1, len(self.prompts))
-        cached = sum(self.choices[p * n].cached_tokens for p in range(len(self.prompts)))
+        firsts = [self.choices[p * n] for p in range(len(self.prompts))]
+        details = PromptTokensDetails(cached_tokens=sum(c.cached_tokens for c in firsts),
+                                      cache_write_tokens=sum(c.cache_written_tokens for c in firsts))
         return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
-                         total_tokens=prompt_tokens + completion,
-                         prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                         total_tokens=prompt_tokens + completion, prompt_tokens_details=details)
 
 
 async def _client_disconnect(request: Request) -> None:

@@ -292,6 +292,7 @@ class OmitsUnset(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = Field(0, exclude=True)  # for the Responses API's usage; chat usage has no such field
 
 
 class CompletionTokensDetails(BaseModel):

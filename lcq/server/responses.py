@@ -78,7 +78,8 @@ class ResponseBuilder:
         usage = None
         if turn is not None:
             counts = turn.usage()
-            cached = InputTokensDetails(cached_tokens=counts.prompt_tokens_details.cached_tokens)
+            prompt = counts.prompt_tokens_details
+            cached = InputTokensDetails(cached_tokens=prompt.cached_tokens, cache_write_tokens=prompt.cache_write_tokens)
             details = counts.completion_tokens_details
             reasoning = OutputTokensDetails(reasoning_tokens=details.reasoning_tokens if details else 0)
             usage = ResponseUsage(input_tokens=counts.prompt_tokens, output_tokens=counts.completion_tokens,

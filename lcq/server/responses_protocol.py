@@ -244,6 +244,7 @@ class FunctionCallItem(BaseModel):
 
 class InputTokensDetails(BaseModel):
     cached_tokens: int = 0
+    cache_write_tokens: int = 0  # prompt tokens added to the prefix cache
 
 
 class OutputTokensDetails(BaseModel):
