@@ -87,14 +87,16 @@ def test_greedy_matches_transformers_lcq(tmp_path):
 
 def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tmp_path):
     """A Gemma 3 4B-style folder served text-only: the engine's greedy tokens are those of transformers'
-    Gemma3ForConditionalGeneration on the same folder."""
+    Gemma3ForConditionalGeneration on the same folder, and the chat template is the processor's."""
     import transformers
 
-    folder = make_tiny_multimodal(tmp_path, "gemma3")
+    folder = make_tiny_multimodal(tmp_path, "gemma3", "sparse")
     llm = LLM(str(folder), block_size=8, **FP32)
     reference = transformers.Gemma3ForConditionalGeneration.from_pretrained(folder).eval()
     for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, GREEDY)):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12, reference)
+    assert llm.engine.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False) == \
+        "<|im_start|>user\nHi<|im_end|>\n"
 
 
 def test_gemma_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch):

@@ -110,7 +110,8 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     language model is make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
     under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
     what differs from the defaults, as in the Hub's Gemma 3 files, and tensors sit under
-    model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them. Returns
+    model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them, and the chat
+    template is the processor's chat_template.json, as multimodal folders on the Hub keep it. Returns
     `folder`/wrapped; the text model it holds is also in `folder`/text."""
     import json
 
@@ -142,6 +143,9 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
         renamed = {next(new + name[len(old):] for old, new in moved.items() if name.startswith(old)): t
                    for name, t in tensors.items()}
         save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        template = folder / "chat_template.jinja"  # the template as a processor keeps it, as in the Hub's files
+        (folder / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))
+        template.unlink()
     return folder
 
 

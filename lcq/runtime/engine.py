@@ -8,9 +8,11 @@ finish_reason "error"; the others go on.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -45,6 +47,17 @@ class EngineStats:
     num_accepted_tokens_total: int = 0  # drafts the model agreed with
 
 
+def processor_chat_template(folder: str) -> str | None:
+    """The chat template a multimodal folder keeps for its processor (chat_template.json), which the
+    tokenizer does not read; None where there is none."""
+    path = Path(folder) / "chat_template.json"
+    try:
+        template = json.loads(path.read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         from transformers import AutoTokenizer
@@ -53,6 +66,8 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        if not self.tokenizer.chat_template:
+            self.tokenizer.chat_template = processor_chat_template(config.model)
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
