@@ -140,3 +140,59 @@ def _wait_until_ready(process: subprocess.Popen, log: Path) -> str:
             return url
         time.sleep(0.1)
     raise AssertionError("server did not become ready:\n" + log.read_text())
+
+
+def _batch_line(custom_id: str, url: str, body: dict) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
+    """`lcq run-batch`: chat, completions and Responses requests through the server's endpoints in-process;
+    each output line carries its request's status and body (OpenAI's types parse them), refusals keep the
+    error envelope, and a greedy completion is the offline engine's."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+    from openai.types.responses import Response
+
+    from lcq.runtime import LLM, SamplingParams
+
+    model = make_tiny_hf(tmp_path / "tiny")
+    greedy = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    lines = [_batch_line("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello"}],
+                                                          **greedy}),
+             _batch_line("text", "/v1/completions", {"prompt": "Once upon a time", **greedy}),
+             _batch_line("resp", "/v1/responses", {"input": "Hi", "max_output_tokens": 4}),
+             _batch_line("bad", "/v1/completions", {"prompt": "x", "temperature": 5}),
+             _batch_line("stream", "/v1/completions", {"prompt": "x", "stream": True})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(model),
+                 "--kv-cache-memory-gb", "0.05"]) == 0
+    assert "5 requests: 3 answered, 2 refused" in capsys.readouterr().out
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["chat", "text", "resp", "bad", "stream"]
+    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 400, 400]
+    assert all(r["id"].startswith("batch_req_") and r["error"] is None for r in results)
+    chat, text, resp = (r["response"]["body"] for r in results[:3])
+    ChatCompletion.model_validate(chat), Response.model_validate(resp)
+    assert results[1]["response"]["request_id"] == text["id"]
+    expected = LLM(str(model), kv_cache_memory_gb=0.05).generate(["Once upon a time"], SamplingParams(
+        max_tokens=6, temperature=0, ignore_eos=True))[0].text
+    assert Completion.model_validate(text).choices[0].text == expected
+    assert results[3]["response"]["body"]["error"]["param"] == "temperature"
+    assert results[4]["response"]["body"]["error"]["param"] == "stream"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "in.jsonl:2: not valid JSON"),
+    (_batch_line("a", "/v1/completions", {"prompt": "x"}), "in.jsonl:2: custom_id 'a' is used twice"),
+    (_batch_line("b", "/v1/embeddings", {"input": "x"}), "in.jsonl:2: url must be one of"),
+    (json.dumps({"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}), "method must be POST"),
+])
+def test_run_batch_refuses_a_bad_file_before_loading(tmp_path, capsys, line, message):
+    (tmp_path / "in.jsonl").write_text(_batch_line("a", "/v1/completions", {"prompt": "x"}) + "\n" + line + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(tmp_path / "no-model")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lcq: error: ") and message in error and "\n" not in error
+    assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()

@@ -58,6 +58,10 @@ class Lifecycle:
             if self.on_fatal is not None:
                 self.on_fatal()
 
+    async def loaded(self) -> None:
+        """Wait for the load the lifespan started (done or failed: `on_fatal` has run by then)."""
+        await asyncio.shield(self._start)
+
     def drain(self) -> asyncio.Task:
         if self._drain is None:
             self._drain = asyncio.ensure_future(self._shutdown())

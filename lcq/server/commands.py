@@ -1,13 +1,20 @@
-"""`lcq serve`: one engine, one uvicorn server, graceful drain on SIGTERM / Ctrl-C."""
+"""`lcq serve`: one engine, one uvicorn server, graceful drain on SIGTERM / Ctrl-C; `lcq run-batch`: a file
+of OpenAI Batch API requests through the same app (batch.py)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lcq.errors import UserError
 
-from .settings import add_serve_arguments, resolve
+from .settings import ServeCommand, add_serve_arguments, resolve
+
+if TYPE_CHECKING:
+    from lcq.runtime import AsyncEngine
 
 logger = logging.getLogger("lcq.server")
 
@@ -18,19 +25,72 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "Every flag can also be set as an environment variable LCQ_<FLAG>.")
     add_serve_arguments(p)
     p.set_defaults(func=_serve)
+    p = subparsers.add_parser("run-batch", help="run a file of OpenAI Batch API requests offline",
+                              description="Run every request of a JSONL file in the OpenAI Batch API format "
+                                          "(/v1/chat/completions, /v1/completions, /v1/responses) through the "
+                                          "server's endpoints in-process, and write their responses as JSONL. "
+                                          "Takes the flags of `lcq serve` (host, port and API key unused).")
+    p.add_argument("-i", "--input-file", required=True, help="JSONL of {custom_id, method, url, body}")
+    p.add_argument("-o", "--output-file", required=True, help="JSONL of {id, custom_id, response, error}")
+    add_serve_arguments(p)
+    p.set_defaults(func=_run_batch)
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from lcq.runtime import AsyncEngine, EngineConfig
 
     from .app import create_app
     from .runner import DrainingServer
 
     command = resolve(args)
     settings = command.settings
-    level = "DEBUG" if settings.log_level == "trace" else settings.log_level.upper()
+    engine = _engine(command)
+    app = create_app(engine, settings, on_fatal=lambda: server.fail())
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
+    server = DrainingServer(config, app.state.lifecycle)
+    server.run()
+    if server.failed:
+        raise UserError("the model failed to load (see the log above)")
+    return 0
+
+
+def _run_batch(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .app import create_app
+    from .batch import read_requests, run_requests, write_lines
+
+    requests = read_requests(Path(args.input_file))
+    output = Path(args.output_file)
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such folder for the output file")
+    command = resolve(args)
+    settings = dataclasses.replace(command.settings, api_key=None)  # in-process calls carry no key
+    failed, engine = [], _engine(command)
+    app = create_app(engine, settings, on_fatal=lambda: failed.append(True))
+    in_flight = max(1, engine.config.max_queue)  # so that the waiting queue never refuses one
+
+    async def run() -> list[dict]:
+        async with app.router.lifespan_context(app):
+            await app.state.lifecycle.loaded()
+            if failed:
+                raise UserError("the model failed to load (see the log above)")
+            with tqdm(total=len(requests), desc="requests", unit="req") as bar:
+                return await run_requests(app, requests, in_flight, lambda: bar.update())
+
+    lines = asyncio.run(run())
+    write_lines(output, lines)
+    answered = sum(line["response"]["status_code"] == 200 for line in lines)
+    print(f"{len(lines)} requests: {answered} answered, {len(lines) - answered} refused; wrote {output}")
+    return 0
+
+
+def _engine(command: ServeCommand) -> "AsyncEngine":
+    """The engine a resolved command asks for (the demo model where it names none), logging set up."""
+    from lcq.runtime import AsyncEngine, EngineConfig
+
+    level = "DEBUG" if command.settings.log_level == "trace" else command.settings.log_level.upper()
     logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
     engine_fields = dict(command.engine_fields)
     if command.model is None:
@@ -43,15 +103,6 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         model = command.model
     try:
-        engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
+        return AsyncEngine(EngineConfig(model=model, **engine_fields))
     except ValueError as e:
         raise UserError(str(e)) from None
-
-    app = create_app(engine, settings, on_fatal=lambda: server.fail())
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
-    server = DrainingServer(config, app.state.lifecycle)
-    server.run()
-    if server.failed:
-        raise UserError("the model failed to load (see the log above)")
-    return 0

@@ -1,0 +1,124 @@
+"""`lcq run-batch`: a file of OpenAI Batch API requests through the server's own endpoints, without a port.
+
+Each input line is `{"custom_id", "method": "POST", "url", "body"}`, the OpenAI Batch API's (and vLLM's
+run-batch) format; `url` is /v1/chat/completions, /v1/completions or /v1/responses. The whole file is
+checked before the model loads: a bad line is one error naming it, and nothing is written. Then every
+request goes through the app `lcq serve` runs, called in-process (ASGI, no socket), as many at once as
+the server's queue admits so that the engine batches them continuously. Each output line is
+`{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`, in input order;
+a request the server refuses keeps its status and error envelope, as OpenAI's batch output does. The
+output is written under a temporary name and renamed once complete.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lcq.errors import UserError
+
+from .errors import error_body
+
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+@dataclass
+class BatchRequest:
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+
+
+def read_requests(path: Path) -> list[BatchRequest]:
+    """Every request of a JSONL batch file, checked; UserError naming the first bad line."""
+    if not path.is_file():
+        raise UserError(f"{path}: no such batch file")
+    requests, seen = [], set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+        if not isinstance(item, dict):
+            raise UserError(f"{where}: a request must be a JSON object")
+        custom_id, method, url, body = (item.get(key) for key in ("custom_id", "method", "url", "body"))
+        if not isinstance(custom_id, str) or not custom_id:
+            raise UserError(f"{where}: custom_id must be a non-empty string")
+        if custom_id in seen:
+            raise UserError(f"{where}: custom_id {custom_id!r} is used twice")
+        if method != "POST":
+            raise UserError(f"{where}: method must be POST (got {method!r})")
+        if url not in URLS:
+            raise UserError(f"{where}: url must be one of {', '.join(URLS)} (got {url!r})")
+        if not isinstance(body, dict):
+            raise UserError(f"{where}: body must be a JSON object")
+        seen.add(custom_id)
+        requests.append(BatchRequest(custom_id, url, body))
+    if not requests:
+        raise UserError(f"{path}: no requests")
+    return requests
+
+
+async def call_app(app, url: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST `body` to the ASGI `app` at `url`: (status, decoded JSON body)."""
+    payload = json.dumps(body).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": url, "raw_path": url.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+             "client": ("run-batch", 0), "server": ("run-batch", 0)}
+    sent, never = False, asyncio.Event()
+    status, chunks = 500, []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": payload, "more_body": False}
+        await never.wait()  # the client never disconnects
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(scope, receive, send)
+    return status, json.loads(b"".join(chunks) or b"null")
+
+
+async def run_requests(app, requests: list[BatchRequest], concurrency: int,
+                       on_done=lambda: None) -> list[dict[str, Any]]:
+    """Every request through `app`, at most `concurrency` at once; the output lines in input order."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(request: BatchRequest) -> dict[str, Any]:
+        if request.body.get("stream"):
+            status, body = 400, error_body(400, "stream is not supported in a batch", param="stream")
+        else:
+            async with gate:
+                status, body = await call_app(app, request.url, request.body)
+        on_done()
+        request_id = body.get("id") if status == 200 and isinstance(body, dict) else None
+        return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,
+                "response": {"status_code": status, "request_id": request_id or f"req_{uuid.uuid4().hex}",
+                             "body": body}, "error": None}
+
+    return await asyncio.gather(*(one(request) for request in requests))
+
+
+def write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
+    """The output JSONL, written under a temporary name and renamed into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
