@@ -285,6 +285,20 @@ NOTES = """
   second (0.971 against 0.945), and 1% raised it to 1.40. A gain of 0.5-1.8% in perplexity for a
   third to a half more time: the option stays off by default; whether more calibration windows or
   epochs make the moves worth more is not measured here.
+- Rotating the weights first, as QuIP#, QuaRot and SpinQuant do for their uniform and lattice grids,
+  does not help LCQ's codebooks (2026-12-02, fifth session). `python bench/rotated_residual.py` folds
+  every norm into the linears that read it and rotates the residual stream and each V head by random
+  orthogonal matrices, which leaves the model's output as it was (fp16 perplexity 48.07 against 48.06)
+  and spreads every weight row over all input units; its rows (bench/results/quality-cpu-rotated.json,
+  same settings and commands as this study's; the rows without rotation rerun by the same code in
+  bench/results/quality-cpu-rotation-control.json): W2 r2 with nearest entries 58828 against 380.77,
+  with GPTQ's sweep 200.89 against 223.63, and after 10 block-wise epochs 280.79 against 142.60
+  (lcq-w2r2-e10, same flags; the rotated rows' times are not comparable, tests ran beside them). Only
+  the sweep that sees the whole input covariance (GPTQ) gains, 10%; the likely reason is that rotation
+  spreads the few input units with very large activations, which the importance-weighted fit protects
+  unit by unit, over every unit of a group, where choices made weight by weight no longer see them.
+  Measured on a 135M model with the rotation folded into the weights only (no online Hadamard before
+  down_proj), so not a verdict on rotation for GPTQ-style pipelines at 7B.
 """
 
 
