@@ -569,13 +569,14 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
     assert written == pytest.approx(after, rel=1e-3) and after <= before
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "smollm3"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
     Llama on held-out tokens too. Qwen2's q/k/v biases go through the tuned products and back unchanged;
-    Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer. The
-    Llama's head is packed too, and tuned with the blocks."""
+    Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer; SmolLM3's
+    NoPE layer goes through the stage's transformers model. The Llama's head is packed too, and tuned
+    with the blocks."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
     epochs = 30 if arch == "gemma3" else 10

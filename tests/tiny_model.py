@@ -50,7 +50,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
-        MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+        MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
+        SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,12 +71,15 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      layer_types=["sliding_attention", "full_attention"],
                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                       "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}})
+    if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
+        sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM), "llama3": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
+        "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()

@@ -11,7 +11,8 @@ from lcq.format import VIEWED_ARCHITECTURES, ViewError, view_config
 from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
-                           "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text"}
+                           "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
+                           "SmolLM3ForCausalLM": "smollm3"}
 GEMMA = ("gemma3_text",)  # model types with Gemma's layer: norms around attention and MLP, weights stored as w - 1
 
 
@@ -33,6 +34,7 @@ class ModelConfig:
     rope: dict
     # Gemma 3 (the defaults are every other family's):
     layer_windows: list[int] = field(default_factory=list)  # per layer: sliding window in tokens, 0: full
+    rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
     activation: str = "silu"  # of the gate: silu, or gelu_tanh (Gemma)
@@ -61,7 +63,7 @@ class ModelConfig:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         heads = c["num_attention_heads"]
         gemma = _gemma_fields(c, folder) if c["model_type"] in GEMMA else {}
-        return cls(layer_windows=_layer_windows(c),
+        return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
@@ -75,6 +77,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not self.layer_windows:
             self.layer_windows = [0] * self.num_layers
+        if not self.rope_layers:
+            self.rope_layers = [True] * self.num_layers
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
@@ -114,6 +118,16 @@ def _layer_windows(c: dict) -> list[int]:
         default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(count)]
     types = c.get("layer_types") or default
     return [(window or 0) if layer == "sliding_attention" else 0 for layer in types]
+
+
+def _rope_layers(c: dict) -> list[bool]:
+    """Which layers apply the rotary embedding, as transformers reads SmolLM3's config (no_rope_layers, 1
+    where a layer does; by default every no_rope_layer_interval-th layer does not); [] for the others."""
+    if c["model_type"] != "smollm3":
+        return []
+    interval = c.get("no_rope_layer_interval", 4)
+    flags = c.get("no_rope_layers") or [(i + 1) % interval != 0 for i in range(c["num_hidden_layers"])]
+    return [bool(flag) for flag in flags[:c["num_hidden_layers"]]]
 
 
 def _context_length(c: dict, rope: dict) -> int:

@@ -51,7 +51,7 @@ class CpuDecoder:
         if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable():
             return None
         entries: list[torch.Tensor | int | None] = []
-        for layer in model.layers:
+        for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp
             linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
             weights = [linear.decode_weights() for linear in linears]
@@ -60,7 +60,7 @@ class CpuDecoder:
             qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
             head_norms = [None, None] if attention.q_norm is None else \
                 [attention.q_norm.weight, attention.k_norm.weight]
-            rotary = model.rotary_local if attention.window and model.rotary_local is not None else model.rotary
+            rotary = model.layer_rotary(index)
             output_norms = [None if norm is None else norm.weight
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
             entries += [layer.attention_norm.weight, *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],

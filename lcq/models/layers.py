@@ -53,6 +53,9 @@ def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor,
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# The table of layers that apply no rotary embedding (SmolLM3's NoPE layers): an identity rotation, so
+# that every path treats them as any other layer. Internal only: configs cannot ask for it.
+NO_ROTATION = {"rope_type": "none", "rope_theta": 1.0}
 
 
 def rope_settings(config: dict) -> dict:
@@ -77,6 +80,8 @@ def rotary_frequencies(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
     kind = rope["rope_type"]
     if kind == "default":
         return inv_freq, 1.0
+    if kind == NO_ROTATION["rope_type"]:  # every angle 0: cos 1, sin 0 leave q and k as they are
+        return torch.zeros_like(inv_freq), 1.0
     if kind == "linear":
         return inv_freq / rope["factor"], 1.0
     if kind == "llama3":  # keep high frequencies, divide low ones by `factor`, blend in between

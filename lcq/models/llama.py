@@ -1,10 +1,11 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2, and Gemma 3) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, and Gemma 3) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
 fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the same call.
 Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP outputs normalised too,
-GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base.
+GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base. SmolLM3's
+NoPE layers (every fourth) rotate by the identity table.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
-from .layers import RMSNorm, RotaryEmbedding, gated, head_norm_, rotary_qkv
+from .layers import NO_ROTATION, RMSNorm, RotaryEmbedding, gated, head_norm_, rotary_qkv
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -127,6 +128,8 @@ class LlamaModel(torch.nn.Module):
         self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
         self.rotary_local = None if config.rope_local is None else \
             RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_local)
+        self.rotary_none = None if all(config.rope_layers) else \
+            RotaryEmbedding(config.head_dim, config.max_position_embeddings, NO_ROTATION)
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -147,14 +150,23 @@ class LlamaModel(torch.nn.Module):
             hidden = hidden * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
             return self.norm(self.cpu_decoder(hidden, positions, context))[0]
-        rope = self.rotary(positions)
-        local_rope = rope if self.rotary_local is None else self.rotary_local(positions)
+        tables = [self.layer_rotary(i) for i in range(len(self.layers))]
+        ropes = {id(table): table(positions) for table in tables}  # each table's rows looked up once a step
         attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype,
                                    self.layers[0].self_attn.k_cache.dtype)
         residual = None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual, local_rope if layer.self_attn.window else rope, attention)
+        for layer, table in zip(self.layers, tables):
+            hidden, residual = layer(hidden, residual, ropes[id(table)], attention)
         return self.norm(hidden, residual)[0]
+
+    def layer_rotary(self, index: int) -> RotaryEmbedding:
+        """The rotary table layer `index` applies: the identity for a NoPE layer, a sliding-window layer's own
+        where the model has one (Gemma 3), else the model's."""
+        if not self.config.rope_layers[index]:
+            return self.rotary_none
+        if self.layers[index].self_attn.window and self.rotary_local is not None:
+            return self.rotary_local
+        return self.rotary
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

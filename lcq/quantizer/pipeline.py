@@ -53,7 +53,8 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3"}
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3",
+                "smollm3": "SmolLM3"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma3_text",)  # norms that multiply by 1 + w
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's

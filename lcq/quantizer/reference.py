@@ -13,7 +13,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize, view_config
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3")
 
 
 def read_config(model_dir: str | Path) -> dict:
