@@ -149,6 +149,23 @@ def test_phi3_reads_as_mistral_with_its_fused_projections_split(tmp_path, window
     _check_against(reference, model, PROMPTS, decode_steps=3)
 
 
+def test_granite_reads_as_llama_with_its_factors_folded(tmp_path):
+    """Granite 3's embedding, residual, attention and logits factors folded into weights and the norms'
+    epsilon: our model against transformers' GraniteForCausalLM of the same folder, in fp32."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+
+    folder = make_tiny_hf(tmp_path, "granite")
+    reader = CheckpointReader(folder)
+    assert reader.config["model_type"] == "llama" and reader.config["rms_norm_eps"] == pytest.approx(1e-5 / 144)
+    stored = transformers.GraniteForCausalLM.from_pretrained(folder)
+    assert torch.allclose(reader.tensor("model.layers.0.self_attn.q_proj.weight"),
+                          stored.model.layers[0].self_attn.q_proj.weight * 0.0078125 * 24 ** 0.5)
+    model, _ = load_model(folder)
+    _check_against(stored.eval(), model, PROMPTS, decode_steps=3)
+
+
 def test_phi3_errors_are_one_line(tmp_path):
     """Phi-4-mini's partial rotary embedding and Phi-3.5's long-context rope are refused by name, and a
     fused matrix shorter than config.json says is caught where it is read."""

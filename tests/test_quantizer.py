@@ -172,18 +172,20 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path):
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 
 
-def test_phi3_quantizes_as_mistral(tmp_path):
+@pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM")])
+def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-3 folder (fused q/k/v and gate/up, a sliding window) quantizes into a Mistral checkpoint whose
-    parts are packed under their own names, and the engine's greedy tokens on it are transformers' with
-    the dequantized weights."""
+    parts are packed under their own names, a Granite one into a Llama checkpoint with its factors folded;
+    the engine's greedy tokens on each are transformers' with the dequantized weights."""
     from lcq.runtime import LLM, SamplingParams
 
-    hf = make_tiny_hf(tmp_path / "hf", "phi3", sliding_window=7)
+    hf = make_tiny_hf(tmp_path / "hf", arch, **({"sliding_window": 7} if arch == "phi3" else {}))
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
-    assert reader.config["architectures"] == ["MistralForCausalLM"] and reader.config["sliding_window"] == 7
+    assert reader.config["architectures"] == [read_as]
+    assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     reference = load_reference_model(tmp_path / "lcq")

@@ -222,15 +222,14 @@ class CheckpointReader:
         where = self._stored[name]
         try:
             with safe_open(str(path), framework="pt") as f:
-                if where.rows is None:
-                    return f.get_tensor(where.name)
-                tensor = f.get_slice(where.name)[where.rows[0]:where.rows[1]]
+                tensor = f.get_tensor(where.name) if where.rows is None else \
+                    f.get_slice(where.name)[where.rows[0]:where.rows[1]]
         except Exception as e:
             raise FormatError(f"{path}: tensor '{where.name}' unreadable ({_first_line(e)})") from None
-        if tensor.shape[0] != where.rows[1] - where.rows[0]:
+        if where.rows is not None and tensor.shape[0] != where.rows[1] - where.rows[0]:
             raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows, "
                               f"config.json gives {name} rows {where.rows[0]} to {where.rows[1]}")
-        return tensor
+        return tensor if where.scale == 1.0 else tensor.float() * where.scale
 
     def quantized_prefixes(self) -> list[str]:
         """Names of the packed linear layers, in file order."""

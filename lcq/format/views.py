@@ -8,8 +8,14 @@
 - Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
   gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
   (read alone from the file), so every part is quantized and fused again as in the other families.
+- Granite 3 (GraniteForCausalLM) is Llama with four constant factors, each folded into weights, exactly:
+  the attention scores' factor into q_proj (Llama's is 1/sqrt(head_dim)); the residual factor, and one
+  over the embedding factor, into o_proj and down_proj (the residual stream then runs 1/embedding_factor
+  as large, which the RMSNorms do not see once their epsilon is divided by its square); one over the
+  logits' divisor into the final norm's weight. Scaled tensors are read in fp32.
 
-A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM).
+A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM,
+LlamaForCausalLM).
 """
 from __future__ import annotations
 
@@ -27,12 +33,12 @@ INHERITED = ("torch_dtype", "dtype")
 # table by the wrapper's own setting (a Mistral3 whose text_config says untied is saved without a head).
 OVERRIDING = ("tie_word_embeddings",)
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", *WRAPPERS)
-# Phi-3's settings that Mistral's config has under the same name and meaning.
-PHI3_KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
-             "sliding_window", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-             "torch_dtype", "dtype", "initializer_range", "use_cache")
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *WRAPPERS)
+# Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
+KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
+        "rope_parameters", "rope_scaling", "sliding_window", "attention_bias", "mlp_bias", "tie_word_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "initializer_range", "use_cache")
 
 
 class ViewError(ValueError):
@@ -45,6 +51,7 @@ class StoredTensor:
 
     name: str
     rows: tuple[int, int] | None = None
+    scale: float = 1.0  # the view's tensor is the stored one times this (read in fp32 where it is not 1)
 
 
 def view_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -54,6 +61,8 @@ def view_config(config: dict[str, Any]) -> dict[str, Any]:
         return _text_model_config(config, architecture)
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
         return _phi3_as_mistral(config)
+    if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
+        return _granite_as_llama(config)
     return config
 
 
@@ -65,6 +74,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return {text: StoredTensor(name) for name in stored if (text := _text_model_name(name)) is not None}
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
         return _phi3_parts(_phi3_as_mistral(config), stored)
+    if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
+        return _granite_scales(config, stored)
     return None
 
 
@@ -116,7 +127,7 @@ def _phi3_as_mistral(config: dict[str, Any]) -> dict[str, Any]:
         raise ViewError(f"Phi3ForCausalLM: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
     if "rope_theta" in rope:
         config = {**config, "rope_theta": rope["rope_theta"]}
-    kept = {key: config[key] for key in PHI3_KEPT if key in config}
+    kept = {key: config[key] for key in KEPT if key in config and key not in ("rope_parameters", "rope_scaling")}
     return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept,
             "head_dim": config["hidden_size"] // config["num_attention_heads"]}
 
@@ -139,4 +150,36 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
             continue
         prefix = name[: -len(suffix)]
         view.update({prefix + part: StoredTensor(name, (start, stop)) for part, start, stop in fused[suffix]})
+    return view
+
+
+def _granite_factors(config: dict[str, Any]) -> dict[str, float]:
+    """Granite's four factors (transformers' defaults: 1)."""
+    return {key: float(config.get(key, 1.0)) for key in
+            ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")}
+
+
+def _granite_as_llama(config: dict[str, Any]) -> dict[str, Any]:
+    kept = {key: config[key] for key in KEPT if key in config and key != "sliding_window"}
+    embedding = _granite_factors(config)["embedding_multiplier"]
+    if embedding <= 0:
+        raise ViewError(f"GraniteForCausalLM: embedding_multiplier must be positive (got {embedding})")
+    return {**kept, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "head_dim": config["hidden_size"] // config["num_attention_heads"],
+            "rms_norm_eps": config.get("rms_norm_eps", 1e-6) / embedding ** 2}
+
+
+def _granite_scales(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, the folded factors on q_proj, o_proj, down_proj (weights and
+    biases) and the final norm."""
+    factors = _granite_factors(config)
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    residual = factors["residual_multiplier"] / factors["embedding_multiplier"]
+    scales = {"self_attn.q_proj": factors["attention_multiplier"] * head_dim ** 0.5, "self_attn.o_proj": residual,
+              "mlp.down_proj": residual}
+    view = {}
+    for name in stored:
+        module = name.rsplit(".", 1)[0]
+        scale = next((s for suffix, s in scales.items() if module.endswith("." + suffix)), 1.0)
+        view[name] = StoredTensor(name, scale=1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale)
     return view
