@@ -3,7 +3,9 @@ chat requests with num_speculative_tokens off and on, one engine per setting in 
 their runs alternating (this VM's speed drifts within minutes).
 
 Three tasks: quoting a passage back (the output repeats the prompt), editing code (it repeats most of
-it), and an open question (it repeats only what the model repeats of itself). One sequence decodes
+it), and an open question (it repeats only what the model repeats of itself); and the edit again with
+the code as the request's prediction (OpenAI's Predicted Outputs, as an editor sends the file it asks
+to rewrite), which drafts with num_speculative_tokens 0 too. One sequence decodes
 greedily, then sampled; several run the same request sampled (temperature 0.7, top-p 0.95, a seed
 each), so that their outputs differ. Sampled runs go to MAX_TOKENS (ignore_eos: every run does the
 same work at the same batch size). Each row: output tokens/s over the whole requests (prefill
@@ -16,6 +18,7 @@ them).
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -39,6 +42,7 @@ TASKS = {
     "edit": "Rename the function mean to average everywhere in this code and show the whole code:\n\n" + CODE,
     "open": "Give three tips for learning to play the piano.",
 }
+PREDICTED = {"edit-predicted": ("edit", CODE)}  # task: (the task whose prompt it sends, its prediction)
 MAX_TOKENS = 256
 
 
@@ -59,6 +63,8 @@ def main() -> None:
     prompts = {name: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
                for name, text in TASKS.items()}
+    predictions = {name: tokenizer.encode(text, add_special_tokens=False) for name, (_, text) in PREDICTED.items()}
+    prompts.update({name: prompts[task] for name, (task, _) in PREDICTED.items()})
     rows = []
     runs = [(c, sampled) for c in (int(c) for c in args.concurrency.split(",")) for sampled in
             ((False, True) if c == 1 else (True,))]
@@ -67,15 +73,17 @@ def main() -> None:
                   for i in range(concurrency)] if sampled else [SamplingParams(max_tokens=MAX_TOKENS, temperature=0)]
         for name, prompt in prompts.items():
             batch = [prompt] * concurrency
+            task_params = [dataclasses.replace(p, prediction=predictions[name]) for p in params] \
+                if name in predictions else params
             for llm in engines.values():  # warm-up: the prefix cache holds the prompt in every timed round
-                llm.generate(batch, params)
+                llm.generate(batch, task_params)
             timings = {k: [] for k in settings}
             outputs, drafts = {}, {}
             for round_ in range(args.rounds):
                 for k, llm in engines.items() if round_ % 2 == 0 else reversed(engines.items()):
                     before = llm.engine.stats()
                     start = time.perf_counter()
-                    outs = llm.generate(batch, params)
+                    outs = llm.generate(batch, task_params)
                     elapsed = time.perf_counter() - start
                     after = llm.engine.stats()
                     timings[k].append(sum(len(o.token_ids) for o in outs) / elapsed)
@@ -89,6 +97,7 @@ def main() -> None:
                        "output_tokens": sum(len(t) for t in outputs[k]), "output_tok_s": round(speed, 1),
                        "output_tok_s_rounds": [round(t, 1) for t in timings[k]],
                        "speedup": round(speed / base, 2), "draft_tokens": drafts[k][0],
+                       "prediction": name in predictions,
                        "accepted_tokens": drafts[k][1],
                        "same_tokens": None if sampled else outputs[k] == outputs[settings[0]]}
                 rows.append(row)

@@ -91,6 +91,23 @@ def test_chat_async_streaming_equals_non_streaming(server):
     assert rendered["tokens"][-3:] != rendered["tokens"][:3]  # the template wrapped every turn
 
 
+def test_predicted_outputs_keep_the_reply_and_report_what_was_accepted(server, client):
+    """OpenAI's Predicted Outputs through the official client: the reply is the one without a prediction,
+    and the usage says how many of the prediction's tokens were accepted as drafts."""
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Repeat after me"}], max_tokens=24,
+                temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(**args)
+    text = plain.choices[0].message.content
+    predicted = client.chat.completions.create(**args, prediction={"type": "content", "content": text})
+    assert predicted.choices[0].message.content == text
+    details = predicted.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens > 0
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens == \
+        httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["count"]
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(**args, prediction={"type": "file", "content": text})
+
+
 def test_n_choices_with_seed_are_reproducible(client):
     args = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=7,
                 extra_body={"ignore_eos": True})

@@ -60,6 +60,26 @@ def test_prompt_lookup_takes_the_latest_longest_match():
     assert PromptLookup(3, 3, 1).propose(_seq([5, 1, 2, 5]), limit=10) == [1, 2, 5]  # may run into the suffix
 
 
+def test_prediction_is_followed_and_found_again_after_the_output_leaves_it():
+    """Drafts from a request's prediction: its start before any output, its next tokens while the output
+    agrees, and after a departure the place where the output's last n tokens occur (the first at or
+    after where it was left); with prompt lookup off too."""
+    lookup = PromptLookup(num_tokens=0, max_n=3, min_n=2)
+    prediction = [10, 11, 12, 13, 20, 21, 22, 10, 11, 12, 14, 15]
+    params = SamplingParams(max_tokens=40, temperature=0, prediction=prediction)
+    seq = Sequence("r", [1, 2, 3], params, detokenizer=None, max_tokens=100)
+    seq.token_ids += [10]  # the first output token, as the prompt's step leaves it
+    assert lookup.propose(seq, limit=3) == [11, 12, 13]
+    assert seq.draft_from_prediction
+    seq.token_ids += [11, 12, 99]  # the model took two drafts and then a token of its own
+    assert lookup.propose(seq, limit=3) == []  # "12 99" is nowhere in the prediction
+    seq.token_ids += [21, 22]
+    assert lookup.propose(seq, limit=3) == [10, 11, 12]  # found again after "21 22"
+    seq.token_ids += [10, 11, 12, 14]
+    assert lookup.propose(seq, limit=8) == [15]  # followed to its end
+    assert PromptLookup(0, 3, 2).propose(_seq([1, 2, 1, 2]), limit=10) == []  # no prediction, lookup off
+
+
 def test_only_plain_decoding_sequences_draft():
     assert can_draft(_seq([1, 2, 3]))
     for params in (SamplingParams(repetition_penalty=1.1), SamplingParams(presence_penalty=0.5),
@@ -156,6 +176,27 @@ def test_seeded_sampling_with_drafts_is_reproducible(drafting):
     params = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
     first = drafting.generate([PROMPTS[2]], params)[0].token_ids
     assert drafting.generate([PROMPTS[2], PROMPTS[1]], [params, GREEDY])[0].token_ids == first
+
+
+def test_predicted_outputs_give_the_plain_tokens_in_fewer_steps(tiny, plain):
+    """A prediction equal to the output, and one with a changed stretch (an edit), give the tokens plain
+    decoding gives, with prompt lookup off; the engine runs fewer steps for them and counts the
+    prediction's accepted drafts."""
+    prompt = PROMPTS[1]
+    base = plain.generate([prompt], GREEDY)[0]
+    edited = base.token_ids[:12] + [1, 2, 3] + base.token_ids[15:]
+    for prediction in (base.token_ids, edited):
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prediction=prediction)
+        steps = 0
+        plain.engine.add_request("p", prompt, params)
+        outputs = []
+        while plain.engine.has_work():
+            outputs += plain.engine.step()
+            steps += 1
+        out = outputs[-1]
+        assert sum((o.token_ids for o in outputs), []) == base.token_ids
+        assert steps < 30 and 15 <= out.usage.accepted_prediction_tokens < 40
+    assert plain.generate([prompt], GREEDY)[0].usage.accepted_prediction_tokens == 0
 
 
 def test_speculative_settings_are_checked():

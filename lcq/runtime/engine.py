@@ -80,8 +80,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
-        self.lookup = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min) \
-            if config.num_speculative_tokens else None
+        self.lookup = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min)
         self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
@@ -163,7 +162,7 @@ class LLMEngine:
                            num_accepted_tokens_total=self.accepted_tokens_total)
 
     def step(self) -> list[RequestOutput]:
-        drafted = self._draft() if self.lookup is not None else []
+        drafted = self._draft()
         scheduled = self.scheduler.schedule()
         counts = {seq: count for seq, count in scheduled}
         for seq in drafted:  # keep the drafts that were scheduled (a budget or block shortage cuts them)
@@ -177,12 +176,13 @@ class LLMEngine:
         return self._run(scheduled)
 
     def _draft(self) -> list[Sequence]:
-        """Append prompt-lookup drafts to the running sequences that can take them; returns those."""
+        """Append drafts (prompt lookup, or a request's prediction) to the running sequences that can take
+        them; returns those."""
         drafted = []
         if len(self.scheduler.running) >= self.draft_batch_limit:
             return drafted
         for seq in self.scheduler.running:
-            if can_draft(seq):
+            if (self.lookup.num_tokens or seq.params.prediction) and can_draft(seq):
                 # The step emits up to len(draft) + 1 tokens: never past max_tokens (nor the context).
                 draft = self.lookup.propose(seq, seq.max_tokens - seq.num_output_tokens - 1)
                 if draft:
@@ -255,6 +255,7 @@ class LLMEngine:
                 logprob_rows[i] = [None if logprobs is None else logprobs[first + j] for j in range(len(emitted))]
                 first += 1 + seq.num_draft_tokens
                 self.accepted_tokens_total += len(emitted) - 1
+                seq.num_accepted_prediction_tokens += (len(emitted) - 1) * seq.draft_from_prediction
                 seq.draft_room = len(emitted)
         return tokens, logprob_rows
 
@@ -333,6 +334,7 @@ class LLMEngine:
         if self.sequences.pop(seq.request_id, None) is not None and seq.adapter is not None:
             self.runner.adapters.release(seq.adapter)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
-                      cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens)
+                      cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens,
+                      accepted_prediction_tokens=seq.num_accepted_prediction_tokens)
         return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,
                            error=error)

@@ -18,6 +18,7 @@ class Usage:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     cache_written_tokens: int = 0  # prompt tokens added to the prefix cache (blocks no other request had)
+    accepted_prediction_tokens: int = 0  # drafts from the request's prediction the model agreed with
 
     @property
     def total_tokens(self) -> int:

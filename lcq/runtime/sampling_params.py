@@ -43,6 +43,9 @@ class SamplingParams:
     # The grammar starts once the output's text holds this string (a reasoning model's "</think>": the
     # answer is constrained, not the thinking before it); None: from the first token.
     structured_output_after: str | None = None
+    # OpenAI's Predicted Outputs: token ids the output is expected to repeat (a file being edited). They are
+    # drafted and verified like prompt lookup (speculative.py), so the output is what it would be without.
+    prediction: list[int] | None = None
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""

@@ -9,6 +9,12 @@ k of them, the model scores the last token and the k drafts together as 1 + k ro
 keeps the drafts the model agrees with plus one token of its own, so a step yields 1 to k + 1 tokens.
 Where nothing matches, nothing is drafted and the step is an ordinary one.
 
+A request may bring a prediction of its output (OpenAI's Predicted Outputs: the file an edit rewrites).
+Its drafts come from there first: the prediction is followed token by token while the output agrees
+with it, and where they part, found again at the next place (at or after the last one) where the
+output's last n tokens occur in it. Such requests draft even with prompt lookup off, up to
+PREDICTION_DRAFT_TOKENS a step.
+
 Verification keeps the output distribution exact: greedy rows keep a draft while it is the argmax;
 sampled rows keep draft d with probability p(d), and on rejection draw from p without d (the
 residual of speculative sampling when the draft distribution is a single token), so every emitted
@@ -25,6 +31,8 @@ import torch
 from .sampler import apply_logit_bias, argmax, draw, filtered_probs
 from .sequence import Sequence
 
+PREDICTION_DRAFT_TOKENS = 8  # drafts a step from a prediction where prompt lookup drafts fewer (or none)
+
 
 class PromptLookup:
     """Drafts from n-gram matches, longest n first (vLLM's ngram method: prompt_lookup_max/min)."""
@@ -34,9 +42,14 @@ class PromptLookup:
         self.sizes = range(max_n, min_n - 1, -1)
 
     def propose(self, seq: Sequence, limit: int) -> list[int]:
-        """Up to min(k, limit, seq.draft_room) tokens that followed the latest earlier occurrence of seq's
-        last n tokens. draft_room (one more than the last verification accepted) keeps a sequence whose
-        drafts keep failing to one draft row a step, where k rows would cost k times as much for nothing."""
+        """Up to min(k, limit, seq.draft_room) tokens: the prediction's next ones where the request has one
+        and it is found, else those that followed the latest earlier occurrence of seq's last n tokens.
+        draft_room (one more than the last verification accepted) keeps a sequence whose drafts keep
+        failing to one draft row a step, where k rows would cost k times as much for nothing."""
+        draft = self._from_prediction(seq, limit) if seq.params.prediction else []
+        seq.draft_from_prediction = bool(draft)
+        if draft or not self.num_tokens:
+            return draft
         tokens = seq.token_ids
         index = seq.ngram_index
         # Index every n-gram that has a following token (it ends before the last token); each step adds
@@ -53,6 +66,39 @@ class PromptLookup:
                 if end is not None:
                     return tokens[end:end + count]
         return []
+
+    def _from_prediction(self, seq: Sequence, limit: int) -> list[int]:
+        prediction, output = seq.params.prediction, seq.token_ids[seq.num_prompt_tokens:]
+        cursor = seq.prediction_cursor
+        for token in output[seq.prediction_checked:]:  # follow the prediction while the output agrees
+            if cursor is not None and cursor < len(prediction) and prediction[cursor] == token:
+                cursor += 1
+            elif cursor is not None:
+                seq.prediction_resume, cursor = cursor, None
+        seq.prediction_checked = len(output)
+        if cursor is None:
+            cursor = self._find_in_prediction(seq, output)
+        seq.prediction_cursor = cursor
+        if cursor is None:
+            return []
+        room = PREDICTION_DRAFT_TOKENS if seq.draft_room is None else seq.draft_room
+        return prediction[cursor:cursor + min(max(self.num_tokens, PREDICTION_DRAFT_TOKENS), limit, room)]
+
+    def _find_in_prediction(self, seq: Sequence, output: list[int]) -> int | None:
+        """Where the prediction goes on after the output's last n tokens (longest n first; the first such
+        place at or after the last one followed), or None."""
+        prediction = seq.params.prediction
+        if seq.prediction_index is None:
+            seq.prediction_index = {}
+            for end in range(1, len(prediction) + 1):
+                for n in self.sizes:
+                    if end >= n:
+                        seq.prediction_index.setdefault(tuple(prediction[end - n:end]), []).append(end)
+        for n in self.sizes:
+            ends = seq.prediction_index.get(tuple(output[-n:])) if len(output) >= n else None
+            if ends:
+                return next((end for end in ends if end >= seq.prediction_resume), ends[-1])
+        return None
 
 
 def can_draft(seq: Sequence) -> bool:

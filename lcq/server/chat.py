@@ -118,12 +118,21 @@ class ChatTurn:
         return (reasoning, *read_reply(content, self.forced, self.parser, choice.finish_reason, self.parallel))
 
     def usage(self) -> UsageInfo:
-        """The generation's usage, and the replies' reasoning tokens where thinking is read apart."""
+        """The generation's usage, and the replies' reasoning tokens where thinking is read apart, and how
+        much of a prediction was accepted where the request brought one."""
         usage = self.generation.usage()
+        choices = self.generation.choices
+        prediction = choices[0].params.prediction
+        if self.reasoning is None and prediction is None:
+            return usage
+        details = CompletionTokensDetails()
         if self.reasoning is not None:
             decode = self.generation.state.engine.tokenizer.decode
-            usage.completion_tokens_details = CompletionTokensDetails(reasoning_tokens=sum(
-                self.reasoning.reasoning_tokens(c.text, c.token_ids, decode) for c in self.generation.choices))
+            details.reasoning_tokens = sum(self.reasoning.reasoning_tokens(c.text, c.token_ids, decode) for c in choices)
+        if prediction is not None:
+            details.accepted_prediction_tokens = sum(c.accepted_prediction_tokens for c in choices)
+            details.rejected_prediction_tokens = len(prediction) * len(choices) - details.accepted_prediction_tokens
+        usage.completion_tokens_details = details
         return usage
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
@@ -182,6 +191,8 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     reasoning = ReasoningParser(text) if state.settings.reasoning_parser else None
     if reasoning is not None and reasoning.inside and params.structured_output is not None:
         params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
+    if body.prediction is not None:
+        params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
     generation = Generation(state, request_id, [body.truncated(tokenizer.encode(text, add_special_tokens=False))],
                             params)
     generation.submit()

@@ -46,6 +46,7 @@ class Choice:
     stop_reason: str | int | None = None
     cached_tokens: int = 0
     cache_written_tokens: int = 0
+    accepted_prediction_tokens: int = 0
     error: str | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -58,6 +59,7 @@ class Choice:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
             if out.usage is not None:
                 self.cached_tokens, self.cache_written_tokens = out.usage.cached_tokens, out.usage.cache_written_tokens
+                self.accepted_prediction_tokens = out.usage.accepted_prediction_tokens
 
 
 class Generation:

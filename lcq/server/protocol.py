@@ -193,8 +193,21 @@ class ChatTemplateOptions(OpenAIRequest):
     chat_template_kwargs: dict[str, Any] | None = None
 
 
+class Prediction(BaseModel):
+    """OpenAI's Predicted Outputs: text the reply is expected to repeat (a file an edit rewrites)."""
+
+    type: Literal["content"]
+    content: str | list[ContentPart]
+
+    def text(self) -> str:
+        parts = [self.content] if isinstance(self.content, str) else \
+            [part.text or "" for part in self.content if part.type == "text"]
+        return "".join(parts)
+
+
 class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    prediction: Prediction | None = None
     max_completion_tokens: Count | None = None
     logprobs: bool = False
     top_logprobs: Int64 | None = None
@@ -297,6 +310,8 @@ class PromptTokensDetails(BaseModel):
 
 class CompletionTokensDetails(BaseModel):
     reasoning_tokens: int = 0  # up to and including the one that ends the thinking
+    accepted_prediction_tokens: int = 0  # Predicted Outputs: the prediction's tokens accepted as drafts
+    rejected_prediction_tokens: int = 0  # ... and the rest of them
 
 
 class UsageInfo(OmitsUnset):
