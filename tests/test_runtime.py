@@ -119,6 +119,39 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
 
 
+@pytest.mark.parametrize("kind", ["hf", "lcq"])
+def test_embeddings_are_the_last_tokens_final_hidden_state_normalized(tmp_path, kind):
+    """LLM.embed: transformers' last hidden state (after the final norm) of each prompt's last token,
+    L2-normalized (for LCQ, of the dequantized model); the same when batched with other lengths and with
+    generation requests, and again from the prefix cache."""
+    folder = make_tiny_hf(tmp_path / "hf", "qwen3") if kind == "hf" else \
+        make_tiny_lcq(tmp_path, "qwen3", bits=4, rank=2, group_size=32)
+    reference = load_reference_model(folder)
+    llm = LLM(str(folder), block_size=8, **FP32)
+    prompts = ["The capital of France is Paris.", "Hello", PROMPTS[0]]
+
+    def expected(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.nn.functional.normalize(reference.model(torch.tensor([ids])).last_hidden_state[0, -1], dim=0)
+
+    together = llm.embed(prompts)
+    for prompt, vector in zip(prompts, together):
+        ids = llm.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+        torch.testing.assert_close(torch.tensor(vector), expected(ids), atol=2e-5, rtol=1e-4)
+        assert llm.embed([prompt])[0] == pytest.approx(vector, abs=1e-5)
+    llm.engine.add_request("gen", PROMPTS[1], GREEDY)
+    llm.engine.add_request("emb", PROMPTS[0], SamplingParams(max_tokens=1, embed=True))
+    outputs = []
+    while llm.engine.has_work():
+        outputs += llm.engine.step()
+    generated = [t for o in outputs if o.request_id == "gen" for t in o.token_ids]
+    assert generated == _transformers_greedy(folder, PROMPTS[1], 12, reference)
+    embedded = next(o for o in outputs if o.request_id == "emb")
+    assert embedded.token_ids == [] and embedded.usage.completion_tokens == 0
+    assert embedded.usage.cached_tokens > 0 and embedded.embedding == pytest.approx(together[2], abs=1e-5)
+    assert _pool_is_full(llm.engine)
+
+
 def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     """A model whose EOS is the greedy choice: with `ignore_eos` we emit EOS and go on, as transformers does."""
     from safetensors.torch import load_file, save_file

@@ -11,7 +11,10 @@ import time
 import httpx
 import openai
 import pytest
+import torch
+from transformers import AutoTokenizer
 
+from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
 from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json
@@ -106,6 +109,33 @@ def test_predicted_outputs_keep_the_reply_and_report_what_was_accepted(server, c
         httpx.post(server.url + "/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["count"]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**args, prediction={"type": "file", "content": text})
+
+
+def test_embeddings_through_the_official_client(server, client, model_dir):
+    """/v1/embeddings: one normalized vector per input, in order, transformers' last hidden state of the
+    last token; base64 decodes to the same values; refusals in the envelope."""
+    import base64
+
+    import numpy as np
+
+    texts = ["The capital of France is Paris.", "Hello, world!"]
+    result = client.embeddings.create(model=MODEL, input=texts)
+    assert [d.index for d in result.data] == [0, 1] and result.model == MODEL
+    reference = load_reference_model(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for text, item in zip(texts, result.data):
+        with torch.no_grad():
+            hidden = reference.model(torch.tensor([tokenizer(text)["input_ids"]])).last_hidden_state[0, -1]
+        torch.testing.assert_close(torch.tensor(item.embedding), torch.nn.functional.normalize(hidden, dim=0),
+                                   atol=2e-3, rtol=1e-3)  # the server's CPU products round to bf16 or int8
+    assert result.usage.prompt_tokens == result.usage.total_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    packed = httpx.post(server.url + "/v1/embeddings", json={"input": texts[1], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(packed["data"][0]["embedding"]), dtype="<f4")
+    assert decoded.tolist() == pytest.approx(result.data[1].embedding, abs=1e-6)
+    ids = client.embeddings.create(model=MODEL, input=[tokenizer(texts[1])["input_ids"]]).data[0].embedding
+    assert ids == pytest.approx(result.data[1].embedding, abs=1e-6)
+    for bad, param in (({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions")):
+        assert error_of(httpx.post(server.url + "/v1/embeddings", json=bad), 400)["param"] == param
 
 
 def test_n_choices_with_seed_are_reproducible(client):

@@ -147,10 +147,10 @@ def _batch_line(custom_id: str, url: str, body: dict) -> str:
 
 
 def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
-    """`lcq run-batch`: chat, completions and Responses requests through the server's endpoints in-process;
+    """`lcq run-batch`: chat, completions, Responses and embeddings requests through the server's endpoints in-process;
     each output line carries its request's status and body (OpenAI's types parse them), refusals keep the
     error envelope, and a greedy completion is the offline engine's."""
-    from openai.types import Completion
+    from openai.types import Completion, CreateEmbeddingResponse
     from openai.types.chat import ChatCompletion
     from openai.types.responses import Response
 
@@ -162,16 +162,17 @@ def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
                                                           **greedy}),
              _batch_line("text", "/v1/completions", {"prompt": "Once upon a time", **greedy}),
              _batch_line("resp", "/v1/responses", {"input": "Hi", "max_output_tokens": 4}),
+             _batch_line("emb", "/v1/embeddings", {"input": ["Hi", "there"]}),
              _batch_line("bad", "/v1/completions", {"prompt": "x", "temperature": 5}),
              _batch_line("stream", "/v1/completions", {"prompt": "x", "stream": True})]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(model),
                  "--kv-cache-memory-gb", "0.05"]) == 0
-    assert "5 requests: 3 answered, 2 refused" in capsys.readouterr().out
+    assert "6 requests: 4 answered, 2 refused" in capsys.readouterr().out
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["custom_id"] for r in results] == ["chat", "text", "resp", "bad", "stream"]
-    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 400, 400]
+    assert [r["custom_id"] for r in results] == ["chat", "text", "resp", "emb", "bad", "stream"]
+    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 200, 400, 400]
     assert all(r["id"].startswith("batch_req_") and r["error"] is None for r in results)
     chat, text, resp = (r["response"]["body"] for r in results[:3])
     ChatCompletion.model_validate(chat), Response.model_validate(resp)
@@ -179,14 +180,15 @@ def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
     expected = LLM(str(model), kv_cache_memory_gb=0.05).generate(["Once upon a time"], SamplingParams(
         max_tokens=6, temperature=0, ignore_eos=True))[0].text
     assert Completion.model_validate(text).choices[0].text == expected
-    assert results[3]["response"]["body"]["error"]["param"] == "temperature"
-    assert results[4]["response"]["body"]["error"]["param"] == "stream"
+    assert len(CreateEmbeddingResponse.model_validate(results[3]["response"]["body"]).data) == 2
+    assert results[4]["response"]["body"]["error"]["param"] == "temperature"
+    assert results[5]["response"]["body"]["error"]["param"] == "stream"
 
 
 @pytest.mark.parametrize("line, message", [
     ("{not json", "in.jsonl:2: not valid JSON"),
     (_batch_line("a", "/v1/completions", {"prompt": "x"}), "in.jsonl:2: custom_id 'a' is used twice"),
-    (_batch_line("b", "/v1/embeddings", {"input": "x"}), "in.jsonl:2: url must be one of"),
+    (_batch_line("b", "/v1/images/generations", {"prompt": "x"}), "in.jsonl:2: url must be one of"),
     (json.dumps({"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}), "method must be POST"),
 ])
 def test_run_batch_refuses_a_bad_file_before_loading(tmp_path, capsys, line, message):

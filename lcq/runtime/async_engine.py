@@ -78,6 +78,11 @@ class AsyncEngine:
     def max_model_len(self) -> int:
         return self.engine.max_model_len if self.engine else 0
 
+    @property
+    def hidden_size(self) -> int:
+        """The model's hidden size: the length of its embeddings (/v1/embeddings)."""
+        return self.engine.runner.model_config.hidden_size if self.engine else 0
+
     def stats(self) -> EngineStats:
         if self.engine is None:
             return EngineStats(0, 0, 0.0, 0, 0, 0)

@@ -200,7 +200,7 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
-            to_sample, logits, prompt_logprobs = self.runner.run(scheduled)
+            to_sample, logits, prompt_logprobs, embeddings = self.runner.run(scheduled)
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
             if len(scheduled) > 1:  # find the culprit: rerun one at a time
@@ -220,6 +220,9 @@ class LLMEngine:
             seq.num_computed_tokens += count
             self.blocks.register_full_blocks(seq)
         outputs = []
+        for seq, hidden in embeddings:  # an embedding request ends with its prompt
+            seq.finish_reason = "stop"
+            outputs.append(self._finish(seq, embedding=torch.nn.functional.normalize(hidden, dim=0).tolist()))
         for seq, emitted, rows in zip(to_sample, tokens, logprobs):
             try:
                 output = self._append(seq, emitted, rows)
@@ -329,7 +332,8 @@ class LLMEngine:
         seq.pending_ids, seq.pending_logprobs = [], []
         return output
 
-    def _finish(self, seq: Sequence, text: str = "", error: str | None = None) -> RequestOutput:
+    def _finish(self, seq: Sequence, text: str = "", error: str | None = None,
+                embedding: list[float] | None = None) -> RequestOutput:
         self.scheduler.finish(seq)
         if self.sequences.pop(seq.request_id, None) is not None and seq.adapter is not None:
             self.runner.adapters.release(seq.adapter)
@@ -337,4 +341,4 @@ class LLMEngine:
                       cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens,
                       accepted_prediction_tokens=seq.num_accepted_prediction_tokens)
         return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,
-                           error=error)
+                           error=error, embedding=embedding)

@@ -1,4 +1,5 @@
-"""Offline generation for scripts and benchmarks: LLM(path).generate(prompts, params)."""
+"""Offline generation for scripts and benchmarks: LLM(path).generate(prompts, params), and embeddings:
+LLM(path).embed(prompts)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -60,3 +61,19 @@ class LLM:
                 if out.finished:
                     done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
         return [results[str(i)] for i in range(len(prompts))]
+
+    def embed(self, prompts: list[str] | list[list[int]]) -> list[list[float]]:
+        """Each prompt's embedding (SamplingParams.embed: the last token's final hidden state, L2-normalized);
+        text is tokenized with the tokenizer's special tokens, as embedding models expect."""
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+            self.engine.add_request(str(i), ids, SamplingParams(max_tokens=1, embed=True))
+        vectors: dict[str, list[float]] = {}
+        while self.engine.has_work():
+            for out in self.engine.step():
+                if out.finished:
+                    if out.embedding is None:
+                        raise RuntimeError(f"embedding request {out.request_id} failed: {out.error}")
+                    vectors[out.request_id] = out.embedding
+        return [vectors[str(i)] for i in range(len(prompts))]
+

@@ -174,10 +174,12 @@ class ModelRunner:
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
+    def run(self, scheduled: list[tuple[Sequence, int]]
+            ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
         """Forward the step; returns the sequences that now need a next token, their logits (1 + its
-        num_draft_tokens rows each), and the prompt logprobs of this step's prompt tokens for sequences
-        that asked for them."""
+        num_draft_tokens rows each), the prompt logprobs of this step's prompt tokens for sequences
+        that asked for them, and the final hidden state of the last prompt token of embedding requests
+        whose prompt this step completed."""
         input_ids, positions, context = self._prepare(scheduled)
         drafts = sum(seq.num_draft_tokens for seq, _ in scheduled)
         # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep it
@@ -187,23 +189,28 @@ class ModelRunner:
             return self._forward(scheduled, input_ids, positions, context)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
-                 context: ForwardContext) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs]]:
+                 context: ForwardContext
+                 ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
         if self.graphs is not None and not context.is_prefill and context.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
-        rows, to_sample, prompt_logprobs = [], [], []
+        rows, to_sample, prompt_logprobs, embeddings = [], [], [], []
         end = 0
         for seq, count in scheduled:
             if seq.params.prompt_logprobs is not None:
                 prompt_logprobs += self._prompt_logprobs(seq, hidden[end:end + count])
             end += count
             if seq.num_computed_tokens + count == len(seq):
+                if seq.params.embed:
+                    embeddings.append((seq, hidden[end - 1].float()))
+                    continue
                 rows.extend(range(end - 1 - seq.num_draft_tokens, end))
                 to_sample.append(seq)
         if not rows:
-            return [], torch.empty(0), prompt_logprobs
-        return to_sample, self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]), prompt_logprobs
+            return [], torch.empty(0), prompt_logprobs, embeddings
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        return to_sample, logits, prompt_logprobs, embeddings
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[PromptLogprobs]:
         """Logprobs of the prompt tokens that this step's rows of seq predict (row i is position

@@ -42,6 +42,7 @@ class RequestOutput:
     usage: Usage | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
     error: str | None = None
+    embedding: list[float] | None = None  # an embedding request's vector (SamplingParams.embed), when it finishes
     # Timing, for metrics: seconds since the request arrived.
     queue_time: float | None = None  # set on the first delta
     first_token_time: float | None = None  # set on the first delta

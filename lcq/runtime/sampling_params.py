@@ -46,6 +46,9 @@ class SamplingParams:
     # OpenAI's Predicted Outputs: token ids the output is expected to repeat (a file being edited). They are
     # drafted and verified like prompt lookup (speculative.py), so the output is what it would be without.
     prediction: list[int] | None = None
+    # An embedding request (/v1/embeddings): no tokens are generated; the request ends after its prompt with
+    # the last prompt token's final hidden state, L2-normalized (the pooling of Qwen3-Embedding, e5-mistral).
+    embed: bool = False
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""

@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from lcq import __version__
 from lcq.runtime import AsyncEngine, EngineConfig
 
-from . import chat, completions, lora, responses
+from . import chat, completions, embeddings, lora, responses
 from .errors import APIError, error_responses, install_error_handlers
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .middleware import GuardMiddleware
@@ -176,6 +176,7 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
     app.include_router(completions.router)
     app.include_router(chat.router)
     app.include_router(responses.router)
+    app.include_router(embeddings.router)
     if engine.config.allow_runtime_lora_updating:
         app.include_router(lora.router)
     app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,

@@ -1,8 +1,8 @@
 """`lcq run-batch`: a file of OpenAI Batch API requests through the server's own endpoints, without a port.
 
 Each input line is `{"custom_id", "method": "POST", "url", "body"}`, the OpenAI Batch API's (and vLLM's
-run-batch) format; `url` is /v1/chat/completions, /v1/completions or /v1/responses. The whole file is
-checked before the model loads: a bad line is one error naming it, and nothing is written. Then every
+run-batch) format; `url` is /v1/chat/completions, /v1/completions, /v1/responses or /v1/embeddings. The
+whole file is checked before the model loads: a bad line is one error naming it, and nothing is written. Then every
 request goes through the app `lcq serve` runs, called in-process (ASGI, no socket), as many at once as
 the server's queue admits so that the engine batches them continuously. Each output line is
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`, in input order;
@@ -23,7 +23,7 @@ from lcq.errors import UserError
 
 from .errors import error_body
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
 
 
 @dataclass

@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_serve)
     p = subparsers.add_parser("run-batch", help="run a file of OpenAI Batch API requests offline",
                               description="Run every request of a JSONL file in the OpenAI Batch API format "
-                                          "(/v1/chat/completions, /v1/completions, /v1/responses) through the "
+                                          "(/v1/chat/completions, /v1/completions, /v1/responses, /v1/embeddings) "
+                                          "through the "
                                           "server's endpoints in-process, and write their responses as JSONL. "
                                           "Takes the flags of `lcq serve` (host, port and API key unused).")
     p.add_argument("-i", "--input-file", required=True, help="JSONL of {custom_id, method, url, body}")

@@ -20,8 +20,9 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Co
                    "content": {"text/event-stream": {}}}
 
 
-def tokenize_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str]]:
-    """Token ids and text of every prompt, whether it came as text, texts, ids or lists of ids."""
+def tokenize_prompts(state: ServerState, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
+    """Token ids and text of every prompt, whether it came as text, texts, ids or lists of ids (`param`: the
+    field's name in errors)."""
     tokenizer = state.engine.tokenizer
     items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
     ids, texts = [], []
@@ -30,11 +31,11 @@ def tokenize_prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[
             ids.append(tokenizer.encode(item))
             texts.append(item)
         else:
-            state.check_token_ids(item, "prompt")
+            state.check_token_ids(item, param)
             ids.append(list(item))
             texts.append(tokenizer.decode(item))
     if not ids or any(len(p) == 0 for p in ids):
-        raise APIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+        raise APIError(400, f"{param} must not be empty", param=param, code="invalid_value")
     return ids, texts
 
 

@@ -47,6 +47,7 @@ class Choice:
     cached_tokens: int = 0
     cache_written_tokens: int = 0
     accepted_prediction_tokens: int = 0
+    embedding: list[float] | None = None  # an embedding request's vector
     error: str | None = None
 
     def add(self, out: RequestOutput) -> None:
@@ -60,6 +61,7 @@ class Choice:
             if out.usage is not None:
                 self.cached_tokens, self.cache_written_tokens = out.usage.cached_tokens, out.usage.cache_written_tokens
                 self.accepted_prediction_tokens = out.usage.accepted_prediction_tokens
+            self.embedding = out.embedding
 
 
 class Generation:

@@ -314,6 +314,33 @@ class CompletionTokensDetails(BaseModel):
     rejected_prediction_tokens: int = 0  # ... and the rest of them
 
 
+class EmbeddingRequest(OpenAIRequest):
+    model: str | None = None
+    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None  # vLLM's: the last k tokens
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the float32 values' little-endian bytes, as OpenAI sends them
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
 class UsageInfo(OmitsUnset):
     omitted_when_none = ("completion_tokens_details",)
     prompt_tokens: int
