@@ -299,6 +299,13 @@ NOTES = """
   unit by unit, over every unit of a group, where choices made weight by weight no longer see them.
   Measured on a 135M model with the rotation folded into the weights only (no online Hadamard before
   down_proj), so not a verdict on rotation for GPTQ-style pipelines at 7B.
+- GPTQ's sweep after the block-wise stage (`--assign gptq` with 10 epochs, the -e10-gptq rows, 2026-12-02,
+  sixth session) loses at W2 as it did at W4 (lcq-w4r2-e10-gptq 51.21 against 50.60): 219.27 against
+  145.13 with nearest entries (lcq-w2r2-e10-v4-nw), and 153.17 against 120.43 after the end-to-end
+  stage's cheap setting (3 epochs over 64 windows), which starts from the swept indices and keeps them.
+  Without the block-wise stage the sweep gains (lcq-w2r2-gptq 210.70 against 378.89): that stage fits
+  S, V and B to the nearest entries of each weight, and the sweep then moves indices away from the
+  entries the codebooks were fitted to. (The first row's time includes tests run beside it.)
 """
 
 
@@ -429,6 +436,10 @@ def study_runs(quick: bool) -> list[Run]:
         # the end-to-end stage moving indices too (--finetune-index-updates), at its cheap setting
         runs += [Run("lcq", 2, 2, epochs=10, finetune=3, finetune_samples=64, index_updates=0.001, held_out=4,
                      block_error="norm-weighted", **mixed) for mixed in ({}, dict(target_bits=2.6021, width_steps=True))]
+        # GPTQ's sweep over the codebooks the block-wise stage trained (it trains against nearest entries), at
+        # W2 where the sweep gained most without that stage (lcq-w2r2-gptq); then the end-to-end stage
+        runs += [Run("lcq", 2, 2, epochs=10, assign="gptq", held_out=4, block_error="norm-weighted", **stage)
+                 for stage in ({}, dict(finetune=3, finetune_samples=64))]
     return runs
 
 
