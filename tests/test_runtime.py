@@ -152,6 +152,31 @@ def test_embeddings_are_the_last_tokens_final_hidden_state_normalized(tmp_path, 
     assert _pool_is_full(llm.engine)
 
 
+def test_embedding_model_saved_from_the_base_model(tmp_path):
+    """Qwen3-Embedding 4B / 8B files hold the base model (layers.*, embed_tokens.*, norm.*, no head, the
+    config untied): they load with the head tied to the table, and embed as the CausalLM folder does."""
+    from safetensors.torch import load_file, save_file
+
+    from lcq.format import CheckpointReader
+
+    folder = make_tiny_hf(tmp_path / "causal", "qwen3")
+    base = tmp_path / "base"
+    base.mkdir()
+    for item in folder.iterdir():
+        if item.name != "model.safetensors":
+            (base / item.name).write_bytes(item.read_bytes())
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({name.removeprefix("model."): t for name, t in tensors.items() if name != "lm_head.weight"},
+              str(base / "model.safetensors"))
+    assert not json.loads((base / "config.json").read_text())["tie_word_embeddings"]
+    reader = CheckpointReader(base)
+    assert reader.config["tie_word_embeddings"] and reader.has("model.layers.0.self_attn.q_proj.weight")
+    texts = ["The capital of France is Paris.", "Hello"]
+    expected = LLM(str(folder), block_size=8, **FP32).embed(texts)
+    for got, want in zip(LLM(str(base), block_size=8, **FP32).embed(texts), expected):
+        assert got == pytest.approx(want, abs=1e-6)
+
+
 def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     """A model whose EOS is the greedy choice: with `ignore_eos` we emit EOS and go on, as transformers does."""
     from safetensors.torch import load_file, save_file

@@ -123,6 +123,43 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def tensor_files(folder: Path) -> dict[str, Path]:
+    """Every stored tensor's name and file (from the index, or the single file's header)."""
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {name: folder / fname for name, fname in weight_map.items()}
+    elif (folder / SINGLE_FILE).is_file():
+        files = {name: folder / SINGLE_FILE for name in _keys(folder / SINGLE_FILE)}
+    else:
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+            raise FormatError(f"{folder}: only pickle weights found; lcq reads safetensors only")
+        raise FormatError(f"{folder}: no {SINGLE_FILE} or {INDEX_FILE}")
+    for path in set(files.values()):
+        if not path.is_file():
+            raise FormatError(f"{path}: listed in {INDEX_FILE} but missing")
+    return files
+
+
+def stored_tensor_names(folder: str | os.PathLike) -> list[str] | None:
+    """The folder's stored tensor names, or None where they cannot be read (the reader says why)."""
+    try:
+        return list(tensor_files(Path(folder)))
+    except FormatError:
+        return None
+
+
+def _keys(path: Path) -> list[str]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise FormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
 class CheckpointReader:
     """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes. A folder
     of another architecture reads as the one lcq runs for it (views.py): `config` and the tensor names
@@ -139,14 +176,14 @@ class CheckpointReader:
             stored = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+        files = tensor_files(self.folder)
         try:
-            self.config: dict[str, Any] = view_config(stored)
+            self.config: dict[str, Any] = view_config(stored, list(files))
         except ViewError as e:
             raise FormatError(f"{config_path}: {e}") from None
         self.quant: dict[str, Any] | None = self._validated_quant_config(config_path)
-        self._files = self._tensor_files()
-        self._stored = view_tensors(stored, list(self._files)) or {name: StoredTensor(name) for name in self._files}
-        self._files = {name: self._files[where.name] for name, where in self._stored.items()}
+        self._stored = view_tensors(stored, list(files)) or {name: StoredTensor(name) for name in files}
+        self._files = {name: files[where.name] for name, where in self._stored.items()}
 
     def _validated_quant_config(self, path: Path) -> dict[str, Any] | None:
         quant = self.config.get("quantization_config")
@@ -172,32 +209,6 @@ class CheckpointReader:
             raise FormatError(f"{path}: quantization_config.layer_bits must map module names to 2, 3 or 4")
         return quant
 
-    def _tensor_files(self) -> dict[str, Path]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
-            files = {name: self.folder / fname for name, fname in weight_map.items()}
-        elif (self.folder / SINGLE_FILE).is_file():
-            files = {name: self.folder / SINGLE_FILE for name in self._keys(self.folder / SINGLE_FILE)}
-        else:
-            if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pt")):
-                raise FormatError(f"{self.folder}: only pickle weights found; lcq reads safetensors only")
-            raise FormatError(f"{self.folder}: no {SINGLE_FILE} or {INDEX_FILE}")
-        for path in set(files.values()):
-            if not path.is_file():
-                raise FormatError(f"{path}: listed in {INDEX_FILE} but missing")
-        return files
-
-    @staticmethod
-    def _keys(path: Path) -> list[str]:
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return list(f.keys())
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise FormatError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
 
     def names(self) -> list[str]:
         return list(self._files)

@@ -8,6 +8,9 @@
 - Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
   gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
   (read alone from the file), so every part is quantized and fused again as in the other families.
+- Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
+  norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
+  model is served for /v1/embeddings, which reads no head).
 - Granite 3 (GraniteForCausalLM) is Llama with four constant factors, each folded into weights, exactly:
   the attention scores' factor into q_proj (Llama's is 1/sqrt(head_dim)); the residual factor, and one
   over the embedding factor, into o_proj and down_proj (the residual stream then runs 1/embedding_factor
@@ -27,6 +30,7 @@ WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration"
 # what transformers writes) first, then transformers 4.52-4.57's own saves.
 TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                  ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+BASE_MODEL_PREFIX = "model."  # what a CausalLM's tensor names have that its base model's lack
 # Top-level settings a wrapper's text model inherits where its text_config has none.
 INHERITED = ("torch_dtype", "dtype")
 # Top-level settings that win over text_config's: transformers ties a wrapper's head to its embedding
@@ -54,8 +58,9 @@ class StoredTensor:
     scale: float = 1.0  # the view's tensor is the stored one times this (read in fp32 where it is not 1)
 
 
-def view_config(config: dict[str, Any]) -> dict[str, Any]:
-    """config.json of the model lcq runs for a folder whose config.json is `config`."""
+def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict[str, Any]:
+    """config.json of the model lcq runs for a folder whose config.json is `config` and whose tensors are
+    `stored` (None: not known; only a base-model save's head depends on them)."""
     architecture = (config.get("architectures") or [None])[0]
     if architecture in WRAPPERS:
         return _text_model_config(config, architecture)
@@ -63,6 +68,8 @@ def view_config(config: dict[str, Any]) -> dict[str, Any]:
         return _phi3_as_mistral(config)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_as_llama(config)
+    if stored is not None and _base_model_save(stored):
+        return {**config, "tie_word_embeddings": True}
     return config
 
 
@@ -76,7 +83,15 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _phi3_parts(_phi3_as_mistral(config), stored)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_scales(config, stored)
+    if _base_model_save(stored):
+        return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
+
+
+def _base_model_save(stored: list[str]) -> bool:
+    """Saved from the base model: decoder layers without the CausalLM's model. prefix, and no head."""
+    return any(name.startswith("layers.") for name in stored) and \
+        not any(name.startswith((BASE_MODEL_PREFIX, "lm_head.")) for name in stored)
 
 
 def _text_model_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcq.errors import UserError
-from lcq.format import VIEWED_ARCHITECTURES, ViewError, view_config
+from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, view_config
 
 from .layers import ROPE_TYPES, rope_settings
 
@@ -48,7 +48,7 @@ class ModelConfig:
         if not path.is_file():
             raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
         try:
-            c = view_config(json.loads(path.read_text()))
+            c = view_config(json.loads(path.read_text()), stored_tensor_names(folder))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON ({e.msg})") from None
         except ViewError as e:

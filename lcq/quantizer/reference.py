@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from lcq.errors import UserError
-from lcq.format import VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize, view_config
+from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize,
+                        stored_tensor_names, view_config)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3")
 
@@ -25,7 +26,7 @@ def read_config(model_dir: str | Path) -> dict:
     if not (path / "config.json").is_file():
         raise UserError(f"{path}: no config.json (not a Hugging Face model folder)")
     try:
-        config = view_config(json.loads((path / "config.json").read_text()))
+        config = view_config(json.loads((path / "config.json").read_text()), stored_tensor_names(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
     except ViewError as e:
