@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json
+from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -350,9 +350,25 @@ def test_llama3_json_tool_calls_are_parsed():
     assert text.feed("Sun") == "Sun" and text.feed("ny {x}") == "ny {x}" and text.finish() == (None, [])
 
 
+def test_granite_tool_calls_are_parsed():
+    content, calls = parse_granite(' [{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]\n')
+    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}'),
+                                                                                          ("g", "{}")]
+    for text in ("Paris is sunny.", '[{"name": "f", "arguments": {', "[1, 2]", '{"name": "f"}'):
+        assert parse_granite(text) == (text, [])  # prose, cut short, JSON that is not a list of calls
+    stream = ToolCallStream("granite")
+    assert stream.feed(" ") == "" and stream.feed('[{"name": "f"}') == "" and stream.feed("]") == ""
+    assert stream.finish()[1][0].function.name == "f"
+    assert ToolCallStream("granite").feed("Sunny [1]") == "Sunny [1]"
+
+
+CALL_TWICE = {"hermes": "\n", "llama3_json": "; "}  # how two calls of a parser's syntax are joined
+
+
 @pytest.mark.parametrize("parser, reply", [
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
-    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}')])
+    ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
+    ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]')])
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -375,7 +391,8 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         text = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=5)
         assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
-        twice = {"guided_choice": [reply + ("\n" if parser == "hermes" else "; ") + reply]}
+        twice = {"guided_choice": ["[" + reply[1:-1] + ", " + reply[1:-1] + "]" if parser == "granite"
+                                   else reply + CALL_TWICE[parser] + reply]}
         for parallel, count in ((True, 2), (False, 1)):  # parallel_tool_calls false: the first call only
             out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
                                                  parallel_tool_calls=parallel, extra_body=twice)

@@ -184,7 +184,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     forced = body.forced_tool()
     parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
     if parsed and state.settings.tool_call_parser is None:
-        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json); or use "
+        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json, granite); or use "
                        "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)

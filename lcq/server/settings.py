@@ -14,7 +14,7 @@ from lcq.errors import UserError
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # tool_calls.PARSERS
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite")  # tool_calls.PARSERS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS
 
 
@@ -134,8 +134,9 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
-    Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes) or llama3_json "
-         "(replies that are JSON calls: Llama 3.1-3.3): how replies are read so that tool_choice auto works", "server"),
+    Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
+         "(replies that are JSON calls: Llama 3.1-3.3) or granite (replies that are a JSON array of calls: Granite 3): "
+         "how replies are read so that tool_choice auto works", "server"),
     Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
          "QwQ, Qwen3): the thinking goes to `reasoning` (chat) or a reasoning item (Responses), the answer to the "
          "content, and response_format applies after the thinking", "server"),

@@ -9,7 +9,9 @@ writes free text in which it may call tools in the syntax its chat template taug
   anywhere in the reply;
 - llama3_json (Llama 3.1-3.3 with their tool templates): a reply that is JSON calls
   `{"name": ..., "parameters": {...}}`, several separated by ";" (the `<|python_tag|>` before them is a
-  special token the detokenizer drops).
+  special token the detokenizer drops);
+- granite (Granite 3 with its template): a reply that is one JSON array of `{"name": ..., "arguments":
+  {...}}` calls (after `<|tool_call|>`, a special token the detokenizer drops).
 """
 from __future__ import annotations
 
@@ -107,8 +109,26 @@ def llama3_json_held_from(text: str, sent: int) -> int:
     return sent if not opening or opening.startswith("{") else len(text)
 
 
+def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(None, the calls) for a reply that is one JSON array of calls, else (the text, [])."""
+    try:
+        values = json.loads(text)
+        calls = [_call(value["name"], value.get("arguments", {})) for value in values] if isinstance(values, list) \
+            else []
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, []
+    return (None, calls) if calls else (text, [])
+
+
+def granite_held_from(text: str, sent: int) -> int:
+    """A reply that opens with "[" (after any whitespace) is calls, held back whole; others are text."""
+    opening = text.lstrip()
+    return sent if not opening or opening.startswith("[") else len(text)
+
+
 # name: (parse a complete reply, where a partial reply starts to be held back)
-PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, llama3_json_held_from)}
+PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, llama3_json_held_from),
+           "granite": (parse_granite, granite_held_from)}
 
 
 class ToolCallStream:
