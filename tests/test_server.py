@@ -431,8 +431,19 @@ def test_json_output_through_the_openai_client(client):
     guided = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0.7, seed=1,
                                             extra_body={"guided_json": json.dumps(schema)})
     assert json.loads(guided.choices[0].message.content)["name"] in ("apple", "pear")
+    animal = 'root ::= ("cat" | "dog") " " ("runs" | "sleeps")'
+    for extra in ({"guided_grammar": animal}, {"structured_outputs": {"grammar": animal}}):
+        said = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0.9,
+                                              extra_body=extra).choices[0].message.content
+        assert re.fullmatch("(cat|dog) (runs|sleeps)", said), said
+    chosen = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, temperature=0.9, n=3,
+                                       extra_body={"structured_outputs": {"choice": ["left", "right"]}})
+    assert {c.text for c in chosen.choices} <= {"left", "right"}
     for extra, param in [({"guided_regex": "(", "guided_choice": ["a"]}, "guided_choice"),
-                         ({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json")]:
+                         ({"guided_regex": "(unclosed"}, "guided_regex"), ({"guided_json": "{not json"}, "guided_json"),
+                         ({"guided_grammar": "root ::= (unclosed"}, "guided_grammar"),
+                         ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs"),
+                         ({"structured_outputs": {"regex": "a"}, "guided_choice": ["b"]}, "structured_outputs")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, extra_body=extra)
         assert refused.value.body["param"] == param, refused.value.body

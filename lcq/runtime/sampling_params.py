@@ -9,11 +9,12 @@ MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """Output constrained (structured_output.py) to a regular expression, or else to JSON: one that
-    follows a schema, or any JSON object."""
+    """Output constrained (structured_output.py) to a regular expression, or a context-free grammar, or
+    else to JSON: one that follows a schema, or any JSON object."""
 
     json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it)
     regex: str | None = None
+    grammar: str | None = None  # EBNF (GBNF's syntax: `root ::= ...`), as vLLM's guided_grammar
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Output constrained to JSON (OpenAI's response_format json_object and json_schema) or to a regular
-expression (vLLM's guided_regex and guided_choice) with xgrammar.
+"""Output constrained to JSON (OpenAI's response_format json_object and json_schema), to a regular
+expression (vLLM's guided_regex and guided_choice) or to an EBNF grammar (vLLM's guided_grammar) with
+xgrammar.
 
 Each constrained sequence has a grammar matcher; before a step's tokens are chosen, the matcher of
 each such row writes a bitmask of the tokens that keep the output a prefix of valid JSON (xgrammar
@@ -46,11 +47,14 @@ class StructuredOutputs:
             try:
                 if spec.regex is not None:
                     self._grammars[spec] = self._compiler.compile_regex(spec.regex)
+                elif spec.grammar is not None:
+                    self._grammars[spec] = self._compiler.compile_grammar(spec.grammar)
                 else:
                     schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
                     self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
             except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
-                what = "guided_regex" if spec.regex is not None else "response_format json_schema"
+                what = "guided_regex" if spec.regex is not None else "guided_grammar" if spec.grammar is not None \
+                    else "response_format json_schema"
                 reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
                 raise ValueError(f"{what} cannot be used: {reason}") from None
         return self._grammars[spec]

@@ -64,7 +64,7 @@ def not_ready(message: str = "the model is loading or the server is shutting dow
 
 # Request fields whose values the engine checks (LLMEngine.check_request), so errors can name them.
 ENGINE_CHECKED_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {
-    "prompt", "response_format", "guided_json", "guided_regex", "guided_choice"}
+    "prompt", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"}
 
 
 def engine_error(e: Exception, retry_after: int = 1) -> APIError:

@@ -37,6 +37,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
+
+
 class SamplingRequest(OpenAIRequest):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
 
@@ -61,6 +64,9 @@ class SamplingRequest(OpenAIRequest):
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
     guided_choice: list[str] | None = None  # vLLM's: the output is one of these strings
+    guided_grammar: str | None = None  # vLLM's: the output follows this EBNF grammar (`root ::= ...`)
+    # vLLM's newer form of the same: {"json" | "regex" | "choice" | "grammar": ..., or "json_object": true}
+    structured_outputs: dict[str, Any] | None = None
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -100,25 +106,51 @@ class SamplingRequest(OpenAIRequest):
         params.validate()
         return params
 
+    def guided(self) -> dict[str, Any]:
+        """The guided constraints asked for, by vLLM's guided_* name: from those fields, or from
+        structured_outputs (whose keys are the names without "guided_"; json_object: true is a
+        response_format json_object)."""
+        guided = {name: getattr(self, name) for name in GUIDED if getattr(self, name) is not None}
+        if guided and self.structured_outputs:
+            raise ValueError(f"structured_outputs cannot be combined with {next(iter(guided))}")
+        for key, value in (self.structured_outputs or {}).items():
+            if key == "json_object":
+                if value:
+                    guided["json_object"] = True
+            elif f"guided_{key}" in GUIDED and value is not None:
+                guided[f"guided_{key}"] = value
+            else:
+                raise ValueError(f"structured_outputs has {key!r}, which is not supported (json, regex, choice, "
+                                 "grammar, json_object)")
+        return guided
+
     def structured_output(self) -> StructuredOutput | None:
-        """response_format, or one of vLLM's guided_json / guided_regex / guided_choice, as the engine's
-        constraint (None for free text); ValueError when malformed or when more than one is given."""
+        """response_format, or one of vLLM's guided_json / guided_regex / guided_choice / guided_grammar
+        (or structured_outputs), as the engine's constraint (None for free text); ValueError when
+        malformed or when more than one is given."""
         kind = (self.response_format or {}).get("type", "text")
-        guided = [name for name in ("guided_json", "guided_regex", "guided_choice") if getattr(self, name) is not None]
+        guided = self.guided()
         if len(guided) + (kind != "text") > 1:
-            raise ValueError(f"{guided[-1]} cannot be combined with {(['response_format'] + guided)[0]}")
-        if self.guided_json is not None:
+            names = [*(["response_format"] if kind != "text" else []), *guided]
+            raise ValueError(f"{names[1]} cannot be combined with {names[0]}")
+        if "json_object" in guided:
+            return StructuredOutput()
+        if "guided_json" in guided:
+            value = guided["guided_json"]
             try:
-                schema = json.loads(self.guided_json) if isinstance(self.guided_json, str) else self.guided_json
+                schema = json.loads(value) if isinstance(value, str) else value
             except ValueError:
                 raise ValueError("guided_json is not valid JSON") from None
             return StructuredOutput(json.dumps(schema))
-        if self.guided_regex is not None:
-            return StructuredOutput(regex=self.guided_regex)
-        if self.guided_choice is not None:
-            if not self.guided_choice:
-                raise ValueError("guided_choice needs at least one string")
-            literal = [re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", choice) for choice in self.guided_choice]
+        if "guided_regex" in guided:
+            return StructuredOutput(regex=guided["guided_regex"])
+        if "guided_grammar" in guided:
+            return StructuredOutput(grammar=guided["guided_grammar"])
+        if "guided_choice" in guided:
+            choices = guided["guided_choice"]
+            if not choices or not all(isinstance(choice, str) for choice in choices):
+                raise ValueError("guided_choice needs at least one string, and only strings")
+            literal = [re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", choice) for choice in choices]
             return StructuredOutput(regex="|".join(f"({text})" for text in literal))  # metacharacters escaped
         if kind == "text":
             return None
