@@ -73,6 +73,28 @@ def test_flags_win_over_environment():
     assert defaults.model is None and defaults.engine_fields == {} and defaults.settings.port == 8000
 
 
+def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, capsys):
+    """vLLM's --chat-template (a file or the template itself), --enforce-eager (--no-cuda-graphs) and
+    --enable-auto-tool-choice (which needs --tool-call-parser, as in vLLM)."""
+    from lcq.runtime import LLM
+
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    command = resolve(parse("--chat-template", str(template), "--enforce-eager", "--enable-auto-tool-choice",
+                            "--tool-call-parser", "hermes"), {})
+    assert command.engine_fields == {"chat_template": str(template), "cuda_graphs": False}
+    assert command.settings.enable_auto_tool_choice and command.settings.tool_call_parser == "hermes"
+    assert main(["serve", str(tmp_path), "--enable-auto-tool-choice"]) == 2
+    assert main(["serve", str(tmp_path), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert "needs --tool-call-parser" in errors[0] and "neither a file nor a Jinja template" in errors[1]
+    model = make_tiny_hf(tmp_path / "tiny")
+    messages = [{"role": "user", "content": "Hi"}]
+    for chat_template in (str(template), template.read_text()):
+        tokenizer = LLM(str(model), chat_template=chat_template).tokenizer
+        assert tokenizer.apply_chat_template(messages, tokenize=False) == "<user>Hi"
+
+
 def test_runtime_lora_flags_from_the_command_line_or_environment():
     env = {"LCQ_ALLOW_RUNTIME_LORA_UPDATING": "true", "LCQ_MAX_LORAS": "4"}
     assert resolve(parse("--max-lora-rank", "8"), env).engine_fields == {

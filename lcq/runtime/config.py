@@ -44,6 +44,9 @@ class EngineConfig:
     # No drafts while this many sequences or more run: on CPU each draft row then costs about as much as
     # it saves (bench/speculative.py); at batch 1 they are nearly free.
     speculative_disable_by_batch_size: int = 2
+    # The chat template to use instead of the tokenizer's (vLLM's --chat-template): a Jinja file, or the
+    # template itself.
+    chat_template: str | None = None
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -144,6 +147,18 @@ class EngineConfig:
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
+    def resolved_chat_template(self) -> str | None:
+        """chat_template's text: the file's where it names one, else the value itself where it reads as a
+        Jinja template; ValueError for anything else (a mistyped path must not become a template)."""
+        if self.chat_template is None:
+            return None
+        path = Path(self.chat_template)
+        if len(self.chat_template) < 4096 and path.is_file():
+            return path.read_text()
+        if "{{" in self.chat_template or "{%" in self.chat_template:
+            return self.chat_template
+        raise ValueError(f"chat_template: {self.chat_template} is neither a file nor a Jinja template")
+
     def validate(self) -> None:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
@@ -163,6 +178,7 @@ class EngineConfig:
             if not ok:
                 raise ValueError(message)
         sampling_defaults(self.generation_config, self.model)
+        self.resolved_chat_template()
         adapters = self.lora_adapters()
         if self.max_loras is not None and self.max_loras < len(adapters):
             raise ValueError(f"max_loras ({self.max_loras}) must be at least the number of lora_modules "

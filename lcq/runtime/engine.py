@@ -66,8 +66,10 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(config.model)
-        if not self.tokenizer.chat_template:
-            self.tokenizer.chat_template = processor_chat_template(config.model)
+        template = config.resolved_chat_template() or (None if self.tokenizer.chat_template else
+                                                        processor_chat_template(config.model))
+        if template:
+            self.tokenizer.chat_template = template
         self.runner = ModelRunner(config)
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)

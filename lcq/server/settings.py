@@ -31,6 +31,7 @@ class ServeSettings:
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
     tool_call_parser: str | None = None  # how replies of tool_choice "auto" are read (tool_calls.PARSERS)
+    enable_auto_tool_choice: bool = False  # vLLM's flag: only checked to come with tool_call_parser
     reasoning_parser: str | None = None  # how a reasoning model's thinking is split from its answer (reasoning.py)
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
 
@@ -44,6 +45,8 @@ class ServeSettings:
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
             (self.responses_store_size >= 0, f"responses store size must be >= 0, got {self.responses_store_size}"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
+            (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
+             "--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, granite)"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
             (self.reasoning_parser in (None, *REASONING_PARSERS),
@@ -123,6 +126,9 @@ FLAGS = (
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
     Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
+    Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
+    Flag("--chat-template", str, "the chat template to use instead of the model's: a Jinja file, or the template "
+         "itself (vLLM's --chat-template)", "engine"),
     Flag("--num-speculative-tokens", int, "speculative decoding by prompt lookup: up to this many tokens copied "
          "from earlier in each sequence are verified per step (0: off); for outputs that repeat their context",
          "engine"),
@@ -137,6 +143,8 @@ FLAGS = (
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
          "(replies that are JSON calls: Llama 3.1-3.3) or granite (replies that are a JSON array of calls: Granite 3): "
          "how replies are read so that tool_choice auto works", "server"),
+    Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
+         "--tool-call-parser is set, which this flag then requires", "server"),
     Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
          "QwQ, Qwen3): the thinking goes to `reasoning` (chat) or a reasoning item (Responses), the answer to the "
          "content, and response_format applies after the thinking", "server"),
