@@ -103,10 +103,15 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     return (None, calls) if calls else (text, [])
 
 
-def llama3_json_held_from(text: str, sent: int) -> int:
-    """A reply that opens with "{" (after any whitespace) is calls, held back whole; others are text."""
-    opening = text.lstrip()
-    return sent if not opening or opening.startswith("{") else len(text)
+def whole_reply_held_from(opening: str):
+    """held_from of a syntax whose calls are the whole reply: a reply that opens with `opening` (after any
+    whitespace) is calls, held back whole; others are text."""
+
+    def held_from(text: str, sent: int) -> int:
+        start = text.lstrip()
+        return sent if not start or start.startswith(opening) else len(text)
+
+    return held_from
 
 
 def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -120,15 +125,9 @@ def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
     return (None, calls) if calls else (text, [])
 
 
-def granite_held_from(text: str, sent: int) -> int:
-    """A reply that opens with "[" (after any whitespace) is calls, held back whole; others are text."""
-    opening = text.lstrip()
-    return sent if not opening or opening.startswith("[") else len(text)
-
-
 # name: (parse a complete reply, where a partial reply starts to be held back)
-PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, llama3_json_held_from),
-           "granite": (parse_granite, granite_held_from)}
+PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, whole_reply_held_from("{")),
+           "granite": (parse_granite, whole_reply_held_from("["))}
 
 
 class ToolCallStream:
