@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json
+from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json, parse_mistral
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -362,13 +362,43 @@ def test_granite_tool_calls_are_parsed():
     assert ToolCallStream("granite").feed("Sunny [1]") == "Sunny [1]"
 
 
-CALL_TWICE = {"hermes": "\n", "llama3_json": "; "}  # how two calls of a parser's syntax are joined
+def test_mistral_tool_calls_are_parsed():
+    """Both of Mistral's forms: a JSON array after [TOOL_CALLS], and name[ARGS]{...} per call (v11 on)."""
+    content, calls = parse_mistral('Let me look. [TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]')
+    assert content == "Let me look." and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}')]
+    content, calls = parse_mistral('[TOOL_CALLS]f[ARGS]{"x": 1}[TOOL_CALLS]g[ARGS]{}')
+    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}'),
+                                                                                          ("g", "{}")]
+    for text in ("No tools needed.", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]no arguments"):
+        assert parse_mistral(text) == (text, [])
+    stream = ToolCallStream("mistral")
+    assert stream.feed("Sure [TOOL") == "Sure " and stream.feed("_CALLS]f[ARGS]{}") == ""
+    assert stream.finish()[1][0].function.name == "f"
+
+
+def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
+    """vLLM's skip_special_tokens: a special token the model emits (here forced by logit_bias) is text only
+    when asked for; the end-of-sequence token never is."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    marker = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    args = dict(model=MODEL, prompt="Hi", max_tokens=2, temperature=0, logit_bias={str(marker): 100})
+    assert client.completions.create(**args).choices[0].text == ""
+    kept = client.completions.create(**args, extra_body={"skip_special_tokens": False}).choices[0].text
+    assert kept == "<|im_start|><|im_start|>"
+    eos = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0,
+                                    logit_bias={str(tokenizer.eos_token_id): 100},
+                                    extra_body={"skip_special_tokens": False}).choices[0]
+    assert eos.text == "" and eos.finish_reason == "stop"
+
+
+CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": ""}  # how two calls of a parser's syntax are joined
 
 
 @pytest.mark.parametrize("parser, reply", [
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
-    ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]')])
+    ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')])
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

@@ -11,12 +11,13 @@ PROMPT_CONTEXT_TOKENS = 5  # decode with a few prompt tokens before, so leading 
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str]):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True):
         # The fast tokenizer's Rust decoder directly: transformers' decode wrapper costs several
         # times more per call, and this runs twice per generated token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._decode_ids = (lambda ids: backend.decode(ids, skip_special_tokens=True)) if backend is not None else (
-            lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+        skip = skip_special_tokens
+        self._decode_ids = (lambda ids: backend.decode(ids, skip_special_tokens=skip)) if backend is not None else (
+            lambda ids: tokenizer.decode(ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False))
         self.ids = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)

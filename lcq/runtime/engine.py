@@ -115,7 +115,8 @@ class LLMEngine:
         self.check_request(prompt_ids, params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        seq = Sequence(request_id, prompt_ids, params, IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        seq = Sequence(request_id, prompt_ids, params, detokenizer,
                        max_tokens)
         if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
@@ -287,12 +288,13 @@ class LLMEngine:
         if seq.params.logprobs is not None:
             seq.pending_logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
         searched_from = len(seq.detokenizer.text)
-        text = seq.detokenizer.add(token)
         p = seq.params
+        ends = token in self.eos_ids and not p.ignore_eos
+        text = "" if ends else seq.detokenizer.add(token)  # the end-of-sequence token is never text
         grammar_ended = seq.grammar is not None and self.structured.accept(seq, token)
         if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker
             self.structured.start_after(seq, searched_from)
-        if (token in self.eos_ids and not p.ignore_eos) or grammar_ended:
+        if ends or grammar_ended:
             seq.finish_reason, seq.stop_reason = "stop", None
         elif token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token

@@ -39,6 +39,7 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
     min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
+    skip_special_tokens: bool = True  # special tokens (chat markers, tool-call tags) left out of the text (vLLM's)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
     structured_output: StructuredOutput | None = None  # JSON output (OpenAI's response_format)
     # The grammar starts once the output's text holds this string (a reasoning model's "</think>": the

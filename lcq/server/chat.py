@@ -18,7 +18,7 @@ from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
 from .reasoning import THINK_END, ReasoningParser, ReasoningStream
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
-from .tool_calls import ReplyReader, read_reply
+from .tool_calls import KEEPS_SPECIAL_TOKENS, ReplyReader, read_reply
 
 router = APIRouter()
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
@@ -184,8 +184,11 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     forced = body.forced_tool()
     parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
     if parsed and state.settings.tool_call_parser is None:
-        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json, granite); or use "
-                       "\"required\", a named function, or \"none\"", param="tool_choice", code="unsupported_value")
+        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json, granite, "
+                       "mistral); or use \"required\", a named function, or \"none\"", param="tool_choice",
+                       code="unsupported_value")
+    if parsed and state.settings.tool_call_parser in KEEPS_SPECIAL_TOKENS:
+        params.skip_special_tokens = False  # the parser reads tags that are special tokens
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
     reasoning = ReasoningParser(text) if state.settings.reasoning_parser else None

@@ -59,6 +59,7 @@ class SamplingRequest(OpenAIRequest):
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     min_tokens: Count | None = None
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # vLLM's: false keeps special tokens (tool-call tags, markers) in the text
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
@@ -101,6 +102,7 @@ class SamplingRequest(OpenAIRequest):
             logit_bias=self.token_biases(),
             min_tokens=pick(self.min_tokens, defaults.min_tokens),
             include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
             structured_output=self.structured_output(),
         )
         params.validate()

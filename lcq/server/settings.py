@@ -14,7 +14,7 @@ from lcq.errors import UserError
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite")  # tool_calls.PARSERS
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral")  # tool_calls.PARSERS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS
 
 
@@ -46,7 +46,7 @@ class ServeSettings:
             (self.responses_store_size >= 0, f"responses store size must be >= 0, got {self.responses_store_size}"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
-             "--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, granite)"),
+             f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
             (self.reasoning_parser in (None, *REASONING_PARSERS),
@@ -141,8 +141,9 @@ FLAGS = (
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
-         "(replies that are JSON calls: Llama 3.1-3.3) or granite (replies that are a JSON array of calls: Granite 3): "
-         "how replies are read so that tool_choice auto works", "server"),
+         "(replies that are JSON calls: Llama 3.1-3.3), granite (replies that are a JSON array of calls: Granite 3) "
+         "or mistral ([TOOL_CALLS] calls: Mistral 7B v0.3, Mistral Small 3.x): how replies are read so that "
+         "tool_choice auto works", "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
     Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "

@@ -11,7 +11,11 @@ writes free text in which it may call tools in the syntax its chat template taug
   `{"name": ..., "parameters": {...}}`, several separated by ";" (the `<|python_tag|>` before them is a
   special token the detokenizer drops);
 - granite (Granite 3 with its template): a reply that is one JSON array of `{"name": ..., "arguments":
-  {...}}` calls (after `<|tool_call|>`, a special token the detokenizer drops).
+  {...}}` calls (after `<|tool_call|>`, a special token the detokenizer drops);
+- mistral (Mistral 7B v0.3, Mistral Small 3.x, Magistral, Devstral): text, then `[TOOL_CALLS]` and either a
+  JSON array of `{"name", "arguments"}` calls or, from Mistral's v11 tokenizers on, `name[ARGS]{...}`, one
+  `[TOOL_CALLS]` per call. Those tags are special tokens, so such requests are detokenized with them kept
+  (skip_special_tokens false: KEEPS_SPECIAL_TOKENS).
 """
 from __future__ import annotations
 
@@ -22,6 +26,8 @@ import uuid
 from .protocol import FunctionCall, ToolCall
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
+MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+KEEPS_SPECIAL_TOKENS = ("mistral",)  # parsers whose tags are special tokens the text must keep
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
@@ -77,15 +83,20 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content or None) if calls else text, calls
 
 
-def hermes_held_from(text: str, sent: int) -> int:
-    """Where the text must start being held back: its first tool-call tag, or a tail that could begin one."""
-    start = text.find(HERMES_START, sent)
-    if start >= 0:
-        return start
-    for size in range(min(len(HERMES_START) - 1, len(text) - sent), 0, -1):
-        if HERMES_START.startswith(text[-size:]):
-            return len(text) - size
-    return len(text)
+def tag_held_from(tag: str):
+    """held_from of a syntax whose calls start with `tag`: the text is held back from its first tag, or
+    from a tail that could begin one."""
+
+    def held_from(text: str, sent: int) -> int:
+        start = text.find(tag, sent)
+        if start >= 0:
+            return start
+        for size in range(min(len(tag) - 1, len(text) - sent), 0, -1):
+            if tag.startswith(text[-size:]):
+                return len(text) - size
+        return len(text)
+
+    return held_from
 
 
 def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -125,9 +136,28 @@ def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
     return (None, calls) if calls else (text, [])
 
 
+def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(the text before the first [TOOL_CALLS], or None when empty; the calls) from a reply in Mistral's
+    form; (the text, []) when a call after the tag does not parse."""
+    content, *parts = text.split(MISTRAL_CALLS)
+    calls = []
+    try:
+        for part in (part.strip() for part in parts):
+            if part.startswith("["):
+                calls += [_call(value["name"], value.get("arguments", {})) for value in json.loads(part)]
+            else:
+                name, arguments = part.split(MISTRAL_ARGS, 1)
+                calls.append(_call(name.strip(), json.loads(arguments)))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, []
+    return (content.strip() or None, calls) if calls else (text, [])
+
+
 # name: (parse a complete reply, where a partial reply starts to be held back)
-PARSERS = {"hermes": (parse_hermes, hermes_held_from), "llama3_json": (parse_llama3_json, whole_reply_held_from("{")),
-           "granite": (parse_granite, whole_reply_held_from("["))}
+PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
+           "llama3_json": (parse_llama3_json, whole_reply_held_from("{")),
+           "granite": (parse_granite, whole_reply_held_from("[")),
+           "mistral": (parse_mistral, tag_held_from(MISTRAL_CALLS))}
 
 
 class ToolCallStream:
