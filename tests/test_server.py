@@ -614,6 +614,9 @@ def test_schemathesis_finds_no_server_errors(server):
                 for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
                     if isinstance(case.body.get(key), int):
                         case.body[key] = min(case.body[key], 4)
+                if case.path == "/v1/completions":  # random grammars never compile (400): let this route reach
+                    for key in ("guided_grammar", "structured_outputs"):  # generation; chat fuzzes the same fields
+                        case.body.pop(key, None)
             response = case.call(base_url=server.url, timeout=60)
             statuses.setdefault(case.path, set()).add(response.status_code)
             assert response.status_code < 500, f"{case.method} {case.path} -> {response.status_code}: " \
