@@ -99,7 +99,7 @@ def _check_against(reference, model, prompts: list[list[int]], decode_steps: int
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "smollm3", "olmo2"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""
@@ -217,7 +217,7 @@ def test_chunked_prefill_matches_transformers(tmp_path):
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=2, chunk=3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3", "smollm3", "olmo2"])
 @pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
     """fp32 products and the index kernel (cpu_index) are exact up to summation order; the fp16

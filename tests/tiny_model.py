@@ -51,7 +51,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     """
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
         MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        SmolLM3Config, SmolLM3ForCausalLM, GraniteConfig, GraniteForCausalLM
+        SmolLM3Config, SmolLM3ForCausalLM, GraniteConfig, GraniteForCausalLM, Olmo2Config, Olmo2ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,6 +84,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights
+        "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
@@ -93,7 +94,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.08)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")):  # qwen3's head norms start at one
+            elif name.endswith(("q_norm.weight", "k_norm.weight")) or (arch == "olmo2" and name.endswith("norm.weight")):
+                # qwen3's head norms and OLMo 2's norms start at one
                 param.uniform_(0.5, 1.5)
             elif arch == "gemma3" and name.endswith("norm.weight"):  # gemma's norms store w - 1, starting at 0
                 param.uniform_(-0.5, 0.5)

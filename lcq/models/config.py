@@ -12,8 +12,10 @@ from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
-                           "SmolLM3ForCausalLM": "smollm3"}
+                           "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2"}
 GEMMA = ("gemma3_text",)  # model types with Gemma's layer: norms around attention and MLP, weights stored as w - 1
+# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections.
+OLMO2 = dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False)
 
 
 @dataclass
@@ -38,7 +40,10 @@ class ModelConfig:
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
     activation: str = "silu"  # of the gate: silu, or gelu_tanh (Gemma)
-    sandwich_norms: bool = False  # Gemma: attention and MLP outputs normalised too, before the residual add
+    sandwich_norms: bool = False  # Gemma, OLMo 2: attention and MLP outputs normalised, before the residual add
+    pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
+    qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
+    norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
 
@@ -71,7 +76,8 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", *GEMMA), rope=gemma.pop("rope", rope), **gemma,
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", *GEMMA), rope=gemma.pop("rope", rope), **gemma,
+            **(OLMO2 if c["model_type"] == "olmo2" else {}),
         )
 
     def __post_init__(self) -> None:
@@ -98,7 +104,7 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
         if settings["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {settings['rope_type']!r} is not supported")
     return dict(rope=rope, rope_local=rope_local, embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh",
-                sandwich_norms=True, query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                sandwich_norms=True, norm_offset=1.0, query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
                 logit_softcap=c.get("final_logit_softcapping"))
 
 

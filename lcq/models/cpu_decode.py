@@ -48,8 +48,8 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable():
-            return None
+        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or not c.pre_norms or not c.qk_norm_per_head:
+            return None  # the C step has input norms and per-head q/k norms (not OLMo 2's layer)
         entries: list[torch.Tensor | int | None] = []
         for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp

@@ -1,11 +1,12 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, and Gemma 3) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, OLMo 2, Gemma 3) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
 fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the same call.
 Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP outputs normalised too,
 GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base. SmolLM3's
-NoPE layers (every fourth) rotate by the identity table.
+NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only the attention and MLP
+outputs, and its q/k norms span the whole projections.
 """
 from __future__ import annotations
 
@@ -44,8 +45,12 @@ class Attention(torch.nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj = make_linear([f"{prefix}.o_proj"])
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, dtype) if config.qk_norm else None
+        # q/k norms over each head, or (OLMo 2) over the whole projection: one "head" as wide as all of them
+        self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
+        q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
+            (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.scale = config.query_scale or self.head_dim ** -0.5
         self.window = window
         self.k_cache = self.v_cache = torch.empty(0)
@@ -56,8 +61,9 @@ class Attention(torch.nn.Module):
         qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
         if self.q_norm is not None:
             q_width = self.num_heads * self.head_dim
-            head_norm_(qkv, self.num_heads, self.head_dim, self.q_norm.weight, self.q_norm.eps)
-            head_norm_(qkv[:, q_width:], self.num_kv_heads, self.head_dim, self.k_norm.weight, self.k_norm.eps)
+            (q_heads, k_heads), q_size, k_size = self.norm_heads, self.q_norm.weight.numel(), self.k_norm.weight.numel()
+            head_norm_(qkv, q_heads, q_size, self.q_norm.weight, self.q_norm.eps)
+            head_norm_(qkv[:, q_width:], k_heads, k_size, self.k_norm.weight, self.k_norm.eps)
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window)
@@ -82,7 +88,8 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
-    """Norms by role: before attention, before the MLP, and (Gemma) on the attention and MLP outputs."""
+    """Norms by role: before attention, before the MLP, and (Gemma, OLMo 2) on the attention and MLP outputs;
+    OLMo 2 has only the latter."""
 
     def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
@@ -91,9 +98,9 @@ class DecoderLayer(torch.nn.Module):
         def norm() -> RMSNorm:
             return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
-        self.attention_norm = norm()
+        self.attention_norm = norm() if config.pre_norms else None
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
-        self.mlp_norm = norm()
+        self.mlp_norm = norm() if config.pre_norms else None
         self.mlp = MLP(f"{prefix}.mlp", make_linear, config.activation)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
@@ -102,6 +109,10 @@ class DecoderLayer(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried beside the layer's output and added by the next norm:
         (mlp output, residual) here, their sum is the transformers layer's output."""
+        if self.attention_norm is None:  # OLMo 2: the stream itself goes into attention and the MLP
+            stream = hidden if residual is None else residual + hidden
+            stream = stream + self.attention_output_norm(self.self_attn(stream, rope, attention))[0]
+            return self.mlp_output_norm(self.mlp(stream, attention.context.lora))[0], stream
         hidden, residual = self.attention_norm(hidden, residual)
         hidden = self.self_attn(hidden, rope, attention)
         if self.attention_output_norm is not None:

@@ -45,14 +45,15 @@ class DenseLinear(torch.nn.Module):
 
 
 def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torch.nn.Module, str]]:
-    """A decoder layer's norms and their checkpoint names, which mean different roles in Gemma's layer."""
+    """A decoder layer's norms and their checkpoint names, which mean different roles in Gemma's and OLMo 2's
+    layers (OLMo 2's has no input norms)."""
     attention = layer.self_attn
     head_norms = [(attention.q_norm, "self_attn.q_norm"), (attention.k_norm, "self_attn.k_norm")] \
         if config.qk_norm else []
     if config.sandwich_norms:
-        return [(layer.attention_norm, "input_layernorm"), (layer.attention_output_norm, "post_attention_layernorm"),
-                (layer.mlp_norm, "pre_feedforward_layernorm"), (layer.mlp_output_norm, "post_feedforward_layernorm"),
-                *head_norms]
+        norms = [(layer.attention_norm, "input_layernorm"), (layer.attention_output_norm, "post_attention_layernorm"),
+                 (layer.mlp_norm, "pre_feedforward_layernorm"), (layer.mlp_output_norm, "post_feedforward_layernorm")]
+        return [(module, name) for module, name in norms if module is not None] + head_norms
     return [(layer.attention_norm, "input_layernorm"), (layer.mlp_norm, "post_attention_layernorm"), *head_norms]
 
 
@@ -88,7 +89,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     def norm_weight(name: str) -> torch.Tensor:
         """A norm's scale: Gemma stores it as w - 1 (its norm multiplies by 1 + w, in fp32)."""
         weight = reader.tensor(name).float()
-        return (weight + 1 if config.sandwich_norms else weight).to(device=device, dtype=dtype)
+        return (weight + config.norm_offset).to(device=device, dtype=dtype)
 
     with torch.no_grad():
         model.norm.weight.copy_(norm_weight("model.norm.weight"))
