@@ -1,6 +1,7 @@
 """Sliding-window attention (window W > 0: the query at position i sees the positions j with
-i - W < j <= i) in every attention path, against a dense reference: each sequence's K/V gathered
-from the cache, the explicit mask, torch.softmax, in float64.
+i - W < j <= i) and Gemma 2's soft-capped scores (C > 0: each score s becomes C tanh(s / C) before the
+softmax) in every attention path, against a dense reference: each sequence's K/V gathered from the
+cache, the explicit mask, torch.softmax, in float64.
 
 Tolerances: fp32 arithmetic over fp32, fp16 or int8 caches (the reference takes the same cache
 values, dequantized exactly) sums a few hundred products in another order: 1e-5, as the existing
@@ -57,7 +58,7 @@ def _values(cache: torch.Tensor) -> torch.Tensor:
     return cache.double().flatten(0, 1)
 
 
-def dense_attention(q, k_cache, v_cache, context, block_size, scale, window):
+def dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap=0.0):
     """Attention of every new token over its sequence's gathered K/V, masked explicitly; padding sequences
     (context length 0) zeros."""
     k_rows, v_rows = _values(k_cache), _values(v_cache)
@@ -74,6 +75,8 @@ def dense_attention(q, k_cache, v_cache, context, block_size, scale, window):
         positions = torch.arange(length - (end - begin), length).unsqueeze(1)
         seen = (keys <= positions) & ((keys > positions - window) if window else True)
         scores = torch.einsum("qhd,khd->hqk", q[begin:end].double(), k) * scale
+        if softcap:
+            scores = softcap * torch.tanh(scores / softcap)
         out[begin:end] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
     return out
 
@@ -87,7 +90,7 @@ def _zero_padding(out: torch.Tensor, context) -> torch.Tensor:
 
 
 def _check_paged_attention(monkeypatch, c_ops, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
-                           block_size=BLOCK, products=torch.float32, tolerance=1e-5):
+                           block_size=BLOCK, products=torch.float32, tolerance=1e-5, softcap=0.0):
     """PagedAttention.attend with fp32 queries, through the C kernels or the torch path, against the reference."""
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops)
     k_cache, v_cache, context = _paged_caches(new, cached, kv_heads, head_dim, cache_dtype, block_size)
@@ -96,8 +99,11 @@ def _check_paged_attention(monkeypatch, c_ops, new, cached, heads, kv_heads, hea
     paged = PagedAttention(context, block_size, torch.device("cpu"), torch.float32, cache_dtype)
     assert paged.use_cpu_ops == c_ops
     with cpu_products(products):
-        out = paged.attend(q, k_cache, v_cache, scale, window=window)
-    expected = dense_attention(q, k_cache, v_cache, context, block_size, scale, window).float()
+        out = paged.attend(q, k_cache, v_cache, scale, window=window, softcap=softcap)
+    expected = dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap).float()
+    if softcap:  # the cap bends these scores (std about 1) enough that the uncapped product is far off
+        uncapped = dense_attention(q, k_cache, v_cache, context, block_size, scale, window).float()
+        assert (_zero_padding(uncapped, context) - expected).abs().max() > 100 * tolerance
     torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
 
 
@@ -148,6 +154,36 @@ def test_triton_window_matches_dense_reference(new, cached, head_dim, dtype, win
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, scale, window).to(dtype)
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+SOFTCAP_CASES = pytest.mark.parametrize("new, cached", [
+    ([1, 1, 1], [0, 6, 36]), ([1] * 9, [0, 3, 16, 17, 31, 2, 5, 40, -1]), ([1, 1], [299, 700]),  # decode forms
+    ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0])])  # prefill
+
+
+@pytest.mark.parametrize("path", ["torch", "c"] if cpu_ops.usable() else ["torch"])
+@pytest.mark.parametrize("window", [0, 6])
+@SOFTCAP_CASES
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+def test_softcapped_scores_match_dense_reference(monkeypatch, path, new, cached, cache_dtype, window):
+    """Gemma 2's cap (0.7 here, so that it bends scores of std about 1) in the torch path (the product
+    written out, SDPA has no cap) and the C kernels (decode, prefill tiles, decode in parts), with and
+    without a window, 9 query heads on 3 kv heads."""
+    if path == "torch" and cache_dtype == torch.int8:
+        pytest.skip("an int8 cache needs the C attention")
+    _check_paged_attention(monkeypatch, path == "c", new, cached, 9, 3, 64, cache_dtype, window, softcap=0.7)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+@SOFTCAP_CASES
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_softcapped_scores_match_dense_reference(new, cached, dtype, window):
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
+    q = torch.randn(sum(new), 4, 64, dtype=dtype)
+    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window, softcap=0.7)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window, softcap=0.7).to(dtype)
+    torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
 
 
 def _poisoned(cache: torch.Tensor, context, block_size: int, bound) -> torch.Tensor:
@@ -210,7 +246,7 @@ def test_triton_reads_from_the_window_tile(new, cached, window):
 
 
 def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context, scale: float,
-                      window: int) -> torch.Tensor:
+                      window: int, softcap: float = 0.0) -> torch.Tensor:
     """The step's Triton attention, compiled on a GPU where there is one (`make test-gpu` runs these
     tests there), else interpreted; the output on the CPU."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention
@@ -221,7 +257,7 @@ def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                         ("slot_mapping", "query_start", "context_lens", "block_tables")})
     if c.is_prefill:
         out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
-                                scale, window)
+                                scale, window, softcap)
     else:
-        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap)
     return out.cpu()

@@ -66,6 +66,12 @@ static inline float sum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
+/* Soft-capped scores (Gemma 2): each s becomes cap * tanh(s / cap), before the softmax and its masks. */
+static void cap_scores(float *scores, int count, float cap) {
+    const float inverse = 1.0f / cap;
+    for (int t = 0; t < count; t++) scores[t] = cap * tanhf(scores[t] * inverse);
+}
+
 /* scores[g][t] = scale * (query g . key row t) for G query heads (queries head_dim apart, scores
  * score_stride apart) and `count` cache rows from element `first` (row stride `stride`; int8 rows
  * times their scales; `readable` rows lie there, count or more): 8 rows at a time, each row's
@@ -215,7 +221,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
                                                              const int32_t *next_table, int next_length,
                                                              float *outputs, float *stats, int task_heads,
                                                              int first_kv, int group, int64_t row, int head_dim,
-                                                             int block_size, float scale) {
+                                                             int block_size, float scale, float softcap) {
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
@@ -263,6 +269,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     }
     for (int h = 0; h < task_heads; h++) {
         float *p = scores + (int64_t)h * span, top = -INFINITY, total = 0.0f;
+        if (softcap > 0.0f) cap_scores(p, span, softcap);
         __m256 tops = _mm256_set1_ps(-INFINITY);
         int t = 0;
         for (; t + 8 <= span; t += 8) tops = _mm256_max_ps(tops, _mm256_loadu_ps(p + t));
@@ -322,7 +329,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
                          const int32_t *table, int skip, int length, const int32_t *next_table,                 \
                          int next_length, float *outputs, float *stats, int task_heads, int first_kv, int group, \
-                         int64_t row, int head_dim, int block_size, float scale) {                              \
+                         int64_t row, int head_dim, int block_size, float scale, float softcap) {               \
         const int pass = PASS;                                                                                  \
         int status = 0;                                                                                         \
         LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
@@ -331,7 +338,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
 #define ATTEND(FORM)                                                                                            \
     status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, skip, length,  \
                          next_table, next_length, outputs, stats, task_heads, first_kv, group, row, head_dim,     \
-                         block_size, scale)
+                         block_size, scale, softcap)
 ATTEND_FORMS(, attend_narrow, 1)
 ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
 #undef ATTEND
@@ -342,10 +349,11 @@ static int wide_attention; /* lcq_use_wide_attention */
 /* attend_task in the form this CPU and the caller chose (lcq_use_wide_attention). */
 static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
                   int skip, int length, const int32_t *next_table, int next_length, float *outputs, float *stats,
-                  int task_heads, int first_kv, int group, int64_t row, int head_dim, int block_size, float scale) {
+                  int task_heads, int first_kv, int group, int64_t row, int head_dim, int block_size, float scale,
+                  float softcap) {
     return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, skip, length,
                                                           next_table, next_length, outputs, stats, task_heads,
-                                                          first_kv, group, row, head_dim, block_size, scale);
+                                                          first_kv, group, row, head_dim, block_size, scale, softcap);
 }
 
 /* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
@@ -426,7 +434,7 @@ static decode_task task_of(const decode_plan *p, int task) {
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, or with a sliding
  * window (window > 0) the last `window` of them, read through the block table from caches (blocks,
  * block_size, kv_heads, head row) of the given form (cpu_cache.h); the tokens before the window are
- * not read.
+ * not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them.
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
@@ -434,7 +442,8 @@ static decode_task task_of(const decode_plan *p, int task) {
  * Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
-                         int heads, int kv_heads, int head_dim, int block_size, float scale, int window) {
+                         int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
+                         int window) {
     const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
     decode_plan plan = {whole_rows, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size,
@@ -463,7 +472,7 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
         float *outputs = t.many ? parts + task * part_floats : out + ((int64_t)t.seq * heads + first_head) * head_dim;
         if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.skip,
                    t.length, ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
-                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale))
+                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale, softcap))
             failed = 1;
     }
     for (int s = 0; s < seqs && parted && !failed; s++) {
@@ -612,7 +621,7 @@ LCQ_BF16 static void pair_tile_product(const uint32_t *a, int64_t lda, const uin
  * (window > 0) none before its window; its scores become weights exp(score - top), and its outputs
  * and total are rescaled to the new top. */
 static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count, int window,
-                          int padded_dim) {
+                          float softcap, int padded_dim) {
     for (int r = 0; r < rows; r++) {
         const int position = first_position + r / group;
         const int visible = position - first_key + 1 < count ? position - first_key + 1 : count;
@@ -622,6 +631,7 @@ static void softmax_chunk(Tile *tile, int rows, int group, int first_position, i
             for (int t = 0; t < KEYS; t++) s[t] = 0.0f;
             continue;
         }
+        if (softcap > 0.0f) cap_scores(s + hidden, visible - hidden, softcap);
         for (int t = 0; t < hidden; t++) s[t] = -INFINITY;
         for (int t = visible; t < KEYS; t++) s[t] = -INFINITY;
         __m256 values[KEYS / 8], largest = _mm256_set1_ps(-INFINITY), sums = _mm256_setzero_ps();
@@ -668,7 +678,7 @@ typedef struct {
     int cache_form;
     const int32_t *block_tables, *context_lens, *query_start;
     int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
-    float scale, *out;
+    float scale, softcap, *out; /* softcap: 0, or the scores' cap (cap_scores) */
     int window; /* a sliding window's positions, or 0 */
     int64_t row, chunk_floats; /* elements per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
     int64_t *chunk_base, *task_base;
@@ -713,7 +723,7 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
                               KEYS, 0);
         else
             tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, KEYS / 16, tile->scores, KEYS, 0);
-        softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->padded_dim);
+        softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim);
         if (pairs) {
             for (int r = 0; r < rows; r++) lcq_round_pairs(tile->scores + r * KEYS, KEYS, tile->weights + r * KEYS / 2);
             pair_tile_product(tile->weights, KEYS / 2, (const uint32_t *)kt + (int64_t)depth * KEYS, p->padded_dim,
@@ -780,7 +790,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
                            p->block_tables + (int64_t)s * p->max_blocks + begin / p->block_size, begin - skipped,
                            length - skipped, NULL, 0,
                            p->out + (int64_t)start * p->heads * p->head_dim, NULL, p->heads, 0, p->group, p->row,
-                           p->head_dim, p->block_size, p->scale))
+                           p->head_dim, p->block_size, p->scale, p->softcap))
                     failed = 1;
                 continue;
             }
@@ -799,7 +809,8 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
  * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
- * last `window` of those. q: (tokens, heads, head_dim) with q_stride floats between tokens; out:
+ * last `window` of those; softcap > 0 caps the scores (cap_scores). q: (tokens, heads, head_dim) with
+ * q_stride floats between tokens; out:
  * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new
  * token sees are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run
  * over them from the chunk where their first row's window begins;
@@ -811,13 +822,13 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
-                          int block_size, float scale, int window, int64_t stage_limit) {
+                          int block_size, float scale, float softcap, int window, int64_t stage_limit) {
     const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
     const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
-                 positions_per_tile * group, scale, out, window,
+                 positions_per_tile * group, scale, softcap, out, window,
                  (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
                  malloc(sizeof(int64_t) * (seqs + 1)), pairs};

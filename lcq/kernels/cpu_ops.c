@@ -21,7 +21,7 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
 int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y);       /* cpu_index.c */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
-                         int heads, int kv_heads, int head_dim, int block_size, float scale,
+                         int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
                          int window); /* cpu_attention.c */
 
 /* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
@@ -422,13 +422,14 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
  * hidden) holds the embeddings (scaled, for Gemma) and receives the residual stream after the last
  * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
  * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
- * Row r is at positions[r], below the rotary tables' table_positions rows. work holds
+ * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
+ * scores (Gemma 2). work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
  * failed allocation, or -2 on a position outside the rotary tables. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, int activation, int cache_form, float *work) {
+                      int block_size, float scale, float softcap, int activation, int cache_form, float *work) {
     for (int r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_positions) return -2;
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
@@ -451,7 +452,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
                      head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
-                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, (int)(intptr_t)p[WINDOW]))
+                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, softcap,
+                                 (int)(intptr_t)p[WINDOW]))
             return -1;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */

@@ -118,9 +118,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (caches of
-    cache_shape), or with window > 0 over the last `window` of them (only those are read) -> same shape."""
+    cache_shape), or with window > 0 over the last `window` of them (only those are read) -> same shape.
+    softcap > 0: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
@@ -132,7 +133,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
-        k_cache.shape[1], scale, window)
+        k_cache.shape[1], scale, softcap, window)
     if status != 0:
         raise MemoryError("decode_attention could not allocate its score buffers")
     return out
@@ -172,11 +173,12 @@ STAGE_LIMIT_FLOATS = 16 << 20
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
-                      stage_limit_floats: int = STAGE_LIMIT_FLOATS, window: int = 0) -> torch.Tensor:
+                      stage_limit_floats: int = STAGE_LIMIT_FLOATS, window: int = 0, softcap: float = 0.0
+                      ) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
     cached tokens up to its own position (their K/V already written), or with window > 0 over the last
-    `window` of those -> same shape. Sequences are staged and attended in groups of at most
-    stage_limit_floats staged values (or one sequence)."""
+    `window` of those -> same shape; softcap as decode_attention's. Sequences are staged and attended
+    in groups of at most stage_limit_floats staged values (or one sequence)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     tables, lengths, starts = (t.contiguous() for t in (block_tables, context_lens, query_start))
@@ -187,7 +189,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     status = library().lcq_prefill_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
-        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, window, stage_limit_floats)
+        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, softcap, window, stage_limit_floats)
     if status == -2:
         raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
     if status != 0:
@@ -210,10 +212,10 @@ def library() -> ctypes.CDLL | None:
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
-        "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, i32],
-        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, i32, i64],
-        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, i32, i32,
-                              p],
+        "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32],
+        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64],
+        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, i32,
+                              i32, p],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -12,7 +12,8 @@ block table (so any block size works), with an online softmax in fp32:
 With a sliding window of W (WINDOW > 0, a constant: Gemma 3's layers use one W or none) a query at
 position i sees only the tokens i - W + 1 .. i: the loops start at the tile holding the first token
 that a program's first query sees, and the tile where a window begins is masked; WINDOW 0 compiles
-the full-attention kernels.
+the full-attention kernels. SOFTCAP > 0 (Gemma 2, a constant) caps every score to
+SOFTCAP * tanh(score / SOFTCAP) before the masks and the softmax; 0 compiles no cap.
 Loop bounds come from context_lens in memory, never from the host, and store_kv skips slot -1
 without a host check, so a decode step can be captured in a CUDA graph (batches padded with
 slot -1 and context length 0, whose output rows are zeros).
@@ -60,6 +61,15 @@ def _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def _capped(scores, SOFTCAP: tl.constexpr):
+    """scores, or with SOFTCAP > 0 SOFTCAP * tanh(scores / SOFTCAP), tanh written with exp (Triton 3.6
+    has no tanh of its own): 1 - 2 / (exp(2x) + 1) is exact at both ends (exp overflows to inf: 1)."""
+    if SOFTCAP > 0:
+        scores = SOFTCAP * (1.0 - 2.0 / (tl.exp(scores * (2.0 / SOFTCAP)) + 1.0))
+    return scores
+
+
+@triton.jit
 def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr):
     """Fold one tile of scores (rows, BLOCK_N; masked entries -inf) and its values into the running
     max m_i, normaliser l_i and output acc. EMPTY_ROWS: a row may have seen no key yet (its window
@@ -79,7 +89,8 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPT
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+                   SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_ROWS)
@@ -106,7 +117,7 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
         kv_mask = t_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, False)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
@@ -118,7 +129,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
 def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
+                    SOFTCAP: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -149,7 +161,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
             kv_mask = t_mask[:, None] & d_mask[None, :]
             k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
             visible = t_mask[None, :] & (t[None, :] <= positions[:, None])
             if WINDOW > 0:
                 visible = visible & (t[None, :] > positions[:, None] - WINDOW)
@@ -172,9 +184,9 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int = 0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d); window > 0:
-    over the last `window` cached tokens only."""
+    over the last `window` cached tokens only; softcap > 0: scores capped (Gemma 2)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
@@ -184,16 +196,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, out, block_tables, context_lens, scale, *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype), WINDOW=window)
+        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap))
     return out
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int,
-                      scale: float, window: int = 0) -> torch.Tensor:
+                      scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
     """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
     in the cache after their sequence's prefix -> (T, heads, d); window > 0: each over the last
-    `window` positions up to its own."""
+    `window` positions up to its own; softcap > 0: scores capped (Gemma 2)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
@@ -203,5 +215,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q, k_cache, v_cache, out, block_tables, context_lens, query_start, scale,
         *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window)
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap))
     return out

@@ -13,6 +13,8 @@ batching all sequences of a decode step together.
 attend(..., window=W) with W > 0 is sliding-window attention (Gemma 3's local layers): the token at
 position i sees the positions i - W + 1 .. i, and every path reads only those cache rows (the
 kernels from the block or key tile where it begins); window 0 is full causal attention.
+attend(..., softcap=C) with C > 0 caps every score to C * tanh(score / C) before the softmax (Gemma 2);
+torch's fused kernels have no such step, so the torch path then writes the product out.
 """
 from __future__ import annotations
 
@@ -29,6 +31,23 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 _HALF_MAX = torch.finfo(torch.float16).max
+
+
+def _product(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
+             causal: bool, softcap: float) -> torch.Tensor:
+    """F.scaled_dot_product_attention of 4-D q (B, heads, L, d) over keys and values (B, kv_heads, S, d), or
+    with softcap > 0 the same written out with the cap between the scores and the softmax."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal,
+                                              enable_gqa=keys.shape[1] != q.shape[1])
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.tanh(q @ keys.transpose(-1, -2) * (scale / softcap)) * softcap
+    if causal:  # SDPA's is_causal: query i sees keys 0 .. i
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores.float(), -1).to(q.dtype) @ values
 
 
 def _cache_values(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
@@ -112,21 +131,22 @@ class PagedAttention:
         v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = _cache_values(v, v_cache.dtype)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-               window: int = 0) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
-        each token sees only the last `window` positions up to its own."""
+        each token sees only the last `window` positions up to its own; softcap > 0: scores capped."""
         c = self.context
         if self.use_triton:
             from lcq.kernels.paged_attention import decode_attention, prefill_attention
             if not c.is_prefill:
-                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap)
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                     c.max_query_len, scale, window)
+                                     c.max_query_len, scale, window, softcap)
         if self.use_cpu_ops:
             if c.is_prefill:
                 return cpu_ops.prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                                 scale, window=window)
-            return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window)
+                                                 scale, window=window, softcap=softcap)
+            return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window,
+                                            softcap)
         if window >= c.max_context_len:  # a window past every context hides nothing
             window = 0
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
@@ -134,9 +154,7 @@ class PagedAttention:
             slots, mask = self._reads(window)
             keys = k_rows[slots].transpose(1, 2).to(q.dtype)
             values = v_rows[slots].transpose(1, 2).to(q.dtype)
-            out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
-                                                 enable_gqa=True)
-            return out.squeeze(2)
+            return _product(q.unsqueeze(2), keys, values, mask, scale, False, softcap).squeeze(2)
         out = torch.empty_like(q)
         group = q.shape[1] // k_cache.shape[2]
         for i, (begin, end, first, length, mask) in enumerate(self._reads(window)):
@@ -145,7 +163,6 @@ class PagedAttention:
             # kernel; enable_gqa took the unfused one (3x slower at 256 tokens of SmolLM2 on a CPU)
             keys, values = (rows[slots].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0).to(q.dtype)
                             for rows in (k_rows, v_rows))
-            out[begin:end] = F.scaled_dot_product_attention(
-                q[begin:end].transpose(0, 1).unsqueeze(0), keys, values, attn_mask=mask, scale=scale,
-                is_causal=mask is None and end - begin > 1)[0].transpose(0, 1)
+            out[begin:end] = _product(q[begin:end].transpose(0, 1).unsqueeze(0), keys, values, mask, scale,
+                                      mask is None and end - begin > 1, softcap)[0].transpose(0, 1)
         return out
