@@ -49,9 +49,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
-        MistralForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        SmolLM3Config, SmolLM3ForCausalLM, GraniteConfig, GraniteForCausalLM, Olmo2Config, Olmo2ForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, \
+        GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, \
+        Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
+        SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,6 +72,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      layer_types=["sliding_attention", "full_attention"],
                      rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
                                       "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0}})
+    if arch == "gemma2":  # Gemma 3's layer without q/k norms, its caps low enough to bend this tiny model's scores
+        sizes.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=256, tie_word_embeddings=True,
+                     attn_logit_softcapping=1.5, final_logit_softcapping=3.0)
     if arch == "granite":  # Granite 3's four factors, of the sizes granite-3.3-8b uses, tied as it is
         sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                      logits_scaling=16.0, tie_word_embeddings=True)
@@ -81,6 +85,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "llama": (LlamaConfig, LlamaForCausalLM), "llama3": (LlamaConfig, LlamaForCausalLM),
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+        "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights
@@ -97,7 +102,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
             elif name.endswith(("q_norm.weight", "k_norm.weight")) or (arch == "olmo2" and name.endswith("norm.weight")):
                 # qwen3's head norms and OLMo 2's norms start at one
                 param.uniform_(0.5, 1.5)
-            elif arch == "gemma3" and name.endswith("norm.weight"):  # gemma's norms store w - 1, starting at 0
+            elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
     return folder

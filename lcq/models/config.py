@@ -12,8 +12,8 @@ from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
-                           "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2"}
-GEMMA = ("gemma3_text",)  # model types with Gemma's layer: norms around attention and MLP, weights stored as w - 1
+                           "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2"}
+GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 # OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections.
 OLMO2 = dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False)
 
@@ -34,7 +34,7 @@ class ModelConfig:
     qkv_bias: bool
     qk_norm: bool  # Qwen3, Gemma 3: RMSNorm on each query and key head before the rotary embedding
     rope: dict
-    # Gemma 3 (the defaults are every other family's):
+    # Gemma 2 and 3 (the defaults are every other family's):
     layer_windows: list[int] = field(default_factory=list)  # per layer: sliding window in tokens, 0: full
     rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
@@ -46,6 +46,7 @@ class ModelConfig:
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    attention_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap) before the softmax; 0: none
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -76,7 +77,7 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", *GEMMA), rope=gemma.pop("rope", rope), **gemma,
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", "gemma3_text"), rope=gemma.pop("rope", rope), **gemma,
             **(OLMO2 if c["model_type"] == "olmo2" else {}),
         )
 
@@ -88,11 +89,17 @@ class ModelConfig:
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
-    """Gemma 3's differences from a Llama layer, from either config style: transformers 5 (layer_types,
-    rope_parameters per layer type) or the first one on the Hub (sliding_window_pattern, rope_theta and
-    rope_local_base_freq, rope_scaling for the full layers)."""
-    if c.get("use_bidirectional_attention") or c.get("attn_logit_softcapping"):
-        raise UserError(f"{folder}: bidirectional attention and attention logit soft-capping are not supported")
+    """Gemma 2's and 3's differences from a Llama layer. Gemma 3's rotary settings from either config
+    style: transformers 5 (layer_types, rope_parameters per layer type) or the first one on the Hub
+    (sliding_window_pattern, rope_theta and rope_local_base_freq, rope_scaling for the full layers);
+    Gemma 2's layers all share one, and cap their attention scores and logits."""
+    if c.get("use_bidirectional_attention"):
+        raise UserError(f"{folder}: bidirectional attention is not supported")
+    shared = dict(embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh", sandwich_norms=True, norm_offset=1.0,
+                  query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
+                  logit_softcap=c.get("final_logit_softcapping"))
+    if c["model_type"] == "gemma2":
+        return dict(shared, attention_softcap=float(c.get("attn_logit_softcapping") or 0.0))
     params = c.get("rope_parameters") or {}
     full = dict(params.get("full_attention") or c.get("rope_scaling") or {})
     full.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
@@ -103,18 +110,18 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
     for settings in (rope, rope_local):
         if settings["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {settings['rope_type']!r} is not supported")
-    return dict(rope=rope, rope_local=rope_local, embed_scale=c["hidden_size"] ** 0.5, activation="gelu_tanh",
-                sandwich_norms=True, norm_offset=1.0, query_scale=c.get("query_pre_attn_scalar", 256) ** -0.5,
-                logit_softcap=c.get("final_logit_softcapping"))
+    return dict(shared, rope=rope, rope_local=rope_local)
 
 
 def _layer_windows(c: dict) -> list[int]:
-    """Each layer's sliding window (0: full attention), as transformers reads the config: Gemma 3's
-    layer_types (or every sliding_window_pattern-th layer full), all of Mistral's layers, and Qwen2/3's
-    layers from max_window_layers on where use_sliding_window is set."""
+    """Each layer's sliding window (0: full attention), as transformers reads the config: Gemma's
+    layer_types (or every sliding_window_pattern-th layer full: Gemma 3's every 6th, Gemma 2's every
+    2nd), all of Mistral's layers, and Qwen2/3's layers from max_window_layers on where use_sliding_window
+    is set."""
     count, kind = c["num_hidden_layers"], c["model_type"]
     if kind in GEMMA:
-        window, pattern = c.get("sliding_window") or 4096, c.get("sliding_window_pattern", 6)
+        window = c.get("sliding_window") or 4096
+        pattern = c.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
     elif kind == "mistral":
         return [c.get("sliding_window") or 0] * count

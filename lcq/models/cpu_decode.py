@@ -5,8 +5,8 @@ CPU decode step, and the rest was Python calling a dozen operations per layer. T
 (lcq_decode_layers in lcq/kernels/cpu_ops.c) runs the same kernels in the same order as the
 Python layers on this path (fp16 weight copies, the C norms, rotary, activations, cache writes and
 attention), so both give the same numbers; the Python layers remain the path for prefill, GPUs and any
-model this one cannot take. Gemma 3's differences are entries of the layer table (norms of the
-attention and MLP outputs, each layer's rotary table) and one switch (GeGLU).
+model this one cannot take. Gemma's differences are entries of the layer table (norms of the
+attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class CpuDecoder:
         c = model.config
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
-        self.block_size, self.scale = attention.k_cache.shape[1], attention.scale
+        self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
         self.activation, self.table_positions = cpu_ops.ACTIVATIONS.index(c.activation), model.rotary.cos.shape[0]
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
@@ -86,7 +86,8 @@ class CpuDecoder:
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-            lengths.data_ptr(), self.block_size, self.scale, self.activation, self.cache_form, work.data_ptr())
+            lengths.data_ptr(), self.block_size, self.scale, self.softcap, self.activation, self.cache_form,
+            work.data_ptr())
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")
         if status != 0:

@@ -1,10 +1,11 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, OLMo 2, Gemma 3) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, OLMo 2, Gemma 2/3) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
 fused LCQ matrices (qkv and gate/up each one matrix) or dense ones, behind the same call.
 Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP outputs normalised too,
-GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base. SmolLM3's
+GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base; Gemma 2 is
+the same without q/k norms and with its attention scores soft-capped (PagedAttention.attend). SmolLM3's
 NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only the attention and MLP
 outputs, and its q/k norms span the whole projections.
 """
@@ -52,7 +53,7 @@ class Attention(torch.nn.Module):
         self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.scale = config.query_scale or self.head_dim ** -0.5
-        self.window = window
+        self.window, self.softcap = window, config.attention_softcap
         self.k_cache = self.v_cache = torch.empty(0)
         self.prefix = prefix
 
@@ -66,7 +67,7 @@ class Attention(torch.nn.Module):
             head_norm_(qkv[:, q_width:], k_heads, k_size, self.k_norm.weight, self.k_norm.eps)
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
         attention.write(k, v, self.k_cache, self.v_cache)
-        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window)
+        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
 

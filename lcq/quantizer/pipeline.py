@@ -53,17 +53,18 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3_text": "Gemma3",
-                "smollm3": "SmolLM3", "olmo2": "Olmo2"}
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
+                "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
-OFFSET_NORMS = ("gemma3_text",)  # norms that multiply by 1 + w
+OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
 # output before it is added, so it reads nothing of the stream).
-RESIDUAL_READERS = {"gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
+RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
+                    "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
                     "olmo2": ()}  # OLMo 2's projections read the stream itself; only the final norm weighs it
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
-SCALED_EMBEDDINGS = ("gemma3_text",)  # token embeddings multiplied by sqrt(hidden_size)
+SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size)
 
 
 @dataclass
@@ -250,7 +251,6 @@ class _Source:
         import importlib
 
         self.config = hf_config(model_dir)
-        self.config._attn_implementation = "sdpa"
         self.reader = CheckpointReader(model_dir)
         if self.reader.quant is not None:
             raise UserError(f"{model_dir} is already quantized; quantize a full-precision folder")
@@ -277,19 +277,24 @@ class _Source:
     def block_inputs(self, index: int) -> Callable[[torch.Tensor], dict]:
         """inputs(hidden) of block_call for block `index`: its rotary cos and sin (Gemma's sliding-window
         layers have their own), and for a sliding-window layer whose windows are shorter than the
-        calibration text, its mask (transformers' blocks read none: full causal attention otherwise)."""
+        calibration text, its mask (transformers' blocks read none: SDPA's full causal attention
+        otherwise). Eager attention (hf_config) infers nothing, so there every block gets its mask,
+        added to the scores (0 or -inf)."""
         kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
         per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None
+        eager = self.config._attn_implementation == "eager"
 
         def inputs(hidden: torch.Tensor) -> dict:
             length = hidden.shape[1]
             positions = torch.arange(length, device=hidden.device).unsqueeze(0)
             rope = self.rotary_module(hidden, positions, kind) if per_kind else self.rotary_module(hidden, positions)
-            if not window or length <= window:
+            if not eager and (not window or length <= window):
                 return {"position_embeddings": rope}
             offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
-            return {"position_embeddings": rope, "attention_mask": ((offsets >= 0) & (offsets < window))[None, None]}
+            seen = ((offsets >= 0) & (offsets < (window or length)))[None, None]
+            mask = seen if not eager else torch.zeros(seen.shape, device=hidden.device).masked_fill(~seen, -torch.inf)
+            return {"position_embeddings": rope, "attention_mask": mask}
 
         return inputs
 

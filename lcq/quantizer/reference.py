@@ -14,7 +14,7 @@ from lcq.errors import UserError
 from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize,
                         stored_tensor_names, view_config)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "smollm3", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo2")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -40,14 +40,18 @@ def read_config(model_dir: str | Path) -> dict:
 
 
 def hf_config(model_dir: str | Path):
-    """A transformers config without our quantization block (transformers does not know 'lcq')."""
+    """A transformers config without our quantization block (transformers does not know 'lcq'), set to
+    torch's fused attention, or to transformers' eager attention where the scores are soft-capped (Gemma
+    2: SDPA has no such step)."""
     from transformers import AutoConfig
 
     config = read_config(model_dir)
     config.pop("quantization_config", None)
     config.pop("transformers_version", None)
     model_type = config.pop("model_type")
-    return AutoConfig.for_model(model_type, **config)
+    config = AutoConfig.for_model(model_type, **config)
+    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    return config
 
 
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
@@ -55,7 +59,6 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM
 
     config = hf_config(model_dir)
-    config._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     reader = CheckpointReader(model_dir)
     state: dict[str, torch.Tensor] = {}
