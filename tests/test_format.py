@@ -159,3 +159,32 @@ def test_view_config_of_a_multimodal_wrapper():
     assert view_config({**mistral, "tie_word_embeddings": True})["tie_word_embeddings"]
     plain = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "text_config": {"model_type": "x"}}
     assert view_config(plain) is plain
+
+
+def test_view_config_of_qwen_vision_language_models():
+    """The Hub's Qwen2.5-VL-7B config.json (text settings at the top level, rotary settings of type mrope)
+    reads as Qwen2 with ordinary RoPE at the same base; Qwen3-VL's text_config as Qwen3; another rotary
+    type is refused by name."""
+    from lcq.format import ViewError, view_config
+
+    qwen25 = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "hidden_size": 3584, "intermediate_size": 18944, "max_position_embeddings": 128000,
+              "max_window_layers": 28, "num_attention_heads": 28, "num_hidden_layers": 28, "num_key_value_heads": 4,
+              "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False,
+              "torch_dtype": "bfloat16", "use_sliding_window": False, "vocab_size": 152064, "image_token_id": 151655,
+              "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+              "vision_config": {"depth": 32, "hidden_size": 1280, "out_hidden_size": 3584}}
+    text = view_config(qwen25)
+    assert text["architectures"] == ["Qwen2ForCausalLM"] and text["model_type"] == "qwen2"
+    assert (text["hidden_size"], text["num_key_value_heads"], text["vocab_size"]) == (3584, 4, 152064)
+    assert text["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6} and "rope_scaling" not in text
+    assert not text["tie_word_embeddings"] and not text["use_sliding_window"] and "vision_config" not in text
+    qwen3 = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+             "tie_word_embeddings": True, "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 2048, "head_dim": 128,
+                             "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
+                                              "rope_type": "default", "rope_theta": 5000000}}}
+    text = view_config(qwen3)
+    assert text["architectures"] == ["Qwen3ForCausalLM"] and text["model_type"] == "qwen3"
+    assert text["rope_parameters"] == {"rope_type": "default", "rope_theta": 5000000} and text["tie_word_embeddings"]
+    with pytest.raises(ViewError, match="rope type 'yarn'"):
+        view_config({**qwen25, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})

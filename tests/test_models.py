@@ -110,12 +110,14 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
     _check_against(load_reference_model(folder), model, PROMPTS)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("layout", ["full", "sparse"])
 def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
-    """Gemma 3 4B-style, LLaVA and Mistral Small 3.1-style folders: our model of the wrapper folder is the text model it holds
-    (config completed from transformers' defaults where text_config leaves them out, tensors under
-    either prefix, the vision tower never read), against the wrapper's own transformers model."""
+    """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL and Qwen3-VL folders: our model of the
+    wrapper folder is the text model it holds (config completed from transformers' defaults where
+    text_config leaves them out or, Qwen2.5-VL's Hub form, has none; tensors under either prefix; the
+    vision tower never read), against the wrapper's own transformers model, whose multimodal rotary
+    positions for text are every component the token's position."""
     import transformers
 
     from lcq.format import CheckpointReader

@@ -154,10 +154,13 @@ def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(t
     assert not torch.allclose(squares("model.layers.1.post_attention_layernorm.weight"), squares(readers[0]))
 
 
-def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path):
-    """A Gemma 3 4B-style folder (sparse text_config, tensors under model.language_model.*) quantizes
-    to exactly what its text model alone does: the same tensors, a text-only config and no vision tower."""
-    wrapped = make_tiny_multimodal(tmp_path, "gemma3", "sparse")
+@pytest.mark.parametrize("arch, read_as", [("gemma3", "Gemma3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM")])
+def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, read_as):
+    """A Gemma 3 4B-style folder (sparse text_config, tensors under model.language_model.*) and a
+    Qwen2.5-VL one (the Hub's form: text settings at the top level, the vision tower under visual.*)
+    quantize to exactly what their text model alone does: the same tensors, a text-only config and no
+    vision tower."""
+    wrapped = make_tiny_multimodal(tmp_path, arch, "sparse")
     options = QuantizeOptions(bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
     for source, out in ((wrapped, tmp_path / "from-wrapped"), (wrapped.parent / "text", tmp_path / "from-text")):
@@ -167,7 +170,7 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path):
     for name in alone.names():
         assert torch.equal(ours.tensor(name), alone.tensor(name)), name
     config = json.loads((tmp_path / "from-wrapped" / "config.json").read_text())
-    assert config["architectures"] == ["Gemma3ForCausalLM"] and "text_config" not in config
+    assert config["architectures"] == [read_as] and "text_config" not in config and "vision_config" not in config
     assert config["quantization_config"] == alone.config["quantization_config"]
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 

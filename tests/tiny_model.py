@@ -117,7 +117,16 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
                num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32), {}),
            "mistral": ("Mistral3Config", "Mistral3ForConditionalGeneration", dict(
                model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-               image_size=28, patch_size=14, head_dim=16), dict(spatial_merge_size=2))}
+               image_size=28, patch_size=14, head_dim=16), dict(spatial_merge_size=2)),
+           "qwen2": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", dict(
+               depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
+               fullatt_block_indexes=[0]), {}),
+           "qwen3": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
+               depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
+               deepstack_visual_indexes=[0]), {})}
+# Qwen VL text models: the multimodal rotary embedding's frequency sections (time, height, width), summing to
+# head_dim / 2 of make_tiny_hf's Qwen2 (24) and Qwen3 (32).
+MROPE_SECTIONS = {"qwen2": [4, 4, 4], "qwen3": [4, 6, 6]}
 
 
 def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str = "full") -> Path:
@@ -126,8 +135,9 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
     what differs from the defaults, as in the Hub's Gemma 3 files, and tensors sit under
     model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them, and the chat
-    template is the processor's chat_template.json, as multimodal folders on the Hub keep it. Returns
-    `folder`/wrapped; the text model it holds is also in `folder`/text."""
+    template is the processor's chat_template.json, as multimodal folders on the Hub keep it. Qwen2.5-VL
+    ("qwen2") "sparse": the Hub's form, its text settings at the top level with rope_scaling of type
+    mrope. Returns `folder`/wrapped; the text model it holds is also in `folder`/text."""
     import json
 
     import transformers
@@ -138,15 +148,32 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     text = transformers.AutoModelForCausalLM.from_pretrained(text_dir)
     config_cls, model_cls, vision, extra = WRAPPED[arch]
     tokens = len(make_tokenizer(folder))
-    config = getattr(transformers, config_cls)(text_config=text.config.to_dict(), vision_config=vision,
-                                                image_token_index=tokens - 1,
-                                                tie_word_embeddings=text.config.tie_word_embeddings, **extra)
+    text_config = text.config.to_dict()
+    if arch in MROPE_SECTIONS:  # Qwen VL: the same rotary base, as multimodal settings
+        text_config.pop("model_type")
+        text_config["rope_parameters"] = {"rope_type": "default", "mrope_section": MROPE_SECTIONS[arch],
+                                          "rope_theta": text.config.rope_parameters["rope_theta"]}
+    image_token = "image_token_id" if arch in MROPE_SECTIONS else "image_token_index"
+    config = getattr(transformers, config_cls)(text_config=text_config, vision_config=vision,
+                                                tie_word_embeddings=text.config.tie_word_embeddings,
+                                                **{image_token: tokens - 1}, **extra)
     torch.manual_seed(1)
     model = getattr(transformers, model_cls)(config).eval()
     model.model.language_model.load_state_dict(text.model.state_dict())
     model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
-    if layout == "sparse":
+    if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it (transformers picks it for the text folder)
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
+    if layout == "sparse" and arch == "qwen2":
+        saved = json.loads((folder / "config.json").read_text())
+        settings = saved.pop("text_config")
+        rope = settings.pop("rope_parameters")
+        settings.update(rope_theta=rope["rope_theta"],
+                        rope_scaling={"type": "mrope", "mrope_section": rope["mrope_section"]})
+        saved.update({key: value for key, value in settings.items() if key not in ("model_type", "architectures")})
+        (folder / "config.json").write_text(json.dumps(saved))
+    elif layout == "sparse":
         saved = json.loads((folder / "config.json").read_text())
         defaults = type(config.text_config)().to_dict()
         saved["text_config"] = {key: value for key, value in config.text_config.to_dict().items()
@@ -155,8 +182,8 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
         tensors = load_file(str(folder / "model.safetensors"))
         moved = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head.",
                  "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
-        renamed = {next(new + name[len(old):] for old, new in moved.items() if name.startswith(old)): t
-                   for name, t in tensors.items()}
+        renamed = {next((new + name[len(old):] for old, new in moved.items() if name.startswith(old)), name): t
+                   for name, t in tensors.items()}  # Qwen3-VL's names are transformers' already
         save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
         template = folder / "chat_template.jinja"  # the template as a processor keeps it, as in the Hub's files
         (folder / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))

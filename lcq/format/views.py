@@ -5,6 +5,12 @@
   beside a vision tower: its config under `text_config`, its tensors under a prefix. They read as that
   language model alone (its config completed with transformers' defaults, since the Hub's files leave
   out every default); the vision tower and projector are never read.
+- Qwen's vision-language models (Qwen2-VL, Qwen2.5-VL: Qwen2's decoder; Qwen3-VL: Qwen3's) read the
+  same way, as Qwen2ForCausalLM or Qwen3ForCausalLM. Their multimodal rotary embedding gives each token
+  three position components (time, height, width), which for text are all the token's position: the
+  rotation is then ordinary RoPE at the same base. Qwen2.5-VL's files keep the text settings at the top
+  level (no text_config) and the text model's tensors under their CausalLM names, the vision tower's
+  under visual.*; Qwen3-VL's visual embeddings added to early layers (deepstack) come only with images.
 - Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
   gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
   (read alone from the file), so every part is quantized and fused again as in the other families.
@@ -18,18 +24,23 @@
   logits' divisor into the final norm's weight. Scaled tensors are read in fp32.
 
 A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM,
-LlamaForCausalLM).
+LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration")
+# Qwen's vision-language wrappers and the family each one's text model reads as.
+QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditionalGeneration": "qwen2",
+           "Qwen3VLForConditionalGeneration": "qwen3"}
+WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
+            *QWEN_VL)
 # Where a wrapper keeps the language model's tensors, and their text-model names: the Hub's files (and
 # what transformers writes) first, then transformers 4.52-4.57's own saves.
 TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                 ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+                 ("model.language_model.", "model."), ("lm_head.", "lm_head."),
+                 *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))  # Qwen2.5-VL
 BASE_MODEL_PREFIX = "model."  # what a CausalLM's tensor names have that its base model's lack
 # Top-level settings a wrapper's text model inherits where its text_config has none.
 INHERITED = ("torch_dtype", "dtype")
@@ -96,6 +107,9 @@ def _base_model_save(stored: list[str]) -> bool:
 
 def _text_model_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
     text = dict(config.get("text_config") or {})
+    if not text and architecture in QWEN_VL and "model_type" in config:  # Qwen2(.5)-VL: the settings at the top
+        text = {key: value for key, value in config.items() if key not in ("vision_config", "architectures")}
+        text["model_type"] = f"{text['model_type']}_text"
     if "model_type" not in text:
         raise ViewError(f"{architecture}: text_config has no model_type")
     model_type = text.pop("model_type")
@@ -104,7 +118,20 @@ def _text_model_config(config: dict[str, Any], architecture: str) -> dict[str, A
         if completed.get(key) is None and key in config:
             completed[key] = config[key]
     completed.update({key: config[key] for key in OVERRIDING if key in config})
-    return completed
+    return _qwen_vl_text(completed, architecture) if architecture in QWEN_VL else completed
+
+
+def _qwen_vl_text(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """A Qwen VL text model's completed config as its family's: the multimodal rotary settings as ordinary
+    RoPE at their base (what they are for text alone)."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    kind = rope.get("rope_type", "default") if rope.get("type") != "mrope" else "mrope"
+    if kind not in ("default", "mrope"):
+        raise ViewError(f"{architecture}: rope type {kind!r} is not supported")
+    family = QWEN_VL[architecture]
+    config = {key: value for key, value in config.items() if key not in ("rope_parameters", "rope_scaling")}
+    return {**config, "model_type": family, "architectures": [f"{family.capitalize()}ForCausalLM"],
+            "rope_parameters": {"rope_type": "default", "rope_theta": rope.get("rope_theta", config.get("rope_theta"))}}
 
 
 def _completed(model_type: str, settings: dict[str, Any], what: str) -> dict[str, Any]:
