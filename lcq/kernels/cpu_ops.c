@@ -401,10 +401,11 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM Gemma's norms of the attention and MLP outputs before their
  * residual adds, else NULL; COS and SIN the layer's whole rotary tables (Gemma's sliding-window layers
  * have their own base), a row of head_dim / 2 per position; WINDOW the layer's sliding window in tokens
- * (cast to a pointer; 0: full attention). */
+ * (cast to a pointer; 0: full attention); GROUP the layer group whose slots and block tables it uses
+ * (cast to a pointer; lcq/runtime/kv_groups.py). */
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, ATTENTION_OUTPUT_NORM,
        POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, K_CACHE, V_CACHE,
-       WINDOW, POINTERS_PER_LAYER };
+       WINDOW, GROUP, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -423,7 +424,8 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
  * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
  * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
- * scores (Gemma 2). work holds
+ * scores (Gemma 2). slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
+ * group's cache slots and block tables, contiguous. work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
  * failed allocation, or -2 on a position outside the rotary tables. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
@@ -439,6 +441,9 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
     for (int l = 0; l < num_layers; l++) {
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
         void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
+        const int64_t group = (intptr_t)p[GROUP];
+        const int64_t *group_slots = slots + group * rows;
+        const int32_t *group_tables = block_tables + group * rows * max_blocks;
         if (l == 0)
             lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
         else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
@@ -449,9 +454,9 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             lcq_head_norm(qkv + q_width, rows, qkv_width, kv_heads, head_dim, p[K_NORM], eps);
         }
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
-        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, slots, rows, kv_heads,
-                     head_dim, cache_form);
-        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
+        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,
+                     kv_heads, head_dim, cache_form);
+        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables, max_blocks, context_lens,
                                  attn, rows, heads, kv_heads, head_dim, block_size, scale, softcap,
                                  (int)(intptr_t)p[WINDOW]))
             return -1;

@@ -26,10 +26,11 @@ class CpuDecoder:
 
     def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
         """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds,
-        addresses (the layers keep what they point to) and sliding windows (ints), or None."""
+        addresses (the layers keep what they point to), sliding windows and layer groups (ints), or None."""
         c = model.config
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
+        self.num_groups = max(model.layer_groups) + 1
         self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
         self.activation, self.table_positions = cpu_ops.ACTIVATIONS.index(c.activation), model.rotary.cos.shape[0]
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
@@ -65,13 +66,15 @@ class CpuDecoder:
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
             entries += [layer.attention_norm.weight, *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],
                         layer.mlp_norm.weight, *gate_up, *down, output_norms[1], attention.k_cache, attention.v_cache,
-                        attention.window]
+                        attention.window, model.layer_groups[index]]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)
 
     def runs(self, context: ForwardContext) -> bool:
-        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and context.lora is None
+        """A decode step without LoRA whose context has the block tables of every layer group."""
+        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and context.lora is None and \
+            context.num_groups == self.num_groups
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """Embeddings (rows, hidden) at positions (rows,) -> the residual stream after the last layer (before
@@ -85,7 +88,7 @@ class CpuDecoder:
         hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
-            self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+            self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, self.activation, self.cache_form,
             work.data_ptr())
         if status == -2:

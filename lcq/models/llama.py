@@ -152,6 +152,7 @@ class LlamaModel(torch.nn.Module):
         self.packed_head: torch.nn.Module | None = None  # an LCQ layer (quantize --head-bits), then lm_head is None
         self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
+        self.layer_groups: tuple[int, ...] = (0,) * config.num_layers  # each layer's group (bind_kv_cache)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -164,11 +165,12 @@ class LlamaModel(torch.nn.Module):
             return self.norm(self.cpu_decoder(hidden, positions, context))[0]
         tables = [self.layer_rotary(i) for i in range(len(self.layers))]
         ropes = {id(table): table(positions) for table in tables}  # each table's rows looked up once a step
-        attention = PagedAttention(context, self.block_size, hidden.device, hidden.dtype,
-                                   self.layers[0].self_attn.k_cache.dtype)
+        attentions = [PagedAttention(context.group(g), self.block_size, hidden.device, hidden.dtype,
+                                     self.layers[0].self_attn.k_cache.dtype) for g in range(context.num_groups)]
+        groups = self.layer_groups if len(attentions) > 1 else (0,) * len(self.layers)
         residual = None
-        for layer, table in zip(self.layers, tables):
-            hidden, residual = layer(hidden, residual, ropes[id(table)], attention)
+        for layer, table, group in zip(self.layers, tables, groups):
+            hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
         return self.norm(hidden, residual)[0]
 
     def layer_rotary(self, index: int) -> RotaryEmbedding:
@@ -189,10 +191,13 @@ class LlamaModel(torch.nn.Module):
         cap = self.config.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
-        """One pair of kv_cache_shape per layer."""
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
+                      layer_groups: tuple[int, ...] | None = None) -> None:
+        """One pair of kv_cache_shape per layer (layers of different groups may share one); layer_groups:
+        each layer's group, whose block tables it reads when a step's context has several (KVGroups)."""
         if len(k_caches) != len(self.layers) or len(v_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
+        self.layer_groups = tuple(layer_groups or [0] * len(self.layers))
         for layer, k, v in zip(self.layers, k_caches, v_caches):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
         self.block_size = k_caches[0].shape[1]
@@ -203,6 +208,7 @@ class LlamaModel(torch.nn.Module):
         for an int8 cache each head row's scale after its values (cpu_ops.cache_shape)."""
         return cpu_ops.cache_shape(num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim, dtype)
 
-    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
+    def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype, layers: int | None = None) -> int:
+        """K and V bytes of one block in `layers` layers (default: all)."""
         elements = math.prod(self.kv_cache_shape(1, block_size, dtype))
-        return 2 * self.config.num_layers * elements * torch.empty(0, dtype=dtype).element_size()
+        return 2 * (layers or self.config.num_layers) * elements * torch.empty(0, dtype=dtype).element_size()

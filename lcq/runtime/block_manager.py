@@ -1,8 +1,14 @@
 """The paged KV cache's blocks: allocation, reference counts and prefix caching.
 
+Every layer group (kv_groups.py) has its own block table per sequence, all drawing on one pool. A
+sliding-window group keeps only the blocks a step may still read: as the sequence grows, the blocks
+before its window (less the attention kernels' read margin) go back to the pool and their table
+entries become -1, which no kernel reads.
+
 A full block is known by the hash of its tokens chained with its predecessor's hash, so equal
-prompt prefixes map to equal blocks. Freed blocks keep their hash until reused (least recently
-freed first), so a later request with the same prefix skips recomputing it.
+prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused
+(least recently freed first), so a later request with the same prefix skips recomputing it; a
+sliding-window group needs only the blocks its window reaches at the end of that prefix.
 """
 from __future__ import annotations
 
@@ -11,21 +17,28 @@ from dataclasses import dataclass
 
 from .sequence import Sequence
 
+# The attention kernels read a window's keys in tiles of this many from the tile where it begins
+# (cpu_attention.c's KEYS, paged_attention.py's BLOCK_N): the blocks under that tile are kept too.
+KEY_TILE = 32
+RELEASED = -1  # a sliding-window table's entry for a block handed back
+
 
 @dataclass
 class Block:
     id: int
     ref_count: int = 0
-    hash: int | None = None
+    key: tuple[int, int] | None = None  # (group, chain hash) while it holds a registered full block
     tokens: tuple[int, ...] = ()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,)):
+        """windows: each group's sliding window in tokens, 0 for full attention (KVGroups.windows)."""
         self.block_size = block_size
+        self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.by_hash: dict[int, int] = {}
+        self.by_hash: dict[tuple[int, int], int] = {}
         self.enable_prefix_caching = enable_prefix_caching
 
     @property
@@ -42,70 +55,134 @@ class BlockManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def first_kept(self, group: int, position: int) -> int:
+        """The first block of `group` that a step computing tokens from `position` on may read: 0, or with
+        a sliding window the one under the key tile where the window of `position` begins."""
+        window = self.windows[group]
+        if not window:
+            return 0
+        return max(0, position - window + 1) // KEY_TILE * KEY_TILE // self.block_size
+
+    def most_blocks_held(self, num_tokens: int, max_step_tokens: int) -> int:
+        """The most blocks one sequence of num_tokens tokens holds over all groups, its steps computing at
+        most max_step_tokens tokens each: what it takes to serve it alone."""
+        whole = self.blocks_needed(num_tokens)
+        reach = self.blocks_needed(KEY_TILE + max_step_tokens) + 1
+        return sum(min(whole, self.blocks_needed(window) + reach) if window else whole for window in self.windows)
+
     def reuse_cached_prefix(self, seq: Sequence) -> None:
         """For a sequence with nothing computed: take the cached blocks of its longest cached prefix of
-        full blocks. The last prompt token is always recomputed so the step has logits to sample from;
-        a sequence asking for prompt logprobs computes every prompt token."""
-        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
+        full blocks that every group can go on from (a sliding group needs only the blocks its window
+        reaches at the prefix's end). The last prompt token is always recomputed so the step has logits
+        to sample from; a sequence asking for prompt logprobs computes every prompt token."""
+        if not self.enable_prefix_caching or seq.block_tables or seq.params.prompt_logprobs is not None:
             return
-        parent = _seed(seq)
+        keys, parent = [], _seed(seq)
         for start in range(0, len(seq) - 1 - (len(seq) - 1) % self.block_size, self.block_size):
-            tokens = tuple(seq.token_ids[start:start + self.block_size])
-            key = hash((parent, tokens))
-            block_id = self.by_hash.get(key)
-            if block_id is None or self.blocks[block_id].tokens != tokens:
-                break
-            self._take(block_id)
-            seq.block_table.append(block_id)
-            parent = key
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * self.block_size
+            parent = hash((parent, tuple(seq.token_ids[start:start + self.block_size])))
+            keys.append(parent)
+        cached = [[self._cached(group, index, key, seq) for index, key in enumerate(keys)]
+                  for group in range(len(self.windows))]
+        count = len(keys)
+        for held, window in zip(cached, self.windows):  # a full group: its leading run of cached blocks
+            if not window:
+                count = min(count, next((i for i, block_id in enumerate(held) if block_id is None), len(held)))
+        while count and not all(None not in held[self.first_kept(group, count * self.block_size):count]
+                                for group, held in enumerate(cached) if self.windows[group]):
+            count -= 1
+        for group in range(len(self.windows)):
+            first = self.first_kept(group, count * self.block_size)
+            table = [RELEASED] * first
+            for index in range(first, count):
+                table.append(cached[group][index])
+                self._take(table[-1])
+            seq.block_tables.append(table)
+        seq.num_computed_tokens = seq.num_cached_tokens = count * self.block_size
+
+    def _cached(self, group: int, index: int, key: int, seq: Sequence) -> int | None:
+        """The block of `group` registered for the sequence's full block `index`, whose chain hash is `key`."""
+        block_id = self.by_hash.get((group, key))
+        if block_id is None:
+            return None
+        tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
+        return block_id if self.blocks[block_id].tokens == tokens else None
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
-        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
+        return self._growth(seq, num_tokens) <= self.num_free_blocks
+
+    def _growth(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks that grow() takes from the pool, less those it hands back."""
+        needed = self.blocks_needed(num_tokens)
+        tables = seq.block_tables or [[] for _ in self.windows]
+        growth = 0
+        for group, table in enumerate(tables):
+            growth += max(0, needed - len(table))
+            growth -= sum(1 for index in self._passed(seq, group)
+                          if table[index] != RELEASED and self.blocks[table[index]].ref_count == 1)
+        return growth
+
+    def _passed(self, seq: Sequence, group: int) -> range:
+        """Indices of the group's table entries that its window has passed and are not yet handed back."""
+        start = seq.num_released[group] if seq.num_released else 0
+        return range(start, self.first_kept(group, seq.num_computed_tokens))
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
-        """Give the sequence blocks for its first num_tokens tokens."""
-        while len(seq.block_table) < self.blocks_needed(num_tokens):
-            block_id = next(iter(self.free))
-            block = self.blocks[block_id]
-            if block.hash is not None and self.by_hash.get(block.hash) == block_id:
-                del self.by_hash[block.hash]
-            block.hash, block.tokens = None, ()
-            self._take(block_id)
-            seq.block_table.append(block_id)
+        """Give the sequence blocks for its first num_tokens tokens, and hand back those that its sliding
+        windows have passed."""
+        if not seq.block_tables:
+            seq.block_tables = [[] for _ in self.windows]
+        for group, table in enumerate(seq.block_tables):
+            for index in self._passed(seq, group):
+                if table[index] != RELEASED:
+                    self._give_back(table[index])
+                    table[index] = RELEASED
+            while len(table) < self.blocks_needed(num_tokens):
+                block_id = next(iter(self.free))
+                block = self.blocks[block_id]
+                if block.key is not None and self.by_hash.get(block.key) == block_id:
+                    del self.by_hash[block.key]
+                block.key, block.tokens = None, ()
+                self._take(block_id)
+                table.append(block_id)
+        seq.num_released = [self.first_kept(group, seq.num_computed_tokens) for group in range(len(self.windows))]
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the sequence's blocks that are now full of computed tokens, for later reuse."""
         if not self.enable_prefix_caching:
             return
-        first = seq.num_hashed_blocks  # blocks before it are hashed already: each step hashes only new ones
-        parent = self.blocks[seq.block_table[first - 1]].hash if first else _seed(seq)
-        for index in range(first, seq.num_computed_tokens // self.block_size):
-            block = self.blocks[seq.block_table[index]]
-            if block.hash is None:
-                block.tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
-                block.hash = hash((parent, block.tokens))
-                written = self.by_hash.setdefault(block.hash, block.id) == block.id
-                if written and (index + 1) * self.block_size <= seq.num_prompt_tokens:
+        for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
+            tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
+            key = hash((seq.block_hashes[-1] if seq.block_hashes else _seed(seq), tokens))
+            seq.block_hashes.append(key)
+            for group, table in enumerate(seq.block_tables):
+                block = self.blocks[table[index]] if table[index] != RELEASED else None
+                if block is None or block.key is not None:
+                    continue
+                block.key, block.tokens = (group, key), tokens
+                written = self.by_hash.setdefault(block.key, block.id) == block.id
+                if group == 0 and written and (index + 1) * self.block_size <= seq.num_prompt_tokens:
                     seq.num_cache_written_tokens += self.block_size
-            parent = block.hash
-            seq.num_hashed_blocks = index + 1
 
     def release(self, seq: Sequence) -> None:
         """Return the sequence's blocks; the last ones are reused first (they are least likely shared)."""
-        for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free[block_id] = None
-        seq.block_table = []
-        seq.num_computed_tokens = seq.num_hashed_blocks = 0
+        for table in seq.block_tables:
+            for block_id in reversed(table):
+                if block_id != RELEASED:
+                    self._give_back(block_id)
+        seq.block_tables, seq.block_hashes, seq.num_released = [], [], []
+        seq.num_computed_tokens = 0
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self.free[block_id]
         block.ref_count += 1
+
+    def _give_back(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free[block_id] = None
 
 
 def _seed(seq: Sequence) -> str | None:

@@ -28,6 +28,9 @@ class EngineConfig:
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
     enable_prefix_caching: bool = True
+    # Sliding-window layers in layer groups with their own block tables, handing back the blocks their window
+    # has passed (kv_groups.py); off: every layer keeps every block of its sequence, as before.
+    hybrid_kv_cache: bool = True
     max_queue: int = 256
     cuda_graphs: bool = True
     seed: int = 0

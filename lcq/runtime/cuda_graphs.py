@@ -29,20 +29,21 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
-                 adapters: AdapterStack | None = None):
+                 adapters: AdapterStack | None = None, num_groups: int = 1):
         """adapters: the LoRA adapter slots, whose products the graphs then hold for every row (each row's
         slot in a static buffer, -1 for the base model and padding). Loading and unloading adapters
-        rewrites the slots in place, so the graphs stay valid."""
+        rewrites the slots in place, so the graphs stay valid. num_groups: layer groups (kv_groups.py),
+        each with its own slots and block tables."""
         self.model = model
         self.adapters = adapters
         self.sizes = graph_batch_sizes(max_num_seqs)
         top = self.sizes[-1]
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
         self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((num_groups, top), -1, dtype=torch.int64, device=device)
         self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)
         self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(top, max_blocks_per_seq, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(num_groups, top, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.adapter_slots = torch.full((top,), -1, dtype=torch.int64, device=device)
         self.max_context_len = max_blocks_per_seq * block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -55,9 +56,9 @@ class DecodeGraphs:
     def _context(self, size: int) -> ForwardContext:
         lora = None if self.adapters is None else \
             LoRABatch(self.adapters, self.adapter_slots[:size], every_layer=True)
-        return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:size],
+        return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:, :size],
                               query_start=self.query_start[:size + 1], context_lens=self.context_lens[:size],
-                              block_tables=self.block_tables[:size], max_query_len=1,
+                              block_tables=self.block_tables[:, :size], max_query_len=1,
                               max_context_len=self.max_context_len, lora=lora)
 
     @torch.inference_mode()
@@ -79,12 +80,12 @@ class DecodeGraphs:
         """Hidden states (n, hidden) of a decode step of n <= max_batch sequences."""
         n = input_ids.shape[0]
         size = next(s for s in self.sizes if s >= n)
-        width = context.block_tables.shape[1]
+        width = context.block_tables.shape[-1]
         self.input_ids[:n].copy_(input_ids)
         self.positions[:n].copy_(positions)
-        self.slot_mapping[:n].copy_(context.slot_mapping)
+        self.slot_mapping[:, :n].copy_(context.slot_mapping)
         self.context_lens[:n].copy_(context.context_lens)
-        self.block_tables[:n, :width].copy_(context.block_tables)
+        self.block_tables[:, :n, :width].copy_(context.block_tables)
         if context.lora is not None:
             self.adapter_slots[:n].copy_(context.lora.slots)
         else:
@@ -92,9 +93,9 @@ class DecodeGraphs:
         if size > n:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()
-            self.slot_mapping[n:size].fill_(-1)
+            self.slot_mapping[:, n:size].fill_(-1)
             self.context_lens[n:size].fill_(1)
-            self.block_tables[n:size].zero_()
+            self.block_tables[:, n:size].zero_()
             self.adapter_slots[n:size].fill_(-1)
         graph, hidden = self.graphs[size]
         graph.replay()

@@ -18,7 +18,6 @@ import torch
 
 from lcq.models.lora import LoRAAdapter
 
-from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .generation_config import eos_token_ids, sampling_defaults
@@ -78,7 +77,7 @@ class LLMEngine:
             logger.info("requests that leave them unset sample with the model's generation config: %s "
                         "(--generation-config vllm for the built-in defaults)",
                         ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
-        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = self.runner.new_block_manager(config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)

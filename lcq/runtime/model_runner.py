@@ -17,7 +17,9 @@ from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 from .adapters import AdapterRegistry
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
+from .block_manager import BlockManager
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory
+from .kv_groups import KVGroups
 from .sequence import Sequence
 
 logger = logging.getLogger("lcq.engine")
@@ -57,26 +59,29 @@ class ModelRunner:
         self.products = config.resolved_cpu_matmul_dtype()
         self.int8_weight_bytes = self._keep_int8_weights(config)
         self.head_panel_bytes = self._keep_head_panels()
-        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype)
-        self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         c = self.model_config
+        self.kv_groups = KVGroups.of(c.layer_windows if config.hybrid_kv_cache else [0] * c.num_layers)
+        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
+        self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
-        self.k_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(c.num_layers)]
-        self.model.bind_kv_cache(self.k_caches, self.v_caches)
+        k_tensors, v_tensors = ([torch.zeros(shape, dtype=kv_dtype, device=self.device)
+                                 for _ in range(self.kv_groups.width)] for _ in range(2))
+        self.k_caches = [k_tensors[j] for j in self.kv_groups.layer_tensor]  # one per layer, shared across groups
+        self.v_caches = [v_tensors[j] for j in self.kv_groups.layer_tensor]
+        self.model.bind_kv_cache(self.k_caches, self.v_caches, self.kv_groups.layer_group)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
-        limit = config.max_model_len or c.max_position_embeddings
-        self.max_model_len = min(limit, self.num_blocks * self.block_size)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB); context %d tokens; "
-                    "products: %s", self.num_blocks, self.block_size, self.num_blocks * self.block_size,
-                    str(kv_dtype).removeprefix("torch."), self.kv_cache_bytes / 2**30, self.max_model_len,
+        self.max_model_len = self._longest_sequence(config)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB), %d layer groups of %d layers; "
+                    "context %d tokens; products: %s", self.num_blocks, self.block_size,
+                    self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
+                    self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
                     PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
-                                           self.adapters.stack)
+                                           self.adapters.stack, self.kv_groups.num_groups)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
@@ -131,6 +136,23 @@ class ModelRunner:
         logger.info("the head keeps its bf16 panels (%.0f MB), which its products of several rows read", size / 2**20)
         return size
 
+    def new_block_manager(self, enable_prefix_caching: bool) -> BlockManager:
+        return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows)
+
+    def _longest_sequence(self, config: EngineConfig) -> int:
+        """The context length: the model's (or the configured one), at most what one sequence alone can hold
+        in the pool (its sliding-window groups hold about a window each)."""
+        limit = config.max_model_len or self.model_config.max_position_embeddings
+        blocks = self.new_block_manager(False)
+        if blocks.most_blocks_held(limit, config.max_num_batched_tokens) <= self.num_blocks:
+            return limit
+        low, high = 0, limit  # the most tokens that fit: held blocks grow with the tokens
+        while low < high:
+            middle = (low + high + 1) // 2
+            fits = blocks.most_blocks_held(middle, config.max_num_batched_tokens) <= self.num_blocks
+            low, high = (middle, high) if fits else (low, middle - 1)
+        return low
+
     def _kv_budget(self, config: EngineConfig) -> int:
         """gpu_memory_utilization is the share of the GPU this engine may use (weights, KV cache and
         activations), as in vLLM; memory held by others (processes, or engines in this process) only
@@ -142,24 +164,27 @@ class ModelRunner:
         return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        ids, positions, slots, starts, lengths, tables = [], [], [], [0], [], []
+        ids, positions, starts, lengths = [], [], [0], []
+        groups = range(self.kv_groups.num_groups)
+        slots, tables = [[] for _ in groups], [[] for _ in groups]  # per layer group
         adapter_slots: list[int] = []  # each row's adapter slot, -1 for the base model
         bs = self.block_size
-        width = max(len(seq.block_table) for seq, _ in scheduled)
+        width = max(len(seq.block_tables[0]) for seq, _ in scheduled)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
             adapter_slots += [-1 if seq.adapter is None else seq.adapter.slot] * count
             ids.extend(seq.token_ids[begin:begin + count])
-            for pos in range(begin, begin + count):
-                positions.append(pos)
-                slots.append(seq.block_table[pos // bs] * bs + pos % bs)
+            positions.extend(range(begin, begin + count))
+            for group_slots, table in zip(slots, seq.block_tables):
+                group_slots.extend(table[pos // bs] * bs + pos % bs for pos in range(begin, begin + count))
             # A sequence verifying drafts is one query per token, each over the cache up to itself (every
             # row's K and V are stored before attention reads them), so the step stays a decode step.
             query = 1 if seq.num_draft_tokens else count
             for end in range(begin + query, begin + count + 1, query):
                 starts.append(starts[-1] + query)
                 lengths.append(end)
-                tables.append(seq.block_table + [-1] * (width - len(seq.block_table)))
+                for group_tables, table in zip(tables, seq.block_tables):
+                    group_tables.append(table + [-1] * (width - len(table)))
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)

@@ -30,11 +30,12 @@ class Sequence:
         self.max_tokens = max_tokens  # resolved: never past the context length
         self.detokenizer = detokenizer
         self.status = Status.WAITING
-        self.block_table: list[int] = []
+        self.block_tables: list[list[int]] = []  # per layer group (kv_groups.py); -1 where handed back
+        self.num_released: list[int] = []  # per group: leading table entries handed back (sliding windows)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
-        self.num_hashed_blocks = 0  # leading blocks registered for prefix caching
+        self.block_hashes: list[int] = []  # chain hashes of its leading full blocks, as registered for prefix caching
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -125,6 +125,9 @@ FLAGS = (
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
+    Flag("--disable-hybrid-kv-cache-manager", bool, "keep every KV block of a sequence in sliding-window layers "
+         "too, rather than handing back the blocks their window has passed (vLLM's name)", "engine",
+         field="hybrid_kv_cache", invert=True),
     Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
     Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
     Flag("--chat-template", str, "the chat template to use instead of the model's: a Jinja file, or the template "
