@@ -123,3 +123,21 @@ def test_sliding_groups_let_one_pool_hold_longer_contexts(windowed):
     single = LLM(str(folder), block_size=8, hybrid_kv_cache=False, **memory).engine
     assert single.runner.kv_groups.num_groups == 1 and single.max_model_len == single.runner.num_blocks * 8
     assert single.max_model_len < grouped.max_model_len
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_layer_groups_give_the_eager_tokens_and_transformers(windowed):
+    """On a GPU (fp32, so that transformers' tokens are the reference): decode graphs captured with every
+    group's slots and tables replay the eager engine's tokens, which are transformers'; the Triton kernels
+    read the sliding groups' tables with their passed blocks handed back."""
+    _, folder = windowed
+    settings = dict(block_size=8, max_num_batched_tokens=16, max_num_seqs=4, dtype="float32")
+    graphed = LLM(str(folder), **settings)
+    assert graphed.engine.runner.graphs is not None
+    eager = LLM(str(folder), cuda_graphs=False, **settings)
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    tokens = [out.token_ids for out in graphed.generate(PROMPTS, params)]
+    assert tokens == [out.token_ids for out in eager.generate(PROMPTS, params)]
+    reference = load_reference_model(folder)
+    assert tokens == [_transformers_greedy(folder, prompt, 20, reference) for prompt in PROMPTS]
+    assert _pool_is_full(graphed.engine)
