@@ -157,6 +157,11 @@ def test_view_config_of_a_multimodal_wrapper():
                "text_config": {"model_type": "mistral", "tie_word_embeddings": False}}
     assert not view_config(mistral)["tie_word_embeddings"]
     assert view_config({**mistral, "tie_word_embeddings": True})["tie_word_embeddings"]
+    ministral = {"architectures": ["Mistral3ForConditionalGeneration"], "model_type": "mistral3",
+                 "text_config": {"model_type": "ministral3", "hidden_size": 3072}}  # Ministral 3: its defaults
+    text = view_config(ministral)
+    assert text["architectures"] == ["Ministral3ForCausalLM"]
+    assert text["rope_parameters"]["llama_4_scaling_beta"] == 0.1 and text["max_position_embeddings"] == 262144
     plain = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "text_config": {"model_type": "x"}}
     assert view_config(plain) is plain
 

@@ -293,6 +293,20 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_ministral3_queries_cool_past_the_original_context(tmp_path, monkeypatch, c_ops):
+    """Ministral 3 (YaRN over an original context of 32 here): queries at position p are multiplied by
+    1 + 0.5 log(1 + floor(p / 32)), which an 80-token prompt (prefilled in chunks of 16) and its decode
+    steps reach; against transformers, from fp16 weights (the one-call C decode step where it builds)."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "ministral3", dtype=torch.float16)
+    model, config = load_model(folder)
+    assert config.query_temperature == (0.5, 32) and config.rope["rope_type"] == "yarn"
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(80)]
+    _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=3, chunk=16)
+    assert (model.cpu_decoder is None) == (c_ops == "0" or not cpu_half.enabled())
+
+
+@pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_yarn_matches_transformers_past_the_original_context(tmp_path, monkeypatch, c_ops):
     """Qwen2 with YaRN (as its model card extends the context): frequencies ramped between kept and
     interpolated, cos and sin scaled; a 100-token prompt runs past the original 64 positions."""

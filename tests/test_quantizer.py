@@ -669,7 +669,9 @@ def test_end_to_end_stage_resumes_to_the_same_files(tmp_path, tiny_hf, monkeypat
     ("llama", {"num_hidden_layers": 3}),
     ("gemma3", {"num_hidden_layers": 3, "sliding_window": 8,
                 "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
-    ("gemma2", {"num_hidden_layers": 3, "sliding_window": 8})])  # eager attention: every block's mask
+    ("gemma2", {"num_hidden_layers": 3, "sliding_window": 8}),  # eager attention: every block's mask
+    ("ministral3", {"rope_parameters": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8,
+                                        "llama_4_scaling_beta": 0.5}})])  # its queries scaled past 8 tokens
 def test_block_calls_chain_into_the_models_hidden_states(tmp_path, arch, overrides):
     """The decoder blocks run one at a time, as the block-wise stage runs them, give transformers' hidden
     states: the rotary tables of each block's kind, and a sliding-window block's mask where the windows

@@ -50,9 +50,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, \
-        GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, \
-        Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        SmolLM3Config, SmolLM3ForCausalLM
+        GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, \
+        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, \
+        Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,6 +75,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch == "gemma2":  # Gemma 3's layer without q/k norms, its caps low enough to bend this tiny model's scores
         sizes.update(head_dim=32, query_pre_attn_scalar=24, sliding_window=256, tie_word_embeddings=True,
                      attn_logit_softcapping=1.5, final_logit_softcapping=3.0)
+    if arch == "ministral3":  # YaRN over an original context of 32, so that prompts past it scale their queries
+        sizes.update(head_dim=24, rope_parameters={
+            "type": "yarn", "rope_theta": 1_000_000.0, "factor": 8.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5})
     if arch == "granite":  # Granite 3's four factors, of the sizes granite-3.3-8b uses, tied as it is
         sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                      logits_scaling=16.0, tie_word_embeddings=True)
@@ -86,6 +90,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
+        "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights

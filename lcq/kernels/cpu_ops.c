@@ -424,14 +424,16 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
  * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
  * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
- * scores (Gemma 2). slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
+ * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
+ * embedding (Ministral 3). slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
  * group's cache slots and block tables, contiguous. work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
  * failed allocation, or -2 on a position outside the rotary tables. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, float softcap, int activation, int cache_form, float *work) {
+                      int block_size, float scale, float softcap, const float *query_scales, int activation,
+                      int cache_form, float *work) {
     for (int r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_positions) return -2;
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
@@ -454,6 +456,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             lcq_head_norm(qkv + q_width, rows, qkv_width, kv_heads, head_dim, p[K_NORM], eps);
         }
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
+        for (int r = 0; query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
+            for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,
                      kv_heads, head_dim, cache_form);
         if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables, max_blocks, context_lens,

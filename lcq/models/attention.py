@@ -64,9 +64,11 @@ class PagedAttention:
     sliding window of W, the last W of them)."""
 
     def __init__(self, context: ForwardContext, block_size: int, device: torch.device, dtype: torch.dtype,
-                 cache_dtype: torch.dtype | None = None):
-        """dtype: the activations'; cache_dtype: the KV cache's (default: the same)."""
+                 cache_dtype: torch.dtype | None = None, query_scales: torch.Tensor | None = None):
+        """dtype: the activations'; cache_dtype: the KV cache's (default: the same); query_scales (T,): each
+        new token's queries are multiplied by its factor first (Ministral 3's temperature), or None."""
         self.context = context
+        self.query_scales = None if query_scales is None else query_scales.to(dtype).view(-1, 1, 1)
         self.use_triton = device.type == "cuda" and _HAS_TRITON
         self.use_cpu_ops = (device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
                             and (cache_dtype or dtype) in cpu_ops.CACHE_DTYPES)
@@ -135,6 +137,8 @@ class PagedAttention:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
         each token sees only the last `window` positions up to its own; softcap > 0: scores capped."""
         c = self.context
+        if self.query_scales is not None:
+            q = q * self.query_scales
         if self.use_triton:
             from lcq.kernels.paged_attention import decode_attention, prefill_attention
             if not c.is_prefill:

@@ -12,7 +12,8 @@ from .layers import ROPE_TYPES, rope_settings
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
-                           "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2"}
+                           "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
+                           "Ministral3ForCausalLM": "ministral3"}
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 # OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections.
 OLMO2 = dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False)
@@ -47,6 +48,9 @@ class ModelConfig:
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     attention_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap) before the softmax; 0: none
+    # Ministral 3 (Llama 4's attention temperature): (beta, span), queries at position p multiplied by
+    # 1 + beta * log(1 + floor(p / span)) (layers.query_temperatures); None: none
+    query_temperature: tuple[float, int] | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -78,7 +82,7 @@ class ModelConfig:
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
             qk_norm=c["model_type"] in ("qwen3", "olmo2", "gemma3_text"), rope=gemma.pop("rope", rope), **gemma,
-            **(OLMO2 if c["model_type"] == "olmo2" else {}),
+            **(OLMO2 if c["model_type"] == "olmo2" else {}), query_temperature=_query_temperature(c, rope),
         )
 
     def __post_init__(self) -> None:
@@ -113,6 +117,13 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
     return dict(shared, rope=rope, rope_local=rope_local)
 
 
+def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
+    """Ministral 3's query temperature: llama_4_scaling_beta of its rotary settings over their original
+    context length."""
+    beta = rope.get("llama_4_scaling_beta") if c["model_type"] == "ministral3" else None
+    return None if not beta else (float(beta), int(rope["original_max_position_embeddings"]))
+
+
 def _layer_windows(c: dict) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads the config: Gemma's
     layer_types (or every sliding_window_pattern-th layer full: Gemma 3's every 6th, Gemma 2's every
@@ -123,7 +134,7 @@ def _layer_windows(c: dict) -> list[int]:
         window = c.get("sliding_window") or 4096
         pattern = c.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
-    elif kind == "mistral":
+    elif kind in ("mistral", "ministral3"):
         return [c.get("sliding_window") or 0] * count
     else:
         window = c.get("sliding_window") if c.get("use_sliding_window") else None

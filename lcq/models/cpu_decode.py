@@ -17,6 +17,7 @@ import torch
 from lcq.kernels import cpu_ops
 
 from .context import ForwardContext
+from .layers import query_temperatures
 
 
 class CpuDecoder:
@@ -31,6 +32,7 @@ class CpuDecoder:
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
         self.num_groups = max(model.layer_groups) + 1
+        self.query_temperature = c.query_temperature
         self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
         self.activation, self.table_positions = cpu_ops.ACTIVATIONS.index(c.activation), model.rotary.cos.shape[0]
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
@@ -85,12 +87,15 @@ class CpuDecoder:
         slots = context.slot_mapping.contiguous()
         rows = x.shape[0]
         work = torch.empty(rows * self.work_per_row)
+        scales = None if self.query_temperature is None else \
+            query_temperatures(positions, *self.query_temperature).contiguous()  # kept alive through the call
+        scales_at = None if scales is None else scales.data_ptr()
         hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
-            lengths.data_ptr(), self.block_size, self.scale, self.softcap, self.activation, self.cache_form,
-            work.data_ptr())
+            lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at,
+            self.activation, self.cache_form, work.data_ptr())
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")
         if status != 0:

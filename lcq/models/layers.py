@@ -74,6 +74,13 @@ def rope_settings(config: dict) -> dict:
     return params
 
 
+def query_temperatures(positions: torch.Tensor, beta: float, span: int) -> torch.Tensor:
+    """Llama 4's attention temperature, as Ministral 3 applies it: each query at position p multiplied by
+    1 + beta * log(1 + floor(p / span)), so that attention stays sharp past the original context (1
+    before `span`)."""
+    return 1 + beta * torch.log1p(torch.floor(positions.float() / span))
+
+
 def rotary_frequencies(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float64) and the factor on cos and sin (YaRN's attention scaling, else 1)."""
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))

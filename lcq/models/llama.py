@@ -7,7 +7,8 @@ Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP o
 GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base; Gemma 2 is
 the same without q/k norms and with its attention scores soft-capped (PagedAttention.attend). SmolLM3's
 NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only the attention and MLP
-outputs, and its q/k norms span the whole projections.
+outputs, and its q/k norms span the whole projections. Ministral 3 is Mistral's layer with its queries
+scaled by a temperature that grows with the position past its original context.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
-from .layers import NO_ROTATION, RMSNorm, RotaryEmbedding, gated, head_norm_, rotary_qkv
+from .layers import NO_ROTATION, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures, rotary_qkv
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -165,8 +166,10 @@ class LlamaModel(torch.nn.Module):
             return self.norm(self.cpu_decoder(hidden, positions, context))[0]
         tables = [self.layer_rotary(i) for i in range(len(self.layers))]
         ropes = {id(table): table(positions) for table in tables}  # each table's rows looked up once a step
+        temperature = self.config.query_temperature
+        scales = None if temperature is None else query_temperatures(positions, *temperature)
         attentions = [PagedAttention(context.group(g), self.block_size, hidden.device, hidden.dtype,
-                                     self.layers[0].self_attn.k_cache.dtype) for g in range(context.num_groups)]
+                                     self.layers[0].self_attn.k_cache.dtype, scales) for g in range(context.num_groups)]
         groups = self.layer_groups if len(attentions) > 1 else (0,) * len(self.layers)
         residual = None
         for layer, table, group in zip(self.layers, tables, groups):

@@ -53,8 +53,8 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # The end-to-end stage's step (finetune.py), relative like the block-wise one; it refines codebooks
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
-CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma2",
-                "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2"}
+CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral3", "qwen2": "Qwen2", "qwen3": "Qwen3",
+                "gemma2": "Gemma2", "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
@@ -275,11 +275,11 @@ class _Source:
         return layer.to(self.device).eval()
 
     def block_inputs(self, index: int) -> Callable[[torch.Tensor], dict]:
-        """inputs(hidden) of block_call for block `index`: its rotary cos and sin (Gemma's sliding-window
-        layers have their own), and for a sliding-window layer whose windows are shorter than the
-        calibration text, its mask (transformers' blocks read none: SDPA's full causal attention
-        otherwise). Eager attention (hf_config) infers nothing, so there every block gets its mask,
-        added to the scores (0 or -inf)."""
+        """inputs(hidden) of block_call for block `index`: the positions (Ministral 3 scales its queries by
+        them), its rotary cos and sin (Gemma's sliding-window layers have their own), and for a
+        sliding-window layer whose windows are shorter than the calibration text, its mask (transformers'
+        blocks read none: SDPA's full causal attention otherwise). Eager attention (hf_config) infers
+        nothing, so there every block gets its mask, added to the scores (0 or -inf)."""
         kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
         per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None
@@ -290,11 +290,11 @@ class _Source:
             positions = torch.arange(length, device=hidden.device).unsqueeze(0)
             rope = self.rotary_module(hidden, positions, kind) if per_kind else self.rotary_module(hidden, positions)
             if not eager and (not window or length <= window):
-                return {"position_embeddings": rope}
+                return {"position_embeddings": rope, "position_ids": positions}
             offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
             seen = ((offsets >= 0) & (offsets < (window or length)))[None, None]
             mask = seen if not eager else torch.zeros(seen.shape, device=hidden.device).masked_fill(~seen, -torch.inf)
-            return {"position_embeddings": rope, "attention_mask": mask}
+            return {"position_embeddings": rope, "position_ids": positions, "attention_mask": mask}
 
         return inputs
 

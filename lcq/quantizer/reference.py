@@ -14,7 +14,8 @@ from lcq.errors import UserError
 from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize,
                         stored_tensor_names, view_config)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3", "olmo2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
+                         "olmo2")
 
 
 def read_config(model_dir: str | Path) -> dict:
