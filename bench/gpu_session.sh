@@ -31,7 +31,7 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit, log to gpu-sess
 cat "$logs/device.txt"
 
 step 170 test-gpu "$py" -m pytest -q -m gpu tests/test_quantizer.py tests/test_kernels.py tests/test_models.py \
-    tests/test_runtime.py tests/test_speculative.py
+    tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py
 step 150 kernels-quick "$py" bench/kernels.py --quick
 step 120 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
 step 90 quantize-memory "$py" bench/quantize_memory.py --device cuda --layers 1 --epochs 1 --nsamples 16 \

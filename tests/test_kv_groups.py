@@ -126,11 +126,12 @@ def test_sliding_groups_let_one_pool_hold_longer_contexts(windowed):
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_with_layer_groups_give_the_eager_tokens_and_transformers(windowed):
-    """On a GPU (fp32, so that transformers' tokens are the reference): decode graphs captured with every
-    group's slots and tables replay the eager engine's tokens, which are transformers'; the Triton kernels
-    read the sliding groups' tables with their passed blocks handed back."""
-    _, folder = windowed
+def test_cuda_graphs_with_layer_groups_give_the_eager_tokens_and_transformers(tmp_path):
+    """On a GPU (fp32, so that transformers' tokens are the reference), the Gemma 3 model of four groups:
+    decode graphs captured with every group's slots and tables replay the eager engine's tokens, which are
+    transformers'; the Triton kernels read the sliding groups' tables with their passed blocks handed back."""
+    folder = make_tiny_hf(tmp_path, "gemma3", sliding_window=8, max_position_embeddings=1024, num_hidden_layers=4,
+                          layer_types=["sliding_attention"] * 3 + ["full_attention"])
     settings = dict(block_size=8, max_num_batched_tokens=16, max_num_seqs=4, dtype="float32")
     graphed = LLM(str(folder), **settings)
     assert graphed.engine.runner.graphs is not None

@@ -100,7 +100,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
-                                  "olmo2"])
+                                  "olmo2", "exaone4"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""
@@ -220,7 +220,7 @@ def test_chunked_prefill_matches_transformers(tmp_path):
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=2, chunk=3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4"])
 @pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
     """fp32 products and the index kernel (cpu_index) are exact up to summation order; the fp16
@@ -273,7 +273,8 @@ def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     ("mistral", {"sliding_window": 7}),  # every layer
     ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),  # layers from 1 on
     ("gemma3", {"sliding_window": 7}),  # layer 0, with its own rotary base
-    ("gemma2", {"sliding_window": 7})])  # layer 0, scores soft-capped
+    ("gemma2", {"sliding_window": 7}),  # layer 0, scores soft-capped
+    ("exaone4", {"sliding_window": 7})])  # layers 0-2; layer 3 global and NoPE
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monkeypatch, arch, overrides, c_ops):
     """Prompts of 11 and 20 tokens against a 7-token window, prefilled in chunks of 4 after their
@@ -282,7 +283,7 @@ def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monk
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16, **overrides)
     model, config = load_model(folder)
-    windows = {"mistral": [7, 7], "qwen2": [0, 7], "gemma3": [7, 0], "gemma2": [7, 0]}[arch]
+    windows = {"mistral": [7, 7], "qwen2": [0, 7], "gemma3": [7, 0], "gemma2": [7, 0], "exaone4": [7, 7, 7, 0]}[arch]
     assert config.layer_windows == windows and config.max_position_embeddings == 256
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=4, chunk=4)
@@ -641,14 +642,17 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("qwen3", torch.float32),  # qwen3: head norms
                                                ("gemma3", torch.float32), ("gemma3", torch.float16),
                                                ("gemma2", torch.float16),  # gemma2: scores soft-capped
+                                               ("olmo2", torch.float32), ("exaone4", torch.float16),  # output norms
                                                ("llama", torch.float16), ("llama", torch.int8)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
     16 rows the products take cpu_gemm.c's form); fp32, fp16 and int8 caches. Gemma 3: norms of the
     attention and MLP outputs, GeGLU, scaled embeddings and queries, and a 7-token sliding-window layer
-    with its own rotary base that the prompts of 9 and 11 tokens run past; Gemma 2's soft-capped scores."""
-    overrides = {"sliding_window": 7} if arch.startswith("gemma") else {}
+    with its own rotary base that the prompts of 9 and 11 tokens run past; Gemma 2's soft-capped scores.
+    OLMo 2 and EXAONE 4 (three 7-token sliding layers, a NoPE global one): no input norms, OLMo 2's q/k
+    norms over whole projections."""
+    overrides = {"sliding_window": 7} if arch.startswith(("gemma", "exaone")) else {}
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn", **overrides)
     model, _ = load_model(folder)
     runs = []

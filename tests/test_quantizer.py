@@ -574,7 +574,7 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
     assert written == pytest.approx(after, rel=1e-3) and after <= before
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
@@ -599,7 +599,7 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
         assert torch.equal(tuned.tensor(f"{prefix}.qweight"), plain.tensor(f"{prefix}.qweight"))
     assert not torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.s_q"),
                            plain.tensor("model.layers.0.self_attn.q_proj.s_q"))
-    norm = "post_attention_layernorm" if arch == "olmo2" else "input_layernorm"  # OLMo 2 has no input norms
+    norm = "post_attention_layernorm" if arch in ("olmo2", "exaone4") else "input_layernorm"  # no input norms there
     assert not torch.equal(tuned.tensor(f"model.layers.1.{norm}.weight"), plain.tensor(f"model.layers.1.{norm}.weight"))
     if head_bits:
         assert "lm_head" in tuned.quantized_prefixes()

@@ -397,9 +397,10 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
  * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
- * Q_NORM and K_NORM are the per-head norm weights of Qwen3 and Gemma 3, NULL for other models;
- * ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM Gemma's norms of the attention and MLP outputs before their
- * residual adds, else NULL; COS and SIN the layer's whole rotary tables (Gemma's sliding-window layers
+ * INPUT_NORM and POST_NORM (before the MLP) are NULL in layers without them (OLMo 2, EXAONE 4: the stream
+ * itself goes in); Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
+ * NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
+ * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables (Gemma's sliding-window layers
  * have their own base), a row of head_dim / 2 per position; WINDOW the layer's sliding window in tokens
  * (cast to a pointer; 0: full attention); GROUP the layer group whose slots and block tables it uses
  * (cast to a pointer; lcq/runtime/kv_groups.py). */
@@ -417,6 +418,20 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
     return status;
 }
 
+/* out = weight * (residual += x) / rms as lcq_rms_norm, or where weight is NULL (a layer without that
+ * norm) out = the sum itself (x, without a residual). */
+static void add_and_norm(const float *x, float *residual, const float *weight, float *out, int rows, int dim,
+                         float eps) {
+    if (weight != NULL) {
+        lcq_rms_norm(x, residual, weight, out, rows, dim, eps);
+        return;
+    }
+    for (int64_t i = 0; i < (int64_t)rows * dim; i++) {
+        if (residual != NULL) residual[i] += x[i];
+        out[i] = residual != NULL ? residual[i] : x[i];
+    }
+}
+
 /* A whole decode step of a Llama-family model's decoder layers (Gemma 3's too), for sequences of one
  * new token each: the same operations, in the same order and with the same kernels, as the Python
  * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
@@ -425,15 +440,16 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
  * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
- * embedding (Ministral 3). slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
+ * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
+ * each head. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
  * group's cache slots and block tables, contiguous. work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
  * failed allocation, or -2 on a position outside the rotary tables. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
-                      int block_size, float scale, float softcap, const float *query_scales, int activation,
-                      int cache_form, float *work) {
+                      int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
+                      int activation, int cache_form, float *work) {
     for (int r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_positions) return -2;
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
@@ -447,13 +463,15 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         const int64_t *group_slots = slots + group * rows;
         const int32_t *group_tables = block_tables + group * rows * max_blocks;
         if (l == 0)
-            lcq_rms_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
+            add_and_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
         else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
-            lcq_rms_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
+            add_and_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
         if (p[Q_NORM] != NULL) { /* Qwen3, Gemma 3 */
-            lcq_head_norm(qkv, rows, qkv_width, heads, head_dim, p[Q_NORM], eps);
-            lcq_head_norm(qkv + q_width, rows, qkv_width, kv_heads, head_dim, p[K_NORM], eps);
+            lcq_head_norm(qkv, rows, qkv_width, whole_qk_norms ? 1 : heads, whole_qk_norms ? q_width : head_dim,
+                          p[Q_NORM], eps);
+            lcq_head_norm(qkv + q_width, rows, qkv_width, whole_qk_norms ? 1 : kv_heads,
+                          whole_qk_norms ? kv_width : head_dim, p[K_NORM], eps);
         }
         lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
         for (int r = 0; query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
@@ -467,7 +485,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
             lcq_rms_norm(projected, NULL, p[ATTENTION_OUTPUT_NORM], projected, rows, hidden, eps);
-        lcq_rms_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
+        add_and_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
         if (activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL) { /* the product finishes SwiGLU itself */
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
         } else {

@@ -13,10 +13,12 @@ from .layers import ROPE_TYPES, rope_settings
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
-                           "Ministral3ForCausalLM": "ministral3"}
+                           "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4"}
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
-# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections.
-OLMO2 = dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False)
+# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections;
+# EXAONE 4's the same with q/k norms per head.
+OUTPUT_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
+                "exaone4": dict(sandwich_norms=True, pre_norms=False)}
 
 
 @dataclass
@@ -81,8 +83,8 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", "gemma3_text"), rope=gemma.pop("rope", rope), **gemma,
-            **(OLMO2 if c["model_type"] == "olmo2" else {}), query_temperature=_query_temperature(c, rope),
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", "exaone4", "gemma3_text"), rope=gemma.pop("rope", rope),
+            **gemma, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
         )
 
     def __post_init__(self) -> None:
@@ -136,6 +138,8 @@ def _layer_windows(c: dict) -> list[int]:
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
     elif kind in ("mistral", "ministral3"):
         return [c.get("sliding_window") or 0] * count
+    elif kind == "exaone4":
+        window, default = c.get("sliding_window"), _exaone4_layer_types(c)
     else:
         window = c.get("sliding_window") if c.get("use_sliding_window") else None
         first = c.get("max_window_layers", 28)
@@ -144,9 +148,25 @@ def _layer_windows(c: dict) -> list[int]:
     return [(window or 0) if layer == "sliding_attention" else 0 for layer in types]
 
 
+def _exaone4_layer_types(c: dict) -> list[str]:
+    """EXAONE 4's layers as its config describes them without layer_types: sliding_window_pattern an
+    interval (every n-th layer full) or a string of L (local) and G (global) repeated; all full without a
+    sliding window."""
+    count, pattern = c["num_hidden_layers"], c.get("sliding_window_pattern", 4)
+    if not c.get("sliding_window") or not pattern:
+        return ["full_attention"] * count
+    if isinstance(pattern, str):
+        return ["full_attention" if pattern[i % len(pattern)] == "G" else "sliding_attention" for i in range(count)]
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(count)]
+
+
 def _rope_layers(c: dict) -> list[bool]:
     """Which layers apply the rotary embedding, as transformers reads SmolLM3's config (no_rope_layers, 1
-    where a layer does; by default every no_rope_layer_interval-th layer does not); [] for the others."""
+    where a layer does; by default every no_rope_layer_interval-th layer does not) and EXAONE 4's (with a
+    sliding window only its sliding layers do: the global ones are NoPE); [] for the others."""
+    if c["model_type"] == "exaone4":
+        types = c.get("layer_types") or _exaone4_layer_types(c)
+        return [not c.get("sliding_window") or kind == "sliding_attention" for kind in types]
     if c["model_type"] != "smollm3":
         return []
     interval = c.get("no_rope_layer_interval", 4)

@@ -6,7 +6,9 @@ CPU decode step, and the rest was Python calling a dozen operations per layer. T
 Python layers on this path (fp16 weight copies, the C norms, rotary, activations, cache writes and
 attention), so both give the same numbers; the Python layers remain the path for prefill, GPUs and any
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
-attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap).
+attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap);
+OLMo 2 and EXAONE 4 leave their input norms out (NULL entries: the stream itself goes in), and OLMo 2
+has a switch for q/k norms over whole projections.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ class CpuDecoder:
         addresses (the layers keep what they point to), sliding windows and layer groups (ints), or None."""
         c = model.config
         attention = model.layers[0].self_attn
-        self.num_layers, self.eps = len(model.layers), model.layers[0].attention_norm.eps
+        self.num_layers, self.eps = len(model.layers), model.norm.eps
+        self.whole_qk_norms = int(not c.qk_norm_per_head)
         self.num_groups = max(model.layer_groups) + 1
         self.query_temperature = c.query_temperature
         self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
@@ -51,8 +54,8 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or not c.pre_norms or not c.qk_norm_per_head:
-            return None  # the C step has input norms and per-head q/k norms (not OLMo 2's layer)
+        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable():
+            return None
         entries: list[torch.Tensor | int | None] = []
         for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp
@@ -66,8 +69,9 @@ class CpuDecoder:
             rotary = model.layer_rotary(index)
             output_norms = [None if norm is None else norm.weight
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
-            entries += [layer.attention_norm.weight, *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],
-                        layer.mlp_norm.weight, *gate_up, *down, output_norms[1], attention.k_cache, attention.v_cache,
+            input_norms = [None if norm is None else norm.weight for norm in (layer.attention_norm, layer.mlp_norm)]
+            entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],
+                        input_norms[1], *gate_up, *down, output_norms[1], attention.k_cache, attention.v_cache,
                         attention.window, model.layer_groups[index]]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
@@ -94,7 +98,7 @@ class CpuDecoder:
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
-            lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at,
+            lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
             self.activation, self.cache_form, work.data_ptr())
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")

@@ -1,4 +1,5 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, OLMo 2, Gemma 2/3) over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, SmolLM2/3, OLMo 2, EXAONE 4, Gemma 2/3)
+over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
@@ -7,7 +8,8 @@ Gemma 3 is this layer with a few switches (ModelConfig): its attention and MLP o
 GeGLU, scaled embeddings and query, and sliding-window layers with their own rotary base; Gemma 2 is
 the same without q/k norms and with its attention scores soft-capped (PagedAttention.attend). SmolLM3's
 NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only the attention and MLP
-outputs, and its q/k norms span the whole projections. Ministral 3 is Mistral's layer with its queries
+outputs, and its q/k norms span the whole projections; EXAONE 4 is that layer with per-head q/k norms,
+three sliding-window layers to each global one, the global ones NoPE. Ministral 3 is Mistral's layer with its queries
 scaled by a temperature that grows with the position past its original context.
 """
 from __future__ import annotations
