@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lcq.kernels.cpu_half import pair_panel_bytes, pair_panels
@@ -165,11 +166,14 @@ class ModelRunner:
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         ids, positions, starts, lengths = [], [], [0], []
-        groups = range(self.kv_groups.num_groups)
-        slots, tables = [[] for _ in groups], [[] for _ in groups]  # per layer group
+        slots: list[list[int]] = [[] for _ in range(self.kv_groups.num_groups)]  # per layer group
         adapter_slots: list[int] = []  # each row's adapter slot, -1 for the base model
         bs = self.block_size
         width = max(len(seq.block_tables[0]) for seq, _ in scheduled)
+        rows = sum(count if seq.num_draft_tokens else 1 for seq, count in scheduled)
+        # (groups, rows, width), padded with -1: filled row by row from the lists at numpy's speed (from nested
+        # lists torch took 5.5 ms for 64 sequences of 3,000 tokens in 6 groups, a GPU decode step's worth)
+        tables = np.full((self.kv_groups.num_groups, rows, width), -1, dtype=np.int32)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
             adapter_slots += [-1 if seq.adapter is None else seq.adapter.slot] * count
@@ -182,9 +186,9 @@ class ModelRunner:
             query = 1 if seq.num_draft_tokens else count
             for end in range(begin + query, begin + count + 1, query):
                 starts.append(starts[-1] + query)
+                for group, table in enumerate(seq.block_tables):
+                    tables[group, len(lengths), :len(table)] = table
                 lengths.append(end)
-                for group_tables, table in zip(tables, seq.block_tables):
-                    group_tables.append(table + [-1] * (width - len(table)))
 
         def tensor(values, dtype):
             return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
@@ -192,7 +196,7 @@ class ModelRunner:
         context = ForwardContext(
             is_prefill=len(lengths) < len(ids), slot_mapping=tensor(slots, torch.int64),
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
-            block_tables=tensor(tables, torch.int32), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
+            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
             lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
             if max(adapter_slots) >= 0 else None)
