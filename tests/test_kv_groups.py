@@ -142,3 +142,18 @@ def test_cuda_graphs_with_layer_groups_give_the_eager_tokens_and_transformers(tm
     reference = load_reference_model(folder)
     assert tokens == [_transformers_greedy(folder, prompt, 20, reference) for prompt in PROMPTS]
     assert _pool_is_full(graphed.engine)
+
+
+def test_drafts_verified_across_handed_back_blocks(windowed):
+    """Drafts from a predicted output (the expected tokens themselves, so that every step verifies up to 8):
+    each verification step is one query per draft, each over its own window, with the blocks before them
+    handed back; the tokens are still transformers'."""
+    _, folder = windowed
+    llm = LLM(str(folder), block_size=8, max_num_batched_tokens=16, **FP32)
+    prompt = PROMPTS[0]
+    expected = _transformers_greedy(folder, prompt, 40)
+    out = llm.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prediction=expected))[0]
+    assert out.token_ids == expected
+    stats = llm.engine.stats()
+    assert stats.num_accepted_tokens_total >= 30
+    assert _pool_is_full(llm.engine)
