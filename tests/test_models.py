@@ -100,7 +100,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
-                                  "olmo2", "exaone4"])
+                                  "olmo2", "exaone4", "seed_oss"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""
@@ -220,7 +220,8 @@ def test_chunked_prefill_matches_transformers(tmp_path):
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=2, chunk=3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4",
+                                  "seed_oss"])
 @pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
     """fp32 products and the index kernel (cpu_index) are exact up to summation order; the fp16
@@ -643,6 +644,7 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("gemma3", torch.float32), ("gemma3", torch.float16),
                                                ("gemma2", torch.float16),  # gemma2: scores soft-capped
                                                ("olmo2", torch.float32), ("exaone4", torch.float16),  # output norms
+                                               ("seed_oss", torch.float32),  # q/k/v and o_proj biases
                                                ("llama", torch.float16), ("llama", torch.int8)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical

@@ -574,7 +574,8 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
     assert written == pytest.approx(after, rel=1e-3) and after <= before
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4",
+                                  "seed_oss"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
@@ -604,9 +605,9 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     if head_bits:
         assert "lm_head" in tuned.quantized_prefixes()
         assert not torch.equal(tuned.tensor("lm_head.s_q"), plain.tensor("lm_head.s_q"))
-    if arch == "qwen2":
-        assert torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.bias"),
-                           plain.tensor("model.layers.0.self_attn.q_proj.bias"))
+    for bias in {"qwen2": ["q_proj"], "seed_oss": ["q_proj", "o_proj"]}.get(arch, []):  # Seed-OSS: o_proj's too
+        assert torch.equal(tuned.tensor(f"model.layers.0.self_attn.{bias}.bias"),
+                           plain.tensor(f"model.layers.0.self_attn.{bias}.bias"))
     if arch in ("qwen3", "gemma3"):
         assert not torch.equal(tuned.tensor("model.layers.1.self_attn.k_norm.weight"),
                                plain.tensor("model.layers.1.self_attn.k_norm.weight"))

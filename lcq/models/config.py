@@ -13,7 +13,8 @@ from .layers import ROPE_TYPES, rope_settings
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
-                           "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4"}
+                           "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
+                           "SeedOssForCausalLM": "seed_oss"}
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 # OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections;
 # EXAONE 4's the same with q/k norms per head.
