@@ -348,6 +348,30 @@ def test_unsupported_rope_type_is_one_clear_error(tmp_path):
         load_model(folder)
 
 
+def test_the_hubs_gemma2_config_reads_as_transformers_describes_it(tmp_path):
+    """Gemma-2-2B-it's config.json as published (no layer_types: every other layer slides over 4,096
+    tokens, from layer 0): soft caps 50 and 30, queries scaled by 256^-0.5, tied head, and KV layer
+    groups of 13 sliding and 13 full layers."""
+    from lcq.models.config import ModelConfig
+    from lcq.runtime.kv_groups import KVGroups
+
+    hub = {"architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": 50.0,
+           "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 107],
+           "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+           "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "intermediate_size": 9216,
+           "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8, "num_hidden_layers": 26,
+           "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+           "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "vocab_size": 256000}
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    config = ModelConfig.from_folder(tmp_path)
+    assert config.layer_windows == [4096, 0] * 13 and config.tie_word_embeddings and not config.qk_norm
+    assert (config.attention_softcap, config.logit_softcap, config.query_scale) == (50.0, 30.0, 1 / 16)
+    assert config.rope["rope_theta"] == 10000.0 and config.rope_local is None and config.max_position_embeddings == 8192
+    assert (config.embed_scale, config.norm_offset, config.activation) == (2304 ** 0.5, 1.0, "gelu_tanh")
+    groups = KVGroups.of(config.layer_windows)
+    assert groups.windows == (0, 4096) and groups.width == 13
+
+
 def test_unsupported_architecture_is_one_clear_error(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}')
     with pytest.raises(UserError, match="GPT2LMHeadModel is not supported"):
