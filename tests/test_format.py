@@ -185,7 +185,8 @@ def test_view_config_of_qwen_vision_language_models():
     assert text["rope_parameters"] == {"rope_type": "default", "rope_theta": 1e6} and "rope_scaling" not in text
     assert not text["tie_word_embeddings"] and not text["use_sliding_window"] and "vision_config" not in text
     qwen3 = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-             "tie_word_embeddings": True, "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 2048, "head_dim": 128,
+             "tie_word_embeddings": True,
+             "text_config": {"model_type": "qwen3_vl_text", "hidden_size": 2048, "head_dim": 128,
                              "rope_scaling": {"mrope_interleaved": True, "mrope_section": [24, 20, 20],
                                               "rope_type": "default", "rope_theta": 5000000}}}
     text = view_config(qwen3)

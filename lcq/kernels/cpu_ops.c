@@ -400,10 +400,10 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * INPUT_NORM and POST_NORM (before the MLP) are NULL in layers without them (OLMo 2, EXAONE 4: the stream
  * itself goes in); Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
  * NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
- * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables (Gemma's sliding-window layers
- * have their own base), a row of head_dim / 2 per position; WINDOW the layer's sliding window in tokens
- * (cast to a pointer; 0: full attention); GROUP the layer group whose slots and block tables it uses
- * (cast to a pointer; lcq/runtime/kv_groups.py). */
+ * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables
+ * (Gemma's sliding-window layers have their own base), a row of head_dim / 2 per position; WINDOW the
+ * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
+ * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py). */
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, ATTENTION_OUTPUT_NORM,
        POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, K_CACHE, V_CACHE,
        WINDOW, GROUP, POINTERS_PER_LAYER };

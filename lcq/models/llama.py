@@ -9,8 +9,8 @@ GeGLU, scaled embeddings and query, and sliding-window layers with their own rot
 the same without q/k norms and with its attention scores soft-capped (PagedAttention.attend). SmolLM3's
 NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only the attention and MLP
 outputs, and its q/k norms span the whole projections; EXAONE 4 is that layer with per-head q/k norms,
-three sliding-window layers to each global one, the global ones NoPE. Ministral 3 is Mistral's layer with its queries
-scaled by a temperature that grows with the position past its original context.
+three sliding-window layers to each global one, the global ones NoPE. Ministral 3 is Mistral's layer
+with its queries scaled by a temperature that grows with the position past its original context.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ from lcq.models import ForwardContext, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 
 from .adapters import AdapterRegistry
+from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .block_manager import BlockManager
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory
 from .kv_groups import KVGroups
 from .sequence import Sequence
@@ -196,7 +196,8 @@ class ModelRunner:
         context = ForwardContext(
             is_prefill=len(lengths) < len(ids), slot_mapping=tensor(slots, torch.int64),
             query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
-            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True), max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
+            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
+            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
             lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
             if max(adapter_slots) >= 0 else None)
