@@ -261,3 +261,38 @@ def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     else:
         out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap)
     return out.cpu()
+
+
+def _handed_back(context, block_size: int, window: int):
+    """The context with -1 for every table entry that a sliding-window layer group has handed back by this
+    step (BlockManager.first_kept of the sequence's first new token), as the runtime passes it."""
+    from lcq.runtime.block_manager import BlockManager
+
+    manager = BlockManager(1, block_size, enable_prefix_caching=False, windows=(window,))
+    tables = context.block_tables.clone()
+    starts = context.query_start.tolist()
+    for i, length in enumerate(context.context_lens.tolist()):
+        tables[i, :manager.first_kept(0, max(length - (starts[i + 1] - starts[i]), 0))] = -1
+    return dataclasses.replace(context, block_tables=tables)
+
+
+@pytest.mark.parametrize("path", ["torch", "c", "triton"] if cpu_ops.usable() else ["torch", "triton"])
+@pytest.mark.parametrize("new, cached, window", [
+    ([1, 1, 1], [37, 8, 100], 6), ([1] * 9, [35, 3, 16, 17, 31, 2, 5, 40, 60], 5), ([1, 1], [299, 700], 301),
+    ([40, 1, 3], [100, 50, 70], 33), ([50, 2], [70, 100], 8)])
+def test_handed_back_blocks_are_never_read(monkeypatch, path, new, cached, window):
+    """Block tables with -1 where a sliding-window group has handed blocks back (lcq/runtime/block_manager.py:
+    before the key tile where the first new token's window begins) give the reference's output on every path:
+    no kernel reads those entries."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", path == "c")
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, torch.float32, 16)
+    q = torch.randn(sum(new), 6, 64)
+    expected = dense_attention(q, k_cache, v_cache, context, 16, 0.125, window).float()
+    released = _handed_back(context, 16, window)
+    assert bool((released.block_tables == -1).any())
+    if path == "triton":
+        out = _triton_attention(q, k_cache, v_cache, released, 0.125, window)
+    else:
+        out = PagedAttention(released, 16, torch.device("cpu"), torch.float32).attend(q, k_cache, v_cache, 0.125,
+                                                                                        window=window)
+    torch.testing.assert_close(_zero_padding(out, context), expected, atol=1e-5, rtol=1e-5)
