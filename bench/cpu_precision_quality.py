@@ -9,7 +9,12 @@ of K and V is then in every logit (a chunk reads its own K and V from the cache 
 product (the form under test) in every layer and the head, where a served sequence's decode steps of
 fewer than 10 sequences take the decode forms: an upper bound on the cost.
 
-    python bench/cpu_precision_quality.py [--threads 2] [--windows 8]
+With --fp8, what a GPU's kv_cache_dtype fp8 (float8 e4m3, no scales, values clamped to +-448) costs
+instead: the model in bf16 (this CPU's half-precision products; the torch attention path, which writes
+and reads such a cache as the Triton kernels do) with a bf16 cache, then an fp8 one
+(bench/results/cpu-precision-quality-fp8.json).
+
+    python bench/cpu_precision_quality.py [--threads 2] [--windows 8] [--fp8]
 """
 from __future__ import annotations
 
@@ -28,12 +33,14 @@ from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
 from lcq.quantizer.texts import evaluation_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-precision-quality.json"
+FP8_RESULTS = Path(__file__).parent / "results" / "cpu-precision-quality-fp8.json"
 WINDOW, CHUNK, BLOCK = 512, 128, 16
 
 
 @torch.inference_mode()
-def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype) -> float:
-    model, config = load_model(folder, torch.device("cpu"), torch.float32)
+def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype,
+               model_dtype: torch.dtype = torch.float32) -> float:
+    model, config = load_model(folder, torch.device("cpu"), model_dtype)
     blocks = WINDOW // BLOCK
     shape = model.kv_cache_shape(blocks, BLOCK, cache_dtype)
     model.bind_kv_cache([torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)],
@@ -49,15 +56,20 @@ def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dty
                 is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, CHUNK], dtype=torch.int32),
                 context_lens=torch.tensor([start + CHUNK], dtype=torch.int32), block_tables=table,
                 max_query_len=CHUNK, max_context_len=start + CHUNK)
-            logits.append(model.compute_logits(model(tokens[start:start + CHUNK], positions, context)))
+            logits.append(model.compute_logits(model(tokens[start:start + CHUNK], positions, context)).float())
         nll += torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], tokens[1:], reduction="sum").item()
         count += WINDOW - 1
     return math.exp(nll / count)
 
 
 def main() -> None:
-    args = cpu_arguments(__doc__, RESULTS, lambda parser: parser.add_argument(
-        "--windows", type=int, default=8, help="windows of 512 tokens to evaluate"))
+    def options(parser) -> None:
+        parser.add_argument("--windows", type=int, default=8, help="windows of 512 tokens to evaluate")
+        parser.add_argument("--fp8", action="store_true", help="a bf16 model with a bf16, then an fp8 cache")
+
+    args = cpu_arguments(__doc__, RESULTS, options)
+    if args.fp8 and args.output == RESULTS:
+        args.output = FP8_RESULTS
     from transformers import AutoTokenizer
 
     folder = str(ensure_demo_model())
@@ -66,16 +78,22 @@ def main() -> None:
     settings = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.int8, torch.float32)] + [
         (cache, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)
         for cache in (torch.float16, torch.int8)]
+    model_dtype = torch.float32
+    if args.fp8:
+        settings, model_dtype = [(torch.bfloat16, torch.float32), (torch.float8_e4m3fn, torch.float32)], torch.bfloat16
     rows = []
     for cache_dtype, products in settings:
         with cpu_products(products):
-            value = perplexity(folder, ids, windows, cache_dtype)
-        rows.append({"kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
+            value = perplexity(folder, ids, windows, cache_dtype, model_dtype)
+        rows.append({"model_dtype": str(model_dtype).removeprefix("torch."),
+                     "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
                      "cpu_matmul_dtype": str(products).removeprefix("torch."), "perplexity": round(value, 4),
                      "relative_change": round(value / rows[0]["perplexity"] - 1, 6) if rows else 0.0})
-        print(f"KV cache {rows[-1]['kv_cache_dtype']}, products {rows[-1]['cpu_matmul_dtype']}: perplexity "
-              f"{value:.4f} ({rows[-1]['relative_change']:+.4%})", flush=True)
-    write_record(args.output, cpu_record(f"python bench/cpu_precision_quality.py --threads {args.threads} --windows {windows}",
+        print(f"model {rows[-1]['model_dtype']}, KV cache {rows[-1]['kv_cache_dtype']}, products "
+              f"{rows[-1]['cpu_matmul_dtype']}: perplexity {value:.4f} ({rows[-1]['relative_change']:+.4%})",
+              flush=True)
+    write_record(args.output, cpu_record(f"python bench/cpu_precision_quality.py --threads {args.threads} --windows {windows}"
+                                         f"{' --fp8' if args.fp8 else ''}",
                                          args.threads, model=Path(folder).name, text="held-out Shakespeare",
                                          window=WINDOW, chunk=CHUNK, windows=windows,
                                          predicted_tokens=windows * (WINDOW - 1),

@@ -70,8 +70,8 @@ def _reference_logits(reference, tokens: list[int]) -> torch.Tensor:
 
 
 def _check_against(reference, model, prompts: list[list[int]], decode_steps: int = 5, chunk: int | None = None,
-                   atol: float = 2e-4):
-    batch = PagedBatch(model)
+                   atol: float = 2e-4, cache_dtype: torch.dtype | None = None):
+    batch = PagedBatch(model, cache_dtype=cache_dtype)
     seqs = [batch.add() for _ in prompts]
     tokens = [list(p) for p in prompts]
     if chunk is None:
@@ -291,6 +291,18 @@ def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monk
     assert (model.cpu_decoder is None) == (c_ops == "0" or not cpu_half.enabled())
 
 
+@pytest.mark.gpu
+def test_cuda_model_with_an_fp8_cache_follows_transformers(tmp_path):
+    """kv_cache_dtype fp8 on a GPU (compute capability 8.9+): an fp16 model over a float8 e4m3 cache stays
+    within fp8's rounding of transformers' logits through prefill and ragged decode steps."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 needs compute capability 8.9 or later")
+    folder = make_tiny_lcq(tmp_path, "qwen3", bits=2, rank=2, group_size=32, method="rtn")
+    model, _ = load_model(folder, device="cuda", dtype=torch.float16)
+    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3, chunk=4, atol=0.3,
+                   cache_dtype=torch.float8_e4m3fn)
+
+
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
 
 
@@ -412,19 +424,26 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
 ])
 
 
-def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
+def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device, cache_dtype=None):
     """The kernels on `device` against the torch path on CPU (cpu_ops switched off by the caller):
-    same cache writes, same attention."""
+    same cache writes, same attention. cache_dtype: a narrower cache (fp8), whose writes clamp (two values
+    here lie past fp8's 448) and round, and whose reads convert."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention, store_kv
 
     head_dim = 24  # not a power of two: the kernels mask the padding
     k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, dtype)
+    k_cache, v_cache = (cache.to(cache_dtype or dtype) for cache in (k_cache, v_cache))
     q, k, v = (torch.randn(sum(new), h, head_dim, dtype=dtype) for h in (heads, kv_heads, kv_heads))
+    if cache_dtype == torch.float8_e4m3fn and device == "cpu":
+        # the interpreter's own fp8 rounding is wrong (rounding up past a power of two loses the carry:
+        # 1.95 -> 1.0; ties not to even), unlike the GPU's cvt.rn: values already on fp8's grid here
+        k, v = (t.to(cache_dtype).to(dtype) for t in (k, v))
+    k[-1, 0, 0], v[-1, 0, 1] = 1000.0, -1000.0
     slots = context.slot_mapping.clone()
     slots[0] = -1  # a padding token: written by neither path
     context = dataclasses.replace(context, slot_mapping=slots)
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
-    torch_path = PagedAttention(context, BLOCK, torch.device("cpu"), dtype)
+    torch_path = PagedAttention(context, BLOCK, torch.device("cpu"), dtype, cache_dtype)
     assert not torch_path.use_cpu_ops
     torch_path.write(k, v, expected_k, expected_v)
     scale = head_dim ** -0.5
@@ -437,8 +456,8 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device):
                                                                "block_tables")}
     q, k, v, k_cache, v_cache = (t.to(device) for t in (q, k, v, k_cache, v_cache))
     store_kv(k, v, k_cache, v_cache, on["slot_mapping"])
-    torch.testing.assert_close(k_cache.cpu(), expected_k, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache.cpu(), expected_v, atol=0, rtol=0)
+    torch.testing.assert_close(k_cache.cpu().float(), expected_k.float(), atol=0, rtol=0)
+    torch.testing.assert_close(v_cache.cpu().float(), expected_v.float(), atol=0, rtol=0)
     if context.is_prefill:
         out = prefill_attention(q, k_cache, v_cache, on["block_tables"], on["context_lens"], on["query_start"],
                                 context.max_query_len, scale)
@@ -456,12 +475,25 @@ def test_triton_paged_attention_matches_torch_path(monkeypatch, new, cached, hea
     _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, "cpu")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
 @PAGED_CASES
-def test_triton_paged_attention_on_cuda(monkeypatch, new, cached, dtype):
+def test_triton_paged_attention_with_an_fp8_cache_matches_torch_path(monkeypatch, new, cached, heads, kv_heads):
+    """fp16 activations over a float8 e4m3 cache (kv_cache_dtype fp8): the kernels' writes equal torch's
+    clamp-and-round bit for bit, and their attention the torch path's over the same fp8 values."""
     monkeypatch.setattr(cpu_ops, "ENABLED", False)
-    _check_triton_paged_attention(new, cached, 8, 2, dtype, "cuda")
+    _check_triton_paged_attention(new, cached, heads, kv_heads, torch.float16, "cpu", torch.float8_e4m3fn)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float16, None), (torch.bfloat16, None),
+                                                (torch.float16, torch.float8_e4m3fn)])
+@PAGED_CASES
+def test_triton_paged_attention_on_cuda(monkeypatch, new, cached, dtype, cache_dtype):
+    """Compiled; an fp8 cache (compute capability 8.9+) rounds its writes on the GPU as torch does."""
+    if cache_dtype is not None and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 needs compute capability 8.9 or later")
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    _check_triton_paged_attention(new, cached, 8, 2, dtype, "cuda", cache_dtype)
 
 
 needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")

@@ -261,8 +261,10 @@ def test_int8_kv_cache_holds_more_tokens_and_keeps_the_logprobs(tiny, llm):
 
 
 def test_kv_cache_dtype_is_checked(monkeypatch):
-    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, float16"):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, fp8, fp8_e4m3, float16"):
         EngineConfig(model="m", kv_cache_dtype="int4").validate()
+    with pytest.raises(ValueError, match="fp8 needs a GPU of compute capability 8.9 or later"):
+        EngineConfig(model="m", device="cpu", kv_cache_dtype="fp8").validate()
     for setting in (dict(device="cuda"), dict(device="cpu", dtype="bfloat16")):
         with pytest.raises(ValueError, match="int8 needs an fp32 model on a CPU and the C kernels"):
             EngineConfig(model="m", kv_cache_dtype="int8", **setting).validate()

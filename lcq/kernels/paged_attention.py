@@ -14,6 +14,9 @@ position i sees only the tokens i - W + 1 .. i: the loops start at the tile hold
 that a program's first query sees, and the tile where a window begins is masked; WINDOW 0 compiles
 the full-attention kernels. SOFTCAP > 0 (Gemma 2, a constant) caps every score to
 SOFTCAP * tanh(score / SOFTCAP) before the masks and the softmax; 0 compiles no cap.
+A cache may be narrower than the activations (fp8 e4m3, half an fp16 cache's bytes): store_kv clamps
+each value to the cache dtype's range and rounds it to it, and the attention kernels convert each
+tile of K and V to the queries' dtype as they load it.
 Loop bounds come from context_lens in memory, never from the host, and store_kv skips slot -1
 without a host check, so a decode step can be captured in a CUDA graph (batches padded with
 slot -1 and context length 0, whose output rows are zeros).
@@ -31,7 +34,9 @@ MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+    """LIMIT > 0: the cache dtype's largest value, to which values are clamped before they are rounded
+    to it (a narrower cache than the activations: fp8)."""
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
@@ -39,8 +44,11 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         mask = offs < ROW
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
-        tl.store(k_cache_ptr + slot * ROW + offs, k, mask=mask)
-        tl.store(v_cache_ptr + slot * ROW + offs, v, mask=mask)
+        if LIMIT > 0:
+            k = tl.minimum(tl.maximum(k, -LIMIT), LIMIT)
+            v = tl.minimum(tl.maximum(v, -LIMIT), LIMIT)
+        tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -49,8 +57,10 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(2) == 1 and v.stride(2) == 1
     row = k.shape[1] * k.shape[2]
     k, v = k.reshape(-1, row), v.reshape(-1, row)  # rows stay strided views of the qkv output
+    narrower = torch.finfo(k_cache.dtype).max < torch.finfo(k.dtype).max
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row))
+                                    ROW=row, BLOCK=triton.next_power_of_2(row),
+                                    LIMIT=float(torch.finfo(k_cache.dtype).max) if narrower else 0.0)
 
 
 @triton.jit
@@ -115,8 +125,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
             t_mask = t_mask & (t >= lowest)
         rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
         kv_mask = t_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
         scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, False)
@@ -159,8 +169,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
             t_mask = t < end
             rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
             kv_mask = t_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0)
+            k = tl.load(k_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
             visible = t_mask[None, :] & (t[None, :] <= positions[:, None])
             if WINDOW > 0:

@@ -30,9 +30,6 @@ from .context import ForwardContext
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
-_HALF_MAX = torch.finfo(torch.float16).max
-
-
 def _product(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
              causal: bool, softcap: float) -> torch.Tensor:
     """F.scaled_dot_product_attention of 4-D q (B, heads, L, d) over keys and values (B, kv_heads, S, d), or
@@ -51,10 +48,12 @@ def _product(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
 
 
 def _cache_values(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """x in the cache's dtype; an fp16 cache of wider activations saturates at +-65504 (as the C
-    writes do) rather than storing inf, which would turn the sequence's attention into NaN."""
-    if cache_dtype == torch.float16 and x.dtype != torch.float16:
-        x = x.clamp(-_HALF_MAX, _HALF_MAX)
+    """x in the cache's dtype; a cache of a narrower range than the activations (fp16 of fp32 or bf16, fp8
+    of fp16) saturates at its largest value (as the C and Triton writes do) rather than storing inf or NaN,
+    which would turn the sequence's attention into NaN."""
+    limit = torch.finfo(cache_dtype).max if cache_dtype.is_floating_point else None
+    if limit is not None and limit < torch.finfo(x.dtype).max:
+        x = x.clamp(-limit, limit)
     return x.to(cache_dtype)
 
 

@@ -72,11 +72,20 @@ class EngineConfig:
         as fast or faster, since it converts as it loads), else the model dtype. Set, it may differ from
         the model dtype only on CPU (the GPU kernels read the model dtype); float32 keeps an fp32 CPU
         model's tokens equal to transformers'. int8 (an fp32 CPU model with the C kernels): each head
-        row in bytes with its fp32 scale, 1.9x fp16's tokens per GiB at head_dim 64."""
+        row in bytes with its fp32 scale, 1.9x fp16's tokens per GiB at head_dim 64. fp8 (vLLM's name; on a
+        GPU of compute capability 8.9 or later): float8 e4m3 without scales, values clamped to +-448, twice
+        an fp16 cache's tokens."""
         on_cpu = self.resolved_device().type == "cpu"
         if self.kv_cache_dtype == "auto":
             model_dtype = self.resolved_dtype()
             return torch.float16 if on_cpu and model_dtype == torch.float32 else model_dtype
+        if self.kv_cache_dtype in FP8_NAMES:
+            device = self.resolved_device()
+            if device.type != "cuda" or not torch.cuda.is_available() or \
+                    torch.cuda.get_device_capability(device) < (8, 9):
+                raise ValueError("kv_cache_dtype fp8 needs a GPU of compute capability 8.9 or later (Ada, Hopper), "
+                                 "where the Triton kernels store and read float8 e4m3")
+            return torch.float8_e4m3fn
         if self.kv_cache_dtype == "int8":
             from lcq.kernels import cpu_ops
 
@@ -84,7 +93,7 @@ class EngineConfig:
                 raise ValueError("kv_cache_dtype int8 needs an fp32 model on a CPU and the C kernels "
                                  "(LCQ_CPU_OPS not 0)")
             return torch.int8
-        dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype, "int8")
+        dtype = _named_dtype("kv_cache_dtype", self.kv_cache_dtype, "int8", *FP8_NAMES)
         if dtype != self.resolved_dtype() and self.resolved_device().type == "cuda":
             raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")
         return dtype
@@ -204,6 +213,7 @@ def _model_type(folder: str) -> str | None:
         return None
 
 
+FP8_NAMES = ("fp8", "fp8_e4m3")  # kv_cache_dtype: float8 e4m3 on a GPU (vLLM's names)
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
 

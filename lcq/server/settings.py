@@ -100,7 +100,8 @@ FLAGS = (
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
     Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16, or on CPU "
-         "float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens)", "engine"),
+         "float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens), or on a GPU of compute "
+         "capability 8.9+ fp8 (float8 e4m3, values clamped to +-448: 2x fp16's tokens)", "engine"),
     Flag("--cpu-matmul-dtype", str, "auto (int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16, else "
          "bfloat16 where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 10+ "
          "rows in 8 bits, bf16 elsewhere): operands of an fp32 CPU model's large products", "engine"),
