@@ -98,6 +98,7 @@ class BlockManager:
                 self._take(table[-1])
             seq.block_tables.append(table)
         seq.num_computed_tokens = seq.num_cached_tokens = count * self.block_size
+        seq.tables_version += 1
 
     def _cached(self, group: int, index: int, key: int, seq: Sequence) -> int | None:
         """The block of `group` registered for the sequence's full block `index`, whose chain hash is `key`."""
@@ -131,6 +132,7 @@ class BlockManager:
         windows have passed."""
         if not seq.block_tables:
             seq.block_tables = [[] for _ in self.windows]
+        before = len(seq.block_tables[0]), seq.num_released
         for group, table in enumerate(seq.block_tables):
             for index in self._passed(seq, group):
                 if table[index] != RELEASED:
@@ -145,6 +147,8 @@ class BlockManager:
                 self._take(block_id)
                 table.append(block_id)
         seq.num_released = [self.first_kept(group, seq.num_computed_tokens) for group in range(len(self.windows))]
+        if (len(seq.block_tables[0]), seq.num_released) != before:
+            seq.tables_version += 1
 
     def register_full_blocks(self, seq: Sequence) -> None:
         """Hash the sequence's blocks that are now full of computed tokens, for later reuse."""
@@ -171,6 +175,7 @@ class BlockManager:
                     self._give_back(block_id)
         seq.block_tables, seq.block_hashes, seq.num_released = [], [], []
         seq.num_computed_tokens = 0
+        seq.tables_version += 1
 
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -32,6 +32,9 @@ class Sequence:
         self.status = Status.WAITING
         self.block_tables: list[list[int]] = []  # per layer group (kv_groups.py); -1 where handed back
         self.num_released: list[int] = []  # per group: leading table entries handed back (sliding windows)
+        self.tables_version = 0  # counts changes to block_tables, so that the runner's array of them is reused
+        self.tables_array = None  # block_tables as the runner last copied them (numpy, groups x blocks)
+        self.tables_array_version = -1
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
