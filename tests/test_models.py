@@ -14,7 +14,7 @@ from lcq.kernels.cpu_matmul import cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_multimodal
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, phi3_longrope
 
 BLOCK = 4
 
@@ -169,16 +169,39 @@ def test_granite_reads_as_llama_with_its_factors_folded(tmp_path):
     _check_against(stored.eval(), model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, c_ops):
+    """Phi-3.5's LongRoPE (original context 16 here): the tables of a model served past the original
+    context use the long factors, as transformers' Phi3ForCausalLM does on sequences past it; fitted to a
+    context within it, the short ones, as transformers on sequences within it. With the C ops and the
+    torch path."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "phi3", **phi3_longrope(16))
+    reference = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model, config = load_model(folder)
+    assert config.rope["rope_type"] == "longrope" and config.max_position_embeddings == 256
+    _check_against(reference, model, [[(7 * i + 3) % 300 + 1 for i in range(n)] for n in (20, 33)], decode_steps=3)
+    short_tables = load_model(folder)[0]
+    short_tables.fit_rotary(16)
+    assert not torch.equal(short_tables.rotary.cos, model.rotary.cos)
+    _check_against(reference, short_tables, PROMPTS, decode_steps=3)  # at most 14 tokens
+    model.fit_rotary(16)  # in place: the tensors the C decode step holds
+    assert torch.equal(short_tables.rotary.cos, model.rotary.cos)
+
+
 def test_phi3_errors_are_one_line(tmp_path):
-    """Phi-4-mini's partial rotary embedding and Phi-3.5's long-context rope are refused by name, and a
+    """Phi-4-mini's partial rotary embedding and rope types Phi-3 does not have are refused by name, and a
     fused matrix shorter than config.json says is caught where it is read."""
     from lcq.format import CheckpointReader, FormatError
 
     folder = make_tiny_hf(tmp_path, "phi3")
     config = json.loads((folder / "config.json").read_text())
     for changes, message in (({"partial_rotary_factor": 0.75}, "partial rotary"),
-                             ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 12,
-                                                "long_factor": [1.0] * 12}}, "rope type 'longrope'")):
+                             ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
+                             ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 12, "long_factor": [1.0] * 11}},
+                              "longrope needs 12 long_factor values .* gives 11")):
         (folder / "config.json").write_text(json.dumps({**config, **changes, "rope_parameters": None}))
         with pytest.raises(UserError, match=message):
             load_model(folder)
@@ -343,7 +366,7 @@ def test_yarn_frequencies_are_transformers(settings):
     from lcq.models.layers import rope_settings, rotary_frequencies
     sizes = dict(hidden_size=128, num_attention_heads=2, max_position_embeddings=128, rope_theta=10000.0)
     rope = {**YARN, **settings}
-    inv_freq, scale = rotary_frequencies(64, rope_settings({**sizes, "rope_scaling": rope}))
+    inv_freq, scale = rotary_frequencies(64, rope_settings({**sizes, "rope_scaling": rope}), 128)
     expected, expected_scale = ROPE_INIT_FUNCTIONS["yarn"](Qwen2Config(**sizes, rope_scaling=rope), "cpu")
     torch.testing.assert_close(inv_freq.float(), expected, rtol=1e-6, atol=0)
     assert scale == pytest.approx(expected_scale, rel=1e-12)
@@ -354,9 +377,9 @@ def test_unsupported_rope_type_is_one_clear_error(tmp_path):
     folder = make_tiny_hf(tmp_path, "llama")
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 4.0}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="rope type 'longrope' is not supported"):
+    with pytest.raises(UserError, match="rope type 'dynamic' is not supported"):
         load_model(folder)
 
 

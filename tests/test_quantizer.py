@@ -22,7 +22,7 @@ from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LayerWidths
 from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, LINEARS, calibration_batch
 from lcq.quantizer.reference import load_reference_model
-from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal
+from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,18 +177,21 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
-    """A Phi-3 folder (fused q/k/v and gate/up, a sliding window) quantizes into a Mistral checkpoint whose
-    parts are packed under their own names, a Granite one into a Llama checkpoint with its factors folded;
-    the engine's greedy tokens on each are transformers' with the dequantized weights."""
+    """A Phi-3.5-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original context
+    of 8) quantizes into a Mistral checkpoint whose parts are packed under their own names, with Mistral's
+    LongRoPE settings, a Granite one into a Llama checkpoint with its factors folded; the engine's greedy
+    tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
+    in both)."""
     from lcq.runtime import LLM, SamplingParams
 
-    hf = make_tiny_hf(tmp_path / "hf", arch, **({"sliding_window": 7} if arch == "phi3" else {}))
+    hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8)) if arch == "phi3" else {}))
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
+    assert reader.config["rope_parameters"]["rope_type"] == ("longrope" if arch == "phi3" else "default")
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     reference = load_reference_model(tmp_path / "lcq")

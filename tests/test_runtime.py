@@ -26,7 +26,8 @@ from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
-from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, merge_adapter
+from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, merge_adapter, \
+    phi3_longrope
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
@@ -118,6 +119,26 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     one_call = cpu_ops.usable() and cpu_half.enabled()
     assert (llm.engine.runner.model.cpu_decoder is not None) == one_call
     assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
+
+
+def test_longrope_factors_are_those_of_the_context_served(tmp_path):
+    """A Phi-3.5-style model (LongRoPE over an original context of 32) from fp16 weights, through the
+    one-call C decode step where it builds: served with max_model_len 32, the short factors, and its greedy
+    tokens on prompts that stay within 32 tokens are transformers'; served with its whole context (256),
+    the long ones, and on prompts past 32 tokens transformers' too (transformers picks the factors by
+    each forward pass's length, we by the context served, as vLLM does)."""
+    import transformers
+
+    folder = make_tiny_hf(tmp_path, "phi3", dtype=torch.float16, **phi3_longrope(32))
+    reference = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    within = LLM(str(folder), block_size=8, max_model_len=32, **FP32)
+    for prompt, out in zip(PROMPTS, within.generate(PROMPTS, GREEDY)):  # at most 18 + 12 tokens
+        assert out.token_ids == _transformers_greedy(folder, prompt, 12, reference)
+    past = LLM(str(folder), block_size=8, **FP32)
+    assert past.engine.max_model_len == 256
+    prompts = [[(5 * i + 1) % 300 + 3 for i in range(n)] for n in (33, 40)]
+    for prompt, out in zip(prompts, past.generate(prompts, GREEDY)):
+        assert out.token_ids == _transformers_greedy(folder, prompt, 12, reference)
 
 
 @pytest.mark.parametrize("kind", ["hf", "lcq"])

@@ -120,6 +120,14 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     return folder
 
 
+def phi3_longrope(original: int) -> dict:
+    """make_tiny_hf overrides for a Phi-3.5-style Phi-3 (LongRoPE over an original context of `original`
+    tokens, of make_tiny_hf's 256): 12 short and 12 long factors, one per frequency of its 24-wide heads."""
+    return dict(original_max_position_embeddings=original, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(12)],
+        "long_factor": [1.0 + 0.7 * i for i in range(12)]})
+
+
 # A multimodal wrapper per text family, with its tiny vision tower's config.
 WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
                model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,

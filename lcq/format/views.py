@@ -159,18 +159,28 @@ def _text_model_name(name: str) -> str | None:
 
 
 def _phi3_as_mistral(config: dict[str, Any]) -> dict[str, Any]:
-    """Phi-3's config as Mistral's, refusing what Mistral's decoder does not do: a partial rotary
-    embedding (Phi-4-mini) and long-context rotary scaling (Phi-3.5, the 128k Phi-3 models)."""
+    """Phi-3's config as Mistral's, refusing what Mistral's decoder does not do (a partial rotary
+    embedding: Phi-4-mini). Long-context rotary scaling (Phi-3.5, the 128k Phi-3 models) becomes Mistral's
+    LongRoPE settings, with the original context length Phi-3 keeps at the top level (4096 by default,
+    as transformers reads it) and the older names of the type ("su", "yarn") read as transformers does."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise ViewError(f"Phi3ForCausalLM: a partial rotary embedding (partial_rotary_factor {partial}) is not supported")
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ViewError(f"Phi3ForCausalLM: rope type {rope.get('rope_type', rope.get('type'))!r} is not supported")
-    if "rope_theta" in rope:
-        config = {**config, "rope_theta": rope["rope_theta"]}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "longrope", "su", "yarn"):
+        raise ViewError(f"Phi3ForCausalLM: rope type {kind!r} is not supported")
+    rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    settings = {"rope_type": "default", "rope_theta": rope_theta}
+    if kind != "default":
+        settings = {**{key: value for key, value in rope.items() if key not in ("type", "partial_rotary_factor")},
+                    **settings, "rope_type": "longrope",
+                    "original_max_position_embeddings": config.get("original_max_position_embeddings", 4096)}
+        settings.setdefault("factor", config.get("max_position_embeddings", 4096)
+                            / settings["original_max_position_embeddings"])  # transformers' default, said once
     kept = {key: config[key] for key in KEPT if key in config and key not in ("rope_parameters", "rope_scaling")}
-    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept,
+    return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept, "rope_theta": rope_theta,
+            "rope_parameters": settings,
             "head_dim": config["hidden_size"] // config["num_attention_heads"]}
 
 

@@ -75,12 +75,17 @@ class ModelConfig:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
         heads = c["num_attention_heads"]
+        head_dim = c.get("head_dim") or c["hidden_size"] // heads
+        for kind in ("short_factor", "long_factor") if rope["rope_type"] == "longrope" else ():
+            if len(rope.get(kind) or ()) != head_dim // 2:
+                raise UserError(f"{folder}: longrope needs {head_dim // 2} {kind} values (one per rotary frequency), "
+                                f"config.json gives {len(rope.get(kind) or ())}")
         gemma = _gemma_fields(c, folder) if c["model_type"] in GEMMA else {}
         return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=c.get("head_dim") or c["hidden_size"] // heads, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),

@@ -52,7 +52,7 @@ def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor,
     rows.copy_(weight * F.rms_norm(rows.float(), (head_dim,), eps=eps).to(x.dtype))
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 # The table of layers that apply no rotary embedding (SmolLM3's NoPE layers): an identity rotation, so
 # that every path treats them as any other layer. Internal only: configs cannot ask for it.
 NO_ROTATION = {"rope_type": "none", "rope_theta": 1.0}
@@ -61,15 +61,16 @@ NO_ROTATION = {"rope_type": "none", "rope_theta": 1.0}
 def rope_settings(config: dict) -> dict:
     """Rotary settings from either config style: transformers 5 `rope_parameters`, or the older
     top-level `rope_theta` plus `rope_scaling`. Scaled types without an original context length
-    take the model's, and YaRN without a factor the ratio of the two, as transformers does."""
+    take the model's, and YaRN and LongRoPE without a factor the ratio of the two, as transformers does
+    (Phi-3's top-level original_max_position_embeddings first)."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     params.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
-    if params["rope_type"] in ("llama3", "yarn"):
+    if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params["original_max_position_embeddings"] = (config.get("original_max_position_embeddings")
                                                       or params.get("original_max_position_embeddings")
                                                       or config.get("max_position_embeddings", 4096))
-    if params["rope_type"] == "yarn" and params.get("factor") is None:
+    if params["rope_type"] in ("yarn", "longrope") and params.get("factor") is None:
         params["factor"] = config.get("max_position_embeddings", 4096) / params["original_max_position_embeddings"]
     return params
 
@@ -81,8 +82,9 @@ def query_temperatures(positions: torch.Tensor, beta: float, span: int) -> torch
     return 1 + beta * torch.log1p(torch.floor(positions.float() / span))
 
 
-def rotary_frequencies(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (float64) and the factor on cos and sin (YaRN's attention scaling, else 1)."""
+def rotary_frequencies(head_dim: int, rope: dict, context: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float64) and the factor on cos and sin (YaRN's and LongRoPE's attention
+    scaling, else 1) for a model served with up to `context` tokens (only LongRoPE depends on it)."""
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = rope["rope_type"]
     if kind == "default":
@@ -102,6 +104,8 @@ def rotary_frequencies(head_dim: int, rope: dict) -> tuple[torch.Tensor, float]:
         return torch.where(medium, blended, scaled), 1.0
     if kind == "yarn":
         return _yarn(inv_freq, head_dim, rope)
+    if kind == "longrope":
+        return _longrope(inv_freq, rope, context)
     raise ValueError(f"rope type {kind!r} is not supported ({', '.join(ROPE_TYPES)})")
 
 
@@ -132,15 +136,45 @@ def _yarn(inv_freq: torch.Tensor, head_dim: int, rope: dict) -> tuple[torch.Tens
     return inv_freq / factor * ramp + inv_freq * (1 - ramp), float(attention_factor)
 
 
+def _longrope(inv_freq: torch.Tensor, rope: dict, context: int) -> tuple[torch.Tensor, float]:
+    """LongRoPE (Phi-3.5, the 128k Phi-3 models): each frequency divided by its own factor, the long
+    factors where the context served is longer than the original one, else the short ones; cos and sin
+    scaled by sqrt(1 + ln(factor) / ln(original)). The choice is per engine, not per sequence (as vLLM
+    makes it): a sequence that crossed the original length would otherwise hold keys rotated by both."""
+    original = rope["original_max_position_embeddings"]
+    factors = rope["long_factor"] if context > original else rope["short_factor"]
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        factor = rope["factor"]
+        attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return inv_freq / torch.tensor(factors, dtype=torch.float64), float(attention_factor)
+
+
 class RotaryEmbedding(torch.nn.Module):
-    """cos/sin tables (fp32) for every position up to max_positions, applied in the half-split layout."""
+    """cos/sin tables (fp32) for every position up to max_positions, applied in the half-split layout.
+    They are built for a context of max_positions tokens; `fit` rebuilds them, in place, for the context an
+    engine serves (LongRoPE's factors depend on it)."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: dict):
         super().__init__()
-        inv_freq, scale = rotary_frequencies(head_dim, rope)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
-        self.register_buffer("cos", (freqs.cos() * scale).float(), persistent=False)
-        self.register_buffer("sin", (freqs.sin() * scale).float(), persistent=False)
+        self.head_dim, self.rope, self.max_positions = head_dim, rope, max_positions
+        cos, sin = self._tables(max_positions)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = rotary_frequencies(self.head_dim, self.rope, context)
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+        return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
+
+    def fit(self, context: int) -> None:
+        """Tables for a served context of `context` tokens, written into the same tensors (the CPU decode
+        step and CUDA graphs keep their addresses). Only LongRoPE's tables depend on it."""
+        if self.rope["rope_type"] != "longrope":
+            return
+        cos, sin = self._tables(context)
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin (T, 1, d/2) for positions (T,): looked up once per step, used by every layer."""

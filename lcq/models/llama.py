@@ -178,6 +178,12 @@ class LlamaModel(torch.nn.Module):
             hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
         return self.norm(hidden, residual)[0]
 
+    def fit_rotary(self, context: int) -> None:
+        """Rotary tables for the context an engine serves (LongRoPE picks its factors by it), in place."""
+        for table in (self.rotary, self.rotary_local):
+            if table is not None:
+                table.fit(context)
+
     def layer_rotary(self, index: int) -> RotaryEmbedding:
         """The rotary table layer `index` applies: the identity for a NoPE layer, a sliding-window layer's own
         where the model has one (Gemma 3), else the model's."""

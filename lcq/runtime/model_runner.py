@@ -72,6 +72,7 @@ class ModelRunner:
         self.model.bind_kv_cache(self.k_caches, self.v_caches, self.kv_groups.layer_group)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         self.max_model_len = self._longest_sequence(config)
+        self.model.fit_rotary(self.max_model_len)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB), %d layer groups of %d layers; "
                     "context %d tokens; products: %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
