@@ -170,15 +170,17 @@ def test_granite_reads_as_llama_with_its_factors_folded(tmp_path):
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, c_ops):
-    """Phi-3.5's LongRoPE (original context 16 here): the tables of a model served past the original
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, c_ops, partial):
+    """Phi-3.5's LongRoPE (original context 16 here), and with Phi-4-mini's partial rotary embedding (18
+    of 24 dimensions here, read as a whole-head one): the tables of a model served past the original
     context use the long factors, as transformers' Phi3ForCausalLM does on sequences past it; fitted to a
     context within it, the short ones, as transformers on sequences within it. With the C ops and the
     torch path."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, "phi3", **phi3_longrope(16))
+    folder = make_tiny_hf(tmp_path, "phi3", **phi3_longrope(16, partial))
     reference = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     model, config = load_model(folder)
     assert config.rope["rope_type"] == "longrope" and config.max_position_embeddings == 256
@@ -192,13 +194,16 @@ def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, 
 
 
 def test_phi3_errors_are_one_line(tmp_path):
-    """Phi-4-mini's partial rotary embedding and rope types Phi-3 does not have are refused by name, and a
-    fused matrix shorter than config.json says is caught where it is read."""
+    """Rope types Phi-3 does not have, partial rotary embeddings that leave an odd number of dimensions and
+    wrong numbers of LongRoPE factors are refused by name, and a fused matrix shorter than config.json says
+    is caught where it is read."""
     from lcq.format import CheckpointReader, FormatError
 
     folder = make_tiny_hf(tmp_path, "phi3")
     config = json.loads((folder / "config.json").read_text())
-    for changes, message in (({"partial_rotary_factor": 0.75}, "partial rotary"),
+    for changes, message in (({"partial_rotary_factor": 0.55}, "rotates 13 of a head's 24 dimensions"),
+                             ({"partial_rotary_factor": 0.5, "rope_scaling": {"type": "longrope", "short_factor": [
+                                 1.0] * 12}}, "longrope needs 6 short_factor values"),
                              ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope type 'dynamic'"),
                              ({"rope_scaling": {"type": "su", "short_factor": [1.0] * 12, "long_factor": [1.0] * 11}},
                               "longrope needs 12 long_factor values .* gives 11")):

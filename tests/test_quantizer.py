@@ -177,14 +177,15 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
-    """A Phi-3.5-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original context
-    of 8) quantizes into a Mistral checkpoint whose parts are packed under their own names, with Mistral's
-    LongRoPE settings, a Granite one into a Llama checkpoint with its factors folded; the engine's greedy
-    tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
-    in both)."""
+    """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
+    context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
+    under their own names, with Mistral's LongRoPE settings over whole heads, a Granite one into a Llama
+    checkpoint with its factors folded; the engine's greedy tokens on each are transformers' with the
+    dequantized weights (the prompt past 8 tokens: long factors in both)."""
     from lcq.runtime import LLM, SamplingParams
 
-    hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8)) if arch == "phi3" else {}))
+    hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8, 0.75)) if arch == "phi3"
+                                                else {}))
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
     quantize_model(hf, tmp_path / "lcq", options, progress=False)

@@ -121,15 +121,17 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
 
 
-def test_longrope_factors_are_those_of_the_context_served(tmp_path):
-    """A Phi-3.5-style model (LongRoPE over an original context of 32) from fp16 weights, through the
-    one-call C decode step where it builds: served with max_model_len 32, the short factors, and its greedy
-    tokens on prompts that stay within 32 tokens are transformers'; served with its whole context (256),
-    the long ones, and on prompts past 32 tokens transformers' too (transformers picks the factors by
-    each forward pass's length, we by the context served, as vLLM does)."""
+@pytest.mark.parametrize("partial", [1.0, 0.75])
+def test_longrope_factors_are_those_of_the_context_served(tmp_path, partial):
+    """A Phi-3.5-style model (LongRoPE over an original context of 32; with partial 0.75 Phi-4-mini's
+    partial rotary embedding) from fp16 weights, through the one-call C decode step where it builds: served
+    with max_model_len 32, the short factors, and its greedy tokens on prompts that stay within 32 tokens
+    are transformers'; served with its whole context (256), the long ones, and on prompts past 32 tokens
+    transformers' too (transformers picks the factors by each forward pass's length, we by the context
+    served, as vLLM does)."""
     import transformers
 
-    folder = make_tiny_hf(tmp_path, "phi3", dtype=torch.float16, **phi3_longrope(32))
+    folder = make_tiny_hf(tmp_path, "phi3", dtype=torch.float16, **phi3_longrope(32, partial))
     reference = transformers.Phi3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     within = LLM(str(folder), block_size=8, max_model_len=32, **FP32)
     for prompt, out in zip(PROMPTS, within.generate(PROMPTS, GREEDY)):  # at most 18 + 12 tokens

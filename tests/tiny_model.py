@@ -120,12 +120,15 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     return folder
 
 
-def phi3_longrope(original: int) -> dict:
+def phi3_longrope(original: int, partial_rotary_factor: float = 1.0) -> dict:
     """make_tiny_hf overrides for a Phi-3.5-style Phi-3 (LongRoPE over an original context of `original`
-    tokens, of make_tiny_hf's 256): 12 short and 12 long factors, one per frequency of its 24-wide heads."""
-    return dict(original_max_position_embeddings=original, rope_parameters={
-        "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(12)],
-        "long_factor": [1.0 + 0.7 * i for i in range(12)]})
+    tokens, of make_tiny_hf's 256), or with a partial rotary embedding a Phi-4-mini-style one: a short and
+    a long factor per rotary frequency of its 24-wide heads."""
+    count = int(24 * partial_rotary_factor) // 2
+    return dict(original_max_position_embeddings=original, partial_rotary_factor=partial_rotary_factor,
+                rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                 "short_factor": [1.0 + 0.1 * i for i in range(count)],
+                                 "long_factor": [1.0 + 0.7 * i for i in range(count)]})
 
 
 # A multimodal wrapper per text family, with its tiny vision tower's config.

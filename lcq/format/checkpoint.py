@@ -240,6 +240,10 @@ class CheckpointReader:
         if where.rows is not None and tensor.shape[0] != where.rows[1] - where.rows[0]:
             raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows, "
                               f"config.json gives {name} rows {where.rows[0]} to {where.rows[1]}")
+        if where.order is not None:
+            tensor = tensor[list(where.order)]
+        if isinstance(where.scale, tuple):
+            return tensor.float() * torch.tensor(where.scale).unsqueeze(1)
         return tensor if where.scale == 1.0 else tensor.float() * where.scale
 
     def quantized_prefixes(self) -> list[str]:

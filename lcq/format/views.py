@@ -14,6 +14,9 @@
 - Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
   gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
   (read alone from the file), so every part is quantized and fused again as in the other families.
+  Phi-4-mini's partial rotary embedding reads as a whole-head one, exactly: its query and key rows
+  reordered within each head, LongRoPE factors that give the rotated dimensions their frequencies and
+  the others none (_phi3_rotation).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -28,6 +31,7 @@ LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +53,8 @@ INHERITED = ("torch_dtype", "dtype")
 OVERRIDING = ("tie_word_embeddings",)
 # Architectures read as another one (named in the errors that list what lcq reads).
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *WRAPPERS)
+# LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
+UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
 KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
@@ -66,7 +72,9 @@ class StoredTensor:
 
     name: str
     rows: tuple[int, int] | None = None
-    scale: float = 1.0  # the view's tensor is the stored one times this (read in fp32 where it is not 1)
+    # The view's tensor is the stored one times this, or each row times its own (read in fp32 where not 1).
+    scale: float | tuple[float, ...] = 1.0
+    order: tuple[int, ...] | None = None  # the view's row i is row order[i] of the rows above (then scaled)
 
 
 def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict[str, Any]:
@@ -91,7 +99,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     if architecture in WRAPPERS:
         return {text: StoredTensor(name) for name in stored if (text := _text_model_name(name)) is not None}
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
-        return _phi3_parts(_phi3_as_mistral(config), stored)
+        return _phi3_parts(config, stored)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_scales(config, stored)
     if _base_model_save(stored):
@@ -159,41 +167,91 @@ def _text_model_name(name: str) -> str | None:
 
 
 def _phi3_as_mistral(config: dict[str, Any]) -> dict[str, Any]:
-    """Phi-3's config as Mistral's, refusing what Mistral's decoder does not do (a partial rotary
-    embedding: Phi-4-mini). Long-context rotary scaling (Phi-3.5, the 128k Phi-3 models) becomes Mistral's
-    LongRoPE settings, with the original context length Phi-3 keeps at the top level (4096 by default,
-    as transformers reads it) and the older names of the type ("su", "yarn") read as transformers does."""
+    """Phi-3's config as Mistral's. Long-context rotary scaling (Phi-3.5, the 128k Phi-3 models) becomes
+    Mistral's LongRoPE settings, with the original context length Phi-3 keeps at the top level (4096 by
+    default, as transformers reads it) and the older names of the type ("su", "yarn") read as transformers
+    does. A partial rotary embedding (Phi-4-mini: 96 of 128 dimensions) becomes a whole-head one
+    (_phi3_rotation)."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ViewError(f"Phi3ForCausalLM: a partial rotary embedding (partial_rotary_factor {partial}) is not supported")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "longrope", "su", "yarn"):
         raise ViewError(f"Phi3ForCausalLM: rope type {kind!r} is not supported")
     rope_theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    head_dim, rotary, _ = _phi3_rotation(config)
     settings = {"rope_type": "default", "rope_theta": rope_theta}
-    if kind != "default":
+    if kind != "default" or rotary < head_dim:
+        original = config.get("original_max_position_embeddings", 4096) if kind != "default" else \
+            config.get("max_position_embeddings", 4096)
         settings = {**{key: value for key, value in rope.items() if key not in ("type", "partial_rotary_factor")},
-                    **settings, "rope_type": "longrope",
-                    "original_max_position_embeddings": config.get("original_max_position_embeddings", 4096)}
-        settings.setdefault("factor", config.get("max_position_embeddings", 4096)
-                            / settings["original_max_position_embeddings"])  # transformers' default, said once
+                    **settings, "rope_type": "longrope", "original_max_position_embeddings": original}
+        settings.setdefault("factor", config.get("max_position_embeddings", 4096) / original)  # transformers' default
+    if rotary < head_dim:
+        for factors in ("short_factor", "long_factor"):
+            values = rope.get(factors) or rope.get("short_factor") or [1.0] * (rotary // 2)
+            if len(values) != rotary // 2:
+                raise ViewError(f"Phi3ForCausalLM: longrope needs {rotary // 2} {factors} values (one per rotary "
+                                f"frequency), config.json gives {len(values)}")
+            settings[factors] = [value * rope_theta ** (2 * j / rotary - 2 * j / head_dim)
+                                 for j, value in enumerate(values)] + [UNTURNED] * ((head_dim - rotary) // 2)
+        settings["attention_factor"] = 1.0  # folded into the queries' rotated rows (_phi3_parts)
     kept = {key: config[key] for key in KEPT if key in config and key not in ("rope_parameters", "rope_scaling")}
     return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept, "rope_theta": rope_theta,
-            "rope_parameters": settings,
-            "head_dim": config["hidden_size"] // config["num_attention_heads"]}
+            "rope_parameters": settings, "head_dim": head_dim}
+
+
+def _phi3_rotation(config: dict[str, Any]) -> tuple[int, int, float]:
+    """A Phi-3 config's head_dim, rotary dimensions and, where they are fewer than head_dim, the LongRoPE
+    attention factor that scales their cos and sin (1.0 otherwise).
+
+    A partial rotary embedding rotates pairs (i, i + r/2) of a head's first r dimensions and leaves the rest
+    as they are; Mistral's rotates pairs (i, i + d/2) of all d. Reordering each query and key head's rows
+    (the first r/2, the first half of the rest, the second r/2, the second half of the rest) makes the
+    rotated pairs Mistral's first r/2, whose frequencies LongRoPE's per-frequency factors can give
+    exactly; the other pairs get factors so large (UNTURNED) that their angle is 0 in fp32 at any position
+    (cos 1, sin below 1e-28). Scores are sums over a head's dimensions, so reordering both sides leaves
+    them as they were. Mistral would scale the unrotated pairs' cos by the attention factor too, so the
+    view sets it to 1 and scales the queries' rotated rows by its square instead (both the query's and
+    the key's factor)."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    rotary = int(head_dim * partial)
+    if rotary == head_dim:
+        return head_dim, head_dim, 1.0
+    if rotary <= 0 or rotary % 2 or (head_dim - rotary) % 2:
+        raise ViewError(f"Phi3ForCausalLM: partial_rotary_factor {partial} rotates {rotary} of a head's {head_dim} "
+                        f"dimensions; only even numbers of rotated and unrotated dimensions are supported")
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        original = config.get("original_max_position_embeddings", 4096)
+        factor = rope.get("factor") or config.get("max_position_embeddings", 4096) / original
+        is_scaled = rope.get("rope_type", rope.get("type", "default")) != "default" and factor > 1
+        attention_factor = math.sqrt(1 + math.log(factor) / math.log(original)) if is_scaled else 1.0
+    return head_dim, rotary, float(attention_factor)
 
 
 def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Every stored tensor under its own name, but each fused projection as its parts' row ranges."""
-    head_dim = config["head_dim"]
-    queries, keys = config["num_attention_heads"] * head_dim, config["num_key_value_heads"] * head_dim
+    """Every stored tensor under its own name, but each fused projection as its parts' row ranges; with a
+    partial rotary embedding, the query and key rows reordered and the rotated query rows scaled
+    (_phi3_rotation)."""
+    head_dim, rotary, attention_factor = _phi3_rotation(config)
+    heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    queries, keys = heads * head_dim, kv_heads * head_dim
     intermediate = config["intermediate_size"]
-    fused = {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", 0, queries),
-                                           ("self_attn.k_proj.weight", queries, queries + keys),
-                                           ("self_attn.v_proj.weight", queries + keys, queries + 2 * keys)),
-             "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate),
-                                         ("mlp.up_proj.weight", intermediate, 2 * intermediate))}
+    half, rest = rotary // 2, (head_dim - rotary) // 2
+    within = [*range(half), *range(rotary, rotary + rest), *range(half, rotary), *range(rotary + rest, head_dim)]
+
+    def reordered(count: int) -> tuple[int, ...] | None:
+        return None if rotary == head_dim else tuple(h * head_dim + i for h in range(count) for i in within)
+
+    query_scales = 1.0 if rotary == head_dim else \
+        tuple(attention_factor ** 2 if i < rotary else 1.0 for _ in range(heads) for i in within)
+    fused = {"self_attn.qkv_proj.weight": (("self_attn.q_proj.weight", 0, queries, query_scales, reordered(heads)),
+                                           ("self_attn.k_proj.weight", queries, queries + keys, 1.0,
+                                            reordered(kv_heads)),
+                                           ("self_attn.v_proj.weight", queries + keys, queries + 2 * keys, 1.0, None)),
+             "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
+                                         ("mlp.up_proj.weight", intermediate, 2 * intermediate, 1.0, None))}
     view = {}
     for name in stored:
         suffix = next((s for s in fused if name.endswith("." + s)), None)
@@ -201,7 +259,8 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
             view[name] = StoredTensor(name)
             continue
         prefix = name[: -len(suffix)]
-        view.update({prefix + part: StoredTensor(name, (start, stop)) for part, start, stop in fused[suffix]})
+        view.update({prefix + part: StoredTensor(name, (start, stop), scale, order)
+                     for part, start, stop, scale, order in fused[suffix]})
     return view
 
 
