@@ -152,6 +152,29 @@ def test_phi3_reads_as_mistral_with_its_fused_projections_split(tmp_path, window
     _check_against(reference, model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("arch, family", [("ernie4_5", "Ernie4_5ForCausalLM"), ("helium", "HeliumForCausalLM")])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_interleaved_rotary_families_read_as_llama(tmp_path, monkeypatch, arch, family, c_ops):
+    """ERNIE 4.5 (biases on every linear layer, its default head_dim 128 over 96-wide hidden states) and
+    Helium, whose rotary embeddings turn adjacent pairs: read as Llama with each query and key head's rows
+    reordered, against transformers' own classes of the same folders, with the C ops and the torch path."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch)
+    reader = CheckpointReader(folder)
+    assert reader.config["model_type"] == "llama" and reader.config["mlp_bias"] == (arch == "ernie4_5")
+    stored = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
+    head_dim = reader.config["head_dim"]
+    first_head = stored.model.layers[0].self_attn.k_proj.weight[:head_dim]
+    assert torch.equal(reader.tensor("model.layers.0.self_attn.k_proj.weight")[:head_dim],
+                       first_head[[*range(0, head_dim, 2), *range(1, head_dim, 2)]])
+    model, _ = load_model(folder)
+    _check_against(stored, model, PROMPTS, decode_steps=3)
+
+
 def test_granite_reads_as_llama_with_its_factors_folded(tmp_path):
     """Granite 3's embedding, residual, attention and logits factors folded into weights and the norms'
     epsilon: our model against transformers' GraniteForCausalLM of the same folder, in fp32."""

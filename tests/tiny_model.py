@@ -49,11 +49,12 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
-    from transformers import Exaone4Config, Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, \
-        Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
-        Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, \
-        Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, \
-        SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
+        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, HeliumConfig, \
+        HeliumForCausalLM, LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, \
+        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, \
+        SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,6 +85,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(num_hidden_layers=4, sliding_window=256, sliding_window_pattern=4)
     if arch == "seed_oss":  # q/k/v biases, and here the output projection's too (attention_out_bias)
         sizes.update(head_dim=32, attention_out_bias=True)
+    if arch == "ernie4_5":  # biases on every linear layer, as use_bias gives them
+        sizes.update(use_bias=True)
+    if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
+        sizes.update(head_dim=24)
     if arch == "granite":  # Granite 3's four factors, of the sizes granite-3.3-8b uses, tied as it is
         sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                      logits_scaling=16.0, tie_word_embeddings=True)
@@ -102,6 +107,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),  # Llama with biases
+        "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
+        "helium": (HeliumConfig, HeliumForCausalLM),  # the same (its defaults not Llama's)
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()

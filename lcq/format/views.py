@@ -17,6 +17,9 @@
   Phi-4-mini's partial rotary embedding reads as a whole-head one, exactly: its query and key rows
   reordered within each head, LongRoPE factors that give the rotated dimensions their frequencies and
   the others none (_phi3_rotation).
+- ERNIE 4.5 (dense) and Helium are Llama's decoder with a rotary embedding that turns adjacent pairs
+  of dimensions (2i, 2i + 1), where Llama's turns (i, i + d/2). They read as Llama with each query and
+  key head's rows reordered, even ones first (_half_split_parts).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -51,8 +54,11 @@ INHERITED = ("torch_dtype", "dtype")
 # Top-level settings that win over text_config's: transformers ties a wrapper's head to its embedding
 # table by the wrapper's own setting (a Mistral3 whose text_config says untied is saved without a head).
 OVERRIDING = ("tie_word_embeddings",)
+# Llama's layer with the rotary embedding turning adjacent pairs of dimensions (model types, and their
+# architectures).
+INTERLEAVED = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM"}
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *WRAPPERS)
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *INTERLEAVED.values(), *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -87,6 +93,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _phi3_as_mistral(config)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_as_llama(config)
+    if config.get("model_type") in INTERLEAVED:
+        return _interleaved_as_llama(config)
     if stored is not None and _base_model_save(stored):
         return {**config, "tie_word_embeddings": True}
     return config
@@ -102,6 +110,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _phi3_parts(config, stored)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_scales(config, stored)
+    if config.get("model_type") in INTERLEAVED:
+        return _half_split_parts(_interleaved_as_llama(config), stored)
     if _base_model_save(stored):
         return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
@@ -261,6 +271,36 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
         prefix = name[: -len(suffix)]
         view.update({prefix + part: StoredTensor(name, (start, stop), scale, order)
                      for part, start, stop, scale, order in fused[suffix]})
+    return view
+
+
+def _interleaved_as_llama(config: dict[str, Any]) -> dict[str, Any]:
+    """ERNIE 4.5's and Helium's config (transformers' defaults for what it leaves out: theirs are not
+    Llama's) as Llama's; ERNIE's use_bias is every linear layer's bias."""
+    completed = _completed(config["model_type"], {key: value for key, value in config.items()
+                                                  if key not in ("model_type", "architectures")},
+                           INTERLEAVED[config["model_type"]])
+    kept = {key: completed[key] for key in KEPT if key in completed and key != "sliding_window"}
+    biases = {"attention_bias": completed["use_bias"], "mlp_bias": completed["use_bias"]} \
+        if "use_bias" in completed else {}
+    return {**kept, **biases, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "head_dim": completed.get("head_dim") or completed["hidden_size"] // completed["num_attention_heads"]}
+
+
+def _half_split_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, each query and key head's rows (and biases) reordered so
+    that the pairs an interleaved rotary embedding turns, (2i, 2i + 1), are Llama's (i, i + d/2): the
+    even rows, then the odd ones. Scores are sums over a head's dimensions, so reordering both sides
+    leaves them as they were; values and outputs keep their order."""
+    head_dim = config["head_dim"]
+    within = [*range(0, head_dim, 2), *range(1, head_dim, 2)]
+    heads = {"self_attn.q_proj.": config["num_attention_heads"],
+             "self_attn.k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    view = {}
+    for name in stored:
+        count = next((n for part, n in heads.items() if part in name), None)
+        order = None if count is None else tuple(h * head_dim + i for h in range(count) for i in within)
+        view[name] = StoredTensor(name, order=order)
     return view
 
 
