@@ -892,6 +892,52 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, b
         llm.generate(PROMPTS[:1], SamplingParams(lora="other"))
 
 
+@pytest.mark.parametrize("arch, family, targets", [
+    ("phi3", "Phi3ForCausalLM", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj")),
+    ("granite", "GraniteForCausalLM", ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")),
+    ("ernie4_5", "Ernie4_5ForCausalLM", ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"))])
+def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, targets):
+    """Adapters trained on a model lcq reads as another architecture, named by that model's own matrices:
+    Phi-4-mini-style fused q/k/v and gate/up (with the partial rotary embedding's reordered, scaled query
+    rows), Granite's folded factors, ERNIE's reordered query and key rows. Served over the full-precision
+    folder, the greedy tokens are those of transformers' own class with the adapter merged; over an LCQ
+    checkpoint quantized from that folder (which records its config), the adapter's matrices are the same
+    as over the folder itself."""
+    import transformers
+
+    from lcq.models import ModelConfig
+    from lcq.models.lora import load_adapter
+    from lcq.quantizer import QuantizeOptions, quantize_model
+    from tests.tiny_model import CALIBRATION_TEXT
+
+    folder = make_tiny_hf(tmp_path / "hf", arch, **(phi3_longrope(64, 0.75) if arch == "phi3" else {}))
+    adapter = make_tiny_adapter(tmp_path / "adapter", folder, targets=targets)
+    merged = merge_adapter(getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval(), adapter)
+    base = load_reference_model(folder)
+
+    def scored(model, prompt: list[int]) -> torch.Tensor:  # each prompt token's logprob after the ones before
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([prompt])).logits[0].float(), -1)
+        return logprobs[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+
+    # Served within Phi's original context: the short factors, as transformers on these lengths.
+    llm = LLM(str(folder), block_size=8, max_model_len=64, lora_modules=f"tuned={adapter}", **FP32)
+    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="tuned", prompt_logprobs=0)
+    for prompt, out in zip(PROMPTS, llm.generate(PROMPTS, tuned)):
+        assert out.token_ids == _transformers_greedy(None, prompt, 12, merged)
+        served = torch.tensor([entry.logprob for entry in out.prompt_logprobs[1:]])
+        torch.testing.assert_close(served, scored(merged, prompt), rtol=0, atol=1e-4)
+        assert (served - scored(base, prompt)).abs().max() > 1e-3  # the adapter changes them (10x the tolerance)
+    options = QuantizeOptions(bits=4, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=2, seqlen=16,
+                              epochs=0)
+    quantize_model(folder, tmp_path / "lcq", options, progress=False)
+    over_folder, over_lcq = (load_adapter(adapter, ModelConfig.from_folder(base)).parts
+                             for base in (folder, tmp_path / "lcq"))
+    assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * (6 if arch == "phi3" else 3)  # 2 layers
+    for name, (a, b) in over_folder.items():
+        assert torch.equal(a, over_lcq[name][0]) and torch.equal(b, over_lcq[name][1])
+
+
 def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
     import json
 

@@ -240,14 +240,10 @@ class CheckpointReader:
         if where.rows is not None and tensor.shape[0] != where.rows[1] - where.rows[0]:
             raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows, "
                               f"config.json gives {name} rows {where.rows[0]} to {where.rows[1]}")
-        if where.order is not None:
-            if tensor.shape[0] != len(where.order):
-                raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0]} rows, config.json gives "
-                                  f"{name} {len(where.order)}")
-            tensor = tensor[list(where.order)]
-        if isinstance(where.scale, tuple):  # one per row
-            return tensor.float() * torch.tensor(where.scale).reshape(-1, *[1] * (tensor.dim() - 1))
-        return tensor if where.scale == 1.0 else tensor.float() * where.scale
+        try:
+            return where.rearranged(tensor)
+        except ValueError as e:
+            raise FormatError(f"{path}: {e} (config.json)") from None
 
     def quantized_prefixes(self) -> list[str]:
         """Names of the packed linear layers, in file order."""

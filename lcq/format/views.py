@@ -38,6 +38,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 # Qwen's vision-language wrappers and the family each one's text model reads as.
 QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditionalGeneration": "qwen2",
            "Qwen3VLForConditionalGeneration": "qwen3"}
@@ -81,6 +83,25 @@ class StoredTensor:
     # The view's tensor is the stored one times this, or each row times its own (read in fp32 where not 1).
     scale: float | tuple[float, ...] = 1.0
     order: tuple[int, ...] | None = None  # the view's row i is row order[i] of the rows above (then scaled)
+
+    def rearranged(self, rows: torch.Tensor) -> torch.Tensor:
+        """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered and scaled as the
+        view reads them: for the stored tensor itself, and for an adapter's B matrix, whose rows are its
+        matrix's output rows."""
+        if self.order is not None:
+            if rows.shape[0] != len(self.order):
+                raise ValueError(f"{self.name}: {rows.shape[0]} rows where the view reads {len(self.order)}")
+            rows = rows[list(self.order)]
+        if isinstance(self.scale, tuple):  # one per row
+            return rows.float() * torch.tensor(self.scale).reshape(-1, *[1] * (rows.dim() - 1))
+        return rows if self.scale == 1.0 else rows.float() * self.scale
+
+
+def source_parts(config: dict[str, Any], stored_name: str) -> dict[str, StoredTensor]:
+    """The view's tensors read from the stored tensor `stored_name` of a folder whose config.json is
+    `config`, with where each lies in it (none for a tensor the view does not read): how a matrix of
+    the source model, such as a LoRA adapter's, maps onto the view's."""
+    return view_tensors(config, [stored_name]) or {stored_name: StoredTensor(stored_name)}
 
 
 def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict[str, Any]:

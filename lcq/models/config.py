@@ -54,6 +54,9 @@ class ModelConfig:
     # Ministral 3 (Llama 4's attention temperature): (beta, span), queries at position p multiplied by
     # 1 + beta * log(1 + floor(p / span)) (layers.query_temperatures); None: none
     query_temperature: tuple[float, int] | None = None
+    # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
+    # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
+    source_config: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
@@ -61,7 +64,8 @@ class ModelConfig:
         if not path.is_file():
             raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
         try:
-            c = view_config(json.loads(path.read_text()), stored_tensor_names(folder))
+            stored = json.loads(path.read_text())
+            c = view_config(stored, stored_tensor_names(folder))
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON ({e.msg})") from None
         except ViewError as e:
@@ -91,6 +95,7 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
             qk_norm=c["model_type"] in ("qwen3", "olmo2", "exaone4", "gemma3_text"), rope=gemma.pop("rope", rope),
             **gemma, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
+            source_config=(c.get("quantization_config") or {}).get("source_config") or (stored if c != stored else None),
         )
 
     def __post_init__(self) -> None:

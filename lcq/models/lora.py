@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from lcq.errors import UserError
+from lcq.format import StoredTensor, source_parts
 
 from .config import ModelConfig
 
@@ -79,7 +80,6 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
         if settings.get(key) not in allowed:
             raise _refuse(folder, f"{key} {settings[key]!r} is not supported")
     alpha, rslora = settings.get("lora_alpha", settings.get("r", 8)), bool(settings.get("use_rslora"))
-    shapes = part_shapes(config)
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, a in tensors.items():
         if not name.endswith(".lora_A.weight"):
@@ -88,22 +88,44 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
             continue
         module = name.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
         b = tensors.get(name.replace(".lora_A.", ".lora_B."))
-        layer, _, part = module.removeprefix("model.layers.").partition(".")
-        if not module.startswith("model.layers.") or part not in shapes or not layer.isdigit() \
-                or int(layer) >= config.num_layers:
-            raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers")
-        n, k = shapes[part]
         rank = a.shape[0]
-        if b is None or a.shape != (rank, k) or b.shape != (n, rank):
+        if b is None or b.shape[1:] != (rank,):
             raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {None if b is None else tuple(b.shape)} "
-                                  f"do not fit its ({n}, {k}) weight")
+                                  "are not a LoRA pair")
         if max_rank is not None and rank > max_rank:
             raise _refuse(folder, f"rank {rank} is above max_lora_rank {max_rank}")
         scale = alpha / (rank ** 0.5 if rslora else rank)
-        parts[module] = (a.float(), b.float() * scale)
+        parts.update(_model_parts(folder, config, module, a.float(), b.float() * scale))
     if not parts:
         raise _refuse(folder, "holds no LoRA matrices")
     return LoRAAdapter(str(folder), parts)
+
+
+def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor,
+                 b: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter's pair for `module` of the model it was trained on, as pairs for our model's matrices:
+    where lcq reads that model as another architecture (views.py), B's rows are cut, reordered and
+    scaled as the view does the weight's (Phi-3's fused q/k/v split, Granite's factors, ERNIE's and
+    Helium's reordered query and key rows), which keeps B A the change to the weight lcq runs."""
+    shapes = part_shapes(config)
+    viewed = source_parts(config.source_config, f"{module}.weight") if config.source_config else \
+        {f"{module}.weight": StoredTensor(f"{module}.weight")}
+    if not viewed:
+        raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers")
+    pairs = {}
+    for name, where in viewed.items():
+        part_module = name.removesuffix(".weight")
+        layer, _, part = part_module.removeprefix("model.layers.").partition(".")
+        if not part_module.startswith("model.layers.") or part not in shapes or not layer.isdigit() \
+                or int(layer) >= config.num_layers:
+            raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers")
+        n, k = shapes[part]
+        rows = b if where.rows is None else b[where.rows[0]:where.rows[1]]
+        if a.shape[1] != k or rows.shape[0] != n:
+            raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit its weight "
+                                  f"({n} rows of {k} for {part})")
+        pairs[part_module] = (a, where.rearranged(rows).float())
+    return pairs
 
 
 class AdapterStack:

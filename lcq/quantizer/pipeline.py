@@ -540,6 +540,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     options.validate()
     config_dict = check_paths(model_dir, out_dir)
     check_model(model_dir, config_dict, options)
+    source_config = json.loads((model_dir / "config.json").read_text())  # read as another architecture: kept
     partial = out_dir.with_name(out_dir.name + ".partial")
     recorded = options.recorded()
     done = _prepare_partial(partial, recorded, resume)
@@ -639,7 +640,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
            if layer_bits and options.method == "lcq" and options.epochs else {}),
         **({"layer_finetune_lr": {str(b): options.end_to_end_lr_of(b) for b in sorted(set(layer_bits.values()))}}
            if layer_bits and options.finetune_epochs else {}),
-        **({"target_bits": options.target_bits} if options.target_bits is not None else {}))
+        **({"target_bits": options.target_bits} if options.target_bits is not None else {}),
+        **({"source_config": source_config} if source_config != config_dict else {}))
     config_dict["torch_dtype"] = "float16"
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
