@@ -296,3 +296,24 @@ def test_handed_back_blocks_are_never_read(monkeypatch, path, new, cached, windo
         out = PagedAttention(released, 16, torch.device("cpu"), torch.float32).attend(q, k_cache, v_cache, 0.125,
                                                                                         window=window)
     torch.testing.assert_close(_zero_padding(out, context), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not cpu_ops.usable(), reason="the C kernels do not build here")
+@pytest.mark.parametrize("new, cached, window", [([1, 1, 1], [37, 8, 100], 6), ([40, 1, 3], [100, 50, 70], 33),
+                                                 ([1, 1], [299, 700], 0)])
+def test_c_attention_refuses_tables_without_a_block_it_would_read(monkeypatch, new, cached, window):
+    """A table entry inside what a step reads holding -1 (a bug upstream: the block manager hands back only
+    blocks before the window's key tile) makes the C kernels raise instead of reading memory outside the
+    cache, in decode steps and prefill; so does a context longer than the table's row."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", True)
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, torch.float32, 16)
+    q = torch.randn(sum(new), 6, 64)
+    released = _handed_back(context, 16, window) if window else context
+    broken = released.block_tables.clone()
+    last = context.context_lens[-1].item() - 1
+    broken[-1, last // 16] = -1  # the block of the last sequence's newest token
+    for tables in (broken, broken[:, :last // 16]):
+        attention = PagedAttention(dataclasses.replace(released, block_tables=tables.contiguous()), 16,
+                                   torch.device("cpu"), torch.float32)
+        with pytest.raises(RuntimeError, match="a block table entry the attention would read holds no block"):
+            attention.attend(q, k_cache, v_cache, 0.125, window=window)

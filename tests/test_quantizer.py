@@ -159,7 +159,7 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
     """A Gemma 3 4B-style folder (sparse text_config, tensors under model.language_model.*) and a
     Qwen2.5-VL one (the Hub's form: text settings at the top level, the vision tower under visual.*)
     quantize to exactly what their text model alone does: the same tensors, a text-only config and no
-    vision tower."""
+    vision tower; the wrapper's own config is recorded, for adapters trained on it."""
     wrapped = make_tiny_multimodal(tmp_path, arch, "sparse")
     options = QuantizeOptions(bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
@@ -171,7 +171,10 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
         assert torch.equal(ours.tensor(name), alone.tensor(name)), name
     config = json.loads((tmp_path / "from-wrapped" / "config.json").read_text())
     assert config["architectures"] == [read_as] and "text_config" not in config and "vision_config" not in config
+    recorded = config["quantization_config"].pop("source_config")
+    assert recorded == json.loads((wrapped / "config.json").read_text())
     assert config["quantization_config"] == alone.config["quantization_config"]
+    assert "source_config" not in alone.config["quantization_config"]
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 
 

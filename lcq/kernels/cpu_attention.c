@@ -398,6 +398,19 @@ static inline int window_start(int length, int window) {
     return window > 0 && length > window ? length - window : 0;
 }
 
+/* 1 when a sequence's row of max_blocks table entries holds a block (>= 0) for each of the positions
+ * from .. length - 1 it is about to read, and the row is long enough. A sliding group's blocks before
+ * its window are handed back as -1 (lcq/runtime/block_manager.py): reading one would address memory
+ * before the cache, so the kernels refuse such a step (LCQ_NO_BLOCK) rather than read it. */
+static int blocks_present(const int32_t *table, int max_blocks, int from, int length, int block_size) {
+    if (length <= 0) return 1;
+    const int last = (length - 1) / block_size;
+    if (last >= max_blocks) return 0;
+    for (int b = from / block_size; b <= last; b++)
+        if (table[b] < 0) return 0;
+    return 1;
+}
+
 /* How lcq_decode_attention splits its sequences into tasks: a sequence's tasks start at first[s]. */
 typedef struct {
     int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size, window;
@@ -439,11 +452,16 @@ static decode_task task_of(const decode_plan *p, int task) {
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
  * A sequence with context length 0 (padding) gets zeros.
- * Returns 0, or -1 when a buffer cannot be allocated. */
+ * Returns 0, -1 when a buffer cannot be allocated, or LCQ_NO_BLOCK when a table entry it would read is
+ * not a block (blocks_present). */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
                          int window) {
+    for (int s = 0; s < seqs; s++)
+        if (!blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks,
+                            window_start(context_lens[s], window), context_lens[s], block_size))
+            return LCQ_NO_BLOCK;
     const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
     decode_plan plan = {whole_rows, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size,
@@ -818,7 +836,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
  * stage_limit floats are staged and attended a group at a time (each group within the limit, or one
  * sequence), so that many sequences with long cached prefixes do not stage all their keys at once.
  * Returns 0, -1 when a buffer cannot be allocated, -2 for a sequence with more new tokens than
- * tokens in its context. */
+ * tokens in its context, LCQ_NO_BLOCK when a table entry it would read is not a block (blocks_present). */
 int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
@@ -839,6 +857,10 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
             const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
             if (n > length || n < 0) status = -2;
             const int tiled = n > 1;
+            const int from = tiled ? first_seen_chunk(&p, s) * KEYS : window_start(length, window);
+            if (status == 0 && !blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks, from, length,
+                                               block_size))
+                status = LCQ_NO_BLOCK;
             p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS - first_seen_chunk(&p, s) : 0);
             p.task_base[s + 1] = p.task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
                                                                kv_heads : n);

@@ -10,6 +10,10 @@
 
 enum { LCQ_CACHE_FP32, LCQ_CACHE_FP16, LCQ_CACHE_INT8 };
 
+/* The attention kernels' status where a block table entry they would read holds no block (-1: handed
+ * back by a sliding-window group) or lies past its row (cpu_ops.py: NO_BLOCK). */
+#define LCQ_NO_BLOCK (-3)
+
 /* Elements (of the form's type) per head row. */
 static inline int lcq_cache_head_stride(int form, int head_dim) {
     return form == LCQ_CACHE_INT8 ? head_dim + (int)sizeof(float) : head_dim;

@@ -444,7 +444,8 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
  * each head. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
  * group's cache slots and block tables, contiguous. work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
- * failed allocation, or -2 on a position outside the rotary tables. */
+ * failed allocation, -2 on a position outside the rotary tables, or LCQ_NO_BLOCK where a block table
+ * entry the attention would read is not a block. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
@@ -478,10 +479,10 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,
                      kv_heads, head_dim, cache_form);
-        if (lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables, max_blocks, context_lens,
-                                 attn, rows, heads, kv_heads, head_dim, block_size, scale, softcap,
-                                 (int)(intptr_t)p[WINDOW]))
-            return -1;
+        const int attended = lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables,
+                                                  max_blocks, context_lens, attn, rows, heads, kv_heads, head_dim,
+                                                  block_size, scale, softcap, (int)(intptr_t)p[WINDOW]);
+        if (attended) return attended;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
             lcq_rms_norm(projected, NULL, p[ATTENTION_OUTPUT_NORM], projected, rows, hidden, eps);

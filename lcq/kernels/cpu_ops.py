@@ -79,6 +79,17 @@ def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)  # the KV cache forms the C attention reads, in
 # cpu_cache.h's order; only the C kernels read int8 caches
+NO_BLOCK = -3  # LCQ_NO_BLOCK (cpu_cache.h): a block table entry the attention would read holds no block
+
+
+def check_blocks(status: int, kernel: str) -> None:
+    """RuntimeError where a C attention kernel refused to read a block table entry that holds no block
+    (one a sliding-window group handed back, or past the table's row): a bug in the tables, caught
+    before it reads memory outside the cache."""
+    if status == NO_BLOCK:
+        raise RuntimeError(f"{kernel}: a block table entry the attention would read holds no block")
+
+
 HALF_WEIGHT, INDEX_WEIGHT = 0, 1  # kinds of linear weight in lcq_decode_layers' table (cpu_ops.c)
 INT8_SCALE_BYTES = 4  # an int8 cache's head row: head_dim values, then their fp32 scale
 
@@ -134,6 +145,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
         k_cache.shape[1], scale, softcap, window)
+    check_blocks(status, "decode_attention")
     if status != 0:
         raise MemoryError("decode_attention could not allocate its score buffers")
     return out
@@ -192,6 +204,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, softcap, window, stage_limit_floats)
     if status == -2:
         raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
+    check_blocks(status, "prefill_attention")
     if status != 0:
         raise MemoryError("prefill_attention could not allocate its buffers")
     return out

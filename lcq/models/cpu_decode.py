@@ -102,6 +102,7 @@ class CpuDecoder:
             self.activation, self.cache_form, work.data_ptr())
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")
+        cpu_ops.check_blocks(status, "the C decode step")
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x
