@@ -17,7 +17,8 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json, parse_mistral
+from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json, parse_mistral, \
+    parse_phi4_mini_json, parse_pythonic
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -376,6 +377,32 @@ def test_mistral_tool_calls_are_parsed():
     assert stream.finish()[1][0].function.name == "f"
 
 
+def test_pythonic_tool_calls_are_parsed_never_run():
+    """Llama 3.2's and Llama 4's form: a Python list of calls with literal keyword arguments."""
+    content, calls = parse_pythonic(' [get_weather(city="Paris", days=[1, 2], metric=True), f()]\n')
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "days": [1, 2], "metric": True}), ("f", {})]
+    for text in ("It is sunny.", "[f(x=1", "[f(1)]", "[f(x=y)]", "[f(**kw)]", "[os.system(x='ls')]", "[1, 2]", "[]",
+                 "[f(x=__import__('os'))]"):
+        assert parse_pythonic(text) == (text, [])  # prose, cut short, positional, names, calls as values
+    stream = ToolCallStream("pythonic")
+    assert stream.feed(" [get_") == "" and stream.feed("weather(city='Rome')]") == ""
+    assert json.loads(stream.finish()[1][0].function.arguments) == {"city": "Rome"}
+    assert ToolCallStream("pythonic").feed("Sunny [1]") == "Sunny [1]"
+
+
+def test_phi4_mini_tool_calls_are_parsed():
+    content, calls = parse_phi4_mini_json('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]')
+    assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("f", '{"x": 1}'), ("g", "{}")]
+    for text in ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'):
+        assert parse_phi4_mini_json(text) == (text, [])
+    stream = ToolCallStream("phi4_mini_json")
+    assert stream.feed("Sure functo") == "Sure " and stream.feed('ols[{"name": "f"}]') == ""
+    content, calls = stream.finish()
+    assert content is None and [call.function.name for call in calls] == ["f"]
+
+
 def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
     """vLLM's skip_special_tokens: a special token the model emits (here forced by logit_bias) is text only
     when asked for; the end-of-sequence token never is."""
@@ -392,13 +419,17 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
 
 
 CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": ""}  # how two calls of a parser's syntax are joined
+# Parsers whose calls are one list: its opening, and where the calls inside it start.
+LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
 
 
 @pytest.mark.parametrize("parser, reply", [
     ("hermes", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
     ("llama3_json", '{"name": "get_weather", "parameters": {"city": "Paris"}}'),
     ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
-    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}')])
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'),
+    ("pythonic", '[get_weather(city="Paris")]'),
+    ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]')])
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -421,7 +452,8 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
         text = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=5)
         assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
-        twice = {"guided_choice": ["[" + reply[1:-1] + ", " + reply[1:-1] + "]" if parser == "granite"
+        inner = reply[len(LISTED.get(parser, "")):-1]
+        twice = {"guided_choice": [LISTED[parser] + inner + ", " + inner + "]" if parser in LISTED
                                    else reply + CALL_TWICE[parser] + reply]}
         for parallel, count in ((True, 2), (False, 1)):  # parallel_tool_calls false: the first call only
             out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,

@@ -18,6 +18,7 @@ from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
 from .reasoning import THINK_END, ReasoningParser, ReasoningStream
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
+from .settings import TOOL_CALL_PARSERS
 from .tool_calls import KEEPS_SPECIAL_TOKENS, ReplyReader, read_reply
 
 router = APIRouter()
@@ -184,9 +185,9 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     forced = body.forced_tool()
     parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
     if parsed and state.settings.tool_call_parser is None:
-        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` (hermes, llama3_json, granite, "
-                       "mistral); or use \"required\", a named function, or \"none\"", param="tool_choice",
-                       code="unsupported_value")
+        raise APIError(400, "tool_choice \"auto\" needs `lcq serve --tool-call-parser` "
+                       f"({', '.join(TOOL_CALL_PARSERS)}); or use \"required\", a named function, or \"none\"",
+                       param="tool_choice", code="unsupported_value")
     if parsed and state.settings.tool_call_parser in KEEPS_SPECIAL_TOKENS:
         params.skip_special_tokens = False  # the parser reads tags that are special tokens
     tokenizer = state.engine.tokenizer

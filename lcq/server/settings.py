@@ -14,7 +14,7 @@ from lcq.errors import UserError
 
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral")  # tool_calls.PARSERS
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json")  # tool_calls.PARSERS
 REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS
 
 

@@ -15,10 +15,15 @@ writes free text in which it may call tools in the syntax its chat template taug
 - mistral (Mistral 7B v0.3, Mistral Small 3.x, Magistral, Devstral): text, then `[TOOL_CALLS]` and either a
   JSON array of `{"name", "arguments"}` calls or, from Mistral's v11 tokenizers on, `name[ARGS]{...}`, one
   `[TOOL_CALLS]` per call. Those tags are special tokens, so such requests are detokenized with them kept
-  (skip_special_tokens false: KEEPS_SPECIAL_TOKENS).
+  (skip_special_tokens false: KEEPS_SPECIAL_TOKENS);
+- pythonic (Llama 3.2 1B/3B, Llama 4 with their tool templates): a reply that is a Python list of calls
+  with keyword arguments, `[get_weather(city="Paris"), f()]`, read with Python's parser (never run), each
+  argument a literal (Llama 4's `<|python_start|>` around it is a special token the detokenizer drops);
+- phi4_mini_json (Phi-4-mini): `functools[{"name": ..., "arguments": {...}}, ...]` after any text.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
@@ -27,6 +32,7 @@ from .protocol import FunctionCall, ToolCall
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
+PHI4_CALLS = "functools["
 KEEPS_SPECIAL_TOKENS = ("mistral",)  # parsers whose tags are special tokens the text must keep
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
@@ -153,11 +159,47 @@ def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content.strip() or None, calls) if calls else (text, [])
 
 
+def parse_pythonic(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(None, the calls) for a reply that is a Python list of calls by name with keyword arguments whose
+    values are literals, else (the text, []). The text is parsed, never evaluated."""
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return text, []
+        calls = []
+        for node in tree.elts:
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args or \
+                    any(keyword.arg is None for keyword in node.keywords):
+                return text, []
+            calls.append(_call(node.func.id, {keyword.arg: ast.literal_eval(keyword.value)
+                                              for keyword in node.keywords}))
+    except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return text, []
+    return None, calls
+
+
+def parse_phi4_mini_json(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(the text around `functools[...]`, or None when empty; the calls) from a reply in Phi-4-mini's form;
+    (the text, []) when there is none or its JSON does not parse."""
+    start = text.find(PHI4_CALLS)
+    if start < 0:
+        return text, []
+    try:
+        values, end = json.JSONDecoder().raw_decode(text, start + len(PHI4_CALLS) - 1)
+        calls = [_call(value["name"], value.get("arguments", value.get("parameters", {}))) for value in values]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, []
+    content = (text[:start] + text[end:]).strip()
+    return (content or None, calls) if calls else (text, [])
+
+
 # name: (parse a complete reply, where a partial reply starts to be held back)
 PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "llama3_json": (parse_llama3_json, whole_reply_held_from("{")),
            "granite": (parse_granite, whole_reply_held_from("[")),
-           "mistral": (parse_mistral, tag_held_from(MISTRAL_CALLS))}
+           "mistral": (parse_mistral, tag_held_from(MISTRAL_CALLS)),
+           "pythonic": (parse_pythonic, whole_reply_held_from("[")),
+           "phi4_mini_json": (parse_phi4_mini_json, tag_held_from(PHI4_CALLS))}
 
 
 class ToolCallStream:
