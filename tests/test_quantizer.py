@@ -584,15 +584,16 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
     assert written == pytest.approx(after, rel=1e-3) and after <= before
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4",
-                                  "seed_oss"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "olmo3",
+                                  "exaone4", "seed_oss"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
     Llama on held-out tokens too. Qwen2's q/k/v biases go through the tuned products and back unchanged;
     Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer; SmolLM3's
-    NoPE layer goes through the stage's transformers model, and OLMo 2's output-only norms. The Llama's head is packed too, and tuned
-    with the blocks."""
+    NoPE layer goes through the stage's transformers model, and OLMo 2's output-only norms (OLMo 3's with
+    sliding-window layers and their own rotary settings). The Llama's head is packed too, and tuned with
+    the blocks."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
     epochs = 30 if arch.startswith("gemma") else 10
@@ -610,7 +611,7 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
         assert torch.equal(tuned.tensor(f"{prefix}.qweight"), plain.tensor(f"{prefix}.qweight"))
     assert not torch.equal(tuned.tensor("model.layers.0.self_attn.q_proj.s_q"),
                            plain.tensor("model.layers.0.self_attn.q_proj.s_q"))
-    norm = "post_attention_layernorm" if arch in ("olmo2", "exaone4") else "input_layernorm"  # no input norms there
+    norm = "post_attention_layernorm" if arch in ("olmo2", "olmo3", "exaone4") else "input_layernorm"  # no input norms
     assert not torch.equal(tuned.tensor(f"model.layers.1.{norm}.weight"), plain.tensor(f"model.layers.1.{norm}.weight"))
     if head_bits:
         assert "lm_head" in tuned.quantized_prefixes()

@@ -100,12 +100,13 @@ def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tm
         "<|im_start|>user\nHi<|im_end|>\n"
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3", "olmo3"])
 def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch, arch):
     """Gemma 3 (a 7-token sliding-window layer with its own rotary base, then a full one), Gemma 2 (the
-    same windows, scores and logits soft-capped) and SmolLM3 (a layer with rotary embedding, then a NoPE
-    one) from fp16 weights: the engine's decode steps run the one-call C step where the C kernels build,
-    and its greedy tokens are transformers'."""
+    same windows, scores and logits soft-capped), SmolLM3 (a layer with rotary embedding, then a NoPE
+    one) and OLMo 3 (three 7-token sliding-window layers, then a full one with YaRN) from fp16 weights:
+    the engine's decode steps run the one-call C step where the C kernels build, and its greedy tokens
+    are transformers'."""
     from lcq.models.cpu_decode import CpuDecoder
 
     steps = []

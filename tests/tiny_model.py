@@ -52,9 +52,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
         Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, HeliumConfig, \
         HeliumForCausalLM, LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, \
-        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, \
-        SmolLM3ForCausalLM
+        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, \
+        Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, \
+        SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -81,6 +81,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, rope_parameters={
             "type": "yarn", "rope_theta": 1_000_000.0, "factor": 8.0, "original_max_position_embeddings": 32,
             "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5})
+    if arch == "olmo3":  # as OLMo 3 7B: YaRN on the full layer only (original context 32 here)
+        sizes.update(num_hidden_layers=4, sliding_window=256, rope_parameters={
+            "full_attention": {"rope_type": "yarn", "rope_theta": 500_000.0, "factor": 8.0,
+                               "original_max_position_embeddings": 32, "attention_factor": 1.2},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 500_000.0}})
     if arch == "exaone4":  # three sliding-window layers with rotary embedding, then a global NoPE one
         sizes.update(num_hidden_layers=4, sliding_window=256, sliding_window_pattern=4)
     if arch == "seed_oss":  # q/k/v biases, and here the output projection's too (attention_out_bias)
@@ -105,6 +110,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
+        "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),  # Llama with biases
         "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
@@ -119,7 +125,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight")) or \
-                    (arch in ("olmo2", "exaone4") and name.endswith("norm.weight")):  # these start at one
+                    (arch in ("olmo2", "olmo3", "exaone4") and name.endswith("norm.weight")):  # these start at one
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)

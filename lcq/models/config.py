@@ -14,11 +14,15 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
-                           "SeedOssForCausalLM": "seed_oss"}
+                           "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3"}
+# OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
+# rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
+OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
-# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections;
-# EXAONE 4's the same with q/k norms per head.
+# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections
+# (OLMo 3's too, with sliding-window layers); EXAONE 4's the same with q/k norms per head.
 OUTPUT_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
+                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                 "exaone4": dict(sandwich_norms=True, pre_norms=False)}
 
 
@@ -84,17 +88,19 @@ class ModelConfig:
             if len(rope.get(kind) or ()) != head_dim // 2:
                 raise UserError(f"{folder}: longrope needs {head_dim // 2} {kind} values (one per rotary frequency), "
                                 f"config.json gives {len(rope.get(kind) or ())}")
-        gemma = _gemma_fields(c, folder) if c["model_type"] in GEMMA else {}
+        family = _gemma_fields(c, folder) if c["model_type"] in GEMMA else \
+            _layer_type_ropes(c, folder, c.get("rope_theta", OLMO3_THETA), OLMO3_THETA) if c["model_type"] == "olmo3" \
+            else {}
         return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
-            max_position_embeddings=_context_length(c, gemma.get("rope", rope)),
+            max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", "exaone4", "gemma3_text"), rope=gemma.pop("rope", rope),
-            **gemma, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text"), rope=family.pop("rope", rope),
+            **family, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or (stored if c != stored else None),
         )
 
@@ -117,17 +123,25 @@ def _gemma_fields(c: dict, folder: str | Path) -> dict:
                   logit_softcap=c.get("final_logit_softcapping"))
     if c["model_type"] == "gemma2":
         return dict(shared, attention_softcap=float(c.get("attn_logit_softcapping") or 0.0))
+    return dict(shared, **_layer_type_ropes(c, folder, c.get("rope_theta", 1_000_000.0),
+                                            c.get("rope_local_base_freq", 10_000.0)))
+
+
+def _layer_type_ropes(c: dict, folder: str | Path, full_theta: float, local_theta: float) -> dict:
+    """Rotary settings of models whose sliding-window layers have their own (Gemma 3, OLMo 3), from either
+    config style: transformers 5's rope_parameters per layer type, or the Hub's first one (rope_scaling
+    for the full layers; bases `full_theta` and `local_theta` where the settings give none)."""
     params = c.get("rope_parameters") or {}
     full = dict(params.get("full_attention") or c.get("rope_scaling") or {})
-    full.setdefault("rope_theta", c.get("rope_theta", 1_000_000.0))
+    full.setdefault("rope_theta", full_theta)
     local = dict(params.get("sliding_attention") or {})
-    local.setdefault("rope_theta", c.get("rope_local_base_freq", 10_000.0))
+    local.setdefault("rope_theta", local_theta)
     rope, rope_local = (rope_settings({"rope_parameters": r, "max_position_embeddings": c.get(
         "max_position_embeddings", 131_072)}) for r in (full, local))
     for settings in (rope, rope_local):
         if settings["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {settings['rope_type']!r} is not supported")
-    return dict(shared, rope=rope, rope_local=rope_local)
+    return dict(rope=rope, rope_local=rope_local)
 
 
 def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
@@ -151,6 +165,9 @@ def _layer_windows(c: dict) -> list[int]:
         return [c.get("sliding_window") or 0] * count
     elif kind == "exaone4":
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
+    elif kind == "olmo3":  # every 4th layer full, as transformers' Olmo3Config has it
+        window = c.get("sliding_window", 4096)
+        default = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(count)]
     else:
         window = c.get("sliding_window") if c.get("use_sliding_window") else None
         first = c.get("max_window_layers", 28)
