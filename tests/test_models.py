@@ -175,19 +175,27 @@ def test_interleaved_rotary_families_read_as_llama(tmp_path, monkeypatch, arch, 
     _check_against(stored, model, PROMPTS, decode_steps=3)
 
 
-def test_granite_reads_as_llama_with_its_factors_folded(tmp_path):
+@pytest.mark.parametrize("arch, family", [("granite", "GraniteForCausalLM"), ("granite4", "GraniteMoeHybridForCausalLM")])
+def test_granite_reads_as_llama_with_its_factors_folded(tmp_path, arch, family):
     """Granite 3's embedding, residual, attention and logits factors folded into weights and the norms'
-    epsilon: our model against transformers' GraniteForCausalLM of the same folder, in fp32."""
+    epsilon, and Granite 4.0's dense form (granite-4.0-micro) the same with its shared MLP as Llama's:
+    our model against transformers' own class of the same folder, in fp32."""
     import transformers
 
     from lcq.format import CheckpointReader
 
-    folder = make_tiny_hf(tmp_path, "granite")
+    folder = make_tiny_hf(tmp_path, arch)
     reader = CheckpointReader(folder)
     assert reader.config["model_type"] == "llama" and reader.config["rms_norm_eps"] == pytest.approx(1e-5 / 144)
-    stored = transformers.GraniteForCausalLM.from_pretrained(folder)
+    stored = getattr(transformers, family).from_pretrained(folder)
     assert torch.allclose(reader.tensor("model.layers.0.self_attn.q_proj.weight"),
                           stored.model.layers[0].self_attn.q_proj.weight * 0.0078125 * 24 ** 0.5)
+    if arch == "granite4":
+        mlp = stored.model.layers[0].shared_mlp
+        assert reader.config["intermediate_size"] == 128
+        assert torch.equal(reader.tensor("model.layers.0.mlp.up_proj.weight"), mlp.input_linear.weight[128:])
+        assert torch.allclose(reader.tensor("model.layers.0.mlp.down_proj.weight"),
+                              mlp.output_linear.weight * 0.22 / 12)
     model, _ = load_model(folder)
     _check_against(stored.eval(), model, PROMPTS, decode_steps=3)
 
@@ -236,6 +244,19 @@ def test_phi3_errors_are_one_line(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
     with pytest.raises(FormatError, match="qkv_proj.weight' has 192 rows, config.json gives .*v_proj.weight rows"):
         CheckpointReader(folder).tensor("model.layers.0.self_attn.v_proj.weight")
+
+
+def test_granite4_models_other_than_dense_attention_are_refused(tmp_path):
+    """Granite 4.0's hybrid (Mamba layers), mixture-of-experts and position-embedding-free forms get one
+    line each."""
+    folder = make_tiny_hf(tmp_path, "granite4")
+    config = json.loads((folder / "config.json").read_text())
+    for changes, message in (({"layer_types": ["mamba", "attention"]}, "attention layers alone .* mamba layers"),
+                             ({"num_local_experts": 4}, "mixture-of-experts layers"),
+                             ({"position_embedding_type": "nope"}, "position_embedding_type 'nope'")):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(UserError, match=message):
+            load_model(folder)
 
 
 def test_multimodal_checkpoint_errors_are_one_line(tmp_path):

@@ -896,11 +896,14 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, b
 @pytest.mark.parametrize("arch, family, targets", [
     ("phi3", "Phi3ForCausalLM", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj")),
     ("granite", "GraniteForCausalLM", ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")),
+    ("granite4", "GraniteMoeHybridForCausalLM", ("self_attn.q_proj", "shared_mlp.input_linear",
+                                                 "shared_mlp.output_linear")),
     ("ernie4_5", "Ernie4_5ForCausalLM", ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"))])
 def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, targets):
     """Adapters trained on a model lcq reads as another architecture, named by that model's own matrices:
     Phi-4-mini-style fused q/k/v and gate/up (with the partial rotary embedding's reordered, scaled query
-    rows), Granite's folded factors, ERNIE's reordered query and key rows. Served over the full-precision
+    rows), Granite's folded factors (Granite 4.0's with its shared MLP's fused input split), ERNIE's
+    reordered query and key rows. Served over the full-precision
     folder, the greedy tokens are those of transformers' own class with the adapter merged; over an LCQ
     checkpoint quantized from that folder (which records its config), the adapter's matrices are the same
     as over the folder itself."""
@@ -934,7 +937,7 @@ def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, 
     quantize_model(folder, tmp_path / "lcq", options, progress=False)
     over_folder, over_lcq = (load_adapter(adapter, ModelConfig.from_folder(base)).parts
                              for base in (folder, tmp_path / "lcq"))
-    assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * (6 if arch == "phi3" else 3)  # 2 layers
+    assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * {"phi3": 6, "granite4": 4}.get(arch, 3)
     for name, (a, b) in over_folder.items():
         assert torch.equal(a, over_lcq[name][0]) and torch.equal(b, over_lcq[name][1])
 

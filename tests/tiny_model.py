@@ -50,11 +50,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
-        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, HeliumConfig, \
-        HeliumForCausalLM, LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, \
-        MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, \
-        Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, \
-        SmolLM3Config, SmolLM3ForCausalLM
+        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, \
+        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, LlamaConfig, \
+        LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, \
+        Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, \
+        Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +97,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch == "granite":  # Granite 3's four factors, of the sizes granite-3.3-8b uses, tied as it is
         sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                      logits_scaling=16.0, tie_word_embeddings=True)
+    if arch == "granite4":  # granite-4.0-micro's form: attention layers only, no experts, its MLP the shared one
+        sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                     logits_scaling=16.0, tie_word_embeddings=True, layer_types=["attention"] * 2,
+                     num_local_experts=0, position_embedding_type="rope", shared_intermediate_size=128,
+                     mamba_n_heads=2)  # unused, but checked: it must divide 2 x hidden
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -109,6 +114,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights
+        "granite4": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # granite-4.0-micro: Granite 3, MLP renamed
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers

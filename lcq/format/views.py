@@ -27,13 +27,16 @@
   the attention scores' factor into q_proj (Llama's is 1/sqrt(head_dim)); the residual factor, and one
   over the embedding factor, into o_proj and down_proj (the residual stream then runs 1/embedding_factor
   as large, which the RMSNorms do not see once their epsilon is divided by its square); one over the
-  logits' divisor into the final norm's weight. Scaled tensors are read in fp32.
+  logits' divisor into the final norm's weight. Scaled tensors are read in fp32. Granite 4.0's dense
+  attention-only models (granite-4.0-micro: GraniteMoeHybridForCausalLM) are the same with their MLP
+  stored as a shared expert (input_linear: gate and up; output_linear: down).
 
 A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM,
 LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +63,8 @@ OVERRIDING = ("tie_word_embeddings",)
 # architectures).
 INTERLEAVED = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM"}
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *INTERLEAVED.values(), *WRAPPERS)
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", *INTERLEAVED.values(),
+                        *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -114,6 +118,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _phi3_as_mistral(config)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_as_llama(config)
+    if config.get("model_type") == "granitemoehybrid":
+        return _granite4_as_llama(config)
     if config.get("model_type") in INTERLEAVED:
         return _interleaved_as_llama(config)
     if stored is not None and _base_model_save(stored):
@@ -129,7 +135,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return {text: StoredTensor(name) for name in stored if (text := _text_model_name(name)) is not None}
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
         return _phi3_parts(config, stored)
-    if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
+    if architecture == "GraniteForCausalLM" or config.get("model_type") in ("granite", "granitemoehybrid"):
         return _granite_scales(config, stored)
     if config.get("model_type") in INTERLEAVED:
         return _half_split_parts(_interleaved_as_llama(config), stored)
@@ -283,6 +289,12 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
                                            ("self_attn.v_proj.weight", queries + keys, queries + 2 * keys, 1.0, None)),
              "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
                                          ("mlp.up_proj.weight", intermediate, 2 * intermediate, 1.0, None))}
+    return _split(stored, fused)
+
+
+def _split(stored: list[str], fused: dict[str, tuple]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, but each one whose name ends in a key of `fused` as its
+    parts: (the part's name suffix, first row, row past the last, scale, row order) each."""
     view = {}
     for name in stored:
         suffix = next((s for s in fused if name.endswith("." + s)), None)
@@ -290,7 +302,7 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
             view[name] = StoredTensor(name)
             continue
         prefix = name[: -len(suffix)]
-        view.update({prefix + part: StoredTensor(name, (start, stop), scale, order)
+        view.update({prefix + part: StoredTensor(name, None if start is None else (start, stop), scale, order)
                      for part, start, stop, scale, order in fused[suffix]})
     return view
 
@@ -342,16 +354,46 @@ def _granite_as_llama(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite_scales(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Every stored tensor under its own name, the folded factors on q_proj, o_proj, down_proj (weights and
-    biases) and the final norm."""
+    """Every stored tensor under its own name (Granite 4.0's MLP under Llama's: _granite4_parts), the
+    folded factors on q_proj, o_proj, down_proj (weights and biases) and the final norm."""
     factors = _granite_factors(config)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
     residual = factors["residual_multiplier"] / factors["embedding_multiplier"]
     scales = {"self_attn.q_proj": factors["attention_multiplier"] * head_dim ** 0.5, "self_attn.o_proj": residual,
               "mlp.down_proj": residual}
-    view = {}
-    for name in stored:
+    view = _granite4_parts(config, stored) if config.get("model_type") == "granitemoehybrid" else \
+        {name: StoredTensor(name) for name in stored}
+    for name, where in view.items():
         module = name.rsplit(".", 1)[0]
         scale = next((s for suffix, s in scales.items() if module.endswith("." + suffix)), 1.0)
-        view[name] = StoredTensor(name, scale=1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale)
+        view[name] = dataclasses.replace(
+            where, scale=1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale)
     return view
+
+
+def _granite4_as_llama(config: dict[str, Any]) -> dict[str, Any]:
+    """Granite 4.0's dense attention-only models (granite-4.0-micro: GraniteMoeHybridForCausalLM with no
+    Mamba layers and no experts) as Granite 3, its MLP's width the shared MLP's; the hybrid and
+    mixture-of-experts ones are refused."""
+    what = "GraniteMoeHybridForCausalLM"
+    kinds = set(config.get("layer_types") or config.get("layers_block_type") or ["mamba"])
+    attention = {"attention", "full_attention"}  # the Hub's name, and transformers 5's
+    if not kinds <= attention:
+        raise ViewError(f"{what}: only models of attention layers alone are supported (this one has "
+                        f"{', '.join(sorted(kinds - attention))} layers)")
+    if config.get("num_local_experts", 8):
+        raise ViewError(f"{what}: mixture-of-experts layers (num_local_experts {config.get('num_local_experts', 8)}) "
+                        "are not supported")
+    if config.get("position_embedding_type") != "rope":
+        raise ViewError(f"{what}: position_embedding_type {config.get('position_embedding_type')!r} is not "
+                        "supported (only rope)")
+    return _granite_as_llama({**config, "intermediate_size": config.get("shared_intermediate_size", 1024)})
+
+
+def _granite4_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Granite 4.0's shared MLP under Llama's names: its input_linear's rows the gate's then the up
+    projection's, its output_linear the down projection."""
+    width = config.get("shared_intermediate_size", 1024)
+    return _split(stored, {"shared_mlp.input_linear.weight": (("mlp.gate_proj.weight", 0, width, 1.0, None),
+                                                              ("mlp.up_proj.weight", width, 2 * width, 1.0, None)),
+                           "shared_mlp.output_linear.weight": (("mlp.down_proj.weight", None, None, 1.0, None),)})
