@@ -404,6 +404,17 @@ def test_yarn_matches_transformers_past_the_original_context(tmp_path, monkeypat
     _check_against(load_reference_model(folder), model, PROMPTS + [long_prompt], decode_steps=3)
 
 
+def test_dynamic_ntk_rope_is_transformers_within_the_models_context(tmp_path):
+    """Dynamic NTK scaling (InternLM3, Llama 2 fine-tunes) changes transformers' base only past
+    max_position_embeddings, which is the context we serve: up to it, our model is transformers'."""
+    folder = make_tiny_hf(tmp_path, "llama", rope_scaling={"rope_type": "dynamic", "factor": 4.0},
+                          max_position_embeddings=64)
+    model, config = load_model(folder)
+    assert config.rope["rope_type"] == "dynamic" and config.max_position_embeddings == 64
+    _check_against(load_reference_model(folder), model, PROMPTS + [[(3 * i + 1) % 300 + 1 for i in range(60)]],
+                   decode_steps=3)
+
+
 @pytest.mark.parametrize("settings", [
     {}, {"attention_factor": 0.8}, {"mscale": 0.707, "mscale_all_dim": 1.0}, {"beta_fast": 16, "beta_slow": 2},
     {"truncate": False}, {"factor": None, "original_max_position_embeddings": 32},
@@ -426,9 +437,9 @@ def test_unsupported_rope_type_is_one_clear_error(tmp_path):
     folder = make_tiny_hf(tmp_path, "llama")
     config = json.loads((folder / "config.json").read_text())
     config.pop("rope_parameters", None)
-    config["rope_scaling"] = {"rope_type": "dynamic", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "mrope", "mrope_section": [4, 4, 4]}
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="rope type 'dynamic' is not supported"):
+    with pytest.raises(UserError, match="rope type 'mrope' is not supported"):
         load_model(folder)
 
 

@@ -52,7 +52,7 @@ def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor,
     rows.copy_(weight * F.rms_norm(rows.float(), (head_dim,), eps=eps).to(x.dtype))
 
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")
 # The table of layers that apply no rotary embedding (SmolLM3's NoPE layers): an identity rotation, so
 # that every path treats them as any other layer. Internal only: configs cannot ask for it.
 NO_ROTATION = {"rope_type": "none", "rope_theta": 1.0}
@@ -87,7 +87,7 @@ def rotary_frequencies(head_dim: int, rope: dict, context: int) -> tuple[torch.T
     scaling, else 1) for a model served with up to `context` tokens (only LongRoPE depends on it)."""
     inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = rope["rope_type"]
-    if kind == "default":
+    if kind in ("default", "dynamic"):  # dynamic NTK rescales the base only past the model's context, never served
         return inv_freq, 1.0
     if kind == NO_ROTATION["rope_type"]:  # every angle 0: cos 1, sin 0 leave q and k as they are
         return torch.zeros_like(inv_freq), 1.0
