@@ -152,6 +152,19 @@ def test_phi3_reads_as_mistral_with_its_fused_projections_split(tmp_path, window
     _check_against(reference, model, PROMPTS, decode_steps=3)
 
 
+def test_internlm3_reads_as_llama(tmp_path):
+    """An InternLM3 folder as the Hub has it (InternLM3ForCausalLM, qkv_bias and bias, dynamic NTK scaling,
+    its own default head_dim 128 over 96-wide hidden states): our model against transformers', which runs
+    it as Llama."""
+    import transformers
+
+    folder = make_tiny_hf(tmp_path, "internlm3")
+    model, config = load_model(folder)
+    assert config.model_type == "llama" and config.head_dim == 128 and config.rope["rope_type"] == "dynamic"
+    _check_against(transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), model, PROMPTS,
+                   decode_steps=3)
+
+
 @pytest.mark.parametrize("arch, family", [("ernie4_5", "Ernie4_5ForCausalLM"), ("helium", "HeliumForCausalLM")])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_interleaved_rotary_families_read_as_llama(tmp_path, monkeypatch, arch, family, c_ops):

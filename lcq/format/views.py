@@ -17,9 +17,10 @@
   Phi-4-mini's partial rotary embedding reads as a whole-head one, exactly: its query and key rows
   reordered within each head, LongRoPE factors that give the rotated dimensions their frequencies and
   the others none (_phi3_rotation).
-- ERNIE 4.5 (dense) and Helium are Llama's decoder with a rotary embedding that turns adjacent pairs
-  of dimensions (2i, 2i + 1), where Llama's turns (i, i + d/2). They read as Llama with each query and
-  key head's rows reordered, even ones first (_half_split_parts).
+- InternLM3 is Llama's decoder with its own config defaults (head_dim 128); ERNIE 4.5 (dense) and Helium
+  are Llama's decoder with a rotary embedding that turns adjacent pairs of dimensions (2i, 2i + 1), where
+  Llama's turns (i, i + d/2). They read as Llama, ERNIE's and Helium's with each query and key head's rows
+  reordered, even ones first (_half_split_parts).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -59,11 +60,12 @@ INHERITED = ("torch_dtype", "dtype")
 # Top-level settings that win over text_config's: transformers ties a wrapper's head to its embedding
 # table by the wrapper's own setting (a Mistral3 whose text_config says untied is saved without a head).
 OVERRIDING = ("tie_word_embeddings",)
-# Llama's layer with the rotary embedding turning adjacent pairs of dimensions (model types, and their
-# architectures).
-INTERLEAVED = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM"}
+# Llama's layer under other names (model types, and their architectures); INTERLEAVED: with the rotary
+# embedding turning adjacent pairs of dimensions.
+AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "internlm3": "InternLM3ForCausalLM"}
+INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", *INTERLEAVED.values(),
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", *AS_LLAMA.values(),
                         *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
@@ -120,8 +122,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _granite_as_llama(config)
     if config.get("model_type") == "granitemoehybrid":
         return _granite4_as_llama(config)
-    if config.get("model_type") in INTERLEAVED:
-        return _interleaved_as_llama(config)
+    if config.get("model_type") in AS_LLAMA:
+        return _as_llama(config)
     if stored is not None and _base_model_save(stored):
         return {**config, "tie_word_embeddings": True}
     return config
@@ -138,7 +140,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     if architecture == "GraniteForCausalLM" or config.get("model_type") in ("granite", "granitemoehybrid"):
         return _granite_scales(config, stored)
     if config.get("model_type") in INTERLEAVED:
-        return _half_split_parts(_interleaved_as_llama(config), stored)
+        return _half_split_parts(_as_llama(config), stored)
     if _base_model_save(stored):
         return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
@@ -307,12 +309,13 @@ def _split(stored: list[str], fused: dict[str, tuple]) -> dict[str, StoredTensor
     return view
 
 
-def _interleaved_as_llama(config: dict[str, Any]) -> dict[str, Any]:
-    """ERNIE 4.5's and Helium's config (transformers' defaults for what it leaves out: theirs are not
-    Llama's) as Llama's; ERNIE's use_bias is every linear layer's bias."""
+def _as_llama(config: dict[str, Any]) -> dict[str, Any]:
+    """ERNIE 4.5's, Helium's and InternLM3's config (transformers' defaults for what it leaves out: theirs
+    are not Llama's) as Llama's; ERNIE's use_bias is every linear layer's bias, InternLM3's qkv_bias and
+    bias (which transformers requires equal) the attention's."""
     completed = _completed(config["model_type"], {key: value for key, value in config.items()
-                                                  if key not in ("model_type", "architectures")},
-                           INTERLEAVED[config["model_type"]])
+                                                  if key not in ("model_type", "architectures", "auto_map")},
+                           AS_LLAMA[config["model_type"]])
     kept = {key: completed[key] for key in KEPT if key in completed and key != "sliding_window"}
     biases = {"attention_bias": completed["use_bias"], "mlp_bias": completed["use_bias"]} \
         if "use_bias" in completed else {}
