@@ -862,13 +862,22 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
         LLM(str(tiny), generation_config=str(tmp_path / "nowhere"))
 
 
-@pytest.mark.parametrize("base", ["fp32", "lcq"])
-def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, base):
+@pytest.mark.parametrize("base", ["fp32", "fp16", "lcq"])
+def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, monkeypatch, base):
     """Adapters served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) give the greedy
     tokens of transformers with each adapter merged into the weights, alone and batched with each other
     (different ranks and layers) and with base-model requests; the prefix cache never hands an adapter
-    the base model's KV blocks, but does its own."""
-    folder = tiny if base == "fp32" else make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
+    the base model's KV blocks, but does its own. Over fp16 and LCQ weights the decode steps, adapters
+    and all, run the one-call C step where it builds."""
+    from lcq.models.cpu_decode import CpuDecoder
+
+    steps = []
+    decode = CpuDecoder.__call__
+    monkeypatch.setattr(CpuDecoder, "__call__",
+                        lambda self, hidden, positions, context: steps.append(context.lora is not None)
+                        or decode(self, hidden, positions, context))
+    folder = tiny if base == "fp32" else make_tiny_hf(tmp_path / "hf16", "llama", dtype=torch.float16) \
+        if base == "fp16" else make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
     adapter = make_tiny_adapter(tmp_path / "adapter", folder)
     other = make_tiny_adapter(tmp_path / "other", folder, rank=6, seed=1,
                               targets=("self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj"))
@@ -891,6 +900,14 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, b
     assert _pool_is_full(llm.engine)
     with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
         llm.generate(PROMPTS[:1], SamplingParams(lora="other"))
+    one_call = base != "fp32" and cpu_ops.usable() and cpu_half.enabled()
+    assert any(steps) == one_call  # decode steps with adapter rows went through the C step
+    scored = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora="sql",
+                                                      logprobs=1))[0]  # each decode step's logprob, to 1e-4
+    with torch.no_grad():
+        expected = torch.log_softmax(merged(torch.tensor([PROMPTS[0] + scored.token_ids])).logits[0].float(), -1)
+    for i, entry in enumerate(scored.logprobs):
+        assert entry.logprob == pytest.approx(float(expected[len(PROMPTS[0]) - 1 + i, entry.token_id]), abs=1e-4)
 
 
 @pytest.mark.parametrize("arch, family, targets", [

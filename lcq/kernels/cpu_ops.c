@@ -418,6 +418,59 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
     return status;
 }
 
+/* A decode step's LoRA adapters (lcq/models/lora.py AdapterStack): per layer, for each fused linear
+ * layer in the order QKV, O, GATE_UP, DOWN, the stack's A (slots W, K) and B (N, slots W), W = rank x the
+ * layer's parts; `active` (layers x 4) says which fused layers any held adapter touches; row r uses slot
+ * row_slots[r] (-1: none). */
+typedef struct {
+    void *const *matrices;
+    const uint8_t *active;
+    const int64_t *row_slots;
+    int slots, rank;
+} Adapters;
+
+enum { ADAPTER_QKV, ADAPTER_O, ADAPTER_GATE_UP, ADAPTER_DOWN, ADAPTER_LAYERS };
+static const int ADAPTER_PARTS[ADAPTER_LAYERS] = {3, 1, 2, 1};
+
+static int adapter_touches(const Adapters *adapters, int layer, int kind) {
+    return adapters != NULL && adapters->active[layer * ADAPTER_LAYERS + kind];
+}
+
+/* y (rows, N) += each row's adapter product B_s (A_s x_r), s its slot: A_s the rows s W .. s W + W of A,
+ * B_s the columns s W .. s W + W of B (what LoRABatch.add computes, the other slots' zero columns left
+ * out). Returns 0, or -1 when a buffer cannot be allocated. */
+static int add_adapter(const Adapters *adapters, int layer, int kind, const float *x, int rows, int K, int N,
+                       float *y) {
+    if (!adapter_touches(adapters, layer, kind)) return 0;
+    const float *a = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2];
+    const float *b = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2 + 1];
+    const int width = adapters->rank * ADAPTER_PARTS[kind], all = adapters->slots * width;
+    float *low = malloc(sizeof(float) * (size_t)rows * width);
+    if (low == NULL) return -1;
+    for (int r = 0; r < rows; r++) {
+        const int64_t s = adapters->row_slots[r];
+        for (int j = 0; s >= 0 && j < width; j++) {
+            const float *row = a + (s * width + j) * (int64_t)K, *in = x + (int64_t)r * K;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int k = 0; k < K; k++) sum += row[k] * in[k];
+            low[(int64_t)r * width + j] = sum;
+        }
+    }
+#pragma omp parallel for if (N >= 1024)
+    for (int n = 0; n < N; n++)
+        for (int r = 0; r < rows; r++) {
+            const int64_t s = adapters->row_slots[r];
+            if (s < 0) continue;
+            const float *column = b + (int64_t)n * all + s * width, *t = low + (int64_t)r * width;
+            float sum = 0.0f;
+            for (int j = 0; j < width; j++) sum += column[j] * t[j];
+            y[(int64_t)r * N + n] += sum;
+        }
+    free(low);
+    return 0;
+}
+
 /* out = weight * (residual += x) / rms as lcq_rms_norm, or where weight is NULL (a layer without that
  * norm) out = the sum itself (x, without a residual). */
 static void add_and_norm(const float *x, float *residual, const float *weight, float *out, int rows, int dim,
@@ -442,7 +495,9 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
  * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
  * each head. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
- * group's cache slots and block tables, contiguous. work holds
+ * group's cache slots and block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with
+ * adapter_active, adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters
+ * (Adapters). work holds
  * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
  * failed allocation, -2 on a position outside the rotary tables, or LCQ_NO_BLOCK where a block table
  * entry the attention would read is not a block. */
@@ -450,9 +505,13 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
-                      int activation, int cache_form, float *work) {
+                      int activation, int cache_form, float *work, void *const *adapter_matrices,
+                      const uint8_t *adapter_active, const int64_t *adapter_slots, int adapter_slot_count,
+                      int adapter_rank) {
     for (int r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_positions) return -2;
+    const Adapters step_adapters = {adapter_matrices, adapter_active, adapter_slots, adapter_slot_count, adapter_rank};
+    const Adapters *adapters = adapter_matrices != NULL ? &step_adapters : NULL;
     const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
     float *normed = work, *qkv = normed + (int64_t)rows * hidden, *attn = qkv + (int64_t)rows * qkv_width;
     float *projected = attn + (int64_t)rows * q_width, *gate_up = projected + (int64_t)rows * hidden;
@@ -468,6 +527,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
             add_and_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
+        if (add_adapter(adapters, l, ADAPTER_QKV, normed, rows, hidden, qkv_width, qkv)) return -1;
         if (p[Q_NORM] != NULL) { /* Qwen3, Gemma 3 */
             lcq_head_norm(qkv, rows, qkv_width, whole_qk_norms ? 1 : heads, whole_qk_norms ? q_width : head_dim,
                           p[Q_NORM], eps);
@@ -484,16 +544,20 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                                                   block_size, scale, softcap, (int)(intptr_t)p[WINDOW]);
         if (attended) return attended;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
+        if (add_adapter(adapters, l, ADAPTER_O, attn, rows, q_width, hidden, projected)) return -1;
         if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
             lcq_rms_norm(projected, NULL, p[ATTENTION_OUTPUT_NORM], projected, rows, hidden, eps);
         add_and_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
-        if (activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL) { /* the product finishes SwiGLU itself */
+        if (activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL && !adapter_touches(adapters, l, ADAPTER_GATE_UP)) {
+            /* the product finishes SwiGLU itself */
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
         } else {
             if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 0, gate_up)) return -1;
+            if (add_adapter(adapters, l, ADAPTER_GATE_UP, normed, rows, hidden, 2 * intermediate, gate_up)) return -1;
             lcq_gated_mul(gate_up, activated, rows, intermediate, activation);
         }
         if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
+        if (add_adapter(adapters, l, ADAPTER_DOWN, activated, rows, intermediate, hidden, projected)) return -1;
         if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
             lcq_rms_norm(projected, NULL, p[MLP_OUTPUT_NORM], projected, rows, hidden, eps);
     }

@@ -8,7 +8,9 @@ attention), so both give the same numbers; the Python layers remain the path for
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
 attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap);
 OLMo 2 and EXAONE 4 leave their input norms out (NULL entries: the stream itself goes in), and OLMo 2
-has a switch for q/k norms over whole projections.
+has a switch for q/k norms over whole projections. Steps with LoRA adapters pass the adapter stack's
+matrices (a second table, built once per stack) and each row's slot; the C step adds each row's
+adapter product after each fused product, as LoRABatch.add does.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from lcq.kernels import cpu_ops
 
 from .context import ForwardContext
 from .layers import query_temperatures
+from .lora import FUSED, AdapterStack
 
 
 class CpuDecoder:
@@ -45,6 +48,7 @@ class CpuDecoder:
         self.sizes = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.work_per_row = 2 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size
+        self.adapter_tables: dict[int, tuple[AdapterStack, ctypes.Array]] = {}  # id(stack) -> its matrices' table
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> CpuDecoder | None:
@@ -78,9 +82,21 @@ class CpuDecoder:
         return cls(model, entries)
 
     def runs(self, context: ForwardContext) -> bool:
-        """A decode step without LoRA whose context has the block tables of every layer group."""
-        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and context.lora is None and \
-            context.num_groups == self.num_groups
+        """A decode step whose context has the block tables of every layer group (and whose adapters, if
+        any, are those of the layers they touch: a CUDA graph's every_layer is not for this step)."""
+        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and \
+            (context.lora is None or not context.lora.every_layer) and context.num_groups == self.num_groups
+
+    def _adapter_table(self, stack: AdapterStack) -> ctypes.Array:
+        """The stack's A and B of every fused layer, layer by layer in FUSED's order (the stack keeps
+        them, in place, for the engine's life)."""
+        if id(stack) not in self.adapter_tables:
+            matrices = [m for a, b, _ in stack.layers.values() for m in (a, b)]
+            if len(matrices) != self.num_layers * 2 * len(FUSED) or \
+                    not all(m.is_contiguous() and m.dtype == torch.float32 for m in matrices):
+                raise ValueError("the C decode step takes an fp32 adapter stack of every fused layer")
+            self.adapter_tables[id(stack)] = (stack, (ctypes.c_void_p * len(matrices))(*[m.data_ptr() for m in matrices]))
+        return self.adapter_tables[id(stack)][1]
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         """Embeddings (rows, hidden) at positions (rows,) -> the residual stream after the last layer (before
@@ -95,11 +111,17 @@ class CpuDecoder:
             query_temperatures(positions, *self.query_temperature).contiguous()  # kept alive through the call
         scales_at = None if scales is None else scales.data_ptr()
         hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
+        lora = context.lora
+        adapters = (None, None, None, 0, 0) if lora is None else (
+            self._adapter_table(lora.stack), lora.stack.active.data_ptr(), lora.slots.contiguous(), lora.stack.slots,
+            lora.stack.rank)
+        row_slots = adapters[2]  # kept alive through the call
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
-            self.activation, self.cache_form, work.data_ptr())
+            self.activation, self.cache_form, work.data_ptr(), adapters[0], adapters[1],
+            None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")
         cpu_ops.check_blocks(status, "the C decode step")

@@ -155,6 +155,7 @@ class AdapterStack:
                 self.layers[layer] = (a, b, owner)
         self.held: dict[int, set[str]] = {}  # slot -> the fused layers its adapter has matrices in
         self.holders: dict[str, int] = dict.fromkeys(self.layers, 0)  # fused layer -> slots with matrices there
+        self.active = torch.zeros(len(self.layers), dtype=torch.uint8)  # holders > 0, in layers' order (the C step)
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy the adapter into `slot` (zeros where it has nothing); load_adapter checked its rank."""
@@ -162,6 +163,7 @@ class AdapterStack:
         self.held[slot] = {self.places[module][0] for module in adapter.parts}
         for layer in self.held[slot]:
             self.holders[layer] += 1
+        self._update_active()
         for module, (a, b) in adapter.parts.items():
             layer, column, row = self.places[module]
             a_all, b_all, _ = self.layers[layer]
@@ -172,10 +174,15 @@ class AdapterStack:
     def clear(self, slot: int) -> None:
         for layer in self.held.pop(slot, ()):
             self.holders[layer] -= 1
+        self._update_active()
         for a_all, b_all, _ in self.layers.values():
             width = a_all.shape[0] // self.slots
             a_all[slot * width:(slot + 1) * width].zero_()
             b_all[:, slot * width:(slot + 1) * width].zero_()
+
+
+    def _update_active(self) -> None:
+        self.active.copy_(torch.tensor([count > 0 for count in self.holders.values()], dtype=torch.uint8))
 
 
 @dataclass
