@@ -188,7 +188,8 @@ def test_interleaved_rotary_families_read_as_llama(tmp_path, monkeypatch, arch, 
     _check_against(stored, model, PROMPTS, decode_steps=3)
 
 
-@pytest.mark.parametrize("arch, family", [("granite", "GraniteForCausalLM"), ("granite4", "GraniteMoeHybridForCausalLM")])
+@pytest.mark.parametrize("arch, family", [("granite", "GraniteForCausalLM"),
+                                          ("granite4", "GraniteMoeHybridForCausalLM")])
 def test_granite_reads_as_llama_with_its_factors_folded(tmp_path, arch, family):
     """Granite 3's embedding, residual, attention and logits factors folded into weights and the norms'
     epsilon, and Granite 4.0's dense form (granite-4.0-micro) the same with its shared MLP as Llama's:

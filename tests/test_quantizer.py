@@ -184,10 +184,11 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
-    under their own names, with Mistral's LongRoPE settings over whole heads, a Granite one into a Llama
-    checkpoint with its factors folded (Granite 4.0's with its shared MLP split), an ERNIE 4.5 one (biases on every linear layer) into a Llama
-    checkpoint with its query and key rows reordered, an InternLM3 one into a Llama checkpoint; the engine's greedy tokens on each are transformers'
-    with the dequantized weights (the prompt past 8 tokens: long factors in both)."""
+    under their own names, with Mistral's LongRoPE settings over whole heads; a Granite one into a Llama
+    checkpoint with its factors folded (Granite 4.0's with its shared MLP split), an ERNIE 4.5 one
+    (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
+    InternLM3 one into a Llama checkpoint. The engine's greedy tokens on each are transformers' with the
+    dequantized weights (the prompt past 8 tokens: long factors in both)."""
     from lcq.runtime import LLM, SamplingParams
 
     hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8, 0.75)) if arch == "phi3"
@@ -198,7 +199,8 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
-    assert reader.config["rope_parameters"]["rope_type"] == {"phi3": "longrope", "internlm3": "dynamic"}.get(arch, "default")
+    rope_type = {"phi3": "longrope", "internlm3": "dynamic"}.get(arch, "default")
+    assert reader.config["rope_parameters"]["rope_type"] == rope_type
     assert all(reader.has(f"{prefix}.bias") == (arch == "ernie4_5") for prefix in reader.quantized_prefixes())
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -99,9 +99,11 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text"), rope=family.pop("rope", rope),
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text"),
+            rope=family.pop("rope", rope),
             **family, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
-            source_config=(c.get("quantization_config") or {}).get("source_config") or (stored if c != stored else None),
+            source_config=(c.get("quantization_config") or {}).get("source_config") or
+            (stored if c != stored else None),
         )
 
     def __post_init__(self) -> None:

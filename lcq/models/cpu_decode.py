@@ -95,7 +95,8 @@ class CpuDecoder:
             if len(matrices) != self.num_layers * 2 * len(FUSED) or \
                     not all(m.is_contiguous() and m.dtype == torch.float32 for m in matrices):
                 raise ValueError("the C decode step takes an fp32 adapter stack of every fused layer")
-            self.adapter_tables[id(stack)] = (stack, (ctypes.c_void_p * len(matrices))(*[m.data_ptr() for m in matrices]))
+            table = (ctypes.c_void_p * len(matrices))(*[m.data_ptr() for m in matrices])
+            self.adapter_tables[id(stack)] = (stack, table)
         return self.adapter_tables[id(stack)][1]
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
