@@ -43,6 +43,12 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny16(tmp_path_factory):
+    """The tiny Llama from fp16 weights: on CPU its decode steps run the one-call C step."""
+    return make_tiny_hf(tmp_path_factory.mktemp("runtime16") / "hf", "llama", dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
 def llm(tiny):
     """fp32 throughout, as transformers runs."""
     return LLM(str(tiny), block_size=8, **FP32)
@@ -986,9 +992,12 @@ def test_gemma_runs_in_bfloat16_on_a_gpu_by_default(tmp_path):
     assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32
 
 
-def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "fp16"])
+def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tiny16, tmp_path, weights):
     """Adapters loaded into free slots give the tokens of the same adapters given as lora_modules, batched
-    with each other and the base model; an unloaded one is refused and its slot serves the next load."""
+    with each other and the base model; an unloaded one is refused and its slot serves the next load
+    (fp16 weights: through the one-call C decode step)."""
+    tiny = tiny if weights == "fp32" else tiny16
     sql = make_tiny_adapter(tmp_path / "sql", tiny)
     chat = make_tiny_adapter(tmp_path / "chat", tiny, rank=6, seed=1, targets=("self_attn.k_proj", "mlp.gate_proj"))
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora) for lora in ("sql", None, "chat")]
@@ -1034,9 +1043,12 @@ def test_lora_products_skip_the_layers_no_held_adapter_touches(tiny, tmp_path):
     assert LoRABatch(stack, slots, every_layer=True).add(down, x, y.clone()).isnan().all()
 
 
-def test_lora_adapter_reloaded_under_its_name_never_reuses_the_old_weights_cache(tiny, tmp_path):
+@pytest.mark.parametrize("weights", ["fp32", "fp16"])
+def test_lora_adapter_reloaded_under_its_name_never_reuses_the_old_weights_cache(tiny, tiny16, tmp_path, weights):
     """The prefix cache keys an adapter's blocks by its load, not its name: a different folder loaded
-    under the same name recomputes the prompt (and then caches its own blocks)."""
+    under the same name recomputes the prompt (and then caches its own blocks), and its own weights
+    replace the old ones in the slot (fp16 weights: in the one-call C decode step's copies too)."""
+    tiny = tiny if weights == "fp32" else tiny16
     first, second = (make_tiny_adapter(tmp_path / f"a{seed}", tiny, seed=seed) for seed in (0, 1))
     tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="a")
     prompt = list(range(60, 80))  # two full blocks

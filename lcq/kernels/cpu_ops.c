@@ -419,8 +419,8 @@ static int linear(void *const *entry, const float *x, int rows, int K, int N, in
 }
 
 /* A decode step's LoRA adapters (lcq/models/lora.py AdapterStack): per layer, for each fused linear
- * layer in the order QKV, O, GATE_UP, DOWN, the stack's A (slots W, K) and B (N, slots W), W = rank x the
- * layer's parts; `active` (layers x 4) says which fused layers any held adapter touches; row r uses slot
+ * layer in the order QKV, O, GATE_UP, DOWN, the stack's A (slots W, K) and B's transpose (slots W, N),
+ * W = rank x the layer's parts; `active` (layers x 4) says which fused layers any held adapter touches; row r uses slot
  * row_slots[r] (-1: none). */
 typedef struct {
     void *const *matrices;
@@ -430,6 +430,8 @@ typedef struct {
 } Adapters;
 
 enum { ADAPTER_QKV, ADAPTER_O, ADAPTER_GATE_UP, ADAPTER_DOWN, ADAPTER_LAYERS };
+#define ADAPTER_PARALLEL_MACS 65536 /* an adapter product's multiply-adds from which both cores share it */
+#define ADAPTER_COLUMNS 256         /* output columns per share of B's half of the product */
 static const int ADAPTER_PARTS[ADAPTER_LAYERS] = {3, 1, 2, 1};
 
 static int adapter_touches(const Adapters *adapters, int layer, int kind) {
@@ -437,36 +439,42 @@ static int adapter_touches(const Adapters *adapters, int layer, int kind) {
 }
 
 /* y (rows, N) += each row's adapter product B_s (A_s x_r), s its slot: A_s the rows s W .. s W + W of A,
- * B_s the columns s W .. s W + W of B (what LoRABatch.add computes, the other slots' zero columns left
- * out). Returns 0, or -1 when a buffer cannot be allocated. */
+ * B_s the columns s W .. s W + W of B, read as rows of B's transpose (what LoRABatch.add computes, the
+ * other slots' zero columns left out): each output row gains W scaled rows of it, in chunks of columns
+ * the cores share. Returns 0, or -1 when a buffer cannot be allocated. */
 static int add_adapter(const Adapters *adapters, int layer, int kind, const float *x, int rows, int K, int N,
                        float *y) {
     if (!adapter_touches(adapters, layer, kind)) return 0;
     const float *a = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2];
-    const float *b = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2 + 1];
-    const int width = adapters->rank * ADAPTER_PARTS[kind], all = adapters->slots * width;
+    const float *b_rows = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2 + 1];
+    const int width = adapters->rank * ADAPTER_PARTS[kind];
     float *low = malloc(sizeof(float) * (size_t)rows * width);
     if (low == NULL) return -1;
-    for (int r = 0; r < rows; r++) {
-        const int64_t s = adapters->row_slots[r];
-        for (int j = 0; s >= 0 && j < width; j++) {
-            const float *row = a + (s * width + j) * (int64_t)K, *in = x + (int64_t)r * K;
+#pragma omp parallel for collapse(2) schedule(static) if ((int64_t)rows * width * K >= ADAPTER_PARALLEL_MACS)
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < width; j++) {
+            const int64_t s = adapters->row_slots[r];
             float sum = 0.0f;
+            if (s >= 0) {
+                const float *row = a + (s * width + j) * (int64_t)K, *in = x + (int64_t)r * K;
 #pragma omp simd reduction(+ : sum)
-            for (int k = 0; k < K; k++) sum += row[k] * in[k];
+                for (int k = 0; k < K; k++) sum += row[k] * in[k];
+            }
             low[(int64_t)r * width + j] = sum;
         }
-    }
-#pragma omp parallel for if (N >= 1024)
-    for (int n = 0; n < N; n++)
+#pragma omp parallel for schedule(static) if ((int64_t)rows * width * N >= ADAPTER_PARALLEL_MACS)
+    for (int first = 0; first < N; first += ADAPTER_COLUMNS) {
+        const int last = first + ADAPTER_COLUMNS < N ? first + ADAPTER_COLUMNS : N;
         for (int r = 0; r < rows; r++) {
             const int64_t s = adapters->row_slots[r];
-            if (s < 0) continue;
-            const float *column = b + (int64_t)n * all + s * width, *t = low + (int64_t)r * width;
-            float sum = 0.0f;
-            for (int j = 0; j < width; j++) sum += column[j] * t[j];
-            y[(int64_t)r * N + n] += sum;
+            float *out = y + (int64_t)r * N;
+            for (int j = 0; s >= 0 && j < width; j++) {
+                const float t = low[(int64_t)r * width + j], *column = b_rows + (s * width + j) * (int64_t)N;
+#pragma omp simd
+                for (int n = first; n < last; n++) out[n] += t * column[n];
+            }
         }
+    }
     free(low);
     return 0;
 }

@@ -88,10 +88,10 @@ class CpuDecoder:
             (context.lora is None or not context.lora.every_layer) and context.num_groups == self.num_groups
 
     def _adapter_table(self, stack: AdapterStack) -> ctypes.Array:
-        """The stack's A and B of every fused layer, layer by layer in FUSED's order (the stack keeps
-        them, in place, for the engine's life)."""
+        """The stack's A and B's transpose of every fused layer, layer by layer in FUSED's order (the stack
+        keeps them, in place, for the engine's life)."""
         if id(stack) not in self.adapter_tables:
-            matrices = [m for a, b, _ in stack.layers.values() for m in (a, b)]
+            matrices = [m for name, (a, _, _) in stack.layers.items() for m in (a, stack.b_rows[name])]
             if len(matrices) != self.num_layers * 2 * len(FUSED) or \
                     not all(m.is_contiguous() and m.dtype == torch.float32 for m in matrices):
                 raise ValueError("the C decode step takes an fp32 adapter stack of every fused layer")

@@ -139,6 +139,7 @@ class AdapterStack:
         self.slots, self.rank = slots, rank
         shapes = part_shapes(config)
         self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # fused layer -> A, B, owner
+        self.b_rows: dict[str, torch.Tensor] = {}  # on CPU: fused layer -> B transposed (slots W, N)
         # checkpoint matrix name -> (its fused layer, its first column within a slot, its first row in B)
         self.places: dict[str, tuple[str, int, int]] = {}
         for index in range(config.num_layers):
@@ -153,6 +154,8 @@ class AdapterStack:
                 b = torch.zeros(rows, slots * width, device=device, dtype=dtype)
                 owner = torch.arange(slots, device=device).repeat_interleave(width)  # each column's slot
                 self.layers[layer] = (a, b, owner)
+                if device.type == "cpu":  # B's transpose, row by row what the one-call C decode step reads
+                    self.b_rows[layer] = torch.zeros(slots * width, rows, dtype=dtype)
         self.held: dict[int, set[str]] = {}  # slot -> the fused layers its adapter has matrices in
         self.holders: dict[str, int] = dict.fromkeys(self.layers, 0)  # fused layer -> slots with matrices there
         self.active = torch.zeros(len(self.layers), dtype=torch.uint8)  # holders > 0, in layers' order (the C step)
@@ -170,15 +173,19 @@ class AdapterStack:
             first = slot * (a_all.shape[0] // self.slots) + column
             a_all[first:first + a.shape[0]].copy_(a)
             b_all[row:row + b.shape[0], first:first + a.shape[0]].copy_(b)
+            if layer in self.b_rows:
+                self.b_rows[layer][first:first + a.shape[0], row:row + b.shape[0]].copy_(b.t())
 
     def clear(self, slot: int) -> None:
         for layer in self.held.pop(slot, ()):
             self.holders[layer] -= 1
         self._update_active()
-        for a_all, b_all, _ in self.layers.values():
+        for layer, (a_all, b_all, _) in self.layers.items():
             width = a_all.shape[0] // self.slots
             a_all[slot * width:(slot + 1) * width].zero_()
             b_all[:, slot * width:(slot + 1) * width].zero_()
+            if layer in self.b_rows:
+                self.b_rows[layer][slot * width:(slot + 1) * width].zero_()
 
 
     def _update_active(self) -> None:
