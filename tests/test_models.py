@@ -100,7 +100,7 @@ PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
-                                  "olmo2", "olmo3", "exaone4", "seed_oss"])
+                                  "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path."""

@@ -588,7 +588,7 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "olmo3",
-                                  "exaone4", "seed_oss"])
+                                  "exaone4", "seed_oss", "hunyuan"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the

@@ -51,11 +51,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     """
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
         Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, \
-        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, InternLM3Config, \
-        LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, \
-        Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, \
-        Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, \
-        SmolLM3ForCausalLM
+        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
+        HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
+        Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, \
+        Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
+        SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +95,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
         sizes.update(head_dim=24)
+    if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic
+        sizes.update(head_dim=24, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     if arch == "internlm3":  # as internlm3-8b-instruct: dynamic NTK scaling, its default head_dim (128)
         sizes.update(rope_scaling={"rope_type": "dynamic", "factor": 6.0})
     if arch == "granite":  # Granite 3's four factors, of the sizes granite-3.3-8b uses, tied as it is
@@ -124,7 +126,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),  # Llama with biases
         "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
         "helium": (HeliumConfig, HeliumForCausalLM),  # the same (its defaults not Llama's)
-        "internlm3": (InternLM3Config, LlamaForCausalLM),  # transformers runs it as Llama; saved as the Hub has it
+        "internlm3": (InternLM3Config, LlamaForCausalLM),
+        "hunyuan": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM),  # q/k norms after the rotary embedding  # transformers runs it as Llama; saved as the Hub has it
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
@@ -134,12 +137,14 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.08)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
-            elif name.endswith(("q_norm.weight", "k_norm.weight")) or \
+            elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight", "key_layernorm.weight")) or \
                     (arch in ("olmo2", "olmo3", "exaone4") and name.endswith("norm.weight")):  # these start at one
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
     model.save_pretrained(folder, safe_serialization=True)
+    if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic
+        sizes.update(head_dim=24, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     if arch == "internlm3":  # the Hub's config names its own class and its bias settings
         import json
 

@@ -502,7 +502,7 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
  * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
- * each head. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
+ * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
  * group's cache slots and block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with
  * adapter_active, adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters
  * (Adapters). work holds
@@ -513,7 +513,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
-                      int activation, int cache_form, float *work, void *const *adapter_matrices,
+                      int qk_norms_after_rotary, int activation, int cache_form, float *work,
+                      void *const *adapter_matrices,
                       const uint8_t *adapter_active, const int64_t *adapter_slots, int adapter_slot_count,
                       int adapter_rank) {
     for (int r = 0; r < rows; r++)
@@ -536,13 +537,15 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             add_and_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
         if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
         if (add_adapter(adapters, l, ADAPTER_QKV, normed, rows, hidden, qkv_width, qkv)) return -1;
-        if (p[Q_NORM] != NULL) { /* Qwen3, Gemma 3 */
-            lcq_head_norm(qkv, rows, qkv_width, whole_qk_norms ? 1 : heads, whole_qk_norms ? q_width : head_dim,
-                          p[Q_NORM], eps);
-            lcq_head_norm(qkv + q_width, rows, qkv_width, whole_qk_norms ? 1 : kv_heads,
-                          whole_qk_norms ? kv_width : head_dim, p[K_NORM], eps);
+        for (int rotated = 0; rotated < 2; rotated++) { /* q/k norms before the rotation, or after it (Hunyuan) */
+            if (p[Q_NORM] != NULL && rotated == qk_norms_after_rotary) { /* Qwen3, Gemma 3, OLMo 2, ... */
+                lcq_head_norm(qkv, rows, qkv_width, whole_qk_norms ? 1 : heads, whole_qk_norms ? q_width : head_dim,
+                              p[Q_NORM], eps);
+                lcq_head_norm(qkv + q_width, rows, qkv_width, whole_qk_norms ? 1 : kv_heads,
+                              whole_qk_norms ? kv_width : head_dim, p[K_NORM], eps);
+            }
+            if (!rotated) lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
         }
-        lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
         for (int r = 0; query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
             for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,

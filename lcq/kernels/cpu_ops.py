@@ -228,7 +228,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, p, p, p, p, i32, i32],
+                              i32, i32, i32, i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -14,7 +14,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
-                           "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3"}
+                           "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
+                           "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -51,6 +52,7 @@ class ModelConfig:
     sandwich_norms: bool = False  # Gemma, OLMo 2: attention and MLP outputs normalised, before the residual add
     pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
+    qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
@@ -99,7 +101,8 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text"),
+            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text", "hunyuan_v1_dense"),
+            qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
             **family, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or

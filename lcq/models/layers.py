@@ -45,7 +45,7 @@ class RMSNorm(torch.nn.Module):
 
 def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
     """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width), a
-    view into the fused projection: Qwen3's q_norm and k_norm, applied before the rotary embedding."""
+    view into the fused projection: Qwen3's q_norm and k_norm before the rotary embedding, Hunyuan's after it."""
     if cpu_ops.usable(x, weight) and x.stride(-1) == 1:
         return cpu_ops.head_norm_(x, heads, head_dim, weight, eps)
     rows = x[:, :heads * head_dim].unflatten(-1, (heads, head_dim))
@@ -84,8 +84,12 @@ def query_temperatures(positions: torch.Tensor, beta: float, span: int) -> torch
 
 def rotary_frequencies(head_dim: int, rope: dict, context: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float64) and the factor on cos and sin (YaRN's and LongRoPE's attention
-    scaling, else 1) for a model served with up to `context` tokens (only LongRoPE depends on it)."""
-    inv_freq = 1.0 / (rope["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    scaling, else 1) for a model served with up to `context` tokens (only LongRoPE depends on it).
+    Dynamic NTK with a fixed alpha (Hunyuan) is a base stretched by alpha^(d / (d - 2)) at every length."""
+    theta = rope["rope_theta"]
+    if rope["rope_type"] == "dynamic" and rope.get("alpha"):
+        theta *= rope["alpha"] ** (head_dim / (head_dim - 2))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     kind = rope["rope_type"]
     if kind in ("default", "dynamic"):  # dynamic NTK rescales the base only past the model's context, never served
         return inv_freq, 1.0

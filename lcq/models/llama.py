@@ -55,6 +55,7 @@ class Attention(torch.nn.Module):
             (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
         self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm else None
+        self.norm_after_rotary = config.qk_norm_after_rotary
         self.scale = config.query_scale or self.head_dim ** -0.5
         self.window, self.softcap = window, config.attention_softcap
         self.k_cache = self.v_cache = torch.empty(0)
@@ -63,15 +64,21 @@ class Attention(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
         lora = attention.context.lora
         qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
-        if self.q_norm is not None:
-            q_width = self.num_heads * self.head_dim
-            (q_heads, k_heads), q_size, k_size = self.norm_heads, self.q_norm.weight.numel(), self.k_norm.weight.numel()
-            head_norm_(qkv, q_heads, q_size, self.q_norm.weight, self.q_norm.eps)
-            head_norm_(qkv[:, q_width:], k_heads, k_size, self.k_norm.weight, self.k_norm.eps)
+        if self.q_norm is not None and not self.norm_after_rotary:
+            self._norm_queries_keys(qkv[:, :self.num_heads * self.head_dim], qkv[:, self.num_heads * self.head_dim:])
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
+        if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
+            self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
+
+
+    def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """q_norm and k_norm, in place, on rows (tokens, width) whose first heads are the queries' or keys'."""
+        (q_heads, k_heads), q_size, k_size = self.norm_heads, self.q_norm.weight.numel(), self.k_norm.weight.numel()
+        head_norm_(queries, q_heads, q_size, self.q_norm.weight, self.q_norm.eps)
+        head_norm_(keys, k_heads, k_size, self.k_norm.weight, self.k_norm.eps)
 
 
 class MLP(torch.nn.Module):

@@ -44,11 +44,15 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
+QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
+
+
 def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torch.nn.Module, str]]:
     """A decoder layer's norms and their checkpoint names, which mean different roles in Gemma's and OLMo 2's
     layers (OLMo 2's has no input norms)."""
     attention = layer.self_attn
-    head_norms = [(attention.q_norm, "self_attn.q_norm"), (attention.k_norm, "self_attn.k_norm")] \
+    q_name, k_name = QK_NORM_NAMES.get(config.model_type, ("q_norm", "k_norm"))
+    head_norms = [(attention.q_norm, f"self_attn.{q_name}"), (attention.k_norm, f"self_attn.{k_name}")] \
         if config.qk_norm else []
     if config.sandwich_norms:
         norms = [(layer.attention_norm, "input_layernorm"), (layer.attention_output_norm, "post_attention_layernorm"),
