@@ -126,8 +126,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),  # Llama with biases
         "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
         "helium": (HeliumConfig, HeliumForCausalLM),  # the same (its defaults not Llama's)
-        "internlm3": (InternLM3Config, LlamaForCausalLM),
-        "hunyuan": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM),  # q/k norms after the rotary embedding  # transformers runs it as Llama; saved as the Hub has it
+        "internlm3": (InternLM3Config, LlamaForCausalLM),  # transformers runs it as Llama; saved as the Hub has it
+        "hunyuan": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM),  # q/k norms after the rotary embedding
     }[arch]
     torch.manual_seed(seed)
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
@@ -137,7 +137,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.08)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
-            elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight", "key_layernorm.weight")) or \
+            elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight",
+                                "key_layernorm.weight")) or \
                     (arch in ("olmo2", "olmo3", "exaone4") and name.endswith("norm.weight")):  # these start at one
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0

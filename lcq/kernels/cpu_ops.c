@@ -502,12 +502,12 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
  * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
- * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it. slots (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer
- * group's cache slots and block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with
- * adapter_active, adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters
- * (Adapters). work holds
- * rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes or a
- * failed allocation, -2 on a position outside the rotary tables, or LCQ_NO_BLOCK where a block table
+ * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it. slots
+ * (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer group's cache slots and
+ * block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with adapter_active,
+ * adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters (Adapters). work
+ * holds rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes
+ * or a failed allocation, -2 on a position outside the rotary tables, or LCQ_NO_BLOCK where a block table
  * entry the attention would read is not a block. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
