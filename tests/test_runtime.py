@@ -130,6 +130,15 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
 
 
+def test_max_model_len_past_the_models_context_is_refused(tiny):
+    """The rotary tables end at the model's context (vLLM refuses the same): one clear error at start,
+    not an index error in a step once a sequence gets there."""
+    from lcq.errors import UserError
+
+    with pytest.raises(UserError, match="max_model_len 1000 is longer than the model's context of 256 tokens"):
+        LLM(str(tiny), max_model_len=1000)
+
+
 @pytest.mark.parametrize("partial", [1.0, 0.75])
 def test_longrope_factors_are_those_of_the_context_served(tmp_path, partial):
     """A Phi-3.5-style model (LongRoPE over an original context of 32; with partial 0.75 Phi-4-mini's

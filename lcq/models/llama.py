@@ -73,7 +73,6 @@ class Attention(torch.nn.Module):
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
-
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """q_norm and k_norm, in place, on rows (tokens, width) whose first heads are the queries' or keys'."""
         (q_heads, k_heads), q_size, k_size = self.norm_heads, self.q_norm.weight.numel(), self.k_norm.weight.numel()

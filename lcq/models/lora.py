@@ -187,7 +187,6 @@ class AdapterStack:
             if layer in self.b_rows:
                 self.b_rows[layer][slot * width:(slot + 1) * width].zero_()
 
-
     def _update_active(self) -> None:
         self.active.copy_(torch.tensor([count > 0 for count in self.holders.values()], dtype=torch.uint8))
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lcq.errors import UserError
 from lcq.kernels.cpu_half import pair_panel_bytes, pair_panels
 from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, cpu_products
 from lcq.kernels.linear import LCQLinear
@@ -144,7 +145,11 @@ class ModelRunner:
     def _longest_sequence(self, config: EngineConfig) -> int:
         """The context length: the model's (or the configured one), at most what one sequence alone can hold
         in the pool (its sliding-window groups hold about a window each)."""
-        limit = config.max_model_len or self.model_config.max_position_embeddings
+        context = self.model_config.max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > context:  # past its rotary tables
+            raise UserError(f"max_model_len {config.max_model_len} is longer than the model's context of {context} "
+                            "tokens (max_position_embeddings, or what its rope scaling extends it to)")
+        limit = config.max_model_len or context
         blocks = self.new_block_manager(False)
         if blocks.most_blocks_held(limit, config.max_num_batched_tokens) <= self.num_blocks:
             return limit
