@@ -110,10 +110,11 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
     _check_against(load_reference_model(folder), model, PROMPTS)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3", "idefics3", "smolvlm", "internvl"])
 @pytest.mark.parametrize("layout", ["full", "sparse"])
 def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
-    """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL and Qwen3-VL folders: our model of the
+    """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL, Qwen3-VL, SmolVLM (Idefics3 and SmolVLM
+    classes) and InternVL3 folders: our model of the
     wrapper folder is the text model it holds (config completed from transformers' defaults where
     text_config leaves them out or, Qwen2.5-VL's Hub form, has none; tensors under either prefix; the
     vision tower never read), against the wrapper's own transformers model, whose multimodal rotary

@@ -181,15 +181,27 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
                fullatt_block_indexes=[0]), {}),
            "qwen3": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
-               deepstack_visual_indexes=[0]), {})}
+               deepstack_visual_indexes=[0]), {}),
+           "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration", dict(
+               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14), dict(scale_factor=2)),
+           "smolvlm": ("SmolVLMConfig", "SmolVLMForConditionalGeneration", dict(
+               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14), dict(scale_factor=2)),
+           "internvl": ("InternVLConfig", "InternVLForConditionalGeneration", dict(
+               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=[28, 28],
+               patch_size=[14, 14]), {})}
+# Wrappers named by themselves, and the text family each holds (the others are named by it).
+TEXT_FAMILY = {"idefics3": "llama", "smolvlm": "llama", "internvl": "qwen2"}
 # Qwen VL text models: the multimodal rotary embedding's frequency sections (time, height, width), summing to
 # head_dim / 2 of make_tiny_hf's Qwen2 (24) and Qwen3 (32).
 MROPE_SECTIONS = {"qwen2": [4, 4, 4], "qwen3": [4, 6, 6]}
 
 
 def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str = "full") -> Path:
-    """A multimodal checkpoint (Gemma 3 4B-style, LLaVA over Llama, Mistral Small 3.1-style) whose
-    language model is make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
+    """A multimodal checkpoint (Gemma 3 4B-style, LLaVA over Llama, Mistral Small 3.1-style; by their own
+    names SmolVLM's two forms over Llama and InternVL3 over Qwen2: TEXT_FAMILY) whose language model is
+    make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
     under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
     what differs from the defaults, as in the Hub's Gemma 3 files, and tensors sit under
     model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them, and the chat
@@ -201,7 +213,7 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     import transformers
     from safetensors.torch import load_file, save_file
 
-    text_dir = make_tiny_hf(Path(folder) / "text", arch)
+    text_dir = make_tiny_hf(Path(folder) / "text", TEXT_FAMILY.get(arch, arch))
     folder = Path(folder) / "wrapped"
     text = transformers.AutoModelForCausalLM.from_pretrained(text_dir)
     config_cls, model_cls, vision, extra = WRAPPED[arch]
@@ -211,13 +223,13 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
         text_config.pop("model_type")
         text_config["rope_parameters"] = {"rope_type": "default", "mrope_section": MROPE_SECTIONS[arch],
                                           "rope_theta": text.config.rope_parameters["rope_theta"]}
-    image_token = "image_token_id" if arch in MROPE_SECTIONS else "image_token_index"
+    image_token = "image_token_id" if arch in MROPE_SECTIONS or arch in TEXT_FAMILY else "image_token_index"
     config = getattr(transformers, config_cls)(text_config=text_config, vision_config=vision,
                                                 tie_word_embeddings=text.config.tie_word_embeddings,
                                                 **{image_token: tokens - 1}, **extra)
     torch.manual_seed(1)
     model = getattr(transformers, model_cls)(config).eval()
-    model.model.language_model.load_state_dict(text.model.state_dict())
+    (getattr(model.model, "text_model", None) or model.model.language_model).load_state_dict(text.model.state_dict())
     model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
     if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it (transformers picks it for the text folder)

@@ -1,8 +1,9 @@
 """Folders lcq reads as an architecture it runs: the config and tensor names a reader sees.
 
 - Multimodal wrappers (Gemma 3 from 4B up: Gemma3ForConditionalGeneration; Mistral Small 3.1:
-  Mistral3ForConditionalGeneration; LlavaForConditionalGeneration) keep a Llama-family language model
-  beside a vision tower: its config under `text_config`, its tensors under a prefix. They read as that
+  Mistral3ForConditionalGeneration; LlavaForConditionalGeneration; SmolVLM: Idefics3 and
+  SmolVLMForConditionalGeneration; InternVL3: InternVLForConditionalGeneration) keep a Llama-family
+  language model beside a vision tower: its config under `text_config`, its tensors under a prefix. They read as that
   language model alone (its config completed with transformers' defaults, since the Hub's files leave
   out every default); the vision tower and projector are never read.
 - Qwen's vision-language models (Qwen2-VL, Qwen2.5-VL: Qwen2's decoder; Qwen3-VL: Qwen3's) read the
@@ -48,11 +49,12 @@ import torch
 QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditionalGeneration": "qwen2",
            "Qwen3VLForConditionalGeneration": "qwen3"}
 WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
+            "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "InternVLForConditionalGeneration",
             *QWEN_VL)
 # Where a wrapper keeps the language model's tensors, and their text-model names: the Hub's files (and
 # what transformers writes) first, then transformers 4.52-4.57's own saves.
 TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                 ("model.language_model.", "model."), ("lm_head.", "lm_head."),
+                 ("model.language_model.", "model."), ("model.text_model.", "model."), ("lm_head.", "lm_head."),
                  *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))  # Qwen2.5-VL
 BASE_MODEL_PREFIX = "model."  # what a CausalLM's tensor names have that its base model's lack
 # Top-level settings a wrapper's text model inherits where its text_config has none.
