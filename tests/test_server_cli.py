@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from lcq.cli import build_parser, main
+from lcq.errors import UserError
 from lcq.server.settings import resolve
 from tests.tiny_model import make_tiny_hf
 
@@ -93,6 +94,28 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
     for chat_template in (str(template), template.read_text()):
         tokenizer = LLM(str(model), chat_template=chat_template).tokenizer
         assert tokenizer.apply_chat_template(messages, tokenize=False) == "<user>Hi"
+
+
+def test_vllm_speculative_config(capsys):
+    """vLLM's --speculative-config JSON for prompt lookup sets the same fields as lcq's own flags (from the
+    environment too); a draft model, another method, unknown keys or bad JSON are one line and exit 2."""
+    settings = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}'
+    expected = {"num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    assert resolve(parse("--speculative-config", settings), {}).engine_fields == expected
+    assert resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": settings}).engine_fields == expected
+    assert resolve(parse("--speculative-config", '{"num_speculative_tokens": 3, "disable_by_batch_size": 4}'),
+                   {}).engine_fields == {"num_speculative_tokens": 3, "speculative_disable_by_batch_size": 4}
+    refused = ('{"model": "/models/draft", "num_speculative_tokens": 5}', '{"method": "eagle"}',
+               '{"method": "ngram", "lookahead": 2}', "{method: ngram}")
+    for value in refused:
+        with pytest.raises(SystemExit) as usage:
+            main(["serve", "--speculative-config", value])
+        assert usage.value.code == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and "a draft model (/models/draft)" in errors[0] and "not eagle" in errors[1]
+    assert "unknown keys lookahead" in errors[2] and "not JSON" in errors[3]
+    with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only method ngram"):
+        resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": '{"method": "medusa"}'})
 
 
 def test_runtime_lora_flags_from_the_command_line_or_environment():

@@ -6,6 +6,7 @@ container image can be configured with env vars alone (LCQ_MODEL, LCQ_PORT, LCQ_
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -66,6 +67,7 @@ class Flag:
     field: str = ""  # dataclass field; default: the flag's snake_case name
     invert: bool = False  # a --no-x switch that sets x = False
     metavar: str | None = None
+    expands: bool = False  # its value is a dict of several fields (vLLM's JSON settings)
 
     @property
     def dest(self) -> str:
@@ -78,6 +80,31 @@ class Flag:
     @property
     def switch(self) -> bool:
         return self.type is bool
+
+
+# vLLM's --speculative-config keys for prompt lookup ("ngram") and the engine fields they set
+SPECULATIVE_KEYS = {"num_speculative_tokens": "num_speculative_tokens", "prompt_lookup_max": "prompt_lookup_max",
+                    "prompt_lookup_min": "prompt_lookup_min",
+                    "disable_by_batch_size": "speculative_disable_by_batch_size"}
+
+
+def _speculative_config(text: str) -> dict[str, Any]:
+    """vLLM's --speculative-config JSON as engine fields: method "ngram" (prompt lookup, the method lcq
+    has) and its settings; a draft model or another method is refused by name."""
+    try:
+        settings = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
+    if not isinstance(settings, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed")
+    method = settings.pop("method", None if "model" in settings else "ngram")
+    if method != "ngram" or "model" in settings:
+        raise argparse.ArgumentTypeError(f"only method ngram (prompt lookup) is supported, not "
+                                         f"{method or 'a draft model (' + str(settings['model']) + ')'}")
+    if unknown := sorted(set(settings) - set(SPECULATIVE_KEYS)):
+        raise argparse.ArgumentTypeError(f"unknown keys {', '.join(unknown)} (known: method, "
+                                         f"{', '.join(SPECULATIVE_KEYS)})")
+    return {SPECULATIVE_KEYS[key]: value for key, value in settings.items()}
 
 
 def _bool(text: str) -> bool:
@@ -140,14 +167,18 @@ FLAGS = (
     Flag("--prompt-lookup-min", int, "shortest n-gram that prompt lookup matches", "engine"),
     Flag("--speculative-disable-by-batch-size", int, "no drafts while this many sequences or more run (the "
          "default 2 drafts at batch 1 only: on CPU, draft rows of several sequences cost what they save)", "engine"),
+    Flag("--speculative-config", _speculative_config, "vLLM's JSON form of the four flags above: "
+         '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
+         "(disable_by_batch_size too)", "engine", expands=True, metavar="JSON"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
-         "(replies that are JSON calls: Llama 3.1-3.3), granite (replies that are a JSON array of calls: Granite 3) "
-         "or mistral ([TOOL_CALLS] calls: Mistral 7B v0.3, Mistral Small 3.x): how replies are read so that "
-         "tool_choice auto works", "server"),
+         "(replies that are JSON calls: Llama 3.1-3.3), granite (replies that are a JSON array of calls: Granite 3), "
+         "mistral ([TOOL_CALLS] calls: Mistral 7B v0.3, Mistral Small 3.x), pythonic ([f(x=1)]: Llama 3.2 1B/3B, "
+         "Llama 4) or phi4_mini_json (functools[...]: Phi-4-mini): how replies are read so that tool_choice auto "
+         "works", "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
     Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
@@ -166,7 +197,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
     for flag in FLAGS:
-        default = None if flag.switch else defaults[flag.target][flag.field or flag.dest].default
+        default = None if flag.switch or flag.expands else defaults[flag.target][flag.field or flag.dest].default
         shown = f" (env {flag.env}" + (f"; default {default})" if default is not None else ")")
         if flag.switch:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
@@ -183,6 +214,8 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
             value = (_bool if flag.switch else flag.type)(env[flag.env])
         except ValueError:
             raise UserError(f"{flag.env}={env[flag.env]!r} is not a valid {flag.type.__name__}") from None
+        except argparse.ArgumentTypeError as e:
+            raise UserError(f"{flag.env}: {e}") from None
     if value is not None and flag.invert:
         value = not value
     return value
@@ -203,7 +236,10 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     server_fields: dict[str, Any] = {}
     for flag in FLAGS:
         value = _value(flag, args, env)
-        if value is not None:
-            (server_fields if flag.target == "server" else engine_fields)[flag.field or flag.dest] = value
+        fields = server_fields if flag.target == "server" else engine_fields
+        if value is not None and flag.expands:
+            fields.update(value)
+        elif value is not None:
+            fields[flag.field or flag.dest] = value
     model = args.model if args.model is not None else (env.get("LCQ_MODEL") or None)
     return ServeCommand(model=model, engine_fields=engine_fields, settings=ServeSettings(**server_fields))
