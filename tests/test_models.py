@@ -99,6 +99,20 @@ def _check_against(reference, model, prompts: list[list[int]], decode_steps: int
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
+def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
+    """The one-call C decode step passes the attention's refusal up: a -1 where a step reads (a bug in
+    the tables) raises instead of reading outside the cache."""
+    model, _ = load_model(make_tiny_hf(tmp_path, "llama", dtype=torch.float16))
+    batch = PagedBatch(model)
+    if model.cpu_decoder is None:
+        pytest.skip("the C decode step does not build here")
+    seq = batch.add()
+    batch.step({seq: [5, 17, 99, 3, 250, 41]})
+    batch.tables[seq][0] = -1  # the first block, which the next step's attention reads
+    with pytest.raises(RuntimeError, match="the C decode step: a block table entry the attention would read"):
+        batch.step({seq: [7]})
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
                                   "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
