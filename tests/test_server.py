@@ -17,8 +17,8 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_llama3_json, parse_mistral, \
-    parse_phi4_mini_json, parse_pythonic
+from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_internlm, parse_llama3_json, \
+    parse_mistral, parse_olmo3, parse_phi4_mini_json, parse_pythonic
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -391,6 +391,33 @@ def test_pythonic_tool_calls_are_parsed_never_run():
     assert ToolCallStream("pythonic").feed("Sunny [1]") == "Sunny [1]"
 
 
+def test_olmo3_tool_calls_are_parsed():
+    """OLMo 3's form: <function_calls>, one pythonic call per line, JSON's literals allowed."""
+    content, calls = parse_olmo3('<function_calls>\nget_weather(city="Paris", alerts=true, days=null)\nf(x=-1)\n'
+                                 '</function_calls>')
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "alerts": True, "days": None}), ("f", {"x": -1})]
+    for text in ("Sunny.", "<function_calls>\nf(x=y)\n</function_calls>", "<function_calls>\nf(x=1",
+                 "get_weather(city='Paris')"):
+        assert parse_olmo3(text) == (text, [])
+    stream = ToolCallStream("olmo3")
+    assert stream.feed("<func") == "" and stream.feed("tion_calls>\nf(x=1)\n</function_calls>") == ""
+    assert stream.finish()[1][0].function.name == "f"
+    assert ToolCallStream("olmo3").feed("<b>Sunny") == "<b>Sunny"
+
+
+def test_internlm_tool_calls_are_parsed():
+    content, calls = parse_internlm('Let me check.<|action_start|><|plugin|>\n{"name": "f", "parameters": '
+                                    '{"x": 1}}<|action_end|>')
+    assert content == "Let me check." and [(c.function.name, c.function.arguments) for c in calls] == [
+        ("f", '{"x": 1}')]
+    for text in ("No tools.", '<|action_start|><|plugin|>{"name": "f", "parameters": {', "<|action_start|><|plugin|>"):
+        assert parse_internlm(text) == (text, [])
+    stream = ToolCallStream("internlm")
+    assert stream.feed("Sure<|action_start|>") == "Sure" and stream.feed('<|plugin|>{"name": "g"}') == ""
+    assert stream.finish()[1][0].function.name == "g"
+
+
 def test_phi4_mini_tool_calls_are_parsed():
     content, calls = parse_phi4_mini_json('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]')
     assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
@@ -418,7 +445,7 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
     assert eos.text == "" and eos.finish_reason == "stop"
 
 
-CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": ""}  # how two calls of a parser's syntax are joined
+CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": "", "ernie45": "\n", "internlm": ""}  # two calls joined
 # Parsers whose calls are one list: its opening, and where the calls inside it start.
 LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
 
@@ -429,7 +456,10 @@ LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
     ("granite", '[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'),
     ("pythonic", '[get_weather(city="Paris")]'),
-    ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]')])
+    ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+    ("ernie45", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+    ("internlm", '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'),
+    ("olmo3", '<function_calls>\nget_weather(city="Paris")\n</function_calls>')])
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
@@ -453,8 +483,10 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         text = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=5)
         assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
         inner = reply[len(LISTED.get(parser, "")):-1]
-        twice = {"guided_choice": [LISTED[parser] + inner + ", " + inner + "]" if parser in LISTED
-                                   else reply + CALL_TWICE[parser] + reply]}
+        doubled = LISTED[parser] + inner + ", " + inner + "]" if parser in LISTED else \
+            reply.replace("</function_calls>", 'get_weather(city="Paris")\n</function_calls>') if parser == "olmo3" \
+            else reply + CALL_TWICE[parser] + reply
+        twice = {"guided_choice": [doubled]}
         for parallel, count in ((True, 2), (False, 1)):  # parallel_tool_calls false: the first call only
             out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
                                                  parallel_tool_calls=parallel, extra_body=twice)

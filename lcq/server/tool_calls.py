@@ -19,7 +19,13 @@ writes free text in which it may call tools in the syntax its chat template taug
 - pythonic (Llama 3.2 1B/3B, Llama 4 with their tool templates): a reply that is a Python list of calls
   with keyword arguments, `[get_weather(city="Paris"), f()]`, read with Python's parser (never run), each
   argument a literal (Llama 4's `<|python_start|>` around it is a special token the detokenizer drops);
-- phi4_mini_json (Phi-4-mini): `functools[{"name": ..., "arguments": {...}}, ...]` after any text.
+- phi4_mini_json (Phi-4-mini): `functools[{"name": ..., "arguments": {...}}, ...]` after any text;
+- olmo3 (OLMo 3): `<function_calls>` then one pythonic call per line, its literals Python's or JSON's
+  (null, true, false);
+- ernie45 (ERNIE 4.5): hermes's blocks;
+- internlm (InternLM2/3): text, then `<|action_start|><|plugin|>` and a JSON call
+  `{"name": ..., "parameters": {...}}` up to `<|action_end|>`; those tags are special tokens
+  (KEEPS_SPECIAL_TOKENS).
 """
 from __future__ import annotations
 
@@ -33,7 +39,10 @@ from .protocol import FunctionCall, ToolCall
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 PHI4_CALLS = "functools["
-KEEPS_SPECIAL_TOKENS = ("mistral",)  # parsers whose tags are special tokens the text must keep
+OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
+INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
+KEEPS_SPECIAL_TOKENS = ("mistral", "internlm")  # parsers whose tags are special tokens the text must keep
+JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
@@ -122,11 +131,11 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
 
 def whole_reply_held_from(opening: str):
     """held_from of a syntax whose calls are the whole reply: a reply that opens with `opening` (after any
-    whitespace) is calls, held back whole; others are text."""
+    whitespace), or with a part of it so far, is calls, held back whole; others are text."""
 
     def held_from(text: str, sent: int) -> int:
         start = text.lstrip()
-        return sent if not start or start.startswith(opening) else len(text)
+        return sent if start.startswith(opening) or opening.startswith(start) else len(text)
 
     return held_from
 
@@ -162,20 +171,64 @@ def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
 def parse_pythonic(text: str) -> tuple[str | None, list[ToolCall]]:
     """(None, the calls) for a reply that is a Python list of calls by name with keyword arguments whose
     values are literals, else (the text, []). The text is parsed, never evaluated."""
+    calls = _pythonic_calls(text.strip())
+    return (None, calls) if calls else (text, [])
+
+
+def parse_olmo3(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(None, the calls) for a reply of OLMo 3's `<function_calls>` block (one pythonic call per line),
+    else (the text, [])."""
+    body = text.strip()
+    if not body.startswith(OLMO3_START):
+        return text, []
+    lines = body[len(OLMO3_START):].split(OLMO3_END, 1)[0].splitlines()
+    calls = _pythonic_calls("[" + ", ".join(line.strip() for line in lines if line.strip()) + "]")
+    return (None, calls) if calls else (text, [])
+
+
+def _pythonic_calls(source: str) -> list[ToolCall]:
+    """The calls of `source`, a Python list of calls by name with literal keyword arguments; [] where it is
+    anything else."""
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
-        if not isinstance(tree, ast.List) or not tree.elts:
-            return text, []
+        tree = ast.parse(source, mode="eval").body
+        if not isinstance(tree, ast.List):
+            return []
         calls = []
         for node in tree.elts:
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args or \
                     any(keyword.arg is None for keyword in node.keywords):
-                return text, []
-            calls.append(_call(node.func.id, {keyword.arg: ast.literal_eval(keyword.value)
-                                              for keyword in node.keywords}))
+                return []
+            calls.append(_call(node.func.id, {keyword.arg: _literal(keyword.value) for keyword in node.keywords}))
+        return calls
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
+        return []
+
+
+def _literal(node: ast.expr):
+    """A literal's value (what ast.literal_eval reads, and JSON's null, true and false); ValueError for
+    anything else."""
+    if isinstance(node, ast.Name) and node.id in JSON_NAMES:
+        return JSON_NAMES[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_literal(key): _literal(value) for key, value in zip(node.keys, node.values)}
+    return ast.literal_eval(node)
+
+
+def parse_internlm(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(the text before the first call, or None when empty; the calls) from a reply in InternLM's form;
+    (the text, []) when there is none or a call's JSON does not parse."""
+    content, *actions = text.split(INTERNLM_START)
+    try:
+        calls = []
+        for action in actions:
+            body = action.split(INTERNLM_END, 1)[0]
+            value = json.loads(body[body.index("{"):])
+            calls.append(_call(value["name"], value.get("parameters", value.get("arguments", {}))))
+    except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
-    return None, calls
+    return (content.strip() or None, calls) if calls else (text, [])
 
 
 def parse_phi4_mini_json(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -199,7 +252,10 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "granite": (parse_granite, whole_reply_held_from("[")),
            "mistral": (parse_mistral, tag_held_from(MISTRAL_CALLS)),
            "pythonic": (parse_pythonic, whole_reply_held_from("[")),
-           "phi4_mini_json": (parse_phi4_mini_json, tag_held_from(PHI4_CALLS))}
+           "phi4_mini_json": (parse_phi4_mini_json, tag_held_from(PHI4_CALLS)),
+           "olmo3": (parse_olmo3, whole_reply_held_from(OLMO3_START)),
+           "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
+           "internlm": (parse_internlm, tag_held_from(INTERNLM_START))}
 
 
 class ToolCallStream:
