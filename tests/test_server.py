@@ -18,7 +18,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
 from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_internlm, parse_llama3_json, \
-    parse_mistral, parse_olmo3, parse_phi4_mini_json, parse_pythonic
+    parse_mistral, parse_olmo3, parse_phi4_mini_json, parse_pythonic, reply_parser
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -418,6 +418,31 @@ def test_internlm_tool_calls_are_parsed():
     assert stream.finish()[1][0].function.name == "g"
 
 
+def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
+    """Seed-OSS's and Qwen3-Coder's XML calls: each parameter's text typed as the request's tool schema says
+    (text where it says string, gives no type, or the text is not of that type; "null" is null)."""
+    schemas = {"book": {"type": "object", "properties": {
+        "guests": {"type": "integer"}, "price": {"type": "number"}, "late": {"type": "boolean"},
+        "rooms": {"type": "array"}, "note": {"type": ["string", "null"]}, "when": {"type": "integer"}}}}
+    reply = ("Booking now.<seed:tool_call>\n<function=book>\n<parameter=guests>\n2\n</parameter>\n"
+             "<parameter=price>99.5</parameter>\n<parameter=late>True</parameter>\n<parameter=rooms>[1, 2]"
+             "</parameter>\n<parameter=note>\nnear 12 the sea\n</parameter>\n<parameter=when>soon</parameter>\n"
+             "<parameter=city>null</parameter>\n</function>\n</seed:tool_call>")
+    content, calls = reply_parser("seed_oss", schemas)(reply)
+    assert content == "Booking now." and calls[0].function.name == "book"
+    assert json.loads(calls[0].function.arguments) == {"guests": 2, "price": 99.5, "late": True, "rooms": [1, 2],
+                                                       "note": "near 12 the sea", "when": "soon", "city": None}
+    coder = reply_parser("qwen3_coder", None)
+    _, calls = coder("<tool_call>\n<function=f>\n<parameter=x>\n1\n</parameter>\n</function>\n</tool_call>"
+                     "<tool_call>\n<function=g>\n</function>\n</tool_call>")
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("f", {"x": "1"}), ("g", {})]
+    for text in ("No tools.", "<tool_call>{\"name\": \"f\"}</tool_call>"):
+        assert coder(text) == (text, [])
+    stream = ToolCallStream("seed_oss", schemas)
+    assert stream.feed("Sure <seed:tool") == "Sure " and stream.feed("_call><function=book>") == ""
+    assert stream.finish()[1][0].function.name == "book"
+
+
 def test_phi4_mini_tool_calls_are_parsed():
     content, calls = parse_phi4_mini_json('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]')
     assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
@@ -445,7 +470,8 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
     assert eos.text == "" and eos.finish_reason == "stop"
 
 
-CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": "", "ernie45": "\n", "internlm": ""}  # two calls joined
+CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": "", "ernie45": "\n", "internlm": "",
+              "seed_oss": ""}  # how two calls of a parser's syntax are joined
 # Parsers whose calls are one list: its opening, and where the calls inside it start.
 LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
 
@@ -459,10 +485,13 @@ LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
     ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
     ("ernie45", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
     ("internlm", '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'),
-    ("olmo3", '<function_calls>\nget_weather(city="Paris")\n</function_calls>')])
+    ("olmo3", '<function_calls>\nget_weather(city="Paris")\n</function_calls>'),
+    ("seed_oss", "<seed:tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+                 "<parameter=days>3</parameter>\n</function>\n</seed:tool_call>")])
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
     forced_text = {"guided_choice": [reply]}  # the tiny model says it, as a tool-trained one would
     app = create_app(engine_config(model_dir), ServeSettings(tool_call_parser=parser))
     with LiveServer(app) as live:
@@ -473,7 +502,8 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         choice = out.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         assert choice.message.tool_calls[0].function.name == "get_weather"
-        assert json.loads(choice.message.tool_calls[0].function.arguments) == {"city": "Paris"}
+        expected = {"city": "Paris", "days": 3} if parser == "seed_oss" else {"city": "Paris"}  # typed by the schema
+        assert json.loads(choice.message.tool_calls[0].function.arguments) == expected
         chunks = list(hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
                                                      temperature=0, stream=True, extra_body=forced_text))
         assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -105,10 +105,11 @@ class ChatTurn:
     top: int  # alternatives per token in logprobs
     parallel: bool  # parallel_tool_calls: false keeps a reply's first call only
     reasoning: ReasoningParser | None = None
+    schemas: dict[str, dict] | None = None  # each tool's parameters by name (parsers that type values by them)
 
     def reader(self) -> TurnReader:
         return TurnReader(self.reasoning.stream() if self.reasoning else None,
-                          ReplyReader(self.forced, self.parser, self.parallel))
+                          ReplyReader(self.forced, self.parser, self.parallel, self.schemas))
 
     def reply(self, choice: Choice) -> tuple[str | None, str | None, list[ToolCall] | None, str | None]:
         """(reasoning, content, tool calls, finish reason) of a finished choice; content None when the
@@ -116,7 +117,8 @@ class ChatTurn:
         reasoning, content = self.reasoning.split(choice.text) if self.reasoning else (None, choice.text)
         if content is None:
             return reasoning, None, None, choice.finish_reason
-        return (reasoning, *read_reply(content, self.forced, self.parser, choice.finish_reason, self.parallel))
+        return (reasoning, *read_reply(content, self.forced, self.parser, choice.finish_reason, self.parallel,
+                                       self.schemas))
 
     def usage(self) -> UsageInfo:
         """The generation's usage, and the replies' reasoning tokens where thinking is read apart, and how
@@ -190,6 +192,10 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
                        param="tool_choice", code="unsupported_value")
     if parsed and state.settings.tool_call_parser in KEEPS_SPECIAL_TOKENS:
         params.skip_special_tokens = False  # the parser reads tags that are special tokens
+    try:
+        schemas = body.tool_parameters() if parsed else None
+    except ValueError as e:
+        raise invalid_value(str(e), body) from None
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
     reasoning = ReasoningParser(text) if state.settings.reasoning_parser else None
@@ -201,7 +207,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
                             params)
     generation.submit()
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
-                    body.parallel_tool_calls, reasoning)
+                    body.parallel_tool_calls, reasoning, schemas)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,

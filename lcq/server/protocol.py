@@ -278,12 +278,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
         forced = self.forced_tool()
         if forced is None:
             return None
-        functions = {}
-        for tool in self.tools:
-            function = tool.get("function") if tool.get("type") == "function" else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise ValueError("tools must be {\"type\": \"function\", \"function\": {\"name\": ...}} objects")
-            functions[function["name"]] = function.get("parameters") or {"type": "object"}
+        functions = self.tool_parameters()
         if forced == "required":
             return {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
                                "required": ["name", "arguments"], "additionalProperties": False}
@@ -291,6 +286,16 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
         if forced not in functions:
             raise ValueError(f"tool_choice names {forced!r}, which is not among the tools")
         return functions[forced]
+
+    def tool_parameters(self) -> dict[str, dict]:
+        """Each tool's parameters schema by its name; ValueError for a malformed tool."""
+        functions = {}
+        for tool in self.tools or []:
+            function = tool.get("function") if tool.get("type") == "function" else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise ValueError("tools must be {\"type\": \"function\", \"function\": {\"name\": ...}} objects")
+            functions[function["name"]] = function.get("parameters") or {"type": "object"}
+        return functions
 
     def structured_output(self) -> StructuredOutput | None:
         schema = self.tool_call_schema()

@@ -25,14 +25,20 @@ writes free text in which it may call tools in the syntax its chat template taug
 - ernie45 (ERNIE 4.5): hermes's blocks;
 - internlm (InternLM2/3): text, then `<|action_start|><|plugin|>` and a JSON call
   `{"name": ..., "parameters": {...}}` up to `<|action_end|>`; those tags are special tokens
-  (KEEPS_SPECIAL_TOKENS).
+  (KEEPS_SPECIAL_TOKENS);
+- seed_oss (Seed-OSS) and qwen3_coder (Qwen3-Coder): text, then calls in XML,
+  `<function=name><parameter=key>value</parameter>...</function>` inside `<seed:tool_call>` or
+  `<tool_call>`; each value is text, typed by the request's tool schema (integer, number, boolean,
+  object, array; "null" is null), as vLLM reads them.
 """
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 import uuid
+from typing import Any
 
 from .protocol import FunctionCall, ToolCall
 
@@ -43,6 +49,9 @@ OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
 INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
 KEEPS_SPECIAL_TOKENS = ("mistral", "internlm")  # parsers whose tags are special tokens the text must keep
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
+XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>"), "qwen3_coder": (HERMES_START, HERMES_END)}
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|$)", re.DOTALL)
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
@@ -66,14 +75,16 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
 
 
 def read_reply(text: str, forced: str | None, parser: str | None, finish_reason: str | None,
-               parallel: bool = True) -> tuple[str | None, list[ToolCall] | None, str | None]:
+               parallel: bool = True, schemas: dict[str, dict] | None = None
+               ) -> tuple[str | None, list[ToolCall] | None, str | None]:
     """(content, tool calls or None, finish reason) of a complete reply: a forced call's JSON, calls the
-    model made in its own syntax (read by `parser`; only the first unless `parallel`), or plain text."""
+    model made in its own syntax (read by `parser`, with the request's tools' parameter `schemas` by
+    name; only the first call unless `parallel`), or plain text."""
     if forced:
         calls, reason = forced_call(text, forced, finish_reason)
         return (None if calls else text), calls, reason
     if parser:
-        content, calls = PARSERS[parser][0](text)
+        content, calls = reply_parser(parser, schemas)(text)
         if calls:
             return content, calls if parallel else calls[:1], "tool_calls"
     return text, None, finish_reason
@@ -246,6 +257,50 @@ def parse_phi4_mini_json(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content or None, calls) if calls else (text, [])
 
 
+def parse_xml_calls(text: str, tags: tuple[str, str], schemas: dict[str, dict]) -> tuple[str | None, list[ToolCall]]:
+    """(the text before the first call block, or None when empty; the calls) from a reply whose calls are
+    XML functions inside `tags`; (the text, []) when it has none."""
+    start, end = tags
+    content, *blocks = text.split(start)
+    calls = []
+    for block in blocks:
+        for name, body in _XML_FUNCTION.findall(block.split(end, 1)[0]):
+            properties = (schemas.get(name.strip()) or {}).get("properties") or {}
+            arguments = {key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
+                         for key, value in _XML_PARAMETER.findall(body)}
+            calls.append(_call(name.strip(), arguments))
+    return (content.strip() or None, calls) if calls else (text, [])
+
+
+def _typed(value: str, schema: Any) -> Any:
+    """An XML parameter's text as its JSON schema's type says: text where the schema is a string's, or
+    gives none, or the text does not read as that type."""
+    if value.lower() == "null":
+        return None
+    kinds = schema.get("type", "string") if isinstance(schema, dict) else "string"
+    kind = next((k for k in ([kinds] if isinstance(kinds, str) else kinds) if k != "null"), "string")
+    try:
+        if kind == "integer":
+            return int(value)
+        if kind == "number":
+            number = float(value)
+            return int(number) if number.is_integer() else number
+        if kind == "boolean":
+            return value.strip().lower() == "true"
+        if kind in ("object", "array"):
+            return json.loads(value)
+    except ValueError:
+        pass
+    return value
+
+
+def reply_parser(parser: str, schemas: dict[str, dict] | None):
+    """The function that reads a complete reply in `parser`'s syntax (the XML ones with the request's
+    tool schemas)."""
+    parse = PARSERS[parser][0]
+    return functools.partial(parse, schemas=schemas or {}) if parser in XML_CALLS else parse
+
+
 # name: (parse a complete reply, where a partial reply starts to be held back)
 PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "llama3_json": (parse_llama3_json, whole_reply_held_from("{")),
@@ -255,15 +310,17 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "phi4_mini_json": (parse_phi4_mini_json, tag_held_from(PHI4_CALLS)),
            "olmo3": (parse_olmo3, whole_reply_held_from(OLMO3_START)),
            "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
-           "internlm": (parse_internlm, tag_held_from(INTERNLM_START))}
+           "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
+           **{name: (functools.partial(parse_xml_calls, tags=tags), tag_held_from(tags[0]))  # + schemas: reply_parser
+              for name, tags in XML_CALLS.items()}}
 
 
 class ToolCallStream:
     """Streams a reply's text, holding it back from where a tool call may start (per the parser), so
     that calls go out parsed once the reply is complete."""
 
-    def __init__(self, parser: str):
-        self.parse, self.held_from = PARSERS[parser]
+    def __init__(self, parser: str, schemas: dict[str, dict] | None = None):
+        self.parse, self.held_from = reply_parser(parser, schemas), PARSERS[parser][1]
         self.text = ""
         self.sent = 0
 
@@ -286,9 +343,10 @@ class ReplyReader:
     calls and the finish reason. Plain text passes through; a forced call is held back whole; with a
     parser, text is held from where a call may start."""
 
-    def __init__(self, forced: str | None, parser: str | None, parallel: bool = True):
+    def __init__(self, forced: str | None, parser: str | None, parallel: bool = True,
+                 schemas: dict[str, dict] | None = None):
         self.forced = forced
-        self.calls = ToolCallStream(parser) if parser and not forced else None
+        self.calls = ToolCallStream(parser, schemas) if parser and not forced else None
         self.parallel = parallel
         self.text = ""
 
