@@ -29,7 +29,8 @@ writes free text in which it may call tools in the syntax its chat template taug
 - seed_oss (Seed-OSS) and qwen3_coder (Qwen3-Coder): text, then calls in XML,
   `<function=name><parameter=key>value</parameter>...</function>` inside `<seed:tool_call>` or
   `<tool_call>`; each value is text, typed by the request's tool schema (integer, number, boolean,
-  object, array; "null" is null), as vLLM reads them.
+  object, array; "null" is null), as vLLM reads them. Seed-OSS's tags are tokens of its own, kept as
+  text (KEEPS_SPECIAL_TOKENS).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 PHI4_CALLS = "functools["
 OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
 INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
-KEEPS_SPECIAL_TOKENS = ("mistral", "internlm")  # parsers whose tags are special tokens the text must keep
+# parsers whose tags are (or may be) special tokens the text must keep
+KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss")
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
 XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>"), "qwen3_coder": (HERMES_START, HERMES_END)}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
