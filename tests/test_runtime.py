@@ -937,10 +937,9 @@ def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, 
     """Adapters trained on a model lcq reads as another architecture, named by that model's own matrices:
     Phi-4-mini-style fused q/k/v and gate/up (with the partial rotary embedding's reordered, scaled query
     rows), Granite's folded factors (Granite 4.0's with its shared MLP's fused input split), ERNIE's
-    reordered query and key rows. Served over the full-precision
-    folder, the greedy tokens are those of transformers' own class with the adapter merged; over an LCQ
-    checkpoint quantized from that folder (which records its config), the adapter's matrices are the same
-    as over the folder itself."""
+    reordered query and key rows. Served over the full-precision folder, the greedy tokens and prompt
+    logprobs are those of transformers' own class with the adapter merged; over an LCQ checkpoint quantized
+    from that folder (which records its config), the adapter's matrices are the same as over the folder."""
     import transformers
 
     from lcq.models import ModelConfig
@@ -969,8 +968,8 @@ def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, 
     options = QuantizeOptions(bits=4, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=2, seqlen=16,
                               epochs=0)
     quantize_model(folder, tmp_path / "lcq", options, progress=False)
-    over_folder, over_lcq = (load_adapter(adapter, ModelConfig.from_folder(base)).parts
-                             for base in (folder, tmp_path / "lcq"))
+    over_folder, over_lcq = (load_adapter(adapter, ModelConfig.from_folder(model)).parts
+                             for model in (folder, tmp_path / "lcq"))
     assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * {"phi3": 6, "granite4": 4}.get(arch, 3)
     for name, (a, b) in over_folder.items():
         assert torch.equal(a, over_lcq[name][0]) and torch.equal(b, over_lcq[name][1])
