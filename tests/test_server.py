@@ -17,8 +17,7 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_granite, parse_hermes, parse_internlm, parse_llama3_json, \
-    parse_mistral, parse_olmo3, parse_phi4_mini_json, parse_pythonic, reply_parser
+from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json, reply_parser
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -351,71 +350,58 @@ def test_llama3_json_tool_calls_are_parsed():
     assert text.feed("Sun") == "Sun" and text.feed("ny {x}") == "ny {x}" and text.finish() == (None, [])
 
 
-def test_granite_tool_calls_are_parsed():
-    content, calls = parse_granite(' [{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]\n')
-    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}'),
-                                                                                          ("g", "{}")]
-    for text in ("Paris is sunny.", '[{"name": "f", "arguments": {', "[1, 2]", '{"name": "f"}'):
-        assert parse_granite(text) == (text, [])  # prose, cut short, JSON that is not a list of calls
-    stream = ToolCallStream("granite")
-    assert stream.feed(" ") == "" and stream.feed('[{"name": "f"}') == "" and stream.feed("]") == ""
-    assert stream.finish()[1][0].function.name == "f"
-    assert ToolCallStream("granite").feed("Sunny [1]") == "Sunny [1]"
+# Per parser: replies with (content, calls as (name, arguments)); texts it leaves as text (prose, cut short,
+# forms not its own); stream deltas with what each sends on; the call the stream gives at the end; a text a
+# stream sends on at once (or None).
+PARSED = {
+    "granite": ([(' [{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]\n', None, [("f", {"x": 1}), ("g", {})])],
+                ("Paris is sunny.", '[{"name": "f", "arguments": {', "[1, 2]", '{"name": "f"}'),
+                [(" ", ""), ('[{"name": "f"}', ""), ("]", "")], ("f", {}), "Sunny [1]"),
+    "mistral": ([('Let me look. [TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', "Let me look.", [("f", {"x": 1})]),
+                 ('[TOOL_CALLS]f[ARGS]{"x": 1}[TOOL_CALLS]g[ARGS]{}', None, [("f", {"x": 1}), ("g", {})])],
+                ("No tools needed.", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]no arguments"),
+                [("Sure [TOOL", "Sure "), ("_CALLS]f[ARGS]{}", "")], ("f", {}), None),
+    # Python's syntax, parsed and never run: positional arguments, names and calls as values are refused
+    "pythonic": ([(' [get_weather(city="Paris", days=[1, 2], metric=True), f()]\n', None,
+                   [("get_weather", {"city": "Paris", "days": [1, 2], "metric": True}), ("f", {})])],
+                 ("It is sunny.", "[f(x=1", "[f(1)]", "[f(x=y)]", "[f(**kw)]", "[os.system(x='ls')]", "[1, 2]", "[]",
+                  "[f(x=__import__('os'))]"),
+                 [(" [get_", ""), ("weather(city='Rome')]", "")], ("get_weather", {"city": "Rome"}), "Sunny [1]"),
+    # one pythonic call per line, JSON's literals allowed
+    "olmo3": ([('<function_calls>\nget_weather(city="Paris", alerts=true, days=null)\nf(x=-1)\n</function_calls>', None,
+                [("get_weather", {"city": "Paris", "alerts": True, "days": None}), ("f", {"x": -1})])],
+              ("Sunny.", "<function_calls>\nf(x=y)\n</function_calls>", "<function_calls>\nf(x=1",
+               "get_weather(city='Paris')"),
+              [("<func", ""), ("tion_calls>\nf(x=1)\n</function_calls>", "")], ("f", {"x": 1}), "<b>Sunny"),
+    "internlm": ([('Let me check.<|action_start|><|plugin|>\n{"name": "f", "parameters": {"x": 1}}<|action_end|>',
+                   "Let me check.", [("f", {"x": 1})])],
+                 ("No tools.", '<|action_start|><|plugin|>{"name": "f", "parameters": {', "<|action_start|><|plugin|>"),
+                 [("Sure<|action_start|>", "Sure"), ('<|plugin|>{"name": "g"}', "")], ("g", {}), None),
+    "phi4_mini_json": ([('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]', "Checking.",
+                         [("f", {"x": 1}), ("g", {})])],
+                       ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'),
+                       [("Sure functo", "Sure "), ('ols[{"name": "f"}]', "")], ("f", {}), None),
+}
 
 
-def test_mistral_tool_calls_are_parsed():
-    """Both of Mistral's forms: a JSON array after [TOOL_CALLS], and name[ARGS]{...} per call (v11 on)."""
-    content, calls = parse_mistral('Let me look. [TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]')
-    assert content == "Let me look." and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}')]
-    content, calls = parse_mistral('[TOOL_CALLS]f[ARGS]{"x": 1}[TOOL_CALLS]g[ARGS]{}')
-    assert content is None and [(c.function.name, c.function.arguments) for c in calls] == [("f", '{"x": 1}'),
-                                                                                          ("g", "{}")]
-    for text in ("No tools needed.", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]no arguments"):
-        assert parse_mistral(text) == (text, [])
-    stream = ToolCallStream("mistral")
-    assert stream.feed("Sure [TOOL") == "Sure " and stream.feed("_CALLS]f[ARGS]{}") == ""
-    assert stream.finish()[1][0].function.name == "f"
-
-
-def test_pythonic_tool_calls_are_parsed_never_run():
-    """Llama 3.2's and Llama 4's form: a Python list of calls with literal keyword arguments."""
-    content, calls = parse_pythonic(' [get_weather(city="Paris", days=[1, 2], metric=True), f()]\n')
-    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Paris", "days": [1, 2], "metric": True}), ("f", {})]
-    for text in ("It is sunny.", "[f(x=1", "[f(1)]", "[f(x=y)]", "[f(**kw)]", "[os.system(x='ls')]", "[1, 2]", "[]",
-                 "[f(x=__import__('os'))]"):
-        assert parse_pythonic(text) == (text, [])  # prose, cut short, positional, names, calls as values
-    stream = ToolCallStream("pythonic")
-    assert stream.feed(" [get_") == "" and stream.feed("weather(city='Rome')]") == ""
-    assert json.loads(stream.finish()[1][0].function.arguments) == {"city": "Rome"}
-    assert ToolCallStream("pythonic").feed("Sunny [1]") == "Sunny [1]"
-
-
-def test_olmo3_tool_calls_are_parsed():
-    """OLMo 3's form: <function_calls>, one pythonic call per line, JSON's literals allowed."""
-    content, calls = parse_olmo3('<function_calls>\nget_weather(city="Paris", alerts=true, days=null)\nf(x=-1)\n'
-                                 '</function_calls>')
-    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
-        ("get_weather", {"city": "Paris", "alerts": True, "days": None}), ("f", {"x": -1})]
-    for text in ("Sunny.", "<function_calls>\nf(x=y)\n</function_calls>", "<function_calls>\nf(x=1",
-                 "get_weather(city='Paris')"):
-        assert parse_olmo3(text) == (text, [])
-    stream = ToolCallStream("olmo3")
-    assert stream.feed("<func") == "" and stream.feed("tion_calls>\nf(x=1)\n</function_calls>") == ""
-    assert stream.finish()[1][0].function.name == "f"
-    assert ToolCallStream("olmo3").feed("<b>Sunny") == "<b>Sunny"
-
-
-def test_internlm_tool_calls_are_parsed():
-    content, calls = parse_internlm('Let me check.<|action_start|><|plugin|>\n{"name": "f", "parameters": '
-                                    '{"x": 1}}<|action_end|>')
-    assert content == "Let me check." and [(c.function.name, c.function.arguments) for c in calls] == [
-        ("f", '{"x": 1}')]
-    for text in ("No tools.", '<|action_start|><|plugin|>{"name": "f", "parameters": {', "<|action_start|><|plugin|>"):
-        assert parse_internlm(text) == (text, [])
-    stream = ToolCallStream("internlm")
-    assert stream.feed("Sure<|action_start|>") == "Sure" and stream.feed('<|plugin|>{"name": "g"}') == ""
-    assert stream.finish()[1][0].function.name == "g"
+@pytest.mark.parametrize("parser", PARSED)
+def test_tool_calls_in_each_parsers_syntax(parser):
+    """A reply in the parser's syntax gives its calls and the text beside them; other text stays text; a
+    stream holds the text back from where a call may start and gives the call at the end."""
+    replies, texts, deltas, streamed, released = PARSED[parser]
+    parse = reply_parser(parser, None)
+    for reply, content, calls in replies:
+        got_content, got = parse(reply)
+        assert got_content == content
+        assert [(call.function.name, json.loads(call.function.arguments)) for call in got] == calls
+    for text in texts:
+        assert parse(text) == (text, [])
+    stream = ToolCallStream(parser)
+    assert [stream.feed(delta) for delta, _ in deltas] == [sent for _, sent in deltas]
+    content, calls = stream.finish()
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [streamed]
+    if released is not None:
+        assert ToolCallStream(parser).feed(released) == released
 
 
 def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
@@ -441,18 +427,6 @@ def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
     stream = ToolCallStream("seed_oss", schemas)
     assert stream.feed("Sure <seed:tool") == "Sure " and stream.feed("_call><function=book>") == ""
     assert stream.finish()[1][0].function.name == "book"
-
-
-def test_phi4_mini_tool_calls_are_parsed():
-    content, calls = parse_phi4_mini_json('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]')
-    assert content == "Checking." and [(c.function.name, c.function.arguments) for c in calls] == [
-        ("f", '{"x": 1}'), ("g", "{}")]
-    for text in ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'):
-        assert parse_phi4_mini_json(text) == (text, [])
-    stream = ToolCallStream("phi4_mini_json")
-    assert stream.feed("Sure functo") == "Sure " and stream.feed('ols[{"name": "f"}]') == ""
-    content, calls = stream.finish()
-    assert content is None and [call.function.name for call in calls] == ["f"]
 
 
 def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
