@@ -751,9 +751,12 @@ def test_full_queue_429_and_keepalive_while_waiting(small_server):
     small_server.wait_pool_full()
 
 
-def test_speculative_decoding_streams_the_same_text(model_dir, server, client):
-    """A server drafting by prompt lookup streams what the plain one does, and counts its drafts."""
-    app = create_app(engine_config(model_dir, num_speculative_tokens=4), ServeSettings())
+@pytest.mark.parametrize("draft_model", [False, True], ids=["prompt-lookup", "draft-model"])
+def test_speculative_decoding_streams_the_same_text(model_dir, server, client, draft_model):
+    """A server drafting by prompt lookup, or with a draft model (the model itself), streams what the plain
+    one does, and counts its drafts."""
+    drafts = dict(speculative_model=str(model_dir)) if draft_model else {}
+    app = create_app(engine_config(model_dir, num_speculative_tokens=4, **drafts), ServeSettings())
     messages = [{"role": "user", "content": "To be, or not to be, to be, or not to be, to be"}]
     request = dict(model=MODEL, messages=messages, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
     plain = client.chat.completions.create(**request).choices[0].message.content

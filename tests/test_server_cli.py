@@ -97,24 +97,29 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
 
 
 def test_vllm_speculative_config(capsys):
-    """vLLM's --speculative-config JSON for prompt lookup sets the same fields as lcq's own flags (from the
-    environment too); a draft model, another method, unknown keys or bad JSON are one line and exit 2."""
+    """vLLM's --speculative-config JSON for prompt lookup or a draft model sets the same fields as lcq's own
+    flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""
     settings = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}'
     expected = {"num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
     assert resolve(parse("--speculative-config", settings), {}).engine_fields == expected
     assert resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": settings}).engine_fields == expected
     assert resolve(parse("--speculative-config", '{"num_speculative_tokens": 3, "disable_by_batch_size": 4}'),
                    {}).engine_fields == {"num_speculative_tokens": 3, "speculative_disable_by_batch_size": 4}
-    refused = ('{"model": "/models/draft", "num_speculative_tokens": 5}', '{"method": "eagle"}',
-               '{"method": "ngram", "lookahead": 2}', "{method: ngram}")
+    draft = {"speculative_model": "/models/draft", "num_speculative_tokens": 5}
+    for value in ('{"model": "/models/draft", "num_speculative_tokens": 5}',
+                  '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 5}'):
+        assert resolve(parse("--speculative-config", value), {}).engine_fields == draft
+    refused = ('{"method": "eagle"}', '{"method": "ngram", "lookahead": 2}', "{method: ngram}",
+               '{"model": "/models/draft", "prompt_lookup_max": 3}', '{"method": "draft_model"}')
     for value in refused:
         with pytest.raises(SystemExit) as usage:
             main(["serve", "--speculative-config", value])
         assert usage.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 4 and "a draft model (/models/draft)" in errors[0] and "not eagle" in errors[1]
-    assert "unknown keys lookahead" in errors[2] and "not JSON" in errors[3]
-    with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only method ngram"):
+    assert len(errors) == 5 and "not eagle" in errors[0] and "unknown keys lookahead for method ngram" in errors[1]
+    assert "not JSON" in errors[2] and "unknown keys prompt_lookup_max for method draft_model" in errors[3]
+    assert "needs the draft's folder as model" in errors[4]
+    with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only methods ngram"):
         resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": '{"method": "medusa"}'})
 
 

@@ -1,17 +1,21 @@
-"""Speculative decoding by prompt lookup: the proposer, the exactness of verification, and the engine
-giving the tokens it gives without drafts (batched, chunked, preempted, stopped mid-draft)."""
+"""Speculative decoding by prompt lookup and by a draft model: the proposer, the exactness of
+verification, and the engine giving the tokens it gives without drafts (batched, chunked, preempted,
+stopped mid-draft)."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
+from lcq.errors import UserError
 from lcq.kernels import cpu_index
 from lcq.kernels.cpu_matmul import products_available
 from lcq.runtime import LLM, EngineConfig, SamplingParams
 from lcq.runtime.sequence import Sequence
 from lcq.runtime.speculative import PromptLookup, can_draft, verify
 from tests.test_runtime import FP32, small_block_bytes
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tokenizer
 
 # Prompts that repeat themselves, so that lookups match from the first step; the tiny random model
 # also falls into loops of its own, which later lookups find.
@@ -217,6 +221,112 @@ def test_no_drafts_from_the_batch_size_on(tiny, plain):
     assert default.engine.stats().num_draft_tokens_total > 0
 
 
+@pytest.fixture(scope="module")
+def other_weights(tiny, tmp_path_factory):
+    """A draft of weights near the target's: the LCQ model's full-precision source, or the fp32 model
+    quantized."""
+    if tiny.name == "lcq":
+        return tiny.parent / "hf"
+    return make_tiny_lcq(tmp_path_factory.mktemp("draft"), "llama", bits=4, rank=2, group_size=32)
+
+
+def _drafts_and_accepted(llm) -> tuple[int, int]:
+    stats = llm.engine.stats()
+    return stats.num_draft_tokens_total, stats.num_accepted_tokens_total
+
+
+def test_a_draft_model_gives_the_plain_greedy_tokens(tiny, plain, other_weights, caplog):
+    """The target as its own draft: every draft is accepted, which holds only while the draft's cache (in
+    the target's blocks) is right through batching, prompt chunks, prefix-cache hits and preemption. A
+    draft of other weights gives the same tokens with some drafts rejected."""
+    expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
+    itself = LLM(str(tiny), block_size=8, speculative_model=str(tiny), **DRAFT_ALWAYS, **FP32)
+    assert [o.token_ids for o in itself.generate(PROMPTS, GREEDY)] == expected
+    assert [itself.generate([p], GREEDY)[0].token_ids for p in PROMPTS] == expected  # prefix-cache hits
+    chunked = LLM(str(tiny), block_size=8, max_num_batched_tokens=5, speculative_model=str(tiny), **DRAFT_ALWAYS,
+                  **FP32)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == expected
+    # 6 blocks of 8 for both models' K/V: someone gets preempted.
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * 2 * small_block_bytes(plain) / 2**30,
+                speculative_model=str(tiny), **DRAFT_ALWAYS, **FP32)
+    shorter = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)  # each fits the 48 tokens alone
+    assert small.engine.runner.num_blocks == 6
+    assert [o.token_ids for o in small.generate(PROMPTS, shorter)] == [e[:30] for e in expected]
+    assert small.engine.stats().num_preemptions_total > 0
+    # By default only a lone sequence drafts: the last one left reads the tokens the draft missed first.
+    lone = LLM(str(tiny), block_size=8, speculative_model=str(tiny), num_speculative_tokens=4, **FP32)
+    lengths = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (10, 20, 40)]
+    assert [o.token_ids for o in lone.generate(PROMPTS, lengths)] == [e[:n] for e, n in zip(expected, (10, 20, 40))]
+    for llm in (itself, chunked, small, lone):
+        drafts, accepted = _drafts_and_accepted(llm)
+        assert drafts == accepted > 0
+    near = LLM(str(tiny), block_size=8, speculative_model=str(other_weights), **DRAFT_ALWAYS, **FP32)
+    assert [o.token_ids for o in near.generate(PROMPTS, GREEDY)] == expected
+    drafts, accepted = _drafts_and_accepted(near)
+    assert 0 < accepted < drafts
+    assert "the draft model failed" not in caplog.text  # no step fell back to placeholders
+    for engine in (itself.engine, chunked.engine, small.engine, lone.engine, near.engine):
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
+
+
+def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, caplog):
+    """Each step's drafts are what the draft model alone generates greedily after the sequence so far,
+    also after steps whose drafts were rejected (its cache past the accepted tokens is read again)."""
+    near = LLM(str(tiny), block_size=8, speculative_model=str(other_weights), **DRAFT_ALWAYS, **FP32)
+    proposals = []
+    propose = near.engine.drafter.propose
+
+    def recording(scheduled):
+        propose(scheduled)
+        proposals.extend((seq.token_ids[:len(seq) - seq.num_draft_tokens], seq.token_ids[len(seq) - seq.num_draft_tokens:])
+                         for seq, _ in scheduled if seq.num_draft_tokens)
+
+    near.engine.drafter.propose = recording
+    near.generate(PROMPTS, GREEDY)
+    assert "the draft model failed" not in caplog.text  # no step fell back to placeholders
+    assert len(proposals) > 20 and 0 < _drafts_and_accepted(near)[1] < _drafts_and_accepted(near)[0]
+    alone = LLM(str(other_weights), block_size=8, **FP32)
+    for prefix, drafts in proposals:
+        params = SamplingParams(max_tokens=len(drafts), temperature=0, ignore_eos=True)
+        assert alone.generate([prefix], params)[0].token_ids == drafts
+
+
+def test_draft_model_with_stops_logprobs_and_seeded_sampling(tiny, plain, other_weights):
+    """Stops inside a step's drafts end the output where plain decoding ends it; logprobs are the target's;
+    a seeded sampled request gives the same tokens alone and batched."""
+    near = LLM(str(tiny), block_size=8, speculative_model=str(other_weights), **DRAFT_ALWAYS, **FP32)
+    base = plain.generate([PROMPTS[0]], GREEDY)[0]
+    for params in (SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[base.token_ids[9]]),
+                   SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)):
+        want, got = plain.generate([PROMPTS[0]], params)[0], near.generate([PROMPTS[0]], params)[0]
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+        for a, b in zip(got.logprobs or [], want.logprobs or []):
+            assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    sampled = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
+    first = near.generate([PROMPTS[2]], sampled)[0].token_ids
+    assert near.generate([PROMPTS[2], PROMPTS[1]], [sampled, GREEDY])[0].token_ids == first
+    assert _drafts_and_accepted(near)[1] > 0
+
+
+def test_draft_model_settings_are_checked(tiny, tmp_path):
+    """A draft needs drafts to make, a model folder, the target's tokenizer, the target's context, and
+    full-attention layers in the target whose block table it reads."""
+    for settings, message in [(dict(speculative_model=str(tiny)), "num_speculative_tokens"),
+                              (dict(speculative_model=str(tmp_path), num_speculative_tokens=2), "config.json")]:
+        with pytest.raises(ValueError, match=message):
+            EngineConfig(model=str(tiny), **settings).validate()
+    retokenized = shutil.copytree(tiny, tmp_path / "retokenized")
+    make_tokenizer(retokenized, vocab_size=300)
+    shorter = make_tiny_hf(tmp_path / "shorter", "llama", max_position_embeddings=64)
+    sliding = make_tiny_hf(tmp_path / "sliding", "mistral", sliding_window=16)
+    for target, draft, message in [(tiny, retokenized, "its tokenizer differs"),
+                                   (tiny, shorter, "draft model .*shorter: max_model_len 256 is longer"),
+                                   (sliding, sliding, "every layer of this model slides")]:
+        with pytest.raises(UserError, match=message):
+            LLM(str(target), speculative_model=str(draft), num_speculative_tokens=2, **FP32)
+
+
 @pytest.mark.gpu
 def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
     """Verification rows are decode rows: a lone sequence's 1 + 4 rows replay the graph of 8 and give the
@@ -233,3 +343,19 @@ def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
     plain = LLM(folder, block_size=8, max_num_seqs=8).generate([PROMPTS[0]], params)[0]
     same = next((i for i, (a, b) in enumerate(zip(got.token_ids, plain.token_ids)) if a != b), len(got.token_ids))
     assert same > 0 and all(abs(a.logprob - b.logprob) < 2e-2 for a, b in zip(got.logprobs[:same], plain.logprobs))
+
+
+@pytest.mark.gpu
+def test_draft_model_on_cuda(tmp_path):
+    """The target as its own draft on a GPU, the draft's decode passes replaying its graphs: the tokens of
+    the eager engine, and nearly every draft accepted (the draft's one-row products and the target's
+    verification rows may round a near tie apart)."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32))
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    settings = dict(block_size=8, max_num_seqs=8, num_speculative_tokens=4, speculative_model=folder)
+    graphed = LLM(folder, **settings)
+    assert graphed.engine.drafter.runner.graphs is not None
+    eager = LLM(folder, cuda_graphs=False, **settings)
+    assert graphed.generate([PROMPTS[0]], params)[0].token_ids == eager.generate([PROMPTS[0]], params)[0].token_ids
+    drafts, accepted = _drafts_and_accepted(graphed)
+    assert accepted >= 0.9 * drafts > 0

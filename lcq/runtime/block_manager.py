@@ -175,6 +175,8 @@ class BlockManager:
                     self._give_back(block_id)
         seq.block_tables, seq.block_hashes, seq.num_released = [], [], []
         seq.num_computed_tokens = 0
+        if seq.draft is not None:  # a draft model's cache of it was in these blocks too (draft_model.py)
+            seq.draft.num_computed_tokens = 0
         seq.tables_version += 1
 
     def _take(self, block_id: int) -> None:

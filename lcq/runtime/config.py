@@ -41,7 +41,10 @@ class EngineConfig:
     max_loras: int | None = None  # adapter slots; default: the number of lora_modules, at least 1 with runtime updating
     max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
-    num_speculative_tokens: int = 0  # prompt lookup drafts per step (speculative.py); 0: off
+    num_speculative_tokens: int = 0  # drafts per step (speculative.py); 0: off
+    # A draft model's folder (draft_model.py): a smaller model of the same tokenizer drafts the
+    # num_speculative_tokens instead of prompt lookup.
+    speculative_model: str | None = None
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
     # No drafts while this many sequences or more run: on CPU each draft row then costs about as much as
@@ -189,6 +192,11 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if self.speculative_model is not None:
+            if not self.num_speculative_tokens:
+                raise ValueError("speculative_model drafts num_speculative_tokens a step: set it (1 to 16)")
+            if not (Path(self.speculative_model) / "config.json").is_file():
+                raise ValueError(f"speculative_model: {self.speculative_model} holds no config.json (a model folder)")
         sampling_defaults(self.generation_config, self.model)
         self.resolved_chat_template()
         adapters = self.lora_adapters()

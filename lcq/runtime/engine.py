@@ -1,8 +1,8 @@
 """The synchronous engine: requests in, one step at a time, deltas out.
 
-A step drafts tokens by prompt lookup where speculative decoding is on (speculative.py), schedules,
-runs the model once for every scheduled sequence, samples (or verifies drafts), detokenizes and
-checks stop conditions. A request that fails (even inside a batched forward) is finished with
+A step drafts tokens where speculative decoding is on (prompt lookup, speculative.py, or placeholders
+that a draft model fills once the step is scheduled, draft_model.py), schedules, runs the model once
+for every scheduled sequence, samples (or verifies drafts), detokenizes and checks stop conditions. A request that fails (even inside a batched forward) is finished with
 finish_reason "error"; the others go on.
 """
 from __future__ import annotations
@@ -20,6 +20,7 @@ from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .draft_model import PLACEHOLDER, DraftModel, draft_footprint
 from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
@@ -69,7 +70,9 @@ class LLMEngine:
                                                         processor_chat_template(config.model))
         if template:
             self.tokenizer.chat_template = template
-        self.runner = ModelRunner(config)
+        draft_block_bytes, draft_weight_bytes = draft_footprint(config) if config.speculative_model else (0, 0)
+        self.runner = ModelRunner(config, draft_block_bytes=draft_block_bytes, draft_weight_bytes=draft_weight_bytes)
+        self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
         self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
@@ -81,7 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
-        self.lookup = PromptLookup(config.num_speculative_tokens, config.prompt_lookup_max, config.prompt_lookup_min)
+        self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
+                                   config.prompt_lookup_min)
         self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
@@ -171,6 +175,8 @@ class LLMEngine:
             self._keep_drafts(seq, counts.get(seq, 1) - 1)
         if not scheduled:
             return []
+        if self.drafter is not None:
+            self._propose(scheduled)
         now = time.monotonic()
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
@@ -178,20 +184,33 @@ class LLMEngine:
         return self._run(scheduled)
 
     def _draft(self) -> list[Sequence]:
-        """Append drafts (prompt lookup, or a request's prediction) to the running sequences that can take
-        them; returns those."""
+        """Append drafts (prompt lookup, a request's prediction, or a draft model's placeholders) to the
+        running sequences that can take them; returns those."""
         drafted = []
         if len(self.scheduler.running) >= self.draft_batch_limit:
             return drafted
         for seq in self.scheduler.running:
-            if (self.lookup.num_tokens or seq.params.prediction) and can_draft(seq):
+            if (self.lookup.num_tokens or self.drafter or seq.params.prediction) and can_draft(seq):
                 # The step emits up to len(draft) + 1 tokens: never past max_tokens (nor the context).
-                draft = self.lookup.propose(seq, seq.max_tokens - seq.num_output_tokens - 1)
+                limit = seq.max_tokens - seq.num_output_tokens - 1
+                draft = self.lookup.propose(seq, limit)
+                if not draft and self.drafter is not None:
+                    draft = [PLACEHOLDER] * min(self.drafter.num_tokens, limit)
                 if draft:
                     seq.token_ids.extend(draft)
                     seq.num_draft_tokens = len(draft)
                     drafted.append(seq)
         return drafted
+
+    def _propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """The draft model's tokens in place of the placeholders. Should it fail, the placeholders are
+        verified as they are (the target's tokens stay exact) and the draft starts its sequences afresh."""
+        try:
+            self.drafter.propose(scheduled)
+        except Exception:
+            logger.exception("the draft model failed; this step verifies placeholder drafts")
+            for seq, _ in scheduled:
+                seq.draft = None
 
     def _keep_drafts(self, seq: Sequence, count: int) -> None:
         """Keep the first `count` of seq's drafts (all of them when count is larger), drop the rest."""

@@ -44,7 +44,11 @@ class PromptLogprobs:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, num_blocks: int | None = None, draft_block_bytes: int = 0,
+                 draft_weight_bytes: int = 0):
+        """num_blocks: the pool's size where another runner set it (a draft model's runner takes its
+        target's: it reads the target's block tables). draft_block_bytes, draft_weight_bytes: a draft
+        model's K/V per block and its weights, which sizing the pool leaves room for."""
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
@@ -64,7 +68,8 @@ class ModelRunner:
         c = self.model_config
         self.kv_groups = KVGroups.of(c.layer_windows if config.hybrid_kv_cache else [0] * c.num_layers)
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
-        self.num_blocks = max(2, self._kv_budget(config) // bytes_per_block)
+        self.num_blocks = num_blocks or max(
+            2, (self._kv_budget(config) - draft_weight_bytes * on_cuda) // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         k_tensors, v_tensors = ([torch.zeros(shape, dtype=kv_dtype, device=self.device)
                                  for _ in range(self.kv_groups.width)] for _ in range(2))

@@ -55,6 +55,7 @@ class Sequence:
         # Speculative decoding (speculative.py): during a step, the last num_draft_tokens of token_ids are
         # drafts to verify; the n-gram index of prompt lookup covers token_ids[:ngram_indexed_until].
         self.num_draft_tokens = 0
+        self.draft: Sequence | None = None  # as a draft model holds it (draft_model.DraftSequence)
         self.draft_room: int | None = None  # the next drafts' most: one past what the last verification accepted
         self.ngram_index: dict[tuple[int, ...], int] = {}
         self.ngram_indexed_until = 0

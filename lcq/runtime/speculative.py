@@ -101,12 +101,17 @@ class PromptLookup:
         return None
 
 
-def can_draft(seq: Sequence) -> bool:
-    """Decoding one token, and sampled without per-row state (penalties, grammars, also one that starts
-    later, held-back stops)."""
+def may_draft(seq: Sequence) -> bool:
+    """Sampled without per-row state (penalties, grammars, also one that starts later): it may draft once
+    it decodes."""
     p = seq.params
-    return (seq.num_uncomputed == 1 and p.structured_output is None and p.repetition_penalty == 1.0
-            and not p.presence_penalty and not p.frequency_penalty and seq.num_output_tokens >= p.min_tokens)
+    return (p.structured_output is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and not p.embed)
+
+
+def can_draft(seq: Sequence) -> bool:
+    """Decoding one token, and sampled without per-row state (may_draft) or held-back stops."""
+    return seq.num_uncomputed == 1 and may_draft(seq) and seq.num_output_tokens >= seq.params.min_tokens
 
 
 def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:

@@ -83,29 +83,34 @@ class Flag:
         return self.type is bool
 
 
-# vLLM's --speculative-config keys for prompt lookup ("ngram") and the engine fields they set
-SPECULATIVE_KEYS = {"num_speculative_tokens": "num_speculative_tokens", "prompt_lookup_max": "prompt_lookup_max",
-                    "prompt_lookup_min": "prompt_lookup_min",
+# vLLM's --speculative-config keys and the engine fields they set, per method: prompt lookup ("ngram")
+# and a draft model ("draft_model", also where a model is named without a method)
+SPECULATIVE_KEYS = {"num_speculative_tokens": "num_speculative_tokens",
                     "disable_by_batch_size": "speculative_disable_by_batch_size"}
+METHOD_KEYS = {"ngram": {"prompt_lookup_max": "prompt_lookup_max", "prompt_lookup_min": "prompt_lookup_min"},
+               "draft_model": {"model": "speculative_model"}}
 
 
 def _speculative_config(text: str) -> dict[str, Any]:
-    """vLLM's --speculative-config JSON as engine fields: method "ngram" (prompt lookup, the method lcq
-    has) and its settings; a draft model or another method is refused by name."""
+    """vLLM's --speculative-config JSON as engine fields: method "ngram" (prompt lookup) or "draft_model"
+    and their settings; another method is refused by name."""
     try:
         settings = json.loads(text)
     except json.JSONDecodeError as e:
         raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
     if not isinstance(settings, dict):
         raise argparse.ArgumentTypeError("a JSON object is needed")
-    method = settings.pop("method", None if "model" in settings else "ngram")
-    if method != "ngram" or "model" in settings:
-        raise argparse.ArgumentTypeError(f"only method ngram (prompt lookup) is supported, not "
-                                         f"{method or 'a draft model (' + str(settings['model']) + ')'}")
-    if unknown := sorted(set(settings) - set(SPECULATIVE_KEYS)):
-        raise argparse.ArgumentTypeError(f"unknown keys {', '.join(unknown)} (known: method, "
-                                         f"{', '.join(SPECULATIVE_KEYS)})")
-    return {SPECULATIVE_KEYS[key]: value for key, value in settings.items()}
+    method = settings.pop("method", "draft_model" if "model" in settings else "ngram")
+    if method not in METHOD_KEYS:
+        raise argparse.ArgumentTypeError(f"only methods ngram (prompt lookup) and draft_model are supported, "
+                                         f"not {method}")
+    known = {**SPECULATIVE_KEYS, **METHOD_KEYS[method]}
+    if unknown := sorted(set(settings) - set(known)):
+        raise argparse.ArgumentTypeError(f"unknown keys {', '.join(unknown)} for method {method} (known: method, "
+                                         f"{', '.join(known)})")
+    if method == "draft_model" and "model" not in settings:
+        raise argparse.ArgumentTypeError("method draft_model needs the draft's folder as model")
+    return {known[key]: value for key, value in settings.items()}
 
 
 def _bool(text: str) -> bool:
@@ -161,16 +166,19 @@ FLAGS = (
     Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
     Flag("--chat-template", str, "the chat template to use instead of the model's: a Jinja file, or the template "
          "itself (vLLM's --chat-template)", "engine"),
-    Flag("--num-speculative-tokens", int, "speculative decoding by prompt lookup: up to this many tokens copied "
-         "from earlier in each sequence are verified per step (0: off); for outputs that repeat their context",
-         "engine"),
+    Flag("--num-speculative-tokens", int, "speculative decoding: up to this many drafts verified per step (0: off), "
+         "copied from earlier in each sequence (prompt lookup: for outputs that repeat their context) or proposed "
+         "by --speculative-model", "engine"),
     Flag("--prompt-lookup-max", int, "longest n-gram that prompt lookup matches", "engine"),
     Flag("--prompt-lookup-min", int, "shortest n-gram that prompt lookup matches", "engine"),
     Flag("--speculative-disable-by-batch-size", int, "no drafts while this many sequences or more run (the "
          "default 2 drafts at batch 1 only: on CPU, draft rows of several sequences cost what they save)", "engine"),
-    Flag("--speculative-config", _speculative_config, "vLLM's JSON form of the four flags above: "
+    Flag("--speculative-model", str, "a draft model's folder: a smaller model of the same tokenizer drafts "
+         "--num-speculative-tokens tokens a step instead of prompt lookup (vLLM's older name)", "engine"),
+    Flag("--speculative-config", _speculative_config, "vLLM's JSON form of the flags above: "
          '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
-         "(disable_by_batch_size too)", "engine", expands=True, metavar="JSON"),
+         'or \'{"model": "/models/draft", "num_speculative_tokens": 4}\' (disable_by_batch_size too)', "engine",
+         expands=True, metavar="JSON"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),

@@ -1,0 +1,179 @@
+"""Speculative decoding with a draft model: a smaller model of the same tokenizer proposes the tokens
+the target verifies (speculative.verify).
+
+At batch 1 the target's decode step reads all its weights for one token; verifying 1 + k tokens reads
+them once too. A draft model a tenth the size (Llama 3.2 1B for Llama 3.1 8B), or the target's own
+2-bit LCQ form for its fp16 one, proposes k tokens for k of its own cheap steps; the target keeps
+those it agrees with plus one of its own, so each target pass yields 1 to k + 1 tokens, distributed
+exactly as without drafts.
+
+The draft runs greedily on its own ModelRunner and KV cache, whose block ids are the target's: it
+reads the block table of one of the target's full-attention layer groups, so the block manager,
+prefix caching and preemption serve both models with no bookkeeping of the draft's own (the target's
+pool is sized to leave room for the draft's K/V of every block). Each sequence has a DraftSequence:
+the tokens the draft has read and, in num_computed_tokens, how many of them are in its cache. The
+engine appends placeholder drafts before scheduling (the scheduler counts their rows and grows their
+blocks); `propose` then runs the draft over what it has not read (the tokens accepted since its last
+pass) and k - 1 more single-token passes, and writes its tokens over the placeholders. Prompt
+chunks are read by the draft in the steps that prefill them, so that a sequence's first drafts do
+not wait for its whole prompt. A draft token the target rejects leaves the draft's cache past the
+agreed tokens, which the next pass overwrites.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from lcq.errors import UserError
+from lcq.kernels import cpu_ops
+from lcq.models import ModelConfig
+
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .sampler import argmax
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+from .speculative import may_draft
+
+logger = logging.getLogger("lcq.engine")
+
+PLACEHOLDER = 0  # the token a draft holds between scheduling and `propose` (any id the target may take)
+DRAFT_PARAMS = SamplingParams(max_tokens=1)  # what the draft runner sees of a request: no logprobs, no adapter
+
+
+class DraftSequence(Sequence):
+    """A sequence as the draft model holds it: the target's tokens it has read, then its own drafts."""
+
+    def __init__(self, seq: Sequence):
+        super().__init__(seq.request_id, [], DRAFT_PARAMS, detokenizer=None, max_tokens=0)
+        self.num_agreed = 0  # leading token_ids known equal to the target sequence's (which never change)
+
+
+def draft_engine_config(config: EngineConfig, max_model_len: int) -> EngineConfig:
+    """The settings the draft model runs with: the target's, on the draft's folder, serving the target's
+    context, with one layer group (it reads one table) and no adapters."""
+    return dataclasses.replace(
+        config, model=config.speculative_model, served_model_name=None, max_model_len=max_model_len,
+        hybrid_kv_cache=False, lora_modules=None, allow_runtime_lora_updating=False, max_loras=0,
+        max_lora_rank=None, speculative_model=None, num_speculative_tokens=0, chat_template=None)
+
+
+def draft_footprint(config: EngineConfig) -> tuple[int, int]:
+    """The draft model's K/V bytes per block and its weights' bytes (its safetensors files), read before
+    it loads, so that the target's pool is sized first."""
+    draft = dataclasses.replace(config, model=config.speculative_model)
+    c = ModelConfig.from_folder(draft.model)
+    dtype = draft.resolved_kv_cache_dtype()
+    elements = math.prod(cpu_ops.cache_shape(1, config.block_size, c.num_kv_heads, c.head_dim, dtype))
+    block_bytes = 2 * c.num_layers * elements * torch.empty(0, dtype=dtype).element_size()
+    return block_bytes, sum(f.stat().st_size for f in Path(draft.model).glob("*.safetensors"))
+
+
+class DraftModel:
+    def __init__(self, config: EngineConfig, target: ModelRunner, tokenizer):
+        if 0 not in target.kv_groups.windows:
+            raise UserError("a draft model reads the block table of the target's full-attention layers, and every "
+                            "layer of this model slides over a window: add --disable-hybrid-kv-cache-manager")
+        self.group = target.kv_groups.windows.index(0)
+        self.num_tokens = config.num_speculative_tokens
+        _check_tokenizer(config.speculative_model, tokenizer)
+        try:
+            self.runner = ModelRunner(draft_engine_config(config, target.max_model_len), num_blocks=target.num_blocks)
+        except UserError as e:
+            raise UserError(f"draft model {config.speculative_model}: {e}") from None
+        # A draft vocabulary padded past the target's must not propose ids the target cannot embed.
+        draft_vocab, target_vocab = self.runner.model_config.vocab_size, target.model_config.vocab_size
+        self.vocab_limit = target_vocab if draft_vocab > target_vocab else None
+        logger.info("speculative decoding: %d tokens a step drafted by %s", self.num_tokens, config.speculative_model)
+
+    def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Write the draft's tokens over the placeholders of the scheduled sequences drafting by model, and
+        let it read the prompt chunks of the others that may draft later."""
+        reading, drafting = [], []
+        for seq, count in scheduled:
+            if seq.num_draft_tokens and not seq.draft_from_prediction:
+                view = self._view(seq, len(seq) - seq.num_draft_tokens)
+                drafting.append((seq, view))
+            elif count > 1 and may_draft(seq):
+                view = self._view(seq, seq.num_computed_tokens + count)
+            else:
+                continue
+            if len(view) > view.num_computed_tokens:
+                reading.append((view, len(view) - view.num_computed_tokens))
+        if not drafting:
+            if reading:
+                self._run(reading, [])
+            return
+        self._run(reading, [view for _, view in drafting])
+        for step in range(1, max(seq.num_draft_tokens for seq, _ in drafting)):
+            views = [view for seq, view in drafting if seq.num_draft_tokens > step]
+            self._run([(view, 1) for view in views], views)
+        for seq, view in drafting:
+            n = seq.num_draft_tokens
+            seq.token_ids[len(seq) - n:] = view.token_ids[len(view) - n:]
+
+    def _run(self, items: list[tuple[DraftSequence, int]], drafting: list[DraftSequence]) -> None:
+        """One draft pass over `items` (view, tokens to read); each of `drafting` gains its next token.
+
+        A drafting view's few tokens (the last drafts, all accepted, and the target's own) are laid out as
+        the target lays out drafts to verify, one decode row each, so that the pass stays a decode step
+        (the one-call C step on CPU, a graph on a GPU) rather than a prefill of two tokens, which took
+        twice a decode pass on CPU. Longer reads (a view behind after preemption, or after steps without
+        drafts) are prefills."""
+        drafting_ids = set(map(id, drafting))
+        rows = {id(view): count if id(view) in drafting_ids and count <= self.num_tokens + 1 else 1
+                for view, count in items}
+        for view, _ in items:
+            view.num_draft_tokens = rows[id(view)] - 1
+        try:
+            _, logits, _, _ = self.runner.run(items)  # every view read to its end: each has rows in item order
+        finally:
+            for view, _ in items:
+                view.num_draft_tokens = 0
+        last, row = {}, -1
+        for view, count in items:
+            view.num_computed_tokens += count
+            row += rows[id(view)]
+            last[id(view)] = row
+        if drafting:
+            logits = logits[[last[id(view)] for view in drafting]]
+            if self.vocab_limit is not None:
+                logits = logits[:, :self.vocab_limit].contiguous()
+            for view, token in zip(drafting, argmax(logits).tolist()):
+                view.token_ids.append(token)
+
+    def _view(self, seq: Sequence, end: int) -> DraftSequence:
+        """seq's draft view holding its first `end` tokens: tokens past what agrees with seq are replaced
+        (rejected drafts), and the cache is counted only up to the agreed ones."""
+        if seq.draft is None:
+            seq.draft = DraftSequence(seq)
+        view, tokens = seq.draft, seq.token_ids
+        same = view.num_agreed
+        while same < min(len(view.token_ids), end) and view.token_ids[same] == tokens[same]:
+            same += 1
+        del view.token_ids[same:]
+        view.token_ids.extend(tokens[same:end])
+        view.num_agreed = end
+        view.num_computed_tokens = min(view.num_computed_tokens, same)
+        view.block_tables = [seq.block_tables[self.group]]
+        view.tables_version = seq.tables_version
+        return view
+
+
+def _check_tokenizer(folder: str, tokenizer) -> None:
+    """A draft whose tokenizer maps tokens to other ids would propose tokens the target never takes."""
+    from transformers import AutoTokenizer
+
+    try:
+        draft = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError):
+        logger.warning("draft model %s has no tokenizer to compare with the target's; its ids are taken as the "
+                       "target's", folder)
+        return
+    if draft.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"draft model {folder}: its tokenizer differs from the target's (a draft must share the "
+                        "target's vocabulary)")
