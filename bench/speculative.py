@@ -14,7 +14,12 @@ the engine without drafts (verification steps of one sequence keep the plain ste
 they should). Sampled rows draw differently with drafts (each token is still distributed as without
 them).
 
+With --draft-model the drafts come from that model instead of prompt lookup (--model the target,
+default the demo model; `--model fp16 --draft-model demo` serves the demo model's full-precision form
+drafted by its LCQ W4 form).
+
     python bench/speculative.py [--threads 2] [--settings 0,2,4,8] [--concurrency 1,2,4,8] [--rounds 3]
+                                [--model FOLDER|fp16] [--draft-model FOLDER|demo]
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
+from lcq.quantizer.demo import ensure_demo_model, fetch_demo  # noqa: E402
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "speculative-cpu.json"
@@ -50,6 +55,17 @@ def options(parser) -> None:
     parser.add_argument("--settings", default="0,2,4,8", help="comma-separated num_speculative_tokens")
     parser.add_argument("--concurrency", default="1,2,4,8", help="comma-separated copies of each request run together")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", help="the target's folder; fp16: the demo model's full-precision form "
+                        "(default: the demo model, LCQ W4)")
+    parser.add_argument("--draft-model", help="a draft model's folder, drafting instead of prompt lookup; demo: the "
+                        "demo model (LCQ W4)")
+
+
+def _folder(name: str | None) -> str | None:
+    """A folder named on the command line, the demo model's ("demo") or its full-precision source's ("fp16")."""
+    if name == "demo":
+        return str(ensure_demo_model())
+    return str(fetch_demo()) if name == "fp16" else name
 
 
 def main() -> None:
@@ -57,8 +73,9 @@ def main() -> None:
     settings = [int(k) for k in args.settings.split(",")]
     # Drafts at every batch size here (the server's default, speculative_disable_by_batch_size 2, drafts
     # at batch 1 only): the rows of several sequences are what that default is measured by.
-    engines = {k: LLM(str(ensure_demo_model()), kv_cache_memory_gb=0.5, num_speculative_tokens=k,
-                      speculative_disable_by_batch_size=64) for k in settings}
+    model, draft = _folder(args.model) or str(ensure_demo_model()), _folder(args.draft_model)
+    engines = {k: LLM(model, kv_cache_memory_gb=0.5, num_speculative_tokens=k, speculative_disable_by_batch_size=64,
+                      speculative_model=draft if k else None) for k in settings}
     tokenizer = engines[settings[0]].engine.tokenizer
     prompts = {name: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
@@ -115,8 +132,9 @@ def main() -> None:
         print(f"| {r['task']} | {r['concurrency']} | {sampled} | {r['num_speculative_tokens']} | {r['output_tok_s']} | "
               f"{r['speedup']}x | {accepted} | {same} |")
     command = "bench/speculative.py " + " ".join(sys.argv[1:])
-    write_record(args.output, cpu_record(command, args.threads, model=Path(str(ensure_demo_model())).name,
-                                         max_tokens=MAX_TOKENS, rounds=args.rounds, rows=rows))
+    write_record(args.output, cpu_record(command, args.threads, model=Path(model).name,
+                                         draft_model=draft and Path(draft).name, max_tokens=MAX_TOKENS,
+                                         rounds=args.rounds, rows=rows))
 
 
 if __name__ == "__main__":

@@ -292,11 +292,17 @@ def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, capl
         assert alone.generate([prefix], params)[0].token_ids == drafts
 
 
-def test_draft_model_with_stops_logprobs_and_seeded_sampling(tiny, plain, other_weights):
+def test_draft_model_with_stops_logprobs_predictions_and_seeded_sampling(tiny, plain, other_weights, caplog):
     """Stops inside a step's drafts end the output where plain decoding ends it; logprobs are the target's;
-    a seeded sampled request gives the same tokens alone and batched."""
+    a request's prediction drafts where it agrees, the draft model elsewhere; a seeded sampled request
+    gives the same tokens alone and batched."""
     near = LLM(str(tiny), block_size=8, speculative_model=str(other_weights), **DRAFT_ALWAYS, **FP32)
     base = plain.generate([PROMPTS[0]], GREEDY)[0]
+    edited = base.token_ids[:12] + [1, 2, 3] + base.token_ids[15:]
+    predicted = near.generate([PROMPTS[0]], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                           prediction=edited))[0]
+    assert predicted.token_ids == base.token_ids and predicted.usage.accepted_prediction_tokens >= 15
+    assert "the draft model failed" not in caplog.text
     for params in (SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[base.token_ids[9]]),
                    SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2)):
         want, got = plain.generate([PROMPTS[0]], params)[0], near.generate([PROMPTS[0]], params)[0]

@@ -98,7 +98,7 @@ class DraftModel:
             if seq.num_draft_tokens and not seq.draft_from_prediction:
                 view = self._view(seq, len(seq) - seq.num_draft_tokens)
                 drafting.append((seq, view))
-            elif count > 1 and may_draft(seq):
+            elif count > 1 and not seq.num_draft_tokens and may_draft(seq):  # a prompt chunk
                 view = self._view(seq, seq.num_computed_tokens + count)
             else:
                 continue
