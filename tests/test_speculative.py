@@ -124,6 +124,25 @@ def test_verify_draws_each_token_as_plain_sampling_would(params, draft):
         assert counts[draft] == 0
 
 
+@pytest.mark.parametrize("q", [[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.1, 0.4], [0.0, 0.0, 0.0, 1.0]])
+def test_verify_with_the_drafts_distribution_draws_as_plain_sampling_would(q):
+    """A draft drawn from a distribution q (a draft model's): accepted with probability min(1, p/q), else
+    replaced from the residual max(0, p - q), so the first emitted token is distributed as p whatever q
+    is; with q = p every draft is accepted."""
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.25, 0.25, 0.25, 0.25]]))
+    seq = _seq([1], SamplingParams(temperature=1.0, seed=11))
+    q = torch.tensor(q)
+    drafts = torch.multinomial(q, 6000, replacement=True, generator=torch.Generator().manual_seed(5)).tolist()
+    counts, accepted = torch.zeros(4), 0
+    for draft in drafts:
+        emitted = verify(logits, [seq], [[draft]], [q.unsqueeze(0)])[0]
+        counts[emitted[0]] += 1
+        accepted += len(emitted) == 2
+    assert torch.allclose(counts / len(drafts), torch.softmax(logits[0], -1), atol=0.03), counts / len(drafts)
+    expected = float(torch.minimum(torch.softmax(logits[0], -1), q).sum())  # the chance a draft is accepted
+    assert accepted / len(drafts) == pytest.approx(expected, abs=0.03)
+
+
 def test_drafts_give_the_plain_greedy_tokens(tiny, plain, drafting):
     expected = [o.token_ids for o in plain.generate(PROMPTS, GREEDY)]
     assert [o.token_ids for o in drafting.generate(PROMPTS, GREEDY)] == expected
@@ -313,6 +332,17 @@ def test_draft_model_with_stops_logprobs_predictions_and_seeded_sampling(tiny, p
     first = near.generate([PROMPTS[2]], sampled)[0].token_ids
     assert near.generate([PROMPTS[2], PROMPTS[1]], [sampled, GREEDY])[0].token_ids == first
     assert _drafts_and_accepted(near)[1] > 0
+    # The target as its own draft samples its drafts from the target's distribution: all are accepted.
+    itself = LLM(str(tiny), block_size=8, speculative_model=str(tiny), **DRAFT_ALWAYS, **FP32)
+    nucleus = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=4, ignore_eos=True)
+    outputs = itself.generate(PROMPTS, [sampled, nucleus, sampled])
+    drafts, accepted = _drafts_and_accepted(itself)
+    assert drafts == accepted > 0
+    # ... and drawn, not picked: few of the tokens are the target's most likely ones.
+    scored = plain.generate([p + o.token_ids for p, o in zip(PROMPTS, outputs)],
+                            SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
+    likeliest = [lp.token_id == lp.top[0][0] for p, o in zip(PROMPTS, scored) for lp in o.prompt_logprobs[len(p):]]
+    assert len(likeliest) == 90 and sum(likeliest) < 45
 
 
 def test_draft_model_settings_are_checked(tiny, tmp_path):

@@ -7,7 +7,13 @@ them once too. A draft model a tenth the size (Llama 3.2 1B for Llama 3.1 8B), o
 those it agrees with plus one of its own, so each target pass yields 1 to k + 1 tokens, distributed
 exactly as without drafts.
 
-The draft runs greedily on its own ModelRunner and KV cache, whose block ids are the target's: it
+For a greedy request the draft proposes its own argmax; for a sampled one it draws from its
+distribution under the request's settings and keeps that distribution q, so that verification can
+accept each draft with probability min(1, p/q) and replace a rejected one from max(0, p - q)
+(speculative sampling): about the share of the two distributions' overlap, where a fixed token would
+be accepted only with probability p.
+
+The draft runs on its own ModelRunner and KV cache, whose block ids are the target's: it
 reads the block table of one of the target's full-attention layer groups, so the block manager,
 prefix caching and preemption serve both models with no bookkeeping of the draft's own (the target's
 pool is sized to leave room for the draft's K/V of every block). Each sequence has a DraftSequence:
@@ -34,7 +40,7 @@ from lcq.models import ModelConfig
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
-from .sampler import argmax
+from .sampler import argmax, draw, filtered_probs
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 from .speculative import may_draft
@@ -51,6 +57,7 @@ class DraftSequence(Sequence):
     def __init__(self, seq: Sequence):
         super().__init__(seq.request_id, [], DRAFT_PARAMS, detokenizer=None, max_tokens=0)
         self.num_agreed = 0  # leading token_ids known equal to the target sequence's (which never change)
+        self.draft_rows: list[torch.Tensor] = []  # this step's sampled drafts' distributions (speculative.verify)
 
 
 def draft_engine_config(config: EngineConfig, max_model_len: int) -> EngineConfig:
@@ -88,6 +95,7 @@ class DraftModel:
         # A draft vocabulary padded past the target's must not propose ids the target cannot embed.
         draft_vocab, target_vocab = self.runner.model_config.vocab_size, target.model_config.vocab_size
         self.vocab_limit = target_vocab if draft_vocab > target_vocab else None
+        self.target_vocab = target_vocab
         logger.info("speculative decoding: %d tokens a step drafted by %s", self.num_tokens, config.speculative_model)
 
     def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
@@ -97,6 +105,7 @@ class DraftModel:
         for seq, count in scheduled:
             if seq.num_draft_tokens and not seq.draft_from_prediction:
                 view = self._view(seq, len(seq) - seq.num_draft_tokens)
+                view.draft_rows = []
                 drafting.append((seq, view))
             elif count > 1 and not seq.num_draft_tokens and may_draft(seq):  # a prompt chunk
                 view = self._view(seq, seq.num_computed_tokens + count)
@@ -108,23 +117,27 @@ class DraftModel:
             if reading:
                 self._run(reading, [])
             return
-        self._run(reading, [view for _, view in drafting])
+        self._run(reading, drafting)
         for step in range(1, max(seq.num_draft_tokens for seq, _ in drafting)):
-            views = [view for seq, view in drafting if seq.num_draft_tokens > step]
-            self._run([(view, 1) for view in views], views)
+            more = [(seq, view) for seq, view in drafting if seq.num_draft_tokens > step]
+            self._run([(view, 1) for _, view in more], more)
         for seq, view in drafting:
             n = seq.num_draft_tokens
             seq.token_ids[len(seq) - n:] = view.token_ids[len(view) - n:]
+            seq.draft_probs = torch.stack(view.draft_rows[-n:]) if view.draft_rows else None
+            view.draft_rows = []
 
-    def _run(self, items: list[tuple[DraftSequence, int]], drafting: list[DraftSequence]) -> None:
-        """One draft pass over `items` (view, tokens to read); each of `drafting` gains its next token.
+    def _run(self, items: list[tuple[DraftSequence, int]], drafting: list[tuple[Sequence, DraftSequence]]) -> None:
+        """One draft pass over `items` (view, tokens to read); each view of `drafting` gains its next token:
+        the argmax for a greedy request, else one drawn from the draft's distribution filtered by the
+        request's settings (temperature, top-k, top-p, min-p), whose row it keeps for verification.
 
         A drafting view's few tokens (the last drafts, all accepted, and the target's own) are laid out as
         the target lays out drafts to verify, one decode row each, so that the pass stays a decode step
         (the one-call C step on CPU, a graph on a GPU) rather than a prefill of two tokens, which took
         twice a decode pass on CPU. Longer reads (a view behind after preemption, or after steps without
         drafts) are prefills."""
-        drafting_ids = set(map(id, drafting))
+        drafting_ids = {id(view) for _, view in drafting}
         rows = {id(view): count if id(view) in drafting_ids and count <= self.num_tokens + 1 else 1
                 for view, count in items}
         for view, _ in items:
@@ -139,12 +152,23 @@ class DraftModel:
             view.num_computed_tokens += count
             row += rows[id(view)]
             last[id(view)] = row
-        if drafting:
-            logits = logits[[last[id(view)] for view in drafting]]
-            if self.vocab_limit is not None:
-                logits = logits[:, :self.vocab_limit].contiguous()
-            for view, token in zip(drafting, argmax(logits).tolist()):
-                view.token_ids.append(token)
+        if not drafting:
+            return
+        logits = logits[[last[id(view)] for _, view in drafting]]
+        if self.vocab_limit is not None:
+            logits = logits[:, :self.vocab_limit].contiguous()
+        tokens = argmax(logits).tolist()
+        sampled = [i for i, (seq, _) in enumerate(drafting) if not seq.params.greedy]
+        if sampled:
+            seqs = [drafting[i][0] for i in sampled]
+            probs = filtered_probs(logits[sampled].float(), seqs)
+            if probs.shape[1] < self.target_vocab:  # a draft vocabulary short of the target's: the rest is 0
+                probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
+            for i, token, q in zip(sampled, draw(probs, seqs).tolist(), probs):
+                tokens[i] = token
+                drafting[i][1].draft_rows.append(q)
+        for (_, view), token in zip(drafting, tokens):
+            view.token_ids.append(token)
 
     def _view(self, seq: Sequence, end: int) -> DraftSequence:
         """seq's draft view holding its first `end` tokens: tokens past what agrees with seq are replaced

@@ -218,6 +218,8 @@ class LLMEngine:
         if dropped:
             del seq.token_ids[len(seq) - dropped:]
             seq.num_draft_tokens -= dropped
+            seq.draft_probs = seq.draft_probs[:seq.num_draft_tokens] if seq.draft_probs is not None and \
+                seq.num_draft_tokens else None
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
@@ -274,7 +276,7 @@ class LLMEngine:
             logprobs = torch.log_softmax(rows, dim=-1) if any(s.params.logprobs is not None for s in group) else None
             drafts = [seq.token_ids[len(seq) - seq.num_draft_tokens:] for seq in group]
             first = 0
-            for i, seq, emitted in zip(drafted, group, verify(rows, group, drafts)):
+            for i, seq, emitted in zip(drafted, group, verify(rows, group, drafts, [s.draft_probs for s in group])):
                 tokens[i] = emitted
                 logprob_rows[i] = [None if logprobs is None else logprobs[first + j] for j in range(len(emitted))]
                 first += 1 + seq.num_draft_tokens

@@ -56,6 +56,7 @@ class Sequence:
         # drafts to verify; the n-gram index of prompt lookup covers token_ids[:ngram_indexed_until].
         self.num_draft_tokens = 0
         self.draft: Sequence | None = None  # as a draft model holds it (draft_model.DraftSequence)
+        self.draft_probs: torch.Tensor | None = None  # the distributions a draft model drew the drafts from
         self.draft_room: int | None = None  # the next drafts' most: one past what the last verification accepted
         self.ngram_index: dict[tuple[int, ...], int] = {}
         self.ngram_indexed_until = 0

@@ -18,7 +18,9 @@ PREDICTION_DRAFT_TOKENS a step.
 Verification keeps the output distribution exact: greedy rows keep a draft while it is the argmax;
 sampled rows keep draft d with probability p(d), and on rejection draw from p without d (the
 residual of speculative sampling when the draft distribution is a single token), so every emitted
-token is distributed as plain sampling would give it (tested). Sequences with repetition, presence
+token is distributed as plain sampling would give it (tested). A draft model's sampled drafts come
+with the distribution q they were drawn from: kept with probability min(1, p(d)/q(d)), replaced from
+max(0, p - q) (draft_model.py). Sequences with repetition, presence
 or frequency penalties, a grammar, or min_tokens still to reach do not draft: their rows would need
 per-row states. Drafts are rows of the products, so on CPU the product form may change with the row
 count, as it does with batching (docs/kernels.md); tokens equal plain decoding's with
@@ -114,11 +116,14 @@ def can_draft(seq: Sequence) -> bool:
     return seq.num_uncomputed == 1 and may_draft(seq) and seq.num_output_tokens >= seq.params.min_tokens
 
 
-def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> list[list[int]]:
+def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
+           draft_probs: list[torch.Tensor | None] | None = None) -> list[list[int]]:
     """The tokens each drafted sequence emits: the drafts its rows accept, then one of its own.
 
     logits: 1 + len(drafts[i]) rows per sequence, in order; row j scores the token after draft j (row
     0: after the sequence's last token). Logit bias applies per row (it does not depend on position).
+    draft_probs: per sequence, the distributions its drafts were drawn from (one row each, a draft
+    model's), or None where they are fixed tokens (prompt lookup, a prediction, greedy drafts).
     """
     rows = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
     if any(seq.params.logit_bias for seq in seqs):
@@ -126,10 +131,12 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     best = argmax(logits).tolist()
     probs = filtered_probs(logits, rows) if any(not seq.params.greedy for seq in seqs) else None
     emitted, row = [], 0
-    for seq, draft in zip(seqs, drafts):
+    for i, (seq, draft) in enumerate(zip(seqs, drafts)):
+        q = draft_probs[i] if draft_probs is not None else None
         tokens = []
         for j in range(len(draft) + 1):
-            token = best[row + j] if seq.params.greedy else _draw(probs[row + j], draft[j:j + 1], seq)
+            token = best[row + j] if seq.params.greedy else \
+                _draw(probs[row + j], draft[j:j + 1], seq, None if q is None or j == len(draft) else q[j])
             tokens.append(token)
             if j == len(draft) or token != draft[j]:
                 break
@@ -138,13 +145,21 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     return emitted
 
 
-def _draw(probs: torch.Tensor, draft: list[int], seq: Sequence) -> int:
-    """A token distributed as probs: the draft token d itself with probability probs[d], else one drawn
-    from probs without d (without a draft: one drawn from probs)."""
+def _draw(probs: torch.Tensor, draft: list[int], seq: Sequence, q: torch.Tensor | None = None) -> int:
+    """A token distributed as probs (p): speculative sampling's rule for a draft d drawn from q (None: a
+    fixed token, q one-hot at d): d itself with probability min(1, p(d) / q(d)), else one drawn from the
+    residual max(0, p - q). Without a draft: one drawn from p."""
     if draft:
         d = draft[0]
-        if float(torch.rand(1, generator=seq.generator)) < float(probs[d]):
+        accept = float(probs[d]) if q is None else min(1.0, float(probs[d]) / max(float(q[d]), 1e-30))
+        if float(torch.rand(1, generator=seq.generator)) < accept:
             return d
-        probs = probs.clone()
-        probs[d] = 0.0
+        residual = probs.clone()
+        if q is None:
+            residual[d] = 0.0
+        else:
+            residual = (residual - q).clamp_min(0.0)
+        if float(residual.sum()) <= 0.0:  # p = q up to rounding: the rejection had no mass
+            return d
+        probs = residual
     return int(draw(probs.unsqueeze(0), [seq])[0])
