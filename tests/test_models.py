@@ -203,6 +203,29 @@ def test_interleaved_rotary_families_read_as_llama(tmp_path, monkeypatch, arch, 
     _check_against(stored, model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
+    """GLM-4 (glm-4-9b-chat-hf; without q/k/v biases read as Llama): gate/up stored fused, a rotary embedding
+    turning adjacent pairs of each head's first half. Our model against transformers' GlmForCausalLM of
+    the same folder."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+
+    folder = make_tiny_hf(tmp_path, "glm", attention_bias=bias)
+    reader = CheckpointReader(folder)
+    assert reader.config["model_type"] == ("qwen2" if bias else "llama")
+    assert reader.config["rope_parameters"]["rope_type"] == "longrope"
+    assert not any("gate_up_proj" in name for name in reader.names())
+    assert reader.has("model.layers.0.self_attn.k_proj.bias") == bias
+    stored = transformers.GlmForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    first_head = stored.model.layers[0].self_attn.k_proj.weight[:24]  # rotated pairs (2i, 2i + 1) of dims 0-11
+    order = [*range(0, 12, 2), *range(12, 18), *range(1, 12, 2), *range(18, 24)]  # pairs first in each half
+    assert torch.equal(reader.tensor("model.layers.0.self_attn.k_proj.weight")[:24], first_head[order])
+    model, _ = load_model(folder)
+    _check_against(stored, model, PROMPTS, decode_steps=3)
+
+
 @pytest.mark.parametrize("arch, family", [("granite", "GraniteForCausalLM"),
                                           ("granite4", "GraniteMoeHybridForCausalLM")])
 def test_granite_reads_as_llama_with_its_factors_folded(tmp_path, arch, family):

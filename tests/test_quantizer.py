@@ -182,14 +182,15 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
-                                           ("internlm3", "LlamaForCausalLM")])
+                                           ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
     under their own names, with Mistral's LongRoPE settings over whole heads; a Granite one into a Llama
     checkpoint with its factors folded (Granite 4.0's with its shared MLP split), an ERNIE 4.5 one
     (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
-    InternLM3 one into a Llama checkpoint. The engine's greedy tokens on each are transformers' with the
+    InternLM3 one into a Llama checkpoint, a GLM-4 one into a Qwen2 checkpoint with gate/up split and its
+    half-head rotary embedding as a whole-head LongRoPE one. The engine's greedy tokens on each are transformers' with the
     dequantized weights (the prompt past 8 tokens: long factors in both)."""
     from lcq.runtime import LLM, SamplingParams
 
@@ -201,9 +202,10 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
-    rope_type = {"phi3": "longrope", "internlm3": "dynamic"}.get(arch, "default")
+    rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope"}.get(arch, "default")
     assert reader.config["rope_parameters"]["rope_type"] == rope_type
-    assert all(reader.has(f"{prefix}.bias") == (arch == "ernie4_5") for prefix in reader.quantized_prefixes())
+    biased = {"ernie4_5": ("proj",), "glm": ("q_proj", "k_proj", "v_proj")}.get(arch, ())
+    assert all(reader.has(f"{prefix}.bias") == prefix.endswith(biased) for prefix in reader.quantized_prefixes())
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     reference = load_reference_model(tmp_path / "lcq")

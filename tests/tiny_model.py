@@ -50,7 +50,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
-        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GraniteConfig, GraniteForCausalLM, \
+        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, \
         GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, \
@@ -93,6 +93,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=32, attention_out_bias=True)
     if arch == "ernie4_5":  # biases on every linear layer, as use_bias gives them
         sizes.update(use_bias=True)
+    if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
+        sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
         sizes.update(head_dim=24)
     if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic
@@ -126,6 +128,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "seed_oss": (SeedOssConfig, SeedOssForCausalLM),  # Llama with biases
         "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
         "helium": (HeliumConfig, HeliumForCausalLM),  # the same (its defaults not Llama's)
+        "glm": (GlmConfig, GlmForCausalLM),  # Qwen2 with gate/up fused, interleaved rotary over half of each head
         "internlm3": (InternLM3Config, LlamaForCausalLM),  # transformers runs it as Llama; saved as the Hub has it
         "hunyuan": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM),  # q/k norms after the rotary embedding
     }[arch]

@@ -22,6 +22,10 @@
   are Llama's decoder with a rotary embedding that turns adjacent pairs of dimensions (2i, 2i + 1), where
   Llama's turns (i, i + d/2). They read as Llama, ERNIE's and Helium's with each query and key head's rows
   reordered, even ones first (_half_split_parts).
+- GLM-4 (glm-4-9b-chat-hf, glm-4-9b-hf, GLM-Edge: GlmForCausalLM) is Qwen2's decoder (Llama's where it
+  has no q/k/v biases) with gate/up stored as one matrix and a rotary embedding that turns adjacent pairs
+  (2i, 2i + 1) of each head's first half only. It reads as Qwen2 with gate/up split as Phi-3's and each
+  query and key head's rows reordered as Phi-4-mini's, adjacent pairs first (_rotated_first).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -67,8 +71,8 @@ OVERRIDING = ("tie_word_embeddings",)
 AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "internlm3": "InternLM3ForCausalLM"}
 INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", *AS_LLAMA.values(),
-                        *WRAPPERS)
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
+                        *AS_LLAMA.values(), *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -124,6 +128,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _granite_as_llama(config)
     if config.get("model_type") == "granitemoehybrid":
         return _granite4_as_llama(config)
+    if config.get("model_type") == "glm":
+        return _glm_as_qwen2(config)
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
     if stored is not None and _base_model_save(stored):
@@ -143,6 +149,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _granite_scales(config, stored)
     if config.get("model_type") in INTERLEAVED:
         return _half_split_parts(_as_llama(config), stored)
+    if config.get("model_type") == "glm":
+        return _glm_parts(config, stored)
     if _base_model_save(stored):
         return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
@@ -199,6 +207,13 @@ def _completed(model_type: str, settings: dict[str, Any], what: str) -> dict[str
     return completed
 
 
+def _with_defaults(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """A config.json completed with transformers' defaults for its model_type (the Hub's files leave out
+    what equals them, and a family's defaults need not be Llama's)."""
+    return _completed(config["model_type"], {key: value for key, value in config.items()
+                                             if key not in ("model_type", "architectures", "auto_map")}, architecture)
+
+
 def _text_model_name(name: str) -> str | None:
     """A wrapper's stored tensor name as the text model's, or None for the other parts' tensors."""
     for stored, text in TEXT_PREFIXES:
@@ -232,8 +247,7 @@ def _phi3_as_mistral(config: dict[str, Any]) -> dict[str, Any]:
             if len(values) != rotary // 2:
                 raise ViewError(f"Phi3ForCausalLM: longrope needs {rotary // 2} {factors} values (one per rotary "
                                 f"frequency), config.json gives {len(values)}")
-            settings[factors] = [value * rope_theta ** (2 * j / rotary - 2 * j / head_dim)
-                                 for j, value in enumerate(values)] + [UNTURNED] * ((head_dim - rotary) // 2)
+            settings[factors] = _whole_head_factors(values, rope_theta, rotary, head_dim)
         settings["attention_factor"] = 1.0  # folded into the queries' rotated rows (_phi3_parts)
     kept = {key: config[key] for key in KEPT if key in config and key not in ("rope_parameters", "rope_scaling")}
     return {"architectures": ["MistralForCausalLM"], "model_type": "mistral", **kept, "rope_theta": rope_theta,
@@ -279,8 +293,7 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     queries, keys = heads * head_dim, kv_heads * head_dim
     intermediate = config["intermediate_size"]
-    half, rest = rotary // 2, (head_dim - rotary) // 2
-    within = [*range(half), *range(rotary, rotary + rest), *range(half, rotary), *range(rotary + rest, head_dim)]
+    within = _rotated_first(head_dim, rotary, interleaved=False)
 
     def reordered(count: int) -> tuple[int, ...] | None:
         return None if rotary == head_dim else tuple(h * head_dim + i for h in range(count) for i in within)
@@ -293,6 +306,78 @@ def _phi3_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTe
                                            ("self_attn.v_proj.weight", queries + keys, queries + 2 * keys, 1.0, None)),
              "mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
                                          ("mlp.up_proj.weight", intermediate, 2 * intermediate, 1.0, None))}
+    return _split(stored, fused)
+
+
+def _rotated_first(head_dim: int, rotary: int, interleaved: bool) -> list[int]:
+    """The order of a head's rows that makes a rotary embedding over its first `rotary` dimensions, which
+    turns pairs (i, i + rotary/2) or, interleaved, (2i, 2i + 1), into Llama's over whole heads (pairs
+    (i, i + head_dim/2)) with the rotated pairs first: the pairs' first members, the first half of the
+    unrotated dimensions, the pairs' second members, the rest."""
+    rest = (head_dim - rotary) // 2
+    firsts, seconds = (range(0, rotary, 2), range(1, rotary, 2)) if interleaved else \
+        (range(rotary // 2), range(rotary // 2, rotary))
+    return [*firsts, *range(rotary, rotary + rest), *seconds, *range(rotary + rest, head_dim)]
+
+
+def _whole_head_factors(values: list[float], rope_theta: float, rotary: int, head_dim: int) -> list[float]:
+    """LongRoPE per-frequency factors that turn whole-head pair j (frequency rope_theta^(-2j/head_dim)) at a
+    partial embedding's frequency j (rope_theta^(-2j/rotary)) divided by values[j], and the pairs past
+    rotary/2 not at all (UNTURNED)."""
+    return [value * rope_theta ** (2 * j / rotary - 2 * j / head_dim) for j, value in enumerate(values)] + \
+        [UNTURNED] * ((head_dim - rotary) // 2)
+
+
+def _glm_as_qwen2(config: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4's config (transformers' defaults for what it leaves out) as Qwen2's, or Llama's without q/k/v
+    biases; a rotary embedding over part of each head as a whole-head LongRoPE one whose factors give the
+    rotated pairs their frequencies and the others none, over the model's own context (factor 1, so no
+    attention factor)."""
+    completed = _with_defaults(config, "GlmForCausalLM")
+    rope = completed.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ViewError(f"GlmForCausalLM: rope type {rope['rope_type']!r} is not supported")
+    head_dim, rotary = _glm_rotation(completed)
+    rope_theta = rope.get("rope_theta", 10000.0)
+    settings = {"rope_type": "default", "rope_theta": rope_theta}
+    if rotary < head_dim:
+        factors = _whole_head_factors([1.0] * (rotary // 2), rope_theta, rotary, head_dim)
+        context = completed["max_position_embeddings"]
+        settings.update(rope_type="longrope", original_max_position_embeddings=context, factor=1.0,
+                        attention_factor=1.0, short_factor=factors, long_factor=list(factors))
+    kept = {key: completed[key] for key in KEPT
+            if key in completed and key not in ("rope_parameters", "rope_scaling", "sliding_window")}
+    family = ("qwen2", "Qwen2ForCausalLM") if completed.get("attention_bias") else ("llama", "LlamaForCausalLM")
+    return {**kept, "architectures": [family[1]], "model_type": family[0], "head_dim": head_dim,
+            "rope_theta": rope_theta, "rope_parameters": settings}
+
+
+def _glm_rotation(config: dict[str, Any]) -> tuple[int, int]:
+    """A completed GLM config's head_dim and the dimensions of each head its rotary embedding turns."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    partial = (config.get("rope_parameters") or {}).get("partial_rotary_factor",
+                                                        config.get("partial_rotary_factor", 0.5))
+    rotary = int(head_dim * partial)
+    if rotary <= 0 or rotary % 2 or (head_dim - rotary) % 2:
+        raise ViewError(f"GlmForCausalLM: partial_rotary_factor {partial} rotates {rotary} of a head's {head_dim} "
+                        f"dimensions; only even numbers of rotated and unrotated dimensions are supported")
+    return head_dim, rotary
+
+
+def _glm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, gate/up as its parts' row ranges, and each query and key
+    head's rows (weights and biases) in _rotated_first's order."""
+    completed = _with_defaults(config, "GlmForCausalLM")
+    head_dim, rotary = _glm_rotation(completed)
+    within = _rotated_first(head_dim, rotary, interleaved=True)
+    heads = completed["num_attention_heads"]
+    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}
+    fused = {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
+                                            tuple(h * head_dim + i for h in range(count) for i in within)),)
+             for part, count in orders.items() for kind in ("weight", "bias")}
+    intermediate = completed["intermediate_size"]
+    fused["mlp.gate_up_proj.weight"] = (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
+                                        ("mlp.up_proj.weight", intermediate, 2 * intermediate, 1.0, None))
     return _split(stored, fused)
 
 
@@ -315,9 +400,7 @@ def _as_llama(config: dict[str, Any]) -> dict[str, Any]:
     """ERNIE 4.5's, Helium's and InternLM3's config (transformers' defaults for what it leaves out: theirs
     are not Llama's) as Llama's; ERNIE's use_bias is every linear layer's bias, InternLM3's qkv_bias and
     bias (which transformers requires equal) the attention's."""
-    completed = _completed(config["model_type"], {key: value for key, value in config.items()
-                                                  if key not in ("model_type", "architectures", "auto_map")},
-                           AS_LLAMA[config["model_type"]])
+    completed = _with_defaults(config, AS_LLAMA[config["model_type"]])
     kept = {key: completed[key] for key in KEPT if key in completed and key != "sliding_window"}
     biases = {"attention_bias": completed["use_bias"], "mlp_bias": completed["use_bias"]} \
         if "use_bias" in completed else {}
@@ -331,7 +414,7 @@ def _half_split_parts(config: dict[str, Any], stored: list[str]) -> dict[str, St
     even rows, then the odd ones. Scores are sums over a head's dimensions, so reordering both sides
     leaves them as they were; values and outputs keep their order."""
     head_dim = config["head_dim"]
-    within = [*range(0, head_dim, 2), *range(1, head_dim, 2)]
+    within = _rotated_first(head_dim, head_dim, interleaved=True)
     heads = {"self_attn.q_proj.": config["num_attention_heads"],
              "self_attn.k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
     view = {}
