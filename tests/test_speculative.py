@@ -346,8 +346,8 @@ def test_draft_model_with_stops_logprobs_predictions_and_seeded_sampling(tiny, p
 
 
 def test_draft_model_settings_are_checked(tiny, tmp_path):
-    """A draft needs drafts to make, a model folder, the target's tokenizer, the target's context, and
-    full-attention layers in the target whose block table it reads."""
+    """A draft needs drafts to make, a model folder, the target's tokenizer (and an embedding for each of its
+    tokens), the target's context, and full-attention layers in the target whose block table it reads."""
     for settings, message in [(dict(speculative_model=str(tiny)), "num_speculative_tokens"),
                               (dict(speculative_model=str(tmp_path), num_speculative_tokens=2), "config.json")]:
         with pytest.raises(ValueError, match=message):
@@ -356,7 +356,9 @@ def test_draft_model_settings_are_checked(tiny, tmp_path):
     make_tokenizer(retokenized, vocab_size=300)
     shorter = make_tiny_hf(tmp_path / "shorter", "llama", max_position_embeddings=64)
     sliding = make_tiny_hf(tmp_path / "sliding", "mistral", sliding_window=16)
+    narrow = make_tiny_hf(tmp_path / "narrow", "llama", vocab_size=300)  # the same tokenizer, 384 tokens
     for target, draft, message in [(tiny, retokenized, "its tokenizer differs"),
+                                   (tiny, narrow, "its 300 embeddings are fewer than the tokenizer's 384"),
                                    (tiny, shorter, "draft model .*shorter: max_model_len 256 is longer"),
                                    (sliding, sliding, "every layer of this model slides")]:
         with pytest.raises(UserError, match=message):

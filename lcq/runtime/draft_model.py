@@ -92,8 +92,12 @@ class DraftModel:
             self.runner = ModelRunner(draft_engine_config(config, target.max_model_len), num_blocks=target.num_blocks)
         except UserError as e:
             raise UserError(f"draft model {config.speculative_model}: {e}") from None
-        # A draft vocabulary padded past the target's must not propose ids the target cannot embed.
+        # A draft vocabulary padded past the target's must not propose ids the target cannot embed; one
+        # short of the tokenizer could not read every prompt.
         draft_vocab, target_vocab = self.runner.model_config.vocab_size, target.model_config.vocab_size
+        if draft_vocab < len(tokenizer):
+            raise UserError(f"draft model {config.speculative_model}: its {draft_vocab} embeddings are fewer than "
+                            f"the tokenizer's {len(tokenizer)} tokens")
         self.vocab_limit = target_vocab if draft_vocab > target_vocab else None
         self.target_vocab = target_vocab
         logger.info("speculative decoding: %d tokens a step drafted by %s", self.num_tokens, config.speculative_model)
