@@ -289,6 +289,19 @@ def test_a_draft_model_gives_the_plain_greedy_tokens(tiny, plain, other_weights,
         assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
 
 
+def test_a_draft_over_a_target_with_sliding_window_groups(tmp_path):
+    """Gemma 3 (a sliding-window layer group handing back the blocks its window of 8 has passed, and a
+    full one) drafting for itself: the draft reads the full group's table, its own sliding layer masking by
+    the window, so every draft is accepted and the tokens are the plain engine's."""
+    folder = str(make_tiny_hf(tmp_path, "gemma3", sliding_window=8))
+    expected = [o.token_ids for o in LLM(folder, block_size=8, **FP32).generate(PROMPTS, GREEDY)]
+    itself = LLM(folder, block_size=8, speculative_model=folder, **DRAFT_ALWAYS, **FP32)
+    assert itself.engine.runner.kv_groups.windows == (0, 8)
+    assert [o.token_ids for o in itself.generate(PROMPTS, GREEDY)] == expected
+    drafts, accepted = _drafts_and_accepted(itself)
+    assert drafts == accepted > 0
+
+
 def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, caplog):
     """Each step's drafts are what the draft model alone generates greedily after the sequence so far,
     also after steps whose drafts were rejected (its cache past the accepted tokens is read again)."""
