@@ -3,6 +3,7 @@ verification, and the engine giving the tokens it gives without drafts (batched,
 stopped mid-draft)."""
 from __future__ import annotations
 
+import random
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ from lcq.errors import UserError
 from lcq.kernels import cpu_index
 from lcq.kernels.cpu_matmul import products_available
 from lcq.runtime import LLM, EngineConfig, SamplingParams
+from lcq.runtime.draft_model import DraftSequence, follow
 from lcq.runtime.sequence import Sequence
 from lcq.runtime.speculative import PromptLookup, can_draft, verify
 from tests.test_runtime import FP32, small_block_bytes
@@ -287,6 +289,55 @@ def test_a_draft_model_gives_the_plain_greedy_tokens(tiny, plain, other_weights,
     for engine in (itself.engine, chunked.engine, small.engine, lone.engine, near.engine):
         stats = engine.stats()
         assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
+
+
+def test_a_draft_view_follows_the_target_sequence():
+    """The draft's view keeps the tokens it shares with the target and its cache up to them: after rejected
+    drafts it holds the accepted ones and the target's own, and when a preempted sequence is recomputed
+    in chunks it holds only the chunk's end (its cache was freed with the blocks)."""
+    seq = _seq(list(range(10, 20)))
+    view = DraftSequence(seq)
+    follow(view, seq.token_ids, 10)
+    assert view.token_ids == seq.token_ids and view.num_computed_tokens == 0
+    view.token_ids += [1, 2, 3]  # its drafts, the first two read into its cache
+    view.num_computed_tokens = 12
+    seq.token_ids += [1, 7]  # the target accepted 1, then chose 7
+    follow(view, seq.token_ids, 12)
+    assert view.token_ids == seq.token_ids and view.num_computed_tokens == 11
+    view.num_computed_tokens = 0  # preempted: its blocks (and the draft's cache in them) are freed
+    follow(view, seq.token_ids, 5)  # the first chunk of the recompute
+    assert view.token_ids == seq.token_ids[:5] and view.num_computed_tokens == 0
+    follow(view, seq.token_ids, 9)
+    assert view.token_ids == seq.token_ids[:9]
+
+
+def test_random_draft_model_workloads_give_the_plain_greedy_tokens(tiny, plain, other_weights, caplog):
+    """Seeded random mixes (prompt lengths, greedy, sampled with and without penalties, predictions, token
+    budgets of 5 to 1024, pools of 6 to 20 blocks that preempt) with the target or another model as the
+    draft: greedy outputs are the plain engine's (to the context a small pool allows), nothing falls back,
+    the pool is full again."""
+    rng = random.Random(0)
+    block_bytes = 2 * small_block_bytes(plain)  # both models' K/V of a block
+    for _ in range(4):
+        pool = rng.choice([None, rng.randint(6, 20) * block_bytes / 2**30])
+        llm = LLM(str(tiny), block_size=8, speculative_model=str(rng.choice([tiny, other_weights])),
+                  num_speculative_tokens=rng.randint(1, 6), speculative_disable_by_batch_size=64,
+                  max_num_batched_tokens=rng.choice([5, 16, 1024]), **({"kv_cache_memory_gb": pool} if pool else {}),
+                  **FP32)
+        prompts = [[rng.randrange(5, 380) for _ in range(rng.randint(1, 30))] for _ in range(rng.randint(1, 6))]
+        params = [rng.choice([SamplingParams(max_tokens=rng.randint(1, 40), temperature=0, ignore_eos=True),
+                              SamplingParams(max_tokens=rng.randint(1, 40), temperature=0, ignore_eos=True,
+                                             prediction=[rng.randrange(5, 380) for _ in range(10)]),
+                              SamplingParams(max_tokens=rng.randint(1, 40), temperature=0.9, seed=rng.randrange(100),
+                                             ignore_eos=True, repetition_penalty=rng.choice([1.0, 1.2]))])
+                  for _ in prompts]
+        for prompt, p, out in zip(prompts, params, llm.generate(prompts, params)):
+            assert len(out.token_ids) == min(p.max_tokens, llm.engine.max_model_len - len(prompt))
+            if p.greedy:
+                assert out.token_ids == plain.generate([prompt], p)[0].token_ids[:len(out.token_ids)]
+        stats = llm.engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks
+    assert "the draft model failed" not in caplog.text
 
 
 def test_a_draft_over_a_target_with_sliding_window_groups(tmp_path):

@@ -175,21 +175,26 @@ class DraftModel:
             view.token_ids.append(token)
 
     def _view(self, seq: Sequence, end: int) -> DraftSequence:
-        """seq's draft view holding its first `end` tokens: tokens past what agrees with seq are replaced
-        (rejected drafts), and the cache is counted only up to the agreed ones."""
+        """seq's draft view holding its first `end` tokens, over the target's full-attention block table."""
         if seq.draft is None:
             seq.draft = DraftSequence(seq)
-        view, tokens = seq.draft, seq.token_ids
-        same = view.num_agreed
-        while same < min(len(view.token_ids), end) and view.token_ids[same] == tokens[same]:
-            same += 1
-        del view.token_ids[same:]
-        view.token_ids.extend(tokens[same:end])
-        view.num_agreed = end
-        view.num_computed_tokens = min(view.num_computed_tokens, same)
-        view.block_tables = [seq.block_tables[self.group]]
-        view.tables_version = seq.tables_version
-        return view
+        follow(seq.draft, seq.token_ids, end)
+        seq.draft.block_tables = [seq.block_tables[self.group]]
+        seq.draft.tables_version = seq.tables_version
+        return seq.draft
+
+
+def follow(view: DraftSequence, tokens: list[int], end: int) -> None:
+    """Make `view` hold tokens[:end] (the target's tokens, which never change below `end`): its tokens
+    past the first that differs (rejected drafts) or past `end` (a preempted sequence recomputed in
+    chunks) are replaced, and its cache is counted only up to the tokens it keeps."""
+    same = min(view.num_agreed, end)
+    while same < min(len(view.token_ids), end) and view.token_ids[same] == tokens[same]:
+        same += 1
+    del view.token_ids[same:]
+    view.token_ids.extend(tokens[same:end])
+    view.num_agreed = end
+    view.num_computed_tokens = min(view.num_computed_tokens, same)
 
 
 def _check_tokenizer(folder: str, tokenizer) -> None:
