@@ -663,14 +663,18 @@ def test_cpu_ops_match_torch(rows):
     assert updated is residual and torch.allclose(residual, total, atol=0, rtol=0)
     assert_close(out, weight * torch.nn.functional.rms_norm(total, (dim,), eps=1e-5), torch.float32)
 
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
     angles = torch.randn(rows, 1, head_dim // 2)
     cos, sin = angles.cos(), angles.sin()
     rotated = (heads + kv_heads) * head_dim
-    expected = torch.cat([apply_rotary(qkv[:, :rotated].view(rows, -1, head_dim), cos, sin).reshape(rows, -1),
-                          qkv[:, rotated:]], dim=1)
-    cpu_ops.rotary_(qkv, heads + kv_heads, head_dim, cos, sin)
-    assert_close(qkv, expected, torch.float32)
+    for interleaved in (False, True):  # pairs (i, i + d/2), or (2i, 2i + 1) (GLM-4-0414)
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
+        turned = apply_rotary(qkv[:, :rotated].view(rows, -1, head_dim), cos, sin, interleaved).reshape(rows, -1)
+        expected = torch.cat([turned, qkv[:, rotated:]], dim=1)
+        cpu_ops.rotary_(qkv, heads + kv_heads, head_dim, cos, sin, interleaved)
+        assert_close(qkv, expected, torch.float32)
+    pairs = torch.randn(1, 1, head_dim)  # interleaved: pair i is dimensions 2i and 2i + 1, turned by angle i
+    turned = apply_rotary(pairs, cos[:1], sin[:1], interleaved=True)[0, 0]
+    assert_close(turned[0::2], pairs[0, 0, 0::2] * cos[0, 0] - pairs[0, 0, 1::2] * sin[0, 0], torch.float32)
 
     gate_up = torch.randn(rows, 2 * dim)
     assert_close(cpu_ops.gated_mul(gate_up, "silu"), torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:],

@@ -226,6 +226,26 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
     _check_against(stored, model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_glm4_0414_runs_its_adjacent_pair_rotary_natively(tmp_path, monkeypatch, c_ops):
+    """GLM-4-0414 (norms on the attention's and MLP's outputs too, gate/up stored fused, a rotary embedding
+    turning adjacent pairs of each head's first half): read as itself with that embedding over whole heads,
+    run with adjacent pairs by the C ops and the torch path, against transformers' Glm4ForCausalLM."""
+    import transformers
+
+    from lcq.format import CheckpointReader
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "glm4")
+    reader = CheckpointReader(folder)
+    assert reader.config["model_type"] == "glm4" and reader.config["rope_parameters"]["rope_type"] == "longrope"
+    assert reader.has("model.layers.0.mlp.gate_proj.weight") and not reader.has("model.layers.0.mlp.gate_up_proj.weight")
+    model, config = load_model(folder)
+    assert config.rotary_interleaved and config.sandwich_norms and config.pre_norms
+    _check_against(transformers.Glm4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), model, PROMPTS,
+                   decode_steps=3)
+
+
 @pytest.mark.parametrize("arch, family", [("granite", "GraniteForCausalLM"),
                                           ("granite4", "GraniteMoeHybridForCausalLM")])
 def test_granite_reads_as_llama_with_its_factors_folded(tmp_path, arch, family):

@@ -182,7 +182,8 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
-                                           ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM")])
+                                           ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
+                                           ("glm4", "Glm4ForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -190,7 +191,8 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     checkpoint with its factors folded (Granite 4.0's with its shared MLP split), an ERNIE 4.5 one
     (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
     InternLM3 one into a Llama checkpoint, a GLM-4 one into a Qwen2 checkpoint with gate/up split and its
-    half-head rotary embedding as a whole-head LongRoPE one. The engine's greedy tokens on each are transformers' with the
+    half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the same
+    way (its pairs still adjacent), which transformers runs with gate/up as two matrices. The engine's greedy tokens on each are transformers' with the
     dequantized weights (the prompt past 8 tokens: long factors in both)."""
     from lcq.runtime import LLM, SamplingParams
 
@@ -202,9 +204,10 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
-    rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope"}.get(arch, "default")
+    rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope", "glm4": "longrope"}.get(arch, "default")
     assert reader.config["rope_parameters"]["rope_type"] == rope_type
-    biased = {"ernie4_5": ("proj",), "glm": ("q_proj", "k_proj", "v_proj")}.get(arch, ())
+    biased = {"ernie4_5": ("proj",), "glm": ("q_proj", "k_proj", "v_proj"), "glm4": ("q_proj", "k_proj", "v_proj")
+              }.get(arch, ())
     assert all(reader.has(f"{prefix}.bias") == prefix.endswith(biased) for prefix in reader.quantized_prefixes())
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

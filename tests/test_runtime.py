@@ -933,7 +933,8 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, m
     ("granite4", "GraniteMoeHybridForCausalLM", ("self_attn.q_proj", "shared_mlp.input_linear",
                                                  "shared_mlp.output_linear")),
     ("ernie4_5", "Ernie4_5ForCausalLM", ("self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj")),
-    ("glm", "GlmForCausalLM", ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_up_proj"))])
+    ("glm", "GlmForCausalLM", ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_up_proj")),
+    ("glm4", "Glm4ForCausalLM", ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_up_proj"))])
 def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, targets):
     """Adapters trained on a model lcq reads as another architecture, named by that model's own matrices:
     Phi-4-mini-style fused q/k/v and gate/up (with the partial rotary embedding's reordered, scaled query
@@ -971,7 +972,7 @@ def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, 
     quantize_model(folder, tmp_path / "lcq", options, progress=False)
     over_folder, over_lcq = (load_adapter(adapter, ModelConfig.from_folder(model)).parts
                              for model in (folder, tmp_path / "lcq"))
-    assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * {"phi3": 6, "granite4": 4, "glm": 4}.get(arch, 3)
+    assert over_folder.keys() == over_lcq.keys() and len(over_folder) == 2 * {"phi3": 6, "granite4": 4, "glm": 4, "glm4": 4}.get(arch, 3)
     for name, (a, b) in over_folder.items():
         assert torch.equal(a, over_lcq[name][0]) and torch.equal(b, over_lcq[name][1])
 

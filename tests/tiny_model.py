@@ -50,7 +50,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
-        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, \
+        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, \
         GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, \
@@ -95,6 +95,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
+    if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
+        sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
         sizes.update(head_dim=24)
     if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic
@@ -129,6 +131,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM),  # Llama with an interleaved rotary embedding
         "helium": (HeliumConfig, HeliumForCausalLM),  # the same (its defaults not Llama's)
         "glm": (GlmConfig, GlmForCausalLM),  # Qwen2 with gate/up fused, interleaved rotary over half of each head
+        "glm4": (Glm4Config, Glm4ForCausalLM),  # the same with sandwich norms
         "internlm3": (InternLM3Config, LlamaForCausalLM),  # transformers runs it as Llama; saved as the Hub has it
         "hunyuan": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM),  # q/k norms after the rotary embedding
     }[arch]

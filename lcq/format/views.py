@@ -26,6 +26,12 @@
   has no q/k/v biases) with gate/up stored as one matrix and a rotary embedding that turns adjacent pairs
   (2i, 2i + 1) of each head's first half only. It reads as Qwen2 with gate/up split as Phi-3's and each
   query and key head's rows reordered as Phi-4-mini's, adjacent pairs first (_rotated_first).
+- GLM-4-0414 (GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1: Glm4ForCausalLM) is GLM-4's layer with norms on the
+  attention's and the MLP's outputs too. It reads as itself, with gate/up split as Phi-3's and its rotary
+  embedding over half of each head as an interleaved whole-head one (LongRoPE factors that turn the other
+  pairs by angle 0, exact in transformers too), which lcq runs natively (ModelConfig.rotary_interleaved).
+  transformers' Glm4ForCausalLM computes the same with its MLP's gate_up_proj as two matrices
+  (lcq.quantizer.reference.split_gate_up), which is how its LCQ checkpoints store them.
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -72,7 +78,7 @@ AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "i
 INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
-                        *AS_LLAMA.values(), *WRAPPERS)
+                        "Glm4ForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -130,6 +136,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _granite4_as_llama(config)
     if config.get("model_type") == "glm":
         return _glm_as_qwen2(config)
+    if config.get("model_type") == "glm4":
+        return _glm4_whole_head(config)
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
     if stored is not None and _base_model_save(stored):
@@ -151,6 +159,11 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _half_split_parts(_as_llama(config), stored)
     if config.get("model_type") == "glm":
         return _glm_parts(config, stored)
+    if config.get("model_type") == "glm4":
+        intermediate = _with_defaults(config, "Glm4ForCausalLM")["intermediate_size"]
+        return _split(stored, {"mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
+                                                           ("mlp.up_proj.weight", intermediate, 2 * intermediate,
+                                                            1.0, None))})
     if _base_model_save(stored):
         return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
@@ -334,22 +347,41 @@ def _glm_as_qwen2(config: dict[str, Any]) -> dict[str, Any]:
     rotated pairs their frequencies and the others none, over the model's own context (factor 1, so no
     attention factor)."""
     completed = _with_defaults(config, "GlmForCausalLM")
-    rope = completed.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise ViewError(f"GlmForCausalLM: rope type {rope['rope_type']!r} is not supported")
-    head_dim, rotary = _glm_rotation(completed)
-    rope_theta = rope.get("rope_theta", 10000.0)
-    settings = {"rope_type": "default", "rope_theta": rope_theta}
-    if rotary < head_dim:
-        factors = _whole_head_factors([1.0] * (rotary // 2), rope_theta, rotary, head_dim)
-        context = completed["max_position_embeddings"]
-        settings.update(rope_type="longrope", original_max_position_embeddings=context, factor=1.0,
-                        attention_factor=1.0, short_factor=factors, long_factor=list(factors))
+    head_dim, _ = _glm_rotation(completed)
+    settings = _glm_whole_head_rope(completed, "GlmForCausalLM")
     kept = {key: completed[key] for key in KEPT
             if key in completed and key not in ("rope_parameters", "rope_scaling", "sliding_window")}
     family = ("qwen2", "Qwen2ForCausalLM") if completed.get("attention_bias") else ("llama", "LlamaForCausalLM")
     return {**kept, "architectures": [family[1]], "model_type": family[0], "head_dim": head_dim,
-            "rope_theta": rope_theta, "rope_parameters": settings}
+            "rope_theta": settings["rope_theta"], "rope_parameters": settings}
+
+
+def _glm4_whole_head(config: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4-0414's config (transformers' defaults completed) with its rotary embedding over whole heads
+    (_glm_whole_head_rope), its pairs still adjacent ones: what transformers' Glm4ForCausalLM runs alike,
+    and lcq with ModelConfig.rotary_interleaved. A config already so (an LCQ checkpoint's) is kept."""
+    completed = _with_defaults(config, "Glm4ForCausalLM")
+    rope = completed.get("rope_parameters") or {}
+    if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
+        return completed
+    return {**completed, "partial_rotary_factor": 1.0, "rope_parameters": _glm_whole_head_rope(completed, "Glm4ForCausalLM")}
+
+
+def _glm_whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """A GLM config's rotary settings over whole heads: LongRoPE factors giving the first
+    partial_rotary_factor of each head's pairs their frequencies and the others none, over the model's own
+    context (factor 1, so no attention factor); plain RoPE where it turns whole heads already."""
+    rope = completed.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ViewError(f"{architecture}: rope type {rope['rope_type']!r} is not supported")
+    head_dim, rotary = _glm_rotation(completed)
+    rope_theta = rope.get("rope_theta", 10000.0)
+    if rotary == head_dim:
+        return {"rope_type": "default", "rope_theta": rope_theta}
+    factors = _whole_head_factors([1.0] * (rotary // 2), rope_theta, rotary, head_dim)
+    return {"rope_type": "longrope", "rope_theta": rope_theta, "partial_rotary_factor": 1.0,
+            "original_max_position_embeddings": completed["max_position_embeddings"], "factor": 1.0,
+            "attention_factor": 1.0, "short_factor": factors, "long_factor": list(factors)}
 
 
 def _glm_rotation(config: dict[str, Any]) -> tuple[int, int]:

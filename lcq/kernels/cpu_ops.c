@@ -61,23 +61,24 @@ void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int 
         }
 }
 
-/* Rotate the first `heads` heads of every token row in place (the half-split layout): with
- * x = [a, b], x' = [a cos - b sin, b cos + a sin]. cos, sin: rows of head_dim / 2 values, token t taking
- * row positions[t] (a model's whole table: the one-call decode step), or row t without positions. */
+/* Rotate the first `heads` heads of every token row in place: pair i is (a_i, b_i) = (x_i, x_{i + d/2})
+ * (the half-split layout) or, interleaved (GLM-4-0414), (x_{2i}, x_{2i + 1}); a' = a cos - b sin,
+ * b' = b cos + a sin. cos, sin: rows of head_dim / 2 values, token t taking row positions[t] (a model's
+ * whole table: the one-call decode step), or row t without positions. */
 void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *cos,
-                const float *sin, const int64_t *positions) {
-    const int half = head_dim / 2;
+                const float *sin, const int64_t *positions, int interleaved) {
+    const int half = head_dim / 2, step = interleaved ? 2 : 1, partner = interleaved ? 1 : half;
 #pragma omp parallel for if (tokens >= 16)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t row = positions != NULL ? positions[t] : t;
         const float *c = cos + row * half, *s = sin + row * half;
         for (int h = 0; h < heads; h++) {
-            float *a = x + t * row_stride + (int64_t)h * head_dim, *b = a + half;
+            float *a = x + t * row_stride + (int64_t)h * head_dim, *b = a + partner;
 #pragma omp simd
             for (int i = 0; i < half; i++) {
-                const float first = a[i], second = b[i];
-                a[i] = first * c[i] - second * s[i];
-                b[i] = second * c[i] + first * s[i];
+                const float first = a[i * step], second = b[i * step];
+                a[i * step] = first * c[i] - second * s[i];
+                b[i * step] = second * c[i] + first * s[i];
             }
         }
     }
@@ -502,7 +503,8 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
  * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
  * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
- * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it. slots
+ * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it;
+ * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary). slots
  * (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer group's cache slots and
  * block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with adapter_active,
  * adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters (Adapters). work
@@ -513,7 +515,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
-                      int qk_norms_after_rotary, int activation, int cache_form, float *work,
+                      int qk_norms_after_rotary, int interleaved_rotary, int activation, int cache_form, float *work,
                       void *const *adapter_matrices,
                       const uint8_t *adapter_active, const int64_t *adapter_slots, int adapter_slot_count,
                       int adapter_rank) {
@@ -544,7 +546,9 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                 lcq_head_norm(qkv + q_width, rows, qkv_width, whole_qk_norms ? 1 : kv_heads,
                               whole_qk_norms ? kv_width : head_dim, p[K_NORM], eps);
             }
-            if (!rotated) lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions);
+            if (!rotated)
+                lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions,
+                           interleaved_rotary);
         }
         for (int r = 0; query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
             for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];

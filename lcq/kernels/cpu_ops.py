@@ -54,13 +54,14 @@ def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor,
     library().lcq_head_norm(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, weight.data_ptr(), eps)
 
 
-def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """Rotate, in place, the first `heads` heads of every row of x (tokens, width);
-    cos and sin hold (tokens, head_dim / 2) values."""
+def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+            interleaved: bool = False) -> None:
+    """Rotate, in place, the first `heads` heads of every row of x (tokens, width): pairs (i, i + d/2), or
+    interleaved (2i, 2i + 1); cos and sin hold (tokens, head_dim / 2) values."""
     if x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or heads * head_dim > x.shape[-1]:
         raise ValueError("rotary_ needs unit-stride rows holding the heads and contiguous cos/sin tables")
     library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
-                         None)
+                         None, int(interleaved))
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations of the C MLP (ModelConfig.activation), in cpu_exp.h's order
@@ -220,7 +221,7 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
-        "lcq_rotary": [p, i64, i64, i32, i32, p, p, p],
+        "lcq_rotary": [p, i64, i64, i32, i32, p, p, p, i32],
         "lcq_gated_mul": [p, p, i64, i64, i32],
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
@@ -228,7 +229,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, i32, p, p, p, p, i32, i32],
+                              i32, i32, i32, i32, i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -15,7 +15,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
-                           "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense"}
+                           "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -24,7 +24,8 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 # (OLMo 3's too, with sliding-window layers); EXAONE 4's the same with q/k norms per head.
 OUTPUT_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                 "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
-                "exaone4": dict(sandwich_norms=True, pre_norms=False)}
+                "exaone4": dict(sandwich_norms=True, pre_norms=False),
+                "glm4": dict(sandwich_norms=True, rotary_interleaved=True)}
 
 
 @dataclass
@@ -53,6 +54,7 @@ class ModelConfig:
     pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
+    rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)

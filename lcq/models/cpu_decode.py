@@ -37,6 +37,7 @@ class CpuDecoder:
         attention = model.layers[0].self_attn
         self.num_layers, self.eps = len(model.layers), model.norm.eps
         self.whole_qk_norms, self.qk_norms_after_rotary = int(not c.qk_norm_per_head), int(c.qk_norm_after_rotary)
+        self.interleaved_rotary = int(c.rotary_interleaved)
         self.num_groups = max(model.layer_groups) + 1
         self.query_temperature = c.query_temperature
         self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
@@ -121,7 +122,8 @@ class CpuDecoder:
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
-            self.qk_norms_after_rotary, self.activation, self.cache_form, work.data_ptr(), adapters[0], adapters[1],
+            self.qk_norms_after_rotary, self.interleaved_rotary, self.activation, self.cache_form, work.data_ptr(),
+            adapters[0], adapters[1],
             None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")

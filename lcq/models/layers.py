@@ -185,24 +185,28 @@ class RotaryEmbedding(torch.nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (T, heads, d) rotated by the angles of its tokens."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """x (T, heads, d) rotated by the angles of its tokens: pairs (i, i + d/2), or interleaved (2i, 2i + 1)."""
+    if interleaved:
+        pairs = x.float().unflatten(-1, (-1, 2))
+        first, second = pairs[..., 0], pairs[..., 1]
+        return torch.stack([first * cos - second * sin, second * cos + first * sin], dim=-1).flatten(-2).to(x.dtype)
     first, second = x.float().chunk(2, dim=-1)
     return torch.cat([first * cos - second * sin, second * cos + first * sin], dim=-1).to(x.dtype)
 
 
 def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               sin: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused projection (T, (heads + 2 kv_heads) d) into q, k, v (T, heads, d), q and k
     rotated (on the C path in place, so q, k and v stay views of qkv)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1:
-        cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin)
+        cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin, interleaved)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     else:
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, num_heads, head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, num_kv_heads, head_dim), cos, sin)
+        q = apply_rotary(q.view(-1, num_heads, head_dim), cos, sin, interleaved)
+        k = apply_rotary(k.view(-1, num_kv_heads, head_dim), cos, sin, interleaved)
     return (q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim),
             v.reshape(-1, num_kv_heads, head_dim))
 

@@ -56,6 +56,7 @@ class Attention(torch.nn.Module):
         self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm else None
         self.norm_after_rotary = config.qk_norm_after_rotary
+        self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
         self.window, self.softcap = window, config.attention_softcap
         self.k_cache = self.v_cache = torch.empty(0)
@@ -66,7 +67,7 @@ class Attention(torch.nn.Module):
         qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
         if self.q_norm is not None and not self.norm_after_rotary:
             self._norm_queries_keys(qkv[:, :self.num_heads * self.head_dim], qkv[:, self.num_heads * self.head_dim:])
-        q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope)
+        q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope, self.interleaved_rotary)
         if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
             self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
         attention.write(k, v, self.k_cache, self.v_cache)

@@ -45,6 +45,12 @@ class DenseLinear(torch.nn.Module):
 
 
 QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
+# The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
+# output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
+SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                                 "post_feedforward_layernorm"),
+                       "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                                "post_mlp_layernorm")}
 
 
 def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torch.nn.Module, str]]:
@@ -55,8 +61,9 @@ def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torc
     head_norms = [(attention.q_norm, f"self_attn.{q_name}"), (attention.k_norm, f"self_attn.{k_name}")] \
         if config.qk_norm else []
     if config.sandwich_norms:
-        norms = [(layer.attention_norm, "input_layernorm"), (layer.attention_output_norm, "post_attention_layernorm"),
-                 (layer.mlp_norm, "pre_feedforward_layernorm"), (layer.mlp_output_norm, "post_feedforward_layernorm")]
+        names = SANDWICH_NORM_NAMES.get(config.model_type, SANDWICH_NORM_NAMES["gemma"])
+        norms = list(zip((layer.attention_norm, layer.attention_output_norm, layer.mlp_norm, layer.mlp_output_norm),
+                         names))
         return [(module, name) for module, name in norms if module is not None] + head_norms
     return [(layer.attention_norm, "input_layernorm"), (layer.mlp_norm, "post_attention_layernorm"), *head_norms]
 

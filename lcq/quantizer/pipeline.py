@@ -34,7 +34,7 @@ from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, l
                   stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .layer_bits import LayerWidths
-from .reference import hf_config, read_config
+from .reference import hf_config, read_config, split_gate_up, split_model_gate_up
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -55,7 +55,8 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral3", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma2": "Gemma2", "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
-                "exaone4": "Exaone4", "seed_oss": "SeedOss", "olmo3": "Olmo3", "hunyuan_v1_dense": "HunYuanDenseV1"}
+                "exaone4": "Exaone4", "seed_oss": "SeedOss", "olmo3": "Olmo3", "hunyuan_v1_dense": "HunYuanDenseV1",
+                "glm4": "Glm4"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
@@ -269,7 +270,7 @@ class _Source:
 
     def block(self, index: int) -> torch.nn.Module:
         with torch.device("meta"):  # no random init of weights that are overwritten right away
-            layer = self.layer_class(self.config, index)
+            layer = split_gate_up(self.layer_class(self.config, index))
         prefix = f"model.layers.{index}."
         state = {name[len(prefix):]: self.reader.tensor(name).float()
                  for name in self.reader.names() if name.startswith(prefix)}
@@ -320,7 +321,7 @@ class _Source:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(self.config)
+            model = split_model_gate_up(AutoModelForCausalLM.from_config(self.config))
         model.load_state_dict({k: v.float().to(self.device) for k, v in state.items()}, strict=False, assign=True)
         model.model.rotary_emb = self.rotary_module
         embed = model.model.embed_tokens

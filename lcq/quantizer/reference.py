@@ -15,7 +15,7 @@ from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, Vie
                         stored_tensor_names, view_config)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
-                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense")
+                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -55,12 +55,43 @@ def hf_config(model_dir: str | Path):
     return config
 
 
+class SplitGatedMLP(torch.nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up as two matrices: an MLP that stores them as one
+    (GLM-4-0414's gate_up_proj) as lcq reads and quantizes it (lcq.format.views)."""
+
+    def __init__(self, mlp: torch.nn.Module):
+        super().__init__()
+        fused = mlp.gate_up_proj
+        width = fused.out_features // 2
+        settings = dict(bias=False, device=fused.weight.device, dtype=fused.weight.dtype)
+        self.gate_proj = torch.nn.Linear(fused.in_features, width, **settings)
+        self.up_proj = torch.nn.Linear(fused.in_features, width, **settings)
+        self.down_proj, self.activation_fn = mlp.down_proj, mlp.activation_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def split_gate_up(layer: torch.nn.Module) -> torch.nn.Module:
+    """A transformers decoder layer with its MLP made a SplitGatedMLP where it holds gate_up_proj."""
+    if hasattr(layer.mlp, "gate_up_proj"):
+        layer.mlp = SplitGatedMLP(layer.mlp)
+    return layer
+
+
+def split_model_gate_up(model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers CausalLM with each decoder layer's MLP as split_gate_up leaves it."""
+    for layer in model.model.layers:
+        split_gate_up(layer)
+    return model
+
+
 def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     """A transformers CausalLM in eval mode on CPU: full precision, or LCQ dequantized."""
     from transformers import AutoModelForCausalLM
 
     config = hf_config(model_dir)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = split_model_gate_up(AutoModelForCausalLM.from_config(config, dtype=dtype))
     reader = CheckpointReader(model_dir)
     state: dict[str, torch.Tensor] = {}
     for prefix in reader.quantized_prefixes():
