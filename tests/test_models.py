@@ -404,10 +404,11 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
-    """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps."""
+    """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
+    adjacent rotary pairs and output norms on the GPU path)."""
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder, device="cuda", dtype=dtype)
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3, chunk=4,
