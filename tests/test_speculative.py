@@ -340,6 +340,27 @@ def test_random_draft_model_workloads_give_the_plain_greedy_tokens(tiny, plain, 
     assert "the draft model failed" not in caplog.text
 
 
+def test_the_draft_reads_long_prompts_within_the_token_budget(tiny, plain, caplog):
+    """A 200-token prompt in chunks of 16 (and again, served by the prefix cache, which the draft reads
+    from its start), and sequences that ran at batch 2 without drafts catching up once alone: the draft
+    reads at most max_num_batched_tokens a step, and drafts once it has caught up."""
+    prompt = [(7 * i) % 300 + 5 for i in range(200)]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    expected = plain.generate([prompt], params)[0].token_ids
+    llm = LLM(str(tiny), block_size=8, max_num_batched_tokens=16, speculative_model=str(tiny),
+              num_speculative_tokens=4, **FP32)
+    rows = []
+    run = llm.engine.drafter.runner.run
+    llm.engine.drafter.runner.run = lambda items: rows.append(sum(count for _, count in items)) or run(items)
+    for _ in range(2):
+        assert llm.generate([prompt], params)[0].token_ids == expected
+    both = llm.generate([prompt, PROMPTS[0]], [params, SamplingParams(max_tokens=5, temperature=0)])
+    assert both[0].token_ids == expected  # no drafts while both ran, then the lag is read in steps
+    assert max(rows) <= 16 and sum(rows) > 3 * 200
+    drafts, accepted = _drafts_and_accepted(llm)
+    assert drafts == accepted > 0 and "the draft model failed" not in caplog.text
+
+
 def test_a_draft_over_a_target_with_sliding_window_groups(tmp_path):
     """Gemma 3 (a sliding-window layer group handing back the blocks its window of 8 has passed, and a
     full one) drafting for itself: the draft reads the full group's table, its own sliding layer masking by
@@ -360,8 +381,8 @@ def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, capl
     proposals = []
     propose = near.engine.drafter.propose
 
-    def recording(scheduled):
-        propose(scheduled)
+    def recording(scheduled, behind):
+        propose(scheduled, behind)
         proposals.extend((seq.token_ids[:len(seq) - seq.num_draft_tokens], seq.token_ids[len(seq) - seq.num_draft_tokens:])
                          for seq, _ in scheduled if seq.num_draft_tokens)
 

@@ -19,11 +19,14 @@ prefix caching and preemption serve both models with no bookkeeping of the draft
 pool is sized to leave room for the draft's K/V of every block). Each sequence has a DraftSequence:
 the tokens the draft has read and, in num_computed_tokens, how many of them are in its cache. The
 engine appends placeholder drafts before scheduling (the scheduler counts their rows and grows their
-blocks); `propose` then runs the draft over what it has not read (the tokens accepted since its last
+blocks) to the sequences the draft is ready for (`ready`: it has read all but their last few
+tokens); `propose` then runs the draft over what it has not read (the tokens accepted since its last
 pass) and k - 1 more single-token passes, and writes its tokens over the placeholders. Prompt
 chunks are read by the draft in the steps that prefill them, so that a sequence's first drafts do
-not wait for its whole prompt. A draft token the target rejects leaves the draft's cache past the
-agreed tokens, which the next pass overwrites.
+not wait for its whole prompt; what it lags by otherwise (after preemption, a prefix-cache hit, or
+steps at a batch size that drafts nothing) is read in later steps, max_num_batched_tokens a step at
+most, before that sequence drafts again. A draft token the target rejects leaves the draft's cache
+past the agreed tokens, which the next pass overwrites.
 """
 from __future__ import annotations
 
@@ -100,23 +103,38 @@ class DraftModel:
                             f"the tokenizer's {len(tokenizer)} tokens")
         self.vocab_limit = target_vocab if draft_vocab > target_vocab else None
         self.target_vocab = target_vocab
+        self.read_budget = config.max_num_batched_tokens
         logger.info("speculative decoding: %d tokens a step drafted by %s", self.num_tokens, config.speculative_model)
 
-    def propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
-        """Write the draft's tokens over the placeholders of the scheduled sequences drafting by model, and
-        let it read the prompt chunks of the others that may draft later."""
+    def ready(self, seq: Sequence) -> bool:
+        """Whether the draft has read all but the last few of seq's tokens (at most the last drafts and
+        the target's own), so that it can draft this step; else it catches up first (`propose`)."""
+        return seq.draft is not None and len(seq) - seq.draft.num_computed_tokens <= self.num_tokens + 1
+
+    def propose(self, scheduled: list[tuple[Sequence, int]], behind: list[Sequence]) -> None:
+        """Write the draft's tokens over the placeholders of the scheduled sequences drafting by model; let
+        it read the prompt chunks the target prefills and the tokens of `behind` (sequences that would
+        draft but whose view is not ready), at most max_num_batched_tokens a step, so that a long prompt
+        (or one the prefix cache served) is read over several steps as the target reads it."""
         reading, drafting = [], []
-        for seq, count in scheduled:
+        budget = self.read_budget
+        for seq, _ in scheduled:
             if seq.num_draft_tokens and not seq.draft_from_prediction:
                 view = self._view(seq, len(seq) - seq.num_draft_tokens)
                 view.draft_rows = []
                 drafting.append((seq, view))
-            elif count > 1 and not seq.num_draft_tokens and may_draft(seq):  # a prompt chunk
-                view = self._view(seq, seq.num_computed_tokens + count)
-            else:
+                reading.append((view, len(view) - view.num_computed_tokens))
+                budget -= reading[-1][1]
+        catching_up = set(map(id, behind))
+        for seq, count in scheduled:
+            if budget <= 0 or seq.num_draft_tokens or not may_draft(seq) or (count == 1 and id(seq) not in catching_up):
                 continue
+            view = self._view(seq, seq.num_computed_tokens + count)  # a prompt chunk, or the tokens it lags by
+            if len(view) - view.num_computed_tokens > budget:
+                follow(view, seq.token_ids, view.num_computed_tokens + budget)
             if len(view) > view.num_computed_tokens:
                 reading.append((view, len(view) - view.num_computed_tokens))
+                budget -= reading[-1][1]
         if not drafting:
             if reading:
                 self._run(reading, [])

@@ -168,7 +168,7 @@ class LLMEngine:
                            num_accepted_tokens_total=self.accepted_tokens_total)
 
     def step(self) -> list[RequestOutput]:
-        drafted = self._draft()
+        drafted, behind = self._draft()
         scheduled = self.scheduler.schedule()
         counts = {seq: count for seq, count in scheduled}
         for seq in drafted:  # keep the drafts that were scheduled (a budget or block shortage cuts them)
@@ -176,37 +176,40 @@ class LLMEngine:
         if not scheduled:
             return []
         if self.drafter is not None:
-            self._propose(scheduled)
+            self._propose(scheduled, behind)
         now = time.monotonic()
         for seq, _ in scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         return self._run(scheduled)
 
-    def _draft(self) -> list[Sequence]:
+    def _draft(self) -> tuple[list[Sequence], list[Sequence]]:
         """Append drafts (prompt lookup, a request's prediction, or a draft model's placeholders) to the
-        running sequences that can take them; returns those."""
-        drafted = []
+        running sequences that can take them; returns those, and the ones a draft model is not ready for."""
+        drafted, behind = [], []
         if len(self.scheduler.running) >= self.draft_batch_limit:
-            return drafted
+            return drafted, behind
         for seq in self.scheduler.running:
             if (self.lookup.num_tokens or self.drafter or seq.params.prediction) and can_draft(seq):
                 # The step emits up to len(draft) + 1 tokens: never past max_tokens (nor the context).
                 limit = seq.max_tokens - seq.num_output_tokens - 1
                 draft = self.lookup.propose(seq, limit)
                 if not draft and self.drafter is not None:
-                    draft = [PLACEHOLDER] * min(self.drafter.num_tokens, limit)
+                    if self.drafter.ready(seq):
+                        draft = [PLACEHOLDER] * min(self.drafter.num_tokens, limit)
+                    else:
+                        behind.append(seq)
                 if draft:
                     seq.token_ids.extend(draft)
                     seq.num_draft_tokens = len(draft)
                     drafted.append(seq)
-        return drafted
+        return drafted, behind
 
-    def _propose(self, scheduled: list[tuple[Sequence, int]]) -> None:
+    def _propose(self, scheduled: list[tuple[Sequence, int]], behind: list[Sequence]) -> None:
         """The draft model's tokens in place of the placeholders. Should it fail, the placeholders are
         verified as they are (the target's tokens stay exact) and the draft starts its sequences afresh."""
         try:
-            self.drafter.propose(scheduled)
+            self.drafter.propose(scheduled, behind)
         except Exception:
             logger.exception("the draft model failed; this step verifies placeholder drafts")
             for seq, _ in scheduled:
