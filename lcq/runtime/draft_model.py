@@ -92,7 +92,8 @@ class DraftModel:
         self.num_tokens = config.num_speculative_tokens
         _check_tokenizer(config.speculative_model, tokenizer)
         try:
-            self.runner = ModelRunner(draft_engine_config(config, target.max_model_len), num_blocks=target.num_blocks)
+            self.runner = ModelRunner(draft_engine_config(config, target.max_model_len), num_blocks=target.num_blocks,
+                                      role="draft model: ")
         except UserError as e:
             raise UserError(f"draft model {config.speculative_model}: {e}") from None
         # A draft vocabulary padded past the target's must not propose ids the target cannot embed; one

@@ -43,12 +43,25 @@ class PromptLogprobs:
     top_ids: torch.Tensor
 
 
+class _Prefixed(logging.LoggerAdapter):
+    """The engine's logger, each line beginning with the role of the model it is about."""
+
+    def __init__(self, prefix: str):
+        super().__init__(logger, {})
+        self.prefix = prefix
+
+    def process(self, msg, kwargs):
+        return self.prefix + msg, kwargs
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, num_blocks: int | None = None, draft_block_bytes: int = 0,
-                 draft_weight_bytes: int = 0):
+                 draft_weight_bytes: int = 0, role: str = ""):
         """num_blocks: the pool's size where another runner set it (a draft model's runner takes its
         target's: it reads the target's block tables). draft_block_bytes, draft_weight_bytes: a draft
-        model's K/V per block and its weights, which sizing the pool leaves room for."""
+        model's K/V per block and its weights, which sizing the pool leaves room for. role: what its log
+        lines begin with ("draft model: "), where the engine runs two models."""
+        self.log = _Prefixed(role)
         self.device = config.resolved_device()
         self.dtype = config.resolved_dtype()
         self.block_size = config.block_size
@@ -79,7 +92,7 @@ class ModelRunner:
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         self.max_model_len = self._longest_sequence(config)
         self.model.fit_rotary(self.max_model_len)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB), %d layer groups of %d layers; "
+        self.log.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB), %d layer groups of %d layers; "
                     "context %d tokens; products: %s", self.num_blocks, self.block_size,
                     self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
                     self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
@@ -91,7 +104,7 @@ class ModelRunner:
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
                                            self.adapters.stack, self.kv_groups.num_groups)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
-                logger.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+                self.log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
     def _load_adapters(self, config: EngineConfig) -> AdapterRegistry:
         """The adapter slots (none without adapters or runtime updating), holding lora_modules' adapters."""
@@ -107,7 +120,7 @@ class ModelRunner:
         for name, adapter in start.items():
             registry.load(name, adapter)
         if stack is not None:
-            logger.info("LoRA: %d adapter slots of rank %d", slots, rank)
+            self.log.info("LoRA: %d adapter slots of rank %d", slots, rank)
         return registry
 
     def _keep_int8_weights(self, config: EngineConfig) -> int:
@@ -117,13 +130,13 @@ class ModelRunner:
         size = sum(layer.byte_rows_nbytes for layer in layers)
         if not size:
             if config.cpu_int8_weights == "on" and config.keeps_int8_weights(0, None):
-                logger.warning("cpu_int8_weights on: no layer has an int8 form to keep (no LCQ layers, or they "
+                self.log.warning("cpu_int8_weights on: no layer has an int8 form to keep (no LCQ layers, or they "
                                "keep fp16 copies: LCQ_CPU_INDEX=0)")
             return 0
         if not config.keeps_int8_weights(size, available_memory_bytes()):
             return 0
         kept = sum(layer.keep_byte_rows() for layer in layers)
-        logger.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
+        self.log.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
                     "expanding indices", kept / 2**20)
         return kept
 
@@ -141,7 +154,7 @@ class ModelRunner:
         if available is None or size > available // 10:
             return 0
         self.model.lm_head_panels = pair_panels(head)
-        logger.info("the head keeps its bf16 panels (%.0f MB), which its products of several rows read", size / 2**20)
+        self.log.info("the head keeps its bf16 panels (%.0f MB), which its products of several rows read", size / 2**20)
         return size
 
     def new_block_manager(self, enable_prefix_caching: bool) -> BlockManager:
