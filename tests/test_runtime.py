@@ -996,11 +996,20 @@ def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
         LLM(str(tiny), lora_modules=f"w={wide}")
 
 
-def test_gemma_runs_in_bfloat16_on_a_gpu_by_default(tmp_path):
-    """dtype auto: fp16 on a GPU, except for Gemma, whose residual stream outgrows fp16; fp32 on CPU."""
+def test_gpu_dtype_follows_the_checkpoint_and_gemma_runs_in_bfloat16(tmp_path):
+    """dtype auto on a GPU, as vLLM: bf16 for a bf16 checkpoint, fp16 for fp16 and fp32 ones and for LCQ
+    checkpoints (their full-precision tensors are fp16, whatever the source's dtype), bf16 for Gemma
+    always (its residual stream outgrows fp16); fp32 on CPU."""
+    from lcq.quantizer import QuantizeOptions, quantize_model
+    from tests.tiny_model import CALIBRATION_TEXT
+
     gemma, llama = make_tiny_hf(tmp_path / "gemma", "gemma3"), make_tiny_hf(tmp_path / "llama", "llama")
-    assert EngineConfig(model=str(gemma), device="cuda").resolved_dtype() == torch.bfloat16
-    assert EngineConfig(model=str(llama), device="cuda").resolved_dtype() == torch.float16
+    bf16 = make_tiny_hf(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    options = QuantizeOptions(bits=4, rank=1, group_size=32, method="rtn", calib_text=CALIBRATION_TEXT)
+    quantize_model(bf16, tmp_path / "lcq", options, progress=False)
+    expected = {gemma: torch.bfloat16, llama: torch.float16, bf16: torch.bfloat16, tmp_path / "lcq": torch.float16}
+    for folder, dtype in expected.items():
+        assert EngineConfig(model=str(folder), device="cuda").resolved_dtype() == dtype, folder
     assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32
 
 

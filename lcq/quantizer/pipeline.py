@@ -643,7 +643,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
            if layer_bits and options.finetune_epochs else {}),
         **({"target_bits": options.target_bits} if options.target_bits is not None else {}),
         **({"source_config": source_config} if source_config != config_dict else {}))
-    config_dict["torch_dtype"] = "float16"
+    config_dict["torch_dtype"] = config_dict["dtype"] = "float16"  # its full-precision tensors (both names' readers)
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
     write_index(partial)

@@ -60,14 +60,18 @@ class EngineConfig:
         return torch.device(self.device)
 
     def resolved_dtype(self) -> torch.dtype:
-        """auto: float32 on CPU; on a GPU float16, or bfloat16 for Gemma, whose residual stream outgrows
-        fp16's range (its checkpoints are bf16, and transformers and vLLM run it so)."""
+        """auto: float32 on CPU; on a GPU the checkpoint's own half precision as vLLM takes it: bfloat16
+        for a bf16 checkpoint (models trained in bf16 may outgrow fp16's range), else float16 (fp16 and
+        fp32 checkpoints, and LCQ ones, whose full-precision tensors are fp16); Gemma in bfloat16 always,
+        whose residual stream outgrows fp16's range (transformers and vLLM run it so)."""
         if self.dtype == "auto":
             if self.resolved_device().type != "cuda":
                 return torch.float32
             from lcq.models.config import GEMMA
 
-            return torch.bfloat16 if _model_type(self.model) in GEMMA else torch.float16
+            config = _read_config(self.model)
+            stored = config.get("dtype") or config.get("torch_dtype")
+            return torch.bfloat16 if config.get("model_type") in GEMMA or stored == "bfloat16" else torch.float16
         return _named_dtype("dtype", self.dtype)
 
     def resolved_kv_cache_dtype(self) -> torch.dtype:
@@ -213,12 +217,14 @@ class EngineConfig:
                              "with AVX512_VNNI, AVX512_VBMI and AVX512_BF16)")
 
 
-def _model_type(folder: str) -> str | None:
-    """config.json's model_type, or None where the folder has no readable one (the loader says why)."""
+def _read_config(folder: str) -> dict:
+    """config.json as lcq reads it (lcq.format.views), or {} where the folder has none readable (the
+    loader says why)."""
     try:
-        return view_config(json.loads((Path(folder) / "config.json").read_text())).get("model_type")
+        config = view_config(json.loads((Path(folder) / "config.json").read_text()))
     except (OSError, ValueError, AttributeError):
-        return None
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 FP8_NAMES = ("fp8", "fp8_e4m3")  # kv_cache_dtype: float8 e4m3 on a GPU (vLLM's names)
