@@ -67,18 +67,26 @@ void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int 
  * whole table: the one-call decode step), or row t without positions. */
 void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *cos,
                 const float *sin, const int64_t *positions, int interleaved) {
-    const int half = head_dim / 2, step = interleaved ? 2 : 1, partner = interleaved ? 1 : half;
+    const int half = head_dim / 2;
 #pragma omp parallel for if (tokens >= 16)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t row = positions != NULL ? positions[t] : t;
         const float *c = cos + row * half, *s = sin + row * half;
         for (int h = 0; h < heads; h++) {
-            float *a = x + t * row_stride + (int64_t)h * head_dim, *b = a + partner;
+            float *a = x + t * row_stride + (int64_t)h * head_dim, *b = a + half;
+            if (interleaved) {
+                for (int i = 0; i < half; i++) {
+                    const float first = a[2 * i], second = a[2 * i + 1];
+                    a[2 * i] = first * c[i] - second * s[i];
+                    a[2 * i + 1] = second * c[i] + first * s[i];
+                }
+                continue;
+            }
 #pragma omp simd
             for (int i = 0; i < half; i++) {
-                const float first = a[i * step], second = b[i * step];
-                a[i * step] = first * c[i] - second * s[i];
-                b[i * step] = second * c[i] + first * s[i];
+                const float first = a[i], second = b[i];
+                a[i] = first * c[i] - second * s[i];
+                b[i] = second * c[i] + first * s[i];
             }
         }
     }
