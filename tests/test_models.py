@@ -239,7 +239,8 @@ def test_glm4_0414_runs_its_adjacent_pair_rotary_natively(tmp_path, monkeypatch,
     folder = make_tiny_hf(tmp_path, "glm4")
     reader = CheckpointReader(folder)
     assert reader.config["model_type"] == "glm4" and reader.config["rope_parameters"]["rope_type"] == "longrope"
-    assert reader.has("model.layers.0.mlp.gate_proj.weight") and not reader.has("model.layers.0.mlp.gate_up_proj.weight")
+    mlp = "model.layers.0.mlp"
+    assert reader.has(f"{mlp}.gate_proj.weight") and not reader.has(f"{mlp}.gate_up_proj.weight")
     model, config = load_model(folder)
     assert config.rotary_interleaved and config.sandwich_norms and config.pre_norms
     _check_against(transformers.Glm4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), model, PROMPTS,

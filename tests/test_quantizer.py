@@ -191,9 +191,10 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     checkpoint with its factors folded (Granite 4.0's with its shared MLP split), an ERNIE 4.5 one
     (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
     InternLM3 one into a Llama checkpoint, a GLM-4 one into a Qwen2 checkpoint with gate/up split and its
-    half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the same
-    way (its pairs still adjacent), which transformers runs with gate/up as two matrices. The engine's greedy tokens on each are transformers' with the
-    dequantized weights (the prompt past 8 tokens: long factors in both)."""
+    half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the
+    same way (its pairs still adjacent), which transformers runs with gate/up as two matrices. The
+    engine's greedy tokens on each are transformers' with the dequantized weights (the prompt past 8
+    tokens: long factors in both)."""
     from lcq.runtime import LLM, SamplingParams
 
     hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8, 0.75)) if arch == "phi3"

@@ -383,8 +383,8 @@ def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, capl
 
     def recording(scheduled, behind):
         propose(scheduled, behind)
-        proposals.extend((seq.token_ids[:len(seq) - seq.num_draft_tokens], seq.token_ids[len(seq) - seq.num_draft_tokens:])
-                         for seq, _ in scheduled if seq.num_draft_tokens)
+        proposals.extend((seq.token_ids[:len(seq) - n], seq.token_ids[len(seq) - n:])
+                         for seq, _ in scheduled if (n := seq.num_draft_tokens))
 
     near.engine.drafter.propose = recording
     near.generate(PROMPTS, GREEDY)

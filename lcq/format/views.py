@@ -364,7 +364,8 @@ def _glm4_whole_head(config: dict[str, Any]) -> dict[str, Any]:
     rope = completed.get("rope_parameters") or {}
     if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
         return completed
-    return {**completed, "partial_rotary_factor": 1.0, "rope_parameters": _glm_whole_head_rope(completed, "Glm4ForCausalLM")}
+    return {**completed, "partial_rotary_factor": 1.0,
+            "rope_parameters": _glm_whole_head_rope(completed, "Glm4ForCausalLM")}
 
 
 def _glm_whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, Any]:

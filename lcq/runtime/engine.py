@@ -2,8 +2,9 @@
 
 A step drafts tokens where speculative decoding is on (prompt lookup, speculative.py, or placeholders
 that a draft model fills once the step is scheduled, draft_model.py), schedules, runs the model once
-for every scheduled sequence, samples (or verifies drafts), detokenizes and checks stop conditions. A request that fails (even inside a batched forward) is finished with
-finish_reason "error"; the others go on.
+for every scheduled sequence, samples (or verifies drafts), detokenizes and checks stop conditions. A
+request that fails (even inside a batched forward) is finished with finish_reason "error"; the others
+go on.
 """
 from __future__ import annotations
 

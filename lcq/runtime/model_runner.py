@@ -93,10 +93,10 @@ class ModelRunner:
         self.max_model_len = self._longest_sequence(config)
         self.model.fit_rotary(self.max_model_len)
         self.log.info("KV cache: %d blocks of %d tokens (%d tokens, %s, %.2f GiB), %d layer groups of %d layers; "
-                    "context %d tokens; products: %s", self.num_blocks, self.block_size,
-                    self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
-                    self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
-                    PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
+                      "context %d tokens; products: %s", self.num_blocks, self.block_size,
+                      self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
+                      self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
+                      PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs:
             try:
@@ -131,13 +131,13 @@ class ModelRunner:
         if not size:
             if config.cpu_int8_weights == "on" and config.keeps_int8_weights(0, None):
                 self.log.warning("cpu_int8_weights on: no layer has an int8 form to keep (no LCQ layers, or they "
-                               "keep fp16 copies: LCQ_CPU_INDEX=0)")
+                                 "keep fp16 copies: LCQ_CPU_INDEX=0)")
             return 0
         if not config.keeps_int8_weights(size, available_memory_bytes()):
             return 0
         kept = sum(layer.keep_byte_rows() for layer in layers)
         self.log.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
-                    "expanding indices", kept / 2**20)
+                      "expanding indices", kept / 2**20)
         return kept
 
     def _keep_head_panels(self) -> int:
