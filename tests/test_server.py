@@ -765,6 +765,8 @@ def test_speculative_decoding_streams_the_same_text(model_dir, server, client, d
         stream = drafting.chat.completions.create(**request, stream=True)
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices) == plain
         accepted = live.metric("lcq:spec_decode_num_accepted_tokens_total")
+        drafted_steps = live.metric("lcq:spec_decode_num_drafts_total")
+        assert 0 < drafted_steps <= live.metric("lcq:spec_decode_num_draft_tokens_total")
         assert 0 < accepted <= live.metric("lcq:spec_decode_num_draft_tokens_total")
         live.wait_pool_full()
 

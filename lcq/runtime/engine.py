@@ -44,7 +44,8 @@ class EngineStats:
     num_free_blocks: int
     num_total_blocks: int
     num_preemptions_total: int
-    num_draft_tokens_total: int = 0  # drafts verified (speculative decoding)
+    num_drafts_total: int = 0  # sequence steps that verified drafts (speculative decoding)
+    num_draft_tokens_total: int = 0  # drafts verified
     num_accepted_tokens_total: int = 0  # drafts the model agreed with
 
 
@@ -88,7 +89,7 @@ class LLMEngine:
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
                                    config.prompt_lookup_min)
         self.draft_batch_limit = config.speculative_disable_by_batch_size
-        self.draft_tokens_total = self.accepted_tokens_total = 0
+        self.drafts_total = self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
 
     def default_params(self, **changes) -> SamplingParams:
@@ -165,7 +166,7 @@ class LLMEngine:
                            kv_cache_usage=self.blocks.usage(), num_free_blocks=self.blocks.num_free_blocks,
                            num_total_blocks=self.blocks.num_total_blocks,
                            num_preemptions_total=self.scheduler.num_preemptions,
-                           num_draft_tokens_total=self.draft_tokens_total,
+                           num_drafts_total=self.drafts_total, num_draft_tokens_total=self.draft_tokens_total,
                            num_accepted_tokens_total=self.accepted_tokens_total)
 
     def step(self) -> list[RequestOutput]:
@@ -277,6 +278,7 @@ class LLMEngine:
         if drafted:
             rows = logits[[row for i in drafted for row in range(starts[i], starts[i + 1])]]
             group = [seqs[i] for i in drafted]
+            self.drafts_total += len(group)
             logprobs = torch.log_softmax(rows, dim=-1) if any(s.params.logprobs is not None for s in group) else None
             drafts = [seq.token_ids[len(seq) - seq.num_draft_tokens:] for seq in group]
             first = 0

@@ -41,6 +41,8 @@ class EngineStatsCollector:
             yield gauge
         counters = {
             "num_preemptions": ("requests preempted to free KV blocks", "num_preemptions_total"),
+            "spec_decode_num_drafts": ("sequence steps that verified drafts (speculative decoding; mean tokens per "
+                                       "drafted step: 1 + accepted tokens / drafts)", "num_drafts_total"),
             "spec_decode_num_draft_tokens": ("draft tokens verified (speculative decoding)", "num_draft_tokens_total"),
             "spec_decode_num_accepted_tokens": ("draft tokens accepted", "num_accepted_tokens_total"),
         }
