@@ -30,7 +30,7 @@ from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.blockwise import LayerFit, block_call, block_error, optimize_block, run_block  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, stored_codebook  # noqa: E402
-from lcq.quantizer.pipeline import LINEARS, _input_stats, _Source, calibration_batch  # noqa: E402
+from lcq.quantizer.pipeline import _input_stats, _Source, block_linears, calibration_batch  # noqa: E402
 from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
 
 GROUP_SIZE, RANK, WINDOWS, SEQLEN, BATCH = 64, 2, 16, 256, 4
@@ -59,7 +59,7 @@ def study(bits: int, blocks: int, lrs: list[float], epochs: int, source: _Source
 
         stats = _input_stats(call, block, quantized["train"], BATCH, full=False)
         init = []
-        for name in LINEARS:
+        for name in block_linears(block):
             w = block.get_submodule(name).weight.detach().float()
             wg = grouped(w, GROUP_SIZE)
             h = grouped_importance(stats[name], w.shape[1], GROUP_SIZE, w.device)

@@ -227,6 +227,22 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_qwen3_moe_follows_transformers(tmp_path, monkeypatch, c_ops):
+    """Qwen3-MoE: a router picking 2 of 6 gated-MLP experts for each token (weights renormalized), and a
+    dense MLP in the layer mlp_only_layers names: our model against transformers' Qwen3MoeForCausalLM,
+    prompts prefilled in chunks and decoded, with the C ops and the torch path."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "qwen3_moe")
+    model, config = load_model(folder)
+    assert (config.num_experts, config.experts_per_token, config.moe_layers) == (6, 2, [True, False])
+    assert model.cpu_decoder is None  # a mixture runs in the Python layers
+    reference = transformers.Qwen3MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+
+
+@pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_glm4_0414_runs_its_adjacent_pair_rotary_natively(tmp_path, monkeypatch, c_ops):
     """GLM-4-0414 (norms on the attention's and MLP's outputs too, gate/up stored fused, a rotary embedding
     turning adjacent pairs of each head's first half): read as itself with that embedding over whole heads,
@@ -405,11 +421,11 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
-    adjacent rotary pairs and output norms on the GPU path)."""
+    adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder, device="cuda", dtype=dtype)
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3, chunk=4,

@@ -20,7 +20,7 @@ from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LayerWidths
-from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, LINEARS, calibration_batch
+from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, PROJECTIONS, calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
 
@@ -178,6 +178,43 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
     assert config["quantization_config"] == alone.config["quantization_config"]
     assert "source_config" not in alone.config["quantization_config"]
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
+
+
+def test_a_mixture_of_experts_quantizes_each_expert(tmp_path):
+    """Qwen3-MoE: every expert's gate, up and down matrices packed (also those no calibration token chose:
+    nearest entries of their k-means fit), the router kept in full precision; transformers' model with the
+    dequantized weights and the engine give the same greedy tokens, batched too. The settings that do not
+    cover experts yet are refused, as are LoRA adapters."""
+    from lcq.errors import UserError
+    from lcq.runtime import LLM, SamplingParams
+
+    import transformers
+
+    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe")
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 8]])
+    with torch.no_grad():  # the experts one matrix each (as stored and quantized) compute as transformers' own
+        torch.testing.assert_close(load_reference_model(hf)(ids).logits,
+                                   transformers.Qwen3MoeForCausalLM.from_pretrained(hf)(ids).logits)
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1)
+    quantize_model(hf, tmp_path / "lcq", options, progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    experts = {p for p in reader.quantized_prefixes() if ".experts." in p}
+    assert experts == {f"model.layers.0.mlp.experts.{e}.{m}" for e in range(6) for m in ("gate_proj", "up_proj",
+                                                                                          "down_proj")}
+    assert reader.has("model.layers.0.mlp.gate.weight") and reader.has("model.layers.1.mlp.gate_proj.qweight")
+    reference = load_reference_model(tmp_path / "lcq")
+    prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
+    llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
+        assert out.token_ids == expected[0, len(prompt):].tolist()
+    for refused in (dict(layer_bits=["down_proj=4"]), dict(target_bits=3.5), dict(finetune_epochs=1)):
+        with pytest.raises(UserError, match="not supported for mixture-of-experts models"):
+            quantize_model(hf, tmp_path / "refused", replace(options, **refused), progress=False)
+    with pytest.raises(UserError, match="LoRA adapters are not supported for mixture-of-experts models"):
+        LLM(str(tmp_path / "lcq"), max_loras=1)
 
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
@@ -859,10 +896,10 @@ def _check_serves_like_its_reference(folder) -> None:
 def test_layer_width_rules():
     """--layer-bits rules: a projection or alias, in every layer or a range, later rules winning."""
     widths = LayerWidths(2, ["down_proj=3,qkv@1=4", "all@3-4=3", "down_proj@4=4"])
-    assert [widths.of(0, name) for name in LINEARS] == [2, 2, 2, 2, 2, 2, 3]
-    assert [widths.of(1, name) for name in LINEARS] == [4, 4, 4, 2, 2, 2, 3]
-    assert [widths.of(3, name) for name in LINEARS] == [3] * 7
-    assert [widths.of(4, name) for name in LINEARS] == [3] * 6 + [4]
+    assert [widths.of(0, name) for name in PROJECTIONS] == [2, 2, 2, 2, 2, 2, 3]
+    assert [widths.of(1, name) for name in PROJECTIONS] == [4, 4, 4, 2, 2, 2, 3]
+    assert [widths.of(3, name) for name in PROJECTIONS] == [3] * 7
+    assert [widths.of(4, name) for name in PROJECTIONS] == [3] * 6 + [4]
     assert widths.of(9, "mlp.down_proj") == 3 and widths.of(9, "mlp.up_proj") == 2
     assert widths.overrides(2) == {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
                                    **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}

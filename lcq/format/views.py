@@ -31,7 +31,7 @@
   embedding over half of each head as an interleaved whole-head one (LongRoPE factors that turn the other
   pairs by angle 0, exact in transformers too), which lcq runs natively (ModelConfig.rotary_interleaved).
   transformers' Glm4ForCausalLM computes the same with its MLP's gate_up_proj as two matrices
-  (lcq.quantizer.reference.split_gate_up), which is how its LCQ checkpoints store them.
+  (lcq.quantizer.reference.as_stored), which is how its LCQ checkpoints store them.
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).

@@ -15,7 +15,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "SmolLM3ForCausalLM": "smollm3", "Olmo2ForCausalLM": "olmo2", "Gemma2ForCausalLM": "gemma2",
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
-                           "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4"}
+                           "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
+                           "Qwen3MoeForCausalLM": "qwen3_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -55,6 +56,12 @@ class ModelConfig:
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
     rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
+    # Mixture-of-experts MLPs (Qwen3-MoE): each token's output is the sum of experts_per_token of
+    # num_experts gated MLPs, weighted by a router; layers where moe_layers is False keep a dense MLP.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
+    moe_layers: list[bool] = field(default_factory=list)
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
@@ -103,10 +110,12 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "olmo2", "olmo3", "exaone4", "gemma3_text", "hunyuan_v1_dense"),
+            qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4", "gemma3_text",
+                                        "hunyuan_v1_dense"),
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
-            **family, **OUTPUT_NORMS.get(c["model_type"], {}), query_temperature=_query_temperature(c, rope),
+            **family, **OUTPUT_NORMS.get(c["model_type"], {}), **_experts(c),
+            query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
         )
@@ -116,6 +125,8 @@ class ModelConfig:
             self.layer_windows = [0] * self.num_layers
         if not self.rope_layers:
             self.rope_layers = [True] * self.num_layers
+        if not self.moe_layers:
+            self.moe_layers = [False] * self.num_layers
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
@@ -156,6 +167,18 @@ def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
     context length."""
     beta = rope.get("llama_4_scaling_beta") if c["model_type"] == "ministral3" else None
     return None if not beta else (float(beta), int(rope["original_max_position_embeddings"]))
+
+
+def _experts(c: dict) -> dict:
+    """Qwen3-MoE's experts (num_experts in the Hub's files, num_local_experts in transformers 5's): every
+    decoder_sparse_step-th layer's MLP a mixture, but mlp_only_layers'."""
+    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if c["model_type"] == "qwen3_moe" else 0
+    if not count:
+        return {}
+    step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or [])
+    return dict(num_experts=count, experts_per_token=c["num_experts_per_tok"],
+                norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+                moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(c["num_hidden_layers"])])
 
 
 def _layer_windows(c: dict) -> list[int]:

@@ -98,6 +98,33 @@ class MLP(torch.nn.Module):
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
+class MixtureOfExperts(torch.nn.Module):
+    """Qwen3-MoE's MLP: a full-precision router scores the experts (softmax in fp32), each token runs
+    through its experts_per_token best (their weights renormalized to sum to 1 where norm_topk_prob),
+    and their outputs are summed by those weights. Each expert is a gated MLP of LCQ (or dense)
+    layers; only the experts some token chose run, each over its tokens."""
+
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
+        super().__init__()
+        self.router = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype),
+                                         requires_grad=False)
+        self.experts = torch.nn.ModuleList(MLP(f"{prefix}.experts.{e}", make_linear, config.activation)
+                                           for e in range(config.num_experts))
+        self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        probs = torch.softmax(torch.nn.functional.linear(x, self.router), dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        weights = weights.to(x.dtype)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
+            rows, slots = (chosen == expert).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self.experts[expert](x[rows], None) * weights[rows, slots, None])
+        return out
+
+
 class DecoderLayer(torch.nn.Module):
     """Norms by role: before attention, before the MLP, and (Gemma, OLMo 2) on the attention and MLP outputs;
     OLMo 2 has only the latter."""
@@ -112,7 +139,8 @@ class DecoderLayer(torch.nn.Module):
         self.attention_norm = norm() if config.pre_norms else None
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
         self.mlp_norm = norm() if config.pre_norms else None
-        self.mlp = MLP(f"{prefix}.mlp", make_linear, config.activation)
+        self.mlp = MixtureOfExperts(config, f"{prefix}.mlp", make_linear, dtype) if config.moe_layers[index] else \
+            MLP(f"{prefix}.mlp", make_linear, config.activation)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
 

@@ -34,10 +34,9 @@ from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, l
                   stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .layer_bits import LayerWidths
-from .reference import hf_config, read_config, split_gate_up, split_model_gate_up
+from .reference import as_stored, hf_config, model_as_stored, read_config
 
-LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the matrices packed
 METHODS = ("lcq", "rtn", "gptq")
 # How LCQ picks each weight's index: its nearest codebook entry; GPTQ's sweep over the codebooks;
 # or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
@@ -56,7 +55,7 @@ DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral3", "qwen2": "Qwen2", "qwen3": "Qwen3",
                 "gemma2": "Gemma2", "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
                 "exaone4": "Exaone4", "seed_oss": "SeedOss", "olmo3": "Olmo3", "hunyuan_v1_dense": "HunYuanDenseV1",
-                "glm4": "Glm4"}
+                "glm4": "Glm4", "qwen3_moe": "Qwen3Moe"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
@@ -270,7 +269,7 @@ class _Source:
 
     def block(self, index: int) -> torch.nn.Module:
         with torch.device("meta"):  # no random init of weights that are overwritten right away
-            layer = split_gate_up(self.layer_class(self.config, index))
+            layer = as_stored(self.layer_class(self.config, index))
         prefix = f"model.layers.{index}."
         state = {name[len(prefix):]: self.reader.tensor(name).float()
                  for name in self.reader.names() if name.startswith(prefix)}
@@ -321,7 +320,7 @@ class _Source:
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            model = split_model_gate_up(AutoModelForCausalLM.from_config(self.config))
+            model = model_as_stored(AutoModelForCausalLM.from_config(self.config))
         model.load_state_dict({k: v.float().to(self.device) for k, v in state.items()}, strict=False, assign=True)
         model.model.rotary_emb = self.rotary_module
         embed = model.model.embed_tokens
@@ -346,12 +345,19 @@ class _Source:
         return weight * hidden.float() * torch.rsqrt(variance + self.config.rms_norm_eps)
 
 
+def block_linears(block: torch.nn.Module) -> list[str]:
+    """The matrices of a decoder block that are packed, by module name: the attention's four and the MLP's
+    three, or each expert's three (a mixture's router stays in full precision)."""
+    return [name for name, module in block.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
+
+
 def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int, full: bool) -> dict[str, torch.Tensor]:
     """Per linear layer: mean x x^T (full) or mean x_k^2 (diagonal) of its inputs over all tokens."""
     stats: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
-    for name in LINEARS:
+    for name in block_linears(block):
         def hook(module, args, output, name=name):
             x = args[0].reshape(-1, args[0].shape[-1]).float()
             moment = x.t() @ x if full else (x * x).sum(0)
@@ -363,16 +369,16 @@ def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int,
     finally:
         for h in hooks:
             h.remove()
-    return {name: stats[name] / counts[name] for name in LINEARS}
+    return {name: stats[name] / counts[name] for name in stats}  # (an expert no token chose has none)
 
 
 def _quantize_block(source: _Source, index: int, block: torch.nn.Module, options: QuantizeOptions, q_inputs,
                     targets, progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
-    """Quantize the seven linear layers of decoder block `index` with the chosen method; q_inputs and
-    targets hold the training windows, then the held-out ones."""
+    """Quantize the linear layers of decoder block `index` (block_linears) with the chosen method; q_inputs
+    and targets hold the training windows, then the held-out ones."""
     call = block_call(block, source.block_inputs(index))
-    weights = {name: block.get_submodule(name).weight.detach().float() for name in LINEARS}
-    biases = {name: block.get_submodule(name).bias for name in LINEARS}
+    weights = {name: block.get_submodule(name).weight.detach().float() for name in block_linears(block)}
+    biases = {name: block.get_submodule(name).bias for name in weights}
     n = options.nsamples
     stats = _input_stats(call, block, q_inputs[:n], options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
@@ -414,9 +420,10 @@ def _initial_fit(name: str, w: torch.Tensor, importance: torch.Tensor | None, op
 def _packed_fit(f: LayerFit, weight: torch.Tensor, stat: torch.Tensor | None, bias: torch.Tensor | None,
                 options: QuantizeOptions, bits: int) -> PackedLinear:
     """The fitted layer packed: each weight's nearest entry, or GPTQ's sweep over the codebooks (with
-    gptq-refit, S and B refit to the sweep's indices, then swept again)."""
+    gptq-refit, S and B refit to the sweep's indices, then swept again); nearest entries for an expert
+    that no calibration token chose (no input statistic to sweep with)."""
     indices = None
-    if options.gptq_indices:
+    if options.gptq_indices and stat is not None:
         hessian = 2 * stat
 
         def sweep() -> torch.Tensor:
@@ -515,7 +522,12 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
-    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach."""
+    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach;
+    neither, nor the end-to-end stage, for a mixture of experts, whose experts they do not yet cover."""
+    if (config.get("num_experts") or config.get("num_local_experts")) and \
+            (options.layer_bits or options.target_bits is not None or options.finetune_epochs):
+        raise UserError("--layer-bits, --target-bits and --finetune-epochs are not supported for "
+                        "mixture-of-experts models")
     options.widths.check_layers(config["num_hidden_layers"])
     if options.target_bits is not None:
         shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
@@ -588,7 +600,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             for name, layer in packed.items():
                 tensors.update(linear_tensors(f"model.layers.{index}.{name}", layer))
             for name, tensor in block.state_dict().items():
-                if not any(name.startswith(linear + ".") for linear in LINEARS):
+                if not any(name.startswith(linear + ".") for linear in packed):
                     tensors[f"model.layers.{index}.{name}"] = tensor.to(torch.float16)
             write_shard(shard, tensors)
             write_json(partial / PROGRESS_FILE, {"options": recorded, "done": index + 1})
@@ -776,5 +788,8 @@ def _read_block(shard: Path, index: int, options: QuantizeOptions,
 
     tensors = load_file(str(shard)) if tensors is None else tensors
     widths = options.widths
+    prefix = f"model.layers.{index}."
     return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", widths.of(index, name), options.rank,
-                                      options.group_size, lambda _: str(shard)) for name in LINEARS}
+                                      options.group_size, lambda _: str(shard))
+            for name in (key[len(prefix):-len(".qweight")] for key in tensors
+                         if key.startswith(prefix) and key.endswith(".qweight"))}

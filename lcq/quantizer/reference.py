@@ -15,7 +15,7 @@ from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, Vie
                         stored_tensor_names, view_config)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
-                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4")
+                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -72,17 +72,46 @@ class SplitGatedMLP(torch.nn.Module):
         return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def split_gate_up(layer: torch.nn.Module) -> torch.nn.Module:
-    """A transformers decoder layer with its MLP made a SplitGatedMLP where it holds gate_up_proj."""
+class SplitExperts(torch.nn.ModuleList):
+    """A mixture's experts (transformers 5 keeps them as two 3-D tensors, gate_up_proj and down_proj) as
+    checkpoints store them and lcq quantizes them: experts.{e}.gate_proj, up_proj and down_proj, each a
+    Linear; the same sum over each token's chosen experts, in increasing expert order."""
+
+    def __init__(self, experts: torch.nn.Module):
+        count, width, hidden = experts.gate_up_proj.shape
+        settings = dict(bias=False, device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
+        super().__init__(torch.nn.ModuleDict({
+            "gate_proj": torch.nn.Linear(hidden, width // 2, **settings),
+            "up_proj": torch.nn.Linear(hidden, width // 2, **settings),
+            "down_proj": torch.nn.Linear(width // 2, hidden, **settings)}) for _ in range(count))
+        self.act_fn = experts.act_fn
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for expert in top_k_index.unique().tolist():
+            rows, slots = (top_k_index == expert).nonzero(as_tuple=True)
+            e, x = self[expert], hidden[rows]
+            y = e["down_proj"](self.act_fn(e["gate_proj"](x)) * e["up_proj"](x))
+            out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
+        return out
+
+
+def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
+    """A transformers decoder layer with its MLP's matrices as checkpoints store them and lcq quantizes
+    them, each a Linear: GLM-4-0414's gate_up_proj as gate_proj and up_proj (SplitGatedMLP), a mixture's
+    experts one by one (SplitExperts)."""
     if hasattr(layer.mlp, "gate_up_proj"):
         layer.mlp = SplitGatedMLP(layer.mlp)
+    experts = getattr(layer.mlp, "experts", None)
+    if experts is not None and isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
+        layer.mlp.experts = SplitExperts(experts)
     return layer
 
 
-def split_model_gate_up(model: torch.nn.Module) -> torch.nn.Module:
-    """A transformers CausalLM with each decoder layer's MLP as split_gate_up leaves it."""
+def model_as_stored(model: torch.nn.Module) -> torch.nn.Module:
+    """A transformers CausalLM with each decoder layer as as_stored leaves it."""
     for layer in model.model.layers:
-        split_gate_up(layer)
+        as_stored(layer)
     return model
 
 
@@ -91,7 +120,7 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     from transformers import AutoModelForCausalLM
 
     config = hf_config(model_dir)
-    model = split_model_gate_up(AutoModelForCausalLM.from_config(config, dtype=dtype))
+    model = model_as_stored(AutoModelForCausalLM.from_config(config, dtype=dtype))
     reader = CheckpointReader(model_dir)
     state: dict[str, torch.Tensor] = {}
     for prefix in reader.quantized_prefixes():

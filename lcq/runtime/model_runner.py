@@ -98,7 +98,10 @@ class ModelRunner:
                       self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
                       PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
         self.graphs = None
-        if self.device.type == "cuda" and config.cuda_graphs:
+        if self.device.type == "cuda" and config.cuda_graphs and self.model_config.num_experts:
+            self.log.info("decoding eagerly: a mixture of experts picks its experts per step, which a CUDA graph "
+                          "would replay as captured")
+        elif self.device.type == "cuda" and config.cuda_graphs:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
@@ -111,6 +114,8 @@ class ModelRunner:
         start = {name: load_adapter(folder, self.model_config, config.max_lora_rank)
                  for name, folder in config.lora_adapters().items()}
         slots = config.resolved_max_loras()
+        if slots and self.model_config.num_experts:
+            raise UserError("LoRA adapters are not supported for mixture-of-experts models")
         # Fixed adapters need no room beyond their own ranks: a slot's width is what every step pays for.
         ranks = [adapter.rank for adapter in start.values()]
         room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
