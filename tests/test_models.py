@@ -226,19 +226,22 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
     _check_against(stored, model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("arch, family, experts, moe_layers", [
+    ("qwen3_moe", "Qwen3MoeForCausalLM", 6, [True, False]),  # its second layer dense (mlp_only_layers)
+    ("mixtral", "MixtralForCausalLM", 4, [True, True])])  # its files name the mixture block_sparse_moe
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_qwen3_moe_follows_transformers(tmp_path, monkeypatch, c_ops):
-    """Qwen3-MoE: a router picking 2 of 6 gated-MLP experts for each token (weights renormalized), and a
-    dense MLP in the layer mlp_only_layers names: our model against transformers' Qwen3MoeForCausalLM,
-    prompts prefilled in chunks and decoded, with the C ops and the torch path."""
+def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, family, experts, moe_layers, c_ops):
+    """Qwen3-MoE and Mixtral: a router picking 2 gated-MLP experts for each token (weights renormalized):
+    our model against transformers' own class, prompts prefilled in chunks and decoded, with the C ops
+    and the torch path."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, "qwen3_moe")
+    folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
-    assert (config.num_experts, config.experts_per_token, config.moe_layers) == (6, 2, [True, False])
+    assert (config.num_experts, config.experts_per_token, config.moe_layers) == (experts, 2, moe_layers)
     assert model.cpu_decoder is None  # a mixture runs in the Python layers
-    reference = transformers.Qwen3MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
 
 
@@ -421,7 +424,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its

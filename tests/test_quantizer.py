@@ -180,29 +180,34 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
     assert (tmp_path / "from-wrapped" / "tokenizer.json").is_file()
 
 
-def test_a_mixture_of_experts_quantizes_each_expert(tmp_path):
-    """Qwen3-MoE: every expert's gate, up and down matrices packed (also those no calibration token chose:
-    nearest entries of their k-means fit), the router kept in full precision; transformers' model with the
-    dequantized weights and the engine give the same greedy tokens, batched too. The settings that do not
-    cover experts yet are refused, as are LoRA adapters."""
+@pytest.mark.parametrize("arch, family, experts, dense_layers", [("qwen3_moe", "Qwen3MoeForCausalLM", 6, [1]),
+                                                                 ("mixtral", "MixtralForCausalLM", 4, [])])
+def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
+    """Qwen3-MoE and Mixtral (its experts' w1/w3/w2 read as gate/up/down): every expert's three matrices
+    packed (also those no calibration token chose: nearest entries of their k-means fit), the router kept
+    in full precision; transformers' model with the dequantized weights and the engine give the same
+    greedy tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA
+    adapters."""
+    import transformers
+
     from lcq.errors import UserError
     from lcq.runtime import LLM, SamplingParams
 
-    import transformers
-
-    hf = make_tiny_hf(tmp_path / "hf", "qwen3_moe")
+    hf = make_tiny_hf(tmp_path / "hf", arch)
     ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 8]])
     with torch.no_grad():  # the experts one matrix each (as stored and quantized) compute as transformers' own
         torch.testing.assert_close(load_reference_model(hf)(ids).logits,
-                                   transformers.Qwen3MoeForCausalLM.from_pretrained(hf)(ids).logits)
+                                   getattr(transformers, family).from_pretrained(hf)(ids).logits)
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1)
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
-    experts = {p for p in reader.quantized_prefixes() if ".experts." in p}
-    assert experts == {f"model.layers.0.mlp.experts.{e}.{m}" for e in range(6) for m in ("gate_proj", "up_proj",
-                                                                                          "down_proj")}
-    assert reader.has("model.layers.0.mlp.gate.weight") and reader.has("model.layers.1.mlp.gate_proj.qweight")
+    assert reader.config["architectures"] == [family]
+    packed = {p for p in reader.quantized_prefixes() if ".experts." in p}
+    assert packed == {f"model.layers.{layer}.mlp.experts.{e}.{m}" for layer in range(2) if layer not in dense_layers
+                      for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
+    assert reader.has("model.layers.0.mlp.gate.weight")
+    assert all(reader.has(f"model.layers.{layer}.mlp.gate_proj.qweight") for layer in dense_layers)
     reference = load_reference_model(tmp_path / "lcq")
     prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
     llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")

@@ -51,11 +51,12 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     """
     from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
         Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, \
-        GlmForCausalLM, GraniteConfig, GraniteForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
-        HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
-        Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, \
-        Olmo3ForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+        GlmForCausalLM, GraniteConfig, GraniteForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, \
+        HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM, InternLM3Config, \
+        LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, \
+        MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, Phi3Config, \
+        Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, \
+        Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -95,6 +96,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
+    if arch == "mixtral":  # 2 of 4 experts a token, as Mixtral 8x7B's 2 of 8
+        sizes.update(head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
     if arch == "qwen3_moe":  # as Qwen3-30B-A3B: 2 of 6 experts a token (renormalized); the second layer dense
         sizes.update(head_dim=32, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
                      mlp_only_layers=[1])
@@ -122,6 +125,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "mistral": (MistralConfig, MistralForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),  # a mixture of experts in place of the MLP
+        "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused

@@ -32,6 +32,9 @@
   pairs by angle 0, exact in transformers too), which lcq runs natively (ModelConfig.rotary_interleaved).
   transformers' Glm4ForCausalLM computes the same with its MLP's gate_up_proj as two matrices
   (lcq.quantizer.reference.as_stored), which is how its LCQ checkpoints store them.
+- Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
+  and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
+  of Qwen3-MoE's files.
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -159,6 +162,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _half_split_parts(_as_llama(config), stored)
     if config.get("model_type") == "glm":
         return _glm_parts(config, stored)
+    if config.get("model_type") == "mixtral":
+        return {_mixtral_name(name): StoredTensor(name) for name in stored}
     if config.get("model_type") == "glm4":
         intermediate = _with_defaults(config, "Glm4ForCausalLM")["intermediate_size"]
         return _split(stored, {"mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
@@ -167,6 +172,19 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     if _base_model_save(stored):
         return {BASE_MODEL_PREFIX + name: StoredTensor(name) for name in stored}
     return None
+
+
+# Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
+MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
+def _mixtral_name(name: str) -> str:
+    """A Mixtral tensor's name as lcq reads it: block_sparse_moe.gate as mlp.gate, experts.E.w1/w3/w2 as
+    experts.E.gate_proj/up_proj/down_proj (transformers 5's modules and Qwen3-MoE's names)."""
+    parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
+    if len(parts) > 2 and parts[-3].isdigit() and parts[-4:-3] == ["experts"]:
+        parts[-2] = MIXTRAL_EXPERT_NAMES.get(parts[-2], parts[-2])
+    return ".".join(parts)
 
 
 def _base_model_save(stored: list[str]) -> bool:

@@ -16,7 +16,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
-                           "Qwen3MoeForCausalLM": "qwen3_moe"}
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -170,15 +170,20 @@ def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
 
 
 def _experts(c: dict) -> dict:
-    """Qwen3-MoE's experts (num_experts in the Hub's files, num_local_experts in transformers 5's): every
-    decoder_sparse_step-th layer's MLP a mixture, but mlp_only_layers'."""
+    """The experts of a mixture: Mixtral's in every layer, their weights always renormalized; Qwen3-MoE's
+    (num_experts in the Hub's files, num_local_experts in transformers 5's) in every
+    decoder_sparse_step-th layer but mlp_only_layers'."""
+    layers = c["num_hidden_layers"]
+    if c["model_type"] == "mixtral":
+        return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=True, moe_layers=[True] * layers)
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if c["model_type"] == "qwen3_moe" else 0
     if not count:
         return {}
     step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or [])
     return dict(num_experts=count, experts_per_token=c["num_experts_per_tok"],
                 norm_topk_prob=bool(c.get("norm_topk_prob", False)),
-                moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(c["num_hidden_layers"])])
+                moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(layers)])
 
 
 def _layer_windows(c: dict) -> list[int]:
@@ -191,7 +196,7 @@ def _layer_windows(c: dict) -> list[int]:
         window = c.get("sliding_window") or 4096
         pattern = c.get("sliding_window_pattern", 2 if kind == "gemma2" else 6)
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
-    elif kind in ("mistral", "ministral3"):
+    elif kind in ("mistral", "ministral3", "mixtral"):
         return [c.get("sliding_window") or 0] * count
     elif kind == "exaone4":
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
