@@ -228,12 +228,13 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
 
 @pytest.mark.parametrize("arch, family, experts, moe_layers", [
     ("qwen3_moe", "Qwen3MoeForCausalLM", 6, [True, False]),  # its second layer dense (mlp_only_layers)
-    ("mixtral", "MixtralForCausalLM", 4, [True, True])])  # its files name the mixture block_sparse_moe
+    ("mixtral", "MixtralForCausalLM", 4, [True, True]),  # its files name the mixture block_sparse_moe
+    ("olmoe", "OlmoeForCausalLM", 4, [True, True])])  # q/k norms over whole projections, weights as routed
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, family, experts, moe_layers, c_ops):
-    """Qwen3-MoE and Mixtral: a router picking 2 gated-MLP experts for each token (weights renormalized):
-    our model against transformers' own class, prompts prefilled in chunks and decoded, with the C ops
-    and the torch path."""
+    """Qwen3-MoE, Mixtral and OLMoE: a router picking 2 gated-MLP experts for each token (their weights
+    renormalized, but OLMoE's): our model against transformers' own class, prompts prefilled in chunks and
+    decoded, with the C ops and the torch path."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
@@ -243,6 +244,9 @@ def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, fa
     assert model.cpu_decoder is None  # a mixture runs in the Python layers
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+    if arch == "olmoe" and c_ops == "1":  # OLMoE's option of clamping q, k and v, unsupported: refused by name
+        with pytest.raises(UserError, match="clip_qkv"):
+            load_model(make_tiny_hf(tmp_path / "clipped", arch, clip_qkv=8.0))
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
@@ -424,7 +428,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe", "mixtral", "olmoe"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its

@@ -181,11 +181,12 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 
 
 @pytest.mark.parametrize("arch, family, experts, dense_layers", [("qwen3_moe", "Qwen3MoeForCausalLM", 6, [1]),
-                                                                 ("mixtral", "MixtralForCausalLM", 4, [])])
+                                                                 ("mixtral", "MixtralForCausalLM", 4, []),
+                                                                 ("olmoe", "OlmoeForCausalLM", 4, [])])
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
-    """Qwen3-MoE and Mixtral (its experts' w1/w3/w2 read as gate/up/down): every expert's three matrices
-    packed (also those no calibration token chose: nearest entries of their k-means fit), the router kept
-    in full precision; transformers' model with the dequantized weights and the engine give the same
+    """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down) and OLMoE: every expert's three
+    matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
+    router kept in full precision; transformers' model with the dequantized weights and the engine give the same
     greedy tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA
     adapters."""
     import transformers

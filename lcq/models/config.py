@@ -16,17 +16,21 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Ministral3ForCausalLM": "ministral3", "Exaone4ForCausalLM": "exaone4",
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
-                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral"}
+                           "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
+                           "OlmoeForCausalLM": "olmoe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
-# OLMo 2's layer: norms on the attention's and the MLP's outputs only, q/k norms over the whole projections
-# (OLMo 3's too, with sliding-window layers); EXAONE 4's the same with q/k norms per head.
-OUTPUT_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
-                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
-                "exaone4": dict(sandwich_norms=True, pre_norms=False),
-                "glm4": dict(sandwich_norms=True, rotary_interleaved=True)}
+# Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
+# outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
+# the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
+# OLMoE's: Llama's norms, q/k norms over the whole projections.
+LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
+               "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
+               "exaone4": dict(sandwich_norms=True, pre_norms=False),
+               "glm4": dict(sandwich_norms=True, rotary_interleaved=True),
+               "olmoe": dict(qk_norm_per_head=False)}
 
 
 @dataclass
@@ -93,6 +97,8 @@ class ModelConfig:
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
+        if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
+            raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
         heads = c["num_attention_heads"]
         head_dim = c.get("head_dim") or c["hidden_size"] // heads
         for kind in ("short_factor", "long_factor") if rope["rope_type"] == "longrope" else ():
@@ -110,11 +116,11 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
-            qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "exaone4", "gemma3_text",
+            qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "hunyuan_v1_dense"),
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
-            **family, **OUTPUT_NORMS.get(c["model_type"], {}), **_experts(c),
+            **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c),
             query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
@@ -170,14 +176,16 @@ def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
 
 
 def _experts(c: dict) -> dict:
-    """The experts of a mixture: Mixtral's in every layer, their weights always renormalized; Qwen3-MoE's
-    (num_experts in the Hub's files, num_local_experts in transformers 5's) in every
-    decoder_sparse_step-th layer but mlp_only_layers'."""
-    layers = c["num_hidden_layers"]
-    if c["model_type"] == "mixtral":
-        return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
-                    norm_topk_prob=True, moe_layers=[True] * layers)
-    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if c["model_type"] == "qwen3_moe" else 0
+    """The experts of a mixture: Mixtral's in every layer, their weights always renormalized; OLMoE's in
+    every layer; Qwen3-MoE's (num_experts in the Hub's files, num_local_experts in transformers 5's) in
+    every decoder_sparse_step-th layer but mlp_only_layers'."""
+    layers, kind = c["num_hidden_layers"], c["model_type"]
+    if kind in ("mixtral", "olmoe"):
+        return dict(num_experts=c.get("num_local_experts") or c.get("num_experts"),
+                    experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=kind == "mixtral" or bool(c.get("norm_topk_prob", False)),
+                    moe_layers=[True] * layers)
+    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind == "qwen3_moe" else 0
     if not count:
         return {}
     step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or [])

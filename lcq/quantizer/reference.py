@@ -15,7 +15,8 @@ from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, Vie
                         stored_tensor_names, view_config)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
-                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral")
+                         "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
+                         "olmoe")
 
 
 def read_config(model_dir: str | Path) -> dict:
