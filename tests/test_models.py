@@ -229,12 +229,13 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
 @pytest.mark.parametrize("arch, family, experts, moe_layers", [
     ("qwen3_moe", "Qwen3MoeForCausalLM", 6, [True, False]),  # its second layer dense (mlp_only_layers)
     ("mixtral", "MixtralForCausalLM", 4, [True, True]),  # its files name the mixture block_sparse_moe
-    ("olmoe", "OlmoeForCausalLM", 4, [True, True])])  # q/k norms over whole projections, weights as routed
+    ("olmoe", "OlmoeForCausalLM", 4, [True, True]),  # q/k norms over whole projections, weights as routed
+    ("qwen2_moe", "Qwen2MoeForCausalLM", 4, [True, True])])  # plus a shared expert behind a sigmoid gate
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, family, experts, moe_layers, c_ops):
-    """Qwen3-MoE, Mixtral and OLMoE: a router picking 2 gated-MLP experts for each token (their weights
-    renormalized, but OLMoE's): our model against transformers' own class, prompts prefilled in chunks and
-    decoded, with the C ops and the torch path."""
+    """Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE: a router picking 2 gated-MLP experts for each token (their
+    weights renormalized, but OLMoE's and Qwen2-MoE's), Qwen2-MoE's shared expert: our model against
+    transformers' own class, prompts prefilled in chunks and decoded, with the C ops and the torch path."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
@@ -428,7 +429,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "glm4", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its

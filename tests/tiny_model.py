@@ -55,8 +55,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM, InternLM3Config, \
         LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, \
         MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, \
-        OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+        OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, \
+        Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, \
+        SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,6 +97,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
+    if arch == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B: q/k/v biases, 2 of 4 experts plus a gated shared expert
+        sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                     shared_expert_intermediate_size=96)
     if arch == "olmoe":  # as OLMoE-1B-7B: q/k norms over the whole projections, 2 of 4 experts (not renormalized)
         sizes.update(num_experts=4, num_experts_per_tok=2, intermediate_size=64)
     if arch == "mixtral":  # 2 of 4 experts a token, as Mixtral 8x7B's 2 of 8
@@ -128,6 +132,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),  # a mixture of experts in place of the MLP
         "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens

@@ -17,7 +17,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
-                           "OlmoeForCausalLM": "olmoe"}
+                           "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -65,6 +65,7 @@ class ModelConfig:
     num_experts: int = 0
     experts_per_token: int = 0
     norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
+    shared_expert: bool = False  # Qwen2-MoE: a gated MLP every token runs too, scaled by sigmoid(gate . x)
     moe_layers: list[bool] = field(default_factory=list)
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
@@ -115,7 +116,8 @@ class ModelConfig:
             head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
-            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)),
+            qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
+            (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "hunyuan_v1_dense"),
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
@@ -177,20 +179,21 @@ def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
 
 def _experts(c: dict) -> dict:
     """The experts of a mixture: Mixtral's in every layer, their weights always renormalized; OLMoE's in
-    every layer; Qwen3-MoE's (num_experts in the Hub's files, num_local_experts in transformers 5's) in
-    every decoder_sparse_step-th layer but mlp_only_layers'."""
+    every layer; Qwen3-MoE's and Qwen2-MoE's (num_experts in the Hub's files, num_local_experts in
+    transformers 5's) in every decoder_sparse_step-th layer but mlp_only_layers', Qwen2-MoE's with a
+    shared expert."""
     layers, kind = c["num_hidden_layers"], c["model_type"]
     if kind in ("mixtral", "olmoe"):
         return dict(num_experts=c.get("num_local_experts") or c.get("num_experts"),
                     experts_per_token=c["num_experts_per_tok"],
                     norm_topk_prob=kind == "mixtral" or bool(c.get("norm_topk_prob", False)),
                     moe_layers=[True] * layers)
-    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind == "qwen3_moe" else 0
+    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:
         return {}
     step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or [])
     return dict(num_experts=count, experts_per_token=c["num_experts_per_tok"],
-                norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+                norm_topk_prob=bool(c.get("norm_topk_prob", False)), shared_expert=kind == "qwen2_moe",
                 moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(layers)])
 
 

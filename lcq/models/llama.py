@@ -99,10 +99,12 @@ class MLP(torch.nn.Module):
 
 
 class MixtureOfExperts(torch.nn.Module):
-    """Qwen3-MoE's MLP: a full-precision router scores the experts (softmax in fp32), each token runs
-    through its experts_per_token best (their weights renormalized to sum to 1 where norm_topk_prob),
-    and their outputs are summed by those weights. Each expert is a gated MLP of LCQ (or dense)
-    layers; only the experts some token chose run, each over its tokens."""
+    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): a full-precision router scores the
+    experts (softmax in fp32), each token runs through its experts_per_token best (their weights
+    renormalized to sum to 1 where norm_topk_prob), and their outputs are summed by those weights; with
+    a shared expert (Qwen2-MoE), plus that one's output times sigmoid(shared_expert_gate . x). Each
+    expert is a gated MLP of LCQ (or dense) layers; only the experts some token chose run, each over
+    its tokens."""
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
@@ -111,6 +113,10 @@ class MixtureOfExperts(torch.nn.Module):
         self.experts = torch.nn.ModuleList(MLP(f"{prefix}.experts.{e}", make_linear, config.activation)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
+        self.shared_expert = MLP(f"{prefix}.shared_expert", make_linear, config.activation) \
+            if config.shared_expert else None
+        self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
+                                                     requires_grad=False) if config.shared_expert else None
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         probs = torch.softmax(torch.nn.functional.linear(x, self.router), dim=-1, dtype=torch.float32)
@@ -122,6 +128,9 @@ class MixtureOfExperts(torch.nn.Module):
         for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
             rows, slots = (chosen == expert).nonzero(as_tuple=True)
             out.index_add_(0, rows, self.experts[expert](x[rows], None) * weights[rows, slots, None])
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(torch.nn.functional.linear(x, self.shared_expert_gate)) * \
+                self.shared_expert(x, None)
         return out
 
 

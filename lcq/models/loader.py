@@ -107,8 +107,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         for i, layer in enumerate(model.layers):
             for module, name in _layer_norms(layer, config):
                 module.weight.copy_(norm_weight(f"model.layers.{i}.{name}.weight"))
-            if config.moe_layers[i]:  # the router, kept in full precision
+            if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
                 layer.mlp.router.copy_(read(f"model.layers.{i}.mlp.gate.weight"))
+                if config.shared_expert:
+                    layer.mlp.shared_expert_gate.copy_(read(f"model.layers.{i}.mlp.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
             _use_packed_head(model, reader, read, device, cache_dense)
         else:
