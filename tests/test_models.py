@@ -251,6 +251,24 @@ def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, fa
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_cohere_follows_transformers(tmp_path, monkeypatch, c_ops):
+    """Cohere (Command R, Aya Expanse): LayerNorms without bias, attention and the MLP side by side on one
+    norm's output, adjacent rotary pairs, logits scaled (folded into the final norm), the head tied: our
+    model against transformers' CohereForCausalLM; its query and key LayerNorms (Command R+) refused."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "cohere")
+    model, config = load_model(folder)
+    assert config.layer_norm and config.parallel_block and config.rotary_interleaved and config.logit_scale == 0.5
+    reference = transformers.CohereForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+    if c_ops == "1":
+        with pytest.raises(UserError, match="use_qk_norm"):
+            load_model(make_tiny_hf(tmp_path / "qk", "cohere", use_qk_norm=True))
+
+
+@pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_glm4_0414_runs_its_adjacent_pair_rotary_natively(tmp_path, monkeypatch, c_ops):
     """GLM-4-0414 (norms on the attention's and MLP's outputs too, gate/up stored fused, a rotary embedding
     turning adjacent pairs of each head's first half): read as itself with that embedding over whole heads,
@@ -428,11 +446,12 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     torch.testing.assert_close(logits, expected, atol=0.05 if dtype == torch.float16 else 0.2, rtol=0)
 
 
+# The later families at one dtype each, within the GPU session's time limit (bench/gpu_session.sh).
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch, dtype", [
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
-    ("qwen2_moe", torch.float16)])  # one dtype each for the later families: bench/gpu_session.sh's time limit
+    ("qwen2_moe", torch.float16), ("cohere", torch.float16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

@@ -229,7 +229,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
                                            ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
-                                           ("glm4", "Glm4ForCausalLM")])
+                                           ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -238,9 +238,10 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
     InternLM3 one into a Llama checkpoint, a GLM-4 one into a Qwen2 checkpoint with gate/up split and its
     half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the
-    same way (its pairs still adjacent), which transformers runs with gate/up as two matrices. The
-    engine's greedy tokens on each are transformers' with the dequantized weights (the prompt past 8
-    tokens: long factors in both)."""
+    same way (its pairs still adjacent), which transformers runs with gate/up as two matrices, and a
+    Cohere one (LayerNorms, parallel blocks, scaled logits) into a Cohere checkpoint. The engine's greedy
+    tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
+    in both)."""
     from lcq.runtime import LLM, SamplingParams
 
     hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(sliding_window=7, **phi3_longrope(8, 0.75)) if arch == "phi3"

@@ -49,15 +49,15 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
-    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, \
-        Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, \
-        GlmForCausalLM, GraniteConfig, GraniteForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, \
-        HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM, InternLM3Config, \
-        LlamaConfig, LlamaForCausalLM, Ministral3Config, Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, \
-        MixtralConfig, MixtralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, \
-        OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, \
-        Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, \
-        SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+    from transformers import CohereConfig, CohereForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, \
+        Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, \
+        Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, GraniteMoeHybridConfig, \
+        GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
+        HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
+        Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
+        Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
+        Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
+        Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,6 +97,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
+    if arch == "cohere":  # as Aya Expanse / Command R: LayerNorms, parallel blocks, scaled logits, tied head
+        sizes.update(logit_scale=0.5, tie_word_embeddings=True, layer_norm_eps=1e-5)
     if arch == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B: q/k/v biases, 2 of 4 experts plus a gated shared expert
         sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                      shared_expert_intermediate_size=96)
@@ -132,6 +134,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "qwen3": (Qwen3Config, Qwen3ForCausalLM), "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),  # a mixture of experts in place of the MLP
         "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
+        "cohere": (CohereConfig, CohereForCausalLM),  # LayerNorms, attention and MLP side by side
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped

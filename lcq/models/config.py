@@ -17,7 +17,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "SeedOssForCausalLM": "seed_oss", "Olmo3ForCausalLM": "olmo3",
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
-                           "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe"}
+                           "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
+                           "CohereForCausalLM": "cohere"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -25,12 +26,14 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
-# OLMoE's: Llama's norms, q/k norms over the whole projections.
+# OLMoE's: Llama's norms, q/k norms over the whole projections; Cohere's: one LayerNorm before attention and
+# the MLP side by side, adjacent rotary pairs.
 LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "exaone4": dict(sandwich_norms=True, pre_norms=False),
                "glm4": dict(sandwich_norms=True, rotary_interleaved=True),
-               "olmoe": dict(qk_norm_per_head=False)}
+               "olmoe": dict(qk_norm_per_head=False),
+               "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True)}
 
 
 @dataclass
@@ -60,6 +63,8 @@ class ModelConfig:
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
     rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
+    layer_norm: bool = False  # norms centre their input too (LayerNorm without bias: Cohere), else RMSNorm
+    parallel_block: bool = False  # attention and the MLP read one norm's output, both added to the stream (Cohere)
     # Mixture-of-experts MLPs (Qwen3-MoE): each token's output is the sum of experts_per_token of
     # num_experts gated MLPs, weighted by a router; layers where moe_layers is False keep a dense MLP.
     num_experts: int = 0
@@ -70,6 +75,7 @@ class ModelConfig:
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
+    logit_scale: float = 1.0  # logits times it (Cohere), folded into the final norm's weight by the loader
     attention_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap) before the softmax; 0: none
     # Ministral 3 (Llama 4's attention temperature): (beta, span), queries at position p multiplied by
     # 1 + beta * log(1 + floor(p / span)) (layers.query_temperatures); None: none
@@ -98,6 +104,8 @@ class ModelConfig:
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
+        if c.get("use_qk_norm"):  # Command R+'s LayerNorms of each query and key head
+            raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
             raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
         heads = c["num_attention_heads"]
@@ -113,7 +121,7 @@ class ModelConfig:
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+            head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6)),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
@@ -123,6 +131,7 @@ class ModelConfig:
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c),
+            logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] == "cohere" else 1.0,
             query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),

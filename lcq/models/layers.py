@@ -43,6 +43,15 @@ class RMSNorm(torch.nn.Module):
         return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
 
 
+class LayerNorm(RMSNorm):
+    """Cohere's norm: centred and scaled by its weight (no bias), in fp32; the same residual contract as
+    RMSNorm's, in torch (the C kernels have only RMSNorm)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s = x if residual is None else residual + x
+        return (self.weight.float() * F.layer_norm(s.float(), (s.shape[-1],), eps=self.eps)).to(s.dtype), s
+
+
 def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
     """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width), a
     view into the fused projection: Qwen3's q_norm and k_norm before the rotary embedding, Hunyuan's after it."""

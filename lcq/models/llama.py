@@ -26,7 +26,8 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
-from .layers import NO_ROTATION, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures, rotary_qkv
+from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
+                     rotary_qkv)
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -136,18 +137,18 @@ class MixtureOfExperts(torch.nn.Module):
 
 class DecoderLayer(torch.nn.Module):
     """Norms by role: before attention, before the MLP, and (Gemma, OLMo 2) on the attention and MLP outputs;
-    OLMo 2 has only the latter."""
+    OLMo 2 has only the latter, Cohere only the first (its attention and MLP read the same normed input)."""
 
     def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
         prefix = f"model.layers.{index}"
 
         def norm() -> RMSNorm:
-            return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+            return (LayerNorm if config.layer_norm else RMSNorm)(config.hidden_size, config.rms_norm_eps, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
-        self.mlp_norm = norm() if config.pre_norms else None
+        self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
         self.mlp = MixtureOfExperts(config, f"{prefix}.mlp", make_linear, dtype) if config.moe_layers[index] else \
             MLP(f"{prefix}.mlp", make_linear, config.activation)
         self.attention_output_norm = norm() if config.sandwich_norms else None
@@ -162,6 +163,8 @@ class DecoderLayer(torch.nn.Module):
             stream = stream + self.attention_output_norm(self.self_attn(stream, rope, attention))[0]
             return self.mlp_output_norm(self.mlp(stream, attention.context.lora))[0], stream
         hidden, residual = self.attention_norm(hidden, residual)
+        if self.mlp_norm is None:  # Cohere: attention and the MLP side by side on the same normed input
+            return self.self_attn(hidden, rope, attention) + self.mlp(hidden, attention.context.lora), residual
         hidden = self.self_attn(hidden, rope, attention)
         if self.attention_output_norm is not None:
             hidden = self.attention_output_norm(hidden)[0]
@@ -191,7 +194,7 @@ class LlamaModel(torch.nn.Module):
             RotaryEmbedding(config.head_dim, config.max_position_embeddings, NO_ROTATION)
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = (LayerNorm if config.layer_norm else RMSNorm)(config.hidden_size, config.rms_norm_eps, dtype)
         self.block_size: int | None = None  # set by bind_kv_cache
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)

@@ -65,6 +65,8 @@ def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torc
         norms = list(zip((layer.attention_norm, layer.attention_output_norm, layer.mlp_norm, layer.mlp_output_norm),
                          names))
         return [(module, name) for module, name in norms if module is not None] + head_norms
+    if layer.mlp_norm is None:  # Cohere: one norm before attention and the MLP
+        return [(layer.attention_norm, "input_layernorm"), *head_norms]
     return [(layer.attention_norm, "input_layernorm"), (layer.mlp_norm, "post_attention_layernorm"), *head_norms]
 
 
@@ -103,7 +105,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         return (weight + config.norm_offset).to(device=device, dtype=dtype)
 
     with torch.no_grad():
-        model.norm.weight.copy_(norm_weight("model.norm.weight"))
+        # Cohere's logits are scaled by logit_scale: the final norm's weight carries it (the head is the tied table)
+        model.norm.weight.copy_(norm_weight("model.norm.weight") * config.logit_scale)
         for i, layer in enumerate(model.layers):
             for module, name in _layer_norms(layer, config):
                 module.weight.copy_(norm_weight(f"model.layers.{i}.{name}.weight"))
