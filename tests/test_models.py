@@ -250,20 +250,27 @@ def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, fa
             load_model(make_tiny_hf(tmp_path / "clipped", arch, clip_qkv=8.0))
 
 
+@pytest.mark.parametrize("arch, family, overrides", [
+    ("cohere", "CohereForCausalLM", {}),
+    ("cohere2", "Cohere2ForCausalLM", {"sliding_window": 7})])  # three 7-token windows (rotary), a NoPE full layer
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_cohere_follows_transformers(tmp_path, monkeypatch, c_ops):
-    """Cohere (Command R, Aya Expanse): LayerNorms without bias, attention and the MLP side by side on one
-    norm's output, adjacent rotary pairs, logits scaled (folded into the final norm), the head tied: our
-    model against transformers' CohereForCausalLM; its query and key LayerNorms (Command R+) refused."""
+def test_cohere_follows_transformers(tmp_path, monkeypatch, arch, family, overrides, c_ops):
+    """Cohere (Command R, Aya Expanse) and Cohere 2 (Command R7B, Command A): LayerNorms without bias,
+    attention and the MLP side by side on one norm's output, adjacent rotary pairs, logits scaled (folded
+    into the final norm), the head tied; Cohere 2's sliding-window layers turn, its full ones do not. Our
+    model against transformers' own class; Cohere's query and key LayerNorms (Command R+) refused."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, "cohere")
+    folder = make_tiny_hf(tmp_path, arch, **overrides)
     model, config = load_model(folder)
     assert config.layer_norm and config.parallel_block and config.rotary_interleaved and config.logit_scale == 0.5
-    reference = transformers.CohereForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
-    if c_ops == "1":
+    if arch == "cohere2":
+        assert config.layer_windows == [7, 7, 7, 0] and config.rope_layers == [True, True, True, False]
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]  # past the window
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+    if arch == "cohere" and c_ops == "1":
         with pytest.raises(UserError, match="use_qk_norm"):
             load_model(make_tiny_hf(tmp_path / "qk", "cohere", use_qk_norm=True))
 
@@ -451,7 +458,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 @pytest.mark.parametrize("arch, dtype", [
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
-    ("qwen2_moe", torch.float16), ("cohere", torch.float16)])
+    ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

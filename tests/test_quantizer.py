@@ -229,7 +229,8 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
                                            ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
-                                           ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM")])
+                                           ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM"),
+                                           ("cohere2", "Cohere2ForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -251,7 +252,7 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
-    assert reader.config.get("sliding_window") == (7 if arch == "phi3" else None)
+    assert reader.config.get("sliding_window") == {"phi3": 7, "cohere2": 256}.get(arch)
     rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope", "glm4": "longrope"}.get(arch, "default")
     assert reader.config["rope_parameters"]["rope_type"] == rope_type
     biased = {"ernie4_5": ("proj",), "glm": ("q_proj", "k_proj", "v_proj"), "glm4": ("q_proj", "k_proj", "v_proj")

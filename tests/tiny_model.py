@@ -49,10 +49,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
 
     Default sizes put K off the group grid (hidden 96, intermediate 160 with g = 64) and use GQA.
     """
-    from transformers import CohereConfig, CohereForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM, Exaone4Config, \
-        Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config, \
-        Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, GraniteMoeHybridConfig, \
-        GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
+    from transformers import Cohere2Config, Cohere2ForCausalLM, CohereConfig, CohereForCausalLM, Ernie4_5Config, \
+        Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, \
+        Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, \
+        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
@@ -99,6 +99,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "cohere":  # as Aya Expanse / Command R: LayerNorms, parallel blocks, scaled logits, tied head
         sizes.update(logit_scale=0.5, tie_word_embeddings=True, layer_norm_eps=1e-5)
+    if arch == "cohere2":  # as Command R7B: three sliding-window layers (rotary) to a full one (NoPE)
+        sizes.update(num_hidden_layers=4, sliding_window=256, logit_scale=0.5, tie_word_embeddings=True)
     if arch == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B: q/k/v biases, 2 of 4 experts plus a gated shared expert
         sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                      shared_expert_intermediate_size=96)
@@ -135,6 +137,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),  # a mixture of experts in place of the MLP
         "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
         "cohere": (CohereConfig, CohereForCausalLM),  # LayerNorms, attention and MLP side by side
+        "cohere2": (Cohere2Config, Cohere2ForCausalLM),  # the same with sliding-window layers, NoPE full ones
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped

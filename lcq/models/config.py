@@ -18,7 +18,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
-                           "CohereForCausalLM": "cohere"}
+                           "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -26,14 +26,15 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
-# OLMoE's: Llama's norms, q/k norms over the whole projections; Cohere's: one LayerNorm before attention and
-# the MLP side by side, adjacent rotary pairs.
+# OLMoE's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one LayerNorm
+# before attention and the MLP side by side, adjacent rotary pairs.
 LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "exaone4": dict(sandwich_norms=True, pre_norms=False),
                "glm4": dict(sandwich_norms=True, rotary_interleaved=True),
                "olmoe": dict(qk_norm_per_head=False),
-               "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True)}
+               "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
+               "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True)}
 
 
 @dataclass
@@ -131,7 +132,7 @@ class ModelConfig:
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c),
-            logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] == "cohere" else 1.0,
+            logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
@@ -220,6 +221,8 @@ def _layer_windows(c: dict) -> list[int]:
         return [c.get("sliding_window") or 0] * count
     elif kind == "exaone4":
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
+    elif kind == "cohere2":
+        window, default = c.get("sliding_window"), _cohere2_layer_types(c)
     elif kind == "olmo3":  # every 4th layer full, as transformers' Olmo3Config has it
         window = c.get("sliding_window", 4096)
         default = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(count)]
@@ -229,6 +232,12 @@ def _layer_windows(c: dict) -> list[int]:
         default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(count)]
     types = c.get("layer_types") or default
     return [(window or 0) if layer == "sliding_attention" else 0 for layer in types]
+
+
+def _cohere2_layer_types(c: dict) -> list[str]:
+    """Cohere 2's layer types where its config has none: every sliding_window_pattern-th layer (4th) full."""
+    pattern = c.get("sliding_window_pattern") or 4
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(c["num_hidden_layers"])]
 
 
 def _exaone4_layer_types(c: dict) -> list[str]:
@@ -245,11 +254,14 @@ def _exaone4_layer_types(c: dict) -> list[str]:
 
 def _rope_layers(c: dict) -> list[bool]:
     """Which layers apply the rotary embedding, as transformers reads SmolLM3's config (no_rope_layers, 1
-    where a layer does; by default every no_rope_layer_interval-th layer does not) and EXAONE 4's (with a
-    sliding window only its sliding layers do: the global ones are NoPE); [] for the others."""
+    where a layer does; by default every no_rope_layer_interval-th layer does not), EXAONE 4's (with a
+    sliding window only its sliding layers do: the global ones are NoPE) and Cohere 2's (its sliding
+    layers only); [] for the others."""
     if c["model_type"] == "exaone4":
         types = c.get("layer_types") or _exaone4_layer_types(c)
         return [not c.get("sliding_window") or kind == "sliding_attention" for kind in types]
+    if c["model_type"] == "cohere2":  # only its sliding-window layers turn (Command R7B, Command A)
+        return [kind == "sliding_attention" for kind in c.get("layer_types") or _cohere2_layer_types(c)]
     if c["model_type"] != "smollm3":
         return []
     interval = c.get("no_rope_layer_interval", 4)

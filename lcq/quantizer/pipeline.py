@@ -56,17 +56,17 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "gemma2": "Gemma2", "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
                 "exaone4": "Exaone4", "seed_oss": "SeedOss", "olmo3": "Olmo3", "hunyuan_v1_dense": "HunYuanDenseV1",
                 "glm4": "Glm4", "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "olmoe": "Olmoe",
-                "qwen2_moe": "Qwen2Moe", "cohere": "Cohere"}
+                "qwen2_moe": "Qwen2Moe", "cohere": "Cohere", "cohere2": "Cohere2"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
-CENTRED_NORMS = ("cohere",)  # LayerNorms (without bias), not RMSNorms
+CENTRED_NORMS = ("cohere", "cohere2")  # LayerNorms (without bias), not RMSNorms
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
 # output before it is added, so it reads nothing of the stream).
 RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
                     # OLMo 2's and EXAONE 4's projections read the stream itself: only the final norm weighs it
                     "olmo2": (), "olmo3": (), "exaone4": (),
-                    "cohere": ("input_layernorm",)}  # its attention and MLP read one norm
+                    "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",)}  # (one norm a layer)
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size)
