@@ -275,6 +275,27 @@ def test_cohere_follows_transformers(tmp_path, monkeypatch, arch, family, overri
             load_model(make_tiny_hf(tmp_path / "qk", "cohere", use_qk_norm=True))
 
 
+@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_stablelm_follows_transformers(tmp_path, monkeypatch, parallel, c_ops):
+    """StableLM 2 (LayerNorms with biases, q/k/v biases, a rotary embedding over a quarter of each head,
+    read as a whole-head one with its rows reordered), with sequential and parallel residual blocks: our
+    model against transformers' StableLmForCausalLM of the same folder; its query and key LayerNorms
+    (StableLM 2 12B) refused."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "stablelm", use_parallel_residual=parallel)
+    model, config = load_model(folder)
+    assert config.layer_norm and config.norm_bias and config.qkv_bias and config.parallel_block == parallel
+    assert config.rope["rope_type"] == "longrope"
+    reference = transformers.StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+    if parallel and c_ops == "1":
+        with pytest.raises(UserError, match="qk_layernorm"):
+            load_model(make_tiny_hf(tmp_path / "qk", "stablelm", qk_layernorm=True))
+
+
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_glm4_0414_runs_its_adjacent_pair_rotary_natively(tmp_path, monkeypatch, c_ops):
     """GLM-4-0414 (norms on the attention's and MLP's outputs too, gate/up stored fused, a rotary embedding
@@ -458,7 +479,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 @pytest.mark.parametrize("arch, dtype", [
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
-    ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16)])
+    ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

@@ -230,7 +230,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
                                            ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
                                            ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM"),
-                                           ("cohere2", "Cohere2ForCausalLM")])
+                                           ("cohere2", "Cohere2ForCausalLM"), ("stablelm", "StableLmForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -239,8 +239,10 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     (biases on every linear layer) into a Llama checkpoint with its query and key rows reordered, an
     InternLM3 one into a Llama checkpoint, a GLM-4 one into a Qwen2 checkpoint with gate/up split and its
     half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the
-    same way (its pairs still adjacent), which transformers runs with gate/up as two matrices, and a
-    Cohere one (LayerNorms, parallel blocks, scaled logits) into a Cohere checkpoint. The engine's greedy
+    same way (its pairs still adjacent), which transformers runs with gate/up as two matrices, a Cohere
+    one (LayerNorms, parallel blocks, scaled logits) into a Cohere checkpoint (Cohere 2's with its
+    windows), a StableLM one into a StableLM checkpoint with its quarter-head rotary embedding as a
+    whole-head one (rows reordered). The engine's greedy
     tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
     in both)."""
     from lcq.runtime import LLM, SamplingParams
@@ -253,10 +255,11 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == {"phi3": 7, "cohere2": 256}.get(arch)
-    rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope", "glm4": "longrope"}.get(arch, "default")
+    rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope", "glm4": "longrope",
+                 "stablelm": "longrope"}.get(arch, "default")
     assert reader.config["rope_parameters"]["rope_type"] == rope_type
-    biased = {"ernie4_5": ("proj",), "glm": ("q_proj", "k_proj", "v_proj"), "glm4": ("q_proj", "k_proj", "v_proj")
-              }.get(arch, ())
+    qkv = ("q_proj", "k_proj", "v_proj")
+    biased = {"ernie4_5": ("proj",), "glm": qkv, "glm4": qkv, "stablelm": qkv}.get(arch, ())
     assert all(reader.has(f"{prefix}.bias") == prefix.endswith(biased) for prefix in reader.quantized_prefixes())
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

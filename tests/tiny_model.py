@@ -57,7 +57,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
-        Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
+        Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
+        StableLmConfig, StableLmForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -101,6 +102,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(logit_scale=0.5, tie_word_embeddings=True, layer_norm_eps=1e-5)
     if arch == "cohere2":  # as Command R7B: three sliding-window layers (rotary) to a full one (NoPE)
         sizes.update(num_hidden_layers=4, sliding_window=256, logit_scale=0.5, tie_word_embeddings=True)
+    if arch == "stablelm":  # as StableLM 2 1.6B: LayerNorms with biases, q/k/v biases, a quarter of each head turning
+        sizes.update(partial_rotary_factor=0.25, use_qkv_bias=True)
     if arch == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B: q/k/v biases, 2 of 4 experts plus a gated shared expert
         sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                      shared_expert_intermediate_size=96)
@@ -138,6 +141,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
         "cohere": (CohereConfig, CohereForCausalLM),  # LayerNorms, attention and MLP side by side
         "cohere2": (Cohere2Config, Cohere2ForCausalLM),  # the same with sliding-window layers, NoPE full ones
+        "stablelm": (StableLmConfig, StableLmForCausalLM),  # LayerNorms with biases, partial rotary embedding
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped

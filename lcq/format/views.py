@@ -32,6 +32,9 @@
   pairs by angle 0, exact in transformers too), which lcq runs natively (ModelConfig.rotary_interleaved).
   transformers' Glm4ForCausalLM computes the same with its MLP's gate_up_proj as two matrices
   (lcq.quantizer.reference.as_stored), which is how its LCQ checkpoints store them.
+- StableLM (StableLmForCausalLM: StableLM 2, StableLM 3B) turns pairs (i, i + r/2) of each head's first r
+  dimensions only; it reads as itself with Phi-4-mini's row order and the same LongRoPE factors, a
+  whole-head rotary embedding that transformers runs alike.
 - Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
   and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
   of Qwen3-MoE's files.
@@ -81,7 +84,7 @@ AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "i
 INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
-                        "Glm4ForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
+                        "Glm4ForCausalLM", "StableLmForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -141,6 +144,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _glm_as_qwen2(config)
     if config.get("model_type") == "glm4":
         return _glm4_whole_head(config)
+    if config.get("model_type") == "stablelm":
+        return _stablelm_whole_head(config)
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
     if stored is not None and _base_model_save(stored):
@@ -164,6 +169,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _glm_parts(config, stored)
     if config.get("model_type") == "mixtral":
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
+    if config.get("model_type") == "stablelm":
+        return _stablelm_parts(config, stored)
     if config.get("model_type") == "glm4":
         intermediate = _with_defaults(config, "Glm4ForCausalLM")["intermediate_size"]
         return _split(stored, {"mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
@@ -365,8 +372,8 @@ def _glm_as_qwen2(config: dict[str, Any]) -> dict[str, Any]:
     rotated pairs their frequencies and the others none, over the model's own context (factor 1, so no
     attention factor)."""
     completed = _with_defaults(config, "GlmForCausalLM")
-    head_dim, _ = _glm_rotation(completed)
-    settings = _glm_whole_head_rope(completed, "GlmForCausalLM")
+    head_dim, _ = _partial_rotation(completed, "GlmForCausalLM")
+    settings = _whole_head_rope(completed, "GlmForCausalLM")
     kept = {key: completed[key] for key in KEPT
             if key in completed and key not in ("rope_parameters", "rope_scaling", "sliding_window")}
     family = ("qwen2", "Qwen2ForCausalLM") if completed.get("attention_bias") else ("llama", "LlamaForCausalLM")
@@ -383,17 +390,17 @@ def _glm4_whole_head(config: dict[str, Any]) -> dict[str, Any]:
     if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
         return completed
     return {**completed, "partial_rotary_factor": 1.0,
-            "rope_parameters": _glm_whole_head_rope(completed, "Glm4ForCausalLM")}
+            "rope_parameters": _whole_head_rope(completed, "Glm4ForCausalLM")}
 
 
-def _glm_whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, Any]:
-    """A GLM config's rotary settings over whole heads: LongRoPE factors giving the first
+def _whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """A GLM or StableLM config's rotary settings over whole heads: LongRoPE factors giving the first
     partial_rotary_factor of each head's pairs their frequencies and the others none, over the model's own
     context (factor 1, so no attention factor); plain RoPE where it turns whole heads already."""
     rope = completed.get("rope_parameters") or {}
     if rope.get("rope_type", "default") != "default":
         raise ViewError(f"{architecture}: rope type {rope['rope_type']!r} is not supported")
-    head_dim, rotary = _glm_rotation(completed)
+    head_dim, rotary = _partial_rotation(completed, architecture)
     rope_theta = rope.get("rope_theta", 10000.0)
     if rotary == head_dim:
         return {"rope_type": "default", "rope_theta": rope_theta}
@@ -403,14 +410,40 @@ def _glm_whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[s
             "attention_factor": 1.0, "short_factor": factors, "long_factor": list(factors)}
 
 
-def _glm_rotation(config: dict[str, Any]) -> tuple[int, int]:
-    """A completed GLM config's head_dim and the dimensions of each head its rotary embedding turns."""
+def _stablelm_whole_head(config: dict[str, Any]) -> dict[str, Any]:
+    """StableLM's config (transformers' defaults completed) with its rotary embedding over the first
+    partial_rotary_factor of each head (pairs (i, i + r/2)) as a whole-head one (_whole_head_rope), whose
+    rows _stablelm_parts reorders: what transformers' StableLmForCausalLM runs alike. A config already
+    so (an LCQ checkpoint's) is kept."""
+    completed = _with_defaults(config, "StableLmForCausalLM")
+    rope = completed.get("rope_parameters") or {}
+    if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
+        return completed
+    return {**completed, "partial_rotary_factor": 1.0,
+            "rope_parameters": _whole_head_rope(completed, "StableLmForCausalLM")}
+
+
+def _stablelm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, each query and key head's rows (weights and biases) in
+    _rotated_first's order for its partial rotary embedding (none for an LCQ checkpoint's whole-head one)."""
+    completed = _with_defaults(config, "StableLmForCausalLM")
+    head_dim, rotary = _partial_rotation(completed, "StableLmForCausalLM")
+    within = _rotated_first(head_dim, rotary, interleaved=False)
+    heads = completed["num_attention_heads"]
+    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}
+    return _split(stored, {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
+                                                          tuple(h * head_dim + i for h in range(count) for i in within)),)
+                           for part, count in orders.items() for kind in ("weight", "bias")})
+
+
+def _partial_rotation(config: dict[str, Any], architecture: str) -> tuple[int, int]:
+    """A completed config's head_dim and the dimensions of each head its rotary embedding turns."""
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     partial = (config.get("rope_parameters") or {}).get("partial_rotary_factor",
-                                                        config.get("partial_rotary_factor", 0.5))
+                                                        config.get("partial_rotary_factor", 1.0))
     rotary = int(head_dim * partial)
     if rotary <= 0 or rotary % 2 or (head_dim - rotary) % 2:
-        raise ViewError(f"GlmForCausalLM: partial_rotary_factor {partial} rotates {rotary} of a head's {head_dim} "
+        raise ViewError(f"{architecture}: partial_rotary_factor {partial} rotates {rotary} of a head's {head_dim} "
                         f"dimensions; only even numbers of rotated and unrotated dimensions are supported")
     return head_dim, rotary
 
@@ -419,7 +452,7 @@ def _glm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTen
     """Every stored tensor under its own name, gate/up as its parts' row ranges, and each query and key
     head's rows (weights and biases) in _rotated_first's order."""
     completed = _with_defaults(config, "GlmForCausalLM")
-    head_dim, rotary = _glm_rotation(completed)
+    head_dim, rotary = _partial_rotation(completed, "GlmForCausalLM")
     within = _rotated_first(head_dim, rotary, interleaved=True)
     heads = completed["num_attention_heads"]
     orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}

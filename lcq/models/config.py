@@ -18,7 +18,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "HunYuanDenseV1ForCausalLM": "hunyuan_v1_dense", "Glm4ForCausalLM": "glm4",
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
-                           "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2"}
+                           "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
+                           "StableLmForCausalLM": "stablelm"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -27,14 +28,15 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
 # OLMoE's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one LayerNorm
-# before attention and the MLP side by side, adjacent rotary pairs.
+# before attention and the MLP side by side, adjacent rotary pairs; StableLM's: LayerNorms with biases.
 LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "exaone4": dict(sandwich_norms=True, pre_norms=False),
                "glm4": dict(sandwich_norms=True, rotary_interleaved=True),
                "olmoe": dict(qk_norm_per_head=False),
                "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
-               "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True)}
+               "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
+               "stablelm": dict(layer_norm=True, norm_bias=True)}
 
 
 @dataclass
@@ -64,7 +66,8 @@ class ModelConfig:
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
     rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
-    layer_norm: bool = False  # norms centre their input too (LayerNorm without bias: Cohere), else RMSNorm
+    layer_norm: bool = False  # norms centre their input too (LayerNorm: Cohere, StableLM), else RMSNorm
+    norm_bias: bool = False  # the LayerNorms add a bias (StableLM)
     parallel_block: bool = False  # attention and the MLP read one norm's output, both added to the stream (Cohere)
     # Mixture-of-experts MLPs (Qwen3-MoE): each token's output is the sum of experts_per_token of
     # num_experts gated MLPs, weighted by a router; layers where moe_layers is False keep a dense MLP.
@@ -105,6 +108,8 @@ class ModelConfig:
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
+        if c.get("qk_layernorm"):  # StableLM 2 12B's LayerNorms of each query and key head
+            raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
         if c.get("use_qk_norm"):  # Command R+'s LayerNorms of each query and key head
             raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
@@ -126,13 +131,14 @@ class ModelConfig:
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
-            (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))),
+            (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "hunyuan_v1_dense"),
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
+            **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),

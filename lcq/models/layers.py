@@ -44,12 +44,17 @@ class RMSNorm(torch.nn.Module):
 
 
 class LayerNorm(RMSNorm):
-    """Cohere's norm: centred and scaled by its weight (no bias), in fp32; the same residual contract as
-    RMSNorm's, in torch (the C kernels have only RMSNorm)."""
+    """Cohere's and StableLM's norm: centred, scaled by its weight (plus StableLM's bias), in fp32; the same
+    residual contract as RMSNorm's, in torch (the C kernels have only RMSNorm)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype = torch.float32, bias: bool = False):
+        super().__init__(size, eps, dtype)
+        self.bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         s = x if residual is None else residual + x
-        return (self.weight.float() * F.layer_norm(s.float(), (s.shape[-1],), eps=self.eps)).to(s.dtype), s
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(s.float(), (s.shape[-1],), self.weight.float(), bias, self.eps).to(s.dtype), s
 
 
 def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:

@@ -99,6 +99,13 @@ class MLP(torch.nn.Module):
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
+def model_norm(config: ModelConfig, dtype: torch.dtype) -> RMSNorm:
+    """A norm of the residual stream: an RMSNorm, or (Cohere, StableLM) a LayerNorm."""
+    if config.layer_norm:
+        return LayerNorm(config.hidden_size, config.rms_norm_eps, dtype, bias=config.norm_bias)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+
+
 class MixtureOfExperts(torch.nn.Module):
     """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): a full-precision router scores the
     experts (softmax in fp32), each token runs through its experts_per_token best (their weights
@@ -144,7 +151,7 @@ class DecoderLayer(torch.nn.Module):
         prefix = f"model.layers.{index}"
 
         def norm() -> RMSNorm:
-            return (LayerNorm if config.layer_norm else RMSNorm)(config.hidden_size, config.rms_norm_eps, dtype)
+            return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
@@ -194,7 +201,7 @@ class LlamaModel(torch.nn.Module):
             RotaryEmbedding(config.head_dim, config.max_position_embeddings, NO_ROTATION)
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
-        self.norm = (LayerNorm if config.layer_norm else RMSNorm)(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = model_norm(config, dtype)
         self.block_size: int | None = None  # set by bind_kv_cache
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)

@@ -107,9 +107,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     with torch.no_grad():
         # Cohere's logits are scaled by logit_scale: the final norm's weight carries it (the head is the tied table)
         model.norm.weight.copy_(norm_weight("model.norm.weight") * config.logit_scale)
+        norms = [(model.norm, "model.norm")] + [(module, f"model.layers.{i}.{name}") for i, layer in
+                                                enumerate(model.layers) for module, name in _layer_norms(layer, config)]
+        for module, name in norms[1:]:
+            module.weight.copy_(norm_weight(f"{name}.weight"))
+        for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
+            module.bias.copy_(read(f"{name}.bias"))
         for i, layer in enumerate(model.layers):
-            for module, name in _layer_norms(layer, config):
-                module.weight.copy_(norm_weight(f"model.layers.{i}.{name}.weight"))
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
                 layer.mlp.router.copy_(read(f"model.layers.{i}.mlp.gate.weight"))
                 if config.shared_expert:

@@ -56,10 +56,10 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "gemma2": "Gemma2", "gemma3_text": "Gemma3", "smollm3": "SmolLM3", "olmo2": "Olmo2",
                 "exaone4": "Exaone4", "seed_oss": "SeedOss", "olmo3": "Olmo3", "hunyuan_v1_dense": "HunYuanDenseV1",
                 "glm4": "Glm4", "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "olmoe": "Olmoe",
-                "qwen2_moe": "Qwen2Moe", "cohere": "Cohere", "cohere2": "Cohere2"}
+                "qwen2_moe": "Qwen2Moe", "cohere": "Cohere", "cohere2": "Cohere2", "stablelm": "StableLm"}
 MODELING_MODULE = {"gemma3_text": "gemma3"}  # transformers' module of a model type, where it is not the type's name
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
-CENTRED_NORMS = ("cohere", "cohere2")  # LayerNorms (without bias), not RMSNorms
+CENTRED_NORMS = ("cohere", "cohere2", "stablelm")  # LayerNorms (StableLM's with biases), not RMSNorms
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
 # output before it is added, so it reads nothing of the stream).
 RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
@@ -341,12 +341,15 @@ class _Source:
         return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's last norm (an RMSNorm, or Cohere's LayerNorm) applied to hidden states (S, T, H), fp32."""
+        """The model's last norm (an RMSNorm, or Cohere's and StableLM's LayerNorm) applied to hidden states
+        (S, T, H), fp32."""
         weight = self.reader.tensor("model.norm.weight").float().to(hidden.device)
         weight = weight + 1 if self.config.model_type in OFFSET_NORMS else weight
         x = hidden.float()
         if self.config.model_type in CENTRED_NORMS:
-            return weight * torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=self.config.layer_norm_eps)
+            bias = self.reader.tensor("model.norm.bias").float().to(x.device) if self.reader.has("model.norm.bias") \
+                else None
+            return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps=self.config.layer_norm_eps)
         return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
 
 
