@@ -85,6 +85,8 @@ INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
                         "Glm4ForCausalLM", "StableLmForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
+# Families read as themselves with their partial rotary embeddings over whole heads (_whole_head_config).
+WHOLE_HEAD = {"glm4": "Glm4ForCausalLM", "stablelm": "StableLmForCausalLM"}
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -142,10 +144,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _granite4_as_llama(config)
     if config.get("model_type") == "glm":
         return _glm_as_qwen2(config)
-    if config.get("model_type") == "glm4":
-        return _glm4_whole_head(config)
-    if config.get("model_type") == "stablelm":
-        return _stablelm_whole_head(config)
+    if config.get("model_type") in WHOLE_HEAD:
+        return _whole_head_config(config, WHOLE_HEAD[config["model_type"]])
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
     if stored is not None and _base_model_save(stored):
@@ -381,16 +381,16 @@ def _glm_as_qwen2(config: dict[str, Any]) -> dict[str, Any]:
             "rope_theta": settings["rope_theta"], "rope_parameters": settings}
 
 
-def _glm4_whole_head(config: dict[str, Any]) -> dict[str, Any]:
-    """GLM-4-0414's config (transformers' defaults completed) with its rotary embedding over whole heads
-    (_glm_whole_head_rope), its pairs still adjacent ones: what transformers' Glm4ForCausalLM runs alike,
-    and lcq with ModelConfig.rotary_interleaved. A config already so (an LCQ checkpoint's) is kept."""
-    completed = _with_defaults(config, "Glm4ForCausalLM")
+def _whole_head_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
+    """A GLM-4-0414 or StableLM config (transformers' defaults completed) with its partial rotary
+    embedding over whole heads (_whole_head_rope): what transformers' own class runs alike, GLM-4-0414's
+    pairs still adjacent ones (ModelConfig.rotary_interleaved), StableLM's rows reordered
+    (_stablelm_parts). A config already so (an LCQ checkpoint's) is kept."""
+    completed = _with_defaults(config, architecture)
     rope = completed.get("rope_parameters") or {}
     if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
         return completed
-    return {**completed, "partial_rotary_factor": 1.0,
-            "rope_parameters": _whole_head_rope(completed, "Glm4ForCausalLM")}
+    return {**completed, "partial_rotary_factor": 1.0, "rope_parameters": _whole_head_rope(completed, architecture)}
 
 
 def _whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, Any]:
@@ -410,30 +410,22 @@ def _whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, 
             "attention_factor": 1.0, "short_factor": factors, "long_factor": list(factors)}
 
 
-def _stablelm_whole_head(config: dict[str, Any]) -> dict[str, Any]:
-    """StableLM's config (transformers' defaults completed) with its rotary embedding over the first
-    partial_rotary_factor of each head (pairs (i, i + r/2)) as a whole-head one (_whole_head_rope), whose
-    rows _stablelm_parts reorders: what transformers' StableLmForCausalLM runs alike. A config already
-    so (an LCQ checkpoint's) is kept."""
-    completed = _with_defaults(config, "StableLmForCausalLM")
-    rope = completed.get("rope_parameters") or {}
-    if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
-        return completed
-    return {**completed, "partial_rotary_factor": 1.0,
-            "rope_parameters": _whole_head_rope(completed, "StableLmForCausalLM")}
-
-
 def _stablelm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
     """Every stored tensor under its own name, each query and key head's rows (weights and biases) in
     _rotated_first's order for its partial rotary embedding (none for an LCQ checkpoint's whole-head one)."""
     completed = _with_defaults(config, "StableLmForCausalLM")
     head_dim, rotary = _partial_rotation(completed, "StableLmForCausalLM")
-    within = _rotated_first(head_dim, rotary, interleaved=False)
+    return _split(stored, _head_rows(completed, head_dim, _rotated_first(head_dim, rotary, interleaved=False)))
+
+
+def _head_rows(completed: dict[str, Any], head_dim: int, within: list[int]) -> dict[str, tuple]:
+    """_split's entries that read each query and key head's rows (weights and biases) in the order
+    `within`."""
     heads = completed["num_attention_heads"]
     orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}
-    return _split(stored, {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
-                                                          tuple(h * head_dim + i for h in range(count) for i in within)),)
-                           for part, count in orders.items() for kind in ("weight", "bias")})
+    return {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
+                                           tuple(h * head_dim + i for h in range(count) for i in within)),)
+            for part, count in orders.items() for kind in ("weight", "bias")}
 
 
 def _partial_rotation(config: dict[str, Any], architecture: str) -> tuple[int, int]:
@@ -453,12 +445,7 @@ def _glm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTen
     head's rows (weights and biases) in _rotated_first's order."""
     completed = _with_defaults(config, "GlmForCausalLM")
     head_dim, rotary = _partial_rotation(completed, "GlmForCausalLM")
-    within = _rotated_first(head_dim, rotary, interleaved=True)
-    heads = completed["num_attention_heads"]
-    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}
-    fused = {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
-                                            tuple(h * head_dim + i for h in range(count) for i in within)),)
-             for part, count in orders.items() for kind in ("weight", "bias")}
+    fused = _head_rows(completed, head_dim, _rotated_first(head_dim, rotary, interleaved=True))
     intermediate = completed["intermediate_size"]
     fused["mlp.gate_up_proj.weight"] = (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
                                         ("mlp.up_proj.weight", intermediate, 2 * intermediate, 1.0, None))
