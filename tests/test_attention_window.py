@@ -1,7 +1,8 @@
 """Sliding-window attention (window W > 0: the query at position i sees the positions j with
-i - W < j <= i) and Gemma 2's soft-capped scores (C > 0: each score s becomes C tanh(s / C) before the
-softmax) in every attention path, against a dense reference: each sequence's K/V gathered from the
-cache, the explicit mask, torch.softmax, in float64.
+i - W < j <= i), Gemma 2's soft-capped scores (C > 0: each score s becomes C tanh(s / C) before the
+softmax) and gpt-oss's attention sinks (one more key per head, of a learned score and value zero) in every
+attention path, against a dense reference: each sequence's K/V gathered from the cache, the explicit mask,
+torch.softmax, in float64.
 
 Tolerances: fp32 arithmetic over fp32, fp16 or int8 caches (the reference takes the same cache
 values, dequantized exactly) sums a few hundred products in another order: 1e-5, as the existing
@@ -12,6 +13,7 @@ second product: 2e-2.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -58,9 +60,10 @@ def _values(cache: torch.Tensor) -> torch.Tensor:
     return cache.double().flatten(0, 1)
 
 
-def dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap=0.0):
-    """Attention of every new token over its sequence's gathered K/V, masked explicitly; padding sequences
-    (context length 0) zeros."""
+def dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap=0.0, sinks=None):
+    """Attention of every new token over its sequence's gathered K/V, masked explicitly, with sinks (heads,)
+    a column of each head's sink appended to its scores before the softmax and dropped after it (gpt-oss's
+    eager_attention_forward); padding sequences (context length 0) zeros."""
     k_rows, v_rows = _values(k_cache), _values(v_cache)
     group = q.shape[1] // k_rows.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
@@ -77,8 +80,18 @@ def dense_attention(q, k_cache, v_cache, context, block_size, scale, window, sof
         scores = torch.einsum("qhd,khd->hqk", q[begin:end].double(), k) * scale
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
-        out[begin:end] = torch.einsum("hqk,khd->qhd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v)
+        scores = scores.masked_fill(~seen, float("-inf"))
+        if sinks is not None:
+            scores = torch.cat([scores, sinks.double().view(-1, 1, 1).expand(-1, end - begin, 1)], -1)
+        out[begin:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1)[..., :length], v)
     return out
+
+
+def _sinks(heads: int) -> torch.Tensor:
+    """Attention sinks that matter: random of std 2, one far above every score (8) and one far below (-30)."""
+    sinks = torch.randn(heads) * 2
+    sinks[0], sinks[-1] = 8.0, -30.0
+    return sinks
 
 
 def _zero_padding(out: torch.Tensor, context) -> torch.Tensor:
@@ -90,20 +103,27 @@ def _zero_padding(out: torch.Tensor, context) -> torch.Tensor:
 
 
 def _check_paged_attention(monkeypatch, c_ops, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
-                           block_size=BLOCK, products=torch.float32, tolerance=1e-5, softcap=0.0):
-    """PagedAttention.attend with fp32 queries, through the C kernels or the torch path, against the reference."""
+                           block_size=BLOCK, products=torch.float32, tolerance=1e-5, softcap=0.0, with_sinks=False):
+    """PagedAttention.attend with fp32 queries, through the C kernels or the torch path, against the reference;
+    with_sinks: with attention sinks (_sinks)."""
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops)
     k_cache, v_cache, context = _paged_caches(new, cached, kv_heads, head_dim, cache_dtype, block_size)
     q = torch.randn(sum(new), heads, head_dim)
+    sinks = _sinks(heads) if with_sinks else None
     scale = head_dim ** -0.5
     paged = PagedAttention(context, block_size, torch.device("cpu"), torch.float32, cache_dtype)
     assert paged.use_cpu_ops == c_ops
     with cpu_products(products):
-        out = paged.attend(q, k_cache, v_cache, scale, window=window, softcap=softcap)
-    expected = dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap).float()
+        out = paged.attend(q, k_cache, v_cache, scale, window=window, softcap=softcap, sinks=sinks)
+    expected = dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap, sinks).float()
+
+    def assert_far_off(other: torch.Tensor) -> None:
+        assert (_zero_padding(other.float(), context) - expected).abs().max() > 100 * tolerance
+
     if softcap:  # the cap bends these scores (std about 1) enough that the uncapped product is far off
-        uncapped = dense_attention(q, k_cache, v_cache, context, block_size, scale, window).float()
-        assert (_zero_padding(uncapped, context) - expected).abs().max() > 100 * tolerance
+        assert_far_off(dense_attention(q, k_cache, v_cache, context, block_size, scale, window, sinks=sinks))
+    if sinks is not None:  # and the sinks move the weights enough that leaving them out is far off
+        assert_far_off(dense_attention(q, k_cache, v_cache, context, block_size, scale, window, softcap))
     torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
 
 
@@ -186,6 +206,63 @@ def test_triton_softcapped_scores_match_dense_reference(new, cached, dtype, wind
     torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
 
 
+SINK_CASES = pytest.mark.parametrize("new, cached", [
+    ([1, 1, 1], [0, 6, 36]), ([1] * 9, [0, 3, 16, 17, 31, 2, 5, 40, -1]),  # decode, whole rows and a padding sequence
+    ([1, 1], [299, 700]),  # C: decode in parts, the sink added once where they are combined
+    ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0]), ([45, 3], [200, 30])])  # prefill after cached prefixes
+
+
+@pytest.mark.parametrize("path", ["torch", "c"] if cpu_ops.usable() else ["torch"])
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (6, 0.0), (301, 0.0), (0, 0.7), (6, 0.7)])
+@SINK_CASES
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
+def test_attention_sinks_match_dense_reference(monkeypatch, path, new, cached, cache_dtype, window, softcap):
+    """gpt-oss's sinks in the torch path (the product written out, the sink one more column) and the C kernels
+    (decode, decode in parts, prefill tiles and single new tokens), with and without a window and a cap,
+    9 query heads on 3 kv heads."""
+    if path == "torch" and cache_dtype == torch.int8:
+        pytest.skip("an int8 cache needs the C attention")
+    _check_paged_attention(monkeypatch, path == "c", new, cached, 9, 3, 64, cache_dtype, window, softcap=softcap,
+                           with_sinks=True)
+
+
+@pytest.mark.parametrize("window, softcap", [(0, 0.0), (6, 0.0), (6, 0.7)])
+@pytest.mark.parametrize("new, cached", [([1, 1, 1], [0, 6, 36]), ([1, 1], [4, -1]),  # decode, a padding sequence
+                                         ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0])])  # prefill
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_attention_sinks_match_dense_reference(new, cached, dtype, window, softcap):
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
+    q = torch.randn(sum(new), 4, 64, dtype=dtype)
+    sinks = _sinks(4)
+    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window, softcap, sinks)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window, softcap, sinks).to(dtype)
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("path", ["torch", "c", "triton"] if cpu_ops.usable() else ["torch", "triton"])
+def test_attention_sinks_match_transformers_gpt_oss(monkeypatch, path):
+    """A prompt of 40 tokens, 6 query heads on 2 kv heads, through PagedAttention (or the Triton kernels) against
+    transformers' own gpt-oss attention with a causal mask."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", path == "c")
+    length, heads, kv_heads, head_dim, scale = 40, 6, 2, 32, 32 ** -0.5
+    k_cache, v_cache, context = _paged_caches([length], [0], kv_heads, head_dim, torch.float32)
+    q, k, v = torch.randn(length, heads, head_dim), *torch.randn(2, length, kv_heads, head_dim)
+    sinks = _sinks(heads)
+    paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32)
+    paged.write(k, v, k_cache, v_cache)
+    if path == "triton":
+        out = _triton_attention(q, k_cache, v_cache, context, scale, 0, sinks=sinks)
+    else:
+        out = paged.attend(q, k_cache, v_cache, scale, sinks=sinks)
+    module = types.SimpleNamespace(sinks=sinks, num_key_value_groups=heads // kv_heads, training=False)
+    causal = torch.full((length, length), float("-inf")).triu(1).view(1, 1, length, length)
+    expected, _ = eager_attention_forward(module, *(t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)), causal, scale)
+    torch.testing.assert_close(out, expected[0], atol=1e-5, rtol=1e-5)
+
+
 def _poisoned(cache: torch.Tensor, context, block_size: int, bound) -> torch.Tensor:
     """A copy of the cache with NaN in the rows of each sequence's positions before bound(i, length, n)
     (an int8 cache: in their scales)."""
@@ -246,20 +323,21 @@ def test_triton_reads_from_the_window_tile(new, cached, window):
 
 
 def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context, scale: float,
-                      window: int, softcap: float = 0.0) -> torch.Tensor:
+                      window: int, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """The step's Triton attention, compiled on a GPU where there is one (`make test-gpu` runs these
     tests there), else interpreted; the output on the CPU."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k_cache, v_cache = (t.to(device) for t in (q, k_cache, v_cache))
+    sinks = None if sinks is None else sinks.to(device)
     c = dataclasses.replace(context, **{name: getattr(context, name).to(device) for name in
                                         ("slot_mapping", "query_start", "context_lens", "block_tables")})
     if c.is_prefill:
         out = prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start, c.max_query_len,
-                                scale, window, softcap)
+                                scale, window, softcap, sinks)
     else:
-        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap)
+        out = decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap, sinks)
     return out.cpu()
 
 

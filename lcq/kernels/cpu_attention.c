@@ -72,6 +72,13 @@ static void cap_scores(float *scores, int count, float cap) {
     for (int t = 0; t < count; t++) scores[t] = cap * tanhf(scores[t] * inverse);
 }
 
+/* What head `head`'s attention sink (gpt-oss: one more key, of score sinks[head] and value zero) adds to
+ * a softmax sum of exp(score - top): exp(sinks[head] - top), or 0 without sinks (NULL). Added once where
+ * the sum divides the outputs, it lowers every weight as the extra key would. */
+static inline float sink_share(const float *sinks, int head, float top) {
+    return sinks == NULL ? 0.0f : exp1(sinks[head] - top);
+}
+
 /* scores[g][t] = scale * (query g . key row t) for G query heads (queries head_dim apart, scores
  * score_stride apart) and `count` cache rows from element `first` (row stride `stride`; int8 rows
  * times their scales; `readable` rows lie there, count or more): 8 rows at a time, each row's
@@ -214,14 +221,16 @@ static inline __attribute__((always_inline)) void prefetch_part(const void *cach
  * block at a time: each block's K rows give all heads' scores, and after the softmax each block's V
  * rows are weighed into all heads' outputs (an int8 cache: each weight times its V row's scale
  * first). The heads of a GQA group go through the rows PASS at a time (each row loaded and converted
- * once per pass). Inlined with FORM and PASS constants. */
+ * once per pass). sinks: the task's heads' attention sinks (sink_share), or NULL for none or for a task
+ * that is one part of a context (combine_parts adds them). Inlined with FORM and PASS constants. */
 static inline __attribute__((always_inline)) int attend_task(const int FORM, const int PASS, const float *queries,
                                                              const void *k_cache, const void *v_cache,
                                                              const int32_t *table, int skip, int length,
                                                              const int32_t *next_table, int next_length,
                                                              float *outputs, float *stats, int task_heads,
                                                              int first_kv, int group, int64_t row, int head_dim,
-                                                             int block_size, float scale, float softcap) {
+                                                             int block_size, float scale, float softcap,
+                                                             const float *sinks) {
     const int head_stride = lcq_cache_head_stride(FORM, head_dim);
     for (int i = 0; i < task_heads * head_dim; i++) outputs[i] = 0.0f;
     if (length <= 0) return 0; /* a padding sequence: zeros */
@@ -286,7 +295,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         _mm256_storeu_ps(lanes, sums);
         for (int i = 0; i < 8; i++) total += lanes[i];
         for (; t < span; t++) total += (p[t] = exp1(p[t] - top));
-        const float inverse = 1.0f / total;
+        const float inverse = 1.0f / (total + sink_share(sinks, h, top));
         for (t = 0; t < span; t++) p[t] *= inverse;
         if (stats != NULL) { /* the softmax's largest score and sum, for combining with other parts */
             stats[2 * h] = top;
@@ -329,7 +338,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
     ATTR static int NAME(int form, const float *queries, const void *k_cache, const void *v_cache,              \
                          const int32_t *table, int skip, int length, const int32_t *next_table,                 \
                          int next_length, float *outputs, float *stats, int task_heads, int first_kv, int group, \
-                         int64_t row, int head_dim, int block_size, float scale, float softcap) {               \
+                         int64_t row, int head_dim, int block_size, float scale, float softcap,                 \
+                         const float *sinks) {                                                                  \
         const int pass = PASS;                                                                                  \
         int status = 0;                                                                                         \
         LCQ_CACHE_FORMS(form, ATTEND)                                                                           \
@@ -338,7 +348,7 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
 #define ATTEND(FORM)                                                                                            \
     status = attend_task(FORM, FORM == LCQ_CACHE_FP32 ? 1 : pass, queries, k_cache, v_cache, table, skip, length,  \
                          next_table, next_length, outputs, stats, task_heads, first_kv, group, row, head_dim,     \
-                         block_size, scale, softcap)
+                         block_size, scale, softcap, sinks)
 ATTEND_FORMS(, attend_narrow, 1)
 ATTEND_FORMS(__attribute__((target("avx512f,avx512vl"))), attend_wide, 3)
 #undef ATTEND
@@ -350,10 +360,11 @@ static int wide_attention; /* lcq_use_wide_attention */
 static int attend(int form, const float *queries, const void *k_cache, const void *v_cache, const int32_t *table,
                   int skip, int length, const int32_t *next_table, int next_length, float *outputs, float *stats,
                   int task_heads, int first_kv, int group, int64_t row, int head_dim, int block_size, float scale,
-                  float softcap) {
+                  float softcap, const float *sinks) {
     return (wide_attention ? attend_wide : attend_narrow)(form, queries, k_cache, v_cache, table, skip, length,
                                                           next_table, next_length, outputs, stats, task_heads,
-                                                          first_kv, group, row, head_dim, block_size, scale, softcap);
+                                                          first_kv, group, row, head_dim, block_size, scale, softcap,
+                                                          sinks);
 }
 
 /* Whether decode attention takes heads three at a time (AVX-512; the caller asks where the CPU has
@@ -376,8 +387,10 @@ int lcq_use_wide_attention(int wanted) {
 
 /* out (heads, head_dim) of one kv head's query heads from `count` parts of their context, each part
  * (`stride` floats apart) heads x head_dim normalized outputs, then each head's largest score and
- * softmax sum: each part weighed by its sum times exp(its largest score - the largest of all). */
-static void combine_parts(const float *parts, int count, int64_t stride, int heads, int head_dim, float *out) {
+ * softmax sum: each part weighed by its sum times exp(its largest score - the largest of all). sinks:
+ * these heads' attention sinks, added to the whole context's sum (sink_share), or NULL. */
+static void combine_parts(const float *parts, int count, int64_t stride, int heads, int head_dim,
+                          const float *sinks, float *out) {
     for (int h = 0; h < heads; h++) {
         const float *stats = parts + (int64_t)heads * head_dim + 2 * h;
         float top = -INFINITY, total = 0.0f;
@@ -388,6 +401,7 @@ static void combine_parts(const float *parts, int count, int64_t stride, int hea
             total += weight;
             for (int i = 0; i < head_dim; i++) out[h * head_dim + i] += weight * parts[c * stride + h * head_dim + i];
         }
+        total += sink_share(sinks, h, top);
         for (int i = 0; i < head_dim; i++) out[h * head_dim + i] /= total;
     }
 }
@@ -447,7 +461,9 @@ static decode_task task_of(const decode_plan *p, int task) {
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, or with a sliding
  * window (window > 0) the last `window` of them, read through the block table from caches (blocks,
  * block_size, kv_heads, head row) of the given form (cpu_cache.h); the tokens before the window are
- * not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them.
+ * not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them. sinks (heads), or NULL:
+ * each head's attention sink (gpt-oss; sink_share), added once per sequence and head, by the task
+ * that reads its whole context or by combine_parts.
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
@@ -457,7 +473,7 @@ static decode_task task_of(const decode_plan *p, int task) {
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
-                         int window) {
+                         int window, const float *sinks) {
     for (int s = 0; s < seqs; s++)
         if (!blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks,
                             window_start(context_lens[s], window), context_lens[s], block_size))
@@ -490,14 +506,16 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
         float *outputs = t.many ? parts + task * part_floats : out + ((int64_t)t.seq * heads + first_head) * head_dim;
         if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.skip,
                    t.length, ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
-                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale, softcap))
+                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale, softcap,
+                   sinks == NULL || t.many ? NULL : sinks + first_head))
             failed = 1;
     }
     for (int s = 0; s < seqs && parted && !failed; s++) {
         const int count = (plan.first[s + 1] - plan.first[s]) / plan.tasks_per_seq;
         for (int kv = 0; kv < kv_heads && count > 1; kv++) /* its parts: tasks first[s] + part * kv_heads + kv */
             combine_parts(parts + ((int64_t)plan.first[s] + kv) * part_floats, count, kv_heads * part_floats, group,
-                          head_dim, out + ((int64_t)s * heads + (int64_t)kv * group) * head_dim);
+                          head_dim, sinks == NULL ? NULL : sinks + (int64_t)kv * group,
+                          out + ((int64_t)s * heads + (int64_t)kv * group) * head_dim);
     }
     free(parts);
     return failed ? -1 : 0;
@@ -697,6 +715,7 @@ typedef struct {
     const int32_t *block_tables, *context_lens, *query_start;
     int max_blocks, heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim, tile_rows;
     float scale, softcap, *out; /* softcap: 0, or the scores' cap (cap_scores) */
+    const float *sinks; /* (heads): attention sinks (sink_share), or NULL */
     int window; /* a sliding window's positions, or 0 */
     int64_t row, chunk_floats; /* elements per cache slot; 4-byte words per staged chunk of one kv head (K, V) */
     int64_t *chunk_base, *task_base;
@@ -754,7 +773,7 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
     for (int r = 0; r < rows; r++) {
         float *dst = p->out + ((int64_t)(p->query_start[s] + first + r / group) * p->heads + kv * group + r % group) *
                               head_dim;
-        const float inverse = 1.0f / tile->total[r];
+        const float inverse = 1.0f / (tile->total[r] + sink_share(p->sinks, kv * group + r % group, tile->top[r]));
         for (int i = 0; i < head_dim; i++) dst[i] = tile->outputs[(int64_t)r * p->padded_dim + i] * inverse;
     }
 }
@@ -808,7 +827,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
                            p->block_tables + (int64_t)s * p->max_blocks + begin / p->block_size, begin - skipped,
                            length - skipped, NULL, 0,
                            p->out + (int64_t)start * p->heads * p->head_dim, NULL, p->heads, 0, p->group, p->row,
-                           p->head_dim, p->block_size, p->scale, p->softcap))
+                           p->head_dim, p->block_size, p->scale, p->softcap, p->sinks))
                     failed = 1;
                 continue;
             }
@@ -827,7 +846,8 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
  * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
- * last `window` of those; softcap > 0 caps the scores (cap_scores). q: (tokens, heads, head_dim) with
+ * last `window` of those; softcap > 0 caps the scores (cap_scores); sinks (heads), or NULL: each head's
+ * attention sink (sink_share), added where a task normalises its rows. q: (tokens, heads, head_dim) with
  * q_stride floats between tokens; out:
  * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new
  * token sees are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run
@@ -840,13 +860,14 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
-                          int block_size, float scale, float softcap, int window, int64_t stage_limit) {
+                          int block_size, float scale, float softcap, int window, int64_t stage_limit,
+                          const float *sinks) {
     const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
     const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
-                 positions_per_tile * group, scale, softcap, out, window,
+                 positions_per_tile * group, scale, softcap, out, sinks, window,
                  (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
                  malloc(sizeof(int64_t) * (seqs + 1)), pairs};

@@ -22,7 +22,7 @@ int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y)
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
-                         int window); /* cpu_attention.c */
+                         int window, const float *sinks); /* cpu_attention.c */
 
 /* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
 static inline void norm_vector(const float *in, const float *weight, float *dst, int dim, float eps) {
@@ -562,9 +562,10 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];
         lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,
                      kv_heads, head_dim, cache_form);
+        /* no attention sinks: gpt-oss, the model with them, has experts and never takes this step (cpu_decode.py) */
         const int attended = lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables,
                                                   max_blocks, context_lens, attn, rows, heads, kv_heads, head_dim,
-                                                  block_size, scale, softcap, (int)(intptr_t)p[WINDOW]);
+                                                  block_size, scale, softcap, (int)(intptr_t)p[WINDOW], NULL);
         if (attended) return attended;
         if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
         if (add_adapter(adapters, l, ADAPTER_O, attn, rows, q_width, hidden, projected)) return -1;

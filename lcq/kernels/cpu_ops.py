@@ -129,11 +129,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                            slots.data_ptr(), k.shape[0], k.shape[1], k.shape[2], cache_form(k_cache, v_cache))
 
 
+def _sinks_pointer(sinks: torch.Tensor | None, heads: int) -> int | None:
+    """The address of fp32 attention sinks, one per query head (gpt-oss), or None (NULL: no sinks)."""
+    if sinks is None:
+        return None
+    if sinks.shape != (heads,) or sinks.dtype != torch.float32 or not sinks.is_cpu or not sinks.is_contiguous():
+        raise ValueError(f"attention sinks must be a contiguous fp32 CPU tensor of shape ({heads},)")
+    return sinks.data_ptr()
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (caches of
     cache_shape), or with window > 0 over the last `window` of them (only those are read) -> same shape.
-    softcap > 0: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2)."""
+    softcap > 0: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks (heads,)
+    fp32: each head's attention sink (gpt-oss), one more key of that score and value zero, or None."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     block_tables, context_lens = block_tables.contiguous(), context_lens.contiguous()
@@ -145,7 +156,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[2], head_dim,
-        k_cache.shape[1], scale, softcap, window)
+        k_cache.shape[1], scale, softcap, window, _sinks_pointer(sinks, heads))
     check_blocks(status, "decode_attention")
     if status != 0:
         raise MemoryError("decode_attention could not allocate its score buffers")
@@ -186,11 +197,11 @@ STAGE_LIMIT_FLOATS = 16 << 20
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
-                      stage_limit_floats: int = STAGE_LIMIT_FLOATS, window: int = 0, softcap: float = 0.0
-                      ) -> torch.Tensor:
+                      stage_limit_floats: int = STAGE_LIMIT_FLOATS, window: int = 0, softcap: float = 0.0,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
     cached tokens up to its own position (their K/V already written), or with window > 0 over the last
-    `window` of those -> same shape; softcap as decode_attention's. Sequences are staged and attended
+    `window` of those -> same shape; softcap and sinks as decode_attention's. Sequences are staged and attended
     in groups of at most stage_limit_floats staged values (or one sequence)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
@@ -202,7 +213,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     status = library().lcq_prefill_attention(
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
-        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, softcap, window, stage_limit_floats)
+        heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, softcap, window, stage_limit_floats,
+        _sinks_pointer(sinks, heads))
     if status == -2:
         raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
     check_blocks(status, "prefill_attention")
@@ -226,8 +238,8 @@ def library() -> ctypes.CDLL | None:
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
-        "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32],
-        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64],
+        "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
+        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
                               i32, i32, i32, i32, i32, p, p, p, p, i32, i32],
     }

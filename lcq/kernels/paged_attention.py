@@ -13,7 +13,9 @@ With a sliding window of W (WINDOW > 0, a constant: Gemma 3's layers use one W o
 position i sees only the tokens i - W + 1 .. i: the loops start at the tile holding the first token
 that a program's first query sees, and the tile where a window begins is masked; WINDOW 0 compiles
 the full-attention kernels. SOFTCAP > 0 (Gemma 2, a constant) caps every score to
-SOFTCAP * tanh(score / SOFTCAP) before the masks and the softmax; 0 compiles no cap.
+SOFTCAP * tanh(score / SOFTCAP) before the masks and the softmax; 0 compiles no cap. HAS_SINKS (gpt-oss)
+reads one fp32 attention sink per query head, a key of that score (never capped) and value zero, added
+once to each row's softmax sum before the division, as exp(sink - the running max); False compiles none.
 A cache may be narrower than the activations (fp8 e4m3, half an fp16 cache's bytes): store_kv clamps
 each value to the cache dtype's range and rounds it to it, and the attention kernels convert each
 tile of K and V to the queries' dtype as they load it.
@@ -96,11 +98,11 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPT
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, scale,
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr):
+                   SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_ROWS)
@@ -130,17 +132,19 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
         scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, False)
+    if HAS_SINKS:  # a padding sequence's m_i is -inf: l_i inf, and its zeros stay zeros
+        l_i = l_i + tl.exp(tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) - m_i)
     out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
     tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, scale,
+def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, sinks_ptr, scale,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr):
+                    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -179,6 +183,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
             m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, WINDOW > 0)
         if WINDOW > 0:  # a row past the new tokens (not stored) may see no key of its window: 0 / 0
             l_i = tl.maximum(l_i, 1e-30)
+        if HAS_SINKS:
+            l_i = l_i + tl.exp(tl.load(sinks_ptr + head) - m_i)
         out = acc / l_i[:, None]
         tl.store(out_ptr + (first + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -194,36 +200,41 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                     context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
+                     sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d); window > 0:
-    over the last `window` cached tokens only; softcap > 0: scores capped (Gemma 2)."""
+    over the last `window` cached tokens only; softcap > 0: scores capped (Gemma 2); sinks (heads,) fp32
+    on q's device: each head's attention sink (gpt-oss), or None."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     _decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, scale, *_shared_args(q, k_cache, out, block_tables),
+        q, k_cache, v_cache, out, block_tables, context_lens, sinks, scale,
+        *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap))
+        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap), HAS_SINKS=sinks is not None)
     return out
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, max_query_len: int,
-                      scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+                      scale: float, window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
     in the cache after their sequence's prefix -> (T, heads, d); window > 0: each over the last
-    `window` positions up to its own; softcap > 0: scores capped (Gemma 2)."""
+    `window` positions up to its own; softcap > 0: scores capped (Gemma 2); sinks as decode_attention's."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     out = torch.empty_like(q)
     grid = (context_lens.shape[0], num_heads, triton.cdiv(max_query_len, BLOCK_M))
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, query_start, scale,
+        q, k_cache, v_cache, out, block_tables, context_lens, query_start, sinks, scale,
         *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap))
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
+        HAS_SINKS=sinks is not None)
     return out

@@ -15,6 +15,9 @@ position i sees the positions i - W + 1 .. i, and every path reads only those ca
 kernels from the block or key tile where it begins); window 0 is full causal attention.
 attend(..., softcap=C) with C > 0 caps every score to C * tanh(score / C) before the softmax (Gemma 2);
 torch's fused kernels have no such step, so the torch path then writes the product out.
+attend(..., sinks=S) gives query head h an attention sink (gpt-oss), one more key of score S[h] (never capped)
+and value zero in its softmax: the kernels add exp(S[h] - the running max) to the softmax's sum once, where they
+normalise, and the torch path writes the product out with the sink as one more column.
 """
 from __future__ import annotations
 
@@ -31,20 +34,27 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _product(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
-             causal: bool, softcap: float) -> torch.Tensor:
+             causal: bool, softcap: float, sinks: torch.Tensor | None) -> torch.Tensor:
     """F.scaled_dot_product_attention of 4-D q (B, heads, L, d) over keys and values (B, kv_heads, S, d), or
-    with softcap > 0 the same written out with the cap between the scores and the softmax."""
-    if not softcap:
+    with softcap > 0 or sinks (heads,) the same written out: SDPA has neither the cap between the scores and
+    the softmax nor a sink, here one more key of score sinks[h] (after the cap) and a zero value."""
+    if not softcap and sinks is None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, is_causal=causal,
                                               enable_gqa=keys.shape[1] != q.shape[1])
     group = q.shape[1] // keys.shape[1]
     keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
-    scores = torch.tanh(q @ keys.transpose(-1, -2) * (scale / softcap)) * softcap
+    scores = q @ keys.transpose(-1, -2) * (scale / softcap if softcap else scale)
+    if softcap:
+        scores = torch.tanh(scores) * softcap
     if causal:  # SDPA's is_causal: query i sees keys 0 .. i
         mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), -1).to(q.dtype) @ values
+    scores = scores.float()
+    if sinks is not None:
+        scores = torch.cat([scores, sinks.float().view(1, -1, 1, 1).expand(*scores.shape[:-1], 1)], -1)
+        values = F.pad(values, (0, 0, 0, 1))
+    return torch.softmax(scores, -1).to(q.dtype) @ values
 
 
 def _cache_values(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
@@ -132,24 +142,26 @@ class PagedAttention:
         v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = _cache_values(v, v_cache.dtype)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-               window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
-        each token sees only the last `window` positions up to its own; softcap > 0: scores capped."""
+        each token sees only the last `window` positions up to its own; softcap > 0: scores capped; sinks
+        (heads,) fp32 on q's device: each head's attention sink (gpt-oss), or None."""
         c = self.context
         if self.query_scales is not None:
             q = q * self.query_scales
         if self.use_triton:
             from lcq.kernels.paged_attention import decode_attention, prefill_attention
             if not c.is_prefill:
-                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap)
+                return decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window, softcap,
+                                        sinks)
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                     c.max_query_len, scale, window, softcap)
+                                     c.max_query_len, scale, window, softcap, sinks)
         if self.use_cpu_ops:
             if c.is_prefill:
                 return cpu_ops.prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                                 scale, window=window, softcap=softcap)
+                                                 scale, window=window, softcap=softcap, sinks=sinks)
             return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window,
-                                            softcap)
+                                            softcap, sinks)
         if window >= c.max_context_len:  # a window past every context hides nothing
             window = 0
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
@@ -157,7 +169,7 @@ class PagedAttention:
             slots, mask = self._reads(window)
             keys = k_rows[slots].transpose(1, 2).to(q.dtype)
             values = v_rows[slots].transpose(1, 2).to(q.dtype)
-            return _product(q.unsqueeze(2), keys, values, mask, scale, False, softcap).squeeze(2)
+            return _product(q.unsqueeze(2), keys, values, mask, scale, False, softcap, sinks).squeeze(2)
         out = torch.empty_like(q)
         group = q.shape[1] // k_cache.shape[2]
         for i, (begin, end, first, length, mask) in enumerate(self._reads(window)):
@@ -167,5 +179,5 @@ class PagedAttention:
             keys, values = (rows[slots].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0).to(q.dtype)
                             for rows in (k_rows, v_rows))
             out[begin:end] = _product(q[begin:end].transpose(0, 1).unsqueeze(0), keys, values, mask, scale,
-                                      mask is None and end - begin > 1, softcap)[0].transpose(0, 1)
+                                      mask is None and end - begin > 1, softcap, sinks)[0].transpose(0, 1)
         return out
