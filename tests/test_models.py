@@ -250,6 +250,63 @@ def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, fa
             load_model(make_tiny_hf(tmp_path / "clipped", arch, clip_qkv=8.0))
 
 
+@pytest.mark.parametrize("mxfp4", [False, True])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
+    """gpt-oss: biases on q/k/v/o, the router and every expert, attention sinks, a sliding window every
+    other layer, YaRN, 2 of 4 experts a token through its clamped SwiGLU (gate and up stored interleaved,
+    (in, out)); from the Hub's MXFP4 experts too, decoded as read. Our model against transformers' own
+    class (which decodes MXFP4 itself), prompts past the window prefilled in chunks and decoded."""
+    import transformers
+
+    from tests.tiny_model import mxfp4_copy
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path / "bf16", "gpt_oss")
+    if mxfp4:
+        folder = mxfp4_copy(folder, tmp_path / "mxfp4")
+    model, config = load_model(folder)
+    assert (config.num_experts, config.experts_per_token, config.norm_topk_prob, config.router_bias) == (4, 2, True, True)
+    assert config.attention_sinks and config.activation == "swiglu_oai" and config.layer_windows == [7, 0]
+    assert model.cpu_decoder is None
+    extra = dict(quantization_config=transformers.Mxfp4Config(dequantize=True)) if mxfp4 else {}
+    reference = transformers.GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]  # past the window
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+
+
+def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
+    """The Hub's MXFP4 experts read as each expert's gate, up and down matrices: exactly transformers' own
+    decoding (dequantize=True) of the same codes, their biases as stored."""
+    import transformers
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from lcq.format import CheckpointReader
+    from lcq.format.mxfp4 import decode_mxfp4
+    from tests.tiny_model import mxfp4_copy
+
+    codes = torch.randint(0, 256, (3, 10, 4, 16), dtype=torch.uint8)
+    scales = torch.randint(110, 135, (3, 10, 4), dtype=torch.uint8)
+    assert torch.equal(decode_mxfp4(codes, scales).transpose(1, 2), convert_moe_packed_tensors(codes, scales))
+    folder = mxfp4_copy(make_tiny_hf(tmp_path / "bf16", "gpt_oss"), tmp_path / "mxfp4")
+    reader, stored = CheckpointReader(folder), load_file(folder / "model.safetensors")
+    experts = transformers.GptOssForCausalLM.from_pretrained(
+        folder, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32
+    ).model.layers[1].mlp.experts
+    prefix = "model.layers.1.mlp.experts"
+    for e in range(4):
+        gate_up, bias = experts.gate_up_proj[e].t(), stored[f"{prefix}.gate_up_proj_bias"][e]
+        parts = {"gate_proj": (gate_up[0::2], bias[0::2]), "up_proj": (gate_up[1::2], bias[1::2]),
+                 "down_proj": (experts.down_proj[e].t(), stored[f"{prefix}.down_proj_bias"][e])}
+        for part, (weight, part_bias) in parts.items():
+            assert reader.shape(f"{prefix}.{e}.{part}.weight") == tuple(weight.shape)
+            assert torch.equal(reader.tensor(f"{prefix}.{e}.{part}.weight").float(), weight)
+            assert torch.equal(reader.tensor(f"{prefix}.{e}.{part}.bias"), part_bias)
+    assert not any(name.endswith(("_blocks", "_scales")) for name in reader.names())
+    assert "quantization_config" not in reader.config  # read as a full-precision folder
+
+
 @pytest.mark.parametrize("arch, family, overrides", [
     ("cohere", "CohereForCausalLM", {}),
     ("cohere2", "Cohere2ForCausalLM", {"sliding_window": 7})])  # three 7-token windows (rotary), a NoPE full layer
@@ -479,7 +536,8 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
 @pytest.mark.parametrize("arch, dtype", [
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
-    ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16)])
+    ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
+    ("gpt_oss", torch.bfloat16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

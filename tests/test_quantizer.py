@@ -183,10 +183,12 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 @pytest.mark.parametrize("arch, family, experts, dense_layers", [("qwen3_moe", "Qwen3MoeForCausalLM", 6, [1]),
                                                                  ("mixtral", "MixtralForCausalLM", 4, []),
                                                                  ("olmoe", "OlmoeForCausalLM", 4, []),
-                                                                 ("qwen2_moe", "Qwen2MoeForCausalLM", 4, [])])
+                                                                 ("qwen2_moe", "Qwen2MoeForCausalLM", 4, []),
+                                                                 ("gpt_oss", "GptOssForCausalLM", 4, [])])
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
-    """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE and Qwen2-MoE (its shared
-    expert packed, its gate not): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
+    """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
+    expert packed, its gate not) and gpt-oss (its experts' 3-D tensors split, with their biases; attention
+    sinks): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
     router kept in full precision; transformers' model with the dequantized weights and the engine give the same
     greedy tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA
     adapters."""
@@ -208,7 +210,10 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     packed = {p for p in reader.quantized_prefixes() if ".experts." in p}
     assert packed == {f"model.layers.{layer}.mlp.experts.{e}.{m}" for layer in range(2) if layer not in dense_layers
                       for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
-    assert reader.has("model.layers.0.mlp.gate.weight")
+    router = "router" if arch == "gpt_oss" else "gate"
+    assert reader.has(f"model.layers.0.mlp.{router}.weight")
+    assert all(reader.has(f"model.layers.0.mlp.experts.0.{m}.bias") for m in ("gate_proj", "down_proj")) == \
+        (arch == "gpt_oss")
     assert all(reader.has(f"model.layers.{layer}.mlp.gate_proj.qweight") for layer in dense_layers)
     shared = {"model.layers.0.mlp.shared_expert.down_proj.qweight", "model.layers.0.mlp.shared_expert_gate.weight"}
     assert all(reader.has(name) for name in shared) == (arch == "qwen2_moe")

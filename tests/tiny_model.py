@@ -51,7 +51,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     """
     from transformers import Cohere2Config, Cohere2ForCausalLM, CohereConfig, CohereForCausalLM, Ernie4_5Config, \
         Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, \
-        Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GraniteConfig, GraniteForCausalLM, \
+        Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GptOssConfig, GptOssForCausalLM, \
+        GraniteConfig, GraniteForCausalLM, \
         GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
@@ -114,6 +115,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch == "qwen3_moe":  # as Qwen3-30B-A3B: 2 of 6 experts a token (renormalized); the second layer dense
         sizes.update(head_dim=32, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
                      mlp_only_layers=[1])
+    if arch == "gpt_oss":  # as gpt-oss-20b: 2 of 4 experts, every other layer a sliding window, YaRN (original 32)
+        sizes.update(head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=7,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 8.0, "beta_fast": 32.0,
+                                      "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -144,6 +149,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "stablelm": (StableLmConfig, StableLmForCausalLM),  # LayerNorms with biases, partial rotary embedding
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
+        "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # biases everywhere, attention sinks, clamped SwiGLU experts
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
@@ -165,8 +171,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     model = model_cls(config_cls(**sizes)).to(dtype).eval()
     with torch.no_grad():  # random init has tiny weights; widen them so logits are far from uniform
         for name, param in model.named_parameters():
-            if name.endswith("weight") and param.dim() == 2:
+            if (name.endswith("weight") and param.dim() == 2) or param.dim() == 3:  # 3-D: gpt-oss's experts
                 param.normal_(0.0, 0.08)
+            elif name.endswith("sinks"):  # about the size of this model's scores, so that they matter
+                param.normal_(0.0, 1.0)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight",
@@ -365,3 +373,32 @@ def merge_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.M
                 weight = model.get_submodule(module).weight
                 weight += (settings["lora_alpha"] / settings["r"] * b.double() @ a.double()).to(weight.dtype)
     return model
+
+
+def mxfp4_copy(source: str | Path, folder: str | Path) -> Path:
+    """A copy of a tiny gpt-oss folder with its experts' matrices in MXFP4, as the Hub publishes gpt-oss: per
+    expert, each run of 32 inputs of an output row as 4-bit E2M1 codes (two a byte, the low nibble first)
+    under one power-of-two scale (a biased exponent byte), the codes (experts, out, in / 32, 16) and scales
+    (experts, out, in / 32) beside the biases, and quantization_config quant_method mxfp4."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source, folder = Path(source), Path(folder)
+    shutil.copytree(source, folder)
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    tensors = load_file(folder / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        rows = tensors.pop(name).float().transpose(1, 2)  # (experts, out, in)
+        runs = rows.reshape(*rows.shape[:2], -1, 32)
+        exponents = torch.ceil(torch.log2(runs.abs().amax(-1).clamp_min(1e-30) / 6.0))  # the largest within +-6
+        codes = (runs / torch.exp2(exponents).unsqueeze(-1)).unsqueeze(-1).sub(values).abs().argmin(-1)
+        tensors[f"{name}_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)
+        tensors[f"{name}_scales"] = (exponents + 127).to(torch.uint8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

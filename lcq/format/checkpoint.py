@@ -17,6 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .codebook import PackedLinear, padded_in_features
+from .mxfp4 import BLOCK as MXFP4_BLOCK
+from .mxfp4 import decode_mxfp4
 from .views import StoredTensor, ViewError, view_config, view_tensors
 from .packing import SUPPORTED_BITS
 
@@ -183,6 +185,7 @@ class CheckpointReader:
             raise FormatError(f"{config_path}: {e}") from None
         self.quant: dict[str, Any] | None = self._validated_quant_config(config_path)
         self._stored = view_tensors(stored, list(files)) or {name: StoredTensor(name) for name in files}
+        self._stored_files = files
         self._files = {name: files[where.name] for name, where in self._stored.items()}
 
     def _validated_quant_config(self, path: Path) -> dict[str, Any] | None:
@@ -224,7 +227,13 @@ class CheckpointReader:
         where = self._stored[name]
         with safe_open(str(path), framework="pt") as f:
             shape = tuple(f.get_slice(where.name).get_shape())
-        return shape if where.rows is None else (where.rows[1] - where.rows[0], *shape[1:])
+        if where.expert is not None:
+            shape = shape[1:]
+        if where.mxfp4:  # (rows, blocks, 16 bytes) of 32 weights each
+            shape = (*shape[:-2], shape[-2] * MXFP4_BLOCK)
+        if where.transposed:
+            shape = shape[::-1]
+        return shape if where.rows is None else (_row_count(where), *shape[1:])
 
     def tensor(self, name: str) -> torch.Tensor:
         path = self._files.get(name)
@@ -232,18 +241,39 @@ class CheckpointReader:
             raise FormatError(f"{self.folder}: tensor '{name}' missing")
         where = self._stored[name]
         try:
-            with safe_open(str(path), framework="pt") as f:
-                tensor = f.get_tensor(where.name) if where.rows is None else \
-                    f.get_slice(where.name)[where.rows[0]:where.rows[1]]
+            tensor = self._read(path, where)
+        except FormatError:
+            raise
         except Exception as e:
             raise FormatError(f"{path}: tensor '{where.name}' unreadable ({_first_line(e)})") from None
-        if where.rows is not None and tensor.shape[0] != where.rows[1] - where.rows[0]:
-            raise FormatError(f"{path}: tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows, "
-                              f"config.json gives {name} rows {where.rows[0]} to {where.rows[1]}")
+        if where.rows is not None and tensor.shape[0] != _row_count(where):
+            stored = f"expert {where.expert} of '{where.name}' has fewer rows" if where.expert is not None else \
+                f"tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows"
+            step = f" in steps of {where.row_step}" if where.row_step > 1 else ""
+            raise FormatError(f"{path}: {stored}, config.json gives {name} rows {where.rows[0]} to {where.rows[1]}{step}")
         try:
             return where.rearranged(tensor)
         except ValueError as e:
             raise FormatError(f"{path}: {e} (config.json)") from None
+
+    def _read(self, path: Path, where: StoredTensor) -> torch.Tensor:
+        """The stored tensor, or the part of it `where` names, as the view's tensor before rearranged()."""
+        with safe_open(str(path), framework="pt") as f:
+            if where.expert is None:
+                return f.get_tensor(where.name) if where.rows is None else \
+                    f.get_slice(where.name)[where.rows[0]:where.rows[1]][::where.row_step]
+            tensor = f.get_slice(where.name)[where.expert:where.expert + 1][0]
+        if where.mxfp4:
+            scales = where.name.removesuffix("_blocks") + "_scales"
+            if scales not in self._stored_files:
+                raise FormatError(f"{self.folder}: tensor '{scales}' missing (the MXFP4 scales of '{where.name}')")
+            with safe_open(str(self._stored_files[scales]), framework="pt") as f:
+                tensor = decode_mxfp4(tensor, f.get_slice(scales)[where.expert:where.expert + 1][0])
+        if where.transposed:
+            tensor = tensor.t()
+        if where.rows is not None:
+            tensor = tensor[where.rows[0]:where.rows[1]:where.row_step]
+        return tensor.contiguous()
 
     def quantized_prefixes(self) -> list[str]:
         """Names of the packed linear layers, in file order."""
@@ -310,6 +340,11 @@ def linear_from_tensors(tensors, prefix: str, bits: int, rank: int, group_size: 
     bias = checked("bias", torch.float16, (n_out,)) if f"{prefix}.bias" in tensors else None
     return PackedLinear(**t, v_index=torch.zeros(n_out, dtype=torch.int32), in_features=k_in,
                         bits=bits, group_size=group_size, bias=bias)
+
+
+def _row_count(where: StoredTensor) -> int:
+    """How many rows of the stored tensor (or of its expert's slice) the view's tensor has."""
+    return len(range(where.rows[0], where.rows[1], where.row_step))
 
 
 def _describe(dtype: torch.dtype, shape: tuple[int, ...]) -> str:

@@ -38,6 +38,11 @@
 - Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
   and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
   of Qwen3-MoE's files.
+- gpt-oss (GptOssForCausalLM) keeps each layer's experts as 3-D tensors: gate_up_proj (experts, hidden,
+  2 x width), gate and up columns alternating, and down_proj (experts, width, hidden), each (in, out),
+  with their biases; on the Hub in MXFP4 (quant_method mxfp4: the codes under _blocks, their scales under
+  _scales, (out, in)), decoded to bf16 as read (lcq.format.mxfp4). They read as each expert's gate_proj,
+  up_proj and down_proj (transformers' experts split as lcq.quantizer.reference.as_stored splits them).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -109,6 +114,14 @@ class StoredTensor:
     # The view's tensor is the stored one times this, or each row times its own (read in fp32 where not 1).
     scale: float | tuple[float, ...] = 1.0
     order: tuple[int, ...] | None = None  # the view's row i is row order[i] of the rows above (then scaled)
+    # A mixture's experts stored as one 3-D tensor (gpt-oss): the view's tensor is the slice [expert] of its
+    # first dimension, stored (in, out) where transposed, in MXFP4 where mxfp4 (the codes under `name`, the
+    # scales under its name with _scales for _blocks), and `rows` taken every row_step-th row (gate and up
+    # rows alternate)
+    expert: int | None = None
+    transposed: bool = False
+    mxfp4: bool = False
+    row_step: int = 1
 
     def rearranged(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered and scaled as the
@@ -148,6 +161,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _whole_head_config(config, WHOLE_HEAD[config["model_type"]])
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
+    if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
+        return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
         return {**config, "tie_word_embeddings": True}
     return config
@@ -169,6 +184,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _glm_parts(config, stored)
     if config.get("model_type") == "mixtral":
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
+    if config.get("model_type") == "gpt_oss" and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
+        return _gpt_oss_parts(config, stored)
     if config.get("model_type") == "stablelm":
         return _stablelm_parts(config, stored)
     if config.get("model_type") == "glm4":
@@ -181,6 +198,11 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     return None
 
 
+# gpt-oss's experts' tensors (all experts of a layer in each), as transformers saves them and in MXFP4 as the
+# Hub has them (the codes, their scales)
+GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "gate_up_proj_blocks",
+                   "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+MXFP4 = "mxfp4"  # gpt-oss's quant_method
 # Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
 MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -192,6 +214,33 @@ def _mixtral_name(name: str) -> str:
     if len(parts) > 2 and parts[-3].isdigit() and parts[-4:-3] == ["experts"]:
         parts[-2] = MIXTRAL_EXPERT_NAMES.get(parts[-2], parts[-2])
     return ".".join(parts)
+
+
+def _gpt_oss_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, but gpt-oss's experts (3-D tensors: gate_up_proj (experts,
+    hidden, 2 x width) with gate and up columns alternating, down_proj (experts, width, hidden), each
+    (in, out) and with a bias, or their MXFP4 codes and scales (out, in)) as each expert's
+    experts.{e}.gate_proj, up_proj and down_proj weights and biases (transformers' modules as
+    lcq.quantizer.reference.as_stored splits them, and how gpt-oss's LCQ checkpoints store them)."""
+    completed = _with_defaults(config, "GptOssForCausalLM")
+    count, width = completed["num_local_experts"], completed["intermediate_size"]
+    view = {}
+    for name in stored:
+        prefix, _, kind = name.rpartition(".mlp.experts.")
+        if not prefix or not kind.endswith(GPT_OSS_EXPERTS):
+            view[name] = StoredTensor(name)
+            continue
+        if kind.endswith("_scales"):  # read with their codes
+            continue
+        matrix, bias = kind.removesuffix("_blocks").removesuffix("_bias"), kind.endswith("_bias")
+        parts = {"gate_proj": (0, 2 * width, 2), "up_proj": (1, 2 * width, 2)} if matrix == "gate_up_proj" else \
+            {"down_proj": None}
+        for e in range(count):
+            for part, rows in parts.items():
+                view[f"{prefix}.mlp.experts.{e}.{part}.{'bias' if bias else 'weight'}"] = StoredTensor(
+                    name, None if rows is None else rows[:2], expert=e, transposed=not bias and kind == matrix,
+                    mxfp4=kind.endswith("_blocks"), row_step=1 if rows is None else rows[2])
+    return view
 
 
 def _base_model_save(stored: list[str]) -> bool:

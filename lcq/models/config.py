@@ -19,7 +19,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
-                           "StableLmForCausalLM": "stablelm"}
+                           "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -60,7 +60,10 @@ class ModelConfig:
     rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
-    activation: str = "silu"  # of the gate: silu, or gelu_tanh (Gemma)
+    activation: str = "silu"  # of the gate: silu, gelu_tanh (Gemma), or swiglu_oai (gpt-oss: layers.gated)
+    swiglu_limit: float = 7.0  # swiglu_oai: gate capped at it, up clamped to +-it
+    swiglu_alpha: float = 1.702  # swiglu_oai: gate * sigmoid(alpha * gate)
+    attention_sinks: bool = False  # gpt-oss: each head's softmax over one more, learned score (PagedAttention.attend)
     sandwich_norms: bool = False  # Gemma, OLMo 2: attention and MLP outputs normalised, before the residual add
     pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
@@ -75,6 +78,7 @@ class ModelConfig:
     experts_per_token: int = 0
     norm_topk_prob: bool = False  # the chosen experts' weights renormalized to sum to 1
     shared_expert: bool = False  # Qwen2-MoE: a gated MLP every token runs too, scaled by sigmoid(gate . x)
+    router_bias: bool = False  # gpt-oss: the router's scores have a bias, its experts' matrices too
     moe_layers: list[bool] = field(default_factory=list)
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
@@ -136,7 +140,7 @@ class ModelConfig:
                                         "hunyuan_v1_dense"),
             qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
             rope=family.pop("rope", rope),
-            **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c),
+            **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
@@ -193,12 +197,24 @@ def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
     return None if not beta else (float(beta), int(rope["original_max_position_embeddings"]))
 
 
+def _gpt_oss_fields(c: dict) -> dict:
+    """gpt-oss's layer beside Llama's: attention sinks, biases on every projection (q/k/v/o: attention_bias),
+    the router and the experts, and its clamped SwiGLU."""
+    if c["model_type"] != "gpt_oss":
+        return {}
+    return dict(attention_sinks=True, activation="swiglu_oai", swiglu_limit=float(c.get("swiglu_limit", 7.0)),
+                swiglu_alpha=float(c.get("swiglu_alpha", 1.702)))
+
+
 def _experts(c: dict) -> dict:
     """The experts of a mixture: Mixtral's in every layer, their weights always renormalized; OLMoE's in
     every layer; Qwen3-MoE's and Qwen2-MoE's (num_experts in the Hub's files, num_local_experts in
     transformers 5's) in every decoder_sparse_step-th layer but mlp_only_layers', Qwen2-MoE's with a
     shared expert."""
     layers, kind = c["num_hidden_layers"], c["model_type"]
+    if kind == "gpt_oss":  # its top-k router scores softmaxed over the chosen: Mixtral's renormalized weights
+        return dict(num_experts=c.get("num_local_experts", 128), experts_per_token=c.get("num_experts_per_tok", 4),
+                    norm_topk_prob=True, router_bias=True, moe_layers=[True] * layers)
     if kind in ("mixtral", "olmoe"):
         return dict(num_experts=c.get("num_local_experts") or c.get("num_experts"),
                     experts_per_token=c["num_experts_per_tok"],
@@ -229,6 +245,9 @@ def _layer_windows(c: dict) -> list[int]:
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
     elif kind == "cohere2":
         window, default = c.get("sliding_window"), _cohere2_layer_types(c)
+    elif kind == "gpt_oss":  # every other layer sliding, from the first, as transformers' GptOssConfig has it
+        window = c.get("sliding_window", 128)
+        default = ["full_attention" if i % 2 else "sliding_attention" for i in range(count)]
     elif kind == "olmo3":  # every 4th layer full, as transformers' Olmo3Config has it
         window = c.get("sliding_window", 4096)
         default = ["sliding_attention" if (i + 1) % 4 else "full_attention" for i in range(count)]

@@ -225,9 +225,14 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
             v.reshape(-1, num_kv_heads, head_dim))
 
 
-def gated(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), or Gemma's GeGLU (gelu_tanh)."""
-    if cpu_ops.usable(gate_up):
+def gated(gate_up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), Gemma's GeGLU (gelu_tanh), or
+    gpt-oss's clamped SwiGLU (swiglu_oai: gate capped at `limit`, up clamped to +-limit, then
+    gate * sigmoid(alpha * gate) * (up + 1))."""
+    if activation in cpu_ops.ACTIVATIONS and cpu_ops.usable(gate_up):
         return cpu_ops.gated_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "swiglu_oai":
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return gate * torch.sigmoid(gate * alpha) * (up + 1)
     return (F.silu(gate) if activation == "silu" else F.gelu(gate, approximate="tanh")) * up

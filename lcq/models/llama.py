@@ -11,6 +11,8 @@ NoPE layers (every fourth) rotate by the identity table. OLMo 2 normalises only 
 outputs, and its q/k norms span the whole projections; EXAONE 4 is that layer with per-head q/k norms,
 three sliding-window layers to each global one, the global ones NoPE. Ministral 3 is Mistral's layer
 with its queries scaled by a temperature that grows with the position past its original context.
+gpt-oss is Llama's layer with biases on every projection, attention sinks, a sliding window every other
+layer and a mixture of experts whose SwiGLU is clamped.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Attention(torch.nn.Module):
         self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
         self.window, self.softcap = window, config.attention_softcap
+        self.sinks = torch.nn.Parameter(torch.empty(self.num_heads), requires_grad=False) \
+            if config.attention_sinks else None  # fp32, as the attention kernels read them
         self.k_cache = self.v_cache = torch.empty(0)
         self.prefix = prefix
 
@@ -72,7 +76,7 @@ class Attention(torch.nn.Module):
         if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
             self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
         attention.write(k, v, self.k_cache, self.v_cache)
-        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap)
+        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
@@ -83,11 +87,11 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
-    def __init__(self, prefix: str, make_linear: LinearFactory, activation: str):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
         self.gate_up_proj = make_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj = make_linear([f"{prefix}.down_proj"])
-        self.activation = activation
+        self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
         self.prefix = prefix
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
@@ -95,7 +99,8 @@ class MLP(torch.nn.Module):
         if lora is None and self.activation == "silu":
             activated = self.gate_up_proj.fused_swiglu(x)
         if activated is None:
-            activated = gated(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation)
+            activated = gated(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation,
+                              *self.swiglu)
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
@@ -107,9 +112,10 @@ def model_norm(config: ModelConfig, dtype: torch.dtype) -> RMSNorm:
 
 
 class MixtureOfExperts(torch.nn.Module):
-    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE): a full-precision router scores the
-    experts (softmax in fp32), each token runs through its experts_per_token best (their weights
-    renormalized to sum to 1 where norm_topk_prob), and their outputs are summed by those weights; with
+    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, gpt-oss): a full-precision router (gpt-oss's
+    with a bias) scores the experts (softmax in fp32), each token runs through its experts_per_token best
+    (their weights renormalized to sum to 1 where norm_topk_prob: gpt-oss's softmax over the chosen
+    scores), and their outputs are summed by those weights; with
     a shared expert (Qwen2-MoE), plus that one's output times sigmoid(shared_expert_gate . x). Each
     expert is a gated MLP of LCQ (or dense) layers; only the experts some token chose run, each over
     its tokens."""
@@ -118,16 +124,18 @@ class MixtureOfExperts(torch.nn.Module):
         super().__init__()
         self.router = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype),
                                          requires_grad=False)
-        self.experts = torch.nn.ModuleList(MLP(f"{prefix}.experts.{e}", make_linear, config.activation)
+        self.router_bias = torch.nn.Parameter(torch.empty(config.num_experts, dtype=dtype), requires_grad=False) \
+            if config.router_bias else None
+        self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
-        self.shared_expert = MLP(f"{prefix}.shared_expert", make_linear, config.activation) \
+        self.shared_expert = MLP(config, f"{prefix}.shared_expert", make_linear) \
             if config.shared_expert else None
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
                                                      requires_grad=False) if config.shared_expert else None
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        probs = torch.softmax(torch.nn.functional.linear(x, self.router), dim=-1, dtype=torch.float32)
+        probs = torch.softmax(torch.nn.functional.linear(x, self.router, self.router_bias), dim=-1, dtype=torch.float32)
         weights, chosen = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -157,7 +165,7 @@ class DecoderLayer(torch.nn.Module):
         self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
         self.mlp = MixtureOfExperts(config, f"{prefix}.mlp", make_linear, dtype) if config.moe_layers[index] else \
-            MLP(f"{prefix}.mlp", make_linear, config.activation)
+            MLP(config, f"{prefix}.mlp", make_linear)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
 

@@ -44,6 +44,7 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
+ROUTER_NAMES = {"gpt_oss": "router"}  # a mixture's router, where it is not mlp.gate
 QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
@@ -113,9 +114,14 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             module.weight.copy_(norm_weight(f"{name}.weight"))
         for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
             module.bias.copy_(read(f"{name}.bias"))
+        router = ROUTER_NAMES.get(config.model_type, "gate")
         for i, layer in enumerate(model.layers):
+            if config.attention_sinks:  # fp32, whatever the model's dtype
+                layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
-                layer.mlp.router.copy_(read(f"model.layers.{i}.mlp.gate.weight"))
+                layer.mlp.router.copy_(read(f"model.layers.{i}.mlp.{router}.weight"))
+                if config.router_bias:
+                    layer.mlp.router_bias.copy_(read(f"model.layers.{i}.mlp.{router}.bias"))
                 if config.shared_expert:
                     layer.mlp.shared_expert_gate.copy_(read(f"model.layers.{i}.mlp.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):

@@ -16,7 +16,7 @@ from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, Vie
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
                          "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
-                         "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm")
+                         "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -44,7 +44,7 @@ def read_config(model_dir: str | Path) -> dict:
 def hf_config(model_dir: str | Path):
     """A transformers config without our quantization block (transformers does not know 'lcq'), set to
     torch's fused attention, or to transformers' eager attention where the scores are soft-capped (Gemma
-    2: SDPA has no such step)."""
+    2) or have sinks (gpt-oss): SDPA has no such step."""
     from transformers import AutoConfig
 
     config = read_config(model_dir)
@@ -52,7 +52,8 @@ def hf_config(model_dir: str | Path):
     config.pop("transformers_version", None)
     model_type = config.pop("model_type")
     config = AutoConfig.for_model(model_type, **config)
-    config._attn_implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+    eager = getattr(config, "attn_logit_softcapping", None) or model_type == "gpt_oss"
+    config._attn_implementation = "eager" if eager else "sdpa"
     return config
 
 
@@ -74,25 +75,31 @@ class SplitGatedMLP(torch.nn.Module):
 
 
 class SplitExperts(torch.nn.ModuleList):
-    """A mixture's experts (transformers 5 keeps them as two 3-D tensors, gate_up_proj and down_proj) as
-    checkpoints store them and lcq quantizes them: experts.{e}.gate_proj, up_proj and down_proj, each a
-    Linear; the same sum over each token's chosen experts, in increasing expert order."""
+    """A mixture's experts (transformers 5 keeps them as two 3-D tensors, gate_up_proj and down_proj; gpt-oss's
+    stored (in, out), gate and up columns alternating, with biases) as checkpoints store them and lcq
+    quantizes them: experts.{e}.gate_proj, up_proj and down_proj, each a Linear; the same sum over each
+    token's chosen experts, in increasing expert order, through the experts' own gate function."""
 
     def __init__(self, experts: torch.nn.Module):
-        count, width, hidden = experts.gate_up_proj.shape
-        settings = dict(bias=False, device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
+        count, rows, columns = experts.gate_up_proj.shape
+        hidden, width = (rows, columns // 2) if experts.is_transposed else (columns, rows // 2)
+        settings = dict(bias=experts.has_bias, device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
         super().__init__(torch.nn.ModuleDict({
-            "gate_proj": torch.nn.Linear(hidden, width // 2, **settings),
-            "up_proj": torch.nn.Linear(hidden, width // 2, **settings),
-            "down_proj": torch.nn.Linear(width // 2, hidden, **settings)}) for _ in range(count))
-        self.act_fn = experts.act_fn
+            "gate_proj": torch.nn.Linear(hidden, width, **settings),
+            "up_proj": torch.nn.Linear(hidden, width, **settings),
+            "down_proj": torch.nn.Linear(width, hidden, **settings)}) for _ in range(count))
+        self.concatenated = experts.is_concatenated
+        experts._parameters.clear()  # its 3-D tensors, which these replace; its gate function stays
+        self.apply_gate = experts._apply_gate
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
         for expert in top_k_index.unique().tolist():
             rows, slots = (top_k_index == expert).nonzero(as_tuple=True)
             e, x = self[expert], hidden[rows]
-            y = e["down_proj"](self.act_fn(e["gate_proj"](x)) * e["up_proj"](x))
+            gate, up = e["gate_proj"](x), e["up_proj"](x)
+            gate_up = torch.cat((gate, up), -1) if self.concatenated else torch.stack((gate, up), -1).flatten(-2)
+            y = e["down_proj"](self.apply_gate(gate_up))
             out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
         return out
 
