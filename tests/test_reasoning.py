@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from lcq.cli import main
 from lcq.server.app import create_app
-from lcq.server.reasoning import ReasoningParser
+from lcq.server.reasoning import ReasoningParser, reasoning_parser
 from lcq.server.settings import ServeSettings, resolve
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
@@ -75,6 +75,45 @@ def test_split_at_every_boundary_equals_the_one_shot_split(reply, plain, thinkin
         for _ in range(20):
             cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(1, 4)))) if reply else []
             assert streamed(parser, [reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])]) == expected
+
+
+ANALYSIS, FINAL = "<|channel|>analysis<|message|>", "<|start|>assistant<|channel|>final<|message|>"
+# (a gpt-oss reply with its harmony markup, its (reasoning, content))
+HARMONY_SPLITS = [
+    (f"{ANALYSIS}Paris is in France.<|end|>{FINAL}Paris.<|return|>", ("Paris is in France.", "Paris.")),
+    (f"{ANALYSIS}x < 2 <|b|> y<|end|>{FINAL}1 <| 2", ("x < 2 <|b|> y", "1 <| 2")),  # not markup: text
+    (f"{ANALYSIS}cut off", ("cut off", None)),
+    (f"{ANALYSIS}cut off <|en", ("cut off <|en", None)),
+    (f"{ANALYSIS}a<|end|><|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>"
+     f"<|start|>assistant<|channel|>analysis<|message|>b<|end|>{FINAL}done", ("ab", "Let me check.done")),
+    ("<|channel|>final<|message|>No thinking.<|return|>", (None, "No thinking.")),
+    ("Plain text", (None, "Plain text")),
+    (f"{ANALYSIS}a<|end|><|start|>assistant<|channel|>fin", ("a", "")),  # cut off in the markup
+    ("", (None, "")),
+]
+
+
+@pytest.mark.parametrize("reply, expected", HARMONY_SPLITS)
+def test_harmony_split_at_every_boundary_equals_the_one_shot_split(reply, expected):
+    """gpt-oss's harmony messages (openai_gptoss): the analysis channel is reasoning, the others content,
+    the markup neither, however the reply streams."""
+    rng = random.Random(reply)
+    parser = reasoning_parser("openai_gptoss", "<|start|>assistant")
+    assert parser.split(reply) == expected
+    assert streamed(parser, list(reply)) == expected
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(1, len(reply)), min(len(reply) - 1, rng.randint(1, 4)))) if reply else []
+        assert streamed(parser, [reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])]) == expected
+
+
+def test_harmony_reasoning_tokens_count_up_to_the_analysis_end():
+    tokens = ["<|channel|>", "analysis", "<|message|>", "Par", "is", "<|end|>", "<|start|>", "assistant",
+              "<|channel|>", "final", "<|message|>", "ok"]
+    decode = lambda ids: "".join(tokens[i] for i in ids)  # noqa: E731
+    parser, ids = reasoning_parser("openai_gptoss", "<|start|>assistant"), list(range(len(tokens)))
+    assert parser.reasoning_tokens(decode(ids), ids, decode) == 6
+    assert parser.reasoning_tokens(decode(ids[:4]), ids[:4], decode) == 4  # cut off
+    assert parser.reasoning_tokens("<|channel|>final<|message|>ok", ids[8:], decode) == 0
 
 
 def test_tags_are_held_back_until_decided():
@@ -345,3 +384,19 @@ def test_without_the_parser_nothing_changes(thinking_dir):
         json_out = client_of(live).chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=60,
                                                            response_format=fmt, **think_then(thinking_dir))
         assert json.loads(json_out.choices[0].message.content)["name"] in ("apple", "pear")  # from the first token
+
+
+def test_harmony_replies_split_on_a_live_server(plain_dir):
+    """--reasoning-parser openai_gptoss on a real server: a harmony reply (its markup ordinary text for this
+    tokenizer, where gpt-oss's are special tokens the server then keeps) comes back as reasoning and
+    content, whole and streamed, its analysis tokens counted."""
+    pytest.importorskip("xgrammar")
+    reply = f"{ANALYSIS}Paris is in France.<|end|>{FINAL}Paris."
+    with LiveServer(create_app(engine_config(plain_dir), ServeSettings(reasoning_parser="openai_gptoss"))) as live:
+        args = dict(model=MODEL, messages=QUESTION, max_tokens=200, extra_body={"guided_choice": [reply]})
+        out = client_of(live).chat.completions.create(**args)
+        assert (out.choices[0].message.reasoning, out.choices[0].message.content) == ("Paris is in France.", "Paris.")
+        assert 0 < out.usage.completion_tokens_details.reasoning_tokens < out.usage.completion_tokens
+        deltas = [c.choices[0].delta for c in client_of(live).chat.completions.create(**args, stream=True)]
+        assert "".join(getattr(d, "reasoning", None) or "" for d in deltas) == "Paris is in France."
+        assert "".join(d.content or "" for d in deltas) == "Paris."

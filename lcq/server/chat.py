@@ -15,7 +15,7 @@ from .generation import Choice, Generation
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
     CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump
-from .reasoning import THINK_END, ReasoningParser, ReasoningStream
+from .reasoning import HARMONY, THINK_END, ReasoningParser, ReasoningStream, reasoning_parser
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 from .settings import TOOL_CALL_PARSERS
@@ -198,7 +198,9 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
         raise invalid_value(str(e), body) from None
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
-    reasoning = ReasoningParser(text) if state.settings.reasoning_parser else None
+    reasoning = reasoning_parser(state.settings.reasoning_parser, text) if state.settings.reasoning_parser else None
+    if state.settings.reasoning_parser == HARMONY:
+        params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
     if reasoning is not None and reasoning.inside and params.structured_output is not None:
         params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
     if body.prediction is not None:

@@ -1,9 +1,10 @@
 """Reasoning in replies: the thinking a reasoning model writes before its answer, split from the answer.
 
-`lcq serve --reasoning-parser NAME` reads it as vLLM's parser of that name does. Both names read one
+`lcq serve --reasoning-parser NAME` reads it as vLLM's parser of that name does. Two names read one
 syntax, `<think>` ... `</think>`:
 - deepseek_r1 (DeepSeek-R1 and its distills, QwQ);
-- qwen3 (Qwen3, hybrid and Thinking).
+- qwen3 (Qwen3, hybrid and Thinking);
+openai_gptoss reads gpt-oss's harmony messages (HarmonyStream).
 Newer chat templates open the thinking themselves (the generation prompt ends with `<think>` and a
 newline, so the reply has only `</think>`); others leave the model to write `<think>` first; with
 Qwen3's enable_thinking false the prompt closes an empty thinking. So the rendered prompt decides how a
@@ -16,8 +17,14 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Callable
 
-PARSERS = ("deepseek_r1", "qwen3")  # the same syntax under vLLM's two names
+HARMONY = "openai_gptoss"  # gpt-oss's harmony channels, under vLLM's name
+PARSERS = ("deepseek_r1", "qwen3", HARMONY)  # the first two: the same syntax under vLLM's two names
 THINK_START, THINK_END = "<think>", "</think>"
+# Harmony's markup, special tokens all: a message is <|channel|>NAME ...<|message|>TEXT and one of the ends;
+# the next opens with <|start|>assistant (its role) before its channel.
+CHANNEL, MESSAGE, START, TAG_OPEN, TAG_CLOSE = "<|channel|>", "<|message|>", "<|start|>", "<|", "|>"
+MESSAGE_ENDS = ("<|end|>", "<|call|>", "<|return|>")
+REASONING_CHANNEL = "analysis"
 
 
 def _tag_prefix(text: str, tag: str) -> int:
@@ -108,3 +115,88 @@ class ReasoningParser:
             return len(token_ids)
         first = bisect_left(range(1, len(token_ids) + 1), True, key=lambda k: THINK_END in decode(token_ids[:k]))
         return min(first + 1, len(token_ids))
+
+
+class HarmonyStream:
+    """One gpt-oss reply split as it streams. The reply is harmony messages (the prompt ends with
+    `<|start|>assistant`): the analysis channel's text is reasoning, the final channel's (and a
+    commentary's) content, the markup neither, as vLLM's openai_gptoss parser reads them. Text before any
+    channel is content. A tail that may begin a tag is held until the next text decides. Same interface
+    as ReasoningStream."""
+
+    def __init__(self):
+        self.state, self.channel = "body", None  # body (a message's text, in `channel`) or header (markup)
+        self.header = ""  # the markup read since the last message's text, up to its <|message|>
+        self.entered = False
+        self.held = ""
+
+    @property
+    def thinking(self) -> bool:
+        return self.state == "body" and self.channel == REASONING_CHANNEL
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        text, self.held = self.held + delta, ""
+        parts = {"reasoning": "", "content": ""}
+        while text:
+            if self.state == "header":
+                self.header += text
+                text = ""
+                if MESSAGE in self.header:  # the header names the channel after its last <|channel|>
+                    head, _, text = self.header.partition(MESSAGE)
+                    words = head.rpartition(CHANNEL)[2].split()
+                    self.state, self.channel, self.header = "body", words[0] if words else None, ""
+                    self.entered |= self.channel == REASONING_CHANNEL
+                continue
+            part = "reasoning" if self.thinking else "content"
+            at = text.find(TAG_OPEN)
+            if at < 0:
+                cut = len(text) - text.endswith(TAG_OPEN[0])
+                parts[part], self.held, text = parts[part] + text[:cut], text[cut:], ""
+                continue
+            end = text.find(TAG_CLOSE, at + len(TAG_OPEN))
+            if end < 0:
+                parts[part], self.held, text = parts[part] + text[:at], text[at:], ""
+                continue
+            tag = text[at:end + len(TAG_CLOSE)]
+            parts[part] += text[:at]
+            text = text[end + len(TAG_CLOSE):]
+            if tag in MESSAGE_ENDS or tag in (CHANNEL, START):
+                self.state, self.header = "header", "" if tag in MESSAGE_ENDS else tag
+            else:  # not harmony's markup: the message's own text
+                parts[part] += tag
+        return parts["reasoning"], parts["content"]
+
+    def finish(self) -> tuple[str, str]:
+        rest, self.held = self.held, ""
+        return (rest, "") if self.thinking else ("", rest if self.state == "body" else "")
+
+
+class HarmonyParser(ReasoningParser):
+    """How gpt-oss's replies are split: every reply starts in markup or content, never inside reasoning."""
+
+    def __init__(self, prompt: str):
+        self.inside = False
+
+    def stream(self) -> HarmonyStream:
+        return HarmonyStream()
+
+    def reasoning_tokens(self, text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
+        """The tokens up to and including the one that ends the first analysis message (`decode` keeps the
+        markup), all of them for a reply cut off in it, none for a reply without."""
+        reasoning, content = self.split(text)
+        if reasoning is None:
+            return 0
+        if content is None:
+            return len(token_ids)
+
+        def ended(prefix: str) -> bool:
+            body = prefix.find(REASONING_CHANNEL + MESSAGE)
+            return body >= 0 and any(end in prefix[body:] for end in MESSAGE_ENDS)
+
+        first = bisect_left(range(1, len(token_ids) + 1), True, key=lambda k: ended(decode(token_ids[:k])))
+        return min(first + 1, len(token_ids))
+
+
+def reasoning_parser(name: str, prompt: str) -> ReasoningParser:
+    """The parser `--reasoning-parser name` picks, for replies to the rendered `prompt`."""
+    return HarmonyParser(prompt) if name == HARMONY else ReasoningParser(prompt)

@@ -17,7 +17,7 @@ from lcq.errors import UserError
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
                      "internlm", "seed_oss", "qwen3_coder")  # tool_calls.PARSERS
-REASONING_PARSERS = ("deepseek_r1", "qwen3")  # reasoning.PARSERS
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")  # reasoning.PARSERS
 
 
 @dataclass
@@ -193,8 +193,9 @@ FLAGS = (
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
     Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
-         "QwQ, Qwen3): the thinking goes to `reasoning` (chat) or a reasoning item (Responses), the answer to the "
-         "content, and response_format applies after the thinking", "server"),
+         "QwQ, Qwen3), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
+         "to `reasoning` (chat) or a reasoning item (Responses), the answer to the content, and response_format "
+         "applies after <think>'s thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
          "the least recently used dropped beyond it (0: none kept)", "server"),
 )
