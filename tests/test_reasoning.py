@@ -353,6 +353,15 @@ def test_reasoning_sent_back_reaches_the_template(thinking):
         assert "<think>\nIt is in France.\n</think>\n\nParis.<|im_end|>" in prompt
 
 
+def test_reasoning_sent_back_is_gpt_oss_thinking_too():
+    """gpt-oss's template renders an assistant turn's `thinking` as its analysis message."""
+    from lcq.server.chat import message_dicts
+    from lcq.server.protocol import ChatMessage
+
+    sent = message_dicts([ChatMessage(role="assistant", content="Paris.", reasoning="It is in France.")])
+    assert sent[0]["thinking"] == sent[0]["reasoning_content"] == "It is in France."
+
+
 def test_thinking_cut_off_is_all_reasoning(thinking):
     client = client_of(thinking)
     out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, temperature=0)

@@ -28,7 +28,8 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Ch
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     """Messages as the chat template expects them: role and plain-text content (and an assistant turn's
-    thinking as `reasoning_content`, which templates such as Qwen3's render where they keep it)."""
+    thinking as `reasoning_content`, which templates such as Qwen3's render where they keep it, and as
+    `thinking`, which gpt-oss's renders as an analysis message)."""
     out = []
     for i, message in enumerate(messages):
         content = message.content
@@ -44,7 +45,7 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                 entry[key] = getattr(message, key)
         reasoning = message.reasoning_content or message.reasoning
         if reasoning:
-            entry["reasoning_content"] = reasoning
+            entry["reasoning_content"] = entry["thinking"] = reasoning
         out.append(entry)
     return out
 
