@@ -90,6 +90,9 @@ HARMONY_SPLITS = [
     ("Plain text", (None, "Plain text")),
     (f"{ANALYSIS}a<|end|><|start|>assistant<|channel|>fin", ("a", "")),  # cut off in the markup
     ("", (None, "")),
+    (f"{ANALYSIS}Weather?<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+     '<|message|>{"city": "Paris"}<|call|>', ("Weather?", '<|channel|>commentary to=functions.get_weather<|message|>'
+                                                          '{"city": "Paris"}<|call|>')),  # a tool call, passed on
 ]
 
 

@@ -377,6 +377,13 @@ PARSED = {
                    "Let me check.", [("f", {"x": 1})])],
                  ("No tools.", '<|action_start|><|plugin|>{"name": "f", "parameters": {', "<|action_start|><|plugin|>"),
                  [("Sure<|action_start|>", "Sure"), ('<|plugin|>{"name": "g"}', "")], ("g", {}), None),
+    # gpt-oss's function messages as the harmony reasoning parser passes them on (or as written)
+    "openai": ([('Let me check.<|channel|>commentary to=functions.f<|message|>{"x": 1}<|call|>', "Let me check.",
+                 [("f", {"x": 1})]),
+                ('<|channel|>commentary to=functions.f <|constrain|>json<|message|>{"x": 1}<|call|>'
+                 '<|channel|>commentary to=functions.g<|message|>{}', None, [("f", {"x": 1}), ("g", {})])],
+               ("No tools.", "<|channel|>commentary<|message|>A preamble."),
+               [("Sure<|channel|>comm", "Sure"), ("entary to=functions.g<|message|>{}", "")], ("g", {}), None),
     "phi4_mini_json": ([('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]', "Checking.",
                          [("f", {"x": 1}), ("g", {})])],
                        ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'),
@@ -445,7 +452,7 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
 
 
 CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": "", "ernie45": "\n", "internlm": "",
-              "seed_oss": ""}  # how two calls of a parser's syntax are joined
+              "seed_oss": "", "openai": ""}  # how two calls of a parser's syntax are joined
 # Parsers whose calls are one list: its opening, and where the calls inside it start.
 LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
 
@@ -461,14 +468,16 @@ LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
     ("internlm", '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'),
     ("olmo3", '<function_calls>\nget_weather(city="Paris")\n</function_calls>'),
     ("seed_oss", "<seed:tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
-                 "<parameter=days>3</parameter>\n</function>\n</seed:tool_call>")])
+                 "<parameter=days>3</parameter>\n</function>\n</seed:tool_call>"),
+    ("openai", '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+               '<|call|>')])  # with the harmony reasoning parser (short: two of them fit the tiny model's context)
 def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
     pytest.importorskip("xgrammar")
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
     forced_text = {"guided_choice": [reply]}  # the tiny model says it, as a tool-trained one would
-    app = create_app(engine_config(model_dir), ServeSettings(tool_call_parser=parser))
-    with LiveServer(app) as live:
+    settings = ServeSettings(tool_call_parser=parser, reasoning_parser="openai_gptoss" if parser == "openai" else None)
+    with LiveServer(create_app(engine_config(model_dir), settings)) as live:
         hermes = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         messages = [{"role": "user", "content": "Weather in Paris?"}]
         out = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,

@@ -23,8 +23,10 @@ THINK_START, THINK_END = "<think>", "</think>"
 # Harmony's markup, special tokens all: a message is <|channel|>NAME ...<|message|>TEXT and one of the ends;
 # the next opens with <|start|>assistant (its role) before its channel.
 CHANNEL, MESSAGE, START, TAG_OPEN, TAG_CLOSE = "<|channel|>", "<|message|>", "<|start|>", "<|", "|>"
-MESSAGE_ENDS = ("<|end|>", "<|call|>", "<|return|>")
+CALL_END = "<|call|>"
+MESSAGE_ENDS = ("<|end|>", CALL_END, "<|return|>")
 REASONING_CHANNEL = "analysis"
+RECIPIENT = " to="  # in a header: the message is addressed (to=functions.NAME: a tool call)
 
 
 def _tag_prefix(text: str, tag: str) -> int:
@@ -120,9 +122,11 @@ class ReasoningParser:
 class HarmonyStream:
     """One gpt-oss reply split as it streams. The reply is harmony messages (the prompt ends with
     `<|start|>assistant`): the analysis channel's text is reasoning, the final channel's (and a
-    commentary's) content, the markup neither, as vLLM's openai_gptoss parser reads them. Text before any
-    channel is content. A tail that may begin a tag is held until the next text decides. Same interface
-    as ReasoningStream."""
+    commentary's) content, the markup neither, as vLLM's openai_gptoss parser reads them; but a message
+    to a recipient (a tool call) goes to the content whole, as `<|channel|>commentary to=RECIPIENT<|message|>`,
+    its text, `<|call|>`, for the openai tool-call parser (lcq.server.tool_calls). Text before any channel
+    is content. A tail that may begin a tag is held until the next text decides. Same interface as
+    ReasoningStream."""
 
     def __init__(self):
         self.state, self.channel = "body", None  # body (a message's text, in `channel`) or header (markup)
@@ -146,6 +150,10 @@ class HarmonyStream:
                     words = head.rpartition(CHANNEL)[2].split()
                     self.state, self.channel, self.header = "body", words[0] if words else None, ""
                     self.entered |= self.channel == REASONING_CHANNEL
+                    if RECIPIENT in head:  # before or after the channel: `assistant to=X<|channel|>commentary`
+                        recipient = head.partition(RECIPIENT)[2].split("<|")[0].split()[0]
+                        self.channel = "call"
+                        parts["content"] += f"{CHANNEL}commentary{RECIPIENT}{recipient}{MESSAGE}"
                 continue
             part = "reasoning" if self.thinking else "content"
             at = text.find(TAG_OPEN)
@@ -161,6 +169,8 @@ class HarmonyStream:
             parts[part] += text[:at]
             text = text[end + len(TAG_CLOSE):]
             if tag in MESSAGE_ENDS or tag in (CHANNEL, START):
+                if self.channel == "call" and tag in MESSAGE_ENDS:
+                    parts["content"] += CALL_END
                 self.state, self.header = "header", "" if tag in MESSAGE_ENDS else tag
             else:  # not harmony's markup: the message's own text
                 parts[part] += tag

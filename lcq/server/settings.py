@@ -16,7 +16,7 @@ from lcq.errors import UserError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
-                     "internlm", "seed_oss", "qwen3_coder")  # tool_calls.PARSERS
+                     "internlm", "seed_oss", "qwen3_coder", "openai")  # tool_calls.PARSERS
 REASONING_PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")  # reasoning.PARSERS
 
 
@@ -188,7 +188,8 @@ FLAGS = (
          "mistral ([TOOL_CALLS] calls: Mistral 7B v0.3, Mistral Small 3.x), pythonic ([f(x=1)]: Llama 3.2 1B/3B, "
          "Llama 4), phi4_mini_json (functools[...]: Phi-4-mini), olmo3 (<function_calls> of pythonic lines), "
          "ernie45 (hermes's blocks: ERNIE 4.5), internlm (<|action_start|><|plugin|> calls: InternLM2/3), seed_oss "
-         "or qwen3_coder (XML calls: Seed-OSS, Qwen3-Coder): how replies are read so that tool_choice auto works",
+         "or qwen3_coder (XML calls: Seed-OSS, Qwen3-Coder), openai (harmony calls: gpt-oss, with --reasoning-parser "
+         "openai_gptoss): how replies are read so that tool_choice auto works",
          "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),

@@ -31,6 +31,10 @@ writes free text in which it may call tools in the syntax its chat template taug
   `<tool_call>`; each value is text, typed by the request's tool schema (integer, number, boolean,
   object, array; "null" is null), as vLLM reads them. Seed-OSS's tags are tokens of its own, kept as
   text (KEEPS_SPECIAL_TOKENS).
+- openai (gpt-oss, with `--reasoning-parser openai_gptoss`): harmony messages to a function,
+  `<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`, the arguments as written; the
+  reasoning parser passes those messages on whole and drops the rest of the markup (special tokens:
+  KEEPS_SPECIAL_TOKENS).
 """
 from __future__ import annotations
 
@@ -49,7 +53,10 @@ PHI4_CALLS = "functools["
 OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
 INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
 # parsers whose tags are (or may be) special tokens the text must keep
-KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss")
+KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai")
+HARMONY_CALL = "<|channel|>commentary to=functions."
+# a harmony message to a function: its name, then (after any more of the header) its arguments
+_HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
 XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>"), "qwen3_coder": (HERMES_START, HERMES_END)}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
@@ -109,6 +116,14 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     kept.append(text[end:])
     content = "".join(kept).strip()
     return (content or None) if calls else text, calls
+
+
+def parse_openai(text: str) -> tuple[str | None, list[ToolCall]]:
+    """(the text outside the calls, or None when nothing else was said; the calls) from a gpt-oss reply
+    whose function messages HarmonyStream passed on; the last may lack its `<|call|>` (the end token)."""
+    calls = [_call(match.group(1), match.group(2).strip()) for match in _HARMONY_CALL.finditer(text)]
+    content = _HARMONY_CALL.sub("", text).strip()
+    return ((content or None) if calls else text), calls
 
 
 def tag_held_from(tag: str):
@@ -313,6 +328,7 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "olmo3": (parse_olmo3, whole_reply_held_from(OLMO3_START)),
            "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
            "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
+           "openai": (parse_openai, tag_held_from(HARMONY_CALL)),
            **{name: (functools.partial(parse_xml_calls, tags=tags), tag_held_from(tags[0]))  # + schemas: reply_parser
               for name, tags in XML_CALLS.items()}}
 
