@@ -67,6 +67,16 @@ def test_text_response_matches_chat_and_its_stream(server, client):
     assert last.output[0].id == events[2].item.id == events[-2].item.id
 
 
+def test_reasoning_effort_reaches_the_template_as_chat_s_does(client):
+    """Responses' reasoning.effort renders as chat's reasoning_effort does (the tiny template writes it)."""
+    messages = [{"role": "user", "content": "Tell me about bits."}]
+    effort = client.responses.create(model=MODEL, input="Tell me about bits.", max_output_tokens=2,
+                                     reasoning={"effort": "low"})
+    plain = client.responses.create(model=MODEL, input="Tell me about bits.", max_output_tokens=2)
+    same = chat(client, messages, max_tokens=2, reasoning_effort="low")
+    assert effort.usage.input_tokens == same.usage.prompt_tokens > plain.usage.input_tokens
+
+
 def test_stream_helper_and_completed_status(client):
     with client.responses.stream(model=MODEL, input="Weather?", temperature=0.8, extra_body=ANSWERS) as stream:
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]

@@ -260,6 +260,12 @@ def test_chat_template_options(server, client):
     assert detokenize(tokenize().json()["tokens"]).endswith("<|im_start|>assistant\n")
     assert detokenize(tokenize(chat_template_kwargs={"preamble": "Be brief."}).json()["tokens"]).startswith("Be brief.")
     assert error_of(tokenize(continue_final_message=True), 400)["param"] == "continue_final_message"
+    # OpenAI's reasoning_effort reaches the template (gpt-oss's system message), unless the kwargs set it
+    assert detokenize(tokenize(reasoning_effort="low").json()["tokens"]).startswith("Reasoning: low\n")
+    assert detokenize(tokenize(reasoning_effort="low", chat_template_kwargs={"reasoning_effort": "high"}).json()[
+        "tokens"]).startswith("Reasoning: high\n")
+    assert "Reasoning:" not in detokenize(tokenize().json()["tokens"])
+    assert error_of(tokenize(reasoning_effort="extreme"), 400)["param"] == "reasoning_effort"
     assert error_of(tokenize(chat_template_kwargs={"tokenize": True}), 400)["param"] == "chat_template_kwargs"
     reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
                                            extra_body={"add_generation_prompt": False, "continue_final_message": True})

@@ -19,8 +19,9 @@ CORPUS = [
     "Hello, world! How are you today? I am fine, thank you.",
 ]
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (  # `preamble`: a template variable, as chat_template_kwargs can set
-    "{% if preamble is defined %}{{ preamble }}\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+CHAT_TEMPLATE = (  # `preamble`: a template variable, as chat_template_kwargs can set; reasoning_effort as gpt-oss's
+    "{% if preamble is defined %}{{ preamble }}\n{% endif %}"
+    "{% if reasoning_effort is defined %}Reasoning: {{ reasoning_effort }}\n{% endif %}{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

@@ -59,7 +59,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     if options.add_generation_prompt and options.continue_final_message:
         raise APIError(400, "continue_final_message needs add_generation_prompt false", code="invalid_value",
                        param="continue_final_message")
-    variables = options.chat_template_kwargs or {}
+    variables = options.template_variables()
     reserved = sorted(set(variables) & set(inspect.signature(tokenizer.apply_chat_template).parameters))
     if reserved:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", code="invalid_value",

@@ -225,6 +225,14 @@ class ChatTemplateOptions(OpenAIRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    # OpenAI's: how hard a reasoning model thinks, the template's `reasoning_effort` (gpt-oss's system
+    # message says it) unless chat_template_kwargs sets that
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+
+    def template_variables(self) -> dict[str, Any]:
+        """The variables the chat template gets beyond the messages and tools."""
+        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        return {**effort, **(self.chat_template_kwargs or {})}
 
 
 class Prediction(BaseModel):

@@ -148,6 +148,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
+    reasoning: dict[str, Any] | None = None  # {"effort": ..., "summary": ...}: the effort reaches the template
 
     def unsupported(self) -> tuple[str, str] | None:
         """What this server cannot do, refused rather than ignored."""
@@ -187,6 +188,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
                    for tool in self.tools] if self.tools else None,
             tool_choice=choice,
             parallel_tool_calls=self.parallel_tool_calls,
+            reasoning_effort=(self.reasoning or {}).get("effort") or self.reasoning_effort,
             response_format=self.response_format_of_text())
         try:
             return ChatCompletionRequest.model_validate(fields)
