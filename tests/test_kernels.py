@@ -158,6 +158,93 @@ def test_split_k_counters_reset_between_launches(prefetch):
     assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
 
 
+def _routed_reference(x: torch.Tensor, layers: list[PackedLinear], chosen: torch.Tensor, rows_per_input: int
+                      ) -> torch.Tensor:
+    """Row r = t * k + slot: input row r // rows_per_input through expert chosen[t, slot], in float64."""
+    ids = chosen.reshape(-1).tolist()
+    return torch.stack([reference(x[r // rows_per_input:r // rows_per_input + 1], layers[e])[0]
+                        for r, e in enumerate(ids)])
+
+
+def _routing(tokens: int, experts: int, top_k: int, seed: int) -> torch.Tensor:
+    """Each token's top_k distinct experts, skewed towards the first ones so that experts gather
+    different numbers of rows (some none)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(tokens, experts, generator=g) - torch.arange(experts) / experts
+    return scores.topk(top_k, dim=-1).indices
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(1, 4, 2), (3, 5, 2), (9, 4, 2), (40, 6, 3), (0, 4, 2)])
+def test_expert_routes_give_each_row_one_place_in_its_experts_blocks(tokens, experts, top_k):
+    """Every row (token, slot) appears once, in a block of the expert it chose; blocks hold one expert's
+    rows only, padded with -1; the blocks past the last expert's are marked -1."""
+    from lcq.kernels.experts import ExpertRoutes, rows_per_block
+
+    chosen = _routing(tokens, experts, top_k, seed=tokens)
+    routes = ExpertRoutes.of(chosen, experts)
+    count = tokens * top_k
+    assert routes.block_m == rows_per_block(count, experts) and routes.rows_count == count
+    assert routes.rows.numel() == routes.experts.numel() * routes.block_m
+    blocks = routes.rows.view(-1, routes.block_m)
+    placed = blocks[blocks >= 0]
+    assert sorted(placed.tolist()) == list(range(count))
+    ids = chosen.reshape(-1)
+    for block, expert in zip(blocks.tolist(), routes.experts.tolist()):
+        rows = [r for r in block if r >= 0]
+        assert (expert >= 0) == bool(rows)  # a live expert's blocks are never empty
+        assert all(ids[r] == expert for r in rows)
+    used = int((routes.experts >= 0).sum())
+    per_expert = torch.bincount(ids, minlength=experts)
+    assert used == int(((per_expert + routes.block_m - 1) // routes.block_m).sum())
+    assert [rows_per_block(r, 8) for r in (0, 8, 16, 17, 24, 200, 4096)] == [1, 1, 2, 16, 16, 32, 64]
+
+
+# bits, rank, group, K, tokens, top_k, dtype, bias: one block per row (1 token), 2-row blocks,
+# 16-row blocks over several slices, and past DECODE_MAX_M rows (one slice, no workspace)
+GROUPED_CASES = [(2, 1, 32, 80, 1, 2, torch.float32, False), (3, 3, 64, 100, 5, 2, torch.float16, True),
+                 (4, 2, 32, 80, 17, 2, torch.bfloat16, False), (4, 1, 32, 80, 40, 2, torch.float32, True)]
+
+
+@pytest.mark.parametrize("bits,rank,group,k,tokens,top_k,dtype,bias", GROUPED_CASES)
+def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, tokens, top_k, dtype, bias):
+    """A mixture's stacked experts (each with its own V table, bias and S, B): gate/up-like (each token's
+    input serves all its choices) and down-like (each row its own input) products against each row's
+    expert's reference product; with PREFETCH, and the counters left zeroed."""
+    from lcq.kernels.experts import ExpertRoutes, PackedExperts
+
+    layers = [random_layer(40, k, bits, rank, group, seed=e, bias=bias) for e in range(5)]
+    experts = PackedExperts.stack(layers)
+    chosen = _routing(tokens, 5, top_k, seed=bits)
+    routes = ExpertRoutes.of(chosen, 5)
+    wide = tokens * top_k > triton_linear.DECODE_MAX_M
+    for rows_per_input, prefetch in ((top_k, False), (1, True)):
+        x = torch.randn(tokens * top_k // rows_per_input, k).to(dtype)
+        config = {"BLOCK_N": 16, "SPLIT_K": 1 if wide else 3, "PREFETCH": prefetch}
+        y = triton_linear.grouped_decode(x, experts, routes, rows_per_input, config)
+        assert_close(y, _routed_reference(x, layers, chosen, rows_per_input), dtype)
+    assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
+    if not wide:
+        with pytest.raises(ValueError, match="splits K"):
+            triton_linear.grouped_decode(x, experts, routes, 1, {"BLOCK_N": 16, "SPLIT_K": 32})
+
+
+def test_stacked_experts_are_the_layers_and_refuse_mixed_shapes():
+    from lcq.kernels.experts import ExpertRoutes, PackedExperts, expert_linear
+
+    layers = [PackedLinear.concat([random_layer(12, 64, 3, 2, 32, seed=2 * e + part) for part in range(2)])
+              for e in range(3)]
+    experts = PackedExperts.stack(layers)
+    assert (experts.num_experts, experts.out_features, experts.tables, experts.rank) == (3, 24, 2, 2)
+    for e, layer in enumerate(layers):
+        assert torch.equal(dequantize(experts.expert(e)), dequantize(layer))
+    chosen = torch.tensor([[2, 0], [1, 2]])
+    x = torch.randn(2, 64)
+    assert_close(expert_linear(x, experts, ExpertRoutes.of(chosen, 3), 2), _routed_reference(x, layers, chosen, 2),
+                 torch.float32)
+    with pytest.raises(ValueError, match="share shape"):
+        PackedExperts.stack([random_layer(12, 64, 3, 2, 32), random_layer(12, 64, 4, 2, 32)])
+
+
 def test_triton_linear_keeps_leading_dimensions():
     layer = random_layer(24, 64, 4, 1, 64, seed=7)
     x = torch.randn(2, 3, 64)
@@ -230,6 +317,26 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n,k,bits,rank,group,experts,top_k", [(1536, 2048, 2, 2, 128, 16, 8),  # Qwen3-30B-A3B's gate/up
+                                                               (2048, 1024, 3, 1, 64, 8, 2)])
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_compiled_grouped_kernel_on_gpu(n, k, bits, rank, group, experts, top_k, tokens):
+    """The mixture's grouped product compiled and autotuned, single-token to prefill-sized routings."""
+    from lcq.kernels.experts import ExpertRoutes, PackedExperts, expert_linear
+
+    layers = [random_layer(n, k, bits, rank, group, seed=e) for e in range(experts)]
+    stacked = PackedExperts.stack(layers).to("cuda")
+    chosen = _routing(tokens, experts, top_k, seed=tokens)
+    x = torch.randn(tokens, k, device="cuda").to(torch.float16)
+    y = expert_linear(x, stacked, ExpertRoutes.of(chosen.cuda(), experts), top_k)
+    torch.cuda.synchronize()
+    checked = range(0, tokens * top_k, max(1, tokens * top_k // 16))  # a sample of rows, in float64 on CPU
+    ids = chosen.reshape(-1)
+    expected = torch.stack([reference(x[r // top_k:r // top_k + 1].cpu(), layers[int(ids[r])])[0] for r in checked])
+    assert_close(y[list(checked)].cpu(), expected, torch.float16)
 
 
 needs_half_kernel = pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here "

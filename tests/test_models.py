@@ -275,6 +275,20 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss"])
+def test_stacked_experts_follow_transformers(tmp_path, arch):
+    """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
+    one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
+    tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
+    shared expert beside them, gpt-oss's biases and clamped SwiGLU)."""
+    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
+    stacked, _ = load_model(folder, cache_dense=False)
+    mixtures = [layer.mlp for layer in stacked.layers if hasattr(layer.mlp, "router")]
+    assert mixtures and all(m.gate_up_experts is not None and not len(m.experts) for m in mixtures)
+    assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
+    _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
+
+
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
     """The Hub's MXFP4 experts read as each expert's gate, up and down matrices: exactly transformers' own
     decoding (dequantize=True) of the same codes, their biases as stored."""

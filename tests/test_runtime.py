@@ -772,8 +772,9 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_give_the_eager_tokens(tmp_path):
-    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])  # gpt-oss: a mixture, its experts routed in the graph
+def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
+    folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8
     graphed = LLM(str(folder), block_size=8, max_num_seqs=8)
     assert graphed.engine.runner.graphs is not None and graphed.engine.runner.graphs.sizes == [1, 2, 4, 8]

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
+from .experts import ExpertRoutes, PackedExperts
 from .gpu_timing import graph_time
 
 # Triton 3.6 (the GPU image's) lays out a gather whose addresses have no known contiguity along its
@@ -178,30 +179,57 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
 
 @triton.jit
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
-                   ws_ptr, counter_ptr, M, N, K, stride_xm, stride_om,
+                   ws_ptr, counter_ptr, rows_ptr, experts_ptr, M, N, K, stride_xm, stride_om, ROWS_PER_INPUT, TABLES,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                   REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                   REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     The FMA form (BLOCK_M < 16) keeps every product of a tile in registers and reduces over K once,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
     registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH loads the next tile's codes
     before multiplying this one, which Triton's pipeliner does not do for loads that do not feed
-    tl.dot (see DECODE_CONFIGS)."""
+    tl.dot (see DECODE_CONFIGS).
+    GROUPED (a mixture's experts, experts.py): the layer's tensors are every expert's, stacked, and
+    program (n tile, k slice, block) multiplies the BLOCK_M rows rows_ptr lists for the block (-1: none)
+    by the weights of the expert experts_ptr names for it (-1: none, the program only arrives); row r
+    reads input row r // ROWS_PER_INPUT. M is then the number of rows, TABLES the V tables per expert."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
     n_mask = offs_n < N
-    v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
     tiles = tl.cdiv(K, GROUP) * (GROUP // BLOCK_K)
+    if GROUPED:
+        block = tl.program_id(2)
+        expert = tl.load(experts_ptr + block)
+        rows = tl.load(rows_ptr + block * BLOCK_M + offs_m)
+        m_mask = rows >= 0
+        x_rows = rows // ROWS_PER_INPUT
+        counter = block * tl.num_programs(0) + pid_n
+        live = expert >= 0
+        at = tl.maximum(expert, 0).to(tl.int64)  # each tensor holds the experts one after another
+        groups = tl.cdiv(K, GROUP)
+        qw_ptr += at * (groups * GROUP // 32 * BITS) * N
+        sq_ptr += at * groups * RANK * N
+        ss_ptr += at * RANK * N
+        bq_ptr += at * groups * N
+        bs_ptr += at * N
+        v_ptr += at * TABLES * (RANKS << BITS)
+        vi_ptr += at * N
+        bias_ptr += at * N
+    else:
+        rows = offs_m
+        m_mask = offs_m < M
+        x_rows = offs_m
+        counter = pid_n
+        live = pid_n >= 0
+    v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
     per_split = tl.cdiv(tiles, SPLIT_K)
     start = pid_k * per_split
-    end = tl.minimum(start + per_split, tiles)
+    end = tl.where(live, tl.minimum(start + per_split, tiles), start)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K else 1, BLOCK_N), dtype=tl.float32)
     if PREFETCH:
@@ -211,7 +239,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     for tile in range(start, end):
         k0 = tile * BLOCK_K
         k_idx = k0 + offs_k
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
+        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
             following = offs_n < tl.where(tile + 1 < end, N, 0)
@@ -234,13 +262,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
     if BLOCK_M < 16 and not REDUCE_K:
         acc = tl.sum(products, axis=1)
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]
+    out_offs = rows[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
-        ws_offs = offs_m[:, None] * N + offs_n[None, :]
+        ws_offs = rows[:, None] * N + offs_n[None, :]
         tl.store(ws_ptr + pid_k * M * N + ws_offs, acc, mask=out_mask)
         tl.debug_barrier()
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1)  # acq_rel: our partial is visible to the last one
+        arrived = tl.atomic_add(counter_ptr + counter, 1)  # acq_rel: our partial is visible to the last one
         if arrived == SPLIT_K - 1:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for split in range(0, SPLIT_K):
@@ -248,7 +276,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
             tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
+            tl.atomic_xchg(counter_ptr + counter, 0)  # ready for the next launch
     else:
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -353,9 +381,15 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time,
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED"], do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
+# A mixture's rows past DECODE_MAX_M (prefill, large batches): enough blocks to fill the GPU without
+# splitting K, whose fp32 workspace would grow with rows x columns x slices. Not yet timed on a GPU.
+GROUPED_WIDE_CONFIGS = [triton.Config({"BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+                        for bn, w, s in [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 3)]]
+_grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time,
+                                      **_KEEP_TIMINGS)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -391,17 +425,19 @@ def decode_block_m(m: int) -> int:
     return m if m <= 2 else max(16, triton.next_power_of_2(m))
 
 
-def _gather_table(layer: PackedLinear) -> torch.Tensor:
+def _gather_table(layer: PackedLinear | PackedExperts) -> torch.Tensor:
     """V as (tables, 2^bits, ranks padded to a power of two) fp32, so that one vector load fetches
     every rank of an index (at rank 4 one 16-byte load instead of four 2-byte gathers, each with its
     64-bit address and fp16 conversion: sm_90 SASS of the M = 1 decode loop at W4 g128 went from
-    20.1 to 15.2 instructions per weight, 13.5 to 11.6 at rank 2). Built once per layer object and
-    device (a kernel before the first product, so never inside a CUDA graph capture)."""
+    20.1 to 15.2 instructions per weight, 13.5 to 11.6 at rank 2); a mixture's experts' tables one
+    expert after another. Built once per layer object and device (a kernel before the first product,
+    so never inside a CUDA graph capture)."""
     table = layer.__dict__.get("_gather_table")
     if table is None or table.device != layer.v.device:
-        table = torch.zeros(layer.v.shape[0], layer.v.shape[2], triton.next_power_of_2(layer.rank),
-                            dtype=torch.float32, device=layer.v.device)
-        table[..., : layer.rank] = layer.v.float().transpose(1, 2)
+        v = layer.v.reshape(-1, *layer.v.shape[-2:])
+        table = torch.zeros(v.shape[0], v.shape[2], triton.next_power_of_2(layer.rank),
+                            dtype=torch.float32, device=v.device)
+        table[..., : layer.rank] = v.float().transpose(1, 2)
         layer.__dict__["_gather_table"] = table
     return table
 
@@ -412,12 +448,12 @@ def _layer_args(layer: PackedLinear) -> tuple:
             bias)
 
 
-def _codebook_constants(layer: PackedLinear) -> dict:
+def _codebook_constants(layer: PackedLinear | PackedExperts) -> dict:
     return dict(BITS=layer.bits, RANK=layer.rank, RANKS=triton.next_power_of_2(layer.rank), GROUP=layer.group_size,
                 SELECT=uses_select(layer.bits), BLOCK_K=block_k(layer.group_size))
 
 
-def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
+def _constants(x: torch.Tensor, layer: PackedLinear | PackedExperts) -> dict:
     return dict(_codebook_constants(layer), HAS_BIAS=layer.bias is not None,
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
@@ -431,7 +467,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, triton.cdiv(n, 16))
-    args = (x, *_layer_args(layer), out, ws, counters, m, n, k, x.stride(0), out.stride(0))
+    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, m, n, k, x.stride(0), out.stride(0), 1, 0)
     consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
@@ -443,6 +479,38 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
         if layer.group_size % launch["BLOCK_K"] or launch["SPLIT_K"] > MAX_SPLIT_K or launch["BLOCK_M"] < m:
             raise ValueError(f"decode config {config} does not fit M={m}, group size {layer.group_size}")
         _decode_kernel[(triton.cdiv(n, launch["BLOCK_N"]), launch["SPLIT_K"])](*args, **launch)
+    return out
+
+
+def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes, rows_per_input: int,
+                   config: dict | None = None) -> torch.Tensor:
+    """A mixture's routed rows (experts.expert_linear): x (T, K) or (T * k, K), contiguous rows ->
+    (T * k, N), one launch over the routes' blocks. config (BLOCK_N, SPLIT_K, optionally REDUCE_K,
+    PREFETCH, num_warps, num_stages) skips autotuning."""
+    count, k = routes.rows_count, x.shape[1]
+    n = experts.out_features
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(count, n, dtype=x.dtype, device=x.device)
+    blocks = routes.experts.numel()
+    wide = count > DECODE_MAX_M
+    ws = torch.empty(1 if wide else MAX_SPLIT_K * count * n, dtype=torch.float32, device=x.device)
+    counters = _tile_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
+    bias = experts.bias if experts.bias is not None else experts.b_scale
+    args = (x, experts.qweight, experts.s_q, experts.s_scale, experts.b_q, experts.b_scale, _gather_table(experts),
+            experts.v_index, bias, out, ws, counters, routes.rows, routes.experts, count, n, k, x.stride(0),
+            out.stride(0), rows_per_input, experts.tables)
+    consts = dict(_constants(x, experts), BLOCK_M=routes.block_m, GROUPED=True)
+    if config is None and not x.is_cuda:
+        config = INTERPRETER_DECODE_CONFIG
+    if config is None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], blocks)  # noqa: E731
+        (_grouped_wide_tuned if wide else _decode_tuned)[grid](*args, **consts)
+    else:
+        launch = {**consts, **config}
+        if launch["SPLIT_K"] > (1 if wide else MAX_SPLIT_K):
+            raise ValueError(f"grouped decode config {config} splits K more than {count} rows allow")
+        _decode_kernel[(triton.cdiv(n, launch["BLOCK_N"]), launch["SPLIT_K"], blocks)](*args, **launch)
     return out
 
 

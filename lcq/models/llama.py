@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-from lcq.kernels import cpu_ops
+from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import dense_linear
+from lcq.kernels.experts import ExpertRoutes, LCQExperts, PackedExperts
 
 from .attention import PagedAttention
 from .config import ModelConfig
@@ -118,7 +119,8 @@ class MixtureOfExperts(torch.nn.Module):
     scores), and their outputs are summed by those weights; with
     a shared expert (Qwen2-MoE), plus that one's output times sigmoid(shared_expert_gate . x). Each
     expert is a gated MLP of LCQ (or dense) layers; only the experts some token chose run, each over
-    its tokens."""
+    its tokens, or, once stack_experts() has stacked packed experts, all of them in one grouped
+    product per matrix kind, routed on the device."""
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
@@ -133,6 +135,21 @@ class MixtureOfExperts(torch.nn.Module):
             if config.shared_expert else None
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
                                                      requires_grad=False) if config.shared_expert else None
+        self.gate_up_experts: LCQExperts | None = None
+        self.down_experts: LCQExperts | None = None
+        self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
+
+    def stack_experts(self) -> bool:
+        """Stack the experts' packed gate/up and down matrices for the grouped product (kernels/experts.py),
+        where every expert is an LCQ layer the kernels read as packed (no CPU cached weight): no host
+        sync per layer and one launch per matrix kind, so that the mixture decodes in CUDA graphs."""
+        layers = [(expert.gate_up_proj, expert.down_proj) for expert in self.experts]
+        if not all(isinstance(linear, LCQLinear) and not linear.cache_dense for pair in layers for linear in pair):
+            return False
+        self.gate_up_experts = LCQExperts(PackedExperts.stack([gate_up.layer for gate_up, _ in layers]))
+        self.down_experts = LCQExperts(PackedExperts.stack([down.layer for _, down in layers]))
+        self.experts = torch.nn.ModuleList()
+        return True
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         probs = torch.softmax(torch.nn.functional.linear(x, self.router, self.router_bias), dim=-1, dtype=torch.float32)
@@ -140,14 +157,27 @@ class MixtureOfExperts(torch.nn.Module):
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
-        out = torch.zeros_like(x)
-        for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
-            rows, slots = (chosen == expert).nonzero(as_tuple=True)
-            out.index_add_(0, rows, self.experts[expert](x[rows], None) * weights[rows, slots, None])
+        if self.gate_up_experts is not None:
+            out = self._grouped(x, weights, chosen)
+        else:
+            out = torch.zeros_like(x)
+            for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
+                rows, slots = (chosen == expert).nonzero(as_tuple=True)
+                out.index_add_(0, rows, self.experts[expert](x[rows], None) * weights[rows, slots, None])
         if self.shared_expert is not None:
             out = out + torch.sigmoid(torch.nn.functional.linear(x, self.shared_expert_gate)) * \
                 self.shared_expert(x, None)
         return out
+
+    def _grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Every token's chosen experts through the stacked experts: its input once per choice (gate/up),
+        each choice's activation through the same expert's down, then the choices summed by weight."""
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
+        routes = ExpertRoutes.of(chosen, self.gate_up_experts.experts.num_experts)
+        activated = gated(self.gate_up_experts(x, routes, self.top_k), self.activation, *self.swiglu)
+        down = self.down_experts(activated, routes, 1).view(*chosen.shape, -1)
+        return (down * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -239,6 +269,13 @@ class LlamaModel(torch.nn.Module):
         for layer, table, group in zip(self.layers, tables, groups):
             hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
         return self.norm(hidden, residual)[0]
+
+    @property
+    def graph_capturable(self) -> bool:
+        """Whether a step runs without reading device values back to the host, as a CUDA graph replays it:
+        not where a mixture runs its experts one at a time (it asks which ones were chosen)."""
+        return all(not isinstance(layer.mlp, MixtureOfExperts) or layer.mlp.gate_up_experts is not None
+                   for layer in self.layers)
 
     def fit_rotary(self, context: int) -> None:
         """Rotary tables for the context an engine serves (LongRoPE picks its factors by it), in place."""

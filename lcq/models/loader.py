@@ -12,7 +12,7 @@ from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swigl
 
 from .config import ModelConfig
 from .layers import PackedEmbedding
-from .llama import LlamaModel
+from .llama import LlamaModel, MixtureOfExperts
 
 
 class DenseLinear(torch.nn.Module):
@@ -134,6 +134,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 module.warm(dtype)
                 if not keep_packed:
                     module.release_packed()
+    mixtures = [module for module in model.modules() if isinstance(module, MixtureOfExperts)]
+    if any([mixture.stack_experts() for mixture in mixtures]) and device.type == "cuda":
+        torch.cuda.empty_cache()  # the experts' separate tensors, freed: their small blocks would stay reserved
     return model.eval(), config
 
 

@@ -98,9 +98,9 @@ class ModelRunner:
                       self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
                       PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
         self.graphs = None
-        if self.device.type == "cuda" and config.cuda_graphs and self.model_config.num_experts:
-            self.log.info("decoding eagerly: a mixture of experts picks its experts per step, which a CUDA graph "
-                          "would replay as captured")
+        if self.device.type == "cuda" and config.cuda_graphs and not self.model.graph_capturable:
+            self.log.info("decoding eagerly: this mixture of experts runs its full-precision experts one at a "
+                          "time, as chosen each step, which a CUDA graph would replay as captured")
         elif self.device.type == "cuda" and config.cuda_graphs:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
