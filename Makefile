@@ -28,7 +28,7 @@ test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_attention_window.py -k triton
 
 # A short GPU lease: GPU tests, kernel and 7B generation benchmarks, quantizer memory, in one call
-# of at most 9 minutes; logs and results in one archive (see bench/gpu_session.sh).
+# of at most 9.5 minutes; logs and results in one archive (see bench/gpu_session.sh).
 gpu-session:
 	bash bench/gpu_session.sh
 

@@ -15,11 +15,16 @@ GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and f
 tokens/s and the throughput curve over 1..256 concurrent sequences, with peak memory split into
 weights, KV cache and activations.
 
+GPU (--gpu-moe): a random-weight mixture with Qwen3-30B-A3B's layer shapes (128 experts, 8 a token)
+at W2 r2 g128, --moe-layers of its 48 layers: the same curve with decode in CUDA graphs (lcq) and
+eagerly (lcq-eager), which is what routing the experts on the device buys.
+
     python bench/generate.py                 # CPU study, writes bench/results/generate-cpu.json
     python bench/generate.py --rounds 3      # every engine three times, in alternating order: medians
     python bench/generate.py --quick         # fewer tokens and requests (a smoke run)
     python bench/generate.py --curve         # CPU curve, writes bench/results/generate-cpu-curve.json
     python bench/generate.py --gpu-7b        # on a CUDA machine
+    python bench/generate.py --gpu-moe --quick
 """
 from __future__ import annotations
 
@@ -229,6 +234,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
+    parser.add_argument("--gpu-moe", action="store_true")
+    parser.add_argument("--moe-layers", type=int, default=12, help="--gpu-moe: layers of the 48 (time to write)")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
@@ -245,7 +252,8 @@ def main() -> None:
     from bench.records import cpu_name
     from lcq.paths import cache_dir
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.gpu_7b else \
+    on_gpu = args.gpu_7b or args.gpu_moe
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and on_gpu else \
         f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
     rows: list[dict] = []
     result = {
@@ -256,7 +264,7 @@ def main() -> None:
                                 "fp16": round(2 * 6.74e9 / 1e9, 2)},
         "rows": rows,
     }
-    name = "gpu" if args.gpu_7b else "cpu-curve" if args.curve else "cpu"
+    name = "gpu" if args.gpu_7b else "gpu-moe" if args.gpu_moe else "cpu-curve" if args.curve else "cpu"
     out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -267,6 +275,8 @@ def main() -> None:
 
     if args.gpu_7b:
         bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save)
+    elif args.gpu_moe:
+        bench_gpu_moe(args.quick, args.moe_layers, rows, save)
     elif args.curve:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
@@ -320,7 +330,8 @@ def main() -> None:
           f"vs fp16 {result['llama2_7b_weight_GB']['fp16']} GB; wrote {out}")
 
 
-def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int], rows: list[dict], save) -> None:
+def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int], rows: list[dict], save,
+                     engine: str = "lcq") -> None:
     """Output tokens/s of each number of sequences (128-token prompts, distinct, 128 tokens out each)
     generated together; peak memory as the GPU's allocator or the process's RSS reports it. Each row
     is appended to rows and saved as soon as it is measured."""
@@ -340,7 +351,7 @@ def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gb()
-        row = dict(model=model, weights=weights, engine="lcq", concurrency=concurrency,
+        row = dict(model=model, weights=weights, engine=engine, concurrency=concurrency,
                    output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
                    peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2))
         if cuda:  # the allocator splits the peak; a CPU process's RSS has no such split
@@ -362,6 +373,25 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
             throughput_curve(llm, "llama-2-7b-shaped-random", weights, concurrencies, rows, save)
+            del llm
+            torch.cuda.empty_cache()
+
+
+def bench_gpu_moe(quick: bool, layers: int, rows: list[dict], save) -> None:
+    """A random W2 r2 g128 checkpoint of Qwen3-30B-A3B's shapes (`layers` of its 48 layers), timed with
+    decode in CUDA graphs and eagerly."""
+    import tempfile
+
+    from bench.random_model import QWEN3_30B_A3B, write_random_llama
+
+    concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
+    model = f"qwen3-30b-a3b-shaped-random-{layers}-layers"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_random_llama(Path(tmp) / "moe", quantized=True,
+                                    shapes=dict(QWEN3_30B_A3B, num_hidden_layers=layers))
+        for engine, graphs in (("lcq", True), ("lcq-eager", False)):
+            llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048, cuda_graphs=graphs)
+            throughput_curve(llm, model, "lcq-w2r2g128", concurrencies, rows, save, engine=engine)
             del llm
             torch.cuda.empty_cache()
 

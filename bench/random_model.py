@@ -15,6 +15,10 @@ from lcq.format import (PackedLinear, linear_tensors, padded_in_features, quanti
 
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+# Qwen3-30B-A3B's shapes: 128 experts of 768 columns, 8 chosen per token, per-head q/k norms
+QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                     num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                     num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=4096)
 
 
 def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> PackedLinear:
@@ -31,14 +35,20 @@ def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> Pack
 
 def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int = 2, group_size: int = 128,
                        shapes: dict = LLAMA2_7B) -> Path:
-    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer."""
+    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer; with
+    num_experts in the shapes a Qwen3-MoE one (every layer a mixture)."""
     from tests.tiny_model import make_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     h, i, vocab = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", rms_norm_eps=1e-5, rope_theta=10000.0,
-                  tie_word_embeddings=False, torch_dtype="float16", **shapes)
+    experts = shapes.get("num_experts", 0)
+    heads, kv_heads = shapes["num_attention_heads"], shapes["num_key_value_heads"]
+    head_dim = shapes.get("head_dim", h // heads)
+    family = dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
+                  mlp_only_layers=[]) if experts else dict(architectures=["LlamaForCausalLM"], model_type="llama")
+    config = dict(**family, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float16",
+                  **shapes)
     if quantized:
         config["quantization_config"] = quantization_config(bits, rank, group_size, "random",
                                                             ["model.embed_tokens", "model.norm", "lm_head"])
@@ -47,12 +57,20 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
         "model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
         "lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
         "model.norm.weight": torch.ones(h, dtype=torch.float16)})
-    linears = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, h), "self_attn.v_proj": (h, h),
-               "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
+    linears = {"self_attn.q_proj": (heads * head_dim, h), "self_attn.k_proj": (kv_heads * head_dim, h),
+               "self_attn.v_proj": (kv_heads * head_dim, h), "self_attn.o_proj": (h, heads * head_dim)}
+    mlps = [f"mlp.experts.{e}" for e in range(experts)] if experts else ["mlp"]
+    i = shapes.get("moe_intermediate_size", i) if experts else i
+    for mlp in mlps:
+        linears.update({f"{mlp}.gate_proj": (i, h), f"{mlp}.up_proj": (i, h), f"{mlp}.down_proj": (h, i)})
     for layer in range(shapes["num_hidden_layers"]):
         prefix = f"model.layers.{layer}"
         tensors = {f"{prefix}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
                    f"{prefix}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
+        if experts:  # the router, in full precision, and the per-head q/k norms
+            tensors.update({f"{prefix}.mlp.gate.weight": torch.randn(experts, h, dtype=torch.float16) * 0.02,
+                            f"{prefix}.self_attn.q_norm.weight": torch.ones(head_dim, dtype=torch.float16),
+                            f"{prefix}.self_attn.k_norm.weight": torch.ones(head_dim, dtype=torch.float16)})
         for name, (n, k) in linears.items():
             if quantized:
                 tensors.update(linear_tensors(f"{prefix}.{name}", random_packed(n, k, bits, rank, group_size)))
