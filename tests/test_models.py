@@ -280,11 +280,17 @@ def test_stacked_experts_follow_transformers(tmp_path, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
-    shared expert beside them, gpt-oss's biases and clamped SwiGLU)."""
-    folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn")
+    shared expert beside them, gpt-oss's biases and clamped SwiGLU; the experts' down matrices at 2 bits,
+    their gate/up at 3)."""
+    from lcq.quantizer import QuantizeOptions, quantize_model
+
+    folder = tmp_path / "lcq"
+    quantize_model(make_tiny_hf(tmp_path / "hf", arch), folder, QuantizeOptions(
+        bits=3, rank=2, group_size=32, method="rtn", layer_bits=["down_proj=2"]), progress=False)
     stacked, _ = load_model(folder, cache_dense=False)
     mixtures = [layer.mlp for layer in stacked.layers if hasattr(layer.mlp, "router")]
     assert mixtures and all(m.gate_up_experts is not None and not len(m.experts) for m in mixtures)
+    assert (mixtures[0].gate_up_experts.experts.bits, mixtures[0].down_experts.experts.bits) == (3, 2)
     assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
     _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
 

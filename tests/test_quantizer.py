@@ -189,9 +189,9 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
     expert packed, its gate not) and gpt-oss (its experts' 3-D tensors split, with their biases; attention
     sinks): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
-    router kept in full precision; transformers' model with the dequantized weights and the engine give the same
-    greedy tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA
-    adapters."""
+    router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
+    a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
+    tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA adapters."""
     import transformers
 
     from lcq.errors import UserError
@@ -203,13 +203,20 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
         torch.testing.assert_close(load_reference_model(hf)(ids).logits,
                                    getattr(transformers, family).from_pretrained(hf)(ids).logits)
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
-                              epochs=1)
+                              epochs=1, layer_bits=["qkv=4", "down_proj@1=2"])
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [family]
     packed = {p for p in reader.quantized_prefixes() if ".experts." in p}
     assert packed == {f"model.layers.{layer}.mlp.experts.{e}.{m}" for layer in range(2) if layer not in dense_layers
                       for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
+    owners = ["mlp"] if 1 in dense_layers else [f"mlp.experts.{e}" for e in range(experts)] + \
+        (["mlp.shared_expert"] if arch == "qwen2_moe" else [])
+    narrow = [f"model.layers.1.{owner}.down_proj" for owner in owners]
+    assert reader.quant["layer_bits"] == {**{f"model.layers.{layer}.self_attn.{p}_proj": 4 for layer in range(2)
+                                             for p in "qkv"}, **dict.fromkeys(narrow, 2)}
+    assert [reader.linear(name).bits for name in ("model.layers.1.self_attn.k_proj", narrow[-1],
+                                                  "model.layers.0.mlp.experts.0.down_proj")] == [4, 2, 3]
     router = "router" if arch == "gpt_oss" else "gate"
     assert reader.has(f"model.layers.0.mlp.{router}.weight")
     assert all(reader.has(f"model.layers.0.mlp.experts.0.{m}.bias") for m in ("gate_proj", "down_proj")) == \
@@ -224,9 +231,9 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     for prompt, out in zip(prompts, outputs):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
         assert out.token_ids == expected[0, len(prompt):].tolist()
-    for refused in (dict(layer_bits=["down_proj=4"]), dict(target_bits=3.5), dict(finetune_epochs=1)):
+    for refused in (dict(target_bits=3.5), dict(finetune_epochs=1)):
         with pytest.raises(UserError, match="not supported for mixture-of-experts models"):
-            quantize_model(hf, tmp_path / "refused", replace(options, **refused), progress=False)
+            quantize_model(hf, tmp_path / "refused", replace(options, layer_bits=[], **refused), progress=False)
     with pytest.raises(UserError, match="LoRA adapters are not supported for mixture-of-experts models"):
         LLM(str(tmp_path / "lcq"), max_loras=1)
 

@@ -3,12 +3,14 @@
 
 A rule is NAME[@FIRST[-LAST]]=BITS: the projection NAME (a Hugging Face name such as down_proj, or
 qkv, gate_up, all) in decoder layers FIRST to LAST (every layer without @), at BITS. Later rules win.
-The runtime fuses q/k/v and gate/up into one product each, so their parts must share a width.
+The runtime fuses q/k/v and gate/up into one product each, so their parts must share a width. In a
+mixture of experts, a rule on an MLP projection covers every expert's matrix of that name.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Callable, Iterable
 
 from lcq.errors import UserError
 from lcq.format import SUPPORTED_BITS
@@ -17,6 +19,7 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
+DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS)  # a dense layer's packed linears
 _RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 
@@ -75,10 +78,12 @@ class LayerWidths:
                 raise UserError(f"--layer-bits: layer {rule.last} does not exist "
                                 f"(the model has {num_layers} layers, 0 to {num_layers - 1})")
 
-    def overrides(self, num_layers: int) -> dict[str, int]:
-        """Full module name -> width, for every layer whose width is not `bits` (quantization_config.layer_bits)."""
-        widths = {f"model.layers.{layer}.{PROJECTIONS[p]}.{p}": self.of(layer, p)
-                  for layer in range(num_layers) for p in PROJECTIONS}
+    def overrides(self, num_layers: int, layer_linears: Callable[[int], Iterable[str]] = lambda _: DENSE_LINEARS
+                  ) -> dict[str, int]:
+        """Full module name -> width, for every layer whose width is not `bits` (quantization_config.layer_bits);
+        layer_linears: a decoder layer's packed linears by name within it (a mixture's: each expert's)."""
+        widths = {f"model.layers.{layer}.{name}": self.of(layer, name)
+                  for layer in range(num_layers) for name in layer_linears(layer)}
         return {name: bits for name, bits in widths.items() if bits != self.bits}
 
     def _check_fused(self, layer: int) -> None:

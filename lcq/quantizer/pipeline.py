@@ -532,11 +532,11 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
     """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach;
-    neither, nor the end-to-end stage, for a mixture of experts, whose experts they do not yet cover."""
+    neither --target-bits nor the end-to-end stage for a mixture of experts, whose experts they do not yet
+    cover."""
     if (config.get("num_experts") or config.get("num_local_experts")) and \
-            (options.layer_bits or options.target_bits is not None or options.finetune_epochs):
-        raise UserError("--layer-bits, --target-bits and --finetune-epochs are not supported for "
-                        "mixture-of-experts models")
+            (options.target_bits is not None or options.finetune_epochs):
+        raise UserError("--target-bits and --finetune-epochs are not supported for mixture-of-experts models")
     options.widths.check_layers(config["num_hidden_layers"])
     if options.target_bits is not None:
         shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
@@ -594,7 +594,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
     for index in bar:
         block = source.block(index)
-        shard = partial / f"block-{index:05d}.safetensors"
+        shard = _block_shard(partial, index)
         targets = None
         if options.needs_data:
             call = block_call(block, source.block_inputs(index))
@@ -650,7 +650,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if embedding is not None:
             extra.update(linear_tensors(EMBED, embedding.to("cpu")))
     write_shard(partial / "model-extra.safetensors", extra)
-    layer_bits = options.widths.overrides(source.num_layers)
+    layer_bits = options.widths.overrides(source.num_layers, lambda index: _packed_names(partial, index))
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
@@ -694,7 +694,7 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
 
     from lcq.format.checkpoint import linear_from_tensors
 
-    shards = [partial / f"block-{index:05d}.safetensors" for index in range(source.num_layers)]
+    shards = [_block_shard(partial, index) for index in range(source.num_layers)]
     shards += [partial / HEAD_SHARD] if options.head_bits else []
     tuned_files = [shard.with_suffix(".tuned") for shard in shards]
     state = json.loads((partial / PROGRESS_FILE).read_text())
@@ -786,6 +786,19 @@ def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:
     partial.mkdir(parents=True)
     write_json(progress_file, {"options": recorded, "done": 0})
     return 0
+
+
+def _block_shard(partial: Path, index: int) -> Path:
+    return partial / f"block-{index:05d}.safetensors"
+
+
+def _packed_names(partial: Path, index: int) -> list[str]:
+    """The packed linears of block `index` as written, by name within the block (a mixture's: each expert's)."""
+    from safetensors import safe_open
+
+    prefix = f"model.layers.{index}."
+    with safe_open(str(_block_shard(partial, index)), "pt") as shard:
+        return [key[len(prefix):-len(".qweight")] for key in shard.keys() if key.endswith(".qweight")]
 
 
 def _read_block(shard: Path, index: int, options: QuantizeOptions,
