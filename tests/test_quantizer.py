@@ -203,7 +203,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
         torch.testing.assert_close(load_reference_model(hf)(ids).logits,
                                    getattr(transformers, family).from_pretrained(hf)(ids).logits)
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
-                              epochs=1, layer_bits=["qkv=4", "down_proj@1=2"])
+                              epochs=1, layer_bits=["qkv=4", "down_proj@1=2"], finetune_epochs=1)
     quantize_model(hf, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [family]
@@ -231,9 +231,8 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     for prompt, out in zip(prompts, outputs):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
         assert out.token_ids == expected[0, len(prompt):].tolist()
-    for refused in (dict(target_bits=3.5), dict(finetune_epochs=1)):
-        with pytest.raises(UserError, match="not supported for mixture-of-experts models"):
-            quantize_model(hf, tmp_path / "refused", replace(options, layer_bits=[], **refused), progress=False)
+    with pytest.raises(UserError, match="--target-bits is not supported for mixture-of-experts models"):
+        quantize_model(hf, tmp_path / "refused", replace(options, layer_bits=[], target_bits=3.5), progress=False)
     with pytest.raises(UserError, match="LoRA adapters are not supported for mixture-of-experts models"):
         LLM(str(tmp_path / "lcq"), max_loras=1)
 
@@ -659,7 +658,7 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "olmo3",
-                                  "exaone4", "seed_oss", "hunyuan"])
+                                  "exaone4", "seed_oss", "hunyuan", "qwen3_moe", "gpt_oss"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
@@ -667,7 +666,8 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer; SmolLM3's
     NoPE layer goes through the stage's transformers model, and OLMo 2's output-only norms (OLMo 3's with
     sliding-window layers and their own rotary settings). The Llama's head is packed too, and tuned with
-    the blocks."""
+    the blocks. In the mixtures (Qwen3-MoE, gpt-oss) the experts the windows route to are tuned, the
+    routers (and gpt-oss's sinks) held as they are."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
     epochs = 30 if arch.startswith("gemma") else 10
@@ -699,6 +699,12 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     if arch.startswith("gemma"):
         assert not torch.equal(tuned.tensor("model.layers.1.post_feedforward_layernorm.weight"),
                                plain.tensor("model.layers.1.post_feedforward_layernorm.weight"))
+    if arch in ("qwen3_moe", "gpt_oss"):
+        experts = [p for p in tuned.quantized_prefixes() if p.startswith("model.layers.0.mlp.experts.")]
+        assert experts and any(not torch.equal(tuned.tensor(f"{p}.s_q"), plain.tensor(f"{p}.s_q")) for p in experts)
+        held = ["model.layers.0.mlp.router.weight", "model.layers.0.mlp.router.bias", "model.layers.0.self_attn.sinks"] \
+            if arch == "gpt_oss" else ["model.layers.0.mlp.gate.weight"]
+        assert all(torch.equal(tuned.tensor(name), plain.tensor(name)) for name in held)
     tuned_kl, plain_kl = _output_kl(source, tmp_path / "tuned"), _output_kl(source, tmp_path / "plain")
     if arch == "llama":  # held out: the random 2-block Qwen2 tuned on 4 x 32 tokens does not carry its gain over
         assert tuned_kl < plain_kl

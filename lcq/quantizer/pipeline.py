@@ -531,12 +531,10 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
-    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach;
-    neither --target-bits nor the end-to-end stage for a mixture of experts, whose experts they do not yet
-    cover."""
-    if (config.get("num_experts") or config.get("num_local_experts")) and \
-            (options.target_bits is not None or options.finetune_epochs):
-        raise UserError("--target-bits and --finetune-epochs are not supported for mixture-of-experts models")
+    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach
+    (not for a mixture of experts, whose experts its estimate does not cover yet)."""
+    if (config.get("num_experts") or config.get("num_local_experts")) and options.target_bits is not None:
+        raise UserError("--target-bits is not supported for mixture-of-experts models")
     options.widths.check_layers(config["num_hidden_layers"])
     if options.target_bits is not None:
         shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
@@ -708,10 +706,13 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
         if options.head_bits:
             packed[HEAD] = linear_from_tensors(contents[-1], HEAD, options.head_bits, options.rank, options.group_size,
                                                lambda _: str(shards[-1]))
-        norms = {name: tensor for tensors in contents for name, tensor in tensors.items()  # Qwen3's q/k norms too
-                 if name.endswith("norm.weight")}
+        # the blocks' tensors outside the packed layers: norms (Qwen3's q/k norms too), tuned; a mixture's router,
+        # gpt-oss's sinks, held as they are
+        unpacked = {name: tensor for tensors in contents for name, tensor in tensors.items()
+                    if name.rpartition(".")[0] not in packed}
+        norms = [name for name in unpacked if name.endswith("norm.weight")]
         looked_up = {} if embedding is None else {f"{EMBED}.weight": dequantize(embedding)}  # as it is served
-        model = source.causal_lm({**source.non_block_tensors(), **norms, **looked_up})
+        model = source.causal_lm({**source.non_block_tensors(), **unpacked, **looked_up})
         head = model.lm_head.weight.detach()
         steps = options.finetune_epochs * -(-len(train[0]) // options.batch_size)
         bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
@@ -719,7 +720,7 @@ def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, t
         def on_step(loss: float) -> None:
             bar.update()
             bar.set_postfix(kl=f"{loss:.3g}")
-        tuned, tuned_norms, kl = finetune(model, packed, list(norms), *train, head, options.finetune_epochs,
+        tuned, tuned_norms, kl = finetune(model, packed, norms, *train, head, options.finetune_epochs,
                                           options.end_to_end_lr, options.batch_size, options.seed, on_step,
                                           held_out if len(held_out[0]) else None, options.end_to_end_lr_of,
                                           options.finetune_index_updates)
