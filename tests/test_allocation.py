@@ -9,9 +9,9 @@ import torch
 from lcq.cli import main
 from lcq.format import CheckpointReader
 from lcq.quantizer import QuantizeOptions, quantize_model
-from lcq.quantizer.allocation import (UNITS, Unit, bits_per_weight_range, choose_widths, describe_widths,
-                                      linear_shapes, weigh_blocks)
-from lcq.quantizer.layer_bits import LayerWidths
+from lcq.quantizer.allocation import (Unit, bits_per_weight_range, choose_widths, describe_widths, linear_shapes,
+                                      weigh_blocks)
+from lcq.quantizer.layer_bits import LayerWidths, block_linears
 from lcq.quantizer.pipeline import WIDTHS_FILE, _head_weight, _Source
 from lcq.quantizer.reference import load_reference_model
 from tests.test_quantizer import _check_serves_like_its_reference
@@ -55,10 +55,9 @@ def test_block_weighing_equals_the_whole_models_gradients(tmp_path, arch):
         return hook
     hooks = [layer.register_forward_hook(keep(index)) for index, layer in enumerate(model.model.layers)]
     for index, layer in enumerate(model.model.layers):
-        for names in UNITS.values():
-            for name in names:
-                hooks.append(layer.get_submodule(name).register_forward_hook(
-                    lambda m, args, out, key=(index, name): inputs.__setitem__(key, args[0].detach().flatten(0, -2))))
+        for name in block_linears(layer):
+            hooks.append(layer.get_submodule(name).register_forward_hook(
+                lambda m, args, out, key=(index, name): inputs.__setitem__(key, args[0].detach().flatten(0, -2))))
     logits = model(tokens).logits
     torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum").backward()
     assert set(importance) == set(inputs) and len(importance) == 7 * source.num_layers
@@ -139,3 +138,26 @@ def test_target_bits_quantizes_to_the_budget_resumes_and_serves(tmp_path, tiny_h
     assert sorted(resumed.names()) == sorted(reader.names()) and not (tmp_path / "resumed" / WIDTHS_FILE).exists()
     for name in reader.names():
         torch.testing.assert_close(reader.tensor(name), resumed.tensor(name), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch, experts, dense_layers", [("qwen3_moe", 6, [1]), ("gpt_oss", 4, [])])
+def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts, dense_layers):
+    """In a mixture every expert's matrices are counted (shapes, budget) and weighed together as their layer's
+    gate_up or down_proj unit: the budget is kept, each rule's width reaches every expert's matrix, and the
+    folder serves like transformers with its dequantized weights."""
+    folder = make_tiny_hf(tmp_path / "hf", arch)
+    shapes = linear_shapes(CheckpointReader(folder), 2)
+    assert len(shapes) == 2 * 4 + sum(3 if layer in dense_layers else 3 * experts for layer in range(2))
+    low, high = bits_per_weight_range(shapes, 2, 2, 32)
+    target = round(low + 0.7 * (high - low), 2)  # enough for attention at 4 bits and some experts wider
+    summary = quantize_model(folder, tmp_path / "lcq", QuantizeOptions(
+        bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32, epochs=1,
+        target_bits=target), progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    assert low < reader.decoder_bits_per_weight() <= target
+    assert any(rule.startswith(("gate_up@0=", "down_proj@0=")) for rule in summary.layer_bits)  # layer 0's experts
+    widths = LayerWidths(2, summary.layer_bits)
+    for prefix in reader.quantized_prefixes():
+        layer, _, name = prefix.removeprefix("model.layers.").partition(".")
+        assert reader.linear(prefix).bits == widths.of(int(layer), name)
+    _check_serves_like_its_reference(tmp_path / "lcq")

@@ -19,8 +19,8 @@ from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
-from lcq.quantizer.layer_bits import LayerWidths
-from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, PROJECTIONS, calibration_batch
+from lcq.quantizer.layer_bits import PROJECTIONS, LayerWidths
+from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
 
@@ -191,7 +191,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     sinks): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
     router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
     a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
-    tokens, batched too. The settings that do not cover experts yet are refused, as are LoRA adapters."""
+    tokens, batched too. LoRA adapters are refused."""
     import transformers
 
     from lcq.errors import UserError
@@ -231,8 +231,6 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     for prompt, out in zip(prompts, outputs):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
         assert out.token_ids == expected[0, len(prompt):].tolist()
-    with pytest.raises(UserError, match="--target-bits is not supported for mixture-of-experts models"):
-        quantize_model(hf, tmp_path / "refused", replace(options, layer_bits=[], target_bits=3.5), progress=False)
     with pytest.raises(UserError, match="LoRA adapters are not supported for mixture-of-experts models"):
         LLM(str(tmp_path / "lcq"), max_loras=1)
 

@@ -21,6 +21,7 @@ drop per stored byte is widened, one bit at a time, while the budget lasts.
 from __future__ import annotations
 
 import heapq
+import re
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,10 +31,18 @@ from lcq.errors import UserError
 from lcq.format import SUPPORTED_BITS, CheckpointReader, stored_bytes
 
 from .blockwise import BlockCall, block_call, run_block
+from .layer_bits import PROJECTIONS, block_linears
 
-# Layers that must share a width, each under the --layer-bits name that sets them together.
-UNITS = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_proj": ("self_attn.o_proj",),
-         "gate_up": ("mlp.gate_proj", "mlp.up_proj"), "down_proj": ("mlp.down_proj",)}
+# Projections that must share a width, each under the --layer-bits name that sets them together; in a
+# mixture of experts a unit holds every expert's matrices of its projections (a rule covers them all).
+UNITS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+         "down_proj": ("down_proj",)}
+
+
+def unit_of(linear: str) -> str:
+    """The unit of a block's linear layer, by its projection (its name's last part)."""
+    projection = linear.rsplit(".", 1)[-1]
+    return next(unit for unit, projections in UNITS.items() if projection in projections)
 WEIGHING_WINDOWS = 16  # calibration windows of the backward pass; every block's input is held for them
 WIDEST = max(SUPPORTED_BITS)
 
@@ -53,15 +62,19 @@ class Unit:
 
 
 def linear_shapes(reader: CheckpointReader, num_layers: int) -> dict[tuple[int, str], tuple[int, int]]:
-    """(out_features, in_features) of every decoder linear layer, from the files' headers."""
-    return {(layer, linear): reader.shape(f"model.layers.{layer}.{linear}.weight")
-            for layer in range(num_layers) for linears in UNITS.values() for linear in linears}
+    """(out_features, in_features) of every decoder linear layer that is packed (a mixture's: each expert's),
+    by (layer, name within it), from the files' headers."""
+    pattern = re.compile(r"model\.layers\.(\d+)\.(.+\.(?:" + "|".join(PROJECTIONS) + r"))\.weight")
+    found = (pattern.fullmatch(name) for name in reader.names())
+    return {(int(match[1]), match[2]): reader.shape(match[0]) for match in found
+            if match and int(match[1]) < num_layers}
 
 
 def unit_bytes(shapes: dict[tuple[int, str], tuple[int, int]], layer: int, name: str, bits: int, rank: int,
                group_size: int) -> int:
     """Stored bytes of a unit's layers at `bits` (each is stored as its own matrix)."""
-    return sum(stored_bytes(*shapes[layer, linear], bits, rank, group_size) for linear in UNITS[name])
+    return sum(stored_bytes(*shape, bits, rank, group_size) for (index, linear), shape in shapes.items()
+               if index == layer and unit_of(linear) == name)
 
 
 def bits_per_weight_range(shapes: dict[tuple[int, str], tuple[int, int]], bits: int, rank: int,
@@ -193,7 +206,7 @@ def _head_gradient(source, hidden: torch.Tensor, tokens: torch.Tensor, head: tor
 def _block_backward(call: BlockCall, block: torch.nn.Module, inputs: torch.Tensor, grad_out: torch.Tensor,
                     batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Each linear layer's mean x_k^2 over the block's inputs, and the loss gradient at the block's input."""
-    linears = [linear for names in UNITS.values() for linear in names]
+    linears = block_linears(block)
     importance: dict[str, torch.Tensor] = {}
 
     def hook(module, args, output, name):

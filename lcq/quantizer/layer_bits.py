@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import torch
+
 from lcq.errors import UserError
 from lcq.format import SUPPORTED_BITS
 
@@ -20,6 +22,13 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
 DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS)  # a dense layer's packed linears
+
+
+def block_linears(block: torch.nn.Module) -> list[str]:
+    """The matrices of a decoder block that are packed, by module name: the attention's four and the MLP's
+    three, or each expert's three (a mixture's router stays in full precision)."""
+    return [name for name, module in block.named_modules()
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
 _RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 

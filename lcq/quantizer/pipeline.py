@@ -27,16 +27,15 @@ from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_
                         quantization_config, write_index, write_json, write_shard)
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
-                         linear_shapes, unit_bytes, weigh_blocks)
+                         linear_shapes, unit_bytes, unit_of, weigh_blocks)
 from .blockwise import LayerFit, block_call, optimize_block, run_block
 from .finetune import StageScore, finetune, tune_head
 from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, pack, rtn_codebook,
                   stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
-from .layer_bits import LayerWidths
+from .layer_bits import LayerWidths, block_linears
 from .reference import as_stored, hf_config, model_as_stored, read_config
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # the matrices packed
 METHODS = ("lcq", "rtn", "gptq")
 # How LCQ picks each weight's index: its nearest codebook entry; GPTQ's sweep over the codebooks;
 # or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
@@ -354,13 +353,6 @@ class _Source:
         return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
 
 
-def block_linears(block: torch.nn.Module) -> list[str]:
-    """The matrices of a decoder block that are packed, by module name: the attention's four and the MLP's
-    three, or each expert's three (a mixture's router stays in full precision)."""
-    return [name for name, module in block.named_modules()
-            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
-
-
 def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int, full: bool) -> dict[str, torch.Tensor]:
     """Per linear layer: mean x x^T (full) or mean x_k^2 (diagonal) of its inputs over all tokens."""
     stats: dict[str, torch.Tensor] = {}
@@ -531,10 +523,7 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
-    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach
-    (not for a mixture of experts, whose experts its estimate does not cover yet)."""
-    if (config.get("num_experts") or config.get("num_local_experts")) and options.target_bits is not None:
-        raise UserError("--target-bits is not supported for mixture-of-experts models")
+    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach."""
     options.widths.check_layers(config["num_hidden_layers"])
     if options.target_bits is not None:
         shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
@@ -755,12 +744,14 @@ def _target_widths(source: _Source, tokens: torch.Tensor, options: QuantizeOptio
     bar = tqdm(total=source.num_layers, desc="weighing layers", disable=not progress, unit="block")
 
     def on_block(block: BlockGradient) -> None:
-        for name, linears in UNITS.items():
+        for name in UNITS:
+            linears = [linear for linear in block_linears(block.block) if unit_of(linear) == name]
             for b in widths:
                 fitted = {}
-                for linear in linears:
+                for linear in linears:  # (an expert no weighing token chose has no importance: unweighted)
                     w = block.block.get_submodule(linear).weight.detach().float()
-                    book = stored_codebook(_initial_fit(linear, w, block.importance[linear], options, b).book).values()
+                    fit = _initial_fit(linear, w, block.importance.get(linear), options, b)
+                    book = stored_codebook(fit.book).values()
                     fitted[f"{linear}.weight"] = dense_weight(book, assign(grouped(w, options.group_size), book),
                                                               w.shape[1])
                 units[block.index, name].loss[b] = block.loss_increase(fitted)
