@@ -124,11 +124,12 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
     _check_against(load_reference_model(folder), model, PROMPTS)
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3", "idefics3", "smolvlm", "internvl"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3", "idefics3", "smolvlm", "internvl",
+                                  "llama4"])
 @pytest.mark.parametrize("layout", ["full", "sparse"])
 def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
     """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL, Qwen3-VL, SmolVLM (Idefics3 and SmolVLM
-    classes) and InternVL3 folders: our model of the
+    classes), InternVL3 and Llama 4 (its experts' 3-D tensors under language_model) folders: our model of the
     wrapper folder is the text model it holds (config completed from transformers' defaults where
     text_config leaves them out or, Qwen2.5-VL's Hub form, has none; tensors under either prefix; the
     vision tower never read), against the wrapper's own transformers model, whose multimodal rotary
@@ -144,8 +145,11 @@ def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout)
                                                                        "model.norm", "lm_head"))]
     model, config = load_model(folder)
     assert config.tie_word_embeddings == reader.config["tie_word_embeddings"] == (not reader.has("lm_head.weight"))
-    _check_against(getattr(transformers, WRAPPED[arch][1]).from_pretrained(folder).eval(), model, PROMPTS,
-                   decode_steps=3)
+    # transformers' Llama4ForConditionalGeneration fails on text alone (it reads image_outputs its language model
+    # does not return): against the text model the wrapper was built from
+    reference = transformers.Llama4ForCausalLM.from_pretrained(folder.parent / "text") if arch == "llama4" else \
+        getattr(transformers, WRAPPED[arch][1]).from_pretrained(folder)
+    _check_against(reference.eval(), model, PROMPTS, decode_steps=3)
 
 
 @pytest.mark.parametrize("window", [None, 7])
@@ -275,13 +279,13 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4"])
 def test_stacked_experts_follow_transformers(tmp_path, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
-    shared expert beside them, gpt-oss's biases and clamped SwiGLU; the experts' down matrices at 2 bits,
-    their gate/up at 3)."""
+    shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs; the experts'
+    down matrices at 2 bits, their gate/up at 3)."""
     from lcq.quantizer import QuantizeOptions, quantize_model
 
     folder = tmp_path / "lcq"
@@ -293,6 +297,28 @@ def test_stacked_experts_follow_transformers(tmp_path, arch):
     assert (mixtures[0].gate_up_experts.experts.bits, mixtures[0].down_experts.experts.bits) == (3, 2)
     assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
     _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_llama4_follows_transformers(tmp_path, monkeypatch, top_k, c_ops):
+    """Llama 4 (Llama4ForCausalLM): adjacent rotary pairs with llama3 scaling, unweighted norms of the rotated
+    queries and keys, a NoPE fourth layer whose queries take the temperature (rising every 4 positions
+    here), mixtures every other layer whose router's sigmoid weights scale the chosen experts' inputs
+    (1 of 4 as Llama 4 has it, 2 too), a shared expert beside them. Our model against transformers' own
+    class, prompts past several temperature steps prefilled in chunks and decoded."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "llama4", num_experts_per_tok=top_k)
+    model, config = load_model(folder)
+    assert (config.num_experts, config.experts_per_token, config.moe_layers) == (4, top_k, [False, True, False, True])
+    assert config.rope_layers == [True, True, True, False] and config.temperature_layers == [False] * 3 + [True]
+    assert config.query_temperature == (0.5, 4, 1) and config.rotary_interleaved and config.mlp_name == "feed_forward"
+    assert [layer.self_attn.q_norm is not None for layer in model.layers] == [True, True, True, False]
+    reference = transformers.Llama4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
@@ -557,7 +583,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
-    ("gpt_oss", torch.bfloat16)])
+    ("gpt_oss", torch.bfloat16), ("llama4", torch.float16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""
@@ -611,7 +637,7 @@ def test_ministral3_queries_cool_past_the_original_context(tmp_path, monkeypatch
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, "ministral3", dtype=torch.float16)
     model, config = load_model(folder)
-    assert config.query_temperature == (0.5, 32) and config.rope["rope_type"] == "yarn"
+    assert config.query_temperature == (0.5, 32, 0) and config.rope["rope_type"] == "yarn"
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(80)]
     _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=3, chunk=16)
     assert (model.cpu_decoder is None) == (c_ops == "0" or not cpu_half.enabled())

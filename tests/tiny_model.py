@@ -60,7 +60,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
-        StableLmConfig, StableLmForCausalLM
+        StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,6 +120,14 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, sliding_window=7,
                      rope_parameters={"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 8.0, "beta_fast": 32.0,
                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
+    if arch == "llama4":  # as Llama 4 Maverick: experts (1 of 4 a token, and a shared one) every other layer;
+        # the fourth layer NoPE, its temperature rising every 4 positions here (Scout's: 8192); llama3 scaling
+        sizes.update(num_hidden_layers=4, head_dim=24, num_local_experts=4, num_experts_per_tok=1,
+                     interleave_moe_layer_step=2, intermediate_size=64, intermediate_size_mlp=160, floor_scale=4,
+                     attn_scale=0.5, attention_chunk_size=256,
+                     rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 64})
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -151,6 +159,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # biases everywhere, attention sinks, clamped SwiGLU experts
+        "llama4": (Llama4TextConfig, Llama4ForCausalLM),  # experts fed by sigmoid-weighted inputs, NoPE layers
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
@@ -220,6 +229,9 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
            "qwen2": ("Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", dict(
                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
                fullatt_block_indexes=[0]), {}),
+           "llama4": ("Llama4Config", "Llama4ForConditionalGeneration", dict(
+               hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+               patch_size=14, vision_output_dim=32, projector_input_dim=32, projector_output_dim=96), {}),
            "qwen3": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
                deepstack_visual_indexes=[0]), {}),
@@ -240,7 +252,7 @@ MROPE_SECTIONS = {"qwen2": [4, 4, 4], "qwen3": [4, 6, 6]}
 
 
 def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str = "full") -> Path:
-    """A multimodal checkpoint (Gemma 3 4B-style, LLaVA over Llama, Mistral Small 3.1-style; by their own
+    """A multimodal checkpoint (Gemma 3 4B-style, LLaVA over Llama, Mistral Small 3.1-style, Llama 4; by their own
     names SmolVLM's two forms over Llama and InternVL3 over Qwen2: TEXT_FAMILY) whose language model is
     make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
     under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
@@ -270,8 +282,11 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
                                                 **{image_token: tokens - 1}, **extra)
     torch.manual_seed(1)
     model = getattr(transformers, model_cls)(config).eval()
-    (getattr(model.model, "text_model", None) or model.model.language_model).load_state_dict(text.model.state_dict())
-    model.lm_head.load_state_dict(text.lm_head.state_dict())
+    if arch == "llama4":  # its language model is a whole CausalLM
+        model.language_model.load_state_dict(text.state_dict())
+    else:
+        (getattr(model.model, "text_model", None) or model.model.language_model).load_state_dict(text.model.state_dict())
+        model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
     if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it (transformers picks it for the text folder)
         settings = json.loads((folder / "tokenizer_config.json").read_text())

@@ -43,6 +43,8 @@
   with their biases; on the Hub in MXFP4 (quant_method mxfp4: the codes under _blocks, their scales under
   _scales, (out, in)), decoded to bf16 as read (lcq.format.mxfp4). They read as each expert's gate_proj,
   up_proj and down_proj (transformers' experts split as lcq.quantizer.reference.as_stored splits them).
+  Llama 4 (Llama4ForCausalLM, and the text model of Llama4ForConditionalGeneration) keeps its experts
+  the same way under feed_forward.experts, gate columns before up's, without biases.
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -71,7 +73,7 @@ QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditional
            "Qwen3VLForConditionalGeneration": "qwen3"}
 WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "InternVLForConditionalGeneration",
-            *QWEN_VL)
+            "Llama4ForConditionalGeneration", *QWEN_VL)
 # Where a wrapper keeps the language model's tensors, and their text-model names: the Hub's files (and
 # what transformers writes) first, then transformers 4.52-4.57's own saves.
 TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
@@ -173,7 +175,12 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     tensors `stored`; None where the names are the stored ones."""
     architecture = (config.get("architectures") or [None])[0]
     if architecture in WRAPPERS:
-        return {text: StoredTensor(name) for name in stored if (text := _text_model_name(name)) is not None}
+        texts = {text: name for name in stored if (text := _text_model_name(name)) is not None}
+        text_config = _text_model_config(config, architecture)
+        if text_config["model_type"] not in SPLIT_EXPERTS:
+            return {text: StoredTensor(name) for text, name in texts.items()}
+        return {view: dataclasses.replace(part, name=texts[part.name])  # Llama 4's experts
+                for view, part in _expert_parts(text_config, list(texts)).items()}
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
         return _phi3_parts(config, stored)
     if architecture == "GraniteForCausalLM" or config.get("model_type") in ("granite", "granitemoehybrid"):
@@ -184,8 +191,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _glm_parts(config, stored)
     if config.get("model_type") == "mixtral":
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
-    if config.get("model_type") == "gpt_oss" and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
-        return _gpt_oss_parts(config, stored)
+    if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
+        return _expert_parts(config, stored)
     if config.get("model_type") == "stablelm":
         return _stablelm_parts(config, stored)
     if config.get("model_type") == "glm4":
@@ -198,8 +205,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
     return None
 
 
-# gpt-oss's experts' tensors (all experts of a layer in each), as transformers saves them and in MXFP4 as the
-# Hub has them (the codes, their scales)
+# 3-D experts' tensors (all experts of a layer in each: gpt-oss's, Llama 4's), as transformers saves them and
+# gpt-oss's in MXFP4 as the Hub has them (the codes, their scales)
 GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "gate_up_proj_blocks",
                    "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 MXFP4 = "mxfp4"  # gpt-oss's quant_method
@@ -216,28 +223,37 @@ def _mixtral_name(name: str) -> str:
     return ".".join(parts)
 
 
-def _gpt_oss_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Every stored tensor under its own name, but gpt-oss's experts (3-D tensors: gate_up_proj (experts,
-    hidden, 2 x width) with gate and up columns alternating, down_proj (experts, width, hidden), each
-    (in, out) and with a bias, or their MXFP4 codes and scales (out, in)) as each expert's
-    experts.{e}.gate_proj, up_proj and down_proj weights and biases (transformers' modules as
-    lcq.quantizer.reference.as_stored splits them, and how gpt-oss's LCQ checkpoints store them)."""
-    completed = _with_defaults(config, "GptOssForCausalLM")
+# Families whose experts are stored as 3-D tensors: their CausalLM, where the experts sit in a layer, and
+# whether gate and up columns alternate in gate_up_proj (gpt-oss) or come one after the other (Llama 4)
+SPLIT_EXPERTS = {"gpt_oss": ("GptOssForCausalLM", ".mlp.experts.", True),
+                 "llama4_text": ("Llama4ForCausalLM", ".feed_forward.experts.", False)}
+
+
+def _expert_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, but a layer's experts stored as 3-D tensors (gate_up_proj
+    (experts, hidden, 2 x width): gpt-oss's gate and up columns alternating, Llama 4's gate columns then
+    up's; down_proj (experts, width, hidden); each (in, out); gpt-oss's with biases, or as MXFP4 codes and
+    scales (out, in)) as each expert's experts.{e}.gate_proj, up_proj and down_proj weights and biases
+    (transformers' modules as lcq.quantizer.reference.as_stored splits them, and how the family's LCQ
+    checkpoints store them)."""
+    architecture, owner, alternating = SPLIT_EXPERTS[config["model_type"]]
+    completed = _with_defaults(config, architecture)
     count, width = completed["num_local_experts"], completed["intermediate_size"]
+    gate_up = {"gate_proj": (0, 2 * width, 2), "up_proj": (1, 2 * width, 2)} if alternating else \
+        {"gate_proj": (0, width, 1), "up_proj": (width, 2 * width, 1)}
     view = {}
     for name in stored:
-        prefix, _, kind = name.rpartition(".mlp.experts.")
+        prefix, _, kind = name.rpartition(owner)
         if not prefix or not kind.endswith(GPT_OSS_EXPERTS):
             view[name] = StoredTensor(name)
             continue
         if kind.endswith("_scales"):  # read with their codes
             continue
         matrix, bias = kind.removesuffix("_blocks").removesuffix("_bias"), kind.endswith("_bias")
-        parts = {"gate_proj": (0, 2 * width, 2), "up_proj": (1, 2 * width, 2)} if matrix == "gate_up_proj" else \
-            {"down_proj": None}
+        parts = gate_up if matrix == "gate_up_proj" else {"down_proj": None}
         for e in range(count):
             for part, rows in parts.items():
-                view[f"{prefix}.mlp.experts.{e}.{part}.{'bias' if bias else 'weight'}"] = StoredTensor(
+                view[f"{prefix}{owner}{e}.{part}.{'bias' if bias else 'weight'}"] = StoredTensor(
                     name, None if rows is None else rows[:2], expert=e, transposed=not bias and kind == matrix,
                     mxfp4=kind.endswith("_blocks"), row_step=1 if rows is None else rows[2])
     return view

@@ -142,12 +142,14 @@ class PagedAttention:
         v_cache.view(-1, *v_cache.shape[2:])[self.write_slots] = _cache_values(v, v_cache.dtype)
 
     def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float,
-               window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
+               window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None,
+               temperature: bool = True) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
         each token sees only the last `window` positions up to its own; softcap > 0: scores capped; sinks
-        (heads,) fp32 on q's device: each head's attention sink (gpt-oss), or None."""
+        (heads,) fp32 on q's device: each head's attention sink (gpt-oss), or None; temperature: the
+        queries scaled by query_scales where there are some (Llama 4: in its NoPE layers only)."""
         c = self.context
-        if self.query_scales is not None:
+        if temperature and self.query_scales is not None:
             q = q * self.query_scales
         if self.use_triton:
             from lcq.kernels.paged_attention import decode_attention, prefill_attention

@@ -19,7 +19,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3MoeForCausalLM": "qwen3_moe", "MixtralForCausalLM": "mixtral",
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
-                           "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss"}
+                           "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
+                           "Llama4ForCausalLM": "llama4_text"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -80,14 +81,21 @@ class ModelConfig:
     shared_expert: bool = False  # Qwen2-MoE: a gated MLP every token runs too, scaled by sigmoid(gate . x)
     router_bias: bool = False  # gpt-oss: the router's scores have a bias, its experts' matrices too
     moe_layers: list[bool] = field(default_factory=list)
+    shared_expert_gated: bool = True  # the shared expert's output scaled by sigmoid(gate . x) (Qwen2-MoE), else as is
+    # Llama 4: the router's weights are the sigmoid of the chosen experts' scores and scale each expert's
+    # input, and the experts' outputs are summed as they are; else softmax weights scale the outputs
+    expert_input_weights: bool = False
+    mlp_name: str = "mlp"  # the MLP's (or mixture's) module in a layer (Llama 4: feed_forward)
+    qk_l2_norm: bool = False  # Llama 4: query and key heads scaled to unit RMS after rotation, in rotary layers
     norm_offset: float = 0.0  # norms multiply by offset + w (Gemma stores w - 1)
     query_scale: float | None = None  # scores' factor (Gemma: query_pre_attn_scalar^-0.5); None: head_dim^-0.5
     logit_softcap: float | None = None  # logits = cap * tanh(logits / cap)
     logit_scale: float = 1.0  # logits times it (Cohere), folded into the final norm's weight by the loader
     attention_softcap: float = 0.0  # Gemma 2: scores = cap * tanh(scores / cap) before the softmax; 0: none
-    # Ministral 3 (Llama 4's attention temperature): (beta, span), queries at position p multiplied by
-    # 1 + beta * log(1 + floor(p / span)) (layers.query_temperatures); None: none
-    query_temperature: tuple[float, int] | None = None
+    # Ministral 3's and Llama 4's attention temperature: (beta, span, shift), queries at position p multiplied
+    # by 1 + beta * log(1 + floor((p + shift) / span)) (layers.query_temperatures); None: none
+    query_temperature: tuple[float, int, int] | None = None
+    temperature_layers: list[bool] = field(default_factory=list)  # where it applies (Llama 4: its NoPE layers)
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
     # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
     source_config: dict | None = field(default=None, repr=False)
@@ -114,7 +122,7 @@ class ModelConfig:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         if c.get("qk_layernorm"):  # StableLM 2 12B's LayerNorms of each query and key head
             raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
-        if c.get("use_qk_norm"):  # Command R+'s LayerNorms of each query and key head
+        if c.get("use_qk_norm") and c["model_type"] in ("cohere", "cohere2"):  # Command R+'s per-head LayerNorms
             raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
             raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
@@ -138,9 +146,9 @@ class ModelConfig:
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "hunyuan_v1_dense"),
-            qk_norm_after_rotary=c["model_type"] == "hunyuan_v1_dense",
+            qk_norm_after_rotary=c["model_type"] in ("hunyuan_v1_dense", "llama4_text"),
             rope=family.pop("rope", rope),
-            **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c),
+            **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
@@ -155,6 +163,8 @@ class ModelConfig:
             self.rope_layers = [True] * self.num_layers
         if not self.moe_layers:
             self.moe_layers = [False] * self.num_layers
+        if not self.temperature_layers:
+            self.temperature_layers = [self.query_temperature is not None] * self.num_layers
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
@@ -190,11 +200,25 @@ def _layer_type_ropes(c: dict, folder: str | Path, full_theta: float, local_thet
     return dict(rope=rope, rope_local=rope_local)
 
 
-def _query_temperature(c: dict, rope: dict) -> tuple[float, int] | None:
+def _query_temperature(c: dict, rope: dict) -> tuple[float, int, int] | None:
     """Ministral 3's query temperature: llama_4_scaling_beta of its rotary settings over their original
-    context length."""
+    context length; Llama 4's (attn_temperature_tuning): attn_scale over floor_scale, from position p + 1."""
+    if c["model_type"] == "llama4_text":
+        tuning = c.get("attn_temperature_tuning", True)
+        return (float(c.get("attn_scale", 0.1)), int(c.get("floor_scale", 8192)), 1) if tuning else None
     beta = rope.get("llama_4_scaling_beta") if c["model_type"] == "ministral3" else None
-    return None if not beta else (float(beta), int(rope["original_max_position_embeddings"]))
+    return None if not beta else (float(beta), int(rope["original_max_position_embeddings"]), 0)
+
+
+def _llama4_fields(c: dict) -> dict:
+    """Llama 4's layer beside Llama's: the MLP under feed_forward, rotary pairs adjacent (its complex
+    rotation), unweighted per-head norms of the rotated queries and keys (use_qk_norm), the attention
+    temperature in its NoPE layers only."""
+    if c["model_type"] != "llama4_text":
+        return {}
+    nope = [not rope for rope in _rope_layers(c)]
+    return dict(mlp_name="feed_forward", rotary_interleaved=True, qk_l2_norm=bool(c.get("use_qk_norm", True)),
+                temperature_layers=nope)
 
 
 def _gpt_oss_fields(c: dict) -> dict:
@@ -220,6 +244,13 @@ def _experts(c: dict) -> dict:
                     experts_per_token=c["num_experts_per_tok"],
                     norm_topk_prob=kind == "mixtral" or bool(c.get("norm_topk_prob", False)),
                     moe_layers=[True] * layers)
+    if kind == "llama4_text":  # a shared expert beside the routed ones, every interleave_moe_layer_step-th layer
+        step = c.get("interleave_moe_layer_step") or 1
+        moe = c.get("moe_layers")
+        moe = set(range(step - 1, layers, step) if moe is None else moe)
+        return dict(num_experts=c.get("num_local_experts", 16), experts_per_token=c.get("num_experts_per_tok", 1),
+                    shared_expert=True, shared_expert_gated=False, expert_input_weights=True,
+                    moe_layers=[i in moe for i in range(layers)])
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:
         return {}
@@ -287,7 +318,7 @@ def _rope_layers(c: dict) -> list[bool]:
         return [not c.get("sliding_window") or kind == "sliding_attention" for kind in types]
     if c["model_type"] == "cohere2":  # only its sliding-window layers turn (Command R7B, Command A)
         return [kind == "sliding_attention" for kind in c.get("layer_types") or _cohere2_layer_types(c)]
-    if c["model_type"] != "smollm3":
+    if c["model_type"] not in ("smollm3", "llama4_text"):
         return []
     interval = c.get("no_rope_layer_interval", 4)
     flags = c.get("no_rope_layers") or [(i + 1) % interval != 0 for i in range(c["num_hidden_layers"])]
@@ -300,4 +331,6 @@ def _context_length(c: dict, rope: dict) -> int:
     span = c.get("max_position_embeddings", 4096)
     if rope["rope_type"] == "yarn":
         span = max(span, int(rope["original_max_position_embeddings"] * rope["factor"]))
+    if c["model_type"] == "llama4_text":  # its rotary layers attend within chunks, which lcq does not cut (yet)
+        span = min(span, c.get("attention_chunk_size") or span)
     return span

@@ -59,8 +59,9 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm:
-            return None  # (a mixture of experts, and LayerNorms, run in the Python layers)
+        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm or \
+                len(set(c.temperature_layers)) > 1:
+            return None  # (a mixture of experts, LayerNorms and a temperature in some layers: the Python layers)
         entries: list[torch.Tensor | int | None] = []
         for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp

@@ -89,11 +89,11 @@ def rope_settings(config: dict) -> dict:
     return params
 
 
-def query_temperatures(positions: torch.Tensor, beta: float, span: int) -> torch.Tensor:
-    """Llama 4's attention temperature, as Ministral 3 applies it: each query at position p multiplied by
-    1 + beta * log(1 + floor(p / span)), so that attention stays sharp past the original context (1
-    before `span`)."""
-    return 1 + beta * torch.log1p(torch.floor(positions.float() / span))
+def query_temperatures(positions: torch.Tensor, beta: float, span: int, shift: int = 0) -> torch.Tensor:
+    """Llama 4's attention temperature: each query at position p multiplied by 1 + beta * log(1 + floor((p
+    + shift) / span)), so that attention stays sharp past `span` tokens (1 before; Ministral 3 counts
+    from p, Llama 4 from p + 1)."""
+    return 1 + beta * torch.log1p(torch.floor((positions.float() + shift) / span))
 
 
 def rotary_frequencies(head_dim: int, rope: dict, context: int) -> tuple[torch.Tensor, float]:

@@ -1,4 +1,4 @@
-"""A Llama-family decoder (Llama 2/3, Mistral, Ministral 3, Qwen2, Qwen3, SmolLM2/3, OLMo 2, EXAONE 4, Gemma 2/3)
+"""A Llama-family decoder (Llama 2/3/4, Mistral, Ministral 3, Qwen2, Qwen3, SmolLM2/3, OLMo 2, EXAONE 4, Gemma 2/3)
 over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
@@ -12,7 +12,10 @@ outputs, and its q/k norms span the whole projections; EXAONE 4 is that layer wi
 three sliding-window layers to each global one, the global ones NoPE. Ministral 3 is Mistral's layer
 with its queries scaled by a temperature that grows with the position past its original context.
 gpt-oss is Llama's layer with biases on every projection, attention sinks, a sliding window every other
-layer and a mixture of experts whose SwiGLU is clamped.
+layer and a mixture of experts whose SwiGLU is clamped. Llama 4 is Llama's layer with adjacent rotary
+pairs, unweighted norms of the rotated queries and keys, NoPE layers (every fourth) whose queries take
+Ministral 3's temperature, and mixtures whose router weights scale the experts' inputs, beside a shared
+expert.
 """
 from __future__ import annotations
 
@@ -47,8 +50,8 @@ def project(linear: torch.nn.Module, name: str, x: torch.Tensor, lora: LoRABatch
 
 class Attention(torch.nn.Module):
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype,
-                 window: int):
-        """window: a sliding-window layer's span in tokens, 0 for full attention."""
+                 index: int):
+        """index: the decoder layer's, which says its sliding window and whether it rotates."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
@@ -57,12 +60,14 @@ class Attention(torch.nn.Module):
         self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
         q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
             (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
-        self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm else None
-        self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm else None
+        unweighted = config.qk_l2_norm and config.rope_layers[index]  # Llama 4's: its weights stay 1
+        self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
+        self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
         self.norm_after_rotary = config.qk_norm_after_rotary
         self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
-        self.window, self.softcap = window, config.attention_softcap
+        self.window, self.softcap = config.layer_windows[index], config.attention_softcap
+        self.temperature = config.temperature_layers[index]
         self.sinks = torch.nn.Parameter(torch.empty(self.num_heads), requires_grad=False) \
             if config.attention_sinks else None  # fp32, as the attention kernels read them
         self.k_cache = self.v_cache = torch.empty(0)
@@ -77,7 +82,8 @@ class Attention(torch.nn.Module):
         if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
             self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
         attention.write(k, v, self.k_cache, self.v_cache)
-        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks)
+        out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks,
+                               self.temperature)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
@@ -113,14 +119,15 @@ def model_norm(config: ModelConfig, dtype: torch.dtype) -> RMSNorm:
 
 
 class MixtureOfExperts(torch.nn.Module):
-    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, gpt-oss): a full-precision router (gpt-oss's
-    with a bias) scores the experts (softmax in fp32), each token runs through its experts_per_token best
-    (their weights renormalized to sum to 1 where norm_topk_prob: gpt-oss's softmax over the chosen
-    scores), and their outputs are summed by those weights; with
-    a shared expert (Qwen2-MoE), plus that one's output times sigmoid(shared_expert_gate . x). Each
-    expert is a gated MLP of LCQ (or dense) layers; only the experts some token chose run, each over
-    its tokens, or, once stack_experts() has stacked packed experts, all of them in one grouped
-    product per matrix kind, routed on the device."""
+    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Llama 4): a full-precision router
+    (gpt-oss's with a bias) scores the experts (softmax in fp32), each token runs through its
+    experts_per_token best (their weights renormalized to sum to 1 where norm_topk_prob: gpt-oss's softmax
+    over the chosen scores), and their outputs are summed by those weights; Llama 4's weights are the
+    sigmoid of the chosen scores and scale the experts' inputs instead (expert_input_weights). With a
+    shared expert (Qwen2-MoE, Llama 4), plus that one's output, times sigmoid(shared_expert_gate . x) where
+    it has a gate (Qwen2-MoE). Each expert is a gated MLP of LCQ (or dense) layers; only the experts some
+    token chose run, each over its tokens, or, once stack_experts() has stacked packed experts, all of
+    them in one grouped product per matrix kind, routed on the device."""
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
@@ -133,8 +140,9 @@ class MixtureOfExperts(torch.nn.Module):
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
         self.shared_expert = MLP(config, f"{prefix}.shared_expert", make_linear) \
             if config.shared_expert else None
-        self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
-                                                     requires_grad=False) if config.shared_expert else None
+        self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype), requires_grad=False) \
+            if config.shared_expert and config.shared_expert_gated else None
+        self.input_weights = config.expert_input_weights
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
@@ -152,8 +160,12 @@ class MixtureOfExperts(torch.nn.Module):
         return True
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        probs = torch.softmax(torch.nn.functional.linear(x, self.router, self.router_bias), dim=-1, dtype=torch.float32)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        scores = torch.nn.functional.linear(x, self.router, self.router_bias)
+        if self.input_weights:  # Llama 4: the sigmoid of the chosen scores
+            top, chosen = scores.topk(self.top_k, dim=-1)
+            weights = torch.sigmoid(top.float())
+        else:
+            weights, chosen = torch.softmax(scores, dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         weights = weights.to(x.dtype)
@@ -163,10 +175,16 @@ class MixtureOfExperts(torch.nn.Module):
             out = torch.zeros_like(x)
             for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
                 rows, slots = (chosen == expert).nonzero(as_tuple=True)
-                out.index_add_(0, rows, self.experts[expert](x[rows], None) * weights[rows, slots, None])
+                weight = weights[rows, slots, None]
+                if self.input_weights:
+                    out.index_add_(0, rows, self.experts[expert](x[rows] * weight, None))
+                else:
+                    out.index_add_(0, rows, self.experts[expert](x[rows], None) * weight)
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(torch.nn.functional.linear(x, self.shared_expert_gate)) * \
-                self.shared_expert(x, None)
+            shared = self.shared_expert(x, None)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(torch.nn.functional.linear(x, self.shared_expert_gate)) * shared
+            out = out + shared
         return out
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
@@ -175,9 +193,12 @@ class MixtureOfExperts(torch.nn.Module):
         if x.shape[0] == 0:
             return torch.zeros_like(x)
         routes = ExpertRoutes.of(chosen, self.gate_up_experts.experts.num_experts)
-        activated = gated(self.gate_up_experts(x, routes, self.top_k), self.activation, *self.swiglu)
-        down = self.down_experts(activated, routes, 1).view(*chosen.shape, -1)
-        return (down * weights.unsqueeze(-1)).sum(dim=1)
+        if self.input_weights:  # each choice's own input: the token's scaled by its weight
+            hidden = self.gate_up_experts((x.unsqueeze(1) * weights.unsqueeze(-1)).flatten(0, 1), routes, 1)
+        else:
+            hidden = self.gate_up_experts(x, routes, self.top_k)
+        down = self.down_experts(gated(hidden, self.activation, *self.swiglu), routes, 1).view(*chosen.shape, -1)
+        return down.sum(dim=1) if self.input_weights else (down * weights.unsqueeze(-1)).sum(dim=1)
 
 
 class DecoderLayer(torch.nn.Module):
@@ -192,10 +213,11 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, config.layer_windows[index])
+        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
-        self.mlp = MixtureOfExperts(config, f"{prefix}.mlp", make_linear, dtype) if config.moe_layers[index] else \
-            MLP(config, f"{prefix}.mlp", make_linear)
+        mlp = f"{prefix}.{config.mlp_name}"
+        self.mlp = MixtureOfExperts(config, mlp, make_linear, dtype) if config.moe_layers[index] else \
+            MLP(config, mlp, make_linear)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
 

@@ -44,7 +44,7 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
-ROUTER_NAMES = {"gpt_oss": "router"}  # a mixture's router, where it is not mlp.gate
+ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router"}  # a mixture's router, where it is not gate
 QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
@@ -119,11 +119,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             if config.attention_sinks:  # fp32, whatever the model's dtype
                 layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
-                layer.mlp.router.copy_(read(f"model.layers.{i}.mlp.{router}.weight"))
+                mlp = f"model.layers.{i}.{config.mlp_name}"
+                layer.mlp.router.copy_(read(f"{mlp}.{router}.weight"))
                 if config.router_bias:
-                    layer.mlp.router_bias.copy_(read(f"model.layers.{i}.mlp.{router}.bias"))
-                if config.shared_expert:
-                    layer.mlp.shared_expert_gate.copy_(read(f"model.layers.{i}.mlp.shared_expert_gate.weight"))
+                    layer.mlp.router_bias.copy_(read(f"{mlp}.{router}.bias"))
+                if layer.mlp.shared_expert_gate is not None:
+                    layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
             _use_packed_head(model, reader, read, device, cache_dense)
         else:

@@ -16,7 +16,7 @@ from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, Vie
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
                          "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
-                         "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss")
+                         "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -83,11 +83,7 @@ class SplitExperts(torch.nn.ModuleList):
     def __init__(self, experts: torch.nn.Module):
         count, rows, columns = experts.gate_up_proj.shape
         hidden, width = (rows, columns // 2) if experts.is_transposed else (columns, rows // 2)
-        settings = dict(bias=experts.has_bias, device=experts.gate_up_proj.device, dtype=experts.gate_up_proj.dtype)
-        super().__init__(torch.nn.ModuleDict({
-            "gate_proj": torch.nn.Linear(hidden, width, **settings),
-            "up_proj": torch.nn.Linear(hidden, width, **settings),
-            "down_proj": torch.nn.Linear(width, hidden, **settings)}) for _ in range(count))
+        super().__init__(_expert(hidden, width, experts.gate_up_proj, experts.has_bias) for _ in range(count))
         self.concatenated = experts.is_concatenated
         experts._parameters.clear()  # its 3-D tensors, which these replace; its gate function stays
         self.apply_gate = experts._apply_gate
@@ -104,15 +100,49 @@ class SplitExperts(torch.nn.ModuleList):
         return out
 
 
+class SplitLlama4Experts(torch.nn.ModuleList):
+    """Llama 4's experts (gate_up_proj (experts, hidden, 2 x width), gate columns then up's, and down_proj
+    (experts, width, hidden), each (in, out)) as experts.{e}.gate_proj, up_proj and down_proj, each a Linear.
+    transformers runs every expert over every token, its input times the router's weight, 0 where the
+    expert was not chosen; this runs each expert over the rows it was chosen for (a zero row, without
+    biases, gives a zero output), the same sums."""
+
+    def __init__(self, experts: torch.nn.Module):
+        count, hidden, columns = experts.gate_up_proj.shape
+        super().__init__(_expert(hidden, columns // 2, experts.gate_up_proj, False) for _ in range(count))
+        self.activation = experts.act_fn.forward  # (the module itself would join the list)
+
+    def forward(self, routed_in: torch.Tensor) -> torch.Tensor:
+        """routed_in (experts x tokens, hidden), expert-major -> the same shape."""
+        x = routed_in.view(len(self), -1, routed_in.shape[-1])
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self):
+            rows = x[e].ne(0).any(-1).nonzero().squeeze(1)
+            chosen = x[e, rows]
+            out[e, rows] = expert["down_proj"](self.activation(expert["gate_proj"](chosen)) * expert["up_proj"](chosen))
+        return out.view(routed_in.shape)
+
+
+def _expert(hidden: int, width: int, like: torch.Tensor, bias: bool) -> torch.nn.ModuleDict:
+    """An expert's gate_proj, up_proj and down_proj as Linears, on the device and in the dtype of `like`."""
+    settings = dict(bias=bias, device=like.device, dtype=like.dtype)
+    return torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(hidden, width, **settings),
+                                "up_proj": torch.nn.Linear(hidden, width, **settings),
+                                "down_proj": torch.nn.Linear(width, hidden, **settings)})
+
+
 def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     """A transformers decoder layer with its MLP's matrices as checkpoints store them and lcq quantizes
     them, each a Linear: GLM-4-0414's gate_up_proj as gate_proj and up_proj (SplitGatedMLP), a mixture's
-    experts one by one (SplitExperts)."""
-    if hasattr(layer.mlp, "gate_up_proj"):
-        layer.mlp = SplitGatedMLP(layer.mlp)
-    experts = getattr(layer.mlp, "experts", None)
+    experts one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts)."""
+    owner = "feed_forward" if hasattr(layer, "feed_forward") else "mlp"
+    mlp = getattr(layer, owner)
+    if hasattr(mlp, "gate_up_proj"):
+        setattr(layer, owner, mlp := SplitGatedMLP(mlp))
+    experts = getattr(mlp, "experts", None)
     if experts is not None and isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
-        layer.mlp.experts = SplitExperts(experts)
+        mlp.experts = SplitLlama4Experts(experts) if type(experts).__name__ == "Llama4TextExperts" else \
+            SplitExperts(experts)
     return layer
 
 
