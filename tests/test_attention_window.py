@@ -1,5 +1,6 @@
 """Sliding-window attention (window W > 0: the query at position i sees the positions j with
-i - W < j <= i), Gemma 2's soft-capped scores (C > 0: each score s becomes C tanh(s / C) before the
+i - W < j <= i), chunked attention (window -C < 0, Llama 4's: the positions j <= i of i's chunk,
+j // C = i // C), Gemma 2's soft-capped scores (C > 0: each score s becomes C tanh(s / C) before the
 softmax) and gpt-oss's attention sinks (one more key per head, of a learned score and value zero) in every
 attention path, against a dense reference: each sequence's K/V gathered from the cache, the explicit mask,
 torch.softmax, in float64.
@@ -76,7 +77,9 @@ def dense_attention(q, k_cache, v_cache, context, block_size, scale, window, sof
         slots = context.block_tables[i].long()[keys // block_size] * block_size + keys % block_size
         k, v = (rows[slots].repeat_interleave(group, 1) for rows in (k_rows, v_rows))  # (length, heads, d)
         positions = torch.arange(length - (end - begin), length).unsqueeze(1)
-        seen = (keys <= positions) & ((keys > positions - window) if window else True)
+        beyond = (keys > positions - window) if window > 0 else (keys // -window == positions // -window) \
+            if window < 0 else True
+        seen = (keys <= positions) & beyond
         scores = torch.einsum("qhd,khd->hqk", q[begin:end].double(), k) * scale
         if softcap:
             scores = softcap * torch.tanh(scores / softcap)
@@ -146,6 +149,36 @@ def test_c_window_matches_dense_reference(monkeypatch, new, cached, heads, kv_he
                                           block_size):
     _check_paged_attention(monkeypatch, True, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
                            block_size)
+
+
+# Chunks of 1 (each query its own key); within a block of 4; not a multiple of the block size; past a key chunk
+# of the C prefill (32) and not a multiple of it; past the first part of a long decode context; past every context
+CHUNKS = pytest.mark.parametrize("chunk", [1, 6, 33, 301, 1000])
+
+
+@CHUNKS
+@CASES
+@pytest.mark.parametrize("path, cache_dtype", [("torch", torch.float32), ("torch", torch.float16),
+                                               *(("c", dtype) for dtype in (torch.float32, torch.int8)
+                                                 if cpu_ops.usable())])
+def test_chunked_attention_matches_dense_reference(monkeypatch, path, new, cached, cache_dtype, chunk):
+    """Llama 4's chunked attention (window -chunk) in the torch path and the C kernels (decode, decode in
+    parts past 32 blocks, prefill tiles), GQA."""
+    _check_paged_attention(monkeypatch, path == "c", new, cached, 9, 3, 64, cache_dtype, -chunk)
+
+
+@pytest.mark.parametrize("chunk", [1, 6, 33, 1000])
+@pytest.mark.parametrize("new, cached", [([1, 1, 1], [0, 6, 36]), ([1, 1], [4, -1]), ([7, 1, 3], [0, 5, 9]),
+                                         ([50, 2, 1], [70, 100, 0])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_chunked_attention_matches_dense_reference(new, cached, dtype, chunk):
+    """The Triton kernels with chunks (under the interpreter without a GPU), 4 query heads on 2 kv heads."""
+    k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
+    q = torch.randn(sum(new), 4, 64, dtype=dtype)
+    out = _triton_attention(q, k_cache, v_cache, context, 0.125, -chunk)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, -chunk).to(dtype)
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
 
 
 @needs_cpu_ops

@@ -303,10 +303,11 @@ def test_stacked_experts_follow_transformers(tmp_path, arch):
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_llama4_follows_transformers(tmp_path, monkeypatch, top_k, c_ops):
     """Llama 4 (Llama4ForCausalLM): adjacent rotary pairs with llama3 scaling, unweighted norms of the rotated
-    queries and keys, a NoPE fourth layer whose queries take the temperature (rising every 4 positions
-    here), mixtures every other layer whose router's sigmoid weights scale the chosen experts' inputs
-    (1 of 4 as Llama 4 has it, 2 too), a shared expert beside them. Our model against transformers' own
-    class, prompts past several temperature steps prefilled in chunks and decoded."""
+    queries and keys, rotary layers attending within chunks (of 8 here), a NoPE fourth layer attending
+    over all and whose queries take the temperature (rising every 4 positions here), mixtures every other
+    layer whose router's sigmoid weights scale the chosen experts' inputs (1 of 4 as Llama 4 has it, 2
+    too), a shared expert beside them. Our model against transformers' own class, prompts past several
+    attention chunks and temperature steps prefilled in pieces and decoded."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
@@ -314,6 +315,7 @@ def test_llama4_follows_transformers(tmp_path, monkeypatch, top_k, c_ops):
     model, config = load_model(folder)
     assert (config.num_experts, config.experts_per_token, config.moe_layers) == (4, top_k, [False, True, False, True])
     assert config.rope_layers == [True, True, True, False] and config.temperature_layers == [False] * 3 + [True]
+    assert config.layer_chunks == [8, 8, 8, 0] and config.max_position_embeddings == 256
     assert config.query_temperature == (0.5, 4, 1) and config.rotary_interleaved and config.mlp_name == "feed_forward"
     assert [layer.self_attn.q_norm is not None for layer in model.layers] == [True, True, True, False]
     reference = transformers.Llama4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

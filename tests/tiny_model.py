@@ -121,10 +121,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      rope_parameters={"rope_type": "yarn", "rope_theta": 150_000.0, "factor": 8.0, "beta_fast": 32.0,
                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32})
     if arch == "llama4":  # as Llama 4 Maverick: experts (1 of 4 a token, and a shared one) every other layer;
-        # the fourth layer NoPE, its temperature rising every 4 positions here (Scout's: 8192); llama3 scaling
+        # the fourth layer NoPE (full attention), its temperature rising every 4 positions here, the others
+        # attending within chunks of 8 (Scout's: 8192 both); llama3 scaling
         sizes.update(num_hidden_layers=4, head_dim=24, num_local_experts=4, num_experts_per_tok=1,
                      interleave_moe_layer_step=2, intermediate_size=64, intermediate_size_mlp=160, floor_scale=4,
-                     attn_scale=0.5, attention_chunk_size=256,
+                     attn_scale=0.5, attention_chunk_size=8,
                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 64})

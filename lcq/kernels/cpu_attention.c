@@ -406,9 +406,12 @@ static void combine_parts(const float *parts, int count, int64_t stride, int hea
     }
 }
 
-/* The first position a query at position length - 1 sees: 0, or the first of its sliding window of
- * `window` positions (0: none). */
+/* The first position a query at position length - 1 sees: 0, the first of its sliding window of
+ * `window` positions (window > 0), or of its chunk of -window positions (window < 0: Llama 4's chunked
+ * attention). */
 static inline int window_start(int length, int window) {
+    if (window < 0)
+        return length > 0 ? (length - 1) / -window * -window : 0;
     return window > 0 && length > window ? length - window : 0;
 }
 
@@ -459,9 +462,9 @@ static decode_task task_of(const decode_plan *p, int task) {
 }
 
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, or with a sliding
- * window (window > 0) the last `window` of them, read through the block table from caches (blocks,
- * block_size, kv_heads, head row) of the given form (cpu_cache.h); the tokens before the window are
- * not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them. sinks (heads), or NULL:
+ * window (window > 0) the last `window` of them, with chunks (window < 0) those of its chunk, read
+ * through the block table from caches (blocks, block_size, kv_heads, head row) of the given form
+ * (cpu_cache.h); the tokens before the window or chunk are not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them. sinks (heads), or NULL:
  * each head's attention sink (gpt-oss; sink_share), added once per sequence and head, by the task
  * that reads its whole context or by combine_parts.
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
@@ -654,7 +657,7 @@ LCQ_BF16 static void pair_tile_product(const uint32_t *a, int64_t lda, const uin
 
 /* Fold a chunk's scores into the running softmax of each row: row r (at position first_position +
  * r / group) sees the chunk's keys up to its position and below `count`, and with a sliding window
- * (window > 0) none before its window; its scores become weights exp(score - top), and its outputs
+ * or attention chunks (window != 0: window_start) none before its window's or chunk's first; its scores become weights exp(score - top), and its outputs
  * and total are rescaled to the new top. */
 static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count, int window,
                           float softcap, int padded_dim) {
@@ -846,7 +849,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
  * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
- * last `window` of those; softcap > 0 caps the scores (cap_scores); sinks (heads), or NULL: each head's
+ * last `window` of those, with chunks (window < 0) those of its own chunk; softcap > 0 caps the scores (cap_scores); sinks (heads), or NULL: each head's
  * attention sink (sink_share), added where a task normalises its rows. q: (tokens, heads, head_dim) with
  * q_stride floats between tokens; out:
  * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new

@@ -142,7 +142,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query token per sequence, q (seqs, heads, head_dim), over its cached tokens (caches of
-    cache_shape), or with window > 0 over the last `window` of them (only those are read) -> same shape.
+    cache_shape), or with window > 0 over the last `window` of them, with window < 0 over those of its chunk
+    of -window positions (only those are read) -> same shape.
     softcap > 0: scores become softcap * tanh(score / softcap) before the softmax (Gemma 2). sinks (heads,)
     fp32: each head's attention sink (gpt-oss), one more key of that score and value zero, or None."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
@@ -201,7 +202,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
     cached tokens up to its own position (their K/V already written), or with window > 0 over the last
-    `window` of those -> same shape; softcap and sinks as decode_attention's. Sequences are staged and attended
+    `window` of those, with window < 0 over those of its chunk -> same shape; softcap and sinks as decode_attention's. Sequences are staged and attended
     in groups of at most stage_limit_floats staged values (or one sequence)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()

@@ -10,9 +10,10 @@ block table (so any block size works), with an online softmax in fp32:
   sequence with n new tokens and context length L sits at position L - n + j and sees the cached
   tokens 0 .. L - n + j (a cached prefix plus the causal part of its own chunk).
 With a sliding window of W (WINDOW > 0, a constant: Gemma 3's layers use one W or none) a query at
-position i sees only the tokens i - W + 1 .. i: the loops start at the tile holding the first token
-that a program's first query sees, and the tile where a window begins is masked; WINDOW 0 compiles
-the full-attention kernels. SOFTCAP > 0 (Gemma 2, a constant) caps every score to
+position i sees only the tokens i - W + 1 .. i; with chunks of C (WINDOW = -C: Llama 4's chunked
+attention) the tokens from i - i mod C to i: the loops start at the tile holding the first token
+that a program's first query sees, and the tile where a window or chunk begins is masked; WINDOW 0
+compiles the full-attention kernels. SOFTCAP > 0 (Gemma 2, a constant) caps every score to
 SOFTCAP * tanh(score / SOFTCAP) before the masks and the softmax; 0 compiles no cap. HAS_SINKS (gpt-oss)
 reads one fp32 attention sink per query head, a key of that score (never capped) and value zero, added
 once to each row's softmax sum before the division, as exp(sink - the running max); False compiles none.
@@ -98,6 +99,20 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION: tl.constexpr, EMPT
 
 
 @triton.jit
+def _first_key(position, WINDOW: tl.constexpr):
+    """The first position a query at `position` sees: its sliding window's (WINDOW > 0), its chunk's
+    (WINDOW < 0: chunks of -WINDOW positions), or 0. (Positions below 0, of padding, count as 0: the
+    interpreter's integer division floors where compiled code truncates.)"""
+    if WINDOW > 0:
+        first = tl.maximum(position - WINDOW + 1, 0)
+    elif WINDOW < 0:
+        first = tl.maximum(position, 0) // -WINDOW * -WINDOW
+    else:
+        first = position * 0
+    return first
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, scale,
                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -117,13 +132,11 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
     m_i = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_ROWS,), tl.float32)
     acc = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
-    lowest = 0  # the first token the query sees
-    if WINDOW > 0:
-        lowest = tl.maximum(length - WINDOW, 0)
+    lowest = _first_key(length - 1, WINDOW)  # the first token the query sees
     for start in range(lowest // BLOCK_N * BLOCK_N, length, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_mask = t < length
-        if WINDOW > 0:
+        if WINDOW != 0:
             t_mask = t_mask & (t >= lowest)
         rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
         kv_mask = t_mask[:, None] & d_mask[None, :]
@@ -165,9 +178,7 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-        lowest = 0  # the first token the tile's first query sees
-        if WINDOW > 0:
-            lowest = tl.maximum(length - num_new + m0 - WINDOW + 1, 0)
+        lowest = _first_key(length - num_new + m0, WINDOW)  # the first token the tile's first query sees
         for start in range(lowest // BLOCK_N * BLOCK_N, end, BLOCK_N):
             t = start + tl.arange(0, BLOCK_N)
             t_mask = t < end
@@ -177,11 +188,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_pt
             v = tl.load(v_cache_ptr + rows + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
             visible = t_mask[None, :] & (t[None, :] <= positions[:, None])
-            if WINDOW > 0:
-                visible = visible & (t[None, :] > positions[:, None] - WINDOW)
+            if WINDOW != 0:
+                visible = visible & (t[None, :] >= _first_key(positions, WINDOW)[:, None])
             scores = tl.where(visible, scores, float("-inf"))
-            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, WINDOW > 0)
-        if WINDOW > 0:  # a row past the new tokens (not stored) may see no key of its window: 0 / 0
+            m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, WINDOW != 0)
+        if WINDOW != 0:  # a row past the new tokens (not stored) may see no key of its window or chunk: 0 / 0
             l_i = tl.maximum(l_i, 1e-30)
         if HAS_SINKS:
             l_i = l_i + tl.exp(tl.load(sinks_ptr + head) - m_i)
@@ -203,7 +214,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d); window > 0:
-    over the last `window` cached tokens only; softcap > 0: scores capped (Gemma 2); sinks (heads,) fp32
+    over the last `window` cached tokens only, window < 0 over its chunk of -window positions; softcap > 0: scores capped (Gemma 2); sinks (heads,) fp32
     on q's device: each head's attention sink (gpt-oss), or None."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
@@ -225,7 +236,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       ) -> torch.Tensor:
     """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
     in the cache after their sequence's prefix -> (T, heads, d); window > 0: each over the last
-    `window` positions up to its own; softcap > 0: scores capped (Gemma 2); sinks as decode_attention's."""
+    `window` positions up to its own, window < 0 over its chunk of -window positions up to its own; softcap > 0: scores capped (Gemma 2); sinks as decode_attention's."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1

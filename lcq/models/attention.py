@@ -12,7 +12,8 @@ batching all sequences of a decode step together.
 
 attend(..., window=W) with W > 0 is sliding-window attention (Gemma 3's local layers): the token at
 position i sees the positions i - W + 1 .. i, and every path reads only those cache rows (the
-kernels from the block or key tile where it begins); window 0 is full causal attention.
+kernels from the block or key tile where it begins); with W < 0 chunked attention (Llama 4's rotary
+layers): the positions from i - i mod -W to i, its own chunk's; window 0 is full causal attention.
 attend(..., softcap=C) with C > 0 caps every score to C * tanh(score / C) before the softmax (Gemma 2);
 torch's fused kernels have no such step, so the torch path then writes the product out.
 attend(..., sinks=S) gives query head h an attention sink (gpt-oss), one more key of score S[h] (never capped)
@@ -31,6 +32,17 @@ from lcq.kernels import cpu_ops
 from .context import ForwardContext
 
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def first_key(position, window: int):
+    """The first cache position a query at `position` (an int or a tensor) sees: 0, the first of its
+    sliding window (window > 0), or of its chunk of -window positions (window < 0)."""
+    tensor = isinstance(position, torch.Tensor)
+    if window > 0:
+        return (position - window + 1).clamp_min(0) if tensor else max(0, position - window + 1)
+    if window < 0:
+        return (position.clamp_min(0) if tensor else max(0, position)) // -window * -window
+    return position * 0
 
 
 def _product(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -96,17 +108,18 @@ class PagedAttention:
         self.window_reads = {}  # window -> the torch path's reads with it (_reads)
 
     def _reads(self, window: int):
-        """What the torch path reads with a sliding window of `window` positions (0: none), worked out
-        at a layer's first call and kept for the step's other layers. Decode: the slots (seqs, keys) and
-        a mask of the keys each sequence sees, or None for all; prefill: per sequence (begin, end, first
-        key, length, mask), mask None for causal from the first key or one query."""
+        """What the torch path reads with a sliding window of `window` positions, or chunks of -window
+        (0: none), worked out at a layer's first call and kept for the step's other layers. Decode: the
+        slots (seqs, keys) and a mask of the keys each sequence sees, or None for all; prefill: per
+        sequence (begin, end, first key, length, mask), mask None for causal from the first key or one
+        query."""
         if window in self.window_reads:
             return self.window_reads[window]
         c, device = self.context, self.read_slots.device
         if not c.is_prefill:
-            t = torch.arange(window or c.max_context_len, device=device)
-            if window:  # each sequence's last `window` positions (its first `window` where it is shorter)
-                t = (c.context_lens.long() - window).clamp_min(0).unsqueeze(1) + t
+            t = torch.arange(abs(window) or c.max_context_len, device=device)
+            if window:  # each sequence's window or chunk, from its first position
+                t = first_key(c.context_lens.long() - 1, window).unsqueeze(1) + t
             seen = t < c.context_lens.unsqueeze(1)
             slots = self.read_slots.gather(1, t.clamp_max(c.max_context_len - 1)) if window else self.read_slots
             self.window_reads[window] = slots, None if bool(seen.all()) else seen.view(len(seen), 1, 1, -1)
@@ -117,12 +130,12 @@ class PagedAttention:
             begin, end = starts[i], starts[i + 1]
             n_new = end - begin
             first, mask = 0, None
-            if window and length > window:  # from the first new token's window on, each row its own window
-                first = max(0, length - n_new - window + 1)
+            if window and first_key(length - 1, window) > 0:  # from the first new token's window (or chunk)
+                first = first_key(length - n_new, window)  # on, each row its own
                 if n_new > 1:
                     query_pos = torch.arange(length - n_new, length, device=device).unsqueeze(1)
                     key_pos = torch.arange(first, length, device=device).unsqueeze(0)
-                    mask = (key_pos <= query_pos) & (key_pos > query_pos - window)
+                    mask = (key_pos <= query_pos) & (key_pos >= first_key(query_pos, window))
             elif 1 < n_new < length:  # a cached prefix before a chunk of several tokens
                 query_pos = torch.arange(length - n_new, length, device=device).unsqueeze(1)
                 mask = query_pos >= torch.arange(length, device=device).unsqueeze(0)
@@ -145,7 +158,8 @@ class PagedAttention:
                window: int = 0, softcap: float = 0.0, sinks: torch.Tensor | None = None,
                temperature: bool = True) -> torch.Tensor:
         """q (T, heads, d) of the new tokens, whose K/V are already written -> (T, heads, d); window > 0:
-        each token sees only the last `window` positions up to its own; softcap > 0: scores capped; sinks
+        each token sees only the last `window` positions up to its own, window < 0 its chunk's of
+        -window positions up to its own; softcap > 0: scores capped; sinks
         (heads,) fp32 on q's device: each head's attention sink (gpt-oss), or None; temperature: the
         queries scaled by query_scales where there are some (Llama 4: in its NoPE layers only)."""
         c = self.context
@@ -164,7 +178,7 @@ class PagedAttention:
                                                  scale, window=window, softcap=softcap, sinks=sinks)
             return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window,
                                             softcap, sinks)
-        if window >= c.max_context_len:  # a window past every context hides nothing
+        if abs(window) >= c.max_context_len:  # a window or chunk past every context hides nothing
             window = 0
         k_rows, v_rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
         if not c.is_prefill:  # (S, kv_heads, keys, d) for all sequences at once

@@ -58,6 +58,7 @@ class ModelConfig:
     rope: dict
     # Gemma 2 and 3 (the defaults are every other family's):
     layer_windows: list[int] = field(default_factory=list)  # per layer: sliding window in tokens, 0: full
+    layer_chunks: list[int] = field(default_factory=list)  # per layer: attention within chunks of so many tokens (Llama 4)
     rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
@@ -135,7 +136,7 @@ class ModelConfig:
         family = _gemma_fields(c, folder) if c["model_type"] in GEMMA else \
             _layer_type_ropes(c, folder, c.get("rope_theta", OLMO3_THETA), OLMO3_THETA) if c["model_type"] == "olmo3" \
             else {}
-        return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c),
+        return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c), layer_chunks=_layer_chunks(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
@@ -161,6 +162,8 @@ class ModelConfig:
             self.layer_windows = [0] * self.num_layers
         if not self.rope_layers:
             self.rope_layers = [True] * self.num_layers
+        if not self.layer_chunks:
+            self.layer_chunks = [0] * self.num_layers
         if not self.moe_layers:
             self.moe_layers = [False] * self.num_layers
         if not self.temperature_layers:
@@ -331,6 +334,15 @@ def _context_length(c: dict, rope: dict) -> int:
     span = c.get("max_position_embeddings", 4096)
     if rope["rope_type"] == "yarn":
         span = max(span, int(rope["original_max_position_embeddings"] * rope["factor"]))
-    if c["model_type"] == "llama4_text":  # its rotary layers attend within chunks, which lcq does not cut (yet)
-        span = min(span, c.get("attention_chunk_size") or span)
     return span
+
+
+def _layer_chunks(c: dict) -> list[int]:
+    """Llama 4's chunked attention: its layer_types' chunked_attention layers (by default its rotary ones,
+    as transformers reads the config) attend within chunks of attention_chunk_size tokens; [] for the
+    others."""
+    chunk = c.get("attention_chunk_size") if c["model_type"] == "llama4_text" else None
+    if not chunk:
+        return []
+    types = c.get("layer_types") or ["chunked_attention" if rope else "full_attention" for rope in _rope_layers(c)]
+    return [chunk if kind == "chunked_attention" else 0 for kind in types]

@@ -66,7 +66,9 @@ class Attention(torch.nn.Module):
         self.norm_after_rotary = config.qk_norm_after_rotary
         self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
-        self.window, self.softcap = config.layer_windows[index], config.attention_softcap
+        # a sliding window (> 0) or attention chunks (< 0: Llama 4), as PagedAttention.attend takes them
+        self.window = config.layer_windows[index] or -config.layer_chunks[index]
+        self.softcap = config.attention_softcap
         self.temperature = config.temperature_layers[index]
         self.sinks = torch.nn.Parameter(torch.empty(self.num_heads), requires_grad=False) \
             if config.attention_sinks else None  # fp32, as the attention kernels read them

@@ -282,22 +282,26 @@ class _Source:
     def block_inputs(self, index: int) -> Callable[[torch.Tensor], dict]:
         """inputs(hidden) of block_call for block `index`: the positions (Ministral 3 scales its queries by
         them), its rotary cos and sin (Gemma's sliding-window layers have their own), and for a
-        sliding-window layer whose windows are shorter than the calibration text, its mask (transformers'
-        blocks read none: SDPA's full causal attention otherwise). Eager attention (hf_config) infers
+        sliding-window (or chunked: Llama 4) layer whose windows (chunks) are shorter than the calibration
+        text, its mask (transformers' blocks read none: SDPA's full causal attention otherwise). Eager attention (hf_config) infers
         nothing, so there every block gets its mask, added to the scores (0 or -inf)."""
         kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
         per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None
+        chunk = self.config.attention_chunk_size if kind == "chunked_attention" else None  # Llama 4's
         eager = self.config._attn_implementation == "eager"
 
         def inputs(hidden: torch.Tensor) -> dict:
             length = hidden.shape[1]
             positions = torch.arange(length, device=hidden.device).unsqueeze(0)
             rope = self.rotary_module(hidden, positions, kind) if per_kind else self.rotary_module(hidden, positions)
-            if not eager and (not window or length <= window):
+            if not eager and (not window or length <= window) and (not chunk or length <= chunk):
                 return {"position_embeddings": rope, "position_ids": positions}
             offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
-            seen = ((offsets >= 0) & (offsets < (window or length)))[None, None]
+            seen = (offsets >= 0) & (offsets < (window or length))
+            if chunk:
+                seen &= (positions[0] // chunk).unsqueeze(1) == (positions[0] // chunk).unsqueeze(0)
+            seen = seen[None, None]
             mask = seen if not eager else torch.zeros(seen.shape, device=hidden.device).masked_fill(~seen, -torch.inf)
             return {"position_embeddings": rope, "position_ids": positions, "attention_mask": mask}
 
