@@ -286,7 +286,8 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     if arch == "llama4":  # its language model is a whole CausalLM
         model.language_model.load_state_dict(text.state_dict())
     else:
-        (getattr(model.model, "text_model", None) or model.model.language_model).load_state_dict(text.model.state_dict())
+        language = getattr(model.model, "text_model", None) or model.model.language_model
+        language.load_state_dict(text.model.state_dict())
         model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
     if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it (transformers picks it for the text folder)

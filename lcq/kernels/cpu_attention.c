@@ -464,9 +464,10 @@ static decode_task task_of(const decode_plan *p, int task) {
 /* One query token per sequence against its cached tokens 0 .. context_len - 1, or with a sliding
  * window (window > 0) the last `window` of them, with chunks (window < 0) those of its chunk, read
  * through the block table from caches (blocks, block_size, kv_heads, head row) of the given form
- * (cpu_cache.h); the tokens before the window or chunk are not read. softcap > 0 caps the scores (cap_scores; Gemma 2), 0 leaves them. sinks (heads), or NULL:
- * each head's attention sink (gpt-oss; sink_share), added once per sequence and head, by the task
- * that reads its whole context or by combine_parts.
+ * (cpu_cache.h); the tokens before the window or chunk are not read. softcap > 0 caps the scores
+ * (cap_scores; Gemma 2), 0 leaves them. sinks (heads), or NULL: each head's attention sink (gpt-oss;
+ * sink_share), added once per sequence and head, by the task that reads its whole context or by
+ * combine_parts.
  * q: (seqs, heads, head_dim) with q_stride floats between sequences; out: (seqs, heads, head_dim)
  * contiguous.
  * The query heads sharing a kv head read each K/V row once.
@@ -657,8 +658,8 @@ LCQ_BF16 static void pair_tile_product(const uint32_t *a, int64_t lda, const uin
 
 /* Fold a chunk's scores into the running softmax of each row: row r (at position first_position +
  * r / group) sees the chunk's keys up to its position and below `count`, and with a sliding window
- * or attention chunks (window != 0: window_start) none before its window's or chunk's first; its scores become weights exp(score - top), and its outputs
- * and total are rescaled to the new top. */
+ * or attention chunks (window != 0: window_start) none before its window's or chunk's first; its
+ * scores become weights exp(score - top), and its outputs and total are rescaled to the new top. */
 static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count, int window,
                           float softcap, int padded_dim) {
     for (int r = 0; r < rows; r++) {
@@ -849,9 +850,9 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
  * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
- * last `window` of those, with chunks (window < 0) those of its own chunk; softcap > 0 caps the scores (cap_scores); sinks (heads), or NULL: each head's
- * attention sink (sink_share), added where a task normalises its rows. q: (tokens, heads, head_dim) with
- * q_stride floats between tokens; out:
+ * last `window` of those, with chunks (window < 0) those of its own chunk; softcap > 0 caps the
+ * scores (cap_scores); sinks (heads), or NULL: each head's attention sink (sink_share), added where a
+ * task normalises its rows. q: (tokens, heads, head_dim) with q_stride floats between tokens; out:
  * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new
  * token sees are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run
  * over them from the chunk where their first row's window begins;

@@ -202,8 +202,9 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
     cached tokens up to its own position (their K/V already written), or with window > 0 over the last
-    `window` of those, with window < 0 over those of its chunk -> same shape; softcap and sinks as decode_attention's. Sequences are staged and attended
-    in groups of at most stage_limit_floats staged values (or one sequence)."""
+    `window` of those, with window < 0 over those of its chunk -> same shape; softcap and sinks as
+    decode_attention's. Sequences are staged and attended in groups of at most stage_limit_floats
+    staged values (or one sequence)."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     tables, lengths, starts = (t.contiguous() for t in (block_tables, context_lens, query_start))

@@ -214,8 +214,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      context_lens: torch.Tensor, scale: float, window: int = 0, softcap: float = 0.0,
                      sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q (S, heads, d): one new token per sequence, already in the cache -> (S, heads, d); window > 0:
-    over the last `window` cached tokens only, window < 0 over its chunk of -window positions; softcap > 0: scores capped (Gemma 2); sinks (heads,) fp32
-    on q's device: each head's attention sink (gpt-oss), or None."""
+    over the last `window` cached tokens only, window < 0 over its chunk of -window positions; softcap
+    > 0: scores capped (Gemma 2); sinks (heads,) fp32 on q's device: each head's attention sink (gpt-oss), or None."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
@@ -236,7 +236,8 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       ) -> torch.Tensor:
     """q (T, heads, d): the new tokens of every sequence (cumulative counts query_start), already
     in the cache after their sequence's prefix -> (T, heads, d); window > 0: each over the last
-    `window` positions up to its own, window < 0 over its chunk of -window positions up to its own; softcap > 0: scores capped (Gemma 2); sinks as decode_attention's."""
+    `window` positions up to its own, window < 0 over its chunk of -window positions up to its own;
+    softcap > 0: scores capped (Gemma 2); sinks as decode_attention's."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1

@@ -58,7 +58,7 @@ class ModelConfig:
     rope: dict
     # Gemma 2 and 3 (the defaults are every other family's):
     layer_windows: list[int] = field(default_factory=list)  # per layer: sliding window in tokens, 0: full
-    layer_chunks: list[int] = field(default_factory=list)  # per layer: attention within chunks of so many tokens (Llama 4)
+    layer_chunks: list[int] = field(default_factory=list)  # per layer: attention within chunks of so many tokens
     rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
@@ -156,6 +156,12 @@ class ModelConfig:
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
         )
+
+    @property
+    def attention_windows(self) -> list[int]:
+        """Each layer's span as PagedAttention.attend takes it: a sliding window (> 0), attention chunks
+        (< 0: -size, Llama 4), or 0 for full attention."""
+        return [window or -chunk for window, chunk in zip(self.layer_windows, self.layer_chunks)]
 
     def __post_init__(self) -> None:
         if not self.layer_windows:

@@ -51,7 +51,8 @@ def project(linear: torch.nn.Module, name: str, x: torch.Tensor, lora: LoRABatch
 class Attention(torch.nn.Module):
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype,
                  index: int):
-        """index: the decoder layer's, which says its sliding window and whether it rotates."""
+        """index: the decoder layer's, which says its sliding window or attention chunks, whether it rotates
+        and whether its queries take the temperature."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
@@ -66,8 +67,7 @@ class Attention(torch.nn.Module):
         self.norm_after_rotary = config.qk_norm_after_rotary
         self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
-        # a sliding window (> 0) or attention chunks (< 0: Llama 4), as PagedAttention.attend takes them
-        self.window = config.layer_windows[index] or -config.layer_chunks[index]
+        self.window = config.attention_windows[index]  # a sliding window (> 0) or attention chunks (< 0)
         self.softcap = config.attention_softcap
         self.temperature = config.temperature_layers[index]
         self.sinks = torch.nn.Parameter(torch.empty(self.num_heads), requires_grad=False) \
@@ -142,8 +142,9 @@ class MixtureOfExperts(torch.nn.Module):
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
         self.shared_expert = MLP(config, f"{prefix}.shared_expert", make_linear) \
             if config.shared_expert else None
-        self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype), requires_grad=False) \
-            if config.shared_expert and config.shared_expert_gated else None
+        gated_shared = config.shared_expert and config.shared_expert_gated
+        self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
+                                                     requires_grad=False) if gated_shared else None
         self.input_weights = config.expert_input_weights
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None

@@ -283,8 +283,9 @@ class _Source:
         """inputs(hidden) of block_call for block `index`: the positions (Ministral 3 scales its queries by
         them), its rotary cos and sin (Gemma's sliding-window layers have their own), and for a
         sliding-window (or chunked: Llama 4) layer whose windows (chunks) are shorter than the calibration
-        text, its mask (transformers' blocks read none: SDPA's full causal attention otherwise). Eager attention (hf_config) infers
-        nothing, so there every block gets its mask, added to the scores (0 or -inf)."""
+        text, its mask (transformers' blocks read none: SDPA's full causal attention otherwise). Eager
+        attention (hf_config) infers nothing, so there every block gets its mask, added to the scores (0
+        or -inf)."""
         kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
         per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None

@@ -1,9 +1,9 @@
 """The paged KV cache's blocks: allocation, reference counts and prefix caching.
 
 Every layer group (kv_groups.py) has its own block table per sequence, all drawing on one pool. A
-sliding-window group keeps only the blocks a step may still read: as the sequence grows, the blocks
-before its window (less the attention kernels' read margin) go back to the pool and their table
-entries become -1, which no kernel reads.
+sliding-window group (or a group attending within chunks: Llama 4's) keeps only the blocks a step may
+still read: as the sequence grows, the blocks before its window or chunk (less the attention kernels'
+read margin) go back to the pool and their table entries become -1, which no kernel reads.
 
 A full block is known by the hash of its tokens chained with its predecessor's hash, so equal
 prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused
@@ -33,7 +33,8 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,)):
-        """windows: each group's sliding window in tokens, 0 for full attention (KVGroups.windows)."""
+        """windows: each group's sliding window in tokens, -size for chunks, 0 for full attention
+        (KVGroups.windows)."""
         self.block_size = block_size
         self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
@@ -57,18 +58,20 @@ class BlockManager:
 
     def first_kept(self, group: int, position: int) -> int:
         """The first block of `group` that a step computing tokens from `position` on may read: 0, or with
-        a sliding window the one under the key tile where the window of `position` begins."""
+        a sliding window (attention chunks) the one under the key tile where the window (chunk) of
+        `position` begins."""
         window = self.windows[group]
         if not window:
             return 0
-        return max(0, position - window + 1) // KEY_TILE * KEY_TILE // self.block_size
+        first = max(0, position - window + 1) if window > 0 else position // -window * -window
+        return first // KEY_TILE * KEY_TILE // self.block_size
 
     def most_blocks_held(self, num_tokens: int, max_step_tokens: int) -> int:
         """The most blocks one sequence of num_tokens tokens holds over all groups, its steps computing at
         most max_step_tokens tokens each: what it takes to serve it alone."""
         whole = self.blocks_needed(num_tokens)
         reach = self.blocks_needed(KEY_TILE + max_step_tokens) + 1
-        return sum(min(whole, self.blocks_needed(window) + reach) if window else whole for window in self.windows)
+        return sum(min(whole, self.blocks_needed(abs(window)) + reach) if window else whole for window in self.windows)
 
     def reuse_cached_prefix(self, seq: Sequence) -> None:
         """For a sequence with nothing computed: take the cached blocks of its longest cached prefix of

@@ -12,7 +12,8 @@ pool, and a sliding group hands the blocks its window has passed back to it (blo
 
 A model whose layers are all of one kind is one group of all its layers: the layout of a model
 without windows, and of one whose every layer slides (Mistral 7B v0.1, Phi-3-mini), which then
-returns its passed blocks too.
+returns its passed blocks too. Layers attending within chunks of C tokens (Llama 4's rotary layers;
+window -C) are a kind of their own, whose groups hand back each chunk's blocks once the next begins.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class KVGroups:
-    windows: tuple[int, ...]  # per group: its layers' sliding window in tokens, 0 for full attention
+    windows: tuple[int, ...]  # per group: its layers' sliding window in tokens, -size for chunks, 0 for full
     layer_group: tuple[int, ...]  # per layer: the group whose block table it reads
     layer_tensor: tuple[int, ...]  # per layer: which of the width cache tensors it uses
     width: int  # cache tensors (layers per group)

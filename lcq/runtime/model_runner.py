@@ -79,7 +79,7 @@ class ModelRunner:
         self.int8_weight_bytes = self._keep_int8_weights(config)
         self.head_panel_bytes = self._keep_head_panels()
         c = self.model_config
-        self.kv_groups = KVGroups.of(c.layer_windows if config.hybrid_kv_cache else [0] * c.num_layers)
+        self.kv_groups = KVGroups.of(c.attention_windows if config.hybrid_kv_cache else [0] * c.num_layers)
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
         self.num_blocks = num_blocks or max(
             2, (self._kv_budget(config) - draft_weight_bytes * on_cuda) // (bytes_per_block + draft_block_bytes))
