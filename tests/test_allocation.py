@@ -140,7 +140,8 @@ def test_target_bits_quantizes_to_the_budget_resumes_and_serves(tmp_path, tiny_h
         torch.testing.assert_close(reader.tensor(name), resumed.tensor(name), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("arch, experts, dense_layers", [("qwen3_moe", 6, [1]), ("gpt_oss", 4, []), ("llama4", 4, [])])
+@pytest.mark.parametrize("arch, experts, dense_layers", [("qwen3_moe", 6, [1]), ("gpt_oss", 4, []), ("llama4", 4, []),
+                                                         ("glm4_moe", 8, [0])])
 def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts, dense_layers):
     """In a mixture every expert's matrices are counted (shapes, budget) and weighed together as their layer's
     gate_up or down_proj unit: the budget is kept, each rule's width reaches every expert's matrix, and the
@@ -149,7 +150,7 @@ def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts,
     folder = make_tiny_hf(tmp_path / "hf", arch, **(dict(num_hidden_layers=2, interleave_moe_layer_step=1)
                                                    if arch == "llama4" else {}))
     shapes = linear_shapes(CheckpointReader(folder), 2)
-    shared = 3 if arch == "llama4" else 0
+    shared = 3 if arch in ("llama4", "glm4_moe") else 0
     assert len(shapes) == 2 * 4 + sum(3 if layer in dense_layers else 3 * experts + shared for layer in range(2))
     low, high = bits_per_weight_range(shapes, 2, 2, 32)
     target = round(low + 0.7 * (high - low), 2)  # enough for attention at 4 bits and some experts wider
@@ -158,7 +159,8 @@ def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts,
         target_bits=target), progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     assert low < reader.decoder_bits_per_weight() <= target
-    assert any(rule.startswith(("gate_up@0=", "down_proj@0=")) for rule in summary.layer_bits)  # layer 0's experts
+    mixture = 1 if 0 in dense_layers else 0
+    assert any(rule.startswith((f"gate_up@{mixture}=", f"down_proj@{mixture}=")) for rule in summary.layer_bits)
     widths = LayerWidths(2, summary.layer_bits)
     for prefix in reader.quantized_prefixes():
         layer, _, name = prefix.removeprefix("model.layers.").partition(".")

@@ -279,13 +279,13 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe"])
 def test_stacked_experts_follow_transformers(tmp_path, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
-    shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs; the experts'
-    down matrices at 2 bits, their gate/up at 3)."""
+    shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs, GLM-4.5's
+    grouped, biased and scaled routing; the experts' down matrices at 2 bits, their gate/up at 3)."""
     from lcq.quantizer import QuantizeOptions, quantize_model
 
     folder = tmp_path / "lcq"
@@ -319,6 +319,27 @@ def test_llama4_follows_transformers(tmp_path, monkeypatch, top_k, c_ops):
     assert config.query_temperature == (0.5, 4, 1) and config.rotary_interleaved and config.mlp_name == "feed_forward"
     assert [layer.self_attn.q_norm is not None for layer in model.layers] == [True, True, True, False]
     reference = transformers.Llama4ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+
+
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_glm4_moe_follows_transformers(tmp_path, monkeypatch, c_ops):
+    """GLM-4.5 (Glm4MoeForCausalLM): Qwen2's layer with q/k norms, half of each head turning (read as a
+    whole-head rotary embedding, the rows and norm weights reordered), the first layer dense, then 2 of 8
+    experts chosen by sigmoid scores plus a learned bias within the best of 2 groups, weighted by the
+    sigmoid scores renormalized and scaled by 2.5, beside a shared expert; the router in fp32. Our model
+    against transformers' own class."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, "glm4_moe")
+    model, config = load_model(folder)
+    assert (config.num_experts, config.experts_per_token, config.moe_layers) == (8, 2, [False, True])
+    assert (config.router_groups, config.routed_scale, config.router_correction, config.qk_norm) == ((2, 1), 2.5,
+                                                                                                      True, True)
+    assert config.rope["rope_type"] == "longrope" and model.layers[1].mlp.router.dtype == torch.float32
+    reference = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
@@ -585,7 +606,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
-    ("gpt_oss", torch.bfloat16), ("llama4", torch.float16)])
+    ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

@@ -185,12 +185,14 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
                                                                  ("olmoe", "OlmoeForCausalLM", 4, []),
                                                                  ("qwen2_moe", "Qwen2MoeForCausalLM", 4, []),
                                                                  ("gpt_oss", "GptOssForCausalLM", 4, []),
-                                                                 ("llama4", "Llama4ForCausalLM", 4, [])])
+                                                                 ("llama4", "Llama4ForCausalLM", 4, []),
+                                                                 ("glm4_moe", "Glm4MoeForCausalLM", 8, [0])])
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
     """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
     expert packed, its gate not), gpt-oss (its experts' 3-D tensors split, with their biases; attention
-    sinks) and Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate): every
-    expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
+    sinks), Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate) and GLM-4.5
+    (its first layer dense, a choosing bias kept beside the router, shared_experts): every expert's three
+    matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
     router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
     a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
     tokens, batched too. LoRA adapters are refused."""
@@ -215,19 +217,22 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     packed = {p for p in reader.quantized_prefixes() if ".experts." in p}
     assert packed == {f"model.layers.{layer}.{mlp}.experts.{e}.{m}" for layer in range(2) if layer not in dense_layers
                       for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
+    shared = {"qwen2_moe": "shared_expert", "llama4": "shared_expert", "glm4_moe": "shared_experts"}.get(arch)
     owners = [mlp] if 1 in dense_layers else [f"{mlp}.experts.{e}" for e in range(experts)] + \
-        ([f"{mlp}.shared_expert"] if arch in ("qwen2_moe", "llama4") else [])
+        ([f"{mlp}.{shared}"] if shared else [])
     narrow = [f"model.layers.1.{owner}.down_proj" for owner in owners]
     assert reader.quant["layer_bits"] == {**{f"model.layers.{layer}.self_attn.{p}_proj": 4 for layer in range(2)
                                              for p in "qkv"}, **dict.fromkeys(narrow, 2)}
+    mixture = f"model.layers.{1 if 0 in dense_layers else 0}.{mlp}"  # a mixture at --bits
     assert [reader.linear(name).bits for name in ("model.layers.1.self_attn.k_proj", narrow[-1],
-                                                  f"model.layers.0.{mlp}.experts.0.down_proj")] == [4, 2, 3]
+                                                  f"{mixture}.experts.0.up_proj")] == [4, 2, 3]
     router = "router" if arch in ("gpt_oss", "llama4") else "gate"
-    assert reader.has(f"model.layers.0.{mlp}.{router}.weight")
+    assert reader.has(f"{mixture}.{router}.weight")
+    assert reader.has(f"{mixture}.{router}.e_score_correction_bias") == (arch == "glm4_moe")
     assert all(reader.has(f"model.layers.0.mlp.experts.0.{m}.bias") for m in ("gate_proj", "down_proj")) == \
         (arch == "gpt_oss")
     assert all(reader.has(f"model.layers.{layer}.mlp.gate_proj.qweight") for layer in dense_layers)
-    assert reader.has(f"model.layers.0.{mlp}.shared_expert.down_proj.qweight") == (arch in ("qwen2_moe", "llama4"))
+    assert reader.has(f"{mixture}.{shared}.down_proj.qweight") == (shared is not None)
     assert reader.has("model.layers.0.mlp.shared_expert_gate.weight") == (arch == "qwen2_moe")
     reference = load_reference_model(tmp_path / "lcq")
     prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
@@ -661,7 +666,7 @@ def test_end_to_end_index_updates_are_checked_and_written_as_scored(tmp_path, ti
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "olmo3",
-                                  "exaone4", "seed_oss", "hunyuan", "qwen3_moe", "gpt_oss", "llama4"])
+                                  "exaone4", "seed_oss", "hunyuan", "qwen3_moe", "gpt_oss", "llama4", "glm4_moe"])
 def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf, arch):
     """Tuned S, V, B and norms (indices as the block-wise stage left them) read back by the real
     loader; the KL to the full-precision model's outputs drops on the calibration windows, and for the
@@ -669,7 +674,7 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     Qwen3's per-head q/k norms are tuned with the others, and Gemma 3's four norms per layer; SmolLM3's
     NoPE layer goes through the stage's transformers model, and OLMo 2's output-only norms (OLMo 3's with
     sliding-window layers and their own rotary settings). The Llama's head is packed too, and tuned with
-    the blocks. In the mixtures (Qwen3-MoE, gpt-oss, Llama 4) the experts the windows route to are tuned, the
+    the blocks. In the mixtures (Qwen3-MoE, gpt-oss, Llama 4, GLM-4.5) the experts the windows route to are tuned, the
     routers (and gpt-oss's sinks) held as they are."""
     source = tiny_hf if arch == "llama" else make_tiny_hf(tmp_path / "hf", arch)
     # Gemma's embeddings scaled by sqrt(96) slow this tiny model's tuning: KL 0.41 -> 0.39 in 10 epochs, 0.34 in 40
@@ -702,13 +707,15 @@ def test_end_to_end_stage_lowers_the_kl_and_keeps_the_indices(tmp_path, tiny_hf,
     if arch.startswith("gemma"):
         assert not torch.equal(tuned.tensor("model.layers.1.post_feedforward_layernorm.weight"),
                                plain.tensor("model.layers.1.post_feedforward_layernorm.weight"))
-    if arch in ("qwen3_moe", "gpt_oss", "llama4"):
+    if arch in ("qwen3_moe", "gpt_oss", "llama4", "glm4_moe"):
         mixture = {"qwen3_moe": "model.layers.0.mlp", "gpt_oss": "model.layers.0.mlp",
-                   "llama4": "model.layers.1.feed_forward"}[arch]
+                   "llama4": "model.layers.1.feed_forward", "glm4_moe": "model.layers.1.mlp"}[arch]
         experts = [p for p in tuned.quantized_prefixes() if p.startswith(f"{mixture}.experts.")]
         assert experts and any(not torch.equal(tuned.tensor(f"{p}.s_q"), plain.tensor(f"{p}.s_q")) for p in experts)
         held = {"gpt_oss": [f"{mixture}.router.weight", f"{mixture}.router.bias", "model.layers.0.self_attn.sinks"],
-                "llama4": [f"{mixture}.router.weight"]}.get(arch, [f"{mixture}.gate.weight"])
+                "llama4": [f"{mixture}.router.weight"],
+                "glm4_moe": [f"{mixture}.gate.weight", f"{mixture}.gate.e_score_correction_bias"]
+                }.get(arch, [f"{mixture}.gate.weight"])
         assert all(torch.equal(tuned.tensor(name), plain.tensor(name)) for name in held)
     tuned_kl, plain_kl = _output_kl(source, tmp_path / "tuned"), _output_kl(source, tmp_path / "plain")
     if arch == "llama":  # held out: the random 2-block Qwen2 tuned on 4 x 32 tokens does not carry its gain over

@@ -60,7 +60,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
-        StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig
+        StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,6 +129,12 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 64})
+    if arch == "glm4_moe":  # as GLM-4.5: half of each head turning, q/k/v biases, q/k norms; the first layer
+        # dense, then 2 of 8 experts chosen within the best of 2 groups by biased sigmoid scores, scaled, beside
+        # a shared expert
+        sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
+                     n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=48,
+                     first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -161,6 +167,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # biases everywhere, attention sinks, clamped SwiGLU experts
         "llama4": (Llama4TextConfig, Llama4ForCausalLM),  # experts fed by sigmoid-weighted inputs, NoPE layers
+        "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # DeepSeek-V3's routing over Qwen2's layer, half-head RoPE
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
@@ -194,6 +201,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
+        for name, buffer in model.named_buffers():  # GLM-4.5's choosing bias starts at zero, which would test nothing
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic
         sizes.update(head_dim=24, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})

@@ -34,7 +34,9 @@
   (lcq.quantizer.reference.as_stored), which is how its LCQ checkpoints store them.
 - StableLM (StableLmForCausalLM: StableLM 2, StableLM 3B) turns pairs (i, i + r/2) of each head's first r
   dimensions only; it reads as itself with Phi-4-mini's row order and the same LongRoPE factors, a
-  whole-head rotary embedding that transformers runs alike.
+  whole-head rotary embedding that transformers runs alike. GLM-4.5 (Glm4MoeForCausalLM: GLM-4.5,
+  GLM-4.5-Air) turns half of each head the same way and reads so too, its per-head q/k norms' weights
+  in the same order.
 - Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
   and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
   of Qwen3-MoE's files.
@@ -93,7 +95,7 @@ INTERLEAVED = ("ernie4_5", "helium")
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
                         "Glm4ForCausalLM", "StableLmForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
 # Families read as themselves with their partial rotary embeddings over whole heads (_whole_head_config).
-WHOLE_HEAD = {"glm4": "Glm4ForCausalLM", "stablelm": "StableLmForCausalLM"}
+WHOLE_HEAD = {"glm4": "Glm4ForCausalLM", "stablelm": "StableLmForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
@@ -193,8 +195,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
     if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
         return _expert_parts(config, stored)
-    if config.get("model_type") == "stablelm":
-        return _stablelm_parts(config, stored)
+    if config.get("model_type") in ("stablelm", "glm4_moe"):
+        return _rotated_first_parts(config, stored)
     if config.get("model_type") == "glm4":
         intermediate = _with_defaults(config, "Glm4ForCausalLM")["intermediate_size"]
         return _split(stored, {"mlp.gate_up_proj.weight": (("mlp.gate_proj.weight", 0, intermediate, 1.0, None),
@@ -447,10 +449,10 @@ def _glm_as_qwen2(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _whole_head_config(config: dict[str, Any], architecture: str) -> dict[str, Any]:
-    """A GLM-4-0414 or StableLM config (transformers' defaults completed) with its partial rotary
+    """A GLM-4-0414, StableLM or GLM-4.5 config (transformers' defaults completed) with its partial rotary
     embedding over whole heads (_whole_head_rope): what transformers' own class runs alike, GLM-4-0414's
-    pairs still adjacent ones (ModelConfig.rotary_interleaved), StableLM's rows reordered
-    (_stablelm_parts). A config already so (an LCQ checkpoint's) is kept."""
+    pairs still adjacent ones (ModelConfig.rotary_interleaved), StableLM's and GLM-4.5's rows reordered
+    (_rotated_first_parts). A config already so (an LCQ checkpoint's) is kept."""
     completed = _with_defaults(config, architecture)
     rope = completed.get("rope_parameters") or {}
     if rope.get("partial_rotary_factor", 1.0) == 1.0 and rope.get("rope_type") == "longrope":
@@ -475,19 +477,21 @@ def _whole_head_rope(completed: dict[str, Any], architecture: str) -> dict[str, 
             "attention_factor": 1.0, "short_factor": factors, "long_factor": list(factors)}
 
 
-def _stablelm_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Every stored tensor under its own name, each query and key head's rows (weights and biases) in
-    _rotated_first's order for its partial rotary embedding (none for an LCQ checkpoint's whole-head one)."""
-    completed = _with_defaults(config, "StableLmForCausalLM")
-    head_dim, rotary = _partial_rotation(completed, "StableLmForCausalLM")
+def _rotated_first_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, each query and key head's rows (weights and biases, and the
+    per-head q/k norms' weights: GLM-4.5's) in _rotated_first's order for a partial rotary embedding over
+    pairs (i, i + r/2) (StableLM's, GLM-4.5's; none for an LCQ checkpoint's whole-head one)."""
+    architecture = WHOLE_HEAD[config["model_type"]]
+    completed = _with_defaults(config, architecture)
+    head_dim, rotary = _partial_rotation(completed, architecture)
     return _split(stored, _head_rows(completed, head_dim, _rotated_first(head_dim, rotary, interleaved=False)))
 
 
 def _head_rows(completed: dict[str, Any], head_dim: int, within: list[int]) -> dict[str, tuple]:
     """_split's entries that read each query and key head's rows (weights and biases) in the order
-    `within`."""
+    `within`, and per-head q/k norms' weights in that order too."""
     heads = completed["num_attention_heads"]
-    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads}
+    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads, "q_norm": 1, "k_norm": 1}
     return {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
                                            tuple(h * head_dim + i for h in range(count) for i in within)),)
             for part, count in orders.items() for kind in ("weight", "bias")}

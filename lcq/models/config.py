@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
                            "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
-                           "Llama4ForCausalLM": "llama4_text"}
+                           "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -83,8 +83,15 @@ class ModelConfig:
     router_bias: bool = False  # gpt-oss: the router's scores have a bias, its experts' matrices too
     moe_layers: list[bool] = field(default_factory=list)
     shared_expert_gated: bool = True  # the shared expert's output scaled by sigmoid(gate . x) (Qwen2-MoE), else as is
-    # Llama 4: the router's weights are the sigmoid of the chosen experts' scores and scale each expert's
-    # input, and the experts' outputs are summed as they are; else softmax weights scale the outputs
+    shared_expert_name: str = "shared_expert"  # its module (GLM-4.5: shared_experts)
+    router_sigmoid: bool = False  # the experts' weights are the sigmoid of their scores (Llama 4, GLM-4.5), else softmax
+    router_correction: bool = False  # GLM-4.5: a learned bias on the sigmoid scores, for choosing only
+    # GLM-4.5's (n_group, topk_group): each token's experts chosen within its topk_group best groups of experts
+    router_groups: tuple[int, int] | None = None
+    routed_scale: float = 1.0  # the chosen experts' weights times it (GLM-4.5's routed_scaling_factor)
+    router_in_fp32: bool = False  # the router kept and run in fp32 (GLM-4.5), else in the model's dtype
+    # Llama 4: the router's weights scale each chosen expert's input, and the experts' outputs are summed as
+    # they are; else the weights scale the outputs
     expert_input_weights: bool = False
     mlp_name: str = "mlp"  # the MLP's (or mixture's) module in a layer (Llama 4: feed_forward)
     qk_l2_norm: bool = False  # Llama 4: query and key heads scaled to unit RMS after rotation, in rotary layers
@@ -146,7 +153,8 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "hunyuan_v1_dense"),
+                                        "hunyuan_v1_dense") or (c["model_type"] == "glm4_moe" and
+                                                                bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in ("hunyuan_v1_dense", "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
@@ -258,8 +266,17 @@ def _experts(c: dict) -> dict:
         moe = c.get("moe_layers")
         moe = set(range(step - 1, layers, step) if moe is None else moe)
         return dict(num_experts=c.get("num_local_experts", 16), experts_per_token=c.get("num_experts_per_tok", 1),
-                    shared_expert=True, shared_expert_gated=False, expert_input_weights=True,
+                    shared_expert=True, shared_expert_gated=False, router_sigmoid=True, expert_input_weights=True,
                     moe_layers=[i in moe for i in range(layers)])
+    if kind == "glm4_moe":  # DeepSeek-V3's routing: sigmoid scores, a choosing bias, groups; dense first layers
+        dense = c.get("first_k_dense_replace", 1)
+        return dict(num_experts=c.get("n_routed_experts") or c.get("num_local_experts"),
+                    experts_per_token=c["num_experts_per_tok"], norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+                    shared_expert=bool(c.get("n_shared_experts", 1)), shared_expert_gated=False,
+                    shared_expert_name="shared_experts", router_sigmoid=True, router_correction=True,
+                    router_groups=(c.get("n_group", 1), c.get("topk_group", 1)) if c.get("n_group", 1) > 1 else None,
+                    routed_scale=float(c.get("routed_scaling_factor", 1.0)), router_in_fp32=True,
+                    moe_layers=[i >= dense for i in range(layers)])
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:
         return {}

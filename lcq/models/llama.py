@@ -121,26 +121,30 @@ def model_norm(config: ModelConfig, dtype: torch.dtype) -> RMSNorm:
 
 
 class MixtureOfExperts(torch.nn.Module):
-    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Llama 4): a full-precision router
-    (gpt-oss's with a bias) scores the experts (softmax in fp32), each token runs through its
-    experts_per_token best (their weights renormalized to sum to 1 where norm_topk_prob: gpt-oss's softmax
-    over the chosen scores), and their outputs are summed by those weights; Llama 4's weights are the
-    sigmoid of the chosen scores and scale the experts' inputs instead (expert_input_weights). With a
-    shared expert (Qwen2-MoE, Llama 4), plus that one's output, times sigmoid(shared_expert_gate . x) where
-    it has a gate (Qwen2-MoE). Each expert is a gated MLP of LCQ (or dense) layers; only the experts some
+    """A mixture of experts (Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, gpt-oss, Llama 4, GLM-4.5): a full-precision
+    router (gpt-oss's with a bias) scores the experts (route: softmax in fp32, or sigmoid), each token runs
+    through its experts_per_token best (their weights renormalized to sum to 1 where norm_topk_prob:
+    gpt-oss's softmax over the chosen scores), and their outputs are summed by those weights; Llama 4's
+    weights scale the experts' inputs instead (expert_input_weights). With a shared expert (Qwen2-MoE,
+    Llama 4, GLM-4.5), plus that one's output, times sigmoid(shared_expert_gate . x) where it has a gate
+    (Qwen2-MoE). Each expert is a gated MLP of LCQ (or dense) layers; only the experts some
     token chose run, each over its tokens, or, once stack_experts() has stacked packed experts, all of
     them in one grouped product per matrix kind, routed on the device."""
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
         super().__init__()
-        self.router = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=dtype),
+        router_dtype = torch.float32 if config.router_in_fp32 else dtype
+        self.router = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=router_dtype),
                                          requires_grad=False)
-        self.router_bias = torch.nn.Parameter(torch.empty(config.num_experts, dtype=dtype), requires_grad=False) \
-            if config.router_bias else None
+        self.router_bias = torch.nn.Parameter(torch.empty(config.num_experts, dtype=router_dtype),
+                                              requires_grad=False) if config.router_bias else None
+        self.correction = torch.nn.Parameter(torch.empty(config.num_experts, dtype=torch.float32),
+                                             requires_grad=False) if config.router_correction else None
+        self.sigmoid, self.groups, self.routed_scale = config.router_sigmoid, config.router_groups, config.routed_scale
         self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
-        self.shared_expert = MLP(config, f"{prefix}.shared_expert", make_linear) \
+        self.shared_expert = MLP(config, f"{prefix}.{config.shared_expert_name}", make_linear) \
             if config.shared_expert else None
         gated_shared = config.shared_expert and config.shared_expert_gated
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
@@ -162,16 +166,26 @@ class MixtureOfExperts(torch.nn.Module):
         self.experts = torch.nn.ModuleList()
         return True
 
-    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
-        scores = torch.nn.functional.linear(x, self.router, self.router_bias)
-        if self.input_weights:  # Llama 4: the sigmoid of the chosen scores
-            top, chosen = scores.topk(self.top_k, dim=-1)
-            weights = torch.sigmoid(top.float())
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's experts_per_token experts (T, k) and their weights, in x's dtype: the softmax (or
+        sigmoid) of the router's scores, chosen by them, or (GLM-4.5) by the sigmoid plus a learned bias
+        within the token's best groups of experts; renormalized where norm_topk_prob, times routed_scale."""
+        scores = torch.nn.functional.linear(x.to(self.router.dtype), self.router, self.router_bias)
+        if self.sigmoid:
+            probs = torch.sigmoid(scores.float())
+            choice = scores if self.correction is None else probs + self.correction
         else:
-            weights, chosen = torch.softmax(scores, dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
+            probs = choice = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if self.groups is not None:
+            choice = _within_best_groups(choice, *self.groups)
+        chosen = choice.topk(self.top_k, dim=-1).indices
+        weights = probs.gather(-1, chosen)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        return (weights * self.routed_scale).to(x.dtype), chosen
+
+    def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        weights, chosen = self.route(x)
         if self.gate_up_experts is not None:
             out = self._grouped(x, weights, chosen)
         else:
@@ -202,6 +216,15 @@ class MixtureOfExperts(torch.nn.Module):
             hidden = self.gate_up_experts(x, routes, self.top_k)
         down = self.down_experts(gated(hidden, self.activation, *self.swiglu), routes, 1).view(*chosen.shape, -1)
         return down.sum(dim=1) if self.input_weights else (down * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def _within_best_groups(choice: torch.Tensor, groups: int, kept: int) -> torch.Tensor:
+    """choice (T, experts) with every expert outside the token's `kept` best of `groups` equal groups at
+    -inf, a group's score the sum of its two best experts' (DeepSeek-V3's and GLM-4.5's routing)."""
+    grouped = choice.view(choice.shape[0], groups, -1)
+    best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(kept, dim=-1).indices
+    keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
 
 class DecoderLayer(torch.nn.Module):

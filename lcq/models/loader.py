@@ -120,9 +120,11 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
                 mlp = f"model.layers.{i}.{config.mlp_name}"
-                layer.mlp.router.copy_(read(f"{mlp}.{router}.weight"))
+                layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)
                 if config.router_bias:
-                    layer.mlp.router_bias.copy_(read(f"{mlp}.{router}.bias"))
+                    layer.mlp.router_bias.copy_(reader.tensor(f"{mlp}.{router}.bias"))
+                if config.router_correction:
+                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{router}.e_score_correction_bias"))
                 if layer.mlp.shared_expert_gate is not None:
                     layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
