@@ -186,23 +186,34 @@ class MixtureOfExperts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         weights, chosen = self.route(x)
-        if self.gate_up_experts is not None:
-            out = self._grouped(x, weights, chosen)
-        else:
-            out = torch.zeros_like(x)
-            for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
-                rows, slots = (chosen == expert).nonzero(as_tuple=True)
-                weight = weights[rows, slots, None]
-                if self.input_weights:
-                    out.index_add_(0, rows, self.experts[expert](x[rows] * weight, None))
-                else:
-                    out.index_add_(0, rows, self.experts[expert](x[rows], None) * weight)
+        out = self._grouped(x, weights, chosen) if self.gate_up_experts is not None else \
+            self._each_expert(x, weights, chosen)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, None)
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(torch.nn.functional.linear(x, self.shared_expert_gate)) * shared
             out = out + shared
         return out
+
+    def _each_expert(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """The chosen experts one at a time, each over the tokens that chose it (reading the choice on the
+        host: the CPU path, and full-precision experts on a GPU); one token (decode at batch 1) takes its
+        experts in turn without gathering or scattering rows."""
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:
+            for slot, expert in enumerate(chosen[0].tolist()):
+                out += self._expert(expert, x, weights[:, slot, None])
+            return out
+        for expert in chosen.unique().tolist():  # in increasing order, as transformers adds them
+            rows, slots = (chosen == expert).nonzero(as_tuple=True)
+            out.index_add_(0, rows, self._expert(expert, x[rows], weights[rows, slots, None]))
+        return out
+
+    def _expert(self, expert: int, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """One expert's output for rows x, by the router's weight (T, 1): on its output, or (Llama 4) its input."""
+        if self.input_weights:
+            return self.experts[expert](x * weight, None)
+        return self.experts[expert](x, None) * weight
 
     def _grouped(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
         """Every token's chosen experts through the stacked experts: its input once per choice (gate/up),
