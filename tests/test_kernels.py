@@ -245,6 +245,16 @@ def test_stacked_experts_are_the_layers_and_refuse_mixed_shapes():
         PackedExperts.stack([random_layer(12, 64, 3, 2, 32), random_layer(12, 64, 4, 2, 32)])
 
 
+def test_outgrown_counters_stay_allocated():
+    """A launch needing more counters than there are gets a new buffer; the old one is kept, not freed, since
+    a CUDA graph captured before replays its address."""
+    device = torch.device("cpu")
+    small = triton_linear._tile_counters(device, 1)
+    grown = triton_linear._tile_counters(device, small.numel() + 1)
+    assert grown.numel() > small.numel() and triton_linear._tile_counters(device, 1) is grown
+    assert any(kept is small for kept in triton_linear._outgrown) and int(grown.abs().sum()) == 0
+
+
 def test_triton_linear_keeps_leading_dimensions():
     layer = random_layer(24, 64, 4, 1, 64, seed=7)
     x = torch.randn(2, 3, 64)

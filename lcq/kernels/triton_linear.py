@@ -393,12 +393,18 @@ _grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
 _counters: dict[torch.device, torch.Tensor] = {}
+# Counters outgrown by a larger launch, kept alive: a CUDA graph captured before holds their address, and
+# the allocator must not hand their memory to anything else while the graph may replay.
+_outgrown: list[torch.Tensor] = []
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per N tile; the kernels leave them zeroed again."""
+    """Zeroed int32 arrival counters, one per N tile (and block, for a mixture's experts); the kernels
+    leave them zeroed again."""
     counters = _counters.get(device)
     if counters is None or counters.numel() < tiles:
+        if counters is not None:
+            _outgrown.append(counters)
         counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
         _counters[device] = counters
     return counters
