@@ -234,7 +234,7 @@ def test_stacked_experts_are_the_layers_and_refuse_mixed_shapes():
     layers = [PackedLinear.concat([random_layer(12, 64, 3, 2, 32, seed=2 * e + part) for part in range(2)])
               for e in range(3)]
     experts = PackedExperts.stack(layers)
-    assert (experts.num_experts, experts.out_features, experts.tables, experts.rank) == (3, 24, 2, 2)
+    assert (experts.num_experts, experts.stacked.out_features, experts.tables, experts.stacked.rank) == (3, 24, 2, 2)
     for e, layer in enumerate(layers):
         assert torch.equal(dequantize(experts.expert(e)), dequantize(layer))
     chosen = torch.tensor([[2, 0], [1, 2]])

@@ -294,7 +294,7 @@ def test_stacked_experts_follow_transformers(tmp_path, arch):
     stacked, _ = load_model(folder, cache_dense=False)
     mixtures = [layer.mlp for layer in stacked.layers if hasattr(layer.mlp, "router")]
     assert mixtures and all(m.gate_up_experts is not None and not len(m.experts) for m in mixtures)
-    assert (mixtures[0].gate_up_experts.experts.bits, mixtures[0].down_experts.experts.bits) == (3, 2)
+    assert (mixtures[0].gate_up_experts.experts.stacked.bits, mixtures[0].down_experts.experts.stacked.bits) == (3, 2)
     assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
     _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
 

@@ -46,17 +46,19 @@ class PackedLinear:
     group_size: int
     bias: torch.Tensor | None = None
 
+    # Shapes read from the last dimensions, so that a mixture's experts stacked along a leading dimension
+    # (lcq.kernels.experts) read alike.
     @property
     def out_features(self) -> int:
-        return self.qweight.shape[1]
+        return self.qweight.shape[-1]
 
     @property
     def rank(self) -> int:
-        return self.s_q.shape[1]
+        return self.s_q.shape[-2]
 
     @property
     def num_groups(self) -> int:
-        return self.s_q.shape[0]
+        return self.s_q.shape[-3]
 
     @property
     def padded_in_features(self) -> int:

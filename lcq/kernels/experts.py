@@ -12,7 +12,7 @@ a mixture runs in CUDA graphs like a dense model.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,21 +25,11 @@ _STACKED = ("qweight", "s_q", "s_scale", "b_q", "b_scale", "v", "v_index")
 
 @dataclass
 class PackedExperts:
-    """The same LCQ matrix of every expert, each tensor stacked along a leading expert dimension:
-    expert e's tensors are the contiguous views [e], so expert(e) is an ordinary PackedLinear and the
-    grouped kernel finds expert e at e times each tensor's per-expert size."""
+    """The same LCQ matrix of every expert: `stacked` holds each tensor of theirs stacked along a leading
+    expert dimension, so that expert e's tensors are the contiguous views [e] (expert(e), an ordinary
+    PackedLinear) and the grouped kernel finds expert e at e times each tensor's per-expert size."""
 
-    qweight: torch.Tensor
-    s_q: torch.Tensor
-    s_scale: torch.Tensor
-    b_q: torch.Tensor
-    b_scale: torch.Tensor
-    v: torch.Tensor
-    v_index: torch.Tensor
-    bias: torch.Tensor | None
-    in_features: int
-    bits: int
-    group_size: int
+    stacked: PackedLinear
 
     @staticmethod
     def stack(layers: list[PackedLinear]) -> "PackedExperts":
@@ -52,35 +42,24 @@ class PackedExperts:
                                  "rank, group size and tables")
         stacked = {name: torch.stack([getattr(layer, name) for layer in layers]) for name in _STACKED}
         bias = None if first.bias is None else torch.stack([layer.bias for layer in layers])
-        return PackedExperts(**stacked, bias=bias, in_features=first.in_features, bits=first.bits,
-                             group_size=first.group_size)
+        return PackedExperts(replace(first, **stacked, bias=bias))
 
     @property
     def num_experts(self) -> int:
-        return self.qweight.shape[0]
-
-    @property
-    def out_features(self) -> int:
-        return self.qweight.shape[2]
-
-    @property
-    def rank(self) -> int:
-        return self.s_q.shape[2]
+        return self.stacked.qweight.shape[0]
 
     @property
     def tables(self) -> int:
         """V tables per expert (2 for a fused gate/up matrix)."""
-        return self.v.shape[1]
+        return self.stacked.v.shape[1]
 
     def expert(self, e: int) -> PackedLinear:
-        return PackedLinear(**{name: getattr(self, name)[e] for name in _STACKED}, in_features=self.in_features,
-                            bits=self.bits, group_size=self.group_size,
-                            bias=None if self.bias is None else self.bias[e])
+        bias = self.stacked.bias
+        return replace(self.stacked, **{name: getattr(self.stacked, name)[e] for name in _STACKED},
+                       bias=None if bias is None else bias[e])
 
     def to(self, device: torch.device | str) -> "PackedExperts":
-        return PackedExperts(**{f.name: getattr(self, f.name).to(device) if isinstance(getattr(self, f.name),
-                                                                                         torch.Tensor)
-                                else getattr(self, f.name) for f in fields(self)})
+        return PackedExperts(self.stacked.to(device))
 
 
 def rows_per_block(rows: int, num_experts: int) -> int:
@@ -141,7 +120,7 @@ def expert_linear(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes,
         from .triton_linear import grouped_decode
         return grouped_decode(x, experts, routes, rows_per_input)
     ids = routes.chosen.reshape(-1)
-    out = x.new_empty(ids.numel(), experts.out_features)
+    out = x.new_empty(ids.numel(), experts.stacked.out_features)
     for e in ids.unique().tolist():
         rows = (ids == e).nonzero().squeeze(1)
         out[rows] = lcq_linear(x[rows // rows_per_input], experts.expert(e))
@@ -156,7 +135,7 @@ class LCQExperts(torch.nn.Module):
         self.experts = experts
 
     def _apply(self, fn, recurse=True):
-        self.experts = self.experts.to(fn(torch.empty(0, device=self.experts.qweight.device)).device)
+        self.experts = self.experts.to(fn(torch.empty(0, device=self.experts.stacked.qweight.device)).device)
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, routes: ExpertRoutes, rows_per_input: int) -> torch.Tensor:

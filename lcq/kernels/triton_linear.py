@@ -431,7 +431,7 @@ def decode_block_m(m: int) -> int:
     return m if m <= 2 else max(16, triton.next_power_of_2(m))
 
 
-def _gather_table(layer: PackedLinear | PackedExperts) -> torch.Tensor:
+def _gather_table(layer: PackedLinear) -> torch.Tensor:
     """V as (tables, 2^bits, ranks padded to a power of two) fp32, so that one vector load fetches
     every rank of an index (at rank 4 one 16-byte load instead of four 2-byte gathers, each with its
     64-bit address and fp16 conversion: sm_90 SASS of the M = 1 decode loop at W4 g128 went from
@@ -454,12 +454,12 @@ def _layer_args(layer: PackedLinear) -> tuple:
             bias)
 
 
-def _codebook_constants(layer: PackedLinear | PackedExperts) -> dict:
+def _codebook_constants(layer: PackedLinear) -> dict:
     return dict(BITS=layer.bits, RANK=layer.rank, RANKS=triton.next_power_of_2(layer.rank), GROUP=layer.group_size,
                 SELECT=uses_select(layer.bits), BLOCK_K=block_k(layer.group_size))
 
 
-def _constants(x: torch.Tensor, layer: PackedLinear | PackedExperts) -> dict:
+def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
     return dict(_codebook_constants(layer), HAS_BIAS=layer.bias is not None,
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
@@ -494,7 +494,8 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     (T * k, N), one launch over the routes' blocks. config (BLOCK_N, SPLIT_K, optionally REDUCE_K,
     PREFETCH, num_warps, num_stages) skips autotuning."""
     count, k = routes.rows_count, x.shape[1]
-    n = experts.out_features
+    layer = experts.stacked
+    n = layer.out_features
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = torch.empty(count, n, dtype=x.dtype, device=x.device)
@@ -502,11 +503,9 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     wide = count > DECODE_MAX_M
     ws = torch.empty(1 if wide else MAX_SPLIT_K * count * n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
-    bias = experts.bias if experts.bias is not None else experts.b_scale
-    args = (x, experts.qweight, experts.s_q, experts.s_scale, experts.b_q, experts.b_scale, _gather_table(experts),
-            experts.v_index, bias, out, ws, counters, routes.rows, routes.experts, count, n, k, x.stride(0),
+    args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, count, n, k, x.stride(0),
             out.stride(0), rows_per_input, experts.tables)
-    consts = dict(_constants(x, experts), BLOCK_M=routes.block_m, GROUPED=True)
+    consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
