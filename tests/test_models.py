@@ -234,11 +234,13 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
     ("qwen3_moe", "Qwen3MoeForCausalLM", 6, [True, False]),  # its second layer dense (mlp_only_layers)
     ("mixtral", "MixtralForCausalLM", 4, [True, True]),  # its files name the mixture block_sparse_moe
     ("olmoe", "OlmoeForCausalLM", 4, [True, True]),  # q/k norms over whole projections, weights as routed
-    ("qwen2_moe", "Qwen2MoeForCausalLM", 4, [True, True])])  # plus a shared expert behind a sigmoid gate
+    ("qwen2_moe", "Qwen2MoeForCausalLM", 4, [True, True]),  # plus a shared expert behind a sigmoid gate
+    ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", 8, [False, True])])  # a choosing bias, adjacent rotary pairs
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, family, experts, moe_layers, c_ops):
-    """Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE: a router picking 2 gated-MLP experts for each token (their
-    weights renormalized, but OLMoE's and Qwen2-MoE's), Qwen2-MoE's shared expert: our model against
+    """Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE and ERNIE 4.5: a router picking 2 gated-MLP experts for each token
+    (their weights renormalized, but OLMoE's and Qwen2-MoE's; ERNIE's chosen by the weights plus a learned
+    bias, its router in fp32), Qwen2-MoE's and ERNIE's shared experts: our model against
     transformers' own class, prompts prefilled in chunks and decoded, with the C ops and the torch path."""
     import transformers
 
@@ -279,7 +281,7 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe"])
 def test_stacked_experts_follow_transformers(tmp_path, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the

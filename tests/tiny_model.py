@@ -60,7 +60,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
-        StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM
+        StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM, \
+        Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=48,
                      first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)
+    if arch == "ernie4_5_moe":  # as ERNIE-4.5-21B-A3B: adjacent rotary pairs; the first layer dense, then 2 of 8
+        # experts chosen by their softmax weights plus a learned bias, beside a shared expert
+        sizes.update(head_dim=24, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_intermediate_size=48,
+                     moe_layer_start_index=1)
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -168,6 +173,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # biases everywhere, attention sinks, clamped SwiGLU experts
         "llama4": (Llama4TextConfig, Llama4ForCausalLM),  # experts fed by sigmoid-weighted inputs, NoPE layers
         "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # DeepSeek-V3's routing over Qwen2's layer, half-head RoPE
+        "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM),  # softmax routing with a choosing bias
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused

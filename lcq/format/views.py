@@ -47,6 +47,9 @@
   up_proj and down_proj (transformers' experts split as lcq.quantizer.reference.as_stored splits them).
   Llama 4 (Llama4ForCausalLM, and the text model of Llama4ForConditionalGeneration) keeps its experts
   the same way under feed_forward.experts, gate columns before up's, without biases.
+- ERNIE 4.5's mixtures (Ernie4_5_MoeForCausalLM) keep their choosing bias as mlp.moe_statics.*, which
+  reads as mlp.gate.moe_statics.*, where transformers' router holds it; its config is completed with
+  transformers' defaults (its own, not Llama's).
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
@@ -165,6 +168,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _whole_head_config(config, WHOLE_HEAD[config["model_type"]])
     if config.get("model_type") in AS_LLAMA:
         return _as_llama(config)
+    if config.get("model_type") == "ernie4_5_moe":  # its own defaults (head_dim, tied head, MoE layers)
+        return _with_defaults(config, "Ernie4_5_MoeForCausalLM")
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -193,6 +198,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _glm_parts(config, stored)
     if config.get("model_type") == "mixtral":
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
+    if config.get("model_type") == "ernie4_5_moe":  # its choosing bias as transformers' router holds it
+        return {name.replace(".mlp.moe_statics.", ".mlp.gate.moe_statics."): StoredTensor(name) for name in stored}
     if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
         return _expert_parts(config, stored)
     if config.get("model_type") in ("stablelm", "glm4_moe"):

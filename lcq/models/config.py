@@ -20,7 +20,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "OlmoeForCausalLM": "olmoe", "Qwen2MoeForCausalLM": "qwen2_moe",
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
                            "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
-                           "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe"}
+                           "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe",
+                           "Ernie4_5_MoeForCausalLM": "ernie4_5_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -37,7 +38,8 @@ LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_h
                "olmoe": dict(qk_norm_per_head=False),
                "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
                "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
-               "stablelm": dict(layer_norm=True, norm_bias=True)}
+               "stablelm": dict(layer_norm=True, norm_bias=True),
+               "ernie4_5_moe": dict(rotary_interleaved=True)}  # ERNIE 4.5's mixtures: adjacent rotary pairs
 
 
 @dataclass
@@ -277,6 +279,14 @@ def _experts(c: dict) -> dict:
                     router_groups=(c.get("n_group", 1), c.get("topk_group", 1)) if c.get("n_group", 1) > 1 else None,
                     routed_scale=float(c.get("routed_scaling_factor", 1.0)), router_in_fp32=True,
                     moe_layers=[i >= dense for i in range(layers)])
+    if kind == "ernie4_5_moe":  # softmax weights, a choosing bias; experts in every interval-th layer of a range
+        first, last, step = (c.get(key) for key in ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"))
+        last = layers - 1 if last is None or last < 0 else last
+        return dict(num_experts=c.get("moe_num_experts") or c.get("num_experts"),
+                    experts_per_token=c.get("moe_k") or c.get("num_experts_per_tok"), norm_topk_prob=True,
+                    shared_expert=bool(c.get("moe_num_shared_experts")), shared_expert_gated=False,
+                    shared_expert_name="shared_experts", router_correction=True, router_in_fp32=True,
+                    moe_layers=[(i + 1) % (step or 1) == 0 and (first or 0) <= i <= last for i in range(layers)])
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:
         return {}

@@ -168,14 +168,14 @@ class MixtureOfExperts(torch.nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's experts_per_token experts (T, k) and their weights, in x's dtype: the softmax (or
-        sigmoid) of the router's scores, chosen by them, or (GLM-4.5) by the sigmoid plus a learned bias
-        within the token's best groups of experts; renormalized where norm_topk_prob, times routed_scale."""
+        sigmoid) of the router's scores, chosen by them, or (GLM-4.5, ERNIE 4.5) by them plus a learned bias,
+        GLM-4.5's within the token's best groups of experts; renormalized where norm_topk_prob, times
+        routed_scale."""
         scores = torch.nn.functional.linear(x.to(self.router.dtype), self.router, self.router_bias)
-        if self.sigmoid:
-            probs = torch.sigmoid(scores.float())
-            choice = scores if self.correction is None else probs + self.correction
-        else:
-            probs = choice = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = torch.sigmoid(scores.float()) if self.sigmoid else torch.softmax(scores, dim=-1, dtype=torch.float32)
+        choice = probs if self.correction is None else probs + self.correction
+        if self.sigmoid and self.correction is None:  # Llama 4 chooses by the scores themselves
+            choice = scores
         if self.groups is not None:
             choice = _within_best_groups(choice, *self.groups)
         chosen = choice.topk(self.top_k, dim=-1).indices

@@ -45,6 +45,7 @@ class DenseLinear(torch.nn.Module):
 
 
 ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router"}  # a mixture's router, where it is not gate
+CORRECTION_NAMES = {"ernie4_5_moe": "moe_statics.e_score_correction_bias"}  # its choosing bias, under the router
 QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
@@ -123,8 +124,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)
                 if config.router_bias:
                     layer.mlp.router_bias.copy_(reader.tensor(f"{mlp}.{router}.bias"))
-                if config.router_correction:
-                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{router}.e_score_correction_bias"))
+                if config.router_correction:  # (ERNIE 4.5's under the router's moe_statics, (1, experts))
+                    correction = CORRECTION_NAMES.get(config.model_type, "e_score_correction_bias")
+                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{router}.{correction}").reshape(-1))
                 if layer.mlp.shared_expert_gate is not None:
                     layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
