@@ -196,10 +196,9 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     choosing bias under the router's moe_statics): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
     router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
     a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
-    tokens, batched too. LoRA adapters are refused."""
+    tokens, batched too."""
     import transformers
 
-    from lcq.errors import UserError
     from lcq.runtime import LLM, SamplingParams
 
     # Llama 4 here with 2 layers, both mixtures (its mixtures under feed_forward)
@@ -244,8 +243,6 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     for prompt, out in zip(prompts, outputs):
         expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
         assert out.token_ids == expected[0, len(prompt):].tolist()
-    with pytest.raises(UserError, match="LoRA adapters are not supported for mixture-of-experts models"):
-        LLM(str(tmp_path / "lcq"), max_loras=1)
 
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),

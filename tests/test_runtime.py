@@ -928,6 +928,41 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, m
         assert entry.logprob == pytest.approx(float(expected[len(PROMPTS[0]) - 1 + i, entry.token_id]), abs=1e-4)
 
 
+def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
+    """Over an LCQ Qwen3-MoE (its second layer dense): adapters on the attention of every layer and on the
+    dense layer's MLP give the greedy tokens of transformers with them merged, batched with each other and
+    with base-model requests; an adapter on an expert's matrix is refused by name."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from lcq.errors import UserError
+
+    folder = make_tiny_lcq(tmp_path, "qwen3_moe", bits=3, rank=2, group_size=32)
+    attention = make_tiny_adapter(tmp_path / "attention", folder, targets=("self_attn.q_proj", "self_attn.v_proj",
+                                                                             "self_attn.o_proj"))
+    dense = make_tiny_adapter(tmp_path / "dense", folder, rank=6, seed=1, layers=[1],
+                              targets=("self_attn.k_proj", "mlp.gate_proj", "mlp.down_proj"))
+    llm = LLM(str(folder), block_size=8, lora_modules=f"attention={attention},dense={dense}", **FP32)
+    expected = {name: [_transformers_greedy(None, prompt, 12, merge_adapter(load_reference_model(folder), adapter))
+                       for prompt in PROMPTS] for name, adapter in (("attention", attention), ("dense", dense))}
+    base = [_transformers_greedy(folder, prompt, 12) for prompt in PROMPTS]
+    assert expected["attention"] != base and expected["dense"] != base
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
+              for lora in ("attention", None, "dense")]
+    outs = llm.generate(PROMPTS * 3, [p for p in params for _ in PROMPTS])
+    assert [o.token_ids for o in outs] == expected["attention"] + base + expected["dense"]
+    assert _pool_is_full(llm.engine)
+    expert = tmp_path / "expert"
+    expert.mkdir()
+    save_file({"base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_A.weight": torch.randn(4, 96),
+               "base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_B.weight": torch.randn(64, 4)},
+              str(expert / "adapter_model.safetensors"))
+    (expert / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    with pytest.raises(UserError, match="experts.0.gate_proj is not a linear layer .*a mixture's experts"):
+        LLM(str(folder), lora_modules=f"expert={expert}", **FP32)
+
+
 @pytest.mark.parametrize("arch, family, targets", [
     ("phi3", "Phi3ForCausalLM", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj")),
     ("granite", "GraniteForCausalLM", ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")),

@@ -356,9 +356,9 @@ LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp
 
 
 def make_tiny_adapter(folder: str | Path, model_dir: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
-                      targets: tuple[str, ...] = LORA_TARGETS) -> Path:
+                      targets: tuple[str, ...] = LORA_TARGETS, layers: list[int] | None = None) -> Path:
     """A random PEFT LoRA folder for the model in `model_dir` (B random too, where PEFT starts it at
-    zero, so that the adapter changes the output), over `targets` of every decoder layer."""
+    zero, so that the adapter changes the output), over `targets` of every decoder layer (or `layers`)."""
     import json
 
     from safetensors.torch import save_file
@@ -368,7 +368,7 @@ def make_tiny_adapter(folder: str | Path, model_dir: str | Path, rank: int = 4, 
     model = _meta_model(config)
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    for i in range(config.num_hidden_layers):
+    for i in range(config.num_hidden_layers) if layers is None else layers:
         for target in targets:
             n, k = model.get_submodule(f"model.layers.{i}.{target}").weight.shape
             prefix = f"base_model.model.model.layers.{i}.{target}"

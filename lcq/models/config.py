@@ -147,7 +147,10 @@ class ModelConfig:
             else {}
         return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c), layer_chunks=_layer_chunks(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-            intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+            # the dense MLPs' width (Llama 4's experts take intermediate_size, its dense layers intermediate_size_mlp)
+            intermediate_size=(c.get("intermediate_size_mlp", 16384) if c["model_type"] == "llama4_text" else
+                               c["intermediate_size"]),
+            num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=c.get("num_key_value_heads") or heads,
             head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6)),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),

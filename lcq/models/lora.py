@@ -43,14 +43,27 @@ class LoRAAdapter:
         return max(a.shape[0] for a, _ in self.parts.values())
 
 
-def part_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(N, K) of every checkpoint matrix of one decoder layer."""
+def layer_fused(config: ModelConfig, index: int) -> dict[str, tuple[str, ...]]:
+    """FUSED for decoder layer `index`: the attention's layers, and the MLP's (under the model's MLP name)
+    where the layer's MLP is dense. A mixture's experts, router and shared expert take no adapter."""
+    fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.")}
+    if not config.moe_layers[index]:
+        mlp = config.mlp_name
+        fused.update({f"{mlp}.gate_up_proj": (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
+                      f"{mlp}.down_proj": (f"{mlp}.down_proj",)})
+    return fused
+
+
+def part_shapes(config: ModelConfig, index: int) -> dict[str, tuple[int, int]]:
+    """(N, K) of every checkpoint matrix an adapter may reach in decoder layer `index` (layer_fused)."""
     c = config
-    q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
-            "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
-            "mlp.gate_proj": (c.intermediate_size, c.hidden_size), "mlp.up_proj": (c.intermediate_size, c.hidden_size),
-            "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
+    q, kv, mlp = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.mlp_name
+    shapes = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
+              "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
+              f"{mlp}.gate_proj": (c.intermediate_size, c.hidden_size),
+              f"{mlp}.up_proj": (c.intermediate_size, c.hidden_size), f"{mlp}.down_proj": (c.hidden_size, c.intermediate_size)}
+    reached = {part for parts in layer_fused(config, index).values() for part in parts}
+    return {part: shape for part, shape in shapes.items() if part in reached}
 
 
 def _refuse(folder: Path, what: str) -> UserError:
@@ -107,7 +120,6 @@ def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor
     where lcq reads that model as another architecture (views.py), B's rows are cut, reordered and
     scaled as the view does the weight's (Phi-3's fused q/k/v split, Granite's factors, ERNIE's and
     Helium's reordered query and key rows), which keeps B A the change to the weight lcq runs."""
-    shapes = part_shapes(config)
     viewed = source_parts(config.source_config, f"{module}.weight") if config.source_config else \
         {f"{module}.weight": StoredTensor(f"{module}.weight")}
     if not viewed:
@@ -116,10 +128,11 @@ def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor
     for name, where in viewed.items():
         part_module = name.removesuffix(".weight")
         layer, _, part = part_module.removeprefix("model.layers.").partition(".")
-        if not part_module.startswith("model.layers.") or part not in shapes or not layer.isdigit() \
-                or int(layer) >= config.num_layers:
-            raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers")
-        n, k = shapes[part]
+        if not part_module.startswith("model.layers.") or not layer.isdigit() or int(layer) >= config.num_layers \
+                or part not in part_shapes(config, int(layer)):
+            raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers that takes an "
+                                  "adapter (a mixture's experts, router and shared expert take none)")
+        n, k = part_shapes(config, int(layer))[part]
         rows = b if where.rows is None else b[where.rows[0]:where.rows[1]]
         if a.shape[1] != k or rows.shape[0] != n:
             raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit its weight "
@@ -137,13 +150,13 @@ class AdapterStack:
 
     def __init__(self, config: ModelConfig, slots: int, rank: int, device: torch.device, dtype: torch.dtype):
         self.slots, self.rank = slots, rank
-        shapes = part_shapes(config)
         self.layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # fused layer -> A, B, owner
         self.b_rows: dict[str, torch.Tensor] = {}  # on CPU: fused layer -> B transposed (slots W, N)
         # checkpoint matrix name -> (its fused layer, its first column within a slot, its first row in B)
         self.places: dict[str, tuple[str, int, int]] = {}
         for index in range(config.num_layers):
-            for fused, members in FUSED.items():
+            shapes = part_shapes(config, index)
+            for fused, members in layer_fused(config, index).items():
                 layer = f"model.layers.{index}.{fused}"
                 rows = 0
                 for part, member in enumerate(members):

@@ -114,8 +114,6 @@ class ModelRunner:
         start = {name: load_adapter(folder, self.model_config, config.max_lora_rank)
                  for name, folder in config.lora_adapters().items()}
         slots = config.resolved_max_loras()
-        if slots and self.model_config.num_experts:
-            raise UserError("LoRA adapters are not supported for mixture-of-experts models")
         # Fixed adapters need no room beyond their own ranks: a slot's width is what every step pays for.
         ranks = [adapter.rank for adapter in start.values()]
         room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
