@@ -187,13 +187,15 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
                                                                  ("gpt_oss", "GptOssForCausalLM", 4, []),
                                                                  ("llama4", "Llama4ForCausalLM", 4, []),
                                                                  ("glm4_moe", "Glm4MoeForCausalLM", 8, [0]),
-                                                                 ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", 8, [0])])
+                                                                 ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", 8, [0]),
+                                                                 ("hunyuan_moe", "HunYuanMoEV1ForCausalLM", 4, [])])
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
     """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
     expert packed, its gate not), gpt-oss (its experts' 3-D tensors split, with their biases; attention
     sinks), Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate) and GLM-4.5
     (its first layer dense, a choosing bias kept beside the router, shared_experts) and ERNIE 4.5 (its
-    choosing bias under the router's moe_statics): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
+    choosing bias under the router's moe_statics) and Hunyuan-A13B (its router gate.wg, shared_mlp): every
+    expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
     router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
     a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
     tokens, batched too."""
@@ -218,7 +220,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     assert packed == {f"model.layers.{layer}.{mlp}.experts.{e}.{m}" for layer in range(2) if layer not in dense_layers
                       for e in range(experts) for m in ("gate_proj", "up_proj", "down_proj")}
     shared = {"qwen2_moe": "shared_expert", "llama4": "shared_expert", "glm4_moe": "shared_experts",
-              "ernie4_5_moe": "shared_experts"}.get(arch)
+              "ernie4_5_moe": "shared_experts", "hunyuan_moe": "shared_mlp"}.get(arch)
     owners = [mlp] if 1 in dense_layers else [f"{mlp}.experts.{e}" for e in range(experts)] + \
         ([f"{mlp}.{shared}"] if shared else [])
     narrow = [f"model.layers.1.{owner}.down_proj" for owner in owners]
@@ -227,7 +229,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     mixture = f"model.layers.{1 if 0 in dense_layers else 0}.{mlp}"  # a mixture at --bits
     assert [reader.linear(name).bits for name in ("model.layers.1.self_attn.k_proj", narrow[-1],
                                                   f"{mixture}.experts.0.up_proj")] == [4, 2, 3]
-    router = "router" if arch in ("gpt_oss", "llama4") else "gate"
+    router = {"gpt_oss": "router", "llama4": "router", "hunyuan_moe": "gate.wg"}.get(arch, "gate")
     assert reader.has(f"{mixture}.{router}.weight")
     correction = {"glm4_moe": "gate.e_score_correction_bias", "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias"}
     assert reader.has(f"{mixture}.{correction.get(arch, 'gate.e_score_correction_bias')}") == (arch in correction)

@@ -61,7 +61,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
         StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM, \
-        Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+        Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -140,6 +140,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         # experts chosen by their softmax weights plus a learned bias, beside a shared expert
         sizes.update(head_dim=24, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_intermediate_size=48,
                      moe_layer_start_index=1)
+    if arch == "hunyuan_moe":  # as Hunyuan-A13B: Hunyuan's layer, 2 of 4 experts a token (per-layer lists, as its
+        # config gives them) beside a shared MLP, NTK scaling with a fixed alpha
+        sizes.update(head_dim=24, intermediate_size=48, num_experts=4, moe_topk=[2, 2],
+                     rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -174,6 +178,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "llama4": (Llama4TextConfig, Llama4ForCausalLM),  # experts fed by sigmoid-weighted inputs, NoPE layers
         "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # DeepSeek-V3's routing over Qwen2's layer, half-head RoPE
         "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM),  # softmax routing with a choosing bias
+        "hunyuan_moe": (HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM),  # Hunyuan's layer with experts, a shared MLP
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused

@@ -21,11 +21,12 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
                            "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
                            "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe",
-                           "Ernie4_5_MoeForCausalLM": "ernie4_5_moe"}
+                           "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
+HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
@@ -158,9 +159,8 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "hunyuan_v1_dense") or (c["model_type"] == "glm4_moe" and
-                                                                bool(c.get("use_qk_norm"))),
-            qk_norm_after_rotary=c["model_type"] in ("hunyuan_v1_dense", "llama4_text"),
+                                        *HUNYUAN) or (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
+            qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
@@ -290,6 +290,11 @@ def _experts(c: dict) -> dict:
                     shared_expert=bool(c.get("moe_num_shared_experts")), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_correction=True, router_in_fp32=True,
                     moe_layers=[(i + 1) % (step or 1) == 0 and (first or 0) <= i <= last for i in range(layers)])
+    if kind == "hunyuan_v1_moe":  # Hunyuan-A13B: every layer, softmax weights renormalized, beside a shared MLP
+        counts, chosen = (_one_value(c, key) for key in ("num_experts", "moe_topk"))
+        return dict(num_experts=counts, experts_per_token=chosen, norm_topk_prob=True, shared_expert=True,
+                    shared_expert_gated=False, shared_expert_name="shared_mlp", router_in_fp32=True,
+                    moe_layers=[True] * layers)
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:
         return {}
@@ -297,6 +302,16 @@ def _experts(c: dict) -> dict:
     return dict(num_experts=count, experts_per_token=c["num_experts_per_tok"],
                 norm_topk_prob=bool(c.get("norm_topk_prob", False)), shared_expert=kind == "qwen2_moe",
                 moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(layers)])
+
+
+def _one_value(c: dict, key: str) -> int:
+    """A setting Hunyuan's config may give per layer (a list): one value, as lcq runs every layer's alike."""
+    value = c[key]
+    if isinstance(value, list):
+        if len(set(value)) != 1:
+            raise UserError(f"{key} differs between layers ({sorted(set(value))}), which lcq does not support")
+        value = value[0]
+    return int(value)
 
 
 def _layer_windows(c: dict) -> list[int]:

@@ -44,9 +44,9 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
-ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router"}  # a mixture's router, where it is not gate
+ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg"}  # where not gate
 CORRECTION_NAMES = {"ernie4_5_moe": "moe_statics.e_score_correction_bias"}  # its choosing bias, under the router
-QK_NORM_NAMES = {"hunyuan_v1_dense": ("query_layernorm", "key_layernorm")}  # where not q_norm and k_norm
+QK_NORM_NAMES = dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query_layernorm", "key_layernorm"))
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
 SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
