@@ -327,23 +327,25 @@ def test_llama4_follows_transformers(tmp_path, monkeypatch, top_k, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
+@pytest.mark.parametrize("arch, family", [("glm4_moe", "Glm4MoeForCausalLM"), ("dots1", "Dots1ForCausalLM")])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_glm4_moe_follows_transformers(tmp_path, monkeypatch, c_ops):
-    """GLM-4.5 (Glm4MoeForCausalLM): Qwen2's layer with q/k norms, half of each head turning (read as a
-    whole-head rotary embedding, the rows and norm weights reordered), the first layer dense, then 2 of 8
-    experts chosen by sigmoid scores plus a learned bias within the best of 2 groups, weighted by the
-    sigmoid scores renormalized and scaled by 2.5, beside a shared expert; the router in fp32. Our model
-    against transformers' own class."""
+def test_deepseek_v3_routing_follows_transformers(tmp_path, monkeypatch, arch, family, c_ops):
+    """GLM-4.5 (Glm4MoeForCausalLM: Qwen2's layer with q/k norms, half of each head turning, read as a
+    whole-head rotary embedding, the rows and norm weights reordered) and dots.llm1 (Dots1ForCausalLM:
+    Qwen3's layer): the first layer dense, then 2 of 8 experts chosen by sigmoid scores plus a learned
+    bias within the best of 2 groups, weighted by the sigmoid scores renormalized and scaled by 2.5, beside
+    shared experts; the router in fp32. Our model against transformers' own class."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, "glm4_moe")
+    folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
     assert (config.num_experts, config.experts_per_token, config.moe_layers) == (8, 2, [False, True])
     assert (config.router_groups, config.routed_scale, config.router_correction, config.qk_norm) == ((2, 1), 2.5,
                                                                                                       True, True)
-    assert config.rope["rope_type"] == "longrope" and model.layers[1].mlp.router.dtype == torch.float32
-    reference = transformers.Glm4MoeForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert config.rope["rope_type"] == ("longrope" if arch == "glm4_moe" else "default")
+    assert model.layers[1].mlp.router.dtype == torch.float32
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 

@@ -61,7 +61,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, \
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
         StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM, \
-        Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+        Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
+        Dots1ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -144,6 +145,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         # config gives them) beside a shared MLP, NTK scaling with a fixed alpha
         sizes.update(head_dim=24, intermediate_size=48, num_experts=4, moe_topk=[2, 2],
                      rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0})
+    if arch == "dots1":  # as dots.llm1: Qwen3's layer; the first layer dense, then 2 of 8 experts chosen within the
+        # best of 2 groups by biased sigmoid scores, renormalized and scaled, beside two shared experts
+        sizes.update(head_dim=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                     moe_intermediate_size=48, first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=2.5,
+                     norm_topk_prob=True)
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -179,6 +185,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # DeepSeek-V3's routing over Qwen2's layer, half-head RoPE
         "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM),  # softmax routing with a choosing bias
         "hunyuan_moe": (HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM),  # Hunyuan's layer with experts, a shared MLP
+        "dots1": (Dots1Config, Dots1ForCausalLM),  # Qwen3's layer with DeepSeek-V3's routing
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused

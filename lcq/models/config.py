@@ -21,7 +21,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "CohereForCausalLM": "cohere", "Cohere2ForCausalLM": "cohere2",
                            "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
                            "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe",
-                           "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe"}
+                           "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
+                           "Dots1ForCausalLM": "dots1"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -159,7 +160,7 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        *HUNYUAN) or (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
+                                        "dots1", *HUNYUAN) or (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
@@ -273,10 +274,11 @@ def _experts(c: dict) -> dict:
         return dict(num_experts=c.get("num_local_experts", 16), experts_per_token=c.get("num_experts_per_tok", 1),
                     shared_expert=True, shared_expert_gated=False, router_sigmoid=True, expert_input_weights=True,
                     moe_layers=[i in moe for i in range(layers)])
-    if kind == "glm4_moe":  # DeepSeek-V3's routing: sigmoid scores, a choosing bias, groups; dense first layers
-        dense = c.get("first_k_dense_replace", 1)
+    if kind in ("glm4_moe", "dots1"):  # DeepSeek-V3's routing: sigmoid scores, a choosing bias, groups; dense
+        dense = c.get("first_k_dense_replace", 1 if kind == "glm4_moe" else 0)  # first layers (transformers' defaults)
         return dict(num_experts=c.get("n_routed_experts") or c.get("num_local_experts"),
-                    experts_per_token=c["num_experts_per_tok"], norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+                    experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=bool(c.get("norm_topk_prob", kind == "glm4_moe")),
                     shared_expert=bool(c.get("n_shared_experts", 1)), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_sigmoid=True, router_correction=True,
                     router_groups=(c.get("n_group", 1), c.get("topk_group", 1)) if c.get("n_group", 1) > 1 else None,
@@ -330,6 +332,8 @@ def _layer_windows(c: dict) -> list[int]:
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
     elif kind == "cohere2":
         window, default = c.get("sliding_window"), _cohere2_layer_types(c)
+    elif kind == "dots1":  # its layer_types' sliding layers, whatever use_sliding_window says (as transformers)
+        window, default = c.get("sliding_window"), ["full_attention"] * count
     elif kind == "gpt_oss":  # every other layer sliding, from the first, as transformers' GptOssConfig has it
         window = c.get("sliding_window", 128)
         default = ["full_attention" if i % 2 else "sliding_attention" for i in range(count)]
