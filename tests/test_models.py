@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import json
 
@@ -284,12 +285,13 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
 
 
 @pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe"])
-def test_stacked_experts_follow_transformers(tmp_path, arch):
+def test_stacked_experts_follow_transformers(tmp_path, monkeypatch, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
     shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs, GLM-4.5's
-    grouped, biased and scaled routing; the experts' down matrices at 2 bits, their gate/up at 3)."""
+    grouped, biased and scaled routing; the experts' down matrices at 2 bits, their gate/up at 3); and a
+    mixture's layer through the grouped Triton kernel gives the torch path's outputs."""
     from lcq.quantizer import QuantizeOptions, quantize_model
 
     folder = tmp_path / "lcq"
@@ -301,6 +303,22 @@ def test_stacked_experts_follow_transformers(tmp_path, arch):
     assert (mixtures[0].gate_up_experts.experts.stacked.bits, mixtures[0].down_experts.experts.stacked.bits) == (3, 2)
     assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
     _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
+    if importlib.util.find_spec("triton") is None or arch not in ("gpt_oss", "llama4", "glm4_moe"):
+        return
+    # The mixture through the grouped Triton kernel (under the interpreter), as a GPU runs it: the outputs of
+    # the experts one at a time, for 1 and 17 tokens (one-row and 16-row blocks); with biases (gpt-oss),
+    # weighted inputs (Llama 4), grouped routing (GLM-4.5)
+    import lcq.kernels.experts as experts_module
+    from lcq.kernels.triton_linear import grouped_decode
+
+    mixture = mixtures[0]
+    for tokens in (1, 17):
+        x = torch.randn(tokens, stacked.config.hidden_size, generator=torch.Generator().manual_seed(tokens))
+        one_at_a_time = mixture(x, None)
+        monkeypatch.setattr(experts_module, "expert_linear", lambda x, experts, routes, rows_per_input:
+                            grouped_decode(x, experts, routes, rows_per_input, {"BLOCK_N": 16, "SPLIT_K": 2}))
+        torch.testing.assert_close(mixture(x, None), one_at_a_time, rtol=1e-4, atol=1e-5)
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
