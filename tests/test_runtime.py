@@ -815,6 +815,21 @@ def test_cuda_graphs_hold_lora_adapters(tmp_path):
         [o.token_ids for o in eager.generate(prompts, swapped)]
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_hold_lora_adapters_over_a_mixture(tmp_path):
+    """A mixture's decode graphs (its experts routed on the device) with adapters on its attention serve
+    steps mixing them with the base model: the eager engine's tokens."""
+    folder = make_tiny_lcq(tmp_path, "qwen3_moe", bits=2, rank=2, group_size=32)
+    adapter = make_tiny_adapter(tmp_path / "attention", folder, targets=("self_attn.q_proj", "self_attn.v_proj"))
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
+              for lora in ("attention", None, "attention")]
+    graphed = LLM(str(folder), block_size=8, max_num_seqs=4, lora_modules=f"attention={adapter}")
+    assert graphed.engine.runner.graphs is not None
+    eager = LLM(str(folder), block_size=8, max_num_seqs=4, cuda_graphs=False, lora_modules=f"attention={adapter}")
+    assert [o.token_ids for o in graphed.generate(PROMPTS, params)] == \
+        [o.token_ids for o in eager.generate(PROMPTS, params)]
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
