@@ -474,7 +474,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
     ws = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, counters, counters, m, n, k, x.stride(0), out.stride(0), 1, 0)
-    consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m))
+    consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m), GROUPED=False)  # (in the tuning key)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
