@@ -193,13 +193,14 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
     """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
     expert packed, its gate not), gpt-oss (its experts' 3-D tensors split, with their biases; attention
-    sinks), Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate) and GLM-4.5
-    (its first layer dense, a choosing bias kept beside the router, shared_experts) and ERNIE 4.5 (its
+    sinks), Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate), GLM-4.5
+    (its first layer dense, a choosing bias kept beside the router, shared_experts), ERNIE 4.5 (its
     choosing bias under the router's moe_statics), Hunyuan-A13B (its router gate.wg, shared_mlp) and
-    dots.llm1 (GLM-4.5's routing over Qwen3's layer): every expert's three matrices packed (also those no calibration token chose: nearest entries of their k-means fit), the
-    router kept in full precision; --layer-bits rules on attention and on an MLP projection (every expert's, and
-    a dense layer's); transformers' model with the dequantized weights and the engine give the same greedy
-    tokens, batched too."""
+    dots.llm1 (GLM-4.5's routing over Qwen3's layer): every expert's three matrices packed (also those no
+    calibration token chose: nearest entries of their k-means fit), the router kept in full precision;
+    --layer-bits rules on attention and on an MLP projection (every expert's, and a dense layer's);
+    transformers' model with the dequantized weights and the engine give the same greedy tokens, batched
+    too."""
     import transformers
 
     from lcq.runtime import LLM, SamplingParams

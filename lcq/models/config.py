@@ -88,7 +88,7 @@ class ModelConfig:
     moe_layers: list[bool] = field(default_factory=list)
     shared_expert_gated: bool = True  # the shared expert's output scaled by sigmoid(gate . x) (Qwen2-MoE), else as is
     shared_expert_name: str = "shared_expert"  # its module (GLM-4.5: shared_experts)
-    router_sigmoid: bool = False  # the experts' weights are the sigmoid of their scores (Llama 4, GLM-4.5), else softmax
+    router_sigmoid: bool = False  # experts weighted by the sigmoid of their scores (Llama 4, GLM-4.5), else softmax
     router_correction: bool = False  # GLM-4.5: a learned bias on the sigmoid scores, for choosing only
     # GLM-4.5's (n_group, topk_group): each token's experts chosen within its topk_group best groups of experts
     router_groups: tuple[int, int] | None = None
@@ -160,7 +160,8 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "dots1", *HUNYUAN) or (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
+                                        "dots1", *HUNYUAN) or
+            (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
@@ -285,7 +286,7 @@ def _experts(c: dict) -> dict:
                     routed_scale=float(c.get("routed_scaling_factor", 1.0)), router_in_fp32=True,
                     moe_layers=[i >= dense for i in range(layers)])
     if kind == "ernie4_5_moe":  # softmax weights, a choosing bias; experts in every interval-th layer of a range
-        first, last, step = (c.get(key) for key in ("moe_layer_start_index", "moe_layer_end_index", "moe_layer_interval"))
+        first, last, step = (c.get(f"moe_layer_{key}") for key in ("start_index", "end_index", "interval"))
         last = layers - 1 if last is None or last < 0 else last
         return dict(num_experts=c.get("moe_num_experts") or c.get("num_experts"),
                     experts_per_token=c.get("moe_k") or c.get("num_experts_per_tok"), norm_topk_prob=True,

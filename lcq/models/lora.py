@@ -58,10 +58,11 @@ def part_shapes(config: ModelConfig, index: int) -> dict[str, tuple[int, int]]:
     """(N, K) of every checkpoint matrix an adapter may reach in decoder layer `index` (layer_fused)."""
     c = config
     q, kv, mlp = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.mlp_name
+    width = c.intermediate_size
     shapes = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
               "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
-              f"{mlp}.gate_proj": (c.intermediate_size, c.hidden_size),
-              f"{mlp}.up_proj": (c.intermediate_size, c.hidden_size), f"{mlp}.down_proj": (c.hidden_size, c.intermediate_size)}
+              f"{mlp}.gate_proj": (width, c.hidden_size), f"{mlp}.up_proj": (width, c.hidden_size),
+              f"{mlp}.down_proj": (c.hidden_size, width)}
     reached = {part for parts in layer_fused(config, index).values() for part in parts}
     return {part: shape for part, shape in shapes.items() if part in reached}
 

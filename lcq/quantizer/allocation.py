@@ -37,14 +37,14 @@ from .layer_bits import PROJECTIONS, block_linears
 # mixture of experts a unit holds every expert's matrices of its projections (a rule covers them all).
 UNITS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
          "down_proj": ("down_proj",)}
+WEIGHING_WINDOWS = 16  # calibration windows of the backward pass; every block's input is held for them
+WIDEST = max(SUPPORTED_BITS)
 
 
 def unit_of(linear: str) -> str:
     """The unit of a block's linear layer, by its projection (its name's last part)."""
     projection = linear.rsplit(".", 1)[-1]
     return next(unit for unit, projections in UNITS.items() if projection in projections)
-WEIGHING_WINDOWS = 16  # calibration windows of the backward pass; every block's input is held for them
-WIDEST = max(SUPPORTED_BITS)
 
 
 @dataclass

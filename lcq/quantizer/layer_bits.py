@@ -22,6 +22,7 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
 DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS)  # a dense layer's packed linears
+_RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 
 def block_linears(block: torch.nn.Module) -> list[str]:
@@ -29,7 +30,6 @@ def block_linears(block: torch.nn.Module) -> list[str]:
     three, or each expert's three (a mixture's router stays in full precision)."""
     return [name for name, module in block.named_modules()
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS]
-_RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 
 @dataclass(frozen=True)
