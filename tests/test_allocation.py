@@ -141,16 +141,17 @@ def test_target_bits_quantizes_to_the_budget_resumes_and_serves(tmp_path, tiny_h
 
 
 @pytest.mark.parametrize("arch, experts, dense_layers", [("qwen3_moe", 6, [1]), ("gpt_oss", 4, []), ("llama4", 4, []),
-                                                         ("glm4_moe", 8, [0])])
+                                                         ("glm4_moe", 8, [0]), ("deepseek_v3", 8, [0])])
 def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts, dense_layers):
     """In a mixture every expert's matrices are counted (shapes, budget) and weighed together as their layer's
     gate_up or down_proj unit: the budget is kept, each rule's width reaches every expert's matrix, and the
-    folder serves like transformers with its dequantized weights."""
+    folder serves like transformers with its dequantized weights. (DeepSeek-V3's latent attention reads its
+    input through q_a_proj, q_b_proj and kv_a_proj_with_mqa: its qkv unit, four matrices a layer with o_proj.)"""
     # Llama 4 with 2 layers, both mixtures with a shared expert
     folder = make_tiny_hf(tmp_path / "hf", arch, **(dict(num_hidden_layers=2, interleave_moe_layer_step=1)
                                                    if arch == "llama4" else {}))
     shapes = linear_shapes(CheckpointReader(folder), 2)
-    shared = 3 if arch in ("llama4", "glm4_moe") else 0
+    shared = 3 if arch in ("llama4", "glm4_moe", "deepseek_v3") else 0
     assert len(shapes) == 2 * 4 + sum(3 if layer in dense_layers else 3 * experts + shared for layer in range(2))
     low, high = bits_per_weight_range(shapes, 2, 2, 32)
     target = round(low + 0.7 * (high - low), 2)  # enough for attention at 4 bits and some experts wider

@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -27,8 +28,8 @@ class PagedBatch:
         c = model.config
         dtype, self.device = cache_dtype or model.dtype, model.norm.weight.device
         shape = model.kv_cache_shape(num_blocks, BLOCK, dtype)
-        model.bind_kv_cache([torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)],
-                            [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)])
+        keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)]
+        model.bind_kv_cache(keys, keys if c.values_in_keys else [torch.zeros_like(k) for k in keys])
         self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
 
     def add(self) -> int:
@@ -284,13 +285,14 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe", "deepseek_v2"])
 def test_stacked_experts_follow_transformers(tmp_path, monkeypatch, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
     shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs, GLM-4.5's
-    grouped, biased and scaled routing; the experts' down matrices at 2 bits, their gate/up at 3); and a
+    grouped, biased and scaled routing, DeepSeek-V2's groups by their best expert, beside its latent
+    attention; the experts' down matrices at 2 bits, their gate/up at 3); and a
     mixture's layer through the grouped Triton kernel gives the torch path's outputs."""
     from lcq.quantizer import QuantizeOptions, quantize_model
 
@@ -366,6 +368,55 @@ def test_deepseek_v3_routing_follows_transformers(tmp_path, monkeypatch, arch, f
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+
+
+@pytest.mark.parametrize("arch, family", [("deepseek_v2", "DeepseekV2ForCausalLM"),
+                                          ("deepseek_v3", "DeepseekV3ForCausalLM"),
+                                          ("glm4_moe_lite", "Glm4MoeLiteForCausalLM")])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_latent_attention_follows_transformers(tmp_path, monkeypatch, arch, family, c_ops):
+    """DeepSeek's multi-head latent attention, absorbed: one cache row per token (the 32-wide latent and the
+    8-wide rotated key part), every head attending over it, transformers' expanded keys and values never
+    formed. DeepSeek-V2's (one q_proj, YaRN whose mscale scales the scores, softmax experts within the best
+    group by its best expert), DeepSeek-V3's and GLM-4.7-Flash's (query latents, sigmoid routing with a
+    choosing bias). Our model against transformers' own class, prompts prefilled in pieces and decoded,
+    with the C attention and the torch one."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch)
+    model, config = load_model(folder)
+    assert (config.num_kv_heads, config.head_dim, config.rotary_dim) == (1, 40, 8) and config.values_in_keys
+    assert config.latent.q_rank == (0 if arch == "deepseek_v2" else 48) and config.moe_layers == [False, True]
+    assert (config.router_groups, config.group_score_experts) == ((2, 1), 1 if arch == "deepseek_v2" else 2)
+    mscale = 0.1 * 0.707 * math.log(4.0) + 1 if arch == "deepseek_v2" else 1.0
+    assert config.query_scale == pytest.approx(24 ** -0.5 * mscale ** 2)
+    assert model.kv_cache_bytes_per_block(16, torch.float32) == 2 * 16 * 40 * 4  # K only, one 40-wide row a token
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_latent_attention_through_the_triton_kernels(tmp_path, monkeypatch):
+    """The latent attention's one 40-wide cache row per token (not a power of two) read by all 4 query heads, its
+    V cache the K cache, through the Triton cache writes and prefill and decode attention (under the
+    interpreter, as a GPU runs them): transformers' logits."""
+    import transformers
+
+    from lcq.models import attention
+
+    folder = make_tiny_hf(tmp_path, "deepseek_v3")
+    model, _ = load_model(folder)
+    start = attention.PagedAttention.__init__
+
+    def on_triton(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        self.use_triton, self.use_cpu_ops = True, False
+
+    monkeypatch.setattr(attention.PagedAttention, "__init__", on_triton)
+    reference = transformers.DeepseekV3ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS[:2], decode_steps=2, chunk=4)
 
 
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
@@ -630,7 +681,8 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     *((arch, dtype) for arch in ("qwen2", "qwen3") for dtype in (torch.float16, torch.bfloat16)),
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
-    ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16)])
+    ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16),
+    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

@@ -62,7 +62,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Qwen3MoeConfig, Qwen3MoeForCausalLM, SeedOssConfig, SeedOssForCausalLM, SmolLM3Config, SmolLM3ForCausalLM, \
         StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM, \
         Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
-        Dots1ForCausalLM
+        Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
+        Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,6 +151,21 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
                      moe_intermediate_size=48, first_k_dense_replace=1, n_shared_experts=2, routed_scaling_factor=2.5,
                      norm_topk_prob=True)
+    if arch in ("deepseek_v2", "deepseek_v3", "glm4_moe_lite"):  # latent attention: keys and values from a
+        # 32-wide latent, 8 of each 24-wide query and key head rotated, 12-wide values; the first layer dense, then 2
+        # of 8 experts beside a shared one
+        sizes.update(num_key_value_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                     n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+                     first_k_dense_replace=1, n_group=2, topk_group=1)
+    if arch == "deepseek_v2":  # as DeepSeek-V2: one q_proj, softmax weights scaled, chosen within the best group by
+        # its best expert; YaRN (original context 64) whose mscale scales the scores too
+        sizes.update(q_lora_rank=None, topk_method="group_limited_greedy", routed_scaling_factor=1.5,
+                     rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                      "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0,
+                                      "mscale": 0.707, "mscale_all_dim": 0.707})
+    if arch in ("deepseek_v3", "glm4_moe_lite"):  # as DeepSeek-V3 and GLM-4.7-Flash: queries through a 48-wide
+        # latent; biased sigmoid scores within the best group, renormalized and scaled
+        sizes.update(q_lora_rank=48, routed_scaling_factor=2.5, norm_topk_prob=True)
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -186,6 +202,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM),  # softmax routing with a choosing bias
         "hunyuan_moe": (HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM),  # Hunyuan's layer with experts, a shared MLP
         "dots1": (Dots1Config, Dots1ForCausalLM),  # Qwen3's layer with DeepSeek-V3's routing
+        "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),  # latent attention, experts in groups
+        "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),  # the same with query latents, V3's routing
+        "glm4_moe_lite": (Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM),  # DeepSeek-V3's layer
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused

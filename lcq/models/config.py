@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +23,14 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "StableLmForCausalLM": "stablelm", "GptOssForCausalLM": "gpt_oss",
                            "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe",
                            "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
-                           "Dots1ForCausalLM": "dots1"}
+                           "Dots1ForCausalLM": "dots1", "DeepseekV2ForCausalLM": "deepseek_v2",
+                           "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
+LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
@@ -42,6 +45,19 @@ LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_h
                "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
                "stablelm": dict(layer_norm=True, norm_bias=True),
                "ernie4_5_moe": dict(rotary_interleaved=True)}  # ERNIE 4.5's mixtures: adjacent rotary pairs
+
+
+@dataclass(frozen=True)
+class LatentDims:
+    """DeepSeek's multi-head latent attention (MLA: DeepSeek-V2 and V3, Moonlight, GLM-4.7-Flash): every head's
+    key and value come from one normed latent of kv_rank values per token (kv_b_proj), beside a rotated key
+    part all heads share; the queries come from q_proj, or through a latent of q_rank values first."""
+
+    kv_rank: int  # kv_lora_rank
+    q_rank: int  # q_lora_rank, 0 where the queries take one q_proj
+    nope_dim: int  # qk_nope_head_dim: a query or key head's dimensions without rotary embedding
+    rope_dim: int  # qk_rope_head_dim: its rotated ones
+    value_dim: int  # v_head_dim
 
 
 @dataclass
@@ -92,6 +108,7 @@ class ModelConfig:
     router_correction: bool = False  # GLM-4.5: a learned bias on the sigmoid scores, for choosing only
     # GLM-4.5's (n_group, topk_group): each token's experts chosen within its topk_group best groups of experts
     router_groups: tuple[int, int] | None = None
+    group_score_experts: int = 2  # a group's score: the sum of its best so many experts' (DeepSeek-V2's: the best)
     routed_scale: float = 1.0  # the chosen experts' weights times it (GLM-4.5's routed_scaling_factor)
     router_in_fp32: bool = False  # the router kept and run in fp32 (GLM-4.5), else in the model's dtype
     # Llama 4: the router's weights scale each chosen expert's input, and the experts' outputs are summed as
@@ -108,6 +125,9 @@ class ModelConfig:
     # by 1 + beta * log(1 + floor((p + shift) / span)) (layers.query_temperatures); None: none
     query_temperature: tuple[float, int, int] | None = None
     temperature_layers: list[bool] = field(default_factory=list)  # where it applies (Llama 4: its NoPE layers)
+    # DeepSeek's latent attention, whose KV cache holds one row of head_dim (kv_rank + rope_dim) values per token,
+    # num_kv_heads 1, keys and values alike; None: the attention of every other family
+    latent: LatentDims | None = None
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
     # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
     source_config: dict | None = field(default=None, repr=False)
@@ -153,8 +173,9 @@ class ModelConfig:
             intermediate_size=(c.get("intermediate_size_mlp", 16384) if c["model_type"] == "llama4_text" else
                                c["intermediate_size"]),
             num_layers=c["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=c.get("num_key_value_heads") or heads,
-            head_dim=head_dim, rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6)),
+            num_kv_heads=1 if c["model_type"] in LATENT else c.get("num_key_value_heads") or heads,
+            head_dim=c["kv_lora_rank"] + c["qk_rope_head_dim"] if c["model_type"] in LATENT else head_dim,
+            rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6)),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
@@ -165,6 +186,7 @@ class ModelConfig:
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
+            **_latent_fields(c, rope),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
@@ -177,6 +199,17 @@ class ModelConfig:
         """Each layer's span as PagedAttention.attend takes it: a sliding window (> 0), attention chunks
         (< 0: -size, Llama 4), or 0 for full attention."""
         return [window or -chunk for window, chunk in zip(self.layer_windows, self.layer_chunks)]
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dimensions of a head the rotary embedding turns: all (a partial one is read as a whole-head one:
+        views.py), or the latent attention's rotated part."""
+        return self.head_dim if self.latent is None else self.latent.rope_dim
+
+    @property
+    def values_in_keys(self) -> bool:
+        """Whether a layer's values are its cached keys' rows (latent attention), so that it needs no V cache."""
+        return self.latent is not None
 
     def __post_init__(self) -> None:
         if not self.layer_windows:
@@ -245,6 +278,21 @@ def _llama4_fields(c: dict) -> dict:
                 temperature_layers=nope)
 
 
+def _latent_fields(c: dict, rope: dict) -> dict:
+    """DeepSeek's latent attention: its dimensions, the scores' factor of its query and key heads (nope_dim +
+    rope_dim wide; with YaRN times the square of 0.1 mscale_all_dim ln(factor) + 1, as DeepSeek's code has
+    it), its rotary embedding over adjacent pairs (V2's always, V3's where rope_interleave, the default)."""
+    if c["model_type"] not in LATENT:
+        return {}
+    latent = LatentDims(kv_rank=c["kv_lora_rank"], q_rank=c.get("q_lora_rank") or 0, nope_dim=c["qk_nope_head_dim"],
+                        rope_dim=c["qk_rope_head_dim"], value_dim=c["v_head_dim"])
+    scale = (latent.nope_dim + latent.rope_dim) ** -0.5
+    if rope["rope_type"] != "default" and rope.get("mscale_all_dim") and rope.get("factor", 1.0) > 1:
+        scale *= (0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0) ** 2
+    interleaved = c["model_type"] == "deepseek_v2" or bool(c.get("rope_interleave", True))
+    return dict(latent=latent, query_scale=scale, rotary_interleaved=interleaved)
+
+
 def _gpt_oss_fields(c: dict) -> dict:
     """gpt-oss's layer beside Llama's: attention sinks, biases on every projection (q/k/v/o: attention_bias),
     the router and the experts, and its clamped SwiGLU."""
@@ -275,16 +323,27 @@ def _experts(c: dict) -> dict:
         return dict(num_experts=c.get("num_local_experts", 16), experts_per_token=c.get("num_experts_per_tok", 1),
                     shared_expert=True, shared_expert_gated=False, router_sigmoid=True, expert_input_weights=True,
                     moe_layers=[i in moe for i in range(layers)])
-    if kind in ("glm4_moe", "dots1"):  # DeepSeek-V3's routing: sigmoid scores, a choosing bias, groups; dense
-        dense = c.get("first_k_dense_replace", 1 if kind == "glm4_moe" else 0)  # first layers (transformers' defaults)
+    if kind == "deepseek_v2":  # softmax weights, scaled, not renormalized (as transformers), chosen greedily or
+        # within the best groups by their best expert ("group_limited_greedy"); dense first layers
+        grouped = c.get("topk_method") == "group_limited_greedy"
+        return dict(num_experts=c["n_routed_experts"], experts_per_token=c["num_experts_per_tok"],
+                    shared_expert=bool(c.get("n_shared_experts")), shared_expert_gated=False,
+                    shared_expert_name="shared_experts", router_groups=(c["n_group"], c["topk_group"]) if grouped
+                    else None, group_score_experts=1, routed_scale=float(c.get("routed_scaling_factor", 1.0)),
+                    router_in_fp32=True, moe_layers=[i >= c.get("first_k_dense_replace", 0) for i in range(layers)])
+    if kind in ("glm4_moe", "dots1", "deepseek_v3", "glm4_moe_lite"):  # DeepSeek-V3's routing: sigmoid scores, a
+        # choosing bias, groups; dense first layers (transformers' defaults), GLM-4.7-Flash's by mlp_layer_types
+        dense = c.get("first_k_dense_replace", {"glm4_moe": 1, "deepseek_v3": 3}.get(kind, 0))
+        types = c.get("mlp_layer_types") or ["dense" if kind == "glm4_moe_lite" and i == 0 or i < dense else "sparse"
+                                             for i in range(layers)]
         return dict(num_experts=c.get("n_routed_experts") or c.get("num_local_experts"),
                     experts_per_token=c["num_experts_per_tok"],
-                    norm_topk_prob=bool(c.get("norm_topk_prob", kind == "glm4_moe")),
+                    norm_topk_prob=bool(c.get("norm_topk_prob", kind != "dots1")),
                     shared_expert=bool(c.get("n_shared_experts", 1)), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_sigmoid=True, router_correction=True,
                     router_groups=(c.get("n_group", 1), c.get("topk_group", 1)) if c.get("n_group", 1) > 1 else None,
                     routed_scale=float(c.get("routed_scaling_factor", 1.0)), router_in_fp32=True,
-                    moe_layers=[i >= dense for i in range(layers)])
+                    moe_layers=[mlp == "sparse" for mlp in types])
     if kind == "ernie4_5_moe":  # softmax weights, a choosing bias; experts in every interval-th layer of a range
         first, last, step = (c.get(f"moe_layer_{key}") for key in ("start_index", "end_index", "interval"))
         last = layers - 1 if last is None or last < 0 else last

@@ -15,7 +15,8 @@ gpt-oss is Llama's layer with biases on every projection, attention sinks, a sli
 layer and a mixture of experts whose SwiGLU is clamped. Llama 4 is Llama's layer with adjacent rotary
 pairs, unweighted norms of the rotated queries and keys, NoPE layers (every fourth) whose queries take
 Ministral 3's temperature, and mixtures whose router weights scale the experts' inputs, beside a shared
-expert.
+expert. DeepSeek-V2 and V3 (and GLM-4.7-Flash) are Llama's layer with DeepSeek's latent attention
+(latent_attention.py) and mixtures after dense first layers.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .attention import PagedAttention
 from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
+from .latent_attention import LatentAttention
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
                      rotary_qkv)
 from .lora import LoRABatch
@@ -141,6 +143,7 @@ class MixtureOfExperts(torch.nn.Module):
         self.correction = torch.nn.Parameter(torch.empty(config.num_experts, dtype=torch.float32),
                                              requires_grad=False) if config.router_correction else None
         self.sigmoid, self.groups, self.routed_scale = config.router_sigmoid, config.router_groups, config.routed_scale
+        self.group_score_experts = config.group_score_experts
         self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
@@ -177,7 +180,7 @@ class MixtureOfExperts(torch.nn.Module):
         if self.sigmoid and self.correction is None:  # Llama 4 chooses by the scores themselves
             choice = scores
         if self.groups is not None:
-            choice = _within_best_groups(choice, *self.groups)
+            choice = _within_best_groups(choice, *self.groups, self.group_score_experts)
         chosen = choice.topk(self.top_k, dim=-1).indices
         weights = probs.gather(-1, chosen)
         if self.norm_topk_prob:
@@ -229,11 +232,12 @@ class MixtureOfExperts(torch.nn.Module):
         return down.sum(dim=1) if self.input_weights else (down * weights.unsqueeze(-1)).sum(dim=1)
 
 
-def _within_best_groups(choice: torch.Tensor, groups: int, kept: int) -> torch.Tensor:
+def _within_best_groups(choice: torch.Tensor, groups: int, kept: int, scored_by: int) -> torch.Tensor:
     """choice (T, experts) with every expert outside the token's `kept` best of `groups` equal groups at
-    -inf, a group's score the sum of its two best experts' (DeepSeek-V3's and GLM-4.5's routing)."""
+    -inf, a group's score the sum of its `scored_by` best experts' (DeepSeek-V3's and GLM-4.5's routing: two;
+    DeepSeek-V2's: one)."""
     grouped = choice.view(choice.shape[0], groups, -1)
-    best = grouped.topk(2, dim=-1).values.sum(dim=-1).topk(kept, dim=-1).indices
+    best = grouped.topk(scored_by, dim=-1).values.sum(dim=-1).topk(kept, dim=-1).indices
     keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
@@ -250,7 +254,8 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        self.self_attn = Attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
+        attention = Attention if config.latent is None else LatentAttention
+        self.self_attn = attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
         mlp = f"{prefix}.{config.mlp_name}"
         self.mlp = MixtureOfExperts(config, mlp, make_linear, dtype) if config.moe_layers[index] else \
@@ -291,11 +296,11 @@ class LlamaModel(torch.nn.Module):
         table_shape = (config.vocab_size, config.hidden_size)
         self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
                                                _freeze=True)
-        self.rotary = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
+        self.rotary = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope)
         self.rotary_local = None if config.rope_local is None else \
-            RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_local)
+            RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_local)
         self.rotary_none = None if all(config.rope_layers) else \
-            RotaryEmbedding(config.head_dim, config.max_position_embeddings, NO_ROTATION)
+            RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, NO_ROTATION)
         self.layers = torch.nn.ModuleList(DecoderLayer(config, i, make_linear, dtype)
                                           for i in range(config.num_layers))
         self.norm = model_norm(config, dtype)
@@ -362,7 +367,8 @@ class LlamaModel(torch.nn.Module):
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                       layer_groups: tuple[int, ...] | None = None) -> None:
-        """One pair of kv_cache_shape per layer (layers of different groups may share one); layer_groups:
+        """One pair of kv_cache_shape per layer (layers of different groups may share one; a latent attention's
+        V cache is its K cache: config.values_in_keys); layer_groups:
         each layer's group, whose block tables it reads when a step's context has several (KVGroups)."""
         if len(k_caches) != len(self.layers) or len(v_caches) != len(self.layers):
             raise ValueError(f"need {len(self.layers)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
@@ -378,6 +384,7 @@ class LlamaModel(torch.nn.Module):
         return cpu_ops.cache_shape(num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim, dtype)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype, layers: int | None = None) -> int:
-        """K and V bytes of one block in `layers` layers (default: all)."""
+        """K and V bytes of one block in `layers` layers (default: all); K only where values are the keys' rows."""
         elements = math.prod(self.kv_cache_shape(1, block_size, dtype))
-        return 2 * (layers or self.config.num_layers) * elements * torch.empty(0, dtype=dtype).element_size()
+        tensors = 1 if self.config.values_in_keys else 2
+        return tensors * (layers or self.config.num_layers) * elements * torch.empty(0, dtype=dtype).element_size()

@@ -44,9 +44,10 @@ class LoRAAdapter:
 
 
 def layer_fused(config: ModelConfig, index: int) -> dict[str, tuple[str, ...]]:
-    """FUSED for decoder layer `index`: the attention's layers, and the MLP's (under the model's MLP name)
-    where the layer's MLP is dense. A mixture's experts, router and shared expert take no adapter."""
-    fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.")}
+    """FUSED for decoder layer `index`: the attention's layers (not a latent attention's), and the MLP's (under
+    the model's MLP name) where the layer's MLP is dense. A mixture's experts, router and shared expert take no
+    adapter."""
+    fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.") and not config.latent}
     if not config.moe_layers[index]:
         mlp = config.mlp_name
         fused.update({f"{mlp}.gate_up_proj": (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
@@ -132,7 +133,8 @@ def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor
         if not part_module.startswith("model.layers.") or not layer.isdigit() or int(layer) >= config.num_layers \
                 or part not in part_shapes(config, int(layer)):
             raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers that takes an "
-                                  "adapter (a mixture's experts, router and shared expert take none)")
+                                  "adapter (a mixture's experts, router and shared expert take none, nor does a latent "
+                                  "attention)")
         n, k = part_shapes(config, int(layer))[part]
         rows = b if where.rows is None else b[where.rows[0]:where.rows[1]]
         if a.shape[1] != k or rows.shape[0] != n:

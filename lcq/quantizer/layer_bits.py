@@ -17,11 +17,16 @@ import torch
 from lcq.errors import UserError
 from lcq.format import SUPPORTED_BITS
 
+# DeepSeek's latent attention (MLA) reads its input through these beside q_proj (kv_b_proj, which the runtime
+# multiplies in full precision by head, stays so)
+LATENT_INPUTS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+               **dict.fromkeys(LATENT_INPUTS, "self_attn"), "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-ALIASES = {"qkv": FUSED[0], "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
-DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS)  # a dense layer's packed linears
+# qkv: the attention's input projections (a latent attention's run one by one, but are named together)
+ALIASES = {"qkv": FUSED[0] + LATENT_INPUTS, "gate_up": FUSED[1], "all": tuple(PROJECTIONS)}
+# a Llama layer's packed linears
+DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS if p not in LATENT_INPUTS)
 _RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 
@@ -99,6 +104,6 @@ class LayerWidths:
         for parts in FUSED:
             widths = [self.of(layer, p) for p in parts]
             if len(set(widths)) > 1:
-                alias = next(a for a, members in ALIASES.items() if members == parts)
+                alias = next(a for a, members in ALIASES.items() if set(parts) <= set(members))
                 raise UserError(f"--layer-bits: {', '.join(parts)} run as one fused product and need one width "
                                 f"(layer {layer}: {', '.join(map(str, widths))}); set {alias}=BITS instead")

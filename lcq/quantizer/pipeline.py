@@ -57,7 +57,8 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "glm4": "Glm4", "qwen3_moe": "Qwen3Moe", "mixtral": "Mixtral", "olmoe": "Olmoe",
                 "qwen2_moe": "Qwen2Moe", "cohere": "Cohere", "cohere2": "Cohere2", "stablelm": "StableLm",
                 "gpt_oss": "GptOss", "llama4_text": "Llama4Text", "glm4_moe": "Glm4Moe", "ernie4_5_moe": "Ernie4_5_Moe",
-                "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1"}
+                "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
+                "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite"}
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4"}  # transformers' module, where not the type's
 OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
 CENTRED_NORMS = ("cohere", "cohere2", "stablelm")  # LayerNorms (StableLM's with biases), not RMSNorms

@@ -79,7 +79,7 @@ def draft_footprint(config: EngineConfig) -> tuple[int, int]:
     c = ModelConfig.from_folder(draft.model)
     dtype = draft.resolved_kv_cache_dtype()
     elements = math.prod(cpu_ops.cache_shape(1, config.block_size, c.num_kv_heads, c.head_dim, dtype))
-    block_bytes = 2 * c.num_layers * elements * torch.empty(0, dtype=dtype).element_size()
+    block_bytes = (1 if c.values_in_keys else 2) * c.num_layers * elements * torch.empty(0, dtype=dtype).element_size()
     return block_bytes, sum(f.stat().st_size for f in Path(draft.model).glob("*.safetensors"))
 
 

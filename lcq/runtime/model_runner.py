@@ -84,8 +84,8 @@ class ModelRunner:
         self.num_blocks = num_blocks or max(
             2, (self._kv_budget(config) - draft_weight_bytes * on_cuda) // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
-        k_tensors, v_tensors = ([torch.zeros(shape, dtype=kv_dtype, device=self.device)
-                                 for _ in range(self.kv_groups.width)] for _ in range(2))
+        k_tensors = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.kv_groups.width)]
+        v_tensors = k_tensors if c.values_in_keys else [torch.zeros_like(k) for k in k_tensors]  # (latent attention)
         self.k_caches = [k_tensors[j] for j in self.kv_groups.layer_tensor]  # one per layer, shared across groups
         self.v_caches = [v_tensors[j] for j in self.kv_groups.layer_tensor]
         self.model.bind_kv_cache(self.k_caches, self.v_caches, self.kv_groups.layer_group)
