@@ -397,6 +397,27 @@ def test_latent_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
+def test_deepseek_v2_config_as_the_hub_writes_it(tmp_path):
+    """DeepSeek-V2-Lite's config.json as on the Hub (written for its own code): YaRN under rope_scaling with
+    "type" and a top-level rope_theta, q_lora_rank null, greedy routing over one group, the keys only its code
+    reads (auto_map, scoring_func, moe_layer_freq, aux_loss_alpha, seq_aux); transformers' own class reads
+    the same folder, and both give the same logits."""
+    import transformers
+
+    folder = make_tiny_hf(tmp_path, "deepseek_v2")
+    config = json.loads((folder / "config.json").read_text())
+    yarn = config.pop("rope_parameters")
+    config.update(rope_theta=yarn.pop("rope_theta"), rope_scaling={"type": yarn.pop("rope_type"), **yarn},
+                  topk_method="greedy", n_group=1, topk_group=1, scoring_func="softmax", moe_layer_freq=1,
+                  aux_loss_alpha=0.001, seq_aux=True, norm_topk_prob=False, q_lora_rank=None,
+                  auto_map={"AutoModelForCausalLM": "modeling_deepseek.DeepseekV2ForCausalLM"})
+    (folder / "config.json").write_text(json.dumps(config))
+    model, read = load_model(folder)
+    assert read.router_groups is None and read.rope["rope_type"] == "yarn" and read.rotary_interleaved
+    reference = transformers.DeepseekV2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=2)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_latent_attention_through_the_triton_kernels(tmp_path, monkeypatch):
     """The latent attention's one 40-wide cache row per token (not a power of two) read by all 4 query heads, its
