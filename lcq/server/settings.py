@@ -16,7 +16,8 @@ from lcq.errors import UserError
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
-                     "internlm", "seed_oss", "qwen3_coder", "openai")  # tool_calls.PARSERS
+                     "internlm", "seed_oss", "qwen3_coder", "openai", "glm45", "glm47", "deepseek_v3",
+                     "deepseek_v31")  # tool_calls.PARSERS
 REASONING_PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")  # reasoning.PARSERS
 
 
@@ -189,7 +190,8 @@ FLAGS = (
          "Llama 4), phi4_mini_json (functools[...]: Phi-4-mini), olmo3 (<function_calls> of pythonic lines), "
          "ernie45 (hermes's blocks: ERNIE 4.5), internlm (<|action_start|><|plugin|> calls: InternLM2/3), seed_oss "
          "or qwen3_coder (XML calls: Seed-OSS, Qwen3-Coder), openai (harmony calls: gpt-oss, with --reasoning-parser "
-         "openai_gptoss): how replies are read so that tool_choice auto works",
+         "openai_gptoss), glm45 or glm47 (<tool_call>NAME<arg_key>..: GLM-4.5 to 4.7), deepseek_v3 or deepseek_v31 "
+         "(<｜tool▁calls▁begin｜> calls: DeepSeek-V3, R1, V3.1): how replies are read so that tool_choice auto works",
          "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),

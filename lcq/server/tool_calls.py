@@ -35,6 +35,14 @@ writes free text in which it may call tools in the syntax its chat template taug
   `<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`, the arguments as written; the
   reasoning parser passes those messages on whole and drops the rest of the markup (special tokens:
   KEEPS_SPECIAL_TOKENS).
+- glm45 and glm47 (GLM-4.5, GLM-4.6, GLM-4.7, GLM-4.7-Flash): `<tool_call>NAME` then pairs
+  `<arg_key>key</arg_key><arg_value>value</arg_value>` up to `</tool_call>` (GLM-4.5 puts a newline after
+  the name, GLM-4.7 none: both read either); a value is text where the request's tool schema says string,
+  else JSON or a Python literal where it reads as one (as vLLM reads them);
+- deepseek_v3 (DeepSeek-V3, R1): after `<｜tool▁calls▁begin｜>`, calls
+  `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` and their JSON arguments in a ```json block, each up to
+  `<｜tool▁call▁end｜>`; deepseek_v31 (DeepSeek-V3.1): `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>`.
+  Those tags are special tokens (KEEPS_SPECIAL_TOKENS).
 """
 from __future__ import annotations
 
@@ -52,8 +60,10 @@ MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 PHI4_CALLS = "functools["
 OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
 INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
+GLM_START, GLM_END = "<tool_call>", "</tool_call>"
+DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 # parsers whose tags are (or may be) special tokens the text must keep
-KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai")
+KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31")
 HARMONY_CALL = "<|channel|>commentary to=functions."
 # a harmony message to a function: its name, then (after any more of the header) its arguments
 _HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
@@ -61,6 +71,13 @@ JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 wri
 XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>"), "qwen3_coder": (HERMES_START, HERMES_END)}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|$)", re.DOTALL)
+_GLM_CALL = re.compile(re.escape(GLM_START) + r"([^<\n]*)(.*?)(?:" + re.escape(GLM_END) + r"|$)", re.DOTALL)
+_GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|$)", re.DOTALL)
+# DeepSeek-V3's call (a kind, "function", then the name; JSON arguments in a ```json block) and V3.1's
+_DEEPSEEK_CALLS = {
+    "deepseek_v3": re.compile(r"<｜tool▁call▁begin｜>.*?<｜tool▁sep｜>(.*?)\s*```json\s*(.*?)\s*```\s*<｜tool▁call▁end｜>",
+                              re.DOTALL),
+    "deepseek_v31": re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)}
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
@@ -289,6 +306,54 @@ def parse_xml_calls(text: str, tags: tuple[str, str], schemas: dict[str, dict]) 
     return (content.strip() or None, calls) if calls else (text, [])
 
 
+def parse_glm(text: str, schemas: dict[str, dict]) -> tuple[str | None, list[ToolCall]]:
+    """(the text outside the calls, or None when nothing else was said; the calls) from a reply in GLM's
+    syntax; the last call may lack its closing tag."""
+    calls, kept, end = [], [], 0
+    for match in _GLM_CALL.finditer(text):
+        name = match.group(1).strip()
+        if not name:
+            continue
+        properties = (schemas.get(name) or {}).get("properties") or {}
+        arguments = {key.strip(): _written_value(value.strip(), properties.get(key.strip()))
+                     for key, value in _GLM_ARGUMENT.findall(match.group(2))}
+        kept.append(text[end:match.start()])
+        end = match.end()
+        calls.append(_call(name, arguments))
+    kept.append(text[end:])
+    content = "".join(kept).strip()
+    return (content or None) if calls else text, calls
+
+
+def _written_value(value: str, schema: Any) -> Any:
+    """A GLM argument: its text where the tool schema says string, else the JSON value or Python literal it
+    reads as, else its text."""
+    if isinstance(schema, dict) and schema.get("type") == "string":
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return value
+
+
+def parse_deepseek(text: str, calls_syntax: re.Pattern) -> tuple[str | None, list[ToolCall]]:
+    """(the text before the calls, or None when empty; the calls) from a DeepSeek reply whose calls follow
+    `<｜tool▁calls▁begin｜>`; a call whose arguments are not JSON stays unread, and with no call read the
+    whole reply is text."""
+    content, found, block = text.partition(DEEPSEEK_CALLS)
+    calls = []
+    for name, arguments in calls_syntax.findall(block) if found else ():
+        try:
+            calls.append(_call(name.strip(), json.loads(arguments)))
+        except ValueError:
+            continue
+    return (content.strip() or None, calls) if calls else (text, [])
+
+
 def _typed(value: str, schema: Any) -> Any:
     """An XML parameter's text as its JSON schema's type says: text where the schema is a string's, or
     gives none, or the text does not read as that type."""
@@ -315,7 +380,7 @@ def reply_parser(parser: str, schemas: dict[str, dict] | None):
     """The function that reads a complete reply in `parser`'s syntax (the XML ones with the request's
     tool schemas)."""
     parse = PARSERS[parser][0]
-    return functools.partial(parse, schemas=schemas or {}) if parser in XML_CALLS else parse
+    return functools.partial(parse, schemas=schemas or {}) if parser in SCHEMA_TYPED else parse
 
 
 # name: (parse a complete reply, where a partial reply starts to be held back)
@@ -330,7 +395,11 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
            "openai": (parse_openai, tag_held_from(HARMONY_CALL)),
            **{name: (functools.partial(parse_xml_calls, tags=tags), tag_held_from(tags[0]))  # + schemas: reply_parser
-              for name, tags in XML_CALLS.items()}}
+              for name, tags in XML_CALLS.items()},
+           **dict.fromkeys(("glm45", "glm47"), (parse_glm, tag_held_from(GLM_START))),  # + schemas: reply_parser
+           **{name: (functools.partial(parse_deepseek, calls_syntax=syntax), tag_held_from(DEEPSEEK_CALLS))
+              for name, syntax in _DEEPSEEK_CALLS.items()}}
+SCHEMA_TYPED = (*XML_CALLS, "glm45", "glm47")  # parsers that type the arguments by the request's tool schemas
 
 
 class ToolCallStream:
