@@ -18,7 +18,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvico
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
                      "internlm", "seed_oss", "qwen3_coder", "openai", "glm45", "glm47", "deepseek_v3",
                      "deepseek_v31")  # tool_calls.PARSERS
-REASONING_PARSERS = ("deepseek_r1", "qwen3", "openai_gptoss")  # reasoning.PARSERS
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "openai_gptoss")  # reasoning.PARSERS
 
 
 @dataclass
@@ -195,8 +195,8 @@ FLAGS = (
          "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
-    Flag("--reasoning-parser", str, "deepseek_r1 or qwen3 (both read <think>...</think>: DeepSeek-R1 and its distills, "
-         "QwQ, Qwen3), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
+    Flag("--reasoning-parser", str, "deepseek_r1, qwen3, glm45 or deepseek_v3 (all read <think>...</think>: DeepSeek-R1 "
+         "and its distills, QwQ, Qwen3, GLM-4.5 to 4.7, DeepSeek-V3.1), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
          "to `reasoning` (chat) or a reasoning item (Responses), the answer to the content, and response_format "
          "applies after <think>'s thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
