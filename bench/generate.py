@@ -15,9 +15,10 @@ GPU (--gpu-7b): a random-weight model with Llama-2-7B shapes at W2 r2 g128 and f
 tokens/s and the throughput curve over 1..256 concurrent sequences, with peak memory split into
 weights, KV cache and activations.
 
-GPU (--gpu-moe): a random-weight mixture with Qwen3-30B-A3B's layer shapes (128 experts, 8 a token)
-at W2 r2 g128, --moe-layers of its 48 layers: the same curve with decode in CUDA graphs (lcq) and
-eagerly (lcq-eager), which is what routing the experts on the device buys.
+GPU (--gpu-moe): a random-weight mixture with Qwen3-30B-A3B's layer shapes (128 experts, 8 a token;
+or --moe-shape deepseek-v2-lite: latent attention, 64 experts, 6 a token beside 2 shared) at W2 r2
+g128, --moe-layers of its layers: the same curve with decode in CUDA graphs (lcq) and eagerly
+(lcq-eager), which is what routing the experts on the device buys.
 
     python bench/generate.py                 # CPU study, writes bench/results/generate-cpu.json
     python bench/generate.py --rounds 3      # every engine three times, in alternating order: medians
@@ -25,6 +26,7 @@ eagerly (lcq-eager), which is what routing the experts on the device buys.
     python bench/generate.py --curve         # CPU curve, writes bench/results/generate-cpu-curve.json
     python bench/generate.py --gpu-7b        # on a CUDA machine
     python bench/generate.py --gpu-moe --quick
+    python bench/generate.py --gpu-moe --quick --moe-shape deepseek-v2-lite
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
+from bench.random_model import DEEPSEEK_V2_LITE, QWEN3_30B_A3B  # noqa: E402
+
+MOE_SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE}  # --gpu-moe --moe-shape
 
 
 def rss_gb() -> float:
@@ -235,7 +240,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu-7b", action="store_true")
     parser.add_argument("--gpu-moe", action="store_true")
-    parser.add_argument("--moe-layers", type=int, default=12, help="--gpu-moe: layers of the 48 (time to write)")
+    parser.add_argument("--moe-layers", type=int, default=12, help="--gpu-moe: layers of the model's (time to write)")
+    parser.add_argument("--moe-shape", choices=MOE_SHAPES, default="qwen3-30b-a3b", help="--gpu-moe: whose shapes")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
@@ -264,7 +270,8 @@ def main() -> None:
                                 "fp16": round(2 * 6.74e9 / 1e9, 2)},
         "rows": rows,
     }
-    name = "gpu" if args.gpu_7b else "gpu-moe" if args.gpu_moe else "cpu-curve" if args.curve else "cpu"
+    moe = "gpu-moe" if args.moe_shape == "qwen3-30b-a3b" else f"gpu-{args.moe_shape}"
+    name = "gpu" if args.gpu_7b else moe if args.gpu_moe else "cpu-curve" if args.curve else "cpu"
     out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -276,7 +283,7 @@ def main() -> None:
     if args.gpu_7b:
         bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save)
     elif args.gpu_moe:
-        bench_gpu_moe(args.quick, args.moe_layers, rows, save)
+        bench_gpu_moe(args.quick, args.moe_shape, args.moe_layers, rows, save)
     elif args.curve:
         torch.set_num_threads(args.threads)
         result["threads"] = args.threads
@@ -377,18 +384,18 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -
             torch.cuda.empty_cache()
 
 
-def bench_gpu_moe(quick: bool, layers: int, rows: list[dict], save) -> None:
-    """A random W2 r2 g128 checkpoint of Qwen3-30B-A3B's shapes (`layers` of its 48 layers), timed with
-    decode in CUDA graphs and eagerly."""
+def bench_gpu_moe(quick: bool, shape: str, layers: int, rows: list[dict], save) -> None:
+    """A random W2 r2 g128 checkpoint of a mixture's shapes (`layers` of its layers), timed with decode in
+    CUDA graphs and eagerly."""
     import tempfile
 
-    from bench.random_model import QWEN3_30B_A3B, write_random_llama
+    from bench.random_model import write_random_llama
 
     concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
-    model = f"qwen3-30b-a3b-shaped-random-{layers}-layers"
+    model = f"{shape}-shaped-random-{layers}-layers"
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_random_llama(Path(tmp) / "moe", quantized=True,
-                                    shapes=dict(QWEN3_30B_A3B, num_hidden_layers=layers))
+                                    shapes=dict(MOE_SHAPES[shape], num_hidden_layers=layers))
         for engine, graphs in (("lcq", True), ("lcq-eager", False)):
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048, cuda_graphs=graphs)
             throughput_curve(llm, model, "lcq-w2r2g128", concurrencies, rows, save, engine=engine)
