@@ -127,11 +127,12 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3", "idefics3", "smolvlm", "internvl",
-                                  "llama4"])
+                                  "llama4", "qwen3_moe"])
 @pytest.mark.parametrize("layout", ["full", "sparse"])
 def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
-    """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL, Qwen3-VL, SmolVLM (Idefics3 and SmolVLM
-    classes), InternVL3 and Llama 4 (its experts' 3-D tensors under language_model) folders: our model of the
+    """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE (its experts' 3-D
+    tensors, as transformers saves them), SmolVLM (Idefics3 and SmolVLM classes), InternVL3 and Llama 4 (its
+    experts' 3-D tensors under language_model) folders: our model of the
     wrapper folder is the text model it holds (config completed from transformers' defaults where
     text_config leaves them out or, Qwen2.5-VL's Hub form, has none; tensors under either prefix; the
     vision tower never read), against the wrapper's own transformers model, whose multimodal rotary

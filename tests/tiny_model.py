@@ -283,6 +283,9 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
            "qwen3": ("Qwen3VLConfig", "Qwen3VLForConditionalGeneration", dict(
                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
                deepstack_visual_indexes=[0]), {}),
+           "qwen3_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
+               depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
+               deepstack_visual_indexes=[0]), {}),
            "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration", dict(
                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                patch_size=14), dict(scale_factor=2)),
@@ -296,7 +299,7 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
 TEXT_FAMILY = {"idefics3": "llama", "smolvlm": "llama", "internvl": "qwen2"}
 # Qwen VL text models: the multimodal rotary embedding's frequency sections (time, height, width), summing to
 # head_dim / 2 of make_tiny_hf's Qwen2 (24) and Qwen3 (32).
-MROPE_SECTIONS = {"qwen2": [4, 4, 4], "qwen3": [4, 6, 6]}
+MROPE_SECTIONS = {"qwen2": [4, 4, 4], "qwen3": [4, 6, 6], "qwen3_moe": [4, 6, 6]}
 
 
 def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str = "full") -> Path:
@@ -305,8 +308,9 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
     make_tiny_hf's `arch` model. `layout` "full": as transformers writes it (tensors
     under language_model.*, as in the Hub's files; text_config in full); "sparse": text_config holds only
     what differs from the defaults, as in the Hub's Gemma 3 files, and tensors sit under
-    model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them, and the chat
-    template is the processor's chat_template.json, as multimodal folders on the Hub keep it. Qwen2.5-VL
+    model.language_model.* and model.vision_tower.*, as transformers 4.52-4.57 saved them (Qwen3-VL-MoE's
+    3-D experts (in, out), as on the Hub), and the chat template is the processor's chat_template.json, as
+    multimodal folders on the Hub keep it. Qwen2.5-VL
     ("qwen2") "sparse": the Hub's form, its text settings at the top level with rope_scaling of type
     mrope. Returns `folder`/wrapped; the text model it holds is also in `folder`/text."""
     import json
@@ -337,9 +341,9 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
         language.load_state_dict(text.model.state_dict())
         model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
-    if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it (transformers picks it for the text folder)
-        settings = json.loads((folder / "tokenizer_config.json").read_text())
-        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
+    for named in (folder, text_dir) if arch in MROPE_SECTIONS else ():  # as the Hub's Qwen VL folders name it
+        settings = json.loads((named / "tokenizer_config.json").read_text())  # (the text folder alike: one tokenizer)
+        (named / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
     if layout == "sparse" and arch == "qwen2":
         saved = json.loads((folder / "config.json").read_text())
         settings = saved.pop("text_config")
@@ -359,6 +363,9 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
                  "vision_tower.": "model.vision_tower.", "multi_modal_projector.": "model.multi_modal_projector."}
         renamed = {next((new + name[len(old):] for old, new in moved.items() if name.startswith(old)), name): t
                    for name, t in tensors.items()}  # Qwen3-VL's names are transformers' already
+        if arch == "qwen3_moe":  # the Hub's Qwen3-VL-MoE experts are (in, out), where transformers saves (out, in)
+            renamed = {name: t.transpose(1, 2).contiguous() if ".mlp.experts." in name else t
+                       for name, t in renamed.items()}
         save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
         template = folder / "chat_template.jinja"  # the template as a processor keeps it, as in the Hub's files
         (folder / "chat_template.json").write_text(json.dumps({"chat_template": template.read_text()}))

@@ -231,7 +231,7 @@ class CheckpointReader:
             shape = shape[1:]
         if where.mxfp4:  # (rows, blocks, 16 bytes) of 32 weights each
             shape = (*shape[:-2], shape[-2] * MXFP4_BLOCK)
-        if where.transposed:
+        if where.is_transposed(shape):
             shape = shape[::-1]
         return shape if where.rows is None else (_row_count(where), *shape[1:])
 
@@ -269,7 +269,7 @@ class CheckpointReader:
                 raise FormatError(f"{self.folder}: tensor '{scales}' missing (the MXFP4 scales of '{where.name}')")
             with safe_open(str(self._stored_files[scales]), framework="pt") as f:
                 tensor = decode_mxfp4(tensor, f.get_slice(scales)[where.expert:where.expert + 1][0])
-        if where.transposed:
+        if where.is_transposed(tuple(tensor.shape)):
             tensor = tensor.t()
         if where.rows is not None:
             tensor = tensor[where.rows[0]:where.rows[1]:where.row_step]

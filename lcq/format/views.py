@@ -12,6 +12,9 @@
   rotation is then ordinary RoPE at the same base. Qwen2.5-VL's files keep the text settings at the top
   level (no text_config) and the text model's tensors under their CausalLM names, the vision tower's
   under visual.*; Qwen3-VL's visual embeddings added to early layers (deepstack) come only with images.
+  Qwen3-VL-MoE reads as Qwen3-MoE, its router renormalizing as it always does; its experts are 3-D tensors
+  (gate's columns, then up's), (in, out) in the Hub's files and (out, in) as transformers 5 saves them,
+  told apart by shape, read as each expert's gate_proj, up_proj and down_proj.
 - Phi-3 and Phi-4 (Phi3ForCausalLM) are Mistral's decoder (sliding window included) with q/k/v and
   gate/up each stored as one matrix. They read as Mistral, each part a range of the fused matrix's rows
   (read alone from the file), so every part is quantized and fused again as in the other families.
@@ -75,7 +78,8 @@ import torch
 
 # Qwen's vision-language wrappers and the family each one's text model reads as.
 QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditionalGeneration": "qwen2",
-           "Qwen3VLForConditionalGeneration": "qwen3"}
+           "Qwen3VLForConditionalGeneration": "qwen3", "Qwen3VLMoeForConditionalGeneration": "qwen3_moe"}
+QWEN_CAUSAL_LM = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration", "LlavaForConditionalGeneration",
             "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration", "InternVLForConditionalGeneration",
             "Llama4ForConditionalGeneration", *QWEN_VL)
@@ -129,6 +133,14 @@ class StoredTensor:
     transposed: bool = False
     mxfp4: bool = False
     row_step: int = 1
+    # Stored (in, out) where the stored matrix's last dimension has this many entries, the view's output rows
+    # (Qwen3-VL-MoE: the Hub's files are (in, out), transformers' saves (out, in))
+    transposed_if_last: int | None = None
+
+    def is_transposed(self, stored_shape: tuple[int, ...]) -> bool:
+        """Whether the stored matrix (an expert's slice: its last two dimensions) is (in, out)."""
+        return self.transposed or (self.transposed_if_last is not None and
+                                   stored_shape[-1] == self.transposed_if_last)
 
     def rearranged(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered and scaled as the
@@ -232,10 +244,21 @@ def _mixtral_name(name: str) -> str:
     return ".".join(parts)
 
 
-# Families whose experts are stored as 3-D tensors: their CausalLM, where the experts sit in a layer, and
-# whether gate and up columns alternate in gate_up_proj (gpt-oss) or come one after the other (Llama 4)
-SPLIT_EXPERTS = {"gpt_oss": ("GptOssForCausalLM", ".mlp.experts.", True),
-                 "llama4_text": ("Llama4ForCausalLM", ".feed_forward.experts.", False)}
+@dataclass(frozen=True)
+class ExpertTensors:
+    """How a family stores its experts as 3-D tensors (all experts of a layer in each)."""
+
+    architecture: str  # its CausalLM
+    owner: str  # where the experts sit in a layer
+    alternating: bool  # gate and up columns alternate in gate_up_proj (gpt-oss), else gate's then up's
+    width: str = "intermediate_size"  # the config's width of the experts (their number: num_local_experts)
+    either_orientation: bool = False  # stored (in, out) or (out, in), told apart by shape (Qwen3-VL-MoE)
+
+
+SPLIT_EXPERTS = {"gpt_oss": ExpertTensors("GptOssForCausalLM", ".mlp.experts.", True),
+                 "llama4_text": ExpertTensors("Llama4ForCausalLM", ".feed_forward.experts.", False),
+                 "qwen3_moe": ExpertTensors("Qwen3MoeForCausalLM", ".mlp.experts.", False, "moe_intermediate_size",
+                                            either_orientation=True)}
 
 
 def _expert_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
@@ -245,26 +268,30 @@ def _expert_parts(config: dict[str, Any], stored: list[str]) -> dict[str, Stored
     scales (out, in)) as each expert's experts.{e}.gate_proj, up_proj and down_proj weights and biases
     (transformers' modules as lcq.quantizer.reference.as_stored splits them, and how the family's LCQ
     checkpoints store them)."""
-    architecture, owner, alternating = SPLIT_EXPERTS[config["model_type"]]
-    completed = _with_defaults(config, architecture)
-    count, width = completed["num_local_experts"], completed["intermediate_size"]
-    gate_up = {"gate_proj": (0, 2 * width, 2), "up_proj": (1, 2 * width, 2)} if alternating else \
+    kind = SPLIT_EXPERTS[config["model_type"]]
+    owner = kind.owner
+    completed = _with_defaults(config, kind.architecture)
+    count, width = completed["num_local_experts"], completed[kind.width]
+    gate_up = {"gate_proj": (0, 2 * width, 2), "up_proj": (1, 2 * width, 2)} if kind.alternating else \
         {"gate_proj": (0, width, 1), "up_proj": (width, 2 * width, 1)}
     view = {}
     for name in stored:
-        prefix, _, kind = name.rpartition(owner)
-        if not prefix or not kind.endswith(GPT_OSS_EXPERTS):
+        prefix, _, stored_kind = name.rpartition(owner)
+        if not prefix or not stored_kind.endswith(GPT_OSS_EXPERTS):
             view[name] = StoredTensor(name)
             continue
-        if kind.endswith("_scales"):  # read with their codes
+        if stored_kind.endswith("_scales"):  # read with their codes
             continue
-        matrix, bias = kind.removesuffix("_blocks").removesuffix("_bias"), kind.endswith("_bias")
+        matrix, bias = stored_kind.removesuffix("_blocks").removesuffix("_bias"), stored_kind.endswith("_bias")
         parts = gate_up if matrix == "gate_up_proj" else {"down_proj": None}
+        out_rows = 2 * width if matrix == "gate_up_proj" else completed["hidden_size"]
         for e in range(count):
             for part, rows in parts.items():
                 view[f"{prefix}{owner}{e}.{part}.{'bias' if bias else 'weight'}"] = StoredTensor(
-                    name, None if rows is None else rows[:2], expert=e, transposed=not bias and kind == matrix,
-                    mxfp4=kind.endswith("_blocks"), row_step=1 if rows is None else rows[2])
+                    name, None if rows is None else rows[:2], expert=e,
+                    transposed=not bias and stored_kind == matrix and not kind.either_orientation,
+                    mxfp4=stored_kind.endswith("_blocks"), row_step=1 if rows is None else rows[2],
+                    transposed_if_last=out_rows if kind.either_orientation else None)
     return view
 
 
@@ -299,7 +326,9 @@ def _qwen_vl_text(config: dict[str, Any], architecture: str) -> dict[str, Any]:
         raise ViewError(f"{architecture}: rope type {kind!r} is not supported")
     family = QWEN_VL[architecture]
     config = {key: value for key, value in config.items() if key not in ("rope_parameters", "rope_scaling")}
-    return {**config, "model_type": family, "architectures": [f"{family.capitalize()}ForCausalLM"],
+    if family == "qwen3_moe":  # Qwen3-VL-MoE's router always renormalizes the chosen experts' weights
+        config["norm_topk_prob"] = True
+    return {**config, "model_type": family, "architectures": [QWEN_CAUSAL_LM[family]],
             "rope_parameters": {"rope_type": "default", "rope_theta": rope.get("rope_theta", config.get("rope_theta"))}}
 
 
