@@ -28,8 +28,9 @@ class PagedBatch:
         c = model.config
         dtype, self.device = cache_dtype or model.dtype, model.norm.weight.device
         shape = model.kv_cache_shape(num_blocks, BLOCK, dtype)
-        keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(c.num_layers)]
+        keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in c.cache_layers]
         model.bind_kv_cache(keys, keys if c.values_in_keys else [torch.zeros_like(k) for k in keys])
+        model.bind_states(8)  # (linear attention's) one slot per sequence, by its index
         self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
 
     def add(self) -> int:
@@ -61,7 +62,8 @@ class PagedBatch:
             is_prefill=any(len(t) > 1 for t in new_tokens.values()), slot_mapping=tensor(slots),
             query_start=tensor(starts, torch.int32), context_lens=tensor(lens, torch.int32),
             block_tables=tensor(tables, torch.int32),
-            max_query_len=max(len(t) for t in new_tokens.values()), max_context_len=max(lens))
+            max_query_len=max(len(t) for t in new_tokens.values()), max_context_len=max(lens),
+            state_slots=tensor(list(new_tokens)))
         hidden = self.model(tensor(ids), tensor(positions), context)
         return self.model.compute_logits(hidden[tensor(starts[1:]) - 1]).cpu()
 
@@ -127,12 +129,12 @@ def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops)
 
 
 @pytest.mark.parametrize("arch", ["gemma3", "llama", "mistral", "qwen2", "qwen3", "idefics3", "smolvlm", "internvl",
-                                  "llama4", "qwen3_moe"])
+                                  "llama4", "qwen3_moe", "qwen3_5", "qwen3_5_moe"])
 @pytest.mark.parametrize("layout", ["full", "sparse"])
 def test_multimodal_checkpoint_serves_its_language_model(tmp_path, arch, layout):
     """Gemma 3 4B-style, LLaVA, Mistral Small 3.1-style, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE (its experts' 3-D
-    tensors, as transformers saves them), SmolVLM (Idefics3 and SmolVLM classes), InternVL3 and Llama 4 (its
-    experts' 3-D tensors under language_model) folders: our model of the
+    tensors, as transformers saves them), Qwen3.5 (dense and mixture), SmolVLM (Idefics3 and SmolVLM
+    classes), InternVL3 and Llama 4 (its experts' 3-D tensors under language_model) folders: our model of the
     wrapper folder is the text model it holds (config completed from transformers' defaults where
     text_config leaves them out or, Qwen2.5-VL's Hub form, has none; tensors under either prefix; the
     vision tower never read), against the wrapper's own transformers model, whose multimodal rotary
@@ -396,6 +398,27 @@ def test_latent_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
+
+
+@pytest.mark.parametrize("arch, family", [("qwen3_5", "Qwen3_5ForCausalLM"), ("qwen3_5_moe", "Qwen3_5MoeForCausalLM")])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_linear_attention_follows_transformers(tmp_path, monkeypatch, arch, family, c_ops):
+    """Qwen3.5 (dense and its mixtures): three layers of linear attention (Gated DeltaNet: a causal
+    convolution and a delta-rule state per sequence, kept in state slots), then one of full attention with
+    gated outputs, per-head q/k norms and a quarter of each head turning; norms multiplying by 1 + w. Our
+    model against transformers' own class: sequences prefilled in chunks (the state carried from chunk to
+    chunk, long prompts through the chunkwise recurrence) and decoded together."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch)
+    model, config = load_model(folder)
+    assert config.linear_layers == [True, True, True, False] and config.cache_layers == [3]
+    assert (config.rotary_dim, config.norm_offset, config.attention_output_gate) == (8, 1.0, True)
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(150)]  # past two chunks of the recurrence
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=70)
+    _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
 
 
 def test_deepseek_v2_config_as_the_hub_writes_it(tmp_path):
@@ -704,7 +727,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
     ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16),
-    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16)])
+    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.bfloat16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

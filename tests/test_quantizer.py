@@ -19,7 +19,7 @@ from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
-from lcq.quantizer.layer_bits import LATENT_INPUTS, PROJECTIONS, LayerWidths
+from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
 from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
@@ -288,8 +288,37 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
                "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(96, 4)},
               str(adapter / "adapter_model.safetensors"))
     (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
-    with pytest.raises(UserError, match="self_attn.o_proj is not a linear layer .*nor does a latent attention"):
+    with pytest.raises(UserError, match="self_attn.o_proj is not a linear layer .*nor does the attention of DeepSe"):
         LLM(str(tmp_path / "lcq"), lora_modules=f"attention={adapter}", kv_cache_dtype="float32")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_linear_attention_quantizes_its_projections(tmp_path, arch):
+    """Qwen3.5's linear attention: in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
+    qkv rule reaches them; the runtime multiplies them as one product), out_proj by o_proj's rules; its
+    convolution, decays and gated norm kept in full precision. Block-wise and end-to-end stages through
+    transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
+    weights."""
+    from lcq.runtime import LLM, SamplingParams
+
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1, layer_bits=["qkv=4", "o_proj@0=2"], finetune_epochs=1)
+    quantize_model(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "lcq", options, progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    inputs = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
+    assert {f"model.layers.0.linear_attn.{m}" for m in [*inputs, "out_proj"]} <= set(reader.quantized_prefixes())
+    assert [reader.linear(f"model.layers.{layer}.linear_attn.{m}").bits for layer in (0, 1) for m in
+            (*inputs, "out_proj")] == [4, 4, 4, 4, 2, 4, 4, 4, 4, 3]
+    assert reader.linear("model.layers.3.self_attn.q_proj").bits == 4
+    assert all(reader.has(f"model.layers.0.linear_attn.{name}") for name in ("A_log", "dt_bias", "conv1d.weight",
+                                                                              "norm.weight"))
+    reference = load_reference_model(tmp_path / "lcq")
+    prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
+    llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for prompt, out in zip(prompts, outputs):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
+        assert out.token_ids == expected[0, len(prompt):].tolist()
 
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),
@@ -986,15 +1015,16 @@ def _check_serves_like_its_reference(folder) -> None:
 
 def test_layer_width_rules():
     """--layer-bits rules: a projection or alias, in every layer or a range, later rules winning; qkv covers a
-    latent attention's input projections too."""
+    latent attention's input projections too, and a linear attention's (whose out_proj o_proj covers)."""
     widths = LayerWidths(2, ["down_proj=3,qkv@1=4", "all@3-4=3", "down_proj@4=4"])
-    llama = [name for name in PROJECTIONS if name not in LATENT_INPUTS]
+    llama = [name for name, module in PROJECTIONS.items() if module != "linear_attn" and name not in LATENT_INPUTS]
     assert [widths.of(0, name) for name in llama] == [2, 2, 2, 2, 2, 2, 3]
     assert [widths.of(1, name) for name in llama] == [4, 4, 4, 2, 2, 2, 3]
     assert [widths.of(3, name) for name in llama] == [3] * 7
     assert [widths.of(4, name) for name in llama] == [3] * 6 + [4]
     assert [widths.of(layer, f"self_attn.{name}") for layer in (0, 1, 3) for name in LATENT_INPUTS] == \
         [2] * 3 + [4] * 3 + [3] * 3
+    assert [widths.of(1, f"linear_attn.{name}") for name in (*LINEAR_INPUTS, "out_proj")] == [4] * 4 + [2]
     assert widths.of(9, "mlp.down_proj") == 3 and widths.of(9, "mlp.up_proj") == 2
     assert widths.overrides(2) == {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
                                    **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}

@@ -272,6 +272,32 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     assert _pool_is_full(small.engine)
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path, arch):
+    """Qwen3.5's linear attention through the engine: transformers' greedy tokens for sequences batched
+    together, prefilled in chunks of 5 (the state carried between them), and recomputed after preemption
+    (its state slot given back with its blocks and the state started afresh); no prefix caching and no
+    drafts (a state cannot take back rejected ones), and every slot free at the end."""
+    from lcq.errors import UserError
+
+    folder = make_tiny_hf(tmp_path, arch)
+    prompts = [*PROMPTS, [(3 * i + 1) % 300 + 1 for i in range(70)]]
+    expected = [_transformers_greedy(folder, prompt, 12) for prompt in prompts]
+    chunked = LLM(str(folder), block_size=8, max_num_batched_tokens=5, max_num_seqs=4, num_speculative_tokens=3,
+                  **FP32)
+    assert [o.token_ids for o in chunked.generate(prompts, GREEDY)] == expected
+    engine = chunked.engine
+    assert not engine.blocks.enable_prefix_caching and engine.stats().num_draft_tokens_total == 0
+    assert sorted(engine.blocks.free_states) == [0, 1, 2, 3] and _pool_is_full(engine)
+    room = engine.runner.state_bytes + 6 * small_block_bytes(chunked)  # 6 blocks of 8: someone gets preempted
+    small = LLM(str(folder), block_size=8, max_num_seqs=4, kv_cache_memory_gb=room / 2**30, **FP32)
+    assert small.engine.blocks.num_total_blocks == 6
+    assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == expected[:3]
+    assert small.engine.stats().num_preemptions_total > 0 and _pool_is_full(small.engine)
+    with pytest.raises(UserError, match="speculative decoding is not supported with linear attention"):
+        LLM(str(folder), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
+
+
 def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):
     """Recompute after preemption keeps the generated tokens, the prompt logprobs and the matcher's state."""
     pytest.importorskip("xgrammar")

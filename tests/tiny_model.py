@@ -63,7 +63,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         StableLmConfig, StableLmForCausalLM, Llama4ForCausalLM, Llama4TextConfig, Glm4MoeConfig, Glm4MoeForCausalLM, \
         Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
-        Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+        Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
+        Qwen3_5MoeForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -166,6 +167,15 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch in ("deepseek_v3", "glm4_moe_lite"):  # as DeepSeek-V3 and GLM-4.7-Flash: queries through a 48-wide
         # latent; biased sigmoid scores within the best group, renormalized and scaled
         sizes.update(q_lora_rank=48, routed_scaling_factor=2.5, norm_topk_prob=True)
+    if arch in ("qwen3_5", "qwen3_5_moe"):  # as Qwen3.5: linear attention in three layers of four (2 key heads of
+        # 16 serving 4 value heads of 24), the fourth full attention with gated outputs, a quarter of each head
+        # turning; the mixture: 2 of 6 experts beside a gated shared one
+        sizes.update(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=16, linear_value_head_dim=24,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+        if arch == "qwen3_5_moe":
+            sizes.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
+                         shared_expert_intermediate_size=64)
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -205,6 +215,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),  # latent attention, experts in groups
         "deepseek_v3": (DeepseekV3Config, DeepseekV3ForCausalLM),  # the same with query latents, V3's routing
         "glm4_moe_lite": (Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM),  # DeepSeek-V3's layer
+        "qwen3_5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM),  # linear attention, gated full attention
+        "qwen3_5_moe": (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM),  # the same with experts
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
@@ -238,6 +250,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
+            elif arch.startswith("qwen3_5") and name.endswith("norm.weight"):  # w - 1 too, but the gated norm's w
+                param.uniform_(0.5, 1.5) if "linear_attn" in name else param.uniform_(-0.5, 0.5)
         for name, buffer in model.named_buffers():  # GLM-4.5's choosing bias starts at zero, which would test nothing
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.2)
@@ -286,6 +300,10 @@ WRAPPED = {"gemma3": ("Gemma3Config", "Gemma3ForConditionalGeneration", dict(
            "qwen3_moe": ("Qwen3VLMoeConfig", "Qwen3VLMoeForConditionalGeneration", dict(
                depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
                deepstack_visual_indexes=[0]), {}),
+           **{arch: (f"{name}Config", f"{name}ForConditionalGeneration", dict(
+               depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=96,
+               deepstack_visual_indexes=[]), {})
+              for arch, name in (("qwen3_5", "Qwen3_5"), ("qwen3_5_moe", "Qwen3_5Moe"))},
            "idefics3": ("Idefics3Config", "Idefics3ForConditionalGeneration", dict(
                hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
                patch_size=14), dict(scale_factor=2)),

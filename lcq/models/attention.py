@@ -148,6 +148,8 @@ class PagedAttention:
             from lcq.kernels.paged_attention import store_kv
             return store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
         if self.use_cpu_ops:
+            if k.stride(0) != v.stride(0):  # rows of two tensors (a partial rotary embedding rotated k apart)
+                k, v = k.contiguous(), v.contiguous()
             return cpu_ops.store_kv(k, v, k_cache, v_cache, self.context.slot_mapping)
         if self.write_rows is not None:
             k, v = k[self.write_rows], v[self.write_rows]

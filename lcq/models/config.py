@@ -24,13 +24,15 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Llama4ForCausalLM": "llama4_text", "Glm4MoeForCausalLM": "glm4_moe",
                            "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
                            "Dots1ForCausalLM": "dots1", "DeepseekV2ForCausalLM": "deepseek_v2",
-                           "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite"}
+                           "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
+                           "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
 LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
+QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text")  # Qwen3.5: linear attention (LinearDims) in most layers
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
@@ -58,6 +60,24 @@ class LatentDims:
     nope_dim: int  # qk_nope_head_dim: a query or key head's dimensions without rotary embedding
     rope_dim: int  # qk_rope_head_dim: its rotated ones
     value_dim: int  # v_head_dim
+
+
+@dataclass(frozen=True)
+class LinearDims:
+    """Qwen3.5's linear attention (Gated DeltaNet): per token a short causal convolution over the projected
+    queries, keys and values, then a recurrent state per value head (head_k_dim x head_v_dim) decayed and
+    updated by the delta rule, read by the queries; key heads serve num_v_heads / num_k_heads value heads."""
+
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    conv_kernel: int
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: the queries', keys' and values' widths."""
+        return 2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim
 
 
 @dataclass
@@ -128,6 +148,11 @@ class ModelConfig:
     # DeepSeek's latent attention, whose KV cache holds one row of head_dim (kv_rank + rope_dim) values per token,
     # num_kv_heads 1, keys and values alike; None: the attention of every other family
     latent: LatentDims | None = None
+    # Qwen3.5's: the layers whose token mixer is linear attention (no KV cache; a recurrent state per sequence)
+    linear_layers: list[bool] = field(default_factory=list)
+    linear: LinearDims | None = None
+    rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
+    attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
     # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
     source_config: dict | None = field(default=None, repr=False)
@@ -181,12 +206,12 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "dots1", *HUNYUAN) or
+                                        "dots1", *HUNYUAN, *QWEN3_5) or
             (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
-            **_latent_fields(c, rope),
+            **_latent_fields(c, rope), **_qwen3_5_fields(c),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
@@ -202,9 +227,14 @@ class ModelConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """The dimensions of a head the rotary embedding turns: all (a partial one is read as a whole-head one:
-        views.py), or the latent attention's rotated part."""
-        return self.head_dim if self.latent is None else self.latent.rope_dim
+        """The dimensions of a head the rotary embedding turns: all (a partial one is mostly read as a
+        whole-head one: views.py), the first rotated_dims, or the latent attention's rotated part."""
+        return self.latent.rope_dim if self.latent is not None else self.rotated_dims or self.head_dim
+
+    @property
+    def cache_layers(self) -> list[int]:
+        """The layers with a KV cache: all but linear attention's."""
+        return [i for i, linear in enumerate(self.linear_layers) if not linear]
 
     @property
     def values_in_keys(self) -> bool:
@@ -222,6 +252,8 @@ class ModelConfig:
             self.moe_layers = [False] * self.num_layers
         if not self.temperature_layers:
             self.temperature_layers = [self.query_temperature is not None] * self.num_layers
+        if not self.linear_layers:
+            self.linear_layers = [False] * self.num_layers
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
@@ -293,6 +325,25 @@ def _latent_fields(c: dict, rope: dict) -> dict:
     return dict(latent=latent, query_scale=scale, rotary_interleaved=interleaved)
 
 
+def _qwen3_5_fields(c: dict) -> dict:
+    """Qwen3.5's layer beside Llama's: linear attention in the layers layer_types names (three in four by
+    default), norms that multiply by 1 + w, and in the others per-head q/k norms, a rotary embedding over
+    the first partial_rotary_factor of each head, and an output gate from q_proj."""
+    if c["model_type"] not in QWEN3_5:
+        return {}
+    layers, interval = c["num_hidden_layers"], c.get("full_attention_interval", 4)
+    types = c.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention"
+                                     for i in range(layers)]
+    rope = c.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    linear = LinearDims(num_k_heads=c["linear_num_key_heads"], num_v_heads=c["linear_num_value_heads"],
+                        head_k_dim=c["linear_key_head_dim"], head_v_dim=c["linear_value_head_dim"],
+                        conv_kernel=c.get("linear_conv_kernel_dim", 4))
+    return dict(linear_layers=[kind == "linear_attention" for kind in types], linear=linear, norm_offset=1.0,
+                rotated_dims=int((c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) * factor),
+                attention_output_gate=True)
+
+
 def _gpt_oss_fields(c: dict) -> dict:
     """gpt-oss's layer beside Llama's: attention sinks, biases on every projection (q/k/v/o: attention_bias),
     the router and the experts, and its clamped SwiGLU."""
@@ -356,6 +407,10 @@ def _experts(c: dict) -> dict:
         counts, chosen = (_one_value(c, key) for key in ("num_experts", "moe_topk"))
         return dict(num_experts=counts, experts_per_token=chosen, norm_topk_prob=True, shared_expert=True,
                     shared_expert_gated=False, shared_expert_name="shared_mlp", router_in_fp32=True,
+                    moe_layers=[True] * layers)
+    if kind == "qwen3_5_moe_text":  # every layer: the chosen weights renormalized, beside a gated shared expert
+        return dict(num_experts=c.get("num_experts") or c.get("num_local_experts"),
+                    experts_per_token=c["num_experts_per_tok"], norm_topk_prob=True, shared_expert=True,
                     moe_layers=[True] * layers)
     count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
     if not count:

@@ -30,6 +30,8 @@ class ForwardContext:
                  sequence, padded with -1 (and -1 where a sliding window has handed a block back).
     max_query_len, max_context_len: python ints for kernel launch sizes.
     lora         the step's LoRA adapters and their rows, or None when no sequence uses one.
+    state_slots  int64 (num_seqs,): each sequence's slot of the linear-attention layers' states (Qwen3.5),
+                 or None for a model without them.
     """
 
     is_prefill: bool
@@ -40,6 +42,7 @@ class ForwardContext:
     max_query_len: int
     max_context_len: int
     lora: LoRABatch | None = None
+    state_slots: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -60,9 +60,9 @@ class CpuDecoder:
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
         if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1 or c.latent is not None:
-            return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent attention: the
-            # Python layers)
+                len(set(c.temperature_layers)) > 1 or c.latent is not None or any(c.linear_layers):
+            return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent or linear
+            # attention: the Python layers)
         entries: list[torch.Tensor | int | None] = []
         for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp

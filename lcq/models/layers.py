@@ -200,7 +200,11 @@ class RotaryEmbedding(torch.nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
-    """x (T, heads, d) rotated by the angles of its tokens: pairs (i, i + d/2), or interleaved (2i, 2i + 1)."""
+    """x (T, heads, d) rotated by the angles of its tokens: pairs (i, i + d/2), or interleaved (2i, 2i + 1); with
+    fewer angles than d/2 (Qwen3.5's partial rotary embedding), its first 2 x angles dimensions only."""
+    if 2 * cos.shape[-1] < x.shape[-1]:
+        turned = 2 * cos.shape[-1]
+        return torch.cat([apply_rotary(x[..., :turned], cos, sin, interleaved), x[..., turned:]], dim=-1)
     if interleaved:
         pairs = x.float().unflatten(-1, (-1, 2))
         first, second = pairs[..., 0], pairs[..., 1]
@@ -214,7 +218,7 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     """Split a fused projection (T, (heads + 2 kv_heads) d) into q, k, v (T, heads, d), q and k
     rotated (on the C path in place, so q, k and v stay views of qkv)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1:
+    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1 and 2 * cos.shape[-1] == head_dim:
         cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin, interleaved)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     else:

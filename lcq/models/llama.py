@@ -16,7 +16,9 @@ layer and a mixture of experts whose SwiGLU is clamped. Llama 4 is Llama's layer
 pairs, unweighted norms of the rotated queries and keys, NoPE layers (every fourth) whose queries take
 Ministral 3's temperature, and mixtures whose router weights scale the experts' inputs, beside a shared
 expert. DeepSeek-V2 and V3 (and GLM-4.7-Flash) are Llama's layer with DeepSeek's latent attention
-(latent_attention.py) and mixtures after dense first layers.
+(latent_attention.py) and mixtures after dense first layers. Qwen3.5 is Llama's layer with linear attention
+(linear_attention.py) in three layers of four, the others gating their attention's output, turning a
+quarter of each head, and norming q and k per head; its norms multiply by 1 + w.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .config import ModelConfig
 from .context import ForwardContext
 from .cpu_decode import CpuDecoder
 from .latent_attention import LatentAttention
+from .linear_attention import GatedDeltaNet
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
                      rotary_qkv)
 from .lora import LoRABatch
@@ -74,12 +77,19 @@ class Attention(torch.nn.Module):
         self.temperature = config.temperature_layers[index]
         self.sinks = torch.nn.Parameter(torch.empty(self.num_heads), requires_grad=False) \
             if config.attention_sinks else None  # fp32, as the attention kernels read them
+        self.output_gate = config.attention_output_gate
         self.k_cache = self.v_cache = torch.empty(0)
         self.prefix = prefix
 
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
         lora = attention.context.lora
         qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
+        gate = None
+        if self.output_gate:  # (Qwen3.5) each head's rows of q_proj: its query, then its gate
+            widths = [2 * self.num_heads * self.head_dim, 2 * self.num_kv_heads * self.head_dim]
+            queries, keys_values = qkv.split(widths, dim=-1)
+            queries, gate = queries.unflatten(-1, (self.num_heads, 2, self.head_dim)).unbind(-2)
+            qkv = torch.cat([queries.flatten(1), keys_values], dim=-1)
         if self.q_norm is not None and not self.norm_after_rotary:
             self._norm_queries_keys(qkv[:, :self.num_heads * self.head_dim], qkv[:, self.num_heads * self.head_dim:])
         q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope, self.interleaved_rotary)
@@ -88,6 +98,8 @@ class Attention(torch.nn.Module):
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks,
                                self.temperature)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
@@ -254,8 +266,11 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        attention = Attention if config.latent is None else LatentAttention
-        self.self_attn = attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
+        if config.linear_layers[index]:  # Qwen3.5: linear attention, under linear_attn in its checkpoints
+            self.self_attn = GatedDeltaNet(config, f"{prefix}.linear_attn", make_linear, dtype)
+        else:
+            attention = Attention if config.latent is None else LatentAttention
+            self.self_attn = attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
         mlp = f"{prefix}.{config.mlp_name}"
         self.mlp = MixtureOfExperts(config, mlp, make_linear, dtype) if config.moe_layers[index] else \
@@ -305,6 +320,7 @@ class LlamaModel(torch.nn.Module):
                                           for i in range(config.num_layers))
         self.norm = model_norm(config, dtype)
         self.block_size: int | None = None  # set by bind_kv_cache
+        self.cache_dtype: torch.dtype | None = None  # the KV cache's (bind_kv_cache)
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
             torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
@@ -327,7 +343,7 @@ class LlamaModel(torch.nn.Module):
         temperature = self.config.query_temperature
         scales = None if temperature is None else query_temperatures(positions, *temperature)
         attentions = [PagedAttention(context.group(g), self.block_size, hidden.device, hidden.dtype,
-                                     self.layers[0].self_attn.k_cache.dtype, scales) for g in range(context.num_groups)]
+                                     self.cache_dtype, scales) for g in range(context.num_groups)]
         groups = self.layer_groups if len(attentions) > 1 else (0,) * len(self.layers)
         residual = None
         for layer, table, group in zip(self.layers, tables, groups):
@@ -337,9 +353,11 @@ class LlamaModel(torch.nn.Module):
     @property
     def graph_capturable(self) -> bool:
         """Whether a step runs without reading device values back to the host, as a CUDA graph replays it:
-        not where a mixture runs its experts one at a time (it asks which ones were chosen)."""
-        return all(not isinstance(layer.mlp, MixtureOfExperts) or layer.mlp.gate_up_experts is not None
-                   for layer in self.layers)
+        not where a mixture runs its experts one at a time (it asks which ones were chosen), nor with linear
+        attention (its states are not yet part of the captured steps)."""
+        return not any(self.config.linear_layers) and all(
+            not isinstance(layer.mlp, MixtureOfExperts) or layer.mlp.gate_up_experts is not None
+            for layer in self.layers)
 
     def fit_rotary(self, context: int) -> None:
         """Rotary tables for the context an engine serves (LongRoPE picks its factors by it), in place."""
@@ -352,7 +370,7 @@ class LlamaModel(torch.nn.Module):
         where the model has one (Gemma 3), else the model's."""
         if not self.config.rope_layers[index]:
             return self.rotary_none
-        if self.layers[index].self_attn.window and self.rotary_local is not None:
+        if self.config.attention_windows[index] and self.rotary_local is not None:
             return self.rotary_local
         return self.rotary
 
@@ -367,15 +385,18 @@ class LlamaModel(torch.nn.Module):
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                       layer_groups: tuple[int, ...] | None = None) -> None:
-        """One pair of kv_cache_shape per layer (layers of different groups may share one; a latent attention's
-        V cache is its K cache: config.values_in_keys); layer_groups:
-        each layer's group, whose block tables it reads when a step's context has several (KVGroups)."""
-        if len(k_caches) != len(self.layers) or len(v_caches) != len(self.layers):
-            raise ValueError(f"need {len(self.layers)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
-        self.layer_groups = tuple(layer_groups or [0] * len(self.layers))
-        for layer, k, v in zip(self.layers, k_caches, v_caches):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
-        self.block_size = k_caches[0].shape[1]
+        """One pair of kv_cache_shape per layer with a KV cache (config.cache_layers; layers of different
+        groups may share one; a latent attention's V cache is its K cache: config.values_in_keys);
+        layer_groups: each such layer's group, whose block tables it reads when a step's context has
+        several (KVGroups)."""
+        cached = self.config.cache_layers
+        if len(k_caches) != len(cached) or len(v_caches) != len(cached):
+            raise ValueError(f"need {len(cached)} K and V caches, got {len(k_caches)} and {len(v_caches)}")
+        groups = dict(zip(cached, layer_groups or [0] * len(cached)))
+        self.layer_groups = tuple(groups.get(i, 0) for i in range(len(self.layers)))
+        for index, k, v in zip(cached, k_caches, v_caches):
+            self.layers[index].self_attn.k_cache, self.layers[index].self_attn.v_cache = k, v
+        self.block_size, self.cache_dtype = k_caches[0].shape[1], k_caches[0].dtype
         self.cpu_decoder = CpuDecoder.build(self)
 
     def kv_cache_shape(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> tuple[int, ...]:
@@ -384,7 +405,14 @@ class LlamaModel(torch.nn.Module):
         return cpu_ops.cache_shape(num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim, dtype)
 
     def kv_cache_bytes_per_block(self, block_size: int, dtype: torch.dtype, layers: int | None = None) -> int:
-        """K and V bytes of one block in `layers` layers (default: all); K only where values are the keys' rows."""
+        """K and V bytes of one block in `layers` layers (default: all with a KV cache); K only where values are
+        the keys' rows."""
         elements = math.prod(self.kv_cache_shape(1, block_size, dtype))
         tensors = 1 if self.config.values_in_keys else 2
-        return tensors * (layers or self.config.num_layers) * elements * torch.empty(0, dtype=dtype).element_size()
+        layers = layers or len(self.config.cache_layers)
+        return tensors * layers * elements * torch.empty(0, dtype=dtype).element_size()
+
+    def bind_states(self, slots: int) -> int:
+        """Recurrent state tensors of `slots` sequences in every linear-attention layer; returns their bytes."""
+        return sum(layer.self_attn.bind_states(slots, self.norm.weight.device) for layer in self.layers
+                   if isinstance(layer.self_attn, GatedDeltaNet))

@@ -61,7 +61,7 @@ def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torc
     attention = layer.self_attn
     q_name, k_name = QK_NORM_NAMES.get(config.model_type, ("q_norm", "k_norm"))
     head_norms = [(attention.q_norm, f"self_attn.{q_name}"), (attention.k_norm, f"self_attn.{k_name}")] \
-        if config.qk_norm else []
+        if config.qk_norm and getattr(attention, "q_norm", None) is not None else []
     if config.latent is not None:  # the latent attention's norms of its query and key/value latents
         head_norms = [(attention.kv_norm, "self_attn.kv_a_layernorm")] + \
             ([(attention.q_down_norm, "self_attn.q_a_layernorm")] if config.latent.q_rank else [])
@@ -124,6 +124,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
             if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products
                 layer.self_attn.load_up_projection(read(f"model.layers.{i}.self_attn.kv_b_proj.weight"))
+            if config.linear_layers[i]:  # linear attention's convolution, decay, and gated norm
+                layer.self_attn.load(lambda name, i=i: reader.tensor(f"model.layers.{i}.linear_attn.{name}"))
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
                 mlp = f"model.layers.{i}.{config.mlp_name}"
                 layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)

@@ -44,10 +44,11 @@ class LoRAAdapter:
 
 
 def layer_fused(config: ModelConfig, index: int) -> dict[str, tuple[str, ...]]:
-    """FUSED for decoder layer `index`: the attention's layers (not a latent attention's), and the MLP's (under
-    the model's MLP name) where the layer's MLP is dense. A mixture's experts, router and shared expert take no
-    adapter."""
-    fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.") and not config.latent}
+    """FUSED for decoder layer `index`: the attention's layers (not those of DeepSeek's latent attention or of
+    Qwen3.5's layers), and the MLP's (under the model's MLP name) where the layer's MLP is dense. A
+    mixture's experts, router and shared expert take no adapter."""
+    plain_attention = config.latent is None and not any(config.linear_layers)
+    fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.") and plain_attention}
     if not config.moe_layers[index]:
         mlp = config.mlp_name
         fused.update({f"{mlp}.gate_up_proj": (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
@@ -133,8 +134,8 @@ def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor
         if not part_module.startswith("model.layers.") or not layer.isdigit() or int(layer) >= config.num_layers \
                 or part not in part_shapes(config, int(layer)):
             raise _refuse(folder, f"{module} is not a linear layer of this model's decoder layers that takes an "
-                                  "adapter (a mixture's experts, router and shared expert take none, nor does a latent "
-                                  "attention)")
+                                  "adapter (a mixture's experts, router and shared expert take none, nor does the "
+                                  "attention of DeepSeek's and Qwen3.5's models)")
         n, k = part_shapes(config, int(layer))[part]
         rows = b if where.rows is None else b[where.rows[0]:where.rows[1]]
         if a.shape[1] != k or rows.shape[0] != n:

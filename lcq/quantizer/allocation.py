@@ -35,7 +35,7 @@ from .layer_bits import ALIASES, PROJECTIONS, block_linears
 
 # Projections that must share a width, each under the --layer-bits name that sets them together; in a
 # mixture of experts a unit holds every expert's matrices of its projections (a rule covers them all).
-UNITS = {"qkv": ALIASES["qkv"], "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+UNITS = {"qkv": ALIASES["qkv"], "o_proj": ALIASES["o_proj"], "gate_up": ("gate_proj", "up_proj"),
          "down_proj": ("down_proj",)}
 WEIGHING_WINDOWS = 16  # calibration windows of the backward pass; every block's input is held for them
 WIDEST = max(SUPPORTED_BITS)

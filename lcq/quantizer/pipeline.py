@@ -58,9 +58,14 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "qwen2_moe": "Qwen2Moe", "cohere": "Cohere", "cohere2": "Cohere2", "stablelm": "StableLm",
                 "gpt_oss": "GptOss", "llama4_text": "Llama4Text", "glm4_moe": "Glm4Moe", "ernie4_5_moe": "Ernie4_5_Moe",
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
-                "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite"}
-MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4"}  # transformers' module, where not the type's
-OFFSET_NORMS = ("gemma2", "gemma3_text")  # norms that multiply by 1 + w
+                "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
+                "qwen3_5_moe_text": "Qwen3_5Moe"}
+# transformers' module, where not the type's
+MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
+                   "qwen3_5_moe_text": "qwen3_5_moe"}
+ROTARY_CLASS = {"qwen3_5_text": "Qwen3_5TextRotaryEmbedding",  # the rotary embedding's class, where not the prefix's
+                "qwen3_5_moe_text": "Qwen3_5MoeTextRotaryEmbedding"}
+OFFSET_NORMS = ("gemma2", "gemma3_text", "qwen3_5_text", "qwen3_5_moe_text")  # norms that multiply by 1 + w
 CENTRED_NORMS = ("cohere", "cohere2", "stablelm")  # LayerNorms (StableLM's with biases), not RMSNorms
 # Each block's norms that read the residual stream (Gemma's post-attention norm scales the attention's
 # output before it is added, so it reads nothing of the stream).
@@ -265,7 +270,8 @@ class _Source:
         modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         prefix = CLASS_PREFIX[self.config.model_type]
         self.layer_class = getattr(modeling, f"{prefix}DecoderLayer")
-        self.rotary_module = getattr(modeling, f"{prefix}RotaryEmbedding")(config=self.config).to(device)
+        rotary = ROTARY_CLASS.get(self.config.model_type, f"{prefix}RotaryEmbedding")
+        self.rotary_module = getattr(modeling, rotary)(config=self.config).to(device)
         self.device = device
 
     @property

@@ -9,6 +9,10 @@ A full block is known by the hash of its tokens chained with its predecessor's h
 prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused
 (least recently freed first), so a later request with the same prefix skips recomputing it; a
 sliding-window group needs only the blocks its window reaches at the end of that prefix.
+
+A model with linear attention (Qwen3.5) keeps a recurrent state per sequence instead of blocks in those
+layers: each running sequence holds one of `state_slots` slots, from its first step until its blocks go
+back. Such states cannot be rebuilt from cached blocks, so prefix caching is off for them.
 """
 from __future__ import annotations
 
@@ -32,15 +36,17 @@ class Block:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,)):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,),
+                 state_slots: int = 0):
         """windows: each group's sliding window in tokens, -size for chunks, 0 for full attention
-        (KVGroups.windows)."""
+        (KVGroups.windows); state_slots: linear attention's state slots (0: a model without)."""
         self.block_size = block_size
         self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.by_hash: dict[tuple[int, int], int] = {}
-        self.enable_prefix_caching = enable_prefix_caching
+        self.enable_prefix_caching = enable_prefix_caching and not state_slots
+        self.free_states = list(range(state_slots))[::-1]
 
     @property
     def num_total_blocks(self) -> int:
@@ -132,9 +138,11 @@ class BlockManager:
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Give the sequence blocks for its first num_tokens tokens, and hand back those that its sliding
-        windows have passed."""
+        windows have passed; a sequence's first step takes a state slot where the model has them."""
         if not seq.block_tables:
             seq.block_tables = [[] for _ in self.windows]
+        if self.free_states and seq.state_slot is None:
+            seq.state_slot = self.free_states.pop()
         before = len(seq.block_tables[0]), seq.num_released
         for group, table in enumerate(seq.block_tables):
             for index in self._passed(seq, group):
@@ -171,7 +179,11 @@ class BlockManager:
                     seq.num_cache_written_tokens += self.block_size
 
     def release(self, seq: Sequence) -> None:
-        """Return the sequence's blocks; the last ones are reused first (they are least likely shared)."""
+        """Return the sequence's blocks (and state slot); the last ones are reused first (they are least likely
+        shared)."""
+        if seq.state_slot is not None:
+            self.free_states.append(seq.state_slot)
+            seq.state_slot = None
         for table in seq.block_tables:
             for block_id in reversed(table):
                 if block_id != RELEASED:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from lcq.errors import UserError
 from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
@@ -74,6 +75,13 @@ class LLMEngine:
             self.tokenizer.chat_template = template
         draft_block_bytes, draft_weight_bytes = draft_footprint(config) if config.speculative_model else (0, 0)
         self.runner = ModelRunner(config, draft_block_bytes=draft_block_bytes, draft_weight_bytes=draft_weight_bytes)
+        recurrent = bool(self.runner.state_slots)  # linear attention: a step's states cannot take back drafts
+        if recurrent and config.speculative_model:
+            raise UserError(f"{config.model}: speculative decoding is not supported with linear attention (its "
+                            "recurrent states would have to take back rejected drafts); drop --speculative-model")
+        if recurrent:
+            logger.info("linear attention: %d state slots (%.2f GiB); no prefix caching or speculative decoding",
+                        self.runner.state_slots, self.runner.state_bytes / 2**30)
         self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
@@ -88,7 +96,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
                                    config.prompt_lookup_min)
-        self.draft_batch_limit = config.speculative_disable_by_batch_size
+        self.draft_batch_limit = 0 if recurrent else config.speculative_disable_by_batch_size  # (0: never drafts)
         self.drafts_total = self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
 

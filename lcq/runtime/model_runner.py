@@ -79,10 +79,14 @@ class ModelRunner:
         self.int8_weight_bytes = self._keep_int8_weights(config)
         self.head_panel_bytes = self._keep_head_panels()
         c = self.model_config
-        self.kv_groups = KVGroups.of(c.attention_windows if config.hybrid_kv_cache else [0] * c.num_layers)
+        windows = [c.attention_windows[i] for i in c.cache_layers]
+        self.kv_groups = KVGroups.of(windows if config.hybrid_kv_cache else [0] * len(windows))
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
-        self.num_blocks = num_blocks or max(
-            2, (self._kv_budget(config) - draft_weight_bytes * on_cuda) // (bytes_per_block + draft_block_bytes))
+        # linear attention's states: a slot per sequence that may run at once (none for other models)
+        self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
+        self.state_bytes = self.model.bind_states(self.state_slots)
+        room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
+        self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         k_tensors = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.kv_groups.width)]
         v_tensors = k_tensors if c.values_in_keys else [torch.zeros_like(k) for k in k_tensors]  # (latent attention)
@@ -161,7 +165,8 @@ class ModelRunner:
         return size
 
     def new_block_manager(self, enable_prefix_caching: bool) -> BlockManager:
-        return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows)
+        return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows,
+                            self.state_slots)
 
     def _longest_sequence(self, config: EngineConfig) -> int:
         """The context length: the model's (or the configured one), at most what one sequence alone can hold
@@ -229,7 +234,8 @@ class ModelRunner:
             max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
             max_context_len=max(lengths),
             lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
-            if max(adapter_slots) >= 0 else None)
+            if max(adapter_slots) >= 0 else None,
+            state_slots=tensor([seq.state_slot for seq, _ in scheduled], torch.int64) if self.state_slots else None)
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
