@@ -400,14 +400,16 @@ def test_latent_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch, family", [("qwen3_5", "Qwen3_5ForCausalLM"), ("qwen3_5_moe", "Qwen3_5MoeForCausalLM")])
+@pytest.mark.parametrize("arch, family", [("qwen3_5", "Qwen3_5ForCausalLM"), ("qwen3_5_moe", "Qwen3_5MoeForCausalLM"),
+                                          ("qwen3_next", "Qwen3NextForCausalLM")])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_linear_attention_follows_transformers(tmp_path, monkeypatch, arch, family, c_ops):
-    """Qwen3.5 (dense and its mixtures): three layers of linear attention (Gated DeltaNet: a causal
-    convolution and a delta-rule state per sequence, kept in state slots), then one of full attention with
-    gated outputs, per-head q/k norms and a quarter of each head turning; norms multiplying by 1 + w. Our
-    model against transformers' own class: sequences prefilled in chunks (the state carried from chunk to
-    chunk, long prompts through the chunkwise recurrence) and decoded together."""
+    """Qwen3.5 (dense and its mixtures) and Qwen3-Next (its linear attention's projections stored fused per
+    key head, read as Qwen3.5's parts; its second layer dense here): three layers of linear attention (Gated
+    DeltaNet: a causal convolution and a delta-rule state per sequence, kept in state slots), then one of
+    full attention with gated outputs, per-head q/k norms and a quarter of each head turning; norms
+    multiplying by 1 + w. Our model against transformers' own class: sequences prefilled in chunks (the
+    state carried from chunk to chunk, long prompts through the chunkwise recurrence) and decoded together."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")

@@ -292,9 +292,10 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
         LLM(str(tmp_path / "lcq"), lora_modules=f"attention={adapter}", kv_cache_dtype="float32")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
 def test_linear_attention_quantizes_its_projections(tmp_path, arch):
-    """Qwen3.5's linear attention: in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
+    """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
+    together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
     qkv rule reaches them; the runtime multiplies them as one product), out_proj by o_proj's rules; its
     convolution, decays and gated norm kept in full precision. Block-wise and end-to-end stages through
     transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized

@@ -64,7 +64,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
-        Qwen3_5MoeForCausalLM
+        Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -167,15 +167,17 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch in ("deepseek_v3", "glm4_moe_lite"):  # as DeepSeek-V3 and GLM-4.7-Flash: queries through a 48-wide
         # latent; biased sigmoid scores within the best group, renormalized and scaled
         sizes.update(q_lora_rank=48, routed_scaling_factor=2.5, norm_topk_prob=True)
-    if arch in ("qwen3_5", "qwen3_5_moe"):  # as Qwen3.5: linear attention in three layers of four (2 key heads of
-        # 16 serving 4 value heads of 24), the fourth full attention with gated outputs, a quarter of each head
-        # turning; the mixture: 2 of 6 experts beside a gated shared one
+    if arch in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):  # as Qwen3.5 (and Qwen3-Next): linear attention in
+        # three layers of four (2 key heads of 16 serving 4 value heads of 24), the fourth full attention with gated
+        # outputs, a quarter of each head turning; the mixture: 2 of 6 experts beside a gated shared one
         sizes.update(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                      linear_key_head_dim=16, linear_value_head_dim=24,
                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
-        if arch == "qwen3_5_moe":
+        if arch in ("qwen3_5_moe", "qwen3_next"):  # (Qwen3-Next's second layer dense)
             sizes.update(num_experts=6, num_experts_per_tok=2, moe_intermediate_size=48,
                          shared_expert_intermediate_size=64)
+        if arch == "qwen3_next":
+            sizes.update(mlp_only_layers=[1])
     if arch == "glm4":  # as GLM-4-9B-0414: GLM's layer with norms on the attention's and MLP's outputs too
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
     if arch == "helium":  # head_dim set, as Helium's config sets it (128 by default)
@@ -217,6 +219,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "glm4_moe_lite": (Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM),  # DeepSeek-V3's layer
         "qwen3_5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM),  # linear attention, gated full attention
         "qwen3_5_moe": (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM),  # the same with experts
+        "qwen3_next": (Qwen3NextConfig, Qwen3NextForCausalLM),  # the same, its projections fused per key head
         "gemma2": (Gemma2Config, Gemma2ForCausalLM),  # scores and logits soft-capped
         "ministral3": (Ministral3Config, Ministral3ForCausalLM),  # Mistral with a query temperature past 32 tokens
         "phi3": (Phi3Config, Phi3ForCausalLM),  # q/k/v and gate/up stored fused
@@ -250,7 +253,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
-            elif arch.startswith("qwen3_5") and name.endswith("norm.weight"):  # w - 1 too, but the gated norm's w
+            elif arch.startswith(("qwen3_5", "qwen3_next")) and name.endswith("norm.weight"):  # w - 1, but not the
+                # gated norm's w
                 param.uniform_(0.5, 1.5) if "linear_attn" in name else param.uniform_(-0.5, 0.5)
         for name, buffer in model.named_buffers():  # GLM-4.5's choosing bias starts at zero, which would test nothing
             if name.endswith("e_score_correction_bias"):

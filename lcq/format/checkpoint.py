@@ -233,6 +233,8 @@ class CheckpointReader:
             shape = (*shape[:-2], shape[-2] * MXFP4_BLOCK)
         if where.is_transposed(shape):
             shape = shape[::-1]
+        if where.order is not None:
+            return len(where.order), *shape[1:]
         return shape if where.rows is None else (_row_count(where), *shape[1:])
 
     def tensor(self, name: str) -> torch.Tensor:

@@ -40,6 +40,10 @@
   whole-head rotary embedding that transformers runs alike. GLM-4.5 (Glm4MoeForCausalLM: GLM-4.5,
   GLM-4.5-Air) turns half of each head the same way and reads so too, its per-head q/k norms' weights
   in the same order.
+- Qwen3-Next (Qwen3NextForCausalLM) is Qwen3.5's layer with its linear attention's projections stored
+  fused per key head (in_proj_qkvz: each key head's q, k, then its value heads' v and z rows; in_proj_ba:
+  their b then a rows). They read as Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b and in_proj_a, each the
+  stored rows it picks (interleaved_parts), so that both families quantize and run alike.
 - Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
   and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
   of Qwen3-MoE's files.
@@ -101,7 +105,8 @@ AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "i
 INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
 VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
-                        "Glm4ForCausalLM", "StableLmForCausalLM", *AS_LLAMA.values(), *WRAPPERS)
+                        "Glm4ForCausalLM", "StableLmForCausalLM", "Qwen3NextForCausalLM", *AS_LLAMA.values(),
+                        *WRAPPERS)
 # Families read as themselves with their partial rotary embeddings over whole heads (_whole_head_config).
 WHOLE_HEAD = {"glm4": "Glm4ForCausalLM", "stablelm": "StableLmForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
@@ -126,6 +131,8 @@ class StoredTensor:
     # The view's tensor is the stored one times this, or each row times its own (read in fp32 where not 1).
     scale: float | tuple[float, ...] = 1.0
     order: tuple[int, ...] | None = None  # the view's row i is row order[i] of the rows above (then scaled)
+    # how many rows `order` reorders (or picks from: Qwen3-Next's fused projections), where not len(order)
+    picked_from: int | None = None
     # A mixture's experts stored as one 3-D tensor (gpt-oss): the view's tensor is the slice [expert] of its
     # first dimension, stored (in, out) where transposed, in MXFP4 where mxfp4 (the codes under `name`, the
     # scales under its name with _scales for _blocks), and `rows` taken every row_step-th row (gate and up
@@ -138,18 +145,23 @@ class StoredTensor:
     # (Qwen3-VL-MoE: the Hub's files are (in, out), transformers' saves (out, in))
     transposed_if_last: int | None = None
 
+    @property
+    def rows_read(self) -> int:
+        """The rows `order` applies to: as many as it names, or those it picks from."""
+        return self.picked_from or len(self.order)
+
     def is_transposed(self, stored_shape: tuple[int, ...]) -> bool:
         """Whether the stored matrix (an expert's slice: its last two dimensions) is (in, out)."""
         return self.transposed or (self.transposed_if_last is not None and
                                    stored_shape[-1] == self.transposed_if_last)
 
     def rearranged(self, rows: torch.Tensor) -> torch.Tensor:
-        """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered and scaled as the
-        view reads them: for the stored tensor itself, and for an adapter's B matrix, whose rows are its
-        matrix's output rows."""
+        """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered (or picked) and scaled
+        as the view reads them: for the stored tensor itself, and for an adapter's B matrix, whose rows are
+        its matrix's output rows."""
         if self.order is not None:
-            if rows.shape[0] != len(self.order):
-                raise ValueError(f"{self.name}: {rows.shape[0]} rows where the view reads {len(self.order)}")
+            if rows.shape[0] != self.rows_read:
+                raise ValueError(f"{self.name}: {rows.shape[0]} rows where the view reads {self.rows_read}")
             rows = rows[list(self.order)]
         if isinstance(self.scale, tuple):  # one per row
             return rows.float() * torch.tensor(self.scale).reshape(-1, *[1] * (rows.dim() - 1))
@@ -183,6 +195,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _as_llama(config)
     if config.get("model_type") == "ernie4_5_moe":  # its own defaults (head_dim, tied head, MoE layers)
         return _with_defaults(config, "Ernie4_5_MoeForCausalLM")
+    if config.get("model_type") == "qwen3_next":  # its own defaults (linear attention's dimensions)
+        return _with_defaults(config, "Qwen3NextForCausalLM")
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -211,6 +225,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _glm_parts(config, stored)
     if config.get("model_type") == "mixtral":
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
+    if config.get("model_type") == "qwen3_next":
+        return _qwen3_next_parts(config, stored)
     if config.get("model_type") == "ernie4_5_moe":  # its choosing bias as transformers' router holds it
         return {name.replace(".mlp.moe_statics.", ".mlp.gate.moe_statics."): StoredTensor(name) for name in stored}
     if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
@@ -570,6 +586,42 @@ def _split(stored: list[str], fused: dict[str, tuple]) -> dict[str, StoredTensor
         prefix = name[: -len(suffix)]
         view.update({prefix + part: StoredTensor(name, None if start is None else (start, stop), scale, order)
                      for part, start, stop, scale, order in fused[suffix]})
+    return view
+
+
+def interleaved_parts(num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int
+                      ) -> dict[str, dict[str, list[int]]]:
+    """Qwen3-Next's fused linear-attention projections and their parts as Qwen3.5 stores them: for each,
+    every part's rows of the fused matrix, in the part's order. in_proj_qkvz holds per key head its q
+    (head_k_dim rows), k, and its num_v_heads / num_k_heads value heads' v and z; in_proj_ba per key head
+    its value heads' b, then a."""
+    group = num_v_heads // num_k_heads
+    values = group * head_v_dim
+    width = 2 * head_k_dim + 2 * values
+
+    def rows(offset: int, count: int, stride: int) -> list[int]:
+        return [g * stride + offset + i for g in range(num_k_heads) for i in range(count)]
+
+    qkv = rows(0, head_k_dim, width) + rows(head_k_dim, head_k_dim, width) + rows(2 * head_k_dim, values, width)
+    return {"in_proj_qkvz": {"in_proj_qkv": qkv, "in_proj_z": rows(2 * head_k_dim + values, values, width)},
+            "in_proj_ba": {"in_proj_b": rows(0, group, 2 * group), "in_proj_a": rows(group, group, 2 * group)}}
+
+
+def _qwen3_next_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Qwen3-Next's tensors under their own names, its fused linear-attention projections as their parts."""
+    c = _with_defaults(config, "Qwen3NextForCausalLM")
+    fused = interleaved_parts(c["linear_num_key_heads"], c["linear_num_value_heads"], c["linear_key_head_dim"],
+                              c["linear_value_head_dim"])
+    view = {}
+    for name in stored:
+        prefix, _, rest = name.rpartition(".linear_attn.")
+        parts = fused.get(rest.removesuffix(".weight")) if prefix and rest.endswith(".weight") else None
+        if parts is None:
+            view[name] = StoredTensor(name)
+            continue
+        total = sum(len(rows) for rows in parts.values())
+        view.update({f"{prefix}.linear_attn.{part}.weight": StoredTensor(name, order=tuple(rows), picked_from=total)
+                     for part, rows in parts.items()})
     return view
 
 

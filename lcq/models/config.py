@@ -25,14 +25,15 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Ernie4_5_MoeForCausalLM": "ernie4_5_moe", "HunYuanMoEV1ForCausalLM": "hunyuan_v1_moe",
                            "Dots1ForCausalLM": "dots1", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
-                           "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text"}
+                           "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
+                           "Qwen3NextForCausalLM": "qwen3_next"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
 LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
-QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text")  # Qwen3.5: linear attention (LinearDims) in most layers
+QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")  # linear attention (LinearDims) in most layers
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
@@ -412,12 +413,14 @@ def _experts(c: dict) -> dict:
         return dict(num_experts=c.get("num_experts") or c.get("num_local_experts"),
                     experts_per_token=c["num_experts_per_tok"], norm_topk_prob=True, shared_expert=True,
                     moe_layers=[True] * layers)
-    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in ("qwen3_moe", "qwen2_moe") else 0
+    counted = ("qwen3_moe", "qwen2_moe", "qwen3_next")  # (Qwen3-Next's: Qwen2-MoE's gated shared expert, renormalized)
+    count = (c.get("num_experts") or c.get("num_local_experts") or 0) if kind in counted else 0
     if not count:
         return {}
     step, dense = c.get("decoder_sparse_step") or 1, set(c.get("mlp_only_layers") or [])
     return dict(num_experts=count, experts_per_token=c["num_experts_per_tok"],
-                norm_topk_prob=bool(c.get("norm_topk_prob", False)), shared_expert=kind == "qwen2_moe",
+                norm_topk_prob=bool(c.get("norm_topk_prob", kind == "qwen3_next")),
+                shared_expert=kind in ("qwen2_moe", "qwen3_next"),
                 moe_layers=[i not in dense and (i + 1) % step == 0 for i in range(layers)])
 
 

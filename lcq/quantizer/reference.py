@@ -13,12 +13,13 @@ import torch
 from lcq.errors import UserError
 from lcq.format import (VIEWED_ARCHITECTURES, CheckpointReader, FormatError, ViewError, dequantize,
                         stored_tensor_names, view_config)
+from lcq.format.views import interleaved_parts
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "gemma2", "gemma3_text", "smollm3",
                          "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
                          "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text", "glm4_moe",
                          "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                         "qwen3_5_text", "qwen3_5_moe_text")
+                         "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -74,6 +75,36 @@ class SplitGatedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class PickedRows(torch.nn.Module):
+    """A fused projection computed from its parts (modules its owner holds under their own names, looked up at
+    each call: the quantizer's stages replace them), each part's rows put back where the fused matrix has
+    them: Qwen3-Next's in_proj_qkvz and in_proj_ba as lcq reads and quantizes them
+    (lcq.format.views.interleaved_parts), for transformers' layer that calls the fused one."""
+
+    def __init__(self, owner: torch.nn.Module, parts: dict[str, list[int]]):
+        super().__init__()
+        self.owner = [owner]  # in a list, so that it is not registered as this module's child
+        self.names = list(parts)
+        picked = [row for rows in parts.values() for row in rows]
+        self.inverse = sorted(range(len(picked)), key=picked.__getitem__)  # fused row -> its place among the parts'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self.owner[0], name)(x) for name in self.names], dim=-1)[..., self.inverse]
+
+
+def _split_linear_attention(attention: torch.nn.Module) -> None:
+    """Qwen3-Next's linear attention with its fused projections as their parts, each a Linear under its own
+    name (in_proj_qkv, in_proj_z, in_proj_b, in_proj_a), the fused names computing from them."""
+    fused_rows = interleaved_parts(attention.num_k_heads, attention.num_v_heads, attention.head_k_dim,
+                                   attention.head_v_dim)
+    for fused, parts in fused_rows.items():
+        original = getattr(attention, fused)
+        settings = dict(bias=False, device=original.weight.device, dtype=original.weight.dtype)
+        for name, rows in parts.items():
+            setattr(attention, name, torch.nn.Linear(original.in_features, len(rows), **settings))
+        setattr(attention, fused, PickedRows(attention, parts))
 
 
 class SplitExperts(torch.nn.ModuleList):
@@ -136,7 +167,10 @@ def _expert(hidden: int, width: int, like: torch.Tensor, bias: bool) -> torch.nn
 def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     """A transformers decoder layer with its MLP's matrices as checkpoints store them and lcq quantizes
     them, each a Linear: GLM-4-0414's gate_up_proj as gate_proj and up_proj (SplitGatedMLP), a mixture's
-    experts one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts)."""
+    experts one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts), Qwen3-Next's
+    fused linear-attention projections as Qwen3.5's parts."""
+    if hasattr(getattr(layer, "linear_attn", None), "in_proj_qkvz"):  # Qwen3-Next's fused projections
+        _split_linear_attention(layer.linear_attn)
     owner = "feed_forward" if hasattr(layer, "feed_forward") else "mlp"
     mlp = getattr(layer, owner)
     if hasattr(mlp, "gate_up_proj"):
