@@ -820,7 +820,8 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("arch", ["llama", "gpt_oss"])  # gpt-oss: a mixture, its experts routed in the graph
+# gpt-oss: a mixture, its experts routed in the graph; Qwen3.5's: linear attention's states by slot in the graph
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "qwen3_5_moe"])
 def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8

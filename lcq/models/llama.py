@@ -353,11 +353,9 @@ class LlamaModel(torch.nn.Module):
     @property
     def graph_capturable(self) -> bool:
         """Whether a step runs without reading device values back to the host, as a CUDA graph replays it:
-        not where a mixture runs its experts one at a time (it asks which ones were chosen), nor with linear
-        attention (its states are not yet part of the captured steps)."""
-        return not any(self.config.linear_layers) and all(
-            not isinstance(layer.mlp, MixtureOfExperts) or layer.mlp.gate_up_experts is not None
-            for layer in self.layers)
+        not where a mixture runs its experts one at a time (it asks which ones were chosen)."""
+        return all(not isinstance(layer.mlp, MixtureOfExperts) or layer.mlp.gate_up_experts is not None
+                   for layer in self.layers)
 
     def fit_rotary(self, context: int) -> None:
         """Rotary tables for the context an engine serves (LongRoPE picks its factors by it), in place."""

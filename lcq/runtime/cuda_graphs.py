@@ -4,7 +4,8 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 cost. The graphs read their inputs from static buffers that each step fills in place. The
 attention kernels take their loop bounds from context_lens in memory, so one graph serves any
 context length up to max_model_len. Padding rows write nowhere (slot -1) and read one token of
-block 0, so they cannot disturb real rows.
+block 0, so they cannot disturb real rows; with linear attention (Qwen3.5) they advance a scratch state
+slot past the sequences' own.
 """
 from __future__ import annotations
 
@@ -29,11 +30,12 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
-                 adapters: AdapterStack | None = None, num_groups: int = 1):
+                 adapters: AdapterStack | None = None, num_groups: int = 1, scratch_state: int | None = None):
         """adapters: the LoRA adapter slots, whose products the graphs then hold for every row (each row's
         slot in a static buffer, -1 for the base model and padding). Loading and unloading adapters
         rewrites the slots in place, so the graphs stay valid. num_groups: layer groups (kv_groups.py),
-        each with its own slots and block tables."""
+        each with its own slots and block tables. scratch_state: with linear attention, the state slot that
+        padding rows use (one past the sequences'), else None."""
         self.model = model
         self.adapters = adapters
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -45,6 +47,9 @@ class DecodeGraphs:
         self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(num_groups, top, max_blocks_per_seq, dtype=torch.int32, device=device)
         self.adapter_slots = torch.full((top,), -1, dtype=torch.int64, device=device)
+        self.scratch_state = scratch_state
+        self.state_slots = None if scratch_state is None else \
+            torch.full((top,), scratch_state, dtype=torch.int64, device=device)
         self.max_context_len = max_blocks_per_seq * block_size
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._capture()
@@ -59,7 +64,8 @@ class DecodeGraphs:
         return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:, :size],
                               query_start=self.query_start[:size + 1], context_lens=self.context_lens[:size],
                               block_tables=self.block_tables[:, :size], max_query_len=1,
-                              max_context_len=self.max_context_len, lora=lora)
+                              max_context_len=self.max_context_len, lora=lora,
+                              state_slots=None if self.state_slots is None else self.state_slots[:size])
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -90,6 +96,9 @@ class DecodeGraphs:
             self.adapter_slots[:n].copy_(context.lora.slots)
         else:
             self.adapter_slots[:n].fill_(-1)
+        if self.state_slots is not None:
+            self.state_slots[:n].copy_(context.state_slots)
+            self.state_slots[n:size].fill_(self.scratch_state)
         if size > n:
             self.input_ids[n:size].zero_()
             self.positions[n:size].zero_()

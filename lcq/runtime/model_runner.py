@@ -82,9 +82,10 @@ class ModelRunner:
         windows = [c.attention_windows[i] for i in c.cache_layers]
         self.kv_groups = KVGroups.of(windows if config.hybrid_kv_cache else [0] * len(windows))
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
-        # linear attention's states: a slot per sequence that may run at once (none for other models)
+        # linear attention's states: a slot per sequence that may run at once and a scratch one for the CUDA
+        # graphs' padding rows (none for other models)
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
-        self.state_bytes = self.model.bind_states(self.state_slots)
+        self.state_bytes = self.model.bind_states(self.state_slots + 1) if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
         self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
@@ -109,7 +110,8 @@ class ModelRunner:
             try:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
-                                           self.adapters.stack, self.kv_groups.num_groups)
+                                           self.adapters.stack, self.kv_groups.num_groups,
+                                           self.state_slots if self.state_slots else None)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 self.log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
