@@ -156,12 +156,12 @@ def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(t
 
 @pytest.mark.parametrize("arch, read_as", [("gemma3", "Gemma3ForCausalLM"), ("qwen2", "Qwen2ForCausalLM"),
                                            ("smolvlm", "LlamaForCausalLM"), ("llama4", "Llama4ForCausalLM"),
-                                           ("qwen3_moe", "Qwen3MoeForCausalLM")])
+                                           ("qwen3_moe", "Qwen3MoeForCausalLM"), ("qwen3_5", "Qwen3_5ForCausalLM")])
 def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, read_as):
     """A Gemma 3 4B-style folder (sparse text_config, tensors under model.language_model.*), a SmolVLM one
     (tensors under model.text_model.*), a Qwen2.5-VL one (the Hub's form: text settings at the top
-    level, the vision tower under visual.*), a Llama 4 one (its experts' 3-D tensors split) and a
-    Qwen3-VL-MoE one (its 3-D experts (in, out), as on the Hub)
+    level, the vision tower under visual.*), a Llama 4 one (its experts' 3-D tensors split), a
+    Qwen3-VL-MoE one (its 3-D experts (in, out), as on the Hub) and a Qwen3.5 one (linear attention)
     quantize to exactly what their text model alone does: the same tensors, a text-only config and no
     vision tower; the wrapper's own config is recorded, for adapters trained on it."""
     wrapped = make_tiny_multimodal(tmp_path, arch, "sparse")

@@ -363,9 +363,13 @@ def make_tiny_multimodal(folder: str | Path, arch: str = "gemma3", layout: str =
         language.load_state_dict(text.model.state_dict())
         model.lm_head.load_state_dict(text.lm_head.state_dict())
     model.save_pretrained(folder)
-    for named in (folder, text_dir) if arch in MROPE_SECTIONS else ():  # as the Hub's Qwen VL folders name it
-        settings = json.loads((named / "tokenizer_config.json").read_text())  # (the text folder alike: one tokenizer)
-        (named / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
+    if arch in MROPE_SECTIONS:  # as the Hub's Qwen VL folders name it
+        settings = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": "Qwen2Tokenizer"}))
+    # the text folder tokenizes as the wrapper does (the class transformers picks for it may normalize text)
+    wrapper_class = type(transformers.AutoTokenizer.from_pretrained(folder)).__name__
+    settings = json.loads((text_dir / "tokenizer_config.json").read_text())
+    (text_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "tokenizer_class": wrapper_class}))
     if layout == "sparse" and arch == "qwen2":
         saved = json.loads((folder / "config.json").read_text())
         settings = saved.pop("text_config")
