@@ -205,8 +205,6 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     too."""
     import transformers
 
-    from lcq.runtime import LLM, SamplingParams
-
     # Llama 4 here with 2 layers, both mixtures (its mixtures under feed_forward)
     hf = make_tiny_hf(tmp_path / "hf", arch, **(dict(num_hidden_layers=2, interleave_moe_layer_step=1)
                                                if arch == "llama4" else {}))
@@ -243,13 +241,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     assert all(reader.has(f"model.layers.{layer}.mlp.gate_proj.qweight") for layer in dense_layers)
     assert reader.has(f"{mixture}.{shared}.down_proj.qweight") == (shared is not None)
     assert reader.has("model.layers.0.mlp.shared_expert_gate.weight") == (arch == "qwen2_moe")
-    reference = load_reference_model(tmp_path / "lcq")
-    prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
-    llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outputs):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
-        assert out.token_ids == expected[0, len(prompt):].tolist()
+    _check_serves_like_its_reference(tmp_path / "lcq")
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
@@ -259,10 +251,9 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
     kept in full precision beside the norms of its latents. Block-wise and end-to-end stages; the engine gives
     the greedy tokens of transformers with the dequantized weights. A LoRA adapter on the latent attention is
     refused by name."""
-    from safetensors.torch import save_file
-
     from lcq.errors import UserError
-    from lcq.runtime import LLM, SamplingParams
+    from lcq.runtime import LLM
+    from tests.tiny_model import write_lora_pair
 
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1, layer_bits=["qkv=4"], finetune_epochs=1)
@@ -275,19 +266,8 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
     assert reader.quant["layer_bits"] == {f"model.layers.{layer}.self_attn.{m}": 4 for layer in range(2)
                                           for m in inputs}
     assert all(reader.has(f"model.layers.1.self_attn.{name}.weight") for name in ("kv_b_proj", "kv_a_layernorm"))
-    reference = load_reference_model(tmp_path / "lcq")
-    prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
-    llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outputs):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
-        assert out.token_ids == expected[0, len(prompt):].tolist()
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    save_file({"base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight": torch.randn(4, 48),
-               "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight": torch.randn(96, 4)},
-              str(adapter / "adapter_model.safetensors"))
-    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    _check_serves_like_its_reference(tmp_path / "lcq")
+    adapter = write_lora_pair(tmp_path / "adapter", "model.layers.0.self_attn.o_proj", 48, 96)
     with pytest.raises(UserError, match="self_attn.o_proj is not a linear layer .*nor does the attention of DeepSe"):
         LLM(str(tmp_path / "lcq"), lora_modules=f"attention={adapter}", kv_cache_dtype="float32")
 
@@ -300,8 +280,6 @@ def test_linear_attention_quantizes_its_projections(tmp_path, arch):
     convolution, decays and gated norm kept in full precision. Block-wise and end-to-end stages through
     transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
-    from lcq.runtime import LLM, SamplingParams
-
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1, layer_bits=["qkv=4", "o_proj@0=2"], finetune_epochs=1)
     quantize_model(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "lcq", options, progress=False)
@@ -313,13 +291,7 @@ def test_linear_attention_quantizes_its_projections(tmp_path, arch):
     assert reader.linear("model.layers.3.self_attn.q_proj").bits == 4
     assert all(reader.has(f"model.layers.0.linear_attn.{name}") for name in ("A_log", "dt_bias", "conv1d.weight",
                                                                               "norm.weight"))
-    reference = load_reference_model(tmp_path / "lcq")
-    prompts = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [30, 31, 32]]
-    llm = LLM(str(tmp_path / "lcq"), kv_cache_dtype="float32", cpu_matmul_dtype="float32")
-    outputs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
-    for prompt, out in zip(prompts, outputs):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=[])
-        assert out.token_ids == expected[0, len(prompt):].tolist()
+    _check_serves_like_its_reference(tmp_path / "lcq")
 
 
 @pytest.mark.parametrize("arch, read_as", [("phi3", "MistralForCausalLM"), ("granite", "LlamaForCausalLM"),

@@ -996,11 +996,8 @@ def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
     """Over an LCQ Qwen3-MoE (its second layer dense): adapters on the attention of every layer and on the
     dense layer's MLP give the greedy tokens of transformers with them merged, batched with each other and
     with base-model requests; an adapter on an expert's matrix is refused by name."""
-    import json
-
-    from safetensors.torch import save_file
-
     from lcq.errors import UserError
+    from tests.tiny_model import write_lora_pair
 
     folder = make_tiny_lcq(tmp_path, "qwen3_moe", bits=3, rank=2, group_size=32)
     attention = make_tiny_adapter(tmp_path / "attention", folder, targets=("self_attn.q_proj", "self_attn.v_proj",
@@ -1017,12 +1014,7 @@ def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
     outs = llm.generate(PROMPTS * 3, [p for p in params for _ in PROMPTS])
     assert [o.token_ids for o in outs] == expected["attention"] + base + expected["dense"]
     assert _pool_is_full(llm.engine)
-    expert = tmp_path / "expert"
-    expert.mkdir()
-    save_file({"base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_A.weight": torch.randn(4, 96),
-               "base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_B.weight": torch.randn(64, 4)},
-              str(expert / "adapter_model.safetensors"))
-    (expert / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    expert = write_lora_pair(tmp_path / "expert", "model.layers.0.mlp.experts.0.gate_proj", 96, 64)
     with pytest.raises(UserError, match="experts.0.gate_proj is not a linear layer .*a mixture's experts"):
         LLM(str(folder), lora_modules=f"expert={expert}", **FP32)
 

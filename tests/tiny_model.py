@@ -419,6 +419,21 @@ def make_tiny_lcq(folder: str | Path, arch: str = "llama", bits: int = 4, rank: 
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+def write_lora_pair(folder: Path, module: str, in_features: int, out_features: int, rank: int = 4) -> Path:
+    """A PEFT LoRA folder holding one random A/B pair, for `module` (its name under the CausalLM), as an
+    adapter for a matrix lcq may refuse."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"base_model.model.{module}.lora_A.weight": torch.randn(rank, in_features),
+               f"base_model.model.{module}.lora_B.weight": torch.randn(out_features, rank)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank}))
+    return folder
+
+
 def make_tiny_adapter(folder: str | Path, model_dir: str | Path, rank: int = 4, alpha: float = 8.0, seed: int = 0,
                       targets: tuple[str, ...] = LORA_TARGETS, layers: list[int] | None = None) -> Path:
     """A random PEFT LoRA folder for the model in `model_dir` (B random too, where PEFT starts it at
