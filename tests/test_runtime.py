@@ -277,7 +277,8 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
     """Qwen3.5's linear attention through the engine: transformers' greedy tokens for sequences batched
     together, prefilled in chunks of 5 (the state carried between them), and recomputed after preemption
     (its state slot given back with its blocks and the state started afresh); no prefix caching and no
-    drafts (a state cannot take back rejected ones), and every slot free at the end."""
+    drafts (a state cannot take back rejected ones), and every slot free at the end. Memory that the states
+    alone fill is refused with one line."""
     from lcq.errors import UserError
 
     folder = make_tiny_hf(tmp_path, arch)
@@ -296,6 +297,8 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
     assert small.engine.stats().num_preemptions_total > 0 and _pool_is_full(small.engine)
     with pytest.raises(UserError, match="speculative decoding is not supported with linear attention"):
         LLM(str(folder), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
+    with pytest.raises(UserError, match="linear attention's states of 4 sequences .* take 0.00 GiB, more than"):
+        LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
 
 
 def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):

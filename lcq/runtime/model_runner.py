@@ -87,6 +87,10 @@ class ModelRunner:
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
         self.state_bytes = self.model.bind_states(self.state_slots + 1) if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
+        if self.state_bytes and room < 2 * bytes_per_block and num_blocks is None:
+            raise UserError(f"linear attention's states of {self.state_slots} sequences (max_num_seqs) take "
+                            f"{self.state_bytes / 2**30:.2f} GiB, more than the KV cache's memory allows: lower "
+                            "max_num_seqs, or give the cache more memory")
         self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         k_tensors = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.kv_groups.width)]
