@@ -16,7 +16,8 @@ tokens/s and the throughput curve over 1..256 concurrent sequences, with peak me
 weights, KV cache and activations.
 
 GPU (--gpu-moe): a random-weight mixture with Qwen3-30B-A3B's layer shapes (128 experts, 8 a token;
-or --moe-shape deepseek-v2-lite: latent attention, 64 experts, 6 a token beside 2 shared) at W2 r2
+or --moe-shape deepseek-v2-lite: latent attention, 64 experts, 6 a token beside 2 shared; or
+qwen3-next-80b-a3b: linear attention in three layers of four, 512 experts, 10 a token) at W2 r2
 g128, --moe-layers of its layers: the same curve with decode in CUDA graphs (lcq) and eagerly
 (lcq-eager), which is what routing the experts on the device buys.
 
@@ -48,9 +49,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
-from bench.random_model import DEEPSEEK_V2_LITE, QWEN3_30B_A3B  # noqa: E402
+from bench.random_model import DEEPSEEK_V2_LITE, QWEN3_30B_A3B, QWEN3_NEXT_80B_A3B  # noqa: E402
 
-MOE_SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE}  # --gpu-moe --moe-shape
+# --gpu-moe --moe-shape
+MOE_SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE,
+              "qwen3-next-80b-a3b": QWEN3_NEXT_80B_A3B}
 
 
 def rss_gb() -> float:

@@ -7,7 +7,8 @@
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
 # (bench/results/kernels-<gpu>.json, generate-gpu-quick.json, quantize-memory-gpu.json and, where the
-# others left time, generate-gpu-moe-quick.json and generate-gpu-deepseek-v2-lite-quick.json). Unpack it in
+# others left time, generate-gpu-moe-quick.json, generate-gpu-deepseek-v2-lite-quick.json and
+# generate-gpu-qwen3-next-80b-a3b-quick.json). Unpack it in
 # the repository root to put the results files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
@@ -44,6 +45,10 @@ fi
 left=$((570 - ($(date +%s) - started)))
 if [ "$left" -ge 45 ]; then
     step "$left" generate-mla "$py" bench/generate.py --gpu-moe --quick --moe-layers 8 --moe-shape deepseek-v2-lite
+fi
+left=$((570 - ($(date +%s) - started)))
+if [ "$left" -ge 45 ]; then
+    step "$left" generate-linear "$py" bench/generate.py --gpu-moe --quick --moe-layers 4 --moe-shape qwen3-next-80b-a3b
 fi
 
 tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \

@@ -19,6 +19,17 @@ LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32
 QWEN3_30B_A3B = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
                      num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
                      num_experts_per_tok=8, norm_topk_prob=True, vocab_size=151936, max_position_embeddings=4096)
+# Qwen3-Next-80B-A3B's shapes, written as Qwen3.5's mixture (the same layer, its projections stored apart): linear
+# attention in three layers of four (16 key heads serving 32 value heads of 128), 512 experts of 512 columns, 10
+# chosen per token, beside a gated shared expert
+QWEN3_NEXT_80B_A3B = dict(hidden_size=2048, intermediate_size=5120, moe_intermediate_size=512,
+                          shared_expert_intermediate_size=512, num_hidden_layers=48, num_attention_heads=16,
+                          num_key_value_heads=2, head_dim=256, num_experts=512, num_experts_per_tok=10,
+                          linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
+                          linear_value_head_dim=128, linear_conv_kernel_dim=4, full_attention_interval=4,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0,
+                                           "partial_rotary_factor": 0.25},
+                          vocab_size=151936, max_position_embeddings=4096)
 # DeepSeek-V2-Lite's shapes: latent attention (one 576-wide cache row per token), 64 experts of 1408 columns, 6
 # chosen per token, beside 2 shared ones; its first layer dense
 DEEPSEEK_V2_LITE = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=27,
@@ -44,59 +55,48 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
                        shapes: dict = LLAMA2_7B) -> Path:
     """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer; with
     num_experts in the shapes a Qwen3-MoE one (every layer a mixture), with kv_lora_rank a DeepSeek-V2 one
-    (latent attention; its first first_k_dense_replace layers dense, then mixtures beside shared experts)."""
+    (latent attention; its first first_k_dense_replace layers dense, then mixtures beside shared experts),
+    with linear_num_value_heads a Qwen3.5 mixture (linear attention in three layers of four, beside a gated
+    shared expert)."""
     from tests.tiny_model import make_tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     make_tokenizer(folder)
     h, i, vocab = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
     experts = shapes.get("num_experts") or shapes.get("n_routed_experts", 0)
-    latent = "kv_lora_rank" in shapes
-    heads, kv_heads = shapes["num_attention_heads"], shapes["num_key_value_heads"]
-    head_dim = shapes.get("head_dim", h // heads)
-    family = dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2") if latent else \
-        dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
-             mlp_only_layers=[]) if experts else dict(architectures=["LlamaForCausalLM"], model_type="llama")
+    family = FAMILY["deepseek_v2" if "kv_lora_rank" in shapes else "qwen3_5_moe_text" if "linear_num_value_heads"
+                    in shapes else "qwen3_moe" if experts else "llama"]
     config = dict(**family, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float16",
                   **shapes)
     if quantized:
         config["quantization_config"] = quantization_config(bits, rank, group_size, "random",
                                                             ["model.embed_tokens", "model.norm", "lm_head"])
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    kind = family["model_type"]
+    norm = torch.zeros if kind == "qwen3_5_moe_text" else torch.ones  # (Qwen3.5's norms multiply by 1 + w)
     write_shard(folder / "extra.safetensors", {
         "model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
         "lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
-        "model.norm.weight": torch.ones(h, dtype=torch.float16)})
-    if latent:  # q_proj, the latent's and the shared rotated key's projection, o_proj
-        rope, kv_rank = shapes["qk_rope_head_dim"], shapes["kv_lora_rank"]
-        attention = {"self_attn.q_proj": (heads * (shapes["qk_nope_head_dim"] + rope), h),
-                     "self_attn.kv_a_proj_with_mqa": (kv_rank + rope, h),
-                     "self_attn.o_proj": (h, heads * shapes["v_head_dim"])}
-    else:
-        attention = {"self_attn.q_proj": (heads * head_dim, h), "self_attn.k_proj": (kv_heads * head_dim, h),
-                     "self_attn.v_proj": (kv_heads * head_dim, h), "self_attn.o_proj": (h, heads * head_dim)}
+        "model.norm.weight": norm(h, dtype=torch.float16)})
     width, shared = shapes.get("moe_intermediate_size", i), shapes.get("n_shared_experts", 0)
-    mixture = {f"mlp.experts.{e}": width for e in range(experts)} | ({"mlp.shared_experts": width * shared}
-                                                                     if shared else {})
+    shared_width = shapes.get("shared_expert_intermediate_size", width * shared)
+    shared_name = "mlp.shared_experts" if kind == "deepseek_v2" else "mlp.shared_expert"
+    mixture = {f"mlp.experts.{e}": width for e in range(experts)}
+    mixture |= {shared_name: shared_width} if shared_width else {}
     for layer in range(shapes["num_hidden_layers"]):
         prefix = f"model.layers.{layer}"
-        tensors = {f"{prefix}.input_layernorm.weight": torch.ones(h, dtype=torch.float16),
-                   f"{prefix}.post_attention_layernorm.weight": torch.ones(h, dtype=torch.float16)}
+        tensors = {f"{prefix}.{name}.weight": norm(h, dtype=torch.float16)
+                   for name in ("input_layernorm", "post_attention_layernorm")}
+        linears, kept = _token_mixer(shapes, kind, layer)
         routed = experts and layer >= shapes.get("first_k_dense_replace", 0)
-        if routed:  # the router, in full precision
-            tensors[f"{prefix}.mlp.gate.weight"] = torch.randn(experts, h, dtype=torch.float16) * 0.02
-        if latent:  # kv_b_proj in full precision, the latent's norm
-            nope_value = shapes["qk_nope_head_dim"] + shapes["v_head_dim"]
-            tensors.update({f"{prefix}.self_attn.kv_b_proj.weight":
-                            torch.randn(heads * nope_value, kv_rank, dtype=torch.float16) * 0.02,
-                            f"{prefix}.self_attn.kv_a_layernorm.weight": torch.ones(kv_rank, dtype=torch.float16)})
-        elif experts:  # Qwen3-MoE's per-head q/k norms
-            tensors.update({f"{prefix}.self_attn.q_norm.weight": torch.ones(head_dim, dtype=torch.float16),
-                            f"{prefix}.self_attn.k_norm.weight": torch.ones(head_dim, dtype=torch.float16)})
-        linears = dict(attention)
+        if routed:  # the router, in full precision (and Qwen3.5's shared expert's gate)
+            kept["mlp.gate.weight"] = torch.randn(experts, h, dtype=torch.float16) * 0.02
+            if kind == "qwen3_5_moe_text":
+                kept["mlp.shared_expert_gate.weight"] = torch.randn(1, h, dtype=torch.float16) * 0.02
         for mlp, columns in (mixture if routed else {"mlp": i}).items():
             linears.update({f"{mlp}.gate_proj": (columns, h), f"{mlp}.up_proj": (columns, h),
                             f"{mlp}.down_proj": (h, columns)})
+        tensors.update({f"{prefix}.{name}": tensor for name, tensor in kept.items()})
         for name, (n, k) in linears.items():
             if quantized:
                 tensors.update(linear_tensors(f"{prefix}.{name}", random_packed(n, k, bits, rank, group_size)))
@@ -105,3 +105,46 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
         write_shard(folder / f"layer-{layer:03d}.safetensors", tensors)
     write_index(folder)
     return folder
+
+
+FAMILY = {"llama": dict(architectures=["LlamaForCausalLM"], model_type="llama"),
+          "qwen3_moe": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", decoder_sparse_step=1,
+                            mlp_only_layers=[]),
+          "deepseek_v2": dict(architectures=["DeepseekV2ForCausalLM"], model_type="deepseek_v2"),
+          "qwen3_5_moe_text": dict(architectures=["Qwen3_5MoeForCausalLM"], model_type="qwen3_5_moe_text")}
+
+
+def _token_mixer(shapes: dict, kind: str, layer: int) -> tuple[dict[str, tuple[int, int]], dict[str, torch.Tensor]]:
+    """A layer's attention (or linear attention): its packed matrices' (N, K) and its full-precision tensors,
+    by name within the layer."""
+    h, heads, kv_heads = shapes["hidden_size"], shapes["num_attention_heads"], shapes["num_key_value_heads"]
+    head_dim = shapes.get("head_dim", h // heads)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float16) * 0.02
+
+    if kind == "deepseek_v2":  # q_proj, the latent's and the shared rotated key's projection, o_proj; kv_b_proj kept
+        rope, kv_rank = shapes["qk_rope_head_dim"], shapes["kv_lora_rank"]
+        nope_value = shapes["qk_nope_head_dim"] + shapes["v_head_dim"]
+        return ({"self_attn.q_proj": (heads * (shapes["qk_nope_head_dim"] + rope), h),
+                 "self_attn.kv_a_proj_with_mqa": (kv_rank + rope, h),
+                 "self_attn.o_proj": (h, heads * shapes["v_head_dim"])},
+                {"self_attn.kv_b_proj.weight": random(heads * nope_value, kv_rank),
+                 "self_attn.kv_a_layernorm.weight": torch.ones(kv_rank, dtype=torch.float16)})
+    if kind == "qwen3_5_moe_text" and (layer + 1) % shapes.get("full_attention_interval", 4):  # linear attention
+        k_width = shapes["linear_num_key_heads"] * shapes["linear_key_head_dim"]
+        v_heads = shapes["linear_num_value_heads"]
+        v_width = v_heads * shapes["linear_value_head_dim"]
+        conv = 2 * k_width + v_width
+        return ({"linear_attn.in_proj_qkv": (conv, h), "linear_attn.in_proj_z": (v_width, h),
+                 "linear_attn.in_proj_b": (v_heads, h), "linear_attn.in_proj_a": (v_heads, h),
+                 "linear_attn.out_proj": (h, v_width)},
+                {"linear_attn.conv1d.weight": random(conv, 1, shapes.get("linear_conv_kernel_dim", 4)) * 10,
+                 "linear_attn.A_log": torch.zeros(v_heads), "linear_attn.dt_bias": torch.ones(v_heads),
+                 "linear_attn.norm.weight": torch.ones(shapes["linear_value_head_dim"], dtype=torch.float16)})
+    gated = 2 if kind == "qwen3_5_moe_text" else 1  # Qwen3.5's q_proj: each head's query and gate
+    norm = torch.zeros if gated == 2 else torch.ones  # per-head q/k norms (Qwen3.5's multiply by 1 + w)
+    norms = {} if kind == "llama" else {f"self_attn.{name}.weight": norm(head_dim, dtype=torch.float16)
+                                        for name in ("q_norm", "k_norm")}
+    return ({"self_attn.q_proj": (gated * heads * head_dim, h), "self_attn.k_proj": (kv_heads * head_dim, h),
+             "self_attn.v_proj": (kv_heads * head_dim, h), "self_attn.o_proj": (h, heads * head_dim)}, norms)

@@ -72,24 +72,31 @@ def _pool_is_full(engine) -> bool:
     return stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
 
 
-@pytest.mark.parametrize("shape", ["qwen3-30b-a3b", "deepseek-v2-lite"])
+@pytest.mark.parametrize("shape", ["qwen3-30b-a3b", "deepseek-v2-lite", "qwen3-next-80b-a3b"])
 def test_the_benchmarks_random_mixtures_load_and_generate(tmp_path, shape):
-    """bench/generate.py --gpu-moe's random checkpoints (here at tiny widths): a Qwen3-MoE one, and a
-    DeepSeek-V2 one with latent attention, a dense first layer and shared experts, read as such and served."""
+    """bench/generate.py --gpu-moe's random checkpoints (here at tiny widths): a Qwen3-MoE one, a DeepSeek-V2
+    one with latent attention, a dense first layer and shared experts, and a Qwen3.5 one with linear
+    attention in three layers of four, read as such and served."""
     from bench.generate import MOE_SHAPES
     from bench.random_model import write_random_llama
     from lcq.models.config import ModelConfig
 
     tiny = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=2, vocab_size=384, max_position_embeddings=256)
-    tiny.update(head_dim=32, num_experts=4, num_experts_per_tok=2) if shape == "qwen3-30b-a3b" else \
-        tiny.update(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=4,
-                    num_experts_per_tok=2)
+    tiny.update({"qwen3-30b-a3b": dict(head_dim=32, num_experts=4, num_experts_per_tok=2),
+                 "deepseek-v2-lite": dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                                          n_routed_experts=4, num_experts_per_tok=2),
+                 "qwen3-next-80b-a3b": dict(num_hidden_layers=4, head_dim=32, num_experts=4, num_experts_per_tok=2,
+                                            moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                            linear_value_head_dim=16)}[shape])
     folder = write_random_llama(tmp_path / "m", quantized=True, bits=2, rank=2, group_size=32,
                                 shapes=dict(MOE_SHAPES[shape], **tiny))
     config = ModelConfig.from_folder(folder)
     assert config.num_experts == 4 and (config.latent is not None) == (shape == "deepseek-v2-lite")
-    assert config.moe_layers == ([True, True] if shape == "qwen3-30b-a3b" else [False, True])
+    assert config.moe_layers == {"qwen3-30b-a3b": [True] * 2, "deepseek-v2-lite": [False, True],
+                                 "qwen3-next-80b-a3b": [True] * 4}[shape]
+    assert config.linear_layers == ([True, True, True, False] if shape == "qwen3-next-80b-a3b" else [False] * 2)
     out = LLM(str(folder), **FP32).generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out[0].token_ids) == 3
 
