@@ -73,6 +73,92 @@ def _reference_logits(reference, tokens: list[int]) -> torch.Tensor:
         return reference(torch.tensor([tokens])).logits[0].float()
 
 
+@pytest.mark.parametrize("arch, method, block", [
+    ("llama", "fp8", (32, 64)), ("deepseek_v3", "fp8", (16, 16)), ("llama4", "fp8", (16, 16)),
+    ("qwen3_next", "fp8", (32, 64)), ("phi3", "compressed-tensors", None)])
+def test_fp8_sources_read_as_their_decoded_weights(tmp_path, arch, method, block):
+    """A folder of FP8 projections reads as the same model with them decoded: per block of 128 x 128 in
+    DeepSeek-V3's and the -FP8 releases' files (blocks smaller here, and partial at the edges: 48 rows in
+    blocks of 32), per output row in compressed-tensors' (Phi-3's fused matrices cut into parts after
+    decoding, Qwen3-Next's rows picked, Llama 4's 3-D experts one scale grid each), the scales and the
+    quantization_config out of sight. The quantizer makes the same checkpoint of both."""
+    from lcq.format import CheckpointReader
+    from lcq.quantizer import QuantizeOptions, quantize_model
+    from tests.tiny_model import fp8_copy
+
+    folder = fp8_copy(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "fp8", tmp_path / "decoded", method, block)
+    fp8, decoded = CheckpointReader(folder), CheckpointReader(tmp_path / "decoded")
+    assert fp8.config == decoded.config and fp8.names() == decoded.names()
+    assert all(fp8.shape(name) == decoded.shape(name) and torch.equal(fp8.tensor(name), decoded.tensor(name))
+               for name in fp8.names())
+    if arch != "llama":
+        return
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, method="rtn")
+    for source in ("fp8", "decoded"):
+        quantize_model(tmp_path / source, tmp_path / f"lcq-{source}", options, progress=False)
+    packed, expected = CheckpointReader(tmp_path / "lcq-fp8"), CheckpointReader(tmp_path / "lcq-decoded")
+    assert packed.names() == expected.names()
+    assert all(torch.equal(packed.tensor(name), expected.tensor(name)) for name in packed.names())
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
+def test_fp8_source_serves_as_transformers_decodes_it(tmp_path, arch):
+    """An FP8 folder (Qwen3-FP8's and DeepSeek-V3's form) served in full precision gives the logits of
+    transformers' own model of the same folder, which decodes FP8 itself where there is no GPU; DeepSeek-V3's
+    against transformers' model of the decoded weights, since transformers refuses the partial blocks of its
+    kv_a_proj_with_mqa (576 rows in blocks of 128 on the Hub; 40 in blocks of 16 here)."""
+    import transformers
+
+    from tests.tiny_model import fp8_copy
+
+    folder = fp8_copy(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "fp8", tmp_path / "decoded")
+    model, _ = load_model(folder)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        folder if arch == "qwen3" else tmp_path / "decoded", dtype=torch.float32).eval()
+    assert reference.model.layers[0].mlp.down_proj.weight.dtype == torch.float32  # decoded, not FP8 layers
+    _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
+
+
+def test_fp8_decoding_and_its_refusals(tmp_path):
+    """Scales per tensor, per row and per block (partial at the edges) multiply their weights; UE8M0 scales
+    stored as bytes are powers of two; scales that fit no grid, and FP8 weights without scales, are refused
+    with the file and tensor named."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from lcq.format import CheckpointReader, FormatError
+    from lcq.format.fp8 import decode_fp8
+    from tests.tiny_model import fp8_copy
+
+    weight = (torch.randn(5, 7) * 100).to(torch.float8_e4m3fn)
+    values = weight.float()
+    assert torch.equal(decode_fp8(weight, torch.tensor(0.5), None), values * 0.5)
+    rows = torch.rand(5, 1)
+    assert torch.equal(decode_fp8(weight, rows, None), values * rows)
+    grid = torch.rand(3, 2)  # blocks of 2 x 4
+    expected = values * grid.repeat_interleave(2, 0)[:5].repeat_interleave(4, 1)[:, :7]
+    assert torch.equal(decode_fp8(weight, grid, (2, 4)), expected)
+    exponents = torch.tensor([[120, 127], [130, 127], [127, 140]], dtype=torch.uint8)
+    assert torch.equal(decode_fp8(weight, exponents, (2, 4)), decode_fp8(weight, torch.exp2(exponents.float() - 127), (2, 4)))
+    with pytest.raises(ValueError, match=r"FP8 scales \(3, 2\) do not fit weight \(5, 7\) in blocks of \[4, 4\]"):
+        decode_fp8(weight, grid, (4, 4))
+
+    folder = fp8_copy(make_tiny_hf(tmp_path / "hf"), tmp_path / "fp8", tmp_path / "decoded")
+    name = "model.layers.0.mlp.down_proj.weight"
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        **config["quantization_config"], "weight_block_size": [32, 32]}}))
+    with pytest.raises(FormatError, match=rf"model.safetensors: tensor '{name}' unreadable \(FP8 scales"):
+        CheckpointReader(folder).tensor(name)
+    (folder / "config.json").write_text(json.dumps(config))
+    tensors = load_file(folder / "model.safetensors")
+    del tensors[name + "_scale_inv"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(FormatError, match=rf"tensor '{name}' is FP8 without scales"):
+        CheckpointReader(folder).tensor(name)
+
+
 def _check_against(reference, model, prompts: list[list[int]], decode_steps: int = 5, chunk: int | None = None,
                    atol: float = 2e-4, cache_dtype: torch.dtype | None = None):
     batch = PagedBatch(model, cache_dtype=cache_dtype)

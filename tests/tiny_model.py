@@ -515,3 +515,51 @@ def mxfp4_copy(source: str | Path, folder: str | Path) -> Path:
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def fp8_copy(source: str | Path, folder: str | Path, decoded: str | Path, method: str = "fp8",
+             block: tuple[int, int] | None = (16, 16)) -> Path:
+    """A copy of a tiny folder with its decoder's projections in FP8 (E4M3), as DeepSeek-V3 and the -FP8
+    releases publish them: method fp8 with one scale per `block` of rows and columns (partial blocks at the
+    edges) under <weight>_scale_inv, or compressed-tensors (float-quantized) with one scale per output row
+    under <weight>_scale; routers, norms, embeddings and head as they were. `decoded` gets the same model with
+    those weights decoded (value times its block's scale, in fp32), computed block by block here."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    source, folder, decoded = Path(source), Path(folder), Path(decoded)
+    shutil.copytree(source, folder)
+    shutil.copytree(source, decoded)
+    tensors = load_file(folder / "model.safetensors")
+    plain = dict(tensors)
+    largest = torch.finfo(torch.float8_e4m3fn).max
+    for name in [n for n in tensors if n.startswith("model.layers.") and "proj" in n.split(".")[-2 if n.endswith(
+            ".weight") else -1] and tensors[n].dim() >= 2]:
+        weight = tensors[name].float()
+        rows, columns = weight.shape[-2:]
+        b0, b1 = block or (1, columns)
+        scales = torch.zeros(*weight.shape[:-2], -(-rows // b0), -(-columns // b1))
+        codes = torch.zeros(weight.shape, dtype=torch.float8_e4m3fn)
+        values = torch.zeros(weight.shape)
+        for i in range(scales.shape[-2]):
+            for j in range(scales.shape[-1]):
+                part = weight[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1]
+                scale = part.abs().amax((-2, -1)).clamp_min(1e-12) / largest
+                scales[..., i, j] = scale
+                code = (part / scale[..., None, None]).to(torch.float8_e4m3fn)
+                codes[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = code
+                values[..., i * b0:(i + 1) * b0, j * b1:(j + 1) * b1] = code.float() * scale[..., None, None]
+        tensors[name] = codes
+        tensors[name + ("_scale_inv" if method == "fp8" else "_scale")] = scales
+        plain[name] = values
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(plain, decoded / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                     "weight_block_size": list(block) if block else None} if method == "fp8" else {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"], "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .codebook import PackedLinear, padded_in_features
+from .fp8 import block_size, decode_fp8, is_auxiliary, is_fp8, scale_names
 from .mxfp4 import BLOCK as MXFP4_BLOCK
 from .mxfp4 import decode_mxfp4
 from .views import StoredTensor, ViewError, view_config, view_tensors
@@ -179,6 +180,15 @@ class CheckpointReader:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
         files = tensor_files(self.folder)
+        # An FP8 source's weights are decoded as read, with their scales (which the view does not see).
+        self._fp8_scales, self._fp8_block, self._scale_files = {}, None, files
+        if is_fp8(stored.get("quantization_config")):
+            self._fp8_scales = scale_names(list(files))
+            files = {name: path for name, path in files.items() if not is_auxiliary(name, self._fp8_scales)}
+            try:
+                self._fp8_block = block_size(stored["quantization_config"])
+            except ValueError as e:
+                raise FormatError(f"{config_path}: {e}") from None
         try:
             self.config: dict[str, Any] = view_config(stored, list(files))
         except ViewError as e:
@@ -248,6 +258,9 @@ class CheckpointReader:
             raise
         except Exception as e:
             raise FormatError(f"{path}: tensor '{where.name}' unreadable ({_first_line(e)})") from None
+        if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise FormatError(f"{path}: tensor '{where.name}' is FP8 without scales (no '{where.name}_scale_inv' "
+                              "or quantization_config of an FP8 method in config.json)")
         if where.rows is not None and tensor.shape[0] != _row_count(where):
             stored = f"expert {where.expert} of '{where.name}' has fewer rows" if where.expert is not None else \
                 f"tensor '{where.name}' has {tensor.shape[0] + where.rows[0]} rows"
@@ -260,11 +273,18 @@ class CheckpointReader:
 
     def _read(self, path: Path, where: StoredTensor) -> torch.Tensor:
         """The stored tensor, or the part of it `where` names, as the view's tensor before rearranged()."""
+        scales = self._fp8_scales.get(where.name)
         with safe_open(str(path), framework="pt") as f:
-            if where.expert is None:
+            if where.expert is None and scales is None:
                 return f.get_tensor(where.name) if where.rows is None else \
                     f.get_slice(where.name)[where.rows[0]:where.rows[1]][::where.row_step]
-            tensor = f.get_slice(where.name)[where.expert:where.expert + 1][0]
+            tensor = f.get_tensor(where.name) if where.expert is None else \
+                f.get_slice(where.name)[where.expert:where.expert + 1][0]
+        if scales is not None:
+            with safe_open(str(self._scale_files[scales]), framework="pt") as f:
+                scale = f.get_tensor(scales)  # small: one per block at most
+            tensor = decode_fp8(tensor, scale[where.expert] if where.expert is not None and scale.numel() > 1
+                                else scale, self._fp8_block)
         if where.mxfp4:
             scales = where.name.removesuffix("_blocks") + "_scales"
             if scales not in self._stored_files:

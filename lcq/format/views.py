@@ -80,6 +80,8 @@ from typing import Any
 
 import torch
 
+from .fp8 import is_fp8
+
 # Qwen's vision-language wrappers and the family each one's text model reads as.
 QWEN_VL = {"Qwen2VLForConditionalGeneration": "qwen2", "Qwen2_5_VLForConditionalGeneration": "qwen2",
            "Qwen3VLForConditionalGeneration": "qwen3", "Qwen3VLMoeForConditionalGeneration": "qwen3_moe"}
@@ -178,6 +180,8 @@ def source_parts(config: dict[str, Any], stored_name: str) -> dict[str, StoredTe
 def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict[str, Any]:
     """config.json of the model lcq runs for a folder whose config.json is `config` and whose tensors are
     `stored` (None: not known; only a base-model save's head depends on them)."""
+    if is_fp8(config.get("quantization_config")):  # decoded as read (CheckpointReader)
+        return view_config({key: value for key, value in config.items() if key != "quantization_config"}, stored)
     architecture = (config.get("architectures") or [None])[0]
     if architecture in WRAPPERS:
         return _text_model_config(config, architecture)
