@@ -327,13 +327,15 @@ def test_glm_reads_as_qwen2_with_its_half_head_rotary_embedding(tmp_path, bias):
     ("olmoe", "OlmoeForCausalLM", 4, [True, True]),  # q/k norms over whole projections, weights as routed
     ("qwen2_moe", "Qwen2MoeForCausalLM", 4, [True, True]),  # plus a shared expert behind a sigmoid gate
     ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", 8, [False, True]),  # a choosing bias, adjacent rotary pairs
-    ("hunyuan_moe", "HunYuanMoEV1ForCausalLM", 4, [True, True])])  # q/k norms after rotation, a shared MLP
+    ("hunyuan_moe", "HunYuanMoEV1ForCausalLM", 4, [True, True]),  # q/k norms after rotation, a shared MLP
+    ("minimax_m2", "MiniMaxM2ForCausalLM", 4, [True, True])])  # biased sigmoid scores, whole q/k norms, partial RoPE
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, family, experts, moe_layers, c_ops):
-    """Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, ERNIE 4.5 and Hunyuan-A13B: a router picking 2 gated-MLP experts
-    for each token (their weights renormalized, but OLMoE's and Qwen2-MoE's; ERNIE's chosen by the weights
-    plus a learned bias; ERNIE's and Hunyuan's routers in fp32), Qwen2-MoE's, ERNIE's and Hunyuan's shared
-    experts: our model against
+    """Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE, ERNIE 4.5, Hunyuan-A13B and MiniMax-M2: a router picking 2
+    gated-MLP experts for each token (their weights renormalized, but OLMoE's and Qwen2-MoE's; ERNIE's
+    chosen by the weights plus a learned bias, MiniMax-M2's by sigmoid scores plus one; ERNIE's, Hunyuan's
+    and MiniMax-M2's routers in fp32), Qwen2-MoE's, ERNIE's and Hunyuan's shared experts; MiniMax-M2's q/k
+    norms over whole projections and a quarter of each head turning: our model against
     transformers' own class, prompts prefilled in chunks and decoded, with the C ops and the torch path."""
     import transformers
 

@@ -191,14 +191,16 @@ def test_multimodal_checkpoint_quantizes_as_its_language_model(tmp_path, arch, r
                                                                  ("glm4_moe", "Glm4MoeForCausalLM", 8, [0]),
                                                                  ("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", 8, [0]),
                                                                  ("hunyuan_moe", "HunYuanMoEV1ForCausalLM", 4, []),
-                                                                 ("dots1", "Dots1ForCausalLM", 8, [0])])
+                                                                 ("dots1", "Dots1ForCausalLM", 8, [0]),
+                                                                 ("minimax_m2", "MiniMaxM2ForCausalLM", 4, [])])
 def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, experts, dense_layers):
     """Qwen3-MoE, Mixtral (its experts' w1/w3/w2 read as gate/up/down), OLMoE, Qwen2-MoE (its shared
     expert packed, its gate not), gpt-oss (its experts' 3-D tensors split, with their biases; attention
     sinks), Llama 4 (its 3-D experts split, under feed_forward, a shared expert without a gate), GLM-4.5
     (its first layer dense, a choosing bias kept beside the router, shared_experts), ERNIE 4.5 (its
-    choosing bias under the router's moe_statics), Hunyuan-A13B (its router gate.wg, shared_mlp) and
-    dots.llm1 (GLM-4.5's routing over Qwen3's layer): every expert's three matrices packed (also those no
+    choosing bias under the router's moe_statics), Hunyuan-A13B (its router gate.wg, shared_mlp),
+    dots.llm1 (GLM-4.5's routing over Qwen3's layer) and MiniMax-M2 (Mixtral's names, its choosing bias
+    beside the router): every expert's three matrices packed (also those no
     calibration token chose: nearest entries of their k-means fit), the router kept in full precision;
     --layer-bits rules on attention and on an MLP projection (every expert's, and a dense layer's);
     transformers' model with the dequantized weights and the engine give the same greedy tokens, batched
@@ -234,7 +236,7 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     router = {"gpt_oss": "router", "llama4": "router", "hunyuan_moe": "gate.wg"}.get(arch, "gate")
     assert reader.has(f"{mixture}.{router}.weight")
     correction = {"glm4_moe": "gate.e_score_correction_bias", "dots1": "gate.e_score_correction_bias",
-                  "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias"}
+                  "ernie4_5_moe": "gate.moe_statics.e_score_correction_bias", "minimax_m2": "e_score_correction_bias"}
     assert reader.has(f"{mixture}.{correction.get(arch, 'gate.e_score_correction_bias')}") == (arch in correction)
     assert all(reader.has(f"model.layers.0.mlp.experts.0.{m}.bias") for m in ("gate_proj", "down_proj")) == \
         (arch == "gpt_oss")

@@ -77,7 +77,7 @@ def test_split_at_every_boundary_equals_the_one_shot_split(reply, plain, thinkin
             assert streamed(parser, [reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])]) == expected
 
 
-@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3", "glm45", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2"])
 def test_every_think_parser_name_reads_think_tags(name):
     """vLLM's names for the <think> syntax (DeepSeek-R1, Qwen3, GLM-4.5, DeepSeek-V3.1) all split it, and the
     server's settings take each."""

@@ -409,6 +409,12 @@ PARSED = {
                      ("No tools.", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{"x": <｜tool▁call▁end｜>'),
                      [("<｜tool▁calls▁begin｜>", ""), ("<｜tool▁call▁begin｜>g<｜tool▁sep｜>{}<｜tool▁call▁end｜>", "")],
                      ("g", {}), None),
+    # MiniMax-M2's XML calls, typed by the tool schema (none here: text)
+    "minimax_m2": ([('Let me check.\n<minimax:tool_call>\n<invoke name="f">\n<parameter name="x">1</parameter>\n'
+                     '<parameter name="y">two\nlines</parameter>\n</invoke>\n<invoke name="g">\n</invoke>\n'
+                     '</minimax:tool_call>', "Let me check.", [("f", {"x": "1", "y": "two\nlines"}), ("g", {})])],
+                   ("No tools.", '<invoke name="f"></invoke>', "<minimax:tool_call>\n</minimax:tool_call>"),
+                   [("Sure <minimax:", "Sure "), ('tool_call><invoke name="g"></invoke>', "")], ("g", {}), "Sunny <b>"),
     "phi4_mini_json": ([('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]', "Checking.",
                          [("f", {"x": 1}), ("g", {})])],
                        ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'),

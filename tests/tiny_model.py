@@ -64,7 +64,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
-        Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM
+        Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,6 +139,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True, use_qk_norm=True,
                      n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1, moe_intermediate_size=48,
                      first_k_dense_replace=1, n_shared_experts=1, routed_scaling_factor=2.5)
+    if arch == "minimax_m2":  # as MiniMax-M2: q/k norms over the whole projections, a quarter of each head
+        # turning (its config's rotary_dim), 2 of 4 experts in every layer by biased sigmoid scores
+        sizes.update(head_dim=32, rotary_dim=8, num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
     if arch == "ernie4_5_moe":  # as ERNIE-4.5-21B-A3B: adjacent rotary pairs; the first layer dense, then 2 of 8
         # experts chosen by their softmax weights plus a learned bias, beside a shared expert
         sizes.update(head_dim=24, moe_num_experts=8, moe_k=2, moe_num_shared_experts=1, moe_intermediate_size=48,
@@ -212,6 +215,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "llama4": (Llama4TextConfig, Llama4ForCausalLM),  # experts fed by sigmoid-weighted inputs, NoPE layers
         "glm4_moe": (Glm4MoeConfig, Glm4MoeForCausalLM),  # DeepSeek-V3's routing over Qwen2's layer, half-head RoPE
         "ernie4_5_moe": (Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM),  # softmax routing with a choosing bias
+        "minimax_m2": (MiniMaxM2Config, MiniMaxM2ForCausalLM),  # OLMoE's q/k norms, GLM-4.5's routing ungrouped
         "hunyuan_moe": (HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM),  # Hunyuan's layer with experts, a shared MLP
         "dots1": (Dots1Config, Dots1ForCausalLM),  # Qwen3's layer with DeepSeek-V3's routing
         "deepseek_v2": (DeepseekV2Config, DeepseekV2ForCausalLM),  # latent attention, experts in groups

@@ -44,9 +44,11 @@
   fused per key head (in_proj_qkvz: each key head's q, k, then its value heads' v and z rows; in_proj_ba:
   their b then a rows). They read as Qwen3.5's in_proj_qkv, in_proj_z, in_proj_b and in_proj_a, each the
   stored rows it picks (interleaved_parts), so that both families quantize and run alike.
-- Mixtral (MixtralForCausalLM) stores its mixture as block_sparse_moe, its experts' matrices as w1, w3
-  and w2; they read as mlp, gate_proj, up_proj and down_proj, the names of transformers 5's modules and
-  of Qwen3-MoE's files.
+- Mixtral (MixtralForCausalLM) and MiniMax-M2 (MiniMaxM2ForCausalLM) store their mixtures as
+  block_sparse_moe, their experts' matrices as w1, w3 and w2; they read as mlp, gate_proj, up_proj and
+  down_proj, the names of transformers 5's modules and of Qwen3-MoE's files (MiniMax-M2's choosing bias
+  as mlp.e_score_correction_bias, where transformers keeps it). MiniMax-M2's config is completed with
+  transformers' defaults (its rotary_dim as a partial_rotary_factor).
 - gpt-oss (GptOssForCausalLM) keeps each layer's experts as 3-D tensors: gate_up_proj (experts, hidden,
   2 x width), gate and up columns alternating, and down_proj (experts, width, hidden), each (in, out),
   with their biases; on the Hub in MXFP4 (quant_method mxfp4: the codes under _blocks, their scales under
@@ -201,6 +203,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _with_defaults(config, "Ernie4_5_MoeForCausalLM")
     if config.get("model_type") == "qwen3_next":  # its own defaults (linear attention's dimensions)
         return _with_defaults(config, "Qwen3NextForCausalLM")
+    if config.get("model_type") == "minimax_m2":  # its own defaults (rotary base, partial rotary from rotary_dim)
+        return _with_defaults(config, "MiniMaxM2ForCausalLM")
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -227,7 +231,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _half_split_parts(_as_llama(config), stored)
     if config.get("model_type") == "glm":
         return _glm_parts(config, stored)
-    if config.get("model_type") == "mixtral":
+    if config.get("model_type") in ("mixtral", "minimax_m2"):
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
     if config.get("model_type") == "qwen3_next":
         return _qwen3_next_parts(config, stored)
@@ -257,8 +261,9 @@ MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _mixtral_name(name: str) -> str:
-    """A Mixtral tensor's name as lcq reads it: block_sparse_moe.gate as mlp.gate, experts.E.w1/w3/w2 as
-    experts.E.gate_proj/up_proj/down_proj (transformers 5's modules and Qwen3-MoE's names)."""
+    """A Mixtral or MiniMax-M2 tensor's name as lcq reads it: block_sparse_moe.gate (and MiniMax-M2's choosing
+    bias) under mlp, experts.E.w1/w3/w2 as experts.E.gate_proj/up_proj/down_proj (transformers 5's modules
+    and Qwen3-MoE's names)."""
     parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
     if len(parts) > 2 and parts[-3].isdigit() and parts[-4:-3] == ["experts"]:
         parts[-2] = MIXTRAL_EXPERT_NAMES.get(parts[-2], parts[-2])

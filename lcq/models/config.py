@@ -26,7 +26,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Dots1ForCausalLM": "dots1", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                            "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
-                           "Qwen3NextForCausalLM": "qwen3_next"}
+                           "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -37,13 +37,13 @@ QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")  # linear attention
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
-# OLMoE's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one LayerNorm
+# OLMoE's and MiniMax-M2's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one LayerNorm
 # before attention and the MLP side by side, adjacent rotary pairs; StableLM's: LayerNorms with biases.
 LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "exaone4": dict(sandwich_norms=True, pre_norms=False),
                "glm4": dict(sandwich_norms=True, rotary_interleaved=True),
-               "olmoe": dict(qk_norm_per_head=False),
+               "olmoe": dict(qk_norm_per_head=False), "minimax_m2": dict(qk_norm_per_head=False),
                "cohere": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
                "cohere2": dict(layer_norm=True, parallel_block=True, rotary_interleaved=True),
                "stablelm": dict(layer_norm=True, norm_bias=True),
@@ -207,12 +207,13 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "dots1", *HUNYUAN, *QWEN3_5) or
+                                        "dots1", "minimax_m2", *HUNYUAN, *QWEN3_5) or
             (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             **_latent_fields(c, rope), **_qwen3_5_fields(c),
+            **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope),
@@ -335,14 +336,20 @@ def _qwen3_5_fields(c: dict) -> dict:
     layers, interval = c["num_hidden_layers"], c.get("full_attention_interval", 4)
     types = c.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention"
                                      for i in range(layers)]
-    rope = c.get("rope_parameters") or {}
-    factor = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
     linear = LinearDims(num_k_heads=c["linear_num_key_heads"], num_v_heads=c["linear_num_value_heads"],
                         head_k_dim=c["linear_key_head_dim"], head_v_dim=c["linear_value_head_dim"],
                         conv_kernel=c.get("linear_conv_kernel_dim", 4))
     return dict(linear_layers=[kind == "linear_attention" for kind in types], linear=linear, norm_offset=1.0,
-                rotated_dims=int((c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]) * factor),
-                attention_output_gate=True)
+                rotated_dims=_rotated_dims(c), attention_output_gate=True)
+
+
+def _rotated_dims(c: dict) -> int | None:
+    """The dimensions of each head a partial rotary embedding turns, its first ones (Qwen3.5's, MiniMax-M2's:
+    pairs (i, i + r/2) within them); None where it turns whole heads."""
+    rope = c.get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0))
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return None if factor == 1.0 else int(head_dim * factor)
 
 
 def _gpt_oss_fields(c: dict) -> dict:
@@ -404,6 +411,10 @@ def _experts(c: dict) -> dict:
                     shared_expert=bool(c.get("moe_num_shared_experts")), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_correction=True, router_in_fp32=True,
                     moe_layers=[(i + 1) % (step or 1) == 0 and (first or 0) <= i <= last for i in range(layers)])
+    if kind == "minimax_m2":  # every layer: sigmoid scores, a choosing bias, the chosen weights renormalized
+        return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=True, router_sigmoid=True, router_correction=True, router_in_fp32=True,
+                    moe_layers=[True] * layers)
     if kind == "hunyuan_v1_moe":  # Hunyuan-A13B: every layer, softmax weights renormalized, beside a shared MLP
         counts, chosen = (_one_value(c, key) for key in ("num_experts", "moe_topk"))
         return dict(num_experts=counts, experts_per_token=chosen, norm_topk_prob=True, shared_expert=True,

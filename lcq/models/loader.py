@@ -45,7 +45,10 @@ class DenseLinear(torch.nn.Module):
 
 
 ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg"}  # where not gate
-CORRECTION_NAMES = {"ernie4_5_moe": "moe_statics.e_score_correction_bias"}  # its choosing bias, under the router
+# The choosing bias under the mixture's module, where not under its router: ERNIE 4.5's under the router's
+# moe_statics, MiniMax-M2's beside the router
+CORRECTION_NAMES = {"ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
+                    "minimax_m2": "e_score_correction_bias"}
 QK_NORM_NAMES = dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query_layernorm", "key_layernorm"))
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
@@ -131,9 +134,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)
                 if config.router_bias:
                     layer.mlp.router_bias.copy_(reader.tensor(f"{mlp}.{router}.bias"))
-                if config.router_correction:  # (ERNIE 4.5's under the router's moe_statics, (1, experts))
-                    correction = CORRECTION_NAMES.get(config.model_type, "e_score_correction_bias")
-                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{router}.{correction}").reshape(-1))
+                if config.router_correction:  # (ERNIE 4.5's (1, experts))
+                    correction = CORRECTION_NAMES.get(config.model_type, f"{router}.e_score_correction_bias")
+                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{correction}").reshape(-1))
                 if layer.mlp.shared_expert_gate is not None:
                     layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):

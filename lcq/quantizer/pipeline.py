@@ -59,7 +59,7 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "gpt_oss": "GptOss", "llama4_text": "Llama4Text", "glm4_moe": "Glm4Moe", "ernie4_5_moe": "Ernie4_5_Moe",
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
-                "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next"}
+                "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2"}
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
                    "qwen3_5_moe_text": "qwen3_5_moe"}

@@ -17,8 +17,8 @@ from lcq.errors import UserError
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
                      "internlm", "seed_oss", "qwen3_coder", "openai", "glm45", "glm47", "deepseek_v3",
-                     "deepseek_v31")  # tool_calls.PARSERS
-REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "openai_gptoss")  # reasoning.PARSERS
+                     "deepseek_v31", "minimax_m2")  # tool_calls.PARSERS
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", "openai_gptoss")  # reasoning.PARSERS
 
 
 @dataclass
@@ -191,12 +191,13 @@ FLAGS = (
          "ernie45 (hermes's blocks: ERNIE 4.5), internlm (<|action_start|><|plugin|> calls: InternLM2/3), seed_oss "
          "or qwen3_coder (XML calls: Seed-OSS, Qwen3-Coder), openai (harmony calls: gpt-oss, with --reasoning-parser "
          "openai_gptoss), glm45 or glm47 (<tool_call>NAME<arg_key>..: GLM-4.5 to 4.7), deepseek_v3 or deepseek_v31 "
-         "(<｜tool▁calls▁begin｜> calls: DeepSeek-V3, R1, V3.1): how replies are read so that tool_choice auto works",
+         "(<｜tool▁calls▁begin｜> calls: DeepSeek-V3, R1, V3.1), minimax_m2 (<minimax:tool_call> XML calls: "
+         "MiniMax-M2): how replies are read so that tool_choice auto works",
          "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
-    Flag("--reasoning-parser", str, "deepseek_r1, qwen3, glm45 or deepseek_v3 (all read <think>...</think>: DeepSeek-R1 "
-         "and its distills, QwQ, Qwen3, GLM-4.5 to 4.7, DeepSeek-V3.1), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
+    Flag("--reasoning-parser", str, "deepseek_r1, qwen3, glm45, deepseek_v3 or minimax_m2 (all read <think>...</think>: "
+         "DeepSeek-R1 and its distills, QwQ, Qwen3, GLM-4.5 to 4.7, DeepSeek-V3.1, MiniMax-M2), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
          "to `reasoning` (chat) or a reasoning item (Responses), the answer to the content, and response_format "
          "applies after <think>'s thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "

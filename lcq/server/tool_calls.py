@@ -31,6 +31,9 @@ writes free text in which it may call tools in the syntax its chat template taug
   `<tool_call>`; each value is text, typed by the request's tool schema (integer, number, boolean,
   object, array; "null" is null), as vLLM reads them. Seed-OSS's tags are tokens of its own, kept as
   text (KEEPS_SPECIAL_TOKENS).
+- minimax_m2 (MiniMax-M2, M2.1, M2.5): text, then calls `<invoke name="NAME"><parameter name="key">value
+  </parameter>...</invoke>` inside `<minimax:tool_call>`, the values typed as seed_oss's (tags of its
+  tokenizer's own, kept as text: KEEPS_SPECIAL_TOKENS).
 - openai (gpt-oss, with `--reasoning-parser openai_gptoss`): harmony messages to a function,
   `<|channel|>commentary to=functions.NAME<|message|>{...}<|call|>`, the arguments as written; the
   reasoning parser passes those messages on whole and drops the rest of the markup (special tokens:
@@ -63,14 +66,20 @@ INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
 GLM_START, GLM_END = "<tool_call>", "</tool_call>"
 DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 # parsers whose tags are (or may be) special tokens the text must keep
-KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31")
+KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31",
+                        "minimax_m2")
 HARMONY_CALL = "<|channel|>commentary to=functions."
 # a harmony message to a function: its name, then (after any more of the header) its arguments
 _HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
-XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>"), "qwen3_coder": (HERMES_START, HERMES_END)}
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
 _XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|$)", re.DOTALL)
+_INVOKE = re.compile(r'<invoke name="?([^">\n]+)"?>(.*?)(?:</invoke>|$)', re.DOTALL)
+_INVOKE_PARAMETER = re.compile(r'<parameter name="?([^">\n]+)"?>(.*?)(?:</parameter>|$)', re.DOTALL)
+# Calls in XML: the block's opening and closing tags, then a function's and a parameter's syntax (name, body)
+XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>", _XML_FUNCTION, _XML_PARAMETER),
+             "qwen3_coder": (HERMES_START, HERMES_END, _XML_FUNCTION, _XML_PARAMETER),
+             "minimax_m2": ("<minimax:tool_call>", "</minimax:tool_call>", _INVOKE, _INVOKE_PARAMETER)}
 _GLM_CALL = re.compile(re.escape(GLM_START) + r"([^<\n]*)(.*?)(?:" + re.escape(GLM_END) + r"|$)", re.DOTALL)
 _GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|$)", re.DOTALL)
 # DeepSeek-V3's call (a kind, "function", then the name; JSON arguments in a ```json block) and V3.1's
@@ -291,17 +300,18 @@ def parse_phi4_mini_json(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content or None, calls) if calls else (text, [])
 
 
-def parse_xml_calls(text: str, tags: tuple[str, str], schemas: dict[str, dict]) -> tuple[str | None, list[ToolCall]]:
+def parse_xml_calls(text: str, syntax: tuple[str, str, re.Pattern, re.Pattern], schemas: dict[str, dict]
+                    ) -> tuple[str | None, list[ToolCall]]:
     """(the text before the first call block, or None when empty; the calls) from a reply whose calls are
-    XML functions inside `tags`; (the text, []) when it has none."""
-    start, end = tags
+    XML functions inside the blocks of `syntax` (XML_CALLS); (the text, []) when it has none."""
+    start, end, function, parameter = syntax
     content, *blocks = text.split(start)
     calls = []
     for block in blocks:
-        for name, body in _XML_FUNCTION.findall(block.split(end, 1)[0]):
+        for name, body in function.findall(block.split(end, 1)[0]):
             properties = (schemas.get(name.strip()) or {}).get("properties") or {}
             arguments = {key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
-                         for key, value in _XML_PARAMETER.findall(body)}
+                         for key, value in parameter.findall(body)}
             calls.append(_call(name.strip(), arguments))
     return (content.strip() or None, calls) if calls else (text, [])
 
@@ -394,8 +404,8 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
            "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
            "openai": (parse_openai, tag_held_from(HARMONY_CALL)),
-           **{name: (functools.partial(parse_xml_calls, tags=tags), tag_held_from(tags[0]))  # + schemas: reply_parser
-              for name, tags in XML_CALLS.items()},
+           **{name: (functools.partial(parse_xml_calls, syntax=syntax), tag_held_from(syntax[0]))  # + schemas
+              for name, syntax in XML_CALLS.items()},
            **dict.fromkeys(("glm45", "glm47"), (parse_glm, tag_held_from(GLM_START))),  # + schemas: reply_parser
            **{name: (functools.partial(parse_deepseek, calls_syntax=syntax), tag_held_from(DEEPSEEK_CALLS))
               for name, syntax in _DEEPSEEK_CALLS.items()}}
