@@ -283,9 +283,9 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
 def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path, arch):
     """Qwen3.5's linear attention through the engine: transformers' greedy tokens for sequences batched
     together, prefilled in chunks of 5 (the state carried between them), and recomputed after preemption
-    (its state slot given back with its blocks and the state started afresh); no prefix caching and no
-    drafts (a state cannot take back rejected ones), and every slot free at the end. Memory that the states
-    alone fill is refused with one line."""
+    (its state slot given back with its blocks and the state started afresh); no drafts (a state cannot
+    take back rejected ones), and every slot free at the end. Memory that the states alone fill is refused
+    with one line."""
     from lcq.errors import UserError
 
     folder = make_tiny_hf(tmp_path, arch)
@@ -295,7 +295,7 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
                   **FP32)
     assert [o.token_ids for o in chunked.generate(prompts, GREEDY)] == expected
     engine = chunked.engine
-    assert not engine.blocks.enable_prefix_caching and engine.stats().num_draft_tokens_total == 0
+    assert engine.stats().num_draft_tokens_total == 0
     assert sorted(engine.blocks.free_states) == [0, 1, 2, 3] and _pool_is_full(engine)
     room = engine.runner.state_bytes + 6 * small_block_bytes(chunked)  # 6 blocks of 8: someone gets preempted
     small = LLM(str(folder), block_size=8, max_num_seqs=4, kv_cache_memory_gb=room / 2**30, **FP32)
@@ -306,6 +306,36 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
         LLM(str(folder), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
     with pytest.raises(UserError, match="linear attention's states of 4 sequences .* take 0.00 GiB, more than"):
         LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
+
+
+def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path):
+    """Qwen3.5's prefix caching: a prompt's chunks stop at the end of its last full block before its last
+    token, where its state is kept; a later prompt that extends it (a conversation's next turn) reuses those
+    blocks and takes up that state, giving transformers' greedy tokens, and so does a prompt prefilled in
+    chunks of 5; the least recently used state gives way to a new one (a prompt whose state went is computed
+    whole); no state slot leaks. Without kept states (state_snapshots 0) nothing is reused."""
+    folder = make_tiny_hf(tmp_path, "qwen3_5")
+    first = [(3 * i + 1) % 300 + 1 for i in range(21)]  # kept at 16 tokens (blocks of 8)
+    llm = LLM(str(folder), block_size=8, max_num_seqs=2, state_snapshots=1, **FP32)
+    reference = load_reference_model(folder)
+    reply = llm.generate([first], GREEDY)[0]
+    assert reply.token_ids == _transformers_greedy(folder, first, 12, reference) and reply.usage.cached_tokens == 0
+    second = first + reply.token_ids + [9, 10, 11]  # the next turn
+    for engine_llm in (llm, LLM(str(folder), block_size=8, max_num_batched_tokens=5, state_snapshots=1, **FP32)):
+        if engine_llm is not llm:
+            engine_llm.generate([first], GREEDY)
+        out = engine_llm.generate([second], GREEDY)[0]
+        assert out.usage.cached_tokens == 16 and out.token_ids == _transformers_greedy(folder, second, 12, reference)
+    again = llm.generate([second], GREEDY)[0]  # second's own state, kept at 32 in first's place
+    assert again.usage.cached_tokens == 32 and again.token_ids == out.token_ids
+    assert llm.generate([first + [5]], GREEDY)[0].usage.cached_tokens == 0  # first's state went
+    assert llm.generate([[(7 * i + 2) % 300 + 1 for i in range(19)]], GREEDY)[0].usage.cached_tokens == 0
+    blocks = llm.engine.blocks
+    assert sorted(blocks.free_states) == [0, 1] and len(blocks.snapshots) + len(blocks.free_snapshots) == 1
+    assert _pool_is_full(llm.engine)
+    plain = LLM(str(folder), block_size=8, state_snapshots=0, **FP32)
+    plain.generate([first], GREEDY)
+    assert plain.generate([second], GREEDY)[0].usage.cached_tokens == 0 and not plain.engine.blocks.enable_prefix_caching
 
 
 def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):

@@ -61,6 +61,11 @@ class GatedDeltaNet(torch.nn.Module):
         self.recurrent_states = torch.zeros(slots, d.num_v_heads, d.head_k_dim, d.head_v_dim, device=device)
         return self.conv_states.nbytes + self.recurrent_states.nbytes
 
+    def copy_state(self, source: int, target: int) -> None:
+        """Slot `target`'s states made those of slot `source` (a prefix's snapshot kept, or taken up again)."""
+        self.conv_states[target] = self.conv_states[source]
+        self.recurrent_states[target] = self.recurrent_states[source]
+
     def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
         """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
         d, context = self.dims, attention.context

@@ -414,3 +414,9 @@ class LlamaModel(torch.nn.Module):
         """Recurrent state tensors of `slots` sequences in every linear-attention layer; returns their bytes."""
         return sum(layer.self_attn.bind_states(slots, self.norm.weight.device) for layer in self.layers
                    if isinstance(layer.self_attn, GatedDeltaNet))
+
+    def copy_states(self, source: int, target: int) -> None:
+        """Every linear-attention layer's states of slot `source` copied into slot `target`."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, GatedDeltaNet):
+                layer.self_attn.copy_state(source, target)

@@ -12,7 +12,11 @@ sliding-window group needs only the blocks its window reaches at the end of that
 
 A model with linear attention (Qwen3.5) keeps a recurrent state per sequence instead of blocks in those
 layers: each running sequence holds one of `state_slots` slots, from its first step until its blocks go
-back. Such states cannot be rebuilt from cached blocks, so prefix caching is off for them.
+back. Such a state cannot be rebuilt from cached blocks, so its prefix caching keeps states too: a prompt's
+chunks stop at the end of its last full block before its last token (the longest prefix a later request can
+reuse), where its state is copied into one of the `snapshot_slots`, known by that block's chain hash (the
+least recently used kept state gives way). A later prompt reuses the longest cached prefix whose end has a
+kept state, which its slot takes before its first step; without one, nothing is reused.
 """
 from __future__ import annotations
 
@@ -37,16 +41,21 @@ class Block:
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,),
-                 state_slots: int = 0):
+                 state_slots: int = 0, snapshot_slots: range = range(0)):
         """windows: each group's sliding window in tokens, -size for chunks, 0 for full attention
-        (KVGroups.windows); state_slots: linear attention's state slots (0: a model without)."""
+        (KVGroups.windows); state_slots: linear attention's running sequences' slots (0: a model without);
+        snapshot_slots: the slots that keep prefixes' states (none: no prefix caching for such a model)."""
         self.block_size = block_size
         self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.by_hash: dict[tuple[int, int], int] = {}
-        self.enable_prefix_caching = enable_prefix_caching and not state_slots
+        self.enable_prefix_caching = enable_prefix_caching and (not state_slots or len(snapshot_slots) > 0)
+        self.keeps_states = bool(state_slots) and self.enable_prefix_caching
         self.free_states = list(range(state_slots))[::-1]
+        self.snapshots: OrderedDict[int, int] = OrderedDict()  # chain hash -> slot, least recently used first
+        self.free_snapshots = list(snapshot_slots)[::-1]
+        self.state_copies: list[tuple[int, int]] = []  # (from slot, to slot) for the runner, before the next step
 
     @property
     def num_total_blocks(self) -> int:
@@ -96,9 +105,13 @@ class BlockManager:
         for held, window in zip(cached, self.windows):  # a full group: its leading run of cached blocks
             if not window:
                 count = min(count, next((i for i, block_id in enumerate(held) if block_id is None), len(held)))
-        while count and not all(None not in held[self.first_kept(group, count * self.block_size):count]
-                                for group, held in enumerate(cached) if self.windows[group]):
+        while count and not (all(None not in held[self.first_kept(group, count * self.block_size):count]
+                                 for group, held in enumerate(cached) if self.windows[group]) and
+                             (not self.keeps_states or keys[count - 1] in self.snapshots)):
             count -= 1
+        if self.keeps_states and count:  # its state at the prefix's end, taken before its first step
+            seq.state_restore = self.snapshots[keys[count - 1]]
+            self.snapshots.move_to_end(keys[count - 1])
         for group in range(len(self.windows)):
             first = self.first_kept(group, count * self.block_size)
             table = [RELEASED] * first
@@ -116,6 +129,16 @@ class BlockManager:
             return None
         tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
         return block_id if self.blocks[block_id].tokens == tokens else None
+
+    def snapshot_point(self, seq: Sequence) -> int:
+        """Where a sequence's state is kept for its prompt's prefix: the end of the last full block before its
+        last prompt token (0: none, or no states kept)."""
+        return (seq.num_prompt_tokens - 1) // self.block_size * self.block_size if self.keeps_states else 0
+
+    def chunk(self, seq: Sequence, count: int) -> int:
+        """`count` tokens to compute for seq this step, fewer where they would pass its snapshot point."""
+        begin, point = seq.num_computed_tokens, self.snapshot_point(seq)
+        return point - begin if begin < point < begin + count else count
 
     def can_grow(self, seq: Sequence, num_tokens: int) -> bool:
         return self._growth(seq, num_tokens) <= self.num_free_blocks
@@ -177,6 +200,28 @@ class BlockManager:
                 written = self.by_hash.setdefault(block.key, block.id) == block.id
                 if group == 0 and written and (index + 1) * self.block_size <= seq.num_prompt_tokens:
                     seq.num_cache_written_tokens += self.block_size
+        point = self.snapshot_point(seq)
+        if point and seq.num_computed_tokens == point and seq.state_slot is not None:
+            self._keep_state(seq, seq.block_hashes[point // self.block_size - 1])
+
+    def _keep_state(self, seq: Sequence, key: int) -> None:
+        """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot."""
+        if key in self.snapshots:
+            self.snapshots.move_to_end(key)
+            return
+        slot = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
+        self.snapshots[key] = slot
+        self.state_copies.append((seq.state_slot, slot))
+
+    def take_state_copies(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
+        """The state copies due before a step of `seqs`, in order: the states kept since the last step, then
+        the kept states those sequences take up."""
+        copies, self.state_copies = self.state_copies, []
+        for seq in seqs:
+            if seq.state_restore is not None:
+                copies.append((seq.state_restore, seq.state_slot))
+                seq.state_restore = None
+        return copies
 
     def release(self, seq: Sequence) -> None:
         """Return the sequence's blocks (and state slot); the last ones are reused first (they are least likely
@@ -184,6 +229,7 @@ class BlockManager:
         if seq.state_slot is not None:
             self.free_states.append(seq.state_slot)
             seq.state_slot = None
+        seq.state_restore = None
         for table in seq.block_tables:
             for block_id in reversed(table):
                 if block_id != RELEASED:

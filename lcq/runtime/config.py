@@ -28,6 +28,9 @@ class EngineConfig:
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
     enable_prefix_caching: bool = True
+    # Linear attention's (Qwen3.5's) prefix caching: the recurrent states kept at prompts' ends (block_manager.py),
+    # each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for such models.
+    state_snapshots: int = 16
     # Sliding-window layers in layer groups with their own block tables, handing back the blocks their window
     # has passed (kv_groups.py); off: every layer keeps every block of its sequence, as before.
     hybrid_kv_cache: bool = True
@@ -181,6 +184,7 @@ class EngineConfig:
     def validate(self) -> None:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
+            (self.state_snapshots >= 0, "state_snapshots must be at least 0"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
             (self.block_size in (8, 16, 32), "block_size must be 8, 16 or 32"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),

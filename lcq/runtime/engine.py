@@ -80,8 +80,9 @@ class LLMEngine:
             raise UserError(f"{config.model}: speculative decoding is not supported with linear attention (its "
                             "recurrent states would have to take back rejected drafts); drop --speculative-model")
         if recurrent:
-            logger.info("linear attention: %d state slots (%.2f GiB); no prefix caching or speculative decoding",
-                        self.runner.state_slots, self.runner.state_bytes / 2**30)
+            logger.info("linear attention: %d state slots and %d for prefixes' states (%.2f GiB); no speculative "
+                        "decoding", self.runner.state_slots, len(self.runner.snapshot_slots),
+                        self.runner.state_bytes / 2**30)
         self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
@@ -236,6 +237,7 @@ class LLMEngine:
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
         try:
+            self.runner.copy_states(self.blocks.take_state_copies([seq for seq, _ in scheduled]))
             to_sample, logits, prompt_logprobs, embeddings = self.runner.run(scheduled)
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:

@@ -82,15 +82,18 @@ class ModelRunner:
         windows = [c.attention_windows[i] for i in c.cache_layers]
         self.kv_groups = KVGroups.of(windows if config.hybrid_kv_cache else [0] * len(windows))
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
-        # linear attention's states: a slot per sequence that may run at once and a scratch one for the CUDA
-        # graphs' padding rows (none for other models)
+        # linear attention's states: a slot per sequence that may run at once, a scratch one for the CUDA
+        # graphs' padding rows, and those that keep prefixes' states for prefix caching (none for other models)
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
-        self.state_bytes = self.model.bind_states(self.state_slots + 1) if self.state_slots else 0
+        kept = config.state_snapshots if self.state_slots and config.enable_prefix_caching else 0
+        self.snapshot_slots = range(self.state_slots + 1, self.state_slots + 1 + kept)
+        self.state_bytes = self.model.bind_states(self.snapshot_slots.stop) if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
         if self.state_bytes and room < 2 * bytes_per_block and num_blocks is None:
-            raise UserError(f"linear attention's states of {self.state_slots} sequences (max_num_seqs) take "
-                            f"{self.state_bytes / 2**30:.2f} GiB, more than the KV cache's memory allows: lower "
-                            "max_num_seqs, or give the cache more memory")
+            raise UserError(f"linear attention's states of {self.state_slots} sequences (max_num_seqs) and {kept} "
+                            f"prefixes (state_snapshots) take {self.state_bytes / 2**30:.2f} GiB, more than the KV "
+                            "cache's memory allows: lower max_num_seqs or state_snapshots, or give the cache more "
+                            "memory")
         self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         k_tensors = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.kv_groups.width)]
@@ -172,7 +175,12 @@ class ModelRunner:
 
     def new_block_manager(self, enable_prefix_caching: bool) -> BlockManager:
         return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows,
-                            self.state_slots)
+                            self.state_slots, self.snapshot_slots)
+
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Linear attention's state slots copied (from, to) in order: prefixes' states kept and taken up."""
+        for source, target in copies:
+            self.model.copy_states(source, target)
 
     def _longest_sequence(self, config: EngineConfig) -> int:
         """The context length: the model's (or the configured one), at most what one sequence alone can hold

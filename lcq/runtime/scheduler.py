@@ -38,7 +38,7 @@ class Scheduler:
                 break
             if seq.status != Status.RUNNING:  # preempted earlier in this loop
                 continue
-            count = min(seq.num_uncomputed, budget)
+            count = self.blocks.chunk(seq, min(seq.num_uncomputed, budget))
             if seq.num_draft_tokens and not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 count = 1  # no preemption for drafts: they are dropped (the engine keeps the scheduled ones)
             while not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
@@ -54,7 +54,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
             self.blocks.reuse_cached_prefix(seq)
-            count = min(seq.num_uncomputed, budget)
+            count = self.blocks.chunk(seq, min(seq.num_uncomputed, budget))
             if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 self.blocks.release(seq)
                 seq.num_cached_tokens = 0

@@ -160,6 +160,9 @@ FLAGS = (
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
+    Flag("--state-snapshots", int, "linear attention's (Qwen3.5's, Qwen3-Next's) prefix caching: how many prompts' "
+         "recurrent states are kept for reuse, each as large as a sequence's states (0: no prefix caching for "
+         "these models)", "engine"),
     Flag("--disable-hybrid-kv-cache-manager", bool, "keep every KV block of a sequence in sliding-window layers "
          "too, rather than handing back the blocks their window has passed (vLLM's name)", "engine",
          field="hybrid_kv_cache", invert=True),
