@@ -7,12 +7,9 @@ exp(g) and is corrected towards the token's value by the delta rule, S += k (bet
 head's output is S^T q. g (<= 0) and beta (0..1) come from two small projections. The outputs are
 RMS-normalized per head, times silu(z) (a fourth projection), and projected back by out_proj.
 
-A sequence's state is its convolution's last conv_kernel - 1 inputs and S per value head, held in one
-slot of the layer's state tensors (the block manager hands a slot to each running sequence). A step
-that begins at a sequence's first token starts it from zeros. Decode steps advance every sequence by
-one token at once; a prompt (or its chunk) takes the chunkwise form of the same recurrence: within
-CHUNK tokens in matrix products, from chunk to chunk through S (equal to the token-by-token form but
-for rounding).
+A sequence's state (recurrent.py) is its convolution's last conv_kernel - 1 inputs and S per value head; a
+prompt (or its chunk) takes the chunkwise form of the recurrence: within CHUNK tokens in matrix products,
+from chunk to chunk through S (equal to the token-by-token form but for rounding).
 """
 from __future__ import annotations
 
@@ -22,29 +19,25 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .recurrent import RecurrentMixer, parameter
 
 CHUNK = 64  # tokens of a prompt's recurrence computed together
 
 
-class GatedDeltaNet(torch.nn.Module):
+class GatedDeltaNet(RecurrentMixer):
     def __init__(self, config: ModelConfig, prefix: str, make_linear: Callable[[list[str]], torch.nn.Module],
                  dtype: torch.dtype):
-        super().__init__()
-        dims = self.dims = config.linear
+        dims = config.linear
+        super().__init__(dims.conv_dim, dims.conv_kernel, (dims.num_v_heads, dims.head_k_dim, dims.head_v_dim), dtype)
+        self.dims = dims
         # q, k and v (the convolution's channels), z, b and a: one product of the hidden state
         self.in_proj = make_linear([f"{prefix}.in_proj_qkv", f"{prefix}.in_proj_z", f"{prefix}.in_proj_b",
                                     f"{prefix}.in_proj_a"])
         self.out_proj = make_linear([f"{prefix}.out_proj"])
-
-        def parameter(*shape: int, kind: torch.dtype = dtype) -> torch.nn.Parameter:
-            return torch.nn.Parameter(torch.empty(*shape, dtype=kind), requires_grad=False)
-
-        self.conv_weight = parameter(dims.conv_dim, dims.conv_kernel)
-        self.decay_log = parameter(dims.num_v_heads, kind=torch.float32)  # A_log: g = -exp(A_log) softplus(a + dt_bias)
-        self.dt_bias = parameter(dims.num_v_heads, kind=torch.float32)
-        self.norm_weight = parameter(dims.head_v_dim)
+        self.decay_log = parameter(dims.num_v_heads, dtype=torch.float32)  # A_log: g = -exp(A_log) softplus(a + dt_bias)
+        self.dt_bias = parameter(dims.num_v_heads, dtype=torch.float32)
+        self.norm_weight = parameter(dims.head_v_dim, dtype=dtype)
         self.eps = config.rms_norm_eps
-        self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
 
     def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
         """The layer's own parameters, by their names under linear_attn (tensor(name) reads one)."""
@@ -53,35 +46,29 @@ class GatedDeltaNet(torch.nn.Module):
         self.dt_bias.copy_(tensor("dt_bias"))
         self.norm_weight.copy_(tensor("norm.weight"))  # the gated norm multiplies by w itself, not 1 + w
 
-    def bind_states(self, slots: int, device: torch.device) -> int:
-        """State tensors of `slots` sequences (zeros); returns their bytes."""
+    def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q, k and v (the convolution's input); z, b and a."""
+        return projected.split([self.dims.conv_dim, projected.shape[-1] - self.dims.conv_dim], dim=-1)
+
+    def recur(self, convolved: torch.Tensor, rest: torch.Tensor, state: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Outputs (B, T, v_heads, head_v_dim): the delta rule's, token by token or chunkwise."""
         d = self.dims
-        self.conv_states = torch.zeros(slots, d.conv_dim, d.conv_kernel - 1, dtype=self.conv_weight.dtype,
-                                       device=device)
-        self.recurrent_states = torch.zeros(slots, d.num_v_heads, d.head_k_dim, d.head_v_dim, device=device)
-        return self.conv_states.nbytes + self.recurrent_states.nbytes
+        _, b, a = rest.split([d.num_v_heads * d.head_v_dim, d.num_v_heads, d.num_v_heads], dim=-1)
+        beta = b.sigmoid().float().transpose(1, 2)
+        decay = (-self.decay_log.exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
+        q, k, v = (x.transpose(1, 2) for x in self._heads(convolved))
+        recurrence = _token_by_token if convolved.shape[1] == 1 else _chunkwise
+        out, state = recurrence(q, k, v, decay, beta, state)
+        return out.transpose(1, 2), state
 
-    def copy_state(self, source: int, target: int) -> None:
-        """Slot `target`'s states made those of slot `source` (a prefix's snapshot kept, or taken up again)."""
-        self.conv_states[target] = self.conv_states[source]
-        self.recurrent_states[target] = self.recurrent_states[source]
-
-    def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
-        """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
-        d, context = self.dims, attention.context
-        mixed, z, b, a = self.in_proj(hidden).split([d.conv_dim, d.num_v_heads * d.head_v_dim, d.num_v_heads,
-                                                     d.num_v_heads], dim=-1)
-        beta = b.sigmoid().float()
-        decay = -self.decay_log.exp() * F.softplus(a.float() + self.dt_bias)
-        if context.is_prefill:
-            out = torch.cat([self._sequence(mixed[begin:end], decay[begin:end], beta[begin:end], slot, fresh)
-                             for begin, end, slot, fresh in _sequences(context)])
-        else:
-            out = self._step(mixed, decay, beta, context.state_slots)
-        out = out.to(hidden.dtype)
-        normed = F.rms_norm(out.float(), (d.head_v_dim,), eps=self.eps).to(hidden.dtype) * self.norm_weight
+    def output(self, out: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each head's output RMS-normalized, times its weight and silu(z)."""
+        d = self.dims
+        z = rest[..., :d.num_v_heads * d.head_v_dim]
+        normed = F.rms_norm(out.to(dtype).float(), (d.head_v_dim,), eps=self.eps).to(dtype) * self.norm_weight
         gated = normed * F.silu(z.unflatten(-1, (d.num_v_heads, d.head_v_dim)).float())
-        return self.out_proj(gated.to(hidden.dtype).flatten(1))
+        return gated.to(dtype).flatten(1)
 
     def _heads(self, convolved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (L2-normalized, q scaled, repeated for their value heads) and v, fp32 (..., v_heads, dim), from
@@ -96,39 +83,6 @@ class GatedDeltaNet(torch.nn.Module):
             return x.repeat_interleave(d.num_v_heads // d.num_k_heads, dim=-2)
 
         return normalized(q) * d.head_k_dim ** -0.5, normalized(k), v.unflatten(-1, (d.num_v_heads, d.head_v_dim))
-
-    def _step(self, mixed: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor, slots: torch.Tensor
-              ) -> torch.Tensor:
-        """One new token of each sequence (rows of mixed), through its slot's state."""
-        window = torch.cat([self.conv_states[slots], mixed.unsqueeze(-1).to(self.conv_states.dtype)], dim=-1)
-        self.conv_states[slots] = window[..., 1:]
-        q, k, v = (x.unsqueeze(2) for x in self._heads((window * self.conv_weight).sum(-1)))
-        out, self.recurrent_states[slots] = _token_by_token(q, k, v, decay.unsqueeze(-1), beta.unsqueeze(-1),
-                                                            self.recurrent_states[slots])
-        return out[:, :, 0]
-
-    def _sequence(self, mixed: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor, slot: int, fresh: bool
-                  ) -> torch.Tensor:
-        """The new tokens (rows of mixed) of one sequence, from its slot's state or (fresh) from zeros."""
-        if fresh:
-            self.conv_states[slot] = 0
-            self.recurrent_states[slot] = 0
-        window = torch.cat([self.conv_states[slot], mixed.t().to(self.conv_states.dtype)], dim=-1)
-        self.conv_states[slot] = window[:, window.shape[1] - self.conv_states.shape[-1]:]
-        convolved = F.conv1d(window.unsqueeze(0), self.conv_weight.unsqueeze(1), groups=self.dims.conv_dim)[0]
-        q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in self._heads(convolved.t()))
-        recurrence = _token_by_token if len(mixed) == 1 else _chunkwise
-        out, state = recurrence(q, k, v, decay.t().unsqueeze(0), beta.t().unsqueeze(0),
-                                self.recurrent_states[slot].unsqueeze(0))
-        self.recurrent_states[slot] = state[0]
-        return out[0].transpose(0, 1)
-
-
-def _sequences(context) -> list[tuple[int, int, int, bool]]:
-    """(first row, end row, state slot, whether it starts at the sequence's first token) per sequence."""
-    starts, lengths = context.query_start.tolist(), context.context_lens.tolist()
-    return [(begin, end, slot, length == end - begin)
-            for begin, end, length, slot in zip(starts, starts[1:], lengths, context.state_slots.tolist())]
 
 
 def _token_by_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor, beta: torch.Tensor,

@@ -37,6 +37,7 @@ from .context import ForwardContext
 from .cpu_decode import CpuDecoder
 from .latent_attention import LatentAttention
 from .linear_attention import GatedDeltaNet
+from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
                      rotary_qkv)
 from .lora import LoRABatch
@@ -413,10 +414,10 @@ class LlamaModel(torch.nn.Module):
     def bind_states(self, slots: int) -> int:
         """Recurrent state tensors of `slots` sequences in every linear-attention layer; returns their bytes."""
         return sum(layer.self_attn.bind_states(slots, self.norm.weight.device) for layer in self.layers
-                   if isinstance(layer.self_attn, GatedDeltaNet))
+                   if isinstance(layer.self_attn, RecurrentMixer))
 
     def copy_states(self, source: int, target: int) -> None:
-        """Every linear-attention layer's states of slot `source` copied into slot `target`."""
+        """Every recurrent layer's states of slot `source` copied into slot `target`."""
         for layer in self.layers:
-            if isinstance(layer.self_attn, GatedDeltaNet):
+            if isinstance(layer.self_attn, RecurrentMixer):
                 layer.self_attn.copy_state(source, target)

@@ -1,0 +1,99 @@
+"""Token mixers with a fixed-size state per sequence in place of a KV cache: what Qwen3.5's linear attention
+(linear_attention.py) and Mamba-2 (mamba.py) share.
+
+Both project each token once (in_proj), pass part of it through a short causal convolution (conv_kernel taps
+per channel), advance a recurrent state per sequence by the convolved values, and project the gated result
+back (out_proj). A sequence's state is its convolution's last conv_kernel - 1 inputs and the recurrent state,
+held in one slot of the layer's state tensors (the block manager hands a slot to each running sequence, and
+keeps prompts' states in others for prefix caching). A step that begins at a sequence's first token starts
+it from zeros. Decode steps advance every sequence by one token at once; a prompt (or its chunk) takes its
+tokens together, in the mixer's chunkwise form of the recurrence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class RecurrentMixer(torch.nn.Module):
+    """A mixer's convolution and its per-sequence states. Subclasses split the projection (split), advance
+    the recurrence over (sequences, tokens) rows (recur) and make the output of it (output)."""
+
+    def __init__(self, conv_dim: int, conv_kernel: int, state_shape: tuple[int, ...], dtype: torch.dtype,
+                 conv_bias: bool = False):
+        super().__init__()
+        self.conv_weight = parameter(conv_dim, conv_kernel, dtype=dtype)
+        self.conv_bias = parameter(conv_dim, dtype=dtype) if conv_bias else None
+        self.state_shape = state_shape  # one sequence's recurrent state (fp32)
+        self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
+
+    def bind_states(self, slots: int, device: torch.device) -> int:
+        """State tensors of `slots` sequences (zeros); returns their bytes."""
+        conv_dim, kernel = self.conv_weight.shape
+        self.conv_states = torch.zeros(slots, conv_dim, kernel - 1, dtype=self.conv_weight.dtype, device=device)
+        self.recurrent_states = torch.zeros(slots, *self.state_shape, device=device)
+        return self.conv_states.nbytes + self.recurrent_states.nbytes
+
+    def copy_state(self, source: int, target: int) -> None:
+        """Slot `target`'s states made those of slot `source` (a prompt's state kept, or taken up again)."""
+        self.conv_states[target] = self.conv_states[source]
+        self.recurrent_states[target] = self.recurrent_states[source]
+
+    def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """in_proj's output (T, width) as the convolution's input (T, conv_dim) and the rest (T, ...)."""
+        raise NotImplementedError
+
+    def recur(self, convolved: torch.Tensor, rest: torch.Tensor, state: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence over convolved (B, T, conv_dim) and rest (B, T, ...) from state (B, *state_shape):
+        (its outputs (B, T, ...), the state after the last token)."""
+        raise NotImplementedError
+
+    def output(self, out: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """out_proj's input (T, width) from the recurrence's outputs (T, ...) and the rest of the projection."""
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
+        """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
+        context = attention.context
+        conv_input, rest = self.split(self.in_proj(hidden))
+        if context.is_prefill:
+            out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, fresh)
+                             for begin, end, slot, fresh in _sequences(context)])
+        else:
+            slots = context.state_slots
+            window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
+            self.conv_states[slots] = window[..., 1:]
+            convolved = (window * self.conv_weight).sum(-1)
+            if self.conv_bias is not None:
+                convolved = convolved + self.conv_bias
+            out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
+                                                           self.recurrent_states[slots])
+            out = out[:, 0]
+        return self.out_proj(self.output(out, rest, hidden.dtype))
+
+    def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool) -> torch.Tensor:
+        """The new tokens of one sequence, from its slot's state or (fresh) from zeros."""
+        if fresh:
+            self.conv_states[slot] = 0
+            self.recurrent_states[slot] = 0
+        window = torch.cat([self.conv_states[slot], conv_input.t().to(self.conv_states.dtype)], dim=-1)
+        self.conv_states[slot] = window[:, window.shape[1] - self.conv_states.shape[-1]:]
+        convolved = F.conv1d(window.unsqueeze(0), self.conv_weight.unsqueeze(1), self.conv_bias,
+                             groups=self.conv_weight.shape[0])[0]
+        out, state = self.recur(convolved.t().unsqueeze(0), rest.unsqueeze(0),
+                                self.recurrent_states[slot].unsqueeze(0))
+        self.recurrent_states[slot] = state[0]
+        return out[0]
+
+
+def parameter(*shape: int, dtype: torch.dtype) -> torch.nn.Parameter:
+    """A loaded (not trained) parameter, filled by the loader."""
+    return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
+
+
+def _sequences(context) -> list[tuple[int, int, int, bool]]:
+    """(first row, end row, state slot, whether it starts at the sequence's first token) per sequence."""
+    starts, lengths = context.query_start.tolist(), context.context_lens.tolist()
+    return [(begin, end, slot, length == end - begin)
+            for begin, end, length, slot in zip(starts, starts[1:], lengths, context.state_slots.tolist())]
