@@ -511,6 +511,28 @@ def test_linear_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
     _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
 
 
+@pytest.mark.parametrize("arch", ["granite4_hybrid", "granite4_moe"])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_mamba2_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_ops):
+    """Granite 4.0-H (h-micro's form, and h-tiny's with experts): Mamba-2 layers (a causal convolution with a
+    bias, then per head a state decayed by exp(dt A), B and C in two groups, the outputs gated and normed per
+    group) around a NoPE attention layer, Granite's factors folded into weights but the embeddings', a dense
+    MLP in every layer, beside 2 of 4 experts (softmax over the chosen). Our model against transformers' own
+    class: prompts prefilled in chunks (transformers' recurrence in chunks of 8, ours of 64) and decoded."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch)
+    model, config = load_model(folder)
+    assert config.linear_layers == [True, False, True, True] and config.cache_layers == [1]
+    assert config.rope_layers == [False] * 4 and config.embed_scale == 12.0
+    assert config.moe_layers == [arch == "granite4_moe"] * 4
+    reference = transformers.GraniteMoeHybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    long_prompt = [(5 * i + 2) % 300 + 1 for i in range(150)]  # past two chunks of the recurrence
+    _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=70)
+    _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
+
+
 def test_deepseek_v2_config_as_the_hub_writes_it(tmp_path):
     """DeepSeek-V2-Lite's config.json as on the Hub (written for its own code): YaRN under rope_scaling with
     "type" and a top-level rope_theta, q_lora_rank null, greedy routing over one group, the keys only its code
@@ -725,14 +747,14 @@ def test_phi3_errors_are_one_line(tmp_path):
         CheckpointReader(folder).tensor("model.layers.0.self_attn.v_proj.weight")
 
 
-def test_granite4_models_other_than_dense_attention_are_refused(tmp_path):
-    """Granite 4.0's hybrid (Mamba layers), mixture-of-experts and position-embedding-free forms get one
-    line each."""
+def test_granite4_position_embeddings_lcq_does_not_run_are_refused(tmp_path):
+    """Granite 4.0's attention-only form without a rotary embedding, and a hybrid with a position embedding
+    other than RoPE or none, get one line each."""
     folder = make_tiny_hf(tmp_path, "granite4")
     config = json.loads((folder / "config.json").read_text())
-    for changes, message in (({"layer_types": ["mamba", "attention"]}, "attention layers alone .* mamba layers"),
-                             ({"num_local_experts": 4}, "mixture-of-experts layers"),
-                             ({"position_embedding_type": "nope"}, "position_embedding_type 'nope'")):
+    for changes, message in (({"position_embedding_type": "nope"}, "'nope' is not supported without Mamba layers"),
+                             ({"layer_types": ["mamba", "attention"], "position_embedding_type": "alibi"},
+                              r"'alibi' is not supported \(nope or rope\)")):
         (folder / "config.json").write_text(json.dumps({**config, **changes}))
         with pytest.raises(UserError, match=message):
             load_model(folder)
@@ -817,7 +839,8 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
     ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16),
-    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.bfloat16)])
+    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.bfloat16),
+    ("granite4_moe", torch.bfloat16), ("minimax_m2", torch.float16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""

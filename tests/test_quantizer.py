@@ -274,25 +274,41 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
         LLM(str(tmp_path / "lcq"), lora_modules=f"attention={adapter}", kv_cache_dtype="float32")
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next"])
-def test_linear_attention_quantizes_its_projections(tmp_path, arch):
+# Per family with recurrent layers: the mixer's module, its packed input projections, what it keeps in full
+# precision, two of its layers and an attention layer (the tiny models')
+RECURRENT = {"qwen3_5": ("linear_attn", ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"],
+                         ["A_log", "dt_bias", "conv1d.weight", "norm.weight"], (0, 1), 3),
+             "granite4": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
+                          (0, 2), 1)}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe"])
+def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
     together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
     qkv rule reaches them; the runtime multiplies them as one product), out_proj by o_proj's rules; its
-    convolution, decays and gated norm kept in full precision. Block-wise and end-to-end stages through
+    convolution, decays and gated norm kept in full precision. Granite 4.0-H's Mamba-2 likewise (in_proj,
+    out_proj; its skip D and convolution's bias kept too), with its dense MLP's fused input_linear packed as
+    gate and up, each expert's three matrices, the router in full precision, and Granite's factors folded into
+    weights (the checkpoint's neutral, the embeddings' kept). Block-wise and end-to-end stages through
     transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
+    mixer, inputs, kept, layers, attention = RECURRENT["granite4" if arch.startswith("granite4") else "qwen3_5"]
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1, layer_bits=["qkv=4", "o_proj@0=2"], finetune_epochs=1)
     quantize_model(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
-    inputs = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
-    assert {f"model.layers.0.linear_attn.{m}" for m in [*inputs, "out_proj"]} <= set(reader.quantized_prefixes())
-    assert [reader.linear(f"model.layers.{layer}.linear_attn.{m}").bits for layer in (0, 1) for m in
-            (*inputs, "out_proj")] == [4, 4, 4, 4, 2, 4, 4, 4, 4, 3]
-    assert reader.linear("model.layers.3.self_attn.q_proj").bits == 4
-    assert all(reader.has(f"model.layers.0.linear_attn.{name}") for name in ("A_log", "dt_bias", "conv1d.weight",
-                                                                              "norm.weight"))
+    assert [reader.linear(f"model.layers.{layer}.{mixer}.{m}").bits for layer in layers for m in (*inputs, "out_proj")
+            ] == [4] * len(inputs) + [2] + [4] * len(inputs) + [3]
+    assert reader.linear(f"model.layers.{attention}.self_attn.q_proj").bits == 4
+    assert all(reader.has(f"model.layers.0.{mixer}.{name}") for name in kept)
+    if arch.startswith("granite4"):
+        factors = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+        assert [reader.config[key] for key in factors] == [12.0, 1.0, 1.0]
+        assert reader.linear("model.layers.3.shared_mlp.gate_proj").bits == 3
+        mixture = "model.layers.3.block_sparse_moe"
+        assert (reader.has(f"{mixture}.experts.3.down_proj.qweight") and reader.has(f"{mixture}.router.weight")) == \
+            (arch == "granite4_moe")
     _check_serves_like_its_reference(tmp_path / "lcq")
 
 
@@ -990,9 +1006,11 @@ def _check_serves_like_its_reference(folder) -> None:
 
 def test_layer_width_rules():
     """--layer-bits rules: a projection or alias, in every layer or a range, later rules winning; qkv covers a
-    latent attention's input projections too, and a linear attention's (whose out_proj o_proj covers)."""
+    latent attention's input projections too, and a linear attention's and Mamba-2's (whose out_proj o_proj
+    covers)."""
     widths = LayerWidths(2, ["down_proj=3,qkv@1=4", "all@3-4=3", "down_proj@4=4"])
-    llama = [name for name, module in PROJECTIONS.items() if module != "linear_attn" and name not in LATENT_INPUTS]
+    llama = [name for name, module in PROJECTIONS.items() if module not in ("linear_attn", "mamba") and
+             name not in LATENT_INPUTS]
     assert [widths.of(0, name) for name in llama] == [2, 2, 2, 2, 2, 2, 3]
     assert [widths.of(1, name) for name in llama] == [4, 4, 4, 2, 2, 2, 3]
     assert [widths.of(3, name) for name in llama] == [3] * 7
@@ -1000,6 +1018,7 @@ def test_layer_width_rules():
     assert [widths.of(layer, f"self_attn.{name}") for layer in (0, 1, 3) for name in LATENT_INPUTS] == \
         [2] * 3 + [4] * 3 + [3] * 3
     assert [widths.of(1, f"linear_attn.{name}") for name in (*LINEAR_INPUTS, "out_proj")] == [4] * 4 + [2]
+    assert [widths.of(1, f"mamba.{name}") for name in ("in_proj", "out_proj")] == [4, 2]
     assert widths.of(9, "mlp.down_proj") == 3 and widths.of(9, "mlp.up_proj") == 2
     assert widths.overrides(2) == {"model.layers.0.mlp.down_proj": 3, "model.layers.1.mlp.down_proj": 3,
                                    **{f"model.layers.1.self_attn.{p}_proj": 4 for p in "qkv"}}

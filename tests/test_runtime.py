@@ -279,13 +279,13 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     assert _pool_is_full(small.engine)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
 def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path, arch):
-    """Qwen3.5's linear attention through the engine: transformers' greedy tokens for sequences batched
-    together, prefilled in chunks of 5 (the state carried between them), and recomputed after preemption
-    (its state slot given back with its blocks and the state started afresh); no drafts (a state cannot
-    take back rejected ones), and every slot free at the end. Memory that the states alone fill is refused
-    with one line."""
+    """Qwen3.5's linear attention (and Granite 4.0-H's Mamba-2) through the engine: transformers' greedy tokens
+    for sequences batched together, prefilled in chunks of 5 (the state carried between them), and recomputed
+    after preemption (its state slot given back with its blocks and the state started afresh); no drafts (a
+    state cannot take back rejected ones), and every slot free at the end. Memory that the states alone fill
+    is refused with one line."""
     from lcq.errors import UserError
 
     folder = make_tiny_hf(tmp_path, arch)
@@ -308,13 +308,14 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
         LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
 
 
-def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path):
-    """Qwen3.5's prefix caching: a prompt's chunks stop at the end of its last full block before its last
+@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid"])
+def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path, arch):
+    """Qwen3.5's (and Granite 4.0-H's) prefix caching: a prompt's chunks stop at the end of its last full block before its last
     token, where its state is kept; a later prompt that extends it (a conversation's next turn) reuses those
     blocks and takes up that state, giving transformers' greedy tokens, and so does a prompt prefilled in
     chunks of 5; the least recently used state gives way to a new one (a prompt whose state went is computed
     whole); no state slot leaks. Without kept states (state_snapshots 0) nothing is reused."""
-    folder = make_tiny_hf(tmp_path, "qwen3_5")
+    folder = make_tiny_hf(tmp_path, arch)
     first = [(3 * i + 1) % 300 + 1 for i in range(21)]  # kept at 16 tokens (blocks of 8)
     llm = LLM(str(folder), block_size=8, max_num_seqs=2, state_snapshots=1, **FP32)
     reference = load_reference_model(folder)
@@ -860,8 +861,9 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
 
 
 @pytest.mark.gpu
-# gpt-oss: a mixture, its experts routed in the graph; Qwen3.5's: linear attention's states by slot in the graph
-@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "qwen3_5_moe"])
+# gpt-oss: a mixture, its experts routed in the graph; Qwen3.5's (Granite 4.0-H's): linear attention's (Mamba-2's)
+# states by slot in the graph
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "qwen3_5_moe", "granite4_moe"])
 def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8

@@ -197,6 +197,15 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      logits_scaling=16.0, tie_word_embeddings=True, layer_types=["attention"] * 2,
                      num_local_experts=0, position_embedding_type="rope", shared_intermediate_size=128,
                      mamba_n_heads=2)  # unused, but checked: it must divide 2 x hidden
+    if arch in ("granite4_hybrid", "granite4_moe"):  # Granite 4.0-H's form (h-micro, and h-tiny / h-small with
+        # experts): Mamba-2 layers (6 heads of 32, 2 groups of B and C, chunks of 8 in transformers) around a NoPE
+        # attention layer, Granite's factors, a dense MLP in every layer, beside 2 of 4 experts in the mixtures'
+        sizes.update(num_hidden_layers=4, layer_types=["mamba", "attention", "mamba", "mamba"],
+                     position_embedding_type="nope", embedding_multiplier=12.0, residual_multiplier=0.22,
+                     attention_multiplier=0.0078125, logits_scaling=16.0, tie_word_embeddings=True,
+                     shared_intermediate_size=80, intermediate_size=64, num_experts_per_tok=2,
+                     num_local_experts=4 if arch == "granite4_moe" else 0, mamba_n_heads=6, mamba_d_head=32,
+                     mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8)
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -230,6 +239,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "smollm3": (SmolLM3Config, SmolLM3ForCausalLM),
         "granite": (GraniteConfig, GraniteForCausalLM),  # read as Llama with its factors folded into weights
         "granite4": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # granite-4.0-micro: Granite 3, MLP renamed
+        "granite4_hybrid": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # Mamba-2 and NoPE attention
+        "granite4_moe": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # the same with experts
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers
@@ -257,6 +268,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
+            elif name.endswith(("mamba.D", "mamba.dt_bias", "mamba.norm.weight")):  # these start at one
+                param.uniform_(0.5, 1.5)
             elif arch.startswith(("qwen3_5", "qwen3_next")) and name.endswith("norm.weight"):  # w - 1, but not the
                 # gated norm's w
                 param.uniform_(0.5, 1.5) if "linear_attn" in name else param.uniform_(-0.5, 0.5)

@@ -68,7 +68,13 @@
   as large, which the RMSNorms do not see once their epsilon is divided by its square); one over the
   logits' divisor into the final norm's weight. Scaled tensors are read in fp32. Granite 4.0's dense
   attention-only models (granite-4.0-micro: GraniteMoeHybridForCausalLM) are the same with their MLP
-  stored as a shared expert (input_linear: gate and up; output_linear: down).
+  stored as a shared expert (input_linear: gate and up; output_linear: down). Granite 4.0-H (Mamba-2
+  layers, and experts in h-tiny and h-small) reads as itself with the residual, attention and logits
+  factors folded the same way (Mamba-2's out_proj and every down_proj taking the residual one) and made
+  neutral in its config, its embeddings keeping theirs; its dense MLP's input_linear as gate_proj and
+  up_proj, its experts' 3-D input_linear and output_linear as each expert's matrices, its router's
+  router.layer as router (_granite4_hybrid_parts: transformers' modules as lcq.quantizer.reference.as_stored
+  splits them).
 
 A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM,
 LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
@@ -115,6 +121,8 @@ VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybr
 WHOLE_HEAD = {"glm4": "Glm4ForCausalLM", "stablelm": "StableLmForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 # LongRoPE's factor for the frequencies that must not turn (a partial rotary embedding's other dimensions).
 UNTURNED = 1e30
+SPECIAL_FLOAT = "__float__"  # transformers 5's JSON for infinities and NaN
+SPECIAL_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 # Settings that Mistral's and Llama's configs have under the same name and meaning as Phi-3's and Granite's.
 KEPT = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "hidden_act", "max_position_embeddings", "rms_norm_eps", "rope_theta",
@@ -192,7 +200,7 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_as_llama(config)
     if config.get("model_type") == "granitemoehybrid":
-        return _granite4_as_llama(config)
+        return _granite4_as_llama(config) if _granite4_is_dense(config) else _granite4_hybrid(config)
     if config.get("model_type") == "glm":
         return _glm_as_qwen2(config)
     if config.get("model_type") in WHOLE_HEAD:
@@ -364,7 +372,7 @@ def _completed(model_type: str, settings: dict[str, Any], what: str) -> dict[str
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        completed = AutoConfig.for_model(model_type, **settings).to_dict()
+        completed = AutoConfig.for_model(model_type, **_special_floats(settings)).to_dict()
     except (ImportError, ValueError, KeyError) as e:
         raise ViewError(f"{what}: this transformers cannot read its text model "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
@@ -372,6 +380,16 @@ def _completed(model_type: str, settings: dict[str, Any], what: str) -> dict[str
         completed.pop(key, None)
     completed["architectures"] = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)]
     return completed
+
+
+def _special_floats(value: Any) -> Any:
+    """A config's values with the floats JSON has no literal for, as transformers 5 writes them ({"__float__":
+    "Infinity"}: Granite 4.0-H's time_step_limit), as floats."""
+    if isinstance(value, dict):
+        if set(value) == {SPECIAL_FLOAT} and value[SPECIAL_FLOAT] in SPECIAL_FLOATS:
+            return SPECIAL_FLOATS[value[SPECIAL_FLOAT]]
+        return {key: _special_floats(item) for key, item in value.items()}
+    return [_special_floats(item) for item in value] if isinstance(value, list) else value
 
 
 def _with_defaults(config: dict[str, Any], architecture: str) -> dict[str, Any]:
@@ -680,39 +698,85 @@ def _granite_as_llama(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite_scales(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Every stored tensor under its own name (Granite 4.0's MLP under Llama's: _granite4_parts), the
-    folded factors on q_proj, o_proj, down_proj (weights and biases) and the final norm."""
+    """Every stored tensor under its own name (Granite 4.0's MLP under Llama's: _granite4_parts; Granite 4.0-H's
+    parts: _granite4_hybrid_parts), the folded factors on q_proj, the output projections (attention's,
+    Mamba-2's, every MLP's down_proj; weights and biases) and the final norm."""
     factors = _granite_factors(config)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    residual = factors["residual_multiplier"] / factors["embedding_multiplier"]
-    scales = {"self_attn.q_proj": factors["attention_multiplier"] * head_dim ** 0.5, "self_attn.o_proj": residual,
-              "mlp.down_proj": residual}
-    view = _granite4_parts(config, stored) if config.get("model_type") == "granitemoehybrid" else \
-        {name: StoredTensor(name) for name in stored}
+    hybrid = config.get("model_type") == "granitemoehybrid" and not _granite4_is_dense(config)
+    # read as Llama, the residual stream runs 1/embedding_multiplier as large; Granite 4.0-H keeps its embeddings'
+    residual = factors["residual_multiplier"] / (1.0 if hybrid else factors["embedding_multiplier"])
+    scales = {"q_proj": factors["attention_multiplier"] * head_dim ** 0.5, "o_proj": residual, "out_proj": residual,
+              "down_proj": residual}
+    if hybrid:
+        view = _granite4_hybrid_parts(config, stored)
+    elif config.get("model_type") == "granitemoehybrid":
+        view = _granite4_parts(config, stored)
+    else:
+        view = {name: StoredTensor(name) for name in stored}
     for name, where in view.items():
-        module = name.rsplit(".", 1)[0]
+        module, kind = name.rsplit(".", 1)
         scale = next((s for suffix, s in scales.items() if module.endswith("." + suffix)), 1.0)
-        view[name] = dataclasses.replace(
-            where, scale=1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale)
+        scale = 1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale
+        if kind in ("weight", "bias") and not math.isclose(scale, 1.0, rel_tol=1e-12):  # (neutral factors:
+            view[name] = dataclasses.replace(where, scale=scale)  # an LCQ checkpoint's, read as stored)
+    return view
+
+
+def _granite4_is_dense(config: dict[str, Any]) -> bool:
+    """A Granite 4.0 model of attention layers alone (the Hub's name, and transformers 5's), without experts
+    (granite-4.0-micro): Granite 3's layer."""
+    kinds = set(config.get("layer_types") or config.get("layers_block_type") or ["mamba"])
+    return kinds <= {"attention", "full_attention"} and not config.get("num_local_experts", 8)
+
+
+def _granite4_hybrid(config: dict[str, Any]) -> dict[str, Any]:
+    """Granite 4.0-H's config (transformers' defaults completed) with the factors _granite_scales folds into
+    weights made neutral: the residual one, the attention's (head_dim^-0.5, as without it) and the logits'.
+    The embeddings keep theirs (ModelConfig.embed_scale), so that every norm keeps its epsilon."""
+    completed = _with_defaults(config, "GraniteMoeHybridForCausalLM")
+    if completed.get("position_embedding_type") not in ("nope", "rope"):
+        raise ViewError(f"GraniteMoeHybridForCausalLM: position_embedding_type "
+                        f"{completed.get('position_embedding_type')!r} is not supported (nope or rope)")
+    head_dim = completed["hidden_size"] // completed["num_attention_heads"]
+    return {**completed, "residual_multiplier": 1.0, "attention_multiplier": head_dim ** -0.5, "logits_scaling": 1.0}
+
+
+def _granite4_hybrid_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Granite 4.0-H's tensors under their own names, but its router's (router.layer: as transformers' router),
+    its experts' 3-D input_linear (experts, gate's rows then up's, hidden) and output_linear as each expert's
+    gate_proj, up_proj and down_proj, and its dense MLP's fused input_linear as gate_proj and up_proj
+    (output_linear: down_proj)."""
+    completed = _with_defaults(config, "GraniteMoeHybridForCausalLM")
+    experts, width, shared = (completed["num_local_experts"], completed["intermediate_size"],
+                              completed["shared_intermediate_size"])
+    view = {}
+    for name in stored:
+        prefix, _, part = name.rpartition(".block_sparse_moe.")
+        if prefix and part == "router.layer.weight":
+            view[f"{prefix}.block_sparse_moe.router.weight"] = StoredTensor(name)
+        elif prefix and part in ("input_linear.weight", "output_linear.weight"):
+            rows = {"gate_proj": (0, width), "up_proj": (width, 2 * width)} if part.startswith("input") else \
+                {"down_proj": None}
+            view.update({f"{prefix}.block_sparse_moe.experts.{e}.{matrix}.weight": StoredTensor(name, span, expert=e)
+                         for e in range(experts) for matrix, span in rows.items()})
+        elif name.endswith(".shared_mlp.input_linear.weight"):
+            base = name.removesuffix("input_linear.weight")
+            view[base + "gate_proj.weight"] = StoredTensor(name, (0, shared))
+            view[base + "up_proj.weight"] = StoredTensor(name, (shared, 2 * shared))
+        elif name.endswith(".shared_mlp.output_linear.weight"):
+            view[name.replace("output_linear", "down_proj")] = StoredTensor(name)
+        else:
+            view[name] = StoredTensor(name)
     return view
 
 
 def _granite4_as_llama(config: dict[str, Any]) -> dict[str, Any]:
     """Granite 4.0's dense attention-only models (granite-4.0-micro: GraniteMoeHybridForCausalLM with no
-    Mamba layers and no experts) as Granite 3, its MLP's width the shared MLP's; the hybrid and
-    mixture-of-experts ones are refused."""
-    what = "GraniteMoeHybridForCausalLM"
-    kinds = set(config.get("layer_types") or config.get("layers_block_type") or ["mamba"])
-    attention = {"attention", "full_attention"}  # the Hub's name, and transformers 5's
-    if not kinds <= attention:
-        raise ViewError(f"{what}: only models of attention layers alone are supported (this one has "
-                        f"{', '.join(sorted(kinds - attention))} layers)")
-    if config.get("num_local_experts", 8):
-        raise ViewError(f"{what}: mixture-of-experts layers (num_local_experts {config.get('num_local_experts', 8)}) "
-                        "are not supported")
+    Mamba layers and no experts) as Granite 3, its MLP's width the shared MLP's."""
     if config.get("position_embedding_type") != "rope":
-        raise ViewError(f"{what}: position_embedding_type {config.get('position_embedding_type')!r} is not "
-                        "supported (only rope)")
+        raise ViewError(f"GraniteMoeHybridForCausalLM: position_embedding_type {config.get('position_embedding_type')!r}"
+                        " is not supported without Mamba layers (only rope)")
     return _granite_as_llama({**config, "intermediate_size": config.get("shared_intermediate_size", 1024)})
 
 

@@ -26,7 +26,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Dots1ForCausalLM": "dots1", "DeepseekV2ForCausalLM": "deepseek_v2",
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                            "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
-                           "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2"}
+                           "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
+                           "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -81,6 +82,30 @@ class LinearDims:
         return 2 * self.num_k_heads * self.head_k_dim + self.num_v_heads * self.head_v_dim
 
 
+@dataclass(frozen=True)
+class MambaDims:
+    """Mamba-2's state space layer (Granite 4.0-H): per token a short causal convolution over the projected
+    inputs x and the shared B and C, then per head a state (state_dim x head_dim) decayed by exp(dt A) and
+    added B (dt x)^T, read by C, plus D x; B and C are shared by num_heads / groups heads each."""
+
+    num_heads: int
+    head_dim: int
+    state_dim: int
+    groups: int
+    conv_kernel: int
+    time_step_limit: tuple[float, float]  # dt clamped to it
+
+    @property
+    def inner(self) -> int:
+        """The width of x, of the gate z, and of the output."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: x's, B's and C's widths."""
+        return self.inner + 2 * self.groups * self.state_dim
+
+
 @dataclass
 class ModelConfig:
     model_type: str
@@ -125,6 +150,7 @@ class ModelConfig:
     moe_layers: list[bool] = field(default_factory=list)
     shared_expert_gated: bool = True  # the shared expert's output scaled by sigmoid(gate . x) (Qwen2-MoE), else as is
     shared_expert_name: str = "shared_expert"  # its module (GLM-4.5: shared_experts)
+    shared_expert_in_layer: bool = False  # that module is the layer's, beside the mixture (Granite 4.0), not its own
     router_sigmoid: bool = False  # experts weighted by the sigmoid of their scores (Llama 4, GLM-4.5), else softmax
     router_correction: bool = False  # GLM-4.5: a learned bias on the sigmoid scores, for choosing only
     # GLM-4.5's (n_group, topk_group): each token's experts chosen within its topk_group best groups of experts
@@ -149,9 +175,11 @@ class ModelConfig:
     # DeepSeek's latent attention, whose KV cache holds one row of head_dim (kv_rank + rope_dim) values per token,
     # num_kv_heads 1, keys and values alike; None: the attention of every other family
     latent: LatentDims | None = None
-    # Qwen3.5's: the layers whose token mixer is linear attention (no KV cache; a recurrent state per sequence)
+    # The layers whose token mixer keeps a recurrent state per sequence instead of a KV cache: Qwen3.5's linear
+    # attention (linear), Granite 4.0-H's Mamba-2 (mamba)
     linear_layers: list[bool] = field(default_factory=list)
     linear: LinearDims | None = None
+    mamba: MambaDims | None = None
     rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
     attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
@@ -196,7 +224,9 @@ class ModelConfig:
         return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c), layer_chunks=_layer_chunks(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             # the dense MLPs' width (Llama 4's experts take intermediate_size, its dense layers intermediate_size_mlp)
+            # (Granite 4.0-H's dense MLP: shared_intermediate_size)
             intermediate_size=(c.get("intermediate_size_mlp", 16384) if c["model_type"] == "llama4_text" else
+                               c["shared_intermediate_size"] if c["model_type"] == "granitemoehybrid" else
                                c["intermediate_size"]),
             num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=1 if c["model_type"] in LATENT else c.get("num_key_value_heads") or heads,
@@ -212,7 +242,7 @@ class ModelConfig:
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
-            **_latent_fields(c, rope), **_qwen3_5_fields(c),
+            **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
@@ -343,6 +373,21 @@ def _qwen3_5_fields(c: dict) -> dict:
                 rotated_dims=_rotated_dims(c), attention_output_gate=True)
 
 
+def _granite_hybrid_fields(c: dict) -> dict:
+    """Granite 4.0-H's layer beside Llama's (its factors folded into weights by the view, but the embeddings'):
+    Mamba-2 in the layers layer_types names so, attention without a rotary embedding (position_embedding_type
+    nope) in the others, and a dense MLP (shared_mlp) in every layer, beside a mixture where it has experts."""
+    if c["model_type"] != "granitemoehybrid":
+        return {}
+    types = c.get("layer_types") or c.get("layers_block_type")
+    mamba = MambaDims(num_heads=c["mamba_n_heads"], head_dim=c["mamba_d_head"], state_dim=c["mamba_d_state"],
+                      groups=c["mamba_n_groups"], conv_kernel=c["mamba_d_conv"],
+                      time_step_limit=tuple(float(limit) for limit in c.get("time_step_limit") or (0.0, math.inf)))
+    return dict(linear_layers=[kind in ("linear_attention", "mamba") for kind in types], mamba=mamba,
+                embed_scale=float(c.get("embedding_multiplier", 1.0)),
+                mlp_name="block_sparse_moe" if c.get("num_local_experts") else "shared_mlp")
+
+
 def _rotated_dims(c: dict) -> int | None:
     """The dimensions of each head a partial rotary embedding turns, its first ones (Qwen3.5's, MiniMax-M2's:
     pairs (i, i + r/2) within them); None where it turns whole heads."""
@@ -411,6 +456,11 @@ def _experts(c: dict) -> dict:
                     shared_expert=bool(c.get("moe_num_shared_experts")), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_correction=True, router_in_fp32=True,
                     moe_layers=[(i + 1) % (step or 1) == 0 and (first or 0) <= i <= last for i in range(layers)])
+    if kind == "granitemoehybrid" and c.get("num_local_experts"):  # every layer: the softmax of the chosen
+        # experts' scores, beside the layer's dense MLP (shared_mlp)
+        return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=True, shared_expert=True, shared_expert_gated=False,
+                    shared_expert_name="shared_mlp", shared_expert_in_layer=True, moe_layers=[True] * layers)
     if kind == "minimax_m2":  # every layer: sigmoid scores, a choosing bias, the chosen weights renormalized
         return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
                     norm_topk_prob=True, router_sigmoid=True, router_correction=True, router_in_fp32=True,
@@ -498,11 +548,13 @@ def _exaone4_layer_types(c: dict) -> list[str]:
 def _rope_layers(c: dict) -> list[bool]:
     """Which layers apply the rotary embedding, as transformers reads SmolLM3's config (no_rope_layers, 1
     where a layer does; by default every no_rope_layer_interval-th layer does not), EXAONE 4's (with a
-    sliding window only its sliding layers do: the global ones are NoPE) and Cohere 2's (its sliding
-    layers only); [] for the others."""
+    sliding window only its sliding layers do: the global ones are NoPE), Cohere 2's (its sliding layers
+    only) and Granite 4.0-H's (none with position_embedding_type nope); [] for the others."""
     if c["model_type"] == "exaone4":
         types = c.get("layer_types") or _exaone4_layer_types(c)
         return [not c.get("sliding_window") or kind == "sliding_attention" for kind in types]
+    if c["model_type"] == "granitemoehybrid":  # Granite 4.0-H's attention: NoPE, unless position_embedding_type rope
+        return [c.get("position_embedding_type") == "rope"] * c["num_hidden_layers"]
     if c["model_type"] == "cohere2":  # only its sliding-window layers turn (Command R7B, Command A)
         return [kind == "sliding_attention" for kind in c.get("layer_types") or _cohere2_layer_types(c)]
     if c["model_type"] not in ("smollm3", "llama4_text"):

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .recurrent import RecurrentMixer, parameter
-
-CHUNK = 64  # tokens of a prompt's recurrence computed together
-
+from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk_decays
 
 class GatedDeltaNet(RecurrentMixer):
+    CHECKPOINT_NAME = "linear_attn"  # its module in a decoder layer
+
     def __init__(self, config: ModelConfig, prefix: str, make_linear: Callable[[list[str]], torch.nn.Module],
                  dtype: torch.dtype):
         dims = config.linear
@@ -106,16 +105,9 @@ def _chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.T
     u = beta v, the keys that read the state before the chunk likewise, so that each chunk reads the
     state once and updates it once."""
     length = q.shape[2]
-    pad = -length % CHUNK
-
-    def chunked(x: torch.Tensor) -> torch.Tensor:  # (B, heads, T, ...) -> (B, heads, chunks, CHUNK, ...)
-        widths = (0, 0) * (x.dim() - 3) + (0, pad)
-        return F.pad(x, widths).unflatten(2, (-1, CHUNK))
-
-    q, k, v, decay, beta = (chunked(x) for x in (q, k, v, decay, beta))
+    q, k, v, decay, beta = in_chunks((q, k, v, decay, beta), CHUNK)
     cumulative = decay.cumsum(-1)
-    lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
-    decays = (cumulative.unsqueeze(-1) - cumulative.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()
+    decays = within_chunk_decays(cumulative)
     k_beta = k * beta.unsqueeze(-1)
     system = (k_beta @ k.transpose(-1, -2)) * decays  # its diagonal is taken as 1 (unitriangular)
     corrections = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)

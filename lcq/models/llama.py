@@ -37,6 +37,7 @@ from .context import ForwardContext
 from .cpu_decode import CpuDecoder
 from .latent_attention import LatentAttention
 from .linear_attention import GatedDeltaNet
+from .mamba import Mamba2
 from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
                      rotary_qkv)
@@ -146,7 +147,9 @@ class MixtureOfExperts(torch.nn.Module):
     token chose run, each over its tokens, or, once stack_experts() has stacked packed experts, all of
     them in one grouped product per matrix kind, routed on the device."""
 
-    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, prefix: str, shared_prefix: str, make_linear: LinearFactory,
+                 dtype: torch.dtype):
+        """prefix: the mixture's module; shared_prefix: its shared expert's (where config has one)."""
         super().__init__()
         router_dtype = torch.float32 if config.router_in_fp32 else dtype
         self.router = torch.nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=router_dtype),
@@ -160,8 +163,7 @@ class MixtureOfExperts(torch.nn.Module):
         self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
-        self.shared_expert = MLP(config, f"{prefix}.{config.shared_expert_name}", make_linear) \
-            if config.shared_expert else None
+        self.shared_expert = MLP(config, shared_prefix, make_linear) if config.shared_expert else None
         gated_shared = config.shared_expert and config.shared_expert_gated
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
                                                      requires_grad=False) if gated_shared else None
@@ -267,14 +269,16 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        if config.linear_layers[index]:  # Qwen3.5: linear attention, under linear_attn in its checkpoints
-            self.self_attn = GatedDeltaNet(config, f"{prefix}.linear_attn", make_linear, dtype)
+        if config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear attention, Granite 4.0-H's Mamba-2
+            mixer = GatedDeltaNet if config.linear is not None else Mamba2
+            self.self_attn = mixer(config, f"{prefix}.{mixer.CHECKPOINT_NAME}", make_linear, dtype)
         else:
             attention = Attention if config.latent is None else LatentAttention
             self.self_attn = attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
         mlp = f"{prefix}.{config.mlp_name}"
-        self.mlp = MixtureOfExperts(config, mlp, make_linear, dtype) if config.moe_layers[index] else \
+        shared = f"{prefix if config.shared_expert_in_layer else mlp}.{config.shared_expert_name}"
+        self.mlp = MixtureOfExperts(config, mlp, shared, make_linear, dtype) if config.moe_layers[index] else \
             MLP(config, mlp, make_linear)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None

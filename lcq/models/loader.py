@@ -44,7 +44,8 @@ class DenseLinear(torch.nn.Module):
         return dense_linear(x, self.weight, self.bias, self.half)
 
 
-ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg"}  # where not gate
+ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg",  # where not gate
+                "granitemoehybrid": "router"}
 # The choosing bias under the mixture's module, where not under its router: ERNIE 4.5's under the router's
 # moe_statics, MiniMax-M2's beside the router
 CORRECTION_NAMES = {"ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
@@ -127,8 +128,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                 layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
             if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products
                 layer.self_attn.load_up_projection(read(f"model.layers.{i}.self_attn.kv_b_proj.weight"))
-            if config.linear_layers[i]:  # linear attention's convolution, decay, and gated norm
-                layer.self_attn.load(lambda name, i=i: reader.tensor(f"model.layers.{i}.linear_attn.{name}"))
+            if config.linear_layers[i]:  # a recurrent mixer's convolution, decay, and gated norm
+                mixer = f"model.layers.{i}.{layer.self_attn.CHECKPOINT_NAME}"
+                layer.self_attn.load(lambda name, mixer=mixer: reader.tensor(f"{mixer}.{name}"))
             if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
                 mlp = f"model.layers.{i}.{config.mlp_name}"
                 layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+CHUNK = 64  # tokens of a prompt's recurrence computed together
+
 
 class RecurrentMixer(torch.nn.Module):
     """A mixer's convolution and its per-sequence states. Subclasses split the projection (split), advance
@@ -97,3 +99,17 @@ def _sequences(context) -> list[tuple[int, int, int, bool]]:
     starts, lengths = context.query_start.tolist(), context.context_lens.tolist()
     return [(begin, end, slot, length == end - begin)
             for begin, end, length, slot in zip(starts, starts[1:], lengths, context.state_slots.tolist())]
+
+
+def in_chunks(tensors: tuple[torch.Tensor, ...], size: int) -> list[torch.Tensor]:
+    """Each (B, heads, T, ...) tensor as (B, heads, chunks, size, ...), T padded with zeros to whole chunks
+    (a padded token decays nothing and adds nothing to a state)."""
+    pad = -tensors[0].shape[2] % size
+    return [F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad)).unflatten(2, (-1, size)) for x in tensors]
+
+
+def within_chunk_decays(cumulative: torch.Tensor) -> torch.Tensor:
+    """exp(c_i - c_j) for j <= i, 0 above the diagonal (..., size, size), from cumulative log decays c (..., size)."""
+    size = cumulative.shape[-1]
+    lower = torch.ones(size, size, dtype=torch.bool, device=cumulative.device).tril()
+    return (cumulative.unsqueeze(-1) - cumulative.unsqueeze(-2)).masked_fill(~lower, float("-inf")).exp()

@@ -21,19 +21,21 @@ from lcq.format import SUPPORTED_BITS
 # multiplies in full precision by head, stays so)
 LATENT_INPUTS = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa")
 # Qwen3.5's linear attention (under linear_attn): its input projections, run as one product, and its output's
+# (out_proj: Mamba-2's too, whose input projection is in_proj)
 LINEAR_INPUTS = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
 PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                **dict.fromkeys(LATENT_INPUTS, "self_attn"),
-               **dict.fromkeys((*LINEAR_INPUTS, "out_proj"), "linear_attn"),
+               **dict.fromkeys((*LINEAR_INPUTS, "out_proj"), "linear_attn"), "in_proj": "mamba",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), LINEAR_INPUTS)
-# qkv: the attention's input projections (a latent attention's run one by one, but are named together); o_proj:
+# qkv: the attention's input projections (a latent attention's run one by one, but are named together; Mamba-2's); o_proj:
 # its output projection, linear attention's too
-ALIASES = {"qkv": FUSED[0] + LATENT_INPUTS + LINEAR_INPUTS, "o_proj": ("o_proj", "out_proj"), "gate_up": FUSED[1],
+ALIASES = {"qkv": FUSED[0] + LATENT_INPUTS + LINEAR_INPUTS + ("in_proj",), "o_proj": ("o_proj", "out_proj"),
+           "gate_up": FUSED[1],
            "all": tuple(PROJECTIONS)}
 # a Llama layer's packed linears
-DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS if PROJECTIONS[p] != "linear_attn" and
-                      p not in LATENT_INPUTS)
+DENSE_LINEARS = tuple(f"{PROJECTIONS[p]}.{p}" for p in PROJECTIONS if PROJECTIONS[p] not in ("linear_attn", "mamba")
+                      and p not in LATENT_INPUTS)
 _RULE = re.compile(r"(?P<name>\w+)(@(?P<first>\d+)(-(?P<last>\d+))?)?=(?P<bits>\d+)")
 
 

@@ -59,7 +59,8 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "gpt_oss": "GptOss", "llama4_text": "Llama4Text", "glm4_moe": "Glm4Moe", "ernie4_5_moe": "Ernie4_5_Moe",
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
-                "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2"}
+                "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
+                "granitemoehybrid": "GraniteMoeHybrid"}
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
                    "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -76,7 +77,8 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",)}  # (one norm a layer)
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
-SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size)
+SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's
+# by its embedding_multiplier)
 
 
 @dataclass
@@ -271,7 +273,8 @@ class _Source:
         prefix = CLASS_PREFIX[self.config.model_type]
         self.layer_class = getattr(modeling, f"{prefix}DecoderLayer")
         rotary = ROTARY_CLASS.get(self.config.model_type, f"{prefix}RotaryEmbedding")
-        self.rotary_module = getattr(modeling, rotary)(config=self.config).to(device)
+        nope = getattr(self.config, "position_embedding_type", "rope") == "nope"  # Granite 4.0-H: no rotary embedding
+        self.rotary_module = None if nope else getattr(modeling, rotary)(config=self.config).to(device)
         self.device = device
 
     @property
@@ -295,7 +298,8 @@ class _Source:
         attention (hf_config) infers nothing, so there every block gets its mask, added to the scores (0
         or -inf)."""
         kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
-        per_kind = "layer_type" in inspect.signature(self.rotary_module.forward).parameters
+        per_kind = self.rotary_module is not None and \
+            "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None
         chunk = self.config.attention_chunk_size if kind == "chunked_attention" else None  # Llama 4's
         eager = self.config._attn_implementation == "eager"
@@ -303,7 +307,8 @@ class _Source:
         def inputs(hidden: torch.Tensor) -> dict:
             length = hidden.shape[1]
             positions = torch.arange(length, device=hidden.device).unsqueeze(0)
-            rope = self.rotary_module(hidden, positions, kind) if per_kind else self.rotary_module(hidden, positions)
+            rope = None if self.rotary_module is None else self.rotary_module(hidden, positions, kind) if per_kind \
+                else self.rotary_module(hidden, positions)
             if not eager and (not window or length <= window) and (not chunk or length <= chunk):
                 return {"position_embeddings": rope, "position_ids": positions}
             offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
@@ -348,9 +353,10 @@ class _Source:
 
     def embed(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """The first block's input (S, T, H), fp32: the tokens' embeddings (from `table`, else the
-        model's), with Gemma's scale."""
+        model's), with Gemma's (or Granite 4.0-H's) scale."""
         table = self.reader.tensor(f"{EMBED}.weight").float().to(self.device) if table is None else table
-        scale = self.config.hidden_size ** 0.5 if self.config.model_type in SCALED_EMBEDDINGS else 1.0
+        scale = self.config.hidden_size ** 0.5 if self.config.model_type in SCALED_EMBEDDINGS else \
+            getattr(self.config, "embedding_multiplier", 1.0)
         return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
