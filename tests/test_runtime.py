@@ -339,6 +339,27 @@ def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path, arch):
     assert plain.generate([second], GREEDY)[0].usage.cached_tokens == 0 and not plain.engine.blocks.enable_prefix_caching
 
 
+def test_recurrent_states_stored_in_half_precision(tmp_path):
+    """mamba_ssm_cache_dtype bfloat16: Mamba-2's states stored in bf16 between prompt chunks of 5 (computed in
+    fp32 within a step) take half the bytes and give every prompt token's logprob within 0.02 of fp32
+    states'; a dtype it does not know is refused."""
+    folder = make_tiny_hf(tmp_path, "granite4_hybrid")
+    prompt = [(3 * i + 1) % 300 + 1 for i in range(30)]
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    logprobs, sizes = [], []
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(str(folder), block_size=8, max_num_batched_tokens=5, state_snapshots=0,
+                  mamba_ssm_cache_dtype=dtype, **FP32)
+        mixer = llm.engine.runner.model.layers[0].self_attn
+        assert mixer.recurrent_states.dtype == getattr(torch, dtype)
+        sizes.append(mixer.recurrent_states.nbytes)
+        logprobs.append([entry.logprob for entry in llm.generate([prompt], params)[0].prompt_logprobs[1:]])
+    assert sizes[1] * 2 == sizes[0]
+    assert logprobs[1] == pytest.approx(logprobs[0], abs=0.02)
+    with pytest.raises(ValueError, match="mamba_ssm_cache_dtype must be one of auto"):
+        LLM(str(folder), mamba_ssm_cache_dtype="int4", **FP32)
+
+
 def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):
     """Recompute after preemption keeps the generated tokens, the prompt logprobs and the matcher's state."""
     pytest.importorskip("xgrammar")

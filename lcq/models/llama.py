@@ -415,9 +415,10 @@ class LlamaModel(torch.nn.Module):
         layers = layers or len(self.config.cache_layers)
         return tensors * layers * elements * torch.empty(0, dtype=dtype).element_size()
 
-    def bind_states(self, slots: int) -> int:
-        """Recurrent state tensors of `slots` sequences in every linear-attention layer; returns their bytes."""
-        return sum(layer.self_attn.bind_states(slots, self.norm.weight.device) for layer in self.layers
+    def bind_states(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
+        """State tensors of `slots` sequences in every recurrent layer, the recurrent states in `dtype`; returns
+        their bytes."""
+        return sum(layer.self_attn.bind_states(slots, self.norm.weight.device, dtype) for layer in self.layers
                    if isinstance(layer.self_attn, RecurrentMixer))
 
     def copy_states(self, source: int, target: int) -> None:

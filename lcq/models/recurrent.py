@@ -26,14 +26,15 @@ class RecurrentMixer(torch.nn.Module):
         super().__init__()
         self.conv_weight = parameter(conv_dim, conv_kernel, dtype=dtype)
         self.conv_bias = parameter(conv_dim, dtype=dtype) if conv_bias else None
-        self.state_shape = state_shape  # one sequence's recurrent state (fp32)
+        self.state_shape = state_shape  # one sequence's recurrent state
         self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
 
-    def bind_states(self, slots: int, device: torch.device) -> int:
-        """State tensors of `slots` sequences (zeros); returns their bytes."""
+    def bind_states(self, slots: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
+        """State tensors of `slots` sequences (zeros), the recurrent ones in `dtype` (each step computes in fp32
+        and stores in it); returns their bytes."""
         conv_dim, kernel = self.conv_weight.shape
         self.conv_states = torch.zeros(slots, conv_dim, kernel - 1, dtype=self.conv_weight.dtype, device=device)
-        self.recurrent_states = torch.zeros(slots, *self.state_shape, device=device)
+        self.recurrent_states = torch.zeros(slots, *self.state_shape, dtype=dtype, device=device)
         return self.conv_states.nbytes + self.recurrent_states.nbytes
 
     def copy_state(self, source: int, target: int) -> None:
@@ -70,7 +71,7 @@ class RecurrentMixer(torch.nn.Module):
             if self.conv_bias is not None:
                 convolved = convolved + self.conv_bias
             out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
-                                                           self.recurrent_states[slots])
+                                                           self.recurrent_states[slots].float())
             out = out[:, 0]
         return self.out_proj(self.output(out, rest, hidden.dtype))
 
@@ -84,7 +85,7 @@ class RecurrentMixer(torch.nn.Module):
         convolved = F.conv1d(window.unsqueeze(0), self.conv_weight.unsqueeze(1), self.conv_bias,
                              groups=self.conv_weight.shape[0])[0]
         out, state = self.recur(convolved.t().unsqueeze(0), rest.unsqueeze(0),
-                                self.recurrent_states[slot].unsqueeze(0))
+                                self.recurrent_states[slot].unsqueeze(0).float())
         self.recurrent_states[slot] = state[0]
         return out[0]
 

@@ -31,6 +31,9 @@ class EngineConfig:
     # Linear attention's (Qwen3.5's) prefix caching: the recurrent states kept at prompts' ends (block_manager.py),
     # each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for such models.
     state_snapshots: int = 16
+    # The dtype of those layers' recurrent states (vLLM's name; their convolutions' last inputs are in the model
+    # dtype): float32, or the model's (auto) or a half one, half the memory; computed in fp32 either way.
+    mamba_ssm_cache_dtype: str = "float32"
     # Sliding-window layers in layer groups with their own block tables, handing back the blocks their window
     # has passed (kv_groups.py); off: every layer keeps every block of its sequence, as before.
     hybrid_kv_cache: bool = True
@@ -107,6 +110,12 @@ class EngineConfig:
         if dtype != self.resolved_dtype() and self.resolved_device().type == "cuda":
             raise ValueError("kv_cache_dtype must be auto or the model dtype on a GPU")
         return dtype
+
+    def resolved_state_dtype(self) -> torch.dtype:
+        """The recurrent states' dtype: mamba_ssm_cache_dtype, auto being the model's."""
+        if self.mamba_ssm_cache_dtype == "auto":
+            return self.resolved_dtype()
+        return _named_dtype("mamba_ssm_cache_dtype", self.mamba_ssm_cache_dtype)
 
     def resolved_cpu_matmul_dtype(self) -> torch.dtype:
         """The operand dtype of an fp32 CPU model's products of several rows and of prefill attention
@@ -213,6 +222,7 @@ class EngineConfig:
                              f"({len(adapters)})")
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
+        self.resolved_state_dtype()
         products = self.resolved_cpu_matmul_dtype()
         if self.cpu_int8_weights not in ("auto", "on", "off"):
             raise ValueError(f"cpu_int8_weights must be auto, on or off (got {self.cpu_int8_weights})")

@@ -87,7 +87,8 @@ class ModelRunner:
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
         kept = config.state_snapshots if self.state_slots and config.enable_prefix_caching else 0
         self.snapshot_slots = range(self.state_slots + 1, self.state_slots + 1 + kept)
-        self.state_bytes = self.model.bind_states(self.snapshot_slots.stop) if self.state_slots else 0
+        self.state_bytes = self.model.bind_states(self.snapshot_slots.stop, config.resolved_state_dtype()) \
+            if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
         if self.state_bytes and room < 2 * bytes_per_block and num_blocks is None:
             raise UserError(f"linear attention's states of {self.state_slots} sequences (max_num_seqs) and {kept} "

@@ -160,6 +160,9 @@ FLAGS = (
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
+    Flag("--mamba-ssm-cache-dtype", str, "float32 (default), auto (the model dtype), bfloat16 or float16: the "
+         "recurrent states of linear attention and Mamba-2 layers (Qwen3.5, Qwen3-Next, Granite 4.0-H), computed in "
+         "fp32 and stored so; a half dtype halves their memory", "engine"),
     Flag("--state-snapshots", int, "linear attention's (Qwen3.5's, Qwen3-Next's) prefix caching: how many prompts' "
          "recurrent states are kept for reuse, each as large as a sequence's states (0: no prefix caching for "
          "these models)", "engine"),
