@@ -511,23 +511,34 @@ def test_linear_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
     _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["granite4_hybrid", "granite4_moe"])
+# Hybrids of recurrent layers and attention: transformers' class, the recurrent layers, the mixtures' layers
+HYBRIDS = {"granite4_hybrid": ("GraniteMoeHybridForCausalLM", [True, False, True, True], [False] * 4),
+           "granite4_moe": ("GraniteMoeHybridForCausalLM", [True, False, True, True], [True] * 4),
+           "lfm2": ("Lfm2ForCausalLM", [True, True, False, True], [False] * 4),
+           "lfm2_moe": ("Lfm2MoeForCausalLM", [True, True, False, True], [False, True, True, True])}
+
+
+@pytest.mark.parametrize("arch", HYBRIDS)
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_mamba2_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_ops):
+def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_ops):
     """Granite 4.0-H (h-micro's form, and h-tiny's with experts): Mamba-2 layers (a causal convolution with a
     bias, then per head a state decayed by exp(dt A), B and C in two groups, the outputs gated and normed per
     group) around a NoPE attention layer, Granite's factors folded into weights but the embeddings', a dense
-    MLP in every layer, beside 2 of 4 experts (softmax over the chosen). Our model against transformers' own
-    class: prompts prefilled in chunks (transformers' recurrence in chunks of 8, ours of 64) and decoded."""
+    MLP in every layer, beside 2 of 4 experts (softmax over the chosen). LFM2 (and LFM2-8B-A1B's form): short
+    convolutions (C times the convolved B x, biases on its projections) around an attention layer with per-head
+    q/k norms, its own names for norms and projections, the MLP two thirds of intermediate_size; mixtures past
+    the first layer choosing by sigmoid scores plus a bias, scaled. Our model against transformers' own
+    class: prompts prefilled in chunks (transformers' Mamba-2 recurrence in chunks of 8, ours of 64) and
+    decoded."""
     import transformers
 
+    family, recurrent, mixtures = HYBRIDS[arch]
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
-    assert config.linear_layers == [True, False, True, True] and config.cache_layers == [1]
-    assert config.rope_layers == [False] * 4 and config.embed_scale == 12.0
-    assert config.moe_layers == [arch == "granite4_moe"] * 4
-    reference = transformers.GraniteMoeHybridForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    assert config.linear_layers == recurrent and config.moe_layers == mixtures
+    assert config.rope_layers == [not arch.startswith("granite4")] * 4
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(150)]  # past two chunks of the recurrence
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=70)
     _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)

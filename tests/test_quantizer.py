@@ -279,10 +279,12 @@ def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
 RECURRENT = {"qwen3_5": ("linear_attn", ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"],
                          ["A_log", "dt_bias", "conv1d.weight", "norm.weight"], (0, 1), 3),
              "granite4": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
-                          (0, 2), 1)}
+                          (0, 2), 1),
+             "lfm2": ("conv", ["in_proj"], ["conv.weight", "conv.bias", "in_proj.bias"], (0, 1), 2)}
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe", "lfm2",
+                                  "lfm2_moe"])
 def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
     together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
@@ -290,10 +292,14 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     convolution, decays and gated norm kept in full precision. Granite 4.0-H's Mamba-2 likewise (in_proj,
     out_proj; its skip D and convolution's bias kept too), with its dense MLP's fused input_linear packed as
     gate and up, each expert's three matrices, the router in full precision, and Granite's factors folded into
-    weights (the checkpoint's neutral, the embeddings' kept). Block-wise and end-to-end stages through
+    weights (the checkpoint's neutral, the embeddings' kept). LFM2's short convolutions too (in_proj and
+    out_proj, with their biases; the filters kept), its attention's out_proj by o_proj's rules, its MLP's w1,
+    w3, w2 packed as gate_proj, up_proj, down_proj (its experts' too, their choosing bias kept beside the
+    router), its final norm under its own name. Block-wise and end-to-end stages through
     transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
-    mixer, inputs, kept, layers, attention = RECURRENT["granite4" if arch.startswith("granite4") else "qwen3_5"]
+    mixer, inputs, kept, layers, attention = RECURRENT[next(family for family in RECURRENT if arch.startswith(family))
+                                                       if not arch.startswith("qwen3") else "qwen3_5"]
     options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
                               epochs=1, layer_bits=["qkv=4", "o_proj@0=2"], finetune_epochs=1)
     quantize_model(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "lcq", options, progress=False)
@@ -309,6 +315,12 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
         mixture = "model.layers.3.block_sparse_moe"
         assert (reader.has(f"{mixture}.experts.3.down_proj.qweight") and reader.has(f"{mixture}.router.weight")) == \
             (arch == "granite4_moe")
+    if arch.startswith("lfm2"):
+        assert reader.linear("model.layers.2.self_attn.out_proj").bits == 3 and reader.has("model.embedding_norm.weight")
+        mixture = "model.layers.3.feed_forward"
+        assert reader.has(f"{mixture}.gate_proj.qweight") == (arch == "lfm2")
+        assert all(reader.has(f"{mixture}.{name}") for name in ("experts.3.up_proj.qweight", "gate.weight",
+                                                                 "expert_bias")) == (arch == "lfm2_moe")
     _check_serves_like_its_reference(tmp_path / "lcq")
 
 

@@ -302,15 +302,15 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
     assert small.engine.blocks.num_total_blocks == 6
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == expected[:3]
     assert small.engine.stats().num_preemptions_total > 0 and _pool_is_full(small.engine)
-    with pytest.raises(UserError, match="speculative decoding is not supported with linear attention"):
+    with pytest.raises(UserError, match="speculative decoding is not supported with recurrent layers"):
         LLM(str(folder), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
-    with pytest.raises(UserError, match="linear attention's states of 4 sequences .* take 0.00 GiB, more than"):
+    with pytest.raises(UserError, match="recurrent layers' states of 4 sequences .* take 0.00 GiB, more than"):
         LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2"])
 def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path, arch):
-    """Qwen3.5's (and Granite 4.0-H's) prefix caching: a prompt's chunks stop at the end of its last full block before its last
+    """Qwen3.5's (and Granite 4.0-H's, LFM2's) prefix caching: a prompt's chunks stop at the end of its last full block before its last
     token, where its state is kept; a later prompt that extends it (a conversation's next turn) reuses those
     blocks and takes up that state, giving transformers' greedy tokens, and so does a prompt prefilled in
     chunks of 5; the least recently used state gives way to a new one (a prompt whose state went is computed

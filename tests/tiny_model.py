@@ -64,7 +64,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, Dots1Config, \
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
-        Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM
+        Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
+        Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,6 +207,12 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      shared_intermediate_size=80, intermediate_size=64, num_experts_per_tok=2,
                      num_local_experts=4 if arch == "granite4_moe" else 0, mamba_n_heads=6, mamba_d_head=32,
                      mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8)
+    if arch in ("lfm2", "lfm2_moe"):  # LFM2's form: short convolutions (3 taps; with a bias here) around an attention
+        # layer with per-head q/k norms; its MLP two thirds of intermediate_size (rounded to 32s here); LFM2-8B-A1B's
+        # mixtures past its first layer: 2 of 4 experts by sigmoid scores plus a choosing bias, scaled
+        sizes.update(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"], conv_bias=True,
+                     intermediate_size=240 if arch == "lfm2" else 160, block_multiple_of=32, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=64, num_dense_layers=1, routed_scaling_factor=2.0)
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -241,6 +248,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "granite4": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # granite-4.0-micro: Granite 3, MLP renamed
         "granite4_hybrid": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # Mamba-2 and NoPE attention
         "granite4_moe": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # the same with experts
+        "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
+        "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers
@@ -264,7 +273,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight",
                                 "key_layernorm.weight")) or \
-                    (arch in ("olmo2", "olmo3", "exaone4") and name.endswith("norm.weight")):  # these start at one
+                    (arch in ("olmo2", "olmo3", "exaone4", "lfm2", "lfm2_moe") and name.endswith("norm.weight")):
+                # these start at one
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
@@ -274,7 +284,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 # gated norm's w
                 param.uniform_(0.5, 1.5) if "linear_attn" in name else param.uniform_(-0.5, 0.5)
         for name, buffer in model.named_buffers():  # GLM-4.5's choosing bias starts at zero, which would test nothing
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buffer.normal_(0.0, 0.2)
     model.save_pretrained(folder, safe_serialization=True)
     if arch == "hunyuan":  # as Hunyuan-1.8B: NTK scaling with a fixed alpha, labelled dynamic

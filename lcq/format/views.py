@@ -47,7 +47,10 @@
 - Mixtral (MixtralForCausalLM) and MiniMax-M2 (MiniMaxM2ForCausalLM) store their mixtures as
   block_sparse_moe, their experts' matrices as w1, w3 and w2; they read as mlp, gate_proj, up_proj and
   down_proj, the names of transformers 5's modules and of Qwen3-MoE's files (MiniMax-M2's choosing bias
-  as mlp.e_score_correction_bias, where transformers keeps it). MiniMax-M2's config is completed with
+  as mlp.e_score_correction_bias, where transformers keeps it). LFM2's MLPs (and its mixtures' experts)
+  under feed_forward read so too, its config completed with transformers' defaults; its other names
+  (operator_norm, ffn_norm, the attention's out_proj and q_layernorm, model.embedding_norm) are read as
+  they are. MiniMax-M2's config is completed with
   transformers' defaults (its rotary_dim as a partial_rotary_factor).
 - gpt-oss (GptOssForCausalLM) keeps each layer's experts as 3-D tensors: gate_up_proj (experts, hidden,
   2 x width), gate and up columns alternating, and down_proj (experts, width, hidden), each (in, out),
@@ -213,6 +216,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _with_defaults(config, "Qwen3NextForCausalLM")
     if config.get("model_type") == "minimax_m2":  # its own defaults (rotary base, partial rotary from rotary_dim)
         return _with_defaults(config, "MiniMaxM2ForCausalLM")
+    if config.get("model_type") in LFM2:  # their own defaults (tied head, layer types)
+        return _with_defaults(config, LFM2[config["model_type"]])
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -239,7 +244,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _half_split_parts(_as_llama(config), stored)
     if config.get("model_type") == "glm":
         return _glm_parts(config, stored)
-    if config.get("model_type") in ("mixtral", "minimax_m2"):
+    if config.get("model_type") in ("mixtral", "minimax_m2", *LFM2):
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
     if config.get("model_type") == "qwen3_next":
         return _qwen3_next_parts(config, stored)
@@ -264,16 +269,21 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
 GPT_OSS_EXPERTS = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias", "gate_up_proj_blocks",
                    "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
 MXFP4 = "mxfp4"  # gpt-oss's quant_method
+# LFM2's families (their short convolutions and attention, dense or with experts) and their CausalLMs
+LFM2 = {"lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
+# Where a family keeps its final norm, where not under model.norm
+FINAL_NORMS = dict.fromkeys(LFM2, "model.embedding_norm")
 # Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
 MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
 
 def _mixtral_name(name: str) -> str:
-    """A Mixtral or MiniMax-M2 tensor's name as lcq reads it: block_sparse_moe.gate (and MiniMax-M2's choosing
-    bias) under mlp, experts.E.w1/w3/w2 as experts.E.gate_proj/up_proj/down_proj (transformers 5's modules
-    and Qwen3-MoE's names)."""
+    """A Mixtral, MiniMax-M2 or LFM2 tensor's name as lcq reads it: block_sparse_moe.gate (and MiniMax-M2's
+    choosing bias) under mlp, experts.E.w1/w3/w2 (and LFM2's feed_forward.w1/w3/w2) as
+    experts.E.gate_proj/up_proj/down_proj (transformers 5's modules and Qwen3-MoE's names)."""
     parts = name.replace(".block_sparse_moe.", ".mlp.").split(".")
-    if len(parts) > 2 and parts[-3].isdigit() and parts[-4:-3] == ["experts"]:
+    expert = len(parts) > 3 and parts[-3].isdigit() and parts[-4] == "experts"
+    if expert or parts[-3:-2] == ["feed_forward"]:
         parts[-2] = MIXTRAL_EXPERT_NAMES.get(parts[-2], parts[-2])
     return ".".join(parts)
 

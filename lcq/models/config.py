@@ -27,7 +27,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "DeepseekV3ForCausalLM": "deepseek_v3", "Glm4MoeLiteForCausalLM": "glm4_moe_lite",
                            "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
                            "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
-                           "GraniteMoeHybridForCausalLM": "granitemoehybrid"}
+                           "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
+                           "Lfm2MoeForCausalLM": "lfm2_moe"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -35,6 +36,7 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
 LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
 QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")  # linear attention (LinearDims) in most layers
+LFM2 = ("lfm2", "lfm2_moe")  # short convolutions (ShortConvDims) in most layers
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
@@ -104,6 +106,15 @@ class MambaDims:
     def conv_dim(self) -> int:
         """Channels of the convolution: x's, B's and C's widths."""
         return self.inner + 2 * self.groups * self.state_dim
+
+
+@dataclass(frozen=True)
+class ShortConvDims:
+    """LFM2's short convolution: in_proj gives each token B, C and x; B x passes a causal convolution of kernel
+    taps per channel (with a bias where bias), whose output times C goes to out_proj."""
+
+    kernel: int
+    bias: bool
 
 
 @dataclass
@@ -180,6 +191,8 @@ class ModelConfig:
     linear_layers: list[bool] = field(default_factory=list)
     linear: LinearDims | None = None
     mamba: MambaDims | None = None
+    short_conv: ShortConvDims | None = None  # LFM2's convolution layers, which keep their last inputs only
+    attention_output_name: str = "o_proj"  # the attention's output projection (LFM2: out_proj)
     rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
     attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
@@ -224,25 +237,22 @@ class ModelConfig:
         return cls(layer_windows=_layer_windows(c), rope_layers=_rope_layers(c), layer_chunks=_layer_chunks(c),
             model_type=c["model_type"], vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
             # the dense MLPs' width (Llama 4's experts take intermediate_size, its dense layers intermediate_size_mlp)
-            # (Granite 4.0-H's dense MLP: shared_intermediate_size)
-            intermediate_size=(c.get("intermediate_size_mlp", 16384) if c["model_type"] == "llama4_text" else
-                               c["shared_intermediate_size"] if c["model_type"] == "granitemoehybrid" else
-                               c["intermediate_size"]),
+            intermediate_size=_dense_mlp_width(c),
             num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=1 if c["model_type"] in LATENT else c.get("num_key_value_heads") or heads,
             head_dim=c["kv_lora_rank"] + c["qk_rope_head_dim"] if c["model_type"] in LATENT else head_dim,
-            rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", 1e-6)),
+            rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", c.get("norm_eps", 1e-6))),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "dots1", "minimax_m2", *HUNYUAN, *QWEN3_5) or
+                                        "dots1", "minimax_m2", *HUNYUAN, *QWEN3_5, *LFM2) or
             (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
-            **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c),
+            **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
@@ -388,6 +398,32 @@ def _granite_hybrid_fields(c: dict) -> dict:
                 mlp_name="block_sparse_moe" if c.get("num_local_experts") else "shared_mlp")
 
 
+def _lfm2_fields(c: dict) -> dict:
+    """LFM2's layer beside Llama's: short convolutions in the layers layer_types names so, attention (per-head
+    q/k norms, its output projection out_proj) in the others, the MLP (or mixture) under feed_forward."""
+    if c["model_type"] not in LFM2:
+        return {}
+    return dict(linear_layers=[kind == "conv" for kind in c["layer_types"]], mlp_name="feed_forward",
+                short_conv=ShortConvDims(kernel=c.get("conv_L_cache", 3), bias=bool(c.get("conv_bias", False))),
+                attention_output_name="out_proj")
+
+
+def _dense_mlp_width(c: dict) -> int:
+    """The dense MLPs' width: Llama 4's intermediate_size_mlp (its experts take intermediate_size), Granite
+    4.0-H's shared_intermediate_size, LFM2's two thirds of intermediate_size rounded as its config says."""
+    if c["model_type"] == "llama4_text":
+        return c.get("intermediate_size_mlp", 16384)
+    if c["model_type"] == "granitemoehybrid":
+        return c["shared_intermediate_size"]
+    width = c["intermediate_size"]
+    if c["model_type"] == "lfm2" and c.get("block_auto_adjust_ff_dim", True):
+        width = int(2 * width / 3)
+        if c.get("block_ffn_dim_multiplier") is not None:
+            multiple = c.get("block_multiple_of", 256)
+            width = -(-int(c["block_ffn_dim_multiplier"] * width) // multiple) * multiple
+    return width
+
+
 def _rotated_dims(c: dict) -> int | None:
     """The dimensions of each head a partial rotary embedding turns, its first ones (Qwen3.5's, MiniMax-M2's:
     pairs (i, i + r/2) within them); None where it turns whole heads."""
@@ -461,6 +497,13 @@ def _experts(c: dict) -> dict:
         return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
                     norm_topk_prob=True, shared_expert=True, shared_expert_gated=False,
                     shared_expert_name="shared_mlp", shared_expert_in_layer=True, moe_layers=[True] * layers)
+    if kind == "lfm2_moe":  # past its first num_dense_layers: sigmoid scores (with a choosing bias), scaled
+        dense = c.get("num_dense_layers", 2)
+        return dict(num_experts=c["num_experts"], experts_per_token=c["num_experts_per_tok"],
+                    norm_topk_prob=bool(c.get("norm_topk_prob", True)), router_sigmoid=True,
+                    router_correction=bool(c.get("use_expert_bias", True)),
+                    routed_scale=float(c.get("routed_scaling_factor", 1.0)),
+                    moe_layers=[i >= dense for i in range(layers)])
     if kind == "minimax_m2":  # every layer: sigmoid scores, a choosing bias, the chosen weights renormalized
         return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
                     norm_topk_prob=True, router_sigmoid=True, router_correction=True, router_in_fp32=True,

@@ -38,6 +38,7 @@ from .cpu_decode import CpuDecoder
 from .latent_attention import LatentAttention
 from .linear_attention import GatedDeltaNet
 from .mamba import Mamba2
+from .short_conv import ShortConv
 from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
                      rotary_qkv)
@@ -63,7 +64,8 @@ class Attention(torch.nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
-        self.o_proj = make_linear([f"{prefix}.o_proj"])
+        self.output_name = f"{prefix}.{config.attention_output_name}"
+        self.o_proj = make_linear([self.output_name])
         # q/k norms over each head, or (OLMo 2) over the whole projection: one "head" as wide as all of them
         self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
         q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
@@ -102,7 +104,7 @@ class Attention(torch.nn.Module):
                                self.temperature)
         if gate is not None:
             out = out * torch.sigmoid(gate)
-        return project(self.o_proj, f"{self.prefix}.o_proj", out.reshape(-1, self.num_heads * self.head_dim), lora)
+        return project(self.o_proj, self.output_name, out.reshape(-1, self.num_heads * self.head_dim), lora)
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """q_norm and k_norm, in place, on rows (tokens, width) whose first heads are the queries' or keys'."""
@@ -269,8 +271,9 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        if config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear attention, Granite 4.0-H's Mamba-2
-            mixer = GatedDeltaNet if config.linear is not None else Mamba2
+        if config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear attention, Granite 4.0-H's Mamba-2,
+            # LFM2's short convolution
+            mixer = GatedDeltaNet if config.linear is not None else Mamba2 if config.mamba is not None else ShortConv
             self.self_attn = mixer(config, f"{prefix}.{mixer.CHECKPOINT_NAME}", make_linear, dtype)
         else:
             attention = Attention if config.latent is None else LatentAttention

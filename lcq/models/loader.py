@@ -7,10 +7,11 @@ from pathlib import Path
 import torch
 
 from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
+from lcq.format.views import FINAL_NORMS
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
-from .config import ModelConfig
+from .config import LFM2, ModelConfig
 from .layers import PackedEmbedding
 from .llama import LlamaModel, MixtureOfExperts
 
@@ -47,10 +48,14 @@ class DenseLinear(torch.nn.Module):
 ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg",  # where not gate
                 "granitemoehybrid": "router"}
 # The choosing bias under the mixture's module, where not under its router: ERNIE 4.5's under the router's
-# moe_statics, MiniMax-M2's beside the router
+# moe_statics, MiniMax-M2's and LFM2's beside the router
 CORRECTION_NAMES = {"ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
-                    "minimax_m2": "e_score_correction_bias"}
-QK_NORM_NAMES = dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query_layernorm", "key_layernorm"))
+                    "minimax_m2": "e_score_correction_bias", "lfm2_moe": "expert_bias"}
+QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query_layernorm", "key_layernorm")),
+                 **dict.fromkeys(LFM2, ("q_layernorm", "k_layernorm"))}
+# A layer's norms before its attention (or mixer) and before its MLP, where not input_layernorm and
+# post_attention_layernorm
+NORM_NAMES = dict.fromkeys(LFM2, ("operator_norm", "ffn_norm"))
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
 SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -74,9 +79,10 @@ def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torc
         norms = list(zip((layer.attention_norm, layer.attention_output_norm, layer.mlp_norm, layer.mlp_output_norm),
                          names))
         return [(module, name) for module, name in norms if module is not None] + head_norms
+    before_attention, before_mlp = NORM_NAMES.get(config.model_type, ("input_layernorm", "post_attention_layernorm"))
     if layer.mlp_norm is None:  # Cohere: one norm before attention and the MLP
-        return [(layer.attention_norm, "input_layernorm"), *head_norms]
-    return [(layer.attention_norm, "input_layernorm"), (layer.mlp_norm, "post_attention_layernorm"), *head_norms]
+        return [(layer.attention_norm, before_attention), *head_norms]
+    return [(layer.attention_norm, before_attention), (layer.mlp_norm, before_mlp), *head_norms]
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
@@ -115,8 +121,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     with torch.no_grad():
         # Cohere's logits are scaled by logit_scale: the final norm's weight carries it (the head is the tied table)
-        model.norm.weight.copy_(norm_weight("model.norm.weight") * config.logit_scale)
-        norms = [(model.norm, "model.norm")] + [(module, f"model.layers.{i}.{name}") for i, layer in
+        final = FINAL_NORMS.get(config.model_type, "model.norm")
+        model.norm.weight.copy_(norm_weight(f"{final}.weight") * config.logit_scale)
+        norms = [(model.norm, final)] + [(module, f"model.layers.{i}.{name}") for i, layer in
                                                 enumerate(model.layers) for module, name in _layer_norms(layer, config)]
         for module, name in norms[1:]:
             module.weight.copy_(norm_weight(f"{name}.weight"))

@@ -25,6 +25,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
+from lcq.format.views import FINAL_NORMS
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
@@ -60,7 +61,7 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
                 "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
-                "granitemoehybrid": "GraniteMoeHybrid"}
+                "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe"}
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
                    "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -74,7 +75,8 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     "gemma3_text": ("input_layernorm", "pre_feedforward_layernorm"),
                     # OLMo 2's and EXAONE 4's projections read the stream itself: only the final norm weighs it
                     "olmo2": (), "olmo3": (), "exaone4": (),
-                    "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",)}  # (one norm a layer)
+                    "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",),  # (one norm a layer)
+                    **dict.fromkeys(("lfm2", "lfm2_moe"), ("operator_norm", "ffn_norm"))}
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's
@@ -266,6 +268,7 @@ class _Source:
 
         self.config = hf_config(model_dir)
         self.reader = CheckpointReader(model_dir)
+        self.final_norm_name = FINAL_NORMS.get(self.config.model_type, "model.norm")  # (LFM2's embedding_norm)
         if self.reader.quant is not None:
             raise UserError(f"{model_dir} is already quantized; quantize a full-precision folder")
         module = MODELING_MODULE.get(self.config.model_type, self.config.model_type)
@@ -327,7 +330,7 @@ class _Source:
         squared weights, each norm's normalized to mean 1 so that every reader counts alike."""
         readers = RESIDUAL_READERS.get(self.config.model_type, DEFAULT_RESIDUAL_READERS)
         names = [f"model.layers.{later}.{norm}.weight" for later in range(index + 1, self.num_layers)
-                 for norm in readers] + ["model.norm.weight"]
+                 for norm in readers] + [f"{self.final_norm_name}.weight"]
         offset = 1.0 if self.config.model_type in OFFSET_NORMS else 0.0
         squares = torch.stack([(self.reader.tensor(name).float() + offset).pow(2) for name in names])
         return (squares / squares.mean(-1, keepdim=True).clamp_min(1e-12)).mean(0).to(self.device)
@@ -343,7 +346,10 @@ class _Source:
         with torch.device("meta"):
             model = model_as_stored(AutoModelForCausalLM.from_config(self.config))
         model.load_state_dict({k: v.float().to(self.device) for k, v in state.items()}, strict=False, assign=True)
-        model.model.rotary_emb = self.rotary_module
+        rotary = next((name for name, child in model.model.named_children()  # rotary_emb (LFM2-MoE's: pos_emb)
+                       if type(child).__name__.endswith("RotaryEmbedding")), None)
+        if rotary is not None:  # (none without a rotary embedding: Granite 4.0-H's)
+            setattr(model.model, rotary, self.rotary_module)
         embed = model.model.embed_tokens
         if hasattr(embed, "scalar_embed_scale"):  # Gemma's scale, a buffer left on the meta device
             embed.embed_scale = torch.tensor(embed.scalar_embed_scale, device=self.device)
@@ -362,14 +368,15 @@ class _Source:
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's last norm (an RMSNorm, or Cohere's and StableLM's LayerNorm) applied to hidden states
         (S, T, H), fp32."""
-        weight = self.reader.tensor("model.norm.weight").float().to(hidden.device)
+        weight = self.reader.tensor(f"{self.final_norm_name}.weight").float().to(hidden.device)
         weight = weight + 1 if self.config.model_type in OFFSET_NORMS else weight
         x = hidden.float()
         if self.config.model_type in CENTRED_NORMS:
             bias = self.reader.tensor("model.norm.bias").float().to(x.device) if self.reader.has("model.norm.bias") \
-                else None
+                else None  # (Cohere's and StableLM's, under model.norm)
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps=self.config.layer_norm_eps)
-        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        eps = getattr(self.config, "rms_norm_eps", None) or self.config.norm_eps  # (LFM2 names it norm_eps)
+        return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int, full: bool) -> dict[str, torch.Tensor]:
@@ -648,11 +655,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                                       (tokens[held], teacher[held]), embedding, options, progress)
         finetune_peak = _peak_memory(device)
     extra = {name: t.to(torch.float16) if t.is_floating_point() else t for name, t in source.non_block_tensors().items()}
-    kept = [EMBED, "model.norm", HEAD]
+    kept = [EMBED, source.final_norm_name, HEAD]
     if options.head_bits:  # a tied table is not stored: the packed head serves its lookups
         del extra[f"{EMBED}.weight"]
         extra.pop(f"{HEAD}.weight", None)
-        kept = ["model.norm"]
+        kept = [source.final_norm_name]
         if embedding is not None:
             extra.update(linear_tensors(EMBED, embedding.to("cpu")))
     write_shard(partial / "model-extra.safetensors", extra)

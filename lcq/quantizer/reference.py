@@ -19,7 +19,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "ge
                          "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
                          "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text", "glm4_moe",
                          "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                         "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid")
+                         "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid", "lfm2",
+                         "lfm2_moe")
 
 
 # A decoder layer's MLP (or mixture), by its module's name: Llama 4's, Granite 4.0-H's mixture, the others'
@@ -64,18 +65,21 @@ def hf_config(model_dir: str | Path):
     return config
 
 
-class SplitGatedMLP(torch.nn.Module):
-    """down(act(gate(x)) * up(x)) with gate and up as two matrices: an MLP that stores them as one, gate's
-    rows first (GLM-4-0414's gate_up_proj, Granite 4.0-H's shared_mlp.input_linear), as lcq reads and
-    quantizes it (lcq.format.views)."""
+class GatedMLP(torch.nn.Module):
+    """down(act(gate(x)) * up(x)) under the names lcq reads: an MLP stored otherwise, as lcq reads and quantizes
+    it (lcq.format.views): gate and up stored as one matrix, gate's rows first (split_from: GLM-4-0414's
+    gate_up_proj, Granite 4.0-H's shared_mlp.input_linear), or LFM2's w1, w3 and w2."""
 
-    def __init__(self, fused: torch.nn.Linear, down: torch.nn.Linear, activation):
+    def __init__(self, gate: torch.nn.Linear, up: torch.nn.Linear, down: torch.nn.Linear, activation):
         super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.activation_fn = gate, up, down, activation
+
+    @classmethod
+    def split_from(cls, fused: torch.nn.Linear, down: torch.nn.Linear, activation) -> "GatedMLP":
         width = fused.out_features // 2
         settings = dict(bias=False, device=fused.weight.device, dtype=fused.weight.dtype)
-        self.gate_proj = torch.nn.Linear(fused.in_features, width, **settings)
-        self.up_proj = torch.nn.Linear(fused.in_features, width, **settings)
-        self.down_proj, self.activation_fn = down, activation
+        return cls(torch.nn.Linear(fused.in_features, width, **settings),
+                   torch.nn.Linear(fused.in_features, width, **settings), down, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation_fn(self.gate_proj(x)) * self.up_proj(x))
@@ -171,18 +175,20 @@ def _expert(hidden: int, width: int, like: torch.Tensor, bias: bool) -> torch.nn
 def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     """A transformers decoder layer with its MLP's matrices as checkpoints store them and lcq quantizes
     them, each a Linear: GLM-4-0414's gate_up_proj and Granite 4.0-H's dense MLP's input_linear as gate_proj
-    and up_proj (SplitGatedMLP), a mixture's experts one by one (SplitExperts; Llama 4's, under feed_forward:
-    SplitLlama4Experts; Granite's under block_sparse_moe), Qwen3-Next's fused linear-attention projections as
-    Qwen3.5's parts."""
+    and up_proj, LFM2's w1, w3 and w2 as gate_proj, up_proj and down_proj (GatedMLP), a mixture's experts
+    one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts; Granite's under
+    block_sparse_moe), Qwen3-Next's fused linear-attention projections as Qwen3.5's parts."""
     if hasattr(getattr(layer, "linear_attn", None), "in_proj_qkvz"):  # Qwen3-Next's fused projections
         _split_linear_attention(layer.linear_attn)
     if getattr(layer, "shared_mlp", None) is not None:  # Granite 4.0-H's dense MLP, beside its mixture
         shared = layer.shared_mlp
-        layer.shared_mlp = SplitGatedMLP(shared.input_linear, shared.output_linear, shared.activation)
+        layer.shared_mlp = GatedMLP.split_from(shared.input_linear, shared.output_linear, shared.activation)
     owner = next((name for name in MLP_MODULES if getattr(layer, name, None) is not None), None)
     mlp = getattr(layer, owner) if owner else None
+    if hasattr(mlp, "w1"):  # LFM2's
+        setattr(layer, owner, mlp := GatedMLP(mlp.w1, mlp.w3, mlp.w2, torch.nn.functional.silu))
     if hasattr(mlp, "gate_up_proj"):
-        setattr(layer, owner, mlp := SplitGatedMLP(mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn))
+        setattr(layer, owner, mlp := GatedMLP.split_from(mlp.gate_up_proj, mlp.down_proj, mlp.activation_fn))
     experts = getattr(mlp, "experts", None)
     if experts is not None and isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
         mlp.experts = SplitLlama4Experts(experts) if type(experts).__name__ == "Llama4TextExperts" else \

@@ -10,8 +10,8 @@ prompt prefixes map to equal blocks (one per group). Freed blocks keep their has
 (least recently freed first), so a later request with the same prefix skips recomputing it; a
 sliding-window group needs only the blocks its window reaches at the end of that prefix.
 
-A model with linear attention (Qwen3.5) keeps a recurrent state per sequence instead of blocks in those
-layers: each running sequence holds one of `state_slots` slots, from its first step until its blocks go
+A model with recurrent layers (Qwen3.5's linear attention, Granite 4.0-H's Mamba-2, LFM2's short
+convolutions) keeps a state per sequence instead of blocks in those layers: each running sequence holds one of `state_slots` slots, from its first step until its blocks go
 back. Such a state cannot be rebuilt from cached blocks, so its prefix caching keeps states too: a prompt's
 chunks stop at the end of its last full block before its last token (the longest prefix a later request can
 reuse), where its state is copied into one of the `snapshot_slots`, known by that block's chain hash (the
@@ -43,7 +43,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool, windows: tuple[int, ...] = (0,),
                  state_slots: int = 0, snapshot_slots: range = range(0)):
         """windows: each group's sliding window in tokens, -size for chunks, 0 for full attention
-        (KVGroups.windows); state_slots: linear attention's running sequences' slots (0: a model without);
+        (KVGroups.windows); state_slots: recurrent layers' running sequences' slots (0: a model without);
         snapshot_slots: the slots that keep prefixes' states (none: no prefix caching for such a model)."""
         self.block_size = block_size
         self.windows = windows

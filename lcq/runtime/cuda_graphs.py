@@ -4,7 +4,7 @@ A decode step launches hundreds of small kernels; replaying a captured graph rem
 cost. The graphs read their inputs from static buffers that each step fills in place. The
 attention kernels take their loop bounds from context_lens in memory, so one graph serves any
 context length up to max_model_len. Padding rows write nowhere (slot -1) and read one token of
-block 0, so they cannot disturb real rows; with linear attention (Qwen3.5) they advance a scratch state
+block 0, so they cannot disturb real rows; with recurrent layers (Qwen3.5) they advance a scratch state
 slot past the sequences' own.
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ class DecodeGraphs:
         """adapters: the LoRA adapter slots, whose products the graphs then hold for every row (each row's
         slot in a static buffer, -1 for the base model and padding). Loading and unloading adapters
         rewrites the slots in place, so the graphs stay valid. num_groups: layer groups (kv_groups.py),
-        each with its own slots and block tables. scratch_state: with linear attention, the state slot that
+        each with its own slots and block tables. scratch_state: with recurrent layers, the state slot that
         padding rows use (one past the sequences'), else None."""
         self.model = model
         self.adapters = adapters

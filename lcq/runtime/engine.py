@@ -75,12 +75,12 @@ class LLMEngine:
             self.tokenizer.chat_template = template
         draft_block_bytes, draft_weight_bytes = draft_footprint(config) if config.speculative_model else (0, 0)
         self.runner = ModelRunner(config, draft_block_bytes=draft_block_bytes, draft_weight_bytes=draft_weight_bytes)
-        recurrent = bool(self.runner.state_slots)  # linear attention: a step's states cannot take back drafts
+        recurrent = bool(self.runner.state_slots)  # recurrent layers: a step's states cannot take back drafts
         if recurrent and config.speculative_model:
-            raise UserError(f"{config.model}: speculative decoding is not supported with linear attention (its "
-                            "recurrent states would have to take back rejected drafts); drop --speculative-model")
+            raise UserError(f"{config.model}: speculative decoding is not supported with recurrent layers (their "
+                            "states would have to take back rejected drafts); drop --speculative-model")
         if recurrent:
-            logger.info("linear attention: %d state slots and %d for prefixes' states (%.2f GiB); no speculative "
+            logger.info("recurrent layers: %d state slots and %d for prefixes' states (%.2f GiB); no speculative "
                         "decoding", self.runner.state_slots, len(self.runner.snapshot_slots),
                         self.runner.state_bytes / 2**30)
         self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None

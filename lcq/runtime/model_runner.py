@@ -82,7 +82,7 @@ class ModelRunner:
         windows = [c.attention_windows[i] for i in c.cache_layers]
         self.kv_groups = KVGroups.of(windows if config.hybrid_kv_cache else [0] * len(windows))
         bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
-        # linear attention's states: a slot per sequence that may run at once, a scratch one for the CUDA
+        # recurrent layers' states: a slot per sequence that may run at once, a scratch one for the CUDA
         # graphs' padding rows, and those that keep prefixes' states for prefix caching (none for other models)
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
         kept = config.state_snapshots if self.state_slots and config.enable_prefix_caching else 0
@@ -91,7 +91,7 @@ class ModelRunner:
             if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
         if self.state_bytes and room < 2 * bytes_per_block and num_blocks is None:
-            raise UserError(f"linear attention's states of {self.state_slots} sequences (max_num_seqs) and {kept} "
+            raise UserError(f"recurrent layers' states of {self.state_slots} sequences (max_num_seqs) and {kept} "
                             f"prefixes (state_snapshots) take {self.state_bytes / 2**30:.2f} GiB, more than the KV "
                             "cache's memory allows: lower max_num_seqs or state_snapshots, or give the cache more "
                             "memory")

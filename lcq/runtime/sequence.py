@@ -36,7 +36,7 @@ class Sequence:
         self.tables_array = None  # block_tables as the runner last copied them (numpy, groups x blocks)
         self.tables_array_version = -1
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
-        self.state_slot: int | None = None  # its slot of linear attention's states, while it holds one
+        self.state_slot: int | None = None  # its slot of recurrent layers' states, while it holds one
         self.state_restore: int | None = None  # a kept state its slot takes before its next step (a cached prefix's)
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
