@@ -339,6 +339,51 @@ def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path, arch):
     assert plain.generate([second], GREEDY)[0].usage.cached_tokens == 0 and not plain.engine.blocks.enable_prefix_caching
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
+def test_a_failing_request_fails_alone(tmp_path, monkeypatch, arch):
+    """A request whose sampling fails finishes with an error, and the others of its steps keep their tokens:
+    each is sampled alone from the step's logits, the step not run again (a recurrent layer's state advances
+    once). A failed forward pass is run again a sequence at a time (the culprit fails alone), but where
+    recurrent layers' states may have advanced part way, where every sequence of the step fails rather than
+    going on from a wrong state. The engine serves on, its pool and state slots free again."""
+    import lcq.runtime.engine as engine_module
+
+    folder = make_tiny_hf(tmp_path, arch)
+    llm = LLM(str(folder), block_size=8, **FP32)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    poisoned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, seed=666)  # (greedy: seed unused)
+    params = [GREEDY, poisoned, GREEDY]
+    sample = engine_module.sample
+
+    def failing_sample(logits, seqs, *args):
+        if any(seq.params.seed == 666 for seq in seqs):
+            raise RuntimeError("a sampling bug")
+        return sample(logits, seqs, *args)
+
+    monkeypatch.setattr(engine_module, "sample", failing_sample)
+    outs = llm.generate(PROMPTS, params)
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
+    monkeypatch.undo()
+    run = llm.engine.runner.run
+
+    def failing_run(scheduled):
+        out = run(scheduled)  # (its states advanced, then the step fails)
+        if any(seq.params.seed == 666 for seq, _ in scheduled):
+            raise RuntimeError("a model bug")
+        return out
+
+    monkeypatch.setattr(llm.engine.runner, "run", failing_run)
+    outs = llm.generate(PROMPTS, params)
+    recurrent = arch == "qwen3_5"
+    assert [o.finish_reason for o in outs] == ["error"] * 3 if recurrent else ["length", "error", "length"]
+    if not recurrent:
+        assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
+    monkeypatch.undo()
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected and _pool_is_full(llm.engine)
+    assert len(llm.engine.blocks.free_states) == llm.engine.runner.state_slots
+
+
 def test_recurrent_states_stored_in_half_precision(tmp_path):
     """mamba_ssm_cache_dtype bfloat16: Mamba-2's states stored in bf16 between prompt chunks of 5 (computed in
     fp32 within a step) take half the bytes and give every prompt token's logprob within 0.02 of fp32

@@ -236,18 +236,21 @@ class LLMEngine:
                 seq.num_draft_tokens else None
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
+        """Run one step. A failed forward pass is run again one sequence at a time to find the culprit, but
+        where recurrent layers' states may have advanced part way (they cannot be run again: every sequence of
+        the step fails); a failed sampling samples each sequence alone from its own rows."""
         try:
             self.runner.copy_states(self.blocks.take_state_copies([seq for seq, _ in scheduled]))
             to_sample, logits, prompt_logprobs, embeddings = self.runner.run(scheduled)
+        except Exception:
+            if len(scheduled) > 1 and not self.runner.state_slots:  # find the culprit: rerun one at a time
+                return [out for item in scheduled for out in self._run([item])]
+            logger.exception("a model step of %s failed", ", ".join(seq.request_id for seq, _ in scheduled))
+            return [self._fail(seq, "internal error in the model step") for seq, _ in scheduled]
+        try:
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
-            if len(scheduled) > 1:  # find the culprit: rerun one at a time
-                return [out for item in scheduled for out in self._run([item])]
-            seq = scheduled[0][0]
-            logger.exception("request %s failed", seq.request_id)
-            self._keep_drafts(seq, 0)
-            seq.finish_reason = "error"
-            return [self._finish(seq, error="generation failed: internal error in the model step")]
+            tokens, logprobs = self._sample_each(logits, to_sample)
         for part in prompt_logprobs:
             self._keep_prompt_logprobs(part)
         for seq, count in scheduled:
@@ -262,15 +265,37 @@ class LLMEngine:
             seq.finish_reason = "stop"
             outputs.append(self._finish(seq, embedding=torch.nn.functional.normalize(hidden, dim=0).tolist()))
         for seq, emitted, rows in zip(to_sample, tokens, logprobs):
+            if emitted is None:  # its sampling failed
+                outputs.append(self._fail(seq, "internal error in sampling"))
+                continue
             try:
                 output = self._append(seq, emitted, rows)
             except Exception:
                 logger.exception("request %s failed", seq.request_id)
-                seq.finish_reason = "error"
-                output = self._finish(seq, error="generation failed while decoding the output")
+                output = self._fail(seq, "the output could not be decoded")
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list]:
+        """_sample's tokens and logprobs, each sequence sampled alone from its rows; None where that fails."""
+        starts = list(itertools.accumulate((1 + seq.num_draft_tokens for seq in seqs), initial=0))
+        tokens, logprobs = [], []
+        for seq, begin, end in zip(seqs, starts, starts[1:]):
+            try:
+                (emitted,), (rows,) = self._sample(logits[begin:end], [seq])
+            except Exception:
+                logger.exception("sampling request %s failed", seq.request_id)
+                emitted = rows = None
+            tokens.append(emitted)
+            logprobs.append(rows)
+        return tokens, logprobs
+
+    def _fail(self, seq: Sequence, what: str) -> RequestOutput:
+        """Finish a sequence whose step failed (`what` went wrong), its drafts dropped."""
+        self._keep_drafts(seq, 0)
+        seq.finish_reason = "error"
+        return self._finish(seq, error=f"generation failed: {what}")
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[list[int]], list[list]]:
         """Each sequence's new tokens (one, or its accepted drafts plus one) and, per token, the raw
