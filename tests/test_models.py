@@ -81,12 +81,21 @@ def test_fp8_sources_read_as_their_decoded_weights(tmp_path, arch, method, block
     DeepSeek-V3's and the -FP8 releases' files (blocks smaller here, and partial at the edges: 48 rows in
     blocks of 32), per output row in compressed-tensors' (Phi-3's fused matrices cut into parts after
     decoding, Qwen3-Next's rows picked, Llama 4's 3-D experts one scale grid each), the scales and the
-    quantization_config out of sight. The quantizer makes the same checkpoint of both."""
+    quantization_config out of sight (and activations' scales, which lcq does not use). The quantizer makes
+    the same checkpoint of both."""
+    from safetensors.torch import load_file, save_file
+
     from lcq.format import CheckpointReader
     from lcq.quantizer import QuantizeOptions, quantize_model
     from tests.tiny_model import fp8_copy
 
     folder = fp8_copy(make_tiny_hf(tmp_path / "hf", arch), tmp_path / "fp8", tmp_path / "decoded", method, block)
+    if method == "compressed-tensors":  # static activation scales and an FP8 KV cache's scales beside the weights
+        tensors = load_file(folder / "model.safetensors")
+        for name in ("model.layers.0.self_attn.q_proj.input_scale", "model.layers.0.self_attn.k_scale",
+                     "model.layers.0.self_attn.v_scale"):
+            tensors[name] = torch.tensor(0.5)
+        save_file(tensors, folder / "model.safetensors")
     fp8, decoded = CheckpointReader(folder), CheckpointReader(tmp_path / "decoded")
     assert fp8.config == decoded.config and fp8.names() == decoded.names()
     assert all(fp8.shape(name) == decoded.shape(name) and torch.equal(fp8.tensor(name), decoded.tensor(name))

@@ -5,8 +5,8 @@ Each weight is an E4M3 (or E5M2) float times the scale of its block: quant_metho
 fine-grained FP8) stores the scales as `<weight>_scale_inv`, one per weight_block_size block of rows and columns
 (the last blocks may be partial: 576 rows in blocks of 128 have 5), or one per tensor where weight_block_size is
 null; `compressed-tensors` in float-quantized format stores them as `<weight>_scale`, one per tensor, per
-output row (strategy channel) or per block (block_structure). Both multiply. Activation scales (`input_scale`)
-are not used: activations stay in the serving dtype.
+output row (strategy channel) or per block (block_structure). Both multiply. Activation scales (`input_scale`,
+and an FP8 KV cache's `k_scale` and `v_scale`) are not used: activations and the cache stay in lcq's dtypes.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ FP8_METHOD = "fp8"
 COMPRESSED_TENSORS = "compressed-tensors"
 FLOAT_QUANTIZED = "float-quantized"
 SCALE_SUFFIXES = ("_scale_inv", "_scale")  # a weight's scales: fp8's, compressed-tensors'
-ACTIVATION_SCALE = "input_scale"
+# Scales of activations and of an FP8 KV cache (compressed-tensors' kv_cache_scheme), which lcq does not use
+ACTIVATION_SCALES = ("input_scale", "output_scale", "k_scale", "v_scale")
 E8M0_BIAS = 127  # UE8M0 scales stored as bytes: 2 ** (byte - 127)
 
 
@@ -55,8 +56,8 @@ def scale_names(names: list[str]) -> dict[str, str]:
 
 
 def is_auxiliary(name: str, scaled: dict[str, str]) -> bool:
-    """Whether a stored tensor is a weight's scales or an activation scale: read with its weight, or not at all."""
-    return name in scaled.values() or name.rsplit(".", 1)[-1] == ACTIVATION_SCALE
+    """Whether a stored tensor is a weight's scales or an activation's: read with its weight, or not at all."""
+    return name in scaled.values() or name.rsplit(".", 1)[-1] in ACTIVATION_SCALES
 
 
 def decode_fp8(weight: torch.Tensor, scales: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
