@@ -130,8 +130,9 @@ def test_fp8_source_serves_as_transformers_decodes_it(tmp_path, arch):
 
 def test_fp8_decoding_and_its_refusals(tmp_path):
     """Scales per tensor, per row and per block (partial at the edges) multiply their weights; UE8M0 scales
-    stored as bytes are powers of two; scales that fit no grid, and FP8 weights without scales, are refused
-    with the file and tensor named."""
+    stored as bytes are powers of two; scales that fit no grid, FP8 weights without scales, and folders of
+    other quantization methods (GPTQ, compressed-tensors' integer formats) are refused with the file (and
+    tensor) named."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -160,6 +161,11 @@ def test_fp8_decoding_and_its_refusals(tmp_path):
         **config["quantization_config"], "weight_block_size": [32, 32]}}))
     with pytest.raises(FormatError, match=rf"model.safetensors: tensor '{name}' unreadable \(FP8 scales"):
         CheckpointReader(folder).tensor(name)
+    for quant in ({"quant_method": "gptq", "bits": 4}, {"quant_method": "compressed-tensors", "format": "pack-quantized"}):
+        (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+        with pytest.raises(FormatError, match=rf"quant_method '{quant['quant_method']}' is not one lcq reads .* "
+                                              "give the full-precision release"):
+            CheckpointReader(folder)
     (folder / "config.json").write_text(json.dumps(config))
     tensors = load_file(folder / "model.safetensors")
     del tensors[name + "_scale_inv"]

@@ -203,7 +203,9 @@ class CheckpointReader:
         if quant is None:
             return None
         if quant.get("quant_method") != QUANT_METHOD:
-            raise FormatError(f"{path}: quant_method {quant.get('quant_method')!r} is not {QUANT_METHOD!r}")
+            raise FormatError(f"{path}: quant_method {quant.get('quant_method')!r} is not one lcq reads (its own "
+                              f"{QUANT_METHOD!r}, FP8's 'fp8' or compressed-tensors float-quantized, gpt-oss's "
+                              "'mxfp4'): give the full-precision release of this model")
         if quant.get("format_version") not in READABLE_VERSIONS:
             raise FormatError(f"{path}: format_version {quant.get('format_version')!r} is not supported "
                               f"(this lcq reads versions {', '.join(map(str, READABLE_VERSIONS))})")
