@@ -50,8 +50,8 @@
   as mlp.e_score_correction_bias, where transformers keeps it). LFM2's MLPs (and its mixtures' experts)
   under feed_forward read so too, its config completed with transformers' defaults; its other names
   (operator_norm, ffn_norm, the attention's out_proj and q_layernorm, model.embedding_norm) are read as
-  they are. MiniMax-M2's config is completed with
-  transformers' defaults (its rotary_dim as a partial_rotary_factor).
+  they are. MiniMax-M2's config is completed with transformers' defaults (its rotary_dim as a
+  partial_rotary_factor).
 - gpt-oss (GptOssForCausalLM) keeps each layer's experts as 3-D tensors: gate_up_proj (experts, hidden,
   2 x width), gate and up columns alternating, and down_proj (experts, width, hidden), each (in, out),
   with their biases; on the Hub in MXFP4 (quant_method mxfp4: the codes under _blocks, their scales under
@@ -785,8 +785,8 @@ def _granite4_as_llama(config: dict[str, Any]) -> dict[str, Any]:
     """Granite 4.0's dense attention-only models (granite-4.0-micro: GraniteMoeHybridForCausalLM with no
     Mamba layers and no experts) as Granite 3, its MLP's width the shared MLP's."""
     if config.get("position_embedding_type") != "rope":
-        raise ViewError(f"GraniteMoeHybridForCausalLM: position_embedding_type {config.get('position_embedding_type')!r}"
-                        " is not supported without Mamba layers (only rope)")
+        raise ViewError("GraniteMoeHybridForCausalLM: position_embedding_type "
+                        f"{config.get('position_embedding_type')!r} is not supported without Mamba layers (only rope)")
     return _granite_as_llama({**config, "intermediate_size": config.get("shared_intermediate_size", 1024)})
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lcq.errors import UserError
 from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, view_config
+from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
 from .layers import ROPE_TYPES, rope_settings
 
@@ -36,12 +37,11 @@ GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and M
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
 LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
 QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")  # linear attention (LinearDims) in most layers
-LFM2 = ("lfm2", "lfm2_moe")  # short convolutions (ShortConvDims) in most layers
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
 # the same with q/k norms per head; GLM-4-0414's: norms on inputs and outputs, adjacent rotary pairs;
-# OLMoE's and MiniMax-M2's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one LayerNorm
-# before attention and the MLP side by side, adjacent rotary pairs; StableLM's: LayerNorms with biases.
+# OLMoE's and MiniMax-M2's: Llama's norms, q/k norms over the whole projections; Cohere's (and Cohere 2's): one
+# LayerNorm before attention and the MLP side by side, adjacent rotary pairs; StableLM's: LayerNorms with biases.
 LAYER_NORMS = {"olmo2": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "olmo3": dict(sandwich_norms=True, pre_norms=False, qk_norm_per_head=False),
                "exaone4": dict(sandwich_norms=True, pre_norms=False),
@@ -187,7 +187,7 @@ class ModelConfig:
     # num_kv_heads 1, keys and values alike; None: the attention of every other family
     latent: LatentDims | None = None
     # The layers whose token mixer keeps a recurrent state per sequence instead of a KV cache: Qwen3.5's linear
-    # attention (linear), Granite 4.0-H's Mamba-2 (mamba)
+    # attention (linear), Granite 4.0-H's Mamba-2 (mamba), LFM2's short convolutions (short_conv)
     linear_layers: list[bool] = field(default_factory=list)
     linear: LinearDims | None = None
     mamba: MambaDims | None = None

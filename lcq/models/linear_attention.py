@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .config import ModelConfig
 from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk_decays
 
+
 class GatedDeltaNet(RecurrentMixer):
     CHECKPOINT_NAME = "linear_attn"  # its module in a decoder layer
 
@@ -33,7 +34,8 @@ class GatedDeltaNet(RecurrentMixer):
         self.in_proj = make_linear([f"{prefix}.in_proj_qkv", f"{prefix}.in_proj_z", f"{prefix}.in_proj_b",
                                     f"{prefix}.in_proj_a"])
         self.out_proj = make_linear([f"{prefix}.out_proj"])
-        self.decay_log = parameter(dims.num_v_heads, dtype=torch.float32)  # A_log: g = -exp(A_log) softplus(a + dt_bias)
+        # A_log: g = -exp(A_log) softplus(a + dt_bias)
+        self.decay_log = parameter(dims.num_v_heads, dtype=torch.float32)
         self.dt_bias = parameter(dims.num_v_heads, dtype=torch.float32)
         self.norm_weight = parameter(dims.head_v_dim, dtype=dtype)
         self.eps = config.rms_norm_eps

@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 
 from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
-from lcq.format.views import FINAL_NORMS
+from lcq.format.views import FINAL_NORMS, LFM2
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
 
-from .config import LFM2, ModelConfig
+from .config import ModelConfig
 from .layers import PackedEmbedding
 from .llama import LlamaModel, MixtureOfExperts
 

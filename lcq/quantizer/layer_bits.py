@@ -28,8 +28,8 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
                **dict.fromkeys((*LINEAR_INPUTS, "out_proj"), "linear_attn"), "in_proj": "mamba",
                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), LINEAR_INPUTS)
-# qkv: the attention's input projections (a latent attention's run one by one, but are named together; Mamba-2's); o_proj:
-# its output projection, linear attention's too
+# qkv: the attention's input projections (a latent attention's run one by one, but are named together; Mamba-2's
+# and LFM2's convolutions' in_proj); o_proj: its output projection, the recurrent layers' out_proj too
 ALIASES = {"qkv": FUSED[0] + LATENT_INPUTS + LINEAR_INPUTS + ("in_proj",), "o_proj": ("o_proj", "out_proj"),
            "gate_up": FUSED[1],
            "all": tuple(PROJECTIONS)}

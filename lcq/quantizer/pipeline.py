@@ -25,7 +25,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
-from lcq.format.views import FINAL_NORMS
+from lcq.format.views import FINAL_NORMS, LFM2
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
@@ -76,7 +76,7 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     # OLMo 2's and EXAONE 4's projections read the stream itself: only the final norm weighs it
                     "olmo2": (), "olmo3": (), "exaone4": (),
                     "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",),  # (one norm a layer)
-                    **dict.fromkeys(("lfm2", "lfm2_moe"), ("operator_norm", "ffn_norm"))}
+                    **dict.fromkeys(LFM2, ("operator_norm", "ffn_norm"))}
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's

@@ -11,8 +11,8 @@ prompt prefixes map to equal blocks (one per group). Freed blocks keep their has
 sliding-window group needs only the blocks its window reaches at the end of that prefix.
 
 A model with recurrent layers (Qwen3.5's linear attention, Granite 4.0-H's Mamba-2, LFM2's short
-convolutions) keeps a state per sequence instead of blocks in those layers: each running sequence holds one of `state_slots` slots, from its first step until its blocks go
-back. Such a state cannot be rebuilt from cached blocks, so its prefix caching keeps states too: a prompt's
+convolutions) keeps a state per sequence instead of blocks in those layers: each running sequence holds one
+of `state_slots` slots, from its first step until its blocks go back. Such a state cannot be rebuilt from cached blocks, so its prefix caching keeps states too: a prompt's
 chunks stop at the end of its last full block before its last token (the longest prefix a later request can
 reuse), where its state is copied into one of the `snapshot_slots`, known by that block's chain hash (the
 least recently used kept state gives way). A later prompt reuses the longest cached prefix whose end has a

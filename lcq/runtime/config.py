@@ -28,8 +28,9 @@ class EngineConfig:
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
     enable_prefix_caching: bool = True
-    # Recurrent layers' (Qwen3.5's, Granite 4.0-H's, LFM2's) prefix caching: states kept at prompts' ends (block_manager.py),
-    # each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for such models.
+    # Recurrent layers' (Qwen3.5's, Granite 4.0-H's, LFM2's) prefix caching: states kept at prompts' ends
+    # (block_manager.py), each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for
+    # such models.
     state_snapshots: int = 16
     # The dtype of those layers' recurrent states (vLLM's name; their convolutions' last inputs are in the model
     # dtype): float32, or the model's (auto) or a half one, half the memory; computed in fp32 either way.
