@@ -1052,6 +1052,27 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
         LLM(str(tiny), generation_config=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("arch, targets", [
+    ("qwen3_5", ("mlp.gate_proj", "mlp.down_proj")), ("lfm2", ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")),
+    ("granite4_hybrid", ("shared_mlp.input_linear", "shared_mlp.output_linear"))])
+def test_lora_adapters_on_the_mlps_of_recurrent_models(tmp_path, arch, targets):
+    """An adapter on the MLPs of a model with recurrent layers (whose attention takes none) gives the greedy
+    tokens of transformers' own class with the adapter merged: LFM2's w1/w3/w2 and Granite 4.0-H's fused
+    input_linear (split into gate and up, its output_linear's B scaled by the residual factor folded into
+    down_proj) reach the matrices lcq reads them as."""
+    import transformers
+
+    folder = make_tiny_hf(tmp_path / "hf", arch)
+    adapter = make_tiny_adapter(tmp_path / "adapter", folder, targets=targets, alpha=64.0)
+    family = json.loads((folder / "config.json").read_text())["architectures"][0]
+    merged = merge_adapter(getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval(), adapter)
+    expected = [_transformers_greedy(None, prompt, 12, merged) for prompt in PROMPTS]
+    assert expected != [_transformers_greedy(folder, prompt, 12) for prompt in PROMPTS]
+    llm = LLM(str(folder), block_size=8, lora_modules=f"tuned={adapter}", **FP32)
+    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="tuned")
+    assert [o.token_ids for o in llm.generate(PROMPTS, tuned)] == expected
+
+
 @pytest.mark.parametrize("base", ["fp32", "fp16", "lcq"])
 def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, monkeypatch, base):
     """Adapters served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) give the greedy
