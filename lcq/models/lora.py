@@ -221,7 +221,7 @@ class LoRABatch:
     def add(self, layer: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y (rows, N) = x @ W^T of fused layer `layer`, plus each row's adapter product (in place): x times
         every slot's A, the columns of other slots zeroed per row, times every B; y itself for a layer no
-        adapter may reach (the attention of DeepSeek's or of the recurrent families)."""
+        adapter may reach (the attention of the families with recurrent layers)."""
         if layer not in self.stack.layers or not (self.every_layer or self.stack.holders[layer]):
             return y
         a, b, owner = self.stack.layers[layer]
