@@ -482,3 +482,32 @@ def test_draft_model_on_cuda(tmp_path):
     assert graphed.generate([PROMPTS[0]], params)[0].token_ids == eager.generate([PROMPTS[0]], params)[0].token_ids
     drafts, accepted = _drafts_and_accepted(graphed)
     assert accepted >= 0.9 * drafts > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2"])
+def test_recurrent_models_verify_drafts(tmp_path, arch):
+    """A model with recurrent layers verifies drafts: a drafting sequence's recurrent states advance one token
+    at a time through the step and go back to the tokens it kept (its last one and the accepted drafts). A
+    prediction that is the greedy output itself is accepted whole; one that departs from it halfway is
+    accepted up to there, then rejected; batched with a sequence that does not draft, every sequence gets
+    the tokens of plain decoding. A draft model of attention layers drafts for such a target; a draft model
+    with recurrent layers is refused."""
+    folder = make_tiny_hf(tmp_path / arch, arch)
+    expected = [o.token_ids for o in LLM(str(folder), block_size=8, **FP32).generate(PROMPTS, GREEDY)]
+    departing = expected[0][:20] + [(token + 7) % 300 + 1 for token in expected[0][20:]]
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prediction=departing),
+              SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prediction=expected[1]), GREEDY]
+    llm = LLM(str(folder), block_size=8, **DRAFT_ALWAYS, **FP32)
+    outs = llm.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == expected
+    assert outs[1].usage.accepted_prediction_tokens >= 30 and 15 <= outs[0].usage.accepted_prediction_tokens < 30
+    drafts, accepted = _drafts_and_accepted(llm)
+    assert 0 < accepted < drafts
+    stats = llm.engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks and len(llm.engine.blocks.free_states) == 64
+    attention_draft = make_tiny_hf(tmp_path / "llama", "llama")
+    drafted = LLM(str(folder), block_size=8, speculative_model=str(attention_draft), **DRAFT_ALWAYS, **FP32)
+    assert [o.token_ids for o in drafted.generate(PROMPTS, GREEDY)] == expected
+    assert _drafts_and_accepted(drafted)[0] > 0
+    with pytest.raises(UserError, match="recurrent layers' states cannot take back the drafts"):
+        LLM(str(attention_draft), speculative_model=str(folder), num_speculative_tokens=2, **FP32)

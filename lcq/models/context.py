@@ -30,8 +30,11 @@ class ForwardContext:
                  sequence, padded with -1 (and -1 where a sliding window has handed a block back).
     max_query_len, max_context_len: python ints for kernel launch sizes.
     lora         the step's LoRA adapters and their rows, or None when no sequence uses one.
-    state_slots  int64 (num_seqs,): each sequence's slot of the linear-attention layers' states (Qwen3.5),
-                 or None for a model without them.
+    state_slots  int64 (num_seqs,): each query's slot of the recurrent layers' states (Qwen3.5, Granite
+                 4.0-H, LFM2), or None for a model without them; a sequence verifying drafts has one query per
+                 token, all in its slot.
+    drafting_slots the slots of the sequences verifying drafts: their recurrent layers advance one token at a
+                 time and keep each token's state until the engine says how many were accepted (keep_states).
     """
 
     is_prefill: bool
@@ -43,6 +46,7 @@ class ForwardContext:
     max_context_len: int
     lora: LoRABatch | None = None
     state_slots: torch.Tensor | None = None
+    drafting_slots: frozenset[int] = frozenset()
 
     @property
     def num_seqs(self) -> int:

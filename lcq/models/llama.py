@@ -424,6 +424,13 @@ class LlamaModel(torch.nn.Module):
         return sum(layer.self_attn.bind_states(slots, self.norm.weight.device, dtype) for layer in self.layers
                    if isinstance(layer.self_attn, RecurrentMixer))
 
+    def keep_states(self, kept: dict[int, int]) -> None:
+        """Every recurrent layer's states of each slot in `kept` after its first kept[slot] tokens of the last
+        step (RecurrentMixer.keep_states)."""
+        for layer in self.layers:
+            if isinstance(layer.self_attn, RecurrentMixer):
+                layer.self_attn.keep_states(kept)
+
     def copy_states(self, source: int, target: int) -> None:
         """Every recurrent layer's states of slot `source` copied into slot `target`."""
         for layer in self.layers:

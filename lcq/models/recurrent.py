@@ -28,6 +28,8 @@ class RecurrentMixer(torch.nn.Module):
         self.conv_bias = parameter(conv_dim, dtype=dtype) if conv_bias else None
         self.state_shape = state_shape  # one sequence's recurrent state
         self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
+        # Per slot verifying drafts: its states after each of the step's tokens, until keep_states
+        self.drafted: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def bind_states(self, slots: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
         """State tensors of `slots` sequences (zeros), the recurrent ones in `dtype` (each step computes in fp32
@@ -36,6 +38,13 @@ class RecurrentMixer(torch.nn.Module):
         self.conv_states = torch.zeros(slots, conv_dim, kernel - 1, dtype=self.conv_weight.dtype, device=device)
         self.recurrent_states = torch.zeros(slots, *self.state_shape, dtype=dtype, device=device)
         return self.conv_states.nbytes + self.recurrent_states.nbytes
+
+    def keep_states(self, kept: dict[int, int]) -> None:
+        """Each slot's states after the first kept[slot] tokens of the step that verified its drafts (the
+        accepted drafts and the token before them), where it advanced past rejected ones."""
+        for slot, tokens in kept.items():
+            self.conv_states[slot], self.recurrent_states[slot] = self.drafted[slot][tokens - 1]
+        self.drafted = {}
 
     def copy_state(self, source: int, target: int) -> None:
         """Slot `target`'s states made those of slot `source` (a prompt's state kept, or taken up again)."""
@@ -60,8 +69,10 @@ class RecurrentMixer(torch.nn.Module):
         """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
         context = attention.context
         conv_input, rest = self.split(self.in_proj(hidden))
-        if context.is_prefill:
-            out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, fresh)
+        self.drafted = {}
+        if context.is_prefill or context.drafting_slots:  # each query through its slot, in order
+            out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, fresh,
+                                            slot in context.drafting_slots)
                              for begin, end, slot, fresh in _sequences(context)])
         else:
             slots = context.state_slots
@@ -75,8 +86,10 @@ class RecurrentMixer(torch.nn.Module):
             out = out[:, 0]
         return self.out_proj(self.output(out, rest, hidden.dtype))
 
-    def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool) -> torch.Tensor:
-        """The new tokens of one sequence, from its slot's state or (fresh) from zeros."""
+    def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool, drafting: bool = False
+                  ) -> torch.Tensor:
+        """The new tokens of one query, from its slot's state or (fresh) from zeros; where drafting (one token
+        of a sequence verifying drafts), the states after it kept aside."""
         if fresh:
             self.conv_states[slot] = 0
             self.recurrent_states[slot] = 0
@@ -87,6 +100,9 @@ class RecurrentMixer(torch.nn.Module):
         out, state = self.recur(convolved.t().unsqueeze(0), rest.unsqueeze(0),
                                 self.recurrent_states[slot].unsqueeze(0).float())
         self.recurrent_states[slot] = state[0]
+        if drafting:
+            self.drafted.setdefault(slot, []).append((self.conv_states[slot].clone(),
+                                                      self.recurrent_states[slot].clone()))
         return out[0]
 
 

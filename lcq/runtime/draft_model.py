@@ -91,6 +91,9 @@ class DraftModel:
         self.group = target.kv_groups.windows.index(0)
         self.num_tokens = config.num_speculative_tokens
         _check_tokenizer(config.speculative_model, tokenizer)
+        if any(ModelConfig.from_folder(config.speculative_model).linear_layers):
+            raise UserError(f"draft model {config.speculative_model}: its recurrent layers' states cannot take back "
+                            "the drafts the target rejects; draft with a model of attention layers")
         try:
             self.runner = ModelRunner(draft_engine_config(config, target.max_model_len), num_blocks=target.num_blocks,
                                       role="draft model: ")

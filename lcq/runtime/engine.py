@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 
-from lcq.errors import UserError
 from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
@@ -75,14 +74,9 @@ class LLMEngine:
             self.tokenizer.chat_template = template
         draft_block_bytes, draft_weight_bytes = draft_footprint(config) if config.speculative_model else (0, 0)
         self.runner = ModelRunner(config, draft_block_bytes=draft_block_bytes, draft_weight_bytes=draft_weight_bytes)
-        recurrent = bool(self.runner.state_slots)  # recurrent layers: a step's states cannot take back drafts
-        if recurrent and config.speculative_model:
-            raise UserError(f"{config.model}: speculative decoding is not supported with recurrent layers (their "
-                            "states would have to take back rejected drafts); drop --speculative-model")
-        if recurrent:
-            logger.info("recurrent layers: %d state slots and %d for prefixes' states (%.2f GiB); no speculative "
-                        "decoding", self.runner.state_slots, len(self.runner.snapshot_slots),
-                        self.runner.state_bytes / 2**30)
+        if self.runner.state_slots:
+            logger.info("recurrent layers: %d state slots and %d for prefixes' states (%.2f GiB)",
+                        self.runner.state_slots, len(self.runner.snapshot_slots), self.runner.state_bytes / 2**30)
         self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
@@ -97,7 +91,7 @@ class LLMEngine:
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
                                    config.prompt_lookup_min)
-        self.draft_batch_limit = 0 if recurrent else config.speculative_disable_by_batch_size  # (0: never drafts)
+        self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.drafts_total = self.draft_tokens_total = self.accepted_tokens_total = 0
         freeze_loaded_objects()
 
@@ -251,6 +245,9 @@ class LLMEngine:
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
             tokens, logprobs = self._sample_each(logits, to_sample)
+        # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)
+        self.runner.keep_states({seq.state_slot: len(emitted) for seq, emitted in zip(to_sample, tokens)
+                                 if seq.num_draft_tokens and emitted is not None and self.runner.state_slots})
         for part in prompt_logprobs:
             self._keep_prompt_logprobs(part)
         for seq, count in scheduled:

@@ -178,6 +178,12 @@ class ModelRunner:
         return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows,
                             self.state_slots, self.snapshot_slots)
 
+    def keep_states(self, kept: dict[int, int]) -> None:
+        """Recurrent layers' states of the sequences that verified drafts: after the tokens they kept (slot ->
+        the step's tokens kept: the accepted drafts and the token before them)."""
+        if kept:
+            self.model.keep_states(kept)
+
     def copy_states(self, copies: list[tuple[int, int]]) -> None:
         """Linear attention's state slots copied (from, to) in order: prefixes' states kept and taken up."""
         for source, target in copies:
@@ -250,7 +256,10 @@ class ModelRunner:
             max_context_len=max(lengths),
             lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
             if max(adapter_slots) >= 0 else None,
-            state_slots=tensor([seq.state_slot for seq, _ in scheduled], torch.int64) if self.state_slots else None)
+            state_slots=tensor([seq.state_slot for seq, count in scheduled
+                                for _ in range(count if seq.num_draft_tokens else 1)], torch.int64)
+            if self.state_slots else None,
+            drafting_slots=frozenset(seq.state_slot for seq, _ in scheduled if seq.num_draft_tokens and self.state_slots))
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
@@ -271,7 +280,8 @@ class ModelRunner:
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
                  context: ForwardContext
                  ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
-        if self.graphs is not None and not context.is_prefill and context.num_seqs <= self.graphs.max_batch:
+        if self.graphs is not None and not context.is_prefill and not context.drafting_slots and \
+                context.num_seqs <= self.graphs.max_batch:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
