@@ -185,7 +185,7 @@ class ModelRunner:
             self.model.keep_states(kept)
 
     def copy_states(self, copies: list[tuple[int, int]]) -> None:
-        """Linear attention's state slots copied (from, to) in order: prefixes' states kept and taken up."""
+        """Recurrent layers' state slots copied (from, to) in order: prefixes' states kept and taken up."""
         for source, target in copies:
             self.model.copy_states(source, target)
 
@@ -259,7 +259,8 @@ class ModelRunner:
             state_slots=tensor([seq.state_slot for seq, count in scheduled
                                 for _ in range(count if seq.num_draft_tokens else 1)], torch.int64)
             if self.state_slots else None,
-            drafting_slots=frozenset(seq.state_slot for seq, _ in scheduled if seq.num_draft_tokens and self.state_slots))
+            drafting_slots=frozenset(seq.state_slot for seq, _ in scheduled
+                                     if seq.num_draft_tokens and self.state_slots))
         return tensor(ids, torch.int64), tensor(positions, torch.int64), context
 
     @torch.inference_mode()
