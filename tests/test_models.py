@@ -530,7 +530,8 @@ def test_linear_attention_follows_transformers(tmp_path, monkeypatch, arch, fami
 HYBRIDS = {"granite4_hybrid": ("GraniteMoeHybridForCausalLM", [True, False, True, True], [False] * 4),
            "granite4_moe": ("GraniteMoeHybridForCausalLM", [True, False, True, True], [True] * 4),
            "lfm2": ("Lfm2ForCausalLM", [True, True, False, True], [False] * 4),
-           "lfm2_moe": ("Lfm2MoeForCausalLM", [True, True, False, True], [False, True, True, True])}
+           "lfm2_moe": ("Lfm2MoeForCausalLM", [True, True, False, True], [False, True, True, True]),
+           "bamba": ("BambaForCausalLM", [True, False, True, True], [False] * 4)}
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
@@ -542,7 +543,8 @@ def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_op
     MLP in every layer, beside 2 of 4 experts (softmax over the chosen). LFM2 (and LFM2-8B-A1B's form): short
     convolutions (C times the convolved B x, biases on its projections) around an attention layer with per-head
     q/k norms, its own names for norms and projections, the MLP two thirds of intermediate_size; mixtures past
-    the first layer choosing by sigmoid scores plus a bias, scaled. Our model against transformers' own
+    the first layer choosing by sigmoid scores plus a bias, scaled. Bamba: Granite's Mamba-2 around attention
+    turning half of each head, Llama's MLP under its own names. Our model against transformers' own
     class: prompts prefilled in chunks (transformers' Mamba-2 recurrence in chunks of 8, ours of 64) and
     decoded."""
     import transformers

@@ -280,11 +280,13 @@ RECURRENT = {"qwen3_5": ("linear_attn", ["in_proj_qkv", "in_proj_z", "in_proj_b"
                          ["A_log", "dt_bias", "conv1d.weight", "norm.weight"], (0, 1), 3),
              "granite4": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
                           (0, 2), 1),
-             "lfm2": ("conv", ["in_proj"], ["conv.weight", "conv.bias", "in_proj.bias"], (0, 1), 2)}
+             "lfm2": ("conv", ["in_proj"], ["conv.weight", "conv.bias", "in_proj.bias"], (0, 1), 2),
+             "bamba": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
+                       (0, 2), 1)}
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe", "lfm2",
-                                  "lfm2_moe"])
+                                  "lfm2_moe", "bamba"])
 def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
     together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
@@ -295,8 +297,8 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     weights (the checkpoint's neutral, the embeddings' kept). LFM2's short convolutions too (in_proj and
     out_proj, with their biases; the filters kept), its attention's out_proj by o_proj's rules, its MLP's w1,
     w3, w2 packed as gate_proj, up_proj, down_proj (its experts' too, their choosing bias kept beside the
-    router), its final norm under its own name. Block-wise and end-to-end stages through
-    transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
+    router), its final norm under its own name; Bamba's Mamba-2 as Granite's. Block-wise and end-to-end stages
+    through transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
     mixer, inputs, kept, layers, attention = RECURRENT[next(family for family in RECURRENT if arch.startswith(family))
                                                        if not arch.startswith("qwen3") else "qwen3_5"]

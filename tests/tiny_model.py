@@ -65,7 +65,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
         Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
-        Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM
+        Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,6 +213,10 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(num_hidden_layers=4, layer_types=["conv", "conv", "full_attention", "conv"], conv_bias=True,
                      intermediate_size=240 if arch == "lfm2" else 160, block_multiple_of=32, num_experts=4,
                      num_experts_per_tok=2, moe_intermediate_size=64, num_dense_layers=1, routed_scaling_factor=2.0)
+    if arch == "bamba":  # Bamba's form: Mamba-2 layers (6 heads of 32, 2 groups) around an attention layer turning
+        # half of each head; transformers' recurrence in chunks of 8
+        sizes.update(num_hidden_layers=4, attn_layer_indices=[1], mamba_n_heads=6, mamba_d_head=32, mamba_d_state=16,
+                     mamba_n_groups=2, mamba_chunk_size=8)
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -249,6 +253,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "granite4_hybrid": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # Mamba-2 and NoPE attention
         "granite4_moe": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # the same with experts
         "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
+        "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one

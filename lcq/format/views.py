@@ -218,6 +218,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _with_defaults(config, "MiniMaxM2ForCausalLM")
     if config.get("model_type") in LFM2:  # their own defaults (tied head, layer types)
         return _with_defaults(config, LFM2[config["model_type"]])
+    if config.get("model_type") == "bamba":  # its own defaults (Mamba-2's head width, half of each head turning)
+        return _with_defaults(config, "BambaForCausalLM")
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -272,7 +274,7 @@ MXFP4 = "mxfp4"  # gpt-oss's quant_method
 # LFM2's families (their short convolutions and attention, dense or with experts) and their CausalLMs
 LFM2 = {"lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 # Where a family keeps its final norm, where not under model.norm
-FINAL_NORMS = dict.fromkeys(LFM2, "model.embedding_norm")
+FINAL_NORMS = {**dict.fromkeys(LFM2, "model.embedding_norm"), "bamba": "model.final_layernorm"}
 # Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
 MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 

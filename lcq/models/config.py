@@ -29,7 +29,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
                            "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
-                           "Lfm2MoeForCausalLM": "lfm2_moe"}
+                           "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -187,7 +187,7 @@ class ModelConfig:
     # num_kv_heads 1, keys and values alike; None: the attention of every other family
     latent: LatentDims | None = None
     # The layers whose token mixer keeps a recurrent state per sequence instead of a KV cache: Qwen3.5's linear
-    # attention (linear), Granite 4.0-H's Mamba-2 (mamba), LFM2's short convolutions (short_conv)
+    # attention (linear), Granite 4.0-H's and Bamba's Mamba-2 (mamba), LFM2's short convolutions (short_conv)
     linear_layers: list[bool] = field(default_factory=list)
     linear: LinearDims | None = None
     mamba: MambaDims | None = None
@@ -253,6 +253,7 @@ class ModelConfig:
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
+            **_bamba_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
@@ -383,6 +384,13 @@ def _qwen3_5_fields(c: dict) -> dict:
                 rotated_dims=_rotated_dims(c), attention_output_gate=True)
 
 
+def _mamba_dims(c: dict) -> MambaDims:
+    """Mamba-2's dimensions, as Granite 4.0-H's and Bamba's configs name them."""
+    return MambaDims(num_heads=c["mamba_n_heads"], head_dim=c["mamba_d_head"], state_dim=c["mamba_d_state"],
+                     groups=c["mamba_n_groups"], conv_kernel=c["mamba_d_conv"],
+                     time_step_limit=tuple(float(limit) for limit in c.get("time_step_limit") or (0.0, math.inf)))
+
+
 def _granite_hybrid_fields(c: dict) -> dict:
     """Granite 4.0-H's layer beside Llama's (its factors folded into weights by the view, but the embeddings'):
     Mamba-2 in the layers layer_types names so, attention without a rotary embedding (position_embedding_type
@@ -390,12 +398,19 @@ def _granite_hybrid_fields(c: dict) -> dict:
     if c["model_type"] != "granitemoehybrid":
         return {}
     types = c.get("layer_types") or c.get("layers_block_type")
-    mamba = MambaDims(num_heads=c["mamba_n_heads"], head_dim=c["mamba_d_head"], state_dim=c["mamba_d_state"],
-                      groups=c["mamba_n_groups"], conv_kernel=c["mamba_d_conv"],
-                      time_step_limit=tuple(float(limit) for limit in c.get("time_step_limit") or (0.0, math.inf)))
-    return dict(linear_layers=[kind in ("linear_attention", "mamba") for kind in types], mamba=mamba,
+    return dict(linear_layers=[kind in ("linear_attention", "mamba") for kind in types], mamba=_mamba_dims(c),
                 embed_scale=float(c.get("embedding_multiplier", 1.0)),
                 mlp_name="block_sparse_moe" if c.get("num_local_experts") else "shared_mlp")
+
+
+def _bamba_fields(c: dict) -> dict:
+    """Bamba's layer beside Llama's: Mamba-2 in every layer but attn_layer_indices', whose attention turns the
+    first half of each head; the MLP under feed_forward."""
+    if c["model_type"] != "bamba":
+        return {}
+    attention = set(c.get("attn_layer_indices") or ())
+    return dict(linear_layers=[i not in attention for i in range(c["num_hidden_layers"])], mamba=_mamba_dims(c),
+                mlp_name="feed_forward", rotated_dims=_rotated_dims(c))
 
 
 def _lfm2_fields(c: dict) -> dict:

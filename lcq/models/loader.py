@@ -55,7 +55,8 @@ QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query
                  **dict.fromkeys(LFM2, ("q_layernorm", "k_layernorm"))}
 # A layer's norms before its attention (or mixer) and before its MLP, where not input_layernorm and
 # post_attention_layernorm
-NORM_NAMES = dict.fromkeys(LFM2, ("operator_norm", "ffn_norm"))
+NORM_NAMES = {**dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
+              "bamba": ("input_layernorm", "pre_ff_layernorm")}
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
 SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",

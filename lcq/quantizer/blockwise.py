@@ -45,10 +45,12 @@ class LayerFit:
 
 def block_call(block: torch.nn.Module, inputs: Callable[[torch.Tensor], dict]) -> BlockCall:
     """f(weights, hidden) running the transformers decoder block with some weights replaced; inputs(hidden)
-    gives the block's other arguments (rotary cos and sin, an attention mask where it needs one)."""
+    gives the block's other arguments (rotary cos and sin, an attention mask where it needs one). A block
+    that returns a tuple (Bamba's, as Jamba's) gives its hidden states first."""
 
     def call(weights: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
-        return functional_call(block, weights, (hidden,), inputs(hidden), strict=False)
+        out = functional_call(block, weights, (hidden,), inputs(hidden), strict=False)
+        return out[0] if isinstance(out, tuple) else out
 
     return call
 

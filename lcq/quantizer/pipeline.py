@@ -61,7 +61,7 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
                 "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
-                "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe"}
+                "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba"}
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
                    "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -76,7 +76,8 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     # OLMo 2's and EXAONE 4's projections read the stream itself: only the final norm weighs it
                     "olmo2": (), "olmo3": (), "exaone4": (),
                     "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",),  # (one norm a layer)
-                    **dict.fromkeys(LFM2, ("operator_norm", "ffn_norm"))}
+                    **dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
+                    "bamba": ("input_layernorm", "pre_ff_layernorm")}
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's
@@ -285,8 +286,11 @@ class _Source:
         return self.config.num_hidden_layers
 
     def block(self, index: int) -> torch.nn.Module:
+        # (Bamba's layers are told their kind, as its model builds them)
+        kind = {"layer_type": self.config.layers_block_type[index]} \
+            if "layer_type" in inspect.signature(self.layer_class.__init__).parameters else {}
         with torch.device("meta"):  # no random init of weights that are overwritten right away
-            layer = as_stored(self.layer_class(self.config, index))
+            layer = as_stored(self.layer_class(self.config, index, **kind))
         prefix = f"model.layers.{index}."
         state = {name[len(prefix):]: self.reader.tensor(name).float()
                  for name in self.reader.names() if name.startswith(prefix)}
