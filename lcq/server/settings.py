@@ -162,11 +162,10 @@ FLAGS = (
          field="enable_prefix_caching", invert=True),
     Flag("--mamba-ssm-cache-dtype", str, "float32 (default), auto (the model dtype), bfloat16 or float16: the "
          "recurrent states of linear attention and Mamba-2 layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Bamba), "
-         "computed in "
-         "fp32 and stored so; a half dtype halves their memory", "engine"),
-    Flag("--state-snapshots", int, "recurrent layers' (Qwen3.5's, Qwen3-Next's, Granite 4.0-H's, LFM2's) prefix "
-         "caching: how many prompts' states are kept for reuse, each as large as a sequence's states (0: no prefix "
-         "caching for these models)", "engine"),
+         "computed in fp32 and stored so; a half dtype halves their memory", "engine"),
+    Flag("--state-snapshots", int, "recurrent layers' (Qwen3.5's, Qwen3-Next's, Granite 4.0-H's, Bamba's, LFM2's) "
+         "prefix caching: how many prompts' states are kept for reuse, each as large as a sequence's states (0: no "
+         "prefix caching for these models)", "engine"),
     Flag("--disable-hybrid-kv-cache-manager", bool, "keep every KV block of a sequence in sliding-window layers "
          "too, rather than handing back the blocks their window has passed (vLLM's name)", "engine",
          field="hybrid_kv_cache", invert=True),
