@@ -23,7 +23,9 @@ from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk
 
 
 class GatedDeltaNet(RecurrentMixer):
-    CHECKPOINT_NAME = "linear_attn"  # its module in a decoder layer
+    CHECKPOINT_NAME = "linear_attn"
+    # (the gated norm multiplies by its w itself, not 1 + w)
+    TENSORS = {"conv_weight": "conv1d.weight", "decay_log": "A_log", "dt_bias": "dt_bias", "norm_weight": "norm.weight"}
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: Callable[[list[str]], torch.nn.Module],
                  dtype: torch.dtype):
@@ -39,13 +41,6 @@ class GatedDeltaNet(RecurrentMixer):
         self.dt_bias = parameter(dims.num_v_heads, dtype=torch.float32)
         self.norm_weight = parameter(dims.head_v_dim, dtype=dtype)
         self.eps = config.rms_norm_eps
-
-    def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
-        """The layer's own parameters, by their names under linear_attn (tensor(name) reads one)."""
-        self.conv_weight.copy_(tensor("conv1d.weight").reshape(self.conv_weight.shape))
-        self.decay_log.copy_(tensor("A_log"))
-        self.dt_bias.copy_(tensor("dt_bias"))
-        self.norm_weight.copy_(tensor("norm.weight"))  # the gated norm multiplies by w itself, not 1 + w
 
     def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q, k and v (the convolution's input); z, b and a."""

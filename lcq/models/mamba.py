@@ -19,7 +19,9 @@ from .config import ModelConfig
 from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk_decays
 
 class Mamba2(RecurrentMixer):
-    CHECKPOINT_NAME = "mamba"  # its module in a decoder layer
+    CHECKPOINT_NAME = "mamba"
+    TENSORS = {"conv_weight": "conv1d.weight", "conv_bias": "conv1d.bias", "decay_log": "A_log", "dt_bias": "dt_bias",
+               "skip": "D", "norm_weight": "norm.weight"}
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: Callable[[list[str]], torch.nn.Module],
                  dtype: torch.dtype):
@@ -34,15 +36,6 @@ class Mamba2(RecurrentMixer):
         self.skip = parameter(dims.num_heads, dtype=torch.float32)  # D
         self.norm_weight = parameter(dims.inner, dtype=dtype)
         self.eps = config.rms_norm_eps
-
-    def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
-        """The layer's own parameters, by their names under mamba (tensor(name) reads one)."""
-        self.conv_weight.copy_(tensor("conv1d.weight").reshape(self.conv_weight.shape))
-        self.conv_bias.copy_(tensor("conv1d.bias"))
-        self.decay_log.copy_(tensor("A_log"))
-        self.dt_bias.copy_(tensor("dt_bias"))
-        self.skip.copy_(tensor("D"))
-        self.norm_weight.copy_(tensor("norm.weight"))
 
     def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, B and C (the convolution's input); z and dt."""

@@ -11,6 +11,8 @@ tokens together, in the mixer's chunkwise form of the recurrence.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -18,8 +20,12 @@ CHUNK = 64  # tokens of a prompt's recurrence computed together
 
 
 class RecurrentMixer(torch.nn.Module):
-    """A mixer's convolution and its per-sequence states. Subclasses split the projection (split), advance
-    the recurrence over (sequences, tokens) rows (recur) and make the output of it (output)."""
+    """A mixer's convolution and its per-sequence states. Subclasses name their checkpoint module
+    (CHECKPOINT_NAME) and the tensors they read from it (TENSORS), split the projection (split), advance the
+    recurrence over (sequences, tokens) rows (recur) and make the output of it (output)."""
+
+    CHECKPOINT_NAME: str  # its module in a decoder layer
+    TENSORS: dict[str, str]  # its own parameters (beside in_proj and out_proj) -> their names under that module
 
     def __init__(self, conv_dim: int, conv_kernel: int, state_shape: tuple[int, ...], dtype: torch.dtype,
                  conv_bias: bool = False):
@@ -30,6 +36,14 @@ class RecurrentMixer(torch.nn.Module):
         self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
         # Per slot verifying drafts: its states after each of the step's tokens, until keep_states
         self.drafted: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
+        """The mixer's own parameters (TENSORS; the convolution's filters stored (conv_dim, 1, kernel)), by their
+        names under its checkpoint module (tensor(name) reads one); a bias it does not have is not read."""
+        for attribute, name in self.TENSORS.items():
+            parameter = getattr(self, attribute)
+            if parameter is not None:
+                parameter.copy_(tensor(name).reshape(parameter.shape))
 
     def bind_states(self, slots: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
         """State tensors of `slots` sequences (zeros), the recurrent ones in `dtype` (each step computes in fp32

@@ -15,7 +15,8 @@ from .recurrent import RecurrentMixer
 
 
 class ShortConv(RecurrentMixer):
-    CHECKPOINT_NAME = "conv"  # its module in a decoder layer
+    CHECKPOINT_NAME = "conv"
+    TENSORS = {"conv_weight": "conv.weight", "conv_bias": "conv.bias"}
 
     def __init__(self, config: ModelConfig, prefix: str, make_linear: Callable[[list[str]], torch.nn.Module],
                  dtype: torch.dtype):
@@ -23,12 +24,6 @@ class ShortConv(RecurrentMixer):
         super().__init__(config.hidden_size, dims.kernel, (0,), dtype, conv_bias=dims.bias)
         self.in_proj = make_linear([f"{prefix}.in_proj"])  # B, then C, then x
         self.out_proj = make_linear([f"{prefix}.out_proj"])
-
-    def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
-        """The convolution's filters (and bias), by their names under conv (tensor(name) reads one)."""
-        self.conv_weight.copy_(tensor("conv.weight").reshape(self.conv_weight.shape))
-        if self.conv_bias is not None:
-            self.conv_bias.copy_(tensor("conv.bias"))
 
     def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """B x (the convolution's input); C."""
