@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
@@ -162,8 +163,6 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
 def test_max_model_len_past_the_models_context_is_refused(tiny):
     """The rotary tables end at the model's context (vLLM refuses the same): one clear error at start,
     not an index error in a step once a sequence gets there."""
-    from lcq.errors import UserError
-
     with pytest.raises(UserError, match="max_model_len 1000 is longer than the model's context of 256 tokens"):
         LLM(str(tiny), max_model_len=1000)
 
@@ -286,8 +285,6 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
     after preemption (its state slot given back with its blocks and the state started afresh); every slot free
     at the end. Memory that the states alone fill is
     refused with one line."""
-    from lcq.errors import UserError
-
     folder = make_tiny_hf(tmp_path, arch)
     prompts = [*PROMPTS, [(3 * i + 1) % 300 + 1 for i in range(70)]]
     expected = [_transformers_greedy(folder, prompt, 12) for prompt in prompts]
@@ -433,6 +430,27 @@ def test_fp16_kv_cache_holds_twice_the_tokens(tiny, llm):
     assert [len(o.token_ids) for o in outs] == [GREEDY.max_tokens] * 6
     assert half.engine.stats().num_preemptions_total > 0
     assert _pool_is_full(half.engine)
+
+
+def _resident_bytes() -> int:
+    """The process's resident memory now (not its peak)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def test_cpu_kv_pool_takes_memory_as_its_blocks_are_used(tiny, llm):
+    """A CPU pool is mapped, not written, at start: a 4 GiB pool adds well under 1 GiB to the process until
+    its blocks hold tokens, generates as a small one does, and a pool larger than the memory left is
+    refused at start."""
+    before = _resident_bytes()
+    large = LLM(str(tiny), block_size=8, kv_cache_memory_gb=4, **FP32)
+    assert _resident_bytes() - before < 1 << 30
+    assert large.engine.runner.kv_cache_bytes > 3.9 * 2**30
+    assert [o.token_ids for o in large.generate(PROMPTS, GREEDY)] == [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    available = available_memory_bytes()
+    if available is not None:
+        with pytest.raises(UserError, match=r"GiB of memory left after loading the model: lower kv_cache_memory_gb"):
+            LLM(str(tiny), kv_cache_memory_gb=available / 2**30 + 8, **FP32)
 
 
 @pytest.mark.skipif(not cpu_ops.usable(), reason="int8 caches need the C kernels")
@@ -1122,7 +1140,6 @@ def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
     """Over an LCQ Qwen3-MoE (its second layer dense): adapters on the attention of every layer and on the
     dense layer's MLP give the greedy tokens of transformers with them merged, batched with each other and
     with base-model requests; an adapter on an expert's matrix is refused by name."""
-    from lcq.errors import UserError
     from tests.tiny_model import write_lora_pair
 
     folder = make_tiny_lcq(tmp_path, "qwen3_moe", bits=3, rank=2, group_size=32)
@@ -1198,8 +1215,6 @@ def test_lora_adapters_of_architectures_read_as_another(tmp_path, arch, family, 
 
 def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
     import json
-
-    from lcq.errors import UserError
 
     adapter = make_tiny_adapter(tmp_path / "dora", tiny)
     settings = json.loads((adapter / "adapter_config.json").read_text())
@@ -1330,7 +1345,6 @@ def test_lora_adapter_unloaded_while_running_finishes_on_its_slot(tiny, tmp_path
 
 
 def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
-    from lcq.errors import UserError
     from lcq.runtime import AdapterNotFoundError
 
     folder = make_tiny_adapter(tmp_path / "sql", tiny)

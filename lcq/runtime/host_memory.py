@@ -19,7 +19,11 @@ import atexit
 import ctypes
 import gc
 import logging
+import math
+import mmap
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger("lcq.engine")
 
@@ -54,6 +58,15 @@ def return_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc malloc_trim); a no-op elsewhere."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of zeros on fresh anonymous pages, which the kernel fills with zeros as each is first
+    touched: a KV pool costs nothing at start-up (torch.zeros wrote every byte, about 0.4 s a GB, twice
+    for K and V) and takes memory only as its blocks are used."""
+    count = math.prod(shape)
+    pages = mmap.mmap(-1, max(1, count * torch.empty(0, dtype=dtype).element_size()))
+    return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps the mapping
 
 
 def available_memory_bytes(root: Path = Path("/")) -> int | None:

@@ -20,7 +20,7 @@ from .adapters import AdapterRegistry
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .cuda_graphs import DecodeGraphs
-from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory
+from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory, zeroed_pages
 from .kv_groups import KVGroups
 from .sequence import Sequence
 
@@ -96,9 +96,11 @@ class ModelRunner:
                             "cache's memory allows: lower max_num_seqs or state_snapshots, or give the cache more "
                             "memory")
         self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
+        self._check_host_memory(self.num_blocks * bytes_per_block)
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
-        k_tensors = [torch.zeros(shape, dtype=kv_dtype, device=self.device) for _ in range(self.kv_groups.width)]
-        v_tensors = k_tensors if c.values_in_keys else [torch.zeros_like(k) for k in k_tensors]  # (latent attention)
+        k_tensors = [self._zeros(shape, kv_dtype) for _ in range(self.kv_groups.width)]
+        # a latent attention reads its values from its K cache
+        v_tensors = k_tensors if c.values_in_keys else [self._zeros(shape, kv_dtype) for _ in k_tensors]
         self.k_caches = [k_tensors[j] for j in self.kv_groups.layer_tensor]  # one per layer, shared across groups
         self.v_caches = [v_tensors[j] for j in self.kv_groups.layer_tensor]
         self.model.bind_kv_cache(self.k_caches, self.v_caches, self.kv_groups.layer_group)
@@ -122,6 +124,21 @@ class ModelRunner:
                                            self.state_slots if self.state_slots else None)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 self.log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
+
+    def _check_host_memory(self, cache_bytes: int) -> None:
+        """A CPU pool takes its memory as its blocks are first used (zeroed_pages): one larger than the memory
+        left would be killed mid-request, so it is refused at start."""
+        available = available_memory_bytes() if self.device.type == "cpu" else None
+        if available is not None and cache_bytes > available:
+            raise UserError(f"the KV cache's {cache_bytes / 2**30:.2f} GiB (kv_cache_memory_gb) are more than the "
+                            f"{available / 2**30:.2f} GiB of memory left after loading the model: lower "
+                            "kv_cache_memory_gb")
+
+    def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A cache tensor of zeros: on CPU on pages zeroed as they are first used (host_memory.zeroed_pages)."""
+        if self.device.type == "cpu":
+            return zeroed_pages(shape, dtype)
+        return torch.zeros(shape, dtype=dtype, device=self.device)
 
     def _load_adapters(self, config: EngineConfig) -> AdapterRegistry:
         """The adapter slots (none without adapters or runtime updating), holding lora_modules' adapters."""
