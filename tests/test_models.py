@@ -1344,3 +1344,65 @@ def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
             logits.append(batch.step({s: [t] for s, t in zip(seqs, logits[-1].argmax(-1).tolist())}))
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next", "qwen3_5"])
+def test_multi_token_prediction_layer_follows_its_reference(tmp_path, arch):
+    """The multi-token-prediction layer (DeepSeek-V3's layout, Qwen3-Next's and Qwen3.5's) over a prompt: at each position,
+    from the model's final hidden state there and the next token, the logits of the token after next equal
+    those of the layer computed with transformers' own decoder layer (the last of a model one layer longer),
+    norms and head, as vLLM runs it (DeepSeek's first embedding zeroed). Folders without the layer's tensors
+    are refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.tiny_model import make_tiny_mtp
+
+    served, longer = make_tiny_mtp(tmp_path, arch)
+    model, config = load_model(served, mtp=True)
+    tokens = [(7 * i + 3) % 300 + 1 for i in range(19)]
+    length = len(tokens)
+    shape = model.kv_cache_shape(-(-length // BLOCK), BLOCK, torch.float32)
+    caches = [torch.zeros(shape) for _ in config.cache_layers]
+    model.bind_kv_cache(caches, caches if config.values_in_keys else [torch.zeros(shape) for _ in caches])
+    model.bind_states(1)
+    model.mtp.layer.self_attn.k_cache = torch.zeros(shape)
+    model.mtp.layer.self_attn.v_cache = model.mtp.layer.self_attn.k_cache if config.values_in_keys else \
+        torch.zeros(shape)
+
+    def context(rows: int) -> ForwardContext:
+        return ForwardContext(is_prefill=True, slot_mapping=torch.arange(rows),
+                              query_start=torch.tensor([0, rows], dtype=torch.int32),
+                              context_lens=torch.tensor([rows], dtype=torch.int32),
+                              block_tables=torch.arange(shape[0], dtype=torch.int32)[None], max_query_len=rows,
+                              max_context_len=rows, state_slots=torch.tensor([0]))
+
+    hidden = model(torch.tensor(tokens), torch.arange(length), context(length))
+    _, logits = model.predict_next(torch.tensor(tokens[1:]), hidden[:-1], torch.arange(length - 1),
+                                   context(length - 1))
+
+    reference = AutoModelForCausalLM.from_pretrained(served).eval()
+    layer = AutoModelForCausalLM.from_pretrained(longer).eval().model.layers[-1]
+    stored = {name: tensor for name, tensor in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        served / "model.safetensors").items() if name.startswith(config.mtp.prefix + ".")}
+    names = config.mtp
+
+    def norm(name: str) -> torch.nn.Module:
+        module = type(reference.model.norm)(config.hidden_size, eps=config.rms_norm_eps)
+        module.weight.data = stored[f"{names.prefix}.{name}.weight"]
+        return module
+
+    with torch.no_grad():
+        model_hidden = reference.model(torch.tensor([tokens])).last_hidden_state[0]
+        embeddings = reference.model.embed_tokens(torch.tensor(tokens[1:]))
+        if arch == "deepseek_v3":
+            embeddings[0] = 0.0
+        joined = torch.cat([norm(names.embed_norm)(embeddings), norm(names.hidden_norm)(model_hidden[:-1])], dim=-1)
+        x = (joined @ stored[f"{names.prefix}.{names.projection}.weight"].T)[None]
+        positions = torch.arange(length - 1)[None]
+        out = layer(x, position_embeddings=reference.model.rotary_emb(x, positions), position_ids=positions)
+        out = out[0] if isinstance(out, tuple) else out
+        expected = reference.lm_head(norm(names.final_norm)(out[0]))
+    torch.testing.assert_close(hidden, model_hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="no multi-token-prediction layer to draft with"):
+        load_model(longer, mtp=True)

@@ -97,8 +97,8 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
 
 
 def test_vllm_speculative_config(capsys):
-    """vLLM's --speculative-config JSON for prompt lookup or a draft model sets the same fields as lcq's own
-    flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""
+    """vLLM's --speculative-config JSON for prompt lookup, a draft model or the model's multi-token-prediction
+    layer sets the same fields as lcq's own flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""
     settings = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}'
     expected = {"num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
     assert resolve(parse("--speculative-config", settings), {}).engine_fields == expected
@@ -109,6 +109,10 @@ def test_vllm_speculative_config(capsys):
     for value in ('{"model": "/models/draft", "num_speculative_tokens": 5}',
                   '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 5}'):
         assert resolve(parse("--speculative-config", value), {}).engine_fields == draft
+    mtp = {"speculative_method": "mtp", "num_speculative_tokens": 2}
+    for method in ("mtp", "deepseek_mtp", "qwen3_next_mtp"):  # (vLLM's older per-family names)
+        value = f'{{"method": "{method}", "num_speculative_tokens": 2}}'
+        assert resolve(parse("--speculative-config", value), {}).engine_fields == mtp
     refused = ('{"method": "eagle"}', '{"method": "ngram", "lookahead": 2}', "{method: ngram}",
                '{"model": "/models/draft", "prompt_lookup_max": 3}', '{"method": "draft_model"}')
     for value in refused:

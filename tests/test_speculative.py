@@ -17,7 +17,7 @@ from lcq.runtime.draft_model import DraftSequence, follow
 from lcq.runtime.sequence import Sequence
 from lcq.runtime.speculative import PromptLookup, can_draft, verify
 from tests.test_runtime import FP32, small_block_bytes
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tokenizer
+from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_mtp, make_tokenizer
 
 # Prompts that repeat themselves, so that lookups match from the first step; the tiny random model
 # also falls into loops of its own, which later lookups find.
@@ -511,3 +511,79 @@ def test_recurrent_models_verify_drafts(tmp_path, arch):
     assert _drafts_and_accepted(drafted)[0] > 0
     with pytest.raises(UserError, match="recurrent layers' states cannot take back the drafts"):
         LLM(str(attention_draft), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
+
+
+def _mtp_predictions(llm, tokens: list[int]) -> list[int]:
+    """The multi-token-prediction layer's greedy token after next at each position of `tokens` (position p
+    reads the model's hidden state there and token p + 1), in one pass over the engine's model (its pool free)."""
+    from lcq.models import ForwardContext
+
+    model, block = llm.engine.runner.model, llm.engine.runner.block_size
+
+    def context(rows: int) -> ForwardContext:
+        return ForwardContext(is_prefill=True, slot_mapping=torch.arange(rows),
+                              query_start=torch.tensor([0, rows], dtype=torch.int32),
+                              context_lens=torch.tensor([rows], dtype=torch.int32),
+                              block_tables=torch.arange(-(-rows // block), dtype=torch.int32)[None],
+                              max_query_len=rows, max_context_len=rows, state_slots=torch.tensor([0]))
+
+    hidden = model(torch.tensor(tokens), torch.arange(len(tokens)), context(len(tokens)))
+    _, logits = model.predict_next(torch.tensor(tokens[1:]), hidden[:-1], torch.arange(len(tokens) - 1),
+                                   context(len(tokens) - 1))
+    return logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_multi_token_prediction_layer_drafts(tmp_path, arch):
+    """The model's multi-token-prediction layer drafts (DeepSeek-V3's latent attention and mixture; Qwen3-Next's
+    linear attention around it): tokens equal plain decoding's batched, in prompt chunks, preempted and from
+    prefix-cache hits, seeded sampling is reproducible, and the pool is full after. On a model whose layer
+    predicts some of its tokens (make_tiny_mtp's echoing), chained drafts are accepted, and with one draft a
+    step, alone, each step's draft is the layer's prediction from the model's hidden states: the drafts
+    accepted are those that prediction over the final sequence says. A model without the layer is refused."""
+    served, longer = make_tiny_mtp(tmp_path, arch)
+    expected = [o.token_ids for o in LLM(str(served), block_size=8, **FP32).generate(PROMPTS, GREEDY)]
+    mtp = dict(speculative_method="mtp", block_size=8, **FP32)
+    llm = LLM(str(served), num_speculative_tokens=3, speculative_disable_by_batch_size=64, **mtp)
+    assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected
+    assert [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS] == expected  # prefix-cache hits
+    assert _drafts_and_accepted(llm)[0] > 0
+    chunked = LLM(str(served), num_speculative_tokens=2, speculative_disable_by_batch_size=64,
+                  max_num_batched_tokens=5, **mtp)
+    assert [o.token_ids for o in chunked.generate(PROMPTS, GREEDY)] == expected
+    runner = llm.engine.runner  # 8 blocks, and (Qwen3-Next) the states of 3 sequences and the graphs' scratch slot
+    memory = 8 * runner.kv_cache_bytes / runner.num_blocks + 4 * runner.state_bytes / runner.snapshot_slots.stop
+    small = LLM(str(served), num_speculative_tokens=2, speculative_disable_by_batch_size=64,
+                kv_cache_memory_gb=memory / 2**30, max_num_seqs=3, state_snapshots=0, **mtp)
+    shorter = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    assert small.engine.runner.num_blocks == 8
+    assert [o.token_ids for o in small.generate(PROMPTS, shorter)] == [e[:30] for e in expected]
+    assert small.engine.stats().num_preemptions_total > 0
+    sampled = SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=3, ignore_eos=True)
+    assert llm.generate([PROMPTS[0]], sampled)[0].token_ids == llm.generate([PROMPTS[0]], sampled)[0].token_ids
+    for engine in (llm.engine, chunked.engine, small.engine):
+        stats = engine.stats()
+        assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
+
+    echoing, _ = make_tiny_mtp(tmp_path / "echoing", arch, echoing=True)
+    prompt, steps = PROMPTS[1], GREEDY.max_tokens
+    plain = LLM(str(echoing), block_size=8, **FP32).generate([prompt], GREEDY)[0].token_ids
+    chained = LLM(str(echoing), num_speculative_tokens=3, **mtp)
+    assert chained.generate([prompt], GREEDY)[0].token_ids == plain
+    assert _drafts_and_accepted(chained)[1] > 0
+    alone = LLM(str(echoing), num_speculative_tokens=1, **mtp)
+    sequence = prompt + alone.generate([prompt], GREEDY)[0].token_ids
+    assert sequence == prompt + plain
+    predicted = _mtp_predictions(alone, sequence)
+    drafts = accepted = 0
+    last = len(prompt)  # the position of the sequence's last token, after the prompt's step
+    while last - len(prompt) + 1 < steps:
+        if steps - (last - len(prompt) + 1) - 1 >= 1:  # a draft, where max_tokens leaves room for one
+            drafts += 1
+            if predicted[last - 1] == sequence[last + 1]:
+                accepted += 1
+                last += 1
+        last += 1
+    assert _drafts_and_accepted(alone) == (drafts, accepted) and accepted > 0
+    with pytest.raises(UserError, match="no multi-token-prediction layer to draft with"):
+        LLM(str(longer), num_speculative_tokens=1, **mtp)

@@ -448,6 +448,61 @@ def make_tiny_lcq(folder: str | Path, arch: str = "llama", bits: int = 4, rank: 
     return folder / "lcq"
 
 
+MTP_LAYOUTS = {"deepseek_v3": dict(num_hidden_layers=3),  # the model's 2 layers, then its prediction layer's
+               **dict.fromkeys(("qwen3_next", "qwen3_5"),
+                               dict(num_hidden_layers=5, layer_types=["linear_attention"] * 3 + ["full_attention"] * 2))}
+
+
+def make_tiny_mtp(folder: str | Path, arch: str, echoing: bool = False) -> tuple[Path, Path]:
+    """A tiny model with a multi-token-prediction layer as its family's checkpoints store it (DeepSeek-V3's under
+    model.layers.{num_hidden_layers}, with enorm, hnorm, eh_proj and shared_head; Qwen3-Next's under mtp.,
+    with pre_fc_norm_embedding, pre_fc_norm_hidden, fc and norm), and the model of one more layer whose last
+    layer is that layer's decoder layer (transformers' reference of it). Returns (model, longer model).
+
+    echoing: the head made the embedding table, so that the model often repeats a token, and the layer's
+    projection made to read mostly the next token's embedding, so that it predicts such repeats: drafts
+    that are accepted now and then (a third of them for DeepSeek-V3's, a twentieth for Qwen3-Next's),
+    where random weights' almost never are."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    longer = make_tiny_hf(folder / "longer", arch, **MTP_LAYOUTS[arch])
+    config = json.loads((longer / "config.json").read_text())
+    layers = config["num_hidden_layers"] - 1
+    served = folder / "model"
+    shutil.copytree(longer, served)
+    config["num_hidden_layers"] = layers
+    if arch.startswith("qwen3"):
+        config["layer_types"] = config["layer_types"][:layers]
+        prefix = "mtp"
+    else:
+        config["num_nextn_predict_layers"] = 1
+        prefix = f"model.layers.{layers}"
+    (served / "config.json").write_text(json.dumps(config))
+    tensors = load_file(longer / "model.safetensors")
+    hidden = config["hidden_size"]
+    generator = torch.Generator().manual_seed(1)
+    offset = 0.0 if arch == "deepseek_v3" else -1.0  # (Qwen3-Next's norms store w - 1)
+    mtp = {f"{prefix}.{name}.weight": torch.rand(hidden, generator=generator) + 0.5 + offset
+           for name in (("enorm", "hnorm", "shared_head.norm") if arch == "deepseek_v3" else
+                        ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"))}
+    projection = "eh_proj" if arch == "deepseek_v3" else "fc"
+    mtp[f"{prefix}.{projection}.weight"] = torch.randn(hidden, 2 * hidden, generator=generator) * 0.08
+    if arch == "deepseek_v3":  # copies of the model's, as DeepSeek-V3's checkpoint keeps them
+        mtp[f"{prefix}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+        mtp[f"{prefix}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+    if echoing:
+        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        mtp[f"{prefix}.{projection}.weight"] = torch.cat([torch.eye(hidden), 0.3 * torch.eye(hidden)], dim=1)
+    renamed = {name.replace(f"model.layers.{layers}.", "mtp.layers.0.") if prefix == "mtp" else name: tensor
+               for name, tensor in tensors.items()}
+    save_file({**renamed, **mtp}, str(served / "model.safetensors"), metadata={"format": "pt"})
+    return served, longer
+
+
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")
 
 

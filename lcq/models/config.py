@@ -1,6 +1,7 @@
 """The few numbers our model needs, read from a Hugging Face config.json."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, vie
 from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
 from .layers import ROPE_TYPES, rope_settings
+from .mtp import MtpNames, mtp_names
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",
@@ -195,6 +197,7 @@ class ModelConfig:
     attention_output_name: str = "o_proj"  # the attention's output projection (LFM2: out_proj)
     rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
     attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
+    mtp: MtpNames | None = None  # the checkpoint's multi-token-prediction layer (mtp.py), where it has one
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
     # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
     source_config: dict | None = field(default=None, repr=False)
@@ -206,7 +209,8 @@ class ModelConfig:
             raise UserError(f"{folder}: no config.json (not a Hugging Face model folder)")
         try:
             stored = json.loads(path.read_text())
-            c = view_config(stored, stored_tensor_names(folder))
+            names = stored_tensor_names(folder)
+            c = view_config(stored, names)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON ({e.msg})") from None
         except ViewError as e:
@@ -257,7 +261,7 @@ class ModelConfig:
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
-            query_temperature=_query_temperature(c, rope),
+            query_temperature=_query_temperature(c, rope), mtp=mtp_names(c, names),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
         )
@@ -278,6 +282,12 @@ class ModelConfig:
     def cache_layers(self) -> list[int]:
         """The layers with a KV cache: all but linear attention's."""
         return [i for i, linear in enumerate(self.linear_layers) if not linear]
+
+    def mtp_layer_config(self) -> "ModelConfig":
+        """The settings of the multi-token-prediction layer, as one layer of this model: full attention that
+        turns (at every position), a mixture where the model's last layer has one."""
+        return dataclasses.replace(self, num_layers=1, layer_windows=[0], layer_chunks=[0], rope_layers=[True],
+                                   moe_layers=self.moe_layers[-1:], temperature_layers=[False], linear_layers=[False])
 
     @property
     def values_in_keys(self) -> bool:

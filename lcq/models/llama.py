@@ -38,6 +38,7 @@ from .cpu_decode import CpuDecoder
 from .latent_attention import LatentAttention
 from .linear_attention import GatedDeltaNet
 from .mamba import Mamba2
+from .mtp import MultiTokenPredictor
 from .short_conv import ShortConv
 from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
@@ -263,9 +264,12 @@ class DecoderLayer(torch.nn.Module):
     """Norms by role: before attention, before the MLP, and (Gemma, OLMo 2) on the attention and MLP outputs;
     OLMo 2 has only the latter, Cohere only the first (its attention and MLP read the same normed input)."""
 
-    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype,
+                 prefix: str | None = None):
+        """prefix: the layer's checkpoint names, where not model.layers.{index} (a multi-token-prediction layer's)."""
         super().__init__()
-        prefix = f"model.layers.{index}"
+        prefix = prefix or f"model.layers.{index}"
+        self.prefix = prefix
 
         def norm() -> RMSNorm:
             return model_norm(config, dtype)
@@ -336,6 +340,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
         self.layer_groups: tuple[int, ...] = (0,) * config.num_layers  # each layer's group (bind_kv_cache)
+        self.mtp: MultiTokenPredictor | None = None  # the multi-token-prediction layer, where it drafts (add_mtp)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
@@ -357,6 +362,26 @@ class LlamaModel(torch.nn.Module):
         for layer, table, group in zip(self.layers, tables, groups):
             hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
         return self.norm(hidden, residual)[0]
+
+    def add_mtp(self, make_linear: LinearFactory) -> None:
+        """Build the checkpoint's multi-token-prediction layer (config.mtp), to be loaded and given a KV cache."""
+        names, layer_config = self.config.mtp, self.config.mtp_layer_config()
+        layer = DecoderLayer(layer_config, 0, make_linear, self.dtype, prefix=names.layer)
+        self.mtp = MultiTokenPredictor(names, make_linear, layer, lambda: model_norm(self.config, self.dtype))
+
+    @torch.inference_mode()
+    def predict_next(self, input_ids: torch.Tensor, previous: torch.Tensor, positions: torch.Tensor,
+                     context: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The multi-token-prediction layer over rows of (the token after each position, the hidden state at it):
+        (the hidden states a next draft reads, the logits of the token after next). context: one layer group,
+        the full-attention blocks' table."""
+        embeddings = self.embed_tokens(input_ids).to(self.dtype)
+        if self.config.embed_scale != 1.0:
+            embeddings = embeddings * torch.tensor(self.config.embed_scale, dtype=self.dtype)
+        attention = PagedAttention(context.group(0), self.block_size, embeddings.device, embeddings.dtype,
+                                   self.cache_dtype, None)
+        chained, normed = self.mtp(embeddings, previous.to(self.dtype), positions, self.rotary(positions), attention)
+        return chained, self.compute_logits(normed)
 
     @property
     def graph_capturable(self) -> bool:

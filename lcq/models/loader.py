@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lcq.errors import UserError
 from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
 from lcq.format.views import FINAL_NORMS, LFM2
 from lcq.kernels import LCQLinear, cpu_ops
@@ -87,13 +88,18 @@ def _layer_norms(layer: torch.nn.Module, config: ModelConfig) -> list[tuple[torc
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-               cache_dense: bool | None = None, keep_packed: bool = True) -> tuple[LlamaModel, ModelConfig]:
+               cache_dense: bool | None = None, keep_packed: bool = True, mtp: bool = False
+               ) -> tuple[LlamaModel, ModelConfig]:
     """Our model for a folder, on `device` in `dtype`. cache_dense (default: on CPU) keeps each LCQ
     layer's dequantized weight, trading memory for CPU speed; GPUs run the fused kernels instead.
     keep_packed=False drops cached layers' packed tensors (LCQLinear.release_packed): for callers
-    that run the model only in this dtype on this device, as an engine does."""
+    that run the model only in this dtype on this device, as an engine does. mtp: build and load the
+    checkpoint's multi-token-prediction layer too (model.mtp; a UserError where it has none)."""
     device = torch.device(device)
     config = ModelConfig.from_folder(path)
+    if mtp and config.mtp is None:
+        raise UserError(f"{path}: no multi-token-prediction layer to draft with (DeepSeek-V3's, GLM-4.5's, "
+                        "Qwen3-Next's or Qwen3.5's)")
     reader = CheckpointReader(path)
     if cache_dense is None:
         cache_dense = device.type == "cpu"
@@ -115,6 +121,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
 
     with torch.device(device):
         model = LlamaModel(config, make_linear, dtype)
+        if mtp:
+            model.add_mtp(make_linear)
+
     def norm_weight(name: str) -> torch.Tensor:
         """A norm's scale: Gemma stores it as w - 1 (its norm multiplies by 1 + w, in fp32)."""
         weight = reader.tensor(name).float()
@@ -124,31 +133,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         # Cohere's logits are scaled by logit_scale: the final norm's weight carries it (the head is the tied table)
         final = FINAL_NORMS.get(config.model_type, "model.norm")
         model.norm.weight.copy_(norm_weight(f"{final}.weight") * config.logit_scale)
-        norms = [(model.norm, final)] + [(module, f"model.layers.{i}.{name}") for i, layer in
-                                                enumerate(model.layers) for module, name in _layer_norms(layer, config)]
-        for module, name in norms[1:]:
-            module.weight.copy_(norm_weight(f"{name}.weight"))
-        for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
-            module.bias.copy_(read(f"{name}.bias"))
-        router = ROUTER_NAMES.get(config.model_type, "gate")
+        if config.norm_bias:  # StableLM's LayerNorms
+            model.norm.bias.copy_(read(f"{final}.bias"))
         for i, layer in enumerate(model.layers):
-            if config.attention_sinks:  # fp32, whatever the model's dtype
-                layer.self_attn.sinks.copy_(reader.tensor(f"model.layers.{i}.self_attn.sinks").float())
-            if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products
-                layer.self_attn.load_up_projection(read(f"model.layers.{i}.self_attn.kv_b_proj.weight"))
-            if config.linear_layers[i]:  # a recurrent mixer's convolution, decay, and gated norm
-                mixer = f"model.layers.{i}.{layer.self_attn.CHECKPOINT_NAME}"
-                layer.self_attn.load(lambda name, mixer=mixer: reader.tensor(f"{mixer}.{name}"))
-            if config.moe_layers[i]:  # the router (and a shared expert's gate), kept in full precision
-                mlp = f"model.layers.{i}.{config.mlp_name}"
-                layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)
-                if config.router_bias:
-                    layer.mlp.router_bias.copy_(reader.tensor(f"{mlp}.{router}.bias"))
-                if config.router_correction:  # (ERNIE 4.5's (1, experts))
-                    correction = CORRECTION_NAMES.get(config.model_type, f"{router}.e_score_correction_bias")
-                    layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{correction}").reshape(-1))
-                if layer.mlp.shared_expert_gate is not None:
-                    layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
+            _load_layer(layer, config, i, reader, read, norm_weight)
+        if mtp:
+            names = config.mtp
+            _load_layer(model.mtp.layer, config.mtp_layer_config(), 0, reader, read, norm_weight)
+            for module, name in ((model.mtp.embed_norm, names.embed_norm), (model.mtp.hidden_norm, names.hidden_norm),
+                                 (model.mtp.norm, names.final_norm)):
+                module.weight.copy_(norm_weight(f"{names.prefix}.{name}.weight"))
         if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
             _use_packed_head(model, reader, read, device, cache_dense)
         else:
@@ -163,6 +157,36 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if any([mixture.stack_experts() for mixture in mixtures]) and device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' separate tensors, freed: their small blocks would stay reserved
     return model.eval(), config
+
+
+def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader: CheckpointReader, read,
+                norm_weight) -> None:
+    """A decoder layer's tensors that are not linear layers: norms, attention sinks, the latent attention's
+    up-projection, a recurrent mixer's own, a mixture's router. config: the layer's model (index its layer)."""
+    prefix = layer.prefix
+    norms = _layer_norms(layer, config)
+    for module, name in norms:
+        module.weight.copy_(norm_weight(f"{prefix}.{name}.weight"))
+    for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
+        module.bias.copy_(read(f"{prefix}.{name}.bias"))
+    if config.attention_sinks:  # fp32, whatever the model's dtype
+        layer.self_attn.sinks.copy_(reader.tensor(f"{prefix}.self_attn.sinks").float())
+    if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products
+        layer.self_attn.load_up_projection(read(f"{prefix}.self_attn.kv_b_proj.weight"))
+    if config.linear_layers[index]:  # a recurrent mixer's convolution, decay, and gated norm
+        mixer = f"{prefix}.{layer.self_attn.CHECKPOINT_NAME}"
+        layer.self_attn.load(lambda name: reader.tensor(f"{mixer}.{name}"))
+    if config.moe_layers[index]:  # the router (and a shared expert's gate), kept in full precision
+        router = ROUTER_NAMES.get(config.model_type, "gate")
+        mlp = f"{prefix}.{config.mlp_name}"
+        layer.mlp.router.copy_(reader.tensor(f"{mlp}.{router}.weight"))  # in its own dtype (fp32: GLM-4.5)
+        if config.router_bias:
+            layer.mlp.router_bias.copy_(reader.tensor(f"{mlp}.{router}.bias"))
+        if config.router_correction:  # (ERNIE 4.5's (1, experts))
+            correction = CORRECTION_NAMES.get(config.model_type, f"{router}.e_score_correction_bias")
+            layer.mlp.correction.copy_(reader.tensor(f"{mlp}.{correction}").reshape(-1))
+        if layer.mlp.shared_expert_gate is not None:
+            layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
 
 
 def _use_packed_head(model: LlamaModel, reader: CheckpointReader, read, device: torch.device,

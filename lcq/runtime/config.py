@@ -52,6 +52,8 @@ class EngineConfig:
     # A draft model's folder (draft_model.py): a smaller model of the same tokenizer drafts the
     # num_speculative_tokens instead of prompt lookup.
     speculative_model: str | None = None
+    # "mtp": the model's own multi-token-prediction layer drafts num_speculative_tokens a step (mtp.py)
+    speculative_method: str | None = None
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 2  # shortest n-gram matched
     # No drafts while this many sequences or more run: on CPU each draft row then costs about as much as
@@ -215,6 +217,12 @@ class EngineConfig:
                 raise ValueError("speculative_model drafts num_speculative_tokens a step: set it (1 to 16)")
             if not (Path(self.speculative_model) / "config.json").is_file():
                 raise ValueError(f"speculative_model: {self.speculative_model} holds no config.json (a model folder)")
+        if self.speculative_method not in (None, "mtp"):
+            raise ValueError(f"speculative_method must be mtp where set (got {self.speculative_method})")
+        if self.speculative_method == "mtp" and (not self.num_speculative_tokens or self.speculative_model):
+            raise ValueError("speculative_method mtp drafts num_speculative_tokens a step with the model's own "
+                             "multi-token-prediction layer: set num_speculative_tokens (1 to 16), and no "
+                             "speculative_model")
         sampling_defaults(self.generation_config, self.model)
         self.resolved_chat_template()
         adapters = self.lora_adapters()

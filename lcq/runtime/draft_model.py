@@ -183,18 +183,10 @@ class DraftModel:
         logits = logits[[last[id(view)] for _, view in drafting]]
         if self.vocab_limit is not None:
             logits = logits[:, :self.vocab_limit].contiguous()
-        tokens = argmax(logits).tolist()
-        sampled = [i for i, (seq, _) in enumerate(drafting) if not seq.params.greedy]
-        if sampled:
-            seqs = [drafting[i][0] for i in sampled]
-            probs = filtered_probs(logits[sampled].float(), seqs)
-            if probs.shape[1] < self.target_vocab:  # a draft vocabulary short of the target's: the rest is 0
-                probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
-            for i, token, q in zip(sampled, draw(probs, seqs).tolist(), probs):
-                tokens[i] = token
-                drafting[i][1].draft_rows.append(q)
-        for (_, view), token in zip(drafting, tokens):
+        for (_, view), token, q in zip(drafting, *draw_drafts(logits, [seq for seq, _ in drafting], self.target_vocab)):
             view.token_ids.append(token)
+            if q is not None:
+                view.draft_rows.append(q)
 
     def _view(self, seq: Sequence, end: int) -> DraftSequence:
         """seq's draft view holding its first `end` tokens, over the target's full-attention block table."""
@@ -204,6 +196,22 @@ class DraftModel:
         seq.draft.block_tables = [seq.block_tables[self.group]]
         seq.draft.tables_version = seq.tables_version
         return seq.draft
+
+
+def draw_drafts(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> tuple[list[int], list[torch.Tensor | None]]:
+    """Each sequence's next draft from its row of logits: the argmax for a greedy request, else one drawn from
+    the distribution the request's settings filter (temperature, top-k, top-p, min-p), which comes with it,
+    padded to the target's `vocab`, for verification (None for greedy ones)."""
+    tokens, rows = argmax(logits).tolist(), [None] * len(seqs)
+    sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    if sampled:
+        chosen = [seqs[i] for i in sampled]
+        probs = filtered_probs(logits[sampled].float(), chosen)
+        if probs.shape[1] < vocab:  # a draft vocabulary short of the target's: the rest is 0
+            probs = torch.nn.functional.pad(probs, (0, vocab - probs.shape[1]))
+        for i, token, q in zip(sampled, draw(probs, chosen).tolist(), probs):
+            tokens[i], rows[i] = token, q
+    return tokens, rows
 
 
 def follow(view: DraftSequence, tokens: list[int], end: int) -> None:

@@ -1,7 +1,8 @@
 """The synchronous engine: requests in, one step at a time, deltas out.
 
 A step drafts tokens where speculative decoding is on (prompt lookup, speculative.py, or placeholders
-that a draft model fills once the step is scheduled, draft_model.py), schedules, runs the model once
+that a draft model or the model's multi-token-prediction layer fills once the step is scheduled,
+draft_model.py, mtp.py), schedules, runs the model once
 for every scheduled sequence, samples (or verifies drafts), detokenizes and checks stop conditions. A
 request that fails (even inside a batched forward) is finished with finish_reason "error"; the others
 go on.
@@ -25,6 +26,7 @@ from .draft_model import PLACEHOLDER, DraftModel, draft_footprint
 from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
+from .mtp import MtpDrafter
 from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampler import sample
 from .sampling_params import SamplingParams
@@ -77,7 +79,8 @@ class LLMEngine:
         if self.runner.state_slots:
             logger.info("recurrent layers: %d state slots and %d for prefixes' states (%.2f GiB)",
                         self.runner.state_slots, len(self.runner.snapshot_slots), self.runner.state_bytes / 2**30)
-        self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else None
+        self.drafter = DraftModel(config, self.runner, self.tokenizer) if config.speculative_model else \
+            MtpDrafter(config, self.runner) if config.speculative_method == "mtp" else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
         self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
@@ -211,7 +214,7 @@ class LLMEngine:
         return drafted, behind
 
     def _propose(self, scheduled: list[tuple[Sequence, int]], behind: list[Sequence]) -> None:
-        """The draft model's tokens in place of the placeholders. Should it fail, the placeholders are
+        """The draft model's (or multi-token-prediction layer's) tokens in place of the placeholders. Should it fail, the placeholders are
         verified as they are (the target's tokens stay exact) and the draft starts its sequences afresh."""
         try:
             self.drafter.propose(scheduled, behind)
@@ -219,6 +222,17 @@ class LLMEngine:
             logger.exception("the draft model failed; this step verifies placeholder drafts")
             for seq, _ in scheduled:
                 seq.draft = None
+
+    def _observe(self, scheduled: list[tuple[Sequence, int]]) -> None:
+        """Hand the step's final hidden states to the multi-token-prediction layer. Should that fail, its
+        sequences start afresh (they draft again once it has read their next positions)."""
+        try:
+            self.drafter.observe(scheduled, self.runner.last_hidden)
+        except Exception:
+            logger.exception("the multi-token-prediction layer could not keep this step's hidden states")
+            for seq, _ in scheduled:
+                seq.draft = None
+        self.runner.last_hidden = None
 
     def _keep_drafts(self, seq: Sequence, count: int) -> None:
         """Keep the first `count` of seq's drafts (all of them when count is larger), drop the rest."""
@@ -241,6 +255,8 @@ class LLMEngine:
                 return [out for item in scheduled for out in self._run([item])]
             logger.exception("a model step of %s failed", ", ".join(seq.request_id for seq, _ in scheduled))
             return [self._fail(seq, "internal error in the model step") for seq, _ in scheduled]
+        if self.runner.last_hidden is not None:
+            self._observe(scheduled)
         try:
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:

@@ -69,7 +69,9 @@ class ModelRunner:
         if not on_cuda:
             keep_freed_memory()  # each prefill step's activations are reused, not faulted in afresh
         before = torch.cuda.memory_allocated(self.device) if on_cuda else 0
-        self.model, self.model_config = load_model(config.model, self.device, self.dtype, keep_packed=False)
+        drafts_by_mtp = config.speculative_method == "mtp"
+        self.model, self.model_config = load_model(config.model, self.device, self.dtype, keep_packed=False,
+                                                   mtp=drafts_by_mtp)
         if not on_cuda:
             return_freed_memory()  # the packed tensors the CPU layers dropped
         self.adapters = self._load_adapters(config)
@@ -81,7 +83,12 @@ class ModelRunner:
         c = self.model_config
         windows = [c.attention_windows[i] for i in c.cache_layers]
         self.kv_groups = KVGroups.of(windows if config.hybrid_kv_cache else [0] * len(windows))
-        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype, self.kv_groups.width)
+        if drafts_by_mtp and 0 not in self.kv_groups.windows:
+            raise UserError("the multi-token-prediction layer attends over the blocks of the model's full-attention "
+                            "layers, and every layer of this model slides over a window")
+        # (the multi-token-prediction layer's K/V, one more layer, in every block)
+        bytes_per_block = self.model.kv_cache_bytes_per_block(self.block_size, kv_dtype,
+                                                              self.kv_groups.width + drafts_by_mtp)
         # recurrent layers' states: a slot per sequence that may run at once, a scratch one for the CUDA
         # graphs' padding rows, and those that keep prefixes' states for prefix caching (none for other models)
         self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
@@ -104,6 +111,11 @@ class ModelRunner:
         self.k_caches = [k_tensors[j] for j in self.kv_groups.layer_tensor]  # one per layer, shared across groups
         self.v_caches = [v_tensors[j] for j in self.kv_groups.layer_tensor]
         self.model.bind_kv_cache(self.k_caches, self.v_caches, self.kv_groups.layer_group)
+        self.last_hidden: torch.Tensor | None = None  # the last step's final hidden states, where the layer drafts
+        if drafts_by_mtp:
+            attention = self.model.mtp.layer.self_attn
+            attention.k_cache = self._zeros(shape, kv_dtype)
+            attention.v_cache = attention.k_cache if c.values_in_keys else self._zeros(shape, kv_dtype)
         self.kv_cache_bytes = self.num_blocks * bytes_per_block
         self.max_model_len = self._longest_sequence(config)
         self.model.fit_rotary(self.max_model_len)
@@ -234,9 +246,13 @@ class ModelRunner:
         allowed = int(total * config.gpu_memory_utilization) - self.weight_bytes
         return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
-    def _prepare(self, scheduled: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+    def _prepare(self, scheduled: list[tuple[Sequence, int]], num_groups: int | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """The step's token ids, positions and context; num_groups: the tables each sequence has, where not one
+        per layer group (the multi-token-prediction layer's views: one)."""
+        num_groups = num_groups or self.kv_groups.num_groups
         ids, positions, starts, lengths = [], [], [0], []
-        slots: list[list[int]] = [[] for _ in range(self.kv_groups.num_groups)]  # per layer group
+        slots: list[list[int]] = [[] for _ in range(num_groups)]  # per layer group
         adapter_slots: list[int] = []  # each row's adapter slot, -1 for the base model
         bs = self.block_size
         width = max(len(seq.block_tables[0]) for seq, _ in scheduled)
@@ -244,7 +260,7 @@ class ModelRunner:
         # (groups, rows, width), padded with -1, from each sequence's array of its tables, made again only when
         # they changed (from nested lists torch took 5.5 ms a step for 64 sequences of 3,000 tokens in 6 groups,
         # a GPU decode step's worth)
-        tables = np.full((self.kv_groups.num_groups, rows, width), -1, dtype=np.int32)
+        tables = np.full((num_groups, rows, width), -1, dtype=np.int32)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
             adapter_slots += [-1 if seq.adapter is None else seq.adapter.slot] * count
@@ -303,6 +319,8 @@ class ModelRunner:
             hidden = self.graphs.run(input_ids, positions, context)
         else:
             hidden = self.model(input_ids, positions, context)
+        if self.model.mtp is not None:
+            self.last_hidden = hidden
         rows, to_sample, prompt_logprobs, embeddings = [], [], [], []
         end = 0
         for seq, count in scheduled:
@@ -319,6 +337,15 @@ class ModelRunner:
             return [], torch.empty(0), prompt_logprobs, embeddings
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
         return to_sample, logits, prompt_logprobs, embeddings
+
+    @torch.inference_mode()
+    def run_mtp(self, views: list[tuple[Sequence, int]], previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass of the multi-token-prediction layer over views of sequences (their tokens one ahead, their one
+        table the full-attention blocks'), `previous` the hidden state of each row's position: (the hidden
+        states a next draft reads, the logits of the tokens after next), a row per token."""
+        input_ids, positions, context = self._prepare(views, num_groups=1)
+        with cpu_products(self.products):
+            return self.model.predict_next(input_ids, previous, positions, context)
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> list[PromptLogprobs]:
         """Logprobs of the prompt tokens that this step's rows of seq predict (row i is position

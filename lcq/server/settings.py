@@ -84,12 +84,14 @@ class Flag:
         return self.type is bool
 
 
-# vLLM's --speculative-config keys and the engine fields they set, per method: prompt lookup ("ngram")
-# and a draft model ("draft_model", also where a model is named without a method)
+# vLLM's --speculative-config keys and the engine fields they set, per method: prompt lookup ("ngram"),
+# a draft model ("draft_model", also where a model is named without a method) and the model's own
+# multi-token-prediction layer ("mtp", and vLLM's older per-family names for it)
 SPECULATIVE_KEYS = {"num_speculative_tokens": "num_speculative_tokens",
                     "disable_by_batch_size": "speculative_disable_by_batch_size"}
 METHOD_KEYS = {"ngram": {"prompt_lookup_max": "prompt_lookup_max", "prompt_lookup_min": "prompt_lookup_min"},
-               "draft_model": {"model": "speculative_model"}}
+               "draft_model": {"model": "speculative_model"}, "mtp": {}}
+MTP_METHODS = ("deepseek_mtp", "qwen3_next_mtp", "glm4_moe_mtp")
 
 
 def _speculative_config(text: str) -> dict[str, Any]:
@@ -102,16 +104,18 @@ def _speculative_config(text: str) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise argparse.ArgumentTypeError("a JSON object is needed")
     method = settings.pop("method", "draft_model" if "model" in settings else "ngram")
+    method = "mtp" if method in MTP_METHODS else method
     if method not in METHOD_KEYS:
-        raise argparse.ArgumentTypeError(f"only methods ngram (prompt lookup) and draft_model are supported, "
-                                         f"not {method}")
+        raise argparse.ArgumentTypeError(f"only methods ngram (prompt lookup), draft_model and mtp (the model's own "
+                                         f"multi-token-prediction layer) are supported, not {method}")
     known = {**SPECULATIVE_KEYS, **METHOD_KEYS[method]}
     if unknown := sorted(set(settings) - set(known)):
         raise argparse.ArgumentTypeError(f"unknown keys {', '.join(unknown)} for method {method} (known: method, "
                                          f"{', '.join(known)})")
     if method == "draft_model" and "model" not in settings:
         raise argparse.ArgumentTypeError("method draft_model needs the draft's folder as model")
-    return {known[key]: value for key, value in settings.items()}
+    fields = {known[key]: value for key, value in settings.items()}
+    return {**fields, "speculative_method": "mtp"} if method == "mtp" else fields
 
 
 def _bool(text: str) -> bool:
@@ -184,7 +188,9 @@ FLAGS = (
          "--num-speculative-tokens tokens a step instead of prompt lookup (vLLM's older name)", "engine"),
     Flag("--speculative-config", _speculative_config, "vLLM's JSON form of the flags above: "
          '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
-         'or \'{"model": "/models/draft", "num_speculative_tokens": 4}\' (disable_by_batch_size too)', "engine",
+         'or \'{"model": "/models/draft", "num_speculative_tokens": 4}\' or \'{"method": "mtp", '
+         '"num_speculative_tokens": 1}\' (the model\'s own multi-token-prediction layer: DeepSeek-V3, GLM-4.5, '
+         'Qwen3-Next, Qwen3.5) (disable_by_batch_size too)', "engine",
          expands=True, metavar="JSON"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
