@@ -1346,13 +1346,13 @@ def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next", "qwen3_5"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe_lite", "glm4_moe", "qwen3_next", "qwen3_5"])
 def test_multi_token_prediction_layer_follows_its_reference(tmp_path, arch):
-    """The multi-token-prediction layer (DeepSeek-V3's layout, Qwen3-Next's and Qwen3.5's) over a prompt: at each position,
-    from the model's final hidden state there and the next token, the logits of the token after next equal
-    those of the layer computed with transformers' own decoder layer (the last of a model one layer longer),
-    norms and head, as vLLM runs it (DeepSeek's first embedding zeroed). Folders without the layer's tensors
-    are refused by name."""
+    """The multi-token-prediction layer (DeepSeek-V3's layout, GLM-4.7-Flash's and GLM-4.5's; Qwen3-Next's and
+    Qwen3.5's) over a prompt: at each position, from the model's final hidden state there and the next
+    token, the logits of the token after next equal those of the layer computed with transformers' own
+    decoder layer (the last of a model one layer longer), norms and head, as vLLM runs it (DeepSeek's first
+    embedding zeroed). Folders without the layer's tensors are refused by name."""
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_model import make_tiny_mtp
@@ -1394,7 +1394,7 @@ def test_multi_token_prediction_layer_follows_its_reference(tmp_path, arch):
     with torch.no_grad():
         model_hidden = reference.model(torch.tensor([tokens])).last_hidden_state[0]
         embeddings = reference.model.embed_tokens(torch.tensor(tokens[1:]))
-        if arch == "deepseek_v3":
+        if config.mtp.zero_first_embedding:
             embeddings[0] = 0.0
         joined = torch.cat([norm(names.embed_norm)(embeddings), norm(names.hidden_norm)(model_hidden[:-1])], dim=-1)
         x = (joined @ stored[f"{names.prefix}.{names.projection}.weight"].T)[None]

@@ -1077,3 +1077,40 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
     assert torch.equal(dequantize(CheckpointReader(reader.folder).linear(name)), dequantize(layer))
     with pytest.raises(FormatError, match="v_proj are packed at different widths \\(2, 2, 3\\)"):
         load_model(reader.folder)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
+    """A model's multi-token-prediction layer is quantized as one more block, calibrated on inputs made from the
+    last block's outputs and the next tokens: its decoder layer's matrices packed at the model's width under
+    its own names, its norms and projection (and nothing else of the source's layer: DeepSeek's copies of
+    the head and table) kept in full precision. The quantized model drafts with it: the tokens of plain
+    decoding, drafts accepted, and the packed layer predicting mostly as the full-precision one does."""
+    from tests.test_runtime import FP32
+    from tests.test_speculative import GREEDY, PROMPTS, _mtp_predictions
+    from tests.tiny_model import make_tiny_mtp
+
+    from lcq.runtime import LLM
+
+    source, _ = make_tiny_mtp(tmp_path, arch, echoing=True)
+    options = QuantizeOptions(bits=4, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1, seed=0)
+    quantize_model(source, tmp_path / "lcq", options, progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    prefix, own = ("mtp", "mtp") if arch == "qwen3_next" else ("model.layers.2", "model.layers.2")
+    names = reader.names()
+    assert reader.has(f"{prefix}.{'layers.0.' if arch == 'qwen3_next' else ''}self_attn.o_proj.qweight")
+    assert reader.linear(f"{prefix}.{'layers.0.' if arch == 'qwen3_next' else ''}self_attn.o_proj").bits == 4
+    projection = "fc" if arch == "qwen3_next" else "eh_proj"
+    assert reader.has(f"{own}.{projection}.weight") and not any(n.endswith(("shared_head.head.weight",
+                                                                               f"{own}.embed_tokens.weight"))
+                                                                  for n in names)
+    mtp = dict(speculative_method="mtp", block_size=8, **FP32)
+    plain = [o.token_ids for o in LLM(str(tmp_path / "lcq"), block_size=8, **FP32).generate(PROMPTS, GREEDY)]
+    drafting = LLM(str(tmp_path / "lcq"), num_speculative_tokens=2, **mtp)
+    assert [drafting.generate([p], GREEDY)[0].token_ids for p in PROMPTS] == plain
+    assert drafting.engine.stats().num_accepted_tokens_total > 0
+    sequence = PROMPTS[0] + plain[0]
+    packed = _mtp_predictions(drafting, sequence)
+    full = _mtp_predictions(LLM(str(source), num_speculative_tokens=1, **mtp), sequence)
+    assert sum(a == b for a, b in zip(packed, full)) >= 0.6 * len(full)

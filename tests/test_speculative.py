@@ -484,6 +484,20 @@ def test_draft_model_on_cuda(tmp_path):
     assert accepted >= 0.9 * drafts > 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+def test_multi_token_prediction_on_cuda(tmp_path, arch):
+    """The multi-token-prediction layer drafting on a GPU (its passes through the Triton attention): the tokens of
+    the engine without drafts, some drafts accepted (make_tiny_mtp's echoing model)."""
+    served, _ = make_tiny_mtp(tmp_path, arch, echoing=True)
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    drafting = LLM(str(served), block_size=8, max_num_seqs=8, speculative_method="mtp", num_speculative_tokens=2,
+                   dtype="float32")
+    plain = LLM(str(served), block_size=8, max_num_seqs=8, dtype="float32")
+    assert drafting.generate([PROMPTS[0]], params)[0].token_ids == plain.generate([PROMPTS[0]], params)[0].token_ids
+    assert _drafts_and_accepted(drafting)[1] > 0
+
+
 @pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2"])
 def test_recurrent_models_verify_drafts(tmp_path, arch):
     """A model with recurrent layers verifies drafts: a drafting sequence's recurrent states advance one token

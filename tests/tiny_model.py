@@ -448,7 +448,8 @@ def make_tiny_lcq(folder: str | Path, arch: str = "llama", bits: int = 4, rank: 
     return folder / "lcq"
 
 
-MTP_LAYOUTS = {"deepseek_v3": dict(num_hidden_layers=3),  # the model's 2 layers, then its prediction layer's
+MTP_LAYOUTS = {**dict.fromkeys(("deepseek_v3", "glm4_moe_lite", "glm4_moe"), dict(num_hidden_layers=3)),  # the model's 2 layers, then
+               # its prediction layer's
                **dict.fromkeys(("qwen3_next", "qwen3_5"),
                                dict(num_hidden_layers=5, layer_types=["linear_attention"] * 3 + ["full_attention"] * 2))}
 
@@ -485,13 +486,14 @@ def make_tiny_mtp(folder: str | Path, arch: str, echoing: bool = False) -> tuple
     tensors = load_file(longer / "model.safetensors")
     hidden = config["hidden_size"]
     generator = torch.Generator().manual_seed(1)
-    offset = 0.0 if arch == "deepseek_v3" else -1.0  # (Qwen3-Next's norms store w - 1)
+    deepseek = not arch.startswith("qwen3")  # (DeepSeek-V3's layout, GLM-4.5's too)
+    offset = 0.0 if deepseek else -1.0  # (Qwen3-Next's norms store w - 1)
     mtp = {f"{prefix}.{name}.weight": torch.rand(hidden, generator=generator) + 0.5 + offset
-           for name in (("enorm", "hnorm", "shared_head.norm") if arch == "deepseek_v3" else
+           for name in (("enorm", "hnorm", "shared_head.norm") if deepseek else
                         ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"))}
-    projection = "eh_proj" if arch == "deepseek_v3" else "fc"
+    projection = "eh_proj" if deepseek else "fc"
     mtp[f"{prefix}.{projection}.weight"] = torch.randn(hidden, 2 * hidden, generator=generator) * 0.08
-    if arch == "deepseek_v3":  # copies of the model's, as DeepSeek-V3's checkpoint keeps them
+    if deepseek:  # copies of the model's, as DeepSeek-V3's checkpoint keeps them
         mtp[f"{prefix}.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
         mtp[f"{prefix}.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
     if echoing:

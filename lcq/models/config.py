@@ -9,10 +9,10 @@ from pathlib import Path
 
 from lcq.errors import UserError
 from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, view_config
+from lcq.format.mtp import MtpNames, mtp_names
 from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
 from .layers import ROPE_TYPES, rope_settings
-from .mtp import MtpNames, mtp_names
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2",
                            "Qwen3ForCausalLM": "qwen3", "Gemma3ForCausalLM": "gemma3_text",

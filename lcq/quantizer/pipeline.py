@@ -9,6 +9,7 @@ half-written folder never looks valid and --resume continues after the last fini
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import gc
 import inspect
@@ -25,6 +26,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
+from lcq.format.mtp import mtp_names
 from lcq.format.views import FINAL_NORMS, LFM2
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
@@ -44,6 +46,7 @@ ASSIGNMENTS = ("nearest", "gptq", "gptq-refit")
 PROGRESS_FILE = "lcq-progress.json"
 WIDTHS_FILE = "lcq-target-widths.json"  # --target-bits: the --layer-bits rules chosen, kept for --resume
 HEAD_SHARD = "lm_head.safetensors"  # a packed head's own shard, written once the blocks are done
+MTP_SHARD = "mtp.safetensors"  # the multi-token-prediction layer's, written once the blocks are done
 # The block-wise stage's default Adam step per bit width, relative to each of S, V, B's mean
 # magnitude. A step of that size moves codebook entries by a fixed share of the group's range, so it
 # must shrink as the entries get closer: on SmolLM2-135M (blocks 0-2, held-out text) 1e-2 lowered the
@@ -280,22 +283,48 @@ class _Source:
         nope = getattr(self.config, "position_embedding_type", "rope") == "nope"  # Granite 4.0-H: no rotary embedding
         self.rotary_module = None if nope else getattr(modeling, rotary)(config=self.config).to(device)
         self.device = device
+        self.mtp = mtp_names(self.config.to_dict(), self.reader.names())  # its multi-token-prediction layer
 
     @property
     def num_layers(self) -> int:
         return self.config.num_hidden_layers
 
     def block(self, index: int) -> torch.nn.Module:
+        return self._layer(self.config, index, f"model.layers.{index}.")
+
+    def mtp_block(self) -> torch.nn.Module:
+        """The multi-token-prediction layer's decoder layer: one more layer of the model's kind, of full attention."""
+        config = copy.deepcopy(self.config)
+        config.num_hidden_layers += 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = [*config.layer_types, "full_attention"]
+        return self._layer(config, self.num_layers, f"{self.mtp.layer}.", self.mtp.own_modules)
+
+    def _layer(self, config, index: int, prefix: str, others: tuple[str, ...] = ()) -> torch.nn.Module:
+        """transformers' decoder layer `index` of `config` holding the tensors under `prefix` (but the modules
+        `others` beside it)."""
         # (Bamba's layers are told their kind, as its model builds them)
-        kind = {"layer_type": self.config.layers_block_type[index]} \
+        kind = {"layer_type": config.layers_block_type[index]} \
             if "layer_type" in inspect.signature(self.layer_class.__init__).parameters else {}
         with torch.device("meta"):  # no random init of weights that are overwritten right away
-            layer = as_stored(self.layer_class(self.config, index, **kind))
-        prefix = f"model.layers.{index}."
-        state = {name[len(prefix):]: self.reader.tensor(name).float()
-                 for name in self.reader.names() if name.startswith(prefix)}
+            layer = as_stored(self.layer_class(config, index, **kind))
+        state = {name[len(prefix):]: self.reader.tensor(name).float() for name in self.reader.names()
+                 if name.startswith(prefix) and not name[len(prefix):].startswith(tuple(f"{o}." for o in others))}
         layer.load_state_dict(state, strict=True, assign=True)
         return layer.to(self.device).eval()
+
+    def mtp_inputs(self, stream: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The multi-token-prediction layer's decoder-layer inputs (S, T - 1, H) over windows whose last block's
+        outputs are `stream`: at each position the normed embedding of the next token beside the normed final
+        hidden state there, through the layer's projection (DeepSeek's first embedding zeroed)."""
+        names = self.mtp
+        embeddings = self.embed(tokens[:, 1:])
+        if names.zero_first_embedding:
+            embeddings[:, 0] = 0.0
+        hidden = self.norm(stream[:, :-1], self.final_norm_name)
+        joined = torch.cat([self.norm(embeddings, f"{names.prefix}.{names.embed_norm}"),
+                            self.norm(hidden, f"{names.prefix}.{names.hidden_norm}")], dim=-1)
+        return joined @ self.reader.tensor(f"{names.prefix}.{names.projection}.weight").float().to(joined.device).T
 
     def block_inputs(self, index: int) -> Callable[[torch.Tensor], dict]:
         """inputs(hidden) of block_call for block `index`: the positions (Ministral 3 scales its queries by
@@ -304,7 +333,8 @@ class _Source:
         text, its mask (transformers' blocks read none: SDPA's full causal attention otherwise). Eager
         attention (hf_config) infers nothing, so there every block gets its mask, added to the scores (0
         or -inf)."""
-        kind = (getattr(self.config, "layer_types", None) or [None] * self.num_layers)[index]
+        kinds = getattr(self.config, "layer_types", None) or []
+        kind = kinds[index] if index < len(kinds) else None  # (the multi-token-prediction layer: full attention)
         per_kind = self.rotary_module is not None and \
             "layer_type" in inspect.signature(self.rotary_module.forward).parameters
         window = self.config.sliding_window if kind == "sliding_attention" else None
@@ -340,7 +370,16 @@ class _Source:
         return (squares / squares.mean(-1, keepdim=True).clamp_min(1e-12)).mean(0).to(self.device)
 
     def non_block_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith("model.layers.")}
+        """The tensors outside the decoder layers and the multi-token-prediction layer."""
+        outside = ("model.layers.",) if self.mtp is None else ("model.layers.", f"{self.mtp.prefix}.")
+        return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith(outside)}
+
+    def mtp_tensors(self) -> dict[str, torch.Tensor]:
+        """The multi-token-prediction layer's own tensors, kept as they are: its norms and projection."""
+        names = self.mtp
+        own = [f"{names.prefix}.{module}." for module in (names.embed_norm, names.hidden_norm, names.projection,
+                                                          names.final_norm)]
+        return {name: self.reader.tensor(name) for name in self.reader.names() if name.startswith(tuple(own))}
 
     def causal_lm(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The transformers CausalLM holding `state` (fp32) and our rotary tables; tensors not in it stay
@@ -370,14 +409,18 @@ class _Source:
         return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The model's last norm (an RMSNorm, or Cohere's and StableLM's LayerNorm) applied to hidden states
+        """The model's last norm applied to hidden states (S, T, H), fp32."""
+        return self.norm(hidden, self.final_norm_name)
+
+    def norm(self, hidden: torch.Tensor, name: str) -> torch.Tensor:
+        """The model's norm `name` (an RMSNorm, or Cohere's and StableLM's LayerNorm) applied to hidden states
         (S, T, H), fp32."""
-        weight = self.reader.tensor(f"{self.final_norm_name}.weight").float().to(hidden.device)
+        weight = self.reader.tensor(f"{name}.weight").float().to(hidden.device)
         weight = weight + 1 if self.config.model_type in OFFSET_NORMS else weight
         x = hidden.float()
         if self.config.model_type in CENTRED_NORMS:
-            bias = self.reader.tensor("model.norm.bias").float().to(x.device) if self.reader.has("model.norm.bias") \
-                else None  # (Cohere's and StableLM's, under model.norm)
+            bias = self.reader.tensor(f"{name}.bias").float().to(x.device) if self.reader.has(f"{name}.bias") \
+                else None  # (StableLM's)
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps=self.config.layer_norm_eps)
         eps = getattr(self.config, "rms_norm_eps", None) or self.config.norm_eps  # (LFM2 names it norm_eps)
         return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
@@ -638,6 +681,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             fp_stream = targets
         del block
 
+    if source.mtp is not None and not json.loads((partial / PROGRESS_FILE).read_text()).get("mtp"):
+        _mtp_stage(source, partial, options, (fp_stream, q_stream, tokens) if options.needs_data else None, bar)
     head_kl = None
     if options.head_bits and not json.loads((partial / PROGRESS_FILE).read_text()).get("head"):
         head_stat = _head_stat(source, q_stream[train], options, options.batch_size) if options.needs_data else None
@@ -646,7 +691,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             head, head_kl = _head_stage(source, head, (q_stream[train], fp_stream[train]),
                                         (q_stream[held], fp_stream[held]), options, progress)
         write_shard(partial / HEAD_SHARD, linear_tensors(HEAD, head.to("cpu")))
-        write_json(partial / PROGRESS_FILE, {"options": recorded, "done": source.num_layers, "head": True})
+        _mark_done(partial, "head")
         del head
     finetune_kl = finetune_peak = None
     peak = _peak_memory(device)
@@ -695,6 +740,37 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
                            head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak,
                            layer_bits=options.layer_bits)
+
+
+def _mtp_stage(source: _Source, partial: Path, options: QuantizeOptions,
+               streams: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, progress_bar) -> None:
+    """Pack the multi-token-prediction layer's decoder layer as one more block: its inputs over the calibration
+    windows made from the last block's outputs and the next tokens (mtp_inputs), the full-precision model's
+    for its targets and the quantized model's for its own. Its projection and norms stay in full precision."""
+    index, block = source.num_layers, source.mtp_block()
+    q_inputs = targets = None
+    if streams is not None:
+        fp_stream, q_stream, tokens = streams
+        rows = q_stream.shape[0]
+        q_inputs = source.mtp_inputs(q_stream, tokens[:rows])
+        targets = run_block(block_call(block, source.block_inputs(index)), {}, source.mtp_inputs(fp_stream[:rows],
+                            tokens[:rows]), options.batch_size)
+    packed, _ = _quantize_block(source, index, block, options, q_inputs, targets, progress_bar)
+    prefix = source.mtp.layer
+    tensors = {name: t.to(torch.float16) for name, t in source.mtp_tensors().items()}
+    for name, layer in packed.items():
+        tensors.update(linear_tensors(f"{prefix}.{name}", layer))
+    for name, tensor in block.state_dict().items():
+        if not any(name.startswith(linear + ".") for linear in packed):
+            tensors[f"{prefix}.{name}"] = tensor.to(torch.float16)
+    write_shard(partial / MTP_SHARD, tensors)
+    _mark_done(partial, "mtp")
+
+
+def _mark_done(partial: Path, stage: str) -> None:
+    """Record in the progress file that a stage after the blocks is written (--resume skips it)."""
+    state = json.loads((partial / PROGRESS_FILE).read_text())
+    write_json(partial / PROGRESS_FILE, {**state, stage: True})
 
 
 def _finetune_stage(source: _Source, partial: Path, train: tuple[torch.Tensor, torch.Tensor],
