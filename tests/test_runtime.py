@@ -303,31 +303,34 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2"])
-def test_linear_attention_prefix_caching_keeps_prompts_states(tmp_path, arch):
-    """Qwen3.5's (and Granite 4.0-H's, LFM2's) prefix caching: a prompt's chunks stop at the end of its last full block before its last
-    token, where its state is kept; a later prompt that extends it (a conversation's next turn) reuses those
-    blocks and takes up that state, giving transformers' greedy tokens, and so does a prompt prefilled in
-    chunks of 5; the least recently used state gives way to a new one (a prompt whose state went is computed
-    whole); no state slot leaks. Without kept states (state_snapshots 0) nothing is reused."""
+def test_linear_attention_prefix_caching_keeps_prompts_and_replies_states(tmp_path, arch):
+    """Qwen3.5's (and Granite 4.0-H's, LFM2's) prefix caching: a prompt's chunks stop at the end of its last
+    full block before its last token, where its state is kept, and its reply's state is kept at the end of
+    each block it fills, in the place of the one before; a later prompt that extends the prompt and its
+    reply (a conversation's next turn) reuses their blocks and takes up that state, giving transformers'
+    greedy tokens, and so does a prompt prefilled in chunks of 5; the least recently used state gives way to
+    a new one (a prompt whose state went is computed whole); no state slot leaks. Without kept states
+    (state_snapshots 0) nothing is reused."""
     folder = make_tiny_hf(tmp_path, arch)
-    first = [(3 * i + 1) % 300 + 1 for i in range(21)]  # kept at 16 tokens (blocks of 8)
-    llm = LLM(str(folder), block_size=8, max_num_seqs=2, state_snapshots=1, **FP32)
+    first = [(3 * i + 1) % 300 + 1 for i in range(21)]  # kept at 16 tokens (blocks of 8); its reply's at 24, 32
+    llm = LLM(str(folder), block_size=8, max_num_seqs=2, state_snapshots=2, **FP32)
     reference = load_reference_model(folder)
     reply = llm.generate([first], GREEDY)[0]
     assert reply.token_ids == _transformers_greedy(folder, first, 12, reference) and reply.usage.cached_tokens == 0
+    assert len(llm.engine.blocks.snapshots) == 2  # the prompt's, and the reply's last (one slot for the reply)
     second = first + reply.token_ids + [9, 10, 11]  # the next turn
-    for engine_llm in (llm, LLM(str(folder), block_size=8, max_num_batched_tokens=5, state_snapshots=1, **FP32)):
+    for engine_llm in (llm, LLM(str(folder), block_size=8, max_num_batched_tokens=5, state_snapshots=2, **FP32)):
         if engine_llm is not llm:
             engine_llm.generate([first], GREEDY)
         out = engine_llm.generate([second], GREEDY)[0]
-        assert out.usage.cached_tokens == 16 and out.token_ids == _transformers_greedy(folder, second, 12, reference)
-    again = llm.generate([second], GREEDY)[0]  # second's own state, kept at 32 in first's place
+        assert out.usage.cached_tokens == 32 and out.token_ids == _transformers_greedy(folder, second, 12, reference)
+    again = llm.generate([second], GREEDY)[0]
     assert again.usage.cached_tokens == 32 and again.token_ids == out.token_ids
-    assert llm.generate([first + [5]], GREEDY)[0].usage.cached_tokens == 0  # first's state went
+    assert llm.generate([first + [5]], GREEDY)[0].usage.cached_tokens == 0  # first's prompt state went
     assert llm.generate([[(7 * i + 2) % 300 + 1 for i in range(19)]], GREEDY)[0].usage.cached_tokens == 0
     blocks = llm.engine.blocks
-    assert sorted(blocks.free_states) == [0, 1] and len(blocks.snapshots) + len(blocks.free_snapshots) == 1
-    assert _pool_is_full(llm.engine)
+    assert sorted(blocks.free_states) == [0, 1] and len(blocks.snapshots) + len(blocks.free_snapshots) == 2
+    assert not blocks.restoring and _pool_is_full(llm.engine)
     plain = LLM(str(folder), block_size=8, state_snapshots=0, **FP32)
     plain.generate([first], GREEDY)
     assert plain.generate([second], GREEDY)[0].usage.cached_tokens == 0 and not plain.engine.blocks.enable_prefix_caching

@@ -15,8 +15,10 @@ convolutions) keeps a state per sequence instead of blocks in those layers: each
 of `state_slots` slots, from its first step until its blocks go back. Such a state cannot be rebuilt from cached blocks, so its prefix caching keeps states too: a prompt's
 chunks stop at the end of its last full block before its last token (the longest prefix a later request can
 reuse), where its state is copied into one of the `snapshot_slots`, known by that block's chain hash (the
-least recently used kept state gives way). A later prompt reuses the longest cached prefix whose end has a
-kept state, which its slot takes before its first step; without one, nothing is reused.
+least recently used kept state gives way); while it decodes, its state at the end of each block its reply
+fills takes the place of the one before, so that the reply so far is kept too (the next turn of a
+conversation sends it back). A later prompt reuses the longest cached prefix whose end has a kept state,
+which its slot takes before its first step; without one, nothing is reused.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class BlockManager:
         self.snapshots: OrderedDict[int, int] = OrderedDict()  # chain hash -> slot, least recently used first
         self.free_snapshots = list(snapshot_slots)[::-1]
         self.state_copies: list[tuple[int, int]] = []  # (from slot, to slot) for the runner, before the next step
+        self.restoring: set[int] = set()  # kept states' slots that sequences take up before their next step
 
     @property
     def num_total_blocks(self) -> int:
@@ -111,6 +114,7 @@ class BlockManager:
             count -= 1
         if self.keeps_states and count:  # its state at the prefix's end, taken before its first step
             seq.state_restore = self.snapshots[keys[count - 1]]
+            self.restoring.add(seq.state_restore)
             self.snapshots.move_to_end(keys[count - 1])
         for group in range(len(self.windows)):
             first = self.first_kept(group, count * self.block_size)
@@ -200,18 +204,30 @@ class BlockManager:
                 written = self.by_hash.setdefault(block.key, block.id) == block.id
                 if group == 0 and written and (index + 1) * self.block_size <= seq.num_prompt_tokens:
                     seq.num_cache_written_tokens += self.block_size
-        point = self.snapshot_point(seq)
-        if point and seq.num_computed_tokens == point and seq.state_slot is not None:
+        point, computed = self.snapshot_point(seq), seq.num_computed_tokens
+        if not self.keeps_states or seq.state_slot is None or not computed or computed % self.block_size:
+            return
+        if computed == point:
             self._keep_state(seq, seq.block_hashes[point // self.block_size - 1])
+        elif computed > max(point, seq.num_prompt_tokens - 1):  # the reply so far, at a block's end
+            self._keep_state(seq, seq.block_hashes[computed // self.block_size - 1], rolling=True)
 
-    def _keep_state(self, seq: Sequence, key: int) -> None:
-        """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot."""
+    def _keep_state(self, seq: Sequence, key: int, rolling: bool = False) -> None:
+        """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot.
+        rolling: a state of its reply so far, which takes the place of its last one (unless a sequence is
+        about to take that one up), so that a long reply keeps one slot, not one per block."""
         if key in self.snapshots:
             self.snapshots.move_to_end(key)
             return
-        slot = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
+        last = seq.rolling_snapshot
+        if rolling and last in self.snapshots and self.snapshots[last] not in self.restoring:
+            slot = self.snapshots.pop(last)
+        else:
+            slot = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
         self.snapshots[key] = slot
         self.state_copies.append((seq.state_slot, slot))
+        if rolling:
+            seq.rolling_snapshot = key
 
     def take_state_copies(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
         """The state copies due before a step of `seqs`, in order: the states kept since the last step, then
@@ -220,6 +236,7 @@ class BlockManager:
         for seq in seqs:
             if seq.state_restore is not None:
                 copies.append((seq.state_restore, seq.state_slot))
+                self.restoring.discard(seq.state_restore)
                 seq.state_restore = None
         return copies
 
@@ -229,7 +246,8 @@ class BlockManager:
         if seq.state_slot is not None:
             self.free_states.append(seq.state_slot)
             seq.state_slot = None
-        seq.state_restore = None
+        self.restoring.discard(seq.state_restore)
+        seq.state_restore, seq.rolling_snapshot = None, None
         for table in seq.block_tables:
             for block_id in reversed(table):
                 if block_id != RELEASED:

@@ -38,6 +38,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.state_slot: int | None = None  # its slot of recurrent layers' states, while it holds one
         self.state_restore: int | None = None  # a kept state its slot takes before its next step (a cached prefix's)
+        self.rolling_snapshot: int | None = None  # the chain hash its reply's last kept state is known by
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
         self.block_hashes: list[int] = []  # chain hashes of its leading full blocks, as registered for prefix caching
