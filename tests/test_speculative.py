@@ -554,7 +554,8 @@ def test_multi_token_prediction_layer_drafts(tmp_path, arch):
     prefix-cache hits, seeded sampling is reproducible, and the pool is full after. On a model whose layer
     predicts some of its tokens (make_tiny_mtp's echoing), chained drafts are accepted, and with one draft a
     step, alone, each step's draft is the layer's prediction from the model's hidden states: the drafts
-    accepted are those that prediction over the final sequence says. A model without the layer is refused."""
+    accepted are those that prediction over the final sequence says. A model without the layer is refused, and
+    so are the method without num_speculative_tokens or beside a draft model."""
     served, longer = make_tiny_mtp(tmp_path, arch)
     expected = [o.token_ids for o in LLM(str(served), block_size=8, **FP32).generate(PROMPTS, GREEDY)]
     mtp = dict(speculative_method="mtp", block_size=8, **FP32)
@@ -601,3 +602,6 @@ def test_multi_token_prediction_layer_drafts(tmp_path, arch):
     assert _drafts_and_accepted(alone) == (drafts, accepted) and accepted > 0
     with pytest.raises(UserError, match="no multi-token-prediction layer to draft with"):
         LLM(str(longer), num_speculative_tokens=1, **mtp)
+    for settings in ({}, {"num_speculative_tokens": 1, "speculative_model": str(served)}):
+        with pytest.raises(ValueError, match="speculative_method mtp drafts num_speculative_tokens a step"):
+            LLM(str(served), **settings, **mtp)
