@@ -484,6 +484,31 @@ def test_draft_model_on_cuda(tmp_path):
     assert accepted >= 0.9 * drafts > 0
 
 
+def test_multi_token_prediction_layer_of_a_multimodal_qwen3_5(tmp_path):
+    """Qwen3.5 is published as a multimodal wrapper, its multi-token-prediction layer beside the language
+    model's tensors (mtp.*): read through the wrapper, it drafts as it does in the text model's folder."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_model import make_tiny_multimodal
+
+    wrapped = make_tiny_multimodal(tmp_path / "multimodal", "qwen3_5")
+    text = tmp_path / "multimodal" / "text"
+    layer, _ = make_tiny_mtp(tmp_path / "mtp", "qwen3_5")  # the same sizes: its layer serves this model too
+    extra = {name: t for name, t in load_file(layer / "model.safetensors").items() if name.startswith("mtp.")}
+    for folder in (wrapped, text):
+        save_file({**load_file(folder / "model.safetensors"), **extra}, str(folder / "model.safetensors"),
+                  metadata={"format": "pt"})
+    assert json.loads((wrapped / "config.json").read_text())["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    mtp = dict(speculative_method="mtp", num_speculative_tokens=2, block_size=8, **FP32)
+    outputs = {}
+    for folder in (wrapped, text):
+        llm = LLM(str(folder), **mtp)
+        outputs[folder] = ([llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS], _drafts_and_accepted(llm))
+    assert outputs[wrapped] == outputs[text] and outputs[wrapped][1][0] > 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
 def test_multi_token_prediction_on_cuda(tmp_path, arch):

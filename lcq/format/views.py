@@ -102,9 +102,11 @@ WRAPPERS = ("Gemma3ForConditionalGeneration", "Mistral3ForConditionalGeneration"
             "Llama4ForConditionalGeneration", "Qwen3_5ForConditionalGeneration", "Qwen3_5MoeForConditionalGeneration",
             *QWEN_VL)
 # Where a wrapper keeps the language model's tensors, and their text-model names: the Hub's files (and
-# what transformers writes) first, then transformers 4.52-4.57's own saves.
+# what transformers writes) first, then transformers 4.52-4.57's own saves; Qwen3.5's multi-token-prediction
+# layer beside them (lcq/format/mtp.py).
 TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
                  ("model.language_model.", "model."), ("model.text_model.", "model."), ("lm_head.", "lm_head."),
+                 ("mtp.", "mtp."),
                  *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))  # Qwen2.5-VL
 BASE_MODEL_PREFIX = "model."  # what a CausalLM's tensor names have that its base model's lack
 # Top-level settings a wrapper's text model inherits where its text_config has none.
