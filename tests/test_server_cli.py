@@ -58,6 +58,19 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
 
 
+def test_a_model_the_settings_cannot_serve_exits_2_with_its_reason(tmp_path, capsys):
+    """Settings the engine refuses only once it reads the model (a context past the model's, a drafting method
+    the folder has no layer for) end the command with that reason in one line, not "see the log"."""
+    model = make_tiny_hf(tmp_path / "tiny")
+    for flags, reason in ((["--max-model-len", "100000"], "max_model_len 100000 is longer than the model's context"),
+                          (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'],
+                           "no multi-token-prediction layer to draft with")):
+        assert main(["serve", str(model), "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.05",
+                     *flags]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last.startswith("lcq: error: ") and reason in last
+
+
 def test_flags_win_over_environment():
     env = {"LCQ_MODEL": "/models/a", "LCQ_PORT": "9000", "LCQ_API_KEY": "k", "LCQ_MAX_NUM_SEQS": "4",
            "LCQ_NO_PREFIX_CACHING": "true", "LCQ_KEEPALIVE_INTERVAL": "2.5"}

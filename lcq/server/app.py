@@ -16,6 +16,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
 from lcq import __version__
+from lcq.errors import UserError
 from lcq.runtime import AsyncEngine, EngineConfig
 
 from . import chat, completions, embeddings, lora, responses
@@ -38,6 +39,7 @@ class Lifecycle:
     def __init__(self, state: ServerState, on_fatal: Callable[[], None] | None):
         self.state = state
         self.on_fatal = on_fatal
+        self.load_error: str | None = None  # why the model did not load, in a line, where the settings or folder say
         self._start: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
 
@@ -53,6 +55,11 @@ class Lifecycle:
         try:
             await self.state.engine.start()
             logger.info("model %s ready", self.state.model_name)
+        except UserError as e:  # the settings or the folder: its one line, not a traceback
+            self.load_error = str(e)
+            logger.error("the model failed to load: %s", e)
+            if self.on_fatal is not None:
+                self.on_fatal()
         except Exception:
             logger.exception("the model failed to load")
             if self.on_fatal is not None:

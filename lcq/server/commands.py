@@ -52,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     server = DrainingServer(config, app.state.lifecycle)
     server.run()
     if server.failed:
-        raise UserError("the model failed to load (see the log above)")
+        raise UserError(app.state.lifecycle.load_error or "the model failed to load (see the log above)")
     return 0
 
 
@@ -76,7 +76,7 @@ def _run_batch(args: argparse.Namespace) -> int:
         async with app.router.lifespan_context(app):
             await app.state.lifecycle.loaded()
             if failed:
-                raise UserError("the model failed to load (see the log above)")
+                raise UserError(app.state.lifecycle.load_error or "the model failed to load (see the log above)")
             with tqdm(total=len(requests), desc="requests", unit="req") as bar:
                 return await run_requests(app, requests, in_flight, lambda: bar.update())
 
