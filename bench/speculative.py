@@ -16,7 +16,8 @@ them).
 
 With --draft-model the drafts come from that model instead of prompt lookup (--model the target,
 default the demo model; `--model fp16 --draft-model demo` serves the demo model's full-precision form
-drafted by its LCQ W4 form).
+drafted by its LCQ W4 form). With --mtp the model's own multi-token-prediction layer drafts (--model a
+DeepSeek-V3, GLM-4.5, Qwen3-Next or Qwen3.5 folder, full precision or quantized).
 
     python bench/speculative.py [--threads 2] [--settings 0,2,4,8] [--concurrency 1,2,4,8] [--rounds 3]
                                 [--model FOLDER|fp16] [--draft-model FOLDER|demo]
@@ -59,6 +60,8 @@ def options(parser) -> None:
                         "(default: the demo model, LCQ W4)")
     parser.add_argument("--draft-model", help="a draft model's folder, drafting instead of prompt lookup; demo: the "
                         "demo model (LCQ W4)")
+    parser.add_argument("--mtp", action="store_true", help="draft with the model's own multi-token-prediction layer "
+                        "(DeepSeek-V3, GLM-4.5, Qwen3-Next, Qwen3.5 folders) instead of prompt lookup")
 
 
 def _folder(name: str | None) -> str | None:
@@ -75,7 +78,8 @@ def main() -> None:
     # at batch 1 only): the rows of several sequences are what that default is measured by.
     model, draft = _folder(args.model) or str(ensure_demo_model()), _folder(args.draft_model)
     engines = {k: LLM(model, kv_cache_memory_gb=0.5, num_speculative_tokens=k, speculative_disable_by_batch_size=64,
-                      speculative_model=draft if k else None) for k in settings}
+                      speculative_model=draft if k else None, speculative_method="mtp" if args.mtp and k else None)
+               for k in settings}
     tokenizer = engines[settings[0]].engine.tokenizer
     prompts = {name: tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
                                                    tokenize=True, return_dict=True)["input_ids"]
@@ -133,7 +137,7 @@ def main() -> None:
               f"{r['speedup']}x | {accepted} | {same} |")
     command = "bench/speculative.py " + " ".join(sys.argv[1:])
     write_record(args.output, cpu_record(command, args.threads, model=Path(model).name,
-                                         draft_model=draft and Path(draft).name, max_tokens=MAX_TOKENS,
+                                         draft_model=draft and Path(draft).name, mtp=args.mtp, max_tokens=MAX_TOKENS,
                                          rounds=args.rounds, rows=rows))
 
 
