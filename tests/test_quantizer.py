@@ -1079,7 +1079,7 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
         load_model(reader.folder)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
+@pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5"])
 def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
     """A model's multi-token-prediction layer is quantized as one more block, calibrated on inputs made from the
     last block's outputs and the next tokens: its decoder layer's matrices packed at the model's width under
@@ -1097,11 +1097,11 @@ def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
                               epochs=1, seed=0)
     quantize_model(source, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
-    prefix, own = ("mtp", "mtp") if arch == "qwen3_next" else ("model.layers.2", "model.layers.2")
+    qwen = arch.startswith("qwen3")
+    own, layer = ("mtp", "mtp.layers.0") if qwen else ("model.layers.2", "model.layers.2")
     names = reader.names()
-    assert reader.has(f"{prefix}.{'layers.0.' if arch == 'qwen3_next' else ''}self_attn.o_proj.qweight")
-    assert reader.linear(f"{prefix}.{'layers.0.' if arch == 'qwen3_next' else ''}self_attn.o_proj").bits == 4
-    projection = "fc" if arch == "qwen3_next" else "eh_proj"
+    assert reader.has(f"{layer}.self_attn.o_proj.qweight") and reader.linear(f"{layer}.self_attn.o_proj").bits == 4
+    projection = "fc" if qwen else "eh_proj"
     assert reader.has(f"{own}.{projection}.weight") and not any(n.endswith(("shared_head.head.weight",
                                                                                f"{own}.embed_tokens.weight"))
                                                                   for n in names)
