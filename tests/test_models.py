@@ -391,15 +391,17 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe", "deepseek_v2"])
+@pytest.mark.parametrize("arch", ["qwen2_moe", "gpt_oss", "llama4", "glm4_moe", "ernie4_5_moe", "deepseek_v2",
+                                  "nemotron_h_latent"])
 def test_stacked_experts_follow_transformers(tmp_path, monkeypatch, arch):
     """Packed experts the kernels read as stored (no CPU cached weight, as on a GPU) are stacked and run as
     one routed product per matrix kind, with no value read back to the host (CUDA-graph capturable): the
     tokens of transformers with the dequantized weights, through chunked prefill and decode (Qwen2-MoE's
     shared expert beside them, gpt-oss's biases and clamped SwiGLU, Llama 4's weighted inputs, GLM-4.5's
     grouped, biased and scaled routing, DeepSeek-V2's groups by their best expert, beside its latent
-    attention; the experts' down matrices at 2 bits, their gate/up at 3); and a
-    mixture's layer through the grouped Triton kernel gives the torch path's outputs."""
+    attention; Nemotron-H's ungated experts, up_proj alone, between its latent projections; the experts' down
+    matrices at 2 bits, their gate/up at 3); and a mixture's layer through the grouped Triton kernel gives the
+    torch path's outputs."""
     from lcq.quantizer import QuantizeOptions, quantize_model
 
     folder = tmp_path / "lcq"
@@ -411,11 +413,11 @@ def test_stacked_experts_follow_transformers(tmp_path, monkeypatch, arch):
     assert (mixtures[0].gate_up_experts.experts.stacked.bits, mixtures[0].down_experts.experts.stacked.bits) == (3, 2)
     assert stacked.graph_capturable and not load_model(folder)[0].graph_capturable
     _check_against(load_reference_model(folder), stacked, PROMPTS, decode_steps=3, chunk=4)
-    if importlib.util.find_spec("triton") is None or arch not in ("gpt_oss", "llama4", "glm4_moe"):
+    if importlib.util.find_spec("triton") is None or arch not in ("gpt_oss", "llama4", "glm4_moe", "nemotron_h_latent"):
         return
     # The mixture through the grouped Triton kernel (under the interpreter), as a GPU runs it: the outputs of
     # the experts one at a time, for 1 and 17 tokens (one-row and 16-row blocks); with biases (gpt-oss),
-    # weighted inputs (Llama 4), grouped routing (GLM-4.5)
+    # weighted inputs (Llama 4), grouped routing (GLM-4.5), ungated experts in a latent width (Nemotron-H)
     import lcq.kernels.experts as experts_module
     from lcq.kernels.triton_linear import grouped_decode
 
@@ -531,7 +533,11 @@ HYBRIDS = {"granite4_hybrid": ("GraniteMoeHybridForCausalLM", [True, False, True
            "granite4_moe": ("GraniteMoeHybridForCausalLM", [True, False, True, True], [True] * 4),
            "lfm2": ("Lfm2ForCausalLM", [True, True, False, True], [False] * 4),
            "lfm2_moe": ("Lfm2MoeForCausalLM", [True, True, False, True], [False, True, True, True]),
-           "bamba": ("BambaForCausalLM", [True, False, True, True], [False] * 4)}
+           "bamba": ("BambaForCausalLM", [True, False, True, True], [False] * 4),
+           "nemotron_h": ("NemotronHForCausalLM", [True, False, True, False, False], [False] * 5),
+           "nemotron_h_moe": ("NemotronHForCausalLM", [True, False, True, False, False], [False, True, False, False, True]),
+           "nemotron_h_latent": ("NemotronHForCausalLM", [True, False, True, False, False],
+                                 [False, True, False, False, True])}
 
 
 @pytest.mark.parametrize("arch", HYBRIDS)
@@ -544,7 +550,11 @@ def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_op
     convolutions (C times the convolved B x, biases on its projections) around an attention layer with per-head
     q/k norms, its own names for norms and projections, the MLP two thirds of intermediate_size; mixtures past
     the first layer choosing by sigmoid scores plus a bias, scaled. Bamba: Granite's Mamba-2 around attention
-    turning half of each head, Llama's MLP under its own names. Our model against transformers' own
+    turning half of each head, Llama's MLP under its own names. Nemotron-H (Nemotron-H-8B's form, Nemotron 3
+    Nano's with mixtures, Nemotron 3 Super's with latent mixtures): blocks of one part each behind one norm,
+    Mamba-2, NoPE attention, or an MLP of up_proj and relu(x)^2 (a mixture of such experts, chosen by sigmoid
+    scores plus a bias and scaled, beside a shared one; the routed experts between fc1 and fc2_latent_proj in
+    Super's), every part under mixer and the model under backbone. Our model against transformers' own
     class: prompts prefilled in chunks (transformers' Mamba-2 recurrence in chunks of 8, ours of 64) and
     decoded."""
     import transformers
@@ -554,11 +564,40 @@ def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_op
     folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
     assert config.linear_layers == recurrent and config.moe_layers == mixtures
-    assert config.rope_layers == [not arch.startswith("granite4")] * 4
+    assert config.rope_layers == [not arch.startswith(("granite4", "nemotron_h"))] * len(recurrent)
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(150)]  # past two chunks of the recurrence
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=70)
     _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
+
+
+def test_nemotron_h_config_and_files_as_the_hub_has_them(tmp_path):
+    """Nemotron-H's config.json as on the Hub (NVIDIA-Nemotron-Nano-9B-v2's keys: its blocks as
+    hybrid_override_pattern, num_hidden_layers, time_step_limit with an Infinity, its MLP width as a list of
+    one, auto_map), and its files with a multi-token-prediction layer beside the model (mtp.*, as Nemotron 3's
+    keep it): read as transformers reads them, the layer not read (nor taken for Qwen3-Next's, whose names
+    it shares); MLP widths that differ by block are refused."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    folder = make_tiny_hf(tmp_path, "nemotron_h")
+    reference = transformers.NemotronHForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    text = (folder / "config.json").read_text()
+    config = json.loads(text)
+    config.update(hybrid_override_pattern="M-M*-", num_hidden_layers=5, intermediate_size=[160],
+                  auto_map={"AutoModelForCausalLM": "modeling_nemotron_h.NemotronHForCausalLM"})
+    del config["layers_block_type"], config["time_step_limit"]
+    (folder / "config.json").write_text(json.dumps(config)[:-1] + ', "time_step_limit": [0.0, Infinity]}')
+    tensors = load_file(folder / "model.safetensors")
+    save_file({**tensors, "mtp.fc.weight": torch.zeros(96, 192), "mtp.norm.weight": torch.ones(96)},
+              str(folder / "model.safetensors"), metadata={"format": "pt"})
+    model, read = load_model(folder)
+    assert read.mixer_layers == [True, False, True, True, False] and read.mamba.time_step_limit == (0.0, math.inf)
+    assert read.mtp is None and read.intermediate_size == 160
+    _check_against(reference, model, PROMPTS, decode_steps=2, chunk=4)
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": [160, 192]}))
+    with pytest.raises(UserError, match="MLP widths that differ by block"):
+        load_model(folder)
 
 
 def test_deepseek_v2_config_as_the_hub_writes_it(tmp_path):

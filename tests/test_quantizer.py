@@ -282,11 +282,13 @@ RECURRENT = {"qwen3_5": ("linear_attn", ["in_proj_qkv", "in_proj_z", "in_proj_b"
                           (0, 2), 1),
              "lfm2": ("conv", ["in_proj"], ["conv.weight", "conv.bias", "in_proj.bias"], (0, 1), 2),
              "bamba": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
-                       (0, 2), 1)}
+                       (0, 2), 1),
+             "nemotron_h": ("mixer", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias",
+                                                   "norm.weight"], (0, 2), 3)}
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe", "lfm2",
-                                  "lfm2_moe", "bamba"])
+                                  "lfm2_moe", "bamba", "nemotron_h", "nemotron_h_latent"])
 def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
     together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
@@ -297,7 +299,9 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     weights (the checkpoint's neutral, the embeddings' kept). LFM2's short convolutions too (in_proj and
     out_proj, with their biases; the filters kept), its attention's out_proj by o_proj's rules, its MLP's w1,
     w3, w2 packed as gate_proj, up_proj, down_proj (its experts' too, their choosing bias kept beside the
-    router), its final norm under its own name; Bamba's Mamba-2 as Granite's. Block-wise and end-to-end stages
+    router), its final norm under its own name; Bamba's Mamba-2 as Granite's; Nemotron-H's blocks (Mamba-2, attention,
+    MLP or mixture, each under mixer) likewise, its ungated experts' up_proj and down_proj packed, its latent
+    projections, router and choosing bias kept in full precision. Block-wise and end-to-end stages
     through transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
     mixer, inputs, kept, layers, attention = RECURRENT[next(family for family in RECURRENT if arch.startswith(family))
@@ -308,7 +312,8 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     reader = CheckpointReader(tmp_path / "lcq")
     assert [reader.linear(f"model.layers.{layer}.{mixer}.{m}").bits for layer in layers for m in (*inputs, "out_proj")
             ] == [4] * len(inputs) + [2] + [4] * len(inputs) + [3]
-    assert reader.linear(f"model.layers.{attention}.self_attn.q_proj").bits == 4
+    attention_module = "mixer" if arch.startswith("nemotron_h") else "self_attn"
+    assert reader.linear(f"model.layers.{attention}.{attention_module}.q_proj").bits == 4
     assert all(reader.has(f"model.layers.0.{mixer}.{name}") for name in kept)
     if arch.startswith("granite4"):
         factors = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
@@ -323,6 +328,14 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
         assert reader.has(f"{mixture}.gate_proj.qweight") == (arch == "lfm2")
         assert all(reader.has(f"{mixture}.{name}") for name in ("experts.3.up_proj.qweight", "gate.weight",
                                                                  "expert_bias")) == (arch == "lfm2_moe")
+    if arch.startswith("nemotron_h"):
+        mixture = "model.layers.4.mixer"
+        assert reader.has("model.embed_tokens.weight") and reader.has("model.norm_f.weight")
+        assert reader.linear(f"{mixture}.up_proj" if arch == "nemotron_h" else f"{mixture}.experts.3.up_proj").bits == 3
+        assert all(reader.has(f"{mixture}.{name}") for name in ("gate.weight", "gate.e_score_correction_bias",
+                                                                 "shared_experts.down_proj.qweight",
+                                                                 "fc1_latent_proj.weight", "fc2_latent_proj.weight")
+                   ) == (arch == "nemotron_h_latent")
     _check_serves_like_its_reference(tmp_path / "lcq")
 
 

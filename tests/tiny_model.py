@@ -65,7 +65,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Dots1ForCausalLM, DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM, \
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
         Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
-        Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM
+        Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM, \
+        NemotronHConfig, NemotronHForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -217,6 +218,16 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         # half of each head; transformers' recurrence in chunks of 8
         sizes.update(num_hidden_layers=4, attn_layer_indices=[1], mamba_n_heads=6, mamba_d_head=32, mamba_d_state=16,
                      mamba_n_groups=2, mamba_chunk_size=8)
+    if arch.startswith("nemotron_h"):  # Nemotron-H's blocks of one part each: Nemotron-H-8B's form (Mamba-2 blocks of
+        # 6 heads of 32 in 2 groups, MLPs of relu(x)^2, a NoPE attention block), Nemotron 3 Nano's (mixtures of 2 of
+        # 4 ungated experts, scaled by 2.5, beside a shared one) and Nemotron 3 Super's (the experts in a latent width)
+        kinds = ["linear_attention", "moe" if arch != "nemotron_h" else "mlp", "linear_attention", "full_attention",
+                 "moe" if arch != "nemotron_h" else "mlp"]
+        sizes.update(layers_block_type=kinds, head_dim=24, mamba_num_heads=6, mamba_head_dim=32, ssm_state_size=16,
+                     n_groups=2, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                     moe_shared_expert_intermediate_size=80, routed_scaling_factor=2.5,
+                     moe_latent_size=48 if arch == "nemotron_h_latent" else None)
+        del sizes["num_hidden_layers"], sizes["rms_norm_eps"]  # (set by the kinds; its epsilon: layer_norm_epsilon)
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -255,6 +266,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
         "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
+        "nemotron_h": (NemotronHConfig, NemotronHForCausalLM),  # one part a block: Mamba-2, NoPE attention or MLP
+        "nemotron_h_moe": (NemotronHConfig, NemotronHForCausalLM),  # the same with mixtures of ungated experts
+        "nemotron_h_latent": (NemotronHConfig, NemotronHForCausalLM),  # the same, the experts in a latent width
         "olmo2": (Olmo2Config, Olmo2ForCausalLM),  # norms on outputs only, q/k norms over whole projections
         "olmo3": (Olmo3Config, Olmo3ForCausalLM),  # OLMo 2's layer, three sliding-window layers to a full one
         "exaone4": (Exaone4Config, Exaone4ForCausalLM),  # OLMo 2's norms with per-head q/k norms, NoPE global layers
@@ -283,7 +297,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                 param.uniform_(0.5, 1.5)
             elif arch in ("gemma2", "gemma3") and name.endswith("norm.weight"):  # gemma stores w - 1, from 0
                 param.uniform_(-0.5, 0.5)
-            elif name.endswith(("mamba.D", "mamba.dt_bias", "mamba.norm.weight")):  # these start at one
+            elif name.endswith(("mamba.D", "mamba.dt_bias", "mamba.norm.weight")) or \
+                    (arch.startswith("nemotron_h") and name.endswith(("mixer.D", "mixer.dt_bias", "norm.weight"))):
+                # these start at one
                 param.uniform_(0.5, 1.5)
             elif arch.startswith(("qwen3_5", "qwen3_next")) and name.endswith("norm.weight"):  # w - 1, but not the
                 # gated norm's w

@@ -78,6 +78,10 @@
   up_proj, its experts' 3-D input_linear and output_linear as each expert's matrices, its router's
   router.layer as router (_granite4_hybrid_parts: transformers' modules as lcq.quantizer.reference.as_stored
   splits them).
+- Nemotron-H (NemotronHForCausalLM: Nemotron-H, Nemotron Nano 2, Nemotron 3) reads as itself with its config
+  completed with transformers' defaults (its blocks' kinds from hybrid_override_pattern) and its tensors under
+  the names the other families have (backbone. as model., as transformers reads them; its embeddings as
+  model.embed_tokens); its multi-token-prediction layers (mtp.*) are not read.
 
 A quantized result is a plain checkpoint of the architecture read (Gemma3ForCausalLM, MistralForCausalLM,
 LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM).
@@ -222,6 +226,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _with_defaults(config, LFM2[config["model_type"]])
     if config.get("model_type") == "bamba":  # its own defaults (Mamba-2's head width, half of each head turning)
         return _with_defaults(config, "BambaForCausalLM")
+    if config.get("model_type") == "nemotron_h":
+        return _nemotron_h(config)
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -252,6 +258,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return {_mixtral_name(name): StoredTensor(name) for name in stored}
     if config.get("model_type") == "qwen3_next":
         return _qwen3_next_parts(config, stored)
+    if config.get("model_type") == "nemotron_h":
+        return _nemotron_h_names(stored)
     if config.get("model_type") == "ernie4_5_moe":  # its choosing bias as transformers' router holds it
         return {name.replace(".mlp.moe_statics.", ".mlp.gate.moe_statics."): StoredTensor(name) for name in stored}
     if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
@@ -276,7 +284,8 @@ MXFP4 = "mxfp4"  # gpt-oss's quant_method
 # LFM2's families (their short convolutions and attention, dense or with experts) and their CausalLMs
 LFM2 = {"lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 # Where a family keeps its final norm, where not under model.norm
-FINAL_NORMS = {**dict.fromkeys(LFM2, "model.embedding_norm"), "bamba": "model.final_layernorm"}
+FINAL_NORMS = {**dict.fromkeys(LFM2, "model.embedding_norm"), "bamba": "model.final_layernorm",
+               "nemotron_h": "model.norm_f"}
 # Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
 MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -734,6 +743,31 @@ def _granite_scales(config: dict[str, Any], stored: list[str]) -> dict[str, Stor
         scale = 1.0 / factors["logits_scaling"] if name == "model.norm.weight" else scale
         if kind in ("weight", "bias") and not math.isclose(scale, 1.0, rel_tol=1e-12):  # (neutral factors:
             view[name] = dataclasses.replace(where, scale=scale)  # an LCQ checkpoint's, read as stored)
+    return view
+
+
+def _nemotron_h(config: dict[str, Any]) -> dict[str, Any]:
+    """Nemotron-H's config completed with transformers' defaults (its blocks' kinds from hybrid_override_pattern:
+    layers_block_type), with their number (transformers derives num_hidden_layers from them, and writes none)."""
+    width = config.get("intermediate_size")
+    if isinstance(width, list):  # one per MLP block, where they differ (as vLLM reads it)
+        if len(set(width)) > 1:
+            raise ViewError(f"NemotronHForCausalLM: MLP widths that differ by block ({sorted(set(width))}) are not "
+                            "supported")
+        config = {**config, "intermediate_size": width[0]}
+    completed = _with_defaults(config, "NemotronHForCausalLM")
+    return {**completed, "num_hidden_layers": len(completed["layers_block_type"])}
+
+
+def _nemotron_h_names(stored: list[str]) -> dict[str, StoredTensor]:
+    """Nemotron-H's tensors under the CausalLM names of the others (transformers reads backbone. as model.), its
+    embedding table as model.embed_tokens; its multi-token-prediction layers (mtp.*) are not read."""
+    view = {}
+    for name in stored:
+        if name.startswith("mtp."):
+            continue
+        viewed = "model." + name.removeprefix("backbone.") if name.startswith("backbone.") else name
+        view[viewed.replace("model.embeddings.", "model.embed_tokens.")] = StoredTensor(name)
     return view
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcq.errors import UserError
-from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, view_config
+from lcq.format import VIEWED_ARCHITECTURES, ViewError, stored_tensor_names, view_config, view_tensors
 from lcq.format.mtp import MtpNames, mtp_names
 from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
@@ -31,7 +31,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3_5ForCausalLM": "qwen3_5_text", "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
                            "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
-                           "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba"}
+                           "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba",
+                           "NemotronHForCausalLM": "nemotron_h"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -141,7 +142,9 @@ class ModelConfig:
     rope_layers: list[bool] = field(default_factory=list)  # per layer: applies the rotary embedding (SmolLM3: not every 4th)
     rope_local: dict | None = None  # rotary settings of the sliding-window layers, where they differ
     embed_scale: float = 1.0  # the embeddings are multiplied by it (Gemma: sqrt(hidden_size))
-    activation: str = "silu"  # of the gate: silu, gelu_tanh (Gemma), or swiglu_oai (gpt-oss: layers.gated)
+    # of the gate: silu, gelu_tanh (Gemma), or swiglu_oai (gpt-oss: layers.gated); of an MLP without a gate,
+    # whose only input projection is up_proj: relu2 (Nemotron-H: layers.UNGATED)
+    activation: str = "silu"
     swiglu_limit: float = 7.0  # swiglu_oai: gate capped at it, up clamped to +-it
     swiglu_alpha: float = 1.702  # swiglu_oai: gate * sigmoid(alpha * gate)
     attention_sinks: bool = False  # gpt-oss: each head's softmax over one more, learned score (PagedAttention.attend)
@@ -195,6 +198,13 @@ class ModelConfig:
     mamba: MambaDims | None = None
     short_conv: ShortConvDims | None = None  # LFM2's convolution layers, which keep their last inputs only
     attention_output_name: str = "o_proj"  # the attention's output projection (LFM2: out_proj)
+    # Nemotron-H's blocks hold one part each, a token mixer or an MLP, behind one norm: per layer, whether it has
+    # a token mixer (attention or recurrent) and whether it has an MLP (or mixture); both, for the others
+    mixer_layers: list[bool] = field(default_factory=list)
+    mlp_layers: list[bool] = field(default_factory=list)
+    mixer_name: str | None = None  # the module of every kind of token mixer (Nemotron-H: mixer), else their own
+    # Nemotron-H's latent mixtures: the routed experts run on fc1_latent_proj(x), their sum through fc2_latent_proj
+    expert_latent: bool = False
     rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
     attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
     mtp: MtpNames | None = None  # the checkpoint's multi-token-prediction layer (mtp.py), where it has one
@@ -210,7 +220,7 @@ class ModelConfig:
         try:
             stored = json.loads(path.read_text())
             names = stored_tensor_names(folder)
-            c = view_config(stored, names)
+            c, viewed = view_config(stored, names), _viewed_names(stored, names)
         except json.JSONDecodeError as e:
             raise UserError(f"{path}: invalid JSON ({e.msg})") from None
         except ViewError as e:
@@ -245,7 +255,8 @@ class ModelConfig:
             num_layers=c["num_hidden_layers"], num_heads=heads,
             num_kv_heads=1 if c["model_type"] in LATENT else c.get("num_key_value_heads") or heads,
             head_dim=c["kv_lora_rank"] + c["qk_rope_head_dim"] if c["model_type"] in LATENT else head_dim,
-            rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", c.get("norm_eps", 1e-6))),
+            rms_norm_eps=c.get("rms_norm_eps", c.get("layer_norm_eps", c.get("norm_eps", c.get("layer_norm_epsilon",
+                                                                                                 1e-6)))),
             max_position_embeddings=_context_length(c, family.get("rope", rope)),
             tie_word_embeddings=bool(c.get("tie_word_embeddings", c["model_type"] in GEMMA)),
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
@@ -257,11 +268,11 @@ class ModelConfig:
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
-            **_bamba_fields(c),
+            **_bamba_fields(c), **_nemotron_h_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
-            query_temperature=_query_temperature(c, rope), mtp=mtp_names(c, names),
+            query_temperature=_query_temperature(c, rope), mtp=mtp_names(c, viewed),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
             (stored if c != stored else None),
         )
@@ -280,14 +291,15 @@ class ModelConfig:
 
     @property
     def cache_layers(self) -> list[int]:
-        """The layers with a KV cache: all but linear attention's."""
-        return [i for i, linear in enumerate(self.linear_layers) if not linear]
+        """The layers with a KV cache: those with attention (not a recurrent mixer, nor Nemotron-H's MLP blocks)."""
+        return [i for i, (linear, mixer) in enumerate(zip(self.linear_layers, self.mixer_layers)) if mixer and not linear]
 
     def mtp_layer_config(self) -> "ModelConfig":
         """The settings of the multi-token-prediction layer, as one layer of this model: full attention that
         turns (at every position), a mixture where the model's last layer has one."""
         return dataclasses.replace(self, num_layers=1, layer_windows=[0], layer_chunks=[0], rope_layers=[True],
-                                   moe_layers=self.moe_layers[-1:], temperature_layers=[False], linear_layers=[False])
+                                   moe_layers=self.moe_layers[-1:], temperature_layers=[False], linear_layers=[False],
+                                   mixer_layers=[True], mlp_layers=[True])
 
     @property
     def values_in_keys(self) -> bool:
@@ -307,6 +319,10 @@ class ModelConfig:
             self.temperature_layers = [self.query_temperature is not None] * self.num_layers
         if not self.linear_layers:
             self.linear_layers = [False] * self.num_layers
+        if not self.mixer_layers:
+            self.mixer_layers = [True] * self.num_layers
+        if not self.mlp_layers:
+            self.mlp_layers = [True] * self.num_layers
 
 
 def _gemma_fields(c: dict, folder: str | Path) -> dict:
@@ -423,6 +439,30 @@ def _bamba_fields(c: dict) -> dict:
                 mlp_name="feed_forward", rotated_dims=_rotated_dims(c))
 
 
+def _nemotron_h_fields(c: dict) -> dict:
+    """Nemotron-H's blocks beside Llama's layers: each one part behind its norm (layers_block_type): Mamba-2
+    (linear_attention), attention without a rotary embedding (full_attention), an MLP of up_proj, relu(x)^2 and
+    down_proj (mlp), or a mixture of such experts beside a shared one (moe: DeepSeek-V3's routing), every part
+    under the module mixer."""
+    if c["model_type"] != "nemotron_h":
+        return {}
+    types = c["layers_block_type"]
+    mamba = MambaDims(num_heads=c["mamba_num_heads"], head_dim=c["mamba_head_dim"], state_dim=c["ssm_state_size"],
+                      groups=c["n_groups"], conv_kernel=c["conv_kernel"],
+                      time_step_limit=tuple(float(limit) for limit in c.get("time_step_limit") or (0.0, math.inf)))
+    experts = dict(num_experts=c["n_routed_experts"], experts_per_token=c["num_experts_per_tok"],
+                   norm_topk_prob=bool(c.get("norm_topk_prob", True)), shared_expert=bool(c.get("n_shared_experts")),
+                   shared_expert_gated=False, shared_expert_name="shared_experts", router_sigmoid=True,
+                   router_correction=True, router_in_fp32=True,
+                   router_groups=(c["n_group"], c["topk_group"]) if c.get("n_group", 1) > 1 else None,
+                   routed_scale=float(c.get("routed_scaling_factor", 1.0))) if "moe" in types else {}
+    return dict(**experts, moe_layers=[kind == "moe" for kind in types], mamba=mamba, mixer_name="mixer",
+                linear_layers=[kind == "linear_attention" for kind in types], mlp_name="mixer",
+                mixer_layers=[kind in ("linear_attention", "full_attention") for kind in types],
+                mlp_layers=[kind in ("mlp", "moe") for kind in types], expert_latent=c.get("moe_latent_size") is not None,
+                activation=c.get("mlp_hidden_act", "relu2"))
+
+
 def _lfm2_fields(c: dict) -> dict:
     """LFM2's layer beside Llama's: short convolutions in the layers layer_types names so, attention (per-head
     q/k norms, its output projection out_proj) in the others, the MLP (or mixture) under feed_forward."""
@@ -431,6 +471,12 @@ def _lfm2_fields(c: dict) -> dict:
     return dict(linear_layers=[kind == "conv" for kind in c["layer_types"]], mlp_name="feed_forward",
                 short_conv=ShortConvDims(kernel=c.get("conv_L_cache", 3), bias=bool(c.get("conv_bias", False))),
                 attention_output_name="out_proj")
+
+
+def _viewed_names(stored: dict, names: list[str] | None) -> list[str] | None:
+    """The tensor names lcq reads a folder by (views.py: Nemotron-H's multi-token-prediction layers not among them)."""
+    viewed = None if names is None else view_tensors(stored, names)
+    return names if viewed is None else list(viewed)
 
 
 def _dense_mlp_width(c: dict) -> int:
@@ -617,12 +663,14 @@ def _rope_layers(c: dict) -> list[bool]:
     """Which layers apply the rotary embedding, as transformers reads SmolLM3's config (no_rope_layers, 1
     where a layer does; by default every no_rope_layer_interval-th layer does not), EXAONE 4's (with a
     sliding window only its sliding layers do: the global ones are NoPE), Cohere 2's (its sliding layers
-    only) and Granite 4.0-H's (none with position_embedding_type nope); [] for the others."""
+    only), Granite 4.0-H's (none with position_embedding_type nope) and Nemotron-H's (none); [] for the others."""
     if c["model_type"] == "exaone4":
         types = c.get("layer_types") or _exaone4_layer_types(c)
         return [not c.get("sliding_window") or kind == "sliding_attention" for kind in types]
     if c["model_type"] == "granitemoehybrid":  # Granite 4.0-H's attention: NoPE, unless position_embedding_type rope
         return [c.get("position_embedding_type") == "rope"] * c["num_hidden_layers"]
+    if c["model_type"] == "nemotron_h":  # its attention has no rotary embedding
+        return [False] * c["num_hidden_layers"]
     if c["model_type"] == "cohere2":  # only its sliding-window layers turn (Command R7B, Command A)
         return [kind == "sliding_attention" for kind in c.get("layer_types") or _cohere2_layer_types(c)]
     if c["model_type"] not in ("smollm3", "llama4_text"):

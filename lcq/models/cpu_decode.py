@@ -60,9 +60,10 @@ class CpuDecoder:
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
         if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1 or c.latent is not None or any(c.linear_layers):
+                len(set(c.temperature_layers)) > 1 or c.latent is not None or any(c.linear_layers) or \
+                not all(c.mixer_layers) or not all(c.mlp_layers):
             return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent or linear
-            # attention: the Python layers)
+            # attention, Nemotron-H's blocks of one part: the Python layers)
         entries: list[torch.Tensor | int | None] = []
         for index, layer in enumerate(model.layers):
             attention, mlp = layer.self_attn, layer.mlp

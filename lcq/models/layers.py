@@ -229,10 +229,16 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
             v.reshape(-1, num_kv_heads, head_dim))
 
 
-def gated(gate_up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
-    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), Gemma's GeGLU (gelu_tanh), or
-    gpt-oss's clamped SwiGLU (swiglu_oai: gate capped at `limit`, up clamped to +-limit, then
-    gate * sigmoid(alpha * gate) * (up + 1))."""
+UNGATED = ("relu2",)  # activations of an MLP without a gate, whose input projection is up_proj alone (Nemotron-H)
+
+
+def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
+    """What an MLP's down_proj reads from its input projection's output. Gated: act(gate) * up for gate_up
+    (..., 2 * width) = [gate, up]: SwiGLU (silu), Gemma's GeGLU (gelu_tanh), or gpt-oss's clamped SwiGLU
+    (swiglu_oai: gate capped at `limit`, up clamped to +-limit, then gate * sigmoid(alpha * gate) * (up + 1)).
+    Ungated (UNGATED): act(up), Nemotron-H's relu(up)^2."""
+    if activation == "relu2":
+        return torch.relu(gate_up).square()
     if activation in cpu_ops.ACTIVATIONS and cpu_ops.usable(gate_up):
         return cpu_ops.gated_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)

@@ -18,7 +18,9 @@ Ministral 3's temperature, and mixtures whose router weights scale the experts' 
 expert. DeepSeek-V2 and V3 (and GLM-4.7-Flash) are Llama's layer with DeepSeek's latent attention
 (latent_attention.py) and mixtures after dense first layers. Qwen3.5 is Llama's layer with linear attention
 (linear_attention.py) in three layers of four, the others gating their attention's output, turning a
-quarter of each head, and norming q and k per head; its norms multiply by 1 + w.
+quarter of each head, and norming q and k per head; its norms multiply by 1 + w. Nemotron-H's blocks are
+layers of one part each: Mamba-2 (mamba.py), attention without rotation, or an MLP without a gate (relu(x)^2),
+or a mixture of such MLPs.
 """
 from __future__ import annotations
 
@@ -41,8 +43,8 @@ from .mamba import Mamba2
 from .mtp import MultiTokenPredictor
 from .short_conv import ShortConv
 from .recurrent import RecurrentMixer
-from .layers import (NO_ROTATION, LayerNorm, RMSNorm, RotaryEmbedding, gated, head_norm_, query_temperatures,
-                     rotary_qkv)
+from .layers import (NO_ROTATION, UNGATED, LayerNorm, RMSNorm, RotaryEmbedding, head_norm_, mlp_activation,
+                     query_temperatures, rotary_qkv)
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -115,9 +117,12 @@ class Attention(torch.nn.Module):
 
 
 class MLP(torch.nn.Module):
+    """down(act(gate(x)) * up(x)), or without a gate (Nemotron-H) down(act(up(x))): gate_up_proj is up_proj alone."""
+
     def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory):
         super().__init__()
-        self.gate_up_proj = make_linear([f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        inputs = ["up_proj"] if config.activation in UNGATED else ["gate_proj", "up_proj"]
+        self.gate_up_proj = make_linear([f"{prefix}.{name}" for name in inputs])
         self.down_proj = make_linear([f"{prefix}.down_proj"])
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
         self.prefix = prefix
@@ -127,7 +132,7 @@ class MLP(torch.nn.Module):
         if lora is None and self.activation == "silu":
             activated = self.gate_up_proj.fused_swiglu(x)
         if activated is None:
-            activated = gated(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation,
+            activated = mlp_activation(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation,
                               *self.swiglu)
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
@@ -146,7 +151,9 @@ class MixtureOfExperts(torch.nn.Module):
     gpt-oss's softmax over the chosen scores), and their outputs are summed by those weights; Llama 4's
     weights scale the experts' inputs instead (expert_input_weights). With a shared expert (Qwen2-MoE,
     Llama 4, GLM-4.5), plus that one's output, times sigmoid(shared_expert_gate . x) where it has a gate
-    (Qwen2-MoE). Each expert is a gated MLP of LCQ (or dense) layers; only the experts some
+    (Qwen2-MoE). Nemotron-H's latent mixtures run the routed experts in a narrower width: their inputs through
+    fc1_latent_proj, their sum through fc2_latent_proj. Each expert is an MLP of LCQ (or dense) layers (gated, or
+    Nemotron-H's ungated); only the experts some
     token chose run, each over its tokens, or, once stack_experts() has stacked packed experts, all of
     them in one grouped product per matrix kind, routed on the device."""
 
@@ -171,6 +178,9 @@ class MixtureOfExperts(torch.nn.Module):
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
                                                      requires_grad=False) if gated_shared else None
         self.input_weights = config.expert_input_weights
+        # Nemotron-H's latent mixtures: the routed experts' inputs and outputs through these
+        self.latent_in = make_linear([f"{prefix}.fc1_latent_proj"]) if config.expert_latent else None
+        self.latent_out = make_linear([f"{prefix}.fc2_latent_proj"]) if config.expert_latent else None
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
@@ -207,8 +217,11 @@ class MixtureOfExperts(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         weights, chosen = self.route(x)
-        out = self._grouped(x, weights, chosen) if self.gate_up_experts is not None else \
-            self._each_expert(x, weights, chosen)
+        routed_in = x if self.latent_in is None else self.latent_in(x)
+        out = self._grouped(routed_in, weights, chosen) if self.gate_up_experts is not None else \
+            self._each_expert(routed_in, weights, chosen)
+        if self.latent_out is not None:
+            out = self.latent_out(out)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, None)
             if self.shared_expert_gate is not None:
@@ -246,7 +259,8 @@ class MixtureOfExperts(torch.nn.Module):
             hidden = self.gate_up_experts((x.unsqueeze(1) * weights.unsqueeze(-1)).flatten(0, 1), routes, 1)
         else:
             hidden = self.gate_up_experts(x, routes, self.top_k)
-        down = self.down_experts(gated(hidden, self.activation, *self.swiglu), routes, 1).view(*chosen.shape, -1)
+        activated = mlp_activation(hidden, self.activation, *self.swiglu)
+        down = self.down_experts(activated, routes, 1).view(*chosen.shape, -1)
         return down.sum(dim=1) if self.input_weights else (down * weights.unsqueeze(-1)).sum(dim=1)
 
 
@@ -262,7 +276,9 @@ def _within_best_groups(choice: torch.Tensor, groups: int, kept: int, scored_by:
 
 class DecoderLayer(torch.nn.Module):
     """Norms by role: before attention, before the MLP, and (Gemma, OLMo 2) on the attention and MLP outputs;
-    OLMo 2 has only the latter, Cohere only the first (its attention and MLP read the same normed input)."""
+    OLMo 2 has only the latter, Cohere only the first (its attention and MLP read the same normed input).
+    A Nemotron-H block is a layer of one part, a token mixer (self_attn) or an MLP, after one norm
+    (attention_norm, the layer's input norm)."""
 
     def __init__(self, config: ModelConfig, index: int, make_linear: LinearFactory, dtype: torch.dtype,
                  prefix: str | None = None):
@@ -275,18 +291,23 @@ class DecoderLayer(torch.nn.Module):
             return model_norm(config, dtype)
 
         self.attention_norm = norm() if config.pre_norms else None
-        if config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear attention, Granite 4.0-H's Mamba-2,
-            # LFM2's short convolution
+        self.self_attn = self.mlp = None  # (Nemotron-H: one of them)
+        if config.mixer_layers[index] and config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear
+            # attention, Granite 4.0-H's Mamba-2, LFM2's short convolution
             mixer = GatedDeltaNet if config.linear is not None else Mamba2 if config.mamba is not None else ShortConv
-            self.self_attn = mixer(config, f"{prefix}.{mixer.CHECKPOINT_NAME}", make_linear, dtype)
-        else:
+            self.mixer_name = config.mixer_name or mixer.CHECKPOINT_NAME  # its checkpoint module
+            self.self_attn = mixer(config, f"{prefix}.{self.mixer_name}", make_linear, dtype)
+        elif config.mixer_layers[index]:
             attention = Attention if config.latent is None else LatentAttention
-            self.self_attn = attention(config, f"{prefix}.self_attn", make_linear, dtype, index)
-        self.mlp_norm = norm() if config.pre_norms and not config.parallel_block else None
+            self.mixer_name = config.mixer_name or "self_attn"
+            self.self_attn = attention(config, f"{prefix}.{self.mixer_name}", make_linear, dtype, index)
+        self.single_part = not (config.mixer_layers[index] and config.mlp_layers[index])
+        self.mlp_norm = norm() if config.pre_norms and not config.parallel_block and not self.single_part else None
         mlp = f"{prefix}.{config.mlp_name}"
         shared = f"{prefix if config.shared_expert_in_layer else mlp}.{config.shared_expert_name}"
-        self.mlp = MixtureOfExperts(config, mlp, shared, make_linear, dtype) if config.moe_layers[index] else \
-            MLP(config, mlp, make_linear)
+        if config.mlp_layers[index]:
+            self.mlp = MixtureOfExperts(config, mlp, shared, make_linear, dtype) if config.moe_layers[index] else \
+                MLP(config, mlp, make_linear)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
 
@@ -294,6 +315,11 @@ class DecoderLayer(torch.nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual stream is carried beside the layer's output and added by the next norm:
         (mlp output, residual) here, their sum is the transformers layer's output."""
+        if self.single_part:  # Nemotron-H: the block's norm, then its mixer or its MLP
+            hidden, residual = self.attention_norm(hidden, residual)
+            if self.mlp is None:
+                return self.self_attn(hidden, rope, attention), residual
+            return self.mlp(hidden, attention.context.lora), residual
         if self.attention_norm is None:  # OLMo 2: the stream itself goes into attention and the MLP
             stream = hidden if residual is None else residual + hidden
             stream = stream + self.attention_output_norm(self.self_attn(stream, rope, attention))[0]

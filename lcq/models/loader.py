@@ -57,7 +57,8 @@ QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query
 # A layer's norms before its attention (or mixer) and before its MLP, where not input_layernorm and
 # post_attention_layernorm
 NORM_NAMES = {**dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
-              "bamba": ("input_layernorm", "pre_ff_layernorm")}
+              "bamba": ("input_layernorm", "pre_ff_layernorm"),
+              "nemotron_h": ("norm", "norm")}  # (a block's one norm, before its mixer or its MLP)
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
 SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -174,7 +175,7 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
     if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products
         layer.self_attn.load_up_projection(read(f"{prefix}.self_attn.kv_b_proj.weight"))
     if config.linear_layers[index]:  # a recurrent mixer's convolution, decay, and gated norm
-        mixer = f"{prefix}.{layer.self_attn.CHECKPOINT_NAME}"
+        mixer = f"{prefix}.{layer.mixer_name}"
         layer.self_attn.load(lambda name: reader.tensor(f"{mixer}.{name}"))
     if config.moe_layers[index]:  # the router (and a shared expert's gate), kept in full precision
         router = ROUTER_NAMES.get(config.model_type, "gate")

@@ -22,6 +22,7 @@ from lcq.errors import UserError
 from lcq.format import StoredTensor, source_parts
 
 from .config import ModelConfig
+from .layers import UNGATED
 
 WEIGHTS_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 # Our fused layers (their key under model.layers.{i}) and the checkpoint matrices they join, in order.
@@ -45,13 +46,15 @@ class LoRAAdapter:
 
 def layer_fused(config: ModelConfig, index: int) -> dict[str, tuple[str, ...]]:
     """FUSED for decoder layer `index`: the attention's layers (not those of DeepSeek's latent attention or of
-    Qwen3.5's layers), and the MLP's (under the model's MLP name) where the layer's MLP is dense. A
+    Qwen3.5's layers), and the MLP's (under the model's MLP name; up_proj alone where it has no gate) where the
+    layer has a dense MLP. A
     mixture's experts, router and shared expert take no adapter."""
     plain_attention = config.latent is None and not any(config.linear_layers)
     fused = {layer: parts for layer, parts in FUSED.items() if layer.startswith("self_attn.") and plain_attention}
-    if not config.moe_layers[index]:
+    if config.mlp_layers[index] and not config.moe_layers[index]:
         mlp = config.mlp_name
-        fused.update({f"{mlp}.gate_up_proj": (f"{mlp}.gate_proj", f"{mlp}.up_proj"),
+        inputs = ("up_proj",) if config.activation in UNGATED else ("gate_proj", "up_proj")
+        fused.update({f"{mlp}.gate_up_proj": tuple(f"{mlp}.{name}" for name in inputs),
                       f"{mlp}.down_proj": (f"{mlp}.down_proj",)})
     return fused
 

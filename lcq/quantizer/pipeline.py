@@ -64,7 +64,9 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
                 "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
-                "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba"}
+                "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba",
+                "nemotron_h": "NemotronH"}
+LAYER_CLASS = {"nemotron_h": "NemotronHBlock"}  # transformers' decoder layer, where not the prefix's DecoderLayer
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
                    "qwen3_5_moe_text": "qwen3_5_moe"}
@@ -80,7 +82,7 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     "olmo2": (), "olmo3": (), "exaone4": (),
                     "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",),  # (one norm a layer)
                     **dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
-                    "bamba": ("input_layernorm", "pre_ff_layernorm")}
+                    "bamba": ("input_layernorm", "pre_ff_layernorm"), "nemotron_h": ("norm",)}
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's
@@ -278,10 +280,11 @@ class _Source:
         module = MODELING_MODULE.get(self.config.model_type, self.config.model_type)
         modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
         prefix = CLASS_PREFIX[self.config.model_type]
-        self.layer_class = getattr(modeling, f"{prefix}DecoderLayer")
-        rotary = ROTARY_CLASS.get(self.config.model_type, f"{prefix}RotaryEmbedding")
-        nope = getattr(self.config, "position_embedding_type", "rope") == "nope"  # Granite 4.0-H: no rotary embedding
-        self.rotary_module = None if nope else getattr(modeling, rotary)(config=self.config).to(device)
+        self.layer_class = getattr(modeling, LAYER_CLASS.get(self.config.model_type, f"{prefix}DecoderLayer"))
+        rotary = getattr(modeling, ROTARY_CLASS.get(self.config.model_type, f"{prefix}RotaryEmbedding"), None)
+        # (none: Granite 4.0-H's NoPE attention, Nemotron-H's)
+        nope = getattr(self.config, "position_embedding_type", "rope") == "nope" or rotary is None
+        self.rotary_module = None if nope else rotary(config=self.config).to(device)
         self.device = device
         self.mtp = mtp_names(self.config.to_dict(), self.reader.names())  # its multi-token-prediction layer
 
@@ -422,7 +425,8 @@ class _Source:
             bias = self.reader.tensor(f"{name}.bias").float().to(x.device) if self.reader.has(f"{name}.bias") \
                 else None  # (StableLM's)
             return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps=self.config.layer_norm_eps)
-        eps = getattr(self.config, "rms_norm_eps", None) or self.config.norm_eps  # (LFM2 names it norm_eps)
+        eps = getattr(self.config, "rms_norm_eps", None) or getattr(self.config, "norm_eps", None) or \
+            self.config.layer_norm_epsilon  # (LFM2's name, Nemotron-H's)
         return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 

@@ -20,11 +20,12 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "ge
                          "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text", "glm4_moe",
                          "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
                          "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid", "lfm2",
-                         "lfm2_moe", "bamba")
+                         "lfm2_moe", "bamba", "nemotron_h")
 
 
-# A decoder layer's MLP (or mixture), by its module's name: Llama 4's, Granite 4.0-H's mixture, the others'
-MLP_MODULES = ("feed_forward", "block_sparse_moe", "mlp")
+# A decoder layer's MLP (or mixture), by its module's name: Llama 4's, Granite 4.0-H's mixture, the others'; a
+# Nemotron-H block's part (its mixer or MLP)
+MLP_MODULES = ("feed_forward", "block_sparse_moe", "mlp", "mixer")
 
 
 def read_config(model_dir: str | Path) -> dict:
@@ -164,6 +165,27 @@ class SplitLlama4Experts(torch.nn.ModuleList):
         return out.view(routed_in.shape)
 
 
+class SplitUngatedExperts(torch.nn.ModuleList):
+    """Nemotron-H's experts (up_proj (experts, width, in), down_proj (experts, in, width), without a gate) as
+    experts.{e}.up_proj and down_proj, each a Linear; the same sum over each token's chosen experts."""
+
+    def __init__(self, experts: torch.nn.Module):
+        count, width, hidden = experts.up_proj.shape
+        settings = dict(bias=False, device=experts.up_proj.device, dtype=experts.up_proj.dtype)
+        super().__init__(torch.nn.ModuleDict({"up_proj": torch.nn.Linear(hidden, width, **settings),
+                                              "down_proj": torch.nn.Linear(width, hidden, **settings)})
+                         for _ in range(count))
+        self.activation = experts.act_fn.forward  # (the module itself would join the list)
+
+    def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden)
+        for expert in top_k_index.unique().tolist():
+            rows, slots = (top_k_index == expert).nonzero(as_tuple=True)
+            y = self[expert]["down_proj"](self.activation(self[expert]["up_proj"](hidden[rows])))
+            out.index_add_(0, rows, (y * top_k_weights[rows, slots, None]).to(out.dtype))
+        return out
+
+
 def _expert(hidden: int, width: int, like: torch.Tensor, bias: bool) -> torch.nn.ModuleDict:
     """An expert's gate_proj, up_proj and down_proj as Linears, on the device and in the dtype of `like`."""
     settings = dict(bias=bias, device=like.device, dtype=like.dtype)
@@ -177,7 +199,8 @@ def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     them, each a Linear: GLM-4-0414's gate_up_proj and Granite 4.0-H's dense MLP's input_linear as gate_proj
     and up_proj, LFM2's w1, w3 and w2 as gate_proj, up_proj and down_proj (GatedMLP), a mixture's experts
     one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts; Granite's under
-    block_sparse_moe), Qwen3-Next's fused linear-attention projections as Qwen3.5's parts."""
+    block_sparse_moe; Nemotron-H's, under mixer: SplitUngatedExperts), Qwen3-Next's fused linear-attention
+    projections as Qwen3.5's parts."""
     if hasattr(getattr(layer, "linear_attn", None), "in_proj_qkvz"):  # Qwen3-Next's fused projections
         _split_linear_attention(layer.linear_attn)
     if getattr(layer, "shared_mlp", None) is not None:  # Granite 4.0-H's dense MLP, beside its mixture
@@ -193,13 +216,20 @@ def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     if experts is not None and isinstance(getattr(experts, "gate_up_proj", None), torch.nn.Parameter):
         mlp.experts = SplitLlama4Experts(experts) if type(experts).__name__ == "Llama4TextExperts" else \
             SplitExperts(experts)
+    if experts is not None and isinstance(getattr(experts, "up_proj", None), torch.nn.Parameter):  # Nemotron-H's
+        mlp.experts = SplitUngatedExperts(experts)
     return layer
 
 
 def model_as_stored(model: torch.nn.Module) -> torch.nn.Module:
-    """A transformers CausalLM with each decoder layer as as_stored leaves it."""
+    """A transformers CausalLM with each decoder layer as as_stored leaves it, and its embedding table under
+    the name lcq reads it by (model.embed_tokens; Nemotron-H's model.embeddings, which its model still reads)."""
     for layer in model.model.layers:
         as_stored(layer)
+    if "embeddings" in model.model._modules:
+        table = model.model._modules.pop("embeddings")
+        model.model.embed_tokens = table
+        object.__setattr__(model.model, "embeddings", table)  # (not a second registration of the module)
     return model
 
 
