@@ -77,10 +77,10 @@ def test_split_at_every_boundary_equals_the_one_shot_split(reply, plain, thinkin
             assert streamed(parser, [reply[a:b] for a, b in zip([0] + cuts, cuts + [len(reply)])]) == expected
 
 
-@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2"])
+@pytest.mark.parametrize("name", ["deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", "nano_v3"])
 def test_every_think_parser_name_reads_think_tags(name):
-    """vLLM's names for the <think> syntax (DeepSeek-R1, Qwen3, GLM-4.5, DeepSeek-V3.1) all split it, and the
-    server's settings take each."""
+    """vLLM's names for the <think> syntax (DeepSeek-R1, Qwen3, GLM-4.5, DeepSeek-V3.1, MiniMax-M2, Nemotron 3) all
+    split it, and the server's settings take each."""
     assert reasoning_parser(name, THINKING_PROMPT).split(SPLITS[1][0]) == SPLITS[1][2]
     assert reasoning_parser(name, PLAIN_PROMPT).split(REPLY) == SPLITS[0][1]
     assert ServeSettings(reasoning_parser=name).reasoning_parser == name

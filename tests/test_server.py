@@ -419,6 +419,13 @@ PARSED = {
                          [("f", {"x": 1}), ("g", {})])],
                        ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'),
                        [("Sure functo", "Sure "), ('ols[{"name": "f"}]', "")], ("f", {}), None),
+    # Nemotron Nano 2's: a JSON list inside <TOOLCALL> (its closing tag missing where generation stopped first)
+    "nemotron_json": ([('Checking.\n<TOOLCALL>[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]</TOOLCALL>',
+                        "Checking.", [("f", {"x": 1}), ("g", {})]),
+                       ('<TOOLCALL> {"name": "f", "arguments": {}} ', None, [("f", {})])],
+                      ("No tools.", '<TOOLCALL>[{"name": "f", "arguments": {</TOOLCALL>', "<TOOLCALL>[]</TOOLCALL>",
+                       "[TOOLCALL]"), [("Sure <TOOL", "Sure "), ('CALL>[{"name": "f"}]</TOOLCALL>', "")], ("f", {}),
+                      "Sunny <b>"),
 }
 
 
@@ -485,8 +492,9 @@ def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
 CALL_TWICE = {"hermes": "\n", "llama3_json": "; ", "mistral": "", "ernie45": "\n", "internlm": "",
               "seed_oss": "", "openai": "", "glm47": ""}  # how two calls of a parser's syntax are joined (not
 # DeepSeek's: two take 302 tokens of the tiny tokenizer, past the tiny model's context of 256)
-# Parsers whose calls are one list: its opening, and where the calls inside it start.
-LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
+# Parsers whose calls are one list: what comes before the calls in it, and what after.
+LISTED = {"granite": ("[", "]"), "pythonic": ("[", "]"), "phi4_mini_json": ("functools[", "]"),
+          "nemotron_json": ("<TOOLCALL>[", "]</TOOLCALL>")}
 
 
 @pytest.mark.parametrize("parser, reply", [
@@ -496,6 +504,7 @@ LISTED = {"granite": "[", "pythonic": "[", "phi4_mini_json": "functools["}
     ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}'),
     ("pythonic", '[get_weather(city="Paris")]'),
     ("phi4_mini_json", 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'),
+    ("nemotron_json", '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</TOOLCALL>'),
     ("ernie45", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
     ("internlm", '<|action_start|><|plugin|>\n{"name": "get_weather", "parameters": {"city": "Paris"}}<|action_end|>'),
     ("olmo3", '<function_calls>\nget_weather(city="Paris")\n</function_calls>'),
@@ -533,8 +542,9 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
         assert text.choices[0].message.tool_calls is None and text.choices[0].finish_reason == "length"
         if parser == "deepseek_v3":
             return
-        inner = reply[len(LISTED.get(parser, "")):-1]
-        doubled = LISTED[parser] + inner + ", " + inner + "]" if parser in LISTED else \
+        opening, closing = LISTED.get(parser, ("", ""))
+        inner = reply[len(opening):len(reply) - len(closing)]
+        doubled = opening + inner + ", " + inner + closing if parser in LISTED else \
             reply.replace("</function_calls>", 'get_weather(city="Paris")\n</function_calls>') if parser == "olmo3" \
             else reply + CALL_TWICE[parser] + reply
         twice = {"guided_choice": [doubled]}

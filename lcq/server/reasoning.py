@@ -1,12 +1,14 @@
 """Reasoning in replies: the thinking a reasoning model writes before its answer, split from the answer.
 
-`lcq serve --reasoning-parser NAME` reads it as vLLM's parser of that name does. Five names read one
+`lcq serve --reasoning-parser NAME` reads it as vLLM's parser of that name does. Six names read one
 syntax, `<think>` ... `</think>`:
 - deepseek_r1 (DeepSeek-R1 and its distills, QwQ);
 - qwen3 (Qwen3, hybrid and Thinking);
 - glm45 (GLM-4.5 to 4.7, GLM-4.7-Flash);
 - deepseek_v3 (DeepSeek-V3.1 and later, thinking or not);
 - minimax_m2 (MiniMax-M2, M2.1, M2.5);
+- nano_v3 (Nemotron 3 Nano, NVIDIA's plugin name; with enable_thinking false its template closes an empty
+  thinking, so the reply is content, as that plugin reads it);
 openai_gptoss reads gpt-oss's harmony messages (HarmonyStream).
 Newer chat templates open the thinking themselves (the generation prompt ends with `<think>` and a
 newline, so the reply has only `</think>`); others leave the model to write `<think>` first; with
@@ -21,7 +23,7 @@ from bisect import bisect_left
 from typing import Callable
 
 HARMONY = "openai_gptoss"  # gpt-oss's harmony channels, under vLLM's name
-PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", HARMONY)  # all but the last: one syntax, vLLM's names
+PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", "nano_v3", HARMONY)  # all but the last: one syntax, vLLM's names
 THINK_START, THINK_END = "<think>", "</think>"
 # Harmony's markup, special tokens all: a message is <|channel|>NAME ...<|message|>TEXT and one of the ends;
 # the next opens with <|start|>assistant (its role) before its channel.

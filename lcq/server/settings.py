@@ -17,8 +17,8 @@ from lcq.errors import UserError
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
                      "internlm", "seed_oss", "qwen3_coder", "openai", "glm45", "glm47", "deepseek_v3",
-                     "deepseek_v31", "minimax_m2")  # tool_calls.PARSERS
-REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", "openai_gptoss")  # reasoning.PARSERS
+                     "deepseek_v31", "minimax_m2", "llama_nemotron_json", "nemotron_json")  # tool_calls.PARSERS
+REASONING_PARSERS = ("deepseek_r1", "qwen3", "glm45", "deepseek_v3", "minimax_m2", "nano_v3", "openai_gptoss")  # reasoning.PARSERS
 
 
 @dataclass

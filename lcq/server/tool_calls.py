@@ -20,6 +20,9 @@ writes free text in which it may call tools in the syntax its chat template taug
   with keyword arguments, `[get_weather(city="Paris"), f()]`, read with Python's parser (never run), each
   argument a literal (Llama 4's `<|python_start|>` around it is a special token the detokenizer drops);
 - phi4_mini_json (Phi-4-mini): `functools[{"name": ..., "arguments": {...}}, ...]` after any text;
+- llama_nemotron_json (Llama-Nemotron) and nemotron_json (NVIDIA-Nemotron-Nano-9B-v2 and 12B-v2, the name of
+  NVIDIA's plugin for them): text, then `<TOOLCALL>[{"name": ..., "arguments": {...}}, ...]</TOOLCALL>`, the
+  tags kept where they are special tokens (KEEPS_SPECIAL_TOKENS); Nemotron 3 writes qwen3_coder's calls;
 - olmo3 (OLMo 3): `<function_calls>` then one pythonic call per line, its literals Python's or JSON's
   (null, true, false);
 - ernie45 (ERNIE 4.5): hermes's blocks;
@@ -61,13 +64,14 @@ from .protocol import FunctionCall, ToolCall
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
 PHI4_CALLS = "functools["
+NEMOTRON_START, NEMOTRON_END = "<TOOLCALL>", "</TOOLCALL>"
 OLMO3_START, OLMO3_END = "<function_calls>", "</function_calls>"
 INTERNLM_START, INTERNLM_END = "<|action_start|><|plugin|>", "<|action_end|>"
 GLM_START, GLM_END = "<tool_call>", "</tool_call>"
 DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 # parsers whose tags are (or may be) special tokens the text must keep
 KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31",
-                        "minimax_m2")
+                        "minimax_m2", "llama_nemotron_json", "nemotron_json")
 HARMONY_CALL = "<|channel|>commentary to=functions."
 # a harmony message to a function: its name, then (after any more of the header) its arguments
 _HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
@@ -285,17 +289,25 @@ def parse_internlm(text: str) -> tuple[str | None, list[ToolCall]]:
     return (content.strip() or None, calls) if calls else (text, [])
 
 
-def parse_phi4_mini_json(text: str) -> tuple[str | None, list[ToolCall]]:
-    """(the text around `functools[...]`, or None when empty; the calls) from a reply in Phi-4-mini's form;
+def parse_json_list(text: str, opening: str, closing: str = "") -> tuple[str | None, list[ToolCall]]:
+    """(the text around the calls, or None when empty; the calls) from a reply whose calls are a JSON list of
+    {"name", "arguments"} after `opening` (Phi-4-mini's `functools[`, whose last character opens the list;
+    Nemotron's `<TOOLCALL>`), up to `closing` where the syntax has one (missing where generation ended first);
     (the text, []) when there is none or its JSON does not parse."""
-    start = text.find(PHI4_CALLS)
+    start = text.find(opening)
     if start < 0:
         return text, []
+    at = start + len(opening) - (1 if opening.endswith("[") else 0)
+    at += len(text[at:]) - len(text[at:].lstrip())
     try:
-        values, end = json.JSONDecoder().raw_decode(text, start + len(PHI4_CALLS) - 1)
+        values, end = json.JSONDecoder().raw_decode(text, at)
+        values = [values] if isinstance(values, dict) else values  # (one call without its list)
         calls = [_call(value["name"], value.get("arguments", value.get("parameters", {}))) for value in values]
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
+    rest = text[end:].lstrip()
+    if closing and rest.startswith(closing):
+        end = len(text) - len(rest) + len(closing)
     content = (text[:start] + text[end:]).strip()
     return (content or None, calls) if calls else (text, [])
 
@@ -399,7 +411,9 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "granite": (parse_granite, whole_reply_held_from("[")),
            "mistral": (parse_mistral, tag_held_from(MISTRAL_CALLS)),
            "pythonic": (parse_pythonic, whole_reply_held_from("[")),
-           "phi4_mini_json": (parse_phi4_mini_json, tag_held_from(PHI4_CALLS)),
+           "phi4_mini_json": (functools.partial(parse_json_list, opening=PHI4_CALLS), tag_held_from(PHI4_CALLS)),
+           **dict.fromkeys(("llama_nemotron_json", "nemotron_json"), (functools.partial(
+               parse_json_list, opening=NEMOTRON_START, closing=NEMOTRON_END), tag_held_from(NEMOTRON_START))),
            "olmo3": (parse_olmo3, whole_reply_held_from(OLMO3_START)),
            "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
            "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
