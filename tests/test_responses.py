@@ -5,6 +5,7 @@ instructions and stored history became the same prompt."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Literal
 
 import httpx
@@ -205,7 +206,8 @@ def test_bad_requests_get_the_envelope(server, client):
         == "input.0.content"
     assert refused({"input": [{"content": "no role"}]})["param"] == "input.0"
     assert refused({"input": [{"type": "function_call", "name": "f"}]})["param"] == "input.0"
-    assert refused({"input": "x", "background": True})["param"] == "background"
+    assert refused({"input": "x", "background": True, "stream": True})["param"] == "background"
+    assert refused({"input": "x", "background": True, "store": False})["param"] == "background"
     assert refused({"input": "x", "tools": [{"type": "web_search"}]})["param"] == "tools.0"
     assert refused({"input": "x", "tools": [WEATHER]})["param"] == "tool_choice"  # "auto" needs a parser
     assert refused({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function"}})["param"] == "tool_choice"
@@ -228,6 +230,44 @@ def test_disconnect_mid_stream_frees_the_pool(server):
         assert next(lines) == "event: response.created"
     server.wait_pool_full()
 
+
+
+def _polled(client, response_id: str, timeout: float = 30.0):
+    """The background response once it has ended."""
+    deadline = time.time() + timeout
+    while (response := client.responses.retrieve(response_id)).status in ("queued", "in_progress"):
+        assert time.time() < deadline, f"{response_id} still {response.status}"
+        time.sleep(0.05)
+    return response
+
+
+def test_background_responses_are_polled_cancelled_and_deleted(server, client):
+    """background: the response comes back queued at once, is generated with no connection waiting and, polled
+    by id, ends as the same request without background does. Cancelled while generating it stops at once (the
+    pool full again), cancelled; cancelling it again returns it as it ended. One still generating cannot be
+    continued yet; one not created in the background cannot be cancelled; deleting a running one cancels it."""
+    args = dict(model=MODEL, input="Tell me about bits.", max_output_tokens=12, temperature=0)
+    queued = client.responses.create(**args, background=True)
+    assert queued.status == "queued" and queued.background and queued.output == []
+    done, same = _polled(client, queued.id), client.responses.create(**args)
+    assert done.status == "incomplete" and done.output_text == same.output_text and done.usage.output_tokens == 12
+    assert done.background and not same.background
+    endless = dict(model=MODEL, input="x", max_output_tokens=200, background=True, extra_body={"ignore_eos": True})
+    running = client.responses.create(**endless)
+    with pytest.raises(openai.BadRequestError, match="is still (queued|in_progress)"):
+        client.responses.create(model=MODEL, input="y", previous_response_id=running.id)
+    cancelled = client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 200
+    server.wait_pool_full()
+    assert client.responses.cancel(running.id).status == "cancelled"
+    assert client.responses.retrieve(running.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError, match="only background responses can be cancelled"):
+        client.responses.cancel(same.id)
+    deleted = client.responses.create(**endless)
+    client.responses.delete(deleted.id)
+    server.wait_pool_full()
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(deleted.id)
 
 
 def test_replicas_behind_the_shipped_nginx_config_continue_stored_responses(server, tmp_path):

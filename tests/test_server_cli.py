@@ -231,15 +231,16 @@ def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
              _batch_line("resp", "/v1/responses", {"input": "Hi", "max_output_tokens": 4}),
              _batch_line("emb", "/v1/embeddings", {"input": ["Hi", "there"]}),
              _batch_line("bad", "/v1/completions", {"prompt": "x", "temperature": 5}),
-             _batch_line("stream", "/v1/completions", {"prompt": "x", "stream": True})]
+             _batch_line("stream", "/v1/completions", {"prompt": "x", "stream": True}),
+             _batch_line("later", "/v1/responses", {"input": "x", "background": True})]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(model),
                  "--kv-cache-memory-gb", "0.05"]) == 0
-    assert "6 requests: 4 answered, 2 refused" in capsys.readouterr().out
+    assert "7 requests: 4 answered, 3 refused" in capsys.readouterr().out
     results = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["custom_id"] for r in results] == ["chat", "text", "resp", "emb", "bad", "stream"]
-    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 200, 400, 400]
+    assert [r["custom_id"] for r in results] == ["chat", "text", "resp", "emb", "bad", "stream", "later"]
+    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 200, 400, 400, 400]
     assert all(r["id"].startswith("batch_req_") and r["error"] is None for r in results)
     chat, text, resp = (r["response"]["body"] for r in results[:3])
     ChatCompletion.model_validate(chat), Response.model_validate(resp)
@@ -250,6 +251,7 @@ def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
     assert len(CreateEmbeddingResponse.model_validate(results[3]["response"]["body"]).data) == 2
     assert results[4]["response"]["body"]["error"]["param"] == "temperature"
     assert results[5]["response"]["body"]["error"]["param"] == "stream"
+    assert results[6]["response"]["body"]["error"]["param"] == "background"
 
 
 @pytest.mark.parametrize("line, message", [

@@ -101,8 +101,9 @@ async def run_requests(app, requests: list[BatchRequest], concurrency: int,
     gate = asyncio.Semaphore(concurrency)
 
     async def one(request: BatchRequest) -> dict[str, Any]:
-        if request.body.get("stream"):
-            status, body = 400, error_body(400, "stream is not supported in a batch", param="stream")
+        refused = next((key for key in ("stream", "background") if request.body.get(key)), None)
+        if refused:  # (a batch answers every request whole)
+            status, body = 400, error_body(400, f"{refused} is not supported in a batch", param=refused)
         else:
             async with gate:
                 status, body = await call_app(app, request.url, request.body)

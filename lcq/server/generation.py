@@ -141,16 +141,18 @@ class Generation:
                 except Exception:  # already gone from the engine
                     logger.debug("abort of %s: already finished", choice.request_id, exc_info=True)
 
-    async def run(self, request: Request) -> None:
-        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort at once.
-        A choice the engine failed (not a client mistake) fails the whole response with a 500."""
+    async def run(self, request: Request | None) -> None:
+        """Collect every choice to the end (non-streaming); if the client goes away meanwhile, abort at once
+        (request None: a background response, which no connection holds). A choice the engine failed (not a
+        client mistake) fails the whole response with a 500."""
 
         async def consume() -> None:
             async for _ in self.deltas():
                 pass
 
         task = asyncio.create_task(consume())
-        disconnected = asyncio.create_task(_client_disconnect(request))
+        watched = _client_disconnect(request) if request is not None else asyncio.Event().wait()  # (never set)
+        disconnected = asyncio.create_task(watched)
         try:
             await asyncio.wait({task, disconnected}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():

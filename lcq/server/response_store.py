@@ -2,10 +2,12 @@
 `previous_response_id`: kept in this process's memory, the least recently used dropped past a count.
 
 Each entry holds its whole conversation as chat messages, so a response whose ancestors were dropped
-still continues; the message dicts are shared with those ancestors, not copied.
+still continues; the message dicts are shared with those ancestors, not copied. A background response is
+stored at once (queued) and again when it ends; meanwhile its task is in `running`.
 """
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +26,7 @@ class ResponseStore:
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
+        self.running: dict[str, asyncio.Task] = {}  # background responses still generating, by id
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -152,8 +152,11 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
 
     def unsupported(self) -> tuple[str, str] | None:
         """What this server cannot do, refused rather than ignored."""
-        if self.background:
-            return "background", "background responses are not supported: stream, or wait for the response"
+        if self.background and self.stream:
+            return "background", "background responses are not streamed: poll GET /v1/responses/{id}, or stream " \
+                "without background"
+        if self.background and not self.store:
+            return "background", "background responses need store (they are fetched by id)"
         if self.conversation is not None:
             return "conversation", "conversation objects are not supported; continue with previous_response_id"
         if self.truncation == "auto":
@@ -276,7 +279,8 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    status: Literal["queued", "in_progress", "completed", "incomplete", "failed", "cancelled"]
+    background: bool = False
     model: str
     output: list[ReasoningItem | OutputMessage | FunctionCallItem] = Field(default_factory=list)
     usage: ResponseUsage | None = None
