@@ -534,6 +534,8 @@ HYBRIDS = {"granite4_hybrid": ("GraniteMoeHybridForCausalLM", [True, False, True
            "lfm2": ("Lfm2ForCausalLM", [True, True, False, True], [False] * 4),
            "lfm2_moe": ("Lfm2MoeForCausalLM", [True, True, False, True], [False, True, True, True]),
            "bamba": ("BambaForCausalLM", [True, False, True, True], [False] * 4),
+           "falcon_h1": ("FalconH1ForCausalLM", [False] * 2, [False] * 2),
+           "falcon_h1_normed": ("FalconH1ForCausalLM", [False] * 2, [False] * 2),
            "nemotron_h": ("NemotronHForCausalLM", [True, False, True, False, False], [False] * 5),
            "nemotron_h_moe": ("NemotronHForCausalLM", [True, False, True, False, False], [False, True, False, False, True]),
            "nemotron_h_latent": ("NemotronHForCausalLM", [True, False, True, False, False],
@@ -554,7 +556,10 @@ def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_op
     Nano's with mixtures, Nemotron 3 Super's with latent mixtures): blocks of one part each behind one norm,
     Mamba-2, NoPE attention, or an MLP of up_proj and relu(x)^2 (a mixture of such experts, chosen by sigmoid
     scores plus a bias and scaled, beside a shared one; the routed experts between fc1 and fc2_latent_proj in
-    Super's), every part under mixer and the model under backbone. Our model against transformers' own
+    Super's), every part under mixer and the model under backbone. Falcon-H1 (without and with its Mamba-2
+    outputs' norm): Mamba-2 beside the attention in every layer, reading the same normed input, and factors on
+    the embeddings, logits, the attention's input, keys and output, Mamba-2's input, in_proj parts and output,
+    and the MLP's gate and down (all but the first two folded into weights). Our model against transformers' own
     class: prompts prefilled in chunks (transformers' Mamba-2 recurrence in chunks of 8, ours of 64) and
     decoded."""
     import transformers
@@ -563,7 +568,7 @@ def test_recurrent_hybrids_follow_transformers(tmp_path, monkeypatch, arch, c_op
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
-    assert config.linear_layers == recurrent and config.moe_layers == mixtures
+    assert config.linear_layers == recurrent and config.moe_layers == mixtures and config.recurrent
     assert config.rope_layers == [not arch.startswith(("granite4", "nemotron_h"))] * len(recurrent)
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(150)]  # past two chunks of the recurrence

@@ -284,11 +284,12 @@ RECURRENT = {"qwen3_5": ("linear_attn", ["in_proj_qkv", "in_proj_z", "in_proj_b"
              "bamba": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias", "norm.weight"],
                        (0, 2), 1),
              "nemotron_h": ("mixer", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias",
-                                                   "norm.weight"], (0, 2), 3)}
+                                                   "norm.weight"], (0, 2), 3),
+             "falcon_h1": ("mamba", ["in_proj"], ["A_log", "D", "dt_bias", "conv1d.weight", "conv1d.bias"], (0, 1), 0)}
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "granite4_hybrid", "granite4_moe", "lfm2",
-                                  "lfm2_moe", "bamba", "nemotron_h", "nemotron_h_latent"])
+                                  "lfm2_moe", "bamba", "nemotron_h", "nemotron_h_latent", "falcon_h1_normed"])
 def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     """Qwen3.5's linear attention (Qwen3-Next's, its fused projections read as those parts and put back
     together for transformers' layers): in_proj_qkv, in_proj_z, in_proj_b and in_proj_a packed at one width (a
@@ -301,7 +302,9 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
     w3, w2 packed as gate_proj, up_proj, down_proj (its experts' too, their choosing bias kept beside the
     router), its final norm under its own name; Bamba's Mamba-2 as Granite's; Nemotron-H's blocks (Mamba-2, attention,
     MLP or mixture, each under mixer) likewise, its ungated experts' up_proj and down_proj packed, its latent
-    projections, router and choosing bias kept in full precision. Block-wise and end-to-end stages
+    projections, router and choosing bias kept in full precision; Falcon-H1's Mamba-2 beside its attention as
+    Granite's, with its factors folded into weights (neutral in the checkpoint's config, its embeddings' and logits'
+    kept). Block-wise and end-to-end stages
     through transformers' own layers; the engine gives the greedy tokens of transformers with the dequantized
     weights."""
     mixer, inputs, kept, layers, attention = RECURRENT[next(family for family in RECURRENT if arch.startswith(family))
@@ -328,6 +331,11 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
         assert reader.has(f"{mixture}.gate_proj.qweight") == (arch == "lfm2")
         assert all(reader.has(f"{mixture}.{name}") for name in ("experts.3.up_proj.qweight", "gate.weight",
                                                                  "expert_bias")) == (arch == "lfm2_moe")
+    if arch.startswith("falcon_h1"):  # its factors folded into weights, neutral in the checkpoint's config
+        assert reader.config["architectures"] == ["FalconH1ForCausalLM"] and reader.has("model.layers.1.mamba.norm.weight")
+        assert [reader.config[key] for key in ("embedding_multiplier", "lm_head_multiplier", "key_multiplier",
+                                               "ssm_multipliers", "mlp_multipliers")] == [2.0, 0.5, 1.0, [1.0] * 5,
+                                                                                          [1.0, 1.0]]
     if arch.startswith("nemotron_h"):
         mixture = "model.layers.4.mixer"
         assert reader.has("model.embed_tokens.weight") and reader.has("model.norm_f.weight")

@@ -302,9 +302,9 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
         LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2", "nemotron_h_moe"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2", "nemotron_h_moe", "falcon_h1"])
 def test_linear_attention_prefix_caching_keeps_prompts_and_replies_states(tmp_path, arch):
-    """Qwen3.5's (and Granite 4.0-H's, LFM2's, Nemotron-H's) prefix caching: a prompt's chunks stop at the end of its last
+    """Qwen3.5's (and Granite 4.0-H's, LFM2's, Nemotron-H's, Falcon-H1's) prefix caching: a prompt's chunks stop at the end of its last
     full block before its last token, where its state is kept, and its reply's state is kept at the end of
     each block it fills, in the place of the one before; a later prompt that extends the prompt and its
     reply (a conversation's next turn) reuses their blocks and takes up that state, giving transformers'
@@ -1074,13 +1074,16 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
     ("qwen3_5", ("mlp.gate_proj", "mlp.down_proj"), None),
     ("lfm2", ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3"), None),
     ("granite4_hybrid", ("shared_mlp.input_linear", "shared_mlp.output_linear"), None),
-    ("nemotron_h", ("mixer.up_proj", "mixer.down_proj"), [1, 4])])  # (its MLP blocks)
+    ("nemotron_h", ("mixer.up_proj", "mixer.down_proj"), [1, 4]),  # (its MLP blocks)
+    ("falcon_h1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "feed_forward.gate_proj",
+                   "feed_forward.down_proj"), None)])
 def test_lora_adapters_on_the_mlps_of_recurrent_models(tmp_path, arch, targets, layers):
     """An adapter on the MLPs of a model with recurrent layers (whose attention takes none) gives the greedy
     tokens of transformers' own class with the adapter merged: LFM2's w1/w3/w2 and Granite 4.0-H's fused
     input_linear (split into gate and up, its output_linear's B scaled by the residual factor folded into
     down_proj) and Nemotron-H's MLP blocks (up_proj alone, no gate; its Mamba-2 and attention blocks' mixer
-    modules take none) reach the matrices lcq reads them as."""
+    modules take none) reach the matrices lcq reads them as; on Falcon-H1's attention and MLP, the factors folded
+    into those matrices scale the adapters' products alike."""
     import transformers
 
     folder = make_tiny_hf(tmp_path / "hf", arch)

@@ -523,7 +523,7 @@ def test_multi_token_prediction_on_cuda(tmp_path, arch):
     assert _drafts_and_accepted(drafting)[1] > 0
 
 
-@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2", "nemotron_h"])
+@pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2", "nemotron_h", "falcon_h1"])
 def test_recurrent_models_verify_drafts(tmp_path, arch):
     """A model with recurrent layers verifies drafts: a drafting sequence's recurrent states advance one token
     at a time through the step and go back to the tokens it kept (its last one and the accepted drafts). A

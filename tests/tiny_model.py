@@ -66,7 +66,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
         Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
         Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM, \
-        NemotronHConfig, NemotronHForCausalLM
+        NemotronHConfig, NemotronHForCausalLM, FalconH1Config, FalconH1ForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -228,6 +228,14 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      moe_shared_expert_intermediate_size=80, routed_scaling_factor=2.5,
                      moe_latent_size=48 if arch == "nemotron_h_latent" else None)
         del sizes["num_hidden_layers"], sizes["rms_norm_eps"]  # (set by the kinds; its epsilon: layer_norm_epsilon)
+    if arch.startswith("falcon_h1"):  # Falcon-H1's form: Mamba-2 (6 heads of 32, 2 groups) beside the attention in
+        # every layer, each of its factors other than 1; its Mamba-2 outputs gated without a norm (its default), or
+        # normed before the gate (falcon_h1_normed)
+        sizes.update(mamba_d_ssm=192, mamba_n_heads=6, mamba_n_groups=2, mamba_d_state=16, mamba_chunk_size=8,
+                     mamba_rms_norm=arch == "falcon_h1_normed", embedding_multiplier=2.0, lm_head_multiplier=0.5,
+                     key_multiplier=0.7, attention_in_multiplier=1.3, attention_out_multiplier=0.8,
+                     ssm_in_multiplier=1.2, ssm_out_multiplier=0.9, ssm_multipliers=[0.9, 1.1, 0.8, 1.25, 0.6],
+                     mlp_multipliers=[1.4, 0.7])
     if arch == "smollm3":  # the second layer a NoPE layer (no rotary embedding), as every fourth of SmolLM3-3B
         sizes.update(no_rope_layers=[1, 0], tie_word_embeddings=True)
     sizes.update(overrides)
@@ -266,6 +274,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
         "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
+        "falcon_h1": (FalconH1Config, FalconH1ForCausalLM),  # Mamba-2 beside attention, factors everywhere
+        "falcon_h1_normed": (FalconH1Config, FalconH1ForCausalLM),  # the same, its Mamba-2 outputs normed
         "nemotron_h": (NemotronHConfig, NemotronHForCausalLM),  # one part a block: Mamba-2, NoPE attention or MLP
         "nemotron_h_moe": (NemotronHConfig, NemotronHForCausalLM),  # the same with mixtures of ungated experts
         "nemotron_h_latent": (NemotronHConfig, NemotronHForCausalLM),  # the same, the experts in a latent width

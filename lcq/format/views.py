@@ -78,6 +78,10 @@
   up_proj, its experts' 3-D input_linear and output_linear as each expert's matrices, its router's
   router.layer as router (_granite4_hybrid_parts: transformers' modules as lcq.quantizer.reference.as_stored
   splits them).
+- Falcon-H1 (FalconH1ForCausalLM) reads as itself with its factors folded into weights, exactly, and made
+  neutral in its config (its embeddings' and logits' kept): the attention's input and output factors (and the
+  keys' own), Mamba-2's input and output factors and the per-part factors of its in_proj rows (z, x, B, C and
+  dt), the MLP's gate and down factors; a quantized checkpoint stays FalconH1ForCausalLM with them neutral.
 - Nemotron-H (NemotronHForCausalLM: Nemotron-H, Nemotron Nano 2, Nemotron 3) reads as itself with its config
   completed with transformers' defaults (its blocks' kinds from hybrid_override_pattern) and its tensors under
   the names the other families have (backbone. as model., as transformers reads them; its embeddings as
@@ -228,6 +232,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _with_defaults(config, "BambaForCausalLM")
     if config.get("model_type") == "nemotron_h":
         return _nemotron_h(config)
+    if config.get("model_type") == "falcon_h1":
+        return _falcon_h1(config)
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):
@@ -260,6 +266,8 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
         return _qwen3_next_parts(config, stored)
     if config.get("model_type") == "nemotron_h":
         return _nemotron_h_names(stored)
+    if config.get("model_type") == "falcon_h1":
+        return _falcon_h1_scales(config, stored)
     if config.get("model_type") == "ernie4_5_moe":  # its choosing bias as transformers' router holds it
         return {name.replace(".mlp.moe_statics.", ".mlp.gate.moe_statics."): StoredTensor(name) for name in stored}
     if config.get("model_type") in SPLIT_EXPERTS and any(name.endswith(GPT_OSS_EXPERTS) for name in stored):
@@ -285,7 +293,7 @@ MXFP4 = "mxfp4"  # gpt-oss's quant_method
 LFM2 = {"lfm2": "Lfm2ForCausalLM", "lfm2_moe": "Lfm2MoeForCausalLM"}
 # Where a family keeps its final norm, where not under model.norm
 FINAL_NORMS = {**dict.fromkeys(LFM2, "model.embedding_norm"), "bamba": "model.final_layernorm",
-               "nemotron_h": "model.norm_f"}
+               "nemotron_h": "model.norm_f", "falcon_h1": "model.final_layernorm"}
 # Mixtral's experts' matrices by their Hub names, and the names transformers 5 gives them (as Qwen3-MoE's)
 MIXTRAL_EXPERT_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 
@@ -768,6 +776,49 @@ def _nemotron_h_names(stored: list[str]) -> dict[str, StoredTensor]:
             continue
         viewed = "model." + name.removeprefix("backbone.") if name.startswith("backbone.") else name
         view[viewed.replace("model.embeddings.", "model.embed_tokens.")] = StoredTensor(name)
+    return view
+
+
+# Falcon-H1's factors that are folded into weights (made neutral in its config), and their neutral values
+FALCON_H1_FOLDED = {"key_multiplier": 1.0, "attention_in_multiplier": 1.0, "attention_out_multiplier": 1.0,
+                    "ssm_in_multiplier": 1.0, "ssm_out_multiplier": 1.0, "mlp_multipliers": [1.0, 1.0],
+                    "ssm_multipliers": [1.0] * 5}
+
+
+def _falcon_h1(config: dict[str, Any]) -> dict[str, Any]:
+    """Falcon-H1's config completed with transformers' defaults, the factors _falcon_h1_scales folds into weights
+    made neutral; its embeddings' and logits' factors stay (ModelConfig.embed_scale, logit_scale)."""
+    return {**_with_defaults(config, "FalconH1ForCausalLM"), **FALCON_H1_FOLDED}
+
+
+def _falcon_h1_scales(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
+    """Every stored tensor under its own name, Falcon-H1's factors folded in: the attention's input factor into
+    q_proj, k_proj (with the keys' own factor) and v_proj, its output factor into o_proj; Mamba-2's input factor
+    and each in_proj row's part factor (z, x, B, C, dt: ssm_multipliers) into in_proj, its output factor into
+    out_proj; the MLP's gate and down factors into gate_proj and down_proj. A bias takes the factors applied
+    after its matrix only (an input factor scales the input, before the bias is added)."""
+    c = _with_defaults(config, "FalconH1ForCausalLM")
+    inner = c["mamba_n_heads"] * c["mamba_d_head"]
+    groups_state = c["mamba_n_groups"] * c["mamba_d_state"]
+    parts = c["ssm_multipliers"]
+    rows = [parts[0]] * inner + [parts[1]] * inner + [parts[2]] * groups_state + [parts[3]] * groups_state + \
+        [parts[4]] * c["mamba_n_heads"]
+    attention_in, gate, down = c["attention_in_multiplier"], *c["mlp_multipliers"]
+    # module suffix: (the weight's factor, the bias's factor)
+    factors = {"self_attn.q_proj": (attention_in, 1.0),
+               "self_attn.k_proj": (attention_in * c["key_multiplier"], c["key_multiplier"]),
+               "self_attn.v_proj": (attention_in, 1.0),
+               "self_attn.o_proj": (c["attention_out_multiplier"],) * 2,
+               "mamba.in_proj": (tuple(c["ssm_in_multiplier"] * row for row in rows), tuple(rows)),
+               "mamba.out_proj": (c["ssm_out_multiplier"],) * 2,
+               "feed_forward.gate_proj": (gate, gate), "feed_forward.down_proj": (down, down)}
+    view = {}
+    for name in stored:
+        module, kind = name.rsplit(".", 1)
+        scale = next((pair[kind == "bias"] for suffix, pair in factors.items() if module.endswith("." + suffix)), 1.0)
+        neutral = all(math.isclose(x, 1.0, rel_tol=1e-12) for x in (scale if isinstance(scale, tuple) else (scale,)))
+        view[name] = StoredTensor(name) if neutral or kind not in ("weight", "bias") else StoredTensor(name,
+                                                                                                      scale=scale)
     return view
 
 

@@ -32,7 +32,7 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                            "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba",
-                           "NemotronHForCausalLM": "nemotron_h"}
+                           "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -91,7 +91,8 @@ class LinearDims:
 class MambaDims:
     """Mamba-2's state space layer (Granite 4.0-H): per token a short causal convolution over the projected
     inputs x and the shared B and C, then per head a state (state_dim x head_dim) decayed by exp(dt A) and
-    added B (dt x)^T, read by C, plus D x; B and C are shared by num_heads / groups heads each."""
+    added B (dt x)^T, read by C, plus D x; B and C are shared by num_heads / groups heads each. Its outputs
+    are gated by silu(z) and (but Falcon-H1's, by default) RMS-normed per group."""
 
     num_heads: int
     head_dim: int
@@ -99,6 +100,10 @@ class MambaDims:
     groups: int
     conv_kernel: int
     time_step_limit: tuple[float, float]  # dt clamped to it
+    # The outputs' norm per group: "gated" of the outputs times silu(z) (Granite 4.0-H, Nemotron-H), "before_gate"
+    # of the outputs, then times silu(z), or "none": the outputs times silu(z) alone (Falcon-H1's options)
+    norm: str = "gated"
+    conv_bias: bool = True
 
     @property
     def inner(self) -> int:
@@ -203,6 +208,8 @@ class ModelConfig:
     mixer_layers: list[bool] = field(default_factory=list)
     mlp_layers: list[bool] = field(default_factory=list)
     mixer_name: str | None = None  # the module of every kind of token mixer (Nemotron-H: mixer), else their own
+    # Falcon-H1: every layer's Mamba-2 (mamba) beside its attention, on the same normed input, their outputs added
+    parallel_mamba: bool = False
     # Nemotron-H's latent mixtures: the routed experts run on fc1_latent_proj(x), their sum through fc2_latent_proj
     expert_latent: bool = False
     rotated_dims: int | None = None  # each head's first so many dimensions turn (Qwen3.5: a quarter); None: all
@@ -268,9 +275,10 @@ class ModelConfig:
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
             **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
-            **_bamba_fields(c), **_nemotron_h_fields(c),
+            **_bamba_fields(c), **_nemotron_h_fields(c), **_falcon_h1_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
-            logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else 1.0,
+            logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else
+            float(c.get("lm_head_multiplier", 1.0)) if c["model_type"] == "falcon_h1" else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),
             query_temperature=_query_temperature(c, rope), mtp=mtp_names(c, viewed),
             source_config=(c.get("quantization_config") or {}).get("source_config") or
@@ -288,6 +296,11 @@ class ModelConfig:
         """The dimensions of a head the rotary embedding turns: all (a partial one is mostly read as a
         whole-head one: views.py), the first rotated_dims, or the latent attention's rotated part."""
         return self.latent.rope_dim if self.latent is not None else self.rotated_dims or self.head_dim
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether layers keep a recurrent state per sequence (a recurrent mixer, or Falcon-H1's beside attention)."""
+        return any(self.linear_layers) or self.parallel_mamba
 
     @property
     def cache_layers(self) -> list[int]:
@@ -427,6 +440,18 @@ def _granite_hybrid_fields(c: dict) -> dict:
     return dict(linear_layers=[kind in ("linear_attention", "mamba") for kind in types], mamba=_mamba_dims(c),
                 embed_scale=float(c.get("embedding_multiplier", 1.0)),
                 mlp_name="block_sparse_moe" if c.get("num_local_experts") else "shared_mlp")
+
+
+def _falcon_h1_fields(c: dict) -> dict:
+    """Falcon-H1's layer beside Llama's (its factors folded into weights by the view, but the embeddings' and the
+    logits', which logit_scale carries): Mamba-2 beside the attention in every layer, its outputs normed as mamba_rms_norm and
+    mamba_norm_before_gate say; the MLP under feed_forward."""
+    if c["model_type"] != "falcon_h1":
+        return {}
+    norm = ("before_gate" if c.get("mamba_norm_before_gate", True) else "gated") if c.get("mamba_rms_norm") else "none"
+    mamba = dataclasses.replace(_mamba_dims(c), norm=norm, conv_bias=bool(c.get("mamba_conv_bias", True)))
+    return dict(mamba=mamba, parallel_mamba=True, mlp_name="feed_forward",
+                embed_scale=float(c.get("embedding_multiplier", 1.0)))
 
 
 def _bamba_fields(c: dict) -> dict:

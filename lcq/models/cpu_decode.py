@@ -60,7 +60,7 @@ class CpuDecoder:
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
         if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1 or c.latent is not None or any(c.linear_layers) or \
+                len(set(c.temperature_layers)) > 1 or c.latent is not None or c.recurrent or \
                 not all(c.mixer_layers) or not all(c.mlp_layers):
             return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent or linear
             # attention, Nemotron-H's blocks of one part: the Python layers)

@@ -301,6 +301,9 @@ class DecoderLayer(torch.nn.Module):
             attention = Attention if config.latent is None else LatentAttention
             self.mixer_name = config.mixer_name or "self_attn"
             self.self_attn = attention(config, f"{prefix}.{self.mixer_name}", make_linear, dtype, index)
+        # Falcon-H1: Mamba-2 beside the attention, reading the same normed input
+        self.mamba = Mamba2(config, f"{prefix}.{Mamba2.CHECKPOINT_NAME}", make_linear, dtype) \
+            if config.parallel_mamba else None
         self.single_part = not (config.mixer_layers[index] and config.mlp_layers[index])
         self.mlp_norm = norm() if config.pre_norms and not config.parallel_block and not self.single_part else None
         mlp = f"{prefix}.{config.mlp_name}"
@@ -327,7 +330,8 @@ class DecoderLayer(torch.nn.Module):
         hidden, residual = self.attention_norm(hidden, residual)
         if self.mlp_norm is None:  # Cohere: attention and the MLP side by side on the same normed input
             return self.self_attn(hidden, rope, attention) + self.mlp(hidden, attention.context.lora), residual
-        hidden = self.self_attn(hidden, rope, attention)
+        mixed = self.self_attn(hidden, rope, attention)
+        hidden = mixed if self.mamba is None else mixed + self.mamba(hidden, rope, attention)
         if self.attention_output_norm is not None:
             hidden = self.attention_output_norm(hidden)[0]
         hidden, residual = self.mlp_norm(hidden, residual)
@@ -469,21 +473,23 @@ class LlamaModel(torch.nn.Module):
         layers = layers or len(self.config.cache_layers)
         return tensors * layers * elements * torch.empty(0, dtype=dtype).element_size()
 
+    def recurrent_mixers(self) -> list[RecurrentMixer]:
+        """The token mixers that keep a state per sequence: recurrent layers', and Falcon-H1's beside attention."""
+        return [mixer for layer in self.layers for mixer in (layer.self_attn, layer.mamba)
+                if isinstance(mixer, RecurrentMixer)]
+
     def bind_states(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
-        """State tensors of `slots` sequences in every recurrent layer, the recurrent states in `dtype`; returns
+        """State tensors of `slots` sequences in every recurrent mixer, the recurrent states in `dtype`; returns
         their bytes."""
-        return sum(layer.self_attn.bind_states(slots, self.norm.weight.device, dtype) for layer in self.layers
-                   if isinstance(layer.self_attn, RecurrentMixer))
+        return sum(mixer.bind_states(slots, self.norm.weight.device, dtype) for mixer in self.recurrent_mixers())
 
     def keep_states(self, kept: dict[int, int]) -> None:
-        """Every recurrent layer's states of each slot in `kept` after its first kept[slot] tokens of the last
+        """Every recurrent mixer's states of each slot in `kept` after its first kept[slot] tokens of the last
         step (RecurrentMixer.keep_states)."""
-        for layer in self.layers:
-            if isinstance(layer.self_attn, RecurrentMixer):
-                layer.self_attn.keep_states(kept)
+        for mixer in self.recurrent_mixers():
+            mixer.keep_states(kept)
 
     def copy_states(self, source: int, target: int) -> None:
-        """Every recurrent layer's states of slot `source` copied into slot `target`."""
-        for layer in self.layers:
-            if isinstance(layer.self_attn, RecurrentMixer):
-                layer.self_attn.copy_state(source, target)
+        """Every recurrent mixer's states of slot `source` copied into slot `target`."""
+        for mixer in self.recurrent_mixers():
+            mixer.copy_state(source, target)

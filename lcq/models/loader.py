@@ -15,6 +15,7 @@ from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swigl
 from .config import ModelConfig
 from .layers import PackedEmbedding
 from .llama import LlamaModel, MixtureOfExperts
+from .mamba import Mamba2
 
 
 class DenseLinear(torch.nn.Module):
@@ -57,7 +58,7 @@ QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query
 # A layer's norms before its attention (or mixer) and before its MLP, where not input_layernorm and
 # post_attention_layernorm
 NORM_NAMES = {**dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
-              "bamba": ("input_layernorm", "pre_ff_layernorm"),
+              **dict.fromkeys(("bamba", "falcon_h1"), ("input_layernorm", "pre_ff_layernorm")),
               "nemotron_h": ("norm", "norm")}  # (a block's one norm, before its mixer or its MLP)
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
@@ -177,6 +178,8 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
     if config.linear_layers[index]:  # a recurrent mixer's convolution, decay, and gated norm
         mixer = f"{prefix}.{layer.mixer_name}"
         layer.self_attn.load(lambda name: reader.tensor(f"{mixer}.{name}"))
+    if layer.mamba is not None:  # (Falcon-H1's, beside the attention)
+        layer.mamba.load(lambda name: reader.tensor(f"{prefix}.{Mamba2.CHECKPOINT_NAME}.{name}"))
     if config.moe_layers[index]:  # the router (and a shared expert's gate), kept in full precision
         router = ROUTER_NAMES.get(config.model_type, "gate")
         mlp = f"{prefix}.{config.mlp_name}"

@@ -5,8 +5,8 @@ per head. x, B and C pass a short causal convolution (with a bias) and SiLU; dt 
 clamped to time_step_limit. Each head keeps a state H (state_dim x head_dim) that decays by exp(dt A)
 (A = -exp(A_log) < 0) and takes B (dt x)^T; its output is H^T C + D x, where B and C are its group's. That is
 linear attention with B for keys, dt x for values and C for queries, decayed per head. The outputs times
-silu(z) are RMS-normalized per group (each groups-th of the heads), times the norm's weight, and projected
-back by out_proj. A prompt (or its chunk) takes the recurrence chunkwise (recurrent.py holds the states).
+silu(z) are RMS-normalized per group (each groups-th of the heads), times the norm's weight (Falcon-H1's may
+be normed before the gate, or not at all), and projected back by out_proj. A prompt (or its chunk) takes the recurrence chunkwise (recurrent.py holds the states).
 """
 from __future__ import annotations
 
@@ -27,14 +27,14 @@ class Mamba2(RecurrentMixer):
                  dtype: torch.dtype):
         dims = config.mamba
         super().__init__(dims.conv_dim, dims.conv_kernel, (dims.num_heads, dims.state_dim, dims.head_dim), dtype,
-                         conv_bias=True)
+                         conv_bias=dims.conv_bias)
         self.dims = dims
         self.in_proj = make_linear([f"{prefix}.in_proj"])  # z, then x, B and C (the convolution's), then dt
         self.out_proj = make_linear([f"{prefix}.out_proj"])
         self.decay_log = parameter(dims.num_heads, dtype=torch.float32)  # A_log
         self.dt_bias = parameter(dims.num_heads, dtype=torch.float32)
         self.skip = parameter(dims.num_heads, dtype=torch.float32)  # D
-        self.norm_weight = parameter(dims.inner, dtype=dtype)
+        self.norm_weight = parameter(dims.inner, dtype=dtype) if dims.norm != "none" else None
         self.eps = config.rms_norm_eps
 
     def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,11 +60,16 @@ class Mamba2(RecurrentMixer):
         return out.transpose(1, 2) + self.skip.unsqueeze(-1) * x, state
 
     def output(self, out: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The outputs times silu(z), RMS-normalized per group, times the norm's weight."""
+        """The outputs times silu(z), RMS-normalized per group and times the norm's weight (dims.norm: after the
+        gate, before it, or not at all)."""
         d = self.dims
-        gated = out.flatten(1) * F.silu(rest[..., :d.inner].float())
-        normed = F.rms_norm(gated.unflatten(-1, (d.groups, -1)), (d.inner // d.groups,), eps=self.eps).flatten(1)
-        return (normed.to(dtype) * self.norm_weight).to(dtype)
+        out, gate = out.flatten(1), F.silu(rest[..., :d.inner].float())
+        if d.norm == "none":
+            return (out * gate).to(dtype)
+        normed = out if d.norm == "before_gate" else out * gate
+        normed = F.rms_norm(normed.unflatten(-1, (d.groups, -1)), (d.inner // d.groups,), eps=self.eps).flatten(1)
+        normed = (normed.to(dtype) * self.norm_weight).to(dtype)
+        return normed if d.norm == "gated" else (normed.float() * gate).to(dtype)
 
 
 def _token_by_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,

@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "ge
                          "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text", "glm4_moe",
                          "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
                          "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid", "lfm2",
-                         "lfm2_moe", "bamba", "nemotron_h")
+                         "lfm2_moe", "bamba", "nemotron_h", "falcon_h1")
 
 
 # A decoder layer's MLP (or mixture), by its module's name: Llama 4's, Granite 4.0-H's mixture, the others'; a
@@ -200,9 +200,14 @@ def as_stored(layer: torch.nn.Module) -> torch.nn.Module:
     and up_proj, LFM2's w1, w3 and w2 as gate_proj, up_proj and down_proj (GatedMLP), a mixture's experts
     one by one (SplitExperts; Llama 4's, under feed_forward: SplitLlama4Experts; Granite's under
     block_sparse_moe; Nemotron-H's, under mixer: SplitUngatedExperts), Qwen3-Next's fused linear-attention
-    projections as Qwen3.5's parts."""
+    projections as Qwen3.5's parts; Falcon-H1's in_proj factors, folded into its weights, as 1."""
     if hasattr(getattr(layer, "linear_attn", None), "in_proj_qkvz"):  # Qwen3-Next's fused projections
         _split_linear_attention(layer.linear_attn)
+    if type(getattr(layer, "mamba", None)).__name__ == "FalconH1Mixer":  # its in_proj rows' factors: all 1, as lcq
+        # reads its config (folded into the weights: lcq.format.views), so no buffer of them (the model's, or a
+        # layer's built alone, which has none) is needed
+        layer.mamba._buffers.pop("mup_vector", None)
+        layer.mamba.mup_vector = 1.0
     if getattr(layer, "shared_mlp", None) is not None:  # Granite 4.0-H's dense MLP, beside its mixture
         shared = layer.shared_mlp
         layer.shared_mlp = GatedMLP.split_from(shared.input_linear, shared.output_linear, shared.activation)

@@ -91,7 +91,7 @@ class DraftModel:
         self.group = target.kv_groups.windows.index(0)
         self.num_tokens = config.num_speculative_tokens
         _check_tokenizer(config.speculative_model, tokenizer)
-        if any(ModelConfig.from_folder(config.speculative_model).linear_layers):
+        if ModelConfig.from_folder(config.speculative_model).recurrent:
             raise UserError(f"draft model {config.speculative_model}: its recurrent layers' states cannot take back "
                             "the drafts the target rejects; draft with a model of attention layers")
         try:

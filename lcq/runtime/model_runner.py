@@ -91,7 +91,7 @@ class ModelRunner:
                                                               self.kv_groups.width + drafts_by_mtp)
         # recurrent layers' states: a slot per sequence that may run at once, a scratch one for the CUDA
         # graphs' padding rows, and those that keep prefixes' states for prefix caching (none for other models)
-        self.state_slots = config.max_num_seqs if any(c.linear_layers) else 0
+        self.state_slots = config.max_num_seqs if c.recurrent else 0
         kept = config.state_snapshots if self.state_slots and config.enable_prefix_caching else 0
         self.snapshot_slots = range(self.state_slots + 1, self.state_slots + 1 + kept)
         self.state_bytes = self.model.bind_states(self.snapshot_slots.stop, config.resolved_state_dtype()) \
