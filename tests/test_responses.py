@@ -38,6 +38,20 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A server whose model's context (8,192 tokens) outlasts any request the tests cancel: a background
+    response of thousands of tokens is still generating when it is cancelled."""
+    model_dir = make_tiny_hf(tmp_path_factory.mktemp("long"), seed=0, max_position_embeddings=8192)
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(responses_store_size=8))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def long_client(long_server):
+    return openai.OpenAI(base_url=long_server.url + "/v1", api_key="unused", max_retries=0)
+
+
 def chat(client, messages, **kwargs):
     return client.chat.completions.create(model=MODEL, messages=messages, temperature=0, **kwargs)
 
@@ -206,7 +220,6 @@ def test_bad_requests_get_the_envelope(server, client):
         == "input.0.content"
     assert refused({"input": [{"content": "no role"}]})["param"] == "input.0"
     assert refused({"input": [{"type": "function_call", "name": "f"}]})["param"] == "input.0"
-    assert refused({"input": "x", "background": True, "stream": True})["param"] == "background"
     assert refused({"input": "x", "background": True, "store": False})["param"] == "background"
     assert refused({"input": "x", "tools": [{"type": "web_search"}]})["param"] == "tools.0"
     assert refused({"input": "x", "tools": [WEATHER]})["param"] == "tool_choice"  # "auto" needs a parser
@@ -241,33 +254,66 @@ def _polled(client, response_id: str, timeout: float = 30.0):
     return response
 
 
-def test_background_responses_are_polled_cancelled_and_deleted(server, client):
+def test_background_responses_are_polled_cancelled_and_deleted(long_server, long_client):
     """background: the response comes back queued at once, is generated with no connection waiting and, polled
     by id, ends as the same request without background does. Cancelled while generating it stops at once (the
     pool full again), cancelled; cancelling it again returns it as it ended. One still generating cannot be
     continued yet; one not created in the background cannot be cancelled; deleting a running one cancels it."""
     args = dict(model=MODEL, input="Tell me about bits.", max_output_tokens=12, temperature=0)
-    queued = client.responses.create(**args, background=True)
+    queued = long_client.responses.create(**args, background=True)
     assert queued.status == "queued" and queued.background and queued.output == []
-    done, same = _polled(client, queued.id), client.responses.create(**args)
+    done, same = _polled(long_client, queued.id), long_client.responses.create(**args)
     assert done.status == "incomplete" and done.output_text == same.output_text and done.usage.output_tokens == 12
     assert done.background and not same.background
-    endless = dict(model=MODEL, input="x", max_output_tokens=200, background=True, extra_body={"ignore_eos": True})
-    running = client.responses.create(**endless)
+    endless = dict(model=MODEL, input="x", max_output_tokens=8000, background=True, extra_body={"ignore_eos": True})
+    running = long_client.responses.create(**endless)
     with pytest.raises(openai.BadRequestError, match="is still (queued|in_progress)"):
-        client.responses.create(model=MODEL, input="y", previous_response_id=running.id)
-    cancelled = client.responses.cancel(running.id)
-    assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 200
-    server.wait_pool_full()
-    assert client.responses.cancel(running.id).status == "cancelled"
-    assert client.responses.retrieve(running.id).status == "cancelled"
+        long_client.responses.create(model=MODEL, input="y", previous_response_id=running.id)
+    cancelled = long_client.responses.cancel(running.id)
+    assert cancelled.status == "cancelled" and cancelled.usage.output_tokens < 8000
+    long_server.wait_pool_full()
+    assert long_client.responses.cancel(running.id).status == "cancelled"
+    assert long_client.responses.retrieve(running.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError, match="only background responses can be cancelled"):
-        client.responses.cancel(same.id)
-    deleted = client.responses.create(**endless)
-    client.responses.delete(deleted.id)
-    server.wait_pool_full()
+        long_client.responses.cancel(same.id)
+    deleted = long_client.responses.create(**endless)
+    long_client.responses.delete(deleted.id)
+    long_server.wait_pool_full()
     with pytest.raises(openai.NotFoundError):
-        client.responses.retrieve(deleted.id)
+        long_client.responses.retrieve(deleted.id)
+
+
+def test_a_background_stream_is_read_again_from_any_event(long_server, long_client):
+    """background with stream: the events go on without a reader (the generation is not the connection's), and
+    GET /v1/responses/{id}?stream=true sends them again after starting_after, then the rest as they come: a
+    client that left after a few events resumes where it left off, and the deltas make the stored response's
+    text; cancelled, its stream ends where it was cut. Only such responses stream again."""
+    args = dict(model=MODEL, input="Tell me about bits.", max_output_tokens=40, temperature=0,
+                extra_body={"ignore_eos": True})
+    stream = long_client.responses.create(**args, background=True, stream=True)
+    first = [event for event, _ in zip(stream, range(4))]
+    stream.close()
+    assert [e.sequence_number for e in first] == [0, 1, 2, 3] and first[0].response.background
+    rest = list(long_client.responses.retrieve(first[0].response.id, stream=True, starting_after=3))
+    assert [e.sequence_number for e in rest] == list(range(4, 4 + len(rest)))
+    assert rest[-1].type == "response.incomplete"
+    deltas = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    stored = long_client.responses.retrieve(first[0].response.id)
+    assert deltas == stored.output_text == long_client.responses.create(**args).output_text
+    again = list(long_client.responses.retrieve(stored.id, stream=True))
+    assert [e.sequence_number for e in again] == list(range(len(again))) and len(again) == 4 + len(rest)
+    long_server.wait_pool_full()
+    long = long_client.responses.create(**{**args, "max_output_tokens": 8000}, background=True, stream=True)
+    started = next(iter(long))
+    long.close()
+    cancelled = long_client.responses.cancel(started.response.id)
+    assert cancelled.status == "cancelled", (started, cancelled)
+    cut = list(long_client.responses.retrieve(started.response.id, stream=True))  # (ends where it was cut)
+    assert cut and cut[-1].type != "response.completed"
+    long_server.wait_pool_full()
+    plain = long_client.responses.create(model=MODEL, input="x", max_output_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="only such responses stream again"):
+        list(long_client.responses.retrieve(plain.id, stream=True))
 
 
 def test_replicas_behind_the_shipped_nginx_config_continue_stored_responses(server, tmp_path):

@@ -3,16 +3,20 @@
 
 Each entry holds its whole conversation as chat messages, so a response whose ancestors were dropped
 still continues; the message dicts are shared with those ancestors, not copied. A background response is
-stored at once (queued) and again when it ends; meanwhile its task is in `running`.
+stored at once (queued) and again when it ends; meanwhile its task is in `running`, and a streamed one's events
+are kept (`streams`: sse.EventLog) for as long as it is stored, so that a client can read them again from any point.
 """
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .responses_protocol import ResponseObject
+
+if TYPE_CHECKING:
+    from .sse import EventLog
 
 
 @dataclass
@@ -27,6 +31,7 @@ class ResponseStore:
         self.capacity = capacity
         self._entries: OrderedDict[str, StoredResponse] = OrderedDict()
         self.running: dict[str, asyncio.Task] = {}  # background responses still generating, by id
+        self.streams: dict[str, EventLog] = {}  # streamed background responses' events, by id
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -37,7 +42,7 @@ class ResponseStore:
         self._entries[entry.response.id] = entry
         self._entries.move_to_end(entry.response.id)
         while len(self._entries) > self.capacity:
-            self._entries.popitem(last=False)
+            self.streams.pop(self._entries.popitem(last=False)[0], None)
 
     def get(self, response_id: str) -> StoredResponse | None:
         entry = self._entries.get(response_id)
@@ -46,4 +51,5 @@ class ResponseStore:
         return entry
 
     def delete(self, response_id: str) -> bool:
+        self.streams.pop(response_id, None)
         return self._entries.pop(response_id, None) is not None

@@ -152,9 +152,6 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
 
     def unsupported(self) -> tuple[str, str] | None:
         """What this server cannot do, refused rather than ignored."""
-        if self.background and self.stream:
-            return "background", "background responses are not streamed: poll GET /v1/responses/{id}, or stream " \
-                "without background"
         if self.background and not self.store:
             return "background", "background responses need store (they are fetched by id)"
         if self.conversation is not None:

@@ -1,9 +1,10 @@
 """Server-sent events for the generation endpoints: one `data:` JSON chunk per delta, keep-alive comments
 while nothing is produced (proxies close idle connections), an error event if generation fails mid-stream,
 and `data: [DONE]` at the end. The Responses API names each event instead (`event: TYPE`) and ends with
-its last event."""
+its last event; a background response's stream is kept (EventLog) for clients to read again."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import AsyncIterator, Callable, Iterable
@@ -69,3 +70,40 @@ async def sse_events(generation: Generation, keepalive: float,
 
 def sse_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers=HEADERS)
+
+
+class EventLog:
+    """A background stream's events as sent (the event with sequence number n at index n), read by any number
+    of clients, each from where it asks, who may leave and come back without touching the generation."""
+
+    def __init__(self):
+        self.events: list[str] = []
+        self.ended = False
+        self._changed = asyncio.Event()
+
+    def add(self, event: str) -> None:
+        self.events.append(event)
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def follow(self, after: int, keepalive: float) -> AsyncIterator[str]:
+        """The events after sequence number `after`, then each one as it comes until the stream ends; keep-alive
+        comments while none comes."""
+        sent = after + 1
+        while True:
+            while sent < len(self.events):
+                yield self.events[sent]
+                sent += 1
+            if self.ended:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), keepalive)
+            except asyncio.TimeoutError:
+                yield KEEPALIVE
