@@ -802,6 +802,70 @@ def test_cpu_ops_match_torch(rows):
 
 
 @needs_cpu_ops
+@pytest.mark.parametrize("seqs", [1, 3])
+def test_recurrent_mixers_decode_ops_match_torch(seqs):
+    """The recurrent mixers' decode steps in C against the torch expressions they replace (fp32, relative error
+    under 1e-5): the convolution window advanced in each sequence's slot (with and without a bias; the other
+    slots untouched), Mamba-2's state update and read-out in place in its slots (2 groups of 3 heads), the gated
+    delta rule's (Qwen3.5's linear attention), and the gated norm with the gate applied before the norm (Mamba-2) or after it (Qwen3.5, Falcon-H1), its weight per
+    value or shared by the groups."""
+    generator = torch.Generator().manual_seed(seqs)
+    slots = torch.tensor([4, 1, 2][:seqs], dtype=torch.int64)
+    channels, kernel = 40, 4
+    weight, bias = torch.randn(channels, kernel, generator=generator), torch.randn(channels, generator=generator)
+    x = torch.randn(seqs, channels, generator=generator)
+    for with_bias in (bias, None):
+        windows = torch.randn(6, channels, kernel - 1, generator=generator)
+        before = windows.clone()
+        full = torch.cat([before[slots], x.unsqueeze(-1)], dim=-1)
+        expected = (full * weight).sum(-1) + (0 if with_bias is None else with_bias)
+        assert_close(cpu_ops.conv_step(windows, slots, x, weight, with_bias), expected, torch.float32)
+        assert torch.equal(windows[slots], full[..., 1:])
+        others = [s for s in range(6) if s not in slots.tolist()]
+        assert torch.equal(windows[others], before[others])
+
+    heads, groups, state_dim, head_dim = 6, 2, 16, 8
+    states = torch.randn(6, heads, state_dim, head_dim, generator=generator)
+    before = states.clone()
+    inputs = torch.randn(seqs, heads, head_dim, generator=generator)
+    b, c = (torch.randn(seqs, groups, state_dim, generator=generator) for _ in range(2))
+    dt = torch.rand(seqs, heads, generator=generator)
+    a, d = -torch.rand(heads, generator=generator) - 0.5, torch.randn(heads, generator=generator)
+    y = cpu_ops.mamba_step(states, slots, inputs, b, c, dt, a, d)
+    per_head = heads // groups
+    b_heads, c_heads = (t.repeat_interleave(per_head, dim=1) for t in (b, c))  # (seqs, heads, state_dim)
+    advanced = before[slots] * (dt * a).exp()[..., None, None] + \
+        b_heads.unsqueeze(-1) * (dt.unsqueeze(-1) * inputs).unsqueeze(-2)
+    assert_close(states[slots], advanced, torch.float32)
+    assert_close(y, (advanced * c_heads.unsqueeze(-1)).sum(-2) + d[:, None] * inputs, torch.float32)
+
+    k_dim, v_dim = 16, 8  # the gated delta rule (Qwen3.5's linear attention)
+    states = torch.randn(6, heads, k_dim, v_dim, generator=generator)
+    before = states.clone()
+    q, k = (torch.nn.functional.normalize(torch.randn(seqs, heads, k_dim, generator=generator), dim=-1)
+            for _ in range(2))
+    v = torch.randn(seqs, heads, v_dim, generator=generator)
+    decay, beta = -torch.rand(seqs, heads, generator=generator), torch.rand(seqs, heads, generator=generator)
+    y = cpu_ops.delta_step(states, slots, q, k, v, decay, beta)
+    decayed = before[slots] * decay.exp()[..., None, None]
+    remembered = (decayed * k.unsqueeze(-1)).sum(-2)
+    updated = decayed + k.unsqueeze(-1) * ((v - remembered) * beta.unsqueeze(-1)).unsqueeze(-2)
+    assert_close(states[slots], updated, torch.float32)
+    assert_close(y, (updated * q.unsqueeze(-1)).sum(-2), torch.float32)
+
+    width, group = 48, 12
+    values, gates = torch.randn(seqs, width, generator=generator), torch.randn(seqs, width, generator=generator)
+    for norm_weight in (torch.randn(width, generator=generator), torch.randn(group, generator=generator)):
+        tiled = norm_weight.repeat(width // norm_weight.numel())
+        for gate_first in (True, False):
+            normed = values * torch.nn.functional.silu(gates) if gate_first else values
+            normed = torch.nn.functional.rms_norm(normed.view(seqs, -1, group), (group,), eps=1e-6).view(seqs, -1)
+            expected = normed * tiled * (1 if gate_first else torch.nn.functional.silu(gates))
+            assert_close(cpu_ops.gated_group_norm(values, gates, norm_weight, group, 1e-6, gate_first), expected,
+                         torch.float32)
+
+
+@needs_cpu_ops
 @pytest.mark.parametrize("width", [1, 13, 4096])
 def test_cpu_geglu_matches_torch_gelu_tanh(width):
     """Gemma's GeGLU in C against torch's gelu(approximate="tanh") * up, per value: within 2 ulp (1e-6

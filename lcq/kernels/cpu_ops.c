@@ -105,6 +105,129 @@ void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width
     }
 }
 
+/* One token of the gated delta rule (Qwen3.5's linear attention) for each of `seqs` sequences, in place in the
+ * state slot slots[s]: per value head h, with S its state (k_dim x v_dim), S = S exp(decay); u = beta (v - S^T
+ * k); S = S + k u^T; y = S^T q. q, k (seqs, heads, k_dim) already normalized and repeated per value head; v, y
+ * (seqs, heads, v_dim); decay (the log of the decay) and beta (seqs, heads). Two passes over each state (one
+ * to read what it remembers of k, one to update and read it), where torch's operations made six and copied
+ * the states out of their slots and back. */
+int lcq_delta_step(float *states, const int64_t *slots, int seqs, int heads, int k_dim, int v_dim, const float *q,
+                   const float *k, const float *v, const float *decay, const float *beta, float *y) {
+    float *scratch = malloc(sizeof(float) * (size_t)seqs * heads * v_dim);
+    if (scratch == NULL) return -1;
+#pragma omp parallel for collapse(2) if (seqs * heads >= 4)
+    for (int s = 0; s < seqs; s++)
+        for (int h = 0; h < heads; h++) {
+            const int64_t head = (int64_t)s * heads + h;
+            float *state = states + (slots[s] * heads + h) * (int64_t)k_dim * v_dim;
+            const float *qs = q + head * k_dim, *ks = k + head * k_dim, *vs = v + head * v_dim;
+            const float g = expf(decay[head]), b = beta[head];
+            float *u = scratch + head * v_dim, *out = y + head * v_dim;
+            for (int j = 0; j < v_dim; j++) u[j] = 0.0f;
+            for (int i = 0; i < k_dim; i++) {
+                const float *row = state + (int64_t)i * v_dim;
+                const float ki = ks[i];
+#pragma omp simd
+                for (int j = 0; j < v_dim; j++) u[j] += row[j] * ki;
+            }
+            for (int j = 0; j < v_dim; j++) {
+                u[j] = (vs[j] - g * u[j]) * b;
+                out[j] = 0.0f;
+            }
+            for (int i = 0; i < k_dim; i++) {
+                float *row = state + (int64_t)i * v_dim;
+                const float ki = ks[i], qi = qs[i];
+#pragma omp simd
+                for (int j = 0; j < v_dim; j++) {
+                    const float value = row[j] * g + ki * u[j];
+                    row[j] = value;
+                    out[j] += value * qi;
+                }
+            }
+        }
+    free(scratch);
+    return 0;
+}
+
+/* The recurrent mixers' gated norm, per row of x (rows, width) and its gate z: each group of `group` values
+ * RMS-normalized (sum of squares in double) times weight[i % period] (period = width: a weight per value;
+ * Qwen3.5's: one head's, shared), with silu(z) applied to the values first (gate_first: Mamba-2's) or to the
+ * normed ones (Qwen3.5's, Falcon-H1's). out may be x. */
+void lcq_gated_group_norm(const float *x, const float *z, const float *weight, int period, int64_t rows, int width,
+                          int group, float eps, int gate_first, float *out) {
+#pragma omp parallel for if (rows >= 16)
+    for (int64_t r = 0; r < rows; r++)
+        for (int start = 0; start < width; start += group) {
+            const float *xs = x + r * width + start, *zs = z + r * width + start;
+            float *dst = out + r * width + start;
+            double squares = 0.0;
+            for (int i = 0; i < group; i++) {
+                const float gate = zs[i] / (1.0f + expf(-zs[i]));
+                const float v = gate_first ? xs[i] * gate : xs[i];
+                squares += (double)v * v;
+            }
+            const float scale = 1.0f / sqrtf((float)(squares / group) + eps);
+            for (int i = 0; i < group; i++) {
+                const float gate = zs[i] / (1.0f + expf(-zs[i]));
+                const float w = weight[(start + i) % period];
+                dst[i] = gate_first ? xs[i] * gate * scale * w : xs[i] * scale * w * gate;
+            }
+        }
+}
+
+/* One token of a causal depthwise convolution per sequence, in place in its slot's window: windows (slots,
+ * channels, kernel - 1) hold each channel's last inputs; out[s, ch] = the channel's kernel taps over its window
+ * and input[s, ch], plus bias[ch] (bias may be NULL); then the window drops its oldest input and takes this
+ * one. The recurrent mixers' convolutions (Mamba-2, linear attention, short convolutions) at decode. */
+void lcq_conv_step(float *windows, const int64_t *slots, int seqs, int channels, int kernel, const float *input,
+                   const float *weight, const float *bias, float *out) {
+    const int kept = kernel - 1;
+#pragma omp parallel for if ((int64_t)seqs * channels >= 16384)
+    for (int s = 0; s < seqs; s++) {
+        float *window = windows + slots[s] * (int64_t)channels * kept;
+        for (int ch = 0; ch < channels; ch++) {
+            float *last = window + (int64_t)ch * kept;
+            const float *taps = weight + (int64_t)ch * kernel, value = input[(int64_t)s * channels + ch];
+            float sum = bias != NULL ? bias[ch] : 0.0f;
+            for (int k = 0; k < kept; k++) sum += taps[k] * last[k];
+            out[(int64_t)s * channels + ch] = sum + taps[kept] * value;
+            for (int k = 0; k + 1 < kept; k++) last[k] = last[k + 1];
+            if (kept > 0) last[kept - 1] = value;
+        }
+    }
+}
+
+/* One token of Mamba-2 for each of `seqs` sequences, in place in the state slot slots[s]: per head h, with B
+ * and C its group's (heads / groups heads a group), H = H exp(dt A_h) + B (dt x)^T over H (state_dim x
+ * head_dim), then y = H^T C + D_h x. x, y (seqs, heads, head_dim); b, c (seqs, groups, state_dim); dt (seqs,
+ * heads), already softplus'd and clamped; a = -exp(A_log), d: per head. One pass over each state, where
+ * torch's operations made five and copied the states out of their slots and back. */
+void lcq_mamba_step(float *states, const int64_t *slots, int seqs, int heads, int groups, int state_dim,
+                    int head_dim, const float *x, const float *b, const float *c, const float *dt, const float *a,
+                    const float *d, float *y) {
+    const int per_group = heads / groups;
+#pragma omp parallel for collapse(2) if (seqs * heads >= 4)
+    for (int s = 0; s < seqs; s++)
+        for (int h = 0; h < heads; h++) {
+            float *state = states + (slots[s] * heads + h) * (int64_t)state_dim * head_dim;
+            const int64_t head = (int64_t)s * heads + h, group = (int64_t)s * groups + h / per_group;
+            const float *xs = x + head * head_dim, *bs = b + group * state_dim, *cs = c + group * state_dim;
+            const float step = dt[head], decay = expf(step * a[h]);
+            float *out = y + head * head_dim;
+            for (int p = 0; p < head_dim; p++) out[p] = d[h] * xs[p];
+            for (int n = 0; n < state_dim; n++) {
+                float *row = state + (int64_t)n * head_dim;
+                const float bn = bs[n] * step, cn = cs[n];
+#pragma omp simd
+                for (int p = 0; p < head_dim; p++) {
+                    const float v = row[p] * decay + bn * xs[p];
+                    row[p] = v;
+                    out[p] += v * cn;
+                }
+            }
+        }
+}
+
 /* out[r] = the index of the largest value of row r of x (rows, n), as torch.argmax: the first of equal
  * ones, and the first NaN in a row that has one. Two passes over a row (the largest value with a NaN
  * check, then its first index) in vector lanes: torch's CPU argmax took 1.7-2.0 ms for a decode

@@ -164,6 +164,72 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def gated_group_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group: int, eps: float,
+                     gate_first: bool) -> torch.Tensor:
+    """The recurrent mixers' gated norm of rows x (rows, width) with gates z (same shape): each group of `group`
+    values RMS-normalized and times its weight (weight: width values, or group values every group shares), silu(z)
+    applied before the norm (gate_first) or after it (lcq_gated_group_norm)."""
+    rows, width = x.shape
+    if z.shape != x.shape or width % group or weight.numel() not in (width, group):
+        raise ValueError("gated_group_norm needs gates of x's shape, whole groups and a weight per value or group")
+    x, z, weight = x.contiguous(), z.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    library().lcq_gated_group_norm(x.data_ptr(), z.data_ptr(), weight.data_ptr(), weight.numel(), rows, width, group,
+                                   eps, int(gate_first), out.data_ptr())
+    return out
+
+
+def conv_step(windows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """One token of a causal depthwise convolution per sequence (x (seqs, channels)): each channel's taps
+    (weight (channels, kernel)) over its window (windows (slots, channels, kernel - 1), its slot's advanced in
+    place) and its input, plus bias -> (seqs, channels) (lcq_conv_step)."""
+    seqs, channels = x.shape
+    if windows.shape[1:] != (channels, weight.shape[1] - 1) or not windows.is_contiguous() or \
+            slots.dtype != torch.int64:
+        raise ValueError("conv_step needs contiguous windows of (slots, channels, kernel - 1) and int64 slots")
+    x, weight, slots = x.contiguous(), weight.contiguous(), slots.contiguous()
+    out = torch.empty_like(x)
+    library().lcq_conv_step(windows.data_ptr(), slots.data_ptr(), seqs, channels, weight.shape[1], x.data_ptr(),
+                            weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
+    return out
+
+
+def mamba_step(states: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+               dt: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """One token of Mamba-2 per sequence, its state (states (slots, heads, state_dim, head_dim), fp32) advanced in
+    place in slot slots[s]: x (seqs, heads, head_dim), b and c (seqs, groups, state_dim), dt (seqs, heads), a and
+    d (heads,) -> y (seqs, heads, head_dim) = the state read by c, plus d x (lcq_mamba_step)."""
+    seqs, heads, head_dim = x.shape
+    groups, state_dim = b.shape[1:]
+    if states.shape[1:] != (heads, state_dim, head_dim) or not states.is_contiguous() or slots.dtype != torch.int64:
+        raise ValueError("mamba_step needs contiguous fp32 states of (slots, heads, state_dim, head_dim) and int64 "
+                         "slots")
+    x, b, c, dt, a, d, slots = (t.contiguous() for t in (x, b, c, dt, a, d, slots))
+    y = torch.empty_like(x)
+    library().lcq_mamba_step(states.data_ptr(), slots.data_ptr(), seqs, heads, groups, state_dim, head_dim,
+                             x.data_ptr(), b.data_ptr(), c.data_ptr(), dt.data_ptr(), a.data_ptr(), d.data_ptr(),
+                             y.data_ptr())
+    return y
+
+
+def delta_step(states: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """One token of the gated delta rule per sequence, its state (states (slots, heads, k_dim, v_dim), fp32)
+    advanced in place in slot slots[s]: q, k (seqs, heads, k_dim), v (seqs, heads, v_dim), decay (its log) and
+    beta (seqs, heads) -> y (seqs, heads, v_dim) = the updated state read by q (lcq_delta_step)."""
+    seqs, heads, k_dim = q.shape
+    v_dim = v.shape[-1]
+    if states.shape[1:] != (heads, k_dim, v_dim) or not states.is_contiguous() or slots.dtype != torch.int64:
+        raise ValueError("delta_step needs contiguous fp32 states of (slots, heads, k_dim, v_dim) and int64 slots")
+    q, k, v, decay, beta, slots = (t.contiguous() for t in (q, k, v, decay, beta, slots))
+    y = torch.empty_like(v)
+    if library().lcq_delta_step(states.data_ptr(), slots.data_ptr(), seqs, heads, k_dim, v_dim, q.data_ptr(),
+                                k.data_ptr(), v.data_ptr(), decay.data_ptr(), beta.data_ptr(), y.data_ptr()):
+        raise MemoryError("delta_step could not allocate its scratch")
+    return y
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for an fp32 CPU tensor (usable(x)), int64."""
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -238,6 +304,10 @@ def library() -> ctypes.CDLL | None:
         "lcq_rotary": [p, i64, i64, i32, i32, p, p, p, i32],
         "lcq_gated_mul": [p, p, i64, i64, i32],
         "lcq_argmax_rows": [p, i64, i64, p],
+        "lcq_mamba_step": [p, p, i32, i32, i32, i32, i32, p, p, p, p, p, p, p],
+        "lcq_delta_step": [p, p, i32, i32, i32, i32, p, p, p, p, p, p],
+        "lcq_conv_step": [p, p, i32, i32, i32, p, p, p, p],
+        "lcq_gated_group_norm": [p, p, p, i32, i64, i32, i32, f32, i32, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
@@ -247,7 +317,8 @@ def library() -> ctypes.CDLL | None:
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers", "sample_rows")) else None
+        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers", "sample_rows", "delta_step")) \
+            else None
     lib.lcq_use_wide_attention.argtypes = [i32]
     lib.lcq_use_wide_attention(int(native.has_avx512("avx512vl")))
     return lib

@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lcq.kernels import cpu_ops
+
 from .config import ModelConfig
 from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk_decays
 
@@ -49,10 +51,7 @@ class GatedDeltaNet(RecurrentMixer):
     def recur(self, convolved: torch.Tensor, rest: torch.Tensor, state: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs (B, T, v_heads, head_v_dim): the delta rule's, token by token or chunkwise."""
-        d = self.dims
-        _, b, a = rest.split([d.num_v_heads * d.head_v_dim, d.num_v_heads, d.num_v_heads], dim=-1)
-        beta = b.sigmoid().float().transpose(1, 2)
-        decay = (-self.decay_log.exp() * F.softplus(a.float() + self.dt_bias)).transpose(1, 2)
+        decay, beta = (x.transpose(1, 2) for x in self._gates(rest))
         q, k, v = (x.transpose(1, 2) for x in self._heads(convolved))
         recurrence = _token_by_token if convolved.shape[1] == 1 else _chunkwise
         out, state = recurrence(q, k, v, decay, beta, state)
@@ -62,9 +61,25 @@ class GatedDeltaNet(RecurrentMixer):
         """Each head's output RMS-normalized, times its weight and silu(z)."""
         d = self.dims
         z = rest[..., :d.num_v_heads * d.head_v_dim]
+        if cpu_ops.usable(out, z, self.norm_weight):  # in one C call
+            return cpu_ops.gated_group_norm(out.flatten(1), z, self.norm_weight, d.head_v_dim, self.eps,
+                                            gate_first=False)
         normed = F.rms_norm(out.to(dtype).float(), (d.head_v_dim,), eps=self.eps).to(dtype) * self.norm_weight
         gated = normed * F.silu(z.unflatten(-1, (d.num_v_heads, d.head_v_dim)).float())
         return gated.to(dtype).flatten(1)
+
+    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """recur's decode step through the C kernel (cpu_ops.delta_step), where it runs: fp32 CPU states."""
+        if not cpu_ops.usable(self.recurrent_states, convolved):
+            return None
+        return cpu_ops.delta_step(self.recurrent_states, slots, *self._heads(convolved), *self._gates(rest))
+
+    def _gates(self, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each value head's log decay, -exp(A_log) softplus(a + dt_bias), and its beta, sigmoid(b): fp32 (...,
+        v_heads), from the projection's rest (z, b, a)."""
+        d = self.dims
+        _, b, a = rest.split([d.num_v_heads * d.head_v_dim, d.num_v_heads, d.num_v_heads], dim=-1)
+        return -self.decay_log.exp() * F.softplus(a.float() + self.dt_bias), b.sigmoid().float()
 
     def _heads(self, convolved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (L2-normalized, q scaled, repeated for their value heads) and v, fp32 (..., v_heads, dim), from

@@ -15,6 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from lcq.kernels import cpu_ops
+
 from .config import ModelConfig
 from .recurrent import CHUNK, RecurrentMixer, in_chunks, parameter, within_chunk_decays
 
@@ -47,22 +49,39 @@ class Mamba2(RecurrentMixer):
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Outputs (B, T, heads, head_dim): token by token, or chunkwise."""
         d = self.dims
-        x, keys, queries = F.silu(convolved.float()).split([d.inner, d.groups * d.state_dim, d.groups * d.state_dim],
-                                                           dim=-1)
-        x = x.unflatten(-1, (d.num_heads, d.head_dim))
-        keys, queries = (part.unflatten(-1, (d.groups, d.state_dim)).repeat_interleave(d.num_heads // d.groups, dim=-2)
-                         for part in (keys, queries))
-        dt = F.softplus(rest[..., d.inner:].float() + self.dt_bias).clamp(*d.time_step_limit)  # (B, T, heads)
+        x, keys, queries, dt = self._inputs(convolved, rest)
+        keys, queries = (part.repeat_interleave(d.num_heads // d.groups, dim=-2) for part in (keys, queries))
         log_decay = dt * -self.decay_log.exp()
         q, k, v = (part.transpose(1, 2) for part in (queries, keys, x * dt.unsqueeze(-1)))
         recurrence = _token_by_token if convolved.shape[1] == 1 else _chunkwise
         out, state = recurrence(q, k, v, log_decay.transpose(1, 2), state)
         return out.transpose(1, 2) + self.skip.unsqueeze(-1) * x, state
 
+    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """recur's decode step through the C kernel (cpu_ops.mamba_step), where it runs: fp32 CPU states."""
+        if not cpu_ops.usable(self.recurrent_states, convolved):
+            return None
+        return cpu_ops.mamba_step(self.recurrent_states, slots, *self._inputs(convolved, rest), -self.decay_log.exp(),
+                                  self.skip)
+
+    def _inputs(self, convolved: torch.Tensor, rest: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., heads, head_dim), B and C (..., groups, state_dim) from the convolution's output, fp32, and dt
+        (..., heads): softplus(its step + dt_bias), clamped."""
+        d = self.dims
+        x, keys, queries = F.silu(convolved.float()).split([d.inner, d.groups * d.state_dim, d.groups * d.state_dim],
+                                                           dim=-1)
+        dt = F.softplus(rest[..., d.inner:].float() + self.dt_bias).clamp(*d.time_step_limit)
+        return (x.unflatten(-1, (d.num_heads, d.head_dim)), keys.unflatten(-1, (d.groups, d.state_dim)),
+                queries.unflatten(-1, (d.groups, d.state_dim)), dt)
+
     def output(self, out: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The outputs times silu(z), RMS-normalized per group and times the norm's weight (dims.norm: after the
         gate, before it, or not at all)."""
         d = self.dims
+        if d.norm != "none" and cpu_ops.usable(out, rest, self.norm_weight):  # in one C call
+            return cpu_ops.gated_group_norm(out.flatten(1), rest[..., :d.inner], self.norm_weight, d.inner // d.groups,
+                                            self.eps, gate_first=d.norm == "gated")
         out, gate = out.flatten(1), F.silu(rest[..., :d.inner].float())
         if d.norm == "none":
             return (out * gate).to(dtype)

@@ -7,7 +7,9 @@ back (out_proj). A sequence's state is its convolution's last conv_kernel - 1 in
 held in one slot of the layer's state tensors (the block manager hands a slot to each running sequence, and
 keeps prompts' states in others for prefix caching). A step that begins at a sequence's first token starts
 it from zeros. Decode steps advance every sequence by one token at once; a prompt (or its chunk) takes its
-tokens together, in the mixer's chunkwise form of the recurrence.
+tokens together, in the mixer's chunkwise form of the recurrence. On CPU (fp32 states) a decode step's
+convolution window, Mamba-2's state update and the gated norms are one C call each (cpu_ops), in place in the
+slots: torch's operations copied every state out of its slot and back and made several passes over it.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from lcq.kernels import cpu_ops
 
 CHUNK = 64  # tokens of a prompt's recurrence computed together
 
@@ -79,6 +83,12 @@ class RecurrentMixer(torch.nn.Module):
         """out_proj's input (T, width) from the recurrence's outputs (T, ...) and the rest of the projection."""
         raise NotImplementedError
 
+    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
+        """A decode step's outputs (B, ...) with the states advanced in their slots, where a mixer has a kernel
+        for it here (Mamba-2's on CPU), else None: the step then copies the states out, recurs and copies them
+        back."""
+        return None
+
     def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
         """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
         context = attention.context
@@ -90,14 +100,19 @@ class RecurrentMixer(torch.nn.Module):
                              for begin, end, slot, fresh in _sequences(context)])
         else:
             slots = context.state_slots
-            window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
-            self.conv_states[slots] = window[..., 1:]
-            convolved = (window * self.conv_weight).sum(-1)
-            if self.conv_bias is not None:
-                convolved = convolved + self.conv_bias
-            out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
-                                                           self.recurrent_states[slots].float())
-            out = out[:, 0]
+            if cpu_ops.usable(self.conv_states, conv_input, self.conv_weight):  # in place, in one C call
+                convolved = cpu_ops.conv_step(self.conv_states, slots, conv_input, self.conv_weight, self.conv_bias)
+            else:
+                window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
+                self.conv_states[slots] = window[..., 1:]
+                convolved = (window * self.conv_weight).sum(-1)
+                if self.conv_bias is not None:
+                    convolved = convolved + self.conv_bias
+            out = self.step_in_place(convolved, rest, slots)
+            if out is None:
+                out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
+                                                               self.recurrent_states[slots].float())
+                out = out[:, 0]
         return self.out_proj(self.output(out, rest, hidden.dtype))
 
     def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool, drafting: bool = False

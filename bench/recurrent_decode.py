@@ -1,0 +1,99 @@
+"""Decode speed of models with recurrent layers on CPU: their mixers' decode steps in C (the convolution window,
+Mamba-2's state update and the gated norms, each one call advancing the states in their slots) against the
+torch operations they replace, alternating in one process.
+
+Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 layers, 9 query and 3 key/value
+heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
+of 64, state 128, one group) and Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8
+value heads of 64), and Llama's as a reference. Recorded per model, ops (c, torch) and concurrency: output
+tokens/s of every round (128 tokens per sequence, greedy) and their median, and whether both ops gave the same
+greedy tokens (a random model's near-ties may go either way under another order of fp32 sums: the tests check
+both paths against transformers).
+
+    python bench/recurrent_decode.py [--threads 2] [--rounds 3] [--tokens 128]
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
+from lcq.models import linear_attention, mamba, recurrent  # noqa: E402
+from lcq.runtime import LLM, SamplingParams  # noqa: E402
+from tests.tiny_model import make_tiny_hf  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "recurrent-decode-cpu.json"
+WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=32, num_attention_heads=9,
+              num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
+MODELS = {"llama": WIDTHS,
+          "bamba": dict(WIDTHS, attn_layer_indices=list(range(3, 32, 4)), mamba_n_heads=18, mamba_d_head=64,
+                        mamba_d_state=128, mamba_n_groups=1, mamba_chunk_size=64),
+          "qwen3_5": dict(WIDTHS, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
+                          linear_value_head_dim=64)}
+MIXER_MODULES = (recurrent, mamba, linear_attention)  # where the mixers look up the C ops
+
+
+def options(parser) -> None:
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=128)
+
+
+def torch_mixers(on: bool) -> None:
+    """Point the recurrent mixers at ops that say the C kernels do not run (on), so that they take their torch
+    path, or back at the real ones; every other layer keeps its C ops."""
+    from lcq.kernels import cpu_ops
+
+    stand_in = types.SimpleNamespace(usable=lambda *tensors: False) if on else cpu_ops
+    for module in MIXER_MODULES:
+        module.cpu_ops = stand_in
+
+
+def decode(llm: LLM, concurrency: int, tokens: int) -> tuple[float, list[list[int]]]:
+    """Output tokens/s of `concurrency` sequences decoding `tokens` each, and their tokens."""
+    params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0)
+    prompts = [f"Hello there, number {i}" for i in range(concurrency)]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed, [o.token_ids for o in outs]
+
+
+def main() -> None:
+    args = cpu_arguments(__doc__, RESULTS, options)
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, shapes in MODELS.items():
+            folder = make_tiny_hf(Path(scratch) / name, name, dtype=torch.float16, **shapes)
+            llm = LLM(str(folder), kv_cache_memory_gb=0.6, max_num_seqs=8)
+            decode(llm, 1, 8)  # warm-up
+            kinds = ("c", "torch") if name != "llama" else ("c",)
+            for concurrency in (1, 8):
+                rates: dict[str, list[float]] = {kind: [] for kind in kinds}
+                tokens: dict[str, list[list[int]]] = {}
+                for _ in range(args.rounds):
+                    for kind in kinds:
+                        torch_mixers(kind == "torch")
+                        rate, tokens[kind] = decode(llm, concurrency, args.tokens)
+                        rates[kind].append(rate)
+                torch_mixers(False)
+                same = None if len(tokens) == 1 else tokens["c"] == tokens["torch"]
+                for kind, runs in rates.items():
+                    rows.append(dict(model=name, ops=kind, concurrency=concurrency, tokens=args.tokens,
+                                     output_tok_s=round(statistics.median(runs), 1),
+                                     runs=[round(r, 1) for r in runs], same_tokens=same))
+                    print(f"{name:8s} {kind:5s} x{concurrency}: {rows[-1]['output_tok_s']:7.1f} tok/s  "
+                          f"(rounds {rows[-1]['runs']})", flush=True)
+            del llm
+    write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads,
+                                         shapes={name: shapes for name, shapes in MODELS.items()}, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
