@@ -537,7 +537,8 @@ HYBRIDS = {"granite4_hybrid": ("GraniteMoeHybridForCausalLM", [True, False, True
            "falcon_h1": ("FalconH1ForCausalLM", [False] * 2, [False] * 2),
            "falcon_h1_normed": ("FalconH1ForCausalLM", [False] * 2, [False] * 2),
            "nemotron_h": ("NemotronHForCausalLM", [True, False, True, False, False], [False] * 5),
-           "nemotron_h_moe": ("NemotronHForCausalLM", [True, False, True, False, False], [False, True, False, False, True]),
+           "nemotron_h_moe": ("NemotronHForCausalLM", [True, False, True, False, False],
+                              [False, True, False, False, True]),
            "nemotron_h_latent": ("NemotronHForCausalLM", [True, False, True, False, False],
                                  [False, True, False, False, True])}
 

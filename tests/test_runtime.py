@@ -946,8 +946,8 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
 
 @pytest.mark.gpu
 # gpt-oss: a mixture, its experts routed in the graph; Qwen3.5's (Granite 4.0-H's): linear attention's (Mamba-2's)
-# states by slot in the graph
-@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "qwen3_5_moe", "granite4_moe"])
+# states by slot in the graph; Nemotron 3's blocks of one part, its ungated experts; Falcon-H1's Mamba-2 beside attention
+@pytest.mark.parametrize("arch", ["llama", "gpt_oss", "qwen3_5_moe", "granite4_moe", "nemotron_h_moe", "falcon_h1"])
 def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8

@@ -317,8 +317,8 @@ def library() -> ctypes.CDLL | None:
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = ctypes.c_int if name.endswith(("attention", "layers", "sample_rows", "delta_step")) \
-            else None
+        status = name.endswith(("attention", "layers", "sample_rows", "delta_step"))  # (the others return nothing)
+        getattr(lib, name).restype = ctypes.c_int if status else None
     lib.lcq_use_wide_attention.argtypes = [i32]
     lib.lcq_use_wide_attention(int(native.has_avx512("avx512vl")))
     return lib

@@ -305,7 +305,8 @@ class ModelConfig:
     @property
     def cache_layers(self) -> list[int]:
         """The layers with a KV cache: those with attention (not a recurrent mixer, nor Nemotron-H's MLP blocks)."""
-        return [i for i, (linear, mixer) in enumerate(zip(self.linear_layers, self.mixer_layers)) if mixer and not linear]
+        return [i for i, (linear, mixer) in enumerate(zip(self.linear_layers, self.mixer_layers))
+                if mixer and not linear]
 
     def mtp_layer_config(self) -> "ModelConfig":
         """The settings of the multi-token-prediction layer, as one layer of this model: full attention that
@@ -444,8 +445,8 @@ def _granite_hybrid_fields(c: dict) -> dict:
 
 def _falcon_h1_fields(c: dict) -> dict:
     """Falcon-H1's layer beside Llama's (its factors folded into weights by the view, but the embeddings' and the
-    logits', which logit_scale carries): Mamba-2 beside the attention in every layer, its outputs normed as mamba_rms_norm and
-    mamba_norm_before_gate say; the MLP under feed_forward."""
+    logits', which logit_scale carries): Mamba-2 beside the attention in every layer, its outputs normed as
+    mamba_rms_norm and mamba_norm_before_gate say; the MLP under feed_forward."""
     if c["model_type"] != "falcon_h1":
         return {}
     norm = ("before_gate" if c.get("mamba_norm_before_gate", True) else "gated") if c.get("mamba_rms_norm") else "none"
@@ -484,7 +485,8 @@ def _nemotron_h_fields(c: dict) -> dict:
     return dict(**experts, moe_layers=[kind == "moe" for kind in types], mamba=mamba, mixer_name="mixer",
                 linear_layers=[kind == "linear_attention" for kind in types], mlp_name="mixer",
                 mixer_layers=[kind in ("linear_attention", "full_attention") for kind in types],
-                mlp_layers=[kind in ("mlp", "moe") for kind in types], expert_latent=c.get("moe_latent_size") is not None,
+                mlp_layers=[kind in ("mlp", "moe") for kind in types],
+                expert_latent=c.get("moe_latent_size") is not None,
                 activation=c.get("mlp_hidden_act", "relu2"))
 
 

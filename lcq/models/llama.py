@@ -132,8 +132,8 @@ class MLP(torch.nn.Module):
         if lora is None and self.activation == "silu":
             activated = self.gate_up_proj.fused_swiglu(x)
         if activated is None:
-            activated = mlp_activation(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.activation,
-                              *self.swiglu)
+            activated = mlp_activation(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora),
+                                       self.activation, *self.swiglu)
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
@@ -292,10 +292,11 @@ class DecoderLayer(torch.nn.Module):
 
         self.attention_norm = norm() if config.pre_norms else None
         self.self_attn = self.mlp = None  # (Nemotron-H: one of them)
+        self.mixer_name: str | None = None  # the token mixer's checkpoint module
         if config.mixer_layers[index] and config.linear_layers[index]:  # a recurrent mixer: Qwen3.5's linear
             # attention, Granite 4.0-H's Mamba-2, LFM2's short convolution
             mixer = GatedDeltaNet if config.linear is not None else Mamba2 if config.mamba is not None else ShortConv
-            self.mixer_name = config.mixer_name or mixer.CHECKPOINT_NAME  # its checkpoint module
+            self.mixer_name = config.mixer_name or mixer.CHECKPOINT_NAME
             self.self_attn = mixer(config, f"{prefix}.{self.mixer_name}", make_linear, dtype)
         elif config.mixer_layers[index]:
             attention = Attention if config.latent is None else LatentAttention
