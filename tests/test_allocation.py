@@ -167,3 +167,23 @@ def test_target_bits_weighs_a_mixtures_experts_as_units(tmp_path, arch, experts,
         layer, _, name = prefix.removeprefix("model.layers.").partition(".")
         assert reader.linear(prefix).bits == widths.of(int(layer), name)
     _check_serves_like_its_reference(tmp_path / "lcq")
+
+
+def test_target_bits_over_blocks_of_one_part(tmp_path):
+    """Nemotron 3's blocks hold one part each (Mamba-2, attention, or a mixture of ungated experts): each block
+    is weighed for the units it has only (Mamba-2's in_proj as qkv, out_proj as o_proj; a mixture's up_proj as
+    gate_up, down_proj), the budget is kept, and the folder serves like transformers with its weights."""
+    folder = make_tiny_hf(tmp_path / "hf", "nemotron_h_moe")
+    shapes = linear_shapes(CheckpointReader(folder), 5)
+    low, high = bits_per_weight_range(shapes, 2, 2, 32)
+    summary = quantize_model(folder, tmp_path / "lcq", QuantizeOptions(
+        bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32, epochs=1,
+        target_bits=round(low + 0.6 * (high - low), 2)), progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    assert low < reader.decoder_bits_per_weight() <= round(low + 0.6 * (high - low), 2) and summary.layer_bits
+    held = {0: ("qkv", "o_proj"), 1: ("gate_up", "down_proj"), 2: ("qkv", "o_proj"), 3: ("qkv", "o_proj"),
+            4: ("gate_up", "down_proj")}  # Mamba-2, mixture, Mamba-2, attention, mixture
+    for rule in summary.layer_bits:
+        unit, layer = rule.split("=")[0].split("@")
+        assert unit in held[int(layer)], rule
+    _check_serves_like_its_reference(tmp_path / "lcq")

@@ -849,13 +849,16 @@ def _target_widths(source: _Source, tokens: torch.Tensor, options: QuantizeOptio
         return json.loads(saved.read_text())
     shapes = linear_shapes(source.reader, source.num_layers)
     widths = range(options.bits, WIDEST + 1)
-    units = {(layer, name): Unit(layer, name, {b: unit_bytes(shapes, layer, name, b, options.rank, options.group_size)
-                                               for b in widths}, {})
-             for layer in range(source.num_layers) for name in UNITS}
+    units = {}
+    for layer in range(source.num_layers):
+        for name in UNITS:
+            stored = {b: unit_bytes(shapes, layer, name, b, options.rank, options.group_size) for b in widths}
+            if stored[options.bits]:  # (a Nemotron-H block holds some units only)
+                units[layer, name] = Unit(layer, name, stored, {})
     bar = tqdm(total=source.num_layers, desc="weighing layers", disable=not progress, unit="block")
 
     def on_block(block: BlockGradient) -> None:
-        for name in UNITS:
+        for name in (name for index, name in units if index == block.index):
             linears = [linear for linear in block_linears(block.block) if unit_of(linear) == name]
             for b in widths:
                 fitted = {}
