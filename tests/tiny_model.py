@@ -66,7 +66,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
         Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
         Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM, \
-        NemotronHConfig, NemotronHForCausalLM, FalconH1Config, FalconH1ForCausalLM
+        NemotronHConfig, NemotronHForCausalLM, FalconH1Config, FalconH1ForCausalLM, ArceeConfig, ArceeForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -274,6 +274,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
         "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
+        "arcee": (ArceeConfig, ArceeForCausalLM),  # Llama with an MLP of relu(x)^2 and no gate
         "falcon_h1": (FalconH1Config, FalconH1ForCausalLM),  # Mamba-2 beside attention, factors everywhere
         "falcon_h1_normed": (FalconH1Config, FalconH1ForCausalLM),  # the same, its Mamba-2 outputs normed
         "nemotron_h": (NemotronHConfig, NemotronHForCausalLM),  # one part a block: Mamba-2, NoPE attention or MLP

@@ -32,7 +32,8 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "Qwen3NextForCausalLM": "qwen3_next", "MiniMaxM2ForCausalLM": "minimax_m2",
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                            "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba",
-                           "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1"}
+                           "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
+                           "ArceeForCausalLM": "arcee"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -244,6 +245,8 @@ class ModelConfig:
             raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
         if c.get("use_qk_norm") and c["model_type"] in ("cohere", "cohere2"):  # Command R+'s per-head LayerNorms
             raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
+        if c["model_type"] == "arcee" and c.get("hidden_act", "relu2") != "relu2":
+            raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for Arcee's MLP (relu2)")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
             raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
         heads = c["num_attention_heads"]
@@ -277,6 +280,7 @@ class ModelConfig:
             **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
             **_bamba_fields(c), **_nemotron_h_fields(c), **_falcon_h1_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
+            **({"activation": "relu2"} if c["model_type"] == "arcee" else {}),  # (Llama's layer, its MLP ungated)
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else
             float(c.get("lm_head_multiplier", 1.0)) if c["model_type"] == "falcon_h1" else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),

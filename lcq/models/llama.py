@@ -1,5 +1,5 @@
-"""A Llama-family decoder (Llama 2/3/4, Mistral, Ministral 3, Qwen2, Qwen3, SmolLM2/3, OLMo 2, EXAONE 4, Gemma 2/3)
-over a paged KV cache.
+"""A Llama-family decoder (Llama 2/3/4, Mistral, Ministral 3, Qwen2, Qwen3, SmolLM2/3, OLMo 2, EXAONE 4, Gemma 2/3,
+Arcee) over a paged KV cache.
 
 Tokens of all sequences in a step are flattened into one (T,) batch; the ForwardContext says
 where each sequence's tokens start and where its cache lives. Linear layers come from the loader:
