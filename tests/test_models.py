@@ -219,11 +219,12 @@ def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
-                                  "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan", "arcee"])
+                                  "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan", "arcee", "apertus"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_full_precision_matches_transformers(tmp_path, monkeypatch, arch, c_ops):
     """With the C decode ops (cpu_ops) where they build, and with the torch path. (Arcee: Llama's layer with an
-    MLP of relu(x)^2 and no gate.)"""
+    MLP of relu(x)^2 and no gate; Apertus: the same with xIELU, its two factors learned per layer, per-head q/k
+    norms, llama3 rotary scaling.)"""
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path / arch, arch)
     model, _ = load_model(folder)
@@ -868,7 +869,7 @@ def test_chunked_prefill_matches_transformers(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3", "olmo2", "exaone4",
-                                  "seed_oss", "arcee"])
+                                  "seed_oss", "arcee", "apertus"])
 @pytest.mark.parametrize("cpu_weights", ["index", "half", "fp32"])
 def test_lcq_matches_transformers_with_dequantized_weights(tmp_path, monkeypatch, arch, cpu_weights):
     """fp32 products and the index kernel (cpu_index) are exact up to summation order; the fp16

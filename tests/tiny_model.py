@@ -66,7 +66,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM, Qwen3_5TextConfig, Qwen3_5ForCausalLM, Qwen3_5MoeTextConfig, \
         Qwen3_5MoeForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM, MiniMaxM2Config, MiniMaxM2ForCausalLM, \
         Lfm2Config, Lfm2ForCausalLM, Lfm2MoeConfig, Lfm2MoeForCausalLM, BambaConfig, BambaForCausalLM, \
-        NemotronHConfig, NemotronHForCausalLM, FalconH1Config, FalconH1ForCausalLM, ArceeConfig, ArceeForCausalLM
+        NemotronHConfig, NemotronHForCausalLM, FalconH1Config, FalconH1ForCausalLM, ArceeConfig, ArceeForCausalLM, \
+        ApertusConfig, ApertusForCausalLM
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,6 +276,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts
         "arcee": (ArceeConfig, ArceeForCausalLM),  # Llama with an MLP of relu(x)^2 and no gate
+        "apertus": (ApertusConfig, ApertusForCausalLM),  # the same with xIELU, per-head q/k norms, its norms' names
         "falcon_h1": (FalconH1Config, FalconH1ForCausalLM),  # Mamba-2 beside attention, factors everywhere
         "falcon_h1_normed": (FalconH1Config, FalconH1ForCausalLM),  # the same, its Mamba-2 outputs normed
         "nemotron_h": (NemotronHConfig, NemotronHForCausalLM),  # one part a block: Mamba-2, NoPE attention or MLP
@@ -297,6 +299,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         for name, param in model.named_parameters():
             if (name.endswith("weight") and param.dim() == 2) or param.dim() == 3:  # 3-D: gpt-oss's experts
                 param.normal_(0.0, 0.08)
+            elif name.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus's xIELU factors: each layer its own
+                param.uniform_(-0.5, 0.5)
             elif name.endswith("sinks"):  # about the size of this model's scores, so that they matter
                 param.normal_(0.0, 1.0)
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing

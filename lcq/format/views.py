@@ -234,6 +234,8 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _nemotron_h(config)
     if config.get("model_type") == "falcon_h1":
         return _falcon_h1(config)
+    if config.get("model_type") == "apertus":  # its own defaults (rotary base 12,000,000, llama3 scaling)
+        return _with_defaults(config, "ApertusForCausalLM")
     if config.get("model_type") == "gpt_oss" and (config.get("quantization_config") or {}).get("quant_method") == MXFP4:
         return {key: value for key, value in config.items() if key != "quantization_config"}  # decoded as read
     if stored is not None and _base_model_save(stored):

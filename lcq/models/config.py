@@ -33,13 +33,16 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                            "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba",
                            "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
-                           "ArceeForCausalLM": "arcee"}
+                           "ArceeForCausalLM": "arcee", "ApertusForCausalLM": "apertus"}
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
 GEMMA = ("gemma3_text", "gemma2")  # Gemma's layer: norms around attention and MLP, weights stored as w - 1
 HUNYUAN = ("hunyuan_v1_dense", "hunyuan_v1_moe")  # Hunyuan's layer: q/k norms after the rotary embedding
-LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")  # multi-head latent attention (LatentDims)
+LATENT = ("deepseek_v2", "deepseek_v3", "glm4_moe_lite")
+# Llama's layer with an MLP of up_proj, an activation and down_proj, no gate: Arcee's relu(x)^2, Apertus's xIELU
+# (whose two learned factors each MLP keeps beside it)
+UNGATED_FAMILIES = {"arcee": "relu2", "apertus": "xielu"}  # multi-head latent attention (LatentDims)
 QWEN3_5 = ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")  # linear attention (LinearDims) in most layers
 # Layers whose norms (and rotary pairs) are not Llama's. OLMo 2's: norms on the attention's and the MLP's
 # outputs only, q/k norms over the whole projections (OLMo 3's too, with sliding-window layers); EXAONE 4's
@@ -245,8 +248,10 @@ class ModelConfig:
             raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
         if c.get("use_qk_norm") and c["model_type"] in ("cohere", "cohere2"):  # Command R+'s per-head LayerNorms
             raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
-        if c["model_type"] == "arcee" and c.get("hidden_act", "relu2") != "relu2":
-            raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for Arcee's MLP (relu2)")
+        ungated = UNGATED_FAMILIES.get(c["model_type"])
+        if ungated is not None and c.get("hidden_act", ungated) != ungated:
+            raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for this family's MLP "
+                            f"({ungated})")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
             raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
         heads = c["num_attention_heads"]
@@ -272,7 +277,7 @@ class ModelConfig:
             qkv_bias=c["model_type"] == "qwen2" or bool(c.get("attention_bias", False)) or
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
-                                        "dots1", "minimax_m2", *HUNYUAN, *QWEN3_5, *LFM2) or
+                                        "dots1", "minimax_m2", "apertus", *HUNYUAN, *QWEN3_5, *LFM2) or
             (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
@@ -280,7 +285,7 @@ class ModelConfig:
             **_latent_fields(c, rope), **_qwen3_5_fields(c), **_granite_hybrid_fields(c), **_lfm2_fields(c),
             **_bamba_fields(c), **_nemotron_h_fields(c), **_falcon_h1_fields(c),
             **({"rotated_dims": _rotated_dims(c)} if c["model_type"] == "minimax_m2" else {}),
-            **({"activation": "relu2"} if c["model_type"] == "arcee" else {}),  # (Llama's layer, its MLP ungated)
+            **({"activation": UNGATED_FAMILIES[c["model_type"]]} if c["model_type"] in UNGATED_FAMILIES else {}),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else
             float(c.get("lm_head_multiplier", 1.0)) if c["model_type"] == "falcon_h1" else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),

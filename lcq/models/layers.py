@@ -229,7 +229,16 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
             v.reshape(-1, num_kv_heads, head_dim))
 
 
-UNGATED = ("relu2",)  # activations of an MLP without a gate, whose input projection is up_proj alone (Nemotron-H)
+# activations of an MLP without a gate, whose input projection is up_proj alone (Nemotron-H, Arcee; Apertus's
+# xIELU, which has learned factors: xielu)
+UNGATED = ("relu2", "xielu")
+
+
+def xielu(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Apertus's xIELU: alpha_p x^2 + beta x for x > 0, else alpha_n (expm1(min(x, eps)) - x) + beta x; factors
+    (alpha_p, alpha_n, beta, eps) with the learned alphas already through their softplus (alpha_n's plus beta)."""
+    alpha_p, alpha_n, beta, eps = factors.to(x.dtype).unbind()
+    return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * alpha_n + beta * x)
 
 
 def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:

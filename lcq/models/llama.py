@@ -44,7 +44,7 @@ from .mtp import MultiTokenPredictor
 from .short_conv import ShortConv
 from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, UNGATED, LayerNorm, RMSNorm, RotaryEmbedding, head_norm_, mlp_activation,
-                     query_temperatures, rotary_qkv)
+                     query_temperatures, rotary_qkv, xielu)
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -126,11 +126,15 @@ class MLP(torch.nn.Module):
         self.down_proj = make_linear([f"{prefix}.down_proj"])
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
         self.prefix = prefix
+        # Apertus's xIELU factors (layers.xielu), fp32: its alphas through their softplus, its beta and eps
+        self.xielu = torch.nn.Parameter(torch.empty(4), requires_grad=False) if config.activation == "xielu" else None
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
         activated = None  # on CPU, SwiGLU is finished inside the product where it can be
         if lora is None and self.activation == "silu":
             activated = self.gate_up_proj.fused_swiglu(x)
+        if self.xielu is not None:
+            activated = xielu(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.xielu)
         if activated is None:
             activated = mlp_activation(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora),
                                        self.activation, *self.swiglu)

@@ -59,7 +59,8 @@ QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query
 # post_attention_layernorm
 NORM_NAMES = {**dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
               **dict.fromkeys(("bamba", "falcon_h1"), ("input_layernorm", "pre_ff_layernorm")),
-              "nemotron_h": ("norm", "norm")}  # (a block's one norm, before its mixer or its MLP)
+              "nemotron_h": ("norm", "norm"),  # (a block's one norm, before its mixer or its MLP)
+              "apertus": ("attention_layernorm", "feedforward_layernorm")}
 # The four norms of a layer with norms on its outputs: the attention's input and output, the MLP's input and
 # output (Gemma's names, which OLMo 2 and EXAONE 4 share for the two they have)
 SANDWICH_NORM_NAMES = {"gemma": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -180,6 +181,12 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
         layer.self_attn.load(lambda name: reader.tensor(f"{mixer}.{name}"))
     if layer.mamba is not None:  # (Falcon-H1's, beside the attention)
         layer.mamba.load(lambda name: reader.tensor(f"{prefix}.{Mamba2.CHECKPOINT_NAME}.{name}"))
+    if getattr(layer.mlp, "xielu", None) is not None:  # Apertus's activation factors, stored raw
+        factors = {name: reader.tensor(f"{layer.mlp.prefix}.act_fn.{name}").float().reshape(()) for name in
+                   ("alpha_p", "alpha_n", "beta", "eps")}
+        alpha_p = torch.nn.functional.softplus(factors["alpha_p"])
+        alpha_n = factors["beta"] + torch.nn.functional.softplus(factors["alpha_n"])
+        layer.mlp.xielu.copy_(torch.stack([alpha_p, alpha_n, factors["beta"], factors["eps"]]))
     if config.moe_layers[index]:  # the router (and a shared expert's gate), kept in full precision
         router = ROUTER_NAMES.get(config.model_type, "gate")
         mlp = f"{prefix}.{config.mlp_name}"

@@ -65,7 +65,7 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
                 "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
                 "granitemoehybrid": "GraniteMoeHybrid", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba",
-                "nemotron_h": "NemotronH", "falcon_h1": "FalconH1", "arcee": "Arcee"}
+                "nemotron_h": "NemotronH", "falcon_h1": "FalconH1", "arcee": "Arcee", "apertus": "Apertus"}
 LAYER_CLASS = {"nemotron_h": "NemotronHBlock"}  # transformers' decoder layer, where not the prefix's DecoderLayer
 # transformers' module, where not the type's
 MODELING_MODULE = {"gemma3_text": "gemma3", "llama4_text": "llama4", "qwen3_5_text": "qwen3_5",
@@ -83,7 +83,7 @@ RESIDUAL_READERS = {"gemma2": ("input_layernorm", "pre_feedforward_layernorm"),
                     "cohere": ("input_layernorm",), "cohere2": ("input_layernorm",),  # (one norm a layer)
                     **dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
                     **dict.fromkeys(("bamba", "falcon_h1"), ("input_layernorm", "pre_ff_layernorm")),
-                    "nemotron_h": ("norm",)}
+                    "nemotron_h": ("norm",), "apertus": ("attention_layernorm", "feedforward_layernorm")}
 DEFAULT_RESIDUAL_READERS = ("input_layernorm", "post_attention_layernorm")
 BLOCK_ERRORS = ("relative", "norm-weighted")
 SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by sqrt(hidden_size) (Granite 4.0-H's
