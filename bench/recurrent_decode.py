@@ -1,14 +1,15 @@
-"""Decode speed of models with recurrent layers on CPU: their mixers' decode steps in C (the convolution window,
-Mamba-2's state update and the gated norms, each one call advancing the states in their slots) against the
-torch operations they replace, alternating in one process.
+"""Decode speed of models with recurrent layers on CPU, three ways alternating in one process: the whole decode
+step of every layer in one C call (one_call: cpu_decode.py), the Python layers with each recurrent mixer's step
+in one C call (layers: cpu_ops.recurrent_step, advancing the states in their slots), and the Python layers with
+the mixers' torch operations (torch).
 
 Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 layers, 9 query and 3 key/value
 heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
 of 64, state 128, one group) and Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8
-value heads of 64), and Llama's as a reference. Recorded per model, ops (c, torch) and concurrency: output
-tokens/s of every round (128 tokens per sequence, greedy) and their median, and whether both ops gave the same
-greedy tokens (a random model's near-ties may go either way under another order of fp32 sums: the tests check
-both paths against transformers).
+value heads of 64), and Llama's as a reference. Recorded per model, path and concurrency: output tokens/s of
+every round (128 tokens per sequence, greedy) and their median, and whether it gave one_call's greedy tokens
+(one_call and layers compute the same numbers; the torch mixers' other order of fp32 sums may turn a random
+model's near-ties: the tests check every path against transformers).
 
     python bench/recurrent_decode.py [--threads 2] [--rounds 3] [--tokens 128]
 """
@@ -45,12 +46,13 @@ def options(parser) -> None:
     parser.add_argument("--tokens", type=int, default=128)
 
 
-def torch_mixers(on: bool) -> None:
-    """Point the recurrent mixers at ops that say the C kernels do not run (on), so that they take their torch
-    path, or back at the real ones; every other layer keeps its C ops."""
+def choose_path(llm: LLM, path: str, decoder) -> None:
+    """Run the engine's decode steps by `path` (one_call, layers or torch); decoder: the model's C step."""
     from lcq.kernels import cpu_ops
 
-    stand_in = types.SimpleNamespace(usable=lambda *tensors: False) if on else cpu_ops
+    llm.engine.runner.model.cpu_decoder = decoder if path == "one_call" else None
+    # the mixers' torch path: ops that say the C kernels do not run here (every other layer keeps its C ops)
+    stand_in = types.SimpleNamespace(usable=lambda *tensors: False) if path == "torch" else cpu_ops
     for module in MIXER_MODULES:
         module.cpu_ops = stand_in
 
@@ -73,22 +75,24 @@ def main() -> None:
             folder = make_tiny_hf(Path(scratch) / name, name, dtype=torch.float16, **shapes)
             llm = LLM(str(folder), kv_cache_memory_gb=0.6, max_num_seqs=8)
             decode(llm, 1, 8)  # warm-up
-            kinds = ("c", "torch") if name != "llama" else ("c",)
+            decoder = llm.engine.runner.model.cpu_decoder
+            assert decoder is not None, "the C decode step does not build here"
+            kinds = ("one_call", "layers", "torch") if name != "llama" else ("one_call", "layers")
             for concurrency in (1, 8):
                 rates: dict[str, list[float]] = {kind: [] for kind in kinds}
                 tokens: dict[str, list[list[int]]] = {}
                 for _ in range(args.rounds):
                     for kind in kinds:
-                        torch_mixers(kind == "torch")
+                        choose_path(llm, kind, decoder)
                         rate, tokens[kind] = decode(llm, concurrency, args.tokens)
                         rates[kind].append(rate)
-                torch_mixers(False)
-                same = None if len(tokens) == 1 else tokens["c"] == tokens["torch"]
+                choose_path(llm, "one_call", decoder)
                 for kind, runs in rates.items():
-                    rows.append(dict(model=name, ops=kind, concurrency=concurrency, tokens=args.tokens,
+                    rows.append(dict(model=name, path=kind, concurrency=concurrency, tokens=args.tokens,
                                      output_tok_s=round(statistics.median(runs), 1),
-                                     runs=[round(r, 1) for r in runs], same_tokens=same))
-                    print(f"{name:8s} {kind:5s} x{concurrency}: {rows[-1]['output_tok_s']:7.1f} tok/s  "
+                                     runs=[round(r, 1) for r in runs],
+                                     same_tokens_as_one_call=tokens[kind] == tokens["one_call"]))
+                    print(f"{name:8s} {kind:8s} x{concurrency}: {rows[-1]['output_tok_s']:7.1f} tok/s  "
                           f"(rounds {rows[-1]['runs']})", flush=True)
             del llm
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads,

@@ -792,6 +792,14 @@ def test_cpu_ops_match_torch(rows):
         expected = torch.cat([turned, qkv[:, rotated:]], dim=1)
         cpu_ops.rotary_(qkv, heads + kv_heads, head_dim, cos, sin, interleaved)
         assert_close(qkv, expected, torch.float32)
+    quarter = angles[..., :head_dim // 8]  # a partial rotary embedding (Qwen3.5's): each head's first quarter turned
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
+    turned = apply_rotary(qkv[:, :rotated].view(rows, -1, head_dim), quarter.cos(), quarter.sin()).reshape(rows, -1)
+    expected = torch.cat([turned, qkv[:, rotated:]], dim=1)
+    cpu_ops.rotary_(qkv, heads + kv_heads, head_dim, quarter.cos(), quarter.sin())
+    assert_close(qkv, expected, torch.float32)
+    assert torch.equal(qkv.view(rows, -1, head_dim)[:, :heads + kv_heads, head_dim // 4:],
+                       expected.view(rows, -1, head_dim)[:, :heads + kv_heads, head_dim // 4:])
     pairs = torch.randn(1, 1, head_dim)  # interleaved: pair i is dimensions 2i and 2i + 1, turned by angle i
     turned = apply_rotary(pairs, cos[:1], sin[:1], interleaved=True)[0, 0]
     assert_close(turned[0::2], pairs[0, 0, 0::2] * cos[0, 0] - pairs[0, 0, 1::2] * sin[0, 0], torch.float32)
@@ -799,62 +807,33 @@ def test_cpu_ops_match_torch(rows):
     gate_up = torch.randn(rows, 2 * dim)
     assert_close(cpu_ops.gated_mul(gate_up, "silu"), torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:],
                  torch.float32)
+    # MLPs without a gate (Nemotron-H's relu(x)^2, Apertus's xIELU), and Qwen3.5's attention output gate read in place
+    up = torch.randn(rows, dim) * 3
+    assert torch.equal(cpu_ops.ungated(up, "relu2"), torch.relu(up).square())
+    factors = torch.tensor([0.8, 0.6, 0.5, -1e-6])
+    alpha_p, alpha_n, beta, eps = factors
+    expected = torch.where(up > 0, alpha_p * up * up + beta * up, (torch.expm1(torch.minimum(up, eps)) - up) * alpha_n
+                           + beta * up)
+    assert_close(cpu_ops.ungated(up, "xielu", factors), expected, torch.float32)
+    projection = torch.randn(rows, heads, 2, head_dim)
+    out = torch.randn(rows, heads, head_dim)
+    gated = out * torch.sigmoid(projection[:, :, 1])
+    cpu_ops.sigmoid_gate_(out, projection[:, :, 1])
+    assert_close(out, gated, torch.float32)
 
 
 @needs_cpu_ops
 @pytest.mark.parametrize("seqs", [1, 3])
-def test_recurrent_mixers_decode_ops_match_torch(seqs):
-    """The recurrent mixers' decode steps in C against the torch expressions they replace (fp32, relative error
-    under 1e-5): the convolution window advanced in each sequence's slot (with and without a bias; the other
-    slots untouched), Mamba-2's state update and read-out in place in its slots (2 groups of 3 heads), the gated
-    delta rule's (Qwen3.5's linear attention), and the gated norm with the gate applied before the norm (Mamba-2) or after it (Qwen3.5, Falcon-H1), its weight per
-    value or shared by the groups."""
+def test_recurrent_mixers_gated_norm_matches_torch(seqs):
+    """The recurrent mixers' gated norm in C (their prefill outputs; tests/test_models.py checks their whole
+    decode step) against torch (fp32, relative error under 1e-5): the gate applied before the norm (Mamba-2) or
+    after it (Qwen3.5, Falcon-H1), its weight per value or shared by the groups, the gates read in place from a
+    wider projection."""
     generator = torch.Generator().manual_seed(seqs)
-    slots = torch.tensor([4, 1, 2][:seqs], dtype=torch.int64)
-    channels, kernel = 40, 4
-    weight, bias = torch.randn(channels, kernel, generator=generator), torch.randn(channels, generator=generator)
-    x = torch.randn(seqs, channels, generator=generator)
-    for with_bias in (bias, None):
-        windows = torch.randn(6, channels, kernel - 1, generator=generator)
-        before = windows.clone()
-        full = torch.cat([before[slots], x.unsqueeze(-1)], dim=-1)
-        expected = (full * weight).sum(-1) + (0 if with_bias is None else with_bias)
-        assert_close(cpu_ops.conv_step(windows, slots, x, weight, with_bias), expected, torch.float32)
-        assert torch.equal(windows[slots], full[..., 1:])
-        others = [s for s in range(6) if s not in slots.tolist()]
-        assert torch.equal(windows[others], before[others])
-
-    heads, groups, state_dim, head_dim = 6, 2, 16, 8
-    states = torch.randn(6, heads, state_dim, head_dim, generator=generator)
-    before = states.clone()
-    inputs = torch.randn(seqs, heads, head_dim, generator=generator)
-    b, c = (torch.randn(seqs, groups, state_dim, generator=generator) for _ in range(2))
-    dt = torch.rand(seqs, heads, generator=generator)
-    a, d = -torch.rand(heads, generator=generator) - 0.5, torch.randn(heads, generator=generator)
-    y = cpu_ops.mamba_step(states, slots, inputs, b, c, dt, a, d)
-    per_head = heads // groups
-    b_heads, c_heads = (t.repeat_interleave(per_head, dim=1) for t in (b, c))  # (seqs, heads, state_dim)
-    advanced = before[slots] * (dt * a).exp()[..., None, None] + \
-        b_heads.unsqueeze(-1) * (dt.unsqueeze(-1) * inputs).unsqueeze(-2)
-    assert_close(states[slots], advanced, torch.float32)
-    assert_close(y, (advanced * c_heads.unsqueeze(-1)).sum(-2) + d[:, None] * inputs, torch.float32)
-
-    k_dim, v_dim = 16, 8  # the gated delta rule (Qwen3.5's linear attention)
-    states = torch.randn(6, heads, k_dim, v_dim, generator=generator)
-    before = states.clone()
-    q, k = (torch.nn.functional.normalize(torch.randn(seqs, heads, k_dim, generator=generator), dim=-1)
-            for _ in range(2))
-    v = torch.randn(seqs, heads, v_dim, generator=generator)
-    decay, beta = -torch.rand(seqs, heads, generator=generator), torch.rand(seqs, heads, generator=generator)
-    y = cpu_ops.delta_step(states, slots, q, k, v, decay, beta)
-    decayed = before[slots] * decay.exp()[..., None, None]
-    remembered = (decayed * k.unsqueeze(-1)).sum(-2)
-    updated = decayed + k.unsqueeze(-1) * ((v - remembered) * beta.unsqueeze(-1)).unsqueeze(-2)
-    assert_close(states[slots], updated, torch.float32)
-    assert_close(y, (updated * q.unsqueeze(-1)).sum(-2), torch.float32)
-
     width, group = 48, 12
-    values, gates = torch.randn(seqs, width, generator=generator), torch.randn(seqs, width, generator=generator)
+    values = torch.randn(seqs, width, generator=generator)
+    projection = torch.randn(seqs, 2 * width, generator=generator)
+    gates = projection[:, width:]
     for norm_weight in (torch.randn(width, generator=generator), torch.randn(group, generator=generator)):
         tiled = norm_weight.repeat(width // norm_weight.numel())
         for gate_first in (True, False):

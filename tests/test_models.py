@@ -6,6 +6,7 @@ import importlib.util
 import itertools
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ class PagedBatch:
         shape = model.kv_cache_shape(num_blocks, BLOCK, dtype)
         keys = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in c.cache_layers]
         model.bind_kv_cache(keys, keys if c.values_in_keys else [torch.zeros_like(k) for k in keys])
-        model.bind_states(8)  # (linear attention's) one slot per sequence, by its index
+        model.bind_states(24)  # (the recurrent mixers') one slot per sequence, by its index
         self.model, self.next_block, self.tables, self.lengths = model, 0, [], []
 
     def add(self) -> int:
@@ -1367,7 +1368,12 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("gemma2", torch.float16),  # gemma2: scores soft-capped
                                                ("olmo2", torch.float32), ("exaone4", torch.float16),  # output norms
                                                ("seed_oss", torch.float32),  # q/k/v and o_proj biases
-                                               ("llama", torch.float16), ("llama", torch.int8)])
+                                               ("llama", torch.float16), ("llama", torch.int8),
+                                               ("bamba", torch.float32), ("granite4_hybrid", torch.float16),
+                                               ("nemotron_h", torch.float32), ("falcon_h1_normed", torch.float32),
+                                               ("falcon_h1", torch.float16), ("lfm2", torch.float32),
+                                               ("qwen3_5", torch.float32), ("arcee", torch.float32),
+                                               ("apertus", torch.float32)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
@@ -1391,6 +1397,43 @@ def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
             logits.append(batch.step({s: [t] for s, t in zip(seqs, logits[-1].argmax(-1).tolist())}))
         runs.append(torch.stack(logits))
     assert torch.equal(runs[0], runs[1]) and torch.equal(runs[2], runs[3])
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("arch", ["granite4_hybrid", "falcon_h1", "falcon_h1_normed", "qwen3_5", "lfm2"])
+@pytest.mark.parametrize("seqs", [1, 3])
+def test_recurrent_mixers_decode_step_in_c_matches_torch(tmp_path, monkeypatch, arch, seqs):
+    """A recurrent mixer's decode step in one C call (cpu_ops.recurrent_step) against its torch path, from random
+    states in slots 4, 1 and 2 of 6: the outputs and every slot's states within fp32 rounding (relative 1e-5),
+    the slots not stepped untouched. Mamba-2 with its output normed after the gate per group (Granite 4.0-H: 2
+    groups of 3 heads), before it (Falcon-H1 normed), or only gated (Falcon-H1), Qwen3.5's gated delta rule
+    (key heads serving two value heads each), LFM2's short convolution."""
+    from lcq.models.recurrent import RecurrentMixer
+
+    model, _ = load_model(make_tiny_hf(tmp_path, arch))
+    mixer = next(m for m in model.recurrent_mixers() if isinstance(m, RecurrentMixer))
+    generator = torch.Generator().manual_seed(seqs)
+    mixer.bind_states(6, torch.device("cpu"))
+    initial = [torch.randn(t.shape, generator=generator) for t in (mixer.conv_states, mixer.recurrent_states)]
+    slots = torch.tensor([4, 1, 2][:seqs])
+    hidden = torch.randn(seqs, model.config.hidden_size, generator=generator)
+    context = types.SimpleNamespace(context=ForwardContext(
+        is_prefill=False, slot_mapping=slots, query_start=torch.arange(seqs + 1, dtype=torch.int32),
+        context_lens=torch.full((seqs,), 9, dtype=torch.int32), block_tables=torch.zeros(seqs, 1, dtype=torch.int32),
+        max_query_len=1, max_context_len=9, state_slots=slots))
+    results = []
+    for c_ops in (True, False):
+        monkeypatch.setattr(cpu_ops, "ENABLED", c_ops)
+        mixer.conv_states.copy_(initial[0])
+        mixer.recurrent_states.copy_(initial[1])
+        assert (mixer.c_layer() is not None) == c_ops
+        results.append((mixer(hidden, None, context), mixer.conv_states.clone(), mixer.recurrent_states.clone()))
+    for in_c, in_torch in zip(*results):
+        torch.testing.assert_close(in_c, in_torch, rtol=1e-5, atol=1e-5)
+    others = [s for s in range(6) if s not in slots.tolist()]
+    assert torch.equal(results[0][1][others], initial[0][others]) and \
+        torch.equal(results[0][2][others], initial[1][others])
+    assert not torch.equal(results[0][2][slots], initial[1][slots]) or arch == "lfm2"
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe_lite", "glm4_moe", "qwen3_next", "qwen3_5"])

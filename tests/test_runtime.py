@@ -136,12 +136,13 @@ def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tm
         "<|im_start|>user\nHi<|im_end|>\n"
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3", "olmo3", "hunyuan"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3", "olmo3", "hunyuan", "bamba", "lfm2", "qwen3_5"])
 def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch, arch):
     """Gemma 3 (a 7-token sliding-window layer with its own rotary base, then a full one), Gemma 2 (the
     same windows, scores and logits soft-capped), SmolLM3 (a layer with rotary embedding, then a NoPE
-    one), OLMo 3 (three 7-token sliding-window layers, then a full one with YaRN) and Hunyuan (q/k norms
-    after the rotary embedding) from fp16 weights:
+    one), OLMo 3 (three 7-token sliding-window layers, then a full one with YaRN), Hunyuan (q/k norms
+    after the rotary embedding), and hybrids with recurrent layers (Bamba's Mamba-2, LFM2's short convolutions,
+    Qwen3.5's gated delta rule beside attention that gates its output) from fp16 weights:
     the engine's decode steps run the one-call C step where the C kernels build, and its greedy tokens
     are transformers'."""
     from lcq.models.cpu_decode import CpuDecoder
@@ -150,7 +151,7 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     decode = CpuDecoder.__call__
     monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *args: steps.append(1) or decode(self, *args))
     folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16,
-                          **({"sliding_window": 7} if arch not in ("smollm3", "hunyuan") else {}))
+                          **({"sliding_window": 7} if arch.startswith(("gemma", "olmo")) else {}))
     llm = LLM(str(folder), block_size=8, **FP32)
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):

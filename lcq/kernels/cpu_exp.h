@@ -42,7 +42,8 @@ static inline void lcq_silu_mul_row(const float *gate, const float *up, float *o
     for (; i < width; i++) out[i] = gate[i] * (1.0f / (1.0f + exp1(-gate[i]))) * up[i];
 }
 
-enum { LCQ_SILU, LCQ_GELU_TANH }; /* gated activations (lcq_gated_mul); cpu_ops.py's ACTIVATIONS */
+/* MLP activations: gated (lcq_gated_mul; cpu_ops.py's ACTIVATIONS), then ungated (lcq_ungated; its UNGATED) */
+enum { LCQ_SILU, LCQ_GELU_TANH, LCQ_RELU2, LCQ_XIELU };
 
 /* gelu(x) with tanh's approximation, 0.5 x (1 + tanh(u)) for u = sqrt(2 / pi) (x + 0.044715 x^3), as
  * x / (1 + e^(-2u)): the same function without tanh's rounding near -1, where 1 + tanh(u) cancels. */

@@ -23,6 +23,9 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
                          int window, const float *sinks); /* cpu_attention.c */
+struct RecurrentLayer;
+int lcq_recurrent_step(const struct RecurrentLayer *layer, const int64_t *slots, int seqs, const float *projected,
+                       float *out); /* cpu_recurrent.c */
 
 /* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
 static inline void norm_vector(const float *in, const float *weight, float *dst, int dim, float eps) {
@@ -61,13 +64,14 @@ void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int 
         }
 }
 
-/* Rotate the first `heads` heads of every token row in place: pair i is (a_i, b_i) = (x_i, x_{i + d/2})
+/* Rotate the first `heads` heads of every token row in place, their first `rotated` dimensions (all of
+ * head_dim, or a partial rotary embedding's: Qwen3.5's quarter): pair i is (a_i, b_i) = (x_i, x_{i + rotated/2})
  * (the half-split layout) or, interleaved (GLM-4-0414), (x_{2i}, x_{2i + 1}); a' = a cos - b sin,
- * b' = b cos + a sin. cos, sin: rows of head_dim / 2 values, token t taking row positions[t] (a model's
+ * b' = b cos + a sin. cos, sin: rows of rotated / 2 values, token t taking row positions[t] (a model's
  * whole table: the one-call decode step), or row t without positions. */
-void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *cos,
+void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, int rotated, const float *cos,
                 const float *sin, const int64_t *positions, int interleaved) {
-    const int half = head_dim / 2;
+    const int half = rotated / 2;
 #pragma omp parallel for if (tokens >= 16)
     for (int64_t t = 0; t < tokens; t++) {
         const int64_t row = positions != NULL ? positions[t] : t;
@@ -105,126 +109,36 @@ void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width
     }
 }
 
-/* One token of the gated delta rule (Qwen3.5's linear attention) for each of `seqs` sequences, in place in the
- * state slot slots[s]: per value head h, with S its state (k_dim x v_dim), S = S exp(decay); u = beta (v - S^T
- * k); S = S + k u^T; y = S^T q. q, k (seqs, heads, k_dim) already normalized and repeated per value head; v, y
- * (seqs, heads, v_dim); decay (the log of the decay) and beta (seqs, heads). Two passes over each state (one
- * to read what it remembers of k, one to update and read it), where torch's operations made six and copied
- * the states out of their slots and back. */
-int lcq_delta_step(float *states, const int64_t *slots, int seqs, int heads, int k_dim, int v_dim, const float *q,
-                   const float *k, const float *v, const float *decay, const float *beta, float *y) {
-    float *scratch = malloc(sizeof(float) * (size_t)seqs * heads * v_dim);
-    if (scratch == NULL) return -1;
-#pragma omp parallel for collapse(2) if (seqs * heads >= 4)
-    for (int s = 0; s < seqs; s++)
-        for (int h = 0; h < heads; h++) {
-            const int64_t head = (int64_t)s * heads + h;
-            float *state = states + (slots[s] * heads + h) * (int64_t)k_dim * v_dim;
-            const float *qs = q + head * k_dim, *ks = k + head * k_dim, *vs = v + head * v_dim;
-            const float g = expf(decay[head]), b = beta[head];
-            float *u = scratch + head * v_dim, *out = y + head * v_dim;
-            for (int j = 0; j < v_dim; j++) u[j] = 0.0f;
-            for (int i = 0; i < k_dim; i++) {
-                const float *row = state + (int64_t)i * v_dim;
-                const float ki = ks[i];
-#pragma omp simd
-                for (int j = 0; j < v_dim; j++) u[j] += row[j] * ki;
-            }
-            for (int j = 0; j < v_dim; j++) {
-                u[j] = (vs[j] - g * u[j]) * b;
-                out[j] = 0.0f;
-            }
-            for (int i = 0; i < k_dim; i++) {
-                float *row = state + (int64_t)i * v_dim;
-                const float ki = ks[i], qi = qs[i];
-#pragma omp simd
-                for (int j = 0; j < v_dim; j++) {
-                    const float value = row[j] * g + ki * u[j];
-                    row[j] = value;
-                    out[j] += value * qi;
-                }
-            }
-        }
-    free(scratch);
-    return 0;
-}
-
-/* The recurrent mixers' gated norm, per row of x (rows, width) and its gate z: each group of `group` values
- * RMS-normalized (sum of squares in double) times weight[i % period] (period = width: a weight per value;
- * Qwen3.5's: one head's, shared), with silu(z) applied to the values first (gate_first: Mamba-2's) or to the
- * normed ones (Qwen3.5's, Falcon-H1's). out may be x. */
-void lcq_gated_group_norm(const float *x, const float *z, const float *weight, int period, int64_t rows, int width,
-                          int group, float eps, int gate_first, float *out) {
+/* out (rows, width) = act(x) for an MLP without a gate (x: up_proj's output): Nemotron-H's and Arcee's relu(x)^2
+ * (LCQ_RELU2), or Apertus's xIELU (LCQ_XIELU) with factors (alpha_p, alpha_n, beta, eps), its learned alphas
+ * already through their softplus: alpha_p x^2 + beta x for x > 0, else alpha_n (expm1(min(x, eps)) - x) + beta x.
+ * out may be x. */
+void lcq_ungated(const float *x, float *out, int64_t rows, int64_t width, int activation, const float *factors) {
 #pragma omp parallel for if (rows >= 16)
     for (int64_t r = 0; r < rows; r++)
-        for (int start = 0; start < width; start += group) {
-            const float *xs = x + r * width + start, *zs = z + r * width + start;
-            float *dst = out + r * width + start;
-            double squares = 0.0;
-            for (int i = 0; i < group; i++) {
-                const float gate = zs[i] / (1.0f + expf(-zs[i]));
-                const float v = gate_first ? xs[i] * gate : xs[i];
-                squares += (double)v * v;
-            }
-            const float scale = 1.0f / sqrtf((float)(squares / group) + eps);
-            for (int i = 0; i < group; i++) {
-                const float gate = zs[i] / (1.0f + expf(-zs[i]));
-                const float w = weight[(start + i) % period];
-                dst[i] = gate_first ? xs[i] * gate * scale * w : xs[i] * scale * w * gate;
+        for (int64_t i = r * width; i < (r + 1) * width; i++) {
+            const float v = x[i];
+            if (activation == LCQ_RELU2) {
+                const float positive = v > 0.0f ? v : 0.0f;
+                out[i] = positive * positive;
+            } else {
+                const float linear = factors[2] * v;
+                out[i] = v > 0.0f ? factors[0] * v * v + linear
+                                  : (expm1f(fminf(v, factors[3])) - v) * factors[1] + linear;
             }
         }
 }
 
-/* One token of a causal depthwise convolution per sequence, in place in its slot's window: windows (slots,
- * channels, kernel - 1) hold each channel's last inputs; out[s, ch] = the channel's kernel taps over its window
- * and input[s, ch], plus bias[ch] (bias may be NULL); then the window drops its oldest input and takes this
- * one. The recurrent mixers' convolutions (Mamba-2, linear attention, short convolutions) at decode. */
-void lcq_conv_step(float *windows, const int64_t *slots, int seqs, int channels, int kernel, const float *input,
-                   const float *weight, const float *bias, float *out) {
-    const int kept = kernel - 1;
-#pragma omp parallel for if ((int64_t)seqs * channels >= 16384)
-    for (int s = 0; s < seqs; s++) {
-        float *window = windows + slots[s] * (int64_t)channels * kept;
-        for (int ch = 0; ch < channels; ch++) {
-            float *last = window + (int64_t)ch * kept;
-            const float *taps = weight + (int64_t)ch * kernel, value = input[(int64_t)s * channels + ch];
-            float sum = bias != NULL ? bias[ch] : 0.0f;
-            for (int k = 0; k < kept; k++) sum += taps[k] * last[k];
-            out[(int64_t)s * channels + ch] = sum + taps[kept] * value;
-            for (int k = 0; k + 1 < kept; k++) last[k] = last[k + 1];
-            if (kept > 0) last[kept - 1] = value;
-        }
-    }
-}
-
-/* One token of Mamba-2 for each of `seqs` sequences, in place in the state slot slots[s]: per head h, with B
- * and C its group's (heads / groups heads a group), H = H exp(dt A_h) + B (dt x)^T over H (state_dim x
- * head_dim), then y = H^T C + D_h x. x, y (seqs, heads, head_dim); b, c (seqs, groups, state_dim); dt (seqs,
- * heads), already softplus'd and clamped; a = -exp(A_log), d: per head. One pass over each state, where
- * torch's operations made five and copied the states out of their slots and back. */
-void lcq_mamba_step(float *states, const int64_t *slots, int seqs, int heads, int groups, int state_dim,
-                    int head_dim, const float *x, const float *b, const float *c, const float *dt, const float *a,
-                    const float *d, float *y) {
-    const int per_group = heads / groups;
-#pragma omp parallel for collapse(2) if (seqs * heads >= 4)
-    for (int s = 0; s < seqs; s++)
+/* x (rows, heads, head_dim) *= sigmoid(gate) per value, in place; gate's head h of row r at gate + r * row_stride +
+ * h * head_stride (Qwen3.5's attention output gate, read where q_proj's output holds it). */
+void lcq_sigmoid_gate(float *x, const float *gate, int64_t rows, int heads, int head_dim, int64_t row_stride,
+                      int64_t head_stride) {
+#pragma omp parallel for if (rows >= 16)
+    for (int64_t r = 0; r < rows; r++)
         for (int h = 0; h < heads; h++) {
-            float *state = states + (slots[s] * heads + h) * (int64_t)state_dim * head_dim;
-            const int64_t head = (int64_t)s * heads + h, group = (int64_t)s * groups + h / per_group;
-            const float *xs = x + head * head_dim, *bs = b + group * state_dim, *cs = c + group * state_dim;
-            const float step = dt[head], decay = expf(step * a[h]);
-            float *out = y + head * head_dim;
-            for (int p = 0; p < head_dim; p++) out[p] = d[h] * xs[p];
-            for (int n = 0; n < state_dim; n++) {
-                float *row = state + (int64_t)n * head_dim;
-                const float bn = bs[n] * step, cn = cs[n];
-#pragma omp simd
-                for (int p = 0; p < head_dim; p++) {
-                    const float v = row[p] * decay + bn * xs[p];
-                    row[p] = v;
-                    out[p] += v * cn;
-                }
-            }
+            float *out = x + (r * heads + h) * head_dim;
+            const float *g = gate + r * row_stride + h * head_stride;
+            for (int i = 0; i < head_dim; i++) out[i] *= 1.0f / (1.0f + expf(-g[i]));
         }
 }
 
@@ -533,12 +447,16 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * itself goes in); Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
  * NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
  * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables
- * (Gemma's sliding-window layers have their own base), a row of head_dim / 2 per position; WINDOW the
+ * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
  * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
- * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py). */
-enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, ATTENTION_OUTPUT_NORM,
-       POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, K_CACHE, V_CACHE,
-       WINDOW, GROUP, POINTERS_PER_LAYER };
+ * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py). A layer's token mixer is
+ * attention (QKV not NULL), a recurrent mixer (RECURRENT: its RecurrentLayer, cpu_recurrent.c, between the
+ * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
+ * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL). A layer of one part (Nemotron-H)
+ * has INPUT_NORM only. */
+enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
+       IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
+       DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, K_CACHE, V_CACHE, WINDOW, GROUP, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -625,89 +543,163 @@ static void add_and_norm(const float *x, float *residual, const float *weight, f
     }
 }
 
-/* A whole decode step of a Llama-family model's decoder layers (Gemma 3's too), for sequences of one
- * new token each: the same operations, in the same order and with the same kernels, as the Python
- * layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
+/* What every layer of a decode step shares (lcq_decode_layers' arguments), and its work buffers. */
+typedef struct {
+    int rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks, block_size;
+    int whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in, recurrent_out;
+    float eps, scale, softcap;
+    const int64_t *positions, *slots, *state_slots;
+    const int32_t *block_tables, *context_lens;
+    const float *query_scales;
+    const Adapters *adapters;
+    float *normed, *qkv, *attn, *gates, *projected, *gate_up, *activated, *mixer_in, *mixer_out, *beside;
+} Step;
+
+/* The layer's attention over normed rows into step->projected (its output projection's output). */
+static int attention(const Step *st, void *const *p, int l) {
+    const int rows = st->rows, q_width = st->heads * st->head_dim, kv_width = st->kv_heads * st->head_dim;
+    const int qkv_width = q_width + 2 * kv_width, stride = qkv_width + (st->output_gate ? q_width : 0);
+    const int64_t group = (intptr_t)p[GROUP];
+    float *qkv = st->qkv;
+    if (linear(p + QKV_KIND, st->normed, rows, st->hidden, stride, 0, qkv)) return -1;
+    if (add_adapter(st->adapters, l, ADAPTER_QKV, st->normed, rows, st->hidden, qkv_width, qkv)) return -1;
+    if (st->output_gate) /* (Qwen3.5) each head's query, then its gate: the gates set apart, the rest closed up */
+        for (int r = 0; r < rows; r++) {
+            float *row = qkv + (int64_t)r * stride;
+            for (int h = 0; h < st->heads; h++) {
+                memcpy(st->gates + (int64_t)r * q_width + (int64_t)h * st->head_dim, row + (2 * h + 1) * st->head_dim,
+                       sizeof(float) * st->head_dim);
+                memmove(row + h * st->head_dim, row + 2 * h * st->head_dim, sizeof(float) * st->head_dim);
+            }
+            memmove(row + q_width, row + 2 * q_width, sizeof(float) * 2 * kv_width);
+        }
+    for (int rotated = 0; rotated < 2; rotated++) { /* q/k norms before the rotation, or after it (Hunyuan) */
+        if (p[Q_NORM] != NULL && rotated == st->qk_norms_after_rotary) { /* Qwen3, Gemma 3, OLMo 2, ... */
+            lcq_head_norm(qkv, rows, stride, st->whole_qk_norms ? 1 : st->heads,
+                          st->whole_qk_norms ? q_width : st->head_dim, p[Q_NORM], st->eps);
+            lcq_head_norm(qkv + q_width, rows, stride, st->whole_qk_norms ? 1 : st->kv_heads,
+                          st->whole_qk_norms ? kv_width : st->head_dim, p[K_NORM], st->eps);
+        }
+        if (!rotated)
+            lcq_rotary(qkv, rows, stride, st->heads + st->kv_heads, st->head_dim, st->rotated, p[COS], p[SIN],
+                       st->positions, st->interleaved_rotary);
+    }
+    for (int r = 0; st->query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
+        for (int i = 0; i < q_width; i++) qkv[(int64_t)r * stride + i] *= st->query_scales[r];
+    lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, stride, p[K_CACHE], p[V_CACHE], st->slots + group * rows,
+                 rows, st->kv_heads, st->head_dim, st->cache_form);
+    /* no attention sinks: gpt-oss, the model with them, has experts and never takes this step (cpu_decode.py) */
+    const int attended = lcq_decode_attention(qkv, stride, p[K_CACHE], p[V_CACHE], st->cache_form,
+                                              st->block_tables + group * rows * st->max_blocks, st->max_blocks,
+                                              st->context_lens, st->attn, rows, st->heads, st->kv_heads, st->head_dim,
+                                              st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW], NULL);
+    if (attended) return attended;
+    if (st->output_gate) lcq_sigmoid_gate(st->attn, st->gates, rows, st->heads, st->head_dim, q_width, st->head_dim);
+    if (linear(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;
+    return add_adapter(st->adapters, l, ADAPTER_O, st->attn, rows, q_width, st->hidden, st->projected);
+}
+
+/* The layer's recurrent mixer over normed rows into out (rows, hidden): IN, the mixer's step, OUT. */
+static int recurrent(const Step *st, void *const *p, float *out) {
+    if (linear(p + IN_KIND, st->normed, st->rows, st->hidden, st->recurrent_in, 0, st->mixer_in)) return -1;
+    if (lcq_recurrent_step(p[RECURRENT], st->state_slots, st->rows, st->mixer_in, st->mixer_out)) return -1;
+    return linear(p + OUT_KIND, st->mixer_out, st->rows, st->recurrent_out, st->hidden, 0, out);
+}
+
+/* The layer's MLP over normed rows into step->projected. */
+static int mlp(const Step *st, void *const *p, int l) {
+    const int rows = st->rows, hidden = st->hidden, intermediate = st->intermediate;
+    if (st->activation >= LCQ_RELU2) { /* without a gate: act(up) */
+        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, intermediate, 0, st->gate_up)) return -1;
+        if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, intermediate, st->gate_up))
+            return -1;
+        lcq_ungated(st->gate_up, st->activated, rows, intermediate, st->activation, p[MLP_FACTORS]);
+    } else if (st->activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL &&
+               !adapter_touches(st->adapters, l, ADAPTER_GATE_UP)) { /* the product finishes SwiGLU itself */
+        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 1, st->activated)) return -1;
+    } else {
+        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 0, st->gate_up)) return -1;
+        if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, 2 * intermediate, st->gate_up))
+            return -1;
+        lcq_gated_mul(st->gate_up, st->activated, rows, intermediate, st->activation);
+    }
+    if (linear(p + DOWN_KIND, st->activated, rows, intermediate, hidden, 0, st->projected)) return -1;
+    return add_adapter(st->adapters, l, ADAPTER_DOWN, st->activated, rows, intermediate, hidden, st->projected);
+}
+
+/* A whole decode step of a Llama-family model's decoder layers (Gemma 3's, and hybrids' with recurrent mixers),
+ * for sequences of one new token each: the same operations, in the same order and with the same kernels, as the
+ * Python layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
  * hidden) holds the embeddings (scaled, for Gemma) and receives the residual stream after the last
  * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
- * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is LCQ_SILU or LCQ_GELU_TANH.
- * Row r is at positions[r], below the rotary tables' table_positions rows; softcap > 0 caps the attention
+ * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is one of cpu_exp.h's.
+ * Row r is at positions[r], below the rotary tables' table_positions rows; rotated: the dimensions of each
+ * head the rotary embedding turns; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
  * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
  * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it;
- * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary). slots
+ * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary); output_gate: q_proj
+ * gives each head a gate too (Qwen3.5). slots
  * (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer group's cache slots and
- * block tables, contiguous. adapter_matrices (NULL: no LoRA this step), with adapter_active,
+ * block tables, contiguous; state_slots (rows) each row's slot of the recurrent mixers' states, whose input and
+ * output projections are recurrent_in and recurrent_out wide (0 without them). adapter_matrices (NULL: no LoRA
+ * this step), with adapter_active,
  * adapter_slots (rows), adapter_slot_count and adapter_rank: the step's LoRA adapters (Adapters). work
- * holds rows * (2 hidden + 2 q width + 2 kv width + 3 intermediate) floats. Returns 0, -1 on bad sizes
- * or a failed allocation, -2 on a position outside the rotary tables, or LCQ_NO_BLOCK where a block table
- * entry the attention would read is not a block. */
+ * holds rows * (3 hidden + 2 q width + 2 kv width + 3 intermediate + recurrent_in + recurrent_out), plus 2 q width
+ * with output_gate, floats. Returns 0, -1 on a failed allocation, -2 on a position outside the rotary tables, or
+ * LCQ_NO_BLOCK where a block table entry the attention would read is not a block. */
 int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, int hidden, int heads, int kv_heads,
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
-                      int qk_norms_after_rotary, int interleaved_rotary, int activation, int cache_form, float *work,
-                      void *const *adapter_matrices,
-                      const uint8_t *adapter_active, const int64_t *adapter_slots, int adapter_slot_count,
-                      int adapter_rank) {
+                      int qk_norms_after_rotary, int interleaved_rotary, int rotated, int output_gate, int activation,
+                      int cache_form, const int64_t *state_slots, int recurrent_in, int recurrent_out, float *work,
+                      void *const *adapter_matrices, const uint8_t *adapter_active, const int64_t *adapter_slots,
+                      int adapter_slot_count, int adapter_rank) {
     for (int r = 0; r < rows; r++)
         if (positions[r] < 0 || positions[r] >= table_positions) return -2;
     const Adapters step_adapters = {adapter_matrices, adapter_active, adapter_slots, adapter_slot_count, adapter_rank};
-    const Adapters *adapters = adapter_matrices != NULL ? &step_adapters : NULL;
-    const int q_width = heads * head_dim, kv_width = kv_heads * head_dim, qkv_width = q_width + 2 * kv_width;
-    float *normed = work, *qkv = normed + (int64_t)rows * hidden, *attn = qkv + (int64_t)rows * qkv_width;
-    float *projected = attn + (int64_t)rows * q_width, *gate_up = projected + (int64_t)rows * hidden;
-    float *activated = gate_up + (int64_t)rows * 2 * intermediate;
+    const int64_t q_width = (int64_t)heads * head_dim, qkv_width = q_width + 2 * (int64_t)kv_heads * head_dim;
+    Step st = {rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks,
+               block_size, whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in,
+               recurrent_out, eps, scale, softcap, positions, slots, state_slots, block_tables, context_lens,
+               query_scales, adapter_matrices != NULL ? &step_adapters : NULL};
+    st.normed = work;
+    st.qkv = st.normed + (int64_t)rows * hidden;
+    st.attn = st.qkv + rows * (qkv_width + (output_gate ? q_width : 0));
+    st.gates = st.attn + rows * q_width;
+    st.projected = st.gates + (output_gate ? rows * q_width : 0);
+    st.gate_up = st.projected + (int64_t)rows * hidden;
+    st.activated = st.gate_up + (int64_t)rows * 2 * intermediate;
+    st.mixer_in = st.activated + (int64_t)rows * intermediate;
+    st.mixer_out = st.mixer_in + (int64_t)rows * recurrent_in;
+    st.beside = st.mixer_out + (int64_t)rows * recurrent_out;
     for (int l = 0; l < num_layers; l++) {
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
-        void *k_cache = p[K_CACHE], *v_cache = p[V_CACHE];
-        const int64_t group = (intptr_t)p[GROUP];
-        const int64_t *group_slots = slots + group * rows;
-        const int32_t *group_tables = block_tables + group * rows * max_blocks;
         if (l == 0)
-            add_and_norm(x, NULL, p[INPUT_NORM], normed, rows, hidden, eps);
-        else /* x += the previous layer's MLP output, in the norm's pass over x (not a serial loop) */
-            add_and_norm(projected, x, p[INPUT_NORM], normed, rows, hidden, eps);
-        if (linear(p + QKV_KIND, normed, rows, hidden, qkv_width, 0, qkv)) return -1;
-        if (add_adapter(adapters, l, ADAPTER_QKV, normed, rows, hidden, qkv_width, qkv)) return -1;
-        for (int rotated = 0; rotated < 2; rotated++) { /* q/k norms before the rotation, or after it (Hunyuan) */
-            if (p[Q_NORM] != NULL && rotated == qk_norms_after_rotary) { /* Qwen3, Gemma 3, OLMo 2, ... */
-                lcq_head_norm(qkv, rows, qkv_width, whole_qk_norms ? 1 : heads, whole_qk_norms ? q_width : head_dim,
-                              p[Q_NORM], eps);
-                lcq_head_norm(qkv + q_width, rows, qkv_width, whole_qk_norms ? 1 : kv_heads,
-                              whole_qk_norms ? kv_width : head_dim, p[K_NORM], eps);
-            }
-            if (!rotated)
-                lcq_rotary(qkv, rows, qkv_width, heads + kv_heads, head_dim, p[COS], p[SIN], positions,
-                           interleaved_rotary);
+            add_and_norm(x, NULL, p[INPUT_NORM], st.normed, rows, hidden, eps);
+        else /* x += the previous layer's output, in the norm's pass over x (not a serial loop) */
+            add_and_norm(st.projected, x, p[INPUT_NORM], st.normed, rows, hidden, eps);
+        const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL, has_mlp = p[GATE_UP] != NULL;
+        if (p[QKV] != NULL) {
+            const int attended = attention(&st, p, l);
+            if (attended) return attended;
         }
-        for (int r = 0; query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
-            for (int i = 0; i < q_width; i++) qkv[(int64_t)r * qkv_width + i] *= query_scales[r];
-        lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, qkv_width, k_cache, v_cache, group_slots, rows,
-                     kv_heads, head_dim, cache_form);
-        /* no attention sinks: gpt-oss, the model with them, has experts and never takes this step (cpu_decode.py) */
-        const int attended = lcq_decode_attention(qkv, qkv_width, k_cache, v_cache, cache_form, group_tables,
-                                                  max_blocks, context_lens, attn, rows, heads, kv_heads, head_dim,
-                                                  block_size, scale, softcap, (int)(intptr_t)p[WINDOW], NULL);
-        if (attended) return attended;
-        if (linear(p + O_KIND, attn, rows, q_width, hidden, 0, projected)) return -1;
-        if (add_adapter(adapters, l, ADAPTER_O, attn, rows, q_width, hidden, projected)) return -1;
-        if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
-            lcq_rms_norm(projected, NULL, p[ATTENTION_OUTPUT_NORM], projected, rows, hidden, eps);
-        add_and_norm(projected, x, p[POST_NORM], normed, rows, hidden, eps); /* x += attention output */
-        if (activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL && !adapter_touches(adapters, l, ADAPTER_GATE_UP)) {
-            /* the product finishes SwiGLU itself */
-            if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 1, activated)) return -1;
-        } else {
-            if (linear(p + GATE_UP_KIND, normed, rows, hidden, 2 * intermediate, 0, gate_up)) return -1;
-            if (add_adapter(adapters, l, ADAPTER_GATE_UP, normed, rows, hidden, 2 * intermediate, gate_up)) return -1;
-            lcq_gated_mul(gate_up, activated, rows, intermediate, activation);
+        if (p[RECURRENT] != NULL) { /* alone, or beside the attention (Falcon-H1): their outputs summed */
+            if (recurrent(&st, p, p[QKV] != NULL ? st.beside : st.projected)) return -1;
+            for (int64_t i = 0; p[QKV] != NULL && i < (int64_t)rows * hidden; i++) st.projected[i] += st.beside[i];
         }
-        if (linear(p + DOWN_KIND, activated, rows, intermediate, hidden, 0, projected)) return -1;
-        if (add_adapter(adapters, l, ADAPTER_DOWN, activated, rows, intermediate, hidden, projected)) return -1;
-        if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
-            lcq_rms_norm(projected, NULL, p[MLP_OUTPUT_NORM], projected, rows, hidden, eps);
+        if (mixes && has_mlp) {
+            if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
+                lcq_rms_norm(st.projected, NULL, p[ATTENTION_OUTPUT_NORM], st.projected, rows, hidden, eps);
+            add_and_norm(st.projected, x, p[POST_NORM], st.normed, rows, hidden, eps); /* x += the mixer's output */
+        }
+        if (has_mlp) {
+            if (mlp(&st, p, l)) return -1;
+            if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
+                lcq_rms_norm(st.projected, NULL, p[MLP_OUTPUT_NORM], st.projected, rows, hidden, eps);
+        }
     }
-    for (int64_t i = 0; num_layers > 0 && i < (int64_t)rows * hidden; i++) x[i] += projected[i]; /* the last MLP's */
+    for (int64_t i = 0; num_layers > 0 && i < (int64_t)rows * hidden; i++) x[i] += st.projected[i]; /* the last's */
     return 0;
 }

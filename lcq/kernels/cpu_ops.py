@@ -56,15 +56,18 @@ def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor,
 
 def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
             interleaved: bool = False) -> None:
-    """Rotate, in place, the first `heads` heads of every row of x (tokens, width): pairs (i, i + d/2), or
-    interleaved (2i, 2i + 1); cos and sin hold (tokens, head_dim / 2) values."""
-    if x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or heads * head_dim > x.shape[-1]:
+    """Rotate, in place, the first `heads` heads of every row of x (tokens, width): pairs (i, i + r/2), or
+    interleaved (2i, 2i + 1), of each head's first r dimensions; cos and sin hold (tokens, r / 2) values (r =
+    head_dim, or fewer: a partial rotary embedding)."""
+    if x.stride(-1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()) or heads * head_dim > x.shape[-1] or \
+            2 * cos.shape[-1] > head_dim:
         raise ValueError("rotary_ needs unit-stride rows holding the heads and contiguous cos/sin tables")
-    library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, cos.data_ptr(), sin.data_ptr(),
-                         None, int(interleaved))
+    library().lcq_rotary(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, 2 * cos.shape[-1], cos.data_ptr(),
+                         sin.data_ptr(), None, int(interleaved))
 
 
 ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations of the C MLP (ModelConfig.activation), in cpu_exp.h's order
+UNGATED = ("relu2", "xielu")  # and those without a gate, after them
 
 
 def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -76,6 +79,28 @@ def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     library().lcq_gated_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width,
                             ACTIVATIONS.index(activation))
     return out
+
+
+def ungated(x: torch.Tensor, activation: str, factors: torch.Tensor | None = None) -> torch.Tensor:
+    """act(x) of an MLP without a gate: relu(x)^2 (relu2), or xIELU (xielu) with its factors (alpha_p, alpha_n,
+    beta, eps; fp32), as layers.mlp_activation and layers.xielu write them (lcq_ungated)."""
+    x = x.contiguous()
+    if activation == "xielu" and (factors is None or factors.numel() != 4 or factors.dtype != torch.float32):
+        raise ValueError("xielu needs its four fp32 factors")
+    out = torch.empty_like(x)
+    library().lcq_ungated(x.data_ptr(), out.data_ptr(), x.numel() // max(x.shape[-1], 1), x.shape[-1],
+                          len(ACTIVATIONS) + UNGATED.index(activation),
+                          None if factors is None else factors.contiguous().data_ptr())
+    return out
+
+
+def sigmoid_gate_(x: torch.Tensor, gate: torch.Tensor) -> None:
+    """x (rows, heads, head_dim) *= sigmoid(gate) in place, gate of x's shape with unit-stride heads (Qwen3.5's
+    attention output gate, a view of q_proj's output)."""
+    if not x.is_contiguous() or gate.shape != x.shape or gate.stride(-1) != 1:
+        raise ValueError("sigmoid_gate_ needs a contiguous x and a gate of its shape with unit-stride heads")
+    library().lcq_sigmoid_gate(x.data_ptr(), gate.data_ptr(), x.shape[0], x.shape[1], x.shape[2], gate.stride(0),
+                               gate.stride(1))
 
 
 CACHE_DTYPES = (torch.float32, torch.float16, torch.int8)  # the KV cache forms the C attention reads, in
@@ -166,68 +191,46 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def gated_group_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, group: int, eps: float,
                      gate_first: bool) -> torch.Tensor:
-    """The recurrent mixers' gated norm of rows x (rows, width) with gates z (same shape): each group of `group`
-    values RMS-normalized and times its weight (weight: width values, or group values every group shares), silu(z)
-    applied before the norm (gate_first) or after it (lcq_gated_group_norm)."""
+    """The recurrent mixers' gated norm of rows x (rows, width) with gates z (same shape, unit-stride rows): each
+    group of `group` values RMS-normalized and times its weight (weight: width values, or group values every group
+    shares), silu(z) applied before the norm (gate_first) or after it (lcq_gated_group_norm)."""
     rows, width = x.shape
     if z.shape != x.shape or width % group or weight.numel() not in (width, group):
         raise ValueError("gated_group_norm needs gates of x's shape, whole groups and a weight per value or group")
-    x, z, weight = x.contiguous(), z.contiguous(), weight.contiguous()
+    x, weight = x.contiguous(), weight.contiguous()
+    z = z if z.stride(-1) == 1 else z.contiguous()
     out = torch.empty_like(x)
-    library().lcq_gated_group_norm(x.data_ptr(), z.data_ptr(), weight.data_ptr(), weight.numel(), rows, width, group,
-                                   eps, int(gate_first), out.data_ptr())
+    library().lcq_gated_group_norm(x.data_ptr(), z.data_ptr(), z.stride(0), weight.data_ptr(), weight.numel(), rows,
+                                   width, group, eps, int(gate_first), out.data_ptr())
     return out
 
 
-def conv_step(windows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """One token of a causal depthwise convolution per sequence (x (seqs, channels)): each channel's taps
-    (weight (channels, kernel)) over its window (windows (slots, channels, kernel - 1), its slot's advanced in
-    place) and its input, plus bias -> (seqs, channels) (lcq_conv_step)."""
-    seqs, channels = x.shape
-    if windows.shape[1:] != (channels, weight.shape[1] - 1) or not windows.is_contiguous() or \
-            slots.dtype != torch.int64:
-        raise ValueError("conv_step needs contiguous windows of (slots, channels, kernel - 1) and int64 slots")
-    x, weight, slots = x.contiguous(), weight.contiguous(), slots.contiguous()
-    out = torch.empty_like(x)
-    library().lcq_conv_step(windows.data_ptr(), slots.data_ptr(), seqs, channels, weight.shape[1], x.data_ptr(),
-                            weight.data_ptr(), None if bias is None else bias.contiguous().data_ptr(), out.data_ptr())
+RECURRENT_KINDS = ("mamba", "delta", "short_conv")  # the mixers lcq_recurrent_step runs, in cpu_recurrent.c's order
+NORMS = ("gated", "before_gate", "none")  # Mamba-2's output norms (MambaDims.norm), in its order
+
+
+class RecurrentLayer(ctypes.Structure):
+    """One recurrent mixer layer as lcq_recurrent_step reads it (cpu_recurrent.c): its kind and sizes, and the
+    addresses of its states and parameters (the mixer keeps the tensors alive)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("kind", "heads", "head_dim", "groups", "state_dim", "norm",
+                                                   "conv_channels", "conv_kernel")] + \
+               [(name, ctypes.c_float) for name in ("eps", "dt_min", "dt_max")] + \
+               [(name, ctypes.c_void_p) for name in ("conv_states", "states", "conv_weight", "conv_bias", "decay",
+                                                      "dt_bias", "skip", "norm_weight")]
+
+
+def recurrent_step(layer: RecurrentLayer, slots: torch.Tensor, projected: torch.Tensor, width: int) -> torch.Tensor:
+    """One token per sequence through a recurrent mixer: its input projection's output (seqs, in width) -> its
+    output projection's input (seqs, width), each sequence's states advanced in place in slot slots[s] (int64)."""
+    projected, slots = projected.contiguous(), slots.contiguous()
+    if slots.dtype != torch.int64 or slots.shape[0] != projected.shape[0]:
+        raise ValueError("recurrent_step needs an int64 slot per row")
+    out = projected.new_empty(projected.shape[0], width)
+    if library().lcq_recurrent_step(ctypes.byref(layer), slots.data_ptr(), projected.shape[0], projected.data_ptr(),
+                                    out.data_ptr()):
+        raise MemoryError("recurrent_step could not allocate its buffers")
     return out
-
-
-def mamba_step(states: torch.Tensor, slots: torch.Tensor, x: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-               dt: torch.Tensor, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """One token of Mamba-2 per sequence, its state (states (slots, heads, state_dim, head_dim), fp32) advanced in
-    place in slot slots[s]: x (seqs, heads, head_dim), b and c (seqs, groups, state_dim), dt (seqs, heads), a and
-    d (heads,) -> y (seqs, heads, head_dim) = the state read by c, plus d x (lcq_mamba_step)."""
-    seqs, heads, head_dim = x.shape
-    groups, state_dim = b.shape[1:]
-    if states.shape[1:] != (heads, state_dim, head_dim) or not states.is_contiguous() or slots.dtype != torch.int64:
-        raise ValueError("mamba_step needs contiguous fp32 states of (slots, heads, state_dim, head_dim) and int64 "
-                         "slots")
-    x, b, c, dt, a, d, slots = (t.contiguous() for t in (x, b, c, dt, a, d, slots))
-    y = torch.empty_like(x)
-    library().lcq_mamba_step(states.data_ptr(), slots.data_ptr(), seqs, heads, groups, state_dim, head_dim,
-                             x.data_ptr(), b.data_ptr(), c.data_ptr(), dt.data_ptr(), a.data_ptr(), d.data_ptr(),
-                             y.data_ptr())
-    return y
-
-
-def delta_step(states: torch.Tensor, slots: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               decay: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """One token of the gated delta rule per sequence, its state (states (slots, heads, k_dim, v_dim), fp32)
-    advanced in place in slot slots[s]: q, k (seqs, heads, k_dim), v (seqs, heads, v_dim), decay (its log) and
-    beta (seqs, heads) -> y (seqs, heads, v_dim) = the updated state read by q (lcq_delta_step)."""
-    seqs, heads, k_dim = q.shape
-    v_dim = v.shape[-1]
-    if states.shape[1:] != (heads, k_dim, v_dim) or not states.is_contiguous() or slots.dtype != torch.int64:
-        raise ValueError("delta_step needs contiguous fp32 states of (slots, heads, k_dim, v_dim) and int64 slots")
-    q, k, v, decay, beta, slots = (t.contiguous() for t in (q, k, v, decay, beta, slots))
-    y = torch.empty_like(v)
-    if library().lcq_delta_step(states.data_ptr(), slots.data_ptr(), seqs, heads, k_dim, v_dim, q.data_ptr(),
-                                k.data_ptr(), v.data_ptr(), decay.data_ptr(), beta.data_ptr(), y.data_ptr()):
-        raise MemoryError("delta_step could not allocate its scratch")
-    return y
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -301,23 +304,23 @@ def library() -> ctypes.CDLL | None:
     signatures = {
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
-        "lcq_rotary": [p, i64, i64, i32, i32, p, p, p, i32],
+        "lcq_rotary": [p, i64, i64, i32, i32, i32, p, p, p, i32],
         "lcq_gated_mul": [p, p, i64, i64, i32],
+        "lcq_ungated": [p, p, i64, i64, i32, p],
+        "lcq_sigmoid_gate": [p, p, i64, i32, i32, i64, i64],
         "lcq_argmax_rows": [p, i64, i64, p],
-        "lcq_mamba_step": [p, p, i32, i32, i32, i32, i32, p, p, p, p, p, p, p],
-        "lcq_delta_step": [p, p, i32, i32, i32, i32, p, p, p, p, p, p],
-        "lcq_conv_step": [p, p, i32, i32, i32, p, p, p, p],
-        "lcq_gated_group_norm": [p, p, p, i32, i64, i32, i32, f32, i32, p],
+        "lcq_recurrent_step": [p, p, i32, p, p],
+        "lcq_gated_group_norm": [p, p, i64, p, i32, i64, i32, i32, f32, i32, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, i32, i32, p, p, p, p, i32, i32],
+                              i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        status = name.endswith(("attention", "layers", "sample_rows", "delta_step"))  # (the others return nothing)
+        status = name.endswith(("attention", "layers", "sample_rows", "recurrent_step"))  # (the others return nothing)
         getattr(lib, name).restype = ctypes.c_int if status else None
     lib.lcq_use_wide_attention.argtypes = [i32]
     lib.lcq_use_wide_attention(int(native.has_avx512("avx512vl")))

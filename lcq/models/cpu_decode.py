@@ -8,9 +8,14 @@ attention), so both give the same numbers; the Python layers remain the path for
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
 attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap);
 OLMo 2 and EXAONE 4 leave their input norms out (NULL entries: the stream itself goes in), and OLMo 2
-has a switch for q/k norms over whole projections. Steps with LoRA adapters pass the adapter stack's
-matrices (a second table, built once per stack) and each row's slot; the C step adds each row's
-adapter product after each fused product, as LoRABatch.add does.
+has a switch for q/k norms over whole projections. Hybrids' recurrent mixers (Mamba-2, Qwen3.5's gated delta
+rule, LFM2's short convolution) are a layer's entries too, run by the function their Python decode step calls
+(cpu_ops.recurrent_step), alone, beside attention (Falcon-H1), or as a block of one part (Nemotron-H, whose
+MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's attention gates its output and turns part of
+each head. Steps with LoRA adapters pass the adapter stack's matrices (a second table, built once per stack)
+and each row's slot; the C step adds each row's adapter product after each fused product, as LoRABatch.add
+does (models whose layers are all attention and a gated or ungated MLP: the hybrids' adapters keep the Python
+layers).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from lcq.kernels import cpu_ops
 from .context import ForwardContext
 from .layers import query_temperatures
 from .lora import FUSED, AdapterStack
+from .recurrent import RecurrentMixer
 
 
 class CpuDecoder:
@@ -31,56 +37,77 @@ class CpuDecoder:
     holds it), so a dropped engine's weights are freed at once, not by a later garbage collection."""
 
     def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
-        """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds,
+        """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds, recurrent mixers
+        (cpu_ops.RecurrentLayer: its address),
         addresses (the layers keep what they point to), sliding windows and layer groups (ints), or None."""
         c = model.config
-        attention = model.layers[0].self_attn
+        attention = next((layer.self_attn for layer in model.layers if layer.self_attn is not None and
+                          not isinstance(layer.self_attn, RecurrentMixer)), None)
         self.num_layers, self.eps = len(model.layers), model.norm.eps
         self.whole_qk_norms, self.qk_norms_after_rotary = int(not c.qk_norm_per_head), int(c.qk_norm_after_rotary)
-        self.interleaved_rotary = int(c.rotary_interleaved)
+        self.interleaved_rotary, self.rotated, self.output_gate = \
+            int(c.rotary_interleaved), c.rotary_dim, int(c.attention_output_gate)
         self.num_groups = max(model.layer_groups) + 1
         self.query_temperature = c.query_temperature
-        self.block_size, self.scale, self.softcap = attention.k_cache.shape[1], attention.scale, attention.softcap
-        self.activation, self.table_positions = cpu_ops.ACTIVATIONS.index(c.activation), model.rotary.cos.shape[0]
-        self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache)
+        self.block_size = model.block_size
+        self.scale, self.softcap = (attention.scale, attention.softcap) if attention is not None else (1.0, 0.0)
+        self.activation = (cpu_ops.ACTIVATIONS + cpu_ops.UNGATED).index(c.activation)
+        self.table_positions = model.rotary.cos.shape[0]
+        self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache) if attention is not None else 0
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
         self.table = (ctypes.c_void_p * len(entries))(
-            *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
+            *[e.data_ptr() if isinstance(e, torch.Tensor) else ctypes.addressof(e)
+              if isinstance(e, cpu_ops.RecurrentLayer) else e for e in entries])
+        self.recurrent = [e for e in entries if isinstance(e, cpu_ops.RecurrentLayer)]  # kept alive as the tensors
         self.sizes = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
+        mixers = model.recurrent_mixers()
+        self.recurrent_widths = (mixers[0].in_width(), mixers[0].out_width()) if mixers else (0, 0)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.work_per_row = 2 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size
+        self.work_per_row = 3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size + sum(self.recurrent_widths) \
+            + 2 * q * self.output_gate
+        self.takes_adapters = not c.recurrent and not c.attention_output_gate and all(c.mlp_layers)
         self.adapter_tables: dict[int, tuple[AdapterStack, ctypes.Array]] = {}  # id(stack) -> its matrices' table
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> CpuDecoder | None:
-        """None unless the model is fp32 on CPU, the C kernels run here, and every linear layer keeps a
-        weight the C step reads: indices or an fp16 copy (LCQ layers on CPU; full-precision ones read
-        from fp16 files)."""
+        """None unless the model is fp32 on CPU, the C kernels run here, every linear layer keeps a
+        weight the C step reads (indices or an fp16 copy: LCQ layers on CPU; full-precision ones read
+        from fp16 files) and every recurrent mixer's states are fp32."""
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS or not cpu_ops.usable() or c.num_experts or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1 or c.latent is not None or c.recurrent or \
-                not all(c.mixer_layers) or not all(c.mlp_layers):
-            return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent or linear
-            # attention, Nemotron-H's blocks of one part: the Python layers)
-        entries: list[torch.Tensor | int | None] = []
+        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.num_experts or \
+                c.layer_norm or len(set(c.temperature_layers)) > 1 or c.latent is not None:
+            return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent attention: the
+            # Python layers)
+        entries: list[torch.Tensor | int | cpu_ops.RecurrentLayer | None] = []
         for index, layer in enumerate(model.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            linears = [attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj]
-            weights = [linear.decode_weights() for linear in linears]
-            if any(w is None for w in weights) or attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES:
+            attention = layer.self_attn if not isinstance(layer.self_attn, RecurrentMixer) else None
+            mixer = layer.self_attn if attention is None else layer.mamba
+            recurrent = None if mixer is None else mixer.c_layer()
+            if (mixer is not None and recurrent is None) or \
+                    (attention is not None and attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
                 return None
-            qkv, o, gate_up, down = ([kind, address, bias] for kind, address, bias in weights)
-            head_norms = [None, None] if attention.q_norm is None else \
+            linears = []  # (kind, address, bias) of each linear layer, placeholders for the parts the layer lacks
+            for part, names in ((attention, ("qkv_proj", "o_proj")), (mixer, ("in_proj", "out_proj")),
+                                (layer.mlp, ("gate_up_proj", "down_proj"))):
+                for name in names:
+                    weight = (cpu_ops.HALF_WEIGHT, None, None) if part is None else getattr(part, name).decode_weights()
+                    if weight is None:
+                        return None
+                    linears.append(list(weight))
+            qkv, o, in_proj, out_proj, gate_up, down = linears
+            head_norms = [None, None] if attention is None or attention.q_norm is None else \
                 [attention.q_norm.weight, attention.k_norm.weight]
             rotary = model.layer_rotary(index)
             output_norms = [None if norm is None else norm.weight
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
             input_norms = [None if norm is None else norm.weight for norm in (layer.attention_norm, layer.mlp_norm)]
-            entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, output_norms[0],
-                        input_norms[1], *gate_up, *down, output_norms[1], attention.k_cache, attention.v_cache,
-                        attention.window, model.layer_groups[index]]
+            caches = [attention.k_cache, attention.v_cache, attention.window] if attention is not None else \
+                [None, None, 0]
+            entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
+                        *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
+                        None if layer.mlp is None else layer.mlp.xielu, *caches, model.layer_groups[index]]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)
@@ -88,8 +115,9 @@ class CpuDecoder:
     def runs(self, context: ForwardContext) -> bool:
         """A decode step whose context has the block tables of every layer group (and whose adapters, if
         any, are those of the layers they touch: a CUDA graph's every_layer is not for this step)."""
-        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and \
-            (context.lora is None or not context.lora.every_layer) and context.num_groups == self.num_groups
+        return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and not context.drafting_slots \
+            and (context.lora is None or (self.takes_adapters and not context.lora.every_layer)) and \
+            context.num_groups == self.num_groups
 
     def _adapter_table(self, stack: AdapterStack) -> ctypes.Array:
         """The stack's A and B's transpose of every fused layer, layer by layer in FUSED's order (the stack
@@ -121,12 +149,14 @@ class CpuDecoder:
             self._adapter_table(lora.stack), lora.stack.active.data_ptr(), lora.slots.contiguous(), lora.stack.slots,
             lora.stack.rank)
         row_slots = adapters[2]  # kept alive through the call
+        state_slots = None if context.state_slots is None else context.state_slots.to(torch.int64).contiguous()
         status = cpu_ops.library().lcq_decode_layers(
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
-            self.qk_norms_after_rotary, self.interleaved_rotary, self.activation, self.cache_form, work.data_ptr(),
-            adapters[0], adapters[1],
+            self.qk_norms_after_rotary, self.interleaved_rotary, self.rotated, self.output_gate, self.activation,
+            self.cache_form, None if state_slots is None else state_slots.data_ptr(), *self.recurrent_widths,
+            work.data_ptr(), adapters[0], adapters[1],
             None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")

@@ -218,7 +218,7 @@ def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: i
     """Split a fused projection (T, (heads + 2 kv_heads) d) into q, k, v (T, heads, d), q and k
     rotated (on the C path in place, so q, k and v stay views of qkv)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1 and 2 * cos.shape[-1] == head_dim:
+    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1 and 2 * cos.shape[-1] <= head_dim:
         cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin, interleaved)
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
     else:
@@ -237,6 +237,8 @@ UNGATED = ("relu2", "xielu")
 def xielu(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     """Apertus's xIELU: alpha_p x^2 + beta x for x > 0, else alpha_n (expm1(min(x, eps)) - x) + beta x; factors
     (alpha_p, alpha_n, beta, eps) with the learned alphas already through their softplus (alpha_n's plus beta)."""
+    if cpu_ops.usable(x, factors):
+        return cpu_ops.ungated(x, "xielu", factors)
     alpha_p, alpha_n, beta, eps = factors.to(x.dtype).unbind()
     return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * alpha_n + beta * x)
 
@@ -247,7 +249,7 @@ def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702,
     (swiglu_oai: gate capped at `limit`, up clamped to +-limit, then gate * sigmoid(alpha * gate) * (up + 1)).
     Ungated (UNGATED): act(up), Nemotron-H's relu(up)^2."""
     if activation == "relu2":
-        return torch.relu(gate_up).square()
+        return cpu_ops.ungated(gate_up, activation) if cpu_ops.usable(gate_up) else torch.relu(gate_up).square()
     if activation in cpu_ops.ACTIVATIONS and cpu_ops.usable(gate_up):
         return cpu_ops.gated_mul(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)

@@ -68,11 +68,17 @@ class GatedDeltaNet(RecurrentMixer):
         gated = normed * F.silu(z.unflatten(-1, (d.num_v_heads, d.head_v_dim)).float())
         return gated.to(dtype).flatten(1)
 
-    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        """recur's decode step through the C kernel (cpu_ops.delta_step), where it runs: fp32 CPU states."""
-        if not cpu_ops.usable(self.recurrent_states, convolved):
-            return None
-        return cpu_ops.delta_step(self.recurrent_states, slots, *self._heads(convolved), *self._gates(rest))
+    def c_fields(self) -> dict[str, int | float | torch.Tensor | None]:
+        d = self.dims
+        return dict(kind=cpu_ops.RECURRENT_KINDS.index("delta"), heads=d.num_v_heads, head_dim=d.head_v_dim,
+                    groups=d.num_k_heads, state_dim=d.head_k_dim, eps=self.eps, decay=-self.decay_log.exp(),
+                    dt_bias=self.dt_bias, norm_weight=self.norm_weight)
+
+    def in_width(self) -> int:
+        return self.dims.conv_dim + self.out_width() + 2 * self.dims.num_v_heads
+
+    def out_width(self) -> int:
+        return self.dims.num_v_heads * self.dims.head_v_dim
 
     def _gates(self, rest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each value head's log decay, -exp(A_log) softplus(a + dt_bias), and its beta, sigmoid(b): fp32 (...,

@@ -105,7 +105,9 @@ class Attention(torch.nn.Module):
         attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks,
                                self.temperature)
-        if gate is not None:
+        if gate is not None and cpu_ops.usable(out, gate) and out.is_contiguous():  # the C step's own kernel
+            cpu_ops.sigmoid_gate_(out, gate)
+        elif gate is not None:
             out = out * torch.sigmoid(gate)
         return project(self.o_proj, self.output_name, out.reshape(-1, self.num_heads * self.head_dim), lora)
 
@@ -485,8 +487,11 @@ class LlamaModel(torch.nn.Module):
 
     def bind_states(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
         """State tensors of `slots` sequences in every recurrent mixer, the recurrent states in `dtype`; returns
-        their bytes."""
-        return sum(mixer.bind_states(slots, self.norm.weight.device, dtype) for mixer in self.recurrent_mixers())
+        their bytes. (The C decode step, which reads the states, is built again where the KV caches are bound.)"""
+        nbytes = sum(mixer.bind_states(slots, self.norm.weight.device, dtype) for mixer in self.recurrent_mixers())
+        if self.block_size is not None:
+            self.cpu_decoder = CpuDecoder.build(self)
+        return nbytes
 
     def keep_states(self, kept: dict[int, int]) -> None:
         """Every recurrent mixer's states of each slot in `kept` after its first kept[slot] tokens of the last

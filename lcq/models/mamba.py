@@ -57,12 +57,18 @@ class Mamba2(RecurrentMixer):
         out, state = recurrence(q, k, v, log_decay.transpose(1, 2), state)
         return out.transpose(1, 2) + self.skip.unsqueeze(-1) * x, state
 
-    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        """recur's decode step through the C kernel (cpu_ops.mamba_step), where it runs: fp32 CPU states."""
-        if not cpu_ops.usable(self.recurrent_states, convolved):
-            return None
-        return cpu_ops.mamba_step(self.recurrent_states, slots, *self._inputs(convolved, rest), -self.decay_log.exp(),
-                                  self.skip)
+    def c_fields(self) -> dict[str, int | float | torch.Tensor | None]:
+        d = self.dims
+        return dict(kind=cpu_ops.RECURRENT_KINDS.index("mamba"), heads=d.num_heads, head_dim=d.head_dim,
+                    groups=d.groups, state_dim=d.state_dim, norm=cpu_ops.NORMS.index(d.norm), eps=self.eps,
+                    dt_min=d.time_step_limit[0], dt_max=d.time_step_limit[1], decay=-self.decay_log.exp(),
+                    dt_bias=self.dt_bias, skip=self.skip, norm_weight=self.norm_weight)
+
+    def in_width(self) -> int:
+        return self.dims.inner + self.dims.conv_dim + self.dims.num_heads
+
+    def out_width(self) -> int:
+        return self.dims.inner
 
     def _inputs(self, convolved: torch.Tensor, rest: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -7,9 +7,10 @@ back (out_proj). A sequence's state is its convolution's last conv_kernel - 1 in
 held in one slot of the layer's state tensors (the block manager hands a slot to each running sequence, and
 keeps prompts' states in others for prefix caching). A step that begins at a sequence's first token starts
 it from zeros. Decode steps advance every sequence by one token at once; a prompt (or its chunk) takes its
-tokens together, in the mixer's chunkwise form of the recurrence. On CPU (fp32 states) a decode step's
-convolution window, Mamba-2's state update and the gated norms are one C call each (cpu_ops), in place in the
-slots: torch's operations copied every state out of its slot and back and made several passes over it.
+tokens together, in the mixer's chunkwise form of the recurrence. On CPU (fp32 states) a decode step from the
+input projection's output to the output projection's input is one C call (cpu_ops.recurrent_step), in place in
+the slots: torch's operations copied every state out of its slot and back and made several passes over it, and
+the one-call decode step of the whole model (cpu_decode.py) calls the same function.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ CHUNK = 64  # tokens of a prompt's recurrence computed together
 class RecurrentMixer(torch.nn.Module):
     """A mixer's convolution and its per-sequence states. Subclasses name their checkpoint module
     (CHECKPOINT_NAME) and the tensors they read from it (TENSORS), split the projection (split), advance the
-    recurrence over (sequences, tokens) rows (recur) and make the output of it (output)."""
+    recurrence over (sequences, tokens) rows (recur), make the output of it (output), and say what the C decode
+    step reads of them (c_fields)."""
 
     CHECKPOINT_NAME: str  # its module in a decoder layer
     TENSORS: dict[str, str]  # its own parameters (beside in_proj and out_proj) -> their names under that module
@@ -40,6 +42,7 @@ class RecurrentMixer(torch.nn.Module):
         self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
         # Per slot verifying drafts: its states after each of the step's tokens, until keep_states
         self.drafted: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._c_layer: tuple[cpu_ops.RecurrentLayer, list[torch.Tensor]] | None = None  # c_layer, with its tensors
 
     def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
         """The mixer's own parameters (TENSORS; the convolution's filters stored (conv_dim, 1, kernel)), by their
@@ -55,6 +58,7 @@ class RecurrentMixer(torch.nn.Module):
         conv_dim, kernel = self.conv_weight.shape
         self.conv_states = torch.zeros(slots, conv_dim, kernel - 1, dtype=self.conv_weight.dtype, device=device)
         self.recurrent_states = torch.zeros(slots, *self.state_shape, dtype=dtype, device=device)
+        self._c_layer = None
         return self.conv_states.nbytes + self.recurrent_states.nbytes
 
     def keep_states(self, kept: dict[int, int]) -> None:
@@ -83,36 +87,59 @@ class RecurrentMixer(torch.nn.Module):
         """out_proj's input (T, width) from the recurrence's outputs (T, ...) and the rest of the projection."""
         raise NotImplementedError
 
-    def step_in_place(self, convolved: torch.Tensor, rest: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        """A decode step's outputs (B, ...) with the states advanced in their slots, where a mixer has a kernel
-        for it here (Mamba-2's on CPU), else None: the step then copies the states out, recurs and copies them
-        back."""
-        return None
+    def c_fields(self) -> dict[str, int | float | torch.Tensor | None]:
+        """What cpu_ops.RecurrentLayer holds of this mixer beside its convolution and states: its kind, sizes and
+        parameters (fp32 tensors)."""
+        raise NotImplementedError
+
+    def in_width(self) -> int:
+        """The width of in_proj's output."""
+        raise NotImplementedError
+
+    def out_width(self) -> int:
+        """The width of out_proj's input."""
+        raise NotImplementedError
+
+    def c_layer(self) -> cpu_ops.RecurrentLayer | None:
+        """This mixer for the C decode step (cpu_ops.recurrent_step), where it runs: fp32 CPU states and
+        parameters, contiguous; built once its states are bound."""
+        if not cpu_ops.usable(self.conv_states, self.recurrent_states, self.conv_weight):
+            return None  # (a GPU's, or bf16 states: the torch path)
+        if self._c_layer is None:
+            fields = {"conv_states": self.conv_states, "states": self.recurrent_states,
+                      "conv_weight": self.conv_weight, "conv_bias": self.conv_bias, **self.c_fields()}
+            tensors = [v for v in fields.values() if isinstance(v, torch.Tensor)]
+            if self.conv_states.dim() != 3 or not cpu_ops.usable(*tensors) or \
+                    not all(t.is_contiguous() for t in tensors):
+                return None
+            values = {k: v.data_ptr() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+            self._c_layer = cpu_ops.RecurrentLayer(conv_channels=self.conv_weight.shape[0],
+                                                   conv_kernel=self.conv_weight.shape[1], **values), tensors
+        return self._c_layer[0]
 
     def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
         """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
         context = attention.context
-        conv_input, rest = self.split(self.in_proj(hidden))
+        projected = self.in_proj(hidden)
         self.drafted = {}
-        if context.is_prefill or context.drafting_slots:  # each query through its slot, in order
+        decode = not context.is_prefill and not context.drafting_slots
+        if decode and (layer := self.c_layer()) is not None and cpu_ops.usable(projected):  # in one C call
+            return self.out_proj(cpu_ops.recurrent_step(layer, context.state_slots, projected, self.out_width()))
+        conv_input, rest = self.split(projected)
+        if not decode:  # each query through its slot, in order
             out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, fresh,
                                             slot in context.drafting_slots)
                              for begin, end, slot, fresh in _sequences(context)])
         else:
             slots = context.state_slots
-            if cpu_ops.usable(self.conv_states, conv_input, self.conv_weight):  # in place, in one C call
-                convolved = cpu_ops.conv_step(self.conv_states, slots, conv_input, self.conv_weight, self.conv_bias)
-            else:
-                window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
-                self.conv_states[slots] = window[..., 1:]
-                convolved = (window * self.conv_weight).sum(-1)
-                if self.conv_bias is not None:
-                    convolved = convolved + self.conv_bias
-            out = self.step_in_place(convolved, rest, slots)
-            if out is None:
-                out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
-                                                               self.recurrent_states[slots].float())
-                out = out[:, 0]
+            window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
+            self.conv_states[slots] = window[..., 1:]
+            convolved = (window * self.conv_weight).sum(-1)
+            if self.conv_bias is not None:
+                convolved = convolved + self.conv_bias
+            out, self.recurrent_states[slots] = self.recur(convolved.unsqueeze(1), rest.unsqueeze(1),
+                                                           self.recurrent_states[slots].float())
+            out = out[:, 0]
         return self.out_proj(self.output(out, rest, hidden.dtype))
 
     def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool, drafting: bool = False

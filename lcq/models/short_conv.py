@@ -10,6 +10,8 @@ from typing import Callable
 
 import torch
 
+from lcq.kernels import cpu_ops
+
 from .config import ModelConfig
 from .recurrent import RecurrentMixer
 
@@ -37,3 +39,12 @@ class ShortConv(RecurrentMixer):
 
     def output(self, out: torch.Tensor, rest: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return out.to(dtype)
+
+    def c_fields(self) -> dict[str, int | float | torch.Tensor | None]:
+        return dict(kind=cpu_ops.RECURRENT_KINDS.index("short_conv"))
+
+    def in_width(self) -> int:
+        return 3 * self.out_width()
+
+    def out_width(self) -> int:
+        return self.conv_weight.shape[0]
