@@ -5,11 +5,12 @@ the mixers' torch operations (torch).
 
 Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 layers, 9 query and 3 key/value
 heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
-of 64, state 128, one group) and Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8
-value heads of 64), and Llama's as a reference. Recorded per model, path and concurrency: output tokens/s of
-every round (128 tokens per sequence, greedy) and their median, and whether it gave one_call's greedy tokens
-(one_call and layers compute the same numbers; the torch mixers' other order of fp32 sums may turn a random
-model's near-ties: the tests check every path against transformers).
+of 64, state 128, one group), Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8 value
+heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), and Llama's as a reference.
+Recorded per model, path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and
+their median, and whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the
+torch mixers' other order of fp32 sums may turn a random model's near-ties: the tests check every path against
+transformers).
 
     python bench/recurrent_decode.py [--threads 2] [--rounds 3] [--tokens 128]
 """
@@ -37,7 +38,9 @@ MODELS = {"llama": WIDTHS,
           "bamba": dict(WIDTHS, attn_layer_indices=list(range(3, 32, 4)), mamba_n_heads=18, mamba_d_head=64,
                         mamba_d_state=128, mamba_n_groups=1, mamba_chunk_size=64),
           "qwen3_5": dict(WIDTHS, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
-                          linear_value_head_dim=64)}
+                          linear_value_head_dim=64),
+          "lfm2": dict(WIDTHS, layer_types=["full_attention" if i % 4 == 3 else "conv" for i in range(32)],
+                       block_auto_adjust_ff_dim=False)}
 MIXER_MODULES = (recurrent, mamba, linear_attention)  # where the mixers look up the C ops
 
 
