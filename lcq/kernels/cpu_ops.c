@@ -26,6 +26,8 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
 struct RecurrentLayer;
 int lcq_recurrent_step(const struct RecurrentLayer *layer, const int64_t *slots, int seqs, const float *projected,
                        float *out); /* cpu_recurrent.c */
+struct Mixture;
+int lcq_mixture_step(const struct Mixture *mixture, const float *x, int rows, float *out); /* cpu_mixture.c */
 
 /* dst = weight * in / rms(in) for one vector of dim values; dst may be in. */
 static inline void norm_vector(const float *in, const float *weight, float *dst, int dim, float eps) {
@@ -452,16 +454,18 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py). A layer's token mixer is
  * attention (QKV not NULL), a recurrent mixer (RECURRENT: its RecurrentLayer, cpu_recurrent.c, between the
  * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
- * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL). A layer of one part (Nemotron-H)
- * has INPUT_NORM only. */
+ * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL), or a mixture of experts where MIXTURE is
+ * not NULL (its Mixture, cpu_mixture.c). A layer of one part (Nemotron-H) has INPUT_NORM only. */
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
        IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
-       DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, K_CACHE, V_CACHE, WINDOW, GROUP, POINTERS_PER_LAYER };
+       DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
+       POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
- * swiglu and no bias, y (rows, N / 2) = silu(gate) * up of W = [gate; up] (cpu_gemm.h). */
-static int linear(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y) {
+ * swiglu and no bias, y (rows, N / 2) = silu(gate) * up of W = [gate; up] (cpu_gemm.h). (The mixtures' experts
+ * too: cpu_mixture.c.) */
+int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y) {
     const int status = (intptr_t)entry[0] == INDEX_WEIGHT ? lcq_index_matmul(x, rows, entry[1], swiglu, y)
                                                           : lcq_half_matmul(x, rows, K, entry[1], N, swiglu, NULL, y);
     add_bias(y, entry[2], rows, N);
@@ -561,7 +565,7 @@ static int attention(const Step *st, void *const *p, int l) {
     const int qkv_width = q_width + 2 * kv_width, stride = qkv_width + (st->output_gate ? q_width : 0);
     const int64_t group = (intptr_t)p[GROUP];
     float *qkv = st->qkv;
-    if (linear(p + QKV_KIND, st->normed, rows, st->hidden, stride, 0, qkv)) return -1;
+    if (lcq_linear_entry(p + QKV_KIND, st->normed, rows, st->hidden, stride, 0, qkv)) return -1;
     if (add_adapter(st->adapters, l, ADAPTER_QKV, st->normed, rows, st->hidden, qkv_width, qkv)) return -1;
     if (st->output_gate) /* (Qwen3.5) each head's query, then its gate: the gates set apart, the rest closed up */
         for (int r = 0; r < rows; r++) {
@@ -595,41 +599,43 @@ static int attention(const Step *st, void *const *p, int l) {
                                               st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW], NULL);
     if (attended) return attended;
     if (st->output_gate) lcq_sigmoid_gate(st->attn, st->gates, rows, st->heads, st->head_dim, q_width, st->head_dim);
-    if (linear(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;
+    if (lcq_linear_entry(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;
     return add_adapter(st->adapters, l, ADAPTER_O, st->attn, rows, q_width, st->hidden, st->projected);
 }
 
 /* The layer's recurrent mixer over normed rows into out (rows, hidden): IN, the mixer's step, OUT. */
 static int recurrent(const Step *st, void *const *p, float *out) {
-    if (linear(p + IN_KIND, st->normed, st->rows, st->hidden, st->recurrent_in, 0, st->mixer_in)) return -1;
+    if (lcq_linear_entry(p + IN_KIND, st->normed, st->rows, st->hidden, st->recurrent_in, 0, st->mixer_in)) return -1;
     if (lcq_recurrent_step(p[RECURRENT], st->state_slots, st->rows, st->mixer_in, st->mixer_out)) return -1;
-    return linear(p + OUT_KIND, st->mixer_out, st->rows, st->recurrent_out, st->hidden, 0, out);
+    return lcq_linear_entry(p + OUT_KIND, st->mixer_out, st->rows, st->recurrent_out, st->hidden, 0, out);
 }
 
-/* The layer's MLP over normed rows into step->projected. */
+/* The layer's MLP or mixture of experts over normed rows into step->projected. */
 static int mlp(const Step *st, void *const *p, int l) {
     const int rows = st->rows, hidden = st->hidden, intermediate = st->intermediate;
+    if (p[MIXTURE] != NULL) return lcq_mixture_step(p[MIXTURE], st->normed, rows, st->projected);
     if (st->activation >= LCQ_RELU2) { /* without a gate: act(up) */
-        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, intermediate, 0, st->gate_up)) return -1;
+        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, intermediate, 0, st->gate_up)) return -1;
         if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, intermediate, st->gate_up))
             return -1;
         lcq_ungated(st->gate_up, st->activated, rows, intermediate, st->activation, p[MLP_FACTORS]);
     } else if (st->activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL &&
                !adapter_touches(st->adapters, l, ADAPTER_GATE_UP)) { /* the product finishes SwiGLU itself */
-        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 1, st->activated)) return -1;
+        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 1, st->activated)) return -1;
     } else {
-        if (linear(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 0, st->gate_up)) return -1;
+        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 0, st->gate_up)) return -1;
         if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, 2 * intermediate, st->gate_up))
             return -1;
         lcq_gated_mul(st->gate_up, st->activated, rows, intermediate, st->activation);
     }
-    if (linear(p + DOWN_KIND, st->activated, rows, intermediate, hidden, 0, st->projected)) return -1;
+    if (lcq_linear_entry(p + DOWN_KIND, st->activated, rows, intermediate, hidden, 0, st->projected)) return -1;
     return add_adapter(st->adapters, l, ADAPTER_DOWN, st->activated, rows, intermediate, hidden, st->projected);
 }
 
 /* A whole decode step of a Llama-family model's decoder layers (Gemma 3's, and hybrids' with recurrent mixers),
  * for sequences of one new token each: the same operations, in the same order and with the same kernels, as the
- * Python layers (lcq/models/llama.py) take on this path, without a Python call per operation. x (rows,
+ * Python layers (lcq/models/llama.py) take on this path, without a Python call per operation; mixtures of experts
+ * too (cpu_mixture.c). x (rows,
  * hidden) holds the embeddings (scaled, for Gemma) and receives the residual stream after the last
  * layer (before the final norm). Weights are fp16 (N, K) or LCQ indices (cpu_index.c), biases fp32 or
  * NULL, KV caches of the given form (cpu_cache.h); the MLP's activation is one of cpu_exp.h's.
@@ -680,7 +686,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             add_and_norm(x, NULL, p[INPUT_NORM], st.normed, rows, hidden, eps);
         else /* x += the previous layer's output, in the norm's pass over x (not a serial loop) */
             add_and_norm(st.projected, x, p[INPUT_NORM], st.normed, rows, hidden, eps);
-        const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL, has_mlp = p[GATE_UP] != NULL;
+        const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL, has_mlp = p[GATE_UP] != NULL || p[MIXTURE] != NULL;
         if (p[QKV] != NULL) {
             const int attended = attention(&st, p, l);
             if (attended) return attended;

@@ -233,6 +233,28 @@ def recurrent_step(layer: RecurrentLayer, slots: torch.Tensor, projected: torch.
     return out
 
 
+class Mixture(ctypes.Structure):
+    """A mixture of experts as lcq_mixture_step reads it (cpu_mixture.c): its sizes and routing switches, and the
+    addresses of its router, biases and the tables of its experts' linear layers (the mixture keeps them alive)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("num_experts", "top_k", "hidden", "width", "shared_width",
+                                                   "activation", "sigmoid", "norm_topk_prob", "input_weights",
+                                                   "groups", "kept_groups", "group_score_experts", "latent")] + \
+               [("routed_scale", ctypes.c_float)] + \
+               [(name, ctypes.c_void_p) for name in ("router", "router_bias", "correction", "shared_gate", "experts",
+                                                      "shared", "latent_projections")]
+
+
+def mixture_step(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
+    """A mixture of experts' output for rows x (rows, hidden): routed, each chosen expert run over the rows that
+    chose it, weighted and summed, plus the shared expert's (lcq_mixture_step)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if library().lcq_mixture_step(ctypes.byref(mixture), x.data_ptr(), x.shape[0], out.data_ptr()):
+        raise MemoryError("mixture_step could not allocate its buffers or run a product")
+    return out
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for an fp32 CPU tensor (usable(x)), int64."""
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -310,6 +332,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_sigmoid_gate": [p, p, i64, i32, i32, i64, i64],
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_recurrent_step": [p, p, i32, p, p],
+        "lcq_mixture_step": [p, p, i32, p],
         "lcq_gated_group_norm": [p, p, i64, p, i32, i64, i32, i32, f32, i32, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
@@ -320,7 +343,7 @@ def library() -> ctypes.CDLL | None:
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes
-        status = name.endswith(("attention", "layers", "sample_rows", "recurrent_step"))  # (the others return nothing)
+        status = name.endswith(("attention", "layers", "sample_rows", "_step"))  # (the others return nothing)
         getattr(lib, name).restype = ctypes.c_int if status else None
     lib.lcq_use_wide_attention.argtypes = [i32]
     lib.lcq_use_wide_attention(int(native.has_avx512("avx512vl")))

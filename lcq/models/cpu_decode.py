@@ -12,7 +12,7 @@ has a switch for q/k norms over whole projections. Hybrids' recurrent mixers (Ma
 rule, LFM2's short convolution) are a layer's entries too, run by the function their Python decode step calls
 (cpu_ops.recurrent_step), alone, beside attention (Falcon-H1), or as a block of one part (Nemotron-H, whose
 MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's attention gates its output and turns part of
-each head. Steps with LoRA adapters pass the adapter stack's matrices (a second table, built once per stack)
+each head. A mixture of experts is the function the Python layers call on CPU (cpu_ops.mixture_step). Steps with LoRA adapters pass the adapter stack's matrices (a second table, built once per stack)
 and each row's slot; the C step adds each row's adapter product after each fused product, as LoRABatch.add
 does (models whose layers are all attention and a gated or ungated MLP: the hybrids' adapters keep the Python
 layers).
@@ -38,8 +38,8 @@ class CpuDecoder:
 
     def __init__(self, model: torch.nn.Module, entries: list[torch.Tensor | int | None]):
         """entries: the table in lcq_decode_layers' order: tensors (their addresses), weight kinds, recurrent mixers
-        (cpu_ops.RecurrentLayer: its address),
-        addresses (the layers keep what they point to), sliding windows and layer groups (ints), or None."""
+        and mixtures of experts (cpu_ops.RecurrentLayer, cpu_ops.Mixture: their addresses), addresses (the layers
+        keep what they point to), sliding windows and layer groups (ints), or None."""
         c = model.config
         attention = next((layer.self_attn for layer in model.layers if layer.self_attn is not None and
                           not isinstance(layer.self_attn, RecurrentMixer)), None)
@@ -57,15 +57,16 @@ class CpuDecoder:
         self.tensors = [e for e in entries if isinstance(e, torch.Tensor)]  # kept alive: the table holds addresses
         self.table = (ctypes.c_void_p * len(entries))(
             *[e.data_ptr() if isinstance(e, torch.Tensor) else ctypes.addressof(e)
-              if isinstance(e, cpu_ops.RecurrentLayer) else e for e in entries])
-        self.recurrent = [e for e in entries if isinstance(e, cpu_ops.RecurrentLayer)]  # kept alive as the tensors
+              if isinstance(e, ctypes.Structure) else e for e in entries])
+        self.structures = [e for e in entries if isinstance(e, ctypes.Structure)]  # kept alive as the tensors
         self.sizes = (c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size)
         mixers = model.recurrent_mixers()
         self.recurrent_widths = (mixers[0].in_width(), mixers[0].out_width()) if mixers else (0, 0)
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.work_per_row = 3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size + sum(self.recurrent_widths) \
             + 2 * q * self.output_gate
-        self.takes_adapters = not c.recurrent and not c.attention_output_gate and all(c.mlp_layers)
+        self.takes_adapters = not c.recurrent and not c.attention_output_gate and all(c.mlp_layers) and \
+            not any(c.moe_layers)
         self.adapter_tables: dict[int, tuple[AdapterStack, ctypes.Array]] = {}  # id(stack) -> its matrices' table
 
     @classmethod
@@ -76,21 +77,22 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.num_experts or \
-                c.layer_norm or len(set(c.temperature_layers)) > 1 or c.latent is not None:
-            return None  # (a mixture of experts, LayerNorms, a temperature in some layers, latent attention: the
-            # Python layers)
-        entries: list[torch.Tensor | int | cpu_ops.RecurrentLayer | None] = []
+        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.layer_norm or \
+                len(set(c.temperature_layers)) > 1 or c.latent is not None:
+            return None  # (LayerNorms, a temperature in some layers, latent attention: the Python layers)
+        entries: list[torch.Tensor | int | ctypes.Structure | None] = []
         for index, layer in enumerate(model.layers):
             attention = layer.self_attn if not isinstance(layer.self_attn, RecurrentMixer) else None
             mixer = layer.self_attn if attention is None else layer.mamba
             recurrent = None if mixer is None else mixer.c_layer()
-            if (mixer is not None and recurrent is None) or \
-                    (attention is not None and attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
-                return None
+            mixture = layer.mlp.c_mixture() if hasattr(layer.mlp, "c_mixture") else None
+            mlp = None if mixture is not None else layer.mlp
+            if (mixer is not None and recurrent is None) or (layer.mlp is not None and mlp is None and mixture is None) \
+                    or (attention is not None and attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
+                return None  # (gpt-oss's mixtures, whose clamped SwiGLU the C MLPs do not take: the Python layers)
             linears = []  # (kind, address, bias) of each linear layer, placeholders for the parts the layer lacks
             for part, names in ((attention, ("qkv_proj", "o_proj")), (mixer, ("in_proj", "out_proj")),
-                                (layer.mlp, ("gate_up_proj", "down_proj"))):
+                                (mlp, ("gate_up_proj", "down_proj"))):
                 for name in names:
                     weight = (cpu_ops.HALF_WEIGHT, None, None) if part is None else getattr(part, name).decode_weights()
                     if weight is None:
@@ -107,7 +109,7 @@ class CpuDecoder:
                 [None, None, 0]
             entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
                         *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
-                        None if layer.mlp is None else layer.mlp.xielu, *caches, model.layer_groups[index]]
+                        None if mlp is None else mlp.xielu, mixture, *caches, model.layer_groups[index]]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)

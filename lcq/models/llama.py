@@ -24,6 +24,7 @@ or a mixture of such MLPs.
 """
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Callable
 
@@ -190,6 +191,58 @@ class MixtureOfExperts(torch.nn.Module):
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
+        # c_mixture's struct with the tables and tensors it points to; False where the C kernels cannot run it
+        self._c_mixture: tuple[cpu_ops.Mixture, list] | bool | None = None
+
+    def c_mixture(self) -> cpu_ops.Mixture | None:
+        """This mixture for the C kernels (cpu_ops.mixture_step), where they run it: fp32 on CPU, every linear
+        layer of its experts (the shared one's, the latent projections) keeping indices or an fp16 copy, an
+        activation the C MLPs take (not gpt-oss's clamped SwiGLU); built at its first call."""
+        if self._c_mixture is None:
+            self._c_mixture = self._build_c_mixture() or False
+        return self._c_mixture[0] if self._c_mixture and cpu_ops.usable() else None
+
+    def _build_c_mixture(self) -> tuple[cpu_ops.Mixture, list] | None:
+        activations = cpu_ops.ACTIVATIONS + cpu_ops.UNGATED
+        parameters = [self.router, self.router_bias, self.correction, self.shared_expert_gate]
+        if self.activation not in activations or self.activation == "xielu" or not self.experts or \
+                not cpu_ops.usable(*parameters) or not all(p is None or p.is_contiguous() for p in parameters):
+            return None
+        kept: list = [p for p in parameters if p is not None]  # what the struct's addresses point to
+
+        def table(linears: list[torch.nn.Module]) -> ctypes.Array | None:
+            """(kind, weight, bias) of each linear layer, as the C step's layer table holds them."""
+            weights = [linear.decode_weights() for linear in linears]
+            if any(w is None for w in weights):
+                return None
+            entries = [e for w in weights for e in w]
+            kept.extend(e for e in entries if isinstance(e, torch.Tensor))
+            kept.append(array := (ctypes.c_void_p * len(entries))(
+                *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries]))
+            return array
+
+        mlps = [(m.gate_up_proj, m.down_proj) for m in [*self.experts, *filter(None, [self.shared_expert])]]
+        experts = table([linear for pair in mlps[:len(self.experts)] for linear in pair])
+        shared = table(list(mlps[-1])) if self.shared_expert is not None else None
+        latent = table([self.latent_in, self.latent_out]) if self.latent_in is not None else None
+        if experts is None or (self.shared_expert is not None and shared is None) or \
+                (self.latent_in is not None and latent is None):
+            return None
+        parts = 1 if self.activation in UNGATED else 2
+        mixture = cpu_ops.Mixture(
+            num_experts=len(self.experts), top_k=self.top_k, hidden=self.router.shape[1],
+            width=self.experts[0].gate_up_proj.out_features // parts,
+            shared_width=0 if self.shared_expert is None else self.shared_expert.gate_up_proj.out_features // parts,
+            activation=activations.index(self.activation), sigmoid=int(self.sigmoid),
+            norm_topk_prob=int(self.norm_topk_prob), input_weights=int(self.input_weights),
+            groups=self.groups[0] if self.groups else 0, kept_groups=self.groups[1] if self.groups else 0,
+            group_score_experts=self.group_score_experts,
+            latent=0 if self.latent_in is None else self.latent_in.out_features, routed_scale=self.routed_scale,
+            router=self.router.data_ptr(), router_bias=_address(self.router_bias),
+            correction=_address(self.correction), shared_gate=_address(self.shared_expert_gate),
+            experts=ctypes.addressof(experts), shared=None if shared is None else ctypes.addressof(shared),
+            latent_projections=None if latent is None else ctypes.addressof(latent))
+        return mixture, kept
 
     def stack_experts(self) -> bool:
         """Stack the experts' packed gate/up and down matrices for the grouped product (kernels/experts.py),
@@ -222,6 +275,8 @@ class MixtureOfExperts(torch.nn.Module):
         return (weights * self.routed_scale).to(x.dtype), chosen
 
     def forward(self, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
+        if (mixture := self.c_mixture()) is not None and cpu_ops.usable(x):  # on CPU, in one C call
+            return cpu_ops.mixture_step(mixture, x)
         weights, chosen = self.route(x)
         routed_in = x if self.latent_in is None else self.latent_in(x)
         out = self._grouped(routed_in, weights, chosen) if self.gate_up_experts is not None else \
@@ -268,6 +323,10 @@ class MixtureOfExperts(torch.nn.Module):
         activated = mlp_activation(hidden, self.activation, *self.swiglu)
         down = self.down_experts(activated, routes, 1).view(*chosen.shape, -1)
         return down.sum(dim=1) if self.input_weights else (down * weights.unsqueeze(-1)).sum(dim=1)
+
+
+def _address(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
 
 
 def _within_best_groups(choice: torch.Tensor, groups: int, kept: int, scored_by: int) -> torch.Tensor:

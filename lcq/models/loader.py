@@ -25,6 +25,7 @@ class DenseLinear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
+        self.out_features = weight.shape[0]
         self.half = half_copy(weight, exact_only=True)
         self.weight = None if self.half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)

@@ -1,18 +1,19 @@
-"""Decode speed of models with recurrent layers on CPU, three ways alternating in one process: the whole decode
-step of every layer in one C call (one_call: cpu_decode.py), the Python layers with each recurrent mixer's step
-in one C call (layers: cpu_ops.recurrent_step, advancing the states in their slots), and the Python layers with
-the mixers' torch operations (torch).
+"""Decode speed on CPU of model forms beyond Llama's (layers with recurrent mixers, mixtures of experts), three
+ways alternating in one process: the whole decode step of every layer in one C call (one_call: cpu_decode.py),
+the Python layers with each recurrent mixer's step and each mixture in one C call (layers:
+cpu_ops.recurrent_step, cpu_ops.mixture_step), and the Python layers with torch operations for the mixers and
+the mixtures (torch: their routing, then each chosen expert's products one call at a time).
 
 Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 layers, 9 query and 3 key/value
 heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
 of 64, state 128, one group), Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8 value
-heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), and Llama's as a reference.
-Recorded per model, path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and
-their median, and whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the
-torch mixers' other order of fp32 sums may turn a random model's near-ties: the tests check every path against
-transformers).
+heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), Qwen3-MoE's (a mixture of 32
+experts of width 384 in every layer, 4 a token, renormalized), and Llama's as a reference. Recorded per model,
+path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and their median, and
+whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the torch operations'
+other order of fp32 sums may turn a random model's near-ties: the tests check every path against transformers).
 
-    python bench/recurrent_decode.py [--threads 2] [--rounds 3] [--tokens 128]
+    python bench/cpu_decode_forms.py [--threads 2] [--rounds 3] [--tokens 128]
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.models import linear_attention, mamba, recurrent  # noqa: E402
+from lcq.models import linear_attention, llama, mamba, recurrent  # noqa: E402
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
 from tests.tiny_model import make_tiny_hf  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "recurrent-decode-cpu.json"
+RESULTS = Path(__file__).parent / "results" / "cpu-decode-forms.json"
 WIDTHS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=32, num_attention_heads=9,
               num_key_value_heads=3, head_dim=64, max_position_embeddings=2048)
 MODELS = {"llama": WIDTHS,
@@ -40,8 +41,10 @@ MODELS = {"llama": WIDTHS,
           "qwen3_5": dict(WIDTHS, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=64,
                           linear_value_head_dim=64),
           "lfm2": dict(WIDTHS, layer_types=["full_attention" if i % 4 == 3 else "conv" for i in range(32)],
-                       block_auto_adjust_ff_dim=False)}
-MIXER_MODULES = (recurrent, mamba, linear_attention)  # where the mixers look up the C ops
+                       block_auto_adjust_ff_dim=False),
+          "qwen3_moe": dict(WIDTHS, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
+                            norm_topk_prob=True, mlp_only_layers=[])}
+MIXER_MODULES = (recurrent, mamba, linear_attention, llama)  # where the mixers and mixtures look up the C ops
 
 
 def options(parser) -> None:
@@ -54,8 +57,10 @@ def choose_path(llm: LLM, path: str, decoder) -> None:
     from lcq.kernels import cpu_ops
 
     llm.engine.runner.model.cpu_decoder = decoder if path == "one_call" else None
-    # the mixers' torch path: ops that say the C kernels do not run here (every other layer keeps its C ops)
-    stand_in = types.SimpleNamespace(usable=lambda *tensors: False) if path == "torch" else cpu_ops
+    # the torch path: ops that say the C kernels do not run here, seen by the mixers and the mixtures (the norms,
+    # attention and products keep their C kernels)
+    stand_in = types.SimpleNamespace(**{**vars(cpu_ops), "usable": lambda *tensors: False}) if path == "torch" \
+        else cpu_ops
     for module in MIXER_MODULES:
         module.cpu_ops = stand_in
 
