@@ -14,9 +14,11 @@
 
 #include "cpu_exp.h"
 
+struct Adapters;
 int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y); /* cpu_ops.c */
-void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation);
-void lcq_ungated(const float *x, float *out, int64_t rows, int64_t width, int activation, const float *factors);
+int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int width, int activation,
+            const float *factors, const struct Adapters *adapters, int layer, float *gate_up, float *activated,
+            float *y); /* cpu_ops.c */
 
 /* A mixture as lcq_mixture_step reads it (cpu_ops.py's Mixture mirrors it). The router (num_experts, hidden),
  * with a bias or NULL, scores each row; probabilities are their softmax, or their sigmoid (sigmoid); the choice is
@@ -36,22 +38,6 @@ typedef struct Mixture {
     const float *router, *router_bias, *correction, *shared_gate;
     void *const *experts, *const *shared, *const *latent_projections;
 } Mixture;
-
-/* y (rows, in_dim) = the MLP of the six entries (gate/up, down) over x (rows, in_dim); gate_up (rows, 2 width) and
- * activated (rows, width) are its buffers. */
-static int expert_mlp(void *const *entries, const float *x, int rows, int in_dim, int width, int activation,
-                      float *gate_up, float *activated, float *y) {
-    if (activation == LCQ_RELU2) {
-        if (lcq_linear_entry(entries, x, rows, in_dim, width, 0, gate_up)) return -1;
-        lcq_ungated(gate_up, activated, rows, width, activation, NULL);
-    } else if (activation == LCQ_SILU && entries[2] == NULL) { /* the product finishes SwiGLU itself */
-        if (lcq_linear_entry(entries, x, rows, in_dim, 2 * width, 1, activated)) return -1;
-    } else {
-        if (lcq_linear_entry(entries, x, rows, in_dim, 2 * width, 0, gate_up)) return -1;
-        lcq_gated_mul(gate_up, activated, rows, width, activation);
-    }
-    return lcq_linear_entry(entries + 3, activated, rows, width, in_dim, 0, y);
-}
 
 /* Row r's top_k experts (chosen, most favoured first; the lower index first among equals) and their weights. */
 static void route_row(const Mixture *m, const float *x, float *scores, float *probs, float *choice, int32_t *chosen,
@@ -145,8 +131,8 @@ int lcq_mixture_step(const Mixture *m, const float *x, int rows, float *out) {
             for (int c = 0; c < routed; c++)
                 gathered[(int64_t)i * routed + c] = m->input_weights ? in[c] * scale : in[c];
         }
-        status = expert_mlp(m->experts + (int64_t)e * 6, gathered, count, routed, m->width, m->activation, gate_up,
-                            activated, gathered);
+        status = lcq_mlp(m->experts + (int64_t)e * 6, gathered, count, routed, m->width, m->activation, NULL, NULL, 0,
+                         gate_up, activated, gathered);
         for (int i = 0; status == 0 && i < count; i++) {
             float *sum = summed + (int64_t)(members[i] / k) * routed;
             const float scale = m->input_weights ? 1.0f : weights[members[i]];
@@ -159,7 +145,8 @@ int lcq_mixture_step(const Mixture *m, const float *x, int rows, float *out) {
         memcpy(out, summed, sizeof(float) * rows * (size_t)hidden);
     if (status == 0 && m->shared != NULL) {
         float *shared = inputs; /* (rows, hidden) past the routed experts */
-        status = expert_mlp(m->shared, x, rows, hidden, m->shared_width, m->activation, gate_up, activated, shared);
+        status = lcq_mlp(m->shared, x, rows, hidden, m->shared_width, m->activation, NULL, NULL, 0, gate_up, activated,
+                         shared);
         for (int r = 0; status == 0 && r < rows; r++) {
             float scale = 1.0f;
             if (m->shared_gate != NULL) {

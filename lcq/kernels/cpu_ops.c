@@ -476,7 +476,7 @@ int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N,
  * layer in the order QKV, O, GATE_UP, DOWN, the stack's A (slots W, K) and B's transpose (slots W, N),
  * W = rank x the layer's parts; `active` (layers x 4) says which fused layers any held adapter touches; row r uses slot
  * row_slots[r] (-1: none). */
-typedef struct {
+typedef struct Adapters {
     void *const *matrices;
     const uint8_t *active;
     const int64_t *row_slots;
@@ -531,6 +531,27 @@ static int add_adapter(const Adapters *adapters, int layer, int kind, const floa
     }
     free(low);
     return 0;
+}
+
+/* y (rows, in_dim) = an MLP of `width` over x (rows, in_dim), its gate/up (up alone without a gate) and down
+ * linear layers the six entries from `entries`; activation one of cpu_exp.h's (factors: xIELU's, else NULL); the
+ * layer's LoRA adapters (or NULL) added after each product. gate_up (rows, 2 width) and activated (rows, width) are
+ * its buffers. A decoder layer's MLP, and each expert of a mixture (cpu_mixture.c). */
+int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int width, int activation,
+            const float *factors, const Adapters *adapters, int layer, float *gate_up, float *activated, float *y) {
+    const int gated = activation < LCQ_RELU2, up_width = gated ? 2 * width : width;
+    if (activation == LCQ_SILU && entries[2] == NULL && !adapter_touches(adapters, layer, ADAPTER_GATE_UP)) {
+        if (lcq_linear_entry(entries, x, rows, in_dim, up_width, 1, activated)) return -1; /* SwiGLU in the product */
+    } else {
+        if (lcq_linear_entry(entries, x, rows, in_dim, up_width, 0, gate_up)) return -1;
+        if (add_adapter(adapters, layer, ADAPTER_GATE_UP, x, rows, in_dim, up_width, gate_up)) return -1;
+        if (gated)
+            lcq_gated_mul(gate_up, activated, rows, width, activation);
+        else
+            lcq_ungated(gate_up, activated, rows, width, activation, factors);
+    }
+    if (lcq_linear_entry(entries + 3, activated, rows, width, in_dim, 0, y)) return -1;
+    return add_adapter(adapters, layer, ADAPTER_DOWN, activated, rows, width, in_dim, y);
 }
 
 /* out = weight * (residual += x) / rms as lcq_rms_norm, or where weight is NULL (a layer without that
@@ -610,28 +631,6 @@ static int recurrent(const Step *st, void *const *p, float *out) {
     return lcq_linear_entry(p + OUT_KIND, st->mixer_out, st->rows, st->recurrent_out, st->hidden, 0, out);
 }
 
-/* The layer's MLP or mixture of experts over normed rows into step->projected. */
-static int mlp(const Step *st, void *const *p, int l) {
-    const int rows = st->rows, hidden = st->hidden, intermediate = st->intermediate;
-    if (p[MIXTURE] != NULL) return lcq_mixture_step(p[MIXTURE], st->normed, rows, st->projected);
-    if (st->activation >= LCQ_RELU2) { /* without a gate: act(up) */
-        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, intermediate, 0, st->gate_up)) return -1;
-        if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, intermediate, st->gate_up))
-            return -1;
-        lcq_ungated(st->gate_up, st->activated, rows, intermediate, st->activation, p[MLP_FACTORS]);
-    } else if (st->activation == LCQ_SILU && p[GATE_UP_BIAS] == NULL &&
-               !adapter_touches(st->adapters, l, ADAPTER_GATE_UP)) { /* the product finishes SwiGLU itself */
-        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 1, st->activated)) return -1;
-    } else {
-        if (lcq_linear_entry(p + GATE_UP_KIND, st->normed, rows, hidden, 2 * intermediate, 0, st->gate_up)) return -1;
-        if (add_adapter(st->adapters, l, ADAPTER_GATE_UP, st->normed, rows, hidden, 2 * intermediate, st->gate_up))
-            return -1;
-        lcq_gated_mul(st->gate_up, st->activated, rows, intermediate, st->activation);
-    }
-    if (lcq_linear_entry(p + DOWN_KIND, st->activated, rows, intermediate, hidden, 0, st->projected)) return -1;
-    return add_adapter(st->adapters, l, ADAPTER_DOWN, st->activated, rows, intermediate, hidden, st->projected);
-}
-
 /* A whole decode step of a Llama-family model's decoder layers (Gemma 3's, and hybrids' with recurrent mixers),
  * for sequences of one new token each: the same operations, in the same order and with the same kernels, as the
  * Python layers (lcq/models/llama.py) take on this path, without a Python call per operation; mixtures of experts
@@ -701,7 +700,10 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             add_and_norm(st.projected, x, p[POST_NORM], st.normed, rows, hidden, eps); /* x += the mixer's output */
         }
         if (has_mlp) {
-            if (mlp(&st, p, l)) return -1;
+            const int status = p[MIXTURE] != NULL ? lcq_mixture_step(p[MIXTURE], st.normed, rows, st.projected)
+                : lcq_mlp(p + GATE_UP_KIND, st.normed, rows, hidden, intermediate, activation, p[MLP_FACTORS],
+                          st.adapters, l, st.gate_up, st.activated, st.projected);
+            if (status) return -1;
             if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
                 lcq_rms_norm(st.projected, NULL, p[MLP_OUTPUT_NORM], st.projected, rows, hidden, eps);
         }
