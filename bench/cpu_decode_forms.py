@@ -8,10 +8,12 @@ Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 la
 heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
 of 64, state 128, one group), Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8 value
 heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), Qwen3-MoE's (a mixture of 32
-experts of width 384 in every layer, 4 a token, renormalized), and Llama's as a reference. Recorded per model,
-path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and their median, and
-whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the torch operations'
-other order of fp32 sums may turn a random model's near-ties: the tests check every path against transformers).
+experts of width 384 in every layer, 4 a token, renormalized), gpt-oss's (the same mixtures with biases and its
+clamped SwiGLU, attention sinks, a 128-token window every other layer, YaRN), and Llama's as a reference.
+Recorded per model, path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and
+their median, and whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the
+torch operations' other order of fp32 sums may turn a random model's near-ties: the tests check every path
+against transformers).
 
     python bench/cpu_decode_forms.py [--threads 2] [--rounds 3] [--tokens 128]
 """
@@ -43,7 +45,9 @@ MODELS = {"llama": WIDTHS,
           "lfm2": dict(WIDTHS, layer_types=["full_attention" if i % 4 == 3 else "conv" for i in range(32)],
                        block_auto_adjust_ff_dim=False),
           "qwen3_moe": dict(WIDTHS, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
-                            norm_topk_prob=True, mlp_only_layers=[])}
+                            norm_topk_prob=True, mlp_only_layers=[]),
+          "gpt_oss": dict(WIDTHS, num_local_experts=32, num_experts_per_tok=4, intermediate_size=384,
+                          sliding_window=128)}
 MIXER_MODULES = (recurrent, mamba, linear_attention, llama)  # where the mixers and mixtures look up the C ops
 
 

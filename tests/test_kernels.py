@@ -807,6 +807,9 @@ def test_cpu_ops_match_torch(rows):
     gate_up = torch.randn(rows, 2 * dim)
     assert_close(cpu_ops.gated_mul(gate_up, "silu"), torch.nn.functional.silu(gate_up[:, :dim]) * gate_up[:, dim:],
                  torch.float32)
+    gate, up = (gate_up * 4).chunk(2, dim=1)  # gpt-oss's clamped SwiGLU (limit 7: some values past it)
+    clamped = gate.clamp(max=7.0) * torch.sigmoid(gate.clamp(max=7.0) * 1.702) * (up.clamp(-7.0, 7.0) + 1)
+    assert_close(cpu_ops.gated_mul(gate_up * 4, "swiglu_oai", torch.tensor([1.702, 7.0])), clamped, torch.float32)
     # MLPs without a gate (Nemotron-H's relu(x)^2, Apertus's xIELU), and Qwen3.5's attention output gate read in place
     up = torch.randn(rows, dim) * 3
     assert torch.equal(cpu_ops.ungated(up, "relu2"), torch.relu(up).square())

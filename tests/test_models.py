@@ -1375,7 +1375,8 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("qwen3_5", torch.float32), ("arcee", torch.float32),
                                                ("apertus", torch.float32), ("qwen3_moe", torch.float32),
                                                ("qwen2_moe", torch.float16), ("glm4_moe", torch.float32),
-                                               ("nemotron_h_latent", torch.float32), ("lfm2_moe", torch.float32)])
+                                               ("nemotron_h_latent", torch.float32), ("lfm2_moe", torch.float32),
+                                               ("gpt_oss", torch.float16)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
@@ -1439,14 +1440,14 @@ def test_recurrent_mixers_decode_step_in_c_matches_torch(tmp_path, monkeypatch, 
 
 
 @needs_cpu_ops
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "llama4", "nemotron_h_latent"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "deepseek_v3", "llama4", "nemotron_h_latent", "gpt_oss"])
 def test_mixture_of_experts_in_c_matches_torch(tmp_path, monkeypatch, arch):
     """A mixture of experts in one C call (cpu_ops.mixture_step: routing, each chosen expert over the rows that
     chose it, the shared expert) against its torch path on LCQ experts, 1 and 7 rows: within fp32 rounding
     (relative 1e-4), the same experts chosen. Qwen3-MoE (softmax, renormalized), Qwen2-MoE (a shared expert scaled
     by its sigmoid gate), DeepSeek-V3 (sigmoid scores plus a choosing bias, within the best groups, scaled),
     Llama 4 (sigmoid of the chosen scores scaling the inputs), Nemotron 3 Super (relu(x)^2 experts between latent
-    projections)."""
+    projections), gpt-oss (a router bias, experts with biases and a clamped SwiGLU)."""
     from lcq.models.llama import MixtureOfExperts
 
     model, _ = load_model(make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn"))

@@ -43,7 +43,7 @@ static inline void lcq_silu_mul_row(const float *gate, const float *up, float *o
 }
 
 /* MLP activations: gated (lcq_gated_mul; cpu_ops.py's ACTIVATIONS), then ungated (lcq_ungated; its UNGATED) */
-enum { LCQ_SILU, LCQ_GELU_TANH, LCQ_RELU2, LCQ_XIELU };
+enum { LCQ_SILU, LCQ_GELU_TANH, LCQ_SWIGLU_OAI, LCQ_RELU2, LCQ_XIELU };
 
 /* gelu(x) with tanh's approximation, 0.5 x (1 + tanh(u)) for u = sqrt(2 / pi) (x + 0.044715 x^3), as
  * x / (1 + e^(-2u)): the same function without tanh's rounding near -1, where 1 + tanh(u) cancels. */

@@ -477,7 +477,7 @@ float *lcq_swiglu_products(int swiglu, int M, int N, float *y) {
 int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int status) {
     if (!swiglu) return status;
     if (products == NULL) return -1;
-    if (status == 0) lcq_gated_mul(products, y, M, N / 2, LCQ_SILU);
+    if (status == 0) lcq_gated_mul(products, y, M, N / 2, LCQ_SILU, NULL);
     free(products);
     return status;
 }

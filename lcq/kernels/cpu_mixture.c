@@ -26,16 +26,16 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
  * (Llama 4), within each row's kept_groups best of `groups` equal groups of experts where groups > 1 (a group's
  * score the sum of its group_score_experts best). The top_k chosen take their probabilities as weights,
  * renormalized where norm_topk_prob, times routed_scale; each expert's output is scaled by its weight, or its input
- * (input_weights: Llama 4). An expert is a gated (activation LCQ_SILU, LCQ_GELU_TANH) or ungated (LCQ_RELU2) MLP of
- * `width`: six entries in `experts` per expert, gate/up then down, each (kind, weight, bias) as cpu_ops.c's linear
- * layers. latent > 0: the routed experts run in that width, between the linear layers latent_projections (in, then
- * out: six entries). shared: a shared expert's six entries (of shared_width), or NULL; shared_gate (hidden), where
- * not NULL, scales its output by sigmoid(shared_gate . x). */
+ * (input_weights: Llama 4). An expert is an MLP of `width` (lcq_mlp; activation one of cpu_exp.h's but xIELU,
+ * factors gpt-oss's clamped SwiGLU's or NULL): six entries in `experts` per expert, gate/up then down, each (kind,
+ * weight, bias) as cpu_ops.c's linear layers. latent > 0: the routed experts run in that width, between the linear
+ * layers latent_projections (in, then out: six entries). shared: a shared expert's six entries (of shared_width),
+ * or NULL; shared_gate (hidden), where not NULL, scales its output by sigmoid(shared_gate . x). */
 typedef struct Mixture {
     int num_experts, top_k, hidden, width, shared_width, activation, sigmoid, norm_topk_prob, input_weights;
     int groups, kept_groups, group_score_experts, latent;
     float routed_scale;
-    const float *router, *router_bias, *correction, *shared_gate;
+    const float *router, *router_bias, *correction, *shared_gate, *factors;
     void *const *experts, *const *shared, *const *latent_projections;
 } Mixture;
 
@@ -131,8 +131,8 @@ int lcq_mixture_step(const Mixture *m, const float *x, int rows, float *out) {
             for (int c = 0; c < routed; c++)
                 gathered[(int64_t)i * routed + c] = m->input_weights ? in[c] * scale : in[c];
         }
-        status = lcq_mlp(m->experts + (int64_t)e * 6, gathered, count, routed, m->width, m->activation, NULL, NULL, 0,
-                         gate_up, activated, gathered);
+        status = lcq_mlp(m->experts + (int64_t)e * 6, gathered, count, routed, m->width, m->activation, m->factors,
+                         NULL, 0, gate_up, activated, gathered);
         for (int i = 0; status == 0 && i < count; i++) {
             float *sum = summed + (int64_t)(members[i] / k) * routed;
             const float scale = m->input_weights ? 1.0f : weights[members[i]];
@@ -145,8 +145,8 @@ int lcq_mixture_step(const Mixture *m, const float *x, int rows, float *out) {
         memcpy(out, summed, sizeof(float) * rows * (size_t)hidden);
     if (status == 0 && m->shared != NULL) {
         float *shared = inputs; /* (rows, hidden) past the routed experts */
-        status = lcq_mlp(m->shared, x, rows, hidden, m->shared_width, m->activation, NULL, NULL, 0, gate_up, activated,
-                         shared);
+        status = lcq_mlp(m->shared, x, rows, hidden, m->shared_width, m->activation, m->factors, NULL, 0, gate_up,
+                         activated, shared);
         for (int r = 0; status == 0 && r < rows; r++) {
             float scale = 1.0f;
             if (m->shared_gate != NULL) {

@@ -98,13 +98,20 @@ void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int hea
     }
 }
 
-/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up]: SwiGLU (LCQ_SILU) or
- * Gemma's GeGLU (LCQ_GELU_TANH). */
-void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation) {
+/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up]: SwiGLU (LCQ_SILU),
+ * Gemma's GeGLU (LCQ_GELU_TANH), or gpt-oss's clamped SwiGLU (LCQ_SWIGLU_OAI, factors (alpha, limit)): the gate
+ * capped at limit, up clamped to +-limit, then gate * sigmoid(alpha * gate) * (up + 1). */
+void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation,
+                   const float *factors) {
 #pragma omp parallel for if (rows >= 16)
     for (int64_t r = 0; r < rows; r++) {
         const float *gate = gate_up + r * 2 * width, *up = gate + width;
-        if (activation == LCQ_GELU_TANH)
+        if (activation == LCQ_SWIGLU_OAI)
+            for (int64_t i = 0; i < width; i++) {
+                const float g = fminf(gate[i], factors[1]), u = fminf(fmaxf(up[i], -factors[1]), factors[1]);
+                out[r * width + i] = g * (1.0f / (1.0f + expf(-factors[0] * g))) * (u + 1.0f);
+            }
+        else if (activation == LCQ_GELU_TANH)
             lcq_gelu_tanh_mul_row(gate, up, out + r * width, width);
         else
             lcq_silu_mul_row(gate, up, out + r * width, width);
@@ -451,7 +458,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables
  * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
  * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
- * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py). A layer's token mixer is
+ * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py); SINKS each head's attention sink
+ * (gpt-oss), else NULL. A layer's token mixer is
  * attention (QKV not NULL), a recurrent mixer (RECURRENT: its RecurrentLayer, cpu_recurrent.c, between the
  * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
  * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL), or a mixture of experts where MIXTURE is
@@ -459,7 +467,7 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
        IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
        DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
-       POINTERS_PER_LAYER };
+       SINKS, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -534,7 +542,8 @@ static int add_adapter(const Adapters *adapters, int layer, int kind, const floa
 }
 
 /* y (rows, in_dim) = an MLP of `width` over x (rows, in_dim), its gate/up (up alone without a gate) and down
- * linear layers the six entries from `entries`; activation one of cpu_exp.h's (factors: xIELU's, else NULL); the
+ * linear layers the six entries from `entries`; activation one of cpu_exp.h's (factors: xIELU's four or the
+ * clamped SwiGLU's two, else NULL); the
  * layer's LoRA adapters (or NULL) added after each product. gate_up (rows, 2 width) and activated (rows, width) are
  * its buffers. A decoder layer's MLP, and each expert of a mixture (cpu_mixture.c). */
 int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int width, int activation,
@@ -546,7 +555,7 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
         if (lcq_linear_entry(entries, x, rows, in_dim, up_width, 0, gate_up)) return -1;
         if (add_adapter(adapters, layer, ADAPTER_GATE_UP, x, rows, in_dim, up_width, gate_up)) return -1;
         if (gated)
-            lcq_gated_mul(gate_up, activated, rows, width, activation);
+            lcq_gated_mul(gate_up, activated, rows, width, activation, factors);
         else
             lcq_ungated(gate_up, activated, rows, width, activation, factors);
     }
@@ -613,11 +622,11 @@ static int attention(const Step *st, void *const *p, int l) {
         for (int i = 0; i < q_width; i++) qkv[(int64_t)r * stride + i] *= st->query_scales[r];
     lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, stride, p[K_CACHE], p[V_CACHE], st->slots + group * rows,
                  rows, st->kv_heads, st->head_dim, st->cache_form);
-    /* no attention sinks: gpt-oss, the model with them, has experts and never takes this step (cpu_decode.py) */
     const int attended = lcq_decode_attention(qkv, stride, p[K_CACHE], p[V_CACHE], st->cache_form,
                                               st->block_tables + group * rows * st->max_blocks, st->max_blocks,
                                               st->context_lens, st->attn, rows, st->heads, st->kv_heads, st->head_dim,
-                                              st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW], NULL);
+                                              st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW],
+                                              p[SINKS]);
     if (attended) return attended;
     if (st->output_gate) lcq_sigmoid_gate(st->attn, st->gates, rows, st->heads, st->head_dim, q_width, st->head_dim);
     if (lcq_linear_entry(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;

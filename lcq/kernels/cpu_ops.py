@@ -66,18 +66,22 @@ def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
                          sin.data_ptr(), None, int(interleaved))
 
 
-ACTIVATIONS = ("silu", "gelu_tanh")  # gated activations of the C MLP (ModelConfig.activation), in cpu_exp.h's order
+ACTIVATIONS = ("silu", "gelu_tanh", "swiglu_oai")  # gated activations of the C MLP (ModelConfig.activation), in
+# cpu_exp.h's order
 UNGATED = ("relu2", "xielu")  # and those without a gate, after them
 
 
-def gated_mul(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu) or Gemma's GeGLU (gelu_tanh,
-    torch's gelu with approximate="tanh")."""
+def gated_mul(gate_up: torch.Tensor, activation: str, factors: torch.Tensor | None = None) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2 * width) = [gate, up]: SwiGLU (silu), Gemma's GeGLU (gelu_tanh,
+    torch's gelu with approximate="tanh"), or gpt-oss's clamped SwiGLU (swiglu_oai, factors (alpha, limit) fp32:
+    layers.mlp_activation)."""
+    if activation == "swiglu_oai" and (factors is None or factors.numel() != 2 or factors.dtype != torch.float32):
+        raise ValueError("swiglu_oai needs its two fp32 factors, alpha and limit")
     gate_up = gate_up.contiguous()
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], width)
     library().lcq_gated_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // gate_up.shape[-1], width,
-                            ACTIVATIONS.index(activation))
+                            ACTIVATIONS.index(activation), None if factors is None else factors.contiguous().data_ptr())
     return out
 
 
@@ -241,8 +245,8 @@ class Mixture(ctypes.Structure):
                                                    "activation", "sigmoid", "norm_topk_prob", "input_weights",
                                                    "groups", "kept_groups", "group_score_experts", "latent")] + \
                [("routed_scale", ctypes.c_float)] + \
-               [(name, ctypes.c_void_p) for name in ("router", "router_bias", "correction", "shared_gate", "experts",
-                                                      "shared", "latent_projections")]
+               [(name, ctypes.c_void_p) for name in ("router", "router_bias", "correction", "shared_gate", "factors",
+                                                      "experts", "shared", "latent_projections")]
 
 
 def mixture_step(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
@@ -327,7 +331,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, i32, p, p, p, i32],
-        "lcq_gated_mul": [p, p, i64, i64, i32],
+        "lcq_gated_mul": [p, p, i64, i64, i32, p],
         "lcq_ungated": [p, p, i64, i64, i32, p],
         "lcq_sigmoid_gate": [p, p, i64, i32, i32, i64, i64],
         "lcq_argmax_rows": [p, i64, i64, p],

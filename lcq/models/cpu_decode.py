@@ -26,7 +26,7 @@ import torch
 from lcq.kernels import cpu_ops
 
 from .context import ForwardContext
-from .layers import query_temperatures
+from .layers import query_temperatures, swiglu_factors
 from .lora import FUSED, AdapterStack
 from .recurrent import RecurrentMixer
 
@@ -89,7 +89,7 @@ class CpuDecoder:
             mlp = None if mixture is not None else layer.mlp
             if (mixer is not None and recurrent is None) or (layer.mlp is not None and mlp is None and mixture is None) \
                     or (attention is not None and attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
-                return None  # (gpt-oss's mixtures, whose clamped SwiGLU the C MLPs do not take: the Python layers)
+                return None
             linears = []  # (kind, address, bias) of each linear layer, placeholders for the parts the layer lacks
             for part, names in ((attention, ("qkv_proj", "o_proj")), (mixer, ("in_proj", "out_proj")),
                                 (mlp, ("gate_up_proj", "down_proj"))):
@@ -109,7 +109,8 @@ class CpuDecoder:
                 [None, None, 0]
             entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
                         *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
-                        None if mlp is None else mlp.xielu, mixture, *caches, model.layer_groups[index]]
+                        _factors(mlp), mixture, *caches, model.layer_groups[index],
+                        None if attention is None else attention.sinks]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)
@@ -166,3 +167,10 @@ class CpuDecoder:
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
         return x
+
+
+def _factors(mlp: torch.nn.Module | None) -> torch.Tensor | None:
+    """A dense MLP's activation factors for the C step: xIELU's (loaded), the clamped SwiGLU's, or None."""
+    if mlp is None or mlp.xielu is not None:
+        return None if mlp is None else mlp.xielu
+    return swiglu_factors(mlp.activation, *mlp.swiglu)

@@ -243,6 +243,11 @@ def xielu(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
     return torch.where(x > 0, alpha_p * x * x + beta * x, (torch.expm1(torch.minimum(x, eps)) - x) * alpha_n + beta * x)
 
 
+def swiglu_factors(activation: str, alpha: float, limit: float) -> torch.Tensor | None:
+    """The C kernels' factors of gpt-oss's clamped SwiGLU, (alpha, limit) in fp32; None for other activations."""
+    return torch.tensor([alpha, limit], dtype=torch.float32) if activation == "swiglu_oai" else None
+
+
 def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702, limit: float = 7.0) -> torch.Tensor:
     """What an MLP's down_proj reads from its input projection's output. Gated: act(gate) * up for gate_up
     (..., 2 * width) = [gate, up]: SwiGLU (silu), Gemma's GeGLU (gelu_tanh), or gpt-oss's clamped SwiGLU
@@ -251,7 +256,7 @@ def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702,
     if activation == "relu2":
         return cpu_ops.ungated(gate_up, activation) if cpu_ops.usable(gate_up) else torch.relu(gate_up).square()
     if activation in cpu_ops.ACTIVATIONS and cpu_ops.usable(gate_up):
-        return cpu_ops.gated_mul(gate_up, activation)
+        return cpu_ops.gated_mul(gate_up, activation, swiglu_factors(activation, alpha, limit))
     gate, up = gate_up.chunk(2, dim=-1)
     if activation == "swiglu_oai":
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)

@@ -45,7 +45,7 @@ from .mtp import MultiTokenPredictor
 from .short_conv import ShortConv
 from .recurrent import RecurrentMixer
 from .layers import (NO_ROTATION, UNGATED, LayerNorm, RMSNorm, RotaryEmbedding, head_norm_, mlp_activation,
-                     query_temperatures, rotary_qkv, xielu)
+                     query_temperatures, rotary_qkv, swiglu_factors, xielu)
 from .lora import LoRABatch
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
@@ -196,8 +196,8 @@ class MixtureOfExperts(torch.nn.Module):
 
     def c_mixture(self) -> cpu_ops.Mixture | None:
         """This mixture for the C kernels (cpu_ops.mixture_step), where they run it: fp32 on CPU, every linear
-        layer of its experts (the shared one's, the latent projections) keeping indices or an fp16 copy, an
-        activation the C MLPs take (not gpt-oss's clamped SwiGLU); built at its first call."""
+        layer of its experts (the shared one's, the latent projections) keeping indices or an fp16 copy; built at
+        its first call."""
         if self._c_mixture is None:
             self._c_mixture = self._build_c_mixture() or False
         return self._c_mixture[0] if self._c_mixture and cpu_ops.usable() else None
@@ -208,7 +208,8 @@ class MixtureOfExperts(torch.nn.Module):
         if self.activation not in activations or self.activation == "xielu" or not self.experts or \
                 not cpu_ops.usable(*parameters) or not all(p is None or p.is_contiguous() for p in parameters):
             return None
-        kept: list = [p for p in parameters if p is not None]  # what the struct's addresses point to
+        factors = swiglu_factors(self.activation, *self.swiglu)
+        kept: list = [p for p in [*parameters, factors] if p is not None]  # what the struct's addresses point to
 
         def table(linears: list[torch.nn.Module]) -> ctypes.Array | None:
             """(kind, weight, bias) of each linear layer, as the C step's layer table holds them."""
@@ -240,6 +241,7 @@ class MixtureOfExperts(torch.nn.Module):
             latent=0 if self.latent_in is None else self.latent_in.out_features, routed_scale=self.routed_scale,
             router=self.router.data_ptr(), router_bias=_address(self.router_bias),
             correction=_address(self.correction), shared_gate=_address(self.shared_expert_gate),
+            factors=_address(factors),
             experts=ctypes.addressof(experts), shared=None if shared is None else ctypes.addressof(shared),
             latent_projections=None if latent is None else ctypes.addressof(latent))
         return mixture, kept
