@@ -1,21 +1,24 @@
-"""Decode speed on CPU of model forms beyond Llama's (layers with recurrent mixers, mixtures of experts), three
-ways alternating in one process: the whole decode step of every layer in one C call (one_call: cpu_decode.py),
-the Python layers with each recurrent mixer's step and each mixture in one C call (layers:
-cpu_ops.recurrent_step, cpu_ops.mixture_step), and the Python layers with torch operations for the mixers and
-the mixtures (torch: their routing, then each chosen expert's products one call at a time).
+"""Decode speed on CPU of model forms beyond Llama's (layers with recurrent mixers, mixtures of experts, latent
+attention), three ways alternating in one process: the whole decode step of every layer in one C call
+(one_call: cpu_decode.py), the Python layers with each recurrent mixer's step, each mixture and the latent
+attention's steps around its attention in C calls (layers: cpu_ops.recurrent_step, mixture_step,
+latent_queries, latent_values), and the Python layers with torch operations for those (torch: the mixtures'
+routing, then each chosen expert's products one call at a time).
 
 Random-weight fp16 folders of SmolLM2-135M's widths (hidden 576, MLP 1536, 32 layers, 9 query and 3 key/value
 heads; the tiny test tokenizer, so the head is small): Bamba's form (Mamba-2 in three layers of four: 18 heads
 of 64, state 128, one group), Qwen3.5's (linear attention in three layers of four: 4 key heads serving 8 value
 heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), Qwen3-MoE's (a mixture of 32
 experts of width 384 in every layer, 4 a token, renormalized), gpt-oss's (the same mixtures with biases and its
-clamped SwiGLU, attention sinks, a 128-token window every other layer, YaRN), and Llama's as a reference.
+clamped SwiGLU, attention sinks, a 128-token window every other layer, YaRN), DeepSeek-V3's (GLM-4.7-Flash's
+layer: latent attention, a 256-wide latent and 384-wide queries' one, the same mixtures with sigmoid scores plus
+a choosing bias and a shared expert, the first layer dense), and Llama's as a reference.
 Recorded per model, path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and
 their median, and whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the
 torch operations' other order of fp32 sums may turn a random model's near-ties: the tests check every path
 against transformers).
 
-    python bench/cpu_decode_forms.py [--threads 2] [--rounds 3] [--tokens 128]
+    python bench/cpu_decode_forms.py [--threads 2] [--rounds 3] [--tokens 128] [--models llama,bamba,...]
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.models import linear_attention, llama, mamba, recurrent  # noqa: E402
+from lcq.models import latent_attention, linear_attention, llama, mamba, recurrent  # noqa: E402
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
 from tests.tiny_model import make_tiny_hf  # noqa: E402
 
@@ -47,13 +50,19 @@ MODELS = {"llama": WIDTHS,
           "qwen3_moe": dict(WIDTHS, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
                             norm_topk_prob=True, mlp_only_layers=[]),
           "gpt_oss": dict(WIDTHS, num_local_experts=32, num_experts_per_tok=4, intermediate_size=384,
-                          sliding_window=128)}
-MIXER_MODULES = (recurrent, mamba, linear_attention, llama)  # where the mixers and mixtures look up the C ops
+                          sliding_window=128),
+          "deepseek_v3": dict(WIDTHS, kv_lora_rank=256, q_lora_rank=384, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                              v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
+                              n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                              norm_topk_prob=True, routed_scaling_factor=2.5)}
+# where the mixers, mixtures and latent attention look up the C ops
+MIXER_MODULES = (recurrent, mamba, linear_attention, llama, latent_attention)
 
 
 def options(parser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--models", default=",".join(MODELS), help="the forms to run, comma-separated")
 
 
 def choose_path(llm: LLM, path: str, decoder) -> None:
@@ -83,7 +92,8 @@ def main() -> None:
     args = cpu_arguments(__doc__, RESULTS, options)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for name, shapes in MODELS.items():
+        for name in args.models.split(","):
+            shapes = MODELS[name]
             folder = make_tiny_hf(Path(scratch) / name, name, dtype=torch.float16, **shapes)
             llm = LLM(str(folder), kv_cache_memory_gb=0.6, max_num_seqs=8)
             decode(llm, 1, 8)  # warm-up
@@ -108,7 +118,7 @@ def main() -> None:
                           f"(rounds {rows[-1]['runs']})", flush=True)
             del llm
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads,
-                                         shapes={name: shapes for name, shapes in MODELS.items()}, rows=rows))
+                                         shapes={name: MODELS[name] for name in args.models.split(",")}, rows=rows))
 
 
 if __name__ == "__main__":

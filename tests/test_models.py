@@ -1376,7 +1376,8 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("apertus", torch.float32), ("qwen3_moe", torch.float32),
                                                ("qwen2_moe", torch.float16), ("glm4_moe", torch.float32),
                                                ("nemotron_h_latent", torch.float32), ("lfm2_moe", torch.float32),
-                                               ("gpt_oss", torch.float16)])
+                                               ("gpt_oss", torch.float16), ("deepseek_v3", torch.float32),
+                                               ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
@@ -1437,6 +1438,29 @@ def test_recurrent_mixers_decode_step_in_c_matches_torch(tmp_path, monkeypatch, 
     assert torch.equal(results[0][1][others], initial[0][others]) and \
         torch.equal(results[0][2][others], initial[1][others])
     assert not torch.equal(results[0][2][slots], initial[1][slots]) or arch == "lfm2"
+
+
+@needs_cpu_ops
+@pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
+@pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3", "glm4_moe_lite"])
+def test_latent_attention_and_mixtures_in_c_follow_transformers(tmp_path, monkeypatch, arch):
+    """DeepSeek's latent attention and its mixtures through their C calls (fp16 weights, whose fp16 copies the C
+    products read): prompts in chunks of 4 (the Python layers with cpu_ops.latent_queries, latent_values and
+    mixture_step) and decode steps in one C call give transformers' logits. DeepSeek-V2 (one q_proj, softmax
+    routing within the best group), DeepSeek-V3 and GLM-4.7-Flash (query latents, sigmoid routing plus a choosing
+    bias)."""
+    from transformers import AutoModelForCausalLM
+
+    from lcq.models.cpu_decode import CpuDecoder
+
+    steps = []
+    decode = CpuDecoder.__call__
+    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *args: steps.append(1) or decode(self, *args))
+    folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16)
+    model, _ = load_model(folder)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+    assert all(layer.self_attn.c_layer() is not None for layer in model.layers) and len(steps) == 3
 
 
 @needs_cpu_ops

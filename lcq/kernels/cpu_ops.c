@@ -15,6 +15,7 @@
 
 #include "cpu_cache.h"
 #include "cpu_exp.h"
+#include "cpu_latent.h"
 
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, const uint32_t *panels,
                     float *y); /* cpu_half.c */
@@ -459,7 +460,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
  * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
  * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py); SINKS each head's attention sink
- * (gpt-oss), else NULL. A layer's token mixer is
+ * (gpt-oss), else NULL. A layer's token mixer is DeepSeek's latent attention (LATENT: its LatentLayer,
+ * cpu_latent.c, before the linear layer O),
  * attention (QKV not NULL), a recurrent mixer (RECURRENT: its RecurrentLayer, cpu_recurrent.c, between the
  * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
  * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL), or a mixture of experts where MIXTURE is
@@ -467,7 +469,7 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
        IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
        DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
-       SINKS, POINTERS_PER_LAYER };
+       SINKS, LATENT, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -633,6 +635,46 @@ static int attention(const Step *st, void *const *p, int l) {
     return add_adapter(st->adapters, l, ADAPTER_O, st->attn, rows, q_width, st->hidden, st->projected);
 }
 
+/* The layer's latent attention (DeepSeek's MLA) over normed rows into step->projected: the queries' and latent's
+ * products, lcq_latent_queries, the cache rows written and attended as one KV head of kv_rank + rope_dim, the
+ * values, O. */
+static int latent_attention(const Step *st, void *const *p, float *projected) {
+    const LatentLayer *m = p[LATENT];
+    const int rows = st->rows, width = m->kv_rank + m->rope_dim, q_width = m->heads * (m->nope_dim + m->rope_dim);
+    const int64_t group = (intptr_t)p[GROUP];
+    const size_t floats = (size_t)rows * (m->q_rank + q_width + 2 * width + 2 * (size_t)m->heads * width +
+                                          (size_t)m->heads * m->value_dim);
+    float *q_low = malloc(sizeof(float) * floats);
+    if (q_low == NULL) return -1;
+    float *q = q_low + (int64_t)rows * m->q_rank, *compressed = q + (int64_t)rows * q_width;
+    float *cache_rows = compressed + (int64_t)rows * width, *queries = cache_rows + (int64_t)rows * width;
+    float *out = queries + (int64_t)rows * m->heads * width, *values = out + (int64_t)rows * m->heads * width;
+    int status = 0;
+    if (m->q_rank > 0) { /* the queries through their own latent, normed */
+        status = lcq_linear_entry(m->projections, st->normed, rows, st->hidden, m->q_rank, 0, q_low);
+        if (status == 0) lcq_rms_norm(q_low, NULL, m->q_down_norm, q_low, rows, m->q_rank, m->eps);
+    }
+    if (status == 0)
+        status = lcq_linear_entry(m->projections + 3, m->q_rank > 0 ? q_low : st->normed, rows,
+                                  m->q_rank > 0 ? m->q_rank : st->hidden, q_width, 0, q);
+    if (status == 0) status = lcq_linear_entry(m->projections + 6, st->normed, rows, st->hidden, width, 0, compressed);
+    if (status == 0) {
+        lcq_latent_queries(m, q, compressed, rows, p[COS], p[SIN], st->positions, queries, cache_rows);
+        lcq_store_kv(cache_rows, cache_rows, width, p[K_CACHE], p[V_CACHE], st->slots + group * rows, rows, 1, width,
+                     st->cache_form);
+        status = lcq_decode_attention(queries, (int64_t)m->heads * width, p[K_CACHE], p[V_CACHE], st->cache_form,
+                                      st->block_tables + group * rows * st->max_blocks, st->max_blocks,
+                                      st->context_lens, out, rows, m->heads, 1, width, st->block_size, st->scale, 0.0f,
+                                      (int)(intptr_t)p[WINDOW], NULL);
+    }
+    if (status == 0) {
+        lcq_latent_values(m, out, rows, values);
+        status = lcq_linear_entry(p + O_KIND, values, rows, m->heads * m->value_dim, st->hidden, 0, projected);
+    }
+    free(q_low);
+    return status;
+}
+
 /* The layer's recurrent mixer over normed rows into out (rows, hidden): IN, the mixer's step, OUT. */
 static int recurrent(const Step *st, void *const *p, float *out) {
     if (lcq_linear_entry(p + IN_KIND, st->normed, st->rows, st->hidden, st->recurrent_in, 0, st->mixer_in)) return -1;
@@ -694,7 +736,12 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             add_and_norm(x, NULL, p[INPUT_NORM], st.normed, rows, hidden, eps);
         else /* x += the previous layer's output, in the norm's pass over x (not a serial loop) */
             add_and_norm(st.projected, x, p[INPUT_NORM], st.normed, rows, hidden, eps);
-        const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL, has_mlp = p[GATE_UP] != NULL || p[MIXTURE] != NULL;
+        const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL || p[LATENT] != NULL;
+        const int has_mlp = p[GATE_UP] != NULL || p[MIXTURE] != NULL;
+        if (p[LATENT] != NULL) {
+            const int attended = latent_attention(&st, p, st.projected);
+            if (attended) return attended;
+        }
         if (p[QKV] != NULL) {
             const int attended = attention(&st, p, l);
             if (attended) return attended;

@@ -259,6 +259,39 @@ def mixture_step(mixture: Mixture, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class LatentLayer(ctypes.Structure):
+    """A latent attention layer (DeepSeek's MLA) as cpu_latent.h describes it: its sizes, and the addresses of its
+    norms, kv_b_proj's two parts and the table of its three input projections (the layer keeps them alive)."""
+
+    _fields_ = [(name, ctypes.c_int) for name in ("heads", "kv_rank", "q_rank", "nope_dim", "rope_dim", "value_dim",
+                                                   "interleaved")] + [("eps", ctypes.c_float)] + \
+               [(name, ctypes.c_void_p) for name in ("q_down_norm", "kv_norm", "key_up", "value_up", "projections")]
+
+
+def latent_queries(layer: LatentLayer, q: torch.Tensor, compressed: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A latent attention layer's queries (rows, heads, kv_rank + rope_dim) and cache rows (rows, 1, kv_rank +
+    rope_dim) from its query projection q (rows, heads, nope_dim + rope_dim) and kv_a_proj_with_mqa's output
+    compressed (rows, kv_rank + rope_dim); cos, sin: each row's angles (rows, ..., rope_dim / 2)
+    (lcq_latent_queries)."""
+    q, compressed, cos, sin = (t.contiguous() for t in (q, compressed, cos, sin))
+    rows = q.shape[0]
+    queries = q.new_empty(rows, layer.heads, layer.kv_rank + layer.rope_dim)
+    cache_rows = q.new_empty(rows, 1, layer.kv_rank + layer.rope_dim)
+    library().lcq_latent_queries(ctypes.byref(layer), q.data_ptr(), compressed.data_ptr(), rows, cos.data_ptr(),
+                                 sin.data_ptr(), None, queries.data_ptr(), cache_rows.data_ptr())
+    return queries, cache_rows
+
+
+def latent_values(layer: LatentLayer, out: torch.Tensor) -> torch.Tensor:
+    """Each head's value (rows, heads * value_dim) from the attention's output (rows, heads, kv_rank + rope_dim)
+    (lcq_latent_values)."""
+    out = out.contiguous()
+    values = out.new_empty(out.shape[0], layer.heads * layer.value_dim)
+    library().lcq_latent_values(ctypes.byref(layer), out.data_ptr(), out.shape[0], values.data_ptr())
+    return values
+
+
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """torch.argmax(x, dim=-1) for an fp32 CPU tensor (usable(x)), int64."""
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -337,6 +370,8 @@ def library() -> ctypes.CDLL | None:
         "lcq_argmax_rows": [p, i64, i64, p],
         "lcq_recurrent_step": [p, p, i32, p, p],
         "lcq_mixture_step": [p, p, i32, p],
+        "lcq_latent_queries": [p, p, p, i32, p, p, p, p, p],
+        "lcq_latent_values": [p, p, i32, p],
         "lcq_gated_group_norm": [p, p, i64, p, i32, i64, i32, i32, f32, i32, p],
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],

@@ -1,5 +1,5 @@
 """Build and load the C kernels of the CPU path: cpu_attention.c, cpu_gemm.c, cpu_half.c, cpu_index.c,
-cpu_mixture.c, cpu_ops.c and cpu_recurrent.c, one shared library.
+cpu_latent.c, cpu_mixture.c, cpu_ops.c and cpu_recurrent.c, one shared library.
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
@@ -27,8 +27,8 @@ logger = logging.getLogger("lcq.kernels")
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("attention", "gemm", "half", "index", "mixture", "ops", "recurrent"))
-HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("cache", "constant", "exp", "gemm"))
+SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("attention", "gemm", "half", "index", "latent", "mixture", "ops", "recurrent"))
+HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("cache", "constant", "exp", "gemm", "latent"))
 
 
 @functools.cache

@@ -26,6 +26,7 @@ import torch
 from lcq.kernels import cpu_ops
 
 from .context import ForwardContext
+from .latent_attention import LatentAttention
 from .layers import query_temperatures, swiglu_factors
 from .lora import FUSED, AdapterStack
 from .recurrent import RecurrentMixer
@@ -42,15 +43,17 @@ class CpuDecoder:
         keep what they point to), sliding windows and layer groups (ints), or None."""
         c = model.config
         attention = next((layer.self_attn for layer in model.layers if layer.self_attn is not None and
-                          not isinstance(layer.self_attn, RecurrentMixer)), None)
+                          not isinstance(layer.self_attn, RecurrentMixer)), None)  # (or a latent attention)
         self.num_layers, self.eps = len(model.layers), model.norm.eps
         self.whole_qk_norms, self.qk_norms_after_rotary = int(not c.qk_norm_per_head), int(c.qk_norm_after_rotary)
         self.interleaved_rotary, self.rotated, self.output_gate = \
             int(c.rotary_interleaved), c.rotary_dim, int(c.attention_output_gate)
         self.num_groups = max(model.layer_groups) + 1
-        self.query_temperature = c.query_temperature
+        # (a temperature in every layer or none: build refuses the models with it in some)
+        self.query_temperature = c.query_temperature if all(c.temperature_layers) else None
         self.block_size = model.block_size
-        self.scale, self.softcap = (attention.scale, attention.softcap) if attention is not None else (1.0, 0.0)
+        self.scale = attention.scale if attention is not None else 1.0
+        self.softcap = getattr(attention, "softcap", 0.0)
         self.activation = (cpu_ops.ACTIVATIONS + cpu_ops.UNGATED).index(c.activation)
         self.table_positions = model.rotary.cos.shape[0]
         self.cache_form = cpu_ops.cache_form(attention.k_cache, attention.v_cache) if attention is not None else 0
@@ -78,17 +81,21 @@ class CpuDecoder:
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
         if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1 or c.latent is not None:
-            return None  # (LayerNorms, a temperature in some layers, latent attention: the Python layers)
+                len(set(c.temperature_layers)) > 1:
+            return None  # (LayerNorms, a temperature in some layers: the Python layers)
         entries: list[torch.Tensor | int | ctypes.Structure | None] = []
         for index, layer in enumerate(model.layers):
-            attention = layer.self_attn if not isinstance(layer.self_attn, RecurrentMixer) else None
-            mixer = layer.self_attn if attention is None else layer.mamba
+            latent_attention = layer.self_attn if isinstance(layer.self_attn, LatentAttention) else None
+            attention = layer.self_attn if not isinstance(layer.self_attn, (RecurrentMixer, LatentAttention)) else None
+            mixer = layer.self_attn if isinstance(layer.self_attn, RecurrentMixer) else layer.mamba
             recurrent = None if mixer is None else mixer.c_layer()
+            latent = None if latent_attention is None else latent_attention.c_layer()
+            cached = attention if attention is not None else latent_attention  # the layer's KV caches, if any
             mixture = layer.mlp.c_mixture() if hasattr(layer.mlp, "c_mixture") else None
-            mlp = None if mixture is not None else layer.mlp
-            if (mixer is not None and recurrent is None) or (layer.mlp is not None and mlp is None and mixture is None) \
-                    or (attention is not None and attention.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
+            mlp = None if hasattr(layer.mlp, "c_mixture") else layer.mlp
+            if (mixer is not None and recurrent is None) or (latent_attention is not None and latent is None) or \
+                    (mlp is None and layer.mlp is not None and mixture is None) or \
+                    (cached is not None and cached.k_cache.dtype not in cpu_ops.CACHE_DTYPES):
                 return None
             linears = []  # (kind, address, bias) of each linear layer, placeholders for the parts the layer lacks
             for part, names in ((attention, ("qkv_proj", "o_proj")), (mixer, ("in_proj", "out_proj")),
@@ -98,6 +105,10 @@ class CpuDecoder:
                     if weight is None:
                         return None
                     linears.append(list(weight))
+            if latent_attention is not None:  # its output projection in the attention's place
+                linears[1] = latent_attention.o_proj.decode_weights()
+                if linears[1] is None:
+                    return None
             qkv, o, in_proj, out_proj, gate_up, down = linears
             head_norms = [None, None] if attention is None or attention.q_norm is None else \
                 [attention.q_norm.weight, attention.k_norm.weight]
@@ -105,12 +116,11 @@ class CpuDecoder:
             output_norms = [None if norm is None else norm.weight
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
             input_norms = [None if norm is None else norm.weight for norm in (layer.attention_norm, layer.mlp_norm)]
-            caches = [attention.k_cache, attention.v_cache, attention.window] if attention is not None else \
-                [None, None, 0]
+            caches = [cached.k_cache, cached.v_cache, cached.window] if cached is not None else [None, None, 0]
             entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
                         *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
                         _factors(mlp), mixture, *caches, model.layer_groups[index],
-                        None if attention is None else attention.sinks]
+                        None if attention is None else attention.sinks, latent]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)

@@ -9,12 +9,17 @@ kv_rank + rope_dim values per token and layer (576 for DeepSeek-V2-Lite, where i
 values would take 5,120), and the paged attention paths run it unchanged: one KV head of that width whose
 values are the keys' rows (the V cache is the K cache), the rotated part of each output left unused.
 vLLM and SGLang serve MLA the same way. kv_b_proj stays in full precision (the quantizer does not pack it).
+On CPU (fp32) what lies between the products and the attention is two C calls (cpu_ops.latent_queries,
+latent_values), which the one-call decode step (cpu_decode.py) makes too.
 """
 from __future__ import annotations
 
+import ctypes
 from typing import Callable
 
 import torch
+
+from lcq.kernels import cpu_ops
 
 from .config import ModelConfig
 from .layers import RMSNorm, apply_rotary
@@ -41,6 +46,36 @@ class LatentAttention(torch.nn.Module):
         self.interleaved_rotary = config.rotary_interleaved
         self.window = config.attention_windows[index]
         self.k_cache = self.v_cache = torch.empty(0)
+        self._c_layer: tuple[cpu_ops.LatentLayer, list] | bool | None = None  # c_layer's, with what it points to
+
+    def c_layer(self) -> cpu_ops.LatentLayer | None:
+        """This layer for the C kernels (cpu_ops.latent_queries and latent_values, the one-call decode step), where
+        they run it: fp32 on CPU, its three input projections keeping indices or an fp16 copy; built at its
+        first call."""
+        if self._c_layer is None:
+            self._c_layer = self._build_c_layer() or False
+        return self._c_layer[0] if self._c_layer and cpu_ops.usable() else None
+
+    def _build_c_layer(self) -> tuple[cpu_ops.LatentLayer, list] | None:
+        norms = [self.kv_norm.weight, None if self.q_down_norm is None else self.q_down_norm.weight]
+        tensors = [self.key_up, self.value_up, *(n for n in norms if n is not None)]
+        if not cpu_ops.usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+            return None
+        weights = [(cpu_ops.HALF_WEIGHT, None, None) if self.q_down is None else self.q_down.decode_weights(),
+                   self.q_proj.decode_weights(), self.kv_down.decode_weights()]
+        if any(w is None for w in weights):
+            return None
+        entries = [e for w in weights for e in w]
+        tensors += [e for e in entries if isinstance(e, torch.Tensor)]
+        table = (ctypes.c_void_p * len(entries))(*[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
+        d = self.dims
+        layer = cpu_ops.LatentLayer(heads=self.num_heads, kv_rank=d.kv_rank, q_rank=d.q_rank, nope_dim=d.nope_dim,
+                                    rope_dim=d.rope_dim, value_dim=d.value_dim,
+                                    interleaved=int(self.interleaved_rotary), eps=self.kv_norm.eps,
+                                    q_down_norm=None if norms[1] is None else norms[1].data_ptr(),
+                                    kv_norm=norms[0].data_ptr(), key_up=self.key_up.data_ptr(),
+                                    value_up=self.value_up.data_ptr(), projections=ctypes.addressof(table))
+        return layer, [*tensors, table]
 
     def load_up_projection(self, weight: torch.Tensor) -> None:
         """kv_b_proj's weight (heads x (nope_dim + value_dim), kv_rank) into key_up and value_up."""
@@ -53,8 +88,13 @@ class LatentAttention(torch.nn.Module):
         dims = self.dims
         queries = hidden if self.q_down is None else self.q_down_norm(self.q_down(hidden))[0]
         queries = self.q_proj(queries).view(-1, self.num_heads, dims.nope_dim + dims.rope_dim)
-        q_nope, q_rope = queries.split([dims.nope_dim, dims.rope_dim], dim=-1)
         compressed = self.kv_down(hidden)
+        if (layer := self.c_layer()) is not None and cpu_ops.usable(queries, compressed):  # in two C calls
+            queries, rows = cpu_ops.latent_queries(layer, queries, compressed, *rope)
+            attention.write(rows, rows, self.k_cache, self.v_cache)
+            out = attention.attend(queries, self.k_cache, self.v_cache, self.scale, self.window)
+            return self.o_proj(cpu_ops.latent_values(layer, out))
+        q_nope, q_rope = queries.split([dims.nope_dim, dims.rope_dim], dim=-1)
         latent = self.kv_norm(compressed[:, :dims.kv_rank])[0]
         k_rope = apply_rotary(compressed[:, None, dims.kv_rank:], *rope, self.interleaved_rotary)
         q_latent = torch.bmm(q_nope.transpose(0, 1), self.key_up).transpose(0, 1)  # (T, heads, kv_rank)

@@ -222,9 +222,9 @@ class MixtureOfExperts(torch.nn.Module):
                 *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries]))
             return array
 
-        mlps = [(m.gate_up_proj, m.down_proj) for m in [*self.experts, *filter(None, [self.shared_expert])]]
-        experts = table([linear for pair in mlps[:len(self.experts)] for linear in pair])
-        shared = table(list(mlps[-1])) if self.shared_expert is not None else None
+        experts = table([linear for expert in self.experts for linear in (expert.gate_up_proj, expert.down_proj)])
+        shared = None if self.shared_expert is None else \
+            table([self.shared_expert.gate_up_proj, self.shared_expert.down_proj])
         latent = table([self.latent_in, self.latent_out]) if self.latent_in is not None else None
         if experts is None or (self.shared_expert is not None and shared is None) or \
                 (self.latent_in is not None and latent is None):
