@@ -52,9 +52,11 @@ class LatentAttention(torch.nn.Module):
         """This layer for the C kernels (cpu_ops.latent_queries and latent_values, the one-call decode step), where
         they run it: fp32 on CPU, its three input projections keeping indices or an fp16 copy; built at its
         first call."""
+        if not cpu_ops.usable():  # (checked first: the C kernels switched off now are not refused for good)
+            return None
         if self._c_layer is None:
             self._c_layer = self._build_c_layer() or False
-        return self._c_layer[0] if self._c_layer and cpu_ops.usable() else None
+        return self._c_layer[0] if self._c_layer else None
 
     def _build_c_layer(self) -> tuple[cpu_ops.LatentLayer, list] | None:
         norms = [self.kv_norm.weight, None if self.q_down_norm is None else self.q_down_norm.weight]

@@ -198,9 +198,11 @@ class MixtureOfExperts(torch.nn.Module):
         """This mixture for the C kernels (cpu_ops.mixture_step), where they run it: fp32 on CPU, every linear
         layer of its experts (the shared one's, the latent projections) keeping indices or an fp16 copy; built at
         its first call."""
+        if not cpu_ops.usable():  # (checked first: the C kernels switched off now are not refused for good)
+            return None
         if self._c_mixture is None:
             self._c_mixture = self._build_c_mixture() or False
-        return self._c_mixture[0] if self._c_mixture and cpu_ops.usable() else None
+        return self._c_mixture[0] if self._c_mixture else None
 
     def _build_c_mixture(self) -> tuple[cpu_ops.Mixture, list] | None:
         activations = cpu_ops.ACTIVATIONS + cpu_ops.UNGATED
