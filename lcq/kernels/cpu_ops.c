@@ -638,7 +638,7 @@ static int attention(const Step *st, void *const *p, int l) {
 /* The layer's latent attention (DeepSeek's MLA) over normed rows into step->projected: the queries' and latent's
  * products, lcq_latent_queries, the cache rows written and attended as one KV head of kv_rank + rope_dim, the
  * values, O. */
-static int latent_attention(const Step *st, void *const *p, float *projected) {
+static int latent_attention(const Step *st, void *const *p) {
     const LatentLayer *m = p[LATENT];
     const int rows = st->rows, width = m->kv_rank + m->rope_dim, q_width = m->heads * (m->nope_dim + m->rope_dim);
     const int64_t group = (intptr_t)p[GROUP];
@@ -669,7 +669,7 @@ static int latent_attention(const Step *st, void *const *p, float *projected) {
     }
     if (status == 0) {
         lcq_latent_values(m, out, rows, values);
-        status = lcq_linear_entry(p + O_KIND, values, rows, m->heads * m->value_dim, st->hidden, 0, projected);
+        status = lcq_linear_entry(p + O_KIND, values, rows, m->heads * m->value_dim, st->hidden, 0, st->projected);
     }
     free(q_low);
     return status;
@@ -739,7 +739,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
         const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL || p[LATENT] != NULL;
         const int has_mlp = p[GATE_UP] != NULL || p[MIXTURE] != NULL;
         if (p[LATENT] != NULL) {
-            const int attended = latent_attention(&st, p, st.projected);
+            const int attended = latent_attention(&st, p);
             if (attended) return attended;
         }
         if (p[QKV] != NULL) {
