@@ -1377,7 +1377,8 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("qwen2_moe", torch.float16), ("glm4_moe", torch.float32),
                                                ("nemotron_h_latent", torch.float32), ("lfm2_moe", torch.float32),
                                                ("gpt_oss", torch.float16), ("deepseek_v3", torch.float32),
-                                               ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32)])
+                                               ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32),
+                                               ("llama4", torch.float32)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from

@@ -460,7 +460,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
  * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
  * slots and block tables it uses (cast to a pointer; lcq/runtime/kv_groups.py); SINKS each head's attention sink
- * (gpt-oss), else NULL. A layer's token mixer is DeepSeek's latent attention (LATENT: its LatentLayer,
+ * (gpt-oss), else NULL; TEMPERATURE (cast to a pointer) 1 where the query temperature applies (Ministral 3: every
+ * layer; Llama 4: its NoPE layers), else 0. A layer's token mixer is DeepSeek's latent attention (LATENT: its LatentLayer,
  * cpu_latent.c, before the linear layer O),
  * attention (QKV not NULL), a recurrent mixer (RECURRENT: its RecurrentLayer, cpu_recurrent.c, between the
  * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
@@ -469,7 +470,7 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
        IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
        DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
-       SINKS, LATENT, POINTERS_PER_LAYER };
+       SINKS, LATENT, TEMPERATURE, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
 /* y (rows, N) = x (rows, K) @ W^T + bias for the linear layer whose entries start at `entry`; with
@@ -620,7 +621,7 @@ static int attention(const Step *st, void *const *p, int l) {
             lcq_rotary(qkv, rows, stride, st->heads + st->kv_heads, st->head_dim, st->rotated, p[COS], p[SIN],
                        st->positions, st->interleaved_rotary);
     }
-    for (int r = 0; st->query_scales != NULL && r < rows; r++) /* Ministral 3's query temperature */
+    for (int r = 0; st->query_scales != NULL && p[TEMPERATURE] != NULL && r < rows; r++) /* the query temperature */
         for (int i = 0; i < q_width; i++) qkv[(int64_t)r * stride + i] *= st->query_scales[r];
     lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, stride, p[K_CACHE], p[V_CACHE], st->slots + group * rows,
                  rows, st->kv_heads, st->head_dim, st->cache_form);
@@ -692,7 +693,7 @@ static int recurrent(const Step *st, void *const *p, float *out) {
  * Row r is at positions[r], below the rotary tables' table_positions rows; rotated: the dimensions of each
  * head the rotary embedding turns; softcap > 0 caps the attention
  * scores (Gemma 2); query_scales (rows), where not NULL, multiply each row's queries after the rotary
- * embedding (Ministral 3). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
+ * embedding in the layers whose TEMPERATURE entry is 1 (Ministral 3, Llama 4). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
  * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it;
  * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary); output_gate: q_proj
  * gives each head a gate too (Qwen3.5). slots

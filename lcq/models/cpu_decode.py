@@ -49,8 +49,7 @@ class CpuDecoder:
         self.interleaved_rotary, self.rotated, self.output_gate = \
             int(c.rotary_interleaved), c.rotary_dim, int(c.attention_output_gate)
         self.num_groups = max(model.layer_groups) + 1
-        # (a temperature in every layer or none: build refuses the models with it in some)
-        self.query_temperature = c.query_temperature if all(c.temperature_layers) else None
+        self.query_temperature = c.query_temperature if any(c.temperature_layers) else None
         self.block_size = model.block_size
         self.scale = attention.scale if attention is not None else 1.0
         self.softcap = getattr(attention, "softcap", 0.0)
@@ -80,9 +79,8 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.layer_norm or \
-                len(set(c.temperature_layers)) > 1:
-            return None  # (LayerNorms, a temperature in some layers: the Python layers)
+        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.layer_norm:
+            return None  # (LayerNorms: the Python layers)
         entries: list[torch.Tensor | int | ctypes.Structure | None] = []
         for index, layer in enumerate(model.layers):
             latent_attention = layer.self_attn if isinstance(layer.self_attn, LatentAttention) else None
@@ -120,7 +118,7 @@ class CpuDecoder:
             entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
                         *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
                         _factors(mlp), mixture, *caches, model.layer_groups[index],
-                        None if attention is None else attention.sinks, latent]
+                        None if attention is None else attention.sinks, latent, int(c.temperature_layers[index])]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
             return None
         return cls(model, entries)
