@@ -354,14 +354,16 @@ def test_mixtures_of_experts_follow_transformers(tmp_path, monkeypatch, arch, fa
     chosen by the weights plus a learned bias, MiniMax-M2's by sigmoid scores plus one; ERNIE's, Hunyuan's
     and MiniMax-M2's routers in fp32), Qwen2-MoE's, ERNIE's and Hunyuan's shared experts; MiniMax-M2's q/k
     norms over whole projections and a quarter of each head turning: our model against
-    transformers' own class, prompts prefilled in chunks and decoded, with the C ops and the torch path."""
+    transformers' own class, prompts prefilled in chunks and decoded, with the C ops (fp16 weights, whose copies
+    the C products read: the mixtures in C calls, decode steps in one) and the torch path."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, arch)
+    folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16)
     model, config = load_model(folder)
     assert (config.num_experts, config.experts_per_token, config.moe_layers) == (experts, 2, moe_layers)
-    assert model.cpu_decoder is None  # a mixture runs in the Python layers
+    PagedBatch(model)  # (the KV caches bound: the C decode step is built)
+    assert (model.cpu_decoder is not None) == (c_ops == "1" and cpu_half.enabled())
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
     if arch == "olmoe" and c_ops == "1":  # OLMoE's option of clamping q, k and v, unsupported: refused by name
@@ -387,7 +389,7 @@ def test_gpt_oss_follows_transformers(tmp_path, monkeypatch, mxfp4, c_ops):
     model, config = load_model(folder)
     assert (config.num_experts, config.experts_per_token, config.norm_topk_prob, config.router_bias) == (4, 2, True, True)
     assert config.attention_sinks and config.activation == "swiglu_oai" and config.layer_windows == [7, 0]
-    assert model.cpu_decoder is None
+    assert model.cpu_decoder is None  # (fp32 weights here: the C products read fp16 copies; test_runtime.py has both)
     extra = dict(quantization_config=transformers.Mxfp4Config(dequantize=True)) if mxfp4 else {}
     reference = transformers.GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32, **extra).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]  # past the window
