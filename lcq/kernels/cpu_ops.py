@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+from typing import Callable
 
 import torch
 
@@ -207,6 +208,35 @@ def gated_group_norm(x: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, gro
     library().lcq_gated_group_norm(x.data_ptr(), z.data_ptr(), z.stride(0), weight.data_ptr(), weight.numel(), rows,
                                    width, group, eps, int(gate_first), out.data_ptr())
     return out
+
+
+class BuiltOnce:
+    """A C structure (a recurrent mixer's, a mixture's, a latent attention layer's) built at its first use where the
+    C kernels run, kept with the tensors and tables its addresses point to; None from then on where its build found
+    the layer is not one they run (build returns the structure and what it points to, or None)."""
+
+    def __init__(self, build: Callable[[], tuple[ctypes.Structure, list] | None]):
+        self.build = build
+        self.built: tuple[ctypes.Structure, list] | bool | None = None
+
+    def get(self) -> ctypes.Structure | None:
+        if not usable():  # (checked first: C kernels switched off now do not refuse the layer for good)
+            return None
+        if self.built is None:
+            self.built = self.build() or False
+        return self.built[0] if self.built else None
+
+
+def linear_table(linears: list) -> tuple[ctypes.Array, list[torch.Tensor]] | None:
+    """The (kind, weight, bias) entries of linear layers as the C functions read them (their decode_weights; None:
+    a layer absent, a placeholder), and the tensors they point to; None where a layer keeps no weight the C
+    products read."""
+    weights = [(HALF_WEIGHT, None, None) if linear is None else linear.decode_weights() for linear in linears]
+    if any(w is None for w in weights):
+        return None
+    entries = [e for w in weights for e in w]
+    table = (ctypes.c_void_p * len(entries))(*[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
+    return table, [e for e in entries if isinstance(e, torch.Tensor)]
 
 
 RECURRENT_KINDS = ("mamba", "delta", "short_conv")  # the mixers lcq_recurrent_step runs, in cpu_recurrent.c's order

@@ -46,30 +46,23 @@ class LatentAttention(torch.nn.Module):
         self.interleaved_rotary = config.rotary_interleaved
         self.window = config.attention_windows[index]
         self.k_cache = self.v_cache = torch.empty(0)
-        self._c_layer: tuple[cpu_ops.LatentLayer, list] | bool | None = None  # c_layer's, with what it points to
+        self._c_layer = cpu_ops.BuiltOnce(self._build_c_layer)
 
     def c_layer(self) -> cpu_ops.LatentLayer | None:
         """This layer for the C kernels (cpu_ops.latent_queries and latent_values, the one-call decode step), where
         they run it: fp32 on CPU, its three input projections keeping indices or an fp16 copy; built at its
         first call."""
-        if not cpu_ops.usable():  # (checked first: the C kernels switched off now are not refused for good)
-            return None
-        if self._c_layer is None:
-            self._c_layer = self._build_c_layer() or False
-        return self._c_layer[0] if self._c_layer else None
+        return self._c_layer.get()
 
     def _build_c_layer(self) -> tuple[cpu_ops.LatentLayer, list] | None:
         norms = [self.kv_norm.weight, None if self.q_down_norm is None else self.q_down_norm.weight]
         tensors = [self.key_up, self.value_up, *(n for n in norms if n is not None)]
         if not cpu_ops.usable(*tensors) or not all(t.is_contiguous() for t in tensors):
             return None
-        weights = [(cpu_ops.HALF_WEIGHT, None, None) if self.q_down is None else self.q_down.decode_weights(),
-                   self.q_proj.decode_weights(), self.kv_down.decode_weights()]
-        if any(w is None for w in weights):
+        projections = cpu_ops.linear_table([self.q_down, self.q_proj, self.kv_down])
+        if projections is None:
             return None
-        entries = [e for w in weights for e in w]
-        tensors += [e for e in entries if isinstance(e, torch.Tensor)]
-        table = (ctypes.c_void_p * len(entries))(*[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries])
+        table, weights = projections
         d = self.dims
         layer = cpu_ops.LatentLayer(heads=self.num_heads, kv_rank=d.kv_rank, q_rank=d.q_rank, nope_dim=d.nope_dim,
                                     rope_dim=d.rope_dim, value_dim=d.value_dim,
@@ -77,7 +70,7 @@ class LatentAttention(torch.nn.Module):
                                     q_down_norm=None if norms[1] is None else norms[1].data_ptr(),
                                     kv_norm=norms[0].data_ptr(), key_up=self.key_up.data_ptr(),
                                     value_up=self.value_up.data_ptr(), projections=ctypes.addressof(table))
-        return layer, [*tensors, table]
+        return layer, [*tensors, *weights, table]
 
     def load_up_projection(self, weight: torch.Tensor) -> None:
         """kv_b_proj's weight (heads x (nope_dim + value_dim), kv_rank) into key_up and value_up."""

@@ -191,18 +191,13 @@ class MixtureOfExperts(torch.nn.Module):
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
-        # c_mixture's struct with the tables and tensors it points to; False where the C kernels cannot run it
-        self._c_mixture: tuple[cpu_ops.Mixture, list] | bool | None = None
+        self._c_mixture = cpu_ops.BuiltOnce(self._build_c_mixture)
 
     def c_mixture(self) -> cpu_ops.Mixture | None:
         """This mixture for the C kernels (cpu_ops.mixture_step), where they run it: fp32 on CPU, every linear
         layer of its experts (the shared one's, the latent projections) keeping indices or an fp16 copy; built at
         its first call."""
-        if not cpu_ops.usable():  # (checked first: the C kernels switched off now are not refused for good)
-            return None
-        if self._c_mixture is None:
-            self._c_mixture = self._build_c_mixture() or False
-        return self._c_mixture[0] if self._c_mixture else None
+        return self._c_mixture.get()
 
     def _build_c_mixture(self) -> tuple[cpu_ops.Mixture, list] | None:
         activations = cpu_ops.ACTIVATIONS + cpu_ops.UNGATED
@@ -212,25 +207,14 @@ class MixtureOfExperts(torch.nn.Module):
             return None
         factors = swiglu_factors(self.activation, *self.swiglu)
         kept: list = [p for p in [*parameters, factors] if p is not None]  # what the struct's addresses point to
-
-        def table(linears: list[torch.nn.Module]) -> ctypes.Array | None:
-            """(kind, weight, bias) of each linear layer, as the C step's layer table holds them."""
-            weights = [linear.decode_weights() for linear in linears]
-            if any(w is None for w in weights):
-                return None
-            entries = [e for w in weights for e in w]
-            kept.extend(e for e in entries if isinstance(e, torch.Tensor))
-            kept.append(array := (ctypes.c_void_p * len(entries))(
-                *[e.data_ptr() if isinstance(e, torch.Tensor) else e for e in entries]))
-            return array
-
-        experts = table([linear for expert in self.experts for linear in (expert.gate_up_proj, expert.down_proj)])
-        shared = None if self.shared_expert is None else \
-            table([self.shared_expert.gate_up_proj, self.shared_expert.down_proj])
-        latent = table([self.latent_in, self.latent_out]) if self.latent_in is not None else None
-        if experts is None or (self.shared_expert is not None and shared is None) or \
-                (self.latent_in is not None and latent is None):
+        tables = [cpu_ops.linear_table(linears) for linears in (
+            [linear for expert in self.experts for linear in (expert.gate_up_proj, expert.down_proj)],
+            [] if self.shared_expert is None else [self.shared_expert.gate_up_proj, self.shared_expert.down_proj],
+            [] if self.latent_in is None else [self.latent_in, self.latent_out])]
+        if any(t is None for t in tables):
             return None
+        kept += [item for table, tensors in tables for item in (table, *tensors)]
+        (experts, _), (shared, _), (latent, _) = tables
         parts = 1 if self.activation in UNGATED else 2
         mixture = cpu_ops.Mixture(
             num_experts=len(self.experts), top_k=self.top_k, hidden=self.router.shape[1],
@@ -244,8 +228,9 @@ class MixtureOfExperts(torch.nn.Module):
             router=self.router.data_ptr(), router_bias=_address(self.router_bias),
             correction=_address(self.correction), shared_gate=_address(self.shared_expert_gate),
             factors=_address(factors),
-            experts=ctypes.addressof(experts), shared=None if shared is None else ctypes.addressof(shared),
-            latent_projections=None if latent is None else ctypes.addressof(latent))
+            experts=ctypes.addressof(experts),
+            shared=ctypes.addressof(shared) if self.shared_expert is not None else None,
+            latent_projections=ctypes.addressof(latent) if self.latent_in is not None else None)
         return mixture, kept
 
     def stack_experts(self) -> bool:

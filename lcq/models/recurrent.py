@@ -42,7 +42,7 @@ class RecurrentMixer(torch.nn.Module):
         self.conv_states = self.recurrent_states = torch.empty(0)  # bind_states
         # Per slot verifying drafts: its states after each of the step's tokens, until keep_states
         self.drafted: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._c_layer: tuple[cpu_ops.RecurrentLayer, list[torch.Tensor]] | None = None  # c_layer, with its tensors
+        self._c_layer = cpu_ops.BuiltOnce(self._build_c_layer)  # again once the states are bound
 
     def load(self, tensor: Callable[[str], torch.Tensor]) -> None:
         """The mixer's own parameters (TENSORS; the convolution's filters stored (conv_dim, 1, kernel)), by their
@@ -58,7 +58,7 @@ class RecurrentMixer(torch.nn.Module):
         conv_dim, kernel = self.conv_weight.shape
         self.conv_states = torch.zeros(slots, conv_dim, kernel - 1, dtype=self.conv_weight.dtype, device=device)
         self.recurrent_states = torch.zeros(slots, *self.state_shape, dtype=dtype, device=device)
-        self._c_layer = None
+        self._c_layer = cpu_ops.BuiltOnce(self._build_c_layer)
         return self.conv_states.nbytes + self.recurrent_states.nbytes
 
     def keep_states(self, kept: dict[int, int]) -> None:
@@ -102,20 +102,22 @@ class RecurrentMixer(torch.nn.Module):
 
     def c_layer(self) -> cpu_ops.RecurrentLayer | None:
         """This mixer for the C decode step (cpu_ops.recurrent_step), where it runs: fp32 CPU states and
-        parameters, contiguous; built once its states are bound."""
-        if not cpu_ops.usable(self.conv_states, self.recurrent_states, self.conv_weight):
-            return None  # (a GPU's, or bf16 states: the torch path)
-        if self._c_layer is None:
-            fields = {"conv_states": self.conv_states, "states": self.recurrent_states,
-                      "conv_weight": self.conv_weight, "conv_bias": self.conv_bias, **self.c_fields()}
-            tensors = [v for v in fields.values() if isinstance(v, torch.Tensor)]
-            if self.conv_states.dim() != 3 or not cpu_ops.usable(*tensors) or \
-                    not all(t.is_contiguous() for t in tensors):
-                return None
-            values = {k: v.data_ptr() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
-            self._c_layer = cpu_ops.RecurrentLayer(conv_channels=self.conv_weight.shape[0],
-                                                   conv_kernel=self.conv_weight.shape[1], **values), tensors
-        return self._c_layer[0]
+        parameters, contiguous (a GPU's, or bf16 states: the torch path); built at its first call once its states
+        are bound."""
+        return self._c_layer.get()
+
+    def _build_c_layer(self) -> tuple[cpu_ops.RecurrentLayer, list[torch.Tensor]] | None:
+        if self.conv_states.dim() != 3 or not cpu_ops.usable(self.conv_states, self.recurrent_states,
+                                                              self.conv_weight):
+            return None  # (states not bound yet, a GPU's, or bf16 states)
+        fields = {"conv_states": self.conv_states, "states": self.recurrent_states, "conv_weight": self.conv_weight,
+                  "conv_bias": self.conv_bias, **self.c_fields()}
+        tensors = [v for v in fields.values() if isinstance(v, torch.Tensor)]
+        if not cpu_ops.usable(*tensors) or not all(t.is_contiguous() for t in tensors):
+            return None
+        values = {k: v.data_ptr() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
+        return cpu_ops.RecurrentLayer(conv_channels=self.conv_weight.shape[0], conv_kernel=self.conv_weight.shape[1],
+                                      **values), tensors
 
     def forward(self, hidden: torch.Tensor, rope, attention) -> torch.Tensor:
         """hidden (T, hidden_size) -> (T, hidden_size), each sequence's state advanced past its new tokens."""
