@@ -12,7 +12,9 @@ heads of 64), LFM2's (short convolutions of 3 taps in three layers of four), Qwe
 experts of width 384 in every layer, 4 a token, renormalized), gpt-oss's (the same mixtures with biases and its
 clamped SwiGLU, attention sinks, a 128-token window every other layer, YaRN), DeepSeek-V3's (GLM-4.7-Flash's
 layer: latent attention, a 256-wide latent and 384-wide queries' one, the same mixtures with sigmoid scores plus
-a choosing bias and a shared expert, the first layer dense), and Llama's as a reference.
+a choosing bias and a shared expert, the first layer dense), LayerNorm models (Cohere's: attention and MLP side by
+side on one norm's output; StableLM 2's: biased norms, a quarter of each head turning; both one_call and layers
+only, whose norms are the same C kernel), and Llama's as a reference.
 Recorded per model, path and concurrency: output tokens/s of every round (128 tokens per sequence, greedy) and
 their median, and whether it gave one_call's greedy tokens (one_call and layers compute the same numbers; the
 torch operations' other order of fp32 sums may turn a random model's near-ties: the tests check every path
@@ -54,7 +56,8 @@ MODELS = {"llama": WIDTHS,
           "deepseek_v3": dict(WIDTHS, kv_lora_rank=256, q_lora_rank=384, qk_nope_head_dim=64, qk_rope_head_dim=32,
                               v_head_dim=64, n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=384,
                               n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                              norm_topk_prob=True, routed_scaling_factor=2.5)}
+                              norm_topk_prob=True, routed_scaling_factor=2.5),
+          "cohere": WIDTHS, "stablelm": WIDTHS}
 # where the mixers, mixtures and latent attention look up the C ops
 MIXER_MODULES = (recurrent, mamba, linear_attention, llama, latent_attention)
 
@@ -99,7 +102,7 @@ def main() -> None:
             decode(llm, 1, 8)  # warm-up
             decoder = llm.engine.runner.model.cpu_decoder
             assert decoder is not None, "the C decode step does not build here"
-            kinds = ("one_call", "layers", "torch") if name != "llama" else ("one_call", "layers")
+            kinds = ("one_call", "layers") if name in ("llama", "cohere", "stablelm") else ("one_call", "layers", "torch")
             for concurrency in (1, 8):
                 rates: dict[str, list[float]] = {kind: [] for kind in kinds}
                 tokens: dict[str, list[list[int]]] = {}

@@ -768,20 +768,28 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
 @needs_cpu_ops
 @pytest.mark.parametrize("rows", [1, 3, 20])  # 20: the multi-threaded branch
 def test_cpu_ops_match_torch(rows):
-    """One-pass C versions of RMSNorm (with and without the residual add), rotary and SwiGLU
+    """One-pass C versions of RMSNorm (with and without the residual add), LayerNorm (with and without bias),
+    rotary and SwiGLU
     against the torch expressions: fp32 with another summation order, 1e-5."""
     from lcq.models.layers import apply_rotary
 
     dim, heads, kv_heads, head_dim = 72, 3, 1, 24
     x, residual, weight = torch.randn(rows, dim), torch.randn(rows, dim), torch.randn(dim)
     expected = weight * torch.nn.functional.rms_norm(x, (dim,), eps=1e-5)
-    out, same = cpu_ops.rms_norm(x, weight, 1e-5)
+    out, same = cpu_ops.norm(x, weight, 1e-5)
     assert_close(out, expected, torch.float32)
     assert same.data_ptr() == x.data_ptr()
     total = residual + x
-    out, updated = cpu_ops.rms_norm(x, weight, 1e-5, residual)
+    out, updated = cpu_ops.norm(x, weight, 1e-5, residual)
     assert updated is residual and torch.allclose(residual, total, atol=0, rtol=0)
     assert_close(out, weight * torch.nn.functional.rms_norm(total, (dim,), eps=1e-5), torch.float32)
+    x = x + 3.0  # off centre, as LayerNorms' inputs may be (Cohere, StableLM)
+    for bias in (None, torch.randn(dim)):
+        residual = torch.randn(rows, dim)
+        total = residual + x
+        out, updated = cpu_ops.norm(x, weight, 1e-5, residual, bias, centred=True)
+        assert updated is residual and torch.equal(residual, total)
+        assert_close(out, torch.nn.functional.layer_norm(total, (dim,), weight, bias, eps=1e-5), torch.float32)
 
     angles = torch.randn(rows, 1, head_dim // 2)
     cos, sin = angles.cos(), angles.sin()

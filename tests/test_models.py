@@ -1380,7 +1380,9 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("nemotron_h_latent", torch.float32), ("lfm2_moe", torch.float32),
                                                ("gpt_oss", torch.float16), ("deepseek_v3", torch.float32),
                                                ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32),
-                                               ("llama4", torch.float32)])
+                                               ("llama4", torch.float32), ("cohere", torch.float32),
+                                               ("cohere2", torch.float16), ("stablelm", torch.float32),
+                                               ("stablelm_parallel", torch.float16)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from
@@ -1388,8 +1390,9 @@ def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     attention and MLP outputs, GeGLU, scaled embeddings and queries, and a 7-token sliding-window layer
     with its own rotary base that the prompts of 9 and 11 tokens run past; Gemma 2's soft-capped scores.
     OLMo 2 and EXAONE 4 (three 7-token sliding layers, a NoPE global one): no input norms, OLMo 2's q/k
-    norms over whole projections."""
-    overrides = {"sliding_window": 7} if arch.startswith(("gemma", "exaone")) else {}
+    norms over whole projections. Cohere and StableLM: LayerNorms (StableLM's with biases), Cohere's and
+    stablelm_parallel's attention and MLP side by side."""
+    overrides = {"sliding_window": 7} if arch.startswith(("gemma", "exaone", "cohere2")) else {}
     folder = make_tiny_lcq(tmp_path, arch, bits=3, rank=2, group_size=32, method="rtn", **overrides)
     model, _ = load_model(folder)
     runs = []

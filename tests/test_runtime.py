@@ -137,7 +137,7 @@ def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tm
 
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3", "olmo3", "hunyuan", "bamba", "lfm2", "qwen3_5",
-                                  "qwen3_moe", "gpt_oss", "llama4"])
+                                  "qwen3_moe", "gpt_oss", "llama4", "cohere2", "stablelm", "stablelm_parallel"])
 def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch, arch):
     """Gemma 3 (a 7-token sliding-window layer with its own rotary base, then a full one), Gemma 2 (the
     same windows, scores and logits soft-capped), SmolLM3 (a layer with rotary embedding, then a NoPE
@@ -145,7 +145,9 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     after the rotary embedding), hybrids with recurrent layers (Bamba's Mamba-2, LFM2's short convolutions,
     Qwen3.5's gated delta rule beside attention that gates its output) and mixtures of experts (Qwen3-MoE's;
     gpt-oss's with attention sinks, a 7-token window every other layer, biases and a clamped SwiGLU; Llama 4's with
-    chunked attention and the query temperature in its NoPE layer only) from fp16 weights:
+    chunked attention and the query temperature in its NoPE layer only), LayerNorm models (Cohere 2's attention and
+    MLP side by side, 7-token windows in its rotary layers; StableLM's biased norms, sequential and side by side)
+    from fp16 weights:
     the engine's decode steps run the one-call C step where the C kernels build, and its greedy tokens
     are transformers'."""
     from lcq.models.cpu_decode import CpuDecoder
@@ -154,7 +156,7 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     decode = CpuDecoder.__call__
     monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *args: steps.append(1) or decode(self, *args))
     folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16,
-                          **({"sliding_window": 7} if arch.startswith(("gemma", "olmo")) else {}))
+                          **({"sliding_window": 7} if arch.startswith(("gemma", "olmo", "cohere2")) else {}))
     llm = LLM(str(folder), block_size=8, **FP32)
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):

@@ -39,10 +39,25 @@ static inline void norm_vector(const float *in, const float *weight, float *dst,
     for (int i = 0; i < dim; i++) dst[i] = weight[i] * (in[i] * scale);
 }
 
-/* out = weight * x / rms(x) per row. With residual: residual += x first and the sum is normalised
- * (the residual stream then holds the sum, as the decoder layer needs). */
-void lcq_rms_norm(const float *x, float *residual, const float *weight, float *out, int64_t rows, int dim,
-                  float eps) {
+/* dst = weight * (in - mean) / std + bias (bias NULL: none) for one vector of dim values, mean and variance in
+ * double (LayerNorm: Cohere, StableLM); dst may be in. */
+static inline void centred_norm_vector(const float *in, const float *weight, const float *bias, float *dst, int dim,
+                                       float eps) {
+    double sum = 0.0, squares = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (int i = 0; i < dim; i++) sum += in[i];
+    const float mean = (float)(sum / dim);
+#pragma omp simd reduction(+ : squares)
+    for (int i = 0; i < dim; i++) squares += (double)(in[i] - mean) * (in[i] - mean);
+    const float scale = 1.0f / sqrtf((float)(squares / dim) + eps);
+    for (int i = 0; i < dim; i++) dst[i] = weight[i] * ((in[i] - mean) * scale) + (bias != NULL ? bias[i] : 0.0f);
+}
+
+/* out = the norm of x per row: weight * x / rms(x), or where centred weight * (x - mean) / std + bias (a
+ * LayerNorm; bias may be NULL). With residual: residual += x first and the sum is normalised (the residual
+ * stream then holds the sum, as the decoder layer needs). */
+void lcq_norm(const float *x, float *residual, const float *weight, const float *bias, float *out, int64_t rows,
+              int dim, float eps, int centred) {
 #pragma omp parallel for if (rows >= 16)
     for (int64_t r = 0; r < rows; r++) {
         const float *in = x + r * dim;
@@ -51,8 +66,17 @@ void lcq_rms_norm(const float *x, float *residual, const float *weight, float *o
             for (int i = 0; i < dim; i++) res[i] += in[i];
             in = res;
         }
-        norm_vector(in, weight, out + r * dim, dim, eps);
+        if (centred)
+            centred_norm_vector(in, weight, bias, out + r * dim, dim, eps);
+        else
+            norm_vector(in, weight, out + r * dim, dim, eps);
     }
+}
+
+/* lcq_norm's RMSNorm. */
+void lcq_rms_norm(const float *x, float *residual, const float *weight, float *out, int64_t rows, int dim,
+                  float eps) {
+    lcq_norm(x, residual, weight, NULL, out, rows, dim, eps, 0);
 }
 
 /* Normalise, in place, each of the first `heads` heads of every token row by one head_dim weight
@@ -454,7 +478,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
  * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
  * INPUT_NORM and POST_NORM (before the MLP) are NULL in layers without them (OLMo 2, EXAONE 4: the stream
- * itself goes in); Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
+ * itself goes in; Cohere's parallel blocks: one norm's output feeds the attention and the MLP), INPUT_NORM_BIAS and
+ * POST_NORM_BIAS their biases (StableLM's LayerNorms), else NULL; Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
  * NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
  * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables
  * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
@@ -467,8 +492,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * linear layers IN and OUT), both side by side (Falcon-H1), or neither (Nemotron-H's MLP blocks); it has an
  * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL), or a mixture of experts where MIXTURE is
  * not NULL (its Mixture, cpu_mixture.c). A layer of one part (Nemotron-H) has INPUT_NORM only. */
-enum { INPUT_NORM, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT, IN_KIND, IN,
-       IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
+enum { INPUT_NORM, INPUT_NORM_BIAS, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT,
+       IN_KIND, IN, IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, POST_NORM_BIAS, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
        DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
        SINKS, LATENT, TEMPERATURE, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
@@ -566,24 +591,11 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
     return add_adapter(adapters, layer, ADAPTER_DOWN, activated, rows, width, in_dim, y);
 }
 
-/* out = weight * (residual += x) / rms as lcq_rms_norm, or where weight is NULL (a layer without that
- * norm) out = the sum itself (x, without a residual). */
-static void add_and_norm(const float *x, float *residual, const float *weight, float *out, int rows, int dim,
-                         float eps) {
-    if (weight != NULL) {
-        lcq_rms_norm(x, residual, weight, out, rows, dim, eps);
-        return;
-    }
-    for (int64_t i = 0; i < (int64_t)rows * dim; i++) {
-        if (residual != NULL) residual[i] += x[i];
-        out[i] = residual != NULL ? residual[i] : x[i];
-    }
-}
-
 /* What every layer of a decode step shares (lcq_decode_layers' arguments), and its work buffers. */
 typedef struct {
     int rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks, block_size;
     int whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in, recurrent_out;
+    int layer_norms, parallel_blocks;
     float eps, scale, softcap;
     const int64_t *positions, *slots, *state_slots;
     const int32_t *block_tables, *context_lens;
@@ -591,6 +603,20 @@ typedef struct {
     const Adapters *adapters;
     float *normed, *qkv, *attn, *gates, *projected, *gate_up, *activated, *mixer_in, *mixer_out, *beside;
 } Step;
+
+/* out = the step's norm (layer_norms: LayerNorm, else RMSNorm) of (residual += x) as lcq_norm, or where weight is
+ * NULL (a layer without that norm) out = the sum itself (x, without a residual). */
+static void add_and_norm(const Step *st, const float *x, float *residual, const float *weight, const float *bias,
+                         float *out) {
+    if (weight != NULL) {
+        lcq_norm(x, residual, weight, bias, out, st->rows, st->hidden, st->eps, st->layer_norms);
+        return;
+    }
+    for (int64_t i = 0; i < (int64_t)st->rows * st->hidden; i++) {
+        if (residual != NULL) residual[i] += x[i];
+        out[i] = residual != NULL ? residual[i] : x[i];
+    }
+}
 
 /* The layer's attention over normed rows into step->projected (its output projection's output). */
 static int attention(const Step *st, void *const *p, int l) {
@@ -696,7 +722,9 @@ static int recurrent(const Step *st, void *const *p, float *out) {
  * embedding in the layers whose TEMPERATURE entry is 1 (Ministral 3, Llama 4). whole_qk_norms: the q and k norms span the whole projections (OLMo 2), else
  * each head; qk_norms_after_rotary: they follow the rotary embedding (Hunyuan), else precede it;
  * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary); output_gate: q_proj
- * gives each head a gate too (Qwen3.5). slots
+ * gives each head a gate too (Qwen3.5); layer_norms: the layers' norms are LayerNorms (Cohere, StableLM), else
+ * RMSNorms; parallel_blocks: the attention and the MLP both read the input norm's output and their outputs are
+ * summed (Cohere, StableLM's parallel residual). slots
  * (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer group's cache slots and
  * block tables, contiguous; state_slots (rows) each row's slot of the recurrent mixers' states, whose input and
  * output projections are recurrent_in and recurrent_out wide (0 without them). adapter_matrices (NULL: no LoRA
@@ -709,8 +737,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                       int head_dim, int intermediate, float eps, const int64_t *positions, int64_t table_positions,
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
-                      int qk_norms_after_rotary, int interleaved_rotary, int rotated, int output_gate, int activation,
-                      int cache_form, const int64_t *state_slots, int recurrent_in, int recurrent_out, float *work,
+                      int qk_norms_after_rotary, int interleaved_rotary, int rotated, int output_gate, int layer_norms,
+                      int parallel_blocks, int activation, int cache_form, const int64_t *state_slots, int recurrent_in, int recurrent_out, float *work,
                       void *const *adapter_matrices, const uint8_t *adapter_active, const int64_t *adapter_slots,
                       int adapter_slot_count, int adapter_rank) {
     for (int r = 0; r < rows; r++)
@@ -719,7 +747,7 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
     const int64_t q_width = (int64_t)heads * head_dim, qkv_width = q_width + 2 * (int64_t)kv_heads * head_dim;
     Step st = {rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks,
                block_size, whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in,
-               recurrent_out, eps, scale, softcap, positions, slots, state_slots, block_tables, context_lens,
+               recurrent_out, layer_norms, parallel_blocks, eps, scale, softcap, positions, slots, state_slots, block_tables, context_lens,
                query_scales, adapter_matrices != NULL ? &step_adapters : NULL};
     st.normed = work;
     st.qkv = st.normed + (int64_t)rows * hidden;
@@ -734,9 +762,9 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
     for (int l = 0; l < num_layers; l++) {
         void *const *p = layers + (int64_t)l * POINTERS_PER_LAYER;
         if (l == 0)
-            add_and_norm(x, NULL, p[INPUT_NORM], st.normed, rows, hidden, eps);
+            add_and_norm(&st, x, NULL, p[INPUT_NORM], p[INPUT_NORM_BIAS], st.normed);
         else /* x += the previous layer's output, in the norm's pass over x (not a serial loop) */
-            add_and_norm(st.projected, x, p[INPUT_NORM], st.normed, rows, hidden, eps);
+            add_and_norm(&st, st.projected, x, p[INPUT_NORM], p[INPUT_NORM_BIAS], st.normed);
         const int mixes = p[QKV] != NULL || p[RECURRENT] != NULL || p[LATENT] != NULL;
         const int has_mlp = p[GATE_UP] != NULL || p[MIXTURE] != NULL;
         if (p[LATENT] != NULL) {
@@ -751,18 +779,21 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
             if (recurrent(&st, p, p[QKV] != NULL ? st.beside : st.projected)) return -1;
             for (int64_t i = 0; p[QKV] != NULL && i < (int64_t)rows * hidden; i++) st.projected[i] += st.beside[i];
         }
-        if (mixes && has_mlp) {
+        const int parallel = mixes && has_mlp && parallel_blocks; /* Cohere: the MLP reads the mixer's input too */
+        if (mixes && has_mlp && !parallel) {
             if (p[ATTENTION_OUTPUT_NORM] != NULL) /* Gemma */
                 lcq_rms_norm(st.projected, NULL, p[ATTENTION_OUTPUT_NORM], st.projected, rows, hidden, eps);
-            add_and_norm(st.projected, x, p[POST_NORM], st.normed, rows, hidden, eps); /* x += the mixer's output */
+            add_and_norm(&st, st.projected, x, p[POST_NORM], p[POST_NORM_BIAS], st.normed); /* x += the mixer's */
         }
         if (has_mlp) {
-            const int status = p[MIXTURE] != NULL ? lcq_mixture_step(p[MIXTURE], st.normed, rows, st.projected)
+            float *out = parallel ? st.beside : st.projected;
+            const int status = p[MIXTURE] != NULL ? lcq_mixture_step(p[MIXTURE], st.normed, rows, out)
                 : lcq_mlp(p + GATE_UP_KIND, st.normed, rows, hidden, intermediate, activation, p[MLP_FACTORS],
-                          st.adapters, l, st.gate_up, st.activated, st.projected);
+                          st.adapters, l, st.gate_up, st.activated, out);
             if (status) return -1;
             if (p[MLP_OUTPUT_NORM] != NULL) /* Gemma */
-                lcq_rms_norm(st.projected, NULL, p[MLP_OUTPUT_NORM], st.projected, rows, hidden, eps);
+                lcq_rms_norm(out, NULL, p[MLP_OUTPUT_NORM], out, rows, hidden, eps);
+            for (int64_t i = 0; parallel && i < (int64_t)rows * hidden; i++) st.projected[i] += st.beside[i];
         }
     }
     for (int64_t i = 0; num_layers > 0 && i < (int64_t)rows * hidden; i++) x[i] += st.projected[i]; /* the last's */

@@ -35,15 +35,17 @@ def usable(*tensors: torch.Tensor | None) -> bool:
     return ENABLED and library() is not None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight * norm(s), s) for s = x, or s = residual + x written into residual."""
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+         bias: torch.Tensor | None = None, centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight * norm(s), s) for s = x, or s = residual + x written into residual: an RMSNorm, or where centred a
+    LayerNorm (plus bias, where given)."""
     x = x.contiguous()
     if residual is not None and not residual.is_contiguous():
-        raise ValueError("rms_norm updates the residual in place: it must be contiguous")
+        raise ValueError("norm updates the residual in place: it must be contiguous")
     out = torch.empty_like(x)
-    library().lcq_rms_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
-                           out.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], eps)
+    library().lcq_norm(x.data_ptr(), None if residual is None else residual.data_ptr(), weight.data_ptr(),
+                       None if bias is None else bias.data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                       x.shape[-1], eps, int(centred))
     return out, x if residual is None else residual
 
 
@@ -391,7 +393,7 @@ def library() -> ctypes.CDLL | None:
         return None
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
-        "lcq_rms_norm": [p, p, p, p, i64, i32, f32],
+        "lcq_norm": [p, p, p, p, p, i64, i32, f32, i32],
         "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
         "lcq_rotary": [p, i64, i64, i32, i32, i32, p, p, p, i32],
         "lcq_gated_mul": [p, p, i64, i64, i32, p],
@@ -408,7 +410,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
+                              i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -8,7 +8,8 @@ attention), so both give the same numbers; the Python layers remain the path for
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
 attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap);
 OLMo 2 and EXAONE 4 leave their input norms out (NULL entries: the stream itself goes in), and OLMo 2
-has a switch for q/k norms over whole projections. Hybrids' recurrent mixers (Mamba-2, Qwen3.5's gated delta
+has a switch for q/k norms over whole projections; Cohere's and StableLM's LayerNorms (their biases entries too)
+and parallel blocks (attention and MLP side by side on one norm's output) are two more switches. Hybrids' recurrent mixers (Mamba-2, Qwen3.5's gated delta
 rule, LFM2's short convolution) are a layer's entries too, run by the function their Python decode step calls
 (cpu_ops.recurrent_step), alone, beside attention (Falcon-H1), or as a block of one part (Nemotron-H, whose
 MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's attention gates its output and turns part of
@@ -48,6 +49,7 @@ class CpuDecoder:
         self.whole_qk_norms, self.qk_norms_after_rotary = int(not c.qk_norm_per_head), int(c.qk_norm_after_rotary)
         self.interleaved_rotary, self.rotated, self.output_gate = \
             int(c.rotary_interleaved), c.rotary_dim, int(c.attention_output_gate)
+        self.layer_norms, self.parallel_blocks = int(c.layer_norm), int(c.parallel_block)
         self.num_groups = max(model.layer_groups) + 1
         self.query_temperature = c.query_temperature if any(c.temperature_layers) else None
         self.block_size = model.block_size
@@ -79,8 +81,8 @@ class CpuDecoder:
         c = model.config
         if model.dtype != torch.float32 or not model.norm.weight.is_cpu:
             return None
-        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable() or c.layer_norm:
-            return None  # (LayerNorms: the Python layers)
+        if c.activation not in cpu_ops.ACTIVATIONS + cpu_ops.UNGATED or not cpu_ops.usable():
+            return None
         entries: list[torch.Tensor | int | ctypes.Structure | None] = []
         for index, layer in enumerate(model.layers):
             latent_attention = layer.self_attn if isinstance(layer.self_attn, LatentAttention) else None
@@ -113,10 +115,11 @@ class CpuDecoder:
             rotary = model.layer_rotary(index)
             output_norms = [None if norm is None else norm.weight
                             for norm in (layer.attention_output_norm, layer.mlp_output_norm)]
-            input_norms = [None if norm is None else norm.weight for norm in (layer.attention_norm, layer.mlp_norm)]
+            input_norms = [[None, None] if norm is None else [norm.weight, getattr(norm, "bias", None)]
+                           for norm in (layer.attention_norm, layer.mlp_norm)]  # (weight, bias: StableLM's)
             caches = [cached.k_cache, cached.v_cache, cached.window] if cached is not None else [None, None, 0]
-            entries += [input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
-                        *out_proj, output_norms[0], input_norms[1], *gate_up, *down, output_norms[1],
+            entries += [*input_norms[0], *qkv, *head_norms, rotary.cos, rotary.sin, *o, recurrent, *in_proj,
+                        *out_proj, output_norms[0], *input_norms[1], *gate_up, *down, output_norms[1],
                         _factors(mlp), mixture, *caches, model.layer_groups[index],
                         None if attention is None else attention.sinks, latent, int(c.temperature_layers[index])]
         if not all(e.is_contiguous() and e.is_cpu for e in entries if isinstance(e, torch.Tensor)):
@@ -165,7 +168,8 @@ class CpuDecoder:
             self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
-            self.qk_norms_after_rotary, self.interleaved_rotary, self.rotated, self.output_gate, self.activation,
+            self.qk_norms_after_rotary, self.interleaved_rotary, self.rotated, self.output_gate, self.layer_norms,
+            self.parallel_blocks, self.activation,
             self.cache_form, None if state_slots is None else state_slots.data_ptr(), *self.recurrent_widths,
             work.data_ptr(), adapters[0], adapters[1],
             None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])

@@ -38,20 +38,22 @@ class RMSNorm(torch.nn.Module):
         that the C path does the add and the norm in one pass; it updates residual in place).
         Normalised in fp32, scaled in the model dtype, as transformers does."""
         if cpu_ops.usable(x, residual, self.weight):
-            return cpu_ops.rms_norm(x, self.weight, self.eps, residual)
+            return cpu_ops.norm(x, self.weight, self.eps, residual)
         s = x if residual is None else residual + x
         return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
 
 
 class LayerNorm(RMSNorm):
     """Cohere's and StableLM's norm: centred, scaled by its weight (plus StableLM's bias), in fp32; the same
-    residual contract as RMSNorm's, in torch (the C kernels have only RMSNorm)."""
+    residual contract as RMSNorm's, and the same C kernel on CPU (the one-call decode step's)."""
 
     def __init__(self, size: int, eps: float, dtype: torch.dtype = torch.float32, bias: bool = False):
         super().__init__(size, eps, dtype)
         self.bias = torch.nn.Parameter(torch.zeros(size, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if cpu_ops.usable(x, residual, self.weight, self.bias):
+            return cpu_ops.norm(x, self.weight, self.eps, residual, self.bias, centred=True)
         s = x if residual is None else residual + x
         bias = None if self.bias is None else self.bias.float()
         return F.layer_norm(s.float(), (s.shape[-1],), self.weight.float(), bias, self.eps).to(s.dtype), s
