@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402,F401  (takes bench/ itself off sys.path: bench/__init__.py)
 
 import torch  # noqa: E402
 
