@@ -55,6 +55,23 @@ def llm(tiny):
     return LLM(str(tiny), block_size=8, **FP32)
 
 
+@pytest.fixture
+def one_call_steps(monkeypatch) -> list[bool]:
+    """The one-call C decode steps that run, one entry each: whether the step had LoRA adapter rows."""
+    from lcq.models.cpu_decode import CpuDecoder
+
+    steps: list[bool] = []
+    decode = CpuDecoder.__call__
+    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, hidden, positions, context:
+                        steps.append(context.lora is not None) or decode(self, hidden, positions, context))
+    return steps
+
+
+def _one_call_builds() -> bool:
+    """Whether the one-call C decode step builds here for fp16 or LCQ weights."""
+    return cpu_ops.usable() and cpu_half.enabled()
+
+
 def _transformers_greedy(folder, prompt: list[int], n: int, model=None) -> list[int]:
     """transformers' greedy tokens with EOS allowed but not stopping, as our `ignore_eos=True` does
     (of `model`, else the folder's).
@@ -138,7 +155,7 @@ def test_multimodal_checkpoint_generates_with_its_wrappers_transformers_model(tm
 
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "smollm3", "olmo3", "hunyuan", "bamba", "lfm2", "qwen3_5",
                                   "qwen3_moe", "gpt_oss", "llama4", "cohere2", "stablelm", "stablelm_parallel"])
-def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, monkeypatch, arch):
+def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, one_call_steps, arch):
     """Gemma 3 (a 7-token sliding-window layer with its own rotary base, then a full one), Gemma 2 (the
     same windows, scores and logits soft-capped), SmolLM3 (a layer with rotary embedding, then a NoPE
     one), OLMo 3 (three 7-token sliding-window layers, then a full one with YaRN), Hunyuan (q/k norms
@@ -150,20 +167,14 @@ def test_greedy_matches_transformers_through_the_one_call_decode_step(tmp_path, 
     from fp16 weights:
     the engine's decode steps run the one-call C step where the C kernels build, and its greedy tokens
     are transformers'."""
-    from lcq.models.cpu_decode import CpuDecoder
-
-    steps = []
-    decode = CpuDecoder.__call__
-    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, *args: steps.append(1) or decode(self, *args))
     folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16,
                           **({"sliding_window": 7} if arch.startswith(("gemma", "olmo", "cohere2")) else {}))
     llm = LLM(str(folder), block_size=8, **FP32)
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == _transformers_greedy(folder, prompt, 12)
-    one_call = cpu_ops.usable() and cpu_half.enabled()
-    assert (llm.engine.runner.model.cpu_decoder is not None) == one_call
-    assert (len(steps) >= 11) == one_call  # every decode step: 11 per sequence, batched or not
+    assert (llm.engine.runner.model.cpu_decoder is not None) == _one_call_builds()
+    assert (len(one_call_steps) >= 11) == _one_call_builds()  # every decode step: 11 per sequence, batched or not
 
 
 def test_max_model_len_past_the_models_context_is_refused(tiny):
@@ -1082,17 +1093,19 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
     ("granite4_hybrid", ("shared_mlp.input_linear", "shared_mlp.output_linear"), None),
     ("nemotron_h", ("mixer.up_proj", "mixer.down_proj"), [1, 4]),  # (its MLP blocks)
     ("falcon_h1", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "feed_forward.gate_proj",
-                   "feed_forward.down_proj"), None)])
-def test_lora_adapters_on_the_mlps_of_recurrent_models(tmp_path, arch, targets, layers):
+                   "feed_forward.down_proj"), None),
+    ("arcee", ("self_attn.v_proj", "mlp.up_proj", "mlp.down_proj"), None)])
+def test_lora_adapters_on_recurrent_models_and_ungated_mlps(tmp_path, one_call_steps, arch, targets, layers):
     """An adapter on the MLPs of a model with recurrent layers (whose attention takes none) gives the greedy
     tokens of transformers' own class with the adapter merged: LFM2's w1/w3/w2 and Granite 4.0-H's fused
     input_linear (split into gate and up, its output_linear's B scaled by the residual factor folded into
     down_proj) and Nemotron-H's MLP blocks (up_proj alone, no gate; its Mamba-2 and attention blocks' mixer
     modules take none) reach the matrices lcq reads them as; on Falcon-H1's attention and MLP, the factors folded
-    into those matrices scale the adapters' products alike."""
+    into those matrices scale the adapters' products alike; Arcee's ungated MLP (up_proj alone). From fp16
+    weights: the decode steps with adapter rows run the one-call C step where it builds."""
     import transformers
 
-    folder = make_tiny_hf(tmp_path / "hf", arch)
+    folder = make_tiny_hf(tmp_path / "hf", arch, dtype=torch.float16)
     adapter = make_tiny_adapter(tmp_path / "adapter", folder, targets=targets, alpha=64.0, layers=layers)
     family = json.loads((folder / "config.json").read_text())["architectures"][0]
     merged = merge_adapter(getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval(), adapter)
@@ -1101,22 +1114,17 @@ def test_lora_adapters_on_the_mlps_of_recurrent_models(tmp_path, arch, targets, 
     llm = LLM(str(folder), block_size=8, lora_modules=f"tuned={adapter}", **FP32)
     tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="tuned")
     assert [o.token_ids for o in llm.generate(PROMPTS, tuned)] == expected
+    folded = arch in ("granite4_hybrid", "falcon_h1")  # factors folded into the weights: no exact fp16 copies
+    assert any(one_call_steps) == (_one_call_builds() and not folded)
 
 
 @pytest.mark.parametrize("base", ["fp32", "fp16", "lcq"])
-def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, monkeypatch, base):
+def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, one_call_steps, base):
     """Adapters served over the unmerged base (dense, or LCQ with Qwen2's qkv bias) give the greedy
     tokens of transformers with each adapter merged into the weights, alone and batched with each other
     (different ranks and layers) and with base-model requests; the prefix cache never hands an adapter
     the base model's KV blocks, but does its own. Over fp16 and LCQ weights the decode steps, adapters
     and all, run the one-call C step where it builds."""
-    from lcq.models.cpu_decode import CpuDecoder
-
-    steps = []
-    decode = CpuDecoder.__call__
-    monkeypatch.setattr(CpuDecoder, "__call__",
-                        lambda self, hidden, positions, context: steps.append(context.lora is not None)
-                        or decode(self, hidden, positions, context))
     folder = tiny if base == "fp32" else make_tiny_hf(tmp_path / "hf16", "llama", dtype=torch.float16) \
         if base == "fp16" else make_tiny_lcq(tmp_path, "qwen2", bits=3, rank=2, group_size=32)
     adapter = make_tiny_adapter(tmp_path / "adapter", folder)
@@ -1141,8 +1149,7 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, m
     assert _pool_is_full(llm.engine)
     with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
         llm.generate(PROMPTS[:1], SamplingParams(lora="other"))
-    one_call = base != "fp32" and cpu_ops.usable() and cpu_half.enabled()
-    assert any(steps) == one_call  # decode steps with adapter rows went through the C step
+    assert any(one_call_steps) == (base != "fp32" and _one_call_builds())  # adapter rows' steps ran the C step
     scored = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora="sql",
                                                       logprobs=1))[0]  # each decode step's logprob, to 1e-4
     with torch.no_grad():
@@ -1151,10 +1158,11 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, m
         assert entry.logprob == pytest.approx(float(expected[len(PROMPTS[0]) - 1 + i, entry.token_id]), abs=1e-4)
 
 
-def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
+def test_lora_adapters_over_a_mixture_of_experts(tmp_path, one_call_steps):
     """Over an LCQ Qwen3-MoE (its second layer dense): adapters on the attention of every layer and on the
     dense layer's MLP give the greedy tokens of transformers with them merged, batched with each other and
-    with base-model requests; an adapter on an expert's matrix is refused by name."""
+    with base-model requests (through the one-call C decode step where it builds); an adapter on an expert's
+    matrix is refused by name."""
     from tests.tiny_model import write_lora_pair
 
     folder = make_tiny_lcq(tmp_path, "qwen3_moe", bits=3, rank=2, group_size=32)
@@ -1171,6 +1179,7 @@ def test_lora_adapters_over_a_mixture_of_experts(tmp_path):
               for lora in ("attention", None, "dense")]
     outs = llm.generate(PROMPTS * 3, [p for p in params for _ in PROMPTS])
     assert [o.token_ids for o in outs] == expected["attention"] + base + expected["dense"]
+    assert any(one_call_steps) == _one_call_builds()
     assert _pool_is_full(llm.engine)
     expert = write_lora_pair(tmp_path / "expert", "model.layers.0.mlp.experts.0.gate_proj", 96, 64)
     with pytest.raises(UserError, match="experts.0.gate_proj is not a linear layer .*a mixture's experts"):

@@ -510,7 +510,8 @@ int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N,
 
 /* A decode step's LoRA adapters (lcq/models/lora.py AdapterStack): per layer, for each fused linear
  * layer in the order QKV, O, GATE_UP, DOWN, the stack's A (slots W, K) and B's transpose (slots W, N),
- * W = rank x the layer's parts; `active` (layers x 4) says which fused layers any held adapter touches; row r uses slot
+ * W = rank x the layer's parts (NULL where the layer has no such fused layer: a mixture's, a recurrent mixer's);
+ * `active` (layers x 4) says which fused layers any held adapter touches (0 where NULL); row r uses slot
  * row_slots[r] (-1: none). */
 typedef struct Adapters {
     void *const *matrices;
@@ -522,22 +523,22 @@ typedef struct Adapters {
 enum { ADAPTER_QKV, ADAPTER_O, ADAPTER_GATE_UP, ADAPTER_DOWN, ADAPTER_LAYERS };
 #define ADAPTER_PARALLEL_MACS 65536 /* an adapter product's multiply-adds from which both cores share it */
 #define ADAPTER_COLUMNS 256         /* output columns per share of B's half of the product */
-static const int ADAPTER_PARTS[ADAPTER_LAYERS] = {3, 1, 2, 1};
 
 static int adapter_touches(const Adapters *adapters, int layer, int kind) {
     return adapters != NULL && adapters->active[layer * ADAPTER_LAYERS + kind];
 }
 
-/* y (rows, N) += each row's adapter product B_s (A_s x_r), s its slot: A_s the rows s W .. s W + W of A,
+/* y (rows, N) += each row's adapter product B_s (A_s x_r), s its slot, W = rank x parts (3 for q, k, v; 2 for
+ * gate and up; 1 for up alone and the others): A_s the rows s W .. s W + W of A,
  * B_s the columns s W .. s W + W of B, read as rows of B's transpose (what LoRABatch.add computes, the
  * other slots' zero columns left out): each output row gains W scaled rows of it, in chunks of columns
  * the cores share. Returns 0, or -1 when a buffer cannot be allocated. */
-static int add_adapter(const Adapters *adapters, int layer, int kind, const float *x, int rows, int K, int N,
-                       float *y) {
+static int add_adapter(const Adapters *adapters, int layer, int kind, int parts, const float *x, int rows, int K,
+                       int N, float *y) {
     if (!adapter_touches(adapters, layer, kind)) return 0;
     const float *a = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2];
     const float *b_rows = adapters->matrices[(layer * ADAPTER_LAYERS + kind) * 2 + 1];
-    const int width = adapters->rank * ADAPTER_PARTS[kind];
+    const int width = adapters->rank * parts;
     float *low = malloc(sizeof(float) * (size_t)rows * width);
     if (low == NULL) return -1;
 #pragma omp parallel for collapse(2) schedule(static) if ((int64_t)rows * width * K >= ADAPTER_PARALLEL_MACS)
@@ -581,14 +582,14 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
         if (lcq_linear_entry(entries, x, rows, in_dim, up_width, 1, activated)) return -1; /* SwiGLU in the product */
     } else {
         if (lcq_linear_entry(entries, x, rows, in_dim, up_width, 0, gate_up)) return -1;
-        if (add_adapter(adapters, layer, ADAPTER_GATE_UP, x, rows, in_dim, up_width, gate_up)) return -1;
+        if (add_adapter(adapters, layer, ADAPTER_GATE_UP, gated ? 2 : 1, x, rows, in_dim, up_width, gate_up)) return -1;
         if (gated)
             lcq_gated_mul(gate_up, activated, rows, width, activation, factors);
         else
             lcq_ungated(gate_up, activated, rows, width, activation, factors);
     }
     if (lcq_linear_entry(entries + 3, activated, rows, width, in_dim, 0, y)) return -1;
-    return add_adapter(adapters, layer, ADAPTER_DOWN, activated, rows, width, in_dim, y);
+    return add_adapter(adapters, layer, ADAPTER_DOWN, 1, activated, rows, width, in_dim, y);
 }
 
 /* What every layer of a decode step shares (lcq_decode_layers' arguments), and its work buffers. */
@@ -625,7 +626,7 @@ static int attention(const Step *st, void *const *p, int l) {
     const int64_t group = (intptr_t)p[GROUP];
     float *qkv = st->qkv;
     if (lcq_linear_entry(p + QKV_KIND, st->normed, rows, st->hidden, stride, 0, qkv)) return -1;
-    if (add_adapter(st->adapters, l, ADAPTER_QKV, st->normed, rows, st->hidden, qkv_width, qkv)) return -1;
+    if (add_adapter(st->adapters, l, ADAPTER_QKV, 3, st->normed, rows, st->hidden, qkv_width, qkv)) return -1;
     if (st->output_gate) /* (Qwen3.5) each head's query, then its gate: the gates set apart, the rest closed up */
         for (int r = 0; r < rows; r++) {
             float *row = qkv + (int64_t)r * stride;
@@ -659,7 +660,7 @@ static int attention(const Step *st, void *const *p, int l) {
     if (attended) return attended;
     if (st->output_gate) lcq_sigmoid_gate(st->attn, st->gates, rows, st->heads, st->head_dim, q_width, st->head_dim);
     if (lcq_linear_entry(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;
-    return add_adapter(st->adapters, l, ADAPTER_O, st->attn, rows, q_width, st->hidden, st->projected);
+    return add_adapter(st->adapters, l, ADAPTER_O, 1, st->attn, rows, q_width, st->hidden, st->projected);
 }
 
 /* The layer's latent attention (DeepSeek's MLA) over normed rows into step->projected: the queries' and latent's

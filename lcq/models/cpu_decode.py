@@ -15,8 +15,7 @@ rule, LFM2's short convolution) are a layer's entries too, run by the function t
 MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's attention gates its output and turns part of
 each head. A mixture of experts is the function the Python layers call on CPU (cpu_ops.mixture_step). Steps with LoRA adapters pass the adapter stack's matrices (a second table, built once per stack)
 and each row's slot; the C step adds each row's adapter product after each fused product, as LoRABatch.add
-does (models whose layers are all attention and a gated or ungated MLP: the hybrids' adapters keep the Python
-layers).
+does (the attention's and dense MLPs' products: the only ones adapters reach).
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from lcq.kernels import cpu_ops
 from .context import ForwardContext
 from .latent_attention import LatentAttention
 from .layers import query_temperatures, swiglu_factors
-from .lora import FUSED, AdapterStack
+from .lora import FUSED, AdapterStack, fused_place
 from .recurrent import RecurrentMixer
 
 
@@ -69,8 +68,6 @@ class CpuDecoder:
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         self.work_per_row = 3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size + sum(self.recurrent_widths) \
             + 2 * q * self.output_gate
-        self.takes_adapters = not c.recurrent and not c.attention_output_gate and all(c.mlp_layers) and \
-            not any(c.moe_layers)
         self.adapter_tables: dict[int, tuple[AdapterStack, ctypes.Array]] = {}  # id(stack) -> its matrices' table
 
     @classmethod
@@ -130,18 +127,22 @@ class CpuDecoder:
         """A decode step whose context has the block tables of every layer group (and whose adapters, if
         any, are those of the layers they touch: a CUDA graph's every_layer is not for this step)."""
         return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and not context.drafting_slots \
-            and (context.lora is None or (self.takes_adapters and not context.lora.every_layer)) and \
+            and (context.lora is None or not context.lora.every_layer) and \
             context.num_groups == self.num_groups
 
     def _adapter_table(self, stack: AdapterStack) -> ctypes.Array:
-        """The stack's A and B's transpose of every fused layer, layer by layer in FUSED's order (the stack
-        keeps them, in place, for the engine's life)."""
+        """The stack's A and B's transpose of every fused layer, layer by layer in FUSED's order, NULL where a
+        layer has none (a mixture's, a recurrent mixer's, DeepSeek's attention: the stack's active entry is 0
+        there); the stack keeps them, in place, for the engine's life."""
         if id(stack) not in self.adapter_tables:
-            matrices = [m for name, (a, _, _) in stack.layers.items() for m in (a, stack.b_rows[name])]
-            if len(matrices) != self.num_layers * 2 * len(FUSED) or \
-                    not all(m.is_contiguous() and m.dtype == torch.float32 for m in matrices):
-                raise ValueError("the C decode step takes an fp32 adapter stack of every fused layer")
-            table = (ctypes.c_void_p * len(matrices))(*[m.data_ptr() for m in matrices])
+            pointers: list[int | None] = [None] * (self.num_layers * len(FUSED) * 2)
+            for name, (a, _, _) in stack.layers.items():
+                if not (a.is_contiguous() and a.dtype == torch.float32 and stack.b_rows[name].is_contiguous()):
+                    raise ValueError("the C decode step takes an fp32 adapter stack on CPU")
+                layer, kind = fused_place(name)
+                place = (layer * len(FUSED) + kind) * 2
+                pointers[place:place + 2] = a.data_ptr(), stack.b_rows[name].data_ptr()
+            table = (ctypes.c_void_p * len(pointers))(*pointers)
             self.adapter_tables[id(stack)] = (stack, table)
         return self.adapter_tables[id(stack)][1]
 

@@ -178,7 +178,8 @@ class AdapterStack:
                     self.b_rows[layer] = torch.zeros(slots * width, rows, dtype=dtype)
         self.held: dict[int, set[str]] = {}  # slot -> the fused layers its adapter has matrices in
         self.holders: dict[str, int] = dict.fromkeys(self.layers, 0)  # fused layer -> slots with matrices there
-        self.active = torch.zeros(len(self.layers), dtype=torch.uint8)  # holders > 0, in layers' order (the C step)
+        # holders > 0 per decoder layer and fused layer in FUSED's order, 0 where a layer has none (the C step's)
+        self.active = torch.zeros(config.num_layers, len(FUSED), dtype=torch.uint8)
 
     def load(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy the adapter into `slot` (zeros where it has nothing); load_adapter checked its rank."""
@@ -208,7 +209,16 @@ class AdapterStack:
                 self.b_rows[layer][slot * width:(slot + 1) * width].zero_()
 
     def _update_active(self) -> None:
-        self.active.copy_(torch.tensor([count > 0 for count in self.holders.values()], dtype=torch.uint8))
+        for layer, count in self.holders.items():
+            self.active[fused_place(layer)] = int(count > 0)
+
+
+def fused_place(layer: str) -> tuple[int, int]:
+    """(decoder layer, position in FUSED) of a fused layer's name: model.layers.{i}.{module}.{name}, whose MLP
+    module may have the model's own name (feed_forward, ...)."""
+    index, _, module = layer.removeprefix("model.layers.").partition(".")
+    kinds = [name.rpartition(".")[2] for name in FUSED]
+    return int(index), kinds.index(module.rpartition(".")[2])
 
 
 @dataclass
