@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # CPU build of torch (a local wheel on our machines) so that a machine without a GPU does not pull
 # several GB of CUDA libraries.
 TORCH_CPU := torch==2.13.0
+# The transformers release the suite was last run against: the tests compare our models with its classes,
+# and a new release has changed what they import (5.25's kernels package); pyproject.toml keeps a range.
+TRANSFORMERS := transformers==5.25.0
 
 
 .PHONY: venv test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
@@ -14,7 +17,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_CPU)
+	$(BIN)/pip install -q $(TORCH_CPU) $(TRANSFORMERS)
 	$(BIN)/pip install -q -e '.[triton,server,demo,dev]'
 	touch $@
 

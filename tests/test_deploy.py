@@ -110,22 +110,25 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
     assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} == {source["uid"]}
 
 
-def makefile_commands() -> tuple[str, set[str], str]:
-    """The torch pin, the pip extras and the serve command of the Makefile."""
+def makefile_commands() -> tuple[str, str, set[str], str]:
+    """The torch and transformers pins, the pip extras and the serve command of the Makefile."""
     makefile = (ROOT / "Makefile").read_text()
     torch_pin = re.search(r"^TORCH_CPU := (\S+)$", makefile, re.M)[1]
+    transformers_pin = re.search(r"^TRANSFORMERS := (\S+)$", makefile, re.M)[1]
+    assert "pip install -q $(TORCH_CPU) $(TRANSFORMERS)" in makefile
     extras = set(re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", makefile)[1].split(","))
     serve = re.search(r"^serve:.*\n\t\$\(BIN\)/(.+)$", makefile, re.M)[1]
-    return torch_pin, extras, serve
+    return torch_pin, transformers_pin, extras, serve
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
 def test_dockerfile_installs_and_serves_like_the_makefile(name):
     text = (DOCKER / name).read_text()
-    torch_pin, make_extras, serve = makefile_commands()
-    assert f"ARG TORCH_PIN={torch_pin}" in text
+    torch_pin, transformers_pin, make_extras, serve = makefile_commands()
+    assert f"ARG TORCH_PIN={torch_pin}" in text and f"ARG TRANSFORMERS_PIN={transformers_pin}" in text
     assert "--index-url ${TORCH_INDEX} ${TORCH_PIN}" in text
-    extras = set(re.search(r"pip install -q --no-cache-dir '\.\[([a-z,]+)\]'", text)[1].split(","))
+    extras = set(re.search(r"pip install -q --no-cache-dir \$\{TRANSFORMERS_PIN\} '\.\[([a-z,]+)\]'", text)[1]
+                 .split(","))
     assert "server" in extras and extras <= make_extras - {"dev"}
     assert f'ENTRYPOINT {json.dumps(serve.split())}' in text
     assert re.search(r"^USER (?!root)\w+$", text, re.M)
