@@ -779,6 +779,26 @@ def test_granite_reads_as_llama_with_its_factors_folded(tmp_path, arch, family):
     _check_against(stored.eval(), model, PROMPTS, decode_steps=3)
 
 
+@pytest.mark.parametrize("arch, family", [("granitemoe", "GraniteMoeForCausalLM"),
+                                          ("granitemoeshared", "GraniteMoeSharedForCausalLM")])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_granite_mixtures_follow_transformers(tmp_path, monkeypatch, arch, family, c_ops):
+    """Granite 3's mixtures (granite-3.1-1b-a400m, 3b-a800m) and GraniteMoeShared's dense MLP beside them: read as
+    themselves with Granite's residual, attention and logits factors folded into weights (neutral in the config
+    read) and its embeddings' kept, the experts' 3-D input_linear and output_linear as each expert's matrices,
+    the softmax over the chosen 2 of 4 experts: our model against transformers' own class, with the C ops and the
+    torch path."""
+    import transformers
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch)
+    model, config = load_model(folder)
+    assert (config.num_experts, config.experts_per_token, config.shared_expert) == (4, 2, arch == "granitemoeshared")
+    assert config.embed_scale == 12.0 and not config.recurrent and all(config.moe_layers)
+    reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
+    _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
+
+
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 @pytest.mark.parametrize("partial", [1.0, 0.75])
 def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, c_ops, partial):
@@ -1382,7 +1402,7 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32),
                                                ("llama4", torch.float32), ("cohere", torch.float32),
                                                ("cohere2", torch.float16), ("stablelm", torch.float32),
-                                               ("stablelm_parallel", torch.float16)])
+                                               ("stablelm_parallel", torch.float16), ("granitemoeshared", torch.float32)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from

@@ -246,6 +246,36 @@ def test_a_mixture_of_experts_quantizes_each_expert(tmp_path, arch, family, expe
     _check_serves_like_its_reference(tmp_path / "lcq")
 
 
+@pytest.mark.parametrize("arch, family", [("granitemoe", "GraniteMoeForCausalLM"),
+                                          ("granitemoeshared", "GraniteMoeSharedForCausalLM")])
+def test_granite_mixtures_quantize_each_expert(tmp_path, arch, family):
+    """Granite 3's mixtures: each expert's gate_proj, up_proj and down_proj packed from the 3-D input_linear and
+    output_linear, the router (router.layer) kept in full precision, GraniteMoeShared's dense MLP packed as gate,
+    up and down; Granite's factors folded into the weights (neutral in the checkpoint's config, the embeddings'
+    kept). Block-wise and end-to-end stages through transformers' own layers; the engine gives the greedy tokens
+    of transformers with the dequantized weights."""
+    import transformers
+
+    hf = make_tiny_hf(tmp_path / "hf", arch)
+    ids = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 8]])
+    with torch.no_grad():  # the folded factors and the experts one matrix each compute as transformers' own
+        torch.testing.assert_close(load_reference_model(hf)(ids).logits,
+                                   getattr(transformers, family).from_pretrained(hf)(ids).logits)
+    options = QuantizeOptions(bits=3, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
+                              epochs=1, finetune_epochs=1)
+    quantize_model(hf, tmp_path / "lcq", options, progress=False)
+    reader = CheckpointReader(tmp_path / "lcq")
+    assert reader.config["architectures"] == [family]
+    factors = ("embedding_multiplier", "residual_multiplier", "logits_scaling")
+    assert [reader.config[key] for key in factors] == [12.0, 1.0, 1.0]
+    assert {p for p in reader.quantized_prefixes() if ".experts." in p} == {
+        f"model.layers.{layer}.block_sparse_moe.experts.{e}.{m}" for layer in range(2) for e in range(4)
+        for m in ("gate_proj", "up_proj", "down_proj")}
+    assert reader.has("model.layers.1.block_sparse_moe.router.weight")
+    assert reader.has("model.layers.1.shared_mlp.down_proj.qweight") == (arch == "granitemoeshared")
+    _check_serves_like_its_reference(tmp_path / "lcq")
+
+
 @pytest.mark.parametrize("arch", ["deepseek_v2", "deepseek_v3"])
 def test_latent_attention_quantizes_its_input_projections(tmp_path, arch):
     """DeepSeek's latent attention: q_proj (V2) or q_a_proj and q_b_proj (V3), kv_a_proj_with_mqa and o_proj

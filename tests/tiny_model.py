@@ -53,8 +53,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     from transformers import Cohere2Config, Cohere2ForCausalLM, CohereConfig, CohereForCausalLM, Ernie4_5Config, \
         Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, \
         Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GptOssConfig, GptOssForCausalLM, \
-        GraniteConfig, GraniteForCausalLM, \
-        GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
+        GraniteConfig, GraniteForCausalLM, GraniteMoeConfig, GraniteMoeForCausalLM, GraniteMoeSharedConfig, \
+        GraniteMoeSharedForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
@@ -210,6 +210,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
                      shared_intermediate_size=80, intermediate_size=64, num_experts_per_tok=2,
                      num_local_experts=4 if arch == "granite4_moe" else 0, mamba_n_heads=6, mamba_d_head=32,
                      mamba_d_state=16, mamba_n_groups=2, mamba_chunk_size=8)
+    if arch in ("granitemoe", "granitemoeshared"):  # Granite 3's mixtures (granite-3.1-3b-a800m's form: 2 of 4 experts
+        # here, softmax over the chosen; Granite's factors) and GraniteMoeShared's dense MLP beside them
+        sizes.update(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                     logits_scaling=16.0, tie_word_embeddings=True, intermediate_size=64, num_local_experts=4,
+                     num_experts_per_tok=2, **({"shared_intermediate_size": 80} if arch == "granitemoeshared" else {}))
     if arch in ("lfm2", "lfm2_moe"):  # LFM2's form: short convolutions (3 taps; with a bias here) around an attention
         # layer with per-head q/k norms; its MLP two thirds of intermediate_size (rounded to 32s here); LFM2-8B-A1B's
         # mixtures past its first layer: 2 of 4 experts by sigmoid scores plus a choosing bias, scaled
@@ -274,6 +279,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "granite4": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # granite-4.0-micro: Granite 3, MLP renamed
         "granite4_hybrid": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # Mamba-2 and NoPE attention
         "granite4_moe": (GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM),  # the same with experts
+        "granitemoe": (GraniteMoeConfig, GraniteMoeForCausalLM),  # Granite 3's layer with experts in every layer
+        "granitemoeshared": (GraniteMoeSharedConfig, GraniteMoeSharedForCausalLM),  # the same, a dense MLP beside
         "lfm2": (Lfm2Config, Lfm2ForCausalLM),  # short convolutions and attention
         "bamba": (BambaConfig, BambaForCausalLM),  # Mamba-2 and attention, Llama's MLP
         "lfm2_moe": (Lfm2MoeConfig, Lfm2MoeForCausalLM),  # the same with experts

@@ -77,7 +77,9 @@
   neutral in its config, its embeddings keeping theirs; its dense MLP's input_linear as gate_proj and
   up_proj, its experts' 3-D input_linear and output_linear as each expert's matrices, its router's
   router.layer as router (_granite4_hybrid_parts: transformers' modules as lcq.quantizer.reference.as_stored
-  splits them).
+  splits them). Granite 3's mixtures (GraniteMoeForCausalLM: granite-3.1-1b-a400m, 3b-a800m;
+  GraniteMoeSharedForCausalLM, with a dense MLP beside the experts) read as themselves the same way: Granite
+  4.0-H's layer with attention (rotary) in every layer.
 - Falcon-H1 (FalconH1ForCausalLM) reads as itself with its factors folded into weights, exactly, and made
   neutral in its config (its embeddings' and logits' kept): the attention's input and output factors (and the
   keys' own), Mamba-2's input and output factors and the per-part factors of its in_proj rows (z, x, B, C and
@@ -127,7 +129,11 @@ OVERRIDING = ("tie_word_embeddings",)
 AS_LLAMA = {"ernie4_5": "Ernie4_5ForCausalLM", "helium": "HeliumForCausalLM", "internlm3": "InternLM3ForCausalLM"}
 INTERLEAVED = ("ernie4_5", "helium")
 # Architectures read as another one (named in the errors that list what lcq reads).
-VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", "GraniteMoeHybridForCausalLM", "GlmForCausalLM",
+# Granite's families with experts, read as themselves with their factors folded (_granite_scales): model type ->
+# architecture
+GRANITE_EXPERTS = {"granitemoehybrid": "GraniteMoeHybridForCausalLM", "granitemoe": "GraniteMoeForCausalLM",
+                   "granitemoeshared": "GraniteMoeSharedForCausalLM"}
+VIEWED_ARCHITECTURES = ("Phi3ForCausalLM", "GraniteForCausalLM", *GRANITE_EXPERTS.values(), "GlmForCausalLM",
                         "Glm4ForCausalLM", "StableLmForCausalLM", "Qwen3NextForCausalLM", *AS_LLAMA.values(),
                         *WRAPPERS)
 # Families read as themselves with their partial rotary embeddings over whole heads (_whole_head_config).
@@ -212,8 +218,10 @@ def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict
         return _phi3_as_mistral(config)
     if architecture == "GraniteForCausalLM" or config.get("model_type") == "granite":
         return _granite_as_llama(config)
-    if config.get("model_type") == "granitemoehybrid":
-        return _granite4_as_llama(config) if _granite4_is_dense(config) else _granite4_hybrid(config)
+    if config.get("model_type") == "granitemoehybrid" and _granite4_is_dense(config):
+        return _granite4_as_llama(config)
+    if config.get("model_type") in GRANITE_EXPERTS:
+        return _granite_experts(config)
     if config.get("model_type") == "glm":
         return _glm_as_qwen2(config)
     if config.get("model_type") in WHOLE_HEAD:
@@ -256,7 +264,7 @@ def view_tensors(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
                 for view, part in _expert_parts(text_config, list(texts)).items()}
     if architecture == "Phi3ForCausalLM" or config.get("model_type") == "phi3":
         return _phi3_parts(config, stored)
-    if architecture == "GraniteForCausalLM" or config.get("model_type") in ("granite", "granitemoehybrid"):
+    if architecture == "GraniteForCausalLM" or config.get("model_type") in ("granite", *GRANITE_EXPERTS):
         return _granite_scales(config, stored)
     if config.get("model_type") in INTERLEAVED:
         return _half_split_parts(_as_llama(config), stored)
@@ -736,8 +744,9 @@ def _granite_scales(config: dict[str, Any], stored: list[str]) -> dict[str, Stor
     Mamba-2's, every MLP's down_proj; weights and biases) and the final norm."""
     factors = _granite_factors(config)
     head_dim = config["hidden_size"] // config["num_attention_heads"]
-    hybrid = config.get("model_type") == "granitemoehybrid" and not _granite4_is_dense(config)
-    # read as Llama, the residual stream runs 1/embedding_multiplier as large; Granite 4.0-H keeps its embeddings'
+    hybrid = config.get("model_type") in GRANITE_EXPERTS and not _granite4_is_dense(config)  # read as itself
+    # read as Llama, the residual stream runs 1/embedding_multiplier as large; Granite 4.0-H and Granite 3's
+    # mixtures keep their embeddings'
     residual = factors["residual_multiplier"] / (1.0 if hybrid else factors["embedding_multiplier"])
     scales = {"q_proj": factors["attention_multiplier"] * head_dim ** 0.5, "o_proj": residual, "out_proj": residual,
               "down_proj": residual}
@@ -827,16 +836,19 @@ def _falcon_h1_scales(config: dict[str, Any], stored: list[str]) -> dict[str, St
 def _granite4_is_dense(config: dict[str, Any]) -> bool:
     """A Granite 4.0 model of attention layers alone (the Hub's name, and transformers 5's), without experts
     (granite-4.0-micro): Granite 3's layer."""
+    if config.get("model_type") != "granitemoehybrid":
+        return False
     kinds = set(config.get("layer_types") or config.get("layers_block_type") or ["mamba"])
     return kinds <= {"attention", "full_attention"} and not config.get("num_local_experts", 8)
 
 
-def _granite4_hybrid(config: dict[str, Any]) -> dict[str, Any]:
-    """Granite 4.0-H's config (transformers' defaults completed) with the factors _granite_scales folds into
-    weights made neutral: the residual one, the attention's (head_dim^-0.5, as without it) and the logits'.
-    The embeddings keep theirs (ModelConfig.embed_scale), so that every norm keeps its epsilon."""
-    completed = _with_defaults(config, "GraniteMoeHybridForCausalLM")
-    if completed.get("position_embedding_type") not in ("nope", "rope"):
+def _granite_experts(config: dict[str, Any]) -> dict[str, Any]:
+    """Granite 4.0-H's config, or that of Granite 3's mixtures (transformers' defaults completed), with the factors
+    _granite_scales folds into weights made neutral: the residual one, the attention's (head_dim^-0.5, as without
+    it) and the logits'. The embeddings keep theirs (ModelConfig.embed_scale), so that every norm keeps its
+    epsilon."""
+    completed = _with_defaults(config, GRANITE_EXPERTS[config["model_type"]])
+    if config["model_type"] == "granitemoehybrid" and completed.get("position_embedding_type") not in ("nope", "rope"):
         raise ViewError(f"GraniteMoeHybridForCausalLM: position_embedding_type "
                         f"{completed.get('position_embedding_type')!r} is not supported (nope or rope)")
     head_dim = completed["hidden_size"] // completed["num_attention_heads"]
@@ -844,13 +856,13 @@ def _granite4_hybrid(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _granite4_hybrid_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredTensor]:
-    """Granite 4.0-H's tensors under their own names, but its router's (router.layer: as transformers' router),
-    its experts' 3-D input_linear (experts, gate's rows then up's, hidden) and output_linear as each expert's
-    gate_proj, up_proj and down_proj, and its dense MLP's fused input_linear as gate_proj and up_proj
-    (output_linear: down_proj)."""
-    completed = _with_defaults(config, "GraniteMoeHybridForCausalLM")
+    """Granite 4.0-H's (and Granite 3's mixtures') tensors under their own names, but its router's (router.layer:
+    as transformers' router), its experts' 3-D input_linear (experts, gate's rows then up's, hidden) and
+    output_linear as each expert's gate_proj, up_proj and down_proj, and its dense MLP's fused input_linear as
+    gate_proj and up_proj (output_linear: down_proj)."""
+    completed = _with_defaults(config, GRANITE_EXPERTS[config["model_type"]])
     experts, width, shared = (completed["num_local_experts"], completed["intermediate_size"],
-                              completed["shared_intermediate_size"])
+                              completed.get("shared_intermediate_size", 0))
     view = {}
     for name in stored:
         prefix, _, part = name.rpartition(".block_sparse_moe.")

@@ -33,7 +33,9 @@ SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "m
                            "GraniteMoeHybridForCausalLM": "granitemoehybrid", "Lfm2ForCausalLM": "lfm2",
                            "Lfm2MoeForCausalLM": "lfm2_moe", "BambaForCausalLM": "bamba",
                            "NemotronHForCausalLM": "nemotron_h", "FalconH1ForCausalLM": "falcon_h1",
-                           "ArceeForCausalLM": "arcee", "ApertusForCausalLM": "apertus"}
+                           "ArceeForCausalLM": "arcee", "ApertusForCausalLM": "apertus",
+                           "GraniteMoeForCausalLM": "granitemoe", "GraniteMoeSharedForCausalLM": "granitemoeshared"}
+GRANITE_EXPERTS = ("granitemoehybrid", "granitemoe", "granitemoeshared")  # Granite's layers read as themselves
 # OLMo 3's rotary base: its full layers' where config.json gives none, its sliding layers' always unless
 # rope_parameters gives theirs (transformers' Olmo3Config takes rope_theta for the full layers only).
 OLMO3_THETA = 500_000.0
@@ -443,11 +445,13 @@ def _mamba_dims(c: dict) -> MambaDims:
 def _granite_hybrid_fields(c: dict) -> dict:
     """Granite 4.0-H's layer beside Llama's (its factors folded into weights by the view, but the embeddings'):
     Mamba-2 in the layers layer_types names so, attention without a rotary embedding (position_embedding_type
-    nope) in the others, and a dense MLP (shared_mlp) in every layer, beside a mixture where it has experts."""
-    if c["model_type"] != "granitemoehybrid":
+    nope) in the others, and a dense MLP (shared_mlp) in every layer, beside a mixture where it has experts.
+    Granite 3's mixtures: attention (rotary) in every layer, a mixture (and GraniteMoeShared's dense MLP)."""
+    if c["model_type"] not in GRANITE_EXPERTS:
         return {}
-    types = c.get("layer_types") or c.get("layers_block_type")
-    return dict(linear_layers=[kind in ("linear_attention", "mamba") for kind in types], mamba=_mamba_dims(c),
+    types = c.get("layer_types") or c.get("layers_block_type") or ["attention"] * c["num_hidden_layers"]
+    recurrent = [kind in ("linear_attention", "mamba") for kind in types]
+    return dict(linear_layers=recurrent, mamba=_mamba_dims(c) if any(recurrent) else None,
                 embed_scale=float(c.get("embedding_multiplier", 1.0)),
                 mlp_name="block_sparse_moe" if c.get("num_local_experts") else "shared_mlp")
 
@@ -599,10 +603,11 @@ def _experts(c: dict) -> dict:
                     shared_expert=bool(c.get("moe_num_shared_experts")), shared_expert_gated=False,
                     shared_expert_name="shared_experts", router_correction=True, router_in_fp32=True,
                     moe_layers=[(i + 1) % (step or 1) == 0 and (first or 0) <= i <= last for i in range(layers)])
-    if kind == "granitemoehybrid" and c.get("num_local_experts"):  # every layer: the softmax of the chosen
-        # experts' scores, beside the layer's dense MLP (shared_mlp)
+    if kind in GRANITE_EXPERTS and c.get("num_local_experts"):  # every layer: the softmax of the chosen experts'
+        # scores, beside the layer's dense MLP (shared_mlp; Granite 3's GraniteMoe has none)
+        shared = kind == "granitemoehybrid" or bool(c.get("shared_intermediate_size"))
         return dict(num_experts=c["num_local_experts"], experts_per_token=c["num_experts_per_tok"],
-                    norm_topk_prob=True, shared_expert=True, shared_expert_gated=False,
+                    norm_topk_prob=True, shared_expert=shared, shared_expert_gated=False,
                     shared_expert_name="shared_mlp", shared_expert_in_layer=True, moe_layers=[True] * layers)
     if kind == "lfm2_moe":  # past its first num_dense_layers: sigmoid scores (with a choosing bias), scaled
         dense = c.get("num_dense_layers", 2)

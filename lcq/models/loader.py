@@ -49,7 +49,7 @@ class DenseLinear(torch.nn.Module):
 
 
 ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": "gate.wg",  # where not gate
-                "granitemoehybrid": "router"}
+                "granitemoehybrid": "router", "granitemoe": "router", "granitemoeshared": "router"}
 # The choosing bias under the mixture's module, where not under its router: ERNIE 4.5's under the router's
 # moe_statics, MiniMax-M2's and LFM2's beside the router
 CORRECTION_NAMES = {"ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",

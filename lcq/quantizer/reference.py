@@ -19,8 +19,8 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral3", "qwen2", "qwen3", "ge
                          "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan_v1_dense", "glm4", "qwen3_moe", "mixtral",
                          "olmoe", "qwen2_moe", "cohere", "cohere2", "stablelm", "gpt_oss", "llama4_text", "glm4_moe",
                          "ernie4_5_moe", "hunyuan_v1_moe", "dots1", "deepseek_v2", "deepseek_v3", "glm4_moe_lite",
-                         "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid", "lfm2",
-                         "lfm2_moe", "bamba", "nemotron_h", "falcon_h1", "arcee", "apertus")
+                         "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "minimax_m2", "granitemoehybrid", "granitemoe",
+                         "granitemoeshared", "lfm2", "lfm2_moe", "bamba", "nemotron_h", "falcon_h1", "arcee", "apertus")
 
 
 # A decoder layer's MLP (or mixture), by its module's name: Llama 4's, Granite 4.0-H's mixture, the others'; a
