@@ -13,6 +13,10 @@ sys.path.insert(0, str(ROOT))
 from lcq.format import (PackedLinear, linear_tensors, padded_in_features, quantization_config,  # noqa: E402
                         write_index, write_shard)
 
+# Llama 3.2 1B's shapes (its head tied to the embedding table)
+LLAMA32_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=4096,
+                  tie_word_embeddings=True)
 LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
 # Qwen3-30B-A3B's shapes: 128 experts of 768 columns, 8 chosen per token, per-head q/k norms
@@ -52,8 +56,9 @@ def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> Pack
 
 
 def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int = 2, group_size: int = 128,
-                       shapes: dict = LLAMA2_7B) -> Path:
-    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer; with
+                       shapes: dict = LLAMA2_7B, head_bits: int = 0) -> Path:
+    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer; its head
+    untied unless the shapes tie it, fp16, or packed at head_bits (the tied table then looked up from it); with
     num_experts in the shapes a Qwen3-MoE one (every layer a mixture), with kv_lora_rank a DeepSeek-V2 one
     (latent attention; its first first_k_dense_replace layers dense, then mixtures beside shared experts),
     with linear_num_value_heads a Qwen3.5 mixture (linear attention in three layers of four, beside a gated
@@ -66,18 +71,20 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
     experts = shapes.get("num_experts") or shapes.get("n_routed_experts", 0)
     family = FAMILY["deepseek_v2" if "kv_lora_rank" in shapes else "qwen3_5_moe_text" if "linear_num_value_heads"
                     in shapes else "qwen3_moe" if experts else "llama"]
-    config = dict(**family, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float16",
-                  **shapes)
+    config = {**family, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+              "torch_dtype": "float16", **shapes}
+    tied = config["tie_word_embeddings"]
     if quantized:
-        config["quantization_config"] = quantization_config(bits, rank, group_size, "random",
-                                                            ["model.embed_tokens", "model.norm", "lm_head"])
+        kept = ["model.embed_tokens", "model.norm"] + ([] if head_bits else ["lm_head"])
+        config["quantization_config"] = quantization_config(bits, rank, group_size, "random", kept,
+                                                            **({"head_bits": head_bits} if head_bits else {}))
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     kind = family["model_type"]
     norm = torch.zeros if kind == "qwen3_5_moe_text" else torch.ones  # (Qwen3.5's norms multiply by 1 + w)
-    write_shard(folder / "extra.safetensors", {
-        "model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
-        "lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02,
-        "model.norm.weight": norm(h, dtype=torch.float16)})
+    head = linear_tensors("lm_head", random_packed(vocab, h, head_bits, rank, group_size)) if head_bits else \
+        {} if tied else {"lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
+    table = {} if tied and head_bits else {"model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
+    write_shard(folder / "extra.safetensors", {**table, **head, "model.norm.weight": norm(h, dtype=torch.float16)})
     width, shared = shapes.get("moe_intermediate_size", i), shapes.get("n_shared_experts", 0)
     shared_width = shapes.get("shared_expert_intermediate_size", width * shared)
     shared_name = "mlp.shared_experts" if kind == "deepseek_v2" else "mlp.shared_expert"
