@@ -8,8 +8,8 @@ memory would.
 
 Recorded per variant and round: the checkpoint's size on disk, the process's resident memory before loading
 (Python, torch and lcq imported), once loaded and at its peak (the KV pool, --kv-cache-memory-gb, is mapped and
-filled as used), the int8 weight copies' size, and output tokens/s at 1 and 8 sequences (128 tokens each after 32-token prompts, greedy);
-medians of --rounds rounds, the variants alternating. Random weights give meaningless tokens but the same work
+filled as used), the int8 weight copies' size, and output tokens/s at 1 and 8 sequences (128 tokens each after
+32-token prompts, greedy); medians of --rounds rounds, the variants alternating. Random weights give meaningless tokens but the same work
 per token as trained ones.
 
     python bench/cpu_model_shapes.py [--threads 2] [--rounds 3] [--variants fp16,lcq-w4r2g64,...]
@@ -75,7 +75,8 @@ def measure(folder: str, settings: dict, kv_cache_gb: float) -> dict:
         outs = llm.generate(prompts, params)
         rates[sequences] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
     return dict(load_s=round(load_s, 1), rss_base_GB=round(base, 3), rss_loaded_GB=round(loaded, 3),
-                int8_weights_GB=round(llm.engine.runner.int8_weight_bytes / 2**30, 3), rss_peak_GB=round(memory_gb("VmHWM"), 3),
+                int8_weights_GB=round(llm.engine.runner.int8_weight_bytes / 2**30, 3),
+                rss_peak_GB=round(memory_gb("VmHWM"), 3),
                 tok_s_1=round(rates[1], 2), tok_s_8=round(rates[8], 2))
 
 
@@ -99,7 +100,8 @@ def main() -> None:
         for round_index in range(args.rounds):
             for name in names:
                 child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child",
-                                        str(folders[name]), json.dumps(VARIANTS[name][1]), "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)],
+                                        str(folders[name]), json.dumps(VARIANTS[name][1]),
+                                        "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)],
                                        capture_output=True, text=True, check=True)
                 runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
                 print(f"round {round_index + 1} {name:16s} {runs[name][-1]}", flush=True)

@@ -83,7 +83,8 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
     norm = torch.zeros if kind == "qwen3_5_moe_text" else torch.ones  # (Qwen3.5's norms multiply by 1 + w)
     head = linear_tensors("lm_head", random_packed(vocab, h, head_bits, rank, group_size)) if head_bits else \
         {} if tied else {"lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
-    table = {} if tied and head_bits else {"model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
+    table = {} if tied and head_bits else \
+        {"model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
     write_shard(folder / "extra.safetensors", {**table, **head, "model.norm.weight": norm(h, dtype=torch.float16)})
     width, shared = shapes.get("moe_intermediate_size", i), shapes.get("n_shared_experts", 0)
     shared_width = shapes.get("shared_expert_intermediate_size", width * shared)

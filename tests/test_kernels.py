@@ -790,6 +790,15 @@ def test_cpu_ops_match_torch(rows):
         out, updated = cpu_ops.norm(x, weight, 1e-5, residual, bias, centred=True)
         assert updated is residual and torch.equal(residual, total)
         assert_close(out, torch.nn.functional.layer_norm(total, (dim,), weight, bias, eps=1e-5), torch.float32)
+    for centred in (False, True):  # q/k norms: one weight for every head, or each head its own (Command R+)
+        normed = torch.nn.functional.layer_norm if centred else torch.nn.functional.rms_norm
+        for weights in (torch.randn(head_dim), torch.randn(heads, head_dim)):
+            qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim)
+            expected = qkv.clone()
+            expected[:, :heads * head_dim] = (weights * normed(qkv[:, :heads * head_dim].view(rows, heads, head_dim),
+                                                               (head_dim,), eps=1e-5)).flatten(1)
+            cpu_ops.head_norm_(qkv, heads, head_dim, weights, 1e-5, head_dim if weights.dim() == 2 else 0, centred)
+            assert_close(qkv, expected, torch.float32)
 
     angles = torch.randn(rows, 1, head_dim // 2)
     cos, sin = angles.cos(), angles.sin()

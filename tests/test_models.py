@@ -687,28 +687,27 @@ def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
 
 
 @pytest.mark.parametrize("arch, family, overrides", [
-    ("cohere", "CohereForCausalLM", {}),
+    ("cohere", "CohereForCausalLM", {}), ("cohere_qk", "CohereForCausalLM", {}),
     ("cohere2", "Cohere2ForCausalLM", {"sliding_window": 7})])  # three 7-token windows (rotary), a NoPE full layer
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_cohere_follows_transformers(tmp_path, monkeypatch, arch, family, overrides, c_ops):
     """Cohere (Command R, Aya Expanse) and Cohere 2 (Command R7B, Command A): LayerNorms without bias,
     attention and the MLP side by side on one norm's output, adjacent rotary pairs, logits scaled (folded
-    into the final norm), the head tied; Cohere 2's sliding-window layers turn, its full ones do not. Our
-    model against transformers' own class; Cohere's query and key LayerNorms (Command R+) refused."""
+    into the final norm), the head tied; Cohere 2's sliding-window layers turn, its full ones do not; Command R+'s
+    LayerNorms of each query and key head, each with its own weights (use_qk_norm). Our model against
+    transformers' own class."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, arch, **overrides)
     model, config = load_model(folder)
     assert config.layer_norm and config.parallel_block and config.rotary_interleaved and config.logit_scale == 0.5
+    assert config.qk_norm == config.qk_norm_weights_per_head == (arch == "cohere_qk")
     if arch == "cohere2":
         assert config.layer_windows == [7, 7, 7, 0] and config.rope_layers == [True, True, True, False]
     reference = getattr(transformers, family).from_pretrained(folder, dtype=torch.float32).eval()
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]  # past the window
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
-    if arch == "cohere" and c_ops == "1":
-        with pytest.raises(UserError, match="use_qk_norm"):
-            load_model(make_tiny_hf(tmp_path / "qk", "cohere", use_qk_norm=True))
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -1402,7 +1401,8 @@ def test_cpu_prefill_attention_refuses_more_new_tokens_than_context():
                                                ("deepseek_v2", torch.float16), ("glm4_moe_lite", torch.float32),
                                                ("llama4", torch.float32), ("cohere", torch.float32),
                                                ("cohere2", torch.float16), ("stablelm", torch.float32),
-                                               ("stablelm_parallel", torch.float16), ("granitemoeshared", torch.float32)])
+                                               ("stablelm_parallel", torch.float16),
+                                               ("granitemoeshared", torch.float32), ("cohere_qk", torch.float32)])
 def test_one_call_cpu_decode_equals_the_layers(tmp_path, arch, cache_dtype):
     """The C decode step (CpuDecoder) runs the layers' kernels in the layers' order: bit-identical
     logits to the Python layers, over decode steps of sequences of different lengths: 3, and 18 (from

@@ -381,7 +381,8 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
                                            ("granite4", "LlamaForCausalLM"), ("ernie4_5", "LlamaForCausalLM"),
                                            ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
                                            ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM"),
-                                           ("cohere2", "Cohere2ForCausalLM"), ("stablelm", "StableLmForCausalLM")])
+                                           ("cohere_qk", "CohereForCausalLM"), ("cohere2", "Cohere2ForCausalLM"),
+                                           ("stablelm", "StableLmForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -392,7 +393,7 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     half-head rotary embedding as a whole-head LongRoPE one, a GLM-4-0414 one into a Glm4 checkpoint the
     same way (its pairs still adjacent), which transformers runs with gate/up as two matrices, a Cohere
     one (LayerNorms, parallel blocks, scaled logits) into a Cohere checkpoint (Cohere 2's with its
-    windows), a StableLM one into a StableLM checkpoint with its quarter-head rotary embedding as a
+    windows; Command R+'s with its per-head q/k LayerNorms' weights), a StableLM one into a StableLM checkpoint with its quarter-head rotary embedding as a
     whole-head one (rows reordered). The engine's greedy
     tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
     in both)."""

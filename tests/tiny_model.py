@@ -54,7 +54,8 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         Ernie4_5ForCausalLM, Exaone4Config, Exaone4ForCausalLM, Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, \
         Gemma3TextConfig, Glm4Config, Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GptOssConfig, GptOssForCausalLM, \
         GraniteConfig, GraniteForCausalLM, GraniteMoeConfig, GraniteMoeForCausalLM, GraniteMoeSharedConfig, \
-        GraniteMoeSharedForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, HeliumForCausalLM, HunYuanDenseV1Config, \
+        GraniteMoeSharedForCausalLM, GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM, HeliumConfig, \
+        HeliumForCausalLM, HunYuanDenseV1Config, \
         HunYuanDenseV1ForCausalLM, InternLM3Config, LlamaConfig, LlamaForCausalLM, Ministral3Config, \
         Ministral3ForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM, Olmo2Config, \
         Olmo2ForCausalLM, Olmo3Config, Olmo3ForCausalLM, OlmoeConfig, OlmoeForCausalLM, Phi3Config, Phi3ForCausalLM, \
@@ -107,8 +108,9 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         sizes.update(use_bias=True)
     if arch == "glm":  # as glm-4-9b-chat-hf: q/k/v biases, the rotary embedding over half of each head
         sizes.update(head_dim=24, partial_rotary_factor=0.5, attention_bias=True)
-    if arch == "cohere":  # as Aya Expanse / Command R: LayerNorms, parallel blocks, scaled logits, tied head
-        sizes.update(logit_scale=0.5, tie_word_embeddings=True, layer_norm_eps=1e-5)
+    if arch in ("cohere", "cohere_qk"):  # as Aya Expanse / Command R: LayerNorms, parallel blocks, scaled logits,
+        # tied head; cohere_qk: Command R+'s LayerNorms of each query and key head, each its own weights
+        sizes.update(logit_scale=0.5, tie_word_embeddings=True, layer_norm_eps=1e-5, use_qk_norm=arch == "cohere_qk")
     if arch == "cohere2":  # as Command R7B: three sliding-window layers (rotary) to a full one (NoPE)
         sizes.update(num_hidden_layers=4, sliding_window=256, logit_scale=0.5, tie_word_embeddings=True)
     if arch.startswith("stablelm"):  # as StableLM 2 1.6B: LayerNorms with biases, q/k/v biases, a quarter of each
@@ -253,6 +255,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM),  # a mixture of experts in place of the MLP
         "mixtral": (MixtralConfig, MixtralForCausalLM),  # Mistral with a mixture of experts in every layer
         "cohere": (CohereConfig, CohereForCausalLM),  # LayerNorms, attention and MLP side by side
+        "cohere_qk": (CohereConfig, CohereForCausalLM),  # the same with per-head q/k LayerNorms
         "cohere2": (Cohere2Config, Cohere2ForCausalLM),  # the same with sliding-window layers, NoPE full ones
         "stablelm": (StableLmConfig, StableLmForCausalLM),  # LayerNorms with biases, partial rotary embedding
         "stablelm_parallel": (StableLmConfig, StableLmForCausalLM),  # the same, attention and MLP side by side

@@ -79,15 +79,20 @@ void lcq_rms_norm(const float *x, float *residual, const float *weight, float *o
     lcq_norm(x, residual, weight, NULL, out, rows, dim, eps, 0);
 }
 
-/* Normalise, in place, each of the first `heads` heads of every token row by one head_dim weight
- * (Qwen3's q_norm and k_norm, before the rotary embedding). */
+/* Normalise, in place, each of the first `heads` heads of every token row (RMSNorm, or where centred LayerNorm)
+ * times head_dim weights: the same for every head (weight_stride 0: Qwen3's q_norm and k_norm), or head h's at
+ * weight + h weight_stride (Command R+'s). */
 void lcq_head_norm(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, const float *weight,
-                   float eps) {
+                   int weight_stride, float eps, int centred) {
 #pragma omp parallel for if (tokens >= 16)
     for (int64_t t = 0; t < tokens; t++)
         for (int h = 0; h < heads; h++) {
             float *head = x + t * row_stride + (int64_t)h * head_dim;
-            norm_vector(head, weight, head, head_dim, eps);
+            const float *w = weight + (int64_t)h * weight_stride;
+            if (centred)
+                centred_norm_vector(head, w, NULL, head, head_dim, eps);
+            else
+                norm_vector(head, w, head, head_dim, eps);
         }
 }
 
@@ -478,9 +483,9 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
 /* Entries per layer in the `layers` array of lcq_decode_layers, in this order. A linear layer is
  * three: its weight's kind (HALF_WEIGHT or INDEX_WEIGHT, cast to a pointer), the weight and its bias.
  * INPUT_NORM and POST_NORM (before the MLP) are NULL in layers without them (OLMo 2, EXAONE 4: the stream
- * itself goes in; Cohere's parallel blocks: one norm's output feeds the attention and the MLP), INPUT_NORM_BIAS and
- * POST_NORM_BIAS their biases (StableLM's LayerNorms), else NULL; Q_NORM and K_NORM are the q/k norm weights (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else
- * NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
+ * itself goes in; Cohere's parallel blocks: one norm's output feeds the attention and the MLP), INPUT_NORM_BIAS
+ * and POST_NORM_BIAS their biases (StableLM's LayerNorms), else NULL; Q_NORM and K_NORM are the q/k norm weights
+ * (Qwen3, Gemma 3, OLMo 2, EXAONE 4), else NULL; ATTENTION_OUTPUT_NORM and MLP_OUTPUT_NORM the norms of the attention and MLP outputs before their
  * residual adds (Gemma, OLMo 2, EXAONE 4), else NULL; COS and SIN the layer's whole rotary tables
  * (Gemma's sliding-window layers have their own base), a row of rotated / 2 per position; WINDOW the
  * layer's sliding window in tokens (cast to a pointer; 0: full attention); GROUP the layer group whose
@@ -493,8 +498,8 @@ static void add_bias(float *y, const float *bias, int rows, int width) {
  * MLP where GATE_UP is not NULL (MLP_FACTORS: xIELU's four, else NULL), or a mixture of experts where MIXTURE is
  * not NULL (its Mixture, cpu_mixture.c). A layer of one part (Nemotron-H) has INPUT_NORM only. */
 enum { INPUT_NORM, INPUT_NORM_BIAS, QKV_KIND, QKV, QKV_BIAS, Q_NORM, K_NORM, COS, SIN, O_KIND, O, O_BIAS, RECURRENT,
-       IN_KIND, IN, IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, POST_NORM_BIAS, GATE_UP_KIND, GATE_UP, GATE_UP_BIAS,
-       DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
+       IN_KIND, IN, IN_BIAS, OUT_KIND, OUT, OUT_BIAS, ATTENTION_OUTPUT_NORM, POST_NORM, POST_NORM_BIAS, GATE_UP_KIND,
+       GATE_UP, GATE_UP_BIAS, DOWN_KIND, DOWN, DOWN_BIAS, MLP_OUTPUT_NORM, MLP_FACTORS, MIXTURE, K_CACHE, V_CACHE, WINDOW, GROUP,
        SINKS, LATENT, TEMPERATURE, POINTERS_PER_LAYER };
 enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
 
@@ -596,7 +601,7 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
 typedef struct {
     int rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks, block_size;
     int whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in, recurrent_out;
-    int layer_norms, parallel_blocks;
+    int layer_norms, parallel_blocks, per_head_qk_weights;
     float eps, scale, softcap;
     const int64_t *positions, *slots, *state_slots;
     const int32_t *block_tables, *context_lens;
@@ -639,10 +644,13 @@ static int attention(const Step *st, void *const *p, int l) {
         }
     for (int rotated = 0; rotated < 2; rotated++) { /* q/k norms before the rotation, or after it (Hunyuan) */
         if (p[Q_NORM] != NULL && rotated == st->qk_norms_after_rotary) { /* Qwen3, Gemma 3, OLMo 2, ... */
+            const int weight_stride = st->per_head_qk_weights ? st->head_dim : 0;
             lcq_head_norm(qkv, rows, stride, st->whole_qk_norms ? 1 : st->heads,
-                          st->whole_qk_norms ? q_width : st->head_dim, p[Q_NORM], st->eps);
+                          st->whole_qk_norms ? q_width : st->head_dim, p[Q_NORM], weight_stride, st->eps,
+                          st->layer_norms);
             lcq_head_norm(qkv + q_width, rows, stride, st->whole_qk_norms ? 1 : st->kv_heads,
-                          st->whole_qk_norms ? kv_width : st->head_dim, p[K_NORM], st->eps);
+                          st->whole_qk_norms ? kv_width : st->head_dim, p[K_NORM], weight_stride, st->eps,
+                          st->layer_norms);
         }
         if (!rotated)
             lcq_rotary(qkv, rows, stride, st->heads + st->kv_heads, st->head_dim, st->rotated, p[COS], p[SIN],
@@ -725,7 +733,8 @@ static int recurrent(const Step *st, void *const *p, float *out) {
  * interleaved_rotary: it turns adjacent pairs of dimensions (GLM-4-0414, lcq_rotary); output_gate: q_proj
  * gives each head a gate too (Qwen3.5); layer_norms: the layers' norms are LayerNorms (Cohere, StableLM), else
  * RMSNorms; parallel_blocks: the attention and the MLP both read the input norm's output and their outputs are
- * summed (Cohere, StableLM's parallel residual). slots
+ * summed (Cohere, StableLM's parallel residual); per_head_qk_weights: each head's q/k norm has its own weights
+ * (Command R+'s LayerNorms; the q/k norms are LayerNorms where layer_norms). slots
  * (groups, rows) and block_tables (groups, rows, max_blocks) hold each layer group's cache slots and
  * block tables, contiguous; state_slots (rows) each row's slot of the recurrent mixers' states, whose input and
  * output projections are recurrent_in and recurrent_out wide (0 without them). adapter_matrices (NULL: no LoRA
@@ -739,7 +748,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
                       const int64_t *slots, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                       int block_size, float scale, float softcap, const float *query_scales, int whole_qk_norms,
                       int qk_norms_after_rotary, int interleaved_rotary, int rotated, int output_gate, int layer_norms,
-                      int parallel_blocks, int activation, int cache_form, const int64_t *state_slots, int recurrent_in, int recurrent_out, float *work,
+                      int parallel_blocks, int per_head_qk_weights, int activation, int cache_form, const int64_t *state_slots,
+                      int recurrent_in, int recurrent_out, float *work,
                       void *const *adapter_matrices, const uint8_t *adapter_active, const int64_t *adapter_slots,
                       int adapter_slot_count, int adapter_rank) {
     for (int r = 0; r < rows; r++)
@@ -748,8 +758,8 @@ int lcq_decode_layers(void *const *layers, int num_layers, float *x, int rows, i
     const int64_t q_width = (int64_t)heads * head_dim, qkv_width = q_width + 2 * (int64_t)kv_heads * head_dim;
     Step st = {rows, hidden, heads, kv_heads, head_dim, rotated, intermediate, activation, cache_form, max_blocks,
                block_size, whole_qk_norms, qk_norms_after_rotary, interleaved_rotary, output_gate, recurrent_in,
-               recurrent_out, layer_norms, parallel_blocks, eps, scale, softcap, positions, slots, state_slots, block_tables, context_lens,
-               query_scales, adapter_matrices != NULL ? &step_adapters : NULL};
+               recurrent_out, layer_norms, parallel_blocks, per_head_qk_weights, eps, scale, softcap, positions, slots, state_slots,
+               block_tables, context_lens, query_scales, adapter_matrices != NULL ? &step_adapters : NULL};
     st.normed = work;
     st.qkv = st.normed + (int64_t)rows * hidden;
     st.attn = st.qkv + rows * (qkv_width + (output_gate ? q_width : 0));

@@ -49,12 +49,16 @@ def norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tens
     return out, x if residual is None else residual
 
 
-def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
-    """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width) by
-    `weight` (head_dim,): Qwen3's q and k norms on the fused projection."""
-    if x.stride(-1) != 1 or not weight.is_contiguous() or heads * head_dim > x.shape[-1]:
-        raise ValueError("head_norm_ needs unit-stride rows holding the heads and a contiguous weight")
-    library().lcq_head_norm(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, weight.data_ptr(), eps)
+def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float, weight_stride: int = 0,
+               centred: bool = False) -> None:
+    """RMS-normalise (or where centred, LayerNorm), in place, each of the first `heads` heads of every row of x
+    (tokens, width) by `weight`: head_dim values for every head, or (weight_stride head_dim) one row per head
+    (Command R+'s): Qwen3's q and k norms on the fused projection."""
+    if x.stride(-1) != 1 or not weight.is_contiguous() or heads * head_dim > x.shape[-1] or \
+            weight.numel() < (heads - 1) * weight_stride + head_dim:
+        raise ValueError("head_norm_ needs unit-stride rows holding the heads and a contiguous weight for each")
+    library().lcq_head_norm(x.data_ptr(), x.shape[0], x.stride(0), heads, head_dim, weight.data_ptr(), weight_stride,
+                            eps, int(centred))
 
 
 def rotary_(x: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
@@ -394,7 +398,7 @@ def library() -> ctypes.CDLL | None:
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
     signatures = {
         "lcq_norm": [p, p, p, p, p, i64, i32, f32, i32],
-        "lcq_head_norm": [p, i64, i64, i32, i32, p, f32],
+        "lcq_head_norm": [p, i64, i64, i32, i32, p, i32, f32, i32],
         "lcq_rotary": [p, i64, i64, i32, i32, i32, p, p, p, i32],
         "lcq_gated_mul": [p, p, i64, i64, i32, p],
         "lcq_ungated": [p, p, i64, i64, i32, p],
@@ -410,7 +414,7 @@ def library() -> ctypes.CDLL | None:
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
         "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
+                              i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -163,6 +163,7 @@ class ModelConfig:
     pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
+    qk_norm_weights_per_head: bool = False  # each head's q/k norm its own weight (Command R+), else one for all
     rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
     layer_norm: bool = False  # norms centre their input too (LayerNorm: Cohere, StableLM), else RMSNorm
     norm_bias: bool = False  # the LayerNorms add a bias (StableLM)
@@ -248,8 +249,6 @@ class ModelConfig:
                             f"(supported: {', '.join(ROPE_TYPES)})")
         if c.get("qk_layernorm"):  # StableLM 2 12B's LayerNorms of each query and key head
             raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
-        if c.get("use_qk_norm") and c["model_type"] in ("cohere", "cohere2"):  # Command R+'s per-head LayerNorms
-            raise UserError(f"{folder}: use_qk_norm (Cohere's query and key LayerNorms) is not supported")
         ungated = UNGATED_FAMILIES.get(c["model_type"])
         if ungated is not None and c.get("hidden_act", ungated) != ungated:
             raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for this family's MLP "
@@ -280,7 +279,8 @@ class ModelConfig:
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "dots1", "minimax_m2", "apertus", *HUNYUAN, *QWEN3_5, *LFM2) or
-            (c["model_type"] == "glm4_moe" and bool(c.get("use_qk_norm"))),
+            (c["model_type"] in ("glm4_moe", "cohere") and bool(c.get("use_qk_norm"))),
+            qk_norm_weights_per_head=c["model_type"] == "cohere" and bool(c.get("use_qk_norm")),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),

@@ -8,14 +8,15 @@ attention), so both give the same numbers; the Python layers remain the path for
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
 attention and MLP outputs, each layer's rotary table) and two switches (GeGLU, Gemma 2's score cap);
 OLMo 2 and EXAONE 4 leave their input norms out (NULL entries: the stream itself goes in), and OLMo 2
-has a switch for q/k norms over whole projections; Cohere's and StableLM's LayerNorms (their biases entries too)
-and parallel blocks (attention and MLP side by side on one norm's output) are two more switches. Hybrids' recurrent mixers (Mamba-2, Qwen3.5's gated delta
-rule, LFM2's short convolution) are a layer's entries too, run by the function their Python decode step calls
-(cpu_ops.recurrent_step), alone, beside attention (Falcon-H1), or as a block of one part (Nemotron-H, whose
-MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's attention gates its output and turns part of
-each head. A mixture of experts is the function the Python layers call on CPU (cpu_ops.mixture_step). Steps with LoRA adapters pass the adapter stack's matrices (a second table, built once per stack)
-and each row's slot; the C step adds each row's adapter product after each fused product, as LoRABatch.add
-does (the attention's and dense MLPs' products: the only ones adapters reach).
+has a switch for q/k norms over whole projections; Cohere's and StableLM's LayerNorms (their biases as entries too)
+and parallel blocks (attention and MLP side by side on one norm's output) are two more switches. Hybrids'
+recurrent mixers (Mamba-2, Qwen3.5's gated delta rule, LFM2's short convolution) are a layer's entries too, run
+by the function their Python decode step calls (cpu_ops.recurrent_step), alone, beside attention (Falcon-H1), or
+as a block of one part (Nemotron-H, whose MLP blocks have no mixer and whose mixer blocks no MLP); Qwen3.5's
+attention gates its output and turns part of each head. A mixture of experts is the function the Python layers
+call on CPU (cpu_ops.mixture_step). Steps with LoRA adapters pass the adapter stack's matrices (a second table,
+built once per stack) and each row's slot; the C step adds each row's adapter product after each fused product,
+as LoRABatch.add does (the attention's and dense MLPs' products: the only ones adapters reach).
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class CpuDecoder:
         self.interleaved_rotary, self.rotated, self.output_gate = \
             int(c.rotary_interleaved), c.rotary_dim, int(c.attention_output_gate)
         self.layer_norms, self.parallel_blocks = int(c.layer_norm), int(c.parallel_block)
+        self.per_head_qk_weights = int(c.qk_norm_weights_per_head)
         self.num_groups = max(model.layer_groups) + 1
         self.query_temperature = c.query_temperature if any(c.temperature_layers) else None
         self.block_size = model.block_size
@@ -170,7 +172,7 @@ class CpuDecoder:
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
             self.qk_norms_after_rotary, self.interleaved_rotary, self.rotated, self.output_gate, self.layer_norms,
-            self.parallel_blocks, self.activation,
+            self.parallel_blocks, self.per_head_qk_weights, self.activation,
             self.cache_form, None if state_slots is None else state_slots.data_ptr(), *self.recurrent_widths,
             work.data_ptr(), adapters[0], adapters[1],
             None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])

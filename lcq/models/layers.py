@@ -59,13 +59,17 @@ class LayerNorm(RMSNorm):
         return F.layer_norm(s.float(), (s.shape[-1],), self.weight.float(), bias, self.eps).to(s.dtype), s
 
 
-def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float) -> None:
-    """RMS-normalise, in place, each of the first `heads` heads of every row of x (tokens, width), a
-    view into the fused projection: Qwen3's q_norm and k_norm before the rotary embedding, Hunyuan's after it."""
+def head_norm_(x: torch.Tensor, heads: int, head_dim: int, weight: torch.Tensor, eps: float,
+               weights_per_head: bool = False, centred: bool = False) -> None:
+    """RMS-normalise (or where centred, LayerNorm), in place, each of the first `heads` heads of every row of x
+    (tokens, width), a view into the fused projection, times weight (head_dim values, or heads x head_dim where
+    weights_per_head: Command R+'s): Qwen3's q_norm and k_norm before the rotary embedding, Hunyuan's after it."""
     if cpu_ops.usable(x, weight) and x.stride(-1) == 1:
-        return cpu_ops.head_norm_(x, heads, head_dim, weight, eps)
+        return cpu_ops.head_norm_(x, heads, head_dim, weight, eps, head_dim if weights_per_head else 0, centred)
     rows = x[:, :heads * head_dim].unflatten(-1, (heads, head_dim))
-    rows.copy_(weight * F.rms_norm(rows.float(), (head_dim,), eps=eps).to(x.dtype))
+    normed = F.layer_norm(rows.float(), (head_dim,), eps=eps) if centred else F.rms_norm(rows.float(), (head_dim,),
+                                                                                         eps=eps)
+    rows.copy_((weight.view(heads, head_dim) if weights_per_head else weight) * normed.to(x.dtype))
 
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope", "dynamic")

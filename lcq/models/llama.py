@@ -74,9 +74,13 @@ class Attention(torch.nn.Module):
         self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
         q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
             (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim)
+        self.norm_widths, self.norm_weights_per_head = (q_width, k_width), config.qk_norm_weights_per_head
+        self.norm_centred = config.layer_norm  # (Command R+'s: LayerNorms, as its model's norms)
         unweighted = config.qk_l2_norm and config.rope_layers[index]  # Llama 4's: its weights stay 1
-        self.q_norm = RMSNorm(q_width, config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
-        self.k_norm = RMSNorm(k_width, config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
+        weights = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim) if self.norm_weights_per_head \
+            else (q_width, k_width)
+        self.q_norm = RMSNorm(weights[0], config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
+        self.k_norm = RMSNorm(weights[1], config.rms_norm_eps, dtype) if config.qk_norm or unweighted else None
         self.norm_after_rotary = config.qk_norm_after_rotary
         self.interleaved_rotary = config.rotary_interleaved
         self.scale = config.query_scale or self.head_dim ** -0.5
@@ -114,9 +118,9 @@ class Attention(torch.nn.Module):
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """q_norm and k_norm, in place, on rows (tokens, width) whose first heads are the queries' or keys'."""
-        (q_heads, k_heads), q_size, k_size = self.norm_heads, self.q_norm.weight.numel(), self.k_norm.weight.numel()
-        head_norm_(queries, q_heads, q_size, self.q_norm.weight, self.q_norm.eps)
-        head_norm_(keys, k_heads, k_size, self.k_norm.weight, self.k_norm.eps)
+        (q_heads, k_heads), (q_size, k_size) = self.norm_heads, self.norm_widths
+        for rows, heads, size, norm in ((queries, q_heads, q_size, self.q_norm), (keys, k_heads, k_size, self.k_norm)):
+            head_norm_(rows, heads, size, norm.weight, norm.eps, self.norm_weights_per_head, self.norm_centred)
 
 
 class MLP(torch.nn.Module):

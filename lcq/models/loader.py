@@ -169,8 +169,8 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
     up-projection, a recurrent mixer's own, a mixture's router. config: the layer's model (index its layer)."""
     prefix = layer.prefix
     norms = _layer_norms(layer, config)
-    for module, name in norms:
-        module.weight.copy_(norm_weight(f"{prefix}.{name}.weight"))
+    for module, name in norms:  # (Command R+'s q/k norms store a row of weights per head: read as one)
+        module.weight.copy_(norm_weight(f"{prefix}.{name}.weight").reshape(module.weight.shape))
     for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
         module.bias.copy_(read(f"{prefix}.{name}.bias"))
     if config.attention_sinks:  # fp32, whatever the model's dtype
