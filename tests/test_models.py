@@ -710,25 +710,24 @@ def test_cohere_follows_transformers(tmp_path, monkeypatch, arch, family, overri
     _check_against(reference, model, [*PROMPTS, long_prompt], decode_steps=3, chunk=4)
 
 
-@pytest.mark.parametrize("parallel", [False, True])
+@pytest.mark.parametrize("arch", ["stablelm", "stablelm_parallel"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])
-def test_stablelm_follows_transformers(tmp_path, monkeypatch, parallel, c_ops):
+def test_stablelm_follows_transformers(tmp_path, monkeypatch, arch, c_ops):
     """StableLM 2 (LayerNorms with biases, q/k/v biases, a rotary embedding over a quarter of each head,
-    read as a whole-head one with its rows reordered), with sequential and parallel residual blocks: our
-    model against transformers' StableLmForCausalLM of the same folder; its query and key LayerNorms
-    (StableLM 2 12B) refused."""
+    read as a whole-head one with its rows reordered), with sequential residual blocks (1.6B's form), and
+    parallel ones with a LayerNorm of each query and key head, each head's module its own weights, reordered as
+    the head's rows are (12B's form): our model against transformers' StableLmForCausalLM of the same folder."""
     import transformers
 
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
-    folder = make_tiny_hf(tmp_path, "stablelm", use_parallel_residual=parallel)
+    folder = make_tiny_hf(tmp_path, arch)
     model, config = load_model(folder)
+    parallel = arch == "stablelm_parallel"
     assert config.layer_norm and config.norm_bias and config.qkv_bias and config.parallel_block == parallel
+    assert config.qk_norm == config.qk_norm_weights_per_head == parallel
     assert config.rope["rope_type"] == "longrope"
     reference = transformers.StableLmForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     _check_against(reference, model, PROMPTS, decode_steps=3, chunk=4)
-    if parallel and c_ops == "1":
-        with pytest.raises(UserError, match="qk_layernorm"):
-            load_model(make_tiny_hf(tmp_path / "qk", "stablelm", qk_layernorm=True))
 
 
 @pytest.mark.parametrize("c_ops", ["1", "0"])

@@ -382,7 +382,8 @@ def test_recurrent_layers_quantize_their_projections(tmp_path, arch):
                                            ("internlm3", "LlamaForCausalLM"), ("glm", "Qwen2ForCausalLM"),
                                            ("glm4", "Glm4ForCausalLM"), ("cohere", "CohereForCausalLM"),
                                            ("cohere_qk", "CohereForCausalLM"), ("cohere2", "Cohere2ForCausalLM"),
-                                           ("stablelm", "StableLmForCausalLM")])
+                                           ("stablelm", "StableLmForCausalLM"),
+                                           ("stablelm_parallel", "StableLmForCausalLM")])
 def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, read_as):
     """A Phi-4-mini-style folder (fused q/k/v and gate/up, a sliding window, LongRoPE over an original
     context of 8, a partial rotary embedding) quantizes into a Mistral checkpoint whose parts are packed
@@ -394,7 +395,8 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     same way (its pairs still adjacent), which transformers runs with gate/up as two matrices, a Cohere
     one (LayerNorms, parallel blocks, scaled logits) into a Cohere checkpoint (Cohere 2's with its
     windows; Command R+'s with its per-head q/k LayerNorms' weights), a StableLM one into a StableLM checkpoint with its quarter-head rotary embedding as a
-    whole-head one (rows reordered). The engine's greedy
+    whole-head one (rows reordered; StableLM 2 12B's with its per-head q/k LayerNorms' weights reordered alike).
+    The engine's greedy
     tokens on each are transformers' with the dequantized weights (the prompt past 8 tokens: long factors
     in both)."""
     from lcq.runtime import LLM, SamplingParams
@@ -407,11 +409,12 @@ def test_viewed_architectures_quantize_as_what_they_are_read_as(tmp_path, arch, 
     reader = CheckpointReader(tmp_path / "lcq")
     assert reader.config["architectures"] == [read_as]
     assert reader.config.get("sliding_window") == {"phi3": 7, "cohere2": 256}.get(arch)
+    family = arch.removesuffix("_parallel")
     rope_type = {"phi3": "longrope", "internlm3": "dynamic", "glm": "longrope", "glm4": "longrope",
-                 "stablelm": "longrope"}.get(arch, "default")
+                 "stablelm": "longrope"}.get(family, "default")
     assert reader.config["rope_parameters"]["rope_type"] == rope_type
     qkv = ("q_proj", "k_proj", "v_proj")
-    biased = {"ernie4_5": ("proj",), "glm": qkv, "glm4": qkv, "stablelm": qkv}.get(arch, ())
+    biased = {"ernie4_5": ("proj",), "glm": qkv, "glm4": qkv, "stablelm": qkv}.get(family, ())
     assert all(reader.has(f"{prefix}.bias") == prefix.endswith(biased) for prefix in reader.quantized_prefixes())
     assert {p.rsplit(".", 1)[1] for p in reader.quantized_prefixes()} == \
         {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

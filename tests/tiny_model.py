@@ -114,8 +114,11 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
     if arch == "cohere2":  # as Command R7B: three sliding-window layers (rotary) to a full one (NoPE)
         sizes.update(num_hidden_layers=4, sliding_window=256, logit_scale=0.5, tie_word_embeddings=True)
     if arch.startswith("stablelm"):  # as StableLM 2 1.6B: LayerNorms with biases, q/k/v biases, a quarter of each
-        # head turning; stablelm_parallel: attention and MLP side by side (use_parallel_residual)
-        sizes.update(partial_rotary_factor=0.25, use_qkv_bias=True, use_parallel_residual=arch == "stablelm_parallel")
+        # head turning; stablelm_parallel as StableLM 2 12B: attention and MLP side by side (use_parallel_residual),
+        # LayerNorms of each query and key head (qk_layernorm)
+        parallel = arch == "stablelm_parallel"
+        sizes.update(partial_rotary_factor=0.25, use_qkv_bias=True, use_parallel_residual=parallel,
+                     qk_layernorm=parallel)
     if arch == "qwen2_moe":  # as Qwen1.5-MoE-A2.7B: q/k/v biases, 2 of 4 experts plus a gated shared expert
         sizes.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
                      shared_expert_intermediate_size=96)
@@ -258,7 +261,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
         "cohere_qk": (CohereConfig, CohereForCausalLM),  # the same with per-head q/k LayerNorms
         "cohere2": (Cohere2Config, Cohere2ForCausalLM),  # the same with sliding-window layers, NoPE full ones
         "stablelm": (StableLmConfig, StableLmForCausalLM),  # LayerNorms with biases, partial rotary embedding
-        "stablelm_parallel": (StableLmConfig, StableLmForCausalLM),  # the same, attention and MLP side by side
+        "stablelm_parallel": (StableLmConfig, StableLmForCausalLM),  # the same side by side, q/k LayerNorms
         "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),  # Qwen2 with experts and a shared expert
         "olmoe": (OlmoeConfig, OlmoeForCausalLM),  # Llama's norms, OLMo 2's q/k norms, experts in every layer
         "gpt_oss": (GptOssConfig, GptOssForCausalLM),  # biases everywhere, attention sinks, clamped SwiGLU experts
@@ -318,7 +321,7 @@ def make_tiny_hf(folder: str | Path, arch: str = "llama", seed: int = 0, dtype: 
             elif name.endswith("bias"):  # qwen2's qkv bias starts at zero, which would test nothing
                 param.normal_(0.0, 0.05)
             elif name.endswith(("q_norm.weight", "k_norm.weight", "query_layernorm.weight",
-                                "key_layernorm.weight")) or \
+                                "key_layernorm.weight")) or ".norms." in name or \
                     (arch in ("olmo2", "olmo3", "exaone4", "lfm2", "lfm2_moe", "cohere", "cohere2", "stablelm",
                               "stablelm_parallel") and name.endswith("norm.weight")):
                 # these start at one

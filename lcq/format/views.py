@@ -610,9 +610,13 @@ def _rotated_first_parts(config: dict[str, Any], stored: list[str]) -> dict[str,
 
 def _head_rows(completed: dict[str, Any], head_dim: int, within: list[int]) -> dict[str, tuple]:
     """_split's entries that read each query and key head's rows (weights and biases) in the order
-    `within`, and per-head q/k norms' weights in that order too."""
-    heads = completed["num_attention_heads"]
-    orders = {"q_proj": heads, "k_proj": completed.get("num_key_value_heads") or heads, "q_norm": 1, "k_norm": 1}
+    `within`, and per-head q/k norms' weights in that order too (GLM-4.5's, one for every head; StableLM 2 12B's,
+    a LayerNorm module per head: q_layernorm.norms.H)."""
+    heads, kv_heads = completed["num_attention_heads"], completed.get("num_key_value_heads") or completed[
+        "num_attention_heads"]
+    orders = {"q_proj": heads, "k_proj": kv_heads, "q_norm": 1, "k_norm": 1,
+              **{f"q_layernorm.norms.{h}": 1 for h in range(heads)},
+              **{f"k_layernorm.norms.{h}": 1 for h in range(kv_heads)}}
     return {f"self_attn.{part}.{kind}": ((f"self_attn.{part}.{kind}", None, None, 1.0,
                                            tuple(h * head_dim + i for h in range(count) for i in within)),)
             for part, count in orders.items() for kind in ("weight", "bias")}

@@ -163,7 +163,8 @@ class ModelConfig:
     pre_norms: bool = True  # norms on the attention's and the MLP's inputs (OLMo 2 has none)
     qk_norm_per_head: bool = True  # q/k norms per head (Qwen3, Gemma 3), else over the whole projection (OLMo 2)
     qk_norm_after_rotary: bool = False  # q/k norms after the rotary embedding (Hunyuan), else before it
-    qk_norm_weights_per_head: bool = False  # each head's q/k norm its own weight (Command R+), else one for all
+    qk_norm_weights_per_head: bool = False  # each head's q/k norm its own weights (Command R+, StableLM 2 12B), else
+    # one for all
     rotary_interleaved: bool = False  # it turns pairs (2i, 2i + 1) of a head (GLM-4-0414), else (i, i + d/2)
     layer_norm: bool = False  # norms centre their input too (LayerNorm: Cohere, StableLM), else RMSNorm
     norm_bias: bool = False  # the LayerNorms add a bias (StableLM)
@@ -247,8 +248,6 @@ class ModelConfig:
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
-        if c.get("qk_layernorm"):  # StableLM 2 12B's LayerNorms of each query and key head
-            raise UserError(f"{folder}: qk_layernorm (StableLM's query and key LayerNorms) is not supported")
         ungated = UNGATED_FAMILIES.get(c["model_type"])
         if ungated is not None and c.get("hidden_act", ungated) != ungated:
             raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for this family's MLP "
@@ -279,8 +278,9 @@ class ModelConfig:
             (c["model_type"] == "qwen2_moe" and bool(c.get("qkv_bias", True))) or bool(c.get("use_qkv_bias")),
             qk_norm=c["model_type"] in ("qwen3", "qwen3_moe", "olmo2", "olmo3", "olmoe", "exaone4", "gemma3_text",
                                         "dots1", "minimax_m2", "apertus", *HUNYUAN, *QWEN3_5, *LFM2) or
-            (c["model_type"] in ("glm4_moe", "cohere") and bool(c.get("use_qk_norm"))),
-            qk_norm_weights_per_head=c["model_type"] == "cohere" and bool(c.get("use_qk_norm")),
+            (c["model_type"] in ("glm4_moe", "cohere") and bool(c.get("use_qk_norm"))) or _stablelm_qk_norms(c),
+            qk_norm_weights_per_head=(c["model_type"] == "cohere" and bool(c.get("use_qk_norm"))) or
+            _stablelm_qk_norms(c),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
             **family, **LAYER_NORMS.get(c["model_type"], {}), **_experts(c), **_gpt_oss_fields(c), **_llama4_fields(c),
@@ -440,6 +440,11 @@ def _mamba_dims(c: dict) -> MambaDims:
     return MambaDims(num_heads=c["mamba_n_heads"], head_dim=c["mamba_d_head"], state_dim=c["mamba_d_state"],
                      groups=c["mamba_n_groups"], conv_kernel=c["mamba_d_conv"],
                      time_step_limit=tuple(float(limit) for limit in c.get("time_step_limit") or (0.0, math.inf)))
+
+
+def _stablelm_qk_norms(c: dict) -> bool:
+    """StableLM 2 12B's LayerNorms of each query and key head (qk_layernorm), each head its own weights."""
+    return c["model_type"] == "stablelm" and bool(c.get("qk_layernorm"))
 
 
 def _granite_hybrid_fields(c: dict) -> dict:

@@ -55,7 +55,7 @@ ROUTER_NAMES = {"gpt_oss": "router", "llama4_text": "router", "hunyuan_v1_moe": 
 CORRECTION_NAMES = {"ernie4_5_moe": "gate.moe_statics.e_score_correction_bias",
                     "minimax_m2": "e_score_correction_bias", "lfm2_moe": "expert_bias"}
 QK_NORM_NAMES = {**dict.fromkeys(("hunyuan_v1_dense", "hunyuan_v1_moe"), ("query_layernorm", "key_layernorm")),
-                 **dict.fromkeys(LFM2, ("q_layernorm", "k_layernorm"))}
+                 **dict.fromkeys((*LFM2, "stablelm"), ("q_layernorm", "k_layernorm"))}
 # A layer's norms before its attention (or mixer) and before its MLP, where not input_layernorm and
 # post_attention_layernorm
 NORM_NAMES = {**dict.fromkeys(LFM2, ("operator_norm", "ffn_norm")),
@@ -169,10 +169,15 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
     up-projection, a recurrent mixer's own, a mixture's router. config: the layer's model (index its layer)."""
     prefix = layer.prefix
     norms = _layer_norms(layer, config)
-    for module, name in norms:  # (Command R+'s q/k norms store a row of weights per head: read as one)
-        module.weight.copy_(norm_weight(f"{prefix}.{name}.weight").reshape(module.weight.shape))
-    for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms
-        module.bias.copy_(read(f"{prefix}.{name}.bias"))
+    for module, name in norms:  # (q/k norms with each head's own weights: Command R+'s a row per head, StableLM 2
+        # 12B's a module per head, norms.H; read as one)
+        stored = f"{prefix}.{name}"
+        weight = norm_weight(f"{stored}.weight") if reader.has(f"{stored}.weight") else torch.cat(
+            [norm_weight(f"{stored}.norms.{h}.weight") for h in range(module.weight.numel() // config.head_dim)])
+        module.weight.copy_(weight.reshape(module.weight.shape))
+    for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms (its q/k ones have none)
+        if getattr(module, "bias", None) is not None:
+            module.bias.copy_(read(f"{prefix}.{name}.bias"))
     if config.attention_sinks:  # fp32, whatever the model's dtype
         layer.self_attn.sinks.copy_(reader.tensor(f"{prefix}.self_attn.sinks").float())
     if config.latent is not None:  # kv_b_proj in full precision, split by head for the absorbed products

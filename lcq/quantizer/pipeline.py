@@ -368,6 +368,8 @@ class _Source:
         that reads the residual stream after it (the later blocks' and the final one), the mean of its
         squared weights, each norm's normalized to mean 1 so that every reader counts alike."""
         readers = RESIDUAL_READERS.get(self.config.model_type, DEFAULT_RESIDUAL_READERS)
+        if getattr(self.config, "use_parallel_residual", False):  # StableLM's parallel blocks: one norm a layer
+            readers = ("input_layernorm",)
         names = [f"model.layers.{later}.{norm}.weight" for later in range(index + 1, self.num_layers)
                  for norm in readers] + [f"{self.final_norm_name}.weight"]
         offset = 1.0 if self.config.model_type in OFFSET_NORMS else 0.0
