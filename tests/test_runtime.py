@@ -119,6 +119,26 @@ def test_the_benchmarks_random_mixtures_load_and_generate(tmp_path, shape):
     assert len(out[0].token_ids) == 3
 
 
+@pytest.mark.parametrize("head_bits", [0, 4])
+def test_the_benchmarks_random_tied_llama_loads_and_generates(tmp_path, head_bits):
+    """bench/cpu_model_shapes.py's random checkpoints (Llama 3.2 1B's form at tiny widths): the head tied to the
+    table, in fp16 or packed (the table then looked up from it), read as such and served."""
+    from bench.random_model import LLAMA32_1B, write_random_llama
+    from lcq.format import CheckpointReader
+
+    tiny = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, vocab_size=384, max_position_embeddings=256)
+    folder = write_random_llama(tmp_path / "m", quantized=True, bits=2, rank=2, group_size=32,
+                                shapes=dict(LLAMA32_1B, **tiny), head_bits=head_bits)
+    reader = CheckpointReader(folder)
+    assert reader.config["tie_word_embeddings"] and not reader.has("lm_head.weight")
+    assert reader.has("lm_head.qweight") == bool(head_bits) == (not reader.has("model.embed_tokens.weight"))
+    llm = LLM(str(folder), **FP32)
+    assert (llm.engine.runner.model.packed_head is not None) == bool(head_bits)
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 3
+
+
 def test_greedy_matches_transformers_full_precision(tiny, llm):
     outs = llm.generate(PROMPTS, GREEDY)
     for prompt, out in zip(PROMPTS, outs):
