@@ -3,8 +3,10 @@ query and 8 key/value heads; its 128,256-token table tied to the head), with ran
 files: the engine's fp16 copies) and LCQ at 4, 3 and 2 bits (rank 2; the head in fp16, and at 2 bits also with the
 head packed at 4 bits, which a tied table is then looked up from), each variant loaded in a process of its own.
 On CPUs with int8 products LCQ layers also keep an int8 form of their weights for steps of several rows where it
-fits (--cpu-int8-weights auto: 1.125 bytes a weight); the -lean variant turns that off, as a server short of
-memory would.
+fits (--cpu-int8-weights auto: 1.125 bytes a weight), which the -lean variant turns off, as a server short of
+memory would, and their codebooks in bytes for int8 decode products of 1-4 rows (4 + 2^b bytes a group); the -fp32
+variants take fp32 products (--cpu-matmul-dtype float32), at batch 1 the products every step took before int8
+decode products (2026-12-03).
 
 Recorded per variant and round: the checkpoint's size on disk, the process's resident memory before loading
 (Python, torch and lcq imported), once loaded and at its peak (the KV pool, --kv-cache-memory-gb, is mapped and
@@ -37,7 +39,11 @@ VARIANTS = {"fp16": (None, {}),
             "lcq-w3r2g128": (dict(bits=3, rank=2, group_size=128), {}),
             "lcq-w2r2g128": (dict(bits=2, rank=2, group_size=128), {}),
             "lcq-w2r2g128-h4": (dict(bits=2, rank=2, group_size=128, head_bits=4), {}),
-            "lcq-w2r2g128-h4-lean": (dict(bits=2, rank=2, group_size=128, head_bits=4), {"cpu_int8_weights": "off"})}
+            "lcq-w2r2g128-h4-lean": (dict(bits=2, rank=2, group_size=128, head_bits=4), {"cpu_int8_weights": "off"}),
+            "lcq-w4r2g64-fp32": (dict(bits=4, rank=2, group_size=64), {"cpu_matmul_dtype": "float32"}),
+            "lcq-w2r2g128-fp32": (dict(bits=2, rank=2, group_size=128), {"cpu_matmul_dtype": "float32"}),
+            "lcq-w2r2g128-h4-fp32": (dict(bits=2, rank=2, group_size=128, head_bits=4),
+                                     {"cpu_matmul_dtype": "float32"})}
 PROMPT_TOKENS, OUTPUT_TOKENS = 32, 128
 
 
@@ -76,6 +82,7 @@ def measure(folder: str, settings: dict, kv_cache_gb: float) -> dict:
         rates[sequences] = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
     return dict(load_s=round(load_s, 1), rss_base_GB=round(base, 3), rss_loaded_GB=round(loaded, 3),
                 int8_weights_GB=round(llm.engine.runner.int8_weight_bytes / 2**30, 3),
+                int8_books_GB=round(llm.engine.runner.int8_book_bytes / 2**30, 3),
                 rss_peak_GB=round(memory_gb("VmHWM"), 3),
                 tok_s_1=round(rates[1], 2), tok_s_8=round(rates[8], 2))
 
@@ -110,13 +117,14 @@ def main() -> None:
             median = {key: statistics.median(run[key] for run in runs[name])
                       for key in ("tok_s_1", "tok_s_8", "rss_base_GB", "rss_loaded_GB", "rss_peak_GB", "load_s")}
             rows.append(dict(variant=name, settings=VARIANTS[name][1], checkpoint_GB=round(folder_gb(folders[name]), 3),
-                             int8_weights_GB=runs[name][0]["int8_weights_GB"], **median, runs=runs[name]))
-    print("| variant | checkpoint GB | RSS before load GB | RSS loaded GB | of it int8 copies GB | RSS peak GB | "
-          "tok/s x1 | tok/s x8 |")
-    print("|---|---|---|---|---|---|---|---|")
+                             int8_weights_GB=runs[name][0]["int8_weights_GB"],
+                             int8_books_GB=runs[name][0]["int8_books_GB"], **median, runs=runs[name]))
+    print("| variant | checkpoint GB | RSS before load GB | RSS loaded GB | of it int8 copies GB | int8 books GB | "
+          "RSS peak GB | tok/s x1 | tok/s x8 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['checkpoint_GB']} | {r['rss_base_GB']} | {r['rss_loaded_GB']} | "
-              f"{r['int8_weights_GB']} | {r['rss_peak_GB']} | {r['tok_s_1']} | {r['tok_s_8']} |")
+              f"{r['int8_weights_GB']} | {r['int8_books_GB']} | {r['rss_peak_GB']} | {r['tok_s_1']} | {r['tok_s_8']} |")
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads, shapes=LLAMA32_1B,
                                          prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS,
                                          kv_cache_memory_gb=args.kv_cache_memory_gb, rows=rows))

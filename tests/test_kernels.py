@@ -440,12 +440,17 @@ def _int8_quantized(rows: torch.Tensor, tops: torch.Tensor | None = None) -> tor
     return (q.double() * (top / most).double()).view(rows.shape[0], -1)[:, :rows.shape[1]]
 
 
-def _int8_index_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+def _int8_index_reference(x: torch.Tensor, layer: PackedLinear, exact_from: int | None = None) -> torch.Tensor:
     """x @ W^T in float64 as int8 products take an LCQ weight: x quantized per block of its values, W
-    per block of the codebooks of the groups the block meets (the kernel quantizes codebooks)."""
+    per block of the codebooks of the groups the block meets (the kernel quantizes codebooks); values
+    from exact_from on (the int8 decode form's past the last whole step of 16) unquantized."""
     books, k, g = layer_codebooks(layer).abs().amax(-1), layer.in_features, layer.group_size
     tops = torch.stack([books[:, s // g:(min(s + 64, k) - 1) // g + 1].amax(-1) for s in range(0, k, 64)], 1)
-    return _int8_quantized(x.float()) @ _int8_quantized(dequantize(layer, torch.float32), tops).t()
+    dense = dequantize(layer, torch.float32)
+    rows, weights = _int8_quantized(x.float()), _int8_quantized(dense, tops)
+    if exact_from is not None:
+        rows[:, exact_from:], weights[:, exact_from:] = x[:, exact_from:].double(), dense[:, exact_from:].double()
+    return rows @ weights.t()
 
 
 needs_int8 = pytest.mark.skipif(not products_available(torch.int8),
@@ -472,8 +477,44 @@ def test_int8_products_quantize_operands_only(n, m, k):
 
 
 @needs_int8
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 64, 576), (3, 3, 64, 500), (4, 2, 128, 150),
+                                                   (2, 2, 128, 1000), (3, 1, 128, 2048), (4, 4, 64, 200),
+                                                   (3, 2, 192, 37)])
+def test_int8_decode_products_read_books(bits, rank, group, k):
+    """A weight that keeps its int8 books takes int8 products of 1-4 rows in the int8 decode form, and
+    with the row form at every row count: the int8 blocked product's operands (_int8_index_reference:
+    each group's codebook quantized once, activations per block of 64), only fp32 scaling and summation
+    differing (1e-5), and its last weights past a whole step of 16 exact (K = 1000, 150, 200, 37). Each
+    row's values are what that row alone gives, bit for bit, in passes of 4 rows or fewer (M = 7: 4 and
+    3). Whole spans of runs and blocks after them (2 bits: runs of 4 blocks, K = 1000: 15 blocks; 3 bits:
+    two runs of 5 blocks, K = 500 with one taking its later steps from the next run, K = 2048; 4 bits:
+    runs of 2), partial runs, groups of 1-3 blocks and a last partial group (K = 150, 200), and a block
+    of 2 steps (K = 37)."""
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
+    weight, plain = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
+    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
+    assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
+    x = torch.randn(7, k)
+    x[:, 1] *= 30  # an outlier channel sets only its own block's scale
+    with cpu_products(torch.int8):
+        alone = torch.cat([weight.linear(x[m:m + 1]) for m in range(7)])
+        assert torch.equal(weight.linear(x[:4]), alone[:4]) and torch.equal(weight.linear(x[:3]), alone[:3])
+        assert torch.equal(plain.linear(x[:9].repeat(2, 1))[:7], weight.linear(x[:9].repeat(2, 1))[:7])  # from 10
+    with cpu_products(torch.int8, rows_alone=True):
+        assert torch.equal(weight.linear(x), alone)
+        assert _relative_error(plain.linear(x), reference(x, layer)) < 1e-6  # without books: fp32
+    assert _relative_error(alone, _int8_index_reference(x, layer, exact_from=k // 16 * 16)) < 1e-5
+    assert _relative_error(alone, reference(x, layer)) > 1e-3  # quantization did happen
+    with cpu_products(torch.float32):
+        assert _relative_error(weight.linear(x[:1]), reference(x[:1], layer)) < 1e-6
+    for other in (cpu_index.IndexWeight(random_layer(70, k, bits, rank, 32, seed=1), wide=True),  # blocks of 2 groups
+                  cpu_index.IndexWeight(layer, wide=False)):  # the AVX2 form has no int8 products
+        assert other.keep_books() == 0
+
+
+@needs_int8
 def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
-    """Below 10 rows int8 products are bf16 ones (the bf16 decode forms are faster there), as are
+    """Without int8 books, below 10 rows int8 products are bf16 ones (the bf16 decode forms are faster there), as are
     products of full-precision weights (fp16 copies: on the demo model the head in int8 cost +0.33%
     perplexity) and of the AVX2 index form; other threads keep fp32."""
     import threading

@@ -26,6 +26,7 @@
  * that panel form too; expanding per call, their transposes cost more than the padding saved.
  */
 #include <immintrin.h>
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -63,11 +64,25 @@
 static _Thread_local int product_form; /* LCQ_*_PRODUCTS per calling thread, like torch.autocast */
 
 int lcq_bf16_products(void) {
-    return product_form != LCQ_FP32_PRODUCTS;
+    return product_form == LCQ_BF16_PRODUCTS || product_form == LCQ_INT8_PRODUCTS;
+}
+
+/* Up to this many rows, LCQ weights with int8 books take the int8 decode form where int8 products are
+ * on: against the fp32 decode form (2 threads, Zen 4, two libraries alternating, weights from memory),
+ * Llama 3.2 1B's shapes at W2 r2 g128 1.48-2.13x at 1 row, 1.19-1.89x at 2, 1.36-1.96x at 4, W4 r2 g64
+ * 1.10-1.51x at 1 row; SmolLM2's 1.1-1.5x at 1 row. With the int8 form kept the blocked product takes
+ * over from KEPT_BYTES_MIN_ROWS (at 3-4 rows 1.0-1.5x the decode form); without it, at 5-9 rows, the
+ * decode form and the bf16 one ran alike (0.8-1.5x). */
+#define BYTE_DECODE_ROWS 4
+
+int lcq_byte_decode_rows(int kept) {
+    if (product_form == LCQ_INT8_ROW_PRODUCTS) return INT_MAX;
+    if (product_form != LCQ_INT8_PRODUCTS) return 0;
+    return kept == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS - 1 : BYTE_DECODE_ROWS;
 }
 
 int lcq_gemm_min_rows(int kept) {
-    if (product_form == LCQ_FP32_PRODUCTS) return LCQ_GEMM_MIN_ROWS;
+    if (!lcq_bf16_products()) return LCQ_GEMM_MIN_ROWS;
     if (kept == LCQ_INT8_PRODUCTS && product_form == LCQ_INT8_PRODUCTS) return KEPT_BYTES_MIN_ROWS;
     return kept == LCQ_BF16_PRODUCTS ? KEPT_PAIRS_MIN_ROWS : BF16_MIN_ROWS;
 }
@@ -79,8 +94,9 @@ int lcq_set_products(int form) {
     __builtin_cpu_init();
     const int bf16 = __builtin_cpu_supports("avx512bf16"), vnni = bf16 && __builtin_cpu_supports("avx512vnni") &&
                                                           __builtin_cpu_supports("avx512vbmi");
-    product_form = form >= LCQ_INT8_PRODUCTS && vnni ? LCQ_INT8_PRODUCTS
-                   : form >= LCQ_BF16_PRODUCTS && bf16 ? LCQ_BF16_PRODUCTS
+    product_form = form == LCQ_INT8_ROW_PRODUCTS ? (vnni ? LCQ_INT8_ROW_PRODUCTS : LCQ_FP32_PRODUCTS)
+                   : form >= LCQ_INT8_PRODUCTS && vnni  ? LCQ_INT8_PRODUCTS
+                   : form >= LCQ_BF16_PRODUCTS && bf16  ? LCQ_BF16_PRODUCTS
                                                         : LCQ_FP32_PRODUCTS;
     return previous;
 }
@@ -119,7 +135,7 @@ int lcq_even_pass_rows(int M, int most) {
  * the int8 products of SmolLM2's 576-wide LCQ shapes ran 0.92-0.97x at 64-1024 rows (Zen 5, two
  * libraries alternating; the same bytes). */
 _Static_assert(LCQ_SCALE_WORDS == 16, "quantize_row packs a block's four vectors into one");
-LCQ_INT8 static void quantize_row(const float *src, int K, uint32_t *row) {
+LCQ_INT8 void lcq_quantize_row(const float *src, int K, uint32_t *row) {
     const int words = (K + 3) / 4, blocks = lcq_scale_blocks(words), padded = 4 * words;
     const int values = 4 * LCQ_SCALE_WORDS, vectors = values / 16; /* per block */
     int8_t *bytes = (int8_t *)row;
@@ -509,7 +525,7 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) {
                 if (bytes)
-                    quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
+                    lcq_quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
                 else
                     lcq_round_pairs(x + (int64_t)m * K, K, rows + (int64_t)m * words);
             }
@@ -555,9 +571,9 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                          int swiglu, float *y) {
     if (product_form == LCQ_INT8_PRODUCTS && expansions->bytes != NULL)
         return panel_product(LCQ_INT8_PRODUCTS, x, M, K, N, expansions, weight, swiglu, y);
-    if (product_form != LCQ_FP32_PRODUCTS && expansions->pair_panels != NULL)
+    if (lcq_bf16_products() && expansions->pair_panels != NULL)
         return panel_product(LCQ_BF16_PRODUCTS, x, M, K, N, expansions, weight, swiglu, y);
-    const int converted = product_form != LCQ_FP32_PRODUCTS; /* bf16 pairs */
+    const int converted = lcq_bf16_products(); /* bf16 pairs */
     const int width = converted ? PAIR_PANEL : PANEL;
     const int words = converted ? (K + 1) / 2 : K; /* 32-bit words per row */
     /* With swiglu, a block is rows first .. of both halves of W, and y takes silu(gate) * up. */

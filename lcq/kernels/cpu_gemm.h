@@ -157,12 +157,24 @@ static inline __attribute__((always_inline)) void lcq_tile_sums(const int R, con
 #define LCQ_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi")))
 
 /* The forms of the calling thread's products (lcq_set_products in cpu_gemm.c): fp32; bf16 operands
- * with fp32 sums; and 8-bit operands with 32-bit sums in the blocked product of weights that expand
- * to bytes (lcq_expand_byte_rows), bf16 elsewhere. */
-enum { LCQ_FP32_PRODUCTS, LCQ_BF16_PRODUCTS, LCQ_INT8_PRODUCTS };
+ * with fp32 sums; 8-bit operands with 32-bit sums in the blocked product of weights that expand to
+ * bytes (lcq_expand_byte_rows) and in the decode products of LCQ weights with int8 books (up to
+ * lcq_byte_decode_rows), bf16 elsewhere; and the int8 decode form of LCQ weights with books at every
+ * row count (each row's values what that row alone would give), fp32 elsewhere: the form of a step that
+ * verifies drafts for sequences whose plain decode steps (too few rows for rounded products but
+ * the int8 decode form) it must reproduce. */
+enum { LCQ_FP32_PRODUCTS, LCQ_BF16_PRODUCTS, LCQ_INT8_PRODUCTS, LCQ_INT8_ROW_PRODUCTS };
 
 /* Whether the calling thread's products take bf16 (or, in the blocked product, 8-bit) operands. */
 int lcq_bf16_products(void);
+
+/* The most rows whose products of an LCQ weight with int8 books take the int8 decode form, in the
+ * calling thread's product form, for a weight that keeps its int8 rows (kept: LCQ_INT8_PRODUCTS) or not;
+ * 0 where they do not. */
+int lcq_byte_decode_rows(int kept);
+
+/* K fp32 activations as a row of the int8 form (lcq_byte_row_words((K + 3) / 4) words; cpu_gemm.c). */
+void lcq_quantize_row(const float *src, int K, uint32_t *row);
 
 /* K fp32 values as ceil(K / 2) bf16 pairs (round to nearest even), the last one padded with zero. */
 void lcq_round_pairs(const float *src, int K, uint32_t *pairs);

@@ -6,7 +6,8 @@ AVX-512 0.06 more, the int8 expansion's block scales), and the
 kernel builds each group's codebook in registers: on a Zen 4, batch-1 decode products run at
 1.3-1.9x the fp16 kernel's speed with AVX-512 (bench/cpu_index.py, docs/kernels.md); from
 lcq_gemm_min_rows() rows (cpu_gemm.c) blocks of weight rows are expanded for a register-blocked
-product. Every fp32 product uses the exact fp32 codebook entries.
+product. Every fp32 product uses the exact fp32 codebook entries. With int8 products, a weight that keeps
+its codebooks in bytes (keep_books) takes decode products of a few rows in 8 bits as well.
 
 LCQ_CPU_INDEX=0 keeps the fp16 copy instead (faster where permutes are slow, as on Zen 1), and
 LCQ_CPU_AVX512=0 the AVX2 form on CPUs with AVX-512.
@@ -39,7 +40,7 @@ class _Fields(ctypes.Structure):
                 ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
                 ("bits", ctypes.c_int), ("runs", ctypes.c_int), ("last_lane_bytes", ctypes.c_int),
                 ("row_bytes", ctypes.c_int), ("wide", ctypes.c_int), ("tops", ctypes.c_void_p),
-                ("byte_rows", ctypes.c_void_p)]
+                ("byte_rows", ctypes.c_void_p), ("books", ctypes.c_void_p)]
 
 
 def pack_rows(indices: torch.Tensor, bits: int) -> tuple[torch.Tensor, int, int]:
@@ -105,6 +106,8 @@ class IndexWeight:
         self.byte_rows = torch.empty(0, dtype=torch.int32)
         if wide:
             library().lcq_index_block_tops(self.pointer, self.tops.data_ptr())
+        self.books = torch.empty(0, dtype=torch.uint8)
+        self.bits, self.group_size, self.num_groups = layer.bits, layer.group_size, layer.num_groups
 
     @property
     def byte_rows_nbytes(self) -> int:
@@ -128,11 +131,26 @@ class IndexWeight:
             self.fields.byte_rows = self.byte_rows.data_ptr()
         return size
 
+    def keep_books(self) -> int:
+        """Keep each group's codebook in bytes beside its scale (4 + 2^b bytes a group: 0.06 bytes per
+        weight at W2 g128, 0.31 at W4 g64), from which int8 products of a few rows (decode) read the
+        weights instead of S and B (cpu_gemm.c's lcq_byte_decode_rows): 1.1-2.1x the fp32 decode form at
+        batch 1 on a Zen 4. Only where the AVX-512 form runs with int8 products and groups are whole
+        blocks of 64 values; returns the bytes kept (else 0)."""
+        if not self.fields.wide or self.group_size % 64 or not products_available(torch.int8):
+            return 0
+        if not self.books.numel():  # padded: the kernel loads 16 bytes of a book at a time
+            self.books = torch.zeros(self.out_features * self.num_groups * (4 + 2 ** self.bits) + 16,
+                                     dtype=torch.uint8)
+            library().lcq_index_byte_books(self.pointer, self.books.data_ptr())
+            self.fields.books = self.books.data_ptr()
+        return self.books.numel()
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size()
                    for t in (self.indices, self.scales, self.offsets, self.tables, self.table_index, self.tops,
-                             self.byte_rows))
+                             self.byte_rows, self.books))
 
     def linear(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """x (..., K) float32 -> (..., N) float32; with swiglu (the layer is [gate; up]) silu(x @ gate^T)
@@ -159,6 +177,8 @@ def library() -> ctypes.CDLL | None:
         lib.lcq_index_matmul.restype = ctypes.c_int
         lib.lcq_index_block_tops.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.lcq_index_block_tops.restype = None
+        lib.lcq_index_byte_books.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.lcq_index_byte_books.restype = None
         lib.lcq_index_byte_rows.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         lib.lcq_index_byte_rows.restype = ctypes.c_int
         lib.lcq_index_byte_words.argtypes = [ctypes.c_int, ctypes.c_int]

@@ -82,7 +82,10 @@ def half_swiglu(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
 # each needs (int8 uses bf16 where it does not apply).
 PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),
                  torch.int8: (2, ("avx512_bf16", "avx512_vnni", "avx512vbmi"))}
-ROUNDED_MIN_ROWS = 3  # products of fewer rows are fp32 whatever cpu_products says (its smallest threshold)
+INT8_ROW_PRODUCTS = 3  # LCQ_INT8_ROW_PRODUCTS: cpu_products(torch.int8, rows_alone=True)
+# Products of fewer rows are fp32 whatever cpu_products says (its smallest threshold), but those of LCQ
+# layers with int8 books under int8 (their decode form, each row's values independent of the others).
+ROUNDED_MIN_ROWS = 3
 
 
 def products_available(dtype: torch.dtype) -> bool:
@@ -93,7 +96,7 @@ def products_available(dtype: torch.dtype) -> bool:
 
 
 @contextlib.contextmanager
-def cpu_products(dtype: torch.dtype) -> Iterator[None]:
+def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]:
     """Within the block, the calling thread's fp32 products of several rows in the C kernels take
     operands of this dtype (products_available; elsewhere nothing changes):
     - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, sums fp32, operands rounded to nearest
@@ -101,14 +104,22 @@ def cpu_products(dtype: torch.dtype) -> Iterator[None]:
       pair_panels), the decode forms of LCQ indices from 5 rows and of fp16 copies from 3, and
       prefill attention.
     - int8: vpdpbusd, four multiply-adds per 32-bit lane, sums int32, in the blocked product of LCQ
-      layers from 10 rows (3 where a layer keeps its int8 weights): activations quantized to 8 bits per block of 64 values along K, each
-      group's codebook quantized once; full-precision weights (the head) and the rest take bfloat16.
+      layers from 10 rows (3 where a layer keeps its int8 weights), and in the decode products of 1-4
+      rows of LCQ layers that keep int8 books (1-2 where they keep their int8 weights): activations
+      quantized to 8 bits per block of 64 values along K, each group's codebook quantized once;
+      full-precision weights (the head) and the rest take bfloat16.
+    rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
+    sequence whose plain decode steps are single rows): with int8, the int8 decode form of LCQ layers
+    with books at every row count and fp32 elsewhere; with another dtype, fp32.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:
         yield
         return
-    previous = lib.lcq_set_products(PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0)
+    form = PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0
+    if rows_alone:
+        form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else 0
+    previous = lib.lcq_set_products(form)
     try:
         yield
     finally:

@@ -100,6 +100,11 @@ class LCQLinear(torch.nn.Module):
         instead of expanding blocks of rows per call (IndexWeight.keep_byte_rows); returns its bytes."""
         return self._index.keep_byte_rows() if self._index is not None else 0
 
+    def keep_books(self) -> int:
+        """Keep each group's codebook in bytes for int8 decode products (IndexWeight.keep_books);
+        returns its bytes (0 unless this layer keeps indices in the AVX-512 form)."""
+        return self._index.keep_books() if self._index is not None else 0
+
     def release_packed(self) -> int:
         """Drop the packed tensors, which a warmed CPU layer no longer reads (0.28-0.55 bytes per
         weight beside its cached weight), for a model whose dtype and device stay as loaded; returns

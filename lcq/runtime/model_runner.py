@@ -30,7 +30,8 @@ DEFAULT_MAX_LORA_RANK = 16  # vLLM's default --max-lora-rank
 GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits beside weights and KV cache
 PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt logprobs (25 MB at 49k)
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
-                   torch.int8: "int8 operands for LCQ layers from 10 rows, else bf16 from 3"}
+                   torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
+                               "books, blocked ones from 10), else bf16 from 3"}
 
 
 @dataclass
@@ -79,6 +80,7 @@ class ModelRunner:
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
         self.int8_weight_bytes = self._keep_int8_weights(config)
+        self.int8_book_bytes = self._keep_int8_books()
         self.head_panel_bytes = self._keep_head_panels()
         c = self.model_config
         windows = [c.attention_windows[i] for i in c.cache_layers]
@@ -184,6 +186,17 @@ class ModelRunner:
         kept = sum(layer.keep_byte_rows() for layer in layers)
         self.log.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
                       "expanding indices", kept / 2**20)
+        return kept
+
+    def _keep_int8_books(self) -> int:
+        """With int8 products, LCQ layers keep their codebooks in bytes (LCQLinear.keep_books: 4 + 2^b bytes
+        a group, a tenth to a half of their indices' bytes), from which their decode products read the weights;
+        returns the bytes kept, before the KV pool is sized."""
+        if self.products != torch.int8:
+            return 0
+        kept = sum(m.keep_books() for m in self.model.modules() if isinstance(m, LCQLinear))
+        if kept:
+            self.log.info("LCQ layers keep their codebooks in bytes (%.0f MB) for int8 decode products", kept / 2**20)
         return kept
 
     def _keep_head_panels(self) -> int:
@@ -305,10 +318,11 @@ class ModelRunner:
         whose prompt this step completed."""
         input_ids, positions, context = self._prepare(scheduled)
         drafts = sum(seq.num_draft_tokens for seq, _ in scheduled)
-        # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep it
-        # at fp32, so that verifying them rounds nothing plain decoding would not.
-        exact = drafts and len(input_ids) - drafts < ROUNDED_MIN_ROWS
-        with cpu_products(torch.float32 if exact else self.products):
+        # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep
+        # each row as alone (fp32, and int8 decode products where plain decoding takes them), so that
+        # verifying them rounds nothing plain decoding would not.
+        alone = bool(drafts) and len(input_ids) - drafts < ROUNDED_MIN_ROWS
+        with cpu_products(self.products, rows_alone=alone):
             return self._forward(scheduled, input_ids, positions, context)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
