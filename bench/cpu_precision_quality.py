@@ -7,7 +7,9 @@ Each window of held-out Shakespeare is prefilled in chunks, so that every chunk 
 attends to the earlier ones through the paged cache, as a served sequence does; the cache's rounding
 of K and V is then in every logit (a chunk reads its own K and V from the cache too). Chunks of 128 tokens take the blocked
 product (the form under test) in every layer and the head, where a served sequence's decode steps of
-fewer than 10 sequences take the decode forms: an upper bound on the cost.
+fewer than 10 sequences take the decode forms: an upper bound on the cost. One more setting takes the
+head's logits one row at a time from its int8 rows (cpu_half.byte_rows, what the engine's int8 decode
+products read at batch 1), the rest in fp32.
 
 With --fp8, what a GPU's kv_cache_dtype fp8 (float8 e4m3, no scales, values clamped to +-448) costs
 instead: the model in bf16 (this CPU's half-precision products; the torch attention path, which writes
@@ -27,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
+from lcq.kernels.cpu_half import byte_rows  # noqa: E402
 from lcq.kernels.cpu_matmul import cpu_products, products_available  # noqa: E402
 from lcq.models import ForwardContext, load_model  # noqa: E402
 from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
@@ -39,8 +42,11 @@ WINDOW, CHUNK, BLOCK = 512, 128, 16
 
 @torch.inference_mode()
 def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype,
-               model_dtype: torch.dtype = torch.float32) -> float:
+               model_dtype: torch.dtype = torch.float32, head_rows: bool = False) -> float:
+    """head_rows: logits from the head's int8 rows, a row at a time in int8 products (as decode steps take them)."""
     model, config = load_model(folder, torch.device("cpu"), model_dtype)
+    if head_rows:
+        model.lm_head_rows = byte_rows(model.lm_head_half)
     blocks = WINDOW // BLOCK
     shape = model.kv_cache_shape(blocks, BLOCK, cache_dtype)
     model.bind_kv_cache([torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)],
@@ -56,7 +62,12 @@ def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dty
                 is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, CHUNK], dtype=torch.int32),
                 context_lens=torch.tensor([start + CHUNK], dtype=torch.int32), block_tables=table,
                 max_query_len=CHUNK, max_context_len=start + CHUNK)
-            logits.append(model.compute_logits(model(tokens[start:start + CHUNK], positions, context)).float())
+            hidden = model(tokens[start:start + CHUNK], positions, context)
+            if head_rows:
+                with cpu_products(torch.int8):
+                    logits += [model.compute_logits(row).float() for row in hidden.split(1)]
+            else:
+                logits.append(model.compute_logits(hidden).float())
         nll += torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], tokens[1:], reduction="sum").item()
         count += WINDOW - 1
     return math.exp(nll / count)
@@ -77,21 +88,24 @@ def main() -> None:
     windows = min(args.windows, len(ids) // WINDOW)
     settings = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.int8, torch.float32)] + [
         (cache, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)
-        for cache in (torch.float16, torch.int8)]
+        for cache in (torch.float16, torch.int8)] + [(torch.float32, "head rows")] * products_available(torch.int8)
     model_dtype = torch.float32
     if args.fp8:
         settings, model_dtype = [(torch.bfloat16, torch.float32), (torch.float8_e4m3fn, torch.float32)], torch.bfloat16
     rows = []
     for cache_dtype, products in settings:
-        with cpu_products(products):
-            value = perplexity(folder, ids, windows, cache_dtype, model_dtype)
+        head_rows = products == "head rows"  # fp32 products, the head's logits from its int8 rows
+        with cpu_products(torch.float32 if head_rows else products):
+            value = perplexity(folder, ids, windows, cache_dtype, model_dtype, head_rows)
         rows.append({"model_dtype": str(model_dtype).removeprefix("torch."),
                      "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
-                     "cpu_matmul_dtype": str(products).removeprefix("torch."), "perplexity": round(value, 4),
+                     "cpu_matmul_dtype": "float32" if head_rows else str(products).removeprefix("torch."),
+                     "head": "int8 rows, one row at a time" if head_rows else "full precision",
+                     "perplexity": round(value, 4),
                      "relative_change": round(value / rows[0]["perplexity"] - 1, 6) if rows else 0.0})
         print(f"model {rows[-1]['model_dtype']}, KV cache {rows[-1]['kv_cache_dtype']}, products "
-              f"{rows[-1]['cpu_matmul_dtype']}: perplexity {value:.4f} ({rows[-1]['relative_change']:+.4%})",
-              flush=True)
+              f"{rows[-1]['cpu_matmul_dtype']}, head {rows[-1]['head']}: perplexity {value:.4f} "
+              f"({rows[-1]['relative_change']:+.4%})", flush=True)
     write_record(args.output, cpu_record(f"python bench/cpu_precision_quality.py --threads {args.threads} --windows {windows}"
                                          f"{' --fp8' if args.fp8 else ''}",
                                          args.threads, model=Path(folder).name, text="held-out Shakespeare",

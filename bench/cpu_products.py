@@ -2,7 +2,8 @@
 oneDNN, on SmolLM2-135M's linear shapes, from decode (1-8 rows) to prefill sizes (16-256 rows); on
 CPUs with AVX512_BF16 also the fp16 kernel with bf16 products (cpu_matmul.cpu_products), which
 changes products from 3 rows, and with the weight's bf16 panels kept (cpu_half.pair_panels, which the
-engine keeps for the head), read from 3 rows. Then, with AVX512_VNNI, LCQ W4 r2 g64 weights
+engine keeps for the head), read from 3 rows; with AVX512_VNNI, at 1-2 rows, the weight's int8 rows
+(cpu_half.byte_rows, which the engine keeps for the head) in int8 products. Then, with AVX512_VNNI, LCQ W4 r2 g64 weights
 (lcq/kernels/cpu_index.c) with bf16 against int8 products (which only LCQ weights take), and int8
 products of weights that keep their int8 rows (IndexWeight.keep_byte_rows, the engine's
 cpu_int8_weights), which take the blocked int8 product from 3 rows instead of 10.
@@ -57,6 +58,7 @@ def main() -> None:
         packed, half = [pack_weight(w) for w in fp32], [w.half() for w in fp32]
         del fp32
         panels = [cpu_half.pair_panels(w) for w in half] if products_available(torch.bfloat16) else []
+        byte_rows = [cpu_half.byte_rows(w) for w in half] if products_available(torch.int8) else []
         for m in ROWS:
             x = torch.randn(m, k)
             fp16_ms, fp32_ms = time_ms(cpu_half.half_linear, x, half), time_ms(dense_linear, x, packed)
@@ -72,6 +74,12 @@ def main() -> None:
                            bf16_panels_ms=round(kept_ms, 3), panels_over_bf16=round(bf16_ms / kept_ms, 2))
                 line += (f"  with bf16 products {bf16_ms:7.3f} ms  x{fp32_ms / bf16_ms:.2f}"
                          f"  panels kept {kept_ms:7.3f} ms  x{bf16_ms / kept_ms:.2f}")
+            if byte_rows and m <= 2:  # where int8 products read them
+                with cpu_products(torch.int8):
+                    rows_ms = time_ms(lambda x, pair: cpu_half.half_linear(x, pair[0], rows=pair[1]), x,
+                                      list(zip(half, byte_rows)))
+                row.update(int8_rows_ms=round(rows_ms, 3), int8_rows_over_fp16=round(fp16_ms / rows_ms, 2))
+                line += f"  int8 rows {rows_ms:7.3f} ms  x{fp16_ms / rows_ms:.2f}"
             rows.append(row)
             print(line, flush=True)
     if products_available(torch.int8) and cpu_index.enabled():

@@ -512,6 +512,45 @@ def test_int8_decode_products_read_books(bits, rank, group, k):
         assert other.keep_books() == 0
 
 
+def _byte_row_values(rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The weight cpu_half.byte_rows holds, (n, k) float64: each unsigned code less 128, times its block's scale."""
+    blocks = -(-k // cpu_half.BYTE_BLOCK)
+    codes = rows[:n * blocks * cpu_half.BYTE_BLOCK].view(torch.uint8).view(n, blocks, -1).double() - 128
+    scales = rows[n * blocks * cpu_half.BYTE_BLOCK:].view(torch.float32).view(n, blocks, 1).double()
+    return (codes * scales).reshape(n, -1)[:, :k], codes, scales
+
+
+@needs_int8
+@pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (70, 576), (33, 80), (40, 100)])
+def test_half_byte_rows_take_int8_decode_products(n, k):
+    """An fp16 weight's int8 rows (cpu_half.byte_rows: per block of 32 values a scale max |w| / 127, codes
+    within half a step of the weight) take int8 products of 1-2 rows, and with the row form every row
+    count: the float64 product with the rounded weight up to the activations' two bytes (1e-4), each row
+    what it gives alone, bit for bit. From 3 rows, and in fp32 products, the rows are not read. Blocks cut
+    short (K = 40, 37, 100), a last chunk of one block (K = 80: 3 blocks), SwiGLU over the decode form."""
+    weight, x = torch.randn(n, k).half(), torch.randn(9, k)
+    rows = cpu_half.byte_rows(weight)
+    assert rows.numel() == cpu_half.byte_row_bytes(n, k) == n * -(-k // 32) * 36
+    values, codes, scales = _byte_row_values(rows, n, k)
+    assert (values - weight.double()).abs().max() <= 0.5001 * scales.max()
+    assert torch.equal(codes.abs().amax(-1), torch.full_like(codes[..., 0], 127.0))  # each block's largest
+    exact = x.double() @ weight.double().t()
+    with cpu_products(torch.int8):
+        alone = torch.cat([cpu_half.half_linear(x[m:m + 1], weight, rows=rows) for m in range(9)])
+        assert torch.equal(cpu_half.half_linear(x[:2], weight, rows=rows), alone[:2])
+        assert torch.equal(cpu_half.half_linear(x[:3], weight, rows=rows), cpu_half.half_linear(x[:3], weight))
+        if n % 2 == 0:
+            gate, up = alone[:1].chunk(2, dim=1)
+            swiglu = cpu_half.half_linear(x[:1], weight, swiglu=True, rows=rows)
+            assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
+    with cpu_products(torch.int8, rows_alone=True):
+        assert torch.equal(cpu_half.half_linear(x, weight, rows=rows), alone)
+    assert _relative_error(alone, x.double() @ values.t()) < 1e-4
+    assert _relative_error(alone, exact) > 1e-4  # the weight was rounded
+    with cpu_products(torch.float32):
+        assert torch.equal(cpu_half.half_linear(x[:1], weight, rows=rows), cpu_half.half_linear(x[:1], weight))
+
+
 @needs_int8
 def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
     """Without int8 books, below 10 rows int8 products are bf16 ones (the bf16 decode forms are faster there), as are

@@ -170,14 +170,15 @@ def test_drafts_give_the_plain_greedy_tokens(tiny, plain, drafting):
 def test_drafts_keep_exact_products_at_batch_one(tmp_path, group_size):
     """With rounded product forms on (int8 for LCQ layers that keep their int8 weights, from 3 rows), a
     lone sequence's verification steps take each row as alone, as its plain decode steps of one row
-    are: fp32 (groups of 32), and the int8 decode form where the layers keep int8 books (groups of 64),
-    so drafting changes no token and moves logprobs only by fp32 sums taken in another order."""
+    are: fp32 (groups of 32), and the int8 decode form where the layers keep int8 books (groups of 64)
+    and in the head, which keeps its int8 rows, so drafting changes no token and moves logprobs only by
+    fp32 sums taken in another order."""
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=group_size))
     settings = dict(block_size=8, kv_cache_dtype="float32", cpu_matmul_dtype="int8", cpu_int8_weights="on")
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
     plain = LLM(folder, **settings)
     expected = plain.generate([PROMPTS[0]], params)[0]
-    assert (plain.engine.runner.int8_book_bytes > 0) == (group_size == 64)
+    assert (plain.engine.runner.int8_book_bytes > 0) == (group_size == 64) and plain.engine.runner.head_row_bytes > 0
     drafting = LLM(folder, num_speculative_tokens=4, **settings)
     got = drafting.generate([PROMPTS[0]], params)[0]
     assert got.token_ids == expected.token_ids and drafting.engine.stats().num_accepted_tokens_total > 0

@@ -177,17 +177,6 @@ LCQ_INT8 void lcq_quantize_row(const float *src, int K, uint32_t *row) {
     }
 }
 
-/* sums + the four products of unsigned bytes u and signed bytes s in each 32-bit lane, in place: with
- * the intrinsic, GCC 12 copied every accumulator to another register and back around each vpdpbusd
- * (24 moves per 12 multiply-adds in byte_sums): without them the int8 product of SmolLM2 gate/up and
- * down shapes ran 1.07-1.21x faster at 16-256 rows (two libraries alternating). Inline asm needs no
- * AVX512_VNNI target, so the panel products below share one for int8 and bf16 (LCQ_BF16: int8 products
- * run only where the CPU also has AVX512_BF16, lcq_set_products). */
-LCQ_BF16 static inline __attribute__((always_inline)) __m512i add_byte_products(__m512i sums, __m512i u, __m512i s) {
-    __asm__("vpdpbusd %2, %1, %0" : "+v"(sums) : "v"(u), "v"(s));
-    return sums;
-}
-
 /* One step along K of byte_sums: R activation words (row stride lda) broadcast against the V weight
  * vectors of the panel's row at b. */
 LCQ_BF16 static inline __attribute__((always_inline)) void byte_step(const int R, const int V, const uint32_t *a,

@@ -6,7 +6,8 @@
  * kernel: convert 8 weights with one instruction, multiply them into every row. Larger products
  * (prefill, big batches) are bounded by arithmetic instead: cpu_gemm.c converts a block of weight
  * rows at a time to fp32 and multiplies it there, so the fp16 copy is the only weight a layer needs
- * to keep.
+ * to keep. With int8 products, a weight may also keep its int8 rows (the head: 1.125 bytes per weight),
+ * which its decode products of 1-2 rows then read with vpdpbusd.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -158,15 +159,165 @@ LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out
     return failed ? -1 : 0;
 }
 
+/* The int8 rows of an fp16 weight, which int8 products of a few rows read: 1.125 bytes per weight
+ * where the fp16 weight takes 2. Per block of BYTE_BLOCK values along a row, scale = max |w| / 127 and
+ * q = round(w / scale) (nearest even), stored as the unsigned byte q + 128; a value is q * scale.
+ * Blocks of 32 (llama.cpp's Q8_0): the demo model's head rounded so moved its perplexity by -0.006%
+ * (per block of 64 +0.066%, per row +0.10%; 4,088 tokens, fp32 activations). Layout: N rows of
+ * BYTE_BLOCK * ceil(K / BYTE_BLOCK) bytes, then N rows of ceil(K / BYTE_BLOCK) fp32 scales. */
+#define BYTE_BLOCK 32
+#define CHUNK 64 /* values per vpdpbusd: two blocks */
+
+static inline int byte_blocks(int K) {
+    return (K + BYTE_BLOCK - 1) / BYTE_BLOCK;
+}
+
+/* The mask of the first `left` (at most 16) lanes of a vector of 16. */
+static inline __mmask16 first_lanes(int left) {
+    return left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+/* The mask of the first `left` (at most 64) bytes of a vector of 64. */
+static inline __mmask64 first_bytes(int left) {
+    return left >= 64 ? ~(__mmask64)0 : left <= 0 ? (__mmask64)0 : ((__mmask64)1 << left) - 1;
+}
+
+LCQ_BF16 void lcq_half_byte_rows(const uint16_t *w, int N, int K, uint8_t *out) {
+    const int blocks = byte_blocks(K);
+    float *scales = (float *)(out + (int64_t)N * blocks * BYTE_BLOCK);
+    const __m512i bias = _mm512_set1_epi32(128);
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const uint16_t *row = w + (int64_t)n * K;
+        uint8_t *codes = out + (int64_t)n * blocks * BYTE_BLOCK;
+        for (int j = 0; j < blocks; j++) {
+            const int k = j * BYTE_BLOCK, left = K - k;
+            const __m512 low = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(left), row + k));
+            const __m512 high = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(left - 16), row + k + 16));
+            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
+            const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+            scales[(int64_t)n * blocks + j] = top / 127.0f;
+            const __m512i q_low = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(low, inverse)), bias);
+            const __m512i q_high = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(high, inverse)), bias);
+            _mm_storeu_si128((__m128i *)(codes + k), _mm512_cvtepi32_epi8(q_low));
+            _mm_storeu_si128((__m128i *)(codes + k + 16), _mm512_cvtepi32_epi8(q_high));
+        }
+    }
+}
+
+/* An activation row in two bytes per value, for vpdpbusd against the int8 rows: with S = max |x| / 127,
+ * x = S * (high + low / 256) up to S / 512 (high = round(x / S), low = round(256 * the rest), at most
+ * +-127), about 16 bits where one byte (int8 products' activations, a scale per 64 values) had cost the
+ * demo model's head +0.25% perplexity. Per chunk of 64 values, `start` holds in lanes 0 and 8 (its two
+ * blocks) -128 * (256 * the sum of high + the sum of low) over the block, which cancels what the
+ * weights' +128 adds; the chunk's sums are then 256 * (high sums) + (low sums) + start. */
+typedef struct {
+    int8_t *high, *low; /* chunks * CHUNK bytes each, zeros past K */
+    int32_t *start;     /* chunks * 16 */
+    float scale;        /* S / 256 */
+} byte_activations;
+
+LCQ_BF16 static void split_row(const float *x, int K, byte_activations *row) {
+    const int chunks = (K + CHUNK - 1) / CHUNK;
+    __m512 largest = _mm512_setzero_ps();
+    for (int k = 0; k < K; k += 16)
+        largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k)));
+    const float top = _mm512_reduce_max_ps(largest);
+    const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f), fraction = _mm512_set1_ps(256.0f);
+    const __m512i limit = _mm512_set1_epi32(127);
+    row->scale = top / 127.0f / 256.0f;
+    for (int c = 0; c < chunks; c++) {
+        int32_t sums[2] = {0, 0};
+        for (int i = 0; i < CHUNK / 16; i++) {
+            const int k = c * CHUNK + 16 * i;
+            const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k), inverse);
+            const __m512i high = _mm512_cvtps_epi32(v);
+            __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(high)), fraction));
+            low = _mm512_max_epi32(_mm512_min_epi32(low, limit), _mm512_sub_epi32(_mm512_setzero_si512(), limit));
+            _mm_storeu_si128((__m128i *)(row->high + k), _mm512_cvtepi32_epi8(high));
+            _mm_storeu_si128((__m128i *)(row->low + k), _mm512_cvtepi32_epi8(low));
+            sums[i / 2] += 256 * _mm512_reduce_add_epi32(high) + _mm512_reduce_add_epi32(low);
+        }
+        int32_t *start = row->start + 16 * c;
+        for (int lane = 0; lane < 16; lane++) start[lane] = 0;
+        start[0] = -128 * sums[0];
+        start[8] = -128 * sums[1];
+    }
+}
+
+/* Output column n for M activation rows from the int8 rows: per chunk of 64 weights, one load, then per
+ * row two vpdpbusd (the high and low bytes), a shift and an add, and the chunk's int32 sums times its two
+ * blocks' scales (lanes 0-7 and 8-15) into the row's fp32 sums. A row's sums run in the same order
+ * whatever M is (its values are what it gives alone). */
+LCQ_BF16 static inline __attribute__((always_inline)) void byte_column(const int M, int n, const byte_activations *x,
+                                                                       int K, const uint8_t *bytes, int N, float *y) {
+    const int blocks = byte_blocks(K), chunks = (K + CHUNK - 1) / CHUNK, stride = blocks * BYTE_BLOCK;
+    const uint8_t *codes = bytes + (int64_t)n * stride;
+    const float *scales = (const float *)(bytes + (int64_t)N * stride) + (int64_t)n * blocks;
+    const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+    for (int c = 0; c < chunks; c++) {
+        const int k = c * CHUNK, whole = k + CHUNK <= stride;
+        const __m512i weights =
+            whole ? _mm512_loadu_si512(codes + k) : _mm512_maskz_loadu_epi8(first_bytes(stride - k), codes + k);
+        const __m512 pair = _mm512_maskz_loadu_ps(first_lanes(blocks - 2 * c), scales + 2 * c);
+        const __m512 scale = _mm512_permutexvar_ps(halves, pair);
+        for (int m = 0; m < M; m++) {
+            const __m512i high = add_byte_products(_mm512_setzero_si512(), weights, _mm512_loadu_si512(x[m].high + k));
+            const __m512i low = add_byte_products(_mm512_loadu_si512(x[m].start + 16 * c), weights,
+                                                  _mm512_loadu_si512(x[m].low + k));
+            const __m512i sums = _mm512_add_epi32(_mm512_slli_epi32(high, 8), low);
+            acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = _mm512_reduce_add_ps(acc[m]) * x[m].scale;
+}
+
+LCQ_BF16 static int byte_decode_product(const float *x, int M, int K, const uint8_t *bytes, int N, float *y) {
+    const int chunks = (K + CHUNK - 1) / CHUNK;
+    const size_t row_bytes = 2 * (size_t)chunks * CHUNK + sizeof(int32_t) * 16 * chunks;
+    byte_activations *rows = malloc(sizeof(byte_activations) * M);
+    uint8_t *buffer = malloc(row_bytes * M);
+    if (rows == NULL || buffer == NULL) {
+        free(rows);
+        free(buffer);
+        return -1;
+    }
+    for (int m = 0; m < M; m++) {
+        uint8_t *at = buffer + row_bytes * m;
+        rows[m].start = (int32_t *)at;
+        rows[m].high = (int8_t *)(at + sizeof(int32_t) * 16 * chunks);
+        rows[m].low = rows[m].high + (size_t)chunks * CHUNK;
+        split_row(x + (int64_t)m * K, K, &rows[m]);
+    }
+#define COLUMN(count) byte_column(count, n, rows + m, K, bytes, N, y + (int64_t)m * N)
+    LCQ_DECODE_COLUMNS
+    for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
+#undef COLUMN
+    free(rows);
+    free(buffer);
+    return 0;
+}
+
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32, or with swiglu (W =
  * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). panels: the weight's lcq_half_pair_panels,
- * or NULL. Fewer than lcq_gemm_min_rows(...) rows: per output column, passes of up to MAX_ROWS rows
- * (the column's weights stay in L1 between passes). Returns 0, or -1 for M < 1 or when a buffer
- * cannot be allocated. */
+ * or NULL; bytes: its lcq_half_byte_rows, or NULL, which int8 products of a few rows then read. Fewer
+ * than lcq_gemm_min_rows(...) rows: per output column, passes of up to MAX_ROWS rows (the column's
+ * weights stay in L1 between passes). Returns 0, or -1 for M < 1 or when a buffer cannot be allocated. */
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, const uint32_t *panels,
-                    float *y) {
+                    const uint8_t *bytes, float *y) {
     if (M < 1 || (swiglu && N % 2)) return -1;
-    if (M >= lcq_gemm_min_rows(panels != NULL ? LCQ_BF16_PRODUCTS : LCQ_FP32_PRODUCTS)) {
+    const int kept = panels != NULL ? LCQ_BF16_PRODUCTS : LCQ_FP32_PRODUCTS;
+    /* int8 rows up to 2 rows (as for LCQ weights that keep theirs): on SmolLM2's and Llama 3.2 1B's heads
+     * (2 threads, Zen 4, from memory) 1.40x the fp32 decode form at 1 row, 1.45-2.0x at 2; at 3-4 rows
+     * the bf16 panels were faster (1.0-1.4x), and without them the bf16 decode form ran alike (0.7-1.1x). */
+    if (bytes != NULL && M <= lcq_byte_decode_rows(LCQ_INT8_PRODUCTS)) {
+        float *products = lcq_swiglu_products(swiglu, M, N, y);
+        const int status = products == NULL ? -1 : byte_decode_product(x, M, K, bytes, N, products);
+        return lcq_swiglu_finish(swiglu, products, M, N, y, status);
+    }
+    if (M >= lcq_gemm_min_rows(kept)) {
         lcq_expansions expansions = half_expansions;
         expansions.pair_panels = panels;
         return lcq_expanded_product(x, M, K, N, &expansions, w, swiglu, y);

@@ -27,10 +27,11 @@ def enabled() -> bool:
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
-                panels: torch.Tensor | None = None) -> torch.Tensor:
+                panels: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, weight (N, K) float16 -> (M, N) float32; with swiglu (weight = [gate; up])
     silu(x @ gate^T) * (x @ up^T), (M, N / 2), the product finishing it block by block. panels: the
-    weight's pair_panels, which bf16 products of several rows then read (the same values)."""
+    weight's pair_panels, which bf16 products of several rows then read (the same values); rows: its
+    byte_rows, which int8 products of a few rows then read (the weight rounded to 8 bits)."""
     x = x.contiguous()
     if x.dtype != torch.float32 or weight.dtype != torch.float16 or not weight.is_contiguous():
         raise TypeError("half_linear takes float32 activations and a contiguous float16 weight")
@@ -39,7 +40,8 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
     y = torch.empty(x.shape[0], weight.shape[0] // (2 if swiglu else 1), dtype=torch.float32)
     if x.shape[0] and library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
                                                 weight.shape[0], int(swiglu),
-                                                panels.data_ptr() if panels is not None else None, y.data_ptr()):
+                                                panels.data_ptr() if panels is not None else None,
+                                                rows.data_ptr() if rows is not None else None, y.data_ptr()):
         raise MemoryError("lcq_half_matmul could not allocate its buffers")
     return y
 
@@ -50,10 +52,13 @@ def library() -> ctypes.CDLL | None:
     lib = native.load()
     if lib is not None:
         pointer, integer = ctypes.c_void_p, ctypes.c_int
-        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer, pointer]
+        lib.lcq_half_matmul.argtypes = [pointer, integer, integer, pointer, integer, integer, pointer, pointer,
+                                        pointer]
         lib.lcq_half_matmul.restype = integer
         lib.lcq_half_pair_panels.argtypes = [pointer, integer, integer, pointer]
         lib.lcq_half_pair_panels.restype = integer
+        lib.lcq_half_byte_rows.argtypes = [pointer, integer, integer, pointer]
+        lib.lcq_half_byte_rows.restype = None
     return lib
 
 
@@ -70,3 +75,23 @@ def pair_panels(weight: torch.Tensor) -> torch.Tensor:
     if library().lcq_half_pair_panels(weight.data_ptr(), n, k, panels.data_ptr()):
         raise MemoryError("lcq_half_pair_panels could not allocate its buffers")
     return panels
+
+
+BYTE_BLOCK = 32  # values per scale of byte_rows (cpu_half.c)
+
+
+def byte_row_bytes(n: int, k: int) -> int:
+    """What byte_rows keeps for an (n, k) weight: a byte per weight (K rounded up to blocks of 32) and an
+    fp32 scale per block, 1.125 bytes per weight."""
+    blocks = -(-k // BYTE_BLOCK)
+    return n * blocks * (BYTE_BLOCK + 4)
+
+
+def byte_rows(weight: torch.Tensor) -> torch.Tensor:
+    """The fp16 weight (N, K) rounded to int8 rows, a scale per block of 32 values (cpu_half.c's
+    lcq_half_byte_rows): the int8 products' decode form reads them, 1.125 bytes per weight where the
+    weight takes 2."""
+    rows = torch.empty(byte_row_bytes(*weight.shape), dtype=torch.int8)
+    library().lcq_half_byte_rows(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr())
+    return rows
+

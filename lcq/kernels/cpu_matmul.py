@@ -58,13 +58,14 @@ def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,
-                 half: torch.Tensor | None = None, panels: torch.Tensor | None = None) -> torch.Tensor:
+                 half: torch.Tensor | None = None, panels: torch.Tensor | None = None,
+                 byte_rows: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for a plain weight or one made by pack_weight; fp32 products use `half`
-    (from half_copy) when given, and then `weight` may be None; `panels`: half's cpu_half.pair_panels,
-    for its bf16 products."""
+    (from half_copy) when given, and then `weight` may be None; `panels` and `byte_rows`: half's
+    cpu_half.pair_panels, for its bf16 products, and cpu_half.byte_rows, for its int8 decode products."""
     if half is not None and x.dtype == torch.float32:
         rows = x.reshape(-1, x.shape[-1])
-        y = cpu_half.half_linear(rows, half, panels=panels).reshape(*x.shape[:-1], half.shape[0])
+        y = cpu_half.half_linear(rows, half, panels=panels, rows=byte_rows).reshape(*x.shape[:-1], half.shape[0])
         return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -106,11 +107,12 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
     - int8: vpdpbusd, four multiply-adds per 32-bit lane, sums int32, in the blocked product of LCQ
       layers from 10 rows (3 where a layer keeps its int8 weights), and in the decode products of 1-4
       rows of LCQ layers that keep int8 books (1-2 where they keep their int8 weights): activations
-      quantized to 8 bits per block of 64 values along K, each group's codebook quantized once;
-      full-precision weights (the head) and the rest take bfloat16.
+      quantized to 8 bits per block of 64 values along K, each group's codebook quantized once; and
+      in the decode products of 1-2 rows of an fp16 weight that keeps int8 rows (cpu_half.byte_rows:
+      the head), with activations in two bytes; full-precision weights and the rest take bfloat16.
     rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
-    sequence whose plain decode steps are single rows): with int8, the int8 decode form of LCQ layers
-    with books at every row count and fp32 elsewhere; with another dtype, fp32.
+    sequence whose plain decode steps are single rows): with int8, the int8 decode forms of LCQ layers
+    with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32.
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:

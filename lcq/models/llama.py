@@ -427,6 +427,7 @@ class LlamaModel(torch.nn.Module):
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
         self.packed_head: torch.nn.Module | None = None  # an LCQ layer (quantize --head-bits), then lm_head is None
         self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them
+        self.lm_head_rows: torch.Tensor | None = None  # its int8 rows, where the engine keeps them
         self.cpu_decoder: CpuDecoder | None = None  # all layers of a CPU decode step in one call (bind_kv_cache)
         self.layer_groups: tuple[int, ...] = (0,) * config.num_layers  # each layer's group (bind_kv_cache)
         self.mtp: MultiTokenPredictor | None = None  # the multi-token-prediction layer, where it drafts (add_mtp)
@@ -499,7 +500,8 @@ class LlamaModel(torch.nn.Module):
         if self.packed_head is not None:
             logits = self.packed_head(hidden).float()
         else:
-            logits = dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels).float()
+            logits = dense_linear(hidden, self.lm_head, half=self.lm_head_half, panels=self.lm_head_panels,
+                                  byte_rows=self.lm_head_rows).float()
         cap = self.config.logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
