@@ -10,11 +10,13 @@ decode products (2026-12-03).
 
 Recorded per variant and round: the checkpoint's size on disk, the process's resident memory before loading
 (Python, torch and lcq imported), once loaded and at its peak (the KV pool, --kv-cache-memory-gb, is mapped and
-filled as used), the int8 weight copies' size, and output tokens/s at 1 and 8 sequences (128 tokens each after
-32-token prompts, greedy); medians of --rounds rounds, the variants alternating. Random weights give meaningless tokens but the same work
-per token as trained ones.
+filled as used), the int8 weight copies', codebooks' and head rows' sizes, and output tokens/s at 1 and 8 sequences
+(128 tokens each after 32-token prompts, greedy); medians of --rounds rounds, the variants alternating. Random
+weights give meaningless tokens but the same work per token as trained ones. With --baseline DIR, each variant also
+runs on another checkout's engine (its own bench/cpu_model_shapes.py, e.g. a git worktree of the commit before a
+change), alternating with this one's: rows VARIANT@baseline.
 
-    python bench/cpu_model_shapes.py [--threads 2] [--rounds 3] [--variants fp16,lcq-w4r2g64,...]
+    python bench/cpu_model_shapes.py [--threads 2] [--rounds 3] [--variants fp16,lcq-w4r2g64,...] [--baseline DIR]
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ def options(parser) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS), help="the variants to run, comma-separated")
     parser.add_argument("--kv-cache-memory-gb", type=float, default=0.5)
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="another checkout whose engine also runs each variant (rows VARIANT@baseline)")
     # in a child: a variant's folder and engine settings (JSON), measured in-process
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
 
@@ -83,6 +87,7 @@ def measure(folder: str, settings: dict, kv_cache_gb: float) -> dict:
     return dict(load_s=round(load_s, 1), rss_base_GB=round(base, 3), rss_loaded_GB=round(loaded, 3),
                 int8_weights_GB=round(llm.engine.runner.int8_weight_bytes / 2**30, 3),
                 int8_books_GB=round(llm.engine.runner.int8_book_bytes / 2**30, 3),
+                head_rows_GB=round(llm.engine.runner.head_row_bytes / 2**30, 3),
                 rss_peak_GB=round(memory_gb("VmHWM"), 3),
                 tok_s_1=round(rates[1], 2), tok_s_8=round(rates[8], 2))
 
@@ -97,7 +102,8 @@ def main() -> None:
         print(json.dumps(measure(args.child[0], json.loads(args.child[1]), args.kv_cache_memory_gb)))
         return
     names = args.variants.split(",")
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    labels = [label for name in names for label in ([name, f"{name}@baseline"] if args.baseline else [name])]
+    runs: dict[str, list[dict]] = {label: [] for label in labels}
     with tempfile.TemporaryDirectory() as scratch:
         folders = {}
         for name in names:
@@ -105,29 +111,35 @@ def main() -> None:
             folders[name] = write_random_llama(Path(scratch) / name, quantized=spec is not None, shapes=LLAMA32_1B,
                                                **(spec or {}))
         for round_index in range(args.rounds):
-            for name in names:
-                child = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--child",
+            for label in labels:
+                name, baseline = label.removesuffix("@baseline"), label.endswith("@baseline")
+                script = args.baseline / "bench" / Path(__file__).name if baseline else Path(__file__)
+                child = subprocess.run([sys.executable, str(script), "--threads", str(args.threads), "--child",
                                         str(folders[name]), json.dumps(VARIANTS[name][1]),
                                         "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)],
                                        capture_output=True, text=True, check=True)
-                runs[name].append(json.loads(child.stdout.strip().splitlines()[-1]))
-                print(f"round {round_index + 1} {name:16s} {runs[name][-1]}", flush=True)
+                runs[label].append(json.loads(child.stdout.strip().splitlines()[-1]))
+                print(f"round {round_index + 1} {label:25s} {runs[label][-1]}", flush=True)
         rows = []
-        for name in names:
-            median = {key: statistics.median(run[key] for run in runs[name])
+        for label in labels:
+            name, first = label.removesuffix("@baseline"), runs[label][0]
+            median = {key: statistics.median(run[key] for run in runs[label])
                       for key in ("tok_s_1", "tok_s_8", "rss_base_GB", "rss_loaded_GB", "rss_peak_GB", "load_s")}
-            rows.append(dict(variant=name, settings=VARIANTS[name][1], checkpoint_GB=round(folder_gb(folders[name]), 3),
-                             int8_weights_GB=runs[name][0]["int8_weights_GB"],
-                             int8_books_GB=runs[name][0]["int8_books_GB"], **median, runs=runs[name]))
+            rows.append(dict(variant=label, settings=VARIANTS[name][1], checkpoint_GB=round(folder_gb(folders[name]), 3),
+                             **{key: first.get(key, 0.0) for key in ("int8_weights_GB", "int8_books_GB", "head_rows_GB")},
+                             **median, runs=runs[label]))
     print("| variant | checkpoint GB | RSS before load GB | RSS loaded GB | of it int8 copies GB | int8 books GB | "
-          "RSS peak GB | tok/s x1 | tok/s x8 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "head rows GB | RSS peak GB | tok/s x1 | tok/s x8 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['checkpoint_GB']} | {r['rss_base_GB']} | {r['rss_loaded_GB']} | "
-              f"{r['int8_weights_GB']} | {r['int8_books_GB']} | {r['rss_peak_GB']} | {r['tok_s_1']} | {r['tok_s_8']} |")
+              f"{r['int8_weights_GB']} | {r['int8_books_GB']} | {r['head_rows_GB']} | {r['rss_peak_GB']} | "
+              f"{r['tok_s_1']} | {r['tok_s_8']} |")
+    baseline = {} if args.baseline is None else {"baseline": subprocess.run(
+        ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads, shapes=LLAMA32_1B,
                                          prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS,
-                                         kv_cache_memory_gb=args.kv_cache_memory_gb, rows=rows))
+                                         kv_cache_memory_gb=args.kv_cache_memory_gb, **baseline, rows=rows))
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ class EngineConfig:
         (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16 (LCQ
         layers' products of 10+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
         sequences), else bfloat16 where it has AVX512_BF16 (twice fp32's multiply-adds per
-        instruction), else float32; the demo model's perplexity moved within +-0.03% with either
+        instruction), else float32; the demo model's perplexity moved by under 0.1% with either
         (docs/kernels.md). float32 keeps tokens equal to transformers'."""
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
         if self.cpu_matmul_dtype not in ("auto", *names):
