@@ -125,9 +125,9 @@ def main() -> None:
             name, first = label.removesuffix("@baseline"), runs[label][0]
             median = {key: statistics.median(run[key] for run in runs[label])
                       for key in ("tok_s_1", "tok_s_8", "rss_base_GB", "rss_loaded_GB", "rss_peak_GB", "load_s")}
-            rows.append(dict(variant=label, settings=VARIANTS[name][1], checkpoint_GB=round(folder_gb(folders[name]), 3),
-                             **{key: first.get(key, 0.0) for key in ("int8_weights_GB", "int8_books_GB", "head_rows_GB")},
-                             **median, runs=runs[label]))
+            sizes = {key: first.get(key, 0.0) for key in ("int8_weights_GB", "int8_books_GB", "head_rows_GB")}
+            rows.append(dict(variant=label, settings=VARIANTS[name][1],
+                             checkpoint_GB=round(folder_gb(folders[name]), 3), **sizes, **median, runs=runs[label]))
     print("| variant | checkpoint GB | RSS before load GB | RSS loaded GB | of it int8 copies GB | int8 books GB | "
           "head rows GB | RSS peak GB | tok/s x1 | tok/s x8 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -136,7 +136,8 @@ def main() -> None:
               f"{r['int8_weights_GB']} | {r['int8_books_GB']} | {r['head_rows_GB']} | {r['rss_peak_GB']} | "
               f"{r['tok_s_1']} | {r['tok_s_8']} |")
     baseline = {} if args.baseline is None else {"baseline": subprocess.run(
-        ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+        ["git", "-C", str(args.baseline), "rev-parse", "--short", "HEAD"], capture_output=True,
+        text=True).stdout.strip()}
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads, shapes=LLAMA32_1B,
                                          prompt_tokens=PROMPT_TOKENS, output_tokens=OUTPUT_TOKENS,
                                          kv_cache_memory_gb=args.kv_cache_memory_gb, **baseline, rows=rows))

@@ -76,7 +76,7 @@ def main() -> None:
                          f"  panels kept {kept_ms:7.3f} ms  x{bf16_ms / kept_ms:.2f}")
             if byte_rows and m <= 2:  # where int8 products read them
                 with cpu_products(torch.int8):
-                    rows_ms = time_ms(lambda x, pair: cpu_half.half_linear(x, pair[0], rows=pair[1]), x,
+                    rows_ms = time_ms(lambda x, pair: cpu_half.half_linear(x, pair[0], byte_rows=pair[1]), x,
                                       list(zip(half, byte_rows)))
                 row.update(int8_rows_ms=round(rows_ms, 3), int8_rows_over_fp16=round(fp16_ms / rows_ms, 2))
                 line += f"  int8 rows {rows_ms:7.3f} ms  x{fp16_ms / rows_ms:.2f}"

@@ -69,8 +69,8 @@ def main() -> None:
         for name, folder in models.items():
             rows.append(dict(model=name, **alternate(Path(folder), args.pairs, args.tokens)))
             r = rows[-1]
-            print(f"{name:36s} head {r['head_shape']}: int8 rows {r['tok_s_rows']:.1f} tok/s, fp16 {r['tok_s_fp16']:.1f}"
-                  f" (per pair {min(r['ratios']):.2f}-{max(r['ratios']):.2f}x, median {r['ratio_median']:.2f}x)",
+            print(f"{name:36s} head {r['head_shape']}: int8 rows {r['tok_s_rows']:.1f} tok/s, "
+                  f"fp16 {r['tok_s_fp16']:.1f} (per pair {min(r['ratios']):.2f}-{max(r['ratios']):.2f}x, median {r['ratio_median']:.2f}x)",
                   flush=True)
     write_record(args.output, cpu_record(f"python bench/head_rows.py --threads {args.threads} --pairs {args.pairs} "
                                          f"--tokens {args.tokens}", args.threads, prompt_tokens=PROMPT_TOKENS,

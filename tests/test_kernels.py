@@ -536,19 +536,19 @@ def test_half_byte_rows_take_int8_decode_products(n, k):
     assert torch.equal(codes.abs().amax(-1), torch.full_like(codes[..., 0], 127.0))  # each block's largest
     exact = x.double() @ weight.double().t()
     with cpu_products(torch.int8):
-        alone = torch.cat([cpu_half.half_linear(x[m:m + 1], weight, rows=rows) for m in range(9)])
-        assert torch.equal(cpu_half.half_linear(x[:2], weight, rows=rows), alone[:2])
-        assert torch.equal(cpu_half.half_linear(x[:3], weight, rows=rows), cpu_half.half_linear(x[:3], weight))
+        alone = torch.cat([cpu_half.half_linear(x[m:m + 1], weight, byte_rows=rows) for m in range(9)])
+        assert torch.equal(cpu_half.half_linear(x[:2], weight, byte_rows=rows), alone[:2])
+        assert torch.equal(cpu_half.half_linear(x[:3], weight, byte_rows=rows), cpu_half.half_linear(x[:3], weight))
         if n % 2 == 0:
             gate, up = alone[:1].chunk(2, dim=1)
-            swiglu = cpu_half.half_linear(x[:1], weight, swiglu=True, rows=rows)
+            swiglu = cpu_half.half_linear(x[:1], weight, swiglu=True, byte_rows=rows)
             assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
     with cpu_products(torch.int8, rows_alone=True):
-        assert torch.equal(cpu_half.half_linear(x, weight, rows=rows), alone)
+        assert torch.equal(cpu_half.half_linear(x, weight, byte_rows=rows), alone)
     assert _relative_error(alone, x.double() @ values.t()) < 1e-4
     assert _relative_error(alone, exact) > 1e-4  # the weight was rounded
     with cpu_products(torch.float32):
-        assert torch.equal(cpu_half.half_linear(x[:1], weight, rows=rows), cpu_half.half_linear(x[:1], weight))
+        assert torch.equal(cpu_half.half_linear(x[:1], weight, byte_rows=rows), cpu_half.half_linear(x[:1], weight))
 
 
 @needs_int8

@@ -206,8 +206,8 @@ LCQ_BF16 void lcq_half_byte_rows(const uint16_t *w, int N, int K, uint8_t *out) 
 }
 
 /* An activation row in two bytes per value, for vpdpbusd against the int8 rows: with S = max |x| / 127,
- * x = S * (high + low / 256) up to S / 512 (high = round(x / S), low = round(256 * the rest), at most
- * +-127), about 16 bits where one byte (int8 products' activations, a scale per 64 values) had cost the
+ * x = S * (high + low / 256) to about S / 512 (high = round(x / S), low = round(256 * the rest), at
+ * most +-127), about 16 bits where one byte (int8 products' activations, a scale per 64 values) had cost the
  * demo model's head +0.25% perplexity. Per chunk of 64 values, `start` holds in lanes 0 and 8 (its two
  * blocks) -128 * (256 * the sum of high + the sum of low) over the block, which cancels what the
  * weights' +128 adds; the chunk's sums are then 256 * (high sums) + (low sums) + start. */
@@ -310,7 +310,7 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
     if (M < 1 || (swiglu && N % 2)) return -1;
     const int kept = panels != NULL ? LCQ_BF16_PRODUCTS : LCQ_FP32_PRODUCTS;
     /* int8 rows up to 2 rows (as for LCQ weights that keep theirs): on SmolLM2's and Llama 3.2 1B's heads
-     * (2 threads, Zen 4, from memory) 1.40x the fp32 decode form at 1 row, 1.45-2.0x at 2; at 3-4 rows
+     * (2 threads, Zen 4, from memory) 1.38-1.66x the fp32 decode form at 1 row, 0.94-2.0x at 2; at 3-4 rows
      * the bf16 panels were faster (1.0-1.4x), and without them the bf16 decode form ran alike (0.7-1.1x). */
     if (bytes != NULL && M <= lcq_byte_decode_rows(LCQ_INT8_PRODUCTS)) {
         float *products = lcq_swiglu_products(swiglu, M, N, y);

@@ -27,11 +27,11 @@ def enabled() -> bool:
 
 
 def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
-                panels: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                panels: torch.Tensor | None = None, byte_rows: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) float32, weight (N, K) float16 -> (M, N) float32; with swiglu (weight = [gate; up])
     silu(x @ gate^T) * (x @ up^T), (M, N / 2), the product finishing it block by block. panels: the
-    weight's pair_panels, which bf16 products of several rows then read (the same values); rows: its
-    byte_rows, which int8 products of a few rows then read (the weight rounded to 8 bits)."""
+    weight's pair_panels, which bf16 products of several rows then read (the same values); byte_rows:
+    its byte_rows, which int8 products of a few rows then read (the weight rounded to 8 bits)."""
     x = x.contiguous()
     if x.dtype != torch.float32 or weight.dtype != torch.float16 or not weight.is_contiguous():
         raise TypeError("half_linear takes float32 activations and a contiguous float16 weight")
@@ -41,7 +41,7 @@ def half_linear(x: torch.Tensor, weight: torch.Tensor, swiglu: bool = False,
     if x.shape[0] and library().lcq_half_matmul(x.data_ptr(), x.shape[0], x.shape[1], weight.data_ptr(),
                                                 weight.shape[0], int(swiglu),
                                                 panels.data_ptr() if panels is not None else None,
-                                                rows.data_ptr() if rows is not None else None, y.data_ptr()):
+                                                byte_rows.data_ptr() if byte_rows is not None else None, y.data_ptr()):
         raise MemoryError("lcq_half_matmul could not allocate its buffers")
     return y
 
@@ -94,4 +94,3 @@ def byte_rows(weight: torch.Tensor) -> torch.Tensor:
     rows = torch.empty(byte_row_bytes(*weight.shape), dtype=torch.int8)
     library().lcq_half_byte_rows(weight.data_ptr(), weight.shape[0], weight.shape[1], rows.data_ptr())
     return rows
-

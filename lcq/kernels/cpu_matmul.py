@@ -65,7 +65,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tenso
     cpu_half.pair_panels, for its bf16 products, and cpu_half.byte_rows, for its int8 decode products."""
     if half is not None and x.dtype == torch.float32:
         rows = x.reshape(-1, x.shape[-1])
-        y = cpu_half.half_linear(rows, half, panels=panels, rows=byte_rows).reshape(*x.shape[:-1], half.shape[0])
+        y = cpu_half.half_linear(rows, half, panels=panels, byte_rows=byte_rows).reshape(*x.shape[:-1], half.shape[0])
         return y if bias is None else y + bias
     if weight.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

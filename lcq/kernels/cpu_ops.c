@@ -18,7 +18,7 @@
 #include "cpu_latent.h"
 
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, const uint32_t *panels,
-                    const uint8_t *bytes, float *y);                                              /* cpu_half.c */
+                    const uint8_t *bytes, float *y); /* cpu_half.c */
 int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y);       /* cpu_index.c */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
@@ -507,8 +507,9 @@ enum { HALF_WEIGHT, INDEX_WEIGHT }; /* cpu_ops.py names them too */
  * swiglu and no bias, y (rows, N / 2) = silu(gate) * up of W = [gate; up] (cpu_gemm.h). (The mixtures' experts
  * too: cpu_mixture.c.) */
 int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y) {
-    const int status = (intptr_t)entry[0] == INDEX_WEIGHT ? lcq_index_matmul(x, rows, entry[1], swiglu, y)
-                                                          : lcq_half_matmul(x, rows, K, entry[1], N, swiglu, NULL, NULL, y);
+    const int status = (intptr_t)entry[0] == INDEX_WEIGHT
+                           ? lcq_index_matmul(x, rows, entry[1], swiglu, y)
+                           : lcq_half_matmul(x, rows, K, entry[1], N, swiglu, NULL, NULL, y);
     add_bias(y, entry[2], rows, N);
     return status;
 }
