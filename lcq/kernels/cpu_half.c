@@ -250,7 +250,7 @@ LCQ_BF16 static void split_row(const float *x, int K, byte_activations *row) {
  * blocks' scales (lanes 0-7 and 8-15, read in one 64-bit load: a masked 512-bit load of the two ran
  * 1.04-1.20x slower, two builds alternating on SmolLM2's and Llama 3.2 1B's heads at 1-2 rows) into the
  * row's fp32 sums. A row's sums run in the same order whatever M is (its values are what it gives alone).
- * Rows with their scales after their codes, one stream, ran 1.5x slower (64-byte loads across lines). */
+ * Rows with their scales after their codes, one stream instead of two, ran about 1.5x slower. */
 LCQ_BF16 static inline __attribute__((always_inline)) void byte_column(const int M, int n, const byte_activations *x,
                                                                        int K, const uint8_t *bytes, int N, float *y) {
     const int blocks = byte_blocks(K), chunks = (K + CHUNK - 1) / CHUNK, stride = blocks * BYTE_BLOCK;
