@@ -699,7 +699,8 @@ LCQ_INT8 static int byte_activations_of(const float *x, int M, int K, byte_activ
         for (int b = 0; b < blocks; b++) {
             const int64_t at = (int64_t)m * blocks + b;
             const int left = whole - 64 * b <= 0 ? 0 : whole - 64 * b < 64 ? whole - 64 * b : 64;
-            const __m512i bytes = _mm512_maskz_loadu_epi8(left == 64 ? ~0ull : (1ull << left) - 1, (const int8_t *)row + 64 * b);
+            const __m512i bytes =
+                _mm512_maskz_loadu_epi8(left == 64 ? ~0ull : (1ull << left) - 1, (const int8_t *)row + 64 * b);
             _mm512_storeu_si512(a->bytes + at * 64, _mm512_permutexvar_epi8(order, bytes));
             a->offsets[at] = -128 * _mm512_reduce_add_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, bytes));
             a->scales[at] = scales[b] / 127.0f;
@@ -772,14 +773,14 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_column(const int
     int b = 0;
     for (int run = 0; b < whole_blocks; run += span_runs) {
         const __m512i first = wide_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
-        const __m512i second = span_runs == 2 && b + 2 < whole_blocks /* a whole block in the second run */
-                                   ? wide_load(row + (int64_t)(run + 1) * 64, run + 1 < w->runs ? 4 : w->last_lane_bytes)
-                                   : first;
+        const int two = span_runs == 2 && b + 2 < whole_blocks; /* a whole block in the second run */
+        const __m512i second =
+            two ? wide_load(row + (int64_t)(run + 1) * 64, run + 1 < w->runs ? 4 : w->last_lane_bytes) : first;
 #pragma GCC unroll 8 /* whole, so that each block's shifts are constants */
         for (int i = 0; i < span_blocks && b < whole_blocks; i++, b++) {
             const int field = 4 * i % fields, later = 4 * i / fields;
-            __m512i picked = _mm512_multishift_epi64_epi8(_mm512_add_epi8(shifts, _mm512_set1_epi8((char)(BITS * field))),
-                                                          later ? second : first);
+            __m512i picked = _mm512_multishift_epi64_epi8(
+                _mm512_add_epi8(shifts, _mm512_set1_epi8((char)(BITS * field))), later ? second : first);
             if (field + 4 > fields) /* at 3 bits: steps fields - field .. from the second run */
                 picked = _mm512_mask_multishift_epi64_epi8(
                     picked, (0xFFull << 2 * (fields - field) & 0xFF) * 0x0101010101010101ull,
@@ -817,7 +818,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R
 #define BYTE_TILES(BITS)                                                                                            \
     LCQ_INT8 static void byte_tiles_##BITS(const lcq_index_weight *w, const byte_activations *a, const float *x,   \
                                            int M, float *y) {                                                       \
-        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS, passes = (M + BYTE_PASS_ROWS - 1) / BYTE_PASS_ROWS; \
+        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
+        const int passes = (M + BYTE_PASS_ROWS - 1) / BYTE_PASS_ROWS;                                               \
         DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
             const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
             for (int pass = 0, m = 0; pass < passes; pass++) {                                                      \
