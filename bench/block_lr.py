@@ -31,7 +31,8 @@ from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.blockwise import LayerFit, block_call, block_error, optimize_block, run_block  # noqa: E402
 from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, stored_codebook  # noqa: E402
-from lcq.quantizer.pipeline import _input_stats, _Source, block_linears, calibration_batch  # noqa: E402
+from lcq.quantizer.pipeline import _input_stats, block_linears  # noqa: E402
+from lcq.quantizer.source import SourceModel, calibration_batch  # noqa: E402
 from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
 
 GROUP_SIZE, RANK, WINDOWS, SEQLEN, BATCH = 64, 2, 16, 256, 4
@@ -43,7 +44,7 @@ def copy_fits(fits: list[LayerFit], stored: bool) -> list[LayerFit]:
     return [LayerFit(f.name, f.wg, f.in_features, book(f)) for f in fits]
 
 
-def study(bits: int, blocks: int, lrs: list[float], epochs: int, source: _Source, windows: dict) -> list[dict]:
+def study(bits: int, blocks: int, lrs: list[float], epochs: int, source: SourceModel, windows: dict) -> list[dict]:
     embed = source.reader.tensor("model.embed_tokens.weight").float()
     fp = {name: torch.nn.functional.embedding(ids, embed) for name, ids in windows.items()}
     quantized = {name: x.clone() for name, x in fp.items()}
@@ -100,7 +101,7 @@ def main() -> int:
                "kjv_held_out": calibration_batch(tokenizer, calib, WINDOWS, SEQLEN, seed=1),
                "shakespeare_2nd_half": calibration_batch(tokenizer, shakespeare[len(shakespeare) // 2:],
                                                          WINDOWS, SEQLEN, seed=2)}
-    source = _Source(folder, torch.device("cpu"))
+    source = SourceModel(folder, torch.device("cpu"))
     lrs = [float(x) for x in args.lrs.split(",")]
     rows = []
     for bits in (int(b) for b in args.bits.split(",")):

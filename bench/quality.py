@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from lcq.format import CheckpointReader  # noqa: E402
 from lcq.quantizer import QuantizeOptions, quantize_model  # noqa: E402
 from lcq.quantizer.layer_bits import LayerWidths  # noqa: E402
-from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR  # noqa: E402
+from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR  # noqa: E402
 from lcq.quantizer.demo import FP16_FOLDER, fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402

@@ -150,7 +150,7 @@ def calibration_file(source: Path, nsamples: int, seqlen: int, path: Path) -> Pa
     """The study's calibration windows (the quantizer's calibration_batch, seed 0) as text for llama-imatrix."""
     from transformers import AutoTokenizer
 
-    from lcq.quantizer.pipeline import calibration_batch
+    from lcq.quantizer.source import calibration_batch
     from lcq.quantizer.texts import calibration_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))

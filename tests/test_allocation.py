@@ -12,7 +12,8 @@ from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.allocation import (Unit, bits_per_weight_range, choose_widths, describe_widths, linear_shapes,
                                       weigh_blocks)
 from lcq.quantizer.layer_bits import LayerWidths, block_linears
-from lcq.quantizer.pipeline import WIDTHS_FILE, _head_weight, _Source
+from lcq.quantizer.pipeline import WIDTHS_FILE, _head_weight
+from lcq.quantizer.source import SourceModel
 from lcq.quantizer.reference import load_reference_model
 from tests.test_quantizer import _check_serves_like_its_reference
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf
@@ -28,7 +29,7 @@ def test_block_weighing_equals_the_whole_models_gradients(tmp_path, arch):
     (summed next-token loss): a block's estimated loss increase with a weight replaced is 1/2 sum_t (g_t .
     (y'_t - y_t))^2, y' the layer's output in the whole model run with that weight."""
     folder = make_tiny_hf(tmp_path / arch, arch)
-    source = _Source(folder, torch.device("cpu"))
+    source = SourceModel(folder, torch.device("cpu"))
     tokens = torch.randint(0, source.config.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
     noise = torch.Generator().manual_seed(1)
     changed = {(index, name): source.reader.tensor(f"model.layers.{index}.{name}.weight").float() +

@@ -20,7 +20,8 @@ from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
-from lcq.quantizer.pipeline import DEFAULT_FINETUNE_LR, DEFAULT_LR, calibration_batch
+from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR
+from lcq.quantizer.source import calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
 
@@ -137,7 +138,7 @@ def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(t
     residual stream, so it is not a reader."""
     from safetensors.torch import load_file
 
-    from lcq.quantizer.pipeline import _Source
+    from lcq.quantizer.source import SourceModel
 
     hf = make_tiny_hf(tmp_path / "hf", "gemma3")
     state = {name: t.float() for file in hf.glob("*.safetensors") for name, t in load_file(str(file)).items()}
@@ -146,7 +147,7 @@ def test_residual_units_weigh_each_hidden_unit_by_the_later_norms_that_read_it(t
         square = (state[name] + 1).pow(2)
         return square / square.mean()
 
-    source = _Source(hf, torch.device("cpu"))
+    source = SourceModel(hf, torch.device("cpu"))
     assert torch.allclose(source.residual_units(1), squares("model.norm.weight"))
     readers = ["model.layers.1.input_layernorm.weight", "model.layers.1.pre_feedforward_layernorm.weight",
                "model.norm.weight"]
@@ -917,10 +918,10 @@ def test_block_calls_chain_into_the_models_hidden_states(tmp_path, arch, overrid
     states: the rotary tables of each block's kind, and a sliding-window block's mask where the windows
     (8 tokens here) are shorter than the text."""
     from lcq.quantizer.blockwise import block_call, run_block
-    from lcq.quantizer.pipeline import _Source
+    from lcq.quantizer.source import SourceModel
 
     folder = make_tiny_hf(tmp_path, arch, **overrides)
-    source = _Source(folder, torch.device("cpu"))
+    source = SourceModel(folder, torch.device("cpu"))
     ids = torch.arange(3, 3 + 2 * 24).remainder(300).reshape(2, 24)
     with torch.no_grad():
         expected = load_reference_model(folder)(ids, output_hidden_states=True).hidden_states

@@ -149,7 +149,7 @@ def weigh_blocks(source, tokens: torch.Tensor, head: torch.Tensor, batch: int,
     """The full-precision model forward over `tokens` (S, T), block by block, holding each block's input;
     the next-token loss (summed) at the top; then back down block by block, each recomputed with its
     gradient, handing on_block each block with its inputs, outputs and the loss gradient at its output.
-    `source`: the pipeline's block-by-block reader of the model."""
+    `source`: the model read block by block (source.SourceModel)."""
     hidden = source.embed(tokens)
     inputs = []
     for index in range(source.num_layers):

@@ -98,7 +98,8 @@ def _read_text(path: str | None, default) -> str:
 
 def _quantize(args: argparse.Namespace) -> int:
     from .allocation import describe_widths
-    from .pipeline import QuantizeOptions, check_model, check_paths, quantize_model
+    from .options import QuantizeOptions
+    from .pipeline import check_model, check_paths, quantize_model
     from .texts import calibration_text
 
     rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1

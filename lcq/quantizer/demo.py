@@ -75,7 +75,8 @@ def fetch_demo(cache: str | Path | None = None) -> Path:
 def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, head_bits: int = 0) -> Path:
     """The LCQ demo folder, quantized from the fp16 folder on first use (KJV calibration text); with
     head_bits, a variant whose lm_head is packed too (benchmarks compare the two)."""
-    from .pipeline import QuantizeOptions, quantize_model
+    from .options import QuantizeOptions
+    from .pipeline import quantize_model
     from .texts import calibration_text
 
     folder = cache_dir(cache)
