@@ -225,6 +225,8 @@ def test_bad_requests_get_the_envelope(server, client):
     assert refused({"input": "x", "tools": [WEATHER]})["param"] == "tool_choice"  # "auto" needs a parser
     assert refused({"input": "x", "tools": [WEATHER], "tool_choice": {"type": "function"}})["param"] == "tool_choice"
     assert refused({"input": "x", "n": 2})["param"] == "n"
+    assert refused({"input": "x", "tool_choice": "required"})["param"] == "tool_choice"  # no tools
+    assert refused({"input": "x", "tools": [WEATHER], "tool_choice": "sometimes"})["param"] == "tool_choice"
     assert refused({"input": "x", "truncation": "auto"})["param"] == "truncation"
     refused({"input": []})
     refused({"input": "x", "max_output_tokens": -1})
@@ -243,6 +245,28 @@ def test_disconnect_mid_stream_frees_the_pool(server):
         assert next(lines) == "event: response.created"
     server.wait_pool_full()
 
+
+def test_a_failed_stream_keeps_the_text_it_sent(server, monkeypatch):
+    """A request the engine fails part way (here its sampling, after 5 tokens) ends its stream with an error
+    event and response.failed, whose message holds the text already streamed, incomplete."""
+    import lcq.runtime.engine as engine_module
+
+    sample = engine_module.sample
+
+    def failing_sample(logits, seqs, *args):
+        if any(seq.params.seed == 666 and seq.num_output_tokens >= 5 for seq in seqs):
+            raise RuntimeError("a sampling bug")
+        return sample(logits, seqs, *args)
+
+    monkeypatch.setattr(engine_module, "sample", failing_sample)
+    body = {"input": "x", "max_output_tokens": 20, "stream": True, "temperature": 0, "seed": 666, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=60) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    message = events[-1]["response"]["output"][0]
+    assert sent and message["content"][0]["text"] == sent and message["status"] == "incomplete"
+    server.wait_pool_full()
 
 
 def _polled(client, response_id: str, timeout: float = 30.0):

@@ -233,6 +233,10 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
     functions = [tool["function"] for tool in tools]
     for extra, param in [(dict(tools=tools), "tool_choice"), (dict(tools=tools, tool_choice="auto"), "tool_choice"),
+                         (dict(tools=tools, tool_choice="sometimes"), "tool_choice"),
+                         (dict(tools=tools, tool_choice={"type": "function"}), "tool_choice"),
+                         (dict(tool_choice="required"), "tool_choice"), (dict(tool_choice="none"), "tool_choice"),
+                         (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
                          (dict(functions=functions), "functions"),
                          (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
                          (dict(tools=tools, tool_choice="required", response_format={"type": "json_object"}),
@@ -630,6 +634,31 @@ def test_client_errors_use_the_envelope(server):
     error_of(httpx.get(server.url + "/v1/completions"), 405)
     schema = httpx.get(server.url + "/openapi.json").text
     assert '"422"' not in schema and '"400"' in schema
+    # text that is no Unicode (a lone UTF-16 surrogate, which JSON can write): 400 before the tokenizer sees it
+    raw = lambda path, body: httpx.post(server.url + path, content=body,  # noqa: E731
+                                        headers={"content-type": "application/json"})
+    for path, body in [("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}'),
+                       ("/v1/completions", b'{"prompt": "a\\udc00b", "max_tokens": 2}'),
+                       ("/v1/completions", b'{"model": "x\\ud800", "prompt": "x"}'),
+                       ("/tokenize", b'{"prompt": "a\\udc00b"}'), ("/v1/embeddings", b'{"input": "a\\udc00b"}'),
+                       ("/v1/responses", b'{"input": [{"role": "user", "content": "\\ud83d"}]}')]:
+        assert "surrogate" in error_of(raw(path, body), 400)["message"], path
+    assert raw("/v1/completions", b'{"prompt": "\\ud83d\\ude00", "max_tokens": 1}').status_code == 200  # a pair
+    # a completion the context cannot hold after the prompt: 400 naming the field sent (context 256 here)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert error_of(post("/v1/completions", {"prompt": "x", "max_tokens": 300}), 400)["param"] == "max_tokens"
+    assert error_of(post("/v1/completions", {"prompt": "x", "max_tokens": 2**31 - 1}), 400)["param"] == "max_tokens"
+    assert error_of(post("/v1/chat/completions", {**chat, "max_completion_tokens": 300}), 400)["param"] \
+        == "max_completion_tokens"
+    assert error_of(post("/v1/responses", {"input": "x", "max_output_tokens": 300}), 400)["param"] \
+        == "max_output_tokens"
+    # the fields named as sent, where they reach the sampling checks under other names
+    assert error_of(post("/v1/chat/completions", {**chat, "max_completion_tokens": 0}), 400)["param"] \
+        == "max_completion_tokens"
+    too_many = error_of(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}), 400)
+    assert too_many["param"] == "top_logprobs" and too_many["message"].startswith("top_logprobs")
+    assert error_of(post("/v1/responses", {"input": "x", "max_output_tokens": 0}), 400)["param"] \
+        == "max_output_tokens"
     # unknown fields are ignored
     ok = post("/v1/completions", {"prompt": "x", "max_tokens": 2, "some_vendor_field": {"a": 1}})
     assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None

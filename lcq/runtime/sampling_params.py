@@ -15,6 +15,7 @@ class StructuredOutput:
     json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it)
     regex: str | None = None
     grammar: str | None = None  # EBNF (GBNF's syntax: `root ::= ...`), as vLLM's guided_grammar
+    source: str = field(default="", compare=False)  # the request field it came from, for errors (not the grammar)
 
 
 @dataclass

@@ -53,8 +53,8 @@ class StructuredOutputs:
                     schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
                     self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
             except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
-                what = "guided_regex" if spec.regex is not None else "guided_grammar" if spec.grammar is not None \
-                    else "response_format json_schema"
+                what = spec.source or ("guided_regex" if spec.regex is not None else "guided_grammar"
+                                       if spec.grammar is not None else "response_format json_schema")
                 reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
                 raise ValueError(f"{what} cannot be used: {reason}") from None
         return self._grammars[spec]

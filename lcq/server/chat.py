@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
-from .generation import Choice, Generation
+from .generation import Choice, Generation, check_room
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
     CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump
@@ -206,8 +206,9 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
         params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
     if body.prediction is not None:
         params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
-    generation = Generation(state, request_id, [body.truncated(tokenizer.encode(text, add_special_tokens=False))],
-                            params)
+    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=False))
+    check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
+    generation = Generation(state, request_id, [prompt], params)
     generation.submit()
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
                     body.parallel_tool_calls, reasoning, schemas)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
-from .generation import Choice, Generation
+from .generation import Choice, Generation, check_room
 from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, \
     dump
 from .sse import sse_events, sse_response
@@ -88,6 +88,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         params.prompt_logprobs = body.logprobs  # the echoed prompt comes with its logprobs, as OpenAI's did
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
+    check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
     generation.submit()
     tokenizer = state.engine.tokenizer

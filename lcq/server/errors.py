@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lcq.runtime.errors import EngineNotReadyError, QueueFullError
 from lcq.runtime.sampling_params import SamplingParams
 
-from .protocol import ErrorResponse
+from .protocol import ErrorResponse, OpenAIRequest
 
 logger = logging.getLogger("lcq.server")
 
@@ -64,7 +64,8 @@ def not_ready(message: str = "the model is loading or the server is shutting dow
 
 # Request fields whose values the engine checks (LLMEngine.check_request), so errors can name them.
 ENGINE_CHECKED_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {
-    "prompt", "response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs"}
+    "prompt", "response_format", "tools", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+    "structured_outputs"}
 
 
 def engine_error(e: Exception, retry_after: int = 1) -> APIError:
@@ -131,8 +132,10 @@ def generation_responses(stream: dict) -> dict:
     return {200: stream, **error_responses(400, 401, 404, 413, 429, 503)}
 
 
-def invalid_value(message: str, request: object) -> APIError:
-    """A 400 for a value check; `param` is the request field the message starts with, if it is one."""
-    first = message.split(" ", 1)[0]
-    param = first if first in getattr(type(request), "model_fields", {}) else None
-    return APIError(400, message, param=param, code="invalid_value")
+def invalid_value(message: str, request: OpenAIRequest) -> APIError:
+    """A 400 for a value check; `param` is the request field the message starts with, if it is one, under
+    the name the client sent it by (SamplingParams' checks name its fields)."""
+    first, space, rest = message.partition(" ")
+    named = request.field_name(first)
+    param = named if named != first or first in type(request).model_fields else None
+    return APIError(400, f"{named}{space}{rest}", param=param, code="invalid_value")

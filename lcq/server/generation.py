@@ -64,6 +64,18 @@ class Choice:
             self.embedding = out.embedding
 
 
+def check_room(state: ServerState, prompts: list[list[int]], asked: int | None, field: str) -> None:
+    """A 400 for a completion length the context cannot hold after a prompt, as OpenAI and vLLM answer
+    (rather than a request that silently gets less, and holds a sequence's blocks for the whole context);
+    left unset, it is what the model's defaults give, at most the rest of the context (LLMEngine.add_request)."""
+    context = state.engine.max_model_len
+    longest = max(map(len, prompts))
+    if asked is not None and longest < context and longest + asked > context:
+        raise APIError(400, f"{field} is too large: the model's context is {context} tokens and the prompt takes "
+                       f"{longest}, which leaves {context - longest} for the completion, not {asked}",
+                       param=field, code="invalid_value")
+
+
 class Generation:
     """The engine requests of one API request; iterate `deltas()` once, then read `choices` and `usage()`."""
 

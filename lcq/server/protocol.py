@@ -10,7 +10,7 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from lcq.runtime.sampling_params import SamplingParams, StructuredOutput
 
@@ -20,11 +20,51 @@ TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 SEED_MODULUS = 2**63
 
 
+def unencodable_text(value: Any, where: str = "") -> str | None:
+    """Where in a parsed JSON body a string holds a lone UTF-16 surrogate (JSON's "\\ud83d" without its
+    pair), which is no Unicode text: tokenizers and UTF-8 encoders fail on it; None where there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "the body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = unencodable_text(key, where or "the body") or unencodable_text(item, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := unencodable_text(item, f"{where}.{i}".lstrip(".")):
+                return found
+    return None
+
+
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
+    # Engine and sampling fields under this request's own names where they differ (a request built from
+    # another API's, as a Responses request's chat request, names that API's fields)
+    _renamed: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        """A 400 for text that is not Unicode before any of it reaches the tokenizer or an error message."""
+        if (where := unencodable_text(data)) is not None:
+            raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
+
+    def field_name(self, name: str) -> str:
+        """The request field an engine or sampling field `name` (SamplingParams') comes from."""
+        return self._renamed.get(name, name)
 
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
+
+    def invalid(self) -> tuple[str, str] | None:
+        """(field, message) for a value no valid request has beyond what the field types check (a 400);
+        None otherwise."""
+        return None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) when the request asks for what this server cannot do and ignoring it
@@ -37,6 +77,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+TOOL_CHOICES = ("none", "auto", "required")
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
 
 
@@ -143,7 +184,7 @@ class SamplingRequest(OpenAIRequest):
                 schema = json.loads(value) if isinstance(value, str) else value
             except ValueError:
                 raise ValueError("guided_json is not valid JSON") from None
-            return StructuredOutput(json.dumps(schema))
+            return StructuredOutput(json.dumps(schema), source="guided_json")
         if "guided_regex" in guided:
             return StructuredOutput(regex=guided["guided_regex"])
         if "guided_grammar" in guided:
@@ -162,7 +203,8 @@ class SamplingRequest(OpenAIRequest):
             schema = (self.response_format.get("json_schema") or {}).get("schema")
             if not isinstance(schema, dict):
                 raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
-            return StructuredOutput(json.dumps(schema))  # key order kept: the JSON follows the properties in order
+            # (key order kept: the JSON follows the properties in order)
+            return StructuredOutput(json.dumps(schema), source="response_format json_schema")
         raise ValueError(f"response_format type {kind!r} is not supported: text, json_object or json_schema")
 
     def truncated(self, ids: list[int]) -> list[int]:
@@ -260,6 +302,31 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: str | dict[str, Any] | None = None
 
+    def field_name(self, name: str) -> str:
+        """Chat's names of the sampling fields: top_logprobs is SamplingParams.logprobs, and max_tokens is
+        max_completion_tokens where the request sent that."""
+        if name in self._renamed:
+            return self._renamed[name]
+        if name == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "top_logprobs" if name == "logprobs" else name
+
+    def invalid(self) -> tuple[str, str] | None:
+        """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools."""
+        choice = self.tool_choice
+        if choice is None:
+            return None
+        if self.tools is None:
+            return "tool_choice", "tool_choice is only allowed when tools are specified"
+        if isinstance(choice, str) and choice not in TOOL_CHOICES:
+            return "tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function " \
+                                  f"(got {choice!r})"
+        if isinstance(choice, dict) and (choice.get("type") != "function" or not isinstance(
+                (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None,
+                str)):
+            return "tool_choice", 'a named tool_choice is {"type": "function", "function": {"name": ...}}'
+        return None
+
     @property
     def auto_tools(self) -> bool:
         """Whether the model may choose to call a tool (tool_choice "auto", the default with tools)."""
@@ -311,7 +378,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
             return super().structured_output()
         if (self.response_format or {}).get("type", "text") != "text":
             raise ValueError("response_format cannot be combined with a forced tool call")
-        return StructuredOutput(json.dumps(schema))
+        return StructuredOutput(json.dumps(schema), source="tools")
 
 
 class TokenizeRequest(ChatTemplateOptions):

@@ -310,6 +310,10 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
         yield lifecycle("completed" if final["status"] == "completed" else "incomplete", response)
 
     def failed(message: str) -> Iterator[dict]:
+        if "reasoning" in opened and "reasoning" not in closed:  # what was streamed stays in the failed response
+            output[opened["reasoning"]] = builder.reasoning("".join(thought), "incomplete")
+        if "message" in opened:
+            output[opened["message"]] = builder.message("".join(sent), "incomplete")
         response = builder.response("failed", output, error=message)
         on_failed(response)
         yield {"type": "error", "code": "engine_error", "message": message, "param": None}

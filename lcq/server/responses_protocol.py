@@ -10,7 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
-from .protocol import ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, SamplingRequest
+from .protocol import (TOOL_CHOICES, ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count,
+                       SamplingRequest)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # what `include` names to get the output's logprobs
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -150,6 +151,17 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     conversation: str | dict[str, Any] | None = None
     reasoning: dict[str, Any] | None = None  # {"effort": ..., "summary": ...}: the effort reaches the template
 
+    def invalid(self) -> tuple[str, str] | None:
+        """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools."""
+        if self.tool_choice is None:
+            return None
+        if self.tools is None:
+            return "tool_choice", "tool_choice is only allowed when tools are specified"
+        if isinstance(self.tool_choice, str) and self.tool_choice not in TOOL_CHOICES:
+            return "tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function " \
+                                  f"(got {self.tool_choice!r})"
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """What this server cannot do, refused rather than ignored."""
         if self.background and not self.store:
@@ -191,11 +203,14 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
             reasoning_effort=(self.reasoning or {}).get("effort") or self.reasoning_effort,
             response_format=self.response_format_of_text())
         try:
-            return ChatCompletionRequest.model_validate(fields)
+            request = ChatCompletionRequest.model_validate(fields)
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(part) for part in first["loc"])
             raise APIError(400, f"{where}: {first['msg']}", param="input", code="invalid_value") from None
+        request._renamed = {"max_tokens": "max_output_tokens" if self.max_output_tokens is not None else "max_tokens",
+                            "max_completion_tokens": "max_output_tokens", "logprobs": "top_logprobs"}
+        return request
 
     def response_format_of_text(self) -> dict[str, Any] | None:
         """`text.format` in chat's response_format form (a JSON schema's fields move under json_schema)."""

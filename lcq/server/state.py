@@ -50,6 +50,8 @@ class ServerState:
         unknown = request.unknown_fields()
         if unknown:
             logger.info("%s: ignoring unknown fields %s", route, ", ".join(unknown))
+        if (wrong := request.invalid()) is not None:
+            raise APIError(400, wrong[1], param=wrong[0], code="invalid_value")
         if (refused := request.unsupported()) is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         model = getattr(request, "model", None)
