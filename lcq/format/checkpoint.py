@@ -165,7 +165,7 @@ def _keys(path: Path) -> list[str]:
 
 class CheckpointReader:
     """Reads a Hugging Face folder (full precision or LCQ) tensor by tensor, validating as it goes. A folder
-    of another architecture reads as the one lcq runs for it (views.py): `config` and the tensor names
+    of another architecture reads as the one lcq runs for it (lcq.format.views): `config` and the tensor names
     are that architecture's."""
 
     def __init__(self, folder: str | os.PathLike):

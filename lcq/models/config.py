@@ -224,7 +224,7 @@ class ModelConfig:
     attention_output_gate: bool = False  # Qwen3.5: q_proj gives each head a gate too, sigmoid(gate) * its output
     mtp: MtpNames | None = None  # the checkpoint's multi-token-prediction layer (mtp.py), where it has one
     # config.json of the model LoRA adapters for this one were trained on, where lcq reads it as another
-    # architecture (views.py; an LCQ checkpoint quantized from such a folder records it), else None
+    # architecture (lcq.format.views; an LCQ checkpoint quantized from such a folder records it), else None
     source_config: dict | None = field(default=None, repr=False)
 
     @classmethod
@@ -305,7 +305,7 @@ class ModelConfig:
     @property
     def rotary_dim(self) -> int:
         """The dimensions of a head the rotary embedding turns: all (a partial one is mostly read as a
-        whole-head one: views.py), the first rotated_dims, or the latent attention's rotated part."""
+        whole-head one: lcq.format.views), the first rotated_dims, or the latent attention's rotated part."""
         return self.latent.rope_dim if self.latent is not None else self.rotated_dims or self.head_dim
 
     @property
@@ -519,7 +519,7 @@ def _lfm2_fields(c: dict) -> dict:
 
 
 def _viewed_names(stored: dict, names: list[str] | None) -> list[str] | None:
-    """The tensor names lcq reads a folder by (views.py: Nemotron-H's multi-token-prediction layers not among them)."""
+    """The tensor names lcq reads a folder by (lcq.format.views: Nemotron-H's multi-token-prediction layers not among them)."""
     viewed = None if names is None else view_tensors(stored, names)
     return names if viewed is None else list(viewed)
 

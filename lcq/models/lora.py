@@ -123,7 +123,7 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
 def _model_parts(folder: Path, config: ModelConfig, module: str, a: torch.Tensor,
                  b: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """An adapter's pair for `module` of the model it was trained on, as pairs for our model's matrices:
-    where lcq reads that model as another architecture (views.py), B's rows are cut, reordered and
+    where lcq reads that model as another architecture (lcq.format.views), B's rows are cut, reordered and
     scaled as the view does the weight's (Phi-3's fused q/k/v split, Granite's factors, ERNIE's and
     Helium's reordered query and key rows), which keeps B A the change to the weight lcq runs."""
     viewed = source_parts(config.source_config, f"{module}.weight") if config.source_config else \
