@@ -624,8 +624,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
     other.mkdir()
     (other / "config.json").write_text('{"model_type": "gpt2"}')
     out = str(tmp_path / "o")
+    listed = tmp_path / "listed"  # config.json valid JSON, but not an object of settings
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    untokenized = tmp_path / "untokenized"  # config and weights, no tokenizer
+    untokenized.mkdir()
+    for file in ("config.json", "model.safetensors"):
+        (untokenized / file).write_bytes((tiny_hf / file).read_bytes())
     cases = [
         (["quantize", str(tmp_path / "missing"), out], "no such model folder"),
+        (["quantize", str(listed), out], "not an object of settings"),
+        (["quantize", str(untokenized), out, "--calib", str(tiny_hf / "config.json")], "no tokenizer that loads"),
+        (["quantize", str(tiny_hf), str(empty / "o"), "--method", "rtn"], "is not a folder"),
+        (["eval", str(untokenized), "--text", str(tiny_hf / "config.json"), "--ctx", "8"], "no tokenizer that loads"),
+        (["eval", str(tiny_hf), "--device", "tpu"], "--device must be cpu or cuda"),
+        (["eval", str(tiny_hf), "--ctx", "8", "--max-tokens", "-5"], "--max-tokens must be at least one window"),
+        (["fetch-demo", "--cache-dir", str(empty / "cache")], "cannot be the cache folder"),
         (["quantize", str(other), out], "'gpt2' is not supported"),
         (["quantize", str(tiny_hf), out, "--bits", "5"], "--bits must be 2, 3 or 4"),
         (["quantize", str(tiny_hf), out, "--rank", "0"], "--rank must be 1 to 4"),
@@ -668,7 +682,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         err = capsys.readouterr().err
         assert code == 2, (args, err)
         assert expected in err and len(err.strip().splitlines()) == 1, (args, err)
-    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # nothing written on any error
     result = _cli("quantize", str(tmp_path / "missing"), out)  # the module entry point, in a fresh process
     assert result.returncode == 2 and result.stderr.startswith("lcq: error:") and "Traceback" not in result.stderr
 

@@ -942,7 +942,7 @@ def test_a_dropped_engine_frees_its_model_at_once(tmp_path):
 
 def test_async_engine_streams_aborts_and_drains(tiny, llm):
     async def scenario():
-        engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8, max_queue=2))
+        engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8, max_num_seqs=2, max_queue=1))
         with pytest.raises(EngineNotReadyError):
             engine.add_request("early", [1, 2], GREEDY)
         await engine.start()
@@ -961,9 +961,9 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
                 break
             await asyncio.sleep(0.02)
         assert _pool_is_full(engine.engine)
-        # Queue full: max_queue=2 waiting requests.
-        with engine._lock:  # hold the worker off so both stay queued
-            streams = [engine.add_request(f"q{i}", PROMPTS[2], GREEDY) for i in range(2)]
+        # Queue full: a burst takes the free batch slots (max_num_seqs=2), then max_queue=1 waits, then 429.
+        with engine._lock:  # hold the worker off so that all stay in its inbox
+            streams = [engine.add_request(f"q{i}", PROMPTS[2], GREEDY) for i in range(3)]
             with pytest.raises(QueueFullError):
                 engine.add_request("q3", PROMPTS[2], GREEDY)
         results = [[d async for d in s] for s in streams]

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -56,6 +57,27 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert len(lines) == 6 and all(line.startswith("lcq: error: ") for line in lines)
     assert "tool call parser" in lines[5]
     assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
+
+
+def test_an_unservable_folder_or_address_exits_2_before_loading(tmp_path, capsys):
+    """A folder without readable weights, a device this machine lacks, a port already taken: one line and exit 2
+    before the model loads (not a traceback from the background load, nor uvicorn's exit 3 after it)."""
+    model = make_tiny_hf(tmp_path / "tiny")
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((model / "config.json").read_text())
+    capsys.readouterr()  # (the model's writing)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cases = [([str(weightless), "--port", "0"], "safetensors"),
+                 ([str(model), "--device", "tpu", "--port", "0"], "device must be auto, cpu or cuda"),
+                 ([str(model), "--host", "127.0.0.1", "--port", str(port)], "cannot listen on 127.0.0.1")]
+        for args, reason in cases:
+            assert main(["serve", *args]) == 2, args
+            error = capsys.readouterr().err.strip()
+            assert error.startswith("lcq: error: ") and reason in error and "\n" not in error, (args, error)
 
 
 def test_a_model_the_settings_cannot_serve_exits_2_with_its_reason(tmp_path, capsys):
@@ -267,3 +289,17 @@ def test_run_batch_refuses_a_bad_file_before_loading(tmp_path, capsys, line, mes
     error = capsys.readouterr().err.strip()
     assert error.startswith("lcq: error: ") and message in error and "\n" not in error
     assert not out.exists() and not (tmp_path / "out.jsonl.tmp").exists()
+
+
+def test_run_batch_refuses_an_unwritable_output_or_a_binary_file_before_loading(tmp_path, capsys):
+    good = tmp_path / "in.jsonl"
+    good.write_text(_batch_line("a", "/v1/completions", {"prompt": "x"}) + "\n")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage\n")
+    (tmp_path / "a-folder").mkdir()
+    for source, output, message in ((good, tmp_path / "a-folder", "is a folder"),
+                                    (binary, tmp_path / "out.jsonl", "not UTF-8 text")):
+        assert main(["run-batch", "-i", str(source), "-o", str(output), str(tmp_path / "no-model")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("lcq: error: ") and message in error and "\n" not in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder", "binary.jsonl", "in.jsonl"]

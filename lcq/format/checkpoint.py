@@ -179,6 +179,8 @@ class CheckpointReader:
             stored = json.loads(config_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
+        if not isinstance(stored, dict):
+            raise FormatError(f"{config_path}: a JSON {type(stored).__name__}, not an object of settings")
         files = tensor_files(self.folder)
         # An FP8 source's weights are decoded as read, with their scales (which the view does not see).
         self._fp8_scales, self._fp8_block, self._scale_files = {}, None, files

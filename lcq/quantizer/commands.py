@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from lcq.errors import UserError
+from lcq.inputs import device_problem
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -145,6 +146,10 @@ def _eval(args: argparse.Namespace) -> int:
     read_config(args.model_dir)
     if args.ctx < 8:
         raise UserError("--ctx must be at least 8")
+    if args.max_tokens is not None and args.max_tokens < args.ctx:
+        raise UserError(f"--max-tokens must be at least one window of --ctx {args.ctx} tokens (got {args.max_tokens})")
+    if (problem := device_problem(args.device)) is not None:
+        raise UserError(problem)
     text = _read_text(args.text, evaluation_text)
     ppl = perplexity(args.model_dir, text, ctx=args.ctx, device=args.device, max_tokens=args.max_tokens)
     print(f"perplexity {ppl:.3f} (ctx {args.ctx})")

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from lcq.errors import UserError
+from lcq.inputs import load_tokenizer
 
 from .reference import load_reference_model
 
@@ -16,11 +17,9 @@ def perplexity(model_dir: str | Path, text: str, ctx: int = 512, device: str = "
                max_tokens: int | None = None) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `ctx` tokens (the first token of each
     window is context only). max_tokens caps the evaluated text so runs stay affordable."""
-    from transformers import AutoTokenizer
-
     if not text.strip():
         raise UserError("evaluation text is empty")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lcq.errors import UserError
+from lcq.inputs import device_problem
 
 from .finetune import StageScore
 from .layer_bits import LayerWidths
@@ -89,7 +90,6 @@ class QuantizeOptions:
              "--finetune-index-updates moves indices between end-to-end epochs: it needs --finetune-epochs 2 or more"),
             (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
-            (self.device == "cpu" or self.device.startswith("cuda"), "--device must be cpu or cuda"),
             (self.target_bits is None or not self.layer_bits,
              "--target-bits chooses every layer's width itself: drop --layer-bits, or the target"),
             (self.target_bits is None or self.needs_data,
@@ -99,8 +99,8 @@ class QuantizeOptions:
             if not ok:
                 raise UserError(message)
         LayerWidths(self.bits, self.layer_bits)  # parses the --layer-bits rules: a bad one raises
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but no CUDA device is available")
+        if (problem := device_problem(self.device)) is not None:
+            raise UserError(problem)
 
     @property
     def widths(self) -> LayerWidths:

@@ -23,6 +23,7 @@ import torch
 from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
+from lcq.inputs import check_output, load_tokenizer
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
@@ -225,6 +226,7 @@ def check_paths(model_dir: Path, out_dir: Path) -> dict:
     config = read_config(model_dir)
     if out_dir.exists():
         raise UserError(f"{out_dir} already exists; choose a new output folder")
+    check_output(out_dir, "output folder")
     return config
 
 
@@ -232,7 +234,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                    progress: bool = True) -> QuantizeSummary:
     """Quantize every decoder block's linear layers of a Llama-family folder into an LCQ folder."""
     from tqdm import tqdm
-    from transformers import AutoTokenizer
 
     started = time.time()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -242,11 +243,13 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     source_config = json.loads((model_dir / "config.json").read_text())  # read as another architecture: kept
     partial = out_dir.with_name(out_dir.name + ".partial")
     recorded = options.recorded()
-    done = _prepare_partial(partial, recorded, resume)
     device = torch.device(options.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    # The inputs are read (a folder without readable weights or tokenizer fails) before anything is written.
     source = SourceModel(model_dir, device)
+    tokenizer = load_tokenizer(model_dir) if options.needs_data else None
+    done = _prepare_partial(partial, recorded, resume)
     torch.manual_seed(options.seed)
     # With a packed head, an untied table is packed too; the quantized stream starts from its lookups.
     embedding = _packed_embedding(source, options, device) \
@@ -258,7 +261,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     # full-precision one the end-to-end stage's extra windows after them too, for their teacher.
     quantized_rows = slice(0, held.stop)
     if options.needs_data:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed,
                                    options.held_out_windows, options.extra_windows)
         fp_stream = source.embed(tokens)

@@ -40,6 +40,8 @@ def read_config(model_dir: str | Path) -> dict:
         config = view_config(json.loads((path / "config.json").read_text()), stored_tensor_names(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path / 'config.json'}: invalid JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path / 'config.json'}: not UTF-8 text") from None
     except ViewError as e:
         raise UserError(f"{path / 'config.json'}: {e}") from None
     model_type = config.get("model_type")

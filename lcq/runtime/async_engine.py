@@ -97,7 +97,10 @@ class AsyncEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
-        if self.stats().num_waiting >= self.config.max_queue:
+        # Requests not yet scheduled (the inbox's too) take the free batch slots first; max_queue more may wait.
+        stats = self.stats()
+        free_slots = max(0, self.config.max_num_seqs - stats.num_running)
+        if stats.num_waiting + 1 > free_slots + self.config.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests)")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from lcq.format import view_config
+from lcq.inputs import device_problem
 
 from .generation_config import sampling_defaults
 
@@ -38,7 +39,7 @@ class EngineConfig:
     # Sliding-window layers in layer groups with their own block tables, handing back the blocks their window
     # has passed (kv_groups.py); off: every layer keeps every block of its sequence, as before.
     hybrid_kv_cache: bool = True
-    max_queue: int = 256
+    max_queue: int = 256  # requests that may wait beyond the free batch slots (max_num_seqs) before QueueFullError
     cuda_graphs: bool = True
     seed: int = 0
     lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
@@ -212,6 +213,8 @@ class EngineConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if (problem := device_problem(self.device, "device", auto=True)) is not None:
+            raise ValueError(problem)
         if self.speculative_model is not None:
             if not self.num_speculative_tokens:
                 raise ValueError("speculative_model drafts num_speculative_tokens a step: set it (1 to 16)")

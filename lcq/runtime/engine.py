@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lcq.inputs import load_tokenizer
 from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
@@ -64,12 +65,10 @@ def processor_chat_template(folder: str) -> str | None:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
-        from transformers import AutoTokenizer
-
         config.validate()
         torch.manual_seed(config.seed)
         self.config = config
-        self.tokenizer = AutoTokenizer.from_pretrained(config.model)
+        self.tokenizer = load_tokenizer(config.model)
         template = config.resolved_chat_template() or (None if self.tokenizer.chat_template else
                                                         processor_chat_template(config.model))
         if template:

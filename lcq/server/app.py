@@ -17,6 +17,7 @@ from fastapi.responses import Response
 
 from lcq import __version__
 from lcq.errors import UserError
+from lcq.format import FormatError
 from lcq.runtime import AsyncEngine, EngineConfig
 
 from . import chat, completions, embeddings, lora, responses
@@ -55,7 +56,7 @@ class Lifecycle:
         try:
             await self.state.engine.start()
             logger.info("model %s ready", self.state.model_name)
-        except UserError as e:  # the settings or the folder: its one line, not a traceback
+        except (UserError, FormatError) as e:  # the settings or the folder: its one line, not a traceback
             self.load_error = str(e)
             logger.error("the model failed to load: %s", e)
             if self.on_fatal is not None:

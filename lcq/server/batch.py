@@ -37,8 +37,12 @@ def read_requests(path: Path) -> list[BatchRequest]:
     """Every request of a JSONL batch file, checked; UserError naming the first bad line."""
     if not path.is_file():
         raise UserError(f"{path}: no such batch file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     requests, seen = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -119,7 +123,10 @@ async def run_requests(app, requests: list[BatchRequest], concurrency: int,
 def write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
     """The output JSONL, written under a temporary name and renamed into place."""
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

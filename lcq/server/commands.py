@@ -6,10 +6,13 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcq.errors import UserError
+from lcq.format import CheckpointReader
+from lcq.inputs import check_output
 
 from .settings import ServeCommand, add_serve_arguments, resolve
 
@@ -45,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     command = resolve(args)
     settings = command.settings
+    _check_address(settings.host, settings.port)  # before minutes of loading, not after
     engine = _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: server.fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
@@ -63,14 +67,14 @@ def _run_batch(args: argparse.Namespace) -> int:
     from .batch import read_requests, run_requests, write_lines
 
     requests = read_requests(Path(args.input_file))
-    output = Path(args.output_file)
+    output = check_output(args.output_file, "output file")
     if not output.parent.is_dir():
         raise UserError(f"{output.parent}: no such folder for the output file")
     command = resolve(args)
     settings = dataclasses.replace(command.settings, api_key=None)  # in-process calls carry no key
     failed, engine = [], _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: failed.append(True))
-    in_flight = max(1, engine.config.max_queue)  # so that the waiting queue never refuses one
+    in_flight = engine.config.max_num_seqs + engine.config.max_queue  # so that the waiting queue never refuses one
 
     async def run() -> list[dict]:
         async with app.router.lifespan_context(app):
@@ -85,6 +89,21 @@ def _run_batch(args: argparse.Namespace) -> int:
     answered = sum(line["response"]["status_code"] == 200 for line in lines)
     print(f"{len(lines)} requests: {answered} answered, {len(lines) - answered} refused; wrote {output}")
     return 0
+
+
+def _check_address(host: str, port: int) -> None:
+    """UserError where the server could not listen on host:port (taken, or no such address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UserError(f"--host {host}: {e.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def _engine(command: ServeCommand) -> "AsyncEngine":
@@ -104,6 +123,8 @@ def _engine(command: ServeCommand) -> "AsyncEngine":
     else:
         model = command.model
     try:
-        return AsyncEngine(EngineConfig(model=model, **engine_fields))
+        engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
     except ValueError as e:
         raise UserError(str(e)) from None
+    CheckpointReader(model)  # its config and tensors readable (FormatError: one line), before the background load
+    return engine

@@ -41,6 +41,8 @@ def source_parts(config: dict[str, Any], stored_name: str) -> dict[str, StoredTe
 def view_config(config: dict[str, Any], stored: list[str] | None = None) -> dict[str, Any]:
     """config.json of the model lcq runs for a folder whose config.json is `config` and whose tensors are
     `stored` (None: not known; only a base-model save's head depends on them)."""
+    if not isinstance(config, dict):
+        raise ViewError(f"config.json holds a JSON {type(config).__name__}, not an object of settings")
     if is_fp8(config.get("quantization_config")):  # decoded as read (CheckpointReader)
         return view_config({key: value for key, value in config.items() if key != "quantization_config"}, stored)
     architecture = (config.get("architectures") or [None])[0]
