@@ -17,7 +17,7 @@ import pytest
 
 from lcq.cli import build_parser, main
 from lcq.errors import UserError
-from lcq.server.settings import resolve
+from lcq.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, resolve
 from tests.tiny_model import make_tiny_hf
 
 
@@ -33,6 +33,8 @@ def test_help_lists_flags_and_env(capsys):
     for flag in ("--host", "--port", "--api-key", "--max-num-seqs", "--max-queue", "--max-model-len",
                  "--no-prefix-caching", "--drain-timeout", "--max-body-bytes", "LCQ_PORT"):
         assert flag in out
+    words = set(re.findall(r"\w+", out))
+    assert not {*TOOL_CALL_PARSERS, *REASONING_PARSERS} - words, "a parser the help does not name"
 
 
 @pytest.mark.parametrize("argv", [["--port", "abc"], ["--bogus-flag"], ["--max-num-seqs"]])

@@ -165,11 +165,11 @@ FLAGS = (
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
     Flag("--mamba-ssm-cache-dtype", str, "float32 (default), auto (the model dtype), bfloat16 or float16: the "
-         "recurrent states of linear attention and Mamba-2 layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Bamba), "
-         "computed in fp32 and stored so; a half dtype halves their memory", "engine"),
-    Flag("--state-snapshots", int, "recurrent layers' (Qwen3.5's, Qwen3-Next's, Granite 4.0-H's, Bamba's, LFM2's) "
-         "prefix caching: how many prompts' states are kept for reuse, each as large as a sequence's states (0: no "
-         "prefix caching for these models)", "engine"),
+         "recurrent states of linear attention and Mamba-2 layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Bamba, "
+         "Nemotron-H, Falcon-H1), computed in fp32 and stored so; a half dtype halves their memory", "engine"),
+    Flag("--state-snapshots", int, "recurrent layers' (Qwen3.5's, Qwen3-Next's, Granite 4.0-H's, Bamba's, "
+         "Nemotron-H's, Falcon-H1's, LFM2's) prefix caching: how many prompts' states are kept for reuse, each as "
+         "large as a sequence's states (0: no prefix caching for these models)", "engine"),
     Flag("--disable-hybrid-kv-cache-manager", bool, "keep every KV block of a sequence in sliding-window layers "
          "too, rather than handing back the blocks their window has passed (vLLM's name)", "engine",
          field="hybrid_kv_cache", invert=True),
@@ -190,7 +190,7 @@ FLAGS = (
          '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
          'or \'{"model": "/models/draft", "num_speculative_tokens": 4}\' or \'{"method": "mtp", '
          '"num_speculative_tokens": 1}\' (the model\'s own multi-token-prediction layer: DeepSeek-V3, GLM-4.5, '
-         'Qwen3-Next, Qwen3.5) (disable_by_batch_size too)', "engine",
+         'GLM-4.7-Flash, Qwen3-Next, Qwen3.5) (disable_by_batch_size too)', "engine",
          expands=True, metavar="JSON"),
     Flag("--drain-timeout", float, "seconds in-flight requests get to finish on SIGTERM", "server"),
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
@@ -204,12 +204,14 @@ FLAGS = (
          "or qwen3_coder (XML calls: Seed-OSS, Qwen3-Coder), openai (harmony calls: gpt-oss, with --reasoning-parser "
          "openai_gptoss), glm45 or glm47 (<tool_call>NAME<arg_key>..: GLM-4.5 to 4.7), deepseek_v3 or deepseek_v31 "
          "(<｜tool▁calls▁begin｜> calls: DeepSeek-V3, R1, V3.1), minimax_m2 (<minimax:tool_call> XML calls: "
-         "MiniMax-M2): how replies are read so that tool_choice auto works",
+         "MiniMax-M2), llama_nemotron_json or nemotron_json (<TOOLCALL>[...]</TOOLCALL>: Llama-Nemotron, "
+         "Nemotron-Nano v2): how replies are read so that tool_choice auto works",
          "server"),
     Flag("--enable-auto-tool-choice", bool, "accepted for vLLM's command lines: tool_choice auto works whenever "
          "--tool-call-parser is set, which this flag then requires", "server"),
-    Flag("--reasoning-parser", str, "deepseek_r1, qwen3, glm45, deepseek_v3 or minimax_m2 (all read <think>...</think>: "
-         "DeepSeek-R1 and its distills, QwQ, Qwen3, GLM-4.5 to 4.7, DeepSeek-V3.1, MiniMax-M2), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
+    Flag("--reasoning-parser", str, "deepseek_r1, qwen3, glm45, deepseek_v3, minimax_m2 or nano_v3 (all read "
+         "<think>...</think>: DeepSeek-R1 and its distills, QwQ, Qwen3, GLM-4.5 to 4.7, DeepSeek-V3.1, MiniMax-M2, "
+         "Nemotron 3), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
          "to `reasoning` (chat) or a reasoning item (Responses), the answer to the content, and response_format "
          "applies after <think>'s thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
