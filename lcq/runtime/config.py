@@ -77,7 +77,7 @@ class EngineConfig:
         if self.dtype == "auto":
             if self.resolved_device().type != "cuda":
                 return torch.float32
-            from lcq.models.config import GEMMA
+            from lcq.models.families import GEMMA
 
             config = _read_config(self.model)
             stored = config.get("dtype") or config.get("torch_dtype")
