@@ -9,14 +9,13 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
-from .protocol import CompletionChoice, CompletionChunk, CompletionLogprobs, CompletionRequest, CompletionResponse, \
-    dump
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
-STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of CompletionChunk, then [DONE]",
+STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of CompletionResponse chunks, then [DONE]",
                    "content": {"text/event-stream": {}}}
 
 
@@ -110,7 +109,8 @@ async def create_completion(body: CompletionRequest, request: Request):
         return "length" if scoring and reason in ("stop", "length") else reason
 
     def chunk(choices: list[CompletionChoice], usage=None) -> dict:
-        return dump(CompletionChunk(id=generation.id, created=generation.created, model=generation.model, choices=choices, usage=usage))
+        return dump(CompletionResponse(id=generation.id, created=generation.created, model=generation.model,
+                                       choices=choices, usage=usage))
 
     if body.stream:
         def start():  # with logprobs the echo waits for the prompt's logprobs: the first delta brings them
