@@ -78,6 +78,18 @@ class StreamOptions(BaseModel):
 
 
 TOOL_CHOICES = ("none", "auto", "required")
+
+
+def tool_choice_problem(choice: str | dict[str, Any] | None, tools: list[Any] | None) -> str | None:
+    """What is wrong with a tool_choice, chat's or the Responses API's, as OpenAI's API and vLLM check it:
+    one of TOOL_CHOICES (or a named tool, whose form each API checks), and only with tools; None if nothing."""
+    if choice is None:
+        return None
+    if tools is None:
+        return "tool_choice is only allowed when tools are specified"
+    if isinstance(choice, str) and choice not in TOOL_CHOICES:
+        return f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function (got {choice!r})"
+    return None
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
 
 
@@ -314,16 +326,11 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     def invalid(self) -> tuple[str, str] | None:
         """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools."""
         choice = self.tool_choice
-        if choice is None:
-            return None
-        if self.tools is None:
-            return "tool_choice", "tool_choice is only allowed when tools are specified"
-        if isinstance(choice, str) and choice not in TOOL_CHOICES:
-            return "tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function " \
-                                  f"(got {choice!r})"
-        if isinstance(choice, dict) and (choice.get("type") != "function" or not isinstance(
-                (choice.get("function") or {}).get("name") if isinstance(choice.get("function"), dict) else None,
-                str)):
+        if (problem := tool_choice_problem(choice, self.tools)) is not None:
+            return "tool_choice", problem
+        function = choice.get("function") if isinstance(choice, dict) else None
+        if isinstance(choice, dict) and (choice.get("type") != "function" or not isinstance(function, dict) or
+                                         not isinstance(function.get("name"), str)):
             return "tool_choice", 'a named tool_choice is {"type": "function", "function": {"name": ...}}'
         return None
 

@@ -10,8 +10,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
-from .protocol import (TOOL_CHOICES, ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count,
-                       SamplingRequest)
+from .protocol import (ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, SamplingRequest,
+                       tool_choice_problem)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # what `include` names to get the output's logprobs
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -153,14 +153,8 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
 
     def invalid(self) -> tuple[str, str] | None:
         """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools."""
-        if self.tool_choice is None:
-            return None
-        if self.tools is None:
-            return "tool_choice", "tool_choice is only allowed when tools are specified"
-        if isinstance(self.tool_choice, str) and self.tool_choice not in TOOL_CHOICES:
-            return "tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function " \
-                                  f"(got {self.tool_choice!r})"
-        return None
+        problem = tool_choice_problem(self.tool_choice, self.tools)
+        return None if problem is None else ("tool_choice", problem)
 
     def unsupported(self) -> tuple[str, str] | None:
         """What this server cannot do, refused rather than ignored."""
