@@ -174,7 +174,8 @@ class ModelConfig:
             stablelm_qk_norms(c),
             qk_norm_after_rotary=c["model_type"] in (*HUNYUAN, "llama4_text"),
             rope=family.pop("rope", rope),
-            **family, **LAYER_NORMS.get(c["model_type"], {}), **expert_fields(c), **gpt_oss_fields(c), **llama4_fields(c),
+            **family, **LAYER_NORMS.get(c["model_type"], {}), **expert_fields(c), **gpt_oss_fields(c),
+            **llama4_fields(c),
             **latent_fields(c, rope), **qwen3_5_fields(c), **granite_hybrid_fields(c), **lfm2_fields(c),
             **bamba_fields(c), **nemotron_h_fields(c), **falcon_h1_fields(c),
             **({"rotated_dims": rotated_dims_of(c)} if c["model_type"] == "minimax_m2" else {}),
@@ -242,7 +243,8 @@ class ModelConfig:
 
 
 def _viewed_names(stored: dict, names: list[str] | None) -> list[str] | None:
-    """The tensor names lcq reads a folder by (lcq.format.views: Nemotron-H's multi-token-prediction layers not among them)."""
+    """The tensor names lcq reads a folder by (lcq.format.views: Nemotron-H's multi-token-prediction layers not
+    among them)."""
     viewed = None if names is None else view_tensors(stored, names)
     return names if viewed is None else list(viewed)
 

@@ -26,8 +26,8 @@ CLASS_PREFIX = {"llama": "Llama", "mistral": "Mistral", "ministral3": "Ministral
                 "hunyuan_v1_moe": "HunYuanMoEV1", "dots1": "Dots1", "deepseek_v2": "DeepseekV2",
                 "deepseek_v3": "DeepseekV3", "glm4_moe_lite": "Glm4MoeLite", "qwen3_5_text": "Qwen3_5",
                 "qwen3_5_moe_text": "Qwen3_5Moe", "qwen3_next": "Qwen3Next", "minimax_m2": "MiniMaxM2",
-                "granitemoehybrid": "GraniteMoeHybrid", "granitemoe": "GraniteMoe", "granitemoeshared": "GraniteMoeShared",
-                "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba",
+                "granitemoehybrid": "GraniteMoeHybrid", "granitemoe": "GraniteMoe",
+                "granitemoeshared": "GraniteMoeShared", "lfm2": "Lfm2", "lfm2_moe": "Lfm2Moe", "bamba": "Bamba",
                 "nemotron_h": "NemotronH", "falcon_h1": "FalconH1", "arcee": "Arcee", "apertus": "Apertus"}
 LAYER_CLASS = {"nemotron_h": "NemotronHBlock"}  # transformers' decoder layer, where not the prefix's DecoderLayer
 # transformers' module, where not the type's

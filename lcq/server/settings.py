@@ -133,7 +133,8 @@ FLAGS = (
     Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server"),
     Flag("--served-model-name", str, "model id clients use (default: the folder name)", "engine"),
     Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
-    Flag("--max-queue", int, "requests that may wait beyond the free batch slots before answering 429 (0: none wait)", "engine"),
+    Flag("--max-queue", int, "requests that may wait beyond the free batch slots before answering 429 (0: none "
+         "wait)", "engine"),
     Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
