@@ -1,5 +1,6 @@
 """The packed format: packing round trips, the reference dequantization, checkpoint validation."""
 import json
+import os
 
 import pytest
 import torch
@@ -110,6 +111,25 @@ def test_unknown_format_version_is_refused(tmp_path):
     write_json(tmp_path / "ckpt" / "config.json", cfg)
     with pytest.raises(FormatError, match="format_version 99"):
         CheckpointReader(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("group_size", [0, -32, 48])
+def test_bad_group_sizes_are_refused(tmp_path, group_size):
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"]["group_size"] = group_size
+    write_json(tmp_path / "ckpt" / "config.json", cfg)
+    with pytest.raises(FormatError, match=f"unsupported bits=.* group_size={group_size}"):
+        CheckpointReader(tmp_path / "ckpt")
+
+
+def test_shards_are_readable_as_any_new_file(tmp_path):
+    """safetensors writes owner-only files; a checkpoint quantized by one user is served by another."""
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (tmp_path / "ckpt").glob("*.safetensors"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 @pytest.mark.parametrize("layer_bits", [{"model.layers.0.mlp.up_proj": 5}, ["model.layers.0.mlp.up_proj"]])

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lcq.cli import main
+from lcq.errors import UserError
 from lcq.format import (CheckpointReader, FormatError, dequantize, linear_tensors, pack_indices, unpack_indices,
                         write_json, write_shard)
 from lcq.quantizer import QuantizeOptions, quantize_model
@@ -596,6 +597,11 @@ def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monke
     changed = QuantizeOptions(**{**options.__dict__, "bits": 2})
     with pytest.raises(Exception, match="different options"):
         quantize_model(tiny_hf, tmp_path / "resumed", changed, resume=True, progress=False)
+    other = make_tiny_hf(tmp_path / "other", seed=1)  # the same shapes, other weights
+    reworded = QuantizeOptions(**{**options.__dict__, "calib_text": CALIBRATION_TEXT[::-1]})  # the same length
+    for source, asked in ((other, options), (tiny_hf, reworded)):
+        with pytest.raises(UserError, match="another source model or calibration text"):
+            quantize_model(source, tmp_path / "resumed", asked, resume=True, progress=False)
     quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
     whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")
     assert sorted(whole.names()) == sorted(resumed.names())
@@ -631,8 +637,15 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
     untokenized.mkdir()
     for file in ("config.json", "model.safetensors"):
         (untokenized / file).write_bytes((tiny_hf / file).read_bytes())
+    short = tmp_path / "short.txt"
+    short.write_text("In the beginning")
     cases = [
         (["quantize", str(tmp_path / "missing"), out], "no such model folder"),
+        (["quantize", str(tiny_hf), out, "--calib", str(short), "--seqlen", "32"],
+         "fewer than one window of --seqlen 32"),
+        (["quantize", str(tiny_hf), "/proc/lcq-test/o", "--method", "rtn"], "/proc/lcq-test/o"),
+        (["quantize", str(tiny_hf), out, "--layer-bits", "in_proj=3"], "the model has no in_proj"),
+        (["quantize", str(tiny_hf), out, "--lr", "inf"], "--lr must be positive and finite"),
         (["quantize", str(listed), out], "not an object of settings"),
         (["quantize", str(untokenized), out, "--calib", str(tiny_hf / "config.json")], "no tokenizer that loads"),
         (["quantize", str(tiny_hf), str(empty / "o"), "--method", "rtn"], "is not a folder"),
@@ -698,6 +711,12 @@ def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     assert _main(["eval", str(tiny_hf), "--text", str(text), "--ctx", "32"]) == 0
     full = float(capsys.readouterr().out.split()[1])
     assert 1.0 < full and abs(quantized / full - 1) < 0.2, (quantized, full)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["intermediate_size"] = 128  # the packed MLP layers no longer fit the config: one line, not torch's
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    assert _main(["eval", str(tmp_path / "q"), "--text", str(text), "--ctx", "32"]) == 2
+    err = capsys.readouterr().err
+    assert "but config.json makes it" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_cli_reports_the_tuning_stages_on_the_held_out_windows(tmp_path, tiny_hf, capsys):

@@ -91,6 +91,9 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors file atomically (tensors may live on any device)."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)  # as any new file (safetensors writes its files owner-only): others may serve it
     os.replace(tmp, path)
 
 
@@ -214,7 +217,8 @@ class CheckpointReader:
         for key in ("bits", "rank", "group_size"):
             if not isinstance(quant.get(key), int):
                 raise FormatError(f"{path}: quantization_config.{key} missing or not an integer")
-        if quant["bits"] not in SUPPORTED_BITS or quant["rank"] < 1 or quant["group_size"] % 32:
+        if quant["bits"] not in SUPPORTED_BITS or quant["rank"] < 1 or quant["group_size"] < 32 or \
+                quant["group_size"] % 32:
             raise FormatError(f"{path}: unsupported bits={quant['bits']} rank={quant['rank']} "
                               f"group_size={quant['group_size']}")
         for key in ("head_bits", "embed_bits"):

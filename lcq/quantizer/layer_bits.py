@@ -94,12 +94,16 @@ class LayerWidths:
         widths = [rule.bits for rule in self.rules if projection in rule.projections and rule.covers(layer)]
         return widths[-1] if widths else self.bits
 
-    def check_layers(self, num_layers: int) -> None:
-        """Refuse rules naming layers the model does not have (a typo would otherwise do nothing)."""
+    def check_layers(self, num_layers: int, projections: set[str]) -> None:
+        """Refuse rules naming layers or projections the model does not have (a typo would otherwise do
+        nothing); `projections`: the names of the model's packed linears (down_proj, ...)."""
         for rule in self.rules:
             if rule.last is not None and rule.last >= num_layers:
                 raise UserError(f"--layer-bits: layer {rule.last} does not exist "
                                 f"(the model has {num_layers} layers, 0 to {num_layers - 1})")
+            if projections and not projections & set(rule.projections):
+                raise UserError(f"--layer-bits: the model has no {', '.join(rule.projections)} (its packed "
+                                f"projections: {', '.join(sorted(projections))})")
 
     def overrides(self, num_layers: int, layer_linears: Callable[[int], Iterable[str]] = lambda _: DENSE_LINEARS
                   ) -> dict[str, int]:

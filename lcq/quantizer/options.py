@@ -1,6 +1,7 @@
 """QuantizeOptions: every setting of `lcq quantize`, checked in one place, and what a run reports."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -79,8 +80,8 @@ class QuantizeOptions:
              f"--block-error must be one of {', '.join(BLOCK_ERRORS)} (got {self.block_error})"),
             (self.finetune_epochs >= 0, "--finetune-epochs must be >= 0"),
             (self.method == "lcq" or self.finetune_epochs == 0, "--finetune-epochs applies to --method lcq only"),
-            (self.finetune_lr is None or self.finetune_lr > 0,
-             f"--finetune-lr must be positive (got {self.finetune_lr})"),
+            (self.finetune_lr is None or 0 < self.finetune_lr < math.inf,
+             f"--finetune-lr must be positive and finite (got {self.finetune_lr})"),
             (self.finetune_samples is None or self.finetune_samples >= 1,
              f"--finetune-samples must be >= 1 (got {self.finetune_samples})"),
             (self.finetune_samples is None or self.finetune_epochs > 0, "--finetune-samples needs --finetune-epochs"),
@@ -88,7 +89,7 @@ class QuantizeOptions:
              f"--finetune-index-updates must be a fraction in [0, 1) (got {self.finetune_index_updates})"),
             (self.finetune_index_updates == 0 or self.finetune_epochs >= 2,
              "--finetune-index-updates moves indices between end-to-end epochs: it needs --finetune-epochs 2 or more"),
-            (self.lr is None or self.lr > 0, f"--lr must be positive (got {self.lr})"),
+            (self.lr is None or 0 < self.lr < math.inf, f"--lr must be positive and finite (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
             (self.target_bits is None or not self.layer_bits,
              "--target-bits chooses every layer's width itself: drop --layer-bits, or the target"),

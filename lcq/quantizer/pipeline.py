@@ -35,7 +35,7 @@ from .gptq import fit_codebooks_to_indices, gptq_indices
 from .layer_bits import block_linears
 from .options import QuantizeOptions, QuantizeSummary
 from .reference import read_config
-from .source import SourceModel, calibration_batch
+from .source import SourceModel, calibration_batch, source_fingerprint
 
 PROGRESS_FILE = "lcq-progress.json"
 WIDTHS_FILE = "lcq-target-widths.json"  # --target-bits: the --layer-bits rules chosen, kept for --resume
@@ -214,10 +214,11 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
-    """The settings that depend on the model: the layers --layer-bits names exist, --target-bits is in reach."""
-    options.widths.check_layers(config["num_hidden_layers"])
+    """The settings that depend on the model: the layers and projections --layer-bits names exist,
+    --target-bits is in reach."""
+    shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
+    options.widths.check_layers(config["num_hidden_layers"], {name.rsplit(".", 1)[-1] for _, name in shapes})
     if options.target_bits is not None:
-        shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
         check_target(shapes, options.target_bits, options.bits, options.rank, options.group_size)
 
 
@@ -246,10 +247,14 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     device = torch.device(options.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # The inputs are read (a folder without readable weights or tokenizer fails) before anything is written.
+    # The inputs are read (a folder without readable weights, tokenizer or calibration windows fails) before
+    # anything is written.
     source = SourceModel(model_dir, device)
-    tokenizer = load_tokenizer(model_dir) if options.needs_data else None
-    done = _prepare_partial(partial, recorded, resume)
+    tokens = calibration_batch(load_tokenizer(model_dir), options.calib_text, options.nsamples, options.seqlen,
+                               options.seed, options.held_out_windows, options.extra_windows) \
+        if options.needs_data else None
+    started_as = {"options": recorded, "source": source_fingerprint(model_dir, options.calib_text)}
+    done = _prepare_partial(partial, started_as, resume)
     torch.manual_seed(options.seed)
     # With a packed head, an untied table is packed too; the quantized stream starts from its lookups.
     embedding = _packed_embedding(source, options, device) \
@@ -260,9 +265,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     # The quantized stream carries the block-wise stage's windows (training, then held-out); the
     # full-precision one the end-to-end stage's extra windows after them too, for their teacher.
     quantized_rows = slice(0, held.stop)
-    if options.needs_data:
-        tokens = calibration_batch(tokenizer, options.calib_text, options.nsamples, options.seqlen, options.seed,
-                                   options.held_out_windows, options.extra_windows)
+    if tokens is not None:
         fp_stream = source.embed(tokens)
         q_stream = fp_stream[quantized_rows].clone() if embedding is None else \
             source.embed(tokens[quantized_rows], dequantize(embedding))
@@ -291,7 +294,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                 if not any(name.startswith(linear + ".") for linear in packed):
                     tensors[f"model.layers.{index}.{name}"] = tensor.to(torch.float16)
             write_shard(shard, tensors)
-            write_json(partial / PROGRESS_FILE, {"options": recorded, "done": index + 1})
+            write_json(partial / PROGRESS_FILE, {**started_as, "done": index + 1})
         losses.append(block_losses)
         if options.needs_data:
             bar.set_postfix(loss=f"{block_losses[1]:.3g}")
@@ -494,17 +497,24 @@ def _target_widths(source: SourceModel, tokens: torch.Tensor, options: QuantizeO
     return rules
 
 
-def _prepare_partial(partial: Path, recorded: dict, resume: bool) -> int:
-    """Create or reuse OUT_DIR.partial; returns how many blocks are already done."""
+def _prepare_partial(partial: Path, started_as: dict, resume: bool) -> int:
+    """Create or reuse OUT_DIR.partial; returns how many blocks are already done. `started_as`: the recorded
+    options and the source's fingerprint, which a resumed run must match."""
     progress_file = partial / PROGRESS_FILE
     if resume and progress_file.is_file():
         state = json.loads(progress_file.read_text())
-        if state["options"] != recorded:
+        if state["options"] != started_as["options"]:
             raise UserError(f"{partial} was started with different options; run without --resume to start over")
+        if state.get("source") != started_as["source"]:
+            raise UserError(f"{partial} was started from another source model or calibration text; run without "
+                            "--resume to start over")
         return int(state["done"])
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    write_json(progress_file, {"options": recorded, "done": 0})
+    try:
+        partial.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"{partial}: cannot be created ({e.strerror})") from None
+    write_json(progress_file, {**started_as, "done": 0})
     return 0
 
 

@@ -259,6 +259,11 @@ def load_reference_model(model_dir: str | Path, dtype: torch.dtype = torch.float
     for name in reader.names():
         if name.rsplit(".", 1)[0] not in packed:
             state[name] = reader.tensor(name).to(dtype)
+    expected = model.state_dict()
+    for name, tensor in state.items():  # a layer from another model's files: one line, not torch's traceback
+        if name in expected and expected[name].shape != tensor.shape:
+            raise FormatError(f"{model_dir}: tensor '{name}' is {list(tensor.shape)}, but config.json makes it "
+                              f"{list(expected[name].shape)}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:

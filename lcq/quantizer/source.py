@@ -3,6 +3,7 @@ and the calibration windows it runs them on."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib
 import inspect
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.format import EMBED, CheckpointReader
+from lcq.format.checkpoint import tensor_files
 from lcq.format.mtp import mtp_names
 from lcq.format.views import FINAL_NORMS, LFM2
 
@@ -52,6 +54,24 @@ SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by 
 # by its embedding_multiplier)
 
 
+FINGERPRINT_SAMPLE = 1 << 20  # bytes read from each end of a weight file
+
+
+def source_fingerprint(model_dir: Path, calib_text: str | None) -> str:
+    """A digest of what a resumed quantization must find again: config.json, each weight file's name, size
+    and first and last MiB (cheap, and two models of one shape differ there), and the calibration text."""
+    digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for path in sorted(set(tensor_files(model_dir).values())):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(FINGERPRINT_SAMPLE))
+            f.seek(max(0, size - FINGERPRINT_SAMPLE))
+            digest.update(f.read(FINGERPRINT_SAMPLE))
+    digest.update((calib_text or "").encode())
+    return digest.hexdigest()
+
+
 def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: int, held_out: int = 0,
                       extra: int = 0) -> torch.Tensor:
     """nsamples windows of seqlen tokens at random offsets of the tokenized text (seeded), then `held_out`
@@ -60,7 +80,9 @@ def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: in
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if ids.numel() < 2:
         raise UserError("calibration text is empty after tokenization")
-    seqlen = min(seqlen, ids.numel())
+    if ids.numel() < seqlen:
+        raise UserError(f"the calibration text holds {ids.numel()} tokens, fewer than one window of --seqlen "
+                        f"{seqlen}: give a longer --calib text or a smaller --seqlen")
     starts = [torch.randint(0, ids.numel() - seqlen + 1, (count,), generator=torch.Generator().manual_seed(seed + i))
               for i, count in enumerate((nsamples, held_out, extra))]
     return torch.stack([ids[s:s + seqlen] for s in torch.cat(starts).tolist()])
