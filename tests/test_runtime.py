@@ -857,6 +857,52 @@ def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):
         llm.generate([PROMPTS[2]], SamplingParams(max_tokens=3, min_tokens=4))
 
 
+def test_min_tokens_holds_back_stop_strings(llm):
+    """As vLLM: stop strings count only in the text after min_tokens tokens (text before is searched no more)."""
+    tokenizer = llm.tokenizer
+    ids = tokenizer("In the beginning God created the heaven and the earth", add_special_tokens=False)["input_ids"]
+
+    def text(min_tokens: int) -> str:
+        detok = IncrementalDetokenizer(tokenizer, [1], stop=["e"], min_tokens=min_tokens)
+        for token in ids:
+            detok.add(token)
+            if detok.stop_string is not None:
+                break
+        return detok.text
+
+    early = 5
+    before = tokenizer.decode(ids[:early])
+    assert text(0) == "In th"
+    later = text(early)
+    assert len(later) > len(before) and later.startswith(before) and "e" not in later[len(before) + 1:]
+
+
+def test_sampling_params_are_taken_as_vllm_takes_them_or_refused_in_one_line(llm):
+    assert SamplingParams(stop="x").stop == ["x"] and SamplingParams(stop=None, stop_token_ids=None).stop == []
+    bad = [dict(n=1.5), dict(max_tokens=2.5), dict(temperature="0.5"), dict(seed=2**70), dict(stop=[1]),
+           dict(stop_token_ids=["a"]), dict(logit_bias={"5": 1.0}), dict(top_k=True)]
+    for fields in bad:
+        with pytest.raises(ValueError, match="must"):
+            SamplingParams(**fields).validate()
+
+
+def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):
+    too_long = list(range(1, llm.engine.max_model_len + 5))
+    with pytest.raises(ValueError, match="prompt has"):
+        llm.generate([PROMPTS[0], too_long], GREEDY)
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        llm.generate([PROMPTS[0]], [GREEDY, GREEDY])
+    stats = llm.engine.stats()
+    assert stats.num_running == stats.num_waiting == 0  # the first prompt was taken back
+    assert llm.generate([PROMPTS[0]], GREEDY)[0].token_ids  # and the engine serves on
+    sampled = SamplingParams(max_tokens=8, temperature=1.0, seed=7, n=3, ignore_eos=True)
+    fanned = llm.generate([PROMPTS[1], PROMPTS[2]], sampled)
+    assert len(fanned) == 6 and [c.prompt_ids for c in fanned] == [PROMPTS[1]] * 3 + [PROMPTS[2]] * 3
+    for i, completion in enumerate(fanned[:3]):
+        alone = SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i, ignore_eos=True)
+        assert llm.generate([PROMPTS[1]], alone)[0].token_ids == completion.token_ids
+
+
 def test_json_output_follows_its_schema(llm):
     pytest.importorskip("xgrammar")
     schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "size": {"type": "integer"}},

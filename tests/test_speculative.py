@@ -202,10 +202,17 @@ def test_stops_inside_drafts_and_logprobs(plain, drafting):
                 assert [t[0] for t in a.top] == [t[0] for t in b.top]
 
 
-def test_seeded_sampling_with_drafts_is_reproducible(drafting):
-    params = SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True)
-    first = drafting.generate([PROMPTS[2]], params)[0].token_ids
-    assert drafting.generate([PROMPTS[2], PROMPTS[1]], [params, GREEDY])[0].token_ids == first
+def test_seeded_sampling_gives_the_tokens_it_gives_without_drafts(plain, drafting):
+    """A fixed draft is checked against the token drawn with the one uniform number a plain step takes, so a
+    seed gives the same tokens drafted or not (and so whether the batch size turned drafting off)."""
+    accepted = drafting.engine.stats().num_accepted_tokens_total
+    for prompt in PROMPTS:
+        for temperature in (0.05, 0.8):  # (drafts from the tiny model's loops are taken at a low temperature)
+            params = SamplingParams(max_tokens=30, temperature=temperature, seed=3, ignore_eos=True)
+            first = drafting.generate([prompt], params)[0].token_ids
+            assert plain.generate([prompt], params)[0].token_ids == first
+            assert drafting.generate([prompt, PROMPTS[1]], [params, GREEDY])[0].token_ids == first
+    assert drafting.engine.stats().num_accepted_tokens_total > accepted  # drafts were checked and taken
 
 
 def test_predicted_outputs_give_the_plain_tokens_in_fewer_steps(tiny, plain):

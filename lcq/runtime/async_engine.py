@@ -160,7 +160,9 @@ class AsyncEngine:
         for request_id, prompt_ids, params in inbox:
             try:
                 self.engine.add_request(request_id, prompt_ids, params)
-            except ValueError as e:
+            except Exception as e:  # that request fails, not the step's others (nor its aborts)
+                if not isinstance(e, ValueError):
+                    logger.exception("request %s could not be added", request_id)
                 outputs.append(RequestOutput(request_id, "", [], finish_reason="error", error=str(e)))
         for request_id in aborts:
             output = self.engine.abort(request_id)

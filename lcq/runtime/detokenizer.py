@@ -11,7 +11,8 @@ PROMPT_CONTEXT_TOKENS = 5  # decode with a few prompt tokens before, so leading 
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str], skip_special_tokens: bool = True,
+                 min_tokens: int = 0):
         # The fast tokenizer's Rust decoder directly: transformers' decode wrapper costs several
         # times more per call, and this runs twice per generated token.
         backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -22,6 +23,8 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
         self.stop = stop
+        self.min_tokens = min_tokens  # stop strings are looked for once more tokens than this came (vLLM's)
+        self.generated = 0
         self.text = ""  # output text decoded so far (cut at a stop string once found)
         self.released = 0  # characters of self.text already handed out
         self.stop_string: str | None = None
@@ -29,13 +32,15 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str:
         """Take one generated token; return the text that became final."""
         self.ids.append(token_id)
+        self.generated += 1
         before = self._decode_ids(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode_ids(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self._find_stop(searched_from)
+            if self.generated > self.min_tokens:
+                self._find_stop(searched_from)
         return self._release()
 
     def _find_stop(self, start: int) -> None:

@@ -125,7 +125,8 @@ class LLMEngine:
         self.check_request(prompt_ids, params)
         room = self.max_model_len - len(prompt_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
-        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
+                                             params.min_tokens)
         seq = Sequence(request_id, prompt_ids, params, detokenizer,
                        max_tokens)
         if params.structured_output is not None and params.structured_output_after is None:

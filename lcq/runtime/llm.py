@@ -41,14 +41,26 @@ class LLM:
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[Completion]:
-        """params default to get_default_sampling_params()."""
+        """One Completion per prompt, or with params.n > 1 that prompt's n in turn (seeded: seed, seed + 1, ...);
+        text is tokenized with the tokenizer's special tokens (a BOS where it adds one), as vLLM's LLM does.
+        params default to get_default_sampling_params(); a list gives each prompt its own."""
         params = params or self.engine.default_params()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
         results: dict[str, Completion] = {}
-        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
-            ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else prompt
-            self.engine.add_request(str(i), ids, p)
-            results[str(i)] = Completion(prompt_ids=list(ids), logprobs=[] if p.logprobs is not None else None)
+        try:
+            for prompt, p in zip(prompts, per_prompt):
+                ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+                for sample in p.samples():
+                    request_id = str(len(results))
+                    self.engine.add_request(request_id, ids, sample)
+                    results[request_id] = Completion(prompt_ids=list(ids),
+                                                     logprobs=[] if p.logprobs is not None else None)
+        except Exception:  # all or nothing: what was added is taken back, so the engine stays usable
+            for request_id in results:
+                self.engine.abort(request_id)
+            raise
         while self.engine.has_work():
             for out in self.engine.step():
                 done = results[out.request_id]
@@ -60,14 +72,19 @@ class LLM:
                     done.prompt_logprobs = out.prompt_logprobs
                 if out.finished:
                     done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
-        return [results[str(i)] for i in range(len(prompts))]
+        return list(results.values())
 
     def embed(self, prompts: list[str] | list[list[int]]) -> list[list[float]]:
         """Each prompt's embedding (SamplingParams.embed: the last token's final hidden state, L2-normalized);
         text is tokenized with the tokenizer's special tokens, as embedding models expect."""
-        for i, prompt in enumerate(prompts):
-            ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
-            self.engine.add_request(str(i), ids, SamplingParams(max_tokens=1, embed=True))
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+                self.engine.add_request(str(i), ids, SamplingParams(max_tokens=1, embed=True))
+        except Exception:  # as generate: none stays behind
+            for i in range(len(prompts)):
+                self.engine.abort(str(i))
+            raise
         vectors: dict[str, list[float]] = {}
         while self.engine.has_work():
             for out in self.engine.step():

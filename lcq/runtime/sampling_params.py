@@ -1,10 +1,12 @@
 """What a request asks of generation. Validated once here so the server and the engine agree."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
+SEED_MODULUS = 2**63  # the seeds of a request's n samples wrap here
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,8 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     n: int = 1  # the server fans n out into n engine requests
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
-    min_tokens: int = 0  # EOS and stop_token_ids are not sampled before this many output tokens (vLLM's)
+    # EOS and stop_token_ids are not sampled before this many output tokens, nor stop strings looked for (vLLM's)
+    min_tokens: int = 0
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
     skip_special_tokens: bool = True  # special tokens (chat markers, tool-call tags) left out of the text (vLLM's)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
@@ -53,8 +56,16 @@ class SamplingParams:
     # the last prompt token's final hidden state, L2-normalized (the pooling of Qwen3-Embedding, e5-mistral).
     embed: bool = False
 
+    def __post_init__(self) -> None:
+        """stop, stop_token_ids and logit_bias as vLLM takes them: one stop string alone, None for none."""
+        self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = self.logit_bias or {}
+
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
+        if (problem := self._type_problem()) is not None:
+            raise ValueError(problem)
         checks = [
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
@@ -83,6 +94,39 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+
+    def samples(self) -> list[SamplingParams]:
+        """The n engine requests these params stand for, n = 1 each; seeded, the i-th with seed + i, so that
+        each is reproducible and they differ."""
+        return [dataclasses.replace(self, n=1, seed=None if self.seed is None else (self.seed + i) % SEED_MODULUS)
+                for i in range(self.n)]
+
+    def _type_problem(self) -> str | None:
+        """What has the wrong type (an offline caller's value; the server's request models check theirs)."""
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def number(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+        optional = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
+        for name in ("top_k", "n", "min_tokens", *optional):
+            value = getattr(self, name)
+            if not whole(value) and not (value is None and name in optional):
+                return f"{name} must be an integer (got {value!r})"
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            if not number(getattr(self, name)):
+                return f"{name} must be a number (got {getattr(self, name)!r})"
+        if not all(isinstance(text, str) for text in self.stop):
+            return "stop must be a string or a list of strings"
+        if not all(whole(token) for token in self.stop_token_ids):
+            return "stop_token_ids must be a list of token ids"
+        if not isinstance(self.logit_bias, dict) or not all(whole(token) and number(bias)
+                                                             for token, bias in self.logit_bias.items()):
+            return "logit_bias must map token ids to numbers"
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            return "seed must fit in 64 bits"
+        return None
 
     @property
     def greedy(self) -> bool:

@@ -146,19 +146,16 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
 
 
 def _draw(probs: torch.Tensor, draft: list[int], seq: Sequence, q: torch.Tensor | None = None) -> int:
-    """A token distributed as probs (p): speculative sampling's rule for a draft d drawn from q (None: a
-    fixed token, q one-hot at d): d itself with probability min(1, p(d) / q(d)), else one drawn from the
-    residual max(0, p - q). Without a draft: one drawn from p."""
-    if draft:
+    """A token distributed as probs (p): speculative sampling's rule for a draft d drawn from q, d itself with
+    probability min(1, p(d) / q(d)), else one drawn from the residual max(0, p - q). A fixed draft (q None:
+    prompt lookup, predictions) needs no rule: the token drawn from p, which the caller compares with d, is d
+    with probability p(d), and it takes the one uniform number a step without drafts takes, so a seed gives
+    the same tokens whether a step drafted or not."""
+    if draft and q is not None:
         d = draft[0]
-        accept = float(probs[d]) if q is None else min(1.0, float(probs[d]) / max(float(q[d]), 1e-30))
-        if float(torch.rand(1, generator=seq.generator)) < accept:
+        if float(torch.rand(1, generator=seq.generator)) < min(1.0, float(probs[d]) / max(float(q[d]), 1e-30)):
             return d
-        residual = probs.clone()
-        if q is None:
-            residual[d] = 0.0
-        else:
-            residual = (residual - q).clamp_min(0.0)
+        residual = (probs - q).clamp_min(0.0)
         if float(residual.sum()) <= 0.0:  # p = q up to rounding: the rejection had no mass
             return d
         probs = residual

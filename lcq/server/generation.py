@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from lcq.runtime.sampling_params import SamplingParams
 
 from .errors import APIError, engine_error
 from .metrics import RequestTracker
-from .protocol import SEED_MODULUS, PromptTokensDetails, UsageInfo
+from .protocol import PromptTokensDetails, UsageInfo
 from .state import ServerState
 
 logger = logging.getLogger("lcq.server")
@@ -84,12 +83,9 @@ class Generation:
         self.id = base_id
         self.created = int(time.time())
         self.model = params.lora or state.model_name  # what replies name: the adapter asked for, else the base
-        self.choices = [
-            Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
-                   params=dataclasses.replace(params, n=1, seed=None if params.seed is None
-                                              else (params.seed + i) % SEED_MODULUS))
-            for p, prompt in enumerate(prompts) for i in range(params.n)
-        ]
+        self.choices = [Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
+                               params=sample)
+                        for p, prompt in enumerate(prompts) for i, sample in enumerate(params.samples())]
         self.prompts = prompts
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._pumps: list[asyncio.Task] = []

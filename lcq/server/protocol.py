@@ -12,12 +12,11 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
-from lcq.runtime.sampling_params import SamplingParams, StructuredOutput
+from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
-SEED_MODULUS = 2**63
 
 
 def unencodable_text(value: Any, where: str = "") -> str | None:
