@@ -884,6 +884,8 @@ def test_sampling_params_are_taken_as_vllm_takes_them_or_refused_in_one_line(llm
     for fields in bad:
         with pytest.raises(ValueError, match="must"):
             SamplingParams(**fields).validate()
+        with pytest.raises(ValueError, match="must"):
+            llm.generate([PROMPTS[1]], SamplingParams(**fields))
 
 
 def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):

@@ -52,6 +52,7 @@ class LLM:
         try:
             for prompt, p in zip(prompts, per_prompt):
                 ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+                p.validate()  # (n among the rest) before it is fanned out
                 for sample in p.samples():
                     request_id = str(len(results))
                     self.engine.add_request(request_id, ids, sample)
