@@ -1323,6 +1323,45 @@ def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
         LLM(str(tiny), lora_modules=f"w={wide}")
 
 
+def test_malformed_lora_folders_are_one_line_and_alpha_defaults_as_peft(tiny, tmp_path):
+    """What a hand-made or damaged adapter folder holds is refused as UserError (a 400 when loaded at run
+    time), never a TypeError or IndexError from inside; without lora_alpha the scale is PEFT's 8 / r."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lcq.models.config import ModelConfig
+    from lcq.models.lora import load_adapter
+
+    config = ModelConfig.from_folder(tiny)
+    good = make_tiny_adapter(tmp_path / "good", tiny, rank=4, alpha=8.0)
+    settings = json.loads((good / "adapter_config.json").read_text())
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    first_a = next(name for name in tensors if name.endswith(".lora_A.weight"))
+
+    def variant(name: str, config_text: str | None = None, changed: dict | None = None) -> Path:
+        folder = Path(shutil.copytree(good, tmp_path / name))
+        if config_text is not None:
+            (folder / "adapter_config.json").write_text(config_text)
+        if changed is not None:
+            save_file({k: v for k, v in {**tensors, **changed}.items() if v is not None},
+                      str(folder / "adapter_model.safetensors"))
+        return folder
+
+    cases = [(variant("listed", "[1, 2]"), "not an object of settings"),
+             (variant("text-alpha", json.dumps({**settings, "lora_alpha": "16"})), "lora_alpha must be a positive"),
+             (variant("lone-b", changed={first_a: None}), "B without its A"),
+             (variant("flat-a", changed={first_a: tensors[first_a].flatten()}), "not a LoRA pair")]
+    for folder, message in cases:
+        with pytest.raises(UserError, match=message):
+            load_adapter(folder, config)
+    unset = variant("no-alpha", json.dumps({k: v for k, v in settings.items() if k != "lora_alpha"}))
+    explicit = load_adapter(good, config).parts
+    for name, (a, b) in load_adapter(unset, config).parts.items():
+        torch.testing.assert_close(b, explicit[name][1])  # alpha 8 either way
+
+
 def test_gpu_dtype_follows_the_checkpoint_and_gemma_runs_in_bfloat16(tmp_path):
     """dtype auto on a GPU, as vLLM: bf16 for a bf16 checkpoint, fp16 for fp16 and fp32 ones and for LCQ
     checkpoints (their full-precision tensors are fp16, whatever the source's dtype), bf16 for Gemma

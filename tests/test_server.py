@@ -138,6 +138,19 @@ def test_embeddings_through_the_official_client(server, client, model_dir):
         assert error_of(httpx.post(server.url + "/v1/embeddings", json=bad), 400)["param"] == param
 
 
+def test_a_prompt_past_the_context_names_each_endpoints_field(server):
+    """The engine's "prompt" is named as each endpoint's client sent it."""
+    ids = list(range(300))  # past this server's max_model_len of 256
+    words = "word " * 400
+    for route, body, param in (("/v1/completions", {"prompt": ids}, "prompt"),
+                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": words}]},
+                                "messages"),
+                               ("/v1/embeddings", {"input": ids}, "input"),
+                               ("/v1/responses", {"input": words}, "input")):
+        error = error_of(httpx.post(server.url + route, json={"model": MODEL, "max_tokens": 2, **body}), 400)
+        assert error["param"] == param and error["message"].startswith(f"{param} has "), (route, error)
+
+
 def test_n_choices_with_seed_are_reproducible(client):
     args = dict(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=1.0, n=3, seed=7,
                 extra_body={"ignore_eos": True})

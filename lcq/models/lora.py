@@ -91,6 +91,8 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
         tensors = load_file(str(folder / WEIGHTS_FILE))
     except Exception as e:  # unreadable, not JSON, not safetensors (SafetensorError is no OSError)
         raise _refuse(folder, f"cannot be read: {e}") from None
+    if not isinstance(settings, dict):
+        raise _refuse(folder, f"{CONFIG_FILE} holds a JSON {type(settings).__name__}, not an object of settings")
     if settings.get("peft_type", "LORA") != "LORA":
         raise _refuse(folder, f"peft_type {settings['peft_type']} is not LoRA")
     refused_unless = (("use_dora", (False, None)), ("bias", ("none", None)), ("modules_to_save", (None, [])),
@@ -98,17 +100,21 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
     for key, allowed in refused_unless:
         if settings.get(key) not in allowed:
             raise _refuse(folder, f"{key} {settings[key]!r} is not supported")
-    alpha, rslora = settings.get("lora_alpha", settings.get("r", 8)), bool(settings.get("use_rslora"))
+    alpha, rslora = settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))  # (PEFT's default alpha)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise _refuse(folder, f"lora_alpha must be a positive number (got {alpha!r})")
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, a in tensors.items():
         if not name.endswith(".lora_A.weight"):
             if not name.endswith(".lora_B.weight"):
                 raise _refuse(folder, f"tensor {name} is not a LoRA A or B matrix of a linear layer")
+            if name.replace(".lora_B.", ".lora_A.") not in tensors:
+                raise _refuse(folder, f"{name.removesuffix('.lora_B.weight')}: B without its A is not a LoRA pair")
             continue
         module = name.removesuffix(".lora_A.weight").removeprefix("base_model.model.")
         b = tensors.get(name.replace(".lora_A.", ".lora_B."))
-        rank = a.shape[0]
-        if b is None or b.shape[1:] != (rank,):
+        rank = a.shape[0] if a.dim() == 2 else 0
+        if not rank or b is None or b.dim() != 2 or b.shape[1] != rank:
             raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {None if b is None else tuple(b.shape)} "
                                   "are not a LoRA pair")
         if max_rank is not None and rank > max_rank:

@@ -209,7 +209,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     prompt = body.truncated(tokenizer.encode(text, add_special_tokens=False))
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
-    generation.submit()
+    generation.submit(body)
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
                     body.parallel_tool_calls, reasoning, schemas)
 

@@ -89,7 +89,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
-    generation.submit()
+    generation.submit(body)
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0) if body.logprobs is not None else None
 

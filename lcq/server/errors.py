@@ -68,13 +68,16 @@ ENGINE_CHECKED_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)} | {
     "structured_outputs"}
 
 
-def engine_error(e: Exception, retry_after: int = 1) -> APIError:
-    """Map what AsyncEngine.add_request raises to the status a client should see."""
+def engine_error(e: Exception, retry_after: int = 1, request: OpenAIRequest | None = None) -> APIError:
+    """Map what AsyncEngine.add_request raises to the status a client should see; a value error names the
+    field of `request` it concerns, as the client sent it."""
     if isinstance(e, QueueFullError):
         return APIError(429, str(e) or "the server is busy: too many requests are waiting", code="queue_full",
                         headers={"Retry-After": str(retry_after)})
     if isinstance(e, EngineNotReadyError):
         return not_ready(str(e) or "the engine is not ready", retry_after)
+    if isinstance(e, ValueError) and request is not None:
+        return invalid_value(str(e), request)
     if isinstance(e, ValueError):  # the engine's messages start with the request field they concern
         first = str(e).split(" ", 1)[0]
         return APIError(400, str(e), code="invalid_value", param=first if first in ENGINE_CHECKED_FIELDS else None)

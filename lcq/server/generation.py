@@ -22,7 +22,7 @@ from lcq.runtime.sampling_params import SamplingParams
 
 from .errors import APIError, engine_error
 from .metrics import RequestTracker
-from .protocol import PromptTokensDetails, UsageInfo
+from .protocol import OpenAIRequest, PromptTokensDetails, UsageInfo
 from .state import ServerState
 
 logger = logging.getLogger("lcq.server")
@@ -90,7 +90,7 @@ class Generation:
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._pumps: list[asyncio.Task] = []
 
-    def submit(self) -> None:
+    def submit(self, request: OpenAIRequest | None = None) -> None:
         """Add every choice to the engine, or none: a refusal aborts those already added."""
         engine, metrics = self.state.engine, self.state.metrics
         for choice in self.choices:
@@ -100,7 +100,7 @@ class Generation:
                 self.abort()
                 metrics.rejected("queue_full" if isinstance(e, QueueFullError)
                                  else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")
-                raise engine_error(e, self.state.settings.retry_after) from e
+                raise engine_error(e, self.state.settings.retry_after, request) from e
             choice.tracker = metrics.track(len(choice.prompt_ids))
             self._streams.append(stream)
 

@@ -314,13 +314,13 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     function_call: str | dict[str, Any] | None = None
 
     def field_name(self, name: str) -> str:
-        """Chat's names of the sampling fields: top_logprobs is SamplingParams.logprobs, and max_tokens is
-        max_completion_tokens where the request sent that."""
+        """Chat's names of the engine's fields: top_logprobs is SamplingParams.logprobs, the prompt is the
+        messages, and max_tokens is max_completion_tokens where the request sent that."""
         if name in self._renamed:
             return self._renamed[name]
         if name == "max_tokens" and self.max_completion_tokens is not None:
             return "max_completion_tokens"
-        return "top_logprobs" if name == "logprobs" else name
+        return {"logprobs": "top_logprobs", "prompt": "messages"}.get(name, name)
 
     def invalid(self) -> tuple[str, str] | None:
         """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools."""
@@ -441,6 +441,10 @@ class EmbeddingRequest(OpenAIRequest):
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None  # vLLM's: the last k tokens
+
+    def field_name(self, name: str) -> str:
+        """The engine's prompt is this endpoint's input."""
+        return "input" if name == "prompt" else name
 
 
 class EmbeddingData(BaseModel):

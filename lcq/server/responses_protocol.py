@@ -203,7 +203,8 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
             where = ".".join(str(part) for part in first["loc"])
             raise APIError(400, f"{where}: {first['msg']}", param="input", code="invalid_value") from None
         request._renamed = {"max_tokens": "max_output_tokens" if self.max_output_tokens is not None else "max_tokens",
-                            "max_completion_tokens": "max_output_tokens", "logprobs": "top_logprobs"}
+                            "max_completion_tokens": "max_output_tokens", "logprobs": "top_logprobs",
+                            "prompt": "input"}
         return request
 
     def response_format_of_text(self) -> dict[str, Any] | None:
