@@ -14,7 +14,7 @@ from lcq.runtime.sampling_params import SamplingParams as Params
 from lcq.runtime.sequence import Sequence
 from lcq.quantizer.reference import load_reference_model
 from tests.test_runtime import FP32, _pool_is_full, _transformers_greedy
-from tests.tiny_model import make_tiny_hf
+from tests.tiny_model import cuda_llm, make_tiny_hf
 
 
 def test_layers_form_groups_of_the_fewest_layers_of_a_kind():
@@ -137,9 +137,9 @@ def test_cuda_graphs_with_layer_groups_give_the_eager_tokens_and_transformers(tm
     folder = make_tiny_hf(tmp_path, "gemma3", sliding_window=8, max_position_embeddings=1024, num_hidden_layers=4,
                           layer_types=["sliding_attention"] * 3 + ["full_attention"])
     settings = dict(block_size=8, max_num_batched_tokens=16, max_num_seqs=4, dtype="float32")
-    graphed = LLM(str(folder), **settings)
+    graphed = cuda_llm(folder, **settings)
     assert graphed.engine.runner.graphs is not None
-    eager = LLM(str(folder), cuda_graphs=False, **settings)
+    eager = cuda_llm(folder, cuda_graphs=False, **settings)
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     tokens = [out.token_ids for out in graphed.generate(PROMPTS, params)]
     assert tokens == [out.token_ids for out in eager.generate(PROMPTS, params)]

@@ -27,8 +27,8 @@ from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.sequence import Sequence
-from tests.tiny_model import make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, merge_adapter, \
-    phi3_longrope
+from tests.tiny_model import cuda_llm, make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, \
+    merge_adapter, phi3_longrope
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 EOS_ID = 2  # the tiny tokenizer's <|im_end|>
@@ -1037,9 +1037,9 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
 def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]  # 5 sequences: a padded graph batch of 8
-    graphed = LLM(str(folder), block_size=8, max_num_seqs=8)
+    graphed = cuda_llm(folder, block_size=8, max_num_seqs=8)
     assert graphed.engine.runner.graphs is not None and graphed.engine.runner.graphs.sizes == [1, 2, 4, 8]
-    eager = LLM(str(folder), block_size=8, max_num_seqs=8, cuda_graphs=False)
+    eager = cuda_llm(folder, block_size=8, max_num_seqs=8, cuda_graphs=False)
     assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == \
         [o.token_ids for o in eager.generate(prompts, GREEDY)]
     assert _pool_is_full(graphed.engine)
@@ -1056,14 +1056,14 @@ def test_cuda_graphs_hold_lora_adapters(tmp_path):
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
               for lora in ("sql", None, "chat", "sql", None)]
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
-    graphed = LLM(str(folder), block_size=8, max_num_seqs=8, lora_modules=modules)
+    graphed = cuda_llm(folder, block_size=8, max_num_seqs=8, lora_modules=modules)
     assert graphed.engine.runner.graphs is not None
-    eager = LLM(str(folder), block_size=8, max_num_seqs=8, cuda_graphs=False, lora_modules=modules)
+    eager = cuda_llm(folder, block_size=8, max_num_seqs=8, cuda_graphs=False, lora_modules=modules)
     tokens = [o.token_ids for o in graphed.generate(prompts, params)]
     assert tokens == [o.token_ids for o in eager.generate(prompts, params)]
     assert tokens[0] != [o.token_ids for o in eager.generate(prompts[:1], GREEDY)][0]
     # Graphs captured before any adapter was loaded replay the slots as loads and unloads rewrite them.
-    loaded = LLM(str(folder), block_size=8, max_num_seqs=8, max_loras=2, allow_runtime_lora_updating=True)
+    loaded = cuda_llm(folder, block_size=8, max_num_seqs=8, max_loras=2, allow_runtime_lora_updating=True)
     assert loaded.engine.runner.graphs is not None
     for name in ("chat", "sql"):
         loaded.load_lora_adapter(name, tmp_path / name)
@@ -1084,9 +1084,9 @@ def test_cuda_graphs_hold_lora_adapters_over_a_mixture(tmp_path):
     adapter = make_tiny_adapter(tmp_path / "attention", folder, targets=("self_attn.q_proj", "self_attn.v_proj"))
     params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=lora)
               for lora in ("attention", None, "attention")]
-    graphed = LLM(str(folder), block_size=8, max_num_seqs=4, lora_modules=f"attention={adapter}")
+    graphed = cuda_llm(folder, block_size=8, max_num_seqs=4, lora_modules=f"attention={adapter}")
     assert graphed.engine.runner.graphs is not None
-    eager = LLM(str(folder), block_size=8, max_num_seqs=4, cuda_graphs=False, lora_modules=f"attention={adapter}")
+    eager = cuda_llm(folder, block_size=8, max_num_seqs=4, cuda_graphs=False, lora_modules=f"attention={adapter}")
     assert [o.token_ids for o in graphed.generate(PROMPTS, params)] == \
         [o.token_ids for o in eager.generate(PROMPTS, params)]
 

@@ -17,7 +17,7 @@ from lcq.runtime.draft_model import DraftSequence, follow
 from lcq.runtime.sequence import Sequence
 from lcq.runtime.speculative import PromptLookup, can_draft, verify
 from tests.test_runtime import FP32, small_block_bytes
-from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_mtp, make_tokenizer
+from tests.tiny_model import cuda_llm, make_tiny_hf, make_tiny_lcq, make_tiny_mtp, make_tokenizer
 
 # Prompts that repeat themselves, so that lookups match from the first step; the tiny random model
 # also falls into loops of its own, which later lookups find.
@@ -469,13 +469,13 @@ def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
     fp16 products summed in another order."""
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
-    graphed = LLM(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4)
+    graphed = cuda_llm(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4)
     assert graphed.engine.runner.graphs is not None
-    eager = LLM(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4, cuda_graphs=False)
+    eager = cuda_llm(folder, block_size=8, max_num_seqs=8, num_speculative_tokens=4, cuda_graphs=False)
     got = graphed.generate([PROMPTS[0]], params)[0]
     assert got.token_ids == eager.generate([PROMPTS[0]], params)[0].token_ids
     assert graphed.engine.stats().num_accepted_tokens_total > 0
-    plain = LLM(folder, block_size=8, max_num_seqs=8).generate([PROMPTS[0]], params)[0]
+    plain = cuda_llm(folder, block_size=8, max_num_seqs=8).generate([PROMPTS[0]], params)[0]
     same = next((i for i, (a, b) in enumerate(zip(got.token_ids, plain.token_ids)) if a != b), len(got.token_ids))
     assert same > 0 and all(abs(a.logprob - b.logprob) < 2e-2 for a, b in zip(got.logprobs[:same], plain.logprobs))
 
@@ -488,9 +488,9 @@ def test_draft_model_on_cuda(tmp_path):
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32))
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     settings = dict(block_size=8, max_num_seqs=8, num_speculative_tokens=4, speculative_model=folder)
-    graphed = LLM(folder, **settings)
+    graphed = cuda_llm(folder, **settings)
     assert graphed.engine.drafter.runner.graphs is not None
-    eager = LLM(folder, cuda_graphs=False, **settings)
+    eager = cuda_llm(folder, cuda_graphs=False, **settings)
     assert graphed.generate([PROMPTS[0]], params)[0].token_ids == eager.generate([PROMPTS[0]], params)[0].token_ids
     drafts, accepted = _drafts_and_accepted(graphed)
     assert accepted >= 0.9 * drafts > 0
@@ -528,9 +528,9 @@ def test_multi_token_prediction_on_cuda(tmp_path, arch):
     the engine without drafts, some drafts accepted (make_tiny_mtp's echoing model)."""
     served, _ = make_tiny_mtp(tmp_path, arch, echoing=True)
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    drafting = LLM(str(served), block_size=8, max_num_seqs=8, speculative_method="mtp", num_speculative_tokens=2,
+    drafting = cuda_llm(served, block_size=8, max_num_seqs=8, speculative_method="mtp", num_speculative_tokens=2,
                    dtype="float32")
-    plain = LLM(str(served), block_size=8, max_num_seqs=8, dtype="float32")
+    plain = cuda_llm(served, block_size=8, max_num_seqs=8, dtype="float32")
     assert drafting.generate([PROMPTS[0]], params)[0].token_ids == plain.generate([PROMPTS[0]], params)[0].token_ids
     assert _drafts_and_accepted(drafting)[1] > 0
 
