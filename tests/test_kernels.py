@@ -78,14 +78,69 @@ def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k
     assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
 
 
-def test_autotuner_times_reduce_k_only_for_the_fma_form():
-    reducing = sum(c.kwargs["REDUCE_K"] for c in triton_linear.DECODE_CONFIGS)
-    assert 0 < reducing < len(triton_linear.DECODE_CONFIGS)
-    for block_m, expected in ((1, reducing), (2, reducing), (16, 0), (64, 0)):
-        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m)
-        assert sum(c.kwargs["REDUCE_K"] for c in kept) == expected
-        assert len(kept) == len(triton_linear.DECODE_CONFIGS) - reducing + expected
-        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}  # timed both ways at every M
+def test_autotuner_times_each_form_with_its_own_configs():
+    """1-2 rows: the FMA form's tiles, with and without REDUCE_K, split up to 64 ways; from 16 rows the
+    tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
+    workspace grows with their rows, at most 16 ways at any M. PREFETCH timed both ways everywhere;
+    tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth dividing the group."""
+    configs = triton_linear.DECODE_CONFIGS
+    for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
+                                                             (True, False)):
+        kept = triton_linear._decode_configs_for(configs, {}, BLOCK_M=block_m, GROUPED=grouped, GROUP=group,
+                                                 SELECT=select)
+        fma = block_m < 16
+        deep = fma and group == 128 and select
+        most = 64 if fma and not grouped else 16
+        assert kept and all(c.kwargs["SPLIT_K"] <= most for c in kept)
+        assert max(c.kwargs["SPLIT_K"] for c in kept) == most
+        assert {c.kwargs["REDUCE_K"] for c in kept} == ({False, True} if fma else {False})
+        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
+        depths = {c.kwargs["BLOCK_K"] for c in kept}
+        assert depths == ({64, 128} if deep else {min(group, 64)})
+        assert all(c.kwargs["REDUCE_K"] for c in kept if c.kwargs["BLOCK_K"] == 128)
+        described = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
+        assert len(described) == len(set(described))
+        tuned_forms = triton_linear.FMA_DECODE_CONFIGS if fma else triton_linear.DOT_DECODE_CONFIGS
+        assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64)
+                                for c in tuned_forms)
+
+
+@pytest.mark.parametrize("m, grouped", [(1, False), (3, False), (2, True)])
+def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped):
+    """The autotuner's own launch path with a stand-in timer (on a GPU only graph_time differs): configs
+    carrying the run-time SPLIT_K and the tile depth, the early prune, the grid of the chosen config.
+    A subset of the configs, for the interpreter's sake: one tile width and split."""
+    from lcq.kernels.experts import ExpertRoutes, PackedExperts
+
+    timed = []
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1.0 + len(timed))  # the first config timed wins
+        return [timed[-1]] * len(quantiles)
+
+    subset = [c for c in triton_linear.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 8]
+    tuned = triton_linear.triton.autotune(subset, key=triton_linear._KEY + ["BLOCK_M", "GROUPED"],
+                                          do_bench=stand_in_timer,
+                                          prune_configs_by={"early_config_prune": triton_linear._decode_configs_for}
+                                          )(triton_linear._decode_kernel)
+    monkeypatch.setattr(triton_linear, "_decode_tuned", tuned)
+    monkeypatch.setattr(triton_linear, "INTERPRETER_DECODE_CONFIG", None)
+    layers = [random_layer(40, 256, 2, 2, 128, seed=m + e) for e in range(2)]
+    x = torch.randn(m, 256, dtype=torch.float16)
+    if grouped:  # token 0 to expert 0, token 1 to expert 1
+        routes = ExpertRoutes.of(torch.tensor([[0], [1]]), 2)
+        y = triton_linear.grouped_decode(x, PackedExperts.stack(layers), routes, 1)
+        for token in range(m):
+            assert_close(y[token:token + 1], reference(x[token:token + 1], layers[token]), torch.float16)
+        block_m = routes.block_m
+    else:
+        assert_close(triton_linear.decode(x, layers[0]), reference(x, layers[0]), torch.float16)
+        block_m = triton_linear.decode_block_m(m)
+        assert len(timed) == (6 if m < 3 else 4)  # FMA: (REDUCE_K, depth) 3 x PREFETCH 2; tl.dot: PREFETCH x stages
+    assert len(timed) == len(triton_linear._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
+                                                                GROUP=128, SELECT=True))
+    assert tuned.best_config.kwargs["SPLIT_K"] == 8
 
 
 GEMM_CASES = [  # bits, rank, group, K, dtype (M = 33: three row tiles, the last one partial)
@@ -317,13 +372,19 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
 @pytest.mark.parametrize("m", [1, 2, 16])
 def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
-    """Every decode form the autotuner may pick, compiled: plain, REDUCE_K (FMA rows only) and
-    PREFETCH, each checked, not only the one that wins the timing."""
+    """Every decode form the autotuner may pick, compiled: plain, REDUCE_K (FMA rows only; 128 deep at 2
+    bits), PREFETCH, one or two stages (tl.dot rows), K split 8 or 64 ways (FMA rows), each checked, not
+    only the one that wins the timing."""
     layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
     x = torch.randn(m, k, device="cuda").to(torch.float16)
     expected = reference(x.cpu(), layer.to("cpu"))
-    for reduce_k, prefetch in itertools.product((False, True) if m < 16 else (False,), (False, True)):
-        config = {"BLOCK_N": 128, "SPLIT_K": 8, "REDUCE_K": reduce_k, "PREFETCH": prefetch, "num_warps": 4}
+    fma = m < 16
+    deep = fma and bits == 2 and group % 128 == 0
+    for reduce_k, prefetch, stages, split in itertools.product((False, True) if fma else (False,), (False, True),
+                                                                (2,) if fma else (1, 2), (8, 64) if fma else (8,)):
+        depth = 128 if deep and reduce_k else triton_linear.block_k(group)
+        config = {"BLOCK_N": 128, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch,
+                  "num_warps": 4, "num_stages": stages}
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)

@@ -177,15 +177,18 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
     return tl.dot(x, w.to(x.dtype), acc)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["SPLIT_K"])
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
                    ws_ptr, counter_ptr, rows_ptr, experts_ptr, M, N, K, stride_xm, stride_om, ROWS_PER_INPUT, TABLES,
+                   SPLIT_K,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
+    SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
+    autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
     The FMA form (BLOCK_M < 16) keeps every product of a tile in registers and reduces over K once,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
     registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH loads the next tile's codes
@@ -337,38 +340,63 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
              mask=(k_idx[:, None] < K) & n_mask[None, :])
 
 
-# Pre-chosen on an H100 (132 SMs) by `bench/kernels.py --explore` over tile width and warps,
-# split, depth and pipeline stages: split 8 wins almost everywhere; 64 columns per 2 warps at 1 row
-# and 4 bits, 128 per 4 warps otherwise; 256-wide / 8-warp tiles never won and cost up to 5x.
-# Added since, from sm_90 builds only (not yet timed on a GPU; the autotuner times them):
-# - REDUCE_K (the FMA form, 1 and 2 rows): 72-93 registers instead of 128-168 (W2 r1, W4 r1/r2), so
-#   20-28 warps fit an SM instead of 12-16, for 4-5% more instructions per weight;
-# - PREFETCH: the next tile's index words and S and B codes are loaded while this tile is multiplied.
-#   Triton's pipeliner (num_stages) moves only loads that feed tl.dot, so the FMA form waited for
-#   every tile's words from memory (one 16-byte load per thread in flight: at 12 warps an SM that is
-#   ~6 KB, where the H100's bandwidth needs ~10-20 KB in flight per SM), which fits the measured M = 1
-#   kernel running at ~3x its instruction bound. 0-4 more registers, 1-4% more instructions.
-# REDUCE_K is dropped where BLOCK_M takes tl.dot, for which it changes nothing.
-DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "SPLIT_K": sk, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
-                  num_warps=w, num_stages=s)
-    for bn, sk, w, s, reduce_k, prefetch in [
-        (64, 8, 2, 2, False, False), (64, 8, 2, 4, False, False), (128, 4, 4, 2, False, False),
-        (128, 8, 4, 2, False, False), (128, 8, 4, 4, False, False), (128, 16, 4, 2, False, False),
-        (64, 8, 2, 2, False, True), (128, 8, 4, 2, False, True), (128, 16, 4, 2, False, True),
-        (128, 8, 4, 2, True, False), (64, 8, 2, 2, True, True), (128, 8, 4, 2, True, True),
-        (128, 16, 4, 2, True, True)]
-]
+# Decode tiles, from two H200 runs of 2026-12-04 (bench/results/kernels-nvidia-h200.json, docs/kernels.md):
+# - 64 columns per 2 warps and 128 per 4 (the H100's --explore: 256 per 8 warps never won).
+# - Splits 8 to 64 at 1-2 rows. ncu of the 8-way split at one row (4096x11008 W2 r2, 128 columns, 167
+#   registers) saw 0.65 waves, 12% achieved occupancy, issue slots 32% busy and DRAM at 8% of its peak; yet
+#   with more slices the autotuner still chose 8 or 16 at W2 (32 once, W4 r1): occupancy alone was not it.
+# - REDUCE_K (sum each tile over K in the loop: 93 registers instead of 167) and PREFETCH (the next tile's
+#   words and codes loaded while this one is multiplied; Triton's pipeliner moves only loads that feed
+#   tl.dot) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them and 21 of 24 tl.dot rows.
+# - Tiles 128 deep at 2 bits (REDUCE_K only: otherwise the products spill): each column's 4 codebook
+#   entries are built once per tile, so deeper tiles spend fewer instructions per weight (sm_90, Triton
+#   3.6, W2 r2, 64 columns per 2 warps: 7.0 against 10.4). They won every 2-bit shape at one row (23.0-23.3
+#   us against 27.4-28.3 for the best 64-deep tile). At 3-4 bits their gathers take 197-255 registers.
+# - One stage for the tl.dot rows (16-64): with two, Triton 3.6 pipelines the V gather that feeds the dot
+#   as 4-byte cp.async copies (64 LDGSTS per W4 tile in the sm_90 SASS): W4 r1 at 16 rows took 253 us,
+#   with one stage 45 us. One stage won every tl.dot row of the run, 2-bit rows too.
+# A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
+FMA_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
+                  num_warps=warps, num_stages=2)
+    for bn, warps in ((64, 2), (128, 4)) for reduce_k, depth in ((False, 64), (True, 64), (True, 128))
+    for prefetch in (False, True) for split in (8, 16, 32, 64)]
+DOT_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
+                  num_warps=4, num_stages=stages)
+    for bn in (64, 128) for prefetch in (False, True) for stages in (1, 2) for split in (4, 8, 16)]
+DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS
+FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
+
+
+def max_split_k(block_m: int, grouped: bool = False) -> int:
+    """Most K slices a decode launch may use: its fp32 workspace holds slices x rows x N partial sums."""
+    return FMA_MAX_SPLIT_K if block_m < 16 and not grouped else MAX_SPLIT_K
 
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early prune: REDUCE_K configs only where the FMA form runs (BLOCK_M < 16)."""
-    return [c for c in configs if kwargs["BLOCK_M"] < 16 or not c.kwargs["REDUCE_K"]]
+    """The autotuner's early prune: the FMA form's configs for 1-2 rows, the tl.dot form's from 16, no
+    more slices than the workspace holds, and each tile no deeper than the group and the bit width
+    allow (configs that then coincide are timed once)."""
+    form = FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 else DOT_DECODE_CONFIGS
+    most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
+    fallback = block_k(kwargs["GROUP"])
+    deepest = 128 if kwargs["SELECT"] else 64
+    kept: dict[tuple, triton.Config] = {}
+    for c in configs:
+        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most:
+            depth = c.kwargs["BLOCK_K"]
+            depth = depth if depth <= deepest and kwargs["GROUP"] % depth == 0 else fallback
+            params = {**c.kwargs, "BLOCK_K": depth}
+            kept.setdefault((tuple(sorted(params.items())), c.num_warps, c.num_stages),
+                            triton.Config(params, num_warps=c.num_warps, num_stages=c.num_stages))
+    return list(kept.values())
 
-GEMM_CONFIGS = [
+
+GEMM_CONFIGS = [  # one stage too: see the decode configs on the gathers Triton pipelines (not timed yet)
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3),
-                         (256, 128, 8, 3)]
+                         (256, 128, 8, 3), (64, 128, 4, 1), (128, 128, 8, 1)]
 ]
 _KEY = ["N", "K", "BITS", "RANK", "GROUP"]
 DEQUANT_BLOCK_N = 128
@@ -459,6 +487,11 @@ def _codebook_constants(layer: PackedLinear) -> dict:
                 SELECT=uses_select(layer.bits), BLOCK_K=block_k(layer.group_size))
 
 
+def _without_depth(consts: dict) -> dict:
+    """The decode autotuner's configs carry their tile depth (BLOCK_K)."""
+    return {name: value for name, value in consts.items() if name != "BLOCK_K"}
+
+
 def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
     return dict(_codebook_constants(layer), HAS_BIAS=layer.bias is not None,
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
@@ -471,18 +504,20 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
     m, k = x.shape
     n = layer.out_features
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    ws = torch.empty(MAX_SPLIT_K, m, n, dtype=torch.float32, device=x.device)
+    block_m = decode_block_m(m)
+    ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, counters, counters, m, n, k, x.stride(0), out.stride(0), 1, 0)
-    consts = dict(_constants(x, layer), BLOCK_M=decode_block_m(m), GROUPED=False)  # (in the tuning key)
+    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False)  # (in the tuning key)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _decode_tuned[grid](*args, **consts)
+        _decode_tuned[grid](*args, **_without_depth(consts))
     else:
         launch = {**consts, **config}
-        if layer.group_size % launch["BLOCK_K"] or launch["SPLIT_K"] > MAX_SPLIT_K or launch["BLOCK_M"] < m:
+        if layer.group_size % launch["BLOCK_K"] or launch["SPLIT_K"] > max_split_k(launch["BLOCK_M"]) \
+                or launch["BLOCK_M"] < m:
             raise ValueError(f"decode config {config} does not fit M={m}, group size {layer.group_size}")
         _decode_kernel[(triton.cdiv(n, launch["BLOCK_N"]), launch["SPLIT_K"])](*args, **launch)
     return out
@@ -510,7 +545,10 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], blocks)  # noqa: E731
-        (_grouped_wide_tuned if wide else _decode_tuned)[grid](*args, **consts)
+        if wide:
+            _grouped_wide_tuned[grid](*args, **consts)
+        else:
+            _decode_tuned[grid](*args, **_without_depth(consts))
     else:
         launch = {**consts, **config}
         if launch["SPLIT_K"] > (1 if wide else MAX_SPLIT_K):
