@@ -30,8 +30,9 @@ test-gpu:
 	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_quantizer.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py -m gpu
 	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_attention_window.py -k triton
 
-# A short GPU lease: GPU tests, kernel and 7B generation benchmarks, quantizer memory, in one call
-# of at most 9.5 minutes; logs and results in one archive (see bench/gpu_session.sh).
+# A short GPU lease: kernel builds compiled in parallel, the kernel and 7B generation benchmarks, then the
+# GPU tests in parallel, in one call of at most 9 minutes; logs and results in one archive (see
+# bench/gpu_session.sh).
 gpu-session:
 	bash bench/gpu_session.sh
 

@@ -3,6 +3,7 @@ GPU's measured copy bandwidth, on the linear layers of Llama-2-7B and Llama-3-8B
 
     python bench/kernels.py                   # the full sweep; results merge into the JSON row by row
     python bench/kernels.py --quick           # a few shapes, M and formats
+    python bench/kernels.py --quick --warm 14 # first compile the builds it will tune, 14 processes at once
     python bench/kernels.py --shapes 4096x11008 --bits 2 --ms 1,16
     python bench/kernels.py --explore 200     # time decode tile variants (width, split, depth, warps,
                                               # stages) for 200 s: where the autotuner's configs come from
@@ -11,11 +12,13 @@ GPU's measured copy bandwidth, on the linear layers of Llama-2-7B and Llama-3-8B
                                               # instructions per weight in the inner loop
 
 Shapes are [N, K] (outputs x inputs). Effective bandwidth counts the bytes the product must move:
-packed indices, S, B, their scales, V and v_index, the activations read and the outputs written.
+packed indices, S, B, their scales, V and v_index, the activations read and the outputs written. The
+copy bandwidth it is compared with is the faster of a memcpy and a copy kernel (copy_bandwidths).
 Every product (ours and cuBLAS) is timed as the engine runs it: replayed from a CUDA graph, L2
 flushed before each replay, median of 30 (lcq.kernels.gpu_timing). Each row has the dispatched
-path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM above 16 rows) and
-the unfused one's (`unfused_us`: the dequantize kernel writing fp16 W, then cuBLAS).
+path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM above 64 rows) with
+the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
+dequantize kernel writing fp16 W, then cuBLAS).
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
@@ -52,6 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--ranks", help="comma-separated ranks")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/kernels-<gpu>.json)")
     parser.add_argument("--explore", type=float, metavar="SECONDS", help="time decode variants for this long")
+    parser.add_argument("--warm", type=int, metavar="PROCESSES",
+                        help="first compile every kernel config the sweep's settings autotune, in this many "
+                             "processes at once (the autotuner compiles one at a time)")
+    parser.add_argument("--warm-only", action="store_true", help="stop after --warm (for another script's shapes)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="--warm: activations")
     parser.add_argument("--cpu-smoke", action="store_true", help="one tiny shape in the Triton interpreter")
     parser.add_argument("--sass", action="store_true", help="compile for sm_90 without a GPU and count instructions")
     return parser.parse_args()
@@ -82,14 +90,18 @@ def random_layer(n: int, k: int, bits: int, rank: int, group: int, device: str):
     return encode_linear(indices, *dual_quantize(s, b), v, in_features=k, bits=bits, group_size=group)
 
 
-def copy_bandwidth() -> float:
-    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+def copy_bandwidths() -> dict[str, float]:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written, two ways: a memcpy
+    (in a CUDA graph a memcpy node, which may run on a copy engine) and an elementwise kernel on the
+    SMs (torch.neg into another buffer), as the LCQ kernels read memory. The faster is the measured
+    bandwidth that products are compared with."""
     import torch
     from lcq.kernels.gpu_timing import graph_time
     src = torch.randn(256 * 1024 * 1024, device="cuda")
     dst = torch.empty_like(src)
-    ms = graph_time(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+    moved = 2 * src.numel() * src.element_size()
+    return {"memcpy": moved / (graph_time(lambda: dst.copy_(src)) * 1e-3) / 1e9,
+            "kernel": moved / (graph_time(lambda: torch.neg(src, out=dst)) * 1e-3) / 1e9}
 
 
 def product_bytes(layer, m: int) -> int:
@@ -150,6 +162,7 @@ def check(product, x, dense) -> None:
 def run_gpu(args: argparse.Namespace) -> None:
     import torch
     from lcq.format import dequantize
+    from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
     from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
@@ -159,10 +172,13 @@ def run_gpu(args: argparse.Namespace) -> None:
     header = device_facts()
     slug = re.sub(r"[^a-z0-9]+", "-", header["device"].lower()).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"kernels-{slug}.json"
-    header["copy_GBps"] = copy_bandwidth()
+    copies = copy_bandwidths()
+    header["copy_GBps"], header["copy_GBps_by_way"] = max(copies.values()), copies
     header["timing"] = "CUDA graph replay, L2 flushed before each, median of 30"
+    header["command"] = "python " + " ".join(sys.argv)
     header["dispatch"] = {"decode_max_M": DECODE_MAX_M, "dense_min_M": DENSE_MIN_M}
-    print(f"{header['device']} driver {header['driver']}: copy {header['copy_GBps']:.0f} GB/s", flush=True)
+    print(f"{header['device']} driver {header['driver']}: copy {header['copy_GBps']:.0f} GB/s "
+          f"(memcpy {copies['memcpy']:.0f}, kernel {copies['kernel']:.0f})", flush=True)
 
     def bench(fn) -> float:
         return graph_time(fn) * 1e3
@@ -189,6 +205,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                         check(fused, x, weight)
                         check(unfused, x, weight)
                         fused_us, unfused_us = bench(lambda: fused(x)), bench(lambda: unfused(x))
+                        tuner = triton_linear._decode_tuned if m <= DECODE_MAX_M else triton_linear._gemm_tuned
                         path = "decode" if m <= DECODE_MAX_M else "gemm" if m < DENSE_MIN_M else "dequant+cublas"
                         us = unfused_us if path == "dequant+cublas" else fused_us
                         gbps = product_bytes(layer, m) / (us * 1e-6) / 1e9
@@ -196,7 +213,8 @@ def run_gpu(args: argparse.Namespace) -> None:
                                      "kernel": path, "us": us, "fused_us": fused_us, "unfused_us": unfused_us,
                                      "fp16_us": fp16_us[m], "speedup": fp16_us[m] / us,
                                      "effective_GBps": gbps, "frac_of_copy": gbps / header["copy_GBps"],
-                                     "bits_per_weight": layer.bits_per_weight()})
+                                     "bits_per_weight": layer.bits_per_weight(),
+                                     "fused_config": str(tuner.best_config)})
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     del layer, weight
                     write_results(out, header, rows)
@@ -205,44 +223,77 @@ def run_gpu(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}")
 
 
+def warm_rows(m: int) -> int:
+    """A row count that gets the same builds as m: builds depend on the M bucket and on how Triton
+    specializes the row count (1, a multiple of 16, or another), not on m itself."""
+    from lcq.kernels.triton_linear import DECODE_MAX_M, decode_block_m
+    if m <= 2:
+        return m
+    bucket = decode_block_m(m) if m <= DECODE_MAX_M else 256
+    return bucket if m % 16 == 0 else bucket - 1
+
+
+def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
+    """One launch per build the autotuner will ask for: builds depend on the bits, rank, group, dtype,
+    config and row count class (warm_rows), not on N and K (the 7B shapes are all multiples of 16, as
+    the warm-up's are)."""
+    from lcq.kernels import triton_linear as kernels
+    jobs = set()
+    for bits, rank, group, rows in itertools.product(plan["bits"], plan["ranks"], plan["groups"],
+                                                     {warm_rows(m) for m in plan["ms"]}):
+        decode = rows <= kernels.DECODE_MAX_M
+        configs = kernels._decode_configs_for(kernels.DECODE_CONFIGS, {}, BLOCK_M=kernels.decode_block_m(rows),
+                                              GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
+            if decode else kernels.GEMM_CONFIGS
+        for config in configs:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            if decode:
+                launch["SPLIT_K"] = 2  # a run-time argument: every split runs the same build
+            jobs.add((bits, rank, group, rows, dtype, tuple(sorted(launch.items()))))
+    return sorted(jobs)
+
+
+def _warm_one(job: tuple) -> str:
+    """Compile (and run once) one kernel build in this worker process."""
+    import torch
+    from lcq.kernels.triton_linear import DECODE_MAX_M, decode, gemm
+    bits, rank, group, rows, dtype, launch = job
+    try:
+        layer = random_layer(256, 1024, bits, rank, group, "cuda")
+        x = torch.randn(rows, 1024, device="cuda", dtype=getattr(torch, dtype))
+        (decode if rows <= DECODE_MAX_M else gemm)(x, layer, dict(launch))
+        torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001 - out of resources: the autotuner skips it too
+        return f"W{bits} r{rank} g{group} {rows} rows {dict(launch)}: {type(error).__name__}"
+    return ""
+
+
+def warm_builds(plan: dict, dtype: str, processes: int) -> None:
+    import concurrent.futures
+    import multiprocessing
+    jobs = warm_jobs(plan, dtype)
+    start = time.monotonic()
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = [f for f in pool.map(_warm_one, jobs) if f]
+    print(f"warmed {len(jobs) - len(failed)} of {len(jobs)} kernel builds in {processes} processes in "
+          f"{time.monotonic() - start:.0f} s" + ("; failed: " + "; ".join(failed) if failed else ""), flush=True)
+
+
 def explore_variants() -> list[tuple[int, int, int, dict]]:
-    """(M, bits, rank, config) in the order to try them: first the FMA form's main tiles with and
-    without PREFETCH side by side (the next tile's codes loaded while this one is multiplied: the
-    M = 1 kernel waited for each tile's words from memory, which Triton's pipeliner does not move
-    ahead for loads that do not feed tl.dot); then the M = 1 tiles that reduce each tile
-    in the loop (REDUCE_K: sm_90 SASS W2 r1 93 registers instead of 163, W4 r2 72 instead of 168, for
-    4-5% more instructions per weight), also 128 deep and 256 wide, which only fit registers that
-    way (128 x 128 at W2 r1: 57 registers and 6.3 instructions per weight, r2 100 and 6.5); then the tiles the autotuner's list starts from with registers capped at 128 (W2 r1 163 ->
-    128 registers, 7.4 -> 7.7 instructions per weight with 10 spill instructions per loop; W4 r2 168
-    -> 128, 2 spills; 16 warps per SM instead of 12 with 128 threads per block): both test whether
-    occupancy is what the M = 1 kernel lacks; then M = 1 by tile width with its warps, split, tile
-    depth and pipeline depth; then the tl.dot form at 16 to 64 rows."""
+    """(M, bits, rank, config) in the order to try them: the questions the autotuner's list does not
+    answer. At one row, whether tiles 128 deep (which block_k does not choose) or 32 columns per warp
+    (more programs still) beat the listed tiles once K is split finely (16-64 ways: ncu on an H200 saw
+    the 8-way split run 0.4-0.65 waves); at 16 rows of W4, whether one stage (no cp.async of the V
+    gather) is what the tl.dot form needed."""
     variants = []
-    for m, bits, rank in ((1, 2, 1), (1, 2, 2), (1, 4, 1), (1, 4, 2), (2, 2, 2)):
-        for (block_n, warps, reduce_k), prefetch in itertools.product(
-                ((128, 4, True), (128, 4, False), (64, 2, True)), (False, True)):
-            variants.append((m, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=64, num_warps=warps,
-                                                 num_stages=2, REDUCE_K=reduce_k, PREFETCH=prefetch)))
-    reducing = {2: [(128, 4, 64), (128, 4, 128), (64, 2, 64), (64, 2, 128), (256, 4, 64), (256, 4, 128)],
-                4: [(128, 4, 64), (128, 4, 128), (64, 2, 64)]}  # W4's other tiles spill or take 237-255 registers
-    for bits, rank in ((2, 1), (2, 2), (4, 1), (4, 2)):
-        for block_n, warps, block_k_ in reducing[bits]:
-            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=block_k_, num_warps=warps,
-                                                 num_stages=2, REDUCE_K=True)))
-    for bits, rank in ((2, 1), (2, 2), (4, 1), (4, 2)):
-        for block_n, warps in ((128, 4), (64, 2)):
-            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=128, num_warps=warps,
-                                                 num_stages=2, maxnreg=128)))
-    for bits, rank in ((2, 1), (2, 2), (4, 1)):
-        for (block_n, warps), split, block_k_, stages in itertools.product(
-                ((128, 4), (256, 8), (64, 2)), (8, 16), (64, 128), (2, 4)):
-            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=split, BLOCK_K=block_k_,
-                                                 num_warps=warps, num_stages=stages)))
-    for m in (16, 32, 64):
-        for bits, rank in ((2, 2), (4, 1)):
-            for (block_n, warps), split in itertools.product(((64, 4), (128, 4), (128, 8)), (4, 8)):
-                variants.append((m, bits, rank, dict(BLOCK_M=m, BLOCK_N=block_n, SPLIT_K=split, BLOCK_K=64,
-                                                     num_warps=warps, num_stages=2)))
+    for bits, rank in ((2, 2), (2, 1), (4, 1)):
+        for (block_n, warps, depth), split in itertools.product(
+                ((128, 4, 128), (64, 2, 128), (32, 1, 64), (64, 2, 64), (128, 4, 64)), (16, 32, 64)):
+            variants.append((1, bits, rank, dict(BLOCK_N=block_n, SPLIT_K=split, BLOCK_K=depth, num_warps=warps,
+                                                 num_stages=2, REDUCE_K=True, PREFETCH=True)))
+    for stages, block_n in itertools.product((1, 2), (64, 128)):
+        variants.append((16, 4, 1, dict(BLOCK_M=16, BLOCK_N=block_n, SPLIT_K=8, BLOCK_K=64, num_warps=4,
+                                        num_stages=stages, PREFETCH=True)))
     return variants
 
 
@@ -255,11 +306,13 @@ def run_explore(args: argparse.Namespace) -> None:
 
     deadline = time.monotonic() + args.explore
     header = device_facts()
-    header["copy_GBps"] = copy_bandwidth()
+    copies = copy_bandwidths()
+    header["copy_GBps"], header["copy_GBps_by_way"] = max(copies.values()), copies
+    print(f"copy {header['copy_GBps']:.0f} GB/s (memcpy {copies['memcpy']:.0f}, kernel {copies['kernel']:.0f})")
     shapes = [(4096, 11008), (11008, 4096)]
     layers: dict[tuple, object] = {}
     rows = []
-    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | maxnreg | REDUCE_K "
+    print("| shape | M | W | r | BLOCK_M | BLOCK_N | SPLIT_K | BLOCK_K | warps | stages | REDUCE_K "
           "| PREFETCH | us | of copy |")
     for m, bits, rank, config in explore_variants():
         for n, k in shapes:
@@ -281,7 +334,7 @@ def run_explore(args: argparse.Namespace) -> None:
             rows.append(dict(shape=[n, k], M=m, bits=bits, rank=rank, config=config, us=us, frac_of_copy=frac))
             c = {"BLOCK_M": m, **config}
             print(f"| {n}x{k} | {m} | {bits} | {rank} | {c['BLOCK_M']} | {c['BLOCK_N']} | {c['SPLIT_K']} "
-                  f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} | {c.get('maxnreg', '-')} "
+                  f"| {c['BLOCK_K']} | {c['num_warps']} | {c['num_stages']} "
                   f"| {c.get('REDUCE_K', False)} | {c.get('PREFETCH', False)} | {us:.1f} "
                   f"| {frac:.2f} |", flush=True)
     out = args.out or Path(__file__).parent / "results" / "kernels-explore.json"
@@ -332,7 +385,7 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
-                 reduce_k: bool = False, prefetch: bool = False):
+                 reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -341,20 +394,21 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
     pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                "ws_ptr": "*fp32", "counter_ptr": "*i32"}
+                "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
-                     DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=kernels.block_k(group))
+                     DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
-        constants.update(SPLIT_K=8, REDUCE_K=reduce_k, PREFETCH=prefetch)
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
-    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n not in constants and n != "M"}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+               if n not in constants and n not in ("M", "SPLIT_K")}
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 2})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
 
 
 def inner_loop(sass: str) -> list[str]:
@@ -415,7 +469,10 @@ def main() -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
         run_cpu_smoke()
     else:
-        run_gpu(args)
+        if args.warm:
+            warm_builds(sweep(args), args.dtype, args.warm)
+        if not args.warm_only:
+            run_gpu(args)
 
 
 if __name__ == "__main__":
