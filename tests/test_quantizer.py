@@ -558,6 +558,30 @@ def _logits_similarity(full_folder, quantized_folder) -> float:
     return float(torch.nn.functional.cosine_similarity(full.flatten(), quant.flatten(), dim=0))
 
 
+def test_calibration_gives_the_rotary_the_positions_it_takes():
+    """Qwen3.5's text rotary in transformers 5.17 (the GPU image's) takes multimodal positions (3, batch,
+    length), later releases (batch, length): calibration probes which, so that both run."""
+    from lcq.quantizer.source import _rope_sections
+
+    class Sectioned(torch.nn.Module):
+        def forward(self, x, position_ids):
+            return position_ids[:, :, None, :].float()
+
+    class Plain(torch.nn.Module):
+        def forward(self, x, position_ids):
+            return position_ids[..., None].float()
+
+    class PerKind(torch.nn.Module):  # Gemma 3's: a rotary per layer type
+        def forward(self, x, position_ids, layer_type):
+            assert layer_type == "sliding_attention"
+            return position_ids[..., None].float()
+
+    cpu = torch.device("cpu")
+    assert _rope_sections(Sectioned(), cpu, None) == 3
+    assert _rope_sections(Plain(), cpu, None) == 0
+    assert _rope_sections(PerKind(), cpu, "sliding_attention") == 0
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lcq", "gptq"])
 def test_quantize_on_cuda(tmp_path, tiny_hf, method):

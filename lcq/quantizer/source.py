@@ -88,6 +88,20 @@ def calibration_batch(tokenizer, text: str, nsamples: int, seqlen: int, seed: in
     return torch.stack([ids[s:s + seqlen] for s in torch.cat(starts).tolist()])
 
 
+def _rope_sections(rotary: torch.nn.Module, device: torch.device, kind: str | None) -> int:
+    """0 where the rotary embedding takes positions (batch, length); else the number of sections of the
+    multimodal positions (sections, batch, length) it takes, as Qwen3.5's text rotary does in transformers
+    5.17 (a text-only model gives every section the same positions). kind: a layer type, for rotaries
+    that take one (Gemma 3's)."""
+    probe, positions = torch.zeros(1, 1, 1, device=device), torch.zeros(1, 1, dtype=torch.long, device=device)
+    try:
+        rotary(probe, positions, kind) if "layer_type" in inspect.signature(rotary.forward).parameters \
+            else rotary(probe, positions)
+    except IndexError:
+        return 3
+    return 0
+
+
 class SourceModel:
     """The source model read block by block."""
 
@@ -105,6 +119,8 @@ class SourceModel:
         # (none: Granite 4.0-H's NoPE attention, Nemotron-H's)
         nope = getattr(self.config, "position_embedding_type", "rope") == "nope" or rotary is None
         self.rotary_module = None if nope else rotary(config=self.config).to(device)
+        self.rope_sections = 0 if nope else _rope_sections(self.rotary_module, device,
+                                                           (getattr(self.config, "layer_types", None) or [None])[0])
         self.device = device
         self.mtp = mtp_names(self.config.to_dict(), self.reader.names())  # its multi-token-prediction layer
 
@@ -167,8 +183,9 @@ class SourceModel:
         def inputs(hidden: torch.Tensor) -> dict:
             length = hidden.shape[1]
             positions = torch.arange(length, device=hidden.device).unsqueeze(0)
-            rope = None if self.rotary_module is None else self.rotary_module(hidden, positions, kind) if per_kind \
-                else self.rotary_module(hidden, positions)
+            rope_positions = positions.expand(self.rope_sections, *positions.shape) if self.rope_sections else positions
+            rope = None if self.rotary_module is None else self.rotary_module(hidden, rope_positions, kind) \
+                if per_kind else self.rotary_module(hidden, rope_positions)
             if not eager and (not window or length <= window) and (not chunk or length <= chunk):
                 return {"position_embeddings": rope, "position_ids": positions}
             offsets = positions[0].unsqueeze(1) - positions[0].unsqueeze(0)  # query position - key position
