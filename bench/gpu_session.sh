@@ -5,15 +5,17 @@
 #
 #     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 520
 #
-# The autotuner compiles its configs one at a time (~1-2 s each, 40 builds per bit width and rank for
+# The autotuner compiles its configs one at a time (~1-2 s each, 40-44 builds per bit width and rank for
 # the quick kernel sweep), so every build the benchmarks will ask for is compiled first in parallel
 # processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweep checks
-# every product it times against the dequantized weight. GPU tests run last, in parallel, stopped
-# with SIGINT at the time limit so that pytest still prints its summary of failures.
+# every product it times against the dequantized weight. GPU tests run after the benchmarks, in
+# parallel, stopped with SIGINT at their time limit so that pytest still prints its summary of
+# failures (and the slowest tests); the 7B fp16 rows take what time is left.
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
-# (bench/results/kernels-<gpu>.json, generate-gpu-quick.json). Unpack it in the repository root to put
-# the results files in place; the logs land in gpu-session/.
+# (bench/results/kernels-<gpu>.json, generate-gpu-quick.json and, in the time left after the tests,
+# generate-gpu-quick-fp16.json). Unpack it in the repository root to put the results files in place;
+# the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
 budget=${2:-520}
@@ -43,11 +45,13 @@ step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bit
     --ms 1,2,4,8,16,32,48,64
 step 150 kernels-quick "$py" bench/kernels.py --quick
 step 130 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
+step 250 test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider -m gpu \
+    tests/test_kernels.py tests/test_quantizer.py tests/test_models.py tests/test_runtime.py \
+    tests/test_speculative.py tests/test_kv_groups.py
 left=$((budget - 10 - ($(date +%s) - started)))
-if [ "$left" -ge 30 ]; then
-    step "$left" test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu \
-        tests/test_kernels.py tests/test_quantizer.py tests/test_models.py tests/test_runtime.py \
-        tests/test_speculative.py tests/test_kv_groups.py
+if [ "$left" -ge 60 ]; then  # the fp16 rows (a 13.5 GB random checkpoint written first), rows saved as measured
+    step "$left" generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
+        --out bench/results/generate-gpu-quick-fp16.json
 fi
 
 tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \
