@@ -350,8 +350,9 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 #   tl.dot) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them and 21 of 24 tl.dot rows.
 # - Tiles 128 deep at 2 bits (REDUCE_K only: otherwise the products spill): each column's 4 codebook
 #   entries are built once per tile, so deeper tiles spend fewer instructions per weight (sm_90, Triton
-#   3.6, W2 r2, 64 columns per 2 warps: 7.0 against 10.4). They won every 2-bit shape at one row (23.0-23.3
-#   us against 27.4-28.3 for the best 64-deep tile). At 3-4 bits their gathers take 197-255 registers.
+#   3.6, W2 r2, 64 columns per 2 warps: 7.0 against 10.4). The autotuner chose them for every 2-bit shape
+#   at one row: 23.0-23.3 us, where the first call's best 64-deep tiles took 27.6-28.4 and its 128-deep
+#   ones (without PREFETCH, 8 slices) 24.4-28.3. At 3-4 bits their gathers take 197-255 registers.
 # - One stage for the tl.dot rows (16-64): with two, Triton 3.6 pipelines the V gather that feeds the dot
 #   as 4-byte cp.async copies (64 LDGSTS per W4 tile in the sm_90 SASS): W4 r1 at 16 rows took 253 us,
 #   with one stage 45 us. One stage won every tl.dot row of the run, 2-bit rows too.
