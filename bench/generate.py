@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import itertools
 import json
 import os
 import platform
@@ -343,27 +344,38 @@ def main() -> None:
 def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int], rows: list[dict], save,
                      engine: str = "lcq") -> None:
     """Output tokens/s of each number of sequences (128-token prompts, distinct, 128 tokens out each)
-    generated together; peak memory as the GPU's allocator or the process's RSS reports it. Each row
-    is appended to rows and saved as soon as it is measured."""
+    generated together; TTFT as the time until every one of that many new prompts has its first token
+    (one batched prefill; at one sequence the usual TTFT); peak memory as the GPU's allocator or the
+    process's RSS reports it. Every prompt is new to the engine (no prefix-cache hits). Each row is
+    appended to rows and saved as soon as it is measured."""
     cuda = llm.engine.runner.device.type == "cuda"
     weights_gb = llm.engine.runner.weight_bytes / 2**30
     kv_gb = llm.engine.runner.kv_cache_bytes / 2**30
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    # one token id per prompt, repeated: never a prompt the cache holds
+    fresh = itertools.count(llm.engine.runner.model_config.vocab_size // 4)
+
+    def new_prompts(count: int) -> list[list[int]]:
+        return [[next(fresh)] * 128 for _ in range(count)]
+
+    def timed(prompts: list[list[int]], sampling: SamplingParams) -> tuple[list, float]:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, sampling)
+        if cuda:
+            torch.cuda.synchronize()
+        return outs, time.perf_counter() - start
+
     for concurrency in concurrencies:
-        prompts = [[1000 + i] * 128 for i in range(concurrency)]
-        llm.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        llm.generate(new_prompts(1), SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params)
-        if cuda:
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
+        outs, elapsed = timed(new_prompts(concurrency), params)
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else rss_gb()
+        _, first_token = timed(new_prompts(concurrency), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         row = dict(model=model, weights=weights, engine=engine, concurrency=concurrency,
-                   output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1), ttft_ms=None,
-                   peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2))
+                   output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1),
+                   ttft_ms=round(first_token * 1000, 1), peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2))
         if cuda:  # the allocator splits the peak; a CPU process's RSS has no such split
             row.update(weights_GB=round(weights_gb, 2), activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2))
         rows.append(row)

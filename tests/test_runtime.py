@@ -1091,6 +1091,18 @@ def test_cuda_graphs_hold_lora_adapters_over_a_mixture(tmp_path):
         [o.token_ids for o in eager.generate(PROMPTS, params)]
 
 
+def test_generation_bench_curve_measures_throughput_and_ttft(tiny):
+    """bench/generate.py's curve (the GPU 7B rows): every row has its throughput and TTFT, and is saved
+    as it is measured."""
+    from bench.generate import throughput_curve
+
+    llm = LLM(str(tiny), block_size=8, max_num_seqs=2, **FP32)
+    rows, saved = [], []
+    throughput_curve(llm, "tiny", "fp32", [1, 2], rows, lambda: saved.append(len(rows)))
+    assert saved == [1, 2] and [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["output_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_mem_GB"] > 0 for r in rows)
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
