@@ -45,9 +45,11 @@ def make_tokenizer(folder: Path, vocab_size: int = 384):
 
 
 def cuda_llm(folder: str | Path, **settings):
-    """An engine on the GPU with 2% of it: GPU tests run in parallel processes (bench/gpu_session.sh)
-    and an engine takes its whole share up front for its KV cache, so the default 0.9 left the others
-    none (seen on an H200: 2-block caches, and recurrent states that did not fit)."""
+    """An engine on the GPU with 2% of it: GPU tests run in parallel processes (bench/gpu_session.sh, 14
+    on a 16-core machine, up to 3 engines each) and an engine takes its whole share up front, less the
+    1 GiB it keeps for activations, for its KV cache; the default 0.9 left the others none (seen on an
+    H200: 2-block caches, and recurrent states that did not fit). 2% of an 80 GB card leaves a tiny
+    model 0.5 GB of cache, and 42 such engines take 22 GB of cache."""
     from lcq.runtime import LLM
 
     return LLM(str(folder), gpu_memory_utilization=0.02, **settings)
