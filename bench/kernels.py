@@ -269,6 +269,8 @@ def _warm_one(job: tuple) -> str:
 
 
 def warm_builds(plan: dict, dtype: str, processes: int) -> None:
+    """Every build of warm_jobs compiled in `processes` spawned processes, each with its own CUDA context;
+    Triton's on-disk cache then hands them to the autotuner."""
     import concurrent.futures
     import multiprocessing
     jobs = warm_jobs(plan, dtype)
