@@ -935,7 +935,10 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     ("glm4", torch.float16), ("qwen3_moe", torch.bfloat16), ("mixtral", torch.float16), ("olmoe", torch.bfloat16),
     ("qwen2_moe", torch.float16), ("cohere", torch.float16), ("cohere2", torch.bfloat16), ("stablelm", torch.float16),
     ("gpt_oss", torch.bfloat16), ("llama4", torch.float16), ("glm4_moe", torch.bfloat16),
-    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.bfloat16),
+    # Qwen3.5-MoE in fp16: its tiny random router has near ties (0.002-0.003 between the k-th expert's score
+    # and the next), which the Triton path's bf16 rounding flipped in 9 of 16 routings (its kernels run on
+    # CPU in the interpreter), while each of its products stayed within bf16 rounding of the exact one
+    ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.float16),
     ("granite4_moe", torch.bfloat16), ("minimax_m2", torch.float16)])
 def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
