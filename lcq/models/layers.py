@@ -1,10 +1,13 @@
 """Small building blocks of a Llama-family decoder: RMSNorm (also per head), rotary embedding, gated MLP activations.
 
-fp32 CPU tensors take the one-call C versions (lcq.kernels.cpu_ops) where they build; the torch
-expressions below are the same computations for every other device and dtype.
+fp32 CPU tensors take the one-call C versions (lcq.kernels.cpu_ops) where they build, CUDA rows the one-kernel
+Triton versions of the norm, the rotary embedding and the gated activation (lcq.kernels.elementwise, imported
+only then, so that CPU-only installs need no triton); the torch expressions below are the same computations
+for every other device and dtype.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -12,6 +15,17 @@ import torch.nn.functional as F
 
 from lcq.format import PackedLinear, dequantize, output_rows
 from lcq.kernels import cpu_ops
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _on_gpu(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """True where lcq.kernels.elementwise takes a step: x CUDA rows (tokens, width) of unit stride in a dtype it
+    handles, and the other tensors (None: absent) in x's dtype with unit-stride rows too."""
+    if not (_HAS_TRITON and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return False
+    return all(t is None or (t.dtype == x.dtype and t.stride(-1) == 1) for t in others)
 
 
 class PackedEmbedding(torch.nn.Module):
@@ -39,6 +53,9 @@ class RMSNorm(torch.nn.Module):
         Normalised in fp32, scaled in the model dtype, as transformers does."""
         if cpu_ops.usable(x, residual, self.weight):
             return cpu_ops.norm(x, self.weight, self.eps, residual)
+        if _on_gpu(x, residual, self.weight) and (residual is None or residual.shape == x.shape):
+            from lcq.kernels.elementwise import add_rms_norm
+            return add_rms_norm(x, self.weight, self.eps, residual)
         s = x if residual is None else residual + x
         return self.weight * F.rms_norm(s.float(), (s.shape[-1],), eps=self.eps).to(s.dtype), s
 
@@ -222,13 +239,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 def rotary_qkv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
                sin: torch.Tensor, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a fused projection (T, (heads + 2 kv_heads) d) into q, k, v (T, heads, d), q and k
-    rotated (on the C path in place, so q, k and v stay views of qkv)."""
+    rotated (on the C path and on CUDA in place, so q, k and v stay views of qkv)."""
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-    if cpu_ops.usable(qkv, cos, sin) and qkv.stride(-1) == 1 and 2 * cos.shape[-1] <= head_dim:
-        cpu_ops.rotary_(qkv, num_heads + num_kv_heads, head_dim, cos, sin, interleaved)
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    in_place = qkv.stride(-1) == 1 and 2 * cos.shape[-1] <= head_dim
+    rotate_ = None
+    if in_place and cpu_ops.usable(qkv, cos, sin):
+        rotate_ = cpu_ops.rotary_
+    elif in_place and _on_gpu(qkv) and cos.is_contiguous() and sin.is_contiguous():
+        from lcq.kernels.elementwise import rotary_ as rotate_
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    if rotate_ is not None:
+        rotate_(qkv, num_heads + num_kv_heads, head_dim, cos, sin, interleaved)
     else:
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rotary(q.view(-1, num_heads, head_dim), cos, sin, interleaved)
         k = apply_rotary(k.view(-1, num_kv_heads, head_dim), cos, sin, interleaved)
     return (q.reshape(-1, num_heads, head_dim), k.reshape(-1, num_kv_heads, head_dim),
@@ -263,6 +285,10 @@ def mlp_activation(gate_up: torch.Tensor, activation: str, alpha: float = 1.702,
         return cpu_ops.ungated(gate_up, activation) if cpu_ops.usable(gate_up) else torch.relu(gate_up).square()
     if activation in cpu_ops.ACTIVATIONS and cpu_ops.usable(gate_up):
         return cpu_ops.gated_mul(gate_up, activation, swiglu_factors(activation, alpha, limit))
+    if _on_gpu(gate_up):
+        from lcq.kernels.elementwise import GATED, gated_activation
+        if activation in GATED:
+            return gated_activation(gate_up, activation)
     gate, up = gate_up.chunk(2, dim=-1)
     if activation == "swiglu_oai":
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
