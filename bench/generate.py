@@ -285,7 +285,8 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     if args.gpu_7b:
-        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save)
+        result["decode_profile"] = {}
+        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"])
     elif args.gpu_moe:
         bench_gpu_moe(args.quick, args.moe_shape, args.moe_layers, rows, save)
     elif args.curve:
@@ -383,8 +384,36 @@ def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int
         save()
 
 
-def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -> None:
-    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed."""
+def decode_profile(llm: LLM, tokens: int = 64, top: int = 12) -> dict:
+    """Where a batch-1 decode step's time goes on the GPU: the kernels torch's profiler sees in one
+    generation of `tokens` tokens (decode steps replayed from CUDA graphs, plus one 128-token prefill),
+    per generated token: their count and busy time, and the kernels that took the most time. The step's
+    wall time less the busy time is what launches and gaps cost."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompt = [[llm.engine.runner.model_config.vocab_size // 3] * 128]
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    cuda = llm.engine.runner.device.type == "cuda"
+    llm.generate(prompt, params)  # once unprofiled: every graph and kernel is ready
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        llm.generate(prompt, params)
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.count]
+    busy_us = sum(e.self_device_time_total for e in kernels)
+    ranked = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    return {"tokens": tokens, "wall_ms_per_token": round(wall * 1000 / tokens, 3),
+            "kernels_per_token": round(sum(e.count for e in kernels) / tokens, 1),
+            "kernel_us_per_token": round(busy_us / tokens, 1),
+            "top": [{"kernel": e.key[:120], "us_per_token": round(e.self_device_time_total / tokens, 1),
+                     "per_token": round(e.count / tokens, 2)} for e in ranked]}
+
+
+def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict) -> None:
+    """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
+    a batch-1 decode profile of each goes into profiles."""
     import tempfile
 
     from bench.random_model import write_random_llama
@@ -395,6 +424,9 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save) -
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
             throughput_curve(llm, "llama-2-7b-shaped-random", weights, concurrencies, rows, save)
+            profiles[weights] = decode_profile(llm)
+            print({weights: profiles[weights]}, flush=True)
+            save()
             del llm
             torch.cuda.empty_cache()
 

@@ -3,22 +3,22 @@
 # its own time limit so that a slow one cannot take the others' time. For a GPU machine lent for a
 # short while: run it once, then commit the results it brings back.
 #
-#     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 520
+#     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 540
 #
-# The autotuner compiles its configs one at a time (~1-2 s each, 40-44 builds per bit width and rank for
-# the quick kernel sweep), so every build the benchmarks will ask for is compiled first in parallel
-# processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweep checks
-# every product it times against the dequantized weight. GPU tests run after the benchmarks, in
-# parallel, stopped with SIGINT at their time limit so that pytest still prints its summary of
-# failures (and the slowest tests); the 7B fp16 rows take what time is left.
+# Order: the 7B model's W2 rows and its batch-1 decode profile, its fp16 rows (a 13.5 GB random checkpoint
+# written first), the GPU tests, then the kernel sweep in the time left. The autotuner compiles its configs
+# one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in parallel
+# processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweep checks every
+# product it times against the dequantized weight. GPU tests run in parallel, stopped with SIGINT at
+# their time limit so that pytest still prints its summary of failures (and the slowest tests).
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
-# (bench/results/kernels-<gpu>.json, generate-gpu-quick.json and, in the time left after the tests,
-# generate-gpu-quick-fp16.json). Unpack it in the repository root to put the results files in place;
-# the logs land in gpu-session/.
+# (bench/results/generate-gpu-quick.json, generate-gpu-quick-fp16.json and, in the time left,
+# kernels-<gpu>.json). Unpack it in the repository root to put the results files in place; the logs land
+# in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
-budget=${2:-520}
+budget=${2:-540}
 logs=gpu-session
 mkdir -p "$out" "$logs"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -40,18 +40,20 @@ step() {  # step SECONDS NAME COMMAND...: run with a time limit (SIGINT, then KI
 } >"$logs/device.txt" 2>&1
 cat "$logs/device.txt"
 
-step 60 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
+left() { echo $((budget - 10 - ($(date +%s) - started))); }
+
 step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
-step 150 kernels-quick "$py" bench/kernels.py --quick
-step 130 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
-step 250 test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider -m gpu \
-    tests/test_kernels.py tests/test_quantizer.py tests/test_models.py tests/test_runtime.py \
-    tests/test_speculative.py tests/test_kv_groups.py
-left=$((budget - 10 - ($(date +%s) - started)))
-if [ "$left" -ge 60 ]; then  # the fp16 rows (a 13.5 GB random checkpoint written first), rows saved as measured
-    step "$left" generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
-        --out bench/results/generate-gpu-quick-fp16.json
+step 150 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
+step 120 generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
+    --out bench/results/generate-gpu-quick-fp16.json
+tests=$(left); tests=$((tests > 240 ? 240 : tests))
+step "$tests" test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider -m gpu \
+    tests/test_elementwise.py tests/test_kernels.py tests/test_quantizer.py tests/test_models.py \
+    tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py
+if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
+    step 60 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
+    step "$(left)" kernels-quick "$py" bench/kernels.py --quick
 fi
 
 tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \

@@ -1103,6 +1103,14 @@ def test_generation_bench_curve_measures_throughput_and_ttft(tiny):
     assert all(r["output_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_mem_GB"] > 0 for r in rows)
 
 
+def test_generation_bench_decode_profile_runs_without_a_gpu(tiny):
+    """bench/generate.py's decode profile (the GPU 7B runs): on CPU it times the steps and finds no GPU kernel."""
+    from bench.generate import decode_profile
+
+    profile = decode_profile(LLM(str(tiny), block_size=8, max_num_seqs=2, **FP32), tokens=4)
+    assert profile["wall_ms_per_token"] > 0 and profile["kernels_per_token"] == 0 and profile["top"] == []
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
