@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--moe-shape", choices=MOE_SHAPES, default="qwen3-30b-a3b", help="--gpu-moe: whose shapes")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
+    parser.add_argument("--torch-steps", action="store_true",
+                        help="--gpu-7b: batch 1 also with the decoder's norms, rotary and activation in torch")
     parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
@@ -286,7 +288,7 @@ def main() -> None:
 
     if args.gpu_7b:
         result["decode_profile"] = {}
-        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"])
+        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"], args.torch_steps)
     elif args.gpu_moe:
         bench_gpu_moe(args.quick, args.moe_shape, args.moe_layers, rows, save)
     elif args.curve:
@@ -411,24 +413,40 @@ def decode_profile(llm: LLM, tokens: int = 64, top: int = 12) -> dict:
                      "per_token": round(e.count / tokens, 2)} for e in ranked]}
 
 
-def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict) -> None:
+def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
+                 torch_steps: bool = False) -> None:
     """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
-    a batch-1 decode profile of each goes into profiles."""
+    a batch-1 decode profile of each goes into profiles. torch_steps: then batch 1 again (variant
+    "torch-steps") with the decoder's norms, rotary embedding and activation as torch expressions instead
+    of their CUDA kernels (lcq.kernels.elementwise), to measure what those kernels save."""
     import tempfile
+    from unittest import mock
 
     from bench.random_model import write_random_llama
 
     concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    model = "llama-2-7b-shaped-random"
     with tempfile.TemporaryDirectory() as tmp:
         for weights in weight_kinds:
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
-            throughput_curve(llm, "llama-2-7b-shaped-random", weights, concurrencies, rows, save)
+            throughput_curve(llm, model, weights, concurrencies, rows, save)
             profiles[weights] = decode_profile(llm)
             print({weights: profiles[weights]}, flush=True)
             save()
             del llm
             torch.cuda.empty_cache()
+            if torch_steps:  # the graphs are captured at load, so a second engine, loaded without the kernels
+                with mock.patch("lcq.models.layers._on_gpu", return_value=False):
+                    llm = LLM(str(folder), max_num_seqs=1, max_model_len=2048)
+                    start = len(rows)
+                    throughput_curve(llm, model, weights, [1], rows, save)
+                    rows[start]["variant"] = "torch-steps"
+                    profiles[f"{weights} torch-steps"] = decode_profile(llm)
+                print({f"{weights} torch-steps": profiles[f"{weights} torch-steps"]}, flush=True)
+                save()
+                del llm
+                torch.cuda.empty_cache()
 
 
 def bench_gpu_moe(quick: bool, shape: str, layers: int, rows: list[dict], save) -> None:

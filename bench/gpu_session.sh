@@ -44,7 +44,7 @@ left() { echo $((budget - 10 - ($(date +%s) - started))); }
 
 step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
-step 150 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128
+step 170 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --torch-steps
 step 120 generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
     --out bench/results/generate-gpu-quick-fp16.json
 tests=$(left); tests=$((tests > 240 ? 240 : tests))
