@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one call of at most 9 minutes, in order of value, each step under
+# Every GPU check of the project in one call of at most 10 minutes, in order of value, each step under
 # its own time limit so that a slow one cannot take the others' time. For a GPU machine lent for a
 # short while: run it once, then commit the results it brings back.
 #
-#     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 540
+#     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 580
 #
-# Order: the 7B model's W2 rows and its batch-1 decode profile, its fp16 rows (a 13.5 GB random checkpoint
-# written first), the GPU tests, then the kernel sweep in the time left. The autotuner compiles its configs
-# one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in parallel
-# processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweep checks every
-# product it times against the dequantized weight. GPU tests run in parallel, stopped with SIGINT at
-# their time limit so that pytest still prints its summary of failures (and the slowest tests).
+# Order: the 7B model's W2 rows, its batch-1 decode profile and the same with the decoder's steps in torch;
+# the one-row 2-bit products with and without the pair table; the GPU tests; the 7B fp16 rows (a 13.5 GB
+# random checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
+# its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
+# parallel processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweeps
+# check every product they time against the dequantized weight. GPU tests run in parallel, stopped with
+# SIGINT at their time limit so that pytest still prints its summary of failures (and the slowest tests).
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
-# (bench/results/generate-gpu-quick.json, generate-gpu-quick-fp16.json and, in the time left,
-# kernels-<gpu>.json). Unpack it in the repository root to put the results files in place; the logs land
-# in gpu-session/.
+# (bench/results/generate-gpu-quick.json, kernels-pair-table-<gpu>.json and, in the time left,
+# generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root to put the results
+# files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
-budget=${2:-540}
+budget=${2:-580}
 logs=gpu-session
 mkdir -p "$out" "$logs"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -45,12 +46,18 @@ left() { echo $((budget - 10 - ($(date +%s) - started))); }
 step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
 step 170 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --torch-steps
-step 120 generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
-    --out bench/results/generate-gpu-quick-fp16.json
+one_row=(--bits 2 --ms 1 --ranks 1,2,4 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
+step 30 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
+slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+step 90 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
 tests=$(left); tests=$((tests > 240 ? 240 : tests))
 step "$tests" test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider -m gpu \
-    tests/test_elementwise.py tests/test_kernels.py tests/test_quantizer.py tests/test_models.py \
-    tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py
+    tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py \
+    tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py
+if [ "$(left)" -ge 100 ]; then
+    step "$(left)" generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
+        --out bench/results/generate-gpu-quick-fp16.json
+fi
 if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
     step 60 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
     step "$(left)" kernels-quick "$py" bench/kernels.py --quick

@@ -215,8 +215,12 @@ def run_gpu(args: argparse.Namespace) -> None:
                                      "effective_GBps": gbps, "frac_of_copy": gbps / header["copy_GBps"],
                                      "bits_per_weight": layer.bits_per_weight(),
                                      "fused_config": str(tuner.best_config)})
+                        if m == 1 and bits == 2:  # both one-row forms, the pair table with its own kernel
+                            rows[-1].update(pair_table=triton_linear.lut_wins(x, layer),
+                                            pair_table_us=bench(lambda: decode(x, layer, lut=True)),
+                                            direct_us=bench(lambda: decode(x, layer, lut=False)))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
-                    del layer, weight
+                    layer = weight = None  # the next layer's memory (not del: the closures above name them)
                     write_results(out, header, rows)
     print(f"\n{header['device']}, driver {header['driver']}, {header['date']}, copy {header['copy_GBps']:.0f} GB/s\n")
     print(markdown(rows))
@@ -245,11 +249,17 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
         configs = kernels._decode_configs_for(kernels.DECODE_CONFIGS, {}, BLOCK_M=kernels.decode_block_m(rows),
                                               GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
             if decode else kernels.GEMM_CONFIGS
-        for config in configs:
+        if rows == 1 and bits == 2:  # and the pair table's (lut)
+            configs = [(c, False) for c in configs] + [
+                (c, True) for c in kernels._decode_configs_for(kernels.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
+                                                               SELECT=True, LUT=True)]
+        else:
+            configs = [(c, False) for c in configs]
+        for config, lut in configs:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             if decode:
                 launch["SPLIT_K"] = 2  # a run-time argument: every split runs the same build
-            jobs.add((bits, rank, group, rows, dtype, tuple(sorted(launch.items()))))
+            jobs.add((bits, rank, group, rows, dtype, lut, tuple(sorted(launch.items()))))
     return sorted(jobs)
 
 
@@ -257,14 +267,17 @@ def _warm_one(job: tuple) -> str:
     """Compile (and run once) one kernel build in this worker process."""
     import torch
     from lcq.kernels.triton_linear import DECODE_MAX_M, decode, gemm
-    bits, rank, group, rows, dtype, launch = job
+    bits, rank, group, rows, dtype, lut, launch = job
     try:
         layer = random_layer(256, 1024, bits, rank, group, "cuda")
         x = torch.randn(rows, 1024, device="cuda", dtype=getattr(torch, dtype))
-        (decode if rows <= DECODE_MAX_M else gemm)(x, layer, dict(launch))
+        if rows <= DECODE_MAX_M:
+            decode(x, layer, dict(launch), lut=lut)
+        else:
+            gemm(x, layer, dict(launch))
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - out of resources: the autotuner skips it too
-        return f"W{bits} r{rank} g{group} {rows} rows {dict(launch)}: {type(error).__name__}"
+        return f"W{bits} r{rank} g{group} {rows} rows{' lut' if lut else ''} {dict(launch)}: {type(error).__name__}"
     return ""
 
 
@@ -369,7 +382,7 @@ def run_cpu_smoke() -> None:
             raise SystemExit("cpu smoke failed")
 
 
-SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K, PREFETCH
+SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K, PREFETCH[, compile_sm90's others]
     ("decode", 2, 1, 128, 1, 64, 4, False, False), ("decode", 2, 1, 128, 1, 128, 4, False, False),
     ("decode", 2, 1, 128, 1, 128, 4, False, True), ("decode", 2, 1, 128, 1, 128, 4, True, False),
     ("decode", 2, 1, 128, 1, 128, 4, True, True), ("decode", 2, 4, 128, 1, 128, 4, False, False),
@@ -383,11 +396,17 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
     ("decode", 2, 2, 128, 16, 128, 4, False, True), ("decode", 4, 1, 128, 16, 128, 4, False, False),
     ("decode", 4, 1, 128, 16, 128, 4, False, True),
     ("gemm", 2, 2, 128, 64, 128, 4, False, False), ("gemm", 4, 1, 128, 128, 128, 8, False, False),
+    ("decode", 2, 1, 128, 1, 64, 2, True, True, {"depth": 128}), ("decode", 2, 2, 128, 1, 64, 2, True, True,
+                                                                  {"depth": 128}),
+    ("decode", 2, 1, 128, 1, 64, 2, False, True, {"depth": 128, "lut": True}),
+    ("decode", 2, 2, 128, 1, 128, 4, False, True, {"depth": 128, "lut": True}),
+    ("decode", 2, 4, 128, 1, 64, 2, False, True, {"depth": 128, "lut": True}),
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
-                 reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None):
+                 reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
+                 lut: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -396,12 +415,12 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
     pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32"}
+                "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
-        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch)
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names
@@ -442,8 +461,9 @@ def run_sass() -> None:
           "| top opcodes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for case in SASS_CASES:
-        kernel, bits, rank, group, block_m, block_n, warps, reduce_k, prefetch = case
-        compiled = compile_sm90(*case)
+        kernel, bits, rank, group, block_m, block_n, warps, reduce_k, prefetch = case[:9]
+        others = case[9] if len(case) > 9 else {}
+        compiled = compile_sm90(*case[:9], **others)
         with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
             cubin.write(compiled.asm["cubin"])
             cubin.flush()
@@ -454,9 +474,11 @@ def run_sass() -> None:
         loop = inner_loop(sass)
         opcodes = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0]
                                       for line in loop)
-        weights_per_thread = block_n * compile_block_k(group) // (32 * warps)  # one K tile per iteration
+        depth = others.get("depth") or compile_block_k(group)
+        weights_per_thread = block_n * depth // (32 * warps)  # one K tile per iteration
         top = ", ".join(f"{op} {n}" for op, n in opcodes.most_common(6))
-        print(f"| {kernel} | {bits} | {rank} | {group} | {block_m} | {block_n} | {reduce_k} | {prefetch} | {regs} "
+        name = kernel + "".join(f" {key}={value}" for key, value in others.items())
+        print(f"| {name} | {bits} | {rank} | {group} | {block_m} | {block_n} | {reduce_k} | {prefetch} | {regs} "
               f"| {stack} | {len(loop) / weights_per_thread:.1f} | {top} |", flush=True)
 
 

@@ -78,6 +78,32 @@ def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k
     assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
+@pytest.mark.parametrize("rank,group,k,dtype,block_k", [(1, 32, 80, torch.float32, None),
+                                                         (3, 64, 100, torch.float16, None),
+                                                         (2, 128, 300, torch.bfloat16, 128),
+                                                         (4, 64, 150, torch.float16, 32)])
+def test_decode_kernel_with_the_pair_table_matches_reference(rank, group, k, dtype, block_k, prefetch):
+    """One row of a 2-bit layer from the activation-side pair table (LUT): every rank (4 pads to itself, 3 to
+    4), partial last groups, tiles as deep as the group or shallower."""
+    layer = random_layer(40, k, 2, rank, group, seed=rank)
+    x = torch.randn(1, k).to(dtype)
+    config = {**SMALL_DECODE, **prefetch, **({"BLOCK_K": block_k} if block_k else {})}
+    assert_close(triton_linear.decode(x, layer, config, lut=True), reference(x, layer), dtype)
+
+
+def test_pair_table_holds_both_products_of_every_index_pair():
+    layer = random_layer(8, 70, 2, 3, 32, seed=1)
+    x = torch.randn(1, 70)
+    table = triton_linear.pair_table(x, layer, 48)  # 35 pairs of inputs, padded to the groups' 48
+    v = layer.v.float().reshape(-1, 3, 4)[0]  # (ranks, entries) of the layer's one table
+    padded = torch.nn.functional.pad(x[0], (0, 96 - 70)).view(48, 2)
+    for combo in (0, 6, 15):
+        expected = padded[:, :1] * v[:, combo & 3] + padded[:, 1:] * v[:, combo >> 2]  # (pairs, ranks)
+        torch.testing.assert_close(table[0, :, combo, :3], expected)
+    assert torch.equal(table[0, :, :, 3], torch.zeros(48, 16))  # rank 3 padded to 4
+
+
 def test_autotuner_times_each_form_with_its_own_configs():
     """1-2 rows: the FMA form's tiles, with and without REDUCE_K, split up to 64 ways; from 16 rows the
     tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
@@ -105,8 +131,23 @@ def test_autotuner_times_each_form_with_its_own_configs():
                                 for c in tuned_forms)
 
 
-@pytest.mark.parametrize("m, grouped", [(1, False), (3, False), (2, True)])
-def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped):
+def test_autotuner_times_the_pair_table_with_its_own_configs():
+    """One row at 2 bits from the pair table: its tiles 64 or 128 deep where the group holds them, split up
+    to 32 ways, PREFETCH each way, none of the other forms' configs."""
+    for group in (32, 64, 128):
+        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
+                                                 SELECT=True, LUT=True)
+        assert all(any(c.kwargs["BLOCK_N"] == f.kwargs["BLOCK_N"] and c.num_warps == f.num_warps
+                       for f in triton_linear.LUT_DECODE_CONFIGS) for c in kept)
+        assert {c.kwargs["BLOCK_K"] for c in kept} == ({64, 128} if group == 128 else {min(group, 64)})
+        assert {c.kwargs["SPLIT_K"] for c in kept} == {8, 16, 32}
+        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
+        assert not any(c.kwargs["REDUCE_K"] for c in kept)
+        assert len(kept) == (36 if group == 128 else 18)
+
+
+@pytest.mark.parametrize("m, grouped, lut", [(1, False, False), (3, False, False), (2, True, False), (1, False, True)])
+def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
     """The autotuner's own launch path with a stand-in timer (on a GPU only graph_time differs): configs
     carrying the run-time SPLIT_K and the tile depth, the early prune, the grid of the chosen config.
     A subset of the configs, for the interpreter's sake: one tile width and split."""
@@ -120,7 +161,7 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped):
         return [timed[-1]] * len(quantiles)
 
     subset = [c for c in triton_linear.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 8]
-    tuned = triton_linear.triton.autotune(subset, key=triton_linear._KEY + ["BLOCK_M", "GROUPED"],
+    tuned = triton_linear.triton.autotune(subset, key=triton_linear._KEY + ["BLOCK_M", "GROUPED", "LUT"],
                                           do_bench=stand_in_timer,
                                           prune_configs_by={"early_config_prune": triton_linear._decode_configs_for}
                                           )(triton_linear._decode_kernel)
@@ -135,11 +176,12 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped):
             assert_close(y[token:token + 1], reference(x[token:token + 1], layers[token]), torch.float16)
         block_m = routes.block_m
     else:
-        assert_close(triton_linear.decode(x, layers[0]), reference(x, layers[0]), torch.float16)
+        assert_close(triton_linear.decode(x, layers[0], lut=lut), reference(x, layers[0]), torch.float16)
         block_m = triton_linear.decode_block_m(m)
-        assert len(timed) == (6 if m < 3 else 4)  # FMA: (REDUCE_K, depth) 3 x PREFETCH 2; tl.dot: PREFETCH x stages
+        # FMA: (REDUCE_K, depth) 3 x PREFETCH 2; tl.dot: PREFETCH x stages; the pair table: depth 2 x PREFETCH 2
+        assert len(timed) == (4 if lut or m >= 3 else 6)
     assert len(timed) == len(triton_linear._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
-                                                                GROUP=128, SELECT=True))
+                                                                GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8
 
 
@@ -388,6 +430,24 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank", [1, 2, 4])
+def test_compiled_pair_table_on_gpu(rank):
+    """One row of a 2-bit layer from the pair table, compiled, in each of its tiles; and the autotuned
+    choice between it and the FMA form, which times both (lut_wins), gives the same products."""
+    layer = random_layer(4096, 11008, 2, rank, 128, seed=rank).to("cuda")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(1, 11008, device="cuda").to(dtype)
+        expected = reference(x.cpu(), layer.to("cpu"))
+        for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=128,
+                                                        SELECT=True, LUT=True)[::5]:
+            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+            y = triton_linear.decode(x, layer, launch, lut=True)
+            torch.cuda.synchronize()
+            assert_close(y.cpu(), expected, dtype)
+        assert_close(lcq_linear(x, layer).cpu(), expected, dtype)
 
 
 @pytest.mark.gpu

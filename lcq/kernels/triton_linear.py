@@ -6,6 +6,8 @@ the group's codebook w = sum_k S[n, j, k] * V[k, q] - B[n, j] in fp32 registers,
 - decode (M <= 64): split-K over the groups so that a single token fills the GPU; every
   weight is read once (evict_first); the K slices meet through an fp32 workspace and the last
   program of each N tile to finish sums them (one launch, no memset);
+- decode at one row of a 2-bit layer, where it was timed faster: the products come from an activation-side
+  table of every pair of inputs with every pair of indices (pair_table), one load per 4-bit field and rank;
 - gemm (prefill): tiles of BLOCK_M x BLOCK_N, tl.dot with fp32 accumulation;
 - from DENSE_MIN_M rows on, a dequantize kernel writes the weight in the activation dtype and
   cuBLAS multiplies: the weight's bytes are then small next to the product's arithmetic, and
@@ -177,15 +179,63 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
     return tl.dot(x, w.to(x.dtype), acc)
 
 
+@triton.jit
+def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The activation-side table of a 2-bit layer for one row x: for each pair of inputs p and each of the 16
+    index pairs c (c & 3 the first input's index, c >> 2 the second's), x[2p] V[t, c & 3] + x[2p + 1] V[t, c >> 2]
+    for every rank, fp32 (tables, PAIRS, 16, RANKS); program (block of pairs, table t). Inputs past K are 0."""
+    table = tl.program_id(1)
+    pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    first = tl.load(x_ptr + 2 * pairs, mask=2 * pairs < K, other=0.0).to(tl.float32)
+    second = tl.load(x_ptr + 2 * pairs + 1, mask=2 * pairs + 1 < K, other=0.0).to(tl.float32)
+    combos = tl.arange(0, 16)
+    ranks = tl.arange(0, RANKS)
+    v = v_ptr + table * (4 * RANKS) + ranks[None, :]
+    v_first = tl.load(v + (combos & 3)[:, None] * RANKS)  # (16, RANKS)
+    v_second = tl.load(v + (combos >> 2)[:, None] * RANKS)
+    entries = first[:, None, None] * v_first[None, :, :] + second[:, None, None] * v_second[None, :, :]
+    at = ((table * PAIRS + pairs[:, None, None]) * 16 + combos[None, :, None]) * RANKS + ranks[None, None, :]
+    tl.store(out_ptr + at, entries, mask=(pairs < PAIRS)[:, None, None])
+
+
+@triton.jit
+def _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr, offs_n, n_mask, N,
+                  RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A 2-bit tile's products at one row from the pair table (_pair_table_kernel): each 4-bit field of the
+    index words holds two indices, and one vector load of its entry brings the sum of their two products
+    for every rank; S applies once per tile. Returns (sum_r S[n, r] sum_k x[k] V[r, q[n, k]], B[n]), fp32
+    (BLOCK_N,) each: the tile's products are the first less B[n] times the tile's sum of x."""
+    ROWS: tl.constexpr = BLOCK_K // 16  # words of 16 indices, consecutive in k (_plane_words)
+    # (columns, pairs) in the gather's orientation (GATHER_COLUMNS_FIRST), so that threads run along the columns
+    # each column's pointer to the tile's first pair, then a constant per field (the loads' immediate offsets)
+    tile = lut_ptr + lut_base + (k0 // 2) * (16 * RANKS)
+    if GATHER_COLUMNS_FIRST:
+        fields = (tl.trans(words)[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15  # (BLOCK_N, ROWS, 8)
+        pairs = tl.arange(0, ROWS)[None, :, None] * 8 + tl.arange(0, 8)[None, None, :]
+        entries = tl.reshape((tile[:, None, None] + pairs * (16 * RANKS)) + fields * RANKS, (BLOCK_N, ROWS * 8))
+        AXIS: tl.constexpr = 1
+    else:
+        fields = (words[:, None, :] >> (4 * tl.arange(0, 8))[None, :, None]) & 15  # (ROWS, 8, BLOCK_N)
+        pairs = tl.arange(0, ROWS)[:, None, None] * 8 + tl.arange(0, 8)[None, :, None]
+        entries = tl.reshape((tile[None, None, :] + pairs * (16 * RANKS)) + fields * RANKS, (ROWS * 8, BLOCK_N))
+        AXIS: tl.constexpr = 0
+    b = b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
+    scaled = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in tl.static_range(RANK):  # one load per rank at a constant offset from the same address
+        scaled += tl.sum(tl.load(entries + k), axis=AXIS) * _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
+    return scaled, b
+
+
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
-                   ws_ptr, counter_ptr, rows_ptr, experts_ptr, M, N, K, stride_xm, stride_om, ROWS_PER_INPUT, TABLES,
-                   SPLIT_K,
+                   ws_ptr, counter_ptr, rows_ptr, experts_ptr, lut_ptr, M, N, K, stride_xm, stride_om, ROWS_PER_INPUT,
+                   TABLES, PAIRS, SPLIT_K,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False):
+                   REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
+                   LUT: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -197,7 +247,9 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     GROUPED (a mixture's experts, experts.py): the layer's tensors are every expert's, stacked, and
     program (n tile, k slice, block) multiplies the BLOCK_M rows rows_ptr lists for the block (-1: none)
     by the weights of the expert experts_ptr names for it (-1: none, the program only arrives); row r
-    reads input row r // ROWS_PER_INPUT. M is then the number of rows, TABLES the V tables per expert."""
+    reads input row r // ROWS_PER_INPUT. M is then the number of rows, TABLES the V tables per expert.
+    LUT (2 bits, one row): the products come from the row's pair table at lut_ptr (_pair_table_kernel, PAIRS
+    pairs per V table) instead of dequantized weights: ~3 instructions per pair of weights."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -230,11 +282,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         counter = pid_n
         live = pid_n >= 0
     v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
+    lut_base = tl.load(vi_ptr + offs_n, mask=n_mask, other=0) * (PAIRS * 16 * RANKS)
     per_split = tl.cdiv(tiles, SPLIT_K)
     start = pid_k * per_split
     end = tl.where(live, tl.minimum(start + per_split, tiles), start)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K else 1, BLOCK_N), dtype=tl.float32)
+    products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K and not LUT else 1, BLOCK_N),
+                        dtype=tl.float32)
     if PREFETCH:
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
         words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
@@ -249,21 +303,26 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             next_words, next_top_words = _tile_words(qw_ptr, k0 + BLOCK_K, offs_n, following, N, BITS, BLOCK_K)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, k0 + BLOCK_K, offs_n, following, N,
                                                       RANK, GROUP)
+        else:
+            words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
+            s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
+        if LUT:
+            scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr, offs_n, n_mask,
+                                      N, RANK, RANKS, BLOCK_K, BLOCK_N)
+            acc += scaled[None, :] - tl.sum(x.to(tl.float32), axis=1)[:, None] * b[None, :]
+        else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                               RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
-        else:
-            w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                              BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
-        if BLOCK_M >= 16:
-            acc = _dot(x, w, acc, DOT_IN_FP32)
-        elif REDUCE_K:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-        else:
-            products += x.to(tl.float32)[:, :, None] * w[None, :, :]
+            if BLOCK_M >= 16:
+                acc = _dot(x, w, acc, DOT_IN_FP32)
+            elif REDUCE_K:
+                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+            else:
+                products += x.to(tl.float32)[:, :, None] * w[None, :, :]
         if PREFETCH:
             words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
-    if BLOCK_M < 16 and not REDUCE_K:
+    if BLOCK_M < 16 and not REDUCE_K and not LUT:
         acc = tl.sum(products, axis=1)
     out_offs = rows[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -366,7 +425,14 @@ DOT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=4, num_stages=stages)
     for bn in (64, 128) for prefetch in (False, True) for stages in (1, 2) for split in (4, 8, 16)]
-DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS
+# The pair table at one row (LUT, 2 bits; not yet timed on a GPU): 64, 128 or 256 columns per 2, 4 or 8 warps,
+# tiles 64 or 128 deep, PREFETCH each way, split 8 to 32.
+LUT_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
+                  num_warps=warps, num_stages=2)
+    for bn, warps in ((64, 2), (128, 4), (256, 8)) for depth in (64, 128) for prefetch in (False, True)
+    for split in (8, 16, 32)]
+DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
 
 
@@ -376,10 +442,11 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early prune: the FMA form's configs for 1-2 rows, the tl.dot form's from 16, no
-    more slices than the workspace holds, and each tile no deeper than the group and the bit width
-    allow (configs that then coincide are timed once)."""
-    form = FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 else DOT_DECODE_CONFIGS
+    """The autotuner's early prune: the pair table's configs for LUT, else the FMA form's for 1-2 rows and the
+    tl.dot form's from 16, no more slices than the workspace holds, and each tile no deeper than the group
+    and the bit width allow (configs that then coincide are timed once)."""
+    form = LUT_DECODE_CONFIGS if kwargs.get("LUT") else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 \
+        else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
     fallback = block_k(kwargs["GROUP"])
     deepest = 128 if kwargs["SELECT"] else 64
@@ -410,7 +477,7 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED"], do_bench=graph_time,
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT"], do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
 # A mixture's rows past DECODE_MAX_M (prefill, large batches): enough blocks to fill the GPU without
@@ -498,18 +565,26 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> torch.Tensor:
+def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
-    num_stages."""
+    num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
+    where it was timed faster for the shape (lut_wins), autotuned on CUDA."""
+    if lut is None:
+        lut = x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
     m, k = x.shape
     n = layer.out_features
+    if lut and (m != 1 or layer.bits != 2):
+        raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, triton.cdiv(n, 16))
-    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, m, n, k, x.stride(0), out.stride(0), 1, 0)
-    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False)  # (in the tuning key)
+    pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
+    table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
+    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, m, n, k, x.stride(0), out.stride(0),
+            1, 0, pairs)
+    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut)  # (in the tuning key)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -522,6 +597,38 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> 
             raise ValueError(f"decode config {config} does not fit M={m}, group size {layer.group_size}")
         _decode_kernel[(triton.cdiv(n, launch["BLOCK_N"]), launch["SPLIT_K"])](*args, **launch)
     return out
+
+
+PAIR_TABLE_BLOCK = 64
+
+
+def pair_table(x: torch.Tensor, layer: PackedLinear, pairs: int) -> torch.Tensor:
+    """The pair table of a 2-bit layer for the row x (1, K) (_pair_table_kernel): (tables, pairs, 16, ranks
+    padded to a power of two) fp32, 64 bytes a pair at rank 1."""
+    gather = _gather_table(layer)
+    tables, ranks = gather.shape[0], gather.shape[2]
+    table = torch.empty(tables, pairs, 16, ranks, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(pairs, PAIR_TABLE_BLOCK), tables)
+    _pair_table_kernel[grid](x, gather, table, x.shape[1], pairs, RANKS=ranks, BLOCK_P=PAIR_TABLE_BLOCK, num_warps=4)
+    return table
+
+
+_lut_choices: dict[tuple, bool] = {}
+
+
+def lut_wins(x: torch.Tensor, layer: PackedLinear) -> bool:
+    """Whether the pair table (its kernel included) beats the FMA form for this one-row 2-bit product on
+    this GPU: both autotuned and timed (graph_time) once per shape and dtype, on first use (the engine's
+    warm-up, before its CUDA graphs are captured; a product first met inside a capture takes the FMA form),
+    and remembered for the process."""
+    key = (x.device, x.dtype, layer.out_features, layer.in_features, layer.rank, layer.group_size, layer.bias is None)
+    if key not in _lut_choices:
+        if torch.cuda.is_current_stream_capturing():  # nothing can be timed inside a capture: the FMA form
+            return False
+        direct = graph_time(lambda: decode(x, layer, lut=False))
+        table = graph_time(lambda: decode(x, layer, lut=True))
+        _lut_choices[key] = table < direct
+    return _lut_choices[key]
 
 
 def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes, rows_per_input: int,
@@ -539,8 +646,8 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     wide = count > DECODE_MAX_M
     ws = torch.empty(1 if wide else MAX_SPLIT_K * count * n, dtype=torch.float32, device=x.device)
     counters = _tile_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
-    args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, count, n, k, x.stride(0),
-            out.stride(0), rows_per_input, experts.tables)
+    args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, count, n, k, x.stride(0),
+            out.stride(0), rows_per_input, experts.tables, 0)
     consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
