@@ -98,6 +98,8 @@ def test_pair_table_holds_both_products_of_every_index_pair():
     table = triton_linear.pair_table(x, layer, 48)  # 35 pairs of inputs, padded to the groups' 48
     v = layer.v.float().reshape(-1, 3, 4)[0]  # (ranks, entries) of the layer's one table
     padded = torch.nn.functional.pad(x[0], (0, 96 - 70)).view(48, 2)
+    torch.testing.assert_close(table[:3], padded.view(3, 32).sum(dim=1))  # the sum of each 32 inputs first
+    table = table[3:].view(1, 48, 16, 4)
     for combo in (0, 6, 15):
         expected = padded[:, :1] * v[:, combo & 3] + padded[:, 1:] * v[:, combo >> 2]  # (pairs, ranks)
         torch.testing.assert_close(table[0, :, combo, :3], expected)

@@ -181,13 +181,18 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
 
 @triton.jit
 def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLOCK_P: tl.constexpr):
-    """The activation-side table of a 2-bit layer for one row x: for each pair of inputs p and each of the 16
-    index pairs c (c & 3 the first input's index, c >> 2 the second's), x[2p] V[t, c & 3] + x[2p + 1] V[t, c >> 2]
-    for every rank, fp32 (tables, PAIRS, 16, RANKS); program (block of pairs, table t). Inputs past K are 0."""
+    """The activation-side table of a 2-bit layer for one row x: the sum of each 32 inputs (PAIRS / 16 values),
+    then for each pair of inputs p and each of the 16 index pairs c (c & 3 the first input's index, c >> 2 the
+    second's), x[2p] V[t, c & 3] + x[2p + 1] V[t, c >> 2] for every rank, fp32 (tables, PAIRS, 16, RANKS);
+    program (block of pairs, table t). Inputs past K are 0."""
     table = tl.program_id(1)
     pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     first = tl.load(x_ptr + 2 * pairs, mask=2 * pairs < K, other=0.0).to(tl.float32)
     second = tl.load(x_ptr + 2 * pairs + 1, mask=2 * pairs + 1 < K, other=0.0).to(tl.float32)
+    runs = tl.program_id(0) * (BLOCK_P // 16) + tl.arange(0, BLOCK_P // 16)
+    tl.store(out_ptr + runs, tl.sum(tl.reshape(first + second, (BLOCK_P // 16, 16)), axis=1),
+             mask=runs < tl.where(table == 0, PAIRS // 16, 0))  # written once, by table 0's programs
+    out_ptr += PAIRS // 16
     combos = tl.arange(0, 16)
     ranks = tl.arange(0, RANKS)
     v = v_ptr + table * (4 * RANKS) + ranks[None, :]
@@ -295,9 +300,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
     for tile in range(start, end):
         k0 = tile * BLOCK_K
-        k_idx = k0 + offs_k
-        x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
-                    mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+        if not LUT:  # (the pair table holds the inputs' products and sums)
+            k_idx = k0 + offs_k
+            x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
+                        mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
             following = offs_n < tl.where(tile + 1 < end, N, 0)
             next_words, next_top_words = _tile_words(qw_ptr, k0 + BLOCK_K, offs_n, following, N, BITS, BLOCK_K)
@@ -306,10 +312,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
-        if LUT:
-            scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr, offs_n, n_mask,
-                                      N, RANK, RANKS, BLOCK_K, BLOCK_N)
-            acc += scaled[None, :] - tl.sum(x.to(tl.float32), axis=1)[:, None] * b[None, :]
+        if LUT:  # the table starts with the sum of each 32 inputs
+            x_sum = tl.load(lut_ptr + k0 // 32)
+            for run in tl.static_range(1, BLOCK_K // 32):
+                x_sum += tl.load(lut_ptr + k0 // 32 + run)
+            scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
+                                      offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
+            acc += scaled[None, :] - x_sum * b[None, :]
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
@@ -603,11 +612,12 @@ PAIR_TABLE_BLOCK = 64
 
 
 def pair_table(x: torch.Tensor, layer: PackedLinear, pairs: int) -> torch.Tensor:
-    """The pair table of a 2-bit layer for the row x (1, K) (_pair_table_kernel): (tables, pairs, 16, ranks
-    padded to a power of two) fp32, 64 bytes a pair at rank 1."""
+    """The pair table of a 2-bit layer for the row x (1, K) (_pair_table_kernel), fp32: the sum of each 32
+    inputs (pairs / 16 values), then (tables, pairs, 16, ranks padded to a power of two), 64 bytes a pair at
+    rank 1."""
     gather = _gather_table(layer)
     tables, ranks = gather.shape[0], gather.shape[2]
-    table = torch.empty(tables, pairs, 16, ranks, dtype=torch.float32, device=x.device)
+    table = torch.empty(pairs // 16 + tables * pairs * 16 * ranks, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(pairs, PAIR_TABLE_BLOCK), tables)
     _pair_table_kernel[grid](x, gather, table, x.shape[1], pairs, RANKS=ranks, BLOCK_P=PAIR_TABLE_BLOCK, num_warps=4)
     return table
