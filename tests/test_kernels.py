@@ -53,12 +53,14 @@ DECODE_CASES = [  # bits, rank, group, K, M, dtype
 ]
 
 
-# PREFETCH loads each tile's codes one iteration ahead: with 3 slices most hold one tile (only the
+# PREFETCH loads each tile's codes one (2: two) iterations ahead: with 3 slices most hold one tile (only the
 # prologue's load and the masked one past the slice), with one slice all 2-4 tiles pass through it.
-PREFETCHING = [{"PREFETCH": False}, {"PREFETCH": True}, {"PREFETCH": True, "SPLIT_K": 1}]
+PREFETCHING = [{"PREFETCH": False}, {"PREFETCH": True}, {"PREFETCH": True, "SPLIT_K": 1}, {"PREFETCH": 2},
+               {"PREFETCH": 2, "SPLIT_K": 1}]
 
 
-@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice", "two-ahead",
+                                                     "two-ahead-one-slice"])
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype", DECODE_CASES)
 def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype, prefetch):
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
@@ -66,7 +68,8 @@ def test_decode_kernel_matches_reference(bits, rank, group, k, m, dtype, prefetc
     assert_close(triton_linear.decode(x, layer, {**SMALL_DECODE, **prefetch}), reference(x, layer), dtype)
 
 
-@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice", "two-ahead",
+                                                     "two-ahead-one-slice"])
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype,block_k",
                          [(*case, None) for case in DECODE_CASES if case[4] <= 2] +
                          [(2, 2, 128, 300, 1, torch.float16, 128), (4, 1, 128, 300, 2, torch.float32, 128)])
@@ -78,7 +81,8 @@ def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k
     assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
 
 
-@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice"])
+@pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice", "two-ahead",
+                                                     "two-ahead-one-slice"])
 @pytest.mark.parametrize("rank,group,k,dtype,block_k", [(1, 32, 80, torch.float32, None),
                                                          (3, 64, 100, torch.float16, None),
                                                          (2, 128, 300, torch.bfloat16, 128),
@@ -109,8 +113,9 @@ def test_pair_table_holds_both_products_of_every_index_pair():
 def test_autotuner_times_each_form_with_its_own_configs():
     """1-2 rows: the FMA form's tiles, with and without REDUCE_K, split up to 64 ways; from 16 rows the
     tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
-    workspace grows with their rows, at most 16 ways at any M. PREFETCH timed both ways everywhere;
-    tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth dividing the group."""
+    workspace grows with their rows, at most 16 ways at any M. PREFETCH timed three ways everywhere (none, one
+    or two tiles ahead); tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth
+    dividing the group."""
     configs = triton_linear.DECODE_CONFIGS
     for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
                                                              (True, False)):
@@ -122,7 +127,7 @@ def test_autotuner_times_each_form_with_its_own_configs():
         assert kept and all(c.kwargs["SPLIT_K"] <= most for c in kept)
         assert max(c.kwargs["SPLIT_K"] for c in kept) == most
         assert {c.kwargs["REDUCE_K"] for c in kept} == ({False, True} if fma else {False})
-        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
+        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True, 2}
         depths = {c.kwargs["BLOCK_K"] for c in kept}
         assert depths == ({64, 128} if deep else {min(group, 64)})
         assert all(c.kwargs["REDUCE_K"] for c in kept if c.kwargs["BLOCK_K"] == 128)
@@ -135,7 +140,7 @@ def test_autotuner_times_each_form_with_its_own_configs():
 
 def test_autotuner_times_the_pair_table_with_its_own_configs():
     """One row at 2 bits from the pair table: its tiles 64 or 128 deep where the group holds them, split up
-    to 32 ways, PREFETCH each way, none of the other forms' configs."""
+    to 32 ways, PREFETCH none, one or two tiles ahead, none of the other forms' configs."""
     for group in (32, 64, 128):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
                                                  SELECT=True, LUT=True)
@@ -143,9 +148,9 @@ def test_autotuner_times_the_pair_table_with_its_own_configs():
                        for f in triton_linear.LUT_DECODE_CONFIGS) for c in kept)
         assert {c.kwargs["BLOCK_K"] for c in kept} == ({64, 128} if group == 128 else {min(group, 64)})
         assert {c.kwargs["SPLIT_K"] for c in kept} == {8, 16, 32}
-        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
+        assert {c.kwargs["PREFETCH"] for c in kept} == {False, True, 2}
         assert not any(c.kwargs["REDUCE_K"] for c in kept)
-        assert len(kept) == (36 if group == 128 else 18)
+        assert len(kept) == (54 if group == 128 else 27)
 
 
 @pytest.mark.parametrize("m, grouped, lut", [(1, False, False), (3, False, False), (2, True, False), (1, False, True)])
@@ -180,8 +185,8 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
     else:
         assert_close(triton_linear.decode(x, layers[0], lut=lut), reference(x, layers[0]), torch.float16)
         block_m = triton_linear.decode_block_m(m)
-        # FMA: (REDUCE_K, depth) 3 x PREFETCH 2; tl.dot: PREFETCH x stages; the pair table: depth 2 x PREFETCH 2
-        assert len(timed) == (4 if lut or m >= 3 else 6)
+        # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2; the pair table: depth 2 x PREFETCH 3
+        assert len(timed) == (6 if lut or m >= 3 else 9)
     assert len(timed) == len(triton_linear._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
                                                                 GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8
@@ -424,7 +429,7 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
     expected = reference(x.cpu(), layer.to("cpu"))
     fma = m < 16
     deep = fma and bits == 2 and group % 128 == 0
-    for reduce_k, prefetch, stages, split in itertools.product((False, True) if fma else (False,), (False, True),
+    for reduce_k, prefetch, stages, split in itertools.product((False, True) if fma else (False,), (False, True, 2),
                                                                 (2,) if fma else (1, 2), (8, 64) if fma else (8,)):
         depth = 128 if deep and reduce_k else triton_linear.block_k(group)
         config = {"BLOCK_N": 128, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch,

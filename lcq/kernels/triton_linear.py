@@ -294,20 +294,26 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K and not LUT else 1, BLOCK_N),
                         dtype=tl.float32)
-    if PREFETCH:
+    if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
         words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
+    if PREFETCH == 2:
+        second = offs_n < tl.where(start + 1 < end, N, 0)
+        words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K)
+        s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
+    AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
         if not LUT:  # (the pair table holds the inputs' products and sums)
             k_idx = k0 + offs_k
             x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
                         mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
-        if PREFETCH:  # the next tile's loads are in flight while this one is multiplied
-            following = offs_n < tl.where(tile + 1 < end, N, 0)
-            next_words, next_top_words = _tile_words(qw_ptr, k0 + BLOCK_K, offs_n, following, N, BITS, BLOCK_K)
-            next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, k0 + BLOCK_K, offs_n, following, N,
+        if PREFETCH:
+            following = offs_n < tl.where(tile + AHEAD < end, N, 0)
+            next_words, next_top_words = _tile_words(qw_ptr, k0 + AHEAD * BLOCK_K, offs_n, following, N, BITS,
+                                                     BLOCK_K)
+            next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, k0 + AHEAD * BLOCK_K, offs_n, following, N,
                                                       RANK, GROUP)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
@@ -329,7 +335,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                 acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
             else:
                 products += x.to(tl.float32)[:, :, None] * w[None, :, :]
-        if PREFETCH:
+        if PREFETCH == 2:
+            words, top_words, s_codes, b_codes = words_2, top_words_2, s_codes_2, b_codes_2
+            words_2, top_words_2, s_codes_2, b_codes_2 = next_words, next_top_words, next_s_codes, next_b_codes
+        elif PREFETCH:
             words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
     if BLOCK_M < 16 and not REDUCE_K and not LUT:
         acc = tl.sum(products, axis=1)
@@ -416,6 +425,9 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 # - REDUCE_K (sum each tile over K in the loop: 93 registers instead of 167) and PREFETCH (the next tile's
 #   words and codes loaded while this one is multiplied; Triton's pipeliner moves only loads that feed
 #   tl.dot) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them and 21 of 24 tl.dot rows.
+#   PREFETCH 2 loads two tiles ahead (9 registers more, sm_90): a third run of the H200 found the one-row
+#   kernel's time mostly fixed (4096x4096 W2 13 us, 4096x11008 22 us), a slice's few tiles each waiting
+#   out a load; not yet timed.
 # - Tiles 128 deep at 2 bits (REDUCE_K only: otherwise the products spill): each column's 4 codebook
 #   entries are built once per tile, so deeper tiles spend fewer instructions per weight (sm_90, Triton
 #   3.6, W2 r2, 64 columns per 2 warps: 7.0 against 10.4). The autotuner chose them for every 2-bit shape
@@ -429,17 +441,19 @@ FMA_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4)) for reduce_k, depth in ((False, 64), (True, 64), (True, 128))
-    for prefetch in (False, True) for split in (8, 16, 32, 64)]
+    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)]
 DOT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=4, num_stages=stages)
-    for bn in (64, 128) for prefetch in (False, True) for stages in (1, 2) for split in (4, 8, 16)]
-# The pair table at one row (LUT, 2 bits; not yet timed on a GPU): 64, 128 or 256 columns per 2, 4 or 8 warps,
-# tiles 64 or 128 deep, PREFETCH each way, split 8 to 32.
+    for bn in (64, 128) for prefetch in (False, True, 2) for stages in (1, 2) for split in (4, 8, 16)]
+# The pair table at one row (LUT, 2 bits): 64, 128 or 256 columns per 2, 4 or 8 warps, tiles 64 or 128 deep,
+# PREFETCH none, one or two tiles ahead, split 8 to 32. H200 (bench/results/kernels-pair-table-nvidia-h200.json,
+# with one tile ahead at most): with its table's kernel 0.2-2.7 us faster than the FMA form at rank 1, slower
+# at ranks 2 (by 1.6-6.5 us) and 4, so decode() times both (lut_wins).
 LUT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
-    for bn, warps in ((64, 2), (128, 4), (256, 8)) for depth in (64, 128) for prefetch in (False, True)
+    for bn, warps in ((64, 2), (128, 4), (256, 8)) for depth in (64, 128) for prefetch in (False, True, 2)
     for split in (8, 16, 32)]
 DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
