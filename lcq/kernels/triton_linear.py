@@ -204,6 +204,21 @@ def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLO
 
 
 @triton.jit
+def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), or at one row from the pair table
+    (LUT) their sum, which the table starts with in runs of 32 (0 past them)."""
+    if LUT:
+        inputs = tl.load(lut_ptr + k0 // 32, mask=k0 // 32 < PAIRS // 16, other=0.0)
+        for run in tl.static_range(1, BLOCK_K // 32):
+            inputs += tl.load(lut_ptr + k0 // 32 + run, mask=k0 // 32 + run < PAIRS // 16, other=0.0)
+    else:
+        k_idx = k0 + tl.arange(0, BLOCK_K)
+        inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
+                         mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+    return inputs
+
+
+@triton.jit
 def _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr, offs_n, n_mask, N,
                   RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """A 2-bit tile's products at one row from the pair table (_pair_table_kernel): each 4-bit field of the
@@ -259,7 +274,6 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     tiles = tl.cdiv(K, GROUP) * (GROUP // BLOCK_K)
     if GROUPED:
@@ -298,48 +312,47 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
         words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
+        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K)
     if PREFETCH == 2:
         second = offs_n < tl.where(start + 1 < end, N, 0)
         words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
+        inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
+                                BLOCK_K)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
-        if not LUT:  # (the pair table holds the inputs' products and sums)
-            k_idx = k0 + offs_k
-            x = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
-                        mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         if PREFETCH:
+            ahead = k0 + AHEAD * BLOCK_K
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
-            next_words, next_top_words = _tile_words(qw_ptr, k0 + AHEAD * BLOCK_K, offs_n, following, N, BITS,
-                                                     BLOCK_K)
-            next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, k0 + AHEAD * BLOCK_K, offs_n, following, N,
-                                                      RANK, GROUP)
+            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
+            next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
+            next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
-        if LUT:  # the table starts with the sum of each 32 inputs
-            x_sum = tl.load(lut_ptr + k0 // 32)
-            for run in tl.static_range(1, BLOCK_K // 32):
-                x_sum += tl.load(lut_ptr + k0 // 32 + run)
+            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K)
+        if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
-            acc += scaled[None, :] - x_sum * b[None, :]
+            acc += scaled[None, :] - inputs * b[None, :]
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                               RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
             if BLOCK_M >= 16:
-                acc = _dot(x, w, acc, DOT_IN_FP32)
+                acc = _dot(inputs, w, acc, DOT_IN_FP32)
             elif REDUCE_K:
-                acc += tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+                acc += tl.sum(inputs.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
             else:
-                products += x.to(tl.float32)[:, :, None] * w[None, :, :]
+                products += inputs.to(tl.float32)[:, :, None] * w[None, :, :]
         if PREFETCH == 2:
-            words, top_words, s_codes, b_codes = words_2, top_words_2, s_codes_2, b_codes_2
+            words, top_words, s_codes, b_codes, inputs = words_2, top_words_2, s_codes_2, b_codes_2, inputs_2
             words_2, top_words_2, s_codes_2, b_codes_2 = next_words, next_top_words, next_s_codes, next_b_codes
+            inputs_2 = next_inputs
         elif PREFETCH:
             words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
+            inputs = next_inputs
     if BLOCK_M < 16 and not REDUCE_K and not LUT:
         acc = tl.sum(products, axis=1)
     out_offs = rows[:, None] * stride_om + offs_n[None, :]
@@ -425,9 +438,9 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 # - REDUCE_K (sum each tile over K in the loop: 93 registers instead of 167) and PREFETCH (the next tile's
 #   words and codes loaded while this one is multiplied; Triton's pipeliner moves only loads that feed
 #   tl.dot) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them and 21 of 24 tl.dot rows.
-#   PREFETCH 2 loads two tiles ahead (9 registers more, sm_90): a third run of the H200 found the one-row
-#   kernel's time mostly fixed (4096x4096 W2 13 us, 4096x11008 22 us), a slice's few tiles each waiting
-#   out a load; not yet timed.
+#   PREFETCH 2 loads two tiles ahead (9 registers more, sm_90): on the H200 it was not chosen and changed no
+#   time. PREFETCH now loads each tile's activations ahead too: the sm_90 loop issued the tile's x load and
+#   stored it to shared memory a few barriers later, so every tile waited for it (not yet timed).
 # - Tiles 128 deep at 2 bits (REDUCE_K only: otherwise the products spill): each column's 4 codebook
 #   entries are built once per tile, so deeper tiles spend fewer instructions per weight (sm_90, Triton
 #   3.6, W2 r2, 64 columns per 2 warps: 7.0 against 10.4). The autotuner chose them for every 2-bit shape
