@@ -17,13 +17,13 @@ from . import cpu_index, cpu_ops
 from .cpu_index import IndexWeight
 from .cpu_matmul import dense_linear, half_copy, half_swiglu, pack_weight
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None  # (the Triton modules are imported where used)
 
 
 def lcq_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K): the Triton kernels for CUDA
     tensors, else W dequantized in x's dtype."""
-    if x.is_cuda and x.numel() and _HAS_TRITON:
+    if x.is_cuda and x.numel() and HAS_TRITON:
         from .triton_linear import triton_linear
         return triton_linear(x, layer)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)

@@ -22,16 +22,13 @@ normalise, and the torch path writes the product out with the sink as one more c
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-from lcq.kernels import cpu_ops
+from lcq.kernels import HAS_TRITON, cpu_ops
 
 from .context import ForwardContext
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def first_key(position, window: int):
@@ -90,7 +87,7 @@ class PagedAttention:
         new token's queries are multiplied by its factor first (Ministral 3's temperature), or None."""
         self.context = context
         self.query_scales = None if query_scales is None else query_scales.to(dtype).view(-1, 1, 1)
-        self.use_triton = device.type == "cuda" and _HAS_TRITON
+        self.use_triton = device.type == "cuda" and HAS_TRITON
         self.use_cpu_ops = (device.type == "cpu" and dtype == torch.float32 and cpu_ops.usable()
                             and (cache_dtype or dtype) in cpu_ops.CACHE_DTYPES)
         if self.use_triton or self.use_cpu_ops:

@@ -7,22 +7,19 @@ for every other device and dtype.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import torch
 import torch.nn.functional as F
 
 from lcq.format import PackedLinear, dequantize, output_rows
-from lcq.kernels import cpu_ops
-
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+from lcq.kernels import HAS_TRITON, cpu_ops
 
 
 def _on_gpu(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """True where lcq.kernels.elementwise takes a step: x CUDA rows (tokens, width) of unit stride in a dtype it
     handles, and the other tensors (None: absent) in x's dtype with unit-stride rows too."""
-    if not (_HAS_TRITON and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
+    if not (HAS_TRITON and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
     return all(t is None or (t.dtype == x.dtype and t.stride(-1) == 1) for t in others)
