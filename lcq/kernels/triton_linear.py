@@ -222,12 +222,12 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
 def _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr, offs_n, n_mask, N,
                   RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """A 2-bit tile's products at one row from the pair table (_pair_table_kernel): each 4-bit field of the
-    index words holds two indices, and one vector load of its entry brings the sum of their two products
-    for every rank; S applies once per tile. Returns (sum_r S[n, r] sum_k x[k] V[r, q[n, k]], B[n]), fp32
-    (BLOCK_N,) each: the tile's products are the first less B[n] times the tile's sum of x."""
+    index words holds two indices, and one load per rank of its entry brings the sum of their two products;
+    S applies once per tile. Returns (sum_r S[n, r] sum_k x[k] V[r, q[n, k]], B[n]), fp32 (BLOCK_N,) each:
+    the tile's products are the first less B[n] times the tile's sum of x."""
     ROWS: tl.constexpr = BLOCK_K // 16  # words of 16 indices, consecutive in k (_plane_words)
-    # (columns, pairs) in the gather's orientation (GATHER_COLUMNS_FIRST), so that threads run along the columns
-    # each column's pointer to the tile's first pair, then a constant per field (the loads' immediate offsets)
+    # each column's pointer to the tile's first pair, then a constant per field (the loads' immediate offsets);
+    # (columns, fields) in the gather's orientation (GATHER_COLUMNS_FIRST), so that threads run along the columns
     tile = lut_ptr + lut_base + (k0 // 2) * (16 * RANKS)
     if GATHER_COLUMNS_FIRST:
         fields = (tl.trans(words)[:, :, None] >> (4 * tl.arange(0, 8))[None, None, :]) & 15  # (BLOCK_N, ROWS, 8)
@@ -261,15 +261,16 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
     The FMA form (BLOCK_M < 16) keeps every product of a tile in registers and reduces over K once,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
-    registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH loads the next tile's codes
-    before multiplying this one, which Triton's pipeliner does not do for loads that do not feed
-    tl.dot (see DECODE_CONFIGS).
+    registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH (1 or 2) loads the words, codes
+    and activations of the tile that many ahead before multiplying this one, which Triton's pipeliner does
+    not do for loads that do not feed tl.dot (see DECODE_CONFIGS).
     GROUPED (a mixture's experts, experts.py): the layer's tensors are every expert's, stacked, and
     program (n tile, k slice, block) multiplies the BLOCK_M rows rows_ptr lists for the block (-1: none)
     by the weights of the expert experts_ptr names for it (-1: none, the program only arrives); row r
     reads input row r // ROWS_PER_INPUT. M is then the number of rows, TABLES the V tables per expert.
     LUT (2 bits, one row): the products come from the row's pair table at lut_ptr (_pair_table_kernel, PAIRS
-    pairs per V table) instead of dequantized weights: ~3 instructions per pair of weights."""
+    pairs per V table) instead of dequantized weights (sm_90: 3.6 instructions per weight at rank 1, against
+    6.9 for the FMA form)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
