@@ -113,11 +113,12 @@ def _first_key(position, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, scale,
-                   stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
-                   GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
-                   SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, scale,
+                             stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
+                             GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                             PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                             HAS_SINKS: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_ROWS)
@@ -153,11 +154,12 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr
 
 
 @triton.jit
-def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, sinks_ptr, scale,
-                    stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
-                    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, WINDOW: tl.constexpr,
-                    SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr):
+def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, starts_ptr, sinks_ptr,
+                              scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
+                              GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                              PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                              HAS_SINKS: tl.constexpr):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -221,7 +223,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    _decode_kernel[(num_seqs, num_kv_heads)](
+    _decode_attention_kernel[(num_seqs, num_kv_heads)](
         q, k_cache, v_cache, out, block_tables, context_lens, sinks, scale,
         *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -243,7 +245,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     out = torch.empty_like(q)
     grid = (context_lens.shape[0], num_heads, triton.cdiv(max_query_len, BLOCK_M))
-    _prefill_kernel[grid](
+    _prefill_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, context_lens, query_start, sinks, scale,
         *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
