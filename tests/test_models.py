@@ -205,6 +205,24 @@ def _check_against(reference, model, prompts: list[list[int]], decode_steps: int
 PROMPTS = [[5, 17, 99, 3, 250, 41, 7, 8, 9, 10, 11], [300, 2, 64], [12, 13, 14, 15, 16, 17, 18, 19, 20]]
 
 
+def test_a_step_looks_its_rotary_table_up_once(tmp_path, monkeypatch):
+    """Every layer of a step shares the table's rows for its positions: one lookup a step, not one a layer (on
+    the H200 the layers' lookups were 64 kernels of a 7B model's token). The torch path (no C ops)."""
+    from lcq.models.layers import RotaryEmbedding
+
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    lookups = []
+    real_forward = RotaryEmbedding.forward
+    monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, positions: lookups.append(1) or
+                        real_forward(self, positions))
+    model, _ = load_model(make_tiny_hf(tmp_path / "llama", "llama", num_hidden_layers=3))
+    batch = PagedBatch(model)
+    seq = batch.add()
+    batch.step({seq: [5, 17, 99]})
+    batch.step({seq: [3]})
+    assert len(lookups) == 2  # (it was 6: once per layer of each step)
+
+
 def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
     """The one-call C decode step passes the attention's refusal up: a -1 where a step reads (a bug in
     the tables) raises instead of reading outside the cache."""

@@ -442,7 +442,8 @@ class LlamaModel(torch.nn.Module):
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
             return self.norm(self.cpu_decoder(hidden, positions, context))[0]
         tables = [self.layer_rotary(i) for i in range(len(self.layers))]
-        ropes = {id(table): table(positions) for table in tables}  # each table's rows looked up once a step
+        distinct = {id(table): table for table in tables}
+        ropes = {key: table(positions) for key, table in distinct.items()}  # each table's rows looked up once a step
         temperature = self.config.query_temperature
         scales = None if temperature is None else query_temperatures(positions, *temperature)
         attentions = [PagedAttention(context.group(g), self.block_size, hidden.device, hidden.dtype,
