@@ -43,6 +43,13 @@ DEEPSEEK_V2_LITE = dict(hidden_size=2048, intermediate_size=10944, moe_intermedi
                         routed_scaling_factor=1.0, vocab_size=102400, max_position_embeddings=4096)
 
 
+def random_weight(*shape: int) -> torch.Tensor:
+    """fp16 values of N(0, 0.02^2) on the CPU, drawn on the GPU where there is one: a 7B checkpoint's 13.5 GB
+    took over 2 minutes to draw on an H200 machine's CPU (bench/gpu_session.sh's fp16 step)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return (torch.randn(*shape, dtype=torch.float16, device=device) * 0.02).cpu()
+
+
 def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> PackedLinear:
     groups = padded_in_features(k, group_size) // group_size
     return PackedLinear(
@@ -82,9 +89,9 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
     kind = family["model_type"]
     norm = torch.zeros if kind == "qwen3_5_moe_text" else torch.ones  # (Qwen3.5's norms multiply by 1 + w)
     head = linear_tensors("lm_head", random_packed(vocab, h, head_bits, rank, group_size)) if head_bits else \
-        {} if tied else {"lm_head.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
+        {} if tied else {"lm_head.weight": random_weight(vocab, h)}
     table = {} if tied and head_bits else \
-        {"model.embed_tokens.weight": torch.randn(vocab, h, dtype=torch.float16) * 0.02}
+        {"model.embed_tokens.weight": random_weight(vocab, h)}
     write_shard(folder / "extra.safetensors", {**table, **head, "model.norm.weight": norm(h, dtype=torch.float16)})
     width, shared = shapes.get("moe_intermediate_size", i), shapes.get("n_shared_experts", 0)
     shared_width = shapes.get("shared_expert_intermediate_size", width * shared)
@@ -98,9 +105,9 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
         linears, kept = _token_mixer(shapes, kind, layer)
         routed = experts and layer >= shapes.get("first_k_dense_replace", 0)
         if routed:  # the router, in full precision (and Qwen3.5's shared expert's gate)
-            kept["mlp.gate.weight"] = torch.randn(experts, h, dtype=torch.float16) * 0.02
+            kept["mlp.gate.weight"] = random_weight(experts, h)
             if kind == "qwen3_5_moe_text":
-                kept["mlp.shared_expert_gate.weight"] = torch.randn(1, h, dtype=torch.float16) * 0.02
+                kept["mlp.shared_expert_gate.weight"] = random_weight(1, h)
         for mlp, columns in (mixture if routed else {"mlp": i}).items():
             linears.update({f"{mlp}.gate_proj": (columns, h), f"{mlp}.up_proj": (columns, h),
                             f"{mlp}.down_proj": (h, columns)})
@@ -109,7 +116,7 @@ def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int =
             if quantized:
                 tensors.update(linear_tensors(f"{prefix}.{name}", random_packed(n, k, bits, rank, group_size)))
             else:
-                tensors[f"{prefix}.{name}.weight"] = torch.randn(n, k, dtype=torch.float16) * 0.02
+                tensors[f"{prefix}.{name}.weight"] = random_weight(n, k)
         write_shard(folder / f"layer-{layer:03d}.safetensors", tensors)
     write_index(folder)
     return folder
@@ -128,16 +135,13 @@ def _token_mixer(shapes: dict, kind: str, layer: int) -> tuple[dict[str, tuple[i
     h, heads, kv_heads = shapes["hidden_size"], shapes["num_attention_heads"], shapes["num_key_value_heads"]
     head_dim = shapes.get("head_dim", h // heads)
 
-    def random(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, dtype=torch.float16) * 0.02
-
     if kind == "deepseek_v2":  # q_proj, the latent's and the shared rotated key's projection, o_proj; kv_b_proj kept
         rope, kv_rank = shapes["qk_rope_head_dim"], shapes["kv_lora_rank"]
         nope_value = shapes["qk_nope_head_dim"] + shapes["v_head_dim"]
         return ({"self_attn.q_proj": (heads * (shapes["qk_nope_head_dim"] + rope), h),
                  "self_attn.kv_a_proj_with_mqa": (kv_rank + rope, h),
                  "self_attn.o_proj": (h, heads * shapes["v_head_dim"])},
-                {"self_attn.kv_b_proj.weight": random(heads * nope_value, kv_rank),
+                {"self_attn.kv_b_proj.weight": random_weight(heads * nope_value, kv_rank),
                  "self_attn.kv_a_layernorm.weight": torch.ones(kv_rank, dtype=torch.float16)})
     if kind == "qwen3_5_moe_text" and (layer + 1) % shapes.get("full_attention_interval", 4):  # linear attention
         k_width = shapes["linear_num_key_heads"] * shapes["linear_key_head_dim"]
@@ -147,7 +151,7 @@ def _token_mixer(shapes: dict, kind: str, layer: int) -> tuple[dict[str, tuple[i
         return ({"linear_attn.in_proj_qkv": (conv, h), "linear_attn.in_proj_z": (v_width, h),
                  "linear_attn.in_proj_b": (v_heads, h), "linear_attn.in_proj_a": (v_heads, h),
                  "linear_attn.out_proj": (h, v_width)},
-                {"linear_attn.conv1d.weight": random(conv, 1, shapes.get("linear_conv_kernel_dim", 4)) * 10,
+                {"linear_attn.conv1d.weight": random_weight(conv, 1, shapes.get("linear_conv_kernel_dim", 4)) * 10,
                  "linear_attn.A_log": torch.zeros(v_heads), "linear_attn.dt_bias": torch.ones(v_heads),
                  "linear_attn.norm.weight": torch.ones(shapes["linear_value_head_dim"], dtype=torch.float16)})
     gated = 2 if kind == "qwen3_5_moe_text" else 1  # Qwen3.5's q_proj: each head's query and gate
