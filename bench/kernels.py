@@ -18,7 +18,9 @@ Every product (ours and cuBLAS) is timed as the engine runs it: replayed from a 
 flushed before each replay, median of 30 (lcq.kernels.gpu_timing). Each row has the dispatched
 path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM above 64 rows) with
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
-dequantize kernel writing fp16 W, then cuBLAS).
+dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time both decode forms, each
+autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
+say which one the dispatch chose (`pair_table`).
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
