@@ -6,8 +6,9 @@
 #     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 580
 #
 # Order: the 7B model's W2 rows, its batch-1 decode profile and the same with the decoder's steps in torch;
-# the one-row 2-bit products with and without the pair table; the GPU tests; the 7B fp16 rows (a 13.5 GB
-# random checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
+# the one-row 2-bit products with and without the pair table, and Nsight Compute on one launch of each form
+# (bench/profile_one_row.py) where ncu is installed; the GPU tests; the 7B fp16 rows (a 13.5 GB random
+# checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
 # parallel processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweeps
 # check every product they time against the dequantized weight. GPU tests run in parallel, stopped with
@@ -45,11 +46,17 @@ left() { echo $((budget - 10 - ($(date +%s) - started))); }
 
 step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
-step 170 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --torch-steps
-one_row=(--bits 2 --ms 1 --ranks 1,2,4 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
+step 200 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --torch-steps
+one_row=(--bits 2 --ms 1 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
 step 30 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
 slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-step 90 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
+step 70 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
+if command -v ncu >/dev/null; then  # where a tile of the one-row product waits: one launch of each form
+    for form in "" --lut; do
+        step 40 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+            --section WarpStateStats --section SchedulerStats "$py" bench/profile_one_row.py --rank 1 $form
+    done
+fi
 tests=$(left); tests=$((tests > 240 ? 240 : tests))
 step "$tests" test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider -m gpu \
     tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py \
