@@ -9,7 +9,10 @@ Tolerances, as ||y - ref|| / ||ref||: fp32 1e-5 (fp32 arithmetic throughout); fp
 dense fp16/bf16 layer, relative error 2^-11 / 2^-8 per weight) and the output to that dtype.
 """
 import itertools
+import os
+import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -437,6 +440,17 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)
+
+
+@pytest.mark.parametrize("form", [[], ["--lut", "--rank", "1"]])
+def test_profile_script_runs_one_checked_launch(form):
+    """bench/profile_one_row.py, the launch a GPU session hands to Nsight Compute: without a GPU it runs its
+    steps in the interpreter on a small shape and checks the product."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "profile_one_row.py"
+    done = subprocess.run([sys.executable, str(script), *form], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(re.search(r"relative error (\S+) against", done.stdout).group(1)) < 1e-3
 
 
 @pytest.mark.gpu
