@@ -422,7 +422,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
-        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut)
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names
@@ -431,7 +431,8 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                if n not in constants and n not in ("M", "SPLIT_K")}
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if kernel == "decode" else {})}
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def inner_loop(sass: str) -> list[str]:

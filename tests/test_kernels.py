@@ -442,6 +442,47 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
         assert_close(y.cpu(), expected, torch.float16)
 
 
+def test_dependent_launch_is_off_on_cpu_and_when_turned_off(monkeypatch):
+    """Dependent launch is a CUDA launch attribute: CPU tensors (the interpreter) never get it, nor does any
+    tensor under LCQ_PDL=0."""
+    from lcq.kernels.dependent_launch import dependent_launch
+    assert dependent_launch(torch.zeros(2)) == {"PDL": False}
+    monkeypatch.setenv("LCQ_PDL", "0")
+    assert dependent_launch(torch.zeros(2)) == {"PDL": False}
+
+
+@pytest.mark.gpu
+def test_dependent_launch_chains_the_decode_kernels_in_a_graph(monkeypatch):
+    """On Hopper and later a decode step's kernels start before the one they follow ends, each waiting where it
+    reads that one's output: norms, products and activations chained, replayed from a CUDA graph and launched
+    eagerly, give bit for bit what the same chain gives without dependent launch."""
+    from lcq.kernels.dependent_launch import dependent_launch
+    from lcq.kernels.elementwise import add_rms_norm, gated_activation
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16) * 0.1
+    weight = torch.full((4096,), 0.05, device="cuda", dtype=torch.float16)
+    assert dependent_launch(x)["PDL"] == (torch.cuda.get_device_capability() >= (9, 0))
+    gate_up = random_layer(2 * 11008, 4096, 2, 2, 128, seed=1).to("cuda")
+    down = random_layer(4096, 11008, 2, 2, 128, seed=2).to("cuda")
+
+    def chain() -> torch.Tensor:
+        hidden = x
+        for _ in range(4):
+            normed, _ = add_rms_norm(hidden, weight, 1e-5)
+            hidden = lcq_linear(gated_activation(lcq_linear(normed, gate_up), "silu"), down)
+        return hidden
+
+    eager = chain()  # (autotunes and compiles outside the capture)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graphed = chain()
+    graph.replay()
+    monkeypatch.setenv("LCQ_PDL", "0")
+    plain = chain()
+    torch.cuda.synchronize()
+    assert plain.isfinite().all()
+    assert torch.equal(graphed, plain) and torch.equal(eager, plain)
+
+
 @pytest.mark.parametrize("form", [[], ["--lut", "--rank", "1"]])
 def test_profile_script_runs_one_checked_launch(form):
     """bench/profile_one_row.py, the launch a GPU session hands to Nsight Compute: without a GPU it runs its

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dependent_launch import dependent_launch, wait_for_earlier_kernels
+
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 GATED = ("silu", "gelu_tanh")  # activations gated_activation computes; others stay in torch
 GATED_BLOCK = 1024
@@ -28,12 +30,14 @@ def _warps(elements: int) -> int:
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, width, stride_x, stride_r, stride_o, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row: s = x (+ residual, rounded to the dtype and written back into residual), then
     (s * rsqrt(mean(s^2) + eps) in fp32, rounded to the dtype) * weight."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < width
+    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    wait_for_earlier_kernels(PDL)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     s = x.to(tl.float32)
     if HAS_RESIDUAL:  # rounded once to the dtype, as torch's add (arithmetic on 16-bit values is done in fp32
@@ -43,7 +47,6 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, width, stride_x, 
         tl.store(residual_ptr + row * stride_r + offs, s.to(x.dtype), mask=mask)
     scale = tl.rsqrt(tl.sum(s * s, axis=0) / width + eps)
     normed = (s * scale).to(x.dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, (normed * weight).to(x.dtype), mask=mask)
 
 
@@ -56,16 +59,18 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     block = triton.next_power_of_2(width)
     target = residual if residual is not None else x
     _rms_norm_kernel[(rows,)](x, target, weight, out, width, x.stride(0), target.stride(0), out.stride(0), eps,
-                              HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block))
+                              HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=_warps(block),
+                              **dependent_launch(x))
     return out, target
 
 
 @triton.jit
 def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, heads,
                    HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
     """One token: every pair of its first `heads` heads rotated by the token's angles, in fp32, rounded
     back to the dtype in place."""
+    wait_for_earlier_kernels(PDL)
     token = tl.program_id(0)
     head = tl.arange(0, BLOCK_H)[:, None]
     pair = tl.arange(0, BLOCK_P)[None, :]
@@ -97,12 +102,14 @@ def rotary_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin
     block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(pairs)
     _rotary_kernel[(tokens,)](qkv, cos, sin, qkv.stride(0), cos.stride(0), heads, HEAD_DIM=head_dim, PAIRS=pairs,
                               INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_P=block_p,
-                              num_warps=_warps(block_h * block_p))
+                              num_warps=_warps(block_h * block_p), **dependent_launch(qkv))
 
 
 @triton.jit
-def _gated_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr):
+def _gated_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr):
     """act(gate) rounded to the dtype, times up, for one row's BLOCK columns: SiLU, or GELU's tanh form."""
+    wait_for_earlier_kernels(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < width
@@ -125,5 +132,5 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     grid = (rows, triton.cdiv(width, GATED_BLOCK))
     _gated_kernel[grid](gate_up, out, width, gate_up.stride(0), out.stride(0), GELU=activation == "gelu_tanh",
-                        BLOCK=GATED_BLOCK, num_warps=4)
+                        BLOCK=GATED_BLOCK, num_warps=4, **dependent_launch(gate_up))
     return out

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .dependent_launch import dependent_launch, wait_for_earlier_kernels
+
 BLOCK_N = 32  # cached tokens per tile
 BLOCK_M = 32  # new tokens per prefill program
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
@@ -37,9 +39,10 @@ MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 
 @triton.jit
 def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr):
     """LIMIT > 0: the cache dtype's largest value, to which values are clamped before they are rounded
     to it (a narrower cache than the activations: fp8)."""
+    wait_for_earlier_kernels(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
@@ -63,7 +66,8 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     narrower = torch.finfo(k_cache.dtype).max < torch.finfo(k.dtype).max
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
                                     ROW=row, BLOCK=triton.next_power_of_2(row),
-                                    LIMIT=float(torch.finfo(k_cache.dtype).max) if narrower else 0.0)
+                                    LIMIT=float(torch.finfo(k_cache.dtype).max) if narrower else 0.0,
+                                    **dependent_launch(k))
 
 
 @triton.jit
@@ -118,7 +122,8 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr
                              GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                              PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                             HAS_SINKS: tl.constexpr):
+                             HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+    wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     offs_g = tl.arange(0, GROUP_ROWS)
@@ -228,7 +233,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap), HAS_SINKS=sinks is not None)
+        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap), HAS_SINKS=sinks is not None,
+        **dependent_launch(q))
     return out
 
 

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
+from .dependent_launch import dependent_launch, wait_for_earlier_kernels
 from .experts import ExpertRoutes, PackedExperts
 from .gpu_timing import graph_time
 
@@ -180,11 +181,13 @@ def _dot(x, w, acc, DOT_IN_FP32: tl.constexpr):
 
 
 @triton.jit
-def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLOCK_P: tl.constexpr):
+def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLOCK_P: tl.constexpr,
+                       PDL: tl.constexpr):
     """The activation-side table of a 2-bit layer for one row x: the sum of each 32 inputs (PAIRS / 16 values),
     then for each pair of inputs p and each of the 16 index pairs c (c & 3 the first input's index, c >> 2 the
     second's), x[2p] V[t, c & 3] + x[2p + 1] V[t, c >> 2] for every rank, fp32 (tables, PAIRS, 16, RANKS);
     program (block of pairs, table t). Inputs past K are 0."""
+    wait_for_earlier_kernels(PDL)
     table = tl.program_id(1)
     pairs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     first = tl.load(x_ptr + 2 * pairs, mask=2 * pairs < K, other=0.0).to(tl.float32)
@@ -255,7 +258,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
-                   LUT: tl.constexpr = False):
+                   LUT: tl.constexpr = False, PDL: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -270,7 +273,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     reads input row r // ROWS_PER_INPUT. M is then the number of rows, TABLES the V tables per expert.
     LUT (2 bits, one row): the products come from the row's pair table at lut_ptr (_pair_table_kernel, PAIRS
     pairs per V table) instead of dequantized weights (sm_90: 3.6 instructions per weight at rank 1, against
-    6.9 for the FMA form)."""
+    6.9 for the FMA form).
+    PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
+    the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
+    tl.static_assert(not (PDL and GROUPED))
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -313,11 +319,14 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
         words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
-        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K)
     if PREFETCH == 2:
         second = offs_n < tl.where(start + 1 < end, N, 0)
         words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
+    wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
+    if PREFETCH:
+        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K)
+    if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
                                 BLOCK_K)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
@@ -451,11 +460,19 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 #   as 4-byte cp.async copies (64 LDGSTS per W4 tile in the sm_90 SASS): W4 r1 at 16 rows took 253 us,
 #   with one stage 45 us. One stage won every tl.dot row of the run, 2-bit rows too.
 # A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
+# - ncu of the chosen one-row tile (4096x11008 W2 r2: 128 columns per 4 warps, 128 deep, REDUCE_K, PREFETCH,
+#   8 slices; H200, 2026-12-04, a later session): 256 programs, 7.1 warps per SM (24 would fit), each
+#   scheduler issuing every 1.8 cycles with 0.75 warps eligible, 7.3 instructions per weight. So 64 columns
+#   per 4 warps are tried too: twice the warps for the same weights, at 9.8 instructions per weight (sm_90
+#   SASS; 128 columns per 8 warps took 14.6 and 237 registers).
 FMA_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4)) for reduce_k, depth in ((False, 64), (True, 64), (True, 128))
-    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)]
+    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)] + [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": True},
+                  num_warps=warps, num_stages=2)
+    for bn, warps in ((64, 4),) for split in (8, 16, 32)]
 DOT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=4, num_stages=stages)
@@ -621,7 +638,8 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
     args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, m, n, k, x.stride(0), out.stride(0),
             1, 0, pairs)
-    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut)  # (in the tuning key)
+    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut,  # (in the tuning key)
+                  **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -647,7 +665,8 @@ def pair_table(x: torch.Tensor, layer: PackedLinear, pairs: int) -> torch.Tensor
     tables, ranks = gather.shape[0], gather.shape[2]
     table = torch.empty(pairs // 16 + tables * pairs * 16 * ranks, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(pairs, PAIR_TABLE_BLOCK), tables)
-    _pair_table_kernel[grid](x, gather, table, x.shape[1], pairs, RANKS=ranks, BLOCK_P=PAIR_TABLE_BLOCK, num_warps=4)
+    _pair_table_kernel[grid](x, gather, table, x.shape[1], pairs, RANKS=ranks, BLOCK_P=PAIR_TABLE_BLOCK, num_warps=4,
+                             **dependent_launch(x))
     return table
 
 
