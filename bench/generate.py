@@ -43,6 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -248,8 +249,8 @@ def main() -> None:
     parser.add_argument("--moe-shape", choices=MOE_SHAPES, default="qwen3-30b-a3b", help="--gpu-moe: whose shapes")
     parser.add_argument("--curve", action="store_true", help="CPU: our engine's throughput over 1..64 sequences")
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
-    parser.add_argument("--torch-steps", action="store_true",
-                        help="--gpu-7b: batch 1 also with the decoder's norms, rotary and activation in torch")
+    parser.add_argument("--variants", default="", help="--gpu-7b: batch 1 again in each of these variants "
+                        f"(comma-separated): {', '.join(GPU_VARIANTS)}")
     parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
@@ -288,7 +289,8 @@ def main() -> None:
 
     if args.gpu_7b:
         result["decode_profile"] = {}
-        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"], args.torch_steps)
+        bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"],
+                     [v for v in args.variants.split(",") if v])
     elif args.gpu_moe:
         bench_gpu_moe(args.quick, args.moe_shape, args.moe_layers, rows, save)
     elif args.curve:
@@ -413,14 +415,47 @@ def decode_profile(llm: LLM, tokens: int = 64, top: int = 12) -> dict:
                      "per_token": round(e.count / tokens, 2)} for e in ranked]}
 
 
+def host_profile(llm: LLM, tokens: int = 64, top: int = 15) -> dict:
+    """Where the host's time goes at batch 1 (cProfile): in one 128-token prefill (a max_tokens=1 request: its
+    time is the TTFT) and in a generation of `tokens` tokens, the functions that took the most time themselves,
+    per call of the first and per generated token of the second. With the GPU busy for most of a decode step,
+    the host's time is what a step waits for it; in a prefill, where kernels are launched one by one, it is
+    the launches' Python."""
+    import cProfile
+    import pstats
+
+    fresh = itertools.count(llm.engine.runner.model_config.vocab_size // 5)  # prompts the prefix cache lacks
+    result = {}
+    for name, count in (("prefill", 1), ("decode", tokens)):
+        params = SamplingParams(max_tokens=count, temperature=0, ignore_eos=True)
+        llm.generate([[next(fresh)] * 128], params)  # warm
+        profiler = cProfile.Profile()
+        start = time.perf_counter()
+        profiler.runcall(llm.generate, [[next(fresh)] * 128], params)
+        wall = time.perf_counter() - start
+        stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, tottime, cumtime, ..)
+        ranked = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:top]
+        result[name] = {"wall_ms_per_token": round(wall * 1000 / count, 3),
+                        "top": [{"function": f"{Path(file).name}:{line}({function})",
+                                 "self_ms_per_token": round(entry[2] * 1000 / count, 3),
+                                 "calls_per_token": round(entry[0] / count, 1)}
+                                for (file, line, function), entry in ranked]}
+    return result
+
+
+# What a variant of the 7B's batch-1 row turns off, to measure what it saves: the decoder's norms, rotary
+# embedding and activation as torch expressions instead of their CUDA kernels (lcq.kernels.elementwise), or
+# the kernels launched without programmatic dependent launch (lcq.kernels.dependent_launch).
+GPU_VARIANTS = {"torch-steps": lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False),
+                "no-pdl": lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"})}
+
+
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
-                 torch_steps: bool = False) -> None:
+                 variants: list[str] = ()) -> None:
     """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
-    a batch-1 decode profile of each goes into profiles. torch_steps: then batch 1 again (variant
-    "torch-steps") with the decoder's norms, rotary embedding and activation as torch expressions instead
-    of their CUDA kernels (lcq.kernels.elementwise), to measure what those kernels save."""
+    a batch-1 decode profile of each goes into profiles. variants (GPU_VARIANTS): then batch 1 again, and its
+    profile, in each."""
     import tempfile
-    from unittest import mock
 
     from bench.random_model import write_random_llama
 
@@ -432,18 +467,19 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, p
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
             throughput_curve(llm, model, weights, concurrencies, rows, save)
             profiles[weights] = decode_profile(llm)
-            print({weights: profiles[weights]}, flush=True)
+            profiles[f"{weights} host"] = host_profile(llm)
+            print({weights: profiles[weights], f"{weights} host": profiles[f"{weights} host"]}, flush=True)
             save()
             del llm
             torch.cuda.empty_cache()
-            if torch_steps:  # the graphs are captured at load, so a second engine, loaded without the kernels
-                with mock.patch("lcq.models.layers._on_gpu", return_value=False):
+            for variant in variants:  # the graphs are captured at load: a second engine, loaded in the variant
+                with GPU_VARIANTS[variant]():
                     llm = LLM(str(folder), max_num_seqs=1, max_model_len=2048)
                     start = len(rows)
                     throughput_curve(llm, model, weights, [1], rows, save)
-                    rows[start]["variant"] = "torch-steps"
-                    profiles[f"{weights} torch-steps"] = decode_profile(llm)
-                print({f"{weights} torch-steps": profiles[f"{weights} torch-steps"]}, flush=True)
+                    rows[start]["variant"] = variant
+                    profiles[f"{weights} {variant}"] = decode_profile(llm)
+                print({f"{weights} {variant}": profiles[f"{weights} {variant}"]}, flush=True)
                 save()
                 del llm
                 torch.cuda.empty_cache()

@@ -1111,6 +1111,18 @@ def test_generation_bench_decode_profile_runs_without_a_gpu(tiny):
     assert profile["wall_ms_per_token"] > 0 and profile["kernels_per_token"] == 0 and profile["top"] == []
 
 
+def test_generation_bench_host_profile_times_a_prefill_and_the_decode_steps(tiny):
+    """bench/generate.py's host profile: per prefill and per decoded token, the functions that took the host's
+    time, the model's forward among them."""
+    from bench.generate import host_profile
+
+    profile = host_profile(LLM(str(tiny), block_size=8, max_num_seqs=2, **FP32), tokens=4, top=40)
+    for part in ("prefill", "decode"):
+        assert profile[part]["wall_ms_per_token"] > 0
+        assert any("forward" in entry["function"] for entry in profile[part]["top"])
+        assert all(entry["self_ms_per_token"] >= 0 and entry["calls_per_token"] > 0 for entry in profile[part]["top"])
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
