@@ -207,9 +207,14 @@ def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLO
 
 
 @triton.jit
-def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr):
-    """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), or at one row from the pair table
-    (LUT) their sum, which the table starts with in runs of 32 (0 past them)."""
+def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
+                 FP32: tl.constexpr):
+    """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
+    the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
+    FP32 (one row): converted where they are loaded, a tile ahead with PREFETCH, each thread converts a few and
+    hands the tile to the threads that multiply; converted after that hand-over, every thread converted every
+    input of its columns, one instruction per weight (sm_90, W2 r2: 7.1 instructions per weight and 80 registers,
+    6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled."""
     if LUT:
         inputs = tl.load(lut_ptr + k0 // 32, mask=k0 // 32 < PAIRS // 16, other=0.0)
         for run in tl.static_range(1, BLOCK_K // 32):
@@ -218,6 +223,8 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
         k_idx = k0 + tl.arange(0, BLOCK_K)
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
                          mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+        if FP32:
+            inputs = inputs.to(tl.float32)
     return inputs
 
 
@@ -277,6 +284,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
+    ONE_ROW: tl.constexpr = BLOCK_M == 1  # inputs converted to fp32 as they are loaded (_tile_inputs)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -325,10 +333,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
-        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K)
+        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K)
+                                BLOCK_K, ONE_ROW)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
@@ -337,11 +345,11 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
             next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
-            next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K)
+            next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
-            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K)
+            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
@@ -459,20 +467,18 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 # - One stage for the tl.dot rows (16-64): with two, Triton 3.6 pipelines the V gather that feeds the dot
 #   as 4-byte cp.async copies (64 LDGSTS per W4 tile in the sm_90 SASS): W4 r1 at 16 rows took 253 us,
 #   with one stage 45 us. One stage won every tl.dot row of the run, 2-bit rows too.
-# A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
 # - ncu of the chosen one-row tile (4096x11008 W2 r2: 128 columns per 4 warps, 128 deep, REDUCE_K, PREFETCH,
 #   8 slices; H200, 2026-12-04, a later session): 256 programs, 7.1 warps per SM (24 would fit), each
-#   scheduler issuing every 1.8 cycles with 0.75 warps eligible, 7.3 instructions per weight. So 64 columns
-#   per 4 warps are tried too: twice the warps for the same weights, at 9.8 instructions per weight (sm_90
-#   SASS; 128 columns per 8 warps took 14.6 and 237 registers).
+#   scheduler issuing every 1.8 cycles with 0.75 warps eligible, 7.3 instructions per weight (6.1 now in the
+#   sm_90 SASS: _tile_inputs). More warps for the same weights cost instructions (sm_90 SASS: 64 columns per
+#   4 warps, 8.9 per weight at 128 deep, 21 at 64; 128 per 8 warps, 14.6 and 237 registers), so the list
+#   stays as it was.
+# A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
 FMA_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4)) for reduce_k, depth in ((False, 64), (True, 64), (True, 128))
-    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)] + [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": True},
-                  num_warps=warps, num_stages=2)
-    for bn, warps in ((64, 4),) for split in (8, 16, 32)]
+    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)]
 DOT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=4, num_stages=stages)
