@@ -1,20 +1,23 @@
 """CUDA graphs of the decode forward pass, one per padded batch size.
 
 A decode step launches hundreds of small kernels; replaying a captured graph removes their launch
-cost. The graphs read their inputs from static buffers that each step fills in place. The
-attention kernels take their loop bounds from context_lens in memory, so one graph serves any
-context length up to max_model_len. Padding rows write nowhere (slot -1) and read one token of
-block 0, so they cannot disturb real rows; with recurrent layers (Qwen3.5) they advance a scratch state
-slot past the sequences' own.
+cost. The graphs read their inputs from static views of one device buffer, which each step fills in
+one copy from a pinned host buffer (step_inputs.py). The attention kernels take their loop bounds from
+context_lens in memory, so one graph serves any context length up to max_model_len. Padding rows write
+nowhere (slot -1) and read one token of block 0, so they cannot disturb real rows; with recurrent layers
+(Qwen3.5) they advance a scratch state slot past the sequences' own.
 """
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from lcq.models import ForwardContext
 from lcq.models.lora import AdapterStack, LoRABatch
+
+from .step_inputs import StepInputs, StepLayout, pack, pad
 
 logger = logging.getLogger("lcq.engine")
 
@@ -40,17 +43,17 @@ class DecodeGraphs:
         self.adapters = adapters
         self.sizes = graph_batch_sizes(max_num_seqs)
         top = self.sizes[-1]
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((num_groups, top), -1, dtype=torch.int64, device=device)
-        self.query_start = torch.arange(top + 1, dtype=torch.int32, device=device)
-        self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(num_groups, top, max_blocks_per_seq, dtype=torch.int32, device=device)
-        self.adapter_slots = torch.full((top,), -1, dtype=torch.int64, device=device)
         self.scratch_state = scratch_state
-        self.state_slots = None if scratch_state is None else \
-            torch.full((top,), scratch_state, dtype=torch.int64, device=device)
         self.max_context_len = max_blocks_per_seq * block_size
+        # The static inputs: views of one device buffer, which each step fills from a pinned one of the same
+        # layout in one copy, once the copy before it is done (`copied`)
+        self.layout = StepLayout(top, top, num_groups, max_blocks_per_seq, scratch_state is not None)
+        self.staging = torch.zeros(self.layout.numel, dtype=torch.int64, pin_memory=True)
+        self.staged = self.layout.views(self.staging).map(torch.Tensor.numpy)
+        pad(self.staged, 0, top, max_blocks_per_seq, scratch_state)
+        self.buffer = self.staging.to(device)
+        self.inputs = self.layout.views(self.buffer)
+        self.copied = torch.cuda.Event()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._capture()
 
@@ -59,19 +62,20 @@ class DecodeGraphs:
         return self.sizes[-1]
 
     def _context(self, size: int) -> ForwardContext:
+        inputs = self.inputs
         lora = None if self.adapters is None else \
-            LoRABatch(self.adapters, self.adapter_slots[:size], every_layer=True)
-        return ForwardContext(is_prefill=False, slot_mapping=self.slot_mapping[:, :size],
-                              query_start=self.query_start[:size + 1], context_lens=self.context_lens[:size],
-                              block_tables=self.block_tables[:, :size], max_query_len=1,
+            LoRABatch(self.adapters, inputs.adapter_slots[:size], every_layer=True)
+        return ForwardContext(is_prefill=False, slot_mapping=inputs.slot_mapping[:, :size],
+                              query_start=inputs.query_start[:size + 1], context_lens=inputs.context_lens[:size],
+                              block_tables=inputs.block_tables[:, :size], max_query_len=1,
                               max_context_len=self.max_context_len, lora=lora,
-                              state_slots=None if self.state_slots is None else self.state_slots[:size])
+                              state_slots=None if inputs.state_slots is None else inputs.state_slots[:size])
 
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
-            args = (self.input_ids[:size], self.positions[:size], self._context(size))
+            args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self._context(size))
             self.model(*args)  # compiles the kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -82,30 +86,16 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        """Hidden states (n, hidden) of a decode step of n <= max_batch sequences."""
-        n = input_ids.shape[0]
+    def run(self, step: StepInputs[np.ndarray]) -> torch.Tensor:
+        """Hidden states (n, hidden) of a decode step of n <= max_batch sequences (one token each)."""
+        n = step.num_seqs
         size = next(s for s in self.sizes if s >= n)
-        width = context.block_tables.shape[-1]
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(positions)
-        self.slot_mapping[:, :n].copy_(context.slot_mapping)
-        self.context_lens[:n].copy_(context.context_lens)
-        self.block_tables[:, :n, :width].copy_(context.block_tables)
-        if context.lora is not None:
-            self.adapter_slots[:n].copy_(context.lora.slots)
-        else:
-            self.adapter_slots[:n].fill_(-1)
-        if self.state_slots is not None:
-            self.state_slots[:n].copy_(context.state_slots)
-            self.state_slots[n:size].fill_(self.scratch_state)
-        if size > n:
-            self.input_ids[n:size].zero_()
-            self.positions[n:size].zero_()
-            self.slot_mapping[:, n:size].fill_(-1)
-            self.context_lens[n:size].fill_(1)
-            self.block_tables[:, n:size].zero_()
-            self.adapter_slots[n:size].fill_(-1)
+        self.copied.synchronize()  # the last step's copy has read the pinned buffer
+        pack(self.staged, step)
+        pad(self.staged, n, size, step.block_tables.shape[2], self.scratch_state)
+        count = self.layout.prefix(size)
+        self.buffer[:count].copy_(self.staging[:count], non_blocking=True)
+        self.copied.record()
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:n]

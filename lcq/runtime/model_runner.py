@@ -23,6 +23,7 @@ from .cuda_graphs import DecodeGraphs
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory, zeroed_pages
 from .kv_groups import KVGroups
 from .sequence import Sequence
+from .step_inputs import StepInputs, to_device
 
 logger = logging.getLogger("lcq.engine")
 
@@ -275,9 +276,11 @@ class ModelRunner:
         return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
     def _prepare(self, scheduled: list[tuple[Sequence, int]], num_groups: int | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """The step's token ids, positions and context; num_groups: the tables each sequence has, where not one
-        per layer group (the multi-token-prediction layer's views: one)."""
+                 ) -> tuple[StepInputs[np.ndarray], frozenset[int]]:
+        """The step's inputs as host arrays (on a GPU the decode graphs take them straight into their
+        buffer, other steps in one copy: _on_device), and the state slots of the sequences verifying drafts;
+        num_groups: the tables each sequence has, where not one per layer group (the multi-token-prediction
+        layer's views: one)."""
         num_groups = num_groups or self.kv_groups.num_groups
         ids, positions, starts, lengths = [], [], [0], []
         slots: list[list[int]] = [[] for _ in range(num_groups)]  # per layer group
@@ -305,24 +308,27 @@ class ModelRunner:
                 starts.append(starts[-1] + query)
                 tables[:, len(lengths), :seq.tables_array.shape[1]] = seq.tables_array
                 lengths.append(end)
+        step = StepInputs(
+            input_ids=np.array(ids, np.int64), positions=np.array(positions, np.int64),
+            slot_mapping=np.array(slots, np.int64), adapter_slots=np.array(adapter_slots, np.int64),
+            query_start=np.array(starts, np.int32), context_lens=np.array(lengths, np.int32), block_tables=tables,
+            state_slots=np.array([seq.state_slot for seq, count in scheduled
+                                  for _ in range(count if seq.num_draft_tokens else 1)], np.int64)
+            if self.state_slots else None)
+        drafting_slots = frozenset(seq.state_slot for seq, _ in scheduled if seq.num_draft_tokens and self.state_slots)
+        return step, drafting_slots
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
-
+    def _on_device(self, step: StepInputs[np.ndarray], drafting_slots: frozenset[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """The step's token ids, positions and context on the model's device, for an eager forward pass."""
+        tensors = to_device(step, self.device)
         context = ForwardContext(
-            is_prefill=len(lengths) < len(ids), slot_mapping=tensor(slots, torch.int64),
-            query_start=tensor(starts, torch.int32), context_lens=tensor(lengths, torch.int32),
-            block_tables=torch.from_numpy(tables).to(self.device, non_blocking=True),
-            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
-            max_context_len=max(lengths),
-            lora=LoRABatch(self.adapters.stack, tensor(adapter_slots, torch.int64))
-            if max(adapter_slots) >= 0 else None,
-            state_slots=tensor([seq.state_slot for seq, count in scheduled
-                                for _ in range(count if seq.num_draft_tokens else 1)], torch.int64)
-            if self.state_slots else None,
-            drafting_slots=frozenset(seq.state_slot for seq, _ in scheduled
-                                     if seq.num_draft_tokens and self.state_slots))
-        return tensor(ids, torch.int64), tensor(positions, torch.int64), context
+            is_prefill=step.num_seqs < step.num_tokens, slot_mapping=tensors.slot_mapping,
+            query_start=tensors.query_start, context_lens=tensors.context_lens, block_tables=tensors.block_tables,
+            max_query_len=int(np.diff(step.query_start).max()), max_context_len=int(step.context_lens.max()),
+            lora=LoRABatch(self.adapters.stack, tensors.adapter_slots) if step.adapter_slots.max() >= 0 else None,
+            state_slots=tensors.state_slots, drafting_slots=drafting_slots)
+        return tensors.input_ids, tensors.positions, context
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]
@@ -331,23 +337,23 @@ class ModelRunner:
         num_draft_tokens rows each), the prompt logprobs of this step's prompt tokens for sequences
         that asked for them, and the final hidden state of the last prompt token of embedding requests
         whose prompt this step completed."""
-        input_ids, positions, context = self._prepare(scheduled)
+        step, drafting_slots = self._prepare(scheduled)
         drafts = sum(seq.num_draft_tokens for seq, _ in scheduled)
         # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep
         # each row as alone (fp32, and int8 decode products where plain decoding takes them), so that
         # verifying them rounds nothing plain decoding would not.
-        alone = bool(drafts) and len(input_ids) - drafts < ROUNDED_MIN_ROWS
+        alone = bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
         with cpu_products(self.products, rows_alone=alone):
-            return self._forward(scheduled, input_ids, positions, context)
+            return self._forward(scheduled, step, drafting_slots)
 
-    def _forward(self, scheduled: list[tuple[Sequence, int]], input_ids: torch.Tensor, positions: torch.Tensor,
-                 context: ForwardContext
+    def _forward(self, scheduled: list[tuple[Sequence, int]], step: StepInputs[np.ndarray],
+                 drafting_slots: frozenset[int]
                  ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
-        if self.graphs is not None and not context.is_prefill and not context.drafting_slots and \
-                context.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(input_ids, positions, context)
+        decode = step.num_seqs == step.num_tokens
+        if self.graphs is not None and decode and not drafting_slots and step.num_seqs <= self.graphs.max_batch:
+            hidden = self.graphs.run(step)
         else:
-            hidden = self.model(input_ids, positions, context)
+            hidden = self.model(*self._on_device(step, drafting_slots))
         if self.model.mtp is not None:
             self.last_hidden = hidden
         rows, to_sample, prompt_logprobs, embeddings = [], [], [], []
@@ -364,7 +370,9 @@ class ModelRunner:
                 to_sample.append(seq)
         if not rows:
             return [], torch.empty(0), prompt_logprobs, embeddings
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)])
+        # (rows ascend, so as many as hidden has are all of them in order)
+        sampled = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
+        logits = self.model.compute_logits(sampled)
         return to_sample, logits, prompt_logprobs, embeddings
 
     @torch.inference_mode()
@@ -372,7 +380,7 @@ class ModelRunner:
         """One pass of the multi-token-prediction layer over views of sequences (their tokens one ahead, their one
         table the full-attention blocks'), `previous` the hidden state of each row's position: (the hidden
         states a next draft reads, the logits of the tokens after next), a row per token."""
-        input_ids, positions, context = self._prepare(views, num_groups=1)
+        input_ids, positions, context = self._on_device(*self._prepare(views, num_groups=1))
         with cpu_products(self.products):
             return self.model.predict_next(input_ids, previous, positions, context)
 
