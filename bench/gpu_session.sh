@@ -5,19 +5,20 @@
 #
 #     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 580
 #
-# Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); the 7B model's W2
-# rows, its batch-1 decode and host profiles and the same without dependent launch (--variants no-pdl); the
-# one-row 2-bit products with and without the pair table, and with NCU=1 Nsight Compute on one launch of each
-# form (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB
-# random checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
+# Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
+# boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
+# decode and host profiles and the same without dependent launch (--variants no-pdl); the one-row 2-bit
+# products with and without the pair table, and with NCU=1 Nsight Compute on one launch of each form
+# (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB random
+# checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
 # parallel processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweeps
 # check every product they time against the dequantized weight. GPU tests run in parallel, stopped with
 # SIGINT at their time limit so that pytest still prints its summary of failures (and the slowest tests).
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
-# (bench/results/generate-gpu-quick.json, kernels-pair-table-<gpu>.json and, in the time left,
-# generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root to put the results
+# (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-pair-table-<gpu>.json and,
+# in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root to put the results
 # files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
@@ -54,6 +55,7 @@ gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py 
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py)
 step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
+step 30 dependent-launch "$py" bench/dependent_launch.py
 step 200 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --variants no-pdl
 one_row=(--bits 2 --ms 1 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
 step 30 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
@@ -80,5 +82,6 @@ if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
 fi
 
 tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \
+    bench/results/dependent-launch-*.json \
     2>/dev/null)
 echo "wrote $out/gpu-session.tgz after $(($(date +%s) - started))s"
