@@ -403,12 +403,15 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
     ("decode", 2, 1, 128, 1, 64, 2, False, True, {"depth": 128, "lut": True}),
     ("decode", 2, 2, 128, 1, 128, 4, False, True, {"depth": 128, "lut": True}),
     ("decode", 2, 4, 128, 1, 64, 2, False, True, {"depth": 128, "lut": True}),
+    *[("decode", bits, rank, 128, m, 64, warps, m == 1, True, {"stages": stages, "book": book})
+      for bits, rank in ((3, 1), (4, 1), (4, 2), (4, 4)) for m, warps, stages in ((1, 2, 2), (16, 4, 1))
+      for book in (False, True)],
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
-                 lut: bool = False):
+                 lut: bool = False, book: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -422,7 +425,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
-        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True)
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names

@@ -84,6 +84,20 @@ def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k
     assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype", [
+    (3, 3, 32, 80, 1, torch.bfloat16), (4, 1, 64, 100, 2, torch.float16), (4, 4, 128, 150, 1, torch.float32),
+    (3, 1, 64, 100, 16, torch.float16), (4, 3, 32, 80, 33, torch.bfloat16)])
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_kernel_with_column_codebooks_matches_reference(bits, rank, group, k, m, dtype, prefetch):
+    """BOOK at 3 and 4 bits: each column's 2^bits codebook entries built once a tile, each weight gathered from
+    them; the FMA form (reducing each tile or not) and the tl.dot form, ranks 1, 3 and 4, partial groups."""
+    layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
+    x = torch.randn(m, k).to(dtype)
+    for reduce_k in (False, True) if m <= 2 else (False,):
+        config = {**SMALL_DECODE, "BOOK": True, "REDUCE_K": reduce_k, "PREFETCH": prefetch}
+        assert_close(triton_linear.decode(x, layer, config), reference(x, layer), dtype)
+
+
 @pytest.mark.parametrize("prefetch", PREFETCHING, ids=["", "prefetch", "prefetch-one-slice", "two-ahead",
                                                      "two-ahead-one-slice"])
 @pytest.mark.parametrize("rank,group,k,dtype,block_k", [(1, 32, 80, torch.float32, None),
@@ -118,7 +132,7 @@ def test_autotuner_times_each_form_with_its_own_configs():
     tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
     workspace grows with their rows, at most 16 ways at any M. PREFETCH timed three ways everywhere (none, one
     or two tiles ahead); tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth
-    dividing the group."""
+    dividing the group; column codebooks (BOOK) where the weights are not selected (3-4 bits)."""
     configs = triton_linear.DECODE_CONFIGS
     for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
                                                              (True, False)):
@@ -137,8 +151,9 @@ def test_autotuner_times_each_form_with_its_own_configs():
         described = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
         assert len(described) == len(set(described))
         tuned_forms = triton_linear.FMA_DECODE_CONFIGS if fma else triton_linear.DOT_DECODE_CONFIGS
-        assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64)
-                                for c in tuned_forms)
+        assert {c.kwargs.get("BOOK", False) for c in kept} == ({False} if select else {False, True})
+        assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64) and
+                                not (select and c.kwargs.get("BOOK")) for c in tuned_forms)
 
 
 def test_autotuner_times_the_pair_table_with_its_own_configs():
@@ -316,7 +331,8 @@ GROUPED_CASES = [(2, 1, 32, 80, 1, 2, torch.float32, False), (3, 3, 64, 100, 5, 
 def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, tokens, top_k, dtype, bias):
     """A mixture's stacked experts (each with its own V table, bias and S, B): gate/up-like (each token's
     input serves all its choices) and down-like (each row its own input) products against each row's
-    expert's reference product; with PREFETCH, and the counters left zeroed."""
+    expert's reference product; with PREFETCH, with column codebooks (BOOK) at 3-4 bits, and the counters
+    left zeroed."""
     from lcq.kernels.experts import ExpertRoutes, PackedExperts
 
     layers = [random_layer(40, k, bits, rank, group, seed=e, bias=bias) for e in range(5)]
@@ -324,9 +340,9 @@ def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, 
     chosen = _routing(tokens, 5, top_k, seed=bits)
     routes = ExpertRoutes.of(chosen, 5)
     wide = tokens * top_k > triton_linear.DECODE_MAX_M
-    for rows_per_input, prefetch in ((top_k, False), (1, True)):
+    for rows_per_input, prefetch, book in {(top_k, False, False), (1, True, False), (1, True, bits != 2)}:
         x = torch.randn(tokens * top_k // rows_per_input, k).to(dtype)
-        config = {"BLOCK_N": 16, "SPLIT_K": 1 if wide else 3, "PREFETCH": prefetch}
+        config = {"BLOCK_N": 16, "SPLIT_K": 1 if wide else 3, "PREFETCH": prefetch, "BOOK": book}
         y = triton_linear.grouped_decode(x, experts, routes, rows_per_input, config)
         assert_close(y, _routed_reference(x, layers, chosen, rows_per_input), dtype)
     assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
@@ -425,18 +441,19 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
 @pytest.mark.parametrize("m", [1, 2, 16])
 def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
     """Every decode form the autotuner may pick, compiled: plain, REDUCE_K (FMA rows only; 128 deep at 2
-    bits), PREFETCH, one or two stages (tl.dot rows), K split 8 or 64 ways (FMA rows), each checked, not
-    only the one that wins the timing."""
+    bits), PREFETCH, one or two stages (tl.dot rows), K split 8 or 64 ways (FMA rows), column codebooks
+    (BOOK, 3-4 bits), each checked, not only the one that wins the timing."""
     layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
     x = torch.randn(m, k, device="cuda").to(torch.float16)
     expected = reference(x.cpu(), layer.to("cpu"))
     fma = m < 16
     deep = fma and bits == 2 and group % 128 == 0
-    for reduce_k, prefetch, stages, split in itertools.product((False, True) if fma else (False,), (False, True, 2),
-                                                                (2,) if fma else (1, 2), (8, 64) if fma else (8,)):
+    for reduce_k, prefetch, stages, split, book in itertools.product(
+            (False, True) if fma else (False,), (False, True, 2), (2,) if fma else (1, 2), (8, 64) if fma else (8,),
+            (False,) if bits == 2 else (False, True)):
         depth = 128 if deep and reduce_k else triton_linear.block_k(group)
         config = {"BLOCK_N": 128, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch,
-                  "num_warps": 4, "num_stages": stages}
+                  "BOOK": book, "num_warps": 4, "num_stages": stages}
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)

@@ -118,11 +118,16 @@ def _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N):
 
 @triton.jit
 def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                  RANK: tl.constexpr, RANKS: tl.constexpr, SELECT: tl.constexpr,
-                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, SELECT: tl.constexpr,
+                  BOOK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """A tile's weights as fp32 (BLOCK_K, BLOCK_N) from its indices and group codes: w = S . V[:, q] - B.
     v_ptr: the gather table (RANKS: the rank padded to a power of two), v_base: each column's table
-    offset (_table_offsets)."""
+    offset (_table_offsets). At 3-4 bits, per weight either a gather of V's entries for its index and their
+    sum weighted by S, or with BOOK the column's 2^BITS codebook entries first (once a tile) and per weight a
+    tl.gather of its entry, which Triton 3.6 makes a warp shuffle (bench/kernels.py --sass, sm_90: one row,
+    64 columns per 2 warps, W4 8.1-9.0 instructions per weight at ranks 1-4 against 9.1-13.3, W3 r1 11.0
+    against 11.5; 16 rows, 64 columns per 4 warps, W4 10.6-12.5 against 12.0-17.0, W3 r1 13.3 against 17.1;
+    34-44 more registers). Both are in the autotuner's lists (DECODE_CONFIGS)."""
     b = b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
     if SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
         c0 = -b
@@ -138,6 +143,13 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
             c3 += s * tl.load(table + 3 * RANKS)
         low = (q & 1) != 0
         w = tl.where((q & 2) != 0, tl.where(low, c3[None, :], c2[None, :]), tl.where(low, c1[None, :], c0[None, :]))
+    elif BOOK:  # the column's 2^BITS codebook entries S . V - B, then each weight takes its entry
+        entries = tl.arange(0, 1 << BITS)
+        book = tl.zeros((BLOCK_N, 1 << BITS), dtype=tl.float32) - b[:, None]
+        for k in tl.static_range(RANK):
+            s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
+            book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+        w = tl.trans(tl.gather(book, tl.trans(q), axis=1))
     else:  # one vector load of every rank's entry per weight, then w = S . V[:, q] - B
         ranks = tl.arange(0, RANKS)
         scales = tl.zeros((BLOCK_N, RANKS), dtype=tl.float32)
@@ -168,7 +180,7 @@ def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, off
     q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
     s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
     return _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                         RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
+                         BITS, RANK, RANKS, SELECT, False, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -265,7 +277,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
-                   LUT: tl.constexpr = False, PDL: tl.constexpr = False):
+                   LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -281,6 +293,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     LUT (2 bits, one row): the products come from the row's pair table at lut_ptr (_pair_table_kernel, PAIRS
     pairs per V table) instead of dequantized weights (sm_90: 3.6 instructions per weight at rank 1, against
     6.9 for the FMA form).
+    BOOK (3-4 bits): the weights from each column's codebook entries, built once a tile (_tile_weights).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
@@ -333,7 +346,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
-        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
+        inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
+                              ONE_ROW)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
                                 BLOCK_K, ONE_ROW)
@@ -345,7 +359,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
             next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
-            next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
+            next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
+                                       ONE_ROW)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
@@ -357,7 +372,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                              RANK, RANKS, SELECT, BLOCK_K, BLOCK_N)
+                              BITS, RANK, RANKS, SELECT, BOOK, BLOCK_K, BLOCK_N)
             if BLOCK_M >= 16:
                 acc = _dot(inputs, w, acc, DOT_IN_FP32)
             elif REDUCE_K:
@@ -473,16 +488,25 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 #   sm_90 SASS: _tile_inputs). More warps for the same weights cost instructions (sm_90 SASS: 64 columns per
 #   4 warps, 8.9 per weight at 128 deep, 21 at 64; 128 per 8 warps, 14.6 and 237 registers), so the list
 #   stays as it was.
+# - BOOK (3-4 bits, not timed yet): each column's codebook built once a tile, then a warp shuffle per
+#   weight (_tile_weights), with the settings that won most of the rows above (FMA rows: REDUCE_K and
+#   PREFETCH; tl.dot rows: PREFETCH, one stage).
 # A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
 FMA_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4)) for reduce_k, depth in ((False, 64), (True, 64), (True, 128))
-    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)]
+    for prefetch in (False, True, 2) for split in (8, 16, 32, 64)] + [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": True, "BOOK": True},
+                  num_warps=warps, num_stages=2)
+    for bn, warps in ((64, 2), (128, 4)) for split in (8, 16, 32, 64)]
 DOT_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=4, num_stages=stages)
-    for bn in (64, 128) for prefetch in (False, True, 2) for stages in (1, 2) for split in (4, 8, 16)]
+    for bn in (64, 128) for prefetch in (False, True, 2) for stages in (1, 2) for split in (4, 8, 16)] + [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 64, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": True, "BOOK": True},
+                  num_warps=4, num_stages=1)
+    for bn in (64, 128) for split in (4, 8, 16)]
 # The pair table at one row (LUT, 2 bits): 64, 128 or 256 columns per 2, 4 or 8 warps, tiles 64 or 128 deep,
 # PREFETCH none, one or two tiles ahead, split 8 to 32. H200 (bench/results/kernels-pair-table-nvidia-h200.json,
 # with one tile ahead at most): with its table's kernel 0.2-2.7 us faster than the FMA form at rank 1, slower
@@ -503,8 +527,9 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's early prune: the pair table's configs for LUT, else the FMA form's for 1-2 rows and the
-    tl.dot form's from 16, no more slices than the workspace holds, and each tile no deeper than the group
-    and the bit width allow (configs that then coincide are timed once)."""
+    tl.dot form's from 16, no more slices than the workspace holds, column codebooks (BOOK) only where the
+    weights are not selected (3-4 bits), and each tile no deeper than the group and the bit width allow
+    (configs that then coincide are timed once)."""
     form = LUT_DECODE_CONFIGS if kwargs.get("LUT") else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 \
         else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
@@ -512,7 +537,8 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     deepest = 128 if kwargs["SELECT"] else 64
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
-        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most:
+        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not (c.kwargs.get("BOOK") and
+                                                                             kwargs["SELECT"]):
             depth = c.kwargs["BLOCK_K"]
             depth = depth if depth <= deepest and kwargs["GROUP"] % depth == 0 else fallback
             params = {**c.kwargs, "BLOCK_K": depth}
