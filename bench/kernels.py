@@ -406,6 +406,7 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
     *[("decode", bits, rank, 128, m, 64, warps, m == 1, True, {"stages": stages, "book": book})
       for bits, rank in ((3, 1), (4, 1), (4, 2), (4, 4)) for m, warps, stages in ((1, 2, 2), (16, 4, 1))
       for book in (False, True)],
+    *[("decode", 2, 2, 128, 16, 128, 4, False, True, {"stages": 1, "book": book}) for book in (False, True)],
 ]
 
 

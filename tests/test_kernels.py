@@ -86,11 +86,13 @@ def test_decode_kernel_reducing_each_tile_matches_reference(bits, rank, group, k
 
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype", [
     (3, 3, 32, 80, 1, torch.bfloat16), (4, 1, 64, 100, 2, torch.float16), (4, 4, 128, 150, 1, torch.float32),
-    (3, 1, 64, 100, 16, torch.float16), (4, 3, 32, 80, 33, torch.bfloat16)])
+    (3, 1, 64, 100, 16, torch.float16), (4, 3, 32, 80, 33, torch.bfloat16), (2, 2, 64, 100, 16, torch.float16),
+    (2, 3, 32, 80, 33, torch.bfloat16)])
 @pytest.mark.parametrize("prefetch", [False, True])
 def test_decode_kernel_with_column_codebooks_matches_reference(bits, rank, group, k, m, dtype, prefetch):
-    """BOOK at 3 and 4 bits: each column's 2^bits codebook entries built once a tile, each weight gathered from
-    them; the FMA form (reducing each tile or not) and the tl.dot form, ranks 1, 3 and 4, partial groups."""
+    """BOOK: each column's 2^bits codebook entries built once a tile, each weight gathered from them; at 3 and 4
+    bits the FMA form (reducing each tile or not) and the tl.dot form, at 2 bits the tl.dot form; ranks 1-4,
+    partial groups."""
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank)
     x = torch.randn(m, k).to(dtype)
     for reduce_k in (False, True) if m <= 2 else (False,):
@@ -132,7 +134,7 @@ def test_autotuner_times_each_form_with_its_own_configs():
     tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
     workspace grows with their rows, at most 16 ways at any M. PREFETCH timed three ways everywhere (none, one
     or two tiles ahead); tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth
-    dividing the group; column codebooks (BOOK) where the weights are not selected (3-4 bits)."""
+    dividing the group; column codebooks (BOOK) for tl.dot, and at 3-4 bits for the FMA form too."""
     configs = triton_linear.DECODE_CONFIGS
     for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
                                                              (True, False)):
@@ -151,9 +153,9 @@ def test_autotuner_times_each_form_with_its_own_configs():
         described = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
         assert len(described) == len(set(described))
         tuned_forms = triton_linear.FMA_DECODE_CONFIGS if fma else triton_linear.DOT_DECODE_CONFIGS
-        assert {c.kwargs.get("BOOK", False) for c in kept} == ({False} if select else {False, True})
+        assert {c.kwargs.get("BOOK", False) for c in kept} == ({False} if select and fma else {False, True})
         assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64) and
-                                not (select and c.kwargs.get("BOOK")) for c in tuned_forms)
+                                not (select and fma and c.kwargs.get("BOOK")) for c in tuned_forms)
 
 
 def test_autotuner_times_the_pair_table_with_its_own_configs():
@@ -203,8 +205,9 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
     else:
         assert_close(triton_linear.decode(x, layers[0], lut=lut), reference(x, layers[0]), torch.float16)
         block_m = triton_linear.decode_block_m(m)
-        # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2; the pair table: depth 2 x PREFETCH 3
-        assert len(timed) == (6 if lut or m >= 3 else 9)
+        # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2, and column codebooks; the pair
+        # table: depth 2 x PREFETCH 3
+        assert len(timed) == (6 if lut else 7 if m >= 3 else 9)
     assert len(timed) == len(triton_linear._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
                                                                 GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8
@@ -450,7 +453,7 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
     deep = fma and bits == 2 and group % 128 == 0
     for reduce_k, prefetch, stages, split, book in itertools.product(
             (False, True) if fma else (False,), (False, True, 2), (2,) if fma else (1, 2), (8, 64) if fma else (8,),
-            (False,) if bits == 2 else (False, True)):
+            (False,) if bits == 2 and fma else (False, True)):
         depth = 128 if deep and reduce_k else triton_linear.block_k(group)
         config = {"BLOCK_N": 128, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch,
                   "BOOK": book, "num_warps": 4, "num_stages": stages}

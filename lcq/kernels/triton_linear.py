@@ -122,14 +122,22 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
                   BOOK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """A tile's weights as fp32 (BLOCK_K, BLOCK_N) from its indices and group codes: w = S . V[:, q] - B.
     v_ptr: the gather table (RANKS: the rank padded to a power of two), v_base: each column's table
-    offset (_table_offsets). At 3-4 bits, per weight either a gather of V's entries for its index and their
-    sum weighted by S, or with BOOK the column's 2^BITS codebook entries first (once a tile) and per weight a
-    tl.gather of its entry, which Triton 3.6 makes a warp shuffle (bench/kernels.py --sass, sm_90: one row,
-    64 columns per 2 warps, W4 8.1-9.0 instructions per weight at ranks 1-4 against 9.1-13.3, W3 r1 11.0
-    against 11.5; 16 rows, 64 columns per 4 warps, W4 10.6-12.5 against 12.0-17.0, W3 r1 13.3 against 17.1;
-    34-44 more registers). Both are in the autotuner's lists (DECODE_CONFIGS)."""
+    offset (_table_offsets). Per weight: at 2 bits (SELECT) selects among the column's 4 entries; at 3-4 bits
+    a gather of V's entries for its index and their sum weighted by S; or with BOOK the column's 2^BITS
+    entries first (once a tile) and per weight a tl.gather of its entry, which Triton 3.6 makes a warp
+    shuffle (bench/kernels.py --sass, sm_90: one row, 64 columns per 2 warps, W4 8.1-9.0 instructions per
+    weight at ranks 1-4 against 9.1-13.3, W3 r1 11.0 against 11.5; 16 rows, 64 columns per 4 warps, W4
+    10.6-12.5 against 12.0-17.0, W3 r1 13.3 against 17.1, and W2 r2 with 128 columns 8.1 against the
+    selects' 11.0; 34-44 more registers). The forms are in the autotuner's lists (DECODE_CONFIGS)."""
     b = b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
-    if SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
+    if BOOK:  # the column's 2^BITS codebook entries S . V - B, then each weight takes its entry
+        entries = tl.arange(0, 1 << BITS)
+        book = tl.zeros((BLOCK_N, 1 << BITS), dtype=tl.float32) - b[:, None]
+        for k in tl.static_range(RANK):
+            s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
+            book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+        w = tl.trans(tl.gather(book, tl.trans(q), axis=1))
+    elif SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
         c0 = -b
         c1 = -b
         c2 = -b
@@ -143,13 +151,6 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
             c3 += s * tl.load(table + 3 * RANKS)
         low = (q & 1) != 0
         w = tl.where((q & 2) != 0, tl.where(low, c3[None, :], c2[None, :]), tl.where(low, c1[None, :], c0[None, :]))
-    elif BOOK:  # the column's 2^BITS codebook entries S . V - B, then each weight takes its entry
-        entries = tl.arange(0, 1 << BITS)
-        book = tl.zeros((BLOCK_N, 1 << BITS), dtype=tl.float32) - b[:, None]
-        for k in tl.static_range(RANK):
-            s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
-            book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
-        w = tl.trans(tl.gather(book, tl.trans(q), axis=1))
     else:  # one vector load of every rank's entry per weight, then w = S . V[:, q] - B
         ranks = tl.arange(0, RANKS)
         scales = tl.zeros((BLOCK_N, RANKS), dtype=tl.float32)
@@ -488,9 +489,9 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 #   sm_90 SASS: _tile_inputs). More warps for the same weights cost instructions (sm_90 SASS: 64 columns per
 #   4 warps, 8.9 per weight at 128 deep, 21 at 64; 128 per 8 warps, 14.6 and 237 registers), so the list
 #   stays as it was.
-# - BOOK (3-4 bits, not timed yet): each column's codebook built once a tile, then a warp shuffle per
-#   weight (_tile_weights), with the settings that won most of the rows above (FMA rows: REDUCE_K and
-#   PREFETCH; tl.dot rows: PREFETCH, one stage).
+# - BOOK (not timed yet): each column's codebook built once a tile, then a warp shuffle per weight
+#   (_tile_weights), with the settings that won most of the rows above (FMA rows, 3-4 bits: REDUCE_K and
+#   PREFETCH; tl.dot rows, every width: PREFETCH, one stage).
 # A config's BLOCK_K is the deepest it takes, shallower where the group or the bit width asks.
 FMA_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch},
@@ -527,9 +528,10 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's early prune: the pair table's configs for LUT, else the FMA form's for 1-2 rows and the
-    tl.dot form's from 16, no more slices than the workspace holds, column codebooks (BOOK) only where the
-    weights are not selected (3-4 bits), and each tile no deeper than the group and the bit width allow
-    (configs that then coincide are timed once)."""
+    tl.dot form's from 16, no more slices than the workspace holds, column codebooks (BOOK) at 2 bits only
+    for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer instructions: 6.1 against 7.3 per
+    weight, sm_90), and each tile no deeper than the group and the bit width allow (configs that then
+    coincide are timed once)."""
     form = LUT_DECODE_CONFIGS if kwargs.get("LUT") else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 \
         else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
@@ -537,8 +539,8 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     deepest = 128 if kwargs["SELECT"] else 64
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
-        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not (c.kwargs.get("BOOK") and
-                                                                             kwargs["SELECT"]):
+        selected_instead = c.kwargs.get("BOOK") and kwargs["SELECT"] and form is FMA_DECODE_CONFIGS
+        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not selected_instead:
             depth = c.kwargs["BLOCK_K"]
             depth = depth if depth <= deepest and kwargs["GROUP"] % depth == 0 else fallback
             params = {**c.kwargs, "BLOCK_K": depth}
