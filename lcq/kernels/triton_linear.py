@@ -294,7 +294,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     LUT (2 bits, one row): the products come from the row's pair table at lut_ptr (_pair_table_kernel, PAIRS
     pairs per V table) instead of dequantized weights (sm_90: 3.6 instructions per weight at rank 1, against
     6.9 for the FMA form).
-    BOOK (3-4 bits): the weights from each column's codebook entries, built once a tile (_tile_weights).
+    BOOK (3-4 bits, and 2 bits from 16 rows): the weights from each column's codebook entries, built once a
+    tile (_tile_weights).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
