@@ -20,6 +20,8 @@ import torch
 
 from lcq.format import PackedLinear, dequantize, layer_codebooks
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
+from lcq.kernels import arrival_counters as arrival_counters_module
+from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.cpu_matmul import can_pack, cpu_products, dense_linear, half_copy, pack_weight, products_available
 from tests.test_format import random_layer
 
@@ -280,7 +282,7 @@ def test_split_k_counters_reset_between_launches(prefetch):
     second = triton_linear.decode(x, layer, config)
     assert torch.equal(first, second)
     assert_close(first, reference(x, layer), torch.float32)
-    assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
+    assert int(arrival_counters(x.device, 1).abs().sum()) == 0
 
 
 def _routed_reference(x: torch.Tensor, layers: list[PackedLinear], chosen: torch.Tensor, rows_per_input: int
@@ -348,7 +350,7 @@ def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, 
         config = {"BLOCK_N": 16, "SPLIT_K": 1 if wide else 3, "PREFETCH": prefetch, "BOOK": book}
         y = triton_linear.grouped_decode(x, experts, routes, rows_per_input, config)
         assert_close(y, _routed_reference(x, layers, chosen, rows_per_input), dtype)
-    assert int(triton_linear._tile_counters(x.device, 1).abs().sum()) == 0
+    assert int(arrival_counters(x.device, 1).abs().sum()) == 0
     if not wide:
         with pytest.raises(ValueError, match="splits K"):
             triton_linear.grouped_decode(x, experts, routes, 1, {"BLOCK_N": 16, "SPLIT_K": 32})
@@ -375,10 +377,10 @@ def test_outgrown_counters_stay_allocated():
     """A launch needing more counters than there are gets a new buffer; the old one is kept, not freed, since
     a CUDA graph captured before replays its address."""
     device = torch.device("cpu")
-    small = triton_linear._tile_counters(device, 1)
-    grown = triton_linear._tile_counters(device, small.numel() + 1)
-    assert grown.numel() > small.numel() and triton_linear._tile_counters(device, 1) is grown
-    assert any(kept is small for kept in triton_linear._outgrown) and int(grown.abs().sum()) == 0
+    small = arrival_counters(device, 1)
+    grown = arrival_counters(device, small.numel() + 1)
+    assert grown.numel() > small.numel() and arrival_counters(device, 1) is grown
+    assert any(kept is small for kept in arrival_counters_module._outgrown) and int(grown.abs().sum()) == 0
 
 
 def test_triton_linear_keeps_leading_dimensions():

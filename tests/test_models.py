@@ -1175,6 +1175,18 @@ def _check_triton_paged_attention(new, cached, heads, kv_heads, dtype, device, c
     torch.testing.assert_close(out.cpu(), expected, atol=tolerance, rtol=tolerance)
 
 
+@pytest.mark.parametrize("groups, max_context, partitions, length", [
+    (1, 40, 2, 32), (6, 100, 4, 32), (32, 2048, 2, 1024), (24, 1000, 2, 512), (64, 2048, 1, 2048), (500, 4096, 1, 4096)])
+def test_decode_attention_partitions_cover_the_context_in_whole_tiles(groups, max_context, partitions, length):
+    """Decode attention splits each context into partitions of whole tiles (32 positions) covering the longest
+    context the step's tables hold, as many as give the interpreter's 64 programs work over `groups`
+    (sequence, kv head) pairs, and none where the pairs alone are that many."""
+    from lcq.kernels.paged_attention import BLOCK_N, INTERPRETER_PROGRAMS, context_partitions
+
+    assert (BLOCK_N, INTERPRETER_PROGRAMS) == (32, 64)
+    assert context_partitions(groups, max_context, torch.device("cpu")) == (partitions, length)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3)])
 @PAGED_CASES

@@ -5,7 +5,10 @@ sequence sits in slot block_table[t // block_size] * block_size + t % block_size
 kernels walk a sequence's tokens in tiles of BLOCK_N, gathering each tile's slots through the
 block table (so any block size works), with an online softmax in fp32:
 - decode: one program per (sequence, kv head) serves all query heads of that group at once, so
-  every cached K/V row is read once per group; the group is padded to 16 rows for tl.dot;
+  every cached K/V row is read once per group; the group is padded to 16 rows for tl.dot. Where a step
+  has too few (sequence, kv head) pairs to fill the GPU (one sequence of a 7B model: 32), each context is
+  split into partitions, a program each (context_partitions; flash-decoding), and the last partition of a
+  sequence to finish combines their softmax states; a context within one partition is finished as before;
 - prefill: one program per (sequence, head, tile of BLOCK_M new tokens); new token j of a
   sequence with n new tokens and context length L sits at position L - n + j and sees the cached
   tokens 0 .. L - n + j (a cached prefix plus the causal part of its own chunk).
@@ -26,13 +29,18 @@ slot -1 and context length 0, whose output rows are zeros).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
 
 BLOCK_N = 32  # cached tokens per tile
+PROGRAMS_PER_SM = 4  # decode attention splits contexts until a step has this many programs per multiprocessor
+INTERPRETER_PROGRAMS = 64  # ... or this many under TRITON_INTERPRET=1 (tests: several partitions a context)
 BLOCK_M = 32  # new tokens per prefill program
 MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 
@@ -117,12 +125,26 @@ def _first_key(position, WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, scale,
+def _finish_rows(m_i, l_i, acc, sinks_ptr, heads, g_mask, out_ptr, HAS_SINKS: tl.constexpr):
+    """A decode query group's output from its softmax state: the sinks added to the sums, then acc / l."""
+    if HAS_SINKS:  # a padding sequence's m_i is -inf: l_i inf, and its zeros stay zeros
+        l_i = l_i + tl.exp(tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) - m_i)
+    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
+    return out.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr, lens_ptr, sinks_ptr, ws_ptr,
+                             counter_ptr, scale, partition_len,
                              stride_qt, stride_qh, stride_ot, stride_oh, stride_table, stride_slot,
                              GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                              PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                             HAS_SINKS: tl.constexpr, PDL: tl.constexpr):
+                             HAS_SINKS: tl.constexpr, PDL: tl.constexpr, SPLIT: tl.constexpr):
+    """Program (sequence, kv head, partition): with SPLIT, the keys of its partition of the context
+    (partition_len positions, a multiple of BLOCK_N; decode_attention's partitions), its softmax state
+    (max, sum, unnormalised output) written to the workspace, and the last of the sequence's partitions
+    to arrive combines them; a context within one partition is finished by that partition alone."""
     wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -131,15 +153,24 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
     heads = kv_head * GROUP + offs_g
-    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    out_ptrs = out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    q = tl.load(q_ptr + seq * stride_qt + heads[:, None] * stride_qh + offs_d[None, :], mask=out_mask, other=0.0)
     length = tl.load(lens_ptr + seq)
     table_ptr += seq * stride_table
     m_i = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
     l_i = tl.zeros((GROUP_ROWS,), tl.float32)
     acc = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
     lowest = _first_key(length - 1, WINDOW)  # the first token the query sees
-    for start in range(lowest // BLOCK_N * BLOCK_N, length, BLOCK_N):
+    begin = lowest // BLOCK_N * BLOCK_N
+    end = length
+    if SPLIT:  # this program's share: empty outside the partitions first .. last the keys lie in
+        part = tl.program_id(2)
+        first = begin // partition_len
+        last = tl.maximum(length - 1, 0) // partition_len
+        begin = tl.maximum(begin, part * partition_len)
+        end = tl.minimum(end, (part + 1) * partition_len)
+    for start in range(begin, end, BLOCK_N):
         t = start + tl.arange(0, BLOCK_N)
         t_mask = t < length
         if WINDOW != 0:
@@ -151,11 +182,42 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr
         scores = _capped(tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale, SOFTCAP)
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, PRECISION, False)
-    if HAS_SINKS:  # a padding sequence's m_i is -inf: l_i inf, and its zeros stay zeros
-        l_i = l_i + tl.exp(tl.load(sinks_ptr + heads, mask=g_mask, other=0.0) - m_i)
-    out = acc / tl.maximum(l_i, 1e-30)[:, None]  # a padding sequence (length 0) gives zeros, not NaN
-    tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if SPLIT:
+        if first == last:
+            if part == first:
+                tl.store(out_ptrs, _finish_rows(m_i, l_i, acc, sinks_ptr, heads, g_mask, out_ptr, HAS_SINKS),
+                         mask=out_mask)
+        elif (part >= first) & (part <= last):
+            # each partition's state: GROUP_ROWS maxima, GROUP_ROWS sums, then GROUP_ROWS x BLOCK_D outputs
+            entry = GROUP_ROWS * (BLOCK_D + 2)
+            group = seq * tl.num_programs(1) + kv_head
+            states = ws_ptr + group * tl.num_programs(2) * entry
+            mine = states + part * entry
+            tl.store(mine + offs_g, m_i)
+            tl.store(mine + GROUP_ROWS + offs_g, l_i)
+            tl.store(mine + 2 * GROUP_ROWS + offs_g[:, None] * BLOCK_D + offs_d[None, :], acc)
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + group, 1)  # acq_rel: our state is visible to the last one
+            if arrived == last - first:
+                m_all = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
+                l_all = tl.zeros((GROUP_ROWS,), tl.float32)
+                acc_all = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
+                for other in range(first, last + 1):  # each has seen a key, so its max is finite
+                    state = states + other * entry
+                    m_p = tl.load(state + offs_g, cache_modifier=".cg")
+                    l_p = tl.load(state + GROUP_ROWS + offs_g, cache_modifier=".cg")
+                    acc_p = tl.load(state + 2 * GROUP_ROWS + offs_g[:, None] * BLOCK_D + offs_d[None, :],
+                                    cache_modifier=".cg")
+                    m_new = tl.maximum(m_all, m_p)
+                    kept, added = tl.exp(m_all - m_new), tl.exp(m_p - m_new)
+                    l_all = l_all * kept + l_p * added
+                    acc_all = acc_all * kept[:, None] + acc_p * added[:, None]
+                    m_all = m_new
+                tl.store(out_ptrs, _finish_rows(m_all, l_all, acc_all, sinks_ptr, heads, g_mask, out_ptr,
+                                                HAS_SINKS), mask=out_mask)
+                tl.atomic_xchg(counter_ptr + group, 0)  # ready for the next launch
+    else:
+        tl.store(out_ptrs, _finish_rows(m_i, l_i, acc, sinks_ptr, heads, g_mask, out_ptr, HAS_SINKS), mask=out_mask)
 
 
 @triton.jit
@@ -227,15 +289,40 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     group = num_heads // num_kv_heads
+    group_rows, block_d = max(MIN_DOT_ROWS, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
     out = torch.empty_like(q)
-    _decode_attention_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, context_lens, sinks, scale,
+    partitions, partition_len = context_partitions(num_seqs * num_kv_heads, block_tables.shape[-1] * block_size,
+                                                   q.device)
+    split = partitions > 1
+    ws = torch.empty(num_seqs * num_kv_heads * partitions * group_rows * (block_d + 2) if split else 1,
+                     dtype=torch.float32, device=q.device)
+    counters = arrival_counters(q.device, num_seqs * num_kv_heads) if split else ws
+    _decode_attention_kernel[(num_seqs, num_kv_heads, partitions)](
+        q, k_cache, v_cache, out, block_tables, context_lens, sinks, ws, counters, scale, partition_len,
         *_shared_args(q, k_cache, out, block_tables),
-        GROUP=group, GROUP_ROWS=max(MIN_DOT_ROWS, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-        PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap), HAS_SINKS=sinks is not None,
-        **dependent_launch(q))
+        GROUP=group, GROUP_ROWS=group_rows, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
+        HAS_SINKS=sinks is not None, SPLIT=split, **dependent_launch(q))
     return out
+
+
+def context_partitions(groups: int, max_context: int, device: torch.device) -> tuple[int, int]:
+    """How many partitions a decode step's attention splits each context into, and their length: enough
+    programs for the GPU (PROGRAMS_PER_SM a multiprocessor; INTERPRETER_PROGRAMS in the interpreter) over
+    `groups` (sequence, kv head) pairs, no more than the longest context's tiles. From the table's width, not
+    the step's lengths, so that a CUDA graph's launch serves every length: at one sequence of a 7B model
+    (32 kv heads) in a 2,048-token graph, 16 partitions of 128 positions on a 132-SM GPU."""
+    tiles = max(1, triton.cdiv(max_context, BLOCK_N))
+    programs = PROGRAMS_PER_SM * _multiprocessors(device.index or 0) if device.type == "cuda" \
+        else INTERPRETER_PROGRAMS
+    wanted = max(1, min(tiles, programs // max(groups, 1)))
+    partition_len = triton.cdiv(tiles, wanted) * BLOCK_N
+    return triton.cdiv(tiles * BLOCK_N, partition_len), partition_len
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

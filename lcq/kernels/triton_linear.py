@@ -27,6 +27,7 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
+from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
 from .experts import ExpertRoutes, PackedExperts
 from .gpu_timing import graph_time
@@ -577,23 +578,6 @@ _grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M
                                       **_KEEP_TIMINGS)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
-_counters: dict[torch.device, torch.Tensor] = {}
-# Counters outgrown by a larger launch, kept alive: a CUDA graph captured before holds their address, and
-# the allocator must not hand their memory to anything else while the graph may replay.
-_outgrown: list[torch.Tensor] = []
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters, one per N tile (and block, for a mixture's experts); the kernels
-    leave them zeroed again."""
-    counters = _counters.get(device)
-    if counters is None or counters.numel() < tiles:
-        if counters is not None:
-            _outgrown.append(counters)
-        counters = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-        _counters[device] = counters
-    return counters
-
 
 def block_k(group_size: int) -> int:
     """Tile depth: 64 where it divides the group, else 32 (group sizes are multiples of 32). Deeper
@@ -668,7 +652,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
-    counters = _tile_counters(x.device, triton.cdiv(n, 16))
+    counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
     args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, m, n, k, x.stride(0), out.stride(0),
@@ -737,7 +721,7 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     blocks = routes.experts.numel()
     wide = count > DECODE_MAX_M
     ws = torch.empty(1 if wide else MAX_SPLIT_K * count * n, dtype=torch.float32, device=x.device)
-    counters = _tile_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
+    counters = arrival_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, count, n, k, x.stride(0),
             out.stride(0), rows_per_input, experts.tables, 0)
     consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True)
