@@ -18,8 +18,8 @@
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-pair-table-<gpu>.json and,
-# in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root to put the results
-# files in place; the logs land in gpu-session/.
+# in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root
+# to put the results files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
 budget=${2:-580}
