@@ -347,12 +347,12 @@ def main() -> None:
 
 
 def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int], rows: list[dict], save,
-                     engine: str = "lcq") -> None:
-    """Output tokens/s of each number of sequences (128-token prompts, distinct, 128 tokens out each)
-    generated together; TTFT as the time until every one of that many new prompts has its first token
+                     engine: str = "lcq", prompt_tokens: int = 128) -> None:
+    """Output tokens/s of each number of sequences (prompts of prompt_tokens tokens, distinct, 128 tokens out
+    each) generated together; TTFT as the time until every one of that many new prompts has its first token
     (one batched prefill; at one sequence the usual TTFT); peak memory as the GPU's allocator or the
     process's RSS reports it. Every prompt is new to the engine (no prefix-cache hits). Each row is
-    appended to rows and saved as soon as it is measured."""
+    appended to rows and saved as soon as it is measured; rows of other than 128-token prompts say so."""
     cuda = llm.engine.runner.device.type == "cuda"
     weights_gb = llm.engine.runner.weight_bytes / 2**30
     kv_gb = llm.engine.runner.kv_cache_bytes / 2**30
@@ -361,7 +361,7 @@ def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int
     fresh = itertools.count(llm.engine.runner.model_config.vocab_size // 4)
 
     def new_prompts(count: int) -> list[list[int]]:
-        return [[next(fresh)] * 128 for _ in range(count)]
+        return [[next(fresh)] * prompt_tokens for _ in range(count)]
 
     def timed(prompts: list[list[int]], sampling: SamplingParams) -> tuple[list, float]:
         start = time.perf_counter()
@@ -380,7 +380,8 @@ def throughput_curve(llm: LLM, model: str, weights: str, concurrencies: list[int
         _, first_token = timed(new_prompts(concurrency), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
         row = dict(model=model, weights=weights, engine=engine, concurrency=concurrency,
                    output_tok_s=round(sum(len(o.token_ids) for o in outs) / elapsed, 1),
-                   ttft_ms=round(first_token * 1000, 1), peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2))
+                   ttft_ms=round(first_token * 1000, 1), peak_mem_GB=round(peak, 2), kv_cache_GB=round(kv_gb, 2),
+                   **({} if prompt_tokens == 128 else {"prompt_tokens": prompt_tokens}))
         if cuda:  # the allocator splits the peak; a CPU process's RSS has no such split
             row.update(weights_GB=round(weights_gb, 2), activations_GB=round(max(0.0, peak - weights_gb - kv_gb), 2))
         rows.append(row)
@@ -443,6 +444,7 @@ def host_profile(llm: LLM, tokens: int = 64, top: int = 15) -> dict:
     return result
 
 
+LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_model_len of 2,048
 # What a variant of the 7B's batch-1 row turns off, to measure what it saves: the decoder's norms, rotary
 # embedding and activation as torch expressions instead of their CUDA kernels (lcq.kernels.elementwise), or
 # the kernels launched without programmatic dependent launch (lcq.kernels.dependent_launch).
@@ -466,6 +468,8 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, p
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
             throughput_curve(llm, model, weights, concurrencies, rows, save)
+            # one long context at batch 1: decode attention reads ~15x the cache of the 128-token rows
+            throughput_curve(llm, model, weights, [1], rows, save, prompt_tokens=LONG_PROMPT_TOKENS)
             profiles[weights] = decode_profile(llm)
             profiles[f"{weights} host"] = host_profile(llm)
             print({weights: profiles[weights], f"{weights} host": profiles[f"{weights} host"]}, flush=True)

@@ -1099,8 +1099,10 @@ def test_generation_bench_curve_measures_throughput_and_ttft(tiny):
     llm = LLM(str(tiny), block_size=8, max_num_seqs=2, **FP32)
     rows, saved = [], []
     throughput_curve(llm, "tiny", "fp32", [1, 2], rows, lambda: saved.append(len(rows)))
-    assert saved == [1, 2] and [r["concurrency"] for r in rows] == [1, 2]
+    throughput_curve(llm, "tiny", "fp32", [1], rows, lambda: saved.append(len(rows)), prompt_tokens=200)
+    assert saved == [1, 2, 3] and [r["concurrency"] for r in rows] == [1, 2, 1]
     assert all(r["output_tok_s"] > 0 and r["ttft_ms"] > 0 and r["peak_mem_GB"] > 0 for r in rows)
+    assert [r.get("prompt_tokens") for r in rows] == [None, None, 200]
 
 
 def test_generation_bench_decode_profile_runs_without_a_gpu(tiny):
