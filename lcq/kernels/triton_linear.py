@@ -20,6 +20,7 @@ layers pick their part's table through v_index. See docs/kernels.md for why this
 from __future__ import annotations
 
 import inspect
+import os
 
 import torch
 import triton
@@ -174,6 +175,110 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
 
 
 @triton.jit
+def _byte_permute(table, selector, ASM: tl.constexpr):
+    """Byte i of the result is byte (nibble i of selector) of table, for nibbles 0-3 (int32 tensors): one PTX prmt
+    on a GPU (ASM), shifts and masks in the interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, $2;", "=r,r,r", [table, selector], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        picked = tl.zeros_like(selector)
+        for i in tl.static_range(4):
+            picked |= ((table >> (8 * ((selector >> (4 * i)) & 3))) & 0xFF) << (8 * i)
+        return picked
+
+
+@triton.jit
+def _dot4(a, b, acc, ASM: tl.constexpr):
+    """acc + the dot product of the 4 signed bytes of a and of b (int32 tensors): one PTX dp4a on a GPU (ASM)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        for i in tl.static_range(4):
+            acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return acc
+
+
+@triton.jit
+def _to_int8(values, scale_inverse):
+    """values * scale_inverse rounded half away from zero, int32 in [-127, 127] (byte_products.to_int8 alike)."""
+    scaled = values * scale_inverse
+    return tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5).to(tl.int32)
+
+
+@triton.jit
+def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, RANK: tl.constexpr,
+               RANKS: tl.constexpr):
+    """A 2-bit tile's column codebooks in bytes: entry e of column n in byte e of an int32, each column's 4
+    entries S . V - B scaled by 127 / their largest magnitude. Returns (books, scales): entry e is
+    scale * signed byte e."""
+    entries = tl.arange(0, 4)
+    book = -(b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32))[:, None] \
+        + tl.zeros((1, 4), dtype=tl.float32)
+    for k in tl.static_range(RANK):
+        s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
+        book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+    largest = tl.max(tl.abs(book), axis=1)
+    codes = _to_int8(book, (127.0 / tl.maximum(largest, 1e-30))[:, None])
+    books = tl.sum((codes & 0xFF) << (8 * entries)[None, :], axis=1)  # disjoint bytes: the sum is their or
+    return books, largest / 127.0
+
+
+@triton.jit
+def _picked_weights(words, books, SHIFT: tl.constexpr, ASM: tl.constexpr):
+    """The codebook bytes of the 4 indices (words >> SHIFT) & 0x3333 holds, one int32 per word (_int8_products)."""
+    return _byte_permute(books, (words >> SHIFT) & 0x3333, ASM)
+
+
+@triton.jit
+def _row(values, m: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row m of values (BLOCK_M, ...), without its first dimension."""
+    if BLOCK_M == 1:
+        return tl.reshape(values, values.shape[1:])
+    else:
+        rows = tl.arange(0, BLOCK_M).expand_dims(1)
+        return tl.sum(tl.where(rows == m, values, 0), axis=0)
+
+
+@triton.jit
+def _int8_products(words, books, book_scales, inputs, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A 2-bit tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): each 16 inputs of a row scaled to
+    bytes by their largest magnitude, each weight its column's codebook byte (_int8_book). Word r of a column
+    holds indices 16r .. 16r + 15, index i in bits 2i, 2i + 1; (word >> shift) & 0x3333 puts 4 of them in the 4
+    nibbles of a prmt selector, which picks their codebook bytes into one int32 (shift 0: indices 0, 2, 4, 6;
+    2: 1, 3, 5, 7; 16: 8, 10, 12, 14; 18: 9, 11, 13, 15), and dp4a multiplies it by the matching 4 input bytes
+    and sums: per 16 weights 4 selectors (7 instructions), 4 prmt, 4 dp4a, then a conversion and an FMA.
+    The products stay in the words' layout (a 3-d tensor of rows, words and columns moved every weight through
+    shared memory in the sm_90 build). inputs: the tile's (BLOCK_M, BLOCK_K) activations in that order
+    (_tile_inputs with INT8)."""
+    ROWS: tl.constexpr = BLOCK_K // 16
+    x = tl.reshape(inputs, (BLOCK_M, ROWS, 16))
+    largest = tl.max(tl.abs(x), axis=2)
+    codes = _to_int8(x, (127.0 / tl.maximum(largest, 1e-30))[:, :, None])
+    quads = tl.sum(tl.reshape(codes & 0xFF, (BLOCK_M, ROWS, 4, 4)) << (8 * tl.arange(0, 4))[None, None, None, :],
+                   axis=3)  # (BLOCK_M, ROWS, selector): 4 input bytes, in the order of the selectors' indices
+    even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
+    x0, x16 = tl.split(even)
+    x2, x18 = tl.split(odd)
+    books = books[None, :]
+    w0 = _picked_weights(words, books, 0, ASM)
+    w2 = _picked_weights(words, books, 2, ASM)
+    w16 = _picked_weights(words, books, 16, ASM)
+    w18 = _picked_weights(words, books, 18, ASM)
+    products = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        dots = _dot4(w0, _row(x0, m, BLOCK_M)[:, None] + tl.zeros_like(words), tl.zeros_like(words), ASM)
+        dots = _dot4(w2, _row(x2, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+        dots = _dot4(w16, _row(x16, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+        dots = _dot4(w18, _row(x18, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+        sums = tl.sum(dots.to(tl.float32) * (_row(largest, m, BLOCK_M) / 127.0)[:, None], axis=0)
+        products += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, sums[None, :], 0.0)
+    return products * book_scales[None, :]
+
+
+@triton.jit
 def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
                   BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                   SELECT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -222,22 +327,27 @@ def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLO
 
 @triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP32: tl.constexpr):
+                 FP32: tl.constexpr, INT8: tl.constexpr):
     """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
     the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
     FP32 (one row): converted where they are loaded, a tile ahead with PREFETCH, each thread converts a few and
     hands the tile to the threads that multiply; converted after that hand-over, every thread converted every
     input of its columns, one instruction per weight (sm_90, W2 r2: 7.1 instructions per weight and 80 registers,
-    6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled."""
+    6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled.
+    INT8: in the order _int8_products multiplies them, fp32: slot 4j + i of each 16 is input (j & 1) + 8 (j >> 1)
+    + 2i of that 16."""
     if LUT:
         inputs = tl.load(lut_ptr + k0 // 32, mask=k0 // 32 < PAIRS // 16, other=0.0)
         for run in tl.static_range(1, BLOCK_K // 32):
             inputs += tl.load(lut_ptr + k0 // 32 + run, mask=k0 // 32 + run < PAIRS // 16, other=0.0)
     else:
         k_idx = k0 + tl.arange(0, BLOCK_K)
+        if INT8:
+            slot = k_idx % 16
+            k_idx = k_idx - slot + (slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4)
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
                          mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
-        if FP32:
+        if FP32 or INT8:
             inputs = inputs.to(tl.float32)
     return inputs
 
@@ -279,7 +389,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
-                   LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False):
+                   LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
+                   INT8: tl.constexpr = False, ASM: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -297,9 +408,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     6.9 for the FMA form).
     BOOK (3-4 bits, and 2 bits from 16 rows): the weights from each column's codebook entries, built once a
     tile (_tile_weights).
+    INT8 (2 bits, 1-2 rows): products of bytes, each 16 inputs and each column's 4 codebook entries scaled to
+    bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the interpreter).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
+    tl.static_assert(not INT8 or (BITS == 2 and BLOCK_M < 16 and not LUT and not BOOK))
     ONE_ROW: tl.constexpr = BLOCK_M == 1  # inputs converted to fp32 as they are loaded (_tile_inputs)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -337,8 +451,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     start = pid_k * per_split
     end = tl.where(live, tl.minimum(start + per_split, tiles), start)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    products = tl.zeros((BLOCK_M, BLOCK_K if BLOCK_M < 16 and not REDUCE_K and not LUT else 1, BLOCK_N),
-                        dtype=tl.float32)
+    TILE_SUMS: tl.constexpr = BLOCK_M >= 16 or REDUCE_K or LUT or INT8  # else products summed after the loop
+    products = tl.zeros((BLOCK_M, 1 if TILE_SUMS else BLOCK_K, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
         words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
@@ -350,10 +464,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              ONE_ROW)
+                              ONE_ROW, INT8)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, ONE_ROW)
+                                BLOCK_K, ONE_ROW, INT8)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
@@ -363,15 +477,20 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       ONE_ROW)
+                                       ONE_ROW, INT8)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
-            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, ONE_ROW)
+            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, ONE_ROW,
+                                  INT8)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
             acc += scaled[None, :] - inputs * b[None, :]
+        elif INT8:
+            books, book_scales = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, RANK,
+                                            RANKS)
+            acc += _int8_products(words, books, book_scales, inputs, ASM, BLOCK_M, BLOCK_K, BLOCK_N)
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
@@ -389,7 +508,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         elif PREFETCH:
             words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
             inputs = next_inputs
-    if BLOCK_M < 16 and not REDUCE_K and not LUT:
+    if not TILE_SUMS:
         acc = tl.sum(products, axis=1)
     out_offs = rows[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -519,7 +638,17 @@ LUT_DECODE_CONFIGS = [
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4), (256, 8)) for depth in (64, 128) for prefetch in (False, True, 2)
     for split in (8, 16, 32)]
-DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS
+# Products of bytes (INT8: 2 bits, 1-2 rows; each tile is summed in the loop, so REDUCE_K), not yet timed. sm_90
+# SASS (Triton 3.6, W2 r2 g128, one row, 128 deep, bench/kernels.py --sass): 128 columns per 4 warps 3.0
+# instructions per weight, 256 per 2 warps 2.2, 512 per 4 warps 2.0 (255 registers with PREFETCH, 168 without;
+# two rows 2.8), against 6.1 for the fp32 form's chosen tile: the wider tiles keep a column's words in one
+# thread, so the sum over them needs no shuffles, and spread the inputs' and codebooks' conversion over more
+# weights.
+INT8_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": prefetch},
+                  num_warps=warps, num_stages=2)
+    for bn, warps in ((128, 4), (256, 2), (512, 4)) for prefetch in (False, True) for split in (8, 16, 32, 64)]
+DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
 
 
@@ -529,13 +658,13 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early prune: the pair table's configs for LUT, else the FMA form's for 1-2 rows and the
-    tl.dot form's from 16, no more slices than the workspace holds, column codebooks (BOOK) at 2 bits only
-    for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer instructions: 6.1 against 7.3 per
-    weight, sm_90), and each tile no deeper than the group and the bit width allow (configs that then
-    coincide are timed once)."""
-    form = LUT_DECODE_CONFIGS if kwargs.get("LUT") else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 \
-        else DOT_DECODE_CONFIGS
+    """The autotuner's early prune: the configs of products of bytes for INT8, the pair table's for LUT, else
+    the FMA form's for 1-2 rows and the tl.dot form's from 16, no more slices than the workspace holds, column
+    codebooks (BOOK) at 2 bits only for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer
+    instructions: 6.1 against 7.3 per weight, sm_90), and each tile no deeper than the group and the bit width
+    allow (configs that then coincide are timed once)."""
+    form = INT8_DECODE_CONFIGS if kwargs.get("INT8") else LUT_DECODE_CONFIGS if kwargs.get("LUT") \
+        else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
     fallback = block_k(kwargs["GROUP"])
     deepest = 128 if kwargs["SELECT"] else 64
@@ -567,7 +696,7 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT"], do_bench=graph_time,
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8"], do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
 # A mixture's rows past DECODE_MAX_M (prefill, large batches): enough blocks to fill the GPU without
@@ -638,17 +767,31 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None) -> torch.Tensor:
+def int8_decode(x: torch.Tensor, layer: PackedLinear) -> bool:
+    """Whether 1-2 rows of a 2-bit layer on CUDA take products of bytes (_int8_products): with LCQ_INT8_DECODE=1
+    only, until timed on a GPU; they change the numbers (each 16 inputs and each column's codebook rounded to
+    8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
+    return x.is_cuda and x.shape[0] <= 2 and layer.bits == 2 and os.environ.get("LCQ_INT8_DECODE", "0") == "1"
+
+
+def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
+           int8: bool | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
-    where it was timed faster for the shape (lut_wins), autotuned on CUDA."""
+    where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows at
+    2 bits; by default int8_decode)."""
+    if int8 is None:
+        int8 = int8_decode(x, layer)
     if lut is None:
-        lut = x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
+        lut = not int8 and x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
     m, k = x.shape
     n = layer.out_features
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
+    if int8 and (m > 2 or layer.bits != 2 or lut):
+        raise ValueError(f"products of bytes serve 1-2 rows of a 2-bit layer, not {m} rows at {layer.bits} bits"
+                         + (" with the pair table" if lut else ""))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
@@ -657,8 +800,8 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
     args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, m, n, k, x.stride(0), out.stride(0),
             1, 0, pairs)
-    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut,  # (in the tuning key)
-                  **dependent_launch(x))
+    consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
+                  ASM=x.is_cuda, **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
