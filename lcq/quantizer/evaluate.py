@@ -14,9 +14,10 @@ from .reference import load_reference_model
 
 @torch.inference_mode()
 def perplexity(model_dir: str | Path, text: str, ctx: int = 512, device: str = "cpu",
-               max_tokens: int | None = None) -> float:
+               max_tokens: int | None = None, model: torch.nn.Module | None = None) -> float:
     """exp(mean next-token NLL) over non-overlapping windows of `ctx` tokens (the first token of each
-    window is context only). max_tokens caps the evaluated text so runs stay affordable."""
+    window is context only). max_tokens caps the evaluated text so runs stay affordable. model: the folder's
+    reference model already loaded (load_reference_model), as a benchmark that changes its layers passes it."""
     if not text.strip():
         raise UserError("evaluation text is empty")
     tokenizer = load_tokenizer(model_dir)
@@ -26,7 +27,7 @@ def perplexity(model_dir: str | Path, text: str, ctx: int = 512, device: str = "
     windows = ids.numel() // ctx
     if windows == 0:
         raise UserError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {ctx}")
-    model = load_reference_model(model_dir).to(device)
+    model = (model if model is not None else load_reference_model(model_dir)).to(device)
     total_nll, count = 0.0, 0
     for w in range(windows):
         chunk = ids[w * ctx:(w + 1) * ctx].unsqueeze(0).to(device)
