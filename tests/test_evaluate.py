@@ -91,6 +91,9 @@ def test_perplexity_is_exp_mean_nll_over_windows(tiny, which):
     assert got == pytest.approx(_direct_perplexity(load_reference_model(folder), ids, CTX), rel=1e-5)
     capped = perplexity(folder, CALIBRATION_TEXT, ctx=CTX, max_tokens=2 * CTX + 5)
     assert capped == pytest.approx(_direct_perplexity(load_reference_model(folder), ids[:2 * CTX], CTX), rel=1e-5)
+    changed = load_reference_model(folder)  # a model passed in is the one evaluated: zero logits, every token 1/V
+    torch.nn.init.zeros_(changed.lm_head.weight)
+    assert perplexity(folder, CALIBRATION_TEXT, ctx=CTX, model=changed) == pytest.approx(changed.config.vocab_size)
 
 
 def test_perplexity_rejects_text_too_short_or_empty(tiny):
