@@ -445,11 +445,13 @@ def host_profile(llm: LLM, tokens: int = 64, top: int = 15) -> dict:
 
 
 LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_model_len of 2,048
-# What a variant of the 7B's batch-1 row turns off, to measure what it saves: the decoder's norms, rotary
-# embedding and activation as torch expressions instead of their CUDA kernels (lcq.kernels.elementwise), or
-# the kernels launched without programmatic dependent launch (lcq.kernels.dependent_launch).
+# What a variant of the 7B's batch-1 row changes, to measure what it costs or saves: the decoder's norms, rotary
+# embedding and activation as torch expressions instead of their CUDA kernels (lcq.kernels.elementwise), the
+# kernels launched without programmatic dependent launch (lcq.kernels.dependent_launch), or 2-bit products of
+# 1-2 rows from bytes (LCQ_INT8_DECODE=1, lcq.kernels.byte_products).
 GPU_VARIANTS = {"torch-steps": lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False),
-                "no-pdl": lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"})}
+                "no-pdl": lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}),
+                "int8": lambda: mock.patch.dict(os.environ, {"LCQ_INT8_DECODE": "1"})}
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,

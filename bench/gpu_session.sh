@@ -7,8 +7,8 @@
 #
 # Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
-# decode and host profiles and the same without dependent launch (--variants no-pdl); the one-row 2-bit
-# products with and without the pair table, and with NCU=1 Nsight Compute on one launch of each form
+# decode and host profiles and the same with products of bytes and without dependent launch (--variants
+# int8,no-pdl); the 1-2-row 2-bit products in each form (pair table, fp32, bytes), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
@@ -51,17 +51,17 @@ step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bit
 # First the GPU tests that run the decode step as the engine does (the layers' kernels, graphed and eager, against
 # transformers): the numbers after them are only worth what these say
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
-check+=" or paged_attention_on_cuda"
+check+=" or paged_attention_on_cuda or compiled_products_of_bytes"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py)
 step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 dependent-launch "$py" bench/dependent_launch.py
-step 200 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --variants no-pdl
-one_row=(--bits 2 --ms 1 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
+step 230 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --variants int8,no-pdl
+one_row=(--bits 2 --ms 1,2 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
 step 30 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
 slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-step 70 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
+step 100 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do
         step 40 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \

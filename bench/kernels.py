@@ -20,7 +20,9 @@ path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM ab
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
 dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time both decode forms, each
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
-say which one the dispatch chose (`pair_table`).
+say which one the dispatch chose (`pair_table`). 2-bit rows of 1-2 rows also time the products of bytes
+(`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
+LCQ_INT8_DECODE=1.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
@@ -142,21 +144,23 @@ def write_results(path: Path, header: dict, rows: list[dict]) -> None:
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| shape [N, K] | M | W | g | r | path | us | fused us | unfused us | fp16 us | speedup | GB/s "
-             "| of copy |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| of copy | bytes us (of copy) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
+        in_bytes = f"{r['bytes_us']:.1f} ({r['bytes_frac_of_copy']:.2f})" if "bytes_us" in r else "-"
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['M']} | {r['bits']} | {r['group_size']} | {r['rank']} "
                      f"| {r['kernel']} | {r['us']:.1f} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} "
                      f"| {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['effective_GBps']:.0f} "
-                     f"| {r['frac_of_copy']:.2f} |")
+                     f"| {r['frac_of_copy']:.2f} | {in_bytes} |")
     return "\n".join(lines)
 
 
-def check(product, x, dense) -> None:
+def check(product, x, dense, tolerance: float = 1e-2) -> None:
     """Refuse to time a path that computes the wrong thing."""
     y = product(x).float()
     ref = (x @ dense.t()).float()
     error = ((y - ref).norm() / ref.norm()).item()
-    if not error < 1e-2:
+    if not error < tolerance:
         raise RuntimeError(f"{product.__name__} mismatch: relative error {error:.2e} for {tuple(dense.shape)} "
                          f"M={x.shape[0]}")
 
@@ -166,6 +170,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     from lcq.format import dequantize
     from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
+    from lcq.kernels.byte_products import ROUNDING_BOUND
     from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
     if not torch.cuda.is_available():
@@ -220,7 +225,17 @@ def run_gpu(args: argparse.Namespace) -> None:
                         if m == 1 and bits == 2:  # both one-row forms, the pair table with its own kernel
                             rows[-1].update(pair_table=triton_linear.lut_wins(x, layer),
                                             pair_table_us=bench(lambda: decode(x, layer, lut=True)),
-                                            direct_us=bench(lambda: decode(x, layer, lut=False)))
+                                            direct_us=bench(lambda: decode(x, layer, lut=False, int8=False)))
+                        if m <= 2 and bits == 2:  # products of bytes (LCQ_INT8_DECODE=1), autotuned on their own
+
+                            def in_bytes(x):
+                                return decode(x, layer, int8=True)
+
+                            check(in_bytes, x, weight, ROUNDING_BOUND)
+                            bytes_us = bench(lambda: in_bytes(x))
+                            rows[-1].update(bytes_us=bytes_us, bytes_config=str(tuner.best_config),
+                                            bytes_frac_of_copy=product_bytes(layer, m) / (bytes_us * 1e-6) / 1e9
+                                            / header["copy_GBps"])
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     layer = weight = None  # the next layer's memory (not del: the closures above name them)
                     write_results(out, header, rows)
@@ -251,17 +266,15 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
         configs = kernels._decode_configs_for(kernels.DECODE_CONFIGS, {}, BLOCK_M=kernels.decode_block_m(rows),
                                               GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
             if decode else kernels.GEMM_CONFIGS
-        if rows == 1 and bits == 2:  # and the pair table's (lut)
-            configs = [(c, False) for c in configs] + [
-                (c, True) for c in kernels._decode_configs_for(kernels.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
-                                                               SELECT=True, LUT=True)]
-        else:
-            configs = [(c, False) for c in configs]
-        for config, lut in configs:
+        configs = [(c, "") for c in configs]
+        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2 and bits == 2):
+            configs += [(c, form) for c in kernels._decode_configs_for(
+                kernels.DECODE_CONFIGS, {}, BLOCK_M=rows, GROUP=group, SELECT=True, **{form.upper(): True})]
+        for config, form in configs:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             if decode:
                 launch["SPLIT_K"] = 2  # a run-time argument: every split runs the same build
-            jobs.add((bits, rank, group, rows, dtype, lut, tuple(sorted(launch.items()))))
+            jobs.add((bits, rank, group, rows, dtype, form, tuple(sorted(launch.items()))))
     return sorted(jobs)
 
 
@@ -269,17 +282,17 @@ def _warm_one(job: tuple) -> str:
     """Compile (and run once) one kernel build in this worker process."""
     import torch
     from lcq.kernels.triton_linear import DECODE_MAX_M, decode, gemm
-    bits, rank, group, rows, dtype, lut, launch = job
+    bits, rank, group, rows, dtype, form, launch = job
     try:
         layer = random_layer(256, 1024, bits, rank, group, "cuda")
         x = torch.randn(rows, 1024, device="cuda", dtype=getattr(torch, dtype))
         if rows <= DECODE_MAX_M:
-            decode(x, layer, dict(launch), lut=lut)
+            decode(x, layer, dict(launch), lut=form == "lut", int8=form == "int8")
         else:
             gemm(x, layer, dict(launch))
         torch.cuda.synchronize()
     except Exception as error:  # noqa: BLE001 - out of resources: the autotuner skips it too
-        return f"W{bits} r{rank} g{group} {rows} rows{' lut' if lut else ''} {dict(launch)}: {type(error).__name__}"
+        return f"W{bits} r{rank} g{group} {rows} rows {form} {dict(launch)}: {type(error).__name__}"
     return ""
 
 
@@ -407,12 +420,16 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
       for bits, rank in ((3, 1), (4, 1), (4, 2), (4, 4)) for m, warps, stages in ((1, 2, 2), (16, 4, 1))
       for book in (False, True)],
     *[("decode", 2, 2, 128, 16, 128, 4, False, True, {"stages": 1, "book": book}) for book in (False, True)],
+    *[("decode", 2, rank, 128, m, block_n, warps, True, prefetch, {"depth": 128, "int8": True})
+      for rank, m, block_n, warps, prefetch in ((2, 1, 128, 4, True), (2, 1, 256, 2, True), (1, 1, 512, 4, True),
+                                                (2, 1, 512, 4, True), (2, 1, 512, 4, False), (4, 1, 512, 4, True),
+                                                (2, 2, 512, 4, True))],
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
-                 lut: bool = False, book: bool = False):
+                 lut: bool = False, book: bool = False, int8: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -426,7 +443,8 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
-        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book)
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
+                         INT8=int8, ASM=True)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names
