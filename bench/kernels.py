@@ -20,7 +20,7 @@ path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM ab
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
 dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time both decode forms, each
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
-say which one the dispatch chose (`pair_table`). 2-bit rows of 1-2 rows also time the products of bytes
+say which one the dispatch chose (`pair_table`). 2- and 4-bit rows of 1-2 rows also time the products of bytes
 (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
 LCQ_INT8_DECODE=1.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
@@ -171,7 +171,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
     from lcq.kernels.byte_products import ROUNDING_BOUND
-    from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
+    from lcq.kernels.triton_linear import BYTE_PRODUCT_BITS, DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-smoke to check the script without a GPU")
@@ -226,7 +226,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(pair_table=triton_linear.lut_wins(x, layer),
                                             pair_table_us=bench(lambda: decode(x, layer, lut=True)),
                                             direct_us=bench(lambda: decode(x, layer, lut=False, int8=False)))
-                        if m <= 2 and bits == 2:  # products of bytes (LCQ_INT8_DECODE=1), autotuned on their own
+                        if m <= 2 and bits in BYTE_PRODUCT_BITS:  # products of bytes (LCQ_INT8_DECODE=1)
 
                             def in_bytes(x):
                                 return decode(x, layer, int8=True)
@@ -267,9 +267,10 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
                                               GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
             if decode else kernels.GEMM_CONFIGS
         configs = [(c, "") for c in configs]
-        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2 and bits == 2):
+        in_bytes = rows <= 2 and bits in kernels.BYTE_PRODUCT_BITS
+        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * in_bytes:
             configs += [(c, form) for c in kernels._decode_configs_for(
-                kernels.DECODE_CONFIGS, {}, BLOCK_M=rows, GROUP=group, SELECT=True, **{form.upper(): True})]
+                kernels.DECODE_CONFIGS, {}, BLOCK_M=rows, GROUP=group, SELECT=bits == 2, **{form.upper(): True})]
         for config, form in configs:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             if decode:
@@ -420,10 +421,11 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
       for bits, rank in ((3, 1), (4, 1), (4, 2), (4, 4)) for m, warps, stages in ((1, 2, 2), (16, 4, 1))
       for book in (False, True)],
     *[("decode", 2, 2, 128, 16, 128, 4, False, True, {"stages": 1, "book": book}) for book in (False, True)],
-    *[("decode", 2, rank, 128, m, block_n, warps, True, prefetch, {"depth": 128, "int8": True})
-      for rank, m, block_n, warps, prefetch in ((2, 1, 128, 4, True), (2, 1, 256, 2, True), (1, 1, 512, 4, True),
-                                                (2, 1, 512, 4, True), (2, 1, 512, 4, False), (4, 1, 512, 4, True),
-                                                (2, 2, 512, 4, True))],
+    *[("decode", bits, rank, 128, m, block_n, warps, True, prefetch, {"depth": 128, "int8": True})
+      for bits, rank, m, block_n, warps, prefetch in (
+          (2, 2, 1, 128, 4, True), (2, 2, 1, 256, 2, True), (2, 1, 1, 512, 4, True), (2, 2, 1, 512, 4, True),
+          (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (4, 1, 1, 128, 4, True),
+          (4, 2, 1, 128, 4, True), (4, 2, 1, 64, 2, True), (4, 2, 2, 128, 4, True))],
 ]
 
 

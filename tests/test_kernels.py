@@ -118,27 +118,30 @@ def test_decode_kernel_with_the_pair_table_matches_reference(rank, group, k, dty
     assert_close(triton_linear.decode(x, layer, config, lut=True), reference(x, layer), dtype)
 
 
-@pytest.mark.parametrize("rank,group,k,m,dtype,config", [
-    (1, 32, 80, 1, torch.float32, {}), (3, 64, 100, 2, torch.float16, {"PREFETCH": True}),
-    (2, 128, 300, 1, torch.bfloat16, {"PREFETCH": True, "BLOCK_K": 128}),
-    (4, 64, 150, 2, torch.float32, {"PREFETCH": 2, "SPLIT_K": 1}),
-    (2, 128, 300, 2, torch.float32, {"BLOCK_K": 128, "SPLIT_K": 1, "bias": True}),
-    (2, 128, 300, 1, torch.float32, {"PREFETCH": True, "BLOCK_K": 128, "BLOCK_N": 64, "SPLIT_K": 2})])
-def test_decode_kernel_with_products_of_bytes_matches_their_reference(rank, group, k, m, dtype, config):
-    """INT8 (1-2 rows of a 2-bit layer): the kernel computes what byte_products_reference states, to the
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype,config", [
+    (2, 1, 32, 80, 1, torch.float32, {}), (2, 3, 64, 100, 2, torch.float16, {"PREFETCH": True}),
+    (2, 2, 128, 300, 1, torch.bfloat16, {"PREFETCH": True, "BLOCK_K": 128}),
+    (2, 4, 64, 150, 2, torch.float32, {"PREFETCH": 2, "SPLIT_K": 1}),
+    (2, 2, 128, 300, 2, torch.float32, {"BLOCK_K": 128, "SPLIT_K": 1, "bias": True}),
+    (2, 2, 128, 300, 1, torch.float32, {"PREFETCH": True, "BLOCK_K": 128, "BLOCK_N": 64, "SPLIT_K": 2}),
+    (4, 1, 32, 80, 1, torch.float32, {}), (4, 3, 64, 100, 2, torch.float16, {"PREFETCH": True}),
+    (4, 2, 128, 300, 1, torch.float32, {"PREFETCH": True, "BLOCK_K": 128, "bias": True}),
+    (4, 4, 128, 300, 2, torch.bfloat16, {"PREFETCH": 2, "BLOCK_K": 64, "SPLIT_K": 1})])
+def test_decode_kernel_with_products_of_bytes_matches_their_reference(bits, rank, group, k, m, dtype, config):
+    """INT8 (1-2 rows of a 2- or 4-bit layer): the kernel computes what byte_products_reference states, to the
     rounding of fp32 sums and of the output dtype (a wrong selector, input order or scale is off by far
     more); every rank, partial last groups, tiles as deep as the group or shallower, split or not."""
     config = dict(config)
-    layer = random_layer(40, k, 2, rank, group, seed=rank, bias=config.pop("bias", False))
+    layer = random_layer(40, k, bits, rank, group, seed=rank, bias=config.pop("bias", False))
     x = torch.randn(m, k).to(dtype)
     y = triton_linear.decode(x, layer, {**SMALL_DECODE, "REDUCE_K": True, **config}, int8=True)
     assert_close(y, byte_products_reference(x, layer), dtype)
 
 
-@pytest.mark.parametrize("rank,group", [(1, 32), (2, 128), (4, 64)])
-def test_products_of_bytes_are_close_to_the_exact_product(rank, group):
+@pytest.mark.parametrize("bits,rank,group", [(2, 1, 32), (2, 2, 128), (2, 4, 64), (4, 2, 64)])
+def test_products_of_bytes_are_close_to_the_exact_product(bits, rank, group):
     """byte_products_reference rounds (it is not the exact product) within ROUNDING_BOUND of it."""
-    layer = random_layer(64, 512, 2, rank, group, seed=rank, bias=True)
+    layer = random_layer(64, 512, bits, rank, group, seed=rank, bias=True)
     x = torch.randn(2, 512)
     exact = reference(x, layer)
     error = ((byte_products_reference(x, layer) - exact).norm() / exact.norm()).item()
@@ -147,31 +150,33 @@ def test_products_of_bytes_are_close_to_the_exact_product(rank, group):
 
 def test_products_of_bytes_are_asked_for_and_serve_two_bit_rows_only(monkeypatch):
     """Off unless LCQ_INT8_DECODE=1, and then for CUDA rows only (the interpreter's tests ask explicitly); a
-    layer or batch they cannot serve is refused, not computed otherwise."""
+    layer (3 bits) or batch they cannot serve is refused, not computed otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(1, 128)
     assert not triton_linear.int8_decode(x, layer)
     monkeypatch.setenv("LCQ_INT8_DECODE", "1")
     assert not triton_linear.int8_decode(x, layer)  # CPU tensors: the interpreter, unless asked
-    with pytest.raises(ValueError, match="1-2 rows of a 2-bit layer"):
+    with pytest.raises(ValueError, match="1-2 rows of a 2- or 4-bit layer"):
         triton_linear.decode(torch.randn(3, 128), layer, SMALL_DECODE, int8=True)
-    with pytest.raises(ValueError, match="not 1 rows at 4 bits"):
-        triton_linear.decode(x, random_layer(40, 128, 4, 2, 64), SMALL_DECODE, int8=True)
+    with pytest.raises(ValueError, match="not 1 rows at 3 bits"):
+        triton_linear.decode(x, random_layer(40, 128, 3, 2, 64), SMALL_DECODE, int8=True)
     with pytest.raises(ValueError, match="with the pair table"):
         triton_linear.decode(x, layer, SMALL_DECODE, lut=True, int8=True)
 
 
-def test_autotuner_times_products_of_bytes_with_their_own_configs():
-    """INT8: its own tiles (up to 512 columns), 128 deep where the group holds it, split up to 64 ways, with
-    and without PREFETCH, none of the other forms' configs."""
+@pytest.mark.parametrize("select", [True, False])
+def test_autotuner_times_products_of_bytes_with_their_own_configs(select):
+    """INT8: its own tiles, at 2 bits (SELECT) up to 512 columns, at 4 one column a thread, 128 deep where the
+    group holds it, split up to 64 ways, with and without PREFETCH, none of the other forms' configs."""
+    tiles = {(64, 2), (128, 4), (256, 2), (512, 4)} if select else {(64, 2), (128, 4)}
     for group in (32, 64, 128):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
-                                                 SELECT=True, INT8=True)
-        assert {(c.kwargs["BLOCK_N"], c.num_warps) for c in kept} == {(128, 4), (256, 2), (512, 4)}
+                                                 SELECT=select, INT8=True)
+        assert {(c.kwargs["BLOCK_N"], c.num_warps) for c in kept} == tiles
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
         assert {c.kwargs["SPLIT_K"] for c in kept} == {8, 16, 32, 64}
         assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
-        assert len(kept) == 24
+        assert len(kept) == len(tiles) * 8
 
 
 def test_pair_table_holds_both_products_of_every_index_pair():
@@ -592,19 +597,21 @@ def test_compiled_pair_table_on_gpu(rank):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n,k,rank,group", [(4096, 11008, 2, 128), (22016, 4096, 1, 128), (4096, 4096, 4, 64)])
-def test_compiled_products_of_bytes_on_gpu(n, k, rank, group, monkeypatch):
+@pytest.mark.parametrize("n,k,bits,rank,group", [(4096, 11008, 2, 2, 128), (22016, 4096, 2, 1, 128),
+                                                  (4096, 4096, 2, 4, 64), (4096, 11008, 4, 2, 128),
+                                                  (11008, 4096, 4, 1, 64)])
+def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch):
     """INT8 compiled (PTX prmt and dp4a, not their emulation): each of its tiles at 1 and 2 rows against
     byte_products_reference, within the output dtype's tolerance (fp32 division and FMA contraction on the
     GPU may round a value at a byte's halfway point the other way), and the autotuned launch under
     LCQ_INT8_DECODE=1."""
-    layer = random_layer(n, k, 2, rank, group, seed=rank).to("cuda")
+    layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.float16), (2, torch.bfloat16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
         expected = byte_products_reference(x.cpu(), layer.to("cpu"))
         assert ((expected - reference(x.cpu(), layer.to("cpu"))).norm() / expected.norm()).item() < ROUNDING_BOUND
         for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=m, GROUP=group,
-                                                        SELECT=True, INT8=True)[::5]:
+                                                        SELECT=bits == 2, INT8=True)[::5]:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             y = triton_linear.decode(x, layer, launch, int8=True)
             torch.cuda.synchronize()

@@ -175,16 +175,17 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
 
 
 @triton.jit
-def _byte_permute(table, selector, ASM: tl.constexpr):
-    """Byte i of the result is byte (nibble i of selector) of table, for nibbles 0-3 (int32 tensors): one PTX prmt
-    on a GPU (ASM), shifts and masks in the interpreter."""
+def _byte_permute(low, high, selector, ASM: tl.constexpr):
+    """Byte i of the result is byte (nibble i of selector) of the 8 bytes of low (0-3) and high (4-7), for nibbles
+    0-7 (int32 tensors): one PTX prmt on a GPU (ASM), shifts and masks in the interpreter."""
     if ASM:
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $1, $2;", "=r,r,r", [table, selector], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [low, high, selector],
+                                         dtype=tl.int32, is_pure=True, pack=1)
     else:
         picked = tl.zeros_like(selector)
         for i in tl.static_range(4):
-            picked |= ((table >> (8 * ((selector >> (4 * i)) & 3))) & 0xFF) << (8 * i)
+            pick = (selector >> (4 * i)) & 7
+            picked |= ((tl.where(pick < 4, low, high) >> (8 * (pick & 3))) & 0xFF) << (8 * i)
         return picked
 
 
@@ -201,24 +202,26 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _to_int8(values, scale_inverse):
-    """values * scale_inverse rounded half away from zero, int32 in [-127, 127] (byte_products.to_int8 alike)."""
-    scaled = values * scale_inverse
-    return tl.where(scaled >= 0, scaled + 0.5, scaled - 0.5).to(tl.int32)
+def _to_bytes(values, scale_inverse):
+    """values * scale_inverse (within +-127) rounded to the nearest integer (ties to even, as byte_products.to_int8)
+    in the low byte of an int32: adding 1.5 * 2^23 leaves the integer in the float's low mantissa bits, one FMA
+    where a rounding conversion took five instructions (sm_90)."""
+    return (values * scale_inverse + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
 
 
 @triton.jit
-def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, RANK: tl.constexpr,
-               RANKS: tl.constexpr):
-    """A 2-bit tile's column codebooks in bytes: entry e of column n in byte e of an int32, each column's 4
-    entries S . V - B less their midrange, scaled by 127 / half their range. Returns (books, steps, midranges):
-    entry e is midrange + step * signed byte e. (Scaled by their largest magnitude instead, a codebook off
-    zero, as B makes many, was rounded up to twice as coarsely, and the error, the same for every weight of
-    the group that takes the entry, added up along the product: SmolLM2 W2 r2 g128 perplexity +0.6% with only
-    the codebooks in bytes, bench/byte_products_quality.py.)"""
-    entries = tl.arange(0, 4)
+def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, BITS: tl.constexpr,
+               RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's column codebooks in bytes: entry e of column n in byte e % 4 of int32 e // 4 of row n, each
+    column's 2^BITS entries S . V - B less their midrange, scaled by 127 / half their range. Returns (books
+    (BLOCK_N, 2^BITS / 4), steps, midranges): entry e is midrange + step * signed byte e. (Scaled by their largest
+    magnitude instead, a codebook off zero, as B makes many, was rounded up to twice as coarsely, and the error,
+    the same for every weight of the group that takes the entry, added up along the product: SmolLM2 W2 r2 g128
+    perplexity +0.6% with only the codebooks in bytes, bench/byte_products_quality.py.)"""
+    ENTRIES: tl.constexpr = 1 << BITS
+    entries = tl.arange(0, ENTRIES)
     book = -(b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32))[:, None] \
-        + tl.zeros((1, 4), dtype=tl.float32)
+        + tl.zeros((1, ENTRIES), dtype=tl.float32)
     for k in tl.static_range(RANK):
         s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
         book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
@@ -226,15 +229,30 @@ def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, 
     lowest = tl.min(book, axis=1)
     midrange = (highest + lowest) * 0.5
     half_range = (highest - lowest) * 0.5
-    codes = _to_int8(book - midrange[:, None], (127.0 / tl.maximum(half_range, 1e-30))[:, None])
-    books = tl.sum((codes & 0xFF) << (8 * entries)[None, :], axis=1)  # disjoint bytes: the sum is their or
+    codes = _to_bytes(book - midrange[:, None], (127.0 / tl.maximum(half_range, 1e-30))[:, None])
+    bytes_in_words = tl.reshape(codes, (BLOCK_N, ENTRIES // 4, 4)) << (8 * tl.arange(0, 4))[None, None, :]
+    books = tl.sum(bytes_in_words, axis=2)  # disjoint bytes: the sum is their or
     return books, half_range / 127.0, midrange
 
 
 @triton.jit
-def _picked_weights(words, books, SHIFT: tl.constexpr, ASM: tl.constexpr):
-    """The codebook bytes of the 4 indices (words >> SHIFT) & 0x3333 holds, one int32 per word (_int8_products)."""
-    return _byte_permute(books, (words >> SHIFT) & 0x3333, ASM)
+def _picked_bytes(words, books, SHIFT: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+    """The codebook bytes (_int8_book's books, (1, BLOCK_N, 2^BITS / 4)) of 4 of each word's indices, one int32
+    per word (_int8_products). 2 bits: (word >> SHIFT) & 0x3333 holds the indices SHIFT / 2 + 2i in its
+    nibbles, a prmt selector over the 4 entries. 4 bits: the indices SHIFT / 4 + i, each 3 low bits selecting
+    among entries 0-7 and, by a second prmt, 8-15; a third takes byte i from the second where index i's top bit
+    is set ((word >> (SHIFT + 1)) & 0x4444 adds 4 to nibble i of the selector 0x3210)."""
+    if BITS == 2:
+        book = tl.reshape(books, books.shape[:2])
+        return _byte_permute(book, book, (words >> SHIFT) & 0x3333, ASM)
+    else:
+        first, second = tl.split(tl.reshape(books, (1, books.shape[1], 2, 2)))  # words (0, 2), (1, 3)
+        entries_0_3, entries_8_11 = tl.split(first)
+        entries_4_7, entries_12_15 = tl.split(second)
+        selector = (words >> SHIFT) & 0x7777
+        low = _byte_permute(entries_0_3, entries_4_7, selector, ASM)
+        high = _byte_permute(entries_8_11, entries_12_15, selector, ASM)
+        return _byte_permute(low, high, ((words >> (SHIFT + 1)) & 0x4444) | 0x3210, ASM)
 
 
 @triton.jit
@@ -248,38 +266,44 @@ def _row(values, m: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _int8_products(words, books, steps, midranges, inputs, ASM: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A 2-bit tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): each 16 inputs of a row scaled to
-    bytes by their largest magnitude, each weight its column's codebook byte (_int8_book). Word r of a column
-    holds indices 16r .. 16r + 15, index i in bits 2i, 2i + 1; (word >> shift) & 0x3333 puts 4 of them in the 4
-    nibbles of a prmt selector, which picks their codebook bytes into one int32 (shift 0: indices 0, 2, 4, 6;
-    2: 1, 3, 5, 7; 16: 8, 10, 12, 14; 18: 9, 11, 13, 15), and dp4a multiplies it by the matching 4 input bytes
-    and sums: per 16 weights 4 selectors (7 instructions), 4 prmt, 4 dp4a, then a conversion and an FMA. Each
-    column's step scales those sums and its midrange multiplies the sum of the tile's inputs (exact, fp32).
-    The products stay in the words' layout (a 3-d tensor of rows, words and columns moved every weight through
-    shared memory in the sm_90 build). inputs: the tile's (BLOCK_M, BLOCK_K) activations in that order
-    (_tile_inputs with INT8)."""
-    ROWS: tl.constexpr = BLOCK_K // 16
-    x = tl.reshape(inputs, (BLOCK_M, ROWS, 16))
+def _int8_products(words, books, steps, midranges, inputs, BITS: tl.constexpr, ASM: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A 2- or 4-bit tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): the inputs of each index word
+    of a row (16 at 2 bits, 8 at 4) scaled to bytes by their largest magnitude, each weight its column's codebook
+    byte (_int8_book). Word r of a column holds indices r * 32 / BITS on, index i in bits BITS * i on; prmt picks
+    the codebook bytes of 4 of them into one int32 (_picked_bytes), and dp4a multiplies it by the matching 4
+    input bytes and sums: per 16 weights at 2 bits 4 selectors (7 instructions), 4 prmt and 4 dp4a, at 4 bits
+    about 10, 12 and 4; then per word a conversion and an FMA. Each column's step scales those sums and its
+    midrange multiplies the sum of the tile's inputs (exact, fp32). The products stay in the words' layout (a
+    3-d tensor of rows, words and columns moved every weight through shared memory in the sm_90 build).
+    inputs: the tile's (BLOCK_M, BLOCK_K) activations, at 2 bits in the order of the selectors (_tile_inputs)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // PER_WORD
+    x = tl.reshape(inputs, (BLOCK_M, ROWS, PER_WORD))
     largest = tl.max(tl.abs(x), axis=2)
-    codes = _to_int8(x, (127.0 / tl.maximum(largest, 1e-30))[:, :, None])
-    quads = tl.sum(tl.reshape(codes & 0xFF, (BLOCK_M, ROWS, 4, 4)) << (8 * tl.arange(0, 4))[None, None, None, :],
-                   axis=3)  # (BLOCK_M, ROWS, selector): 4 input bytes, in the order of the selectors' indices
-    even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
-    x0, x16 = tl.split(even)
-    x2, x18 = tl.split(odd)
-    books = books[None, :]
-    w0 = _picked_weights(words, books, 0, ASM)
-    w2 = _picked_weights(words, books, 2, ASM)
-    w16 = _picked_weights(words, books, 16, ASM)
-    w18 = _picked_weights(words, books, 18, ASM)
+    codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, :, None])
+    quads = tl.sum(tl.reshape(codes, (BLOCK_M, ROWS, PER_WORD // 4, 4))
+                   << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)  # 4 input bytes each, in selector order
+    books = books[None, :, :]
+    if BITS == 2:
+        even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
+        x_a, x_c = tl.split(even)
+        x_b, x_d = tl.split(odd)
+        w_a = _picked_bytes(words, books, 0, BITS, ASM)
+        w_b = _picked_bytes(words, books, 2, BITS, ASM)
+        w_c = _picked_bytes(words, books, 16, BITS, ASM)
+        w_d = _picked_bytes(words, books, 18, BITS, ASM)
+    else:
+        x_a, x_b = tl.split(quads)
+        w_a = _picked_bytes(words, books, 0, BITS, ASM)
+        w_b = _picked_bytes(words, books, 16, BITS, ASM)
     products = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m in tl.static_range(BLOCK_M):
-        dots = _dot4(w0, _row(x0, m, BLOCK_M)[:, None] + tl.zeros_like(words), tl.zeros_like(words), ASM)
-        dots = _dot4(w2, _row(x2, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
-        dots = _dot4(w16, _row(x16, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
-        dots = _dot4(w18, _row(x18, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+        dots = _dot4(w_a, _row(x_a, m, BLOCK_M)[:, None] + tl.zeros_like(words), tl.zeros_like(words), ASM)
+        dots = _dot4(w_b, _row(x_b, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+        if BITS == 2:
+            dots = _dot4(w_c, _row(x_c, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
+            dots = _dot4(w_d, _row(x_d, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
         sums = tl.sum(dots.to(tl.float32) * (_row(largest, m, BLOCK_M) / 127.0)[:, None], axis=0)
         products += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, sums[None, :], 0.0)
     return products * steps[None, :] + tl.sum(inputs, axis=1)[:, None] * midranges[None, :]
@@ -334,27 +358,27 @@ def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLO
 
 @triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP32: tl.constexpr, INT8: tl.constexpr):
+                 FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr):
     """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
     the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
-    FP32 (one row): converted where they are loaded, a tile ahead with PREFETCH, each thread converts a few and
-    hands the tile to the threads that multiply; converted after that hand-over, every thread converted every
-    input of its columns, one instruction per weight (sm_90, W2 r2: 7.1 instructions per weight and 80 registers,
-    6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled.
-    INT8: in the order _int8_products multiplies them, fp32: slot 4j + i of each 16 is input (j & 1) + 8 (j >> 1)
-    + 2i of that 16."""
+    FP32 (one row, and products of bytes): converted where they are loaded, a tile ahead with PREFETCH, each
+    thread converts a few and hands the tile to the threads that multiply; converted after that hand-over, every
+    thread converted every input of its columns, one instruction per weight (sm_90, W2 r2: 7.1 instructions per
+    weight and 80 registers, 6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled.
+    SELECTOR_ORDER (products of bytes at 2 bits): in the order _int8_products multiplies them, slot 4j + i of each
+    16 input (j & 1) + 8 (j >> 1) + 2i of that 16."""
     if LUT:
         inputs = tl.load(lut_ptr + k0 // 32, mask=k0 // 32 < PAIRS // 16, other=0.0)
         for run in tl.static_range(1, BLOCK_K // 32):
             inputs += tl.load(lut_ptr + k0 // 32 + run, mask=k0 // 32 + run < PAIRS // 16, other=0.0)
     else:
         k_idx = k0 + tl.arange(0, BLOCK_K)
-        if INT8:
+        if SELECTOR_ORDER:
             slot = k_idx % 16
             k_idx = k_idx - slot + (slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4)
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
                          mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
-        if FP32 or INT8:
+        if FP32:
             inputs = inputs.to(tl.float32)
     return inputs
 
@@ -415,13 +439,15 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     6.9 for the FMA form).
     BOOK (3-4 bits, and 2 bits from 16 rows): the weights from each column's codebook entries, built once a
     tile (_tile_weights).
-    INT8 (2 bits, 1-2 rows): products of bytes, each 16 inputs and each column's 4 codebook entries scaled to
-    bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the interpreter).
+    INT8 (2 and 4 bits, 1-2 rows): products of bytes, the inputs of each index word and each column's codebook
+    entries scaled to bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the
+    interpreter).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
-    tl.static_assert(not INT8 or (BITS == 2 and BLOCK_M < 16 and not LUT and not BOOK))
-    ONE_ROW: tl.constexpr = BLOCK_M == 1  # inputs converted to fp32 as they are loaded (_tile_inputs)
+    tl.static_assert(not INT8 or (BITS != 3 and BLOCK_M < 16 and not LUT and not BOOK))
+    FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
+    SELECTOR_ORDER: tl.constexpr = INT8 and BITS == 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -471,10 +497,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              ONE_ROW, INT8)
+                              FP32_INPUTS, SELECTOR_ORDER)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, ONE_ROW, INT8)
+                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
@@ -484,20 +510,20 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       ONE_ROW, INT8)
+                                       FP32_INPUTS, SELECTOR_ORDER)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
-            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, ONE_ROW,
-                                  INT8)
+            inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
+                                  SELECTOR_ORDER)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
             acc += scaled[None, :] - inputs * b[None, :]
         elif INT8:
             books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                                                 RANK, RANKS)
-            acc += _int8_products(words, books, steps, midranges, inputs, ASM, BLOCK_M, BLOCK_K, BLOCK_N)
+                                                 BITS, RANK, RANKS, BLOCK_N)
+            acc += _int8_products(words, books, steps, midranges, inputs, BITS, ASM, BLOCK_M, BLOCK_K, BLOCK_N)
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
@@ -645,16 +671,19 @@ LUT_DECODE_CONFIGS = [
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4), (256, 8)) for depth in (64, 128) for prefetch in (False, True, 2)
     for split in (8, 16, 32)]
-# Products of bytes (INT8: 2 bits, 1-2 rows; each tile is summed in the loop, so REDUCE_K), not yet timed. sm_90
-# SASS (Triton 3.6, W2 r2 g128, one row, 128 deep, bench/kernels.py --sass): 128 columns per 4 warps 3.0
-# instructions per weight, 256 per 2 warps 2.2, 512 per 4 warps 2.0 (255 registers with PREFETCH, 168 without;
-# two rows 2.8), against 6.1 for the fp32 form's chosen tile: the wider tiles keep a column's words in one
-# thread, so the sum over them needs no shuffles, and spread the inputs' and codebooks' conversion over more
-# weights.
+# Products of bytes (INT8: 2 and 4 bits, 1-2 rows; each tile is summed in the loop, so REDUCE_K), not yet timed.
+# sm_90 SASS (Triton 3.6, g128, one row, 128 deep, PREFETCH, bench/kernels.py --sass), instructions per weight:
+# W2 r2 128 columns per 4 warps 3.1, 256 per 2 warps 2.2, 512 per 4 warps 2.1 (255 registers; 168 without
+# PREFETCH), against 6.1 for the fp32 form's chosen tile: the wider tiles keep a column's words in one thread,
+# so that the sum over them needs no shuffles, and spread the inputs' conversion over more weights. W4 r2, its
+# 16-entry codebooks built once a tile: 64 columns per 2 warps 5.3, 128 per 4 warps 5.2 (168 registers), 64
+# deep 6.6, against 8.2 for the fp32 form with column codebooks (BOOK); wider tiles spill there, so at 4 bits
+# a thread takes one column (_decode_configs_for).
 INT8_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=2)
-    for bn, warps in ((128, 4), (256, 2), (512, 4)) for prefetch in (False, True) for split in (8, 16, 32, 64)]
+    for bn, warps in ((64, 2), (128, 4), (256, 2), (512, 4)) for prefetch in (False, True)
+    for split in (8, 16, 32, 64)]
 DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
 
@@ -665,7 +694,8 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
-    """The autotuner's early prune: the configs of products of bytes for INT8, the pair table's for LUT, else
+    """The autotuner's early prune: the configs of products of bytes for INT8 (at 4 bits those giving a thread
+    one column: INT8_DECODE_CONFIGS), the pair table's for LUT, else
     the FMA form's for 1-2 rows and the tl.dot form's from 16, no more slices than the workspace holds, column
     codebooks (BOOK) at 2 bits only for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer
     instructions: 6.1 against 7.3 per weight, sm_90), and each tile no deeper than the group and the bit width
@@ -674,11 +704,12 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
         else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
     fallback = block_k(kwargs["GROUP"])
-    deepest = 128 if kwargs["SELECT"] else 64
+    deepest = 128 if kwargs["SELECT"] or kwargs.get("INT8") else 64
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
         selected_instead = c.kwargs.get("BOOK") and kwargs["SELECT"] and form is FMA_DECODE_CONFIGS
-        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not selected_instead:
+        spills = form is INT8_DECODE_CONFIGS and not kwargs["SELECT"] and c.kwargs["BLOCK_N"] > 32 * c.num_warps
+        if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not selected_instead and not spills:
             depth = c.kwargs["BLOCK_K"]
             depth = depth if depth <= deepest and kwargs["GROUP"] % depth == 0 else fallback
             params = {**c.kwargs, "BLOCK_K": depth}
@@ -774,11 +805,15 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
+BYTE_PRODUCT_BITS = (2, 4)  # 3-bit indices span two planes, whose bits no prmt selector holds together
+
+
 def int8_decode(x: torch.Tensor, layer: PackedLinear) -> bool:
-    """Whether 1-2 rows of a 2-bit layer on CUDA take products of bytes (_int8_products): with LCQ_INT8_DECODE=1
-    only, until timed on a GPU; they change the numbers (each 16 inputs and each column's codebook rounded to
-    8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
-    return x.is_cuda and x.shape[0] <= 2 and layer.bits == 2 and os.environ.get("LCQ_INT8_DECODE", "0") == "1"
+    """Whether 1-2 rows of a 2- or 4-bit layer on CUDA take products of bytes (_int8_products): with
+    LCQ_INT8_DECODE=1 only, until timed on a GPU; they change the numbers (the inputs of each index word and each
+    column's codebook rounded to 8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
+    return x.is_cuda and x.shape[0] <= 2 and layer.bits in BYTE_PRODUCT_BITS and \
+        os.environ.get("LCQ_INT8_DECODE", "0") == "1"
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
@@ -796,9 +831,9 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     n = layer.out_features
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
-    if int8 and (m > 2 or layer.bits != 2 or lut):
-        raise ValueError(f"products of bytes serve 1-2 rows of a 2-bit layer, not {m} rows at {layer.bits} bits"
-                         + (" with the pair table" if lut else ""))
+    if int8 and (m > 2 or layer.bits not in BYTE_PRODUCT_BITS or lut):
+        raise ValueError(f"products of bytes serve 1-2 rows of a 2- or 4-bit layer, not {m} rows at {layer.bits} "
+                         "bits" + (" with the pair table" if lut else ""))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
