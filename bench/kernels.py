@@ -20,7 +20,7 @@ path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM ab
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
 dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time both decode forms, each
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
-say which one the dispatch chose (`pair_table`). 2- and 4-bit rows of 1-2 rows also time the products of bytes
+say which one the dispatch chose (`pair_table`). Rows of 1-2 rows also time the products of bytes
 (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
 LCQ_INT8_DECODE=1.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
@@ -424,7 +424,8 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
     *[("decode", bits, rank, 128, m, block_n, warps, True, prefetch, {"depth": 128, "int8": True})
       for bits, rank, m, block_n, warps, prefetch in (
           (2, 2, 1, 128, 4, True), (2, 2, 1, 256, 2, True), (2, 1, 1, 512, 4, True), (2, 2, 1, 512, 4, True),
-          (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (4, 1, 1, 128, 4, True),
+          (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (3, 1, 1, 128, 4, True),
+          (3, 2, 1, 128, 4, True), (4, 1, 1, 128, 4, True),
           (4, 2, 1, 128, 4, True), (4, 2, 1, 64, 2, True), (4, 2, 2, 128, 4, True))],
 ]
 

@@ -1,10 +1,10 @@
 """The arithmetic of the decode kernel's products of bytes (INT8 in triton_linear._decode_kernel), in torch.
 
-At one or two rows of a 2- or 4-bit layer the kernel can multiply bytes instead of fp32 values: the inputs of
-each index word of a row (16 at 2 bits, 8 at 4) are scaled by 127 over their largest magnitude and rounded,
-and each column's codebook of a group (S . V - B), less its midrange, by 127 over half its range; PTX prmt then
-picks 4 weights' codebook bytes at once (one instruction at 2 bits, three at 4) and one dp4a multiplies them by
-4 input bytes and sums: about 2 instructions per weight where the fp32 forms spend 6 to 9 (docs/kernels.md).
+At one or two rows the kernel can multiply bytes instead of fp32 values: the inputs of each index word of a
+row (16 at 2 and 3 bits, 8 at 4) are scaled by 127 over their largest magnitude and rounded, and each column's
+codebook of a group (S . V - B), less its midrange, by 127 over half its range; PTX prmt then picks 4 weights'
+codebook bytes at once and one dp4a multiplies them by 4 input bytes and sums: 2 to 5 instructions per weight
+where the fp32 forms spend 6 to 11 (docs/kernels.md).
 This module states what that computes, so that tests hold the kernel to it exactly and the quality cost of
 the rounding can be measured on CPU.
 """
@@ -28,9 +28,8 @@ def byte_products_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tenso
     """x (M, K) @ W^T as the kernel's products of bytes compute it, float64 (M, N): per group and column the
     byte codebook times its step plus its midrange, per run of 16 inputs the input bytes times their scale,
     exact integer dots; the midrange multiplies the group's inputs as they are."""
-    if layer.bits not in (2, 4):
-        raise ValueError(f"products of bytes serve 2- and 4-bit layers, not {layer.bits} bits")
-    entries, run = 1 << layer.bits, 32 // layer.bits  # a run of inputs shares a scale: one index word's
+    entries = 1 << layer.bits
+    run = 8 if layer.bits == 4 else 16  # inputs sharing a scale: one index word's (at 3 bits the 2-bit plane's)
     s, v = decoded_s(layer), layer.v.float()[layer.v_index.long()]  # (N, G, r), (N, r, entries)
     books = -decoded_b(layer).unsqueeze(-1).expand(-1, -1, entries)  # (N, G, entries), in the kernel's order:
     for k in range(layer.rank):  # an entry halfway between two bytes must round alike

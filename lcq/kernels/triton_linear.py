@@ -77,11 +77,18 @@ def _table_offsets(vi_ptr, offs_n, n_mask, BITS: tl.constexpr, RANKS: tl.constex
 
 
 @triton.jit
-def _tile_words(qw_ptr, k0, offs_n, mask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The words of a tile's index planes: at 3 bits a 2-bit and a 1-bit plane, otherwise one (twice)."""
+def _tile_words(qw_ptr, k0, offs_n, mask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                TOPS_PER_ROW: tl.constexpr = False):
+    """The words of a tile's index planes: at 3 bits a 2-bit and a 1-bit plane, otherwise one (twice).
+    TOPS_PER_ROW (3 bits): the 1-bit plane as one word per 2-bit word, its 16 indices' top bits in the low half."""
     if BITS == 3:
         words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, 2, 0, BLOCK_K)
-        top_words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, 1, 2, BLOCK_K)
+        if TOPS_PER_ROW:
+            row = tl.arange(0, BLOCK_K // 16)
+            top_words = tl.load(qw_ptr + ((k0 // 32 + row // 2) * BITS + 2)[:, None] * N + offs_n[None, :],
+                                mask=mask[None, :], other=0, eviction_policy="evict_first") >> (16 * (row % 2))[:, None]
+        else:
+            top_words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, 1, 2, BLOCK_K)
     else:
         words = _plane_words(qw_ptr, k0, offs_n, mask, N, BITS, BITS, 0, BLOCK_K)
         top_words = words
@@ -236,15 +243,23 @@ def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, 
 
 
 @triton.jit
-def _picked_bytes(words, books, SHIFT: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
+def _picked_bytes(words, tops, books, SHIFT: tl.constexpr, BITS: tl.constexpr, ASM: tl.constexpr):
     """The codebook bytes (_int8_book's books, (1, BLOCK_N, 2^BITS / 4)) of 4 of each word's indices, one int32
     per word (_int8_products). 2 bits: (word >> SHIFT) & 0x3333 holds the indices SHIFT / 2 + 2i in its
-    nibbles, a prmt selector over the 4 entries. 4 bits: the indices SHIFT / 4 + i, each 3 low bits selecting
-    among entries 0-7 and, by a second prmt, 8-15; a third takes byte i from the second where index i's top bit
-    is set ((word >> (SHIFT + 1)) & 0x4444 adds 4 to nibble i of the selector 0x3210)."""
+    nibbles, a prmt selector over the 4 entries. 3 bits: the same low bits, and the indices' top bits (tops,
+    _tile_words' TOPS_PER_ROW: bit j for index j) spread from bits 2i to 4i + 2 in two shift-or-mask steps,
+    select among 8 entries. 4 bits: the indices SHIFT / 4 + i, each 3 low bits selecting among entries 0-7 and,
+    by a second prmt, 8-15; a third takes byte i from the second where index i's top bit is set
+    ((word >> (SHIFT + 1)) & 0x4444 adds 4 to nibble i of the selector 0x3210)."""
     if BITS == 2:
         book = tl.reshape(books, books.shape[:2])
         return _byte_permute(book, book, (words >> SHIFT) & 0x3333, ASM)
+    elif BITS == 3:
+        entries_0_3, entries_4_7 = tl.split(books)
+        top = (tops >> (SHIFT // 2)) & 0x55
+        top = (top | (top << 4)) & 0x0F0F
+        top = (top | (top << 2)) & 0x3333
+        return _byte_permute(entries_0_3, entries_4_7, ((words >> SHIFT) & 0x3333) | (top << 2), ASM)
     else:
         first, second = tl.split(tl.reshape(books, (1, books.shape[1], 2, 2)))  # words (0, 2), (1, 3)
         entries_0_3, entries_8_11 = tl.split(first)
@@ -266,18 +281,20 @@ def _row(values, m: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _int8_products(words, books, steps, midranges, inputs, BITS: tl.constexpr, ASM: tl.constexpr,
+def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.constexpr, ASM: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A 2- or 4-bit tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): the inputs of each index word
-    of a row (16 at 2 bits, 8 at 4) scaled to bytes by their largest magnitude, each weight its column's codebook
-    byte (_int8_book). Word r of a column holds indices r * 32 / BITS on, index i in bits BITS * i on; prmt picks
-    the codebook bytes of 4 of them into one int32 (_picked_bytes), and dp4a multiplies it by the matching 4
-    input bytes and sums: per 16 weights at 2 bits 4 selectors (7 instructions), 4 prmt and 4 dp4a, at 4 bits
-    about 10, 12 and 4; then per word a conversion and an FMA. Each column's step scales those sums and its
+    """A tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): the inputs of each index word of a row (16
+    at 2 and 3 bits, where the word is the 2-bit plane's, 8 at 4) scaled to bytes by their largest magnitude,
+    each weight its column's codebook byte (_int8_book). Word r of a column holds the indices from r times that
+    count, index i in its bits from 2i (4i at 4 bits); prmt picks the codebook bytes of 4 of them into one int32
+    (_picked_bytes), and dp4a multiplies it by the matching 4 input bytes and sums: per 16 weights at 2 bits 4
+    selectors (7 instructions), 4 prmt and 4 dp4a, at 3 bits about 16 more for the selectors, at 4 bits about
+    10, 12 and 4; then per word a conversion and an FMA. Each column's step scales those sums and its
     midrange multiplies the sum of the tile's inputs (exact, fp32). The products stay in the words' layout (a
     3-d tensor of rows, words and columns moved every weight through shared memory in the sm_90 build).
-    inputs: the tile's (BLOCK_M, BLOCK_K) activations, at 2 bits in the order of the selectors (_tile_inputs)."""
-    PER_WORD: tl.constexpr = 32 // BITS
+    inputs: the tile's (BLOCK_M, BLOCK_K) activations, at 2 and 3 bits in the order of the selectors
+    (_tile_inputs)."""
+    PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     ROWS: tl.constexpr = BLOCK_K // PER_WORD
     x = tl.reshape(inputs, (BLOCK_M, ROWS, PER_WORD))
     largest = tl.max(tl.abs(x), axis=2)
@@ -285,23 +302,23 @@ def _int8_products(words, books, steps, midranges, inputs, BITS: tl.constexpr, A
     quads = tl.sum(tl.reshape(codes, (BLOCK_M, ROWS, PER_WORD // 4, 4))
                    << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)  # 4 input bytes each, in selector order
     books = books[None, :, :]
-    if BITS == 2:
+    if BITS == 4:
+        x_a, x_b = tl.split(quads)
+        w_a = _picked_bytes(words, tops, books, 0, BITS, ASM)
+        w_b = _picked_bytes(words, tops, books, 16, BITS, ASM)
+    else:
         even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
         x_a, x_c = tl.split(even)
         x_b, x_d = tl.split(odd)
-        w_a = _picked_bytes(words, books, 0, BITS, ASM)
-        w_b = _picked_bytes(words, books, 2, BITS, ASM)
-        w_c = _picked_bytes(words, books, 16, BITS, ASM)
-        w_d = _picked_bytes(words, books, 18, BITS, ASM)
-    else:
-        x_a, x_b = tl.split(quads)
-        w_a = _picked_bytes(words, books, 0, BITS, ASM)
-        w_b = _picked_bytes(words, books, 16, BITS, ASM)
+        w_a = _picked_bytes(words, tops, books, 0, BITS, ASM)
+        w_b = _picked_bytes(words, tops, books, 2, BITS, ASM)
+        w_c = _picked_bytes(words, tops, books, 16, BITS, ASM)
+        w_d = _picked_bytes(words, tops, books, 18, BITS, ASM)
     products = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for m in tl.static_range(BLOCK_M):
         dots = _dot4(w_a, _row(x_a, m, BLOCK_M)[:, None] + tl.zeros_like(words), tl.zeros_like(words), ASM)
         dots = _dot4(w_b, _row(x_b, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
-        if BITS == 2:
+        if BITS != 4:
             dots = _dot4(w_c, _row(x_c, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
             dots = _dot4(w_d, _row(x_d, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
         sums = tl.sum(dots.to(tl.float32) * (_row(largest, m, BLOCK_M) / 127.0)[:, None], axis=0)
@@ -439,15 +456,15 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     6.9 for the FMA form).
     BOOK (3-4 bits, and 2 bits from 16 rows): the weights from each column's codebook entries, built once a
     tile (_tile_weights).
-    INT8 (2 and 4 bits, 1-2 rows): products of bytes, the inputs of each index word and each column's codebook
+    INT8 (1-2 rows): products of bytes, the inputs of each index word and each column's codebook
     entries scaled to bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the
     interpreter).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
-    tl.static_assert(not INT8 or (BITS != 3 and BLOCK_M < 16 and not LUT and not BOOK))
+    tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
-    SELECTOR_ORDER: tl.constexpr = INT8 and BITS == 2
+    SELECTOR_ORDER: tl.constexpr = INT8 and BITS != 4
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -488,11 +505,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     products = tl.zeros((BLOCK_M, 1 if TILE_SUMS else BLOCK_K, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
-        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K)
+        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K, INT8)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
     if PREFETCH == 2:
         second = offs_n < tl.where(start + 1 < end, N, 0)
-        words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K)
+        words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K,
+                                             INT8)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
@@ -507,12 +525,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         if PREFETCH:
             ahead = k0 + AHEAD * BLOCK_K
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
-            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K)
+            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, INT8)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
                                        FP32_INPUTS, SELECTOR_ORDER)
         else:
-            words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
+            words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, INT8)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
                                   SELECTOR_ORDER)
@@ -523,7 +541,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         elif INT8:
             books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                                                  BITS, RANK, RANKS, BLOCK_N)
-            acc += _int8_products(words, books, steps, midranges, inputs, BITS, ASM, BLOCK_M, BLOCK_K, BLOCK_N)
+            acc += _int8_products(words, top_words, books, steps, midranges, inputs, BITS, ASM, BLOCK_M, BLOCK_K,
+                                  BLOCK_N)
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
@@ -805,11 +824,11 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-BYTE_PRODUCT_BITS = (2, 4)  # 3-bit indices span two planes, whose bits no prmt selector holds together
+BYTE_PRODUCT_BITS = (2, 3, 4)
 
 
 def int8_decode(x: torch.Tensor, layer: PackedLinear) -> bool:
-    """Whether 1-2 rows of a 2- or 4-bit layer on CUDA take products of bytes (_int8_products): with
+    """Whether 1-2 rows of a 2-, 3- or 4-bit layer on CUDA take products of bytes (_int8_products): with
     LCQ_INT8_DECODE=1 only, until timed on a GPU; they change the numbers (the inputs of each index word and each
     column's codebook rounded to 8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
     return x.is_cuda and x.shape[0] <= 2 and layer.bits in BYTE_PRODUCT_BITS and \
@@ -832,7 +851,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
     if int8 and (m > 2 or layer.bits not in BYTE_PRODUCT_BITS or lut):
-        raise ValueError(f"products of bytes serve 1-2 rows of a 2- or 4-bit layer, not {m} rows at {layer.bits} "
+        raise ValueError(f"products of bytes serve 1-2 rows of a 2- to 4-bit layer, not {m} rows at {layer.bits} "
                          "bits" + (" with the pair table" if lut else ""))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
