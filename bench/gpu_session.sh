@@ -59,7 +59,7 @@ step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:c
 step 30 dependent-launch "$py" bench/dependent_launch.py
 step 230 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --variants int8,no-pdl
 one_row=(--bits 2 --ms 1,2 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
-step 30 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
+step 45 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
 slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 step 100 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form

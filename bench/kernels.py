@@ -171,7 +171,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
     from lcq.kernels.byte_products import ROUNDING_BOUND
-    from lcq.kernels.triton_linear import BYTE_PRODUCT_BITS, DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
+    from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-smoke to check the script without a GPU")
@@ -226,7 +226,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(pair_table=triton_linear.lut_wins(x, layer),
                                             pair_table_us=bench(lambda: decode(x, layer, lut=True)),
                                             direct_us=bench(lambda: decode(x, layer, lut=False, int8=False)))
-                        if m <= 2 and bits in BYTE_PRODUCT_BITS:  # products of bytes (LCQ_INT8_DECODE=1)
+                        if m <= 2:  # products of bytes (LCQ_INT8_DECODE=1), autotuned on their own
 
                             def in_bytes(x):
                                 return decode(x, layer, int8=True)
@@ -267,8 +267,7 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
                                               GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
             if decode else kernels.GEMM_CONFIGS
         configs = [(c, "") for c in configs]
-        in_bytes = rows <= 2 and bits in kernels.BYTE_PRODUCT_BITS
-        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * in_bytes:
+        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2):
             configs += [(c, form) for c in kernels._decode_configs_for(
                 kernels.DECODE_CONFIGS, {}, BLOCK_M=rows, GROUP=group, SELECT=bits == 2, **{form.upper(): True})]
         for config, form in configs:

@@ -156,10 +156,10 @@ def test_products_of_bytes_are_asked_for_and_serve_two_bit_rows_only(monkeypatch
     batch they cannot serve is refused, not computed otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(1, 128)
-    assert not triton_linear.int8_decode(x, layer)
+    assert not triton_linear.int8_decode(x, 1)
     monkeypatch.setenv("LCQ_INT8_DECODE", "1")
-    assert not triton_linear.int8_decode(x, layer)  # CPU tensors: the interpreter, unless asked
-    with pytest.raises(ValueError, match="1-2 rows of a 2- to 4-bit layer, not 3 rows"):
+    assert not triton_linear.int8_decode(x, 1)  # CPU tensors: the interpreter, unless asked
+    with pytest.raises(ValueError, match="1-2 rows, not 3"):
         triton_linear.decode(torch.randn(3, 128), layer, SMALL_DECODE, int8=True)
     with pytest.raises(ValueError, match="with the pair table"):
         triton_linear.decode(x, layer, SMALL_DECODE, lut=True, int8=True)
@@ -419,6 +419,27 @@ def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, 
             triton_linear.grouped_decode(x, experts, routes, 1, {"BLOCK_N": 16, "SPLIT_K": 32})
 
 
+@pytest.mark.parametrize("bits,tokens,top_k", [(2, 1, 2), (3, 5, 2), (4, 3, 1)])
+def test_grouped_kernel_takes_products_of_bytes(bits, tokens, top_k):
+    """A mixture's blocks of 1-2 rows in bytes (INT8): each row as byte_products_reference computes it with its
+    expert; blocks of more rows are refused."""
+    from lcq.kernels.experts import ExpertRoutes, PackedExperts
+
+    layers = [random_layer(40, 100, bits, 2, 32, seed=e) for e in range(5)]
+    chosen = _routing(tokens, 5, top_k, seed=bits)
+    routes = ExpertRoutes.of(chosen, 5)
+    assert routes.block_m <= 2
+    x = torch.randn(tokens * top_k, 100)
+    y = triton_linear.grouped_decode(x, PackedExperts.stack(layers), routes, 1, {**SMALL_DECODE, "PREFETCH": True},
+                                     int8=True)
+    expected = torch.stack([byte_products_reference(x[r:r + 1], layers[e])[0]
+                            for r, e in enumerate(chosen.reshape(-1).tolist())])
+    assert_close(y, expected, torch.float32)
+    with pytest.raises(ValueError, match="blocks of 1-2 rows, not 16"):
+        triton_linear.grouped_decode(x, PackedExperts.stack(layers), ExpertRoutes.of(chosen, 5, 16), 1,
+                                     SMALL_DECODE, int8=True)
+
+
 def test_stacked_experts_are_the_layers_and_refuse_mixed_shapes():
     from lcq.kernels.experts import ExpertRoutes, PackedExperts, expert_linear
 
@@ -618,7 +639,7 @@ def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch)
             torch.cuda.synchronize()
             assert_close(y.cpu(), expected, dtype)
         monkeypatch.setenv("LCQ_INT8_DECODE", "1")
-        assert triton_linear.int8_decode(x, layer)
+        assert triton_linear.int8_decode(x, m)
         assert_close(lcq_linear(x, layer).cpu(), expected, dtype)
         monkeypatch.delenv("LCQ_INT8_DECODE")
 
@@ -628,20 +649,25 @@ def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch)
     (1536, 2048, 2, 2, 128, 16, 8),  # Qwen3-30B-A3B's gate/up (16 of its 128 experts)
     (2048, 1024, 3, 1, 64, 8, 2)])
 @pytest.mark.parametrize("tokens", [1, 64, 300])
-def test_compiled_grouped_kernel_on_gpu(n, k, bits, rank, group, experts, top_k, tokens):
-    """The mixture's grouped product compiled and autotuned, single-token to prefill-sized routings."""
+def test_compiled_grouped_kernel_on_gpu(n, k, bits, rank, group, experts, top_k, tokens, monkeypatch):
+    """The mixture's grouped product compiled and autotuned, single-token to prefill-sized routings; and under
+    LCQ_INT8_DECODE=1, where the blocks hold 1-2 rows, in bytes (against byte_products_reference)."""
     from lcq.kernels.experts import ExpertRoutes, PackedExperts, expert_linear
 
     layers = [random_layer(n, k, bits, rank, group, seed=e) for e in range(experts)]
     stacked = PackedExperts.stack(layers).to("cuda")
     chosen = _routing(tokens, experts, top_k, seed=tokens)
+    routes = ExpertRoutes.of(chosen.cuda(), experts)
     x = torch.randn(tokens, k, device="cuda").to(torch.float16)
-    y = expert_linear(x, stacked, ExpertRoutes.of(chosen.cuda(), experts), top_k)
-    torch.cuda.synchronize()
     checked = range(0, tokens * top_k, max(1, tokens * top_k // 16))  # a sample of rows, in float64 on CPU
     ids = chosen.reshape(-1)
-    expected = torch.stack([reference(x[r // top_k:r // top_k + 1].cpu(), layers[int(ids[r])])[0] for r in checked])
-    assert_close(y[list(checked)].cpu(), expected, torch.float16)
+    for product in (reference, byte_products_reference) if routes.block_m <= 2 else (reference,):
+        monkeypatch.setenv("LCQ_INT8_DECODE", "1" if product is byte_products_reference else "0")
+        y = expert_linear(x, stacked, routes, top_k)
+        torch.cuda.synchronize()
+        expected = torch.stack([product(x[r // top_k:r // top_k + 1].cpu(), layers[int(ids[r])])[0]
+                                for r in checked])
+        assert_close(y[list(checked)].cpu(), expected, torch.float16)
 
 
 needs_half_kernel = pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here "

@@ -760,7 +760,7 @@ _decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED"
 # splitting K, whose fp32 workspace would grow with rows x columns x slices. Not yet timed on a GPU.
 GROUPED_WIDE_CONFIGS = [triton.Config({"BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w, num_stages=s)
                         for bn, w, s in [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 3)]]
-_grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M"], do_bench=graph_time,
+_grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M", "INT8"], do_bench=graph_time,
                                       **_KEEP_TIMINGS)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
@@ -824,15 +824,12 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-BYTE_PRODUCT_BITS = (2, 3, 4)
-
-
-def int8_decode(x: torch.Tensor, layer: PackedLinear) -> bool:
-    """Whether 1-2 rows of a 2-, 3- or 4-bit layer on CUDA take products of bytes (_int8_products): with
-    LCQ_INT8_DECODE=1 only, until timed on a GPU; they change the numbers (the inputs of each index word and each
-    column's codebook rounded to 8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
-    return x.is_cuda and x.shape[0] <= 2 and layer.bits in BYTE_PRODUCT_BITS and \
-        os.environ.get("LCQ_INT8_DECODE", "0") == "1"
+def int8_decode(x: torch.Tensor, block_m: int) -> bool:
+    """Whether a launch of block_m rows on CUDA takes products of bytes (_int8_products): at 1-2 rows a program
+    (a decode step's, or a mixture's blocks of 1-2 rows of one expert), with LCQ_INT8_DECODE=1 only, until timed
+    on a GPU; they change the numbers (the inputs of each index word and each column's codebook rounded to 8
+    bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do."""
+    return x.is_cuda and block_m <= 2 and os.environ.get("LCQ_INT8_DECODE", "0") == "1"
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
@@ -840,19 +837,18 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
-    where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows at
-    2 bits; by default int8_decode)."""
+    where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
+    default int8_decode)."""
     if int8 is None:
-        int8 = int8_decode(x, layer)
+        int8 = int8_decode(x, decode_block_m(x.shape[0]))
     if lut is None:
         lut = not int8 and x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
     m, k = x.shape
     n = layer.out_features
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
-    if int8 and (m > 2 or layer.bits not in BYTE_PRODUCT_BITS or lut):
-        raise ValueError(f"products of bytes serve 1-2 rows of a 2- to 4-bit layer, not {m} rows at {layer.bits} "
-                         "bits" + (" with the pair table" if lut else ""))
+    if int8 and (m > 2 or lut):
+        raise ValueError(f"products of bytes serve 1-2 rows, not {m}" + (" with the pair table" if lut else ""))
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
@@ -912,10 +908,11 @@ def lut_wins(x: torch.Tensor, layer: PackedLinear) -> bool:
 
 
 def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes, rows_per_input: int,
-                   config: dict | None = None) -> torch.Tensor:
+                   config: dict | None = None, int8: bool | None = None) -> torch.Tensor:
     """A mixture's routed rows (experts.expert_linear): x (T, K) or (T * k, K), contiguous rows ->
     (T * k, N), one launch over the routes' blocks. config (BLOCK_N, SPLIT_K, optionally REDUCE_K,
-    PREFETCH, num_warps, num_stages) skips autotuning."""
+    PREFETCH, num_warps, num_stages) skips autotuning. int8: products of bytes (blocks of 1-2 rows; by default
+    int8_decode)."""
     count, k = routes.rows_count, x.shape[1]
     layer = experts.stacked
     n = layer.out_features
@@ -928,7 +925,11 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     counters = arrival_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, count, n, k, x.stride(0),
             out.stride(0), rows_per_input, experts.tables, 0)
-    consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True)
+    if int8 is None:
+        int8 = int8_decode(x, routes.block_m)
+    if int8 and routes.block_m > 2:
+        raise ValueError(f"products of bytes serve blocks of 1-2 rows, not {routes.block_m}")
+    consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True, INT8=int8, ASM=x.is_cuda)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
