@@ -42,7 +42,9 @@ def byte_products_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tenso
     weights = torch.gather(codes, 2, indices.view(n, layer.num_groups, layer.group_size)).view(n, -1, run)
     runs = torch.nn.functional.pad(x.float(), (0, k_pad - x.shape[1])).view(x.shape[0], -1, run)
     x_largest = runs.abs().amax(dim=-1)
-    dots = torch.einsum("mrk,nrk->mnr", to_int8(runs, x_largest.unsqueeze(-1)).double(), weights.double())
+    x_bytes = to_int8(runs, x_largest.unsqueeze(-1)).float()
+    # integer dots of at most 16 byte products stay below 2^24, exact in fp32: one batched matmul per run
+    dots = torch.bmm(x_bytes.transpose(0, 1), weights.float().permute(1, 2, 0)).permute(1, 2, 0).double()
     per_run = dots * (x_largest.double() / 127.0).unsqueeze(1)  # (M, N, runs)
     per_group = per_run.view(x.shape[0], n, layer.num_groups, -1).sum(dim=-1)
     group_sums = runs.double().view(x.shape[0], 1, layer.num_groups, -1).sum(dim=-1)  # (M, 1, G)
