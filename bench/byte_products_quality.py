@@ -1,12 +1,15 @@
-"""What the GPU's products of bytes cost in quality: perplexity of a 2-bit LCQ checkpoint with every packed
-layer's products computed as the decode kernel's INT8 form computes them (each 16 inputs and each column's
-codebook of a group rounded to bytes; lcq.kernels.byte_products, which the kernel's tests hold it to), against
+"""What the GPU's products of bytes cost in quality: perplexity of an LCQ checkpoint with every packed
+layer's products computed as the decode kernel's INT8 form computes them (the inputs of each index word and each
+column's codebook of a group rounded to bytes; lcq.kernels.byte_products, which the kernel's tests hold it to), against
 the same checkpoint's exact products, on held-out Shakespeare.
 
 Every product of every token takes the bytes here, prefill included, where a served sequence takes them only in
 decode steps of one or two sequences under LCQ_INT8_DECODE=1: an upper bound on the cost.
 
     python bench/byte_products_quality.py --checkpoint FOLDER [--max-tokens 4096] [--threads 2]
+
+Each run's two rows replace those of a checkpoint of the same name in the results file and keep the others,
+so that checkpoints of several widths are compared in one file.
 """
 from __future__ import annotations
 
@@ -38,12 +41,16 @@ def in_bytes(module: torch.nn.Module, layer: PackedLinear) -> None:
 
 def main() -> None:
     def more(parser):
-        parser.add_argument("--checkpoint", required=True, help="a 2-bit LCQ checkpoint folder")
+        parser.add_argument("--checkpoint", required=True, help="an LCQ checkpoint folder")
         parser.add_argument("--max-tokens", type=int, default=4096, help="evaluated tokens (windows of 512)")
     args = cpu_arguments(__doc__, RESULTS, more)
     text = evaluation_text()
     reader = CheckpointReader(args.checkpoint)
-    rows = []
+    name = Path(args.checkpoint).name
+    settings = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("quantization_config", {})
+    earlier = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
+    rows = [row for row in earlier if row.get("checkpoint") != name]
+    command = "python bench/byte_products_quality.py " + " ".join(sys.argv[1:])
     for products in ("exact", "bytes"):
         model = load_reference_model(args.checkpoint)
         if products == "bytes":
@@ -51,14 +58,12 @@ def main() -> None:
                 in_bytes(model.get_submodule(prefix), reader.linear(prefix))
         start = time.perf_counter()
         value = perplexity(args.checkpoint, text, max_tokens=args.max_tokens, model=model)
-        rows.append({"products": products, "perplexity": round(value, 4),
+        rows.append({"checkpoint": name, "command": command, "quantization": settings, "max_tokens": args.max_tokens,
+                     "products": products, "perplexity": round(value, 4),
                      "seconds": round(time.perf_counter() - start, 1)})
-        print(rows[-1], flush=True)
-    rows[1]["relative_to_exact"] = round(rows[1]["perplexity"] / rows[0]["perplexity"], 5)
-    command = "python bench/byte_products_quality.py " + " ".join(sys.argv[1:])
-    settings = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("quantization_config", {})
-    write_record(args.output, cpu_record(command, args.threads, checkpoint=Path(args.checkpoint).name,
-                                         quantization=settings, max_tokens=args.max_tokens, rows=rows))
+        print({key: rows[-1][key] for key in ("checkpoint", "products", "perplexity", "seconds")}, flush=True)
+    rows[-1]["relative_to_exact"] = round(rows[-1]["perplexity"] / rows[-2]["perplexity"], 5)
+    write_record(args.output, cpu_record(command, args.threads, rows=rows))
 
 
 if __name__ == "__main__":
