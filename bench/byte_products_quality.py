@@ -1,15 +1,20 @@
-"""What the GPU's products of bytes cost in quality: perplexity of an LCQ checkpoint with every packed
-layer's products computed as the decode kernel's INT8 form computes them (the inputs of each index word and each
-column's codebook of a group rounded to bytes; lcq.kernels.byte_products, which the kernel's tests hold it to), against
-the same checkpoint's exact products, on held-out Shakespeare.
+"""What the GPU's byte codebooks cost in quality: perplexity of an LCQ checkpoint with every packed layer's
+products computed as a form of the decode kernel computes them, against the same checkpoint's exact products, on
+held-out Shakespeare (lcq.kernels.byte_products, which the kernel's tests hold it to):
+- products of bytes (INT8, 1-2 rows): the inputs of each run and each column's codebook of a group rounded to
+  bytes; a run is one index word's inputs (16, 8 at 4 bits) in the kernel, longer runs are measured to show
+  what sharing a scale over more inputs would cost;
+- byte codebooks (BYTE_BOOK, 3-32 rows): the codebooks alone rounded, to 127 levels either side of their
+  midrange for fp16 inputs and 63 for bf16 ones.
 
-Every product of every token takes the bytes here, prefill included, where a served sequence takes them only in
-decode steps of one or two sequences under LCQ_INT8_DECODE=1: an upper bound on the cost.
+Every product of every token takes the form here, prefill included, where a served sequence takes it only in
+the decode steps it serves, with LCQ_INT8_DECODE=1 or LCQ_BYTE_BOOK=1: an upper bound on the cost.
 
-    python bench/byte_products_quality.py --checkpoint FOLDER [--max-tokens 4096] [--threads 2]
+    python bench/byte_products_quality.py --checkpoint FOLDER [--input-runs word,128] [--books fp16,bf16]
+        [--max-tokens 4096] [--threads 2]
 
-Each run's two rows replace those of a checkpoint of the same name in the results file and keep the others,
-so that checkpoints of several widths are compared in one file.
+Each row replaces the results file's row of the same checkpoint (by name) and form and keeps the others, so that
+checkpoints of several widths and forms measured in several runs are compared in one file.
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.format import CheckpointReader, PackedLinear  # noqa: E402
-from lcq.kernels.byte_products import byte_products_reference  # noqa: E402
+from lcq.kernels.byte_products import byte_book_weights, byte_products_reference  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402
 from lcq.quantizer.reference import load_reference_model  # noqa: E402
 from lcq.quantizer.texts import evaluation_text  # noqa: E402
@@ -31,40 +36,70 @@ from lcq.quantizer.texts import evaluation_text  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "byte-products-quality-cpu.json"
 
 
-def in_bytes(module: torch.nn.Module, layer: PackedLinear) -> None:
+def in_bytes(module: torch.nn.Module, layer: PackedLinear, run: int | None) -> None:
     """The module's forward becomes the products of bytes of its packed layer."""
     def forward(x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        return byte_products_reference(rows, layer).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+        return byte_products_reference(rows, layer, run).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
     module.forward = forward
+
+
+def with_byte_book(module: torch.nn.Module, layer: PackedLinear, dtype: torch.dtype) -> None:
+    """The module's forward multiplies by its packed layer's weights from byte codebooks for inputs of dtype."""
+    weight = byte_book_weights(layer, dtype).float()
+    bias = None if layer.bias is None else layer.bias.float()
+    module.forward = lambda x: torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def form_of(row: dict) -> tuple:
+    """What a row measured: a later row of the same replaces it."""
+    return row["checkpoint"], row["products"], row.get("input_run", "word" if row["products"] == "bytes" else None), \
+        row.get("inputs")
 
 
 def main() -> None:
     def more(parser):
         parser.add_argument("--checkpoint", required=True, help="an LCQ checkpoint folder")
         parser.add_argument("--max-tokens", type=int, default=4096, help="evaluated tokens (windows of 512)")
+        parser.add_argument("--input-runs", default="word",
+                            help="comma-separated: inputs sharing one scale, 'word' for one index word's (16, 8 at "
+                                 "4 bits, the one- and two-row kernel's) or a count dividing the group")
+        parser.add_argument("--books", default="fp16,bf16",
+                            help="comma-separated input types of byte codebooks to measure (fp16, bf16)")
     args = cpu_arguments(__doc__, RESULTS, more)
     text = evaluation_text()
     reader = CheckpointReader(args.checkpoint)
     name = Path(args.checkpoint).name
     settings = json.loads((Path(args.checkpoint) / "config.json").read_text()).get("quantization_config", {})
-    earlier = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
-    rows = [row for row in earlier if row.get("checkpoint") != name]
+    rows = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
     command = "python bench/byte_products_quality.py " + " ".join(sys.argv[1:])
-    for products in ("exact", "bytes"):
+    runs = [None if run == "word" else int(run) for run in args.input_runs.split(",") if run]
+    books = [{"fp16": torch.float16, "bf16": torch.bfloat16}[name] for name in args.books.split(",") if name]
+    forms = [("exact", None)] + [("bytes", run) for run in runs] + [("byte-book", dtype) for dtype in books]
+    for products, setting in forms:
         model = load_reference_model(args.checkpoint)
-        if products == "bytes":
-            for prefix in reader.quantized_prefixes():
-                in_bytes(model.get_submodule(prefix), reader.linear(prefix))
+        for prefix in reader.quantized_prefixes() if products != "exact" else ():
+            if products == "bytes":
+                in_bytes(model.get_submodule(prefix), reader.linear(prefix), setting)
+            else:
+                with_byte_book(model.get_submodule(prefix), reader.linear(prefix), setting)
         start = time.perf_counter()
         value = perplexity(args.checkpoint, text, max_tokens=args.max_tokens, model=model)
         rows.append({"checkpoint": name, "command": command, "quantization": settings, "max_tokens": args.max_tokens,
                      "products": products, "perplexity": round(value, 4),
                      "seconds": round(time.perf_counter() - start, 1)})
-        print({key: rows[-1][key] for key in ("checkpoint", "products", "perplexity", "seconds")}, flush=True)
-    rows[-1]["relative_to_exact"] = round(rows[-1]["perplexity"] / rows[-2]["perplexity"], 5)
+        if products == "bytes":
+            rows[-1]["input_run"] = setting or "word"
+        elif products == "byte-book":
+            rows[-1]["inputs"] = str(setting).removeprefix("torch.")
+        if products == "exact":
+            exact = value
+        else:
+            rows[-1]["relative_to_exact"] = round(value / exact, 5)
+        print({key: rows[-1].get(key) for key in ("checkpoint", "products", "input_run", "inputs", "perplexity",
+                                                  "seconds")}, flush=True)
+        rows = [row for row in rows[:-1] if form_of(row) != form_of(rows[-1])] + rows[-1:]
     write_record(args.output, cpu_record(command, args.threads, rows=rows))
-
 
 if __name__ == "__main__":
     main()

@@ -22,7 +22,8 @@ dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time bot
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
 say which one the dispatch chose (`pair_table`). Rows of 1-2 rows also time the products of bytes
 (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
-LCQ_INT8_DECODE=1.
+LCQ_INT8_DECODE=1, and rows of 3-32 rows the weights from byte codebooks (`book_us`, `book_config`,
+`book_speedup` over fp16), which serve only under LCQ_BYTE_BOOK=1.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
@@ -171,7 +172,7 @@ def run_gpu(args: argparse.Namespace) -> None:
     from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
     from lcq.kernels.byte_products import ROUNDING_BOUND
-    from lcq.kernels.triton_linear import DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
+    from lcq.kernels.triton_linear import BYTE_BOOK_MAX_M, DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-smoke to check the script without a GPU")
@@ -236,6 +237,15 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(bytes_us=bytes_us, bytes_config=str(tuner.best_config),
                                             bytes_frac_of_copy=product_bytes(layer, m) / (bytes_us * 1e-6) / 1e9
                                             / header["copy_GBps"])
+                        if 2 < m <= BYTE_BOOK_MAX_M:  # weights from byte codebooks (LCQ_BYTE_BOOK=1), on their own
+
+                            def from_byte_books(x):
+                                return decode(x, layer, byte_book=True)
+
+                            check(from_byte_books, x, weight, ROUNDING_BOUND)
+                            book_us = bench(lambda: from_byte_books(x))
+                            rows[-1].update(book_us=book_us, book_config=str(tuner.best_config),
+                                            book_speedup=fp16_us[m] / book_us)
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     layer = weight = None  # the next layer's memory (not del: the closures above name them)
                     write_results(out, header, rows)
@@ -267,9 +277,11 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
                                               GROUPED=False, GROUP=group, SELECT=kernels.uses_select(bits)) \
             if decode else kernels.GEMM_CONFIGS
         configs = [(c, "") for c in configs]
-        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2):
+        for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2) \
+                + ("byte_book",) * (2 < rows <= kernels.BYTE_BOOK_MAX_M):
             configs += [(c, form) for c in kernels._decode_configs_for(
-                kernels.DECODE_CONFIGS, {}, BLOCK_M=rows, GROUP=group, SELECT=bits == 2, **{form.upper(): True})]
+                kernels.DECODE_CONFIGS, {}, BLOCK_M=kernels.decode_block_m(rows), GROUP=group, SELECT=bits == 2,
+                **{form.upper(): True})]
         for config, form in configs:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             if decode:
@@ -287,7 +299,7 @@ def _warm_one(job: tuple) -> str:
         layer = random_layer(256, 1024, bits, rank, group, "cuda")
         x = torch.randn(rows, 1024, device="cuda", dtype=getattr(torch, dtype))
         if rows <= DECODE_MAX_M:
-            decode(x, layer, dict(launch), lut=form == "lut", int8=form == "int8")
+            decode(x, layer, dict(launch), lut=form == "lut", int8=form == "int8", byte_book=form == "byte_book")
         else:
             gemm(x, layer, dict(launch))
         torch.cuda.synchronize()
@@ -426,12 +438,16 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
           (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (3, 1, 1, 128, 4, True),
           (3, 2, 1, 128, 4, True), (4, 1, 1, 128, 4, True),
           (4, 2, 1, 128, 4, True), (4, 2, 1, 64, 2, True), (4, 2, 2, 128, 4, True))],
+    *[("decode", bits, rank, 128, m, block_n, warps, False, prefetch, {"depth": 128, "stages": 1, "byte_book": True})
+      for bits, rank, m, block_n, warps, prefetch in (
+          (2, 2, 16, 128, 4, False), (2, 2, 16, 128, 4, True), (2, 2, 16, 256, 8, True), (2, 2, 64, 128, 4, True),
+          (2, 1, 16, 64, 4, True), (3, 2, 16, 128, 4, True), (4, 2, 16, 128, 4, True), (4, 2, 64, 128, 4, True))],
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
-                 lut: bool = False, book: bool = False, int8: bool = False):
+                 lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -440,13 +456,14 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
     pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
-                "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32"}
+                "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32",
+                "slots_ptr": "*i32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
-                         INT8=int8, ASM=True)
+                         INT8=int8, BYTE_BOOK=byte_book, ASM=True)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names
@@ -477,12 +494,25 @@ def compile_block_k(group: int) -> int:
     return block_k(group)
 
 
-def run_sass() -> None:
-    """Registers, stack and inner-loop instructions per weight of the sm_90 build of each case."""
-    import collections
+def sass_of(compiled) -> tuple[str, str]:
+    """The SASS listing and the resource usage (registers, stack) of a compiled kernel, by cuobjdump from
+    triton's own tools."""
     import tempfile
     import triton
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin.name], capture_output=True, text=True).stdout
+    return sass, usage
+
+
+def run_sass() -> None:
+    """Registers, stack and inner-loop instructions per weight of the sm_90 build of each case."""
+    import collections
+    import triton
     print(f"sm_90 builds by Triton {triton.__version__} (layouts differ between versions: docs/kernels.md)")
     print("| kernel | W | r | g | BLOCK_M | BLOCK_N | REDUCE_K | PREFETCH | regs | stack | loop instr / weight "
           "| top opcodes |")
@@ -490,13 +520,7 @@ def run_sass() -> None:
     for case in SASS_CASES:
         kernel, bits, rank, group, block_m, block_n, warps, reduce_k, prefetch = case[:9]
         others = case[9] if len(case) > 9 else {}
-        compiled = compile_sm90(*case[:9], **others)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin.name],
-                                   capture_output=True, text=True).stdout
-            sass = subprocess.run([tools / "cuobjdump", "-sass", cubin.name], capture_output=True, text=True).stdout
+        sass, usage = sass_of(compile_sm90(*case[:9], **others))
         regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
         loop = inner_loop(sass)
         opcodes = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0]

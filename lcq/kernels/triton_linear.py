@@ -209,22 +209,24 @@ def _dot4(a, b, acc, ASM: tl.constexpr):
 
 
 @triton.jit
-def _to_bytes(values, scale_inverse):
-    """values * scale_inverse (within +-127) rounded to the nearest integer (ties to even, as byte_products.to_int8)
-    in the low byte of an int32: adding 1.5 * 2^23 leaves the integer in the float's low mantissa bits, one FMA
-    where a rounding conversion took five instructions (sm_90)."""
-    return (values * scale_inverse + 12582912.0).to(tl.int32, bitcast=True) & 0xFF
+def _to_bytes(values, scale_inverse, offset: tl.constexpr = 0):
+    """values * scale_inverse (within +-127) rounded to the nearest integer (ties to even, as byte_products.to_int8),
+    plus offset, in the low byte of an int32: adding 1.5 * 2^23 leaves the integer in the float's low mantissa bits,
+    one FMA where a rounding conversion took five instructions (sm_90)."""
+    return (values * scale_inverse + (12582912.0 + offset)).to(tl.int32, bitcast=True) & 0xFF
 
 
 @triton.jit
 def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, BITS: tl.constexpr,
-               RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_N: tl.constexpr):
+               RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr = 127,
+               OFFSET: tl.constexpr = 0):
     """A tile's column codebooks in bytes: entry e of column n in byte e % 4 of int32 e // 4 of row n, each
-    column's 2^BITS entries S . V - B less their midrange, scaled by 127 / half their range. Returns (books
-    (BLOCK_N, 2^BITS / 4), steps, midranges): entry e is midrange + step * signed byte e. (Scaled by their largest
-    magnitude instead, a codebook off zero, as B makes many, was rounded up to twice as coarsely, and the error,
-    the same for every weight of the group that takes the entry, added up along the product: SmolLM2 W2 r2 g128
-    perplexity +0.6% with only the codebooks in bytes, bench/byte_products_quality.py.)"""
+    column's 2^BITS entries S . V - B less their midrange, scaled by LEVELS / half their range, rounded, plus
+    OFFSET. Returns (books (BLOCK_N, 2^BITS / 4), steps, midranges): entry e is midrange + step * (byte e as a
+    signed byte, or less OFFSET). (Scaled by their largest magnitude instead, a codebook off zero, as B makes many,
+    was rounded up to twice as coarsely, and the error, the same for every weight of the group that takes the
+    entry, added up along the product: SmolLM2 W2 r2 g128 perplexity +0.6% with only the codebooks in bytes,
+    bench/byte_products_quality.py.)"""
     ENTRIES: tl.constexpr = 1 << BITS
     entries = tl.arange(0, ENTRIES)
     book = -(b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32))[:, None] \
@@ -236,10 +238,11 @@ def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, 
     lowest = tl.min(book, axis=1)
     midrange = (highest + lowest) * 0.5
     half_range = (highest - lowest) * 0.5
-    codes = _to_bytes(book - midrange[:, None], (127.0 / tl.maximum(half_range, 1e-30))[:, None])
+    scale = tl.math.div_rn(tl.full((BLOCK_N,), LEVELS, tl.float32), tl.maximum(half_range, 1e-30))  # as torch's
+    codes = _to_bytes(book - midrange[:, None], scale[:, None], OFFSET)
     bytes_in_words = tl.reshape(codes, (BLOCK_N, ENTRIES // 4, 4)) << (8 * tl.arange(0, 4))[None, None, :]
     books = tl.sum(bytes_in_words, axis=2)  # disjoint bytes: the sum is their or
-    return books, half_range / 127.0, midrange
+    return books, half_range / LEVELS, midrange
 
 
 @triton.jit
@@ -324,6 +327,62 @@ def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.conste
         sums = tl.sum(dots.to(tl.float32) * (_row(largest, m, BLOCK_M) / 127.0)[:, None], axis=0)
         products += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, sums[None, :], 0.0)
     return products * steps[None, :] + tl.sum(inputs, axis=1)[:, None] * midranges[None, :]
+
+
+@triton.jit
+def _book_weights(words, tops, books, slots, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
+                  BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A tile's weights' codes (_int8_book with the kernel's LEVELS and OFFSET for DTYPE) as DTYPE values,
+    transposed (BLOCK_N, BLOCK_K), k in the order of the selectors (_in_selector_order at 2 and 3 bits): the code
+    plus the kernel's RAW, exact (a whole number below 2048 in fp16, below 256 in bf16), so that the product of a tile
+    with them is step * (that product - RAW * the inputs' sum) + midrange * the inputs' sum, per column.
+    prmt picks 4 weights' codes into an int32 (_picked_bytes), broadcast to the 4 k it holds; then per 2 weights
+    one inline assembly instance: a lop3 joins the 2 weights' slots, a prmt takes each one's code from its word and
+    a lop3 sets it under an exponent byte (0x64: 1024 + the byte as fp16; 0x43: 128 + the byte as bf16).
+    Which byte of its word a weight takes comes with it, from slots (byte_slots(), loaded: with positions from
+    tl.arange, Triton 3.6 no longer built the weights where the tensor cores read them but stored each through
+    shared memory, sm_90), so that any 2 weights Triton's layout hands an instance are right: slot k % 4 has the
+    prmt selector of byte k % 4 for a pair's first weight in its low byte and for its second in its next. (The
+    steps and midranges are applied after the product for the same reason: as operands here, they too took the
+    weights through shared memory.)"""
+    books = books[None, :, :]
+    if BITS == 4:
+        picks = tl.join(_picked_bytes(words, tops, books, 0, BITS, ASM), _picked_bytes(words, tops, books, 16, BITS, ASM))
+    else:  # shifts 0, 2, 16 and 18 pick the indices (0 2 4 6), (1 3 5 7), (8 ...) and (9 ...) of each word
+        a = _picked_bytes(words, tops, books, 0, BITS, ASM)
+        b = _picked_bytes(words, tops, books, 2, BITS, ASM)
+        c = _picked_bytes(words, tops, books, 16, BITS, ASM)
+        d = _picked_bytes(words, tops, books, 18, BITS, ASM)
+        picks = tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), (words.shape[0], BLOCK_N, 4))
+    copies = tl.reshape(tl.permute(picks[:, :, :, None] + tl.zeros((1, 1, 1, 4), dtype=tl.int32), (1, 0, 2, 3)),
+                        (BLOCK_N, BLOCK_K))  # each pick once for each of its 4 weights
+    slot = tl.reshape(tl.permute(tl.zeros_like(picks)[:, :, :, None] + slots[None, None, None, :], (1, 0, 2, 3)),
+                      (BLOCK_N, BLOCK_K))
+    if ASM and DTYPE == tl.float16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 s, t; lop3.b32 s, $3, $4, 0xFF, 0xE4; prmt.b32 t, $1, $2, s;"
+            " lop3.b32 $0, t, 0x00FF00FF, 0x64006400, 0xEA; }",
+            "=r,r,r,r,r", [copies, slot], dtype=tl.float16, is_pure=True, pack=2)
+    elif ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 s, t; lop3.b32 s, $3, $4, 0xFF, 0xE4; prmt.b32 t, $1, $2, s;"
+            " lop3.b32 $0, t, 0x00FF00FF, 0x43004300, 0xEA; }",
+            "=r,r,r,r,r", [copies, slot], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:  # the same values: 1024 or 128 plus the byte
+        raw = ((copies >> (8 * (slot & 3))) & 0xFF) + (1024 if DTYPE == tl.float16 else 128)
+        return raw.to(tl.float32).to(DTYPE)  # through fp32: the interpreter takes integers to bf16 wrongly
+
+
+@triton.jit
+def _in_selector_order(inputs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A tile's inputs (BLOCK_M, BLOCK_K) in the order of _book_weights' k: at 2 and 3 bits input 16 r + 8 h +
+    2 i + l in place 16 r + 8 h + 4 l + i (_tile_inputs' SELECTOR_ORDER), permuted where they are, not gathered in
+    that order (a gather's elements took one store each on their way to the tensor cores, sm_90)."""
+    if BITS == 4:
+        return inputs
+    else:
+        runs = tl.reshape(inputs, (BLOCK_M, BLOCK_K // 8, 4, 2))
+        return tl.reshape(tl.permute(runs, (0, 1, 3, 2)), (BLOCK_M, BLOCK_K))
 
 
 @triton.jit
@@ -430,7 +489,8 @@ def _lut_products(words, s_codes, b_codes, lut_ptr, lut_base, k0, ss_ptr, bs_ptr
 
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
-                   ws_ptr, counter_ptr, rows_ptr, experts_ptr, lut_ptr, M, N, K, stride_xm, stride_om, ROWS_PER_INPUT,
+                   ws_ptr, counter_ptr, rows_ptr, experts_ptr, lut_ptr, slots_ptr, M, N, K, stride_xm, stride_om,
+                   ROWS_PER_INPUT,
                    TABLES, PAIRS, SPLIT_K,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
@@ -438,7 +498,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
-                   INT8: tl.constexpr = False, ASM: tl.constexpr = False):
+                   INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -459,11 +519,17 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     INT8 (1-2 rows): products of bytes, the inputs of each index word and each column's codebook
     entries scaled to bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the
     interpreter).
+    BYTE_BOOK (16-64 rows): each column's codebook in bytes about a midrange and step of x's type, the weights
+    made from them by prmt and multiply-adds of that type (_book_weights, with byte_slots() at slots_ptr),
+    multiplied by the inputs as they are through tl.dot with the weights first (on sm_90 a wgmma whose weights
+    stay in registers).
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
+    tl.static_assert(not BYTE_BOOK or (BLOCK_M >= 16 and not INT8 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
+    PICKS: tl.constexpr = INT8 or BYTE_BOOK  # weights' codebook bytes picked by prmt (_picked_bytes)
     SELECTOR_ORDER: tl.constexpr = INT8 and BITS != 4
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -501,16 +567,24 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     start = pid_k * per_split
     end = tl.where(live, tl.minimum(start + per_split, tiles), start)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if BYTE_BOOK:
+        slots = tl.load(slots_ptr + tl.arange(0, 4))
+        # codes -127..127 stored plus 128, weights 1024 plus that in fp16; in bf16, whose 8-bit significand holds
+        # no byte past 128 in such a sum, codes -63..63 plus 64, weights 128 plus that (byte_products.BOOK_CODES)
+        HALF: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
+        LEVELS: tl.constexpr = 127 if HALF else 63
+        OFFSET: tl.constexpr = 128 if HALF else 64
+        RAW: tl.constexpr = 1152 if HALF else 192
     TILE_SUMS: tl.constexpr = BLOCK_M >= 16 or REDUCE_K or LUT or INT8  # else products summed after the loop
     products = tl.zeros((BLOCK_M, 1 if TILE_SUMS else BLOCK_K, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
-        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K, INT8)
+        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K, PICKS)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
     if PREFETCH == 2:
         second = offs_n < tl.where(start + 1 < end, N, 0)
         words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K,
-                                             INT8)
+                                             PICKS)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
@@ -525,12 +599,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         if PREFETCH:
             ahead = k0 + AHEAD * BLOCK_K
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
-            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, INT8)
+            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
                                        FP32_INPUTS, SELECTOR_ORDER)
         else:
-            words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, INT8)
+            words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
                                   SELECTOR_ORDER)
@@ -543,6 +617,17 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                                                  BITS, RANK, RANKS, BLOCK_N)
             acc += _int8_products(words, top_words, books, steps, midranges, inputs, BITS, ASM, BLOCK_M, BLOCK_K,
                                   BLOCK_N)
+        elif BYTE_BOOK:
+            books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
+                                                 BITS, RANK, RANKS, BLOCK_N, LEVELS, OFFSET)
+            w = _book_weights(words, top_words, books, slots, BITS, x_ptr.dtype.element_ty, ASM, BLOCK_K, BLOCK_N)
+            x = tl.trans(_in_selector_order(inputs, BITS, BLOCK_M, BLOCK_K))
+            if DOT_IN_FP32:
+                raw = tl.dot(w.to(tl.float32), x.to(tl.float32))
+            else:
+                raw = tl.dot(w, x)
+            sums = tl.sum(inputs.to(tl.float32), axis=1)
+            acc += tl.trans(raw) * steps[None, :] + sums[:, None] * (midranges - RAW * steps)[None, :]
         else:
             q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
@@ -703,7 +788,17 @@ INT8_DECODE_CONFIGS = [
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4), (256, 2), (512, 4)) for prefetch in (False, True)
     for split in (8, 16, 32, 64)]
-DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS
+# Weights from byte codebooks (BYTE_BOOK: 3-32 rows, fp16 or bf16), not yet timed. sm_90 SASS (Triton 3.6, r2 g128,
+# 128 deep, PREFETCH, bench/kernels.py --sass), instructions per weight, 128 columns per 4 warps: 16 rows W2 4.3 (4.0
+# without PREFETCH, 3.9 with 256 columns per 8 warps), W3 6.4, W4 6.6; 32 rows W2 5.2, W4 7.5; against 8.1 (W2)
+# and 10.6 (W4) for the tl.dot form's column codebooks (BOOK) at 16 rows. 64 rows spill at 128 columns per 4 warps
+# and take 7.0-8.5 (W2) otherwise, the inputs' sums and each tile's steps applied to 64 x 128 outputs.
+BYTE_BOOK_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
+                  num_warps=warps, num_stages=1)
+    for bn, warps in ((64, 4), (128, 4), (256, 8)) for prefetch in (False, True) for split in (4, 8, 16)]
+DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS \
+    + BYTE_BOOK_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
 
 
@@ -714,16 +809,17 @@ def max_split_k(block_m: int, grouped: bool = False) -> int:
 
 def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     """The autotuner's early prune: the configs of products of bytes for INT8 (at 4 bits those giving a thread
-    one column: INT8_DECODE_CONFIGS), the pair table's for LUT, else
+    one column: INT8_DECODE_CONFIGS), the pair table's for LUT, weights from byte codebooks' for BYTE_BOOK, else
     the FMA form's for 1-2 rows and the tl.dot form's from 16, no more slices than the workspace holds, column
     codebooks (BOOK) at 2 bits only for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer
     instructions: 6.1 against 7.3 per weight, sm_90), and each tile no deeper than the group and the bit width
     allow (configs that then coincide are timed once)."""
     form = INT8_DECODE_CONFIGS if kwargs.get("INT8") else LUT_DECODE_CONFIGS if kwargs.get("LUT") \
+        else BYTE_BOOK_DECODE_CONFIGS if kwargs.get("BYTE_BOOK") \
         else FMA_DECODE_CONFIGS if kwargs["BLOCK_M"] < 16 else DOT_DECODE_CONFIGS
     most = max_split_k(kwargs["BLOCK_M"], kwargs.get("GROUPED", False))
     fallback = block_k(kwargs["GROUP"])
-    deepest = 128 if kwargs["SELECT"] or kwargs.get("INT8") else 64
+    deepest = 128 if kwargs["SELECT"] or kwargs.get("INT8") or kwargs.get("BYTE_BOOK") else 64
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
         selected_instead = c.kwargs.get("BOOK") and kwargs["SELECT"] and form is FMA_DECODE_CONFIGS
@@ -753,14 +849,16 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8"], do_bench=graph_time,
+_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK"],
+                                do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
 # A mixture's rows past DECODE_MAX_M (prefill, large batches): enough blocks to fill the GPU without
 # splitting K, whose fp32 workspace would grow with rows x columns x slices. Not yet timed on a GPU.
 GROUPED_WIDE_CONFIGS = [triton.Config({"BLOCK_N": bn, "SPLIT_K": 1}, num_warps=w, num_stages=s)
                         for bn, w, s in [(64, 4, 2), (128, 4, 2), (128, 4, 3), (128, 8, 3)]]
-_grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M", "INT8"], do_bench=graph_time,
+_grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M", "INT8", "BYTE_BOOK"],
+                                      do_bench=graph_time,
                                       **_KEEP_TIMINGS)(_decode_kernel)
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
@@ -832,15 +930,49 @@ def int8_decode(x: torch.Tensor, block_m: int) -> bool:
     return x.is_cuda and block_m <= 2 and os.environ.get("LCQ_INT8_DECODE", "0") == "1"
 
 
+BYTE_BOOK_DTYPES = (torch.float16, torch.bfloat16)
+BYTE_BOOK_MAX_M = 32  # at 64 rows the inputs' sums and the steps applied per tile cost as much as the dot form
+_byte_slots: dict[torch.device, torch.Tensor] = {}
+
+
+def byte_slots(device: torch.device) -> torch.Tensor:
+    """BYTE_SLOTS of _book_weights, int32 (4,) on device, once per device: slot j's low byte holds the prmt
+    selector nibbles (j, j), its next byte (j + 4, j + 4)."""
+    slots = _byte_slots.get(device)
+    if slots is None:
+        position = torch.arange(4, dtype=torch.int32, device=device)  # a kernel, not a host copy: capturable
+        slots = _byte_slots[device] = position * 0x11 | (position + 4) * 0x1100
+    return slots
+
+
+def byte_book_decode(x: torch.Tensor, block_m: int) -> bool:
+    """Whether a launch of block_m rows on CUDA takes its weights from byte codebooks (_book_weights): tiles of 16
+    and 32 rows (3 to 32 rows), fp16 and bf16 inputs, with LCQ_BYTE_BOOK=1 only, until timed on a GPU; the
+    weights then differ from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights;
+    sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot form)."""
+    return x.is_cuda and 16 <= block_m <= BYTE_BOOK_MAX_M and x.dtype in BYTE_BOOK_DTYPES \
+        and os.environ.get("LCQ_BYTE_BOOK", "0") == "1"
+
+
+def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
+    if block_m < 16 or x.dtype not in BYTE_BOOK_DTYPES:
+        raise ValueError(f"weights from byte codebooks serve 3 or more rows of fp16 or bf16 inputs, not {x.shape[0]} "
+                         f"rows of {x.dtype}")
+
+
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
-           int8: bool | None = None) -> torch.Tensor:
+           int8: bool | None = None, byte_book: bool | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
     where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
-    default int8_decode)."""
+    default int8_decode). byte_book: weights from byte codebooks (3 or more rows; by default byte_book_decode)."""
     if int8 is None:
         int8 = int8_decode(x, decode_block_m(x.shape[0]))
+    if byte_book is None:
+        byte_book = byte_book_decode(x, decode_block_m(x.shape[0]))
+    if byte_book:
+        _check_byte_book(x, decode_block_m(x.shape[0]))
     if lut is None:
         lut = not int8 and x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
     m, k = x.shape
@@ -855,10 +987,11 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
-    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, m, n, k, x.stride(0), out.stride(0),
+    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
+            x.stride(0), out.stride(0),
             1, 0, pairs)
     consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
-                  ASM=x.is_cuda, **dependent_launch(x))
+                  BYTE_BOOK=byte_book, ASM=x.is_cuda, **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -908,11 +1041,13 @@ def lut_wins(x: torch.Tensor, layer: PackedLinear) -> bool:
 
 
 def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes, rows_per_input: int,
-                   config: dict | None = None, int8: bool | None = None) -> torch.Tensor:
+                   config: dict | None = None, int8: bool | None = None,
+                   byte_book: bool | None = None) -> torch.Tensor:
     """A mixture's routed rows (experts.expert_linear): x (T, K) or (T * k, K), contiguous rows ->
     (T * k, N), one launch over the routes' blocks. config (BLOCK_N, SPLIT_K, optionally REDUCE_K,
     PREFETCH, num_warps, num_stages) skips autotuning. int8: products of bytes (blocks of 1-2 rows; by default
-    int8_decode)."""
+    int8_decode). byte_book: weights from byte codebooks (blocks of 16 rows or more; by default
+    byte_book_decode)."""
     count, k = routes.rows_count, x.shape[1]
     layer = experts.stacked
     n = layer.out_features
@@ -923,13 +1058,19 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     wide = count > DECODE_MAX_M
     ws = torch.empty(1 if wide else MAX_SPLIT_K * count * n, dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
-    args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, count, n, k, x.stride(0),
+    args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, byte_slots(x.device), count,
+            n, k, x.stride(0),
             out.stride(0), rows_per_input, experts.tables, 0)
     if int8 is None:
         int8 = int8_decode(x, routes.block_m)
     if int8 and routes.block_m > 2:
         raise ValueError(f"products of bytes serve blocks of 1-2 rows, not {routes.block_m}")
-    consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True, INT8=int8, ASM=x.is_cuda)
+    if byte_book is None:
+        byte_book = byte_book_decode(x, routes.block_m)
+    if byte_book:
+        _check_byte_book(x, routes.block_m)
+    consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True, INT8=int8, BYTE_BOOK=byte_book,
+                  ASM=x.is_cuda)
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
