@@ -5,13 +5,13 @@ held-out Shakespeare (lcq.kernels.byte_products, which the kernel's tests hold i
   bytes; a run is one index word's inputs (16, 8 at 4 bits) in the kernel, longer runs are measured to show
   what sharing a scale over more inputs would cost;
 - byte codebooks (BYTE_BOOK, 3-32 rows): the codebooks alone rounded, to 127 levels either side of their
-  midrange for fp16 inputs and 63 for bf16 ones.
+  midrange.
 
 Every product of every token takes the form here, prefill included, where a served sequence takes it only in
 the decode steps it serves, with LCQ_INT8_DECODE=1 or LCQ_BYTE_BOOK=1: an upper bound on the cost.
 
-    python bench/byte_products_quality.py --checkpoint FOLDER [--input-runs word,128] [--books fp16,bf16]
-        [--max-tokens 4096] [--threads 2]
+    python bench/byte_products_quality.py --checkpoint FOLDER [--input-runs word,128] [--max-tokens 4096]
+        [--threads 2]
 
 Each row replaces the results file's row of the same checkpoint (by name) and form and keeps the others, so that
 checkpoints of several widths and forms measured in several runs are compared in one file.
@@ -44,17 +44,16 @@ def in_bytes(module: torch.nn.Module, layer: PackedLinear, run: int | None) -> N
     module.forward = forward
 
 
-def with_byte_book(module: torch.nn.Module, layer: PackedLinear, dtype: torch.dtype) -> None:
-    """The module's forward multiplies by its packed layer's weights from byte codebooks for inputs of dtype."""
-    weight = byte_book_weights(layer, dtype).float()
+def with_byte_book(module: torch.nn.Module, layer: PackedLinear) -> None:
+    """The module's forward multiplies by its packed layer's weights from byte codebooks."""
+    weight = byte_book_weights(layer).float()
     bias = None if layer.bias is None else layer.bias.float()
     module.forward = lambda x: torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
 
 def form_of(row: dict) -> tuple:
     """What a row measured: a later row of the same replaces it."""
-    return row["checkpoint"], row["products"], row.get("input_run", "word" if row["products"] == "bytes" else None), \
-        row.get("inputs")
+    return row["checkpoint"], row["products"], row.get("input_run", "word" if row["products"] == "bytes" else None)
 
 
 def main() -> None:
@@ -64,8 +63,6 @@ def main() -> None:
         parser.add_argument("--input-runs", default="word",
                             help="comma-separated: inputs sharing one scale, 'word' for one index word's (16, 8 at "
                                  "4 bits, the one- and two-row kernel's) or a count dividing the group")
-        parser.add_argument("--books", default="fp16,bf16",
-                            help="comma-separated input types of byte codebooks to measure (fp16, bf16)")
     args = cpu_arguments(__doc__, RESULTS, more)
     text = evaluation_text()
     reader = CheckpointReader(args.checkpoint)
@@ -74,15 +71,14 @@ def main() -> None:
     rows = json.loads(args.output.read_text())["rows"] if args.output.is_file() else []
     command = "python bench/byte_products_quality.py " + " ".join(sys.argv[1:])
     runs = [None if run == "word" else int(run) for run in args.input_runs.split(",") if run]
-    books = [{"fp16": torch.float16, "bf16": torch.bfloat16}[name] for name in args.books.split(",") if name]
-    forms = [("exact", None)] + [("bytes", run) for run in runs] + [("byte-book", dtype) for dtype in books]
+    forms = [("exact", None)] + [("bytes", run) for run in runs] + [("byte-book", None)]
     for products, setting in forms:
         model = load_reference_model(args.checkpoint)
         for prefix in reader.quantized_prefixes() if products != "exact" else ():
             if products == "bytes":
                 in_bytes(model.get_submodule(prefix), reader.linear(prefix), setting)
             else:
-                with_byte_book(model.get_submodule(prefix), reader.linear(prefix), setting)
+                with_byte_book(model.get_submodule(prefix), reader.linear(prefix))
         start = time.perf_counter()
         value = perplexity(args.checkpoint, text, max_tokens=args.max_tokens, model=model)
         rows.append({"checkpoint": name, "command": command, "quantization": settings, "max_tokens": args.max_tokens,
@@ -90,14 +86,12 @@ def main() -> None:
                      "seconds": round(time.perf_counter() - start, 1)})
         if products == "bytes":
             rows[-1]["input_run"] = setting or "word"
-        elif products == "byte-book":
-            rows[-1]["inputs"] = str(setting).removeprefix("torch.")
         if products == "exact":
             exact = value
         else:
             rows[-1]["relative_to_exact"] = round(value / exact, 5)
-        print({key: rows[-1].get(key) for key in ("checkpoint", "products", "input_run", "inputs", "perplexity",
-                                                  "seconds")}, flush=True)
+        print({key: rows[-1].get(key) for key in ("checkpoint", "products", "input_run", "perplexity", "seconds")},
+              flush=True)
         rows = [row for row in rows[:-1] if form_of(row) != form_of(rows[-1])] + rows[-1:]
     write_record(args.output, cpu_record(command, args.threads, rows=rows))
 

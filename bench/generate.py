@@ -445,20 +445,22 @@ def host_profile(llm: LLM, tokens: int = 64, top: int = 15) -> dict:
 
 
 LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_model_len of 2,048
-# What a variant of the 7B's batch-1 row changes, to measure what it costs or saves: the decoder's norms, rotary
-# embedding and activation as torch expressions instead of their CUDA kernels (lcq.kernels.elementwise), the
-# kernels launched without programmatic dependent launch (lcq.kernels.dependent_launch), or 2-bit products of
-# 1-2 rows from bytes (LCQ_INT8_DECODE=1, lcq.kernels.byte_products).
-GPU_VARIANTS = {"torch-steps": lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False),
-                "no-pdl": lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}),
-                "int8": lambda: mock.patch.dict(os.environ, {"LCQ_INT8_DECODE": "1"})}
+# What a variant of one of the 7B's rows changes, to measure what it costs or saves, and the row's concurrency:
+# the decoder's norms, rotary embedding and activation as torch expressions instead of their CUDA kernels
+# (lcq.kernels.elementwise), the kernels launched without programmatic dependent launch
+# (lcq.kernels.dependent_launch), products of 1-2 rows from bytes (LCQ_INT8_DECODE=1), or the weights of
+# products of 3-32 rows from byte codebooks (LCQ_BYTE_BOOK=1; lcq.kernels.byte_products), at 8 sequences.
+GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1),
+                "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1),
+                "int8": (lambda: mock.patch.dict(os.environ, {"LCQ_INT8_DECODE": "1"}), 1),
+                "byte-book": (lambda: mock.patch.dict(os.environ, {"LCQ_BYTE_BOOK": "1"}), 8)}
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
                  variants: list[str] = ()) -> None:
     """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
-    a batch-1 decode profile of each goes into profiles. variants (GPU_VARIANTS): then batch 1 again, and its
-    profile, in each."""
+    a batch-1 decode profile of each goes into profiles. variants (GPU_VARIANTS): then the variant's row again
+    (batch 1, and its decode profile, or 8 sequences), in each."""
     import tempfile
 
     from bench.random_model import write_random_llama
@@ -479,13 +481,15 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, p
             del llm
             torch.cuda.empty_cache()
             for variant in variants:  # the graphs are captured at load: a second engine, loaded in the variant
-                with GPU_VARIANTS[variant]():
-                    llm = LLM(str(folder), max_num_seqs=1, max_model_len=2048)
+                patch, concurrency = GPU_VARIANTS[variant]
+                with patch():
+                    llm = LLM(str(folder), max_num_seqs=concurrency, max_model_len=2048)
                     start = len(rows)
-                    throughput_curve(llm, model, weights, [1], rows, save)
+                    throughput_curve(llm, model, weights, [concurrency], rows, save)
                     rows[start]["variant"] = variant
-                    profiles[f"{weights} {variant}"] = decode_profile(llm)
-                print({f"{weights} {variant}": profiles[f"{weights} {variant}"]}, flush=True)
+                    if concurrency == 1:  # (the profile is of one sequence)
+                        profiles[f"{weights} {variant}"] = decode_profile(llm)
+                print({f"{weights} {variant}": profiles.get(f"{weights} {variant}", rows[start])}, flush=True)
                 save()
                 del llm
                 torch.cuda.empty_cache()

@@ -7,8 +7,9 @@
 #
 # Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
-# decode and host profiles and the same with products of bytes and without dependent launch (--variants
-# int8,no-pdl); the 1-2-row 2-bit products in each form (pair table, fp32, bytes), and with NCU=1 Nsight Compute on one launch of each form
+# decode and host profiles and the same with products of bytes, at 8 sequences with weights from byte codebooks,
+# and at batch 1 without dependent launch (--variants int8,byte-book,no-pdl); the 2-bit products of 1, 2 and 16
+# rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
@@ -17,7 +18,7 @@
 # SIGINT at their time limit so that pytest still prints its summary of failures (and the slowest tests).
 #
 # It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
-# (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-pair-table-<gpu>.json and,
+# (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/.
 set -u
@@ -46,22 +47,23 @@ cat "$logs/device.txt"
 
 left() { echo $((budget - 10 - ($(date +%s) - started))); }
 
-step 40 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
+step 50 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
 # First the GPU tests that run the decode step as the engine does (the layers' kernels, graphed and eager, against
 # transformers): the numbers after them are only worth what these say
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
-check+=" or paged_attention_on_cuda or compiled_products_of_bytes"
+check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py)
 step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 dependent-launch "$py" bench/dependent_launch.py
-step 230 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 --variants int8,no-pdl
-one_row=(--bits 2 --ms 1,2 --ranks 1,2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096,14336x4096)
-step 45 warm-pair-table "$py" bench/kernels.py --warm "$workers" --warm-only "${one_row[@]}"
+step 240 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
+    --variants int8,byte-book,no-pdl
+forms=(--bits 2 --ms 1,2,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
+step 45 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-step 100 kernels-pair-table "$py" bench/kernels.py "${one_row[@]}" --out "bench/results/kernels-pair-table-$slug.json"
+step 100 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do
         step 40 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \

@@ -441,21 +441,25 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
     *[("decode", bits, rank, 128, m, block_n, warps, False, prefetch, {"depth": 128, "stages": 1, "byte_book": True})
       for bits, rank, m, block_n, warps, prefetch in (
           (2, 2, 16, 128, 4, False), (2, 2, 16, 128, 4, True), (2, 2, 16, 256, 8, True), (2, 2, 64, 128, 4, True),
-          (2, 1, 16, 64, 4, True), (3, 2, 16, 128, 4, True), (4, 2, 16, 128, 4, True), (4, 2, 64, 128, 4, True))],
+          (2, 1, 16, 64, 4, True), (3, 2, 16, 128, 4, True), (4, 2, 16, 128, 4, True), (2, 2, 32, 128, 4, True))],
+    *[("decode", bits, 2, 128, 16, 128, 4, False, True, {"depth": 128, "stages": 1, "byte_book": True,
+                                                         "dtype": "bf16"}) for bits in (2, 4)],
 ]
 
 
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
-                 lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False):
-    """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed."""
+                 lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
+                 dtype: str = "fp16"):
+    """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed. dtype: the
+    activations' (fp16 or bf16)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from lcq.kernels import triton_linear as kernels
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
-    pointers = {"x_ptr": "*fp16", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
-                "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": "*fp16", "out_ptr": "*fp16",
+    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
+                "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32",
                 "slots_ptr": "*i32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,

@@ -69,18 +69,12 @@ def byte_products_reference(x: torch.Tensor, layer: PackedLinear, run: int | Non
     return y if layer.bias is None else y + layer.bias.double()
 
 
-# Codes of a byte codebook for the weights of fp16 or bf16 products (BYTE_BOOK): levels either side of the
-# midrange; bf16 holds 7-bit codes only (its significand holds 128 + the stored code, not 1024 + a byte).
-BOOK_LEVELS = {torch.float16: 127, torch.bfloat16: 63}
-
-
-def byte_book_weights(layer: PackedLinear, dtype: torch.dtype) -> torch.Tensor:
-    """W (N, K) float64 as the decode kernel's weights from byte codebooks (BYTE_BOOK) for inputs of dtype (fp16 or
-    bf16) stand: each column's codebook of a group rounded to BOOK_LEVELS[dtype] levels either side of its
-    midrange, fp32 steps and midranges as the kernel applies them after its product."""
-    levels = BOOK_LEVELS[dtype]
+def byte_book_weights(layer: PackedLinear) -> torch.Tensor:
+    """W (N, K) float64 as the decode kernel's weights from byte codebooks (BYTE_BOOK) stand: each column's codebook
+    of a group rounded to 127 levels either side of its midrange, fp32 steps and midranges as the kernel applies
+    them after its product (the same for fp16 and bf16 inputs)."""
     books, midrange, half_range = _codebooks(layer)
-    scale = torch.full_like(half_range, float(levels)) / half_range.clamp_min(1e-30)  # fp32, as the kernel
+    scale = torch.full_like(half_range, 127.0) / half_range.clamp_min(1e-30)  # fp32, as the kernel
     codes = torch.round((books - midrange.unsqueeze(-1)) * scale.unsqueeze(-1))
-    weights = codes.double() * (half_range / levels).double().unsqueeze(-1) + midrange.double().unsqueeze(-1)
+    weights = codes.double() * (half_range / 127).double().unsqueeze(-1) + midrange.double().unsqueeze(-1)
     return _weights_of(weights, layer)[:, : layer.in_features]

@@ -218,10 +218,9 @@ def _to_bytes(values, scale_inverse, offset: tl.constexpr = 0):
 
 @triton.jit
 def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N, BITS: tl.constexpr,
-               RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_N: tl.constexpr, LEVELS: tl.constexpr = 127,
-               OFFSET: tl.constexpr = 0):
+               RANK: tl.constexpr, RANKS: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr = 0):
     """A tile's column codebooks in bytes: entry e of column n in byte e % 4 of int32 e // 4 of row n, each
-    column's 2^BITS entries S . V - B less their midrange, scaled by LEVELS / half their range, rounded, plus
+    column's 2^BITS entries S . V - B less their midrange, scaled by 127 / half their range, rounded, plus
     OFFSET. Returns (books (BLOCK_N, 2^BITS / 4), steps, midranges): entry e is midrange + step * (byte e as a
     signed byte, or less OFFSET). (Scaled by their largest magnitude instead, a codebook off zero, as B makes many,
     was rounded up to twice as coarsely, and the error, the same for every weight of the group that takes the
@@ -238,11 +237,11 @@ def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, 
     lowest = tl.min(book, axis=1)
     midrange = (highest + lowest) * 0.5
     half_range = (highest - lowest) * 0.5
-    scale = tl.math.div_rn(tl.full((BLOCK_N,), LEVELS, tl.float32), tl.maximum(half_range, 1e-30))  # as torch's
+    scale = tl.math.div_rn(tl.full((BLOCK_N,), 127.0, tl.float32), tl.maximum(half_range, 1e-30))  # as torch's
     codes = _to_bytes(book - midrange[:, None], scale[:, None], OFFSET)
     bytes_in_words = tl.reshape(codes, (BLOCK_N, ENTRIES // 4, 4)) << (8 * tl.arange(0, 4))[None, None, :]
     books = tl.sum(bytes_in_words, axis=2)  # disjoint bytes: the sum is their or
-    return books, half_range / LEVELS, midrange
+    return books, half_range / 127.0, midrange
 
 
 @triton.jit
@@ -332,19 +331,19 @@ def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.conste
 @triton.jit
 def _book_weights(words, tops, books, slots, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr,
                   BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A tile's weights' codes (_int8_book with the kernel's LEVELS and OFFSET for DTYPE) as DTYPE values,
-    transposed (BLOCK_N, BLOCK_K), k in the order of the selectors (_in_selector_order at 2 and 3 bits): the code
-    plus the kernel's RAW, exact (a whole number below 2048 in fp16, below 256 in bf16), so that the product of a tile
-    with them is step * (that product - RAW * the inputs' sum) + midrange * the inputs' sum, per column.
+    """A tile's weights' codes (_int8_book's, stored plus 128) as DTYPE values, transposed
+    (BLOCK_N, BLOCK_K), k in the order of the selectors (_in_selector_order at 2 and 3 bits): in fp16 the code plus
+    the kernel's RAW (1152), in bf16 the code, exact either way, so that the product of a tile with them is
+    step * (that product - RAW * the inputs' sum) + midrange * the inputs' sum, per column.
     prmt picks 4 weights' codes into an int32 (_picked_bytes), broadcast to the 4 k it holds; then per 2 weights
-    one inline assembly instance: a lop3 joins the 2 weights' slots, a prmt takes each one's code from its word and
-    a lop3 sets it under an exponent byte (0x64: 1024 + the byte as fp16; 0x43: 128 + the byte as bf16).
-    Which byte of its word a weight takes comes with it, from slots (byte_slots(), loaded: with positions from
-    tl.arange, Triton 3.6 no longer built the weights where the tensor cores read them but stored each through
-    shared memory, sm_90), so that any 2 weights Triton's layout hands an instance are right: slot k % 4 has the
-    prmt selector of byte k % 4 for a pair's first weight in its low byte and for its second in its next. (The
-    steps and midranges are applied after the product for the same reason: as operands here, they too took the
-    weights through shared memory.)"""
+    one inline assembly instance (3 instructions in fp16, 5 in bf16). Which byte of its word a weight takes comes
+    with it, from slots (byte_slots(), loaded: with positions from tl.arange, Triton 3.6 no longer built the
+    weights where the tensor cores read them but stored each through shared memory, sm_90), so that any 2
+    weights Triton's layout hands an instance are right: slot k % 4 has the prmt selector of byte k % 4 for a
+    pair's first weight in its low byte and for its second in its next. (The steps and midranges are applied
+    after the product for the same reason: as operands here, they too took the weights through shared memory.)
+    Codes in bf16 of 63 levels, 128 + the code under bf16's exponent byte, cost SmolLM2's perplexity 0.6% at W3
+    and 1.0% at W4 (bench/results/byte-products-quality-cpu.json), hence the fp32 steps there."""
     books = books[None, :, :]
     if BITS == 4:
         picks = tl.join(_picked_bytes(words, tops, books, 0, BITS, ASM), _picked_bytes(words, tops, books, 16, BITS, ASM))
@@ -358,18 +357,20 @@ def _book_weights(words, tops, books, slots, BITS: tl.constexpr, DTYPE: tl.const
                         (BLOCK_N, BLOCK_K))  # each pick once for each of its 4 weights
     slot = tl.reshape(tl.permute(tl.zeros_like(picks)[:, :, :, None] + slots[None, None, None, :], (1, 0, 2, 3)),
                       (BLOCK_N, BLOCK_K))
-    if ASM and DTYPE == tl.float16:
+    if ASM and DTYPE == tl.float16:  # a lop3 joins the pair's slots, a prmt takes their codes, a lop3 sets the
+        # exponent byte 0x64 above each: 1024 + the stored code, the code + 1152
         return tl.inline_asm_elementwise(
             "{ .reg .b32 s, t; lop3.b32 s, $3, $4, 0xFF, 0xE4; prmt.b32 t, $1, $2, s;"
             " lop3.b32 $0, t, 0x00FF00FF, 0x64006400, 0xEA; }",
             "=r,r,r,r,r", [copies, slot], dtype=tl.float16, is_pure=True, pack=2)
-    elif ASM:
+    elif ASM:  # bf16, whose 8-bit significand holds no 1024 + a byte: a prmt per weight puts its code under the fp32
+        # exponent 0x4B (2^23 + the stored code), a subtraction leaves the code and one cvt rounds both (exactly)
         return tl.inline_asm_elementwise(
-            "{ .reg .b32 s, t; lop3.b32 s, $3, $4, 0xFF, 0xE4; prmt.b32 t, $1, $2, s;"
-            " lop3.b32 $0, t, 0x00FF00FF, 0x43004300, 0xEA; }",
-            "=r,r,r,r,r", [copies, slot], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:  # the same values: 1024 or 128 plus the byte
-        raw = ((copies >> (8 * (slot & 3))) & 0xFF) + (1024 if DTYPE == tl.float16 else 128)
+            "{ .reg .b32 a, b; prmt.b32 a, $1, 0x4B000000, $3; prmt.b32 b, $2, 0x4B000000, $4;"
+            " sub.f32 a, a, 0f4B000080; sub.f32 b, b, 0f4B000080; cvt.rn.bf16x2.f32 $0, b, a; }",
+            "=r,r,r,r,r", [copies, (slot & 3) | 0x7540], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:  # the same values: the code plus 1152 (fp16) or the code (bf16)
+        raw = ((copies >> (8 * (slot & 3))) & 0xFF) - (128 if DTYPE == tl.bfloat16 else -1024)
         return raw.to(tl.float32).to(DTYPE)  # through fp32: the interpreter takes integers to bf16 wrongly
 
 
@@ -569,12 +570,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BYTE_BOOK:
         slots = tl.load(slots_ptr + tl.arange(0, 4))
-        # codes -127..127 stored plus 128, weights 1024 plus that in fp16; in bf16, whose 8-bit significand holds
-        # no byte past 128 in such a sum, codes -63..63 plus 64, weights 128 plus that (byte_products.BOOK_CODES)
-        HALF: tl.constexpr = x_ptr.dtype.element_ty == tl.float16
-        LEVELS: tl.constexpr = 127 if HALF else 63
-        OFFSET: tl.constexpr = 128 if HALF else 64
-        RAW: tl.constexpr = 1152 if HALF else 192
+        # what _book_weights' values are more than the codes: 1024 + 128 in fp16, none in bf16
+        RAW: tl.constexpr = 1152 if x_ptr.dtype.element_ty == tl.float16 else 0
     TILE_SUMS: tl.constexpr = BLOCK_M >= 16 or REDUCE_K or LUT or INT8  # else products summed after the loop
     products = tl.zeros((BLOCK_M, 1 if TILE_SUMS else BLOCK_K, BLOCK_N), dtype=tl.float32)
     if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
@@ -619,7 +616,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                                   BLOCK_N)
         elif BYTE_BOOK:
             books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                                                 BITS, RANK, RANKS, BLOCK_N, LEVELS, OFFSET)
+                                                 BITS, RANK, RANKS, BLOCK_N, 128)
             w = _book_weights(words, top_words, books, slots, BITS, x_ptr.dtype.element_ty, ASM, BLOCK_K, BLOCK_N)
             x = tl.trans(_in_selector_order(inputs, BITS, BLOCK_M, BLOCK_K))
             if DOT_IN_FP32:
