@@ -22,7 +22,7 @@ dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time bot
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
 say which one the dispatch chose (`pair_table`). Rows of 1-2 rows also time the products of bytes
 (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
-LCQ_INT8_DECODE=1, and rows of 3-32 rows the weights from byte codebooks (`book_us`, `book_config`,
+LCQ_INT8_DECODE=1, and rows of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`,
 `book_speedup` over fp16), which serve only under LCQ_BYTE_BOOK=1.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
@@ -237,7 +237,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(bytes_us=bytes_us, bytes_config=str(tuner.best_config),
                                             bytes_frac_of_copy=product_bytes(layer, m) / (bytes_us * 1e-6) / 1e9
                                             / header["copy_GBps"])
-                        if 2 < m <= BYTE_BOOK_MAX_M:  # weights from byte codebooks (LCQ_BYTE_BOOK=1), on their own
+                        if m <= BYTE_BOOK_MAX_M:  # weights from byte codebooks (LCQ_BYTE_BOOK=1), on their own
 
                             def from_byte_books(x):
                                 return decode(x, layer, byte_book=True)
@@ -278,10 +278,10 @@ def warm_jobs(plan: dict, dtype: str) -> list[tuple]:
             if decode else kernels.GEMM_CONFIGS
         configs = [(c, "") for c in configs]
         for form in ("lut",) * (rows == 1 and bits == 2) + ("int8",) * (rows <= 2) \
-                + ("byte_book",) * (2 < rows <= kernels.BYTE_BOOK_MAX_M):
+                + ("byte_book",) * (rows <= kernels.BYTE_BOOK_MAX_M):
+            block_m = kernels.byte_book_block_m(rows) if form == "byte_book" else kernels.decode_block_m(rows)
             configs += [(c, form) for c in kernels._decode_configs_for(
-                kernels.DECODE_CONFIGS, {}, BLOCK_M=kernels.decode_block_m(rows), GROUP=group, SELECT=bits == 2,
-                **{form.upper(): True})]
+                kernels.DECODE_CONFIGS, {}, BLOCK_M=block_m, GROUP=group, SELECT=bits == 2, **{form.upper(): True})]
         for config, form in configs:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             if decode:

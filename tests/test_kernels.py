@@ -191,18 +191,19 @@ BYTE_BOOK_TOLERANCE = {torch.float16: TOLERANCE[torch.float16], torch.bfloat16: 
 
 
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype,config", [
-    (2, 1, 32, 80, 3, torch.float16, {}), (2, 3, 64, 100, 16, torch.bfloat16, {"PREFETCH": True}),
+    (2, 1, 32, 80, 1, torch.float16, {}), (2, 3, 64, 100, 16, torch.bfloat16, {"PREFETCH": True}),
     (2, 2, 128, 300, 33, torch.float16, {"BLOCK_K": 128, "bias": True}),
     (2, 4, 128, 300, 16, torch.bfloat16, {"PREFETCH": 2, "BLOCK_K": 128, "SPLIT_K": 1}),
-    (3, 1, 32, 80, 16, torch.bfloat16, {}), (3, 3, 64, 100, 5, torch.float16, {"PREFETCH": True}),
+    (3, 1, 32, 80, 2, torch.bfloat16, {}), (3, 3, 64, 100, 5, torch.float16, {"PREFETCH": True}),
     (3, 2, 128, 300, 16, torch.float16, {"PREFETCH": True, "BLOCK_K": 128, "bias": True}),
     (4, 1, 32, 80, 16, torch.float16, {"PREFETCH": True}), (4, 3, 64, 100, 9, torch.bfloat16, {}),
     (4, 2, 128, 300, 32, torch.float16, {"PREFETCH": 2, "BLOCK_K": 128, "SPLIT_K": 1}),
     (4, 4, 128, 300, 16, torch.bfloat16, {"BLOCK_K": 64, "bias": True})])
 def test_decode_kernel_with_byte_codebooks_matches_their_reference(bits, rank, group, k, m, dtype, config):
-    """BYTE_BOOK (3 or more rows of fp16 or bf16): the kernel multiplies by the weights byte_book_weights states,
-    to the rounding of the output dtype; a wrong pick, slot, input order, raw offset, step or midrange is off by far
-    more. Every width and rank, partial last groups, tiles as deep as the group or shallower, split or not."""
+    """BYTE_BOOK (fp16 or bf16, 1 row and up, in tiles of 16 or more): the kernel multiplies by the weights
+    byte_book_weights states, to the rounding of the output dtype; a wrong pick, slot, input order, raw offset,
+    step or midrange is off by far more. Every width and rank, partial last groups, tiles as deep as the group or
+    shallower, split or not."""
     config = dict(config)
     layer = random_layer(40, k, bits, rank, group, seed=rank, bias=config.pop("bias", False))
     x = torch.randn(m, k).to(dtype)
@@ -219,18 +220,22 @@ def test_byte_codebooks_are_close_to_the_exact_weights(bits, rank, group):
     assert 1e-5 < ((byte_book_weights(layer) - exact).norm() / exact.norm()).item() < ROUNDING_BOUND / 4
 
 
-def test_byte_codebooks_are_asked_for_and_serve_3_to_32_rows_of_half_inputs(monkeypatch):
-    """Off unless LCQ_BYTE_BOOK=1, and then for CUDA tiles of 16 and 32 rows of fp16 or bf16 only (the
-    interpreter's tests ask explicitly); a launch they cannot serve is refused, not computed otherwise."""
+def test_byte_codebooks_are_asked_for_and_serve_up_to_32_rows_of_half_inputs(monkeypatch):
+    """Off unless LCQ_BYTE_BOOK=1, and then for CUDA launches of up to 32 rows of fp16 or bf16 (1-2 rows in tiles
+    of 16; the interpreter's tests ask explicitly), 1-2 rows left to products of bytes where those are asked for
+    too; a launch they cannot serve is refused, not computed otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(4, 128, dtype=torch.float16)
     assert not triton_linear.byte_book_decode(x, 16)
     monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
     assert not triton_linear.byte_book_decode(x, 16)  # CPU tensors: the interpreter, unless asked
-    with pytest.raises(ValueError, match="3 or more rows of fp16 or bf16 inputs, not 2 rows"):
-        triton_linear.decode(x[:2], layer, SMALL_DECODE, byte_book=True)
-    with pytest.raises(ValueError, match="not 4 rows of torch.float32"):
+    assert [triton_linear.byte_book_block_m(m) for m in (1, 2, 3, 16, 17, 32)] == [16, 16, 16, 16, 32, 32]
+    with pytest.raises(ValueError, match="not 16 rows of torch.float32"):
         triton_linear.decode(x.float(), layer, SMALL_DECODE, byte_book=True)
+    with pytest.raises(ValueError, match="neither products of bytes nor the pair table"):
+        triton_linear.decode(x[:1], layer, SMALL_DECODE, byte_book=True, int8=True)
+    with pytest.raises(ValueError, match="neither products of bytes nor the pair table"):
+        triton_linear.decode(x[:1], layer, SMALL_DECODE, byte_book=True, lut=True)
 
 
 def test_autotuner_times_byte_codebooks_with_their_own_configs():
@@ -539,6 +544,9 @@ def test_grouped_kernel_takes_byte_codebooks(bits, dtype):
     expected = torch.stack([byte_book_reference(x[r // 2:r // 2 + 1], layers[e])[0]
                             for r, e in enumerate(chosen.reshape(-1).tolist())])
     assert_close(y, expected, dtype, BYTE_BOOK_TOLERANCE[dtype])
+    with pytest.raises(ValueError, match="tiles of 16 rows or more of fp16 or bf16 inputs, not 2 rows"):
+        triton_linear.grouped_decode(x, PackedExperts.stack(layers), ExpertRoutes.of(chosen, 5, 2), 2,
+                                     SMALL_DECODE, byte_book=True)
 
 
 def test_stacked_experts_are_the_layers_and_refuse_mixed_shapes():
@@ -629,22 +637,22 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
 def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
-    """BYTE_BOOK compiled (PTX prmt and lop3 on whatever pairs of weights Triton's layouts hand them): its tiles
-    at 4, 16 and 32 rows of fp16 and bf16 against byte_book_weights, and the autotuned launch under
-    LCQ_BYTE_BOOK=1."""
+    """BYTE_BOOK compiled (PTX prmt and lop3, fp16, or prmt and cvt, bf16, on whatever pairs of weights Triton's
+    layouts hand them): its tiles at 1, 4, 16 and 32 rows of fp16 and bf16 against byte_book_weights, and the
+    autotuned launch under LCQ_BYTE_BOOK=1."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
-    for m, dtype in ((4, torch.float16), (16, torch.bfloat16), (32, torch.float16)):
+    for m, dtype in ((1, torch.bfloat16), (4, torch.float16), (16, torch.bfloat16), (32, torch.float16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
         expected = byte_book_reference(x.cpu(), layer.to("cpu"))
         for config in triton_linear._decode_configs_for(
-                triton_linear.DECODE_CONFIGS, {}, BLOCK_M=triton_linear.decode_block_m(m), GROUP=group,
+                triton_linear.DECODE_CONFIGS, {}, BLOCK_M=triton_linear.byte_book_block_m(m), GROUP=group,
                 SELECT=bits == 2, BYTE_BOOK=True)[::3]:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             y = triton_linear.decode(x, layer, launch, byte_book=True)
             torch.cuda.synchronize()
             assert_close(y.cpu(), expected, dtype)
         monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
-        assert triton_linear.byte_book_decode(x, triton_linear.decode_block_m(m))
+        assert triton_linear.byte_book_decode(x, triton_linear.byte_book_block_m(m))
         assert_close(lcq_linear(x, layer).cpu(), expected, dtype)
         monkeypatch.delenv("LCQ_BYTE_BOOK")
 

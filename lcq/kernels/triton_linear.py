@@ -929,6 +929,7 @@ def int8_decode(x: torch.Tensor, block_m: int) -> bool:
 
 BYTE_BOOK_DTYPES = (torch.float16, torch.bfloat16)
 BYTE_BOOK_MAX_M = 32  # at 64 rows the inputs' sums and the steps applied per tile cost as much as the dot form
+# (7.0-8.5 instructions per weight, sm_90)
 _byte_slots: dict[torch.device, torch.Tensor] = {}
 
 
@@ -943,18 +944,26 @@ def byte_slots(device: torch.device) -> torch.Tensor:
 
 
 def byte_book_decode(x: torch.Tensor, block_m: int) -> bool:
-    """Whether a launch of block_m rows on CUDA takes its weights from byte codebooks (_book_weights): tiles of 16
-    and 32 rows (3 to 32 rows), fp16 and bf16 inputs, with LCQ_BYTE_BOOK=1 only, until timed on a GPU; the
-    weights then differ from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights;
-    sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot form)."""
-    return x.is_cuda and 16 <= block_m <= BYTE_BOOK_MAX_M and x.dtype in BYTE_BOOK_DTYPES \
+    """Whether a launch on CUDA whose rows fill tiles of block_m takes its weights from byte codebooks
+    (_book_weights): up to BYTE_BOOK_MAX_M rows of fp16 or bf16 (1 and 2 rows in tiles of 16; a mixture's blocks of
+    16 or 32), with LCQ_BYTE_BOOK=1 only, until timed on a GPU: the weights then differ from the exact ones by
+    their codebooks' rounding to bytes (byte_products.byte_book_weights), the same at every batch size it serves
+    (but 1-2 rows under LCQ_INT8_DECODE=1, which takes those). sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions
+    per weight against 8.1 for the tl.dot form (6.1 for the one-row FMA form)."""
+    return x.is_cuda and block_m <= BYTE_BOOK_MAX_M and x.dtype in BYTE_BOOK_DTYPES \
         and os.environ.get("LCQ_BYTE_BOOK", "0") == "1"
+
+
+def byte_book_block_m(m: int) -> int:
+    """Tile of rows of a launch from byte codebooks: the tensor cores multiply at least 16 (wgmma's N, the rows
+    here, is 8 or more in PTX, but tl.dot asks for 16)."""
+    return max(16, decode_block_m(m))
 
 
 def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
     if block_m < 16 or x.dtype not in BYTE_BOOK_DTYPES:
-        raise ValueError(f"weights from byte codebooks serve 3 or more rows of fp16 or bf16 inputs, not {x.shape[0]} "
-                         f"rows of {x.dtype}")
+        raise ValueError(f"weights from byte codebooks serve tiles of 16 rows or more of fp16 or bf16 inputs, not "
+                         f"{block_m} rows of {x.dtype}")
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
@@ -963,23 +972,27 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
     where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
-    default int8_decode). byte_book: weights from byte codebooks (3 or more rows; by default byte_book_decode)."""
-    if int8 is None:
-        int8 = int8_decode(x, decode_block_m(x.shape[0]))
-    if byte_book is None:
-        byte_book = byte_book_decode(x, decode_block_m(x.shape[0]))
-    if byte_book:
-        _check_byte_book(x, decode_block_m(x.shape[0]))
-    if lut is None:
-        lut = not int8 and x.is_cuda and config is None and x.shape[0] == 1 and layer.bits == 2 and lut_wins(x, layer)
+    default int8_decode). byte_book: weights from byte codebooks (fp16 or bf16; by default byte_book_decode, but
+    not where int8 or lut is asked for)."""
     m, k = x.shape
     n = layer.out_features
+    if int8 is None:
+        int8 = int8_decode(x, decode_block_m(m))
+    if byte_book is None:
+        byte_book = not (int8 or lut) and byte_book_decode(x, byte_book_block_m(m))
+    block_m = byte_book_block_m(m) if byte_book else decode_block_m(m)
+    if byte_book:
+        _check_byte_book(x, block_m)
+    if lut is None:
+        lut = not (int8 or byte_book) and x.is_cuda and config is None and m == 1 and layer.bits == 2 \
+            and lut_wins(x, layer)
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
     if int8 and (m > 2 or lut):
         raise ValueError(f"products of bytes serve 1-2 rows, not {m}" + (" with the pair table" if lut else ""))
+    if byte_book and (int8 or lut):
+        raise ValueError("weights from byte codebooks take neither products of bytes nor the pair table")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = decode_block_m(m)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
@@ -1063,7 +1076,7 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     if int8 and routes.block_m > 2:
         raise ValueError(f"products of bytes serve blocks of 1-2 rows, not {routes.block_m}")
     if byte_book is None:
-        byte_book = byte_book_decode(x, routes.block_m)
+        byte_book = not int8 and routes.block_m >= 16 and byte_book_decode(x, routes.block_m)
     if byte_book:
         _check_byte_book(x, routes.block_m)
     consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True, INT8=int8, BYTE_BOOK=byte_book,
