@@ -1046,6 +1046,28 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
 
 
 @pytest.mark.gpu
+def test_cuda_graphs_give_the_eager_tokens_from_byte_codebooks(tmp_path, monkeypatch):
+    """Under LCQ_BYTE_BOOK=1 every decode product of up to 32 rows takes its weights from byte codebooks (the
+    byte_slots table made before capture, tiles of 16 rows for 1-2): graphed steps give the eager tokens, and the
+    products are those of byte_book_weights, not the exact ones."""
+    from lcq.kernels import LCQLinear, triton_linear
+    from lcq.kernels.byte_products import byte_book_weights
+
+    monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
+    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
+    prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
+    graphed = cuda_llm(folder, block_size=8, max_num_seqs=8)
+    eager = cuda_llm(folder, block_size=8, max_num_seqs=8, cuda_graphs=False)
+    assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == \
+        [o.token_ids for o in eager.generate(prompts, GREEDY)]
+    layer = next(m.layer for m in eager.engine.runner.model.modules() if isinstance(m, LCQLinear))
+    x = torch.randn(3, layer.in_features, device="cuda", dtype=torch.float16)
+    assert triton_linear.byte_book_decode(x, 16)
+    expected = x.double().cpu() @ byte_book_weights(layer.to("cpu")).t()
+    assert torch.allclose(triton_linear.decode(x, layer).double().cpu(), expected, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.gpu
 def test_cuda_graphs_hold_lora_adapters(tmp_path):
     """Decode graphs captured with two adapters serve steps that mix them with the base model: the
     eager engine's tokens, which differ from the base's; so do graphs captured before adapters were
