@@ -643,18 +643,8 @@ def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.bfloat16), (4, torch.float16), (16, torch.bfloat16), (32, torch.float16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
-        expected = byte_book_reference(x.cpu(), layer.to("cpu"))
-        for config in triton_linear._decode_configs_for(
-                triton_linear.DECODE_CONFIGS, {}, BLOCK_M=triton_linear.byte_book_block_m(m), GROUP=group,
-                SELECT=bits == 2, BYTE_BOOK=True)[::3]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            y = triton_linear.decode(x, layer, launch, byte_book=True)
-            torch.cuda.synchronize()
-            assert_close(y.cpu(), expected, dtype)
-        monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
-        assert triton_linear.byte_book_decode(x, triton_linear.byte_book_block_m(m))
-        assert_close(lcq_linear(x, layer).cpu(), expected, dtype)
-        monkeypatch.delenv("LCQ_BYTE_BOOK")
+        _check_form_on_gpu(x, layer, byte_book_reference(x.cpu(), layer.to("cpu")), "byte_book",
+                           triton_linear.byte_book_block_m(m), 3, "LCQ_BYTE_BOOK", monkeypatch)
 
 
 @pytest.mark.gpu
@@ -764,16 +754,24 @@ def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch)
         x = torch.randn(m, k, device="cuda").to(dtype)
         expected = byte_products_reference(x.cpu(), layer.to("cpu"))
         assert ((expected - reference(x.cpu(), layer.to("cpu"))).norm() / expected.norm()).item() < ROUNDING_BOUND
-        for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=m, GROUP=group,
-                                                        SELECT=bits == 2, INT8=True)[::5]:
-            launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-            y = triton_linear.decode(x, layer, launch, int8=True)
-            torch.cuda.synchronize()
-            assert_close(y.cpu(), expected, dtype)
-        monkeypatch.setenv("LCQ_INT8_DECODE", "1")
-        assert triton_linear.int8_decode(x, m)
-        assert_close(lcq_linear(x, layer).cpu(), expected, dtype)
-        monkeypatch.delenv("LCQ_INT8_DECODE")
+        _check_form_on_gpu(x, layer, expected, "int8", m, 5, "LCQ_INT8_DECODE", monkeypatch)
+
+
+def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Tensor, form: str, block_m: int,
+                       every: int, switch: str, monkeypatch) -> None:
+    """Every `every`-th config the autotuner may time for a decode form (int8, byte_book), compiled, against
+    expected; then the autotuned launch through lcq_linear with the form's switch on."""
+    for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m,
+                                                    GROUP=layer.group_size, SELECT=layer.bits == 2,
+                                                    **{form.upper(): True})[::every]:
+        launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        y = triton_linear.decode(x, layer, launch, **{form: True})
+        torch.cuda.synchronize()
+        assert_close(y.cpu(), expected, x.dtype)
+    monkeypatch.setenv(switch, "1")
+    assert triton_linear.int8_decode(x, block_m) if form == "int8" else triton_linear.byte_book_decode(x, block_m)
+    assert_close(lcq_linear(x, layer).cpu(), expected, x.dtype)
+    monkeypatch.delenv(switch)
 
 
 @pytest.mark.gpu
