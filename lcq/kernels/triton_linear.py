@@ -342,8 +342,8 @@ def _book_weights(words, tops, books, slots, BITS: tl.constexpr, DTYPE: tl.const
     weights Triton's layout hands an instance are right: slot k % 4 has the prmt selector of byte k % 4 for a
     pair's first weight in its low byte and for its second in its next. (The steps and midranges are applied
     after the product for the same reason: as operands here, they too took the weights through shared memory.)
-    Codes in bf16 of 63 levels, 128 + the code under bf16's exponent byte, cost SmolLM2's perplexity 0.6% at W3
-    and 1.0% at W4 (bench/results/byte-products-quality-cpu.json), hence the fp32 steps there."""
+    Codes of 63 levels, 128 + the code under bf16's own exponent byte, cost SmolLM2's perplexity 0.6% at W3 and
+    1.0% at W4 against fp16's 8-bit ones (docs/kernels.md), hence the fp32 exponent for bf16."""
     books = books[None, :, :]
     if BITS == 4:
         picks = tl.join(_picked_bytes(words, tops, books, 0, BITS, ASM), _picked_bytes(words, tops, books, 16, BITS, ASM))
@@ -520,10 +520,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     INT8 (1-2 rows): products of bytes, the inputs of each index word and each column's codebook
     entries scaled to bytes (_int8_products); ASM: through PTX prmt and dp4a (CUDA), else their emulation (the
     interpreter).
-    BYTE_BOOK (16-64 rows): each column's codebook in bytes about a midrange and step of x's type, the weights
-    made from them by prmt and multiply-adds of that type (_book_weights, with byte_slots() at slots_ptr),
-    multiplied by the inputs as they are through tl.dot with the weights first (on sm_90 a wgmma whose weights
-    stay in registers).
+    BYTE_BOOK (tiles of 16 or 32 rows, fp16 or bf16): each column's codebook in bytes (_int8_book), its codes made
+    fp16 or bf16 values (_book_weights, with byte_slots() at slots_ptr) and multiplied by the inputs as they are
+    through tl.dot with the weights first (on sm_90 a wgmma whose weights stay in registers), each column's step
+    and midrange applied after the product.
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
@@ -785,7 +785,7 @@ INT8_DECODE_CONFIGS = [
                   num_warps=warps, num_stages=2)
     for bn, warps in ((64, 2), (128, 4), (256, 2), (512, 4)) for prefetch in (False, True)
     for split in (8, 16, 32, 64)]
-# Weights from byte codebooks (BYTE_BOOK: 3-32 rows, fp16 or bf16), not yet timed. sm_90 SASS (Triton 3.6, r2 g128,
+# Weights from byte codebooks (BYTE_BOOK: 1-32 rows, fp16 or bf16), not yet timed. sm_90 SASS (Triton 3.6, r2 g128,
 # 128 deep, PREFETCH, bench/kernels.py --sass), instructions per weight, 128 columns per 4 warps: 16 rows W2 4.3 (4.0
 # without PREFETCH, 3.9 with 256 columns per 8 warps), W3 6.4, W4 6.6; 32 rows W2 5.2, W4 7.5; against 8.1 (W2)
 # and 10.6 (W4) for the tl.dot form's column codebooks (BOOK) at 16 rows. 64 rows spill at 128 columns per 4 warps
@@ -934,7 +934,7 @@ _byte_slots: dict[torch.device, torch.Tensor] = {}
 
 
 def byte_slots(device: torch.device) -> torch.Tensor:
-    """BYTE_SLOTS of _book_weights, int32 (4,) on device, once per device: slot j's low byte holds the prmt
+    """The slots of _book_weights, int32 (4,) on device, once per device: slot j's low byte holds the prmt
     selector nibbles (j, j), its next byte (j + 4, j + 4)."""
     slots = _byte_slots.get(device)
     if slots is None:
@@ -955,8 +955,7 @@ def byte_book_decode(x: torch.Tensor, block_m: int) -> bool:
 
 
 def byte_book_block_m(m: int) -> int:
-    """Tile of rows of a launch from byte codebooks: the tensor cores multiply at least 16 (wgmma's N, the rows
-    here, is 8 or more in PTX, but tl.dot asks for 16)."""
+    """Tile of rows of a launch from byte codebooks: the tl.dot form's (decode_block_m), 16 for 1-2 rows too."""
     return max(16, decode_block_m(m))
 
 
