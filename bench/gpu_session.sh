@@ -9,7 +9,7 @@
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
 # decode and host profiles, then at 8 sequences with weights from byte codebooks and at batch 1 with products of
 # bytes, with byte codebooks and without dependent launch (--variants byte-book-8,int8,byte-book,no-pdl, in that
-# order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2 and 16
+# order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
@@ -61,7 +61,7 @@ step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:c
 step 30 dependent-launch "$py" bench/dependent_launch.py
 step 240 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
     --variants byte-book-8,int8,byte-book,no-pdl
-forms=(--bits 2 --ms 1,2,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
+forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 step 100 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"
