@@ -123,6 +123,18 @@ def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, work
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
 
 
+def without_amx(bench, *args, **kwargs) -> list[dict]:
+    """bench(*args, **kwargs) with int8 products kept off AMX tiles (the rows of CPUs without them), or no
+    rows where they would not take them anyway."""
+    from lcq.kernels import native
+    from lcq.kernels.cpu_matmul import amx_tiles
+
+    if not native.amx_allowed():
+        return []
+    with amx_tiles(False):
+        return bench(*args, **kwargs)
+
+
 def bench_transformers(folder: str, batch1_tokens: int, workload) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -221,7 +233,7 @@ def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
         for (engine, concurrency), ours in speed.items():
             if engine != "lcq":
                 continue
-            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora"):
+            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora", "lcq-no-amx"):
                 if speed.get((other, concurrency)):
                     key = f"lcq / {other} at concurrency {concurrency}"
                     ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
@@ -251,7 +263,7 @@ def main() -> None:
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--variants", default="", help="--gpu-7b: batch 1 again in each of these variants "
                         f"(comma-separated): {', '.join(GPU_VARIANTS)}")
-    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,lcq-no-amx,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: measure every engine this many times, in alternating order, and report "
@@ -315,6 +327,8 @@ def main() -> None:
                                          batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "lcq-lora": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-lora", batch1_tokens, workload, lora=True,
                                            kv_cache_memory_gb=2.0),
+            "lcq-no-amx": lambda: without_amx(bench_ours, lcq, "lcq-w4r2g64", "lcq-no-amx", batch1_tokens, workload,
+                                              kv_cache_memory_gb=2.0),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}

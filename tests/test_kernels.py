@@ -23,7 +23,8 @@ from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, nat
 from lcq.kernels import arrival_counters as arrival_counters_module
 from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.byte_products import ROUNDING_BOUND, byte_book_weights, byte_products_reference
-from lcq.kernels.cpu_matmul import can_pack, cpu_products, dense_linear, half_copy, pack_weight, products_available
+from lcq.kernels.cpu_matmul import (amx_tiles, can_pack, cpu_products, dense_linear, half_copy, pack_weight,
+                                    products_available)
 from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -1188,6 +1189,49 @@ def test_kept_int8_rows_are_what_int8_products_expand(n, k, bits, rank, group):
         for m in (3, 4, 9, 33):
             assert _relative_error(kept.linear(x[:m]), _int8_index_reference(x[:m], layer)) < 1e-5
     assert cpu_index.IndexWeight(layer, wide=False).keep_byte_rows() == 0  # the AVX2 form has no int8 products
+
+
+needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and native.amx_allowed()),
+                               reason="AMX tiles need AMX-INT8 besides what int8 products need")
+
+
+@needs_amx
+@pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
+                                                      (150, 600, 2, 2, 128), (64, 576, 4, 2, 64), (32, 1536, 2, 2, 128)])
+def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
+    """int8 products from 16 rows take AMX tiles for each whole 16 rows, the rest the vpdpbusd register tiles:
+    the same integer sums of each 64-value block and the same fp32 scaling, so the same values bit for bit,
+    with int8 rows kept or expanded per panel. Whole tiles only (M = 16, 32) and with the rest (17, 31, 33,
+    70); a last block of 16, 9, 2 or 6 words, whole blocks (K = 576, 1536), a block of one word (K = 37 has
+    10 words, no whole block); last panels of 10-22 rows (N = 43, 74, 100, 150); SwiGLU per tile and after."""
+    layer = random_layer(n, k, bits, rank, group, seed=n + k)
+    kept, expanding = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
+    assert kept.keep_byte_rows() > 0
+    x = torch.randn(70, k)
+    x[:, 1] *= 30
+    with cpu_products(torch.int8):
+        for weight, m in itertools.product((kept, expanding), (16, 17, 31, 32, 33, 70)):
+            for swiglu in (False, True) if n % 2 == 0 else (False,):
+                with amx_tiles(False) as on:
+                    assert not on
+                    registers = weight.linear(x[:m], swiglu)
+                with amx_tiles(True) as on:
+                    assert on
+                    tiles = weight.linear(x[:m], swiglu)
+                assert torch.equal(tiles, registers), (m, swiglu)
+        with amx_tiles(True):
+            assert _relative_error(kept.linear(x[:33]), _int8_index_reference(x[:33], layer)) < 1e-5
+
+
+def test_amx_tiles_are_asked_for_unless_turned_off(monkeypatch):
+    """LCQ_CPU_AMX=0, like LCQ_CPU_AVX512=0, keeps products off AMX; elsewhere the CPU decides."""
+    expected = "amx_int8" in native.cpu_flags() and native.has_avx512("avx512_vnni")
+    assert native.amx_allowed() == expected
+    monkeypatch.setenv("LCQ_CPU_AMX", "0")
+    assert not native.amx_allowed()
+    monkeypatch.setenv("LCQ_CPU_AMX", "1")
+    monkeypatch.setenv("LCQ_CPU_AVX512", "0")
+    assert not native.amx_allowed()
 
 
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")

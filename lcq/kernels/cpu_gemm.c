@@ -36,7 +36,7 @@
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */
-#define WORD_PANEL 32  /* int8, kept bf16: weight rows per panel, two vectors of 32-bit words (lcq_word_panels) */
+#define WORD_PANEL LCQ_WORD_PANEL /* int8, kept bf16: weight rows per panel, two vectors of 32-bit words */
 #define TILE_WEIGHTS LCQ_TILE_ROWS /* weight rows per micro-tile */
 #define BLOCK_ROWS 48  /* weight rows expanded at a time (110 KiB of fp32 at K = 576) */
 
@@ -316,8 +316,38 @@ LCQ_BF16 static inline __attribute__((always_inline)) void task_rows(const int F
 #undef TASK_TILE_AT
 }
 
-LCQ_BF16 static void task_product(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate,
-                                  const uint32_t *up, int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
+/* lcq_amx_tile's tiles of LCQ_AMX_ROWS activation rows for M (a multiple of them) rows and a task's
+ * panels: with an up panel, y takes silu(gate) * up. */
+static void amx_rows(const uint32_t *x, int M, int K, int words, const uint32_t *gate, const uint32_t *up,
+                     int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
+    for (int m = 0; m < M; m += LCQ_AMX_ROWS) {
+        const uint32_t *rows = x + (int64_t)m * words;
+        float *out = y + (int64_t)m * ldy;
+        if (up == NULL) {
+            lcq_amx_tile(rows, words, K, gate, columns, out, ldy, stream);
+            continue;
+        }
+        float products[LCQ_AMX_ROWS][2 * WORD_PANEL]; /* gate, then up */
+        lcq_amx_tile(rows, words, K, gate, columns, products[0], 2 * WORD_PANEL, stream);
+        lcq_amx_tile(rows, words, K, up, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
+        for (int r = 0; r < LCQ_AMX_ROWS; r++) lcq_silu_mul_row(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
+    }
+}
+
+/* The rows of a task's product that take AMX tiles (the thread configured them): whole tiles of
+ * LCQ_AMX_ROWS in int8 products where AMX is on, none elsewhere. */
+static int amx_task_rows(int form, int M) {
+    return form == LCQ_INT8_PRODUCTS && lcq_amx_on() ? M - M % LCQ_AMX_ROWS : 0;
+}
+
+/* The product of a task's panels in the product form FORM: its first `tiled` rows in AMX tiles
+ * (amx_task_rows), then register tiles for the rest. */
+LCQ_BF16 static void task_product(int form, int tiled, const uint32_t *x, int M, int K, int words,
+                                  const uint32_t *gate, const uint32_t *up, int columns, float *y, int64_t ldy,
+                                  lcq_line_stream *stream) {
+    if (tiled) amx_rows(x, tiled, K, words, gate, up, columns, y, ldy, stream);
+    x += (int64_t)tiled * words, y += tiled * ldy, M -= tiled;
+    if (M == 0) return;
     const int wide = columns > 16;
     if (form == LCQ_INT8_PRODUCTS && wide)
         task_rows(LCQ_INT8_PRODUCTS, 2, x, M, K, words, gate, up, columns, y, ldy, stream);
@@ -455,11 +485,11 @@ static void convert_rows(const float *src, int K, int count, uint32_t *dst, int 
     for (int r = 0; r < count; r++) lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
 }
 
-/* The stream of the block of `rows` rows from `first` (of each half), paced over a product of `tiles`
- * micro-tiles `depth` steps deep along K: what expanding them reads, or their kept int8 panel (`words`
- * words per row) where panels is not NULL. */
+/* The stream of the block of `rows` rows from `first` (of each half), paced over a product that steps
+ * it `steps` times: what expanding them reads, or their kept int8 panel (`words` words per row) where
+ * panels is not NULL. */
 static void stream_block(const lcq_expansions *expansions, const void *weight, const uint32_t *panels, int words,
-                         int K, int first, int rows, int outputs, int halves, int tiles, int depth,
+                         int K, int first, int rows, int outputs, int halves, int64_t steps,
                          lcq_line_stream *stream) {
     const int count = outputs - first < rows ? outputs - first : rows;
     for (int h = 0; h < halves; h++) {
@@ -471,7 +501,6 @@ static void stream_block(const lcq_expansions *expansions, const void *weight, c
     }
     int64_t lines = 0;
     for (int r = 0; r < stream->ranges; r++) lines += stream->lines[r];
-    const int64_t steps = (int64_t)tiles * (depth / LCQ_STREAM_EVERY);
     stream->per_step = steps > 0 ? (int)((lines + steps - 1) / steps) : 0;
 }
 
@@ -504,7 +533,11 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
     const int bytes = form == LCQ_INT8_PRODUCTS;
     const int depth = bytes ? (K + 3) / 4 : (K + 1) / 2; /* words of values per row */
     const int words = bytes ? lcq_byte_row_words(depth) : depth; /* 32-bit words per row */
-    const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiles = (M + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS;
+    const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiled = amx_task_rows(form, M);
+    /* the stream's steps per task: per block of each AMX tile's vectors, per LCQ_STREAM_EVERY words of the
+     * register tiles' */
+    const int64_t steps = halves * ((int64_t)tiled / LCQ_AMX_ROWS * (WORD_PANEL / 16) * lcq_scale_blocks(depth) +
+                                    (int64_t)(M - tiled + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS * (depth / LCQ_STREAM_EVERY));
     const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
     uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)M * words);
     int failed = rows == NULL;
@@ -522,6 +555,7 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
             uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
             const int ready = kept != NULL || expanded != NULL;
             if (!ready) failed = 1;
+            if (tiled) lcq_amx_configure(depth);
 #pragma omp for schedule(static)
             for (int t = 0; t < tasks; t++) {
                 if (!ready) continue;
@@ -546,9 +580,10 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
                 lcq_line_stream next = {0}; /* the next task, this thread's under the static schedule */
                 if (t + 1 < tasks && (kept != NULL || expansions->stream != NULL))
                     stream_block(expansions, weight, kept, words, K, first + WORD_PANEL, WORD_PANEL, outputs, halves,
-                                 halves * tiles, depth, &next);
-                task_product(form, rows, M, depth, words, panels[0], panels[1], columns, y + first, outputs, &next);
+                                 steps, &next);
+                task_product(form, tiled, rows, M, depth, words, panels[0], panels[1], columns, y + first, outputs, &next);
             }
+            if (tiled) lcq_amx_release();
             free(expanded);
         }
     }
@@ -610,7 +645,10 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 lcq_line_stream next = {0}; /* the next block, this thread's under the static schedule */
                 if (b + 1 < blocks && expansions->stream != NULL)
                     stream_block(expansions, weight, NULL, words, K, first + block_outputs, block_outputs, outputs,
-                                 halves, panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS), words, &next);
+                                 halves,
+                                 (int64_t)panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS) *
+                                     (words / LCQ_STREAM_EVERY),
+                                 &next);
                 for (int h = 0; h < halves; h++) { /* the halves' outputs side by side in out */
                     if (converted)
                         pair_block_product(packed, M, words, source[h], count, out + h * count, out_stride, &next);

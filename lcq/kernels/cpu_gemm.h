@@ -88,6 +88,8 @@ static inline __attribute__((always_inline)) void lcq_stream_step(lcq_line_strea
 /* Adds the memory that expanding rows first .. first + count - 1 reads to the stream. */
 typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count, lcq_line_stream *stream);
 
+#define LCQ_WORD_PANEL 32 /* weight rows per panel of words (lcq_word_panels) */
+
 /* `count` rows in the unsigned int8 form (`words` words each, row after row) as panels of 32 rows,
  * ceil(count / 32) of them, each [words][32] (word k of its rows side by side; rows past count zero):
  * the form in which int8 products read weights (cpu_gemm.c). */
@@ -215,5 +217,20 @@ LCQ_BF16 static inline __attribute__((always_inline)) __m512i add_byte_products(
     __asm__("vpdpbusd %2, %1, %0" : "+v"(sums) : "v"(u), "v"(s));
     return sums;
 }
+
+/* The int8 panel product's tiles of LCQ_AMX_ROWS activation rows on AMX (cpu_amx.c), where the CPU and
+ * the OS allow it and lcq_use_amx asked for it (process-wide; returns whether it is on, as lcq_amx_on). A thread that
+ * runs lcq_amx_tile first loads the tile configuration for rows `depth` words deep (lcq_amx_configure)
+ * and releases it after (lcq_amx_release). lcq_amx_tile: y[r][0 .. columns) (row stride ldy) for
+ * LCQ_AMX_ROWS activation rows x in the int8 form (`words` words apart, `depth` words of bytes each) and
+ * a weight panel (lcq_word_panels), the values of the vpdpbusd tiles bit for bit; the stream steps once
+ * per block of LCQ_SCALE_WORDS words. */
+#define LCQ_AMX_ROWS 16
+int lcq_use_amx(int wanted);
+int lcq_amx_on(void);
+void lcq_amx_configure(int depth);
+void lcq_amx_release(void);
+void lcq_amx_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y, int64_t ldy,
+                  lcq_line_stream *stream);
 
 #endif

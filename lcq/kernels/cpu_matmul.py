@@ -126,3 +126,18 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
         yield
     finally:
         lib.lcq_set_products(previous)
+
+
+@contextlib.contextmanager
+def amx_tiles(wanted: bool) -> Iterator[bool]:
+    """Within the block, int8 products of 16 rows or more take AMX tiles if wanted and the CPU allows it
+    (process-wide, unlike cpu_products: for comparisons and benchmarks); yields whether they do."""
+    lib = native.load()
+    if lib is None:
+        yield False
+        return
+    previous = lib.lcq_amx_on()
+    try:
+        yield bool(lib.lcq_use_amx(int(wanted)))
+    finally:
+        lib.lcq_use_amx(previous)

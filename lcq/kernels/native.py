@@ -27,7 +27,8 @@ logger = logging.getLogger("lcq.kernels")
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("attention", "gemm", "half", "index", "latent", "mixture", "ops", "recurrent"))
+SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("amx", "attention", "gemm", "half", "index", "latent", "mixture", "ops",
+                                                            "recurrent"))
 HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("cache", "constant", "exp", "gemm", "latent"))
 
 
@@ -37,7 +38,9 @@ def load() -> ctypes.CDLL | None:
     reason = unsupported()
     if reason is None:
         try:
-            return ctypes.CDLL(str(_library_path()))
+            lib = ctypes.CDLL(str(_library_path()))
+            lib.lcq_use_amx(int(amx_allowed()))
+            return lib
         except (OSError, subprocess.CalledProcessError) as e:
             reason = f"could not build it: {getattr(e, 'stderr', '') or e}"
     logger.info("C kernels not used (%s); the torch path runs instead", reason)
@@ -68,6 +71,13 @@ def has_avx512(feature: str) -> bool:
     """Whether the CPU has this AVX-512 feature flag ("avx512f", "avx512_bf16") and LCQ_CPU_AVX512 is
     not 0, which keeps every kernel on its AVX2 form (as on a CPU without AVX-512)."""
     return os.environ.get("LCQ_CPU_AVX512", "1") != "0" and feature in cpu_flags()
+
+
+def amx_allowed() -> bool:
+    """Whether int8 products may take AMX tiles (cpu_amx.c): the CPU has AMX-INT8 and AVX-512 VNNI, and
+    LCQ_CPU_AMX and LCQ_CPU_AVX512 are not 0. The library also asks Linux for tile state, and keeps AMX off
+    where it is refused."""
+    return os.environ.get("LCQ_CPU_AMX", "1") != "0" and "amx_int8" in cpu_flags() and has_avx512("avx512_vnni")
 
 
 def _compiler() -> str | None:
