@@ -866,7 +866,7 @@ def test_half_pair_panels_give_the_bf16_products(n, k):
     weight, x = torch.randn(n, k).half(), torch.randn(40, k)
     panels = cpu_half.pair_panels(weight)
     assert 4 * panels.numel() == cpu_half.pair_panel_bytes(n, k) == 4 * -(-n // 32) * 32 * ((k + 1) // 2)
-    with cpu_products(torch.bfloat16):
+    with cpu_products(torch.bfloat16), amx_tiles(False):  # the register tiles (AMX tiles sum otherwise)
         for m in (10, 16, 33, 40):
             assert torch.equal(cpu_half.half_linear(x[:m], weight, panels=panels), cpu_half.half_linear(x[:m], weight))
             if n % 2 == 0:
@@ -1192,7 +1192,7 @@ def test_kept_int8_rows_are_what_int8_products_expand(n, k, bits, rank, group):
 
 
 needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and native.amx_allowed()),
-                               reason="AMX tiles need AMX-INT8 besides what int8 products need")
+                               reason="AMX tiles need AMX-INT8 and AMX-BF16 besides what int8 products need")
 
 
 @needs_amx
@@ -1223,9 +1223,38 @@ def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
             assert _relative_error(kept.linear(x[:33]), _int8_index_reference(x[:33], layer)) < 1e-5
 
 
+@needs_amx
+@pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (128, 77), (64, 576), (200, 1000)])
+def test_amx_tiles_give_the_bf16_products_of_kept_panels(n, k):
+    """bf16 products of an fp16 weight's kept panels take AMX tiles from 5 rows (tdpbf16ps: fp32 sums over
+    all of K in the tile, stored once): the bf16-rounded product up to fp32 summation, in another order than
+    the register tiles' (which 3-4 rows keep). The activation rows are padded with zero rows to tiles of 16,
+    and each row's values do not depend on the rows beside it (M = 5, 16, 17, 33 against 70). Short last
+    blocks (K = 37, 40, 77, 1000), partial panels (N = 43, 200), SwiGLU per tile (N = 64, 128, 200: halves of
+    whole panels or not)."""
+    weight, x = torch.randn(n, k).half(), torch.randn(70, k)
+    panels = cpu_half.pair_panels(weight)
+    with cpu_products(torch.bfloat16):
+        with amx_tiles(True) as on:
+            assert on
+            tiles = {m: cpu_half.half_linear(x[:m], weight, panels=panels) for m in (3, 4, 5, 16, 17, 33, 70)}
+            swiglu = cpu_half.half_linear(x, weight, swiglu=True, panels=panels) if n % 2 == 0 else None
+        with amx_tiles(False):
+            registers = {m: cpu_half.half_linear(x[:m], weight, panels=panels) for m in (3, 4, 70)}
+    for m in (5, 16, 17, 33):
+        assert torch.equal(tiles[m], tiles[70][:m]), m
+    assert torch.equal(tiles[3], registers[3]) and torch.equal(tiles[4], registers[4])
+    assert_close(tiles[70], _bf16_reference(x, weight.float()), torch.float32)
+    if k >= 576:  # long enough sums that the two orders part somewhere
+        assert not torch.equal(tiles[70], registers[70])
+    if swiglu is not None:
+        gate, up = tiles[70].chunk(2, dim=1)
+        assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
+
+
 def test_amx_tiles_are_asked_for_unless_turned_off(monkeypatch):
     """LCQ_CPU_AMX=0, like LCQ_CPU_AVX512=0, keeps products off AMX; elsewhere the CPU decides."""
-    expected = "amx_int8" in native.cpu_flags() and native.has_avx512("avx512_vnni")
+    expected = {"amx_int8", "amx_bf16"} <= native.cpu_flags() and native.has_avx512("avx512_vnni")
     assert native.amx_allowed() == expected
     monkeypatch.setenv("LCQ_CPU_AMX", "0")
     assert not native.amx_allowed()

@@ -36,12 +36,12 @@ static int amx_on; /* lcq_use_amx */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* Whether the CPU has AMX-TILE and AMX-INT8 and Linux lets this process use tile data (asked once). */
+/* Whether the CPU has AMX-TILE, AMX-INT8 and AMX-BF16 and Linux lets this process use tile data (asked once). */
 static int amx_here(void) {
     static int answer = -1;
     if (answer < 0) {
         unsigned a, b, c, d;
-        const int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 25 & 1);
+        const int cpu = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 22 & 1) && (d >> 24 & 1) && (d >> 25 & 1);
         answer = cpu && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
     }
     return answer;
@@ -62,19 +62,20 @@ int lcq_amx_on(void) { return amx_on; }
 
 #ifdef LCQ_HAVE_AMX
 
-#define LCQ_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8")))
+#define LCQ_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8,amx-bf16")))
 
-/* The tiles: two of sums (even and odd blocks, alternating), the operands of each, and the operands of a last block
- * shorter than 16 words (K not a multiple of 64). Macros, not an enum: the tile intrinsics paste the
- * number into their assembly. */
-#define SUMS_EVEN 0
-#define SUMS_ODD 1
-#define X_EVEN 2
-#define X_ODD 3
-#define W_EVEN 4
-#define W_ODD 5
-#define X_SHORT 6
-#define W_SHORT 7
+/* The tiles, one configuration for both forms: two of sums (int8: even and odd blocks, alternating;
+ * bf16: the panel's two vectors of 16 weight rows), the activation rows of a whole block and of a last
+ * block shorter than LCQ_SCALE_WORDS words (K not a multiple of 64 bytes or 32 pairs), and two of weight
+ * words of each. Macros, not an enum: the tile intrinsics paste the number into their assembly. */
+#define SUMS_0 0
+#define SUMS_1 1
+#define X_WHOLE 2
+#define X_SHORT 3
+#define W_WHOLE_0 4
+#define W_WHOLE_1 5
+#define W_SHORT_0 6
+#define W_SHORT_1 7
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -86,16 +87,14 @@ LCQ_AMX void lcq_amx_configure(int depth) {
     tile_config config;
     memset(&config, 0, sizeof config);
     config.palette = 1;
-    for (int t = SUMS_EVEN; t <= W_ODD; t++) {
+    for (int t = 0; t < 8; t++) { /* sums: 16 x 16 32-bit; operands: 16 rows of a block's 16 words */
         config.rows[t] = LCQ_AMX_ROWS;
-        config.bytes_per_row[t] = 4 * LCQ_SCALE_WORDS; /* sums: 16 int32; operands: a block of 64 bytes */
+        config.bytes_per_row[t] = 4 * LCQ_SCALE_WORDS;
     }
-    const int short_words = depth % LCQ_SCALE_WORDS;
+    const int short_words = depth % LCQ_SCALE_WORDS; /* else the short tiles are whole ones, unused */
     if (short_words) {
-        config.rows[X_SHORT] = LCQ_AMX_ROWS;
         config.bytes_per_row[X_SHORT] = 4 * short_words;
-        config.rows[W_SHORT] = short_words;
-        config.bytes_per_row[W_SHORT] = 4 * LCQ_SCALE_WORDS;
+        config.rows[W_SHORT_0] = config.rows[W_SHORT_1] = short_words;
     }
     /* GCC's intrinsic does not tell the compiler it reads the configuration, whose stores it then dropped */
     __asm__ volatile("" : : "r"(&config) : "memory");
@@ -115,21 +114,21 @@ LCQ_AMX void lcq_amx_release(void) { _tile_release(); }
         _tile_stored(SUMS, sums, 4 * LCQ_SCALE_WORDS);                                                          \
     } while (0)
 
-/* Block `block` of a tile's products into sums, through the tiles of its parity (tile numbers are
- * immediates) with a whole block's operands, or the short ones. */
+/* Block `block` of a tile's int8 products into sums, through the sums tile of its parity (tile numbers
+ * are immediates) and the operand tiles of a whole or a short block. */
 LCQ_AMX static inline __attribute__((always_inline)) void block_sums(const uint32_t *x, int64_t stride,
                                                                     const uint32_t *w, int depth, int block,
                                                                     int32_t sums[][LCQ_SCALE_WORDS]) {
     const uint32_t *xb = x + block * LCQ_SCALE_WORDS, *wb = w + (int64_t)block * LCQ_SCALE_WORDS * LCQ_WORD_PANEL;
     const int whole = depth - block * LCQ_SCALE_WORDS >= LCQ_SCALE_WORDS;
     if (block % 2 == 0 && whole)
-        BLOCK_SUMS(SUMS_EVEN, X_EVEN, W_EVEN, xb, stride, wb, sums);
+        BLOCK_SUMS(SUMS_0, X_WHOLE, W_WHOLE_0, xb, stride, wb, sums);
     else if (whole)
-        BLOCK_SUMS(SUMS_ODD, X_ODD, W_ODD, xb, stride, wb, sums);
+        BLOCK_SUMS(SUMS_1, X_WHOLE, W_WHOLE_0, xb, stride, wb, sums);
     else if (block % 2 == 0)
-        BLOCK_SUMS(SUMS_EVEN, X_SHORT, W_SHORT, xb, stride, wb, sums);
+        BLOCK_SUMS(SUMS_0, X_SHORT, W_SHORT_0, xb, stride, wb, sums);
     else
-        BLOCK_SUMS(SUMS_ODD, X_SHORT, W_SHORT, xb, stride, wb, sums);
+        BLOCK_SUMS(SUMS_1, X_SHORT, W_SHORT_0, xb, stride, wb, sums);
 }
 
 /* Blocks whose tile products run before any of their sums are scaled: scaled right after its own block's
@@ -139,8 +138,9 @@ LCQ_AMX static inline __attribute__((always_inline)) void block_sums(const uint3
  * and store, 12 ns of scaling, 34 ns both). */
 #define RUN_BLOCKS 8
 
-LCQ_AMX void lcq_amx_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y,
-                          int64_t ldy, lcq_line_stream *stream) {
+/* The int8 form of lcq_amx_tile: all 16 rows. */
+LCQ_AMX static void byte_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y,
+                              int64_t ldy, lcq_line_stream *stream) {
     const int blocks = lcq_scale_blocks(depth);
     const int64_t stride = 4 * (int64_t)words;
     int32_t sums[RUN_BLOCKS][LCQ_AMX_ROWS][LCQ_SCALE_WORDS] __attribute__((aligned(64)));
@@ -171,13 +171,61 @@ LCQ_AMX void lcq_amx_tile(const uint32_t *x, int words, int depth, const uint32_
     }
 }
 
+/* One block's bf16 products into the sums tiles: the activation tile X once, each vector's weights W0 and
+ * (with two vectors) W1. */
+#define PAIR_BLOCK(X, W0, W1, x, stride, w, two)                                                                \
+    do {                                                                                                        \
+        _tile_loadd(X, x, stride);                                                                              \
+        _tile_loadd(W0, w, 4 * LCQ_WORD_PANEL);                                                                 \
+        _tile_dpbf16ps(SUMS_0, X, W0);                                                                          \
+        if (two) {                                                                                              \
+            _tile_loadd(W1, (w) + 16, 4 * LCQ_WORD_PANEL);                                                      \
+            _tile_dpbf16ps(SUMS_1, X, W1);                                                                      \
+        }                                                                                                       \
+    } while (0)
+
+/* The bf16 form of lcq_amx_tile: fp32 sums stay in the tiles over all of K (no scale per block), and
+ * are stored once; rows past `rows` are computed (the caller's zero rows) but not stored. */
+LCQ_AMX static void pair_tile(int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
+                              float *y, int64_t ldy, lcq_line_stream *stream) {
+    const int64_t stride = 4 * (int64_t)words;
+    const int two = columns > 16, whole = depth / LCQ_SCALE_WORDS;
+    _tile_zero(SUMS_0);
+    _tile_zero(SUMS_1);
+    for (int block = 0; block < whole; block++) {
+        PAIR_BLOCK(X_WHOLE, W_WHOLE_0, W_WHOLE_1, x + block * LCQ_SCALE_WORDS, stride,
+                   panel + (int64_t)block * LCQ_SCALE_WORDS * LCQ_WORD_PANEL, two);
+        for (int v = 0; v <= two; v++) lcq_stream_step(stream);
+    }
+    if (whole * LCQ_SCALE_WORDS < depth)
+        PAIR_BLOCK(X_SHORT, W_SHORT_0, W_SHORT_1, x + whole * LCQ_SCALE_WORDS, stride,
+                   panel + (int64_t)whole * LCQ_SCALE_WORDS * LCQ_WORD_PANEL, two);
+    float sums[2][LCQ_AMX_ROWS][16] __attribute__((aligned(64)));
+    _tile_stored(SUMS_0, sums[0], 64);
+    if (two) _tile_stored(SUMS_1, sums[1], 64);
+    for (int v = 0; v <= two; v++) {
+        const int left = columns - 16 * v;
+        const __mmask16 stored = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+        for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(y + r * ldy + 16 * v, stored, _mm512_load_ps(sums[v][r]));
+    }
+}
+
+LCQ_AMX void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel,
+                          int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
+    if (form == LCQ_INT8_PRODUCTS)
+        byte_tile(x, words, depth, panel, columns, y, ldy, stream);
+    else
+        pair_tile(rows, x, words, depth, panel, columns, y, ldy, stream);
+}
+
 #else
 
 void lcq_amx_configure(int depth) { (void)depth; }
 void lcq_amx_release(void) {}
-void lcq_amx_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y, int64_t ldy,
-                  lcq_line_stream *stream) {
-    (void)x, (void)words, (void)depth, (void)panel, (void)columns, (void)y, (void)ldy, (void)stream;
+void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
+                  float *y, int64_t ldy, lcq_line_stream *stream) {
+    (void)form, (void)rows, (void)x, (void)words, (void)depth, (void)panel, (void)columns, (void)y, (void)ldy,
+        (void)stream;
 }
 
 #endif

@@ -29,6 +29,7 @@
 #include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_constant.h"
 #include "cpu_exp.h"
@@ -316,28 +317,39 @@ LCQ_BF16 static inline __attribute__((always_inline)) void task_rows(const int F
 #undef TASK_TILE_AT
 }
 
-/* lcq_amx_tile's tiles of LCQ_AMX_ROWS activation rows for M (a multiple of them) rows and a task's
- * panels: with an up panel, y takes silu(gate) * up. */
-static void amx_rows(const uint32_t *x, int M, int K, int words, const uint32_t *gate, const uint32_t *up,
+/* lcq_amx_tile's tiles of LCQ_AMX_ROWS activation rows for M rows (int8: a multiple of them; bf16: the
+ * rows past M to a multiple of them are readable) and a task's panels: with an up panel, y takes
+ * silu(gate) * up. */
+static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate, const uint32_t *up,
                      int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
     for (int m = 0; m < M; m += LCQ_AMX_ROWS) {
+        const int count = M - m < LCQ_AMX_ROWS ? M - m : LCQ_AMX_ROWS;
         const uint32_t *rows = x + (int64_t)m * words;
         float *out = y + (int64_t)m * ldy;
         if (up == NULL) {
-            lcq_amx_tile(rows, words, K, gate, columns, out, ldy, stream);
+            lcq_amx_tile(form, count, rows, words, K, gate, columns, out, ldy, stream);
             continue;
         }
         float products[LCQ_AMX_ROWS][2 * WORD_PANEL]; /* gate, then up */
-        lcq_amx_tile(rows, words, K, gate, columns, products[0], 2 * WORD_PANEL, stream);
-        lcq_amx_tile(rows, words, K, up, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
-        for (int r = 0; r < LCQ_AMX_ROWS; r++) lcq_silu_mul_row(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
+        lcq_amx_tile(form, count, rows, words, K, gate, columns, products[0], 2 * WORD_PANEL, stream);
+        lcq_amx_tile(form, count, rows, words, K, up, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
+        for (int r = 0; r < count; r++) lcq_silu_mul_row(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
     }
 }
 
-/* The rows of a task's product that take AMX tiles (the thread configured them): whole tiles of
- * LCQ_AMX_ROWS in int8 products where AMX is on, none elsewhere. */
+/* From this many rows bf16 products take AMX tiles: SmolLM2's 49152 x 576 head (kept panels, 2 threads)
+ * 0.85x the register tiles at 3 rows, 1.01x at 4, 1.14x at 5, 1.45x at 6, 1.77x at 8, 3.3x at 16, 7.4x
+ * at 64, 3.6x at 256. */
+#define AMX_PAIR_MIN_ROWS 5
+
+/* The rows of a task's product that take AMX tiles (the thread configured them), where AMX is on: in
+ * int8 products whole tiles of LCQ_AMX_ROWS (each block's scaling costs what a row does in the register
+ * tiles), in bf16 from AMX_PAIR_MIN_ROWS every row (the activation rows padded with zero rows to whole
+ * tiles); none elsewhere. */
 static int amx_task_rows(int form, int M) {
-    return form == LCQ_INT8_PRODUCTS && lcq_amx_on() ? M - M % LCQ_AMX_ROWS : 0;
+    if (!lcq_amx_on()) return 0;
+    if (form == LCQ_INT8_PRODUCTS) return M - M % LCQ_AMX_ROWS;
+    return M >= AMX_PAIR_MIN_ROWS ? M : 0;
 }
 
 /* The product of a task's panels in the product form FORM: its first `tiled` rows in AMX tiles
@@ -345,7 +357,7 @@ static int amx_task_rows(int form, int M) {
 LCQ_BF16 static void task_product(int form, int tiled, const uint32_t *x, int M, int K, int words,
                                   const uint32_t *gate, const uint32_t *up, int columns, float *y, int64_t ldy,
                                   lcq_line_stream *stream) {
-    if (tiled) amx_rows(x, tiled, K, words, gate, up, columns, y, ldy, stream);
+    if (tiled) amx_rows(form, x, tiled, K, words, gate, up, columns, y, ldy, stream);
     x += (int64_t)tiled * words, y += tiled * ldy, M -= tiled;
     if (M == 0) return;
     const int wide = columns > 16;
@@ -536,12 +548,15 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
     const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiled = amx_task_rows(form, M);
     /* the stream's steps per task: per block of each AMX tile's vectors, per LCQ_STREAM_EVERY words of the
      * register tiles' */
-    const int64_t steps = halves * ((int64_t)tiled / LCQ_AMX_ROWS * (WORD_PANEL / 16) * lcq_scale_blocks(depth) +
+    const int tiles = (tiled + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS;
+    const int64_t steps = halves * ((int64_t)tiles * (WORD_PANEL / 16) * lcq_scale_blocks(depth) +
                                     (int64_t)(M - tiled + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS * (depth / LCQ_STREAM_EVERY));
     const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
-    uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)M * words);
+    const int padded = tiles * LCQ_AMX_ROWS > M ? tiles * LCQ_AMX_ROWS : M; /* rows the AMX tiles read */
+    uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)padded * words);
     int failed = rows == NULL;
     if (!failed) {
+        memset(rows + (int64_t)M * words, 0, sizeof(uint32_t) * (size_t)(padded - M) * words);
 #pragma omp parallel reduction(| : failed)
         {
 #pragma omp for schedule(static)

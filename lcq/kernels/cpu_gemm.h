@@ -218,19 +218,21 @@ LCQ_BF16 static inline __attribute__((always_inline)) __m512i add_byte_products(
     return sums;
 }
 
-/* The int8 panel product's tiles of LCQ_AMX_ROWS activation rows on AMX (cpu_amx.c), where the CPU and
- * the OS allow it and lcq_use_amx asked for it (process-wide; returns whether it is on, as lcq_amx_on). A thread that
- * runs lcq_amx_tile first loads the tile configuration for rows `depth` words deep (lcq_amx_configure)
- * and releases it after (lcq_amx_release). lcq_amx_tile: y[r][0 .. columns) (row stride ldy) for
- * LCQ_AMX_ROWS activation rows x in the int8 form (`words` words apart, `depth` words of bytes each) and
- * a weight panel (lcq_word_panels), the values of the vpdpbusd tiles bit for bit; the stream steps once
- * per block of LCQ_SCALE_WORDS words. */
+/* The panel products' tiles of LCQ_AMX_ROWS activation rows on AMX (cpu_amx.c), where the CPU and the
+ * OS allow it and lcq_use_amx asked for it (process-wide; returns whether it is on, as lcq_amx_on). A
+ * thread that runs lcq_amx_tile first loads the tile configuration for rows `depth` words deep
+ * (lcq_amx_configure) and releases it after (lcq_amx_release). lcq_amx_tile: y[r][0 .. columns) (row
+ * stride ldy) for r < rows of LCQ_AMX_ROWS activation rows x in the product form `form` (`words` words
+ * apart, `depth` words of values each) and a weight panel of the same form (lcq_word_panels). int8
+ * (LCQ_INT8_PRODUCTS): all 16 rows, the values of the vpdpbusd tiles bit for bit. bf16: the tile
+ * reads 16 rows and stores `rows`. The stream steps once per block of LCQ_SCALE_WORDS words and vector
+ * of 16 weight rows. */
 #define LCQ_AMX_ROWS 16
 int lcq_use_amx(int wanted);
 int lcq_amx_on(void);
 void lcq_amx_configure(int depth);
 void lcq_amx_release(void);
-void lcq_amx_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y, int64_t ldy,
-                  lcq_line_stream *stream);
+void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
+                  float *y, int64_t ldy, lcq_line_stream *stream);
 
 #endif

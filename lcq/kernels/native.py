@@ -74,10 +74,11 @@ def has_avx512(feature: str) -> bool:
 
 
 def amx_allowed() -> bool:
-    """Whether int8 products may take AMX tiles (cpu_amx.c): the CPU has AMX-INT8 and AVX-512 VNNI, and
-    LCQ_CPU_AMX and LCQ_CPU_AVX512 are not 0. The library also asks Linux for tile state, and keeps AMX off
-    where it is refused."""
-    return os.environ.get("LCQ_CPU_AMX", "1") != "0" and "amx_int8" in cpu_flags() and has_avx512("avx512_vnni")
+    """Whether int8 and bf16 products may take AMX tiles (cpu_amx.c): the CPU has AMX-INT8, AMX-BF16 and
+    AVX-512 VNNI, and LCQ_CPU_AMX and LCQ_CPU_AVX512 are not 0. The library also asks Linux for tile
+    state, and keeps AMX off where it is refused."""
+    return (os.environ.get("LCQ_CPU_AMX", "1") != "0" and {"amx_int8", "amx_bf16"} <= cpu_flags()
+            and has_avx512("avx512_vnni"))
 
 
 def _compiler() -> str | None:
