@@ -1,7 +1,8 @@
 """CPU paged attention: the C kernels (lcq/kernels/cpu_attention.c) against the torch path of
 lcq/models/attention.py (SDPA on K/V rows gathered from the cache), for prefill and decode steps with
 SmolLM2-135M's heads (9 query and 3 kv heads of 64), fp32 and fp16 caches; on CPUs with AVX512_BF16
-also the C kernels with bf16 products (bf16 operands in prefill tiles; decode stays fp32).
+also the C kernels with bf16 products (bf16 operands in prefill tiles; decode stays fp32), and on CPUs
+with AMX those on AMX tiles (the default there) against the register tiles.
 
 The two are timed alternately in one process (this VM's speed drifts within minutes); each row is
 the median of the rounds.
@@ -21,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.kernels import cpu_ops  # noqa: E402
-from lcq.kernels.cpu_matmul import cpu_products, products_available  # noqa: E402
+from lcq.kernels import cpu_ops, native  # noqa: E402
+from lcq.kernels.cpu_matmul import amx_tiles, cpu_products, products_available  # noqa: E402
 from lcq.models.attention import PagedAttention  # noqa: E402
 from lcq.models.context import ForwardContext  # noqa: E402
 
@@ -65,10 +66,12 @@ def paged_step(new: list[int], cached: list[int], cache_dtype: torch.dtype):
 
 def attend(variant: str, q, caches, context, cache_dtype) -> torch.Tensor:
     """One step's attention as the model runs it, the layout worked out per step included: variant
-    "c", "c_bf16" (the C kernels with bf16 products) or "torch"."""
+    "c", "c_bf16" (the C kernels with bf16 products, on AMX tiles where the CPU has them),
+    "c_bf16_registers" (bf16 products on register tiles) or "torch"."""
     cpu_ops.ENABLED = variant != "torch"
     try:
-        with cpu_products(torch.bfloat16 if variant == "c_bf16" else torch.float32):
+        with cpu_products(torch.bfloat16 if variant.startswith("c_bf16") else torch.float32), \
+                amx_tiles(variant != "c_bf16_registers"):
             paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32, cache_dtype)
             return paged.attend(q, *caches, HEAD_DIM ** -0.5)
     finally:
@@ -86,9 +89,11 @@ def main() -> None:
     if not cpu_ops.usable():
         raise SystemExit("the C kernels do not run here (see lcq/kernels/native.py)")
     rows = []
-    variants = ["c", "torch"] + (["c_bf16"] if products_available(torch.bfloat16) else [])
+    variants = ["c", "torch"] + (["c_bf16"] if products_available(torch.bfloat16) else []) + \
+        (["c_bf16_registers"] if native.amx_allowed() else [])
     print(f"{'case':<34} {'cache':<8} {'C ms':>8} {'torch ms':>9} {'speedup':>8} {'C GFLOP/s':>10}"
-          + (f" {'C bf16 ms':>10} {'vs C':>6}" if "c_bf16" in variants else ""))
+          + (f" {'C bf16 ms':>10} {'vs C':>6}" if "c_bf16" in variants else "")
+          + (f" {'registers':>10} {'AMX x':>6}" if "c_bf16_registers" in variants else ""))
     for name, (new, cached) in CASES.items():
         for cache_dtype in (torch.float32, torch.float16):
             q, caches, context = paged_step(new, cached, cache_dtype)
@@ -113,6 +118,10 @@ def main() -> None:
                 row.update(c_bf16_ms=round(bf16_ms, 3), bf16_speedup=round(c_ms / bf16_ms, 2),
                            bf16_max_abs_difference=float(f"{(outputs['c_bf16'] - outputs['c']).abs().max().item():.2g}"))
                 line += f" {bf16_ms:10.3f} {row['bf16_speedup']:5.2f}x"
+            if "c_bf16_registers" in variants:  # AMX tiles against the register tiles, both bf16
+                registers_ms = statistics.median(times["c_bf16_registers"])
+                row.update(c_bf16_registers_ms=round(registers_ms, 3), amx_speedup=round(registers_ms / bf16_ms, 2))
+                line += f" {registers_ms:10.3f} {row['amx_speedup']:5.2f}x"
             rows.append(row)
             print(line, flush=True)
     write_record(args.output, cpu_record(f"python bench/cpu_attention.py --threads {args.threads}", args.threads,

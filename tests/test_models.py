@@ -13,7 +13,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops, native
-from lcq.kernels.cpu_matmul import cpu_products, products_available
+from lcq.kernels.cpu_matmul import amx_tiles, cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
@@ -1391,16 +1391,25 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
 @pytest.mark.parametrize("cache_dtype, head_dim", [(torch.float32, 24), (torch.float16, 64), (torch.float32, 136)])
 @pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]), ([40], [3]), ([50, 2, 1], [70, 100, 0]),
                                          ([1, 1, 1], [0, 6, 36])])
-def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head_dim):
+@pytest.mark.parametrize("amx", [False, True] if native.amx_allowed() else [False])
+def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head_dim, amx):
     """With bf16 products, prefill tiles take bf16 queries, keys, values and softmax weights, scores,
     softmax and sums staying fp32: within bf16's rounding of the fp32 result (2e-2) and, where a
-    sequence has several new tokens, not equal to it; one-token sequences keep the fp32 decode form."""
+    sequence has several new tokens, not equal to it; one-token sequences keep the fp32 decode form.
+    On AMX tiles too (tiles of 16 query rows, 16 pairs deep: 3 and 9 rows of a tile (1 and 3 positions)
+    up to 48, heads of 12 pairs (short blocks alone), 32 (whole) and 68 (both); V in 2, 4 and 9 vectors),
+    whose sums part from the register tiles' and, through the softmax weights' rounding, by up to ~1e-3."""
     k_cache, v_cache, context = _random_paged_context(new, cached, 3, head_dim, cache_dtype)
     q = torch.randn(sum(new), 9, head_dim)
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, head_dim ** -0.5)
     exact = cpu_ops.prefill_attention(*args)
-    with cpu_products(torch.bfloat16):
+    with cpu_products(torch.bfloat16), amx_tiles(amx) as on:
+        assert on == amx
         rounded = cpu_ops.prefill_attention(*args)
+        if amx:
+            with amx_tiles(False):
+                registers = cpu_ops.prefill_attention(*args)
+            torch.testing.assert_close(rounded, registers, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(rounded, exact, atol=2e-2, rtol=2e-2)
     assert torch.equal(rounded, exact) == all(n == 1 for n in new)
 

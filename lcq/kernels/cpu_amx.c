@@ -172,34 +172,44 @@ LCQ_AMX static void byte_tile(const uint32_t *x, int words, int depth, const uin
 }
 
 /* One block's bf16 products into the sums tiles: the activation tile X once, each vector's weights W0 and
- * (with two vectors) W1. */
-#define PAIR_BLOCK(X, W0, W1, x, stride, w, two)                                                                \
+ * (with two vectors) W1, rows of weight words `w_stride` bytes apart. */
+#define PAIR_BLOCK(X, W0, W1, x, stride, w, w_stride, two)                                                      \
     do {                                                                                                        \
         _tile_loadd(X, x, stride);                                                                              \
-        _tile_loadd(W0, w, 4 * LCQ_WORD_PANEL);                                                                 \
+        _tile_loadd(W0, w, w_stride);                                                                           \
         _tile_dpbf16ps(SUMS_0, X, W0);                                                                          \
         if (two) {                                                                                              \
-            _tile_loadd(W1, (w) + 16, 4 * LCQ_WORD_PANEL);                                                      \
+            _tile_loadd(W1, (w) + 16, w_stride);                                                                \
             _tile_dpbf16ps(SUMS_1, X, W1);                                                                      \
         }                                                                                                       \
     } while (0)
+
+/* SUMS_0 (and with `two` SUMS_1) += the bf16 products of 16 rows x (`stride` bytes apart, `depth` words
+ * of pairs each) and one (two) vectors of 16 columns of w (rows of pairs along K, `w_words` words apart):
+ * tiles of whole blocks of LCQ_SCALE_WORDS words, then the short one. */
+LCQ_AMX static inline __attribute__((always_inline)) void pair_blocks(const uint32_t *x, int64_t stride,
+                                                                     const uint32_t *w, int64_t w_words, int depth,
+                                                                     int two, lcq_line_stream *stream) {
+    const int whole = depth / LCQ_SCALE_WORDS;
+    const int64_t w_stride = 4 * w_words;
+    for (int block = 0; block < whole; block++) {
+        PAIR_BLOCK(X_WHOLE, W_WHOLE_0, W_WHOLE_1, x + block * LCQ_SCALE_WORDS, stride,
+                   w + (int64_t)block * LCQ_SCALE_WORDS * w_words, w_stride, two);
+        for (int v = 0; v <= two; v++) lcq_stream_step(stream);
+    }
+    if (whole * LCQ_SCALE_WORDS < depth)
+        PAIR_BLOCK(X_SHORT, W_SHORT_0, W_SHORT_1, x + whole * LCQ_SCALE_WORDS, stride,
+                   w + (int64_t)whole * LCQ_SCALE_WORDS * w_words, w_stride, two);
+}
 
 /* The bf16 form of lcq_amx_tile: fp32 sums stay in the tiles over all of K (no scale per block), and
  * are stored once; rows past `rows` are computed (the caller's zero rows) but not stored. */
 LCQ_AMX static void pair_tile(int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
                               float *y, int64_t ldy, lcq_line_stream *stream) {
-    const int64_t stride = 4 * (int64_t)words;
-    const int two = columns > 16, whole = depth / LCQ_SCALE_WORDS;
+    const int two = columns > 16;
     _tile_zero(SUMS_0);
     _tile_zero(SUMS_1);
-    for (int block = 0; block < whole; block++) {
-        PAIR_BLOCK(X_WHOLE, W_WHOLE_0, W_WHOLE_1, x + block * LCQ_SCALE_WORDS, stride,
-                   panel + (int64_t)block * LCQ_SCALE_WORDS * LCQ_WORD_PANEL, two);
-        for (int v = 0; v <= two; v++) lcq_stream_step(stream);
-    }
-    if (whole * LCQ_SCALE_WORDS < depth)
-        PAIR_BLOCK(X_SHORT, W_SHORT_0, W_SHORT_1, x + whole * LCQ_SCALE_WORDS, stride,
-                   panel + (int64_t)whole * LCQ_SCALE_WORDS * LCQ_WORD_PANEL, two);
+    pair_blocks(x, 4 * (int64_t)words, panel, LCQ_WORD_PANEL, depth, two, stream);
     float sums[2][LCQ_AMX_ROWS][16] __attribute__((aligned(64)));
     _tile_stored(SUMS_0, sums[0], 64);
     if (two) _tile_stored(SUMS_1, sums[1], 64);
@@ -208,6 +218,25 @@ LCQ_AMX static void pair_tile(int rows, const uint32_t *x, int words, int depth,
         const __mmask16 stored = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
         for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(y + r * ldy + 16 * v, stored, _mm512_load_ps(sums[v][r]));
     }
+}
+
+LCQ_AMX void lcq_amx_pair_product(const uint32_t *a, int64_t lda, const uint32_t *b, int64_t ldb, int K, int rows,
+                                  int vectors, float *c, int64_t ldc, int accumulate) {
+    for (int r0 = 0; r0 < rows; r0 += LCQ_AMX_ROWS)
+        for (int v = 0; v < vectors; v += 2) {
+            const int two = vectors - v >= 2;
+            float *out = c + (int64_t)r0 * ldc + 16 * v;
+            if (accumulate) {
+                _tile_loadd(SUMS_0, out, 4 * ldc);
+                if (two) _tile_loadd(SUMS_1, out + 16, 4 * ldc);
+            } else {
+                _tile_zero(SUMS_0);
+                _tile_zero(SUMS_1);
+            }
+            pair_blocks(a + (int64_t)r0 * lda, 4 * lda, b + 16 * v, ldb, K, two, NULL);
+            _tile_stored(SUMS_0, out, 4 * ldc);
+            if (two) _tile_stored(SUMS_1, out + 16, 4 * ldc);
+        }
 }
 
 LCQ_AMX void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel,
@@ -226,6 +255,10 @@ void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, c
                   float *y, int64_t ldy, lcq_line_stream *stream) {
     (void)form, (void)rows, (void)x, (void)words, (void)depth, (void)panel, (void)columns, (void)y, (void)ldy,
         (void)stream;
+}
+void lcq_amx_pair_product(const uint32_t *a, int64_t lda, const uint32_t *b, int64_t ldb, int K, int rows,
+                          int vectors, float *c, int64_t ldc, int accumulate) {
+    (void)a, (void)lda, (void)b, (void)ldb, (void)K, (void)rows, (void)vectors, (void)c, (void)ldc, (void)accumulate;
 }
 
 #endif
