@@ -856,17 +856,19 @@ def test_bf16_products_round_operands_only(n, m, k):
 
 
 @needs_bf16
-@pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (128, 77)])
-def test_half_pair_panels_give_the_bf16_products(n, k):
+@pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (128, 77), (64, 600)])
+@pytest.mark.parametrize("amx", [False, True] if native.amx_allowed() else [False])
+def test_half_pair_panels_give_the_bf16_products(n, k, amx):
     """An fp16 weight's kept bf16 panels (cpu_half.pair_panels: N rounded up to 32 rows, K to pairs)
     give, from 10 rows, the blocked bf16 product's values bit for bit (the same sums in the same
-    order, the weights the vectors and the activations broadcast), and from 3 rows the bf16-rounded
-    product (below 10 the decode form, which sums in another order, is not read); SwiGLU over halves of
-    48 (product, then SwiGLU) and 64 rows (per tile); 1-2 rows keep the exact fp32 decode form."""
+    order, the weights the vectors and the activations broadcast; on AMX tiles, the weights the B tiles
+    in one and the A tile in the other, whose sums at K = 600 part from the register tiles'), and from 3 rows the bf16-rounded product (below 10 the decode
+    form, which sums in another order, is not read); SwiGLU over halves of 48 (product, then SwiGLU) and
+    64 rows (per tile); 1-2 rows keep the exact fp32 decode form."""
     weight, x = torch.randn(n, k).half(), torch.randn(40, k)
     panels = cpu_half.pair_panels(weight)
     assert 4 * panels.numel() == cpu_half.pair_panel_bytes(n, k) == 4 * -(-n // 32) * 32 * ((k + 1) // 2)
-    with cpu_products(torch.bfloat16), amx_tiles(False):  # the register tiles (AMX tiles sum otherwise)
+    with cpu_products(torch.bfloat16), amx_tiles(amx):
         for m in (10, 16, 33, 40):
             assert torch.equal(cpu_half.half_linear(x[:m], weight, panels=panels), cpu_half.half_linear(x[:m], weight))
             if n % 2 == 0:

@@ -492,6 +492,22 @@ MICRO_TILE(LCQ_BF16, pair_, uint32_t, __m512, 16, lcq_pair_sums, _mm512_storeu_p
 BLOCK_PRODUCT(, fp32_, float, PANEL, FP32_TILE_AT, WORDS)
 BLOCK_PRODUCT(LCQ_BF16, pair_, uint32_t, PAIR_PANEL, PAIR_TILE_AT, WORDS)
 
+/* pair_block_product on AMX tiles (the thread configured them for K words): per panel of activation rows
+ * and 16 weight rows, the weight rows are the A tile and the panel ([K][width] pairs) the B tiles, and the
+ * 16 x width sums are stored transposed into y. The weight rows are read to a multiple of 16. */
+static void amx_block_product(const uint32_t *panels, int M, int K, const uint32_t *w, int count, float *y, int N) {
+    for (int m0 = 0; m0 < M; m0 += PAIR_PANEL) {
+        const int width = panel_width(M, m0, PAIR_PANEL), rows = M - m0 < width ? M - m0 : width;
+        for (int n0 = 0; n0 < count; n0 += LCQ_AMX_ROWS) {
+            float out[LCQ_AMX_ROWS][PAIR_PANEL];
+            lcq_amx_pair_product(w + (int64_t)n0 * K, K, panels + (int64_t)m0 * K, width, K, LCQ_AMX_ROWS, width / 16,
+                                 out[0], PAIR_PANEL, 0);
+            store_tile(count - n0 < LCQ_AMX_ROWS ? count - n0 : LCQ_AMX_ROWS, out[0], PAIR_PANEL, rows,
+                       y + (int64_t)m0 * N + n0, N);
+        }
+    }
+}
+
 /* Rows of src (K fp32 values each) as rows of `words` bf16 pairs at dst (activations and expanded weights). */
 static void convert_rows(const float *src, int K, int count, uint32_t *dst, int words) {
     for (int r = 0; r < count; r++) lcq_round_pairs(src + (int64_t)r * K, K, dst + (int64_t)r * words);
@@ -613,6 +629,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
     if (lcq_bf16_products() && expansions->pair_panels != NULL)
         return panel_product(LCQ_BF16_PRODUCTS, x, M, K, N, expansions, weight, swiglu, y);
     const int converted = lcq_bf16_products(); /* bf16 pairs */
+    const int amx = converted && lcq_amx_on(); /* the blocks' products on AMX tiles */
     const int width = converted ? PAIR_PANEL : PANEL;
     const int words = converted ? (K + 1) / 2 : K; /* 32-bit words per row */
     /* With swiglu, a block is rows first .. of both halves of W, and y takes silu(gate) * up. */
@@ -634,10 +651,12 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                            panel_width(M, p * width, width), packed + (int64_t)p * width * words);
             const int pairs = converted && expansions->pairs != NULL; /* weights expand to bf16 pairs */
             float *block = pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
-            uint32_t *rows = converted ? malloc(sizeof(uint32_t) * BLOCK_ROWS * (size_t)words) : NULL;
+            /* with AMX, whole tiles of 16 rows from each half's first are read: zeros past the block's */
+            uint32_t *rows = converted ? calloc((size_t)(BLOCK_ROWS + LCQ_AMX_ROWS) * words, sizeof(uint32_t)) : NULL;
             float *products = swiglu ? malloc(sizeof(float) * BLOCK_ROWS * (size_t)M) : NULL; /* gate, up */
             const int ready = (pairs || block != NULL) && (!converted || rows != NULL) && (!swiglu || products != NULL);
             if (!ready) failed = 1;
+            if (amx) lcq_amx_configure(words);
 #pragma omp for schedule(static)
             for (int b = 0; b < blocks; b++) {
                 if (!ready) continue;
@@ -658,14 +677,16 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                 float *out = swiglu ? products : y + first;
                 const int out_stride = swiglu ? halves * count : N;
                 lcq_line_stream next = {0}; /* the next block, this thread's under the static schedule */
-                if (b + 1 < blocks && expansions->stream != NULL)
+                if (b + 1 < blocks && expansions->stream != NULL && !amx) /* AMX tiles step no stream */
                     stream_block(expansions, weight, NULL, words, K, first + block_outputs, block_outputs, outputs,
                                  halves,
                                  (int64_t)panels * halves * ((count + TILE_WEIGHTS - 1) / TILE_WEIGHTS) *
                                      (words / LCQ_STREAM_EVERY),
                                  &next);
                 for (int h = 0; h < halves; h++) { /* the halves' outputs side by side in out */
-                    if (converted)
+                    if (amx)
+                        amx_block_product(packed, M, words, source[h], count, out + h * count, out_stride);
+                    else if (converted)
                         pair_block_product(packed, M, words, source[h], count, out + h * count, out_stride, &next);
                     else
                         fp32_block_product((const float *)packed, M, K, source[h], count, out + h * count, out_stride,
@@ -675,6 +696,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
                     lcq_silu_mul_row(products + (int64_t)m * out_stride, products + (int64_t)m * out_stride + count,
                                      y + (int64_t)m * outputs + first, count);
             }
+            if (amx) lcq_amx_release();
             free(block);
             free(rows);
             free(products);
