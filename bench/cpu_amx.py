@@ -2,7 +2,8 @@
 int8 products of LCQ layers at SmolLM2-135M's or Llama 3.2 1B's linear shapes, W4 r2 g64 with their int8 rows
 kept (the engine's default where it fits), at 16 to 1024 rows (prefill, decode steps of many sequences), which
 must give the same values bit for bit; and bf16 products of the fp16 head with its panels kept, at 3 to 256
-rows, which sum in another order (within 1e-5). The two forms alternate in one process, weights cycled so that
+rows, which sum in another order (within 1e-5); and bf16 products of the same shapes' fp16 weights
+expanded per call (a full-precision model's layers) at 10 to 256 rows. The two forms alternate in one process, weights cycled so that
 they come from memory.
 
     python bench/cpu_amx.py [--threads 2] [--shapes smollm2 | llama32-1b]
@@ -24,6 +25,7 @@ from tests.test_kernels import random_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-amx.json"
 ROWS = (16, 32, 64, 256, 1024)
+HALF_ROWS = (10, 64, 256)  # bf16 blocked products of fp16 weights expanded per call (full-precision layers)
 HEADS = {"smollm2": (49152, 576), "llama32-1b": (128256, 2048)}  # vocabulary x hidden
 HEAD_ROWS = (3, 4, 5, 8, 16, 64, 256)  # bf16 products of kept panels: the register tiles below 5 rows
 POOL_BYTES = 128 << 20  # of kept int8 rows per shape
@@ -72,6 +74,10 @@ def main() -> None:
             weight.keep_byte_rows()
         products = [weight.linear for weight in weights]
         rows += [compare(name, products, torch.randn(m, k), torch.int8, exact=True) for m in ROWS]
+        halves = [torch.randn(n, k).half() for _ in range(max(2, POOL_BYTES // (2 * n * k)))]
+        products = [functools.partial(cpu_half.half_linear, weight=weight) for weight in halves]
+        rows += [compare(f"{name} fp16", products, torch.randn(m, k), torch.bfloat16, exact=False)
+                 for m in HALF_ROWS]
     n, k = HEADS[args.shapes]
     weights = [torch.randn(n, k).half() for _ in range(max(2, POOL_BYTES // (2 * n * k)))]
     products = [functools.partial(cpu_half.half_linear, weight=weight, panels=cpu_half.pair_panels(weight))
@@ -79,8 +85,8 @@ def main() -> None:
     rows += [compare(f"head {n}x{k}", products, torch.randn(m, k), torch.bfloat16, exact=False)
              for m in HEAD_ROWS]
     write_record(args.output, cpu_record(" ".join(["python", *sys.argv]), args.threads, shapes=args.shapes,
-                                         format="LCQ layers W4 r2 g64, int8 rows kept; the head fp16, bf16 "
-                                                "panels kept", rows=rows))
+                                         format="LCQ layers W4 r2 g64, int8 rows kept; fp16 layers "
+                                                "expanded per call; the head fp16, bf16 panels kept", rows=rows))
     print("| shape | operands | rows | register tiles ms | AMX tiles ms | GFLOP/s | speedup |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
