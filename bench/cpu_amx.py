@@ -3,8 +3,8 @@ int8 products of LCQ layers at SmolLM2-135M's or Llama 3.2 1B's linear shapes, W
 kept (the engine's default where it fits), at 16 to 1024 rows (prefill, decode steps of many sequences), which
 must give the same values bit for bit; and bf16 products of the fp16 head with its panels kept, at 3 to 256
 rows, which sum in another order (within 1e-5); and bf16 products of the same shapes' fp16 weights
-expanded per call (a full-precision model's layers) at 10 to 256 rows. The two forms alternate in one process, weights cycled so that
-they come from memory.
+expanded per call (a full-precision model's layers) at 10 to 256 rows. The two forms alternate in one
+process, weights cycled so that they come from memory.
 
     python bench/cpu_amx.py [--threads 2] [--shapes smollm2 | llama32-1b]
 """

@@ -23,7 +23,7 @@ from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, nat
 from lcq.kernels import arrival_counters as arrival_counters_module
 from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.byte_products import ROUNDING_BOUND, byte_book_weights, byte_products_reference
-from lcq.kernels.cpu_matmul import (amx_tiles, can_pack, cpu_products, dense_linear, half_copy, pack_weight,
+from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, can_pack, cpu_products, dense_linear, half_copy, pack_weight,
                                     products_available)
 from tests.test_format import random_layer
 
@@ -862,8 +862,8 @@ def test_half_pair_panels_give_the_bf16_products(n, k, amx):
     """An fp16 weight's kept bf16 panels (cpu_half.pair_panels: N rounded up to 32 rows, K to pairs)
     give, from 10 rows, the blocked bf16 product's values bit for bit (the same sums in the same
     order, the weights the vectors and the activations broadcast; on AMX tiles, the weights the B tiles
-    in one and the A tile in the other, whose sums at K = 600 part from the register tiles'), and from 3 rows the bf16-rounded product (below 10 the decode
-    form, which sums in another order, is not read); SwiGLU over halves of 48 (product, then SwiGLU) and
+    in one and the A tile in the other, whose sums at K = 600 part from the register tiles'), and from
+    3 rows the bf16-rounded product (below 10 the decode form, which sums in another order, is not read); SwiGLU over halves of 48 (product, then SwiGLU) and
     64 rows (per tile); 1-2 rows keep the exact fp32 decode form."""
     weight, x = torch.randn(n, k).half(), torch.randn(40, k)
     panels = cpu_half.pair_panels(weight)
@@ -1199,7 +1199,8 @@ needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and native.am
 
 @needs_amx
 @pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
-                                                      (150, 600, 2, 2, 128), (64, 576, 4, 2, 64), (32, 1536, 2, 2, 128)])
+                                                      (150, 600, 2, 2, 128), (64, 576, 4, 2, 64),
+                                                      (32, 1536, 2, 2, 128)])
 def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
     """int8 products from 16 rows take AMX tiles for each whole 16 rows, the rest the vpdpbusd register tiles:
     the same integer sums of each 64-value block and the same fp32 scaling, so the same values bit for bit,
@@ -1215,10 +1216,10 @@ def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
         for weight, m in itertools.product((kept, expanding), (16, 17, 31, 32, 33, 70)):
             for swiglu in (False, True) if n % 2 == 0 else (False,):
                 with amx_tiles(False) as on:
-                    assert not on
+                    assert not on and not amx_active()
                     registers = weight.linear(x[:m], swiglu)
                 with amx_tiles(True) as on:
-                    assert on
+                    assert on and amx_active()
                     tiles = weight.linear(x[:m], swiglu)
                 assert torch.equal(tiles, registers), (m, swiglu)
         with amx_tiles(True):

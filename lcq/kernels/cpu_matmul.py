@@ -128,6 +128,13 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
         lib.lcq_set_products(previous)
 
 
+def amx_active() -> bool:
+    """Whether int8 and bf16 products of several rows take AMX tiles here (native.amx_allowed, and Linux
+    granted tile state)."""
+    lib = native.load()
+    return lib is not None and bool(lib.lcq_amx_on())
+
+
 @contextlib.contextmanager
 def amx_tiles(wanted: bool) -> Iterator[bool]:
     """Within the block, int8 products of 16 rows or more take AMX tiles if wanted and the CPU allows it
@@ -136,8 +143,8 @@ def amx_tiles(wanted: bool) -> Iterator[bool]:
     if lib is None:
         yield False
         return
-    previous = lib.lcq_amx_on()
+    previous = amx_active()
     try:
         yield bool(lib.lcq_use_amx(int(wanted)))
     finally:
-        lib.lcq_use_amx(previous)
+        lib.lcq_use_amx(int(previous))

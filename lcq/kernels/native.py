@@ -1,12 +1,12 @@
-"""Build and load the C kernels of the CPU path: cpu_attention.c, cpu_gemm.c, cpu_half.c, cpu_index.c,
-cpu_latent.c, cpu_mixture.c, cpu_ops.c and cpu_recurrent.c, one shared library.
+"""Build and load the C kernels of the CPU path: cpu_amx.c, cpu_attention.c, cpu_gemm.c, cpu_half.c,
+cpu_index.c, cpu_latent.c, cpu_mixture.c, cpu_ops.c and cpu_recurrent.c, one shared library.
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
 Linux, AVX2/FMA/F16C or a compiler it is not used (one log line) and callers take their torch path.
-It runs on any CPU with AVX2 (AVX-512, AVX512_BF16, AVX512_VNNI and AVX512_VBMI code is chosen at run
-time), but its bf16 code needs GCC 10 or clang 9 to compile; with an older compiler the build fails
-(logged) and the torch path runs.
+It runs on any CPU with AVX2 (AVX-512, AVX512_BF16, AVX512_VNNI, AVX512_VBMI and AMX code is chosen at
+run time), but its bf16 code needs GCC 10 or clang 9 to compile; with an older compiler the build fails
+(logged) and the torch path runs. Its AMX code needs GCC 11 or clang 12; older ones leave AMX off.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ logger = logging.getLogger("lcq.kernels")
 
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
 FOLDER = Path(__file__).parent
-SOURCES = tuple(FOLDER / f"cpu_{name}.c" for name in ("amx", "attention", "gemm", "half", "index", "latent", "mixture", "ops",
-                                                            "recurrent"))
+SOURCES = tuple(FOLDER / f"cpu_{name}.c"
+                for name in ("amx", "attention", "gemm", "half", "index", "latent", "mixture", "ops", "recurrent"))
 HEADERS = tuple(FOLDER / f"cpu_{name}.h" for name in ("cache", "constant", "exp", "gemm", "latent"))
 
 

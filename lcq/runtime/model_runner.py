@@ -11,7 +11,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.kernels.cpu_half import byte_rows, pair_panel_bytes, pair_panels
-from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, cpu_products
+from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products
 from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
@@ -33,6 +33,7 @@ PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
                                "books, blocked ones from 10) and the head's decode products, else bf16 from 3"}
+AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
 
 
 @dataclass
@@ -127,7 +128,9 @@ class ModelRunner:
                       "context %d tokens; products: %s", self.num_blocks, self.block_size,
                       self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
                       self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
-                      PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")))
+                      PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")) +
+                      (AMX_LOGGED if self.device.type == "cpu" and self.products != torch.float32 and amx_active()
+                       else ""))
         self.graphs = None
         if self.device.type == "cuda" and config.cuda_graphs and not self.model.graph_capturable:
             self.log.info("decoding eagerly: this mixture of experts runs its full-precision experts one at a "
