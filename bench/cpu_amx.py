@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.cpu_index import MODELS, best_ms  # noqa: E402
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.kernels import cpu_half, cpu_index, native  # noqa: E402
-from lcq.kernels.cpu_matmul import amx_tiles, cpu_products, products_available  # noqa: E402
+from lcq.kernels import cpu_half, cpu_index  # noqa: E402
+from lcq.kernels.cpu_matmul import amx_active, amx_tiles, cpu_products, products_available  # noqa: E402
 from tests.test_kernels import random_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-amx.json"
@@ -63,7 +63,7 @@ def compare(name: str, products: list, x: torch.Tensor, dtype: torch.dtype, exac
 
 def main() -> None:
     args = cpu_arguments(__doc__, RESULTS, options)
-    if not (products_available(torch.int8) and native.amx_allowed()):
+    if not (products_available(torch.int8) and amx_active()):
         raise SystemExit("this CPU has no AMX-INT8 and AMX-BF16 (or int8 products, or LCQ_CPU_AMX=0)")
     rows = []
     shapes = MODELS[args.shapes][0]

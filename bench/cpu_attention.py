@@ -22,8 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
-from lcq.kernels import cpu_ops, native  # noqa: E402
-from lcq.kernels.cpu_matmul import amx_tiles, cpu_products, products_available  # noqa: E402
+from lcq.kernels import cpu_ops  # noqa: E402
+from lcq.kernels.cpu_matmul import amx_active, amx_tiles, cpu_products, products_available  # noqa: E402
 from lcq.models.attention import PagedAttention  # noqa: E402
 from lcq.models.context import ForwardContext  # noqa: E402
 
@@ -90,7 +90,7 @@ def main() -> None:
         raise SystemExit("the C kernels do not run here (see lcq/kernels/native.py)")
     rows = []
     variants = ["c", "torch"] + (["c_bf16"] if products_available(torch.bfloat16) else []) + \
-        (["c_bf16_registers"] if native.amx_allowed() else [])
+        (["c_bf16_registers"] if amx_active() else [])
     print(f"{'case':<34} {'cache':<8} {'C ms':>8} {'torch ms':>9} {'speedup':>8} {'C GFLOP/s':>10}"
           + (f" {'C bf16 ms':>10} {'vs C':>6}" if "c_bf16" in variants else "")
           + (f" {'registers':>10} {'AMX x':>6}" if "c_bf16_registers" in variants else ""))

@@ -126,10 +126,9 @@ def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, work
 def without_amx(bench, *args, **kwargs) -> list[dict]:
     """bench(*args, **kwargs) with int8 products kept off AMX tiles (the rows of CPUs without them), or no
     rows where they would not take them anyway."""
-    from lcq.kernels import native
-    from lcq.kernels.cpu_matmul import amx_tiles
+    from lcq.kernels.cpu_matmul import amx_active, amx_tiles
 
-    if not native.amx_allowed():
+    if not amx_active():
         return []
     with amx_tiles(False):
         return bench(*args, **kwargs)

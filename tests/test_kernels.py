@@ -857,7 +857,7 @@ def test_bf16_products_round_operands_only(n, m, k):
 
 @needs_bf16
 @pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (128, 77), (64, 600)])
-@pytest.mark.parametrize("amx", [False, True] if native.amx_allowed() else [False])
+@pytest.mark.parametrize("amx", [False, True] if amx_active() else [False])
 def test_half_pair_panels_give_the_bf16_products(n, k, amx):
     """An fp16 weight's kept bf16 panels (cpu_half.pair_panels: N rounded up to 32 rows, K to pairs)
     give, from 10 rows, the blocked bf16 product's values bit for bit (the same sums in the same
@@ -1193,8 +1193,9 @@ def test_kept_int8_rows_are_what_int8_products_expand(n, k, bits, rank, group):
     assert cpu_index.IndexWeight(layer, wide=False).keep_byte_rows() == 0  # the AVX2 form has no int8 products
 
 
-needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and native.amx_allowed()),
-                               reason="AMX tiles need AMX-INT8 and AMX-BF16 besides what int8 products need")
+needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and amx_active()),
+                               reason="AMX tiles need AMX-INT8 and AMX-BF16 besides what int8 products need, "
+                                      "and Linux's leave to use them")
 
 
 @needs_amx

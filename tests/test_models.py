@@ -13,7 +13,7 @@ import torch
 
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops, native
-from lcq.kernels.cpu_matmul import amx_tiles, cpu_products, products_available
+from lcq.kernels.cpu_matmul import amx_active, amx_tiles, cpu_products, products_available
 from lcq.models import ForwardContext, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
@@ -1391,7 +1391,7 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
 @pytest.mark.parametrize("cache_dtype, head_dim", [(torch.float32, 24), (torch.float16, 64), (torch.float32, 136)])
 @pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]), ([40], [3]), ([50, 2, 1], [70, 100, 0]),
                                          ([1, 1, 1], [0, 6, 36])])
-@pytest.mark.parametrize("amx", [False, True] if native.amx_allowed() else [False])
+@pytest.mark.parametrize("amx", [False, True] if amx_active() else [False])
 def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head_dim, amx):
     """With bf16 products, prefill tiles take bf16 queries, keys, values and softmax weights, scores,
     softmax and sums staying fp32: within bf16's rounding of the fp32 result (2e-2) and, where a
