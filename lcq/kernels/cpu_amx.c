@@ -1,18 +1,21 @@
-/* The int8 panel product's tiles of 16 activation rows on AMX (AMX-INT8: Intel Xeon from Sapphire Rapids).
+/* CPU products on AMX tiles (Intel Xeon from Sapphire Rapids: AMX-TILE, AMX-INT8, AMX-BF16). A tile holds up
+ * to 16 rows of 64 bytes; tdpbsud adds 16 x 16 x 64 products of signed by unsigned bytes into int32 sums,
+ * tdpbf16ps 16 x 16 x 32 products of bf16 pairs into fp32 sums, each in about 16 cycles, where vpdpbusd
+ * does 64 multiply-adds an instruction. The operands are read where the products already keep them:
  *
- * The int8 product (cpu_gemm.c) runs one vpdpbusd, 64 multiply-adds, per instruction; a tdpbsud runs
- * 16 x 16 x 64 of them: one block of 64 values along K for 16 activation rows and 16 weight rows, which is
- * the int8 form's scale block (cpu_gemm.h), so each block's int32 sums come out whole. The operands are
- * the product's own, read in place: activation rows in the int8 form are the A tile (16 rows, a block's
- * 64 signed bytes each, the row stride apart), and a weight panel's words [K / 4][32] are already the B
- * tile's layout (a row per word along K, 16 weight rows' 4 unsigned bytes side by side). Each block's
- * sums then go through memory to AVX-512 registers, where, as in byte_sums, they take the activation
- * row's offset (which cancels the weights' + 128) and become fp32 times both scales: the same integers and
- * the same fp32 operations in the same order, so the same values bit for bit as the vpdpbusd tiles.
- *
- * What bounds it is not the tdpbsud (16 of its 64-value blocks take about 5 ns on one core of this host)
- * but moving operands and sums through memory and scaling sums: on SmolLM2's shapes 1.3-1.5x the
- * vpdpbusd tiles from 64 rows (RUN_BLOCKS).
+ * - int8 panel products (cpu_gemm.c), whole tiles of 16 activation rows: activation rows in the int8 form
+ *   are the A tile (a block's 64 signed bytes per row, the row stride apart), and a weight panel's words
+ *   [K / 4][32] are already the B tile's layout (a row per word along K, 16 weight rows' 4 unsigned bytes
+ *   side by side). One tdpbsud is one scale block of the int8 form (cpu_gemm.h), so each block's int32
+ *   sums come out whole; they go through memory to AVX-512 registers, where, as in byte_sums, they take
+ *   the activation row's offset (which cancels the weights' + 128) and become fp32 times both scales: the
+ *   same integers and fp32 operations in the same order, so the vpdpbusd tiles' values bit for bit. What
+ *   bounds it is moving operands and sums through memory and that scaling, not the tdpbsud (RUN_BLOCKS).
+ * - bf16 panel products (the head's kept panels [K / 2][32] pairs): fp32 sums stay in the tile over all
+ *   of K, stored once; rows padded with zero rows to whole tiles.
+ * - bf16 products of rows of pairs by [K][16 * vectors] pairs (lcq_amx_pair_product): the blocked product
+ *   of weights expanded per call (weight rows the A tile, activation panels the B tiles) and prefill
+ *   attention's scores and weighted values.
  *
  * Linux hands out tile state only to processes that ask (arch_prctl ARCH_REQ_XCOMP_PERM); each thread loads
  * a tile configuration before its tiles run and releases it after. Compiled with GCC 11 or clang 12 on;
@@ -64,8 +67,8 @@ int lcq_amx_on(void) { return amx_on; }
 
 #define LCQ_AMX __attribute__((target("avx512f,avx512bw,avx512vl,amx-tile,amx-int8,amx-bf16")))
 
-/* The tiles, one configuration for both forms: two of sums (int8: even and odd blocks, alternating;
- * bf16: the panel's two vectors of 16 weight rows), the activation rows of a whole block and of a last
+/* The tiles, one configuration for every form: two of sums (int8: even and odd blocks, alternating;
+ * bf16: two vectors of 16 columns), the activation rows of a whole block and of a last
  * block shorter than LCQ_SCALE_WORDS words (K not a multiple of 64 bytes or 32 pairs), and two of weight
  * words of each. Macros, not an enum: the tile intrinsics paste the number into their assembly. */
 #define SUMS_0 0

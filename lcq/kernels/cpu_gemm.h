@@ -236,8 +236,8 @@ void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, c
                   float *y, int64_t ldy, lcq_line_stream *stream);
 
 /* c (rows, 16 * vectors) = or (accumulate) += a (rows, K words of bf16 pairs, lda words apart) @ b (K rows
- * of pairs along K, ldb words apart), on AMX tiles configured for K (lcq_amx_configure(K)): the bf16 tile
- * products of prefill attention (cpu_attention.c). Whole tiles of LCQ_AMX_ROWS rows are read and written:
+ * of pairs along K, ldb words apart), on AMX tiles configured for K (lcq_amx_configure(K)): the bf16
+ * blocked product of weights expanded per call (cpu_gemm.c) and prefill attention's (cpu_attention.c). Whole tiles of LCQ_AMX_ROWS rows are read and written:
  * a's and c's rows past `rows` up to a multiple of them must be there (their values are not used). */
 void lcq_amx_pair_product(const uint32_t *a, int64_t lda, const uint32_t *b, int64_t ldb, int K, int rows,
                           int vectors, float *c, int64_t ldc, int accumulate);
