@@ -23,8 +23,8 @@ from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, nat
 from lcq.kernels import arrival_counters as arrival_counters_module
 from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.byte_products import ROUNDING_BOUND, byte_book_weights, byte_products_reference
-from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, can_pack, cpu_products, dense_linear, half_copy, pack_weight,
-                                    products_available)
+from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, byte_pair_rows, can_pack, cpu_products, dense_linear,
+                                    half_copy, pack_weight, products_available)
 from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -1254,6 +1254,38 @@ def test_amx_tiles_give_the_bf16_products_of_kept_panels(n, k):
     if swiglu is not None:
         gate, up = tiles[70].chunk(2, dim=1)
         assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
+
+
+@needs_amx
+@pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
+                                                      (64, 576, 4, 2, 64)])
+def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
+    """From byte_pair_rows rows (256 by default; 20 here) int8 products of LCQ layers run on bf16 AMX tiles:
+    activations rounded to bf16, each weight value of the int8 form (q times its block's scale) rounded to
+    bf16, fp32 sums over all of K (the bf16 product of those operands up to fp32 summation, so no longer
+    the int8 products' quantized activations). Kept and expanded int8 rows; rows in tiles of 32 and a last
+    one of up to 16 (M = 20, 33, 70); K whole blocks of 32 pairs (576) or padded with zeros to them (37,
+    200, 330); last panels of 10-22 rows; each row's values independent of the rows beside it; SwiGLU."""
+    layer = random_layer(n, k, bits, rank, group, seed=n + k)
+    kept, expanding = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
+    assert kept.keep_byte_rows() > 0
+    books, g = layer_codebooks(layer).abs().amax(-1), layer.group_size
+    tops = torch.stack([books[:, s // g:(min(s + 64, k) - 1) // g + 1].amax(-1) for s in range(0, k, 64)], 1)
+    values = _int8_quantized(dequantize(layer, torch.float32), tops).float()  # the int8 form's weights
+    x = torch.randn(70, k)
+    x[:, 1] *= 30
+    with cpu_products(torch.int8), amx_tiles(True), byte_pair_rows(20):
+        for weight in (kept, expanding):
+            products = {m: weight.linear(x[:m]) for m in (20, 33, 70)}
+            for m in (20, 33):
+                assert torch.equal(products[m], products[70][:m]), m
+            assert_close(products[70], _bf16_reference(x, values), torch.float32)
+            if n % 2 == 0:
+                gate, up = products[70].chunk(2, dim=1)
+                swiglu = weight.linear(x, True)
+                assert _relative_error(swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
+        with byte_pair_rows(71):  # below the threshold: the int8 products
+            assert _relative_error(kept.linear(x), _int8_index_reference(x, layer)) < 1e-5
 
 
 def test_amx_tiles_are_asked_for_unless_turned_off(monkeypatch):

@@ -317,20 +317,28 @@ LCQ_BF16 static inline __attribute__((always_inline)) void task_rows(const int F
 #undef TASK_TILE_AT
 }
 
-/* lcq_amx_tile's tiles of LCQ_AMX_ROWS activation rows for M rows (int8: a multiple of them; bf16: the
- * rows past M to a multiple of them are readable) and a task's panels: with an up panel, y takes
+/* The rows the AMX tiles of M activation rows read, in this form and depth (lcq_amx_tile_rows): M up to a
+ * whole tile. */
+static int amx_padded_rows(int form, int depth, int M) {
+    const int step = lcq_amx_tile_rows(form, depth);
+    return M > step - LCQ_AMX_ROWS ? (M + step - 1) / step * step : (M + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS * LCQ_AMX_ROWS;
+}
+
+/* lcq_amx_tile's tiles of up to lcq_amx_tile_rows activation rows for M rows (int8: a multiple of them;
+ * bf16: the rows past M to amx_padded_rows are readable) and a task's panels: with an up panel, y takes
  * silu(gate) * up. */
 static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate, const uint32_t *up,
                      int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
-    for (int m = 0; m < M; m += LCQ_AMX_ROWS) {
-        const int count = M - m < LCQ_AMX_ROWS ? M - m : LCQ_AMX_ROWS;
+    const int step = lcq_amx_tile_rows(form, K);
+    for (int m = 0; m < M; m += step) {
+        const int count = M - m < step ? M - m : step;
         const uint32_t *rows = x + (int64_t)m * words;
         float *out = y + (int64_t)m * ldy;
         if (up == NULL) {
             lcq_amx_tile(form, count, rows, words, K, gate, columns, out, ldy, stream);
             continue;
         }
-        float products[LCQ_AMX_ROWS][2 * WORD_PANEL]; /* gate, then up */
+        float products[2 * LCQ_AMX_ROWS][2 * WORD_PANEL]; /* gate, then up */
         lcq_amx_tile(form, count, rows, words, K, gate, columns, products[0], 2 * WORD_PANEL, stream);
         lcq_amx_tile(form, count, rows, words, K, up, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
         for (int r = 0; r < count; r++) lcq_silu_mul_row(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
@@ -341,6 +349,19 @@ static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const
  * 0.85x the register tiles at 3 rows, 1.01x at 4, 1.14x at 5, 1.45x at 6, 1.77x at 8, 3.3x at 16, 7.4x
  * at 64, 3.6x at 256. */
 #define AMX_PAIR_MIN_ROWS 5
+
+/* From this many rows int8 products of LCQ layers run on bf16 AMX tiles where AMX is on (panel_product):
+ * no scaling per block of 64 values (what bounds the int8 tiles), for a bf16 expansion of each task's int8
+ * panels (byte_panel_pairs, about 0.1 ns a weight) and twice the activation bytes. SmolLM2's W4 r2 g64
+ * shapes, int8 rows kept, 2 threads on a Xeon with AMX: 0.54-0.65x the int8 tiles at 32 rows, 0.91-1.09x
+ * at 128, 1.05-1.20x at 256, 1.10-1.23x at 1024. lcq_set_byte_pair_rows changes it (benchmarks, tests). */
+static int byte_pair_rows = 256;
+
+int lcq_set_byte_pair_rows(int rows) {
+    const int previous = byte_pair_rows;
+    byte_pair_rows = rows;
+    return previous;
+}
 
 /* The rows of a task's product that take AMX tiles (the thread configured them), where AMX is on: in
  * int8 products whole tiles of LCQ_AMX_ROWS (each block's scaling costs what a row does in the register
@@ -417,6 +438,34 @@ LCQ_BF16 void lcq_word_panels(const uint32_t *rows, int count, int words, uint32
         for (int c = 0; c < words; c++)
             for (int i = 16; i < WORD_PANEL; i++)
                 panels[(int64_t)(count / WORD_PANEL) * WORD_PANEL * words + (int64_t)c * WORD_PANEL + i] = 0;
+}
+
+/* A panel of weight rows in the int8 form (cpu_gemm.h: [depth][WORD_PANEL] words of unsigned bytes, then
+ * each block's scales) as bf16 pairs [pair_rows][WORD_PANEL]: word j's values q = byte - 128 times their
+ * block's scale (exact in fp32 up to one rounding), rounded to bf16, as pair rows 2j (values 4j, 4j + 1)
+ * and 2j + 1 (4j + 2, 4j + 3); rows from 2 * depth zeros. */
+LCQ_BF16 static void byte_panel_pairs(const uint32_t *panel, int depth, int pair_rows, uint32_t *pairs) {
+    static const uint16_t interleaved[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                             8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i order = _mm512_loadu_si512(interleaved), low_byte = _mm512_set1_epi32(0xff);
+    const __m512i bias = _mm512_set1_epi32(128);
+    const float *scales = (const float *)(panel + (int64_t)depth * WORD_PANEL);
+    for (int j = 0; j < depth; j++)
+        for (int c = 0; c < WORD_PANEL; c += 16) {
+            const __m512 scale = _mm512_loadu_ps(scales + j / LCQ_SCALE_WORDS * WORD_PANEL + c);
+            const __m512i word = _mm512_loadu_si512(panel + (int64_t)j * WORD_PANEL + c);
+            __m512 values[4];
+            for (int e = 0; e < 4; e++) {
+                const __m512i byte = _mm512_and_si512(_mm512_srli_epi32(word, 8 * e), low_byte);
+                values[e] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(byte, bias)), scale);
+            }
+            for (int p = 0; p < 2; p++) { /* lanes 0-15 the even values, 16-31 the odd, then side by side */
+                const __m512i halves = (__m512i)_mm512_cvtne2ps_pbh(values[2 * p + 1], values[2 * p]);
+                _mm512_storeu_si512(pairs + (int64_t)(2 * j + p) * WORD_PANEL + c,
+                                    _mm512_permutexvar_epi16(order, halves));
+            }
+        }
+    memset(pairs + (int64_t)2 * depth * WORD_PANEL, 0, sizeof(uint32_t) * WORD_PANEL * (size_t)(pair_rows - 2 * depth));
 }
 
 /* The width of the panel at row m0: `panel` rows, or half for a last one of up to half. */
@@ -559,34 +608,45 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
         return lcq_swiglu_finish(1, products, M, N, y, status);
     }
     const int bytes = form == LCQ_INT8_PRODUCTS;
-    const int depth = bytes ? (K + 3) / 4 : (K + 1) / 2; /* words of values per row */
-    const int words = bytes ? lcq_byte_row_words(depth) : depth; /* 32-bit words per row */
-    const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiled = amx_task_rows(form, M);
+    const int depth = bytes ? (K + 3) / 4 : (K + 1) / 2; /* words of values per weight row */
+    const int words = bytes ? lcq_byte_row_words(depth) : depth; /* 32-bit words per weight row */
+    /* int8 weights on bf16 AMX tiles: activations as bf16 pairs, each task's panels expanded to pairs */
+    const int paired = bytes && lcq_amx_on() && M >= byte_pair_rows;
+    const int tile_form = paired ? LCQ_BF16_PRODUCTS : form;
+    /* activation rows: int8 as the weights', bf16 pairs padded with zeros to whole blocks where paired */
+    const int x_depth = paired ? lcq_scale_blocks((K + 1) / 2) * LCQ_SCALE_WORDS : depth;
+    const int x_words = paired ? x_depth : words;
+    const int tasks = (outputs + WORD_PANEL - 1) / WORD_PANEL, tiled = amx_task_rows(tile_form, M);
     /* the stream's steps per task: per block of each AMX tile's vectors, per LCQ_STREAM_EVERY words of the
      * register tiles' */
     const int tiles = (tiled + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS;
-    const int64_t steps = halves * ((int64_t)tiles * (WORD_PANEL / 16) * lcq_scale_blocks(depth) +
+    const int64_t steps = halves * ((int64_t)tiles * (WORD_PANEL / 16) * lcq_scale_blocks(x_depth) +
                                     (int64_t)(M - tiled + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS * (depth / LCQ_STREAM_EVERY));
     const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
-    const int padded = tiles * LCQ_AMX_ROWS > M ? tiles * LCQ_AMX_ROWS : M; /* rows the AMX tiles read */
-    uint32_t *rows = malloc(sizeof(uint32_t) * (size_t)padded * words);
+    const int padded = tiled ? amx_padded_rows(tile_form, x_depth, M) : M; /* rows the AMX tiles read */
+    uint32_t *rows = lcq_aligned_words((size_t)padded * x_words);
     int failed = rows == NULL;
     if (!failed) {
-        memset(rows + (int64_t)M * words, 0, sizeof(uint32_t) * (size_t)(padded - M) * words);
+        memset(rows + (int64_t)M * x_words, 0, sizeof(uint32_t) * (size_t)(padded - M) * x_words);
 #pragma omp parallel reduction(| : failed)
         {
 #pragma omp for schedule(static)
             for (int m = 0; m < M; m++) {
-                if (bytes)
-                    lcq_quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * words);
-                else
-                    lcq_round_pairs(x + (int64_t)m * K, K, rows + (int64_t)m * words);
+                if (tile_form == LCQ_INT8_PRODUCTS)
+                    lcq_quantize_row(x + (int64_t)m * K, K, rows + (int64_t)m * x_words);
+                else {
+                    uint32_t *row = rows + (int64_t)m * x_words;
+                    lcq_round_pairs(x + (int64_t)m * K, K, row);
+                    for (int k = (K + 1) / 2; k < x_words; k++) row[k] = 0;
+                }
             }
             /* without kept panels (int8 only): a task's rows expanded, then each half's panel */
             uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
-            const int ready = kept != NULL || expanded != NULL;
+            const int pair_rows = 2 * depth > x_depth ? 2 * depth : x_depth; /* of a panel expanded to pairs */
+            uint32_t *pairs = paired ? lcq_aligned_words(WORD_PANEL * (size_t)pair_rows * halves) : NULL;
+            const int ready = (kept != NULL || expanded != NULL) && (!paired || pairs != NULL);
             if (!ready) failed = 1;
-            if (tiled) lcq_amx_configure(depth);
+            if (tiled) lcq_amx_configure(x_depth);
 #pragma omp for schedule(static)
             for (int t = 0; t < tasks; t++) {
                 if (!ready) continue;
@@ -604,6 +664,11 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
                     lcq_word_panels(expanded, columns, words, panel);
                     panels[h] = panel;
                 }
+                for (int h = 0; paired && h < halves; h++) {
+                    uint32_t *panel = pairs + (int64_t)h * WORD_PANEL * pair_rows;
+                    byte_panel_pairs(panels[h], depth, pair_rows, panel);
+                    panels[h] = panel;
+                }
                 if (!expanded_all) {
                     failed = 1;
                     continue;
@@ -612,10 +677,12 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
                 if (t + 1 < tasks && (kept != NULL || expansions->stream != NULL))
                     stream_block(expansions, weight, kept, words, K, first + WORD_PANEL, WORD_PANEL, outputs, halves,
                                  steps, &next);
-                task_product(form, tiled, rows, M, depth, words, panels[0], panels[1], columns, y + first, outputs, &next);
+                task_product(tile_form, tiled, rows, M, x_depth, x_words, panels[0], panels[1], columns, y + first,
+                             outputs, &next);
             }
             if (tiled) lcq_amx_release();
             free(expanded);
+            free(pairs);
         }
     }
     free(rows);

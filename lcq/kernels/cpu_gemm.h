@@ -4,6 +4,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 /* From this many rows a product is bounded by arithmetic and takes lcq_expanded_product; below it the
  * decode kernels, which stream each weight once, are faster (3072 x 576 at 12 rows: 0.26 against
@@ -15,6 +16,12 @@
  * thread's product form (kept: LCQ_INT8_PRODUCTS for lcq_expansions.byte_rows, LCQ_BF16_PRODUCTS for
  * pair_panels, else LCQ_FP32_PRODUCTS). */
 int lcq_gemm_min_rows(int kept);
+
+/* A buffer of `words` 32-bit words on a cache line's boundary (freed with free), or NULL: the AMX tiles'
+ * rows of 64 bytes, each then one line, not two. */
+static inline uint32_t *lcq_aligned_words(size_t words) {
+    return aligned_alloc(64, (4 * words + 63) & ~(size_t)63);
+}
 
 /* Writes weight rows first .. first + count - 1 of `weight` (K columns) as fp32 into out (count, K). */
 typedef void (*lcq_expand_rows)(const void *weight, int K, int first, int count, float *out);
@@ -234,6 +241,15 @@ void lcq_amx_configure(int depth);
 void lcq_amx_release(void);
 void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
                   float *y, int64_t ldy, lcq_line_stream *stream);
+
+/* The most rows one lcq_amx_tile takes in this form and depth: 32 in bf16 rows of whole blocks of
+ * LCQ_SCALE_WORDS words (two tiles of rows; x must have 32 readable rows), else LCQ_AMX_ROWS. */
+int lcq_amx_tile_rows(int form, int depth);
+
+/* From `rows` rows (process-wide; returns the number before), int8 products of weights in the int8 form
+ * run on bf16 AMX tiles where AMX is on: activations rounded to bf16 pairs, and each task's int8 weight
+ * panels expanded to bf16 pairs (their values q * scale rounded to bf16), sums fp32 over all of K. */
+int lcq_set_byte_pair_rows(int rows);
 
 /* c (rows, 16 * vectors) = or (accumulate) += a (rows, K words of bf16 pairs, lda words apart) @ b (K rows
  * of pairs along K, ldb words apart), on AMX tiles configured for K (lcq_amx_configure(K)): the bf16

@@ -110,6 +110,8 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
       quantized to 8 bits per block of 64 values along K, each group's codebook quantized once; and
       in the decode products of 1-2 rows of an fp16 weight that keeps int8 rows (cpu_half.byte_rows:
       the head), with activations in two bytes; full-precision weights and the rest take bfloat16.
+      Where AMX runs, LCQ products of 256 rows or more (byte_pair_rows) take bf16 tiles instead, the
+      int8 form's weight values and the activations rounded to bf16.
     rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
     sequence whose plain decode steps are single rows): with int8, the int8 decode forms of LCQ layers
     with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32.
@@ -133,6 +135,21 @@ def amx_active() -> bool:
     granted tile state)."""
     lib = native.load()
     return lib is not None and bool(lib.lcq_amx_on())
+
+
+@contextlib.contextmanager
+def byte_pair_rows(rows: int) -> Iterator[None]:
+    """Within the block, int8 products of LCQ layers of `rows` rows or more run on bf16 AMX tiles where AMX is
+    on (process-wide, for comparisons, benchmarks and tests): activations and weights rounded to bf16 there."""
+    lib = native.load()
+    if lib is None:
+        yield
+        return
+    previous = lib.lcq_set_byte_pair_rows(rows)
+    try:
+        yield
+    finally:
+        lib.lcq_set_byte_pair_rows(previous)
 
 
 @contextlib.contextmanager
