@@ -827,10 +827,9 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         }
         /* rows rounded up to whole AMX tiles, zeros to begin with (tiles read rows past a task's) */
         const int rows = (p->tile_rows + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS * LCQ_AMX_ROWS;
-        Tile tile = {calloc((size_t)rows * p->head_dim, sizeof(float)), calloc((size_t)rows * KEYS, sizeof(float)),
-                     calloc((size_t)rows * KEYS / 2, sizeof(uint32_t)),
-                     calloc((size_t)rows * p->padded_dim, sizeof(float)), malloc(sizeof(float) * rows),
-                     malloc(sizeof(float) * rows)};
+        Tile tile = {lcq_aligned_zeros((size_t)rows * p->head_dim), lcq_aligned_zeros((size_t)rows * KEYS),
+                     lcq_aligned_zeros((size_t)rows * KEYS / 2), lcq_aligned_zeros((size_t)rows * p->padded_dim),
+                     malloc(sizeof(float) * rows), malloc(sizeof(float) * rows)};
         const int ready = tile.queries && tile.scores && tile.weights && tile.outputs && tile.top && tile.total;
         if (!ready) failed = 1;
         if (p->amx) lcq_amx_configure(p->head_dim / 2);
@@ -919,7 +918,7 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
             const int64_t size = largest * floats_per_chunk > stage_limit ? largest * floats_per_chunk : stage_limit;
             const int64_t needed = p.chunk_base[seqs] * floats_per_chunk < size ? p.chunk_base[seqs] * floats_per_chunk
                                                                                   : size;
-            staged = malloc(sizeof(float) * (size_t)(needed + 1));
+            staged = (float *)lcq_aligned_words((size_t)(needed + 1));
             if (staged == NULL) {
                 status = -1;
                 break;

@@ -641,7 +641,7 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
                 }
             }
             /* without kept panels (int8 only): a task's rows expanded, then each half's panel */
-            uint32_t *expanded = kept == NULL ? malloc(sizeof(uint32_t) * WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
+            uint32_t *expanded = kept == NULL ? lcq_aligned_words(WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
             const int pair_rows = 2 * depth > x_depth ? 2 * depth : x_depth; /* of a panel expanded to pairs */
             uint32_t *pairs = paired ? lcq_aligned_words(WORD_PANEL * (size_t)pair_rows * halves) : NULL;
             const int ready = (kept != NULL || expanded != NULL) && (!paired || pairs != NULL);
@@ -703,7 +703,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
     const int halves = swiglu ? 2 : 1, outputs = N / halves, block_outputs = BLOCK_ROWS / halves;
     const int panels = (M + width - 1) / width, blocks = (outputs + block_outputs - 1) / block_outputs;
     uint32_t *converted_x = converted ? malloc(sizeof(uint32_t) * (size_t)M * words) : NULL;
-    uint32_t *packed = malloc(sizeof(uint32_t) * (size_t)panels * width * words);
+    uint32_t *packed = lcq_aligned_words((size_t)panels * width * words);
     int failed = packed == NULL || (converted && converted_x == NULL) || (swiglu && N % 2);
     if (!failed) {
 #pragma omp parallel reduction(| : failed)
@@ -719,7 +719,7 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
             const int pairs = converted && expansions->pairs != NULL; /* weights expand to bf16 pairs */
             float *block = pairs ? NULL : malloc(sizeof(float) * BLOCK_ROWS * (size_t)K);
             /* with AMX, whole tiles of 16 rows from each half's first are read: zeros past the block's */
-            uint32_t *rows = converted ? calloc((size_t)(BLOCK_ROWS + LCQ_AMX_ROWS) * words, sizeof(uint32_t)) : NULL;
+            uint32_t *rows = converted ? lcq_aligned_zeros((size_t)(BLOCK_ROWS + LCQ_AMX_ROWS) * words) : NULL;
             float *products = swiglu ? malloc(sizeof(float) * BLOCK_ROWS * (size_t)M) : NULL; /* gate, up */
             const int ready = (pairs || block != NULL) && (!converted || rows != NULL) && (!swiglu || products != NULL);
             if (!ready) failed = 1;
