@@ -352,9 +352,11 @@ static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const
 
 /* From this many rows int8 products of LCQ layers run on bf16 AMX tiles where AMX is on (panel_product):
  * no scaling per block of 64 values (what bounds the int8 tiles), for a bf16 expansion of each task's int8
- * panels (byte_panel_pairs, about 0.1 ns a weight) and twice the activation bytes. SmolLM2's W4 r2 g64
- * shapes, int8 rows kept, 2 threads on a Xeon with AMX: 0.54-0.65x the int8 tiles at 32 rows, 0.91-1.09x
- * at 128, 1.05-1.20x at 256, 1.10-1.23x at 1024. lcq_set_byte_pair_rows changes it (benchmarks, tests). */
+ * panels (byte_panel_pairs, about 0.1 ns a weight) and twice the activation bytes. bench/cpu_amx.py,
+ * W4 r2 g64 with int8 rows kept, weights from memory, 2 threads on a Xeon with AMX, against the int8
+ * tiles: SmolLM2's shapes 0.77-0.92x at 64 rows, 0.87-1.04x at 128, 0.96-1.18x at 256, 0.97-1.23x at
+ * 1024; Llama 3.2 1B's 0.78-0.91x, 0.81-1.05x, 0.96-1.27x, 1.06-1.10x. lcq_set_byte_pair_rows changes it
+ * (benchmarks, tests). */
 static int byte_pair_rows = 256;
 
 int lcq_set_byte_pair_rows(int rows) {
