@@ -2,7 +2,9 @@
 int8 products of LCQ layers at SmolLM2-135M's or Llama 3.2 1B's linear shapes, W4 r2 g64 with their int8 rows
 kept (the engine's default where it fits), at 16 to 1024 rows (prefill, decode steps of many sequences), which
 must give the same values bit for bit, and at 64 to 1024 rows the same weights on bf16 tiles (byte_pair_rows:
-the int8 form's weight values and the activations rounded to bf16) against the int8 tiles; and bf16 products of
+the int8 form's weight values and the activations rounded to bf16) against the int8 tiles, and those bf16 tiles
+with all rows through one panel of weights at a time against groups of panels a block of rows at a time
+(paired_group_kb), bit for bit; and bf16 products of
 the fp16 head with its panels kept, at 3 to 256
 rows, which sum in another order (within 1e-5); and bf16 products of the same shapes' fp16 weights
 expanded per call (a full-precision model's layers) at 10 to 256 rows. The two forms alternate in one
@@ -24,12 +26,13 @@ from bench.cpu_index import MODELS, best_ms  # noqa: E402
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.kernels import cpu_half, cpu_index  # noqa: E402
 from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, byte_pair_rows, cpu_products,  # noqa: E402
-                                    products_available)
+                                    paired_group_kb, products_available)
 from tests.test_kernels import random_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-amx.json"
 ROWS = (16, 32, 64, 256, 1024)
 PAIR_ROWS = (64, 128, 256, 1024)  # int8 weights on bf16 tiles (byte_pair_rows) against the int8 tiles
+GROUP_ROWS = (1024,)  # those bf16 tiles a panel at a time against groups of panels (paired_group_kb)
 HALF_ROWS = (10, 64, 256)  # bf16 blocked products of fp16 weights expanded per call (full-precision layers)
 HEADS = {"smollm2": (49152, 576), "llama32-1b": (128256, 2048)}  # vocabulary x hidden
 HEAD_ROWS = (3, 4, 5, 8, 16, 64, 256)  # bf16 products of kept panels: the register tiles below 5 rows
@@ -46,6 +49,7 @@ FORMS = {  # name: the context in which products take that form
     "AMX": lambda: amx_tiles(True),
     "int8 tiles": lambda: _nested(amx_tiles(True), byte_pair_rows(1 << 30)),
     "bf16 tiles": lambda: _nested(amx_tiles(True), byte_pair_rows(1)),
+    "bf16 tiles, a panel at a time": lambda: _nested(amx_tiles(True), byte_pair_rows(1), paired_group_kb(0)),
 }
 
 
@@ -100,6 +104,9 @@ def main() -> None:
                  for m in ROWS]
         rows += [compare(name, products, torch.randn(m, k), torch.int8, ("int8 tiles", "bf16 tiles"), 2e-2)
                  for m in PAIR_ROWS]
+        rows += [compare(name, products, torch.randn(m, k), torch.int8, ("bf16 tiles, a panel at a time",
+                                                                         "bf16 tiles"), 0)
+                 for m in GROUP_ROWS]
         halves = [torch.randn(n, k).half() for _ in range(max(2, POOL_BYTES // (2 * n * k)))]
         products = [functools.partial(cpu_half.half_linear, weight=weight) for weight in halves]
         rows += [compare(f"{name} fp16", products, torch.randn(m, k), torch.bfloat16, ("registers", "AMX"), 1e-5)

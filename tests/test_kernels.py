@@ -24,7 +24,7 @@ from lcq.kernels import arrival_counters as arrival_counters_module
 from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.byte_products import ROUNDING_BOUND, byte_book_weights, byte_products_reference
 from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, byte_pair_rows, can_pack, cpu_products, dense_linear,
-                                    half_copy, pack_weight, products_available)
+                                    half_copy, pack_weight, paired_group_kb, products_available)
 from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -1258,14 +1258,16 @@ def test_amx_tiles_give_the_bf16_products_of_kept_panels(n, k):
 
 @needs_amx
 @pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
-                                                      (64, 576, 4, 2, 64)])
+                                                      (64, 576, 4, 2, 64), (1600, 576, 2, 1, 64)])
 def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
     """From byte_pair_rows rows (256 by default; 20 here) int8 products of LCQ layers run on bf16 AMX tiles:
     activations rounded to bf16, each weight value of the int8 form (q times its block's scale) rounded to
     bf16, fp32 sums over all of K (the bf16 product of those operands up to fp32 summation, so no longer
     the int8 products' quantized activations). Kept and expanded int8 rows; rows in tiles of 32 and a last
     one of up to 16 (M = 20, 33, 70); K whole blocks of 32 pairs (576) or padded with zeros to them (37,
-    200, 330); last panels of 10-22 rows; each row's values independent of the rows beside it; SwiGLU."""
+    200, 330); last panels of 10-22 rows; at 1,030 rows all rows through groups of panels a block of rows at a
+    time (several a thread at N = 1600, one or two tasks each at 40 KB), equal bit for bit to all rows through
+    one panel at a time; each row's values independent of the rows beside it; SwiGLU."""
     layer = random_layer(n, k, bits, rank, group, seed=n + k)
     kept, expanding = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
     assert kept.keep_byte_rows() > 0
@@ -1279,6 +1281,12 @@ def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
             products = {m: weight.linear(x[:m]) for m in (20, 33, 70)}
             for m in (20, 33):
                 assert torch.equal(products[m], products[70][:m]), m
+            many = torch.randn(1030, k)  # groups from 1024 rows: against a task at a time, bit for bit
+            grouped = weight.linear(many)
+            assert_close(grouped, _bf16_reference(many, values), torch.float32)
+            for kb in (0, 40):
+                with paired_group_kb(kb):
+                    assert torch.equal(weight.linear(many), grouped), kb
             assert_close(products[70], _bf16_reference(x, values), torch.float32)
             if n % 2 == 0:
                 gate, up = products[70].chunk(2, dim=1)
@@ -1516,6 +1524,26 @@ def test_cpu_geglu_matches_torch_gelu_tanh(width):
     ones = torch.ones(1, 3 * width)
     flat = cpu_ops.gated_mul(torch.cat([gate.view(1, -1), ones], dim=1), "gelu_tanh").view(3, width)
     assert torch.equal(out, flat * up)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("width", [1, 13, 4096])
+def test_cpu_silu_of_very_negative_gates_makes_no_subnormals(width):
+    """SwiGLU in C below gate -80: silu(g) * up within 1e-30 of torch's and never a subnormal float, whose
+    microcode assists made it ten times slower; vector lanes and the tail alike. Ordinary gates keep their
+    values (2 ulp)."""
+    gate = torch.linspace(-130, -60, 3 * width).view(3, width)
+    up = (torch.rand(3, width) + 0.5) * 1e-3  # small enough that e^87.3's sigmoid times them is subnormal
+    out = cpu_ops.gated_mul(torch.cat([gate, up], dim=1), "silu")
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=0, atol=1e-30)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((out != 0) & (out.abs() < tiny)).any()
+    ones = torch.ones(1, 3 * width)
+    flat = cpu_ops.gated_mul(torch.cat([gate.view(1, -1), ones], dim=1), "silu").view(3, width)
+    assert torch.equal(out, flat * up)
+    gate, up = torch.linspace(-20, 20, 3 * width).view(3, width), torch.randn(3, width)
+    out = cpu_ops.gated_mul(torch.cat([gate, up], dim=1), "silu")
+    torch.testing.assert_close(out, torch.nn.functional.silu(gate) * up, rtol=1e-6, atol=1e-6)
 
 
 @needs_cpu_ops

@@ -5,10 +5,13 @@
 #include <immintrin.h>
 
 /* exp of 8 floats at once: e^x = 2^n e^r with n = round(x log2 e), |r| <= ln 2 / 2, e^r by a
- * degree-6 polynomial (Cephes' expf coefficients; within 2 ulp of expf). Inputs are clamped to
- * [-87.3, 88.3], so very negative ones give about 1e-38 instead of 0. libm's expf is one call per
- * value: at 64 sequences it took a third of decode attention's arithmetic (softmax) and most of SwiGLU's. */
+ * degree-6 polynomial (Cephes' expf coefficients; within 2 ulp of expf). Inputs above 88.3 give e^88.3,
+ * and below -87.3 zero, not the subnormals expf gives there (down to -103.3): a subnormal operand or
+ * result costs the core a microcode assist of about a hundred cycles, and they spread through what
+ * multiplies them (a softmax's weights times values). libm's expf is one call per value: at 64
+ * sequences it took a third of decode attention's arithmetic (softmax) and most of SwiGLU's. */
 static inline __m256 exp8(__m256 x) {
+    const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -22,7 +25,7 @@ static inline __m256 exp8(__m256 x) {
     y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
     y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(exponent));
+    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(exponent)), kept);
 }
 
 /* The same for one value (loop tails), so that every element of a row is computed alike. */
@@ -30,16 +33,24 @@ static inline float exp1(float x) {
     return _mm256_cvtss_f32(exp8(_mm256_set1_ps(x)));
 }
 
+/* sigmoid(g) = 1 / (1 + e^-g) of 8 floats, with e^-g taken at most e^80: below g = -80 the sigmoid
+ * stays 1.8e-35 (a normal float) instead of falling to subnormals past g = -87.3 (exp8), which made
+ * SwiGLU of such gates ten times slower; silu(g) there is within 1e-32 of its value either way. */
+static inline __m256 sigmoid8(__m256 g) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_min_ps(_mm256_sub_ps(_mm256_setzero_ps(), g),
+                                                                     _mm256_set1_ps(80.0f)))));
+}
+
 /* out[i] = silu(gate[i]) * up[i] for `width` values: every element computed alike (vector lanes or
  * the tail), so a row gives the same values whole or in pieces. */
 static inline void lcq_silu_mul_row(const float *gate, const float *up, float *out, int64_t width) {
     int64_t i = 0;
     for (; i + 8 <= width; i += 8) {
-        const __m256 g = _mm256_loadu_ps(gate + i), one = _mm256_set1_ps(1.0f);
-        const __m256 sigmoid = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid), _mm256_loadu_ps(up + i)));
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), _mm256_loadu_ps(up + i)));
     }
-    for (; i < width; i++) out[i] = gate[i] * (1.0f / (1.0f + exp1(-gate[i]))) * up[i];
+    for (; i < width; i++) out[i] = gate[i] * _mm256_cvtss_f32(sigmoid8(_mm256_set1_ps(gate[i]))) * up[i];
 }
 
 /* MLP activations: gated (lcq_gated_mul; cpu_ops.py's ACTIVATIONS), then ungated (lcq_ungated; its UNGATED) */

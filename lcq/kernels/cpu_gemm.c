@@ -27,6 +27,7 @@
  */
 #include <immintrin.h>
 #include <limits.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -595,6 +596,65 @@ int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int s
     return status;
 }
 
+/* The output columns of task t's panel: WORD_PANEL, or fewer in the last one. */
+static inline int task_columns(int outputs, int t) {
+    return outputs - t * WORD_PANEL < WORD_PANEL ? outputs - t * WORD_PANEL : WORD_PANEL;
+}
+
+/* The int8 panels of the task whose first output column is `first`, of each half: the weight's kept ones, or
+ * its rows expanded into `expanded` and made panels there. 0, or 1 where expanding failed. */
+static int task_panels(const lcq_expansions *expansions, const void *weight, const uint32_t *kept, int K, int words,
+                       int first, int outputs, int halves, uint32_t *expanded, const uint32_t *panels[2]) {
+    const int columns = outputs - first < WORD_PANEL ? outputs - first : WORD_PANEL;
+    int failed = 0;
+    for (int h = 0; h < halves; h++) {
+        const int at = first + h * outputs;
+        if (kept != NULL) {
+            panels[h] = kept + (int64_t)at * words;
+            continue;
+        }
+        uint32_t *panel = expanded + (int64_t)(1 + h) * WORD_PANEL * words;
+        failed |= expansions->bytes(weight, K, at, columns, expanded) != 0;
+        lcq_word_panels(expanded, columns, words, panel);
+        panels[h] = panel;
+    }
+    return failed;
+}
+
+/* The bf16 pairs of a group of paired tasks take at most this many KB (0: a task at a time, all rows through
+ * each). A group's pairs stay in L2 while all activation rows run through its tasks a block of rows at a time
+ * (32 rows, in L1 up to K = 768), so that y is written a block of rows at a time, each row's columns of the
+ * group in one run: a task at a time wrote y in strips of 32 columns, and the tiles waited on those stores.
+ * A microbenchmark of one thread's tiles (1024 x 576 by 768 x 576 in bf16, y 1024 x 768 in fp32) ran at
+ * 1.1 TFLOP/s a task at a time, 1.7 a block of rows at a time, 2.0 with y not stored. With SwiGLU (y half as
+ * wide, each tile's products read back for silu) groups measured 0.9x at SmolLM2's gate/up and 1.0-1.1x at
+ * Llama 3.2 1B's, so those products keep a task at a time. lcq_set_paired_group_kb changes it. */
+static int paired_group_kb = 768;
+
+/* Groups run from this many rows: below it, all rows through one task at a time (its pairs in L1 up to
+ * K = 768, the activation rows from L2) were as fast or faster. bench/cpu_amx.py, weights from memory, 2
+ * threads, groups against a task at a time: SmolLM2's shapes 0.84-1.0x at 256 rows, 0.95-1.11x at 512,
+ * 1.0-1.27x at 1024; Llama 3.2 1B's 0.91-1.0x, 1.05-1.15x, 1.08-1.43x. */
+#define PAIRED_GROUP_ROWS 1024
+
+int lcq_set_paired_group_kb(int kb) {
+    const int previous = paired_group_kb;
+    paired_group_kb = kb;
+    return previous;
+}
+
+/* The groups of a paired product of `tasks` tasks of `task_words` words of pairs each: the same number for
+ * each thread (which takes them in turn under a static schedule), each within paired_group_kb; or a task
+ * each (tasks). */
+static int paired_groups(int tasks, int64_t task_words) {
+    if (paired_group_kb <= 0) return tasks;
+    const int threads = omp_get_max_threads();
+    const int64_t budget = (int64_t)paired_group_kb << 10;
+    const int64_t share = (tasks + threads - 1) / threads * task_words * (int64_t)sizeof(uint32_t);
+    const int64_t groups = threads * ((share + budget - 1) / budget);
+    return groups < tasks ? (int)groups : tasks;
+}
+
 /* lcq_expanded_product in the panel form: activations as rows of the product form (quantize_row for
  * int8, lcq_round_pairs for bf16), weights as panels of WORD_PANEL rows (the weight's kept ones, or,
  * for int8, each task's rows expanded then transposed), a task per panel of each half's rows; tiles of
@@ -625,6 +685,12 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
     const int64_t steps = halves * ((int64_t)tiles * (WORD_PANEL / 16) * lcq_scale_blocks(x_depth) +
                                     (int64_t)(M - tiled + LCQ_TILE_ROWS - 1) / LCQ_TILE_ROWS * (depth / LCQ_STREAM_EVERY));
     const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
+    const int pair_rows = 2 * depth > x_depth ? 2 * depth : x_depth; /* of a panel expanded to pairs */
+    const int64_t pair_panel = (int64_t)WORD_PANEL * pair_rows;        /* its words */
+    /* tasks taken together: one, or where paired without SwiGLU a group of tasks (paired_groups); group g is
+     * tasks g * tasks / groups to (g + 1) * tasks / groups */
+    const int groups = paired && halves == 1 && M >= PAIRED_GROUP_ROWS ? paired_groups(tasks, pair_panel) : tasks;
+    const int group = (tasks + groups - 1) / groups, row_block = lcq_amx_tile_rows(LCQ_BF16_PRODUCTS, x_depth);
     const int padded = tiled ? amx_padded_rows(tile_form, x_depth, M) : M; /* rows the AMX tiles read */
     uint32_t *rows = lcq_aligned_words((size_t)padded * x_words);
     int failed = rows == NULL;
@@ -644,43 +710,41 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
             }
             /* without kept panels (int8 only): a task's rows expanded, then each half's panel */
             uint32_t *expanded = kept == NULL ? lcq_aligned_words(WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
-            const int pair_rows = 2 * depth > x_depth ? 2 * depth : x_depth; /* of a panel expanded to pairs */
-            uint32_t *pairs = paired ? lcq_aligned_words(WORD_PANEL * (size_t)pair_rows * halves) : NULL;
+            /* where paired: a task's (a group's) panels expanded to pairs */
+            uint32_t *pairs = paired ? lcq_aligned_words((size_t)(group * halves * pair_panel)) : NULL;
             const int ready = (kept != NULL || expanded != NULL) && (!paired || pairs != NULL);
             if (!ready) failed = 1;
             if (tiled) lcq_amx_configure(x_depth);
 #pragma omp for schedule(static)
-            for (int t = 0; t < tasks; t++) {
-                if (!ready) continue;
-                const int first = t * WORD_PANEL, columns = outputs - first < WORD_PANEL ? outputs - first : WORD_PANEL;
+            for (int g = 0; g < groups; g++) {
+                const int t0 = (int)((int64_t)g * tasks / groups), t1 = (int)((int64_t)(g + 1) * tasks / groups);
                 const uint32_t *panels[2] = {NULL, NULL};
-                int expanded_all = 1;
-                for (int h = 0; h < halves; h++) {
-                    const int at = first + h * outputs;
-                    if (kept != NULL) {
-                        panels[h] = kept + (int64_t)at * words;
-                        continue;
+                for (int t = t0; ready && t < t1; t++) {
+                    failed |= task_panels(expansions, weight, kept, K, words, t * WORD_PANEL, outputs, halves,
+                                          expanded, panels);
+                    for (int h = 0; paired && h < halves; h++) {
+                        uint32_t *panel = pairs + ((int64_t)(t - t0) * halves + h) * pair_panel;
+                        byte_panel_pairs(panels[h], depth, pair_rows, panel);
+                        panels[h] = panel;
                     }
-                    uint32_t *panel = expanded + (int64_t)(1 + h) * WORD_PANEL * words;
-                    expanded_all &= expansions->bytes(weight, K, at, columns, expanded) == 0;
-                    lcq_word_panels(expanded, columns, words, panel);
-                    panels[h] = panel;
                 }
-                for (int h = 0; paired && h < halves; h++) {
-                    uint32_t *panel = pairs + (int64_t)h * WORD_PANEL * pair_rows;
-                    byte_panel_pairs(panels[h], depth, pair_rows, panel);
-                    panels[h] = panel;
-                }
-                if (!expanded_all) {
-                    failed = 1;
+                if (!ready || failed) continue;
+                lcq_line_stream next = {0}; /* the next task or group, this thread's under the static schedule */
+                if (t1 < tasks && (kept != NULL || expansions->stream != NULL))
+                    stream_block(expansions, weight, kept, words, K, t1 * WORD_PANEL,
+                                 ((int)((int64_t)(g + 2) * tasks / groups) - t1) * WORD_PANEL, outputs, halves,
+                                 steps * (t1 - t0), &next);
+                if (groups == tasks) {
+                    task_product(tile_form, tiled, rows, M, x_depth, x_words, panels[0], panels[1],
+                                 task_columns(outputs, t0), y + t0 * WORD_PANEL, outputs, &next);
                     continue;
                 }
-                lcq_line_stream next = {0}; /* the next task, this thread's under the static schedule */
-                if (t + 1 < tasks && (kept != NULL || expansions->stream != NULL))
-                    stream_block(expansions, weight, kept, words, K, first + WORD_PANEL, WORD_PANEL, outputs, halves,
-                                 steps, &next);
-                task_product(tile_form, tiled, rows, M, x_depth, x_words, panels[0], panels[1], columns, y + first,
-                             outputs, &next);
+                for (int m0 = 0; m0 < M; m0 += row_block) /* a group: all rows through it a block at a time */
+                    for (int t = t0; t < t1; t++)
+                        lcq_amx_tile(LCQ_BF16_PRODUCTS, M - m0 < row_block ? M - m0 : row_block,
+                                     rows + (int64_t)m0 * x_words, x_words, x_depth,
+                                     pairs + (int64_t)(t - t0) * pair_panel, task_columns(outputs, t),
+                                     y + (int64_t)m0 * outputs + t * WORD_PANEL, outputs, &next);
             }
             if (tiled) lcq_amx_release();
             free(expanded);

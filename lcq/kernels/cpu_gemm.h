@@ -260,6 +260,11 @@ int lcq_amx_tile_rows(int form, int depth);
  * panels expanded to bf16 pairs (their values q * scale rounded to bf16), sums fp32 over all of K. */
 int lcq_set_byte_pair_rows(int rows);
 
+/* Paired products without SwiGLU run all rows through groups of tasks whose bf16 pairs take up to `kb` KB a
+ * block of rows at a time, or (0) all rows through each task in turn (process-wide; returns the setting
+ * before): the same products, in another order. */
+int lcq_set_paired_group_kb(int kb);
+
 /* c (rows, 16 * vectors) = or (accumulate) += a (rows, K words of bf16 pairs, lda words apart) @ b (K rows
  * of pairs along K, ldb words apart), on AMX tiles configured for K (lcq_amx_configure(K)): the bf16
  * blocked product of weights expanded per call (cpu_gemm.c) and prefill attention's (cpu_attention.c). Whole tiles of LCQ_AMX_ROWS rows are read and written:

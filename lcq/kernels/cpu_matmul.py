@@ -153,6 +153,22 @@ def byte_pair_rows(rows: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def paired_group_kb(kb: int) -> Iterator[None]:
+    """Within the block, the products of byte_pair_rows run through groups of up to `kb` KB of bf16 weight
+    pairs a block of rows at a time, or (0) a panel of 32 weight rows at a time over all rows (process-wide,
+    for comparisons): the same values either way."""
+    lib = native.load()
+    if lib is None:
+        yield
+        return
+    previous = lib.lcq_set_paired_group_kb(kb)
+    try:
+        yield
+    finally:
+        lib.lcq_set_paired_group_kb(previous)
+
+
+@contextlib.contextmanager
 def amx_tiles(wanted: bool) -> Iterator[bool]:
     """Within the block, int8 products of 16 rows or more take AMX tiles if wanted and the CPU allows it
     (process-wide, unlike cpu_products: for comparisons and benchmarks); yields whether they do."""
