@@ -138,34 +138,31 @@ def amx_active() -> bool:
 
 
 @contextlib.contextmanager
-def byte_pair_rows(rows: int) -> Iterator[None]:
+def _library_setting(setter: str, value: int) -> Iterator[None]:
+    """Within the block, the C library's process-wide setting of `setter` (which returns the one before) is
+    `value`; nothing without the library."""
+    lib = native.load()
+    if lib is None:
+        yield
+        return
+    previous = getattr(lib, setter)(value)
+    try:
+        yield
+    finally:
+        getattr(lib, setter)(previous)
+
+
+def byte_pair_rows(rows: int) -> contextlib.AbstractContextManager[None]:
     """Within the block, int8 products of LCQ layers of `rows` rows or more run on bf16 AMX tiles where AMX is
     on (process-wide, for comparisons, benchmarks and tests): activations and weights rounded to bf16 there."""
-    lib = native.load()
-    if lib is None:
-        yield
-        return
-    previous = lib.lcq_set_byte_pair_rows(rows)
-    try:
-        yield
-    finally:
-        lib.lcq_set_byte_pair_rows(previous)
+    return _library_setting("lcq_set_byte_pair_rows", rows)
 
 
-@contextlib.contextmanager
-def paired_group_kb(kb: int) -> Iterator[None]:
-    """Within the block, the products of byte_pair_rows run through groups of up to `kb` KB of bf16 weight
-    pairs a block of rows at a time, or (0) a panel of 32 weight rows at a time over all rows (process-wide,
-    for comparisons): the same values either way."""
-    lib = native.load()
-    if lib is None:
-        yield
-        return
-    previous = lib.lcq_set_paired_group_kb(kb)
-    try:
-        yield
-    finally:
-        lib.lcq_set_paired_group_kb(previous)
+def paired_group_kb(kb: int) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the products of byte_pair_rows from 1,024 rows run through groups of up to `kb` KB of
+    bf16 weight pairs a block of rows at a time, or (0) a panel of 32 weight rows at a time over all rows
+    (process-wide, for comparisons): the same values either way."""
+    return _library_setting("lcq_set_paired_group_kb", kb)
 
 
 @contextlib.contextmanager
