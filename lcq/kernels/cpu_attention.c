@@ -719,10 +719,9 @@ static void softmax_chunk(Tile *tile, int rows, int group, int first_position, i
         for (int i = 0; i < KEYS / 8; i++) largest = _mm256_max_ps(largest, values[i] = _mm256_loadu_ps(s + 8 * i));
         const float previous = tile->top[r], chunk_top = max8(largest);
         const float top = chunk_top > previous ? chunk_top : previous;
-        const __m256 shift = _mm256_set1_ps(top), ninf = _mm256_set1_ps(-INFINITY);
-        for (int i = 0; i < KEYS / 8; i++) { /* exp8 gives ~1e-38 for -inf: masked keys are zeroed explicitly */
-            const __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(values[i], shift)),
-                                           _mm256_cmp_ps(values[i], ninf, _CMP_NEQ_OQ));
+        const __m256 shift = _mm256_set1_ps(top);
+        for (int i = 0; i < KEYS / 8; i++) { /* masked keys (-inf, or NaN where all are) give exp8's 0 */
+            const __m256 e = exp8(_mm256_sub_ps(values[i], shift));
             _mm256_storeu_ps(s + 8 * i, e);
             sums = _mm256_add_ps(sums, e);
         }

@@ -329,7 +329,7 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, float mi
     const __m256 underflow = _mm256_set1_ps(SAMPLE_UNDERFLOW);
     for (i = 0; i + 8 <= n; i += 8) {
         const __m256 exponent = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift), factor);
-        __m256 v = exp8(exponent); /* exp8 clamps: its 1e-38 below -87.3 is 0 here */
+        __m256 v = exp8(exponent); /* 0 below -87.3; the scalar tail's rule (SAMPLE_UNDERFLOW) applies too */
         v = _mm256_and_ps(v, _mm256_and_ps(_mm256_cmp_ps(v, low, _CMP_GE_OQ), /* below min_p: 0 */
                                            _mm256_cmp_ps(exponent, underflow, _CMP_GE_OQ)));
         _mm256_storeu_ps(w + i, v);
