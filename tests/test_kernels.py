@@ -1028,14 +1028,16 @@ def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
 
 @needs_half_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8])
-def test_swiglu_inside_the_product_equals_product_then_swiglu(dtype):
+@pytest.mark.parametrize("n", [74, 128])
+def test_swiglu_inside_the_product_equals_product_then_swiglu(dtype, n):
     """With swiglu the C products of a [gate; up] weight return silu(gate) * up: the blocked product
     finishes each block of both halves' outputs in cache (an intermediate width of 37 leaves a last
-    block of 13 and values past whole vectors), the decode forms the whole product; the same values
-    bit for bit as the product then cpu_ops.gated_mul, for LCQ indices (AVX-512 and AVX2 forms) and
-    fp16 copies, with every product form this CPU has."""
-    layer = random_layer(74, 200, 4, 2, 64, seed=11)
-    weights = [cpu_index.IndexWeight(layer, wide=False), torch.randn(74, 200).half()]
+    block of 13 and values past whole vectors), the panel products each tile's (width 64: two panels a
+    half, SwiGLU of each tile of rows on AVX-512, in register tiles and AMX tiles), the decode forms the
+    whole product; the same values bit for bit as the product then cpu_ops.gated_mul (AVX2), for LCQ
+    indices (AVX-512 and AVX2 forms) and fp16 copies, with every product form this CPU has."""
+    layer = random_layer(n, 200, 4, 2, 64, seed=11)
+    weights = [cpu_index.IndexWeight(layer, wide=False), torch.randn(n, 200).half()]
     if cpu_index.wide_available():
         weights.append(cpu_index.IndexWeight(layer, wide=True))
     x = torch.randn(40, 200)
@@ -1045,7 +1047,7 @@ def test_swiglu_inside_the_product_equals_product_then_swiglu(dtype):
                 if isinstance(weight, torch.Tensor) else weight.linear
             for m in (1, 4, 7, 12, 33, 40):
                 fused = product(x[:m], swiglu=True)
-                assert fused.shape == (m, 37)
+                assert fused.shape == (m, n // 2)
                 assert torch.equal(fused, cpu_ops.gated_mul(product(x[:m]), "silu"))
     with pytest.raises(ValueError):
         cpu_half.half_linear(x, torch.randn(73, 200).half(), swiglu=True)
