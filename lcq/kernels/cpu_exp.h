@@ -1,31 +1,52 @@
-/* exp for the C kernels' softmax (cpu_attention.c), SwiGLU and GeGLU (cpu_ops.c, cpu_gemm.c), AVX2. */
+/* exp for the C kernels' softmax (cpu_attention.c), SwiGLU and GeGLU (cpu_ops.c, cpu_gemm.c): AVX2, and
+ * AVX-512 for the products' SwiGLU. */
 #ifndef LCQ_CPU_EXP_H
 #define LCQ_CPU_EXP_H
 
 #include <immintrin.h>
 
-/* exp of 8 floats at once: e^x = 2^n e^r with n = round(x log2 e), |r| <= ln 2 / 2, e^r by a
- * degree-6 polynomial (Cephes' expf coefficients; within 2 ulp of expf). Inputs above 88.3 give e^88.3,
- * and below -87.3 zero, not the subnormals expf gives there (down to -103.3): a subnormal operand or
- * result costs the core a microcode assist of about a hundred cycles, and they spread through what
- * multiplies them (a softmax's weights times values). libm's expf is one call per value: at 64
- * sequences it took a third of decode attention's arithmetic (softmax) and most of SwiGLU's. */
+#define LCQ_EXP16 __attribute__((target("avx512f")))
+
+/* e^x = 2^n e^r in vectors of W bits (256: AVX2, 512: AVX-512), x clamped and n = round(x log2 e):
+ * |r| <= ln 2 / 2, e^r by a degree-6 polynomial (Cephes' expf coefficients; within 2 ulp of expf). */
+#define LCQ_EXP_SCALED(ATTR, W)                                                                               \
+    ATTR static inline __m##W exp_scaled##W(__m##W x, __m##W n) {                                             \
+        __m##W r = _mm##W##_fnmadd_ps(n, _mm##W##_set1_ps(0.693359375f), x); /* ln 2 in two parts: r exact */ \
+        r = _mm##W##_fnmadd_ps(n, _mm##W##_set1_ps(-2.12194440e-4f), r);                                     \
+        __m##W y = _mm##W##_set1_ps(1.9875691500e-4f);                                                        \
+        y = _mm##W##_fmadd_ps(y, r, _mm##W##_set1_ps(1.3981999507e-3f));                                      \
+        y = _mm##W##_fmadd_ps(y, r, _mm##W##_set1_ps(8.3334519073e-3f));                                      \
+        y = _mm##W##_fmadd_ps(y, r, _mm##W##_set1_ps(4.1665795894e-2f));                                      \
+        y = _mm##W##_fmadd_ps(y, r, _mm##W##_set1_ps(1.6666665459e-1f));                                      \
+        y = _mm##W##_fmadd_ps(y, r, _mm##W##_set1_ps(5.0000001201e-1f));                                      \
+        y = _mm##W##_fmadd_ps(_mm##W##_mul_ps(y, r), r, _mm##W##_add_ps(r, _mm##W##_set1_ps(1.0f)));         \
+        const __m##W##i exponent =                                                                            \
+            _mm##W##_slli_epi32(_mm##W##_add_epi32(_mm##W##_cvtps_epi32(n), _mm##W##_set1_epi32(127)), 23);     \
+        return _mm##W##_mul_ps(y, _mm##W##_castsi##W##_ps(exponent));                                         \
+    }
+LCQ_EXP_SCALED(, 256)
+LCQ_EXP_SCALED(LCQ_EXP16, 512)
+
+/* exp of 8 floats at once. Inputs above 88.3 give e^88.3, and below -87.3 zero, not the subnormals expf
+ * gives there (down to -103.3): a subnormal operand or result costs the core a microcode assist of about
+ * a hundred cycles, and they spread through what multiplies them (a softmax's weights times values).
+ * libm's expf is one call per value: at 64 sequences it took a third of decode attention's arithmetic
+ * (softmax) and most of SwiGLU's. */
 static inline __m256 exp8(__m256 x) {
     const __m256 kept = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
     x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3f)), _mm256_set1_ps(-87.3f));
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x); /* ln 2 in two parts: r exact */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(_mm256_mul_ps(y, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(y, _mm256_castsi256_ps(exponent)), kept);
+    return _mm256_and_ps(exp_scaled256(x, n), kept);
+}
+
+/* exp8 on 16 floats (AVX-512): the same value in every lane. */
+LCQ_EXP16 static inline __m512 exp16(__m512 x) {
+    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_mov_ps(kept, exp_scaled512(x, n));
 }
 
 /* The same for one value (loop tails), so that every element of a row is computed alike. */
@@ -51,27 +72,6 @@ static inline void lcq_silu_mul_row(const float *gate, const float *up, float *o
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), _mm256_loadu_ps(up + i)));
     }
     for (; i < width; i++) out[i] = gate[i] * _mm256_cvtss_f32(sigmoid8(_mm256_set1_ps(gate[i]))) * up[i];
-}
-
-#define LCQ_EXP16 __attribute__((target("avx512f")))
-
-/* exp8's steps on 16 floats (AVX-512): the same value in every lane. */
-LCQ_EXP16 static inline __m512 exp16(__m512 x) {
-    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3f)), _mm512_set1_ps(-87.3f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_fmadd_ps(_mm512_mul_ps(y, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    const __m512i exponent = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mul_ps(kept, y, _mm512_castsi512_ps(exponent));
 }
 
 /* lcq_silu_mul_row on AVX-512 (its callers' products, where the CPU has it): the same values bit for bit,
