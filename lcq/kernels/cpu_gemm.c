@@ -328,8 +328,8 @@ static int amx_padded_rows(int form, int depth, int M) {
 /* lcq_amx_tile's tiles of up to lcq_amx_tile_rows activation rows for M rows (int8: a multiple of them;
  * bf16: the rows past M to amx_padded_rows are readable) and a task's panels: with an up panel, y takes
  * silu(gate) * up. */
-LCQ_BF16 static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate, const uint32_t *up,
-                     int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
+LCQ_BF16 static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate,
+                              const uint32_t *up, int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
     const int step = lcq_amx_tile_rows(form, K);
     for (int m = 0; m < M; m += step) {
         const int count = M - m < step ? M - m : step;
@@ -342,7 +342,8 @@ LCQ_BF16 static void amx_rows(int form, const uint32_t *x, int M, int K, int wor
         float products[2 * LCQ_AMX_ROWS][2 * WORD_PANEL]; /* gate, then up */
         lcq_amx_tile(form, count, rows, words, K, gate, columns, products[0], 2 * WORD_PANEL, stream);
         lcq_amx_tile(form, count, rows, words, K, up, columns, products[0] + WORD_PANEL, 2 * WORD_PANEL, stream);
-        for (int r = 0; r < count; r++) lcq_silu_mul_row16(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
+        for (int r = 0; r < count; r++)
+            lcq_silu_mul_row16(products[r], products[r] + WORD_PANEL, out + r * ldy, columns);
     }
 }
 
