@@ -658,7 +658,9 @@ static int paired_groups(int tasks, int64_t task_words) {
 
 /* lcq_expanded_product in the panel form: activations as rows of the product form (quantize_row for
  * int8, lcq_round_pairs for bf16), weights as panels of WORD_PANEL rows (the weight's kept ones, or,
- * for int8, each task's rows expanded then transposed), a task per panel of each half's rows; tiles of
+ * for int8, each task's rows expanded then transposed), a task per panel of each half's rows, all rows
+ * through it (paired from PAIRED_GROUP_ROWS rows without SwiGLU: groups of tasks, all rows through a
+ * group a block of rows at a time); tiles of
  * LCQ_TILE_ROWS activation rows (6 x 2 vectors of 16 weight rows) store whole output vectors, and no
  * activation row is padded (a step of 33 sequences is 33 rows). */
 LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N, const lcq_expansions *expansions,
