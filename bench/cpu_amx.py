@@ -4,7 +4,7 @@ kept (the engine's default where it fits), at 16 to 1024 rows (prefill, decode s
 must give the same values bit for bit, and at 64 to 1024 rows the same weights on bf16 tiles (byte_pair_rows:
 the int8 form's weight values and the activations rounded to bf16) against the int8 tiles, and those bf16 tiles
 with all rows through one panel of weights at a time against groups of panels a block of rows at a time
-(paired_group_kb), bit for bit; and bf16 products of
+(paired_group_kb; gate/up also with SwiGLU), bit for bit; and bf16 products of
 the fp16 head with its panels kept, at 3 to 256
 rows, which sum in another order (within 1e-5); and bf16 products of the same shapes' fp16 weights
 expanded per call (a full-precision model's layers) at 10 to 256 rows. The two forms alternate in one
@@ -107,6 +107,10 @@ def main() -> None:
         rows += [compare(name, products, torch.randn(m, k), torch.int8, ("bf16 tiles, a panel at a time",
                                                                          "bf16 tiles"), 0)
                  for m in GROUP_ROWS]
+        if name.startswith("gate/up"):  # the MLP's product as the engine takes it: silu(gate) * up
+            swiglu = [functools.partial(weight.linear, swiglu=True) for weight in weights]
+            rows += [compare(f"{name} SwiGLU", swiglu, torch.randn(m, k), torch.int8,
+                             ("bf16 tiles, a panel at a time", "bf16 tiles"), 0) for m in GROUP_ROWS]
         halves = [torch.randn(n, k).half() for _ in range(max(2, POOL_BYTES // (2 * n * k)))]
         products = [functools.partial(cpu_half.half_linear, weight=weight) for weight in halves]
         rows += [compare(f"{name} fp16", products, torch.randn(m, k), torch.bfloat16, ("registers", "AMX"), 1e-5)

@@ -1268,8 +1268,8 @@ def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
     the int8 products' quantized activations). Kept and expanded int8 rows; rows in tiles of 32 and a last
     one of up to 16 (M = 20, 33, 70); K whole blocks of 32 pairs (576) or padded with zeros to them (37,
     200, 330); last panels of 10-22 rows; at 1,030 rows all rows through groups of panels a block of rows at a
-    time (several a thread at N = 1600, one or two tasks each at 40 KB), equal bit for bit to all rows through
-    one panel at a time; each row's values independent of the rows beside it; SwiGLU."""
+    time (several a thread at N = 1600, one or two tasks each at 40 KB), with and without SwiGLU, equal bit
+    for bit to all rows through one panel at a time; each row's values independent of the rows beside it."""
     layer = random_layer(n, k, bits, rank, group, seed=n + k)
     kept, expanding = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
     assert kept.keep_byte_rows() > 0
@@ -1286,9 +1286,15 @@ def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
             many = torch.randn(1030, k)  # groups from 1024 rows: against a task at a time, bit for bit
             grouped = weight.linear(many)
             assert_close(grouped, _bf16_reference(many, values), torch.float32)
+            grouped_swiglu = weight.linear(many, True) if n % 2 == 0 else None
             for kb in (0, 40):
                 with paired_group_kb(kb):
                     assert torch.equal(weight.linear(many), grouped), kb
+                    if grouped_swiglu is not None:
+                        assert torch.equal(weight.linear(many, True), grouped_swiglu), kb
+            if grouped_swiglu is not None:
+                gate, up = grouped.chunk(2, dim=1)
+                assert _relative_error(grouped_swiglu, torch.nn.functional.silu(gate) * up) < 1e-6
             assert_close(products[70], _bf16_reference(x, values), torch.float32)
             if n % 2 == 0:
                 gate, up = products[70].chunk(2, dim=1)

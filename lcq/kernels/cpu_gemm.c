@@ -627,9 +627,10 @@ static int task_panels(const lcq_expansions *expansions, const void *weight, con
  * (32 rows, in L1 up to K = 768), so that y is written a block of rows at a time, each row's columns of the
  * group in one run: a task at a time wrote y in strips of 32 columns, and the tiles waited on those stores.
  * A microbenchmark of one thread's tiles (1024 x 576 by 768 x 576 in bf16, y 1024 x 768 in fp32) ran at
- * 1.1 TFLOP/s a task at a time, 1.7 a block of rows at a time, 2.0 with y not stored. With SwiGLU (y half as
- * wide, each tile's products read back for silu) groups measured 0.9x at SmolLM2's gate/up and 1.0-1.1x at
- * Llama 3.2 1B's, so those products keep a task at a time. lcq_set_paired_group_kb changes it. */
+ * 1.1 TFLOP/s a task at a time, 1.7 a block of rows at a time, 2.0 with y not stored. With SwiGLU, silu
+ * takes each block's products of the whole group at once: silu after each tile measured 0.9x a task at a time
+ * on SmolLM2's gate/up, once a block 1.04-1.05x there and 1.04-1.2x on Llama 3.2 1B's (builds alternating).
+ * lcq_set_paired_group_kb changes it. */
 static int paired_group_kb = 768;
 
 /* Groups run from this many rows: below it, all rows through one task at a time (its pairs in L1 up to
@@ -659,8 +660,8 @@ static int paired_groups(int tasks, int64_t task_words) {
 /* lcq_expanded_product in the panel form: activations as rows of the product form (quantize_row for
  * int8, lcq_round_pairs for bf16), weights as panels of WORD_PANEL rows (the weight's kept ones, or,
  * for int8, each task's rows expanded then transposed), a task per panel of each half's rows, all rows
- * through it (paired from PAIRED_GROUP_ROWS rows without SwiGLU: groups of tasks, all rows through a
- * group a block of rows at a time); tiles of
+ * through it (paired from PAIRED_GROUP_ROWS rows: groups of tasks, all rows through a group a block of
+ * rows at a time); tiles of
  * LCQ_TILE_ROWS activation rows (6 x 2 vectors of 16 weight rows) store whole output vectors, and no
  * activation row is padded (a step of 33 sequences is 33 rows). */
 LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N, const lcq_expansions *expansions,
@@ -690,9 +691,9 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
     const uint32_t *kept = bytes ? expansions->byte_rows : expansions->pair_panels;
     const int pair_rows = 2 * depth > x_depth ? 2 * depth : x_depth; /* of a panel expanded to pairs */
     const int64_t pair_panel = (int64_t)WORD_PANEL * pair_rows;        /* its words */
-    /* tasks taken together: one, or where paired without SwiGLU a group of tasks (paired_groups); group g is
-     * tasks g * tasks / groups to (g + 1) * tasks / groups */
-    const int groups = paired && halves == 1 && M >= PAIRED_GROUP_ROWS ? paired_groups(tasks, pair_panel) : tasks;
+    /* tasks taken together: one, or where paired from PAIRED_GROUP_ROWS rows a group of tasks (paired_groups);
+     * group g is tasks g * tasks / groups to (g + 1) * tasks / groups */
+    const int groups = paired && M >= PAIRED_GROUP_ROWS ? paired_groups(tasks, halves * pair_panel) : tasks;
     const int group = (tasks + groups - 1) / groups, row_block = lcq_amx_tile_rows(LCQ_BF16_PRODUCTS, x_depth);
     const int padded = tiled ? amx_padded_rows(tile_form, x_depth, M) : M; /* rows the AMX tiles read */
     uint32_t *rows = lcq_aligned_words((size_t)padded * x_words);
@@ -715,7 +716,11 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
             uint32_t *expanded = kept == NULL ? lcq_aligned_words(WORD_PANEL * (size_t)words * (1 + halves)) : NULL;
             /* where paired: a task's (a group's) panels expanded to pairs */
             uint32_t *pairs = paired ? lcq_aligned_words((size_t)(group * halves * pair_panel)) : NULL;
-            const int ready = (kept != NULL || expanded != NULL) && (!paired || pairs != NULL);
+            /* a group's products of a block of rows where SwiGLU takes them: all its gate columns, then its up */
+            float *products = groups < tasks && halves == 2
+                                  ? (float *)lcq_aligned_words((size_t)row_block * 2 * group * WORD_PANEL) : NULL;
+            const int ready = (kept != NULL || expanded != NULL) && (!paired || pairs != NULL) &&
+                              (products != NULL || groups == tasks || halves == 1);
             if (!ready) failed = 1;
             if (tiled) lcq_amx_configure(x_depth);
 #pragma omp for schedule(static)
@@ -742,16 +747,29 @@ LCQ_BF16 static int panel_product(int form, const float *x, int M, int K, int N,
                                  task_columns(outputs, t0), y + t0 * WORD_PANEL, outputs, &next);
                     continue;
                 }
-                for (int m0 = 0; m0 < M; m0 += row_block) /* a group: all rows through it a block at a time */
+                /* a group: all rows through it a block at a time; with SwiGLU, each block's products of the
+                 * group's gate and up columns, then silu(gate) * up of its rows */
+                const int64_t stride = 2 * group * WORD_PANEL; /* of products' rows */
+                const int width = (t1 == tasks ? outputs : t1 * WORD_PANEL) - t0 * WORD_PANEL;
+                for (int m0 = 0; m0 < M; m0 += row_block) {
+                    const int count = M - m0 < row_block ? M - m0 : row_block;
                     for (int t = t0; t < t1; t++)
-                        lcq_amx_tile(LCQ_BF16_PRODUCTS, M - m0 < row_block ? M - m0 : row_block,
-                                     rows + (int64_t)m0 * x_words, x_words, x_depth,
-                                     pairs + (int64_t)(t - t0) * pair_panel, task_columns(outputs, t),
-                                     y + (int64_t)m0 * outputs + t * WORD_PANEL, outputs, &next);
+                        for (int h = 0; h < halves; h++)
+                            lcq_amx_tile(LCQ_BF16_PRODUCTS, count, rows + (int64_t)m0 * x_words, x_words, x_depth,
+                                         pairs + ((int64_t)(t - t0) * halves + h) * pair_panel,
+                                         task_columns(outputs, t),
+                                         halves == 1 ? y + (int64_t)m0 * outputs + t * WORD_PANEL
+                                                     : products + (int64_t)(h * group + t - t0) * WORD_PANEL,
+                                         halves == 1 ? outputs : stride, &next);
+                    for (int r = 0; halves == 2 && r < count; r++)
+                        lcq_silu_mul_row16(products + r * stride, products + r * stride + group * WORD_PANEL,
+                                           y + (int64_t)(m0 + r) * outputs + t0 * WORD_PANEL, width);
+                }
             }
             if (tiled) lcq_amx_release();
             free(expanded);
             free(pairs);
+            free(products);
         }
     }
     free(rows);

@@ -260,8 +260,8 @@ int lcq_amx_tile_rows(int form, int depth);
  * panels expanded to bf16 pairs (their values q * scale rounded to bf16), sums fp32 over all of K. */
 int lcq_set_byte_pair_rows(int rows);
 
-/* Paired products without SwiGLU run all rows through groups of tasks whose bf16 pairs take up to `kb` KB a
- * block of rows at a time, or (0) all rows through each task in turn (process-wide; returns the setting
+/* Paired products of 1,024 rows or more run all rows through groups of tasks whose bf16 pairs take up to `kb`
+ * KB a block of rows at a time, or (0) all rows through each task in turn (process-wide; returns the setting
  * before): the same products, in another order. */
 int lcq_set_paired_group_kb(int kb);
 
