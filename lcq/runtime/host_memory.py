@@ -63,9 +63,12 @@ def return_freed_memory() -> None:
 def zeroed_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A CPU tensor of zeros on fresh anonymous pages, which the kernel fills with zeros as each is first
     touched: a KV pool costs nothing at start-up (torch.zeros wrote every byte, about 0.4 s a GB, twice
-    for K and V) and takes memory only as its blocks are used."""
+    for K and V) and takes memory only as its blocks are used. Private pages: Python's default mapping is
+    shared, whose pages the kernel keeps as shared memory, and first touches of those took 1.45x as long
+    (256 MB a page at a time on a 2-core guest: 1.46 against 2.1 GB/s), the time a prefill step's KV
+    writes wait on."""
     count = math.prod(shape)
-    pages = mmap.mmap(-1, max(1, count * torch.empty(0, dtype=dtype).element_size()))
+    pages = mmap.mmap(-1, max(1, count * torch.empty(0, dtype=dtype).element_size()), flags=mmap.MAP_PRIVATE)
     return torch.frombuffer(pages, dtype=dtype, count=count).view(shape)  # the tensor keeps the mapping
 
 
