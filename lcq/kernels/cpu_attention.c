@@ -585,36 +585,83 @@ static inline __attribute__((always_inline)) void stage_chunk(const int FORM, co
     }
 }
 
-/* An fp32 value rounded to bf16 (to nearest even; values here are finite). */
-static inline uint32_t bf16_bits(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    return (bits + 0x7fff + ((bits >> 16) & 1)) >> 16;
+/* The first n of 16 lanes (none for n <= 0). */
+static inline __mmask16 first_lanes(int n) {
+    return n <= 0 ? 0 : n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+/* `count` (up to 16) cache values from element i as fp32 times `factor`, zeros after. */
+LCQ_BF16 static inline __attribute__((always_inline)) __m512 load16(const int FORM, const void *cache, int64_t i,
+                                                                    int count, float factor) {
+    const __mmask16 mask = first_lanes(count);
+    __m512 values;
+    if (FORM == LCQ_CACHE_INT8)
+        values = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, (const int8_t *)cache + i)));
+    else if (FORM == LCQ_CACHE_FP16)
+        values = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)cache + i));
+    else
+        values = _mm512_maskz_loadu_ps(mask, (const float *)cache + i);
+    return FORM == LCQ_CACHE_INT8 ? _mm512_mul_ps(values, _mm512_set1_ps(factor)) : values;
 }
 
 /* stage_chunk for bf16 products: K as pairs along the head, kt[j][t] = (k[t][2j], k[t][2j + 1])
  * (head_dim / 2 x KEYS), and V as pairs along the keys, vp[u][i] = (v[2u][i], v[2u + 1][i]) (KEYS / 2
- * x padded_dim); zeros past `count` and head_dim. head_dim is even. */
-static inline __attribute__((always_inline)) void stage_pair_chunk(const int FORM, const void *k_cache,
-                                                                   const void *v_cache, const int32_t *table,
-                                                                   int first_key, int count, int kv, int64_t row,
-                                                                   int head_dim, int padded_dim, int block_size,
-                                                                   uint32_t *kt, uint32_t *vp) {
-    for (int i = 0; i < head_dim / 2 * KEYS; i++) kt[i] = 0;
-    for (int i = 0; i < KEYS / 2 * padded_dim; i++) vp[i] = 0;
+ * x padded_dim); zeros past `count` and head_dim. head_dim is even. Rounded to nearest even 32 values
+ * at a time (vcvtne2ps2bf16), each K row's pairs stored as a row, then transposed 16 x 16 words at a
+ * time; V's two keys interleaved by one permute. Against element by element (the same values; two
+ * builds alternating in one process, SmolLM2's heads, fp16 cache, 2 threads, Zen 4): 64 prompts of
+ * 16-256 tokens 1.06-1.13x, 16 of 16-64 1.12-1.22x, 4 of 256 1.11x, one of 2,048 1.02-1.03x. */
+LCQ_BF16 static inline __attribute__((always_inline)) void stage_pairs(const int FORM, const void *k_cache,
+                                                                       const void *v_cache, const int32_t *table,
+                                                                       int first_key, int count, int kv, int64_t row,
+                                                                       int head_dim, int padded_dim, int block_size,
+                                                                       uint32_t *kt, uint32_t *vp) {
+    const int words = head_dim / 2;
+    uint32_t k_rows[KEYS * words]; /* row t: key t's pairs */
+    int64_t at[KEYS];              /* each key's head row in the caches */
     for (int t = 0; t < count; t++) {
         const int key = first_key + t;
-        const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
-                           (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
-        const float k_factor = row_factor(FORM, k_cache, at, head_dim);
-        const float v_factor = row_factor(FORM, v_cache, at, head_dim);
-        for (int j = 0; j < head_dim / 2; j++)
-            kt[j * KEYS + t] = bf16_bits(load1(FORM, k_cache, at + 2 * j) * k_factor) |
-                               bf16_bits(load1(FORM, k_cache, at + 2 * j + 1) * k_factor) << 16;
-        uint16_t *values = (uint16_t *)(vp + t / 2 * padded_dim) + t % 2;
-        for (int i = 0; i < head_dim; i++)
-            values[2 * i] = (uint16_t)bf16_bits(load1(FORM, v_cache, at + i) * v_factor);
+        at[t] = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
+                (int64_t)kv * lcq_cache_head_stride(FORM, head_dim);
+        const float factor = row_factor(FORM, k_cache, at[t], head_dim);
+        for (int j = 0; j < words; j += 16) {
+            const __m512 low = load16(FORM, k_cache, at[t] + 2 * j, head_dim - 2 * j, factor);
+            const __m512 high = load16(FORM, k_cache, at[t] + 2 * j + 16, head_dim - 2 * j - 16, factor);
+            _mm512_mask_storeu_epi32(k_rows + t * words + j, first_lanes(words - j),
+                                     (__m512i)_mm512_cvtne2ps_pbh(high, low));
+        }
     }
+    for (int t = 0; t < KEYS; t += 16)
+        for (int j = 0; j < words; j += 16)
+            lcq_transpose_words(k_rows + t * words + j, words, count - t < 0 ? 0 : count - t < 16 ? count - t : 16,
+                                words - j < 16 ? words - j : 16, kt + (int64_t)j * KEYS + t, KEYS);
+    /* bf16 i of the two keys' (i of the first, 16 + i of the second) as word i */
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
+                                                22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    for (int u = 0; u < KEYS / 2; u++) {
+        const int first = 2 * u, second = 2 * u + 1;
+        const float first_factor = first < count ? row_factor(FORM, v_cache, at[first], head_dim) : 0.0f;
+        const float second_factor = second < count ? row_factor(FORM, v_cache, at[second], head_dim) : 0.0f;
+        for (int i = 0; i < padded_dim; i += 16) {
+            const int present = head_dim - i;
+            const __m512 a = load16(FORM, v_cache, first < count ? at[first] + i : 0, first < count ? present : 0,
+                                    first_factor);
+            const __m512 b = load16(FORM, v_cache, second < count ? at[second] + i : 0,
+                                    second < count ? present : 0, second_factor);
+            _mm512_storeu_si512(vp + (int64_t)u * padded_dim + i,
+                                _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(b, a)));
+        }
+    }
+}
+
+/* stage_pairs in the cache's form. */
+LCQ_BF16 static void stage_pair_chunk(int form, const void *k_cache, const void *v_cache, const int32_t *table,
+                                      int first_key, int count, int kv, int64_t row, int head_dim, int padded_dim,
+                                      int block_size, uint32_t *kt, uint32_t *vp) {
+#define STAGE_PAIRS(FORM)                                                                                       \
+    stage_pairs(FORM, k_cache, v_cache, table, first_key, count, kv, row, head_dim, padded_dim, block_size, kt, vp)
+    LCQ_CACHE_FORMS(form, STAGE_PAIRS)
+#undef STAGE_PAIRS
 }
 
 /* The per-thread buffers of a prefill task. */
@@ -843,15 +890,13 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
     FUNCTION(FORM, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,        \
              (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, (TYPE *)kt,             \
              (TYPE *)kt + (int64_t)(DEPTH) * KEYS)
-#define STAGE_PAIRS(FORM) STAGE(stage_pair_chunk, FORM, uint32_t, p->head_dim / 2)
 #define STAGE_FLOATS(FORM) STAGE(stage_chunk, FORM, float, p->head_dim)
             if (p->pairs) {
-                LCQ_CACHE_FORMS(p->cache_form, STAGE_PAIRS)
+                STAGE(stage_pair_chunk, p->cache_form, uint32_t, p->head_dim / 2);
             } else {
                 LCQ_CACHE_FORMS(p->cache_form, STAGE_FLOATS)
             }
 #undef STAGE_FLOATS
-#undef STAGE_PAIRS
 #undef STAGE
         }
         /* rows rounded up to whole AMX tiles, zeros to begin with (tiles read rows past a task's) */

@@ -396,46 +396,12 @@ LCQ_BF16 static void task_product(int form, int tiled, const uint32_t *x, int M,
         task_rows(LCQ_BF16_PRODUCTS, 1, x, M, K, words, gate, up, columns, y, ldy, stream);
 }
 
-/* dst[c][16 * i] = src[i][c] for 16 rows of 16 words (rows at src, src_stride apart, `rows` of them
- * there, zeros after; `columns` words of each, the rest not stored; dst rows dst_stride apart): four
- * rounds of unpacks and 128-bit shuffles. */
-LCQ_BF16 static void transpose_words(const uint32_t *src, int64_t src_stride, int rows, int columns, uint32_t *dst,
-                                     int64_t dst_stride) {
-    const __mmask16 present = (__mmask16)((1u << columns) - 1);
-    __m512i r[16], t[16];
-    for (int i = 0; i < 16; i++)
-        r[i] = i < rows ? _mm512_maskz_loadu_epi32(present, src + i * src_stride) : _mm512_setzero_si512();
-    for (int i = 0; i < 16; i += 2) { /* t[i]: per 128-bit lane L, words 4L, 4L + 1 of rows i, i + 1 */
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int g = 0; g < 16; g += 4) { /* r[g + e]: per lane L, word 4L + e of rows g .. g + 3 */
-        r[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-        r[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-        r[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-        r[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-    }
-    for (int e = 0; e < 4; e++) { /* rows 0-7, then 8-15: words e, 8 + e (t[e]) and 4 + e, 12 + e (t[4 + e]) */
-        t[e] = _mm512_shuffle_i32x4(r[e], r[4 + e], 0x88);
-        t[4 + e] = _mm512_shuffle_i32x4(r[e], r[4 + e], 0xdd);
-        t[8 + e] = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0x88);
-        t[12 + e] = _mm512_shuffle_i32x4(r[8 + e], r[12 + e], 0xdd);
-    }
-    for (int e = 0; e < 4; e++) { /* word c of every row */
-        r[e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0x88);
-        r[8 + e] = _mm512_shuffle_i32x4(t[e], t[8 + e], 0xdd);
-        r[4 + e] = _mm512_shuffle_i32x4(t[4 + e], t[12 + e], 0x88);
-        r[12 + e] = _mm512_shuffle_i32x4(t[4 + e], t[12 + e], 0xdd);
-    }
-    for (int c = 0; c < columns; c++) _mm512_storeu_si512(dst + c * dst_stride, r[c]);
-}
-
 LCQ_BF16 void lcq_word_panels(const uint32_t *rows, int count, int words, uint32_t *panels) {
     for (int first = 0; first < count; first += 16) {
         uint32_t *panel = panels + (int64_t)(first / WORD_PANEL) * WORD_PANEL * words + first % WORD_PANEL;
         const int height = count - first < 16 ? count - first : 16;
         for (int c = 0; c < words; c += 16)
-            transpose_words(rows + (int64_t)first * words + c, words, height, words - c < 16 ? words - c : 16,
+            lcq_transpose_words(rows + (int64_t)first * words + c, words, height, words - c < 16 ? words - c : 16,
                             panel + (int64_t)c * WORD_PANEL, WORD_PANEL);
     }
     if (count % WORD_PANEL > 0 && count % WORD_PANEL <= 16) /* the last panel's second half: zeros */
