@@ -237,6 +237,35 @@ def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
         batch.step({seq: [7]})
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "stablelm"])
+@pytest.mark.parametrize("table", [torch.float16, torch.float32])
+def test_c_decode_step_looks_tokens_up_and_norms_as_the_python_layers(tmp_path, arch, table):
+    """The one-call C decode step reads the embedding table itself (fp16, as an fp16 file keeps it, or fp32, as
+    a table fp16 cannot hold exactly stays; Gemma scales the rows) and ends with the final norm (StableLM's
+    LayerNorm with its bias): the logits of three decode steps of two sequences equal the Python layers' bit
+    for bit, and a token id outside the table is an IndexError, as torch's lookup raises."""
+    model, _ = load_model(make_tiny_hf(tmp_path, arch, dtype=torch.float16))
+    model.embed_tokens.weight = torch.nn.Parameter(model.embed_tokens.weight.to(table), requires_grad=False)
+    runs = []
+    for one_call in (True, False):
+        batch = PagedBatch(model)
+        if model.cpu_decoder is None:
+            pytest.skip("the C decode step does not build here")
+        assert model.cpu_decoder.embeddings is not None and model.cpu_decoder.embeddings.dtype == table
+        decoder = model.cpu_decoder
+        if not one_call:
+            model.cpu_decoder = None
+        seqs = [batch.add(), batch.add()]
+        logits = [batch.step({seqs[0]: [5, 17, 99], seqs[1]: [3, 250]})]
+        for _ in range(3):
+            logits.append(batch.step({s: [t] for s, t in zip(seqs, logits[-1].argmax(-1).tolist())}))
+        runs.append(torch.stack(logits))
+        model.cpu_decoder = decoder
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(IndexError, match="a token id outside the embedding table"):
+        batch.step({seqs[0]: [model.config.vocab_size]})
+
+
 @pytest.mark.parametrize("arch", ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "smollm3",
                                   "olmo2", "olmo3", "exaone4", "seed_oss", "hunyuan", "arcee", "apertus"])
 @pytest.mark.parametrize("c_ops", ["1", "0"])

@@ -62,8 +62,8 @@ def one_call_steps(monkeypatch) -> list[bool]:
 
     steps: list[bool] = []
     decode = CpuDecoder.__call__
-    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, hidden, positions, context:
-                        steps.append(context.lora is not None) or decode(self, hidden, positions, context))
+    monkeypatch.setattr(CpuDecoder, "__call__", lambda self, input_ids, positions, context, embed:
+                        steps.append(context.lora is not None) or decode(self, input_ids, positions, context, embed))
     return steps
 
 

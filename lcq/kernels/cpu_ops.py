@@ -413,8 +413,9 @@ def library() -> ctypes.CDLL | None:
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
         "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
-        "lcq_decode_layers": [p, i32, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p, p, i32, p, i32, f32, f32, p,
-                              i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32, i32, p, p, p, p, i32, i32],
+        "lcq_decode_layers": [p, i32, p, p, i64, i32, f32, p, p, p, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p,
+                              p, i32, p, i32, f32, f32, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32,
+                              i32, p, p, p, p, i32, i32],
     }
     for name, argtypes in signatures.items():
         getattr(lib, name).argtypes = argtypes

@@ -21,6 +21,7 @@ as LoRABatch.add does (the attention's and dense MLPs' products: the only ones a
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 
@@ -71,6 +72,13 @@ class CpuDecoder:
         self.work_per_row = 3 * c.hidden_size + 2 * q + 2 * kv + 3 * c.intermediate_size + sum(self.recurrent_widths) \
             + 2 * q * self.output_gate
         self.adapter_tables: dict[int, tuple[AdapterStack, ctypes.Array]] = {}  # id(stack) -> its matrices' table
+        # The step looks tokens up itself in an fp16 or fp32 table (others, a packed one, take `embed`) and ends with
+        # the final norm: torch's lookup and the norm's Python call took ~170 us of a ~5 ms batch-1 token.
+        table = getattr(model.embed_tokens, "weight", None)
+        self.embeddings = table if isinstance(model.embed_tokens, torch.nn.Embedding) and table.is_contiguous() and \
+            table.dtype in (torch.float16, torch.float32) else None
+        self.embed_scale = c.embed_scale
+        self.final_norm = (model.norm.weight, getattr(model.norm, "bias", None))
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> CpuDecoder | None:
@@ -148,19 +156,27 @@ class CpuDecoder:
             self.adapter_tables[id(stack)] = (stack, table)
         return self.adapter_tables[id(stack)][1]
 
-    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
-        """Embeddings (rows, hidden) at positions (rows,) -> the residual stream after the last layer (before
-        the final norm). Each layer reads its rotary table's rows itself (no per-step lookup)."""
-        x = hidden.contiguous()  # the embedding lookup's own tensor: updated in place
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext,
+                 embed: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Tokens (rows,) at positions (rows,) -> the final norm of the residual stream after the last layer.
+        embed: the model's lookup (scaled), for tables the step does not read itself. Each layer reads its
+        rotary table's rows itself (no per-step lookup)."""
+        rows, hidden = input_ids.shape[0], self.sizes[0]
+        if self.embeddings is None:
+            token_ids, x = None, embed(input_ids).contiguous()  # the lookup's own tensor: updated in place
+        else:
+            token_ids, x = input_ids.to(torch.int64).contiguous(), torch.empty(rows, hidden)
+        out = torch.empty(rows, hidden)
         positions = positions.to(torch.int64).contiguous()
         tables, lengths = context.block_tables.contiguous(), context.context_lens.contiguous()
         slots = context.slot_mapping.contiguous()
-        rows = x.shape[0]
         work = torch.empty(rows * self.work_per_row)
         scales = None if self.query_temperature is None else \
             query_temperatures(positions, *self.query_temperature).contiguous()  # kept alive through the call
         scales_at = None if scales is None else scales.data_ptr()
-        hidden_size, heads, kv_heads, head_dim, intermediate = self.sizes
+        _, heads, kv_heads, head_dim, intermediate = self.sizes
+        table = self.embeddings
+        final_weight, final_bias = self.final_norm
         lora = context.lora
         adapters = (None, None, None, 0, 0) if lora is None else (
             self._adapter_table(lora.stack), lora.stack.active.data_ptr(), lora.slots.contiguous(), lora.stack.slots,
@@ -168,7 +184,11 @@ class CpuDecoder:
         row_slots = adapters[2]  # kept alive through the call
         state_slots = None if context.state_slots is None else context.state_slots.to(torch.int64).contiguous()
         status = cpu_ops.library().lcq_decode_layers(
-            self.table, self.num_layers, x.data_ptr(), rows, hidden_size, heads, kv_heads, head_dim, intermediate,
+            self.table, self.num_layers, None if token_ids is None else token_ids.data_ptr(),
+            None if table is None else table.data_ptr(), 0 if table is None else table.shape[0],
+            int(table is not None and table.dtype == torch.float16), self.embed_scale, x.data_ptr(),
+            final_weight.data_ptr(), None if final_bias is None else final_bias.data_ptr(), out.data_ptr(), rows,
+            hidden, heads, kv_heads, head_dim, intermediate,
             self.eps, positions.data_ptr(), self.table_positions, slots.data_ptr(), tables.data_ptr(), tables.shape[-1],
             lengths.data_ptr(), self.block_size, self.scale, self.softcap, scales_at, self.whole_qk_norms,
             self.qk_norms_after_rotary, self.interleaved_rotary, self.rotated, self.output_gate, self.layer_norms,
@@ -178,10 +198,12 @@ class CpuDecoder:
             None if row_slots is None else row_slots.data_ptr(), adapters[3], adapters[4])
         if status == -2:
             raise IndexError(f"a position past the rotary tables' {self.table_positions}")
+        if status == -4:
+            raise IndexError(f"a token id outside the embedding table's {table.shape[0]} rows")
         cpu_ops.check_blocks(status, "the C decode step")
         if status != 0:
             raise MemoryError("the C decode step could not allocate its attention buffers")
-        return x
+        return out
 
 
 def _factors(mlp: torch.nn.Module | None) -> torch.Tensor | None:

@@ -436,11 +436,9 @@ class LlamaModel(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, context: ForwardContext) -> torch.Tensor:
         if self.block_size is None:
             raise RuntimeError("bind_kv_cache before the first forward pass")
-        hidden = self.embed_tokens(input_ids).to(self.dtype)
-        if self.config.embed_scale != 1.0:  # rounded to the model dtype first, as transformers does
-            hidden = hidden * torch.tensor(self.config.embed_scale, dtype=self.dtype)
         if self.cpu_decoder is not None and self.cpu_decoder.runs(context):
-            return self.norm(self.cpu_decoder(hidden, positions, context))[0]
+            return self.cpu_decoder(input_ids, positions, context, self.embed)
+        hidden = self.embed(input_ids)
         tables = [self.layer_rotary(i) for i in range(len(self.layers))]
         distinct = {id(table): table for table in tables}
         ropes = {key: table(positions) for key, table in distinct.items()}  # each table's rows looked up once a step
@@ -454,6 +452,13 @@ class LlamaModel(torch.nn.Module):
             hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
         return self.norm(hidden, residual)[0]
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings in the model dtype, scaled where the model scales them (Gemma)."""
+        hidden = self.embed_tokens(input_ids).to(self.dtype)
+        if self.config.embed_scale != 1.0:  # rounded to the model dtype first, as transformers does
+            hidden = hidden * torch.tensor(self.config.embed_scale, dtype=self.dtype)
+        return hidden
+
     def add_mtp(self, make_linear: LinearFactory) -> None:
         """Build the checkpoint's multi-token-prediction layer (config.mtp), to be loaded and given a KV cache."""
         names, layer_config = self.config.mtp, self.config.mtp_layer_config()
@@ -466,9 +471,7 @@ class LlamaModel(torch.nn.Module):
         """The multi-token-prediction layer over rows of (the token after each position, the hidden state at it):
         (the hidden states a next draft reads, the logits of the token after next). context: one layer group,
         the full-attention blocks' table."""
-        embeddings = self.embed_tokens(input_ids).to(self.dtype)
-        if self.config.embed_scale != 1.0:
-            embeddings = embeddings * torch.tensor(self.config.embed_scale, dtype=self.dtype)
+        embeddings = self.embed(input_ids)
         attention = PagedAttention(context.group(0), self.block_size, embeddings.device, embeddings.dtype,
                                    self.cache_dtype, None)
         chained, normed = self.mtp(embeddings, previous.to(self.dtype), positions, self.rotary(positions), attention)
