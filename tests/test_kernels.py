@@ -965,6 +965,29 @@ def test_int8_decode_products_read_books(bits, rank, group, k):
         assert other.keep_books() == 0
 
 
+@needs_int8
+def test_int8_decode_products_from_several_threads_at_once():
+    """The int8 decode form quantizes its activations into the calling thread's own buffer (lcq_scratch, kept
+    between calls): products of 1-4 rows of two widths from four Python threads at once (the C call releases
+    the GIL), each thread's calls alternating sizes so that its buffer grows and is reused, equal what each
+    product gave alone beforehand, bit for bit."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = [cpu_index.IndexWeight(random_layer(70, k, 2, 2, 64, seed=k), wide=True) for k in (576, 2048)]
+    assert all(w.keep_books() for w in weights)
+    jobs = [(w, torch.randn(m, w.in_features)) for w in weights for m in (1, 3, 4)]
+    with cpu_products(torch.int8):
+        expected = [w.linear(x) for w, x in jobs]
+
+    def products(thread: int) -> list[bool]:
+        with cpu_products(torch.int8):  # (the product form is the calling thread's)
+            return [torch.equal(jobs[j][0].linear(jobs[j][1]), expected[j])
+                    for _ in range(10) for j in ((thread + t) % len(jobs) for t in range(len(jobs)))]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(all(equal) for equal in pool.map(products, range(4)))
+
+
 def _byte_row_values(rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The weight cpu_half.byte_rows holds, (n, k) float64: each unsigned code less 128, times its block's scale."""
     blocks = -(-k // cpu_half.BYTE_BLOCK)

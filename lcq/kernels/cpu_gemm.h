@@ -228,6 +228,11 @@ int lcq_byte_decode_rows(int kept);
 /* K fp32 activations as a row of the int8 form (lcq_byte_row_words((K + 3) / 4) words; cpu_gemm.c). */
 void lcq_quantize_row(const float *src, int K, uint32_t *row);
 
+/* At least `size` bytes (64-byte aligned) of the calling thread's own buffer, valid until its next call, or NULL
+ * where it cannot grow: for the activations of decode products of a few rows, which a batch-1 token runs ~120
+ * of, where allocating and freeing them each call had cost ~3% of the one-row products (cpu_gemm.c). */
+void *lcq_scratch(size_t size);
+
 /* K fp32 values as ceil(K / 2) bf16 pairs (round to nearest even), the last one padded with zero. */
 void lcq_round_pairs(const float *src, int K, uint32_t *pairs);
 

@@ -673,25 +673,18 @@ static const uint8_t FIELD_ORDER[64] = {0,  1,  16, 17, 32, 33, 48, 49, 2,  3,  
                                         8,  9,  24, 25, 40, 41, 56, 57, 10, 11, 26, 27, 42, 43, 58, 59,
                                         12, 13, 28, 29, 44, 45, 60, 61, 14, 15, 30, 31, 46, 47, 62, 63};
 
-LCQ_INT8 static void free_byte_activations(byte_activations *a) {
-    free(a->bytes);
-    free(a->offsets);
-    free(a->scales);
-}
-
-/* Returns 0, or -1 when a buffer cannot be allocated. */
+/* Into the calling thread's scratch buffer (lcq_scratch): returns 0, or -1 when it cannot grow. */
 LCQ_INT8 static int byte_activations_of(const float *x, int M, int K, byte_activations *a) {
     const int words = (K + 3) / 4, blocks = lcq_scale_blocks(words), whole = K / 16 * 16;
-    uint32_t *row = malloc(sizeof(uint32_t) * (size_t)lcq_byte_row_words(words));
+    const size_t row_bytes = (sizeof(uint32_t) * (size_t)lcq_byte_row_words(words) + 63) / 64 * 64;
+    const size_t count = (size_t)M * blocks, byte_bytes = 64 * count;
+    uint8_t *buffer = lcq_scratch(row_bytes + byte_bytes + (sizeof(int32_t) + sizeof(float)) * count);
+    if (buffer == NULL) return -1;
+    uint32_t *row = (uint32_t *)buffer;
     a->blocks = blocks;
-    a->bytes = malloc((size_t)M * blocks * 64);
-    a->offsets = malloc(sizeof(int32_t) * (size_t)M * blocks);
-    a->scales = malloc(sizeof(float) * (size_t)M * blocks);
-    if (row == NULL || a->bytes == NULL || a->offsets == NULL || a->scales == NULL) {
-        free(row);
-        free_byte_activations(a);
-        return -1;
-    }
+    a->bytes = (int8_t *)(buffer + row_bytes);
+    a->offsets = (int32_t *)(buffer + row_bytes + byte_bytes);
+    a->scales = (float *)(a->offsets + count);
     const __m512i order = _mm512_loadu_si512(FIELD_ORDER), ones = _mm512_set1_epi8(1);
     for (int m = 0; m < M; m++) {
         lcq_quantize_row(x + (int64_t)m * K, K, row);
@@ -706,7 +699,6 @@ LCQ_INT8 static int byte_activations_of(const float *x, int M, int K, byte_activ
             a->scales[at] = scales[b] / 127.0f;
         }
     }
-    free(row);
     return 0;
 }
 
@@ -847,7 +839,6 @@ LCQ_INT8 static int byte_decode_product(const lcq_index_weight *w, const float *
         case 3: byte_tiles_3(w, &a, x, M, y); break;
         default: byte_tiles_4(w, &a, x, M, y); break;
     }
-    free_byte_activations(&a);
     return 0;
 }
 
