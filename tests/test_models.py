@@ -237,14 +237,16 @@ def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
         batch.step({seq: [7]})
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "stablelm"])
+@pytest.mark.parametrize("arch, sizes", [("llama", {}), ("llama", {"hidden_size": 100, "head_dim": 32}),
+                                         ("gemma3", {}), ("stablelm", {})])
 @pytest.mark.parametrize("table", [torch.float16, torch.float32])
-def test_c_decode_step_looks_tokens_up_and_norms_as_the_python_layers(tmp_path, arch, table):
+def test_c_decode_step_looks_tokens_up_and_norms_as_the_python_layers(tmp_path, arch, sizes, table):
     """The one-call C decode step reads the embedding table itself (fp16, as an fp16 file keeps it, or fp32, as
-    a table fp16 cannot hold exactly stays; Gemma scales the rows) and ends with the final norm (StableLM's
-    LayerNorm with its bias): the logits of three decode steps of two sequences equal the Python layers' bit
-    for bit, and a token id outside the table is an IndexError, as torch's lookup raises."""
-    model, _ = load_model(make_tiny_hf(tmp_path, arch, dtype=torch.float16))
+    a table fp16 cannot hold exactly stays; rows of 96 and of 100 values, not a whole number of 8-value
+    conversions; Gemma scales the rows) and ends with the final norm (StableLM's LayerNorm with its bias): the
+    logits of three decode steps of two sequences equal the Python layers' bit for bit, and a token id outside
+    the table is an IndexError, as torch's lookup raises."""
+    model, _ = load_model(make_tiny_hf(tmp_path, arch, dtype=torch.float16, **sizes))
     model.embed_tokens.weight = torch.nn.Parameter(model.embed_tokens.weight.to(table), requires_grad=False)
     runs = []
     for one_call in (True, False):

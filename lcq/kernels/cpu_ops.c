@@ -766,9 +766,13 @@ int lcq_decode_layers(void *const *layers, int num_layers, const int64_t *token_
     for (int r = 0; token_ids != NULL && r < rows; r++) {
         if (token_ids[r] < 0 || token_ids[r] >= vocab) return -4;
         float *row = x + (int64_t)r * hidden;
-        if (half_embeddings)
-            for (int i = 0; i < hidden; i++) row[i] = _cvtsh_ss(((const uint16_t *)embeddings)[token_ids[r] * hidden + i]);
-        else
+        if (half_embeddings) {
+            const uint16_t *half = (const uint16_t *)embeddings + token_ids[r] * hidden;
+            int i = 0;
+            for (; i + 8 <= hidden; i += 8)
+                _mm256_storeu_ps(row + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(half + i))));
+            for (; i < hidden; i++) row[i] = _cvtsh_ss(half[i]);
+        } else
             memcpy(row, (const float *)embeddings + token_ids[r] * hidden, sizeof(float) * hidden);
         for (int i = 0; embed_scale != 1.0f && i < hidden; i++) row[i] *= embed_scale;
     }
