@@ -44,6 +44,23 @@ static inline __attribute__((always_inline)) float row_factor(const int FORM, co
     return FORM == LCQ_CACHE_INT8 ? lcq_cache_scale(cache, start, head_dim) : 1.0f;
 }
 
+/* The cache lines of one block a decode task reads later, asked for into L2 `per_step` lines at a time
+ * (ask_lines) as the task's passes go (stream_block_rows). A range and a cursor the compiler keeps in
+ * registers: cpu_gemm.h's lcq_line_stream, several ranges in arrays, stored and reloaded its position
+ * every step (a tenth of the samples in a decode step's attention, hot or cold). With this, in one
+ * process alternating with that build, 30 layers' caches from memory, 2 threads on a Zen 4, the same
+ * outputs: fp16, 16 sequences of 1,400-1,600 tokens 1.07-1.09x, 64 of 16-300 1.04-1.05x; int8 1.03x. */
+typedef struct {
+    const char *next, *end;
+    int per_step;
+} block_lines;
+
+static inline __attribute__((always_inline)) void ask_lines(block_lines *lines) {
+    if (lines == NULL) return;
+    for (int i = 0; i < lines->per_step && lines->next < lines->end; i++, lines->next += 64)
+        _mm_prefetch(lines->next, _MM_HINT_T1);
+}
+
 #define MAX_GROUP 3 /* query heads of a GQA group scored in one pass over the rows (attend_task) */
 
 /* The 8 horizontal sums of a[0..7] as one vector: three rounds of pairwise adds, then the halves. */
@@ -85,16 +102,16 @@ static inline float sink_share(const float *sinks, int head, float top) {
  * products summed across the head in its own register and the 8 sums reduced together (one
  * horizontal sum per row cost more than the products). Each key vector is loaded and converted
  * once for the G heads. Inlined with G and FORM constants: 8 x G accumulators, so G > 1 needs
- * AVX-512's 32 registers. The stream (or NULL) takes a step per 8 rows. */
+ * AVX-512's 32 registers. The lines ahead (or NULL) are asked for a step per 8 rows. */
 static inline __attribute__((always_inline)) void score_rows(const int G, const int FORM, const float *query,
                                                              const void *cache, int64_t first, int64_t stride,
                                                              int count, int readable, int head_dim, float scale,
                                                              float *scores, int64_t score_stride,
-                                                             lcq_line_stream *stream) {
+                                                             block_lines *stream) {
     const int vectors = head_dim / 8;
     int t = 0;
     for (; t < count && t + 8 <= readable; t += 8) {
-        lcq_stream_step(stream);
+        ask_lines(stream);
         /* 8 rows even past `count` (a sequence's last block), within the `readable` rows of its block:
          * the lanes of rows past `count` are not stored (a row per lane, so they touch no other) */
         const __m256i stored =
@@ -141,17 +158,17 @@ static inline __attribute__((always_inline)) void score_rows(const int G, const 
 /* out[g][0 .. V*8) += sum over `count` cache rows t from element `first` of weights[g][t] * row t for
  * G heads (weights weight_stride apart, outputs head_dim apart), the G x V output vectors held in
  * registers over all rows and each row vector loaded once (int8 rows' scales are in the weights:
- * attend_task). Inlined with G, V and FORM constants. The stream (or NULL) takes a step per row. */
+ * attend_task). Inlined with G, V and FORM constants. The lines ahead (or NULL): a step per row. */
 static inline __attribute__((always_inline)) void weigh_rows(const int G, const int V, const int FORM,
                                                              const float *weights, int64_t weight_stride,
                                                              const void *cache, int64_t first, int64_t stride,
                                                              int count, float *out, int head_dim,
-                                                             lcq_line_stream *stream) {
+                                                             block_lines *stream) {
     __m256 acc[MAX_GROUP][8];
     for (int g = 0; g < G; g++)
         for (int v = 0; v < V; v++) acc[g][v] = _mm256_loadu_ps(out + g * head_dim + 8 * v);
     for (int t = 0; t < count; t++) {
-        lcq_stream_step(stream);
+        ask_lines(stream);
         __m256 weight[MAX_GROUP];
         for (int g = 0; g < G; g++) weight[g] = _mm256_broadcast_ss(weights + g * weight_stride + t);
         for (int v = 0; v < V; v++) {
@@ -168,7 +185,7 @@ static inline __attribute__((always_inline)) void weigh_rows(const int G, const 
 static inline __attribute__((always_inline)) void weigh_head(const int G, const int FORM, const float *weights,
                                                              int64_t weight_stride, const void *cache, int64_t first,
                                                              int64_t stride, int count, int head_dim, float *out,
-                                                             lcq_line_stream *stream) {
+                                                             block_lines *stream) {
 #define WEIGH(V) weigh_rows(G, V, FORM, weights, weight_stride, cache, first + i, stride, count, out + i, head_dim, \
                             stream)
     int i = 0;
@@ -220,20 +237,24 @@ static inline __attribute__((always_inline)) void prefetch_part(const void *cach
     }
 }
 
-/* The stream (cpu_gemm.h) of block `block` of `cache` (nothing for NULL), whose rows a task reads whole (all
- * kv heads, as with WHOLE_ROW_MIN_SEQS sequences or more): one range of lines, asked for `steps` times in
- * even parts by the passes over the block before it, a part per 8 key rows scored or per value row
- * weighed. Against a part per kv head before its pass (prefetch_part; the lines of 5-6 rows at once),
- * which filled the core's 16 miss buffers and stalled it until memory answered: 30 layers' fp16 caches
- * from memory, 2 threads on a Xeon with AMX, alternating builds: 64 sequences of 16-300 tokens 1.09-1.15x,
- * 16 of 900-1,100 tokens 1.12-1.25x (13.5 -> 14.7 GB/s of cache at 100-350 tokens). */
-static inline __attribute__((always_inline)) void stream_block_rows(lcq_line_stream *stream, const void *cache,
-                                                                    int element, const int32_t *table, int block,
-                                                                    int block_size, int64_t row, int steps) {
-    if (cache == NULL) return;
+/* The lines of block `block` of `cache` (none for NULL), whose rows a task reads whole (all kv heads, as
+ * with WHOLE_ROW_MIN_SEQS sequences or more): asked for `steps` times in even parts by the passes over
+ * the block before it, a part per 8 key rows scored or per value row weighed. Against a part per kv
+ * head before its pass (prefetch_part; the lines of 5-6 rows at once), which filled the core's 16 miss
+ * buffers and stalled it until memory answered: 30 layers' fp16 caches from memory, 2 threads on a Xeon
+ * with AMX, alternating builds: 64 sequences of 16-300 tokens 1.09-1.15x, 16 of 900-1,100 tokens
+ * 1.12-1.25x (13.5 -> 14.7 GB/s of cache at 100-350 tokens). */
+static inline __attribute__((always_inline)) block_lines stream_block_rows(const void *cache, int element,
+                                                                           const int32_t *table, int block,
+                                                                           int block_size, int64_t row, int steps) {
+    block_lines lines = {0};
+    if (cache == NULL || steps <= 0) return lines;
     const int64_t bytes = (int64_t)block_size * row * element;
-    lcq_stream_add(stream, (const char *)cache + (int64_t)table[block] * bytes, bytes);
-    stream->per_step = steps > 0 ? (int)((stream->lines[0] + steps - 1) / steps) : 0;
+    const uintptr_t start = (uintptr_t)cache + (uintptr_t)((int64_t)table[block] * bytes);
+    lines.next = (const char *)(start & ~(uintptr_t)63);
+    lines.end = (const char *)(start + bytes);
+    lines.per_step = (int)(((lines.end - lines.next + 63) / 64 + steps - 1) / steps);
+    return lines;
 }
 
 /* A task of lcq_decode_attention: the query heads first_head .. first_head + task_heads - 1 of one
@@ -292,9 +313,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
         const int ahead = start / block_size + PREFETCH_BLOCKS; /* K blocks, then V blocks */
         const void *ahead_cache = ahead < blocks ? k_cache : ahead - blocks < blocks ? v_cache : NULL;
         const int ahead_block = ahead < blocks ? ahead : ahead - blocks;
-        lcq_line_stream stream = {0};
-        if (whole_rows) stream_block_rows(&stream, ahead_cache, element, table, ahead_block, block_size, row,
-                                          task_kv * ((count + 7) / 8));
+        block_lines stream = stream_block_rows(whole_rows ? ahead_cache : NULL, element, table, ahead_block,
+                                               block_size, row, task_kv * ((count + 7) / 8));
 #define SCORE(G, h, kv)                                                                                         \
     if (!whole_rows) PREFETCH_AHEAD(h, kv, ahead_cache, table, ahead_block);                                    \
     score_rows(G, FORM, queries + (h) * head_dim, k_cache, first + (kv) * head_stride, row, count,              \
@@ -340,9 +360,8 @@ static inline __attribute__((always_inline)) int attend_task(const int FORM, con
                 for (int t = 0; t < count; t++)
                     scores[(int64_t)h * span + at + t] *=
                         row_factor(FORM, v_cache, first + (h / group) * head_stride + t * row, head_dim);
-        lcq_line_stream stream = {0};
-        if (whole_rows) stream_block_rows(&stream, ahead_cache, element, ahead_table, ahead_block, block_size, row,
-                                          task_kv * count * ((head_dim + 63) / 64));
+        block_lines stream = stream_block_rows(whole_rows ? ahead_cache : NULL, element, ahead_table, ahead_block,
+                                               block_size, row, task_kv * count * ((head_dim + 63) / 64));
 #define WEIGH_HEADS(G, h, kv)                                                                                   \
     if (!whole_rows) PREFETCH_AHEAD(h, kv, ahead_cache, ahead_table, ahead_block);                              \
     weigh_head(G, FORM, scores + (int64_t)(h) * span + at, span, v_cache, first + (kv) * head_stride, row, count, \
