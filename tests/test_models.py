@@ -1269,17 +1269,24 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
 @needs_cpu_ops
 @pytest.mark.parametrize("heads, kv_heads, cache_dtype, head_dim", [
     (9, 3, torch.float32, 24), (9, 3, torch.float16, 64), (4, 2, torch.float32, 20)])
-@pytest.mark.parametrize("cached", [[300, 128, 127, 0], [700]])
-def test_cpu_decode_attention_in_parts_matches_torch_path(monkeypatch, cached, heads, kv_heads, cache_dtype, head_dim):
-    """Fewer than 8 sequences decode each context in parts of 32 blocks (128 tokens here), each part
-    softmax-normalized on its own and the parts combined after: 301 tokens are 3 parts, 129 two (the
-    second of one token), 128 one, 701 six; a padding sequence (context 0) stays zeros."""
+@pytest.mark.parametrize("cached", [[300, 128, 127, 0], [700], [200, 30]])
+@pytest.mark.parametrize("window, sinks", [(0, False), (150, True)])
+def test_cpu_decode_attention_in_parts_matches_torch_path(monkeypatch, cached, heads, kv_heads, cache_dtype, head_dim,
+                                                          window, sinks):
+    """Fewer than 8 sequences decode each context in parts, each part softmax-normalized on its own and
+    the parts combined after (sinks added once, at the combination). With 64 blocks or more in all
+    (blocks of 4 tokens here: the first two cases) each task reads whole rows over parts sized for about
+    4 tasks a thread: 301 tokens are several parts, 129 and 128 one or more, 701 more; below 64 blocks a
+    task reads one kv head's slices in parts of 32 blocks: 201 tokens are 2 parts, 31 one. A padding
+    sequence (context 0) stays zeros; a window of 150 begins inside a block (the parts then cover it)."""
     new = [1] * len(cached)
     _check_cpu_attention_against_torch(monkeypatch, new, [c if c else -1 for c in cached], heads, kv_heads,
-                                       cache_dtype, head_dim, BLOCK)
+                                       cache_dtype, head_dim, BLOCK, window,
+                                       torch.randn(heads) if sinks else None)
 
 
-def _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim, block_size):
+def _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads, cache_dtype, head_dim, block_size,
+                                       window=0, sinks=None):
     k_cache, v_cache, context = _random_paged_context(new, cached, kv_heads, head_dim, cache_dtype, block_size)
     q, k, v = (torch.randn(sum(new), h, head_dim) for h in (heads, kv_heads, kv_heads))
     scale = head_dim ** -0.5
@@ -1290,7 +1297,7 @@ def _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads
         assert paged.use_cpu_ops == (c_ops == "1")
         caches = k_cache.clone(), v_cache.clone()
         paged.write(k, v, *caches)
-        out = paged.attend(q, *caches, scale)
+        out = paged.attend(q, *caches, scale, window=window, sinks=sinks)
         for i, length in enumerate(context.context_lens.tolist()):
             if length == 0:  # padding sequences: zeros from C, undefined from SDPA
                 out[context.query_start[i]:context.query_start[i + 1]] = 0

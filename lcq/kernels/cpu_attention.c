@@ -13,6 +13,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -430,11 +431,24 @@ int lcq_use_wide_attention(int wanted) {
  * head too, to keep every thread busy, and their contexts in parts of CHUNK_BLOCKS blocks: at batch 1
  * SmolLM2's 3 kv heads were 3 tasks for 2 threads, one thread doing two of them. With parts (caches
  * from memory, the builds alternating): one sequence of 2,000-6,000 tokens 1.13-1.17x (fp16 and int8
- * caches), 2 of ~550 1.05x, one of 3,000 with 32 query and 8 kv heads of 128 1.10x. */
+ * caches), 2 of ~550 1.05x, one of 3,000 with 32 query and 8 kv heads of 128 1.10x.
+ * From WHOLE_ROW_MIN_BLOCKS blocks in all, fewer sequences' tasks read whole rows too, their contexts
+ * in parts sized for about PARTS_PER_THREAD tasks a thread (MIN_PART_BLOCKS to CHUNK_BLOCKS blocks; so
+ * a sequence's outputs, which its parts round, also depend on the threads and the other sequences, as
+ * they did on whether there were WHOLE_ROW_MIN_SEQS). Against kv heads' slices in parts of 32 blocks
+ * (30 layers' caches from memory, 2 threads on a Zen 4, two builds alternating in one process): fp16,
+ * one sequence of 1,500 tokens 1.14-1.17x, of 3,000 1.09-1.12x, 2 of 500-600 1.08x, 4 of 500-600
+ * 1.11x, 4 of 2,000 1.09-1.12x; int8, one of 1,500 1.18x, 2 of 2,000 1.28x; Llama 3.2 1B's heads (32
+ * and 8 of 128), one of 3,000 1.19x. Below it whole rows lost (one sequence of 120-300 tokens 0.75-0.98x
+ * in parts of 4-16 blocks, its few tasks each waiting on its first blocks), as did parts sized by each
+ * sequence alone (8 a sequence: 7 sequences of 100-300 tokens 0.91x). */
 #define WHOLE_ROW_MIN_SEQS 8
+#define WHOLE_ROW_MIN_BLOCKS 64
+#define PARTS_PER_THREAD 4
+#define MIN_PART_BLOCKS 4
 #define CHUNK_BLOCKS 32
 
-/* out (heads, head_dim) of one kv head's query heads from `count` parts of their context, each part
+/* out (heads, head_dim) of a task's query heads from `count` parts of their context, each part
  * (`stride` floats apart) heads x head_dim normalized outputs, then each head's largest score and
  * softmax sum: each part weighed by its sum times exp(its largest score - the largest of all). sinks:
  * these heads' attention sinks, added to the whole context's sum (sink_share), or NULL. */
@@ -477,9 +491,12 @@ static int blocks_present(const int32_t *table, int max_blocks, int from, int le
     return 1;
 }
 
-/* How lcq_decode_attention splits its sequences into tasks: a sequence's tasks start at first[s]. */
+/* How lcq_decode_attention splits its sequences into tasks: each task reads kv_per_task kv heads (all of
+ * them: whole rows) of a sequence, tasks_per_seq tasks a part of its context; with fewer than
+ * WHOLE_ROW_MIN_SEQS sequences (`parted`) contexts come in parts of part_blocks blocks, and sequence s's
+ * tasks start at first[s]. */
 typedef struct {
-    int whole_rows, tasks_per_seq, kv_per_task, max_blocks, block_size, window;
+    int parted, tasks_per_seq, kv_per_task, max_blocks, block_size, window, part_blocks;
     int first[WHOLE_ROW_MIN_SEQS + 1];
     const int32_t *block_tables, *context_lens;
 } decode_plan;
@@ -494,15 +511,15 @@ typedef struct {
 
 static decode_task task_of(const decode_plan *p, int task) {
     decode_task t = {0};
-    int s = p->whole_rows ? task / p->tasks_per_seq : 0;
-    while (!p->whole_rows && p->first[s + 1] <= task) s++;
-    const int local = p->whole_rows ? task % p->tasks_per_seq : task - p->first[s];
+    int s = p->parted ? 0 : task / p->tasks_per_seq;
+    while (p->parted && p->first[s + 1] <= task) s++;
+    const int local = p->parted ? task - p->first[s] : task % p->tasks_per_seq;
     t.seq = s;
     t.first_kv = local % p->tasks_per_seq * p->kv_per_task;
     t.part = local / p->tasks_per_seq;
-    t.many = !p->whole_rows && p->first[s + 1] - p->first[s] > p->tasks_per_seq;
+    t.many = p->parted && p->first[s + 1] - p->first[s] > p->tasks_per_seq;
     const int begin = window_start(p->context_lens[s], p->window);
-    const int first_block = begin / p->block_size + t.part * CHUNK_BLOCKS, chunk = CHUNK_BLOCKS * p->block_size;
+    const int first_block = begin / p->block_size + t.part * p->part_blocks, chunk = p->part_blocks * p->block_size;
     const int left = p->context_lens[s] - first_block * p->block_size;
     t.length = t.many && left > chunk ? chunk : left;
     t.skip = t.part == 0 ? begin % p->block_size : 0;
@@ -531,23 +548,32 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
         if (!blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks,
                             window_start(context_lens[s], window), context_lens[s], block_size))
             return LCQ_NO_BLOCK;
-    const int group = heads / kv_heads, whole_rows = seqs >= WHOLE_ROW_MIN_SEQS;
+    const int group = heads / kv_heads, parted = seqs < WHOLE_ROW_MIN_SEQS;
     const int64_t row = (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim); /* elements per slot */
-    decode_plan plan = {whole_rows, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size,
-                        window, {0}, block_tables, context_lens};
-    /* Parts per sequence (1 from WHOLE_ROW_MIN_SEQS sequences). */
-    int parted = 0;
-    for (int s = 0; s < seqs && !whole_rows; s++) {
-        const int blocks =
+    int blocks_read[WHOLE_ROW_MIN_SEQS], total_blocks = 0; /* per sequence, where parted */
+    for (int s = 0; s < seqs && parted; s++) {
+        blocks_read[s] =
             (context_lens[s] + block_size - 1) / block_size - window_start(context_lens[s], window) / block_size;
-        const int parts = blocks > CHUNK_BLOCKS ? (blocks + CHUNK_BLOCKS - 1) / CHUNK_BLOCKS : 1;
-        plan.first[s + 1] = plan.first[s] + parts * plan.tasks_per_seq;
-        parted |= parts > 1;
+        total_blocks += blocks_read[s];
     }
-    const int tasks = whole_rows ? seqs : plan.first[seqs];
-    const int64_t part_floats = (int64_t)group * (head_dim + 2); /* a task of one kv head: outputs, statistics */
-    float *parts = parted ? malloc(sizeof(float) * (size_t)tasks * part_floats) : NULL;
-    if (parted && parts == NULL) return -1;
+    const int whole_rows = !parted || total_blocks >= WHOLE_ROW_MIN_BLOCKS; /* the same outputs either way */
+    const int tasks_wanted = PARTS_PER_THREAD * omp_get_max_threads();
+    const int wanted = (total_blocks + tasks_wanted - 1) / tasks_wanted; /* blocks per part */
+    decode_plan plan = {parted, whole_rows ? 1 : kv_heads, whole_rows ? kv_heads : 1, max_blocks, block_size, window,
+                        !whole_rows || wanted > CHUNK_BLOCKS ? CHUNK_BLOCKS
+                        : wanted < MIN_PART_BLOCKS           ? MIN_PART_BLOCKS
+                                                             : wanted,
+                        {0}, block_tables, context_lens};
+    int many_parts = 0;
+    for (int s = 0; s < seqs && parted; s++) {
+        const int parts = (blocks_read[s] + plan.part_blocks - 1) / plan.part_blocks;
+        plan.first[s + 1] = plan.first[s] + (parts > 1 ? parts : 1) * plan.tasks_per_seq;
+        many_parts |= parts > 1;
+    }
+    const int tasks = parted ? plan.first[seqs] : seqs, task_heads = plan.kv_per_task * group;
+    const int64_t part_floats = (int64_t)task_heads * (head_dim + 2); /* a task's outputs, then statistics */
+    float *parts = many_parts ? malloc(sizeof(float) * (size_t)tasks * part_floats) : NULL;
+    if (many_parts && parts == NULL) return -1;
     int failed = 0, claimed = 0;
     /* Tasks handed out one at a time as threads free up, each thread claiming its next task before it
      * reads the current one, whose last blocks then ask for the next one's first. */
@@ -558,17 +584,18 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
         const int64_t first_head = (int64_t)t.first_kv * group;
         float *outputs = t.many ? parts + task * part_floats : out + ((int64_t)t.seq * heads + first_head) * head_dim;
         if (attend(cache_form, q + t.seq * q_stride + first_head * head_dim, k_cache, v_cache, t.table, t.skip,
-                   t.length, ahead.table, ahead.length, outputs, t.many ? outputs + group * head_dim : NULL,
-                   plan.kv_per_task * group, t.first_kv, group, row, head_dim, block_size, scale, softcap,
+                   t.length, ahead.table, ahead.length, outputs, t.many ? outputs + task_heads * head_dim : NULL,
+                   task_heads, t.first_kv, group, row, head_dim, block_size, scale, softcap,
                    sinks == NULL || t.many ? NULL : sinks + first_head))
             failed = 1;
     }
-    for (int s = 0; s < seqs && parted && !failed; s++) {
+    for (int s = 0; s < seqs && many_parts && !failed; s++) {
         const int count = (plan.first[s + 1] - plan.first[s]) / plan.tasks_per_seq;
-        for (int kv = 0; kv < kv_heads && count > 1; kv++) /* its parts: tasks first[s] + part * kv_heads + kv */
-            combine_parts(parts + ((int64_t)plan.first[s] + kv) * part_floats, count, kv_heads * part_floats, group,
-                          head_dim, sinks == NULL ? NULL : sinks + (int64_t)kv * group,
-                          out + ((int64_t)s * heads + (int64_t)kv * group) * head_dim);
+        /* its parts: tasks first[s] + part * tasks_per_seq + c, each of task_heads heads from head c * task_heads */
+        for (int c = 0; c < plan.tasks_per_seq && count > 1; c++)
+            combine_parts(parts + ((int64_t)plan.first[s] + c) * part_floats, count, plan.tasks_per_seq * part_floats,
+                          task_heads, head_dim, sinks == NULL ? NULL : sinks + (int64_t)c * task_heads,
+                          out + ((int64_t)s * heads + (int64_t)c * task_heads) * head_dim);
     }
     free(parts);
     return failed ? -1 : 0;
