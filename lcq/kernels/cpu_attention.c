@@ -238,13 +238,13 @@ static inline __attribute__((always_inline)) void prefetch_part(const void *cach
     }
 }
 
-/* The lines of block `block` of `cache` (none for NULL), whose rows a task reads whole (all kv heads, as
- * with WHOLE_ROW_MIN_SEQS sequences or more): asked for `steps` times in even parts by the passes over
- * the block before it, a part per 8 key rows scored or per value row weighed. Against a part per kv
- * head before its pass (prefetch_part; the lines of 5-6 rows at once), which filled the core's 16 miss
- * buffers and stalled it until memory answered: 30 layers' fp16 caches from memory, 2 threads on a Xeon
- * with AMX, alternating builds: 64 sequences of 16-300 tokens 1.09-1.15x, 16 of 900-1,100 tokens
- * 1.12-1.25x (13.5 -> 14.7 GB/s of cache at 100-350 tokens). */
+/* The lines of block `block` of `cache` (none for NULL), whose rows a task reads whole (all kv heads: with
+ * WHOLE_ROW_MIN_SEQS sequences or WHOLE_ROW_MIN_BLOCKS blocks or more): asked for `steps` times in even
+ * parts by the passes over the block before it, a part per 8 key rows scored or per value row weighed.
+ * Against a part per kv head before its pass (prefetch_part; the lines of 5-6 rows at once), which filled
+ * the core's 16 miss buffers and stalled it until memory answered: 30 layers' fp16 caches from memory, 2
+ * threads on a Xeon with AMX, alternating builds: 64 sequences of 16-300 tokens 1.09-1.15x, 16 of
+ * 900-1,100 tokens 1.12-1.25x (13.5 -> 14.7 GB/s of cache at 100-350 tokens). */
 static inline __attribute__((always_inline)) block_lines stream_block_rows(const void *cache, int element,
                                                                            const int32_t *table, int block,
                                                                            int block_size, int64_t row, int steps) {
