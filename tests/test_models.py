@@ -1310,14 +1310,17 @@ def _check_cpu_attention_against_torch(monkeypatch, new, cached, heads, kv_heads
 @pytest.mark.skipif(not native.has_avx512("avx512vl"), reason="heads three at a time need AVX-512")
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("group, head_dim", [(1, 64), (2, 20), (3, 64), (4, 24), (5, 136), (7, 64)])
-@pytest.mark.parametrize("seqs", [3, 9])  # below and from WHOLE_ROW_MIN_SEQS: tasks of one kv head, or all
+# tasks of one kv head (3 short contexts), of all of them (from WHOLE_ROW_MIN_SEQS sequences, or 3 long ones in parts)
+@pytest.mark.parametrize("lengths", [[5, 42, 79], [5 + 37 * i % 90 for i in range(9)], [400, 363, 326]],
+                         ids=["3-short", "9", "3-long"])
 @pytest.mark.parametrize("block_size", [BLOCK, 16])
-def test_cpu_decode_attention_in_passes_of_heads_equals_one_at_a_time(cache_dtype, group, head_dim, seqs, block_size):
+def test_cpu_decode_attention_in_passes_of_heads_equals_one_at_a_time(cache_dtype, group, head_dim, lengths,
+                                                                      block_size):
     """With AVX-512 decode attention scores and weighs the heads of a GQA group in passes of up to
     three (each cache row loaded once per pass): the same sums in the same order, for groups that
     split into passes of 3, 2 and 1 and head sizes with and without a tail (where the compiler may
     contract the scalar tail's products into FMAs in one build and not the other: 1e-7 apart)."""
-    lengths = [5 + 37 * i % 90 for i in range(seqs)]
+    seqs = len(lengths)
     _, _, context = _random_paged_context([1] * seqs, [n - 1 for n in lengths], 2, head_dim, torch.float32,
                                           block_size)
     shape = cpu_ops.cache_shape(context.block_tables.max().item() + 1, block_size, 2, head_dim, cache_dtype)
