@@ -109,6 +109,11 @@ def test_flags_win_over_environment():
                                         "kv_cache_dtype": "float16"}
     defaults = resolve(parse(), {})
     assert defaults.model is None and defaults.engine_fields == {} and defaults.settings.port == 8000
+    # where two flags set one field, the command line's wins over the other's environment variable too
+    assert resolve(parse("--no-cuda-graphs"), {"LCQ_ENFORCE_EAGER": "false"}).engine_fields == {"cuda_graphs": False}
+    assert resolve(parse("--enforce-eager"), {"LCQ_NO_CUDA_GRAPHS": "0"}).engine_fields == {"cuda_graphs": False}
+    speculative = {"LCQ_SPECULATIVE_CONFIG": '{"method": "ngram", "num_speculative_tokens": 7}'}
+    assert resolve(parse("--num-speculative-tokens", "2"), speculative).engine_fields == {"num_speculative_tokens": 2}
 
 
 def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, capsys):

@@ -237,9 +237,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                                 metavar=flag.metavar or flag.dest.upper())
 
 
-def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
-    """The flag's value from the command line, else the environment, else None (the dataclass default)."""
+def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Any, bool]:
+    """The flag's value from the command line, else the environment, else None (the dataclass default), and
+    whether it came from the command line."""
     value = getattr(args, flag.dest, None)
+    from_command_line = value is not None
     if value is None and flag.env in env:
         try:
             value = (_bool if flag.switch else flag.type)(env[flag.env])
@@ -249,7 +251,7 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> Any:
             raise UserError(f"{flag.env}: {e}") from None
     if value is not None and flag.invert:
         value = not value
-    return value
+    return value, from_command_line
 
 
 @dataclass
@@ -265,8 +267,10 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     env = os.environ if env is None else env
     engine_fields: dict[str, Any] = {}
     server_fields: dict[str, Any] = {}
-    for flag in FLAGS:
-        value = _value(flag, args, env)
+    values = [(flag, *_value(flag, args, env)) for flag in FLAGS]
+    # the environment's values first, so that the command line's win where several flags set one field
+    # (--no-cuda-graphs and --enforce-eager; --speculative-config and the speculative flags)
+    for flag, value, _ in sorted(values, key=lambda item: item[2]):
         fields = server_fields if flag.target == "server" else engine_fields
         if value is not None and flag.expands:
             fields.update(value)
