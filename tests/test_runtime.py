@@ -7,6 +7,7 @@ import copy
 import json
 import gc
 import platform
+import random
 import re
 import resource
 import threading
@@ -22,6 +23,7 @@ from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
+from lcq.runtime.block_manager import BlockManager
 from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
@@ -478,6 +480,60 @@ def _resident_bytes() -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the resident memory from /proc")
+def _grown(manager: BlockManager, tokens: list[int], computed: int, register: bool = True) -> Sequence:
+    """A sequence of these tokens given blocks for its first `computed`, which count as computed (and
+    registered for prefix caching unless register is False)."""
+    seq = Sequence("r", tokens, SamplingParams(max_tokens=1), None, 1)
+    manager.reuse_cached_prefix(seq)
+    manager.grow(seq, computed)
+    seq.num_computed_tokens = computed
+    if register:
+        manager.register_full_blocks(seq)
+    return seq
+
+
+def test_blocks_are_handed_out_in_order_and_after_a_sequences_last():
+    """A table grows by the block after its last where that is free, else by the free block of lowest id, so
+    that whatever order sequences came and went in, a new sequence's blocks lie one after another."""
+    manager = BlockManager(64, 4, enable_prefix_caching=False)
+    a, b = _grown(manager, list(range(8)), 8), _grown(manager, list(range(8)), 8)
+    assert a.block_tables == [[0, 1]] and b.block_tables == [[2, 3]]
+    manager.grow(a, 12)
+    assert a.block_tables == [[0, 1, 4]]
+    manager.release(b)
+    manager.grow(a, 16)
+    assert a.block_tables == [[0, 1, 4, 5]]  # after its last, not the lower 2
+    c = _grown(manager, list(range(8)), 8)
+    assert c.block_tables == [[2, 3]]
+    rng = random.Random(0)
+    held = [a, c]
+    for _ in range(200):  # sequences of random lengths come and go in random order
+        if held and (rng.random() < 0.5 or manager.num_free_blocks < 8):
+            manager.release(held.pop(rng.randrange(len(held))))
+        else:
+            held.append(_grown(manager, list(range(28)), rng.randint(1, 28)))
+    for seq in held:
+        manager.release(seq)
+    assert manager.num_free_blocks == manager.num_total_blocks
+    assert _grown(manager, list(range(40)), 40).block_tables == [list(range(10))]
+
+
+def test_empty_blocks_are_taken_before_cached_ones_are_given_up():
+    """A freed sequence's cached prefix outlives later allocations while the pool has empty blocks, whatever
+    order the blocks were freed in."""
+    manager = BlockManager(16, 4, enable_prefix_caching=True)
+    cached = list(range(100, 112))
+    manager.release(_grown(manager, cached, 12))  # three full blocks, kept for their hashes
+    manager.release(_grown(manager, list(range(200, 212)), 12, register=False))  # freed after them, empty
+    other = _grown(manager, list(range(300, 352)), 52, register=False)  # the 13 empty blocks
+    assert manager.num_free_blocks == 3
+    again = _grown(manager, cached + [1], 12)
+    assert again.num_cached_tokens == 12
+    manager.release(other)
+    manager.release(again)
+    assert manager.num_free_blocks == manager.num_total_blocks
+
+
 def test_cpu_kv_pool_takes_memory_as_its_blocks_are_used(tiny, llm):
     """A CPU pool is mapped, not written, at start: a 4 GiB pool adds well under 1 GiB to the process until
     its blocks hold tokens, generates as a small one does, and a pool larger than the memory left is

@@ -6,9 +6,15 @@ still read: as the sequence grows, the blocks before its window or chunk (less t
 read margin) go back to the pool and their table entries become -1, which no kernel reads.
 
 A full block is known by the hash of its tokens chained with its predecessor's hash, so equal
-prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused
-(least recently freed first), so a later request with the same prefix skips recomputing it; a
-sliding-window group needs only the blocks its window reaches at the end of that prefix.
+prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused, so a
+later request with the same prefix skips recomputing it; a sliding-window group needs only the blocks
+its window reaches at the end of that prefix. Empty free blocks are handed out before any cached one is
+given up (those least recently freed first): a table's next block is the one after its last where that is
+empty, else the empty block of lowest id. So a sequence's blocks tend to lie one after another in memory,
+and those in use at the pool's start, however long the server has run. On a 2-core Zen 4 the CPU's decode
+attention read contiguous tables 1.12-1.26x faster than scattered ones (64 sequences of 16-400 tokens, 16 of
+1,500); with the free list in the order blocks were freed (before), the 64-request benchmark ran 1.02x
+slower from a shuffled pool, what a long-running server's becomes, than from a fresh one.
 
 A model with recurrent layers (Qwen3.5's linear attention, Granite 4.0-H's Mamba-2, LFM2's short
 convolutions) keeps a state per sequence instead of blocks in those layers: each running sequence holds one
@@ -22,6 +28,7 @@ which its slot takes before its first step; without one, nothing is reused.
 """
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,7 +57,9 @@ class BlockManager:
         self.block_size = block_size
         self.windows = windows
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks holding a cached block
+        self.empty: set[int] = set(range(num_blocks))  # the other free blocks
+        self.empty_heap = list(range(num_blocks))  # the empty ones' ids, and some no longer empty (skipped)
         self.by_hash: dict[tuple[int, int], int] = {}
         self.enable_prefix_caching = enable_prefix_caching and (not state_slots or len(snapshot_slots) > 0)
         self.keeps_states = bool(state_slots) and self.enable_prefix_caching
@@ -66,7 +75,7 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self.free)
+        return len(self.empty) + len(self.cached_free)
 
     def usage(self) -> float:
         return 1.0 - self.num_free_blocks / self.num_total_blocks
@@ -177,7 +186,7 @@ class BlockManager:
                     self._give_back(table[index])
                     table[index] = RELEASED
             while len(table) < self.blocks_needed(num_tokens):
-                block_id = next(iter(self.free))
+                block_id = self._next_free(table)
                 block = self.blocks[block_id]
                 if block.key is not None and self.by_hash.get(block.key) == block_id:
                     del self.by_hash[block.key]
@@ -258,17 +267,38 @@ class BlockManager:
             seq.draft.num_computed_tokens = 0
         seq.tables_version += 1
 
+    def _next_free(self, table: list[int]) -> int:
+        """The free block a table grows by: the one after its last where that is empty, else the empty one of
+        lowest id, else the cached one freed longest ago."""
+        after = table[-1] + 1 if table and table[-1] != RELEASED else -1
+        if after in self.empty:
+            return after
+        while self.empty_heap:
+            if self.empty_heap[0] in self.empty:
+                return self.empty_heap[0]
+            heapq.heappop(self.empty_heap)
+        return next(iter(self.cached_free))
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
-            del self.free[block_id]
+            if block_id in self.empty:
+                self.empty.remove(block_id)
+            else:
+                del self.cached_free[block_id]
         block.ref_count += 1
 
     def _give_back(self, block_id: int) -> None:
         block = self.blocks[block_id]
         block.ref_count -= 1
-        if block.ref_count == 0:
-            self.free[block_id] = None
+        if block.ref_count == 0 and block.key is not None and self.by_hash.get(block.key) == block_id:
+            self.cached_free[block_id] = None
+        elif block.ref_count == 0:
+            block.key, block.tokens = None, ()  # (a copy of a block registered before it, which no lookup finds)
+            self.empty.add(block_id)
+            heapq.heappush(self.empty_heap, block_id)
+            if len(self.empty_heap) > 2 * len(self.empty) + 1024:  # mostly ids taken since: start again
+                self.empty_heap = sorted(self.empty)
 
 
 def _seed(seq: Sequence) -> str | None:
