@@ -180,6 +180,7 @@ LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out
  * 1.07-1.21x at two rows, but 0.86-0.97x at one (already at this host's plain read rate). */
 #define BYTES_AHEAD 3072
 #define SHORT_COLUMN_BYTES 1024
+#define HEAD_BYTE_ROWS 4 /* lcq_half_matmul */
 #define CHUNK 64 /* values per vpdpbusd: two blocks */
 
 static inline int byte_blocks(int K) {
@@ -331,10 +332,12 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
                     const uint8_t *bytes, float *y) {
     if (M < 1 || (swiglu && N % 2)) return -1;
     const int kept = panels != NULL ? LCQ_BF16_PRODUCTS : LCQ_FP32_PRODUCTS;
-    /* int8 rows up to 2 rows (as for LCQ weights that keep theirs): on SmolLM2's and Llama 3.2 1B's heads
-     * (2 threads, Zen 4, from memory) 1.38-1.66x the fp32 decode form at 1 row, 0.94-2.0x at 2; at 3-4 rows
-     * the bf16 panels were faster (1.0-1.4x), and without them the bf16 decode form ran alike (0.7-1.1x). */
-    if (bytes != NULL && M <= lcq_byte_decode_rows(LCQ_INT8_PRODUCTS)) {
+    /* int8 rows up to HEAD_BYTE_ROWS rows (every row count where each row must give what it gives alone): on
+     * SmolLM2's and Llama 3.2 1B's heads (2 threads, Zen 4, from memory) 1.38-1.66x the fp32 decode form at
+     * 1 row, 0.94-2.0x at 2; since they ask for columns ahead, against the kept bf16 panels 1.20x and 1.31x
+     * at 3 rows, 1.47x and 1.13x at 4, but 0.75x at 5 on SmolLM2's. */
+    const int byte_rows = lcq_byte_decode_rows(LCQ_INT8_PRODUCTS);
+    if (bytes != NULL && byte_rows > 0 && (M <= HEAD_BYTE_ROWS || M <= byte_rows)) {
         float *products = lcq_swiglu_products(swiglu, M, N, y);
         const int status = products == NULL ? -1 : byte_decode_product(x, M, K, bytes, N, products);
         return lcq_swiglu_finish(swiglu, products, M, N, y, status);

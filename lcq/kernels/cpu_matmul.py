@@ -108,7 +108,7 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
       layers from 10 rows (3 where a layer keeps its int8 weights), and in the decode products of 1-4
       rows of LCQ layers that keep int8 books (1-2 where they keep their int8 weights): activations
       quantized to 8 bits per block of 64 values along K, each group's codebook quantized once; and
-      in the decode products of 1-2 rows of an fp16 weight that keeps int8 rows (cpu_half.byte_rows:
+      in the decode products of 1-4 rows of an fp16 weight that keeps int8 rows (cpu_half.byte_rows:
       the head), with activations in two bytes; full-precision weights and the rest take bfloat16.
       Where AMX runs, LCQ products of 256 rows or more (byte_pair_rows) take bf16 tiles instead, the
       int8 form's weight values and the activations rounded to bf16.

@@ -223,7 +223,7 @@ class ModelRunner:
 
     def _keep_head_rows(self) -> int:
         """With int8 products, the fp16 head also keeps its int8 rows (cpu_half.byte_rows: 1.125 bytes per
-        weight, 31 MB for SmolLM2's head, 0.28 GB for Llama 3.2 1B's), which its products of 1-2 rows read
+        weight, 31 MB for SmolLM2's head, 0.28 GB for Llama 3.2 1B's), which its products of 1-4 rows read
         in place of the fp16 weight (1.4x at 1 row), the weight rounded to 8 bits (-0.006% perplexity on the
         demo model): at batch 1 the head is what an LCQ model reads most besides its layers. Returns the
         bytes kept, before the KV pool is sized."""
