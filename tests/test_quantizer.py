@@ -1195,10 +1195,11 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
 @pytest.mark.parametrize("arch", ["deepseek_v3", "glm4_moe", "qwen3_next", "qwen3_5"])
 def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
     """A model's multi-token-prediction layer is quantized as one more block, calibrated on inputs made from the
-    last block's outputs and the next tokens: its decoder layer's matrices packed at the model's width under
-    its own names, its norms and projection (and nothing else of the source's layer: DeepSeek's copies of
-    the head and table) kept in full precision. The quantized model drafts with it: the tokens of plain
-    decoding, drafts accepted, and the packed layer predicting mostly as the full-precision one does."""
+    last block's outputs and the next tokens: its decoder layer's matrices packed at the model's widths (a
+    --layer-bits rule for every layer reaches it too, and the config says so) under its own names, its norms
+    and projection (and nothing else of the source's layer: DeepSeek's copies of the head and table) kept in
+    full precision. The quantized model drafts with it: the tokens of plain decoding, drafts accepted, and the
+    packed layer predicting mostly as the full-precision one does."""
     from tests.test_runtime import FP32
     from tests.test_speculative import GREEDY, PROMPTS, _mtp_predictions
     from tests.tiny_model import make_tiny_mtp
@@ -1207,13 +1208,14 @@ def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
 
     source, _ = make_tiny_mtp(tmp_path, arch, echoing=True)
     options = QuantizeOptions(bits=4, rank=2, group_size=32, calib_text=CALIBRATION_TEXT, nsamples=4, seqlen=32,
-                              epochs=1, seed=0)
+                              epochs=1, seed=0, layer_bits=["o_proj=3"])
     quantize_model(source, tmp_path / "lcq", options, progress=False)
     reader = CheckpointReader(tmp_path / "lcq")
     qwen = arch.startswith("qwen3")
     own, layer = ("mtp", "mtp.layers.0") if qwen else ("model.layers.2", "model.layers.2")
     names = reader.names()
-    assert reader.has(f"{layer}.self_attn.o_proj.qweight") and reader.linear(f"{layer}.self_attn.o_proj").bits == 4
+    assert reader.has(f"{layer}.self_attn.o_proj.qweight") and reader.linear(f"{layer}.self_attn.o_proj").bits == 3
+    assert reader.quant["layer_bits"][f"{layer}.self_attn.o_proj"] == 3
     projection = "fc" if qwen else "eh_proj"
     assert reader.has(f"{own}.{projection}.weight") and not any(n.endswith(("shared_head.head.weight",
                                                                                f"{own}.embed_tokens.weight"))

@@ -334,7 +334,12 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         if embedding is not None:
             extra.update(linear_tensors(EMBED, embedding.to("cpu")))
     write_shard(partial / "model-extra.safetensors", extra)
-    layer_bits = options.widths.overrides(source.num_layers, lambda index: _packed_names(partial, index))
+    layer_bits = options.widths.overrides(
+        source.num_layers, lambda index: _packed_names(_block_shard(partial, index), f"model.layers.{index}"))
+    if source.mtp is not None:  # the multi-token-prediction layer, packed as block num_layers under its own names
+        layer_bits.update({f"{source.mtp.layer}.{name}": bits
+                           for name in _packed_names(partial / MTP_SHARD, source.mtp.layer)
+                           if (bits := options.widths.of(source.num_layers, name)) != options.bits})
     config_dict["quantization_config"] = quantization_config(
         options.bits, options.rank, options.group_size, options.method, modules_not_quantized=kept,
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
@@ -522,12 +527,13 @@ def _block_shard(partial: Path, index: int) -> Path:
     return partial / f"block-{index:05d}.safetensors"
 
 
-def _packed_names(partial: Path, index: int) -> list[str]:
-    """The packed linears of block `index` as written, by name within the block (a mixture's: each expert's)."""
+def _packed_names(shard_path: Path, layer: str) -> list[str]:
+    """The packed linears of decoder layer `layer` ("model.layers.3") as written in a shard, by name within the
+    layer (a mixture's: each expert's)."""
     from safetensors import safe_open
 
-    prefix = f"model.layers.{index}."
-    with safe_open(str(_block_shard(partial, index)), "pt") as shard:
+    prefix = f"{layer}."
+    with safe_open(str(shard_path), "pt") as shard:
         return [key[len(prefix):-len(".qweight")] for key in shard.keys() if key.endswith(".qweight")]
 
 
