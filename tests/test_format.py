@@ -58,6 +58,23 @@ def test_dequantize_matches_codebook_definition():
         assert w[n, k] == books[n, k // 32, indices[n, k]]
 
 
+def test_dual_quantization_of_zero_and_tiny_scales():
+    """S and B rows that are all zero (a rank component an RTN fit leaves unused) or tiny keep a nonzero fp16
+    scale and codes within [-127, 127] that decode to their values (a scale under fp16's smallest subnormal
+    had rounded to 0, and zeros then divided 0 by 0)."""
+    s = torch.randn(5, 3, 2)
+    s[1, :, 1] = 0.0
+    s[2, :, 0] = 1e-9 * torch.randn(3)
+    b = torch.randn(5, 3)
+    b[4] = 0.0
+    s_q, s_scale, b_q, b_scale = dual_quantize(s, b)
+    for q, scale in ((s_q, s_scale), (b_q, b_scale)):
+        assert torch.isfinite(scale).all() and (scale > 0).all() and q.abs().max() <= 127
+    assert (s_q[:, 1, 1] == 0).all() and (b_q[:, 4] == 0).all()
+    error = (s_q.float() * s_scale.float() - s.permute(1, 2, 0)).abs()  # (G, r, N) against (r, N) scales
+    assert (error <= 0.5001 * s_scale.float() + 1e-12).all()
+
+
 def test_concat_keeps_each_parts_table():
     a, b = random_layer(n=8, seed=1), random_layer(n=5, seed=2)
     fused = PackedLinear.concat([a, b])

@@ -129,8 +129,10 @@ def codebooks(s: torch.Tensor, v: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 
 def quantize_over_groups_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 for x shaped (G, ..., N), one fp16 scale per (..., N) shared by all groups."""
-    scale = (x.abs().amax(dim=0) / INT8_MAX).clamp_min(1e-8).to(torch.float16)
+    """Symmetric int8 for x shaped (G, ..., N), one fp16 scale per (..., N) shared by all groups. The scale is
+    at least fp16's smallest subnormal, 2^-24: a smaller one rounds to 0 in fp16, and all-zero values (a rank
+    component an RTN fit leaves unused) then divided 0 by 0 into codes from a NaN cast."""
+    scale = (x.abs().amax(dim=0) / INT8_MAX).clamp_min(2.0 ** -24).to(torch.float16)
     q = torch.round(x / scale.float()).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
