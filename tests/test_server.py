@@ -249,6 +249,7 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
                          (dict(tools=tools, tool_choice="sometimes"), "tool_choice"),
                          (dict(tools=tools, tool_choice={"type": "function"}), "tool_choice"),
                          (dict(tool_choice="required"), "tool_choice"), (dict(tool_choice="none"), "tool_choice"),
+                         (dict(tools=[], tool_choice="required"), "tool_choice"),
                          (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
                          (dict(functions=functions), "functions"),
                          (dict(tools=tools, tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),

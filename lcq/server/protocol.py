@@ -88,6 +88,8 @@ def tool_choice_problem(choice: str | dict[str, Any] | None, tools: list[Any] | 
         return "tool_choice is only allowed when tools are specified"
     if isinstance(choice, str) and choice not in TOOL_CHOICES:
         return f"tool_choice must be one of {', '.join(TOOL_CHOICES)} or a named function (got {choice!r})"
+    if choice == "required" and not tools:
+        return "tool_choice 'required' needs at least one tool (tools is empty)"
     return None
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
 
