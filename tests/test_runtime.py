@@ -787,9 +787,23 @@ def test_sampler_filters():
         (SamplingParams(temperature=1.0, top_p=0.7), {0, 1}),
         (SamplingParams(temperature=1.0, min_p=0.5), {0, 1}),
         (SamplingParams(temperature=0.0), {0}),
+        (SamplingParams(temperature=1.0, top_k=2, top_p=0.6), {0}),  # top-p of the top-k's 0.8: 0.5 is enough
     ]:
         seen = {sample(logits.clone(), [_seq(params)])[0][0] for _ in range(200)}
         assert seen == allowed, params
+
+
+def test_a_row_without_a_finite_logit_is_an_error_not_a_token():
+    """A sampled row whose logits are all -inf or NaN has nothing to draw (the C draw gave -1, the torch one
+    the vocabulary size): an error, which the engine turns into a failure of that sequence alone."""
+    for dtype in (torch.float32, torch.float64):  # the C draw, and the torch ops
+        for bad in (float("-inf"), float("nan")):
+            logits = torch.zeros(2, 16, dtype=dtype)
+            logits[1] = bad
+            seqs = [_seq(SamplingParams(temperature=1.0, seed=1)) for _ in range(2)]
+            with pytest.raises(ValueError, match="no token with a finite probability"):
+                sample(logits, seqs)
+            assert 0 <= sample(logits[:1], seqs[:1])[0][0] < 16
 
 
 def test_keep_top_cuts_where_sorting_each_row_does():
@@ -803,7 +817,8 @@ def test_keep_top_cuts_where_sorting_each_row_does():
     top_p = torch.tensor([0.9, 1.0, 0.95, 0.5, 0.99, 1.0, 0.8, 0.9, 1.0, 0.9, 0.7, 0.3])
     order = probs.argsort(-1, descending=True)
     ranked = probs.gather(1, order)
-    drop = (torch.arange(vocab) >= top_k[:, None]) | ((ranked.cumsum(-1) - ranked) >= top_p[:, None] * probs.sum(-1, True))
+    mass = ranked.cumsum(-1).gather(1, top_k[:, None] - 1)  # top-p of what top-k keeps
+    drop = (torch.arange(vocab) >= top_k[:, None]) | ((ranked.cumsum(-1) - ranked) >= top_p[:, None] * mass)
     expected = torch.zeros_like(probs).scatter(1, order, ranked.masked_fill(drop, 0.0))
     kept = keep_top(probs, top_k, top_p)
     assert torch.equal(kept > 0, expected > 0)
@@ -826,6 +841,10 @@ def test_sampler_penalties():
     logits = torch.tensor([[2.0, 1.9, -1.0, 0.0]])
     seq = _seq(SamplingParams(temperature=0.0, repetition_penalty=1.5), tokens=(0,))
     assert sample(logits.clone(), [seq])[0] == [1]  # 2.0 / 1.5 < 1.9
+    # logit_bias before the penalties (vLLM's order): token 0's (2.0 + 1.0) / 1.5 = 2.0 < 2.2, where the
+    # other order gave 2.0 / 1.5 + 1.0 = 2.33
+    seq = _seq(SamplingParams(temperature=0.0, repetition_penalty=1.5, logit_bias={0: 1.0}), tokens=(0,))
+    assert sample(torch.tensor([[2.0, 2.2, -1.0, 0.0]]), [seq])[0] == [1]
     seq = _seq(SamplingParams(temperature=0.0, presence_penalty=0.5), tokens=(3,))
     seq.num_prompt_tokens = 0  # token 3 is output
     seq.token_ids = [0, 0]

@@ -314,6 +314,16 @@ static int find_cut(const float *w, int64_t n, int64_t top_k, double limit, floa
     return 0;
 }
 
+/* The cut of top_k and top_p (limit: top_p times the mass it applies to) among all weights: none where every
+ * positive weight is kept. */
+static sample_cut top_cut(const float *w, int64_t n, int64_t top_k, double limit, double total, int32_t *counts,
+                          double *masses, lcq_candidate *candidates) {
+    sample_cut cut = {0.0f, -1, total};
+    if (!find_cut(w, n, top_k, limit, SAMPLE_SMALL, counts, masses, candidates, &cut)) /* among small ones? */
+        find_cut(w, n, top_k, limit, 0.0f, counts, masses, candidates, &cut);          /* else none: cut stays */
+    return cut;
+}
+
 static int64_t sample_row(const float *x, int64_t n, float temperature, float min_p, int64_t top_k, float top_p,
                           float uniform, float *w, int32_t *counts, double *masses, lcq_candidate *candidates) {
     __m256 largest = _mm256_set1_ps(-INFINITY);
@@ -345,10 +355,10 @@ static int64_t sample_row(const float *x, int64_t n, float temperature, float mi
         total += w[i];
     }
     sample_cut cut = {0.0f, -1, total}; /* no cut: every positive weight */
-    if (top_k < n || top_p < 1.0f) {
-        const double limit = (double)top_p * total;
-        if (!find_cut(w, n, top_k, limit, SAMPLE_SMALL, counts, masses, candidates, &cut)) /* among small ones? */
-            find_cut(w, n, top_k, limit, 0.0f, counts, masses, candidates, &cut); /* else none: cut stays */
+    if (top_k < n || top_p < 1.0f) { /* top-p of what top-k keeps (renormalised, as vLLM and transformers) */
+        const double mass = top_k < n && top_p < 1.0f
+            ? top_cut(w, n, top_k, INFINITY, total, counts, masses, candidates).kept : total;
+        cut = top_cut(w, n, top_k, (double)top_p * mass, total, counts, masses, candidates);
     }
     const double target = (double)uniform * cut.kept;
     const __m256 above = _mm256_set1_ps(cut.weight);
