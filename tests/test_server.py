@@ -187,7 +187,8 @@ def test_logprobs_shapes(server, client):
     lp = choice.logprobs
     assert choice.text.startswith(prompt) and len(lp.tokens) == prompt_len + 4
     assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])  # the prompt's too
-    assert all(len(top) == 2 for top in lp.top_logprobs[1:prompt_len])
+    # the 2 most likely and the token itself (OpenAI: up to logprobs + 1)
+    assert all(2 <= len(top) <= 3 and token in top for token, top in zip(lp.tokens[1:], lp.top_logprobs[1:]))
     streamed = [c.choices[0].logprobs for c in client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=2, echo=True, stream=True,
         extra_body={"ignore_eos": True}) if c.choices and c.choices[0].logprobs]
@@ -202,7 +203,11 @@ def test_logprobs_shapes(server, client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == prompt
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=0)
-    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs[prompt_len:])
+    assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[prompt_len:])
+    sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=1.5, seed=3,
+                                        logprobs=0, extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert all(top == {token: logprob} for token, top, logprob in
+               zip(sampled.tokens, sampled.top_logprobs, sampled.token_logprobs))
     assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[prompt_len] == len(prompt)
     chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
                                           temperature=0, logprobs=True, top_logprobs=3,
@@ -258,10 +263,15 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert refused.value.body["param"] == param
-    for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix")]:
+    for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix"),
+                         (dict(extra_body={"allowed_token_ids": [5, 6]}), "allowed_token_ids"),
+                         (dict(extra_body={"bad_words": ["x"]}), "bad_words")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
         assert refused.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as refused:  # chat too
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={"bad_words": ["x"]})
+    assert refused.value.body["param"] == "bad_words"
     for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none"),
                   dict(functions=functions, function_call="none")):
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)

@@ -52,6 +52,7 @@ class LogprobFormatter:
             if isinstance(entry, TokenLogprob):
                 token, logprob = entry.token, entry.logprob
                 top = {text: lp for _, text, lp in entry.top[:self.top]}
+                top.setdefault(token, logprob)  # the chosen token too: up to logprobs + 1 entries, as OpenAI's
             else:  # the echoed prompt's first token, which has no logprob
                 token, logprob, top = entry[0], None, None
             out.tokens.append(token)

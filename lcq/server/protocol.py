@@ -127,6 +127,14 @@ class SamplingRequest(OpenAIRequest):
     stream_options: StreamOptions | None = None
     user: str | None = None
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """vLLM's token filters, which this server does not apply: ignored, they would return tokens the
+        request excludes."""
+        for name in ("allowed_token_ids", "bad_words"):
+            if (self.model_extra or {}).get(name):
+                return name, f"{name} is not supported"
+        return None
+
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         model_defaults: Mapping[str, float | int]) -> SamplingParams:
         """SamplingParams for one choice (n is fanned out by the server); raises ValueError for a 400.
@@ -249,6 +257,8 @@ class CompletionRequest(SamplingRequest):
 
     def unsupported(self) -> tuple[str, str] | None:
         """best_of (ranking more samples than returned) and suffix (insertion) are not implemented."""
+        if (refused := super().unsupported()) is not None:
+            return refused
         if self.best_of is not None and self.best_of != (self.n or 1):
             return "best_of", "best_of is not supported: ask for n choices and rank them by their logprobs"
         if self.suffix:
@@ -342,6 +352,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
 
     def unsupported(self) -> tuple[str, str] | None:
         """The legacy functions; tools are handled (tool_calls.py), "auto" where the server has a parser."""
+        if (refused := super().unsupported()) is not None:
+            return refused
         if self.functions and self.function_call != "none":
             return "functions", "functions are not supported; use tools with a forced tool_choice"
         return None
