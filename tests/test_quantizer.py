@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 import subprocess
@@ -626,6 +627,16 @@ def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monke
     for source, asked in ((other, options), (tiny_hf, reworded)):
         with pytest.raises(UserError, match="another source model or calibration text"):
             quantize_model(source, tmp_path / "resumed", asked, resume=True, progress=False)
+    # a damaged progress file or finished block is one line, and the folder stays for a fixed resume
+    for damaged, text, expected in ((pipeline.PROGRESS_FILE, "not json", "is damaged"),
+                                    (pipeline.PROGRESS_FILE, "[]", "is damaged"),
+                                    ("block-00000.safetensors", "garbled", "a finished block cannot be read")):
+        path = tmp_path / "resumed.partial" / damaged
+        kept = path.read_bytes()
+        path.write_text(text)
+        with pytest.raises(UserError, match=expected):
+            quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+        path.write_bytes(kept)
     quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
     whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")
     assert sorted(whole.names()) == sorted(resumed.names())
@@ -663,7 +674,17 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (untokenized / file).write_bytes((tiny_hf / file).read_bytes())
     short = tmp_path / "short.txt"
     short.write_text("In the beginning")
+    misdescribed = {}  # the weights as they are, config.json saying otherwise
+    for name, change in (("negative", {"num_hidden_layers": -1}), ("headless", {"num_attention_heads": 0}),
+                         ("deeper", {"num_hidden_layers": 5}), ("wider", {"hidden_size": 128})):
+        folder = misdescribed[name] = tmp_path / name
+        shutil.copytree(tiny_hf, folder)
+        (folder / "config.json").write_text(json.dumps({**json.loads((tiny_hf / "config.json").read_text()), **change}))
     cases = [
+        (["quantize", str(misdescribed["negative"]), out], "num_hidden_layers must be a positive integer, got -1"),
+        (["quantize", str(misdescribed["headless"]), out], "num_attention_heads must be a positive integer, got 0"),
+        (["quantize", str(misdescribed["deeper"]), out, "--method", "rtn"], "the weights hold no model.layers.4"),
+        (["quantize", str(misdescribed["wider"]), out, "--method", "rtn"], "weights do not match config.json"),
         (["quantize", str(tmp_path / "missing"), out], "no such model folder"),
         (["quantize", str(tiny_hf), out, "--calib", str(short), "--seqlen", "32"],
          "fewer than one window of --seqlen 32"),

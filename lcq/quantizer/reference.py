@@ -49,6 +49,10 @@ def read_config(model_dir: str | Path) -> dict:
         raise UserError(f"{path}: architecture {model_type!r} is not supported "
                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}; read as one of them: "
                         f"{', '.join(VIEWED_ARCHITECTURES)})")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size"):  # (the first is needed)
+        value = config.get(key, None if key == "num_hidden_layers" else 1)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{path / 'config.json'}: {key} must be a positive integer, got {json.dumps(value)}")
     return config
 
 

@@ -123,6 +123,10 @@ class SourceModel:
                                                            (getattr(self.config, "layer_types", None) or [None])[0])
         self.device = device
         self.mtp = mtp_names(self.config.to_dict(), self.reader.names())  # its multi-token-prediction layer
+        last = f"model.layers.{self.num_layers - 1}."
+        if not any(name.startswith(last) for name in self.reader.names()):  # (checked before anything is written)
+            raise UserError(f"{model_dir}: config.json has {self.num_layers} decoder layers, the weights hold no "
+                            f"{last[:-1]}")
 
     @property
     def num_layers(self) -> int:
@@ -149,7 +153,12 @@ class SourceModel:
             layer = as_stored(self.layer_class(config, index, **kind))
         state = {name[len(prefix):]: self.reader.tensor(name).float() for name in self.reader.names()
                  if name.startswith(prefix) and not name[len(prefix):].startswith(tuple(f"{o}." for o in others))}
-        layer.load_state_dict(state, strict=True, assign=True)
+        try:
+            layer.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as e:  # missing, unexpected or misshapen weights: the config does not describe them
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise UserError(f"{self.reader.folder}: decoder layer {index}'s weights do not match config.json ({reason})") \
+                from None
         return layer.to(self.device).eval()
 
     def mtp_inputs(self, stream: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

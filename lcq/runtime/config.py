@@ -201,7 +201,7 @@ class EngineConfig:
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
             (self.block_size in (8, 16, 32), "block_size must be 8, 16 or 32"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
-            (self.kv_cache_memory_gb > 0, "kv_cache_memory_gb must be positive"),
+            (0 < self.kv_cache_memory_gb < float("inf"), "kv_cache_memory_gb must be positive and finite"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (0 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be between 0 and 16"),

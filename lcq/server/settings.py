@@ -41,7 +41,7 @@ class ServeSettings:
     def __post_init__(self) -> None:
         checks = [
             (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
-            (self.drain_timeout >= 0, f"drain timeout must be >= 0, got {self.drain_timeout}"),
+            (0 <= self.drain_timeout <= 86400, f"drain timeout must be 0 to 86400 seconds, got {self.drain_timeout}"),
             (self.max_body_bytes >= 1024, f"max body bytes must be at least 1024, got {self.max_body_bytes}"),
             (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
@@ -114,6 +114,11 @@ def _speculative_config(text: str) -> dict[str, Any]:
                                          f"{', '.join(known)})")
     if method == "draft_model" and "model" not in settings:
         raise argparse.ArgumentTypeError("method draft_model needs the draft's folder as model")
+    for key, value in settings.items():  # (bool is an int to Python, not to JSON's readers)
+        wanted = str if key == "model" else int
+        if not isinstance(value, wanted) or isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"{key} must be {'a folder' if wanted is str else 'an integer'}, "
+                                             f"got {json.dumps(value)}")
     fields = {known[key]: value for key, value in settings.items()}
     return {**fields, "speculative_method": "mtp"} if method == "mtp" else fields
 
