@@ -55,9 +55,16 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert main(["serve", str(tmp_path), "--max-num-seqs", "0"]) == 2  # EngineConfig.validate
     assert main(["serve", str(tmp_path), "--log-level", "loud"]) == 2
     assert main(["serve", str(tmp_path), "--tool-call-parser", "xml"]) == 2
+    assert main(["serve", str(tmp_path), "--drain-timeout", "inf"]) == 2
+    assert main(["serve", str(tmp_path), "--kv-cache-memory-gb", "inf"]) == 2
+    read_only = tmp_path / "file"
+    read_only.write_text("")
+    monkeypatch.setenv("LCQ_CACHE", str(read_only / "cache"))  # (root may write anywhere: under a file, then)
+    assert main(["serve"]) == 2  # the demo model's cache
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 6 and all(line.startswith("lcq: error: ") for line in lines)
-    assert "tool call parser" in lines[5]
+    assert len(lines) == 9 and all(line.startswith("lcq: error: ") for line in lines)
+    assert "tool call parser" in lines[5] and "drain timeout" in lines[6] and "finite" in lines[7]
+    assert "cannot be the cache folder" in lines[8]
     assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
 
 
@@ -156,15 +163,17 @@ def test_vllm_speculative_config(capsys):
         value = f'{{"method": "{method}", "num_speculative_tokens": 2}}'
         assert resolve(parse("--speculative-config", value), {}).engine_fields == mtp
     refused = ('{"method": "eagle"}', '{"method": "ngram", "lookahead": 2}', "{method: ngram}",
-               '{"model": "/models/draft", "prompt_lookup_max": 3}', '{"method": "draft_model"}')
+               '{"model": "/models/draft", "prompt_lookup_max": 3}', '{"method": "draft_model"}',
+               '{"num_speculative_tokens": "x"}', '{"prompt_lookup_max": true}')
     for value in refused:
         with pytest.raises(SystemExit) as usage:
             main(["serve", "--speculative-config", value])
         assert usage.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 5 and "not eagle" in errors[0] and "unknown keys lookahead for method ngram" in errors[1]
+    assert len(errors) == 7 and "not eagle" in errors[0] and "unknown keys lookahead for method ngram" in errors[1]
     assert "not JSON" in errors[2] and "unknown keys prompt_lookup_max for method draft_model" in errors[3]
     assert "needs the draft's folder as model" in errors[4]
+    assert 'num_speculative_tokens must be an integer, got "x"' in errors[5] and "got true" in errors[6]
     with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only methods ngram"):
         resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": '{"method": "medusa"}'})
 
