@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -100,6 +101,16 @@ def test_a_model_the_settings_cannot_serve_exits_2_with_its_reason(tmp_path, cap
                      *flags]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("lcq: error: ") and reason in last
+    # the architecture and the context are read before the server starts: one line, no server log
+    other = tmp_path / "bert"
+    shutil.copytree(model, other)
+    (other / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
+                                                   "architectures": ["BertModel"], "model_type": "bert"}))
+    for folder, flags, reason in ((other, [], "architecture BertModel is not supported"),
+                                  (model, ["--max-model-len", "100000"], "max_model_len 100000 is longer")):
+        assert main(["serve", str(folder), "--host", "127.0.0.1", "--port", "0", *flags]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0]
 
 
 def test_flags_win_over_environment():

@@ -134,7 +134,7 @@ class ModelConfig:
         architecture = (c.get("architectures") or [c.get("model_type", "?")])[0]
         if architecture not in SUPPORTED_ARCHITECTURES and c.get("model_type") not in SUPPORTED_ARCHITECTURES.values():
             raise UserError(f"{folder}: architecture {architecture} is not supported "
-                            f"(supported: {', '.join((*SUPPORTED_ARCHITECTURES, *VIEWED_ARCHITECTURES))})")
+                            f"(supported: {', '.join(dict.fromkeys((*SUPPORTED_ARCHITECTURES, *VIEWED_ARCHITECTURES)))})")
         rope = rope_settings(c)
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "

@@ -13,7 +13,7 @@ from lcq.errors import UserError
 from lcq.kernels.cpu_half import byte_rows, pair_panel_bytes, pair_panels
 from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products
 from lcq.kernels.linear import LCQLinear
-from lcq.models import ForwardContext, load_model
+from lcq.models import ForwardContext, ModelConfig, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 
 from .adapters import AdapterRegistry
@@ -34,6 +34,15 @@ PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
                                "books, blocked ones from 10) and the head's decode products, else bf16 from 3"}
 AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
+
+
+def context_limit(model_config: ModelConfig, max_model_len: int | None) -> int:
+    """max_model_len, or the model's context where it is None; a UserError past the model's rotary tables."""
+    context = model_config.max_position_embeddings
+    if max_model_len is not None and max_model_len > context:
+        raise UserError(f"max_model_len {max_model_len} is longer than the model's context of {context} tokens "
+                        "(max_position_embeddings, or what its rope scaling extends it to)")
+    return max_model_len or context
 
 
 @dataclass
@@ -253,11 +262,7 @@ class ModelRunner:
     def _longest_sequence(self, config: EngineConfig) -> int:
         """The context length: the model's (or the configured one), at most what one sequence alone can hold
         in the pool (its sliding-window groups hold about a window each)."""
-        context = self.model_config.max_position_embeddings
-        if config.max_model_len is not None and config.max_model_len > context:  # past its rotary tables
-            raise UserError(f"max_model_len {config.max_model_len} is longer than the model's context of {context} "
-                            "tokens (max_position_embeddings, or what its rope scaling extends it to)")
-        limit = config.max_model_len or context
+        limit = context_limit(self.model_config, config.max_model_len)
         blocks = self.new_block_manager(False)
         if blocks.most_blocks_held(limit, config.max_num_batched_tokens) <= self.num_blocks:
             return limit
