@@ -697,6 +697,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["eval", str(untokenized), "--text", str(tiny_hf / "config.json"), "--ctx", "8"], "no tokenizer that loads"),
         (["eval", str(tiny_hf), "--device", "tpu"], "--device must be cpu or cuda"),
         (["eval", str(tiny_hf), "--ctx", "8", "--max-tokens", "-5"], "--max-tokens must be at least one window"),
+        (["eval", str(tiny_hf), "--text", str(tiny_hf / "config.json"), "--ctx", "100000"],
+         "longer than the model's context"),
         (["fetch-demo", "--cache-dir", str(empty / "cache")], "cannot be the cache folder"),
         (["quantize", str(other), out], "'gpt2' is not supported"),
         (["quantize", str(tiny_hf), out, "--bits", "5"], "--bits must be 2, 3 or 4"),

@@ -9,7 +9,7 @@ import torch
 from lcq.errors import UserError
 from lcq.inputs import load_tokenizer
 
-from .reference import load_reference_model
+from .reference import load_reference_model, read_config
 
 
 @torch.inference_mode()
@@ -20,6 +20,9 @@ def perplexity(model_dir: str | Path, text: str, ctx: int = 512, device: str = "
     reference model already loaded (load_reference_model), as a benchmark that changes its layers passes it."""
     if not text.strip():
         raise UserError("evaluation text is empty")
+    context = read_config(model_dir).get("max_position_embeddings")
+    if context is not None and ctx > context:  # past its positions: what it gives there says nothing
+        raise UserError(f"--ctx {ctx} is longer than the model's context of {context} tokens")
     tokenizer = load_tokenizer(model_dir)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
