@@ -16,13 +16,10 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
-from lcq.models import ModelConfig
-
 from .config import EngineConfig
 from .engine import EngineStats, LLMEngine
 from .errors import EngineNotReadyError, QueueFullError
 from .host_memory import return_freed_memory
-from .model_runner import context_limit
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -32,8 +29,6 @@ logger = logging.getLogger("lcq.engine")
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
-        # the model's architecture and context read now: one line, not a server that starts, then fails to load
-        context_limit(ModelConfig.from_folder(config.model), config.max_model_len)
         self.config = config
         self.engine: LLMEngine | None = None
         self.is_draining = False

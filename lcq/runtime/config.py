@@ -4,13 +4,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+from lcq.errors import UserError
 from lcq.format import view_config
 from lcq.inputs import device_problem
 
 from .generation_config import sampling_defaults
+
+if TYPE_CHECKING:
+    from lcq.models import ModelConfig
 
 
 @dataclass
@@ -194,6 +199,13 @@ class EngineConfig:
             return self.chat_template
         raise ValueError(f"chat_template: {self.chat_template} is neither a file nor a Jinja template")
 
+    def check_model(self) -> None:
+        """The model's architecture and context, read from its folder (config.json and tensor names): for a
+        command that would otherwise start serving, then fail to load in the background."""
+        from lcq.models import ModelConfig
+
+        context_limit(ModelConfig.from_folder(self.model), self.max_model_len)
+
     def validate(self) -> None:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
@@ -263,3 +275,13 @@ def _named_dtype(setting: str, name: str, *others: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"{setting} must be one of auto, {', '.join((*others, *DTYPES))} (got {name})")
     return DTYPES[name]
+
+
+def context_limit(model_config: ModelConfig, max_model_len: int | None) -> int:
+    """max_model_len, or the model's context (a ModelConfig's) where it is None; a UserError past the model's
+    rotary tables."""
+    context = model_config.max_position_embeddings
+    if max_model_len is not None and max_model_len > context:
+        raise UserError(f"max_model_len {max_model_len} is longer than the model's context of {context} tokens "
+                        "(max_position_embeddings, or what its rope scaling extends it to)")
+    return max_model_len or context

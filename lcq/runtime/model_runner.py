@@ -13,12 +13,12 @@ from lcq.errors import UserError
 from lcq.kernels.cpu_half import byte_rows, pair_panel_bytes, pair_panels
 from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products
 from lcq.kernels.linear import LCQLinear
-from lcq.models import ForwardContext, ModelConfig, load_model
+from lcq.models import ForwardContext, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
 
 from .adapters import AdapterRegistry
 from .block_manager import BlockManager
-from .config import EngineConfig
+from .config import EngineConfig, context_limit
 from .cuda_graphs import DecodeGraphs
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory, zeroed_pages
 from .kv_groups import KVGroups
@@ -34,15 +34,6 @@ PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
                                "books, blocked ones from 10) and the head's decode products, else bf16 from 3"}
 AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
-
-
-def context_limit(model_config: ModelConfig, max_model_len: int | None) -> int:
-    """max_model_len, or the model's context where it is None; a UserError past the model's rotary tables."""
-    context = model_config.max_position_embeddings
-    if max_model_len is not None and max_model_len > context:
-        raise UserError(f"max_model_len {max_model_len} is longer than the model's context of {context} tokens "
-                        "(max_position_embeddings, or what its rope scaling extends it to)")
-    return max_model_len or context
 
 
 @dataclass

@@ -126,5 +126,6 @@ def _engine(command: ServeCommand) -> "AsyncEngine":
         engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
     except ValueError as e:
         raise UserError(str(e)) from None
+    engine.config.check_model()  # an unservable architecture or context: one line, before the server starts
     CheckpointReader(model)  # its config and tensors readable (FormatError: one line), before the background load
     return engine
