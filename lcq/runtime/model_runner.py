@@ -32,7 +32,7 @@ GPU_ACTIVATION_RESERVE_BYTES = 1 << 30  # headroom for activations and logits be
 PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt logprobs (25 MB at 49k)
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
-                               "books, blocked ones from 10) and the head's decode products, else bf16 from 3"}
+                               "books, blocked ones from 10) and the head's of 1-4 rows, else bf16 from 3"}
 AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
 
 
