@@ -25,6 +25,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.block_manager import BlockManager
 from lcq.runtime.detokenizer import IncrementalDetokenizer
+from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
@@ -933,6 +934,55 @@ def test_logit_bias_steers_generation_and_is_checked(llm):
                           ({t: 1.0 for t in range(301)}, "at most 300")]:
         with pytest.raises(ValueError, match=message):
             llm.generate([PROMPTS[1]], SamplingParams(max_tokens=2, logit_bias=bias))
+
+
+def test_sampler_allowed_token_ids_and_bad_words():
+    logits = torch.tensor([[2.0, 1.9, -1.0, 0.0, 0.5], [2.0, 1.9, -1.0, 0.0, 0.5]])
+    allowed = _seq(SamplingParams(temperature=0.0, allowed_token_ids=[2, 3]))
+    plain = _seq(SamplingParams(temperature=0.0))
+    assert sample(logits.clone(), [allowed, plain])[0] == [3, 0]
+    drawn = _seq(SamplingParams(temperature=1.5, allowed_token_ids=[2, 4], logit_bias={4: -100.0}))
+    assert {sample(logits[:1].clone(), [drawn])[0][0] for _ in range(30)} == {2}  # the mask, then the bias
+    # A one-token word is never sampled; a two-token word's last token only right after its first, and
+    # only where that first token is output (tokens=(1, 2, 3) are the prompt).
+    words = _seq(SamplingParams(temperature=0.0), tokens=(1, 2, 3))
+    words.bad_word_ids = [(0,), (3, 1), (7, 4)]
+    assert sample(logits[:1].clone(), [words])[0] == [1]
+    words.token_ids.append(3)
+    assert sample(logits[:1].clone(), [words])[0] == [4]
+    reported = sample(logits[:1].clone(), [_seq(SamplingParams(temperature=0.0, logprobs=0,
+                                                               allowed_token_ids=[3]))])[1]
+    torch.testing.assert_close(reported[0], torch.log_softmax(logits[0], -1))  # raw, as OpenAI reports them
+
+
+def test_allowed_token_ids_and_bad_words_steer_generation(llm):
+    tokenizer = llm.engine.tokenizer
+    allowed = [40, 41, 42]
+    for params in (SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, allowed_token_ids=allowed),
+                   SamplingParams(max_tokens=10, temperature=1.0, seed=3, ignore_eos=True, allowed_token_ids=allowed)):
+        assert set(llm.generate([PROMPTS[1]], params)[0].token_ids) <= set(allowed)
+    plain = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+    # The first word of two output tokens that the tokenizer spells with those tokens
+    word = next(tokenizer.decode(plain[i:i + 2]) for i in range(len(plain) - 1)
+                if tuple(plain[i:i + 2]) in bad_word_token_ids(tokenizer, [tokenizer.decode(plain[i:i + 2])]))
+    spellings = bad_word_token_ids(tokenizer, [word])
+    banned = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                       bad_words=[word]))[0].token_ids
+
+    def first_spelled(tokens: list[int]) -> int | None:
+        """The first position that ends a spelling of the word."""
+        return next((end for end in range(len(tokens)) for ids in spellings
+                     if end + 1 >= len(ids) and tuple(tokens[end + 1 - len(ids):end + 1]) == ids), None)
+
+    end = first_spelled(plain)
+    assert end is not None and first_spelled(banned) is None
+    assert banned[:end] == plain[:end] and banned[end] != plain[end]
+    vocab = llm.engine.runner.model_config.vocab_size
+    for params, message in [(dict(allowed_token_ids=[]), "must not be empty"),
+                            (dict(allowed_token_ids=[vocab]), r"allowed_token_ids must be in \[0"),
+                            (dict(bad_words=[" "]), "not blank"), (dict(bad_words=["x"] * 129), "at most 128")]:
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPTS[1]], SamplingParams(max_tokens=2, **params))
 
 
 def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):

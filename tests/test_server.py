@@ -246,6 +246,22 @@ def test_logit_bias_through_the_openai_client(server, client):
         assert error_of(post({"logit_bias": bias}), 400)["param"] == "logit_bias"
 
 
+def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, client):
+    """vLLM's token filters: only allowed_token_ids are sampled, and bad_words never appear."""
+    a, b = (httpx.post(server.url + "/tokenize", json={"prompt": letter}).json()["tokens"][0] for letter in "ab")
+    only_a = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0,
+                                       extra_body={"allowed_token_ids": [a], "ignore_eos": True})
+    assert only_a.choices[0].text == "aaaa"
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0.9, extra_body={"allowed_token_ids": [a, b],
+                                                                       "bad_words": ["a"], "ignore_eos": True})
+    assert chat.choices[0].message.content == "bbbb"
+    post = lambda body: httpx.post(server.url + "/v1/completions", json={"prompt": "x", **body})  # noqa: E731
+    for body in ({"allowed_token_ids": [10000000]}, {"allowed_token_ids": []}, {"bad_words": "a"},
+                 {"bad_words": [""]}):
+        assert error_of(post(body), 400)["param"] == next(iter(body))
+
+
 def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     messages = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
@@ -263,15 +279,10 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert refused.value.body["param"] == param
-    for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix"),
-                         (dict(extra_body={"allowed_token_ids": [5, 6]}), "allowed_token_ids"),
-                         (dict(extra_body={"bad_words": ["x"]}), "bad_words")]:
+    for extra, param in [(dict(best_of=3), "best_of"), (dict(suffix=" end"), "suffix")]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
         assert refused.value.body["param"] == param
-    with pytest.raises(openai.BadRequestError) as refused:  # chat too
-        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, extra_body={"bad_words": ["x"]})
-    assert refused.value.body["param"] == "bad_words"
     for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none"),
                   dict(functions=functions, function_call="none")):
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)

@@ -89,7 +89,8 @@ def test_prediction_is_followed_and_found_again_after_the_output_leaves_it():
 def test_only_plain_decoding_sequences_draft():
     assert can_draft(_seq([1, 2, 3]))
     for params in (SamplingParams(repetition_penalty=1.1), SamplingParams(presence_penalty=0.5),
-                   SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=1, max_tokens=5)):
+                   SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=1, max_tokens=5),
+                   SamplingParams(bad_words=["x"])):
         assert not can_draft(_seq([1, 2, 3], params)), params
     prefilling = _seq([1, 2, 3])
     prefilling.num_computed_tokens = 0
@@ -200,6 +201,17 @@ def test_stops_inside_drafts_and_logprobs(plain, drafting):
             for a, b in zip(got.logprobs, want.logprobs):
                 assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-4)
                 assert [t[0] for t in a.top] == [t[0] for t in b.top]
+
+
+def test_drafts_with_allowed_token_ids_give_the_plain_tokens(plain, drafting):
+    """allowed_token_ids holds at every position, so drafts are verified under it (speculative.verify)."""
+    accepted = drafting.engine.stats().num_accepted_tokens_total
+    allowed = sorted(set(plain.generate([PROMPTS[0]], GREEDY)[0].token_ids))[:4]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, allowed_token_ids=allowed)
+    expected = plain.generate(PROMPTS, params)
+    assert all(set(o.token_ids) <= set(allowed) for o in expected)
+    assert [o.token_ids for o in drafting.generate(PROMPTS, params)] == [o.token_ids for o in expected]
+    assert drafting.engine.stats().num_accepted_tokens_total > accepted
 
 
 def test_seeded_sampling_gives_the_tokens_it_gives_without_drafts(plain, drafting):

@@ -63,6 +63,19 @@ def processor_chat_template(folder: str) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def bad_word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
+    """Each bad word as the tokenizer spells it alone and after a space (a word inside a text). vLLM bans
+    the second spelling only where it has as many tokens as the first, which lets " castle" through where
+    "castle" takes two; a word is banned in both here."""
+    spellings = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+            if ids and ids not in spellings:
+                spellings.append(ids)
+    return spellings
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
@@ -111,6 +124,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
+            raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
         if params.structured_output is not None:
             self.structured.check(params.structured_output)
         if params.lora is not None and params.lora not in self.runner.adapters.served:
@@ -127,8 +142,8 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
                                              params.min_tokens)
-        seq = Sequence(request_id, prompt_ids, params, detokenizer,
-                       max_tokens)
+        seq = Sequence(request_id, prompt_ids, params, detokenizer, max_tokens)
+        seq.bad_word_ids = bad_word_token_ids(self.tokenizer, params.bad_words)
         if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
         if params.lora is not None:

@@ -1,5 +1,5 @@
-"""Next-token choice for a batch: penalties, logit bias, min_tokens, grammars, temperature, top-k, top-p,
-min-p, seeds, logprobs.
+"""Next-token choice for a batch: allowed tokens, logit bias, penalties, min_tokens, bad words, grammars,
+temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Everything is batched on the logits' device (on CPU the sampled rows in one C call, cpu_ops.sample_rows);
 each sampled row takes one uniform number, and seeded requests draw theirs from their own generator,
@@ -52,9 +52,20 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """OpenAI's logit_bias: each listed token's bias added to its logit (before the penalties)."""
+def biased(seqs: list[Sequence]) -> bool:
+    """Whether any row asks for apply_biases' changes."""
+    return any(s.params.logit_bias or s.params.allowed_token_ids is not None for s in seqs)
+
+
+def apply_biases(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The changes a request asks for that hold at every position, in place and in vLLM's order: only
+    allowed_token_ids left finite, then OpenAI's logit_bias added (both before the penalties)."""
     for row, seq in enumerate(seqs):
+        if seq.params.allowed_token_ids is not None:
+            ids = torch.tensor(seq.params.allowed_token_ids, device=logits.device)
+            allowed = logits[row, ids]
+            logits[row] = float("-inf")
+            logits[row, ids] = allowed
         if seq.params.logit_bias:
             ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
             logits[row, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device,
@@ -62,11 +73,17 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
     return logits
 
 
-def stop_ids_held_back(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
-    """The tokens that would end seq and that min_tokens keeps from being sampled yet."""
-    if seq.num_output_tokens >= seq.params.min_tokens:
-        return []
-    return sorted(set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids)))
+def banned_now(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
+    """The tokens seq may not sample next: those that would end it before min_tokens, and each bad word's
+    last token where the output ends with the word's other tokens (vLLM's bad_words)."""
+    banned = []
+    if seq.num_output_tokens < seq.params.min_tokens:
+        banned += set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids))
+    for word in seq.bad_word_ids:
+        start = len(seq.token_ids) - (len(word) - 1)
+        if len(word) - 1 <= seq.num_output_tokens and tuple(seq.token_ids[start:]) == word[:-1]:
+            banned.append(word[-1])
+    return banned
 
 
 def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -154,23 +171,23 @@ def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] = (),
            constrain: Callable[[torch.Tensor, list[Sequence]], None] | None = None
            ) -> tuple[list[int], torch.Tensor | None]:
-    """Tokens for each row, and the raw log-probabilities (before logit bias, penalties, min_tokens,
-    grammars and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the
+    """Tokens for each row, and the raw log-probabilities (before allowed_token_ids, logit bias, penalties,
+    min_tokens, bad words, grammars and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the
     tokens that end a sequence, which min_tokens holds back; constrain: masks the rows of sequences
     with a grammar (StructuredOutputs.constrain)."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
-    needs_bias = any(s.params.logit_bias for s in seqs)
-    held_back = [stop_ids_held_back(s, eos_ids) for s in seqs]
+    needs_bias = biased(seqs)
+    banned = [banned_now(s, eos_ids) for s in seqs]
     constrained = constrain is not None and any(s.grammar is not None for s in seqs)
-    if needs_penalty or needs_bias or any(held_back) or constrained:
+    if needs_penalty or needs_bias or any(banned) or constrained:
         logits = logits.clone()
     if needs_bias:  # before the penalties, as vLLM applies them
-        logits = apply_logit_bias(logits, seqs)
+        logits = apply_biases(logits, seqs)
     if needs_penalty:
         logits = apply_penalties(logits, seqs)
-    for row, ids in enumerate(held_back):
+    for row, ids in enumerate(banned):
         if ids:
             logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
     if constrained:

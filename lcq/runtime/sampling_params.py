@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
+MAX_BAD_WORDS = 128  # strings in one request's bad_words, as vLLM allows
 SEED_MODULUS = 2**63  # the seeds of a request's n samples wrap here
 
 
@@ -40,6 +41,10 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob plus k alternatives
     n: int = 1  # the server fans n out into n engine requests
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit before sampling
+    allowed_token_ids: list[int] | None = None  # vLLM's: only these tokens are sampled; None: all
+    # vLLM's: words never generated. Each is banned as the tokenizer spells it alone and after a space; a
+    # word of several tokens by its last token, where the output ends with the others.
+    bad_words: list[str] = field(default_factory=list)
     # EOS and stop_token_ids are not sampled before this many output tokens, nor stop strings looked for (vLLM's)
     min_tokens: int = 0
     include_stop_str_in_output: bool = False  # a matched stop string ends the text instead of being cut (vLLM's)
@@ -57,10 +62,12 @@ class SamplingParams:
     embed: bool = False
 
     def __post_init__(self) -> None:
-        """stop, stop_token_ids and logit_bias as vLLM takes them: one stop string alone, None for none."""
+        """stop, stop_token_ids, logit_bias and bad_words as vLLM takes them: one stop string alone, None for
+        none."""
         self.stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = self.logit_bias or {}
+        self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
 
     def validate(self) -> None:
         """Raise ValueError with a message fit for a 400 response."""
@@ -90,6 +97,9 @@ class SamplingParams:
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "
                                                                            "and 100"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
+            (len(self.bad_words) <= MAX_BAD_WORDS and all(word.strip() for word in self.bad_words),
+             f"bad_words takes at most {MAX_BAD_WORDS} strings that are not blank"),
         ]
         for ok, message in checks:
             if not ok:
@@ -121,6 +131,11 @@ class SamplingParams:
             return "stop must be a string or a list of strings"
         if not all(whole(token) for token in self.stop_token_ids):
             return "stop_token_ids must be a list of token ids"
+        if self.allowed_token_ids is not None and (not isinstance(self.allowed_token_ids, list)
+                                                   or not all(whole(token) for token in self.allowed_token_ids)):
+            return "allowed_token_ids must be a list of token ids"
+        if not all(isinstance(word, str) for word in self.bad_words):
+            return "bad_words must be a list of strings"
         if not isinstance(self.logit_bias, dict) or not all(whole(token) and number(bias)
                                                              for token, bias in self.logit_bias.items()):
             return "logit_bias must map token ids to numbers"

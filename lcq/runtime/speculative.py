@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import apply_logit_bias, argmax, draw, filtered_probs
+from .sampler import apply_biases, argmax, biased, draw, filtered_probs
 from .sequence import Sequence
 
 PREDICTION_DRAFT_TOKENS = 8  # drafts a step from a prediction where prompt lookup drafts fewer (or none)
@@ -104,11 +104,11 @@ class PromptLookup:
 
 
 def may_draft(seq: Sequence) -> bool:
-    """Sampled without per-row state (penalties, grammars, also one that starts later): it may draft once
-    it decodes."""
+    """Sampled without per-row state (penalties, bad words, grammars, also one that starts later): it may
+    draft once it decodes."""
     p = seq.params
     return (p.structured_output is None and p.repetition_penalty == 1.0 and not p.presence_penalty
-            and not p.frequency_penalty and not p.embed)
+            and not p.frequency_penalty and not p.bad_words and not p.embed)
 
 
 def can_draft(seq: Sequence) -> bool:
@@ -121,13 +121,14 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
     """The tokens each drafted sequence emits: the drafts its rows accept, then one of its own.
 
     logits: 1 + len(drafts[i]) rows per sequence, in order; row j scores the token after draft j (row
-    0: after the sequence's last token). Logit bias applies per row (it does not depend on position).
+    0: after the sequence's last token). allowed_token_ids and logit bias apply per row (they do not
+    depend on position).
     draft_probs: per sequence, the distributions its drafts were drawn from (one row each, a draft
     model's), or None where they are fixed tokens (prompt lookup, a prediction, greedy drafts).
     """
     rows = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
-    if any(seq.params.logit_bias for seq in seqs):
-        logits = apply_logit_bias(logits.clone(), rows)
+    if biased(seqs):
+        logits = apply_biases(logits.clone(), rows)
     best = argmax(logits).tolist()
     probs = filtered_probs(logits, rows) if any(not seq.params.greedy for seq in seqs) else None
     emitted, row = [], 0

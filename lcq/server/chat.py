@@ -185,6 +185,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     params.lora = state.adapter_for(body)
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
+    state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     forced = body.forced_tool()
     parsed = body.auto_tools  # the model may call tools in its own syntax: read with the server's parser
     if parsed and state.settings.tool_call_parser is None:

@@ -88,6 +88,7 @@ async def create_completion(body: CompletionRequest, request: Request):
         params.prompt_logprobs = body.logprobs  # the echoed prompt comes with its logprobs, as OpenAI's did
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
+    state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
     generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
     generation.submit(body)

@@ -111,6 +111,8 @@ class SamplingRequest(OpenAIRequest):
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
+    allowed_token_ids: list[TokenId] | None = None  # vLLM's: only these tokens are sampled
+    bad_words: list[str] | None = None  # vLLM's: words never generated
     min_tokens: Count | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens (tool-call tags, markers) in the text
@@ -126,14 +128,6 @@ class SamplingRequest(OpenAIRequest):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-
-    def unsupported(self) -> tuple[str, str] | None:
-        """vLLM's token filters, which this server does not apply: ignored, they would return tokens the
-        request excludes."""
-        for name in ("allowed_token_ids", "bad_words"):
-            if (self.model_extra or {}).get(name):
-                return name, f"{name} is not supported"
-        return None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
                         model_defaults: Mapping[str, float | int]) -> SamplingParams:
@@ -162,6 +156,8 @@ class SamplingRequest(OpenAIRequest):
             logprobs=logprobs,
             n=pick(self.n, 1),
             logit_bias=self.token_biases(),
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or [],
             min_tokens=pick(self.min_tokens, defaults.min_tokens),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
