@@ -29,6 +29,7 @@ from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
 from lcq.runtime.sampling_params import StructuredOutput
+from lcq.runtime.scheduler import Scheduler
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import cuda_llm, make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, \
     merge_adapter, phi3_longrope
@@ -491,6 +492,54 @@ def _grown(manager: BlockManager, tokens: list[int], computed: int, register: bo
     if register:
         manager.register_full_blocks(seq)
     return seq
+
+
+def test_priority_policy_orders_admission_budget_and_preemption():
+    """Under --scheduling-policy priority the waiting queue is ordered by (priority, arrival), running
+    sequences take the step's budget in that order, and the least urgent running one is preempted; under
+    fcfs arrival decides each."""
+    def run(by_priority: bool) -> tuple[list[str], list[str], list[str]]:
+        scheduler = Scheduler(BlockManager(5, 4, enable_prefix_caching=False), max_num_seqs=2,
+                              max_num_batched_tokens=100, by_priority=by_priority)
+        late, urgent, later, most = (Sequence(name, list(range(8)), SamplingParams(priority=priority), None, 10)
+                                     for name, priority in (("late", 5), ("urgent", 0), ("later", 5), ("most", -1)))
+        for seq in (late, urgent, later):
+            scheduler.add(seq)
+
+        def step() -> list[str]:
+            scheduled = scheduler.schedule()
+            for seq, count in scheduled:
+                seq.num_computed_tokens += count
+                if seq.num_uncomputed == 0:
+                    seq.token_ids.append(0)
+            return [seq.request_id for seq, _ in scheduled]
+
+        admitted = step()  # two of three: 4 of the 5 blocks
+        scheduler.add(most)
+        second = step()  # it needs 2 more blocks: one running sequence goes back to the waiting ones
+        return admitted, second, [seq.request_id for seq in scheduler.waiting]
+
+    assert run(by_priority=False) == (["late", "urgent"], ["late"], ["urgent", "later", "most"])
+    assert run(by_priority=True) == (["urgent", "late"], ["urgent"], ["most", "late", "later"])
+
+
+@pytest.mark.parametrize("policy, order", [("fcfs", ["a", "b", "c"]), ("priority", ["b", "c", "a"])])
+def test_requests_finish_in_the_policys_order_with_their_own_tokens(tiny, llm, policy, order):
+    one_at_a_time = LLM(str(tiny), block_size=8, max_num_seqs=1, scheduling_policy=policy, **FP32)
+    engine, finished, tokens = one_at_a_time.engine, [], {}
+    for name, prompt, priority in (("a", PROMPTS[0], 3), ("b", PROMPTS[1], 0), ("c", PROMPTS[2], 1)):
+        engine.add_request(name, prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
+                                                        priority=priority))
+    while engine.has_work():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.token_ids)
+            if out.finished:
+                finished.append(out.request_id)
+    assert finished == order
+    plain = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    assert [tokens[name] for name in "abc"] == [o.token_ids for o in llm.generate(PROMPTS, plain)]
+    with pytest.raises(ValueError, match="scheduling_policy must be one of fcfs, priority"):
+        EngineConfig(model=str(tiny), scheduling_policy="lifo").validate()
 
 
 def test_blocks_are_handed_out_in_order_and_after_a_sequences_last():

@@ -262,6 +262,18 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         assert error_of(post(body), 400)["param"] == next(iter(body))
 
 
+def test_priority_is_taken_and_checked(server, client):
+    """vLLM's priority: taken by both endpoints (the fixture's server schedules fcfs, which ignores it, as
+    vLLM's does); not an integer, a 400."""
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"priority": -5,
+                                                                                          "ignore_eos": True})
+    assert reply.usage.completion_tokens == 2
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        refused = httpx.post(server.url + route, json={**body, "max_tokens": 2, "priority": "high"})
+        assert error_of(refused, 400)["param"] == "priority"
+
+
 def test_tool_calls_and_insertion_are_refused_not_ignored(client):
     messages = [{"role": "user", "content": "hi"}]
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]

@@ -14,6 +14,8 @@ from lcq.inputs import device_problem
 
 from .generation_config import sampling_defaults
 
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
 if TYPE_CHECKING:
     from lcq.models import ModelConfig
 
@@ -45,6 +47,9 @@ class EngineConfig:
     # has passed (kv_groups.py); off: every layer keeps every block of its sequence, as before.
     hybrid_kv_cache: bool = True
     max_queue: int = 256  # requests that may wait beyond the free batch slots (max_num_seqs) before QueueFullError
+    # The order requests are admitted and run in (scheduler.py): fcfs, by arrival, or priority, by each
+    # request's priority (lower first), then arrival.
+    scheduling_policy: str = "fcfs"
     cuda_graphs: bool = True
     seed: int = 0
     lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
@@ -215,6 +220,8 @@ class EngineConfig:
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
             (0 < self.kv_cache_memory_gb < float("inf"), "kv_cache_memory_gb must be positive and finite"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.scheduling_policy in SCHEDULING_POLICIES,
+             f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)} (got {self.scheduling_policy})"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),
             (0 <= self.num_speculative_tokens <= 16, "num_speculative_tokens must be between 0 and 16"),
             (1 <= self.prompt_lookup_min <= self.prompt_lookup_max <= 16,

@@ -101,7 +101,8 @@ class LLMEngine:
                         "(--generation-config vllm for the built-in defaults)",
                         ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
         self.blocks = self.runner.new_block_manager(config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
+                                   by_priority=config.scheduling_policy == "priority")
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,

@@ -34,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    priority: int = 0  # vLLM's: with --scheduling-policy priority, lower values are scheduled first
     lora: str | None = None  # the LoRA adapter (EngineConfig.lora_modules) to run with; None: the base model
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -120,7 +121,7 @@ class SamplingParams:
             return isinstance(value, (int, float)) and not isinstance(value, bool)
 
         optional = ("max_tokens", "seed", "logprobs", "prompt_logprobs")
-        for name in ("top_k", "n", "min_tokens", *optional):
+        for name in ("top_k", "n", "min_tokens", "priority", *optional):
             value = getattr(self, name)
             if not whole(value) and not (value is None and name in optional):
                 return f"{name} must be an integer (got {value!r})"

@@ -5,26 +5,46 @@ one token, or one plus their drafts, unfinished prompts take a chunk); then wait
 admitted while the budget, max_num_seqs and free blocks allow. When blocks run out, the newest
 running sequence is preempted: its blocks are freed and it is recomputed later (its tokens are
 kept); drafts that do not fit are dropped instead.
+
+With the priority policy (vLLM's --scheduling-policy priority) both queues are kept in order of
+(params.priority, arrival): lower values are admitted first and run first within a step's budget, and
+the last of the running, the least urgent, is the one preempted. A waiting sequence does not preempt
+running ones (vLLM's V1 engine neither).
 """
 from __future__ import annotations
 
+import bisect
 from collections import deque
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
 
+def urgency(seq: Sequence) -> tuple[int, float]:
+    """The priority policy's order: lower priority values first, then earlier arrivals."""
+    return seq.params.priority, seq.arrival_time
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 by_priority: bool = False):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.by_priority = by_priority
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self._queue(self.waiting, seq)
+
+    def _queue(self, queue: deque[Sequence] | list[Sequence], seq: Sequence) -> None:
+        """seq at the end of queue, or with the priority policy after those as urgent or more."""
+        if self.by_priority:
+            queue.insert(bisect.bisect_right(queue, urgency(seq), key=urgency), seq)
+        else:
+            queue.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -62,7 +82,7 @@ class Scheduler:
             self.blocks.grow(seq, seq.num_computed_tokens + count)
             self.waiting.popleft()
             seq.status = Status.RUNNING
-            self.running.append(seq)
+            self._queue(self.running, seq)
             scheduled.append((seq, count))
             budget -= count
         return scheduled
@@ -71,7 +91,10 @@ class Scheduler:
         self.blocks.release(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
-        self.waiting.appendleft(seq)
+        if self.by_priority:  # back by its urgency (its arrival is kept)
+            self._queue(self.waiting, seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:

@@ -107,6 +107,7 @@ class SamplingRequest(OpenAIRequest):
     stop: str | list[str] | None = None
     stop_token_ids: list[TokenId] | None = None
     seed: Int64 | None = None
+    priority: Int64 = 0  # vLLM's: with --scheduling-policy priority, lower values are scheduled first
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -150,6 +151,7 @@ class SamplingRequest(OpenAIRequest):
             frequency_penalty=pick(self.frequency_penalty, defaults.frequency_penalty),
             repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
             seed=None if self.seed is None else self.seed % SEED_MODULUS,
+            priority=self.priority,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,

@@ -140,6 +140,9 @@ FLAGS = (
     Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
     Flag("--max-queue", int, "requests that may wait beyond the free batch slots before answering 429 (0: none "
          "wait)", "engine"),
+    Flag("--scheduling-policy", str, "fcfs (requests run in order of arrival) or priority (in order of each "
+         "request's `priority`, lower first, then arrival; the least urgent running request is the one preempted "
+         "when the KV cache is full)", "engine"),
     Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
