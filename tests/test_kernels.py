@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import subprocess
+import shutil
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lcq.kernels.arrival_counters import arrival_counters
 from lcq.kernels.byte_products import ROUNDING_BOUND, byte_book_weights, byte_products_reference
 from lcq.kernels.cpu_matmul import (amx_active, amx_tiles, byte_pair_rows, can_pack, cpu_products, dense_linear,
                                     half_copy, pack_weight, paired_group_kb, products_available)
+from lcq.paths import cache_dir
 from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
@@ -1415,6 +1417,26 @@ def test_c_kernels_build_into_a_folder_once(tmp_path, monkeypatch):
     stamp = built.stat().st_mtime_ns
     assert native.build(tmp_path) == built and built.stat().st_mtime_ns == stamp
     assert list(tmp_path.iterdir()) == [built]  # no temporary folder left behind
+
+
+@pytest.mark.skipif(native.unsupported() is not None, reason="no C kernels here (see lcq/kernels/native.py)")
+def test_a_library_built_into_the_package_loads_without_a_compiler(tmp_path, monkeypatch):
+    """The CPU Docker image's runtime stage has no compiler: the copy its build stage put into the package
+    is loaded; without that copy, no compiler means no C kernels."""
+    shutil.copy(native.build(cache_dir() / "native"), tmp_path / native.library_name())
+    monkeypatch.setattr(native, "FOLDER", tmp_path)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.unsupported.cache_clear()
+    native.load.cache_clear()
+    try:
+        assert native.unsupported() is None
+        assert native.load()._name == str(tmp_path / native.library_name())
+        (tmp_path / native.library_name()).unlink()
+        native.unsupported.cache_clear()
+        assert native.unsupported() == "no C compiler (cc, gcc or clang) on PATH"
+    finally:
+        native.unsupported.cache_clear()
+        native.load.cache_clear()
 
 
 @pytest.mark.skipif(native.unsupported() is not None, reason="no C kernels here (see lcq/kernels/native.py)")

@@ -3,7 +3,8 @@ cpu_index.c, cpu_latent.c, cpu_mixture.c, cpu_ops.c and cpu_recurrent.c, one sha
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
 at install; images without a compiler build it into the package: build(FOLDER)). Without x86-64
-Linux, AVX2/FMA/F16C or a compiler it is not used (one log line) and callers take their torch path.
+Linux, AVX2/FMA/F16C, or both a compiler and a copy in the package, it is not used (one log line) and
+callers take their torch path.
 It runs on any CPU with AVX2 (AVX-512, AVX512_BF16, AVX512_VNNI, AVX512_VBMI and AMX code is chosen at
 run time), but its bf16 code needs GCC 10 or clang 9 to compile; with an older compiler the build fails
 (logged) and the torch path runs. Its AMX code needs GCC 11 or clang 12; older ones leave AMX off.
@@ -54,7 +55,7 @@ def unsupported() -> str | None:
         return f"{platform.system()} {platform.machine()} is not x86-64 Linux"
     if missing := [f for f in ("avx2", "fma", "f16c") if f not in cpu_flags()]:
         return f"the CPU lacks {', '.join(missing)}"
-    if _compiler() is None:
+    if _compiler() is None and not (FOLDER / library_name()).is_file():  # a prebuilt copy needs none
         return "no C compiler (cc, gcc or clang) on PATH"
     return None
 
