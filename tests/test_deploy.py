@@ -185,7 +185,7 @@ def test_bench_reads_the_servers_exposition():
     metrics.rejected("queue_full")
     metrics.rejected("queue_full")
     tracker = metrics.track(prompt_tokens=7)
-    tracker.finish("length")
+    tracker.finish("length", elapsed=0.5)
     samples = parse_metrics(metrics.exposition().decode())
     assert samples["lcq:request_rejected_total"] == 2
     assert samples["lcq:prompt_tokens_total"] == 7
@@ -193,6 +193,56 @@ def test_bench_reads_the_servers_exposition():
     assert samples["lcq:request_prompt_tokens_count"] == 1
     assert samples["lcq:e2e_request_latency_seconds_count"] == 1
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
+
+
+def test_request_metrics_take_the_engines_times_and_count_finished_work():
+    """Latencies come from the times the engine stamps on the deltas (not when a client reads them); prompt
+    tokens count once computed; an aborted request counts as aborted alone, a refused one as nothing."""
+    from lcq.runtime.outputs import RequestOutput, Usage
+
+    sys.path.insert(0, str(ROOT))
+    from bench.serve import parse_metrics
+
+    metrics = ServerMetrics("m", lambda: None)
+    done = metrics.track(prompt_tokens=5)
+    done.observe(RequestOutput("a", "x", [1], elapsed=0.2, queue_time=0.05, first_token_time=0.2))
+    done.observe(RequestOutput("a", "yz", [2, 3], elapsed=0.3))
+    done.observe(RequestOutput("a", "w", [4], elapsed=0.4, finish_reason="length", usage=Usage(5, 4)))
+    gone = metrics.track(prompt_tokens=11)  # aborted while waiting
+    gone.finish("abort")
+    metrics.track(prompt_tokens=13).discard()
+    samples = parse_metrics(metrics.exposition().decode())
+    expected = {"lcq:prompt_tokens_total": 5, "lcq:generation_tokens_total": 4, "lcq:request_aborted_total": 1,
+                "lcq:time_to_first_token_seconds_sum": 0.2, "lcq:request_queue_time_seconds_sum": 0.05,
+                "lcq:request_prefill_time_seconds_sum": 0.15,
+                "lcq:inter_token_latency_seconds_count": 3, "lcq:inter_token_latency_seconds_sum": 0.2,
+                "lcq:time_per_output_token_seconds_count": 3, "lcq:e2e_request_latency_seconds_count": 1,
+                "lcq:e2e_request_latency_seconds_sum": 0.4, "lcq:request_decode_time_seconds_sum": 0.2,
+                "lcq:request_inference_time_seconds_sum": 0.35, "lcq:request_prompt_tokens_count": 1,
+                "lcq:request_generation_tokens_sum": 4}
+    assert {name: pytest.approx(samples[name]) for name in expected} == expected
+
+
+def test_unhandled_errors_are_counted_as_500s():
+    """Starlette answers them in its outermost layer, outside the counting middleware."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lcq.server.errors import install_error_handlers
+    from lcq.server.middleware import GuardMiddleware
+
+    metrics = ServerMetrics("m", lambda: None)
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, metrics=metrics, api_key=None, max_body_bytes=1 << 20)
+
+    @app.get("/v1/broken")
+    async def broken():
+        raise RuntimeError("a bug")
+
+    reply = TestClient(app, raise_server_exceptions=False).get("/v1/broken")
+    assert reply.status_code == 500 and reply.json()["error"]["message"] == "internal error: RuntimeError"
+    assert b'lcq:http_requests_total{model_name="m",status="500"} 1.0' in metrics.exposition()
 
 
 def test_shipped_nginx_retries_generation_on_a_replica_that_answers_503(tmp_path):

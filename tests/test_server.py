@@ -741,9 +741,15 @@ def test_metrics_move_after_requests(server, client):
     text = httpx.get(server.url + "/metrics").text
     for name in ("lcq:num_requests_running", "lcq:num_requests_waiting", "lcq:kv_cache_usage_perc",
                  "lcq:num_preemptions_total", "lcq:inter_token_latency_seconds_bucket",
+                 "lcq:time_per_output_token_seconds_bucket", "lcq:request_prefill_time_seconds_bucket",
+                 "lcq:request_decode_time_seconds_bucket", "lcq:request_inference_time_seconds_bucket",
                  "lcq:request_queue_time_seconds_bucket", "lcq:request_prompt_tokens_bucket",
                  "lcq:request_generation_tokens_bucket"):
         assert name + "{" in text
+    ok = server.metric("lcq:http_requests_total", status="200")
+    for path in ("/health", "/metrics", "/version"):  # probes and scrapes are no client's requests (as vLLM)
+        assert httpx.get(server.url + path).status_code == 200
+    assert server.metric("lcq:http_requests_total", status="200") == ok
 
 
 def test_many_concurrent_streams(server):
@@ -881,6 +887,13 @@ def test_full_queue_429_and_keepalive_while_waiting(small_server):
                 assert error_of(full, 429)["type"] == "rate_limit_error"
                 assert int(full.headers["retry-after"]) >= 0
     assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 1
+    small_server.wait_pool_full()
+    # n=3 where 2 fit: refused whole, its 2 queued choices neither aborted requests nor prompt tokens
+    counts = [small_server.metric(name) for name in ("lcq:request_aborted_total", "lcq:prompt_tokens_total")]
+    full = httpx.post(url + "/v1/completions", json={**long, "stream": False, "n": 3}, headers=headers)
+    assert error_of(full, 429)["type"] == "rate_limit_error"
+    assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 2
+    assert [small_server.metric(name) for name in ("lcq:request_aborted_total", "lcq:prompt_tokens_total")] == counts
     small_server.wait_pool_full()
 
 

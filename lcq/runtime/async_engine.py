@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
@@ -105,7 +106,7 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         with self._lock:
-            self._inbox.append((request_id, list(prompt_ids), params))
+            self._inbox.append((request_id, list(prompt_ids), params, time.monotonic()))
         self._wake.set()
         return self._stream(request_id, queue)
 
@@ -157,9 +158,9 @@ class AsyncEngine:
             aborts, self._aborts = self._aborts, []
             changes, self._adapter_changes = self._adapter_changes, []
         outputs = []
-        for request_id, prompt_ids, params in inbox:
-            try:
-                self.engine.add_request(request_id, prompt_ids, params)
+        for request_id, prompt_ids, params, arrival_time in inbox:
+            try:  # arrived when added here, not when the engine's thread takes it (a step later at most)
+                self.engine.add_request(request_id, prompt_ids, params, arrival_time)
             except Exception as e:  # that request fails, not the step's others (nor its aborts)
                 if not isinstance(e, ValueError):
                     logger.exception("request %s could not be added", request_id)

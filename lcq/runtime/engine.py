@@ -135,7 +135,10 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
                              f"shorten the prompt")
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request; arrival_time: its time.monotonic() on arrival (default: now), which its latency
+        metrics and the priority policy's order count from."""
         if request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.check_request(prompt_ids, params)
@@ -143,7 +146,7 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
         detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens,
                                              params.min_tokens)
-        seq = Sequence(request_id, prompt_ids, params, detokenizer, max_tokens)
+        seq = Sequence(request_id, prompt_ids, params, detokenizer, max_tokens, arrival_time)
         seq.bad_word_ids = bad_word_token_ids(self.tokenizer, params.bad_words)
         if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
@@ -420,6 +423,7 @@ class LLMEngine:
             logprobs=seq.pending_logprobs if seq.params.logprobs is not None else None, **extra)
         if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
             output.prompt_logprobs, seq.prompt_logprobs_sent = seq.prompt_logprobs, True
+        output.elapsed = time.monotonic() - seq.arrival_time
         if first:
             output.queue_time = (seq.first_scheduled_time or seq.arrival_time) - seq.arrival_time
             output.first_token_time = seq.first_token_time - seq.arrival_time

@@ -43,8 +43,10 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
     error: str | None = None
     embedding: list[float] | None = None  # an embedding request's vector (SamplingParams.embed), when it finishes
-    # Timing, for metrics: seconds since the request arrived.
-    queue_time: float | None = None  # set on the first delta
+    # Timing, for metrics: seconds since the request arrived, as the engine saw them (not when a client
+    # read the delta).
+    elapsed: float | None = None  # when this delta was made (set on every delta the engine makes)
+    queue_time: float | None = None  # when it was first scheduled; set on the first delta
     first_token_time: float | None = None  # set on the first delta
 
     @property

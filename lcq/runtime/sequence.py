@@ -21,7 +21,7 @@ class Sequence:
     """Tokens so far (prompt + generated), how many of them are in the KV cache, and its blocks."""
 
     def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                 detokenizer: IncrementalDetokenizer, max_tokens: int):
+                 detokenizer: IncrementalDetokenizer, max_tokens: int, arrival_time: float | None = None):
         self.request_id = request_id
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
@@ -42,7 +42,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
         self.block_hashes: list[int] = []  # chain hashes of its leading full blocks, as registered for prefix caching
-        self.arrival_time = time.monotonic()
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.finish_reason: str | None = None

@@ -97,6 +97,9 @@ class Generation:
             try:
                 stream = engine.add_request(choice.request_id, choice.prompt_ids, choice.params)
             except Exception as e:
+                for added in self.choices:  # the request is refused as a whole: its choices count as nothing else
+                    if added.tracker is not None:
+                        added.tracker.discard()
                 self.abort()
                 metrics.rejected("queue_full" if isinstance(e, QueueFullError)
                                  else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")

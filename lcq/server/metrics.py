@@ -6,7 +6,6 @@ Engine-wide state (running, waiting, KV usage, preemptions) is read from engine.
 """
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -69,7 +68,7 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
             return Histogram(f"lcq:{name}", doc, labels, buckets=buckets, registry=self.registry)
 
-        self.prompt_tokens = counter("prompt_tokens", "prompt tokens of finished requests")
+        self.prompt_tokens = counter("prompt_tokens", "prompt tokens computed (counted at a request's first token)")
         self.generation_tokens = counter("generation_tokens", "generated tokens")
         self.request_success = counter("request_success", "finished requests by finish reason", ("finished_reason",))
         self.request_aborted = counter("request_aborted", "requests aborted (client gone, shutdown)")
@@ -81,8 +80,16 @@ class ServerMetrics:
         self.prefix_cache_hits = counter("prefix_cache_hits", "prompt tokens served from the prefix cache")
         self.ttft = histogram("time_to_first_token_seconds", "arrival to first token", LATENCY_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "time between generated tokens", LATENCY_BUCKETS)
-        self.e2e = histogram("e2e_request_latency_seconds", "arrival to last token", LATENCY_BUCKETS)
+        # vLLM's older name of the same (its dashboards before 0.11 plot it)
+        self.tpot = histogram("time_per_output_token_seconds", "time between generated tokens", LATENCY_BUCKETS)
         self.queue_time = histogram("request_queue_time_seconds", "arrival to first scheduled", LATENCY_BUCKETS)
+        self.prefill_time = histogram("request_prefill_time_seconds", "first scheduled to first token",
+                                      LATENCY_BUCKETS)
+        # Of requests that finished (not aborted, not failed):
+        self.e2e = histogram("e2e_request_latency_seconds", "arrival to last token", LATENCY_BUCKETS)
+        self.decode_time = histogram("request_decode_time_seconds", "first token to last token", LATENCY_BUCKETS)
+        self.inference_time = histogram("request_inference_time_seconds", "first scheduled to last token",
+                                        LATENCY_BUCKETS)
         self.prompt_len = histogram("request_prompt_tokens", "prompt tokens per request", TOKEN_BUCKETS)
         self.generation_len = histogram("request_generation_tokens", "generated tokens per request", TOKEN_BUCKETS)
         self.registry.register(EngineStatsCollector(engine_stats, model_name))
@@ -101,52 +108,74 @@ class ServerMetrics:
 
 
 class RequestTracker:
-    """Latency and token accounting of one engine request, fed with each delta it streams."""
+    """Latency and token accounting of one engine request, fed with each delta it streams. Times are the
+    engine's (RequestOutput.elapsed and the first delta's queue and first-token times, from the request's
+    arrival), so a client that reads slowly does not stretch them."""
 
     def __init__(self, metrics: ServerMetrics, prompt_tokens: int):
         self.metrics = metrics
         self.prompt_tokens = prompt_tokens
-        self.arrival = time.perf_counter()
-        self.last_token = None
+        self.prompt_counted = False
+        self.queue_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token: float | None = None  # when the engine made the latest delta with tokens
         self.generated = 0
         self.done = False
 
     def observe(self, out: RequestOutput) -> None:
         m, name = self.metrics, self.metrics.model_name
-        now = time.perf_counter()
+        if out.first_token_time is not None:  # the first delta: the prompt has been computed
+            self.queue_time, self.first_token_time = out.queue_time or 0.0, out.first_token_time
+            m.ttft.labels(name).observe(self.first_token_time)
+            m.queue_time.labels(name).observe(self.queue_time)
+            m.prefill_time.labels(name).observe(self.first_token_time - self.queue_time)
+            self._count_prompt()
         new_tokens = len(out.token_ids)
         if new_tokens:
-            if self.last_token is None:
-                m.ttft.labels(name).observe(out.first_token_time if out.first_token_time is not None
-                                            else now - self.arrival)
-                if out.queue_time is not None:
-                    m.queue_time.labels(name).observe(out.queue_time)
-            else:
-                gap = (now - self.last_token) / new_tokens
+            if self.last_token is not None and out.elapsed is not None:
+                gap = (out.elapsed - self.last_token) / new_tokens
                 for _ in range(new_tokens):
                     m.itl.labels(name).observe(gap)
-            self.last_token = now
+                    m.tpot.labels(name).observe(gap)
+            self.last_token = out.elapsed
             self.generated += new_tokens
             m.generation_tokens.labels(name).inc(new_tokens)
         if out.finish_reason is not None:
             if out.usage is not None:  # the hit rate a vLLM dashboard plots as hits / queries
                 m.prefix_cache_queries.labels(name).inc(out.usage.prompt_tokens)
                 m.prefix_cache_hits.labels(name).inc(out.usage.cached_tokens)
-            self.finish(out.finish_reason)
+            self.finish(out.finish_reason, out.elapsed)
 
-    def finish(self, reason: str) -> None:
-        """Count the request's end once: success by reason, abort, or engine error."""
+    def finish(self, reason: str, elapsed: float | None = None) -> None:
+        """Count the request's end once: an abort or an engine error, or a success by reason with its
+        lengths and latencies (an aborted request's time is its client's patience, not the server's)."""
         if self.done:
             return
         self.done = True
         m, name = self.metrics, self.metrics.model_name
-        m.prompt_tokens.labels(name).inc(self.prompt_tokens)
-        m.prompt_len.labels(name).observe(self.prompt_tokens)
-        m.generation_len.labels(name).observe(self.generated)
-        m.e2e.labels(name).observe(time.perf_counter() - self.arrival)
         if reason == "abort":
             m.request_aborted.labels(name).inc()
-        elif reason == "error":
+            return
+        if reason == "error":
             m.request_errors.labels(name).inc()
-        else:
-            m.request_success.labels(name, reason).inc()
+            return
+        m.request_success.labels(name, reason).inc()
+        self._count_prompt()
+        m.prompt_len.labels(name).observe(self.prompt_tokens)
+        m.generation_len.labels(name).observe(self.generated)
+        if elapsed is not None:
+            m.e2e.labels(name).observe(elapsed)
+            if self.first_token_time is not None:
+                m.decode_time.labels(name).observe(elapsed - self.first_token_time)
+                m.inference_time.labels(name).observe(elapsed - self.queue_time)
+
+    def discard(self) -> None:
+        """Count nothing: the API request was refused as a whole (another of its choices was)."""
+        self.done = True
+
+    def _count_prompt(self) -> None:
+        """Prompt tokens count once computed: at the first token, or at the end of a request that
+        generates none (an embedding)."""
+        if not self.prompt_counted:
+            self.prompt_counted = True
+            self.metrics.prompt_tokens.labels(self.metrics.model_name).inc(self.prompt_tokens)

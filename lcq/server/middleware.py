@@ -1,4 +1,5 @@
-"""Checks that run before any route: API key, body size, and the per-status response counter.
+"""Checks that run before any route: API key, body size, and the per-status response counter (500s
+from unhandled exceptions too).
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client that
 disconnects still reaches the route's disconnect handling.
@@ -12,6 +13,9 @@ from .errors import APIError
 from .metrics import ServerMetrics
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# Probes and scrapes, left out of lcq:http_requests_total as vLLM leaves them out of its: a loading or
+# draining server's 503s to health checks are no client's errors.
+UNCOUNTED_PATHS = ("/health", "/metrics", "/version")
 
 
 class GuardMiddleware:
@@ -25,9 +29,15 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        started = False
+
         async def counting_send(message):
+            nonlocal started
             if message["type"] == "http.response.start":
-                self.metrics.http_response(message["status"])
+                started = True
+                if counted:
+                    self.metrics.http_response(message["status"])
             await send(message)
 
         headers = dict(scope.get("headers") or [])
@@ -36,7 +46,12 @@ class GuardMiddleware:
             receive, error = await self._limited_body(headers, receive)
         if error is not None:
             return await self._reply(error, counting_send)
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:  # answered by Starlette's outermost layer, outside this one: a 500 counted here
+            if counted and not started:
+                self.metrics.http_response(500)
+            raise
 
     def _auth_error(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
         if self.api_key is None or not path.startswith(PROTECTED_PREFIXES):
