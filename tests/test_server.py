@@ -718,6 +718,63 @@ def test_openai_client_raises_typed_errors(client):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "x"}])
 
 
+def test_x_request_id_names_the_response(server, client, model_dir):
+    """vLLM's X-Request-Id: the client's id comes back as a header and is the base of the body's id, streamed
+    too; two requests sharing one both run at once (the engine's ids stay apart); a value unfit for ids and
+    headers is replaced, and a request without one gets a generated id, on errors as well."""
+    messages = [{"role": "user", "content": "Hi"}]
+    sent = {"X-Request-Id": "trace-42/a.b"}
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="Hi", max_tokens=2, extra_headers=sent)
+    assert raw.headers["x-request-id"] == "trace-42/a.b" and raw.parse().id == "cmpl-trace-42/a.b"
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2,
+                                                           extra_headers=sent)
+    assert raw.headers["x-request-id"] == "trace-42/a.b" and raw.parse().id == "chatcmpl-trace-42/a.b"
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, stream=True,
+                                            extra_headers=sent)
+    assert {chunk.id for chunk in stream} == {"chatcmpl-trace-42/a.b"}
+    # the same id twice at once: the first streams (its choices running in the engine) while the second runs
+    shared = {"X-Request-Id": "shared"}
+    long = {"prompt": "Once upon a time", "max_tokens": 40, "ignore_eos": True, "n": 2}
+    with httpx.stream("POST", server.url + "/v1/completions", json={**long, "stream": True}, headers=shared,
+                      timeout=60) as first:
+        lines = first.iter_lines()
+        assert next(lines).startswith("data: ") and server.engine.stats().num_running > 0
+        second = httpx.post(server.url + "/v1/completions", json={**long, "max_tokens": 2}, headers=shared,
+                            timeout=60)
+        assert second.status_code == 200, second.text
+        assert second.json()["id"] == "cmpl-shared" and second.headers["x-request-id"] == "shared"
+        finishes = [json.loads(line[6:])["choices"][0]["finish_reason"] for line in lines
+                    if line.startswith("data: {")]
+    assert finishes.count("length") == 2 and first.headers["x-request-id"] == "shared"
+    # unfit values (a space, too long, not ASCII, empty) and none at all: a generated id, header and body alike
+    for headers in ({"X-Request-Id": "two words"}, {"X-Request-Id": "x" * 129}, {"X-Request-Id": b"caf\xc3\xa9"},
+                    {"X-Request-Id": ""}, {}):
+        reply = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1}, headers=headers)
+        generated = reply.headers["x-request-id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", generated) and reply.json()["id"] == f"cmpl-{generated}", headers
+    assert httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                      headers={"X-Request-Id": "x" * 128}).json()["id"] == "cmpl-" + "x" * 128
+    # every response carries it: errors of the routes and of the middleware (413), and probes
+    for reply in (httpx.post(server.url + "/v1/completions", json={"prompt": "x", "temperature": 5}, headers=sent),
+                  httpx.post(server.url + "/v1/completions", json={"prompt": "x" * (MAX_BODY + 1)}, headers=sent),
+                  httpx.get(server.url + "/v1/nothing-here", headers=sent), httpx.get(server.url + "/health",
+                                                                                      headers=sent)):
+        assert reply.headers["x-request-id"] == "trace-42/a.b", reply
+    # and so does a 500 from an unhandled exception, which Starlette's outermost layer answers
+    from unittest import mock
+
+    app = create_app(engine_config(model_dir))  # (not loaded: /metrics needs no model)
+    app.state.lcq.metrics = mock.Mock(exposition=mock.Mock(side_effect=RuntimeError("broken")))
+
+    async def failing():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            return await http.get("/metrics", headers=sent)
+
+    failed = asyncio.run(failing())
+    assert error_of(failed, 500) and failed.headers["x-request-id"] == "trace-42/a.b"
+
+
 def test_metrics_move_after_requests(server, client):
     before = {name: server.metric(name) for name in ("lcq:prompt_tokens_total", "lcq:generation_tokens_total",
                                                      "lcq:e2e_request_latency_seconds_count",

@@ -3,7 +3,6 @@ tool calls, and a reasoning model's thinking apart from its answer."""
 from __future__ import annotations
 
 import inspect
-import uuid
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -219,7 +218,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
              responses=generation_responses(STREAM_RESPONSE))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    turn = start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{uuid.uuid4().hex}")
+    turn = start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request.state.request_id}")
     generation = turn.generation
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:

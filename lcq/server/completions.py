@@ -1,8 +1,6 @@
 """POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
@@ -90,7 +88,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
-    generation = Generation(state, f"cmpl-{uuid.uuid4().hex}", prompts, params)
+    generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params)
     generation.submit(body)
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0) if body.logprobs is not None else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import uuid
 
 from fastapi import APIRouter, Request
 
@@ -32,7 +31,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     if body.truncate_prompt_tokens is not None:
         prompts = [ids[-body.truncate_prompt_tokens:] for ids in prompts]
     params = SamplingParams(max_tokens=1, embed=True, lora=state.adapter_for(body))
-    generation = Generation(state, f"embd-{uuid.uuid4().hex}", prompts, params)
+    generation = Generation(state, f"embd-{request.state.request_id}", prompts, params)
     generation.submit(body)
     await generation.run(request)
     data = [EmbeddingData(index=c.index, embedding=_encoded(c.embedding, body.encoding_format))

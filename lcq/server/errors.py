@@ -20,6 +20,9 @@ from .protocol import ErrorResponse, OpenAIRequest
 
 logger = logging.getLogger("lcq.server")
 
+# Every response's request id (GuardMiddleware's, also request.state.request_id)
+REQUEST_ID_HEADER = "X-Request-Id"
+
 # status -> OpenAI error type
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -120,8 +123,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("internal error on %s %s", request.method, request.url.path)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}"))
+        """Answered by Starlette's outermost layer, outside GuardMiddleware: the request id is added here."""
+        request_id = request.state.request_id
+        logger.exception("internal error on %s %s (request %s)", request.method, request.url.path, request_id)
+        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
+                                       headers={REQUEST_ID_HEADER: request_id}))
 
 
 def error_responses(*statuses: int) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from .protocol import OpenAIRequest, PromptTokensDetails, UsageInfo
 from .state import ServerState
 
 logger = logging.getLogger("lcq.server")
+# Numbers each Generation's engine requests apart: response ids come from the client's X-Request-Id, which two
+# requests may share, while the engine's ids must be unique
+GENERATION_NUMBERS = itertools.count()
 
 
 @dataclass
@@ -83,7 +87,8 @@ class Generation:
         self.id = base_id
         self.created = int(time.time())
         self.model = params.lora or state.model_name  # what replies name: the adapter asked for, else the base
-        self.choices = [Choice(index=p * params.n + i, request_id=f"{base_id}-{p * params.n + i}", prompt_ids=prompt,
+        engine_id = f"{base_id}-{next(GENERATION_NUMBERS)}"
+        self.choices = [Choice(index=p * params.n + i, request_id=f"{engine_id}-{p * params.n + i}", prompt_ids=prompt,
                                params=sample)
                         for p, prompt in enumerate(prompts) for i, sample in enumerate(params.samples())]
         self.prompts = prompts

@@ -1,5 +1,5 @@
-"""Checks that run before any route: API key, body size, and the per-status response counter (500s
-from unhandled exceptions too).
+"""Checks that run before any route: API key, body size, the per-status response counter (500s
+from unhandled exceptions too), and the request id every response carries in X-Request-Id.
 
 Plain ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched and a client that
 disconnects still reaches the route's disconnect handling.
@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import hmac
 import json
+import uuid
 
-from .errors import APIError
+from .errors import REQUEST_ID_HEADER, APIError
 from .metrics import ServerMetrics
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 # Probes and scrapes, left out of lcq:http_requests_total as vLLM leaves them out of its: a loading or
 # draining server's 503s to health checks are no client's errors.
 UNCOUNTED_PATHS = ("/health", "/metrics", "/version")
+REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()  # as ASGI spells header names
+MAX_REQUEST_ID_LENGTH = 128
+
+
+def request_id_of(headers: dict[bytes, bytes]) -> str:
+    """The client's X-Request-Id (vLLM's base of a response id), so that its logs and ours name a request
+    alike; a fresh id where it sent none, or one unfit to go into ids, headers and logs as it is (anything
+    but 1 to 128 printable ASCII characters without spaces)."""
+    given = headers.get(REQUEST_ID_KEY, b"")
+    if 0 < len(given) <= MAX_REQUEST_ID_LENGTH and all(0x21 <= byte <= 0x7E for byte in given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
 
 
 class GuardMiddleware:
@@ -31,23 +44,27 @@ class GuardMiddleware:
 
         counted = scope["path"] not in UNCOUNTED_PATHS
         started = False
+        headers = dict(scope.get("headers") or [])
+        request_id = request_id_of(headers)
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id to the routes
+        # (in place: the 500 handler, outside this layer, reads the same scope)
 
-        async def counting_send(message):
+        async def guarded_send(message):
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 if counted:
                     self.metrics.http_response(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_KEY, request_id.encode())]}
             await send(message)
 
-        headers = dict(scope.get("headers") or [])
         error = self._auth_error(scope["path"], headers)
         if error is None:
             receive, error = await self._limited_body(headers, receive)
         if error is not None:
-            return await self._reply(error, counting_send)
+            return await self._reply(error, guarded_send)
         try:
-            await self.app(scope, receive, counting_send)
+            await self.app(scope, receive, guarded_send)
         except Exception:  # answered by Starlette's outermost layer, outside this one: a 500 counted here
             if counted and not started:
                 self.metrics.http_response(500)
