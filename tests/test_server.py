@@ -323,6 +323,41 @@ def test_chat_template_options(server, client):
     assert reply.usage.prompt_tokens == continued["count"]
 
 
+def test_add_special_tokens_as_each_endpoint_defaults_it(model_dir, tmp_path):
+    """vLLM's add_special_tokens, under a tokenizer that starts what it encodes with a BOS (the tiny one adds
+    nothing): completions add it to text prompts unless asked not to, token prompts stay as sent; chat adds
+    none to the rendered template unless asked; /tokenize counts as those endpoints do."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+
+    folder = shutil.copytree(model_dir, tmp_path / "with-bos")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                                    special_tokens=[("<|endoftext|>", bos)])
+    tokenizer.save_pretrained(folder)
+    messages = [{"role": "user", "content": "Hello"}]
+    with LiveServer(create_app(engine_config(folder), ServeSettings())) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        tokenize = lambda **body: httpx.post(live.url + "/tokenize", json=body).json()["tokens"]  # noqa: E731
+        plain, rendered = tokenize(prompt="Hello", add_special_tokens=False), tokenize(messages=messages)
+        assert tokenize(prompt="Hello") == [bos, *plain] and bos not in rendered
+        assert tokenize(messages=messages, add_special_tokens=True) == [bos, *rendered]
+
+        def prompt_tokens(prompt, **extra) -> int:
+            return client.completions.create(model=MODEL, prompt=prompt, max_tokens=1,
+                                             extra_body=extra).usage.prompt_tokens
+
+        assert prompt_tokens("Hello") == len(plain) + 1
+        assert prompt_tokens("Hello", add_special_tokens=False) == len(plain)
+        assert prompt_tokens(plain, add_special_tokens=True) == prompt_tokens(plain) == len(plain)
+        chat = lambda **extra: client.chat.completions.create(  # noqa: E731
+            model=MODEL, messages=messages, max_tokens=1, extra_body=extra).usage.prompt_tokens
+        assert chat() == chat(add_special_tokens=False) == len(rendered)
+        assert chat(add_special_tokens=True) == len(rendered) + 1
+
+
 def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client):
     ids = list(range(300))  # past this server's max_model_len of 256
     kept = client.completions.create(model=MODEL, prompt=ids, max_tokens=2, echo=True,

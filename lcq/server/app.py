@@ -128,10 +128,12 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of `prompt` and `messages`", code="invalid_value")
     tokenizer = state.engine.tokenizer
+    # add_special_tokens' default: completions' (true) for a prompt, chat's (false) for messages
+    special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
     if body.messages is not None:
-        tokens = chat.render_chat(tokenizer, body.messages, body)
+        tokens = chat.render_chat(tokenizer, body.messages, body, add_special_tokens=special)
     else:
-        tokens = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = tokenizer.encode(body.prompt, add_special_tokens=special)
     return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
 
 

@@ -77,9 +77,9 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
-                tools: list[dict] | None = None) -> list[int]:
-    """Token ids of chat_prompt."""
-    return tokenizer.encode(chat_prompt(tokenizer, messages, options, tools), add_special_tokens=False)
+                add_special_tokens: bool = False) -> list[int]:
+    """Token ids of chat_prompt; the tokenizer's special tokens only where asked (the template writes its own)."""
+    return tokenizer.encode(chat_prompt(tokenizer, messages, options), add_special_tokens=add_special_tokens)
 
 
 def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
@@ -206,7 +206,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
         params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
     if body.prediction is not None:
         params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
-    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=False))
+    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)))
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
     generation.submit(body)

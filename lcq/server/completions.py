@@ -17,15 +17,17 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Co
                    "content": {"text/event-stream": {}}}
 
 
-def tokenize_prompts(state: ServerState, prompt, param: str = "prompt") -> tuple[list[list[int]], list[str]]:
+def tokenize_prompts(state: ServerState, prompt, param: str = "prompt",
+                     add_special_tokens: bool = True) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of every prompt, whether it came as text, texts, ids or lists of ids (`param`: the
-    field's name in errors)."""
+    field's name in errors); text gets the tokenizer's special tokens with `add_special_tokens`, ids stay as
+    sent."""
     tokenizer = state.engine.tokenizer
     items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
     ids, texts = [], []
     for item in items:
         if isinstance(item, str):
-            ids.append(tokenizer.encode(item))
+            ids.append(tokenizer.encode(item, add_special_tokens=add_special_tokens))
             texts.append(item)
         else:
             state.check_token_ids(item, param)
@@ -67,7 +69,8 @@ class LogprobFormatter:
 async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/completions")
-    prompts, prompt_texts = tokenize_prompts(state, body.prompt)
+    prompts, prompt_texts = tokenize_prompts(state, body.prompt,
+                                             add_special_tokens=body.adds_special_tokens(default=True))
     kept = [body.truncated(ids) for ids in prompts]
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept

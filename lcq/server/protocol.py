@@ -118,6 +118,8 @@ class SamplingRequest(OpenAIRequest):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens (tool-call tags, markers) in the text
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    # vLLM's: whether text is tokenized with the tokenizer's special tokens (a BOS); each endpoint has its default
+    add_special_tokens: bool | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
@@ -225,6 +227,11 @@ class SamplingRequest(OpenAIRequest):
             # (key order kept: the JSON follows the properties in order)
             return StructuredOutput(json.dumps(schema), source="response_format json_schema")
         raise ValueError(f"response_format type {kind!r} is not supported: text, json_object or json_schema")
+
+    def adds_special_tokens(self, default: bool) -> bool:
+        """add_special_tokens as asked, else the endpoint's `default`: completions add them (the prompt is raw
+        text), chat does not (the template writes the special tokens it wants, a BOS among them)."""
+        return default if self.add_special_tokens is None else self.add_special_tokens
 
     def truncated(self, ids: list[int]) -> list[int]:
         """vLLM's truncate_prompt_tokens: only the prompt's last k tokens (for prompts that outgrew the
@@ -400,12 +407,13 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
 
 
 class TokenizeRequest(ChatTemplateOptions):
-    """Either a prompt (as /v1/completions sees it) or messages (rendered with the chat template)."""
+    """Either a prompt (as /v1/completions sees it) or messages (rendered with the chat template, as
+    /v1/chat/completions sees them): add_special_tokens defaults as on those endpoints."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
+    add_special_tokens: bool | None = None
 
 
 class DetokenizeRequest(OpenAIRequest):
