@@ -24,7 +24,7 @@ from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
 from lcq.runtime.block_manager import BlockManager
-from lcq.runtime.detokenizer import IncrementalDetokenizer
+from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
@@ -1032,6 +1032,41 @@ def test_allowed_token_ids_and_bad_words_steer_generation(llm):
                             (dict(bad_words=[" "]), "not blank"), (dict(bad_words=["x"] * 129), "at most 128")]:
         with pytest.raises(ValueError, match=message):
             llm.generate([PROMPTS[1]], SamplingParams(max_tokens=2, **params))
+
+
+def _byte_fallback_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2's, Mistral's): letters and "▁", other characters as byte tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<unk>", "▁", *"abcdefghijklmnopqrstuvwxyz", *(f"<0x{b:02X}>" for b in range(256))]
+    tok = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>",
+                               byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_token_bytes_put_split_characters_together(tiny):
+    """A character split over tokens decodes to U+FFFD token by token; the tokens' bytes, concatenated, are
+    its UTF-8, for byte-level BPE and for SentencePiece's byte tokens."""
+    from transformers import AutoTokenizer
+
+    text = "naïve €5 😀 日本"
+    byte_level, sentencepiece = AutoTokenizer.from_pretrained(tiny), _byte_fallback_tokenizer()
+    for tokenizer in (byte_level, sentencepiece):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        split = [t for t in ids if "\ufffd" in tokenizer.decode([t])]
+        assert len(split) >= 8  # the test means something: most of these characters are split
+        token_bytes = TokenBytes(tokenizer)
+        assert b"".join(token_bytes(t) for t in ids).lstrip(b" ") == text.encode("utf-8")
+        assert all(token_bytes.text(t) == "\ufffd" for t in split if len(token_bytes(t)) == 1)
+    whole = [t for t in range(len(byte_level)) if "\ufffd" not in byte_level.decode([t])]
+    assert all(TokenBytes(byte_level)(t) == byte_level.decode([t]).encode() for t in whole)
+    # SentencePiece's "▁" is the token's leading space, which the token decoded alone loses
+    space = sentencepiece.convert_tokens_to_ids("▁")
+    assert TokenBytes(sentencepiece).text(space) == " " and sentencepiece.decode([space]) == ""
 
 
 def test_min_tokens_holds_back_eos_and_stop_token_ids(llm):

@@ -7,6 +7,10 @@ and never shown, also when they span several tokens.
 """
 from __future__ import annotations
 
+import functools
+import json
+import re
+
 PROMPT_CONTEXT_TOKENS = 5  # decode with a few prompt tokens before, so leading spaces come out right
 
 
@@ -70,3 +74,44 @@ class IncrementalDetokenizer:
         """The held-back text, when generation ends for another reason than a stop string."""
         out, self.released = self.text[self.released:], len(self.text)
         return out
+
+
+class TokenBytes:
+    """The bytes each token stands for, which OpenAI's logprobs report (`bytes`) so that a character split
+    over several tokens can be put together again (decoded alone, each of its tokens gives U+FFFD), and a
+    token's leading space kept (a SentencePiece token decoded alone loses it). They come from the token's
+    vocabulary entry: byte-level BPE's characters (GPT-2's table: Llama 3, Qwen, SmolLM2), or SentencePiece's
+    pieces, "▁" for a space and byte tokens `<0xNN>` (Llama 2, Mistral); else from its decoded text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = json.dumps(json.loads(backend.to_str()).get("decoder"), ensure_ascii=False) if backend else ""
+        self.byte_level = '"ByteLevel"' in decoder
+        self.sentencepiece = "▁" in decoder
+        self.of_character = {character: byte for byte, character in enumerate(byte_level_alphabet())}
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def __call__(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id not in self.tokenizer.all_special_ids and isinstance(piece, str):
+            if self.byte_level and all(c in self.of_character for c in piece):
+                return bytes(self.of_character[c] for c in piece)
+            if self.sentencepiece:
+                if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                    return bytes([int(piece[3:5], 16)])
+                return piece.replace("▁", " ").encode("utf-8")
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def text(self, token_id: int) -> str:
+        """The token's text as logprobs show it: U+FFFD for a part of a character."""
+        return self(token_id).decode("utf-8", errors="replace")
+
+
+def byte_level_alphabet() -> list[str]:
+    """The character byte-level BPE writes for each byte 0..255 (GPT-2's table): printable Latin-1 bytes
+    stand for themselves, the others for the characters from U+0100 on, in order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(byte) if byte in printable else chr(next(extra)) for byte in range(256)]

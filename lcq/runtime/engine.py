@@ -22,7 +22,7 @@ from lcq.inputs import load_tokenizer
 from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
-from .detokenizer import IncrementalDetokenizer
+from .detokenizer import IncrementalDetokenizer, TokenBytes
 from .draft_model import PLACEHOLDER, DraftModel, draft_footprint
 from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
@@ -82,6 +82,7 @@ class LLMEngine:
         torch.manual_seed(config.seed)
         self.config = config
         self.tokenizer = load_tokenizer(config.model)
+        self.token_bytes = TokenBytes(self.tokenizer)  # logprobs' tokens, as text and bytes
         template = config.resolved_chat_template() or (None if self.tokenizer.chat_template else
                                                         processor_chat_template(config.model))
         if template:
@@ -405,9 +406,9 @@ class LLMEngine:
 
     def _token_logprob(self, token: int, logprob: float, top_values: torch.Tensor, top_ids: torch.Tensor
                        ) -> TokenLogprob:
-        decode = self.tokenizer.decode
-        best = [(int(i), decode([int(i)]), float(v)) for v, i in zip(top_values, top_ids)]
-        return TokenLogprob(token_id=token, token=decode([token]), logprob=logprob, top=best)
+        text = self.token_bytes.text
+        best = [(int(i), text(int(i)), float(v)) for v, i in zip(top_values, top_ids)]
+        return TokenLogprob(token_id=token, token=text(token), logprob=logprob, top=best)
 
     def _keep_prompt_logprobs(self, part: PromptLogprobs) -> None:
         seq = part.seq
