@@ -94,6 +94,40 @@ def test_chat_async_streaming_equals_non_streaming(server):
     assert rendered["tokens"][-3:] != rendered["tokens"][:3]  # the template wrapped every turn
 
 
+def test_continuous_usage_stats_on_every_chunk(client):
+    """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk of a choice carries that
+    choice's usage so far (its prompt, its tokens up to then; chat's first chunk none yet), and the last chunk
+    the whole request's, as without it; without include_usage, no usage at all, as OpenAI's default."""
+    continuous = {"include_usage": True, "continuous_usage_stats": True}
+    common = dict(model=MODEL, max_tokens=5, n=2, temperature=1.0, seed=1, extra_body={"ignore_eos": True})
+    streams = {"completions": list(client.completions.create(prompt="Once upon a time", stream=True,
+                                                             stream_options=continuous, **common)),
+               "chat": list(client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], stream=True,
+                                                           stream_options=continuous, **common))}
+    for kind, chunks in streams.items():
+        *parts, last = chunks
+        assert last.choices == [] and last.usage.completion_tokens == 10, kind
+        so_far: dict[int, list[int]] = {0: [], 1: []}
+        for part in parts:
+            (choice,) = part.choices
+            usage = part.usage
+            assert usage.prompt_tokens == last.usage.prompt_tokens, kind  # (the one prompt, counted once there)
+            assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+            so_far[choice.index].append(usage.completion_tokens)
+        for counts in so_far.values():
+            assert counts == sorted(counts) and counts[-1] == 5, (kind, counts)
+        if kind == "chat":
+            assert [c.usage.completion_tokens for c in parts if c.choices[0].delta.role] == [0, 0]
+    # continuous_usage_stats alone (no include_usage): no usage in any chunk
+    alone = client.completions.create(prompt="Once upon a time", stream=True,
+                                      stream_options={"continuous_usage_stats": True}, **common)
+    assert all(chunk.usage is None and chunk.choices for chunk in alone)
+    # a scored prompt (echo, max_tokens 0) generates nothing, chunk by chunk too
+    scored = client.completions.create(model=MODEL, prompt="Hello", max_tokens=0, echo=True, logprobs=1, stream=True,
+                                       stream_options=continuous)
+    assert {chunk.usage.completion_tokens for chunk in scored} == {0}
+
+
 def test_predicted_outputs_keep_the_reply_and_report_what_was_accepted(server, client):
     """OpenAI's Predicted Outputs through the official client: the reply is the one without a prediction,
     and the usage says how many of the prediction's tokens were accepted as drafts."""

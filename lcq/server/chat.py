@@ -228,9 +228,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         readers = {choice.index: turn.reader() for choice in generation.choices}
         whole = turn.forced or turn.parser  # calls are read from the complete reply, sent with all its logprobs
 
+        def choice_chunk(choice: Choice, **fields) -> dict:
+            """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for
+            (none generated yet on the first, as vLLM's)."""
+            usage = generation.usage_so_far(choice) if body.continuous_usage else None
+            return chunk([ChatChunkChoice(index=choice.index, **fields)], usage=usage)
+
         def start():
             for choice in generation.choices:
-                yield chunk([ChatChunkChoice(index=choice.index, delta=DeltaMessage(role="assistant", content=""))])
+                yield choice_chunk(choice, delta=DeltaMessage(role="assistant", content=""))
 
         def on_delta(choice: Choice, out: RequestOutput):
             reader = readers[choice.index]
@@ -247,8 +253,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 delta = DeltaMessage(content=content or None, reasoning=reasoning or None,
                                      reasoning_content=reasoning or None, tool_calls=None if not calls else
                                      [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-                yield chunk([ChatChunkChoice(index=choice.index, delta=delta, logprobs=logprobs, finish_reason=reason,
-                                             stop_reason=out.stop_reason)])
+                yield choice_chunk(choice, delta=delta, logprobs=logprobs, finish_reason=reason,
+                                   stop_reason=out.stop_reason)
 
         def finish():
             if body.include_usage:

@@ -116,22 +116,26 @@ async def create_completion(body: CompletionRequest, request: Request):
                                        choices=choices, usage=usage))
 
     if body.stream:
+        def choice_chunk(choice: Choice, **fields) -> dict:
+            """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for."""
+            usage = generation.usage_so_far(choice, count_completion=not scoring) if body.continuous_usage else None
+            return chunk([CompletionChoice(index=choice.index, **fields)], usage=usage)
+
         def start():  # with logprobs the echo waits for the prompt's logprobs: the first delta brings them
             for choice in generation.choices if body.echo and not logprobs else []:
-                yield chunk([CompletionChoice(index=choice.index, text=echoed(choice, None)[0])])
+                yield choice_chunk(choice, text=echoed(choice, None)[0])
 
         def on_delta(choice: Choice, out: RequestOutput):
             if out.prompt_logprobs is not None and body.echo:
                 text, entries = echoed(choice, out.prompt_logprobs)
-                yield chunk([CompletionChoice(index=choice.index, text=text, logprobs=logprobs.format(choice.index,
-                                                                                                      entries))])
+                yield choice_chunk(choice, text=text, logprobs=logprobs.format(choice.index, entries))
             if scoring:
                 if out.finish_reason:
-                    yield chunk([CompletionChoice(index=choice.index, text="", finish_reason=ending(out.finish_reason))])
+                    yield choice_chunk(choice, text="", finish_reason=ending(out.finish_reason))
             elif out.text or out.finish_reason or (logprobs and out.logprobs):
                 lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
-                yield chunk([CompletionChoice(index=choice.index, text=out.text, logprobs=lp,
-                                              finish_reason=out.finish_reason, stop_reason=out.stop_reason)])
+                yield choice_chunk(choice, text=out.text, logprobs=lp, finish_reason=out.finish_reason,
+                                   stop_reason=out.stop_reason)
 
         def finish():
             if body.include_usage:

@@ -186,6 +186,15 @@ class Generation:
             if choice.finish_reason == "error":
                 raise APIError(500, choice.error or "generation failed", code="engine_error")
 
+    @staticmethod
+    def usage_so_far(choice: Choice, count_completion: bool = True) -> UsageInfo:
+        """One choice's usage up to now, its prompt and the tokens it has made (none where the response
+        drops them: a scored prompt): vLLM's continuous usage stats on each streamed chunk."""
+        prompt_tokens = len(choice.prompt_ids)
+        completion = len(choice.token_ids) if count_completion else 0
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion,
+                         total_tokens=prompt_tokens + completion)
+
     def usage(self, count_completions: bool = True) -> UsageInfo:
         """Prompt tokens once per prompt (not per choice), completion tokens of every choice (none
         where the response drops them: a scored prompt)."""

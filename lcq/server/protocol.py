@@ -73,7 +73,8 @@ class OpenAIRequest(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage of the whole request
+    continuous_usage_stats: bool = False  # vLLM's: with include_usage, every chunk with its choice's usage so far
 
 
 TOOL_CHOICES = ("none", "auto", "required")
@@ -251,6 +252,11 @@ class SamplingRequest(OpenAIRequest):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous usage stats, which count only with include_usage (as vLLM's do)."""
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingRequest):
