@@ -252,6 +252,55 @@ def test_logprobs_shapes(server, client):
     assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
 
 
+def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(server, client, model_dir):
+    """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}" (completions' tokens, the keys of
+    top_logprobs and the echoed prompt's; chat's token and top_logprobs, `bytes` those of the name); the text,
+    logprob values and text offsets (still the text's) stay as they were. --return-tokens-as-token-ids makes it
+    the default, which a request may turn off, and the Responses API's logprobs follow it too."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    as_ids = {"ignore_eos": True, "return_tokens_as_token_ids": True}
+    token_id = lambda name: int(re.fullmatch(r"token_id:(\d+)", name)[1])  # noqa: E731
+    args = dict(model=MODEL, prompt="Hello, world!", max_tokens=4, temperature=0, logprobs=2, echo=True)
+    plain = client.completions.create(**args, extra_body={"ignore_eos": True}).choices[0]
+    named = client.completions.create(**args, extra_body=as_ids).choices[0]
+    ids = [token_id(name) for name in named.logprobs.tokens]
+    assert named.text == plain.text and tokenizer.decode(ids) == plain.text
+    assert [tokenizer.decode([i]) for i in ids] == plain.logprobs.tokens
+    assert named.logprobs.text_offset == plain.logprobs.text_offset
+    assert named.logprobs.token_logprobs == pytest.approx(plain.logprobs.token_logprobs)
+    assert named.logprobs.top_logprobs[0] is None  # the echoed prompt's first token
+    for ours, theirs in zip(named.logprobs.top_logprobs[1:], plain.logprobs.top_logprobs[1:]):
+        assert {tokenizer.decode([token_id(name)]) for name in ours} == set(theirs)
+    streamed = [name for chunk in client.completions.create(**args, stream=True, extra_body=as_ids) if chunk.choices
+                and chunk.choices[0].logprobs for name in chunk.choices[0].logprobs.tokens]
+    assert streamed == named.logprobs.tokens
+    chat_args = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0,
+                     logprobs=True, top_logprobs=2)
+    plain_chat = client.chat.completions.create(**chat_args, extra_body={"ignore_eos": True}).choices[0]
+    chat = client.chat.completions.create(**chat_args, extra_body=as_ids).choices[0]
+    assert chat.message.content == plain_chat.message.content
+    content = chat.logprobs.content
+    assert tokenizer.decode([token_id(entry.token) for entry in content]) == chat.message.content
+    for entry, theirs in zip(content, plain_chat.logprobs.content):
+        assert entry.bytes == list(entry.token.encode()) and entry.logprob == pytest.approx(theirs.logprob)
+        assert [tokenizer.decode([token_id(top.token)]) for top in entry.top_logprobs] == \
+            [top.token for top in theirs.top_logprobs]
+        assert all(top.bytes == list(top.token.encode()) for top in entry.top_logprobs)
+    app = create_app(engine_config(model_dir), ServeSettings(return_tokens_as_token_ids=True))
+    with LiveServer(app) as live:
+        flagged = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        by_default = flagged.completions.create(**args, extra_body={"ignore_eos": True}).choices[0]
+        assert by_default.logprobs.tokens == named.logprobs.tokens
+        turned_off = flagged.completions.create(**args, extra_body={"ignore_eos": True,
+                                                                    "return_tokens_as_token_ids": False})
+        assert turned_off.choices[0].logprobs.tokens == plain.logprobs.tokens
+        chat_default = flagged.chat.completions.create(**chat_args, extra_body={"ignore_eos": True}).choices[0]
+        assert [entry.token for entry in chat_default.logprobs.content] == [entry.token for entry in content]
+        reply = flagged.responses.create(model=MODEL, input="hi", max_output_tokens=4, temperature=0, top_logprobs=2,
+                                         include=["message.output_text.logprobs"], store=False)
+        assert all(token_id(entry.token) >= 0 for entry in reply.output[0].content[0].logprobs)
+
+
 def test_token_prompts_and_detokenize(server, client):
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "Hello, world!"}).json()["tokens"]
     assert httpx.post(server.url + "/detokenize", json={"tokens": ids}).json() == {"prompt": "Hello, world!"}
@@ -842,6 +891,17 @@ def test_x_request_id_names_the_response(server, client, model_dir):
 
     failed = asyncio.run(failing())
     assert error_of(failed, 500) and failed.headers["x-request-id"] == "trace-42/a.b"
+
+
+def test_every_serve_flag_is_documented():
+    """README's configuration table names every flag of `lcq serve`."""
+    from pathlib import Path
+
+    from lcq.server.settings import FLAGS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## API")]
+    assert [flag.name for flag in FLAGS if f"`{flag.name}`" not in table] == []
 
 
 def test_metrics_move_after_requests(server, client):

@@ -13,7 +13,7 @@ from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
-    CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump
+    CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump, token_name
 from .reasoning import HARMONY, THINK_END, ReasoningParser, ReasoningStream, reasoning_parser
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
@@ -82,13 +82,15 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     return tokenizer.encode(chat_prompt(tokenizer, messages, options), add_special_tokens=add_special_tokens)
 
 
-def chat_logprobs(entries: list[TokenLogprob], top: int) -> ChatLogprobs:
-    def top_entry(text: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+def chat_logprobs(entries: list[TokenLogprob], top: int, tokens_as_ids: bool) -> ChatLogprobs:
+    """Chat's logprobs, each token named by its text or by id (`tokens_as_ids`), `bytes` those of the name."""
+    def named(token_id: int, text: str) -> dict:
+        name = token_name(token_id, text, tokens_as_ids)
+        return {"token": name, "bytes": list(name.encode("utf-8"))}
 
     return ChatLogprobs(content=[
-        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode("utf-8")),
-                         top_logprobs=[top_entry(text, lp) for _, text, lp in e.top[:top]])
+        ChatTokenLogprob(**named(e.token_id, e.token), logprob=e.logprob,
+                         top_logprobs=[TopLogprob(**named(i, text), logprob=lp) for i, text, lp in e.top[:top]])
         for e in entries])
 
 
@@ -106,6 +108,7 @@ class ChatTurn:
     parallel: bool  # parallel_tool_calls: false keeps a reply's first call only
     reasoning: ReasoningParser | None = None
     schemas: dict[str, dict] | None = None  # each tool's parameters by name (parsers that type values by them)
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:{id}" (vLLM's return_tokens_as_token_ids)
 
     def reader(self) -> TurnReader:
         return TurnReader(self.reasoning.stream() if self.reasoning else None,
@@ -139,7 +142,7 @@ class ChatTurn:
         return usage
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
-        return chat_logprobs(entries, self.top) if self.logprobs else None
+        return chat_logprobs(entries, self.top, self.tokens_as_ids) if self.logprobs else None
 
 
 class TurnReader:
@@ -211,7 +214,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     generation = Generation(state, request_id, [prompt], params)
     generation.submit(body)
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
-                    body.parallel_tool_calls, reasoning, schemas)
+                    body.parallel_tool_calls, reasoning, schemas, state.tokens_as_ids(body))
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse,

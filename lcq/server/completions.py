@@ -7,7 +7,7 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump, token_name
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -39,27 +39,33 @@ def tokenize_prompts(state: ServerState, prompt, param: str = "prompt",
 
 
 class LogprobFormatter:
-    """OpenAI's legacy logprobs shape, with text offsets continuing across streamed chunks."""
+    """OpenAI's legacy logprobs shape, with text offsets continuing across streamed chunks; tokens named by
+    their text, or by id (`tokens_as_ids`)."""
 
-    def __init__(self, top: int):
+    def __init__(self, top: int, tokens_as_ids: bool):
         self.top = top
+        self.tokens_as_ids = tokens_as_ids
         self.offsets: dict[int, int] = {}
 
-    def format(self, index: int, entries: list[TokenLogprob | tuple[str, None]]) -> CompletionLogprobs:
+    def name(self, token_id: int, text: str) -> str:
+        return token_name(token_id, text, self.tokens_as_ids)
+
+    def format(self, index: int, entries: list[TokenLogprob | tuple[int, str]]) -> CompletionLogprobs:
+        """Entries are the tokens' logprobs, or (id, text) for the echoed prompt's first token, which has none."""
         out = CompletionLogprobs()
         offset = self.offsets.get(index, 0)
         for entry in entries:
             if isinstance(entry, TokenLogprob):
-                token, logprob = entry.token, entry.logprob
-                top = {text: lp for _, text, lp in entry.top[:self.top]}
-                top.setdefault(token, logprob)  # the chosen token too: up to logprobs + 1 entries, as OpenAI's
-            else:  # the echoed prompt's first token, which has no logprob
-                token, logprob, top = entry[0], None, None
-            out.tokens.append(token)
+                token_id, text, logprob = entry.token_id, entry.token, entry.logprob
+                top = {self.name(i, alternative): lp for i, alternative, lp in entry.top[:self.top]}
+                top.setdefault(self.name(token_id, text), logprob)  # the chosen one too: up to logprobs + 1, as OpenAI's
+            else:
+                (token_id, text), logprob, top = entry, None, None
+            out.tokens.append(self.name(token_id, text))
             out.token_logprobs.append(logprob)
             out.top_logprobs.append(top)
             out.text_offset.append(offset)
-            offset += len(token)
+            offset += len(text)  # the text's, even where tokens are named by id: offsets index into the text
         self.offsets[index] = offset
         return out
 
@@ -94,7 +100,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params)
     generation.submit(body)
     tokenizer = state.engine.tokenizer
-    logprobs = LogprobFormatter(body.logprobs or 0) if body.logprobs is not None else None
+    logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body)) if body.logprobs is not None else None
 
     def echoed(choice: Choice, prompt_logprobs: list[TokenLogprob | None] | None) -> tuple[str, list]:
         """The prompt text and its logprob entries that `echo` puts before the completion (the first
@@ -103,7 +109,7 @@ async def create_completion(body: CompletionRequest, request: Request):
             return "", []
         prompt = choice.index // params.n
         known = prompt_logprobs or [None] * len(prompts[prompt])  # none if the request failed before
-        entries = [entry or (tokenizer.decode([t]), None) for t, entry in zip(prompts[prompt], known)] \
+        entries = [entry or (t, tokenizer.decode([t])) for t, entry in zip(prompts[prompt], known)] \
             if logprobs else []
         return prompt_texts[prompt], entries
 

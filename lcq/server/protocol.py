@@ -121,6 +121,8 @@ class SamplingRequest(OpenAIRequest):
     truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
     # vLLM's: whether text is tokenized with the tokenizer's special tokens (a BOS); each endpoint has its default
     add_special_tokens: bool | None = None
+    # vLLM's: logprobs name tokens "token_id:{id}" rather than by their text; unset, --return-tokens-as-token-ids
+    return_tokens_as_token_ids: bool | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
@@ -498,6 +500,12 @@ class UsageInfo(OmitsUnset):
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
     completion_tokens_details: CompletionTokensDetails | None = None
+
+
+def token_name(token_id: int, text: str, as_id: bool) -> str:
+    """How logprobs name a token: by its text, or with vLLM's return_tokens_as_token_ids as "token_id:{id}",
+    which tells apart tokens whose texts are alike (the pieces of a character split across tokens)."""
+    return f"token_id:{token_id}" if as_id else text
 
 
 class CompletionLogprobs(BaseModel):

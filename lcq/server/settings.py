@@ -37,6 +37,7 @@ class ServeSettings:
     enable_auto_tool_choice: bool = False  # vLLM's flag: only checked to come with tool_call_parser
     reasoning_parser: str | None = None  # how a reasoning model's thinking is split from its answer (reasoning.py)
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (a request may say otherwise)
 
     def __post_init__(self) -> None:
         checks = [
@@ -225,6 +226,8 @@ FLAGS = (
          "applies after <think>'s thinking", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
          "the least recently used dropped beyond it (0: none kept)", "server"),
+    Flag("--return-tokens-as-token-ids", bool, "logprobs name each token \"token_id:{id}\" rather than by its text "
+         "(vLLM's), unless a request's return_tokens_as_token_ids says otherwise", "server"),
 )
 
 

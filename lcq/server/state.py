@@ -8,7 +8,7 @@ from fastapi import Request
 
 from .errors import APIError, not_ready
 from .metrics import ServerMetrics
-from .protocol import OpenAIRequest
+from .protocol import OpenAIRequest, SamplingRequest
 from .response_store import ResponseStore
 from .settings import ServeSettings
 
@@ -61,6 +61,11 @@ class ServerState:
             raise APIError(404, f"the model `{model}` does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         self.require_ready()
+
+    def tokens_as_ids(self, request: SamplingRequest) -> bool:
+        """Whether logprobs name tokens by id: the request's return_tokens_as_token_ids, else the server's flag."""
+        asked = request.return_tokens_as_token_ids
+        return self.settings.return_tokens_as_token_ids if asked is None else asked
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         vocab = len(self.engine.tokenizer)
