@@ -1257,6 +1257,64 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
     asyncio.run(scenario())
 
 
+def test_async_engine_fails_requests_of_steps_that_keep_failing_and_ends_streams_when_it_stops(tiny, llm,
+                                                                                               monkeypatch):
+    """An engine step that raises (a bug outside the requests' own isolation) is tried again; after
+    FAILED_STEPS_LIMIT in a row its requests fail and their blocks are freed, and the engine serves the next
+    ones. A loop that dies ends every stream with an error and refuses new requests (health turns 503)."""
+    async def scenario():
+        engine = AsyncEngine(EngineConfig(model=str(tiny), block_size=8))
+        await engine.start()
+        schedule = engine.engine.scheduler.schedule
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.engine.scheduler, "schedule", lambda: 1 / 0)
+            deltas = [d async for d in engine.add_request("a", PROMPTS[0], GREEDY)]
+        assert deltas[-1].finish_reason == "error" and "ZeroDivisionError" in deltas[-1].error
+        assert _pool_is_full(engine.engine) and engine.engine.scheduler.schedule == schedule
+        deltas = [d async for d in engine.add_request("b", PROMPTS[0], GREEDY)]
+        assert [t for d in deltas for t in d.token_ids] == llm.generate([PROMPTS[0]], GREEDY)[0].token_ids
+        with monkeypatch.context() as patch:
+            patch.setattr(engine.engine, "has_work", lambda: 1 / 0)
+            deltas = [d async for d in engine.add_request("c", PROMPTS[0], GREEDY)]
+        assert deltas[-1].finish_reason == "error" and not engine.is_ready
+        with pytest.raises(EngineNotReadyError, match="the engine stopped: ZeroDivisionError"):
+            engine.add_request("d", PROMPTS[0], GREEDY)
+        await engine.shutdown(drain_timeout=1)
+
+    asyncio.run(scenario())
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone_and_leaves_seeds_as_they_were(llm):
+    """A row with no allowed token (allowed_token_ids holding only EOS, which min_tokens holds back) makes the
+    batched draw fail; the batch is drawn again row by row from the seeded generators' states before."""
+    seeded = SamplingParams(max_tokens=8, temperature=1.0, seed=11, ignore_eos=True)
+    alone = llm.generate([PROMPTS[0]], seeded)[0].token_ids
+    stuck = SamplingParams(max_tokens=8, temperature=1.0, allowed_token_ids=[EOS_ID], min_tokens=2)
+    together = llm.generate([PROMPTS[0], PROMPTS[1]], [seeded, stuck])
+    assert together[0].token_ids == alone
+    assert together[1].finish_reason == "error" and _pool_is_full(llm.engine)
+
+
+def test_stop_tokens_text_and_cached_tokens_after_preemption(tiny, llm):
+    """A stop token's text is left out unless include_stop_str_in_output (vLLM's); stop_token_ids must be
+    token ids; a preempted sequence's recompute from the prefix cache is not reported as cached prompt tokens."""
+    tokenizer = llm.engine.tokenizer
+    stop = tokenizer.encode(" the")[-1]
+    for include in (False, True):  # the stop token forced by a bias: the output is it alone
+        params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop], logit_bias={stop: 100},
+                                include_stop_str_in_output=include)
+        out = llm.generate([PROMPTS[2]], params)[0]
+        assert out.token_ids == [stop] and out.stop_reason == stop
+        assert out.text == (tokenizer.decode([stop]) if include else "")
+    with pytest.raises(ValueError, match=r"stop_token_ids must be in \[0"):
+        llm.generate([PROMPTS[2]], SamplingParams(max_tokens=2, stop_token_ids=[10**6]))
+    # Two sequences of 63 tokens in 12 blocks of 8: one is preempted, then takes its blocks back from the cache.
+    small = LLM(str(tiny), block_size=8, kv_cache_memory_gb=12 * small_block_bytes(llm) / 2**30, **FP32)
+    outs = small.generate([PROMPTS[1], [40, 41, 42]], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    assert small.engine.stats().num_preemptions_total > 0
+    assert [o.usage.cached_tokens for o in outs] == [0, 0]
+
+
 @pytest.mark.gpu
 # gpt-oss: a mixture, its experts routed in the graph; Qwen3.5's (Granite 4.0-H's): linear attention's (Mamba-2's)
 # states by slot in the graph; Nemotron 3's blocks of one part, its ungated experts; Falcon-H1's Mamba-2 beside attention

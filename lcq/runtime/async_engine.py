@@ -25,6 +25,7 @@ from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
 logger = logging.getLogger("lcq.engine")
+FAILED_STEPS_LIMIT = 3  # engine steps failing in a row before every request is failed (the failure is not passing)
 
 
 class AsyncEngine:
@@ -42,6 +43,8 @@ class AsyncEngine:
         self._loop_task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-engine")
         self.load_error: BaseException | None = None
+        self.stop_error: str | None = None  # why the engine loop stopped, where it did while serving (a bug)
+        self._failed_steps = 0  # engine steps failed in a row
 
     async def start(self) -> None:
         """Load the model in a thread (the server answers /health with 503 meanwhile), then loop."""
@@ -55,7 +58,7 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and not self.is_draining
+        return self.engine is not None and not self.is_draining and self.stop_error is None
 
     @property
     def tokenizer(self):
@@ -150,7 +153,8 @@ class AsyncEngine:
 
     def _require_ready(self) -> None:
         if not self.is_ready:
-            raise EngineNotReadyError("the engine is draining" if self.is_draining else "the model is still loading")
+            raise EngineNotReadyError(f"the engine stopped: {self.stop_error}" if self.stop_error else
+                                      "the engine is draining" if self.is_draining else "the model is still loading")
 
     def _step(self) -> list[RequestOutput]:
         with self._lock:
@@ -175,9 +179,30 @@ class AsyncEngine:
                 done.set_result(None)
             except Exception as e:
                 done.set_exception(e)
-        return outputs + self.engine.step()
+        try:
+            outputs += self.engine.step()
+            self._failed_steps = 0
+        except Exception as e:  # the engine isolates request failures; anything here is a bug worth logging
+            self._failed_steps += 1
+            logger.exception("engine step failed (%d in a row)", self._failed_steps)
+            if self._failed_steps >= FAILED_STEPS_LIMIT:  # not passing: fail its requests, which frees their blocks
+                outputs += self.engine.fail_all(f"{type(e).__name__}: {e}")
+                self._failed_steps = 0
+        return outputs  # (those of the inbox and the aborts too, whatever the step did)
 
     async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception as e:
+            logger.critical("the engine loop stopped", exc_info=True)
+            self.stop_error = f"{type(e).__name__}: {e}"
+        finally:  # stopped (shutdown, or a bug): no stream is left waiting for outputs that will not come
+            for request_id, queue in self._streams.items():
+                queue.put_nowait(RequestOutput(request_id, "", [], finish_reason="error" if self.stop_error else "abort",
+                                               error=self.stop_error))
+            self._streams.clear()
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if not (self.engine.has_work() or self._inbox or self._aborts or self._adapter_changes):
@@ -185,18 +210,15 @@ class AsyncEngine:
                 await self._wake.wait()
                 self._wake.clear()
                 continue
-            try:
-                outputs = await loop.run_in_executor(self._worker, self._step)
-            except Exception:  # the engine isolates request failures; anything here is a bug worth logging
-                logger.exception("engine step failed")
-                await asyncio.sleep(0.1)
-                continue
+            outputs = await loop.run_in_executor(self._worker, self._step)
             for output in outputs:
                 queue = self._streams.get(output.request_id)
                 if queue is not None:
                     queue.put_nowait(output)
                     if output.finished:
                         del self._streams[output.request_id]
+            if self._failed_steps:
+                await asyncio.sleep(0.1)
 
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish within the timeout, abort the rest, stop."""

@@ -132,7 +132,9 @@ class BlockManager:
                 table.append(cached[group][index])
                 self._take(table[-1])
             seq.block_tables.append(table)
-        seq.num_computed_tokens = seq.num_cached_tokens = count * self.block_size
+        seq.num_computed_tokens = count * self.block_size
+        if seq.first_scheduled_time is None:  # prompt tokens served from the cache, not a preempted one's recompute
+            seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         seq.tables_version += 1
 
     def _cached(self, group: int, index: int, key: int, seq: Sequence) -> int | None:

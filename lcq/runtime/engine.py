@@ -126,6 +126,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
         if params.structured_output is not None:
@@ -277,9 +279,16 @@ class LLMEngine:
             return [self._fail(seq, "internal error in the model step") for seq, _ in scheduled]
         if self.runner.last_hidden is not None:
             self._observe(scheduled)
+        # Seeded generators' states and the draft counters, to draw again from where they were if the batched draw
+        # fails: a seed gives the same tokens whatever else is in the batch.
+        before = ([(seq.generator, seq.generator.get_state()) for seq in to_sample if seq.generator is not None],
+                  self.drafts_total, self.accepted_tokens_total)
         try:
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
+            generators, self.drafts_total, self.accepted_tokens_total = before
+            for generator, state in generators:
+                generator.set_state(state)
             tokens, logprobs = self._sample_each(logits, to_sample)
         # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)
         self.runner.keep_states({seq.state_slot: len(emitted) for seq, emitted in zip(to_sample, tokens)
@@ -323,6 +332,10 @@ class LLMEngine:
             tokens.append(emitted)
             logprobs.append(rows)
         return tokens, logprobs
+
+    def fail_all(self, what: str) -> list[RequestOutput]:
+        """Finish every request with an error (`what` went wrong in steps that keep failing), freeing its blocks."""
+        return [self._fail(seq, what) for seq in list(self.sequences.values())]
 
     def _fail(self, seq: Sequence, what: str) -> RequestOutput:
         """Finish a sequence whose step failed (`what` went wrong), its drafts dropped."""
@@ -384,13 +397,15 @@ class LLMEngine:
         searched_from = len(seq.detokenizer.text)
         p = seq.params
         ends = token in self.eos_ids and not p.ignore_eos
-        text = "" if ends else seq.detokenizer.add(token)  # the end-of-sequence token is never text
+        stop_token = not ends and token in p.stop_token_ids
+        # The end-of-sequence token is never text, a stop token only with include_stop_str_in_output (vLLM's)
+        text = "" if ends or (stop_token and not p.include_stop_str_in_output) else seq.detokenizer.add(token)
         grammar_ended = seq.grammar is not None and self.structured.accept(seq, token)
         if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker
             self.structured.start_after(seq, searched_from)
         if ends or grammar_ended:
             seq.finish_reason, seq.stop_reason = "stop", None
-        elif token in p.stop_token_ids:
+        elif stop_token:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif seq.detokenizer.stop_string is not None:
             seq.finish_reason, seq.stop_reason = "stop", seq.detokenizer.stop_string

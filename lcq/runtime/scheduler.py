@@ -77,7 +77,8 @@ class Scheduler:
             count = self.blocks.chunk(seq, min(seq.num_uncomputed, budget))
             if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 self.blocks.release(seq)
-                seq.num_cached_tokens = 0
+                if seq.first_scheduled_time is None:
+                    seq.num_cached_tokens = 0
                 break
             self.blocks.grow(seq, seq.num_computed_tokens + count)
             self.waiting.popleft()
