@@ -345,6 +345,18 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         assert error_of(post(body), 400)["param"] == next(iter(body))
 
 
+def test_chat_logprobs_bytes_put_split_characters_together(client):
+    """Each token of a character split over tokens shows as U+FFFD, and its `bytes` are its part of the
+    character's UTF-8, so that the parts put together give it (OpenAI's reason for `bytes`)."""
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=12,
+                                           temperature=0, logprobs=True, top_logprobs=2,
+                                           extra_body={"guided_regex": "é€😀"})
+    assert reply.choices[0].message.content == "é€😀"
+    tokens = [t for t in reply.choices[0].logprobs.content if t.token != "<|im_end|>"]  # (the grammar's end)
+    assert len(tokens) > 3 and {t.token for t in tokens} == {"\ufffd"}
+    assert b"".join(bytes(t.bytes) for t in tokens) == "é€😀".encode("utf-8")
+
+
 def test_priority_is_taken_and_checked(server, client):
     """vLLM's priority: taken by both endpoints (the fixture's server schedules fcfs, which ignores it, as
     vLLM's does); not an integer, a 400."""

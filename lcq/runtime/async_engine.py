@@ -64,6 +64,10 @@ class AsyncEngine:
     def tokenizer(self):
         return self.engine.tokenizer if self.engine else None
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for (detokenizer.TokenBytes), which chat's logprobs report."""
+        return self.engine.token_bytes(token_id)
+
     @property
     def sampling_defaults(self) -> dict[str, float | int]:
         """The model's values for sampling fields a request leaves unset (generation_config.py)."""

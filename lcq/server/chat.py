@@ -3,6 +3,7 @@ tool calls, and a reasoning model's thinking apart from its answer."""
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
@@ -82,11 +83,16 @@ def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     return tokenizer.encode(chat_prompt(tokenizer, messages, options), add_special_tokens=add_special_tokens)
 
 
-def chat_logprobs(entries: list[TokenLogprob], top: int, tokens_as_ids: bool) -> ChatLogprobs:
-    """Chat's logprobs, each token named by its text or by id (`tokens_as_ids`), `bytes` those of the name."""
+def chat_logprobs(entries: list[TokenLogprob], top: int, tokens_as_ids: bool,
+                  token_bytes: Callable[[int], bytes]) -> ChatLogprobs:
+    """Chat's logprobs, each token named by its text, its `bytes` those it stands for (so that the parts of a
+    character split over tokens, U+FFFD each as text, can be put together), or by id (`tokens_as_ids`), its
+    `bytes` those of the name."""
     def named(token_id: int, text: str) -> dict:
-        name = token_name(token_id, text, tokens_as_ids)
-        return {"token": name, "bytes": list(name.encode("utf-8"))}
+        if tokens_as_ids:
+            name = token_name(token_id, text, tokens_as_ids)
+            return {"token": name, "bytes": list(name.encode("utf-8"))}
+        return {"token": text, "bytes": list(token_bytes(token_id))}
 
     return ChatLogprobs(content=[
         ChatTokenLogprob(**named(e.token_id, e.token), logprob=e.logprob,
@@ -142,7 +148,8 @@ class ChatTurn:
         return usage
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
-        return chat_logprobs(entries, self.top, self.tokens_as_ids) if self.logprobs else None
+        return chat_logprobs(entries, self.top, self.tokens_as_ids,
+                             self.generation.state.engine.token_bytes) if self.logprobs else None
 
 
 class TurnReader:
