@@ -363,6 +363,22 @@ def test_json_output_follows_the_thinking(thinking, thinking_dir):
         in ("apple", "pear")
 
 
+def test_responses_logprobs_are_those_of_the_messages_text(thinking, thinking_dir):
+    """The Responses API's output_text logprobs are the answer's tokens', not the thinking's before it."""
+    client = client_of(thinking)
+    args = dict(model=MODEL, input="Capital of France?", max_output_tokens=16,
+                include=["message.output_text.logprobs"], extra_body=think_then(thinking_dir))
+    response = client.responses.create(**args)
+    text = response.output[-1].content[0]
+    assert [item.type for item in response.output] == ["reasoning", "message"] and text.text
+    assert "".join(lp.token for lp in text.logprobs).strip() == text.text.strip()
+    events = list(client.responses.create(**args, stream=True))
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    assert "".join(streamed).strip() == text.text.strip()
+    assert [lp.token for lp in events[-1].response.output[-1].content[0].logprobs] == \
+        [lp.token for lp in text.logprobs]
+
+
 def test_reasoning_sent_back_reaches_the_template(thinking):
     """Chat messages may carry `reasoning` or `reasoning_content`; the template gets reasoning_content."""
     for key in ("reasoning", "reasoning_content"):

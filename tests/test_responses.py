@@ -115,9 +115,10 @@ def test_previous_response_id_continues_the_stored_conversation(server, client):
     client.responses.delete(first.id)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(first.id)
-    with pytest.raises(openai.NotFoundError) as missing:
+    with pytest.raises(openai.BadRequestError) as missing:  # OpenAI's 400, which clients read to resend it all
         client.responses.create(model=MODEL, input="x", previous_response_id=first.id)
-    assert missing.value.body["param"] == "previous_response_id"
+    assert (missing.value.body["param"], missing.value.body["code"]) == ("previous_response_id",
+                                                                         "previous_response_not_found")
     # the second still continues: it holds the whole conversation, not a link to the first
     third = client.responses.create(model=MODEL, input="Go on.", previous_response_id=second.id, max_output_tokens=2)
     assert third.usage.input_tokens > second.usage.input_tokens
@@ -155,6 +156,11 @@ def test_function_calls_and_their_outputs(client):
     done = [e for e in events if e.type == "response.function_call_arguments.done"]
     assert len(done) == 1 and done[0].arguments == call.arguments and events[-1].type == "response.completed"
     assert not [e for e in events if e.type.startswith("response.output_text")]
+    # cut off: the call's arguments end part way, and the call is incomplete as the response is
+    cut = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER], tool_choice=named,
+                                  max_output_tokens=4, temperature=0)
+    assert cut.status == "incomplete" and [(i.type, i.status) for i in cut.output] == [("function_call", "incomplete")]
+    assert call.arguments.startswith(cut.output[0].arguments) and cut.output[0].arguments != call.arguments
 
     # the call's output as the next turn, by reference and sent in full: the same prompt
     answer = client.responses.create(model=MODEL, previous_response_id=response.id, tools=[WEATHER], tool_choice="none",
@@ -232,7 +238,7 @@ def test_bad_requests_get_the_envelope(server, client):
     refused({"input": "x", "max_output_tokens": -1})
     refused({"input": "x", "text": {"format": {"type": "yaml"}}})
     assert refused({"model": "gpt-5", "input": "x"}, 404)["code"] == "model_not_found"
-    assert refused({"input": "x", "previous_response_id": "resp_none"}, 404)["code"] == "response_not_found"
+    assert refused({"input": "x", "previous_response_id": "resp_none"})["code"] == "previous_response_not_found"
     assert httpx.delete(server.url + "/v1/responses/resp_none").status_code == 404
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=MODEL, input="x", temperature=9)
@@ -266,6 +272,7 @@ def test_a_failed_stream_keeps_the_text_it_sent(server, monkeypatch):
     sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     message = events[-1]["response"]["output"][0]
     assert sent and message["content"][0]["text"] == sent and message["status"] == "incomplete"
+    assert events[-1]["response"]["error"]["code"] == "server_error"  # one of OpenAI's codes
     server.wait_pool_full()
 
 
@@ -286,7 +293,9 @@ def test_background_responses_are_polled_cancelled_and_deleted(long_server, long
     args = dict(model=MODEL, input="Tell me about bits.", max_output_tokens=12, temperature=0)
     queued = long_client.responses.create(**args, background=True)
     assert queued.status == "queued" and queued.background and queued.output == []
+    input_ids = [item.id for item in long_client.responses.input_items.list(queued.id)]
     done, same = _polled(long_client, queued.id), long_client.responses.create(**args)
+    assert [item.id for item in long_client.responses.input_items.list(queued.id)] == input_ids  # ids given once
     assert done.status == "incomplete" and done.output_text == same.output_text and done.usage.output_tokens == 12
     assert done.background and not same.background
     endless = dict(model=MODEL, input="x", max_output_tokens=8000, background=True, extra_body={"ignore_eos": True})

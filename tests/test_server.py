@@ -345,6 +345,16 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         assert error_of(post(body), 400)["param"] == next(iter(body))
 
 
+def test_developer_messages_are_system_messages_for_templates_without_them(server):
+    """OpenAI's developer role is the system role's newer name: a template that does not name it (here the
+    test model's, which would write any role) gets a system message."""
+    def prompt(role: str) -> list[int]:
+        messages = [{"role": role, "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+        return httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+
+    assert prompt("developer") == prompt("system") != prompt("user")
+
+
 def test_chat_logprobs_bytes_put_split_characters_together(client):
     """Each token of a character split over tokens shows as U+FFFD, and its `bytes` are its part of the
     character's UTF-8, so that the parts put together give it (OpenAI's reason for `bytes`)."""

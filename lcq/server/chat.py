@@ -64,8 +64,13 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     if reserved:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", code="invalid_value",
                        param="chat_template_kwargs")
+    conversation = message_dicts(messages)
+    if "developer" not in str(tokenizer.chat_template):  # OpenAI's newer name of the system role, which a template
+        for message in conversation:                     # that does not know it may drop (Qwen's) or refuse
+            if message["role"] == "developer":
+                message["role"] = "system"
     try:
-        text = tokenizer.apply_chat_template(message_dicts(messages), tools=tools,
+        text = tokenizer.apply_chat_template(conversation, tools=tools,
                                              add_generation_prompt=options.add_generation_prompt,
                                              continue_final_message=options.continue_final_message, tokenize=False,
                                              **variables)
@@ -146,6 +151,14 @@ class ChatTurn:
             details.rejected_prediction_tokens = len(prediction) * len(choices) - details.accepted_prediction_tokens
         usage.completion_tokens_details = details
         return usage
+
+    def content_logprobs(self, choice: Choice) -> list[TokenLogprob]:
+        """The logprobs of a reply's content tokens: those after its reasoning's (the Responses API's message
+        text has only these)."""
+        if self.reasoning is None:
+            return choice.logprobs
+        decode = self.generation.state.engine.tokenizer.decode
+        return choice.logprobs[self.reasoning.reasoning_tokens(choice.text, choice.token_ids, decode):]
 
     def logprobs_of(self, entries: list[TokenLogprob]) -> ChatLogprobs | None:
         return chat_logprobs(entries, self.top, self.tokens_as_ids,

@@ -39,9 +39,12 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events named
                                   "(response.created ... response.completed)", "content": {"text/event-stream": {}}}
 
 
-def _not_found(response_id: str, param: str | None = None) -> APIError:
+ASK_NEXT_REPLICA_HEADER = "x-lcq-ask-next-replica"  # set by a balancer that asks another replica on a 404
+
+
+def _not_found(response_id: str) -> APIError:
     return APIError(404, f"no stored response with id {response_id!r} (responses live in the server's memory; "
-                    "see store)", param=param, code="response_not_found")
+                    "see store)", code="response_not_found")
 
 
 class ResponseBuilder:
@@ -64,8 +67,10 @@ class ResponseBuilder:
 
     @staticmethod
     def call(call: ToolCall, status: str = "completed") -> FunctionCallItem:
+        """A function call item; incomplete where the reply was cut off (a forced call's arguments then end
+        part way), without its arguments while in progress (they stream after it)."""
         return FunctionCallItem(id=f"fc_{call.id.removeprefix('call_')}", call_id=call.id, name=call.function.name,
-                                arguments=call.function.arguments if status == "completed" else "", status=status)
+                                arguments=call.function.arguments if status != "in_progress" else "", status=status)
 
     def output(self, reasoning: str | None, content: str | None, calls: list[ToolCall] | None, status: str,
                logprobs: list | None) -> list[ReasoningItem | OutputMessage | FunctionCallItem]:
@@ -76,7 +81,7 @@ class ResponseBuilder:
             items.append(self.reasoning(reasoning, "incomplete" if content is None else "completed"))
         if content is not None and (content or not calls):
             items.append(self.message(content, status, logprobs))
-        return items + [self.call(call) for call in calls or []]
+        return items + [self.call(call, status) for call in calls or []]
 
     def response(self, status: str, output: list | None = None, turn: ChatTurn | None = None,
                  error: str | None = None) -> ResponseObject:
@@ -96,7 +101,7 @@ class ResponseBuilder:
             id=self.id, created_at=self.created, status=status, output=output or [],
             model=self.state.adapter_for(body) or self.state.model_name,
             usage=usage, incomplete_details=IncompleteDetails() if status == "incomplete" else None,
-            error=ResponseError(code="engine_error", message=error) if error else None,
+            error=ResponseError(code="server_error", message=error) if error else None,  # (one of OpenAI's codes)
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
             top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs,
@@ -131,7 +136,12 @@ async def create_response(body: ResponsesRequest, request: Request):
     if body.previous_response_id is not None:
         previous = state.responses.get(body.previous_response_id)
         if previous is None:
-            raise _not_found(body.previous_response_id, "previous_response_id")
+            # OpenAI's 400, which clients read to send the whole conversation instead; behind the shipped
+            # balancer a 404, on which it asks the next replica (docker/nginx.conf)
+            status = 404 if request.headers.get(ASK_NEXT_REPLICA_HEADER) else 400
+            raise APIError(status, f"Previous response with id '{body.previous_response_id}' not found (responses "
+                           "live in the server's memory; see store).", param="previous_response_id",
+                           code="previous_response_not_found")
         if previous.response.status in ("queued", "in_progress"):
             raise APIError(400, f"response {body.previous_response_id!r} is still {previous.response.status}: "
                            "continue it once it has ended", param="previous_response_id", code="invalid_value")
@@ -139,6 +149,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     conversation = history + input_messages(body.input, keep_reasoning=state.settings.reasoning_parser is not None)
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     builder = ResponseBuilder(body, state, f"resp_{uuid.uuid4().hex}", 0)
+    input_items = listed_input(body.input)  # their ids, given once: the same while queued and once stored
     turn = start_chat(body.chat_request(system + conversation), state, "/v1/responses", builder.id)
     builder.created = turn.generation.created
 
@@ -147,11 +158,11 @@ async def create_response(body: ResponsesRequest, request: Request):
         if body.store:
             state.responses.put(StoredResponse(response, conversation + [_assistant_message(reasoning, content,
                                                                                              calls)],
-                                               listed_input(body.input)))
+                                               input_items))
         return response
 
     if body.background:
-        entry = StoredResponse(builder.response("queued"), conversation, listed_input(body.input))
+        entry = StoredResponse(builder.response("queued"), conversation, input_items)
         state.responses.put(entry)
         log = state.responses.streams[builder.id] = EventLog() if body.stream else None
         state.responses.running[builder.id] = asyncio.create_task(
@@ -168,7 +179,7 @@ def _finished(turn: ChatTurn, builder: ResponseBuilder, keep: Keep) -> ResponseO
     choice = turn.generation.choices[0]
     reasoning, content, calls, _ = turn.reply(choice)
     status = _status(choice.finish_reason)
-    logprobs = turn.logprobs_of(choice.logprobs).content if turn.logprobs else None
+    logprobs = turn.logprobs_of(turn.content_logprobs(choice)).content if turn.logprobs else None
     output = builder.output(reasoning, content, calls, status, logprobs)
     return keep(builder.response(status, output, turn), reasoning, content, calls)
 
@@ -267,7 +278,8 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
         reasoning, text = reader.feed(out.text)
         if reader.reasoned:
             yield from reasoning_events(reasoning)
-        if turn.logprobs and not (turn.forced or turn.parser):  # a token's logprob goes out with its text
+        in_content = not reader.reasoned or text or "message" in opened  # (the reasoning's tokens have none)
+        if turn.logprobs and not (turn.forced or turn.parser) and in_content:  # a token's logprob goes out with its text
             pending.extend(dump(turn.logprobs_of(out.logprobs or []))["content"])
         if text:
             yield from text_events(text, pending.copy())
@@ -283,7 +295,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
             yield from text_events(rest, pending)
         if "message" in opened:
             index = opened["message"]
-            all_logprobs = turn.logprobs_of(choice.logprobs).content if turn.logprobs else None
+            all_logprobs = turn.logprobs_of(turn.content_logprobs(choice)).content if turn.logprobs else None
             output[index] = builder.message("".join(sent), status, all_logprobs)
             part = output[index].content[0]
             yield {"type": "response.output_text.done", "item_id": builder.message_id, "output_index": index,
@@ -292,7 +304,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
                    "content_index": 0, "part": dump(part)}
             yield {"type": "response.output_item.done", "output_index": index, "item": dump(output[index])}
         for call in calls or []:  # each call goes out whole: its arguments are complete only now
-            index, item = len(output), builder.call(call)
+            index, item = len(output), builder.call(call, status)
             output.append(item)
             yield {"type": "response.output_item.added", "output_index": index,
                    "item": dump(builder.call(call, "in_progress"))}
