@@ -244,6 +244,41 @@ def test_sigterm_drains_then_exits(tmp_path):
             process.wait()
 
 
+def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
+    """The load runs on a thread that cannot be stopped; a server stopped meanwhile does not wait for it (a
+    large model's load could outlast an orchestrator's grace period). The load is made to take a minute."""
+    model = make_tiny_hf(tmp_path / "tiny")
+    slow_load = ("import sys, time\n"
+                 "import lcq.runtime.async_engine as a\n"
+                 "class Slow(a.LLMEngine):\n"
+                 "    def __init__(self, config):\n"
+                 "        time.sleep(60)\n"
+                 "        super().__init__(config)\n"
+                 "a.LLMEngine = Slow\n"
+                 "from lcq.cli import main\n"
+                 "sys.exit(main())\n")
+    log = tmp_path / "serve.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
+    with open(log, "w") as log_file:
+        process = subprocess.Popen([sys.executable, "-c", slow_load, "serve", str(model), "--host", "127.0.0.1",
+                                    "--port", "0"], stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.time() + 60
+        while not re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text()):
+            assert process.poll() is None and time.time() < deadline, log.read_text()
+            time.sleep(0.1)
+        url = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text()).group(1)
+        assert httpx.get(url + "/health").status_code == 503  # loading
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+        assert "stopped while the model was loading" in log.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def _wait_until_ready(process: subprocess.Popen, log: Path) -> str:
     deadline = time.time() + 90
     url = None

@@ -42,6 +42,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-engine")
+        self._loading: Future | None = None
         self.load_error: BaseException | None = None
         self.stop_error: str | None = None  # why the engine loop stopped, where it did while serving (a bug)
         self._failed_steps = 0  # engine steps failed in a row
@@ -49,8 +50,9 @@ class AsyncEngine:
     async def start(self) -> None:
         """Load the model in a thread (the server answers /health with 503 meanwhile), then loop."""
         self._wake = asyncio.Event()
+        self._loading = self._worker.submit(LLMEngine, self.config)
         try:
-            self.engine = await asyncio.get_running_loop().run_in_executor(self._worker, LLMEngine, self.config)
+            self.engine = await asyncio.wrap_future(self._loading)
         except BaseException as e:
             self.load_error = e
             raise
@@ -59,6 +61,12 @@ class AsyncEngine:
     @property
     def is_ready(self) -> bool:
         return self.engine is not None and not self.is_draining and self.stop_error is None
+
+    @property
+    def still_loading(self) -> bool:
+        """Whether the model's load is still running, on a thread that cannot be stopped (a server stopped
+        meanwhile exits without waiting for it)."""
+        return self._loading is not None and not self._loading.done()
 
     @property
     def tokenizer(self):

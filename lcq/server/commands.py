@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -55,6 +56,10 @@ def _serve(args: argparse.Namespace) -> int:
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
     server = DrainingServer(config, app.state.lifecycle)
     server.run()
+    if engine.still_loading:  # stopped while loading (SIGTERM): Python would wait for the load's thread at exit
+        logger.info("stopped while the model was loading: exiting without waiting for the load")
+        logging.shutdown()
+        os._exit(0)
     if server.failed:
         raise UserError(app.state.lifecycle.load_error or "the model failed to load (see the log above)")
     return 0
