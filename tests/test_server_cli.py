@@ -64,6 +64,7 @@ def test_bad_values_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert main(["serve"]) == 2  # the demo model's cache
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 9 and all(line.startswith("lcq: error: ") for line in lines)
+    assert lines[3] == "lcq: error: --max-num-seqs must be at least 1"  # the flag, not EngineConfig's field
     assert "tool call parser" in lines[5] and "drain timeout" in lines[6] and "finite" in lines[7]
     assert "cannot be the cache folder" in lines[8]
     assert "missing" in lines[0] and "LCQ_PORT" in lines[1] and "port" in lines[2]
@@ -94,7 +95,7 @@ def test_a_model_the_settings_cannot_serve_exits_2_with_its_reason(tmp_path, cap
     """Settings the engine refuses only once it reads the model (a context past the model's, a drafting method
     the folder has no layer for) end the command with that reason in one line, not "see the log"."""
     model = make_tiny_hf(tmp_path / "tiny")
-    for flags, reason in ((["--max-model-len", "100000"], "max_model_len 100000 is longer than the model's context"),
+    for flags, reason in ((["--max-model-len", "100000"], "--max-model-len 100000 is longer than the model's context"),
                           (["--speculative-config", '{"method": "mtp", "num_speculative_tokens": 1}'],
                            "no multi-token-prediction layer to draft with")):
         assert main(["serve", str(model), "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.05",
@@ -107,7 +108,7 @@ def test_a_model_the_settings_cannot_serve_exits_2_with_its_reason(tmp_path, cap
     (other / "config.json").write_text(json.dumps({**json.loads((model / "config.json").read_text()),
                                                    "architectures": ["BertModel"], "model_type": "bert"}))
     for folder, flags, reason in ((other, [], "architecture BertModel is not supported"),
-                                  (model, ["--max-model-len", "100000"], "max_model_len 100000 is longer")):
+                                  (model, ["--max-model-len", "100000"], "--max-model-len 100000 is longer")):
         assert main(["serve", str(folder), "--host", "127.0.0.1", "--port", "0", *flags]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and reason in lines[0]

@@ -15,7 +15,7 @@ from lcq.errors import UserError
 from lcq.format import CheckpointReader
 from lcq.inputs import check_output
 
-from .settings import ServeCommand, add_serve_arguments, resolve
+from .settings import ServeCommand, add_serve_arguments, in_flag_terms, resolve
 
 if TYPE_CHECKING:
     from lcq.runtime import AsyncEngine
@@ -61,7 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
         logging.shutdown()
         os._exit(0)
     if server.failed:
-        raise UserError(app.state.lifecycle.load_error or "the model failed to load (see the log above)")
+        raise UserError(in_flag_terms(app.state.lifecycle.load_error or "the model failed to load (see the log above)"))
     return 0
 
 
@@ -129,8 +129,8 @@ def _engine(command: ServeCommand) -> "AsyncEngine":
         model = command.model
     try:
         engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    engine.config.check_model()  # an unservable architecture or context: one line, before the server starts
+        engine.config.check_model()  # an unservable architecture or context: one line, before the server starts
+    except (ValueError, UserError) as e:
+        raise UserError(in_flag_terms(str(e))) from None
     CheckpointReader(model)  # its config and tensors readable (FormatError: one line), before the background load
     return engine

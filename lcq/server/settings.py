@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -246,6 +247,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             parser.add_argument(flag.name, type=flag.type, default=None, help=flag.help + shown,
                                 metavar=flag.metavar or flag.dest.upper())
+
+
+def in_flag_terms(message: str) -> str:
+    """An engine setting's message (EngineConfig names its fields) as `lcq serve` says it: each field a flag
+    sets under its own name, as that flag (max_num_seqs -> --max-num-seqs). Only names with an underscore,
+    which no English word has (not `device`, `seed`)."""
+    for flag in FLAGS:
+        name = flag.field or flag.dest
+        if flag.target == "engine" and not flag.invert and not flag.expands and "_" in name:
+            message = re.sub(rf"(?<![\w-]){name}\b", flag.name, message)
+    return message
 
 
 def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Any, bool]:
