@@ -327,6 +327,8 @@ def test_a_background_stream_is_read_again_from_any_event(long_server, long_clie
     first = [event for event, _ in zip(stream, range(4))]
     stream.close()
     assert [e.sequence_number for e in first] == [0, 1, 2, 3] and first[0].response.background
+    assert [(e.type, e.response.status) for e in first[:2]] == [("response.created", "queued"),
+                                                                ("response.in_progress", "in_progress")]
     rest = list(long_client.responses.retrieve(first[0].response.id, stream=True, starting_after=3))
     assert [e.sequence_number for e in rest] == list(range(4, 4 + len(rest)))
     assert rest[-1].type == "response.incomplete"

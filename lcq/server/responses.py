@@ -271,7 +271,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
                    "output_index": opened["message"], "content_index": 0, "delta": text, "logprobs": logprobs}
 
     def start() -> Iterator[dict]:
-        yield lifecycle("created", builder.response("in_progress"))
+        yield lifecycle("created", builder.response("queued" if builder.body.background else "in_progress"))
         yield lifecycle("in_progress", builder.response("in_progress"))
 
     def on_delta(choice: Choice, out: RequestOutput) -> Iterator[dict]:
