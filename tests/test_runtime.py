@@ -1132,6 +1132,26 @@ def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):
         assert llm.generate([PROMPTS[1]], alone)[0].token_ids == completion.token_ids
 
 
+def test_grammars_kept_are_the_most_recently_used(tiny):
+    """A server sees ever new schemas: the compiled grammars kept are bounded (the least recently used go), and
+    a sequence whose grammar went goes on with its own matcher."""
+    pytest.importorskip("xgrammar")
+    engine = LLM(str(tiny), block_size=8, **FP32).engine
+    engine.structured.kept = 2
+    specs = [StructuredOutput(regex=f"[a-c]{{{n}}}x") for n in (2, 3, 4)]
+    for spec in specs[:2]:
+        engine.structured.check(spec)
+    engine.add_request("a", PROMPTS[0], SamplingParams(max_tokens=10, temperature=0, structured_output=specs[0]))
+    engine.structured.check(specs[2])  # the first is used again by "a", so the second goes
+    assert list(engine.structured._grammars) == [specs[0], specs[2]]
+    engine.structured.check(specs[1])
+    assert list(engine.structured._grammars) == [specs[2], specs[1]]
+    outputs = []
+    while engine.has_work():
+        outputs += engine.step()
+    assert outputs[-1].finish_reason == "stop" and re.fullmatch("[a-c]{2}x", "".join(o.text for o in outputs))
+
+
 def test_json_output_follows_its_schema(llm):
     pytest.importorskip("xgrammar")
     schema = {"type": "object", "properties": {"color": {"enum": ["red", "blue"]}, "size": {"type": "integer"}},

@@ -6,6 +6,7 @@ import asyncio
 import json
 import re
 import socket
+import threading
 import time
 
 import httpx
@@ -343,6 +344,25 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
     for body in ({"allowed_token_ids": [10000000]}, {"allowed_token_ids": []}, {"bad_words": "a"},
                  {"bad_words": [""]}):
         assert error_of(post(body), 400)["param"] == next(iter(body))
+
+
+def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):
+    """A JSON schema's grammar can take a second to compile: not on the server's loop, which would hold every
+    stream meanwhile, but on the engine's thread between steps."""
+    pytest.importorskip("xgrammar")
+    structured = server.engine.engine.structured
+    compiled_on, check = [], structured.check
+
+    def noting_the_thread(spec):
+        if spec not in structured._grammars:
+            compiled_on.append(threading.current_thread().name)
+        return check(spec)
+
+    monkeypatch.setattr(structured, "check", noting_the_thread)
+    reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                           temperature=0, extra_body={"guided_regex": "[a-c]{5}x"})
+    assert re.fullmatch("[a-c]{5}x", reply.choices[0].message.content)
+    assert len(compiled_on) == 1 and compiled_on[0].startswith("lcq-engine")
 
 
 def test_developer_messages_are_system_messages_for_templates_without_them(server):

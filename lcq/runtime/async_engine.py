@@ -136,6 +136,15 @@ class AsyncEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def prepare(self, params: SamplingParams) -> None:
+        """What a request needs before it is queued that would hold the server's loop: its grammar compiled (a
+        JSON schema's can take a second), on the engine's thread, the only one that uses the grammars; a
+        ValueError for one that cannot be used. add_request then finds it compiled."""
+        self._require_ready()
+        if params.structured_output is not None:
+            await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.structured.check,
+                                                             params.structured_output)
+
     def abort(self, request_id: str) -> None:
         """Stop a request; its blocks are freed by the next step (at once if the loop is idle)."""
         with self._lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Collection
 
 import torch
@@ -25,16 +26,23 @@ from .sampling_params import StructuredOutput
 from .sequence import Sequence
 
 
-class StructuredOutputs:
-    """Grammars compiled once per schema for one tokenizer, and each constrained sequence's matcher."""
+GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a server sees ever new ones
 
-    def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int]):
+
+class StructuredOutputs:
+    """Grammars compiled once per schema for one tokenizer (the GRAMMARS_KEPT most recently used), and each
+    constrained sequence's matcher (which holds its grammar)."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int], kept: int = GRAMMARS_KEPT):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
+        self.kept = kept
         self._compiler = None
-        self._grammars: dict[StructuredOutput, object] = {}
+        self._grammars: OrderedDict[StructuredOutput, object] = OrderedDict()
 
     def _grammar(self, spec: StructuredOutput):
-        if spec not in self._grammars:
+        if spec in self._grammars:
+            self._grammars.move_to_end(spec)
+        else:
             try:
                 import xgrammar
             except ImportError:
@@ -43,7 +51,7 @@ class StructuredOutputs:
             if self._compiler is None:
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                                stop_token_ids=self.eos_ids)
-                self._compiler = xgrammar.GrammarCompiler(info)
+                self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # (kept here, bounded)
             try:
                 if spec.regex is not None:
                     self._grammars[spec] = self._compiler.compile_regex(spec.regex)
@@ -57,6 +65,8 @@ class StructuredOutputs:
                                        if spec.grammar is not None else "response_format json_schema")
                 reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
                 raise ValueError(f"{what} cannot be used: {reason}") from None
+            if len(self._grammars) > self.kept:
+                self._grammars.popitem(last=False)
         return self._grammars[spec]
 
     def check(self, spec: StructuredOutput) -> None:

@@ -193,7 +193,7 @@ class TurnReader:
         return reasoning, content + (rest or ""), calls, reason
 
 
-def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, request_id: str) -> ChatTurn:
+async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, request_id: str) -> ChatTurn:
     """Check the request, render its prompt and submit it (every choice, or none with an error)."""
     state.check_request(body, route)
     if body.top_logprobs is not None and not body.logprobs:
@@ -232,7 +232,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
     prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)))
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
-    generation.submit(body)
+    await generation.submit(body)
     return ChatTurn(generation, forced, state.settings.tool_call_parser if parsed else None, body.logprobs, top,
                     body.parallel_tool_calls, reasoning, schemas, state.tokens_as_ids(body))
 
@@ -241,7 +241,7 @@ def start_chat(body: ChatCompletionRequest, state: ServerState, route: str, requ
              responses=generation_responses(STREAM_RESPONSE))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    turn = start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request.state.request_id}")
+    turn = await start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request.state.request_id}")
     generation = turn.generation
 
     def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:

@@ -98,7 +98,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
     generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params)
-    generation.submit(body)
+    await generation.submit(body)
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body)) if body.logprobs is not None else None
 

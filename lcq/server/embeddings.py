@@ -32,7 +32,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
         prompts = [ids[-body.truncate_prompt_tokens:] for ids in prompts]
     params = SamplingParams(max_tokens=1, embed=True, lora=state.adapter_for(body))
     generation = Generation(state, f"embd-{request.state.request_id}", prompts, params)
-    generation.submit(body)
+    await generation.submit(body)
     await generation.run(request)
     data = [EmbeddingData(index=c.index, embedding=_encoded(c.embedding, body.encoding_format))
             for c in generation.choices]

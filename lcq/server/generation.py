@@ -95,22 +95,23 @@ class Generation:
         self._streams: list[AsyncIterator[RequestOutput]] = []
         self._pumps: list[asyncio.Task] = []
 
-    def submit(self, request: OpenAIRequest | None = None) -> None:
-        """Add every choice to the engine, or none: a refusal aborts those already added."""
+    async def submit(self, request: OpenAIRequest | None = None) -> None:
+        """Add every choice to the engine, or none: a refusal aborts those already added. Their grammar (the
+        same for all) is compiled first, off the server's loop."""
         engine, metrics = self.state.engine, self.state.metrics
-        for choice in self.choices:
-            try:
-                stream = engine.add_request(choice.request_id, choice.prompt_ids, choice.params)
-            except Exception as e:
-                for added in self.choices:  # the request is refused as a whole: its choices count as nothing else
-                    if added.tracker is not None:
-                        added.tracker.discard()
-                self.abort()
-                metrics.rejected("queue_full" if isinstance(e, QueueFullError)
-                                 else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")
-                raise engine_error(e, self.state.settings.retry_after, request) from e
-            choice.tracker = metrics.track(len(choice.prompt_ids))
-            self._streams.append(stream)
+        try:
+            await engine.prepare(self.choices[0].params)
+            for choice in self.choices:
+                self._streams.append(engine.add_request(choice.request_id, choice.prompt_ids, choice.params))
+                choice.tracker = metrics.track(len(choice.prompt_ids))
+        except Exception as e:
+            for added in self.choices:  # the request is refused as a whole: its choices count as nothing else
+                if added.tracker is not None:
+                    added.tracker.discard()
+            self.abort()
+            metrics.rejected("queue_full" if isinstance(e, QueueFullError)
+                             else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")
+            raise engine_error(e, self.state.settings.retry_after, request) from e
 
     async def deltas(self, keepalive: float | None = None) -> AsyncIterator[tuple[Choice, RequestOutput] | None]:
         """Deltas of all choices as they come; None every `keepalive` seconds without one."""

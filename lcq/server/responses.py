@@ -150,7 +150,7 @@ async def create_response(body: ResponsesRequest, request: Request):
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     builder = ResponseBuilder(body, state, f"resp_{uuid.uuid4().hex}", 0)
     input_items = listed_input(body.input)  # their ids, given once: the same while queued and once stored
-    turn = start_chat(body.chat_request(system + conversation), state, "/v1/responses", builder.id)
+    turn = await start_chat(body.chat_request(system + conversation), state, "/v1/responses", builder.id)
     builder.created = turn.generation.created
 
     def keep(response: ResponseObject, reasoning: str | None, content: str | None,
