@@ -1262,6 +1262,12 @@ def test_async_engine_streams_aborts_and_drains(tiny, llm):
             streams = [engine.add_request(f"q{i}", PROMPTS[2], GREEDY) for i in range(3)]
             with pytest.raises(QueueFullError):
                 engine.add_request("q3", PROMPTS[2], GREEDY)
+            engine.abort("q2")
+            taken_back = engine.add_request("r", PROMPTS[2], GREEDY)  # an aborted request in the inbox holds no place
+            with pytest.raises(QueueFullError):
+                engine.add_request("q3", PROMPTS[2], GREEDY)
+        assert [d async for d in streams.pop()][-1].finish_reason == "abort"
+        streams.append(taken_back)
         results = [[d async for d in s] for s in streams]
         assert all(r[-1].finish_reason == "length" for r in results)
         # Loading and every step ran on the one engine thread (one malloc arena, one OpenMP team).

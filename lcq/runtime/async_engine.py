@@ -103,7 +103,9 @@ class AsyncEngine:
         if self.engine is None:
             return EngineStats(0, 0, 0.0, 0, 0, 0)
         stats = self.engine.stats()
-        stats.num_waiting += len(self._inbox)
+        with self._lock:  # the inbox's requests, less those already aborted (a refused request's other choices)
+            aborted = set(self._aborts)
+            stats.num_waiting += sum(entry[0] not in aborted for entry in self._inbox)
         return stats
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams
