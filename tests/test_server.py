@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lcq.quantizer.reference import load_reference_model
+from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
 from lcq.server.settings import ServeSettings
 from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json, reply_parser
@@ -266,12 +267,19 @@ def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(server, client, 
     named = client.completions.create(**args, extra_body=as_ids).choices[0]
     ids = [token_id(name) for name in named.logprobs.tokens]
     assert named.text == plain.text and tokenizer.decode(ids) == plain.text
-    assert [tokenizer.decode([i]) for i in ids] == plain.logprobs.tokens
+    token_bytes = TokenBytes(tokenizer)
+
+    def by_text(i: int) -> str:
+        """How legacy logprobs name a token by text: a part of a character by its bytes."""
+        text = tokenizer.decode([i])
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in token_bytes(i)) if "\ufffd" in text else text
+
+    assert [by_text(i) for i in ids] == plain.logprobs.tokens
     assert named.logprobs.text_offset == plain.logprobs.text_offset
     assert named.logprobs.token_logprobs == pytest.approx(plain.logprobs.token_logprobs)
     assert named.logprobs.top_logprobs[0] is None  # the echoed prompt's first token
     for ours, theirs in zip(named.logprobs.top_logprobs[1:], plain.logprobs.top_logprobs[1:]):
-        assert {tokenizer.decode([token_id(name)]) for name in ours} == set(theirs)
+        assert {by_text(token_id(name)) for name in ours} == set(theirs)
     streamed = [name for chunk in client.completions.create(**args, stream=True, extra_body=as_ids) if chunk.choices
                 and chunk.choices[0].logprobs for name in chunk.choices[0].logprobs.tokens]
     assert streamed == named.logprobs.tokens
@@ -363,6 +371,19 @@ def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):
                                            temperature=0, extra_body={"guided_regex": "[a-c]{5}x"})
     assert re.fullmatch("[a-c]{5}x", reply.choices[0].message.content)
     assert len(compiled_on) == 1 and compiled_on[0].startswith("lcq-engine")
+
+
+def test_legacy_logprobs_name_parts_of_characters_by_their_bytes(client):
+    """Tokens that are parts of a character (U+FFFD as text) are named "bytes:\\xNN..." as OpenAI names them:
+    by text they would collide as keys of top_logprobs, which then lost alternatives."""
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=12, temperature=0, logprobs=5,
+                                    extra_body={"guided_regex": "é€😀"})
+    assert out.choices[0].text == "é€😀"
+    lp = out.choices[0].logprobs
+    parts = [token for token in lp.tokens if token.startswith("bytes:")]
+    assert len(parts) > 3
+    assert b"".join(bytes.fromhex(token[6:].replace("\\x", "")) for token in parts) == "é€😀".encode()
+    assert all(len(top) >= 5 for top in lp.top_logprobs)  # 5 alternatives each, and the chosen one
 
 
 def test_developer_messages_are_system_messages_for_templates_without_them(server):
@@ -526,7 +547,9 @@ def test_forced_tool_calls(client):
         logprobs=True) if c.choices]
     streamed = [c.choices[0].delta.tool_calls for c in chunks if c.choices[0].delta.tool_calls]
     assert streamed[0][0].function.arguments == reply.choices[0].message.tool_calls[0].function.arguments
-    assert len(chunks[-1].choices[0].logprobs.content) == reply.usage.completion_tokens  # all, at the end
+    assert len(chunks[-2].choices[0].logprobs.content) == reply.usage.completion_tokens  # all, with the call
+    last = chunks[-1].choices[0]  # the finish reason in a chunk of its own, as OpenAI's
+    assert last.finish_reason == "stop" and last.delta.tool_calls is None and last.delta.content is None
     # the call and its result as history: the next turn renders and answers in text
     history = messages + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                           {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
@@ -767,6 +790,34 @@ def test_auto_tool_calls_with_a_parser(model_dir, parser, reply):
                                                          max_tokens=200, parallel_tool_calls=parallel,
                                                          extra_body=twice, stream=True))
             assert len([call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]) == count
+        # cut inside the second call by max_tokens: "length" still (clients must not take the calls as complete)
+        whole = hermes.chat.completions.create(model=MODEL, messages=messages, tools=[weather], max_tokens=200,
+                                               temperature=0, extra_body=twice)
+        cut = dict(model=MODEL, messages=messages, tools=[weather], max_tokens=whole.usage.completion_tokens - 2,
+                   temperature=0, extra_body=twice)
+        assert hermes.chat.completions.create(**cut).choices[0].finish_reason == "length"
+        assert [c.choices[0].finish_reason for c in hermes.chat.completions.create(**cut, stream=True)
+                if c.choices][-1] == "length"
+
+
+def test_the_sdk_stream_helper_ends_a_forced_call(client):
+    """The official SDK's stream helper: a forced call's arguments are reported done (the finish reason comes
+    in a chunk of its own, as OpenAI's), and its reply has no content, as the same request unstreamed."""
+    pytest.importorskip("xgrammar")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {  # (a reply that ends)
+        "type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+        "additionalProperties": False}}}
+    request = dict(model=MODEL, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[weather],
+                   tool_choice={"type": "function", "function": {"name": "get_weather"}}, max_tokens=60,
+                   temperature=0)
+    with client.chat.completions.stream(**request) as stream:
+        events = list(stream)
+        final = stream.get_final_completion()
+    done = [e for e in events if e.type == "tool_calls.function.arguments.done"]
+    call = final.choices[0].message.tool_calls[0].function
+    assert len(done) == 1 and (done[0].name, done[0].arguments) == (call.name, call.arguments)
+    assert final.choices[0].message.content is None and not [e for e in events if e.type == "content.delta"]
+    assert client.chat.completions.create(**request).choices[0].message.content is None
 
 
 def test_json_output_through_the_openai_client(client):

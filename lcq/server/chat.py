@@ -257,9 +257,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             usage = generation.usage_so_far(choice) if body.continuous_usage else None
             return chunk([ChatChunkChoice(index=choice.index, **fields)], usage=usage)
 
-        def start():
+        def start():  # (a forced call's reply has no content: null, as OpenAI's)
             for choice in generation.choices:
-                yield choice_chunk(choice, delta=DeltaMessage(role="assistant", content=""))
+                yield choice_chunk(choice, delta=DeltaMessage(role="assistant", content=None if turn.forced else ""))
 
         def on_delta(choice: Choice, out: RequestOutput):
             reader = readers[choice.index]
@@ -272,12 +272,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 logprobs = turn.logprobs_of(choice.logprobs) if out.finish_reason else None
             else:
                 logprobs = turn.logprobs_of(out.logprobs or [])
-            if reasoning or content or out.finish_reason or (not whole and turn.logprobs and out.logprobs):
+            if reasoning or content or calls or (logprobs and logprobs.content):
                 delta = DeltaMessage(content=content or None, reasoning=reasoning or None,
                                      reasoning_content=reasoning or None, tool_calls=None if not calls else
                                      [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)])
-                yield choice_chunk(choice, delta=delta, logprobs=logprobs, finish_reason=reason,
-                                   stop_reason=out.stop_reason)
+                yield choice_chunk(choice, delta=delta, logprobs=logprobs)
+            if out.finish_reason:  # in a chunk of its own, as OpenAI's: the SDK's stream helper ends the calls then
+                yield choice_chunk(choice, delta=DeltaMessage(), finish_reason=reason, stop_reason=out.stop_reason)
 
         def finish():
             if body.include_usage:

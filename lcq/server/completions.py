@@ -1,6 +1,8 @@
 """POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
@@ -42,12 +44,17 @@ class LogprobFormatter:
     """OpenAI's legacy logprobs shape, with text offsets continuing across streamed chunks; tokens named by
     their text, or by id (`tokens_as_ids`)."""
 
-    def __init__(self, top: int, tokens_as_ids: bool):
+    def __init__(self, top: int, tokens_as_ids: bool, token_bytes: Callable[[int], bytes]):
         self.top = top
         self.tokens_as_ids = tokens_as_ids
+        self.token_bytes = token_bytes
         self.offsets: dict[int, int] = {}
 
     def name(self, token_id: int, text: str) -> str:
+        """The token's text; a part of a character (U+FFFD as text) by its bytes, "bytes:\\xe2\\x80" as OpenAI
+        names them, where the texts of such alternatives would be one key of top_logprobs."""
+        if "\ufffd" in text and not self.tokens_as_ids:
+            return "bytes:" + "".join(f"\\x{byte:02x}" for byte in self.token_bytes(token_id))
         return token_name(token_id, text, self.tokens_as_ids)
 
     def format(self, index: int, entries: list[TokenLogprob | tuple[int, str]]) -> CompletionLogprobs:
@@ -58,7 +65,7 @@ class LogprobFormatter:
             if isinstance(entry, TokenLogprob):
                 token_id, text, logprob = entry.token_id, entry.token, entry.logprob
                 top = {self.name(i, alternative): lp for i, alternative, lp in entry.top[:self.top]}
-                top.setdefault(self.name(token_id, text), logprob)  # the chosen one too: up to logprobs + 1, as OpenAI's
+                top[self.name(token_id, text)] = logprob  # the chosen one too: up to logprobs + 1, as OpenAI's
             else:
                 (token_id, text), logprob, top = entry, None, None
             out.tokens.append(self.name(token_id, text))
@@ -100,7 +107,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params)
     await generation.submit(body)
     tokenizer = state.engine.tokenizer
-    logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body)) if body.logprobs is not None else None
+    logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body), state.engine.token_bytes) \
+        if body.logprobs is not None else None
 
     def echoed(choice: Choice, prompt_logprobs: list[TokenLogprob | None] | None) -> tuple[str, list]:
         """The prompt text and its logprob entries that `echo` puts before the completion (the first

@@ -110,7 +110,7 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
         call = _call(value["name"], value["arguments"])
     except (ValueError, KeyError, TypeError):
         return None, finish_reason
-    return [call], "tool_calls" if finish_reason == "stop" else finish_reason
+    return [call], calls_finish(finish_reason)
 
 
 def read_reply(text: str, forced: str | None, parser: str | None, finish_reason: str | None,
@@ -125,8 +125,14 @@ def read_reply(text: str, forced: str | None, parser: str | None, finish_reason:
     if parser:
         content, calls = reply_parser(parser, schemas)(text)
         if calls:
-            return content, calls if parallel else calls[:1], "tool_calls"
+            return content, calls if parallel else calls[:1], calls_finish(finish_reason)
     return text, None, finish_reason
+
+
+def calls_finish(finish_reason: str | None) -> str | None:
+    """The finish reason of a reply with tool calls: "tool_calls" where the model ended it, "length" still
+    where max_tokens cut it (the calls may be fewer than it meant: clients such as the SDK's parse() raise)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -474,5 +480,5 @@ class ReplyReader:
         if self.calls is None:
             return None, None, finish_reason
         content, calls = self.calls.finish()
-        return (content, calls if self.parallel else calls[:1], "tool_calls") if calls else \
+        return (content, calls if self.parallel else calls[:1], calls_finish(finish_reason)) if calls else \
             (content, None, finish_reason)
