@@ -159,6 +159,22 @@ def test_bad_layer_widths_are_refused(tmp_path, layer_bits):
         CheckpointReader(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("index, config_change, message", [
+    ({"weight_map": ["model.layers.0.mlp.up_proj.qweight"]}, {}, "weight_map must map tensor names to file names"),
+    ({"weight_map": {"model.layers.0.mlp.up_proj.qweight": None}}, {}, "weight_map must map"),
+    (b"\xff\xfe not UTF-8", {}, "model.safetensors.index.json: not a valid safetensors index"),
+    (None, {"quantization_config": "lcq"}, "quantization_config must be an object of settings")])
+def test_a_malformed_index_or_quantization_config_is_one_error(tmp_path, index, config_change, message):
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    if index is not None:
+        path = tmp_path / "ckpt" / "model.safetensors.index.json"
+        path.write_bytes(index if isinstance(index, bytes) else json.dumps(index).encode())
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    write_json(tmp_path / "ckpt" / "config.json", {**cfg, **config_change})
+    with pytest.raises(FormatError, match=message):
+        CheckpointReader(tmp_path / "ckpt")
+
+
 def test_pickle_only_folder_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")

@@ -870,6 +870,40 @@ def test_phi3_longrope_factors_follow_the_context_served(tmp_path, monkeypatch, 
     assert torch.equal(short_tables.rotary.cos, model.rotary.cos)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32", "lcq"])
+def test_weights_config_json_does_not_describe_are_one_error(tmp_path, packed):
+    """A config.json changed apart from its weights loaded and then failed every request (or served a model
+    without its last layers): each is one FormatError at load, naming what does not fit."""
+    from safetensors.torch import load_file, save_file
+
+    from lcq.format import FormatError
+
+    folder = make_tiny_lcq(tmp_path) if packed else make_tiny_hf(tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    for changes, message in (({"num_hidden_layers": 1}, "holds layers up to 1, beyond the 1 of config.json"),
+                             ({"num_key_value_heads": 1}, r"q_proj/k_proj/v_proj: its weights have 192 output "
+                                                          r"features where config.json makes 144")):
+        (folder / "config.json").write_text(json.dumps({**config, **changes}))
+        with pytest.raises(FormatError, match=message):
+            load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    index = folder / "model.safetensors.index.json"
+    shard = folder / (json.loads(index.read_text())["weight_map"]["model.norm.weight"] if index.is_file() else
+                      "model.safetensors")
+    tensors = load_file(shard)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"][:-1]
+    save_file(tensors, shard)
+    with pytest.raises(FormatError, match="model.norm: a tensor's size is not what config.json makes"):
+        load_model(folder)
+    if packed:
+        return
+    tensors["model.norm.weight"] = torch.ones(config["hidden_size"])
+    del tensors["model.layers.1.input_layernorm.weight"]
+    save_file(tensors, shard)
+    with pytest.raises(FormatError, match="'model.layers.1.input_layernorm.weight' missing"):  # (not a per-head name)
+        load_model(folder)
+
+
 def test_phi3_errors_are_one_line(tmp_path):
     """Rope types Phi-3 does not have, partial rotary embeddings that leave an odd number of dimensions and
     wrong numbers of LongRoPE factors are refused by name, and a fused matrix shorter than config.json says

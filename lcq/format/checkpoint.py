@@ -84,7 +84,15 @@ def linear_tensors(prefix: str, layer: PackedLinear) -> dict[str, torch.Tensor]:
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    _synced(tmp)
     os.replace(tmp, path)
+
+
+def _synced(path: Path) -> None:
+    """A written file flushed to the disk before it is renamed into place: after a power loss (not only a
+    crash) a renamed file is whole, not empty."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -94,6 +102,7 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o666 & ~umask)  # as any new file (safetensors writes its files owner-only): others may serve it
+    _synced(tmp)
     os.replace(tmp, path)
 
 
@@ -135,8 +144,11 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise FormatError(f"{index}: not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(name, str) and isinstance(fname, str)
+                                                       for name, fname in weight_map.items()):
+            raise FormatError(f"{index}: weight_map must map tensor names to file names")
         files = {name: folder / fname for name, fname in weight_map.items()}
     elif (folder / SINGLE_FILE).is_file():
         files = {name: folder / SINGLE_FILE for name in _keys(folder / SINGLE_FILE)}
@@ -184,6 +196,8 @@ class CheckpointReader:
             raise FormatError(f"{config_path}: not valid JSON ({e})") from None
         if not isinstance(stored, dict):
             raise FormatError(f"{config_path}: a JSON {type(stored).__name__}, not an object of settings")
+        if not isinstance(stored.get("quantization_config", {}), (dict, type(None))):
+            raise FormatError(f"{config_path}: quantization_config must be an object of settings")
         files = tensor_files(self.folder)
         # An FP8 source's weights are decoded as read, with their scales (which the view does not see).
         self._fp8_scales, self._fp8_block, self._scale_files = {}, None, files

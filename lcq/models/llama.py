@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from lcq.format import FormatError
 from lcq.kernels import LCQLinear, cpu_ops
 from lcq.kernels.cpu_matmul import dense_linear
 from lcq.kernels.experts import ExpertRoutes, LCQExperts, PackedExperts
@@ -54,6 +55,18 @@ Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of the step's positions
 LinearFactory = Callable[[list[str]], torch.nn.Module]
 
 
+def fitted(linear: torch.nn.Module, name: str, in_features: int | None = None,
+           out_features: int | None = None) -> torch.nn.Module:
+    """linear, where its weights have the sizes the layer's forward takes from config.json (None: any): a
+    config changed apart from its weights would load, then fail every request."""
+    for side, stored, expected in (("input", linear.in_features, in_features),
+                                   ("output", linear.out_features, out_features)):
+        if expected is not None and stored != expected:
+            raise FormatError(f"{name}: its weights have {stored} {side} features where config.json makes "
+                              f"{expected}: the config does not describe these weights")
+    return linear
+
+
 def project(linear: torch.nn.Module, name: str, x: torch.Tensor, lora: LoRABatch | None) -> torch.Tensor:
     """x through the fused layer `name`, plus the LoRA products of the rows whose sequences use an adapter."""
     y = linear(x)
@@ -67,9 +80,13 @@ class Attention(torch.nn.Module):
         and whether its queries take the temperature."""
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.qkv_proj = make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        query_heads = self.num_heads * (2 if config.attention_output_gate else 1)  # (with each head's gate)
+        self.qkv_proj = fitted(make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"]),
+                               f"{prefix}.q_proj/k_proj/v_proj",
+                               out_features=(query_heads + 2 * self.num_kv_heads) * self.head_dim)
         self.output_name = f"{prefix}.{config.attention_output_name}"
-        self.o_proj = make_linear([self.output_name])
+        self.o_proj = fitted(make_linear([self.output_name]), self.output_name,
+                             in_features=self.num_heads * self.head_dim)
         # q/k norms over each head, or (OLMo 2) over the whole projection: one "head" as wide as all of them
         self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
         q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
@@ -130,7 +147,8 @@ class MLP(torch.nn.Module):
         super().__init__()
         inputs = ["up_proj"] if config.activation in UNGATED else ["gate_proj", "up_proj"]
         self.gate_up_proj = make_linear([f"{prefix}.{name}" for name in inputs])
-        self.down_proj = make_linear([f"{prefix}.down_proj"])
+        self.down_proj = fitted(make_linear([f"{prefix}.down_proj"]), f"{prefix}.down_proj",
+                                in_features=self.gate_up_proj.out_features // len(inputs))
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
         self.prefix = prefix
         # Apertus's xIELU factors (layers.xielu), fp32: its alphas through their softplus, its beta and eps

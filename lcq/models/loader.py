@@ -2,6 +2,9 @@
 safetensors. Tensors are read one at a time from the shards, so the model exists once in memory."""
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,7 +28,7 @@ class DenseLinear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
-        self.out_features = weight.shape[0]
+        self.out_features, self.in_features = weight.shape
         self.half = half_copy(weight, exact_only=True)
         self.weight = None if self.half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
@@ -133,24 +136,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         weight = reader.tensor(name).float()
         return (weight + config.norm_offset).to(device=device, dtype=dtype)
 
+    _check_no_layers_beyond(reader, model, config)
     with torch.no_grad():
         # Cohere's logits are scaled by logit_scale: the final norm's weight carries it (the head is the tied table)
         final = FINAL_NORMS.get(config.model_type, "model.norm")
-        model.norm.weight.copy_(norm_weight(f"{final}.weight") * config.logit_scale)
-        if config.norm_bias:  # StableLM's LayerNorms
-            model.norm.bias.copy_(read(f"{final}.bias"))
+        with _fitting(reader, final):
+            model.norm.weight.copy_(norm_weight(f"{final}.weight") * config.logit_scale)
+            if config.norm_bias:  # StableLM's LayerNorms
+                model.norm.bias.copy_(read(f"{final}.bias"))
         for i, layer in enumerate(model.layers):
-            _load_layer(layer, config, i, reader, read, norm_weight)
+            with _fitting(reader, layer.prefix):
+                _load_layer(layer, config, i, reader, read, norm_weight)
         if mtp:
             names = config.mtp
-            _load_layer(model.mtp.layer, config.mtp_layer_config(), 0, reader, read, norm_weight)
-            for module, name in ((model.mtp.embed_norm, names.embed_norm), (model.mtp.hidden_norm, names.hidden_norm),
-                                 (model.mtp.norm, names.final_norm)):
-                module.weight.copy_(norm_weight(f"{names.prefix}.{name}.weight"))
-        if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
-            _use_packed_head(model, reader, read, device, cache_dense)
-        else:
-            _use_dense_head(model, config, read)
+            with _fitting(reader, names.prefix):
+                _load_layer(model.mtp.layer, config.mtp_layer_config(), 0, reader, read, norm_weight)
+                for module, name in ((model.mtp.embed_norm, names.embed_norm),
+                                     (model.mtp.hidden_norm, names.hidden_norm), (model.mtp.norm, names.final_norm)):
+                    module.weight.copy_(norm_weight(f"{names.prefix}.{name}.weight"))
+        with _fitting(reader, "the embeddings and the head"):
+            if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
+                _use_packed_head(model, reader, read, device, cache_dense)
+            else:
+                _use_dense_head(model, config, read)
     if cache_dense:
         for module in model.modules():
             if isinstance(module, LCQLinear):
@@ -163,6 +171,29 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     return model.eval(), config
 
 
+@contextmanager
+def _fitting(reader: CheckpointReader, what: str) -> Iterator[None]:
+    """A tensor of another size than config.json makes (torch's RuntimeError from a copy or a reshape) as one
+    FormatError naming the folder and the part, not a traceback from the background load."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise FormatError(f"{reader.folder}: {what}: a tensor's size is not what config.json makes ({e})") from None
+
+
+def _check_no_layers_beyond(reader: CheckpointReader, model: LlamaModel, config: ModelConfig) -> None:
+    """A FormatError where the folder holds decoder layers past config.json's count (other than a multi-token-
+    prediction layer): a config that lists fewer would load, and serve a model without them."""
+    base = model.layers[0].prefix.rsplit(".", 1)[0]
+    numbered = re.compile(rf"{re.escape(base)}\.(\d+)\.")
+    beyond = sorted({int(match[1]) for name in reader.names() if (match := numbered.match(name))
+                     and int(match[1]) >= len(model.layers)
+                     and not (config.mtp is not None and name.startswith(f"{config.mtp.prefix}."))})
+    if beyond:
+        raise FormatError(f"{reader.folder}: holds layers up to {beyond[-1]}, beyond the {len(model.layers)} of "
+                          "config.json's num_hidden_layers")
+
+
 def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader: CheckpointReader, read,
                 norm_weight) -> None:
     """A decoder layer's tensors that are not linear layers: norms, attention sinks, the latent attention's
@@ -172,7 +203,7 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
     for module, name in norms:  # (q/k norms with each head's own weights: Command R+'s a row per head, StableLM 2
         # 12B's a module per head, norms.H; read as one)
         stored = f"{prefix}.{name}"
-        weight = norm_weight(f"{stored}.weight") if reader.has(f"{stored}.weight") else torch.cat(
+        weight = norm_weight(f"{stored}.weight") if not reader.has(f"{stored}.norms.0.weight") else torch.cat(
             [norm_weight(f"{stored}.norms.{h}.weight") for h in range(module.weight.numel() // config.head_dim)])
         module.weight.copy_(weight.reshape(module.weight.shape))
     for module, name in norms if config.norm_bias else ():  # StableLM's LayerNorms (its q/k ones have none)

@@ -358,9 +358,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     write_json(partial / "config.json", config_dict)
     copy_model_assets(model_dir, partial)
     write_index(partial)
-    (partial / PROGRESS_FILE).unlink()
-    (partial / WIDTHS_FILE).unlink(missing_ok=True)
+    # Renamed before its progress is dropped: a crash in between leaves the finished output (with a stray
+    # progress file), where the other order left a finished .partial that --resume would quantize again.
     partial.rename(out_dir)
+    (out_dir / PROGRESS_FILE).unlink()
+    (out_dir / WIDTHS_FILE).unlink(missing_ok=True)
 
     reader = CheckpointReader(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
