@@ -17,6 +17,7 @@ import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -255,6 +256,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                                options.seed, options.held_out_windows, options.extra_windows) \
         if options.needs_data else None
     started_as = {"options": recorded, "source": source_fingerprint(model_dir, options.calib_text)}
+    lock = _exclusive(partial)  # held until this function returns
     done = _prepare_partial(partial, started_as, resume)
     torch.manual_seed(options.seed)
     # With a packed head, an untied table is packed too; the quantized stream starts from its lookups.
@@ -363,6 +365,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     partial.rename(out_dir)
     (out_dir / PROGRESS_FILE).unlink()
     (out_dir / WIDTHS_FILE).unlink(missing_ok=True)
+    Path(lock.name).unlink()
+    lock.close()
 
     reader = CheckpointReader(out_dir)
     size = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
@@ -503,6 +507,25 @@ def _target_widths(source: SourceModel, tokens: torch.Tensor, options: QuantizeO
     rules = [units[key].rule(b) for key, b in chosen.items() if b != options.bits]
     write_json(saved, rules)
     return rules
+
+
+def _exclusive(partial: Path) -> IO[str]:
+    """OUT_DIR.partial.lock, locked for this run while the returned file is open (the system lets go of it if
+    the process dies): a second run into the same output would start over, deleting this one's partial
+    folder under it."""
+    import fcntl
+
+    try:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(partial.with_name(partial.name + ".lock"), "w")
+    except OSError as e:
+        raise UserError(f"{partial}: cannot be created ({e.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"another lcq quantize is writing {partial}; let it finish, or stop it first") from None
+    return lock
 
 
 def _prepare_partial(partial: Path, started_as: dict, resume: bool) -> int:
