@@ -408,6 +408,15 @@ def test_chat_logprobs_bytes_put_split_characters_together(client):
     assert b"".join(bytes(t.bytes) for t in tokens) == "é€😀".encode("utf-8")
 
 
+def test_stream_options_need_stream(server):
+    """As OpenAI's API and vLLM answer: stream_options on a request that does not stream is a 400."""
+    for route, body in (("/v1/completions", {"prompt": "x"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+                        ("/v1/responses", {"input": "x"})):
+        refused = httpx.post(server.url + route, json={**body, "stream_options": {"include_usage": True}})
+        assert error_of(refused, 400)["param"] == "stream_options", route
+
+
 def test_priority_is_taken_and_checked(server, client):
     """vLLM's priority: taken by both endpoints (the fixture's server schedules fcfs, which ignores it, as
     vLLM's does); not an integer, a 400."""

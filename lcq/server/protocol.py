@@ -251,6 +251,12 @@ class SamplingRequest(OpenAIRequest):
             biases[int(key)] = value
         return biases
 
+    def invalid(self) -> tuple[str, str] | None:
+        """stream_options only with stream, as OpenAI's API and vLLM refuse it otherwise."""
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed when stream is true"
+        return None
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -349,6 +355,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
 
     def invalid(self) -> tuple[str, str] | None:
         """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools."""
+        if (wrong := super().invalid()) is not None:
+            return wrong
         choice = self.tool_choice
         if (problem := tool_choice_problem(choice, self.tools)) is not None:
             return "tool_choice", problem

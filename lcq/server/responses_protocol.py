@@ -153,6 +153,8 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
 
     def invalid(self) -> tuple[str, str] | None:
         """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools."""
+        if (wrong := super().invalid()) is not None:
+            return wrong
         problem = tool_choice_problem(self.tool_choice, self.tools)
         return None if problem is None else ("tool_choice", problem)
 
