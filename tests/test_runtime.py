@@ -22,7 +22,8 @@ from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
-from lcq.runtime import LLM, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError, SamplingParams
+from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError,
+                         SamplingParams)
 from lcq.runtime.block_manager import BlockManager
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
@@ -1583,7 +1584,7 @@ def test_lora_adapter_matches_transformers_with_merged_weights(tiny, tmp_path, o
     assert first.usage.cached_tokens == 0 and again.usage.cached_tokens == 16
     assert first.token_ids == again.token_ids == _transformers_greedy(None, prompt, 12, merged)
     assert _pool_is_full(llm.engine)
-    with pytest.raises(ValueError, match="no LoRA adapter 'other'"):
+    with pytest.raises(AdapterNotFoundError, match="`other` does not exist"):
         llm.generate(PROMPTS[:1], SamplingParams(lora="other"))
     assert any(one_call_steps) == (base != "fp32" and _one_call_builds())  # adapter rows' steps ran the C step
     scored = llm.generate(PROMPTS[:1], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora="sql",
@@ -1765,7 +1766,7 @@ def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tiny16
     assert [o.token_ids for o in llm.generate(PROMPTS, params)] == expected
     assert expected[0] != llm.generate(PROMPTS[:1], GREEDY)[0].token_ids
     llm.unload_lora_adapter("sql")
-    with pytest.raises(ValueError, match="no LoRA adapter 'sql'"):
+    with pytest.raises(AdapterNotFoundError, match="`sql` does not exist"):
         llm.generate(PROMPTS[:1], params[:1])
     llm.load_lora_adapter("sql2", sql)  # into the slot "sql" left
     assert llm.generate(PROMPTS[:1], [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql2")]
@@ -1831,7 +1832,7 @@ def test_lora_adapter_unloaded_while_running_finishes_on_its_slot(tiny, tmp_path
     engine.add_request("running", PROMPTS[0], tuned)
     tokens = [t for _ in range(3) for out in engine.step() for t in out.token_ids]
     engine.unload_lora_adapter("sql")
-    with pytest.raises(ValueError, match="no LoRA adapter 'sql'"):
+    with pytest.raises(AdapterNotFoundError, match="`sql` does not exist"):
         engine.add_request("late", PROMPTS[1], tuned)
     with pytest.raises(ValueError, match="all 1 LoRA adapter slots are in use"):
         engine.load_lora_adapter("other", engine.read_lora_adapter("other", str(folder)))

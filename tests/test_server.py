@@ -408,6 +408,49 @@ def test_chat_logprobs_bytes_put_split_characters_together(client):
     assert b"".join(bytes(t.bytes) for t in tokens) == "é€😀".encode("utf-8")
 
 
+def test_tokenize_renders_tools_and_names_tokens(model_dir):
+    """/tokenize counts what chat runs, the tools the template describes included (clients budget context
+    with it), and returns the tokens' vocabulary entries with vLLM's return_token_strs."""
+    pytest.importorskip("xgrammar")
+    template = ("{% if tools %}Tools: {{ tools | tojson }}\n{% endif %}"
+                "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"enum": ["Paris"]}}, "required": ["city"]}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with LiveServer(create_app(engine_config(model_dir, chat_template=template))) as live:
+        tokenize = lambda body: httpx.post(live.url + "/tokenize", json=body).json()  # noqa: E731
+        plain, tooled = tokenize({"messages": messages}), tokenize({"messages": messages, "tools": [weather]})
+        assert tooled["count"] > plain["count"] and plain["token_strs"] is None
+        chat = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0).chat.completions.create(
+            model=MODEL, messages=messages, tools=[weather], tool_choice="required", max_tokens=40)
+        assert chat.usage.prompt_tokens == tooled["count"]
+        named = tokenize({"prompt": "hello world", "return_token_strs": True})
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        assert named["token_strs"] == tokenizer.convert_ids_to_tokens(named["tokens"]) and len(named["tokens"]) > 1
+
+
+def test_embeddings_of_a_whole_context_and_of_many_inputs(server, client, small_server):
+    """A pooling request makes no token: a prompt of the whole context is embedded (one more is a 400); the
+    inputs of one request are admitted whole, even past a queue of one (a 429 before); OpenAI's 2,048 at most."""
+    assert len(client.embeddings.create(model=MODEL, input=[[5] * 256]).data[0].embedding) > 0
+    assert error_of(httpx.post(server.url + "/v1/embeddings", json={"input": [[5] * 257]}), 400)["param"] == "input"
+    many = httpx.post(small_server.url + "/v1/embeddings", json={"input": [f"text {i}" for i in range(6)]},
+                      headers={"Authorization": "Bearer sekret"})
+    assert many.status_code == 200 and [d["index"] for d in many.json()["data"]] == list(range(6))
+    too_many = httpx.post(server.url + "/v1/embeddings", json={"input": ["x"] * 2049})
+    assert error_of(too_many, 400)["param"].startswith("input")
+
+
+def test_an_adapter_unloaded_after_the_lookup_is_model_not_found():
+    """The engine's refusal of an adapter unloaded between the server's lookup and the queue is OpenAI's 404
+    for an unknown model, as the lookup's own."""
+    from lcq.runtime import AdapterNotFoundError
+    from lcq.server.errors import engine_error
+
+    refused = engine_error(AdapterNotFoundError("the model `sql` does not exist"))
+    assert (refused.status, refused.code, refused.param) == (404, "model_not_found", "model")
+
+
 def test_stream_options_need_stream(server):
     """As OpenAI's API and vLLM answer: stream_options on a request that does not stream is a 400."""
     for route, body in (("/v1/completions", {"prompt": "x"}),
@@ -1176,11 +1219,17 @@ def test_full_queue_429_and_keepalive_while_waiting(small_server):
                 assert int(full.headers["retry-after"]) >= 0
     assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 1
     small_server.wait_pool_full()
-    # n=3 where 2 fit: refused whole, its 2 queued choices neither aborted requests nor prompt tokens
+    # n=3 on an idle server of one slot and a queue of one: admitted whole (its choices past the queue's room)
+    assert len(httpx.post(url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, "n": 3},
+                          headers=headers).json()["choices"]) == 3
+    # two prompts, the second past the context: refused whole, its first choice, queued, neither an aborted
+    # request nor prompt tokens
     counts = [small_server.metric(name) for name in ("lcq:request_aborted_total", "lcq:prompt_tokens_total")]
-    full = httpx.post(url + "/v1/completions", json={**long, "stream": False, "n": 3}, headers=headers)
-    assert error_of(full, 429)["type"] == "rate_limit_error"
-    assert small_server.metric("lcq:request_rejected_total", reason="queue_full") == rejected + 2
+    invalid = small_server.metric("lcq:request_rejected_total", reason="invalid_request")
+    refused = httpx.post(url + "/v1/completions", json={"prompt": [[5, 6], [5] * 300], "max_tokens": 2},
+                         headers=headers)
+    assert "prompt has 300 tokens" in error_of(refused, 400)["message"]
+    assert small_server.metric("lcq:request_rejected_total", reason="invalid_request") == invalid + 1
     assert [small_server.metric(name) for name in ("lcq:request_aborted_total", "lcq:prompt_tokens_total")] == counts
     small_server.wait_pool_full()
 

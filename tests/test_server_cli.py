@@ -294,6 +294,32 @@ def _wait_until_ready(process: subprocess.Popen, log: Path) -> str:
     raise AssertionError("server did not become ready:\n" + log.read_text())
 
 
+def test_run_batch_waits_for_a_full_queue_and_keeps_the_others_when_one_fails(tmp_path, capsys, monkeypatch):
+    """Requests of many engine requests (embedding inputs) on a queue of one wait rather than take a 429, each
+    admitted whole; a request the app fails (a fault made here) is a 500 line and the others are answered."""
+    import lcq.server.completions as completions
+
+    tokenize = completions.tokenize_prompts
+
+    def failing_on_boom(state, prompt, *args, **kwargs):
+        if prompt == "boom":
+            raise RuntimeError("a bug")
+        return tokenize(state, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(completions, "tokenize_prompts", failing_on_boom)
+    model = make_tiny_hf(tmp_path / "tiny")
+    lines = [_batch_line(f"emb{i}", "/v1/embeddings", {"input": [f"text {i} {j}" for j in range(5)]})
+             for i in range(6)] + [_batch_line("boom", "/v1/completions", {"prompt": "boom"})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(model),
+                 "--kv-cache-memory-gb", "0.05", "--max-num-seqs", "1", "--max-queue", "1"]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["response"]["status_code"] for r in results] == [200] * 6 + [500]
+    assert all(len(r["response"]["body"]["data"]) == 5 for r in results[:6])
+    assert results[6]["response"]["body"]["error"]["message"] == "internal error: RuntimeError"
+
+
 def _batch_line(custom_id: str, url: str, body: dict) -> str:
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
 

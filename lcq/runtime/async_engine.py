@@ -108,9 +108,11 @@ class AsyncEngine:
             stats.num_waiting += sum(entry[0] not in aborted for entry in self._inbox)
         return stats
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, check_room: bool = True
                     ) -> AsyncIterator[RequestOutput]:
-        """Queue a request; iterate the result for its deltas. Stopping iteration aborts it."""
+        """Queue a request; iterate the result for its deltas. Stopping iteration aborts it. check_room False:
+        one of the other engine requests of an API request whose first was let in (n choices, many embedding
+        inputs), which is admitted whole however many it has (QueueFullError otherwise)."""
         self._require_ready()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -118,7 +120,7 @@ class AsyncEngine:
         # Requests not yet scheduled (the inbox's too) take the free batch slots first; max_queue more may wait.
         stats = self.stats()
         free_slots = max(0, self.config.max_num_seqs - stats.num_running)
-        if stats.num_waiting + 1 > free_slots + self.config.max_queue:
+        if check_room and stats.num_waiting + 1 > free_slots + self.config.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests)")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue

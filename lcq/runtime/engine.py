@@ -24,6 +24,7 @@ from lcq.models.lora import LoRAAdapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, TokenBytes
 from .draft_model import PLACEHOLDER, DraftModel, draft_footprint
+from .errors import AdapterNotFoundError
 from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
@@ -132,9 +133,10 @@ class LLMEngine:
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
         if params.structured_output is not None:
             self.structured.check(params.structured_output)
-        if params.lora is not None and params.lora not in self.runner.adapters.served:
-            raise ValueError(f"no LoRA adapter {params.lora!r} is loaded")
-        if len(prompt_ids) >= self.max_model_len:
+        if params.lora is not None and params.lora not in self.runner.adapters.served:  # (unloaded, or never loaded)
+            raise AdapterNotFoundError(f"the model `{params.lora}` does not exist: no LoRA adapter of that name is "
+                                       "loaded")
+        if len(prompt_ids) > self.max_model_len - (0 if params.embed else 1):  # (room for a token, where one is made)
             raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
                              f"shorten the prompt")
 

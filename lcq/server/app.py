@@ -131,10 +131,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     # add_special_tokens' default: completions' (true) for a prompt, chat's (false) for messages
     special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
     if body.messages is not None:
-        tokens = chat.render_chat(tokenizer, body.messages, body, add_special_tokens=special)
+        tokens = chat.render_chat(tokenizer, body.messages, body, add_special_tokens=special, tools=body.tools)
     else:
         tokens = tokenizer.encode(body.prompt, add_special_tokens=special)
-    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens,
+                            token_strs=tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))

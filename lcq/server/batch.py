@@ -6,13 +6,15 @@ whole file is checked before the model loads: a bad line is one error naming it,
 request goes through the app `lcq serve` runs, called in-process (ASGI, no socket), as many at once as
 the server's queue admits so that the engine batches them continuously. Each output line is
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`, in input order;
-a request the server refuses keeps its status and error envelope, as OpenAI's batch output does. The
-output is written under a temporary name and renamed once complete.
+a request the server refuses keeps its status and error envelope, as OpenAI's batch output does, but one
+the engine's queue refuses (429) waits and is sent again, and one the app fails is a 500 line (the other
+lines are kept). The output is written under a temporary name and renamed once complete.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from lcq.errors import UserError
 from .errors import error_body
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings")
+QUEUE_FULL_WAIT = 0.05  # seconds a request the engine's queue refused waits before it is sent again
+logger = logging.getLogger("lcq.server")
 
 
 @dataclass
@@ -104,13 +108,26 @@ async def run_requests(app, requests: list[BatchRequest], concurrency: int,
     """Every request through `app`, at most `concurrency` at once; the output lines in input order."""
     gate = asyncio.Semaphore(concurrency)
 
+    async def answer(request: BatchRequest) -> tuple[int, Any]:
+        """The request's status and body: waiting while the engine's queue is full (a batch answers every
+        request), and a 500 line where the app fails (the others' answers are kept)."""
+        while True:
+            try:
+                status, body = await call_app(app, request.url, request.body)
+            except Exception as e:  # (Starlette answers it with a 500, then raises it on)
+                logger.exception("batch request %s failed", request.custom_id)
+                return 500, error_body(500, f"internal error: {type(e).__name__}")
+            if status != 429:
+                return status, body
+            await asyncio.sleep(QUEUE_FULL_WAIT)
+
     async def one(request: BatchRequest) -> dict[str, Any]:
         refused = next((key for key in ("stream", "background") if request.body.get(key)), None)
         if refused:  # (a batch answers every request whole)
             status, body = 400, error_body(400, f"{refused} is not supported in a batch", param=refused)
         else:
             async with gate:
-                status, body = await call_app(app, request.url, request.body)
+                status, body = await answer(request)
         on_done()
         request_id = body.get("id") if status == 200 and isinstance(body, dict) else None
         return {"id": f"batch_req_{uuid.uuid4().hex}", "custom_id": request.custom_id,

@@ -83,9 +83,9 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
-                add_special_tokens: bool = False) -> list[int]:
+                add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
     """Token ids of chat_prompt; the tokenizer's special tokens only where asked (the template writes its own)."""
-    return tokenizer.encode(chat_prompt(tokenizer, messages, options), add_special_tokens=add_special_tokens)
+    return tokenizer.encode(chat_prompt(tokenizer, messages, options, tools), add_special_tokens=add_special_tokens)
 
 
 def chat_logprobs(entries: list[TokenLogprob], top: int, tokens_as_ids: bool,

@@ -17,7 +17,7 @@ from typing import AsyncIterator
 
 from fastapi import Request
 
-from lcq.runtime.errors import EngineNotReadyError, QueueFullError
+from lcq.runtime.errors import AdapterNotFoundError, EngineNotReadyError, QueueFullError
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from lcq.runtime.sampling_params import SamplingParams
 
@@ -101,16 +101,18 @@ class Generation:
         engine, metrics = self.state.engine, self.state.metrics
         try:
             await engine.prepare(self.choices[0].params)
-            for choice in self.choices:
-                self._streams.append(engine.add_request(choice.request_id, choice.prompt_ids, choice.params))
+            for i, choice in enumerate(self.choices):  # admitted whole where the queue has room for the first
+                self._streams.append(engine.add_request(choice.request_id, choice.prompt_ids, choice.params,
+                                                        check_room=i == 0))
                 choice.tracker = metrics.track(len(choice.prompt_ids))
         except Exception as e:
             for added in self.choices:  # the request is refused as a whole: its choices count as nothing else
                 if added.tracker is not None:
                     added.tracker.discard()
             self.abort()
-            metrics.rejected("queue_full" if isinstance(e, QueueFullError)
-                             else "not_ready" if isinstance(e, EngineNotReadyError) else "invalid_request")
+            metrics.rejected("queue_full" if isinstance(e, QueueFullError) else "not_ready"
+                             if isinstance(e, EngineNotReadyError) else "model_not_found"
+                             if isinstance(e, AdapterNotFoundError) else "invalid_request")
             raise engine_error(e, self.state.settings.retry_after, request) from e
 
     async def deltas(self, keepalive: float | None = None) -> AsyncIterator[tuple[Choice, RequestOutput] | None]:

@@ -429,7 +429,9 @@ class TokenizeRequest(ChatTemplateOptions):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None  # described by the chat template to the model, as chat renders them
     add_special_tokens: bool | None = None
+    return_token_strs: bool = False  # vLLM's: each token's vocabulary entry too (token_strs)
 
 
 class DetokenizeRequest(OpenAIRequest):
@@ -470,9 +472,13 @@ class CompletionTokensDetails(BaseModel):
     rejected_prediction_tokens: int = 0  # ... and the rest of them
 
 
+MAX_EMBEDDING_INPUTS = 2048  # texts or token lists in one embeddings request, as OpenAI allows
+
+
 class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
-    input: str | list[str] | list[TokenId] | list[list[TokenId]]
+    input: (str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)] | list[TokenId]
+            | Annotated[list[list[TokenId]], Field(max_length=MAX_EMBEDDING_INPUTS)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
@@ -657,6 +663,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):

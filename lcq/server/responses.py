@@ -56,6 +56,7 @@ class ResponseBuilder:
         self.state = state
         self.id = response_id
         self.created = created
+        self.model = state.adapter_for(body) or state.model_name  # as asked: an adapter unloaded meanwhile stays named
         self.message_id = f"msg_{uuid.uuid4().hex}"
         self.reasoning_id = f"rs_{uuid.uuid4().hex}"
 
@@ -99,7 +100,7 @@ class ResponseBuilder:
         defaults = self.state.engine.sampling_defaults  # what an unset temperature or top_p sampled with
         return ResponseObject(
             id=self.id, created_at=self.created, status=status, output=output or [],
-            model=self.state.adapter_for(body) or self.state.model_name,
+            model=self.model,
             usage=usage, incomplete_details=IncompleteDetails() if status == "incomplete" else None,
             error=ResponseError(code="server_error", message=error) if error else None,  # (one of OpenAI's codes)
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
