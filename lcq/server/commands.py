@@ -79,7 +79,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     settings = dataclasses.replace(command.settings, api_key=None)  # in-process calls carry no key
     failed, engine = [], _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: failed.append(True))
-    in_flight = engine.config.max_num_seqs + engine.config.max_queue  # so that the waiting queue never refuses one
+    in_flight = engine.config.max_num_seqs + engine.config.max_queue  # sent at once (one the queue refuses waits)
 
     async def run() -> list[dict]:
         async with app.router.lifespan_context(app):
