@@ -567,8 +567,11 @@ def test_truncate_prompt_tokens_keeps_the_prompts_end(server, client):
     chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
                                           extra_body={"truncate_prompt_tokens": 50})
     assert chat.usage.prompt_tokens == 50
-    with pytest.raises(openai.BadRequestError):
+    with pytest.raises(openai.BadRequestError, match="-1 .* or at least 1"):
         client.completions.create(model=MODEL, prompt=ids, max_tokens=2, extra_body={"truncate_prompt_tokens": 0})
+    # -1 (vLLM's): as many as the context holds, here an embedding input's 256
+    whole = client.embeddings.create(model=MODEL, input=[ids], extra_body={"truncate_prompt_tokens": -1})
+    assert whole.usage.prompt_tokens == 256
 
 
 def test_forced_tool_calls(client):

@@ -229,7 +229,8 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
         params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
     if body.prediction is not None:
         params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
-    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)))
+    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)),
+                            state.engine.max_model_len)
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
     await generation.submit(body)

@@ -84,7 +84,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_request(body, "/v1/completions")
     prompts, prompt_texts = tokenize_prompts(state, body.prompt,
                                              add_special_tokens=body.adds_special_tokens(default=True))
-    kept = [body.truncated(ids) for ids in prompts]
+    kept = [body.truncated(ids, state.engine.max_model_len) for ids in prompts]
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
     prompts = kept

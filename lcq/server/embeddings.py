@@ -13,7 +13,7 @@ from lcq.runtime.sampling_params import SamplingParams
 from .completions import tokenize_prompts
 from .errors import APIError, error_responses
 from .generation import Generation
-from .protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from .protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, last_tokens
 from .state import get_state
 
 router = APIRouter()
@@ -28,8 +28,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
         raise APIError(400, f"dimensions: this model's embeddings have {hidden} (shortened ones are not supported)",
                        param="dimensions", code="unsupported_value")
     prompts, _ = tokenize_prompts(state, body.input, "input")
-    if body.truncate_prompt_tokens is not None:
-        prompts = [ids[-body.truncate_prompt_tokens:] for ids in prompts]
+    prompts = [last_tokens(ids, body.truncate_prompt_tokens, state.engine.max_model_len) for ids in prompts]
     params = SamplingParams(max_tokens=1, embed=True, lora=state.adapter_for(body))
     generation = Generation(state, f"embd-{request.state.request_id}", prompts, params)
     await generation.submit(body)

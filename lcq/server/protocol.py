@@ -10,13 +10,30 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+def _not_zero(k: int) -> int:
+    if k == 0:
+        raise ValueError("truncate_prompt_tokens must be -1 (the model's context) or at least 1")
+    return k
+
+
+# vLLM's truncate_prompt_tokens: keep a prompt's last k tokens, -1 for as many as the model's context holds
+TruncateTokens = Annotated[int, Field(ge=-1, le=2**31 - 1), AfterValidator(_not_zero)]
+
+
+def last_tokens(ids: list[int], k: int | None, context: int) -> list[int]:
+    """A prompt's last k tokens (truncate_prompt_tokens; -1: the model's context), for prompts that outgrew
+    the context, as long chats do."""
+    k = context if k == -1 else k
+    return ids if k is None or len(ids) <= k else ids[-k:]
 
 
 def unencodable_text(value: Any, where: str = "") -> str | None:
@@ -118,7 +135,7 @@ class SamplingRequest(OpenAIRequest):
     min_tokens: Count | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True  # vLLM's: false keeps special tokens (tool-call tags, markers) in the text
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None
+    truncate_prompt_tokens: TruncateTokens | None = None
     # vLLM's: whether text is tokenized with the tokenizer's special tokens (a BOS); each endpoint has its default
     add_special_tokens: bool | None = None
     # vLLM's: logprobs name tokens "token_id:{id}" rather than by their text; unset, --return-tokens-as-token-ids
@@ -236,11 +253,8 @@ class SamplingRequest(OpenAIRequest):
         text), chat does not (the template writes the special tokens it wants, a BOS among them)."""
         return default if self.add_special_tokens is None else self.add_special_tokens
 
-    def truncated(self, ids: list[int]) -> list[int]:
-        """vLLM's truncate_prompt_tokens: only the prompt's last k tokens (for prompts that outgrew the
-        context, as long chats do)."""
-        k = self.truncate_prompt_tokens
-        return ids if k is None or len(ids) <= k else ids[-k:]
+    def truncated(self, ids: list[int], context: int) -> list[int]:
+        return last_tokens(ids, self.truncate_prompt_tokens, context)
 
     def token_biases(self) -> dict[int, float]:
         """logit_bias with integer token ids; raises ValueError for a key that is not one."""
@@ -482,7 +496,7 @@ class EmbeddingRequest(OpenAIRequest):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
-    truncate_prompt_tokens: Annotated[int, Field(ge=1, le=2**31 - 1)] | None = None  # vLLM's: the last k tokens
+    truncate_prompt_tokens: TruncateTokens | None = None
 
     def field_name(self, name: str) -> str:
         """The engine's prompt is this endpoint's input."""
