@@ -1820,28 +1820,107 @@ def test_lora_adapter_reloaded_under_its_name_never_reuses_the_old_weights_cache
 
 
 def test_lora_adapter_unloaded_while_running_finishes_on_its_slot(tiny, tmp_path):
-    """Unloading refuses new requests at once; the running one finishes with the adapter's tokens, and its
-    slot is zeroed and freed only when it ends."""
+    """Unloading refuses new requests at once; the running one finishes with the adapter's tokens on its
+    slot, which the next adapter loaded takes only then (its request waits), and which is zeroed once its
+    adapter is unloaded and idle."""
     from lcq.runtime import LLMEngine
 
     folder = make_tiny_adapter(tmp_path / "sql", tiny)
-    tuned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql")
+    tuned, other = (SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=name)
+                    for name in ("sql", "other"))
     expected = LLM(str(tiny), block_size=8, lora_modules=f"sql={folder}", **FP32).generate(PROMPTS[:1], tuned)[0]
     engine = LLMEngine(EngineConfig(model=str(tiny), block_size=8, max_loras=1, **FP32))
     engine.load_lora_adapter("sql", engine.read_lora_adapter("sql", str(folder)))
     engine.add_request("running", PROMPTS[0], tuned)
-    tokens = [t for _ in range(3) for out in engine.step() for t in out.token_ids]
+    tokens = {"running": [t for _ in range(3) for out in engine.step() for t in out.token_ids], "waiting": []}
     engine.unload_lora_adapter("sql")
     with pytest.raises(AdapterNotFoundError, match="`sql` does not exist"):
         engine.add_request("late", PROMPTS[1], tuned)
-    with pytest.raises(ValueError, match="all 1 LoRA adapter slots are in use"):
-        engine.load_lora_adapter("other", engine.read_lora_adapter("other", str(folder)))
-    stack = engine.runner.adapters.stack
-    while engine.has_work():
-        tokens += [t for out in engine.step() for t in out.token_ids]
-    assert tokens == expected.token_ids
-    assert all(not a.any() and not b.any() for a, b, _ in stack.layers.values())
     engine.load_lora_adapter("other", engine.read_lora_adapter("other", str(folder)))
+    engine.add_request("waiting", PROMPTS[0], other)
+    while engine.has_work():
+        for out in engine.step():
+            tokens[out.request_id] += out.token_ids
+            assert not tokens["waiting"] or len(tokens["running"]) == 12  # it waited for the slot
+    assert tokens["running"] == tokens["waiting"] == expected.token_ids
+    stack = engine.runner.adapters.stack
+    assert any(a.any() for a, _, _ in stack.layers.values())
+    engine.unload_lora_adapter("other")
+    assert all(not a.any() and not b.any() for a, b, _ in stack.layers.values())
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fp16"])
+def test_lora_adapters_beyond_the_slots_take_turns(tiny, tiny16, tmp_path, weights):
+    """Three adapters loaded (max_cpu_loras) over one slot (max_loras): each request gets its adapter's own
+    tokens, those of the adapter alone, while no step runs two adapters; base-model requests run beside
+    them from the first step. Over fp16 weights the slot's copies for the one-call C decode step are
+    rewritten with the slot."""
+    from lcq.runtime import LLMEngine
+
+    tiny = tiny if weights == "fp32" else tiny16
+    folders = {name: make_tiny_adapter(tmp_path / name, tiny, seed=seed, targets=targets)
+               for name, seed, targets in (("a", 0, ("self_attn.q_proj", "self_attn.v_proj")),
+                                           ("b", 1, ("self_attn.k_proj", "mlp.gate_proj")),
+                                           ("c", 2, ("mlp.down_proj",)))}
+    names = ["a", None, "b", "c", "a", None, "c"]
+    params = {name: SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora=name) for name in names}
+    alone = LLM(str(tiny), block_size=8, lora_modules=",".join(f"{n}={f}" for n, f in folders.items()), **FP32)
+    expected = [alone.generate([PROMPTS[i % 3]], params[name])[0].token_ids for i, name in enumerate(names)]
+    assert len({tuple(tokens) for tokens in expected[:4]}) == 4
+    engine = LLMEngine(EngineConfig(model=str(tiny), block_size=8, max_loras=1, max_cpu_loras=3, **FP32))
+    for name, folder in folders.items():
+        engine.load_lora_adapter(name, engine.read_lora_adapter(name, str(folder)))
+    for i, name in enumerate(names):
+        engine.add_request(str(i), PROMPTS[i % 3], params[name])
+    tokens: list[list[int]] = [[] for _ in names]
+    steps = 0
+    while engine.has_work():
+        outputs = engine.step()
+        steps += 1
+        assert len({seq.adapter.name for seq in engine.scheduler.running if seq.adapter is not None}) <= 1
+        for out in outputs:
+            tokens[int(out.request_id)] += out.token_ids
+        if steps == 1:
+            assert tokens[1] and tokens[5]  # the base model's requests did not wait for the slot
+    assert tokens == expected
+    assert _pool_is_full(engine)
+    assert engine.runner.adapters.users == [0]
+
+
+def test_a_request_waiting_for_an_adapter_slot_is_not_passed_by_other_adapters(tiny, tmp_path):
+    """With every slot busy, a request for another adapter waits; requests that come after it with an
+    adapter, even one holding a slot, wait behind it (else that slot might never come free), and
+    base-model ones go ahead."""
+    from lcq.runtime import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model=str(tiny), block_size=8, max_loras=1, max_cpu_loras=2, **FP32))
+    for seed, name in enumerate("ab"):
+        folder = make_tiny_adapter(tmp_path / name, tiny, seed=seed)
+        engine.load_lora_adapter(name, engine.read_lora_adapter(name, str(folder)))
+    for request_id, lora, max_tokens in (("a-long", "a", 20), ("b", "b", 4), ("a-later", "a", 4), ("base", None, 4)):
+        engine.add_request(request_id, PROMPTS[1], SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                  ignore_eos=True, lora=lora))
+    first_token_step: dict[str, int] = {}
+    step = 0
+    while engine.has_work():
+        step += 1
+        for out in engine.step():
+            first_token_step.setdefault(out.request_id, step)
+    assert first_token_step["a-long"] == first_token_step["base"] == 1
+    assert first_token_step["a-long"] + 20 <= first_token_step["b"] < first_token_step["a-later"]
+
+
+def test_lora_adapter_counts_are_checked(tiny, tmp_path):
+    folder = make_tiny_adapter(tmp_path / "sql", tiny)
+    modules = ",".join(f"{name}={folder}" for name in ("x", "y", "z"))
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(2\) must be at least max_loras \(3\)"):
+        EngineConfig(model=str(tiny), max_loras=3, max_cpu_loras=2).validate()
+    with pytest.raises(ValueError, match=r"and the number of lora_modules \(3\)"):
+        EngineConfig(model=str(tiny), lora_modules=modules, max_loras=1, max_cpu_loras=2).validate()
+    with pytest.raises(ValueError, match="max_loras must be at least 0"):
+        EngineConfig(model=str(tiny), max_loras=-1).validate()
+    llm = LLM(str(tiny), block_size=8, lora_modules=modules, max_loras=1)  # three adapters loaded, one slot
+    assert llm.engine.runner.adapters.capacity == 3 and llm.engine.runner.adapters.stack.slots == 1
 
 
 def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
@@ -1864,9 +1943,7 @@ def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
     with pytest.raises(UserError, match="cannot be read"):
         llm.load_lora_adapter("broken", broken)
     llm.load_lora_adapter("second", folder)
-    with pytest.raises(ValueError, match="all 2 LoRA adapter slots are in use"):
+    with pytest.raises(ValueError, match="2 LoRA adapters are loaded, as many as max_cpu_loras allows"):
         llm.load_lora_adapter("third", folder)
     with pytest.raises(AdapterNotFoundError, match="'third' is not loaded"):
         llm.unload_lora_adapter("third")
-    with pytest.raises(ValueError, match="max_loras .1. must be at least the number of lora_modules .2."):
-        LLM(str(tiny), lora_modules=f"a={folder},b={folder}", max_loras=1)

@@ -1328,11 +1328,12 @@ def test_lora_adapters_load_and_unload_at_runtime(model_dir, tmp_path):
     is a model of its own whose replies equal those of the same folder given at start (--lora-modules),
     alone or batched with others; unloaded, it is gone, its running request still finishing with it;
     another folder loaded under its name replies with its own weights, never the old ones' cached
-    blocks. Names in use, folders that cannot be served, full slots and unknown names are refused."""
+    blocks. Three adapters take turns in two slots. Names in use, folders that cannot be served, a fourth
+    adapter beyond --max-cpu-loras and unknown names are refused."""
     from tests.tiny_model import make_tiny_adapter
 
     first, second = (make_tiny_adapter(tmp_path / f"a{seed}", model_dir, seed=seed) for seed in (0, 1))
-    config = engine_config(model_dir, lora_modules=f"first={first},second={second}", max_loras=3,
+    config = engine_config(model_dir, lora_modules=f"first={first},second={second}", max_loras=2, max_cpu_loras=3,
                            allow_runtime_lora_updating=True)
     with LiveServer(create_app(config, ServeSettings(api_key="sekret"))) as live:
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="sekret", max_retries=0)
@@ -1373,7 +1374,7 @@ def test_lora_adapters_load_and_unload_at_runtime(model_dir, tmp_path):
             assert message in error["message"]
         assert error_of(post("/v1/load_lora_adapter", {"lora_name": "sql2"}), 400)["param"] == "lora_path"
         full = error_of(post("/v1/load_lora_adapter", {"lora_name": "more", "lora_path": str(second)}), 400)
-        assert "all 3 LoRA adapter slots are in use" in full["message"]
+        assert "3 LoRA adapters are loaded, as many as max_cpu_loras allows" in full["message"]
 
         stream = client.completions.create(model="sql", stream=True, **{**args, "max_tokens": 48})
         streamed = next(iter(stream)).choices[0].text  # running with the adapter

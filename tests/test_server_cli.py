@@ -192,8 +192,8 @@ def test_vllm_speculative_config(capsys):
 
 def test_runtime_lora_flags_from_the_command_line_or_environment():
     env = {"LCQ_ALLOW_RUNTIME_LORA_UPDATING": "true", "LCQ_MAX_LORAS": "4"}
-    assert resolve(parse("--max-lora-rank", "8"), env).engine_fields == {
-        "allow_runtime_lora_updating": True, "max_loras": 4, "max_lora_rank": 8}
+    assert resolve(parse("--max-lora-rank", "8", "--max-cpu-loras", "16"), env).engine_fields == {
+        "allow_runtime_lora_updating": True, "max_loras": 4, "max_lora_rank": 8, "max_cpu_loras": 16}
     assert resolve(parse("--allow-runtime-lora-updating"), {}).engine_fields == {"allow_runtime_lora_updating": True}
 
 

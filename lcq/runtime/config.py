@@ -57,6 +57,7 @@ class EngineConfig:
     # /v1/load_lora_adapter and /v1/unload_lora_adapter routes (absent without it).
     allow_runtime_lora_updating: bool = False
     max_loras: int | None = None  # adapter slots; default: the number of lora_modules, at least 1 with runtime updating
+    max_cpu_loras: int | None = None  # adapters loaded at once; default: max_loras, or len(lora_modules) if more
     max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     num_speculative_tokens: int = 0  # drafts per step (speculative.py); 0: off
@@ -189,6 +190,12 @@ class EngineConfig:
             return self.max_loras
         return max(len(self.lora_adapters()), int(self.allow_runtime_lora_updating))
 
+    def resolved_max_cpu_loras(self) -> int:
+        """Adapters loaded at once, in host memory (vLLM's max_cpu_loras): at least one per slot."""
+        if self.max_cpu_loras is not None:
+            return self.max_cpu_loras
+        return max(self.resolved_max_loras(), len(self.lora_adapters()))
+
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model).name
 
@@ -228,6 +235,7 @@ class EngineConfig:
              "prompt_lookup_min and prompt_lookup_max must satisfy 1 <= min <= max <= 16"),
             (self.speculative_disable_by_batch_size >= 2, "speculative_disable_by_batch_size must be at least 2"),
             (self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank must be at least 1"),
+            (self.max_loras is None or self.max_loras >= 0, "max_loras must be at least 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -248,9 +256,9 @@ class EngineConfig:
         sampling_defaults(self.generation_config, self.model)
         self.resolved_chat_template()
         adapters = self.lora_adapters()
-        if self.max_loras is not None and self.max_loras < len(adapters):
-            raise ValueError(f"max_loras ({self.max_loras}) must be at least the number of lora_modules "
-                             f"({len(adapters)})")
+        if self.resolved_max_cpu_loras() < max(self.resolved_max_loras(), len(adapters)):
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.resolved_max_loras()}) and the number of lora_modules ({len(adapters)})")
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         self.resolved_state_dtype()

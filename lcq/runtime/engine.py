@@ -104,7 +104,7 @@ class LLMEngine:
                         ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
         self.blocks = self.runner.new_block_manager(config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens,
-                                   by_priority=config.scheduling_policy == "priority")
+                                   by_priority=config.scheduling_policy == "priority", adapters=self.runner.adapters)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
@@ -156,7 +156,7 @@ class LLMEngine:
         if params.structured_output is not None and params.structured_output_after is None:
             self.structured.start(seq)
         if params.lora is not None:
-            seq.adapter = self.runner.adapters.acquire(params.lora)
+            seq.adapter = self.runner.adapters.served[params.lora]
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -451,8 +451,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, text: str = "", error: str | None = None,
                 embedding: list[float] | None = None) -> RequestOutput:
         self.scheduler.finish(seq)
-        if self.sequences.pop(seq.request_id, None) is not None and seq.adapter is not None:
-            self.runner.adapters.release(seq.adapter)
+        self.sequences.pop(seq.request_id, None)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens,
                       accepted_prediction_tokens=seq.num_accepted_prediction_tokens)

@@ -32,11 +32,12 @@ class LLM:
         return self.engine.default_params()
 
     def load_lora_adapter(self, name: str, folder: str) -> None:
-        """Serve a PEFT LoRA folder as `name` (SamplingParams.lora) in a free slot of max_loras."""
+        """Serve a PEFT LoRA folder as `name` (SamplingParams.lora): one of max_cpu_loras adapters, each run
+        in one of max_loras slots."""
         self.engine.load_lora_adapter(name, self.engine.read_lora_adapter(name, str(folder)))
 
     def unload_lora_adapter(self, name: str) -> None:
-        """Free `name`'s slot; requests may no longer name it."""
+        """Stop serving `name`: requests may no longer name it, and its slot is freed once none runs with it."""
         self.engine.unload_lora_adapter(name)
 
     def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None

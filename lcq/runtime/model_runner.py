@@ -169,7 +169,7 @@ class ModelRunner:
         room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
         rank = config.max_lora_rank or max(ranks + room)
         stack = AdapterStack(self.model_config, slots, rank, self.device, self.dtype) if slots else None
-        registry = AdapterRegistry(stack, self.model_config, config.model_name())
+        registry = AdapterRegistry(stack, self.model_config, config.model_name(), config.resolved_max_cpu_loras())
         for name, adapter in start.items():
             registry.load(name, adapter)
         if stack is not None:
@@ -293,7 +293,7 @@ class ModelRunner:
         tables = np.full((num_groups, rows, width), -1, dtype=np.int32)
         for seq, count in scheduled:
             begin = seq.num_computed_tokens
-            adapter_slots += [-1 if seq.adapter is None else seq.adapter.slot] * count
+            adapter_slots += [-1 if seq.adapter_slot is None else seq.adapter_slot] * count
             ids.extend(seq.token_ids[begin:begin + count])
             positions.extend(range(begin, begin + count))
             for group_slots, table in zip(slots, seq.block_tables):

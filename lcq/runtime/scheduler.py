@@ -10,12 +10,17 @@ With the priority policy (vLLM's --scheduling-policy priority) both queues are k
 (params.priority, arrival): lower values are admitted first and run first within a step's budget, and
 the last of the running, the least urgent, is the one preempted. A waiting sequence does not preempt
 running ones (vLLM's V1 engine neither).
+
+A sequence with a LoRA adapter runs only while it holds one of the adapter stack's slots (adapters.py):
+one that cannot get one waits, and later ones pass it, except those with adapters of their own, which
+would keep the slots busy; base-model sequences need none.
 """
 from __future__ import annotations
 
 import bisect
 from collections import deque
 
+from .adapters import AdapterRegistry
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
 
@@ -27,8 +32,9 @@ def urgency(seq: Sequence) -> tuple[int, float]:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 by_priority: bool = False):
+                 by_priority: bool = False, adapters: AdapterRegistry | None = None):
         self.blocks = block_manager
+        self.adapters = adapters
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.by_priority = by_priority
@@ -71,12 +77,17 @@ class Scheduler:
             self.blocks.grow(seq, seq.num_computed_tokens + count)
             scheduled.append((seq, count))
             budget -= count
+        passed: list[Sequence] = []  # waiting for an adapter slot, in their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
+            if seq.adapter is not None and (passed or not self.adapters.bind(seq)):
+                passed.append(self.waiting.popleft())
+                continue
             self.blocks.reuse_cached_prefix(seq)
             count = self.blocks.chunk(seq, min(seq.num_uncomputed, budget))
             if not self.blocks.can_grow(seq, seq.num_computed_tokens + count):
                 self.blocks.release(seq)
+                self._unbind(seq)
                 if seq.first_scheduled_time is None:
                     seq.num_cached_tokens = 0
                 break
@@ -86,10 +97,16 @@ class Scheduler:
             self._queue(self.running, seq)
             scheduled.append((seq, count))
             budget -= count
+        self.waiting.extendleft(reversed(passed))
         return scheduled
+
+    def _unbind(self, seq: Sequence) -> None:
+        if seq.adapter is not None:
+            self.adapters.unbind(seq)
 
     def preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)
+        self._unbind(seq)
         seq.status = Status.WAITING
         self.running.remove(seq)
         if self.by_priority:  # back by its urgency (its arrival is kept)
@@ -101,6 +118,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Free a finished or aborted sequence wherever it is."""
         self.blocks.release(seq)
+        self._unbind(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

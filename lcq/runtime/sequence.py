@@ -27,6 +27,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
         self.adapter: ServedAdapter | None = None  # the LoRA adapter it runs with (params.lora, as loaded)
+        self.adapter_slot: int | None = None  # the adapter stack's slot holding it, while it runs
         self.max_tokens = max_tokens  # resolved: never past the context length
         self.detokenizer = detokenizer
         self.status = Status.WAITING

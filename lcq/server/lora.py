@@ -23,7 +23,7 @@ PLAIN_TEXT = {200: {"content": {"text/plain": {}}}}
 @router.post("/v1/load_lora_adapter", response_class=PlainTextResponse,
              responses={**PLAIN_TEXT, **error_responses(400, 401, 413, 503)})
 async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> PlainTextResponse:
-    """400 for a name in use (or the base model's), a folder that cannot be served, or no free slot."""
+    """400 for a name in use (or the base model's), a folder that cannot be served, or max_cpu_loras adapters loaded."""
     state = get_state(request)
     state.require_ready()
     try:

@@ -167,8 +167,11 @@ FLAGS = (
          "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload LoRA adapters while serving: any client "
          "holding the API key may then make the server read a folder of its choosing; without it those routes "
          "answer 404", "engine"),
-    Flag("--max-loras", int, "LoRA adapters held at once, the slots that every step's LoRA products cover; "
-         "default: the number of --lora-modules, at least 1 with --allow-runtime-lora-updating", "engine"),
+    Flag("--max-loras", int, "LoRA adapter slots, the adapters one step may run, whose products every step with "
+         "an adapter computes; default: the number of --lora-modules, at least 1 with "
+         "--allow-runtime-lora-updating", "engine"),
+    Flag("--max-cpu-loras", int, "LoRA adapters loaded at once, kept in host memory and copied into a free slot "
+         "when a request needs one; default: --max-loras, or the number of --lora-modules if more", "engine"),
     Flag("--max-lora-rank", int, "largest LoRA rank a slot holds; LoRA products cost max-loras x this on every "
          "layer; default: the largest rank of --lora-modules, at least 16 with --allow-runtime-lora-updating", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
