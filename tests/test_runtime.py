@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import json
 import gc
 import platform
@@ -1131,6 +1132,29 @@ def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):
     for i, completion in enumerate(fanned[:3]):
         alone = SamplingParams(max_tokens=8, temperature=1.0, seed=7 + i, ignore_eos=True)
         assert llm.generate([PROMPTS[1]], alone)[0].token_ids == completion.token_ids
+
+
+def test_an_interrupted_offline_generate_leaves_the_llm_usable(llm, monkeypatch):
+    """Ctrl-C in the middle of LLM.generate (a notebook's usual way out) aborts that call's requests: the
+    next calls get their own tokens, where they had clashed with the ids left behind. One prompt may be
+    given alone, as vLLM takes it (a string was read as one prompt per character)."""
+    expected = [c.token_ids for c in llm.generate(PROMPTS, GREEDY)]
+    real_step, steps = llm.engine.step, itertools.count()
+
+    def interrupted_step():
+        if next(steps) == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(llm.engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY)
+    monkeypatch.undo()
+    assert not llm.engine.has_work() and _pool_is_full(llm.engine)
+    assert [c.token_ids for c in llm.generate(PROMPTS, GREEDY, use_tqdm=True)] == expected
+    assert [c.token_ids for c in llm.generate(PROMPTS[0], GREEDY)] == expected[:1]
+    assert len(llm.generate("Hello there", GREEDY)) == 1
+    assert llm.embed("Hello there") == llm.embed(["Hello there"])
 
 
 def test_grammars_kept_are_the_most_recently_used(tiny):

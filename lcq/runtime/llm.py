@@ -2,11 +2,13 @@
 LLM(path).embed(prompts)."""
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .config import EngineConfig
 from .engine import LLMEngine
-from .outputs import TokenLogprob, Usage
+from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampling_params import SamplingParams
 
 
@@ -26,6 +28,7 @@ class LLM:
     def __init__(self, model: str, **config):
         self.engine = LLMEngine(EngineConfig(model=str(model), **config))
         self.tokenizer = self.engine.tokenizer
+        self._request_ids = itertools.count()  # never reused: a call that was interrupted leaves no clash
 
     def get_default_sampling_params(self) -> SamplingParams:
         """SamplingParams with the model's generation_config.json defaults (vLLM's name)."""
@@ -40,59 +43,96 @@ class LLM:
         """Stop serving `name`: requests may no longer name it, and its slot is freed once none runs with it."""
         self.engine.unload_lora_adapter(name)
 
-    def generate(self, prompts: list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
                  ) -> list[Completion]:
         """One Completion per prompt, or with params.n > 1 that prompt's n in turn (seeded: seed, seed + 1, ...);
         text is tokenized with the tokenizer's special tokens (a BOS where it adds one), as vLLM's LLM does.
-        params default to get_default_sampling_params(); a list gives each prompt its own."""
+        One prompt may be given alone (a string or a list of token ids). params default to
+        get_default_sampling_params(); a list gives each prompt its own. use_tqdm: a progress bar of
+        finished requests (vLLM shows one by default)."""
+        prompts = _listed(prompts)
         params = params or self.engine.default_params()
         per_prompt = params if isinstance(params, list) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
-        results: dict[str, Completion] = {}
-        try:
-            for prompt, p in zip(prompts, per_prompt):
-                ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
-                p.validate()  # (n among the rest) before it is fanned out
-                for sample in p.samples():
-                    request_id = str(len(results))
-                    self.engine.add_request(request_id, ids, sample)
-                    results[request_id] = Completion(prompt_ids=list(ids),
-                                                     logprobs=[] if p.logprobs is not None else None)
-        except Exception:  # all or nothing: what was added is taken back, so the engine stays usable
-            for request_id in results:
-                self.engine.abort(request_id)
-            raise
-        while self.engine.has_work():
-            for out in self.engine.step():
-                done = results[out.request_id]
-                done.token_ids += out.token_ids
-                done.text += out.text
-                if out.logprobs:
-                    done.logprobs += out.logprobs
-                if out.prompt_logprobs is not None:
-                    done.prompt_logprobs = out.prompt_logprobs
-                if out.finished:
-                    done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
+        requests = []
+        for prompt, p in zip(prompts, per_prompt):
+            p.validate()  # (n among the rest) before it is fanned out
+            requests += [(self._ids(prompt), sample) for sample in p.samples()]
+        request_ids = self._add(requests)
+        results = {request_id: Completion(prompt_ids=list(ids), logprobs=[] if sample.logprobs is not None else None)
+                   for request_id, (ids, sample) in zip(request_ids, requests)}
+        for out in self._steps(request_ids, use_tqdm):
+            done = results[out.request_id]
+            done.token_ids += out.token_ids
+            done.text += out.text
+            if out.logprobs:
+                done.logprobs += out.logprobs
+            if out.prompt_logprobs is not None:
+                done.prompt_logprobs = out.prompt_logprobs
+            if out.finished:
+                done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
         return list(results.values())
 
-    def embed(self, prompts: list[str] | list[list[int]]) -> list[list[float]]:
+    def embed(self, prompts: str | list[int] | list[str] | list[list[int]], use_tqdm: bool = False
+              ) -> list[list[float]]:
         """Each prompt's embedding (SamplingParams.embed: the last token's final hidden state, L2-normalized);
         text is tokenized with the tokenizer's special tokens, as embedding models expect."""
-        try:
-            for i, prompt in enumerate(prompts):
-                ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
-                self.engine.add_request(str(i), ids, SamplingParams(max_tokens=1, embed=True))
-        except Exception:  # as generate: none stays behind
-            for i in range(len(prompts)):
-                self.engine.abort(str(i))
-            raise
+        requests = [(self._ids(prompt), SamplingParams(max_tokens=1, embed=True)) for prompt in _listed(prompts)]
+        request_ids = self._add(requests)
         vectors: dict[str, list[float]] = {}
-        while self.engine.has_work():
-            for out in self.engine.step():
-                if out.finished:
-                    if out.embedding is None:
-                        raise RuntimeError(f"embedding request {out.request_id} failed: {out.error}")
-                    vectors[out.request_id] = out.embedding
-        return [vectors[str(i)] for i in range(len(prompts))]
+        for out in self._steps(request_ids, use_tqdm):
+            if out.finished:
+                if out.embedding is None:
+                    raise RuntimeError(f"embedding request {out.request_id} failed: {out.error}")
+                vectors[out.request_id] = out.embedding
+        return [vectors[request_id] for request_id in request_ids]
 
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else prompt
+
+    def _add(self, requests: list[tuple[list[int], SamplingParams]]) -> list[str]:
+        """Add the requests, all or none, under ids no earlier call used; their ids, in order."""
+        request_ids = [str(next(self._request_ids)) for _ in requests]
+        try:
+            for request_id, (ids, params) in zip(request_ids, requests):
+                self.engine.add_request(request_id, ids, params)
+        except Exception:  # all or nothing: what was added is taken back, so the engine stays usable
+            self._abort(request_ids)
+            raise
+        return request_ids
+
+    def _steps(self, request_ids: list[str], use_tqdm: bool) -> Iterator[RequestOutput]:
+        """The engine's outputs until it has no work left. Interrupted (Ctrl-C, or an error), it aborts the
+        requests, so that they hold no blocks and the next call starts clean."""
+        progress = _progress_bar(len(request_ids)) if use_tqdm else None
+        try:
+            while self.engine.has_work():
+                for out in self.engine.step():
+                    if out.finished and progress is not None:
+                        progress.update()
+                    yield out
+        except BaseException:
+            self._abort(request_ids)
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+
+
+def _listed(prompts: str | list[int] | list[str] | list[list[int]]) -> list[str] | list[list[int]]:
+    """One prompt given alone (a string, or token ids) as a list of one, as vLLM's LLM takes it."""
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        return [prompts]
+    return prompts
+
+
+def _progress_bar(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Requests", unit="req")
