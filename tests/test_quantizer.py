@@ -756,6 +756,35 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
     assert result.returncode == 2 and result.stderr.startswith("lcq: error:") and "Traceback" not in result.stderr
 
 
+def test_cli_refuses_an_output_whose_working_paths_hold_the_source(tmp_path, tiny_hf, capsys):
+    """OUT_DIR.partial is deleted before a run starts, and its lock file overwritten: a source that is one of
+    them or lies inside one (named directly, through a symlink or through `..`) is refused with one line
+    and exit code 2, the source untouched and nothing written; a source that merely holds the output works."""
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(f.relative_to(folder)): f.read_bytes() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+    sources = {name: tmp_path / name for name in ("m.partial", "q.partial/hf", "n.partial.lock")}
+    for source in sources.values():
+        shutil.copytree(tiny_hf, source)
+    (tmp_path / "alias").symlink_to(tmp_path / "m.partial")
+    (tmp_path / "sub").mkdir()
+    cases = [(sources["m.partial"], tmp_path / "m"), (sources["q.partial/hf"], tmp_path / "q"),
+             (sources["n.partial.lock"], tmp_path / "n"), (tmp_path / "alias", tmp_path / "m"),
+             (sources["m.partial"], tmp_path / "sub" / ".." / "m"), (tmp_path / "sub" / ".." / "q.partial" / "hf",
+                                                                    tmp_path / "q")]
+    original = files(tiny_hf)
+    for source, out in cases:
+        for args in (["--method", "rtn", "--rank", "1"], ["--method", "rtn", "--rank", "1", "--resume"]):
+            code = _main(["quantize", str(source), str(out), *args])
+            err = capsys.readouterr().err
+            assert code == 2 and "choose another output folder" in err and len(err.strip().splitlines()) == 1, err
+            assert files(source) == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alias", "m.partial", "n.partial.lock", "q.partial", "sub"]
+    assert _main(["quantize", str(sources["m.partial"]), str(sources["m.partial"] / "q"), "--method", "rtn",
+                  "--rank", "1"]) == 0
+    assert files(sources["m.partial"] / "q") and (sources["m.partial"] / "config.json").is_file()
+
+
 def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     text = tmp_path / "text.txt"
     text.write_text(CALIBRATION_TEXT)

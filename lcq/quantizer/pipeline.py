@@ -224,12 +224,31 @@ def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None
 
 
 def check_paths(model_dir: Path, out_dir: Path) -> dict:
-    """The source's config (a supported architecture), and an output folder that does not exist yet."""
+    """The source's config (a supported architecture), and an output folder that does not exist yet and
+    whose working paths (OUT_DIR.partial, which a run deletes first, and its lock file) neither are the
+    source nor hold it: resolved, so that a symlink or `..` cannot hide that."""
     config = read_config(model_dir)
     if out_dir.exists():
         raise UserError(f"{out_dir} already exists; choose a new output folder")
     check_output(out_dir, "output folder")
+    source = model_dir.resolve()
+    partial = _partial(out_dir)
+    for path in (out_dir, partial, _lock_path(partial)):
+        resolved = path.resolve()
+        if resolved == source or resolved in source.parents:
+            raise UserError(f"the model folder {model_dir} is or lies inside {path}, which quantizing into {out_dir} "
+                            "deletes or overwrites; choose another output folder")
     return config
+
+
+def _partial(out_dir: Path) -> Path:
+    """OUT_DIR.partial: where the output grows until it is complete."""
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def _lock_path(partial: Path) -> Path:
+    """OUT_DIR.partial.lock (_exclusive)."""
+    return partial.with_name(partial.name + ".lock")
 
 
 def quantize_model(model_dir: str | Path, out_dir: str | Path, options: QuantizeOptions, resume: bool = False,
@@ -243,7 +262,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     config_dict = check_paths(model_dir, out_dir)
     check_model(model_dir, config_dict, options)
     source_config = json.loads((model_dir / "config.json").read_text())  # read as another architecture: kept
-    partial = out_dir.with_name(out_dir.name + ".partial")
+    partial = _partial(out_dir)
     recorded = options.recorded()
     device = torch.device(options.device)
     if device.type == "cuda":
@@ -517,7 +536,7 @@ def _exclusive(partial: Path) -> IO[str]:
 
     try:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(partial.with_name(partial.name + ".lock"), "w")
+        lock = open(_lock_path(partial), "w")
     except OSError as e:
         raise UserError(f"{partial}: cannot be created ({e.strerror})") from None
     try:
