@@ -785,6 +785,29 @@ def test_cli_refuses_an_output_whose_working_paths_hold_the_source(tmp_path, tin
     assert files(sources["m.partial"] / "q") and (sources["m.partial"] / "config.json").is_file()
 
 
+def test_seqlen_stays_within_the_models_context(tmp_path, tiny_hf, capsys):
+    """Calibration windows past the model's positions would tune it on inputs it never takes: a longer
+    --seqlen is refused as `lcq eval --ctx` refuses one (one line, exit code 2, nothing written), and the
+    default (512) is shortened to a shorter context, so a model of 256 positions quantizes without it."""
+    from lcq.quantizer.options import DEFAULT_SEQLEN
+
+    assert DEFAULT_SEQLEN == 512 == QuantizeOptions().for_context(None).seqlen == QuantizeOptions().for_context(
+        4096).seqlen
+    assert QuantizeOptions().for_context(256).seqlen == 256 and QuantizeOptions(seqlen=300).for_context(4096).seqlen == 300
+    calib = tmp_path / "calib.txt"
+    calib.write_text(CALIBRATION_TEXT)
+    out = tmp_path / "q"
+    for method in ("lcq", "gptq", "rtn"):
+        code = _main(["quantize", str(tiny_hf), str(out), "--method", method, "--rank", "1", "--calib", str(calib),
+                      "--seqlen", "257", "--nsamples", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "--seqlen 257 is longer than the model's context of 256 tokens" in err
+        assert not out.exists() and not (tmp_path / "q.partial").exists()
+    assert _main(["quantize", str(tiny_hf), str(out), "--calib", str(calib), "--nsamples", "1", "--epochs", "0"]) == 0
+    assert CheckpointReader(out).quant["seqlen"] == 256
+
+
 def test_cli_quantize_then_eval(tmp_path, tiny_hf, capsys):
     text = tmp_path / "text.txt"
     text.write_text(CALIBRATION_TEXT)

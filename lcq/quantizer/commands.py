@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--method", default="lcq", help="lcq, rtn or gptq")
     q.add_argument("--calib", help="calibration text file (default for lcq/gptq: the King James Bible)")
     q.add_argument("--nsamples", type=int, default=128)
-    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seqlen", type=int, default=None,
+                   help="tokens per calibration window, at most the model's context (default 512, or the context "
+                        "where shorter)")
     q.add_argument("--epochs", type=int, default=10)
     q.add_argument("--lr", type=float, default=None,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "

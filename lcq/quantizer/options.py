@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -25,6 +25,7 @@ DEFAULT_LR = {2: 1e-2, 3: 3e-3, 4: 1e-3}
 # the block-wise stage already fitted, so it is smaller.
 DEFAULT_FINETUNE_LR = {2: 1e-3, 3: 3e-4, 4: 1e-4}
 BLOCK_ERRORS = ("relative", "norm-weighted")
+DEFAULT_SEQLEN = 512  # tokens per calibration window, unless the model's context is shorter (for_context)
 
 
 @dataclass
@@ -35,7 +36,7 @@ class QuantizeOptions:
     method: str = "lcq"
     calib_text: str | None = None
     nsamples: int = 128
-    seqlen: int = 512
+    seqlen: int | None = None  # None: DEFAULT_SEQLEN, or the model's context where shorter (for_context)
     epochs: int = 10
     lr: float | None = None  # None: DEFAULT_LR for the bit width
     init: str = "kmeans"
@@ -73,7 +74,8 @@ class QuantizeOptions:
             (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
             (self.assign in ASSIGNMENTS, f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign})"),
             (self.method == "lcq" or self.assign == "nearest", "--assign applies to --method lcq only"),
-            (self.nsamples >= 1 and self.seqlen >= 8, "--nsamples must be >= 1 and --seqlen >= 8"),
+            (self.nsamples >= 1 and (self.seqlen is None or self.seqlen >= 8),
+             "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
             (self.val_samples is None or self.val_samples >= 0, f"--val-samples must be >= 0 (got {self.val_samples})"),
             (self.block_error in BLOCK_ERRORS,
@@ -102,6 +104,16 @@ class QuantizeOptions:
         LayerWidths(self.bits, self.layer_bits)  # parses the --layer-bits rules: a bad one raises
         if (problem := device_problem(self.device)) is not None:
             raise UserError(problem)
+
+    def for_context(self, context: int | None) -> "QuantizeOptions":
+        """These options for a model of `context` positions (None: its config states none), with --seqlen
+        chosen: the default shortened to the context, and a longer --seqlen refused as `lcq eval --ctx`
+        refuses one, since windows past the model's positions calibrate it on inputs it never takes."""
+        if self.seqlen is None:
+            return replace(self, seqlen=DEFAULT_SEQLEN if context is None else min(DEFAULT_SEQLEN, context))
+        if context is not None and self.seqlen > context:
+            raise UserError(f"--seqlen {self.seqlen} is longer than the model's context of {context} tokens")
+        return self
 
     @property
     def widths(self) -> LayerWidths:

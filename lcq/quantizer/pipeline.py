@@ -214,13 +214,16 @@ def _reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
 
 
-def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> None:
-    """The settings that depend on the model: the layers and projections --layer-bits names exist,
-    --target-bits is in reach."""
+def check_model(model_dir: Path, config: dict, options: QuantizeOptions) -> QuantizeOptions:
+    """The settings that depend on the model: --seqlen within its context, the layers and projections
+    --layer-bits names exist, --target-bits is in reach; returns the options with --seqlen chosen for it
+    (QuantizeOptions.for_context)."""
+    options = options.for_context(config.get("max_position_embeddings"))
     shapes = linear_shapes(CheckpointReader(model_dir), config["num_hidden_layers"])
     options.widths.check_layers(config["num_hidden_layers"], {name.rsplit(".", 1)[-1] for _, name in shapes})
     if options.target_bits is not None:
         check_target(shapes, options.target_bits, options.bits, options.rank, options.group_size)
+    return options
 
 
 def check_paths(model_dir: Path, out_dir: Path) -> dict:
@@ -260,7 +263,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     options.validate()
     config_dict = check_paths(model_dir, out_dir)
-    check_model(model_dir, config_dict, options)
+    options = check_model(model_dir, config_dict, options)
     source_config = json.loads((model_dir / "config.json").read_text())  # read as another architecture: kept
     partial = _partial(out_dir)
     recorded = options.recorded()
