@@ -613,6 +613,44 @@ def test_forced_tool_calls(client):
     assert answer.choices[0].message.content is not None
 
 
+def test_tool_calls_in_history_reach_the_template_as_mappings(model_dir):
+    """An assistant turn's call in history comes with its arguments as JSON text (OpenAI's wire form, what the
+    SDK sends back); templates take them as a mapping (Qwen3-Coder's `|items` refused text with a 400, and
+    `|tojson` wrote them as a quoted string), through chat and the Responses API alike, and the request
+    keeps what the client sent (a stored response lists its input as given)."""
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
+                "[{{ c.function.name }}{% for k, v in c.function.arguments|items %} {{ k }}={{ v }}{% endfor %} "
+                "{{ c.function.arguments|tojson }}]{% endfor %}\n{% endfor %}")
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"role": "assistant", "content": None, "tool_calls": [call]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    with LiveServer(create_app(engine_config(model_dir, chat_template=template))) as live:
+        def rendered(messages: list[dict]) -> str:
+            tokens = httpx.post(live.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+            return httpx.post(live.url + "/detokenize", json={"tokens": tokens}).json()["prompt"]
+
+        assert '[get_weather city=Paris {"city": "Paris"}]' in rendered(history)
+        for empty in ("", None):  # no arguments: an empty mapping, as vLLM gives
+            bare = {**call, "function": {"name": "get_weather", "arguments": empty}}
+            assert "[get_weather {}]" in rendered([history[0], {**history[1], "tool_calls": [bare]}])
+        local = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        reply = local.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
+        assert reply.usage.prompt_tokens == httpx.post(live.url + "/tokenize", json={"messages": history}).json()["count"]
+        broken = {**call, "function": {"name": "get_weather", "arguments": "{city: Paris"}}
+        with pytest.raises(openai.BadRequestError) as refused:
+            local.chat.completions.create(model=MODEL, messages=[history[0], {**history[1], "tool_calls": [broken]}],
+                                          max_tokens=2)
+        assert refused.value.body["param"] == "messages.1.tool_calls.0.function.arguments"
+        items = [{"role": "user", "content": "Weather in Paris?"},
+                 {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+                 {"type": "function_call_output", "call_id": "call_1", "output": "sunny"}]
+        response = local.responses.create(model=MODEL, input=items, max_output_tokens=2)
+        assert response.usage.input_tokens == reply.usage.prompt_tokens
+        listed = [item for item in local.responses.input_items.list(response.id) if item.type == "function_call"]
+        assert [item.arguments for item in listed] == ['{"city": "Paris"}']
+
+
 def test_hermes_tool_calls_are_parsed():
     content, calls = parse_hermes('Let me check.\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}\n</tool_call>\n'
                                   '<tool_call>{"name": "g", "arguments": "{}"}</tool_call>')

@@ -3,6 +3,7 @@ tool calls, and a reasoning model's thinking apart from its answer."""
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,14 +41,35 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
                                param=f"messages.{i}.content", code="invalid_value")
             content = "".join(part.text or "" for part in content)
         entry = {"role": message.role, "content": content or ""}
-        for key in ("name", "tool_calls", "tool_call_id"):  # tool conversations, for templates that render them
+        for key in ("name", "tool_call_id"):  # tool conversations, for templates that render them
             if getattr(message, key):
                 entry[key] = getattr(message, key)
+        if message.tool_calls:
+            entry["tool_calls"] = [template_tool_call(call, f"messages.{i}.tool_calls.{j}")
+                                   for j, call in enumerate(message.tool_calls)]
         reasoning = message.reasoning_content or message.reasoning
         if reasoning:
             entry["reasoning_content"] = entry["thinking"] = reasoning
         out.append(entry)
     return out
+
+
+def template_tool_call(call: dict, param: str) -> dict:
+    """An assistant turn's call as chat templates take it (vLLM's, per transformers' docs): its arguments a
+    mapping, which templates iterate (`arguments|items`, Qwen3-Coder's) or write as JSON (`arguments|tojson`,
+    Llama 3.1's and Qwen2.5's), where OpenAI's API sends JSON text; `{}` where they are empty or not an object.
+    A copy: the request keeps what the client sent. Arguments that are not JSON are a 400, as in vLLM."""
+    function = call.get("function")
+    if not isinstance(function, dict):
+        return call  # the template says what it makes of it
+    arguments = function.get("arguments")
+    if isinstance(arguments, str) and arguments:
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise APIError(400, f"{param}.function.arguments is not JSON", param=f"{param}.function.arguments",
+                           code="invalid_value") from None
+    return {**call, "function": {**function, "arguments": arguments if isinstance(arguments, dict) else {}}}
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
