@@ -613,6 +613,39 @@ def test_forced_tool_calls(client):
     assert answer.choices[0].message.content is not None
 
 
+def test_required_tool_calls_with_definitions(client):
+    """tool_choice "required" over tools whose parameters refer to their own `$defs` (every nested pydantic
+    model, the SDK's pydantic_function_tool): the definitions move to the combined schema's root, where the
+    references resolve (they were a 400); one name that two tools define differently is a 400."""
+    pytest.importorskip("xgrammar")
+    from typing import Literal
+
+    from pydantic import BaseModel
+
+    class Place(BaseModel):
+        city: Literal["Paris", "Oslo"]
+
+    class GetWeather(BaseModel):
+        place: Place
+
+    class GetTime(BaseModel):
+        place: Place
+
+    tools = [openai.pydantic_function_tool(GetWeather), openai.pydantic_function_tool(GetTime)]
+    sent = json.dumps(tools)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    reply = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required",
+                                           max_tokens=60, temperature=0)
+    call = reply.choices[0].message.tool_calls[0].function
+    assert call.name in ("GetWeather", "GetTime")
+    assert json.loads(call.arguments)["place"]["city"] in ("Paris", "Oslo") and json.dumps(tools) == sent
+    clash = json.loads(sent)
+    clash[1]["function"]["parameters"]["$defs"]["Place"]["properties"]["city"]["enum"] = ["Rome"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=messages, tools=clash, tool_choice="required", max_tokens=5)
+    assert refused.value.body["param"] == "tools" and "'Place'" in refused.value.body["message"]
+
+
 def test_tool_calls_in_history_reach_the_template_as_mappings(model_dir):
     """An assistant turn's call in history comes with its arguments as JSON text (OpenAI's wire form, what the
     SDK sends back); templates take them as a mapping (Qwen3-Coder's `|items` refused text with a 400, and

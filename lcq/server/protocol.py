@@ -316,6 +316,26 @@ class ChatMessage(BaseModel):
     reasoning_content: str | None = None  # the same, as DeepSeek's API names it
 
 
+def any_call_schema(functions: dict[str, dict]) -> dict:
+    """{"name", "arguments"} of any of the functions (tool_choice "required"). Each one's definitions (`$defs`,
+    `definitions`) move to the root, where its `#/$defs/...` references resolve from (as vLLM's
+    get_tool_schema_defs does); ValueError where two functions define one name differently."""
+    definitions: dict[str, dict[str, Any]] = {}
+    calls = []
+    for name, parameters in functions.items():
+        parameters = dict(parameters)  # (the request's tools stay as sent)
+        for key in ("$defs", "definitions"):
+            if not isinstance(parameters.get(key), dict):
+                continue
+            for defined, schema in parameters.pop(key).items():
+                if definitions.setdefault(key, {}).setdefault(defined, schema) != schema:
+                    raise ValueError(f"tools define {defined!r} in {key} differently, which tool_choice \"required\" "
+                                     "cannot combine into one schema")
+        calls.append({"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
+                      "required": ["name", "arguments"], "additionalProperties": False})
+    return {"anyOf": calls, **definitions}
+
+
 class ChatTemplateOptions(OpenAIRequest):
     """How messages become a prompt (vLLM's extras): the assistant turn's opening, or the last
     (assistant) message continued as it is, and variables for the template (e.g. enable_thinking)."""
@@ -410,9 +430,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
             return None
         functions = self.tool_parameters()
         if forced == "required":
-            return {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "arguments": parameters},
-                               "required": ["name", "arguments"], "additionalProperties": False}
-                              for name, parameters in functions.items()]}
+            return any_call_schema(functions)
         if forced not in functions:
             raise ValueError(f"tool_choice names {forced!r}, which is not among the tools")
         return functions[forced]
