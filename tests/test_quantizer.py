@@ -1152,6 +1152,32 @@ def test_end_to_end_stage_keeps_the_best_epoch_on_held_out_windows(tmp_path, tin
     assert written == pytest.approx(after, rel=1e-3)  # measured: 0.168003 against 0.167991
 
 
+def test_tied_head_stages_report_the_written_models_kl(tmp_path):
+    """A packed head tied to the embedding table is the written model's table too: the head stage scores its
+    epochs, and the end-to-end stage trains and scores, with tokens looked up in the head under tuning, so
+    the KL each reports on the held-out windows is the written model's there (both stages looked them up in
+    the full-precision table: 0.173 reported against 0.215 written), and the end-to-end stage starts
+    from what the head stage kept."""
+    from transformers import AutoTokenizer
+
+    from lcq.quantizer.finetune import token_kl
+
+    hf = make_tiny_hf(tmp_path / "hf", "llama", tie_word_embeddings=True)
+    held = calibration_batch(AutoTokenizer.from_pretrained(str(hf)), CALIBRATION_TEXT, 8, 32, 0, held_out=2)[8:]
+    scores = {}
+    for finetune_epochs in (0, 3):
+        out = tmp_path / f"q{finetune_epochs}"
+        summary = quantize_model(hf, out, QuantizeOptions(bits=2, rank=2, group_size=32, calib_text=CALIBRATION_TEXT,
+                                                          nsamples=8, seqlen=32, epochs=2, head_bits=2,
+                                                          finetune_epochs=finetune_epochs), progress=False)
+        with torch.no_grad():
+            written = float(token_kl(load_reference_model(out)(held).logits, load_reference_model(hf)(held).logits))
+        score = summary.finetune_kl if finetune_epochs else summary.head_kl
+        assert written == pytest.approx(score.after, rel=1e-4), (finetune_epochs, written, score)
+        scores[finetune_epochs] = summary
+    assert scores[3].finetune_kl.before == pytest.approx(scores[0].head_kl.after, rel=1e-4)
+
+
 def test_end_to_end_stage_trains_on_its_own_windows(tmp_path, tiny_hf):
     """--finetune-samples 6 over --nsamples 2: the block-wise stage sees the same 2 windows as without
     it (the same indices), and the end-to-end stage trains on 6; without held-out windows it reports

@@ -13,7 +13,11 @@ hidden state (after its last norm), which the block-wise stage has already compu
 cost one product with the head per batch and no second model is held.
 
 A packed head gets a stage of its own first (tune_head): the same KL over the quantized model's final
-hidden states, with only the head's codebooks moving, which is cheap since no block runs.
+hidden states, with only the head's codebooks moving, which is cheap since no block runs. A head tied to
+the embedding table is also the written model's table (token t is the head's row t), so both stages look
+tokens up in the head as it is being tuned (put_in_place) wherever the whole model runs: the end-to-end
+stage throughout, the head stage to score its epochs (it trains on hidden states the blocks computed from
+the full-precision table), so that the KL each reports is the written model's.
 
 Both stages keep the codebooks of the epoch, the start included, with the lowest KL on held-out
 calibration windows they never train on (_tune), as the block-wise stage does with its error.
@@ -32,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from lcq.format import PackedLinear, dual_quantize, encode_linear
+from lcq.format import HEAD, PackedLinear, dual_quantize, encode_linear
 from lcq.format.codebook import decoded_b, decoded_s
 from lcq.format.packing import unpack_indices
 
@@ -162,6 +166,27 @@ class TunedLinear(torch.nn.Module):
         return CodebookProduct.apply(x, t.book.values(), t.codes, t.layer.in_features, self.bias, t.weight_sums)
 
 
+def put_in_place(model: torch.nn.Module, layers: list[LayerTuning], table: LayerTuning | None = None) -> None:
+    """Each layer in the model (a transformers CausalLM) in place of its nn.Linear (TunedLinear); `table`: a
+    packed head tied to the embedding table, whose current rows the model then looks tokens up in, as the
+    written model does (it stores no other table)."""
+    for tuning in layers:
+        parent, _, name = tuning.prefix.rpartition(".")
+        setattr(model.get_submodule(parent), name, TunedLinear(tuning))
+    if table is not None:
+        embed = model.model.embed_tokens
+        embed.forward = functools.partial(_looked_up, table, getattr(embed, "embed_scale", None))
+
+
+def _looked_up(table: LayerTuning, scale: torch.Tensor | None, ids: torch.Tensor) -> torch.Tensor:
+    """The embeddings of `ids`: rows of the packed layer `table` from its current codebooks (differentiable in
+    them), times the scale the table's own module applies (Gemma 3's embed_scale)."""
+    flat = ids.flatten()
+    rows = dense_weight(table.book.values()[flat], table.codes[flat], table.layer.in_features)
+    rows = rows.reshape(*ids.shape, rows.shape[-1])
+    return rows if scale is None else rows * scale
+
+
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher || student)."""
     student = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
@@ -190,6 +215,14 @@ class StageScore(NamedTuple):
     moved: tuple[float, ...] = ()
 
 
+def _model_kl(model: torch.nn.Module, tokens: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor) -> Windows:
+    """The KL of the model's logits over windows of `tokens` to the teacher's final hidden states times the
+    full-precision `head`."""
+    def loss(rows: torch.Tensor) -> torch.Tensor:
+        return token_kl(model(tokens[rows], use_cache=False).logits, teacher[rows].float() @ head.t())
+    return loss, len(tokens)
+
+
 def _mean_loss(windows: Windows, batch: int, device: torch.device) -> float:
     """The mean loss over all of `windows`, in batches."""
     loss, samples = windows
@@ -203,7 +236,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
              tokens: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int, lr: float,
              batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
              held_out: tuple[torch.Tensor, torch.Tensor] | None = None,
-             width_lr: Callable[[int], float] | None = None, index_updates: float = 0.0,
+             width_lr: Callable[[int], float] | None = None, index_updates: float = 0.0, tied: bool = False,
              ) -> tuple[dict[str, PackedLinear], dict[str, torch.Tensor], StageScore]:
     """Adam on every layer's S, V, B and the named norm weights; returns the tuned layers (re-packed),
     the tuned norms and the stage's score (_tune: the best epoch on the `held_out` (tokens, teacher)
@@ -219,7 +252,8 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     to a neighbouring entry (move_indices, on the weights' gradient and curvature summed over the
     epoch) if that lowers the mean KL on the training windows, else a quarter of it, a sixteenth, or
     none; this holds a float32 gradient and curvature per weight (8 bytes) for the stage and costs up
-    to four forward passes over the training windows per step.
+    to four forward passes over the training windows per step. tied: `packed` holds the head, tied to the
+    embedding table: the model looks tokens up in the head under tuning (put_in_place).
 
     Why the check: the step is only as good as its quadratic model of the loss. On SmolLM2-135M W2 r2
     (3 epochs over 64 windows) an unchecked 0.1% per step lowered the held-out KL after the first
@@ -228,9 +262,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     device = head.device
     model.requires_grad_(False)
     layers = [LayerTuning.start(prefix, layer, device) for prefix, layer in packed.items()]
-    for tuning in layers:
-        parent, _, name = tuning.prefix.rpartition(".")
-        setattr(model.get_submodule(parent), name, TunedLinear(tuning))
+    put_in_place(model, layers, next(t for t in layers if t.prefix == HEAD) if tied else None)
     for block in model.model.layers:
         _recompute_in_backward(block)
     norms = {name: model.get_parameter(name) for name in norm_names}
@@ -239,9 +271,7 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
             tuning.weight_sums = WeightSums.zeros(tuning.codes.shape, device)
 
     def kl_on(tokens: torch.Tensor, teacher: torch.Tensor) -> Windows:
-        def loss(rows: torch.Tensor) -> torch.Tensor:
-            return token_kl(model(tokens[rows], use_cache=False).logits, teacher[rows].float() @ head.t())
-        return loss, len(tokens)
+        return _model_kl(model, tokens, teacher, head)
 
     step_of = width_lr or (lambda bits: lr)
     steps = [step_of(t.layer.bits) for t in layers for _ in range(3)] + [lr] * len(norms)
@@ -269,9 +299,20 @@ def finetune(model: torch.nn.Module, packed: dict[str, PackedLinear], norm_names
     return {t.prefix: t.packed() for t in layers}, {name: w.detach() for name, w in norms.items()}, score
 
 
+class Served(NamedTuple):
+    """The quantized model as it will be served, for the head stage of a head tied to the embedding table:
+    its transformers CausalLM with every packed layer but the head in place (put_in_place), and the tokens
+    of the training and held-out windows whose hidden states the stage is given."""
+
+    model: torch.nn.Module
+    tokens: torch.Tensor
+    held_out_tokens: torch.Tensor
+
+
 def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, head: torch.Tensor, epochs: int,
               lr: float, batch: int = 4, seed: int = 0, on_step: Callable[[float], None] | None = None,
-              held_out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[PackedLinear, StageScore]:
+              held_out: tuple[torch.Tensor, torch.Tensor] | None = None, served: Served | None = None,
+              ) -> tuple[PackedLinear, StageScore]:
     """The head stage: the packed head's S, V and B (indices fixed) tuned on the KL from the
     full-precision model's next-token distributions to the quantized model's, over its final hidden
     states. The head's output is the logits, so its own reconstruction error says little about what
@@ -280,8 +321,9 @@ def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, 
     windows where given).
 
     hidden, teacher (S, T, H): the quantized and full-precision models' final hidden states (after the
-    last norm); head (V, H): the full-precision head."""
-    tuning = LayerTuning.start("lm_head", layer, head.device)
+    last norm); head (V, H): the full-precision head. served: for a head tied to the embedding table, the
+    whole model to score each candidate with (Served), since the head's rows are its inputs too."""
+    tuning = LayerTuning.start(HEAD, layer, head.device)
     bias = tuning.bias()
 
     def kl_on(hidden: torch.Tensor, teacher: torch.Tensor) -> Windows:
@@ -291,14 +333,19 @@ def tune_head(layer: PackedLinear, hidden: torch.Tensor, teacher: torch.Tensor, 
             return token_kl(logits, teacher[rows].float() @ head.t())
         return loss, len(hidden)
 
-    score = _tune([tuning], [], kl_on(hidden, teacher), epochs, lr, batch, seed, on_step,
-                  None if held_out is None else kl_on(*held_out))
+    held, scored = None if held_out is None else kl_on(*held_out), None
+    if served is not None:
+        put_in_place(served.model, [tuning], tuning)
+        scored = _model_kl(served.model, served.tokens, teacher, head)
+        held = None if held_out is None else _model_kl(served.model, served.held_out_tokens, held_out[1], head)
+    score = _tune([tuning], [], kl_on(hidden, teacher), epochs, lr, batch, seed, on_step, held, scored_train=scored)
     return (layer if score.epoch == 0 else tuning.packed()), score
 
 
 def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows, epochs: int,
           lr: float | Sequence[float], batch: int, seed: int, on_step: Callable[[float], None] | None,
-          held_out: Windows | None, between_epochs: Callable[[], None] | None = None) -> StageScore:
+          held_out: Windows | None, between_epochs: Callable[[], None] | None = None,
+          scored_train: Windows | None = None) -> StageScore:
     """Adam on the layers' S, V, B and `others` over the `train` windows (adam_epochs; `lr`: one step, or one
     per tensor in that order), between_epochs() called after every epoch but the last, once it is
     scored (it may replace the layers' indices). Every candidate is
@@ -310,11 +357,15 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
     Why held-out windows: the end-to-end stage fits its few calibration windows. On SmolLM2-135M at W2
     r2 e10 with 16 windows and 40 epochs their KL fell to about 0.2 while 4 held-out windows stayed
     near 0.98 (docs/quality.md); the choice keeps epochs past the useful ones from costing anything.
-    In the rows measured so far the held-out KL had not yet risen by the tenth epoch."""
+    In the rows measured so far the held-out KL had not yet risen by the tenth epoch.
+
+    scored_train: the training windows as a candidate is scored on them where that differs from how they
+    are trained on (tune_head's tied head: through the whole model)."""
     device = layers[0].codes.device
 
     def mean_loss() -> float:
-        return _mean_loss(held_out if held_out is not None else train, batch, device)
+        scored = held_out if held_out is not None else scored_train if scored_train is not None else train
+        return _mean_loss(scored, batch, device)
 
     def hold(books: list[Codebook], codes: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
         for layer, book, layer_codes in zip(layers, books, codes):

@@ -2,7 +2,8 @@
 
 Peak memory is about one block plus the calibration activations: block tensors are read from the
 source safetensors when the block's turn comes and freed after its packed shard is written (the
-optional end-to-end stage then holds every block's indices and codebooks, finetune.py). The
+optional end-to-end stage then holds every block's indices and codebooks, finetune.py, as the head
+stage of a packed head tied to the embedding table does to score it). The
 output grows in OUT_DIR.partial (with a progress file) and is renamed when complete, so a
 half-written folder never looks valid and --resume continues after the last finished block.
 """
@@ -29,7 +30,7 @@ from lcq.inputs import check_output, load_tokenizer
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
 from .blockwise import LayerFit, block_call, optimize_block, run_block
-from .finetune import StageScore, finetune, tune_head
+from .finetune import LayerTuning, Served, StageScore, finetune, put_in_place, tune_head
 from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, pack, rtn_codebook,
                   stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
@@ -167,10 +168,11 @@ def _packed_embedding(source: SourceModel, options: QuantizeOptions, device: tor
 
 def _head_stage(source: SourceModel, head: PackedLinear, train: tuple[torch.Tensor, torch.Tensor],
                 held_out: tuple[torch.Tensor, torch.Tensor], options: QuantizeOptions, progress: bool,
-                ) -> tuple[PackedLinear, StageScore]:
+                served: Served | None = None) -> tuple[PackedLinear, StageScore]:
     """The packed head tuned on the logits' KL (finetune.tune_head) for the block-wise stage's epochs and
     step at the head's width; train and held_out: the last hidden states of the quantized and
-    full-precision models over those windows (no held-out windows: empty)."""
+    full-precision models over those windows (no held-out windows: empty); served: a tied head's model
+    to score it with (_served)."""
     from tqdm import tqdm
 
     weight = _head_weight(source, head.qweight.device)
@@ -183,7 +185,7 @@ def _head_stage(source: SourceModel, head: PackedLinear, train: tuple[torch.Tens
     lr = options.block_lr_of(options.head_bits)
     train, held_out = ((source.final_norm(quantized), source.final_norm(full)) for quantized, full in (train, held_out))
     tuned = tune_head(head, *train, weight, options.epochs, lr, options.batch_size, options.seed, on_step,
-                      held_out if len(held_out[0]) else None)
+                      held_out if len(held_out[0]) else None, served)
     bar.close()
     return tuned
 
@@ -335,8 +337,11 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         head_stat = _head_stat(source, q_stream[train], options, options.batch_size) if options.needs_data else None
         head = _packed_head(source, head_stat, options, device)
         if options.needs_data and options.epochs:
+            served = _served(source, partial, options, tokens[train], tokens[held]) \
+                if source.config.tie_word_embeddings else None
             head, head_kl = _head_stage(source, head, (q_stream[train], fp_stream[train]),
-                                        (q_stream[held], fp_stream[held]), options, progress)
+                                        (q_stream[held], fp_stream[held]), options, progress, served)
+            del served
         write_shard(partial / HEAD_SHARD, linear_tensors(HEAD, head.to("cpu")))
         _mark_done(partial, "head")
         del head
@@ -441,8 +446,6 @@ def _finetune_stage(source: SourceModel, partial: Path, train: tuple[torch.Tenso
     from safetensors.torch import load_file
     from tqdm import tqdm
 
-    from lcq.format.checkpoint import linear_from_tensors
-
     shards = [_block_shard(partial, index) for index in range(source.num_layers)]
     shards += [partial / HEAD_SHARD] if options.head_bits else []
     tuned_files = [shard.with_suffix(".tuned") for shard in shards]
@@ -452,18 +455,7 @@ def _finetune_stage(source: SourceModel, partial: Path, train: tuple[torch.Tenso
         for stale in tuned_files:
             stale.unlink(missing_ok=True)
         contents = [load_file(str(shard)) for shard in shards]
-        packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, contents))
-                  if index < source.num_layers for name, layer in _read_block(shard, index, options, tensors).items()}
-        if options.head_bits:
-            packed[HEAD] = linear_from_tensors(contents[-1], HEAD, options.head_bits, options.rank, options.group_size,
-                                               lambda _: str(shards[-1]))
-        # the blocks' tensors outside the packed layers: norms (Qwen3's q/k norms too), tuned; a mixture's router,
-        # gpt-oss's sinks, held as they are
-        unpacked = {name: tensor for tensors in contents for name, tensor in tensors.items()
-                    if name.rpartition(".")[0] not in packed}
-        norms = [name for name in unpacked if name.endswith("norm.weight")]
-        looked_up = {} if embedding is None else {f"{EMBED}.weight": dequantize(embedding)}  # as it is served
-        model = source.causal_lm({**source.non_block_tensors(), **unpacked, **looked_up})
+        model, packed, norms = _quantized_lm(source, shards, contents, options, embedding)
         head = model.lm_head.weight.detach()
         steps = options.finetune_epochs * -(-len(train[0]) // options.batch_size)
         bar = tqdm(total=steps, desc="end-to-end", disable=not progress, unit="step")
@@ -474,7 +466,8 @@ def _finetune_stage(source: SourceModel, partial: Path, train: tuple[torch.Tenso
         tuned, tuned_norms, kl = finetune(model, packed, norms, *train, head, options.finetune_epochs,
                                           options.end_to_end_lr, options.batch_size, options.seed, on_step,
                                           held_out if len(held_out[0]) else None, options.end_to_end_lr_of,
-                                          options.finetune_index_updates)
+                                          options.finetune_index_updates,
+                                          tied=bool(options.head_bits) and source.config.tie_word_embeddings)
         bar.close()
         for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
@@ -487,6 +480,43 @@ def _finetune_stage(source: SourceModel, partial: Path, train: tuple[torch.Tenso
         if tuned_file.is_file():
             tuned_file.replace(shard)
     return kl
+
+
+def _quantized_lm(source: SourceModel, shards: list[Path], contents: list[dict[str, torch.Tensor]],
+                  options: QuantizeOptions, embedding: PackedLinear | None,
+                  ) -> tuple[torch.nn.Module, dict[str, PackedLinear], list[str]]:
+    """The quantized model's transformers CausalLM (source.causal_lm) from the written shards (`contents`: each
+    of `shards` read; the blocks', then the packed head's where there is one), with its packed layers
+    by name, which it leaves on the meta device for the caller to put in place (finetune.put_in_place), and
+    its blocks' norm weights by name. `embedding`: a packed untied table, looked up as served."""
+    from lcq.format.checkpoint import linear_from_tensors
+
+    packed = {f"model.layers.{index}.{name}": layer for index, (shard, tensors) in enumerate(zip(shards, contents))
+              if index < source.num_layers for name, layer in _read_block(shard, index, options, tensors).items()}
+    if len(shards) > source.num_layers:
+        packed[HEAD] = linear_from_tensors(contents[-1], HEAD, options.head_bits, options.rank, options.group_size,
+                                           lambda _: str(shards[-1]))
+    # the blocks' tensors outside the packed layers: norms (Qwen3's q/k norms too), tuned; a mixture's router,
+    # gpt-oss's sinks, held as they are
+    unpacked = {name: tensor for tensors in contents for name, tensor in tensors.items()
+                if name.rpartition(".")[0] not in packed}
+    norms = [name for name in unpacked if name.endswith("norm.weight")]
+    looked_up = {} if embedding is None else {f"{EMBED}.weight": dequantize(embedding)}  # as it is served
+    return source.causal_lm({**source.non_block_tensors(), **unpacked, **looked_up}), packed, norms
+
+
+def _served(source: SourceModel, partial: Path, options: QuantizeOptions, tokens: torch.Tensor,
+            held_out_tokens: torch.Tensor) -> Served:
+    """For the head stage of a head tied to the embedding table: the quantized model with its packed blocks in
+    place (their codebooks fixed), which the stage completes with the head under tuning and its lookups, and
+    the windows' tokens. It holds every block's indices and codebooks, as the end-to-end stage does."""
+    from safetensors.torch import load_file
+
+    shards = [_block_shard(partial, index) for index in range(source.num_layers)]
+    model, packed, _ = _quantized_lm(source, shards, [load_file(str(shard)) for shard in shards], options, None)
+    model.requires_grad_(False)
+    put_in_place(model, [LayerTuning.start(prefix, layer, source.device) for prefix, layer in packed.items()])
+    return Served(model, tokens.to(source.device), held_out_tokens.to(source.device))
 
 
 def _target_widths(source: SourceModel, tokens: torch.Tensor, options: QuantizeOptions, partial: Path,
