@@ -834,6 +834,62 @@ def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
     assert stream.finish()[1][0].function.name == "book"
 
 
+def test_tool_call_arguments_are_always_json():
+    """Parsed arguments are always JSON (RFC 8259: what clients json.loads or JSON.parse). A value JSON cannot
+    hold (NaN, Infinity, a Python set, bytes or complex number: a 500 or NaN in the arguments before) stays
+    its text where the parser types values (XML, GLM), and leaves the reply text where a call is read whole
+    (pythonic, JSON forms); hermes arguments written as a string that is not JSON are that string as JSON, as
+    vLLM writes them; properties that are not an object type nothing (a 500 before)."""
+    def arguments(parser: str, reply: str, schemas: dict | None = None) -> dict:
+        _, calls = reply_parser(parser, schemas)(reply)
+        return json.loads(calls[0].function.arguments, parse_constant=lambda name: pytest.fail(name))
+
+    numbers = {"f": {"type": "object", "properties": {"n": {"type": "number"}, "o": {"type": "object"}}}}
+    for value in ("nan", "inf", "-Infinity", "1e400"):
+        xml = f"<tool_call>\n<function=f>\n<parameter=n>\n{value}\n</parameter>\n<parameter=o>[NaN]</parameter>\n"
+        assert arguments("qwen3_coder", xml + "</function>\n</tool_call>", numbers) == {"n": value, "o": "[NaN]"}
+    for value in ("{1, 2}", "1j", 'b"x"', "NaN", "1e999"):
+        glm = f"<tool_call>f\n<arg_key>n</arg_key>\n<arg_value>{value}</arg_value>\n</tool_call>"
+        assert arguments("glm45", glm) == {"n": value}
+    assert arguments("glm45", "<tool_call>f<arg_key>n</arg_key><arg_value>(1, 'a')</arg_value></tool_call>") == \
+        {"n": [1, "a"]}
+    assert reply_parser("pythonic", None)("[f(x=1e999)]") == ("[f(x=1e999)]", [])
+    nan = '<tool_call>{"name": "f", "arguments": {"x": NaN}}</tool_call>'
+    assert parse_hermes(nan) == (nan, [])
+    assert arguments("hermes", '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>') == "not json"
+    assert arguments("hermes", '<tool_call>{"name": "f", "arguments": "{\\"x\\": 1}"}</tool_call>') == {"x": 1}
+    listed = {"f": {"type": "object", "properties": ["a"]}}
+    assert arguments("qwen3_coder", "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n"
+                     "</tool_call>", listed) == {"a": "1"}
+    odd_type = {"f": {"type": "object", "properties": {"a": {"type": 5}}}}
+    assert arguments("seed_oss", "<seed:tool_call><function=f><parameter=a>1</parameter></function></seed:tool_call>",
+                     odd_type) == {"a": "1"}
+
+
+def test_tool_parameters_that_are_no_schema_object(model_dir):
+    """A tool whose parameters are not a JSON schema object is a 400 (vLLM's typed FunctionDefinition); one
+    whose properties are not an object reads its call untyped: the reply, streamed or not, was a 500 or a
+    stream cut without [DONE] after the whole generation."""
+    pytest.importorskip("xgrammar")
+    reply = "<tool_call>\n<function=f>\n<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>"
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(tool_call_parser="qwen3_coder"))) as live:
+        local = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        args = dict(model=MODEL, messages=[{"role": "user", "content": "Call f"}], max_tokens=100, temperature=0)
+        for parameters in ("abc", [1]):
+            for choice in ("auto", "none"):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    local.chat.completions.create(**args, tool_choice=choice, tools=[
+                        {"type": "function", "function": {"name": "f", "parameters": parameters}}])
+                assert refused.value.body["param"] == "tools" and "'f'" in refused.value.body["message"]
+        listed = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": ["a"]}}}]
+        out = local.chat.completions.create(**args, tools=listed, extra_body={"guided_choice": [reply]})
+        assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"a": "1"}
+        chunks = list(local.chat.completions.create(**args, tools=listed, extra_body={"guided_choice": [reply]},
+                                                    stream=True))
+        assert [call.function.arguments for c in chunks for call in c.choices[0].delta.tool_calls or []] == \
+            ['{"a": "1"}'] and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_skip_special_tokens_false_keeps_them_in_the_text(client, model_dir):
     """vLLM's skip_special_tokens: a special token the model emits (here forced by logit_bias) is text only
     when asked for; the end-of-sequence token never is."""

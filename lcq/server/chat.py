@@ -238,10 +238,7 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
                        param="tool_choice", code="unsupported_value")
     if parsed and state.settings.tool_call_parser in KEEPS_SPECIAL_TOKENS:
         params.skip_special_tokens = False  # the parser reads tags that are special tokens
-    try:
-        schemas = body.tool_parameters() if parsed else None
-    except ValueError as e:
-        raise invalid_value(str(e), body) from None
+    schemas = body.tool_parameters() if parsed else None  # (checked with the request)
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
     reasoning = reasoning_parser(state.settings.reasoning_parser, text) if state.settings.reasoning_parser else None

@@ -388,12 +388,17 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
         return {"logprobs": "top_logprobs", "prompt": "messages"}.get(name, name)
 
     def invalid(self) -> tuple[str, str] | None:
-        """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools."""
+        """tool_choice checked as OpenAI's API and vLLM's check it: one of its values, and only with tools; and
+        each tool a function whose parameters are a JSON schema object (vLLM's types)."""
         if (wrong := super().invalid()) is not None:
             return wrong
         choice = self.tool_choice
         if (problem := tool_choice_problem(choice, self.tools)) is not None:
             return "tool_choice", problem
+        try:
+            self.tool_parameters()
+        except ValueError as e:
+            return "tools", str(e)
         function = choice.get("function") if isinstance(choice, dict) else None
         if isinstance(choice, dict) and (choice.get("type") != "function" or not isinstance(function, dict) or
                                          not isinstance(function.get("name"), str)):
@@ -442,7 +447,10 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
             function = tool.get("function") if tool.get("type") == "function" else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise ValueError("tools must be {\"type\": \"function\", \"function\": {\"name\": ...}} objects")
-            functions[function["name"]] = function.get("parameters") or {"type": "object"}
+            parameters = function.get("parameters")
+            if parameters is not None and not isinstance(parameters, dict):
+                raise ValueError(f"tools has {function['name']!r}, whose parameters are not a JSON schema object")
+            functions[function["name"]] = parameters or {"type": "object"}
         return functions
 
     def structured_output(self) -> StructuredOutput | None:

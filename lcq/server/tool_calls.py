@@ -55,11 +55,15 @@ from __future__ import annotations
 import ast
 import functools
 import json
+import logging
 import re
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from .protocol import FunctionCall, ToolCall
+
+logger = logging.getLogger("lcq.server")
 
 HERMES_START, HERMES_END = "<tool_call>", "</tool_call>"
 MISTRAL_CALLS, MISTRAL_ARGS = "[TOOL_CALLS]", "[ARGS]"
@@ -94,9 +98,36 @@ _DEEPSEEK_CALLS = {
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
-def _call(name: str, arguments) -> ToolCall:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=text))
+def _call(name: str, arguments: str) -> ToolCall:
+    """A call whose arguments are text as written (a forced call's JSON, gpt-oss's message)."""
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
+
+
+def _call_of(name: str, arguments: Any) -> ToolCall:
+    """A call whose arguments are a value read from the reply, written as JSON: a string is the JSON it holds
+    where it is JSON text, else a JSON string (as vLLM's parsers write it); ValueError where JSON cannot hold
+    the value (NaN and Infinity, which JSON has not), which parsers read as the reply being text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return _call(name, json.dumps(arguments, allow_nan=False))
+
+
+def _json_value(value: Any, text: str) -> Any:
+    """`value`, read from `text`, where JSON can hold it; else the text (NaN, Infinity, a Python set or bytes)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (ValueError, TypeError, RecursionError):
+        return text
+    return value
+
+
+def _properties(schemas: dict[str, dict], name: str) -> dict:
+    """The properties of a tool's parameters schema (none where it has no such object)."""
+    properties = schemas.get(name, {}).get("properties")
+    return properties if isinstance(properties, dict) else {}
 
 
 def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list[ToolCall] | None, str | None]:
@@ -107,7 +138,7 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
         return [_call(forced, text)], finish_reason
     try:
         value = json.loads(text)
-        call = _call(value["name"], value["arguments"])
+        call = _call_of(value["name"], value["arguments"])
     except (ValueError, KeyError, TypeError):
         return None, finish_reason
     return [call], calls_finish(finish_reason)
@@ -143,7 +174,7 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     for match in _HERMES_CALL.finditer(text):
         try:
             value = json.loads(match.group(1))
-            call = _call(value["name"], value.get("arguments", {}))
+            call = _call_of(value["name"], value.get("arguments", {}))
         except (ValueError, KeyError, TypeError):
             continue
         kept.append(text[end:match.start()])
@@ -185,7 +216,7 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     try:
         while at < len(body):
             value, at = decoder.raw_decode(body, at)
-            calls.append(_call(value["name"], value.get("parameters", value.get("arguments", {}))))
+            calls.append(_call_of(value["name"], value.get("parameters", value.get("arguments", {}))))
             while at < len(body) and body[at] in "; \t\n":
                 at += 1
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -208,7 +239,7 @@ def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
     """(None, the calls) for a reply that is one JSON array of calls, else (the text, [])."""
     try:
         values = json.loads(text)
-        calls = [_call(value["name"], value.get("arguments", {})) for value in values] if isinstance(values, list) \
+        calls = [_call_of(value["name"], value.get("arguments", {})) for value in values] if isinstance(values, list) \
             else []
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
@@ -223,10 +254,10 @@ def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
     try:
         for part in (part.strip() for part in parts):
             if part.startswith("["):
-                calls += [_call(value["name"], value.get("arguments", {})) for value in json.loads(part)]
+                calls += [_call_of(value["name"], value.get("arguments", {})) for value in json.loads(part)]
             else:
                 name, arguments = part.split(MISTRAL_ARGS, 1)
-                calls.append(_call(name.strip(), json.loads(arguments)))
+                calls.append(_call_of(name.strip(), json.loads(arguments)))
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
     return (content.strip() or None, calls) if calls else (text, [])
@@ -262,7 +293,7 @@ def _pythonic_calls(source: str) -> list[ToolCall]:
             if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args or \
                     any(keyword.arg is None for keyword in node.keywords):
                 return []
-            calls.append(_call(node.func.id, {keyword.arg: _literal(keyword.value) for keyword in node.keywords}))
+            calls.append(_call_of(node.func.id, {keyword.arg: _literal(keyword.value) for keyword in node.keywords}))
         return calls
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
         return []
@@ -289,7 +320,7 @@ def parse_internlm(text: str) -> tuple[str | None, list[ToolCall]]:
         for action in actions:
             body = action.split(INTERNLM_END, 1)[0]
             value = json.loads(body[body.index("{"):])
-            calls.append(_call(value["name"], value.get("parameters", value.get("arguments", {}))))
+            calls.append(_call_of(value["name"], value.get("parameters", value.get("arguments", {}))))
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
     return (content.strip() or None, calls) if calls else (text, [])
@@ -308,7 +339,7 @@ def parse_json_list(text: str, opening: str, closing: str = "") -> tuple[str | N
     try:
         values, end = json.JSONDecoder().raw_decode(text, at)
         values = [values] if isinstance(values, dict) else values  # (one call without its list)
-        calls = [_call(value["name"], value.get("arguments", value.get("parameters", {}))) for value in values]
+        calls = [_call_of(value["name"], value.get("arguments", value.get("parameters", {}))) for value in values]
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
     rest = text[end:].lstrip()
@@ -327,10 +358,10 @@ def parse_xml_calls(text: str, syntax: tuple[str, str, re.Pattern, re.Pattern], 
     calls = []
     for block in blocks:
         for name, body in function.findall(block.split(end, 1)[0]):
-            properties = (schemas.get(name.strip()) or {}).get("properties") or {}
+            properties = _properties(schemas, name.strip())
             arguments = {key.strip(): _typed(value.removeprefix("\n").removesuffix("\n"), properties.get(key.strip()))
                          for key, value in parameter.findall(body)}
-            calls.append(_call(name.strip(), arguments))
+            calls.append(_call_of(name.strip(), arguments))
     return (content.strip() or None, calls) if calls else (text, [])
 
 
@@ -342,12 +373,12 @@ def parse_glm(text: str, schemas: dict[str, dict]) -> tuple[str | None, list[Too
         name = match.group(1).strip()
         if not name:
             continue
-        properties = (schemas.get(name) or {}).get("properties") or {}
+        properties = _properties(schemas, name)
         arguments = {key.strip(): _written_value(value.strip(), properties.get(key.strip()))
                      for key, value in _GLM_ARGUMENT.findall(match.group(2))}
         kept.append(text[end:match.start()])
         end = match.end()
-        calls.append(_call(name, arguments))
+        calls.append(_call_of(name, arguments))
     kept.append(text[end:])
     content = "".join(kept).strip()
     return (content or None) if calls else text, calls
@@ -355,15 +386,15 @@ def parse_glm(text: str, schemas: dict[str, dict]) -> tuple[str | None, list[Too
 
 def _written_value(value: str, schema: Any) -> Any:
     """A GLM argument: its text where the tool schema says string, else the JSON value or Python literal it
-    reads as, else its text."""
+    reads as where JSON can hold that, else its text."""
     if isinstance(schema, dict) and schema.get("type") == "string":
         return value
     try:
-        return json.loads(value)
+        return _json_value(json.loads(value), value)
     except ValueError:
         pass
     try:
-        return ast.literal_eval(value)
+        return _json_value(ast.literal_eval(value), value)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return value
 
@@ -376,7 +407,7 @@ def parse_deepseek(text: str, calls_syntax: re.Pattern) -> tuple[str | None, lis
     calls = []
     for name, arguments in calls_syntax.findall(block) if found else ():
         try:
-            calls.append(_call(name.strip(), json.loads(arguments)))
+            calls.append(_call_of(name.strip(), json.loads(arguments)))
         except ValueError:
             continue
     return (content.strip() or None, calls) if calls else (text, [])
@@ -384,31 +415,41 @@ def parse_deepseek(text: str, calls_syntax: re.Pattern) -> tuple[str | None, lis
 
 def _typed(value: str, schema: Any) -> Any:
     """An XML parameter's text as its JSON schema's type says: text where the schema is a string's, or
-    gives none, or the text does not read as that type."""
+    gives none, or the text does not read as that type (nan and inf are not JSON numbers)."""
     if value.lower() == "null":
         return None
     kinds = schema.get("type", "string") if isinstance(schema, dict) else "string"
-    kind = next((k for k in ([kinds] if isinstance(kinds, str) else kinds) if k != "null"), "string")
+    kind = next((k for k in (kinds if isinstance(kinds, list) else [kinds]) if k != "null"), "string")
     try:
         if kind == "integer":
             return int(value)
         if kind == "number":
             number = float(value)
-            return int(number) if number.is_integer() else number
+            return int(number) if number.is_integer() else _json_value(number, value)
         if kind == "boolean":
             return value.strip().lower() == "true"
         if kind in ("object", "array"):
-            return json.loads(value)
+            return _json_value(json.loads(value), value)
     except ValueError:
         pass
     return value
 
 
-def reply_parser(parser: str, schemas: dict[str, dict] | None):
+def reply_parser(parser: str, schemas: dict[str, dict] | None) -> Callable[[str], tuple[str | None, list[ToolCall]]]:
     """The function that reads a complete reply in `parser`'s syntax (the XML ones with the request's
-    tool schemas)."""
+    tool schemas). Where the parser fails the reply is text, as vLLM's parsers return it: a finished
+    generation is never lost to a parser's bug (a 500, or a stream cut short)."""
     parse = PARSERS[parser][0]
-    return functools.partial(parse, schemas=schemas or {}) if parser in SCHEMA_TYPED else parse
+    parse = functools.partial(parse, schemas=schemas or {}) if parser in SCHEMA_TYPED else parse
+
+    def read(text: str) -> tuple[str | None, list[ToolCall]]:
+        try:
+            return parse(text)
+        except Exception:
+            logger.exception("the %s tool-call parser failed; the reply is returned as text", parser)
+            return text, []
+
+    return read
 
 
 # name: (parse a complete reply, where a partial reply starts to be held back)
