@@ -1053,6 +1053,31 @@ def test_json_output_through_the_openai_client(client):
         assert refused.value.body["param"] == "response_format"
 
 
+def test_malformed_structured_output_fields_are_400s(server):
+    """A structured-output field of the wrong type is a 400 that names it (some were a 500: a json_schema that
+    is no object, a regex or grammar that is no string; a choice string was read letter by letter), and a
+    guided constraint beside a forced tool call is refused as response_format is (it was dropped unsaid)."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    forced = {"tools": [weather], "tool_choice": "required"}
+    for extra, param in [({"response_format": {"type": "json_schema", "json_schema": "abc"}}, "response_format"),
+                         ({"response_format": {"type": "json_schema", "json_schema": ["x"]}}, "response_format"),
+                         ({"structured_outputs": {"regex": ["a"]}}, "structured_outputs"),
+                         ({"structured_outputs": {"grammar": ['root ::= "a"']}}, "structured_outputs"),
+                         ({"structured_outputs": {"grammar": {"a": 1}}}, "structured_outputs"),
+                         ({"structured_outputs": {"choice": "yes"}}, "structured_outputs"),
+                         ({"structured_outputs": {"choice": ["yes", 1]}}, "structured_outputs"),
+                         ({"structured_outputs": {"json": [1]}}, "structured_outputs"),
+                         ({"guided_choice": "yes"}, "guided_choice"),
+                         ({**forced, "guided_choice": ["x"]}, "guided_choice"),
+                         ({**forced, "structured_outputs": {"regex": "x"}}, "structured_outputs")]:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            if "tools" in extra and path == "/v1/completions":
+                continue
+            response = httpx.post(server.url + path, json={**body, "max_tokens": 5, **extra})
+            assert error_of(response, 400)["param"] == param, (extra, response.text)
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

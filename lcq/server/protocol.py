@@ -110,6 +110,9 @@ def tool_choice_problem(choice: str | dict[str, Any] | None, tools: list[Any] | 
         return "tool_choice 'required' needs at least one tool (tools is empty)"
     return None
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
+# structured_outputs' keys of a constraint (guided_* without "guided_"): the types of those fields, as errors say them
+STRUCTURED_OUTPUTS = {"json": ((dict, str), "a JSON schema: an object, or its JSON text"), "regex": (str, "a string"),
+                      "choice": (list, "a list of strings"), "grammar": (str, "a string")}
 
 
 class SamplingRequest(OpenAIRequest):
@@ -201,7 +204,10 @@ class SamplingRequest(OpenAIRequest):
             if key == "json_object":
                 if value:
                     guided["json_object"] = True
-            elif f"guided_{key}" in GUIDED and value is not None:
+            elif key in STRUCTURED_OUTPUTS and value is not None:
+                kinds, form = STRUCTURED_OUTPUTS[key]
+                if not isinstance(value, kinds) or (key == "choice" and not all(isinstance(c, str) for c in value)):
+                    raise ValueError(f"structured_outputs {key} must be {form}")
                 guided[f"guided_{key}"] = value
             else:
                 raise ValueError(f"structured_outputs has {key!r}, which is not supported (json, regex, choice, "
@@ -241,7 +247,8 @@ class SamplingRequest(OpenAIRequest):
         if kind == "json_object":
             return StructuredOutput()
         if kind == "json_schema":
-            schema = (self.response_format.get("json_schema") or {}).get("schema")
+            json_schema = self.response_format.get("json_schema")
+            schema = json_schema.get("schema") if isinstance(json_schema, dict) else None
             if not isinstance(schema, dict):
                 raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
             # (key order kept: the JSON follows the properties in order)
@@ -457,8 +464,12 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
         schema = self.tool_call_schema()
         if schema is None:
             return super().structured_output()
+        guided = self.guided()
         if (self.response_format or {}).get("type", "text") != "text":
             raise ValueError("response_format cannot be combined with a forced tool call")
+        if guided:
+            name = "structured_outputs" if self.structured_outputs else next(iter(guided))
+            raise ValueError(f"{name} cannot be combined with a forced tool call")
         return StructuredOutput(json.dumps(schema), source="tools")
 
 
