@@ -1078,6 +1078,22 @@ def test_malformed_structured_output_fields_are_400s(server):
             assert error_of(response, 400)["param"] == param, (extra, response.text)
 
 
+def test_null_means_the_default_for_nullable_flags(server, client):
+    """stream, echo and chat's logprobs may be null, as OpenAI's and vLLM's types declare them (clients that
+    write unset fields out, or pass None through the SDK, got a 400): null means false. A logit_bias key must
+    be ASCII digits: "²" leaked int()'s message and "٣" (Arabic-Indic 3) biased token 3."""
+    messages = [{"role": "user", "content": "hi"}]
+    args = dict(model=MODEL, max_tokens=2, temperature=0)
+    plain = client.chat.completions.create(messages=messages, **args)
+    nulls = client.chat.completions.create(messages=messages, logprobs=None, stream=None, **args)
+    assert nulls.choices[0].message.content == plain.choices[0].message.content and nulls.choices[0].logprobs is None
+    completion = client.completions.create(prompt="hi", echo=None, stream=None, **args)
+    assert completion.choices[0].text == client.completions.create(prompt="hi", **args).choices[0].text
+    for key in ("²", "٣", "-1"):
+        error = error_of(httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "logit_bias": {key: 1}}), 400)
+        assert error["param"] == "logit_bias" and "token ids" in error["message"]
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

@@ -17,6 +17,8 @@ from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, Structured
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# A flag that OpenAI's and vLLM's types declare nullable (stream, echo, chat's logprobs): null is false, the default
+NullableFlag = Annotated[bool | None, AfterValidator(bool)]
 
 
 def _not_zero(k: int) -> int:
@@ -151,7 +153,7 @@ class SamplingRequest(OpenAIRequest):
     # vLLM's newer form of the same: {"json" | "regex" | "choice" | "grammar": ..., or "json_object": true}
     structured_outputs: dict[str, Any] | None = None
     ignore_eos: bool = False
-    stream: bool = False
+    stream: NullableFlag = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -267,7 +269,7 @@ class SamplingRequest(OpenAIRequest):
         """logit_bias with integer token ids; raises ValueError for a key that is not one."""
         biases = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.strip().isdigit():
+            if not (key.strip().isascii() and key.strip().isdigit()):  # ("²" and "٣" are digits too)
                 raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
             biases[int(key)] = value
         return biases
@@ -290,7 +292,7 @@ class SamplingRequest(OpenAIRequest):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    echo: bool = False
+    echo: NullableFlag = False
     logprobs: Int64 | None = None
     best_of: Int64 | None = None
     suffix: str | None = None
@@ -376,7 +378,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     prediction: Prediction | None = None
     max_completion_tokens: Count | None = None
-    logprobs: bool = False
+    logprobs: NullableFlag = False
     top_logprobs: Int64 | None = None
     # Known so that they are refused rather than ignored: generation would not honour them.
     tools: list[dict[str, Any]] | None = None
