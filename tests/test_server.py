@@ -386,6 +386,34 @@ def test_legacy_logprobs_name_parts_of_characters_by_their_bytes(client):
     assert all(len(top) >= 5 for top in lp.top_logprobs)  # 5 alternatives each, and the chosen one
 
 
+def test_text_offsets_index_into_the_text(client, model_dir):
+    """Each legacy text_offset is where its token's text starts in `text`: a token counts what it added to the
+    text, so the pieces of a character split over tokens all start where the character does and a skipped
+    special token adds nothing (they counted each piece's U+FFFD and the special token's name, which ran past
+    the text's end); in an echoed prompt and the reply, streamed and not."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    special = {token.content for token in tokenizer.added_tokens_decoder.values() if token.special}
+    marker = tokenizer.convert_tokens_to_ids("<|im_start|>")
+
+    def token_bytes(name: str) -> bytes:
+        return bytes.fromhex(name[6:].replace("\\x", "")) if name.startswith("bytes:") else \
+            b"" if name in special else name.encode()
+
+    for request in (dict(prompt="café 東京", echo=True, extra_body={"guided_regex": "é€😀 ok"}),
+                    dict(prompt="café 東京", extra_body={"guided_regex": "é€😀 ok"}),
+                    dict(prompt="Hi", echo=True, max_tokens=3, logit_bias={str(marker): 100}, temperature=0)):
+        request = {"model": MODEL, "max_tokens": 24, "temperature": 0.5, "seed": 1, "logprobs": 0, **request}
+        choice = client.completions.create(**request).choices[0]
+        written = b""  # the text of the tokens so far: an offset is its whole characters' length
+        for name, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset):
+            assert offset == len(written.decode("utf-8", "ignore")), (request, choice.logprobs)
+            written += token_bytes(name)
+        assert written.decode() == choice.text and choice.logprobs.text_offset[-1] <= len(choice.text)
+        streamed = [offset for chunk in client.completions.create(**request, stream=True) if chunk.choices
+                    for offset in (chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else [])]
+        assert streamed == choice.logprobs.text_offset
+
+
 def test_developer_messages_are_system_messages_for_templates_without_them(server):
     """OpenAI's developer role is the system role's newer name: a template that does not name it (here the
     test model's, which would write any role) gets a system message."""

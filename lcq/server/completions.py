@@ -1,10 +1,12 @@
 """POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from fastapi import APIRouter, Request
 
+from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
@@ -40,15 +42,37 @@ def tokenize_prompts(state: ServerState, prompt, param: str = "prompt",
     return ids, texts
 
 
+class TextOffsets:
+    """Where each token of a text starts in it (OpenAI's text_offset): the length of the whole characters of
+    the tokens before it, as the detokenizer emits them. The pieces of a character split over tokens all
+    start where the character does, every other token's text starts at its offset, and a special token the
+    text skips adds nothing."""
+
+    def __init__(self, tokenizer, context: list[int], skip_special_tokens: bool, start: int = 0):
+        self.detokenizer = IncrementalDetokenizer(tokenizer, context, [], skip_special_tokens)
+        self.decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
+                                        clean_up_tokenization_spaces=False)
+        self.start = start  # where the text begins in what is returned (after an echoed prompt)
+        self.held = 0  # whole characters the detokenizer holds back with a character not whole yet
+
+    def __call__(self, token_id: int) -> int:
+        text = self.detokenizer
+        offset = self.start + len(text.text) + self.held
+        text.add(token_id)
+        pending = text.ids[text.prefix_offset:]  # the tokens not released, after those it decodes them after
+        released = pending[:text.read_offset - text.prefix_offset]
+        self.held = 0 if len(pending) == len(released) else \
+            len(self.decode(pending)[len(self.decode(released)):].rstrip("\ufffd"))
+        return offset
+
+
 class LogprobFormatter:
-    """OpenAI's legacy logprobs shape, with text offsets continuing across streamed chunks; tokens named by
-    their text, or by id (`tokens_as_ids`)."""
+    """OpenAI's legacy logprobs shape; tokens named by their text, or by id (`tokens_as_ids`)."""
 
     def __init__(self, top: int, tokens_as_ids: bool, token_bytes: Callable[[int], bytes]):
         self.top = top
         self.tokens_as_ids = tokens_as_ids
         self.token_bytes = token_bytes
-        self.offsets: dict[int, int] = {}
 
     def name(self, token_id: int, text: str) -> str:
         """The token's text; a part of a character (U+FFFD as text) by its bytes, "bytes:\\xe2\\x80" as OpenAI
@@ -57,23 +81,22 @@ class LogprobFormatter:
             return "bytes:" + "".join(f"\\x{byte:02x}" for byte in self.token_bytes(token_id))
         return token_name(token_id, text, self.tokens_as_ids)
 
-    def format(self, index: int, entries: list[TokenLogprob | tuple[int, str]]) -> CompletionLogprobs:
-        """Entries are the tokens' logprobs, or (id, text) for the echoed prompt's first token, which has none."""
+    def format(self, *parts: tuple[list[TokenLogprob | tuple[int, str]], TextOffsets]) -> CompletionLogprobs:
+        """Each part's entries (the echoed prompt's, the reply's), their offsets from its TextOffsets. Entries
+        are the tokens' logprobs, or (id, text) for the echoed prompt's first token, which has none."""
         out = CompletionLogprobs()
-        offset = self.offsets.get(index, 0)
-        for entry in entries:
-            if isinstance(entry, TokenLogprob):
-                token_id, text, logprob = entry.token_id, entry.token, entry.logprob
-                top = {self.name(i, alternative): lp for i, alternative, lp in entry.top[:self.top]}
-                top[self.name(token_id, text)] = logprob  # the chosen one too: up to logprobs + 1, as OpenAI's
-            else:
-                (token_id, text), logprob, top = entry, None, None
-            out.tokens.append(self.name(token_id, text))
-            out.token_logprobs.append(logprob)
-            out.top_logprobs.append(top)
-            out.text_offset.append(offset)
-            offset += len(text)  # the text's, even where tokens are named by id: offsets index into the text
-        self.offsets[index] = offset
+        for entries, offsets in parts:
+            for entry in entries:
+                if isinstance(entry, TokenLogprob):
+                    token_id, text, logprob = entry.token_id, entry.token, entry.logprob
+                    top = {self.name(i, alternative): lp for i, alternative, lp in entry.top[:self.top]}
+                    top[self.name(token_id, text)] = logprob  # the chosen one too: up to logprobs + 1, as OpenAI's
+                else:
+                    (token_id, text), logprob, top = entry, None, None
+                out.tokens.append(self.name(token_id, text))
+                out.token_logprobs.append(logprob)
+                out.top_logprobs.append(top)
+                out.text_offset.append(offsets(token_id))
         return out
 
 
@@ -87,6 +110,9 @@ async def create_completion(body: CompletionRequest, request: Request):
     kept = [body.truncated(ids, state.engine.max_model_len) for ids in prompts]
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
+    # an echoed prompt shows its special tokens (a BOS) where it is decoded: sent as ids, or cut
+    as_sent = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
+    echo_skips_special = [as_sent and len(ids) == len(cut) for ids, cut in zip(prompts, kept)]
     prompts = kept
     defaults = state.engine.sampling_defaults
     max_tokens = defaults.get("max_tokens", DEFAULT_MAX_TOKENS) if body.max_tokens is None else body.max_tokens
@@ -109,6 +135,16 @@ async def create_completion(body: CompletionRequest, request: Request):
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body), state.engine.token_bytes) \
         if body.logprobs is not None else None
+    reply_offsets: dict[int, TextOffsets] = {}  # each choice's, continued across its streamed chunks
+
+    def parts(choice: Choice, echo: list, generated: list) -> tuple[tuple[list, TextOffsets], ...]:
+        """LogprobFormatter.format's parts of a choice: its echoed prompt's entries, then its generated ones,
+        whose text follows the echoed prompt's (decoded as the engine decodes it, after the prompt)."""
+        prompt = choice.index // params.n
+        if choice.index not in reply_offsets:
+            reply_offsets[choice.index] = TextOffsets(tokenizer, prompts[prompt], params.skip_special_tokens,
+                                                      len(prompt_texts[prompt]) if body.echo else 0)
+        return (echo, TextOffsets(tokenizer, [], echo_skips_special[prompt])), (generated, reply_offsets[choice.index])
 
     def echoed(choice: Choice, prompt_logprobs: list[TokenLogprob | None] | None) -> tuple[str, list]:
         """The prompt text and its logprob entries that `echo` puts before the completion (the first
@@ -142,12 +178,12 @@ async def create_completion(body: CompletionRequest, request: Request):
         def on_delta(choice: Choice, out: RequestOutput):
             if out.prompt_logprobs is not None and body.echo:
                 text, entries = echoed(choice, out.prompt_logprobs)
-                yield choice_chunk(choice, text=text, logprobs=logprobs.format(choice.index, entries))
+                yield choice_chunk(choice, text=text, logprobs=logprobs.format(*parts(choice, entries, [])))
             if scoring:
                 if out.finish_reason:
                     yield choice_chunk(choice, text="", finish_reason=ending(out.finish_reason))
             elif out.text or out.finish_reason or (logprobs and out.logprobs):
-                lp = logprobs.format(choice.index, out.logprobs or []) if logprobs else None
+                lp = logprobs.format(*parts(choice, [], out.logprobs or [])) if logprobs else None
                 yield choice_chunk(choice, text=out.text, logprobs=lp, finish_reason=out.finish_reason,
                                    stop_reason=out.stop_reason)
 
@@ -162,7 +198,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     for choice in generation.choices:
         text, entries = echoed(choice, choice.prompt_logprobs)
         generated, generated_text = ([], "") if scoring else (choice.logprobs, choice.text)
-        lp = logprobs.format(choice.index, entries + generated) if logprobs else None
+        lp = logprobs.format(*parts(choice, entries, generated)) if logprobs else None
         choices.append(CompletionChoice(index=choice.index, text=text + generated_text, logprobs=lp,
                                         finish_reason=ending(choice.finish_reason),
                                         stop_reason=None if scoring else choice.stop_reason))
