@@ -1134,6 +1134,18 @@ def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):
         assert llm.generate([PROMPTS[1]], alone)[0].token_ids == completion.token_ids
 
 
+def test_a_row_with_no_token_left_fails_its_request_alone_greedy_or_sampled(llm):
+    """allowed_token_ids that hold only EOS, with min_tokens holding EOS back, leave a row nothing to emit:
+    the request fails, greedy as sampled (greedy emitted token 0, which was not allowed), and the others in
+    its batch go on."""
+    eos = min(llm.engine.eos_ids)
+    stuck = [SamplingParams(max_tokens=4, temperature=temperature, min_tokens=2, allowed_token_ids=[eos])
+             for temperature in (0.0, 1.0)]
+    outs = llm.generate([PROMPTS[0], PROMPTS[1], PROMPTS[2]], [stuck[0], GREEDY, stuck[1]])
+    assert [(o.finish_reason, o.token_ids) for o in (outs[0], outs[2])] == [("error", []), ("error", [])]
+    assert outs[1].token_ids == llm.generate([PROMPTS[1]], GREEDY)[0].token_ids and len(outs[1].token_ids) == 12
+
+
 def test_an_interrupted_offline_generate_leaves_the_llm_usable(llm, monkeypatch):
     """Ctrl-C in the middle of LLM.generate (a notebook's usual way out) aborts that call's requests: the
     next calls get their own tokens, where they had clashed with the ids left behind. One prompt may be

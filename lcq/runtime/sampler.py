@@ -25,6 +25,15 @@ def argmax(values: torch.Tensor) -> torch.Tensor:
     return cpu_ops.argmax(values) if cpu_ops.usable(values) else values.argmax(dim=-1)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's most likely token, or -1 where a row has no finite logit (every token ruled out by
+    allowed_token_ids, bad words, min_tokens or a grammar): checked_tokens then fails that row's
+    sequence, where argmax would emit token 0 as if it were allowed."""
+    chosen = argmax(logits)
+    best = logits.gather(1, chosen.to(logits.device).unsqueeze(1)).squeeze(1).to(chosen.device)
+    return torch.where(best.isfinite(), chosen, -1)
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (prompt and output tokens, as in vLLM/HF), presence and frequency (output tokens), in
     place, touching only each row's tokens (whole-vocabulary passes per row took 0.1 ms a row), whose
@@ -194,15 +203,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
         constrain(logits, seqs)
     sampled = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
     if len(sampled) == len(seqs):
-        return _checked(sample_rows(logits, seqs).tolist(), logits.shape[1]), logprobs
-    chosen = argmax(logits)
+        return checked_tokens(sample_rows(logits, seqs).tolist(), logits.shape[1]), logprobs
+    chosen = greedy_tokens(logits)
     if sampled:
         rows = torch.tensor(sampled, device=logits.device)
         chosen[rows] = sample_rows(logits[rows], [seqs[row] for row in sampled]).to(chosen.device, chosen.dtype)
-    return _checked(chosen.tolist(), logits.shape[1]), logprobs
+    return checked_tokens(chosen.tolist(), logits.shape[1]), logprobs
 
 
-def _checked(tokens: list[int], vocab: int) -> list[int]:
+def checked_tokens(tokens: list[int], vocab: int) -> list[int]:
     """The tokens, unless a row had none to draw from (every logit -inf or NaN, where the draw gives -1 or
     the vocabulary size): then an error, which fails that row's sequence alone (LLMEngine._sample_each)."""
     if any(not 0 <= token < vocab for token in tokens):

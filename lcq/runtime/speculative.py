@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampler import apply_biases, argmax, biased, draw, filtered_probs
+from .sampler import apply_biases, biased, checked_tokens, draw, filtered_probs, greedy_tokens
 from .sequence import Sequence
 
 PREDICTION_DRAFT_TOKENS = 8  # drafts a step from a prediction where prompt lookup drafts fewer (or none)
@@ -129,7 +129,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
     rows = [seq for seq, draft in zip(seqs, drafts) for _ in range(len(draft) + 1)]
     if biased(seqs):
         logits = apply_biases(logits.clone(), rows)
-    best = argmax(logits).tolist()
+    best = greedy_tokens(logits).tolist()
     probs = filtered_probs(logits, rows) if any(not seq.params.greedy for seq in seqs) else None
     emitted, row = [], 0
     for i, (seq, draft) in enumerate(zip(seqs, drafts)):
@@ -141,7 +141,7 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]],
             tokens.append(token)
             if j == len(draft) or token != draft[j]:
                 break
-        emitted.append(tokens)
+        emitted.append(checked_tokens(tokens, logits.shape[1]))
         row += len(draft) + 1
     return emitted
 
