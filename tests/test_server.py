@@ -526,6 +526,10 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert reply.choices[0].message.content is not None
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2).choices
+    with pytest.raises(openai.BadRequestError) as refused:  # fewer than n: wrong, not unsupported (vLLM's words)
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=1)
+    assert refused.value.body["message"] == "best_of must be greater than or equal to n, got n=2 and best_of=1."
+    assert refused.value.body["code"] == "invalid_value"
 
 
 def test_chat_template_options(server, client):
@@ -1502,6 +1506,8 @@ def test_lora_adapters_are_served_as_models_of_their_own(model_dir, tmp_path):
         client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         cards = {card.id: card for card in client.models.list().data}
         assert set(cards) == {MODEL, "sql-lora"} and cards["sql-lora"].parent == MODEL
+        # vLLM's root (the folder served) and permission (none)
+        assert [(card.root, card.permission) for card in cards.values()] == [(str(model_dir), []), (str(adapter), [])]
         assert client.models.retrieve("sql-lora").parent == MODEL
         for name, text in expected.items():
             out = client.completions.create(model=name, prompt=prompt, max_tokens=6, temperature=0,

@@ -297,6 +297,15 @@ class CompletionRequest(SamplingRequest):
     best_of: Int64 | None = None
     suffix: str | None = None
 
+    def invalid(self) -> tuple[str, str] | None:
+        """best_of below n, in vLLM's words."""
+        if (wrong := super().invalid()) is not None:
+            return wrong
+        n = self.n or 1
+        if self.best_of is not None and self.best_of < n:
+            return "best_of", f"best_of must be greater than or equal to n, got n={n} and best_of={self.best_of}."
+        return None
+
     def unsupported(self) -> tuple[str, str] | None:
         """best_of (ranking more samples than returned) and suffix (insertion) are not implemented."""
         if (refused := super().unsupported()) is not None:
@@ -692,8 +701,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(default_factory=now)
     owned_by: str = "lcq"
+    root: str | None = None  # vLLM's: the folder served (the model's, or a LoRA adapter's)
     parent: str | None = None  # a LoRA adapter's base model
     max_model_len: int | None = None
+    permission: list[dict[str, Any]] = Field(default_factory=list)  # vLLM's (OpenAI's former field): none here
 
 
 class ModelList(BaseModel):
