@@ -67,6 +67,24 @@ def test_a_sliding_group_holds_its_window_and_the_full_group_everything():
     assert manager.num_free_blocks == manager.num_total_blocks
 
 
+def test_a_full_pool_grows_a_sequence_whose_window_hands_back_more_than_it_takes():
+    """can_grow counts the blocks a sliding window has passed as free: grow must hand every group's back
+    before it takes any, or the full group, which comes first, finds the pool empty (it raised
+    StopIteration from an exactly full pool, failing every request of the engine's step)."""
+    manager = BlockManager(12, 8, enable_prefix_caching=False, windows=(0, 9))
+    first, second = _sequence(41), _sequence(3)
+    for seq, count in ((first, 40), (second, 3)):
+        manager.grow(seq, count)
+        seq.num_computed_tokens = count
+    assert manager.num_free_blocks == 0 and manager.can_grow(first, 41)  # 2 new blocks, 4 passed
+    manager.grow(first, 41)
+    full, sliding = first.block_tables
+    assert len(full) == len(sliding) == 6 and sliding[:4] == [RELEASED] * 4 and manager.num_free_blocks == 2
+    for seq in (first, second):
+        manager.release(seq)
+    assert manager.num_free_blocks == manager.num_total_blocks
+
+
 @pytest.fixture(scope="module", params=["gemma3", "gemma2", "mistral", "llama4"])
 def windowed(request, tmp_path_factory):
     """Gemma 3 (three 8-token sliding layers, then a full one: four groups of one layer), Gemma 2 (sliding

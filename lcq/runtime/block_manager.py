@@ -182,11 +182,12 @@ class BlockManager:
         if self.free_states and seq.state_slot is None:
             seq.state_slot = self.free_states.pop()
         before = len(seq.block_tables[0]), seq.num_released
-        for group, table in enumerate(seq.block_tables):
+        for group, table in enumerate(seq.block_tables):  # every group's first: can_grow counted them as free
             for index in self._passed(seq, group):
                 if table[index] != RELEASED:
                     self._give_back(table[index])
                     table[index] = RELEASED
+        for table in seq.block_tables:
             while len(table) < self.blocks_needed(num_tokens):
                 block_id = self._next_free(table)
                 block = self.blocks[block_id]
