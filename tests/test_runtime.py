@@ -379,6 +379,24 @@ def test_linear_attention_prefix_caching_keeps_prompts_and_replies_states(tmp_pa
     assert plain.generate([second], GREEDY)[0].usage.cached_tokens == 0 and not plain.engine.blocks.enable_prefix_caching
 
 
+@pytest.mark.parametrize("arch", ["qwen3_5", "lfm2"])
+def test_recurrent_states_start_from_zeros_whichever_path_takes_the_first_step(tmp_path, arch):
+    """A state slot held an earlier sequence's states: a sequence whose first step is a decode-shaped one
+    (a one-token prompt, alone or beside decoding requests, or a first chunk of one token) took them up,
+    where only prefill steps started from zeros. Each gives transformers' greedy tokens, every time."""
+    folder = make_tiny_hf(tmp_path, arch)
+    reference = load_reference_model(folder)
+    short, longer = [5], [7, 8, 9]
+    expected = {tuple(p): _transformers_greedy(folder, p, 6, reference) for p in (short, longer)}
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = LLM(str(folder), block_size=8, enable_prefix_caching=False, **FP32)
+    assert [llm.generate([short], params)[0].token_ids for _ in range(2)] == [expected[(5,)]] * 2
+    beside = llm.generate([longer, short], [GREEDY, params])  # the one-token prompt joins a decode step
+    assert beside[1].token_ids == expected[(5,)]
+    chunked = LLM(str(folder), block_size=8, enable_prefix_caching=False, max_num_batched_tokens=1, **FP32)
+    assert [chunked.generate([longer], params)[0].token_ids for _ in range(2)] == [expected[(7, 8, 9)]] * 2
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
 def test_a_failing_request_fails_alone(tmp_path, monkeypatch, arch):
     """A request whose sampling fails finishes with an error, and the others of its steps keep their tokens:

@@ -575,7 +575,7 @@ class LlamaModel(torch.nn.Module):
         for mixer in self.recurrent_mixers():
             mixer.keep_states(kept)
 
-    def copy_states(self, source: int, target: int) -> None:
-        """Every recurrent mixer's states of slot `source` copied into slot `target`."""
+    def copy_states(self, source: int | None, target: int) -> None:
+        """Every recurrent mixer's states of slot `source` (None: zeros) copied into slot `target`."""
         for mixer in self.recurrent_mixers():
             mixer.copy_state(source, target)

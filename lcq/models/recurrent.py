@@ -68,10 +68,15 @@ class RecurrentMixer(torch.nn.Module):
             self.conv_states[slot], self.recurrent_states[slot] = self.drafted[slot][tokens - 1]
         self.drafted = {}
 
-    def copy_state(self, source: int, target: int) -> None:
-        """Slot `target`'s states made those of slot `source` (a prompt's state kept, or taken up again)."""
-        self.conv_states[target] = self.conv_states[source]
-        self.recurrent_states[target] = self.recurrent_states[source]
+    def copy_state(self, source: int | None, target: int) -> None:
+        """Slot `target`'s states made those of slot `source` (a prompt's state kept, or taken up again), or
+        zeros where source is None (a sequence's first step, whichever path runs it)."""
+        if source is None:
+            self.conv_states[target] = 0
+            self.recurrent_states[target] = 0
+        else:
+            self.conv_states[target] = self.conv_states[source]
+            self.recurrent_states[target] = self.recurrent_states[source]
 
     def split(self, projected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """in_proj's output (T, width) as the convolution's input (T, conv_dim) and the rest (T, ...)."""
@@ -129,9 +134,8 @@ class RecurrentMixer(torch.nn.Module):
             return self.out_proj(cpu_ops.recurrent_step(layer, context.state_slots, projected, self.out_width()))
         conv_input, rest = self.split(projected)
         if not decode:  # each query through its slot, in order
-            out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, fresh,
-                                            slot in context.drafting_slots)
-                             for begin, end, slot, fresh in _sequences(context)])
+            out = torch.cat([self._sequence(conv_input[begin:end], rest[begin:end], slot, slot in context.drafting_slots)
+                             for begin, end, slot in _sequences(context)])
         else:
             slots = context.state_slots
             window = torch.cat([self.conv_states[slots], conv_input.unsqueeze(-1).to(self.conv_states.dtype)], -1)
@@ -144,13 +148,10 @@ class RecurrentMixer(torch.nn.Module):
             out = out[:, 0]
         return self.out_proj(self.output(out, rest, hidden.dtype))
 
-    def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, fresh: bool, drafting: bool = False
+    def _sequence(self, conv_input: torch.Tensor, rest: torch.Tensor, slot: int, drafting: bool = False
                   ) -> torch.Tensor:
-        """The new tokens of one query, from its slot's state or (fresh) from zeros; where drafting (one token
-        of a sequence verifying drafts), the states after it kept aside."""
-        if fresh:
-            self.conv_states[slot] = 0
-            self.recurrent_states[slot] = 0
+        """The new tokens of one query, from its slot's state; where drafting (one token of a sequence
+        verifying drafts), the states after it kept aside."""
         window = torch.cat([self.conv_states[slot], conv_input.t().to(self.conv_states.dtype)], dim=-1)
         self.conv_states[slot] = window[:, window.shape[1] - self.conv_states.shape[-1]:]
         convolved = F.conv1d(window.unsqueeze(0), self.conv_weight.unsqueeze(1), self.conv_bias,
@@ -169,11 +170,10 @@ def parameter(*shape: int, dtype: torch.dtype) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.empty(*shape, dtype=dtype), requires_grad=False)
 
 
-def _sequences(context) -> list[tuple[int, int, int, bool]]:
-    """(first row, end row, state slot, whether it starts at the sequence's first token) per sequence."""
-    starts, lengths = context.query_start.tolist(), context.context_lens.tolist()
-    return [(begin, end, slot, length == end - begin)
-            for begin, end, length, slot in zip(starts, starts[1:], lengths, context.state_slots.tolist())]
+def _sequences(context) -> list[tuple[int, int, int]]:
+    """(first row, end row, state slot) per sequence."""
+    starts = context.query_start.tolist()
+    return list(zip(starts, starts[1:], context.state_slots.tolist()))
 
 
 def in_chunks(tensors: tuple[torch.Tensor, ...], size: int) -> list[torch.Tensor]:

@@ -66,7 +66,7 @@ class BlockManager:
         self.free_states = list(range(state_slots))[::-1]
         self.snapshots: OrderedDict[int, int] = OrderedDict()  # chain hash -> slot, least recently used first
         self.free_snapshots = list(snapshot_slots)[::-1]
-        self.state_copies: list[tuple[int, int]] = []  # (from slot, to slot) for the runner, before the next step
+        self.state_copies: list[tuple[int | None, int]] = []  # (from slot or None: zeros, to slot) before the next step
         self.restoring: set[int] = set()  # kept states' slots that sequences take up before their next step
 
     @property
@@ -181,6 +181,7 @@ class BlockManager:
             seq.block_tables = [[] for _ in self.windows]
         if self.free_states and seq.state_slot is None:
             seq.state_slot = self.free_states.pop()
+            self.state_copies.append((None, seq.state_slot))  # zeros: it holds the last sequence's states
         before = len(seq.block_tables[0]), seq.num_released
         for group, table in enumerate(seq.block_tables):  # every group's first: can_grow counted them as free
             for index in self._passed(seq, group):
@@ -241,9 +242,9 @@ class BlockManager:
         if rolling:
             seq.rolling_snapshot = key
 
-    def take_state_copies(self, seqs: list[Sequence]) -> list[tuple[int, int]]:
-        """The state copies due before a step of `seqs`, in order: the states kept since the last step, then
-        the kept states those sequences take up."""
+    def take_state_copies(self, seqs: list[Sequence]) -> list[tuple[int | None, int]]:
+        """The state copies (from, to) due before a step of `seqs`, in order: the states kept since the last step
+        and the slots taken since (from None: zeroed), then the kept states those sequences take up."""
         copies, self.state_copies = self.state_copies, []
         for seq in seqs:
             if seq.state_restore is not None:

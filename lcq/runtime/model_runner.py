@@ -245,8 +245,9 @@ class ModelRunner:
         if kept:
             self.model.keep_states(kept)
 
-    def copy_states(self, copies: list[tuple[int, int]]) -> None:
-        """Recurrent layers' state slots copied (from, to) in order: prefixes' states kept and taken up."""
+    def copy_states(self, copies: list[tuple[int | None, int]]) -> None:
+        """Recurrent layers' state slots copied (from, to) in order: prefixes' states kept and taken up, and
+        slots zeroed (from None) for the sequences that take them."""
         for source, target in copies:
             self.model.copy_states(source, target)
 
