@@ -18,37 +18,64 @@
 # check every product they time against the dequantized weight. GPU tests run in parallel, stopped with
 # SIGINT at their time limit so that pytest still prints its summary of failures (and the slowest tests).
 #
-# It writes OUTPUT_DIR/gpu-session.tgz: each step's log and every results file the steps wrote
+# SECONDS caps the whole session, whatever the steps do: each step's limit is cut to what is left of it, less the
+# 15 s a step stopped with SIGINT has before KILL and the time of the last archive, and a step is skipped when
+# less than it needs is left (a step's worst case is its limit plus those 15 s).
+#
+# It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
+# machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
 budget=${2:-580}
+grace=15   # a step's SIGINT-to-KILL time
+closing=10  # kept for the last archive
 logs=gpu-session
 mkdir -p "$out" "$logs"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}  # the GPU image's python3 holds torch and triton
 workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 started=$(date +%s)
+stamp=$(mktemp)  # the results files written after it are this session's
+trap 'rm -f "$stamp"' EXIT
 
-step() {  # step SECONDS NAME COMMAND...: run with a time limit (SIGINT, then KILL), log to gpu-session/NAME.log
-    local limit=$1 name=$2
-    shift 2
-    echo "== $name (limit ${limit}s, $(($(date +%s) - started))s into the session)"
-    timeout -s INT --kill-after=15 "$limit" "$@" >"$logs/$name.log" 2>&1
-    echo "   exit $? after $(($(date +%s) - started))s; last lines:"
-    tail -n 4 "$logs/$name.log" | sed 's/^/   /'
+elapsed() { echo $(($(date +%s) - started)); }
+left() { echo $((budget - grace - closing - $(elapsed))); }  # the longest limit a step may have now
+
+pack() {  # the archive so far, written aside and then renamed, so that a kill while writing keeps the last one
+    tar -czf "$out/gpu-session.tgz.part" "$logs" \
+        $(find bench/results -maxdepth 1 -name '*.json' -newer "$stamp" 2>/dev/null | sort) &&
+        mv -f "$out/gpu-session.tgz.part" "$out/gpu-session.tgz"
+    echo "   wrote $out/gpu-session.tgz after $(elapsed)s"
 }
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step() {  # step LIMIT LEAST NAME COMMAND...: run for at most LIMIT s (SIGINT, then KILL), less if less is left,
+    local limit=$1 least=$2 name=$3 now  # none if under LEAST s is left; log to gpu-session/NAME.log
+    shift 3
+    now=$(left)
+    if [ "$now" -lt "$least" ]; then
+        echo "== $name skipped: ${now}s left, it needs ${least}s ($(elapsed)s into the session)"
+        return 0
+    fi
+    [ "$limit" -gt "$now" ] && limit=$now
+    echo "== $name (limit ${limit}s, $(elapsed)s into the session)"
+    timeout -s INT --kill-after=$grace "$limit" "$@" >"$logs/$name.log" 2>&1
+    echo "   exit $? after $(elapsed)s; last lines:"
+    tail -n 4 "$logs/$name.log" | sed 's/^/   /'
+    pack
+}
+
+{ timeout --kill-after=5 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  timeout --kill-after=5 30 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 } >"$logs/device.txt" 2>&1
 cat "$logs/device.txt"
+slug=$(sed -n 2p "$logs/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
+slug=${slug:-gpu}
+pack
 
-left() { echo $((budget - 10 - ($(date +%s) - started))); }
-
-step 50 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
+step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
 # First the GPU tests that run the decode step as the engine does (the layers' kernels, graphed and eager, against
 # transformers): the numbers after them are only worth what these say
@@ -56,36 +83,26 @@ check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows 
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py)
-step 90 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
+step 90 30 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
-step 30 dependent-launch "$py" bench/dependent_launch.py
-step 240 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
+step 30 15 dependent-launch "$py" bench/dependent_launch.py
+step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
     --variants byte-book-8,int8,byte-book,no-pdl
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
-step 45 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
-slug=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
-step 100 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"
+step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
+step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do
-        step 40 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
+        step 40 20 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \
             --section WarpStateStats --section SchedulerStats "$py" bench/profile_one_row.py --rank 1 $form
     done
 fi
-tests=$(left); tests=$((tests > 240 ? 240 : tests))
-if [ "$tests" -ge 30 ]; then  # (a limit of 0 would be none at all)
-    step "$tests" test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider \
-        -m gpu -k "not ($check)" "${gpu_tests[@]}"
-fi
-if [ "$(left)" -ge 100 ]; then
-    step "$(left)" generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
-        --out bench/results/generate-gpu-quick-fp16.json
-fi
+step 240 30 test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider \
+    -m gpu -k "not ($check)" "${gpu_tests[@]}"
+step "$budget" 100 generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
+    --out bench/results/generate-gpu-quick-fp16.json
 if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
-    step 60 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
-    step "$(left)" kernels-quick "$py" bench/kernels.py --quick
+    step 60 30 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
+    step "$budget" 60 kernels-quick "$py" bench/kernels.py --quick
 fi
-
-tar -czf "$out/gpu-session.tgz" "$logs" $(ls bench/results/kernels-*.json bench/results/generate-gpu*.json \
-    bench/results/dependent-launch-*.json \
-    2>/dev/null)
-echo "wrote $out/gpu-session.tgz after $(($(date +%s) - started))s"
+echo "done after $(elapsed)s"

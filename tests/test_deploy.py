@@ -2,7 +2,8 @@
 
 Compose, Prometheus, Grafana, nginx and Kubernetes files are parsed and cross-checked against the server's
 real metric registry, its serve flags and the Makefile's install and serve commands. Where an nginx binary
-is installed, the shipped nginx.conf also runs in front of live servers.
+is installed, the shipped nginx.conf also runs in front of live servers. The GPU session script
+(bench/gpu_session.sh) runs on a fake clock, with stubs for its commands, to check its time budget.
 """
 from __future__ import annotations
 
@@ -262,3 +263,55 @@ def test_shipped_nginx_retries_generation_on_a_replica_that_answers_503(tmp_path
             reply = via.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
             assert reply.usage.completion_tokens == 2
         assert loading.metric("lcq:http_requests_total", status="503") >= 1
+
+
+FAKE_BIN = {  # a fake clock: every step takes its whole time limit and then its SIGINT-to-KILL time (nothing sleeps)
+    "timeout": 'while [[ $1 == -* ]]; do [ "$1" = "-s" ] && shift; shift; done\n'
+               'echo "$1" >> "$SIMCLOCK.limits"; echo $(( $(cat "$SIMCLOCK") + $1 + 15 )) > "$SIMCLOCK"; exit 124\n',
+    "date": 'if [ "$1" = "+%s" ]; then cat "$SIMCLOCK"; else /bin/date "$@"; fi\n',
+    "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3"\n',
+    "ncu": 'echo ncu\n',
+    "python3": 'echo $(( $(cat "$SIMCLOCK") + 8 )) > "$SIMCLOCK"; echo "python3 outside a time limit" >&2\n',
+}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@pytest.mark.parametrize("budget", [300, 580, 900])  # 900: the NCU steps and the 240 s tests run, capped
+def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_take(tmp_path, budget):
+    """bench/gpu_session.sh on a fake clock with NCU=1, every step (the device probe and the NCU steps too) taking
+    its whole limit plus the 15 s grace before KILL: each step's archive is written before SECONDS is spent, and
+    written again after every step, so that a command killed at the machine's limit brings back what finished."""
+    import os
+    import shutil
+    import subprocess
+    import tarfile
+
+    if shutil.which("bash") is None or shutil.which("tar") is None:
+        pytest.skip("needs bash and tar")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for name, body in FAKE_BIN.items():
+        (fake / name).write_text("#!/bin/bash\n" + body)
+        (fake / name).chmod(0o755)
+    clock = tmp_path / "clock"
+    clock.write_text("0\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT", "NCU")}
+    env.update(PATH=f"{fake}:{env['PATH']}", SIMCLOCK=str(clock), NCU="1")
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "out", str(budget)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "outside a time limit" not in done.stderr
+    started = re.findall(r"^== (\S+) \(limit (\d+)s, (\d+)s into the session\)$", done.stdout, re.M)
+    written = [int(s) for s in re.findall(r"^   wrote out/gpu-session\.tgz after (\d+)s$", done.stdout, re.M)]
+    assert len(started) >= 3 and len(written) == len(started) + 1  # after the device probe, then after each step
+    assert written == sorted(written) and written[-1] <= int(clock.read_text()) <= budget
+    assert all(int(at) + int(limit) + 15 <= budget - 10 for _, limit, at in started)  # 10 s kept for the last archive
+    skipped = re.findall(r"^== (\S+) skipped", done.stdout, re.M)
+    assert {"ncu-one-row", "ncu-one-row--lut", "test-gpu"} <= {name for name, _, _ in started} | set(skipped)
+    if budget == 900:
+        assert {"ncu-one-row", "ncu-one-row--lut", "test-gpu"} <= {name for name, _, _ in started}
+    with tarfile.open(tmp_path / "out" / "gpu-session.tgz") as archive:
+        names = archive.getnames()
+    assert all(f"gpu-session/{name}.log" in names for name, _, _ in started)
+    assert not (tmp_path / "out" / "gpu-session.tgz.part").exists()
