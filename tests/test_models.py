@@ -14,7 +14,7 @@ import torch
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops, native
 from lcq.kernels.cpu_matmul import amx_active, amx_tiles, cpu_products, products_available
-from lcq.models import ForwardContext, load_model
+from lcq.models import ForwardContext, ModelConfig, load_model
 from lcq.models.attention import PagedAttention
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, phi3_longrope
@@ -1092,6 +1092,22 @@ def test_yarn_matches_transformers_past_the_original_context(tmp_path, monkeypat
     assert config.max_position_embeddings == 256  # 4 x the original, where transformers' config says 64
     long_prompt = [(7 * i + 3) % 300 + 1 for i in range(100)]
     _check_against(load_reference_model(folder), model, PROMPTS + [long_prompt], decode_steps=3)
+
+
+@pytest.mark.parametrize("arch, hidden_act", [("llama", "gelu_pytorch_tanh"), ("qwen2", "gelu_new"),
+                                              ("mistral", "swish")])
+@pytest.mark.parametrize("c_ops", ["1", "0"])
+def test_the_mlp_runs_the_activation_config_names(tmp_path, monkeypatch, arch, hidden_act, c_ops):
+    """A gated family's hidden_act is its MLP's activation (it ran SiLU whatever config.json said); one the
+    kernels lack is refused rather than served as another."""
+    monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
+    folder = make_tiny_hf(tmp_path, arch, hidden_act=hidden_act)
+    model, config = load_model(folder)
+    assert config.activation == ("silu" if hidden_act == "swish" else "gelu_tanh")
+    _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3)
+    other = make_tiny_hf(tmp_path / "relu", arch, hidden_act="relu")
+    with pytest.raises(UserError, match="hidden_act 'relu' is not supported"):
+        ModelConfig.from_folder(other)
 
 
 def test_dynamic_ntk_rope_is_transformers_within_the_models_context(tmp_path):

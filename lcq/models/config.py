@@ -12,12 +12,11 @@ from lcq.format.mtp import MtpNames, mtp_names
 from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
 from .dims import LatentDims, LinearDims, MambaDims, ShortConvDims
-from .families import (GEMMA, HUNYUAN, LATENT, LAYER_NORMS, OLMO3_THETA, QWEN3_5, SUPPORTED_ARCHITECTURES,
-                       UNGATED_FAMILIES)
+from .families import GEMMA, HUNYUAN, LATENT, LAYER_NORMS, OLMO3_THETA, QWEN3_5, SUPPORTED_ARCHITECTURES
 from .family_fields import (bamba_fields, dense_mlp_width, expert_fields, falcon_h1_fields, gemma_fields,
                             gpt_oss_fields, granite_hybrid_fields, latent_fields, layer_type_ropes, lfm2_fields,
-                            llama4_fields, nemotron_h_fields, query_temperature_of, qwen3_5_fields, rotated_dims_of,
-                            stablelm_qk_norms)
+                            llama4_fields, mlp_activation, nemotron_h_fields, query_temperature_of, qwen3_5_fields,
+                            rotated_dims_of, stablelm_qk_norms)
 from .layer_kinds import layer_chunks, layer_windows, rope_layers
 from .layers import ROPE_TYPES, rope_settings
 
@@ -139,10 +138,6 @@ class ModelConfig:
         if rope["rope_type"] not in ROPE_TYPES:
             raise UserError(f"{folder}: rope type {rope['rope_type']!r} is not supported "
                             f"(supported: {', '.join(ROPE_TYPES)})")
-        ungated = UNGATED_FAMILIES.get(c["model_type"])
-        if ungated is not None and c.get("hidden_act", ungated) != ungated:
-            raise UserError(f"{folder}: hidden_act {c['hidden_act']!r} is not supported for this family's MLP "
-                            f"({ungated})")
         if c.get("clip_qkv") is not None:  # an option of OLMoE's (and OLMo 1's) config
             raise UserError(f"{folder}: clip_qkv (clamping queries, keys and values) is not supported")
         heads = c["num_attention_heads"]
@@ -179,7 +174,7 @@ class ModelConfig:
             **latent_fields(c, rope), **qwen3_5_fields(c), **granite_hybrid_fields(c), **lfm2_fields(c),
             **bamba_fields(c), **nemotron_h_fields(c), **falcon_h1_fields(c),
             **({"rotated_dims": rotated_dims_of(c)} if c["model_type"] == "minimax_m2" else {}),
-            **({"activation": UNGATED_FAMILIES[c["model_type"]]} if c["model_type"] in UNGATED_FAMILIES else {}),
+            **mlp_activation(c, folder),
             logit_scale=float(c.get("logit_scale") or 1.0) if c["model_type"] in ("cohere", "cohere2") else
             float(c.get("lm_head_multiplier", 1.0)) if c["model_type"] == "falcon_h1" else 1.0,
             **({"parallel_block": True} if c["model_type"] == "stablelm" and c.get("use_parallel_residual") else {}),

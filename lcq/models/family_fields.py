@@ -11,7 +11,7 @@ from lcq.errors import UserError
 from lcq.format.views import LFM2  # short convolutions (ShortConvDims) in most layers
 
 from .dims import LatentDims, LinearDims, MambaDims, ShortConvDims
-from .families import GRANITE_EXPERTS, LATENT, QWEN3_5
+from .families import GEMMA, GRANITE_EXPERTS, LATENT, QWEN3_5, UNGATED_FAMILIES
 from .layer_kinds import rope_layers
 from .layers import ROPE_TYPES, rope_settings
 
@@ -147,6 +147,26 @@ def bamba_fields(c: dict) -> dict:
     attention = set(c.get("attn_layer_indices") or ())
     return dict(linear_layers=[i not in attention for i in range(c["num_hidden_layers"])], mamba=_mamba_dims(c),
                 mlp_name="feed_forward", rotated_dims=rotated_dims_of(c))
+
+
+# hidden_act -> the gated MLP's activation, for the names transformers gives the two the kernels have
+GATED_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                     "gelu_fast": "gelu_tanh"}
+
+
+def mlp_activation(c: dict, folder: str | Path) -> dict:
+    """The MLP's activation from hidden_act, where the family's own fields do not set it (Gemma's, gpt-oss's and
+    Nemotron-H's do). Another activation is refused: served as SiLU, it would give wrong tokens silently."""
+    if c["model_type"] in (*GEMMA, "gpt_oss", "nemotron_h"):
+        return {}
+    ungated = UNGATED_FAMILIES.get(c["model_type"])
+    name = c.get("hidden_act") or ungated or "silu"
+    if ungated is not None and name != ungated:
+        raise UserError(f"{folder}: hidden_act {name!r} is not supported for this family's MLP ({ungated})")
+    if ungated is None and name not in GATED_ACTIVATIONS:
+        raise UserError(f"{folder}: hidden_act {name!r} is not supported (supported: "
+                        f"{', '.join(GATED_ACTIVATIONS)})")
+    return {"activation": ungated or GATED_ACTIVATIONS[name]}
 
 
 def nemotron_h_fields(c: dict) -> dict:
