@@ -1037,7 +1037,8 @@ def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
     ("qwen2", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1}),  # layers from 1 on
     ("gemma3", {"sliding_window": 7}),  # layer 0, with its own rotary base
     ("gemma2", {"sliding_window": 7}),  # layer 0, scores soft-capped
-    ("exaone4", {"sliding_window": 7})])  # layers 0-2; layer 3 global and NoPE
+    ("exaone4", {"sliding_window": 7}),  # layers 0-2; layer 3 global and NoPE
+    ("qwen3_moe", {"use_sliding_window": True, "sliding_window": 7, "max_window_layers": 1})])  # every layer
 @pytest.mark.parametrize("c_ops", ["1", "0"])
 def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monkeypatch, arch, overrides, c_ops):
     """Prompts of 11 and 20 tokens against a 7-token window, prefilled in chunks of 4 after their
@@ -1046,7 +1047,8 @@ def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monk
     monkeypatch.setattr(cpu_ops, "ENABLED", c_ops == "1")
     folder = make_tiny_hf(tmp_path, arch, dtype=torch.float16, **overrides)
     model, config = load_model(folder)
-    windows = {"mistral": [7, 7], "qwen2": [0, 7], "gemma3": [7, 0], "gemma2": [7, 0], "exaone4": [7, 7, 7, 0]}[arch]
+    windows = {"mistral": [7, 7], "qwen2": [0, 7], "gemma3": [7, 0], "gemma2": [7, 0], "exaone4": [7, 7, 7, 0],
+               "qwen3_moe": [7, 7]}[arch]
     assert config.layer_windows == windows and config.max_position_embeddings == 256
     long_prompt = [(5 * i + 2) % 300 + 1 for i in range(20)]
     _check_against(load_reference_model(folder), model, [PROMPTS[0], long_prompt], decode_steps=4, chunk=4)

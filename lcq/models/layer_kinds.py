@@ -8,8 +8,8 @@ from .families import GEMMA
 def layer_windows(c: dict) -> list[int]:
     """Each layer's sliding window (0: full attention), as transformers reads the config: Gemma's
     layer_types (or every sliding_window_pattern-th layer full: Gemma 3's every 6th, Gemma 2's every
-    2nd), all of Mistral's layers, and Qwen2/3's layers from max_window_layers on where use_sliding_window
-    is set."""
+    2nd), all of Mistral's layers, Qwen2/3's layers from max_window_layers on where use_sliding_window
+    is set, and all of Qwen3-MoE's then."""
     count, kind = c["num_hidden_layers"], c["model_type"]
     if kind in GEMMA:
         window = c.get("sliding_window") or 4096
@@ -17,6 +17,8 @@ def layer_windows(c: dict) -> list[int]:
         default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(count)]
     elif kind in ("mistral", "ministral3", "mixtral"):
         return [c.get("sliding_window") or 0] * count
+    elif kind == "qwen3_moe":  # every layer where use_sliding_window is set: its config has no max_window_layers
+        return [(c.get("sliding_window") or 0) if c.get("use_sliding_window") else 0] * count
     elif kind == "exaone4":
         window, default = c.get("sliding_window"), _exaone4_layer_types(c)
     elif kind == "cohere2":
