@@ -27,8 +27,7 @@ test: venv
 # On a CUDA machine with torch and triton already installed (no venv): compiled kernels and GPU paths.
 # Only the files with GPU tests: the server tests import packages GPU images may lack.
 test-gpu:
-	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_elementwise.py tests/test_quantizer.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py -m gpu
-	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_attention_window.py -k triton
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests/test_elementwise.py tests/test_quantizer.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py -m gpu
 
 # A short GPU lease: kernel builds compiled in parallel, the kernel and 7B generation benchmarks, then the
 # GPU tests in parallel, in one call of at most 9 minutes; logs and results in one archive (see

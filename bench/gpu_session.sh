@@ -11,7 +11,8 @@
 # bytes, with byte codebooks and without dependent launch (--variants byte-book-8,int8,byte-book,no-pdl, in that
 # order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), and with NCU=1 Nsight Compute on one launch of each form
-# (bench/profile_one_row.py) where ncu is installed; the other GPU tests; the 7B fp16 rows (a 13.5 GB random
+# (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
+# and of the Triton attention with windows, chunks, softcap and sinks among them); the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
 # parallel processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweeps
@@ -82,7 +83,7 @@ step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
-           tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py)
+           tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
 step 90 30 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py

@@ -39,6 +39,14 @@ CASES = pytest.mark.parametrize("new, cached", [
 ])
 SHAPES = pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (8, 4, 256)])  # GQA; Gemma 3's heads
 
+# The Triton kernels run interpreted on CPU tensors where there is no GPU, compiled on CUDA tensors where there is
+# one: the cuda case is marked gpu, so that `-m gpu` (make test-gpu, bench/gpu_session.sh) selects it and
+# conftest.py skips it without a GPU; the interpreter is not set up where there is one, so the cpu case is skipped.
+_INTERPRETED = pytest.mark.skipif(torch.cuda.is_available(), reason="compiled on CUDA: the cuda case")
+TRITON_DEVICES = pytest.mark.parametrize("device", [pytest.param("cpu", marks=_INTERPRETED),
+                                                    pytest.param("cuda", marks=pytest.mark.gpu)])
+TRITON_PATHS = [pytest.param("triton", marks=_INTERPRETED), pytest.param("triton-cuda", marks=pytest.mark.gpu)]
+
 
 def _paged_caches(new, cached, kv_heads, head_dim, dtype, block_size=BLOCK):
     """_random_paged_context's context and caches; int8 caches (the C kernels' form) of random values and
@@ -171,11 +179,12 @@ def test_chunked_attention_matches_dense_reference(monkeypatch, path, new, cache
 @pytest.mark.parametrize("new, cached", [([1, 1, 1], [0, 6, 36]), ([1, 1], [4, -1]), ([7, 1, 3], [0, 5, 9]),
                                          ([50, 2, 1], [70, 100, 0])])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_chunked_attention_matches_dense_reference(new, cached, dtype, chunk):
+@TRITON_DEVICES
+def test_triton_chunked_attention_matches_dense_reference(new, cached, dtype, chunk, device):
     """The Triton kernels with chunks (under the interpreter without a GPU), 4 query heads on 2 kv heads."""
     k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
     q = torch.randn(sum(new), 4, 64, dtype=dtype)
-    out = _triton_attention(q, k_cache, v_cache, context, 0.125, -chunk)
+    out = _triton_attention(device, q, k_cache, v_cache, context, 0.125, -chunk)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, -chunk).to(dtype)
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
@@ -198,12 +207,13 @@ def test_c_prefill_window_with_bf16_products(monkeypatch, new, cached, heads, kv
     ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0])])  # prefill: prefixes; several query and key tiles
 @pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # the interpreter's bf16 tl.dot is wrong
-def test_triton_window_matches_dense_reference(new, cached, head_dim, dtype, window):
+@TRITON_DEVICES
+def test_triton_window_matches_dense_reference(new, cached, head_dim, dtype, window, device):
     """The Triton kernels (under the interpreter without a GPU: conftest.py), 4 query heads on 2 kv heads."""
     k_cache, v_cache, context = _paged_caches(new, cached, 2, head_dim, dtype)
     q = torch.randn(sum(new), 4, head_dim, dtype=dtype)
     scale = head_dim ** -0.5
-    out = _triton_attention(q, k_cache, v_cache, context, scale, window)
+    out = _triton_attention(device, q, k_cache, v_cache, context, scale, window)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, scale, window).to(dtype)
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
@@ -230,10 +240,11 @@ def test_softcapped_scores_match_dense_reference(monkeypatch, path, new, cached,
 @pytest.mark.parametrize("window", [0, 6])
 @SOFTCAP_CASES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_softcapped_scores_match_dense_reference(new, cached, dtype, window):
+@TRITON_DEVICES
+def test_triton_softcapped_scores_match_dense_reference(new, cached, dtype, window, device):
     k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
     q = torch.randn(sum(new), 4, 64, dtype=dtype)
-    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window, softcap=0.7)
+    out = _triton_attention(device, q, k_cache, v_cache, context, 0.125, window, softcap=0.7)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window, softcap=0.7).to(dtype)
     torch.testing.assert_close(_zero_padding(out, context), expected, atol=tolerance, rtol=tolerance)
@@ -263,17 +274,18 @@ def test_attention_sinks_match_dense_reference(monkeypatch, path, new, cached, c
 @pytest.mark.parametrize("new, cached", [([1, 1, 1], [0, 6, 36]), ([1, 1], [4, -1]),  # decode, a padding sequence
                                          ([7, 1, 3], [0, 5, 9]), ([50, 2, 1], [70, 100, 0])])  # prefill
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_triton_attention_sinks_match_dense_reference(new, cached, dtype, window, softcap):
+@TRITON_DEVICES
+def test_triton_attention_sinks_match_dense_reference(new, cached, dtype, window, softcap, device):
     k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, dtype)
     q = torch.randn(sum(new), 4, 64, dtype=dtype)
     sinks = _sinks(4)
-    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window, softcap, sinks)
+    out = _triton_attention(device, q, k_cache, v_cache, context, 0.125, window, softcap, sinks)
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     expected = dense_attention(q, k_cache, v_cache, context, BLOCK, 0.125, window, softcap, sinks).to(dtype)
     torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
 
 
-@pytest.mark.parametrize("path", ["torch", "c", "triton"] if cpu_ops.usable() else ["torch", "triton"])
+@pytest.mark.parametrize("path", (["torch", "c"] if cpu_ops.usable() else ["torch"]) + TRITON_PATHS)
 def test_attention_sinks_match_transformers_gpt_oss(monkeypatch, path):
     """A prompt of 40 tokens, 6 query heads on 2 kv heads, through PagedAttention (or the Triton kernels) against
     transformers' own gpt-oss attention with a causal mask."""
@@ -286,8 +298,8 @@ def test_attention_sinks_match_transformers_gpt_oss(monkeypatch, path):
     sinks = _sinks(heads)
     paged = PagedAttention(context, BLOCK, torch.device("cpu"), torch.float32)
     paged.write(k, v, k_cache, v_cache)
-    if path == "triton":
-        out = _triton_attention(q, k_cache, v_cache, context, scale, 0, sinks=sinks)
+    if path.startswith("triton"):
+        out = _triton_attention(_triton_device(path), q, k_cache, v_cache, context, scale, 0, sinks=sinks)
     else:
         out = paged.attend(q, k_cache, v_cache, scale, sinks=sinks)
     module = types.SimpleNamespace(sinks=sinks, num_key_value_groups=heads // kv_heads, training=False)
@@ -338,7 +350,8 @@ def test_rows_before_the_window_are_not_read(monkeypatch, path, cache_dtype, new
 
 
 @pytest.mark.parametrize("new, cached, window", [([1, 1], [37, 100], 6), ([40, 3], [100, 70], 33)])
-def test_triton_reads_from_the_window_tile(new, cached, window):
+@TRITON_DEVICES
+def test_triton_reads_from_the_window_tile(new, cached, window, device):
     """The Triton kernels: decode loads only the window (the rows before it in its first tile are masked
     loads), prefill from the tile of 32 where its first query's window begins."""
     k_cache, v_cache, context = _paged_caches(new, cached, 2, 64, torch.float32)
@@ -350,18 +363,22 @@ def test_triton_reads_from_the_window_tile(new, cached, window):
         return first if n == 1 else first // KEYS * KEYS
 
     k_cache, v_cache = (_poisoned(cache, context, BLOCK, bound) for cache in (k_cache, v_cache))
-    out = _triton_attention(q, k_cache, v_cache, context, 0.125, window)
+    out = _triton_attention(device, q, k_cache, v_cache, context, 0.125, window)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def _triton_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context, scale: float,
-                      window: int, softcap: float = 0.0, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """The step's Triton attention, compiled on a GPU where there is one (`make test-gpu` runs these
-    tests there), else interpreted; the output on the CPU."""
+def _triton_device(path: str) -> str:
+    return "cuda" if path == "triton-cuda" else "cpu"
+
+
+def _triton_attention(device: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context,
+                      scale: float, window: int, softcap: float = 0.0, sinks: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """The step's Triton attention on `device`: compiled on "cuda" (the gpu-marked cases, which `make test-gpu`
+    and bench/gpu_session.sh run), interpreted on "cpu" (without a GPU); the output on the CPU."""
     from lcq.kernels.paged_attention import decode_attention, prefill_attention
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k_cache, v_cache = (t.to(device) for t in (q, k_cache, v_cache))
     sinks = None if sinks is None else sinks.to(device)
     c = dataclasses.replace(context, **{name: getattr(context, name).to(device) for name in
@@ -387,7 +404,7 @@ def _handed_back(context, block_size: int, window: int):
     return dataclasses.replace(context, block_tables=tables)
 
 
-@pytest.mark.parametrize("path", ["torch", "c", "triton"] if cpu_ops.usable() else ["torch", "triton"])
+@pytest.mark.parametrize("path", (["torch", "c"] if cpu_ops.usable() else ["torch"]) + TRITON_PATHS)
 @pytest.mark.parametrize("new, cached, window", [
     ([1, 1, 1], [37, 8, 100], 6), ([1] * 9, [35, 3, 16, 17, 31, 2, 5, 40, 60], 5), ([1, 1], [299, 700], 301),
     ([40, 1, 3], [100, 50, 70], 33), ([50, 2], [70, 100], 8)])
@@ -401,8 +418,8 @@ def test_handed_back_blocks_are_never_read(monkeypatch, path, new, cached, windo
     expected = dense_attention(q, k_cache, v_cache, context, 16, 0.125, window).float()
     released = _handed_back(context, 16, window)
     assert bool((released.block_tables == -1).any())
-    if path == "triton":
-        out = _triton_attention(q, k_cache, v_cache, released, 0.125, window)
+    if path.startswith("triton"):
+        out = _triton_attention(_triton_device(path), q, k_cache, v_cache, released, 0.125, window)
     else:
         out = PagedAttention(released, 16, torch.device("cpu"), torch.float32).attend(q, k_cache, v_cache, 0.125,
                                                                                         window=window)

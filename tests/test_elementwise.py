@@ -19,8 +19,12 @@ from lcq.models.layers import RMSNorm, apply_rotary, mlp_activation
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def _devices():
-    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+# Each kernel interpreted on CPU tensors where there is no GPU, compiled on CUDA tensors where there is one: the cuda
+# case is marked gpu, so that `-m gpu` (make test-gpu, bench/gpu_session.sh) selects it and conftest.py skips it
+# without a GPU; the interpreter is not set up where there is one (conftest.py), so the cpu case is skipped there.
+DEVICES = pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="compiled on CUDA: the cuda case")),
+    pytest.param("cuda", marks=pytest.mark.gpu)])
 
 
 def _rows(rows: int, width: int, dtype: torch.dtype, device: str, pad: int = 0) -> torch.Tensor:
@@ -36,59 +40,59 @@ def _norm_tolerance(dtype: torch.dtype) -> dict:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("width", [96, 100])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm(dtype, width, with_residual, one_thread):
+@DEVICES
+def test_add_rms_norm(dtype, width, with_residual, device, one_thread):
     from lcq.kernels.elementwise import add_rms_norm
 
     torch.manual_seed(width)
     norm = RMSNorm(width, 1e-5, dtype)
     norm.weight.data = (torch.rand(width) + 0.5).to(dtype)
-    for device in _devices():
-        x = _rows(5, width, dtype, device, pad=7)
-        residual = _rows(5, width, dtype, device) if with_residual else None
-        expected, stream = norm(x.cpu(), None if residual is None else residual.cpu().clone())
-        got, got_stream = add_rms_norm(x, norm.weight.to(device), norm.eps, residual)
-        torch.testing.assert_close(got.cpu(), expected, **_norm_tolerance(dtype))
-        if dtype == torch.bfloat16 and device == "cpu":
-            torch.testing.assert_close(got_stream, stream, rtol=torch.finfo(dtype).eps, atol=0)
-        else:
-            assert torch.equal(got_stream.cpu(), stream)
-        if with_residual:  # the stream is written into residual, as the C path does
-            assert got_stream.data_ptr() == residual.data_ptr()
+    x = _rows(5, width, dtype, device, pad=7)
+    residual = _rows(5, width, dtype, device) if with_residual else None
+    expected, stream = norm(x.cpu(), None if residual is None else residual.cpu().clone())
+    got, got_stream = add_rms_norm(x, norm.weight.to(device), norm.eps, residual)
+    torch.testing.assert_close(got.cpu(), expected, **_norm_tolerance(dtype))
+    if dtype == torch.bfloat16 and device == "cpu":
+        torch.testing.assert_close(got_stream, stream, rtol=torch.finfo(dtype).eps, atol=0)
+    else:
+        assert torch.equal(got_stream.cpu(), stream)
+    if with_residual:  # the stream is written into residual, as the C path does
+        assert got_stream.data_ptr() == residual.data_ptr()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("pairs", [8, 3])  # the whole head, or a partial rotary embedding of 6 of its 16
-def test_rotary(dtype, interleaved, pairs, one_thread):
+@DEVICES
+def test_rotary(dtype, interleaved, pairs, device, one_thread):
     from lcq.kernels.elementwise import rotary_
 
     heads, kv_heads, head_dim, tokens = 4, 2, 16, 5
     torch.manual_seed(pairs)
     angles = torch.rand(tokens, 1, pairs) * 6
     cos, sin = angles.cos(), angles.sin()
-    for device in _devices():
-        qkv = _rows(tokens, (heads + 2 * kv_heads) * head_dim, dtype, device, pad=16)
-        source = qkv.cpu().clone()
-        rotary_(qkv, heads + kv_heads, head_dim, cos.to(device), sin.to(device), interleaved)
-        q, k, v = source.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-        expected = torch.cat([apply_rotary(q.reshape(tokens, heads, head_dim), cos, sin, interleaved).flatten(1),
-                              apply_rotary(k.reshape(tokens, kv_heads, head_dim), cos, sin, interleaved).flatten(1),
-                              v], dim=-1)
-        torch.testing.assert_close(qkv.cpu(), expected)
-        assert torch.equal(qkv.cpu()[:, (heads + kv_heads) * head_dim:], v)  # values untouched
+    qkv = _rows(tokens, (heads + 2 * kv_heads) * head_dim, dtype, device, pad=16)
+    source = qkv.cpu().clone()
+    rotary_(qkv, heads + kv_heads, head_dim, cos.to(device), sin.to(device), interleaved)
+    q, k, v = source.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    expected = torch.cat([apply_rotary(q.reshape(tokens, heads, head_dim), cos, sin, interleaved).flatten(1),
+                          apply_rotary(k.reshape(tokens, kv_heads, head_dim), cos, sin, interleaved).flatten(1),
+                          v], dim=-1)
+    torch.testing.assert_close(qkv.cpu(), expected)
+    assert torch.equal(qkv.cpu()[:, (heads + kv_heads) * head_dim:], v)  # values untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("width", [80, 1100])  # one block with a masked tail; two blocks
-def test_gated_activation(dtype, activation, width, one_thread):
+@DEVICES
+def test_gated_activation(dtype, activation, width, device, one_thread):
     from lcq.kernels.elementwise import gated_activation
 
     torch.manual_seed(width)
-    for device in _devices():
-        gate_up = _rows(3, 2 * width, dtype, device, pad=5) * 3
-        expected = mlp_activation(gate_up.cpu(), activation)
-        torch.testing.assert_close(gated_activation(gate_up, activation).cpu(), expected)
+    gate_up = _rows(3, 2 * width, dtype, device, pad=5) * 3
+    expected = mlp_activation(gate_up.cpu(), activation)
+    torch.testing.assert_close(gated_activation(gate_up, activation).cpu(), expected)
 
 
 @pytest.mark.gpu
