@@ -363,6 +363,25 @@ def test_json_output_follows_the_thinking(thinking, thinking_dir):
         in ("apple", "pear")
 
 
+def test_a_message_that_mentions_the_tag_does_not_open_the_thinking(client, thinking):
+    """Only what opens the reply decides whether it starts inside reasoning: a question about the <think>
+    tag made the whole reply reasoning and dropped its JSON schema; a template that opens the thinking still
+    does, and so does an assistant message continued inside its thinking."""
+    pytest.importorskip("xgrammar")
+    fmt = {"type": "json_schema", "json_schema": {"name": "fruit", "schema": FRUIT}}
+    asked = [{"role": "user", "content": "What does the <think> tag do?"}]
+    out = client.chat.completions.create(model=MODEL, messages=asked, max_tokens=30, temperature=0,
+                                         response_format=fmt)
+    assert getattr(out.choices[0].message, "reasoning", None) is None
+    assert json.loads(out.choices[0].message.content)["name"] in ("apple", "pear")
+    opened = client_of(thinking).chat.completions.create(model=MODEL, messages=asked, max_tokens=4, temperature=0)
+    assert opened.choices[0].message.reasoning and opened.choices[0].message.content is None
+    continued = client.chat.completions.create(
+        model=MODEL, messages=QUESTION + [{"role": "assistant", "content": "<think>\nLet me see"}], max_tokens=4,
+        temperature=0, extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert continued.choices[0].message.reasoning and continued.choices[0].message.content is None
+
+
 def test_responses_logprobs_are_those_of_the_messages_text(thinking, thinking_dir):
     """The Responses API's output_text logprobs are the answer's tokens', not the thinking's before it."""
     client = client_of(thinking)

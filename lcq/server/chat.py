@@ -16,7 +16,7 @@ from .generation import Choice, Generation, check_room
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
     CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump, token_name
-from .reasoning import HARMONY, THINK_END, ReasoningParser, ReasoningStream, reasoning_parser
+from .reasoning import HARMONY, THINK_END, THINK_START, ReasoningParser, ReasoningStream, reasoning_parser
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 from .settings import TOOL_CALL_PARSERS
@@ -102,6 +102,21 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
         raise APIError(400, f"the chat template rejected these messages: {e}", param="messages",
                        code="invalid_value") from None
     return text
+
+
+def reply_opening(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions, tools: list[dict] | None,
+                  text: str) -> str:
+    """What opens the reply in the rendered chat prompt `text`: the final message where it is continued, else
+    what the generation prompt adds after the conversation. A reply starts inside reasoning where this opens
+    it, not where a message merely mentions the tag."""
+    if THINK_START not in text:
+        return ""
+    if options.continue_final_message:
+        return message_dicts(messages[-1:])[0]["content"]
+    if not options.add_generation_prompt:
+        return ""
+    conversation = chat_prompt(tokenizer, messages, options.model_copy(update={"add_generation_prompt": False}), tools)
+    return text[len(conversation):] if text.startswith(conversation) else text
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
@@ -241,7 +256,9 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
     schemas = body.tool_parameters() if parsed else None  # (checked with the request)
     tokenizer = state.engine.tokenizer
     text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
-    reasoning = reasoning_parser(state.settings.reasoning_parser, text) if state.settings.reasoning_parser else None
+    reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
+        tokenizer, body.messages, body, body.tools if forced or parsed else None, text)) \
+        if state.settings.reasoning_parser else None
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
     if reasoning is not None and reasoning.inside and params.structured_output is not None:

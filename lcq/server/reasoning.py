@@ -93,11 +93,12 @@ class ReasoningStream:
 
 
 class ReasoningParser:
-    """How the replies to one rendered prompt are split: whether they start inside reasoning."""
+    """How the replies to one prompt are split: whether they start inside reasoning (where what opens them,
+    chat.reply_opening, leaves a think tag open)."""
 
-    def __init__(self, prompt: str):
-        start = prompt.rfind(THINK_START)
-        self.inside = start >= 0 and THINK_END not in prompt[start:]
+    def __init__(self, opening: str):
+        start = opening.rfind(THINK_START)
+        self.inside = start >= 0 and THINK_END not in opening[start:]
 
     def stream(self) -> ReasoningStream:
         return ReasoningStream(self.inside)
@@ -189,7 +190,7 @@ class HarmonyStream:
 class HarmonyParser(ReasoningParser):
     """How gpt-oss's replies are split: every reply starts in markup or content, never inside reasoning."""
 
-    def __init__(self, prompt: str):
+    def __init__(self, opening: str):
         self.inside = False
 
     def stream(self) -> HarmonyStream:
@@ -212,6 +213,6 @@ class HarmonyParser(ReasoningParser):
         return min(first + 1, len(token_ids))
 
 
-def reasoning_parser(name: str, prompt: str) -> ReasoningParser:
-    """The parser `--reasoning-parser name` picks, for replies to the rendered `prompt`."""
-    return HarmonyParser(prompt) if name == HARMONY else ReasoningParser(prompt)
+def reasoning_parser(name: str, opening: str) -> ReasoningParser:
+    """The parser `--reasoning-parser name` picks, for replies opened by `opening` (chat.reply_opening)."""
+    return HarmonyParser(opening) if name == HARMONY else ReasoningParser(opening)
