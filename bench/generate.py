@@ -25,7 +25,7 @@ g128, --moe-layers of its layers: the same curve with decode in CUDA graphs (lcq
     python bench/generate.py --rounds 3      # every engine three times, in alternating order: medians
     python bench/generate.py --quick         # fewer tokens and requests (a smoke run)
     python bench/generate.py --curve         # CPU curve, writes bench/results/generate-cpu-curve.json
-    python bench/generate.py --gpu-7b        # on a CUDA machine
+    python bench/generate.py --gpu-7b        # on a CUDA machine, writes bench/results/generate-gpu-<gpu>.json
     python bench/generate.py --gpu-moe --quick
     python bench/generate.py --gpu-moe --quick --moe-shape deepseek-v2-lite
 """
@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import random
+import re
 import statistics
 import sys
 import time
@@ -267,7 +268,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: measure every engine this many times, in alternating order, and report "
                              "medians and per-round ratios (this VM's speed drifts over minutes)")
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="JSON path (default bench/results/generate-<run>.json; a GPU "
+                        "run's name ends in the GPU's, as bench/kernels.py's do: generate-gpu-quick-nvidia-h200.json)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(),
                         help="torch CPU threads for every engine (use fewer when the machine is shared: "
                              "spinning OpenMP threads on busy cores are many times slower)")
@@ -290,7 +292,10 @@ def main() -> None:
     }
     moe = "gpu-moe" if args.moe_shape == "qwen3-30b-a3b" else f"gpu-{args.moe_shape}"
     name = "gpu" if args.gpu_7b else moe if args.gpu_moe else "cpu-curve" if args.curve else "cpu"
-    out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}{'-quick' if args.quick else ''}.json")
+    name += "-quick" if args.quick else ""
+    if on_gpu:  # one file per GPU, so that a run on one does not overwrite another's results
+        name += "-" + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    out = Path(args.out or ROOT / "bench" / "results" / f"generate-{name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:

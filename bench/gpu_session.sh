@@ -25,8 +25,8 @@
 #
 # It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
-# (bench/results/generate-gpu-quick.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
-# in the time left, generate-gpu-quick-fp16.json and kernels-<gpu>.json). Unpack it in the repository root
+# (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
+# in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/.
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
@@ -101,7 +101,7 @@ fi
 step 240 30 test-gpu "$py" -m pytest -q -n "$workers" --tb=short -rfE --durations=15 -p no:cacheprovider \
     -m gpu -k "not ($check)" "${gpu_tests[@]}"
 step "$budget" 100 generate-7b-fp16 "$py" bench/generate.py --gpu-7b --quick --gpu-weights fp16 \
-    --out bench/results/generate-gpu-quick-fp16.json
+    --out "bench/results/generate-gpu-quick-fp16-$slug.json"
 if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
     step 60 30 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
     step "$budget" 60 kernels-quick "$py" bench/kernels.py --quick
