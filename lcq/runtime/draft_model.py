@@ -199,11 +199,13 @@ class DraftModel:
 
 
 def draw_drafts(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> tuple[list[int], list[torch.Tensor | None]]:
-    """Each sequence's next draft from its row of logits: the argmax for a greedy request, else one drawn from
-    the distribution the request's settings filter (temperature, top-k, top-p, min-p), which comes with it,
-    padded to the target's `vocab`, for verification (None for greedy ones)."""
+    """Each sequence's next draft from its row of logits: the argmax for a greedy or seeded request, else one
+    drawn from the distribution the request's settings filter (temperature, top-k, top-p, min-p), which comes
+    with it, padded to the target's `vocab`, for verification (None for the others). A seeded request's drafts
+    are verified as fixed tokens, which takes its generator's one number a token as a step without drafts
+    does: its tokens are then the same whether a step drafted or not (drafting depends on the batch)."""
     tokens, rows = argmax(logits).tolist(), [None] * len(seqs)
-    sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+    sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.generator is None]
     if sampled:
         chosen = [seqs[i] for i in sampled]
         probs = filtered_probs(logits[sampled].float(), chosen)
