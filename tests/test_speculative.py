@@ -3,6 +3,8 @@ verification, and the engine giving the tokens it gives without drafts (batched,
 stopped mid-draft)."""
 from __future__ import annotations
 
+import itertools
+
 import random
 import shutil
 
@@ -246,6 +248,24 @@ def test_predicted_outputs_give_the_plain_tokens_in_fewer_steps(tiny, plain):
         assert sum((o.token_ids for o in outputs), []) == base.token_ids
         assert steps < 30 and 15 <= out.usage.accepted_prediction_tokens < 40
     assert plain.generate([prompt], GREEDY)[0].usage.accepted_prediction_tokens == 0
+
+
+def test_accepted_prediction_tokens_count_the_predictions_tokens_the_output_took(plain):
+    """OpenAI's accepted_prediction_tokens: the prediction's tokens that appear in the completion, each place
+    once and none past a stop (drafts accepted after a stop counted, and a short prediction found again and
+    again in a repetitive output counted past its length: rejected_prediction_tokens went negative)."""
+    prompt = PROMPTS[1]
+    base = plain.generate([prompt], GREEDY)[0]
+    stop = base.token_ids[9]
+    cut = plain.generate([prompt], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True,
+                                                  prediction=base.token_ids, stop_token_ids=[stop]))[0]
+    assert cut.token_ids == base.token_ids[:base.token_ids.index(stop) + 1]
+    assert 0 < cut.usage.accepted_prediction_tokens < cut.usage.completion_tokens
+    few = sorted(set(base.token_ids))[:3]  # an output of three tokens, which repeats itself
+    repetitive = dict(max_tokens=40, temperature=0, ignore_eos=True, allowed_token_ids=few)
+    for prediction in itertools.product(few, repeat=3):
+        out = plain.generate([prompt], SamplingParams(**repetitive, prediction=list(prediction)))[0]
+        assert out.usage.accepted_prediction_tokens <= 3
 
 
 def test_speculative_settings_are_checked():

@@ -370,7 +370,9 @@ class LLMEngine:
                 logprob_rows[i] = [None if logprobs is None else logprobs[first + j] for j in range(len(emitted))]
                 first += 1 + seq.num_draft_tokens
                 self.accepted_tokens_total += len(emitted) - 1
-                seq.num_accepted_prediction_tokens += (len(emitted) - 1) * seq.draft_from_prediction
+                if seq.draft_from_prediction:  # the prediction's places of the drafts accepted, counted as taken
+                    start = seq.prediction_cursor
+                    seq.prediction_drafted = list(range(start, start + len(emitted) - 1))
                 seq.draft_room = len(emitted)
         return tokens, logprob_rows
 
@@ -391,6 +393,8 @@ class LLMEngine:
     def _take(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> str:
         """Append one token; returns the text it makes final, and sets finish_reason if it ends seq."""
         seq.token_ids.append(token)
+        if seq.prediction_drafted:
+            seq.prediction_taken.add(seq.prediction_drafted.pop(0))
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
         seq.pending_ids.append(token)
@@ -454,6 +458,6 @@ class LLMEngine:
         self.sequences.pop(seq.request_id, None)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens,
-                      accepted_prediction_tokens=seq.num_accepted_prediction_tokens)
+                      accepted_prediction_tokens=len(seq.prediction_taken))
         return self._delta(seq, text, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, usage=usage,
                            error=error, embedding=embedding)

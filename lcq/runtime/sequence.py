@@ -67,13 +67,15 @@ class Sequence:
         self.ngram_indexed_until = 0
         # Drafting from params.prediction: where in it the next output token is expected (None: lost, found
         # again by n-gram search from prediction_resume on), the output tokens compared so far, whether this
-        # step's drafts came from it, and how many of its drafts were accepted.
+        # step's drafts came from it, the places of those accepted, and the places of its accepted drafts
+        # that the output took (OpenAI's accepted_prediction_tokens: each place once, none after a stop).
         self.prediction_cursor: int | None = 0
         self.prediction_resume = 0
         self.prediction_checked = 0
         self.prediction_index: dict[tuple[int, ...], list[int]] | None = None
         self.draft_from_prediction = False
-        self.num_accepted_prediction_tokens = 0
+        self.prediction_drafted: list[int] = []
+        self.prediction_taken: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.token_ids)
