@@ -1973,6 +1973,9 @@ def test_lora_adapter_counts_are_checked(tiny, tmp_path):
         EngineConfig(model=str(tiny), lora_modules=modules, max_loras=1, max_cpu_loras=2).validate()
     with pytest.raises(ValueError, match="max_loras must be at least 0"):
         EngineConfig(model=str(tiny), max_loras=-1).validate()
+    for with_adapters in (dict(lora_modules=modules), dict(allow_runtime_lora_updating=True)):
+        with pytest.raises(ValueError, match="max_loras 0 leaves no adapter slot"):
+            EngineConfig(model=str(tiny), max_loras=0, **with_adapters).validate()
     llm = LLM(str(tiny), block_size=8, lora_modules=modules, max_loras=1)  # three adapters loaded, one slot
     assert llm.engine.runner.adapters.capacity == 3 and llm.engine.runner.adapters.stack.slots == 1
 

@@ -256,6 +256,9 @@ class EngineConfig:
         sampling_defaults(self.generation_config, self.model)
         self.resolved_chat_template()
         adapters = self.lora_adapters()
+        if self.max_loras == 0 and (adapters or self.allow_runtime_lora_updating):
+            raise ValueError("max_loras 0 leaves no adapter slot for lora_modules or runtime LoRA updating: set at "
+                             "least 1")
         if self.resolved_max_cpu_loras() < max(self.resolved_max_loras(), len(adapters)):
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
                              f"({self.resolved_max_loras()}) and the number of lora_modules ({len(adapters)})")
