@@ -1111,17 +1111,19 @@ def test_min_tokens_holds_back_stop_strings(llm):
 
     def text(min_tokens: int) -> str:
         detok = IncrementalDetokenizer(tokenizer, [1], stop=["e"], min_tokens=min_tokens)
+        streamed = ""
         for token in ids:
-            detok.add(token)
+            streamed += detok.add(token)
             if detok.stop_string is not None:
                 break
+        assert streamed == detok.text  # what was handed out is what is kept
         return detok.text
 
-    early = 5
-    before = tokenizer.decode(ids[:early])
+    full = tokenizer.decode(ids)
     assert text(0) == "In th"
-    later = text(early)
-    assert len(later) > len(before) and later.startswith(before) and "e" not in later[len(before) + 1:]
+    for early in range(1, 8):  # the first "e" after the text of the first `early` tokens: none before counts
+        before = len(tokenizer.decode(ids[:early]))
+        assert text(early) == full[:full.index("e", before)]
 
 
 def test_sampling_params_are_taken_as_vllm_takes_them_or_refused_in_one_line(llm):

@@ -40,15 +40,17 @@ class IncrementalDetokenizer:
         before = self._decode_ids(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode_ids(self.ids[self.prefix_offset:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            searched_from = max(0, len(self.text) - max((len(s) for s in self.stop), default=0))
+            new_from = len(self.text)
             self.text += after[len(before):]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
             if self.generated > self.min_tokens:
-                self._find_stop(searched_from)
+                self._find_stop(new_from)
         return self._release()
 
-    def _find_stop(self, start: int) -> None:
-        hits = [(self.text.find(s, start), s) for s in self.stop]
+    def _find_stop(self, new_from: int) -> None:
+        """Cut the text at the first stop string that ends in its new part (from new_from): one within the
+        text before was looked for then, or came within min_tokens, where none counts (vLLM's rule)."""
+        hits = [(self.text.find(s, max(0, new_from - len(s) + 1)), s) for s in self.stop]
         hits = [(i, s) for i, s in hits if i >= 0]
         if hits:
             index, self.stop_string = min(hits)
