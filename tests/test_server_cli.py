@@ -138,7 +138,7 @@ def test_flags_win_over_environment():
 def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, capsys):
     """vLLM's --chat-template (a file or the template itself), --enforce-eager (--no-cuda-graphs) and
     --enable-auto-tool-choice (which needs --tool-call-parser, as in vLLM)."""
-    from lcq.runtime import LLM
+    from lcq.runtime import LLM, EngineConfig
 
     template = tmp_path / "chat.jinja"
     template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
@@ -155,6 +155,9 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
     for chat_template in (str(template), template.read_text()):
         tokenizer = LLM(str(model), chat_template=chat_template).tokenizer
         assert tokenizer.apply_chat_template(messages, tokenize=False) == "<user>Hi"
+    # a template's text with a stretch longer than a file name may be: no file to look for (it raised OSError)
+    long = "{{ '" + "x" * 300 + "' }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert EngineConfig(model=str(model), chat_template=long).resolved_chat_template() == long
 
 
 def test_vllm_speculative_config(capsys):

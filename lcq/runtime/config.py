@@ -204,9 +204,8 @@ class EngineConfig:
         Jinja template; ValueError for anything else (a mistyped path must not become a template)."""
         if self.chat_template is None:
             return None
-        path = Path(self.chat_template)
-        if len(self.chat_template) < 4096 and path.is_file():
-            return path.read_text()
+        if _names_a_file(self.chat_template):
+            return Path(self.chat_template).read_text()
         if "{{" in self.chat_template or "{%" in self.chat_template:
             return self.chat_template
         raise ValueError(f"chat_template: {self.chat_template} is neither a file nor a Jinja template")
@@ -303,3 +302,12 @@ def context_limit(model_config: ModelConfig, max_model_len: int | None) -> int:
         raise UserError(f"max_model_len {max_model_len} is longer than the model's context of {context} tokens "
                         "(max_position_embeddings, or what its rope scaling extends it to)")
     return max_model_len or context
+
+
+def _names_a_file(value: str) -> bool:
+    """Whether a setting that takes a file or its text names a file (a template's text may hold a piece too
+    long for a file name, where the system refuses to look)."""
+    try:
+        return len(value) < 4096 and Path(value).is_file()
+    except OSError:
+        return False
