@@ -682,8 +682,10 @@ def test_tool_calls_in_history_reach_the_template_as_mappings(model_dir):
     """An assistant turn's call in history comes with its arguments as JSON text (OpenAI's wire form, what the
     SDK sends back); templates take them as a mapping (Qwen3-Coder's `|items` refused text with a 400, and
     `|tojson` wrote them as a quoted string), through chat and the Responses API alike, and the request
-    keeps what the client sent (a stored response lists its input as given)."""
-    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
+    keeps what the client sent (a stored response lists its input as given). Tools reach the template with
+    tool_choice "none" too."""
+    template = ("{% for t in tools or [] %}tool {{ t.function.name }}\n{% endfor %}"
+                "{% for m in messages %}{{ m.role }}: {{ m.content }}{% for c in m.tool_calls or [] %}"
                 "[{{ c.function.name }}{% for k, v in c.function.arguments|items %} {{ k }}={{ v }}{% endfor %} "
                 "{{ c.function.arguments|tojson }}]{% endfor %}\n{% endfor %}")
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
@@ -702,6 +704,12 @@ def test_tool_calls_in_history_reach_the_template_as_mappings(model_dir):
         local = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         reply = local.chat.completions.create(model=MODEL, messages=history, max_tokens=2)
         assert reply.usage.prompt_tokens == httpx.post(live.url + "/tokenize", json={"messages": history}).json()["count"]
+        # tool_choice "none" still shows the model its tools, as vLLM renders them (they were left out)
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+        told = local.chat.completions.create(model=MODEL, messages=history, max_tokens=2, tools=[weather],
+                                             tool_choice="none")
+        assert told.usage.prompt_tokens == httpx.post(live.url + "/tokenize", json={
+            "messages": history, "tools": [weather]}).json()["count"] > reply.usage.prompt_tokens
         broken = {**call, "function": {"name": "get_weather", "arguments": "{city: Paris"}}
         with pytest.raises(openai.BadRequestError) as refused:
             local.chat.completions.create(model=MODEL, messages=[history[0], {**history[1], "tool_calls": [broken]}],
@@ -1124,6 +1132,21 @@ def test_null_means_the_default_for_nullable_flags(server, client):
     for key in ("²", "٣", "-1"):
         error = error_of(httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "logit_bias": {key: 1}}), 400)
         assert error["param"] == "logit_bias" and "token ids" in error["message"]
+
+
+def test_text_parts_are_joined_by_newlines_whatever_their_openai_kind(server):
+    """A message's text parts render as one text joined by newlines, as vLLM joins them (they were glued
+    together); an assistant history's refusal and the Responses API's input_text/output_text parts are text
+    too (they were 400s)."""
+    def count(content) -> int:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": content}]}
+        return httpx.post(server.url + "/tokenize", json=body).json()["tokens"]
+
+    joined = count("Hello\nworld")
+    assert count([{"type": "text", "text": "Hello"}, {"type": "output_text", "text": "world"}]) == joined
+    assert count([{"type": "input_text", "text": "Hello"}, {"type": "refusal", "refusal": "world"}]) == joined
+    assert joined != count("Helloworld")
 
 
 def test_client_errors_use_the_envelope(server):

@@ -27,6 +27,11 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Ch
                    "content": {"text/event-stream": {}}}
 
 
+# The parts a message's text may come in (OpenAI's, and the Responses API's names), and where each holds it;
+# joined by newlines, as vLLM joins them
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+
+
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     """Messages as the chat template expects them: role and plain-text content (and an assistant turn's
     thinking as `reasoning_content`, which templates such as Qwen3's render where they keep it, and as
@@ -35,11 +40,11 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
     for i, message in enumerate(messages):
         content = message.content
         if isinstance(content, list):
-            kinds = {part.type for part in content} - {"text"}
+            kinds = {part.type for part in content} - set(TEXT_PARTS)
             if kinds:
                 raise APIError(400, f"messages[{i}].content: only text parts are supported, got {sorted(kinds)}",
                                param=f"messages.{i}.content", code="invalid_value")
-            content = "".join(part.text or "" for part in content)
+            content = "\n".join(getattr(part, TEXT_PARTS[part.type], None) or "" for part in content)
         entry = {"role": message.role, "content": content or ""}
         for key in ("name", "tool_call_id"):  # tool conversations, for templates that render them
             if getattr(message, key):
@@ -255,9 +260,9 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
         params.skip_special_tokens = False  # the parser reads tags that are special tokens
     schemas = body.tool_parameters() if parsed else None  # (checked with the request)
     tokenizer = state.engine.tokenizer
-    text = chat_prompt(tokenizer, body.messages, body, body.tools if forced or parsed else None)
+    text = chat_prompt(tokenizer, body.messages, body, body.tools)
     reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
-        tokenizer, body.messages, body, body.tools if forced or parsed else None, text)) \
+        tokenizer, body.messages, body, body.tools, text)) \
         if state.settings.reasoning_parser else None
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
