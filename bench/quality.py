@@ -155,6 +155,10 @@ NOTES = """
   states instead (its own error only) gave 55.11. With the end-to-end stage, which tunes the packed
   head with the blocks, lcq-w2r2-e10-ft10-h4 scores 132.74 against 126.12 with the fp16 head
   (+5.2%): the stage gains less with the packed head (from 142.64) than without it (from 142.60).
+  These -h4 rows predate 2026-12-05, when the stages stopped looking tokens up in the fp16 table of
+  this tied model: the end-to-end stage now looks them up in the head it tunes, and the head stage
+  scores its epochs through the whole model with the packed head's lookups (README's --head-bits);
+  not measured again since.
   The -e10-h4 rows ran with 1 torch thread beside another job on the second core (quantize times
   966, 937 and 1670 s).
 - Held-out windows (`--val-samples`, the -v4 rows, 2026-12-01, the Zen 4 machine; the quantizer's
