@@ -43,7 +43,7 @@ from lcq.models import ModelConfig
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
-from .sampler import argmax, draw, filtered_probs
+from .sampler import apply_biases, argmax, biased, draw, filtered_probs
 from .sampling_params import SamplingParams
 from .sequence import Sequence
 from .speculative import may_draft
@@ -204,6 +204,10 @@ def draw_drafts(logits: torch.Tensor, seqs: list[Sequence], vocab: int) -> tuple
     with it, padded to the target's `vocab`, for verification (None for the others). A seeded request's drafts
     are verified as fixed tokens, which takes its generator's one number a token as a step without drafts
     does: its tokens are then the same whether a step drafted or not (drafting depends on the batch)."""
+    if biased(seqs):  # as the target's rows are, so that drafts stay within allowed_token_ids and logit_bias
+        if logits.shape[1] < vocab:  # a draft vocabulary short of the target's: the rest never drafted
+            logits = torch.nn.functional.pad(logits, (0, vocab - logits.shape[1]), value=float("-inf"))
+        logits = apply_biases(logits.clone(), seqs)
     tokens, rows = argmax(logits).tolist(), [None] * len(seqs)
     sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy and seq.generator is None]
     if sampled:
