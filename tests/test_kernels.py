@@ -1342,6 +1342,19 @@ def test_amx_tiles_are_asked_for_unless_turned_off(monkeypatch):
 
 
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")
+@pytest.mark.parametrize("products", [torch.float32, torch.int8])
+def test_rows_alone_products_give_each_row_its_own_values_at_any_row_count(products):
+    """A step verifying drafts takes rows_alone products: an LCQ layer's rows each get the values they alone
+    give, bit for bit, also from 16 rows (1 sequence and 15 drafts, or 2 and 7 each), where the fp32 blocked
+    product sums a row's products in another order (up to 6e-4 apart at K = 4100: a near tie could then
+    change a token)."""
+    index = cpu_index.IndexWeight(random_layer(64, 576, 4, 2, 64, seed=0))
+    x = torch.randn(20, 576)
+    with cpu_products(products, rows_alone=True):
+        assert torch.equal(index.linear(x), torch.cat([index.linear(x[m:m + 1]) for m in range(20)]))
+
+
+@pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")
 def test_index_kernel_takes_fused_layers_and_is_small():
     layer = fused_layer(bits=4)  # three V tables picked per column, a bias on the first part
     cached = LCQLinear(layer, cache_dense=True)

@@ -85,6 +85,7 @@ int lcq_byte_decode_rows(int kept) {
 }
 
 int lcq_gemm_min_rows(int kept) {
+    if (product_form == LCQ_INT8_ROW_PRODUCTS || product_form == LCQ_FP32_ROW_PRODUCTS) return INT_MAX;
     if (!lcq_bf16_products()) return LCQ_GEMM_MIN_ROWS;
     if (kept == LCQ_INT8_PRODUCTS && product_form == LCQ_INT8_PRODUCTS) return KEPT_BYTES_MIN_ROWS;
     return kept == LCQ_BF16_PRODUCTS ? KEPT_PAIRS_MIN_ROWS : BF16_MIN_ROWS;
@@ -97,7 +98,8 @@ int lcq_set_products(int form) {
     __builtin_cpu_init();
     const int bf16 = __builtin_cpu_supports("avx512bf16"), vnni = bf16 && __builtin_cpu_supports("avx512vnni") &&
                                                           __builtin_cpu_supports("avx512vbmi");
-    product_form = form == LCQ_INT8_ROW_PRODUCTS ? (vnni ? LCQ_INT8_ROW_PRODUCTS : LCQ_FP32_PRODUCTS)
+    product_form = form == LCQ_INT8_ROW_PRODUCTS ? (vnni ? LCQ_INT8_ROW_PRODUCTS : LCQ_FP32_ROW_PRODUCTS)
+                   : form == LCQ_FP32_ROW_PRODUCTS      ? LCQ_FP32_ROW_PRODUCTS
                    : form >= LCQ_INT8_PRODUCTS && vnni  ? LCQ_INT8_PRODUCTS
                    : form >= LCQ_BF16_PRODUCTS && bf16  ? LCQ_BF16_PRODUCTS
                                                         : LCQ_FP32_PRODUCTS;

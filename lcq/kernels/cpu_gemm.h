@@ -214,8 +214,10 @@ LCQ_BF16 static inline void lcq_transpose_words(const uint32_t *src, int64_t src
  * lcq_byte_decode_rows), bf16 elsewhere; and the int8 decode form of LCQ weights with books at every
  * row count (each row's values what that row alone would give), fp32 elsewhere: the form of a step that
  * verifies drafts for sequences whose plain decode steps (too few rows for rounded products but
- * the int8 decode form) it must reproduce. */
-enum { LCQ_FP32_PRODUCTS, LCQ_BF16_PRODUCTS, LCQ_INT8_PRODUCTS, LCQ_INT8_ROW_PRODUCTS };
+ * the int8 decode form) it must reproduce. In both row forms the fp32 products take their decode form at
+ * every row count too (LCQ_FP32_ROW_PRODUCTS: fp32 only), whose rows are summed alone, where the blocked
+ * product from LCQ_GEMM_MIN_ROWS rows sums them otherwise. */
+enum { LCQ_FP32_PRODUCTS, LCQ_BF16_PRODUCTS, LCQ_INT8_PRODUCTS, LCQ_INT8_ROW_PRODUCTS, LCQ_FP32_ROW_PRODUCTS };
 
 /* Whether the calling thread's products take bf16 (or, in the blocked product, 8-bit) operands. */
 int lcq_bf16_products(void);

@@ -84,6 +84,7 @@ def half_swiglu(x: torch.Tensor, half: torch.Tensor) -> torch.Tensor:
 PRODUCT_FORMS = {torch.float32: (0, ()), torch.bfloat16: (1, ("avx512_bf16",)),
                  torch.int8: (2, ("avx512_bf16", "avx512_vnni", "avx512vbmi"))}
 INT8_ROW_PRODUCTS = 3  # LCQ_INT8_ROW_PRODUCTS: cpu_products(torch.int8, rows_alone=True)
+FP32_ROW_PRODUCTS = 4  # LCQ_FP32_ROW_PRODUCTS: cpu_products(another dtype, rows_alone=True)
 # Products of fewer rows are fp32 whatever cpu_products says (its smallest threshold), but those of LCQ
 # layers with int8 books under int8 (their decode form, each row's values independent of the others).
 ROUNDED_MIN_ROWS = 3
@@ -114,7 +115,9 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
       int8 form's weight values and the activations rounded to bf16.
     rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
     sequence whose plain decode steps are single rows): with int8, the int8 decode forms of LCQ layers
-    with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32.
+    with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32;
+    either way fp32 products in their decode form at every row count (the blocked product from 16 rows
+    sums a row's products in another order).
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:
@@ -122,7 +125,7 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
         return
     form = PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0
     if rows_alone:
-        form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else 0
+        form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else FP32_ROW_PRODUCTS
     previous = lib.lcq_set_products(form)
     try:
         yield
