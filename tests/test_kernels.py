@@ -1341,17 +1341,21 @@ def test_amx_tiles_are_asked_for_unless_turned_off(monkeypatch):
     assert not native.amx_allowed()
 
 
+@needs_half_kernel
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")
 @pytest.mark.parametrize("products", [torch.float32, torch.int8])
 def test_rows_alone_products_give_each_row_its_own_values_at_any_row_count(products):
-    """A step verifying drafts takes rows_alone products: an LCQ layer's rows each get the values they alone
-    give, bit for bit, also from 16 rows (1 sequence and 15 drafts, or 2 and 7 each), where the fp32 blocked
-    product sums a row's products in another order (up to 6e-4 apart at K = 4100: a near tie could then
-    change a token)."""
+    """A step verifying drafts takes rows_alone products: each row gets the values it alone gives, bit for
+    bit: an LCQ layer's also from 16 rows (1 sequence and 15 drafts, or 2 and 7 each), where the fp32
+    blocked product sums a row's products in another order (up to 6e-4 apart at K = 4100: a near tie could
+    then change a token), and an fp16 weight's (the head) at any count (its chains of sums followed the
+    rows of a pass: 1e-5 apart from 2 rows)."""
     index = cpu_index.IndexWeight(random_layer(64, 576, 4, 2, 64, seed=0))
+    half = torch.randn(48, 576).to(torch.float16)  # an fp16 weight's decode form: chains of sums by its rows
     x = torch.randn(20, 576)
     with cpu_products(products, rows_alone=True):
-        assert torch.equal(index.linear(x), torch.cat([index.linear(x[m:m + 1]) for m in range(20)]))
+        for product in (index.linear, lambda rows: cpu_half.half_linear(rows, half)):
+            assert torch.equal(product(x), torch.cat([product(x[m:m + 1]) for m in range(20)]))
 
 
 @pytest.mark.skipif(not cpu_index.enabled(), reason="index CPU kernel unavailable here or turned off (LCQ_CPU_INDEX=0)")

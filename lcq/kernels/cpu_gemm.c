@@ -84,8 +84,12 @@ int lcq_byte_decode_rows(int kept) {
     return kept == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS - 1 : BYTE_DECODE_ROWS;
 }
 
+int lcq_rows_alone(void) {
+    return product_form == LCQ_INT8_ROW_PRODUCTS || product_form == LCQ_FP32_ROW_PRODUCTS;
+}
+
 int lcq_gemm_min_rows(int kept) {
-    if (product_form == LCQ_INT8_ROW_PRODUCTS || product_form == LCQ_FP32_ROW_PRODUCTS) return INT_MAX;
+    if (lcq_rows_alone()) return INT_MAX;
     if (!lcq_bf16_products()) return LCQ_GEMM_MIN_ROWS;
     if (kept == LCQ_INT8_PRODUCTS && product_form == LCQ_INT8_PRODUCTS) return KEPT_BYTES_MIN_ROWS;
     return kept == LCQ_BF16_PRODUCTS ? KEPT_PAIRS_MIN_ROWS : BF16_MIN_ROWS;

@@ -18,6 +18,9 @@
  * pair_panels, else LCQ_FP32_PRODUCTS). */
 int lcq_gemm_min_rows(int kept);
 
+/* Whether the calling thread's products must give each row what it alone gives (the row forms). */
+int lcq_rows_alone(void);
+
 /* A buffer of `words` 32-bit words on a cache line's boundary (freed with free), or NULL: for AMX tiles'
  * operands, whose rows of 64 bytes are then one line each, not two (malloc's large buffers begin 16 bytes
  * past a page: SmolLM2's 1728 x 576 at 512 rows on bf16 tiles ran at 0.81 TFLOP/s, aligned 1.74). */

@@ -355,8 +355,10 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
         status = pair_decode_product(x, M, K, w, N, products);
     } else {
 #define COLUMN(rows) column(rows, n, x + (int64_t)m * K, K, w, products + (int64_t)m * N, N)
+        /* a column's chains of sums follow its rows per pass: rows alone take passes of one, as one row does */
+        const int pass_rows = lcq_rows_alone() ? 1 : MAX_ROWS;
         LCQ_DECODE_COLUMNS
-        for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
+        for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, pass_rows, MAX_ROWS, COLUMN)
 #undef COLUMN
     }
     return lcq_swiglu_finish(swiglu, products, M, N, y, status);
