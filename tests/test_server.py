@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
+from lcq.server.content_format import detected_content_format
 from lcq.server.settings import ServeSettings
 from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json, reply_parser
 from tests.live_server import MODEL, LiveServer, engine_config
@@ -1147,6 +1148,51 @@ def test_text_parts_are_joined_by_newlines_whatever_their_openai_kind(server):
     assert count([{"type": "text", "text": "Hello"}, {"type": "output_text", "text": "world"}]) == joined
     assert count([{"type": "input_text", "text": "Hello"}, {"type": "refusal", "refusal": "world"}]) == joined
     assert joined != count("Helloworld")
+
+
+# Templates in the forms real ones take: ChatML over strings (SmolLM2's), Gemma 3's test-then-loop, Llama 3.2
+# Vision's loop over the content of messages set aside first, and a loop through a variable set from the content.
+STRING_TEMPLATE = "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+PARTS_TEMPLATES = [
+    "{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}"
+    "{% endfor %}{% endif %}{% endfor %}",
+    "{% set loop_messages = messages[1:] %}{% for m in loop_messages | selectattr('role') %}"
+    "{% for part in m.content %}[{{ part.text }}]{% endfor %}{% endfor %}",
+    "{% for message in messages %}{% set content = message.content %}{% for part in content %}[{{ part.text }}]"
+    "{% endfor %}{% endfor %}"]
+
+
+@pytest.mark.parametrize("template", [STRING_TEMPLATE, "{% for m in messages %}{{ m.content }}{% generation %}"
+                                      "{% endgeneration %}{% endfor %}", "{% for x in"])
+def test_templates_that_read_content_as_text_are_detected(template):
+    assert detected_content_format(template) == "string"
+
+
+@pytest.mark.parametrize("template", PARTS_TEMPLATES)
+def test_templates_that_loop_over_content_are_detected(template):
+    assert detected_content_format(template) == "openai"
+
+
+def test_content_reaches_the_template_in_the_form_it_reads(model_dir):
+    """A template that loops over a message's content gets a list of text parts, as vLLM's "auto" gives it: given
+    the text it looped over its characters (a Llama 3.2 Vision or Llama 4 template rendered no word of any
+    message). The form can be set for the server; RAG templates get `documents`."""
+    template = PARTS_TEMPLATES[2] + "{% for d in documents or [] %}<doc {{ d.title }}: {{ d.text }}>{% endfor %}"
+    messages = [{"role": "user", "content": "Hi"},
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "input_text", "text": "b"}]},
+                {"role": "assistant", "content": None}]
+
+    def rendered(setting: str, **fields) -> str:
+        with LiveServer(create_app(engine_config(model_dir, chat_template=template),
+                                   ServeSettings(chat_template_content_format=setting))) as live:
+            response = httpx.post(live.url + "/tokenize", json={"messages": messages, **fields})
+            assert response.status_code == 200, response.text
+            return httpx.post(live.url + "/detokenize", json={"tokens": response.json()["tokens"]}).json()["prompt"]
+
+    assert rendered("auto") == "[Hi][a][b]"
+    assert rendered("string") == "[]" * len("Hi" + "a\nb")  # what the template makes of text: each character
+    assert rendered("openai", documents=[{"title": "T", "text": "body"}]) == "[Hi][a][b]<doc T: body>"
 
 
 def test_client_errors_use_the_envelope(server):

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
+from .content_format import resolved_content_format
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
@@ -32,20 +33,16 @@ STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of Ch
 TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 
 
-def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template expects them: role and plain-text content (and an assistant turn's
-    thinking as `reasoning_content`, which templates such as Qwen3's render where they keep it, and as
-    `thinking`, which gpt-oss's renders as an analysis message)."""
+def message_dicts(messages: list[ChatMessage], parts: bool = False) -> list[dict]:
+    """Messages as the chat template expects them: role and content, plain text or (`parts`, for templates
+    that loop over it) a list of text parts, as vLLM gives each (and an assistant turn's thinking as
+    `reasoning_content`, which templates such as Qwen3's render where they keep it, and as `thinking`, which
+    gpt-oss's renders as an analysis message)."""
     out = []
     for i, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, list):
-            kinds = {part.type for part in content} - set(TEXT_PARTS)
-            if kinds:
-                raise APIError(400, f"messages[{i}].content: only text parts are supported, got {sorted(kinds)}",
-                               param=f"messages.{i}.content", code="invalid_value")
-            content = "\n".join(getattr(part, TEXT_PARTS[part.type], None) or "" for part in content)
-        entry = {"role": message.role, "content": content or ""}
+        texts = message_texts(message, i)
+        content = [{"type": "text", "text": text} for text in texts] if parts else "\n".join(texts)
+        entry = {"role": message.role, "content": content}
         for key in ("name", "tool_call_id"):  # tool conversations, for templates that render them
             if getattr(message, key):
                 entry[key] = getattr(message, key)
@@ -57,6 +54,18 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
             entry["reasoning_content"] = entry["thinking"] = reasoning
         out.append(entry)
     return out
+
+
+def message_texts(message: ChatMessage, index: int) -> list[str]:
+    """A message's text parts (its content where that is a string; none where it is null)."""
+    content = message.content
+    if not isinstance(content, list):
+        return [] if content is None else [content]
+    kinds = {part.type for part in content} - set(TEXT_PARTS)
+    if kinds:
+        raise APIError(400, f"messages[{index}].content: only text parts are supported, got {sorted(kinds)}",
+                       param=f"messages.{index}.content", code="invalid_value")
+    return [getattr(part, TEXT_PARTS[part.type], None) or "" for part in content]
 
 
 def template_tool_call(call: dict, param: str) -> dict:
@@ -78,9 +87,10 @@ def template_tool_call(call: dict, param: str) -> dict:
 
 
 def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
-                tools: list[dict] | None = None) -> str:
+                tools: list[dict] | None = None, content_format: str = "auto") -> str:
     """The conversation plus the assistant turn's opening (or the last message continued), per the
-    model's own template (which describes `tools` to the model where it knows how)."""
+    model's own template (which describes `tools` to the model where it knows how), each message's content
+    in the form the template reads (`content_format`: auto, string or openai)."""
     if not getattr(tokenizer, "chat_template", None):
         raise APIError(400, "this model has no chat template; use /v1/completions", code="no_chat_template")
     if options.add_generation_prompt and options.continue_final_message:
@@ -91,7 +101,9 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
     if reserved:
         raise APIError(400, f"chat_template_kwargs cannot set {', '.join(reserved)}", code="invalid_value",
                        param="chat_template_kwargs")
-    conversation = message_dicts(messages)
+    template = tokenizer.get_chat_template(tools=tools) if hasattr(tokenizer, "get_chat_template") \
+        else tokenizer.chat_template
+    conversation = message_dicts(messages, parts=resolved_content_format(content_format, template) == "openai")
     if "developer" not in str(tokenizer.chat_template):  # OpenAI's newer name of the system role, which a template
         for message in conversation:                     # that does not know it may drop (Qwen's) or refuse
             if message["role"] == "developer":
@@ -100,7 +112,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
         text = tokenizer.apply_chat_template(conversation, tools=tools,
                                              add_generation_prompt=options.add_generation_prompt,
                                              continue_final_message=options.continue_final_message, tokenize=False,
-                                             **variables)
+                                             documents=options.documents, **variables)
     except APIError:
         raise
     except Exception as e:  # jinja raises for conversations the template forbids (e.g. roles not alternating)
@@ -110,7 +122,7 @@ def chat_prompt(tokenizer, messages: list[ChatMessage], options: ChatTemplateOpt
 
 
 def reply_opening(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions, tools: list[dict] | None,
-                  text: str) -> str:
+                  text: str, content_format: str = "auto") -> str:
     """What opens the reply in the rendered chat prompt `text`: the final message where it is continued, else
     what the generation prompt adds after the conversation. A reply starts inside reasoning where this opens
     it, not where a message merely mentions the tag."""
@@ -120,14 +132,17 @@ def reply_opening(tokenizer, messages: list[ChatMessage], options: ChatTemplateO
         return message_dicts(messages[-1:])[0]["content"]
     if not options.add_generation_prompt:
         return ""
-    conversation = chat_prompt(tokenizer, messages, options.model_copy(update={"add_generation_prompt": False}), tools)
+    conversation = chat_prompt(tokenizer, messages, options.model_copy(update={"add_generation_prompt": False}), tools,
+                               content_format)
     return text[len(conversation):] if text.startswith(conversation) else text
 
 
 def render_chat(tokenizer, messages: list[ChatMessage], options: ChatTemplateOptions,
-                add_special_tokens: bool = False, tools: list[dict] | None = None) -> list[int]:
+                add_special_tokens: bool = False, tools: list[dict] | None = None,
+                content_format: str = "auto") -> list[int]:
     """Token ids of chat_prompt; the tokenizer's special tokens only where asked (the template writes its own)."""
-    return tokenizer.encode(chat_prompt(tokenizer, messages, options, tools), add_special_tokens=add_special_tokens)
+    return tokenizer.encode(chat_prompt(tokenizer, messages, options, tools, content_format),
+                            add_special_tokens=add_special_tokens)
 
 
 def chat_logprobs(entries: list[TokenLogprob], top: int, tokens_as_ids: bool,
@@ -260,9 +275,10 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
         params.skip_special_tokens = False  # the parser reads tags that are special tokens
     schemas = body.tool_parameters() if parsed else None  # (checked with the request)
     tokenizer = state.engine.tokenizer
-    text = chat_prompt(tokenizer, body.messages, body, body.tools)
+    content_format = state.settings.chat_template_content_format
+    text = chat_prompt(tokenizer, body.messages, body, body.tools, content_format)
     reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
-        tokenizer, body.messages, body, body.tools, text)) \
+        tokenizer, body.messages, body, body.tools, text, content_format)) \
         if state.settings.reasoning_parser else None
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer

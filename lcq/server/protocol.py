@@ -364,6 +364,9 @@ class ChatTemplateOptions(OpenAIRequest):
     # OpenAI's: how hard a reasoning model thinks, the template's `reasoning_effort` (gpt-oss's system
     # message says it) unless chat_template_kwargs sets that
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    # RAG templates' (Command R's, Granite's): the documents the reply may draw on, each a mapping such as
+    # {"title": ..., "text": ...}, as transformers' apply_chat_template and vLLM take them
+    documents: list[dict[str, str]] | None = None
 
     def template_variables(self) -> dict[str, Any]:
         """The variables the chat template gets beyond the messages and tools."""

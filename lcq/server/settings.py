@@ -14,6 +14,8 @@ from typing import Any, Callable, Mapping
 
 from lcq.errors import UserError
 
+from .content_format import CONTENT_FORMATS
+
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
 TOOL_CALL_PARSERS = ("hermes", "llama3_json", "granite", "mistral", "pythonic", "phi4_mini_json", "olmo3", "ernie45",
@@ -39,6 +41,7 @@ class ServeSettings:
     reasoning_parser: str | None = None  # how a reasoning model's thinking is split from its answer (reasoning.py)
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (a request may say otherwise)
+    chat_template_content_format: str = "auto"  # message content as the template reads it: content_format.py
 
     def __post_init__(self) -> None:
         checks = [
@@ -54,6 +57,8 @@ class ServeSettings:
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
+            (self.chat_template_content_format in CONTENT_FORMATS, "chat template content format must be one of "
+             f"{', '.join(CONTENT_FORMATS)}, got {self.chat_template_content_format}"),
             (self.reasoning_parser in (None, *REASONING_PARSERS),
              f"reasoning parser must be one of {', '.join(REASONING_PARSERS)}, got {self.reasoning_parser}"),
         ]
@@ -191,6 +196,9 @@ FLAGS = (
     Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
     Flag("--chat-template", str, "the chat template to use instead of the model's: a Jinja file, or the template "
          "itself (vLLM's --chat-template)", "engine"),
+    Flag("--chat-template-content-format", str, "auto (default: a template that loops over a message's content "
+         "gets it as a list of {\"type\": \"text\", \"text\": ...} parts, any other as a string), string or openai "
+         "(always parts): how messages reach the chat template (vLLM's flag)", "server"),
     Flag("--num-speculative-tokens", int, "speculative decoding: up to this many drafts verified per step (0: off), "
          "copied from earlier in each sequence (prompt lookup: for outputs that repeat their context) or proposed "
          "by --speculative-model", "engine"),
