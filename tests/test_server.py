@@ -97,6 +97,40 @@ def test_chat_async_streaming_equals_non_streaming(server):
     assert rendered["tokens"][-3:] != rendered["tokens"][:3]  # the template wrapped every turn
 
 
+def test_token_ids_come_back_with_the_text(server, client):
+    """return_token_ids (vLLM's, what RL pipelines train on): the prompt's ids and each reply's, beside the text,
+    whole or as streamed (the prompt's on each choice's first chunk, then the ids each chunk adds); a scored
+    prompt's reply has none. Without it the fields are absent."""
+    messages = [{"role": "user", "content": "Count: one, two,"}]
+    prompt = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["tokens"]
+    args = dict(model=MODEL, messages=messages, max_tokens=9, temperature=0, n=2,
+                extra_body={"return_token_ids": True, "ignore_eos": True})
+    full = client.chat.completions.create(**args)
+    assert full.prompt_token_ids == prompt
+    for choice in full.choices:
+        detokenized = httpx.post(server.url + "/detokenize", json={"tokens": choice.token_ids}).json()["prompt"]
+        assert len(choice.token_ids) == 9 and detokenized == choice.message.content
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    for index in (0, 1):
+        mine = [c for c in chunks if c.choices and c.choices[0].index == index]
+        assert mine[0].prompt_token_ids == prompt and not any(c.model_extra.get("prompt_token_ids") for c in mine[1:])
+        assert [t for c in mine for t in c.choices[0].token_ids] == full.choices[index].token_ids
+    assert "token_ids" not in client.chat.completions.create(**{**args, "extra_body": {}}).choices[0].model_extra
+
+    text_args = dict(model=MODEL, prompt=["The capital", "Once upon"], max_tokens=5, temperature=0, echo=True,
+                     extra_body={"return_token_ids": True, "ignore_eos": True})
+    whole = client.completions.create(**text_args)
+    streamed = list(client.completions.create(**text_args, stream=True))
+    for choice, text in zip(whole.choices, text_args["prompt"]):
+        ids = httpx.post(server.url + "/tokenize", json={"prompt": text}).json()["tokens"]
+        assert choice.prompt_token_ids == ids and len(choice.token_ids) == 5
+        mine = [c.choices[0] for c in streamed if c.choices[0].index == choice.index]
+        assert mine[0].prompt_token_ids == ids and not any(c.model_extra.get("prompt_token_ids") for c in mine[1:])
+        assert [t for c in mine for t in c.token_ids] == choice.token_ids
+    scored = client.completions.create(**{**text_args, "max_tokens": 0, "prompt": "The capital"})
+    assert scored.choices[0].token_ids == [] and scored.choices[0].prompt_token_ids
+
+
 def test_continuous_usage_stats_on_every_chunk(client):
     """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk of a choice carries that
     choice's usage so far (its prompt, its tokens up to then; chat's first chunk none yet), and the last chunk

@@ -302,8 +302,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     turn = await start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request.state.request_id}")
     generation = turn.generation
 
-    def chunk(choices: list[ChatChunkChoice], usage=None) -> dict:
-        return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=generation.model, choices=choices, usage=usage))
+    def chunk(choices: list[ChatChunkChoice], usage=None, prompt_token_ids: list[int] | None = None) -> dict:
+        return dump(ChatCompletionChunk(id=generation.id, created=generation.created, model=generation.model,
+                                        choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
     if body.stream:
         readers = {choice.index: turn.reader() for choice in generation.choices}
@@ -311,9 +312,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
 
         def choice_chunk(choice: Choice, **fields) -> dict:
             """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for
-            (none generated yet on the first, as vLLM's)."""
+            (none generated yet on the first, as vLLM's), and with return_token_ids the token ids it adds (the
+            prompt's on the choice's first)."""
             usage = generation.usage_so_far(choice) if body.continuous_usage else None
-            return chunk([ChatChunkChoice(index=choice.index, **fields)], usage=usage)
+            prompt_ids, fields["token_ids"] = choice.unsent_ids() if body.return_token_ids else (None, None)
+            return chunk([ChatChunkChoice(index=choice.index, **fields)], usage=usage, prompt_token_ids=prompt_ids)
 
         def start():  # (a forced call's reply has no content: null, as OpenAI's)
             for choice in generation.choices:
@@ -350,6 +353,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         reasoning, content, calls, reason = turn.reply(c)
         message = AssistantMessage(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls)
         choices.append(ChatChoice(index=c.index, message=message, logprobs=turn.logprobs_of(c.logprobs),
-                                  finish_reason=reason, stop_reason=c.stop_reason))
+                                  finish_reason=reason, stop_reason=c.stop_reason,
+                                  token_ids=c.token_ids if body.return_token_ids else None))
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
-                                  usage=turn.usage())
+                                  usage=turn.usage(),
+                                  prompt_token_ids=generation.prompts[0] if body.return_token_ids else None)

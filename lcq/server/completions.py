@@ -167,8 +167,13 @@ async def create_completion(body: CompletionRequest, request: Request):
 
     if body.stream:
         def choice_chunk(choice: Choice, **fields) -> dict:
-            """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for."""
+            """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for,
+            and with return_token_ids the token ids it adds (the prompt's on the choice's first; a scored
+            prompt's reply has none)."""
             usage = generation.usage_so_far(choice, count_completion=not scoring) if body.continuous_usage else None
+            if body.return_token_ids:
+                fields["prompt_token_ids"], added = choice.unsent_ids()
+                fields["token_ids"] = [] if scoring else added
             return chunk([CompletionChoice(index=choice.index, **fields)], usage=usage)
 
         def start():  # with logprobs the echo waits for the prompt's logprobs: the first delta brings them
@@ -199,8 +204,11 @@ async def create_completion(body: CompletionRequest, request: Request):
         text, entries = echoed(choice, choice.prompt_logprobs)
         generated, generated_text = ([], "") if scoring else (choice.logprobs, choice.text)
         lp = logprobs.format(*parts(choice, entries, generated)) if logprobs else None
+        ids = body.return_token_ids
         choices.append(CompletionChoice(index=choice.index, text=text + generated_text, logprobs=lp,
                                         finish_reason=ending(choice.finish_reason),
-                                        stop_reason=None if scoring else choice.stop_reason))
+                                        stop_reason=None if scoring else choice.stop_reason,
+                                        prompt_token_ids=choice.prompt_ids if ids else None,
+                                        token_ids=([] if scoring else choice.token_ids) if ids else None))
     return CompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
                               usage=generation.usage(count_completions=not scoring))

@@ -52,6 +52,7 @@ class Choice:
     accepted_prediction_tokens: int = 0
     embedding: list[float] | None = None  # an embedding request's vector
     error: str | None = None
+    streamed_ids: int | None = None  # with return_token_ids: how many token ids its stream has sent (None: nor the prompt's)
 
     def add(self, out: RequestOutput) -> None:
         self.text += out.text
@@ -65,6 +66,15 @@ class Choice:
                 self.cached_tokens, self.cache_written_tokens = out.usage.cached_tokens, out.usage.cache_written_tokens
                 self.accepted_prediction_tokens = out.usage.accepted_prediction_tokens
             self.embedding = out.embedding
+
+
+    def unsent_ids(self) -> tuple[list[int] | None, list[int]]:
+        """(the prompt's token ids where its stream has not sent them yet, else None; the reply's token ids
+        it has not sent), now marked sent: what a streamed chunk carries with return_token_ids, as vLLM's."""
+        prompt = self.prompt_ids if self.streamed_ids is None else None
+        sent = self.streamed_ids or 0
+        self.streamed_ids = len(self.token_ids)
+        return prompt, self.token_ids[sent:]
 
 
 def check_room(state: ServerState, prompts: list[list[int]], asked: int | None, field: str) -> None:

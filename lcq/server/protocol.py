@@ -145,6 +145,8 @@ class SamplingRequest(OpenAIRequest):
     add_special_tokens: bool | None = None
     # vLLM's: logprobs name tokens "token_id:{id}" rather than by their text; unset, --return-tokens-as-token-ids
     return_tokens_as_token_ids: bool | None = None
+    # vLLM's: the reply's token ids beside its text (and the prompt's), as RL and evaluation pipelines read them
+    return_token_ids: bool | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
@@ -594,12 +596,17 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(OmitsUnset):
+    omitted_when_none = ("prompt_token_ids", "token_ids")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # with return_token_ids, as vLLM's: the prompt's ids (a stream's first chunk of the choice) and the reply's
+    # (a stream's chunk: those it adds)
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -651,21 +658,25 @@ class AssistantMessage(OmitsUnset):
     tool_calls: list[ToolCall] | None = None
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(OmitsUnset):
+    omitted_when_none = ("token_ids",)
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = None  # with return_token_ids, as vLLM's
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitsUnset):
+    omitted_when_none = ("prompt_token_ids",)
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids, as vLLM's
 
 
 class DeltaMessage(BaseModel):
@@ -682,21 +693,25 @@ class DeltaMessage(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(OmitsUnset):
+    omitted_when_none = ("token_ids",)
     index: int
     delta: DeltaMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    token_ids: list[int] | None = None  # with return_token_ids: the ids this chunk adds, as vLLM's
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(OmitsUnset):
+    omitted_when_none = ("prompt_token_ids",)
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
+    prompt_token_ids: list[int] | None = None  # with return_token_ids: on the first chunk, as vLLM's
 
 
 class ModelCard(BaseModel):
