@@ -131,6 +131,24 @@ def test_token_ids_come_back_with_the_text(server, client):
     assert scored.choices[0].token_ids == [] and scored.choices[0].prompt_token_ids
 
 
+def test_cache_salt_keeps_prefix_cache_hits_within_a_salt(client):
+    """vLLM's cache_salt: a prompt's cached blocks serve only requests of the same salt (one tenant cannot time
+    whether another's prompt began as its own), and unsalted requests share among themselves as before."""
+    prompt = "A salted prompt long enough for a few blocks: " + "one two three four five six seven " * 6
+
+    def cached(**salt) -> int:
+        completion = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body=salt)
+        return completion.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(cache_salt="tenant-a") == 0
+    assert cached(cache_salt="tenant-a") > 0
+    assert cached(cache_salt="tenant-b") == 0
+    assert cached() == 0 and cached() > 0
+    with pytest.raises(openai.BadRequestError) as refused:
+        cached(cache_salt="")
+    assert refused.value.body["param"] == "cache_salt"
+
+
 def test_continuous_usage_stats_on_every_chunk(client):
     """vLLM's stream_options.continuous_usage_stats (with include_usage): each chunk of a choice carries that
     choice's usage so far (its prompt, its tokens up to then; chat's first chunk none yet), and the last chunk

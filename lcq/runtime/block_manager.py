@@ -305,7 +305,9 @@ class BlockManager:
                 self.empty_heap = sorted(self.empty)
 
 
-def _seed(seq: Sequence) -> str | None:
+def _seed(seq: Sequence) -> tuple[str | None, str | None] | None:
     """What a sequence's first block hash is chained to: the load of its LoRA adapter (a load's KV differs
-    from the base model's, and from another load's under the same name, for the same tokens), or None."""
-    return None if seq.adapter is None else seq.adapter.load_id
+    from the base model's, and from another load's under the same name, for the same tokens) and its cache
+    salt (blocks are shared only within a salt), or None for neither."""
+    adapter = None if seq.adapter is None else seq.adapter.load_id
+    return None if adapter is None and seq.params.cache_salt is None else (adapter, seq.params.cache_salt)

@@ -36,6 +36,9 @@ class SamplingParams:
     seed: int | None = None
     priority: int = 0  # vLLM's: with --scheduling-policy priority, lower values are scheduled first
     lora: str | None = None  # the LoRA adapter (EngineConfig.lora_modules) to run with; None: the base model
+    # vLLM's: prefix caching shares KV blocks only between requests of the same salt, so that a tenant cannot
+    # learn from the time to its first token whether another's prompt began as its own does
+    cache_salt: str | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
@@ -99,6 +102,8 @@ class SamplingParams:
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "
                                                                            "and 100"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
+            (self.cache_salt is None or (isinstance(self.cache_salt, str) and self.cache_salt != ""),
+             "cache_salt must be a non-empty string"),
             (len(self.bad_words) <= MAX_BAD_WORDS and all(word.strip() for word in self.bad_words),
              f"bad_words takes at most {MAX_BAD_WORDS} strings that are not blank"),
         ]

@@ -131,6 +131,7 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: list[TokenId] | None = None
     seed: Int64 | None = None
     priority: Int64 = 0  # vLLM's: with --scheduling-policy priority, lower values are scheduled first
+    cache_salt: str | None = None  # vLLM's: prefix-cache hits only between requests of the same salt
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -181,6 +182,7 @@ class SamplingRequest(OpenAIRequest):
             repetition_penalty=pick(self.repetition_penalty, defaults.repetition_penalty),
             seed=None if self.seed is None else self.seed % SEED_MODULUS,
             priority=self.priority,
+            cache_salt=self.cache_salt,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
