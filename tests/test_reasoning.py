@@ -393,9 +393,22 @@ def test_responses_logprobs_are_those_of_the_messages_text(thinking, thinking_di
     assert "".join(lp.token for lp in text.logprobs).strip() == text.text.strip()
     events = list(client.responses.create(**args, stream=True))
     streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
-    assert "".join(streamed).strip() == text.text.strip()
-    assert [lp.token for lp in events[-1].response.output[-1].content[0].logprobs] == \
+    assert streamed == [lp.token for lp in events[-1].response.output[-1].content[0].logprobs] == \
         [lp.token for lp in text.logprobs]
+
+
+@pytest.mark.parametrize("reply", ["<think>x</think>Paris.", REPLY])
+def test_streamed_responses_logprobs_are_the_messages_whatever_opens_the_reply(server, reply):
+    """Streamed output_text logprobs are the final message's, token for token, where the reply opens its own
+    thinking: the tokens of a `<think` still held back went out with the first text, and the whitespace
+    tokens after `</think>`, which add no text, never did."""
+    args = dict(model=MODEL, input="Capital of France?", max_output_tokens=60, temperature=0, top_logprobs=1,
+                include=["message.output_text.logprobs"], extra_body={"guided_choice": [reply]})
+    whole = [lp.token for lp in client_of(server).responses.create(**args).output[-1].content[0].logprobs]
+    events = list(client_of(server).responses.create(**args, stream=True))
+    streamed = [lp.token for e in events if e.type == "response.output_text.delta" for lp in e.logprobs]
+    done = next(e for e in events if e.type == "response.output_text.done")
+    assert streamed == [lp.token for lp in done.logprobs] == whole and "Paris" in "".join(whole)
 
 
 def test_reasoning_sent_back_reaches_the_template(thinking):

@@ -221,7 +221,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
     sequence = itertools.count()
     thought: list[str] = []  # the reasoning item's text so far
     sent: list[str] = []  # the message's text so far
-    pending: list[dict] = []  # logprobs of tokens whose text the detokenizer still holds (a split character)
+    next_logprob: list[int | None] = [None]  # the reply's first token whose logprob has not gone out, once known
     output: list[ReasoningItem | OutputMessage | FunctionCallItem] = []
     opened: dict[str, int] = {}  # "reasoning", "message": the item's output_index once it is added
     closed: set[str] = set()
@@ -275,16 +275,24 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
         yield lifecycle("created", builder.response("queued" if builder.body.background else "in_progress"))
         yield lifecycle("in_progress", builder.response("in_progress"))
 
+    def unsent_logprobs(choice: Choice) -> list[dict]:
+        """The logprobs of the message's tokens not sent yet: those after the reasoning's (as the finished
+        message's, ChatTurn.content_logprobs), going out with the text they reach, so a token whose text the
+        detokenizer holds (a split character, a tag that may open the reasoning) waits for it."""
+        if not turn.logprobs or turn.forced or turn.parser:
+            return []
+        if next_logprob[0] is None:  # the message's first text: the reasoning (if any) has ended
+            next_logprob[0] = len(choice.logprobs) - len(turn.content_logprobs(choice))
+        unsent = choice.logprobs[next_logprob[0]:]
+        next_logprob[0] = len(choice.logprobs)
+        return dump(turn.logprobs_of(unsent))["content"]
+
     def on_delta(choice: Choice, out: RequestOutput) -> Iterator[dict]:
         reasoning, text = reader.feed(out.text)
         if reader.reasoned:
             yield from reasoning_events(reasoning)
-        in_content = not reader.reasoned or text or "message" in opened  # (the reasoning's tokens have none)
-        if turn.logprobs and not (turn.forced or turn.parser) and in_content:  # a token's logprob goes out with its text
-            pending.extend(dump(turn.logprobs_of(out.logprobs or []))["content"])
         if text:
-            yield from text_events(text, pending.copy())
-            pending.clear()
+            yield from text_events(text, unsent_logprobs(choice))
         if out.finish_reason is None:
             return
         reasoning, rest, calls, _ = reader.finish(out.finish_reason)
@@ -292,8 +300,9 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
             yield from reasoning_events(reasoning)
         yield from reasoning_done("incomplete" if rest is None else "completed")
         status = _status(out.finish_reason)
-        if rest is not None and (rest or pending or not calls):
-            yield from text_events(rest, pending)
+        last_logprobs = unsent_logprobs(choice) if rest is not None else []
+        if rest is not None and (rest or last_logprobs or not calls):
+            yield from text_events(rest, last_logprobs)
         if "message" in opened:
             index = opened["message"]
             all_logprobs = turn.logprobs_of(turn.content_logprobs(choice)).content if turn.logprobs else None
