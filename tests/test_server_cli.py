@@ -248,6 +248,48 @@ def test_sigterm_drains_then_exits(tmp_path):
             process.wait()
 
 
+def test_a_second_signal_aborts_the_drain(tmp_path):
+    """A second SIGTERM/SIGINT stops at once: the requests still running are aborted (their streams end with
+    "abort" and [DONE]) rather than run to their end within the drain timeout (a minute here), which they did
+    while the server, no longer listening, waited for them."""
+    model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=8192)
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "lcq.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
+           "--drain-timeout", "60", "--served-model-name", "tiny"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                   cwd=Path(__file__).resolve().parents[1])
+    try:
+        url = _wait_until_ready(process, log)
+        body = {"prompt": "Once upon a time", "max_tokens": 8000, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        events: list[str] = []
+        first = threading.Event()
+
+        def stream() -> None:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first.set()
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        assert first.wait(30)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(30) == 0 and time.monotonic() - started < 15
+        reader.join(5)
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
     """The load runs on a thread that cannot be stopped; a server stopped meanwhile does not wait for it (a
     large model's load could outlast an orchestrator's grace period). The load is made to take a minute."""

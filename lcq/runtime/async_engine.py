@@ -34,6 +34,7 @@ class AsyncEngine:
         self.config = config
         self.engine: LLMEngine | None = None
         self.is_draining = False
+        self._drain_deadline = float("inf")  # while draining: when the requests still running are aborted
         self._lock = threading.RLock()
         self._inbox: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
@@ -245,18 +246,23 @@ class AsyncEngine:
             if self._failed_steps:
                 await asyncio.sleep(0.1)
 
+    def hurry(self) -> None:
+        """End a drain now (a second SIGTERM/SIGINT): the requests still running are aborted at once."""
+        self._drain_deadline = float("-inf")
+
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish within the timeout, abort the rest, stop."""
         self.is_draining = True
         if self.engine is None or self._loop_task is None:  # never loaded: only the loading thread to stop
             self._worker.shutdown(wait=False)
             return
-        deadline = asyncio.get_running_loop().time() + drain_timeout
-        while (self.engine.has_work() or self._inbox) and asyncio.get_running_loop().time() < deadline:
+        clock = asyncio.get_running_loop().time
+        self._drain_deadline = min(self._drain_deadline, clock() + drain_timeout)  # (hurried already: now)
+        while (self.engine.has_work() or self._inbox) and clock() < self._drain_deadline:
             await asyncio.sleep(0.05)
         for request_id in list(self._streams):
             self.abort(request_id)
-        while self._streams and asyncio.get_running_loop().time() < deadline + 5:
+        while self._streams and clock() < self._drain_deadline + 5:
             await asyncio.sleep(0.02)
         self._loop_task.cancel()
         try:
