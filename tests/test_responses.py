@@ -5,6 +5,7 @@ instructions and stored history became the same prompt."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 from typing import Literal
 
@@ -139,6 +140,16 @@ def test_store_drops_the_least_recently_used():
     empty = ResponseStore(capacity=0)
     empty.put(entries[0])
     assert empty.get("resp_0") is None
+    # a background response still generating is never dropped (it was: polls and cancels then got 404s while
+    # it kept generating): the least recently used of the others goes
+    busy = ResponseStore(capacity=1)
+    busy.running["resp_0"] = None
+    busy.put(entries[0])
+    busy.put(entries[1])
+    assert busy.get("resp_0") is entries[0] and busy.get("resp_1") is None
+    busy.running.clear()
+    busy.put(entries[2])
+    assert busy.get("resp_0") is None and busy.get("resp_2") is entries[2] and len(busy) == 1
 
 
 def test_function_calls_and_their_outputs(client):
@@ -161,6 +172,10 @@ def test_function_calls_and_their_outputs(client):
                                   max_output_tokens=4, temperature=0)
     assert cut.status == "incomplete" and [(i.type, i.status) for i in cut.output] == [("function_call", "incomplete")]
     assert call.arguments.startswith(cut.output[0].arguments) and cut.output[0].arguments != call.arguments
+    # and the conversation goes on past it (the cut-off call is left out of the stored history, which a
+    # template could not render: every later turn was a 400 naming `messages`)
+    again = client.responses.create(model=MODEL, previous_response_id=cut.id, input="Try again.", max_output_tokens=2)
+    assert again.status == "incomplete" and again.usage.input_tokens > cut.usage.input_tokens
 
     # the call's output as the next turn, by reference and sent in full: the same prompt
     answer = client.responses.create(model=MODEL, previous_response_id=response.id, tools=[WEATHER], tool_choice="none",
@@ -237,6 +252,10 @@ def test_bad_requests_get_the_envelope(server, client):
     refused({"input": []})
     refused({"input": "x", "max_output_tokens": -1})
     refused({"input": "x", "text": {"format": {"type": "yaml"}}})
+    assert refused({"input": "x", "text": {"format": "json_object"}})["param"] == "text.format"  # (it was ignored)
+    assert refused({"input": "x", "reasoning": {"effort": "max"}})["param"] == "reasoning.effort"
+    assert refused({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": '{"ci'}]})[
+        "param"] == "input.0.arguments"
     assert refused({"model": "gpt-5", "input": "x"}, 404)["code"] == "model_not_found"
     assert refused({"input": "x", "previous_response_id": "resp_none"})["code"] == "previous_response_not_found"
     assert httpx.delete(server.url + "/v1/responses/resp_none").status_code == 404
@@ -274,6 +293,48 @@ def test_a_failed_stream_keeps_the_text_it_sent(server, monkeypatch):
     assert sent and message["content"][0]["text"] == sent and message["status"] == "incomplete"
     assert events[-1]["response"]["error"]["code"] == "server_error"  # one of OpenAI's codes
     server.wait_pool_full()
+
+
+def test_background_needs_a_store(tmp_path):
+    """With no response store a background response could be neither polled nor cancelled (404s while it
+    generated), and a streamed one's events were kept for ever: it is a 400, as background without store is."""
+    model_dir = make_tiny_hf(tmp_path / "tiny", seed=0)
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(responses_store_size=0))) as live:
+        reply = httpx.post(live.url + "/v1/responses", json={"input": "x", "background": True, "max_output_tokens": 2})
+        assert reply.status_code == 400 and reply.json()["error"]["param"] == "background"
+        assert httpx.post(live.url + "/v1/responses", json={"input": "x", "max_output_tokens": 2}).status_code == 200
+
+
+def test_a_response_the_server_aborts_has_failed(long_server, long_client):
+    """A response the server cuts off (a drain's deadline aborts what still runs) has failed, with a
+    server_error, whole or streamed (error, then response.failed): it was completed, so a client took an empty
+    or truncated answer for the whole one on every rolling restart."""
+    body = {"input": "x", "max_output_tokens": 8000, "temperature": 0, "ignore_eos": True}
+    results = {}
+
+    def whole():
+        results["whole"] = httpx.post(long_server.url + "/v1/responses", json=body, timeout=60).json()
+
+    def streamed():
+        with httpx.stream("POST", long_server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as r:
+            results["events"] = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+
+    threads = [threading.Thread(target=target) for target in (whole, streamed)]
+    for thread in threads:
+        thread.start()
+    deadline = time.time() + 30
+    while long_server.engine.stats().num_running < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    for request_id in list(long_server.engine._streams):  # what a drain's deadline does
+        long_server.engine.abort(request_id)
+    for thread in threads:
+        thread.join(30)
+    assert results["whole"]["status"] == "failed" and results["whole"]["error"]["code"] == "server_error"
+    events = results["events"]
+    assert [e["type"] for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-1]["response"]["error"]["code"] == "server_error"
+    long_server.wait_pool_full()
 
 
 def _polled(client, response_id: str, timeout: float = 30.0):

@@ -3,8 +3,8 @@
 
 Each entry holds its whole conversation as chat messages, so a response whose ancestors were dropped
 still continues; the message dicts are shared with those ancestors, not copied. A background response is
-stored at once (queued) and again when it ends; meanwhile its task is in `running`, and a streamed one's events
-are kept (`streams`: sse.EventLog) for as long as it is stored, so that a client can read them again from any point.
+stored at once (queued) and again when it ends; meanwhile its task is in `running` (and it is never dropped), and
+a streamed one's events are kept (`streams`: sse.EventLog) for as long as it is stored, so that a client can read them again from any point.
 """
 from __future__ import annotations
 
@@ -37,12 +37,17 @@ class ResponseStore:
         return len(self._entries)
 
     def put(self, entry: StoredResponse) -> None:
+        """Store (or update) a response, dropping the least recently used past the capacity; never a
+        background response still generating, which must stay pollable and cancellable (the store may hold
+        more than its capacity while these do)."""
         if self.capacity <= 0:
             return
         self._entries[entry.response.id] = entry
         self._entries.move_to_end(entry.response.id)
-        while len(self._entries) > self.capacity:
-            self.streams.pop(self._entries.popitem(last=False)[0], None)
+        idle = (key for key in list(self._entries) if key not in self.running)
+        while len(self._entries) > self.capacity and (oldest := next(idle, None)) is not None:
+            del self._entries[oldest]
+            self.streams.pop(oldest, None)
 
     def get(self, response_id: str) -> StoredResponse | None:
         entry = self._entries.get(response_id)

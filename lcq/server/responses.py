@@ -28,7 +28,7 @@ from .protocol import ToolCall, dump
 from .response_store import ResponseStore, StoredResponse
 from .responses_protocol import DeletedResponse, FunctionCallItem, IncompleteDetails, InputItemList, \
     InputTokensDetails, OutputMessage, OutputText, OutputTokensDetails, ReasoningItem, ReasoningText, ResponseError, \
-    ResponseObject, ResponsesRequest, ResponseUsage, input_messages, listed_input
+    ResponseObject, ResponsesRequest, ResponseUsage, json_arguments, input_messages, listed_input
 from .sse import KEEPALIVE, EventLog, named_event, sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -113,8 +113,19 @@ class ResponseBuilder:
             user=body.user, background=bool(body.background))
 
 
+# Why a response cut off by the server (a drain's deadline) failed: the client should ask again, elsewhere
+ABORTED = "the server stopped generating this response before its end (it is shutting down); send it again"
+
+
 def _status(finish_reason: str | None) -> str:
-    return "incomplete" if finish_reason == "length" else "completed"
+    """The response's status for its reply's finish reason: cut off at max_output_tokens, incomplete; aborted by
+    the server (a drain), failed; else completed."""
+    return {"length": "incomplete", "abort": "failed"}.get(finish_reason, "completed")
+
+
+def _item_status(status: str) -> str:
+    """An output item's status in a response of `status` (items are completed or incomplete)."""
+    return "completed" if status == "completed" else "incomplete"
 
 
 def _assistant_message(reasoning: str | None, content: str | None, calls: list[ToolCall] | None) -> dict[str, Any]:
@@ -123,8 +134,10 @@ def _assistant_message(reasoning: str | None, content: str | None, calls: list[T
     message: dict[str, Any] = {"role": "assistant", "content": content or ""}
     if reasoning:
         message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = [call.model_dump() for call in calls]
+    # a call cut off part way (max_output_tokens) is not one a later turn can answer, nor one a template takes
+    whole = [call.model_dump() for call in calls or [] if json_arguments(call.function.arguments)]
+    if whole:
+        message["tool_calls"] = whole
     return message
 
 
@@ -133,6 +146,9 @@ def _assistant_message(reasoning: str | None, content: str | None, calls: list[T
 async def create_response(body: ResponsesRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/responses")
+    if body.background and state.responses.capacity <= 0:
+        raise APIError(400, "background responses need a response store (they are fetched by id); this server "
+                       "keeps none (--responses-store-size 0)", param="background", code="unsupported_value")
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = state.responses.get(body.previous_response_id)
@@ -164,10 +180,12 @@ async def create_response(body: ResponsesRequest, request: Request):
 
     if body.background:
         entry = StoredResponse(builder.response("queued"), conversation, input_items)
-        state.responses.put(entry)
-        log = state.responses.streams[builder.id] = EventLog() if body.stream else None
-        state.responses.running[builder.id] = asyncio.create_task(
+        log = EventLog() if body.stream else None
+        state.responses.running[builder.id] = asyncio.create_task(  # (running first: the store keeps it then)
             _in_background(state, turn, builder, keep, entry, log))
+        state.responses.put(entry)
+        if log is not None:
+            state.responses.streams[builder.id] = log
         return sse_response(log.follow(-1, state.settings.keepalive_interval)) if log else entry.response
     if body.stream:
         return sse_response(_stream(state, turn, builder, keep))
@@ -181,8 +199,9 @@ def _finished(turn: ChatTurn, builder: ResponseBuilder, keep: Keep) -> ResponseO
     reasoning, content, calls, _ = turn.reply(choice)
     status = _status(choice.finish_reason)
     logprobs = turn.logprobs_of(turn.content_logprobs(choice)).content if turn.logprobs else None
-    output = builder.output(reasoning, content, calls, status, logprobs)
-    return keep(builder.response(status, output, turn), reasoning, content, calls)
+    output = builder.output(reasoning, content, calls, _item_status(status), logprobs)
+    error = ABORTED if status == "failed" else None
+    return keep(builder.response(status, output, turn, error=error), reasoning, content, calls)
 
 
 async def _in_background(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: Keep,
@@ -306,7 +325,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
         if "message" in opened:
             index = opened["message"]
             all_logprobs = turn.logprobs_of(turn.content_logprobs(choice)).content if turn.logprobs else None
-            output[index] = builder.message("".join(sent), status, all_logprobs)
+            output[index] = builder.message("".join(sent), _item_status(status), all_logprobs)
             part = output[index].content[0]
             yield {"type": "response.output_text.done", "item_id": builder.message_id, "output_index": index,
                    "content_index": 0, "text": part.text, "logprobs": dump(part)["logprobs"] or []}
@@ -314,7 +333,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
                    "content_index": 0, "part": dump(part)}
             yield {"type": "response.output_item.done", "output_index": index, "item": dump(output[index])}
         for call in calls or []:  # each call goes out whole: its arguments are complete only now
-            index, item = len(output), builder.call(call, status)
+            index, item = len(output), builder.call(call, _item_status(status))
             output.append(item)
             yield {"type": "response.output_item.added", "output_index": index,
                    "item": dump(builder.call(call, "in_progress"))}
@@ -327,9 +346,12 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
                      content="".join(sent) or None, calls=calls)
 
     def finish() -> Iterator[dict]:
-        response = builder.response(final["status"], output, turn)
+        status = final["status"]
+        response = builder.response(status, output, turn, error=ABORTED if status == "failed" else None)
         keep(response, final["reasoning"], final["content"], final["calls"])
-        yield lifecycle("completed" if final["status"] == "completed" else "incomplete", response)
+        if status == "failed":
+            yield {"type": "error", "code": "server_error", "message": ABORTED, "param": None}
+        yield lifecycle(status, response)
 
     def failed(message: str) -> Iterator[dict]:
         if "reasoning" in opened and "reasoning" not in closed:  # what was streamed stays in the failed response

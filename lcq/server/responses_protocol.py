@@ -4,6 +4,7 @@ request: input items as chat messages, function tools and the text format in cha
 """
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -52,6 +53,15 @@ def _reasoning_text(item: InputItem) -> str:
     return "".join(part.text or "" for part in parts if part.type == "reasoning_text")
 
 
+def json_arguments(arguments: str) -> bool:
+    """Whether a call's arguments are JSON (or nothing), as chat's must be to reach the template."""
+    try:
+        json.loads(arguments or "{}")
+    except ValueError:
+        return False
+    return True
+
+
 def input_messages(items: str | list[InputItem], keep_reasoning: bool = False) -> list[dict[str, Any]]:
     """The input as chat messages: a string is one user message; a model's function calls join the
     assistant turn they follow, and each call's output is a tool message answering it. With
@@ -78,6 +88,9 @@ def input_messages(items: str | list[InputItem], keep_reasoning: bool = False) -
         elif item.type == "function_call":
             if not (item.call_id and item.name and item.arguments is not None):
                 raise APIError(400, f"{param}: a function_call needs call_id, name and arguments", param=param,
+                               code="invalid_value")
+            if not json_arguments(item.arguments):
+                raise APIError(400, f"{param}.arguments is not JSON", param=f"{param}.arguments",
                                code="invalid_value")
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments}}
@@ -131,6 +144,11 @@ class InputItemList(BaseModel):
     has_more: bool
 
 
+# The Responses API's names of the chat request's fields it fills (for the `param` of a 400)
+RESPONSES_NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "reasoning_effort":
+                   "reasoning.effort", "response_format": "text.format"}
+
+
 class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     """OpenAI's fields, plus the chat endpoint's sampling extras (top_k, min_p, penalties, seed, stop, ...)."""
 
@@ -155,6 +173,9 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
         """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools."""
         if (wrong := super().invalid()) is not None:
             return wrong
+        if isinstance(self.text, dict) and "format" in self.text and not isinstance(self.text["format"], dict):
+            return "text.format", 'text.format must be an object: {"type": "text"}, {"type": "json_object"} or ' \
+                '{"type": "json_schema", "name": ..., "schema": ...}'
         problem = tool_choice_problem(self.tool_choice, self.tools)
         return None if problem is None else ("tool_choice", problem)
 
@@ -202,8 +223,8 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
             request = ChatCompletionRequest.model_validate(fields)
         except ValidationError as e:
             first = e.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise APIError(400, f"{where}: {first['msg']}", param="input", code="invalid_value") from None
+            field = RESPONSES_NAMES.get(str(first["loc"][0]), str(first["loc"][0])) if first["loc"] else "input"
+            raise APIError(400, f"{field}: {first['msg']}", param=field, code="invalid_value") from None
         request._renamed = {"max_tokens": "max_output_tokens" if self.max_output_tokens is not None else "max_tokens",
                             "max_completion_tokens": "max_output_tokens", "logprobs": "top_logprobs",
                             "prompt": "input"}
