@@ -247,3 +247,65 @@ def test_view_config_of_qwen_vision_language_models():
     assert text["rope_parameters"] == {"rope_type": "default", "rope_theta": 5000000} and text["tie_word_embeddings"]
     with pytest.raises(ViewError, match="rope type 'yarn'"):
         view_config({**qwen25, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+# Every multimodal wrapper lcq reads, with its text model's model_type (Qwen2-VL's and Qwen2.5-VL's also in
+# the Hub's top-level form: tested apart).
+WRAPPER_TEXT_TYPES = {"Gemma3ForConditionalGeneration": "gemma3_text", "Mistral3ForConditionalGeneration": "mistral",
+                      "LlavaForConditionalGeneration": "llama", "Idefics3ForConditionalGeneration": "llama",
+                      "SmolVLMForConditionalGeneration": "llama", "InternVLForConditionalGeneration": "qwen2",
+                      "Llama4ForConditionalGeneration": "llama4_text",
+                      "Qwen3_5ForConditionalGeneration": "qwen3_5_text",
+                      "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe_text",
+                      "Qwen2VLForConditionalGeneration": "qwen2_vl_text",
+                      "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl_text",
+                      "Qwen3VLForConditionalGeneration": "qwen3_vl_text",
+                      "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe_text"}
+INT8_W8A8 = {"quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int"}}}}
+
+
+def _wrapper_folder(folder, config, tensors):
+    folder.mkdir(parents=True)
+    write_json(folder / "config.json", config)
+    write_shard(folder / "model.safetensors", tensors)
+    return folder
+
+
+@pytest.mark.parametrize("architecture", sorted(WRAPPER_TEXT_TYPES))
+def test_a_quantized_wrapper_is_refused_as_its_text_model_is(tmp_path, architecture):
+    """A multimodal wrapper published quantized (its quantization_config at the top level: int8 W8A8, GPTQ,
+    AWQ, bitsandbytes) is refused as the same plain text folder is, rather than read as full precision (its
+    int8 codes served as weights); an FP8 wrapper is still decoded as read."""
+    from lcq.format import view_config
+
+    config = {"architectures": [architecture], "model_type": "x",
+              "text_config": {"model_type": WRAPPER_TEXT_TYPES[architecture]}}
+    assert view_config({**config, "quantization_config": INT8_W8A8})["quantization_config"] == INT8_W8A8
+    assert view_config(config).get("quantization_config") is None
+    codes = {"language_model.model.layers.0.self_attn.q_proj.weight": torch.ones(4, 4, dtype=torch.int8),
+             "language_model.model.layers.0.self_attn.q_proj.weight_scale": torch.ones(4, 1)}
+    folder = _wrapper_folder(tmp_path / "int8", {**config, "quantization_config": INT8_W8A8}, codes)
+    with pytest.raises(FormatError, match="quant_method 'compressed-tensors' is not one lcq reads"):
+        CheckpointReader(folder)
+    weight = torch.randn(4, 4)
+    fp8 = {"language_model.model.layers.0.self_attn.q_proj.weight": weight.to(torch.float8_e4m3fn),
+           "language_model.model.layers.0.self_attn.q_proj.weight_scale_inv": torch.full((1, 1), 0.5)}
+    folder = _wrapper_folder(tmp_path / "fp8", {**config, "quantization_config": {
+        "quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}}, fp8)
+    reader = CheckpointReader(folder)
+    assert reader.quant is None and reader.names() == ["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(reader.tensor("model.layers.0.self_attn.q_proj.weight").float(),
+                       weight.to(torch.float8_e4m3fn).float() * 0.5)
+
+
+def test_a_quantized_qwen_vl_in_the_top_level_form_is_refused(tmp_path):
+    """Qwen2-VL's and Qwen2.5-VL's Hub form (the text settings at the top level) keeps its quantization_config
+    too (as it did before wrappers inherited theirs)."""
+    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "hidden_size": 32, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+              "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
+    folder = _wrapper_folder(tmp_path / "gptq", config, {"model.layers.0.mlp.up_proj.qweight": torch.zeros(
+        4, 8, dtype=torch.int32)})
+    with pytest.raises(FormatError, match="quant_method 'gptq' is not one lcq reads"):
+        CheckpointReader(folder)

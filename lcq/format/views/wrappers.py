@@ -43,8 +43,10 @@ TEXT_PREFIXES = (("language_model.model.", "model."), ("language_model.lm_head."
                  ("mtp.", "mtp."),
                  *((f"model.{part}.", f"model.{part}.") for part in ("layers", "embed_tokens", "norm")))  # Qwen2.5-VL
 BASE_MODEL_PREFIX = "model."  # what a CausalLM's tensor names have that its base model's lack
-# Top-level settings a wrapper's text model inherits where its text_config has none.
-INHERITED = ("torch_dtype", "dtype")
+# Top-level settings a wrapper's text model inherits where its text_config has none (its quantization_config:
+# a quantized release's (GPTQ, AWQ, bitsandbytes, int8 compressed-tensors) is refused as a plain folder's is,
+# not read as full precision; FP8's is decoded before this, in view_config).
+INHERITED = ("torch_dtype", "dtype", "quantization_config")
 # Top-level settings that win over text_config's: transformers ties a wrapper's head to its embedding
 # table by the wrapper's own setting (a Mistral3 whose text_config says untied is saved without a head).
 OVERRIDING = ("tie_word_embeddings",)
