@@ -20,7 +20,8 @@ from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
 from lcq.server.content_format import detected_content_format
 from lcq.server.settings import ServeSettings
-from lcq.server.tool_calls import ToolCallStream, parse_hermes, parse_llama3_json, reply_parser
+from lcq.server.tool_calls import ReplyReader, ToolCallStream, parse_hermes, parse_llama3_json, read_reply, \
+    reply_parser
 from tests.live_server import MODEL, LiveServer, engine_config
 from tests.tiny_model import make_tiny_hf
 
@@ -900,6 +901,22 @@ def test_tool_calls_in_each_parsers_syntax(parser):
     assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [streamed]
     if released is not None:
         assert ToolCallStream(parser).feed(released) == released
+
+
+@pytest.mark.parametrize("parser", [*PARSED, "hermes"])
+def test_a_reply_with_calls_reads_the_same_whole_and_streamed(parser):
+    """A reply's content and calls are the same read whole (a plain response) as streamed a character at a time
+    (what a streaming client puts together): a whole reply's text beside the calls was stripped, so
+    "Let me check.\n" streamed came back "Let me check." plain, and a stored Responses conversation differed."""
+    replies = [reply for reply, _, _ in PARSED.get(parser, ([],))[0]]
+    replies += ['Let me check.\n<tool_call>{"name": "f", "arguments": {}}</tool_call>\n\nDone.'] if parser == "hermes" else []
+    for reply in replies:
+        reader = ReplyReader(None, parser)
+        sent = "".join(reader.feed(character) for character in reply)
+        rest, streamed_calls, _ = reader.finish("stop")
+        content, calls, _ = read_reply(reply, None, parser, "stop")
+        assert calls and content == ((sent + (rest or "")) or None)
+        assert [call.function for call in calls] == [call.function for call in streamed_calls]
 
 
 def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():

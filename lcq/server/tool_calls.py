@@ -149,14 +149,18 @@ def read_reply(text: str, forced: str | None, parser: str | None, finish_reason:
                ) -> tuple[str | None, list[ToolCall] | None, str | None]:
     """(content, tool calls or None, finish reason) of a complete reply: a forced call's JSON, calls the
     model made in its own syntax (read by `parser`, with the request's tools' parameter `schemas` by
-    name; only the first call unless `parallel`), or plain text."""
+    name; only the first call unless `parallel`), or plain text. A parser's reply is read as it is streamed
+    (ReplyReader), so that its content is the same whole or streamed: the text sent before a call may start,
+    then what the parser leaves of the rest."""
     if forced:
         calls, reason = forced_call(text, forced, finish_reason)
         return (None if calls else text), calls, reason
     if parser:
-        content, calls = reply_parser(parser, schemas)(text)
+        reader = ReplyReader(None, parser, parallel, schemas)
+        sent = reader.feed(text)
+        rest, calls, reason = reader.finish(finish_reason)
         if calls:
-            return content, calls if parallel else calls[:1], calls_finish(finish_reason)
+            return (sent + (rest or "")) or None, calls, reason
     return text, None, finish_reason
 
 
