@@ -406,6 +406,8 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
     for body in ({"allowed_token_ids": [10000000]}, {"allowed_token_ids": []}, {"bad_words": "a"},
                  {"bad_words": [""]}):
         assert error_of(post(body), 400)["param"] == next(iter(body))
+    # every allowed token a bad word: a 400 up front (every step's row had no token: a 500, which SDKs retry)
+    assert error_of(post({"allowed_token_ids": [a], "bad_words": ["a"]}), 400)["param"] == "allowed_token_ids"
 
 
 def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):

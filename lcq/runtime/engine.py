@@ -131,6 +131,11 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
+        if params.allowed_token_ids and params.bad_words:
+            banned = {ids[0] for ids in bad_word_token_ids(self.tokenizer, params.bad_words) if len(ids) == 1}
+            if banned.issuperset(params.allowed_token_ids):  # (else every step's row has no token to draw)
+                raise ValueError("allowed_token_ids holds only tokens that bad_words ban, so no token could be "
+                                 "generated")
         if params.structured_output is not None:
             self.structured.check(params.structured_output)
         if params.lora is not None and params.lora not in self.runner.adapters.served:  # (unloaded, or never loaded)
