@@ -1634,3 +1634,129 @@ def test_cpu_argmax_matches_torch(width):
             x[3, width - 1] = float("nan")
             x[3, width // 3] = float("nan")
         assert torch.equal(cpu_ops.argmax(x), x.argmax(dim=-1))
+
+
+FLOAT_MAX = torch.finfo(torch.float32).max
+
+
+def _int8_head_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What an int8 KV cache stores for fp32 head rows (..., head_dim), in torch: +-inf saturated at
+    +-FLOAT_MAX, top = the largest |v| but NaN, q = round((v * boost) * (127 / (top * boost))) half to even
+    (boost 2^64 where top < 2^-120, else 1: 127 / top would overflow) and -128 for a NaN, scale top / 127,
+    one step down where 127 times it is inf, and NaN where the row holds a NaN."""
+    finite = rows.clamp(-FLOAT_MAX, FLOAT_MAX)  # keeps NaN
+    magnitude = finite.abs()
+    top = torch.where(magnitude.isnan(), 0.0, magnitude).amax(-1)
+    boost = torch.where(top < 2.0 ** -120, 2.0 ** 64, 1.0)
+    most = torch.full_like(top, 127.0)
+    inverse = torch.where(top > 0, most / (top * boost), 0.0)
+    q = torch.round(finite * boost.unsqueeze(-1) * inverse.unsqueeze(-1))
+    q = torch.where(q.isnan(), -128.0, q).to(torch.int8)
+    scale = top / most
+    scale = torch.where((scale * most).isinf(), torch.nextafter(scale, torch.zeros_like(scale)), scale)
+    return q, torch.where(rows.isnan().any(-1), float("nan"), scale)
+
+
+def _special_rows(tokens: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+    """Random K/V rows (tokens, kv_heads, head_dim), head rows holding NaN, +-inf, a max |v| near FLOAT_MAX,
+    subnormal and tiny maxima, zeros, each at the row's start (vector lanes) and end (the scalar tail)."""
+    generator = torch.Generator().manual_seed(head_dim)
+    x = torch.randn(tokens, kv_heads, head_dim, generator=generator)
+    heads = x.view(-1, head_dim)
+    nan, inf = float("nan"), float("inf")
+    heads[0, 0] = nan
+    heads[1, -1] = nan
+    heads[2, 1], heads[2, -1] = inf, -inf
+    heads[3, 0], heads[3, -1] = -inf, nan
+    heads[4] = -nan
+    heads[5, -1] = FLOAT_MAX
+    heads[6, 0] = -FLOAT_MAX
+    heads[7] *= 1e-39  # a subnormal max: 127 / max overflows
+    heads[8] *= 1e-37  # normal, still past 127 / FLOAT_MAX
+    heads[9] *= 1e-36
+    heads[10] = torch.randint(-1, 2, (head_dim,), generator=generator) * 1e-45  # the smallest subnormal
+    heads[11] = 0.0
+    heads[12, 2] = 1e6  # an outlier
+    return x
+
+
+def _stored(rows: torch.Tensor, cache_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V caches (one slot per token, the tokens in reverse) after the C write of rows as K and
+    -rows as V, each read back as (tokens, kv_heads, cache row) in token order."""
+    tokens, kv_heads, head_dim = rows.shape
+    shape = cpu_ops.cache_shape(tokens, 1, kv_heads, head_dim, cache_dtype)
+    caches = [torch.full(shape, 7, dtype=cache_dtype) for _ in range(2)]
+    slots = torch.arange(tokens - 1, -1, -1)
+    cpu_ops.store_kv(rows, -rows, *caches, slots)
+    return tuple(cache.view(tokens, kv_heads, -1)[slots] for cache in caches)
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("kv_heads, head_dim", [(2, 16), (3, 20), (1, 5), (2, 64), (1, 36)])
+def test_c_fp16_cache_writes_equal_the_torch_path_keeping_nan(kv_heads, head_dim):
+    """The C fp16 KV write equals the torch path's (_cache_values: clamp at +-65504, then round) bit for bit
+    on rows with NaN (which stays NaN, as in an fp32 cache, rather than becoming 65504 in the vector loop
+    and NaN in the tail), +-inf and values past 65504 (saturated), fp16 subnormals and ordinary values, in
+    the vector loop and the scalar tail alike."""
+    from lcq.models.attention import _cache_values
+
+    rows = _special_rows(16, kv_heads, head_dim)
+    rows.view(-1)[::7] *= 1e-6  # fp16 subnormals
+    for stored, values in zip(_stored(rows, torch.float16), (rows, -rows)):
+        expected = _cache_values(values, torch.float16)
+        assert torch.equal(stored.view(torch.int16), expected.view(torch.int16))
+        assert torch.equal(stored.isnan(), values.isnan())
+        heads = stored.view(-1, head_dim)
+        assert not stored.isinf().any() and stored[~stored.isnan()].abs().max() == 65504.0
+        assert heads[2, 1] == (65504.0 if values is rows else -65504.0) and heads[2, -1] == -heads[2, 1]
+
+
+@needs_cpu_ops
+@pytest.mark.parametrize("kv_heads, head_dim", [(2, 16), (3, 20), (1, 5), (2, 64), (1, 36)])
+def test_c_int8_cache_writes_keep_nan_saturate_inf_and_stay_exact_for_tiny_rows(kv_heads, head_dim):
+    """The C int8 KV write gives _int8_head_rows bit for bit, in the vector loop and the scalar tail: a head
+    row holding a NaN gets a NaN scale, so it reads back as NaN, as from an fp32 cache (it was stored as a
+    finite -128 * scale); +-inf saturate (q = +-127, the rest of the row as usual: it was NaN with an inf
+    scale) and read back finite; a row whose max |v| is subnormal or below 2^-120 keeps the formula (every
+    value was -128), so its bytes are those of the row times 2^64. Rows of zeros: scale 0."""
+    rows = _special_rows(16, kv_heads, head_dim)
+    heads = rows.view(-1, head_dim)
+    for stored, values in zip(_stored(rows, torch.int8), (rows, -rows)):
+        q = stored[..., :head_dim].reshape(-1, head_dim)
+        scales = stored[..., head_dim:].contiguous().view(torch.float32).view(-1)
+        expected_q, expected_scales = _int8_head_rows(values.view(-1, head_dim))
+        assert torch.equal(q, expected_q)
+        assert torch.equal(scales.view(torch.int32), expected_scales.view(torch.int32))
+        read = q.float() * scales.unsqueeze(-1)
+        has_nan = values.view(-1, head_dim).isnan().any(-1)
+        assert read[has_nan].isnan().all() and torch.isfinite(read[~has_nan]).all()
+        assert has_nan.tolist()[:5] == [True, True, False, True, True] and not has_nan[5:].any()
+        assert q[2].tolist()[1] == (127 if values is rows else -127) and q[2].tolist()[-1] == -q[2].tolist()[1]
+        assert q[5, -1].abs() == 127 and q[6, 0].abs() == 127  # FLOAT_MAX: 127 times the scale is finite
+        assert heads[10].any() and (q[7:11].abs().amax(-1) == 127).all()
+        assert scales[11] == 0 and not q[11].any()
+    boosted = heads[7:10]
+    assert torch.equal(_stored(boosted.unsqueeze(1), torch.int8)[0][:, 0, :head_dim],
+                       _stored((boosted * 2.0 ** 64).unsqueeze(1), torch.int8)[0][:, 0, :head_dim])
+
+
+@needs_cpu_ops
+def test_a_model_gone_nan_fails_with_every_cpu_kv_cache_dtype(tmp_path, one_thread):
+    """A tiny model whose K holds a NaN (one k_proj bias entry) ends its request with finish_reason "error"
+    (no token has a finite probability) with every CPU KV cache form: the fp16 and int8 C writes kept the
+    NaN finite (65504, -128 * scale), so those caches generated plausible tokens where fp32 failed."""
+    from safetensors.torch import load_file, save_file
+
+    from lcq.runtime import LLM
+    from lcq.runtime.sampling_params import SamplingParams
+    from tests.tiny_model import make_tiny_hf
+
+    folder = make_tiny_hf(tmp_path / "qwen2", "qwen2")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.1.self_attn.k_proj.bias"][5] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for cache_dtype in ("float32", "float16", "int8"):
+        llm = LLM(str(folder), kv_cache_dtype=cache_dtype, cpu_matmul_dtype="float32", block_size=8)
+        out = llm.generate(["Hello, world! How are you"], params)[0]
+        assert (out.finish_reason, out.token_ids) == ("error", []), cache_dtype

@@ -7,6 +7,7 @@
  * and lcq_decode_layers runs a whole decode step.
  * All tensors are contiguous fp32 unless a stride is given; sums of squares are kept in double.
  */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -420,32 +421,60 @@ int lcq_sample_rows(const float *logits, int64_t rows, int64_t n, const float *t
 }
 
 #define HALF_MAX 65504.0f /* the largest finite fp16 */
+#define TINY_TOP 0x1p-120f /* below this largest |v| (subnormal or nearly), 127 / max |v| overflows fp32 */
+#define TINY_BOOST 0x1p64f /* ... so such a row is scaled by 2^64 first (exact) */
 
 /* One head row as int8 (cpu_cache.h): q = round(v * 127 / max |v|) to nearest even, then the scale
- * max |v| / 127 (a row of zeros: scale 0). */
+ * max |v| / 127 (a row of zeros: scale 0). As in the fp16 cache, +-inf saturate (at +-FLT_MAX: q = +-127,
+ * the scale one step below FLT_MAX / 127 so that 127 times it stays finite) rather than making the scale
+ * inf and the rest of the row NaN, and a NaN stays NaN: a row holding one gets a NaN scale, so it reads
+ * back as NaN, as from an fp32 cache (its bytes are the other values' as usual, and -128 for the NaN).
+ * A row whose max |v| is below 2^-120 is scaled by 2^64 before it is multiplied by 127 / (2^64 max |v|):
+ * the same formula, without 127 / max |v| overflowing to inf. */
 static void store_int8_head(int8_t *dst, const float *src, int head_dim) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 largest = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f), most = _mm256_set1_ps(FLT_MAX), least = _mm256_set1_ps(-FLT_MAX);
+    __m256 largest = _mm256_setzero_ps(), unordered = _mm256_setzero_ps();
     int i = 0;
-    for (; i + 8 <= head_dim; i += 8)
-        largest = _mm256_max_ps(largest, _mm256_andnot_ps(sign, _mm256_loadu_ps(src + i)));
+    for (; i + 8 <= head_dim; i += 8) {
+        const __m256 x = _mm256_loadu_ps(src + i);
+        unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        /* min(most, NaN) is NaN and max(NaN, largest) is largest (MINPS/MAXPS return the second operand
+         * where one is NaN): NaN drops out of the maximum, inf counts as FLT_MAX */
+        largest = _mm256_max_ps(_mm256_min_ps(most, _mm256_andnot_ps(sign, x)), largest);
+    }
     float lanes[8], top = 0.0f;
+    int has_nan = _mm256_movemask_ps(unordered) != 0;
     _mm256_storeu_ps(lanes, largest);
     for (int j = 0; j < 8; j++) top = lanes[j] > top ? lanes[j] : top;
-    for (int j = i; j < head_dim; j++) top = fabsf(src[j]) > top ? fabsf(src[j]) : top;
-    const float inverse = top > 0.0f ? 127.0f / top : 0.0f, scale = top / 127.0f;
+    for (int j = i; j < head_dim; j++) {
+        const float magnitude = fabsf(src[j]) > FLT_MAX ? FLT_MAX : fabsf(src[j]);
+        top = magnitude > top ? magnitude : top; /* false for NaN */
+        has_nan |= src[j] != src[j];
+    }
+    const float boost = top < TINY_TOP ? TINY_BOOST : 1.0f;
+    const float inverse = top > 0.0f ? 127.0f / (top * boost) : 0.0f, rounded = top / 127.0f;
+    /* one step down where 127 times it would round to inf (max |v| within half a step of FLT_MAX) */
+    const float scale = has_nan ? NAN : 127.0f * rounded > FLT_MAX ? nextafterf(rounded, 0.0f) : rounded;
+    const __m256 boosts = _mm256_set1_ps(boost), inverses = _mm256_set1_ps(inverse);
     for (i = 0; i + 8 <= head_dim; i += 8) {
-        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + i), _mm256_set1_ps(inverse)));
+        /* max(least, min(most, x)) keeps NaN, which converts to 0x80000000 and packs to -128 */
+        const __m256 x = _mm256_max_ps(least, _mm256_min_ps(most, _mm256_loadu_ps(src + i)));
+        const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(x, boosts), inverses));
         const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
         _mm_storel_epi64((__m128i *)(dst + i), _mm_packs_epi16(words, words));
     }
-    for (; i < head_dim; i++) dst[i] = (int8_t)_mm_cvtss_si32(_mm_set_ss(src[i] * inverse));
+    for (; i < head_dim; i++) {
+        const float x = src[i] > FLT_MAX ? FLT_MAX : src[i] < -FLT_MAX ? -FLT_MAX : src[i];
+        const int q = _mm_cvtss_si32(_mm_set_ss(x * boost * inverse)); /* within +-127, or INT_MIN for NaN */
+        dst[i] = (int8_t)(q < -128 ? -128 : q);                      /* saturated, as the packs above */
+    }
     memcpy(dst + head_dim, &scale, sizeof scale);
 }
 
 /* Caches hold fp32, fp16 for half the memory and bytes read per step, or int8 with a scale per head
  * row for about a quarter (cpu_cache.h). fp16 values past its range saturate at +-HALF_MAX (as the
- * torch path does) instead of becoming inf, which would turn the sequence's attention into NaN. */
+ * torch path does) instead of becoming inf, which would turn the sequence's attention into NaN; NaN
+ * stays NaN (as in the torch path and an fp32 cache: a model gone NaN fails the same with every cache). */
 static void store_row(void *cache, int64_t slot, const float *src, int kv_heads, int head_dim, int form) {
     const int width = kv_heads * head_dim;
     if (form == LCQ_CACHE_INT8) {
@@ -463,7 +492,8 @@ static void store_row(void *cache, int64_t slot, const float *src, int kv_heads,
     const __m256 high = _mm256_set1_ps(HALF_MAX), low = _mm256_set1_ps(-HALF_MAX);
     int i = 0;
     for (; i + 8 <= width; i += 8) {
-        const __m256 values = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(src + i), high), low);
+        /* this operand order keeps NaN: MINPS/MAXPS return their second operand where one is NaN */
+        const __m256 values = _mm256_max_ps(low, _mm256_min_ps(high, _mm256_loadu_ps(src + i)));
         _mm_storeu_si128((__m128i *)(dst + i), _mm256_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT));
     }
     for (; i < width; i++) {
