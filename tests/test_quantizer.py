@@ -1339,3 +1339,30 @@ def test_multi_token_prediction_layer_is_packed_and_drafts(tmp_path, arch):
     packed = _mtp_predictions(drafting, sequence)
     full = _mtp_predictions(LLM(str(source), num_speculative_tokens=1, **mtp), sequence)
     assert sum(a == b for a, b in zip(packed, full)) >= 0.6 * len(full)
+
+
+def test_stored_rotary_buffers_are_ignored(tmp_path, tiny_hf, capsys):
+    """A folder storing its rotary embeddings' buffers (older Llama conversions' rotary_emb.inv_freq, as
+    Llama-2-7b-hf's; ColossalAI's cos_cached and sin_cached) quantizes and evaluates, as transformers and
+    lcq serve load it: the buffers are computed from config.json, never read."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "buffers"
+    shutil.copytree(tiny_hf, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    buffers = {f"model.layers.{i}.self_attn.rotary_emb.{kind}": torch.ones(12)
+               for i in range(2) for kind in ("inv_freq", "cos_cached", "sin_cached")}
+    save_file({**tensors, **buffers, "model.rotary_emb.inv_freq": torch.ones(12)}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert sorted(CheckpointReader(folder).names()) == sorted(tensors)
+    reference = load_reference_model(folder)
+    assert torch.equal(reference.model.layers[0].self_attn.q_proj.weight,
+                       tensors["model.layers.0.self_attn.q_proj.weight"])
+    text = tmp_path / "text.txt"
+    text.write_text(CALIBRATION_TEXT)
+    assert _main(["quantize", str(folder), str(tmp_path / "q"), "--method", "rtn", "--rank", "1", "--calib", str(text),
+                  "--nsamples", "2", "--seqlen", "32"]) == 0, capsys.readouterr().err
+    assert not any("rotary_emb" in name for name in CheckpointReader(tmp_path / "q").names())
+    assert _main(["eval", str(folder), "--text", str(text), "--ctx", "32", "--max-tokens", "64"]) == 0, \
+        capsys.readouterr().err
+

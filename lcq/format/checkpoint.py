@@ -47,6 +47,10 @@ MODEL_ASSETS = (
     "chat_template.json",
 )
 LINEAR_SUFFIXES = ("qweight", "s_q", "s_scale", "b_q", "b_scale", "v", "shape")
+# Rotary embeddings' buffers that some folders store beside the weights (older Llama-family conversions'
+# rotary_emb.inv_freq, as in Llama-2's files; ColossalAI's cos_cached and sin_cached): computed from
+# config.json, so never read, and left out of a folder's tensors, as transformers and vLLM skip them.
+ROTARY_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
 class FormatError(ValueError):
@@ -138,8 +142,14 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def is_rotary_buffer(name: str) -> bool:
+    """A stored rotary embedding's buffer (ROTARY_BUFFERS), which no reader reads."""
+    return any(name == buffer or name.endswith("." + buffer) for buffer in ROTARY_BUFFERS)
+
+
 def tensor_files(folder: Path) -> dict[str, Path]:
-    """Every stored tensor's name and file (from the index, or the single file's header)."""
+    """Every stored tensor's name and file (from the index, or the single file's header), but rotary
+    embeddings' buffers (ROTARY_BUFFERS)."""
     index = folder / INDEX_FILE
     if index.is_file():
         try:
@@ -159,7 +169,7 @@ def tensor_files(folder: Path) -> dict[str, Path]:
     for path in set(files.values()):
         if not path.is_file():
             raise FormatError(f"{path}: listed in {INDEX_FILE} but missing")
-    return files
+    return {name: path for name, path in files.items() if not is_rotary_buffer(name)}
 
 
 def stored_tensor_names(folder: str | os.PathLike) -> list[str] | None:
