@@ -1366,3 +1366,26 @@ def test_stored_rotary_buffers_are_ignored(tmp_path, tiny_hf, capsys):
     assert _main(["eval", str(folder), "--text", str(text), "--ctx", "32", "--max-tokens", "64"]) == 0, \
         capsys.readouterr().err
 
+
+@pytest.mark.parametrize("tied, dropped", [(False, "lm_head.weight"), (False, "model.norm.weight"),
+                                           (True, "model.norm.weight"), (True, "model.embed_tokens.weight")])
+def test_a_source_missing_its_table_final_norm_or_head_is_refused_before_quantizing(tmp_path, tiny_hf, capsys,
+                                                                                     tied, dropped):
+    """The embedding table, the final norm and (untied) the head are checked before anything is quantized or
+    written: quantize exited 0 having written a checkpoint that could not load."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_hf, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    if tied:
+        tensors.pop("lm_head.weight", None)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    tensors.pop(dropped)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for method in ("rtn", "lcq"):
+        code = _main(["quantize", str(folder), str(tmp_path / "q"), "--method", method, "--rank", "1"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"no {dropped}" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()

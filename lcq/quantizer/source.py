@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from lcq.errors import UserError
-from lcq.format import EMBED, CheckpointReader
+from lcq.format import EMBED, HEAD, CheckpointReader
 from lcq.format.checkpoint import tensor_files
 from lcq.format.mtp import mtp_names
 from lcq.format.views import FINAL_NORMS, LFM2
@@ -123,10 +123,17 @@ class SourceModel:
                                                            (getattr(self.config, "layer_types", None) or [None])[0])
         self.device = device
         self.mtp = mtp_names(self.config.to_dict(), self.reader.names())  # its multi-token-prediction layer
+        # (checked before anything is quantized or written: a checkpoint written without them cannot load)
         last = f"model.layers.{self.num_layers - 1}."
-        if not any(name.startswith(last) for name in self.reader.names()):  # (checked before anything is written)
+        if not any(name.startswith(last) for name in self.reader.names()):
             raise UserError(f"{model_dir}: config.json has {self.num_layers} decoder layers, the weights hold no "
                             f"{last[:-1]}")
+        needed = {f"{EMBED}.weight": "the embedding table", f"{self.final_norm_name}.weight": "the final norm",
+                  **({} if self.config.tie_word_embeddings else
+                     {f"{HEAD}.weight": "the head (config.json does not tie it to the embedding table)"})}
+        for name, what in needed.items():
+            if not self.reader.has(name):
+                raise UserError(f"{model_dir}: the weights hold no {name}, {what}")
 
     @property
     def num_layers(self) -> int:
