@@ -308,6 +308,34 @@ def test_logprobs_shapes(server, client):
     assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
 
 
+def test_prompt_logprobs_as_vllm_gives_them(server, client):
+    """vLLM's prompt_logprobs on completions (per choice) and chat (on the response): per prompt token, None for
+    the first, then the token and the k likeliest by id, each with its logprob, rank (1 + the tokens likelier)
+    and text; the token's logprob is the echoed prompt's. Not with stream, as vLLM's."""
+    prompt = "Hello, world! How are you"
+    k = 3
+    whole = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, extra_body={"prompt_logprobs": k})
+    echoed = client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, logprobs=1, echo=True)
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": prompt}).json()["tokens"]
+    entries = whole.choices[0].prompt_logprobs
+    assert len(entries) == len(ids) and entries[0] is None
+    for token, entry, logprob in zip(ids[1:], entries[1:], echoed.choices[0].logprobs.token_logprobs[1:]):
+        mine = entry[str(token)]
+        assert mine["logprob"] == pytest.approx(logprob, abs=1e-5)
+        best = sorted(entry.values(), key=lambda e: e["rank"])
+        assert [e["rank"] for e in best[:k]] == [1, 2, 3] and best[0]["logprob"] >= best[1]["logprob"] >= best[2]["logprob"]
+        likelier = [e for e in best[:k] if e["logprob"] > mine["logprob"]]
+        assert mine["rank"] == len(likelier) + 1 if mine["rank"] <= k else mine["logprob"] <= best[k - 1]["logprob"]
+    messages = [{"role": "user", "content": "hi there"}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body={"prompt_logprobs": 0})
+    counted = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()["count"]
+    assert len(chat.prompt_logprobs) == counted and all(len(entry) == 1 for entry in chat.prompt_logprobs[1:])
+    assert "prompt_logprobs" not in client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1).model_extra
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, stream=True, extra_body={"prompt_logprobs": 1})
+    assert refused.value.body["param"] == "prompt_logprobs"
+
+
 def test_return_tokens_as_token_ids_names_logprobs_tokens_by_id(server, client, model_dir):
     """vLLM's return_tokens_as_token_ids: logprobs name tokens "token_id:{id}" (completions' tokens, the keys of
     top_logprobs and the echoed prompt's; chat's token and top_logprobs, `bytes` those of the name); the text,

@@ -430,18 +430,18 @@ class LLMEngine:
         values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0))
         return self._token_logprob(token, float(logprobs[token]), values, ids)
 
-    def _token_logprob(self, token: int, logprob: float, top_values: torch.Tensor, top_ids: torch.Tensor
-                       ) -> TokenLogprob:
+    def _token_logprob(self, token: int, logprob: float, top_values: torch.Tensor, top_ids: torch.Tensor,
+                       rank: int | None = None) -> TokenLogprob:
         text = self.token_bytes.text
         best = [(int(i), text(int(i)), float(v)) for v, i in zip(top_values, top_ids)]
-        return TokenLogprob(token_id=token, token=text(token), logprob=logprob, top=best)
+        return TokenLogprob(token_id=token, token=text(token), logprob=logprob, top=best, rank=rank)
 
     def _keep_prompt_logprobs(self, part: PromptLogprobs) -> None:
         seq = part.seq
-        for i, logprob in enumerate(part.logprobs.tolist()):
+        for i, (logprob, rank) in enumerate(zip(part.logprobs.tolist(), part.ranks.tolist())):
             position = part.first + i
             seq.prompt_logprobs[position] = self._token_logprob(seq.token_ids[position], logprob, part.top_values[i],
-                                                                part.top_ids[i])
+                                                                part.top_ids[i], rank)
 
     def _delta(self, seq: Sequence, text: str, **extra) -> RequestOutput:
         first = seq.num_output_tokens == len(seq.pending_ids) and seq.first_token_time is not None

@@ -38,12 +38,13 @@ AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10
 
 @dataclass
 class PromptLogprobs:
-    """Prompt tokens first .. first + n - 1 of seq: each one's logprob (n,), and the k best (n, k)."""
+    """Prompt tokens first .. first + n - 1 of seq: each one's logprob and rank (n,), and the k best (n, k)."""
     seq: Sequence
     first: int
     logprobs: torch.Tensor
     top_values: torch.Tensor
     top_ids: torch.Tensor
+    ranks: torch.Tensor  # 1 + how many tokens were likelier (vLLM's rank)
 
 
 class _Prefixed(logging.LoggerAdapter):
@@ -396,6 +397,8 @@ class ModelRunner:
             logprobs = torch.log_softmax(self.model.compute_logits(hidden[start:stop]), dim=-1)
             targets = torch.tensor(seq.token_ids[first + start + 1:first + stop + 1], device=logprobs.device)
             top = logprobs.topk(seq.params.prompt_logprobs, dim=-1)
-            parts.append(PromptLogprobs(seq, first + start + 1, logprobs.gather(1, targets[:, None])[:, 0].cpu(),
-                                        top.values.cpu(), top.indices.cpu()))
+            chosen = logprobs.gather(1, targets[:, None])
+            ranks = (logprobs > chosen).sum(dim=-1) + 1
+            parts.append(PromptLogprobs(seq, first + start + 1, chosen[:, 0].cpu(), top.values.cpu(),
+                                        top.indices.cpu(), ranks.cpu()))
         return parts

@@ -10,6 +10,7 @@ class TokenLogprob:
     token: str  # decoded text of this token alone
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, text, logprob), best first
+    rank: int | None = None  # 1 + how many tokens were likelier (a prompt token's; vLLM's prompt_logprobs give it)
 
 
 @dataclass

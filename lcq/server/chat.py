@@ -16,7 +16,8 @@ from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
 from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest, \
     ChatCompletionResponse, ChatLogprobs, ChatMessage, ChatTemplateOptions, ChatTokenLogprob, \
-    CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump, token_name
+    CompletionTokensDetails, DeltaMessage, ToolCall, ToolCallDelta, TopLogprob, UsageInfo, dump, prompt_logprob_entries, \
+    token_name
 from .reasoning import HARMONY, THINK_END, THINK_START, ReasoningParser, ReasoningStream, reasoning_parser
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
@@ -355,6 +356,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
         choices.append(ChatChoice(index=c.index, message=message, logprobs=turn.logprobs_of(c.logprobs),
                                   finish_reason=reason, stop_reason=c.stop_reason,
                                   token_ids=c.token_ids if body.return_token_ids else None))
+    first = generation.choices[0]
+    prompt_logprobs = None if body.prompt_logprobs is None else prompt_logprob_entries(
+        first.prompt_logprobs or [None] * len(first.prompt_ids), body.prompt_logprobs, turn.tokens_as_ids)
     return ChatCompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
                                   usage=turn.usage(),
-                                  prompt_token_ids=generation.prompts[0] if body.return_token_ids else None)
+                                  prompt_token_ids=generation.prompts[0] if body.return_token_ids else None,
+                                  prompt_logprobs=prompt_logprobs)

@@ -11,7 +11,8 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump, token_name
+from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump, \
+    prompt_logprob_entries, token_name
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -124,8 +125,8 @@ async def create_completion(body: CompletionRequest, request: Request):
     except ValueError as e:
         raise invalid_value(str(e), body) from None
     params.lora = state.adapter_for(body)
-    if body.echo and body.logprobs is not None:
-        params.prompt_logprobs = body.logprobs  # the echoed prompt comes with its logprobs, as OpenAI's did
+    if body.echo and body.logprobs is not None:  # the echoed prompt comes with its logprobs, as OpenAI's did
+        params.prompt_logprobs = max(body.logprobs, body.prompt_logprobs or 0)
     state.check_token_ids(params.stop_token_ids, "stop_token_ids")
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
@@ -205,10 +206,13 @@ async def create_completion(body: CompletionRequest, request: Request):
         generated, generated_text = ([], "") if scoring else (choice.logprobs, choice.text)
         lp = logprobs.format(*parts(choice, entries, generated)) if logprobs else None
         ids = body.return_token_ids
+        prompt_lp = None if body.prompt_logprobs is None else prompt_logprob_entries(
+            choice.prompt_logprobs or [None] * len(choice.prompt_ids), body.prompt_logprobs, state.tokens_as_ids(body))
         choices.append(CompletionChoice(index=choice.index, text=text + generated_text, logprobs=lp,
                                         finish_reason=ending(choice.finish_reason),
                                         stop_reason=None if scoring else choice.stop_reason,
                                         prompt_token_ids=choice.prompt_ids if ids else None,
-                                        token_ids=([] if scoring else choice.token_ids) if ids else None))
+                                        token_ids=([] if scoring else choice.token_ids) if ids else None,
+                                        prompt_logprobs=prompt_lp))
     return CompletionResponse(id=generation.id, created=generation.created, model=generation.model, choices=choices,
                               usage=generation.usage(count_completions=not scoring))

@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
 
+from lcq.runtime.outputs import TokenLogprob
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
@@ -148,6 +149,8 @@ class SamplingRequest(OpenAIRequest):
     return_tokens_as_token_ids: bool | None = None
     # vLLM's: the reply's token ids beside its text (and the prompt's), as RL and evaluation pipelines read them
     return_token_ids: bool | None = None
+    # vLLM's: each prompt token's logprob, rank and this many alternatives (not with stream, as vLLM's)
+    prompt_logprobs: Int64 | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
@@ -194,6 +197,7 @@ class SamplingRequest(OpenAIRequest):
             min_tokens=pick(self.min_tokens, defaults.min_tokens),
             include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
+            prompt_logprobs=self.prompt_logprobs,
             structured_output=self.structured_output(),
         )
         params.validate()
@@ -282,6 +286,8 @@ class SamplingRequest(OpenAIRequest):
         """stream_options only with stream, as OpenAI's API and vLLM refuse it otherwise."""
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
+        if self.prompt_logprobs is not None and self.stream:
+            return "prompt_logprobs", "prompt_logprobs is not available when stream is true"
         return None
 
     @property
@@ -591,6 +597,31 @@ def token_name(token_id: int, text: str, as_id: bool) -> str:
     return f"token_id:{token_id}" if as_id else text
 
 
+class PromptLogprob(BaseModel):
+    """A prompt token's (or an alternative's) entry in vLLM's prompt_logprobs, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None  # 1 + how many tokens were likelier
+    decoded_token: str
+
+
+def prompt_logprob_entries(entries: list[TokenLogprob | None], top: int, tokens_as_ids: bool
+                           ) -> list[dict[str, PromptLogprob] | None]:
+    """vLLM's prompt_logprobs: per prompt token (None for the first, which nothing predicts) the token and its
+    `top` likeliest alternatives, by token id, each with its logprob, rank and text."""
+    out: list[dict[str, PromptLogprob] | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        alternatives = {str(i): PromptLogprob(logprob=lp, rank=rank, decoded_token=token_name(i, text, tokens_as_ids))
+                        for rank, (i, text, lp) in enumerate(entry.top[:top], 1)}
+        alternatives.setdefault(str(entry.token_id), PromptLogprob(
+            logprob=entry.logprob, rank=entry.rank, decoded_token=token_name(entry.token_id, entry.token, tokens_as_ids)))
+        out.append(alternatives)
+    return out
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)
@@ -599,7 +630,7 @@ class CompletionLogprobs(BaseModel):
 
 
 class CompletionChoice(OmitsUnset):
-    omitted_when_none = ("prompt_token_ids", "token_ids")
+    omitted_when_none = ("prompt_token_ids", "token_ids", "prompt_logprobs")
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
@@ -609,6 +640,7 @@ class CompletionChoice(OmitsUnset):
     # (a stream's chunk: those it adds)
     prompt_token_ids: list[int] | None = None
     token_ids: list[int] | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # with prompt_logprobs, as vLLM's
 
 
 class CompletionResponse(BaseModel):
@@ -671,7 +703,7 @@ class ChatChoice(OmitsUnset):
 
 
 class ChatCompletionResponse(OmitsUnset):
-    omitted_when_none = ("prompt_token_ids",)
+    omitted_when_none = ("prompt_token_ids", "prompt_logprobs")
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
@@ -679,6 +711,7 @@ class ChatCompletionResponse(OmitsUnset):
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None  # with return_token_ids, as vLLM's
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # with prompt_logprobs, as vLLM's
 
 
 class DeltaMessage(BaseModel):

@@ -204,7 +204,8 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     def chat_request(self, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         """This request as a chat request over `messages` (the conversation so far, instructions first)."""
         shared = set(SamplingRequest.model_fields) | set(ChatTemplateOptions.model_fields)
-        fields = self.model_dump(include=shared - {"n", "max_tokens", "response_format", "stream_options"})
+        fields = self.model_dump(include=shared - {"n", "max_tokens", "response_format", "stream_options",
+                                                   "prompt_logprobs", "return_token_ids"})
         choice = self.tool_choice
         if isinstance(choice, dict):
             choice = {"type": "function", "function": {"name": choice.get("name")}}
