@@ -1299,6 +1299,23 @@ def test_triton_paged_attention_on_cuda(monkeypatch, new, cached, dtype, cache_d
     _check_triton_paged_attention(new, cached, 8, 2, dtype, "cuda", cache_dtype)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_fp8_cache_writes_keep_nan_and_clamp_the_rest(device):
+    """The Triton write into an fp8 cache clamps to fp8's range but keeps NaN, as the torch path and the CPU
+    caches do (compiled, the clamp's fmax took NaN to -448: a model gone NaN would generate plausible tokens)."""
+    from lcq.kernels.paged_attention import store_kv
+
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 needs compute capability 8.9 or later")
+    row = torch.tensor([[[float("nan"), 1000.0, -1000.0, 1.0]]], dtype=torch.float16, device=device)
+    k_cache, v_cache = (torch.zeros(4, 1, 4, dtype=torch.float8_e4m3fn, device=device) for _ in range(2))
+    store_kv(row, -row, k_cache, v_cache, torch.tensor([2], device=device))
+    for cache, sign in ((k_cache, 1), (v_cache, -1)):
+        written = cache[2, 0].float().cpu()
+        assert written[1:].tolist() == [sign * 448.0, -sign * 448.0, sign * 1.0]
+        assert written[0].isnan() or device == "cpu"  # (the interpreter's own fp8 conversion takes NaN to 384)
+
+
 needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")
 
 
