@@ -309,3 +309,35 @@ def test_a_quantized_qwen_vl_in_the_top_level_form_is_refused(tmp_path):
         4, 8, dtype=torch.int32)})
     with pytest.raises(FormatError, match="quant_method 'gptq' is not one lcq reads"):
         CheckpointReader(folder)
+
+
+@pytest.mark.parametrize("width, hub_layout", [(16, False), (32, False), (24, True), (16, True)])
+def test_qwen3_vl_moe_experts_read_as_transformers_reads_them(tmp_path, width, hub_layout):
+    """Qwen3-VL-MoE's 3-D experts are (out, in) as transformers saves them and (in, out) in the Hub's files;
+    where a matrix is square (hidden 32: gate_up_proj's at width 16, down_proj's at 32) its shape cannot tell,
+    and transformers (Transpose(check_dims=True)) keeps it as stored: lcq reads each expert as transformers
+    loads it (it transposed square ones, and served transformers' own saves wrongly)."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    text = dict(hidden_size=32, intermediate_size=64, moe_intermediate_size=width, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=2, num_experts_per_tok=1,
+                vocab_size=64, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
+                  deepstack_visual_indexes=[0])
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    torch.manual_seed(0)
+    transformers.Qwen3VLMoeForConditionalGeneration(config).save_pretrained(tmp_path)
+    if hub_layout:
+        tensors = load_file(str(tmp_path / "model.safetensors"))
+        save_file({name: t.transpose(1, 2).contiguous() if ".mlp.experts." in name else t
+                   for name, t in tensors.items()}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    experts = transformers.Qwen3VLMoeForConditionalGeneration.from_pretrained(tmp_path).model.language_model \
+        .layers[0].mlp.experts
+    reader = CheckpointReader(tmp_path)
+    for e in range(2):
+        expected = {"gate_proj": experts.gate_up_proj[e, :width], "up_proj": experts.gate_up_proj[e, width:],
+                    "down_proj": experts.down_proj[e]}
+        for part, weight in expected.items():
+            name = f"model.layers.0.mlp.experts.{e}.{part}.weight"
+            assert reader.shape(name) == tuple(weight.shape) and torch.equal(reader.tensor(name), weight), name

@@ -41,9 +41,11 @@ class StoredTensor:
     transposed: bool = False
     mxfp4: bool = False
     row_step: int = 1
-    # Stored (in, out) where the stored matrix's last dimension has this many entries, the view's output rows
-    # (Qwen3-VL-MoE: the Hub's files are (in, out), transformers' saves (out, in))
-    transposed_if_last: int | None = None
+    # Stored (out, in) where the stored matrix has this shape (out, in), else (in, out): transformers'
+    # Transpose(check_dims=True), which keeps a tensor already of the model's shape, even where the matrix
+    # is square and its shape cannot tell (Qwen3-VL-MoE: the Hub's files are (in, out), transformers' saves
+    # (out, in))
+    unless_shaped: tuple[int, int] | None = None
 
     @property
     def rows_read(self) -> int:
@@ -52,8 +54,8 @@ class StoredTensor:
 
     def is_transposed(self, stored_shape: tuple[int, ...]) -> bool:
         """Whether the stored matrix (an expert's slice: its last two dimensions) is (in, out)."""
-        return self.transposed or (self.transposed_if_last is not None and
-                                   stored_shape[-1] == self.transposed_if_last)
+        return self.transposed or (self.unless_shaped is not None and
+                                   tuple(stored_shape[-2:]) != self.unless_shaped)
 
     def rearranged(self, rows: torch.Tensor) -> torch.Tensor:
         """`rows` (this tensor's rows of the stored one, already cut to `rows`) reordered (or picked) and scaled

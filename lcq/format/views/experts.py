@@ -59,7 +59,9 @@ class ExpertTensors:
     owner: str  # where the experts sit in a layer
     alternating: bool  # gate and up columns alternate in gate_up_proj (gpt-oss), else gate's then up's
     width: str = "intermediate_size"  # the config's width of the experts (their number: num_local_experts)
-    either_orientation: bool = False  # stored (in, out) or (out, in), told apart by shape (Qwen3-VL-MoE)
+    # stored (in, out) or (out, in), told apart by shape as transformers does: (out, in) where it has that shape,
+    # even square (Qwen3-VL-MoE)
+    either_orientation: bool = False
 SPLIT_EXPERTS = {"gpt_oss": ExpertTensors("GptOssForCausalLM", ".mlp.experts.", True),
                  "llama4_text": ExpertTensors("Llama4ForCausalLM", ".feed_forward.experts.", False),
                  "qwen3_moe": ExpertTensors("Qwen3MoeForCausalLM", ".mlp.experts.", False, "moe_intermediate_size",
@@ -89,12 +91,14 @@ def expert_parts(config: dict[str, Any], stored: list[str]) -> dict[str, StoredT
             continue
         matrix, bias = stored_kind.removesuffix("_blocks").removesuffix("_bias"), stored_kind.endswith("_bias")
         parts = gate_up if matrix == "gate_up_proj" else {"down_proj": None}
-        out_rows = 2 * width if matrix == "gate_up_proj" else completed["hidden_size"]
+        # (out, in): the model's own shape, which transformers keeps as stored (Qwen3-VL-MoE)
+        model_shape = (2 * width, completed["hidden_size"]) if matrix == "gate_up_proj" else \
+            (completed["hidden_size"], width)
         for e in range(count):
             for part, rows in parts.items():
                 view[f"{prefix}{owner}{e}.{part}.{'bias' if bias else 'weight'}"] = StoredTensor(
                     name, None if rows is None else rows[:2], expert=e,
                     transposed=not bias and stored_kind == matrix and not kind.either_orientation,
                     mxfp4=stored_kind.endswith("_blocks"), row_step=1 if rows is None else rows[2],
-                    transposed_if_last=out_rows if kind.either_orientation else None)
+                    unless_shaped=model_shape if kind.either_orientation and not bias else None)
     return view

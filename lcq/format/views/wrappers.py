@@ -14,7 +14,8 @@
   under visual.*; Qwen3-VL's visual embeddings added to early layers (deepstack) come only with images.
   Qwen3-VL-MoE reads as Qwen3-MoE, its router renormalizing as it always does; its experts are 3-D tensors
   (gate's columns, then up's), (in, out) in the Hub's files and (out, in) as transformers 5 saves them,
-  told apart by shape, read as each expert's gate_proj, up_proj and down_proj.
+  told apart by shape as transformers does (read as stored where it has the (out, in) shape, square ones
+  included), read as each expert's gate_proj, up_proj and down_proj.
 - Folders saved from the base model (Qwen3-Embedding 4B and 8B: tensors named layers.*, embed_tokens.*,
   norm.*, no head) read with the model. prefix, their head tied to the embedding table (an embedding
   model is served for /v1/embeddings, which reads no head).
