@@ -341,3 +341,23 @@ def test_qwen3_vl_moe_experts_read_as_transformers_reads_them(tmp_path, width, h
         for part, weight in expected.items():
             name = f"model.layers.0.mlp.experts.{e}.{part}.weight"
             assert reader.shape(name) == tuple(weight.shape) and torch.equal(reader.tensor(name), weight), name
+
+
+def test_the_single_file_wins_over_a_stale_index_beside_it(tmp_path):
+    """A folder saved sharded, then unsharded into the same place (transformers' save_pretrained deletes the
+    old shards but leaves their index): model.safetensors is read, as transformers loads it; the stale index
+    named shards that were gone, or old tensors."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    write_json(folder / "config.json", {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    new = torch.arange(6.0).reshape(2, 3)
+    write_shard(folder / "model.safetensors", {"lm_head.weight": new})
+    write_json(folder / "model.safetensors.index.json", {"metadata": {}, "weight_map": {
+        "lm_head.weight": "model-00004-of-00012.safetensors", "model.norm.weight": "model-00004-of-00012.safetensors"}})
+    reader = CheckpointReader(folder)
+    assert reader.names() == ["lm_head.weight"] and torch.equal(reader.tensor("lm_head.weight"), new)
+    write_shard(folder / "model-00004-of-00012.safetensors", {"lm_head.weight": -new, "model.norm.weight": new[0]})
+    reader = CheckpointReader(folder)
+    assert reader.names() == ["lm_head.weight"] and torch.equal(reader.tensor("lm_head.weight"), new)
+    (folder / "model.safetensors").unlink()  # the index alone is read
+    assert torch.equal(CheckpointReader(folder).tensor("lm_head.weight"), -new)

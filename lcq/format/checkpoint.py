@@ -148,10 +148,13 @@ def is_rotary_buffer(name: str) -> bool:
 
 
 def tensor_files(folder: Path) -> dict[str, Path]:
-    """Every stored tensor's name and file (from the index, or the single file's header), but rotary
-    embeddings' buffers (ROTARY_BUFFERS)."""
+    """Every stored tensor's name and file (from the single file's header, or the index), but rotary
+    embeddings' buffers (ROTARY_BUFFERS). The single file wins over an index beside it, as transformers
+    loads it: saving a model unsharded into a folder that held its shards leaves their index behind."""
     index = folder / INDEX_FILE
-    if index.is_file():
+    if (folder / SINGLE_FILE).is_file():
+        files = {name: folder / SINGLE_FILE for name in _keys(folder / SINGLE_FILE)}
+    elif index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
@@ -160,8 +163,6 @@ def tensor_files(folder: Path) -> dict[str, Path]:
                                                        for name, fname in weight_map.items()):
             raise FormatError(f"{index}: weight_map must map tensor names to file names")
         files = {name: folder / fname for name, fname in weight_map.items()}
-    elif (folder / SINGLE_FILE).is_file():
-        files = {name: folder / SINGLE_FILE for name in _keys(folder / SINGLE_FILE)}
     else:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise FormatError(f"{folder}: only pickle weights found; lcq reads safetensors only")
