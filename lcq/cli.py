@@ -21,7 +21,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="lcq", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="lcq", description="Quantize Llama-family models to low-rank codebooks (LCQ) and "
+                           "serve them with an OpenAI-compatible server.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     for module in COMMAND_MODULES:
         try:

@@ -132,7 +132,8 @@ def test_flags_win_over_environment():
     assert resolve(parse("--no-cuda-graphs"), {"LCQ_ENFORCE_EAGER": "false"}).engine_fields == {"cuda_graphs": False}
     assert resolve(parse("--enforce-eager"), {"LCQ_NO_CUDA_GRAPHS": "0"}).engine_fields == {"cuda_graphs": False}
     speculative = {"LCQ_SPECULATIVE_CONFIG": '{"method": "ngram", "num_speculative_tokens": 7}'}
-    assert resolve(parse("--num-speculative-tokens", "2"), speculative).engine_fields == {"num_speculative_tokens": 2}
+    assert resolve(parse("--num-speculative-tokens", "2"), speculative).engine_fields == {
+        "num_speculative_tokens": 2, "speculative_model": None, "speculative_method": None}
 
 
 def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, capsys):
@@ -164,16 +165,26 @@ def test_vllm_speculative_config(capsys):
     """vLLM's --speculative-config JSON for prompt lookup, a draft model or the model's multi-token-prediction
     layer sets the same fields as lcq's own flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""
     settings = '{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}'
-    expected = {"num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
+    lookup = {"speculative_model": None, "speculative_method": None}  # (the method given owns the drafter whole)
+    expected = {**lookup, "num_speculative_tokens": 5, "prompt_lookup_max": 3, "prompt_lookup_min": 2}
     assert resolve(parse("--speculative-config", settings), {}).engine_fields == expected
     assert resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": settings}).engine_fields == expected
     assert resolve(parse("--speculative-config", '{"num_speculative_tokens": 3, "disable_by_batch_size": 4}'),
-                   {}).engine_fields == {"num_speculative_tokens": 3, "speculative_disable_by_batch_size": 4}
-    draft = {"speculative_model": "/models/draft", "num_speculative_tokens": 5}
+                   {}).engine_fields == {**lookup, "num_speculative_tokens": 3, "speculative_disable_by_batch_size": 4}
+    # ngram on the command line is prompt lookup, whatever draft model the environment names (it drafted with it)
+    assert resolve(parse("--speculative-config", settings), {"LCQ_SPECULATIVE_MODEL": "/models/draft"}
+                   ).engine_fields == expected
+    # one bound given: the other alike, as vLLM's (they were filled from lcq's defaults, 2 and 4, and refused);
+    # vLLM's older method name "[ngram]"
+    for value, bound in (('{"method": "ngram", "prompt_lookup_min": 5}', 5),
+                         ('{"method": "[ngram]", "prompt_lookup_max": 1}', 1)):
+        assert resolve(parse("--speculative-config", value), {}).engine_fields == {
+            **lookup, "prompt_lookup_min": bound, "prompt_lookup_max": bound}
+    draft = {"speculative_model": "/models/draft", "speculative_method": None, "num_speculative_tokens": 5}
     for value in ('{"model": "/models/draft", "num_speculative_tokens": 5}',
                   '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 5}'):
         assert resolve(parse("--speculative-config", value), {}).engine_fields == draft
-    mtp = {"speculative_method": "mtp", "num_speculative_tokens": 2}
+    mtp = {"speculative_model": None, "speculative_method": "mtp", "num_speculative_tokens": 2}
     for method in ("mtp", "deepseek_mtp", "qwen3_next_mtp"):  # (vLLM's older per-family names)
         value = f'{{"method": "{method}", "num_speculative_tokens": 2}}'
         assert resolve(parse("--speculative-config", value), {}).engine_fields == mtp
@@ -191,6 +202,34 @@ def test_vllm_speculative_config(capsys):
     assert 'num_speculative_tokens must be an integer, got "x"' in errors[5] and "got true" in errors[6]
     with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only methods ngram"):
         resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": '{"method": "medusa"}'})
+
+
+def test_switches_set_off_in_the_environment_are_unset():
+    """A switch's "0" in the environment leaves it unset: LCQ_ENFORCE_EAGER=0 turned CUDA graphs back on over
+    LCQ_NO_CUDA_GRAPHS=1, which sets the same field."""
+    env = {"LCQ_NO_CUDA_GRAPHS": "1", "LCQ_ENFORCE_EAGER": "0"}
+    assert resolve(parse(), env).engine_fields == {"cuda_graphs": False}
+    assert resolve(parse(), {"LCQ_NO_PREFIX_CACHING": "false"}).engine_fields == {}
+
+
+def test_messages_name_flags_but_not_files(tmp_path):
+    """Engine settings' messages name the flag (max_num_seqs -> --max-num-seqs), but not inside a path or a
+    file name (generation_config.json became --generation-config.json)."""
+    from lcq.server.settings import in_flag_terms
+
+    assert in_flag_terms("max_num_seqs must be at least 1") == "--max-num-seqs must be at least 1"
+    message = f"{tmp_path}/generation_config.json: invalid JSON; see generation_config"
+    assert in_flag_terms(message) == f"{tmp_path}/generation_config.json: invalid JSON; see --generation-config"
+
+
+def test_a_model_served_from_its_own_folder_is_named_after_it(tmp_path, monkeypatch):
+    """`lcq serve .` names the model after the folder (it was named "")."""
+    from lcq.runtime.config import EngineConfig
+
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    assert EngineConfig(model=".").model_name() == "tiny"
 
 
 def test_runtime_lora_flags_from_the_command_line_or_environment():
@@ -437,3 +476,32 @@ def test_run_batch_refuses_an_unwritable_output_or_a_binary_file_before_loading(
         error = capsys.readouterr().err.strip()
         assert error.startswith("lcq: error: ") and message in error and "\n" not in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder", "binary.jsonl", "in.jsonl"]
+
+
+# --seed beyond torch's seeds (torch.manual_seed takes -2**63 to 2**64 - 1): one line and exit 2 from `lcq serve`
+# and `lcq quantize` (which adds up to 2 to it), not a traceback (an audit of the CLI found both)
+def test_a_seed_torch_cannot_take_is_one_line_and_exit_2(tmp_path, capsys):
+    from lcq.quantizer.options import QuantizeOptions
+    from lcq.runtime import EngineConfig
+
+    model = make_tiny_hf(tmp_path / "tiny")
+    for seed in (-2**63, 2**64 - 1):
+        EngineConfig(model=str(model), seed=seed).validate()
+    for seed in (-2**63 - 1, 2**64):
+        with pytest.raises(ValueError, match="seed must be between"):
+            EngineConfig(model=str(model), seed=seed).validate()
+    QuantizeOptions(seed=2**64 - 3).validate_settings()
+    with pytest.raises(UserError, match="--seed must be between"):
+        QuantizeOptions(seed=2**64 - 2).validate_settings()
+    calib = tmp_path / "calib.txt"
+    calib.write_text("The capital of France is Paris. Once upon a time there was a little model. " * 20)
+    capsys.readouterr()  # (the model's writing)
+    big = str(10**20)
+    for argv, reason in ((["serve", str(model), "--host", "127.0.0.1", "--port", "0", "--seed", big],
+                          "seed must be between"),
+                         (["quantize", str(model), str(tmp_path / "out"), "--seed", big, "--calib", str(calib),
+                           "--nsamples", "2", "--seqlen", "16", "--epochs", "0"], "--seed must be between")):
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lcq: error: ") and reason in lines[0], (argv, lines)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

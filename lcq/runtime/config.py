@@ -197,7 +197,7 @@ class EngineConfig:
         return max(self.resolved_max_loras(), len(self.lora_adapters()))
 
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        return self.served_model_name or Path(self.model).resolve().name  # (`lcq serve .` names the folder)
 
     def resolved_chat_template(self) -> str | None:
         """chat_template's text: the file's where it names one, else the value itself where it reads as a
@@ -235,6 +235,8 @@ class EngineConfig:
             (self.speculative_disable_by_batch_size >= 2, "speculative_disable_by_batch_size must be at least 2"),
             (self.max_lora_rank is None or self.max_lora_rank >= 1, "max_lora_rank must be at least 1"),
             (self.max_loras is None or self.max_loras >= 0, "max_loras must be at least 0"),
+            (-2**63 <= self.seed < 2**64,  # torch.manual_seed's range
+             f"seed must be between {-2**63} and {2**64 - 1} (got {self.seed})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -111,7 +111,7 @@ def _speculative_config(text: str) -> dict[str, Any]:
     if not isinstance(settings, dict):
         raise argparse.ArgumentTypeError("a JSON object is needed")
     method = settings.pop("method", "draft_model" if "model" in settings else "ngram")
-    method = "mtp" if method in MTP_METHODS else method
+    method = "mtp" if method in MTP_METHODS else "ngram" if method == "[ngram]" else method  # (vLLM's older names)
     if method not in METHOD_KEYS:
         raise argparse.ArgumentTypeError(f"only methods ngram (prompt lookup), draft_model and mtp (the model's own "
                                          f"multi-token-prediction layer) are supported, not {method}")
@@ -126,8 +126,12 @@ def _speculative_config(text: str) -> dict[str, Any]:
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise argparse.ArgumentTypeError(f"{key} must be {'a folder' if wanted is str else 'an integer'}, "
                                              f"got {json.dumps(value)}")
-    fields = {known[key]: value for key, value in settings.items()}
-    return {**fields, "speculative_method": "mtp"} if method == "mtp" else fields
+    if method == "ngram" and len({"prompt_lookup_min", "prompt_lookup_max"} & set(settings)) == 1:
+        bound = settings.get("prompt_lookup_min", settings.get("prompt_lookup_max"))  # vLLM's: the other alike
+        settings = {**settings, "prompt_lookup_min": bound, "prompt_lookup_max": bound}
+    # every drafter field, so that the method given wins whole over the environment's (LCQ_SPECULATIVE_MODEL)
+    drafter = {"speculative_model": None, "speculative_method": "mtp" if method == "mtp" else None}
+    return {**drafter, **{known[key]: value for key, value in settings.items()}}
 
 
 def _bool(text: str) -> bool:
@@ -266,8 +270,8 @@ def in_flag_terms(message: str) -> str:
     which no English word has (not `device`, `seed`)."""
     for flag in FLAGS:
         name = flag.field or flag.dest
-        if flag.target == "engine" and not flag.invert and not flag.expands and "_" in name:
-            message = re.sub(rf"(?<![\w-]){name}\b", flag.name, message)
+        if flag.target == "engine" and not flag.invert and not flag.expands and "_" in name:  # (not in a path
+            message = re.sub(rf"(?<![\w/.-]){name}\b(?!\.\w)", flag.name, message)  # or file name: x/name.json)
     return message
 
 
@@ -283,6 +287,8 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tupl
             raise UserError(f"{flag.env}={env[flag.env]!r} is not a valid {flag.type.__name__}") from None
         except argparse.ArgumentTypeError as e:
             raise UserError(f"{flag.env}: {e}") from None
+    if flag.switch and value is False:  # an environment's "0" for a switch: not set (LCQ_ENFORCE_EAGER=0 must not
+        value = None                    # undo LCQ_NO_CUDA_GRAPHS=1, which sets the same field)
     if value is not None and flag.invert:
         value = not value
     return value, from_command_line
