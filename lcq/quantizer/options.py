@@ -93,6 +93,9 @@ class QuantizeOptions:
              "--finetune-index-updates moves indices between end-to-end epochs: it needs --finetune-epochs 2 or more"),
             (self.lr is None or 0 < self.lr < math.inf, f"--lr must be positive and finite (got {self.lr})"),
             (self.batch_size >= 1, f"--batch-size must be >= 1 (got {self.batch_size})"),
+            # torch's seeds (torch.manual_seed: -2**63 to 2**64 - 1), less the 2 that the held-out and extra
+            # calibration windows add to it
+            (-2**63 <= self.seed <= 2**64 - 3, f"--seed must be between {-2**63} and {2**64 - 3} (got {self.seed})"),
             (self.target_bits is None or not self.layer_bits,
              "--target-bits chooses every layer's width itself: drop --layer-bits, or the target"),
             (self.target_bits is None or self.needs_data,
