@@ -87,9 +87,10 @@ class ShippedNginx:
     """nginx running docker/nginx.conf as shipped except its upstream servers (these replicas) and its port;
     skips the test where no nginx binary is installed (CI has none)."""
 
-    def __init__(self, replicas: list[LiveServer], folder: Path):
+    def __init__(self, replicas: list[LiveServer], folder: Path, read_timeout: int | None = None):
         self.replicas = replicas
         self.folder = folder
+        self.read_timeout = read_timeout  # seconds instead of the shipped proxy_read_timeout (a test's short wait)
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "ShippedNginx":
@@ -102,6 +103,8 @@ class ShippedNginx:
         conf = re.sub(r"server lcq-replica:\d+ resolve;\n", upstream, conf)
         conf = re.sub(r"\s*resolver [^;]*;", "", conf)  # compose's DNS (and `resolve`, nginx >= 1.27.3) not needed
         conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};\n        access_log off;")
+        if self.read_timeout is not None:
+            conf = re.sub(r"proxy_read_timeout \d+s;", f"proxy_read_timeout {self.read_timeout}s;", conf)
         (self.folder / "nginx.conf").write_text(conf)
         settings = f"daemon off; pid {self.folder}/nginx.pid; error_log {self.folder}/error.log;"
         self.process = subprocess.Popen([nginx, "-p", str(self.folder), "-c", str(self.folder / "nginx.conf"),

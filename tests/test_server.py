@@ -22,7 +22,7 @@ from lcq.server.content_format import detected_content_format
 from lcq.server.settings import ServeSettings
 from lcq.server.tool_calls import ReplyReader, ToolCallStream, parse_hermes, parse_llama3_json, read_reply, \
     reply_parser
-from tests.live_server import MODEL, LiveServer, engine_config
+from tests.live_server import MODEL, LiveServer, ShippedNginx, engine_config
 from tests.tiny_model import make_tiny_hf
 
 MAX_BODY = 64 * 1024
@@ -1292,6 +1292,22 @@ def test_content_reaches_the_template_in_the_form_it_reads(model_dir):
     assert rendered("auto") == "[Hi][a][b]"
     assert rendered("string") == "[]" * len("Hi" + "a\nb")  # what the template makes of text: each character
     assert rendered("openai", documents=[{"title": "T", "text": "body"}]) == "[Hi][a][b]<doc T: body>"
+
+
+def test_the_shipped_balancer_never_runs_a_slow_request_twice(tmp_path):
+    """A non-streaming request longer than nginx's read timeout is a 504 from the replica that ran it, not run
+    again on the next replica (nginx retried on timeouts, and under /v1/responses on every replica in turn)."""
+    model_dir = make_tiny_hf(tmp_path / "long", seed=0, max_position_embeddings=8192)
+    with LiveServer(create_app(engine_config(model_dir))) as a, LiveServer(create_app(engine_config(model_dir))) as b:
+        with ShippedNginx([a, b], tmp_path, read_timeout=2) as nginx:
+            for path, body in (("/v1/completions", {"prompt": "Once upon", "max_tokens": 8000, "ignore_eos": True}),
+                               ("/v1/responses", {"input": "Once upon", "max_output_tokens": 8000, "ignore_eos": True})):
+                asked = [live.metric("lcq:prompt_tokens_total") for live in (a, b)]
+                assert httpx.post(nginx.url + path, json=body, timeout=30).status_code == 504
+                a.wait_pool_full()
+                b.wait_pool_full()
+                ran = [live.metric("lcq:prompt_tokens_total") > before for live, before in zip((a, b), asked)]
+                assert sorted(ran) == [False, True], path
 
 
 def test_client_errors_use_the_envelope(server):
