@@ -3,6 +3,7 @@ openai client (sync and async), raw httpx for errors and disconnects, schemathes
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import re
 import socket
@@ -1468,6 +1469,38 @@ def test_metrics_move_after_requests(server, client):
     for path in ("/health", "/metrics", "/version"):  # probes and scrapes are no client's requests (as vLLM)
         assert httpx.get(server.url + path).status_code == 200
     assert server.metric("lcq:http_requests_total", status="200") == ok
+
+
+def test_metric_series_exist_from_the_start_and_count_what_clients_wait_for(model_dir):
+    """Every labelled series is exported at 0 before its first event (a series first seen at 1 shows no
+    increase, so a process's first error, abort or 429 never reached a dashboard); a scored prompt's dropped token
+    is not counted as generated; latencies count from before a grammar compiles, as the client waits for it."""
+    with LiveServer(create_app(engine_config(model_dir))) as live:
+        text = httpx.get(live.url + "/metrics").text
+        for series in ('lcq:request_rejected_total{model_name="tiny",reason="queue_full"} 0.0',
+                       'lcq:request_aborted_total{model_name="tiny"} 0.0', 'lcq:request_error_total{model_name="tiny"} 0.0',
+                       'lcq:request_success_total{finished_reason="length",model_name="tiny"} 0.0',
+                       'lcq:time_to_first_token_seconds_count{model_name="tiny"} 0.0'):
+            assert series in text, series
+        local = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        local.completions.create(model=MODEL, prompt="Hello there", max_tokens=0, echo=True, logprobs=1)
+        assert live.metric("lcq:generation_tokens_total") == 0 == live.metric("lcq:request_generation_tokens_sum")
+        if importlib.util.find_spec("xgrammar") is None:
+            return
+        structured = live.engine.engine.structured
+        check = structured.check
+
+        def slow_check(spec):  # a large schema's compile
+            time.sleep(0.5)
+            return check(spec)
+
+        structured.check = slow_check
+        try:
+            local.completions.create(model=MODEL, prompt="{", max_tokens=2,
+                                     extra_body={"response_format": {"type": "json_object"}})
+        finally:
+            structured.check = check
+        assert live.metric("lcq:time_to_first_token_seconds_sum") >= 0.5
 
 
 def test_many_concurrent_streams(server):

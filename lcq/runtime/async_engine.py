@@ -109,11 +109,12 @@ class AsyncEngine:
             stats.num_waiting += sum(entry[0] not in aborted for entry in self._inbox)
         return stats
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, check_room: bool = True
-                    ) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, check_room: bool = True,
+                    arrival_time: float | None = None) -> AsyncIterator[RequestOutput]:
         """Queue a request; iterate the result for its deltas. Stopping iteration aborts it. check_room False:
         one of the other engine requests of an API request whose first was let in (n choices, many embedding
-        inputs), which is admitted whole however many it has (QueueFullError otherwise)."""
+        inputs), which is admitted whole however many it has (QueueFullError otherwise). arrival_time: its
+        time.monotonic() on arrival (default: now), which its latencies count from."""
         self._require_ready()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -126,7 +127,8 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         with self._lock:
-            self._inbox.append((request_id, list(prompt_ids), params, time.monotonic()))
+            self._inbox.append((request_id, list(prompt_ids), params,
+                                time.monotonic() if arrival_time is None else arrival_time))
         self._wake.set()
         return self._stream(request_id, queue)
 

@@ -131,7 +131,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
-    generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params)
+    generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params, counts_output=not scoring)
     await generation.submit(body)
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body), state.engine.token_bytes) \

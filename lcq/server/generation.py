@@ -92,8 +92,10 @@ def check_room(state: ServerState, prompts: list[list[int]], asked: int | None, 
 class Generation:
     """The engine requests of one API request; iterate `deltas()` once, then read `choices` and `usage()`."""
 
-    def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams,
+                 counts_output: bool = True):
         self.state = state
+        self.counts_output = counts_output  # False: the reply is dropped (a scored prompt's), so not counted
         self.id = base_id
         self.created = int(time.time())
         self.model = params.lora or state.model_name  # what replies name: the adapter asked for, else the base
@@ -109,12 +111,13 @@ class Generation:
         """Add every choice to the engine, or none: a refusal aborts those already added. Their grammar (the
         same for all) is compiled first, off the server's loop."""
         engine, metrics = self.state.engine, self.state.metrics
+        arrival = time.monotonic()  # (before the grammar compiles: its time is the client's wait too, as vLLM's)
         try:
             await engine.prepare(self.choices[0].params)
             for i, choice in enumerate(self.choices):  # admitted whole where the queue has room for the first
                 self._streams.append(engine.add_request(choice.request_id, choice.prompt_ids, choice.params,
-                                                        check_room=i == 0))
-                choice.tracker = metrics.track(len(choice.prompt_ids))
+                                                        check_room=i == 0, arrival_time=arrival))
+                choice.tracker = metrics.track(len(choice.prompt_ids), self.counts_output)
         except Exception as e:
             for added in self.choices:  # the request is refused as a whole: its choices count as nothing else
                 if added.tracker is not None:

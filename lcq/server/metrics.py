@@ -16,6 +16,8 @@ from lcq.runtime.outputs import RequestOutput
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+FINISH_REASONS = ("stop", "length")  # of requests that succeed
+REJECTION_REASONS = ("queue_full", "not_ready", "model_not_found", "invalid_request")  # Generation.submit's
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
@@ -93,6 +95,17 @@ class ServerMetrics:
         self.prompt_len = histogram("request_prompt_tokens", "prompt tokens per request", TOKEN_BUCKETS)
         self.generation_len = histogram("request_generation_tokens", "generated tokens per request", TOKEN_BUCKETS)
         self.registry.register(EngineStatsCollector(engine_stats, model_name))
+        # Every series from the start, at 0 (as vLLM's): a series that first appears at 1 has no increase to
+        # rate(), so the first error, abort or 429 of a process would never show
+        for metric in (self.prompt_tokens, self.generation_tokens, self.request_aborted, self.request_errors,
+                       self.prefix_cache_queries, self.prefix_cache_hits, self.ttft, self.itl, self.tpot,
+                       self.queue_time, self.prefill_time, self.e2e, self.decode_time, self.inference_time,
+                       self.prompt_len, self.generation_len):
+            metric.labels(model_name)
+        for reason in FINISH_REASONS:
+            self.request_success.labels(model_name, reason)
+        for reason in REJECTION_REASONS:
+            self.request_rejected.labels(model_name, reason)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -103,8 +116,8 @@ class ServerMetrics:
     def http_response(self, status: int) -> None:
         self.http_requests.labels(self.model_name, str(status)).inc()
 
-    def track(self, prompt_tokens: int) -> "RequestTracker":
-        return RequestTracker(self, prompt_tokens)
+    def track(self, prompt_tokens: int, counts_output: bool = True) -> "RequestTracker":
+        return RequestTracker(self, prompt_tokens, counts_output)
 
 
 class RequestTracker:
@@ -112,9 +125,10 @@ class RequestTracker:
     engine's (RequestOutput.elapsed and the first delta's queue and first-token times, from the request's
     arrival), so a client that reads slowly does not stretch them."""
 
-    def __init__(self, metrics: ServerMetrics, prompt_tokens: int):
+    def __init__(self, metrics: ServerMetrics, prompt_tokens: int, counts_output: bool = True):
         self.metrics = metrics
         self.prompt_tokens = prompt_tokens
+        self.counts_output = counts_output  # False: the tokens made are dropped (a scored prompt's): none counted
         self.prompt_counted = False
         self.queue_time: float | None = None
         self.first_token_time: float | None = None
@@ -130,7 +144,7 @@ class RequestTracker:
             m.queue_time.labels(name).observe(self.queue_time)
             m.prefill_time.labels(name).observe(self.first_token_time - self.queue_time)
             self._count_prompt()
-        new_tokens = len(out.token_ids)
+        new_tokens = len(out.token_ids) if self.counts_output else 0
         if new_tokens:
             if self.last_token is not None and out.elapsed is not None:
                 gap = (out.elapsed - self.last_token) / new_tokens

@@ -17,6 +17,7 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 # Probes and scrapes, left out of lcq:http_requests_total as vLLM leaves them out of its: a loading or
 # draining server's 503s to health checks are no client's errors.
 UNCOUNTED_PATHS = ("/health", "/metrics", "/version")
+ASK_NEXT_REPLICA_HEADER = "x-lcq-ask-next-replica"  # set by a balancer that asks another replica on a 404
 REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()  # as ASGI spells header names
 MAX_REQUEST_ID_LENGTH = 128
 
@@ -45,6 +46,7 @@ class GuardMiddleware:
         counted = scope["path"] not in UNCOUNTED_PATHS
         started = False
         headers = dict(scope.get("headers") or [])
+        balanced = ASK_NEXT_REPLICA_HEADER.encode() in headers  # (its 404s hand the request on: not answers)
         request_id = request_id_of(headers)
         scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id to the routes
         # (in place: the 500 handler, outside this layer, reads the same scope)
@@ -53,7 +55,7 @@ class GuardMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if counted:
+                if counted and not (balanced and message["status"] == 404):
                     self.metrics.http_response(message["status"])
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_KEY, request_id.encode())]}
             await send(message)

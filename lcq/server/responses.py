@@ -24,6 +24,7 @@ from lcq.runtime.outputs import RequestOutput
 from .chat import ChatTurn, start_chat
 from .errors import APIError, error_responses, generation_responses
 from .generation import Choice
+from .middleware import ASK_NEXT_REPLICA_HEADER
 from .protocol import ToolCall, dump
 from .response_store import ResponseStore, StoredResponse
 from .responses_protocol import DeletedResponse, FunctionCallItem, IncompleteDetails, InputItemList, \
@@ -37,9 +38,6 @@ router = APIRouter()
 Keep = Callable[[ResponseObject, str | None, str | None, list[ToolCall] | None], ResponseObject]
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events named by their `type` "
                                   "(response.created ... response.completed)", "content": {"text/event-stream": {}}}
-
-
-ASK_NEXT_REPLICA_HEADER = "x-lcq-ask-next-replica"  # set by a balancer that asks another replica on a 404
 
 
 def _not_found(response_id: str) -> APIError:
