@@ -265,6 +265,20 @@ def test_embeddings_are_the_last_tokens_final_hidden_state_normalized(tmp_path, 
     assert _pool_is_full(llm.engine)
 
 
+def test_an_embedding_that_is_not_finite_fails_its_request(tmp_path):
+    """A prompt whose final hidden state overflows fails its request as a generation with no finite logit does
+    (it came back 200 with null, or NaN in base64, and went on into vector indexes)."""
+    llm = LLM(str(make_tiny_hf(tmp_path / "hf", "qwen3")), block_size=8, **FP32)
+    final_norm = dict(llm.engine.runner.model.named_parameters())["norm.weight"]
+    with torch.no_grad():
+        final_norm[0] = float("inf")
+    llm.engine.add_request("emb", PROMPTS[0], SamplingParams(max_tokens=1, embed=True))
+    outputs = []
+    while llm.engine.has_work():
+        outputs += llm.engine.step()
+    assert outputs[-1].finish_reason == "error" and outputs[-1].embedding is None and _pool_is_full(llm.engine)
+
+
 def test_embedding_model_saved_from_the_base_model(tmp_path):
     """Qwen3-Embedding 4B / 8B files hold the base model (layers.*, embed_tokens.*, norm.*, no head, the
     config untied): they load with the head tied to the table, and embed as the CausalLM folder does."""

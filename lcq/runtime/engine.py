@@ -311,6 +311,9 @@ class LLMEngine:
             self.blocks.register_full_blocks(seq)
         outputs = []
         for seq, hidden in embeddings:  # an embedding request ends with its prompt
+            if not bool(torch.isfinite(hidden).all()):  # (as a generation whose logits are not finite fails)
+                outputs.append(self._fail(seq, "the embedding is not finite (the model's activations overflowed)"))
+                continue
             seq.finish_reason = "stop"
             outputs.append(self._finish(seq, embedding=torch.nn.functional.normalize(hidden, dim=0).tolist()))
         for seq, emitted, rows in zip(to_sample, tokens, logprobs):
