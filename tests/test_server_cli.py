@@ -404,8 +404,8 @@ def test_run_batch_waits_for_a_full_queue_and_keeps_the_others_when_one_fails(tm
     assert results[6]["response"]["body"]["error"]["message"] == "internal error: RuntimeError"
 
 
-def _batch_line(custom_id: str, url: str, body: dict) -> str:
-    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+def _batch_line(custom_id: str, url: str, body: dict, **dumps) -> str:
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body}, **dumps)
 
 
 def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
@@ -454,6 +454,9 @@ def test_run_batch_answers_every_line_in_order(tmp_path, capsys):
     (_batch_line("a", "/v1/completions", {"prompt": "x"}), "in.jsonl:2: custom_id 'a' is used twice"),
     (_batch_line("b", "/v1/images/generations", {"prompt": "x"}), "in.jsonl:2: url must be one of"),
     (json.dumps({"custom_id": "c", "method": "GET", "url": "/v1/completions", "body": {}}), "method must be POST"),
+    # a raw U+2028 inside a string (json.dumps(ensure_ascii=False)) ends no line: the bad line after it is line 3
+    (_batch_line("d", "/v1/completions", {"prompt": "a\u2028b"}, ensure_ascii=False) + "\n{not json",
+     "in.jsonl:3: not valid JSON"),
 ])
 def test_run_batch_refuses_a_bad_file_before_loading(tmp_path, capsys, line, message):
     (tmp_path / "in.jsonl").write_text(_batch_line("a", "/v1/completions", {"prompt": "x"}) + "\n" + line + "\n")
@@ -505,3 +508,57 @@ def test_a_seed_torch_cannot_take_is_one_line_and_exit_2(tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("lcq: error: ") and reason in lines[0], (argv, lines)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# `lcq run-batch` reads JSONL as OpenAI's Batch API and vLLM do: lines end at "\n" only (str.splitlines cut
+# strings holding a raw U+2028, U+2029 or U+0085), a UTF-8 BOM and "\r\n" are fine, and "stream": "false" is
+# false as the server reads it (it was refused as truthy) (an audit of run-batch found these)
+def test_run_batch_reads_lines_as_json_does(tmp_path, capsys):
+    model = make_tiny_hf(tmp_path / "tiny")
+    raw = {"ensure_ascii": False}
+    lines = [_batch_line("chat", "/v1/chat/completions",
+                         {"messages": [{"role": "user", "content": "line one\u2028line two"}], "max_tokens": 2}, **raw),
+             _batch_line("emb", "/v1/embeddings", {"input": ["a\u0085b", "c\u2029d"]}, **raw),
+             _batch_line("text", "/v1/completions", {"prompt": "x", "max_tokens": 2, "stream": "false"}),
+             _batch_line("resp", "/v1/responses", {"input": "x", "max_output_tokens": 2, "background": "false"}),
+             _batch_line("stream", "/v1/completions", {"prompt": "x", "stream": "true"})]
+    (tmp_path / "in.jsonl").write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    assert main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(out), str(model),
+                 "--kv-cache-memory-gb", "0.05"]) == 0
+    results = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["custom_id"] for r in results] == ["chat", "emb", "text", "resp", "stream"]
+    assert [r["response"]["status_code"] for r in results] == [200, 200, 200, 200, 400]
+    assert len(results[1]["response"]["body"]["data"]) == 2
+    assert results[4]["response"]["body"]["error"]["param"] == "stream"
+
+
+# -o is where the output goes: a symlink's target (the link was replaced by a file, its target left as it was),
+# stdout for "-", a FIFO written directly (renamed over, as /dev/stdout would have been as root) (an audit of
+# run-batch found these)
+def test_run_batch_writes_through_a_symlink_to_stdout_or_to_a_fifo(tmp_path, capsys, monkeypatch):
+    model = make_tiny_hf(tmp_path / "tiny")
+    (tmp_path / "in.jsonl").write_text(_batch_line("emb", "/v1/embeddings", {"input": "Hi"}) + "\n")
+    monkeypatch.chdir(tmp_path)  # (the old code wrote `-o -` as a file named "-" here)
+    (tmp_path / "vol").mkdir()
+    (tmp_path / "vol" / "results.jsonl").write_text("old\n")
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "vol" / "results.jsonl")
+    os.mkfifo(tmp_path / "fifo")
+    reader = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)  # (so that the writer's open does not wait)
+    capsys.readouterr()
+    written = {}
+    try:
+        for output in ("link.jsonl", "-", "fifo"):
+            assert main(["run-batch", "-i", "in.jsonl", "-o", output, str(model), "--kv-cache-memory-gb", "0.05"]) == 0
+            out, err = capsys.readouterr()
+            written[output] = out if output == "-" else None
+            assert ("wrote link.jsonl" in out) if output == "link.jsonl" else ("wrote " in err), (output, out, err)
+        written["fifo"] = os.read(reader, 1 << 16).decode()
+    finally:
+        os.close(reader)
+    written["link.jsonl"] = (tmp_path / "link.jsonl").read_text()
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "fifo").is_fifo()
+    for output, text in written.items():
+        assert [json.loads(line)["custom_id"] for line in text.splitlines()] == ["emb"], output
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "in.jsonl", "link.jsonl", "tiny", "vol"]
+    assert [path.name for path in (tmp_path / "vol").iterdir()] == ["results.jsonl"]

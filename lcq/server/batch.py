@@ -8,7 +8,8 @@ the server's queue admits so that the engine batches them continuously. Each out
 `{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}`, in input order;
 a request the server refuses keeps its status and error envelope, as OpenAI's batch output does, but one
 the engine's queue refuses (429) waits and is sent again, and one the app fails is a 500 line (the other
-lines are kept). The output is written under a temporary name and renamed once complete.
+lines are kept). The output file is written under a temporary name beside it (a symlink's target) and renamed
+once complete; `-o -` (or a path to stdout, a device or a FIFO) is written directly.
 """
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ import asyncio
 import json
 import logging
 import os
+import stat
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from lcq.errors import UserError
+from lcq.inputs import check_output
 
 from .errors import error_body
 
@@ -42,11 +46,14 @@ def read_requests(path: Path) -> list[BatchRequest]:
     if not path.is_file():
         raise UserError(f"{path}: no such batch file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")  # (a BOM, as Windows tools write)
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text (byte {e.start})") from None
     requests, seen = [], set()
-    for number, line in enumerate(text.splitlines(), start=1):
+    # lines end at "\n" only (and "\r\n"): str.splitlines also splits at U+2028, U+2029, U+0085..., which JSON
+    # strings hold raw (json.dumps(ensure_ascii=False) writes them so), as vLLM's run-batch splits
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -122,7 +129,7 @@ async def run_requests(app, requests: list[BatchRequest], concurrency: int,
             await asyncio.sleep(QUEUE_FULL_WAIT)
 
     async def one(request: BatchRequest) -> dict[str, Any]:
-        refused = next((key for key in ("stream", "background") if request.body.get(key)), None)
+        refused = next((key for key in ("stream", "background") if _asks_for(request, key)), None)
         if refused:  # (a batch answers every request whole)
             status, body = 400, error_body(400, f"{refused} is not supported in a batch", param=refused)
         else:
@@ -137,13 +144,83 @@ async def run_requests(app, requests: list[BatchRequest], concurrency: int,
     return await asyncio.gather(*(one(request) for request in requests))
 
 
-def write_lines(path: Path, lines: list[dict[str, Any]]) -> None:
-    """The output JSONL, written under a temporary name and renamed into place."""
-    tmp = path.with_name(path.name + ".tmp")
+def _asks_for(request: BatchRequest, key: str) -> bool:
+    """Whether the request asks for `key` (stream, background) as the server reads it: through its endpoint's
+    request model, so that "false" is false; a field the endpoint has not is ignored there, and a value its
+    model refuses is left to the server's 400."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+    from .responses_protocol import ResponsesRequest
+
+    model = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest,
+             "/v1/responses": ResponsesRequest, "/v1/embeddings": EmbeddingRequest}[request.url]
+    field = model.model_fields.get(key)
+    if field is None or key not in request.body:
+        return False
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        return bool(TypeAdapter(kind).validate_python(request.body[key]))
+    except ValidationError:
+        return False
+
+
+def output_target(given: str) -> Path | None:
+    """Where `-o given` writes, checked before the model loads (UserError): None for "-" (stdout, and so is a
+    path to the process's own stdout, as /dev/stdout); a device or FIFO as given (written directly); else the
+    real path, a symlink's target (so that the link stays a link and its target gets the output)."""
+    if given == "-":
+        return None
+    try:
+        found = os.stat(given)  # (follows links, /proc's too: /dev/stdout to a pipe)
+    except OSError:
+        found = None
+    if found is not None and not stat.S_ISDIR(found.st_mode):
+        if _is_stdout(found):
+            return None
+        if not stat.S_ISREG(found.st_mode):
+            if not os.access(given, os.W_OK):
+                raise UserError(f"{given}: not writable")
+            return Path(given)
+    output = check_output(Path(os.path.realpath(given)), "output file")
+    if not output.parent.is_dir():
+        raise UserError(f"{output.parent}: no such folder for the output file")
+    return output
+
+
+def _is_stdout(found: os.stat_result) -> bool:
+    try:
+        own = os.fstat(1)
+    except OSError:  # (no stdout)
+        return False
+    return (own.st_dev, own.st_ino) == (found.st_dev, found.st_ino)
+
+
+def writes_a_file(target: Path | None) -> bool:
+    """Whether the output goes to a regular file (not stdout, a pipe or a device)."""
+    return target is not None and not (target.exists() and not target.is_file())
+
+
+def write_lines(target: Path | None, lines: list[dict[str, Any]]) -> None:
+    """The output JSONL (target: output_target's): a file is written under a temporary name beside it and renamed
+    into place; stdout (None), a device or a FIFO is written directly."""
+    if target is None:
+        _write(sys.stdout, lines)
+        sys.stdout.flush()
+        return
+    if not writes_a_file(target):
+        with open(target, "w") as f:
+            _write(f, lines)
+        return
+    tmp = target.with_name(target.name + ".tmp")
     try:
         with tmp.open("w") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
-        os.replace(tmp, path)
+            _write(f, lines)
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write(f, lines: list[dict[str, Any]]) -> None:
+    for line in lines:
+        f.write(json.dumps(line) + "\n")

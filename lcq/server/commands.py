@@ -8,12 +8,12 @@ import dataclasses
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lcq.errors import UserError
 from lcq.format import CheckpointReader
-from lcq.inputs import check_output
 
 from .settings import ServeCommand, add_serve_arguments, in_flag_terms, resolve
 
@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "server's endpoints in-process, and write their responses as JSONL. "
                                           "Takes the flags of `lcq serve` (host, port and API key unused).")
     p.add_argument("-i", "--input-file", required=True, help="JSONL of {custom_id, method, url, body}")
-    p.add_argument("-o", "--output-file", required=True, help="JSONL of {id, custom_id, response, error}")
+    p.add_argument("-o", "--output-file", required=True,
+                   help="JSONL of {id, custom_id, response, error}; - for stdout")
     add_serve_arguments(p)
     p.set_defaults(func=_run_batch)
 
@@ -69,12 +70,10 @@ def _run_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .app import create_app
-    from .batch import read_requests, run_requests, write_lines
+    from .batch import output_target, read_requests, run_requests, write_lines, writes_a_file
 
     requests = read_requests(Path(args.input_file))
-    output = check_output(args.output_file, "output file")
-    if not output.parent.is_dir():
-        raise UserError(f"{output.parent}: no such folder for the output file")
+    output = output_target(args.output_file)
     command = resolve(args)
     settings = dataclasses.replace(command.settings, api_key=None)  # in-process calls carry no key
     failed, engine = [], _engine(command)
@@ -92,7 +91,9 @@ def _run_batch(args: argparse.Namespace) -> int:
     lines = asyncio.run(run())
     write_lines(output, lines)
     answered = sum(line["response"]["status_code"] == 200 for line in lines)
-    print(f"{len(lines)} requests: {answered} answered, {len(lines) - answered} refused; wrote {output}")
+    where = args.output_file if output is not None else "stdout"
+    print(f"{len(lines)} requests: {answered} answered, {len(lines) - answered} refused; wrote {where}",
+          file=sys.stdout if writes_a_file(output) else sys.stderr)  # (not into JSONL on stdout or a pipe)
     return 0
 
 
