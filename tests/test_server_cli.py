@@ -232,6 +232,20 @@ def test_a_model_served_from_its_own_folder_is_named_after_it(tmp_path, monkeypa
     assert EngineConfig(model=".").model_name() == "tiny"
 
 
+def test_vllm_forms_of_context_length_and_log_level(capsys):
+    """vLLM's --max-model-len with a suffix (k, m, g: powers of 1,000; K, M, G: of 1,024) and --uvicorn-log-level;
+    a count that is not whole is one line and exit 2."""
+    for text, tokens in (("4096", 4096), ("4k", 4000), ("4K", 4096), ("25.6k", 25600), ("1M", 2**20)):
+        assert resolve(parse("--max-model-len", text), {}).engine_fields == {"max_model_len": tokens}
+    assert resolve(parse(), {"LCQ_MAX_MODEL_LEN": "8k"}).engine_fields == {"max_model_len": 8000}
+    assert resolve(parse("--uvicorn-log-level", "debug"), {}).settings.log_level == "debug"
+    for text in ("4.5", "1.0001k", "4x"):
+        with pytest.raises(SystemExit) as usage:
+            main(["serve", "--max-model-len", text])
+        assert usage.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 3
+
+
 def test_runtime_lora_flags_from_the_command_line_or_environment():
     env = {"LCQ_ALLOW_RUNTIME_LORA_UPDATING": "true", "LCQ_MAX_LORAS": "4"}
     assert resolve(parse("--max-lora-rank", "8", "--max-cpu-loras", "16"), env).engine_fields == {

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Callable, Mapping
 
 from lcq.errors import UserError
@@ -134,6 +135,20 @@ def _speculative_config(text: str) -> dict[str, Any]:
     return {**drafter, **{known[key]: value for key, value in settings.items()}}
 
 
+def _token_count(text: str) -> int:
+    """A count of tokens as vLLM's --max-model-len reads it: a whole number, or one with a suffix, k/m/g for
+    powers of 1,000 (25.6k: 25,600) and K/M/G for powers of 1,024 (4K: 4,096)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgKMG]?)\s*", text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count of tokens (e.g. 4096, 4k, 4K)")
+    number, suffix = match.groups()
+    scale = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}[suffix]
+    value = Decimal(number) * scale  # (exact: 25.6k is 25,600)
+    if value != int(value) or (not suffix and "." in number):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of tokens")
+    return int(value)
+
+
 def _bool(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -154,7 +169,8 @@ FLAGS = (
     Flag("--scheduling-policy", str, "fcfs (requests run in order of arrival) or priority (in order of each "
          "request's `priority`, lower first, then arrival; the least urgent running request is the one preempted "
          "when the KV cache is full)", "engine"),
-    Flag("--max-model-len", int, "context length (default: the model's)", "engine"),
+    Flag("--max-model-len", _token_count, "context length (default: the model's); as vLLM's, also 4k (4,000), 4K "
+         "(4,096), 25.6k, 1m/1M", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
     Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16, or on CPU "
@@ -222,6 +238,7 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
+    Flag("--uvicorn-log-level", str, "vLLM's name for --log-level", "server", field="log_level"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
          "(replies that are JSON calls: Llama 3.1-3.3), granite (replies that are a JSON array of calls: Granite 3), "
          "mistral ([TOOL_CALLS] calls: Mistral 7B v0.3, Mistral Small 3.x), pythonic ([f(x=1)]: Llama 3.2 1B/3B, "
