@@ -1,6 +1,7 @@
 """`lcq serve`: flags and LCQ_* environment settings, usage errors, and a graceful drain on SIGTERM."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -253,38 +254,55 @@ def test_runtime_lora_flags_from_the_command_line_or_environment():
     assert resolve(parse("--allow-runtime-lora-updating"), {}).engine_fields == {"allow_runtime_lora_updating": True}
 
 
-def test_sigterm_drains_then_exits(tmp_path):
-    """After SIGTERM: /health says 503, new requests 503, the running stream ends cleanly, exit code 0."""
-    model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=4096)
+@contextlib.contextmanager
+def _serving(tmp_path: Path, *flags: str, context: int = 4096):
+    """`lcq serve` of a tiny model in a process of its own: (the process, its URL, its log), killed at the end
+    if it is still running."""
+    model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=context)
     log = tmp_path / "serve.log"
     cmd = [sys.executable, "-m", "lcq.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
-           "--drain-timeout", "1", "--kv-cache-memory-gb", "0.05", "--kv-cache-dtype", "float16",
-           "--served-model-name", "tiny"]
+           "--served-model-name", "tiny", *flags]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
     with open(log, "w") as log_file:
         process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
                                    cwd=Path(__file__).resolve().parents[1])
     try:
-        url = _wait_until_ready(process, log)
+        yield process, _wait_until_ready(process, log), log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _long_stream(url: str, max_tokens: int) -> tuple[list[str], threading.Thread]:
+    """A greedy completion streamed on a thread: (its SSE data lines so far, the thread), once the first came."""
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    events: list[str] = []
+    first = threading.Event()
+
+    def stream() -> None:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    first.set()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    assert first.wait(30)
+    return events, reader
+
+
+def test_sigterm_drains_then_exits(tmp_path):
+    """After SIGTERM: /health says 503, new requests 503, the running stream ends cleanly, exit code 0."""
+    with _serving(tmp_path, "--drain-timeout", "1", "--kv-cache-memory-gb", "0.05", "--kv-cache-dtype",
+                  "float16") as (process, url, log):
         startup = log.read_text()
         frozen = re.search(r"froze (\d+) objects out of the garbage collector", startup)
         assert frozen and int(frozen.group(1)) > 10_000  # model and libraries out of the collector's walks
         assert re.search(r"KV cache: \d+ blocks of 16 tokens \(\d+ tokens, float16, 0\.05 GiB\)", startup)
-        body = {"prompt": "Once upon a time", "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(30)
+        events, reader = _long_stream(url, 4000)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         assert httpx.get(url + "/health").status_code == 503
@@ -295,41 +313,14 @@ def test_sigterm_drains_then_exits(tmp_path):
         last = json.loads(events[-2])["choices"][0]
         assert last["finish_reason"] in ("abort", "length")
         assert process.wait(30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_a_second_signal_aborts_the_drain(tmp_path):
     """A second SIGTERM/SIGINT stops at once: the requests still running are aborted (their streams end with
     "abort" and [DONE]) rather than run to their end within the drain timeout (a minute here), which they did
     while the server, no longer listening, waited for them."""
-    model = make_tiny_hf(tmp_path / "tiny", max_position_embeddings=8192)
-    log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-m", "lcq.cli", "serve", str(model), "--host", "127.0.0.1", "--port", "0",
-           "--drain-timeout", "60", "--served-model-name", "tiny"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LCQ_")}
-    with open(log, "w") as log_file:
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,
-                                   cwd=Path(__file__).resolve().parents[1])
-    try:
-        url = _wait_until_ready(process, log)
-        body = {"prompt": "Once upon a time", "max_tokens": 8000, "temperature": 0, "ignore_eos": True,
-                "stream": True}
-        events: list[str] = []
-        first = threading.Event()
-
-        def stream() -> None:
-            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        first.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert first.wait(30)
+    with _serving(tmp_path, "--drain-timeout", "60", context=8192) as (process, url, _):
+        events, reader = _long_stream(url, 8000)
         process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
@@ -337,10 +328,6 @@ def test_a_second_signal_aborts_the_drain(tmp_path):
         assert process.wait(30) == 0 and time.monotonic() - started < 15
         reader.join(5)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
 
 
 def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
