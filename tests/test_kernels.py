@@ -1030,6 +1030,59 @@ def test_half_byte_rows_take_int8_decode_products(n, k):
         assert torch.equal(cpu_half.half_linear(x[:1], weight, byte_rows=rows), cpu_half.half_linear(x[:1], weight))
 
 
+# The int8 product forms (cpu_products(torch.int8)), by what they read and the rows they take: LCQ layers' blocked
+# product (from 10 rows) with SwiGLU too, with kept int8 rows (from 3 rows; 16: AMX tiles where there are any),
+# the int8 decode form of LCQ layers with books (1-4 rows, any count with rows_alone) and of an fp16 weight's int8
+# rows (the head: 1-2 rows, any count with rows_alone), with SwiGLU too.
+INT8_FORMS = [("blocked", 12, False), ("blocked-swiglu", 12, False), ("kept", 3, False), ("kept-amx", 16, False),
+              ("books", 1, False), ("books", 4, False), ("books", 7, True), ("head", 1, False), ("head", 2, False),
+              ("head", 6, True), ("head-swiglu", 1, False)]
+
+
+@needs_int8
+@pytest.mark.parametrize("form, rows, alone", INT8_FORMS, ids=[f"{f}-{m}{'-alone' if a else ''}" for f, m, a in INT8_FORMS])
+def test_int8_products_of_a_row_holding_nan_or_inf_are_not_finite(form, rows, alone):
+    """Where int8 products quantize activations (per block of 64 values, or per row for the head's two bytes),
+    a row holding a NaN gives NaN in every output, as the fp32 product does, and one holding +-inf no finite
+    output: +-inf where the fp32 product has them (NaN where the inf meets a weight rounded to 0, and in the
+    decode form of books, whose lanes scale partial sums, some of them 0 * inf), the other rows' outputs
+    unchanged bit for bit. Until 2026-12-05 a NaN could drop out of its block's largest |value| (MAXPS) and
+    became a finite byte, so the row's outputs were finite: a model gone NaN generated plausible tokens under
+    the default products. The value first in a block, inside one (37), last in one (63), in the second pass
+    of 16 blocks (1050), and last (K = 1101: in a block cut short, a word padded, past the last whole step of
+    16, which the decode form of books takes in fp32)."""
+    name, _, variant = form.partition("-")
+    k = 1101
+    if name == "head":
+        half = torch.randn(48, k).half()
+        byte_rows = cpu_half.byte_rows(half)
+
+        def product(x):
+            return cpu_half.half_linear(x, half, swiglu=variant == "swiglu", byte_rows=byte_rows)
+    else:
+        weight = cpu_index.IndexWeight(random_layer(48, k, 4, 2, 64, seed=3), wide=True)
+        assert {"books": weight.keep_books, "kept": weight.keep_byte_rows}.get(name, lambda: 1)() > 0
+
+        def product(x):
+            return weight.linear(x, swiglu=variant == "swiglu")
+    x, bad = torch.randn(rows, k), rows // 2
+    x[:, 1] *= 30
+    others = torch.arange(rows) != bad
+    with cpu_products(torch.int8, rows_alone=alone), amx_tiles(variant == "amx"):
+        clean = product(x)
+        for value, at in itertools.product((float("nan"), float("inf"), -float("inf")), (0, 37, 63, 1050, 1100)):
+            gone = x.clone()
+            gone[bad, at] = value
+            y = product(gone)
+            assert torch.equal(y[others], clean[others]), (value, at)
+            if value != value:
+                assert y[bad].isnan().all(), (value, at)
+                continue
+            with cpu_products(torch.float32):
+                exact = product(gone)[bad]
+            assert not y[bad].isfinite().any() and ((y[bad] == exact) | y[bad].isnan()).all(), (value, at)
+
+
 @needs_int8
 def test_int8_products_take_lcq_weights_from_10_rows_in_this_thread():
     """Without int8 books, below 10 rows int8 products are bf16 ones (the bf16 decode forms are faster there), as are
@@ -1740,23 +1793,51 @@ def test_c_int8_cache_writes_keep_nan_saturate_inf_and_stay_exact_for_tiny_rows(
                        _stored((boosted * 2.0 ** 64).unsqueeze(1), torch.int8)[0][:, 0, :head_dim])
 
 
-@needs_cpu_ops
-def test_a_model_gone_nan_fails_with_every_cpu_kv_cache_dtype(tmp_path, one_thread):
-    """A tiny model whose K holds a NaN (one k_proj bias entry) ends its request with finish_reason "error"
-    (no token has a finite probability) with every CPU KV cache form: the fp16 and int8 C writes kept the
-    NaN finite (65504, -128 * scale), so those caches generated plausible tokens where fp32 failed."""
+def _assert_a_model_gone_nan_fails(folder: Path, engines: list[dict]) -> None:
+    """The tiny Qwen2 in folder (full precision, or an LCQ checkpoint of it) with a NaN in its layer 1 K (one
+    k_proj bias entry, set here: its first heads' attention outputs go NaN) ends a request with finish_reason
+    "error" and no tokens (no token has a finite probability) in an engine made with each of `engines`."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from lcq.runtime import LLM
     from lcq.runtime.sampling_params import SamplingParams
+
+    key = "model.layers.1.self_attn.k_proj.bias"
+    for file in folder.glob("*.safetensors"):
+        tensors = load_file(file)
+        if key in tensors:
+            with safe_open(file, "pt") as stored:
+                metadata = stored.metadata()
+            tensors[key][5] = float("nan")
+            save_file(tensors, file, metadata=metadata)
+            break
+    else:
+        raise AssertionError(f"no {key} in {folder}")
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for engine in engines:
+        out = LLM(str(folder), block_size=8, **engine).generate(["Hello, world! How are you"], params)[0]
+        assert (out.finish_reason, out.token_ids) == ("error", []), engine
+
+
+@needs_cpu_ops
+def test_a_model_gone_nan_fails_with_every_cpu_kv_cache_dtype(tmp_path, one_thread):
+    """A tiny model whose K holds a NaN ends its request with an error with every CPU KV cache form: the fp16
+    and int8 C writes kept the NaN finite (65504, -128 * scale), so those caches generated plausible tokens
+    where fp32 failed."""
     from tests.tiny_model import make_tiny_hf
 
-    folder = make_tiny_hf(tmp_path / "qwen2", "qwen2")
-    tensors = load_file(folder / "model.safetensors")
-    tensors["model.layers.1.self_attn.k_proj.bias"][5] = float("nan")
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    for cache_dtype in ("float32", "float16", "int8"):
-        llm = LLM(str(folder), kv_cache_dtype=cache_dtype, cpu_matmul_dtype="float32", block_size=8)
-        out = llm.generate(["Hello, world! How are you"], params)[0]
-        assert (out.finish_reason, out.token_ids) == ("error", []), cache_dtype
+    _assert_a_model_gone_nan_fails(make_tiny_hf(tmp_path / "qwen2", "qwen2"), [
+        dict(kv_cache_dtype=cache_dtype, cpu_matmul_dtype="float32") for cache_dtype in ("float32", "float16", "int8")])
+
+
+@needs_cpu_ops
+def test_an_lcq_model_gone_nan_fails_with_the_default_cpu_products(tmp_path, one_thread):
+    """An LCQ model (W4 g64: its layers keep int8 books) whose K holds a NaN ends its request with an error
+    with the default CPU products (int8 where the CPU has them) as with fp32 ones: its o_proj's input rows
+    hold NaN in the first heads' values only, and int8 products had quantized them to finite bytes, so the
+    model generated plausible tokens (until 2026-12-05)."""
+    from tests.tiny_model import make_tiny_lcq
+
+    folder = make_tiny_lcq(tmp_path, "qwen2", bits=4, rank=2, group_size=64, method="rtn")
+    _assert_a_model_gone_nan_fails(folder, [dict(cpu_matmul_dtype="auto"), dict(cpu_matmul_dtype="float32")])

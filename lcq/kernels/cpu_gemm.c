@@ -27,6 +27,7 @@
  */
 #include <immintrin.h>
 #include <limits.h>
+#include <math.h>
 #include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -159,6 +160,27 @@ int lcq_even_pass_rows(int M, int most) {
     return (M + passes - 1) / passes;
 }
 
+/* Block `block` (`stored` bytes from it, padding included) of lcq_quantize_row's row (below), whose
+ * largest |value| has bits `top` at or past LCQ_INF_BITS. A NaN: the scale NaN (bytes and offset 0), so
+ * every product with the block, and so the row's outputs, are NaN. +-inf (no NaN): the scale inf, q = +-127
+ * for +-inf and 0 for the rest, so the block's products are +-inf where the fp32 product's are (NaN where
+ * an inf meets a weight rounded to 0, or where the sums are scaled before they are added, as the int8
+ * decode form's lanes are, some of them 0 * inf; infs of both signs may give +-inf where fp32 gives NaN).
+ * Scalar: only such blocks come here. */
+static void odd_block(const float *src, int K, int block, int stored, int32_t top, int8_t *bytes, float *scale,
+                      int32_t *offset) {
+    const int k0 = block * 4 * LCQ_SCALE_WORDS, nan = top > LCQ_INF_BITS;
+    int32_t sum = 0;
+    for (int i = 0; i < stored; i++) {
+        const float v = k0 + i < K ? src[k0 + i] : 0.0f;
+        const int q = nan || !isinf(v) ? 0 : v > 0.0f ? 127 : -127;
+        bytes[k0 + i] = (int8_t)q;
+        sum += q;
+    }
+    *scale = nan ? NAN : INFINITY;
+    *offset = -128 * sum;
+}
+
 /* K fp32 activations as a row of the int8 form (cpu_gemm.h; the bytes padded with zeros to a whole
  * word): per block, scale = max |v| / 127 and q = round(v / scale), and offset = -128 * the sum of q,
  * which cancels what the weights' +128 adds to their products with these values (vpdpbusd multiplies
@@ -168,7 +190,10 @@ int lcq_even_pass_rows(int M, int most) {
  * stores, vpmovsdb to memory, which Zen 4 runs slowly, had made this 4% of a decode step of 64
  * sequences.) The blocks' largest values and inverses stay in registers: through arrays on the stack,
  * the int8 products of SmolLM2's 576-wide LCQ shapes ran 0.92-0.97x at 64-1024 rows (Zen 5, two
- * libraries alternating; the same bytes). */
+ * libraries alternating; the same bytes). A block's largest |value| is taken on its bits (LCQ_INF_BITS),
+ * and a block holding a NaN or +-inf is then rewritten by odd_block (one test per 16 blocks otherwise),
+ * so that a row holding a NaN gives NaN, as the fp32 product does: until 2026-12-05 a NaN could drop out
+ * of the largest value (MAXPS) and became a byte of -128, and the row's products were finite. */
 _Static_assert(LCQ_SCALE_WORDS == 16, "quantize_row packs a block's four vectors into one");
 LCQ_INT8 void lcq_quantize_row(const float *src, int K, uint32_t *row) {
     const int words = (K + 3) / 4, blocks = lcq_scale_blocks(words), padded = 4 * words;
@@ -180,17 +205,21 @@ LCQ_INT8 void lcq_quantize_row(const float *src, int K, uint32_t *row) {
     const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
     for (int b0 = 0; b0 < blocks; b0 += 16) {
         const int count = blocks - b0 < 16 ? blocks - b0 : 16;
-        __m512 top = _mm512_setzero_ps(); /* lane b: block b0 + b's largest |value| */
+        __m512i bits = _mm512_setzero_si512(); /* lane b: block b0 + b's largest |value|, its bits */
         for (int b = 0; b < count; b++) {
-            __m512 largest = _mm512_setzero_ps();
+            __m512i largest = _mm512_setzero_si512();
             for (int i = 0; i < vectors; i++) {
                 const int k = (b0 + b) * values + 16 * i, left = K - k <= 0 ? 0 : K - k < 16 ? K - k : 16;
-                largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1),
-                                                                                       src + k)));
+                const __m512 v = _mm512_maskz_loadu_ps((__mmask16)((1u << left) - 1), src + k);
+                largest = _mm512_max_epi32(largest, _mm512_castps_si512(_mm512_abs_ps(v)));
             }
-            top = _mm512_mask_mov_ps(top, (__mmask16)(1u << b), _mm512_set1_ps(_mm512_reduce_max_ps(largest)));
+            bits = _mm512_mask_mov_epi32(bits, (__mmask16)(1u << b),
+                                         _mm512_set1_epi32(_mm512_reduce_max_epi32(largest)));
         }
-        const __m512 limit = _mm512_set1_ps(127.0f);
+        /* blocks holding a NaN or +-inf: written as the rest, then by odd_block */
+        const __mmask16 odd = _mm512_mask_cmpge_epi32_mask((__mmask16)((1u << count) - 1), bits,
+                                                           _mm512_set1_epi32(LCQ_INF_BITS));
+        const __m512 limit = _mm512_set1_ps(127.0f), top = _mm512_castsi512_ps(bits);
         const __m512 inverses =
             _mm512_maskz_div_ps(_mm512_cmp_ps_mask(top, _mm512_setzero_ps(), _CMP_GT_OQ), limit, top);
         _mm512_mask_storeu_ps(scales + b0, (__mmask16)((1u << count) - 1), _mm512_div_ps(top, limit));
@@ -208,6 +237,15 @@ LCQ_INT8 void lcq_quantize_row(const float *src, int K, uint32_t *row) {
             _mm512_mask_storeu_epi8(bytes + k0, stored == values ? ~0ull : (1ull << stored) - 1,
                                     _mm512_permutexvar_epi32(order, packed));
             offsets[b0 + b] = -128 * _mm512_reduce_add_epi32(sum);
+        }
+        if (odd) {
+            int32_t tops[16];
+            _mm512_storeu_si512(tops, bits);
+            for (int b = 0; b < count; b++)
+                if (odd >> b & 1) {
+                    const int k0 = (b0 + b) * values, stored = padded - k0 < values ? padded - k0 : values;
+                    odd_block(src, K, b0 + b, stored, tops[b], bytes, scales + b0 + b, offsets + b0 + b);
+                }
         }
     }
 }

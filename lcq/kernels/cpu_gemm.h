@@ -230,8 +230,14 @@ int lcq_bf16_products(void);
  * kept (kept: LCQ_INT8_PRODUCTS) or not; 0 where they do not. */
 int lcq_byte_decode_rows(int kept);
 
-/* K fp32 activations as a row of the int8 form (lcq_byte_row_words((K + 3) / 4) words; cpu_gemm.c). */
+/* K fp32 activations as a row of the int8 form (lcq_byte_row_words((K + 3) / 4) words; cpu_gemm.c). A
+ * block holding a NaN gets a NaN scale, one holding +-inf an inf scale, so that its products are not finite. */
 void lcq_quantize_row(const float *src, int K, uint32_t *row);
+
+/* +inf's bits: where activations are quantized, each block's (or row's) largest |value| is taken on the
+ * bits as int32, the order of fp32's for the rest but with NaN past inf, so that a NaN cannot drop out of
+ * it as it does from MAXPS; from these bits on a block holds a NaN or +-inf. */
+#define LCQ_INF_BITS 0x7F800000
 
 /* At least `size` bytes (64-byte aligned) of the calling thread's own buffer, valid until its next call, or NULL
  * where it cannot grow: for the activations of decode products of a few rows, which a batch-1 token runs ~120

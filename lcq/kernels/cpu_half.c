@@ -10,8 +10,10 @@
  * which its decode products of 1-2 rows then read with vpdpbusd.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_constant.h"
 #include "cpu_gemm.h"
@@ -232,12 +234,46 @@ typedef struct {
     float scale;        /* S / 256 */
 } byte_activations;
 
+/* split_row's row where its largest |value| has bits `top` at or past LCQ_INF_BITS. A NaN: the scale NaN
+ * (every byte 0), so the row's outputs are NaN, as the fp32 product's are. +-inf (no NaN): the scale inf,
+ * high = +-127 for +-inf and every other byte 0, so the row's outputs are +-inf where the fp32 product's
+ * are (NaN where an inf meets a code of 0, or infs of both signs cancel). Scalar: only such rows come here. */
+static void split_odd_row(const float *x, int K, int32_t top, byte_activations *row) {
+    const int chunks = (K + CHUNK - 1) / CHUNK, nan = top > LCQ_INF_BITS;
+    for (int c = 0; c < chunks; c++) {
+        int32_t sums[2] = {0, 0};
+        for (int i = 0; i < CHUNK; i++) {
+            const int k = c * CHUNK + i;
+            const float v = k < K ? x[k] : 0.0f;
+            const int high = nan || !isinf(v) ? 0 : v > 0.0f ? 127 : -127;
+            row->high[k] = (int8_t)high;
+            row->low[k] = 0;
+            sums[i / (CHUNK / 2)] += 256 * high;
+        }
+        int32_t *start = row->start + 16 * c;
+        for (int lane = 0; lane < 16; lane++) start[lane] = 0;
+        start[0] = -128 * sums[0];
+        start[8] = -128 * sums[1];
+    }
+    row->scale = nan ? NAN : INFINITY;
+}
+
+/* The row's largest |value| is taken on its bits (LCQ_INF_BITS), and a row holding a NaN or +-inf is
+ * split_odd_row's: until 2026-12-05 a NaN could drop out of it and became finite bytes, and
+ * the row's products were finite. */
 LCQ_BF16 static void split_row(const float *x, int K, byte_activations *row) {
     const int chunks = (K + CHUNK - 1) / CHUNK;
-    __m512 largest = _mm512_setzero_ps();
+    __m512i largest = _mm512_setzero_si512();
     for (int k = 0; k < K; k += 16)
-        largest = _mm512_max_ps(largest, _mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k)));
-    const float top = _mm512_reduce_max_ps(largest);
+        largest = _mm512_max_epi32(
+            largest, _mm512_castps_si512(_mm512_abs_ps(_mm512_maskz_loadu_ps(first_lanes(K - k), x + k))));
+    const int32_t bits = _mm512_reduce_max_epi32(largest);
+    if (bits >= LCQ_INF_BITS) {
+        split_odd_row(x, K, bits, row);
+        return;
+    }
+    float top;
+    memcpy(&top, &bits, sizeof top);
     const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f), fraction = _mm512_set1_ps(256.0f);
     const __m512i limit = _mm512_set1_epi32(127);
     row->scale = top / 127.0f / 256.0f;
