@@ -20,10 +20,11 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
 from lcq.server.content_format import detected_content_format
-from lcq.server.settings import ServeSettings
+from lcq.server.settings import ServeSettings, resolve
 from lcq.server.tool_calls import ReplyReader, ToolCallStream, parse_hermes, parse_llama3_json, read_reply, \
     reply_parser
 from tests.live_server import MODEL, LiveServer, ShippedNginx, engine_config
+from tests.test_server_cli import parse as parse_serve
 from tests.tiny_model import make_tiny_hf
 
 MAX_BODY = 64 * 1024
@@ -1309,6 +1310,26 @@ def test_the_shipped_balancer_never_runs_a_slow_request_twice(tmp_path):
                 b.wait_pool_full()
                 ran = [live.metric("lcq:prompt_tokens_total") > before for live, before in zip((a, b), asked)]
                 assert sorted(ran) == [False, True], path
+
+
+def test_a_model_served_under_several_names(model_dir):
+    """vLLM's several --served-model-name: requests may give any of them, replies name the first, /v1/models
+    lists each; an adapter may not take one of them (from the command line or the environment alike)."""
+    names = resolve(parse_serve("--served-model-name", "main", "gpt-4o"), {}).engine_fields["served_model_name"]
+    assert names == ["main", "gpt-4o"] == resolve(parse_serve(), {"LCQ_SERVED_MODEL_NAME": "main gpt-4o"}
+                                                  ).engine_fields["served_model_name"]
+    config = engine_config(model_dir, served_model_name=names)
+    with LiveServer(create_app(config)) as live:
+        local = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        assert [card.id for card in local.models.list().data] == names
+        reply = local.completions.create(model="gpt-4o", prompt="Hi", max_tokens=1)
+        assert reply.model == "main"
+        with pytest.raises(openai.NotFoundError):
+            local.completions.create(model="tiny", prompt="Hi", max_tokens=1)
+    with pytest.raises(ValueError, match="used twice"):
+        engine_config(model_dir, served_model_name=names, lora_modules=f"gpt-4o={model_dir}").lora_adapters()
+    with pytest.raises(ValueError, match="each given once"):
+        engine_config(model_dir, served_model_name=["a", "a"]).validate()
 
 
 def test_client_errors_use_the_envelope(server):

@@ -39,11 +39,12 @@ class ServedAdapter:
 
 
 class AdapterRegistry:
-    def __init__(self, stack: AdapterStack | None, model_config: ModelConfig, base_name: str, capacity: int):
-        """stack: None when the engine serves no adapters (no slots); capacity: adapters registered at most."""
+    def __init__(self, stack: AdapterStack | None, model_config: ModelConfig, base_names: list[str], capacity: int):
+        """stack: None when the engine serves no adapters (no slots); base_names: the base model's served names;
+        capacity: adapters registered at most."""
         self.stack = stack
         self.model_config = model_config
-        self.base_name = base_name
+        self.base_names = base_names
         self.capacity = capacity
         self.served: dict[str, ServedAdapter] = {}  # replaced on change, never mutated: other threads read it
         slots = stack.slots if stack is not None else 0
@@ -57,7 +58,7 @@ class AdapterRegistry:
         """ValueError unless `name` may be given to a new adapter."""
         if self.stack is None:
             raise ValueError("LoRA adapters are off: the engine has no adapter slots (max_loras 0)")
-        if not name or name == self.base_name:
+        if not name or name in self.base_names:
             raise ValueError(f"the LoRA adapter name {name!r} is empty or the base model's")
         if name in self.served:
             raise ValueError(f"the LoRA adapter {name!r} has already been loaded")

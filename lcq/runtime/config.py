@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 @dataclass
 class EngineConfig:
     model: str
-    served_model_name: str | None = None  # default: the model folder's name
+    # The model ids clients use (vLLM's: several answer alike; replies name the first); default: the folder's name
+    served_model_name: str | list[str] | None = None
     device: str = "auto"  # cuda when available, else cpu
     dtype: str = "auto"  # float16 on cuda, float32 on cpu
     max_num_seqs: int = 64
@@ -176,7 +177,7 @@ class EngineConfig:
             name, folder = name.strip(), folder.strip()
             if not sep or not name or not folder:
                 raise ValueError(f"lora_modules takes name=folder entries separated by commas (got {entry!r})")
-            if name in adapters or name == self.model_name():
+            if name in adapters or name in self.model_names():
                 raise ValueError(f"lora_modules: the name {name!r} is used twice")
             if not (Path(folder) / "adapter_config.json").is_file():
                 raise ValueError(f"lora_modules: {folder} holds no adapter_config.json (a PEFT LoRA folder)")
@@ -197,7 +198,13 @@ class EngineConfig:
         return max(self.resolved_max_loras(), len(self.lora_adapters()))
 
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).resolve().name  # (`lcq serve .` names the folder)
+        """The name replies give the model: the first served name."""
+        return self.model_names()[0]
+
+    def model_names(self) -> list[str]:
+        """Every name the model is served under (`lcq serve .` is named after the folder)."""
+        names = self.served_model_name
+        return ([names] if isinstance(names, str) else list(names)) if names else [Path(self.model).resolve().name]
 
     def resolved_chat_template(self) -> str | None:
         """chat_template's text: the file's where it names one, else the value itself where it reads as a
@@ -220,6 +227,8 @@ class EngineConfig:
     def validate(self) -> None:
         checks = [
             (self.max_num_seqs >= 1, "max_num_seqs must be at least 1"),
+            (all(self.model_names()) and len(set(self.model_names())) == len(self.model_names()),
+             "served_model_name must be names that are not empty, each given once"),
             (self.state_snapshots >= 0, "state_snapshots must be at least 0"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
             (self.block_size in (8, 16, 32), "block_size must be 8, 16 or 32"),

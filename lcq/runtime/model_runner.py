@@ -170,7 +170,7 @@ class ModelRunner:
         room = [DEFAULT_MAX_LORA_RANK] if config.allow_runtime_lora_updating or not ranks else []
         rank = config.max_lora_rank or max(ranks + room)
         stack = AdapterStack(self.model_config, slots, rank, self.device, self.dtype) if slots else None
-        registry = AdapterRegistry(stack, self.model_config, config.model_name(), config.resolved_max_cpu_loras())
+        registry = AdapterRegistry(stack, self.model_config, config.model_names(), config.resolved_max_cpu_loras())
         for name, adapter in start.items():
             registry.load(name, adapter)
         if stack is not None:

@@ -92,10 +92,10 @@ async def health(request: Request) -> HealthResponse:
 
 
 def model_cards(state: ServerState) -> list[ModelCard]:
-    """The base model, then each LoRA adapter with the base as its parent, each with its folder as root (as
-    vLLM lists them)."""
+    """The base model under each of its names, then each LoRA adapter with the base as its parent, each with its
+    folder as root (as vLLM lists them)."""
     context = state.engine.max_model_len or None
-    return [ModelCard(id=state.model_name, root=state.engine.config.model, max_model_len=context)] + [
+    return [ModelCard(id=name, root=state.engine.config.model, max_model_len=context) for name in state.model_names] + [
         ModelCard(id=name, root=folder, parent=state.model_name, max_model_len=context)
         for name, folder in state.adapters.items()]
 

@@ -78,6 +78,7 @@ class Flag:
     invert: bool = False  # a --no-x switch that sets x = False
     metavar: str | None = None
     expands: bool = False  # its value is a dict of several fields (vLLM's JSON settings)
+    several: bool = False  # takes one or more values (argparse's nargs="+"; in the environment, split at spaces)
 
     @property
     def dest(self) -> str:
@@ -162,7 +163,8 @@ FLAGS = (
     Flag("--host", str, "address to listen on", "server"),
     Flag("--port", int, "port to listen on (0: any free port)", "server"),
     Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server"),
-    Flag("--served-model-name", str, "model id clients use (default: the folder name)", "engine"),
+    Flag("--served-model-name", str, "model ids clients use (default: the folder name); as vLLM's, several names "
+         "all answer, and replies name the first", "engine", several=True),
     Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
     Flag("--max-queue", int, "requests that may wait beyond the free batch slots before answering 429 (0: none "
          "wait)", "engine"),
@@ -278,7 +280,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
         else:
             parser.add_argument(flag.name, type=flag.type, default=None, help=flag.help + shown,
-                                metavar=flag.metavar or flag.dest.upper())
+                                metavar=flag.metavar or flag.dest.upper(), nargs="+" if flag.several else None)
 
 
 def in_flag_terms(message: str) -> str:
@@ -299,11 +301,14 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tupl
     from_command_line = value is not None
     if value is None and flag.env in env:
         try:
-            value = (_bool if flag.switch else flag.type)(env[flag.env])
+            read = _bool if flag.switch else flag.type
+            value = [read(part) for part in env[flag.env].split()] if flag.several else read(env[flag.env])
         except ValueError:
             raise UserError(f"{flag.env}={env[flag.env]!r} is not a valid {flag.type.__name__}") from None
         except argparse.ArgumentTypeError as e:
             raise UserError(f"{flag.env}: {e}") from None
+    if flag.several and isinstance(value, list) and len(value) <= 1:  # (one name: as a plain value)
+        value = value[0] if value else None
     if flag.switch and value is False:  # an environment's "0" for a switch: not set (LCQ_ENFORCE_EAGER=0 must not
         value = None                    # undo LCQ_NO_CUDA_GRAPHS=1, which sets the same field)
     if value is not None and flag.invert:

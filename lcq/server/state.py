@@ -24,7 +24,13 @@ class ServerState:
 
     @property
     def model_name(self) -> str:
+        """The name replies give the base model (the first of its served names)."""
         return self.engine.model_name
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name requests may give the base model (vLLM's several --served-model-name)."""
+        return self.engine.config.model_names()
 
     @property
     def adapters(self) -> dict[str, str]:
@@ -55,9 +61,9 @@ class ServerState:
         if (refused := request.unsupported()) is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         model = getattr(request, "model", None)
-        if model and model != self.model_name and model not in self.adapters:
+        if model and model not in self.model_names and model not in self.adapters:
             self.metrics.rejected("model_not_found")
-            served = ", ".join(f"`{name}`" for name in (self.model_name, *self.adapters))
+            served = ", ".join(f"`{name}`" for name in (*self.model_names, *self.adapters))
             raise APIError(404, f"the model `{model}` does not exist; this server serves {served}",
                            param="model", code="model_not_found")
         self.require_ready()
