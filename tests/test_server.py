@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from lcq.errors import UserError
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
@@ -1330,6 +1331,26 @@ def test_a_model_served_under_several_names(model_dir):
         engine_config(model_dir, served_model_name=names, lora_modules=f"gpt-4o={model_dir}").lora_adapters()
     with pytest.raises(ValueError, match="each given once"):
         engine_config(model_dir, served_model_name=["a", "a"]).validate()
+
+
+def test_browsers_may_call_across_origins_as_vllm_allows(model_dir):
+    """CORS as vLLM's defaults: a browser's preflight is answered (before the API key is asked for) and replies,
+    errors too, carry the allowed origin; --allowed-origins narrows it; credentials need named origins."""
+    preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(api_key="k"))) as live:
+        answer = httpx.options(live.url + "/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "*"
+        refused = httpx.post(live.url + "/v1/completions", json={"prompt": "x"}, headers={"Origin": "http://app.example"})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == "*"
+    narrow = ServeSettings(allowed_origins=["http://app.example"], allow_credentials=True)
+    with LiveServer(create_app(engine_config(model_dir), narrow)) as live:
+        assert httpx.options(live.url + "/v1/models", headers=preflight).headers[
+            "access-control-allow-origin"] == "http://app.example"
+        other = httpx.options(live.url + "/v1/models", headers={**preflight, "Origin": "http://evil.example"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with pytest.raises(UserError, match="needs --allowed-origins"):
+        ServeSettings(allow_credentials=True)
 
 
 def test_client_errors_use_the_envelope(server):

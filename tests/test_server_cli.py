@@ -234,12 +234,16 @@ def test_a_model_served_from_its_own_folder_is_named_after_it(tmp_path, monkeypa
 
 
 def test_vllm_forms_of_context_length_and_log_level(capsys):
-    """vLLM's --max-model-len with a suffix (k, m, g: powers of 1,000; K, M, G: of 1,024) and --uvicorn-log-level;
-    a count that is not whole is one line and exit 2."""
+    """vLLM's --max-model-len with a suffix (k, m, g: powers of 1,000; K, M, G: of 1,024), --uvicorn-log-level,
+    --root-path and the CORS lists; a count that is not whole is one line and exit 2."""
     for text, tokens in (("4096", 4096), ("4k", 4000), ("4K", 4096), ("25.6k", 25600), ("1M", 2**20)):
         assert resolve(parse("--max-model-len", text), {}).engine_fields == {"max_model_len": tokens}
     assert resolve(parse(), {"LCQ_MAX_MODEL_LEN": "8k"}).engine_fields == {"max_model_len": 8000}
     assert resolve(parse("--uvicorn-log-level", "debug"), {}).settings.log_level == "debug"
+    cors = resolve(parse("--root-path", "/api", "--allowed-origins", '["http://a.example"]', "--allowed-methods",
+                         "GET"), {"LCQ_ALLOWED_HEADERS": '["authorization"]'}).settings
+    assert (cors.root_path, cors.allowed_origins, cors.allowed_methods, cors.allowed_headers) == (
+        "/api", ["http://a.example"], ["GET"], ["authorization"])
     for text in ("4.5", "1.0001k", "4x"):
         with pytest.raises(SystemExit) as usage:
             main(["serve", "--max-model-len", text])

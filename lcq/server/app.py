@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Callable
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 
@@ -195,5 +196,9 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
         app.include_router(lora.router)
     app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,
                        max_body_bytes=settings.max_body_bytes)
+    # outermost: a browser's preflight (OPTIONS, no API key) is answered here, and every reply, errors too,
+    # carries the CORS headers
+    app.add_middleware(CORSMiddleware, allow_origins=settings.allowed_origins, allow_methods=settings.allowed_methods,
+                       allow_headers=settings.allowed_headers, allow_credentials=settings.allow_credentials)
     app.openapi = _openapi_with_400(app)
     return app

@@ -54,7 +54,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: server.fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5)
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5, root_path=settings.root_path)
     server = DrainingServer(config, app.state.lifecycle)
     server.run()
     if engine.still_loading:  # stopped while loading (SIGTERM): Python would wait for the load's thread at exit

@@ -9,7 +9,7 @@ import argparse
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from decimal import Decimal
 from typing import Any, Callable, Mapping
 
@@ -43,6 +43,12 @@ class ServeSettings:
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (a request may say otherwise)
     chat_template_content_format: str = "auto"  # message content as the template reads it: content_format.py
+    root_path: str = ""  # the path prefix a proxy serves the API under (uvicorn's root_path, vLLM's flag)
+    # Cross-origin requests from browsers (vLLM's flags and defaults: any origin, method and header; no cookies)
+    allowed_origins: list[str] = field(default_factory=lambda: ["*"])
+    allowed_methods: list[str] = field(default_factory=lambda: ["*"])
+    allowed_headers: list[str] = field(default_factory=lambda: ["*"])
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -58,6 +64,8 @@ class ServeSettings:
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
+            (not (self.allow_credentials and "*" in self.allowed_origins), "--allow-credentials needs "
+             "--allowed-origins naming the origins (browsers refuse credentials with any origin, \"*\")"),
             (self.chat_template_content_format in CONTENT_FORMATS, "chat template content format must be one of "
              f"{', '.join(CONTENT_FORMATS)}, got {self.chat_template_content_format}"),
             (self.reasoning_parser in (None, *REASONING_PARSERS),
@@ -134,6 +142,19 @@ def _speculative_config(text: str) -> dict[str, Any]:
     # every drafter field, so that the method given wins whole over the environment's (LCQ_SPECULATIVE_MODEL)
     drafter = {"speculative_model": None, "speculative_method": "mtp" if method == "mtp" else None}
     return {**drafter, **{known[key]: value for key, value in settings.items()}}
+
+
+def _json_strings(text: str) -> list[str]:
+    """A JSON list of strings, as vLLM's CORS flags take them (a bare value: a list of that one)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = [text]
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings")
+    return value
 
 
 def _token_count(text: str) -> int:
@@ -240,6 +261,16 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
+    Flag("--root-path", str, "the path prefix under which a proxy serves the API (vLLM's; uvicorn's root_path)",
+         "server"),
+    Flag("--allowed-origins", _json_strings, "browser origins allowed to call the API, a JSON list (vLLM's)", "server",
+         metavar="JSON"),
+    Flag("--allowed-methods", _json_strings, "HTTP methods allowed across origins, a JSON list", "server",
+         metavar="JSON"),
+    Flag("--allowed-headers", _json_strings, "request headers allowed across origins, a JSON list", "server",
+         metavar="JSON"),
+    Flag("--allow-credentials", bool, "let browsers send cookies and credentials across origins (needs "
+         "--allowed-origins naming the origins: not with \"*\")", "server"),
     Flag("--uvicorn-log-level", str, "vLLM's name for --log-level", "server", field="log_level"),
     Flag("--tool-call-parser", str, "hermes (<tool_call>{...}</tool_call> blocks: Qwen2.5, Hermes), llama3_json "
          "(replies that are JSON calls: Llama 3.1-3.3), granite (replies that are a JSON array of calls: Granite 3), "
@@ -274,7 +305,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
     for flag in FLAGS:
-        default = None if flag.switch or flag.expands else defaults[flag.target][flag.field or flag.dest].default
+        spec = None if flag.switch or flag.expands else defaults[flag.target][flag.field or flag.dest]
+        default = None if spec is None else \
+            json.dumps(spec.default_factory()) if spec.default_factory is not MISSING else spec.default
         shown = f" (env {flag.env}" + (f"; default {default})" if default is not None else ")")
         if flag.switch:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
