@@ -10,6 +10,7 @@ import types
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_ops, native
@@ -964,6 +965,79 @@ def test_fp16_checkpoint_keeps_no_fp32_copies(tmp_path, tied):
     assert (model.embed_tokens.weight.data_ptr() == model.lm_head_half.data_ptr()) == tied
     assert all(p.dtype != torch.float32 for n, p in model.named_parameters() if "norm" not in n), "an fp32 weight"
     _check_against(load_reference_model(folder), model, PROMPTS, decode_steps=3)
+
+
+class _LargeTensorsMade(TorchDispatchMode):
+    """Records (dtype, layout) of each tensor of at least `numel` elements that an op makes on a real device
+    (not meta): what a load allocates, whatever it frees before returning."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.made = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor) and not t.is_meta and t.numel() >= self.numel:
+                self.made.append((t.dtype, t.layout))
+        return out
+
+
+@pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
+@pytest.mark.parametrize("tied", [True, False])
+def test_fp16_checkpoint_loads_without_an_fp32_table(tmp_path, tied):
+    """An fp16 checkpoint loaded as an fp32 CPU model makes no fp32 tensor of its embedding table's size at any
+    point: the table and the head are read in fp16 and kept as read (their fp16 copies are exact by
+    construction). Their fp32 round trip, its exactness check and the model's unfilled fp32 tables peaked at
+    4.8x a Gemma-3-270M-shaped checkpoint (262144 x 640 table), 1.6 GiB above what loading began with."""
+    from safetensors.torch import load_file
+
+    folder = make_tiny_hf(tmp_path, "llama", dtype=torch.float16, tie_word_embeddings=tied)
+    config = json.loads((folder / "config.json").read_text())
+    with _LargeTensorsMade(config["vocab_size"] * config["hidden_size"]) as seen:
+        model, _ = load_model(folder)
+    made = seen.made
+    assert (torch.float16, torch.strided) in made and all(dtype != torch.float32 for dtype, _ in made), made
+    stored = load_file(folder / "model.safetensors")
+    assert model.lm_head is None and torch.equal(model.lm_head_half, stored["model.embed_tokens.weight" if tied
+                                                                            else "lm_head.weight"])
+    assert torch.equal(model.embed_tokens.weight, stored["model.embed_tokens.weight"])
+    assert (model.embed_tokens.weight.data_ptr() == model.lm_head_half.data_ptr()) == tied
+
+
+@pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU kernel unavailable here")
+def test_a_bf16_table_is_checked_for_fp16_a_few_rows_at_a_time(tmp_path, monkeypatch):
+    """A bf16 table loaded as an fp32 CPU model is kept as an fp16 copy where fp16 holds each of its values,
+    which is checked a few rows at a time: one value fp16 cannot hold, in the head's last row, keeps the head
+    in fp32 as read (packed for oneDNN where it can be), and that is the only fp32 table the load makes. A
+    table of another size than config.json makes is one error."""
+    from safetensors.torch import load_file, save_file
+
+    from lcq.format import FormatError
+    from lcq.kernels import cpu_matmul
+
+    folder = make_tiny_hf(tmp_path, "llama", dtype=torch.bfloat16)
+    tensors = load_file(folder / "model.safetensors")
+    embed, head = tensors["model.embed_tokens.weight"], tensors["lm_head.weight"]
+    for table in (embed, head):
+        table[table.float().abs() < 2 ** -14] = 0  # (bf16 values fp16 holds, but for its subnormals)
+    head[-1, -1] = 2 ** -20 * (1 + 2 ** -7)  # (a bf16 value whose last bit is below fp16's smallest step)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    vocab, hidden = embed.shape
+    monkeypatch.setattr(cpu_matmul, "EXACT_CHECK_BYTES", 8 * hidden * 4)  # 8 rows at a time
+    with _LargeTensorsMade(vocab * hidden) as seen:
+        model, _ = load_model(folder)
+    made = seen.made
+    assert model.lm_head_half is None and model.embed_tokens.weight.dtype == torch.float16
+    assert torch.equal(model.embed_tokens.weight, embed.half())
+    kept = model.lm_head.to_dense() if model.lm_head.is_mkldnn else model.lm_head
+    assert kept.dtype == torch.float32 and torch.equal(kept, head.float())
+    assert made.count((torch.float32, torch.strided)) == 1, made
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": vocab + 1}))
+    with pytest.raises(FormatError, match=r"the embeddings and the head: a tensor's size is not what config.json "
+                                          r"makes \(model.embed_tokens.weight is \(384, 96\)"):
+        load_model(folder)
 
 
 def test_chunked_prefill_matches_transformers(tmp_path):

@@ -8,6 +8,7 @@ same at M=1 (bandwidth-bound either way). Packing replaces the plain weight, so 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 
@@ -48,13 +49,37 @@ def half_copy(weight: torch.Tensor, exact_only: bool) -> torch.Tensor | None:
     """An fp16 copy of an fp32 CPU weight for the fp16 kernel (cpu_half), where that kernel runs;
     it then serves every fp32 product, so the caller keeps it instead of the fp32 weight.
     exact_only: only if fp16 holds every value exactly (a full-precision weight read from an fp16
-    checkpoint stays full precision); LCQ weights are rounded as the GPU kernels round them."""
+    checkpoint stays full precision: exact_half); LCQ weights are rounded as the GPU kernels round them."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not cpu_half.enabled():
         return None
-    half = weight.half()
-    if exact_only and not torch.equal(half.float(), weight):
-        return None
-    return half.contiguous()
+    return exact_half(weight) if exact_only else weight.half().contiguous()
+
+
+# The fp32 values exact_half converts and compares at a time: its temporaries are a few MiB, not the
+# weight's size (Gemma 3 27B's 262144 x 5376 table is 5.6 GB in fp32)
+EXACT_CHECK_BYTES = 4 << 20
+
+
+def exact_half(weight: torch.Tensor) -> torch.Tensor | None:
+    """A contiguous fp16 copy of a weight of any floating dtype where fp16 holds each of its values, as
+    fp32, exactly (a weight read from an fp16 checkpoint), else None. As torch.equal compares, a NaN is
+    never exact. The weight is converted and compared a few rows at a time, so the only full-size tensor
+    made is the fp16 copy; an fp16 weight is no copy: it is returned itself, where it has no NaN."""
+    rows_of = weight.reshape(1) if weight.dim() == 0 else weight  # (cut along its first dimension)
+    rows = max(1, EXACT_CHECK_BYTES // (4 * max(1, math.prod(rows_of.shape[1:]))))
+    if weight.dtype == torch.float16:
+        if any(torch.isnan(rows_of[start:start + rows]).any() for start in range(0, rows_of.shape[0], rows)):
+            return None
+        return weight.contiguous()
+    half = torch.empty(weight.shape, dtype=torch.float16, device=weight.device)
+    half_rows = half.reshape(rows_of.shape)
+    for start in range(0, rows_of.shape[0], rows):
+        part = rows_of[start:start + rows].to(torch.float32)  # (the rows themselves where fp32 already)
+        rounded = half_rows[start:start + rows]
+        rounded.copy_(part)
+        if not torch.equal(rounded.float(), part):
+            return None
+    return half
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None = None,

@@ -3,17 +3,19 @@ safetensors. Tensors are read one at a time from the shards, so the model exists
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lcq.errors import UserError
 from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
 from lcq.format.views import FINAL_NORMS, LFM2
-from lcq.kernels import LCQLinear, cpu_ops
-from lcq.kernels.cpu_matmul import can_pack, dense_linear, half_copy, half_swiglu, pack_weight
+from lcq.kernels import LCQLinear, cpu_half, cpu_ops
+from lcq.kernels.cpu_matmul import can_pack, dense_linear, exact_half, half_swiglu, pack_weight
 
 from .config import ModelConfig
 from .layers import PackedEmbedding
@@ -24,13 +26,14 @@ from .mamba import Mamba2
 class DenseLinear(torch.nn.Module):
     """A full-precision linear layer (no random init, unlike torch.nn.Linear). On CPU it keeps an
     fp16 copy instead of its fp32 weight when that is exact (read from an fp16 checkpoint), else
-    the weight packed for oneDNN (see lcq.kernels.cpu_matmul)."""
+    the weight packed for oneDNN (see lcq.kernels.cpu_matmul). weight and half: as _kept_weight
+    makes them (one of the two)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, half: torch.Tensor | None = None):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.half = half_copy(weight, exact_only=True)
-        self.weight = None if self.half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
+        self.out_features, self.in_features = (weight if half is None else half).shape
+        self.half = half
+        self.weight = None if half is not None else torch.nn.Parameter(pack_weight(weight), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
 
     def decode_weights(self) -> tuple[int, int, torch.Tensor | None] | None:
@@ -110,6 +113,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     reader = CheckpointReader(path)
     if cache_dense is None:
         cache_dense = device.type == "cpu"
+    # Whether fp32 CPU products take exact fp16 copies of full-precision weights (cpu_matmul.half_copy's condition)
+    halves = device.type == "cpu" and dtype == torch.float32 and cpu_half.enabled()
 
     def read(name: str) -> torch.Tensor:
         return reader.tensor(name).to(device=device, dtype=dtype)
@@ -124,9 +129,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
             return LCQLinear(PackedLinear.concat(parts).to(device), cache_dense)
         biases = [f"{n}.bias" for n in names]
         bias = torch.cat([read(b) for b in biases]) if all(reader.has(b) for b in biases) else None
-        return DenseLinear(torch.cat([read(f"{n}.weight") for n in names]), bias)
+        parts = [reader.tensor(f"{n}.weight") for n in names]
+        half, weight = _kept_weight(torch.cat(parts) if len(parts) > 1 else parts[0], device, dtype, halves,
+                                    fresh=len(parts) > 1, packed=True)
+        return DenseLinear(weight, bias, half)
 
-    with torch.device(device):
+    with torch.device(device), _TablesOnMeta():
         model = LlamaModel(config, make_linear, dtype)
         if mtp:
             model.add_mtp(make_linear)
@@ -156,9 +164,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                     module.weight.copy_(norm_weight(f"{names.prefix}.{name}.weight"))
         with _fitting(reader, "the embeddings and the head"):
             if reader.quant is not None and reader.has(f"{HEAD}.qweight"):
-                _use_packed_head(model, reader, read, device, cache_dense)
+                _use_packed_head(model, config, reader, device, dtype, halves, cache_dense)
             else:
-                _use_dense_head(model, config, read)
+                _use_dense_head(model, config, reader, device, dtype, halves)
     if cache_dense:
         for module in model.modules():
             if isinstance(module, LCQLinear):
@@ -169,6 +177,49 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if any([mixture.stack_experts() for mixture in mixtures]) and device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' separate tensors, freed: their small blocks would stay reserved
     return model.eval(), config
+
+
+class _TablesOnMeta(TorchFunctionMode):
+    """While LlamaModel is built: the tensors LlamaModel.__init__ itself makes with torch.empty, its embedding
+    table and an untied head, are made on the meta device. The load replaces both whole (_use_dense_head,
+    _use_packed_head) and never fills them: made on the device, an fp32 table took memory that was not needed
+    (committed at once on a GPU; Gemma 3 27B's is 5.6 GB in fp32)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.empty and kwargs.get("device") is None and \
+                sys._getframe(1).f_code is LlamaModel.__init__.__code__:
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+def _kept_weight(stored: torch.Tensor, device: torch.device, dtype: torch.dtype, halves: bool, fresh: bool = False,
+                 packed: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """A full-precision weight as read (`stored`, in its checkpoint's dtype) as the model keeps it: (its exact
+    fp16 copy, None) where fp32 CPU products take one (`halves`) and fp16 holds its values, else (None, the
+    weight in `dtype` on `device`). The same as half_copy(stored.to(device, dtype), exact_only=True), without
+    its full-size fp32 tensors: an fp16 weight is copied as read, another is checked a few rows at a time.
+    What is kept is in memory of its own (fresh: `stored` is, a concatenation; packed: the caller keeps the
+    weight packed, a copy, where can_pack): a tensor read may be a view of the file mapped (safetensors), whose
+    pages the kernel counts as free memory (the KV pool is sized by it), and which a file rewritten in place
+    would change, or cut short."""
+    half = exact_half(stored) if halves else None
+    kept = half if half is not None else stored.to(device=device, dtype=dtype)
+    if not fresh and not (packed and half is None and can_pack(kept)) and kept.device == stored.device and \
+            kept.untyped_storage().data_ptr() == stored.untyped_storage().data_ptr():
+        kept = kept.clone(memory_format=torch.contiguous_format)
+    return (kept, None) if half is not None else (None, kept)
+
+
+def _read_table(reader: CheckpointReader, name: str, config: ModelConfig, device: torch.device, dtype: torch.dtype,
+                halves: bool, packed: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The embedding table or the head `name` as kept (_kept_weight), of the size config.json makes."""
+    stored = reader.tensor(name)
+    if tuple(stored.shape) != (config.vocab_size, config.hidden_size):
+        raise FormatError(f"{reader.folder}: the embeddings and the head: a tensor's size is not what config.json "
+                          f"makes ({name} is {tuple(stored.shape)}, config.json makes "
+                          f"{(config.vocab_size, config.hidden_size)})")
+    return _kept_weight(stored, device, dtype, halves, packed=packed)
 
 
 @contextmanager
@@ -237,40 +288,41 @@ def _load_layer(layer: torch.nn.Module, config: ModelConfig, index: int, reader:
             layer.mlp.shared_expert_gate.copy_(read(f"{mlp}.shared_expert_gate.weight"))
 
 
-def _use_packed_head(model: LlamaModel, reader: CheckpointReader, read, device: torch.device,
-                     cache_dense: bool) -> None:
+def _use_packed_head(model: LlamaModel, config: ModelConfig, reader: CheckpointReader, device: torch.device,
+                     dtype: torch.dtype, halves: bool, cache_dense: bool) -> None:
     """lm_head as an LCQ layer (quantize --head-bits). Tokens are looked up from a packed table: an untied
     model's own (format version 3), else the packed head a tied table is not stored beside, which keeps
-    its packed tensors for that; or from an fp16 table (untied, version 2)."""
+    its packed tensors for that; or from an fp16 table (untied, version 2), kept as _use_dense_head keeps
+    an untied table."""
     layer = reader.linear(HEAD).to(device)
     model.packed_head, model.lm_head = LCQLinear(layer, cache_dense), None
     if reader.has(f"{EMBED}.qweight"):
         model.embed_tokens = PackedEmbedding(reader.linear(EMBED).to(device))
     elif reader.has(f"{EMBED}.weight"):
-        model.embed_tokens.weight = torch.nn.Parameter(_lookup_table(read(f"{EMBED}.weight")), requires_grad=False)
+        half, table = _read_table(reader, f"{EMBED}.weight", config, device, dtype, halves)
+        model.embed_tokens.weight = torch.nn.Parameter(table if half is None else half, requires_grad=False)
     else:
         model.embed_tokens = PackedEmbedding(layer)
 
 
-def _lookup_table(table: torch.Tensor) -> torch.Tensor:
-    """The embedding table as looked up: an exact fp16 copy where there is one (a CPU model then keeps no
-    fp32 table: 113 MB less for SmolLM2's tied 49152 x 576), else as read."""
-    half = half_copy(table, exact_only=True)
-    return table if half is None else half
-
-
-def _use_dense_head(model: LlamaModel, config: ModelConfig, read) -> None:
+def _use_dense_head(model: LlamaModel, config: ModelConfig, reader: CheckpointReader, device: torch.device,
+                    dtype: torch.dtype, halves: bool) -> None:
     """The full-precision head: an exact fp16 copy serving every CPU product where there is one (and the
-    lookups of a tied table), else the weight, packed for CPU products where it can be."""
-    model.embed_tokens.weight.copy_(read("model.embed_tokens.weight"))
-    if not config.tie_word_embeddings:
-        model.lm_head.copy_(read("lm_head.weight"))
-    model.lm_head_half = half_copy(model.lm_head, exact_only=True)
-    # A tied table's lookups share the head's fp16 copy
-    embed = model.lm_head_half if config.tie_word_embeddings and model.lm_head_half is not None else \
-        _lookup_table(model.embed_tokens.weight)
-    model.embed_tokens.weight = torch.nn.Parameter(embed, requires_grad=False)
-    if model.lm_head_half is not None:  # it serves every product
+    lookups of a tied table), else the weight, packed for CPU products where it can be. An embedding table
+    is looked up from its exact fp16 copy where there is one (a CPU model then keeps no fp32 table: 113 MB
+    less for SmolLM2's tied 49152 x 576), else from the table in the model's dtype.
+    Each is read in its checkpoint's dtype and replaces the model's unmade one (_TablesOnMeta): loading an
+    fp16 table makes no fp32 copy of it (_kept_weight; the fp16 copy of Gemma-3-270M's 262144 x 640 table
+    is 320 MiB, and its fp32 round trip and exactness check peaked 1.6 GiB above what loading began with)."""
+    embed_half, embed = _read_table(reader, f"{EMBED}.weight", config, device, dtype, halves)
+    # A tied table's lookups share the head's fp16 copy (or its table, where it has none)
+    head_half, head = (embed_half, embed) if config.tie_word_embeddings else \
+        _read_table(reader, f"{HEAD}.weight", config, device, dtype, halves, packed=True)
+    model.embed_tokens.weight = torch.nn.Parameter(embed if embed_half is None else embed_half, requires_grad=False)
+    model.lm_head_half = head_half
+    if head_half is not None:  # it serves every product
         model.lm_head = None
-    elif can_pack(model.lm_head):  # a packed copy for CPU products; a tied embedding table stays for lookups
-        model.lm_head = torch.nn.Parameter(pack_weight(model.lm_head), requires_grad=False)
+    elif can_pack(head):  # a packed copy for CPU products; a tied embedding table stays for lookups
+        model.lm_head = torch.nn.Parameter(pack_weight(head), requires_grad=False)
+    else:
+        model.lm_head = torch.nn.Parameter(head, requires_grad=False)
