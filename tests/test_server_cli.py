@@ -334,6 +334,24 @@ def test_a_second_signal_aborts_the_drain(tmp_path):
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
 
 
+def test_https_served_directly(tmp_path):
+    """vLLM's --ssl-certfile/--ssl-keyfile: the API over TLS (a self-signed certificate here); one of the two
+    alone, or a missing file, is one line and exit 2."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True,
+                   capture_output=True)
+    with _serving(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)) as (_, url, _):
+        assert url.startswith("https://")
+        reply = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, verify=str(cert))
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+    assert main(["serve", "--ssl-certfile", str(cert)]) == 2
+    assert main(["serve", "--tensor-parallel-size", "2"]) == 2
+
+
 def test_sigterm_while_the_model_loads_exits_at_once(tmp_path):
     """The load runs on a thread that cannot be stopped; a server stopped meanwhile does not wait for it (a
     large model's load could outlast an orchestrator's grace period). The load is made to take a minute."""
@@ -375,9 +393,9 @@ def _wait_until_ready(process: subprocess.Popen, log: Path) -> str:
     while time.time() < deadline:
         assert process.poll() is None, log.read_text()
         if url is None:
-            match = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            match = re.search(r"Uvicorn running on (https?://127\.0\.0\.1:\d+)", log.read_text())
             url = match.group(1) if match else None
-        if url is not None and httpx.get(url + "/health").status_code == 200:
+        if url is not None and httpx.get(url + "/health", verify=False).status_code == 200:  # (self-signed)
             return url
         time.sleep(0.1)
     raise AssertionError("server did not become ready:\n" + log.read_text())

@@ -54,7 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: server.fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5, root_path=settings.root_path)
+                            timeout_graceful_shutdown=int(settings.drain_timeout) + 5, root_path=settings.root_path,
+                            ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
+                            ssl_ca_certs=settings.ssl_ca_certs, access_log=not settings.disable_uvicorn_access_log)
     server = DrainingServer(config, app.state.lifecycle)
     server.run()
     if engine.still_loading:  # stopped while loading (SIGTERM): Python would wait for the load's thread at exit

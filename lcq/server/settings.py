@@ -49,6 +49,13 @@ class ServeSettings:
     allowed_methods: list[str] = field(default_factory=lambda: ["*"])
     allowed_headers: list[str] = field(default_factory=lambda: ["*"])
     allow_credentials: bool = False
+    # HTTPS served directly (vLLM's flags, uvicorn's): the certificate and key files, and CAs to check clients by
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_ca_certs: str | None = None
+    disable_uvicorn_access_log: bool = False  # vLLM's: no line per HTTP request in the log
+    trust_remote_code: bool = False  # vLLM's flag, accepted: lcq runs no code from a model's folder
+    tensor_parallel_size: int = 1  # vLLM's: one device per process here (more throughput: more replicas)
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +71,12 @@ class ServeSettings:
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
+            (self.tensor_parallel_size == 1, "--tensor-parallel-size must be 1: lcq runs one device per process "
+             "(for more throughput run more replicas: docs/deploy.md)"),
+            ((self.ssl_certfile is None) == (self.ssl_keyfile is None), "--ssl-certfile and --ssl-keyfile go together"),
+            *[(path is None or os.path.isfile(path), f"{name} {path}: no such file")
+              for name, path in (("--ssl-certfile", self.ssl_certfile), ("--ssl-keyfile", self.ssl_keyfile),
+                                 ("--ssl-ca-certs", self.ssl_ca_certs))],
             (not (self.allow_credentials and "*" in self.allowed_origins), "--allow-credentials needs "
              "--allowed-origins naming the origins (browsers refuse credentials with any origin, \"*\")"),
             (self.chat_template_content_format in CONTENT_FORMATS, "chat template content format must be one of "
@@ -261,6 +274,14 @@ FLAGS = (
     Flag("--max-body-bytes", int, "largest request body accepted (413 above)", "server"),
     Flag("--keepalive-interval", float, "seconds between SSE keep-alive comments", "server"),
     Flag("--log-level", str, "uvicorn log level", "server"),
+    Flag("--ssl-certfile", str, "serve HTTPS with this certificate (PEM; vLLM's, uvicorn's)", "server"),
+    Flag("--ssl-keyfile", str, "the certificate's private key (PEM)", "server"),
+    Flag("--ssl-ca-certs", str, "CA certificates (PEM) to check client certificates by", "server"),
+    Flag("--disable-uvicorn-access-log", bool, "no line per HTTP request in the log (vLLM's)", "server"),
+    Flag("--trust-remote-code", bool, "accepted for vLLM's command lines: lcq runs no code from a model's folder "
+         "(its own model code reads every supported family)", "server"),
+    Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
+         "server"),
     Flag("--root-path", str, "the path prefix under which a proxy serves the API (vLLM's; uvicorn's root_path)",
          "server"),
     Flag("--allowed-origins", _json_strings, "browser origins allowed to call the API, a JSON list (vLLM's)", "server",
