@@ -324,6 +324,7 @@ def test_prompt_logprobs_as_vllm_gives_them(server, client):
     assert len(entries) == len(ids) and entries[0] is None
     for token, entry, logprob in zip(ids[1:], entries[1:], echoed.choices[0].logprobs.token_logprobs[1:]):
         mine = entry[str(token)]
+        assert next(iter(entry)) == str(token)  # the prompt token first, as vLLM's (scorers read the first value)
         assert mine["logprob"] == pytest.approx(logprob, abs=1e-5)
         best = sorted(entry.values(), key=lambda e: e["rank"])
         assert [e["rank"] for e in best[:k]] == [1, 2, 3] and best[0]["logprob"] >= best[1]["logprob"] >= best[2]["logprob"]

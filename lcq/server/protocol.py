@@ -614,11 +614,12 @@ def prompt_logprob_entries(entries: list[TokenLogprob | None], top: int, tokens_
         if entry is None:
             out.append(None)
             continue
-        alternatives = {str(i): PromptLogprob(logprob=lp, rank=rank, decoded_token=token_name(i, text, tokens_as_ids))
-                        for rank, (i, text, lp) in enumerate(entry.top[:top], 1)}
-        alternatives.setdefault(str(entry.token_id), PromptLogprob(
-            logprob=entry.logprob, rank=entry.rank, decoded_token=token_name(entry.token_id, entry.token, tokens_as_ids)))
-        out.append(alternatives)
+        # the prompt token first, as vLLM's (scorers read the first value), then the alternatives
+        found = {str(entry.token_id): PromptLogprob(logprob=entry.logprob, rank=entry.rank,
+                                                    decoded_token=token_name(entry.token_id, entry.token, tokens_as_ids))}
+        found.update({str(i): PromptLogprob(logprob=lp, rank=rank, decoded_token=token_name(i, text, tokens_as_ids))
+                      for rank, (i, text, lp) in enumerate(entry.top[:top], 1)})
+        out.append(found)
     return out
 
 
