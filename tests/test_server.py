@@ -440,6 +440,13 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         assert error_of(post(body), 400)["param"] == next(iter(body))
     # every allowed token a bad word: a 400 up front (every step's row had no token: a 500, which SDKs retry)
     assert error_of(post({"allowed_token_ids": [a], "bad_words": ["a"]}), 400)["param"] == "allowed_token_ids"
+    # constraints that only sampling finds leave nothing (the only allowed token a stop token before min_tokens,
+    # a grammar none of whose tokens is allowed): a 400 too, where a model gone NaN stays a 500
+    for body in ({"allowed_token_ids": [a], "stop_token_ids": [a], "min_tokens": 2},
+                 {"allowed_token_ids": [a], "guided_choice": ["yes", "no"]}):
+        if "guided_choice" in body and importlib.util.find_spec("xgrammar") is None:
+            continue
+        assert error_of(post({**body, "max_tokens": 3}), 400)["code"] == "invalid_value"
 
 
 def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):

@@ -30,7 +30,7 @@ from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
 from .mtp import MtpDrafter
 from .outputs import RequestOutput, TokenLogprob, Usage
-from .sampler import sample
+from .sampler import NoTokenLeft, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -290,13 +290,14 @@ class LLMEngine:
         # fails: a seed gives the same tokens whatever else is in the batch.
         before = ([(seq.generator, seq.generator.get_state()) for seq in to_sample if seq.generator is not None],
                   self.drafts_total, self.accepted_tokens_total)
+        problems: list[str | None] = [None] * len(to_sample)  # why a sequence's sampling failed, where it did
         try:
             tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
             generators, self.drafts_total, self.accepted_tokens_total = before
             for generator, state in generators:
                 generator.set_state(state)
-            tokens, logprobs = self._sample_each(logits, to_sample)
+            tokens, logprobs, problems = self._sample_each(logits, to_sample)
         # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)
         self.runner.keep_states({seq.state_slot: len(emitted) for seq, emitted in zip(to_sample, tokens)
                                  if seq.num_draft_tokens and emitted is not None and self.runner.state_slots})
@@ -316,9 +317,9 @@ class LLMEngine:
                 continue
             seq.finish_reason = "stop"
             outputs.append(self._finish(seq, embedding=torch.nn.functional.normalize(hidden, dim=0).tolist()))
-        for seq, emitted, rows in zip(to_sample, tokens, logprobs):
-            if emitted is None:  # its sampling failed
-                outputs.append(self._fail(seq, "internal error in sampling"))
+        for seq, emitted, rows, problem in zip(to_sample, tokens, logprobs, problems):
+            if emitted is None:  # its sampling failed: the request's own constraints, or the engine
+                outputs.append(self._fail(seq, problem or "internal error in sampling", bad_request=bool(problem)))
                 continue
             try:
                 output = self._append(seq, emitted, rows)
@@ -329,29 +330,45 @@ class LLMEngine:
                 outputs.append(output)
         return outputs
 
-    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list]:
-        """_sample's tokens and logprobs, each sequence sampled alone from its rows; None where that fails."""
+    def _sample_each(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list, list, list[str | None]]:
+        """_sample's tokens and logprobs, each sequence sampled alone from its rows; None where that fails, with
+        (third) what in the request left no token to draw where its rows had finite logits: its
+        allowed_token_ids, bad_words, min_tokens or grammar masked every one (a client's mistake, not the
+        engine's; a row with none is a model gone NaN)."""
         starts = list(itertools.accumulate((1 + seq.num_draft_tokens for seq in seqs), initial=0))
-        tokens, logprobs = [], []
+        tokens, logprobs, problems = [], [], []
         for seq, begin, end in zip(seqs, starts, starts[1:]):
+            problem = None
             try:
                 (emitted,), (rows,) = self._sample(logits[begin:end], [seq])
+            except NoTokenLeft:
+                emitted = rows = None
+                if bool(torch.isfinite(logits[begin:end]).any(dim=-1).all()):
+                    problem = ("the request's constraints (allowed_token_ids, bad_words, logit_bias, min_tokens with "
+                               "its stop tokens, or its grammar) leave no token to generate")
+                    logger.warning("request %s: %s", seq.request_id, problem)
+                else:
+                    logger.error("request %s: the model's logits are not finite", seq.request_id)
             except Exception:
                 logger.exception("sampling request %s failed", seq.request_id)
                 emitted = rows = None
             tokens.append(emitted)
             logprobs.append(rows)
-        return tokens, logprobs
+            problems.append(problem)
+        return tokens, logprobs, problems
 
     def fail_all(self, what: str) -> list[RequestOutput]:
         """Finish every request with an error (`what` went wrong in steps that keep failing), freeing its blocks."""
         return [self._fail(seq, what) for seq in list(self.sequences.values())]
 
-    def _fail(self, seq: Sequence, what: str) -> RequestOutput:
-        """Finish a sequence whose step failed (`what` went wrong), its drafts dropped."""
+    def _fail(self, seq: Sequence, what: str, bad_request: bool = False) -> RequestOutput:
+        """Finish a sequence whose step failed (`what` went wrong; `bad_request`: because of what the request
+        asked), its drafts dropped."""
         self._keep_drafts(seq, 0)
         seq.finish_reason = "error"
-        return self._finish(seq, error=f"generation failed: {what}")
+        output = self._finish(seq, error=f"generation failed: {what}")
+        output.bad_request = bad_request
+        return output
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[list[int]], list[list]]:
         """Each sequence's new tokens (one, or its accepted drafts plus one) and, per token, the raw

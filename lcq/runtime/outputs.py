@@ -43,6 +43,7 @@ class RequestOutput:
     usage: Usage | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first delta, when asked for
     error: str | None = None
+    bad_request: bool = False  # with finish_reason "error": what the request asked for caused it (a 400, not a 500)
     embedding: list[float] | None = None  # an embedding request's vector (SamplingParams.embed), when it finishes
     # Timing, for metrics: seconds since the request arrived, as the engine saw them (not when a client
     # read the delta).

@@ -211,9 +211,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
     return checked_tokens(chosen.tolist(), logits.shape[1]), logprobs
 
 
+class NoTokenLeft(ValueError):
+    """A row of logits had no token to draw from."""
+
+
 def checked_tokens(tokens: list[int], vocab: int) -> list[int]:
     """The tokens, unless a row had none to draw from (every logit -inf or NaN, where the draw gives -1 or
     the vocabulary size): then an error, which fails that row's sequence alone (LLMEngine._sample_each)."""
     if any(not 0 <= token < vocab for token in tokens):
-        raise ValueError("a row of logits has no token with a finite probability")
+        raise NoTokenLeft("a row of logits has no token with a finite probability")
     return tokens

@@ -52,6 +52,7 @@ class Choice:
     accepted_prediction_tokens: int = 0
     embedding: list[float] | None = None  # an embedding request's vector
     error: str | None = None
+    bad_request: bool = False  # its error came of what the request asked (RequestOutput.bad_request)
     streamed_ids: int | None = None  # with return_token_ids: how many token ids its stream has sent (None: nor the prompt's)
 
     def add(self, out: RequestOutput) -> None:
@@ -62,6 +63,7 @@ class Choice:
             self.prompt_logprobs = out.prompt_logprobs
         if out.finish_reason is not None:
             self.finish_reason, self.stop_reason, self.error = out.finish_reason, out.stop_reason, out.error
+            self.bad_request = out.bad_request
             if out.usage is not None:
                 self.cached_tokens, self.cache_written_tokens = out.usage.cached_tokens, out.usage.cache_written_tokens
                 self.accepted_prediction_tokens = out.usage.accepted_prediction_tokens
@@ -199,6 +201,8 @@ class Generation:
             disconnected.cancel()
             self.abort()
         for choice in self.choices:
+            if choice.finish_reason == "error" and choice.bad_request:
+                raise APIError(400, choice.error or "generation failed", code="invalid_value")
             if choice.finish_reason == "error":
                 raise APIError(500, choice.error or "generation failed", code="engine_error")
 
