@@ -419,7 +419,9 @@ class DecoderLayer(torch.nn.Module):
 
 
 class LlamaModel(torch.nn.Module):
-    """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32.
+    """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32; the
+    embedding table and an untied head only as placeholders on the meta device, which the loader replaces
+    whole with what it reads (on the device, Gemma 3 27B's fp32 table alone would take 5.6 GB never used).
     The embedding table may be kept in fp16 where that is exact (the loader): rows are converted to
     `dtype` as they are looked up."""
 
@@ -428,8 +430,8 @@ class LlamaModel(torch.nn.Module):
         self.config = config
         self.dtype = dtype
         table_shape = (config.vocab_size, config.hidden_size)
-        self.embed_tokens = torch.nn.Embedding(*table_shape, _weight=torch.empty(table_shape, dtype=dtype),
-                                               _freeze=True)
+        self.embed_tokens = torch.nn.Embedding(*table_shape, _freeze=True,
+                                               _weight=torch.empty(table_shape, dtype=dtype, device="meta"))
         self.rotary = RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope)
         self.rotary_local = None if config.rope_local is None else \
             RotaryEmbedding(config.rotary_dim, config.max_position_embeddings, config.rope_local)
@@ -441,7 +443,7 @@ class LlamaModel(torch.nn.Module):
         self.block_size: int | None = None  # set by bind_kv_cache
         self.cache_dtype: torch.dtype | None = None  # the KV cache's (bind_kv_cache)
         self.lm_head = self.embed_tokens.weight if config.tie_word_embeddings else \
-            torch.nn.Parameter(torch.empty(table_shape, dtype=dtype), requires_grad=False)
+            torch.nn.Parameter(torch.empty(table_shape, dtype=dtype, device="meta"), requires_grad=False)
         self.lm_head_half: torch.Tensor | None = None  # an exact fp16 copy for CPU products, then lm_head is None
         self.packed_head: torch.nn.Module | None = None  # an LCQ layer (quantize --head-bits), then lm_head is None
         self.lm_head_panels: torch.Tensor | None = None  # its bf16 panels, where the engine keeps them

@@ -3,13 +3,11 @@ safetensors. Tensors are read one at a time from the shards, so the model exists
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from lcq.errors import UserError
 from lcq.format import EMBED, HEAD, CheckpointReader, FormatError, PackedLinear
@@ -134,7 +132,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
                                     fresh=len(parts) > 1, packed=True)
         return DenseLinear(weight, bias, half)
 
-    with torch.device(device), _TablesOnMeta():
+    with torch.device(device):
         model = LlamaModel(config, make_linear, dtype)
         if mtp:
             model.add_mtp(make_linear)
@@ -177,20 +175,6 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if any([mixture.stack_experts() for mixture in mixtures]) and device.type == "cuda":
         torch.cuda.empty_cache()  # the experts' separate tensors, freed: their small blocks would stay reserved
     return model.eval(), config
-
-
-class _TablesOnMeta(TorchFunctionMode):
-    """While LlamaModel is built: the tensors LlamaModel.__init__ itself makes with torch.empty, its embedding
-    table and an untied head, are made on the meta device. The load replaces both whole (_use_dense_head,
-    _use_packed_head) and never fills them: made on the device, an fp32 table took memory that was not needed
-    (committed at once on a GPU; Gemma 3 27B's is 5.6 GB in fp32)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is torch.empty and kwargs.get("device") is None and \
-                sys._getframe(1).f_code is LlamaModel.__init__.__code__:
-            kwargs = {**kwargs, "device": "meta"}
-        return func(*args, **kwargs)
 
 
 def _kept_weight(stored: torch.Tensor, device: torch.device, dtype: torch.dtype, halves: bool, fresh: bool = False,
@@ -311,7 +295,7 @@ def _use_dense_head(model: LlamaModel, config: ModelConfig, reader: CheckpointRe
     lookups of a tied table), else the weight, packed for CPU products where it can be. An embedding table
     is looked up from its exact fp16 copy where there is one (a CPU model then keeps no fp32 table: 113 MB
     less for SmolLM2's tied 49152 x 576), else from the table in the model's dtype.
-    Each is read in its checkpoint's dtype and replaces the model's unmade one (_TablesOnMeta): loading an
+    Each is read in its checkpoint's dtype and replaces the model's placeholder (LlamaModel): loading an
     fp16 table makes no fp32 copy of it (_kept_weight; the fp16 copy of Gemma-3-270M's 262144 x 640 table
     is 320 MiB, and its fp32 round trip and exactness check peaked 1.6 GiB above what loading began with)."""
     embed_half, embed = _read_table(reader, f"{EMBED}.weight", config, device, dtype, halves)
