@@ -132,7 +132,7 @@ class SamplingRequest(OpenAIRequest):
     stop_token_ids: list[TokenId] | None = None
     seed: Int64 | None = None
     priority: Int64 = 0  # vLLM's: with --scheduling-policy priority, lower values are scheduled first
-    cache_salt: str | None = None  # vLLM's: prefix-cache hits only between requests of the same salt
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None  # vLLM's: cache hits only within one salt
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -150,7 +150,7 @@ class SamplingRequest(OpenAIRequest):
     # vLLM's: the reply's token ids beside its text (and the prompt's), as RL and evaluation pipelines read them
     return_token_ids: bool | None = None
     # vLLM's: each prompt token's logprob, rank and this many alternatives (not with stream, as vLLM's)
-    prompt_logprobs: Int64 | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
