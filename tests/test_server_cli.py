@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -346,7 +347,8 @@ def test_https_served_directly(tmp_path):
                    capture_output=True)
     with _serving(tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key)) as (_, url, _):
         assert url.startswith("https://")
-        reply = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, verify=str(cert))
+        reply = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                           verify=ssl.create_default_context(cafile=str(cert)))
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
     assert main(["serve", "--ssl-certfile", str(cert)]) == 2
     assert main(["serve", "--tensor-parallel-size", "2"]) == 2
