@@ -6,7 +6,11 @@ import importlib.util
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -1388,6 +1392,29 @@ def test_fp8_cache_writes_keep_nan_and_clamp_the_rest(device):
         written = cache[2, 0].float().cpu()
         assert written[1:].tolist() == [sign * 448.0, -sign * 448.0, sign * 1.0]
         assert written[0].isnan() or device == "cpu"  # (the interpreter's own fp8 conversion takes NaN to 384)
+
+
+def test_fp8_cache_write_compiles_for_hopper():
+    """The fp8 write's sm_90 build (by the installed Triton, in a process without the interpreter; no GPU) clamps
+    with NaN-propagating min and max. The interpreter runs the kernel as Python, so a form only the compiler
+    refuses (the NaN mode held in a variable) passed the CPU tests and failed every fp8 cache on the H100."""
+    code = """if True:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from lcq.kernels.paged_attention import _store_kv_kernel as fn
+        types = dict(k_ptr="*fp16", v_ptr="*fp16", k_cache_ptr="*fp8e4nv", v_cache_ptr="*fp8e4nv", slot_ptr="*i32",
+                     stride_k="i32", stride_v="i32")
+        constants = dict(ROW=128, BLOCK=128, LIMIT=448.0, PDL=True)
+        source = ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in fn.arg_names},
+                           constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"launch_pdl": True}).asm["ptx"]
+        print(ptx.count("max.NaN"), ptx.count("min.NaN"))"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    maxima, minima = map(int, result.stdout.split()[-2:])
+    assert maxima > 0 and minima > 0
 
 
 needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops unavailable here (see lcq/kernels/native.py)")

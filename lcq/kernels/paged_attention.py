@@ -59,9 +59,10 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         k = tl.load(k_ptr + token * stride_k + offs, mask=mask)
         v = tl.load(v_ptr + token * stride_v + offs, mask=mask)
         if LIMIT > 0:  # (NaN stays NaN, as in the torch path: a clamp's fmax would make it -LIMIT)
-            nan = tl.PropagateNan.ALL
-            k = tl.minimum(tl.maximum(k, -LIMIT, propagate_nan=nan), LIMIT, propagate_nan=nan)
-            v = tl.minimum(tl.maximum(v, -LIMIT, propagate_nan=nan), LIMIT, propagate_nan=nan)
+            k = tl.minimum(tl.maximum(k, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                           propagate_nan=tl.PropagateNan.ALL)
+            v = tl.minimum(tl.maximum(v, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                           propagate_nan=tl.PropagateNan.ALL)
         tl.store(k_cache_ptr + slot * ROW + offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
