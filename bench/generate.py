@@ -466,14 +466,14 @@ LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_mo
 # What a variant of one of the 7B's rows changes, to measure what it costs or saves, and the row's concurrency:
 # the decoder's norms, rotary embedding and activation as torch expressions instead of their CUDA kernels
 # (lcq.kernels.elementwise), the kernels launched without programmatic dependent launch
-# (lcq.kernels.dependent_launch), products of 1-2 rows from bytes (LCQ_INT8_DECODE=1), or the weights of
-# products of up to 32 rows from byte codebooks (LCQ_BYTE_BOOK=1; lcq.kernels.byte_products), at batch 1 and at 8
-# sequences.
+# (lcq.kernels.dependent_launch), or the exact decode products instead of the default products of bytes at 1-2
+# rows and weights from byte codebooks at up to 32 (LCQ_INT8_DECODE=0, LCQ_BYTE_BOOK=0; lcq.kernels.byte_products),
+# at batch 1 and at 8 sequences.
+EXACT = {"LCQ_INT8_DECODE": "0", "LCQ_BYTE_BOOK": "0"}
 GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1),
                 "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1),
-                "int8": (lambda: mock.patch.dict(os.environ, {"LCQ_INT8_DECODE": "1"}), 1),
-                "byte-book": (lambda: mock.patch.dict(os.environ, {"LCQ_BYTE_BOOK": "1"}), 1),
-                "byte-book-8": (lambda: mock.patch.dict(os.environ, {"LCQ_BYTE_BOOK": "1"}), 8)}
+                "exact": (lambda: mock.patch.dict(os.environ, EXACT), 1),
+                "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8)}
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,

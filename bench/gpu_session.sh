@@ -7,8 +7,8 @@
 #
 # Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
-# decode and host profiles, then at 8 sequences with weights from byte codebooks and at batch 1 with products of
-# bytes, with byte codebooks and without dependent launch (--variants byte-book-8,int8,byte-book,no-pdl, in that
+# decode and host profiles, then with the exact decode products (neither products of bytes nor byte codebooks) at 8
+# sequences and at batch 1, and without dependent launch (--variants exact-8,exact,no-pdl, in that
 # order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
@@ -75,6 +75,10 @@ cat "$logs/device.txt"
 slug=$(sed -n 2p "$logs/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 slug=${slug:-gpu}
 pack
+# The C kernels of the CPU path, which importing the tests builds: built once here, beside the first step, or each
+# parallel test process builds them at once (on the H100 that took the first test step's 90 s before any test ran)
+"$py" -c "from lcq.kernels import native; print(native.load())" >"$logs/native.log" 2>&1 &
+native=$!
 
 step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
@@ -84,11 +88,12 @@ check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows 
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8_cache_writes"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
+wait "$native"
 step 90 30 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py
 step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
-    --variants byte-book-8,int8,byte-book,no-pdl
+    --variants exact-8,exact,no-pdl
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"

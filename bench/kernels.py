@@ -20,10 +20,11 @@ path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM ab
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
 dequantize kernel writing fp16 W, then cuBLAS). One-row 2-bit rows also time both decode forms, each
 autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
-say which one the dispatch chose (`pair_table`). Rows of 1-2 rows also time the products of bytes
-(`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), which serve only under
-LCQ_INT8_DECODE=1, and rows of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`,
-`book_speedup` over fp16), which serve only under LCQ_BYTE_BOOK=1.
+say which one the dispatch chose (`pair_table`). `fused_us` is the exact form's. Rows of 1-2 rows also time
+the products of bytes (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), and rows
+of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`, `book_speedup` over fp16); where the
+dispatch takes one of them (by default; not under LCQ_INT8_DECODE=0 or LCQ_BYTE_BOOK=0) the row's `kernel` is
+`decode-bytes` or `decode-book` and its `us` that form's time.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
 over several runs.
@@ -202,8 +203,9 @@ def run_gpu(args: argparse.Namespace) -> None:
                     layer = random_layer(n, k, bits, rank, group, "cuda")
                     weight = dequantize(layer, torch.float16)
 
-                    def fused(x):
-                        return decode(x, layer) if x.shape[0] <= DECODE_MAX_M else gemm(x, layer)
+                    def fused(x):  # the exact forms (the byte forms are timed on their own below)
+                        return decode(x, layer, int8=False, byte_book=False) if x.shape[0] <= DECODE_MAX_M \
+                            else gemm(x, layer)
 
                     def unfused(x):
                         return dense_product(x, layer)
@@ -227,7 +229,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(pair_table=triton_linear.lut_wins(x, layer),
                                             pair_table_us=bench(lambda: decode(x, layer, lut=True)),
                                             direct_us=bench(lambda: decode(x, layer, lut=False, int8=False)))
-                        if m <= 2:  # products of bytes (LCQ_INT8_DECODE=1), autotuned on their own
+                        if m <= 2:  # products of bytes, autotuned on their own
 
                             def in_bytes(x):
                                 return decode(x, layer, int8=True)
@@ -237,7 +239,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             rows[-1].update(bytes_us=bytes_us, bytes_config=str(tuner.best_config),
                                             bytes_frac_of_copy=product_bytes(layer, m) / (bytes_us * 1e-6) / 1e9
                                             / header["copy_GBps"])
-                        if m <= BYTE_BOOK_MAX_M:  # weights from byte codebooks (LCQ_BYTE_BOOK=1), on their own
+                        if m <= BYTE_BOOK_MAX_M:  # weights from byte codebooks, on their own
 
                             def from_byte_books(x):
                                 return decode(x, layer, byte_book=True)
@@ -246,12 +248,26 @@ def run_gpu(args: argparse.Namespace) -> None:
                             book_us = bench(lambda: from_byte_books(x))
                             rows[-1].update(book_us=book_us, book_config=str(tuner.best_config),
                                             book_speedup=fp16_us[m] / book_us)
+                        dispatched(rows[-1], x, header["copy_GBps"], product_bytes(layer, m))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     layer = weight = None  # the next layer's memory (not del: the closures above name them)
                     write_results(out, header, rows)
     print(f"\n{header['device']}, driver {header['driver']}, {header['date']}, copy {header['copy_GBps']:.0f} GB/s\n")
     print(markdown(rows))
     print(f"\nwrote {out}")
+
+
+def dispatched(row: dict, x, copy_gbps: float, nbytes: int) -> None:
+    """Where lcq_linear takes a byte form for x (products of bytes at 1-2 rows, byte codebooks up to 32, unless
+    turned off), the row's path, time and speed are that form's."""
+    from lcq.kernels.triton_linear import byte_book_block_m, byte_book_decode, decode_block_m, int8_decode
+    m = x.shape[0]
+    form = "bytes" if "bytes_us" in row and int8_decode(x, decode_block_m(m)) else \
+        "book" if "book_us" in row and byte_book_decode(x, byte_book_block_m(m)) else None
+    if form is not None:
+        us = row[f"{form}_us"]
+        row.update(kernel=f"decode-{form}", us=us, speedup=row["fp16_us"] / us, effective_GBps=nbytes / us / 1e3,
+                   frac_of_copy=nbytes / us / 1e3 / copy_gbps)
 
 
 def warm_rows(m: int) -> int:

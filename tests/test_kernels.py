@@ -155,13 +155,14 @@ def test_products_of_bytes_are_close_to_the_exact_product(bits, rank, group):
 
 
 def test_products_of_bytes_are_asked_for_and_serve_two_bit_rows_only(monkeypatch):
-    """Off unless LCQ_INT8_DECODE=1, and then for CUDA rows only (the interpreter's tests ask explicitly); a
-    batch they cannot serve is refused, not computed otherwise."""
+    """For CUDA rows only, whatever LCQ_INT8_DECODE says (the interpreter's tests ask explicitly; the GPU tests
+    check that CUDA rows take them unless LCQ_INT8_DECODE=0); a batch they cannot serve is refused, not computed
+    otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(1, 128)
     assert not triton_linear.int8_decode(x, 1)
     monkeypatch.setenv("LCQ_INT8_DECODE", "1")
-    assert not triton_linear.int8_decode(x, 1)  # CPU tensors: the interpreter, unless asked
+    assert not triton_linear.int8_decode(x, 1)
     with pytest.raises(ValueError, match="1-2 rows, not 3"):
         triton_linear.decode(torch.randn(3, 128), layer, SMALL_DECODE, int8=True)
     with pytest.raises(ValueError, match="with the pair table"):
@@ -224,14 +225,14 @@ def test_byte_codebooks_are_close_to_the_exact_weights(bits, rank, group):
 
 
 def test_byte_codebooks_are_asked_for_and_serve_up_to_32_rows_of_half_inputs(monkeypatch):
-    """Off unless LCQ_BYTE_BOOK=1, and then for CUDA launches of up to 32 rows of fp16 or bf16 (1-2 rows in tiles
-    of 16; the interpreter's tests ask explicitly), 1-2 rows left to products of bytes where those are asked for
-    too; a launch they cannot serve is refused, not computed otherwise."""
+    """For CUDA launches of up to 32 rows of fp16 or bf16 only, whatever LCQ_BYTE_BOOK says (1-2 rows in tiles of
+    16; the interpreter's tests ask explicitly), 1-2 rows left to products of bytes where those are on too; a
+    launch they cannot serve is refused, not computed otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(4, 128, dtype=torch.float16)
     assert not triton_linear.byte_book_decode(x, 16)
     monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
-    assert not triton_linear.byte_book_decode(x, 16)  # CPU tensors: the interpreter, unless asked
+    assert not triton_linear.byte_book_decode(x, 16)
     assert [triton_linear.byte_book_block_m(m) for m in (1, 2, 3, 16, 17, 32)] == [16, 16, 16, 16, 32, 32]
     with pytest.raises(ValueError, match="not 16 rows of torch.float32"):
         triton_linear.decode(x.float(), layer, SMALL_DECODE, byte_book=True)
@@ -621,6 +622,14 @@ def test_packed_cpu_weight_matches_plain_product(m):
     assert pack_weight(unpackable) is unpackable
 
 
+@pytest.fixture
+def exact_products(monkeypatch):
+    """Neither products of bytes nor byte codebooks, which CUDA launches of up to 32 rows take by default: the
+    exact forms, checked against the exact reference (the byte forms have their own tests)."""
+    monkeypatch.setenv("LCQ_INT8_DECODE", "0")
+    monkeypatch.setenv("LCQ_BYTE_BOOK", "0")
+
+
 # Compiled kernels on a GPU, on realistic shapes, through the autotuned entry point.
 GPU_CASES = [(4096, 4096, 2, 2, 128), (11008, 4096, 3, 1, 64), (4096, 11008, 4, 4, 128), (6144, 4096, 2, 4, 32)]
 
@@ -628,7 +637,7 @@ GPU_CASES = [(4096, 4096, 2, 2, 128), (11008, 4096, 3, 1, 64), (4096, 11008, 4, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
 @pytest.mark.parametrize("m", [1, 4, 64, 300])  # decode: FMA form, tl.dot 16 and 64 rows; dequantize + cuBLAS
-def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
+def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m, exact_products):
     layer = random_layer(n, k, bits, rank, group, seed=n + m).to("cuda")
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -642,7 +651,7 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m):
 def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
     """BYTE_BOOK compiled (PTX prmt and lop3, fp16, or prmt and cvt, bf16, on whatever pairs of weights Triton's
     layouts hand them): its tiles at 1, 4, 16 and 32 rows of fp16 and bf16 against byte_book_weights, and the
-    autotuned launch under LCQ_BYTE_BOOK=1."""
+    autotuned launch (on by default, off under LCQ_BYTE_BOOK=0)."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.bfloat16), (4, torch.float16), (16, torch.bfloat16), (32, torch.float16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -653,7 +662,7 @@ def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
 @pytest.mark.parametrize("m", [1, 2, 16])
-def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m):
+def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m, exact_products):
     """Every decode form the autotuner may pick, compiled: plain, REDUCE_K (FMA rows only; 128 deep at 2
     bits), PREFETCH, one or two stages (tl.dot rows), K split 8 or 64 ways (FMA rows), column codebooks
     (BOOK, 3-4 bits), each checked, not only the one that wins the timing."""
@@ -727,7 +736,7 @@ def test_profile_script_runs_one_checked_launch(form):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank", [1, 2, 4])
-def test_compiled_pair_table_on_gpu(rank):
+def test_compiled_pair_table_on_gpu(rank, exact_products):
     """One row of a 2-bit layer from the pair table, compiled, in each of its tiles; and the autotuned
     choice between it and the FMA form, which times both (lut_wins), gives the same products."""
     layer = random_layer(4096, 11008, 2, rank, 128, seed=rank).to("cuda")
@@ -750,8 +759,8 @@ def test_compiled_pair_table_on_gpu(rank):
 def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch):
     """INT8 compiled (PTX prmt and dp4a, not their emulation): each of its tiles at 1 and 2 rows against
     byte_products_reference, within the output dtype's tolerance (fp32 division and FMA contraction on the
-    GPU may round a value at a byte's halfway point the other way), and the autotuned launch under
-    LCQ_INT8_DECODE=1."""
+    GPU may round a value at a byte's halfway point the other way), and the autotuned launch, on by
+    default (off under LCQ_INT8_DECODE=0)."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.float16), (2, torch.bfloat16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -763,7 +772,8 @@ def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch)
 def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Tensor, form: str, block_m: int,
                        every: int, switch: str, monkeypatch) -> None:
     """Every `every`-th config the autotuner may time for a decode form (int8, byte_book), compiled, against
-    expected; then the autotuned launch through lcq_linear with the form's switch on."""
+    expected; then the autotuned launch through lcq_linear, which takes the form by default and not with its
+    switch at 0."""
     for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m,
                                                     GROUP=layer.group_size, SELECT=layer.bits == 2,
                                                     **{form.upper(): True})[::every]:
@@ -771,10 +781,17 @@ def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Ten
         y = triton_linear.decode(x, layer, launch, **{form: True})
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, x.dtype)
-    monkeypatch.setenv(switch, "1")
-    assert triton_linear.int8_decode(x, block_m) if form == "int8" else triton_linear.byte_book_decode(x, block_m)
+    def taken() -> bool:
+        return triton_linear.int8_decode(x, block_m) if form == "int8" else triton_linear.byte_book_decode(x, block_m)
+
+    monkeypatch.delenv(switch, raising=False)
+    assert taken()  # on by default
+    if form == "byte_book":
+        monkeypatch.setenv("LCQ_INT8_DECODE", "0")  # (else products of bytes take 1-2 rows)
     assert_close(lcq_linear(x, layer).cpu(), expected, x.dtype)
-    monkeypatch.delenv(switch)
+    monkeypatch.setenv(switch, "0")
+    assert not taken()
+    monkeypatch.delenv("LCQ_INT8_DECODE", raising=False)
 
 
 @pytest.mark.gpu
@@ -782,9 +799,10 @@ def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Ten
     (1536, 2048, 2, 2, 128, 16, 8),  # Qwen3-30B-A3B's gate/up (16 of its 128 experts)
     (2048, 1024, 3, 1, 64, 8, 2)])
 @pytest.mark.parametrize("tokens", [1, 64, 300])
-def test_compiled_grouped_kernel_on_gpu(n, k, bits, rank, group, experts, top_k, tokens, monkeypatch):
-    """The mixture's grouped product compiled and autotuned, single-token to prefill-sized routings; and under
-    LCQ_INT8_DECODE=1, where the blocks hold 1-2 rows, in bytes (against byte_products_reference)."""
+def test_compiled_grouped_kernel_on_gpu(n, k, bits, rank, group, experts, top_k, tokens, exact_products,
+                                      monkeypatch):
+    """The mixture's grouped product compiled and autotuned, single-token to prefill-sized routings, exact; and
+    under LCQ_INT8_DECODE=1, where the blocks hold 1-2 rows, in bytes (against byte_products_reference)."""
     from lcq.kernels.experts import ExpertRoutes, PackedExperts, expert_linear
 
     layers = [random_layer(n, k, bits, rank, group, seed=e) for e in range(experts)]

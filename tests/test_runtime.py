@@ -1436,6 +1436,7 @@ def test_cuda_graphs_give_the_eager_tokens_from_byte_codebooks(tmp_path, monkeyp
     from lcq.kernels.byte_products import byte_book_weights
 
     monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
+    monkeypatch.setenv("LCQ_INT8_DECODE", "0")  # (else products of bytes take the steps of 1-2 sequences)
     folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
     graphed = cuda_llm(folder, block_size=8, max_num_seqs=8)
