@@ -27,7 +27,8 @@
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
-# to put the results files in place; the logs land in gpu-session/.
+# to put the results files in place; the logs land in gpu-session/, and each test step's failures in
+# gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary).
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
 budget=${2:-580}
@@ -62,7 +63,7 @@ step() {  # step LIMIT LEAST NAME COMMAND...: run for at most LIMIT s (SIGINT, t
     fi
     [ "$limit" -gt "$now" ] && limit=$now
     echo "== $name (limit ${limit}s, $(elapsed)s into the session)"
-    timeout -s INT --kill-after=$grace "$limit" "$@" >"$logs/$name.log" 2>&1
+    LCQ_TEST_FAILURES="$logs/$name-failures.txt" timeout -s INT --kill-after=$grace "$limit" "$@" >"$logs/$name.log" 2>&1
     echo "   exit $? after $(elapsed)s; last lines:"
     tail -n 4 "$logs/$name.log" | sed 's/^/   /'
     pack

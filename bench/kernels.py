@@ -23,7 +23,7 @@ autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA 
 say which one the dispatch chose (`pair_table`). `fused_us` is the exact form's. Rows of 1-2 rows also time
 the products of bytes (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), and rows
 of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`, `book_speedup` over fp16); where the
-dispatch takes one of them (by default; not under LCQ_INT8_DECODE=0 or LCQ_BYTE_BOOK=0) the row's `kernel` is
+dispatch takes one of them (triton_linear.INT8_DEFAULT_BITS, BYTE_BOOK_DEFAULT) the row's `kernel` is
 `decode-bytes` or `decode-book` and its `us` that form's time.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split
@@ -248,7 +248,7 @@ def run_gpu(args: argparse.Namespace) -> None:
                             book_us = bench(lambda: from_byte_books(x))
                             rows[-1].update(book_us=book_us, book_config=str(tuner.best_config),
                                             book_speedup=fp16_us[m] / book_us)
-                        dispatched(rows[-1], x, header["copy_GBps"], product_bytes(layer, m))
+                        dispatched(rows[-1], x, bits, header["copy_GBps"], product_bytes(layer, m))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     layer = weight = None  # the next layer's memory (not del: the closures above name them)
                     write_results(out, header, rows)
@@ -257,13 +257,13 @@ def run_gpu(args: argparse.Namespace) -> None:
     print(f"\nwrote {out}")
 
 
-def dispatched(row: dict, x, copy_gbps: float, nbytes: int) -> None:
+def dispatched(row: dict, x, bits: int, copy_gbps: float, nbytes: int) -> None:
     """Where lcq_linear takes a byte form for x (products of bytes at 1-2 rows, byte codebooks up to 32, unless
     turned off), the row's path, time and speed are that form's."""
     from lcq.kernels.triton_linear import byte_book_block_m, byte_book_decode, decode_block_m, int8_decode
     m = x.shape[0]
-    form = "bytes" if "bytes_us" in row and int8_decode(x, decode_block_m(m)) else \
-        "book" if "book_us" in row and byte_book_decode(x, byte_book_block_m(m)) else None
+    form = "bytes" if "bytes_us" in row and int8_decode(x, decode_block_m(m), bits) else \
+        "book" if "book_us" in row and byte_book_decode(x, byte_book_block_m(m), bits) else None
     if form is not None:
         us = row[f"{form}_us"]
         row.update(kernel=f"decode-{form}", us=us, speedup=row["fp16_us"] / us, effective_GBps=nbytes / us / 1e3,

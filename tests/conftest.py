@@ -1,6 +1,8 @@
 """Run Triton kernels in the interpreter when there is no GPU, and skip GPU-only tests there.
 
-TRITON_INTERPRET must be set before anything imports triton, so this runs first.
+TRITON_INTERPRET must be set before anything imports triton, so this runs first. With LCQ_TEST_FAILURES set to a
+file, each failure's report is appended to it as it happens (bench/gpu_session.sh: a GPU machine's time limit may
+stop pytest before its summary).
 """
 import os
 
@@ -19,6 +21,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    path = os.environ.get("LCQ_TEST_FAILURES")
+    if path and report.failed and "PYTEST_XDIST_WORKER" not in os.environ:  # (xdist's controller gets them all)
+        with open(path, "a") as log:
+            log.write(f"FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
+@pytest.fixture
+def exact_products(monkeypatch):
+    """Neither products of bytes nor byte codebooks, which CUDA launches of up to 32 rows of 2-bit layers take by
+    default: the exact forms, for tests against the exact reference (the byte forms have their own tests)."""
+    monkeypatch.setenv("LCQ_INT8_DECODE", "0")
+    monkeypatch.setenv("LCQ_BYTE_BOOK", "0")
 
 
 @pytest.fixture(scope="module")

@@ -160,9 +160,9 @@ def test_products_of_bytes_are_asked_for_and_serve_two_bit_rows_only(monkeypatch
     otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(1, 128)
-    assert not triton_linear.int8_decode(x, 1)
+    assert not triton_linear.int8_decode(x, 1, 2)
     monkeypatch.setenv("LCQ_INT8_DECODE", "1")
-    assert not triton_linear.int8_decode(x, 1)
+    assert not triton_linear.int8_decode(x, 1, 2)
     with pytest.raises(ValueError, match="1-2 rows, not 3"):
         triton_linear.decode(torch.randn(3, 128), layer, SMALL_DECODE, int8=True)
     with pytest.raises(ValueError, match="with the pair table"):
@@ -230,9 +230,9 @@ def test_byte_codebooks_are_asked_for_and_serve_up_to_32_rows_of_half_inputs(mon
     launch they cannot serve is refused, not computed otherwise."""
     layer = random_layer(40, 128, 2, 2, 64)
     x = torch.randn(4, 128, dtype=torch.float16)
-    assert not triton_linear.byte_book_decode(x, 16)
+    assert not triton_linear.byte_book_decode(x, 16, 2)
     monkeypatch.setenv("LCQ_BYTE_BOOK", "1")
-    assert not triton_linear.byte_book_decode(x, 16)
+    assert not triton_linear.byte_book_decode(x, 16, 2)
     assert [triton_linear.byte_book_block_m(m) for m in (1, 2, 3, 16, 17, 32)] == [16, 16, 16, 16, 32, 32]
     with pytest.raises(ValueError, match="not 16 rows of torch.float32"):
         triton_linear.decode(x.float(), layer, SMALL_DECODE, byte_book=True)
@@ -622,14 +622,6 @@ def test_packed_cpu_weight_matches_plain_product(m):
     assert pack_weight(unpackable) is unpackable
 
 
-@pytest.fixture
-def exact_products(monkeypatch):
-    """Neither products of bytes nor byte codebooks, which CUDA launches of up to 32 rows take by default: the
-    exact forms, checked against the exact reference (the byte forms have their own tests)."""
-    monkeypatch.setenv("LCQ_INT8_DECODE", "0")
-    monkeypatch.setenv("LCQ_BYTE_BOOK", "0")
-
-
 # Compiled kernels on a GPU, on realistic shapes, through the autotuned entry point.
 GPU_CASES = [(4096, 4096, 2, 2, 128), (11008, 4096, 3, 1, 64), (4096, 11008, 4, 4, 128), (6144, 4096, 2, 4, 32)]
 
@@ -651,7 +643,7 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m, exact_products):
 def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
     """BYTE_BOOK compiled (PTX prmt and lop3, fp16, or prmt and cvt, bf16, on whatever pairs of weights Triton's
     layouts hand them): its tiles at 1, 4, 16 and 32 rows of fp16 and bf16 against byte_book_weights, and the
-    autotuned launch (on by default, off under LCQ_BYTE_BOOK=0)."""
+    autotuned launch."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.bfloat16), (4, torch.float16), (16, torch.bfloat16), (32, torch.float16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -759,8 +751,7 @@ def test_compiled_pair_table_on_gpu(rank, exact_products):
 def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch):
     """INT8 compiled (PTX prmt and dp4a, not their emulation): each of its tiles at 1 and 2 rows against
     byte_products_reference, within the output dtype's tolerance (fp32 division and FMA contraction on the
-    GPU may round a value at a byte's halfway point the other way), and the autotuned launch, on by
-    default (off under LCQ_INT8_DECODE=0)."""
+    GPU may round a value at a byte's halfway point the other way), and the autotuned launch."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.float16), (2, torch.bfloat16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -772,8 +763,8 @@ def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch)
 def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Tensor, form: str, block_m: int,
                        every: int, switch: str, monkeypatch) -> None:
     """Every `every`-th config the autotuner may time for a decode form (int8, byte_book), compiled, against
-    expected; then the autotuned launch through lcq_linear, which takes the form by default and not with its
-    switch at 0."""
+    expected; then the autotuned launch through lcq_linear with the form's switch at 1; it serves by default only
+    where its defaults say, and not with its switch at 0."""
     for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m,
                                                     GROUP=layer.group_size, SELECT=layer.bits == 2,
                                                     **{form.upper(): True})[::every]:
@@ -782,10 +773,14 @@ def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Ten
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, x.dtype)
     def taken() -> bool:
-        return triton_linear.int8_decode(x, block_m) if form == "int8" else triton_linear.byte_book_decode(x, block_m)
+        return (triton_linear.int8_decode(x, block_m, layer.bits) if form == "int8"
+                else triton_linear.byte_book_decode(x, block_m, layer.bits))
 
     monkeypatch.delenv(switch, raising=False)
-    assert taken()  # on by default
+    assert taken() == (layer.bits in triton_linear.INT8_DEFAULT_BITS if form == "int8"
+                       else (layer.bits, x.dtype) in triton_linear.BYTE_BOOK_DEFAULT)
+    monkeypatch.setenv(switch, "1")
+    assert taken()
     if form == "byte_book":
         monkeypatch.setenv("LCQ_INT8_DECODE", "0")  # (else products of bytes take 1-2 rows)
     assert_close(lcq_linear(x, layer).cpu(), expected, x.dtype)

@@ -1101,7 +1101,7 @@ def test_half_precision_follows_full_precision(tmp_path, dtype):
     # CPU in the interpreter), while each of its products stayed within bf16 rounding of the exact one
     ("deepseek_v2", torch.float16), ("deepseek_v3", torch.bfloat16), ("qwen3_5_moe", torch.float16),
     ("granite4_moe", torch.bfloat16), ("minimax_m2", torch.float16)])
-def test_cuda_model_follows_transformers(tmp_path, arch, dtype):
+def test_cuda_model_follows_transformers(tmp_path, arch, dtype, exact_products):
     """Triton attention and LCQ kernels end to end: prefill, then ragged decode steps (GLM-4-0414: its
     adjacent rotary pairs and output norms on the GPU path; Qwen3-MoE: each expert's LCQ layers)."""
     folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32, method="rtn")
@@ -1134,7 +1134,7 @@ def test_sliding_window_layers_match_transformers_past_the_window(tmp_path, monk
 
 
 @pytest.mark.gpu
-def test_cuda_model_with_an_fp8_cache_follows_transformers(tmp_path):
+def test_cuda_model_with_an_fp8_cache_follows_transformers(tmp_path, exact_products):
     """kv_cache_dtype fp8 on a GPU (compute capability 8.9+): an fp16 model over a float8 e4m3 cache stays
     within fp8's rounding of transformers' logits through prefill and ragged decode steps."""
     if torch.cuda.get_device_capability() < (8, 9):

@@ -1445,7 +1445,7 @@ def test_cuda_graphs_give_the_eager_tokens_from_byte_codebooks(tmp_path, monkeyp
         [o.token_ids for o in eager.generate(prompts, GREEDY)]
     layer = next(m.layer for m in eager.engine.runner.model.modules() if isinstance(m, LCQLinear))
     x = torch.randn(3, layer.in_features, device="cuda", dtype=torch.float16)
-    assert triton_linear.byte_book_decode(x, 16)
+    assert triton_linear.byte_book_decode(x, 16, layer.bits)
     expected = x.double().cpu() @ byte_book_weights(layer.to("cpu")).t()
     assert torch.allclose(triton_linear.decode(x, layer).double().cpu(), expected, rtol=5e-3, atol=5e-3)
 

@@ -919,13 +919,25 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-def int8_decode(x: torch.Tensor, block_m: int) -> bool:
-    """Whether a launch of block_m rows on CUDA takes products of bytes (_int8_products): at 1-2 rows a program
-    (a decode step's, or a mixture's blocks of 1-2 rows of one expert), unless LCQ_INT8_DECODE=0. They change the
-    numbers (the inputs of each index word and each column's codebook rounded to 8 bits), as activation-quantized
-    GEMV kernels (llama.cpp's q8_1 rows) do, at no measured cost in perplexity; on an H100 the 7B W2 model decoded
-    327 tokens/s at batch 1 with them, 245 without (docs/kernels.md)."""
-    return x.is_cuda and block_m <= 2 and os.environ.get("LCQ_INT8_DECODE", "1") != "0"
+# Where the byte forms serve by default: what a GPU has checked compiled against each form's reference (an H100,
+# 2026-12-05): products of bytes at 2 and 3 bits, byte codebooks at 2 bits of fp16 inputs. Elsewhere their PTX ran
+# only in CI's compile-only tests, so LCQ_INT8_DECODE=1 / LCQ_BYTE_BOOK=1 ask for them; =0 turns them off.
+INT8_DEFAULT_BITS = (2, 3)
+BYTE_BOOK_DEFAULT = {(2, torch.float16)}
+
+
+def _asked(switch: str, default: bool) -> bool:
+    value = os.environ.get(switch, "")
+    return value == "1" or (value != "0" and default)
+
+
+def int8_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
+    """Whether a launch of block_m rows of a bits-wide layer on CUDA takes products of bytes (_int8_products): at
+    1-2 rows a program (a decode step's, or a mixture's blocks of 1-2 rows of one expert), by default at
+    INT8_DEFAULT_BITS. They change the numbers (the inputs of each index word and each column's codebook rounded to
+    8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do, at no measured cost in perplexity; on
+    an H100 the 7B W2 model decoded 327 tokens/s at batch 1 with them, 245 without (docs/kernels.md)."""
+    return x.is_cuda and block_m <= 2 and _asked("LCQ_INT8_DECODE", bits in INT8_DEFAULT_BITS)
 
 
 BYTE_BOOK_DTYPES = (torch.float16, torch.bfloat16)
@@ -944,15 +956,16 @@ def byte_slots(device: torch.device) -> torch.Tensor:
     return slots
 
 
-def byte_book_decode(x: torch.Tensor, block_m: int) -> bool:
+def byte_book_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
     """Whether a launch on CUDA whose rows fill tiles of block_m takes its weights from byte codebooks
     (_book_weights): up to BYTE_BOOK_MAX_M rows of fp16 or bf16 (1 and 2 rows in tiles of 16 where products of
-    bytes are off; a mixture's blocks of 16 or 32), unless LCQ_BYTE_BOOK=0. The weights then differ from the exact
-    ones by their codebooks' rounding to bytes (byte_products.byte_book_weights), the same at every batch size it
-    serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot form; on an
-    H100 the 7B W2 model decoded 1,639 tokens/s at 8 sequences with them, 1,489 without (docs/kernels.md)."""
+    bytes do not serve; a mixture's blocks of 16 or 32), by default for BYTE_BOOK_DEFAULT. The weights then differ
+    from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights), the same at every
+    batch size it serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot
+    form; on an H100 the 7B W2 model decoded 1,639 tokens/s at 8 sequences with them, 1,489 without
+    (docs/kernels.md)."""
     return x.is_cuda and block_m <= BYTE_BOOK_MAX_M and x.dtype in BYTE_BOOK_DTYPES \
-        and os.environ.get("LCQ_BYTE_BOOK", "1") != "0"
+        and _asked("LCQ_BYTE_BOOK", (bits, x.dtype) in BYTE_BOOK_DEFAULT)
 
 
 def byte_book_block_m(m: int) -> int:
@@ -977,9 +990,9 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     m, k = x.shape
     n = layer.out_features
     if int8 is None:
-        int8 = int8_decode(x, decode_block_m(m))
+        int8 = int8_decode(x, decode_block_m(m), layer.bits)
     if byte_book is None:
-        byte_book = not (int8 or lut) and byte_book_decode(x, byte_book_block_m(m))
+        byte_book = not (int8 or lut) and byte_book_decode(x, byte_book_block_m(m), layer.bits)
     block_m = byte_book_block_m(m) if byte_book else decode_block_m(m)
     if byte_book:
         _check_byte_book(x, block_m)
@@ -1072,11 +1085,11 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
             n, k, x.stride(0),
             out.stride(0), rows_per_input, experts.tables, 0)
     if int8 is None:
-        int8 = int8_decode(x, routes.block_m)
+        int8 = int8_decode(x, routes.block_m, layer.bits)
     if int8 and routes.block_m > 2:
         raise ValueError(f"products of bytes serve blocks of 1-2 rows, not {routes.block_m}")
     if byte_book is None:
-        byte_book = not int8 and routes.block_m >= 16 and byte_book_decode(x, routes.block_m)
+        byte_book = not int8 and routes.block_m >= 16 and byte_book_decode(x, routes.block_m, layer.bits)
     if byte_book:
         _check_byte_book(x, routes.block_m)
     consts = dict(_constants(x, layer), BLOCK_M=routes.block_m, GROUPED=True, INT8=int8, BYTE_BOOK=byte_book,
