@@ -23,7 +23,7 @@ autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA 
 say which one the dispatch chose (`pair_table`). `fused_us` is the exact form's. Rows of 1-2 rows also time
 the products of bytes (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), and rows
 of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`, `book_speedup` over fp16); where the
-dispatch takes one of them (triton_linear.INT8_DEFAULT_BITS, BYTE_BOOK_DEFAULT) the row's `kernel` is
+dispatch takes one of them (triton_linear.INT8_DEFAULT, BYTE_BOOK_DEFAULT) the row's `kernel` is
 `decode-bytes` or `decode-book` and its `us` that form's time.
 Writes bench/results/kernels-<gpu>.json (device, date, copy_GBps, versions, rows) and prints a
 markdown table. Rows already in the file for other settings are kept, so a sweep can be split

@@ -777,8 +777,8 @@ def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Ten
                 else triton_linear.byte_book_decode(x, block_m, layer.bits))
 
     monkeypatch.delenv(switch, raising=False)
-    assert taken() == (layer.bits in triton_linear.INT8_DEFAULT_BITS if form == "int8"
-                       else (layer.bits, x.dtype) in triton_linear.BYTE_BOOK_DEFAULT)
+    defaults = triton_linear.INT8_DEFAULT if form == "int8" else triton_linear.BYTE_BOOK_DEFAULT
+    assert taken() == ((layer.bits, x.dtype) in defaults)
     monkeypatch.setenv(switch, "1")
     assert taken()
     if form == "byte_book":

@@ -511,7 +511,7 @@ def test_draft_model_settings_are_checked(tiny, tmp_path):
 
 
 @pytest.mark.gpu
-def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
+def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path, exact_products):
     """Verification rows are decode rows: a lone sequence's 1 + 4 rows replay the graph of 8 and give the
     eager engine's tokens; against plain decoding (the 1-row kernel), the same tokens' logprobs agree to
     fp16 products summed in another order."""
@@ -529,7 +529,7 @@ def test_drafts_on_cuda_replay_the_decode_graphs(tmp_path):
 
 
 @pytest.mark.gpu
-def test_draft_model_on_cuda(tmp_path):
+def test_draft_model_on_cuda(tmp_path, exact_products):
     """The target as its own draft on a GPU, the draft's decode passes replaying its graphs: the tokens of
     the eager engine, and nearly every draft accepted (the draft's one-row products and the target's
     verification rows may round a near tie apart)."""
@@ -571,7 +571,7 @@ def test_multi_token_prediction_layer_of_a_multimodal_qwen3_5(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("arch", ["deepseek_v3", "qwen3_next"])
-def test_multi_token_prediction_on_cuda(tmp_path, arch):
+def test_multi_token_prediction_on_cuda(tmp_path, arch, exact_products):
     """The multi-token-prediction layer drafting on a GPU (its passes through the Triton attention): the tokens of
     the engine without drafts, some drafts accepted (make_tiny_mtp's echoing model; PROMPTS[1], as on CPU: for
     PROMPTS[0] Qwen3-Next's layer has none of its 75 drafts accepted, on CPU too)."""

@@ -919,10 +919,11 @@ def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
                 DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
 
 
-# Where the byte forms serve by default: what a GPU has checked compiled against each form's reference (an H100,
-# 2026-12-05): products of bytes at 2 and 3 bits, byte codebooks at 2 bits of fp16 inputs. Elsewhere their PTX ran
-# only in CI's compile-only tests, so LCQ_INT8_DECODE=1 / LCQ_BYTE_BOOK=1 ask for them; =0 turns them off.
-INT8_DEFAULT_BITS = (2, 3)
+# Where the byte forms serve by default, as (bits, activation dtype): what a GPU has checked compiled against each
+# form's reference (an H100, 2026-12-05): products of bytes at 2 and 3 bits (the inputs' dtype matters only to their
+# load), byte codebooks at 2 bits of fp16 inputs; not fp32 models, which ask for exact products. Elsewhere their PTX
+# ran only in CI's compile-only tests, so LCQ_INT8_DECODE=1 / LCQ_BYTE_BOOK=1 ask for them; =0 turns them off.
+INT8_DEFAULT = {(bits, dtype) for bits in (2, 3) for dtype in (torch.float16, torch.bfloat16)}
 BYTE_BOOK_DEFAULT = {(2, torch.float16)}
 
 
@@ -933,11 +934,11 @@ def _asked(switch: str, default: bool) -> bool:
 
 def int8_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
     """Whether a launch of block_m rows of a bits-wide layer on CUDA takes products of bytes (_int8_products): at
-    1-2 rows a program (a decode step's, or a mixture's blocks of 1-2 rows of one expert), by default at
-    INT8_DEFAULT_BITS. They change the numbers (the inputs of each index word and each column's codebook rounded to
+    1-2 rows a program (a decode step's, or a mixture's blocks of 1-2 rows of one expert), by default for
+    INT8_DEFAULT. They change the numbers (the inputs of each index word and each column's codebook rounded to
     8 bits), as activation-quantized GEMV kernels (llama.cpp's q8_1 rows) do, at no measured cost in perplexity; on
     an H100 the 7B W2 model decoded 327 tokens/s at batch 1 with them, 245 without (docs/kernels.md)."""
-    return x.is_cuda and block_m <= 2 and _asked("LCQ_INT8_DECODE", bits in INT8_DEFAULT_BITS)
+    return x.is_cuda and block_m <= 2 and _asked("LCQ_INT8_DECODE", (bits, x.dtype) in INT8_DEFAULT)
 
 
 BYTE_BOOK_DTYPES = (torch.float16, torch.bfloat16)
