@@ -447,6 +447,11 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         if "guided_choice" in body and importlib.util.find_spec("xgrammar") is None:
             continue
         assert error_of(post({**body, "max_tokens": 3}), 400)["code"] == "invalid_value"
+        # streamed, the error event is the same 400's (it was a 500's engine_error)
+        streamed = post({**body, "max_tokens": 3, "stream": True}).text.split("\n\n")
+        error = next(json.loads(line[6:]) for line in streamed if line.startswith("data: {") and "error" in line)
+        assert error["error"]["type"] == "invalid_request_error" and error["error"]["code"] == "invalid_value"
+        assert streamed[-2] == "data: [DONE]"
 
 
 def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):

@@ -351,14 +351,15 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
             yield {"type": "error", "code": "server_error", "message": ABORTED, "param": None}
         yield lifecycle(status, response)
 
-    def failed(message: str) -> Iterator[dict]:
+    def failed(message: str, bad_request: bool) -> Iterator[dict]:
         if "reasoning" in opened and "reasoning" not in closed:  # what was streamed stays in the failed response
             output[opened["reasoning"]] = builder.reasoning("".join(thought), "incomplete")
         if "message" in opened:
             output[opened["message"]] = builder.message("".join(sent), "incomplete")
         response = builder.response("failed", output, error=message)
         on_failed(response)
-        yield {"type": "error", "code": "engine_error", "message": message, "param": None}
+        yield {"type": "error", "code": "invalid_value" if bad_request else "engine_error", "message": message,
+               "param": None}
         yield lifecycle("failed", response)
 
     return sse_events(turn.generation, state.settings.keepalive_interval, start, on_delta, finish, failed,

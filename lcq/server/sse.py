@@ -31,15 +31,17 @@ def named_event(payload: dict) -> str:
     return f"event: {payload['type']}\n{event(payload)}"
 
 
-def error_chunks(message: str) -> Iterable[dict]:
-    yield error_body(500, message, code="engine_error")
+def error_chunks(message: str, bad_request: bool = False) -> Iterable[dict]:
+    """The error event of a failed stream: a 400's envelope where what the request asked for failed it
+    (RequestOutput.bad_request), as the whole reply's status would be, else a 500's."""
+    yield error_body(400, message, code="invalid_value") if bad_request else error_body(500, message, code="engine_error")
 
 
 async def sse_events(generation: Generation, keepalive: float,
                      start: Callable[[], Iterable[dict]],
                      on_delta: Callable[[Choice, RequestOutput], Iterable[dict]],
                      finish: Callable[[], Iterable[dict]],
-                     failed: Callable[[str], Iterable[dict]] = error_chunks,
+                     failed: Callable[[str, bool], Iterable[dict]] = error_chunks,
                      render: Callable[[dict], str] = event, end: str = DONE) -> AsyncIterator[str]:
     """Drive `generation` and render it: `start` chunks first, one batch per delta, `finish` chunks last
     (or `failed` ones if the engine fails the request), then `end`."""
@@ -52,8 +54,9 @@ async def sse_events(generation: Generation, keepalive: float,
                 continue
             choice, out = item
             if out.finish_reason == "error":
-                logger.error("generation of %s failed: %s", choice.request_id, out.error)
-                for chunk in failed(out.error or "generation failed"):
+                (logger.warning if out.bad_request else logger.error)("generation of %s failed: %s",
+                                                                      choice.request_id, out.error)
+                for chunk in failed(out.error or "generation failed", out.bad_request):
                     yield render(chunk)
                 if end:
                     yield end
