@@ -849,6 +849,13 @@ def test_llama3_json_tool_calls_are_parsed():
     assert parse_llama3_json("Paris is sunny.") == ("Paris is sunny.", [])
     assert parse_llama3_json('{"name": "f", "parameters": {') == ('{"name": "f", "parameters": {', [])  # cut short
     assert parse_llama3_json('{"city": "Paris"}') == ('{"city": "Paris"}', [])  # JSON, but not a call
+    # an answer with a "name" field (response_format beside the tools) is no call without its arguments (vLLM's
+    # parsers read them as value["arguments"]); the same in the other parsers of JSON objects
+    person = '{"name": "Alice", "age": 30}'
+    assert parse_llama3_json(person) == (person, [])
+    for parser, reply in [("granite", f"[{person}]"), ("hermes", f"<tool_call>{person}</tool_call>"),
+                          ("mistral", f"[TOOL_CALLS][{person}]"), ("phi4_mini_json", f"functools[{person}]")]:
+        assert read_reply(reply, None, parser, "stop")[1] is None, parser
     stream = ToolCallStream("llama3_json")
     assert stream.feed(" ") == "" and stream.feed('{"name": "f", ') == "" and stream.feed('"parameters": {}}') == ""
     assert stream.finish()[1][0].function.name == "f"
@@ -860,9 +867,10 @@ def test_llama3_json_tool_calls_are_parsed():
 # forms not its own); stream deltas with what each sends on; the call the stream gives at the end; a text a
 # stream sends on at once (or None).
 PARSED = {
-    "granite": ([(' [{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]\n', None, [("f", {"x": 1}), ("g", {})])],
-                ("Paris is sunny.", '[{"name": "f", "arguments": {', "[1, 2]", '{"name": "f"}'),
-                [(" ", ""), ('[{"name": "f"}', ""), ("]", "")], ("f", {}), "Sunny [1]"),
+    "granite": ([(' [{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]\n', None,
+                  [("f", {"x": 1}), ("g", {})])],
+                ("Paris is sunny.", '[{"name": "f", "arguments": {', "[1, 2]", '{"name": "f"}', '[{"name": "f"}]'),
+                [(" ", ""), ('[{"name": "f", ', ""), ('"arguments": {}}', ""), ("]", "")], ("f", {}), "Sunny [1]"),
     "mistral": ([('Let me look. [TOOL_CALLS][{"name": "f", "arguments": {"x": 1}}]', "Let me look.", [("f", {"x": 1})]),
                  ('[TOOL_CALLS]f[ARGS]{"x": 1}[TOOL_CALLS]g[ARGS]{}', None, [("f", {"x": 1}), ("g", {})])],
                 ("No tools needed.", "[TOOL_CALLS]f[ARGS]{", "[TOOL_CALLS]no arguments"),
@@ -915,16 +923,17 @@ PARSED = {
                      '</minimax:tool_call>', "Let me check.", [("f", {"x": "1", "y": "two\nlines"}), ("g", {})])],
                    ("No tools.", '<invoke name="f"></invoke>', "<minimax:tool_call>\n</minimax:tool_call>"),
                    [("Sure <minimax:", "Sure "), ('tool_call><invoke name="g"></invoke>', "")], ("g", {}), "Sunny <b>"),
-    "phi4_mini_json": ([('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]', "Checking.",
-                         [("f", {"x": 1}), ("g", {})])],
+    "phi4_mini_json": ([('Checking. functools[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]',
+                         "Checking.", [("f", {"x": 1}), ("g", {})])],
                        ("No tools.", 'functools[{"name": "f", "arguments": {', "functools[]", 'functools[{"x": 1}]'),
-                       [("Sure functo", "Sure "), ('ols[{"name": "f"}]', "")], ("f", {}), None),
+                       [("Sure functo", "Sure "), ('ols[{"name": "f", "arguments": {}}]', "")], ("f", {}), None),
     # Nemotron Nano 2's: a JSON list inside <TOOLCALL> (its closing tag missing where generation stopped first)
-    "nemotron_json": ([('Checking.\n<TOOLCALL>[{"name": "f", "arguments": {"x": 1}}, {"name": "g"}]</TOOLCALL>',
-                        "Checking.", [("f", {"x": 1}), ("g", {})]),
+    "nemotron_json": ([('Checking.\n<TOOLCALL>[{"name": "f", "arguments": {"x": 1}}, {"name": "g", "arguments": {}}]'
+                        '</TOOLCALL>', "Checking.", [("f", {"x": 1}), ("g", {})]),
                        ('<TOOLCALL> {"name": "f", "arguments": {}} ', None, [("f", {})])],
                       ("No tools.", '<TOOLCALL>[{"name": "f", "arguments": {</TOOLCALL>', "<TOOLCALL>[]</TOOLCALL>",
-                       "[TOOLCALL]"), [("Sure <TOOL", "Sure "), ('CALL>[{"name": "f"}]</TOOLCALL>', "")], ("f", {}),
+                       "[TOOLCALL]"), [("Sure <TOOL", "Sure "), ('CALL>[{"name": "f", "arguments": {}}]</TOOLCALL>', "")],
+                      ("f", {}),
                       "Sunny <b>"),
 }
 

@@ -103,6 +103,21 @@ def _call(name: str, arguments: str) -> ToolCall:
     return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=arguments))
 
 
+def _json_call(value: Any, *keys: str) -> ToolCall:
+    """The call a JSON object of the reply states: its "name" and the first of `keys` it holds, its arguments.
+    KeyError where it holds none of them, as vLLM's parsers read it, so that an answer in JSON with a "name"
+    field (a person's, say, asked for by response_format beside the tools) stays the answer, not a call."""
+    if not isinstance(value, dict):
+        raise TypeError(f"a call is a JSON object, not {type(value).__name__}")
+    arguments = next((value[key] for key in keys if key in value), _NO_ARGUMENTS)
+    if arguments is _NO_ARGUMENTS:
+        raise KeyError(keys[0])
+    return _call_of(value["name"], arguments)
+
+
+_NO_ARGUMENTS = object()
+
+
 def _call_of(name: str, arguments: Any) -> ToolCall:
     """A call whose arguments are a value read from the reply, written as JSON: a string is the JSON it holds
     where it is JSON text, else a JSON string (as vLLM's parsers write it); ValueError where JSON cannot hold
@@ -178,7 +193,7 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     for match in _HERMES_CALL.finditer(text):
         try:
             value = json.loads(match.group(1))
-            call = _call_of(value["name"], value.get("arguments", {}))
+            call = _json_call(value, "arguments")
         except (ValueError, KeyError, TypeError):
             continue
         kept.append(text[end:match.start()])
@@ -220,7 +235,7 @@ def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
     try:
         while at < len(body):
             value, at = decoder.raw_decode(body, at)
-            calls.append(_call_of(value["name"], value.get("parameters", value.get("arguments", {}))))
+            calls.append(_json_call(value, "arguments", "parameters"))
             while at < len(body) and body[at] in "; \t\n":
                 at += 1
     except (ValueError, KeyError, TypeError, AttributeError):
@@ -243,7 +258,7 @@ def parse_granite(text: str) -> tuple[str | None, list[ToolCall]]:
     """(None, the calls) for a reply that is one JSON array of calls, else (the text, [])."""
     try:
         values = json.loads(text)
-        calls = [_call_of(value["name"], value.get("arguments", {})) for value in values] if isinstance(values, list) \
+        calls = [_json_call(value, "arguments") for value in values] if isinstance(values, list) \
             else []
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
@@ -258,7 +273,7 @@ def parse_mistral(text: str) -> tuple[str | None, list[ToolCall]]:
     try:
         for part in (part.strip() for part in parts):
             if part.startswith("["):
-                calls += [_call_of(value["name"], value.get("arguments", {})) for value in json.loads(part)]
+                calls += [_json_call(value, "arguments") for value in json.loads(part)]
             else:
                 name, arguments = part.split(MISTRAL_ARGS, 1)
                 calls.append(_call_of(name.strip(), json.loads(arguments)))
@@ -343,7 +358,7 @@ def parse_json_list(text: str, opening: str, closing: str = "") -> tuple[str | N
     try:
         values, end = json.JSONDecoder().raw_decode(text, at)
         values = [values] if isinstance(values, dict) else values  # (one call without its list)
-        calls = [_call_of(value["name"], value.get("arguments", value.get("parameters", {}))) for value in values]
+        calls = [_json_call(value, "arguments", "parameters") for value in values]
     except (ValueError, KeyError, TypeError, AttributeError):
         return text, []
     rest = text[end:].lstrip()
