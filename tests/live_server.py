@@ -23,10 +23,11 @@ MODEL = "tiny"
 class LiveServer:
     """uvicorn in a background thread on an ephemeral port, ready once the model has loaded."""
 
-    def __init__(self, app, wait_for_model: bool = True):
+    def __init__(self, app, wait_for_model: bool = True, root_path: str = ""):
         self.app = app
         self.wait_for_model = wait_for_model
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning",
+                                                    root_path=root_path))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> "LiveServer":

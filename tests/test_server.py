@@ -1375,6 +1375,23 @@ def test_browsers_may_call_across_origins_as_vllm_allows(model_dir):
         ServeSettings(allow_credentials=True)
 
 
+def test_the_api_key_guards_the_routes_under_a_root_path(model_dir):
+    """Behind a proxy that serves the API under --root-path (uvicorn puts the prefix in front of each request's
+    path), the key is still asked for on the API's routes, and probes are still not counted as requests: the
+    guard matched the path with the prefix, so no /v1 route asked for a key."""
+    settings = ServeSettings(api_key="k", root_path="/api")
+    with LiveServer(create_app(engine_config(model_dir), settings), root_path="/api") as live:
+        assert httpx.get(live.url + "/v1/models").status_code == 401
+        assert httpx.post(live.url + "/tokenize", json={"prompt": "x"}).status_code == 401
+        assert httpx.get(live.url + "/v1/models", headers={"Authorization": "Bearer k"}).status_code == 200
+        keyed = openai.OpenAI(base_url=live.url + "/v1", api_key="k", max_retries=0)
+        assert keyed.completions.create(model=MODEL, prompt="x", max_tokens=1).choices
+        assert httpx.get(live.url + "/health").status_code == 200
+        counted = {line.split("status=")[1] for line in httpx.get(live.url + "/metrics").text.splitlines()
+                   if line.startswith("lcq:http_requests_total{") and not line.endswith(" 0.0")}
+        assert counted == {'"200"} 2.0', '"401"} 2.0'}  # the two keyed requests and the two refused, no probe
+
+
 def test_client_errors_use_the_envelope(server):
     post = lambda path, body: httpx.post(server.url + path, json=body)  # noqa: E731
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"

@@ -22,6 +22,15 @@ REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()  # as ASGI spells header nam
 MAX_REQUEST_ID_LENGTH = 128
 
 
+def route_path(scope) -> str:
+    """The path the routes are matched on: the request's without the server's root path (`--root-path`), which
+    uvicorn puts in front of it, as Starlette's router takes it off."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root):len(root) + 1] in ("/", ""):
+        return path[len(root):]
+    return path
+
+
 def request_id_of(headers: dict[bytes, bytes]) -> str:
     """The client's X-Request-Id (vLLM's base of a response id), so that its logs and ours name a request
     alike; a fresh id where it sent none, or one unfit to go into ids, headers and logs as it is (anything
@@ -43,7 +52,8 @@ class GuardMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
 
-        counted = scope["path"] not in UNCOUNTED_PATHS
+        path = route_path(scope)
+        counted = path not in UNCOUNTED_PATHS
         started = False
         headers = dict(scope.get("headers") or [])
         balanced = ASK_NEXT_REPLICA_HEADER.encode() in headers  # (its 404s hand the request on: not answers)
@@ -60,7 +70,7 @@ class GuardMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_KEY, request_id.encode())]}
             await send(message)
 
-        error = self._auth_error(scope["path"], headers)
+        error = self._auth_error(path, headers)
         if error is None:
             receive, error = await self._limited_body(headers, receive)
         if error is not None:
