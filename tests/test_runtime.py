@@ -872,9 +872,13 @@ def test_sampler_filters():
         (SamplingParams(temperature=1.0, min_p=0.5), {0, 1}),
         (SamplingParams(temperature=0.0), {0}),
         (SamplingParams(temperature=1.0, top_k=2, top_p=0.6), {0}),  # top-p of the top-k's 0.8: 0.5 is enough
+        # a top_p that float32 rounds to 0 keeps the likeliest (the C draw read before its candidates: token 0
+        # whatever the row; the torch ops kept none, a 400 blaming other parameters)
+        (SamplingParams(temperature=1.0, top_p=1e-300), {0}),
     ]:
-        seen = {sample(logits.clone(), [_seq(params)])[0][0] for _ in range(200)}
-        assert seen == allowed, params
+        for dtype in (torch.float32, torch.float64):  # the C draw, and the torch ops
+            seen = {sample(logits.to(dtype).flip(-1), [_seq(params)])[0][0] for _ in range(100)}
+            assert seen == {3 - token for token in allowed}, (params, dtype)
 
 
 def test_a_row_without_a_finite_logit_is_an_error_not_a_token():

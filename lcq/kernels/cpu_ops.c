@@ -301,12 +301,13 @@ static int find_cut(const float *w, int64_t n, int64_t top_k, double limit, floa
         for (int64_t j = 0; j < n; j++)
             if (w[j] >= floor && w[j] > 0.0f && weight_bucket(w[j]) == b)
                 candidates[m++] = (lcq_candidate){w[j], (int32_t)j};
+        if (!m) continue; /* (only zero weights: none to keep) */
         qsort(candidates, (size_t)m, sizeof *candidates, most_likely_first);
-        int64_t j = 0; /* at least one is kept: fewer than top_k so far, and less than the limit */
-        for (; j < m && count < top_k && kept < limit; j++) {
+        int64_t j = 0; /* at least one is kept, even where top_p was so small that its limit rounded to 0 */
+        do {
             count++;
-            kept += candidates[j].weight;
-        }
+            kept += candidates[j++].weight;
+        } while (j < m && count < top_k && kept < limit);
         if (j < m || count >= top_k || kept >= limit) {
             *cut = (sample_cut){candidates[j - 1].weight, candidates[j - 1].index, kept};
             return 1;

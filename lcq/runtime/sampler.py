@@ -130,6 +130,7 @@ def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
         values, order = part.topk(width, dim=-1)  # most likely first
         keep = (torch.arange(width, device=probs.device) < limit_k.unsqueeze(1)) & \
             ((values.cumsum(-1) - values) < limit_p.unsqueeze(1))
+        keep[:, 0] = True  # the likeliest always, even where top_p was so small that its limit rounded to 0
         cut = torch.zeros_like(part).scatter_(1, order, values * keep)
         if rows is None:
             kept, rows = cut, torch.arange(probs.shape[0], device=probs.device)
