@@ -126,6 +126,10 @@ def test_previous_response_id_continues_the_stored_conversation(server, client):
     unstored = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(unstored.id)
+    # null is the default (the SDK types store and parallel_tool_calls as optional; wrappers pass their Nones on)
+    defaulted = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=None,
+                                        parallel_tool_calls=None)
+    assert client.responses.retrieve(defaulted.id).parallel_tool_calls is True
 
 
 def test_store_drops_the_least_recently_used():

@@ -622,7 +622,8 @@ def test_tool_calls_and_insertion_are_refused_not_ignored(client):
             client.completions.create(model=MODEL, prompt="x", max_tokens=2, **extra)
         assert refused.value.body["param"] == param
     for extra in (dict(response_format={"type": "text"}), dict(tools=tools, tool_choice="none"),
-                  dict(functions=functions, function_call="none")):
+                  dict(functions=functions, function_call="none"),
+                  dict(tools=tools, tool_choice="none", parallel_tool_calls=None)):
         reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
         assert reply.choices[0].message.content is not None
     assert client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=2, best_of=2).choices

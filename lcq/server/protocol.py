@@ -20,6 +20,9 @@ Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
 # A flag that OpenAI's and vLLM's types declare nullable (stream, echo, chat's logprobs): null is false, the default
 NullableFlag = Annotated[bool | None, AfterValidator(bool)]
+# A flag on by default whose null means its default, as the SDKs send fields they were given as None
+# (OpenAI types these Optional[bool]): store, parallel_tool_calls.
+NullableOnFlag = Annotated[bool | None, AfterValidator(lambda flag: flag is not False)]
 
 
 def _not_zero(k: int) -> int:
@@ -405,7 +408,7 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     # Known so that they are refused rather than ignored: generation would not honour them.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True  # false: at most one call per reply
+    parallel_tool_calls: NullableOnFlag = True  # false: at most one call per reply
     functions: list[dict[str, Any]] | None = None  # the older form of tools
     function_call: str | dict[str, Any] | None = None
 

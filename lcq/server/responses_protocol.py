@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import APIError
-from .protocol import (ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, SamplingRequest,
-                       tool_choice_problem)
+from .protocol import (ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, NullableOnFlag,
+                       SamplingRequest, tool_choice_problem)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # what `include` names to get the output's logprobs
 TEXT_PARTS = ("input_text", "output_text", "text")
@@ -158,9 +158,9 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     text: dict[str, Any] | None = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}}
     tools: list[dict[str, Any]] | None = None  # {"type": "function", "name", "parameters", ...}
     tool_choice: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: NullableOnFlag = True
     previous_response_id: str | None = None
-    store: bool = True
+    store: NullableOnFlag = True
     metadata: dict[str, str] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     include: list[str] | None = None
