@@ -1398,6 +1398,8 @@ def test_client_errors_use_the_envelope(server):
     assert error_of(post("/v1/completions", {"prompt": "x", "temperature": 5}), 400)["param"] == "temperature"
     error_of(post("/v1/completions", {"prompt": "x", "max_tokens": "many"}), 400)  # a type error: 400, not 422
     error_of(post("/v1/completions", {"prompt": []}), 400)
+    mixed = error_of(post("/v1/completions", {"prompt": ["a", 5]}), 400)  # the field, not pydantic's union branch
+    assert mixed["param"] == "prompt" and mixed["message"].startswith("prompt: ")
     error_of(post("/v1/completions", {"prompt": [10**6]}), 400)
     error_of(post("/v1/chat/completions", {"messages": []}), 400)
     error_of(post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}), 400)

@@ -89,13 +89,22 @@ def engine_error(e: Exception, retry_after: int = 1, request: OpenAIRequest | No
     raise e
 
 
+TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "bytes"})
+
+
+def _union_branch(part: object) -> bool:
+    """Whether a part of pydantic's error location names the branch of a union it tried ("str", "list[int]",
+    "function-after[...]"), not a field: `prompt`, not `prompt.str`."""
+    return isinstance(part, str) and (part in TYPE_TAGS or "[" in part or "-" in part)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The first problem as one line, and the request field it concerns (OpenAI's `param`)."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _union_branch(part)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
