@@ -1252,6 +1252,23 @@ def test_json_output_follows_its_schema(llm):
     for bad in ({"type": "no-such-type"}, {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}):
         with pytest.raises(ValueError, match="json_schema"):
             llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
+    # what xgrammar compiles but does not enforce is refused, not broken silently (its outputs broke each)
+    item = {"type": "integer", "minimum": 0, "maximum": 9}
+    for bad, what in [({"type": "array", "items": item, "uniqueItems": True}, "`uniqueItems` (at #)"),
+                      ({"type": "object", "properties": {"v": {"not": item}}}, "`not` (at #/properties/v)"),
+                      ({"type": "object", "properties": {"s": {"allOf": [{"type": "string"}, {"maxLength": 2}]}}},
+                       "`allOf` of several schemas"),
+                      ({"$defs": {"n": item}, "type": "object", "properties": {"v": {"$ref": "#/$defs/n", "maximum": 5}}},
+                       "`maximum` beside `$ref`"),
+                      ({"type": "string", "pattern": "[a-z]+", "maxLength": 3}, "length bounds beside its pattern")]:
+        with pytest.raises(ValueError, match=re.escape(what)):
+            llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
+    # ... while a property named after such a keyword, one-schema allOf and annotations beside $ref are fine
+    fine = {"$defs": {"n": item}, "type": "object", "required": ["not", "v"],
+            "properties": {"not": {"allOf": [item]}, "v": {"$ref": "#/$defs/n", "description": "a digit"}}}
+    value = json.loads(llm.generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0, structured_output=
+                                                                 StructuredOutput(json.dumps(fine))))[0].text)
+    assert set(value) == {"not", "v"} and all(0 <= v <= 9 for v in value.values())
     with pytest.raises(ValueError, match="min_tokens"):
         llm.generate([PROMPTS[2]], SamplingParams(min_tokens=2, structured_output=StructuredOutput()))
 

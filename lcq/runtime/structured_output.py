@@ -28,6 +28,56 @@ from .sequence import Sequence
 
 GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a server sees ever new ones
 
+# JSON Schema keywords xgrammar compiles but does not enforce (its outputs break them: [2, 2] under uniqueItems,
+# {"v": 3} under not), refused rather than broken silently, as vLLM's xgrammar backend refuses them.
+UNENFORCED = ("contains", "minContains", "maxContains", "uniqueItems", "patternProperties", "propertyNames",
+              "dependentSchemas", "dependentRequired", "not", "if", "then", "else", "unevaluatedItems",
+              "unevaluatedProperties")
+SCHEMA_MAPS = ("properties", "$defs", "definitions")  # their values are schemas (their keys are names)
+SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
+ANNOTATIONS = frozenset({"$ref", "$defs", "definitions", "$schema", "$id", "$comment", "title", "description",
+                         "default", "examples", "deprecated", "readOnly", "writeOnly"})
+STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
+                            "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
+
+
+def unenforced(schema: object, at: str = "#") -> str | None:
+    """Where and what of the first constraint in `schema` that xgrammar would not enforce, or None: the
+    UNENFORCED keywords, allOf of several schemas, constraints beside a $ref, multipleOf on non-integers,
+    formats it does not know, and a string's pattern or format together with length bounds (its grammar
+    keeps the one and drops the other)."""
+    if isinstance(schema, list):
+        return next((found for i, item in enumerate(schema) if (found := unenforced(item, f"{at}/{i}"))), None)
+    if not isinstance(schema, dict):
+        return None
+    types = schema.get("type")
+    types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
+    problem = next((f"`{key}`" for key in UNENFORCED if key in schema), None)
+    if problem is None and isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
+        problem = "`allOf` of several schemas"
+    if problem is None and "$ref" in schema and set(schema) - ANNOTATIONS:
+        problem = f"`{sorted(set(schema) - ANNOTATIONS)[0]}` beside `$ref`"
+    if problem is None and "multipleOf" in schema and types != {"integer"}:
+        problem = "`multipleOf` on other than integers"
+    if problem is None and "format" in schema and schema["format"] not in STRING_FORMATS:
+        problem = f"format `{schema['format']}`"
+    if problem is None and ({"pattern", "format"} & set(schema)) and ({"minLength", "maxLength"} & set(schema)):
+        problem = "a string's length bounds beside its pattern or format"
+    if problem is not None:
+        return f"{problem} (at {at})"
+    for key, value in schema.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            found = next((found for name, sub in value.items() if (found := unenforced(sub, f"{at}/{key}/{name}"))),
+                         None)
+        elif key in SCHEMA_LISTS or key in SCHEMA_VALUES:
+            found = unenforced(value, f"{at}/{key}")
+        else:
+            continue
+        if found:
+            return found
+    return None
+
 
 class StructuredOutputs:
     """Grammars compiled once per schema for one tokenizer (the GRAMMARS_KEPT most recently used), and each
@@ -59,6 +109,8 @@ class StructuredOutputs:
                     self._grammars[spec] = self._compiler.compile_grammar(spec.grammar)
                 else:
                     schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
+                    if problem := unenforced(schema):
+                        raise ValueError(f"the grammar would not enforce {problem}")
                     self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
             except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
                 what = spec.source or ("guided_regex" if spec.regex is not None else "guided_grammar"
