@@ -1273,6 +1273,20 @@ def test_json_output_follows_its_schema(llm):
         llm.generate([PROMPTS[2]], SamplingParams(min_tokens=2, structured_output=StructuredOutput()))
 
 
+def test_length_bounded_strings_hold_no_raw_control_characters(llm):
+    """xgrammar lets a string with minLength or maxLength take raw control characters, which JSON does not allow
+    (json.loads and the SDKs refuse such output): a bias towards one of them must not reach the output."""
+    pytest.importorskip("xgrammar")
+    control = next(t for t in range(llm.tokenizer.vocab_size) if llm.tokenizer.decode([t]) == "\x17")
+    for schema in ({"type": "string", "maxLength": 4}, {"type": "object", "required": ["s"],
+                                                         "properties": {"s": {"type": "string", "minLength": 2,
+                                                                              "maxLength": 3}}}):
+        params = SamplingParams(max_tokens=20, temperature=0, logit_bias={control: 50},
+                                structured_output=StructuredOutput(json.dumps(schema)))
+        text = llm.generate([PROMPTS[2]], params)[0].text
+        assert "\x17" not in text and json.loads(text) is not None, text
+
+
 def test_a_grammar_can_start_after_a_marker(llm):
     """structured_output_after: free text until the marker, the grammar from the next token on; a marker
     that never comes leaves the output free."""

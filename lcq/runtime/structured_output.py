@@ -33,6 +33,9 @@ GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a ser
 UNENFORCED = ("contains", "minContains", "maxContains", "uniqueItems", "patternProperties", "propertyNames",
               "dependentSchemas", "dependentRequired", "not", "if", "then", "else", "unevaluatedItems",
               "unevaluatedProperties")
+# The character class of a length-bounded string in xgrammar's EBNF of a schema, and the one JSON allows
+LENGTH_BOUNDED_CHARACTER = r'([^\"\\\r\n])'
+JSON_STRING_CHARACTER = r'([^\0-\x1f\"\\\r\n])'
 SCHEMA_MAPS = ("properties", "$defs", "definitions")  # their values are schemas (their keys are names)
 SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
 SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
@@ -111,7 +114,7 @@ class StructuredOutputs:
                     schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
                     if problem := unenforced(schema):
                         raise ValueError(f"the grammar would not enforce {problem}")
-                    self._grammars[spec] = self._compiler.compile_json_schema(schema, any_whitespace=False)
+                    self._grammars[spec] = self._schema_grammar(xgrammar, schema)
             except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
                 what = spec.source or ("guided_regex" if spec.regex is not None else "guided_grammar"
                                        if spec.grammar is not None else "response_format json_schema")
@@ -120,6 +123,17 @@ class StructuredOutputs:
             if len(self._grammars) > self.kept:
                 self._grammars.popitem(last=False)
         return self._grammars[spec]
+
+    def _schema_grammar(self, xgrammar, schema: dict):
+        """The compiled grammar of a JSON schema. xgrammar (0.2.9, the latest) writes the characters of a string
+        with minLength or maxLength as any but a quote, a backslash, CR and LF, control characters included,
+        which JSON does not allow raw (json.loads and the SDKs' parse() refuse the output): such grammars are
+        compiled from their EBNF with the control characters left out, as its other strings have them."""
+        text = json.dumps(schema)
+        if '"minLength"' not in text and '"maxLength"' not in text:
+            return self._compiler.compile_json_schema(schema, any_whitespace=False)
+        ebnf = str(xgrammar.Grammar.from_json_schema(text, any_whitespace=False))
+        return self._compiler.compile_grammar(ebnf.replace(LENGTH_BOUNDED_CHARACTER, JSON_STRING_CHARACTER))
 
     def check(self, spec: StructuredOutput) -> None:
         """Compile now, so that a bad schema is a client error at submission (ValueError)."""
