@@ -363,6 +363,32 @@ def test_json_output_follows_the_thinking(thinking, thinking_dir):
         in ("apple", "pear")
 
 
+def test_json_output_follows_the_thinking_a_reply_opens_itself(thinking_dir, tmp_path):
+    """The prompt does not open the thinking (Qwen3's stock template with thinking on: the model writes <think>
+    itself): a reply may open with <think> and is then free until </think>, after which the grammar applies; a
+    reply that opens otherwise follows the grammar from its first token. The grammar forced the first token to
+    be JSON, so such a model could not think."""
+    pytest.importorskip("xgrammar")
+    folder = tmp_path / "opens-itself"
+    folder.mkdir()
+    for path in thinking_dir.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = THINKING_TEMPLATE.replace("assistant\n<think>\n", "assistant\n")
+    tokenizer.save_pretrained(folder)
+    start, end = tokenizer.convert_tokens_to_ids("<think>"), tokenizer.convert_tokens_to_ids("</think>")
+    fmt = {"type": "json_schema", "json_schema": {"name": "fruit", "schema": FRUIT}}
+    with LiveServer(create_app(engine_config(folder), ServeSettings(reasoning_parser="qwen3"))) as live:
+        client = client_of(live)
+        args = dict(model=MODEL, messages=QUESTION, max_tokens=30, temperature=0, response_format=fmt)
+        thought = client.chat.completions.create(**args, frequency_penalty=2,
+                                                 logit_bias={str(start): 100, str(end): 99})
+        message = thought.choices[0].message
+        assert message.reasoning is not None and json.loads(message.content)["name"] in ("apple", "pear")
+        plain = client.chat.completions.create(**args, logit_bias={str(start): -100}).choices[0].message
+        assert getattr(plain, "reasoning", None) is None and json.loads(plain.content)["name"] in ("apple", "pear")
+
+
 def test_a_message_that_mentions_the_tag_does_not_open_the_thinking(client, thinking):
     """Only what opens the reply decides whether it starts inside reasoning: a question about the <think>
     tag made the whole reply reasoning and dropped its JSON schema; a template that opens the thinking still

@@ -158,8 +158,9 @@ class LLMEngine:
                                              params.min_tokens)
         seq = Sequence(request_id, prompt_ids, params, detokenizer, max_tokens, arrival_time)
         seq.bad_word_ids = bad_word_token_ids(self.tokenizer, params.bad_words)
-        if params.structured_output is not None and params.structured_output_after is None:
-            self.structured.start(seq)
+        if params.structured_output is not None and (params.structured_output_after is None
+                                                     or params.structured_output_opening is not None):
+            self.structured.start(seq, params.structured_output_opening)
         if params.lora is not None:
             seq.adapter = self.runner.adapters.served[params.lora]
         self.sequences[request_id] = seq
@@ -431,7 +432,7 @@ class LLMEngine:
         stop_token = not ends and token in p.stop_token_ids
         # The end-of-sequence token is never text, a stop token only with include_stop_str_in_output (vLLM's)
         text = "" if ends or (stop_token and not p.include_stop_str_in_output) else seq.detokenizer.add(token)
-        grammar_ended = seq.grammar is not None and self.structured.accept(seq, token)
+        grammar_ended = seq.grammar is not None and self.structured.accept(seq, token, p.structured_output_opening)
         if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker
             self.structured.start_after(seq, searched_from)
         if ends or grammar_ended:

@@ -58,6 +58,10 @@ class SamplingParams:
     # The grammar starts once the output's text holds this string (a reasoning model's "</think>": the
     # answer is constrained, not the thinking before it); None: from the first token.
     structured_output_after: str | None = None
+    # With structured_output_after: a reply may open with this text in one token (a reasoning model's "<think>",
+    # where the prompt did not open it), and is then free until the marker; a reply that opens otherwise is
+    # constrained from its first token. None: free until the marker whatever it opens with.
+    structured_output_opening: str | None = None
     # OpenAI's Predicted Outputs: token ids the output is expected to repeat (a file being edited). They are
     # drafted and verified like prompt lookup (speculative.py), so the output is what it would be without.
     prediction: list[int] | None = None
@@ -97,6 +101,9 @@ class SamplingParams:
             (self.structured_output_after is None or (self.structured_output is not None
                                                        and self.structured_output_after != ""),
              "structured_output_after needs structured_output and a non-empty string"),
+            (self.structured_output_opening is None or (self.structured_output_after is not None
+                                                         and self.structured_output_opening != ""),
+             "structured_output_opening needs structured_output_after and a non-empty string"),
             (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "

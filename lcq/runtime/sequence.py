@@ -56,6 +56,7 @@ class Sequence:
         self.prompt_logprobs: list | None = [None] * len(prompt_ids) if params.prompt_logprobs is not None else None
         self.prompt_logprobs_sent = False
         self.grammar = None  # the grammar matcher of a constrained output (structured_output.py)
+        self.may_open = False  # its first token may be the params' structured_output_opening instead
         self.bad_word_ids: list[tuple[int, ...]] = []  # params.bad_words as token ids (engine.bad_word_token_ids)
         # Speculative decoding (speculative.py): during a step, the last num_draft_tokens of token_ids are
         # drafts to verify; the n-gram index of prompt lookup covers token_ids[:ngram_indexed_until].

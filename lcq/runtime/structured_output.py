@@ -91,6 +91,7 @@ class StructuredOutputs:
         self.kept = kept
         self._compiler = None
         self._grammars: OrderedDict[StructuredOutput, object] = OrderedDict()
+        self._openings: dict[str, torch.Tensor] = {}
 
     def _grammar(self, spec: StructuredOutput):
         if spec in self._grammars:
@@ -139,10 +140,23 @@ class StructuredOutputs:
         """Compile now, so that a bad schema is a client error at submission (ValueError)."""
         self._grammar(spec)
 
-    def start(self, seq: Sequence) -> None:
-        """Give seq a matcher: its next tokens follow the grammar from its start."""
+    def start(self, seq: Sequence, opening: str | None = None) -> None:
+        """Give seq a matcher: its next tokens follow the grammar from its start, but for its first, which may
+        instead be a token that opens with `opening` (the grammar then waits for the marker)."""
         import xgrammar
         seq.grammar = xgrammar.GrammarMatcher(self._grammar(seq.params.structured_output))
+        seq.may_open = opening is not None
+
+    def opening_tokens(self, opening: str) -> torch.Tensor:
+        """The ids of the tokens whose text opens with `opening` (after whitespace), once per opening."""
+        ids = self._openings.get(opening)
+        if ids is None:
+            texts = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            candidates = [i for i, text in enumerate(texts) if text is not None and opening in text]
+            ids = [i for i in candidates if i < self.vocab_size
+                   and self.tokenizer.decode([i], skip_special_tokens=False).lstrip().startswith(opening)]
+            ids = self._openings[opening] = torch.tensor(ids, dtype=torch.long)
+        return ids
 
     def start_after(self, seq: Sequence, searched_from: int) -> None:
         """Start seq's matcher if its output text, past `searched_from` minus the marker's length (what
@@ -156,14 +170,25 @@ class StructuredOutputs:
         import xgrammar
         rows = [row for row, seq in enumerate(seqs) if seq.grammar is not None]
         bitmask = xgrammar.allocate_token_bitmask(len(seqs), self.vocab_size)
+        openings = []  # (row, the tokens that open it otherwise): allowed beside the grammar's, after masking
         for row in rows:
             seqs[row].grammar.fill_next_token_bitmask(bitmask, row)
+            if seqs[row].may_open:
+                ids = self.opening_tokens(seqs[row].params.structured_output_opening).to(logits.device)
+                openings.append((row, ids, logits[row, ids].clone()))
         xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
                                              indices=rows)
+        for row, ids, values in openings:
+            logits[row, ids] = values
 
-    @staticmethod
-    def accept(seq: Sequence, token: int) -> bool:
-        """Advance seq's matcher by its new token; True when the grammar has ended (the output is done)."""
+    def accept(self, seq: Sequence, token: int, opening: str | None = None) -> bool:
+        """Advance seq's matcher by its new token; True when the grammar has ended (the output is done). A first
+        token that opens with `opening` drops the matcher instead: the grammar starts after the marker."""
+        if seq.may_open:
+            seq.may_open = False
+            if token in self.opening_tokens(opening).tolist():
+                seq.grammar = None
+                return False
         if not seq.grammar.accept_token(token):
             raise RuntimeError(f"token {token} was sampled outside the grammar")
         return seq.grammar.is_terminated()

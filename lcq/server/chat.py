@@ -283,8 +283,12 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
         if state.settings.reasoning_parser else None
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
-    if reasoning is not None and reasoning.inside and params.structured_output is not None:
-        params.structured_output_after = THINK_END  # the grammar is for the answer, not the thinking
+    if reasoning is not None and params.structured_output is not None and state.settings.reasoning_parser != HARMONY:
+        # The grammar is for the answer, not the thinking: after "</think>" where the prompt opened the thinking;
+        # else after it where the reply opens "<think>" itself (Qwen3's stock template, thinking on), and from
+        # the first token where the reply opens otherwise.
+        params.structured_output_after = THINK_END
+        params.structured_output_opening = None if reasoning.inside else THINK_START
     if body.prediction is not None:
         params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
     prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)),
