@@ -35,7 +35,7 @@ def exclusive(lock_path: Path, busy: str | None = None) -> IO[str]:
 
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(lock_path, "w")
+        lock = open(lock_path, "a")  # (not "w": a file that is there already is never truncated)
     except OSError as e:
         raise UserError(f"{lock_path}: cannot be created ({e.strerror})") from None
     try:

@@ -65,6 +65,7 @@ def test_dual_quantization_of_zero_and_tiny_scales():
     s = torch.randn(5, 3, 2)
     s[1, :, 1] = 0.0
     s[2, :, 0] = 1e-9 * torch.randn(3)
+    s[3, :, 1] = torch.tensor([1.84e-5, -0.4e-5, 0.9e-5])  # a subnormal scale fp16 rounds down (1.84e-5 was clipped)
     b = torch.randn(5, 3)
     b[4] = 0.0
     s_q, s_scale, b_q, b_scale = dual_quantize(s, b)
@@ -149,13 +150,25 @@ def test_shards_are_readable_as_any_new_file(tmp_path):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
-@pytest.mark.parametrize("layer_bits", [{"model.layers.0.mlp.up_proj": 5}, ["model.layers.0.mlp.up_proj"]])
+@pytest.mark.parametrize("layer_bits", [{"model.layers.0.mlp.up_proj": 5}, ["model.layers.0.mlp.up_proj"],
+                                        {"model.layers.0.mlp.up_proj": 3.0}])
 def test_bad_layer_widths_are_refused(tmp_path, layer_bits):
     write_checkpoint(tmp_path / "ckpt", random_layer())
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["quantization_config"].update(format_version=4, layer_bits=layer_bits)
     write_json(tmp_path / "ckpt" / "config.json", cfg)
     with pytest.raises(FormatError, match="layer_bits must map module names to 2, 3 or 4"):
+        CheckpointReader(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("key, value", [("head_bits", 3.0), ("embed_bits", 5), ("head_bits", "3")])
+def test_bad_head_and_table_widths_are_refused(tmp_path, key, value):
+    """3.0 equals 3 but is no bit width: refused as the file is read, not a TypeError when the model is built."""
+    write_checkpoint(tmp_path / "ckpt", random_layer())
+    cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    cfg["quantization_config"][key] = value
+    write_json(tmp_path / "ckpt" / "config.json", cfg)
+    with pytest.raises(FormatError, match=f"unsupported {key}="):
         CheckpointReader(tmp_path / "ckpt")
 
 

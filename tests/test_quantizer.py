@@ -624,7 +624,11 @@ def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monke
         quantize_model(tiny_hf, tmp_path / "resumed", changed, resume=True, progress=False)
     other = make_tiny_hf(tmp_path / "other", seed=1)  # the same shapes, other weights
     reworded = QuantizeOptions(**{**options.__dict__, "calib_text": CALIBRATION_TEXT[::-1]})  # the same length
-    for source, asked in ((other, options), (tiny_hf, reworded)):
+    retokenized = tmp_path / "retokenized"  # the same weights, a tokenizer that reads the text otherwise
+    shutil.copytree(tiny_hf, retokenized)
+    tokenizer_config = json.loads((retokenized / "tokenizer_config.json").read_text())
+    (retokenized / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, "do_lower_case": True}))
+    for source, asked in ((other, options), (tiny_hf, reworded), (retokenized, options)):
         with pytest.raises(UserError, match="another source model or calibration text"):
             quantize_model(source, tmp_path / "resumed", asked, resume=True, progress=False)
     # a damaged progress file or finished block is one line, and the folder stays for a fixed resume
@@ -783,6 +787,46 @@ def test_cli_refuses_an_output_whose_working_paths_hold_the_source(tmp_path, tin
     assert _main(["quantize", str(sources["m.partial"]), str(sources["m.partial"] / "q"), "--method", "rtn",
                   "--rank", "1"]) == 0
     assert files(sources["m.partial"] / "q") and (sources["m.partial"] / "config.json").is_file()
+
+
+def test_cli_never_deletes_working_paths_it_did_not_make(tmp_path, tiny_hf, capsys):
+    """A folder named OUT_DIR.partial that is no unfinished run (no progress file), a lock path holding a file
+    of the user's, and a dangling symlink as OUT_DIR are refused up front with one line and exit code 2,
+    untouched (the folder was deleted, the file emptied and removed; the link failed after the whole run)."""
+    mine = tmp_path / "a.partial"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "b.partial.lock").write_text("keep me too")
+    (tmp_path / "c").symlink_to(tmp_path / "nowhere")
+    for out, expected in [(tmp_path / "a", "no unfinished `lcq quantize` run"), (tmp_path / "b", "no lock of"),
+                          (tmp_path / "c", "already exists")]:
+        for resume in ([], ["--resume"]):
+            code = _main(["quantize", str(tiny_hf), str(out), "--method", "rtn", "--rank", "1", *resume])
+            err = capsys.readouterr().err
+            assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert (mine / "notes.txt").read_text() == "keep me"
+    assert (tmp_path / "b.partial.lock").read_text() == "keep me too" and (tmp_path / "c").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.partial", "b.partial.lock", "c"]
+
+
+def test_a_source_with_non_finite_weights_is_refused(tmp_path, tiny_hf, capsys):
+    """NaN or an infinity in a source weight: one line naming the tensor and exit code 2, no output (rtn wrote
+    the row's scales as NaN, every weight of it NaN; lcq and gptq failed with a traceback)."""
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.0.self_attn.q_proj.weight"
+    for bad in (float("nan"), float("inf")):
+        source = tmp_path / f"src-{bad}"
+        shutil.copytree(tiny_hf, source)
+        tensors = load_file(source / "model.safetensors")
+        tensors[name][1, 2] = bad
+        save_file(tensors, str(source / "model.safetensors"), metadata={"format": "pt"})
+        for method in ("rtn", "gptq"):
+            out = tmp_path / f"q-{bad}-{method}"
+            code = _main(["quantize", str(source), str(out), "--method", method, "--rank", "1"])
+            err = capsys.readouterr().err
+            assert code == 2 and name in err and "NaN or infinite" in err and len(err.strip().splitlines()) == 1, err
+            assert not out.exists()
 
 
 def test_seqlen_stays_within_the_models_context(tmp_path, tiny_hf, capsys):

@@ -246,12 +246,12 @@ class CheckpointReader:
                 quant["group_size"] % 32:
             raise FormatError(f"{path}: unsupported bits={quant['bits']} rank={quant['rank']} "
                               f"group_size={quant['group_size']}")
-        for key in ("head_bits", "embed_bits"):
-            if quant.get(key) not in (None, 0, *SUPPORTED_BITS):  # 0: kept in full precision
-                raise FormatError(f"{path}: unsupported {key}={quant[key]}")
+        for key in ("head_bits", "embed_bits"):  # (integers: 3.0 equals 3, but is no bit width)
+            if quant.get(key) is not None and (type(quant[key]) is not int or quant[key] not in (0, *SUPPORTED_BITS)):
+                raise FormatError(f"{path}: unsupported {key}={quant[key]}")  # 0: kept in full precision
         layer_bits = quant.get("layer_bits", {})
-        if not isinstance(layer_bits, dict) or any(
-                not isinstance(name, str) or bits not in SUPPORTED_BITS for name, bits in layer_bits.items()):
+        if not isinstance(layer_bits, dict) or any(not isinstance(name, str) or type(bits) is not int
+                                                   or bits not in SUPPORTED_BITS for name, bits in layer_bits.items()):
             raise FormatError(f"{path}: quantization_config.layer_bits must map module names to 2, 3 or 4")
         return quant
 

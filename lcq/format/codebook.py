@@ -132,7 +132,12 @@ def quantize_over_groups_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     """Symmetric int8 for x shaped (G, ..., N), one fp16 scale per (..., N) shared by all groups. The scale is
     at least fp16's smallest subnormal, 2^-24: a smaller one rounds to 0 in fp16, and all-zero values (a rank
     component an RTN fit leaves unused) then divided 0 by 0 into codes from a NaN cast."""
-    scale = (x.abs().amax(dim=0) / INT8_MAX).clamp_min(2.0 ** -24).to(torch.float16)
+    exact = (x.abs().amax(dim=0) / INT8_MAX).clamp_min(2.0 ** -24)
+    scale = exact.to(torch.float16)
+    # A scale fp16 rounded down leaves the largest value a code above 127, clipped: by up to a quarter of it
+    # where the scale is subnormal (rows of values below ~1e-4). The next fp16 up keeps it within the codes.
+    below = scale.float() < exact
+    scale[below] = (scale[below].view(torch.int16) + 1).view(torch.float16)
     q = torch.round(x / scale.float()).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 

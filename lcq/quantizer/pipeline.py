@@ -155,14 +155,14 @@ def _packed_head(source: SourceModel, stat: torch.Tensor | None, options: Quanti
 def _head_weight(source: SourceModel, device: torch.device) -> torch.Tensor:
     """The full-precision head (fp32): lm_head, or the embedding table it is tied to."""
     name = f"{EMBED}.weight" if source.config.tie_word_embeddings else f"{HEAD}.weight"
-    return source.reader.tensor(name).float().to(device)
+    return source.tensor(name).float().to(device)
 
 
 def _packed_embedding(source: SourceModel, options: QuantizeOptions, device: torch.device) -> PackedLinear:
     """An untied embedding table packed at the head's width: the weighted k-means or RTN fit with every
     hidden unit alike (a table has no input statistic). Lookups cost no product, so this saves memory
     only, but an fp16 table is a quarter of Llama-3-8B's bytes at W2."""
-    weight = source.reader.tensor(f"{EMBED}.weight").float().to(device)
+    weight = source.tensor(f"{EMBED}.weight").float().to(device)
     fit = _initial_fit(EMBED, weight, None, options, options.head_bits)
     return pack(fit.book, fit.wg, fit.in_features, options.head_bits, options.group_size)
 
@@ -234,11 +234,18 @@ def check_paths(model_dir: Path, out_dir: Path) -> dict:
     whose working paths (OUT_DIR.partial, which a run deletes first, and its lock file) neither are the
     source nor hold it: resolved, so that a symlink or `..` cannot hide that."""
     config = read_config(model_dir)
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():  # (a dangling link too: the last rename would fail on it)
         raise UserError(f"{out_dir} already exists; choose a new output folder")
     check_output(out_dir, "output folder")
     source = model_dir.resolve()
     partial = _partial(out_dir)
+    if (partial.exists() or partial.is_symlink()) and not (partial / PROGRESS_FILE).is_file():
+        raise UserError(f"{partial} exists and is no unfinished `lcq quantize` run (it has no {PROGRESS_FILE}), "
+                        "which a run would delete; move it away or choose another output folder")
+    lock = _lock_path(partial)
+    if lock.is_symlink() or (lock.exists() and (not lock.is_file() or lock.stat().st_size)):
+        raise UserError(f"{lock} exists and is no lock of `lcq quantize` (an empty file); move it away or choose "
+                        "another output folder")
     for path in (out_dir, partial, _lock_path(partial)):
         resolved = path.resolve()
         if resolved == source or resolved in source.parents:

@@ -57,10 +57,18 @@ SCALED_EMBEDDINGS = ("gemma2", "gemma3_text")  # token embeddings multiplied by 
 FINGERPRINT_SAMPLE = 1 << 20  # bytes read from each end of a weight file
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
 def source_fingerprint(model_dir: Path, calib_text: str | None) -> str:
     """A digest of what a resumed quantization must find again: config.json, each weight file's name, size
-    and first and last MiB (cheap, and two models of one shape differ there), and the calibration text."""
+    and first and last MiB (cheap, and two models of one shape differ there), the tokenizer's files (they
+    turn the calibration text into the token ids the blocks are fitted on), and the calibration text."""
     digest = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for name in TOKENIZER_FILES:
+        if (model_dir / name).is_file():
+            digest.update(name.encode() + hashlib.sha256((model_dir / name).read_bytes()).digest())
     for path in sorted(set(tensor_files(model_dir).values())):
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
@@ -158,7 +166,7 @@ class SourceModel:
             if "layer_type" in inspect.signature(self.layer_class.__init__).parameters else {}
         with torch.device("meta"):  # no random init of weights that are overwritten right away
             layer = as_stored(self.layer_class(config, index, **kind))
-        state = {name[len(prefix):]: self.reader.tensor(name).float() for name in self.reader.names()
+        state = {name[len(prefix):]: self.tensor(name).float() for name in self.reader.names()
                  if name.startswith(prefix) and not name[len(prefix):].startswith(tuple(f"{o}." for o in others))}
         try:
             layer.load_state_dict(state, strict=True, assign=True)
@@ -227,17 +235,26 @@ class SourceModel:
         squares = torch.stack([(self.reader.tensor(name).float() + offset).pow(2) for name in names])
         return (squares / squares.mean(-1, keepdim=True).clamp_min(1e-12)).mean(0).to(self.device)
 
+    def tensor(self, name: str) -> torch.Tensor:
+        """A source tensor as stored, refused where it holds NaN or an infinity: quantized, such a row's scales
+        became NaN (every weight of it NaN in the packed file) or the solvers failed with a traceback."""
+        tensor = self.reader.tensor(name)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{self.reader.folder}: {name} holds NaN or infinite values; a model to quantize needs "
+                            "finite weights")
+        return tensor
+
     def non_block_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors outside the decoder layers and the multi-token-prediction layer."""
         outside = ("model.layers.",) if self.mtp is None else ("model.layers.", f"{self.mtp.prefix}.")
-        return {name: self.reader.tensor(name) for name in self.reader.names() if not name.startswith(outside)}
+        return {name: self.tensor(name) for name in self.reader.names() if not name.startswith(outside)}
 
     def mtp_tensors(self) -> dict[str, torch.Tensor]:
         """The multi-token-prediction layer's own tensors, kept as they are: its norms and projection."""
         names = self.mtp
         own = [f"{names.prefix}.{module}." for module in (names.embed_norm, names.hidden_norm, names.projection,
                                                           names.final_norm)]
-        return {name: self.reader.tensor(name) for name in self.reader.names() if name.startswith(tuple(own))}
+        return {name: self.tensor(name) for name in self.reader.names() if name.startswith(tuple(own))}
 
     def causal_lm(self, state: dict[str, torch.Tensor]) -> torch.nn.Module:
         """The transformers CausalLM holding `state` (fp32) and our rotary tables; tensors not in it stay
@@ -261,7 +278,7 @@ class SourceModel:
     def embed(self, tokens: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """The first block's input (S, T, H), fp32: the tokens' embeddings (from `table`, else the
         model's), with Gemma's (or Granite 4.0-H's) scale."""
-        table = self.reader.tensor(f"{EMBED}.weight").float().to(self.device) if table is None else table
+        table = self.tensor(f"{EMBED}.weight").float().to(self.device) if table is None else table
         scale = self.config.hidden_size ** 0.5 if self.config.model_type in SCALED_EMBEDDINGS else \
             getattr(self.config, "embedding_multiplier", 1.0)
         return torch.nn.functional.embedding(tokens.to(self.device), table) * scale
@@ -273,7 +290,7 @@ class SourceModel:
     def norm(self, hidden: torch.Tensor, name: str) -> torch.Tensor:
         """The model's norm `name` (an RMSNorm, or Cohere's and StableLM's LayerNorm) applied to hidden states
         (S, T, H), fp32."""
-        weight = self.reader.tensor(f"{name}.weight").float().to(hidden.device)
+        weight = self.tensor(f"{name}.weight").float().to(hidden.device)
         weight = weight + 1 if self.config.model_type in OFFSET_NORMS else weight
         x = hidden.float()
         if self.config.model_type in CENTRED_NORMS:
