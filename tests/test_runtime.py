@@ -25,7 +25,7 @@ from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError,
                          SamplingParams)
-from lcq.runtime.block_manager import BlockManager
+from lcq.runtime.block_manager import BlockManager, block_key
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
@@ -357,6 +357,20 @@ def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path
     assert small.engine.stats().num_preemptions_total > 0 and _pool_is_full(small.engine)
     with pytest.raises(UserError, match="recurrent layers' states of 4 sequences .* take 0.00 GiB, more than"):
         LLM(str(folder), max_num_seqs=4, kv_cache_memory_gb=engine.runner.state_bytes / 2**30, **FP32)
+
+
+def test_prefix_blocks_are_known_by_a_cryptographic_chain_hash():
+    """A block's key is SHA-256 of its predecessor's and its tokens (vLLM's fix of CVE-2025-25183): Python's hash
+    of a tuple of ints, used before, is the same in every process and can be collided on purpose, so that a
+    crafted prompt's blocks are served for another's prefix (the tokens compared on a hit cover the block
+    itself, not the chain before it)."""
+    import hashlib
+    from array import array
+
+    first = block_key(b"", [1, 2, 3, 4])
+    assert first == hashlib.sha256(array("q", [1, 2, 3, 4]).tobytes()).digest()
+    assert block_key(first, [5, 6, 7, 8]) == hashlib.sha256(first + array("q", [5, 6, 7, 8]).tobytes()).digest()
+    assert len({first, block_key(b"", [1, 2, 3, 5]), block_key(b"x", [1, 2, 3, 4]), block_key(b"", [2**40, 2])}) == 4
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "granite4_hybrid", "lfm2", "nemotron_h_moe", "falcon_h1"])

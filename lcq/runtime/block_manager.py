@@ -5,8 +5,8 @@ sliding-window group (or a group attending within chunks: Llama 4's) keeps only 
 still read: as the sequence grows, the blocks before its window or chunk (less the attention kernels'
 read margin) go back to the pool and their table entries become -1, which no kernel reads.
 
-A full block is known by the hash of its tokens chained with its predecessor's hash, so equal
-prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused, so a
+A full block is known by the hash of its tokens chained with its predecessor's hash (SHA-256: block_key), so
+equal prompt prefixes map to equal blocks (one per group). Freed blocks keep their hash until reused, so a
 later request with the same prefix skips recomputing it; a sliding-window group needs only the blocks
 its window reaches at the end of that prefix. Empty free blocks are handed out before any cached one is
 given up (those least recently freed first): a table's next block is the one after its last where that is
@@ -28,8 +28,11 @@ which its slot takes before its first step; without one, nothing is reused.
 """
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
 from collections import OrderedDict
+from collections.abc import Sequence as Tokens
 from dataclasses import dataclass
 
 from .sequence import Sequence
@@ -44,7 +47,7 @@ RELEASED = -1  # a sliding-window table's entry for a block handed back
 class Block:
     id: int
     ref_count: int = 0
-    key: tuple[int, int] | None = None  # (group, chain hash) while it holds a registered full block
+    key: tuple[int, bytes] | None = None  # (group, chain hash) while it holds a registered full block
     tokens: tuple[int, ...] = ()
 
 
@@ -60,11 +63,11 @@ class BlockManager:
         self.cached_free: OrderedDict[int, None] = OrderedDict()  # free blocks holding a cached block
         self.empty: set[int] = set(range(num_blocks))  # the other free blocks
         self.empty_heap = list(range(num_blocks))  # the empty ones' ids, and some no longer empty (skipped)
-        self.by_hash: dict[tuple[int, int], int] = {}
+        self.by_hash: dict[tuple[int, bytes], int] = {}
         self.enable_prefix_caching = enable_prefix_caching and (not state_slots or len(snapshot_slots) > 0)
         self.keeps_states = bool(state_slots) and self.enable_prefix_caching
         self.free_states = list(range(state_slots))[::-1]
-        self.snapshots: OrderedDict[int, int] = OrderedDict()  # chain hash -> slot, least recently used first
+        self.snapshots: OrderedDict[bytes, int] = OrderedDict()  # chain hash -> slot, least recently used first
         self.free_snapshots = list(snapshot_slots)[::-1]
         self.state_copies: list[tuple[int | None, int]] = []  # (from slot or None: zeros, to slot) before the next step
         self.restoring: set[int] = set()  # kept states' slots that sequences take up before their next step
@@ -109,7 +112,7 @@ class BlockManager:
             return
         keys, parent = [], _seed(seq)
         for start in range(0, len(seq) - 1 - (len(seq) - 1) % self.block_size, self.block_size):
-            parent = hash((parent, tuple(seq.token_ids[start:start + self.block_size])))
+            parent = block_key(parent, seq.token_ids[start:start + self.block_size])
             keys.append(parent)
         cached = [[self._cached(group, index, key, seq) for index, key in enumerate(keys)]
                   for group in range(len(self.windows))]
@@ -137,7 +140,7 @@ class BlockManager:
             seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
         seq.tables_version += 1
 
-    def _cached(self, group: int, index: int, key: int, seq: Sequence) -> int | None:
+    def _cached(self, group: int, index: int, key: bytes, seq: Sequence) -> int | None:
         """The block of `group` registered for the sequence's full block `index`, whose chain hash is `key`."""
         block_id = self.by_hash.get((group, key))
         if block_id is None:
@@ -207,7 +210,7 @@ class BlockManager:
             return
         for index in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
             tokens = tuple(seq.token_ids[index * self.block_size:(index + 1) * self.block_size])
-            key = hash((seq.block_hashes[-1] if seq.block_hashes else _seed(seq), tokens))
+            key = block_key(seq.block_hashes[-1] if seq.block_hashes else _seed(seq), tokens)
             seq.block_hashes.append(key)
             for group, table in enumerate(seq.block_tables):
                 block = self.blocks[table[index]] if table[index] != RELEASED else None
@@ -225,7 +228,7 @@ class BlockManager:
         elif computed > max(point, seq.num_prompt_tokens - 1):  # the reply so far, at a block's end
             self._keep_state(seq, seq.block_hashes[computed // self.block_size - 1], rolling=True)
 
-    def _keep_state(self, seq: Sequence, key: int, rolling: bool = False) -> None:
+    def _keep_state(self, seq: Sequence, key: bytes, rolling: bool = False) -> None:
         """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot.
         rolling: a state of its reply so far, which takes the place of its last one (unless a sequence is
         about to take that one up), so that a long reply keeps one slot, not one per block."""
@@ -305,9 +308,21 @@ class BlockManager:
                 self.empty_heap = sorted(self.empty)
 
 
-def _seed(seq: Sequence) -> tuple[str | None, str | None] | None:
+def block_key(parent: bytes, tokens: Tokens[int]) -> bytes:
+    """A full block's chain hash: SHA-256 of its predecessor's (or the sequence's _seed) and its tokens. A
+    cryptographic digest, as vLLM's since CVE-2025-25183: Python's hash of a tuple of ints is the same in every
+    process and cheap to collide on purpose, and a prompt made to collide with another's blocks would be
+    served, or serve, KV computed for other tokens."""
+    digest = hashlib.sha256(parent)
+    digest.update(array("q", tokens).tobytes())
+    return digest.digest()
+
+
+def _seed(seq: Sequence) -> bytes:
     """What a sequence's first block hash is chained to: the load of its LoRA adapter (a load's KV differs
     from the base model's, and from another load's under the same name, for the same tokens) and its cache
-    salt (blocks are shared only within a salt), or None for neither."""
+    salt (blocks are shared only within a salt); empty for neither."""
     adapter = None if seq.adapter is None else seq.adapter.load_id
-    return None if adapter is None and seq.params.cache_salt is None else (adapter, seq.params.cache_salt)
+    if adapter is None and seq.params.cache_salt is None:
+        return b""
+    return hashlib.sha256(repr((adapter, seq.params.cache_salt)).encode()).digest()

@@ -39,10 +39,10 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.state_slot: int | None = None  # its slot of recurrent layers' states, while it holds one
         self.state_restore: int | None = None  # a kept state its slot takes before its next step (a cached prefix's)
-        self.rolling_snapshot: int | None = None  # the chain hash its reply's last kept state is known by
+        self.rolling_snapshot: bytes | None = None  # the chain hash its reply's last kept state is known by
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache
         self.num_cache_written_tokens = 0  # prompt tokens it added to the prefix cache
-        self.block_hashes: list[int] = []  # chain hashes of its leading full blocks, as registered for prefix caching
+        self.block_hashes: list[bytes] = []  # chain hashes of its leading full blocks, as registered for prefix caching
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
