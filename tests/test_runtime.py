@@ -333,6 +333,13 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == together
     assert small.engine.stats().num_preemptions_total > 0
     assert _pool_is_full(small.engine)
+    # the model's context is cut to what the pool holds for one sequence; a configured one is refused, as
+    # vLLM refuses it (it was served shorter, a 400 quoting a context nobody set)
+    assert small.engine.max_model_len == 48 < small.engine.runner.model_config.max_position_embeddings
+    with pytest.raises(UserError, match="max_model_len 100 is longer than the KV cache .6 blocks of 8 tokens. holds "
+                                        "at most 48 tokens"):
+        LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30, max_model_len=100,
+            **FP32)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
@@ -575,9 +582,12 @@ def test_priority_policy_orders_admission_budget_and_preemption():
 def test_requests_finish_in_the_policys_order_with_their_own_tokens(tiny, llm, policy, order):
     one_at_a_time = LLM(str(tiny), block_size=8, max_num_seqs=1, scheduling_policy=policy, **FP32)
     engine, finished, tokens = one_at_a_time.engine, [], {}
+    if policy == "fcfs":  # a priority it would not honour is refused (vLLM's 400), not ignored
+        with pytest.raises(ValueError, match="Got priority 3 but Priority scheduling is not enabled"):
+            engine.add_request("x", PROMPTS[0], SamplingParams(max_tokens=6, priority=3))
     for name, prompt, priority in (("a", PROMPTS[0], 3), ("b", PROMPTS[1], 0), ("c", PROMPTS[2], 1)):
         engine.add_request(name, prompt, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True,
-                                                        priority=priority))
+                                                        priority=priority if policy == "priority" else 0))
     while engine.has_work():
         for out in engine.step():
             tokens.setdefault(out.request_id, []).extend(out.token_ids)

@@ -589,15 +589,17 @@ def test_stream_options_need_stream(server):
 
 
 def test_priority_is_taken_and_checked(server, client):
-    """vLLM's priority: taken by both endpoints (the fixture's server schedules fcfs, which ignores it, as
-    vLLM's does); not an integer, a 400."""
-    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"priority": -5,
+    """vLLM's priority: taken by both endpoints; other than 0 where the server schedules fcfs (the fixture's), a
+    400 in vLLM's words, as gateways learn from it that priorities are not honoured; not an integer, a 400."""
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_body={"priority": 0,
                                                                                           "ignore_eos": True})
     assert reply.usage.completion_tokens == 2
     for route, body in (("/v1/completions", {"prompt": "x"}),
                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
         refused = httpx.post(server.url + route, json={**body, "max_tokens": 2, "priority": "high"})
         assert error_of(refused, 400)["param"] == "priority"
+        ignored = httpx.post(server.url + route, json={**body, "max_tokens": 2, "priority": -5})
+        assert "Got priority -5 but Priority scheduling is not enabled" in error_of(ignored, 400)["message"]
 
 
 def test_tool_calls_and_insertion_are_refused_not_ignored(client):

@@ -120,6 +120,9 @@ class LLMEngine:
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a client mistake) before anything is queued."""
         params.validate()
+        if params.priority != 0 and not self.scheduler.by_priority:  # (vLLM's words; gateways read this 400)
+            raise ValueError(f"Got priority {params.priority} but Priority scheduling is not enabled "
+                             "(lcq serve --scheduling-policy priority).")
         if not prompt_ids:
             raise ValueError("prompt is empty")
         vocab = self.runner.model_config.vocab_size

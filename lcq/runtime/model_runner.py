@@ -253,8 +253,9 @@ class ModelRunner:
             self.model.copy_states(source, target)
 
     def _longest_sequence(self, config: EngineConfig) -> int:
-        """The context length: the model's (or the configured one), at most what one sequence alone can hold
-        in the pool (its sliding-window groups hold about a window each)."""
+        """The context length: the model's, at most what one sequence alone can hold in the pool (its
+        sliding-window groups hold about a window each, with a warning where that is shorter); a configured
+        max_model_len the pool cannot hold is refused, as vLLM refuses it, rather than served shorter."""
         limit = context_limit(self.model_config, config.max_model_len)
         blocks = self.new_block_manager(False)
         if blocks.most_blocks_held(limit, config.max_num_batched_tokens) <= self.num_blocks:
@@ -264,6 +265,12 @@ class ModelRunner:
             middle = (low + high + 1) // 2
             fits = blocks.most_blocks_held(middle, config.max_num_batched_tokens) <= self.num_blocks
             low, high = (middle, high) if fits else (low, middle - 1)
+        room = f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens) holds at most {low} tokens of " \
+            "one sequence"
+        if config.max_model_len is not None:
+            raise UserError(f"max_model_len {limit} is longer than {room}; give the cache more memory "
+                            "(--kv-cache-memory-gb on CPU, --gpu-memory-utilization on a GPU) or lower --max-model-len")
+        self.log.warning("the model's context of %d tokens is cut to %d: %s", limit, low, room)
         return low
 
     def _kv_budget(self, config: EngineConfig) -> int:
