@@ -903,6 +903,14 @@ def test_sampler_filters():
         for dtype in (torch.float32, torch.float64):  # the C draw, and the torch ops
             seen = {sample(logits.to(dtype).flip(-1), [_seq(params)])[0][0] for _ in range(100)}
             assert seen == {3 - token for token in allowed}, (params, dtype)
+    # top-k keeps the tokens tied with its k-th, as vLLM and transformers do (both kept exactly k, by index)
+    tied = torch.log(torch.tensor([[0.1, 0.25, 0.25, 0.05, 0.25, 0.1]]))
+    for params, allowed in [(SamplingParams(temperature=1.0, top_k=1), {1, 2, 4}),
+                            (SamplingParams(temperature=1.0, top_k=4), {0, 1, 2, 4, 5}),
+                            (SamplingParams(temperature=1.0, top_k=2, top_p=0.5), {1, 2})]:  # top-p: a prefix
+        for dtype in (torch.float32, torch.float64):
+            seen = {sample(tied.to(dtype), [_seq(params)])[0][0] for _ in range(300)}
+            assert seen == allowed, (params, dtype, seen)
 
 
 def test_a_row_without_a_finite_logit_is_an_error_not_a_token():

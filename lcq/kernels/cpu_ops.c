@@ -308,6 +308,12 @@ static int find_cut(const float *w, int64_t n, int64_t top_k, double limit, floa
             count++;
             kept += candidates[j++].weight;
         } while (j < m && count < top_k && kept < limit);
+        /* top_k keeps the tokens tied with its k-th too, as vLLM and transformers do (equal weights share a
+         * bucket, and sort by index: the cut's index then takes them all) */
+        while (j < m && count >= top_k && kept < limit && candidates[j].weight == candidates[j - 1].weight) {
+            count++;
+            kept += candidates[j++].weight;
+        }
         if (j < m || count >= top_k || kept >= limit) {
             *cut = (sample_cut){candidates[j - 1].weight, candidates[j - 1].index, kept};
             return 1;

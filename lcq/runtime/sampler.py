@@ -121,14 +121,17 @@ def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     both = (top_k < vocab) & (top_p < 1)
     if bool(both.any()):  # top-p of what top-k keeps (renormalised, as vLLM and transformers apply them)
         limited = both.nonzero().squeeze(1)
-        ranked = probs[limited].topk(int(top_k[limited].max()), dim=-1).values.cumsum(-1)
-        total[limited] = ranked.gather(1, (top_k[limited] - 1).unsqueeze(1)).squeeze(1)
+        part = probs[limited]
+        kth = part.topk(int(top_k[limited].max()), dim=-1).values.gather(1, (top_k[limited] - 1).unsqueeze(1))
+        total[limited] = torch.where(part >= kth, part, 0.0).sum(-1)  # (ties with the k-th kept too)
     kept, rows = None, None  # rows: those still unsettled (None: all)
     for width in (*(w for w in CANDIDATES if w < vocab), vocab):
         part = probs if rows is None else probs[rows]
         limit_k, limit_p = (top_k, top_p * total) if rows is None else (top_k[rows], top_p[rows] * total[rows])
         values, order = part.topk(width, dim=-1)  # most likely first
-        keep = (torch.arange(width, device=probs.device) < limit_k.unsqueeze(1)) & \
+        kth = values.gather(1, (limit_k.clamp(max=width) - 1).unsqueeze(1))
+        # top-k keeps the tokens tied with its k-th too, as vLLM and transformers do (a fp16 head ties often)
+        keep = ((torch.arange(width, device=probs.device) < limit_k.unsqueeze(1)) | (values >= kth)) & \
             ((values.cumsum(-1) - values) < limit_p.unsqueeze(1))
         keep[:, 0] = True  # the likeliest always, even where top_p was so small that its limit rounded to 0
         cut = torch.zeros_like(part).scatter_(1, order, values * keep)
@@ -136,8 +139,9 @@ def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
             kept, rows = cut, torch.arange(probs.shape[0], device=probs.device)
         else:
             kept[rows] = cut
-        # Rows whose cut may lie past these candidates: all kept, top_k allows more, top_p is not reached.
-        unsettled = keep[:, -1] & (limit_k > width) & (values.sum(-1) < limit_p)
+        # Rows whose cut may lie past these candidates: all kept (top_k allows more, or the last is a tie with
+        # its k-th), and top_p is not reached.
+        unsettled = keep[:, -1] & (values.sum(-1) < limit_p)  # (top-k's k-th, or a tie with it, may lie past)
         if not bool(unsettled.any()):
             break
         rows = rows[unsettled]
