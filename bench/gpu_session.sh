@@ -5,7 +5,7 @@
 #
 #     bash bench/gpu_session.sh [OUTPUT_DIR] [SECONDS]   # default: $OUT, else bench/results/gpu-session; 580
 #
-# Order: the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
+# Order: the CPU path's C kernels built once (the tests import them); the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
 # decode and host profiles, then with the exact decode products (neither products of bytes nor byte codebooks) at 8
 # sequences and at batch 1, and without dependent launch (--variants exact-8,exact,no-pdl, in that
@@ -76,10 +76,9 @@ cat "$logs/device.txt"
 slug=$(sed -n 2p "$logs/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')
 slug=${slug:-gpu}
 pack
-# The C kernels of the CPU path, which importing the tests builds: built once here, beside the first step, or each
-# parallel test process builds them at once (on the H100 that took the first test step's 90 s before any test ran)
-"$py" -c "from lcq.kernels import native; print(native.load())" >"$logs/native.log" 2>&1 &
-native=$!
+# The C kernels of the CPU path, which importing the tests builds: built once here (~30 s on the H100's machine), or
+# each parallel test process builds them at once (there that took the first test step's 90 s before any test ran)
+step 60 20 build-native "$py" -c "from lcq.kernels import native; print(native.load())"
 
 step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
@@ -90,7 +89,6 @@ check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows 
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
-wait "$native"
 step 240 60 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py
