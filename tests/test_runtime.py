@@ -1001,10 +1001,13 @@ def test_c_sampler_draws_where_the_torch_ops_do():
         target = uniform[r].item() * cdf[r, -1].item()
         before = cdf[r, token - 1].item() if token else 0.0
         assert before - 1e-5 <= target <= cdf[r, token].item() + 1e-5, (r, seqs[r].params)
-    # Equal weights at the cut: the lower token ids are kept.
-    flat = cpu_ops.sample_rows(torch.zeros(200, vocab), torch.ones(200), torch.zeros(200), torch.full((200,), 10),
-                               torch.ones(200), torch.rand(200, generator=g))
+    # Equal weights at a top-p cut: the lower token ids are kept; at a top-k cut, all of them (vLLM's ties)
+    flat = cpu_ops.sample_rows(torch.zeros(200, vocab), torch.ones(200), torch.zeros(200), torch.full((200,), vocab),
+                               torch.full((200,), 9.5 / vocab), torch.rand(200, generator=g))
     assert set(flat.tolist()) == set(range(10))
+    tied = cpu_ops.sample_rows(torch.zeros(200, vocab), torch.ones(200), torch.zeros(200), torch.full((200,), 10),
+                               torch.ones(200), torch.rand(200, generator=g))
+    assert max(tied.tolist()) > 1000
 
 
 def test_penalties_of_a_batch_are_each_rows_own():
