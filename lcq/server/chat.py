@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from .state import ServerState, get_state
 from .settings import TOOL_CALL_PARSERS
 from .tool_calls import KEEPS_SPECIAL_TOKENS, ReplyReader, read_reply
 
+logger = logging.getLogger("lcq.server")
+
 router = APIRouter()
 STREAM_RESPONSE = {"description": "with `stream: true`: server-sent events of ChatCompletionChunk, then [DONE]",
                    "content": {"text/event-stream": {}}}
@@ -42,7 +45,10 @@ def message_dicts(messages: list[ChatMessage], parts: bool = False) -> list[dict
     out = []
     for i, message in enumerate(messages):
         texts = message_texts(message, i)
-        content = [{"type": "text", "text": text} for text in texts] if parts else "\n".join(texts)
+        # a tool's result is one string whatever the format, as vLLM gives it (Mistral's templates write it
+        # with `|string`: a list of parts became its Python repr in the prompt)
+        content = [{"type": "text", "text": text} for text in texts] if parts and message.role != "tool" \
+            else "\n".join(text for text in texts if text)
         entry = {"role": message.role, "content": content}
         for key in ("name", "tool_call_id"):  # tool conversations, for templates that render them
             if getattr(message, key):
@@ -52,7 +58,7 @@ def message_dicts(messages: list[ChatMessage], parts: bool = False) -> list[dict
                                    for j, call in enumerate(message.tool_calls)]
         reasoning = message.reasoning_content or message.reasoning
         if reasoning:
-            entry["reasoning_content"] = entry["thinking"] = reasoning
+            entry["reasoning_content"] = entry["reasoning"] = entry["thinking"] = reasoning
         out.append(entry)
     return out
 
@@ -66,14 +72,15 @@ def message_texts(message: ChatMessage, index: int) -> list[str]:
     if kinds:
         raise APIError(400, f"messages[{index}].content: only text parts are supported, got {sorted(kinds)}",
                        param=f"messages.{index}.content", code="invalid_value")
-    return [getattr(part, TEXT_PARTS[part.type], None) or "" for part in content]
+    return [text for part in content if (text := getattr(part, TEXT_PARTS[part.type], None)) is not None]
 
 
 def template_tool_call(call: dict, param: str) -> dict:
     """An assistant turn's call as chat templates take it (vLLM's, per transformers' docs): its arguments a
     mapping, which templates iterate (`arguments|items`, Qwen3-Coder's) or write as JSON (`arguments|tojson`,
     Llama 3.1's and Qwen2.5's), where OpenAI's API sends JSON text; `{}` where they are empty or not an object.
-    A copy: the request keeps what the client sent. Arguments that are not JSON are a 400, as in vLLM."""
+    A copy: the request keeps what the client sent. Arguments that are not JSON are `{}`, with a warning, as
+    vLLM takes them: such a call stays in the conversation, and a 400 would refuse every later turn of it."""
     function = call.get("function")
     if not isinstance(function, dict):
         return call  # the template says what it makes of it
@@ -82,8 +89,8 @@ def template_tool_call(call: dict, param: str) -> dict:
         try:
             arguments = json.loads(arguments)
         except ValueError:
-            raise APIError(400, f"{param}.function.arguments is not JSON", param=f"{param}.function.arguments",
-                           code="invalid_value") from None
+            logger.warning("%s.function.arguments is not JSON; the template gets {}", param)
+            arguments = {}
     return {**call, "function": {**function, "arguments": arguments if isinstance(arguments, dict) else {}}}
 
 
@@ -292,7 +299,7 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
     if body.prediction is not None:
         params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
     prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)),
-                            state.engine.max_model_len)
+                            state.engine.max_model_len, max_tokens)
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
     await generation.submit(body)

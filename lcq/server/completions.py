@@ -108,15 +108,15 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_request(body, "/v1/completions")
     prompts, prompt_texts = tokenize_prompts(state, body.prompt,
                                              add_special_tokens=body.adds_special_tokens(default=True))
-    kept = [body.truncated(ids, state.engine.max_model_len) for ids in prompts]
+    defaults = state.engine.sampling_defaults
+    max_tokens = defaults.get("max_tokens", DEFAULT_MAX_TOKENS) if body.max_tokens is None else body.max_tokens
+    kept = [body.truncated(ids, state.engine.max_model_len, max_tokens) for ids in prompts]
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
     # an echoed prompt shows its special tokens (a BOS) where it is decoded: sent as ids, or cut
     as_sent = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
     echo_skips_special = [as_sent and len(ids) == len(cut) for ids, cut in zip(prompts, kept)]
     prompts = kept
-    defaults = state.engine.sampling_defaults
-    max_tokens = defaults.get("max_tokens", DEFAULT_MAX_TOKENS) if body.max_tokens is None else body.max_tokens
     # max_tokens 0 with echo: OpenAI's legacy scoring of a prompt (its text and logprobs, nothing
     # generated); the engine still samples one token to finish the prompt's step, which is dropped.
     scoring = body.echo and max_tokens == 0

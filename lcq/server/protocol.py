@@ -273,8 +273,10 @@ class SamplingRequest(OpenAIRequest):
         text), chat does not (the template writes the special tokens it wants, a BOS among them)."""
         return default if self.add_special_tokens is None else self.add_special_tokens
 
-    def truncated(self, ids: list[int], context: int) -> list[int]:
-        return last_tokens(ids, self.truncate_prompt_tokens, context)
+    def truncated(self, ids: list[int], context: int, max_tokens: int | None) -> list[int]:
+        """The prompt cut to its last truncate_prompt_tokens; -1 keeps what the context leaves beside the reply
+        (max_tokens, at least one token), as vLLM's does: a prompt cut to the whole context had no room."""
+        return last_tokens(ids, self.truncate_prompt_tokens, max(1, context - (max_tokens or 1)))
 
     def token_biases(self) -> dict[int, float]:
         """logit_bias with integer token ids; raises ValueError for a key that is not one."""
@@ -338,7 +340,8 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # any role: templates render such as Llama 3.1's ipython and the legacy function, as vLLM passes them on
+    role: Annotated[str, Field(min_length=1)]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # an assistant turn's calls, passed to the template
@@ -383,7 +386,10 @@ class ChatTemplateOptions(OpenAIRequest):
 
     def template_variables(self) -> dict[str, Any]:
         """The variables the chat template gets beyond the messages and tools."""
-        effort = {"reasoning_effort": self.reasoning_effort} if self.reasoning_effort else {}
+        # vLLM's: an effort asked for also says whether to think at all (Qwen3's enable_thinking), unless the
+        # kwargs say it
+        effort = {"reasoning_effort": self.reasoning_effort,
+                  "enable_thinking": self.reasoning_effort != "none"} if self.reasoning_effort else {}
         return {**effort, **(self.chat_template_kwargs or {})}
 
 
