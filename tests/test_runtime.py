@@ -1860,6 +1860,8 @@ def test_malformed_lora_folders_are_one_line_and_alpha_defaults_as_peft(tiny, tm
 
     cases = [(variant("listed", "[1, 2]"), "not an object of settings"),
              (variant("text-alpha", json.dumps({**settings, "lora_alpha": "16"})), "lora_alpha must be a positive"),
+             (variant("infinite-alpha", json.dumps({**settings, "lora_alpha": float("inf")})),  # (JSON's Infinity)
+              "lora_alpha must be a positive"),
              (variant("lone-b", changed={first_a: None}), "B without its A"),
              (variant("flat-a", changed={first_a: tensors[first_a].flatten()}), "not a LoRA pair")]
     for folder, message in cases:

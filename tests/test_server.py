@@ -21,6 +21,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime.detokenizer import TokenBytes
 from lcq.server.app import create_app
 from lcq.server.content_format import detected_content_format
+from lcq.server.protocol import CompletionRequest
 from lcq.server.settings import ServeSettings, resolve
 from lcq.server.tool_calls import ReplyReader, ToolCallStream, parse_hermes, parse_llama3_json, read_reply, \
     reply_parser
@@ -577,6 +578,15 @@ def test_an_adapter_unloaded_after_the_lookup_is_model_not_found():
 
     refused = engine_error(AdapterNotFoundError("the model `sql` does not exist"))
     assert (refused.status, refused.code, refused.param) == (404, "model_not_found", "model")
+
+
+def test_a_request_names_its_adapter_to_the_engine_whatever_was_unloaded_since(server):
+    """Any model name but the base model's goes to the engine as an adapter, so that one unloaded between the
+    request's check and its generation is the engine's 404; looked up again, it had run on the base model."""
+    state = server.app.state.lcq
+    assert state.adapter_for(CompletionRequest(model="gone", prompt="x")) == "gone"
+    assert state.adapter_for(CompletionRequest(model=MODEL, prompt="x")) is None
+    assert state.adapter_for(CompletionRequest(prompt="x")) is None
 
 
 def test_stream_options_need_stream(server):
@@ -1909,7 +1919,8 @@ def test_lora_adapters_load_and_unload_at_runtime(model_dir, tmp_path):
 
         for name, folder, message in (("sql", first, "'sql' has already been loaded"),
                                       (MODEL, first, "the base model's"),
-                                      ("bad", tmp_path, "needs adapter_config.json")):
+                                      ("bad", tmp_path, "needs adapter_config.json"),
+                                      ("long", tmp_path / ("a" * 300), "cannot be read")):  # (a 500: OSError)
             error = error_of(post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(folder)}), 400)
             assert message in error["message"]
         assert error_of(post("/v1/load_lora_adapter", {"lora_name": "sql2"}), 400)["param"] == "lora_path"

@@ -13,6 +13,7 @@ stack's shapes never change: CUDA graphs captured once serve whatever the slots 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,11 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+    try:  # (is_file raises for some paths: a name too long, a folder not readable)
+        complete = (folder / CONFIG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
+    except OSError as e:
+        raise _refuse(folder, f"cannot be read ({e.strerror or e})") from None
+    if not complete:
         raise _refuse(folder, f"needs {CONFIG_FILE} and {WEIGHTS_FILE} (a PEFT LoRA folder in safetensors)")
     try:
         settings = json.loads((folder / CONFIG_FILE).read_text())
@@ -101,7 +106,7 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
         if settings.get(key) not in allowed:
             raise _refuse(folder, f"{key} {settings[key]!r} is not supported")
     alpha, rslora = settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))  # (PEFT's default alpha)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
         raise _refuse(folder, f"lora_alpha must be a positive number (got {alpha!r})")
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, a in tensors.items():

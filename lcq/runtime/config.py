@@ -179,7 +179,11 @@ class EngineConfig:
                 raise ValueError(f"lora_modules takes name=folder entries separated by commas (got {entry!r})")
             if name in adapters or name in self.model_names():
                 raise ValueError(f"lora_modules: the name {name!r} is used twice")
-            if not (Path(folder) / "adapter_config.json").is_file():
+            try:
+                found = (Path(folder) / "adapter_config.json").is_file()
+            except OSError as e:  # (a name too long, a folder not readable)
+                raise ValueError(f"lora_modules: {folder} cannot be read ({e.strerror or e})") from None
+            if not found:
                 raise ValueError(f"lora_modules: {folder} holds no adapter_config.json (a PEFT LoRA folder)")
             adapters[name] = folder
         return adapters

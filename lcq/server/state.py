@@ -38,9 +38,11 @@ class ServerState:
         return self.engine.adapters
 
     def adapter_for(self, request: OpenAIRequest) -> str | None:
-        """The adapter a (checked) request names as its model, or None for the base model."""
+        """The adapter a (checked) request names as its model, or None for the base model. Any name but the
+        base model's is an adapter: one unloaded since check_request saw it then reaches the engine, whose
+        refusal is the 404 (looked up again here, the request ran on the base model, a 200)."""
         model = getattr(request, "model", None)
-        return model if model in self.adapters else None
+        return None if model is None or model in self.model_names else model
 
     def accepting(self) -> bool:
         return bool(self.engine.is_ready and not self.engine.is_draining)
