@@ -178,10 +178,12 @@ def test_vllm_speculative_config(capsys):
                    ).engine_fields == expected
     # one bound given: the other alike, as vLLM's (they were filled from lcq's defaults, 2 and 4, and refused);
     # vLLM's older method name "[ngram]"
-    for value, bound in (('{"method": "ngram", "prompt_lookup_min": 5}', 5),
-                         ('{"method": "[ngram]", "prompt_lookup_max": 1}', 1)):
+    # vLLM's older method name "[ngram]", and its "model": "ngram" spelling (a draft folder named ngram before)
+    for value, bound in (('{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 5}', 5),
+                         ('{"method": "[ngram]", "num_speculative_tokens": 2, "prompt_lookup_max": 1}', 1),
+                         ('{"model": "[ngram]", "num_speculative_tokens": 2, "prompt_lookup_max": 1}', 1)):
         assert resolve(parse("--speculative-config", value), {}).engine_fields == {
-            **lookup, "prompt_lookup_min": bound, "prompt_lookup_max": bound}
+            **lookup, "num_speculative_tokens": 2, "prompt_lookup_min": bound, "prompt_lookup_max": bound}
     draft = {"speculative_model": "/models/draft", "speculative_method": None, "num_speculative_tokens": 5}
     for value in ('{"model": "/models/draft", "num_speculative_tokens": 5}',
                   '{"method": "draft_model", "model": "/models/draft", "num_speculative_tokens": 5}'):
@@ -190,7 +192,11 @@ def test_vllm_speculative_config(capsys):
     for method in ("mtp", "deepseek_mtp", "qwen3_next_mtp"):  # (vLLM's older per-family names)
         value = f'{{"method": "{method}", "num_speculative_tokens": 2}}'
         assert resolve(parse("--speculative-config", value), {}).engine_fields == mtp
+    # without a count, one draft a step, as vLLM drafts as many as the model's layers (README's example)
+    assert resolve(parse("--speculative-config", '{"method": "mtp"}'), {}).engine_fields == {
+        **mtp, "num_speculative_tokens": 1}
     refused = ('{"method": "eagle"}', '{"method": "ngram", "lookahead": 2}', "{method: ngram}",
+               '{"method": "ngram"}',  # (no num_speculative_tokens: it drafted nothing, silently)
                '{"model": "/models/draft", "prompt_lookup_max": 3}', '{"method": "draft_model"}',
                '{"num_speculative_tokens": "x"}', '{"prompt_lookup_max": true}')
     for value in refused:
@@ -198,10 +204,11 @@ def test_vllm_speculative_config(capsys):
             main(["serve", "--speculative-config", value])
         assert usage.value.code == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 7 and "not eagle" in errors[0] and "unknown keys lookahead for method ngram" in errors[1]
-    assert "not JSON" in errors[2] and "unknown keys prompt_lookup_max for method draft_model" in errors[3]
-    assert "needs the draft's folder as model" in errors[4]
-    assert 'num_speculative_tokens must be an integer, got "x"' in errors[5] and "got true" in errors[6]
+    assert len(errors) == 8 and "not eagle" in errors[0] and "unknown keys lookahead for method ngram" in errors[1]
+    assert "not JSON" in errors[2] and "method ngram needs num_speculative_tokens" in errors[3]
+    assert "unknown keys prompt_lookup_max for method draft_model" in errors[4]
+    assert "needs the draft's folder as model" in errors[5]
+    assert 'num_speculative_tokens must be an integer, got "x"' in errors[6] and "got true" in errors[7]
     with pytest.raises(UserError, match="LCQ_SPECULATIVE_CONFIG: only methods ngram"):
         resolve(parse(), {"LCQ_SPECULATIVE_CONFIG": '{"method": "medusa"}'})
 

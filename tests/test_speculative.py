@@ -276,6 +276,17 @@ def test_speculative_settings_are_checked():
             EngineConfig(model="unused", **settings).validate()
 
 
+def test_predictions_out_of_the_vocabulary_or_longer_than_the_context_are_refused(plain):
+    """A prediction's ids are checked as a prompt's (one past the model's vocabulary failed the step, and on a
+    recurrent model its batch with it), and one longer than the context is refused (indexed in a step, a
+    megabyte of prediction held every request for seconds)."""
+    vocab = plain.engine.runner.model_config.vocab_size
+    for prediction, message in (([1, 2, vocab], "prediction token ids must be in"), ([-1], "prediction token ids"),
+                                ([1] * (plain.engine.max_model_len + 1), "more than max_model_len")):
+        with pytest.raises(ValueError, match=message):
+            plain.generate([PROMPTS[0]], SamplingParams(max_tokens=4, prediction=prediction))
+
+
 def test_no_drafts_from_the_batch_size_on(tiny, plain):
     """By default (speculative_disable_by_batch_size 2) only a lone sequence drafts."""
     default = LLM(str(tiny), block_size=8, num_speculative_tokens=4, **FP32)

@@ -134,6 +134,11 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.prediction or ()):  # (a tokenizer with more tokens than the model)
+            raise ValueError(f"prediction token ids must be in [0, {vocab})")
+        if params.prediction is not None and len(params.prediction) > self.max_model_len:  # (indexed in a step)
+            raise ValueError(f"prediction has {len(params.prediction)} tokens, more than max_model_len "
+                             f"{self.max_model_len}: no reply can repeat more of it")
         if params.allowed_token_ids and params.bad_words:
             banned = {ids[0] for ids in bad_word_token_ids(self.tokenizer, params.bad_words) if len(ids) == 1}
             if banned.issuperset(params.allowed_token_ids):  # (else every step's row has no token to draw)

@@ -133,6 +133,8 @@ def _speculative_config(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
     if not isinstance(settings, dict):
         raise argparse.ArgumentTypeError("a JSON object is needed")
+    if settings.get("model") in ("ngram", "[ngram]") and "method" not in settings:  # vLLM's older spelling
+        settings["method"] = settings.pop("model")
     method = settings.pop("method", "draft_model" if "model" in settings else "ngram")
     method = "mtp" if method in MTP_METHODS else "ngram" if method == "[ngram]" else method  # (vLLM's older names)
     if method not in METHOD_KEYS:
@@ -149,6 +151,10 @@ def _speculative_config(text: str) -> dict[str, Any]:
         if not isinstance(value, wanted) or isinstance(value, bool):
             raise argparse.ArgumentTypeError(f"{key} must be {'a folder' if wanted is str else 'an integer'}, "
                                              f"got {json.dumps(value)}")
+    if method == "ngram" and "num_speculative_tokens" not in settings:  # (it drafted nothing, silently)
+        raise argparse.ArgumentTypeError("method ngram needs num_speculative_tokens")
+    if method == "mtp":  # vLLM's default: as many drafts as the model has such layers, one in every family served
+        settings.setdefault("num_speculative_tokens", 1)
     if method == "ngram" and len({"prompt_lookup_min", "prompt_lookup_max"} & set(settings)) == 1:
         bound = settings.get("prompt_lookup_min", settings.get("prompt_lookup_max"))  # vLLM's: the other alike
         settings = {**settings, "prompt_lookup_min": bound, "prompt_lookup_max": bound}
