@@ -10,7 +10,8 @@
 # decode and host profiles, then with the exact decode products (neither products of bytes nor byte codebooks) at 8
 # sequences and at batch 1, and without dependent launch (--variants exact-8,exact,no-pdl, in that
 # order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
-# rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), and with NCU=1 Nsight Compute on one launch of each form
+# rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
+# cost (bench/product_floor.py), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
 # and of the Triton attention with windows, chunks, softcap and sinks among them); the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
@@ -25,7 +26,8 @@
 #
 # It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
-# (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json and,
+# (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
+# product-floor-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/, and each test step's failures in
 # gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary).
@@ -97,6 +99,9 @@ step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights l
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"
+# What of a one-row product's time is a fixed cost: the single-replay timing against an empty kernel, a plain read
+# of its bytes, the L2 flushed by writing and by reading, and the product in a chain of products (the same builds)
+step 60 25 product-floor "$py" bench/product_floor.py
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do
         step 40 20 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \

@@ -5,6 +5,11 @@ an H100), less than Python and the launch path need to issue it, so host-side ti
 triton.testing.do_bench) would measure the launch, not the kernel. The engine replays decode steps from CUDA graphs, so kernels are timed the same way,
 with the L2 cache flushed before every replay so that weights stream from device memory.
 Used by the kernels' autotuner and by bench/kernels.py.
+
+How the L2 is flushed (`flush`): "write" zeroes a buffer several times its size, as the autotuner always
+has, which leaves it full of dirty lines that the timed kernel's reads must write back to memory on their
+way in; "read" reads that buffer instead (a sum), which leaves clean lines, as in a decode step, where the
+cache holds the earlier layers' weights. bench/product_floor.py times both.
 """
 from __future__ import annotations
 
@@ -22,24 +27,31 @@ def _flush_buffer(device: torch.device) -> torch.Tensor:
     return _flush_buffers[device]
 
 
+FLUSHES = ("write", "read", "none")
+
+
 def graph_time(fn: Callable[[], object], quantiles: Sequence[float] | None = None, reps: int = 30,
-               flush_l2: bool = True) -> float | list[float]:
+               flush: str = "write") -> float | list[float]:
     """Milliseconds per call of fn captured in a CUDA graph: the median, or the given quantiles
     (the interface of the Triton autotuner's do_bench). fn runs once first, outside the capture,
     so that compilation and allocation stay out of the graph."""
+    if flush not in FLUSHES:
+        raise ValueError(f"flush is one of {FLUSHES}, not {flush!r}")
     fn()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    flush = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))
+    buffer = _flush_buffer(torch.device("cuda", torch.cuda.current_device()))
     for _ in range(3):
         graph.replay()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for start, end in zip(starts, ends):
-        if flush_l2:
-            flush.zero_()  # the GPU is busy with this while the host issues the replay
+        if flush == "write":
+            buffer.zero_()  # the GPU is busy with this while the host issues the replay
+        elif flush == "read":
+            buffer.sum()
         start.record()
         graph.replay()
         end.record()
