@@ -102,23 +102,33 @@ HARMONY_SPLITS = [
     (f"{ANALYSIS}cut off", ("cut off", None)),
     (f"{ANALYSIS}cut off <|en", ("cut off <|en", None)),
     (f"{ANALYSIS}a<|end|><|start|>assistant<|channel|>commentary<|message|>Let me check.<|end|>"
-     f"<|start|>assistant<|channel|>analysis<|message|>b<|end|>{FINAL}done", ("ab", "Let me check.done")),
+     f"<|start|>assistant<|channel|>analysis<|message|>b<|end|>{FINAL}done", ("a\nb", "Let me check.\ndone")),
+    (f"{ANALYSIS}a<|b<|end|>{FINAL}ok", ("a<|b", "ok")),  # a tag starts at the last <| before its |>
     ("<|channel|>final<|message|>No thinking.<|return|>", (None, "No thinking.")),
     ("Plain text", (None, "Plain text")),
     (f"{ANALYSIS}a<|end|><|start|>assistant<|channel|>fin", ("a", "")),  # cut off in the markup
     ("", (None, "")),
-    (f"{ANALYSIS}Weather?<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
-     '<|message|>{"city": "Paris"}<|call|>', ("Weather?", '<|channel|>commentary to=functions.get_weather<|message|>'
-                                                          '{"city": "Paris"}<|call|>')),  # a tool call, passed on
+]
+CALL = (f"{ANALYSIS}Weather?<|end|><|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json"
+        '<|message|>{"city": "Paris"}<|call|>')
+BROWSING = f'{ANALYSIS}t<|end|><|start|>assistant<|channel|>analysis to=browser.search<|message|>{{"q": 1}}<|call|>'
+# (reply, (reasoning, content), whether the turn reads calls): a message to a recipient is left out, but a call to a
+# function passes to the content for the openai tool-call parser where the turn reads calls
+HARMONY_CALL_SPLITS = [
+    (CALL, ("Weather?", ""), False),
+    (CALL, ("Weather?", '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Paris"}<|call|>'), True),
+    (BROWSING, ("t", ""), True),  # gpt-oss's built-in browser: not one of the request's tools
+    (f"{CALL}<|start|>assistant<|channel|>final<|message|>Done.", ("Weather?", "Done."), False),
 ]
 
 
-@pytest.mark.parametrize("reply, expected", HARMONY_SPLITS)
-def test_harmony_split_at_every_boundary_equals_the_one_shot_split(reply, expected):
-    """gpt-oss's harmony messages (openai_gptoss): the analysis channel is reasoning, the others content,
-    the markup neither, however the reply streams."""
+@pytest.mark.parametrize("reply, expected, reads_calls", [(*case, False) for case in HARMONY_SPLITS]
+                         + HARMONY_CALL_SPLITS)
+def test_harmony_split_at_every_boundary_equals_the_one_shot_split(reply, expected, reads_calls):
+    """gpt-oss's harmony messages (openai_gptoss): the analysis channel is reasoning, the others content, a
+    part's messages joined by a newline, the markup neither, however the reply streams."""
     rng = random.Random(reply)
-    parser = reasoning_parser("openai_gptoss", "<|start|>assistant")
+    parser = reasoning_parser("openai_gptoss", "<|start|>assistant", reads_calls)
     assert parser.split(reply) == expected
     assert streamed(parser, list(reply)) == expected
     for _ in range(20):

@@ -995,6 +995,24 @@ def test_a_reply_with_calls_reads_the_same_whole_and_streamed(parser):
         assert [call.function for call in calls] == [call.function for call in streamed_calls]
 
 
+def test_a_gpt_oss_call_cut_by_max_tokens_is_no_call():
+    """A gpt-oss call ends at its stop token, <|call|>, which the text does not keep: a last call cut by max_tokens
+    reads like a whole one, so with finish reason "length" it is left out, neither call nor content, as vLLM reads
+    only completed messages (its arguments, '{"y": ', were returned as a call's)."""
+    reply = ('Checking.<|channel|>commentary to=functions.f<|message|>{"x": 1}<|call|>'
+             '<|channel|>commentary to=functions.g<|message|>{"y": ')
+    for reason, names in (("length", ["f"]), ("stop", ["f", "g"])):
+        content, calls, finish = read_reply(reply, None, "openai", reason)
+        assert content == "Checking." and [call.function.name for call in calls] == names
+        assert finish == ("length" if reason == "length" else "tool_calls")
+        reader = ReplyReader(None, "openai")
+        sent = "".join(reader.feed(character) for character in reply)
+        rest, streamed, _ = reader.finish(reason)
+        assert sent + (rest or "") == "Checking." and [call.function.name for call in streamed] == names
+    assert read_reply(reply[reply.index("<|channel|>commentary to=functions.g"):], None, "openai", "length") == \
+        ("", None, "length")
+
+
 def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
     """Seed-OSS's and Qwen3-Coder's XML calls: each parameter's text typed as the request's tool schema says
     (text where it says string, gives no type, or the text is not of that type; "null" is null)."""
@@ -1015,6 +1033,17 @@ def test_xml_tool_calls_are_parsed_and_typed_by_the_tool_schema():
     assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [("f", {"x": "1"}), ("g", {})]
     for text in ("No tools.", "<tool_call>{\"name\": \"f\"}</tool_call>"):
         assert coder(text) == (text, [])
+    # as vLLM's qwen3_coder reads them: functions without <tool_call> (Qwen3-Coder leaves it out at times), and a
+    # parameter whose </parameter> is missing ends at the next parameter or the function's end
+    integers = {"f": {"type": "object", "properties": {"a": {"type": "integer"}}}}
+    for reply in ("Sure.\n<function=f>\n<parameter=a>\n1\n</parameter>\n<parameter=b>\nx\n</parameter>\n</function>\n"
+                  "</tool_call>",
+                  "Sure.\n<tool_call>\n<function=f>\n<parameter=a>\n1\n<parameter=b>\nx\n</function>\n</tool_call>"):
+        content, calls = reply_parser("qwen3_coder", integers)(reply)
+        assert content == "Sure." and json.loads(calls[0].function.arguments) == {"a": 1, "b": "x"}
+        stream = ToolCallStream("qwen3_coder", integers)
+        assert "".join(stream.feed(character) for character in reply) == "Sure.\n"
+        assert stream.finish()[1][0].function.name == "f"
     stream = ToolCallStream("seed_oss", schemas)
     assert stream.feed("Sure <seed:tool") == "Sure " and stream.feed("_call><function=book>") == ""
     assert stream.finish()[1][0].function.name == "book"

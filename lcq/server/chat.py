@@ -286,8 +286,8 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
     content_format = state.settings.chat_template_content_format
     text = chat_prompt(tokenizer, body.messages, body, body.tools, content_format)
     reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
-        tokenizer, body.messages, body, body.tools, text, content_format)) \
-        if state.settings.reasoning_parser else None
+        tokenizer, body.messages, body, body.tools, text, content_format),
+        reads_calls=parsed and state.settings.tool_call_parser == "openai") if state.settings.reasoning_parser else None
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
     if reasoning is not None and params.structured_output is not None and state.settings.reasoning_parser != HARMONY:

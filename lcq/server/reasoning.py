@@ -32,6 +32,8 @@ CALL_END = "<|call|>"
 MESSAGE_ENDS = ("<|end|>", CALL_END, "<|return|>")
 REASONING_CHANNEL = "analysis"
 RECIPIENT = " to="  # in a header: the message is addressed (to=functions.NAME: a tool call)
+FUNCTIONS = "functions."  # the recipients that are the request's tools (others: gpt-oss's built-in browser, python)
+LEFT_OUT = "left out"  # the channel of a message to a recipient that is not read as a call
 
 
 def _tag_prefix(text: str, tag: str) -> int:
@@ -128,17 +130,21 @@ class ReasoningParser:
 class HarmonyStream:
     """One gpt-oss reply split as it streams. The reply is harmony messages (the prompt ends with
     `<|start|>assistant`): the analysis channel's text is reasoning, the final channel's (and a
-    commentary's) content, the markup neither, as vLLM's openai_gptoss parser reads them; but a message
-    to a recipient (a tool call) goes to the content whole, as `<|channel|>commentary to=RECIPIENT<|message|>`,
-    its text, `<|call|>`, for the openai tool-call parser (lcq.server.tool_calls). Text before any channel
-    is content. A tail that may begin a tag is held until the next text decides. Same interface as
-    ReasoningStream."""
+    commentary's) content, the markup neither, as vLLM's openai_gptoss parser reads them, messages of a part
+    joined by a newline. A message to a recipient (a tool call) is left out, as vLLM leaves it to the tool
+    parser; where the turn reads calls (`reads_calls`: the openai tool-call parser, lcq.server.tool_calls) a
+    call to a function goes to the content whole, as `<|channel|>commentary to=functions.NAME<|message|>`, its
+    text, `<|call|>`. Text before any channel is content. A tail that may begin a tag is held until the next
+    text decides. Same interface as ReasoningStream."""
 
-    def __init__(self):
+    def __init__(self, reads_calls: bool = False):
+        self.reads_calls = reads_calls
         self.state, self.channel = "body", None  # body (a message's text, in `channel`) or header (markup)
         self.header = ""  # the markup read since the last message's text, up to its <|message|>
         self.entered = False
         self.held = ""
+        self.written = {"reasoning": False, "content": False}  # whether an earlier message gave the part text
+        self.opened = False  # whether the current message has given its part text yet
 
     @property
     def thinking(self) -> bool:
@@ -156,45 +162,71 @@ class HarmonyStream:
                     words = head.rpartition(CHANNEL)[2].split()
                     self.state, self.channel, self.header = "body", words[0] if words else None, ""
                     self.entered |= self.channel == REASONING_CHANNEL
+                    self.opened = False
                     if RECIPIENT in head:  # before or after the channel: `assistant to=X<|channel|>commentary`
                         recipient = head.partition(RECIPIENT)[2].split("<|")[0].split()[0]
-                        self.channel = "call"
-                        parts["content"] += f"{CHANNEL}commentary{RECIPIENT}{recipient}{MESSAGE}"
+                        read = self.reads_calls and recipient.startswith(FUNCTIONS)
+                        self.channel = "call" if read else LEFT_OUT
+                        if read:
+                            parts["content"] += f"{CHANNEL}commentary{RECIPIENT}{recipient}{MESSAGE}"
                 continue
-            part = "reasoning" if self.thinking else "content"
             at = text.find(TAG_OPEN)
             if at < 0:
                 cut = len(text) - text.endswith(TAG_OPEN[0])
-                parts[part], self.held, text = parts[part] + text[:cut], text[cut:], ""
+                self._write(parts, text[:cut])
+                self.held, text = text[cut:], ""
                 continue
             end = text.find(TAG_CLOSE, at + len(TAG_OPEN))
             if end < 0:
-                parts[part], self.held, text = parts[part] + text[:at], text[at:], ""
+                self._write(parts, text[:at])
+                self.held, text = text[at:], ""
+                continue
+            again = text.find(TAG_OPEN, at + len(TAG_OPEN), end)
+            if again >= 0:  # a `<|` of the text itself: a tag starts at the last `<|` before its `|>`
+                self._write(parts, text[:again])
+                text = text[again:]
                 continue
             tag = text[at:end + len(TAG_CLOSE)]
-            parts[part] += text[:at]
+            self._write(parts, text[:at])
             text = text[end + len(TAG_CLOSE):]
             if tag in MESSAGE_ENDS or tag in (CHANNEL, START):
                 if self.channel == "call" and tag in MESSAGE_ENDS:
                     parts["content"] += CALL_END
                 self.state, self.header = "header", "" if tag in MESSAGE_ENDS else tag
             else:  # not harmony's markup: the message's own text
-                parts[part] += tag
+                self._write(parts, tag)
         return parts["reasoning"], parts["content"]
+
+    def _write(self, parts: dict[str, str], text: str) -> None:
+        """A message's text to its part (none for a message to a recipient not read as a call), after a newline
+        where an earlier message gave that part text."""
+        if not text or self.channel == LEFT_OUT:
+            return
+        part = "reasoning" if self.thinking else "content"
+        if self.channel != "call":
+            if not self.opened and self.written[part]:
+                text = "\n" + text
+            self.opened = self.written[part] = True
+        parts[part] += text
 
     def finish(self) -> tuple[str, str]:
         rest, self.held = self.held, ""
-        return (rest, "") if self.thinking else ("", rest if self.state == "body" else "")
+        parts = {"reasoning": "", "content": ""}
+        if self.state == "body":
+            self._write(parts, rest)
+        return parts["reasoning"], parts["content"]
 
 
 class HarmonyParser(ReasoningParser):
-    """How gpt-oss's replies are split: every reply starts in markup or content, never inside reasoning."""
+    """How gpt-oss's replies are split: every reply starts in markup or content, never inside reasoning.
+    reads_calls: calls to functions pass to the content for the openai tool-call parser (HarmonyStream)."""
 
-    def __init__(self, opening: str):
+    def __init__(self, opening: str, reads_calls: bool = False):
         self.inside = False
+        self.reads_calls = reads_calls
 
     def stream(self) -> HarmonyStream:
-        return HarmonyStream()
+        return HarmonyStream(self.reads_calls)
 
     def reasoning_tokens(self, text: str, token_ids: list[int], decode: Callable[[list[int]], str]) -> int:
         """The tokens up to and including the one that ends the first analysis message (`decode` keeps the
@@ -213,6 +245,7 @@ class HarmonyParser(ReasoningParser):
         return min(first + 1, len(token_ids))
 
 
-def reasoning_parser(name: str, opening: str) -> ReasoningParser:
-    """The parser `--reasoning-parser name` picks, for replies opened by `opening` (chat.reply_opening)."""
-    return HarmonyParser(opening) if name == HARMONY else ReasoningParser(opening)
+def reasoning_parser(name: str, opening: str, reads_calls: bool = False) -> ReasoningParser:
+    """The parser `--reasoning-parser name` picks, for replies opened by `opening` (chat.reply_opening);
+    reads_calls: whether the turn's tool calls are read by the openai tool-call parser (HarmonyStream)."""
+    return HarmonyParser(opening, reads_calls) if name == HARMONY else ReasoningParser(opening)

@@ -76,12 +76,14 @@ DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 # parsers whose tags are (or may be) special tokens the text must keep
 KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31",
                         "minimax_m2", "llama_nemotron_json", "nemotron_json")
-HARMONY_CALL = "<|channel|>commentary to=functions."
+HARMONY_CALL, CALL_END = "<|channel|>commentary to=functions.", "<|call|>"
 # a harmony message to a function: its name, then (after any more of the header) its arguments
 _HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
 _XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
-_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|$)", re.DOTALL)
+# a parameter ends at its closing tag or, where the model left that out, at the next parameter or the function's end
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.DOTALL)
+XML_FUNCTION = "<function="
 _INVOKE = re.compile(r'<invoke name="?([^">\n]+)"?>(.*?)(?:</invoke>|$)', re.DOTALL)
 _INVOKE_PARAMETER = re.compile(r'<parameter name="?([^">\n]+)"?>(.*?)(?:</parameter>|$)', re.DOTALL)
 # Calls in XML: the block's opening and closing tags, then a function's and a parameter's syntax (name, body)
@@ -172,10 +174,10 @@ def read_reply(text: str, forced: str | None, parser: str | None, finish_reason:
         return (None if calls else text), calls, reason
     if parser:
         reader = ReplyReader(None, parser, parallel, schemas)
-        sent = reader.feed(text)
+        content = reader.feed(text)
         rest, calls, reason = reader.finish(finish_reason)
-        if calls:
-            return (sent + (rest or "")) or None, calls, reason
+        content += rest or ""
+        return (content or None) if calls else content, calls, reason
     return text, None, finish_reason
 
 
@@ -212,20 +214,32 @@ def parse_openai(text: str) -> tuple[str | None, list[ToolCall]]:
     return ((content or None) if calls else text), calls
 
 
-def tag_held_from(tag: str):
-    """held_from of a syntax whose calls start with `tag`: the text is held back from its first tag, or
-    from a tail that could begin one."""
+def without_open_harmony_call(text: str) -> str:
+    """A gpt-oss reply cut by max_tokens without its last message if that is a call (HarmonyStream wrote it
+    without its `<|call|>`): a call ends at that stop token, so only the finish reason tells a cut one from a
+    whole one, and vLLM reads only completed messages."""
+    at = text.rfind(HARMONY_CALL)
+    return text[:at] if at >= 0 and CALL_END not in text[at:] else text
+
+
+def tag_held_from(*tags: str):
+    """held_from of a syntax whose calls start with one of `tags`: the text is held back from the first
+    tag, or from a tail that could begin one."""
 
     def held_from(text: str, sent: int) -> int:
-        start = text.find(tag, sent)
-        if start >= 0:
-            return start
-        for size in range(min(len(tag) - 1, len(text) - sent), 0, -1):
-            if tag.startswith(text[-size:]):
-                return len(text) - size
-        return len(text)
+        return min(_held_from(text, sent, tag) for tag in tags)
 
     return held_from
+
+
+def _held_from(text: str, sent: int, tag: str) -> int:
+    start = text.find(tag, sent)
+    if start >= 0:
+        return start
+    for size in range(min(len(tag) - 1, len(text) - sent), 0, -1):
+        if tag.startswith(text[-size:]):
+            return len(text) - size
+    return len(text)
 
 
 def parse_llama3_json(text: str) -> tuple[str | None, list[ToolCall]]:
@@ -374,6 +388,11 @@ def parse_xml_calls(text: str, syntax: tuple[str, str, re.Pattern, re.Pattern], 
     XML functions inside the blocks of `syntax` (XML_CALLS); (the text, []) when it has none."""
     start, end, function, parameter = syntax
     content, *blocks = text.split(start)
+    if not blocks and start == HERMES_START and XML_FUNCTION in text:  # Qwen3-Coder's may leave out <tool_call>:
+        # its functions are read from the first, as vLLM's qwen3_coder parser backs off to, and a lone
+        # </tool_call> after them dropped
+        at = text.index(XML_FUNCTION)
+        content, blocks = text[:at], [text[at:]]
     calls = []
     for block in blocks:
         for name, body in function.findall(block.split(end, 1)[0]):
@@ -484,11 +503,13 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            "ernie45": (parse_hermes, tag_held_from(HERMES_START)),
            "internlm": (parse_internlm, tag_held_from(INTERNLM_START)),
            "openai": (parse_openai, tag_held_from(HARMONY_CALL)),
-           **{name: (functools.partial(parse_xml_calls, syntax=syntax), tag_held_from(syntax[0]))  # + schemas
+           **{name: (functools.partial(parse_xml_calls, syntax=syntax),  # + schemas
+                     tag_held_from(syntax[0], *([XML_FUNCTION] if syntax[0] == HERMES_START else [])))
               for name, syntax in XML_CALLS.items()},
            **dict.fromkeys(("glm45", "glm47"), (parse_glm, tag_held_from(GLM_START))),  # + schemas: reply_parser
            **{name: (functools.partial(parse_deepseek, calls_syntax=syntax), tag_held_from(DEEPSEEK_CALLS))
               for name, syntax in _DEEPSEEK_CALLS.items()}}
+CUT_CALLS = {"openai": without_open_harmony_call}  # what a reply cut by max_tokens loses first (ToolCallStream)
 SCHEMA_TYPED = (*XML_CALLS, "glm45", "glm47")  # parsers that type the arguments by the request's tool schemas
 
 
@@ -497,6 +518,7 @@ class ToolCallStream:
     that calls go out parsed once the reply is complete."""
 
     def __init__(self, parser: str, schemas: dict[str, dict] | None = None):
+        self.parser = parser
         self.parse, self.held_from = reply_parser(parser, schemas), PARSERS[parser][1]
         self.text = ""
         self.sent = 0
@@ -508,9 +530,12 @@ class ToolCallStream:
         out, self.sent = self.text[self.sent:end], end
         return out
 
-    def finish(self) -> tuple[str | None, list[ToolCall]]:
-        """(the content not sent yet, the calls) once the reply is complete."""
+    def finish(self, cut: bool = False) -> tuple[str | None, list[ToolCall]]:
+        """(the content not sent yet, the calls) once the reply is complete; cut: by max_tokens, where a
+        syntax whose calls end at a stop token leaves out a last call still open (CUT_CALLS)."""
         rest = self.text[self.sent:]
+        if cut and self.parser in CUT_CALLS:
+            rest = CUT_CALLS[self.parser](rest)
         content, calls = self.parse(rest)
         return (content or None) if calls else (rest or None), calls
 
@@ -539,6 +564,6 @@ class ReplyReader:
             return read_reply(self.text, self.forced, None, finish_reason)
         if self.calls is None:
             return None, None, finish_reason
-        content, calls = self.calls.finish()
+        content, calls = self.calls.finish(cut=finish_reason == "length")
         return (content, calls if self.parallel else calls[:1], calls_finish(finish_reason)) if calls else \
             (content, None, finish_reason)
