@@ -210,6 +210,39 @@ def test_max_model_len_past_the_models_context_is_refused(tiny):
         LLM(str(tiny), max_model_len=1000)
 
 
+def test_offline_prompts_as_vllm_takes_them(tiny, llm, tmp_path):
+    """vLLM's {"prompt": text} and {"prompt_token_ids": ids} are what they hold (they were read as the text of their
+    keys); other prompt types, and ids that are not integers (5.9 ran as token 5, then the reply failed to decode
+    and came back empty), are refused at once; a failed request says why; a folder that is none, or holds a broken
+    config.json, is said so (the tokenizer's loader blamed the Hub)."""
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    ids = llm.tokenizer("Hello")["input_ids"]
+    plain = llm.generate(["Hello", [5, 6, 7]], greedy)
+    as_dicts = llm.generate([{"prompt": "Hello"}, {"prompt_token_ids": [5, 6, 7]}], greedy)
+    assert [(c.prompt_ids, c.token_ids) for c in as_dicts] == [(c.prompt_ids, c.token_ids) for c in plain]
+    assert plain[0].prompt_ids == ids and llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy)[0].prompt_ids == [5, 6, 7]
+    assert llm.embed({"prompt": "Hello"}) == llm.embed("Hello")
+    for prompt in ({"text": "Hello"}, {"prompt": [5]}, (5, 6), torch.tensor([5, 6])):
+        with pytest.raises(TypeError, match="prompt"):
+            llm.generate([prompt], greedy)
+    for bad in ([5.9, 6, 7], [5.0, 6.0], [True, 6]):
+        with pytest.raises(ValueError, match="prompt token ids must be integers"):
+            llm.generate([bad], greedy)
+    with pytest.raises(ValueError, match="0 SamplingParams for 2 prompts"):
+        llm.generate(["a", "b"], [])
+    failed = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, allowed_token_ids=[2], min_tokens=2,
+                                                      stop_token_ids=[2]))[0]
+    assert failed.finish_reason == "error" and "leave no token to generate" in failed.error
+    assert plain[0].error is None
+    with pytest.raises(UserError, match="no such model folder"):
+        LLM(str(tmp_path / "missing"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{nope")
+    with pytest.raises(UserError, match="config.json: invalid JSON"):
+        LLM(str(broken))
+
+
 @pytest.mark.parametrize("partial", [1.0, 0.75])
 def test_longrope_factors_are_those_of_the_context_served(tmp_path, partial):
     """A Phi-3.5-style model (LongRoPE over an original context of 32; with partial 0.75 Phi-4-mini's

@@ -12,13 +12,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import numbers
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lcq.errors import UserError
 from lcq.inputs import load_tokenizer
+from lcq.models.config import ModelConfig
 from lcq.models.lora import LoRAAdapter
 
 from .config import EngineConfig
@@ -77,11 +80,20 @@ def bad_word_token_ids(tokenizer, words: list[str]) -> list[tuple[int, ...]]:
     return spellings
 
 
+def token_ids_in(ids, vocab: int) -> bool:
+    """Whether ids are all integers (Python's or numpy's, not bools: a float was read as the token below it, and
+    the reply then failed to decode) in [0, vocab)."""
+    return all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and 0 <= t < vocab for t in ids)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
         torch.manual_seed(config.seed)
         self.config = config
+        if not Path(config.model).is_dir():  # (else the tokenizer's loader blamed the Hub)
+            raise UserError(f"{config.model}: no such model folder")
+        ModelConfig.from_folder(config.model)  # a config.json missing or broken: said so, not as a tokenizer's error
         self.tokenizer = load_tokenizer(config.model)
         self.token_bytes = TokenBytes(self.tokenizer)  # logprobs' tokens, as text and bytes
         template = config.resolved_chat_template() or (None if self.tokenizer.chat_template else
@@ -122,20 +134,20 @@ class LLMEngine:
         params.validate()
         if params.priority != 0 and not self.scheduler.by_priority:  # (vLLM's words; gateways read this 400)
             raise ValueError(f"Got priority {params.priority} but Priority scheduling is not enabled "
-                             "(lcq serve --scheduling-policy priority).")
+                             "(lcq serve --scheduling-policy priority; offline LLM(..., scheduling_policy='priority')).")
         if not prompt_ids:
             raise ValueError("prompt is empty")
         vocab = self.runner.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if not token_ids_in(prompt_ids, vocab):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.allowed_token_ids or ()):
             raise ValueError(f"allowed_token_ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.prediction or ()):  # (a tokenizer with more tokens than the model)
-            raise ValueError(f"prediction token ids must be in [0, {vocab})")
+        if not token_ids_in(params.prediction or (), vocab):  # (a tokenizer with more tokens than the model)
+            raise ValueError(f"prediction token ids must be integers in [0, {vocab})")
         if params.prediction is not None and len(params.prediction) > self.max_model_len:  # (indexed in a step)
             raise ValueError(f"prediction has {len(params.prediction)} tokens, more than max_model_len "
                              f"{self.max_model_len}: no reply can repeat more of it")

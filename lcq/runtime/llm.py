@@ -3,6 +3,7 @@ LLM(path).embed(prompts)."""
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,6 +23,7 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     usage: Usage | None = None
+    error: str | None = None  # why the request failed (finish_reason "error"), as the engine logged it
 
 
 class LLM:
@@ -48,12 +50,13 @@ class LLM:
                  ) -> list[Completion]:
         """One Completion per prompt, or with params.n > 1 that prompt's n in turn (seeded: seed, seed + 1, ...);
         text is tokenized with the tokenizer's special tokens (a BOS where it adds one), as vLLM's LLM does.
-        One prompt may be given alone (a string or a list of token ids). params default to
+        A prompt is a string, token ids, or vLLM's {"prompt": text} or {"prompt_token_ids": ids}; one may be
+        given alone. params default to
         get_default_sampling_params(); a list gives each prompt its own. use_tqdm: a progress bar of
         finished requests (vLLM shows one by default)."""
         prompts = _listed(prompts)
-        params = params or self.engine.default_params()
-        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        params = self.engine.default_params() if params is None else params
+        per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
         requests = []
@@ -73,6 +76,7 @@ class LLM:
                 done.prompt_logprobs = out.prompt_logprobs
             if out.finished:
                 done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
+                done.error = out.error
         return list(results.values())
 
     def embed(self, prompts: str | list[int] | list[str] | list[list[int]], use_tqdm: bool = False
@@ -125,11 +129,28 @@ class LLM:
             self.engine.abort(request_id)
 
 
-def _listed(prompts: str | list[int] | list[str] | list[list[int]]) -> list[str] | list[list[int]]:
-    """One prompt given alone (a string, or token ids) as a list of one, as vLLM's LLM takes it."""
-    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
-        return [prompts]
-    return prompts
+def _listed(prompts) -> list[str | list[int]]:
+    """The prompts, each text or token ids: one given alone (a string, token ids, or a dict) as a list of one, and
+    vLLM's {"prompt": text} and {"prompt_token_ids": ids} as what they hold, as vLLM's LLM takes them (a dict was
+    read as the text of its keys)."""
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+                                            and isinstance(prompts[0], numbers.Integral)):
+        prompts = [prompts]
+    if not isinstance(prompts, list):
+        raise TypeError(f"prompts are a list, or one prompt, not {type(prompts).__name__}")
+    return [_prompt(prompt) for prompt in prompts]
+
+
+def _prompt(prompt) -> str | list[int]:
+    if isinstance(prompt, dict):
+        for key, kind in (("prompt", str), ("prompt_token_ids", list)):
+            if set(prompt) == {key} and isinstance(prompt[key], kind):
+                return prompt[key]
+        raise TypeError(f"a prompt dict is {{'prompt': text}} or {{'prompt_token_ids': ids}}, not one with "
+                        f"{sorted(prompt)}")
+    if not isinstance(prompt, (str, list)):
+        raise TypeError(f"a prompt is text, a list of token ids or a dict, not {type(prompt).__name__}")
+    return prompt
 
 
 def _progress_bar(total: int):
