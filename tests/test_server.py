@@ -3,6 +3,7 @@ openai client (sync and async), raw httpx for errors and disconnects, schemathes
 from __future__ import annotations
 
 import asyncio
+import codecs
 import importlib.util
 import json
 import re
@@ -18,7 +19,7 @@ from transformers import AutoTokenizer
 
 from lcq.errors import UserError
 from lcq.quantizer.reference import load_reference_model
-from lcq.runtime.detokenizer import TokenBytes
+from lcq.runtime.detokenizer import TokenBytes, byte_level_alphabet
 from lcq.server.app import create_app
 from lcq.server.content_format import detected_content_format
 from lcq.server.protocol import CompletionRequest
@@ -507,12 +508,22 @@ def test_text_offsets_index_into_the_text(client, model_dir):
         choice = client.completions.create(**request).choices[0]
         written = b""  # the text of the tokens so far: an offset is its whole characters' length
         for name, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset):
-            assert offset == len(written.decode("utf-8", "ignore")), (request, choice.logprobs)
+            assert offset == len(codecs.getincrementaldecoder("utf-8")("replace").decode(written)), choice.logprobs
             written += token_bytes(name)
         assert written.decode() == choice.text and choice.logprobs.text_offset[-1] <= len(choice.text)
         streamed = [offset for chunk in client.completions.create(**request, stream=True) if chunk.choices
                     for offset in (chunk.choices[0].logprobs.text_offset if chunk.choices[0].logprobs else [])]
         assert streamed == choice.logprobs.text_offset
+    # a byte that is no character's is one U+FFFD in the text, and counts one (it counted none: every later offset
+    # was one short); a special token written in a text prompt is in the echo as written, and counts its length
+    # (it counted none); each offset indexes its token's text
+    lone = tokenizer.convert_tokens_to_ids(byte_level_alphabet()[0xB9])  # a continuation byte, alone
+    for prompt, text in ((tokenizer.encode("Hi") + [lone] + tokenizer.encode(" there"), "Hi\ufffd there"),
+                         ("Hi<|im_end|>there", "Hi<|im_end|>there")):
+        choice = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0, logprobs=0).choices[0]
+        assert choice.text == text
+        for name, offset in zip(choice.logprobs.tokens, choice.logprobs.text_offset):
+            assert text[offset:].startswith("\ufffd" if name.startswith("bytes:") else name), choice.logprobs
 
 
 def test_developer_messages_are_system_messages_for_templates_without_them(server):

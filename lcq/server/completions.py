@@ -1,6 +1,7 @@
 """POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
 from __future__ import annotations
 
+import codecs
 import functools
 from collections.abc import Callable
 
@@ -49,10 +50,13 @@ class TextOffsets:
     start where the character does, every other token's text starts at its offset, and a special token the
     text skips adds nothing."""
 
-    def __init__(self, tokenizer, context: list[int], skip_special_tokens: bool, start: int = 0):
+    def __init__(self, tokenizer, context: list[int], skip_special_tokens: bool, token_bytes: Callable[[int], bytes],
+                 start: int = 0):
         self.detokenizer = IncrementalDetokenizer(tokenizer, context, [], skip_special_tokens)
         self.decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
                                         clean_up_tokenization_spaces=False)
+        self.token_bytes = token_bytes
+        self.skipped = set(tokenizer.all_special_ids) if skip_special_tokens else set()
         self.start = start  # where the text begins in what is returned (after an echoed prompt)
         self.held = 0  # whole characters the detokenizer holds back with a character not whole yet
 
@@ -62,9 +66,45 @@ class TextOffsets:
         text.add(token_id)
         pending = text.ids[text.prefix_offset:]  # the tokens not released, after those it decodes them after
         released = pending[:text.read_offset - text.prefix_offset]
-        self.held = 0 if len(pending) == len(released) else \
-            len(self.decode(pending)[len(self.decode(released)):].rstrip("\ufffd"))
+        if len(pending) == len(released):
+            self.held = 0
+        else:  # less the character not whole yet at the end: a byte that is no character's stays one (U+FFFD)
+            held = self.decode(pending)[len(self.decode(released)):]
+            data = b"".join(self.token_bytes(t) for t in pending[len(released):] if t not in self.skipped)
+            self.held = max(0, len(held) - unfinished_characters(data))
         return offset
+
+
+def unfinished_characters(data: bytes) -> int:
+    """How many characters (U+FFFD) the end of data decodes to only because its last character is not whole."""
+    return len(data.decode("utf-8", errors="replace")) - len(codecs.getincrementaldecoder("utf-8")("replace").decode(data))
+
+
+class EchoOffsets:
+    """text_offset of an echoed text prompt, whose text is as sent: TextOffsets over the tokens of that text (its
+    special tokens too, written in it: skipped, they put every later offset short by their length), and the
+    tokens the tokenizer added around them (a BOS) at its start or end."""
+
+    def __init__(self, tokenizer, token_bytes: Callable[[int], bytes], before: int, inner: int, length: int):
+        self.offsets = TextOffsets(tokenizer, [], False, token_bytes)
+        self.before, self.inner, self.length = before, inner, length
+        self.seen = 0
+
+    def __call__(self, token_id: int) -> int:
+        at, self.seen = self.seen, self.seen + 1
+        if at < self.before:
+            return 0
+        return self.offsets(token_id) if at < self.before + self.inner else self.length
+
+
+def added_around(tokenizer, text: str, ids: list[int]) -> tuple[int, int] | None:
+    """How many of ids (text tokenized with special tokens) the tokenizer added before and after the text's own,
+    or None if they are not found whole among them."""
+    inner = tokenizer.encode(text, add_special_tokens=False)
+    for before in range(len(ids) - len(inner) + 1):
+        if ids[before:before + len(inner)] == inner:
+            return before, len(ids) - before - len(inner)
+    return None
 
 
 class LogprobFormatter:
@@ -113,9 +153,12 @@ async def create_completion(body: CompletionRequest, request: Request):
     kept = [body.truncated(ids, state.engine.max_model_len, max_tokens) for ids in prompts]
     prompt_texts = [text if len(ids) == len(cut) else state.engine.tokenizer.decode(cut)
                     for text, ids, cut in zip(prompt_texts, prompts, kept)]  # echo shows what was kept
-    # an echoed prompt shows its special tokens (a BOS) where it is decoded: sent as ids, or cut
+    # an echoed prompt shows its special tokens (a BOS) where it is decoded: sent as ids, or cut; sent as text, the
+    # text as sent, without those the tokenizer added
     as_sent = isinstance(body.prompt, str) or isinstance(body.prompt[0], str)
     echo_skips_special = [as_sent and len(ids) == len(cut) for ids, cut in zip(prompts, kept)]
+    echo_added = [added_around(state.engine.tokenizer, text, ids) if skips and body.echo and body.logprobs is not None
+                  else None for text, ids, skips in zip(prompt_texts, prompts, echo_skips_special)]
     prompts = kept
     # max_tokens 0 with echo: OpenAI's legacy scoring of a prompt (its text and logprobs, nothing
     # generated); the engine still samples one token to finish the prompt's step, which is dropped.
@@ -142,10 +185,14 @@ async def create_completion(body: CompletionRequest, request: Request):
         """LogprobFormatter.format's parts of a choice: its echoed prompt's entries, then its generated ones,
         whose text follows the echoed prompt's (decoded as the engine decodes it, after the prompt)."""
         prompt = choice.index // params.n
+        token_bytes = state.engine.token_bytes
         if choice.index not in reply_offsets:
             reply_offsets[choice.index] = TextOffsets(tokenizer, prompts[prompt], params.skip_special_tokens,
-                                                      len(prompt_texts[prompt]) if body.echo else 0)
-        return (echo, TextOffsets(tokenizer, [], echo_skips_special[prompt])), (generated, reply_offsets[choice.index])
+                                                      token_bytes, len(prompt_texts[prompt]) if body.echo else 0)
+        added = echo_added[prompt]
+        echoed = TextOffsets(tokenizer, [], echo_skips_special[prompt], token_bytes) if added is None else \
+            EchoOffsets(tokenizer, token_bytes, added[0], len(prompts[prompt]) - sum(added), len(prompt_texts[prompt]))
+        return (echo, echoed), (generated, reply_offsets[choice.index])
 
     def echoed(choice: Choice, prompt_logprobs: list[TokenLogprob | None] | None) -> tuple[str, list]:
         """The prompt text and its logprob entries that `echo` puts before the completion (the first
