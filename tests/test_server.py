@@ -456,9 +456,10 @@ def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, clien
         assert streamed[-2] == "data: [DONE]"
 
 
-def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):
-    """A JSON schema's grammar can take a second to compile: not on the server's loop, which would hold every
-    stream meanwhile, but on the engine's thread between steps."""
+def test_grammars_compile_on_a_thread_of_their_own(server, client, monkeypatch):
+    """A JSON schema's grammar can take a second to compile, a long regex a minute: not on the server's loop, which
+    would hold every stream meanwhile, nor on the engine's thread, where every user's generation stopped (a 50 KB
+    regex: 13 s), but on a thread of its own."""
     pytest.importorskip("xgrammar")
     structured = server.engine.engine.structured
     compiled_on, check = [], structured.check
@@ -472,7 +473,7 @@ def test_grammars_compile_on_the_engine_thread(server, client, monkeypatch):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
                                            temperature=0, extra_body={"guided_regex": "[a-c]{5}x"})
     assert re.fullmatch("[a-c]{5}x", reply.choices[0].message.content)
-    assert len(compiled_on) == 1 and compiled_on[0].startswith("lcq-engine")
+    assert len(compiled_on) == 1 and compiled_on[0].startswith("lcq-grammar"), compiled_on
 
 
 def test_legacy_logprobs_name_parts_of_characters_by_their_bytes(client):
@@ -1723,6 +1724,23 @@ def test_disconnect_while_waiting_for_a_full_response_frees_the_pool(server):
             time.sleep(0.005)
     server.wait_pool_full()
     assert server.metric("lcq:request_aborted_total") == aborted + 8
+
+
+def test_a_client_gone_before_its_body_is_a_499(server):
+    """A client that hangs up while sending its body is counted as a 499, as one that leaves a non-streamed
+    request is (it was counted a 400: its body, cut short, was not JSON)."""
+    before = {status: server.metric("lcq:http_requests_total", status=status) for status in ("400", "499")}
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       b'Content-Length: 1000\r\n\r\n{"model": "tiny", "prompt": "Hel')
+        time.sleep(0.2)
+    deadline = time.time() + 10
+    while server.metric("lcq:http_requests_total", status="499") == before["499"]:
+        assert time.time() < deadline, "the request was never counted"
+        time.sleep(0.02)
+    assert server.metric("lcq:http_requests_total", status="499") == before["499"] + 1
+    assert server.metric("lcq:http_requests_total", status="400") == before["400"]
 
 
 def test_schemathesis_finds_no_server_errors(server):

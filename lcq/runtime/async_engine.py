@@ -43,6 +43,7 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lcq-engine")
+        self._compiling = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lcq-grammar")  # requests' grammars
         self._loading: Future | None = None
         self.load_error: BaseException | None = None
         self.stop_error: str | None = None  # why the engine loop stopped, where it did while serving (a bug)
@@ -120,10 +121,12 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self.engine.check_request(prompt_ids, params)
         # Requests not yet scheduled (the inbox's too) take the free batch slots first; max_queue more may wait.
-        stats = self.stats()
-        free_slots = max(0, self.config.max_num_seqs - stats.num_running)
-        if check_room and stats.num_waiting + 1 > free_slots + self.config.max_queue:
-            raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests)")
+        # (Counted for an API request's first engine request only: counting the inbox for each of thousands of
+        # prompts held the event loop for seconds to minutes.)
+        if check_room:
+            stats = self.stats()
+            if stats.num_waiting + 1 > max(0, self.config.max_num_seqs - stats.num_running) + self.config.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.config.max_queue} requests)")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         with self._lock:
@@ -145,11 +148,12 @@ class AsyncEngine:
 
     async def prepare(self, params: SamplingParams) -> None:
         """What a request needs before it is queued that would hold the server's loop: its grammar compiled (a
-        JSON schema's can take a second), on the engine's thread, the only one that uses the grammars; a
-        ValueError for one that cannot be used. add_request then finds it compiled."""
+        JSON schema's can take a second, a long regex a minute), on a thread of its own, so that neither the
+        event loop nor the engine's steps wait for it (on the engine's thread every user's generation stopped
+        meanwhile); a ValueError for one that cannot be used. add_request then finds it compiled."""
         self._require_ready()
         if params.structured_output is not None:
-            await asyncio.get_running_loop().run_in_executor(self._worker, self.engine.structured.check,
+            await asyncio.get_running_loop().run_in_executor(self._compiling, self.engine.structured.check,
                                                              params.structured_output)
 
     def abort(self, request_id: str) -> None:
@@ -255,6 +259,7 @@ class AsyncEngine:
     async def shutdown(self, drain_timeout: float = 30.0) -> None:
         """Stop accepting, let running requests finish within the timeout, abort the rest, stop."""
         self.is_draining = True
+        self._compiling.shutdown(wait=False)  # (a grammar being compiled finishes for its request)
         if self.engine is None or self._loop_task is None:  # never loaded: only the loading thread to stop
             self._worker.shutdown(wait=False)
             return

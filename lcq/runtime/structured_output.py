@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Collection
 
@@ -84,46 +85,53 @@ def unenforced(schema: object, at: str = "#") -> str | None:
 
 class StructuredOutputs:
     """Grammars compiled once per schema for one tokenizer (the GRAMMARS_KEPT most recently used), and each
-    constrained sequence's matcher (which holds its grammar)."""
+    constrained sequence's matcher (which holds its grammar). Grammars are compiled on any thread (the server
+    compiles a request's off the engine's, AsyncEngine.prepare), matchers made on the engine's."""
 
     def __init__(self, tokenizer, vocab_size: int, eos_ids: Collection[int], kept: int = GRAMMARS_KEPT):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, sorted(eos_ids)
         self.kept = kept
         self._compiler = None
         self._grammars: OrderedDict[StructuredOutput, object] = OrderedDict()
+        self._lock = threading.Lock()  # the kept grammars and the compiler's making; not held while compiling
         self._openings: dict[str, torch.Tensor] = {}
 
     def _grammar(self, spec: StructuredOutput):
-        if spec in self._grammars:
-            self._grammars.move_to_end(spec)
-        else:
-            try:
-                import xgrammar
-            except ImportError:
-                raise ValueError("response_format and guided outputs need the xgrammar package (pip install "
-                                 "xgrammar)") from None
+        with self._lock:
+            if spec in self._grammars:
+                self._grammars.move_to_end(spec)
+                return self._grammars[spec]
+        try:
+            import xgrammar
+        except ImportError:
+            raise ValueError("response_format and guided outputs need the xgrammar package (pip install "
+                             "xgrammar)") from None
+        with self._lock:
             if self._compiler is None:
                 info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                                stop_token_ids=self.eos_ids)
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # (kept here, bounded)
-            try:
-                if spec.regex is not None:
-                    self._grammars[spec] = self._compiler.compile_regex(spec.regex)
-                elif spec.grammar is not None:
-                    self._grammars[spec] = self._compiler.compile_grammar(spec.grammar)
-                else:
-                    schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
-                    if problem := unenforced(schema):
-                        raise ValueError(f"the grammar would not enforce {problem}")
-                    self._grammars[spec] = self._schema_grammar(xgrammar, schema)
-            except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
-                what = spec.source or ("guided_regex" if spec.regex is not None else "guided_grammar"
-                                       if spec.grammar is not None else "response_format json_schema")
-                reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
-                raise ValueError(f"{what} cannot be used: {reason}") from None
+        try:
+            if spec.regex is not None:
+                grammar = self._compiler.compile_regex(spec.regex)
+            elif spec.grammar is not None:
+                grammar = self._compiler.compile_grammar(spec.grammar)
+            else:
+                schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
+                if problem := unenforced(schema):
+                    raise ValueError(f"the grammar would not enforce {problem}")
+                grammar = self._schema_grammar(xgrammar, schema)
+        except Exception as e:  # xgrammar raises RuntimeError for what it cannot compile
+            what = spec.source or ("guided_regex" if spec.regex is not None else "guided_grammar"
+                                   if spec.grammar is not None else "response_format json_schema")
+            reason = re.sub(r"^\[[^]]*\]\s*\S+:\d+:\s*", "", str(e).strip())  # no C++ timestamp and source line
+            raise ValueError(f"{what} cannot be used: {reason}") from None
+        with self._lock:
+            self._grammars[spec] = grammar
+            self._grammars.move_to_end(spec)
             if len(self._grammars) > self.kept:
                 self._grammars.popitem(last=False)
-        return self._grammars[spec]
+        return grammar
 
     def _schema_grammar(self, xgrammar, schema: dict):
         """The compiled grammar of a JSON schema. xgrammar (0.2.9, the latest) writes the characters of a string

@@ -133,11 +133,11 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     tokenizer = state.engine.tokenizer
     # add_special_tokens' default: completions' (true) for a prompt, chat's (false) for messages
     special = body.messages is None if body.add_special_tokens is None else body.add_special_tokens
-    if body.messages is not None:
-        tokens = chat.render_chat(tokenizer, body.messages, body, add_special_tokens=special, tools=body.tools,
-                                  content_format=state.settings.chat_template_content_format)
+    if body.messages is not None:  # off the event loop (tokenize_prompts)
+        tokens = await asyncio.to_thread(chat.render_chat, tokenizer, body.messages, body, add_special_tokens=special,
+                                         tools=body.tools, content_format=state.settings.chat_template_content_format)
     else:
-        tokens = tokenizer.encode(body.prompt, add_special_tokens=special)
+        tokens = await asyncio.to_thread(tokenizer.encode, body.prompt, add_special_tokens=special)
     return TokenizeResponse(count=len(tokens), max_model_len=state.engine.max_model_len, tokens=tokens,
                             token_strs=tokenizer.convert_ids_to_tokens(tokens) if body.return_token_strs else None)
 

@@ -2,6 +2,7 @@
 tool calls, and a reasoning model's thinking apart from its answer."""
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import logging
@@ -284,10 +285,20 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
     schemas = body.tool_parameters() if parsed else None  # (checked with the request)
     tokenizer = state.engine.tokenizer
     content_format = state.settings.chat_template_content_format
-    text = chat_prompt(tokenizer, body.messages, body, body.tools, content_format)
-    reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
-        tokenizer, body.messages, body, body.tools, text, content_format),
-        reads_calls=parsed and state.settings.tool_call_parser == "openai") if state.settings.reasoning_parser else None
+
+    def render() -> tuple[list[int], ReasoningParser | None, list[int] | None]:
+        """The prompt's ids, the reply's reasoning parser and the prediction's ids: off the event loop, where a
+        long conversation's rendering and tokenizing held every other request (seconds for megabytes)."""
+        text = chat_prompt(tokenizer, body.messages, body, body.tools, content_format)
+        reasoning = reasoning_parser(state.settings.reasoning_parser, reply_opening(
+            tokenizer, body.messages, body, body.tools, text, content_format),
+            reads_calls=parsed and state.settings.tool_call_parser == "openai") \
+            if state.settings.reasoning_parser else None
+        prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False) \
+            if body.prediction is not None else None
+        return tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)), reasoning, prediction
+
+    ids, reasoning, params.prediction = await asyncio.to_thread(render)
     if state.settings.reasoning_parser == HARMONY:
         params.skip_special_tokens = False  # harmony's markup, special tokens all, tells reasoning from answer
     if reasoning is not None and params.structured_output is not None and state.settings.reasoning_parser != HARMONY:
@@ -296,10 +307,7 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
         # the first token where the reply opens otherwise.
         params.structured_output_after = THINK_END
         params.structured_output_opening = None if reasoning.inside else THINK_START
-    if body.prediction is not None:
-        params.prediction = tokenizer.encode(body.prediction.text(), add_special_tokens=False)
-    prompt = body.truncated(tokenizer.encode(text, add_special_tokens=body.adds_special_tokens(default=False)),
-                            state.engine.max_model_len, max_tokens)
+    prompt = body.truncated(ids, state.engine.max_model_len, max_tokens)
     check_room(state, [prompt], max_tokens, body.field_name("max_tokens"))
     generation = Generation(state, request_id, [prompt], params)
     await generation.submit(body)

@@ -1,6 +1,7 @@
 """POST /v1/completions: text or token prompts (one or many), n choices each, echo, integer logprobs."""
 from __future__ import annotations
 
+import asyncio
 import codecs
 import functools
 from collections.abc import Callable
@@ -27,7 +28,8 @@ def tokenize_prompts(state: ServerState, prompt, param: str = "prompt",
                      add_special_tokens: bool = True) -> tuple[list[list[int]], list[str]]:
     """Token ids and text of every prompt, whether it came as text, texts, ids or lists of ids (`param`: the
     field's name in errors); text gets the tokenizer's special tokens with `add_special_tokens`, ids stay as
-    sent."""
+    sent. Called in a thread (asyncio.to_thread): megabytes of text took seconds, during which the event loop
+    answered no one."""
     tokenizer = state.engine.tokenizer
     items = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
     ids, texts = [], []
@@ -146,8 +148,8 @@ class LogprobFormatter:
 async def create_completion(body: CompletionRequest, request: Request):
     state = get_state(request)
     state.check_request(body, "/v1/completions")
-    prompts, prompt_texts = tokenize_prompts(state, body.prompt,
-                                             add_special_tokens=body.adds_special_tokens(default=True))
+    prompts, prompt_texts = await asyncio.to_thread(tokenize_prompts, state, body.prompt,  # off the event loop
+                                                    add_special_tokens=body.adds_special_tokens(default=True))
     defaults = state.engine.sampling_defaults
     max_tokens = defaults.get("max_tokens", DEFAULT_MAX_TOKENS) if body.max_tokens is None else body.max_tokens
     kept = [body.truncated(ids, state.engine.max_model_len, max_tokens) for ids in prompts]

@@ -3,6 +3,7 @@ pooling of decoder embedding models such as Qwen3-Embedding and e5-mistral, from
 KV cache as generation (an embedding request ends with its prompt; its blocks serve the prefix cache)."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import struct
 
@@ -27,7 +28,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     if body.dimensions is not None and body.dimensions != hidden:
         raise APIError(400, f"dimensions: this model's embeddings have {hidden} (shortened ones are not supported)",
                        param="dimensions", code="unsupported_value")
-    prompts, _ = tokenize_prompts(state, body.input, "input")
+    prompts, _ = await asyncio.to_thread(tokenize_prompts, state, body.input, "input")
     prompts = [last_tokens(ids, body.truncate_prompt_tokens, state.engine.max_model_len) for ids in prompts]
     params = SamplingParams(max_tokens=1, embed=True, lora=state.adapter_for(body))
     generation = Generation(state, f"embd-{request.state.request_id}", prompts, params)
