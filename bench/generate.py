@@ -468,10 +468,12 @@ LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_mo
 # (lcq.kernels.elementwise), the kernels launched without programmatic dependent launch
 # (lcq.kernels.dependent_launch), or the exact decode products instead of the default products of bytes at 1-2
 # rows and weights from byte codebooks at up to 32 (LCQ_INT8_DECODE=0, LCQ_BYTE_BOOK=0; lcq.kernels.byte_products),
-# at batch 1 and at 8 sequences.
+# at batch 1 and at 8 sequences, or the products of bytes of inputs rounded once by a kernel of their own
+# (LCQ_INT8_INPUTS=1, triton_linear.input_bytes) at batch 1.
 EXACT = {"LCQ_INT8_DECODE": "0", "LCQ_BYTE_BOOK": "0"}
 GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1),
                 "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1),
+                "prepared-inputs": (lambda: mock.patch.dict(os.environ, {"LCQ_INT8_INPUTS": "1"}), 1),
                 "exact": (lambda: mock.patch.dict(os.environ, EXACT), 1),
                 "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8)}
 

@@ -454,6 +454,8 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
           (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (3, 1, 1, 128, 4, True),
           (3, 2, 1, 128, 4, True), (4, 1, 1, 128, 4, True),
           (4, 2, 1, 128, 4, True), (4, 2, 1, 64, 2, True), (4, 2, 2, 128, 4, True))],
+    *[("decode", 2, 2, 128, 1, block_n, warps, True, True, {"depth": 128, "int8": True, "prepared": True})
+      for block_n, warps in ((64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (512, 4))],
     *[("decode", bits, rank, 128, m, block_n, warps, False, prefetch, {"depth": 128, "stages": 1, "byte_book": True})
       for bits, rank, m, block_n, warps, prefetch in (
           (2, 2, 16, 128, 4, False), (2, 2, 16, 128, 4, True), (2, 2, 16, 256, 8, True), (2, 2, 64, 128, 4, True),
@@ -466,15 +468,15 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
                  lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
-                 dtype: str = "fp16"):
+                 dtype: str = "fp16", prepared: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed. dtype: the
-    activations' (fp16 or bf16)."""
+    activations' (fp16 or bf16); prepared: products of bytes of inputs input_bytes() prepared."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from lcq.kernels import triton_linear as kernels
     fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
-    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
+    pointers = {"x_ptr": "*i32" if prepared else f"*{dtype}", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32",
                 "slots_ptr": "*i32"}
@@ -483,7 +485,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
-                         INT8=int8, BYTE_BOOK=byte_book, ASM=True)
+                         INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names

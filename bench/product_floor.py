@@ -14,6 +14,8 @@ CUDA graph replay, median of 30:
 - `us`, `clean_us`: the product as lcq_linear dispatches it (its kernel and form), flushed either way;
 - `chained_us`: per product, a graph of CHAIN products back to back, each with its own layer (CHAIN x the bytes,
   more than the L2 holds), flushed by reading: a product as a decode step runs it;
+- `prepared_us`, `prepared_chained_us`: where the dispatch takes products of bytes, the same with the inputs rounded
+  to bytes by a kernel of their own first (LCQ_INT8_INPUTS=1, triton_linear.input_bytes), its launch included;
 - `fp16_us`, `fp16_chained_us`: torch's fp16 product, single and chained alike.
 Writes bench/results/product-floor-<gpu>.json (device, date, versions, copy_GBps, rows).
 """
@@ -87,6 +89,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     from lcq.kernels.linear import lcq_linear
+    from lcq.kernels.triton_linear import decode, decode_block_m, int8_decode
 
     args = parse_args()
     if not torch.cuda.is_available():
@@ -99,8 +102,8 @@ def main() -> None:
     empty = torch.empty(1, device="cuda")
     empty_us = graph_time(lambda: _empty_kernel[(1,)](empty), flush="read") * 1e3
     print(f"{header['device']}: copy {header['copy_GBps']:.0f} GB/s, an empty kernel's replay {empty_us:.1f} us")
-    print("| [N, K] | M | bits | MB | empty | read | read, clean L2 | product | clean L2 | chained | fp16 "
-          "| fp16 chained |\n|" + " --- |" * 12, flush=True)
+    print("| [N, K] | M | bits | MB | empty | read | read, clean L2 | product | clean L2 | chained | prepared, chained "
+          "| fp16 | fp16 chained |\n|" + " --- |" * 13, flush=True)
     rows = []
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
@@ -119,6 +122,10 @@ def main() -> None:
                     for weight in dense:
                         torch.nn.functional.linear(x, weight)
 
+                def prepared_chain() -> None:
+                    for layer in layers:
+                        decode(x, layer, int8=True, prepared=True)
+
                 row = {"shape": [n, k], "M": m, "bits": bits, "rank": args.rank, "group_size": args.group_size,
                        "bytes": nbytes, "empty_us": empty_us,
                        "read_us": read_us(nbytes, "write"), "read_clean_us": read_us(nbytes, "read"),
@@ -127,11 +134,16 @@ def main() -> None:
                        "chained_us": graph_time(chain, flush="read") * 1e3 / CHAIN,
                        "fp16_us": graph_time(lambda: torch.nn.functional.linear(x, dense[0])) * 1e3,
                        "fp16_chained_us": graph_time(fp16_chain, flush="read") * 1e3 / CHAIN}
+                if int8_decode(x, decode_block_m(m), bits):
+                    row["prepared_us"] = graph_time(lambda: decode(x, layers[0], int8=True, prepared=True),
+                                                    flush="read") * 1e3
+                    row["prepared_chained_us"] = graph_time(prepared_chain, flush="read") * 1e3 / CHAIN
                 row["chained_frac_of_copy"] = nbytes / row["chained_us"] / 1e3 / header["copy_GBps"]
                 rows.append(row)
                 print(f"| {n}x{k} | {m} | {bits} | {nbytes / 1e6:.1f} | {empty_us:.1f} | {row['read_us']:.1f} "
                       f"| {row['read_clean_us']:.1f} | {row['us']:.1f} | {row['clean_us']:.1f} "
-                      f"| {row['chained_us']:.1f} ({row['chained_frac_of_copy']:.2f} of copy) | {row['fp16_us']:.1f} "
+                      f"| {row['chained_us']:.1f} ({row['chained_frac_of_copy']:.2f} of copy) "
+                      f"| {row.get('prepared_chained_us', float('nan')):.1f} | {row['fp16_us']:.1f} "
                       f"| {row['fp16_chained_us']:.1f} |", flush=True)
         write_record(out, {**header, "rows": rows})
 

@@ -144,6 +144,24 @@ def test_decode_kernel_with_products_of_bytes_matches_their_reference(bits, rank
     assert_close(y, byte_products_reference(x, layer), dtype)
 
 
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype,config", [
+    (2, 2, 128, 300, 1, torch.float16, {"PREFETCH": True, "BLOCK_K": 128}),
+    (2, 3, 64, 100, 2, torch.float32, {"PREFETCH": 2, "SPLIT_K": 1, "bias": True}),
+    (3, 2, 128, 300, 2, torch.bfloat16, {"PREFETCH": True, "BLOCK_K": 64}),
+    (4, 1, 32, 80, 1, torch.float32, {}), (4, 2, 128, 300, 2, torch.float16, {"PREFETCH": True, "BLOCK_K": 128})])
+def test_products_of_bytes_of_prepared_inputs_match_their_reference(bits, rank, group, k, m, dtype, config):
+    """The inputs rounded to bytes once by their own kernel (input_bytes: each run's bytes in the selectors' order,
+    its scale and its sum), not in every program: the same products (byte_products_reference), partial last
+    groups and tiles shallower than the group included."""
+    config = dict(config)
+    layer = random_layer(40, k, bits, rank, group, seed=rank, bias=config.pop("bias", False))
+    x = torch.randn(m, k).to(dtype)
+    y = triton_linear.decode(x, layer, {**SMALL_DECODE, "REDUCE_K": True, **config}, int8=True, prepared=True)
+    assert_close(y, byte_products_reference(x, layer), dtype)
+    with pytest.raises(ValueError, match="products of bytes only"):
+        triton_linear.decode(x, layer, SMALL_DECODE, int8=False, prepared=True)
+
+
 @pytest.mark.parametrize("bits,rank,group", [(2, 1, 32), (2, 2, 128), (2, 4, 64), (3, 1, 128), (4, 2, 64)])
 def test_products_of_bytes_are_close_to_the_exact_product(bits, rank, group):
     """byte_products_reference rounds (it is not the exact product) within ROUNDING_BOUND of it."""
@@ -271,6 +289,32 @@ def test_byte_codebook_weights_reach_the_tensor_cores_in_registers(bits):
     assert result.returncode == 0, result.stderr[-2000:]
     stores, products = map(int, result.stdout.split()[-2:])
     assert stores == 0 and products > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
+    """The sm_90 builds of products of bytes of prepared inputs and of the kernel that prepares them (compiled here
+    by the installed Triton and its ptxas, in a process without the interpreter; no GPU: what the interpreter
+    accepts the compiler may refuse, as it refused the fp8 cache's NaN mode): both assemble, and the product's loop
+    multiplies bytes (dp4a)."""
+    code = ("import sys; sys.path.insert(0, '.'); import triton; from triton.backends.compiler import GPUTarget; "
+            "from triton.compiler import ASTSource; from bench.kernels import compile_sm90, inner_loop, sass_of; "
+            "from lcq.kernels.triton_linear import _input_bytes_kernel as kernel; "
+            f"sass, _ = sass_of(compile_sm90('decode', {bits}, 2, 128, 1, 128, 4, True, True, depth=128, int8=True, "
+            "prepared=True)); "
+            "names = kernel.arg_names; "
+            "signature = {'x_ptr': '*fp16', 'out_ptr': '*i32', 'K': 'i32', 'RUNS': 'i32', 'stride_xm': 'i32', "
+            "'stride_om': 'i32', 'BITS': 'constexpr', 'BLOCK_RUNS': 'constexpr', 'PDL': 'constexpr'}; "
+            f"constants = {{(names.index('BITS'),): {bits}, (names.index('BLOCK_RUNS'),): 64, "
+            "(names.index('PDL'),): True}; "
+            "ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), "
+            "target=GPUTarget('cuda', 90, 32), options={'launch_pdl': True}).asm['ptx']; "
+            "print(sum('IDP.4A' in line for line in inner_loop(sass)), int('st.global' in ptx))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    products, stores = map(int, result.stdout.split()[-2:])
+    assert products > 0 and stores == 1
 
 
 def test_pair_table_holds_both_products_of_every_index_pair():

@@ -283,8 +283,30 @@ def _row(values, m: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _prepared_fields(inputs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """The fields of a tile's prepared inputs (int32 (BLOCK_M, BLOCK_K / 2), input_bytes()): per run of an index
+    word's inputs its 4 input bytes per int32 (4 of them at 2 and 3 bits, 2 at 4: x_c and x_d are then
+    unused), their scale and their sum as fp32 bits. Returns x_a, x_b, x_c, x_d, scales (BLOCK_M, ROWS) and the
+    tile's input sums (BLOCK_M,)."""
+    if BITS == 4:  # fields q0 q1 scale sum: f[a, b] = 2a + b
+        low, high = tl.split(tl.reshape(inputs, (BLOCK_M, ROWS, 2, 2)))
+        x_a, scales = tl.split(low)
+        x_b, sums = tl.split(high)
+        x_c, x_d = x_a, x_b
+    else:  # fields q0 q1 q2 q3 scale sum - -: f[h, a, b] = 4h + 2a + b
+        b0, b1 = tl.split(tl.reshape(inputs, (BLOCK_M, ROWS, 2, 2, 2)))
+        b0a0, b0a1 = tl.split(b0)
+        b1a0, b1a1 = tl.split(b1)
+        x_a, scales = tl.split(b0a0)
+        x_c, _ = tl.split(b0a1)
+        x_b, sums = tl.split(b1a0)
+        x_d, _ = tl.split(b1a1)
+    return x_a, x_b, x_c, x_d, scales.to(tl.float32, bitcast=True), tl.sum(sums.to(tl.float32, bitcast=True), axis=1)
+
+
+@triton.jit
 def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.constexpr, ASM: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PREPARED: tl.constexpr = False):
     """A tile's products with 8-bit operands, fp32 (BLOCK_M, BLOCK_N): the inputs of each index word of a row (16
     at 2 and 3 bits, where the word is the 2-bit plane's, 8 at 4) scaled to bytes by their largest magnitude,
     each weight its column's codebook byte (_int8_book). Word r of a column holds the indices from r times that
@@ -298,20 +320,27 @@ def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.conste
     (_tile_inputs)."""
     PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     ROWS: tl.constexpr = BLOCK_K // PER_WORD
-    x = tl.reshape(inputs, (BLOCK_M, ROWS, PER_WORD))
-    largest = tl.max(tl.abs(x), axis=2)
-    codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, :, None])
-    quads = tl.sum(tl.reshape(codes, (BLOCK_M, ROWS, PER_WORD // 4, 4))
-                   << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)  # 4 input bytes each, in selector order
+    if PREPARED:
+        x_a, x_b, x_c, x_d, scales, input_sums = _prepared_fields(inputs, BITS, BLOCK_M, ROWS)
+    else:
+        x = tl.reshape(inputs, (BLOCK_M, ROWS, PER_WORD))
+        largest = tl.max(tl.abs(x), axis=2)
+        scales = largest / 127.0
+        input_sums = tl.sum(inputs, axis=1)
+        codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, :, None])
+        quads = tl.sum(tl.reshape(codes, (BLOCK_M, ROWS, PER_WORD // 4, 4))
+                       << (8 * tl.arange(0, 4))[None, None, None, :], axis=3)  # 4 input bytes each, in selector order
+        if BITS == 4:
+            x_a, x_b = tl.split(quads)
+        else:
+            even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
+            x_a, x_c = tl.split(even)
+            x_b, x_d = tl.split(odd)
     books = books[None, :, :]
     if BITS == 4:
-        x_a, x_b = tl.split(quads)
         w_a = _picked_bytes(words, tops, books, 0, BITS, ASM)
         w_b = _picked_bytes(words, tops, books, 16, BITS, ASM)
     else:
-        even, odd = tl.split(tl.reshape(quads, (BLOCK_M, ROWS, 2, 2)))
-        x_a, x_c = tl.split(even)
-        x_b, x_d = tl.split(odd)
         w_a = _picked_bytes(words, tops, books, 0, BITS, ASM)
         w_b = _picked_bytes(words, tops, books, 2, BITS, ASM)
         w_c = _picked_bytes(words, tops, books, 16, BITS, ASM)
@@ -323,9 +352,9 @@ def _int8_products(words, tops, books, steps, midranges, inputs, BITS: tl.conste
         if BITS != 4:
             dots = _dot4(w_c, _row(x_c, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
             dots = _dot4(w_d, _row(x_d, m, BLOCK_M)[:, None] + tl.zeros_like(words), dots, ASM)
-        sums = tl.sum(dots.to(tl.float32) * (_row(largest, m, BLOCK_M) / 127.0)[:, None], axis=0)
+        sums = tl.sum(dots.to(tl.float32) * _row(scales, m, BLOCK_M)[:, None], axis=0)
         products += tl.where(tl.arange(0, BLOCK_M)[:, None] == m, sums[None, :], 0.0)
-    return products * steps[None, :] + tl.sum(inputs, axis=1)[:, None] * midranges[None, :]
+    return products * steps[None, :] + input_sums[:, None] * midranges[None, :]
 
 
 @triton.jit
@@ -435,7 +464,7 @@ def _pair_table_kernel(x_ptr, v_ptr, out_ptr, K, PAIRS, RANKS: tl.constexpr, BLO
 
 @triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr):
+                 FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr, PREPARED: tl.constexpr = False):
     """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
     the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
     FP32 (one row, and products of bytes): converted where they are loaded, a tile ahead with PREFETCH, each
@@ -443,8 +472,13 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
     thread converted every input of its columns, one instruction per weight (sm_90, W2 r2: 7.1 instructions per
     weight and 80 registers, 6.1 and 64 so). At two rows the fp32 tile took 255 registers and spilled.
     SELECTOR_ORDER (products of bytes at 2 bits): in the order _int8_products multiplies them, slot 4j + i of each
-    16 input (j & 1) + 8 (j >> 1) + 2i of that 16."""
-    if LUT:
+    16 input (j & 1) + 8 (j >> 1) + 2i of that 16.
+    PREPARED (products of bytes): x_ptr holds the inputs as input_bytes() prepared them, int32 (BLOCK_M, BLOCK_K / 2)
+    a tile (_prepared_fields)."""
+    if PREPARED:
+        inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :],
+                         mask=m_mask[:, None], other=0)
+    elif LUT:
         inputs = tl.load(lut_ptr + k0 // 32, mask=k0 // 32 < PAIRS // 16, other=0.0)
         for run in tl.static_range(1, BLOCK_K // 32):
             inputs += tl.load(lut_ptr + k0 // 32 + run, mask=k0 // 32 + run < PAIRS // 16, other=0.0)
@@ -458,6 +492,36 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
         if FP32:
             inputs = inputs.to(tl.float32)
     return inputs
+
+
+@triton.jit
+def _input_bytes_kernel(x_ptr, out_ptr, K, RUNS, stride_xm, stride_om, BITS: tl.constexpr, BLOCK_RUNS: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    """Row program_id(0)'s inputs as products of bytes take them (PREPARED, _prepared_fields): per run of an index
+    word's inputs (16 at 2 and 3 bits, in the selectors' order, _tile_inputs; 8 at 4) FIELDS int32: the run's
+    bytes 4 to an int32 (_int8_products' rounding), its scale (largest magnitude / 127) and its sum, fp32 bits, and
+    zeros to FIELDS. RUNS runs a row, past K zeros."""
+    PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
+    QUADS: tl.constexpr = PER_WORD // 4
+    FIELDS: tl.constexpr = PER_WORD // 2
+    row = tl.program_id(0)
+    runs = tl.program_id(1) * BLOCK_RUNS + tl.arange(0, BLOCK_RUNS)
+    slot = tl.arange(0, PER_WORD)
+    if BITS == 4:
+        k = runs[:, None] * PER_WORD + slot[None, :]
+    else:
+        k = runs[:, None] * PER_WORD + ((slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4))[None, :]
+    wait_for_earlier_kernels(PDL)  # x is an earlier kernel's output
+    x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    largest = tl.max(tl.abs(x), axis=1)
+    codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, None])
+    quads = tl.sum(tl.reshape(codes, (BLOCK_RUNS, QUADS, 4)) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
+    after = tl.arange(0, QUADS)[None, :]  # the fields after the quads: scale, sum, zeros
+    after = tl.where(after == 0, (largest / 127.0).to(tl.int32, bitcast=True)[:, None],
+                     tl.where(after == 1, tl.sum(x, axis=1).to(tl.int32, bitcast=True)[:, None], 0))
+    values = tl.reshape(tl.permute(tl.join(quads, after), (0, 2, 1)), (BLOCK_RUNS, FIELDS))
+    field = tl.arange(0, FIELDS)[None, :]
+    tl.store(out_ptr + row * stride_om + runs[:, None] * FIELDS + field, values, mask=(runs < RUNS)[:, None])
 
 
 @triton.jit
@@ -499,7 +563,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
-                   INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False):
+                   INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False,
+                   PREPARED: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -528,6 +593,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
+    tl.static_assert(not PREPARED or INT8)
     tl.static_assert(not BYTE_BOOK or (BLOCK_M >= 16 and not INT8 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
     PICKS: tl.constexpr = INT8 or BYTE_BOOK  # weights' codebook bytes picked by prmt (_picked_bytes)
@@ -586,10 +652,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              FP32_INPUTS, SELECTOR_ORDER)
+                              FP32_INPUTS, SELECTOR_ORDER, PREPARED)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER)
+                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in range(start, end):
         k0 = tile * BLOCK_K
@@ -599,12 +665,12 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       FP32_INPUTS, SELECTOR_ORDER)
+                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED)
         else:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
-                                  SELECTOR_ORDER)
+                                  SELECTOR_ORDER, PREPARED)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
@@ -613,7 +679,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                                                  BITS, RANK, RANKS, BLOCK_N)
             acc += _int8_products(words, top_words, books, steps, midranges, inputs, BITS, ASM, BLOCK_M, BLOCK_K,
-                                  BLOCK_N)
+                                  BLOCK_N, PREPARED)
         elif BYTE_BOOK:
             books, steps, midranges = _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                                                  BITS, RANK, RANKS, BLOCK_N, 128)
@@ -846,7 +912,8 @@ INTERPRETER_GEMM_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32, "GROUP_M": 4}
 # Timings are kept on disk (Triton >= 3.4, in TRITON_CACHE_DIR, keyed on the kernel source, the GPU
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
-_decode_tuned = triton.autotune(DECODE_CONFIGS, key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK"],
+_decode_tuned = triton.autotune(DECODE_CONFIGS,
+                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED"],
                                 do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
@@ -981,13 +1048,14 @@ def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
-           int8: bool | None = None, byte_book: bool | None = None) -> torch.Tensor:
+           int8: bool | None = None, byte_book: bool | None = None, prepared: bool | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
     where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
     default int8_decode). byte_book: weights from byte codebooks (fp16 or bf16; by default byte_book_decode, but
-    not where int8 or lut is asked for)."""
+    not where int8 or lut is asked for). prepared: with int8, the inputs rounded to bytes once by a kernel of their
+    own (input_bytes), not in every program; by default where LCQ_INT8_INPUTS=1."""
     m, k = x.shape
     n = layer.out_features
     if int8 is None:
@@ -1006,16 +1074,21 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
         raise ValueError(f"products of bytes serve 1-2 rows, not {m}" + (" with the pair table" if lut else ""))
     if byte_book and (int8 or lut):
         raise ValueError("weights from byte codebooks take neither products of bytes nor the pair table")
+    if prepared is None:
+        prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1"
+    if prepared and not int8:
+        raise ValueError("prepared inputs serve products of bytes only")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
-    args = (x, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
-            x.stride(0), out.stride(0),
+    inputs = input_bytes(x, layer) if prepared else x
+    args = (inputs, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
+            inputs.stride(0), out.stride(0),
             1, 0, pairs)
     consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
-                  BYTE_BOOK=byte_book, ASM=x.is_cuda, **dependent_launch(x))
+                  BYTE_BOOK=byte_book, ASM=x.is_cuda, PREPARED=prepared, **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -1031,6 +1104,20 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
 
 
 PAIR_TABLE_BLOCK = 64
+INPUT_BYTES_RUNS = 64  # runs of inputs a program of _input_bytes_kernel rounds
+
+
+def input_bytes(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+    """x (M, K) as products of bytes of layer take it prepared (_input_bytes_kernel): int32 (M, K_pad / 2), K_pad
+    the layer's groups' width."""
+    m, k = x.shape
+    padded = layer.num_groups * layer.group_size
+    runs = padded // (8 if layer.bits == 4 else 16)
+    out = torch.empty(m, padded // 2, dtype=torch.int32, device=x.device)
+    _input_bytes_kernel[(m, triton.cdiv(runs, INPUT_BYTES_RUNS))](
+        x, out, k, runs, x.stride(0), out.stride(0), BITS=layer.bits, BLOCK_RUNS=INPUT_BYTES_RUNS,
+        **dependent_launch(x))
+    return out
 
 
 def pair_table(x: torch.Tensor, layer: PackedLinear, pairs: int) -> torch.Tensor:
