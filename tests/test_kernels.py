@@ -795,13 +795,15 @@ def test_compiled_pair_table_on_gpu(rank, exact_products):
 def test_compiled_products_of_bytes_on_gpu(n, k, bits, rank, group, monkeypatch):
     """INT8 compiled (PTX prmt and dp4a, not their emulation): each of its tiles at 1 and 2 rows against
     byte_products_reference, within the output dtype's tolerance (fp32 division and FMA contraction on the
-    GPU may round a value at a byte's halfway point the other way), and the autotuned launch."""
+    GPU may round a value at a byte's halfway point the other way), and the autotuned launch; with prepared
+    inputs (input_bytes) too."""
     layer = random_layer(n, k, bits, rank, group, seed=rank).to("cuda")
     for m, dtype in ((1, torch.float16), (2, torch.bfloat16)):
         x = torch.randn(m, k, device="cuda").to(dtype)
         expected = byte_products_reference(x.cpu(), layer.to("cpu"))
         assert ((expected - reference(x.cpu(), layer.to("cpu"))).norm() / expected.norm()).item() < ROUNDING_BOUND
         _check_form_on_gpu(x, layer, expected, "int8", m, 5, "LCQ_INT8_DECODE", monkeypatch)
+        assert_close(triton_linear.decode(x, layer, int8=True, prepared=True).cpu(), expected, dtype)
 
 
 def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Tensor, form: str, block_m: int,
