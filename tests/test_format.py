@@ -122,12 +122,17 @@ def test_mismatched_tensor_is_refused_naming_it(tmp_path):
         CheckpointReader(tmp_path / "ckpt").linear(prefix)
 
 
-def test_unknown_format_version_is_refused(tmp_path):
+@pytest.mark.parametrize("setting, message", [({"format_version": 99}, "format_version 99"),
+                                              ({"format_version": True}, "format_version True"),
+                                              ({"format_version": 4.0}, "format_version 4.0"),
+                                              ({"pack_layout": "nmajor"}, "pack_layout 'nmajor'")])
+def test_unknown_format_version_is_refused(tmp_path, setting, message):
+    """A format version or pack layout this lcq does not write (true and 4.0 were read as 1 and 4)."""
     write_checkpoint(tmp_path / "ckpt", random_layer())
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    cfg["quantization_config"]["format_version"] = 99
+    cfg["quantization_config"].update(setting)
     write_json(tmp_path / "ckpt" / "config.json", cfg)
-    with pytest.raises(FormatError, match="format_version 99"):
+    with pytest.raises(FormatError, match=message):
         CheckpointReader(tmp_path / "ckpt")
 
 
@@ -175,6 +180,8 @@ def test_bad_head_and_table_widths_are_refused(tmp_path, key, value):
 @pytest.mark.parametrize("index, config_change, message", [
     ({"weight_map": ["model.layers.0.mlp.up_proj.qweight"]}, {}, "weight_map must map tensor names to file names"),
     ({"weight_map": {"model.layers.0.mlp.up_proj.qweight": None}}, {}, "weight_map must map"),
+    ({"weight_map": {"model.layers.0.mlp.up_proj.qweight": "../other/model.safetensors"}}, {},
+     "a file outside the model folder"),
     (b"\xff\xfe not UTF-8", {}, "model.safetensors.index.json: not a valid safetensors index"),
     (None, {"quantization_config": "lcq"}, "quantization_config must be an object of settings")])
 def test_a_malformed_index_or_quantization_config_is_one_error(tmp_path, index, config_change, message):

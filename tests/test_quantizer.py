@@ -94,6 +94,35 @@ def test_gptq_output_error_below_rtn():
         assert (x @ (w - dequantize(gptq)).t()).pow(2).mean() < (x @ (w - dequantize(rtn)).t()).pow(2).mean()
 
 
+def test_kmeans_start_of_a_layer_with_fewer_codebooks_than_the_rank():
+    """One row of one group has a single codebook, fewer than rank 4: the extra ranks start at zero (the SVD's
+    reshape failed)."""
+    wg = grouped(torch.randn(1, 64), 64)
+    book = lcq_init(wg, grouped_importance(None, 64, 64, wg.device), 2, 4, "kmeans")
+    assert book.s.shape == (1, 1, 4) and book.v.shape == (4, 4) and torch.isfinite(book.values()).all()
+
+
+@pytest.mark.parametrize("method", ["gptq", "lcq"])
+def test_dead_inputs_do_not_widen_the_grid(method):
+    """An input no calibration token made other than 0 (a dead ReLU neuron, an expert's column never routed to)
+    adds nothing to the output: its weights are left out of the group's min-max, as reference GPTQ zeroes them
+    first (they widened GPTQ's grid step 2.3x, and the output error with it)."""
+    from lcq.quantizer.options import QuantizeOptions
+    from lcq.quantizer.pipeline import _initial_fit
+
+    w = next(_matrices())[1][:, :64]
+    x = _inputs(64)
+    x[:, 5] = 0.0
+    w[:, 5] = 50 * w.abs().max()  # dead, and far outside the other weights
+    zeroed = w.clone()
+    zeroed[:, 5] = 0.0
+    options = QuantizeOptions(bits=2, rank=1, group_size=32, method=method, init="rtn", calib_text=CALIBRATION_TEXT)
+    importance = (x * x).mean(dim=0)
+    fit = _initial_fit("layer", w, importance, options, 2)
+    alive = _initial_fit("layer", zeroed, importance, options, 2)
+    torch.testing.assert_close(fit.book.values()[:, 0], alive.book.values()[:, 0])
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_codebooks_refit_to_gptq_indices_lower_the_output_error(bits):
     """For fixed indices the refit S and B are the least-squares optimum of the layer's output
@@ -809,6 +838,18 @@ def test_cli_never_deletes_working_paths_it_did_not_make(tmp_path, tiny_hf, caps
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.partial", "b.partial.lock", "c"]
 
 
+def test_a_run_stopped_before_its_first_progress_file_can_start_again(tmp_path, tiny_hf):
+    """A run killed while writing its first progress file leaves OUT_DIR.partial holding only that file's
+    temporary: a run's, taken up again (both --resume and a new run refused it as no unfinished run)."""
+    for resume in ([], ["--resume"]):
+        out = tmp_path / f"q{len(resume)}"
+        partial = tmp_path / f"q{len(resume)}.partial"
+        partial.mkdir()
+        (partial / "lcq-progress.json.tmp").write_text('{"done": ')
+        assert _main(["quantize", str(tiny_hf), str(out), "--method", "rtn", "--rank", "1", *resume]) == 0
+        assert (out / "config.json").is_file() and not partial.exists()
+
+
 def test_a_source_with_non_finite_weights_is_refused(tmp_path, tiny_hf, capsys):
     """NaN or an infinity in a source weight: one line naming the tensor and exit code 2, no output (rtn wrote
     the row's scales as NaN, every weight of it NaN; lcq and gptq failed with a traceback)."""
@@ -1141,6 +1182,26 @@ def test_head_stage_moves_the_packed_heads_codebooks_towards_the_full_precision_
     assert kl(tuned, slice(0, 18)) == pytest.approx(after, rel=1e-4)
     assert kl(layer, slice(0, 18)) == pytest.approx(before, rel=1e-4)
     assert kl(tuned, slice(18, 24)) < 0.9 * kl(layer, slice(18, 24))  # 0.309 -> 0.246
+
+
+def test_a_layer_under_tuning_is_written_as_it_was_scored():
+    """Dual quantization is not idempotent: S and B decoded and quantized again get other scales where a row's
+    largest code is under 127 (small rows, subnormal fp16 scales), up to half a step off. A layer whose codebook
+    a tuning stage kept is written with the S and B it was scored with, the start's as they were stored (132 of
+    3,584 rows of a tiny model's were written otherwise)."""
+    from lcq.format import dual_quantize
+    from lcq.format.codebook import decoded_b, decoded_s
+    from lcq.quantizer.finetune import LayerTuning
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 64, generator=generator) * torch.logspace(-6, 0, 48).unsqueeze(1)  # rows from 1e-6
+    wg = grouped(weight, 32)
+    layer = pack(lcq_init(wg, torch.ones(2, 32), 2, 2, "rtn"), wg, 64, 2, 32)
+    again = dual_quantize(decoded_s(layer), decoded_b(layer))
+    assert not all(torch.equal(a, b) for a, b in zip(again, (layer.s_q, layer.s_scale, layer.b_q, layer.b_scale)))
+    written = LayerTuning.start("layer", layer, torch.device("cpu")).packed()
+    for name in ("qweight", "s_q", "s_scale", "b_q", "b_scale", "v"):
+        assert torch.equal(getattr(written, name), getattr(layer, name)), name
 
 
 def test_head_stage_keeps_the_best_epoch_on_held_out_windows():

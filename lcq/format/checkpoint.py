@@ -163,6 +163,10 @@ def tensor_files(folder: Path) -> dict[str, Path]:
                                                        for name, fname in weight_map.items()):
             raise FormatError(f"{index}: weight_map must map tensor names to file names")
         files = {name: folder / fname for name, fname in weight_map.items()}
+        outside = next((fname for fname in weight_map.values() if Path(fname).is_absolute()
+                        or ".." in Path(fname).parts), None)
+        if outside is not None:  # (a model folder's tensors are its own files)
+            raise FormatError(f"{index}: weight_map names {outside!r}, a file outside the model folder")
     else:
         if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
             raise FormatError(f"{folder}: only pickle weights found; lcq reads safetensors only")
@@ -236,9 +240,12 @@ class CheckpointReader:
             raise FormatError(f"{path}: quant_method {quant.get('quant_method')!r} is not one lcq reads (its own "
                               f"{QUANT_METHOD!r}, FP8's 'fp8' or compressed-tensors float-quantized, gpt-oss's "
                               "'mxfp4'): give the full-precision release of this model")
-        if quant.get("format_version") not in READABLE_VERSIONS:
+        if type(quant.get("format_version")) is not int or quant["format_version"] not in READABLE_VERSIONS:
             raise FormatError(f"{path}: format_version {quant.get('format_version')!r} is not supported "
-                              f"(this lcq reads versions {', '.join(map(str, READABLE_VERSIONS))})")
+                              f"(this lcq reads versions {', '.join(map(str, READABLE_VERSIONS))})")  # (true, 4.0)
+        if quant.get("pack_layout", PACK_LAYOUT) != PACK_LAYOUT:
+            raise FormatError(f"{path}: pack_layout {quant['pack_layout']!r} is not one this lcq reads "
+                              f"({PACK_LAYOUT!r})")
         for key in ("bits", "rank", "group_size"):
             if not isinstance(quant.get(key), int):
                 raise FormatError(f"{path}: quantization_config.{key} missing or not an integer")

@@ -132,6 +132,10 @@ class LayerTuning:
     codes: torch.Tensor
     book: Codebook
     weight_sums: WeightSums | None = None
+    # S and B in int8 as dual_quantize gave them (s_q, s_scale, b_q, b_scale), where book holds them decoded: written
+    # as they are (dual quantization is not idempotent: decoded and quantized again, rows whose largest code is
+    # under 127 get another scale, up to half a step off what was scored)
+    quantized: tuple[torch.Tensor, ...] | None = None
 
     @classmethod
     def start(cls, prefix: str, layer: PackedLinear, device: torch.device) -> "LayerTuning":
@@ -141,13 +145,20 @@ class LayerTuning:
         n, groups = layer.out_features, layer.num_groups
         codes = unpack_indices(on_device.qweight, layer.bits).reshape(n, groups, layer.group_size).to(torch.uint8)
         book = Codebook(s=decoded_s(on_device).float(), v=on_device.v[0].float(), b=decoded_b(on_device).float())
-        return cls(prefix, layer, codes, book)
+        return cls(prefix, layer, codes, book,
+                   quantized=(on_device.s_q, on_device.s_scale, on_device.b_q, on_device.b_scale))
 
     def bias(self) -> torch.Tensor | None:
         return None if self.layer.bias is None else self.layer.bias.float().to(self.codes.device)
 
     def packed(self) -> PackedLinear:
-        s_q, s_scale, b_q, b_scale = dual_quantize(self.book.s.detach(), self.book.b.detach())
+        """The layer with its indices and its codebook now: S and B as quantized where the codebook is their
+        decoding (`quantized`), else dual-quantized."""
+        decoded = None if self.quantized is None else stored_codebook(self.book, self.quantized)
+        as_quantized = decoded is not None and torch.equal(decoded.s, self.book.s.detach()) and \
+            torch.equal(decoded.b, self.book.b.detach())
+        s_q, s_scale, b_q, b_scale = self.quantized if as_quantized else \
+            dual_quantize(self.book.s.detach(), self.book.b.detach())
         indices = self.codes.reshape(self.codes.shape[0], -1)[:, :self.layer.in_features].long()
         return encode_linear(indices, s_q, s_scale, b_q, b_scale, self.book.v.detach(), self.layer.in_features,
                              self.layer.bits, self.layer.group_size, self.bias())
@@ -367,16 +378,17 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         scored = held_out if held_out is not None else scored_train if scored_train is not None else train
         return _mean_loss(scored, batch, device)
 
-    def hold(books: list[Codebook], codes: list[torch.Tensor], weights: list[torch.Tensor]) -> None:
-        for layer, book, layer_codes in zip(layers, books, codes):
-            layer.book, layer.codes = book, layer_codes
+    def hold(books: list[Codebook], codes: list[torch.Tensor], weights: list[torch.Tensor],
+             quantized: list[tuple | None]) -> None:
+        for layer, book, layer_codes, layer_quantized in zip(layers, books, codes, quantized):
+            layer.book, layer.codes, layer.quantized = book, layer_codes, layer_quantized
         with torch.no_grad():
             for weight, value in zip(others, weights):
                 weight.copy_(value)
 
     # Indices are replaced, never changed in place (move_indices), so a state holds them by reference.
     start = [Codebook(layer.book.s.clone(), layer.book.v.clone(), layer.book.b.clone()) for layer in layers], \
-        [layer.codes for layer in layers], [w.detach().clone() for w in others]
+        [layer.codes for layer in layers], [w.detach().clone() for w in others], [layer.quantized for layer in layers]
     before = best = mean_loss()
     kept, kept_epoch, finished, scores = None, 0, 0, []
 
@@ -386,8 +398,10 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
         if held_out is None and finished < epochs:
             return
         codes = [layer.codes for layer in layers]
-        trained = [layer.book for layer in layers], codes, [w.detach().clone() for w in others]
-        stored = [stored_codebook(layer.book) for layer in layers], codes, [w.detach().half().float() for w in others]
+        trained = [layer.book for layer in layers], codes, [w.detach().clone() for w in others], [None] * len(layers)
+        quantized = [dual_quantize(layer.book.s.detach(), layer.book.b.detach()) for layer in layers]
+        stored = [stored_codebook(layer.book, q) for layer, q in zip(layers, quantized)], codes, \
+            [w.detach().half().float() for w in others], quantized
         hold(*stored)
         score = mean_loss()
         hold(*trained)

@@ -38,13 +38,24 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return padded.reshape(n_rows, k_pad // group_size, group_size)
 
 
+IMPORTANCE_FLOOR = 1e-12  # an input's least weight in the fit (a group of dead inputs still has a solution)
+
+
 def grouped_importance(importance: torch.Tensor | None, in_features: int, group_size: int,
                        device: torch.device) -> torch.Tensor:
-    """(G, g) weights for the fit: importance per input column, 0 on padding."""
+    """(G, g) weights for the fit: importance per input column, at least IMPORTANCE_FLOOR, 0 on padding."""
     k_pad = padded_in_features(in_features, group_size)
     h = torch.zeros(k_pad, device=device)
-    h[:in_features] = 1.0 if importance is None else importance.float().to(device).clamp_min(1e-12)
+    h[:in_features] = 1.0 if importance is None else importance.float().to(device).clamp_min(IMPORTANCE_FLOOR)
     return h.reshape(-1, group_size)
+
+
+def live(h: torch.Tensor) -> torch.Tensor:
+    """The inputs a grid is fitted to (grouped_importance's h): those calibration reached. A dead input (no
+    calibration token made it other than 0: a dead ReLU neuron, an expert's column never routed to) adds nothing
+    to the layer's output, so its weight must not widen the group's min-max, as reference GPTQ zeroes it first
+    (with it, a grid step 2.3x as wide, 2.3x the output error)."""
+    return h > IMPORTANCE_FLOOR
 
 
 def assign(wg: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
@@ -101,8 +112,10 @@ def low_rank(values: torch.Tensor, rank: int) -> Codebook:
     n_rows, groups, levels = values.shape
     mean = values.mean(-1)
     u, sigma, vt = torch.linalg.svd((values - mean.unsqueeze(-1)).reshape(-1, levels), full_matrices=False)
-    s = (u[:, :rank] * sigma[:rank]).reshape(n_rows, groups, rank)
-    return Codebook(s=s.contiguous(), v=vt[:rank].contiguous(), b=-mean)
+    found = sigma.shape[0]  # fewer than the rank where the layer has fewer codebooks: the rest start at zero
+    s = torch.nn.functional.pad(u[:, :rank] * sigma[:rank], (0, max(0, rank - found))).reshape(n_rows, groups, rank)
+    v = torch.nn.functional.pad(vt[:rank], (0, 0, 0, max(0, rank - found)))
+    return Codebook(s=s.contiguous(), v=v.contiguous(), b=-mean)
 
 
 def _solve(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
@@ -153,16 +166,17 @@ def lcq_init(wg: torch.Tensor, h: torch.Tensor, bits: int, rank: int, init: str)
     """The starting codebooks of LCQ: 'kmeans' (weighted Lloyd, reduced to rank r by SVD) or 'rtn'
     (the RTN grid), each refined by alternating least squares; the better of the two is kept when
     'kmeans' is asked for, since SVD of k-means codebooks can lose to the grid at rank 1."""
-    grid = refine(wg, h, rtn_codebook(wg, h > 0, bits, rank))
+    grid = refine(wg, h, rtn_codebook(wg, live(h), bits, rank))
     if init == "rtn":
         return grid
     learned = refine(wg, h, low_rank(kmeans_values(wg, h, bits), rank))
     return learned if weighted_error(wg, h, learned) <= weighted_error(wg, h, grid) else grid
 
 
-def stored_codebook(book: Codebook) -> Codebook:
-    """The codebook as it will be stored: S and B through int8 (dual quantization), V through fp16."""
-    s_q, s_scale, b_q, b_scale = dual_quantize(book.s.detach(), book.b.detach())
+def stored_codebook(book: Codebook, quantized: tuple[torch.Tensor, ...] | None = None) -> Codebook:
+    """The codebook as it will be stored: S and B through int8 (dual quantization, or the given dual_quantize
+    output), V through fp16."""
+    s_q, s_scale, b_q, b_scale = quantized or dual_quantize(book.s.detach(), book.b.detach())
     s = (s_q.float() * s_scale.float().unsqueeze(0)).permute(2, 0, 1)
     b = (b_q.float() * b_scale.float().unsqueeze(0)).t()
     return Codebook(s=s, v=book.v.detach().to(torch.float16).float(), b=b)

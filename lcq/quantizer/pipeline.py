@@ -32,7 +32,7 @@ from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, c
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
 from .blockwise import LayerFit, block_call, optimize_block, run_block
 from .finetune import LayerTuning, Served, StageScore, finetune, put_in_place, tune_head
-from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, pack, rtn_codebook,
+from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, live, pack, rtn_codebook,
                   stored_codebook)
 from .gptq import fit_codebooks_to_indices, gptq_indices
 from .layer_bits import block_linears
@@ -108,7 +108,7 @@ def _initial_fit(name: str, w: torch.Tensor, importance: torch.Tensor | None, op
     wg = grouped(w, options.group_size)
     h = grouped_importance(importance, w.shape[1], options.group_size, w.device)
     book = lcq_init(wg, h, bits, options.rank, options.init) if options.method == "lcq" else \
-        rtn_codebook(wg, h > 0, bits, options.rank)
+        rtn_codebook(wg, live(h), bits, options.rank)
     return LayerFit(name=name, wg=wg, in_features=w.shape[1], book=book)
 
 
@@ -239,7 +239,7 @@ def check_paths(model_dir: Path, out_dir: Path) -> dict:
     check_output(out_dir, "output folder")
     source = model_dir.resolve()
     partial = _partial(out_dir)
-    if (partial.exists() or partial.is_symlink()) and not (partial / PROGRESS_FILE).is_file():
+    if (partial.exists() or partial.is_symlink()) and not _unfinished_run(partial):
         raise UserError(f"{partial} exists and is no unfinished `lcq quantize` run (it has no {PROGRESS_FILE}), "
                         "which a run would delete; move it away or choose another output folder")
     lock = _lock_path(partial)
@@ -252,6 +252,13 @@ def check_paths(model_dir: Path, out_dir: Path) -> dict:
             raise UserError(f"the model folder {model_dir} is or lies inside {path}, which quantizing into {out_dir} "
                             "deletes or overwrites; choose another output folder")
     return config
+
+
+def _unfinished_run(partial: Path) -> bool:
+    """Whether OUT_DIR.partial is a run's: it has the progress file, or a run stopped before it wrote it (a folder
+    holding nothing but that file's temporary: it was refused, and neither --resume nor a new run could go on)."""
+    return (partial / PROGRESS_FILE).is_file() or (partial.is_dir() and not partial.is_symlink() and
+                                                   {p.name for p in partial.iterdir()} <= {PROGRESS_FILE + ".tmp"})
 
 
 def _partial(out_dir: Path) -> Path:
