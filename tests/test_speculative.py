@@ -624,6 +624,35 @@ def test_recurrent_models_verify_drafts(tmp_path, arch):
         LLM(str(attention_draft), speculative_model=str(folder), num_speculative_tokens=2, **FP32)
 
 
+def test_a_recurrent_state_kept_while_verifying_drafts_is_the_blocks_own(tmp_path):
+    """A sequence that verifies drafts keeps its recurrent state for reuse under the block its tokens fill, not
+    under the last step's: at a block's end with that block's kept state evicted meanwhile (2 snapshot slots, 4
+    sequences), the state already a token further was kept under it, and a later prompt opening with those 8
+    tokens restored it and generated other tokens than cold (found by an audit of prefix caching)."""
+    folder = make_tiny_hf(tmp_path / "qwen3_5", "qwen3_5")
+    prompts = [[233, 203, 163, 207, 35, 35, 165, 236], [131, 113, 280, 243], [135, 96, 280, 109, 160, 104, 129, 187],
+               [146, 48, 232, 49]]
+    predictions = [  # drafts that the model accepts in part, at the steps that met the case
+        [357, 75, 220, 357, 350, 366, 146, 22, 84, 70, 350, 187, 209, 253, 16, 203, 22, 251, 159, 43, 206, 137, 281,
+         261, 11, 84, 167, 13, 7, 310, 270, 14, 79, 168, 45, 149, 122, 89, 80, 217],
+        [185, 362, 43, 259, 254, 204, 228, 136, 3, 258, 200, 206, 290, 159, 121, 312, 31, 127, 255, 156, 358, 35,
+         124, 291, 74, 276, 72, 229, 299, 24, 160, 196, 338, 169, 228, 206, 230, 231, 23, 249],
+        [95, 375, 194, 223, 369, 170, 197, 42, 359, 320, 82, 49, 75, 285, 45, 282, 334, 314, 33, 353, 193, 267, 320,
+         58, 75, 69, 278, 40, 49, 165, 24, 352, 210, 233, 179, 49, 121, 113, 77, 227],
+        [128, 353, 21, 127, 184, 44, 313, 96, 61, 102, 1, 278, 82, 171, 20, 90, 7, 158, 263, 17, 344, 70, 13, 241,
+         50, 101, 107, 111, 251, 35, 98, 135, 227, 8, 27, 127, 42, 39, 7, 169],
+    ]
+    lengths = (9, 7, 18, 12)
+    llm = LLM(str(folder), block_size=8, speculative_disable_by_batch_size=8, state_snapshots=2, max_num_seqs=4,
+              **FP32)
+    outs = llm.generate(prompts, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, prediction=p)
+                                  for n, p in zip(lengths, predictions)])
+    cold = LLM(str(folder), block_size=8, enable_prefix_caching=False, **FP32)
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    probe = (prompts[1] + outs[1].token_ids)[:8] + [5, 6]  # the second's next turn
+    assert llm.generate([probe], greedy)[0].token_ids == cold.generate([probe], greedy)[0].token_ids
+
+
 def _mtp_predictions(llm, tokens: list[int]) -> list[int]:
     """The multi-token-prediction layer's greedy token after next at each position of `tokens` (position p
     reads the model's hidden state there and token p + 1), in one pass over the engine's model (its pool free)."""

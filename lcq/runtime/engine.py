@@ -325,10 +325,13 @@ class LLMEngine:
         for part in prompt_logprobs:
             self._keep_prompt_logprobs(part)
         for seq, count in scheduled:
-            if seq.num_draft_tokens:  # the drafts leave token_ids; the accepted ones come back as tokens
+            if seq.num_draft_tokens:  # the drafts leave token_ids; the accepted ones come back as tokens, and
+                # _append registers its blocks (here its count is the last step's, but its recurrent state, kept
+                # above, already the accepted tokens': kept under the last step's block, a later hit on that
+                # block restored a state a token ahead and went on with other tokens)
                 self.draft_tokens_total += seq.num_draft_tokens
                 self._keep_drafts(seq, 0)
-                count = 0
+                continue
             seq.num_computed_tokens += count
             self.blocks.register_full_blocks(seq)
         outputs = []
