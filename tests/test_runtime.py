@@ -786,6 +786,35 @@ def test_stop_strings_across_tokens_are_never_shown(llm):
     assert kept.stop_reason == stop and kept.text == text[:text.find(stop)] + stop
 
 
+def test_stop_tails_are_the_longest_proper_prefixes_held(llm):
+    """What text is held back for the stop strings, kept up to date character by character (StopTails: trying
+    every tail length against every stop string each token cost O(L^2) in a stop string's length, 15 ms a token
+    for one of 100,000 characters, on the engine's thread): the longest tail that is a proper prefix of one,
+    against a direct search, over random texts fed in random pieces; and a stop string found where it first
+    ends. A 100,000-character stop string is served (held back until the text departs from it)."""
+    from lcq.runtime.detokenizer import StopTails
+
+    def held(text: str, stops: list[str]) -> int:
+        return max((size for size in range(1, len(text) + 1) for stop in stops
+                    if size < len(stop) and stop.startswith(text[-size:])), default=0)
+
+    rng = random.Random(0)
+    for _ in range(500):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 3))]
+        tails, text = StopTails(stops), ""
+        for _ in range(rng.randint(1, 12)):
+            piece = "".join(rng.choice("abc") for _ in range(rng.randint(0, 4)))
+            ended = tails.feed(piece, len(text))
+            text += piece
+            first = {stop: text.find(stop, max(0, len(text) - len(piece) - len(stop) + 1)) for stop in stops}
+            assert set(ended) == {(i, stop) for stop, i in first.items() if i >= 0}
+            assert tails.longest() == held(text, stops), (stops, text)
+    base = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    long_stop = base.text[:5] + "x" * 100_000
+    out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[long_stop]))
+    assert out[0].text == base.text and out[0].finish_reason == "length"
+
+
 def test_stop_token_ids_and_eos(llm):
     base = llm.generate([PROMPTS[0]], GREEDY)[0]
     stop_id = base.token_ids[4]
@@ -1660,7 +1689,7 @@ def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
 
     async def scenario(before: int):
         engine = AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
-        with pytest.raises(UserError, match="no tokenizer that loads"):
+        with pytest.raises(UserError, match="no such model folder"):
             await engine.start()
         assert engine_threads() == before + 1 and not engine.is_ready
         await engine.shutdown()

@@ -1007,6 +1007,27 @@ def test_a_reply_with_calls_reads_the_same_whole_and_streamed(parser):
         assert [call.function for call in calls] == [call.function for call in streamed_calls]
 
 
+@pytest.mark.parametrize("parser, opening, call", [
+    ("deepseek_v3", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 3000,
+     '<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{"x": 1}\n```<｜tool▁call▁end｜>'),
+    ("deepseek_v31", "<｜tool▁calls▁begin｜>" + "<｜tool▁call▁begin｜>" * 3000,
+     '<｜tool▁call▁begin｜>f<｜tool▁sep｜>{"x": 1}<｜tool▁call▁end｜>'),
+    ("qwen3_coder", "<tool_call>" + "<function=" * 3000, "<function=f>\n<parameter=x>\n1\n</parameter>\n</function>"),
+    ("minimax_m2", '<minimax:tool_call><invoke name="f">' + "<parameter name=" * 3000,
+     '<parameter name="x">1</parameter></invoke>'),
+    ("glm45", "<tool_call>f\n" + "<arg_key>k</arg_key>" * 3000, "<arg_key>x</arg_key><arg_value>1</arg_value>"),
+    ("openai", "<|channel|>commentary to=functions.g" * 3000,
+     '<|channel|>commentary to=functions.f<|message|>{"x": 1}<|call|>')])
+def test_tool_call_parsers_read_many_openings_in_one_pass(parser, opening, call):
+    """A reply of thousands of unfinished openings before a call (a client can force them, with logit_bias or a
+    grammar): the call is read, in one pass over the reply. Each pattern searched from every opening to the
+    reply's end: O(n^2), 8,000 openings took 4-15 s on the event loop, holding every request (found by an audit
+    of the server's security)."""
+    _, calls = reply_parser(parser, None)(opening + call)
+    last = calls[-1]  # (the XML forms' values are text without a tool schema to type them)
+    assert last.function.name == "f" and json.loads(last.function.arguments) in ({"x": 1}, {"x": "1"})
+
+
 def test_a_gpt_oss_call_cut_by_max_tokens_is_no_call():
     """A gpt-oss call ends at its stop token, <|call|>, which the text does not keep: a last call cut by max_tokens
     reads like a whole one, so with finish reason "length" it is left out, neither call nor content, as vLLM reads
@@ -1726,6 +1747,18 @@ def test_disconnect_while_waiting_for_a_full_response_frees_the_pool(server):
     assert server.metric("lcq:request_aborted_total") == aborted + 8
 
 
+def test_a_completions_request_takes_at_most_2048_prompts(server):
+    """A few KB of one-token prompts made hundreds of thousands of engine requests, admitted whole (gigabytes, the
+    server unanswering for seconds): a request takes up to 2,048 prompts, as an embeddings request its inputs."""
+    for prompt in ([[5]] * 2049, ["a"] * 2049):
+        error = error_of(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt,
+                                                                           "max_tokens": 1}), 400)
+        assert error["param"] == "prompt", error
+    out = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [[5]] * 2048, "max_tokens": 1},
+                     timeout=120).json()
+    assert len(out["choices"]) == 2048
+
+
 def test_a_client_gone_before_its_body_is_a_499(server):
     """A client that hangs up while sending its body is counted as a 499, as one that leaves a non-streamed
     request is (it was counted a 400: its body, cut short, was not JSON)."""
@@ -1754,8 +1787,10 @@ def test_schemathesis_finds_no_server_errors(server):
     statuses: dict[str, set[int]] = {}
     for operation in operations:
         @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
+        # (completions' prompt forms are mostly empty or out-of-vocabulary drawn: more examples, so that some reach
+        # generation whatever the schema's draw)
+        @settings(max_examples=50 if operation.path == "/v1/completions" else 25, deadline=None, database=None,
+                  derandomize=True, suppress_health_check=list(HealthCheck))
         def no_5xx(case):
             if isinstance(case.body, dict):  # keep generations short so the run stays fast
                 for key in ("max_tokens", "max_completion_tokens", "max_output_tokens"):

@@ -305,8 +305,13 @@ class SamplingRequest(OpenAIRequest):
         return self.include_usage and self.stream_options.continuous_usage_stats
 
 
+MAX_PROMPTS = 2048  # texts or token lists in one completions or embeddings request (OpenAI's limit for embeddings)
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])  # (a few KB of [[5]] made 100,000s of
+    # engine requests, admitted whole: gigabytes, and the server unanswering for seconds)
     echo: NullableFlag = False
     logprobs: Int64 | None = None
     best_of: Int64 | None = None
@@ -556,13 +561,13 @@ class CompletionTokensDetails(BaseModel):
     rejected_prediction_tokens: int = 0  # ... and the rest of them
 
 
-MAX_EMBEDDING_INPUTS = 2048  # texts or token lists in one embeddings request, as OpenAI allows
+
 
 
 class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
-    input: (str | Annotated[list[str], Field(max_length=MAX_EMBEDDING_INPUTS)] | list[TokenId]
-            | Annotated[list[list[TokenId]], Field(max_length=MAX_EMBEDDING_INPUTS)])
+    input: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
+            | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None

@@ -77,26 +77,32 @@ DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31",
                         "minimax_m2", "llama_nemotron_json", "nemotron_json")
 HARMONY_CALL, CALL_END = "<|channel|>commentary to=functions.", "<|call|>"
-# a harmony message to a function: its name, then (after any more of the header) its arguments
-_HARMONY_CALL = re.compile(re.escape(HARMONY_CALL) + r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
+# What follows HARMONY_CALL in a harmony message to a function: its name, then (after any more of the header) its
+# arguments. Patterns of many calls are matched within one call's text (split at their opening), not searched
+# across the reply: a search from each of n openings to the end of the text took O(n^2) (8,000 openings of a
+# forced reply: seconds to minutes, on the event loop), as vLLM's tool-parser advisories found of theirs.
+_HARMONY_CALL = re.compile(r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
+_LEADING_SPACE = re.compile(r"\s*")
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
-_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)
+_XML_FUNCTION = re.compile(r"<function=([^<>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)  # (names stop at a tag)
 # a parameter ends at its closing tag or, where the model left that out, at the next parameter or the function's end
-_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^<>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|(?=</function>)|$)",
+                            re.DOTALL)
 XML_FUNCTION = "<function="
-_INVOKE = re.compile(r'<invoke name="?([^">\n]+)"?>(.*?)(?:</invoke>|$)', re.DOTALL)
-_INVOKE_PARAMETER = re.compile(r'<parameter name="?([^">\n]+)"?>(.*?)(?:</parameter>|$)', re.DOTALL)
+_INVOKE = re.compile(r'<invoke name="?([^<">\n]+)"?>(.*?)(?:</invoke>|$)', re.DOTALL)
+_INVOKE_PARAMETER = re.compile(r'<parameter name="?([^<">\n]+)"?>(.*?)(?:</parameter>|$)', re.DOTALL)
 # Calls in XML: the block's opening and closing tags, then a function's and a parameter's syntax (name, body)
 XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>", _XML_FUNCTION, _XML_PARAMETER),
              "qwen3_coder": (HERMES_START, HERMES_END, _XML_FUNCTION, _XML_PARAMETER),
              "minimax_m2": ("<minimax:tool_call>", "</minimax:tool_call>", _INVOKE, _INVOKE_PARAMETER)}
 _GLM_CALL = re.compile(re.escape(GLM_START) + r"([^<\n]*)(.*?)(?:" + re.escape(GLM_END) + r"|$)", re.DOTALL)
-_GLM_ARGUMENT = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|$)", re.DOTALL)
+_GLM_ARGUMENT = re.compile(r"<arg_key>([^<]*)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|$)", re.DOTALL)
 # DeepSeek-V3's call (a kind, "function", then the name; JSON arguments in a ```json block) and V3.1's
+# (each matched within one call's text, after DEEPSEEK_CALL: see _HARMONY_CALL)
+DEEPSEEK_CALL = "<｜tool▁call▁begin｜>"
 _DEEPSEEK_CALLS = {
-    "deepseek_v3": re.compile(r"<｜tool▁call▁begin｜>.*?<｜tool▁sep｜>(.*?)\s*```json\s*(.*?)\s*```\s*<｜tool▁call▁end｜>",
-                              re.DOTALL),
-    "deepseek_v31": re.compile(r"<｜tool▁call▁begin｜>(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)}
+    "deepseek_v3": re.compile(r".*?<｜tool▁sep｜>(.*?)\s*```json\s*(.*?)\s*```\s*<｜tool▁call▁end｜>", re.DOTALL),
+    "deepseek_v31": re.compile(r"(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)}
 _HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
 
 
@@ -209,8 +215,16 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
 def parse_openai(text: str) -> tuple[str | None, list[ToolCall]]:
     """(the text outside the calls, or None when nothing else was said; the calls) from a gpt-oss reply
     whose function messages HarmonyStream passed on; the last may lack its `<|call|>` (the end token)."""
-    calls = [_call(match.group(1), match.group(2).strip()) for match in _HARMONY_CALL.finditer(text)]
-    content = _HARMONY_CALL.sub("", text).strip()
+    head, *rest = text.split(HARMONY_CALL)
+    calls, kept = [], [head]
+    for call in rest:
+        match = _HARMONY_CALL.match(call)
+        if match is None:
+            kept.append(HARMONY_CALL + call)
+            continue
+        calls.append(_call(match.group(1), match.group(2).strip()))
+        kept.append(call[match.end():])
+    content = "".join(kept).strip()
     return ((content or None) if calls else text), calls
 
 
@@ -262,8 +276,9 @@ def whole_reply_held_from(opening: str):
     whitespace), or with a part of it so far, is calls, held back whole; others are text."""
 
     def held_from(text: str, sent: int) -> int:
-        start = text.lstrip()
-        return sent if start.startswith(opening) or opening.startswith(start) else len(text)
+        at = _LEADING_SPACE.match(text).end()  # (text.lstrip() copied the whole reply at each token)
+        head = text[at:at + len(opening) + 1]
+        return sent if head.startswith(opening) or opening.startswith(head) else len(text)
 
     return held_from
 
@@ -443,7 +458,8 @@ def parse_deepseek(text: str, calls_syntax: re.Pattern) -> tuple[str | None, lis
     whole reply is text."""
     content, found, block = text.partition(DEEPSEEK_CALLS)
     calls = []
-    for name, arguments in calls_syntax.findall(block) if found else ():
+    matches = (calls_syntax.match(call) for call in block.split(DEEPSEEK_CALL)[1:]) if found else ()
+    for name, arguments in (match.groups() for match in matches if match is not None):
         try:
             calls.append(_call_of(name.strip(), json.loads(arguments)))
         except ValueError:
