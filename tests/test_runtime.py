@@ -353,7 +353,7 @@ def test_ignore_eos_keeps_generating_after_eos(tmp_path):
     assert out.token_ids == _transformers_greedy(folder, PROMPTS[1], 12)
 
 
-def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
+def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm, tmp_path):
     together = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     alone = [llm.generate([p], GREEDY)[0].token_ids for p in PROMPTS]
     assert together == alone
@@ -373,6 +373,12 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm):
                                         "at most 48 tokens"):
         LLM(str(tiny), block_size=8, kv_cache_memory_gb=6 * small_block_bytes(llm) / 2**30, max_model_len=100,
             **FP32)
+    # a pool that holds under 2 tokens of one sequence (a model of more layer groups than blocks) is refused at start:
+    # it started with a context of 0, healthy, refusing every request as too long
+    gemma = make_tiny_hf(tmp_path / "gemma3", "gemma3", sliding_window=32, num_hidden_layers=6,
+                         layer_types=["sliding_attention"] * 5 + ["full_attention"])  # 6 groups, 2 blocks
+    with pytest.raises(UserError, match="holds at most 0 tokens of one sequence; give the cache more memory"):
+        LLM(str(gemma), kv_cache_memory_gb=1e-9, **FP32)
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
@@ -774,6 +780,21 @@ def test_prefix_cache_hits_give_the_same_tokens(llm):
     assert _pool_is_full(llm.engine)
 
 
+def test_choices_of_one_prompt_compute_it_once(llm, tiny):
+    """n choices of one prompt, and a prompt sent twice at once: the first computes the prompt's blocks, the others
+    wait a step and take them from the cache (each had computed the whole prompt beside the first, in the same
+    steps); their tokens are those of a run without the cache (found by an audit of prefix caching)."""
+    prompt = list(range(100, 141))  # 41 tokens: 5 full blocks of 8
+    sampled = SamplingParams(n=4, max_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    outs = llm.generate([prompt], sampled)
+    assert [o.usage.cached_tokens for o in outs] == [0, 40, 40, 40]
+    cold = LLM(str(tiny), block_size=8, enable_prefix_caching=False, **FP32)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in cold.generate([prompt], sampled)]
+    twice = llm.generate([prompt[::-1], prompt[::-1]], GREEDY)
+    assert [o.usage.cached_tokens for o in twice] == [0, 40] and twice[0].token_ids == twice[1].token_ids
+    assert _pool_is_full(llm.engine)
+
+
 def test_stop_strings_across_tokens_are_never_shown(llm):
     base = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
     text = base.text
@@ -887,9 +908,9 @@ def test_cpu_int8_weights_setting():
 
 
 def test_available_memory_respects_a_container_limit(tmp_path):
-    """available_memory_bytes: MemAvailable, or the memory cgroup's limit minus its usage where that is
-    less (cgroup v2 and v1, the cgroup's own folder or, as a container sees it, the mount's top); no
-    limit ("max", v1's huge number) leaves MemAvailable."""
+    """available_memory_bytes: MemAvailable, or the memory cgroup's limit minus its usage (less its inactive file
+    cache) where that is less (cgroup v2 and v1, the cgroup's own folder or, as a container sees it, the mount's
+    top); no limit ("max", v1's huge number) leaves MemAvailable."""
     def tree(name: str, cgroup: str, files: dict[str, str]) -> Path:
         root = tmp_path / name
         (root / "proc/self").mkdir(parents=True)
@@ -912,6 +933,16 @@ def test_available_memory_respects_a_container_limit(tmp_path):
                                            "sys/fs/cgroup/memory/x/memory.usage_in_bytes": "5"})
     assert available_memory_bytes(huge) == 48 * gib
     assert available_memory_bytes(tmp_path / "nothing") is None
+    # file cache the kernel reclaims first (a model's safetensors read at load) is not used memory: docker stats'
+    # and the kubelet's rule (a pool that fits was refused, the model counted twice)
+    cached = tree("cached", "0::/app\n", {"sys/fs/cgroup/app/memory.max": str(16 * gib),
+                                          "sys/fs/cgroup/app/memory.current": str(10 * gib),
+                                          "sys/fs/cgroup/app/memory.stat": f"anon {4 * gib}\ninactive_file {6 * gib}\n"})
+    assert available_memory_bytes(cached) == 12 * gib
+    v1_cached = tree("v1c", "4:memory:/\n", {"sys/fs/cgroup/memory/memory.limit_in_bytes": str(8 * gib),
+                                             "sys/fs/cgroup/memory/memory.usage_in_bytes": str(3 * gib),
+                                             "sys/fs/cgroup/memory/memory.stat": f"total_inactive_file {2 * gib}\n"})
+    assert available_memory_bytes(v1_cached) == 7 * gib
 
 
 @pytest.mark.skipif(not products_available(torch.int8) or not cpu_index.enabled(),

@@ -247,6 +247,8 @@ def test_vllm_forms_of_context_length_and_log_level(capsys):
     for text, tokens in (("4096", 4096), ("4k", 4000), ("4K", 4096), ("25.6k", 25600), ("1M", 2**20)):
         assert resolve(parse("--max-model-len", text), {}).engine_fields == {"max_model_len": tokens}
     assert resolve(parse(), {"LCQ_MAX_MODEL_LEN": "8k"}).engine_fields == {"max_model_len": 8000}
+    for text in ("auto", "-1"):  # vLLM's spellings of the default: what the cache holds of the model's context
+        assert resolve(parse("--max-model-len", text), {}).engine_fields.get("max_model_len") is None
     assert resolve(parse("--uvicorn-log-level", "debug"), {}).settings.log_level == "debug"
     cors = resolve(parse("--root-path", "/api", "--allowed-origins", '["http://a.example"]', "--allowed-methods",
                          "GET"), {"LCQ_ALLOWED_HEADERS": '["authorization"]'}).settings

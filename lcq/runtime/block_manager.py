@@ -103,6 +103,21 @@ class BlockManager:
         reach = self.blocks_needed(KEY_TILE + max_step_tokens) + 1
         return sum(min(whole, self.blocks_needed(abs(window)) + reach) if window else whole for window in self.windows)
 
+    def waits_for_prefix(self, seq: Sequence, running: list[Sequence]) -> bool:
+        """Whether seq, nothing of it computed, should wait for a running sequence still computing the whole blocks
+        its prompt would take from the cache (n choices of one prompt, or a prompt sent twice at once), rather than
+        compute them again beside it (vLLM caches blocks as they are allocated; here they are kept once computed).
+        Not where a hit needs a recurrent state kept at its end, which the other may not keep there."""
+        if not self.enable_prefix_caching or self.keeps_states or seq.block_tables or seq.num_computed_tokens \
+                or seq.params.prompt_logprobs is not None:
+            return False
+        whole = (len(seq) - 1) // self.block_size * self.block_size  # (reuse_cached_prefix's: the last recomputed)
+        if not whole:
+            return False
+        seed, prefix = _seed(seq), seq.token_ids[:whole]
+        return any(other.num_computed_tokens < whole and _seed(other) == seed and other.token_ids[:whole] == prefix
+                   for other in running)
+
     def reuse_cached_prefix(self, seq: Sequence) -> None:
         """For a sequence with nothing computed: take the cached blocks of its longest cached prefix of
         full blocks that every group can go on from (a sliding group needs only the blocks its window

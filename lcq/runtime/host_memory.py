@@ -92,9 +92,10 @@ def _cgroup_headroom(root: Path) -> int | None:
     for entry in (_read(root / "proc/self/cgroup") or "").splitlines():
         _, controllers, path = entry.split(":", 2)
         if controllers == "":  # v2: the unified hierarchy
-            folders, files = [root / "sys/fs/cgroup"], ("memory.max", "memory.current")
+            folders, files, cache = [root / "sys/fs/cgroup"], ("memory.max", "memory.current"), "inactive_file"
         elif "memory" in controllers.split(","):
             folders, files = [root / "sys/fs/cgroup/memory"], ("memory.limit_in_bytes", "memory.usage_in_bytes")
+            cache = "total_inactive_file"
         else:
             continue
         folders.insert(0, folders[0] / path.lstrip("/"))
@@ -105,8 +106,19 @@ def _cgroup_headroom(root: Path) -> int | None:
             limit = limit.strip()
             if limit == "max" or int(limit) >= 1 << 60:  # no limit here (v1 writes a huge number)
                 break
-            return max(0, int(limit) - int(usage))
+            return max(0, int(limit) - int(usage) + _stat(folder, cache))
     return None
+
+
+def _stat(folder: Path, name: str) -> int:
+    """A field of the cgroup's memory.stat (0 if absent): here the file cache not touched lately (inactive_file),
+    which the kernel reclaims before it kills anything and which the usage counts (the model's safetensors read at
+    load: counted again, a pool that fits was refused), as docker stats and the kubelet leave it out."""
+    for line in (_read(folder / "memory.stat") or "").splitlines():
+        key, _, value = line.partition(" ")
+        if key == name and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _read(path: Path) -> str | None:

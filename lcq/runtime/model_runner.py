@@ -267,7 +267,10 @@ class ModelRunner:
             low, high = (middle, high) if fits else (low, middle - 1)
         room = f"the KV cache ({self.num_blocks} blocks of {self.block_size} tokens) holds at most {low} tokens of " \
             "one sequence"
-        if config.max_model_len is not None:
+        if config.max_model_len is not None or low < 2:  # (under 2 tokens a server would start and refuse everything)
+            if config.max_model_len is None:
+                raise UserError(f"{room}; give the cache more memory (--kv-cache-memory-gb on CPU, "
+                                "--gpu-memory-utilization on a GPU)")
             raise UserError(f"max_model_len {limit} is longer than {room}; give the cache more memory "
                             "(--kv-cache-memory-gb on CPU, --gpu-memory-utilization on a GPU) or lower --max-model-len")
         self.log.warning("the model's context of %d tokens is cut to %d: %s", limit, low, room)

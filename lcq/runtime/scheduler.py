@@ -13,7 +13,8 @@ running ones (vLLM's V1 engine neither).
 
 A sequence with a LoRA adapter runs only while it holds one of the adapter stack's slots (adapters.py):
 one that cannot get one waits, and later ones pass it, except those with adapters of their own, which
-would keep the slots busy; base-model sequences need none.
+would keep the slots busy; base-model sequences need none. A sequence whose prompt's blocks a running one is
+still computing waits too (BlockManager.waits_for_prefix), and then takes them from the cache.
 """
 from __future__ import annotations
 
@@ -80,7 +81,8 @@ class Scheduler:
         passed: list[Sequence] = []  # waiting for an adapter slot, in their order
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
             seq = self.waiting[0]
-            if seq.adapter is not None and (passed or not self.adapters.bind(seq)):
+            if self.blocks.waits_for_prefix(seq, self.running) or \
+                    (seq.adapter is not None and (passed or not self.adapters.bind(seq))):
                 passed.append(self.waiting.popleft())
                 continue
             self.blocks.reuse_cached_prefix(seq)

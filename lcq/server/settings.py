@@ -176,6 +176,12 @@ def _json_strings(text: str) -> list[str]:
     return value
 
 
+def _context_length(text: str) -> int | None:
+    """--max-model-len as vLLM reads it: a count of tokens, or auto or -1 for what the KV cache holds of the
+    model's context (the default, None)."""
+    return None if text.strip().lower() in ("auto", "-1") else _token_count(text)
+
+
 def _token_count(text: str) -> int:
     """A count of tokens as vLLM's --max-model-len reads it: a whole number, or one with a suffix, k/m/g for
     powers of 1,000 (25.6k: 25,600) and K/M/G for powers of 1,024 (4K: 4,096)."""
@@ -211,8 +217,8 @@ FLAGS = (
     Flag("--scheduling-policy", str, "fcfs (requests run in order of arrival) or priority (in order of each "
          "request's `priority`, lower first, then arrival; the least urgent running request is the one preempted "
          "when the KV cache is full)", "engine"),
-    Flag("--max-model-len", _token_count, "context length (default: the model's); as vLLM's, also 4k (4,000), 4K "
-         "(4,096), 25.6k, 1m/1M", "engine"),
+    Flag("--max-model-len", _context_length, "context length (default: the model's); as vLLM's, also 4k (4,000), 4K "
+         "(4,096), 25.6k, 1m/1M, and auto or -1 for the default", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
     Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16, or on CPU "
