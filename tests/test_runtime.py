@@ -552,6 +552,25 @@ def test_prompt_logprobs_and_grammars_survive_preemption(tiny, llm):
     assert _pool_is_full(small.engine)
 
 
+def test_host_memory_is_checked_for_every_pool_and_state_before_they_are_taken(tiny, tmp_path, monkeypatch):
+    """On CPU the memory left after loading must hold the KV pool with a draft model's pool and weights (each pool was
+    checked alone: together they could take more), and recurrent layers' states, checked before they are allocated
+    (too many were a kill at load, not the refusal naming max_num_seqs)."""
+    from lcq.runtime import model_runner
+
+    pool = 64 << 20  # the budget, shared by the two pools with a draft model
+    monkeypatch.setattr(model_runner, "available_memory_bytes", lambda: int(0.75 * pool))
+    LLM(str(tiny), block_size=8, kv_cache_memory_gb=pool / 2 / 2**30, **FP32)  # half of it fits
+    with pytest.raises(UserError, match=r"more than the 0\.05 GiB of memory left"):  # the target's half fit alone
+        LLM(str(tiny), block_size=8, kv_cache_memory_gb=pool / 2**30, speculative_model=str(tiny),
+            num_speculative_tokens=2, **FP32)
+    folder = make_tiny_hf(tmp_path / "qwen3_5", "qwen3_5")
+    monkeypatch.setattr(model_runner, "available_memory_bytes", lambda: pool)
+    with pytest.raises(UserError, match="the recurrent states' .* lower kv_cache_memory_gb, max_num_seqs or "
+                                        "state_snapshots"):
+        LLM(str(folder), block_size=8, kv_cache_memory_gb=64.0, max_num_seqs=4096, **FP32)
+
+
 def small_block_bytes(llm) -> int:
     return llm.engine.runner.model.kv_cache_bytes_per_block(8, torch.float32)
 

@@ -563,6 +563,10 @@ class LlamaModel(torch.nn.Module):
         return [mixer for layer in self.layers for mixer in (layer.self_attn, layer.mamba)
                 if isinstance(mixer, RecurrentMixer)]
 
+    def state_bytes(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
+        """What bind_states(slots, dtype) will allocate, so that it can be refused before it is."""
+        return sum(mixer.state_bytes(slots, dtype) for mixer in self.recurrent_mixers())
+
     def bind_states(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
         """State tensors of `slots` sequences in every recurrent mixer, the recurrent states in `dtype`; returns
         their bytes. (The C decode step, which reads the states, is built again where the KV caches are bound.)"""

@@ -14,6 +14,8 @@ the one-call decode step of the whole model (cpu_decode.py) calls the same funct
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -51,6 +53,12 @@ class RecurrentMixer(torch.nn.Module):
             parameter = getattr(self, attribute)
             if parameter is not None:
                 parameter.copy_(tensor(name).reshape(parameter.shape))
+
+    def state_bytes(self, slots: int, dtype: torch.dtype = torch.float32) -> int:
+        """What bind_states(slots, ..., dtype) will allocate, before it does."""
+        conv_dim, kernel = self.conv_weight.shape
+        return slots * (conv_dim * (kernel - 1) * self.conv_weight.element_size()
+                        + math.prod(self.state_shape) * dtype.itemsize)
 
     def bind_states(self, slots: int, device: torch.device, dtype: torch.dtype = torch.float32) -> int:
         """State tensors of `slots` sequences (zeros), the recurrent ones in `dtype` (each step computes in fp32

@@ -100,7 +100,8 @@ class ModelRunner:
         self.state_slots = config.max_num_seqs if c.recurrent else 0
         kept = config.state_snapshots if self.state_slots and config.enable_prefix_caching else 0
         self.snapshot_slots = range(self.state_slots + 1, self.state_slots + 1 + kept)
-        self.state_bytes = self.model.bind_states(self.snapshot_slots.stop, config.resolved_state_dtype()) \
+        # (counted before they are allocated: too many states were a kill at load, not the refusal below)
+        self.state_bytes = self.model.state_bytes(self.snapshot_slots.stop, config.resolved_state_dtype()) \
             if self.state_slots else 0
         room = self._kv_budget(config) - self.state_bytes - draft_weight_bytes * on_cuda
         if self.state_bytes and room < 2 * bytes_per_block and num_blocks is None:
@@ -109,7 +110,12 @@ class ModelRunner:
                             "cache's memory allows: lower max_num_seqs or state_snapshots, or give the cache more "
                             "memory")
         self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
-        self._check_host_memory(self.num_blocks * bytes_per_block)
+        # with a draft model, its pool and (on CPU, loaded after this) its weights too: each pool checked alone, the
+        # two could together take more than there is
+        self._check_host_memory(self.num_blocks * (bytes_per_block + draft_block_bytes)
+                                + draft_weight_bytes * (not on_cuda), self.state_bytes)
+        if self.state_slots:
+            self.model.bind_states(self.snapshot_slots.stop, config.resolved_state_dtype())
         shape = self.model.kv_cache_shape(self.num_blocks, self.block_size, kv_dtype)
         k_tensors = [self._zeros(shape, kv_dtype) for _ in range(self.kv_groups.width)]
         # a latent attention reads its values from its K cache
@@ -145,14 +151,17 @@ class ModelRunner:
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 self.log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 
-    def _check_host_memory(self, cache_bytes: int) -> None:
+    def _check_host_memory(self, cache_bytes: int, state_bytes: int = 0) -> None:
         """A CPU pool takes its memory as its blocks are first used (zeroed_pages): one larger than the memory
-        left would be killed mid-request, so it is refused at start."""
+        left would be killed mid-request, so it is refused at start, and with it recurrent layers' states,
+        allocated (and zeroed) at once after this."""
         available = available_memory_bytes() if self.device.type == "cpu" else None
-        if available is not None and cache_bytes > available:
-            raise UserError(f"the KV cache's {cache_bytes / 2**30:.2f} GiB (kv_cache_memory_gb) are more than the "
-                            f"{available / 2**30:.2f} GiB of memory left after loading the model: lower "
-                            "kv_cache_memory_gb")
+        if available is not None and cache_bytes + state_bytes > available:
+            states = f" and the recurrent states' {state_bytes / 2**30:.2f} GiB (max_num_seqs, state_snapshots)" \
+                if state_bytes else ""
+            raise UserError(f"the KV cache's {cache_bytes / 2**30:.2f} GiB (kv_cache_memory_gb){states} are more "
+                            f"than the {available / 2**30:.2f} GiB of memory left after loading the model: lower "
+                            "kv_cache_memory_gb" + (", max_num_seqs or state_snapshots" if state_bytes else ""))
 
     def _zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A cache tensor of zeros: on CPU on pages zeroed as they are first used (host_memory.zeroed_pages)."""
