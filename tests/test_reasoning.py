@@ -118,6 +118,7 @@ HARMONY_CALL_SPLITS = [
     (CALL, ("Weather?", ""), False),
     (CALL, ("Weather?", '<|channel|>commentary to=functions.get_weather<|message|>{"city": "Paris"}<|call|>'), True),
     (BROWSING, ("t", ""), True),  # gpt-oss's built-in browser: not one of the request's tools
+    ("<|channel|>commentary to=<|message|>hi<|call|>", (None, ""), True),  # no recipient (an IndexError, a 500)
     (f"{CALL}<|start|>assistant<|channel|>final<|message|>Done.", ("Weather?", "Done."), False),
 ]
 

@@ -222,7 +222,9 @@ def test_offline_prompts_as_vllm_takes_them(tiny, llm, tmp_path):
     assert [(c.prompt_ids, c.token_ids) for c in as_dicts] == [(c.prompt_ids, c.token_ids) for c in plain]
     assert plain[0].prompt_ids == ids and llm.generate({"prompt_token_ids": [5, 6, 7]}, greedy)[0].prompt_ids == [5, 6, 7]
     assert llm.embed({"prompt": "Hello"}) == llm.embed("Hello")
-    for prompt in ({"text": "Hello"}, {"prompt": [5]}, (5, 6), torch.tensor([5, 6])):
+    as_tuples = llm.generate(("Hello", (5, 6, 7)), greedy)  # any sequence of prompts, and of ids, as vLLM takes them
+    assert [(c.prompt_ids, c.token_ids) for c in as_tuples] == [(c.prompt_ids, c.token_ids) for c in plain]
+    for prompt in ({"text": "Hello"}, {"prompt": [5]}, 5.0, torch.tensor([5, 6])):
         with pytest.raises(TypeError, match="prompt"):
             llm.generate([prompt], greedy)
     for bad in ([5.9, 6, 7], [5.0, 6.0], [True, 6]):

@@ -1017,7 +1017,11 @@ def test_a_reply_with_calls_reads_the_same_whole_and_streamed(parser):
      '<parameter name="x">1</parameter></invoke>'),
     ("glm45", "<tool_call>f\n" + "<arg_key>k</arg_key>" * 3000, "<arg_key>x</arg_key><arg_value>1</arg_value>"),
     ("openai", "<|channel|>commentary to=functions.g" * 3000,
-     '<|channel|>commentary to=functions.f<|message|>{"x": 1}<|call|>')])
+     '<|channel|>commentary to=functions.f<|message|>{"x": 1}<|call|>'),
+    # a run of whitespace inside a call (a degenerate reply): lazy groups between whitespace backtracked, O(n^3)
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>g\n```json" + " " * 20000,
+     '<｜tool▁call▁begin｜>function<｜tool▁sep｜>f\n```json\n{"x": 1}\n```<｜tool▁call▁end｜>'),
+    ("hermes", "<tool_call>" + " " * 20000, '{"name": "f", "arguments": {"x": 1}}' + " " * 20000 + "</tool_call>")])
 def test_tool_call_parsers_read_many_openings_in_one_pass(parser, opening, call):
     """A reply of thousands of unfinished openings before a call (a client can force them, with logit_bias or a
     grammar): the call is read, in one pass over the reply. Each pattern searched from every opening to the
@@ -1750,7 +1754,7 @@ def test_disconnect_while_waiting_for_a_full_response_frees_the_pool(server):
 def test_a_completions_request_takes_at_most_2048_prompts(server):
     """A few KB of one-token prompts made hundreds of thousands of engine requests, admitted whole (gigabytes, the
     server unanswering for seconds): a request takes up to 2,048 prompts, as an embeddings request its inputs."""
-    for prompt in ([[5]] * 2049, ["a"] * 2049):
+    for prompt in ([[5]] * 2049, ["a"] * 2049, ["7"] * 2049):  # (texts of digits past the cap: read as token ids)
         error = error_of(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": prompt,
                                                                            "max_tokens": 1}), 400)
         assert error["param"] == "prompt", error

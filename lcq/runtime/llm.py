@@ -133,24 +133,24 @@ def _listed(prompts) -> list[str | list[int]]:
     """The prompts, each text or token ids: one given alone (a string, token ids, or a dict) as a list of one, and
     vLLM's {"prompt": text} and {"prompt_token_ids": ids} as what they hold, as vLLM's LLM takes them (a dict was
     read as the text of its keys)."""
-    if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts
+    if isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and prompts
                                             and isinstance(prompts[0], numbers.Integral)):
         prompts = [prompts]
-    if not isinstance(prompts, list):
+    if not isinstance(prompts, (list, tuple)):
         raise TypeError(f"prompts are a list, or one prompt, not {type(prompts).__name__}")
     return [_prompt(prompt) for prompt in prompts]
 
 
 def _prompt(prompt) -> str | list[int]:
     if isinstance(prompt, dict):
-        for key, kind in (("prompt", str), ("prompt_token_ids", list)):
-            if set(prompt) == {key} and isinstance(prompt[key], kind):
-                return prompt[key]
+        for key, kinds in (("prompt", str), ("prompt_token_ids", (list, tuple))):
+            if set(prompt) == {key} and isinstance(prompt[key], kinds):
+                return _prompt(prompt[key])
         raise TypeError(f"a prompt dict is {{'prompt': text}} or {{'prompt_token_ids': ids}}, not one with "
                         f"{sorted(prompt)}")
-    if not isinstance(prompt, (str, list)):
-        raise TypeError(f"a prompt is text, a list of token ids or a dict, not {type(prompt).__name__}")
-    return prompt
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"a prompt is text, token ids or a dict, not {type(prompt).__name__}")
+    return list(prompt) if isinstance(prompt, tuple) else prompt
 
 
 def _progress_bar(total: int):

@@ -58,7 +58,8 @@ class TextOffsets:
         self.decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
                                         clean_up_tokenization_spaces=False)
         self.token_bytes = token_bytes
-        self.skipped = set(tokenizer.all_special_ids) if skip_special_tokens else set()
+        self.skipped = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special} \
+            | set(tokenizer.all_special_ids) if skip_special_tokens else set()  # (what decoding skips: every special)
         self.start = start  # where the text begins in what is returned (after an echoed prompt)
         self.held = 0  # whole characters the detokenizer holds back with a character not whole yet
 

@@ -10,7 +10,8 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_serializer, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_serializer,
+                      model_validator)
 
 from lcq.runtime.outputs import TokenLogprob
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
@@ -308,10 +309,21 @@ class SamplingRequest(OpenAIRequest):
 MAX_PROMPTS = 2048  # texts or token lists in one completions or embeddings request (OpenAI's limit for embeddings)
 
 
+def _at_most_max_prompts(value: Any) -> Any:
+    """A list of more than MAX_PROMPTS prompts refused before the forms are told apart (a few KB of [[5]] made
+    100,000s of engine requests, admitted whole: gigabytes, the server unanswering for seconds); a list of token
+    ids is one prompt (past the cap on the list of texts alone, texts of digits were read as one of token ids)."""
+    if isinstance(value, list) and len(value) > MAX_PROMPTS and \
+            not all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+        raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+    return value
+
+
+Prompts = Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], BeforeValidator(_at_most_max_prompts)]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
-             | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])  # (a few KB of [[5]] made 100,000s of
-    # engine requests, admitted whole: gigabytes, and the server unanswering for seconds)
+    prompt: Prompts
     echo: NullableFlag = False
     logprobs: Int64 | None = None
     best_of: Int64 | None = None
@@ -566,8 +578,7 @@ class CompletionTokensDetails(BaseModel):
 
 class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
-    input: (str | Annotated[list[str], Field(max_length=MAX_PROMPTS)] | list[TokenId]
-            | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS)])
+    input: Prompts
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None

@@ -164,8 +164,8 @@ class HarmonyStream:
                     self.entered |= self.channel == REASONING_CHANNEL
                     self.opened = False
                     if RECIPIENT in head:  # before or after the channel: `assistant to=X<|channel|>commentary`
-                        recipient = head.partition(RECIPIENT)[2].split("<|")[0].split()[0]
-                        read = self.reads_calls and recipient.startswith(FUNCTIONS)
+                        recipient = (head.partition(RECIPIENT)[2].split("<|")[0].split() or [""])[0]  # (may be empty)
+                        read = self.reads_calls and recipient.startswith(FUNCTIONS) and recipient != FUNCTIONS
                         self.channel = "call" if read else LEFT_OUT
                         if read:
                             parts["content"] += f"{CHANNEL}commentary{RECIPIENT}{recipient}{MESSAGE}"

@@ -76,12 +76,12 @@ DEEPSEEK_CALLS = "<｜tool▁calls▁begin｜>"
 # parsers whose tags are (or may be) special tokens the text must keep
 KEEPS_SPECIAL_TOKENS = ("mistral", "internlm", "seed_oss", "openai", "glm45", "glm47", "deepseek_v3", "deepseek_v31",
                         "minimax_m2", "llama_nemotron_json", "nemotron_json")
-HARMONY_CALL, CALL_END = "<|channel|>commentary to=functions.", "<|call|>"
-# What follows HARMONY_CALL in a harmony message to a function: its name, then (after any more of the header) its
-# arguments. Patterns of many calls are matched within one call's text (split at their opening), not searched
-# across the reply: a search from each of n openings to the end of the text took O(n^2) (8,000 openings of a
-# forced reply: seconds to minutes, on the event loop), as vLLM's tool-parser advisories found of theirs.
-_HARMONY_CALL = re.compile(r"([^\s<]+).*?<\|message\|>(.*?)(?:<\|call\|>|$)", re.DOTALL)
+HARMONY_CALL, HARMONY_MESSAGE, CALL_END = "<|channel|>commentary to=functions.", "<|message|>", "<|call|>"
+# Calls are read with str.find and partition within one call's text (a reply split at their openings), not with
+# patterns searched across the reply: from each of n openings to its end that took O(n^2) (8,000 openings of a
+# forced reply: seconds to minutes, on the event loop), and lazy groups between runs of whitespace backtracked to
+# O(n^3) (a call's JSON fence followed by 4,000 spaces: a minute), as vLLM's tool-parser advisories found of theirs.
+_NAME = re.compile(r"[^\s<]+")
 _LEADING_SPACE = re.compile(r"\s*")
 JSON_NAMES = {"null": None, "true": True, "false": False}  # literals OLMo 3 writes in its pythonic calls
 _XML_FUNCTION = re.compile(r"<function=([^<>\n]+)>(.*?)(?:</function>|$)", re.DOTALL)  # (names stop at a tag)
@@ -98,12 +98,7 @@ XML_CALLS = {"seed_oss": ("<seed:tool_call>", "</seed:tool_call>", _XML_FUNCTION
 _GLM_CALL = re.compile(re.escape(GLM_START) + r"([^<\n]*)(.*?)(?:" + re.escape(GLM_END) + r"|$)", re.DOTALL)
 _GLM_ARGUMENT = re.compile(r"<arg_key>([^<]*)</arg_key>\s*<arg_value>(.*?)(?:</arg_value>|$)", re.DOTALL)
 # DeepSeek-V3's call (a kind, "function", then the name; JSON arguments in a ```json block) and V3.1's
-# (each matched within one call's text, after DEEPSEEK_CALL: see _HARMONY_CALL)
-DEEPSEEK_CALL = "<｜tool▁call▁begin｜>"
-_DEEPSEEK_CALLS = {
-    "deepseek_v3": re.compile(r".*?<｜tool▁sep｜>(.*?)\s*```json\s*(.*?)\s*```\s*<｜tool▁call▁end｜>", re.DOTALL),
-    "deepseek_v31": re.compile(r"(.*?)<｜tool▁sep｜>(.*?)<｜tool▁call▁end｜>", re.DOTALL)}
-_HERMES_CALL = re.compile(re.escape(HERMES_START) + r"\s*(.*?)\s*(?:" + re.escape(HERMES_END) + r"|$)", re.DOTALL)
+DEEPSEEK_CALL, DEEPSEEK_SEP, DEEPSEEK_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
 
 
 def _call(name: str, arguments: str) -> ToolCall:
@@ -162,7 +157,7 @@ def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list
     try:
         value = json.loads(text)
         call = _call_of(value["name"], value["arguments"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return None, finish_reason
     return [call], calls_finish(finish_reason)
 
@@ -198,15 +193,20 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
     Hermes form. A block whose JSON does not parse stays in the text; the last block may lack its
     closing tag (generation ended at EOS right after the JSON)."""
     calls, kept, end = [], [], 0
-    for match in _HERMES_CALL.finditer(text):
+    start = text.find(HERMES_START)
+    while start >= 0:
+        close = text.find(HERMES_END, start + len(HERMES_START))
+        block_end = len(text) if close < 0 else close + len(HERMES_END)
         try:
-            value = json.loads(match.group(1))
+            value = json.loads(text[start + len(HERMES_START):close if close >= 0 else len(text)])
             call = _json_call(value, "arguments")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # (JSON nested past the limit)
+            start = text.find(HERMES_START, block_end)
             continue
-        kept.append(text[end:match.start()])
-        end = match.end()
+        kept.append(text[end:start])
+        end = block_end
         calls.append(call)
+        start = text.find(HERMES_START, block_end)
     kept.append(text[end:])
     content = "".join(kept).strip()
     return (content or None) if calls else text, calls
@@ -217,13 +217,14 @@ def parse_openai(text: str) -> tuple[str | None, list[ToolCall]]:
     whose function messages HarmonyStream passed on; the last may lack its `<|call|>` (the end token)."""
     head, *rest = text.split(HARMONY_CALL)
     calls, kept = [], [head]
-    for call in rest:
-        match = _HARMONY_CALL.match(call)
-        if match is None:
+    for call in rest:  # the function's name, then (after any more of the header) its arguments
+        name, message = _NAME.match(call), call.find(HARMONY_MESSAGE)
+        if name is None or message < name.end():
             kept.append(HARMONY_CALL + call)
             continue
-        calls.append(_call(match.group(1), match.group(2).strip()))
-        kept.append(call[match.end():])
+        arguments, _, after = call[message + len(HARMONY_MESSAGE):].partition(CALL_END)
+        calls.append(_call(name.group(), arguments.strip()))
+        kept.append(after)
     content = "".join(kept).strip()
     return ((content or None) if calls else text), calls
 
@@ -444,7 +445,7 @@ def _written_value(value: str, schema: Any) -> Any:
         return value
     try:
         return _json_value(json.loads(value), value)
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     try:
         return _json_value(ast.literal_eval(value), value)
@@ -452,19 +453,40 @@ def _written_value(value: str, schema: Any) -> Any:
         return value
 
 
-def parse_deepseek(text: str, calls_syntax: re.Pattern) -> tuple[str | None, list[ToolCall]]:
+def parse_deepseek(text: str, read_call: Callable[[str], tuple[str, str] | None]
+                   ) -> tuple[str | None, list[ToolCall]]:
     """(the text before the calls, or None when empty; the calls) from a DeepSeek reply whose calls follow
     `<｜tool▁calls▁begin｜>`; a call whose arguments are not JSON stays unread, and with no call read the
     whole reply is text."""
     content, found, block = text.partition(DEEPSEEK_CALLS)
     calls = []
-    matches = (calls_syntax.match(call) for call in block.split(DEEPSEEK_CALL)[1:]) if found else ()
-    for name, arguments in (match.groups() for match in matches if match is not None):
+    read = (read_call(call) for call in block.split(DEEPSEEK_CALL)[1:]) if found else ()
+    for name, arguments in (call for call in read if call is not None):
         try:
             calls.append(_call_of(name.strip(), json.loads(arguments)))
         except ValueError:
             continue
     return (content.strip() or None, calls) if calls else (text, [])
+
+
+def _deepseek_v3_call(call: str) -> tuple[str, str] | None:
+    """(name, arguments) of one DeepSeek-V3 call's text (after its opening): a kind, the separator, the name, then
+    the JSON arguments in a ```json block, up to the call's end; None if it is not whole."""
+    body, ended, _ = call.partition(DEEPSEEK_CALL_END)
+    _, separated, rest = body.partition(DEEPSEEK_SEP)
+    name, fenced, arguments = rest.partition("```json")
+    arguments = arguments.rstrip()
+    if not (ended and separated and fenced and arguments.endswith("```")):
+        return None
+    return name, arguments[:-3].strip()
+
+
+def _deepseek_v31_call(call: str) -> tuple[str, str] | None:
+    """(name, arguments) of one DeepSeek-V3.1 call's text (after its opening): the name, the separator, the JSON
+    arguments up to the call's end; None if it is not whole."""
+    body, ended, _ = call.partition(DEEPSEEK_CALL_END)
+    name, separated, arguments = body.partition(DEEPSEEK_SEP)
+    return (name, arguments) if ended and separated else None
 
 
 def _typed(value: str, schema: Any) -> Any:
@@ -523,8 +545,8 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
                      tag_held_from(syntax[0], *([XML_FUNCTION] if syntax[0] == HERMES_START else [])))
               for name, syntax in XML_CALLS.items()},
            **dict.fromkeys(("glm45", "glm47"), (parse_glm, tag_held_from(GLM_START))),  # + schemas: reply_parser
-           **{name: (functools.partial(parse_deepseek, calls_syntax=syntax), tag_held_from(DEEPSEEK_CALLS))
-              for name, syntax in _DEEPSEEK_CALLS.items()}}
+           **{name: (functools.partial(parse_deepseek, read_call=read), tag_held_from(DEEPSEEK_CALLS))
+              for name, read in (("deepseek_v3", _deepseek_v3_call), ("deepseek_v31", _deepseek_v31_call))}}
 CUT_CALLS = {"openai": without_open_harmony_call}  # what a reply cut by max_tokens loses first (ToolCallStream)
 SCHEMA_TYPED = (*XML_CALLS, "glm45", "glm47")  # parsers that type the arguments by the request's tool schemas
 
