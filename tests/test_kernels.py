@@ -284,11 +284,18 @@ def test_byte_codebook_weights_reach_the_tensor_cores_in_registers(bits):
             f"sass, _ = sass_of(compile_sm90('decode', {bits}, 2, 128, 16, 128, 4, prefetch=True, stages=1, "
             "depth=128, byte_book=True)); loop = inner_loop(sass); "
             "print(sum('STS.U16' in line for line in loop), sum('MMA' in line for line in loop))")
+    stores, products = _compiled_counts(code)
+    assert stores == 0 and products > 0
+
+
+def _compiled_counts(code: str) -> tuple[int, int]:
+    """The two counts `code` prints last, run in a process of its own without the interpreter (a compile for sm_90
+    by the installed Triton and its ptxas; no GPU)."""
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
     assert result.returncode == 0, result.stderr[-2000:]
-    stores, products = map(int, result.stdout.split()[-2:])
-    assert stores == 0 and products > 0
+    first, second = map(int, result.stdout.split()[-2:])
+    return first, second
 
 
 @pytest.mark.parametrize("bits", [2, 4])
@@ -310,10 +317,7 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
             "ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), "
             "target=GPUTarget('cuda', 90, 32), options={'launch_pdl': True}).asm['ptx']; "
             "print(sum('IDP.4A' in line for line in inner_loop(sass)), int('st.global' in ptx))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    products, stores = map(int, result.stdout.split()[-2:])
+    products, stores = _compiled_counts(code)
     assert products > 0 and stores == 1
 
 
