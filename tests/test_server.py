@@ -519,7 +519,9 @@ def test_text_offsets_index_into_the_text(client, model_dir):
     # was one short); a special token written in a text prompt is in the echo as written, and counts its length
     # (it counted none); each offset indexes its token's text
     lone = tokenizer.convert_tokens_to_ids(byte_level_alphabet()[0xB9])  # a continuation byte, alone
+    lead = tokenizer.convert_tokens_to_ids(byte_level_alphabet()[0xF2])  # a 4-byte character's first, never finished
     for prompt, text in ((tokenizer.encode("Hi") + [lone] + tokenizer.encode(" there"), "Hi\ufffd there"),
+                         (tokenizer.encode("Hi") + [lead] + tokenizer.encode(" there"), "Hi\ufffd there"),
                          ("Hi<|im_end|>there", "Hi<|im_end|>there")):
         choice = client.completions.create(model=MODEL, prompt=prompt, echo=True, max_tokens=0, logprobs=0).choices[0]
         assert choice.text == text

@@ -62,25 +62,34 @@ class TextOffsets:
             | set(tokenizer.all_special_ids) if skip_special_tokens else set()  # (what decoding skips: every special)
         self.start = start  # where the text begins in what is returned (after an echoed prompt)
         self.held = 0  # whole characters the detokenizer holds back with a character not whole yet
+        self.unfinished = b""  # the bytes of that character so far
 
     def __call__(self, token_id: int) -> int:
         text = self.detokenizer
-        offset = self.start + len(text.text) + self.held
+        offset = self.start + len(text.text) + self.held + self._broken_before(token_id)
         text.add(token_id)
         pending = text.ids[text.prefix_offset:]  # the tokens not released, after those it decodes them after
         released = pending[:text.read_offset - text.prefix_offset]
-        if len(pending) == len(released):
-            self.held = 0
-        else:  # less the character not whole yet at the end: a byte that is no character's stays one (U+FFFD)
+        self.held, self.unfinished = 0, b""
+        if len(pending) != len(released):  # less the character not whole yet at the end: a byte that is no
+            # character's stays one (U+FFFD)
             held = self.decode(pending)[len(self.decode(released)):]
             data = b"".join(self.token_bytes(t) for t in pending[len(released):] if t not in self.skipped)
-            self.held = max(0, len(held) - unfinished_characters(data))
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            whole = decoder.decode(data)
+            self.unfinished = decoder.getstate()[0]
+            self.held = max(0, len(held) - (len(data.decode("utf-8", errors="replace")) - len(whole)))
         return offset
 
-
-def unfinished_characters(data: bytes) -> int:
-    """How many characters (U+FFFD) the end of data decodes to only because its last character is not whole."""
-    return len(data.decode("utf-8", errors="replace")) - len(codecs.getincrementaldecoder("utf-8")("replace").decode(data))
+    def _broken_before(self, token_id: int) -> int:
+        """The characters (U+FFFD) an unfinished character becomes before this token's text where the token does not
+        go on with it (its bytes start no continuation of it): the token's text starts after them."""
+        if not self.unfinished or token_id in self.skipped:
+            return 0
+        tail, data = self.unfinished, self.token_bytes(token_id)
+        alone = tail.decode("utf-8", errors="replace")
+        together = (tail + data).decode("utf-8", errors="replace")
+        return len(alone) if together == alone + data.decode("utf-8", errors="replace") else 0
 
 
 class EchoOffsets:
