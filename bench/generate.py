@@ -32,6 +32,7 @@ g128, --moe-layers of its layers: the same curve with decode in CUDA graphs (lcq
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import itertools
@@ -469,13 +470,17 @@ LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_mo
 # (lcq.kernels.dependent_launch), or the exact decode products instead of the default products of bytes at 1-2
 # rows and weights from byte codebooks at up to 32 (LCQ_INT8_DECODE=0, LCQ_BYTE_BOOK=0; lcq.kernels.byte_products),
 # at batch 1 and at 8 sequences, or the products of bytes of inputs rounded once by a kernel of their own
-# (LCQ_INT8_INPUTS=1, triton_linear.input_bytes) at batch 1.
+# (LCQ_INT8_INPUTS=1, triton_linear.input_bytes) at batch 1, or each step waiting for the last one's tokens before
+# it is launched (async_scheduling off: the host's work between steps then leaves the GPU idle) at batch 1 and 8;
+# and the engine settings the variant's engine is loaded with.
 EXACT = {"LCQ_INT8_DECODE": "0", "LCQ_BYTE_BOOK": "0"}
-GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1),
-                "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1),
-                "prepared-inputs": (lambda: mock.patch.dict(os.environ, {"LCQ_INT8_INPUTS": "1"}), 1),
-                "exact": (lambda: mock.patch.dict(os.environ, EXACT), 1),
-                "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8)}
+GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1, {}),
+                "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1, {}),
+                "prepared-inputs": (lambda: mock.patch.dict(os.environ, {"LCQ_INT8_INPUTS": "1"}), 1, {}),
+                "exact": (lambda: mock.patch.dict(os.environ, EXACT), 1, {}),
+                "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8, {}),
+                "no-async": (contextlib.nullcontext, 1, {"async_scheduling": False}),
+                "no-async-8": (contextlib.nullcontext, 8, {"async_scheduling": False})}
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
@@ -503,9 +508,9 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, p
             del llm
             torch.cuda.empty_cache()
             for variant in variants:  # the graphs are captured at load: a second engine, loaded in the variant
-                patch, concurrency = GPU_VARIANTS[variant]
+                patch, concurrency, settings = GPU_VARIANTS[variant]
                 with patch():
-                    llm = LLM(str(folder), max_num_seqs=concurrency, max_model_len=2048)
+                    llm = LLM(str(folder), max_num_seqs=concurrency, max_model_len=2048, **settings)
                     start = len(rows)
                     throughput_curve(llm, model, weights, [concurrency], rows, save)
                     rows[start]["variant"] = variant

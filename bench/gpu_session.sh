@@ -7,10 +7,11 @@
 #
 # Order: the CPU path's C kernels built once (the tests import them); the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
-# decode and host profiles, then with the exact decode products (neither products of bytes nor byte codebooks) at 8
-# sequences and at batch 1, with the inputs of products of bytes rounded by a kernel of their own, and without
-# dependent launch (--variants exact-8,exact,prepared-inputs,no-pdl, in that
-# order: a variant the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
+# decode and host profiles, then each step waiting for the last one's tokens (async scheduling off) at batch 1 and
+# at 8 sequences, with the inputs of products of bytes rounded by a kernel of their own, with the exact decode
+# products (neither products of bytes nor byte codebooks) at 8 sequences and at batch 1, and without dependent launch
+# (--variants no-async,no-async-8,prepared-inputs,exact-8,exact,no-pdl, in that order: a variant the step's time
+# limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
 # cost (bench/product_floor.py), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
@@ -89,14 +90,14 @@ step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --
 # transformers, and the byte forms' compiled tests, whose results decide where those forms serve by default): the
 # numbers after them are only worth what these say. On the H100 (2026-12-05) the 69 of them took ~210 s.
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
-check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8"
+check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8 or launched_ahead"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
 step 240 60 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py
 step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
-    --variants exact-8,exact,prepared-inputs,no-pdl
+    --variants no-async,no-async-8,prepared-inputs,exact-8,exact,no-pdl
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"

@@ -29,7 +29,7 @@ from lcq.runtime.block_manager import BlockManager, block_key
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
-from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, sample
+from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, keep_top_sorted, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.scheduler import Scheduler
 from lcq.runtime.sequence import Sequence
@@ -383,6 +383,71 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm, tmp_path):
         LLM(str(gemma), kv_cache_memory_gb=1e-9, **FP32)
 
 
+def _scripted_run(engine, requests: dict[str, tuple[list[int], SamplingParams]], joins: dict[int, list[str]],
+                  aborts: dict[int, list[str]]) -> tuple[dict[str, tuple], int]:
+    """Each request's (token ids, text, finish reason, logprobs) from an engine stepped to the end, with
+    requests added (joins) and aborted (aborts) after the given steps; and how many steps were launched ahead
+    of the tokens before them."""
+    outputs: dict[str, list] = {}
+
+    def take(out) -> None:
+        ids, text, reason, logprobs = outputs.setdefault(out.request_id, [[], "", None, []])
+        outputs[out.request_id] = [ids + out.token_ids, text + out.text, out.finish_reason or reason,
+                                   logprobs + [(p.token_id, p.logprob, p.top) for p in out.logprobs or []]]
+
+    steps = ahead = 0
+    for request_id in joins.get(0, []):
+        engine.add_request(request_id, *requests[request_id])
+    while engine.has_work():
+        for out in engine.step():
+            take(out)
+        steps += 1
+        ahead += engine.ahead is not None
+        for request_id in joins.get(steps, []):
+            engine.add_request(request_id, *requests[request_id])
+        for request_id in aborts.get(steps, []):
+            take(engine.abort(request_id))
+    return {request_id: tuple(value) for request_id, value in outputs.items()}, ahead
+
+
+def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm):
+    """Decode steps launched from the last one's tokens before the host reads them (async scheduling: on by
+    default on a GPU, here forced on a CPU, which computes the same steps in the same order) give the tokens,
+    text, logprobs and finish reasons of steps read one at a time: greedy and seeded requests, a stop token and
+    a stop string that end a sequence while its next step is under way, requests that join mid-way and one
+    aborted; a request with penalties has its steps read one at a time while it runs. The pool is full again."""
+    greedy = llm.generate([PROMPTS[1]], GREEDY)[0]
+    stop_token, stop_text = greedy.token_ids[4], greedy.text[12:15]
+    requests = {
+        "greedy": (PROMPTS[0], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, logprobs=2)),
+        "seeded": (PROMPTS[2], SamplingParams(max_tokens=18, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)),
+        "stop token": (PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop_token])),
+        "stop string": (PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, stop=[stop_text])),
+        "joins": ([50, 51, 52, 53], SamplingParams(max_tokens=9, temperature=0.8, seed=3, ignore_eos=True)),
+        "aborted": ([60, 61], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)),
+        "penalties": ([70, 71, 72], SamplingParams(max_tokens=10, temperature=0, frequency_penalty=1.0,
+                                                   ignore_eos=True)),
+    }
+    joins = {0: ["greedy", "seeded", "stop token", "stop string", "aborted"], 6: ["joins"], 12: ["penalties"]}
+    runs = [_scripted_run(LLM(str(tiny), block_size=8, async_scheduling=flag, **FP32).engine, requests, joins,
+                          {9: ["aborted"]}) for flag in (False, True)]
+    (one_at_a_time, none_ahead), (launched_ahead, ahead) = runs
+    assert none_ahead == 0 and ahead > 10
+    assert launched_ahead == one_at_a_time
+    assert one_at_a_time["stop token"][2] == one_at_a_time["stop string"][2] == "stop"
+    assert len(one_at_a_time["stop token"][0]) == 5 and one_at_a_time["aborted"][2] == "abort"
+    assert len(one_at_a_time["penalties"][0]) == 10 and len(one_at_a_time["greedy"][3]) == 20
+    async_engine = LLM(str(tiny), block_size=8, async_scheduling=True, **FP32)
+    assert [o.token_ids for o in async_engine.generate(PROMPTS, GREEDY)] == \
+        [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    assert _pool_is_full(async_engine.engine) and async_engine.engine.ahead is None
+    stopped = async_engine.generate([PROMPTS[1]], requests["stop token"][1])[0]  # (its next step was launched)
+    assert stopped.token_ids == one_at_a_time["stop token"][0] and async_engine.engine.ahead is None
+    # a prompt cached by an earlier request's steps, some launched ahead: the same tokens from its cached blocks
+    again = async_engine.generate([PROMPTS[0]], GREEDY)[0]
+    assert again.usage.cached_tokens > 0 and again.token_ids == llm.generate([PROMPTS[0]], GREEDY)[0].token_ids
+
+
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
 def test_linear_attention_states_through_batching_chunks_and_preemption(tmp_path, arch):
     """Qwen3.5's linear attention (and Granite 4.0-H's Mamba-2) through the engine: transformers' greedy tokens
@@ -487,22 +552,23 @@ def test_a_failing_request_fails_alone(tmp_path, monkeypatch, arch):
     expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     poisoned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, seed=666)  # (greedy: seed unused)
     params = [GREEDY, poisoned, GREEDY]
-    sample = engine_module.sample
+    def failing(draw):  # (the batch's draw, sampler.choose, and each sequence's alone, sampler.sample)
+        def failing_draw(logits, seqs, *args):
+            if any(seq.params.seed == 666 for seq in seqs):
+                raise RuntimeError("a sampling bug")
+            return draw(logits, seqs, *args)
+        return failing_draw
 
-    def failing_sample(logits, seqs, *args):
-        if any(seq.params.seed == 666 for seq in seqs):
-            raise RuntimeError("a sampling bug")
-        return sample(logits, seqs, *args)
-
-    monkeypatch.setattr(engine_module, "sample", failing_sample)
+    for name in ("choose", "sample"):
+        monkeypatch.setattr(engine_module, name, failing(getattr(engine_module, name)))
     outs = llm.generate(PROMPTS, params)
     assert [o.finish_reason for o in outs] == ["length", "error", "length"]
     assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
     monkeypatch.undo()
     run = llm.engine.runner.run
 
-    def failing_run(scheduled):
-        out = run(scheduled)  # (its states advanced, then the step fails)
+    def failing_run(scheduled, **ahead):
+        out = run(scheduled, **ahead)  # (its states advanced, then the step fails)
         if any(seq.params.seed == 666 for seq, _ in scheduled):
             raise RuntimeError("a model bug")
         return out
@@ -516,6 +582,45 @@ def test_a_failing_request_fails_alone(tmp_path, monkeypatch, arch):
     monkeypatch.undo()
     assert [o.token_ids for o in llm.generate(PROMPTS, GREEDY)] == expected and _pool_is_full(llm.engine)
     assert len(llm.engine.blocks.free_states) == llm.engine.runner.state_slots
+
+
+def test_a_row_without_a_token_read_after_the_next_step_was_launched_fails_alone(tmp_path, monkeypatch):
+    """With async scheduling, a row with no token to draw (-1 from the device's draw) has the next step launched
+    from it before the host reads it: then that step is dropped, the step's sequences are sampled again each
+    alone, the culprit fails and the others go on with their own tokens; the pool is free again."""
+    import lcq.runtime.engine as engine_module
+    from lcq.runtime.sampler import NoTokenLeft
+
+    folder = make_tiny_hf(tmp_path, "llama")
+    llm = LLM(str(folder), block_size=8, async_scheduling=True, **FP32)
+    expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
+    poisoned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, seed=666)  # (greedy: seed unused)
+    choose, sample, launched = engine_module.choose, engine_module.sample, []
+
+    def choose_none_at_the_fifth_token(logits, seqs, *args):
+        chosen, logprobs = choose(logits, seqs, *args)
+        for row, seq in enumerate(seqs):
+            if seq.params.seed == 666 and seq.num_output_tokens == 4:
+                chosen[row] = -1
+        return chosen, logprobs
+
+    def sample_none_for_it(logits, seqs, *args):
+        if any(seq.params.seed == 666 for seq in seqs):
+            raise NoTokenLeft("no token")
+        return sample(logits, seqs, *args)
+
+    go_ahead = engine_module.LLMEngine._go_ahead
+    monkeypatch.setattr(engine_module, "choose", choose_none_at_the_fifth_token)
+    monkeypatch.setattr(engine_module, "sample", sample_none_for_it)
+    monkeypatch.setattr(engine_module.LLMEngine, "_go_ahead",
+                        lambda self, step: launched.append(step.chosen.tolist() if step.chosen is not None else [])
+                        or go_ahead(self, step))
+    outs = llm.generate(PROMPTS, [GREEDY, poisoned, GREEDY])
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
+    # (the draw made while it had 4 tokens: the sixth token's, launched ahead before the fifth was read)
+    assert len(outs[1].token_ids) == 5 and any(-1 in tokens for tokens in launched)
+    assert _pool_is_full(llm.engine)
 
 
 def test_recurrent_states_stored_in_half_precision(tmp_path):
@@ -1042,7 +1147,8 @@ def test_a_row_without_a_finite_logit_is_an_error_not_a_token():
 
 def test_keep_top_cuts_where_sorting_each_row_does():
     """keep_top looks for each row's cut among its 256, then 4096 most likely tokens, then the whole row:
-    every level gives the cut of the sorted row (peaked rows end in the first, flatter ones later)."""
+    every level gives the cut of the sorted row (peaked rows end in the first, flatter ones later). Its form
+    for GPUs, which sorts every row whole (reading nothing back), cuts alike."""
     g = torch.Generator().manual_seed(0)
     vocab = 8192
     scales = torch.tensor([8.0, 3.0, 1.0, 0.01]).repeat_interleave(3).unsqueeze(1)  # no ties, even when flat
@@ -1055,8 +1161,13 @@ def test_keep_top_cuts_where_sorting_each_row_does():
     drop = (torch.arange(vocab) >= top_k[:, None]) | ((ranked.cumsum(-1) - ranked) >= top_p[:, None] * mass)
     expected = torch.zeros_like(probs).scatter(1, order, ranked.masked_fill(drop, 0.0))
     kept = keep_top(probs, top_k, top_p)
-    assert torch.equal(kept > 0, expected > 0)
-    torch.testing.assert_close(kept, expected)
+    for cut in (kept, keep_top_sorted(probs, top_k, top_p)):
+        assert torch.equal(cut > 0, expected > 0)
+        torch.testing.assert_close(cut, expected)
+    # ties: top-k keeps those tied with its k-th; top-p, of tied tokens at its cut, the lower ids (as the C draw)
+    tied = torch.tensor([0.1, 0.25, 0.25, 0.05, 0.25, 0.1]).repeat(4, 1)
+    cuts = keep_top_sorted(tied, torch.tensor([1, 4, 2, 6]), torch.tensor([1.0, 1.0, 0.5, 0.3]))
+    assert [set(row.nonzero().flatten().tolist()) for row in cuts] == [{1, 2, 4}, {0, 1, 2, 4, 5}, {1, 2}, {1, 2}]
     widths = (kept > 0).sum(-1)
     assert widths.min() <= 256 and ((widths > 256) & (widths <= 4096)).any() and widths.max() > 4096
 
@@ -1609,6 +1720,25 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
     assert [o.token_ids for o in graphed.generate(prompts, GREEDY)] == \
         [o.token_ids for o in eager.generate(prompts, GREEDY)]
     assert _pool_is_full(graphed.engine)
+
+
+@pytest.mark.gpu
+def test_cuda_steps_launched_ahead_give_the_tokens_of_steps_read_one_at_a_time(tmp_path):
+    """On a GPU async scheduling is on by default: graphed steps launched from the last step's tokens on the
+    device give the tokens of steps read one at a time (greedy, seeded top-p, a stop token mid-way, logprobs)."""
+    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
+    prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
+    ahead = cuda_llm(folder, block_size=8, max_num_seqs=8)
+    assert ahead.engine.async_scheduling and ahead.engine.runner.graphs is not None
+    one_at_a_time = cuda_llm(folder, block_size=8, max_num_seqs=8, async_scheduling=False)
+    stop = one_at_a_time.generate(prompts[2:3], GREEDY)[0].token_ids[5]  # (a stop mid-way for the third)
+    params = [GREEDY, SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]),
+              SamplingParams(max_tokens=10, temperature=0.7, seed=1, logprobs=3, ignore_eos=True), GREEDY]
+    runs = [[(o.token_ids, [p.token_id for p in o.logprobs or []]) for o in llm.generate(prompts, params)]
+            for llm in (ahead, one_at_a_time)]
+    assert runs[0] == runs[1]
+    assert _pool_is_full(ahead.engine) and ahead.engine.ahead is None
 
 
 @pytest.mark.gpu

@@ -1724,6 +1724,37 @@ def test_many_concurrent_streams(server):
     server.wait_pool_full()
 
 
+def test_streams_from_steps_launched_ahead_are_those_of_steps_read_one_at_a_time(model_dir, server):
+    """A server with async scheduling (its default on a GPU; forced here on the CPU): 12 concurrent seeded
+    streams on 8 slots (some stopped by a stop string, the rest by length) stream the text the server
+    without it streams, and a client that hangs up mid-stream frees its blocks."""
+    requests = [dict(prompt=f"Number {i} is", max_tokens=10 + i % 4, temperature=0.8, seed=i, stop=["e"] if i % 3
+                     else None, extra_body={"ignore_eos": True}) for i in range(12)]
+
+    async def streamed(url: str) -> list[tuple[str, str]]:
+        async def one(aclient, request: dict) -> tuple[str, str]:
+            text, finish = "", None
+            async for chunk in await aclient.completions.create(model=MODEL, stream=True, **request):
+                text += chunk.choices[0].text
+                finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as aclient:
+            return await asyncio.gather(*(one(aclient, request) for request in requests))
+
+    app = create_app(engine_config(model_dir, async_scheduling=True), ServeSettings(max_body_bytes=MAX_BODY))
+    with LiveServer(app) as ahead:
+        assert ahead.engine.engine.async_scheduling
+        results = asyncio.run(streamed(ahead.url))
+        assert results == asyncio.run(streamed(server.url))
+        assert {finish for _, finish in results} == {"stop", "length"}
+        ahead.wait_pool_full()
+        body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", ahead.url + "/v1/completions", json=body) as response:
+            assert next(response.iter_lines()).startswith("data: ")
+        ahead.wait_pool_full()
+
+
 def test_disconnect_mid_stream_frees_the_pool(server):
     aborted = server.metric("lcq:request_aborted_total")
     body = {"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0, "ignore_eos": True, "stream": True}

@@ -20,6 +20,7 @@ import pytest
 
 from lcq.cli import build_parser, main
 from lcq.errors import UserError
+from lcq.runtime.config import EngineConfig
 from lcq.server.settings import REASONING_PARSERS, TOOL_CALL_PARSERS, resolve
 from tests.tiny_model import make_tiny_hf
 
@@ -133,6 +134,13 @@ def test_flags_win_over_environment():
     # where two flags set one field, the command line's wins over the other's environment variable too
     assert resolve(parse("--no-cuda-graphs"), {"LCQ_ENFORCE_EAGER": "false"}).engine_fields == {"cuda_graphs": False}
     assert resolve(parse("--enforce-eager"), {"LCQ_NO_CUDA_GRAPHS": "0"}).engine_fields == {"cuda_graphs": False}
+    # async scheduling: on by default on a GPU only; either flag sets it
+    assert resolve(parse("--async-scheduling"), {"LCQ_NO_ASYNC_SCHEDULING": "1"}).engine_fields == \
+        {"async_scheduling": True}
+    assert resolve(parse(), {"LCQ_NO_ASYNC_SCHEDULING": "1"}).engine_fields == {"async_scheduling": False}
+    assert [EngineConfig(model="m", device=device).resolved_async_scheduling() for device in ("cpu", "cuda")] == \
+        [False, True]
+    assert not EngineConfig(model="m", device="cuda", async_scheduling=False).resolved_async_scheduling()
     speculative = {"LCQ_SPECULATIVE_CONFIG": '{"method": "ngram", "num_speculative_tokens": 7}'}
     assert resolve(parse("--num-speculative-tokens", "2"), speculative).engine_fields == {
         "num_speculative_tokens": 2, "speculative_model": None, "speculative_method": None}

@@ -52,6 +52,9 @@ class EngineConfig:
     # request's priority (lower first), then arrival.
     scheduling_policy: str = "fcfs"
     cuda_graphs: bool = True
+    # Decode steps launched from the last step's tokens on the device before the host reads them (engine.py),
+    # so that the device does not wait on the host between steps; None: on a GPU (vLLM's --async-scheduling).
+    async_scheduling: bool | None = None
     seed: int = 0
     lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
     # Adapters loaded and unloaded while serving: at least one adapter slot, and the server's
@@ -80,6 +83,13 @@ class EngineConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+    def resolved_async_scheduling(self) -> bool:
+        """Off on CPU by default: there the host computes the steps itself, so nothing overlaps, and a
+        sequence's last step would compute one token more for nothing."""
+        if self.async_scheduling is None:
+            return self.resolved_device().type == "cuda"
+        return self.async_scheduling
 
     def resolved_dtype(self) -> torch.dtype:
         """auto: float32 on CPU; on a GPU the checkpoint's own half precision as vLLM takes it: bfloat16

@@ -86,8 +86,9 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
-    def run(self, step: StepInputs[np.ndarray]) -> torch.Tensor:
-        """Hidden states (n, hidden) of a decode step of n <= max_batch sequences (one token each)."""
+    def run(self, step: StepInputs[np.ndarray], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states (n, hidden) of a decode step of n <= max_batch sequences (one token each); next_tokens:
+        their token ids on the device, in place of step's (a step launched ahead of its tokens)."""
         n = step.num_seqs
         size = next(s for s in self.sizes if s >= n)
         self.copied.synchronize()  # the last step's copy has read the pinned buffer
@@ -96,6 +97,8 @@ class DecodeGraphs:
         count = self.layout.prefix(size)
         self.buffer[:count].copy_(self.staging[:count], non_blocking=True)
         self.copied.record()
+        if next_tokens is not None:
+            self.inputs.input_ids[:n].copy_(next_tokens)
         graph, hidden = self.graphs[size]
         graph.replay()
         return hidden[:n]

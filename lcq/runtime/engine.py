@@ -6,6 +6,13 @@ draft_model.py, mtp.py), schedules, runs the model once
 for every scheduled sequence, samples (or verifies drafts), detokenizes and checks stop conditions. A
 request that fails (even inside a batched forward) is finished with finish_reason "error"; the others
 go on.
+
+With async scheduling (on by default on a GPU; vLLM's --async-scheduling) a decode step is launched from the
+tokens of the one before while they are still on the device, before the host reads them: the device then
+computes it while the host detokenizes, checks stop conditions and streams the tokens, rather than waiting
+for the host between steps. Only steps the host would have scheduled alike go ahead (_go_ahead); a sequence
+that the earlier token ended has its row of the step dropped, its K/V written past its end into a block that
+it frees (the device runs queued work in order, so whatever takes the block next writes it after).
 """
 from __future__ import annotations
 
@@ -33,11 +40,12 @@ from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
 from .mtp import MtpDrafter
 from .outputs import RequestOutput, TokenLogprob, Usage
-from .sampler import NoTokenLeft, sample
+from .sampler import NoTokenLeft, checked_tokens, choose, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .speculative import PromptLookup, can_draft, verify
+from .step_inputs import host_tensor
 from .structured_output import StructuredOutputs
 
 logger = logging.getLogger("lcq.engine")
@@ -54,6 +62,20 @@ class EngineStats:
     num_drafts_total: int = 0  # sequence steps that verified drafts (speculative decoding)
     num_draft_tokens_total: int = 0  # drafts verified
     num_accepted_tokens_total: int = 0  # drafts the model agreed with
+
+
+@dataclass
+class Launched:
+    """A step whose forward pass (and, where no row verifies drafts, its draw) is queued on the device and not
+    yet read back (_complete reads it)."""
+    scheduled: list[tuple[Sequence, int]]
+    to_sample: list[Sequence]  # those that take a token, a row of logits each (and one per draft)
+    logits: torch.Tensor
+    prompt_logprobs: list[PromptLogprobs]
+    embeddings: list[tuple[Sequence, torch.Tensor]]
+    before: tuple  # seeded generators' states and the draft counters before the draw, to draw again from
+    chosen: torch.Tensor | None = None  # each row's token, on the device (sampler.choose), where no row drafted
+    logprobs: torch.Tensor | None = None  # their rows' raw log-probabilities, where a request asked for them
 
 
 def processor_chat_template(folder: str) -> str | None:
@@ -123,6 +145,8 @@ class LLMEngine:
                                    config.prompt_lookup_min)
         self.draft_batch_limit = config.speculative_disable_by_batch_size
         self.drafts_total = self.draft_tokens_total = self.accepted_tokens_total = 0
+        self.async_scheduling = config.resolved_async_scheduling()
+        self.ahead: Launched | None = None  # the decode step launched before the last one's tokens were read
         freeze_loaded_objects()
 
     def default_params(self, **changes) -> SamplingParams:
@@ -226,20 +250,86 @@ class LLMEngine:
                            num_accepted_tokens_total=self.accepted_tokens_total)
 
     def step(self) -> list[RequestOutput]:
-        drafted, behind = self._draft()
-        scheduled = self.scheduler.schedule()
-        counts = {seq: count for seq, count in scheduled}
-        for seq in drafted:  # keep the drafts that were scheduled (a budget or block shortage cuts them)
-            self._keep_drafts(seq, counts.get(seq, 1) - 1)
-        if not scheduled:
-            return []
-        if self.drafter is not None:
-            self._propose(scheduled, behind)
-        now = time.monotonic()
-        for seq, _ in scheduled:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        return self._run(scheduled)
+        launched = self._take_ahead()
+        if launched is None:
+            drafted, behind = self._draft()
+            scheduled = self.scheduler.schedule()
+            counts = {seq: count for seq, count in scheduled}
+            for seq in drafted:  # keep the drafts that were scheduled (a budget or block shortage cuts them)
+                self._keep_drafts(seq, counts.get(seq, 1) - 1)
+            if not scheduled:
+                return []
+            if self.drafter is not None:
+                self._propose(scheduled, behind)
+            now = time.monotonic()
+            for seq, _ in scheduled:
+                if seq.first_scheduled_time is None:
+                    seq.first_scheduled_time = now
+            launched = self._launch(scheduled)
+            if not isinstance(launched, Launched):  # its forward pass failed: the outputs that say so
+                return launched
+        self.ahead = self._go_ahead(launched)
+        return self._complete(launched)
+
+    def _take_ahead(self) -> Launched | None:
+        """The step launched ahead by the last one, without the rows of sequences that have finished since
+        (those rows' tokens are dropped); None where there is none, or none of its sequences runs."""
+        launched, self.ahead = self.ahead, None
+        if launched is None:
+            return None
+        alive = [row for row, seq in enumerate(launched.to_sample) if not seq.is_finished]
+        if len(alive) == len(launched.to_sample) or not alive:
+            return launched if alive else None
+        rows = host_tensor(alive, launched.logits.device)
+        seqs = [launched.to_sample[row] for row in alive]
+        return Launched([(seq, 1) for seq in seqs], seqs, launched.logits[rows], [], [], launched.before,
+                        launched.chosen[rows], None if launched.logprobs is None else launched.logprobs[rows])
+
+    def _go_ahead(self, launched: Launched) -> Launched | None:
+        """With async scheduling, the next decode step of launched's sequences, launched from its tokens on the
+        device before the host reads them; None where that step might not be the one the host would schedule
+        once it has them: drafts, a prompt's chunks or embeddings in this step, requests waiting that could
+        start, a sequence whose next draw depends on this token on the host (penalties, bad words, a grammar,
+        min_tokens, a prediction), recurrent layers' states (a prefix's state is kept at the step its block
+        fills), or too few free blocks."""
+        if not self.async_scheduling or launched.chosen is None or launched.embeddings or self.runner.state_slots \
+                or self.lookup.num_tokens or self.drafter is not None \
+                or len(launched.to_sample) != len(launched.scheduled) \
+                or (self.scheduler.waiting and len(self.scheduler.running) < self.scheduler.max_num_seqs):
+            return None
+        # (one that this token ends by length takes no part; one that a stop ends drops its row when it is read)
+        rows = [row for row, seq in enumerate(launched.to_sample) if seq.num_output_tokens + 1 < seq.max_tokens]
+        seqs = [launched.to_sample[row] for row in rows]
+        if not seqs or not all(map(self._draws_alike_ahead, seqs)):
+            return None
+        for seq in seqs:
+            if not self.blocks.can_grow(seq, len(seq) + 1):
+                return None
+            self.blocks.grow(seq, len(seq) + 1)
+        tokens = launched.chosen if len(rows) == len(launched.to_sample) else \
+            launched.chosen[host_tensor(rows, launched.chosen.device)]
+        # (a row with no token to draw has -1 or the vocabulary's size, which the embedding must not read: read
+        # back, it fails its sequence and this step is dropped)
+        tokens = tokens.clamp(0, self.runner.model_config.vocab_size - 1)
+        scheduled = [(seq, 1) for seq in seqs]
+        before = self._draw_state(seqs)
+        try:
+            to_sample, logits, _, _ = self.runner.run(scheduled, next_tokens=tokens)
+            chosen, logprobs = choose(logits, to_sample, self.eos_ids)
+        except Exception:
+            logger.exception("a step launched ahead of its tokens failed; it runs again once they are read")
+            self._restore_draw_state(before)
+            return None
+        return Launched(scheduled, to_sample, logits, [], [], before, chosen, logprobs)
+
+    @staticmethod
+    def _draws_alike_ahead(seq: Sequence) -> bool:
+        """Whether seq's next draw reads nothing of the token before it on the host (so it may be launched
+        before that token is read)."""
+        p = seq.params
+        return p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty \
+            and not seq.bad_word_ids and seq.grammar is None and p.structured_output_after is None \
+            and p.prediction is None and seq.num_output_tokens >= p.min_tokens
 
     def _draft(self) -> tuple[list[Sequence], list[Sequence]]:
         """Append drafts (prompt lookup, a request's prediction, or a draft model's placeholders) to the
@@ -294,9 +384,14 @@ class LLMEngine:
                 seq.num_draft_tokens else None
 
     def _run(self, scheduled: list[tuple[Sequence, int]]) -> list[RequestOutput]:
-        """Run one step. A failed forward pass is run again one sequence at a time to find the culprit, but
-        where recurrent layers' states may have advanced part way (they cannot be run again: every sequence of
-        the step fails); a failed sampling samples each sequence alone from its own rows."""
+        """Run one step and read it back."""
+        launched = self._launch(scheduled)
+        return self._complete(launched) if isinstance(launched, Launched) else launched
+
+    def _launch(self, scheduled: list[tuple[Sequence, int]]) -> Launched | list[RequestOutput]:
+        """Queue the step's forward pass and, where no row verifies drafts, its draw. A failed forward pass is
+        run again one sequence at a time to find the culprit (returning the step's outputs), but where recurrent
+        layers' states may have advanced part way (they cannot be run again: every sequence of the step fails)."""
         try:
             self.runner.copy_states(self.blocks.take_state_copies([seq for seq, _ in scheduled]))
             to_sample, logits, prompt_logprobs, embeddings = self.runner.run(scheduled)
@@ -307,17 +402,41 @@ class LLMEngine:
             return [self._fail(seq, "internal error in the model step") for seq, _ in scheduled]
         if self.runner.last_hidden is not None:
             self._observe(scheduled)
-        # Seeded generators' states and the draft counters, to draw again from where they were if the batched draw
-        # fails: a seed gives the same tokens whatever else is in the batch.
-        before = ([(seq.generator, seq.generator.get_state()) for seq in to_sample if seq.generator is not None],
-                  self.drafts_total, self.accepted_tokens_total)
+        launched = Launched(scheduled, to_sample, logits, prompt_logprobs, embeddings, self._draw_state(to_sample))
+        if to_sample and not any(seq.num_draft_tokens for seq in to_sample):
+            try:
+                launched.chosen, launched.logprobs = choose(logits, to_sample, self.eos_ids, self.structured.constrain)
+            except Exception:  # (_complete draws again, each sequence alone where the batch fails again)
+                self._restore_draw_state(launched.before)
+        return launched
+
+    def _draw_state(self, seqs: list[Sequence]) -> tuple:
+        """Seeded generators' states and the draft counters, to draw again from where they were if the batched
+        draw fails: a seed gives the same tokens whatever else is in the batch."""
+        return ([(seq.generator, seq.generator.get_state()) for seq in seqs if seq.generator is not None],
+                self.drafts_total, self.accepted_tokens_total)
+
+    def _restore_draw_state(self, before: tuple) -> None:
+        generators, self.drafts_total, self.accepted_tokens_total = before
+        for generator, state in generators:
+            generator.set_state(state)
+
+    def _complete(self, launched: Launched) -> list[RequestOutput]:
+        """Read a launched step back: its tokens (a failed batched draw samples each sequence alone from its own
+        rows), then the sequences' outputs."""
+        scheduled, to_sample, logits = launched.scheduled, launched.to_sample, launched.logits
+        prompt_logprobs, embeddings = launched.prompt_logprobs, launched.embeddings
         problems: list[str | None] = [None] * len(to_sample)  # why a sequence's sampling failed, where it did
         try:
-            tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
+            if launched.chosen is not None:
+                tokens = [[token] for token in checked_tokens(launched.chosen.tolist(), logits.shape[1])]
+                rows = launched.logprobs
+                logprobs = [[None if rows is None else rows[row]] for row in range(len(tokens))]
+            else:
+                tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
-            generators, self.drafts_total, self.accepted_tokens_total = before
-            for generator, state in generators:
-                generator.set_state(state)
+            self.ahead = None  # (launched from the tokens drawn here: the sequences go on from those drawn again)
+            self._restore_draw_state(launched.before)
             tokens, logprobs, problems = self._sample_each(logits, to_sample)
         # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)
         self.runner.keep_states({seq.state_slot: len(emitted) for seq, emitted in zip(to_sample, tokens)
@@ -504,6 +623,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, text: str = "", error: str | None = None,
                 embedding: list[float] | None = None) -> RequestOutput:
         self.scheduler.finish(seq)
+        if not self.scheduler.running:  # (a step launched ahead for sequences all ended: its memory back now)
+            self.ahead = None
         self.sequences.pop(seq.request_id, None)
         usage = Usage(prompt_tokens=seq.num_prompt_tokens, completion_tokens=seq.num_output_tokens,
                       cached_tokens=seq.num_cached_tokens, cache_written_tokens=seq.num_cache_written_tokens,

@@ -23,7 +23,7 @@ from .cuda_graphs import DecodeGraphs
 from .host_memory import available_memory_bytes, keep_freed_memory, return_freed_memory, zeroed_pages
 from .kv_groups import KVGroups
 from .sequence import Sequence
-from .step_inputs import StepInputs, to_device
+from .step_inputs import StepInputs, host_tensor, to_device
 
 logger = logging.getLogger("lcq.engine")
 
@@ -295,12 +295,13 @@ class ModelRunner:
         allowed = int(total * config.gpu_memory_utilization) - self.weight_bytes
         return max(0, min(allowed, free) - GPU_ACTIVATION_RESERVE_BYTES)
 
-    def _prepare(self, scheduled: list[tuple[Sequence, int]], num_groups: int | None = None
+    def _prepare(self, scheduled: list[tuple[Sequence, int]], num_groups: int | None = None, ahead: bool = False
                  ) -> tuple[StepInputs[np.ndarray], frozenset[int]]:
         """The step's inputs as host arrays (on a GPU the decode graphs take them straight into their
         buffer, other steps in one copy: _on_device), and the state slots of the sequences verifying drafts;
         num_groups: the tables each sequence has, where not one per layer group (the multi-token-prediction
-        layer's views: one)."""
+        layer's views: one); ahead: a decode step of each sequence's token after its last, which the host
+        does not have yet (its id is 0 here: run's next_tokens)."""
         num_groups = num_groups or self.kv_groups.num_groups
         ids, positions, starts, lengths = [], [], [0], []
         slots: list[list[int]] = [[] for _ in range(num_groups)]  # per layer group
@@ -313,9 +314,9 @@ class ModelRunner:
         # a GPU decode step's worth)
         tables = np.full((num_groups, rows, width), -1, dtype=np.int32)
         for seq, count in scheduled:
-            begin = seq.num_computed_tokens
+            begin = len(seq) if ahead else seq.num_computed_tokens
             adapter_slots += [-1 if seq.adapter_slot is None else seq.adapter_slot] * count
-            ids.extend(seq.token_ids[begin:begin + count])
+            ids.extend([0] * count if ahead else seq.token_ids[begin:begin + count])
             positions.extend(range(begin, begin + count))
             for group_slots, table in zip(slots, seq.block_tables):
                 group_slots.extend(table[pos // bs] * bs + pos % bs for pos in range(begin, begin + count))
@@ -338,9 +339,10 @@ class ModelRunner:
         drafting_slots = frozenset(seq.state_slot for seq, _ in scheduled if seq.num_draft_tokens and self.state_slots)
         return step, drafting_slots
 
-    def _on_device(self, step: StepInputs[np.ndarray], drafting_slots: frozenset[int]
-                   ) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
-        """The step's token ids, positions and context on the model's device, for an eager forward pass."""
+    def _on_device(self, step: StepInputs[np.ndarray], drafting_slots: frozenset[int],
+                   next_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
+        """The step's token ids (next_tokens where given), positions and context on the model's device, for an
+        eager forward pass."""
         tensors = to_device(step, self.device)
         context = ForwardContext(
             is_prefill=step.num_seqs < step.num_tokens, slot_mapping=tensors.slot_mapping,
@@ -348,41 +350,43 @@ class ModelRunner:
             max_query_len=int(np.diff(step.query_start).max()), max_context_len=int(step.context_lens.max()),
             lora=LoRABatch(self.adapters.stack, tensors.adapter_slots) if step.adapter_slots.max() >= 0 else None,
             state_slots=tensors.state_slots, drafting_slots=drafting_slots)
-        return tensors.input_ids, tensors.positions, context
+        return tensors.input_ids if next_tokens is None else next_tokens, tensors.positions, context
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]
+    def run(self, scheduled: list[tuple[Sequence, int]], next_tokens: torch.Tensor | None = None
             ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
         """Forward the step; returns the sequences that now need a next token, their logits (1 + its
         num_draft_tokens rows each), the prompt logprobs of this step's prompt tokens for sequences
         that asked for them, and the final hidden state of the last prompt token of embedding requests
-        whose prompt this step completed."""
-        step, drafting_slots = self._prepare(scheduled)
+        whose prompt this step completed. next_tokens: a decode step launched before the host has its tokens
+        (async scheduling): each sequence's token after its last, as sampled on the device, one a sequence."""
+        step, drafting_slots = self._prepare(scheduled, ahead=next_tokens is not None)
         drafts = sum(seq.num_draft_tokens for seq, _ in scheduled)
         # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep
         # each row as alone (fp32, and int8 decode products where plain decoding takes them), so that
         # verifying them rounds nothing plain decoding would not.
         alone = bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
         with cpu_products(self.products, rows_alone=alone):
-            return self._forward(scheduled, step, drafting_slots)
+            return self._forward(scheduled, step, drafting_slots, next_tokens)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], step: StepInputs[np.ndarray],
-                 drafting_slots: frozenset[int]
+                 drafting_slots: frozenset[int], next_tokens: torch.Tensor | None
                  ) -> tuple[list[Sequence], torch.Tensor, list[PromptLogprobs], list[tuple[Sequence, torch.Tensor]]]:
         decode = step.num_seqs == step.num_tokens
         if self.graphs is not None and decode and not drafting_slots and step.num_seqs <= self.graphs.max_batch:
-            hidden = self.graphs.run(step)
+            hidden = self.graphs.run(step, next_tokens)
         else:
-            hidden = self.model(*self._on_device(step, drafting_slots))
+            hidden = self.model(*self._on_device(step, drafting_slots, next_tokens))
         if self.model.mtp is not None:
             self.last_hidden = hidden
+        ahead = next_tokens is not None
         rows, to_sample, prompt_logprobs, embeddings = [], [], [], []
         end = 0
         for seq, count in scheduled:
-            if seq.params.prompt_logprobs is not None:
+            if seq.params.prompt_logprobs is not None and not ahead:
                 prompt_logprobs += self._prompt_logprobs(seq, hidden[end:end + count])
             end += count
-            if seq.num_computed_tokens + count == len(seq):
+            if ahead or seq.num_computed_tokens + count == len(seq):
                 if seq.params.embed:
                     embeddings.append((seq, hidden[end - 1].float()))
                     continue
@@ -391,7 +395,7 @@ class ModelRunner:
         if not rows:
             return [], torch.empty(0), prompt_logprobs, embeddings
         # (rows ascend, so as many as hidden has are all of them in order)
-        sampled = hidden if len(rows) == hidden.shape[0] else hidden[torch.tensor(rows, device=hidden.device)]
+        sampled = hidden if len(rows) == hidden.shape[0] else hidden[host_tensor(rows, hidden.device)]
         logits = self.model.compute_logits(sampled)
         return to_sample, logits, prompt_logprobs, embeddings
 

@@ -15,6 +15,7 @@ import torch
 from lcq.kernels import cpu_ops
 
 from .sequence import Sequence
+from .step_inputs import host_tensor
 
 CANDIDATES = (32, 256, 4096)  # keep_top's candidate widths, before a whole row
 
@@ -43,11 +44,11 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     def entries(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, token) index pairs of every token of every row's list."""
         rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(row) for row in lists]))
-        return rows.to(device), torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.int64,
-                                             device=device)
+        return rows.to(device, non_blocking=True), host_tensor(list(itertools.chain.from_iterable(lists)), device,
+                                                               torch.int64)
 
     def values(setting: str) -> torch.Tensor:
-        return torch.tensor([getattr(s.params, setting) for s in seqs], dtype=logits.dtype, device=device)
+        return host_tensor([getattr(s.params, setting) for s in seqs], device, logits.dtype)
 
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         index = entries([list(set(s.token_ids)) if s.params.repetition_penalty != 1.0 else [] for s in seqs])
@@ -71,14 +72,13 @@ def apply_biases(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     allowed_token_ids left finite, then OpenAI's logit_bias added (both before the penalties)."""
     for row, seq in enumerate(seqs):
         if seq.params.allowed_token_ids is not None:
-            ids = torch.tensor(seq.params.allowed_token_ids, device=logits.device)
+            ids = host_tensor(seq.params.allowed_token_ids, logits.device)
             allowed = logits[row, ids]
             logits[row] = float("-inf")
             logits[row, ids] = allowed
         if seq.params.logit_bias:
-            ids = torch.tensor(list(seq.params.logit_bias), device=logits.device)
-            logits[row, ids] += torch.tensor(list(seq.params.logit_bias.values()), device=logits.device,
-                                             dtype=logits.dtype)
+            ids = host_tensor(list(seq.params.logit_bias), logits.device)
+            logits[row, ids] += host_tensor(list(seq.params.logit_bias.values()), logits.device, logits.dtype)
     return logits
 
 
@@ -98,15 +98,15 @@ def banned_now(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
 def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Temperature, then min-p, top-k and top-p as masks; returns probabilities."""
     device = logits.device
-    temperature = torch.tensor([s.params.temperature for s in seqs], device=device).clamp_min(1e-5)
+    temperature = host_tensor([s.params.temperature for s in seqs], device).clamp_min(1e-5)
     probs = torch.softmax(logits / temperature.unsqueeze(1), dim=-1)
-    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in seqs):  # (decided from the params: a device tensor's any() waits for it)
+        min_p = host_tensor([s.params.min_p for s in seqs], device)
         probs = torch.where(probs < min_p.unsqueeze(1) * probs.amax(-1, keepdim=True), 0.0, probs)
-    top_k = torch.tensor([s.params.top_k if s.params.top_k > 0 else probs.shape[1] for s in seqs], device=device)
-    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
-    if bool((top_k < probs.shape[1]).any() or (top_p < 1).any()):
-        probs = keep_top(probs, top_k, top_p)
+    vocab = probs.shape[1]
+    if any(0 < s.params.top_k < vocab or s.params.top_p < 1 for s in seqs):
+        top_k = host_tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device)
+        probs = keep_top(probs, top_k, host_tensor([s.params.top_p for s in seqs], device))
     return probs / probs.sum(-1, keepdim=True)
 
 
@@ -115,7 +115,11 @@ def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     that hold top_p of their mass. A row's cut is looked for among its CANDIDATES[0] most likely tokens
     (torch.topk: 0.03 ms for a 49k-token row, where sorting the row took 3 ms), among more where those
     hold too little of the mass, and only then in the sorted row. SmolLM2 sampled at temperature 0.7
-    keeps a median of 2 tokens at top-p 0.95 (at most 59 of 64 rows), at 1.0 a median of 11 (1,008)."""
+    keeps a median of 2 tokens at top-p 0.95 (at most 59 of 64 rows), at 1.0 a median of 11 (1,008).
+    On a GPU the rows are sorted whole instead (keep_top_sorted): looking for the cut reads device values
+    back, which would hold the host until a step launched ahead had run (async scheduling)."""
+    if probs.is_cuda:
+        return keep_top_sorted(probs, top_k, top_p)
     vocab = probs.shape[1]
     total = probs.sum(-1)
     both = (top_k < vocab) & (top_p < 1)
@@ -148,6 +152,18 @@ def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> t
     return kept
 
 
+def keep_top_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """keep_top's cut from each row sorted whole: nothing is read back to the host (vLLM's GPU sampler sorts
+    so too)."""
+    values, order = probs.sort(dim=-1, descending=True, stable=True)  # (ties at a top-p cut: lower ids kept)
+    kth = values.gather(1, (top_k.clamp(max=probs.shape[1]) - 1).unsqueeze(1))
+    in_top_k = values >= kth  # (the k most likely and any tied with the k-th)
+    limit_p = top_p * (values * in_top_k).sum(-1)  # top-p of what top-k keeps
+    keep = in_top_k & ((values.cumsum(-1) - values) < limit_p.unsqueeze(1))
+    keep[:, 0] = True
+    return torch.zeros_like(probs).scatter_(1, order, values * keep)
+
+
 def uniforms(seqs: list[Sequence]) -> torch.Tensor:
     """A uniform number in [0, 1) per row: from the sequence's own generator where it has a seed, so
     that a seed gives the same tokens whatever else is in the batch."""
@@ -164,7 +180,7 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     exponentials (argmax p / E) drew one per vocabulary entry: 0.7 ms a row."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
-    target = (uniforms(seqs).to(probs.device).unsqueeze(1) * total).contiguous()
+    target = (uniforms(seqs).to(probs.device, non_blocking=True).unsqueeze(1) * total).contiguous()
     chosen = torch.searchsorted(cdf, target, right=True)
     # u * total may round up to the total: never past the last token that still adds to the sum.
     return torch.minimum(chosen, torch.searchsorted(cdf, total.contiguous())).squeeze(1)
@@ -189,6 +205,15 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
     min_tokens, bad words, grammars and temperature, as OpenAI reports them) when any row asked for logprobs. eos_ids: the
     tokens that end a sequence, which min_tokens holds back; constrain: masks the rows of sequences
     with a grammar (StructuredOutputs.constrain)."""
+    chosen, logprobs = choose(logits, seqs, eos_ids, constrain)
+    return checked_tokens(chosen.tolist(), logits.shape[1]), logprobs
+
+
+def choose(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] = (),
+           constrain: Callable[[torch.Tensor, list[Sequence]], None] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sample's tokens as a tensor on the logits' device, not yet read back (nor checked: checked_tokens), so
+    that a next step can be launched from them before the host waits for them (async scheduling)."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
@@ -203,17 +228,17 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
         logits = apply_penalties(logits, seqs)
     for row, ids in enumerate(banned):
         if ids:
-            logits[row, torch.tensor(ids, device=logits.device)] = float("-inf")
+            logits[row, host_tensor(ids, logits.device)] = float("-inf")
     if constrained:
         constrain(logits, seqs)
     sampled = [row for row, seq in enumerate(seqs) if not seq.params.greedy]
     if len(sampled) == len(seqs):
-        return checked_tokens(sample_rows(logits, seqs).tolist(), logits.shape[1]), logprobs
+        return sample_rows(logits, seqs), logprobs
     chosen = greedy_tokens(logits)
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)
+        rows = host_tensor(sampled, logits.device)
         chosen[rows] = sample_rows(logits[rows], [seqs[row] for row in sampled]).to(chosen.device, chosen.dtype)
-    return checked_tokens(chosen.tolist(), logits.shape[1]), logprobs
+    return chosen, logprobs
 
 
 class NoTokenLeft(ValueError):

@@ -133,3 +133,10 @@ def to_device(step: StepInputs[np.ndarray], device: torch.device) -> StepInputs[
     staging = torch.empty(layout.numel, dtype=torch.int64, pin_memory=True)
     pack(layout.views(staging).map(torch.Tensor.numpy), step)
     return layout.views(staging.to(device, non_blocking=True))
+
+
+def host_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Host values as a tensor on `device`, without waiting for the work queued there: torch.tensor(...,
+    device=cuda) waits for the stream to drain, which would hold the host until a step launched ahead of its
+    tokens (engine.py, async scheduling) had finished."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

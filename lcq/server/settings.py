@@ -262,6 +262,11 @@ FLAGS = (
          field="hybrid_kv_cache", invert=True),
     Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
     Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
+    Flag("--async-scheduling", bool, "launch each decode step from the last one's tokens on the device before the "
+         "host reads them, so that the GPU does not wait while the host detokenizes and schedules (default on a "
+         "GPU; on CPU nothing overlaps)", "engine"),
+    Flag("--no-async-scheduling", bool, "wait for each step's tokens before launching the next", "engine",
+         field="async_scheduling", invert=True),
     Flag("--chat-template", str, "the chat template to use instead of the model's: a Jinja file, or the template "
          "itself (vLLM's --chat-template)", "engine"),
     Flag("--chat-template-content-format", str, "auto (default: a template that loops over a message's content "
