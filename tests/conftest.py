@@ -53,3 +53,22 @@ def tiny_hf(tmp_path_factory):
     from tests.tiny_model import make_tiny_hf
 
     return make_tiny_hf(tmp_path_factory.mktemp("hf") / "llama", "llama")
+
+
+@pytest.fixture
+def failing_draws(monkeypatch):
+    """fail(when): the engine's draws, batched (sampler.choose) and each sequence's alone (sampler.sample),
+    raise a RuntimeError for a batch holding a sequence that `when` picks; the others draw as before."""
+    import lcq.runtime.engine as engine_module
+
+    def fail(when) -> None:
+        def failing(draw):
+            def failing_draw(logits, seqs, *args, **kwargs):
+                if any(when(seq) for seq in seqs):
+                    raise RuntimeError("a sampling bug")
+                return draw(logits, seqs, *args, **kwargs)
+            return failing_draw
+
+        for name in ("choose", "sample"):
+            monkeypatch.setattr(engine_module, name, failing(getattr(engine_module, name)))
+    return fail

@@ -275,19 +275,10 @@ def test_disconnect_mid_stream_frees_the_pool(server):
     server.wait_pool_full()
 
 
-def test_a_failed_stream_keeps_the_text_it_sent(server, monkeypatch):
+def test_a_failed_stream_keeps_the_text_it_sent(server, failing_draws):
     """A request the engine fails part way (here its sampling, after 5 tokens) ends its stream with an error
     event and response.failed, whose message holds the text already streamed, incomplete."""
-    import lcq.runtime.engine as engine_module
-
-    sample = engine_module.sample
-
-    def failing_sample(logits, seqs, *args):
-        if any(seq.params.seed == 666 and seq.num_output_tokens >= 5 for seq in seqs):
-            raise RuntimeError("a sampling bug")
-        return sample(logits, seqs, *args)
-
-    monkeypatch.setattr(engine_module, "sample", failing_sample)
+    failing_draws(lambda seq: seq.params.seed == 666 and seq.num_output_tokens >= 5)
     body = {"input": "x", "max_output_tokens": 20, "stream": True, "temperature": 0, "seed": 666, "ignore_eos": True}
     with httpx.stream("POST", server.url + "/v1/responses", json=body, timeout=60) as reply:
         events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]

@@ -29,7 +29,7 @@ from lcq.runtime.block_manager import BlockManager, block_key
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
-from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, keep_top_sorted, sample
+from lcq.runtime.sampler import apply_penalties, banned_now, draw, filtered_probs, keep_top, keep_top_sorted, sample
 from lcq.runtime.sampling_params import StructuredOutput
 from lcq.runtime.scheduler import Scheduler
 from lcq.runtime.sequence import Sequence
@@ -415,7 +415,8 @@ def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm
     default on a GPU, here forced on a CPU, which computes the same steps in the same order) give the tokens,
     text, logprobs and finish reasons of steps read one at a time: greedy and seeded requests, a stop token and
     a stop string that end a sequence while its next step is under way, requests that join mid-way and one
-    aborted; a request with penalties has its steps read one at a time while it runs. The pool is full again."""
+    aborted, penalties and min_tokens (which count the token not yet read on the device); a request with bad
+    words has its steps read one at a time while it runs. The pool is full again."""
     greedy = llm.generate([PROMPTS[1]], GREEDY)[0]
     stop_token, stop_text = greedy.token_ids[4], greedy.text[12:15]
     requests = {
@@ -427,8 +428,14 @@ def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm
         "aborted": ([60, 61], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)),
         "penalties": ([70, 71, 72], SamplingParams(max_tokens=10, temperature=0, frequency_penalty=1.0,
                                                    ignore_eos=True)),
+        "repetition": ([70, 71, 72], SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.3,
+                                                    presence_penalty=1.5, ignore_eos=True)),
+        "min_tokens": (PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, min_tokens=6,
+                                                  stop_token_ids=[stop_token])),
+        "bad words": ([80, 81], SamplingParams(max_tokens=8, temperature=0, bad_words=["ab"], ignore_eos=True)),
     }
-    joins = {0: ["greedy", "seeded", "stop token", "stop string", "aborted"], 6: ["joins"], 12: ["penalties"]}
+    joins = {0: ["greedy", "seeded", "stop token", "stop string", "aborted"], 6: ["joins"],
+             12: ["penalties", "repetition", "min_tokens", "bad words"]}
     runs = [_scripted_run(LLM(str(tiny), block_size=8, async_scheduling=flag, **FP32).engine, requests, joins,
                           {9: ["aborted"]}) for flag in (False, True)]
     (one_at_a_time, none_ahead), (launched_ahead, ahead) = runs
@@ -437,6 +444,7 @@ def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm
     assert one_at_a_time["stop token"][2] == one_at_a_time["stop string"][2] == "stop"
     assert len(one_at_a_time["stop token"][0]) == 5 and one_at_a_time["aborted"][2] == "abort"
     assert len(one_at_a_time["penalties"][0]) == 10 and len(one_at_a_time["greedy"][3]) == 20
+    assert len(one_at_a_time["min_tokens"][0]) >= 6  # (its stop token held back: the fifth token is another)
     async_engine = LLM(str(tiny), block_size=8, async_scheduling=True, **FP32)
     assert [o.token_ids for o in async_engine.generate(PROMPTS, GREEDY)] == \
         [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
@@ -539,28 +547,18 @@ def test_recurrent_states_start_from_zeros_whichever_path_takes_the_first_step(t
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3_5"])
-def test_a_failing_request_fails_alone(tmp_path, monkeypatch, arch):
+def test_a_failing_request_fails_alone(tmp_path, monkeypatch, failing_draws, arch):
     """A request whose sampling fails finishes with an error, and the others of its steps keep their tokens:
     each is sampled alone from the step's logits, the step not run again (a recurrent layer's state advances
     once). A failed forward pass is run again a sequence at a time (the culprit fails alone), but where
     recurrent layers' states may have advanced part way, where every sequence of the step fails rather than
     going on from a wrong state. The engine serves on, its pool and state slots free again."""
-    import lcq.runtime.engine as engine_module
-
     folder = make_tiny_hf(tmp_path, arch)
     llm = LLM(str(folder), block_size=8, **FP32)
     expected = [o.token_ids for o in llm.generate(PROMPTS, GREEDY)]
     poisoned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, seed=666)  # (greedy: seed unused)
     params = [GREEDY, poisoned, GREEDY]
-    def failing(draw):  # (the batch's draw, sampler.choose, and each sequence's alone, sampler.sample)
-        def failing_draw(logits, seqs, *args):
-            if any(seq.params.seed == 666 for seq in seqs):
-                raise RuntimeError("a sampling bug")
-            return draw(logits, seqs, *args)
-        return failing_draw
-
-    for name in ("choose", "sample"):
-        monkeypatch.setattr(engine_module, name, failing(getattr(engine_module, name)))
+    failing_draws(lambda seq: seq.params.seed == 666)
     outs = llm.generate(PROMPTS, params)
     assert [o.finish_reason for o in outs] == ["length", "error", "length"]
     assert [outs[0].token_ids, outs[2].token_ids] == [expected[0], expected[2]]
@@ -597,8 +595,8 @@ def test_a_row_without_a_token_read_after_the_next_step_was_launched_fails_alone
     poisoned = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, seed=666)  # (greedy: seed unused)
     choose, sample, launched = engine_module.choose, engine_module.sample, []
 
-    def choose_none_at_the_fifth_token(logits, seqs, *args):
-        chosen, logprobs = choose(logits, seqs, *args)
+    def choose_none_at_the_fifth_token(logits, seqs, *args, **pending):
+        chosen, logprobs = choose(logits, seqs, *args, **pending)
         for row, seq in enumerate(seqs):
             if seq.params.seed == 666 and seq.num_output_tokens == 4:
                 chosen[row] = -1
@@ -1245,7 +1243,7 @@ def test_penalties_of_a_batch_are_each_rows_own():
         seq = _seq(SamplingParams(**kw), tokens=torch.randint(0, 50, (5 + i,), generator=g).tolist())
         seq.token_ids += torch.randint(0, 50, (i * 3,), generator=g).tolist()  # output tokens, repeats among them
         seqs.append(seq)
-    logits = torch.randn(len(seqs), 50, generator=g) * 3
+    logits = torch.randn(len(seqs), 60, generator=g) * 3
     expected = logits.clone()
     for row, seq in enumerate(seqs):
         p = seq.params
@@ -1255,6 +1253,17 @@ def test_penalties_of_a_batch_are_each_rows_own():
         for token in set(seq.output_ids):
             expected[row, token] -= p.frequency_penalty * seq.output_ids.count(token) + p.presence_penalty
     torch.testing.assert_close(apply_penalties(logits.clone(), seqs), expected)
+    # A token the sequences do not hold yet (async scheduling's pending tokens, on the device): as if appended,
+    # whether it is among their tokens already (their last) or new to them (tokens 0-49 were drawn, 50-59 never).
+    pending = torch.tensor([seq.token_ids[-1] if row % 2 else 50 + row for row, seq in enumerate(seqs)])
+    held = apply_penalties(logits.clone(), seqs, pending)
+    for seq, token in zip(seqs, pending.tolist()):
+        seq.token_ids.append(token)
+    torch.testing.assert_close(held, apply_penalties(logits.clone(), seqs))
+    # min_tokens likewise counts it: its stop tokens are held back until the pending token makes min_tokens
+    seq = _seq(SamplingParams(min_tokens=3, stop_token_ids=[7]), tokens=(1, 2, 3))
+    seq.num_prompt_tokens = 1
+    assert banned_now(seq, ()) == [7] and banned_now(seq, (), pending=True) == []
 
 
 def test_sampler_logit_bias():

@@ -289,9 +289,9 @@ class LLMEngine:
         """With async scheduling, the next decode step of launched's sequences, launched from its tokens on the
         device before the host reads them; None where that step might not be the one the host would schedule
         once it has them: drafts, a prompt's chunks or embeddings in this step, requests waiting that could
-        start, a sequence whose next draw depends on this token on the host (penalties, bad words, a grammar,
-        min_tokens, a prediction), recurrent layers' states (a prefix's state is kept at the step its block
-        fills), or too few free blocks."""
+        start, a sequence whose next draw depends on this token on the host (bad words, a grammar, a
+        prediction), recurrent layers' states (a prefix's state is kept at the step its block fills), or too
+        few free blocks."""
         if not self.async_scheduling or launched.chosen is None or launched.embeddings or self.runner.state_slots \
                 or self.lookup.num_tokens or self.drafter is not None \
                 or len(launched.to_sample) != len(launched.scheduled) \
@@ -315,7 +315,7 @@ class LLMEngine:
         before = self._draw_state(seqs)
         try:
             to_sample, logits, _, _ = self.runner.run(scheduled, next_tokens=tokens)
-            chosen, logprobs = choose(logits, to_sample, self.eos_ids)
+            chosen, logprobs = choose(logits, to_sample, self.eos_ids, pending=tokens)
         except Exception:
             logger.exception("a step launched ahead of its tokens failed; it runs again once they are read")
             self._restore_draw_state(before)
@@ -324,12 +324,11 @@ class LLMEngine:
 
     @staticmethod
     def _draws_alike_ahead(seq: Sequence) -> bool:
-        """Whether seq's next draw reads nothing of the token before it on the host (so it may be launched
-        before that token is read)."""
-        p = seq.params
-        return p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty \
-            and not seq.bad_word_ids and seq.grammar is None and p.structured_output_after is None \
-            and p.prediction is None and seq.num_output_tokens >= p.min_tokens
+        """Whether seq's next draw can be made without the token before it on the host (so it may be launched
+        before that token is read): its penalties and min_tokens count that token on the device (sampler.choose's
+        pending); its bad words, a grammar and a prediction read it on the host."""
+        return not seq.bad_word_ids and seq.grammar is None and seq.params.structured_output_after is None \
+            and seq.params.prediction is None
 
     def _draft(self) -> tuple[list[Sequence], list[Sequence]]:
         """Append drafts (prompt lookup, a request's prediction, or a draft model's placeholders) to the
