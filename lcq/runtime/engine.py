@@ -7,12 +7,14 @@ for every scheduled sequence, samples (or verifies drafts), detokenizes and chec
 request that fails (even inside a batched forward) is finished with finish_reason "error"; the others
 go on.
 
-With async scheduling (on by default on a GPU; vLLM's --async-scheduling) a decode step is launched from the
-tokens of the one before while they are still on the device, before the host reads them: the device then
-computes it while the host detokenizes, checks stop conditions and streams the tokens, rather than waiting
-for the host between steps. Only steps the host would have scheduled alike go ahead (_go_ahead); a sequence
-that the earlier token ended has its row of the step dropped, its K/V written past its end into a block that
-it frees (the device runs queued work in order, so whatever takes the block next writes it after).
+With async scheduling (on by default on a GPU; vLLM's --async-scheduling) a decode step's forward pass is
+launched from the tokens of the one before while they are still on the device, before the host reads them:
+the device then computes it while the host detokenizes, checks stop conditions and streams the tokens,
+rather than waiting for the host between steps. Its draw is queued at the start of the next step, once the
+host holds those tokens, so it reads what a step read one at a time would (penalties, bad words, grammars).
+Only steps the host would have scheduled alike go ahead (_go_ahead); a sequence that the earlier token ended
+has its row dropped before the draw, its K/V written past its end into a block that it frees (the device runs
+queued work in order, so whatever takes the block next writes it after).
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ class Launched:
     logits: torch.Tensor
     prompt_logprobs: list[PromptLogprobs]
     embeddings: list[tuple[Sequence, torch.Tensor]]
-    before: tuple  # seeded generators' states and the draft counters before the draw, to draw again from
+    before: tuple = ()  # seeded generators' states and the draft counters before the draw, to draw again from
     chosen: torch.Tensor | None = None  # each row's token, on the device (sampler.choose), where no row drafted
     logprobs: torch.Tensor | None = None  # their rows' raw log-probabilities, where a request asked for them
 
@@ -269,38 +271,50 @@ class LLMEngine:
             if not isinstance(launched, Launched):  # its forward pass failed: the outputs that say so
                 return launched
         self.ahead = self._go_ahead(launched)
-        return self._complete(launched)
+        try:
+            return self._complete(launched)
+        except BaseException:
+            self.ahead = None  # (launched from tokens the sequences may not have taken)
+            raise
 
     def _take_ahead(self) -> Launched | None:
-        """The step launched ahead by the last one, without the rows of sequences that have finished since
-        (those rows' tokens are dropped); None where there is none, or none of its sequences runs."""
+        """The forward pass launched ahead by the last step, without the rows of sequences that have finished
+        since, and drawn now that the host holds every token before it (so its penalties, bad words, grammars
+        and min_tokens are those of steps read one at a time); None where there is none, or none of its
+        sequences runs."""
         launched, self.ahead = self.ahead, None
         if launched is None:
             return None
         alive = [row for row, seq in enumerate(launched.to_sample) if not seq.is_finished]
-        if len(alive) == len(launched.to_sample) or not alive:
-            return launched if alive else None
-        rows = host_tensor(alive, launched.logits.device)
-        seqs = [launched.to_sample[row] for row in alive]
-        return Launched([(seq, 1) for seq in seqs], seqs, launched.logits[rows], [], [], launched.before,
-                        launched.chosen[rows], None if launched.logprobs is None else launched.logprobs[rows])
+        if not alive:
+            return None
+        if len(alive) < len(launched.to_sample):
+            seqs = [launched.to_sample[row] for row in alive]
+            launched = Launched([(seq, 1) for seq in seqs], seqs,
+                                launched.logits[host_tensor(alive, launched.logits.device)], [], [])
+        self._draw(launched)
+        return launched
 
     def _go_ahead(self, launched: Launched) -> Launched | None:
-        """With async scheduling, the next decode step of launched's sequences, launched from its tokens on the
-        device before the host reads them; None where that step might not be the one the host would schedule
-        once it has them: drafts, a prompt's chunks or embeddings in this step, requests waiting that could
-        start, a sequence whose next draw depends on this token on the host (bad words, a grammar, a
-        prediction), recurrent layers' states (a prefix's state is kept at the step its block fills), or too
-        few free blocks."""
+        """With async scheduling, the forward pass of the next decode step of launched's sequences, launched
+        from its tokens on the device before the host reads them (its draw waits for them: _take_ahead);
+        None where that step might not be the one the host would schedule once it has them: drafts (or
+        sequences that could draft), a prompt's chunks or embeddings in this step, requests waiting that could
+        start, running sequences that this step left out (a token budget a prompt's chunk filled), recurrent
+        layers' states (a prefix's state is kept at the step its block fills), or too few free blocks."""
+        running = self.scheduler.running
         if not self.async_scheduling or launched.chosen is None or launched.embeddings or self.runner.state_slots \
-                or self.lookup.num_tokens or self.drafter is not None \
-                or len(launched.to_sample) != len(launched.scheduled) \
-                or (self.scheduler.waiting and len(self.scheduler.running) < self.scheduler.max_num_seqs):
-            return None
-        # (one that this token ends by length takes no part; one that a stop ends drops its row when it is read)
+                or self.drafter is not None or len(launched.to_sample) != len(launched.scheduled) \
+                or len(launched.scheduled) != len(running) \
+                or (self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs):
+            return None  # (every running sequence in the step: else those the budget left out would wait on)
+        if len(running) < self.draft_batch_limit and \
+                (self.lookup.num_tokens or any(seq.params.prediction for seq in launched.to_sample)):
+            return None  # (_draft would draft for them)
+        # (one that this token ends by length takes no part; one that a stop ends drops its row before the draw)
         rows = [row for row, seq in enumerate(launched.to_sample) if seq.num_output_tokens + 1 < seq.max_tokens]
         seqs = [launched.to_sample[row] for row in rows]
-        if not seqs or not all(map(self._draws_alike_ahead, seqs)):
+        if not seqs:
             return None
         for seq in seqs:
             if not self.blocks.can_grow(seq, len(seq) + 1):
@@ -312,23 +326,12 @@ class LLMEngine:
         # back, it fails its sequence and this step is dropped)
         tokens = tokens.clamp(0, self.runner.model_config.vocab_size - 1)
         scheduled = [(seq, 1) for seq in seqs]
-        before = self._draw_state(seqs)
         try:
             to_sample, logits, _, _ = self.runner.run(scheduled, next_tokens=tokens)
-            chosen, logprobs = choose(logits, to_sample, self.eos_ids, pending=tokens)
         except Exception:
             logger.exception("a step launched ahead of its tokens failed; it runs again once they are read")
-            self._restore_draw_state(before)
             return None
-        return Launched(scheduled, to_sample, logits, [], [], before, chosen, logprobs)
-
-    @staticmethod
-    def _draws_alike_ahead(seq: Sequence) -> bool:
-        """Whether seq's next draw can be made without the token before it on the host (so it may be launched
-        before that token is read): its penalties and min_tokens count that token on the device (sampler.choose's
-        pending); its bad words, a grammar and a prediction read it on the host."""
-        return not seq.bad_word_ids and seq.grammar is None and seq.params.structured_output_after is None \
-            and seq.params.prediction is None
+        return Launched(scheduled, to_sample, logits, [], [])
 
     def _draft(self) -> tuple[list[Sequence], list[Sequence]]:
         """Append drafts (prompt lookup, a request's prediction, or a draft model's placeholders) to the
@@ -401,13 +404,21 @@ class LLMEngine:
             return [self._fail(seq, "internal error in the model step") for seq, _ in scheduled]
         if self.runner.last_hidden is not None:
             self._observe(scheduled)
-        launched = Launched(scheduled, to_sample, logits, prompt_logprobs, embeddings, self._draw_state(to_sample))
+        launched = Launched(scheduled, to_sample, logits, prompt_logprobs, embeddings)
+        self._draw(launched)
+        return launched
+
+    def _draw(self, launched: Launched) -> None:
+        """Queue the step's draw where no row verifies drafts (else _complete samples them), first keeping the
+        state it draws from."""
+        to_sample = launched.to_sample
+        launched.before = self._draw_state(to_sample)
         if to_sample and not any(seq.num_draft_tokens for seq in to_sample):
             try:
-                launched.chosen, launched.logprobs = choose(logits, to_sample, self.eos_ids, self.structured.constrain)
+                launched.chosen, launched.logprobs = choose(launched.logits, to_sample, self.eos_ids,
+                                                            self.structured.constrain)
             except Exception:  # (_complete draws again, each sequence alone where the batch fails again)
                 self._restore_draw_state(launched.before)
-        return launched
 
     def _draw_state(self, seqs: list[Sequence]) -> tuple:
         """Seeded generators' states and the draft counters, to draw again from where they were if the batched
@@ -434,7 +445,7 @@ class LLMEngine:
             else:
                 tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
-            self.ahead = None  # (launched from the tokens drawn here: the sequences go on from those drawn again)
+            self.ahead = None  # (launched from the tokens read here: the sequences go on from those drawn again)
             self._restore_draw_state(launched.before)
             tokens, logprobs, problems = self._sample_each(logits, to_sample)
         # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)

@@ -35,45 +35,29 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(best.isfinite(), chosen, -1)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence], pending: torch.Tensor | None = None) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Repetition (prompt and output tokens, as in vLLM/HF), presence and frequency (output tokens), in
     place, touching only each row's tokens (whole-vocabulary passes per row took 0.1 ms a row), whose
-    ids go to torch as one flat list (nested ones cost more than the penalties). pending: each row's output
-    token that its sequence does not hold yet, on the device (a step launched ahead of it: async scheduling),
-    which counts as one of its tokens."""
+    ids go to torch as one flat list (nested ones cost more than the penalties)."""
     device = logits.device
-    rows = torch.arange(len(seqs), device=device)
 
     def entries(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, token) index pairs of every token of every row's list."""
         rows = torch.repeat_interleave(torch.arange(len(lists)), torch.tensor([len(row) for row in lists]))
-        return rows.to(device, non_blocking=True), host_tensor(list(itertools.chain.from_iterable(lists)), device,
-                                                               torch.int64)
+        return host_tensor(rows, device), host_tensor(list(itertools.chain.from_iterable(lists)), device, torch.int64)
 
     def values(setting: str) -> torch.Tensor:
         return host_tensor([getattr(s.params, setting) for s in seqs], device, logits.dtype)
-
-    def new(index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Whether each row's pending token is none of its (row, token) pairs in index."""
-        found = torch.zeros(len(seqs), dtype=torch.int32, device=device)
-        return found.index_put_((index[0],), (index[1] == pending[index[0]]).int(), accumulate=True) == 0
 
     if any(s.params.repetition_penalty != 1.0 for s in seqs):
         index = entries([list(set(s.token_ids)) if s.params.repetition_penalty != 1.0 else [] for s in seqs])
         seen, penalty = logits[index], values("repetition_penalty")[index[0]]
         logits[index] = torch.where(seen > 0, seen / penalty, seen * penalty)
-        if pending is not None:  # (once per token: where it is not among them already)
-            seen, penalty = logits[rows, pending], values("repetition_penalty")
-            logits[rows, pending] = torch.where(new(index), torch.where(seen > 0, seen / penalty, seen * penalty), seen)
     if any(s.params.presence_penalty or s.params.frequency_penalty for s in seqs):
         for setting, lists in (("frequency_penalty", [s.output_ids for s in seqs]),  # once per occurrence
                                ("presence_penalty", [list(set(s.output_ids)) for s in seqs])):  # once per token
             index = entries(lists)
             logits.index_put_(index, -values(setting)[index[0]], accumulate=True)
-            if pending is not None:
-                counts = torch.ones(len(seqs), dtype=logits.dtype, device=device) if setting == "frequency_penalty" \
-                    else new(index).to(logits.dtype)
-                logits[rows, pending] -= values(setting) * counts
     return logits
 
 
@@ -97,12 +81,11 @@ def apply_biases(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def banned_now(seq: Sequence, eos_ids: Collection[int], pending: bool = False) -> list[int]:
+def banned_now(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
     """The tokens seq may not sample next: those that would end it before min_tokens, and each bad word's
-    last token where the output ends with the word's other tokens (vLLM's bad_words); pending: with one
-    output token it does not hold yet (async scheduling, where its bad words are not drawn)."""
+    last token where the output ends with the word's other tokens (vLLM's bad_words)."""
     banned = []
-    if seq.num_output_tokens + pending < seq.params.min_tokens:
+    if seq.num_output_tokens < seq.params.min_tokens:
         banned += set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids))
     for word in seq.bad_word_ids:
         start = len(seq.token_ids) - (len(word) - 1)
@@ -196,7 +179,7 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     exponentials (argmax p / E) drew one per vocabulary entry: 0.7 ms a row."""
     cdf = probs.float().cumsum(-1)
     total = cdf[:, -1:]
-    target = (uniforms(seqs).to(probs.device, non_blocking=True).unsqueeze(1) * total).contiguous()
+    target = (host_tensor(uniforms(seqs), probs.device).unsqueeze(1) * total).contiguous()
     chosen = torch.searchsorted(cdf, target, right=True)
     # u * total may round up to the total: never past the last token that still adds to the sum.
     return torch.minimum(chosen, torch.searchsorted(cdf, total.contiguous())).squeeze(1)
@@ -226,24 +209,22 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] 
 
 
 def choose(logits: torch.Tensor, seqs: list[Sequence], eos_ids: Collection[int] = (),
-           constrain: Callable[[torch.Tensor, list[Sequence]], None] | None = None,
-           pending: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+           constrain: Callable[[torch.Tensor, list[Sequence]], None] | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """sample's tokens as a tensor on the logits' device, not yet read back (nor checked: checked_tokens), so
-    that a next step can be launched from them before the host waits for them (async scheduling). pending:
-    each row's last token where its sequence does not hold it yet (the tokens a step launched ahead took in),
-    for the penalties and min_tokens."""
+    that a next step can be launched from them before the host waits for them (async scheduling)."""
     logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     needs_penalty = any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
                         for s in seqs)
     needs_bias = biased(seqs)
-    banned = [banned_now(s, eos_ids, pending is not None) for s in seqs]
+    banned = [banned_now(s, eos_ids) for s in seqs]
     constrained = constrain is not None and any(s.grammar is not None for s in seqs)
     if needs_penalty or needs_bias or any(banned) or constrained:
         logits = logits.clone()
     if needs_bias:  # before the penalties, as vLLM applies them
         logits = apply_biases(logits, seqs)
     if needs_penalty:
-        logits = apply_penalties(logits, seqs, pending)
+        logits = apply_penalties(logits, seqs)
     for row, ids in enumerate(banned):
         if ids:
             logits[row, host_tensor(ids, logits.device)] = float("-inf")

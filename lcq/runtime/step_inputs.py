@@ -136,7 +136,9 @@ def to_device(step: StepInputs[np.ndarray], device: torch.device) -> StepInputs[
 
 
 def host_tensor(values, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Host values as a tensor on `device`, without waiting for the work queued there: torch.tensor(...,
+    """Host values (a list, or a CPU tensor) as a tensor on `device`, without waiting for the work queued there: torch.tensor(...,
     device=cuda) waits for the stream to drain, which would hold the host until a step launched ahead of its
-    tokens (engine.py, async scheduling) had finished."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    tokens (engine.py, async scheduling) had finished. Copied from pinned memory (torch's pinned allocator keeps
+    it from reuse until the copy is done): from pageable memory CUDA may wait for the stream all the same."""
+    tensor = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
