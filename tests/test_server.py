@@ -234,7 +234,7 @@ def test_embeddings_through_the_official_client(server, client, model_dir):
 
 
 def test_a_prompt_past_the_context_names_each_endpoints_field(server):
-    """The engine's "prompt" is named as each endpoint's client sent it."""
+    """A prompt past the context: OpenAI's code and vLLM's words, the prompt named as each endpoint's client sent it."""
     ids = list(range(300))  # past this server's max_model_len of 256
     words = "word " * 400
     for route, body, param in (("/v1/completions", {"prompt": ids}, "prompt"),
@@ -243,7 +243,15 @@ def test_a_prompt_past_the_context_names_each_endpoints_field(server):
                                ("/v1/embeddings", {"input": ids}, "input"),
                                ("/v1/responses", {"input": words}, "input")):
         error = error_of(httpx.post(server.url + route, json={"model": MODEL, "max_tokens": 2, **body}), 400)
-        assert error["param"] == param and error["message"].startswith(f"{param} has "), (route, error)
+        assert error["param"] == param and error["code"] == "context_length_exceeded", (route, error)
+        assert error["message"].startswith("This model's maximum context length is 256 tokens. However, your "
+                                           "request has "), (route, error)
+    # a prompt and max_tokens past it: the same code, in vLLM's words (client libraries read either as an overflow)
+    error = error_of(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ids[:250],
+                                                                       "max_tokens": 10}), 400)
+    assert (error["param"], error["code"]) == ("max_tokens", "context_length_exceeded")
+    assert error["message"] == "'max_tokens' is too large: 10. This model's maximum context length is 256 tokens " \
+        "and your request has 250 input tokens (10 > 256 - 250)."
 
 
 def test_n_choices_with_seed_are_reproducible(client):
@@ -868,6 +876,9 @@ def test_hermes_tool_calls_are_parsed():
     assert unclosed is None and calls[0].function.name == "f"
     assert parse_hermes("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
     assert parse_hermes("plain answer") == ("plain answer", [])
+    # arguments keep the model's characters (they had come back as \u escapes: the same JSON, not the same text)
+    assert parse_hermes('<tool_call>{"name": "f", "arguments": {"x": "café 東京"}}</tool_call>')[1][0] \
+        .function.arguments == '{"x": "café 東京"}'
     stream = ToolCallStream("hermes")
     pieces = [stream.feed(d) for d in ("Sure", ", <to", "ol_call>{\"name\": \"f\", ", '"arguments": {}}</tool_call>')]
     assert "".join(pieces) == "Sure, " and pieces[1] == ", "  # "<to" is held back until it is clearly not text
@@ -1909,7 +1920,7 @@ def test_full_queue_429_and_keepalive_while_waiting(small_server):
     invalid = small_server.metric("lcq:request_rejected_total", reason="invalid_request")
     refused = httpx.post(url + "/v1/completions", json={"prompt": [[5, 6], [5] * 300], "max_tokens": 2},
                          headers=headers)
-    assert "prompt has 300 tokens" in error_of(refused, 400)["message"]
+    assert "your request has 300 input tokens" in error_of(refused, 400)["message"]
     assert small_server.metric("lcq:request_rejected_total", reason="invalid_request") == invalid + 1
     assert [small_server.metric(name) for name in ("lcq:request_aborted_total", "lcq:prompt_tokens_total")] == counts
     small_server.wait_pool_full()

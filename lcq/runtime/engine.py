@@ -36,7 +36,7 @@ from lcq.models.lora import LoRAAdapter
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer, TokenBytes
 from .draft_model import PLACEHOLDER, DraftModel, draft_footprint
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, ContextLengthError
 from .generation_config import eos_token_ids, sampling_defaults
 from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
@@ -188,8 +188,10 @@ class LLMEngine:
             raise AdapterNotFoundError(f"the model `{params.lora}` does not exist: no LoRA adapter of that name is "
                                        "loaded")
         if len(prompt_ids) > self.max_model_len - (0 if params.embed else 1):  # (room for a token, where one is made)
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens, max_model_len is {self.max_model_len}: "
-                             f"shorten the prompt")
+            room = ", which leaves no room for the completion" if len(prompt_ids) == self.max_model_len else ""
+            raise ContextLengthError(f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                                     f"your request has {len(prompt_ids)} input tokens{room}. Please reduce the "
+                                     "length of the input.")
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None) -> None:

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 
 MAX_LOGIT_BIAS = 300  # tokens in one request's logit_bias, as OpenAI allows
 MAX_BAD_WORDS = 128  # strings in one request's bad_words, as vLLM allows
+MAX_N = 128  # choices of one request, as OpenAI allows (vLLM sets no limit)
+# stop strings of one request (vLLM sets no limit; OpenAI 4, which editors' templates pass: Continue's for
+# Qwen2.5-Coder sends 9)
+MAX_STOP = 128
 SEED_MODULUS = 2**63  # the seeds of a request's n samples wrap here
 
 
@@ -93,7 +97,7 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be between 0 "
                                                                                 "and 20"),
-            (1 <= self.n <= 16, "n must be between 1 and 16"),
+            (1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}"),
             (0 <= self.min_tokens and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
              "min_tokens must be between 0 and max_tokens"),
             (not (self.min_tokens and self.structured_output), "min_tokens cannot be combined with JSON output, "
@@ -104,7 +108,7 @@ class SamplingParams:
             (self.structured_output_opening is None or (self.structured_output_after is not None
                                                          and self.structured_output_opening != ""),
              "structured_output_opening needs structured_output_after and a non-empty string"),
-            (len(self.stop) <= 8 and all(self.stop), "stop takes at most 8 non-empty strings"),
+            (len(self.stop) <= MAX_STOP and all(self.stop), f"stop takes at most {MAX_STOP} non-empty strings"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "
                                                                            "and 100"),

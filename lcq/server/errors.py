@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lcq.runtime.errors import AdapterNotFoundError, EngineNotReadyError, QueueFullError
+from lcq.runtime.errors import AdapterNotFoundError, ContextLengthError, EngineNotReadyError, QueueFullError
 from lcq.runtime.sampling_params import SamplingParams
 
 from .protocol import ErrorResponse, OpenAIRequest
@@ -81,6 +81,9 @@ def engine_error(e: Exception, retry_after: int = 1, request: OpenAIRequest | No
         return not_ready(str(e) or "the engine is not ready", retry_after)
     if isinstance(e, AdapterNotFoundError):  # unloaded after the request's model was looked up
         return APIError(404, str(e), param="model", code="model_not_found")
+    if isinstance(e, ContextLengthError):  # (the prompt, named as the endpoint's client sent it)
+        return APIError(400, str(e), param="prompt" if request is None else request.field_name("prompt"),
+                        code="context_length_exceeded")
     if isinstance(e, ValueError) and request is not None:
         return invalid_value(str(e), request)
     if isinstance(e, ValueError):  # the engine's messages start with the request field they concern

@@ -85,10 +85,10 @@ def check_room(state: ServerState, prompts: list[list[int]], asked: int | None, 
     left unset, it is what the model's defaults give, at most the rest of the context (LLMEngine.add_request)."""
     context = state.engine.max_model_len
     longest = max(map(len, prompts))
-    if asked is not None and longest < context and longest + asked > context:
-        raise APIError(400, f"{field} is too large: the model's context is {context} tokens and the prompt takes "
-                       f"{longest}, which leaves {context - longest} for the completion, not {asked}",
-                       param=field, code="invalid_value")
+    if asked is not None and longest < context and longest + asked > context:  # (vLLM's words)
+        raise APIError(400, f"'{field}' is too large: {asked}. This model's maximum context length is {context} "
+                       f"tokens and your request has {longest} input tokens ({asked} > {context} - {longest}).",
+                       param=field, code="context_length_exceeded")
 
 
 class Generation:

@@ -130,7 +130,7 @@ def _call_of(name: str, arguments: Any) -> ToolCall:
             arguments = json.loads(arguments)
         except ValueError:
             pass
-    return _call(name, json.dumps(arguments, allow_nan=False))
+    return _call(name, json.dumps(arguments, allow_nan=False, ensure_ascii=False))  # (the model's text, as vLLM's)
 
 
 def _json_value(value: Any, text: str) -> Any:
