@@ -1745,22 +1745,60 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
 
 
 @pytest.mark.gpu
-def test_cuda_steps_launched_ahead_give_the_tokens_of_steps_read_one_at_a_time(tmp_path):
+def test_cuda_steps_launched_ahead_give_the_tokens_of_steps_read_one_at_a_time(tmp_path, monkeypatch):
     """On a GPU async scheduling is on by default: graphed steps launched from the last step's tokens on the
-    device give the tokens of steps read one at a time (greedy, seeded top-p, a stop token mid-way, logprobs)."""
+    device give the tokens of steps read one at a time (greedy, seeded top-p and top-k, penalties, min_tokens,
+    logit_bias, a stop token mid-way, logprobs). Launching a step ahead and drawing its tokens wait for nothing on
+    the GPU (torch's sync debug mode raises on a stream sync there: a torch.tensor(..., device=cuda), a .item())."""
+    import lcq.runtime.engine as engine_module
+
     folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
     prompts = PROMPTS + [[60 + i for i in range(9)], [70, 71]]
     ahead = cuda_llm(folder, block_size=8, max_num_seqs=8)
     assert ahead.engine.async_scheduling and ahead.engine.runner.graphs is not None
     one_at_a_time = cuda_llm(folder, block_size=8, max_num_seqs=8, async_scheduling=False)
     stop = one_at_a_time.generate(prompts[2:3], GREEDY)[0].token_ids[5]  # (a stop mid-way for the third)
-    params = [GREEDY, SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True),
-              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop]),
+    params = [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.2,
+                             presence_penalty=0.5, logit_bias={7: 3.0}),
+              SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, top_k=20, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[stop], min_tokens=2),
               SamplingParams(max_tokens=10, temperature=0.7, seed=1, logprobs=3, ignore_eos=True), GREEDY]
-    runs = [[(o.token_ids, [p.token_id for p in o.logprobs or []]) for o in llm.generate(prompts, params)]
-            for llm in (ahead, one_at_a_time)]
-    assert runs[0] == runs[1]
-    assert _pool_is_full(ahead.engine) and ahead.engine.ahead is None
+    # (the one-at-a-time run first: it autotunes the head's products for each batch, which times them)
+    expected = [(o.token_ids, [p.token_id for p in o.logprobs or []]) for o in one_at_a_time.generate(prompts, params)]
+    launched = []  # whether each step went ahead
+
+    def strict(method):
+        def without_syncs(self, *args):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                result = method(self, *args)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            if method.__name__ == "_go_ahead":
+                launched.append(result is not None)
+            return result
+        return without_syncs
+
+    for name in ("_take_ahead", "_go_ahead"):
+        monkeypatch.setattr(engine_module.LLMEngine, name, strict(getattr(engine_module.LLMEngine, name)))
+    failed = []  # (_go_ahead logs a failure and _draw swallows one: either step then runs as before)
+    monkeypatch.setattr(engine_module, "choose", _recording(engine_module.choose, failed))
+    monkeypatch.setattr(engine_module.logger, "exception",
+                        lambda message, *args, **kwargs: failed.append(message % args))
+    tokens = [(o.token_ids, [p.token_id for p in o.logprobs or []]) for o in ahead.generate(prompts, params)]
+    assert not failed and tokens == expected
+    assert sum(launched) > 10 and _pool_is_full(ahead.engine) and ahead.engine.ahead is None
+
+
+def _recording(function, failures: list):
+    """function, appending what it raises to failures before raising it."""
+    def recorded(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception as e:
+            failures.append(repr(e))
+            raise
+    return recorded
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ import torch
 
 from .sampling_params import StructuredOutput
 from .sequence import Sequence
+from .step_inputs import host_tensor
 
 
 GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a server sees ever new ones
@@ -182,9 +183,9 @@ class StructuredOutputs:
         for row in rows:
             seqs[row].grammar.fill_next_token_bitmask(bitmask, row)
             if seqs[row].may_open:
-                ids = self.opening_tokens(seqs[row].params.structured_output_opening).to(logits.device)
+                ids = host_tensor(self.opening_tokens(seqs[row].params.structured_output_opening), logits.device)
                 openings.append((row, ids, logits[row, ids].clone()))
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+        xgrammar.apply_token_bitmask_inplace(logits, host_tensor(bitmask, logits.device), vocab_size=self.vocab_size,
                                              indices=rows)
         for row, ids, values in openings:
             logits[row, ids] = values
