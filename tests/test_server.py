@@ -1384,7 +1384,12 @@ PARTS_TEMPLATES = [
     "{% set loop_messages = messages[1:] %}{% for m in loop_messages | selectattr('role') %}"
     "{% for part in m.content %}[{{ part.text }}]{% endfor %}{% endfor %}",
     "{% for message in messages %}{% set content = message.content %}{% for part in content %}[{{ part.text }}]"
-    "{% endfor %}{% endfor %}"]
+    "{% endfor %}{% endfor %}",
+    # macros handed a message, or its content, by position or by name
+    "{% macro render(m) %}{% for part in m['content'] %}[{{ part.text }}]{% endfor %}{% endmacro %}"
+    "{% for message in messages %}{{ render(message) }}{% endfor %}",
+    "{% macro parts(items) %}{% for part in items %}[{{ part.text }}]{% endfor %}{% endmacro %}"
+    "{% for message in messages %}{{ parts(items=message.content) }}{% endfor %}"]
 
 
 @pytest.mark.parametrize("template", [STRING_TEMPLATE, "{% for m in messages %}{{ m.content }}{% generation %}"

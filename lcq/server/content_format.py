@@ -79,11 +79,27 @@ def _loop_targets(tree, names: set[str], key: str | None = None) -> Iterator[str
                                                    else loop.target.find_all(nodes.Name)))
 
 
+def _macro_parameters(tree, names: set[str], key: str | None = None) -> set[str]:
+    """The parameters of macros called with one of `names` (with `key`: its field) in their place:
+    `{% macro render(m) %}...{% endmacro %}{{ render(message) }}` makes `m` a message."""
+    from jinja2 import nodes
+    macros = {macro.name: macro for macro in tree.find_all(nodes.Macro)}
+    found = set()
+    for call in tree.find_all(nodes.Call):
+        macro = macros.get(call.node.name) if isinstance(call.node, nodes.Name) else None
+        if macro is not None:
+            found |= {param.name for param, arg in zip(macro.args, call.args) if _reads(arg, names, key)}
+            found |= {given.key for given in call.kwargs if _reads(given.value, names, key)}
+    return found
+
+
 def _content_loops(tree) -> Iterator[str]:
     """Loops over a message's content: `{% for part in message['content'] %}` where message is an item of the
-    messages (or of a variable set from them), also through `{% set content = message.content %}`."""
+    messages (or of a variable set from them), also through `{% set content = message.content %}` and through
+    macros handed a message or its content."""
     messages = _aliases(tree, {"messages"})
     message_names = set(_loop_targets(tree, messages)) | {"message"}
-    contents = _aliases(tree, message_names, key="content")
+    message_names |= _macro_parameters(tree, message_names)
+    contents = _aliases(tree, message_names, key="content") | _macro_parameters(tree, message_names, key="content")
     yield from _loop_targets(tree, message_names, key="content")
     yield from _loop_targets(tree, contents)
