@@ -262,15 +262,15 @@ def test_byte_codebooks_are_asked_for_and_serve_up_to_32_rows_of_half_inputs(mon
 
 def test_autotuner_times_byte_codebooks_with_their_own_configs():
     """BYTE_BOOK: its own tiles (64 and 128 columns per 4 warps, 256 per 8), one stage, 128 deep where the group
-    holds it, split 4 to 16 ways, with and without PREFETCH, none of the other forms' configs."""
+    holds it, split 2 to 16 ways, with and without PREFETCH, none of the other forms' configs."""
     for group, select in itertools.product((32, 64, 128), (True, False)):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=16, GROUP=group,
                                                  SELECT=select, BYTE_BOOK=True)
         assert {(c.kwargs["BLOCK_N"], c.num_warps) for c in kept} == {(64, 4), (128, 4), (256, 8)}
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
-        assert {c.kwargs["SPLIT_K"] for c in kept} == {4, 8, 16}
+        assert {c.kwargs["SPLIT_K"] for c in kept} == {2, 4, 8, 16}
         assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
-        assert {c.num_stages for c in kept} == {1} and len(kept) == 18
+        assert {c.num_stages for c in kept} == {1} and len(kept) == 24
 
 
 @pytest.mark.parametrize("bits", [2, 4])

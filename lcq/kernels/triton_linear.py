@@ -859,7 +859,7 @@ INT8_DECODE_CONFIGS = [
 BYTE_BOOK_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
                   num_warps=warps, num_stages=1)
-    for bn, warps in ((64, 4), (128, 4), (256, 8)) for prefetch in (False, True) for split in (4, 8, 16)]
+    for bn, warps in ((64, 4), (128, 4), (256, 8)) for prefetch in (False, True) for split in (2, 4, 8, 16)]
 DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS \
     + BYTE_BOOK_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
