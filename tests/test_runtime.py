@@ -472,6 +472,22 @@ def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm
         left_out = [len(list(run)) for taken, run in itertools.groupby("low" in step for step in timeline[:31])
                     if not taken]
         assert max(left_out) <= 2, left_out
+    # Unseeded draws under the priority policy: a step launched ahead takes its rows in the running order (the
+    # urgent request first), as a scheduled step does, so each takes the random numbers it would take without
+    # (prompt lookup holds steps from going ahead until the urgent request has joined: the same batches)
+    sampled = lambda priority: SamplingParams(max_tokens=10, temperature=0.9, ignore_eos=True, priority=priority)
+    ranked = {"low": ([41, 7, 300, 12], sampled(5)), "x": ([9, 33, 102], sampled(5)), "urgent": ([70, 71], sampled(0))}
+    runs = [_scripted_run(LLM(str(tiny), block_size=8, async_scheduling=flag, scheduling_policy="priority",
+                              num_speculative_tokens=2, speculative_disable_by_batch_size=3, **FP32).engine, ranked,
+                          {0: ["low", "x"], 2: ["urgent"]}, {}) for flag in (False, True)]
+    assert runs[0][:2] == runs[1][:2] and runs[1][2] > 3
+    # A request that this step ends by length frees its slot for a waiting one, which joins the next step, launched
+    # ahead or not (it had waited a step longer)
+    slots = {"A": (PROMPTS[0], SamplingParams(max_tokens=3, temperature=0)), "B": (PROMPTS[1], GREEDY),
+             "C": (PROMPTS[2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))}
+    runs = [_scripted_run(LLM(str(tiny), block_size=8, async_scheduling=flag, max_num_seqs=2, **FP32).engine, slots,
+                          {0: ["A", "B", "C"]}, {}) for flag in (False, True)]
+    assert runs[0][:2] == runs[1][:2] and runs[1][2] > 3
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
@@ -1748,8 +1764,9 @@ def test_cuda_graphs_give_the_eager_tokens(tmp_path, arch):
 def test_cuda_steps_launched_ahead_give_the_tokens_of_steps_read_one_at_a_time(tmp_path, monkeypatch):
     """On a GPU async scheduling is on by default: graphed steps launched from the last step's tokens on the
     device give the tokens of steps read one at a time (greedy, seeded top-p and top-k, penalties, min_tokens,
-    logit_bias, a stop token mid-way, logprobs). Launching a step ahead and drawing its tokens wait for nothing on
-    the GPU (torch's sync debug mode raises on a stream sync there: a torch.tensor(..., device=cuda), a .item())."""
+    logit_bias, a stop token mid-way, logprobs). Launching a step ahead, drawing its tokens and reading a step back
+    wait for nothing queued on the GPU (torch's sync debug mode raises on a stream sync there: a torch.tensor(...,
+    device=cuda), a .item(), a .tolist() of a device tensor)."""
     import lcq.runtime.engine as engine_module
 
     folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32)
@@ -1779,7 +1796,9 @@ def test_cuda_steps_launched_ahead_give_the_tokens_of_steps_read_one_at_a_time(t
             return result
         return without_syncs
 
-    for name in ("_take_ahead", "_go_ahead"):
+    # (reading a step back waits for its draw's copies to the host, not for the stream: the forward pass queued
+    # ahead after them would be waited for too, and the host would take the tokens in with the GPU idle)
+    for name in ("_take_ahead", "_go_ahead", "_complete"):
         monkeypatch.setattr(engine_module.LLMEngine, name, strict(getattr(engine_module.LLMEngine, name)))
     failed = []  # (_go_ahead logs a failure and _draw swallows one: either step then runs as before)
     monkeypatch.setattr(engine_module, "choose", _recording(engine_module.choose, failed))

@@ -14,7 +14,9 @@ rather than waiting for the host between steps. Its draw is queued at the start 
 host holds those tokens, so it reads what a step read one at a time would (penalties, bad words, grammars).
 Only steps the host would have scheduled alike go ahead (_go_ahead); a sequence that the earlier token ended
 has its row dropped before the draw, its K/V written past its end into a block that it frees (the device runs
-queued work in order, so whatever takes the block next writes it after).
+queued work in order, so whatever takes the block next writes it after). The host reads a step's tokens from
+copies queued right after its draw (read_back.py), not through the stream, which would wait for the step
+queued ahead too.
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
 from .mtp import MtpDrafter
 from .outputs import RequestOutput, TokenLogprob, Usage
+from .read_back import ReadBack
 from .sampler import NoTokenLeft, checked_tokens, choose, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -77,7 +80,7 @@ class Launched:
     embeddings: list[tuple[Sequence, torch.Tensor]]
     before: tuple = ()  # seeded generators' states and the draft counters before the draw, to draw again from
     chosen: torch.Tensor | None = None  # each row's token, on the device (sampler.choose), where no row drafted
-    logprobs: torch.Tensor | None = None  # their rows' raw log-probabilities, where a request asked for them
+    read: ReadBack | None = None  # those tokens and the log-probability rows asked for, on their way to the host
 
 
 def processor_chat_template(folder: str) -> str | None:
@@ -307,28 +310,31 @@ class LLMEngine:
         running = self.scheduler.running
         if not self.async_scheduling or launched.chosen is None or launched.embeddings or self.runner.state_slots \
                 or self.drafter is not None or len(launched.to_sample) != len(launched.scheduled) \
-                or len(launched.scheduled) != len(running) \
-                or (self.scheduler.waiting and len(running) < self.scheduler.max_num_seqs):
+                or len(launched.scheduled) != len(running):
             return None  # (every running sequence in the step: else those the budget left out would wait on)
-        if len(running) < self.draft_batch_limit and \
-                (self.lookup.num_tokens or any(seq.params.prediction for seq in launched.to_sample)):
-            return None  # (_draft would draft for them)
-        # (one that this token ends by length takes no part; one that a stop ends drops its row before the draw)
-        rows = [row for row, seq in enumerate(launched.to_sample) if seq.num_output_tokens + 1 < seq.max_tokens]
+        # Those that go on, in the running order (the priority policy's: the order a scheduled step takes and draws
+        # them in); one that this token ends by length takes no part, one that a stop ends drops its row before
+        # the draw.
+        place = {seq: i for i, seq in enumerate(running)}
+        rows = sorted((row for row, seq in enumerate(launched.to_sample) if seq.num_output_tokens + 1 < seq.max_tokens),
+                      key=lambda row: place[launched.to_sample[row]])
         seqs = [launched.to_sample[row] for row in rows]
-        if not seqs:
-            return None
-        for seq in seqs:
-            if not self.blocks.can_grow(seq, len(seq) + 1):
-                return None
-            self.blocks.grow(seq, len(seq) + 1)
-        tokens = launched.chosen if len(rows) == len(launched.to_sample) else \
-            launched.chosen[host_tensor(rows, launched.chosen.device)]
-        # (a row with no token to draw has -1 or the vocabulary's size, which the embedding must not read: read
-        # back, it fails its sequence and this step is dropped)
-        tokens = tokens.clamp(0, self.runner.model_config.vocab_size - 1)
-        scheduled = [(seq, 1) for seq in seqs]
+        if not seqs or (self.scheduler.waiting and len(seqs) < self.scheduler.max_num_seqs):
+            return None  # (a waiting request could start)
+        if len(seqs) < self.draft_batch_limit and \
+                (self.lookup.num_tokens or any(seq.params.prediction for seq in seqs)):
+            return None  # (_draft would draft for them)
         try:
+            for seq in seqs:
+                if not self.blocks.can_grow(seq, len(seq) + 1):
+                    return None
+                self.blocks.grow(seq, len(seq) + 1)
+            tokens = launched.chosen if rows == list(range(len(launched.to_sample))) else \
+                launched.chosen[host_tensor(rows, launched.chosen.device)]
+            # (a row with no token to draw has -1 or the vocabulary's size, which the embedding must not read:
+            # read back, it fails its sequence and this step is dropped)
+            tokens = tokens.clamp(0, self.runner.model_config.vocab_size - 1)
+            scheduled = [(seq, 1) for seq in seqs]
             to_sample, logits, _, _ = self.runner.run(scheduled, next_tokens=tokens)
         except Exception:
             logger.exception("a step launched ahead of its tokens failed; it runs again once they are read")
@@ -417,10 +423,12 @@ class LLMEngine:
         launched.before = self._draw_state(to_sample)
         if to_sample and not any(seq.num_draft_tokens for seq in to_sample):
             try:
-                launched.chosen, launched.logprobs = choose(launched.logits, to_sample, self.eos_ids,
-                                                            self.structured.constrain)
+                chosen, logprobs = choose(launched.logits, to_sample, self.eos_ids, self.structured.constrain)
             except Exception:  # (_complete draws again, each sequence alone where the batch fails again)
                 self._restore_draw_state(launched.before)
+                return
+            asked = [row for row, seq in enumerate(to_sample) if seq.params.logprobs is not None]
+            launched.chosen, launched.read = chosen, ReadBack(chosen, logprobs, asked)
 
     def _draw_state(self, seqs: list[Sequence]) -> tuple:
         """Seeded generators' states and the draft counters, to draw again from where they were if the batched
@@ -440,10 +448,9 @@ class LLMEngine:
         prompt_logprobs, embeddings = launched.prompt_logprobs, launched.embeddings
         problems: list[str | None] = [None] * len(to_sample)  # why a sequence's sampling failed, where it did
         try:
-            if launched.chosen is not None:
-                tokens = [[token] for token in checked_tokens(launched.chosen.tolist(), logits.shape[1])]
-                rows = launched.logprobs
-                logprobs = [[None if rows is None else rows[row]] for row in range(len(tokens))]
+            if launched.read is not None:
+                tokens = [[token] for token in checked_tokens(launched.read.tokens(), logits.shape[1])]
+                logprobs = [[launched.read.logprobs(row)] for row in range(len(tokens))]
             else:
                 tokens, logprobs = self._sample(logits, to_sample) if to_sample else ([], [])
         except Exception:
