@@ -23,10 +23,9 @@ from lcq.errors import UserError
 from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
-from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, EngineConfig, EngineNotReadyError, QueueFullError,
-                         SamplingParams)
+from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, ContextLengthError, EngineConfig, EngineNotReadyError,
+                         QueueFullError, SamplingParams)
 from lcq.runtime.block_manager import BlockManager, block_key
-from lcq.runtime.errors import ContextLengthError
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages

@@ -2,10 +2,11 @@
 from .async_engine import AsyncEngine
 from .config import EngineConfig
 from .engine import EngineStats, LLMEngine
-from .errors import AdapterNotFoundError, EngineNotReadyError, QueueFullError
+from .errors import AdapterNotFoundError, ContextLengthError, EngineNotReadyError, QueueFullError
 from .llm import LLM, Completion
 from .outputs import RequestOutput, TokenLogprob, Usage
 from .sampling_params import SamplingParams
 
-__all__ = ["AdapterNotFoundError", "AsyncEngine", "Completion", "EngineConfig", "EngineNotReadyError", "EngineStats",
-           "LLM", "LLMEngine", "QueueFullError", "RequestOutput", "SamplingParams", "TokenLogprob", "Usage"]
+__all__ = ["AdapterNotFoundError", "AsyncEngine", "Completion", "ContextLengthError", "EngineConfig",
+           "EngineNotReadyError", "EngineStats", "LLM", "LLMEngine", "QueueFullError", "RequestOutput", "SamplingParams",
+           "TokenLogprob", "Usage"]
