@@ -44,7 +44,7 @@ from .host_memory import freeze_loaded_objects
 from .model_runner import ModelRunner, PromptLogprobs
 from .mtp import MtpDrafter
 from .outputs import RequestOutput, TokenLogprob, Usage
-from .read_back import ReadBack
+from .read_back import DrawnLogprobs, ReadBack
 from .sampler import NoTokenLeft, checked_tokens, choose, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -117,6 +117,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         config.validate()
         torch.manual_seed(config.seed)
+        device = config.resolved_device()
+        if device.type == "cuda" and device.index is not None:  # (the thread that loads also steps: AsyncEngine)
+            torch.cuda.set_device(device)  # kernels, events and copies on cuda:N's streams, not cuda:0's
         self.config = config
         if not Path(config.model).is_dir():  # (else the tokenizer's loader blamed the Hub)
             raise UserError(f"{config.model}: no such model folder")
@@ -422,13 +425,13 @@ class LLMEngine:
         to_sample = launched.to_sample
         launched.before = self._draw_state(to_sample)
         if to_sample and not any(seq.num_draft_tokens for seq in to_sample):
+            asked = {row: seq.params.logprobs for row, seq in enumerate(to_sample) if seq.params.logprobs is not None}
             try:
                 chosen, logprobs = choose(launched.logits, to_sample, self.eos_ids, self.structured.constrain)
+                launched.chosen, launched.read = chosen, ReadBack(chosen, logprobs, asked)
             except Exception:  # (_complete draws again, each sequence alone where the batch fails again)
+                launched.chosen = launched.read = None
                 self._restore_draw_state(launched.before)
-                return
-            asked = [row for row, seq in enumerate(to_sample) if seq.params.logprobs is not None]
-            launched.chosen, launched.read = chosen, ReadBack(chosen, logprobs, asked)
 
     def _draw_state(self, seqs: list[Sequence]) -> tuple:
         """Seeded generators' states and the draft counters, to draw again from where they were if the batched
@@ -563,7 +566,8 @@ class LLMEngine:
                 seq.draft_room = len(emitted)
         return tokens, logprob_rows
 
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[torch.Tensor | None]) -> RequestOutput | None:
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list[torch.Tensor | DrawnLogprobs | None]
+                ) -> RequestOutput | None:
         """Take the step's new tokens in order until one ends the sequence; the text they make final."""
         text = ""
         for token, row in zip(tokens, logprobs):
@@ -577,7 +581,7 @@ class LLMEngine:
         self.blocks.register_full_blocks(seq)
         return self._delta(seq, text)
 
-    def _take(self, seq: Sequence, token: int, logprobs: torch.Tensor | None) -> str:
+    def _take(self, seq: Sequence, token: int, logprobs: torch.Tensor | DrawnLogprobs | None) -> str:
         """Append one token; returns the text it makes final, and sets finish_reason if it ends seq."""
         seq.token_ids.append(token)
         if seq.prediction_drafted:
@@ -608,7 +612,10 @@ class LLMEngine:
             seq.finish_reason = "length"
         return text
 
-    def _logprob(self, token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
+    def _logprob(self, token: int, logprobs: torch.Tensor | DrawnLogprobs, top: int) -> TokenLogprob:
+        """The token's logprob and the `top` likeliest, from its row (or from what a draw read back of it)."""
+        if isinstance(logprobs, DrawnLogprobs):
+            return self._token_logprob(token, logprobs.chosen, logprobs.top_values[:top], logprobs.top_ids[:top])
         values, ids = logprobs.topk(top) if top else (torch.empty(0), torch.empty(0))
         return self._token_logprob(token, float(logprobs[token]), values, ids)
 
