@@ -145,22 +145,24 @@ NOTES = """
   epochs, it costs more than its share of the weights suggests: lcq-w4r2 goes from 52.09 to 56.69
   (+8.8%). With block-wise epochs a head stage then tunes its S, V and B (indices fixed) on the KL
   from the full-precision logits over the quantized model's last hidden states, at the block-wise
-  step of the head's width: lcq-w4r2-e10-h4 scores 53.20 against 50.60 with the fp16 head (+5.1%),
-  and lcq-w2r2-e10-h4 142.64 against 142.60 (+0.03%; before the head stage this row scored 157.93,
-  +10.7%): at W2 the tuned head makes up for itself by absorbing some of the decoder's error. On
+  step of the head's width: lcq-w4r2-e10-h4 scores 53.16 against 50.60 with the fp16 head (+5.1%),
+  and lcq-w2r2-e10-h4 143.81 against 142.60 (+0.8%; before the head stage this row scored 157.93,
+  +10.7%): at W2 the tuned head makes up for most of itself by absorbing some of the decoder's error. On
   lcq-w4r2 (0 block epochs, 10 head epochs forced for the measurement) the head stage's step was
   chosen from 3e-4, 1e-3 and 1e-2: 55.33, 55.07 and 55.85, the KL on the calibration windows
   falling from 0.169 to 0.137, 0.104 and 0.083 (the larger step fits the calibration text at the
   held-out text's cost); tuning the head towards the fp16 head's logits over the same quantized
   states instead (its own error only) gave 55.11. With the end-to-end stage, which tunes the packed
-  head with the blocks, lcq-w2r2-e10-ft10-h4 scores 132.74 against 126.12 with the fp16 head
-  (+5.2%): the stage gains less with the packed head (from 142.64) than without it (from 142.60).
-  These -h4 rows predate 2026-12-05, when the stages stopped looking tokens up in the fp16 table of
-  this tied model: the end-to-end stage now looks them up in the head it tunes, and the head stage
-  scores its epochs through the whole model with the packed head's lookups (README's --head-bits);
-  not measured again since.
-  The -e10-h4 rows ran with 1 torch thread beside another job on the second core (quantize times
-  966, 937 and 1670 s).
+  head with the blocks, lcq-w2r2-e10-ft10-h4 scores 127.66 against 126.12 with the fp16 head
+  (+1.2%): the stage gains about as much with the packed head (143.81 to 127.66) as without it
+  (142.60 to 126.12). Before 2026-12-05 the stages looked tokens up in the fp16 table of this tied
+  model; since, the end-to-end stage looks them up in the head it tunes and the head stage scores its
+  epochs through the whole model with the packed head's lookups (README's --head-bits). The three
+  -e10 -h4 rows were measured again after that, on 2026-12-06 at c246ca0 (`python bench/quality.py
+  --only lcq-w4r2-e10-h4,lcq-w2r2-e10-h4,lcq-w2r2-e10-ft10-h4`, transformers 5.25.0); before it they
+  scored 53.20, 142.64 and 132.74 (the end-to-end row 3.8% better now, the others within 0.8%).
+  They ran beside the test suite and other jobs on the 2 cores, so their quantize times (1334,
+  2707 and 1610 s) say little.
 - Held-out windows (`--val-samples`, the -v4 rows, 2026-12-01, the Zen 4 machine; the quantizer's
   default since): 4 more King James windows (seed 1) score every block after each epoch, and the
   block keeps the best epoch's codebooks, 0 included. On Gemma-3-270M W4 r2 e10 the stage had
