@@ -489,6 +489,16 @@ def test_split_k_counters_reset_between_launches(prefetch):
     assert int(arrival_counters(x.device, 1).abs().sum()) == 0
 
 
+@pytest.mark.parametrize("split", [3, 16, 18])
+def test_split_k_sums_every_slice(split):
+    """The last program adds the slices' partial sums 16 at a time (_sum_of_partials): 18 slices of one tile
+    each put tiles in a second, partial run of 16."""
+    layer = random_layer(40, 18 * 32, 2, 2, 32, seed=6)
+    x = torch.randn(1, 18 * 32)
+    y = triton_linear.decode(x, layer, {"BLOCK_N": 16, "SPLIT_K": split})
+    assert_close(y, reference(x, layer), torch.float32)
+
+
 def _routed_reference(x: torch.Tensor, layers: list[PackedLinear], chosen: torch.Tensor, rows_per_input: int
                       ) -> torch.Tensor:
     """Row r = t * k + slot: input row r // rows_per_input through expert chosen[t, slot], in float64."""

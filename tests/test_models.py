@@ -1288,6 +1288,7 @@ PAGED_CASES = pytest.mark.parametrize("new, cached", [
     ([50, 2, 1], [70, 100, 0]),  # several query tiles and key chunks, a short chunk, one new token
     ([1, 1, 1], [0, 6, 36]),  # decode, one length past a tile
     ([1], [20]),  # decode of one sequence (no padding)
+    ([1, 1], [200, 100]),  # decode over 7 partitions of a context: combined 4 at a time, the last run partial
     ([1, 1], [4, -1]),  # decode with a padding sequence (context length 0, slot -1), as in a CUDA graph
     ([1] * 9, [0, 3, 16, 17, 31, 2, 5, 40, -1]),  # 8+ sequences: C attention takes whole cache rows
 ])

@@ -204,20 +204,29 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr
                 m_all = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
                 l_all = tl.zeros((GROUP_ROWS,), tl.float32)
                 acc_all = tl.zeros((GROUP_ROWS, BLOCK_D), tl.float32)
-                for other in range(first, last + 1):  # each has seen a key, so its max is finite
-                    state = states + other * entry
-                    m_p = tl.load(state + offs_g, cache_modifier=".cg")
-                    l_p = tl.load(state + GROUP_ROWS + offs_g, cache_modifier=".cg")
-                    acc_p = tl.load(state + 2 * GROUP_ROWS + offs_g[:, None] * BLOCK_D + offs_d[None, :],
-                                    cache_modifier=".cg")
-                    m_new = tl.maximum(m_all, m_p)
-                    kept, added = tl.exp(m_all - m_new), tl.exp(m_p - m_new)
-                    l_all = l_all * kept + l_p * added
-                    acc_all = acc_all * kept[:, None] + acc_p * added[:, None]
-                    m_all = m_new
+                # COMBINED partitions' states are loaded before any is combined (one L2 round trip for them, not
+                # one each); a slot past the last reads as an empty state (max -inf, weight 0). Each partition
+                # has seen a key, so the first one's max is finite and no exp meets -inf - -inf.
+                COMBINED: tl.constexpr = 4
+                for run in range(first, last + 1, COMBINED):
+                    for slot in tl.static_range(COMBINED):
+                        other = tl.full((GROUP_ROWS,), run + slot, tl.int32)
+                        real = other <= last
+                        state = states + other * entry
+                        m_p = tl.load(state + offs_g, mask=real, other=float("-inf"), cache_modifier=".cg")
+                        l_p = tl.load(state + GROUP_ROWS + offs_g, mask=real, other=0.0, cache_modifier=".cg")
+                        acc_p = tl.load(state[:, None] + 2 * GROUP_ROWS + offs_g[:, None] * BLOCK_D + offs_d[None, :],
+                                        mask=real[:, None], other=0.0, cache_modifier=".cg")
+                        m_new = tl.maximum(m_all, m_p)
+                        kept, added = tl.exp(m_all - m_new), tl.exp(m_p - m_new)
+                        l_all = l_all * kept + l_p * added
+                        acc_all = acc_all * kept[:, None] + acc_p * added[:, None]
+                        m_all = m_new
                 tl.store(out_ptrs, _finish_rows(m_all, l_all, acc_all, sinks_ptr, heads, g_mask, out_ptr,
                                                 HAS_SINKS), mask=out_mask)
-                tl.atomic_xchg(counter_ptr + group, 0)  # ready for the next launch
+                # ready for the next launch; relaxed: nothing waits on our stores to land first (a later kernel
+                # reads this one's output only once it has finished)
+                tl.atomic_xchg(counter_ptr + group, 0, sem="relaxed")
     else:
         tl.store(out_ptrs, _finish_rows(m_i, l_i, acc, sinks_ptr, heads, g_mask, out_ptr, HAS_SINKS), mask=out_mask)
 
