@@ -454,6 +454,10 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
           (2, 2, 1, 512, 4, False), (2, 4, 1, 512, 4, True), (2, 2, 2, 256, 2, True), (3, 1, 1, 128, 4, True),
           (3, 2, 1, 128, 4, True), (4, 1, 1, 128, 4, True),
           (4, 2, 1, 128, 4, True), (4, 2, 1, 64, 2, True), (4, 2, 2, 128, 4, True))],
+    *[("decode", bits, rank, 128, m, block_n, warps, True, prefetch, {"depth": 128, "int8": True, "loop_stages": 3})
+      for bits, rank, m, block_n, warps, prefetch in (
+          (2, 2, 1, 128, 4, False), (2, 2, 1, 128, 4, True), (2, 2, 1, 256, 2, False), (2, 2, 1, 512, 4, False),
+          (2, 2, 2, 256, 2, True), (3, 2, 1, 128, 4, True), (4, 2, 1, 128, 4, True))],
     *[("decode", 2, 2, 128, 1, block_n, warps, True, True, {"depth": 128, "int8": True, "prepared": True})
       for block_n, warps in ((64, 1), (64, 2), (128, 1), (128, 2), (128, 4), (256, 2), (512, 4))],
     *[("decode", bits, rank, 128, m, block_n, warps, False, prefetch, {"depth": 128, "stages": 1, "byte_book": True})
@@ -468,7 +472,7 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
                  lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
-                 dtype: str = "fp16", prepared: bool = False):
+                 dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed. dtype: the
     activations' (fp16 or bf16); prepared: products of bytes of inputs input_bytes() prepared."""
     import triton
@@ -485,7 +489,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
-                         INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared)
+                         INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages)
     else:
         constants.update(GROUP_M=8)
     names = fn.arg_names

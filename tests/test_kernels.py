@@ -132,7 +132,12 @@ def test_decode_kernel_with_the_pair_table_matches_reference(rank, group, k, dty
     (4, 4, 128, 300, 2, torch.bfloat16, {"PREFETCH": 2, "BLOCK_K": 64, "SPLIT_K": 1}),
     (3, 1, 32, 80, 1, torch.float32, {}), (3, 3, 64, 100, 2, torch.float16, {"PREFETCH": True}),
     (3, 2, 128, 300, 1, torch.float32, {"PREFETCH": True, "BLOCK_K": 128, "bias": True}),
-    (3, 4, 128, 300, 2, torch.bfloat16, {"PREFETCH": 2, "BLOCK_K": 64, "SPLIT_K": 1})])
+    (3, 4, 128, 300, 2, torch.bfloat16, {"PREFETCH": 2, "BLOCK_K": 64, "SPLIT_K": 1}),
+    # STAGES: the words through the pipeliner's shared memory, PREFETCH then carrying the codes and inputs only
+    (2, 2, 128, 300, 1, torch.float16, {"STAGES": 3, "BLOCK_K": 128, "SPLIT_K": 1}),
+    (2, 3, 64, 100, 2, torch.float32, {"STAGES": 3, "PREFETCH": True, "SPLIT_K": 1, "bias": True}),
+    (3, 2, 128, 300, 1, torch.float32, {"STAGES": 3, "PREFETCH": True, "BLOCK_K": 64}),
+    (4, 2, 128, 300, 2, torch.bfloat16, {"STAGES": 3, "PREFETCH": True, "BLOCK_K": 64, "SPLIT_K": 1})])
 def test_decode_kernel_with_products_of_bytes_matches_their_reference(bits, rank, group, k, m, dtype, config):
     """INT8 (1-2 rows of a 2-, 3- or 4-bit layer): the kernel computes what byte_products_reference states, to the
     rounding of fp32 sums and of the output dtype (a wrong selector, input order or scale is off by far
@@ -190,7 +195,8 @@ def test_products_of_bytes_are_asked_for_and_serve_two_bit_rows_only(monkeypatch
 @pytest.mark.parametrize("select", [True, False])
 def test_autotuner_times_products_of_bytes_with_their_own_configs(select):
     """INT8: its own tiles, at 2 bits (SELECT) up to 512 columns, at 4 one column a thread, 128 deep where the
-    group holds it, split up to 64 ways, with and without PREFETCH, none of the other forms' configs."""
+    group holds it, split up to 64 ways, with and without PREFETCH, each also with the words pipelined (STAGES 3),
+    none of the other forms' configs."""
     tiles = {(64, 2), (128, 4), (256, 2), (512, 4)} if select else {(64, 2), (128, 4)}
     for group in (32, 64, 128):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
@@ -199,7 +205,8 @@ def test_autotuner_times_products_of_bytes_with_their_own_configs(select):
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
         assert {c.kwargs["SPLIT_K"] for c in kept} == {8, 16, 32, 64}
         assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
-        assert len(kept) == len(tiles) * 8
+        assert {c.kwargs.get("STAGES") for c in kept} == {None, 3}
+        assert len(kept) == len(tiles) * 16
 
 
 def byte_book_reference(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:

@@ -579,7 +579,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
                    INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False,
-                   PREPARED: tl.constexpr = False):
+                   PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -587,7 +587,9 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
     registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH (1 or 2) loads the words, codes
     and activations of the tile that many ahead before multiplying this one, which Triton's pipeliner does
-    not do for loads that do not feed tl.dot (see DECODE_CONFIGS).
+    not do for loads that do not feed tl.dot (see DECODE_CONFIGS). STAGES (products of bytes' configs): the loop's
+    tl.range num_stages, with which the pipeliner does copy the words of tiles ahead into shared memory; PREFETCH
+    then carries the codes and activations only.
     GROUPED (a mixture's experts, experts.py): the layer's tensors are every expert's, stacked, and
     program (n tile, k slice, block) multiplies the BLOCK_M rows rows_ptr lists for the block (-1: none)
     by the weights of the expert experts_ptr names for it (-1: none, the program only arrives); row r
@@ -655,14 +657,19 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         RAW: tl.constexpr = 1152 if x_ptr.dtype.element_ty == tl.float16 else 0
     TILE_SUMS: tl.constexpr = BLOCK_M >= 16 or REDUCE_K or LUT or INT8  # else products summed after the loop
     products = tl.zeros((BLOCK_M, 1 if TILE_SUMS else BLOCK_K, BLOCK_N), dtype=tl.float32)
+    # STAGES: Triton's pipeliner copies the words of tiles ahead into shared memory (cp.async), so PREFETCH carries
+    # only the codes and activations in registers
+    CARRIED_WORDS: tl.constexpr = PREFETCH and STAGES is None
     if PREFETCH:  # PREFETCH tiles ahead (1 or 2): their loads are in flight while this one is multiplied
         first = offs_n < tl.where(start < end, N, 0)  # an empty slice loads nothing
-        words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K, PICKS)
+        if CARRIED_WORDS:
+            words, top_words = _tile_words(qw_ptr, start * BLOCK_K, offs_n, first, N, BITS, BLOCK_K, PICKS)
         s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, start * BLOCK_K, offs_n, first, N, RANK, GROUP)
     if PREFETCH == 2:
         second = offs_n < tl.where(start + 1 < end, N, 0)
-        words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K,
-                                             PICKS)
+        if CARRIED_WORDS:
+            words_2, top_words_2 = _tile_words(qw_ptr, (start + 1) * BLOCK_K, offs_n, second, N, BITS, BLOCK_K,
+                                                 PICKS)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
@@ -672,17 +679,19 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
                                 BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
-    for tile in range(start, end):
+    for tile in tl.range(start, end, num_stages=STAGES):
         k0 = tile * BLOCK_K
         if PREFETCH:
             ahead = k0 + AHEAD * BLOCK_K
             following = offs_n < tl.where(tile + AHEAD < end, N, 0)
-            next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
+            if CARRIED_WORDS:
+                next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
                                        FP32_INPUTS, SELECTOR_ORDER, PREPARED)
-        else:
+        if not CARRIED_WORDS:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
+        if not PREFETCH:
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
                                   SELECTOR_ORDER, PREPARED)
@@ -717,12 +726,14 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             else:
                 products += inputs.to(tl.float32)[:, :, None] * w[None, :, :]
         if PREFETCH == 2:
-            words, top_words, s_codes, b_codes, inputs = words_2, top_words_2, s_codes_2, b_codes_2, inputs_2
-            words_2, top_words_2, s_codes_2, b_codes_2 = next_words, next_top_words, next_s_codes, next_b_codes
-            inputs_2 = next_inputs
+            if CARRIED_WORDS:
+                words, top_words, words_2, top_words_2 = words_2, top_words_2, next_words, next_top_words
+            s_codes, b_codes, inputs = s_codes_2, b_codes_2, inputs_2
+            s_codes_2, b_codes_2, inputs_2 = next_s_codes, next_b_codes, next_inputs
         elif PREFETCH:
-            words, top_words, s_codes, b_codes = next_words, next_top_words, next_s_codes, next_b_codes
-            inputs = next_inputs
+            if CARRIED_WORDS:
+                words, top_words = next_words, next_top_words
+            s_codes, b_codes, inputs = next_s_codes, next_b_codes, next_inputs
     if not TILE_SUMS:
         acc = tl.sum(products, axis=1)
     out_offs = rows[:, None] * stride_om + offs_n[None, :]
@@ -807,7 +818,8 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
 #   with more slices the autotuner still chose 8 or 16 at W2 (32 once, W4 r1): occupancy alone was not it.
 # - REDUCE_K (sum each tile over K in the loop: 93 registers instead of 167) and PREFETCH (the next tile's
 #   words and codes loaded while this one is multiplied; Triton's pipeliner moves only loads that feed
-#   tl.dot) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them and 21 of 24 tl.dot rows.
+#   tl.dot unless a loop asks, STAGES below) each way: REDUCE_K won 7 of the 8 one-row cases, PREFETCH 7 of them
+#   and 21 of 24 tl.dot rows.
 #   PREFETCH 2 loads two tiles ahead (9 registers more, sm_90): on the H200 it was not chosen and changed no
 #   time. PREFETCH now loads each tile's activations ahead too: the sm_90 loop issued the tile's x load and
 #   stored it to shared memory a few barriers later, so every tile waited for it (not yet timed).
@@ -861,10 +873,15 @@ LUT_DECODE_CONFIGS = [
 # 16-entry codebooks built once a tile: 64 columns per 2 warps 5.3, 128 per 4 warps 5.2 (168 registers), 64
 # deep 6.6, against 8.2 for the fp32 form with column codebooks (BOOK); wider tiles spill there, so at 4 bits
 # a thread takes one column (_decode_configs_for).
+# STAGES 3 (2026-12-06, not yet timed): Triton's pipeliner copies the next two tiles' words into shared memory
+# (cp.async, 16 bytes a thread a copy) while this one is multiplied, where without it a program loaded each tile
+# when it came to it and waited (the H100's autotuner chose no PREFETCH for every shape of the products of bytes:
+# it carries the words in registers); PREFETCH then carries only the codes and activations. sm_90 SASS: the same
+# registers or fewer spills, 0-4% fewer instructions in the loop.
 INT8_DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": prefetch},
-                  num_warps=warps, num_stages=2)
-    for bn, warps in ((64, 2), (128, 4), (256, 2), (512, 4)) for prefetch in (False, True)
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": prefetch,
+                   **({"STAGES": stages} if stages else {})}, num_warps=warps, num_stages=2)
+    for bn, warps in ((64, 2), (128, 4), (256, 2), (512, 4)) for prefetch in (False, True) for stages in (None, 3)
     for split in (8, 16, 32, 64)]
 # Weights from byte codebooks (BYTE_BOOK: 1-32 rows, fp16 or bf16), not yet timed. sm_90 SASS (Triton 3.6, r2 g128,
 # 128 deep, PREFETCH, bench/kernels.py --sass), instructions per weight, 128 columns per 4 warps: 16 rows W2 4.3 (4.0
@@ -1065,7 +1082,7 @@ def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
            int8: bool | None = None, byte_book: bool | None = None, prepared: bool | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
-    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, num_warps and
+    SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, STAGES, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
     where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
     default int8_decode). byte_book: weights from byte codebooks (fp16 or bf16; by default byte_book_decode, but
