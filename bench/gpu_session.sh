@@ -84,7 +84,7 @@ pack
 # each parallel test process builds them at once (there that took the first test step's 90 s before any test ran)
 step 60 20 build-native "$py" -c "from lcq.kernels import native; print(native.load())"
 
-step 50 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
+step 60 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --bits 2 --ranks 2 --groups 128 \
     --ms 1,2,4,8,16,32,48,64
 # First the GPU tests that run the decode step as the engine does (the layers' kernels, graphed and eager, against
 # transformers, and the byte forms' compiled tests, whose results decide where those forms serve by default): the

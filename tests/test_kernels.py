@@ -227,7 +227,9 @@ BYTE_BOOK_TOLERANCE = {torch.float16: TOLERANCE[torch.float16], torch.bfloat16: 
     (3, 2, 128, 300, 16, torch.float16, {"PREFETCH": True, "BLOCK_K": 128, "bias": True}),
     (4, 1, 32, 80, 16, torch.float16, {"PREFETCH": True}), (4, 3, 64, 100, 9, torch.bfloat16, {}),
     (4, 2, 128, 300, 32, torch.float16, {"PREFETCH": 2, "BLOCK_K": 128, "SPLIT_K": 1}),
-    (4, 4, 128, 300, 16, torch.bfloat16, {"BLOCK_K": 64, "bias": True})])
+    (4, 4, 128, 300, 16, torch.bfloat16, {"BLOCK_K": 64, "bias": True}),
+    (2, 2, 128, 300, 16, torch.float16, {"STAGES": 3, "BLOCK_K": 128, "SPLIT_K": 1}),
+    (3, 2, 64, 100, 16, torch.bfloat16, {"STAGES": 3, "PREFETCH": True, "SPLIT_K": 1, "bias": True})])
 def test_decode_kernel_with_byte_codebooks_matches_their_reference(bits, rank, group, k, m, dtype, config):
     """BYTE_BOOK (fp16 or bf16, 1 row and up, in tiles of 16 or more): the kernel multiplies by the weights
     byte_book_weights states, to the rounding of the output dtype; a wrong pick, slot, input order, raw offset,
@@ -269,7 +271,8 @@ def test_byte_codebooks_are_asked_for_and_serve_up_to_32_rows_of_half_inputs(mon
 
 def test_autotuner_times_byte_codebooks_with_their_own_configs():
     """BYTE_BOOK: its own tiles (64 and 128 columns per 4 warps, 256 per 8), one stage, 128 deep where the group
-    holds it, split 2 to 16 ways, with and without PREFETCH, none of the other forms' configs."""
+    holds it, split 2 to 16 ways, with and without PREFETCH, each with the words pipelined (STAGES 3) or not, none of
+    the other forms' configs."""
     for group, select in itertools.product((32, 64, 128), (True, False)):
         kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=16, GROUP=group,
                                                  SELECT=select, BYTE_BOOK=True)
@@ -277,7 +280,8 @@ def test_autotuner_times_byte_codebooks_with_their_own_configs():
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
         assert {c.kwargs["SPLIT_K"] for c in kept} == {2, 4, 8, 16}
         assert {c.kwargs["PREFETCH"] for c in kept} == {False, True}
-        assert {c.num_stages for c in kept} == {1} and len(kept) == 24
+        assert {c.kwargs.get("STAGES") for c in kept} == {None, 3}
+        assert {c.num_stages for c in kept} == {1} and len(kept) == 48
 
 
 @pytest.mark.parametrize("bits", [2, 4])

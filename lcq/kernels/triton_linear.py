@@ -876,8 +876,8 @@ LUT_DECODE_CONFIGS = [
 # STAGES 3 (2026-12-06, not yet timed): Triton's pipeliner copies the next two tiles' words into shared memory
 # (cp.async, 16 bytes a thread a copy) while this one is multiplied, where without it a program loaded each tile
 # when it came to it and waited (the H100's autotuner chose no PREFETCH for every shape of the products of bytes:
-# it carries the words in registers); PREFETCH then carries only the codes and activations. sm_90 SASS: the same
-# registers or fewer spills, 0-4% fewer instructions in the loop.
+# it carries the words in registers); PREFETCH then carries only the codes and activations. sm_90 SASS (Triton 3.6):
+# up to 8% fewer instructions in the loop, as many registers or fewer, 16 bytes spilled by some of the widest tiles.
 INT8_DECODE_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": True, "PREFETCH": prefetch,
                    **({"STAGES": stages} if stages else {})}, num_warps=warps, num_stages=2)
@@ -888,10 +888,13 @@ INT8_DECODE_CONFIGS = [
 # without PREFETCH, 3.9 with 256 columns per 8 warps), W3 6.4, W4 6.6; 32 rows W2 5.2, W4 7.5; against 8.1 (W2)
 # and 10.6 (W4) for the tl.dot form's column codebooks (BOOK) at 16 rows. 64 rows spill at 128 columns per 4 warps
 # and take 7.0-8.5 (W2) otherwise, the inputs' sums and each tile's steps applied to 64 x 128 outputs.
+# STAGES 3 as for the products of bytes (not yet timed; sm_90 SASS, Triton 3.6: only 16-byte copies, no gathers,
+# registers within 8 of before).
 BYTE_BOOK_DECODE_CONFIGS = [
-    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch},
-                  num_warps=warps, num_stages=1)
-    for bn, warps in ((64, 4), (128, 4), (256, 8)) for prefetch in (False, True) for split in (2, 4, 8, 16)]
+    triton.Config({"BLOCK_N": bn, "BLOCK_K": 128, "SPLIT_K": split, "REDUCE_K": False, "PREFETCH": prefetch,
+                   **({"STAGES": stages} if stages else {})}, num_warps=warps, num_stages=1)
+    for bn, warps in ((64, 4), (128, 4), (256, 8)) for prefetch in (False, True) for stages in (None, 3)
+    for split in (2, 4, 8, 16)]
 DECODE_CONFIGS = FMA_DECODE_CONFIGS + DOT_DECODE_CONFIGS + LUT_DECODE_CONFIGS + INT8_DECODE_CONFIGS \
     + BYTE_BOOK_DECODE_CONFIGS
 FMA_MAX_SPLIT_K = 64  # its workspace: 64 slices x 2 rows x N fp32
