@@ -455,6 +455,23 @@ def test_dequantize_kernel_matches_reference(bits, rank, group, k, dtype):
     torch.testing.assert_close(weight_t, dequantize(layer).t().to(dtype))
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_product_in_slabs_of_columns_matches_reference(monkeypatch, bias):
+    """From DENSE_MIN_M rows W^T is dequantized a slab of columns at a time into one buffer and multiplied into its
+    columns of the output: with a budget of one kernel tile (128 columns), 300 columns take two whole slabs and a
+    partial one, through the buffer's first 44 columns; the same product as the whole W^T at once."""
+    monkeypatch.setenv("LCQ_DENSE_SLAB_MB", "0.001")
+    layer = random_layer(300, 64, 2, 2, 32, seed=9, bias=bias)
+    assert triton_linear.dense_slab_columns(layer, torch.float32) == triton_linear.DEQUANT_BLOCK_N == 128
+    x = torch.randn(70, 64)
+    sliced = triton_linear.dense_product(x, layer)
+    assert_close(sliced, reference(x, layer), torch.float32)
+    assert triton_linear.dense_slab_columns(layer, torch.float32, 0) == 300
+    torch.testing.assert_close(sliced, triton_linear.dense_product(x, layer, slab_bytes=0))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        triton_linear.dequantized_transpose(layer, torch.float32, x.device, (0, 128), torch.empty(128, 64).t())
+
+
 @pytest.mark.parametrize("bits,rank,group,k", [(3, 3, 32, 80), (4, 1, 64, 100), (4, 2, 128, 150)])
 def test_gather_in_the_other_orientation_matches_reference(monkeypatch, bits, rank, group, k):
     """The V gather laid out (columns, depth) as for Triton 3.6, (depth, columns) as for 3.7 and

@@ -796,18 +796,19 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_ptr, N, K,
-                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
+def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_ptr, N, K, first_n, end_n,
+                    stride_out, BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                     SELECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W^T (K, N) in out_ptr's dtype, one (BLOCK_K, BLOCK_N) tile per program: stores run along N."""
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
+    """Columns first_n .. end_n - 1 of W^T (K, N) in out_ptr's dtype, rows stride_out apart (column first_n at
+    out_ptr), one (BLOCK_K, BLOCK_N) tile per program: stores run along N."""
+    offs_n = first_n + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < end_n
     k0 = tl.program_id(0) * BLOCK_K
     k_idx = k0 + tl.arange(0, BLOCK_K)
     v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
     w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
                       BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
-    tl.store(out_ptr + k_idx[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + k_idx[:, None] * stride_out + (offs_n - first_n)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(k_idx[:, None] < K) & n_mask[None, :])
 
 
@@ -1251,22 +1252,62 @@ def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> to
     return out
 
 
-def dequantized_transpose(layer: PackedLinear, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """W^T (K, N) in dtype, written by the dequantize kernel."""
+def dequantized_transpose(layer: PackedLinear, dtype: torch.dtype, device: torch.device,
+                          columns: tuple[int, int] | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W^T (K, N) in dtype, written by the dequantize kernel; columns (first, end): only those, (K, end - first),
+    written into out (rows of any stride, columns contiguous) where given."""
     k, n = layer.in_features, layer.out_features
-    out = torch.empty(k, n, dtype=dtype, device=device)
+    first, end = columns or (0, n)
+    if out is None:
+        out = torch.empty(k, end - first, dtype=dtype, device=device)
+    if out.shape != (k, end - first) or out.stride(1) != 1:
+        raise ValueError(f"dequantized columns {first}..{end} need a ({k}, {end - first}) tensor with contiguous rows")
     consts = dict(_codebook_constants(layer), BLOCK_N=DEQUANT_BLOCK_N)
-    grid = (triton.cdiv(k, consts["BLOCK_K"]), triton.cdiv(n, DEQUANT_BLOCK_N))
-    _dequant_kernel[grid](*_layer_args(layer)[:-1], out, n, k, **consts)
+    grid = (triton.cdiv(k, consts["BLOCK_K"]), triton.cdiv(end - first, DEQUANT_BLOCK_N))
+    _dequant_kernel[grid](*_layer_args(layer)[:-1], out, n, k, first, end, out.stride(0), **consts)
     return out
 
 
-def dense_product(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
-    """x (M, K) -> (M, N) through a dequantized W^T and torch's matmul (cuBLAS on a GPU)."""
-    weight_t = dequantized_transpose(layer, x.dtype, x.device)
-    if layer.bias is None:
-        return x @ weight_t
-    return torch.addmm(layer.bias.to(x.dtype), x, weight_t)
+# From DENSE_MIN_M rows W^T was dequantized whole, written to device memory and read back by cuBLAS: on the H200 at
+# 256 rows 0.55-0.6x fp16 cuBLAS's time, the writing most of the difference (4096x11008: 75.9 us against 45.6;
+# bench/results/kernels-nvidia-h200.json). In slabs of columns of about this many bytes, each dequantized into one
+# buffer that cuBLAS reads while it is still in the L2 (50 MB on an H100, 60 on an H200), the weight's fp16 form
+# need not reach device memory at all. Not yet timed; LCQ_DENSE_SLAB_MB sets it, 0 for the whole W^T at once.
+DENSE_SLAB_BYTES = 16 << 20
+
+
+def dense_slab_columns(layer: PackedLinear, dtype: torch.dtype, budget: int | None = None) -> int:
+    """Columns of W^T per slab of dense_product, for a slab of about `budget` bytes (by default LCQ_DENSE_SLAB_MB
+    or DENSE_SLAB_BYTES; 0: all columns): whole tiles of the dequantize kernel, at least one."""
+    if budget is None:
+        budget = int(float(os.environ.get("LCQ_DENSE_SLAB_MB", DENSE_SLAB_BYTES / 2**20)) * 2**20)
+    n = layer.out_features
+    if budget <= 0:
+        return n
+    row_bytes = layer.in_features * torch.empty((), dtype=dtype).element_size()
+    return min(n, max(DEQUANT_BLOCK_N, budget // row_bytes // DEQUANT_BLOCK_N * DEQUANT_BLOCK_N))
+
+
+def dense_product(x: torch.Tensor, layer: PackedLinear, slab_bytes: int | None = None) -> torch.Tensor:
+    """x (M, K) -> (M, N) through a dequantized W^T and torch's matmul (cuBLAS on a GPU), a slab of its columns
+    at a time (dense_slab_columns(layer, x.dtype, slab_bytes)), each slab's product written straight into its
+    columns of the output."""
+    m, n = x.shape[0], layer.out_features
+    bias = None if layer.bias is None else layer.bias.to(x.dtype)
+    slab = dense_slab_columns(layer, x.dtype, slab_bytes)
+    if slab >= n:
+        weight_t = dequantized_transpose(layer, x.dtype, x.device)
+        return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    buffer = torch.empty(layer.in_features, slab, dtype=x.dtype, device=x.device)
+    for first in range(0, n, slab):
+        end = min(first + slab, n)
+        weight_t = dequantized_transpose(layer, x.dtype, x.device, (first, end), buffer[:, :end - first])
+        if bias is None:
+            torch.mm(x, weight_t, out=out[:, first:end])
+        else:
+            torch.addmm(bias[first:end], x, weight_t, out=out[:, first:end])
+    return out
 
 
 def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
