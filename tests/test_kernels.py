@@ -598,10 +598,12 @@ def test_grouped_kernel_multiplies_each_row_by_its_expert(bits, rank, group, k, 
             triton_linear.grouped_decode(x, experts, routes, 1, {"BLOCK_N": 16, "SPLIT_K": 32})
 
 
+@pytest.mark.parametrize("stages", [None, 3])
 @pytest.mark.parametrize("bits,tokens,top_k", [(2, 1, 2), (3, 5, 2), (4, 3, 1)])
-def test_grouped_kernel_takes_products_of_bytes(bits, tokens, top_k):
+def test_grouped_kernel_takes_products_of_bytes(bits, tokens, top_k, stages):
     """A mixture's blocks of 1-2 rows in bytes (INT8): each row as byte_products_reference computes it with its
-    expert; blocks of more rows are refused."""
+    expert, the words loaded in the loop (STAGES, the pipeliner's on a GPU) or carried a tile ahead; blocks of more
+    rows are refused."""
     from lcq.kernels.experts import ExpertRoutes, PackedExperts
 
     layers = [random_layer(40, 100, bits, 2, 32, seed=e) for e in range(5)]
@@ -609,8 +611,8 @@ def test_grouped_kernel_takes_products_of_bytes(bits, tokens, top_k):
     routes = ExpertRoutes.of(chosen, 5)
     assert routes.block_m <= 2
     x = torch.randn(tokens * top_k, 100)
-    y = triton_linear.grouped_decode(x, PackedExperts.stack(layers), routes, 1, {**SMALL_DECODE, "PREFETCH": True},
-                                     int8=True)
+    config = {**SMALL_DECODE, "PREFETCH": True, **({"STAGES": stages} if stages else {})}
+    y = triton_linear.grouped_decode(x, PackedExperts.stack(layers), routes, 1, config, int8=True)
     expected = torch.stack([byte_products_reference(x[r:r + 1], layers[e])[0]
                             for r, e in enumerate(chosen.reshape(-1).tolist())])
     assert_close(y, expected, torch.float32)
