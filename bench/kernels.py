@@ -470,6 +470,7 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
           (2, 1, 16, 64, 4, True), (3, 2, 16, 128, 4, True), (4, 2, 16, 128, 4, True), (2, 2, 32, 128, 4, True))],
     *[("decode", bits, 2, 128, 16, 128, 4, False, True, {"depth": 128, "stages": 1, "byte_book": True,
                                                          "dtype": "bf16"}) for bits in (2, 4)],
+    *[("dequant", bits, 2, 128, 1, 128, 4, False, False) for bits in (2, 3, 4)],
 ]
 
 
@@ -483,7 +484,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from lcq.kernels import triton_linear as kernels
-    fn = kernels._decode_kernel if kernel == "decode" else kernels._gemm_kernel
+    fn = {"decode": kernels._decode_kernel, "gemm": kernels._gemm_kernel, "dequant": kernels._dequant_kernel}[kernel]
     pointers = {"x_ptr": "*i32" if prepared else f"*{dtype}", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32",
@@ -494,9 +495,10 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
                          INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages)
-    else:
+    elif kernel == "gemm":
         constants.update(GROUP_M=8)
     names = fn.arg_names
+    constants = {name: value for name, value in constants.items() if name in names}
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
                if n not in constants and n not in ("M", "SPLIT_K")}
@@ -540,7 +542,8 @@ def sass_of(compiled) -> tuple[str, str]:
 
 
 def run_sass() -> None:
-    """Registers, stack and inner-loop instructions per weight of the sm_90 build of each case."""
+    """Registers, stack and inner-loop instructions per weight of the sm_90 build of each case (the dequantize
+    kernel, one tile a program and no loop: all its instructions)."""
     import collections
     import triton
     print(f"sm_90 builds by Triton {triton.__version__} (layouts differ between versions: docs/kernels.md)")
@@ -552,7 +555,8 @@ def run_sass() -> None:
         others = case[9] if len(case) > 9 else {}
         sass, usage = sass_of(compile_sm90(*case[:9], **others))
         regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-        loop = inner_loop(sass)
+        loop = inner_loop(sass) if kernel != "dequant" else \
+            [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
         opcodes = collections.Counter(re.sub(r"^\s+/\*[0-9a-f]{4}\*/\s+(@!?U?P\w+\s+)?", "", line).split()[0]
                                       for line in loop)
         depth = others.get("depth") or compile_block_k(group)
