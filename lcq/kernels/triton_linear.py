@@ -587,7 +587,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     after the loop; REDUCE_K reduces each tile's products in the loop instead (more adds, far fewer
     registers: sm_90 W2 r1, 128 columns per 4 warps, 163 -> 93). PREFETCH (1 or 2) loads the words, codes
     and activations of the tile that many ahead before multiplying this one, which Triton's pipeliner does
-    not do for loads that do not feed tl.dot (see DECODE_CONFIGS). STAGES (products of bytes' configs): the loop's
+    not do for loads that do not feed tl.dot (see DECODE_CONFIGS). STAGES (the byte forms' configs): the loop's
     tl.range num_stages, with which the pipeliner does copy the words of tiles ahead into shared memory; PREFETCH
     then carries the codes and activations only.
     GROUPED (a mixture's experts, experts.py): the layer's tensors are every expert's, stacked, and
