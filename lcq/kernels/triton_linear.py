@@ -418,13 +418,14 @@ def _in_selector_order(inputs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
 @triton.jit
 def _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
                   BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
-                  SELECT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP."""
+                  SELECT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BOOK: tl.constexpr = False):
+    """Weights W[n, k0 + i] as fp32 (BLOCK_K, BLOCK_N); the tile lies inside group k0 // GROUP. BOOK: from each
+    column's codebook (_tile_weights)."""
     words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K)
     q = _tile_indices(words, top_words, BITS, BLOCK_K, BLOCK_N)
     s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
     return _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
-                         BITS, RANK, RANKS, SELECT, False, BLOCK_K, BLOCK_N)
+                         BITS, RANK, RANKS, SELECT, BOOK, BLOCK_K, BLOCK_N)
 
 
 @triton.jit
@@ -800,14 +801,16 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
                     stride_out, BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                     SELECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns first_n .. end_n - 1 of W^T (K, N) in out_ptr's dtype, rows stride_out apart (column first_n at
-    out_ptr), one (BLOCK_K, BLOCK_N) tile per program: stores run along N."""
+    out_ptr), one (BLOCK_K, BLOCK_N) tile per program: stores run along N. At 3-4 bits from each column's codebook
+    (BOOK): sm_90 SASS, Triton 3.6, r2 g128, 13.1 and 10.4 instructions per weight against the V gathers' 16.9 and
+    12.8 (bench/kernels.py --sass); at 2 bits the selects (8.9)."""
     offs_n = first_n + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end_n
     k0 = tl.program_id(0) * BLOCK_K
     k_idx = k0 + tl.arange(0, BLOCK_K)
     v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
     w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                      BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
+                      BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, not SELECT)
     tl.store(out_ptr + k_idx[:, None] * stride_out + (offs_n - first_n)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(k_idx[:, None] < K) & n_mask[None, :])
 
