@@ -765,7 +765,10 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                    HAS_BIAS: tl.constexpr,
                  SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows."""
+    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows; at 3-4 bits from
+    each column's codebook (BOOK): per weight a gather of V, which Triton pipelined as 4-byte cp.async copies (70 a
+    loop at 64 x 128 W4 r2, sm_90 Triton 3.6), became a warp shuffle (6 copies a loop), 12.8 -> 9.9 instructions per
+    weight (bench/kernels.py --sass)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -787,7 +790,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N)
+                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, not SELECT)
         acc = _dot(x, w, acc, DOT_IN_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -935,7 +938,7 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     return list(kept.values())
 
 
-GEMM_CONFIGS = [  # one stage too: see the decode configs on the gathers Triton pipelines (not timed yet)
+GEMM_CONFIGS = [  # one stage too (not timed yet): the decode configs' gathers were slow pipelined
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUP_M": 8}, num_warps=w, num_stages=s)
     for bm, bn, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3),
                          (256, 128, 8, 3), (64, 128, 4, 1), (128, 128, 8, 1)]
