@@ -765,10 +765,10 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                    HAS_BIAS: tl.constexpr,
                  SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows; at 3-4 bits from
-    each column's codebook (BOOK): per weight a gather of V, which Triton pipelined as 4-byte cp.async copies (70 a
-    loop at 64 x 128 W4 r2, sm_90 Triton 3.6), became a warp shuffle (6 copies a loop), 12.8 -> 9.9 instructions per
-    weight (bench/kernels.py --sass)."""
+    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows, each weight from
+    its column's codebook (BOOK), a warp shuffle: at 3-4 bits per weight a gather of V had been pipelined as 4-byte
+    cp.async copies (70 a loop at 64 x 128 W4 r2, sm_90 Triton 3.6; 6 now), and sm_90 SASS counts 12.8 -> 9.9
+    instructions per weight there, 12.0 -> 7.1 at W2 r2 against the selects (bench/kernels.py --sass)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -790,7 +790,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, not SELECT)
+                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, True)
         acc = _dot(x, w, acc, DOT_IN_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
