@@ -765,7 +765,8 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                    HAS_BIAS: tl.constexpr,
                  SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """Tiled product for prefill: each program dequantizes its weight tiles once per BLOCK_M rows, each weight from
+    """Tiled product (dispatched for no row count, DENSE_MIN_M: the fused alternative bench/kernels.py times from 65
+    rows as fused_us): each program dequantizes its weight tiles once per BLOCK_M rows, each weight from
     its column's codebook (BOOK), a warp shuffle: at 3-4 bits per weight a gather of V had been pipelined as 4-byte
     cp.async copies (70 a loop at 64 x 128 W4 r2, sm_90 Triton 3.6; 6 now), and sm_90 SASS counts 12.8 -> 9.9
     instructions per weight there, 12.0 -> 7.1 at W2 r2 against the selects (bench/kernels.py --sass)."""
