@@ -481,7 +481,8 @@ GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", 
                 "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8, {}),
                 "no-async": (contextlib.nullcontext, 1, {"async_scheduling": False}),
                 "no-async-8": (contextlib.nullcontext, 8, {"async_scheduling": False}),
-                "whole-dense": (lambda: mock.patch.dict(os.environ, {"LCQ_DENSE_SLAB_MB": "0"}), 1, {})}
+                "whole-dense": (lambda: mock.patch.dict(os.environ, {"LCQ_DENSE_SLAB_MB": "0"}), 1, {}),
+                "attention-unpipelined": (lambda: mock.patch.dict(os.environ, {"LCQ_ATTENTION_STAGES": "1"}), 1, {})}
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
