@@ -148,7 +148,7 @@ def _decode_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_ptr
     (partition_len positions, a multiple of BLOCK_N; decode_attention's partitions), its softmax state
     (max, sum, unnormalised output) written to the workspace, and the last of the sequence's partitions
     to arrive combines them; a context within one partition is finished by that partition alone.
-    STAGES: the key loop's pipelining (decode_attention_stages)."""
+    STAGES: the key loop's pipelining (attention_stages)."""
     wait_for_earlier_kernels(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -239,7 +239,7 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_pt
                               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                              HAS_SINKS: tl.constexpr):
+                              HAS_SINKS: tl.constexpr, STAGES: tl.constexpr = 1):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     m0 = tl.program_id(2) * BLOCK_M
@@ -261,7 +261,7 @@ def _prefill_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, table_pt
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
         lowest = _first_key(length - num_new + m0, WINDOW)  # the first token the tile's first query sees
-        for start in range(lowest // BLOCK_N * BLOCK_N, end, BLOCK_N):
+        for start in tl.range(lowest // BLOCK_N * BLOCK_N, end, BLOCK_N, num_stages=STAGES):
             t = start + tl.arange(0, BLOCK_N)
             t_mask = t < end
             rows = _tile_slots(table_ptr, t, t_mask, BLOCK_SIZE)[:, None] * stride_slot + kv_head * HEAD_DIM
@@ -315,17 +315,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *_shared_args(q, k_cache, out, block_tables),
         GROUP=group, GROUP_ROWS=group_rows, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
         BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
-        HAS_SINKS=sinks is not None, SPLIT=split, STAGES=decode_attention_stages(), **dependent_launch(q))
+        HAS_SINKS=sinks is not None, SPLIT=split, STAGES=attention_stages(), **dependent_launch(q))
     return out
 
 
-def decode_attention_stages() -> int:
-    """How many tiles of keys and values decode attention's loop keeps in flight (LCQ_ATTENTION_STAGES, default 3:
-    Triton's pipeliner copies the next two tiles with cp.async while one is attended; 1: each tile loaded when its
-    turn comes, as before 2026-12-06). Without it, Triton 3.6's sm_90 build loaded every tile in its own iteration
-    and waited for it (no cp.async in the loop): at a 7B's batch-1 step each program walks a partition of 4 tiles
-    of 32 positions, each a wait on device memory. With it: 32 cp.async copies a loop iteration, 252 registers
-    against 254, no spills, the loop's instructions 1,175 -> 1,552. Not timed on a GPU."""
+def attention_stages() -> int:
+    """How many tiles of keys and values the attention kernels' loops keep in flight (LCQ_ATTENTION_STAGES, default
+    3: Triton's pipeliner copies the next two tiles with cp.async while one is attended; 1: each tile loaded when its
+    turn comes, as before 2026-12-06). Without it, Triton 3.6's sm_90 builds loaded every tile in its own iteration
+    and waited for it (no cp.async in the loops): at a 7B's batch-1 step each decode program walks a partition of 4
+    tiles of 32 positions, each a wait on device memory. With it, decode: 32 cp.async copies a loop iteration, 252
+    registers against 254, no spills, the loop's instructions 1,175 -> 1,552; prefill (32 queries a program): 254
+    registers and no spill against 255 and 8 bytes spilled. Not timed on a GPU."""
     return int(os.environ.get("LCQ_ATTENTION_STAGES", "3"))
 
 
@@ -366,5 +367,5 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
-        HAS_SINKS=sinks is not None)
+        HAS_SINKS=sinks is not None, STAGES=attention_stages())
     return out
