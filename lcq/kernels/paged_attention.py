@@ -324,9 +324,10 @@ def attention_stages() -> int:
     3: Triton's pipeliner copies the next two tiles with cp.async while one is attended; 1: each tile loaded when its
     turn comes, as before 2026-12-06). Without it, Triton 3.6's sm_90 builds loaded every tile in its own iteration
     and waited for it (no cp.async in the loops): at a 7B's batch-1 step each decode program walks a partition of 4
-    tiles of 32 positions, each a wait on device memory. With it, decode: 32 cp.async copies a loop iteration, 252
-    registers against 254, no spills, the loop's instructions 1,175 -> 1,552; prefill (32 queries a program): 254
-    registers and no spill against 255 and 8 bytes spilled. Not timed on a GPU."""
+    tiles of 32 positions, each a wait on device memory. With it (head 128, strides specialized as at run time): the
+    keys and values in 16-byte copies, the block table's slots in 4-byte ones a stage earlier; decode 86 -> 96
+    registers, 13 -> 21 KB of shared memory, 293 -> 323 instructions a loop iteration; prefill (32 queries a program)
+    140 -> 150 registers, 18 -> 27 KB, 427 -> 467. Not timed on a GPU."""
     return int(os.environ.get("LCQ_ATTENTION_STAGES", "3"))
 
 
