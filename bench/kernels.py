@@ -146,13 +146,14 @@ def write_results(path: Path, header: dict, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| shape [N, K] | M | W | g | r | path | us | fused us | unfused us | fp16 us | speedup | GB/s "
-             "| of copy | bytes us (of copy) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| shape [N, K] | M | W | g | r | path | us | fused us | unfused us | whole W us | fp16 us | speedup "
+             "| GB/s | of copy | bytes us (of copy) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         in_bytes = f"{r['bytes_us']:.1f} ({r['bytes_frac_of_copy']:.2f})" if "bytes_us" in r else "-"
+        whole = f"{r['whole_us']:.1f}" if "whole_us" in r else "-"
         lines.append(f"| {r['shape'][0]}x{r['shape'][1]} | {r['M']} | {r['bits']} | {r['group_size']} | {r['rank']} "
-                     f"| {r['kernel']} | {r['us']:.1f} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} "
+                     f"| {r['kernel']} | {r['us']:.1f} | {r['fused_us']:.1f} | {r['unfused_us']:.1f} | {whole} "
                      f"| {r['fp16_us']:.1f} | {r['speedup']:.2f} | {r['effective_GBps']:.0f} "
                      f"| {r['frac_of_copy']:.2f} | {in_bytes} |")
     return "\n".join(lines)
