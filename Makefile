@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[triton,server,demo,dev]'
 	touch $@
 
+# One xdist worker per core (at most 8), each with one OpenMP thread (tests/conftest.py): the suite is mostly
+# the Triton interpreter and tiny models, one Python thread each.
 test: venv
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --numprocesses=auto --maxprocesses=8 tests
 
 # On a CUDA machine with torch and triton already installed (no venv): compiled kernels and GPU paths.
 # Only the files with GPU tests: the server tests import packages GPU images may lack.

@@ -6,8 +6,13 @@ stop pytest before its summary).
 """
 import os
 
-import pytest
-import torch
+# Each of `make test`'s xdist workers has a core of its own: OpenMP threads beyond it would spin on the other
+# worker's core (many times slower). Set before torch and the C library start their thread pools.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
@@ -43,6 +48,16 @@ def one_thread():
     """Tiny shapes: one thread is faster, and much faster on a busy 2-core machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def both_cores():
+    """Two OpenMP threads, as the C kernels have outside `make test`'s workers (one thread each there): for the
+    tests of C loops that divide their work between threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     yield
     torch.set_num_threads(threads)
 

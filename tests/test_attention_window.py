@@ -153,6 +153,7 @@ def test_torch_path_window_matches_dense_reference(monkeypatch, new, cached, hea
 @SHAPES
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.int8])
 @pytest.mark.parametrize("block_size", [BLOCK, 16])  # blocks of 16: the C decode scores 8 rows at a time
+@pytest.mark.usefixtures("both_cores")
 def test_c_window_matches_dense_reference(monkeypatch, new, cached, heads, kv_heads, head_dim, cache_dtype, window,
                                           block_size):
     _check_paged_attention(monkeypatch, True, new, cached, heads, kv_heads, head_dim, cache_dtype, window,

@@ -912,6 +912,7 @@ needs_half_kernel = pytest.mark.skipif(not cpu_half.enabled(), reason="fp16 CPU 
 
 @needs_half_kernel
 @pytest.mark.parametrize("m", [*range(1, 10), 16, 33])
+@pytest.mark.usefixtures("both_cores")
 def test_half_kernel_matches_rounded_weights(m):
     """Against the same fp16-rounded weight in float64: only fp32 summation differs (1e-5). Below 16
     rows the decode form runs (passes of up to 8 rows), from 16 cpu_gemm.c's panels and micro-tiles;
@@ -1038,6 +1039,7 @@ def test_int8_products_quantize_operands_only(n, m, k):
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 64, 576), (3, 3, 64, 500), (4, 2, 128, 150),
                                                    (2, 2, 128, 1000), (3, 1, 128, 2048), (4, 4, 64, 200),
                                                    (3, 2, 192, 37)])
+@pytest.mark.usefixtures("both_cores")
 def test_int8_decode_products_read_books(bits, rank, group, k):
     """A weight that keeps its int8 books takes int8 products of 1-4 rows in the int8 decode form, and
     with the row form at every row count: the int8 blocked product's operands (_int8_index_reference:
@@ -1290,6 +1292,7 @@ INDEX_FORMS = [False] + ([True] if "avx512f" in native.cpu_flags() else [])  # w
                                                    (2, 2, 64, 600), (3, 1, 32, 500), (4, 4, 64, 300), (3, 5, 32, 96)])
 @pytest.mark.parametrize("m", [1, 3, 6, 8, 9, 16, 33])
 @pytest.mark.parametrize("wide", INDEX_FORMS)
+@pytest.mark.usefixtures("both_cores")
 def test_index_kernel_matches_reference(monkeypatch, bits, rank, group, k, m, wide):
     """Indices read in place, codebook entries exact fp32 (only summation order differs, 1e-6): below
     16 rows the decode form (even passes of up to 4 rows; 6 in AVX-512), in the AVX2 and (where the CPU
@@ -1386,6 +1389,7 @@ needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and amx_activ
 @pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
                                                       (150, 600, 2, 2, 128), (64, 576, 4, 2, 64),
                                                       (32, 1536, 2, 2, 128)])
+@pytest.mark.usefixtures("both_cores")
 def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
     """int8 products from 16 rows take AMX tiles for each whole 16 rows, the rest the vpdpbusd register tiles:
     the same integer sums of each 64-value block and the same fp32 scaling, so the same values bit for bit,
@@ -1443,6 +1447,7 @@ def test_amx_tiles_give_the_bf16_products_of_kept_panels(n, k):
 @needs_amx
 @pytest.mark.parametrize("n, k, bits, rank, group", [(74, 200, 4, 2, 64), (43, 37, 2, 1, 32), (100, 330, 3, 3, 96),
                                                       (64, 576, 4, 2, 64), (1600, 576, 2, 1, 64)])
+@pytest.mark.usefixtures("both_cores")
 def test_int8_products_of_many_rows_take_bf16_tiles(n, k, bits, rank, group):
     """From byte_pair_rows rows (256 by default; 20 here) int8 products of LCQ layers run on bf16 AMX tiles:
     activations rounded to bf16, each weight value of the int8 form (q times its block's scale) rounded to
@@ -1641,6 +1646,7 @@ needs_cpu_ops = pytest.mark.skipif(not cpu_ops.usable(), reason="C decode ops un
 
 @needs_cpu_ops
 @pytest.mark.parametrize("rows", [1, 3, 20])  # 20: the multi-threaded branch
+@pytest.mark.usefixtures("both_cores")
 def test_cpu_ops_match_torch(rows):
     """One-pass C versions of RMSNorm (with and without the residual add), LayerNorm (with and without bias),
     rotary and SwiGLU

@@ -245,6 +245,7 @@ def test_c_decode_step_refuses_a_table_without_a_block_it_would_read(tmp_path):
 @pytest.mark.parametrize("arch, sizes", [("llama", {}), ("llama", {"hidden_size": 100, "head_dim": 32}),
                                          ("gemma3", {}), ("stablelm", {})])
 @pytest.mark.parametrize("table", [torch.float16, torch.float32])
+@pytest.mark.usefixtures("both_cores")
 def test_c_decode_step_looks_tokens_up_and_norms_as_the_python_layers(tmp_path, arch, sizes, table):
     """The one-call C decode step reads the embedding table itself (fp16, as an fp16 file keeps it, or fp32, as
     a table fp16 cannot hold exactly stays; rows of 96 and of 100 values, not a whole number of 8-value
@@ -1442,6 +1443,7 @@ def test_cpu_ops_paged_attention_matches_torch_path(monkeypatch, new, cached, he
     (9, 3, torch.float32, 24), (9, 3, torch.float16, 64), (4, 2, torch.float32, 20)])
 @pytest.mark.parametrize("cached", [[300, 128, 127, 0], [700], [200, 30]])
 @pytest.mark.parametrize("window, sinks", [(0, False), (150, True)])
+@pytest.mark.usefixtures("both_cores")
 def test_cpu_decode_attention_in_parts_matches_torch_path(monkeypatch, cached, heads, kv_heads, cache_dtype, head_dim,
                                                           window, sinks):
     """Fewer than 8 sequences decode each context in parts, each part softmax-normalized on its own and
@@ -1584,6 +1586,7 @@ def test_fp16_cache_saturates_values_past_its_range(monkeypatch, c_ops):
 @needs_cpu_ops
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("bf16", [False, True] if products_available(torch.bfloat16) else [False])
+@pytest.mark.usefixtures("both_cores")
 def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
     """Staged in groups under a small limit (every sequence alone, or two by two) the C prefill gives
     the same numbers as staged all at once: the groups only bound its buffer."""

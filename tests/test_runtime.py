@@ -1227,6 +1227,7 @@ def test_sampler_penalties():
 
 
 @pytest.mark.skipif(not cpu_ops.usable(), reason="the C kernels do not build here")
+@pytest.mark.usefixtures("both_cores")
 def test_c_sampler_draws_where_the_torch_ops_do():
     """cpu_ops.sample_rows against filtered_probs + draw at the same uniform numbers: the token it picks
     has probability and spans the target in the cumulative sum (up to fp32 rounding), over rows from
