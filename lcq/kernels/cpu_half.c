@@ -175,13 +175,16 @@ LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out
  * BYTE_BLOCK * ceil(K / BYTE_BLOCK) bytes, then N rows of ceil(K / BYTE_BLOCK) fp32 scales. */
 #define BYTE_BLOCK 32
 /* byte_column asks for the codes and scales of the column this many bytes of codes ahead, rounded up to whole
- * columns (prefetchnta, as they are read once), where a column of one row is short or there are two rows: with
- * one row of a long column the hardware's prefetcher keeps up. Two builds alternating in one process, weights
- * from memory, 2 threads on a Zen 4: SmolLM2's head (576-byte columns, 6 ahead) 1.05-1.17x at one row, 1.28x
- * at two (3 and 12 ahead 0.94x and 0.96x of 6, into L2 0.99x, into L1 0.98x); Llama 3.2 1B's (2,048 bytes)
- * 1.07-1.21x at two rows, but 0.86-0.97x at one (already at this host's plain read rate). */
+ * columns, into L2 (prefetcht1, as cpu_gemm.h's line streams). Two builds alternating in one process, weights
+ * from memory, 2 threads on a Zen 4, with prefetchnta: SmolLM2's head (576-byte columns, 6 ahead) 1.05-1.17x at
+ * one row, 1.28x at two (3 and 12 ahead 0.94x and 0.96x of 6, into L2 0.99x, into L1 0.98x); Llama 3.2 1B's
+ * (2,048 bytes) 1.07-1.21x at two rows, but 0.86-0.97x at one, which therefore did not ask. On a Xeon with AMX
+ * (2 threads, builds alternating, medians of 15 calls after 512 MB written), prefetchnta held SmolLM2's head at
+ * 2.3-2.6 ms a row whether its rows were in the L3 or not: prefetcht1 1.6-1.8 (0.7 from the L3); asking at one
+ * row of the 1B's long columns too, 11.5-11.6 ms against 15.6-16.7 without; the demo model's batch-1 decode
+ * 1.17-1.25x (132-150 tokens/s against 107-126, three rounds). Processing two columns at once (independent
+ * chains) was 1.0-1.3x on the head alone and no faster end to end. */
 #define BYTES_AHEAD 3072
-#define SHORT_COLUMN_BYTES 1024
 #define HEAD_BYTE_ROWS 4 /* lcq_half_matmul */
 #define CHUNK 64 /* values per vpdpbusd: two blocks */
 
@@ -311,12 +314,12 @@ LCQ_BF16 static inline __attribute__((always_inline)) void byte_column(const int
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
     const int columns_ahead = (BYTES_AHEAD + stride - 1) / stride;
-    const int ask = (M > 1 || stride <= SHORT_COLUMN_BYTES) && n + columns_ahead < N;
+    const int ask = n + columns_ahead < N;
     const char *ahead = (const char *)codes + (int64_t)columns_ahead * stride;
-    if (ask) _mm_prefetch((const char *)(scales + (int64_t)columns_ahead * blocks), _MM_HINT_NTA);
+    if (ask) _mm_prefetch((const char *)(scales + (int64_t)columns_ahead * blocks), _MM_HINT_T1);
     for (int c = 0; c < chunks; c++) {
         const int k = c * CHUNK, whole = k + CHUNK <= stride;
-        if (ask) _mm_prefetch(ahead + k, _MM_HINT_NTA);
+        if (ask) _mm_prefetch(ahead + k, _MM_HINT_T1);
         const __m512i weights =
             whole ? _mm512_loadu_si512(codes + k) : _mm512_maskz_loadu_epi8(first_bytes(stride - k), codes + k);
         const __m512 pair = _mm512_castps128_ps512(
