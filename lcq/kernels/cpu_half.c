@@ -182,8 +182,8 @@ LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out
  * (2 threads, builds alternating, medians of 15 calls after 512 MB written), prefetchnta held SmolLM2's head at
  * 2.3-2.6 ms a row whether its rows were in the L3 or not: prefetcht1 1.6-1.8 (0.7 from the L3); asking at one
  * row of the 1B's long columns too, 11.5-11.6 ms against 15.6-16.7 without; the demo model's batch-1 decode
- * 1.17-1.25x (132-150 tokens/s against 107-126, three rounds). Processing two columns at once (independent
- * chains) was 1.0-1.3x on the head alone and no faster end to end. */
+ * 1.09-1.28x (three pairs of processes, 132-150 tokens/s against 107-126). Two columns at once (independent
+ * chains) ran 1.0-1.3x on the head alone and no faster end to end. */
 #define BYTES_AHEAD 3072
 #define HEAD_BYTE_ROWS 4 /* lcq_half_matmul */
 #define CHUNK 64 /* values per vpdpbusd: two blocks */
