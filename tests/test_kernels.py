@@ -30,6 +30,7 @@ from lcq.paths import cache_dir
 from tests.test_format import random_layer
 
 triton_linear = pytest.importorskip("lcq.kernels.triton_linear")
+from lcq.kernels import triton_configs, triton_pair_table, triton_tiles  # noqa: E402 (past the skip without triton)
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 SMALL_DECODE = {"BLOCK_N": 16, "SPLIT_K": 3}
@@ -199,7 +200,7 @@ def test_autotuner_times_products_of_bytes_with_their_own_configs(select):
     none of the other forms' configs."""
     tiles = {(64, 2), (128, 4), (256, 2), (512, 4)} if select else {(64, 2), (128, 4)}
     for group in (32, 64, 128):
-        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
+        kept = triton_configs._decode_configs_for(triton_configs.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
                                                  SELECT=select, INT8=True)
         assert {(c.kwargs["BLOCK_N"], c.num_warps) for c in kept} == tiles
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
@@ -274,7 +275,7 @@ def test_autotuner_times_byte_codebooks_with_their_own_configs():
     holds it, split 2 to 16 ways, with and without PREFETCH, each with the words pipelined (STAGES 3) or not, none of
     the other forms' configs."""
     for group, select in itertools.product((32, 64, 128), (True, False)):
-        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=16, GROUP=group,
+        kept = triton_configs._decode_configs_for(triton_configs.DECODE_CONFIGS, {}, BLOCK_M=16, GROUP=group,
                                                  SELECT=select, BYTE_BOOK=True)
         assert {(c.kwargs["BLOCK_N"], c.num_warps) for c in kept} == {(64, 4), (128, 4), (256, 8)}
         assert {c.kwargs["BLOCK_K"] for c in kept} == {group}
@@ -317,7 +318,7 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
     multiplies bytes (dp4a)."""
     code = ("import sys; sys.path.insert(0, '.'); import triton; from triton.backends.compiler import GPUTarget; "
             "from triton.compiler import ASTSource; from bench.kernels import compile_sm90, inner_loop, sass_of; "
-            "from lcq.kernels.triton_linear import _input_bytes_kernel as kernel; "
+            "from lcq.kernels.triton_bytes import _input_bytes_kernel as kernel; "
             f"sass, _ = sass_of(compile_sm90('decode', {bits}, 2, 128, 1, 128, 4, True, True, depth=128, int8=True, "
             "prepared=True)); "
             "names = kernel.arg_names; "
@@ -335,7 +336,7 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
 def test_pair_table_holds_both_products_of_every_index_pair():
     layer = random_layer(8, 70, 2, 3, 32, seed=1)
     x = torch.randn(1, 70)
-    table = triton_linear.pair_table(x, layer, 48)  # 35 pairs of inputs, padded to the groups' 48
+    table = triton_pair_table.pair_table(x, layer, 48)  # 35 pairs of inputs, padded to the groups' 48
     v = layer.v.float().reshape(-1, 3, 4)[0]  # (ranks, entries) of the layer's one table
     padded = torch.nn.functional.pad(x[0], (0, 96 - 70)).view(48, 2)
     torch.testing.assert_close(table[:3], padded.view(3, 32).sum(dim=1))  # the sum of each 32 inputs first
@@ -352,10 +353,10 @@ def test_autotuner_times_each_form_with_its_own_configs():
     workspace grows with their rows, at most 16 ways at any M. PREFETCH timed three ways everywhere (none, one
     or two tiles ahead); tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth
     dividing the group; column codebooks (BOOK) for tl.dot, and at 3-4 bits for the FMA form too."""
-    configs = triton_linear.DECODE_CONFIGS
+    configs = triton_configs.DECODE_CONFIGS
     for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
                                                              (True, False)):
-        kept = triton_linear._decode_configs_for(configs, {}, BLOCK_M=block_m, GROUPED=grouped, GROUP=group,
+        kept = triton_configs._decode_configs_for(configs, {}, BLOCK_M=block_m, GROUPED=grouped, GROUP=group,
                                                  SELECT=select)
         fma = block_m < 16
         deep = fma and group == 128 and select
@@ -369,7 +370,7 @@ def test_autotuner_times_each_form_with_its_own_configs():
         assert all(c.kwargs["REDUCE_K"] for c in kept if c.kwargs["BLOCK_K"] == 128)
         described = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
         assert len(described) == len(set(described))
-        tuned_forms = triton_linear.FMA_DECODE_CONFIGS if fma else triton_linear.DOT_DECODE_CONFIGS
+        tuned_forms = triton_configs.FMA_DECODE_CONFIGS if fma else triton_configs.DOT_DECODE_CONFIGS
         assert {c.kwargs.get("BOOK", False) for c in kept} == ({False} if select and fma else {False, True})
         assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64) and
                                 not (select and fma and c.kwargs.get("BOOK")) for c in tuned_forms)
@@ -379,10 +380,10 @@ def test_autotuner_times_the_pair_table_with_its_own_configs():
     """One row at 2 bits from the pair table: its tiles 64 or 128 deep where the group holds them, split up
     to 32 ways, PREFETCH none, one or two tiles ahead, none of the other forms' configs."""
     for group in (32, 64, 128):
-        kept = triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
+        kept = triton_configs._decode_configs_for(triton_configs.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=group,
                                                  SELECT=True, LUT=True)
         assert all(any(c.kwargs["BLOCK_N"] == f.kwargs["BLOCK_N"] and c.num_warps == f.num_warps
-                       for f in triton_linear.LUT_DECODE_CONFIGS) for c in kept)
+                       for f in triton_configs.LUT_DECODE_CONFIGS) for c in kept)
         assert {c.kwargs["BLOCK_K"] for c in kept} == ({64, 128} if group == 128 else {min(group, 64)})
         assert {c.kwargs["SPLIT_K"] for c in kept} == {8, 16, 32}
         assert {c.kwargs["PREFETCH"] for c in kept} == {False, True, 2}
@@ -404,10 +405,10 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
         timed.append(1.0 + len(timed))  # the first config timed wins
         return [timed[-1]] * len(quantiles)
 
-    subset = [c for c in triton_linear.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 8]
+    subset = [c for c in triton_configs.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 8]
     tuned = triton_linear.triton.autotune(subset, key=triton_linear._KEY + ["BLOCK_M", "GROUPED", "LUT"],
                                           do_bench=stand_in_timer,
-                                          prune_configs_by={"early_config_prune": triton_linear._decode_configs_for}
+                                          prune_configs_by={"early_config_prune": triton_configs._decode_configs_for}
                                           )(triton_linear._decode_kernel)
     monkeypatch.setattr(triton_linear, "_decode_tuned", tuned)
     monkeypatch.setattr(triton_linear, "INTERPRETER_DECODE_CONFIG", None)
@@ -425,7 +426,7 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
         # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2, and column codebooks; the pair
         # table: depth 2 x PREFETCH 3
         assert len(timed) == (6 if lut else 7 if m >= 3 else 9)
-    assert len(timed) == len(triton_linear._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
+    assert len(timed) == len(triton_configs._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
                                                                 GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8
 
@@ -476,8 +477,9 @@ def test_dense_product_in_slabs_of_columns_matches_reference(monkeypatch, bias):
 def test_gather_in_the_other_orientation_matches_reference(monkeypatch, bits, rank, group, k):
     """The V gather laid out (columns, depth) as for Triton 3.6, (depth, columns) as for 3.7 and
     later: whichever the installed Triton does not take, through every kernel that gathers."""
-    flipped = triton_linear.tl.constexpr(not triton_linear.GATHER_COLUMNS_FIRST)
-    monkeypatch.setattr(triton_linear, "GATHER_COLUMNS_FIRST", flipped)
+    flipped = triton_tiles.tl.constexpr(not triton_tiles.GATHER_COLUMNS_FIRST)
+    for module in (triton_tiles, triton_pair_table):
+        monkeypatch.setattr(module, "GATHER_COLUMNS_FIRST", flipped)
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 3)
     for m, config in ((1, SMALL_DECODE), (2, {**SMALL_DECODE, "REDUCE_K": True, "PREFETCH": True}),
                       (3, {**SMALL_DECODE, "PREFETCH": True})):
@@ -680,7 +682,7 @@ def test_triton_linear_keeps_leading_dimensions():
 
 
 def test_block_k_divides_the_group():
-    assert [triton_linear.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
+    assert [triton_tiles.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
     assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 16, 17, 33, 64)] == [1, 2, 16, 16, 32, 64, 64]
 
 
@@ -754,7 +756,7 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m, exact_products
     for reduce_k, prefetch, stages, split, book in itertools.product(
             (False, True) if fma else (False,), (False, True, 2), (2,) if fma else (1, 2), (8, 64) if fma else (8,),
             (False,) if bits == 2 and fma else (False, True)):
-        depth = 128 if deep and reduce_k else triton_linear.block_k(group)
+        depth = 128 if deep and reduce_k else triton_tiles.block_k(group)
         config = {"BLOCK_N": 128, "BLOCK_K": depth, "SPLIT_K": split, "REDUCE_K": reduce_k, "PREFETCH": prefetch,
                   "BOOK": book, "num_warps": 4, "num_stages": stages}
         y = triton_linear.decode(x, layer, config)
@@ -823,7 +825,7 @@ def test_compiled_pair_table_on_gpu(rank, exact_products):
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(1, 11008, device="cuda").to(dtype)
         expected = reference(x.cpu(), layer.to("cpu"))
-        for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=128,
+        for config in triton_configs._decode_configs_for(triton_configs.DECODE_CONFIGS, {}, BLOCK_M=1, GROUP=128,
                                                         SELECT=True, LUT=True)[::5]:
             launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
             y = triton_linear.decode(x, layer, launch, lut=True)
@@ -855,7 +857,7 @@ def _check_form_on_gpu(x: torch.Tensor, layer: PackedLinear, expected: torch.Ten
     """Every `every`-th config the autotuner may time for a decode form (int8, byte_book), compiled, against
     expected; then the autotuned launch through lcq_linear with the form's switch at 1; it serves by default only
     where its defaults say, and not with its switch at 0."""
-    for config in triton_linear._decode_configs_for(triton_linear.DECODE_CONFIGS, {}, BLOCK_M=block_m,
+    for config in triton_configs._decode_configs_for(triton_configs.DECODE_CONFIGS, {}, BLOCK_M=block_m,
                                                     GROUP=layer.group_size, SELECT=layer.bits == 2,
                                                     **{form.upper(): True})[::every]:
         launch = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
