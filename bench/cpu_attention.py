@@ -1,5 +1,5 @@
-"""CPU paged attention: the C kernels (lcq/kernels/cpu_attention.c) against the torch path of
-lcq/models/attention.py (SDPA on K/V rows gathered from the cache), for prefill and decode steps with
+"""CPU paged attention: the C kernels (lcq/kernels/cpu_decode_attention.c and cpu_prefill_attention.c) against
+the torch path of lcq/models/attention.py (SDPA on K/V rows gathered from the cache), for prefill and decode steps with
 SmolLM2-135M's heads (9 query and 3 kv heads of 64), fp32 and fp16 caches; on CPUs with AVX512_BF16
 also the C kernels with bf16 products (bf16 operands in prefill tiles; decode stays fp32), and on CPUs
 with AMX those on AMX tiles (the default there) against the register tiles.

@@ -24,7 +24,7 @@ from lcq.kernels.cpu_matmul import cpu_products, products_available
 from lcq.models.attention import PagedAttention
 from tests.test_models import BLOCK, _int8_rows, _random_paged_context, needs_cpu_ops
 
-KEYS = 32  # keys per chunk of the C prefill (cpu_attention.c) and per tile of the Triton kernels (BLOCK_N)
+KEYS = 32  # keys per chunk of the C prefill (cpu_prefill_attention.c) and per tile of the Triton kernels (BLOCK_N)
 
 # W = 1; within one block of 4; not a multiple of the block size; past a key chunk (32) and not a multiple of
 # it; past the first part (32 blocks of 4) of a long decode context; past every context (= full attention)

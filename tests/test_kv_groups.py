@@ -33,7 +33,7 @@ def test_layers_form_groups_of_the_fewest_layers_of_a_kind():
 
 def test_the_kept_tile_is_the_kernels_key_tile():
     """The blocks a sliding group keeps start at the key tile where a window begins, because the kernels
-    read a window's keys tile by tile from there (the C kernels' KEYS in cpu_attention.c is 32 too)."""
+    read a window's keys tile by tile from there (the C kernels' KEYS in cpu_prefill_attention.c is 32 too)."""
     pytest.importorskip("triton")
     from lcq.kernels.paged_attention import BLOCK_N
 

@@ -1,5 +1,5 @@
-/* exp for the C kernels' softmax (cpu_attention.c), SwiGLU and GeGLU (cpu_ops.c, cpu_gemm.c): AVX2, and
- * AVX-512 for the products' SwiGLU. */
+/* exp for the C kernels' softmax (cpu_decode_attention.c, cpu_prefill_attention.c), SwiGLU and GeGLU (cpu_ops.c,
+ * cpu_gemm.c): AVX2, and AVX-512 for the products' SwiGLU. */
 #ifndef LCQ_CPU_EXP_H
 #define LCQ_CPU_EXP_H
 

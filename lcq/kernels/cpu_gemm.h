@@ -71,7 +71,7 @@ typedef int (*lcq_expand_byte_rows)(const void *weight, int K, int first, int co
  * `per_step` lines per lcq_stream_step, which the product's inner loops take every LCQ_STREAM_EVERY
  * steps along K: spread over the product, as a burst of a block's lines fills the core's miss buffers
  * and stalls the thread until memory answers, so that compute and memory take turns
- * (cpu_attention.c). Two builds alternating in one process, weights from memory, 2 threads on a Zen 4:
+ * (cpu_decode_attention.c). Two builds alternating in one process, weights from memory, 2 threads on a Zen 4:
  * the 49152 x 576 fp16 head 1.36x at 12 rows, 1.26x at 16, 1.23x at 32, 1.07x at 64; SmolLM2's W4 r2
  * LCQ shapes 1.16x (gate/up) and 0.97-1.09x at 12-64 rows; all alike at 512 (their expansion is
  * bounded by arithmetic, not by its 0.7 bytes per weight). Finishing the stream by the product's
@@ -148,7 +148,7 @@ void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width
                    const float *factors);
 
 /* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
- * products (cpu_gemm.c, cpu_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against
+ * products (cpu_gemm.c, cpu_prefill_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against
  * V <= 2 vectors of b (row stride ldb). Per k: V loads and R broadcasts feed R x V FMAs (12 FMAs for
  * 8 loads at 6 x 2, all in 15 of the 16 AVX2 registers). Inlined with R and V constants, so acc
  * stays in registers. The stream (or NULL) takes a step every LCQ_STREAM_EVERY k. */
@@ -317,7 +317,7 @@ int lcq_set_paired_group_kb(int kb);
 
 /* c (rows, 16 * vectors) = or (accumulate) += a (rows, K words of bf16 pairs, lda words apart) @ b (K rows
  * of pairs along K, ldb words apart), on AMX tiles configured for K (lcq_amx_configure(K)): the bf16
- * blocked product of weights expanded per call (cpu_gemm.c) and prefill attention's (cpu_attention.c). Whole tiles of LCQ_AMX_ROWS rows are read and written:
+ * blocked product of weights expanded per call (cpu_gemm.c) and prefill attention's (cpu_prefill_attention.c). Whole tiles of LCQ_AMX_ROWS rows are read and written:
  * a's and c's rows past `rows` up to a multiple of them must be there (their values are not used). */
 void lcq_amx_pair_product(const uint32_t *a, int64_t lda, const uint32_t *b, int64_t ldb, int K, int rows,
                           int vectors, float *c, int64_t ldc, int accumulate);

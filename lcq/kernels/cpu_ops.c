@@ -3,7 +3,7 @@
  * At batch 1 the matrix products of a small model take less than half of a decode step on a CPU;
  * the rest was torch dispatching five to ten tiny operations per RMSNorm, rotary embedding and
  * SwiGLU, and gathering every cached K/V row into a fresh tensor before attention. These functions
- * do each of those in one call (attention, which reads the paged cache where it lies: cpu_attention.c),
+ * do each of those in one call (attention, which reads the paged cache where it lies: cpu_decode_attention.c),
  * and lcq_decode_layers runs a whole decode step.
  * All tensors are contiguous fp32 unless a stride is given; sums of squares are kept in double.
  */
@@ -24,7 +24,7 @@ int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y)
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
-                         int window, const float *sinks); /* cpu_attention.c */
+                         int window, const float *sinks); /* cpu_decode_attention.c */
 struct RecurrentLayer;
 int lcq_recurrent_step(const struct RecurrentLayer *layer, const int64_t *slots, int seqs, const float *projected,
                        float *out); /* cpu_recurrent.c */

@@ -1,5 +1,5 @@
 """The small operations of a CPU step in one C call each (cpu_ops.c), and paged attention
-(cpu_attention.c).
+(cpu_decode_attention.c, cpu_prefill_attention.c).
 
 torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rotary embedding and
 SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;

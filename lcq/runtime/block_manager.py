@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from .sequence import Sequence
 
 # The attention kernels read a window's keys in tiles of this many from the tile where it begins
-# (cpu_attention.c's KEYS, paged_attention.py's BLOCK_N): the blocks under that tile are kept too.
+# (cpu_prefill_attention.c's KEYS, paged_attention.py's BLOCK_N): the blocks under that tile are kept too.
 KEY_TILE = 32
 RELEASED = -1  # a sliding-window table's entry for a block handed back
 
