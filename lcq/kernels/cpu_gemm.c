@@ -37,6 +37,7 @@
 #include "cpu_constant.h"
 #include "cpu_exp.h"
 #include "cpu_gemm.h"
+#include "cpu_ops.h"
 
 #define PANEL 16       /* fp32: activation rows per panel, two vectors (a last panel of up to 8 rows: one) */
 #define PAIR_PANEL 32  /* bf16: activation rows per panel, two vectors of pairs (a last one of up to 16: one) */

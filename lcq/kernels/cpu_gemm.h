@@ -142,11 +142,6 @@ int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansio
 float *lcq_swiglu_products(int swiglu, int M, int N, float *y);
 int lcq_swiglu_finish(int swiglu, float *products, int M, int N, float *y, int status);
 
-/* out (rows, width) = act(gate) * up for gate_up (rows, 2 * width) = [gate, up], act one of cpu_exp.h's gated ones,
- * factors its factors or NULL (cpu_ops.c). */
-void lcq_gated_mul(const float *gate_up, float *out, int64_t rows, int64_t width, int activation,
-                   const float *factors);
-
 /* acc[r][v] = sum over k < K of a[r][k] * b[k][8v .. 8v + 8): the register tile of the C kernels'
  * products (cpu_gemm.c, cpu_prefill_attention.c), R <= 6 rows of a (row stride lda, values broadcast) against
  * V <= 2 vectors of b (row stride ldb). Per k: V loads and R broadcasts feed R x V FMAs (12 FMAs for

@@ -4,7 +4,7 @@
  * The queries are taken into the latent's space (each head's query without rotary embedding times its part of
  * kv_b_proj), the latent normed and the rotated parts turned, and after the attention each head's weighted sum of
  * latents becomes its value (times the other part of kv_b_proj). The Python layers call lcq_latent_queries and
- * lcq_latent_values on CPU, and the one-call decode step (cpu_ops.c) runs a whole latent attention layer with them,
+ * lcq_latent_values on CPU, and the one-call decode step (cpu_decode_step.c) runs a whole latent attention layer with them,
  * so both give the same numbers. All tensors are contiguous fp32.
  */
 #include <stdint.h>
@@ -12,11 +12,7 @@
 #include <string.h>
 
 #include "cpu_latent.h"
-
-void lcq_rms_norm(const float *x, float *residual, const float *weight, float *out, int64_t rows, int dim,
-                  float eps); /* cpu_ops.c */
-void lcq_rotary(float *x, int64_t tokens, int64_t row_stride, int heads, int head_dim, int rotated, const float *cos,
-                const float *sin, const int64_t *positions, int interleaved);
+#include "cpu_ops.h"
 
 /* From q (rows, heads, nope_dim + rope_dim) and compressed (rows, kv_rank + rope_dim): queries (rows, heads,
  * kv_rank + rope_dim), each head's query without rotary embedding taken into the latent's space, its rotated part

@@ -1,4 +1,4 @@
-/* The latent attention layer (cpu_latent.c) that the one-call decode step (cpu_ops.c) runs too. */
+/* The latent attention layer (cpu_latent.c) that the one-call decode step (cpu_decode_step.c) runs too. */
 #ifndef LCQ_CPU_LATENT_H
 #define LCQ_CPU_LATENT_H
 
@@ -9,7 +9,7 @@
  * without and with the rotary embedding; value_dim, a value head's; interleaved: the rotary pairs are adjacent;
  * the norms' weights (q_down_norm NULL without a queries' latent); key_up (heads, nope_dim, kv_rank) and value_up
  * (heads, value_dim, kv_rank), kv_b_proj's parts; projections: nine entries, (kind, weight, bias) of q_a_proj (its
- * weight NULL without one), q_proj (or q_b_proj) and kv_a_proj_with_mqa, as cpu_ops.c's linear layers. */
+ * weight NULL without one), q_proj (or q_b_proj) and kv_a_proj_with_mqa, as cpu_decode_step.c's linear layers. */
 typedef struct LatentLayer {
     int heads, kv_rank, q_rank, nope_dim, rope_dim, value_dim, interleaved;
     float eps;

@@ -4,7 +4,7 @@
  * The Python layers called a dozen torch operations to route and then each chosen expert's two products one at a
  * time (at 8 experts a token and 48 layers, about 2,000 calls a token); here each expert the step's rows chose runs
  * once over the rows that chose it, its products the same C kernels as every other layer's (cpu_index.c,
- * cpu_half.c). Both the Python layers (MixtureOfExperts.forward on CPU) and the one-call decode step (cpu_ops.c)
+ * cpu_half.c). Both the Python layers (MixtureOfExperts.forward on CPU) and the one-call decode step (cpu_decode_step.c)
  * call lcq_mixture_step, so both give the same numbers. All tensors are contiguous fp32.
  */
 #include <math.h>
@@ -15,10 +15,10 @@
 #include "cpu_exp.h"
 
 struct Adapters;
-int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y); /* cpu_ops.c */
+int lcq_linear_entry(void *const *entry, const float *x, int rows, int K, int N, int swiglu, float *y); /* cpu_decode_step.c */
 int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int width, int activation,
             const float *factors, const struct Adapters *adapters, int layer, float *gate_up, float *activated,
-            float *y); /* cpu_ops.c */
+            float *y); /* cpu_decode_step.c */
 
 /* A mixture as lcq_mixture_step reads it (cpu_ops.py's Mixture mirrors it). The router (num_experts, hidden),
  * with a bias or NULL, scores each row; probabilities are their softmax, or their sigmoid (sigmoid); the choice is
@@ -28,7 +28,7 @@ int lcq_mlp(void *const *entries, const float *x, int rows, int in_dim, int widt
  * renormalized where norm_topk_prob, times routed_scale; each expert's output is scaled by its weight, or its input
  * (input_weights: Llama 4). An expert is an MLP of `width` (lcq_mlp; activation one of cpu_exp.h's but xIELU,
  * factors gpt-oss's clamped SwiGLU's or NULL): six entries in `experts` per expert, gate/up then down, each (kind,
- * weight, bias) as cpu_ops.c's linear layers. latent > 0: the routed experts run in that width, between the linear
+ * weight, bias) as cpu_decode_step.c's linear layers. latent > 0: the routed experts run in that width, between the linear
  * layers latent_projections (in, then out: six entries). shared: a shared expert's six entries (of shared_width),
  * or NULL; shared_gate (hidden), where not NULL, scales its output by sigmoid(shared_gate . x). */
 typedef struct Mixture {

@@ -1,5 +1,5 @@
-"""The small operations of a CPU step in one C call each (cpu_ops.c), and paged attention
-(cpu_decode_attention.c, cpu_prefill_attention.c).
+"""The small operations of a CPU step in one C call each (cpu_ops.c), sampling (cpu_sample.c), paged
+attention (cpu_decode_attention.c, cpu_prefill_attention.c) and the one-call decode step (cpu_decode_step.c).
 
 torch spends 5-15 us dispatching each tiny operation on a CPU, and RMSNorm, rotary embedding and
 SwiGLU are several operations apiece, run 61, 30 and 30 times per token of a 30-layer model;
@@ -127,7 +127,7 @@ def check_blocks(status: int, kernel: str) -> None:
         raise RuntimeError(f"{kernel}: a block table entry the attention would read holds no block")
 
 
-HALF_WEIGHT, INDEX_WEIGHT = 0, 1  # kinds of linear weight in lcq_decode_layers' table (cpu_ops.c)
+HALF_WEIGHT, INDEX_WEIGHT = 0, 1  # kinds of linear weight in lcq_decode_layers' table (cpu_decode_step.c)
 INT8_SCALE_BYTES = 4  # an int8 cache's head row: head_dim values, then their fp32 scale
 
 

@@ -5,7 +5,7 @@
  * convolution take one token per sequence here: the convolution window, the inputs' activations, the state
  * update and its read-out, and the gated norm. torch's operations copied every state out of its slot and back
  * and made several passes over it, and Python called about fifteen of them per layer and token. Both the Python
- * layers (lcq/models/recurrent.py) and the one-call decode step (cpu_ops.c) call lcq_recurrent_step, so both
+ * layers (lcq/models/recurrent.py) and the one-call decode step (cpu_decode_step.c) call lcq_recurrent_step, so both
  * give the same numbers. All tensors are contiguous fp32; sums of squares are kept in double.
  */
 #include <math.h>

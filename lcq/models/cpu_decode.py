@@ -2,7 +2,7 @@
 
 What CUDA graphs do on a GPU: at batch 1 a small model's matrix products take about half of a
 CPU decode step, and the rest was Python calling a dozen operations per layer. The C loop
-(lcq_decode_layers in lcq/kernels/cpu_ops.c) runs the same kernels in the same order as the
+(lcq_decode_layers in lcq/kernels/cpu_decode_step.c) runs the same kernels in the same order as the
 Python layers on this path (fp16 weight copies, the C norms, rotary, activations, cache writes and
 attention), so both give the same numbers; the Python layers remain the path for prefill, GPUs and any
 model this one cannot take. Gemma's differences are entries of the layer table (norms of the
