@@ -11,12 +11,15 @@ fewer than 10 sequences take the decode forms: an upper bound on the cost. One m
 head's logits one row at a time from its int8 rows (cpu_half.byte_rows, what the engine's int8 decode
 products read at batch 1), the rest in fp32.
 
+With --window, windows of that many tokens (a multiple of 128) instead of 512: the caches' rounding read
+over longer contexts (bench/results/cpu-precision-quality-window<N>.json).
+
 With --fp8, what a GPU's kv_cache_dtype fp8 (float8 e4m3, no scales, values clamped to +-448) costs
 instead: the model in bf16 (this CPU's half-precision products; the torch attention path, which writes
 and reads such a cache as the Triton kernels do) with a bf16 cache, then an fp8 one
 (bench/results/cpu-precision-quality-fp8.json).
 
-    python bench/cpu_precision_quality.py [--threads 2] [--windows 8] [--fp8]
+    python bench/cpu_precision_quality.py [--threads 2] [--windows 8] [--window 512] [--fp8]
 """
 from __future__ import annotations
 
@@ -42,21 +45,22 @@ WINDOW, CHUNK, BLOCK = 512, 128, 16
 
 @torch.inference_mode()
 def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype,
-               model_dtype: torch.dtype = torch.float32, head_rows: bool = False) -> float:
-    """head_rows: logits from the head's int8 rows, a row at a time in int8 products (as decode steps take them)."""
+               model_dtype: torch.dtype = torch.float32, head_rows: bool = False, window: int = WINDOW) -> float:
+    """Over `windows` windows of `window` tokens. head_rows: logits from the head's int8 rows, a row at a time in
+    int8 products (as decode steps take them)."""
     model, config = load_model(folder, torch.device("cpu"), model_dtype)
     if head_rows:
         model.lm_head_rows = byte_rows(model.lm_head_half)
-    blocks = WINDOW // BLOCK
+    blocks = window // BLOCK
     shape = model.kv_cache_shape(blocks, BLOCK, cache_dtype)
     model.bind_kv_cache([torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)],
                         [torch.zeros(shape, dtype=cache_dtype) for _ in range(config.num_layers)])
     table = torch.arange(blocks, dtype=torch.int32)[None]
     nll, count = 0.0, 0
     for w in range(windows):
-        tokens = torch.tensor(ids[w * WINDOW:(w + 1) * WINDOW])
+        tokens = torch.tensor(ids[w * window:(w + 1) * window])
         logits = []
-        for start in range(0, WINDOW, CHUNK):
+        for start in range(0, window, CHUNK):
             positions = torch.arange(start, start + CHUNK)
             context = ForwardContext(
                 is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, CHUNK], dtype=torch.int32),
@@ -69,23 +73,28 @@ def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dty
             else:
                 logits.append(model.compute_logits(hidden).float())
         nll += torch.nn.functional.cross_entropy(torch.cat(logits)[:-1], tokens[1:], reduction="sum").item()
-        count += WINDOW - 1
+        count += window - 1
     return math.exp(nll / count)
 
 
 def main() -> None:
     def options(parser) -> None:
-        parser.add_argument("--windows", type=int, default=8, help="windows of 512 tokens to evaluate")
+        parser.add_argument("--windows", type=int, default=8, help="windows to evaluate")
+        parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (a multiple of 128)")
         parser.add_argument("--fp8", action="store_true", help="a bf16 model with a bf16, then an fp8 cache")
 
     args = cpu_arguments(__doc__, RESULTS, options)
+    if args.window % CHUNK:
+        raise SystemExit(f"--window must be a multiple of {CHUNK}")
+    if args.output == RESULTS and args.window != WINDOW:
+        args.output = RESULTS.with_name(f"cpu-precision-quality-window{args.window}.json")
     if args.fp8 and args.output == RESULTS:
         args.output = FP8_RESULTS
     from transformers import AutoTokenizer
 
     folder = str(ensure_demo_model())
     ids = AutoTokenizer.from_pretrained(folder)(evaluation_text(), add_special_tokens=False)["input_ids"]
-    windows = min(args.windows, len(ids) // WINDOW)
+    windows = min(args.windows, len(ids) // args.window)
     settings = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.int8, torch.float32)] + [
         (cache, dtype) for dtype in (torch.bfloat16, torch.int8) if products_available(dtype)
         for cache in (torch.float16, torch.int8)] + [(torch.float32, "head rows")] * products_available(torch.int8)
@@ -96,7 +105,7 @@ def main() -> None:
     for cache_dtype, products in settings:
         head_rows = products == "head rows"  # fp32 products, the head's logits from its int8 rows
         with cpu_products(torch.float32 if head_rows else products):
-            value = perplexity(folder, ids, windows, cache_dtype, model_dtype, head_rows)
+            value = perplexity(folder, ids, windows, cache_dtype, model_dtype, head_rows, args.window)
         rows.append({"model_dtype": str(model_dtype).removeprefix("torch."),
                      "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
                      "cpu_matmul_dtype": "float32" if head_rows else str(products).removeprefix("torch."),
@@ -107,10 +116,11 @@ def main() -> None:
               f"{rows[-1]['cpu_matmul_dtype']}, head {rows[-1]['head']}: perplexity {value:.4f} "
               f"({rows[-1]['relative_change']:+.4%})", flush=True)
     write_record(args.output, cpu_record(f"python bench/cpu_precision_quality.py --threads {args.threads} --windows {windows}"
+                                         f"{f' --window {args.window}' if args.window != WINDOW else ''}"
                                          f"{' --fp8' if args.fp8 else ''}",
                                          args.threads, model=Path(folder).name, text="held-out Shakespeare",
-                                         window=WINDOW, chunk=CHUNK, windows=windows,
-                                         predicted_tokens=windows * (WINDOW - 1),
+                                         window=args.window, chunk=CHUNK, windows=windows,
+                                         predicted_tokens=windows * (args.window - 1),
                                          load_average_1m=os.getloadavg()[0], rows=rows))
 
 
