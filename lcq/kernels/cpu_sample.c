@@ -1,5 +1,6 @@
 /* Choosing each row's next token from its logits on x86 CPUs: the largest (greedy) in vector lanes, or a draw
- * after temperature, min-p, top-k and top-p (the sampler's arithmetic, lcq/runtime/sampler.py), one row a thread.
+ * after temperature, min-p, top-k and top-p (the sampler's arithmetic, lcq/runtime/sampler.py); rows are shared
+ * among the threads from 8 rows for the largest, from 4 for draws.
  */
 #include <immintrin.h>
 #include <math.h>
