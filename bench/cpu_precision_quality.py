@@ -11,15 +11,17 @@ fewer than 10 sequences take the decode forms: an upper bound on the cost. One m
 head's logits one row at a time from its int8 rows (cpu_half.byte_rows, what the engine's int8 decode
 products read at batch 1), the rest in fp32.
 
-With --window, windows of that many tokens (a multiple of 128) instead of 512: the caches' rounding read
-over longer contexts (bench/results/cpu-precision-quality-window<N>.json).
+With --window, windows of that many tokens (a multiple of the chunk) instead of 512: the caches' rounding read
+over longer contexts (bench/results/cpu-precision-quality-window<N>.json); with --chunk, chunks of that many
+tokens instead of 128 (from 256, CPUs with AMX take LCQ layers' int8 products on bf16 tiles, as served prompts'
+chunks do; -chunk<N> in the file's name).
 
 With --fp8, what a GPU's kv_cache_dtype fp8 (float8 e4m3, no scales, values clamped to +-448) costs
 instead: the model in bf16 (this CPU's half-precision products; the torch attention path, which writes
 and reads such a cache as the Triton kernels do) with a bf16 cache, then an fp8 one
 (bench/results/cpu-precision-quality-fp8.json).
 
-    python bench/cpu_precision_quality.py [--threads 2] [--windows 8] [--window 512] [--fp8]
+    python bench/cpu_precision_quality.py [--threads 2] [--windows 8] [--window 512] [--chunk 128] [--fp8]
 """
 from __future__ import annotations
 
@@ -45,9 +47,10 @@ WINDOW, CHUNK, BLOCK = 512, 128, 16
 
 @torch.inference_mode()
 def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dtype,
-               model_dtype: torch.dtype = torch.float32, head_rows: bool = False, window: int = WINDOW) -> float:
-    """Over `windows` windows of `window` tokens. head_rows: logits from the head's int8 rows, a row at a time in
-    int8 products (as decode steps take them)."""
+               model_dtype: torch.dtype = torch.float32, head_rows: bool = False, window: int = WINDOW,
+               chunk: int = CHUNK) -> float:
+    """Over `windows` windows of `window` tokens, prefilled `chunk` at a time. head_rows: logits from the head's
+    int8 rows, a row at a time in int8 products (as decode steps take them)."""
     model, config = load_model(folder, torch.device("cpu"), model_dtype)
     if head_rows:
         model.lm_head_rows = byte_rows(model.lm_head_half)
@@ -60,13 +63,13 @@ def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dty
     for w in range(windows):
         tokens = torch.tensor(ids[w * window:(w + 1) * window])
         logits = []
-        for start in range(0, window, CHUNK):
-            positions = torch.arange(start, start + CHUNK)
+        for start in range(0, window, chunk):
+            positions = torch.arange(start, start + chunk)
             context = ForwardContext(
-                is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, CHUNK], dtype=torch.int32),
-                context_lens=torch.tensor([start + CHUNK], dtype=torch.int32), block_tables=table,
-                max_query_len=CHUNK, max_context_len=start + CHUNK)
-            hidden = model(tokens[start:start + CHUNK], positions, context)
+                is_prefill=True, slot_mapping=positions, query_start=torch.tensor([0, chunk], dtype=torch.int32),
+                context_lens=torch.tensor([start + chunk], dtype=torch.int32), block_tables=table,
+                max_query_len=chunk, max_context_len=start + chunk)
+            hidden = model(tokens[start:start + chunk], positions, context)
             if head_rows:
                 with cpu_products(torch.int8):
                     logits += [model.compute_logits(row).float() for row in hidden.split(1)]
@@ -80,14 +83,17 @@ def perplexity(folder: str, ids: list[int], windows: int, cache_dtype: torch.dty
 def main() -> None:
     def options(parser) -> None:
         parser.add_argument("--windows", type=int, default=8, help="windows to evaluate")
-        parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (a multiple of 128)")
+        parser.add_argument("--window", type=int, default=WINDOW, help="tokens per window (a multiple of the chunk)")
+        parser.add_argument("--chunk", type=int, default=CHUNK, help="tokens per prefill chunk")
         parser.add_argument("--fp8", action="store_true", help="a bf16 model with a bf16, then an fp8 cache")
 
     args = cpu_arguments(__doc__, RESULTS, options)
-    if args.window % CHUNK:
-        raise SystemExit(f"--window must be a multiple of {CHUNK}")
-    if args.output == RESULTS and args.window != WINDOW:
-        args.output = RESULTS.with_name(f"cpu-precision-quality-window{args.window}.json")
+    if args.chunk < 1 or args.window % args.chunk:
+        raise SystemExit(f"--window must be a multiple of --chunk ({args.chunk})")
+    if args.output == RESULTS and (args.window, args.chunk) != (WINDOW, CHUNK):
+        suffix = (f"-window{args.window}" if args.window != WINDOW else "") + \
+            (f"-chunk{args.chunk}" if args.chunk != CHUNK else "")
+        args.output = RESULTS.with_name(f"cpu-precision-quality{suffix}.json")
     if args.fp8 and args.output == RESULTS:
         args.output = FP8_RESULTS
     from transformers import AutoTokenizer
@@ -105,7 +111,7 @@ def main() -> None:
     for cache_dtype, products in settings:
         head_rows = products == "head rows"  # fp32 products, the head's logits from its int8 rows
         with cpu_products(torch.float32 if head_rows else products):
-            value = perplexity(folder, ids, windows, cache_dtype, model_dtype, head_rows, args.window)
+            value = perplexity(folder, ids, windows, cache_dtype, model_dtype, head_rows, args.window, args.chunk)
         rows.append({"model_dtype": str(model_dtype).removeprefix("torch."),
                      "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
                      "cpu_matmul_dtype": "float32" if head_rows else str(products).removeprefix("torch."),
@@ -117,9 +123,10 @@ def main() -> None:
               f"({rows[-1]['relative_change']:+.4%})", flush=True)
     write_record(args.output, cpu_record(f"python bench/cpu_precision_quality.py --threads {args.threads} --windows {windows}"
                                          f"{f' --window {args.window}' if args.window != WINDOW else ''}"
+                                         f"{f' --chunk {args.chunk}' if args.chunk != CHUNK else ''}"
                                          f"{' --fp8' if args.fp8 else ''}",
                                          args.threads, model=Path(folder).name, text="held-out Shakespeare",
-                                         window=args.window, chunk=CHUNK, windows=windows,
+                                         window=args.window, chunk=args.chunk, windows=windows,
                                          predicted_tokens=windows * (args.window - 1),
                                          load_average_1m=os.getloadavg()[0], rows=rows))
 
