@@ -1393,10 +1393,10 @@ needs_amx = pytest.mark.skipif(not (products_available(torch.int8) and amx_activ
                                                       (32, 1536, 2, 2, 128)])
 @pytest.mark.usefixtures("both_cores")
 def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
-    """int8 products from 16 rows take AMX tiles for each whole 16 rows, the rest the vpdpbusd register tiles:
-    the same integer sums of each 64-value block and the same fp32 scaling, so the same values bit for bit,
-    with int8 rows kept or expanded per panel. Whole tiles only (M = 16, 32) and with the rest (17, 31, 33,
-    70); a last block of 16, 9, 2 or 6 words, whole blocks (K = 576, 1536), a block of one word (K = 37 has
+    """int8 products from 16 rows take AMX tiles for each whole 16 rows, the rest the vpdpbusd register tiles
+    (from 8 rows, a tile of their own padded with zero rows): the same integer sums of each 64-value block and
+    the same fp32 scaling, so the same values bit for bit, with int8 rows kept or expanded per panel. Whole
+    tiles only (M = 16, 32), the rest in register tiles (17, 23, 33, 70) or a padded tile (24, 31); a last block of 16, 9, 2 or 6 words, whole blocks (K = 576, 1536), a block of one word (K = 37 has
     10 words, no whole block); last panels of 10-22 rows (N = 43, 74, 100, 150); SwiGLU per tile and after."""
     layer = random_layer(n, k, bits, rank, group, seed=n + k)
     kept, expanding = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
@@ -1404,7 +1404,7 @@ def test_amx_tiles_give_the_int8_products_bit_for_bit(n, k, bits, rank, group):
     x = torch.randn(70, k)
     x[:, 1] *= 30
     with cpu_products(torch.int8):
-        for weight, m in itertools.product((kept, expanding), (16, 17, 31, 32, 33, 70)):
+        for weight, m in itertools.product((kept, expanding), (16, 17, 23, 24, 31, 32, 33, 70)):
             for swiglu in (False, True) if n % 2 == 0 else (False,):
                 with amx_tiles(False) as on:
                     assert not on and not amx_active()

@@ -3,8 +3,8 @@
  * tdpbf16ps 16 x 16 x 32 products of bf16 pairs into fp32 sums, each in about 16 cycles, where vpdpbusd
  * does 64 multiply-adds an instruction. The operands are read where the products already keep them:
  *
- * - int8 panel products (cpu_gemm.c), whole tiles of 16 activation rows: activation rows in the int8 form
- *   are the A tile (a block's 64 signed bytes per row, the row stride apart), and a weight panel's words
+ * - int8 panel products (cpu_gemm.c), tiles of 16 activation rows (a last one padded with zero rows):
+ *   activation rows in the int8 form are the A tile (a block's 64 signed bytes per row, the row stride apart), and a weight panel's words
  *   [K / 4][32] are already the B tile's layout (a row per word along K, 16 weight rows' 4 unsigned bytes
  *   side by side). One tdpbsud is one scale block of the int8 form (cpu_gemm.h), so each block's int32
  *   sums come out whole; they go through memory to AVX-512 registers, where, as in byte_sums, they take
@@ -142,9 +142,9 @@ LCQ_AMX static inline __attribute__((always_inline)) void block_sums(const uint3
  * and store, 12 ns of scaling, 34 ns both). */
 #define RUN_BLOCKS 8
 
-/* The int8 form of lcq_amx_tile: all 16 rows. */
-LCQ_AMX static void byte_tile(const uint32_t *x, int words, int depth, const uint32_t *panel, int columns, float *y,
-                              int64_t ldy, lcq_line_stream *stream) {
+/* The int8 form of lcq_amx_tile: 16 rows read, the first `rows` stored (the rest the caller's zero rows). */
+LCQ_AMX static void byte_tile(int rows, const uint32_t *x, int words, int depth, const uint32_t *panel, int columns,
+                              float *y, int64_t ldy, lcq_line_stream *stream) {
     const int blocks = lcq_scale_blocks(depth);
     const int64_t stride = 4 * (int64_t)words;
     int32_t sums[RUN_BLOCKS][LCQ_AMX_ROWS][LCQ_SCALE_WORDS] __attribute__((aligned(64)));
@@ -171,7 +171,7 @@ LCQ_AMX static void byte_tile(const uint32_t *x, int words, int depth, const uin
         }
         const int left = columns - 16 * v;
         const __mmask16 stored = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-        for (int r = 0; r < LCQ_AMX_ROWS; r++) _mm512_mask_storeu_ps(y + r * ldy + 16 * v, stored, acc[r]);
+        for (int r = 0; r < rows; r++) _mm512_mask_storeu_ps(y + r * ldy + 16 * v, stored, acc[r]);
     }
 }
 
@@ -295,7 +295,7 @@ LCQ_AMX void lcq_amx_pair_product(const uint32_t *a, int64_t lda, const uint32_t
 LCQ_AMX void lcq_amx_tile(int form, int rows, const uint32_t *x, int words, int depth, const uint32_t *panel,
                           int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
     if (form == LCQ_INT8_PRODUCTS)
-        byte_tile(x, words, depth, panel, columns, y, ldy, stream);
+        byte_tile(rows, x, words, depth, panel, columns, y, ldy, stream);
     else if (rows > LCQ_AMX_ROWS)
         pair_quads(rows, x, words, depth, panel, columns, y, ldy, stream);
     else

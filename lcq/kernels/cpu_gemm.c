@@ -397,9 +397,8 @@ static int amx_padded_rows(int form, int depth, int M) {
     return M > step - LCQ_AMX_ROWS ? (M + step - 1) / step * step : (M + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS * LCQ_AMX_ROWS;
 }
 
-/* lcq_amx_tile's tiles of up to lcq_amx_tile_rows activation rows for M rows (int8: a multiple of them;
- * bf16: the rows past M to amx_padded_rows are readable) and a task's panels: with an up panel, y takes
- * silu(gate) * up. */
+/* lcq_amx_tile's tiles of up to lcq_amx_tile_rows activation rows for M rows (the rows past M to
+ * amx_padded_rows are readable) and a task's panels: with an up panel, y takes silu(gate) * up. */
 LCQ_BF16 static void amx_rows(int form, const uint32_t *x, int M, int K, int words, const uint32_t *gate,
                               const uint32_t *up, int columns, float *y, int64_t ldy, lcq_line_stream *stream) {
     const int step = lcq_amx_tile_rows(form, K);
@@ -439,13 +438,24 @@ int lcq_set_byte_pair_rows(int rows) {
     return previous;
 }
 
+/* From this many rows past the last whole tile of 16 (with one whole tile or more) an int8 product's last
+ * rows take a tile of their own, padded with zero rows, instead of the register tiles. SmolLM2's four LCQ
+ * layers' products (W4 r2 g64, kept int8 rows, 2 threads on a Xeon with AMX; ad hoc timings, two builds
+ * in turn), ms a layer: 31 rows 0.264-0.286 -> 0.199-0.203, 47 rows 0.325-0.341 -> 0.265-0.274, 63 rows
+ * 0.398-0.431 -> 0.329-0.334, 24 rows 0.216-0.238 -> 0.196-0.199; padding from 1 row lost at 1-6 rows
+ * past a tile (17-20 rows 0.168-0.183 -> 0.204-0.214, 36-38 rows 0.227-0.258 -> 0.281-0.295), and 8-12 rows
+ * alone took 0.128-0.139 against 0.152 for a tile of 16. The same values either way (the tiles' are the
+ * register tiles' bit for bit). */
+#define AMX_BYTE_PAD_ROWS 8
+
 /* The rows of a task's product that take AMX tiles (the thread configured them), where AMX is on: in
  * int8 products whole tiles of LCQ_AMX_ROWS (each block's scaling costs what a row does in the register
- * tiles), in bf16 from AMX_PAIR_MIN_ROWS every row (the activation rows padded with zero rows to whole
- * tiles); none elsewhere. */
+ * tiles), and the rows past them from AMX_BYTE_PAD_ROWS; in bf16 from AMX_PAIR_MIN_ROWS every row; the
+ * activation rows padded with zero rows to whole tiles (amx_padded_rows). None elsewhere. */
 static int amx_task_rows(int form, int M) {
     if (!lcq_amx_on()) return 0;
-    if (form == LCQ_INT8_PRODUCTS) return M - M % LCQ_AMX_ROWS;
+    if (form == LCQ_INT8_PRODUCTS)
+        return M >= LCQ_AMX_ROWS && M % LCQ_AMX_ROWS >= AMX_BYTE_PAD_ROWS ? M : M - M % LCQ_AMX_ROWS;
     return M >= AMX_PAIR_MIN_ROWS ? M : 0;
 }
 

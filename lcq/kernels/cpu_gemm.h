@@ -285,8 +285,8 @@ LCQ_BF16 static inline __attribute__((always_inline)) __m512i add_byte_products(
  * (lcq_amx_configure) and releases it after (lcq_amx_release). lcq_amx_tile: y[r][0 .. columns) (row
  * stride ldy) for r < rows of LCQ_AMX_ROWS activation rows x in the product form `form` (`words` words
  * apart, `depth` words of values each) and a weight panel of the same form (lcq_word_panels). int8
- * (LCQ_INT8_PRODUCTS): all 16 rows, the values of the vpdpbusd tiles bit for bit. bf16: up to
- * lcq_amx_tile_rows rows, of which whole tiles of 16 are read and `rows` stored. The stream steps once
+ * (LCQ_INT8_PRODUCTS): 16 rows read and `rows` stored, the values of the vpdpbusd tiles bit for bit. bf16:
+ * up to lcq_amx_tile_rows rows, of which whole tiles of 16 are read and `rows` stored. The stream steps once
  * per block of LCQ_SCALE_WORDS words, vector of 16 weight rows and tile of 16 rows. */
 #define LCQ_AMX_ROWS 16
 int lcq_use_amx(int wanted);
