@@ -1,4 +1,5 @@
-"""CPU products that read an LCQ layer's indices (cpu_index.c) instead of a dequantized copy.
+"""CPU products that read an LCQ layer's indices (cpu_index.c, cpu_index_bytes.c, cpu_index_pairs.c) instead
+of a dequantized copy.
 
 IndexWeight keeps the b-bit indices packed 32 / b to a 32-bit word, plus S and B in fp32 (0.7 bytes
 per weight at 4 bits, r 2, g 64, 0.35 at 2 bits, r 2, g 128, against 2 for an fp16 copy; with
@@ -34,7 +35,7 @@ PACK_ROWS = 64
 
 
 class _Fields(ctypes.Structure):
-    """lcq_index_weight in cpu_index.c."""
+    """lcq_index_weight in cpu_index.h."""
     _fields_ = [("indices", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("tables", ctypes.c_void_p), ("table_index", ctypes.c_void_p), ("N", ctypes.c_int),
                 ("K", ctypes.c_int), ("group_size", ctypes.c_int), ("groups", ctypes.c_int), ("rank", ctypes.c_int),
