@@ -1,4 +1,4 @@
-"""CPU products on AMX tiles (lcq/kernels/cpu_amx.c) against the register tiles (lcq/kernels/cpu_gemm.c):
+"""CPU products on AMX tiles (lcq/kernels/cpu_amx.c) against the register tiles (lcq/kernels/cpu_panels.c):
 int8 products of LCQ layers at SmolLM2-135M's or Llama 3.2 1B's linear shapes, W4 r2 g64 with their int8 rows
 kept (the engine's default where it fits), at 16 to 1024 rows (prefill, decode steps of many sequences), which
 must give the same values bit for bit, and at 64 to 1024 rows the same weights on bf16 tiles (byte_pair_rows:

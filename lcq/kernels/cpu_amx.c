@@ -3,14 +3,15 @@
  * tdpbf16ps 16 x 16 x 32 products of bf16 pairs into fp32 sums, each in about 16 cycles, where vpdpbusd
  * does 64 multiply-adds an instruction. The operands are read where the products already keep them:
  *
- * - int8 panel products (cpu_gemm.c), tiles of 16 activation rows (a last one padded with zero rows):
- *   activation rows in the int8 form are the A tile (a block's 64 signed bytes per row, the row stride apart), and a weight panel's words
- *   [K / 4][32] are already the B tile's layout (a row per word along K, 16 weight rows' 4 unsigned bytes
- *   side by side). One tdpbsud is one scale block of the int8 form (cpu_gemm.h), so each block's int32
- *   sums come out whole; they go through memory to AVX-512 registers, where, as in byte_sums, they take
- *   the activation row's offset (which cancels the weights' + 128) and become fp32 times both scales: the
- *   same integers and fp32 operations in the same order, so the vpdpbusd tiles' values bit for bit. What
- *   bounds it is moving operands and sums through memory and that scaling, not the tdpbsud (RUN_BLOCKS).
+ * - int8 panel products (cpu_panels.c), tiles of 16 activation rows (a last one padded with zero rows):
+ *   activation rows in the int8 form are the A tile (a block's 64 signed bytes per row, the row stride
+ *   apart), and a weight panel's words [K / 4][32] are already the B tile's layout (a row per word along
+ *   K, 16 weight rows' 4 unsigned bytes side by side). One tdpbsud is one scale block of the int8 form
+ *   (cpu_gemm.h), so each block's int32 sums come out whole; they go through memory to AVX-512 registers,
+ *   where, as in byte_sums, they take the activation row's offset (which cancels the weights' + 128) and
+ *   become fp32 times both scales: the same integers and fp32 operations in the same order, so the vpdpbusd
+ *   tiles' values bit for bit. What bounds it is moving operands and sums through memory and that scaling,
+ *   not the tdpbsud (RUN_BLOCKS).
  * - bf16 panel products (the head's kept panels [K / 2][32] pairs, and int8 weight panels expanded to
  *   them for products of many rows): fp32 sums stay in the tile over all of K, stored once; rows padded
  *   with zero rows to whole tiles, two tiles of rows at a time where K is whole blocks (pair_quads).

@@ -1,4 +1,4 @@
-/* Large CPU products (cpu_gemm.c), shared by the fp16 (cpu_half.c) and index (cpu_index.c) kernels. */
+/* Large CPU products (cpu_gemm.c, cpu_panels.c), shared by the fp16 (cpu_half.c) and index (cpu_index.c) kernels. */
 #ifndef LCQ_CPU_GEMM_H
 #define LCQ_CPU_GEMM_H
 
@@ -111,7 +111,7 @@ typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count,
 
 /* `count` rows in the unsigned int8 form (`words` words each, row after row) as panels of 32 rows,
  * ceil(count / 32) of them, each [words][32] (word k of its rows side by side; rows past count zero):
- * the form in which int8 products read weights (cpu_gemm.c). */
+ * the form in which int8 products read weights (cpu_panels.c). */
 void lcq_word_panels(const uint32_t *rows, int count, int words, uint32_t *panels);
 
 /* How a weight expands a block of its rows: to fp32 (every weight), and where it has them (else
@@ -135,6 +135,17 @@ typedef struct {
  * same values as the product then lcq_gated_mul). Returns 0, or -1 when a buffer cannot be allocated. */
 int lcq_expanded_product(const float *x, int M, int K, int N, const lcq_expansions *expansions, const void *weight,
                          int swiglu, float *y);
+
+/* lcq_expanded_product in the panel form (cpu_panels.c), in the product form `form` (LCQ_INT8_PRODUCTS for W
+ * that expands to bytes, LCQ_BF16_PRODUCTS for W with kept panels of pairs). */
+int lcq_panel_product(int form, const float *x, int M, int K, int N, const lcq_expansions *expansions,
+                      const void *weight, int swiglu, float *y);
+
+/* Into `stream`, what the product's next block of `rows` weight rows from `first` (of each of `halves` halves of
+ * `outputs` rows) reads, paced over a product that steps it `steps` times: what expanding them reads, or their
+ * kept int8 panel (`words` words per row) where panels is not NULL (cpu_gemm.c). */
+void lcq_stream_block(const lcq_expansions *expansions, const void *weight, const uint32_t *panels, int words, int K,
+                      int first, int rows, int outputs, int halves, int64_t steps, lcq_line_stream *stream);
 
 /* The decode forms write whole products: with swiglu into a buffer from lcq_swiglu_products (M, N),
  * which lcq_swiglu_finish turns into y (M, N / 2) = silu(gate) * up and frees (else both pass y
@@ -270,7 +281,7 @@ LCQ_BF16 static inline __attribute__((always_inline)) void lcq_pair_sums(const i
 
 /* sums + the four products of unsigned bytes u and signed bytes s in each 32-bit lane, in place: with
  * the intrinsic, GCC 12 copied every accumulator to another register and back around each vpdpbusd
- * (24 moves per 12 multiply-adds in cpu_gemm.c's byte_sums): without them the int8 product of SmolLM2
+ * (24 moves per 12 multiply-adds in cpu_panels.c's byte_sums): without them the int8 product of SmolLM2
  * gate/up and down shapes ran 1.07-1.21x faster at 16-256 rows (two libraries alternating). Inline asm
  * needs no AVX512_VNNI target, so the products that take it share LCQ_BF16 for int8 and bf16 (int8
  * products run only where the CPU also has AVX512_BF16, lcq_set_products). */
