@@ -3,7 +3,7 @@
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
 bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to; lcq-lora: every request with
 a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's settings with lm_head packed
-at 4 bits too) and on full precision,
+at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8) and on full precision,
 transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
@@ -120,6 +120,7 @@ def bench_ours(folder: str, weights: str, variant: str, batch1_tokens: int, work
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else rss_gb()
     common = dict(model=Path(folder).name, weights=weights, engine="lcq", variant=variant, peak_mem_GB=round(peak, 3),
                   products=str(llm.engine.runner.products).removeprefix("torch."),
+                  kv_cache=str(llm.engine.config.resolved_kv_cache_dtype()).removeprefix("torch."),
                   int8_weights_MB=round(llm.engine.runner.int8_weight_bytes / 2**20, 1))
     return [dict(common, concurrency=1, output_tok_s=round(batch1, 2), ttft_ms=round(ttft * 1000, 1)),
             dict(common, concurrency=len(workload), output_tok_s=round(produced / elapsed, 2), ttft_ms=None)]
@@ -234,7 +235,7 @@ def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
         for (engine, concurrency), ours in speed.items():
             if engine != "lcq":
                 continue
-            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora", "lcq-no-amx"):
+            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora", "lcq-no-amx", "lcq-kv8"):
                 if speed.get((other, concurrency)):
                     key = f"lcq / {other} at concurrency {concurrency}"
                     ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
@@ -264,7 +265,8 @@ def main() -> None:
     parser.add_argument("--gpu-weights", default="lcq-w2r2g128,fp16", help="--gpu-7b: which checkpoints")
     parser.add_argument("--variants", default="", help="--gpu-7b: batch 1 again in each of these variants "
                         f"(comma-separated): {', '.join(GPU_VARIANTS)}")
-    parser.add_argument("--engines", default="lcq,lcq-bf16,lcq-h4,lcq-lora,lcq-no-amx,fp32,transformers,llama.cpp",
+    parser.add_argument("--engines",
+                        default="lcq,lcq-bf16,lcq-h4,lcq-lora,lcq-no-amx,lcq-kv8,fp32,transformers,llama.cpp",
                         help="CPU: which rows to measure; rows of the others are kept from the results file")
     parser.add_argument("--rounds", type=int, default=1,
                         help="CPU: measure every engine this many times, in alternating order, and report "
@@ -334,6 +336,8 @@ def main() -> None:
                                            kv_cache_memory_gb=2.0),
             "lcq-no-amx": lambda: without_amx(bench_ours, lcq, "lcq-w4r2g64", "lcq-no-amx", batch1_tokens, workload,
                                               kv_cache_memory_gb=2.0),
+            "lcq-kv8": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-kv8", batch1_tokens, workload,
+                                          kv_cache_memory_gb=2.0, kv_cache_dtype="int8"),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
