@@ -29,7 +29,7 @@
                       * of its 32 registers), AVX2 4 (of 16) */
 
 /* The decode product (fewer than lcq_gemm_min_rows(...) rows) of one instruction set, PREFIX narrow (AVX2)
- * or wide (AVX-512), from that set's steps above: per tile of TILE_COLUMNS output columns (chunks of
+ * or wide (AVX-512), from that set's steps (cpu_index.h): per tile of TILE_COLUMNS output columns (chunks of
  * tiles are OpenMP's iterations), passes of up to PASS_ROWS activation rows over each column's
  * indices; per run its words, per step of 16 weights one lookup (a new codebook where a group starts)
  * and a shift, two steps at a time so that they feed two accumulators, then scalar weights where K
