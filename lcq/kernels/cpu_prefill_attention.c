@@ -245,6 +245,90 @@ static void softmax_chunk(Tile *tile, int rows, int group, int first_position, i
     }
 }
 
+/* Memory of tiles a thread asks for into L2 while it computes another: the next tile's query rows and its
+ * own tile's output rows, `positions` runs of `bytes` bytes `stride` bytes apart in each range, `per_step`
+ * lines per step (a step per query row of each chunk's softmax). Both are read or written once per tile,
+ * rows of one position but apart from the next position's, and came from memory or the L3 as the tile
+ * began and ended: a fifth of prefill attention's samples at 64 prompts of 16-256 tokens. */
+#define TILE_RANGES 2
+typedef struct {
+    const char *start[TILE_RANGES];
+    int64_t stride[TILE_RANGES];
+    int lines[TILE_RANGES], positions[TILE_RANGES];
+    int ranges, range, position, line, per_step;
+} tile_lines;
+
+static void tile_lines_add(tile_lines *stream, const float *first, int64_t stride, int64_t bytes, int positions) {
+    const uintptr_t at = (uintptr_t)first;
+    stream->start[stream->ranges] = (const char *)(at & ~(uintptr_t)63);
+    stream->stride[stream->ranges] = stride * (int64_t)sizeof(float);
+    stream->lines[stream->ranges] = (int)(((int64_t)(at & 63) + bytes + 63) / 64);
+    stream->positions[stream->ranges++] = positions;
+}
+
+static inline __attribute__((always_inline)) void tile_lines_step(tile_lines *stream) {
+    for (int i = 0; i < stream->per_step && stream->range < stream->ranges; i++) {
+        _mm_prefetch(stream->start[stream->range] + stream->position * stream->stride[stream->range] +
+                         64 * stream->line, _MM_HINT_T1);
+        if (++stream->line < stream->lines[stream->range]) continue;
+        stream->line = 0;
+        if (++stream->position < stream->positions[stream->range]) continue;
+        stream->position = 0;
+        stream->range++;
+    }
+}
+
+/* The lanes t of 16 with low <= t < high. */
+static inline __mmask16 lanes_between(int low, int high) {
+    return (__mmask16)(first_lanes(high) & ~first_lanes(low));
+}
+
+/* softmax_chunk for bf16 products, in 16 lanes, each row's weights rounded straight to its pairs in
+ * tile->weights (fp32 weights were stored, then read back and rounded by lcq_round_pairs per row): the
+ * same exp, sums added in softmax_chunk's order, so the same weights, totals and outputs. */
+LCQ_BF16 static void softmax_pairs(Tile *tile, int rows, int group, int first_position, int first_key, int count,
+                                   int window, float softcap, int padded_dim, tile_lines *stream) {
+    for (int r = 0; r < rows; r++) {
+        tile_lines_step(stream);
+        const int position = first_position + r / group;
+        const int visible = position - first_key + 1 < count ? position - first_key + 1 : count;
+        const int before = window_start(position + 1, window) - first_key, hidden = before > 0 ? before : 0;
+        float *s = tile->scores + r * KEYS;
+        __m512i *weights = (__m512i *)(tile->weights + r * KEYS / 2);
+        if (visible <= hidden) { /* the whole chunk lies after this row's position or before its window */
+            for (int i = 0; i < KEYS / 32; i++) _mm512_storeu_si512(weights + i, _mm512_setzero_si512());
+            continue;
+        }
+        if (softcap > 0.0f) cap_scores(s + hidden, visible - hidden, softcap);
+        __m512 values[KEYS / 16], largest = _mm512_set1_ps(-INFINITY);
+        __mmask16 seen[KEYS / 16];
+        for (int i = 0; i < KEYS / 16; i++) {
+            seen[i] = lanes_between(hidden - 16 * i, visible - 16 * i);
+            values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), seen[i], s + 16 * i);
+            largest = _mm512_max_ps(largest, values[i]);
+        }
+        const float previous = tile->top[r], chunk_top = _mm512_reduce_max_ps(largest);
+        const float top = chunk_top > previous ? chunk_top : previous;
+        __m256 sums = _mm256_setzero_ps();
+        for (int i = 0; i < KEYS / 16; i++) { /* unseen keys and NaN give 0, as in softmax_chunk */
+            values[i] = _mm512_maskz_mov_ps(seen[i], exp16(_mm512_sub_ps(values[i], _mm512_set1_ps(top))));
+            sums = _mm256_add_ps(_mm256_add_ps(sums, _mm512_castps512_ps256(values[i])),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values[i]), 1)));
+        }
+        for (int i = 0; i < KEYS / 32; i++)
+            _mm512_storeu_si512(weights + i, (__m512i)_mm512_cvtne2ps_pbh(values[2 * i + 1], values[2 * i]));
+        if (top > previous) { /* rescale what earlier chunks gave (nothing before the first) */
+            const float factor = previous == -INFINITY ? 0.0f : exp1(previous - top);
+            float *out = tile->outputs + (int64_t)r * padded_dim;
+            for (int i = 0; i < padded_dim; i += 16)
+                _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(out + i), _mm512_set1_ps(factor)));
+            tile->total[r] *= factor;
+            tile->top[r] = top;
+        }
+        tile->total[r] += sum8(sums);
+    }
+}
+
 /* The sequence s with base[s] <= item < base[s + 1] (base: seqs + 1 ascending counts from 0). */
 static int sequence_of(const int64_t *base, int seqs, int64_t item) {
     int low = 0, high = seqs - 1;
@@ -284,11 +368,24 @@ static int first_seen_chunk(const Prefill *p, int s) {
 
 /* Task `local` of tiled sequence s: one kv head's query rows of one tile over the staged chunks
  * (staged: this group's buffer, from sequence first_seq on). */
-static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int first_seq, int s, int64_t local) {
+/* Where task `local` of tiled sequence s lies: its first new token (from the sequence's first), its
+ * positions and its kv head. */
+static void tile_place(const Prefill *p, int s, int64_t local, int *first, int *positions, int *kv) {
+    const int n = p->query_start[s + 1] - p->query_start[s];
+    const int tiles = (n + p->positions_per_tile - 1) / p->positions_per_tile;
+    *kv = (int)(local % p->kv_heads);
+    *first = (tiles - 1 - (int)(local / p->kv_heads)) * p->positions_per_tile; /* longest tiles first */
+    *positions = n - *first < p->positions_per_tile ? n - *first : p->positions_per_tile;
+}
+
+/* Task `local` of tiled sequence s (staged: this group's buffer, from sequence first_seq on); the thread's
+ * next task is task next_local of tiled sequence next_s (-1: none, or not a tile), whose queries it asks
+ * for as it goes (tile_lines). */
+static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int first_seq, int s, int64_t local,
+                        int next_s, int64_t next_local) {
     const int n = p->query_start[s + 1] - p->query_start[s], length = p->context_lens[s], group = p->group;
-    const int tiles = (n + p->positions_per_tile - 1) / p->positions_per_tile, kv = (int)(local % p->kv_heads);
-    const int first = (tiles - 1 - (int)(local / p->kv_heads)) * p->positions_per_tile; /* longest tiles first */
-    const int positions = n - first < p->positions_per_tile ? n - first : p->positions_per_tile;
+    int first, positions, kv;
+    tile_place(p, s, local, &first, &positions, &kv);
     const int rows = positions * group, first_position = length - n + first, head_dim = p->head_dim;
     const int pairs = p->pairs, depth = pairs ? head_dim / 2 : head_dim; /* per query row, in words */
     uint32_t *query_pairs = (uint32_t *)tile->queries;
@@ -305,6 +402,20 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
     /* where chunk 0 would lie in `staged` (the chunks before the first one seen are not staged) */
     const int64_t first_chunk = p->chunk_base[s] - p->chunk_base[first_seq] - first_seen_chunk(p, s);
     const int lowest = window_start(first_position + 1, p->window); /* the first key of the tile's first row */
+    const int64_t group_bytes = (int64_t)group * head_dim * sizeof(float), out_stride = (int64_t)p->heads * head_dim;
+    tile_lines stream = {0};
+    tile_lines_add(&stream, p->out + ((int64_t)(p->query_start[s] + first) * p->heads + kv * group) * head_dim,
+                   out_stride, group_bytes, positions);
+    if (next_s >= 0) {
+        int next_first, next_positions, next_kv;
+        tile_place(p, next_s, next_local, &next_first, &next_positions, &next_kv);
+        tile_lines_add(&stream, p->q + (int64_t)(p->query_start[next_s] + next_first) * p->q_stride +
+                                    (int64_t)next_kv * group * head_dim, p->q_stride, group_bytes, next_positions);
+    }
+    const int chunks = (first_position + positions - 1) / KEYS - lowest / KEYS + 1;
+    int64_t lines = 0;
+    for (int i = 0; i < stream.ranges; i++) lines += (int64_t)stream.lines[i] * stream.positions[i];
+    stream.per_step = (int)((lines + (int64_t)rows * chunks - 1) / ((int64_t)rows * chunks));
     for (int first_key = lowest / KEYS * KEYS; first_key <= first_position + positions - 1; first_key += KEYS) {
         const float *kt = staged + ((first_chunk + first_key / KEYS) * p->kv_heads + kv) * p->chunk_floats;
         const int count = length - first_key < KEYS ? length - first_key : KEYS;
@@ -313,12 +424,13 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
                           KEYS, 0);
         else
             tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, KEYS / 16, tile->scores, KEYS, 0);
-        softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim);
         if (pairs) {
-            for (int r = 0; r < rows; r++) lcq_round_pairs(tile->scores + r * KEYS, KEYS, tile->weights + r * KEYS / 2);
+            softmax_pairs(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim,
+                          &stream);
             pairs_product(p->amx, tile->weights, KEYS / 2, (const uint32_t *)kt + (int64_t)depth * KEYS,
                           p->padded_dim, KEYS / 2, rows, p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
         } else {
+            softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim);
             tile_product(tile->scores, KEYS, kt + (int64_t)head_dim * KEYS, p->padded_dim, KEYS, rows,
                          p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
         }
@@ -337,6 +449,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
     const int64_t *chunk_base = p->chunk_base + first, *task_base = p->task_base + first;
     const int seqs = last - first;
     int failed = 0;
+    int64_t claimed = task_base[0]; /* the next task no thread has claimed */
 #pragma omp parallel reduction(| : failed)
     {
 #pragma omp for schedule(dynamic, 4)
@@ -368,8 +481,11 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         const int ready = tile.queries && tile.scores && tile.weights && tile.outputs && tile.top && tile.total;
         if (!ready) failed = 1;
         if (p->amx) lcq_amx_configure(p->head_dim / 2);
-#pragma omp for schedule(dynamic)
-        for (int64_t task = task_base[0]; task < task_base[seqs]; task++) {
+        /* tasks claimed one ahead from a shared counter, so that a tile can ask for the next one's queries */
+        int64_t next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
+        while (next < task_base[seqs]) {
+            const int64_t task = next;
+            next = __atomic_fetch_add(&claimed, 1, __ATOMIC_RELAXED);
             if (!ready) continue;
             const int s = first + sequence_of(task_base, seqs, task);
             const int start = p->query_start[s];
@@ -384,7 +500,10 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
                     failed = 1;
                 continue;
             }
-            attend_tile(p, &tile, staged, first, s, task - p->task_base[s]);
+            const int next_s = next < task_base[seqs] ? first + sequence_of(task_base, seqs, next) : -1;
+            const int next_tiled = next_s >= 0 && p->query_start[next_s + 1] - p->query_start[next_s] > 1;
+            attend_tile(p, &tile, staged, first, s, task - p->task_base[s], next_tiled ? next_s : -1,
+                        next_tiled ? next - p->task_base[next_s] : 0);
         }
         if (p->amx) lcq_amx_release();
         free(tile.queries);
