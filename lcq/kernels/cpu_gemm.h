@@ -104,6 +104,13 @@ static inline __attribute__((always_inline)) void lcq_stream_step(lcq_line_strea
     }
 }
 
+/* Asks for the lines of the `bytes` from `start` into L2 at once: a few rows' worth, where a decode product
+ * asks for the rows it reads some rows later (cpu_index.h, cpu_half.c). */
+static inline __attribute__((always_inline)) void lcq_ask_lines(const void *start, int64_t bytes) {
+    for (uintptr_t line = (uintptr_t)start & ~(uintptr_t)63; line < (uintptr_t)start + bytes; line += 64)
+        _mm_prefetch((const char *)line, _MM_HINT_T1);
+}
+
 /* Adds the memory that expanding rows first .. first + count - 1 reads to the stream. */
 typedef void (*lcq_stream_rows)(const void *weight, int K, int first, int count, lcq_line_stream *stream);
 

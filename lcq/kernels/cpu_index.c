@@ -44,6 +44,7 @@
         VECTOR sums[][TILE_COLUMNS], float tails[][TILE_COLUMNS], int c) {                                          \
         const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;                                                \
         const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;                                                \
+        ask_row_ahead(w, n, 0);                                                                                     \
         VECTOR acc[PASS_ROWS][2];                                                                                   \
         for (int r = 0; r < R; r++) {                                                                               \
             acc[r][0] = acc[r][1] = ZERO();                                                                         \

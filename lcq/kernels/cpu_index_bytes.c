@@ -322,6 +322,7 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_column(const int
     const __m512i shifts = _mm512_set1_epi64((long long)step_shifts(BITS));
     byte_sums st;
     st.book = w->books + (int64_t)n * w->groups * BOOK_BYTES(BITS);
+    ask_row_ahead(w, n, (int64_t)w->groups * BOOK_BYTES(BITS));
     st.left = 0;
     for (int r = 0; r < R; r++) st.acc[r] = st.group[r] = _mm512_setzero_ps();
     st.table = _mm512_setzero_si512();

@@ -26,6 +26,7 @@ LCQ_BF16 static inline __attribute__((always_inline)) void wide_pair_column(
     const float *x, __m512 sums[][TILE_COLUMNS], float tails[][TILE_COLUMNS], int c) {
     const int K = w->K, whole = K / 16 * 16, fields = 32 / BITS;
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
+    ask_row_ahead(w, n, 0);
     __m512 acc[PAIR_PASS_ROWS][2]; /* pairs of steps alternate between a row's two */
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     const wide_table table = wide_table_of(w, n, RANK);
