@@ -189,8 +189,8 @@ LCQ_BF16 int lcq_half_pair_panels(const uint16_t *w, int N, int K, uint32_t *out
  * 2.3-2.6 ms a row whether its rows were in the L3 or not: prefetcht1 1.6-1.8 (0.7 from the L3); asking at one
  * row of the 1B's long columns too, 11.5-11.6 ms against 15.6-16.7 without; the demo model's batch-1 decode
  * 1.09-1.28x (three pairs of processes, 132-150 tokens/s against 107-126). Two columns at once (independent
- * chains) ran 1.0-1.3x on the head alone and no faster end to end. A column's scales are asked for whole (their
- * first line alone had left 9 of 16 columns' scales straddling a line half asked for; the Xeon, after the LCQ
+ * chains) ran 1.0-1.3x on the head alone and no faster end to end. A column's scales are asked for whole (SmolLM2's
+ * head has 72 bytes of them a column, over two or three lines, of which the first alone was asked for; the Xeon, after the LCQ
  * decode columns asked for rows ahead: batch 1 183-207 -> 197-210 tokens/s, three pairs of processes). */
 #define BYTES_AHEAD 3072
 #define HEAD_BYTE_ROWS 4 /* lcq_half_matmul */
