@@ -1605,7 +1605,8 @@ def test_cpu_prefill_attention_in_groups_equals_one_call(cache_dtype, bf16):
 @pytest.mark.skipif(not products_available(torch.bfloat16), reason="bf16 products need AVX512_BF16 and the C kernels")
 @pytest.mark.parametrize("cache_dtype, head_dim", [(torch.float32, 24), (torch.float16, 64), (torch.float32, 136)])
 @pytest.mark.parametrize("new, cached", [([7, 1, 3], [0, 5, 9]), ([40], [3]), ([50, 2, 1], [70, 100, 0]),
-                                         ([1, 1, 1], [0, 6, 36])])
+                                         ([1, 1, 1], [0, 6, 36]),
+                                         ([130, 2, 1], [500, 40, 9]), ([600], [0])])  # chunks of 128 keys
 @pytest.mark.parametrize("amx", [False, True] if amx_active() else [False])
 def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head_dim, amx):
     """With bf16 products, prefill tiles take bf16 queries, keys, values and softmax weights, scores,
@@ -1613,7 +1614,10 @@ def test_cpu_prefill_attention_with_bf16_products(new, cached, cache_dtype, head
     sequence has several new tokens, not equal to it; one-token sequences keep the fp32 decode form.
     On AMX tiles too (tiles of 16 query rows, 16 pairs deep: 3 and 9 rows of a tile (1 and 3 positions)
     up to 48, heads of 12 pairs (short blocks alone), 32 (whole) and 68 (both); V in 2, 4 and 9 vectors),
-    whose sums part from the register tiles' and, through the softmax weights' rounding, by up to ~1e-3."""
+    whose sums part from the register tiles' and, through the softmax weights' rounding, by up to ~1e-3.
+    Where a sequence of several new tokens reaches 512 tokens of context, the whole call stages chunks of
+    128 keys and runs tiles of 96 query rows (the last two cases: a long and two short sequences, one
+    prompt alone), which the fp32 tiles do not."""
     k_cache, v_cache, context = _random_paged_context(new, cached, 3, head_dim, cache_dtype)
     q = torch.randn(sum(new), 9, head_dim)
     args = (q, k_cache, v_cache, context.block_tables, context.context_lens, context.query_start, head_dim ** -0.5)

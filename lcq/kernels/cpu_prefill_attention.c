@@ -1,7 +1,7 @@
 /* Prefill attention over the paged KV cache on x86 CPUs (AVX2, FMA, F16C): many new tokens per sequence, bounded
  * by arithmetic: flash-attention tiles of up to QUERY_ROWS query rows (positions x the heads of one kv head)
- * against chunks of KEYS keys, both products on the register tile of cpu_gemm.h, with the softmax carried across
- * chunks (running maximum and sum per row). Where the calling thread's products are bf16 (lcq_bf16_products),
+ * against chunks of KEYS keys (LONG_QUERY_ROWS and LONG_KEYS for long contexts' bf16 products), both products
+ * on the register tile of cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row). Where the calling thread's products are bf16 (lcq_bf16_products),
  * it stages keys, values, queries and softmax weights as bf16 pairs for the bf16 tile (on AMX tiles where the CPU
  * has them); scores, the softmax and outputs stay fp32. Caches are read where they lie (cpu_attention.h).
  */
@@ -22,17 +22,27 @@
  * 1.19x, 1.20x and 0.79x. */
 #define KEYS 32
 #define QUERY_ROWS 48  /* query rows per prefill task (about 16 positions of a 3-head GQA group; 24 and 96 did alike) */
+/* Keys per chunk and query rows per task of calls whose products are bf16 and where a tiled sequence's
+ * context reaches LONG_CONTEXT tokens (chunk_keys). Each chunk costs every row a running-softmax update
+ * (its maximum and sum reduced, its outputs rescaled) and every tile a round of AMX tile loads and stores:
+ * one prompt of 4,096 tokens on the Xeon (SmolLM2's heads, fp16 cache, 2 threads) 47 -> 31 ms a layer with
+ * 128 keys (64: 28 with the short exp), 1.07x more with 96 rows, whose tasks read each staged chunk once
+ * for twice the rows. 128 keys lost on the 64-request workload's prompts of 16-256 tokens (the diagonal's
+ * chunk mostly past the rows), and on the fp32 tiles everywhere but long prompts, which keep 32. */
+#define LONG_KEYS 128
+#define LONG_QUERY_ROWS 96
+#define LONG_CONTEXT 512
 
-/* Stage one chunk of KEYS keys of kv head `kv` of a sequence for the prefill products, as fp32 (int8
+/* Stage one chunk of `keys` keys of kv head `kv` of a sequence for the prefill products, as fp32 (int8
  * rows times their scales):
- * K transposed, kt[i][t] (head_dim x KEYS), and V, vp[t][i] (KEYS x padded_dim); keys past
+ * K transposed, kt[i][t] (head_dim x keys), and V, vp[t][i] (keys x padded_dim); keys past
  * `count` and columns past head_dim are zeros. */
 static inline __attribute__((always_inline)) void stage_chunk(const int FORM, const void *k_cache, const void *v_cache,
                                                               const int32_t *table, int first_key, int count, int kv,
                                                               int64_t row, int head_dim, int padded_dim,
-                                                              int block_size, float *kt, float *vp) {
-    for (int i = 0; i < head_dim * KEYS; i++) kt[i] = 0.0f;
-    for (int i = 0; i < KEYS * padded_dim; i++) vp[i] = 0.0f;
+                                                              int block_size, int keys, float *kt, float *vp) {
+    for (int i = 0; i < head_dim * keys; i++) kt[i] = 0.0f;
+    for (int i = 0; i < keys * padded_dim; i++) vp[i] = 0.0f;
     for (int t = 0; t < count; t++) {
         const int key = first_key + t;
         const int64_t at = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
@@ -40,7 +50,7 @@ static inline __attribute__((always_inline)) void stage_chunk(const int FORM, co
         const float k_factor = row_factor(FORM, k_cache, at, head_dim);
         const float v_factor = row_factor(FORM, v_cache, at, head_dim);
         for (int i = 0; i < head_dim; i++) {
-            kt[i * KEYS + t] = load1(FORM, k_cache, at + i) * k_factor;
+            kt[i * keys + t] = load1(FORM, k_cache, at + i) * k_factor;
             vp[t * padded_dim + i] = load1(FORM, v_cache, at + i) * v_factor;
         }
     }
@@ -65,9 +75,9 @@ LCQ_BF16 static inline __attribute__((always_inline)) __m512 load16(const int FO
     return FORM == LCQ_CACHE_INT8 ? _mm512_mul_ps(values, _mm512_set1_ps(factor)) : values;
 }
 
-/* stage_chunk for bf16 products: K as pairs along the head, kt[j][t] = (k[t][2j], k[t][2j + 1])
- * (head_dim / 2 x KEYS), and V as pairs along the keys, vp[u][i] = (v[2u][i], v[2u + 1][i]) (KEYS / 2
- * x padded_dim); zeros past `count` and head_dim. head_dim is even. Rounded to nearest even 32 values
+/* stage_chunk for bf16 products, in chunks of `keys` (KEYS or LONG_KEYS): K as pairs along the head,
+ * kt[j][t] = (k[t][2j], k[t][2j + 1]) (head_dim / 2 x keys), and V as pairs along the keys, vp[u][i] =
+ * (v[2u][i], v[2u + 1][i]) (keys / 2 x padded_dim); zeros past `count` and head_dim. head_dim is even. Rounded to nearest even 32 values
  * at a time (vcvtne2ps2bf16), each K row's pairs stored as a row, then transposed 16 x 16 words at a
  * time; V's two keys interleaved by one permute. Against element by element (the same values; two
  * builds alternating in one process, SmolLM2's heads, fp16 cache, 2 threads, Zen 4): 64 prompts of
@@ -76,10 +86,10 @@ LCQ_BF16 static inline __attribute__((always_inline)) void stage_pairs(const int
                                                                        const void *v_cache, const int32_t *table,
                                                                        int first_key, int count, int kv, int64_t row,
                                                                        int head_dim, int padded_dim, int block_size,
-                                                                       uint32_t *kt, uint32_t *vp) {
+                                                                       int keys, uint32_t *kt, uint32_t *vp) {
     const int words = head_dim / 2;
-    uint32_t k_rows[KEYS * words]; /* row t: key t's pairs */
-    int64_t at[KEYS];              /* each key's head row in the caches */
+    uint32_t k_rows[keys * words]; /* row t: key t's pairs */
+    int64_t at[LONG_KEYS];         /* each key's head row in the caches */
     for (int t = 0; t < count; t++) {
         const int key = first_key + t;
         at[t] = ((int64_t)table[key / block_size] * block_size + key % block_size) * row +
@@ -92,14 +102,14 @@ LCQ_BF16 static inline __attribute__((always_inline)) void stage_pairs(const int
                                      (__m512i)_mm512_cvtne2ps_pbh(high, low));
         }
     }
-    for (int t = 0; t < KEYS; t += 16)
+    for (int t = 0; t < keys; t += 16)
         for (int j = 0; j < words; j += 16)
             lcq_transpose_words(k_rows + t * words + j, words, count - t < 0 ? 0 : count - t < 16 ? count - t : 16,
-                                words - j < 16 ? words - j : 16, kt + (int64_t)j * KEYS + t, KEYS);
+                                words - j < 16 ? words - j : 16, kt + (int64_t)j * keys + t, keys);
     /* bf16 i of the two keys' (i of the first, 16 + i of the second) as word i */
     const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7,
                                                 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    for (int u = 0; u < KEYS / 2; u++) {
+    for (int u = 0; u < keys / 2; u++) {
         const int first = 2 * u, second = 2 * u + 1;
         const float first_factor = first < count ? row_factor(FORM, v_cache, at[first], head_dim) : 0.0f;
         const float second_factor = second < count ? row_factor(FORM, v_cache, at[second], head_dim) : 0.0f;
@@ -118,21 +128,22 @@ LCQ_BF16 static inline __attribute__((always_inline)) void stage_pairs(const int
 /* stage_pairs in the cache's form. */
 LCQ_BF16 static void stage_pair_chunk(int form, const void *k_cache, const void *v_cache, const int32_t *table,
                                       int first_key, int count, int kv, int64_t row, int head_dim, int padded_dim,
-                                      int block_size, uint32_t *kt, uint32_t *vp) {
+                                      int block_size, int keys, uint32_t *kt, uint32_t *vp) {
 #define STAGE_PAIRS(FORM)                                                                                       \
-    stage_pairs(FORM, k_cache, v_cache, table, first_key, count, kv, row, head_dim, padded_dim, block_size, kt, vp)
+    stage_pairs(FORM, k_cache, v_cache, table, first_key, count, kv, row, head_dim, padded_dim, block_size, keys, kt, \
+                vp)
     LCQ_CACHE_FORMS(form, STAGE_PAIRS)
 #undef STAGE_PAIRS
 }
 
 /* The per-thread buffers of a prefill task. */
 typedef struct {
-    float *queries; /* (QUERY_ROWS, head_dim), scaled; bf16: (QUERY_ROWS, head_dim / 2) pairs */
-    float *scores;  /* (QUERY_ROWS, KEYS): scores, then their softmax weights */
-    uint32_t *weights; /* bf16: (QUERY_ROWS, KEYS / 2) pairs of softmax weights */
-    float *outputs; /* (QUERY_ROWS, padded_dim): unnormalised outputs */
-    float *top;     /* (QUERY_ROWS): running maximum score of each row */
-    float *total;   /* (QUERY_ROWS): running sum of exp(score - top) */
+    float *queries; /* (rows, head_dim), scaled; bf16: (rows, head_dim / 2) pairs */
+    float *scores;  /* (rows, keys): scores, then (fp32 tiles) their softmax weights */
+    uint32_t *weights; /* bf16: (rows, keys / 2) pairs of softmax weights */
+    float *outputs; /* (rows, padded_dim): unnormalised outputs */
+    float *top;     /* (rows): running maximum score of each row */
+    float *total;   /* (rows): running sum of exp(score - top) */
 } Tile;
 
 /* c (R, 16) = or += a (R, K) @ b (K, 16). Inlined with R a constant: the accumulators stay in registers. */
@@ -208,7 +219,8 @@ LCQ_BF16 static void pairs_product(int amx, const uint32_t *a, int64_t lda, cons
 /* Fold a chunk's scores into the running softmax of each row: row r (at position first_position +
  * r / group) sees the chunk's keys up to its position and below `count`, and with a sliding window
  * or attention chunks (window != 0: window_start) none before its window's or chunk's first; its
- * scores become weights exp(score - top), and its outputs and total are rescaled to the new top. */
+ * scores become weights exp(score - top), and its outputs and total are rescaled to the new top. fp32
+ * tiles only, whose chunks are always of KEYS keys (chunk_keys). */
 static void softmax_chunk(Tile *tile, int rows, int group, int first_position, int first_key, int count, int window,
                           float softcap, int padded_dim) {
     for (int r = 0; r < rows; r++) {
@@ -283,39 +295,42 @@ static inline __mmask16 lanes_between(int low, int high) {
     return (__mmask16)(first_lanes(high) & ~first_lanes(low));
 }
 
-/* softmax_chunk for bf16 products, in 16 lanes, each row's weights rounded straight to its pairs in
- * tile->weights (fp32 weights were stored, then read back and rounded by lcq_round_pairs per row): the
- * same exp, sums added in softmax_chunk's order, so the same weights, totals and outputs. */
-LCQ_BF16 static void softmax_pairs(Tile *tile, int rows, int group, int first_position, int first_key, int count,
-                                   int window, float softcap, int padded_dim, tile_lines *stream) {
+/* softmax_chunk for bf16 products and chunks of CHUNK keys, in 16 lanes, each row's weights rounded straight
+ * to its pairs in tile->weights (fp32 weights were stored, then read back and rounded by lcq_round_pairs per
+ * row), by exp16_weights: the weights are bf16 at once, so its 2 ulp do not show in them, and the totals move
+ * by as little. Inlined with CHUNK a constant (softmax_pairs): a row's chunk of scores stays in registers. */
+LCQ_BF16 static inline __attribute__((always_inline)) void softmax_pair_rows(const int CHUNK, Tile *tile, int rows,
+                                                                            int group, int first_position,
+                                                                            int first_key, int count, int window,
+                                                                            float softcap, int padded_dim,
+                                                                            tile_lines *stream) {
     for (int r = 0; r < rows; r++) {
         tile_lines_step(stream);
         const int position = first_position + r / group;
         const int visible = position - first_key + 1 < count ? position - first_key + 1 : count;
         const int before = window_start(position + 1, window) - first_key, hidden = before > 0 ? before : 0;
-        float *s = tile->scores + r * KEYS;
-        __m512i *weights = (__m512i *)(tile->weights + r * KEYS / 2);
+        float *s = tile->scores + r * CHUNK;
+        __m512i *weights = (__m512i *)(tile->weights + r * CHUNK / 2);
         if (visible <= hidden) { /* the whole chunk lies after this row's position or before its window */
-            for (int i = 0; i < KEYS / 32; i++) _mm512_storeu_si512(weights + i, _mm512_setzero_si512());
+            for (int i = 0; i < CHUNK / 32; i++) _mm512_storeu_si512(weights + i, _mm512_setzero_si512());
             continue;
         }
         if (softcap > 0.0f) cap_scores(s + hidden, visible - hidden, softcap);
-        __m512 values[KEYS / 16], largest = _mm512_set1_ps(-INFINITY);
-        __mmask16 seen[KEYS / 16];
-        for (int i = 0; i < KEYS / 16; i++) {
+        __m512 values[CHUNK / 16], largest = _mm512_set1_ps(-INFINITY);
+        __mmask16 seen[CHUNK / 16];
+        for (int i = 0; i < CHUNK / 16; i++) {
             seen[i] = lanes_between(hidden - 16 * i, visible - 16 * i);
             values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), seen[i], s + 16 * i);
             largest = _mm512_max_ps(largest, values[i]);
         }
         const float previous = tile->top[r], chunk_top = _mm512_reduce_max_ps(largest);
         const float top = chunk_top > previous ? chunk_top : previous;
-        __m256 sums = _mm256_setzero_ps();
-        for (int i = 0; i < KEYS / 16; i++) { /* unseen keys and NaN give 0, as in softmax_chunk */
-            values[i] = _mm512_maskz_mov_ps(seen[i], exp16(_mm512_sub_ps(values[i], _mm512_set1_ps(top))));
-            sums = _mm256_add_ps(_mm256_add_ps(sums, _mm512_castps512_ps256(values[i])),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(values[i]), 1)));
+        __m512 sums = _mm512_setzero_ps();
+        for (int i = 0; i < CHUNK / 16; i++) { /* unseen keys and NaN give 0 */
+            values[i] = _mm512_maskz_mov_ps(seen[i], exp16_weights(_mm512_sub_ps(values[i], _mm512_set1_ps(top))));
+            sums = _mm512_add_ps(sums, values[i]);
         }
-        for (int i = 0; i < KEYS / 32; i++)
+        for (int i = 0; i < CHUNK / 32; i++)
             _mm512_storeu_si512(weights + i, (__m512i)_mm512_cvtne2ps_pbh(values[2 * i + 1], values[2 * i]));
         if (top > previous) { /* rescale what earlier chunks gave (nothing before the first) */
             const float factor = previous == -INFINITY ? 0.0f : exp1(previous - top);
@@ -325,8 +340,19 @@ LCQ_BF16 static void softmax_pairs(Tile *tile, int rows, int group, int first_po
             tile->total[r] *= factor;
             tile->top[r] = top;
         }
-        tile->total[r] += sum8(sums);
+        tile->total[r] += _mm512_reduce_add_ps(sums);
     }
+}
+
+/* softmax_pair_rows for the call's chunks of `keys` (KEYS or LONG_KEYS). */
+LCQ_BF16 static void softmax_pairs(int keys, Tile *tile, int rows, int group, int first_position, int first_key,
+                                   int count, int window, float softcap, int padded_dim, tile_lines *stream) {
+    if (keys == LONG_KEYS)
+        softmax_pair_rows(LONG_KEYS, tile, rows, group, first_position, first_key, count, window, softcap, padded_dim,
+                          stream);
+    else
+        softmax_pair_rows(KEYS, tile, rows, group, first_position, first_key, count, window, softcap, padded_dim,
+                          stream);
 }
 
 /* The sequence s with base[s] <= item < base[s + 1] (base: seqs + 1 ascending counts from 0). */
@@ -357,24 +383,27 @@ typedef struct {
     int64_t *chunk_base, *task_base;
     int pairs; /* bf16 products: chunks, queries and weights staged as bf16 pairs */
     int amx;   /* with pairs, products on AMX tiles (lcq_amx_pair_product): tile buffers of whole 16 rows */
+    int keys;  /* keys per staged chunk: KEYS, or LONG_KEYS (chunk_keys) */
 } Prefill;
 
 /* The first chunk of keys any new token of sequence s sees: chunks before it lie before every new
  * token's sliding window, and are neither staged nor read. */
 static int first_seen_chunk(const Prefill *p, int s) {
     const int n = p->query_start[s + 1] - p->query_start[s];
-    return window_start(p->context_lens[s] - n + 1, p->window) / KEYS;
+    return window_start(p->context_lens[s] - n + 1, p->window) / p->keys;
 }
 
 /* Task `local` of tiled sequence s: one kv head's query rows of one tile over the staged chunks
  * (staged: this group's buffer, from sequence first_seq on). */
 /* Where task `local` of tiled sequence s lies: its first new token (from the sequence's first), its
- * positions and its kv head. */
+ * positions and its kv head. A kv head's tasks follow each other, longest tiles first, so that a thread's
+ * next task reads the chunks its last one read, from its L2 (one prompt of 4,096 tokens with SmolLM2's
+ * heads: a kv head's chunks 1 MB, all three 3 MB; 1.07-1.10x against the kv heads taken in turn). */
 static void tile_place(const Prefill *p, int s, int64_t local, int *first, int *positions, int *kv) {
     const int n = p->query_start[s + 1] - p->query_start[s];
     const int tiles = (n + p->positions_per_tile - 1) / p->positions_per_tile;
-    *kv = (int)(local % p->kv_heads);
-    *first = (tiles - 1 - (int)(local / p->kv_heads)) * p->positions_per_tile; /* longest tiles first */
+    *kv = (int)(local / tiles);
+    *first = (tiles - 1 - (int)(local % tiles)) * p->positions_per_tile;
     *positions = n - *first < p->positions_per_tile ? n - *first : p->positions_per_tile;
 }
 
@@ -388,6 +417,7 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
     tile_place(p, s, local, &first, &positions, &kv);
     const int rows = positions * group, first_position = length - n + first, head_dim = p->head_dim;
     const int pairs = p->pairs, depth = pairs ? head_dim / 2 : head_dim; /* per query row, in words */
+    const int keys = p->keys;
     uint32_t *query_pairs = (uint32_t *)tile->queries;
     for (int r = 0; r < rows; r++) {
         const float *src = p->q + (int64_t)(p->query_start[s] + first + r / group) * p->q_stride +
@@ -412,26 +442,26 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
         tile_lines_add(&stream, p->q + (int64_t)(p->query_start[next_s] + next_first) * p->q_stride +
                                     (int64_t)next_kv * group * head_dim, p->q_stride, group_bytes, next_positions);
     }
-    const int chunks = (first_position + positions - 1) / KEYS - lowest / KEYS + 1;
+    const int chunks = (first_position + positions - 1) / keys - lowest / keys + 1;
     int64_t lines = 0;
     for (int i = 0; i < stream.ranges; i++) lines += (int64_t)stream.lines[i] * stream.positions[i];
     stream.per_step = (int)((lines + (int64_t)rows * chunks - 1) / ((int64_t)rows * chunks));
-    for (int first_key = lowest / KEYS * KEYS; first_key <= first_position + positions - 1; first_key += KEYS) {
-        const float *kt = staged + ((first_chunk + first_key / KEYS) * p->kv_heads + kv) * p->chunk_floats;
-        const int count = length - first_key < KEYS ? length - first_key : KEYS;
+    for (int first_key = lowest / keys * keys; first_key <= first_position + positions - 1; first_key += keys) {
+        const float *kt = staged + ((first_chunk + first_key / keys) * p->kv_heads + kv) * p->chunk_floats;
+        const int count = length - first_key < keys ? length - first_key : keys;
         if (pairs)
-            pairs_product(p->amx, query_pairs, depth, (const uint32_t *)kt, KEYS, depth, rows, KEYS / 16, tile->scores,
-                          KEYS, 0);
+            pairs_product(p->amx, query_pairs, depth, (const uint32_t *)kt, keys, depth, rows, keys / 16, tile->scores,
+                          keys, 0);
         else
-            tile_product(tile->queries, head_dim, kt, KEYS, head_dim, rows, KEYS / 16, tile->scores, KEYS, 0);
+            tile_product(tile->queries, head_dim, kt, keys, head_dim, rows, keys / 16, tile->scores, keys, 0);
         if (pairs) {
-            softmax_pairs(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim,
+            softmax_pairs(keys, tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim,
                           &stream);
-            pairs_product(p->amx, tile->weights, KEYS / 2, (const uint32_t *)kt + (int64_t)depth * KEYS,
-                          p->padded_dim, KEYS / 2, rows, p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
+            pairs_product(p->amx, tile->weights, keys / 2, (const uint32_t *)kt + (int64_t)depth * keys,
+                          p->padded_dim, keys / 2, rows, p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
         } else {
             softmax_chunk(tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim);
-            tile_product(tile->scores, KEYS, kt + (int64_t)head_dim * KEYS, p->padded_dim, KEYS, rows,
+            tile_product(tile->scores, keys, kt + (int64_t)head_dim * keys, p->padded_dim, keys, rows,
                          p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
         }
     }
@@ -456,14 +486,14 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         for (int64_t item = 0; item < (chunk_base[seqs] - chunk_base[0]) * p->kv_heads; item++) {
             const int64_t chunk = item / p->kv_heads + chunk_base[0];
             const int s = first + sequence_of(chunk_base, seqs, chunk);
-            const int first_key = (int)(chunk - p->chunk_base[s] + first_seen_chunk(p, s)) * KEYS;
+            const int first_key = (int)(chunk - p->chunk_base[s] + first_seen_chunk(p, s)) * p->keys;
             const int length = p->context_lens[s];
-            const int count = length - first_key < KEYS ? length - first_key : KEYS;
+            const int count = length - first_key < p->keys ? length - first_key : p->keys;
             float *kt = staged + item * p->chunk_floats;
 #define STAGE(FUNCTION, FORM, TYPE, DEPTH)                                                                     \
     FUNCTION(FORM, p->k_cache, p->v_cache, p->block_tables + (int64_t)s * p->max_blocks, first_key, count,        \
-             (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, (TYPE *)kt,             \
-             (TYPE *)kt + (int64_t)(DEPTH) * KEYS)
+             (int)(item % p->kv_heads), p->row, p->head_dim, p->padded_dim, p->block_size, p->keys, (TYPE *)kt,    \
+             (TYPE *)kt + (int64_t)(DEPTH) * p->keys)
 #define STAGE_FLOATS(FORM) STAGE(stage_chunk, FORM, float, p->head_dim)
             if (p->pairs) {
                 STAGE(stage_pair_chunk, p->cache_form, uint32_t, p->head_dim / 2);
@@ -475,8 +505,8 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
         }
         /* rows rounded up to whole AMX tiles, zeros to begin with (tiles read rows past a task's) */
         const int rows = (p->tile_rows + LCQ_AMX_ROWS - 1) / LCQ_AMX_ROWS * LCQ_AMX_ROWS;
-        Tile tile = {lcq_aligned_zeros((size_t)rows * p->head_dim), lcq_aligned_zeros((size_t)rows * KEYS),
-                     lcq_aligned_zeros((size_t)rows * KEYS / 2), lcq_aligned_zeros((size_t)rows * p->padded_dim),
+        Tile tile = {lcq_aligned_zeros((size_t)rows * p->head_dim), lcq_aligned_zeros((size_t)rows * p->keys),
+                     lcq_aligned_zeros((size_t)rows * p->keys / 2), lcq_aligned_zeros((size_t)rows * p->padded_dim),
                      malloc(sizeof(float) * rows), malloc(sizeof(float) * rows)};
         const int ready = tile.queries && tile.scores && tile.weights && tile.outputs && tile.top && tile.total;
         if (!ready) failed = 1;
@@ -516,6 +546,14 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
     return failed ? -1 : 0;
 }
 
+/* Keys per staged chunk for a call: LONG_KEYS where its products are bf16 and the context of a sequence with
+ * several new tokens reaches LONG_CONTEXT, else KEYS (the fp32 tiles' softmax_chunk takes KEYS only). */
+static int chunk_keys(int pairs, const int32_t *context_lens, const int32_t *query_start, int seqs) {
+    for (int s = 0; pairs && s < seqs; s++)
+        if (query_start[s + 1] - query_start[s] > 1 && context_lens[s] >= LONG_CONTEXT) return LONG_KEYS;
+    return KEYS;
+}
+
 /* Causal attention of a prefill step's new tokens. Sequence s has n = query_start[s + 1] -
  * query_start[s] new tokens, already written into the caches at positions context_lens[s] - n
  * onwards; each sees the cache positions up to its own, or with a sliding window (window > 0) the
@@ -535,15 +573,17 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
                           int block_size, float scale, float softcap, int window, int64_t stage_limit,
                           const float *sinks) {
-    const int group = heads / kv_heads, positions_per_tile = QUERY_ROWS / group > 0 ? QUERY_ROWS / group : 1;
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
-    const int64_t chunk_words = (int64_t)head_dim * KEYS + KEYS * padded_dim; /* fp32 values, or half as many pairs */
+    const int keys = chunk_keys(pairs, context_lens, query_start, seqs);
+    const int group = heads / kv_heads, query_rows = keys == LONG_KEYS ? LONG_QUERY_ROWS : QUERY_ROWS;
+    const int positions_per_tile = query_rows / group > 0 ? query_rows / group : 1;
+    const int64_t chunk_words = (int64_t)head_dim * keys + keys * padded_dim; /* fp32 values, or half as many pairs */
     Prefill p = {q, q_stride, k_cache, v_cache, cache_form, block_tables, context_lens, query_start, max_blocks,
                  heads, kv_heads, head_dim, block_size, group, positions_per_tile, padded_dim,
                  positions_per_tile * group, scale, softcap, out, sinks, window,
                  (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
-                 malloc(sizeof(int64_t) * (seqs + 1)), pairs, pairs && lcq_amx_on()};
+                 malloc(sizeof(int64_t) * (seqs + 1)), pairs, pairs && lcq_amx_on(), keys};
     int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;
     if (status == 0) {
         p.chunk_base[0] = p.task_base[0] = 0;
@@ -551,11 +591,11 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
             const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
             if (n > length || n < 0) status = -2;
             const int tiled = n > 1;
-            const int from = tiled ? first_seen_chunk(&p, s) * KEYS : window_start(length, window);
+            const int from = tiled ? first_seen_chunk(&p, s) * keys : window_start(length, window);
             if (status == 0 && !blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks, from, length,
                                                block_size))
                 status = LCQ_NO_BLOCK;
-            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + KEYS - 1) / KEYS - first_seen_chunk(&p, s) : 0);
+            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + keys - 1) / keys - first_seen_chunk(&p, s) : 0);
             p.task_base[s + 1] = p.task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
                                                                kv_heads : n);
         }
