@@ -49,14 +49,16 @@ LCQ_EXP16 static inline __m512 exp16(__m512 x) {
     return _mm512_maskz_mov_ps(kept, exp_scaled512(x, n));
 }
 
-/* e^x for softmax weights, x <= 0 (or -inf, or NaN: 0): 2^n 2^r with t = x log2 e, n = round(t), r = t - n,
- * 2^r by a degree-5 polynomial fitted for relative error on |r| <= 1/2 (2.2e-7, about 2 ulp), 2^n applied by
- * vscalefps; zero below -87.3, as exp16. Eleven operations where exp16 takes nineteen: prefill attention's
- * bf16 tiles round these weights to bf16 at once, and spent a third of their time in exp16. Within a few
- * ulp of exp16 near 0 (where t's own rounding, about 6e-8 |t|, adds to it for far-off keys). */
-LCQ_EXP16 static inline __m512 exp16_weights(__m512 x) {
-    const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+/* e^(x - top) for softmax weights, x <= top (x -inf, or NaN: 0): 2^n 2^r with t = x log2 e - top log2 e (one
+ * FMA), n = round(t), r = t - n, 2^r by a degree-5 polynomial fitted for relative error on |r| <= 1/2 (2.2e-7,
+ * about 2 ulp), 2^n applied by vscalefps; zero below e^-87.3, as exp16. Eleven operations where exp16 and the
+ * subtraction take twenty: prefill attention's bf16 tiles round these weights to bf16 at once, and spent a third
+ * of their time in exp16. Within a few ulp of exp16 near the top (t's rounding, about 6e-8 |t|, adds to it for
+ * far-off keys). */
+LCQ_EXP16 static inline __m512 exp16_weights(__m512 x, float top) {
+    const float log2e = 1.44269504088896341f;
+    const __m512 t = _mm512_fmsub_ps(x, _mm512_set1_ps(log2e), _mm512_set1_ps(top * log2e));
+    const __mmask16 kept = _mm512_cmp_ps_mask(t, _mm512_set1_ps(-87.3f * log2e), _CMP_GE_OQ);
     const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 r = _mm512_sub_ps(t, n);
     __m512 y = _mm512_set1_ps(1.3266970636e-3f);

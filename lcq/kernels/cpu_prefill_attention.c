@@ -317,17 +317,19 @@ LCQ_BF16 static inline __attribute__((always_inline)) void softmax_pair_rows(con
         }
         if (softcap > 0.0f) cap_scores(s + hidden, visible - hidden, softcap);
         __m512 values[CHUNK / 16], largest = _mm512_set1_ps(-INFINITY);
-        __mmask16 seen[CHUNK / 16];
-        for (int i = 0; i < CHUNK / 16; i++) {
-            seen[i] = lanes_between(hidden - 16 * i, visible - 16 * i);
-            values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), seen[i], s + 16 * i);
-            largest = _mm512_max_ps(largest, values[i]);
-        }
+        if (hidden == 0 && visible == CHUNK) /* every key seen: a chunk inside the rows' windows */
+            for (int i = 0; i < CHUNK / 16; i++) largest = _mm512_max_ps(largest, values[i] = _mm512_loadu_ps(s + 16 * i));
+        else /* unseen keys -inf */
+            for (int i = 0; i < CHUNK / 16; i++) {
+                values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes_between(hidden - 16 * i, visible - 16 * i),
+                                                 s + 16 * i);
+                largest = _mm512_max_ps(largest, values[i]);
+            }
         const float previous = tile->top[r], chunk_top = _mm512_reduce_max_ps(largest);
         const float top = chunk_top > previous ? chunk_top : previous;
         __m512 sums = _mm512_setzero_ps();
-        for (int i = 0; i < CHUNK / 16; i++) { /* unseen keys and NaN give 0 */
-            values[i] = _mm512_maskz_mov_ps(seen[i], exp16_weights(_mm512_sub_ps(values[i], _mm512_set1_ps(top))));
+        for (int i = 0; i < CHUNK / 16; i++) { /* unseen keys (-inf) and NaN give 0 */
+            values[i] = exp16_weights(values[i], top);
             sums = _mm512_add_ps(sums, values[i]);
         }
         for (int i = 0; i < CHUNK / 32; i++)
