@@ -1,9 +1,10 @@
 /* Prefill attention over the paged KV cache on x86 CPUs (AVX2, FMA, F16C): many new tokens per sequence, bounded
  * by arithmetic: flash-attention tiles of up to QUERY_ROWS query rows (positions x the heads of one kv head)
  * against chunks of KEYS keys (LONG_QUERY_ROWS and LONG_KEYS for long contexts' bf16 products), both products
- * on the register tile of cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row). Where the calling thread's products are bf16 (lcq_bf16_products),
- * it stages keys, values, queries and softmax weights as bf16 pairs for the bf16 tile (on AMX tiles where the CPU
- * has them); scores, the softmax and outputs stay fp32. Caches are read where they lie (cpu_attention.h).
+ * on the register tile of cpu_gemm.h, with the softmax carried across chunks (running maximum and sum per row).
+ * Where the calling thread's products are bf16 (lcq_bf16_products), it stages keys, values, queries and softmax
+ * weights as bf16 pairs for the bf16 tile (on AMX tiles where the CPU has them); scores, the softmax and outputs
+ * stay fp32. Caches are read where they lie (cpu_attention.h).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -77,11 +78,11 @@ LCQ_BF16 static inline __attribute__((always_inline)) __m512 load16(const int FO
 
 /* stage_chunk for bf16 products, in chunks of `keys` (KEYS or LONG_KEYS): K as pairs along the head,
  * kt[j][t] = (k[t][2j], k[t][2j + 1]) (head_dim / 2 x keys), and V as pairs along the keys, vp[u][i] =
- * (v[2u][i], v[2u + 1][i]) (keys / 2 x padded_dim); zeros past `count` and head_dim. head_dim is even. Rounded to nearest even 32 values
- * at a time (vcvtne2ps2bf16), each K row's pairs stored as a row, then transposed 16 x 16 words at a
- * time; V's two keys interleaved by one permute. Against element by element (the same values; two
- * builds alternating in one process, SmolLM2's heads, fp16 cache, 2 threads, Zen 4): 64 prompts of
- * 16-256 tokens 1.06-1.13x, 16 of 16-64 1.12-1.22x, 4 of 256 1.11x, one of 2,048 1.02-1.03x. */
+ * (v[2u][i], v[2u + 1][i]) (keys / 2 x padded_dim); zeros past `count` and head_dim. head_dim is even.
+ * Rounded to nearest even 32 values at a time (vcvtne2ps2bf16), each K row's pairs stored as a row, then
+ * transposed 16 x 16 words at a time; V's two keys interleaved by one permute. Against element by element
+ * (the same values; two builds alternating in one process, SmolLM2's heads, fp16 cache, 2 threads, Zen 4):
+ * 64 prompts of 16-256 tokens 1.06-1.13x, 16 of 16-64 1.12-1.22x, 4 of 256 1.11x, one of 2,048 1.02-1.03x. */
 LCQ_BF16 static inline __attribute__((always_inline)) void stage_pairs(const int FORM, const void *k_cache,
                                                                        const void *v_cache, const int32_t *table,
                                                                        int first_key, int count, int kv, int64_t row,
@@ -318,11 +319,12 @@ LCQ_BF16 static inline __attribute__((always_inline)) void softmax_pair_rows(con
         if (softcap > 0.0f) cap_scores(s + hidden, visible - hidden, softcap);
         __m512 values[CHUNK / 16], largest = _mm512_set1_ps(-INFINITY);
         if (hidden == 0 && visible == CHUNK) /* every key seen: a chunk inside the rows' windows */
-            for (int i = 0; i < CHUNK / 16; i++) largest = _mm512_max_ps(largest, values[i] = _mm512_loadu_ps(s + 16 * i));
+            for (int i = 0; i < CHUNK / 16; i++)
+                largest = _mm512_max_ps(largest, values[i] = _mm512_loadu_ps(s + 16 * i));
         else /* unseen keys -inf */
             for (int i = 0; i < CHUNK / 16; i++) {
-                values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), lanes_between(hidden - 16 * i, visible - 16 * i),
-                                                 s + 16 * i);
+                const __mmask16 seen = lanes_between(hidden - 16 * i, visible - 16 * i);
+                values[i] = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), seen, s + 16 * i);
                 largest = _mm512_max_ps(largest, values[i]);
             }
         const float previous = tile->top[r], chunk_top = _mm512_reduce_max_ps(largest);
@@ -457,8 +459,8 @@ static void attend_tile(const Prefill *p, Tile *tile, const float *staged, int f
         else
             tile_product(tile->queries, head_dim, kt, keys, head_dim, rows, keys / 16, tile->scores, keys, 0);
         if (pairs) {
-            softmax_pairs(keys, tile, rows, group, first_position, first_key, count, p->window, p->softcap, p->padded_dim,
-                          &stream);
+            softmax_pairs(keys, tile, rows, group, first_position, first_key, count, p->window, p->softcap,
+                          p->padded_dim, &stream);
             pairs_product(p->amx, tile->weights, keys / 2, (const uint32_t *)kt + (int64_t)depth * keys,
                           p->padded_dim, keys / 2, rows, p->padded_dim / 16, tile->outputs, p->padded_dim, 1);
         } else {
