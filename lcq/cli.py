@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from .errors import UserError
-from .format import FormatError
+from .format import FormatError, WriteError
 
 # Modules exposing register(subparsers) -> None; each subcommand sets `func(args) -> int | None`.
 COMMAND_MODULES = ("lcq.quantizer.commands", "lcq.server.commands")
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, FormatError) as e:
+    except (UserError, FormatError, WriteError) as e:
         print(f"lcq: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

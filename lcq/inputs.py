@@ -4,6 +4,7 @@ nothing is left half-written."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -32,8 +33,10 @@ def check_output(path: str | os.PathLike, what: str = "output") -> Path:
         above = above.parent
     if not above.is_dir():
         raise UserError(f"{path}: {above} is not a folder")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise UserError(f"{path}: {above} is not writable")
+    try:  # a file made there and removed: os.access says yes to root on /proc or a read-only mount
+        tempfile.TemporaryFile(dir=above).close()
+    except OSError as e:
+        raise UserError(f"{path}: {above} is not writable ({e.strerror or e})") from None
     return path
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -787,6 +788,37 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()  # nothing written on any error
     result = _cli("quantize", str(tmp_path / "missing"), out)  # the module entry point, in a fresh process
     assert result.returncode == 2 and result.stderr.startswith("lcq: error:") and "Traceback" not in result.stderr
+
+
+def test_cli_quantize_onto_a_disk_that_refuses_is_one_line_and_resumes(tmp_path, tiny_hf, capsys):
+    """A checkpoint file the file system refuses (here the process's file size limit, which binds root too, as a
+    full disk would) ends `lcq quantize` with one line and exit 2, no temporary file left in OUT_DIR.partial; the
+    same command with --resume then finishes it, as an uninterrupted run would."""
+    import resource
+    import signal
+
+    out = tmp_path / "o"
+    args = ["quantize", str(tiny_hf), str(out), "--method", "rtn"]
+    previous_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (EFBIG from write, not the signal's kill)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, previous_limit[1]))  # the progress file fits, a block not
+    try:
+        code = _main(args)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_signal)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lcq")]
+    assert code == 2 and len(errors) == 1, errors
+    assert re.fullmatch(r"lcq: error: .*/o\.partial/block-00000\.safetensors: cannot be written \(File too large\)",
+                        errors[0]), errors
+    assert [p.name for p in (tmp_path / "o.partial").iterdir()] == ["lcq-progress.json"] and not out.exists()
+    assert _main(args + ["--resume"]) == 0
+    whole = tmp_path / "whole"
+    assert _main(["quantize", str(tiny_hf), str(whole), "--method", "rtn"]) == 0
+    resumed, uninterrupted = CheckpointReader(out), CheckpointReader(whole)
+    assert resumed.names() == uninterrupted.names()
+    for name in resumed.names():
+        torch.testing.assert_close(resumed.tensor(name), uninterrupted.tensor(name), rtol=0, atol=0)
 
 
 def test_cli_refuses_an_output_whose_working_paths_hold_the_source(tmp_path, tiny_hf, capsys):

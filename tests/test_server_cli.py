@@ -159,11 +159,20 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
     assert command.settings.enable_auto_tool_choice and command.settings.tool_call_parser == "hermes"
     assert main(["serve", str(tmp_path), "--enable-auto-tool-choice"]) == 2
     assert main(["serve", str(tmp_path), "--chat-template", str(tmp_path / "missing.jinja")]) == 2
+    broken = tmp_path / "broken.jinja"  # it parses not: refused at start, not as every chat request's 400
+    broken.write_text("{% for m in messages %}{{ m['content'] }}")
+    assert main(["serve", str(tmp_path), "--chat-template", str(broken)]) == 2
+    assert main(["serve", str(tmp_path), "--chat-template", "{% if %}"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert "needs --tool-call-parser" in errors[0] and "neither a file nor a Jinja template" in errors[1]
+    assert f"{broken} is not a valid Jinja template (line 1: " in errors[2]
+    assert "the template given is not a valid Jinja template (line 1: " in errors[3]
+    assert len(errors) == 4
     model = make_tiny_hf(tmp_path / "tiny")
     messages = [{"role": "user", "content": "Hi"}]
-    for chat_template in (str(template), template.read_text()):
+    generation = ("{% for m in messages %}{% generation %}<{{ m['role'] }}>{% endgeneration %}{{ m['content'] }}"
+                  "{% if loop.last %}{% break %}{% endif %}{% endfor %}")  # transformers' tags and loop controls
+    for chat_template in (str(template), template.read_text(), generation):
         tokenizer = LLM(str(model), chat_template=chat_template).tokenizer
         assert tokenizer.apply_chat_template(messages, tokenize=False) == "<user>Hi"
     # a template's text with a stretch longer than a file name may be: no file to look for (it raised OSError)
@@ -521,6 +530,36 @@ def test_run_batch_refuses_an_unwritable_output_or_a_binary_file_before_loading(
         error = capsys.readouterr().err.strip()
         assert error.startswith("lcq: error: ") and message in error and "\n" not in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-folder", "binary.jsonl", "in.jsonl"]
+    # /proc's files cannot be made, whatever os.access tells root: refused before loading, not after every request
+    assert main(["run-batch", "-i", str(good), "-o", "/proc/lcq-test.jsonl", str(tmp_path / "no-model")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("lcq: error: /proc/lcq-test.jsonl: /proc is not writable") and "\n" not in error
+
+
+def test_run_batch_output_the_disk_refuses_is_one_line_and_keeps_the_file_there(tmp_path):
+    """Output the file system refuses once the requests have run (here the process's file size limit, which binds
+    root too, as a full disk would): one line (UserError), the file there before as it was, no temporary file."""
+    import resource
+
+    from lcq.server.batch import output_target, write_lines
+
+    out = tmp_path / "out.jsonl"
+    out.write_text("the last run's output\n")
+    lines = [{"id": f"batch_req_{i}", "custom_id": str(i), "response": {"status_code": 200, "body": "x" * 500},
+              "error": None} for i in range(8)]
+    target = output_target(str(out))
+    previous_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (EFBIG from write, not the signal's kill)
+    previous_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, previous_limit[1]))
+    try:
+        with pytest.raises(UserError, match=r"out.jsonl: cannot be written \(File too large\)$"):
+            write_lines(target, lines)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
+        signal.signal(signal.SIGXFSZ, previous_signal)
+    assert out.read_text() == "the last run's output\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    write_lines(target, lines)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == lines
 
 
 # --seed beyond torch's seeds (torch.manual_seed takes -2**63 to 2**64 - 1): one line and exit 2 from `lcq serve`

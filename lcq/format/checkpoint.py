@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .codebook import PackedLinear, padded_in_features
@@ -85,11 +88,30 @@ def linear_tensors(prefix: str, layer: PackedLinear) -> dict[str, torch.Tensor]:
     return tensors
 
 
+class WriteError(Exception):
+    """A checkpoint file that could not be written (the disk full, the folder gone or read-only): one line
+    naming the file; its temporary file is removed and the file it would have replaced is left as it was."""
+
+
+@contextmanager
+def _writing(path: Path, tmp: Path) -> Iterator[None]:
+    """WriteError for what fails while tmp is written and renamed to path."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # the OS error in safetensors' wordings of it
+        reason = (e.strerror if isinstance(e, OSError) and e.strerror else
+                  os.strerror(int(code.group(1) or code.group(2))) if code else str(e))
+        raise WriteError(f"{path}: cannot be written ({reason})") from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-    _synced(tmp)
-    os.replace(tmp, path)
+    with _writing(path, tmp):
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        _synced(tmp)
+        os.replace(tmp, path)
 
 
 def _synced(path: Path) -> None:
@@ -102,12 +124,14 @@ def _synced(path: Path) -> None:
 def write_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write one safetensors file atomically (tensors may live on any device)."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o666 & ~umask)  # as any new file (safetensors writes its files owner-only): others may serve it
-    _synced(tmp)
-    os.replace(tmp, path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with _writing(path, tmp):
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # as any new file (safetensors writes its files owner-only): others may serve it
+        _synced(tmp)
+        os.replace(tmp, path)
 
 
 def copy_model_assets(src: Path, dst: Path) -> list[str]:
@@ -115,7 +139,8 @@ def copy_model_assets(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in MODEL_ASSETS:
         if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
+            with _writing(dst / name, dst / name):  # (a copy cut short is removed)
+                shutil.copyfile(src / name, dst / name)
             copied.append(name)
     return copied
 

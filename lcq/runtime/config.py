@@ -223,14 +223,18 @@ class EngineConfig:
 
     def resolved_chat_template(self) -> str | None:
         """chat_template's text: the file's where it names one, else the value itself where it reads as a
-        Jinja template; ValueError for anything else (a mistyped path must not become a template)."""
+        Jinja template; ValueError for anything else (a mistyped path must not become a template) and for a
+        template that does not parse, which would otherwise fail every chat request as the client's mistake."""
         if self.chat_template is None:
             return None
         if _names_a_file(self.chat_template):
-            return Path(self.chat_template).read_text()
-        if "{{" in self.chat_template or "{%" in self.chat_template:
-            return self.chat_template
-        raise ValueError(f"chat_template: {self.chat_template} is neither a file nor a Jinja template")
+            text, source = Path(self.chat_template).read_text(), self.chat_template
+        elif "{{" in self.chat_template or "{%" in self.chat_template:
+            text, source = self.chat_template, "the template given"
+        else:
+            raise ValueError(f"chat_template: {self.chat_template} is neither a file nor a Jinja template")
+        _check_template_syntax(text, source)
+        return text
 
     def check_model(self) -> None:
         """The model's architecture and context, read from its folder (config.json and tensor names): for a
@@ -328,6 +332,26 @@ def context_limit(model_config: ModelConfig, max_model_len: int | None) -> int:
         raise UserError(f"max_model_len {max_model_len} is longer than the model's context of {context} tokens "
                         "(max_position_embeddings, or what its rope scaling extends it to)")
     return max_model_len or context
+
+
+def _check_template_syntax(text: str, source: str) -> None:
+    """ValueError where `text` does not parse as a chat template: Jinja with the loop controls and the
+    `{% generation %}` blocks that transformers' templates may use (parsed only: not rendered here)."""
+    import jinja2
+    from jinja2.ext import Extension
+
+    class GenerationBlocks(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols", GenerationBlocks]).parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat_template: {source} is not a valid Jinja template (line {e.lineno}: {e.message})") \
+            from None
 
 
 def _names_a_file(value: str) -> bool:

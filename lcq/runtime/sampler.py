@@ -3,7 +3,8 @@ temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Everything is batched on the logits' device (on CPU the sampled rows in one C call, cpu_ops.sample_rows);
 each sampled row takes one uniform number, and seeded requests draw theirs from their own generator,
-so a seed gives the same tokens whatever else is in the batch.
+so a seed gives the same numbers whatever else is in the batch (and the same tokens wherever the logits are
+the same: README, --seed).
 """
 from __future__ import annotations
 
@@ -165,7 +166,7 @@ def keep_top_sorted(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
 
 def uniforms(seqs: list[Sequence]) -> torch.Tensor:
     """A uniform number in [0, 1) per row: from the sequence's own generator where it has a seed, so
-    that a seed gives the same tokens whatever else is in the batch."""
+    that a seed gives the same numbers whatever else is in the batch."""
     numbers = torch.rand(len(seqs))
     for row, seq in enumerate(seqs):
         if seq.generator is not None:

@@ -203,22 +203,23 @@ def writes_a_file(target: Path | None) -> bool:
 
 def write_lines(target: Path | None, lines: list[dict[str, Any]]) -> None:
     """The output JSONL (target: output_target's): a file is written under a temporary name beside it and renamed
-    into place; stdout (None), a device or a FIFO is written directly."""
+    into place; stdout (None), a device or a FIFO is written directly. What cannot be written (the disk full, the
+    folder gone since the check) is one line (UserError), the file there before left as it was."""
     if target is None:
         _write(sys.stdout, lines)
         sys.stdout.flush()
         return
-    if not writes_a_file(target):
-        with open(target, "w") as f:
-            _write(f, lines)
-        return
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(target.name + ".tmp") if writes_a_file(target) else None
     try:
-        with tmp.open("w") as f:
+        with open(tmp or target, "w") as f:
             _write(f, lines)
-        os.replace(tmp, target)
+        if tmp is not None:
+            os.replace(tmp, target)
+    except OSError as e:
+        raise UserError(f"{target}: cannot be written ({e.strerror or e})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def _write(f, lines: list[dict[str, Any]]) -> None:
