@@ -1009,6 +1009,38 @@ def test_seed_reproducibility(llm):
     assert other_seed[0].token_ids != first
 
 
+@pytest.mark.parametrize("group_size", [32, 64])  # 64: the layers keep int8 books (their int8 decode form)
+def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, group_size):
+    """batch_invariant, at the default CPU settings (int8 or bf16 products where the CPU has them, an fp16 cache):
+    each request's tokens and logprobs, greedy and seeded, are the same bit for bit alone, from the prefix cache,
+    batched with the others (in another order), and prefilled in chunks of a small budget beside them. Without
+    it the forms of products and attention follow each step's rows, and the logits move in their last bits."""
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=group_size))
+    rng = random.Random(0)
+    # (from the cache, those of 32 and 33 tokens compute one new token: the decode step's form without it)
+    prompts = [[rng.randrange(3, 380) for _ in range(n)] for n in (40, 7, 90, 23, 150, 3, 33, 32)]
+
+    def outputs(llm: LLM, batch: list[list[int]], params: SamplingParams) -> list[tuple]:
+        return [(c.token_ids, [(lp.logprob, lp.top) for lp in c.logprobs]) for c in llm.generate(batch, params)]
+
+    for params in (SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=2),
+                   SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=5, ignore_eos=True, logprobs=2)):
+        engine = LLM(folder, batch_invariant=True, block_size=16)
+        alone = [outputs(engine, [prompt], params)[0] for prompt in prompts]
+        assert [outputs(engine, [prompt], params)[0] for prompt in prompts] == alone  # prefixes from the cache
+        assert outputs(engine, prompts[::-1], params)[::-1] == alone
+        chunked = LLM(folder, batch_invariant=True, block_size=16, max_num_batched_tokens=37, max_num_seqs=3,
+                      enable_prefix_caching=False)
+        assert outputs(chunked, prompts, params) == alone
+    with pytest.raises(ValueError, match="without speculative decoding and LoRA"):
+        LLM(folder, batch_invariant=True, num_speculative_tokens=2)
+
+
+def test_batch_invariant_refuses_what_it_does_not_cover(tmp_path):
+    with pytest.raises(UserError, match="covers models of softmax attention and dense MLPs"):
+        LLM(str(make_tiny_hf(tmp_path / "moe", "qwen3_moe")), batch_invariant=True)
+
+
 def test_logprobs_match_log_softmax(tiny, llm):
     out = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=3))[0]
     model = load_reference_model(tiny)

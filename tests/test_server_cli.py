@@ -138,6 +138,8 @@ def test_flags_win_over_environment():
     assert resolve(parse("--async-scheduling"), {"LCQ_NO_ASYNC_SCHEDULING": "1"}).engine_fields == \
         {"async_scheduling": True}
     assert resolve(parse(), {"LCQ_NO_ASYNC_SCHEDULING": "1"}).engine_fields == {"async_scheduling": False}
+    assert resolve(parse("--batch-invariant"), {}).engine_fields == {"batch_invariant": True}
+    assert resolve(parse(), {"LCQ_BATCH_INVARIANT": "1"}).engine_fields == {"batch_invariant": True}
     assert [EngineConfig(model="m", device=device).resolved_async_scheduling() for device in ("cpu", "cuda")] == \
         [False, True]
     assert not EngineConfig(model="m", device="cuda", async_scheduling=False).resolved_async_scheduling()

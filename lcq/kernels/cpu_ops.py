@@ -363,12 +363,13 @@ STAGE_LIMIT_FLOATS = 16 << 20
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       context_lens: torch.Tensor, query_start: torch.Tensor, scale: float,
                       stage_limit_floats: int = STAGE_LIMIT_FLOATS, window: int = 0, softcap: float = 0.0,
-                      sinks: torch.Tensor | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor | None = None, tile_every_query: bool = False) -> torch.Tensor:
     """Causal attention of a step's new tokens, q (tokens, heads, head_dim), each over its sequence's
     cached tokens up to its own position (their K/V already written), or with window > 0 over the last
     `window` of those, with window < 0 over those of its chunk -> same shape; softcap and sinks as
     decode_attention's. Sequences are staged and attended in groups of at most stage_limit_floats
-    staged values (or one sequence)."""
+    staged values (or one sequence). tile_every_query: a sequence's single new token is tiled as several
+    are (not the decode form), so that each query's values are the same however many share its call."""
     if q.stride(2) != 1 or q.stride(1) != q.shape[2]:
         q = q.contiguous()
     tables, lengths, starts = (t.contiguous() for t in (block_tables, context_lens, query_start))
@@ -380,7 +381,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), cache_form(k_cache, v_cache),
         tables.data_ptr(), tables.shape[1], lengths.data_ptr(), starts.data_ptr(), out.data_ptr(), lengths.shape[0],
         heads, k_cache.shape[2], head_dim, k_cache.shape[1], scale, softcap, window, stage_limit_floats,
-        _sinks_pointer(sinks, heads))
+        _sinks_pointer(sinks, heads), int(tile_every_query))
     if status == -2:
         raise ValueError("prefill_attention: a sequence has more new tokens than tokens in its context")
     check_blocks(status, "prefill_attention")
@@ -412,7 +413,8 @@ def library() -> ctypes.CDLL | None:
         "lcq_sample_rows": [p, i64, i64, p, p, p, p, p, p],
         "lcq_store_kv": [p, p, i64, p, p, p, i64, i32, i32, i32],
         "lcq_decode_attention": [p, i64, p, p, i32, p, i32, p, p, i32, i32, i32, i32, i32, f32, f32, i32, p],
-        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p],
+        "lcq_prefill_attention": [p, i64, p, p, i32, p, i32, p, p, p, i32, i32, i32, i32, i32, f32, f32, i32, i64, p,
+                                  i32],
         "lcq_decode_layers": [p, i32, p, p, i64, i32, f32, p, p, p, p, i32, i32, i32, i32, i32, i32, f32, p, i64, p,
                               p, i32, p, i32, f32, f32, p, i32, i32, i32, i32, i32, i32, i32, i32, i32, i32, p, i32,
                               i32, p, p, p, p, i32, i32],

@@ -390,7 +390,15 @@ typedef struct {
     int pairs; /* bf16 products: chunks, queries and weights staged as bf16 pairs */
     int amx;   /* with pairs, products on AMX tiles (lcq_amx_pair_product): tile buffers of whole 16 rows */
     int keys;  /* keys per staged chunk: KEYS, or LONG_KEYS (chunk_keys) */
+    int tile_every_query; /* a sequence's single new token tiled too, not the decode form (lcq_prefill_attention) */
 } Prefill;
+
+/* Whether sequence s's new tokens are tiled (several of them, or one where every query is): else its one new
+ * token takes the decode form. */
+static int tiled(const Prefill *p, int s) {
+    const int n = p->query_start[s + 1] - p->query_start[s];
+    return n > 1 || (n == 1 && p->tile_every_query);
+}
 
 /* The first chunk of keys any new token of sequence s sees: chunks before it lie before every new
  * token's sliding window, and are neither staged nor read. */
@@ -525,7 +533,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
             if (!ready) continue;
             const int s = first + sequence_of(task_base, seqs, task);
             const int start = p->query_start[s];
-            if (start + 1 == p->query_start[s + 1]) { /* one new token: the decode form, all heads */
+            if (!tiled(p, s)) { /* one new token: the decode form, all heads */
                 const int length = p->context_lens[s], begin = window_start(length, p->window);
                 const int skipped = begin / p->block_size * p->block_size; /* the blocks before the window's */
                 if (lcq_attend_task(p->cache_form, p->q + start * p->q_stride, p->k_cache, p->v_cache,
@@ -537,7 +545,7 @@ static int attend_sequences(const Prefill *p, int first, int last, float *staged
                 continue;
             }
             const int next_s = next < task_base[seqs] ? first + sequence_of(task_base, seqs, next) : -1;
-            const int next_tiled = next_s >= 0 && p->query_start[next_s + 1] - p->query_start[next_s] > 1;
+            const int next_tiled = next_s >= 0 && tiled(p, next_s);
             attend_tile(p, &tile, staged, first, s, task - p->task_base[s], next_tiled ? next_s : -1,
                         next_tiled ? next - p->task_base[next_s] : 0);
         }
@@ -569,7 +577,10 @@ static int chunk_keys(int pairs, const int32_t *context_lens, const int32_t *que
  * (tokens, heads, head_dim) contiguous. Every kv head's chunks of keys from the first that a new
  * token sees are staged once as fp32 (K transposed), then tasks of up to QUERY_ROWS query rows run
  * over them from the chunk where their first row's window begins;
- * sequences of one new token take the decode form. Sequences whose staged chunks would pass
+ * sequences of one new token take the decode form, unless tile_every_query: then they are tiled too, so that
+ * a query's values do not depend on how many new tokens its sequence has in the call (each row is summed
+ * over the same chunks of keys in the same order whatever rows share its tile: a batch-invariant engine's
+ * prefill and decode steps alike). Sequences whose staged chunks would pass
  * stage_limit floats are staged and attended a group at a time (each group within the limit, or one
  * sequence), so that many sequences with long cached prefixes do not stage all their keys at once.
  * Returns 0, -1 when a buffer cannot be allocated, -2 for a sequence with more new tokens than
@@ -578,7 +589,7 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
                           const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
                           int block_size, float scale, float softcap, int window, int64_t stage_limit,
-                          const float *sinks) {
+                          const float *sinks, int tile_every_query) {
     const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
     const int keys = chunk_keys(pairs, context_lens, query_start, seqs);
     const int group = heads / kv_heads, query_rows = keys == LONG_KEYS ? LONG_QUERY_ROWS : QUERY_ROWS;
@@ -589,20 +600,20 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
                  positions_per_tile * group, scale, softcap, out, sinks, window,
                  (int64_t)kv_heads * lcq_cache_head_stride(cache_form, head_dim),
                  pairs ? chunk_words / 2 : chunk_words, malloc(sizeof(int64_t) * (seqs + 1)),
-                 malloc(sizeof(int64_t) * (seqs + 1)), pairs, pairs && lcq_amx_on(), keys};
+                 malloc(sizeof(int64_t) * (seqs + 1)), pairs, pairs && lcq_amx_on(), keys, tile_every_query};
     int status = p.chunk_base == NULL || p.task_base == NULL ? -1 : 0;
     if (status == 0) {
         p.chunk_base[0] = p.task_base[0] = 0;
         for (int s = 0; s < seqs && status == 0; s++) {
             const int n = query_start[s + 1] - query_start[s], length = context_lens[s];
             if (n > length || n < 0) status = -2;
-            const int tiled = n > 1;
-            const int from = tiled ? first_seen_chunk(&p, s) * keys : window_start(length, window);
+            const int tiles = tiled(&p, s);
+            const int from = tiles ? first_seen_chunk(&p, s) * keys : window_start(length, window);
             if (status == 0 && !blocks_present(block_tables + (int64_t)s * max_blocks, max_blocks, from, length,
                                                block_size))
                 status = LCQ_NO_BLOCK;
-            p.chunk_base[s + 1] = p.chunk_base[s] + (tiled ? (length + keys - 1) / keys - first_seen_chunk(&p, s) : 0);
-            p.task_base[s + 1] = p.task_base[s] + (tiled ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
+            p.chunk_base[s + 1] = p.chunk_base[s] + (tiles ? (length + keys - 1) / keys - first_seen_chunk(&p, s) : 0);
+            p.task_base[s + 1] = p.task_base[s] + (tiles ? (int64_t)(n + positions_per_tile - 1) / positions_per_tile *
                                                                kv_heads : n);
         }
     }

@@ -172,9 +172,10 @@ class PagedAttention:
             return prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
                                      c.max_query_len, scale, window, softcap, sinks)
         if self.use_cpu_ops:
-            if c.is_prefill:
+            if c.is_prefill or c.batch_invariant:
                 return cpu_ops.prefill_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, c.query_start,
-                                                 scale, window=window, softcap=softcap, sinks=sinks)
+                                                 scale, window=window, softcap=softcap, sinks=sinks,
+                                                 tile_every_query=c.batch_invariant)
             return cpu_ops.decode_attention(q, k_cache, v_cache, c.block_tables, c.context_lens, scale, window,
                                             softcap, sinks)
         if abs(window) >= c.max_context_len:  # a window or chunk past every context hides nothing

@@ -35,6 +35,8 @@ class ForwardContext:
                  token, all in its slot.
     drafting_slots the slots of the sequences verifying drafts: their recurrent layers advance one token at a
                  time and keep each token's state until the engine says how many were accepted (keep_states).
+    batch_invariant every query attends through the prefill kernel's tiles, decode steps too, so that its values
+                 do not depend on the step (EngineConfig.batch_invariant).
     """
 
     is_prefill: bool
@@ -47,6 +49,7 @@ class ForwardContext:
     lora: LoRABatch | None = None
     state_slots: torch.Tensor | None = None
     drafting_slots: frozenset[int] = frozenset()
+    batch_invariant: bool = False
 
     @property
     def num_seqs(self) -> int:

@@ -37,6 +37,11 @@ class EngineConfig:
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
     enable_prefix_caching: bool = True
+    # Each request's logits the same whatever else shares its steps, however its prompt is split into steps and
+    # whether it comes from the prefix cache (vLLM's VLLM_BATCH_INVARIANT=1): every step's products take the forms
+    # that give a row what it alone would give, and every query its prefill attention's tiles; CPU only (the C
+    # kernels), models of softmax attention and dense MLPs, no speculative decoding or LoRA; slower (README).
+    batch_invariant: bool = False
     # Recurrent layers' (Qwen3.5's, Granite 4.0-H's, LFM2's) prefix caching: states kept at prompts' ends
     # (block_manager.py), each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for
     # such models.
@@ -291,6 +296,9 @@ class EngineConfig:
         if self.resolved_max_cpu_loras() < max(self.resolved_max_loras(), len(adapters)):
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
                              f"({self.resolved_max_loras()}) and the number of lora_modules ({len(adapters)})")
+        if self.batch_invariant and (self.num_speculative_tokens or self.lora_adapters() or
+                                     self.allow_runtime_lora_updating):
+            raise ValueError("batch_invariant runs without speculative decoding and LoRA adapters")
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         self.resolved_state_dtype()

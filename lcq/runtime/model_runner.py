@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lcq.errors import UserError
+from lcq.kernels import cpu_ops
 from lcq.kernels.cpu_half import byte_rows, pair_panel_bytes, pair_panels
 from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products
 from lcq.kernels.linear import LCQLinear
@@ -82,6 +83,9 @@ class ModelRunner:
         self.weight_bytes = torch.cuda.memory_allocated(self.device) - before if on_cuda else 0
         kv_dtype = config.resolved_kv_cache_dtype()
         self.products = config.resolved_cpu_matmul_dtype()
+        self.batch_invariant = config.batch_invariant
+        if self.batch_invariant:
+            self._check_batch_invariant()
         self.int8_weight_bytes = self._keep_int8_weights(config)
         self.int8_book_bytes = self._keep_int8_books()
         self.head_panel_bytes = self._keep_head_panels()
@@ -339,6 +343,17 @@ class ModelRunner:
         drafting_slots = frozenset(seq.state_slot for seq, _ in scheduled if seq.num_draft_tokens and self.state_slots)
         return step, drafting_slots
 
+    def _check_batch_invariant(self) -> None:
+        """UserError where batch_invariant cannot hold: the forms it takes are the C kernels' on a CPU, for softmax
+        attention and dense MLPs (a mixture's, a recurrent or latent mixer's kernels group rows their own ways)."""
+        c = self.model_config
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not cpu_ops.usable():
+            raise UserError("batch_invariant runs on a CPU with the C kernels, in float32 (the GPU kernels' forms "
+                            "depend on the batch)")
+        if c.num_experts or c.latent or c.linear or c.mamba or c.short_conv:
+            raise UserError(f"batch_invariant covers models of softmax attention and dense MLPs, not {c.model_type}'s "
+                            "mixtures of experts or other token mixers")
+
     def _on_device(self, step: StepInputs[np.ndarray], drafting_slots: frozenset[int],
                    next_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, ForwardContext]:
         """The step's token ids (next_tokens where given), positions and context on the model's device, for an
@@ -349,7 +364,7 @@ class ModelRunner:
             query_start=tensors.query_start, context_lens=tensors.context_lens, block_tables=tensors.block_tables,
             max_query_len=int(np.diff(step.query_start).max()), max_context_len=int(step.context_lens.max()),
             lora=LoRABatch(self.adapters.stack, tensors.adapter_slots) if step.adapter_slots.max() >= 0 else None,
-            state_slots=tensors.state_slots, drafting_slots=drafting_slots)
+            state_slots=tensors.state_slots, drafting_slots=drafting_slots, batch_invariant=self.batch_invariant)
         return tensors.input_ids if next_tokens is None else next_tokens, tensors.positions, context
 
     @torch.inference_mode()
@@ -365,7 +380,7 @@ class ModelRunner:
         # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep
         # each row as alone (fp32, and int8 decode products where plain decoding takes them), so that
         # verifying them rounds nothing plain decoding would not.
-        alone = bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
+        alone = self.batch_invariant or bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
         with cpu_products(self.products, rows_alone=alone):
             return self._forward(scheduled, step, drafting_slots, next_tokens)
 
