@@ -3,7 +3,8 @@
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
 bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to; lcq-lora: every request with
 a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's settings with lm_head packed
-at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8) and on full precision,
+at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8; lcq-invariant, only where --engines
+names it: --batch-invariant) and on full precision,
 transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
@@ -235,7 +236,7 @@ def round_ratios(rounds: list[list[dict]]) -> dict[str, list[float]]:
         for (engine, concurrency), ours in speed.items():
             if engine != "lcq":
                 continue
-            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora", "lcq-no-amx", "lcq-kv8"):
+            for other in ("transformers", "llama.cpp", "lcq-h4", "lcq-lora", "lcq-no-amx", "lcq-kv8", "lcq-invariant"):
                 if speed.get((other, concurrency)):
                     key = f"lcq / {other} at concurrency {concurrency}"
                     ratios.setdefault(key, []).append(round(ours / speed[(other, concurrency)], 2))
@@ -338,6 +339,8 @@ def main() -> None:
                                               kv_cache_memory_gb=2.0),
             "lcq-kv8": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-kv8", batch1_tokens, workload,
                                           kv_cache_memory_gb=2.0, kv_cache_dtype="int8"),
+            "lcq-invariant": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-invariant", batch1_tokens, workload,
+                                                kv_cache_memory_gb=2.0, batch_invariant=True),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}
@@ -354,8 +357,9 @@ def main() -> None:
             rows += median_rows(rounds, name) if name in engines else [r for r in kept if row_engine(r) == name]
         result["rounds"] = args.rounds
         result["ratios_per_round"] = round_ratios(rounds)
-        if set(measured) - set(engines):
-            result["rows_kept_from_the_previous_run"] = sorted(set(measured) - set(engines))
+        kept_names = {row_engine(r) for r in kept} & set(measured) - set(engines)
+        if kept_names:
+            result["rows_kept_from_the_previous_run"] = sorted(kept_names)
     save()
     print(f"device: {device}")
     print("| engine | weights | products | concurrency | output tok/s | TTFT ms | peak mem GB |")
