@@ -1032,6 +1032,8 @@ def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, group_size)
         chunked = LLM(folder, batch_invariant=True, block_size=16, max_num_batched_tokens=37, max_num_seqs=3,
                       enable_prefix_caching=False)
         assert outputs(chunked, prompts, params) == alone
+    vectors = engine.embed(prompts)  # (the last prompt token's hidden state: 1-2-token inputs took other forms)
+    assert [engine.embed([prompt])[0] for prompt in prompts] == vectors
     with pytest.raises(ValueError, match="without speculative decoding and LoRA"):
         LLM(folder, batch_invariant=True, num_speculative_tokens=2)
 

@@ -543,10 +543,12 @@ def test_run_batch_output_the_disk_refuses_is_one_line_and_keeps_the_file_there(
     root too, as a full disk would): one line (UserError), the file there before as it was, no temporary file."""
     import resource
 
-    from lcq.server.batch import output_target, write_lines
+    from lcq.server.batch import _umask, output_target, write_lines
 
     out = tmp_path / "out.jsonl"
     out.write_text("the last run's output\n")
+    theirs = tmp_path / "out.jsonl.tmp"  # a file of the user's that a temporary name of ours must not be
+    theirs.write_text("someone's notes\n")
     lines = [{"id": f"batch_req_{i}", "custom_id": str(i), "response": {"status_code": 200, "body": "x" * 500},
               "error": None} for i in range(8)]
     target = output_target(str(out))
@@ -559,9 +561,12 @@ def test_run_batch_output_the_disk_refuses_is_one_line_and_keeps_the_file_there(
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, previous_limit)
         signal.signal(signal.SIGXFSZ, previous_signal)
-    assert out.read_text() == "the last run's output\n" and sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]
+    assert out.read_text() == "the last run's output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl", "out.jsonl.tmp"]
     write_lines(target, lines)
     assert [json.loads(line) for line in out.read_text().splitlines()] == lines
+    assert theirs.read_text() == "someone's notes\n" and len(list(tmp_path.iterdir())) == 2
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 # --seed beyond torch's seeds (torch.manual_seed takes -2**63 to 2**64 - 1): one line and exit 2 from `lcq serve`

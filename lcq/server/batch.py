@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import sys
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,17 +210,29 @@ def write_lines(target: Path | None, lines: list[dict[str, Any]]) -> None:
         _write(sys.stdout, lines)
         sys.stdout.flush()
         return
-    tmp = target.with_name(target.name + ".tmp") if writes_a_file(target) else None
+    tmp = None
     try:
-        with open(tmp or target, "w") as f:
-            _write(f, lines)
-        if tmp is not None:
+        if writes_a_file(target):  # a name of its own beside the target: no file of the user's is touched
+            handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(handle, "w") as f:
+                _write(f, lines)
+            os.chmod(tmp, 0o666 & ~_umask())  # as a file made by open() (mkstemp's are the owner's alone)
             os.replace(tmp, target)
+        else:
+            with open(target, "w") as f:
+                _write(f, lines)
     except OSError as e:
         raise UserError(f"{target}: cannot be written ({e.strerror or e})") from None
     finally:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _write(f, lines: list[dict[str, Any]]) -> None:
