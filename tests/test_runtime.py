@@ -1009,13 +1009,17 @@ def test_seed_reproducibility(llm):
     assert other_seed[0].token_ids != first
 
 
-@pytest.mark.parametrize("group_size", [32, 64])  # 64: the layers keep int8 books (their int8 decode form)
-def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, group_size):
+# LCQ layers at g32, and at g64 (int8 books: their int8 decode form where rows choose it), and an fp16 model (its
+# layers' and head's bf16 forms)
+@pytest.mark.parametrize("weights", ["lcq-g32", "lcq-g64", "fp16"])
+def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, weights):
     """batch_invariant, at the default CPU settings (int8 or bf16 products where the CPU has them, an fp16 cache):
     each request's tokens and logprobs, greedy and seeded, are the same bit for bit alone, from the prefix cache,
-    batched with the others (in another order), and prefilled in chunks of a small budget beside them. Without
-    it the forms of products and attention follow each step's rows, and the logits move in their last bits."""
-    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=group_size))
+    batched with the others (in another order), and prefilled in chunks of a small budget beside them; so are
+    embeddings. Without it the forms of products and attention follow each step's rows, and the logits move in
+    their last bits."""
+    folder = str(make_tiny_hf(tmp_path / "hf", "llama", dtype=torch.float16) if weights == "fp16" else
+                 make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=int(weights[-2:])))
     rng = random.Random(0)
     # (from the cache, those of 32 and 33 tokens compute one new token: the decode step's form without it)
     prompts = [[rng.randrange(3, 380) for _ in range(n)] for n in (40, 7, 90, 23, 150, 3, 33, 32)]
@@ -1028,7 +1032,9 @@ def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, group_size)
         engine = LLM(folder, batch_invariant=True, block_size=16)
         alone = [outputs(engine, [prompt], params)[0] for prompt in prompts]
         assert [outputs(engine, [prompt], params)[0] for prompt in prompts] == alone  # prefixes from the cache
-        assert outputs(engine, prompts[::-1], params)[::-1] == alone
+        assert outputs(engine, prompts[::-1], params)[::-1] == alone  # (their uncached ends batched)
+        whole = LLM(folder, batch_invariant=True, block_size=16, enable_prefix_caching=False)
+        assert outputs(whole, prompts, params) == alone  # one prefill step of 378 rows
         chunked = LLM(folder, batch_invariant=True, block_size=16, max_num_batched_tokens=37, max_num_seqs=3,
                       enable_prefix_caching=False)
         assert outputs(chunked, prompts, params) == alone

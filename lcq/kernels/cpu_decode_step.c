@@ -22,6 +22,34 @@ int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, 
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,
                          int window, const float *sinks); /* cpu_decode_attention.c */
+int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
+                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
+                          const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
+                          int block_size, float scale, float softcap, int window, int64_t stage_limit,
+                          const float *sinks, int tile_every_query); /* cpu_prefill_attention.c */
+
+/* Prefill attention's staging limit (cpu_ops.STAGE_LIMIT_FLOATS) */
+#define STAGE_LIMIT_FLOATS ((int64_t)16 << 20)
+
+/* Decode attention of one new token per sequence (lcq_decode_attention's arguments), or where the calling thread's
+ * products are invariant (lcq_invariant_queries) prefill attention's tiles for every query, so that a token's
+ * values are those a prefill step gives it. */
+static int attend_new_tokens(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
+                             int cache_form, const int32_t *block_tables, int max_blocks, const int32_t *context_lens,
+                             float *out, int seqs, int heads, int kv_heads, int head_dim, int block_size, float scale,
+                             float softcap, int window, const float *sinks) {
+    if (!lcq_invariant_queries())
+        return lcq_decode_attention(q, q_stride, k_cache, v_cache, cache_form, block_tables, max_blocks, context_lens,
+                                    out, seqs, heads, kv_heads, head_dim, block_size, scale, softcap, window, sinks);
+    int32_t *query_start = malloc(sizeof(int32_t) * (seqs + 1));
+    if (query_start == NULL) return -1;
+    for (int s = 0; s <= seqs; s++) query_start[s] = s;
+    const int status = lcq_prefill_attention(q, q_stride, k_cache, v_cache, cache_form, block_tables, max_blocks,
+                                             context_lens, query_start, out, seqs, heads, kv_heads, head_dim,
+                                             block_size, scale, softcap, window, STAGE_LIMIT_FLOATS, sinks, 1);
+    free(query_start);
+    return status;
+}
 struct RecurrentLayer;
 int lcq_recurrent_step(const struct RecurrentLayer *layer, const int64_t *slots, int seqs, const float *projected,
                        float *out); /* cpu_recurrent.c */
@@ -215,11 +243,11 @@ static int attention(const Step *st, void *const *p, int l) {
         for (int i = 0; i < q_width; i++) qkv[(int64_t)r * stride + i] *= st->query_scales[r];
     lcq_store_kv(qkv + q_width, qkv + q_width + kv_width, stride, p[K_CACHE], p[V_CACHE], st->slots + group * rows,
                  rows, st->kv_heads, st->head_dim, st->cache_form);
-    const int attended = lcq_decode_attention(qkv, stride, p[K_CACHE], p[V_CACHE], st->cache_form,
-                                              st->block_tables + group * rows * st->max_blocks, st->max_blocks,
-                                              st->context_lens, st->attn, rows, st->heads, st->kv_heads, st->head_dim,
-                                              st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW],
-                                              p[SINKS]);
+    const int attended = attend_new_tokens(qkv, stride, p[K_CACHE], p[V_CACHE], st->cache_form,
+                                           st->block_tables + group * rows * st->max_blocks, st->max_blocks,
+                                           st->context_lens, st->attn, rows, st->heads, st->kv_heads, st->head_dim,
+                                           st->block_size, st->scale, st->softcap, (int)(intptr_t)p[WINDOW],
+                                           p[SINKS]);
     if (attended) return attended;
     if (st->output_gate) lcq_sigmoid_gate(st->attn, st->gates, rows, st->heads, st->head_dim, q_width, st->head_dim);
     if (lcq_linear_entry(p + O_KIND, st->attn, rows, q_width, st->hidden, 0, st->projected)) return -1;

@@ -70,7 +70,24 @@ int lcq_bf16_products(void) {
  * decode form and the bf16 one ran alike (0.8-1.5x). */
 #define BYTE_DECODE_ROWS 4
 
+static _Thread_local int invariant; /* lcq_set_invariant, per calling thread */
+
+int lcq_set_invariant(int on) {
+    const int previous = invariant;
+    invariant = on;
+    return previous;
+}
+
+int lcq_invariant(void) {
+    return invariant && product_form == LCQ_INT8_PRODUCTS;
+}
+
+int lcq_invariant_queries(void) {
+    return invariant;
+}
+
 int lcq_byte_decode_rows(int kept) {
+    if (lcq_invariant()) return 0;
     if (product_form == LCQ_INT8_ROW_PRODUCTS) return INT_MAX;
     if (product_form != LCQ_INT8_PRODUCTS) return 0;
     return kept == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS - 1 : BYTE_DECODE_ROWS;
@@ -81,6 +98,7 @@ int lcq_rows_alone(void) {
 }
 
 int lcq_gemm_min_rows(int kept) {
+    if (lcq_invariant()) return 1;
     if (lcq_rows_alone()) return INT_MAX;
     if (!lcq_bf16_products()) return LCQ_GEMM_MIN_ROWS;
     if (kept == LCQ_INT8_PRODUCTS && product_form == LCQ_INT8_PRODUCTS) return KEPT_BYTES_MIN_ROWS;

@@ -21,6 +21,19 @@ int lcq_gemm_min_rows(int kept);
 /* Whether the calling thread's products must give each row what it alone gives (the row forms). */
 int lcq_rows_alone(void);
 
+/* With int8 products on, the calling thread's products take the blocked forms at every row count (1 too):
+ * the int8 product of LCQ layers (register and AMX int8 tiles alike: integer sums per block, then the same
+ * fp32 steps in the same order, whatever rows share a call) and the bf16 panels' (all on AMX tiles where AMX
+ * is on), never the decode forms or bf16 tiles for int8 weights, whose choice follows the rows: each row's
+ * values are then what it alone gives, as with the row forms, at the blocked forms' speed (a batch-invariant
+ * engine, cpu_matmul.cpu_products). lcq_set_invariant returns the setting before; lcq_invariant: in force. */
+int lcq_set_invariant(int on);
+int lcq_invariant(void);
+
+/* Whether lcq_set_invariant is on, whatever the product form: a decode step's queries then take prefill
+ * attention's tiles (tile_every_query), as the engine's layer-by-layer steps do, not the decode kernel. */
+int lcq_invariant_queries(void);
+
 /* A buffer of `words` 32-bit words on a cache line's boundary (freed with free), or NULL: for AMX tiles'
  * operands, whose rows of 64 bytes are then one line each, not two (malloc's large buffers begin 16 bytes
  * past a page: SmolLM2's 1728 x 576 at 512 rows on bf16 tiles ran at 0.81 TFLOP/s, aligned 1.74). */

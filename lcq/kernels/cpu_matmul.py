@@ -123,7 +123,7 @@ def products_available(dtype: torch.dtype) -> bool:
 
 
 @contextlib.contextmanager
-def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]:
+def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool = False) -> Iterator[None]:
     """Within the block, the calling thread's fp32 products of several rows in the C kernels take
     operands of this dtype (products_available; elsewhere nothing changes):
     - bfloat16: vdpbf16ps, two multiply-adds per fp32 lane, sums fp32, operands rounded to nearest
@@ -143,19 +143,25 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False) -> Iterator[None]
     with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32;
     either way fp32 products in their decode form at every row count (the blocked product from 16 rows
     sums a row's products in another order).
+    invariant: each row's values are what it alone gives, as with rows_alone, but with int8 products (where
+    they run) in the blocked forms at every row count (lcq_set_invariant), much faster than the row forms
+    in prefill and in decode steps of many sequences; with another dtype, rows_alone. The one-call decode
+    step's attention then takes prefill attention's tiles (lcq_invariant_queries).
     Thread-local and restored on exit, like torch.autocast."""
     lib = native.load()
     if lib is None:
         yield
         return
     form = PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0
-    if rows_alone:
+    blocked = invariant and dtype == torch.int8 and bool(form)
+    if rows_alone or invariant and not blocked:
         form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else FP32_ROW_PRODUCTS
-    previous = lib.lcq_set_products(form)
+    previous, previous_invariant = lib.lcq_set_products(form), lib.lcq_set_invariant(int(invariant))
     try:
         yield
     finally:
         lib.lcq_set_products(previous)
+        lib.lcq_set_invariant(previous_invariant)
 
 
 def amx_active() -> bool:

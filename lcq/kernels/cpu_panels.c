@@ -231,7 +231,7 @@ static int amx_task_rows(int form, int M) {
     if (!lcq_amx_on()) return 0;
     if (form == LCQ_INT8_PRODUCTS)
         return M >= LCQ_AMX_ROWS && M % LCQ_AMX_ROWS >= AMX_BYTE_PAD_ROWS ? M : M - M % LCQ_AMX_ROWS;
-    return M >= AMX_PAIR_MIN_ROWS ? M : 0;
+    return M >= AMX_PAIR_MIN_ROWS || lcq_invariant() ? M : 0;
 }
 
 /* The product of a task's panels in the product form FORM: its first `tiled` rows in AMX tiles
@@ -375,7 +375,7 @@ LCQ_BF16 int lcq_panel_product(int form, const float *x, int M, int K, int N, co
     const int depth = bytes ? (K + 3) / 4 : (K + 1) / 2; /* words of values per weight row */
     const int words = bytes ? lcq_byte_row_words(depth) : depth; /* 32-bit words per weight row */
     /* int8 weights on bf16 AMX tiles: activations as bf16 pairs, each task's panels expanded to pairs */
-    const int paired = bytes && lcq_amx_on() && M >= byte_pair_rows;
+    const int paired = bytes && lcq_amx_on() && M >= byte_pair_rows && !lcq_invariant();
     const int tile_form = paired ? LCQ_BF16_PRODUCTS : form;
     /* activation rows: int8 as the weights', bf16 pairs padded with zeros to whole blocks where paired */
     const int x_depth = paired ? lcq_scale_blocks((K + 1) / 2) * LCQ_SCALE_WORDS : depth;

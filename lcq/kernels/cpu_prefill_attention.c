@@ -590,7 +590,9 @@ int lcq_prefill_attention(const float *q, int64_t q_stride, const void *k_cache,
                           const int32_t *query_start, float *out, int seqs, int heads, int kv_heads, int head_dim,
                           int block_size, float scale, float softcap, int window, int64_t stage_limit,
                           const float *sinks, int tile_every_query) {
-    const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0;
+    /* (every query tiled: fp32 chunks of KEYS, whose length does not follow the call's contexts) */
+    const int padded_dim = (head_dim + 15) / 16 * 16, pairs = lcq_bf16_products() && head_dim % 2 == 0 &&
+                                                              !tile_every_query;
     const int keys = chunk_keys(pairs, context_lens, query_start, seqs);
     const int group = heads / kv_heads, query_rows = keys == LONG_KEYS ? LONG_QUERY_ROWS : QUERY_ROWS;
     const int positions_per_tile = query_rows / group > 0 ? query_rows / group : 1;

@@ -137,7 +137,6 @@ class CpuDecoder:
         """A decode step whose context has the block tables of every layer group (and whose adapters, if
         any, are those of the layers they touch: a CUDA graph's every_layer is not for this step)."""
         return not context.is_prefill and context.num_seqs >= 1 and cpu_ops.ENABLED and not context.drafting_slots \
-            and not context.batch_invariant \
             and (context.lora is None or not context.lora.every_layer) and \
             context.num_groups == self.num_groups
 

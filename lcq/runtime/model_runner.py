@@ -380,8 +380,8 @@ class ModelRunner:
         # Drafts add rows; where the step's own rows are too few for rounded products, the drafts keep
         # each row as alone (fp32, and int8 decode products where plain decoding takes them), so that
         # verifying them rounds nothing plain decoding would not.
-        alone = self.batch_invariant or bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
-        with cpu_products(self.products, rows_alone=alone):
+        alone = bool(drafts) and step.num_tokens - drafts < ROUNDED_MIN_ROWS
+        with cpu_products(self.products, rows_alone=alone, invariant=self.batch_invariant):
             return self._forward(scheduled, step, drafting_slots, next_tokens)
 
     def _forward(self, scheduled: list[tuple[Sequence, int]], step: StepInputs[np.ndarray],
