@@ -1011,6 +1011,7 @@ def test_seed_reproducibility(llm):
 
 # LCQ layers at g32, and at g64 (int8 books: their int8 decode form where rows choose it), and an fp16 model (its
 # layers' and head's bf16 forms)
+@pytest.mark.skipif(not cpu_ops.usable(), reason="batch_invariant runs on the C kernels")
 @pytest.mark.parametrize("weights", ["lcq-g32", "lcq-g64", "fp16"])
 def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, weights):
     """batch_invariant, at the default CPU settings (int8 or bf16 products where the CPU has them, an fp16 cache):
@@ -1044,6 +1045,7 @@ def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, weights):
         LLM(folder, batch_invariant=True, num_speculative_tokens=2)
 
 
+@pytest.mark.skipif(not cpu_ops.usable(), reason="batch_invariant runs on the C kernels")
 def test_batch_invariant_refuses_what_it_does_not_cover(tmp_path):
     with pytest.raises(UserError, match="covers models of softmax attention and dense MLPs"):
         LLM(str(make_tiny_hf(tmp_path / "moe", "qwen3_moe")), batch_invariant=True)
