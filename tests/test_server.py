@@ -229,7 +229,8 @@ def test_embeddings_through_the_official_client(server, client, model_dir):
     assert decoded.tolist() == pytest.approx(result.data[1].embedding, abs=1e-6)
     ids = client.embeddings.create(model=MODEL, input=[tokenizer(texts[1])["input_ids"]]).data[0].embedding
     assert ids == pytest.approx(result.data[1].embedding, abs=1e-6)
-    for bad, param in (({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions")):
+    for bad, param in (({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions"),
+                       ({"input": [True]}, "input"), ({"input": [[5, False]]}, "input")):  # (no token ids 1 and 0)
         assert error_of(httpx.post(server.url + "/v1/embeddings", json=bad), 400)["param"] == param
 
 

@@ -10,15 +10,15 @@ import re
 import time
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_serializer,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictInt,
+                      model_serializer, model_validator)
 
 from lcq.runtime.outputs import TokenLogprob
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[StrictInt, Field(ge=0, le=2**31 - 1)]  # (strict: JSON's true is no token 1)
 # A flag that OpenAI's and vLLM's types declare nullable (stream, echo, chat's logprobs): null is false, the default
 NullableFlag = Annotated[bool | None, AfterValidator(bool)]
 # A flag on by default whose null means its default, as the SDKs send fields they were given as None
