@@ -1599,7 +1599,17 @@ def test_json_output_follows_its_schema(llm):
                        "`allOf` of several schemas"),
                       ({"$defs": {"n": item}, "type": "object", "properties": {"v": {"$ref": "#/$defs/n", "maximum": 5}}},
                        "`maximum` beside `$ref`"),
-                      ({"type": "string", "pattern": "[a-z]+", "maxLength": 3}, "length bounds beside its pattern")]:
+                      ({"type": "string", "pattern": "[a-z]+", "maxLength": 3}, "length bounds beside its pattern"),
+                      # (its matches go into the JSON string unescaped: {"s": "a"b"}, {"s": "\\d"})
+                      ({"type": "object", "properties": {"s": {"type": "string", "pattern": '^a"b$'}}},
+                       "`pattern` that can match a quote"),
+                      ({"type": "string", "pattern": r"^\\d$"}, "`pattern` that can match a quote"),
+                      ({"type": "string", "pattern": "^.+$"}, "`pattern` that can match a quote"),
+                      ({"type": "string", "pattern": r"^\w+\s\w+$"}, "`pattern` that can match a quote"),
+                      ({"type": "object", "properties": {"a": {"$ref": "http://example.com/s.json"}}},
+                       "`$ref` http://example.com/s.json outside the schema"),
+                      ({"type": "object", "properties": {"a": item}, "required": ["a", "zz"],
+                        "additionalProperties": False}, "required `zz` that additionalProperties false leaves out")]:
         with pytest.raises(ValueError, match=re.escape(what)):
             llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
     # ... while a property named after such a keyword, one-schema allOf and annotations beside $ref are fine
@@ -1624,6 +1634,21 @@ def test_length_bounded_strings_hold_no_raw_control_characters(llm):
                                 structured_output=StructuredOutput(json.dumps(schema)))
         text = llm.generate([PROMPTS[2]], params)[0].text
         assert "\x17" not in text and json.loads(text) is not None, text
+
+
+def test_a_pattern_that_leaves_out_what_json_escapes_gives_json(llm):
+    """A string's pattern becomes its grammar as written: one that excludes quotes, backslashes and control
+    characters (as the refusal of the others says to) compiles, and a bias towards a backslash does not break
+    the JSON."""
+    pytest.importorskip("xgrammar")
+    backslash = next(t for t in range(llm.tokenizer.vocab_size) if llm.tokenizer.decode([t]) == "\\")
+    schema = {"type": "object", "required": ["s"],
+              "properties": {"s": {"type": "string", "pattern": r'^[^"\\\x00-\x1f]{1,4}$'}}}
+    params = SamplingParams(max_tokens=20, temperature=0, logit_bias={backslash: 50},
+                            structured_output=StructuredOutput(json.dumps(schema)))
+    out = llm.generate([PROMPTS[2]], params)[0]
+    value = json.loads(out.text)
+    assert out.finish_reason == "stop" and re.fullmatch(r'[^"\\\x00-\x1f]{1,4}', value["s"]), out.text
 
 
 def test_a_grammar_can_start_after_a_marker(llm):

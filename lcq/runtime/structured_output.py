@@ -47,11 +47,59 @@ STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "i
                             "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
 
 
+# What a JSON string may not hold unescaped: a string's `pattern` becomes its grammar as it is, so a pattern that
+# can match one of these would make output that is not JSON ({"s": "a"b"}) and is refused
+JSON_ESCAPED = frozenset({ord('"'), ord("\\")} | set(range(0x20)))
+# What of JSON_ESCAPED each class escape matches (the rest matches none of it: \d, \w)
+CATEGORY_ESCAPED = {"CATEGORY_SPACE": frozenset(range(0x09, 0x0e)) | {0x1c, 0x1d, 0x1e, 0x1f},
+                    "CATEGORY_NOT_DIGIT": JSON_ESCAPED, "CATEGORY_NOT_WORD": JSON_ESCAPED,
+                    "CATEGORY_NOT_SPACE": JSON_ESCAPED - set(range(0x09, 0x0e)) - {0x1c, 0x1d, 0x1e, 0x1f}}
+
+
+def _escaped_matches(pattern: str) -> bool:
+    """Whether `pattern` (a regular expression, as Python's re reads it) can match a character that JSON
+    escapes in strings (JSON_ESCAPED): any character (.), a negated class that keeps one, or one named."""
+    from re import _parser
+
+    def in_set(items) -> set[int]:
+        found = set()
+        for op, value in items:
+            if str(op) == "LITERAL":
+                found |= {value} & JSON_ESCAPED
+            elif str(op) == "RANGE":
+                found |= {c for c in JSON_ESCAPED if value[0] <= c <= value[1]}
+            elif str(op) == "CATEGORY":
+                found |= CATEGORY_ESCAPED.get(str(value), set())
+        return found
+
+    def walk(nodes) -> bool:
+        for op, value in nodes:
+            name = str(op)
+            if name in ("ANY", "NOT_LITERAL") or name == "LITERAL" and value in JSON_ESCAPED:
+                return True
+            if name == "IN":
+                negated = bool(value) and str(value[0][0]) == "NEGATE"
+                found = in_set(value[1:] if negated else value)
+                if (found != JSON_ESCAPED) if negated else found:
+                    return True
+            elif name == "SUBPATTERN" and walk(value[3]) or name == "BRANCH" and any(walk(b) for b in value[1]):
+                return True
+            elif name in ("MAX_REPEAT", "MIN_REPEAT") and value[1] > 0 and walk(value[2]):
+                return True
+        return False
+
+    try:
+        return walk(_parser.parse(pattern))
+    except (re.error, RecursionError):
+        return False  # (xgrammar says what is wrong with it)
+
+
 def unenforced(schema: object, at: str = "#") -> str | None:
     """Where and what of the first constraint in `schema` that xgrammar would not enforce, or None: the
-    UNENFORCED keywords, allOf of several schemas, constraints beside a $ref, multipleOf on non-integers,
-    formats it does not know, and a string's pattern or format together with length bounds (its grammar
-    keeps the one and drops the other)."""
+    UNENFORCED keywords, allOf of several schemas, constraints beside a $ref, a $ref outside the schema,
+    multipleOf on non-integers, formats it does not know, a string's pattern or format together with length
+    bounds (its grammar keeps the one and drops the other), a pattern that can match what JSON escapes, and
+    required properties that additionalProperties false leaves out."""
     if isinstance(schema, list):
         return next((found for i, item in enumerate(schema) if (found := unenforced(item, f"{at}/{i}"))), None)
     if not isinstance(schema, dict):
@@ -69,6 +117,15 @@ def unenforced(schema: object, at: str = "#") -> str | None:
         problem = f"format `{schema['format']}`"
     if problem is None and ({"pattern", "format"} & set(schema)) and ({"minLength", "maxLength"} & set(schema)):
         problem = "a string's length bounds beside its pattern or format"
+    if problem is None and isinstance(schema.get("pattern"), str) and _escaped_matches(schema["pattern"]):
+        problem = ("a `pattern` that can match a quote, a backslash or a control character (written into the JSON "
+                   "string unescaped; exclude them, e.g. [^\"\\\\\\x00-\\x1f] for .)")
+    if problem is None and isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
+        problem = f"`$ref` {schema['$ref']} outside the schema"
+    if problem is None and schema.get("additionalProperties") is False and isinstance(schema.get("required"), list):
+        missing = [name for name in schema["required"] if name not in (schema.get("properties") or {})]
+        if missing:
+            problem = f"required `{missing[0]}` that additionalProperties false leaves out"
     if problem is not None:
         return f"{problem} (at {at})"
     for key, value in schema.items():
