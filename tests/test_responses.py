@@ -253,6 +253,7 @@ def test_bad_requests_get_the_envelope(server, client):
     assert refused({"input": "x", "tool_choice": "required"})["param"] == "tool_choice"  # no tools
     assert refused({"input": "x", "tools": [WEATHER], "tool_choice": "sometimes"})["param"] == "tool_choice"
     assert refused({"input": "x", "truncation": "auto"})["param"] == "truncation"
+    assert refused({"input": "x", "include": ["message.output_text.logprob"]})["param"].startswith("include")
     refused({"input": []})
     refused({"input": "x", "max_output_tokens": -1})
     refused({"input": "x", "text": {"format": {"type": "yaml"}}})

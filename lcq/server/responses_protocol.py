@@ -15,6 +15,11 @@ from .protocol import (ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogp
                        SamplingRequest, tool_choice_problem)
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # what `include` names to get the output's logprobs
+# OpenAI's values of `include`: the others name outputs of tools and inputs this server does not have, so
+# there is nothing to add for them; a value outside the list is a 400, as OpenAI's is, not silently ignored
+Includable = Literal["file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+                     "message.input_image.image_url", "computer_call_output.output.image_url",
+                     "code_interpreter_call.outputs", "reasoning.encrypted_content", LOGPROBS_INCLUDE]
 TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -163,7 +168,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     store: NullableOnFlag = True
     metadata: dict[str, str] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    include: list[str] | None = None
+    include: list[Includable] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None
     conversation: str | dict[str, Any] | None = None
