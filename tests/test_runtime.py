@@ -1609,7 +1609,13 @@ def test_json_output_follows_its_schema(llm):
                       ({"type": "object", "properties": {"a": {"$ref": "http://example.com/s.json"}}},
                        "`$ref` http://example.com/s.json outside the schema"),
                       ({"type": "object", "properties": {"a": item}, "required": ["a", "zz"],
-                        "additionalProperties": False}, "required `zz` that additionalProperties false leaves out")]:
+                        "additionalProperties": False}, "required `zz` that additionalProperties false leaves out"),
+                      # (enforced as anyOf: 3 meets both branches of each)
+                      ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "`oneOf` branches 0 and 1"),
+                      ({"type": "array", "items": {"oneOf": [{"type": "null"}, item, {"type": "integer", "maximum": 3}]}},
+                       "`oneOf` branches 1 and 2 that one value may meet both of (it is enforced as anyOf"),
+                      ({"oneOf": [{"type": "object", "properties": {"a": item}}, {"type": "object"}]},
+                       "`oneOf` branches 0 and 1")]:
         with pytest.raises(ValueError, match=re.escape(what)):
             llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
     # ... while a property named after such a keyword, one-schema allOf and annotations beside $ref are fine
@@ -1618,6 +1624,18 @@ def test_json_output_follows_its_schema(llm):
     value = json.loads(llm.generate([PROMPTS[2]], SamplingParams(max_tokens=20, temperature=0, structured_output=
                                                                  StructuredOutput(json.dumps(fine))))[0].text)
     assert set(value) == {"not", "v"} and all(0 <= v <= 9 for v in value.values())
+    # oneOf branches told apart by type, bounds or a const property (pydantic's discriminated unions) are enforced
+    pets = {"$defs": {kind: {"type": "object", "required": ["kind", "n"], "properties": {
+        "kind": {"const": kind}, "n": {"type": "integer", "minimum": low, "maximum": low + 4}}} for kind, low in
+        (("cat", 0), ("dog", 10))}, "oneOf": [{"$ref": "#/$defs/cat"}, {"$ref": "#/$defs/dog"},
+                                             {"type": "integer", "minimum": 20}, {"type": "integer", "maximum": -1}]}
+    brace = llm.tokenizer.encode("{", add_special_tokens=False)[0]
+    for seed, bias in [(0, {}), (1, {}), (0, {brace: 30}), (1, {brace: 30})]:  # (the bias: an object's branches)
+        text = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=40, temperature=1.0, seed=seed, logit_bias=bias,
+                                                         structured_output=StructuredOutput(json.dumps(pets))))[0].text
+        value = json.loads(text)
+        assert isinstance(value, int) and (value >= 20 or value <= -1) or \
+            (value["kind"], value["n"] // 10) in (("cat", 0), ("dog", 1)) and set(value) == {"kind", "n"}, text
     with pytest.raises(ValueError, match="min_tokens"):
         llm.generate([PROMPTS[2]], SamplingParams(min_tokens=2, structured_output=StructuredOutput()))
 

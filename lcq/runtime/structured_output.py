@@ -24,121 +24,16 @@ from collections.abc import Collection
 import torch
 
 from .sampling_params import StructuredOutput
+from .schema_limits import unenforced
 from .sequence import Sequence
 from .step_inputs import host_tensor
 
 
 GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a server sees ever new ones
 
-# JSON Schema keywords xgrammar compiles but does not enforce (its outputs break them: [2, 2] under uniqueItems,
-# {"v": 3} under not), refused rather than broken silently, as vLLM's xgrammar backend refuses them.
-UNENFORCED = ("contains", "minContains", "maxContains", "uniqueItems", "patternProperties", "propertyNames",
-              "dependentSchemas", "dependentRequired", "not", "if", "then", "else", "unevaluatedItems",
-              "unevaluatedProperties")
 # The character class of a length-bounded string in xgrammar's EBNF of a schema, and the one JSON allows
 LENGTH_BOUNDED_CHARACTER = r'([^\"\\\r\n])'
 JSON_STRING_CHARACTER = r'([^\0-\x1f\"\\\r\n])'
-SCHEMA_MAPS = ("properties", "$defs", "definitions")  # their values are schemas (their keys are names)
-SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-SCHEMA_VALUES = ("items", "additionalProperties", "additionalItems")
-ANNOTATIONS = frozenset({"$ref", "$defs", "definitions", "$schema", "$id", "$comment", "title", "description",
-                         "default", "examples", "deprecated", "readOnly", "writeOnly"})
-STRING_FORMATS = frozenset({"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
-                            "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"})
-
-
-# What a JSON string may not hold unescaped: a string's `pattern` becomes its grammar as it is, so a pattern that
-# can match one of these would make output that is not JSON ({"s": "a"b"}) and is refused
-JSON_ESCAPED = frozenset({ord('"'), ord("\\")} | set(range(0x20)))
-# What of JSON_ESCAPED each class escape matches (the rest matches none of it: \d, \w)
-CATEGORY_ESCAPED = {"CATEGORY_SPACE": frozenset(range(0x09, 0x0e)) | {0x1c, 0x1d, 0x1e, 0x1f},
-                    "CATEGORY_NOT_DIGIT": JSON_ESCAPED, "CATEGORY_NOT_WORD": JSON_ESCAPED,
-                    "CATEGORY_NOT_SPACE": JSON_ESCAPED - set(range(0x09, 0x0e)) - {0x1c, 0x1d, 0x1e, 0x1f}}
-
-
-def _escaped_matches(pattern: str) -> bool:
-    """Whether `pattern` (a regular expression, as Python's re reads it) can match a character that JSON
-    escapes in strings (JSON_ESCAPED): any character (.), a negated class that keeps one, or one named."""
-    from re import _parser
-
-    def in_set(items) -> set[int]:
-        found = set()
-        for op, value in items:
-            if str(op) == "LITERAL":
-                found |= {value} & JSON_ESCAPED
-            elif str(op) == "RANGE":
-                found |= {c for c in JSON_ESCAPED if value[0] <= c <= value[1]}
-            elif str(op) == "CATEGORY":
-                found |= CATEGORY_ESCAPED.get(str(value), set())
-        return found
-
-    def walk(nodes) -> bool:
-        for op, value in nodes:
-            name = str(op)
-            if name in ("ANY", "NOT_LITERAL") or name == "LITERAL" and value in JSON_ESCAPED:
-                return True
-            if name == "IN":
-                negated = bool(value) and str(value[0][0]) == "NEGATE"
-                found = in_set(value[1:] if negated else value)
-                if (found != JSON_ESCAPED) if negated else found:
-                    return True
-            elif name == "SUBPATTERN" and walk(value[3]) or name == "BRANCH" and any(walk(b) for b in value[1]):
-                return True
-            elif name in ("MAX_REPEAT", "MIN_REPEAT") and value[1] > 0 and walk(value[2]):
-                return True
-        return False
-
-    try:
-        return walk(_parser.parse(pattern))
-    except (re.error, RecursionError):
-        return False  # (xgrammar says what is wrong with it)
-
-
-def unenforced(schema: object, at: str = "#") -> str | None:
-    """Where and what of the first constraint in `schema` that xgrammar would not enforce, or None: the
-    UNENFORCED keywords, allOf of several schemas, constraints beside a $ref, a $ref outside the schema,
-    multipleOf on non-integers, formats it does not know, a string's pattern or format together with length
-    bounds (its grammar keeps the one and drops the other), a pattern that can match what JSON escapes, and
-    required properties that additionalProperties false leaves out."""
-    if isinstance(schema, list):
-        return next((found for i, item in enumerate(schema) if (found := unenforced(item, f"{at}/{i}"))), None)
-    if not isinstance(schema, dict):
-        return None
-    types = schema.get("type")
-    types = {types} if isinstance(types, str) else set(types) if isinstance(types, list) else set()
-    problem = next((f"`{key}`" for key in UNENFORCED if key in schema), None)
-    if problem is None and isinstance(schema.get("allOf"), list) and len(schema["allOf"]) > 1:
-        problem = "`allOf` of several schemas"
-    if problem is None and "$ref" in schema and set(schema) - ANNOTATIONS:
-        problem = f"`{sorted(set(schema) - ANNOTATIONS)[0]}` beside `$ref`"
-    if problem is None and "multipleOf" in schema and types != {"integer"}:
-        problem = "`multipleOf` on other than integers"
-    if problem is None and "format" in schema and schema["format"] not in STRING_FORMATS:
-        problem = f"format `{schema['format']}`"
-    if problem is None and ({"pattern", "format"} & set(schema)) and ({"minLength", "maxLength"} & set(schema)):
-        problem = "a string's length bounds beside its pattern or format"
-    if problem is None and isinstance(schema.get("pattern"), str) and _escaped_matches(schema["pattern"]):
-        problem = ("a `pattern` that can match a quote, a backslash or a control character (written into the JSON "
-                   "string unescaped; exclude them, e.g. [^\"\\\\\\x00-\\x1f] for .)")
-    if problem is None and isinstance(schema.get("$ref"), str) and not schema["$ref"].startswith("#"):
-        problem = f"`$ref` {schema['$ref']} outside the schema"
-    if problem is None and schema.get("additionalProperties") is False and isinstance(schema.get("required"), list):
-        missing = [name for name in schema["required"] if name not in (schema.get("properties") or {})]
-        if missing:
-            problem = f"required `{missing[0]}` that additionalProperties false leaves out"
-    if problem is not None:
-        return f"{problem} (at {at})"
-    for key, value in schema.items():
-        if key in SCHEMA_MAPS and isinstance(value, dict):
-            found = next((found for name, sub in value.items() if (found := unenforced(sub, f"{at}/{key}/{name}"))),
-                         None)
-        elif key in SCHEMA_LISTS or key in SCHEMA_VALUES:
-            found = unenforced(value, f"{at}/{key}")
-        else:
-            continue
-        if found:
-            return found
-    return None
 
 
 class StructuredOutputs:
