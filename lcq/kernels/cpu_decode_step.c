@@ -18,6 +18,7 @@
 int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int swiglu, const uint32_t *panels,
                     const uint8_t *bytes, float *y); /* cpu_half.c */
 int lcq_index_matmul(const float *x, int M, const void *w, int swiglu, float *y);       /* cpu_index.c */
+int lcq_invariant_queries(void);                                                         /* cpu_gemm.c */
 int lcq_decode_attention(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, int cache_form,
                          const int32_t *block_tables, int max_blocks, const int32_t *context_lens, float *out, int seqs,
                          int heads, int kv_heads, int head_dim, int block_size, float scale, float softcap,

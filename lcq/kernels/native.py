@@ -27,7 +27,9 @@ from lcq.paths import cache_dir
 
 logger = logging.getLogger("lcq.kernels")
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC"]
+# (an undeclared function is an error, as GCC 14 makes it by default: an older compiler's warning must not hide
+# a source that newer ones refuse to build)
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-Werror=implicit-function-declaration"]
 FOLDER = Path(__file__).parent
 SOURCES = tuple(FOLDER / f"cpu_{name}.c"
                 for name in ("amx", "decode_attention", "decode_step", "gemm", "half", "index", "index_bytes",
