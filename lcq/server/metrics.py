@@ -70,7 +70,7 @@ class ServerMetrics:
         def histogram(name: str, doc: str, buckets: tuple) -> Histogram:
             return Histogram(f"lcq:{name}", doc, labels, buckets=buckets, registry=self.registry)
 
-        self.prompt_tokens = counter("prompt_tokens", "prompt tokens computed (counted at a request's first token)")
+        self.prompt_tokens = counter("prompt_tokens", "prompt tokens computed (counted at a request's first token; per choice of n)")
         self.generation_tokens = counter("generation_tokens", "generated tokens")
         self.request_success = counter("request_success", "finished requests by finish reason", ("finished_reason",))
         self.request_aborted = counter("request_aborted", "requests aborted (client gone, shutdown)")

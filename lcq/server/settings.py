@@ -351,7 +351,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         spec = None if flag.switch or flag.expands else defaults[flag.target][flag.field or flag.dest]
         default = None if spec is None else \
             json.dumps(spec.default_factory()) if spec.default_factory is not MISSING else spec.default
-        shown = f" (env {flag.env}" + (f"; default {default})" if default is not None else ")")
+        shown = f" (env {flag.env}" + (f"; default {default})" if default not in (None, "") else ")")
         if flag.switch:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
         else:
