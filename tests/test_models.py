@@ -1191,6 +1191,29 @@ def test_the_mlp_runs_the_activation_config_names(tmp_path, monkeypatch, arch, h
         ModelConfig.from_folder(other)
 
 
+def test_rotary_tables_are_the_rounded_cos_and_sin_in_every_process():
+    """The tables are cos and sin of each position's angles rounded to fp32, in every fresh process where building
+    them is the first work of torch's threads: with torch's cos, about one process in four (2 threads, torch
+    2.13) had its second thread's half off by up to 7e-9, so tables, and batch-invariant logits, changed between
+    starts. Eight processes, each against math.cos and math.sin."""
+    code = """if True:
+        import math, torch
+        torch.set_num_threads(2)
+        from lcq.models.layers import RotaryEmbedding, rotary_frequencies
+        rope = {"rope_type": "default", "rope_theta": 10000.0}
+        table = RotaryEmbedding(24, 256, rope)
+        inv_freq = rotary_frequencies(24, rope, 256)[0].tolist()
+        angles = [[p * f for f in inv_freq] for p in range(256)]
+        cos = torch.tensor([[math.cos(a) for a in row] for row in angles]).float()
+        sin = torch.tensor([[math.sin(a) for a in row] for row in angles]).float()
+        print(int((table.cos != cos).sum() + (table.sin != sin).sum()))"""
+    for _ in range(8):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                                cwd=Path(__file__).resolve().parents[1])
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert result.stdout.split()[-1] == "0"
+
+
 def test_dynamic_ntk_rope_is_transformers_within_the_models_context(tmp_path):
     """Dynamic NTK scaling (InternLM3, Llama 2 fine-tunes) changes transformers' base only past
     max_position_embeddings, which is the context we serve: up to it, our model is transformers'."""

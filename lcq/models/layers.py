@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -201,9 +202,13 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def _tables(self, context: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """In float64 through numpy, on one thread: torch's cos of a few thousand float64 values, the first
+        region its threads run in a process, gave its second thread's half wrong by up to 7e-9 in about one
+        process of four (torch 2.13, 2 threads), so the tables, and a batch-invariant server's logits, differed
+        from one start to the next."""
         inv_freq, scale = rotary_frequencies(self.head_dim, self.rope, context)
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
-        return (freqs.cos() * scale).float(), (freqs.sin() * scale).float()
+        freqs = np.outer(np.arange(self.max_positions, dtype=np.float64), inv_freq.numpy())
+        return (torch.from_numpy(np.cos(freqs) * scale).float(), torch.from_numpy(np.sin(freqs) * scale).float())
 
     def fit(self, context: int) -> None:
         """Tables for a served context of `context` tokens, written into the same tensors (the CPU decode
