@@ -289,6 +289,12 @@ def test_tool_calls_after_thinking(client):
         final = stream.get_final_response()
     assert added == [(0, "reasoning"), (1, "function_call")]
     assert [item.type for item in final.output] == ["reasoning", "function_call"] and final.output_text == ""
+    # not streamed, and as stored: the same items, the reasoning as completed (it ended) as the stream's
+    whole = client.responses.create(model=MODEL, input="Capital of France?", tools=[tool], max_output_tokens=200,
+                                    extra_body={"guided_choice": [reply]})
+    for response in (final, whole, client.responses.retrieve(whole.id)):
+        assert [(item.type, item.status) for item in response.output] == [("reasoning", "completed"),
+                                                                         ("function_call", "completed")]
 
 
 def test_responses_reasoning_item(server, client):

@@ -74,10 +74,10 @@ class ResponseBuilder:
     def output(self, reasoning: str | None, content: str | None, calls: list[ToolCall] | None, status: str,
                logprobs: list | None) -> list[ReasoningItem | OutputMessage | FunctionCallItem]:
         """The reasoning (if read apart), a message (unless the reply is only calls, or was cut off in its
-        reasoning), then the calls."""
+        reasoning: content None, and no calls), then the calls."""
         items: list[ReasoningItem | OutputMessage | FunctionCallItem] = []
         if reasoning is not None:
-            items.append(self.reasoning(reasoning, "incomplete" if content is None else "completed"))
+            items.append(self.reasoning(reasoning, "incomplete" if content is None and not calls else "completed"))
         if content is not None and (content or not calls):
             items.append(self.message(content, status, logprobs))
         return items + [self.call(call, status) for call in calls or []]
