@@ -485,6 +485,8 @@ def test_thinking_cut_off_is_all_reasoning(thinking):
         [("reasoning", "incomplete")] and final.output_text == ""
     assert "response.reasoning_text.done" in kinds and "response.output_text.delta" not in kinds
     assert final.output[0].content[0].text == out.choices[0].message.reasoning
+    whole = client.responses.create(model=MODEL, input="Capital of France?", max_output_tokens=5, temperature=0)
+    assert [(item.type, item.status) for item in whole.output] == [("reasoning", "incomplete")]  # not streamed too
 
 
 def test_without_the_parser_nothing_changes(thinking_dir):
