@@ -628,6 +628,23 @@ def test_quantize_on_cuda(tmp_path, tiny_hf, method):
     assert _logits_similarity(tiny_hf, tmp_path / "q") > 0.97
 
 
+def test_a_weight_edited_anywhere_changes_the_source_fingerprint(tmp_path):
+    """--resume refuses another source model: one weight scaled in the middle of a 3.9 MB file (past the first
+    and last MiB, all that was hashed before) is another model."""
+    from lcq.quantizer.source import source_fingerprint
+
+    model = make_tiny_hf(tmp_path / "hf", seed=0, num_hidden_layers=12)
+    (weights,) = model.glob("*.safetensors")
+    assert weights.stat().st_size > 3 * 2**20
+    before = source_fingerprint(model, CALIBRATION_TEXT)
+    with weights.open("r+b") as f:
+        f.seek(weights.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 1]))
+    assert source_fingerprint(model, CALIBRATION_TEXT) != before
+
+
 def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monkeypatch):
     """Layers at their own widths (--layer-bits) too: the finished block is read back at its widths."""
     options = QuantizeOptions(bits=3, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT,
