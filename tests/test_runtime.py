@@ -2492,6 +2492,14 @@ def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
         llm.load_lora_adapter("wide", make_tiny_adapter(tmp_path / "wide", tiny, rank=8))
     with pytest.raises(UserError, match="needs adapter_config.json"):
         llm.load_lora_adapter("nothing", tmp_path)
+    # tensors of another rank than the config's r (PEFT cannot load them; scaled by their own rank, they were served)
+    for r in (2, "4"):
+        other = make_tiny_adapter(tmp_path / f"r{r}", tiny)
+        settings = json.loads((other / "adapter_config.json").read_text())
+        (other / "adapter_config.json").write_text(json.dumps({**settings, "r": r}))
+        with pytest.raises(UserError, match="rank 4, where adapter_config.json says r 2" if r == 2 else
+                           "r must be a positive integer"):
+            llm.load_lora_adapter(f"r{r}", other)
     broken = make_tiny_adapter(tmp_path / "broken", tiny)
     (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot be read"):

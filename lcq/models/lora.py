@@ -108,6 +108,9 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
     alpha, rslora = settings.get("lora_alpha", 8), bool(settings.get("use_rslora"))  # (PEFT's default alpha)
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 < alpha < math.inf:
         raise _refuse(folder, f"lora_alpha must be a positive number (got {alpha!r})")
+    config_rank = settings.get("r", 8)  # (PEFT's default) every pair's rank, and the scale's: alpha / r
+    if not isinstance(config_rank, int) or isinstance(config_rank, bool) or config_rank < 1:
+        raise _refuse(folder, f"r must be a positive integer (got {config_rank!r})")
     parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, a in tensors.items():
         if not name.endswith(".lora_A.weight"):
@@ -122,6 +125,8 @@ def load_adapter(folder: str | Path, config: ModelConfig, max_rank: int | None =
         if not rank or b is None or b.dim() != 2 or b.shape[1] != rank:
             raise _refuse(folder, f"{module}: A {tuple(a.shape)} and B {None if b is None else tuple(b.shape)} "
                                   "are not a LoRA pair")
+        if rank != config_rank:  # (PEFT cannot load it; a rank of its own would scale it otherwise)
+            raise _refuse(folder, f"{module}: rank {rank}, where {CONFIG_FILE} says r {config_rank}")
         if max_rank is not None and rank > max_rank:
             raise _refuse(folder, f"rank {rank} is above max_lora_rank {max_rank}")
         scale = alpha / (rank ** 0.5 if rslora else rank)
