@@ -45,6 +45,11 @@ CTX = 512
 GOALS = {4: 1.05, 3: 1.30, 2: 3.0}
 # What the numbers mean and what they leave out; written after looking at the rows.
 NOTES = """
+- Each row is as measured at the commit of its date. The RTN rows were measured again on 2026-12-06 (the
+  commands below, at the day's code, which a new user's run then matched): W4 60.59 -> 60.45, W3 123.49 ->
+  125.49, W2 796,214 -> 709,544 perplexity. Between the two, dual quantization changed (d4acbd9: an int8
+  scale that fp16 rounds down is taken one step up, so a row's largest value is no longer clipped; 8c3c89d:
+  fp16 scales of at least 2^-24); the other rows may have moved by as much and were not measured again.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
@@ -87,8 +92,8 @@ NOTES = """
   grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model, 52.09); at W3 k-means
   is slightly better (1.432x against 1.437x).
 - At the same bits per weight as RTN and GPTQ (rank 1, 2.297 / 3.297 / 4.298 bpw) LCQ is far ahead:
-  W4 1.096x against GPTQ 1.206x and RTN 1.261x; W3 1.491x against 2.329x and 2.569x; W2 13.8x
-  against 1009x and 16,566x. Rank 2 adds 0.149 bpw and helps most at W2 (7.88x against 13.8x);
+  W4 1.096x against GPTQ 1.206x and RTN 1.258x; W3 1.491x against 2.329x and 2.611x; W2 13.8x
+  against 1009x and 14,763x (RTN as measured again on 2026-12-06). Rank 2 adds 0.149 bpw and helps most at W2 (7.88x against 13.8x);
   rank 4 (2.743 bpw) gives 7.12x at W2.
 - Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matches rank 2 (W4 1.085x
   against 1.084x; W3 1.320x against 1.432x), after 10 epochs it is the best W4 row, 50.28 = 1.046x
