@@ -2,9 +2,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# CPU build of torch (a local wheel on our machines) so that a machine without a GPU does not pull
-# several GB of CUDA libraries.
+# CPU build of torch, so that a machine without a GPU does not pull several GB of CUDA libraries: PyPI's
+# torch for Linux is the CUDA build, the CPU one (2.13.0+cpu, which meets the pin) comes from PyTorch's own
+# index, torch alone (its dependencies then from PyPI). Our machines hold it as a local wheel, and there
+# that index does not answer: pip retries it for a few seconds, then takes the local one.
 TORCH_CPU := torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # The transformers release the suite was last run against: the tests compare our models with its classes,
 # and a new release has changed what they import (5.25's kernels package); pyproject.toml keeps a range.
 TRANSFORMERS := transformers==5.25.0
@@ -17,6 +20,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q --no-deps $(TORCH_CPU) --index-url $(TORCH_INDEX)
 	$(BIN)/pip install -q $(TORCH_CPU) $(TRANSFORMERS)
 	$(BIN)/pip install -q -e '.[triton,server,demo,dev]'
 	touch $@

@@ -112,6 +112,7 @@ def build(folder: Path) -> Path:
     target = folder / library_name()
     if target.is_file():
         return target
+    logger.info("compiling the C kernels into %s (once per version: about a minute on 2 cores)", folder)
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         objects = [str(Path(tmp) / f"{source.stem}.o") for source in SOURCES]

@@ -9,7 +9,7 @@ from lcq.inputs import device_problem
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    q = subparsers.add_parser("quantize", help="quantize a Hugging Face Llama-family folder to LCQ")
+    q = subparsers.add_parser("quantize", help="quantize a Hugging Face folder (the families of docs/models.md) to LCQ")
     q.add_argument("model_dir", help="Hugging Face folder (safetensors; full precision or FP8)")
     q.add_argument("out_dir", help="where the LCQ folder goes (written block by block; see --resume)")
     q.add_argument("--bits", type=int, default=2, help="index width of the decoder layers: 2, 3 or 4 (default 2)")

