@@ -653,6 +653,26 @@ def test_a_recurrent_state_kept_while_verifying_drafts_is_the_blocks_own(tmp_pat
     assert llm.generate([probe], greedy)[0].token_ids == cold.generate([probe], greedy)[0].token_ids
 
 
+def test_a_drafting_reply_keeps_its_recurrent_state_at_every_block_end(tmp_path):
+    """A reply's recurrent state is kept at the end of each block it fills, for the conversation's next turn,
+    also where a step's accepted drafts carry it past a block's end (its state after that token, one of the
+    step's per-token states, goes to the snapshot): a prediction accepted whole keeps them as plain decoding
+    does (the next turn had reused 8 tokens instead of 32; found by QA), and the next turn's tokens are plain
+    decoding's."""
+    folder = str(make_tiny_hf(tmp_path / "qwen3_5", "qwen3_5"))
+    prompt = [(3 * i + 1) % 300 + 1 for i in range(9)]
+    plain = LLM(folder, block_size=8, **FP32)
+    reply = plain.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0].token_ids
+    next_turn, short = prompt + reply + [4], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = plain.generate([next_turn], short)[0]
+    assert expected.usage.cached_tokens == 32
+    drafting = LLM(folder, block_size=8, num_speculative_tokens=5, **FP32)
+    out = drafting.generate([prompt], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, prediction=reply))
+    assert out[0].token_ids == reply and out[0].usage.accepted_prediction_tokens >= 20
+    again = drafting.generate([next_turn], short)[0]
+    assert again.usage.cached_tokens == 32 and again.token_ids == expected.token_ids
+
+
 def _mtp_predictions(llm, tokens: list[int]) -> list[int]:
     """The multi-token-prediction layer's greedy token after next at each position of `tokens` (position p
     reads the model's hidden state there and token p + 1), in one pass over the engine's model (its pool free)."""

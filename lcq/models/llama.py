@@ -575,11 +575,11 @@ class LlamaModel(torch.nn.Module):
             self.cpu_decoder = CpuDecoder.build(self)
         return nbytes
 
-    def keep_states(self, kept: dict[int, int]) -> None:
+    def keep_states(self, kept: dict[int, int], passed: dict[int, tuple[int, int]] | None = None) -> None:
         """Every recurrent mixer's states of each slot in `kept` after its first kept[slot] tokens of the last
-        step (RecurrentMixer.keep_states)."""
+        step, and those at the block ends `passed` names (RecurrentMixer.keep_states)."""
         for mixer in self.recurrent_mixers():
-            mixer.keep_states(kept)
+            mixer.keep_states(kept, passed)
 
     def copy_states(self, source: int | None, target: int) -> None:
         """Every recurrent mixer's states of slot `source` (None: zeros) copied into slot `target`."""

@@ -69,9 +69,13 @@ class RecurrentMixer(torch.nn.Module):
         self._c_layer = cpu_ops.BuiltOnce(self._build_c_layer)
         return self.conv_states.nbytes + self.recurrent_states.nbytes
 
-    def keep_states(self, kept: dict[int, int]) -> None:
+    def keep_states(self, kept: dict[int, int], passed: dict[int, tuple[int, int]] | None = None) -> None:
         """Each slot's states after the first kept[slot] tokens of the step that verified its drafts (the
-        accepted drafts and the token before them), where it advanced past rejected ones."""
+        accepted drafts and the token before them), where it advanced past rejected ones; passed[slot] =
+        (tokens, snapshot): its states after that many tokens (a block's end inside the step) into slot
+        `snapshot`, the reply's kept state there."""
+        for slot, (tokens, snapshot) in (passed or {}).items():
+            self.conv_states[snapshot], self.recurrent_states[snapshot] = self.drafted[slot][tokens - 1]
         for slot, tokens in kept.items():
             self.conv_states[slot], self.recurrent_states[slot] = self.drafted[slot][tokens - 1]
         self.drafted = {}

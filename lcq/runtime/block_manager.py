@@ -243,22 +243,48 @@ class BlockManager:
         elif computed > max(point, seq.num_prompt_tokens - 1):  # the reply so far, at a block's end
             self._keep_state(seq, seq.block_hashes[computed // self.block_size - 1], rolling=True)
 
+    def passed_snapshot(self, seq: Sequence, tokens: int) -> tuple[int, int] | None:
+        """Where a sequence verifying drafts, whose step kept `tokens` of its tokens (those from
+        num_computed_tokens on), passed a block's end inside the step: (its tokens up to that end, the snapshot
+        slot its reply's state there goes to, keyed by that block's chain hash), or None. A step that ends at
+        a block's end keeps its state as any step does (register_full_blocks). The model writes that state at
+        once, not before the next step as the others are copied: with copies still due (they could read or
+        write the slot taken after it) none is kept."""
+        if self.state_copies or self.restoring:
+            return None
+        computed, size = seq.num_computed_tokens, self.block_size
+        end = (computed + tokens) // size * size
+        if not self.keeps_states or seq.state_slot is None or not computed < end < computed + tokens \
+                or end <= max(self.snapshot_point(seq), seq.num_prompt_tokens - 1) \
+                or end // size - 1 != len(seq.block_hashes):  # (its block the first not yet hashed)
+            return None
+        key = block_key(seq.block_hashes[-1] if seq.block_hashes else _seed(seq),
+                        tuple(seq.token_ids[end - size:end]))
+        slot = self._snapshot_slot(seq, key, rolling=True)
+        return None if slot is None else (end - computed, slot)
+
     def _keep_state(self, seq: Sequence, key: bytes, rolling: bool = False) -> None:
-        """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot.
-        rolling: a state of its reply so far, which takes the place of its last one (unless a sequence is
-        about to take that one up), so that a long reply keeps one slot, not one per block."""
+        """Copy the sequence's state (at the end of the block with chain hash `key`) into a snapshot slot."""
+        slot = self._snapshot_slot(seq, key, rolling)
+        if slot is not None:
+            self.state_copies.append((seq.state_slot, slot))
+
+    def _snapshot_slot(self, seq: Sequence, key: bytes, rolling: bool) -> int | None:
+        """The snapshot slot for the state at the end of the block with chain hash `key`, or None where one is
+        kept already. rolling: a state of its reply so far, which takes the place of its last one (unless a
+        sequence is about to take that one up), so that a long reply keeps one slot, not one per block."""
         if key in self.snapshots:
             self.snapshots.move_to_end(key)
-            return
+            return None
         last = seq.rolling_snapshot
         if rolling and last in self.snapshots and self.snapshots[last] not in self.restoring:
             slot = self.snapshots.pop(last)
         else:
             slot = self.free_snapshots.pop() if self.free_snapshots else self.snapshots.popitem(last=False)[1]
         self.snapshots[key] = slot
-        self.state_copies.append((seq.state_slot, slot))
         if rolling:
             seq.rolling_snapshot = key
+        return slot
 
     def take_state_copies(self, seqs: list[Sequence]) -> list[tuple[int | None, int]]:
         """The state copies (from, to) due before a step of `seqs`, in order: the states kept since the last step

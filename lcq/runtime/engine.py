@@ -460,9 +460,12 @@ class LLMEngine:
             self.ahead = None  # (launched from the tokens read here: the sequences go on from those drawn again)
             self._restore_draw_state(launched.before)
             tokens, logprobs, problems = self._sample_each(logits, to_sample)
-        # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted)
-        self.runner.keep_states({seq.state_slot: len(emitted) for seq, emitted in zip(to_sample, tokens)
-                                 if seq.num_draft_tokens and emitted is not None and self.runner.state_slots})
+        # Recurrent layers' states back to the tokens each drafting sequence kept (its last one and the accepted),
+        # and its reply's state kept at a block's end those passed
+        verified = [(seq, len(emitted)) for seq, emitted in zip(to_sample, tokens)
+                    if seq.num_draft_tokens and emitted is not None and self.runner.state_slots]
+        passed = {seq.state_slot: at for seq, kept in verified if (at := self.blocks.passed_snapshot(seq, kept))}
+        self.runner.keep_states({seq.state_slot: kept for seq, kept in verified}, passed)
         for part in prompt_logprobs:
             self._keep_prompt_logprobs(part)
         for seq, count in scheduled:

@@ -253,11 +253,12 @@ class ModelRunner:
         return BlockManager(self.num_blocks, self.block_size, enable_prefix_caching, self.kv_groups.windows,
                             self.state_slots, self.snapshot_slots)
 
-    def keep_states(self, kept: dict[int, int]) -> None:
+    def keep_states(self, kept: dict[int, int], passed: dict[int, tuple[int, int]] | None = None) -> None:
         """Recurrent layers' states of the sequences that verified drafts: after the tokens they kept (slot ->
-        the step's tokens kept: the accepted drafts and the token before them)."""
+        the step's tokens kept: the accepted drafts and the token before them), and at a block's end the kept
+        ones passed (slot -> (tokens, snapshot slot)), into its snapshot."""
         if kept:
-            self.model.keep_states(kept)
+            self.model.keep_states(kept, passed)
 
     def copy_states(self, copies: list[tuple[int | None, int]]) -> None:
         """Recurrent layers' state slots copied (from, to) in order: prefixes' states kept and taken up, and
