@@ -127,9 +127,11 @@ def test_mismatched_tensor_is_refused_naming_it(tmp_path):
 @pytest.mark.parametrize("setting, message", [({"format_version": 99}, "format_version 99"),
                                               ({"format_version": True}, "format_version True"),
                                               ({"format_version": 4.0}, "format_version 4.0"),
-                                              ({"pack_layout": "nmajor"}, "pack_layout 'nmajor'")])
+                                              ({"pack_layout": "nmajor"}, "pack_layout 'nmajor'"),
+                                              ({"scale_bits": 4}, "scale_bits 4 ")])
 def test_unknown_format_version_is_refused(tmp_path, setting, message):
-    """A format version or pack layout this lcq does not write (true and 4.0 were read as 1 and 4)."""
+    """A format version, pack layout or width of S's and B's codes this lcq does not write (true and 4.0 were
+    read as 1 and 4; scale_bits 4 as 8)."""
     write_checkpoint(tmp_path / "ckpt", random_layer())
     cfg = json.loads((tmp_path / "ckpt" / "config.json").read_text())
     cfg["quantization_config"].update(setting)

@@ -910,6 +910,54 @@ def test_weights_config_json_does_not_describe_are_one_error(tmp_path, packed):
         load_model(folder)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32", "lcq"])
+def test_a_matrix_of_another_size_than_the_model_makes_is_one_error(tmp_path, packed):
+    """Weights cut by one input or output feature, each matrix consistent in itself: fused parts of unequal
+    input features were a bare ValueError, and q/k/v all narrower, or o_proj or down_proj shorter, loaded and
+    then failed every request (found by an audit of the format)."""
+    from safetensors.torch import load_file, save_file
+
+    from lcq.format import FormatError
+
+    folder = make_tiny_lcq(tmp_path) if packed else make_tiny_hf(tmp_path / "hf")
+    shards = sorted(folder.glob("*.safetensors"))
+    original = {shard: load_file(shard) for shard in shards}
+    layer = "model.layers.1"
+
+    def cut(tensors: dict[str, torch.Tensor], module: str, side: str) -> None:
+        """module's matrix one input (side "in") or output ("out") feature smaller, in the stored form."""
+        prefix = f"{layer}.{module}"
+        if not packed:
+            weight = tensors[f"{prefix}.weight"]
+            tensors[f"{prefix}.weight"] = (weight[:, :-1] if side == "in" else weight[:-1]).contiguous()
+            return
+        shape = tensors[f"{prefix}.shape"].clone()
+        shape[0 if side == "out" else 1] -= 1
+        tensors[f"{prefix}.shape"] = shape
+        if side == "out":  # per output row: the last dimension of every packed tensor
+            for name in ("qweight", "s_q", "s_scale", "b_q", "b_scale"):
+                tensors[f"{prefix}.{name}"] = tensors[f"{prefix}.{name}"][..., :-1].contiguous()
+
+    for modules, side, message in (
+            (["mlp.gate_proj"], "in", r"mlp.gate_proj, .*mlp.up_proj have different input features \(95, 96\)"),
+            (["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "in",
+             "q_proj/k_proj/v_proj: its weights have 95 input features where config.json makes 96"),
+            (["mlp.gate_proj", "mlp.up_proj"], "in", "gate_proj/.*up_proj: its weights have 95 input features"),
+            (["self_attn.o_proj"], "out", "o_proj: its weights have 95 output features where config.json makes 96"),
+            (["mlp.down_proj"], "out", "down_proj: its weights have 95 output features")):
+        for shard, tensors in original.items():
+            tensors = dict(tensors)
+            for module in modules:
+                if any(name.startswith(f"{layer}.{module}.") for name in tensors):
+                    cut(tensors, module, side)
+            save_file(tensors, shard)
+        with pytest.raises(FormatError, match=message):
+            load_model(folder)
+    for shard, tensors in original.items():
+        save_file(tensors, shard)
+    load_model(folder)
+
+
 def test_phi3_errors_are_one_line(tmp_path):
     """Rope types Phi-3 does not have, partial rotary embeddings that leave an odd number of dimensions and
     wrong numbers of LongRoPE factors are refused by name, and a fused matrix shorter than config.json says

@@ -1452,7 +1452,7 @@ def test_layers_at_their_own_widths_are_fitted_written_and_served(tmp_path, tiny
     config["quantization_config"]["layer_bits"][name] = 3
     write_json(reader.folder / "config.json", config)
     assert torch.equal(dequantize(CheckpointReader(reader.folder).linear(name)), dequantize(layer))
-    with pytest.raises(FormatError, match="v_proj are packed at different widths \\(2, 2, 3\\)"):
+    with pytest.raises(FormatError, match="v_proj have different widths in bits \\(2, 2, 3\\)"):
         load_model(reader.folder)
 
 

@@ -41,6 +41,7 @@ READABLE_VERSIONS = (FORMAT_VERSION, HEAD_FORMAT_VERSION, EMBED_FORMAT_VERSION, 
 HEAD = "lm_head"
 EMBED = "model.embed_tokens"
 PACK_LAYOUT = "kmajor-planes"
+SCALE_BITS = 8  # the width of S's and B's codes (dual quantization)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Files a tokenizer or generation needs, copied from the source model as they are.
@@ -70,7 +71,7 @@ def quantization_config(bits: int, rank: int, group_size: int, method: str,
     return {
         "quant_method": QUANT_METHOD, "format_version": version, "pack_layout": PACK_LAYOUT,
         "bits": bits, "rank": rank, "group_size": group_size, "method": method,
-        "scale_bits": 8, "modules_not_quantized": modules_not_quantized, **extra,
+        "scale_bits": SCALE_BITS, "modules_not_quantized": modules_not_quantized, **extra,
     }
 
 
@@ -271,6 +272,8 @@ class CheckpointReader:
         if quant.get("pack_layout", PACK_LAYOUT) != PACK_LAYOUT:
             raise FormatError(f"{path}: pack_layout {quant['pack_layout']!r} is not one this lcq reads "
                               f"({PACK_LAYOUT!r})")
+        if quant.get("scale_bits", SCALE_BITS) != SCALE_BITS:  # S and B as codes of another width
+            raise FormatError(f"{path}: scale_bits {quant['scale_bits']!r} is not one this lcq reads ({SCALE_BITS})")
         for key in ("bits", "rank", "group_size"):
             if not isinstance(quant.get(key), int):
                 raise FormatError(f"{path}: quantization_config.{key} missing or not an integer")

@@ -82,11 +82,11 @@ class Attention(torch.nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         query_heads = self.num_heads * (2 if config.attention_output_gate else 1)  # (with each head's gate)
         self.qkv_proj = fitted(make_linear([f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"]),
-                               f"{prefix}.q_proj/k_proj/v_proj",
+                               f"{prefix}.q_proj/k_proj/v_proj", in_features=config.hidden_size,
                                out_features=(query_heads + 2 * self.num_kv_heads) * self.head_dim)
         self.output_name = f"{prefix}.{config.attention_output_name}"
         self.o_proj = fitted(make_linear([self.output_name]), self.output_name,
-                             in_features=self.num_heads * self.head_dim)
+                             in_features=self.num_heads * self.head_dim, out_features=config.hidden_size)
         # q/k norms over each head, or (OLMo 2) over the whole projection: one "head" as wide as all of them
         self.norm_heads = (self.num_heads, self.num_kv_heads) if config.qk_norm_per_head else (1, 1)
         q_width, k_width = (self.head_dim, self.head_dim) if config.qk_norm_per_head else \
@@ -143,12 +143,14 @@ class Attention(torch.nn.Module):
 class MLP(torch.nn.Module):
     """down(act(gate(x)) * up(x)), or without a gate (Nemotron-H) down(act(up(x))): gate_up_proj is up_proj alone."""
 
-    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory):
+    def __init__(self, config: ModelConfig, prefix: str, make_linear: LinearFactory, width: int):
+        """width: of what it reads and writes (the residual stream's, or a latent mixture's)."""
         super().__init__()
         inputs = ["up_proj"] if config.activation in UNGATED else ["gate_proj", "up_proj"]
-        self.gate_up_proj = make_linear([f"{prefix}.{name}" for name in inputs])
+        self.gate_up_proj = fitted(make_linear([f"{prefix}.{name}" for name in inputs]),
+                                   "/".join(f"{prefix}.{name}" for name in inputs), in_features=width)
         self.down_proj = fitted(make_linear([f"{prefix}.down_proj"]), f"{prefix}.down_proj",
-                                in_features=self.gate_up_proj.out_features // len(inputs))
+                                in_features=self.gate_up_proj.out_features // len(inputs), out_features=width)
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
         self.prefix = prefix
         # Apertus's xIELU factors (layers.xielu), fp32: its alphas through their softplus, its beta and eps
@@ -199,17 +201,19 @@ class MixtureOfExperts(torch.nn.Module):
                                              requires_grad=False) if config.router_correction else None
         self.sigmoid, self.groups, self.routed_scale = config.router_sigmoid, config.router_groups, config.routed_scale
         self.group_score_experts = config.group_score_experts
-        self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear)
+        # Nemotron-H's latent mixtures: the routed experts' inputs and outputs through these
+        self.latent_in = make_linear([f"{prefix}.fc1_latent_proj"]) if config.expert_latent else None
+        self.latent_out = make_linear([f"{prefix}.fc2_latent_proj"]) if config.expert_latent else None
+        width = config.hidden_size if self.latent_in is None else self.latent_in.out_features
+        self.experts = torch.nn.ModuleList(MLP(config, f"{prefix}.experts.{e}", make_linear, width)
                                            for e in range(config.num_experts))
         self.top_k, self.norm_topk_prob = config.experts_per_token, config.norm_topk_prob
-        self.shared_expert = MLP(config, shared_prefix, make_linear) if config.shared_expert else None
+        self.shared_expert = MLP(config, shared_prefix, make_linear, config.hidden_size) \
+            if config.shared_expert else None
         gated_shared = config.shared_expert and config.shared_expert_gated
         self.shared_expert_gate = torch.nn.Parameter(torch.empty(1, config.hidden_size, dtype=dtype),
                                                      requires_grad=False) if gated_shared else None
         self.input_weights = config.expert_input_weights
-        # Nemotron-H's latent mixtures: the routed experts' inputs and outputs through these
-        self.latent_in = make_linear([f"{prefix}.fc1_latent_proj"]) if config.expert_latent else None
-        self.latent_out = make_linear([f"{prefix}.fc2_latent_proj"]) if config.expert_latent else None
         self.gate_up_experts: LCQExperts | None = None
         self.down_experts: LCQExperts | None = None
         self.activation, self.swiglu = config.activation, (config.swiglu_alpha, config.swiglu_limit)
@@ -387,7 +391,7 @@ class DecoderLayer(torch.nn.Module):
         shared = f"{prefix if config.shared_expert_in_layer else mlp}.{config.shared_expert_name}"
         if config.mlp_layers[index]:
             self.mlp = MixtureOfExperts(config, mlp, shared, make_linear, dtype) if config.moe_layers[index] else \
-                MLP(config, mlp, make_linear)
+                MLP(config, mlp, make_linear, config.hidden_size)
         self.attention_output_norm = norm() if config.sandwich_norms else None
         self.mlp_output_norm = norm() if config.sandwich_norms else None
 

@@ -117,17 +117,23 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     def read(name: str) -> torch.Tensor:
         return reader.tensor(name).to(device=device, dtype=dtype)
 
+    def fusable(names: list[str], what: str, values: list[int]) -> None:
+        """FormatError unless the parts lcq fuses into one product agree on `what`."""
+        if len(set(values)) > 1:
+            raise FormatError(f"{reader.folder}: {', '.join(names)} have different {what} "
+                              f"({', '.join(map(str, values))}); lcq runs them as one fused product, which "
+                              f"needs one")
+
     def make_linear(names: list[str]) -> torch.nn.Module:
         if reader.quant is not None and reader.has(f"{names[0]}.qweight"):
             parts = [reader.linear(n) for n in names]
-            if len({part.bits for part in parts}) > 1:
-                raise FormatError(f"{reader.folder}: {', '.join(names)} are packed at different widths "
-                                  f"({', '.join(str(part.bits) for part in parts)}); lcq runs them as one fused "
-                                  "product, which needs one width")
+            fusable(names, "widths in bits", [part.bits for part in parts])
+            fusable(names, "input features", [part.in_features for part in parts])
             return LCQLinear(PackedLinear.concat(parts).to(device), cache_dense)
         biases = [f"{n}.bias" for n in names]
         bias = torch.cat([read(b) for b in biases]) if all(reader.has(b) for b in biases) else None
         parts = [reader.tensor(f"{n}.weight") for n in names]
+        fusable(names, "input features", [part.shape[-1] for part in parts])
         half, weight = _kept_weight(torch.cat(parts) if len(parts) > 1 else parts[0], device, dtype, halves,
                                     fresh=len(parts) > 1, packed=True)
         return DenseLinear(weight, bias, half)
