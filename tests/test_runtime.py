@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import itertools
 import json
 import gc
@@ -1016,8 +1017,8 @@ def test_seed_reproducibility(llm):
 def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, weights):
     """batch_invariant, at the default CPU settings (int8 or bf16 products where the CPU has them, an fp16 cache):
     each request's tokens and logprobs, greedy and seeded, are the same bit for bit alone, from the prefix cache,
-    batched with the others (in another order), and prefilled in chunks of a small budget beside them; so are
-    embeddings. Without it the forms of products and attention follow each step's rows, and the logits move in
+    batched with the others (in another order), prefilled in chunks of a small budget beside them, and with a
+    prediction (int8 products had verified drafts in their row forms); so are embeddings. Without it the forms of products and attention follow each step's rows, and the logits move in
     their last bits."""
     folder = str(make_tiny_hf(tmp_path / "hf", "llama", dtype=torch.float16) if weights == "fp16" else
                  make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=int(weights[-2:])))
@@ -1039,6 +1040,10 @@ def test_batch_invariant_logits_do_not_depend_on_the_steps(tmp_path, weights):
         chunked = LLM(folder, batch_invariant=True, block_size=16, max_num_batched_tokens=37, max_num_seqs=3,
                       enable_prefix_caching=False)
         assert outputs(chunked, prompts, params) == alone
+        for prompt, expected in zip(prompts, alone):  # drafts verified in a step's rows, partly accepted
+            tokens = expected[0]
+            predicted = dataclasses.replace(params, prediction=tokens[:7] + [tokens[7] % 300 + 1] + tokens[8:])
+            assert outputs(engine, [prompt], predicted)[0] == expected
     vectors = engine.embed(prompts)  # (the last prompt token's hidden state: 1-2-token inputs took other forms)
     assert [engine.embed([prompt])[0] for prompt in prompts] == vectors
     with pytest.raises(ValueError, match="without speculative decoding and LoRA"):

@@ -154,7 +154,7 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool =
         return
     form = PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0
     blocked = invariant and dtype == torch.int8 and bool(form)
-    if rows_alone or invariant and not blocked:
+    if not blocked and (rows_alone or invariant):  # (the blocked invariant forms already keep each row as alone)
         form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else FP32_ROW_PRODUCTS
     previous, previous_invariant = lib.lcq_set_products(form), lib.lcq_set_invariant(int(invariant))
     try:
