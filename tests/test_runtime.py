@@ -1591,6 +1591,10 @@ def test_json_output_follows_its_schema(llm):
     coded = SamplingParams(max_tokens=10, temperature=1.0, seed=5, structured_output=StructuredOutput(regex="[a-c]{2}x"))
     out = llm.generate([PROMPTS[0]], coded)[0]
     assert out.finish_reason == "stop" and re.fullmatch("[a-c]{2}x", out.text)
+    # with ignore_eos, the end-of-sequence token a finished grammar leaves still ends it, and is no text
+    shown = llm.generate([PROMPTS[0]], dataclasses.replace(coded, ignore_eos=True, skip_special_tokens=False))[0]
+    assert (shown.token_ids, shown.text, shown.finish_reason) == (out.token_ids, out.text, "stop")
+    assert shown.token_ids[-1] == llm.tokenizer.eos_token_id
     with pytest.raises(ValueError, match="guided_regex"):
         llm.generate([PROMPTS[0]], SamplingParams(structured_output=StructuredOutput(regex="[a-")))
     for bad in ({"type": "no-such-type"}, {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}):

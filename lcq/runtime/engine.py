@@ -596,11 +596,12 @@ class LLMEngine:
             seq.pending_logprobs.append(self._logprob(token, logprobs, seq.params.logprobs))
         searched_from = len(seq.detokenizer.text)
         p = seq.params
-        ends = token in self.eos_ids and not p.ignore_eos
+        grammar_ended = seq.grammar is not None and self.structured.accept(seq, token, p.structured_output_opening)
+        # (with ignore_eos, the end-of-sequence token a finished grammar leaves as the only one still ends it)
+        ends = token in self.eos_ids and (not p.ignore_eos or grammar_ended)
         stop_token = not ends and token in p.stop_token_ids
         # The end-of-sequence token is never text, a stop token only with include_stop_str_in_output (vLLM's)
         text = "" if ends or (stop_token and not p.include_stop_str_in_output) else seq.detokenizer.add(token)
-        grammar_ended = seq.grammar is not None and self.structured.accept(seq, token, p.structured_output_opening)
         if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker
             self.structured.start_after(seq, searched_from)
         if ends or grammar_ended:
