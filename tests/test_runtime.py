@@ -211,6 +211,22 @@ def test_max_model_len_past_the_models_context_is_refused(tiny):
         LLM(str(tiny), max_model_len=1000)
 
 
+def test_the_offline_api_is_imported_from_the_package_as_vllms():
+    """`from lcq import LLM, SamplingParams`, as the README's offline examples write it; `import lcq` alone does
+    not load torch (the CLI's start and the format's readers stay light)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, lcq; light = 'torch' not in sys.modules; from lcq import LLM, SamplingParams; "
+             "from lcq import runtime; print(light, LLM is runtime.LLM, SamplingParams is runtime.SamplingParams)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True
+                          ).stdout.split() == ["True", "True", "True"]
+    import lcq
+
+    with pytest.raises(AttributeError, match="no attribute 'Engine'"):
+        getattr(lcq, "Engine")
+
+
 def test_offline_prompts_as_vllm_takes_them(tiny, llm, tmp_path):
     """vLLM's {"prompt": text} and {"prompt_token_ids": ids} are what they hold (they were read as the text of their
     keys); other prompt types, and ids that are not integers (5.9 ran as token 5, then the reply failed to decode

@@ -1511,8 +1511,9 @@ def test_browsers_may_call_across_origins_as_vllm_allows(model_dir):
 def test_the_api_key_guards_the_routes_under_a_root_path(model_dir):
     """Behind a proxy that serves the API under --root-path (uvicorn puts the prefix in front of each request's
     path), the key is still asked for on the API's routes, and probes are still not counted as requests: the
-    guard matched the path with the prefix, so no /v1 route asked for a key."""
-    settings = ServeSettings(api_key="k", root_path="/api")
+    guard matched the path with the prefix, so no /v1 route asked for a key. With --disable-fastapi-docs the
+    schema and its pages, open without the key, are not served."""
+    settings = ServeSettings(api_key="k", root_path="/api", disable_fastapi_docs=True)
     with LiveServer(create_app(engine_config(model_dir), settings), root_path="/api") as live:
         assert httpx.get(live.url + "/v1/models").status_code == 401
         assert httpx.post(live.url + "/tokenize", json={"prompt": "x"}).status_code == 401
@@ -1523,6 +1524,8 @@ def test_the_api_key_guards_the_routes_under_a_root_path(model_dir):
         counted = {line.split("status=")[1] for line in httpx.get(live.url + "/metrics").text.splitlines()
                    if line.startswith("lcq:http_requests_total{") and not line.endswith(" 0.0")}
         assert counted == {'"200"} 2.0', '"401"} 2.0'}  # the two keyed requests and the two refused, no probe
+        for page in ("/openapi.json", "/docs", "/redoc"):
+            assert httpx.get(live.url + page).status_code == 404
 
 
 def test_client_errors_use_the_envelope(server):
@@ -1899,6 +1902,8 @@ def test_api_key(small_server):
     good = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
     assert good.completions.create(model=MODEL, prompt="x", max_tokens=1).choices[0].finish_reason
     assert httpx.get(url + "/health").status_code == 200  # probes need no key
+    for page in ("/openapi.json", "/docs", "/redoc"):  # nor the schema and its pages (--disable-fastapi-docs)
+        assert httpx.get(url + page).status_code == 200
 
 
 def test_full_queue_429_and_keepalive_while_waiting(small_server):

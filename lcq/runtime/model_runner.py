@@ -203,7 +203,7 @@ class ModelRunner:
         if not config.keeps_int8_weights(size, available_memory_bytes()):
             return 0
         kept = sum(layer.keep_byte_rows() for layer in layers)
-        self.log.info("LCQ layers keep their int8 form (%.0f MB), which their blocked products read instead of "
+        self.log.info("LCQ layers keep their int8 form (%.0f MiB), which their blocked products read instead of "
                       "expanding indices", kept / 2**20)
         return kept
 
@@ -215,7 +215,7 @@ class ModelRunner:
             return 0
         kept = sum(m.keep_books() for m in self.model.modules() if isinstance(m, LCQLinear))
         if kept:
-            self.log.info("LCQ layers keep their codebooks in bytes (%.0f MB) for int8 decode products", kept / 2**20)
+            self.log.info("LCQ layers keep their codebooks in bytes (%.0f MiB) for int8 decode products", kept / 2**20)
         return kept
 
     def _keep_head_panels(self) -> int:
@@ -232,7 +232,7 @@ class ModelRunner:
         if available is None or size > available // 10:
             return 0
         self.model.lm_head_panels = pair_panels(head)
-        self.log.info("the head keeps its bf16 panels (%.0f MB), which its products of several rows read", size / 2**20)
+        self.log.info("the head keeps its bf16 panels (%.0f MiB), which its products of several rows read", size / 2**20)
         return size
 
     def _keep_head_rows(self) -> int:
@@ -246,7 +246,7 @@ class ModelRunner:
             return 0
         self.model.lm_head_rows = byte_rows(head)
         size = self.model.lm_head_rows.numel()
-        self.log.info("the head keeps its int8 rows (%.0f MB), which its decode products read", size / 2**20)
+        self.log.info("the head keeps its int8 rows (%.0f MiB), which its decode products read", size / 2**20)
         return size
 
     def new_block_manager(self, enable_prefix_caching: bool) -> BlockManager:

@@ -182,8 +182,9 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
     state = ServerState(engine=engine, settings=settings, metrics=metrics,
                         responses=ResponseStore(settings.responses_store_size))
     lifecycle = Lifecycle(state, on_fatal)
+    hidden = dict(openapi_url=None, docs_url=None, redoc_url=None) if settings.disable_fastapi_docs else {}
     app = FastAPI(title="lcq", version=__version__, lifespan=lifecycle.lifespan,
-                  description="OpenAI-compatible server for LCQ-quantized models")
+                  description="OpenAI-compatible server for LCQ-quantized models", **hidden)
     app.state.lcq = state
     app.state.lifecycle = lifecycle
     install_error_handlers(app)

@@ -54,6 +54,7 @@ class ServeSettings:
     ssl_keyfile: str | None = None
     ssl_ca_certs: str | None = None
     disable_uvicorn_access_log: bool = False  # vLLM's: no line per HTTP request in the log
+    disable_fastapi_docs: bool = False  # vLLM's: no /docs, /redoc or /openapi.json (open without the API key)
     trust_remote_code: bool = False  # vLLM's flag, accepted: lcq runs no code from a model's folder
     tensor_parallel_size: int = 1  # vLLM's: one device per process here (more throughput: more replicas)
 
@@ -300,6 +301,8 @@ FLAGS = (
     Flag("--ssl-keyfile", str, "the certificate's private key (PEM)", "server"),
     Flag("--ssl-ca-certs", str, "CA certificates (PEM) to check client certificates by", "server"),
     Flag("--disable-uvicorn-access-log", bool, "no line per HTTP request in the log (vLLM's)", "server"),
+    Flag("--disable-fastapi-docs", bool, "serve no /openapi.json schema and no /docs or /redoc pages, which stay "
+         "open when --api-key is set (vLLM's)", "server"),
     Flag("--trust-remote-code", bool, "accepted for vLLM's command lines: lcq runs no code from a model's folder "
          "(its own model code reads every supported family)", "server"),
     Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
