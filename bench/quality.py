@@ -49,7 +49,13 @@ NOTES = """
   commands below, at the day's code, which a new user's run then matched): W4 60.59 -> 60.45, W3 123.49 ->
   125.49, W2 796,214 -> 709,544 perplexity. Between the two, dual quantization changed (d4acbd9: an int8
   scale that fp16 rounds down is taken one step up, so a row's largest value is no longer clipped; 8c3c89d:
-  fp16 scales of at least 2^-24); the other rows may have moved by as much and were not measured again.
+  fp16 scales of at least 2^-24); the other rows may have moved by as much. So later that day (at 2f23d54)
+  the GPTQ baselines and the main LCQ rows were measured again too: gptq-w4 57.98 -> 58.59, gptq-w4-n64 56.78
+  -> 56.23, gptq-w3 111.95 -> 107.60, gptq-w2 48,503 -> 28,653 (GPTQ changed on 2026-12-05 as well: inputs no
+  calibration token reached are left out of a group's grid), lcq-w4r2 52.09 -> 51.68, lcq-w3r2 68.84 -> 70.15,
+  lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08. The other rows were not measured again; the notes
+  quote each row as the table has it, and a row's earlier figure where a comparison was made with it. Those
+  rows ran while audits shared the machine (load average 3 to 6 on 2 cores): their wall times are upper bounds.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
@@ -72,7 +78,7 @@ NOTES = """
   (bench/results/block-lr-cpu.json); the defaults it chose (1e-2 at W2, 3e-3 at W3, 1e-3 at W4, the
   -e rows here) give W4 e10 1.053x and W3 e10 1.381x. A smaller W4 step, 3e-4, lowers the
   held-out error of blocks 0-2 less than 1e-3 does (bench/results/block-lr-w4-cpu.json).
-- The block-wise stage is what makes W2 work: LCQ W2 r2 goes from 7.88x of fp16 (fit of the
+- The block-wise stage is what makes W2 work: LCQ W2 r2 goes from 7.60x of fp16 (fit of the
   importance-weighted codebooks only, 0 epochs) to 3.72x after 1 epoch and 2.97x after 10 (the
   quantizer's default), inside the 3x goal with only 16 calibration windows of 256 tokens.
 - GPTQ's sweep over the LCQ codebooks (`--assign gptq`): W4 1.070x, W3 1.462x (worse than nearest),
@@ -83,21 +89,24 @@ NOTES = """
 - Calibration size matters most for the Hessian-based rows. With 4x the windows (64 x 256 tokens,
   the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.227x (inside the 1.3x
   goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x; the GPTQ baselines barely move (W4
-  1.206x to 1.181x, W3 2.329x to 2.348x). `lcq quantize` defaults to 128 windows of 512 tokens (16x
+  1.219x to 1.170x, both measured again on 2026-12-06; W3 2.329x to 2.348x as first measured). `lcq quantize` defaults to 128 windows of 512 tokens (16x
   the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
   with 64: see the rank-4 note).
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
-  grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model, 52.09); at W3 k-means
-  is slightly better (1.432x against 1.437x).
+  grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit were the same model, 52.09, as first measured);
+  at W3 k-means was slightly better (1.432x against 1.437x). Measured again on 2026-12-06, lcq-w4r2 scores
+  51.68 and lcq-w3r2 70.15 (1.459x); the -rtninit rows were not measured again.
 - At the same bits per weight as RTN and GPTQ (rank 1, 2.297 / 3.297 / 4.298 bpw) LCQ is far ahead:
-  W4 1.096x against GPTQ 1.206x and RTN 1.258x; W3 1.491x against 2.329x and 2.611x; W2 13.8x
-  against 1009x and 14,763x (RTN as measured again on 2026-12-06). Rank 2 adds 0.149 bpw and helps most at W2 (7.88x against 13.8x);
+  W4 1.096x against GPTQ 1.219x and RTN 1.258x; W3 1.491x against 2.239x and 2.611x; W2 13.8x
+  against 596x and 14,763x (RTN and GPTQ as measured again on 2026-12-06). Rank 2 adds 0.149 bpw and helps most at
+  W2 (7.60x against 13.8x);
   rank 4 (2.743 bpw) gives 7.12x at W2.
-- Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matches rank 2 (W4 1.085x
-  against 1.084x; W3 1.320x against 1.432x), after 10 epochs it is the best W4 row, 50.28 = 1.046x
-  at 4.744 bpw (rank 2: 1.053x at 4.447 bpw). More block-wise fitting does not help on this
+- Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matched rank 2 (W4 1.085x
+  against 1.084x as first measured, 1.075x measured again; W3 1.320x against 1.432x, 1.459x measured again),
+  after 10 epochs it is the best W4 row, 50.08 = 1.042x at 4.744 bpw (50.28 as first measured; rank 2:
+  1.053x at 4.447 bpw). More block-wise fitting does not help on this
   held-out text: W4 r2 at 20 epochs 1.074x against 1.053x at 10, W3 r4 at 10 epochs 1.342x against
   1.320x at 0. Nor does more calibration text from the same book: with 64 windows W3 r2 e10 gives
   1.402x (16 windows: 1.381x) and W3 r4 e10 1.335x (1.342x). The block error it lowers is measured
@@ -147,7 +156,7 @@ NOTES = """
   capital of France?" with it answers "The capital of France is Paris."
 - Packing the head too (the -h4 rows, `--head-bits 4`, 2026-12-01, the Zen 4 machine), for folders
   about a third smaller (78.7 and 52.1 MB). Fitted from the weighted k-means init alone, as at 0
-  epochs, it costs more than its share of the weights suggests: lcq-w4r2 goes from 52.09 to 56.69
+  epochs, it costs more than its share of the weights suggests: lcq-w4r2 goes from 52.09 (then) to 56.69
   (+8.8%). With block-wise epochs a head stage then tunes its S, V and B (indices fixed) on the KL
   from the full-precision logits over the quantized model's last hidden states, at the block-wise
   step of the head's width: lcq-w4r2-e10-h4 scores 53.16 against 50.60 with the fp16 head (+5.1%),
@@ -315,7 +324,7 @@ NOTES = """
   sixth session) loses at W2 as it did at W4 (lcq-w4r2-e10-gptq 51.21 against 50.60): 219.27 against
   145.13 with nearest entries (lcq-w2r2-e10-v4-nw), and 153.17 against 120.43 after the end-to-end
   stage's cheap setting (3 epochs over 64 windows), which starts from the swept indices and keeps them.
-  Without the block-wise stage the sweep gains (lcq-w2r2-gptq 210.70 against 378.89): that stage fits
+  Without the block-wise stage the sweep gains (lcq-w2r2-gptq 210.70 against 378.89 then): that stage fits
   S, V and B to the nearest entries of each weight, and the sweep then moves indices away from the
   entries the codebooks were fitted to. (The first row's time includes tests run beside it.)
 """

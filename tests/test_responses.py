@@ -291,6 +291,26 @@ def test_a_failed_stream_keeps_the_text_it_sent(server, failing_draws):
     server.wait_pool_full()
 
 
+def test_a_request_its_own_constraints_fail_is_no_server_error(server):
+    """A request whose own settings leave no token (its only allowed token is the end of sequence, which min_tokens
+    bans) is a 400 unstreamed; streamed or in the background its failed response says invalid_prompt, as its error
+    event says invalid_value: it said server_error, which tells clients to send it again."""
+    body = {"input": "hi", "temperature": 0, "max_output_tokens": 8, "allowed_token_ids": [2], "min_tokens": 3}
+    assert httpx.post(server.url + "/v1/responses", json=body, timeout=60).status_code == 400
+    with httpx.stream("POST", server.url + "/v1/responses", json={**body, "stream": True}, timeout=60) as reply:
+        events = [json.loads(line[6:]) for line in reply.iter_lines() if line.startswith("data: ")]
+    assert [(e["type"], e.get("code")) for e in events[-2:]] == [("error", "invalid_value"), ("response.failed", None)]
+    assert events[-1]["response"]["error"]["code"] == "invalid_prompt"
+    started = httpx.post(server.url + "/v1/responses", json={**body, "background": True}, timeout=60).json()
+    deadline = time.monotonic() + 30
+    while (stored := httpx.get(server.url + f"/v1/responses/{started['id']}").json())["status"] in ("queued",
+                                                                                                  "in_progress"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert (stored["status"], stored["error"]["code"]) == ("failed", "invalid_prompt")
+    server.wait_pool_full()
+
+
 def test_background_needs_a_store(tmp_path):
     """With no response store a background response could be neither polled nor cancelled (404s while it
     generated), and a streamed one's events were kept for ever: it is a 400, as background without store is."""

@@ -83,7 +83,9 @@ class ResponseBuilder:
         return items + [self.call(call, status) for call in calls or []]
 
     def response(self, status: str, output: list | None = None, turn: ChatTurn | None = None,
-                 error: str | None = None) -> ResponseObject:
+                 error: str | None = None, bad_request: bool = False) -> ResponseObject:
+        """bad_request: the error came of what the request asked (a 400 unstreamed), so OpenAI's invalid_prompt,
+        not server_error (whose clients send the request again)."""
         body = self.body
         usage = None
         if turn is not None:
@@ -100,7 +102,8 @@ class ResponseBuilder:
             id=self.id, created_at=self.created, status=status, output=output or [],
             model=self.model,
             usage=usage, incomplete_details=IncompleteDetails() if status == "incomplete" else None,
-            error=ResponseError(code="server_error", message=error) if error else None,  # (one of OpenAI's codes)
+            error=ResponseError(code="invalid_prompt" if bad_request else "server_error", message=error)
+            if error else None,  # (OpenAI's codes)
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
             temperature=defaults.get("temperature", 1.0) if body.temperature is None else body.temperature,
             top_p=defaults.get("top_p", 1.0) if body.top_p is None else body.top_p, top_logprobs=body.top_logprobs,
@@ -220,7 +223,7 @@ async def _in_background(state: ServerState, turn: ChatTurn, builder: ResponseBu
                 if event != KEEPALIVE:  # (each follower sends its own)
                     log.add(event)
     except APIError as e:  # the engine failed the request
-        store(builder.response("failed", error=e.message))
+        store(builder.response("failed", error=e.message, bad_request=e.status < 500))
     except asyncio.CancelledError:
         turn.generation.abort()
         store(builder.response("cancelled", turn=turn))
@@ -356,7 +359,7 @@ def _stream(state: ServerState, turn: ChatTurn, builder: ResponseBuilder, keep: 
             output[opened["reasoning"]] = builder.reasoning("".join(thought), "incomplete")
         if "message" in opened:
             output[opened["message"]] = builder.message("".join(sent), "incomplete")
-        response = builder.response("failed", output, error=message)
+        response = builder.response("failed", output, error=message, bad_request=bad_request)
         on_failed(response)
         yield {"type": "error", "code": "invalid_value" if bad_request else "engine_error", "message": message,
                "param": None}
