@@ -229,12 +229,17 @@ def parse_openai(text: str) -> tuple[str | None, list[ToolCall]]:
     return ((content or None) if calls else text), calls
 
 
-def without_open_harmony_call(text: str) -> str:
-    """A gpt-oss reply cut by max_tokens without its last message if that is a call (HarmonyStream wrote it
-    without its `<|call|>`): a call ends at that stop token, so only the finish reason tells a cut one from a
-    whole one, and vLLM reads only completed messages."""
-    at = text.rfind(HARMONY_CALL)
-    return text[:at] if at >= 0 and CALL_END not in text[at:] else text
+def without_open_call(start: str, end: str) -> Callable[[str], str]:
+    """What a reply cut by max_tokens keeps: all but a last call opened by `start` and not closed by `end`.
+    gpt-oss's calls end at a stop token, `<|call|>` (HarmonyStream writes a call without it), so only the finish
+    reason tells a cut one from a whole one; GLM's last call may lack its `</tool_call>`, and cut, its name may be
+    cut too (a call named "ge"). vLLM reads only completed calls of either."""
+
+    def without(text: str) -> str:
+        at = text.rfind(start)
+        return text[:at] if at >= 0 and end not in text[at:] else text
+
+    return without
 
 
 def tag_held_from(*tags: str):
@@ -547,7 +552,9 @@ PARSERS = {"hermes": (parse_hermes, tag_held_from(HERMES_START)),
            **dict.fromkeys(("glm45", "glm47"), (parse_glm, tag_held_from(GLM_START))),  # + schemas: reply_parser
            **{name: (functools.partial(parse_deepseek, read_call=read), tag_held_from(DEEPSEEK_CALLS))
               for name, read in (("deepseek_v3", _deepseek_v3_call), ("deepseek_v31", _deepseek_v31_call))}}
-CUT_CALLS = {"openai": without_open_harmony_call}  # what a reply cut by max_tokens loses first (ToolCallStream)
+# what a reply cut by max_tokens loses first (ToolCallStream)
+CUT_CALLS = {"openai": without_open_call(HARMONY_CALL, CALL_END),
+             **dict.fromkeys(("glm45", "glm47"), without_open_call(GLM_START, GLM_END))}
 SCHEMA_TYPED = (*XML_CALLS, "glm45", "glm47")  # parsers that type the arguments by the request's tool schemas
 
 
