@@ -53,7 +53,8 @@ NOTES = """
   the GPTQ baselines and the main LCQ rows were measured again too: gptq-w4 57.98 -> 58.59, gptq-w4-n64 56.78
   -> 56.23, gptq-w3 111.95 -> 107.60, gptq-w2 48,503 -> 28,653 (GPTQ changed on 2026-12-05 as well: inputs no
   calibration token reached are left out of a group's grid), lcq-w4r2 52.09 -> 51.68, lcq-w3r2 68.84 -> 70.15,
-  lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08. The other rows were not measured again; the notes
+  lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08, lcq-w2r2-e10-ft10-fs64-v4-nw 119.08 -> 117.45
+  (lcq-w3r4-gptq-refit-act-n64 was started and stopped at the session's end). The other rows were not measured again; the notes
   quote each row as the table has it, and a row's earlier figure where a comparison was made with it. Those
   rows ran while audits shared the machine (load average 3 to 6 on 2 cores): their wall times are upper bounds.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
@@ -213,8 +214,8 @@ NOTES = """
   (0.771 -> 0.676 at the tenth, still falling), W4 r2 e10 133.70 -> 131.77 (0.271 -> 0.266).
 - The end-to-end stage on windows of its own (`--finetune-samples`, the -fsN rows, 2026-12-01, third
   session, the Zen 4 machine): the blocks still learn from the study's 16 windows, the end-to-end
-  stage from those and 48 more drawn after the held-out ones. lcq-w2r2-e10-ft10-fs64-v4-nw scores
-  119.08 (2.478x), against 127.06 over the 16 windows alone and 120.90 with 64 windows for both
+  stage from those and 48 more drawn after the held-out ones. lcq-w2r2-e10-ft10-fs64-v4-nw scored
+  119.08 (2.478x; 117.45, 2.444x, measured again on 2026-12-06), against 127.06 over the 16 windows alone and 120.90 with 64 windows for both
   stages (lcq-w2r2-e10-n64-ft10, where the blocks lost from them). Its held-out KL went 1.285 ->
   0.993 after the first epoch, 0.898 after the third and 0.870 at the tenth (kept), below the
   0.979 that 40 epochs over the 16 windows reached. Both took the same 160 Adam steps and about the
@@ -267,7 +268,7 @@ NOTES = """
   study's 16 calibration windows, IQ2_XS scores 67.81 (1.411x) at 3.961 and IQ3_XXS 56.93 (1.184x) at
   4.141; LCQ with each layer's width chosen for those bits scores 55.80 (1.161x) at 3.959 over W2
   and 53.25 (1.108x) at 4.139 over W3 (the -ws rows). Below 3.9 bits llama.cpp has nothing for this
-  model, where LCQ has W3 r4 at 3.743 (1.227x, 64 windows) and W2 r2 at 2.446 (2.478x with the
+  model, where LCQ has W3 r4 at 3.743 (1.227x, 64 windows) and W2 r2 at 2.446 (2.444x with the
   end-to-end stage over 64 windows). At 4 bits the comparison measures the reference as much as the
   methods: the demo's fp16 folder is its Q4_1 GGUF dequantized, which llama.cpp's Q4_1 reproduces
   (48.06 at 5.0) and LCQ W4 r1 at group 32, whose groups are Q4_1's blocks, nearly so (48.15, 1.002x,
