@@ -54,7 +54,11 @@ NOTES = """
   -> 56.23, gptq-w3 111.95 -> 107.60, gptq-w2 48,503 -> 28,653 (GPTQ changed on 2026-12-05 as well: inputs no
   calibration token reached are left out of a group's grid), lcq-w4r2 52.09 -> 51.68, lcq-w3r2 68.84 -> 70.15,
   lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08, lcq-w2r2-e10-ft10-fs64-v4-nw 119.08 -> 117.45
-  (lcq-w3r4-gptq-refit-act-n64 was started and stopped at the session's end). The other rows were not measured again; the notes
+  (lcq-w3r4-gptq-refit-act-n64 was started and stopped at the session's end); then on the idle machine, where
+  each took about a minute: lcq-w4r1 52.66 -> 52.77, lcq-w3r1 71.66 -> 72.25, lcq-w2r1 662.09 -> 594.68, lcq-w4r4
+  52.16 -> 51.72, lcq-w3r4 63.43 -> 64.36, lcq-w2r4 342.38 -> 324.19, lcq-w4r2-gptq 51.41 -> 51.97, lcq-w3r2-gptq
+  70.29 -> 69.69, lcq-w2r2-gptq 210.70 -> 210.04, gptq-w3-n64 112.86 -> 109.43, and the two -rtninit rows (W4
+  52.09 -> 51.68, W3 69.08 -> 70.09). The other rows were not measured again; the notes
   quote each row as the table has it, and a row's earlier figure where a comparison was made with it. Those
   rows ran while audits shared the machine (load average 3 to 6 on 2 cores): their wall times are upper bounds.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
@@ -82,34 +86,34 @@ NOTES = """
 - The block-wise stage is what makes W2 work: LCQ W2 r2 goes from 7.60x of fp16 (fit of the
   importance-weighted codebooks only, 0 epochs) to 3.72x after 1 epoch and 2.97x after 10 (the
   quantizer's default), inside the 3x goal with only 16 calibration windows of 256 tokens.
-- GPTQ's sweep over the LCQ codebooks (`--assign gptq`): W4 1.070x, W3 1.462x (worse than nearest),
-  W2 4.38x at 0 epochs; after 10 epochs at W4 1.065x, worse than the epochs alone (1.053x): the
+- GPTQ's sweep over the LCQ codebooks (`--assign gptq`): W4 1.081x (nearest: 1.075x), W3 1.450x (1.459x),
+  W2 4.37x (7.60x) at 0 epochs, as measured again on 2026-12-06 (first 1.070x, 1.462x and 4.38x); after 10 epochs at W4 1.065x, worse than the epochs alone (1.053x): the
   sweep moves indices away from the entries the epochs tuned. With S and B refit to its indices
   through the Hessian (`--assign gptq-refit`): W3 1.406x, W4 1.075x. In act-order (`--act-order`): W3
   gptq-refit 1.371x, at rank 4 1.310x (3.743 bpw); W4 gptq 1.071x, gptq-refit 1.079x.
 - Calibration size matters most for the Hessian-based rows. With 4x the windows (64 x 256 tokens,
   the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.227x (inside the 1.3x
   goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x; the GPTQ baselines barely move (W4
-  1.219x to 1.170x, both measured again on 2026-12-06; W3 2.329x to 2.348x as first measured). `lcq quantize` defaults to 128 windows of 512 tokens (16x
+  1.219x to 1.170x, W3 2.239x to 2.277x, all measured again on 2026-12-06). `lcq quantize` defaults to 128 windows of 512 tokens (16x
   the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
   with 64: see the rank-4 note).
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
-  grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit were the same model, 52.09, as first measured);
-  at W3 k-means was slightly better (1.432x against 1.437x). Measured again on 2026-12-06, lcq-w4r2 scores
-  51.68 and lcq-w3r2 70.15 (1.459x); the -rtninit rows were not measured again.
+  grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model: 52.09 as first measured, 51.68
+  measured again); at W3 k-means was slightly better as first measured (1.432x against 1.437x), and the two are
+  level measured again (70.15 against 70.09).
 - At the same bits per weight as RTN and GPTQ (rank 1, 2.297 / 3.297 / 4.298 bpw) LCQ is far ahead:
-  W4 1.096x against GPTQ 1.219x and RTN 1.258x; W3 1.491x against 2.239x and 2.611x; W2 13.8x
-  against 596x and 14,763x (RTN and GPTQ as measured again on 2026-12-06). Rank 2 adds 0.149 bpw and helps most at
-  W2 (7.60x against 13.8x);
-  rank 4 (2.743 bpw) gives 7.12x at W2.
-- Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matched rank 2 (W4 1.085x
-  against 1.084x as first measured, 1.075x measured again; W3 1.320x against 1.432x, 1.459x measured again),
+  W4 1.098x against GPTQ 1.219x and RTN 1.258x; W3 1.503x against 2.239x and 2.611x; W2 12.4x
+  against 596x and 14,763x (all as measured again on 2026-12-06). Rank 2 adds 0.149 bpw and helps most at
+  W2 (7.60x against 12.4x);
+  rank 4 (2.743 bpw) gives 6.75x at W2.
+- Rank 4 pays off at W4 only after the block-wise stage: at 0 epochs it matches rank 2 (W4 1.076x
+  against 1.075x; W3 1.339x against 1.459x, both measured again on 2026-12-06),
   after 10 epochs it is the best W4 row, 50.08 = 1.042x at 4.744 bpw (50.28 as first measured; rank 2:
   1.053x at 4.447 bpw). More block-wise fitting does not help on this
   held-out text: W4 r2 at 20 epochs 1.074x against 1.053x at 10, W3 r4 at 10 epochs 1.342x against
-  1.320x at 0. Nor does more calibration text from the same book: with 64 windows W3 r2 e10 gives
+  1.320x at 0 as first measured (1.339x measured again). Nor does more calibration text from the same book: with 64 windows W3 r2 e10 gives
   1.402x (16 windows: 1.381x) and W3 r4 e10 1.335x (1.342x). The block error it lowers is measured
   on King James text, the perplexity on Shakespeare; at W3 the GPTQ sweep with 64 windows (1.227x)
   is the better use of the time.
@@ -325,7 +329,7 @@ NOTES = """
   sixth session) loses at W2 as it did at W4 (lcq-w4r2-e10-gptq 51.21 against 50.60): 219.27 against
   145.13 with nearest entries (lcq-w2r2-e10-v4-nw), and 153.17 against 120.43 after the end-to-end
   stage's cheap setting (3 epochs over 64 windows), which starts from the swept indices and keeps them.
-  Without the block-wise stage the sweep gains (lcq-w2r2-gptq 210.70 against 378.89 then): that stage fits
+  Without the block-wise stage the sweep gains (lcq-w2r2-gptq 210.04 against 365.17): that stage fits
   S, V and B to the nearest entries of each weight, and the sweep then moves indices away from the
   entries the codebooks were fitted to. (The first row's time includes tests run beside it.)
 """
