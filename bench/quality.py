@@ -93,7 +93,7 @@ NOTES = """
   gptq-refit 1.371x, at rank 4 1.310x (3.743 bpw); W4 gptq 1.071x, gptq-refit 1.079x.
 - Calibration size matters most for the Hessian-based rows. With 4x the windows (64 x 256 tokens,
   the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.227x (inside the 1.3x
-  goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x; the GPTQ baselines barely move (W4
+  goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x (as first measured; at 16 windows 1.081x measured again); the GPTQ baselines barely move (W4
   1.219x to 1.170x, W3 2.239x to 2.277x, all measured again on 2026-12-06). `lcq quantize` defaults to 128 windows of 512 tokens (16x
   the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
