@@ -311,6 +311,17 @@ def _drafts_and_accepted(llm) -> tuple[int, int]:
     return stats.num_draft_tokens_total, stats.num_accepted_tokens_total
 
 
+def _assert_restricted_drafts_are_accepted(itself) -> None:
+    """The target drafting for itself keeps its drafts to allowed_token_ids and logit_bias as the target's
+    rows do, so all of them are accepted (none was before that rule)."""
+    drafts, accepted = _drafts_and_accepted(itself)
+    restricted = SamplingParams(max_tokens=20, temperature=0.8, ignore_eos=True, allowed_token_ids=list(range(40, 80)),
+                                logit_bias={41: 3.0})
+    itself.generate(PROMPTS, restricted)
+    more_drafts, more_accepted = _drafts_and_accepted(itself)
+    assert more_drafts - drafts == more_accepted - accepted > 0
+
+
 def test_a_draft_model_gives_the_plain_greedy_tokens(tiny, plain, other_weights, caplog):
     """The target as its own draft: every draft is accepted, which holds only while the draft's cache (in
     the target's blocks) is right through batching, prompt chunks, prefix-cache hits and preemption. A
@@ -427,12 +438,7 @@ def test_a_draft_over_a_target_with_sliding_window_groups(tmp_path):
     assert [o.token_ids for o in itself.generate(PROMPTS, GREEDY)] == expected
     drafts, accepted = _drafts_and_accepted(itself)
     assert drafts == accepted > 0
-    # Drafts keep to allowed_token_ids and logit_bias as the target's rows do (none was accepted before).
-    restricted = SamplingParams(max_tokens=20, temperature=0.8, ignore_eos=True, allowed_token_ids=list(range(40, 80)),
-                                logit_bias={41: 3.0})
-    itself.generate(PROMPTS, restricted)
-    more_drafts, more_accepted = _drafts_and_accepted(itself)
-    assert more_drafts - drafts == more_accepted - accepted > 0
+    _assert_restricted_drafts_are_accepted(itself)
 
 
 def test_drafts_are_the_draft_models_own_greedy_tokens(tiny, other_weights, caplog):
@@ -488,12 +494,7 @@ def test_draft_model_with_stops_logprobs_predictions_and_seeded_sampling(tiny, p
     outputs = itself.generate(PROMPTS, [sampled, nucleus, sampled])
     drafts, accepted = _drafts_and_accepted(itself)
     assert drafts == accepted > 0
-    # Drafts keep to allowed_token_ids and logit_bias as the target's rows do (none was accepted before).
-    restricted = SamplingParams(max_tokens=20, temperature=0.8, ignore_eos=True, allowed_token_ids=list(range(40, 80)),
-                                logit_bias={41: 3.0})
-    itself.generate(PROMPTS, restricted)
-    more_drafts, more_accepted = _drafts_and_accepted(itself)
-    assert more_drafts - drafts == more_accepted - accepted > 0
+    _assert_restricted_drafts_are_accepted(itself)
     # ... and drawn, not picked: few of the tokens are the target's most likely ones.
     scored = plain.generate([p + o.token_ids for p, o in zip(PROMPTS, outputs)],
                             SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1))
