@@ -54,7 +54,8 @@ NOTES = """
   -> 56.23, gptq-w3 111.95 -> 107.60, gptq-w2 48,503 -> 28,653 (GPTQ changed on 2026-12-05 as well: inputs no
   calibration token reached are left out of a group's grid), lcq-w4r2 52.09 -> 51.68, lcq-w3r2 68.84 -> 70.15,
   lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08, lcq-w2r2-e10-ft10-fs64-v4-nw 119.08 -> 117.45
-  (lcq-w3r4-gptq-refit-act-n64 was started and stopped at the session's end); then on the idle machine, where
+  (and at the next session's start, on a machine shared with audits, lcq-w3r4-gptq-refit-act-n64 58.99 -> 57.62,
+  1.227x -> 1.199x); then on the idle machine, where
   each took about a minute: lcq-w4r1 52.66 -> 52.77, lcq-w3r1 71.66 -> 72.25, lcq-w2r1 662.09 -> 594.68, lcq-w4r4
   52.16 -> 51.72, lcq-w3r4 63.43 -> 64.36, lcq-w2r4 342.38 -> 324.19, lcq-w4r2-gptq 51.41 -> 51.97, lcq-w3r2-gptq
   70.29 -> 69.69, lcq-w2r2-gptq 210.70 -> 210.04, gptq-w3-n64 112.86 -> 109.43, and the two -rtninit rows (W4
@@ -64,8 +65,8 @@ NOTES = """
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
-  machine, except lcq-w3r4-gptq-refit-act-n64, which shared it with the step-size measurements for
-  part of its run. The rows measured on 2026-11-29 (lcq-w4r4, lcq-w3r4, the -e rows at rank 4,
+  machine, except lcq-w3r4-gptq-refit-act-n64, which as first measured shared it with the step-size
+  measurements for part of its run. The rows measured on 2026-11-29 (lcq-w4r4, lcq-w3r4, the -e rows at rank 4,
   lcq-w4r2-e20, lcq-w3r2-e10-n64, lcq-w2r4-e10) ran on another idle 2-core machine about twice as fast: it
   quantized lcq-w4r2-e10 in 366 s for the 16-window evaluation below, where this table's row took
   769 s. Wall times (quantize s, eval s) are therefore comparable only within each group.
@@ -92,8 +93,8 @@ NOTES = """
   through the Hessian (`--assign gptq-refit`): W3 1.406x, W4 1.075x. In act-order (`--act-order`): W3
   gptq-refit 1.371x, at rank 4 1.310x (3.743 bpw); W4 gptq 1.071x, gptq-refit 1.079x.
 - Calibration size matters most for the Hessian-based rows. With 4x the windows (64 x 256 tokens,
-  the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.227x (inside the 1.3x
-  goal at 3.743 bpw) and W4 r2 gptq from 1.070x to 1.060x (as first measured; at 16 windows 1.081x measured again); the GPTQ baselines barely move (W4
+  the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.199x (inside the 1.3x
+  goal at 3.743 bpw; 1.227x as first measured) and W4 r2 gptq from 1.070x to 1.060x (as first measured; at 16 windows 1.081x measured again); the GPTQ baselines barely move (W4
   1.219x to 1.170x, W3 2.239x to 2.277x, all measured again on 2026-12-06). `lcq quantize` defaults to 128 windows of 512 tokens (16x
   the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
@@ -115,7 +116,7 @@ NOTES = """
   held-out text: W4 r2 at 20 epochs 1.074x against 1.053x at 10, W3 r4 at 10 epochs 1.342x against
   1.320x at 0 as first measured (1.339x measured again). Nor does more calibration text from the same book: with 64 windows W3 r2 e10 gives
   1.402x (16 windows: 1.381x) and W3 r4 e10 1.335x (1.342x). The block error it lowers is measured
-  on King James text, the perplexity on Shakespeare; at W3 the GPTQ sweep with 64 windows (1.227x)
+  on King James text, the perplexity on Shakespeare; at W3 the GPTQ sweep with 64 windows (1.199x)
   is the better use of the time.
 - RTN is in line with the figures the project started from (integer zero point, another held-out
   text: 1.24x at W4g64, 2.6x at W3g64, about 10,000x at W2g64); here 1.26x, 2.57x and 16,600x.
@@ -272,7 +273,7 @@ NOTES = """
   study's 16 calibration windows, IQ2_XS scores 67.81 (1.411x) at 3.961 and IQ3_XXS 56.93 (1.184x) at
   4.141; LCQ with each layer's width chosen for those bits scores 55.80 (1.161x) at 3.959 over W2
   and 53.25 (1.108x) at 4.139 over W3 (the -ws rows). Below 3.9 bits llama.cpp has nothing for this
-  model, where LCQ has W3 r4 at 3.743 (1.227x, 64 windows) and W2 r2 at 2.446 (2.444x with the
+  model, where LCQ has W3 r4 at 3.743 (1.199x, 64 windows) and W2 r2 at 2.446 (2.444x with the
   end-to-end stage over 64 windows). At 4 bits the comparison measures the reference as much as the
   methods: the demo's fp16 folder is its Q4_1 GGUF dequantized, which llama.cpp's Q4_1 reproduces
   (48.06 at 5.0) and LCQ W4 r1 at group 32, whose groups are Q4_1's blocks, nearly so (48.15, 1.002x,
