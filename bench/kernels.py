@@ -478,9 +478,11 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
 def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
                  reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
                  lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
-                 dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None):
+                 dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None,
+                 partial_group: bool = False):
     """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed. dtype: the
-    activations' (fp16 or bf16); prepared: products of bytes of inputs input_bytes() prepared."""
+    activations' (fp16, bf16 or fp32); prepared: products of bytes of inputs input_bytes() prepared; partial_group:
+    K not a multiple of the group (the tl.dot forms' tiles zero past K)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -492,7 +494,8 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                 "slots_ptr": "*i32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
-                     DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group))
+                     DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group),
+                     PARTIAL_GROUP=partial_group)
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
                          INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lcq.format import PackedLinear, dequantize, layer_codebooks
+from lcq.format import PackedLinear, dequantize, dual_quantize, encode_linear, layer_codebooks
 from lcq.kernels import LCQLinear, cpu_half, cpu_index, cpu_ops, lcq_linear, native
 from lcq.kernels import arrival_counters as arrival_counters_module
 from lcq.kernels.arrival_counters import arrival_counters
@@ -443,6 +443,38 @@ def test_gemm_kernel_matches_reference(bits, rank, group, k, dtype):
     layer = random_layer(40, k, bits, rank, group, seed=bits * 10 + rank + 1)
     x = torch.randn(33, k).to(dtype)
     assert_close(triton_linear.gemm(x, layer, SMALL_GEMM), reference(x, layer), dtype)
+
+
+def test_a_partial_groups_padding_never_reaches_the_products():
+    """K = 80 at g = 32: the last group's padding indices decode to codebook entry 0, here beyond fp16's range
+    (6 x 60,000) while every real weight (entries 1-3) is small. The tl.dot forms (3-64 rows, with and without
+    column codebooks) and the tiled GEMM rounded the whole tile to fp16, padding included, and inf x the masked
+    input's 0 made every output NaN; their tiles are now zero past K, as the reader of docs/format.md must."""
+    n, k, group = 24, 80, 32
+    indices = torch.randint(1, 4, (n, k), generator=torch.Generator().manual_seed(0))
+    layer = encode_linear(indices, *dual_quantize(torch.full((n, 3, 1), 6.0), torch.zeros(n, 3)),
+                          torch.tensor([[60000.0, 1.0, -1.0, 0.5]]), in_features=k, bits=2, group_size=group)
+    for m in (3, 17):
+        x = torch.randn(m, k).to(torch.float16)
+        ref = reference(x, layer)
+        for y in (triton_linear.triton_linear(x, layer), triton_linear.decode(x, layer, SMALL_DECODE),
+                  triton_linear.decode(x, layer, {**SMALL_DECODE, "BOOK": True}),
+                  triton_linear.gemm(x, layer, SMALL_GEMM)):
+            assert_close(y, ref, torch.float16)
+
+
+@pytest.mark.parametrize("kernel", ["decode", "gemm"])
+def test_fp32_products_on_a_gpu_stay_fp32_and_partial_groups_build(kernel):
+    """The sm_90 builds at 16 rows (compiled here without the interpreter; no GPU), of a layer whose last group is
+    partial: with fp32 activations tl.dot multiplies in fp32 ("ieee", as torch's fp32 matmul by default), no
+    tensor-core instruction in the loop (Triton's default on a GPU is tf32: 16 of them, an fp32 model's products
+    then rounded to 10 bits of mantissa); with fp16 the tensor cores still take the products."""
+    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_sm90, inner_loop, sass_of; "
+            "counts = [sum('MMA' in line for line in inner_loop(sass_of(compile_sm90("
+            f"'{kernel}', 2, 2, 128, 16, 64, 4, depth=64, dtype=dtype, partial_group=True))[0])) "
+            "for dtype in ('fp32', 'fp16')]; print(*counts)")
+    fp32_products, fp16_products = _compiled_counts(code)
+    assert fp32_products == 0 and fp16_products > 0
 
 
 @pytest.mark.parametrize("bits,rank,group,k,dtype", [(2, 1, 32, 80, torch.float16), (3, 3, 64, 100, torch.bfloat16),

@@ -41,7 +41,7 @@ from .triton_configs import (DECODE_CONFIGS, GEMM_CONFIGS, GROUPED_WIDE_CONFIGS,
                              INTERPRETER_GEMM_CONFIG, MAX_SPLIT_K, _decode_configs_for, max_split_k)
 from .triton_pair_table import _lut_products, pair_table
 from .triton_tiles import (_dequant_tile, _dot, _gather_table, _group_codes, _table_offsets, _tile_indices,
-                           _tile_inputs, _tile_weights, _tile_words, block_k, uses_select)
+                           _tile_inputs, _tile_weights, _tile_words, _within_k, block_k, uses_select)
 
 DECODE_MAX_M = 64
 # H100, bench/kernels.py: at 64 rows the split-K decode kernel (59-98 us on the 7B MLP shapes at
@@ -78,7 +78,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
                    INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False,
-                   PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None):
+                   PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None, PARTIAL_GROUP: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -106,7 +106,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     through tl.dot with the weights first (on sm_90 a wgmma whose weights stay in registers), each column's step
     and midrange applied after the product.
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
-    the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x."""
+    the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x.
+    PARTIAL_GROUP (K not a multiple of GROUP): the tl.dot forms' weight tiles are zero past K (_within_k)."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
     tl.static_assert(not PREPARED or INT8)
@@ -219,6 +220,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
             w = _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                               BITS, RANK, RANKS, SELECT, BOOK, BLOCK_K, BLOCK_N)
             if BLOCK_M >= 16:
+                if PARTIAL_GROUP:
+                    w = _within_k(w, k0, K, BLOCK_K)
                 acc = _dot(inputs, w, acc, DOT_IN_FP32)
             elif REDUCE_K:
                 acc += tl.sum(inputs.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
@@ -262,7 +265,8 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                  BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                  SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                 PARTIAL_GROUP: tl.constexpr = False):
     """Tiled product (dispatched for no row count, DENSE_MIN_M: the fused alternative bench/kernels.py times from 65
     rows as fused_us): each program dequantizes its weight tiles once per BLOCK_M rows, each weight from
     its column's codebook (BOOK), a warp shuffle: at 3-4 bits per weight a gather of V had been pipelined as 4-byte
@@ -290,6 +294,8 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
                           BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, True)
+        if PARTIAL_GROUP:
+            w = _within_k(w, k0, K, BLOCK_K)
         acc = _dot(x, w, acc, DOT_IN_FP32)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -361,7 +367,8 @@ def _without_depth(consts: dict) -> dict:
 
 def _constants(x: torch.Tensor, layer: PackedLinear) -> dict:
     return dict(_codebook_constants(layer), HAS_BIAS=layer.bias is not None,
-                DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16)
+                DOT_IN_FP32=not x.is_cuda and x.dtype == torch.bfloat16,
+                PARTIAL_GROUP=layer.in_features % layer.group_size != 0)
 
 
 # Where the byte forms serve by default, as (bits, activation dtype): what a GPU has checked compiled against each
