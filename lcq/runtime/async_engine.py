@@ -30,6 +30,7 @@ FAILED_STEPS_LIMIT = 3  # engine steps failing in a row before every request is 
 
 class AsyncEngine:
     def __init__(self, config: EngineConfig):
+        config = config.fetched()  # a Hub id's files before the server starts
         config.validate()
         self.config = config
         self.engine: LLMEngine | None = None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class EngineConfig:
-    model: str
+    model: str  # a folder, or a Hugging Face Hub id (org/name) fetched into the Hub's cache (fetched())
+    revision: str | None = None  # of a Hub id: a branch, tag or commit (default main)
+    download_dir: str | None = None  # where Hub ids are fetched (default: the Hub's cache, HF_HOME)
     # The model ids clients use (vLLM's: several answer alike; replies name the first); default: the folder's name
     served_model_name: str | list[str] | None = None
     device: str = "auto"  # cuda when available, else cpu
@@ -216,6 +218,17 @@ class EngineConfig:
         if self.max_cpu_loras is not None:
             return self.max_cpu_loras
         return max(self.resolved_max_loras(), len(self.lora_adapters()))
+
+    def fetched(self) -> "EngineConfig":
+        """These settings with model and speculative_model as folders: a Hub id fetched (lcq.hub, at `revision`;
+        the draft model at main), and served by that id unless served_model_name names it otherwise, as vLLM."""
+        from lcq.hub import model_folder
+
+        folder = model_folder(self.model, self.revision, self.download_dir)
+        draft = None if self.speculative_model is None else model_folder(self.speculative_model,
+                                                                          download_dir=self.download_dir)
+        names = self.served_model_name or (self.model if folder != self.model else None)
+        return replace(self, model=folder, speculative_model=draft, served_model_name=names)
 
     def model_name(self) -> str:
         """The name replies give the model: the first served name."""

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 
-from lcq.errors import UserError
 from lcq.inputs import load_tokenizer
 from lcq.models.config import ModelConfig
 from lcq.models.lora import LoRAAdapter
@@ -115,14 +114,13 @@ def token_ids_in(ids, vocab: int) -> bool:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig):
+        config = config.fetched()
         config.validate()
         torch.manual_seed(config.seed)
         device = config.resolved_device()
         if device.type == "cuda" and device.index is not None:  # (the thread that loads also steps: AsyncEngine)
             torch.cuda.set_device(device)  # kernels, events and copies on cuda:N's streams, not cuda:0's
         self.config = config
-        if not Path(config.model).is_dir():  # (else the tokenizer's loader blamed the Hub)
-            raise UserError(f"{config.model}: no such model folder")
         ModelConfig.from_folder(config.model)  # a config.json missing or broken: said so, not as a tokenizer's error
         self.tokenizer = load_tokenizer(config.model)
         self.token_bytes = TokenBytes(self.tokenizer)  # logprobs' tokens, as text and bytes

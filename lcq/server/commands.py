@@ -126,14 +126,12 @@ def _engine(command: ServeCommand) -> "AsyncEngine":
 
         model = str(ensure_demo_model())
         engine_fields.setdefault("served_model_name", DEMO_SERVED_NAME)
-    elif not Path(command.model).is_dir():
-        raise UserError(f"{command.model}: no such model folder")
     else:
-        model = command.model
+        model = command.model  # a folder, or a Hub id the engine's settings fetch
     try:
         engine = AsyncEngine(EngineConfig(model=model, **engine_fields))
         engine.config.check_model()  # an unservable architecture or context: one line, before the server starts
     except (ValueError, UserError) as e:
         raise UserError(in_flag_terms(str(e))) from None
-    CheckpointReader(model)  # its config and tensors readable (FormatError: one line), before the background load
+    CheckpointReader(engine.config.model)  # config and tensors readable (FormatError: one line), before the load
     return engine

@@ -210,8 +210,12 @@ FLAGS = (
     Flag("--host", str, "address to listen on", "server"),
     Flag("--port", int, "port to listen on (0: any free port)", "server"),
     Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server"),
-    Flag("--served-model-name", str, "model ids clients use (default: the folder name); as vLLM's, several names "
-         "all answer, and replies name the first", "engine", several=True),
+    Flag("--served-model-name", str, "model ids clients use (default: the folder name, or the Hub id); as vLLM's, "
+         "several names all answer, and replies name the first", "engine", several=True),
+    Flag("--revision", str, "of a model named by its Hugging Face Hub id: the branch, tag or commit fetched "
+         "(default main)", "engine"),
+    Flag("--download-dir", str, "where models named by a Hub id are fetched (default: the Hub's cache, HF_HOME)",
+         "engine"),
     Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
     Flag("--max-queue", int, "requests that may wait beyond the free batch slots before answering 429 (0: none "
          "wait)", "engine"),
@@ -285,7 +289,7 @@ FLAGS = (
     Flag("--prompt-lookup-min", int, "shortest n-gram that prompt lookup matches", "engine"),
     Flag("--speculative-disable-by-batch-size", int, "no drafts while this many sequences or more run (the "
          "default 2 drafts at batch 1 only: on CPU, draft rows of several sequences cost what they save)", "engine"),
-    Flag("--speculative-model", str, "a draft model's folder: a smaller model of the same tokenizer drafts "
+    Flag("--speculative-model", str, "a draft model's folder or Hub id: a smaller model of the same tokenizer drafts "
          "--num-speculative-tokens tokens a step instead of prompt lookup (vLLM's older name)", "engine"),
     Flag("--speculative-config", _speculative_config, "vLLM's JSON form of the flags above: "
          '\'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\' '
@@ -346,7 +350,8 @@ FLAGS = (
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL plus every flag; defaults stay None so the environment can fill what the command line left out."""
     parser.add_argument("model", nargs="?", default=None,
-                        help="LCQ or fp16 Hugging Face folder (env LCQ_MODEL; default: the demo model)")
+                        help="LCQ or fp16 Hugging Face folder, or a Hugging Face Hub id (org/name) fetched into the "
+                             "Hub's cache (env LCQ_MODEL; default: the demo model)")
     from lcq.runtime.config import EngineConfig
 
     defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
