@@ -86,3 +86,22 @@ def test_what_is_neither_a_folder_nor_in_the_cache_is_one_line(hub, tmp_path, ca
         assert error.startswith("lcq: error: ") and reason in error and "\n" not in error, (argv, error)
     with pytest.raises(UserError, match="no such model folder"):
         model_folder("../relative/path")
+
+
+def test_what_is_fetched_of_a_repository():
+    """Of a repository as the Hub lists it (Llama 3's and Mistral's layouts), by the Hub library's own matching:
+    the configs, safetensors shards and tokenizer files; not the original or consolidated checkpoints, pickle or
+    GGUF weights, nor the rest."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    from lcq.hub import HUB_FILES, NOT_FETCHED
+
+    listed = ["config.json", "generation_config.json", "model-00001-of-00004.safetensors",
+              "model.safetensors.index.json", "original/consolidated.00.pth", "original/params.json",
+              "original/tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "LICENSE", "README.md", ".gitattributes", "consolidated.safetensors", "pytorch_model.bin", "model.gguf",
+              "chat_template.jinja", "tokenizer.model", "merges.txt", "vocab.json"]
+    assert sorted(filter_repo_objects(listed, allow_patterns=HUB_FILES, ignore_patterns=NOT_FETCHED)) == [
+        "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
+        "model-00001-of-00004.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
+        "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"]
