@@ -263,6 +263,18 @@ def test_bad_requests_get_the_envelope(server, client):
         "param"] == "input.0.arguments"
     assert refused({"model": "gpt-5", "input": "x"}, 404)["code"] == "model_not_found"
     assert refused({"input": "x", "previous_response_id": "resp_none"})["code"] == "previous_response_not_found"
+    # what is stored with a response within OpenAI's limits on metadata (a 4 MB map was kept whole), and what it
+    # echoes at most 64 deep (400 deep passed the parser and failed the reply: a 500 after the generation)
+    assert refused({"input": "x", "metadata": {str(i): "v" for i in range(17)}})["param"] == "metadata"
+    assert refused({"input": "x", "metadata": {"k": "v" * 513}})["param"] == "metadata"
+    nested: dict = {}
+    for _ in range(400):
+        nested = {"x": nested}
+    assert refused({"input": "x", "text": {"format": {"type": "text"}, "x": nested}})["param"] == "text"
+    assert refused({"input": "x", "background": True, "stream": True, "text": {"x": nested}})["param"] == "text"
+    kept = client.responses.create(model=MODEL, input="x", max_output_tokens=2,
+                                   metadata={str(i): "v" * 512 for i in range(16)})
+    assert len(kept.metadata) == 16
     assert httpx.delete(server.url + "/v1/responses/resp_none").status_code == 404
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=MODEL, input="x", temperature=9)

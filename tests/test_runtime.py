@@ -34,6 +34,7 @@ from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
 from lcq.runtime.sampler import apply_penalties, draw, filtered_probs, keep_top, keep_top_sorted, sample
 from lcq.runtime.sampling_params import StructuredOutput
+from lcq.runtime import structured_output
 from lcq.runtime.scheduler import Scheduler
 from lcq.runtime.sequence import Sequence
 from tests.tiny_model import cuda_llm, make_tiny_adapter, make_tiny_hf, make_tiny_lcq, make_tiny_multimodal, \
@@ -1515,6 +1516,10 @@ def test_sampling_params_are_taken_as_vllm_takes_them_or_refused_in_one_line(llm
         SamplingParams(**fields).validate()
         with pytest.raises(ValueError, match="at most 128|between 1 and 128"):
             SamplingParams(**refused).validate()
+    # token ids as sets, each once (a million repeated ones were matched or masked at every step)
+    repeated = SamplingParams(allowed_token_ids=[9, 3, 9, 3, 4], stop_token_ids=[5, 5, 6])
+    repeated.validate()
+    assert repeated.allowed_token_ids == [9, 3, 4] and repeated.stop_token_ids == [5, 6]
 
 
 def test_offline_generate_is_all_or_nothing_and_fans_out_n(llm):
@@ -1569,7 +1574,7 @@ def test_an_interrupted_offline_generate_leaves_the_llm_usable(llm, monkeypatch)
     assert llm.embed("Hello there") == llm.embed(["Hello there"])
 
 
-def test_grammars_kept_are_the_most_recently_used(tiny):
+def test_grammars_kept_are_the_most_recently_used(tiny, monkeypatch):
     """A server sees ever new schemas: the compiled grammars kept are bounded (the least recently used go), and
     a sequence whose grammar went goes on with its own matcher."""
     pytest.importorskip("xgrammar")
@@ -1583,6 +1588,10 @@ def test_grammars_kept_are_the_most_recently_used(tiny):
     assert list(engine.structured._grammars) == [specs[0], specs[2]]
     engine.structured.check(specs[1])
     assert list(engine.structured._grammars) == [specs[2], specs[1]]
+    # ... and so are their bytes: a grammar larger than the budget is not kept (an enum of 50,000 values is 200 MB)
+    monkeypatch.setattr(structured_output, "GRAMMAR_BYTES_KEPT", engine.structured._kept_bytes() - 1)
+    engine.structured.check(StructuredOutput(regex="[a-c]{5}x"))
+    assert len(engine.structured._grammars) == 1
     outputs = []
     while engine.has_work():
         outputs += engine.step()
@@ -2516,6 +2525,9 @@ def test_lora_adapter_loads_that_would_fail_are_refused(tiny, tmp_path):
         llm.load_lora_adapter("sql", folder)
     with pytest.raises(ValueError, match="the base model's"):
         llm.load_lora_adapter(tiny.name, folder)
+    for name in ("sql\nERROR: forged", "x" * 257):  # (names are logged and listed)
+        with pytest.raises(ValueError, match="at most 256 printable characters"):
+            llm.load_lora_adapter(name, folder)
     with pytest.raises(UserError, match="rank 8 is above max_lora_rank 4"):
         llm.load_lora_adapter("wide", make_tiny_adapter(tmp_path / "wide", tiny, rank=8))
     with pytest.raises(UserError, match="needs adapter_config.json"):

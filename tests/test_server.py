@@ -1830,6 +1830,34 @@ def test_a_completions_request_takes_at_most_2048_prompts(server):
     assert len(out["choices"]) == 2048
 
 
+def test_one_request_cannot_hold_the_engine_or_flood_the_log(server, client, caplog):
+    """What one small body made the server do for everyone, found by a security audit, now bounded:
+    - prompts x n, each choice an engine request admitted whole: 2,048 prompts at n = 128 made 262,144 of them;
+    - stop strings and bad_words of 30,000 characters each, matched or tokenized for every choice: 16,384 in all;
+    - a million repeated allowed_token_ids and stop_token_ids, made a tensor or searched at every step: each id once;
+    - an unknown field named with a newline forged a log line, a megabyte-long name went to the log whole;
+    - an error message quoting what was sent (a model name of megabytes) is cut to 2,000 characters."""
+    fanout = error_of(httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": ["a"] * 17, "n": 128,
+                                                                         "max_tokens": 1}), 400)
+    assert fanout["param"] == "n" and "2176 choices" in fanout["message"], fanout
+    for field in ("stop", "bad_words"):
+        long = error_of(httpx.post(server.url + "/v1/completions", json={
+            "model": MODEL, "prompt": "a", "max_tokens": 1, field: ["x" * 8000, "y" * 8000, "z" * 400]}), 400)
+        assert long["param"] == field and "16384 characters" in long["message"], long
+    repeated = client.completions.create(model=MODEL, prompt="Once", max_tokens=6, temperature=0, extra_body={
+        "allowed_token_ids": [40, 41] * 3000, "stop_token_ids": [7, 8] * 3000, "ignore_eos": True,
+        "return_token_ids": True}, timeout=60)
+    tokens = repeated.choices[0].model_extra["token_ids"]
+    assert len(tokens) == 6 and set(tokens) <= {40, 41}, tokens
+    with caplog.at_level("INFO", logger="lcq.server"):
+        httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                                          "x\nERROR: forged": 1, "y" * 10000: 2})
+    line = next(r.getMessage() for r in caplog.records if "ignoring unknown fields" in r.getMessage())
+    assert "\n" not in line and len(line) < 500, line
+    missing = error_of(httpx.post(server.url + "/v1/completions", json={"model": "m" * 30000, "prompt": "a"}), 404)
+    assert len(missing["message"]) == 2000 and missing["message"].endswith("..."), len(missing["message"])
+
+
 def test_a_client_gone_before_its_body_is_a_499(server):
     """A client that hangs up while sending its body is counted as a 499, as one that leaves a non-streamed
     request is (it was counted a 400: its body, cut short, was not JSON)."""

@@ -21,6 +21,8 @@ from lcq.models.lora import AdapterStack, LoRAAdapter, load_adapter
 
 from .errors import AdapterNotFoundError
 
+MAX_NAME_CHARS = 256  # of an adapter's name
+
 if TYPE_CHECKING:
     from .sequence import Sequence
 
@@ -60,6 +62,8 @@ class AdapterRegistry:
             raise ValueError("LoRA adapters are off: the engine has no adapter slots (max_loras 0)")
         if not name or name in self.base_names:
             raise ValueError(f"the LoRA adapter name {name!r} is empty or the base model's")
+        if len(name) > MAX_NAME_CHARS or not name.isprintable():  # (logged and listed by /v1/models)
+            raise ValueError(f"a LoRA adapter name has at most {MAX_NAME_CHARS} printable characters")
         if name in self.served:
             raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
 

@@ -597,7 +597,7 @@ class LLMEngine:
         grammar_ended = seq.grammar is not None and self.structured.accept(seq, token, p.structured_output_opening)
         # (with ignore_eos, the end-of-sequence token a finished grammar leaves as the only one still ends it)
         ends = token in self.eos_ids and (not p.ignore_eos or grammar_ended)
-        stop_token = not ends and token in p.stop_token_ids
+        stop_token = not ends and token in seq.stop_ids
         # The end-of-sequence token is never text, a stop token only with include_stop_str_in_output (vLLM's)
         text = "" if ends or (stop_token and not p.include_stop_str_in_output) else seq.detokenizer.add(token)
         if seq.grammar is None and p.structured_output_after is not None:  # the grammar starts after a marker

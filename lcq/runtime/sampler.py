@@ -72,7 +72,9 @@ def apply_biases(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     allowed_token_ids left finite, then OpenAI's logit_bias added (both before the penalties)."""
     for row, seq in enumerate(seqs):
         if seq.params.allowed_token_ids is not None:
-            ids = host_tensor(seq.params.allowed_token_ids, logits.device)
+            if seq.allowed_ids is None or seq.allowed_ids.device != logits.device:
+                seq.allowed_ids = host_tensor(seq.params.allowed_token_ids, logits.device)
+            ids = seq.allowed_ids
             allowed = logits[row, ids]
             logits[row] = float("-inf")
             logits[row, ids] = allowed
@@ -87,7 +89,7 @@ def banned_now(seq: Sequence, eos_ids: Collection[int]) -> list[int]:
     last token where the output ends with the word's other tokens (vLLM's bad_words)."""
     banned = []
     if seq.num_output_tokens < seq.params.min_tokens:
-        banned += set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else set(eos_ids))
+        banned += seq.stop_ids | (set() if seq.params.ignore_eos else set(eos_ids))
     for word in seq.bad_word_ids:
         start = len(seq.token_ids) - (len(word) - 1)
         if len(word) - 1 <= seq.num_output_tokens and tuple(seq.token_ids[start:]) == word[:-1]:

@@ -11,6 +11,9 @@ MAX_N = 128  # choices of one request, as OpenAI allows (vLLM sets no limit)
 # stop strings of one request (vLLM sets no limit; OpenAI 4, which editors' templates pass: Continue's for
 # Qwen2.5-Coder sends 9)
 MAX_STOP = 128
+# characters of one request's stop strings in all, and of its bad_words: each sequence of it matches or tokenizes
+# them (vLLM sets no limit; 128 strings of 30,000 characters at n = 64 held the engine 24 s and 2 GB)
+MAX_STRING_CHARS = 16384
 SEED_MODULUS = 2**63  # the seeds of a request's n samples wrap here
 
 
@@ -109,6 +112,8 @@ class SamplingParams:
                                                          and self.structured_output_opening != ""),
              "structured_output_opening needs structured_output_after and a non-empty string"),
             (len(self.stop) <= MAX_STOP and all(self.stop), f"stop takes at most {MAX_STOP} non-empty strings"),
+            (sum(map(len, self.stop)) <= MAX_STRING_CHARS,
+             f"stop strings may hold at most {MAX_STRING_CHARS} characters in all"),
             (len(self.logit_bias) <= MAX_LOGIT_BIAS, f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens"),
             (all(-100.0 <= v <= 100.0 for v in self.logit_bias.values()), "logit_bias values must be between -100 "
                                                                            "and 100"),
@@ -117,10 +122,17 @@ class SamplingParams:
              "cache_salt must be a non-empty string"),
             (len(self.bad_words) <= MAX_BAD_WORDS and all(word.strip() for word in self.bad_words),
              f"bad_words takes at most {MAX_BAD_WORDS} strings that are not blank"),
+            (sum(map(len, self.bad_words)) <= MAX_STRING_CHARS,
+             f"bad_words may hold at most {MAX_STRING_CHARS} characters in all"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # Sets of tokens, each id once: a request repeating ids (a million in 3 MB) held every step of the engine
+        # while they were matched or masked; once each, they are at most the vocabulary.
+        self.stop_token_ids = list(dict.fromkeys(self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
 
     def samples(self) -> list[SamplingParams]:
         """The n engine requests these params stand for, n = 1 each; seeded, the i-th with seed + i, so that

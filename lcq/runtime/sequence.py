@@ -58,6 +58,8 @@ class Sequence:
         self.grammar = None  # the grammar matcher of a constrained output (structured_output.py)
         self.may_open = False  # its first token may be the params' structured_output_opening instead
         self.bad_word_ids: list[tuple[int, ...]] = []  # params.bad_words as token ids (engine.bad_word_token_ids)
+        self.stop_ids = frozenset(params.stop_token_ids)  # looked up at every token
+        self.allowed_ids: torch.Tensor | None = None  # params.allowed_token_ids on the device, once (sampler.py)
         # Speculative decoding (speculative.py): during a step, the last num_draft_tokens of token_ids are
         # drafts to verify; the n-gram index of prompt lookup covers token_ids[:ngram_indexed_until].
         self.num_draft_tokens = 0

@@ -30,6 +30,8 @@ from .step_inputs import host_tensor
 
 
 GRAMMARS_KEPT = 256  # compiled grammars kept for the schemas asked again; a server sees ever new ones
+# ... and their bytes at most, the most recently used first (an enum of 50,000 values compiles to 200 MB)
+GRAMMAR_BYTES_KEPT = 512 << 20
 
 # The character class of a length-bounded string in xgrammar's EBNF of a schema, and the one JSON allows
 LENGTH_BOUNDED_CHARACTER = r'([^\"\\\r\n])'
@@ -37,7 +39,8 @@ JSON_STRING_CHARACTER = r'([^\0-\x1f\"\\\r\n])'
 
 
 class StructuredOutputs:
-    """Grammars compiled once per schema for one tokenizer (the GRAMMARS_KEPT most recently used), and each
+    """Grammars compiled once per schema for one tokenizer (the GRAMMARS_KEPT most recently used, at most
+    GRAMMAR_BYTES_KEPT of them; a larger one is not kept), and each
     constrained sequence's matcher (which holds its grammar). Grammars are compiled on any thread (the server
     compiles a request's off the engine's, AsyncEngine.prepare), matchers made on the engine's."""
 
@@ -82,9 +85,12 @@ class StructuredOutputs:
         with self._lock:
             self._grammars[spec] = grammar
             self._grammars.move_to_end(spec)
-            if len(self._grammars) > self.kept:
+            while len(self._grammars) > self.kept or self._kept_bytes() > GRAMMAR_BYTES_KEPT:
                 self._grammars.popitem(last=False)
         return grammar
+
+    def _kept_bytes(self) -> int:
+        return sum(grammar.memory_size_bytes for grammar in self._grammars.values())
 
     def _schema_grammar(self, xgrammar, schema: dict):
         """The compiled grammar of a JSON schema. xgrammar (0.2.9, the latest) writes the characters of a string

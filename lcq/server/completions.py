@@ -13,8 +13,8 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 
 from .errors import APIError, generation_responses, invalid_value
 from .generation import Choice, Generation, check_room
-from .protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, dump, \
-    prompt_logprob_entries, token_name
+from .protocol import MAX_PROMPTS, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, \
+    dump, prompt_logprob_entries, token_name
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 
@@ -179,6 +179,10 @@ async def create_completion(body: CompletionRequest, request: Request):
         params = body.sampling_params(1 if scoring else max_tokens, body.logprobs, defaults)
     except ValueError as e:
         raise invalid_value(str(e), body) from None
+    if len(prompts) * params.n > MAX_PROMPTS:  # (each an engine request, admitted whole: 2,048 prompts at n = 128 made
+        # 262,144, 2.5 GB, the server unanswering for 14 s)
+        raise invalid_value(f"n of {params.n} for {len(prompts)} prompts makes {len(prompts) * params.n} choices; a "
+                            f"request makes at most {MAX_PROMPTS}", body)
     params.lora = state.adapter_for(body)
     if body.echo and body.logprobs is not None:  # the echoed prompt comes with its logprobs, as OpenAI's did
         params.prompt_logprobs = max(body.logprobs, body.prompt_logprobs or 0)

@@ -52,7 +52,14 @@ class APIError(Exception):
         return error_body(self.status, self.message, param=self.param, code=self.code)
 
 
+# The longest error message sent: messages quote what the client sent (a model name, a part's type), which may be
+# megabytes long
+MAX_MESSAGE_CHARS = 2000
+
+
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
     return {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
                       "param": param, "code": code}}
 

@@ -23,6 +23,25 @@ Includable = Literal["file_search_call.results", "web_search_call.results", "web
 TEXT_PARTS = ("input_text", "output_text", "text")
 
 
+# OpenAI's limits on a response's metadata (stored with it: a 4 MB map was kept whole, 1,000 of them 22 GB)
+METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
+# How deep the fields a response echoes may nest: JSON 400 deep passed the parser and then failed the reply's
+# serialization, a 500 after the generation (a cut stream, a background response never answered)
+ECHO_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """How many lists and objects deep value nests (0 for a scalar), without recursion."""
+    deepest, level = 0, [(value, 1)]
+    while level:
+        item, depth = level.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            level.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class InputPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
@@ -175,9 +194,18 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     reasoning: dict[str, Any] | None = None  # {"effort": ..., "summary": ...}: the effort reaches the template
 
     def invalid(self) -> tuple[str, str] | None:
-        """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools."""
+        """tool_choice as chat's (ChatCompletionRequest.invalid): one of its values, and only with tools; metadata
+        within OpenAI's limits, and what the response echoes nested at most ECHO_DEPTH deep, both kept with it."""
         if (wrong := super().invalid()) is not None:
             return wrong
+        metadata = self.metadata or {}
+        if len(metadata) > METADATA_PAIRS or any(len(key) > METADATA_KEY_CHARS or len(value) > METADATA_VALUE_CHARS
+                                                 for key, value in metadata.items()):
+            return "metadata", (f"metadata takes at most {METADATA_PAIRS} pairs, keys of at most {METADATA_KEY_CHARS} "
+                                f"characters and values of at most {METADATA_VALUE_CHARS}")
+        for name in ("text", "tools", "tool_choice", "reasoning"):
+            if _depth(getattr(self, name)) > ECHO_DEPTH:
+                return name, f"{name} nests deeper than {ECHO_DEPTH} levels"
         if isinstance(self.text, dict) and "format" in self.text and not isinstance(self.text["format"], dict):
             return "text.format", 'text.format must be an object: {"type": "text"}, {"type": "json_object"} or ' \
                 '{"type": "json_schema", "name": ..., "schema": ...}'

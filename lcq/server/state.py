@@ -57,7 +57,9 @@ class ServerState:
         """Log fields we ignore, 400 what we cannot do, 404 a model we do not serve, 503 when not ready."""
         unknown = request.unknown_fields()
         if unknown:
-            logger.info("%s: ignoring unknown fields %s", route, ", ".join(unknown))
+            # as repr()s, cut: a client's field names are no log lines of their own (a newline in one forged a line)
+            names = ", ".join(repr(name[:64]) for name in unknown[:16]) + (", ..." if len(unknown) > 16 else "")
+            logger.info("%s: ignoring unknown fields %s", route, names)
         if (wrong := request.invalid()) is not None:
             raise APIError(400, wrong[1], param=wrong[0], code="invalid_value")
         if (refused := request.unsupported()) is not None:
