@@ -1627,6 +1627,11 @@ def test_json_output_follows_its_schema(llm):
     for bad in ({"type": "no-such-type"}, {"type": "object", "properties": {"a": {"$ref": "#/missing"}}}):
         with pytest.raises(ValueError, match="json_schema"):
             llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(bad))))
+    deep: dict = {"type": "integer"}  # (arrays nested 900 deep, 22 KB, held a compile thread 38 s)
+    for _ in range(64):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match="nests deeper than 64 levels"):
+        llm.generate([PROMPTS[2]], SamplingParams(structured_output=StructuredOutput(json.dumps(deep))))
     # what xgrammar compiles but does not enforce is refused, not broken silently (its outputs broke each)
     item = {"type": "integer", "minimum": 0, "maximum": 9}
     for bad, what in [({"type": "array", "items": item, "uniqueItems": True}, "`uniqueItems` (at #)"),

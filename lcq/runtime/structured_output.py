@@ -24,7 +24,7 @@ from collections.abc import Collection
 import torch
 
 from .sampling_params import StructuredOutput
-from .schema_limits import unenforced
+from .schema_limits import MAX_SCHEMA_DEPTH, nesting_depth, unenforced
 from .sequence import Sequence
 from .step_inputs import host_tensor
 
@@ -74,6 +74,8 @@ class StructuredOutputs:
                 grammar = self._compiler.compile_grammar(spec.grammar)
             else:
                 schema = json.loads(spec.json_schema) if spec.json_schema is not None else {"type": "object"}
+                if nesting_depth(schema) > MAX_SCHEMA_DEPTH:
+                    raise ValueError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
                 if problem := unenforced(schema):
                     raise ValueError(f"the grammar would not enforce {problem}")
                 grammar = self._schema_grammar(xgrammar, schema)

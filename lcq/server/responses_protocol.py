@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lcq.runtime.schema_limits import nesting_depth
+
 from .errors import APIError
 from .protocol import (ChatCompletionRequest, ChatTemplateOptions, ChatTokenLogprob, Count, NullableOnFlag,
                        SamplingRequest, tool_choice_problem)
@@ -28,18 +30,6 @@ METADATA_PAIRS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
 # How deep the fields a response echoes may nest: JSON 400 deep passed the parser and then failed the reply's
 # serialization, a 500 after the generation (a cut stream, a background response never answered)
 ECHO_DEPTH = 64
-
-
-def _depth(value: Any) -> int:
-    """How many lists and objects deep value nests (0 for a scalar), without recursion."""
-    deepest, level = 0, [(value, 1)]
-    while level:
-        item, depth = level.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
-        if children is not None:
-            deepest = max(deepest, depth)
-            level.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 class InputPart(BaseModel):
@@ -204,7 +194,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
             return "metadata", (f"metadata takes at most {METADATA_PAIRS} pairs, keys of at most {METADATA_KEY_CHARS} "
                                 f"characters and values of at most {METADATA_VALUE_CHARS}")
         for name in ("text", "tools", "tool_choice", "reasoning"):
-            if _depth(getattr(self, name)) > ECHO_DEPTH:
+            if nesting_depth(getattr(self, name)) > ECHO_DEPTH:
                 return name, f"{name} nests deeper than {ECHO_DEPTH} levels"
         if isinstance(self.text, dict) and "format" in self.text and not isinstance(self.text["format"], dict):
             return "text.format", 'text.format must be an object: {"type": "text"}, {"type": "json_object"} or ' \
