@@ -988,7 +988,8 @@ def test_stop_tails_are_the_longest_proper_prefixes_held(llm):
     every tail length against every stop string each token cost O(L^2) in a stop string's length, 15 ms a token
     for one of 100,000 characters, on the engine's thread): the longest tail that is a proper prefix of one,
     against a direct search, over random texts fed in random pieces; and a stop string found where it first
-    ends. A 100,000-character stop string is served (held back until the text departs from it)."""
+    ends. A stop string of the 16,384 characters a request's stop strings may hold in all is served (held back
+    until the text departs from it); one more is refused (each choice builds its own tails)."""
     from lcq.runtime.detokenizer import StopTails
 
     def held(text: str, stops: list[str]) -> int:
@@ -1007,9 +1008,11 @@ def test_stop_tails_are_the_longest_proper_prefixes_held(llm):
             assert set(ended) == {(i, stop) for stop, i in first.items() if i >= 0}
             assert tails.longest() == held(text, stops), (stops, text)
     base = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
-    long_stop = base.text[:5] + "x" * 100_000
+    long_stop = base.text[:5] + "x" * (16384 - 5)
     out = llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[long_stop]))
     assert out[0].text == base.text and out[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="at most 16384 characters in all"):
+        llm.generate([PROMPTS[1]], SamplingParams(max_tokens=20, stop=[long_stop, "x"]))
 
 
 def test_stop_token_ids_and_eos(llm):
