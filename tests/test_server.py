@@ -431,8 +431,9 @@ def test_logit_bias_through_the_openai_client(server, client):
                                      extra_body={"stop_token_ids": [token], "min_tokens": 3})
     assert held.choices[0].finish_reason == "stop" and held.usage.completion_tokens == 4
     post = lambda body: httpx.post(server.url + "/v1/completions", json={"prompt": "x", **body})  # noqa: E731
-    for bias in ({"abc": 1}, {"10000000": 1}, {str(token): 200}):
-        assert error_of(post({"logit_bias": bias}), 400)["param"] == "logit_bias"
+    for bias in ({"abc": 1}, {"10000000": 1}, {str(token): 200}, {"1" * 5000: 1}):
+        error = error_of(post({"logit_bias": bias}), 400)
+        assert error["param"] == "logit_bias" and "int_max_str_digits" not in error["message"], error
 
 
 def test_allowed_token_ids_and_bad_words_through_the_openai_client(server, client):

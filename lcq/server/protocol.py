@@ -283,8 +283,9 @@ class SamplingRequest(OpenAIRequest):
         """logit_bias with integer token ids; raises ValueError for a key that is not one."""
         biases = {}
         for key, value in (self.logit_bias or {}).items():
-            if not (key.strip().isascii() and key.strip().isdigit()):  # ("²" and "٣" are digits too)
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            # ("²" and "٣" are digits too; past 4,300 digits int() refused them with a hint to raise Python's limit)
+            if not (key.strip().isascii() and key.strip().isdigit() and len(key.strip()) <= 12):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:32]!r}")
             biases[int(key)] = value
         return biases
 
