@@ -56,7 +56,8 @@ NOTES = """
   lcq-w2r2 378.89 -> 365.17, lcq-w4r4-e10 50.28 -> 50.08, lcq-w2r2-e10-ft10-fs64-v4-nw 119.08 -> 117.45
   (and at the next session's start, on a machine shared with audits, lcq-w3r4-gptq-refit-act-n64 58.99 -> 57.62,
   1.227x -> 1.199x, then lcq-w4r2-e10 50.60 -> 50.58, lcq-w2r2-e10 142.60 -> 140.37, lcq-w3r2-e10 66.37 -> 66.43
-  and lcq-w2r4-e10 138.43 -> 136.97); then on the idle machine, where
+  and lcq-w2r4-e10 138.43 -> 136.97, lcq-w2r2-e10-ft10 126.12 -> 121.55 and lcq-w2r4-e10-ft10 120.10 -> 118.63);
+  then on the idle machine, where
   each took about a minute: lcq-w4r1 52.66 -> 52.77, lcq-w3r1 71.66 -> 72.25, lcq-w2r1 662.09 -> 594.68, lcq-w4r4
   52.16 -> 51.72, lcq-w3r4 63.43 -> 64.36, lcq-w2r4 342.38 -> 324.19, lcq-w4r2-gptq 51.41 -> 51.97, lcq-w3r2-gptq
   70.29 -> 69.69, lcq-w2r2-gptq 210.70 -> 210.04, gptq-w3-n64 112.86 -> 109.43, and the two -rtninit rows (W4
@@ -134,7 +135,8 @@ NOTES = """
   machine): after the blocks, every S, V, B and the blocks' norms are tuned on the KL from the fp16
   model's next-token distributions over the same 16 calibration windows, indices fixed. It is the
   largest single gain at 2 bits: W2 r2 e10 2.967x -> 2.624x (on 4x the evaluation tokens 3.047x ->
-  2.626x, quality-cpu-eval16.json), W2 r4 e10 2.880x -> 2.499x; at W3 r2
+  2.626x, quality-cpu-eval16.json), W2 r4 e10 2.880x -> 2.499x, as first measured (measured again on
+  2026-12-06: 2.921x -> 2.529x and 2.850x -> 2.468x); at W3 r2
   (1.381x -> 1.380x) and W4 r2 (1.053x -> 1.057x) it changes nothing beyond the noise. Its step
   was chosen on 8 held-out King James windows (seed 1), not on this table's text: on a W2 r2 e10
   folder quantized again for it (145.16 here, where the table's row, from another machine, has
