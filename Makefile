@@ -8,22 +8,31 @@ BIN := $(VENV)/bin
 # that index does not answer: pip retries it for a few seconds, then takes the local one.
 TORCH_CPU := torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
-# The transformers release the suite was last run against: the tests compare our models with its classes,
-# and a new release has changed what they import (5.25's kernels package); pyproject.toml keeps a range.
-TRANSFORMERS := transformers==5.25.0
+# Every other package of the venv at the release the suite last passed with (constraints.txt; pyproject.toml
+# keeps ranges): the tests compare our models with transformers' classes and drive the official openai client,
+# the Triton interpreter and schemathesis, and new releases have broken the suite (transformers 5.25's kernels
+# package). `make lock` writes the file again from the newest releases the ranges allow; run the tests after it.
+CONSTRAINTS ?= -c constraints.txt
 
 
-.PHONY: venv test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
+.PHONY: venv lock test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q --no-deps $(TORCH_CPU) --index-url $(TORCH_INDEX)
-	$(BIN)/pip install -q $(TORCH_CPU) $(TRANSFORMERS)
-	$(BIN)/pip install -q -e '.[triton,server,demo,dev]'
+	$(BIN)/pip install -q $(CONSTRAINTS) $(TORCH_CPU) -e '.[triton,server,demo,dev]'
 	touch $@
+
+# constraints.txt from a venv of the newest releases pyproject.toml allows (torch stays TORCH_CPU).
+lock:
+	rm -rf .lock-venv
+	$(MAKE) --no-print-directory venv VENV=.lock-venv CONSTRAINTS=
+	{ sed -n '/^#/p' constraints.txt; .lock-venv/bin/pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .lock-venv
 
 # One xdist worker per core (at most 8), each with one OpenMP thread (tests/conftest.py): the suite is mostly
 # the Triton interpreter and tiny models, one Python thread each.

@@ -113,12 +113,15 @@ def test_grafana_provisioning_points_at_the_dashboard_and_datasource():
 
 
 def makefile_commands() -> tuple[str, str, set[str], str]:
-    """The torch and transformers pins, the pip extras and the serve command of the Makefile."""
+    """The torch pin, the transformers release of constraints.txt (the images pin only that one: a CUDA torch
+    brings its own triton), the pip extras and the serve command of the Makefile."""
     makefile = (ROOT / "Makefile").read_text()
     torch_pin = re.search(r"^TORCH_CPU := (\S+)$", makefile, re.M)[1]
-    transformers_pin = re.search(r"^TRANSFORMERS := (\S+)$", makefile, re.M)[1]
-    assert "pip install -q $(TORCH_CPU) $(TRANSFORMERS)" in makefile
-    extras = set(re.search(r"pip install -q -e '\.\[([a-z,]+)\]'", makefile)[1].split(","))
+    transformers_pin = re.search(r"^transformers==\S+$", (ROOT / "constraints.txt").read_text(), re.M)[0]
+    assert "pip install -q $(CONSTRAINTS) $(TORCH_CPU) -e '.[" in makefile
+    assert re.search(r"^CONSTRAINTS \?= -c constraints\.txt$", makefile, re.M)
+    extras = set(re.search(r"pip install -q \$\(CONSTRAINTS\) \$\(TORCH_CPU\) -e '\.\[([a-z,]+)\]'", makefile)[1]
+                 .split(","))
     serve = re.search(r"^serve:.*\n\t\$\(BIN\)/(.+)$", makefile, re.M)[1]
     return torch_pin, transformers_pin, extras, serve
 
@@ -146,6 +149,31 @@ def test_dockerfile_installs_and_serves_like_the_makefile(name):
 def _env_names(path: Path) -> set[str]:
     return {line.split("=", 1)[0].lstrip("# ") for line in path.read_text().splitlines()
             if "=" in line and re.fullmatch(r"#? ?[A-Z_]+=.*", line)}
+
+
+def test_constraints_pin_every_requirement_within_its_range():
+    """make venv installs pyproject.toml's requirements and extras at constraints.txt's releases: each one the
+    venv installs (all but torch, pinned by the Makefile, and the bench extra, installed by hand) has a pin,
+    inside the range pyproject.toml allows, so that `make lock` and the ranges cannot drift apart."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + [text for extra in ("triton", "server", "demo", "dev") for text in extras[extra]]
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name == "torch":
+            continue
+        assert name in pins, f"constraints.txt pins no {name}"
+        assert requirement.specifier.contains(pins[name]), f"{name}=={pins[name]} is outside {requirement.specifier}"
 
 
 def test_env_files_only_set_real_serve_flags():
