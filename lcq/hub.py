@@ -17,20 +17,24 @@ NOT_FETCHED = ["original/*", "consolidated*"]
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def model_folder(name: str, revision: str | None = None, download_dir: str | None = None) -> str:
+def model_folder(name: str, revision: str | None = None, download_dir: str | None = None, kind: str = "model") -> str:
     """`name` where it is a folder; else, where it has the form of a Hub id, the folder of that repository at
     `revision` (a branch, tag or commit; default main) in the Hub's cache (or in download_dir), fetched where the
-    cache lacks it. UserError, one line, where it is neither."""
-    if Path(name).is_dir():
-        return name
-    if not REPO_ID.fullmatch(name) or Path(name).exists():
-        raise UserError(f"{name}: no such model folder")
+    cache lacks it. UserError, one line naming what was asked for (`kind`: a model, a LoRA adapter), where it is
+    neither."""
+    try:  # (both raise for some paths: a name too long, a folder not readable)
+        if Path(name).is_dir():
+            return name
+        if not REPO_ID.fullmatch(name) or Path(name).exists():
+            raise UserError(f"{name}: no such {kind} folder")
+    except OSError as e:
+        raise UserError(f"{name}: cannot be read ({e.strerror or e})") from None
     try:
         from huggingface_hub import constants, snapshot_download
         from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                             RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:
-        raise UserError(f"{name}: no such model folder (huggingface_hub, which fetches Hub ids, is not installed)") \
+        raise UserError(f"{name}: no such {kind} folder (huggingface_hub, which fetches Hub ids, is not installed)") \
             from None
     try:
         return snapshot_download(name, revision=revision, cache_dir=download_dir, allow_patterns=HUB_FILES,
@@ -38,12 +42,12 @@ def model_folder(name: str, revision: str | None = None, download_dir: str | Non
     except GatedRepoError:
         raise UserError(f"{name}: a gated repository on the Hub: accept its terms there and set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise UserError(f"{name}: no such model folder, nor a Hub repository that HF_TOKEN can read") from None
+        raise UserError(f"{name}: no such {kind} folder, nor a Hub repository that HF_TOKEN can read") from None
     except RevisionNotFoundError:
         raise UserError(f"{name}: the Hub repository has no revision {revision!r}") from None
     except LocalEntryNotFoundError:
         why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the Hub could not be reached"
-        raise UserError(f"{name}: no such model folder, and not in the Hub's cache ({why})") from None
+        raise UserError(f"{name}: no such {kind} folder, and not in the Hub's cache ({why})") from None
     except (HfHubHTTPError, OSError) as e:
         raise UserError(f"{name}: fetching it from the Hub failed ({str(e).splitlines()[0] if str(e) else e!r})") \
             from None

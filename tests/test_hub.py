@@ -3,6 +3,7 @@ here: the Hub is in offline mode for every test of this file, so a fetch would f
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,10 @@ from lcq.errors import UserError
 from lcq.format import CheckpointReader
 from lcq.hub import model_folder
 from lcq.runtime import EngineConfig, LLM, SamplingParams
-from tests.tiny_model import make_tiny_hf
+from tests.tiny_model import make_tiny_adapter, make_tiny_hf
 
 REPO = "lcq-test/tiny"
+ADAPTER = "lcq-test/tiny-lora"  # a PEFT LoRA adapter of REPO's main weights
 MAIN, TAGGED = "1" * 40, "2" * 40  # the commits main and the tag v1 point at
 GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
@@ -36,6 +38,10 @@ def hub(tmp_path_factory) -> Path:
         shutil.copytree(make_tiny_hf(root / f"seed{seed}", seed=seed), repo / "snapshots" / commit)
         (repo / "refs").mkdir(exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
+    adapter = root / "cache" / f"models--{ADAPTER.replace('/', '--')}"
+    make_tiny_adapter(adapter / "snapshots" / MAIN, root / "seed0", seed=3)
+    (adapter / "refs").mkdir()
+    (adapter / "refs" / "main").write_text(MAIN)
     return root
 
 
@@ -63,6 +69,30 @@ def test_an_engine_serves_a_hub_id_under_that_id(hub):
     drafting = EngineConfig(model=str(hub / "seed0"), speculative_model=REPO, num_speculative_tokens=2,
                             download_dir=cache).fetched()
     assert Path(drafting.speculative_model).name == MAIN and drafting.model_name() == "seed0"
+
+
+def test_lora_adapters_may_be_hub_ids(hub):
+    """As vLLM's --lora-modules and lora_path: an adapter named by its Hub id, at start or loaded at run time, serves
+    the tokens of the folder it names; one neither a folder nor in the cache is one line naming it an adapter."""
+    cache = str(hub / "cache")
+    folder = hub / "cache" / f"models--{ADAPTER.replace('/', '--')}" / "snapshots" / MAIN
+    with_folder = LLM(str(hub / "seed0"), lora_modules=f"sql={folder}")
+    expected = with_folder.generate(["Once upon a time"], replace(GREEDY, lora="sql"))
+    assert expected[0].token_ids != with_folder.generate(["Once upon a time"], GREEDY)[0].token_ids
+
+    at_start = LLM(str(hub / "seed0"), lora_modules=f"sql={ADAPTER}", download_dir=cache)
+    assert at_start.engine.config.lora_adapters() == {"sql": str(folder)}
+    later = LLM(str(hub / "seed0"), max_loras=1, download_dir=cache)
+    later.load_lora_adapter("sql", ADAPTER)
+    for llm in (at_start, later):
+        params = replace(GREEDY, lora="sql")
+        assert llm.generate(["Once upon a time"], params)[0].token_ids == expected[0].token_ids
+    with pytest.raises(UserError, match="lcq-test/absent: no such LoRA adapter folder, and not in the Hub's cache"):
+        later.load_lora_adapter("other", "lcq-test/absent")
+    with pytest.raises(UserError, match="no such LoRA adapter folder"):
+        LLM(str(hub / "seed0"), lora_modules="sql=lcq-test/absent", download_dir=cache)
+    with pytest.raises(UserError, match="cannot be read"):
+        later.load_lora_adapter("long", "a" * 300)
 
 
 def test_quantize_and_eval_take_a_hub_id(hub, tmp_path, capsys):

@@ -63,7 +63,7 @@ class EngineConfig:
     # so that the device does not wait on the host between steps; None: on a GPU (vLLM's --async-scheduling).
     async_scheduling: bool | None = None
     seed: int = 0
-    lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=folder2"
+    lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=org/id"
     # Adapters loaded and unloaded while serving: at least one adapter slot, and the server's
     # /v1/load_lora_adapter and /v1/unload_lora_adapter routes (absent without it).
     allow_runtime_lora_updating: bool = False
@@ -187,16 +187,24 @@ class EngineConfig:
             return False
         return self.cpu_int8_weights == "on" or (available is not None and size <= available // 10)
 
-    def lora_adapters(self) -> dict[str, str]:
-        """lora_modules as {name: PEFT folder}; ValueError where it is malformed."""
-        adapters: dict[str, str] = {}
+    def _lora_entries(self) -> list[tuple[str, str]]:
+        """lora_modules as (name, folder or Hub id) pairs; ValueError where it is malformed."""
+        entries: dict[str, str] = {}
         for entry in filter(None, (part.strip() for part in (self.lora_modules or "").split(","))):
             name, sep, folder = entry.partition("=")
             name, folder = name.strip(), folder.strip()
             if not sep or not name or not folder:
                 raise ValueError(f"lora_modules takes name=folder entries separated by commas (got {entry!r})")
-            if name in adapters or name in self.model_names():
+            if name in entries or name in self.model_names():
                 raise ValueError(f"lora_modules: the name {name!r} is used twice")
+            entries[name] = folder
+        return list(entries.items())
+
+    def lora_adapters(self) -> dict[str, str]:
+        """lora_modules as {name: PEFT folder} (a Hub id is one once fetched()); ValueError where it is malformed
+        or names no PEFT folder."""
+        adapters: dict[str, str] = {}
+        for name, folder in self._lora_entries():
             try:
                 found = (Path(folder) / "adapter_config.json").is_file()
             except OSError as e:  # (a name too long, a folder not readable)
@@ -227,8 +235,10 @@ class EngineConfig:
         folder = model_folder(self.model, self.revision, self.download_dir)
         draft = None if self.speculative_model is None else model_folder(self.speculative_model,
                                                                           download_dir=self.download_dir)
+        adapters = ",".join(f"{name}={model_folder(path, download_dir=self.download_dir, kind='LoRA adapter')}"
+                            for name, path in self._lora_entries()) or None
         names = self.served_model_name or (self.model if folder != self.model else None)
-        return replace(self, model=folder, speculative_model=draft, served_model_name=names)
+        return replace(self, model=folder, speculative_model=draft, served_model_name=names, lora_modules=adapters)
 
     def model_name(self) -> str:
         """The name replies give the model: the first served name."""

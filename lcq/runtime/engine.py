@@ -231,9 +231,14 @@ class LLMEngine:
         return {name: served.folder for name, served in self.runner.adapters.served.items()}
 
     def read_lora_adapter(self, name: str, folder: str) -> LoRAAdapter:
-        """Check the name and read the PEFT folder (ValueError, or UserError for the folder); touches no
-        engine state, so the server runs it off the engine's thread."""
-        return self.runner.adapters.read(name, folder)
+        """Check the name and read the PEFT folder, or a Hub id's (fetched into download_dir or the Hub's cache, as
+        vLLM's lora_path; ValueError, or UserError for the folder); touches no engine state, so the server runs it
+        off the engine's thread."""
+        from lcq.hub import model_folder
+
+        self.runner.adapters.check_name(name)
+        return self.runner.adapters.read(name, model_folder(folder, download_dir=self.config.download_dir,
+                                                            kind="LoRA adapter"))
 
     def load_lora_adapter(self, name: str, adapter: LoRAAdapter) -> None:
         """Serve a read adapter under `name` (ValueError: the name is taken, or no slot is free)."""
