@@ -14,14 +14,16 @@ from .errors import UserError
 # and the consolidated or original checkpoints some repositories hold beside the Hugging Face one.
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.tiktoken", "tokenizer.model", "merges.txt", "vocab.txt"]
 NOT_FETCHED = ["original/*", "consolidated*"]
+TOKENIZER_FILES = [pattern for pattern in HUB_FILES if pattern != "*.safetensors"]  # a tokenizer's, not its weights
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def model_folder(name: str, revision: str | None = None, download_dir: str | None = None, kind: str = "model") -> str:
+def model_folder(name: str, revision: str | None = None, download_dir: str | None = None, kind: str = "model",
+                 files: list[str] = HUB_FILES) -> str:
     """`name` where it is a folder; else, where it has the form of a Hub id, the folder of that repository at
     `revision` (a branch, tag or commit; default main) in the Hub's cache (or in download_dir), fetched where the
-    cache lacks it. UserError, one line naming what was asked for (`kind`: a model, a LoRA adapter), where it is
-    neither."""
+    cache lacks it (those of its files that `files` matches). UserError, one line naming what was asked for (`kind`:
+    a model, a LoRA adapter, a tokenizer), where it is neither."""
     try:  # (both raise for some paths: a name too long, a folder not readable)
         if Path(name).is_dir():
             return name
@@ -37,7 +39,7 @@ def model_folder(name: str, revision: str | None = None, download_dir: str | Non
         raise UserError(f"{name}: no such {kind} folder (huggingface_hub, which fetches Hub ids, is not installed)") \
             from None
     try:
-        return snapshot_download(name, revision=revision, cache_dir=download_dir, allow_patterns=HUB_FILES,
+        return snapshot_download(name, revision=revision, cache_dir=download_dir, allow_patterns=files,
                                  ignore_patterns=NOT_FETCHED)
     except GatedRepoError:
         raise UserError(f"{name}: a gated repository on the Hub: accept its terms there and set HF_TOKEN") from None

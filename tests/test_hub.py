@@ -69,6 +69,9 @@ def test_an_engine_serves_a_hub_id_under_that_id(hub):
     drafting = EngineConfig(model=str(hub / "seed0"), speculative_model=REPO, num_speculative_tokens=2,
                             download_dir=cache).fetched()
     assert Path(drafting.speculative_model).name == MAIN and drafting.model_name() == "seed0"
+    tokenized = EngineConfig(model=str(hub / "seed0"), tokenizer=REPO, tokenizer_revision="v1",
+                             download_dir=cache).fetched()
+    assert Path(tokenized.tokenizer).name == TAGGED and tokenized.model == str(hub / "seed0")
 
 
 def test_lora_adapters_may_be_hub_ids(hub):
@@ -124,7 +127,7 @@ def test_what_is_fetched_of_a_repository():
     GGUF weights, nor the rest."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from lcq.hub import HUB_FILES, NOT_FETCHED
+    from lcq.hub import HUB_FILES, NOT_FETCHED, TOKENIZER_FILES
 
     listed = ["config.json", "generation_config.json", "model-00001-of-00004.safetensors",
               "model.safetensors.index.json", "original/consolidated.00.pth", "original/params.json",
@@ -135,3 +138,6 @@ def test_what_is_fetched_of_a_repository():
         "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
         "model-00001-of-00004.safetensors", "model.safetensors.index.json", "special_tokens_map.json",
         "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json"]
+    tokenizer = sorted(filter_repo_objects(listed, allow_patterns=TOKENIZER_FILES, ignore_patterns=NOT_FETCHED))
+    assert [name for name in tokenizer if "safetensors" in name or name.endswith((".bin", ".gguf"))] == [
+        "model.safetensors.index.json"]  # (a tokenizer given by a model's id: its configs, not its weights)

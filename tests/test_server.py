@@ -1831,6 +1831,43 @@ def test_a_completions_request_takes_at_most_2048_prompts(server):
     assert len(out["choices"]) == 2048
 
 
+def test_vllm_logging_and_forced_usage(model_dir, client, caplog, monkeypatch):
+    """vLLM's --enable-force-include-usage (every stream ends with its usage), --enable-log-requests with
+    --max-log-len (a line per prompt, cut) and the activity line every interval while there is work (none without
+    work, none with --disable-log-stats); the default server streams no usage unasked (`client`)."""
+    import lcq.server.app as server_app
+
+    monkeypatch.setattr(server_app, "STATS_LOG_INTERVAL", 0.2)
+    args = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, stream=True)
+    assert [chunk.usage for chunk in client.completions.create(prompt="Once upon a time", **args)][-1] is None
+    settings = ServeSettings(enable_force_include_usage=True, enable_log_requests=True, max_log_len=3)
+    with caplog.at_level("INFO", logger="lcq.server"), LiveServer(create_app(engine_config(model_dir), settings)) as live:
+        forced = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        completion = list(forced.completions.create(prompt="Once upon a time", **args))
+        chat = list(forced.chat.completions.create(messages=[{"role": "user", "content": "Hi"}], **args))
+        for chunks in (completion, chat):
+            assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+            assert all(chunk.usage is None for chunk in chunks[:-1])
+        time.sleep(1.0)  # (the interval's line after the work, however late the loop wakes)
+        logged = [record.getMessage() for record in caplog.records]
+        idle = len([line for line in logged if "generation throughput" in line])
+        time.sleep(0.5)  # no work since: no more activity lines
+        logged = [record.getMessage() for record in caplog.records]
+    received = [line for line in logged if line.startswith("received request")]
+    assert len(received) == 2 and all("prompt 1 of 1, model tiny" in line for line in received)
+    assert all(re.search(r"prompt_token_ids \[\d+, \d+, \d+\]$", line) for line in received)
+    activity = [line for line in logged if "generation throughput" in line]
+    assert activity and re.search(r"generation throughput [1-9][\d.]* tokens/s", " ".join(activity))
+    assert len(activity) == idle and "running 0 reqs, waiting 0 reqs" in activity[-1]
+    caplog.clear()
+    quiet = ServeSettings(disable_log_stats=True)
+    with caplog.at_level("INFO", logger="lcq.server"), LiveServer(create_app(engine_config(model_dir), quiet)) as live:
+        list(openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0).completions.create(
+            prompt="Once upon a time", **args))
+        time.sleep(0.5)
+    assert not [r for r in caplog.records if "throughput" in r.getMessage() or "received" in r.getMessage()]
+
+
 def test_one_request_cannot_hold_the_engine_or_flood_the_log(server, client, caplog):
     """What one small body made the server do for everyone, found by a security audit, now bounded:
     - prompts x n, each choice an engine request admitted whole: 2,048 prompts at n = 128 made 262,144 of them;

@@ -182,6 +182,35 @@ def test_vllm_flags_chat_template_enforce_eager_and_auto_tool_choice(tmp_path, c
     assert EngineConfig(model=str(model), chat_template=long).resolved_chat_template() == long
 
 
+def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
+    """vLLM's --enable-prefix-caching / --no-enable-prefix-caching, --block-size, --tokenizer (its chat template too)
+    and the logging and usage flags, as settings; --disable-log-requests and --enable-prompt-tokens-details are
+    accepted (what they ask is the default), and contradicting logging flags are refused."""
+    from lcq.runtime import LLM
+
+    assert resolve(parse("--no-enable-prefix-caching", "--block-size", "32"), {}).engine_fields == {
+        "enable_prefix_caching": False, "block_size": 32}
+    assert resolve(parse("--enable-prefix-caching"), {}).engine_fields == {"enable_prefix_caching": True}
+    command = resolve(parse("--tokenizer", "org/tok", "--tokenizer-revision", "v2", "--disable-log-stats",
+                            "--enable-log-requests", "--max-log-len", "100", "--enable-force-include-usage",
+                            "--enable-prompt-tokens-details"), {})
+    assert command.engine_fields == {"tokenizer": "org/tok", "tokenizer_revision": "v2"}
+    settings = command.settings
+    assert settings.disable_log_stats and settings.enable_log_requests and settings.max_log_len == 100
+    assert settings.enable_force_include_usage and settings.enable_prompt_tokens_details
+    assert resolve(parse("--disable-log-requests"), {}).settings.disable_log_requests
+    with pytest.raises(UserError, match="contradict"):
+        resolve(parse("--disable-log-requests", "--enable-log-requests"), {})
+    with pytest.raises(UserError, match="max log len"):
+        resolve(parse("--max-log-len", "-1"), {})
+    model = make_tiny_hf(tmp_path / "tiny")
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(model, tokenizer)
+    (tokenizer / "chat_template.jinja").write_text("{{ 'theirs' }}")
+    assert LLM(str(model), tokenizer=str(tokenizer)).tokenizer.chat_template == "{{ 'theirs' }}"
+    assert LLM(str(model)).tokenizer.chat_template != "{{ 'theirs' }}"
+
+
 def test_vllm_speculative_config(capsys):
     """vLLM's --speculative-config JSON for prompt lookup, a draft model or the model's multi-token-prediction
     layer sets the same fields as lcq's own flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""

@@ -25,6 +25,8 @@ class EngineConfig:
     model: str  # a folder, or a Hugging Face Hub id (org/name) fetched into the Hub's cache (fetched())
     revision: str | None = None  # of a Hub id: a branch, tag or commit (default main)
     download_dir: str | None = None  # where Hub ids are fetched (default: the Hub's cache, HF_HOME)
+    tokenizer: str | None = None  # the tokenizer's folder or Hub id, where it is not the model's (its chat template too)
+    tokenizer_revision: str | None = None  # of a tokenizer's Hub id (default main)
     # The model ids clients use (vLLM's: several answer alike; replies name the first); default: the folder's name
     served_model_name: str | list[str] | None = None
     device: str = "auto"  # cuda when available, else cpu
@@ -228,17 +230,21 @@ class EngineConfig:
         return max(self.resolved_max_loras(), len(self.lora_adapters()))
 
     def fetched(self) -> "EngineConfig":
-        """These settings with model and speculative_model as folders: a Hub id fetched (lcq.hub, at `revision`;
-        the draft model at main), and served by that id unless served_model_name names it otherwise, as vLLM."""
-        from lcq.hub import model_folder
+        """These settings with model, speculative_model, tokenizer and lora_modules as folders: a Hub id fetched
+        (lcq.hub, at `revision`, the tokenizer at tokenizer_revision, the others at main), and the model served by
+        its id unless served_model_name names it otherwise, as vLLM."""
+        from lcq.hub import TOKENIZER_FILES, model_folder
 
         folder = model_folder(self.model, self.revision, self.download_dir)
         draft = None if self.speculative_model is None else model_folder(self.speculative_model,
                                                                           download_dir=self.download_dir)
+        tokenizer = None if self.tokenizer is None else model_folder(self.tokenizer, self.tokenizer_revision,
+                                                                     self.download_dir, "tokenizer", TOKENIZER_FILES)
         adapters = ",".join(f"{name}={model_folder(path, download_dir=self.download_dir, kind='LoRA adapter')}"
                             for name, path in self._lora_entries()) or None
         names = self.served_model_name or (self.model if folder != self.model else None)
-        return replace(self, model=folder, speculative_model=draft, served_model_name=names, lora_modules=adapters)
+        return replace(self, model=folder, speculative_model=draft, served_model_name=names, lora_modules=adapters,
+                       tokenizer=tokenizer)
 
     def model_name(self) -> str:
         """The name replies give the model: the first served name."""

@@ -122,10 +122,10 @@ class LLMEngine:
             torch.cuda.set_device(device)  # kernels, events and copies on cuda:N's streams, not cuda:0's
         self.config = config
         ModelConfig.from_folder(config.model)  # a config.json missing or broken: said so, not as a tokenizer's error
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         self.token_bytes = TokenBytes(self.tokenizer)  # logprobs' tokens, as text and bytes
         template = config.resolved_chat_template() or (None if self.tokenizer.chat_template else
-                                                        processor_chat_template(config.model))
+                                                        processor_chat_template(config.tokenizer or config.model))
         if template:
             self.tokenizer.chat_template = template
         draft_block_bytes, draft_weight_bytes = draft_footprint(config) if config.speculative_model else (0, 0)

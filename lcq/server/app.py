@@ -23,7 +23,7 @@ from lcq.runtime import AsyncEngine, EngineConfig
 
 from . import chat, completions, embeddings, lora, responses
 from .errors import APIError, error_responses, install_error_handlers
-from .metrics import CONTENT_TYPE, ServerMetrics
+from .metrics import CONTENT_TYPE, STATS_LOG_INTERVAL, ActivityLog, ServerMetrics
 from .middleware import GuardMiddleware
 from .protocol import DetokenizeRequest, DetokenizeResponse, HealthResponse, ModelCard, ModelList, TokenizeRequest, \
     TokenizeResponse, VersionResponse
@@ -48,10 +48,21 @@ class Lifecycle:
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
         self._start = asyncio.create_task(self._load())
+        activity = None if self.state.settings.disable_log_stats else asyncio.create_task(self._log_activity())
         try:
             yield
         finally:
+            if activity is not None:
+                activity.cancel()
             await self.drain()
+
+    async def _log_activity(self) -> None:
+        """The activity line every STATS_LOG_INTERVAL seconds while there is work (metrics.ActivityLog)."""
+        activity = ActivityLog(self.state.metrics, self.state.engine.stats)
+        while True:
+            await asyncio.sleep(STATS_LOG_INTERVAL)
+            if line := activity.line():
+                logger.info("%s", line)
 
     async def _load(self) -> None:
         try:

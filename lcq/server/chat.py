@@ -327,6 +327,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                                         choices=choices, usage=usage, prompt_token_ids=prompt_token_ids))
 
     if body.stream:
+        forced_usage = state.settings.enable_force_include_usage  # every stream ends with its usage
         readers = {choice.index: turn.reader() for choice in generation.choices}
         whole = turn.forced or turn.parser  # calls are read from the complete reply, sent with all its logprobs
 
@@ -334,7 +335,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
             """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for
             (none generated yet on the first, as vLLM's), and with return_token_ids the token ids it adds (the
             prompt's on the choice's first)."""
-            usage = generation.usage_so_far(choice) if body.continuous_usage else None
+            usage = generation.usage_so_far(choice) if body.continuous_usage(forced_usage) else None
             prompt_ids, fields["token_ids"] = choice.unsent_ids() if body.return_token_ids else (None, None)
             return chunk([ChatChunkChoice(index=choice.index, **fields)], usage=usage, prompt_token_ids=prompt_ids)
 
@@ -362,7 +363,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
                 yield choice_chunk(choice, delta=DeltaMessage(), finish_reason=reason, stop_reason=out.stop_reason)
 
         def finish():
-            if body.include_usage:
+            if body.include_usage(forced_usage):
                 yield chunk([], usage=turn.usage())
 
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))

@@ -230,11 +230,14 @@ async def create_completion(body: CompletionRequest, request: Request):
                                        choices=choices, usage=usage))
 
     if body.stream:
+        forced_usage = state.settings.enable_force_include_usage  # every stream ends with its usage
+
         def choice_chunk(choice: Choice, **fields) -> dict:
             """A chunk of one choice, with that choice's usage so far where continuous usage stats are asked for,
             and with return_token_ids the token ids it adds (the prompt's on the choice's first; a scored
             prompt's reply has none)."""
-            usage = generation.usage_so_far(choice, count_completion=not scoring) if body.continuous_usage else None
+            usage = (generation.usage_so_far(choice, count_completion=not scoring) if body.continuous_usage(forced_usage)
+                     else None)
             if body.return_token_ids:
                 fields["prompt_token_ids"], added = choice.unsent_ids()
                 fields["token_ids"] = [] if scoring else added
@@ -257,7 +260,7 @@ async def create_completion(body: CompletionRequest, request: Request):
                                    stop_reason=out.stop_reason)
 
         def finish():
-            if body.include_usage:
+            if body.include_usage(forced_usage):
                 yield chunk([], usage=generation.usage(count_completions=not scoring))
 
         return sse_response(sse_events(generation, state.settings.keepalive_interval, start, on_delta, finish))

@@ -129,6 +129,21 @@ class Generation:
                              if isinstance(e, EngineNotReadyError) else "model_not_found"
                              if isinstance(e, AdapterNotFoundError) else "invalid_request")
             raise engine_error(e, self.state.settings.retry_after, request) from e
+        if self.state.settings.enable_log_requests:
+            self._log_received()
+
+    def _log_received(self) -> None:
+        """vLLM's --enable-log-requests line for each prompt: its id, model, settings, text and token ids (at most
+        --max-log-len characters of the text and ids of the prompt)."""
+        cut = self.state.settings.max_log_len
+        tokenizer = self.state.engine.tokenizer
+        params = self.choices[0].params
+        for number, prompt in enumerate(self.prompts):
+            ids = prompt if cut is None else prompt[:cut]
+            text = tokenizer.decode(ids) if tokenizer is not None else ""
+            logger.info("received request %s prompt %d of %d, model %s: prompt %r, params %s, prompt_token_ids %s",
+                        self.id, number + 1, len(self.prompts), self.model, text if cut is None else text[:cut],
+                        params, ids)
 
     async def deltas(self, keepalive: float | None = None) -> AsyncIterator[tuple[Choice, RequestOutput] | None]:
         """Deltas of all choices as they come; None every `keepalive` seconds without one."""

@@ -6,6 +6,7 @@ Engine-wide state (running, waiting, KV usage, preemptions) is read from engine.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -193,3 +194,40 @@ class RequestTracker:
         if not self.prompt_counted:
             self.prompt_counted = True
             self.metrics.prompt_tokens.labels(self.metrics.model_name).inc(self.prompt_tokens)
+
+
+STATS_LOG_INTERVAL = 10.0  # seconds between activity lines (vLLM's VLLM_LOG_STATS_INTERVAL)
+
+
+class ActivityLog:
+    """The line the server logs every STATS_LOG_INTERVAL seconds while it has work, as vLLM's engine does (off with
+    --disable-log-stats): prompt and generation throughput over the interval, requests running and waiting, KV
+    cache usage and the prefix cache's hit rate over the interval; nothing while idle."""
+
+    COUNTERS = ("prompt_tokens", "generation_tokens", "prefix_cache_queries", "prefix_cache_hits")
+
+    def __init__(self, metrics: ServerMetrics, engine_stats: Callable[[], object | None]):
+        self.metrics, self.engine_stats = metrics, engine_stats
+        self.since, self.before = time.monotonic(), self._totals()
+
+    def _totals(self) -> dict[str, float]:
+        """Each counter summed over its labels (the base model's names and the adapters')."""
+        return {name: sum(sample.value for family in getattr(self.metrics, name).collect()
+                          for sample in family.samples if sample.name.endswith("_total"))
+                for name in self.COUNTERS}
+
+    def line(self) -> str | None:
+        """The interval's line since the last call, or None when nothing ran, waited or finished in it."""
+        now, totals, stats = time.monotonic(), self._totals(), self.engine_stats()
+        seconds = max(now - self.since, 1e-9)
+        delta = {name: totals[name] - self.before[name] for name in self.COUNTERS}
+        self.since, self.before = now, totals
+        running, waiting = getattr(stats, "num_running", 0), getattr(stats, "num_waiting", 0)
+        if not (running or waiting or any(delta.values())):
+            return None
+        queries = delta["prefix_cache_queries"]
+        hit_rate = f"{100 * delta['prefix_cache_hits'] / queries:.1f}%" if queries else "-"
+        return (f"prompt throughput {delta['prompt_tokens'] / seconds:.1f} tokens/s, generation throughput "
+                f"{delta['generation_tokens'] / seconds:.1f} tokens/s, running {running} reqs, waiting {waiting} "
+                f"reqs, KV cache usage {100 * getattr(stats, 'kv_cache_usage', 0.0):.1f}%, prefix cache hit rate "
+                f"{hit_rate}")

@@ -297,14 +297,14 @@ class SamplingRequest(OpenAIRequest):
             return "prompt_logprobs", "prompt_logprobs is not available when stream is true"
         return None
 
-    @property
-    def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+    def include_usage(self, forced: bool = False) -> bool:
+        """Whether a stream ends with a usage chunk: stream_options asks for it, or the server does for every stream
+        (`forced`: --enable-force-include-usage)."""
+        return bool(self.stream and (forced or (self.stream_options and self.stream_options.include_usage)))
 
-    @property
-    def continuous_usage(self) -> bool:
+    def continuous_usage(self, forced: bool = False) -> bool:
         """vLLM's continuous usage stats, which count only with include_usage (as vLLM's do)."""
-        return self.include_usage and self.stream_options.continuous_usage_stats
+        return self.include_usage(forced) and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 MAX_PROMPTS = 2048  # texts or token lists in one completions or embeddings request (OpenAI's limit for embeddings)

@@ -56,6 +56,12 @@ class ServeSettings:
     disable_uvicorn_access_log: bool = False  # vLLM's: no line per HTTP request in the log
     disable_fastapi_docs: bool = False  # vLLM's: no /docs, /redoc or /openapi.json (open without the API key)
     trust_remote_code: bool = False  # vLLM's flag, accepted: lcq runs no code from a model's folder
+    disable_log_stats: bool = False  # vLLM's: no activity line every 10 s (metrics.ActivityLog)
+    enable_log_requests: bool = False  # vLLM's: a line per request, its settings and prompt (max_log_len of it)
+    max_log_len: int | None = None  # vLLM's: characters of a prompt, and token ids, a logged request shows
+    disable_log_requests: bool = False  # vLLM's older flag, accepted: requests are logged only when asked to
+    enable_force_include_usage: bool = False  # vLLM's: every stream ends with its usage, as include_usage asks
+    enable_prompt_tokens_details: bool = False  # vLLM's flag, accepted: usage always has prompt_tokens_details
     tensor_parallel_size: int = 1  # vLLM's: one device per process here (more throughput: more replicas)
 
     def __post_init__(self) -> None:
@@ -67,6 +73,9 @@ class ServeSettings:
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
             (self.responses_store_size >= 0, f"responses store size must be >= 0, got {self.responses_store_size}"),
+            (self.max_log_len is None or self.max_log_len >= 0, f"max log len must be >= 0, got {self.max_log_len}"),
+            (not (self.enable_log_requests and self.disable_log_requests),
+             "--enable-log-requests and --disable-log-requests contradict each other"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
@@ -256,6 +265,14 @@ FLAGS = (
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
+    Flag("--no-enable-prefix-caching", bool, "vLLM's name for --no-prefix-caching", "engine",
+         field="enable_prefix_caching", invert=True),
+    Flag("--enable-prefix-caching", bool, "vLLM's: reuse KV blocks of shared prompt prefixes (the default)", "engine"),
+    Flag("--block-size", int, "tokens per KV cache block: 8, 16 or 32 (vLLM's)", "engine"),
+    Flag("--tokenizer", str, "the tokenizer's folder or Hub id, where it is not the model's (vLLM's); its chat "
+         "template too", "engine"),
+    Flag("--tokenizer-revision", str, "of a tokenizer named by its Hub id: the branch, tag or commit fetched "
+         "(default main)", "engine"),
     Flag("--batch-invariant", bool, "a request's logits the same whatever else shares its steps, however its prompt "
          "is split and whether it comes from the prefix cache, so that temperature 0 and a request's seed repeat "
          "its tokens (vLLM's VLLM_BATCH_INVARIANT=1): every row's products in the forms that give what it alone "
@@ -311,6 +328,18 @@ FLAGS = (
          "(its own model code reads every supported family)", "server"),
     Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
          "server"),
+    Flag("--disable-log-stats", bool, "no line of throughput, requests and KV cache usage every 10 s while there is "
+         "work (vLLM's)", "server"),
+    Flag("--enable-log-requests", bool, "log each request: its id, model, sampling settings and prompt (vLLM's)",
+         "server"),
+    Flag("--max-log-len", int, "with --enable-log-requests, at most this many characters of a prompt and token ids "
+         "of it (vLLM's; default: all)", "server"),
+    Flag("--disable-log-requests", bool, "accepted for vLLM's command lines: requests are logged only with "
+         "--enable-log-requests", "server"),
+    Flag("--enable-force-include-usage", bool, "every stream ends with a usage chunk, as stream_options "
+         "include_usage asks (vLLM's)", "server"),
+    Flag("--enable-prompt-tokens-details", bool, "accepted for vLLM's command lines: usage always has "
+         "prompt_tokens_details (cached tokens)", "server"),
     Flag("--root-path", str, "the path prefix under which a proxy serves the API (vLLM's; uvicorn's root_path)",
          "server"),
     Flag("--allowed-origins", _json_strings, "browser origins allowed to call the API, a JSON list (vLLM's)", "server",
