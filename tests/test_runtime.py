@@ -2114,6 +2114,16 @@ def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path
     assert LLM(str(folder), block_size=8, generation_config="vllm", **FP32).get_default_sampling_params() == \
         SamplingParams()
     assert LLM(str(tiny), generation_config=str(folder)).get_default_sampling_params() == defaults  # another's
+    # vLLM's override_generation_config: its keys replace the file's (the others stay), or are all with vllm
+    overridden = LLM(str(folder), block_size=8, override_generation_config={"top_k": 5, "temperature": 0.7}, **FP32)
+    got = overridden.get_default_sampling_params()
+    assert (got.temperature, got.top_k, got.max_tokens) == (0.7, 5, 7)
+    only = LLM(str(folder), block_size=8, generation_config="vllm", override_generation_config={"top_k": 5}, **FP32)
+    assert only.get_default_sampling_params() == SamplingParams(top_k=5)
+    with pytest.raises(ValueError, match="override_generation_config: 'temprature' not read"):
+        EngineConfig(model=str(folder), override_generation_config={"temprature": 0.5}).validate()
+    with pytest.raises(ValueError, match="with override_generation_config: temperature must be between 0 and 2"):
+        EngineConfig(model=str(folder), override_generation_config={"temperature": 3}).validate()
     path.write_text(json.dumps({"temperature": 3.0}))
     with pytest.raises(ValueError, match="generation_config.json: temperature must be between 0 and 2"):
         LLM(str(folder))

@@ -191,6 +191,10 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert resolve(parse("--no-enable-prefix-caching", "--block-size", "32"), {}).engine_fields == {
         "enable_prefix_caching": False, "block_size": 32}
     assert resolve(parse("--enable-prefix-caching"), {}).engine_fields == {"enable_prefix_caching": True}
+    assert resolve(parse("--override-generation-config", '{"temperature": 0.5}'), {}).engine_fields == {
+        "override_generation_config": {"temperature": 0.5}}
+    with pytest.raises(UserError, match="LCQ_OVERRIDE_GENERATION_CONFIG: a JSON object is needed"):
+        resolve(parse(), {"LCQ_OVERRIDE_GENERATION_CONFIG": "[1]"})
     command = resolve(parse("--tokenizer", "org/tok", "--tokenizer-revision", "v2", "--disable-log-stats",
                             "--enable-log-requests", "--max-log-len", "100", "--enable-force-include-usage",
                             "--enable-prompt-tokens-details"), {})

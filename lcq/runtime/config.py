@@ -73,6 +73,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None  # adapters loaded at once; default: max_loras, or len(lora_modules) if more
     max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
+    override_generation_config: dict | None = None  # generation_config.json keys that replace its values (vLLM's)
     num_speculative_tokens: int = 0  # drafts per step (speculative.py); 0: off
     # A draft model's folder (draft_model.py): a smaller model of the same tokenizer drafts the
     # num_speculative_tokens instead of prompt lookup.
@@ -316,7 +317,7 @@ class EngineConfig:
             raise ValueError("speculative_method mtp drafts num_speculative_tokens a step with the model's own "
                              "multi-token-prediction layer: set num_speculative_tokens (1 to 16), and no "
                              "speculative_model")
-        sampling_defaults(self.generation_config, self.model)
+        sampling_defaults(self.generation_config, self.model, self.override_generation_config)
         self.resolved_chat_template()
         adapters = self.lora_adapters()
         if self.max_loras == 0 and (adapters or self.allow_runtime_lora_updating):

@@ -137,7 +137,8 @@ class LLMEngine:
             MtpDrafter(config, self.runner) if config.speculative_method == "mtp" else None
         self.max_model_len = self.runner.max_model_len
         self.eos_ids = eos_token_ids(config.model, self.tokenizer)
-        self.sampling_defaults = sampling_defaults(config.generation_config, config.model)
+        self.sampling_defaults = sampling_defaults(config.generation_config, config.model,
+                                                   config.override_generation_config)
         if self.sampling_defaults:
             logger.info("requests that leave them unset sample with the model's generation config: %s "
                         "(--generation-config vllm for the built-in defaults)",

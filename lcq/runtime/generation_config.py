@@ -41,19 +41,24 @@ def eos_token_ids(model_dir: str | Path, tokenizer) -> set[int]:
     return ids
 
 
-def sampling_defaults(setting: str, model_dir: str | Path) -> dict[str, float | int]:
+def sampling_defaults(setting: str, model_dir: str | Path, override: dict | None = None) -> dict[str, float | int]:
     """The SamplingParams fields a request leaves unset take these values: the model's (`auto`),
-    none (`vllm`), or those of another folder's generation_config.json. ValueError for a setting that
-    names no such folder or file, or values outside what a request may ask."""
-    if setting == "vllm":
-        return {}
-    folder = Path(model_dir if setting == "auto" else setting)
-    if setting != "auto" and not (folder / FILE).is_file():
+    none (`vllm`), or those of another folder's generation_config.json, each key of `override` (vLLM's
+    --override-generation-config, in generation_config.json's names) replacing the file's. ValueError for a
+    setting that names no such folder or file, a key no request setting takes, or values outside what a request
+    may ask."""
+    if unknown := sorted(set(override or {}) - set(SAMPLING_KEYS)):
+        raise ValueError(f"override_generation_config: {', '.join(map(repr, unknown))} not read (it takes "
+                         f"{', '.join(SAMPLING_KEYS)})")
+    folder = Path(model_dir if setting in ("auto", "vllm") else setting)
+    if setting not in ("auto", "vllm") and not (folder / FILE).is_file():
         raise ValueError(f"generation_config must be auto, vllm or a folder holding {FILE} (got {setting})")
-    config = read_generation_config(folder)
+    config = {**({} if setting == "vllm" else read_generation_config(folder)), **(override or {})}
     defaults = {name: config[key] for key, name in SAMPLING_KEYS.items() if config.get(key) is not None}
     try:
         SamplingParams(**defaults).validate()
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{folder / FILE}: {e}") from None
+        where = "override_generation_config" if override and setting == "vllm" else \
+            f"{folder / FILE}{' with override_generation_config' if override else ''}"
+        raise ValueError(f"{where}: {e}") from None
     return defaults

@@ -186,6 +186,17 @@ def _json_strings(text: str) -> list[str]:
     return value
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object, as vLLM's --override-generation-config takes one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed")
+    return value
+
+
 def _context_length(text: str) -> int | None:
     """--max-model-len as vLLM reads it: a count of tokens, or auto or -1 for what the KV cache holds of the
     model's context (the default, None)."""
@@ -263,6 +274,9 @@ FLAGS = (
          "layer; default: the largest rank of --lora-modules, at least 16 with --allow-runtime-lora-updating", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
+    Flag("--override-generation-config", _json_object, "generation_config.json values that replace those --generation-"
+         "config reads, e.g. '{\"temperature\": 0.5}' (vLLM's; with --generation-config vllm, only these): "
+         "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens", "engine", metavar="JSON"),
     Flag("--no-prefix-caching", bool, "do not reuse KV blocks of shared prompt prefixes", "engine",
          field="enable_prefix_caching", invert=True),
     Flag("--no-enable-prefix-caching", bool, "vLLM's name for --no-prefix-caching", "engine",
