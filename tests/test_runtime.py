@@ -2098,6 +2098,20 @@ def test_async_engine_that_failed_to_load_stops_its_thread(tiny, tmp_path):
         time.sleep(0.02)
 
 
+def test_max_logprobs_bounds_the_alternatives_asked_for(tiny, llm):
+    """vLLM's max_logprobs: 20 alternatives by default, as many as it says, or any (-1: up to the vocabulary)."""
+    with pytest.raises(ValueError, match="logprobs must be between 0 and 20"):
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, logprobs=21))
+    with pytest.raises(ValueError, match="prompt_logprobs must be between 0 and 20"):
+        llm.generate(PROMPTS[:1], SamplingParams(max_tokens=1, prompt_logprobs=21))
+    wide = LLM(str(tiny), max_logprobs=-1, **FP32)
+    vocab = wide.engine.runner.model_config.vocab_size
+    out = wide.generate(PROMPTS[:1], SamplingParams(max_tokens=2, temperature=0, logprobs=vocab))[0]
+    assert all(len(step.top) == vocab for step in out.logprobs)
+    with pytest.raises(ValueError, match="max_logprobs must be -1"):
+        EngineConfig(model=str(tiny), max_logprobs=-2).validate()
+
+
 def test_generation_config_sets_the_defaults_of_unset_fields(tiny, llm, tmp_path):
     """The model's generation_config.json sampling values fill what a request leaves unset (vLLM's
     `generation_config="auto"`); `vllm` keeps the built-in ones; values no request may ask are refused."""

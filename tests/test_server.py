@@ -1589,6 +1589,11 @@ def test_client_errors_use_the_envelope(server):
         == "max_completion_tokens"
     too_many = error_of(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}), 400)
     assert too_many["param"] == "top_logprobs" and too_many["message"].startswith("top_logprobs")
+    for path, body, field in (("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+                              ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
+                              ("/v1/responses", {"input": "x", "top_logprobs": 21}, "top_logprobs")):
+        too_many = error_of(post(path, body), 400)  # (the engine's max_logprobs, 20 by default)
+        assert too_many["param"] == field and "between 0 and 20" in too_many["message"], (path, too_many)
     assert error_of(post("/v1/responses", {"input": "x", "max_output_tokens": 0}), 400)["param"] \
         == "max_output_tokens"
     # unknown fields are ignored

@@ -74,6 +74,7 @@ class EngineConfig:
     max_lora_rank: int | None = None  # rank room of each slot; default: the largest rank of lora_modules, at least 16 with runtime updating
     generation_config: str = "auto"  # defaults for unset sampling fields (generation_config.py): auto, vllm, a folder
     override_generation_config: dict | None = None  # generation_config.json keys that replace its values (vLLM's)
+    max_logprobs: int = 20  # the most alternatives a request's logprobs and prompt_logprobs ask for (-1: any; vLLM's)
     num_speculative_tokens: int = 0  # drafts per step (speculative.py); 0: off
     # A draft model's folder (draft_model.py): a smaller model of the same tokenizer drafts the
     # num_speculative_tokens instead of prompt lookup.
@@ -286,6 +287,7 @@ class EngineConfig:
             (self.state_snapshots >= 0, "state_snapshots must be at least 0"),
             (self.max_num_batched_tokens >= 1, "max_num_batched_tokens must be at least 1"),
             (self.block_size in (8, 16, 32), "block_size must be 8, 16 or 32"),
+            (self.max_logprobs >= -1, f"max_logprobs must be -1 (any) or at least 0, got {self.max_logprobs}"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
             (0 < self.kv_cache_memory_gb < float("inf"), "kv_cache_memory_gb must be positive and finite"),
             (self.max_queue >= 0, "max_queue must be >= 0"),

@@ -148,6 +148,8 @@ class LLMEngine:
                                    by_priority=config.scheduling_policy == "priority", adapters=self.runner.adapters)
         self.sequences: dict[str, Sequence] = {}
         self.structured = StructuredOutputs(self.tokenizer, self.runner.model_config.vocab_size, self.eos_ids)
+        # the most alternatives a request's logprobs may ask for (vLLM's max_logprobs; -1: the whole vocabulary)
+        self.max_logprobs = self.runner.model_config.vocab_size if config.max_logprobs == -1 else config.max_logprobs
         self.lookup = PromptLookup(0 if self.drafter else config.num_speculative_tokens, config.prompt_lookup_max,
                                    config.prompt_lookup_min)
         self.draft_batch_limit = config.speculative_disable_by_batch_size
@@ -162,7 +164,7 @@ class LLMEngine:
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError (a client mistake) before anything is queued."""
-        params.validate()
+        params.validate(self.max_logprobs)
         if params.priority != 0 and not self.scheduler.by_priority:  # (vLLM's words; gateways read this 400)
             raise ValueError(f"Got priority {params.priority} but Priority scheduling is not enabled "
                              "(lcq serve --scheduling-policy priority; offline LLM(..., scheduling_policy='priority')).")

@@ -61,7 +61,7 @@ class LLM:
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
         requests = []
         for prompt, p in zip(prompts, per_prompt):
-            p.validate()  # (n among the rest) before it is fanned out
+            p.validate(self.engine.max_logprobs)  # (n among the rest) before it is fanned out
             requests += [(self._ids(prompt), sample) for sample in p.samples()]
         request_ids = self._add(requests)
         results = {request_id: Completion(prompt_ids=list(ids), logprobs=[] if sample.logprobs is not None else None)

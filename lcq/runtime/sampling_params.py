@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -84,8 +85,9 @@ class SamplingParams:
         self.logit_bias = self.logit_bias or {}
         self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
 
-    def validate(self) -> None:
-        """Raise ValueError with a message fit for a 400 response."""
+    def validate(self, max_logprobs: int | None = 20) -> None:
+        """Raise ValueError with a message fit for a 400 response. max_logprobs: the most alternatives logprobs and
+        prompt_logprobs may ask for (the engine's max_logprobs; None: any, the engine checks later)."""
         if (problem := self._type_problem()) is not None:
             raise ValueError(problem)
         checks = [
@@ -97,9 +99,9 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be between 0 and 20"),
-            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be between 0 "
-                                                                                "and 20"),
+            *[(value is None or 0 <= value <= (math.inf if max_logprobs is None else max_logprobs),
+               f"{name} must be " + ("at least 0" if max_logprobs is None else f"between 0 and {max_logprobs}"))
+              for name, value in (("logprobs", self.logprobs), ("prompt_logprobs", self.prompt_logprobs))],
             (1 <= self.n <= MAX_N, f"n must be between 1 and {MAX_N}"),
             (0 <= self.min_tokens and (self.max_tokens is None or self.min_tokens <= self.max_tokens),
              "min_tokens must be between 0 and max_tokens"),

@@ -154,7 +154,7 @@ class SamplingRequest(OpenAIRequest):
     # vLLM's: the reply's token ids beside its text (and the prompt's), as RL and evaluation pipelines read them
     return_token_ids: bool | None = None
     # vLLM's: each prompt token's logprob, rank and this many alternatives (not with stream, as vLLM's)
-    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0)] | None = None  # (at most the engine's max_logprobs)
     response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     guided_json: dict[str, Any] | str | None = None  # vLLM's: a JSON schema
     guided_regex: str | None = None  # vLLM's: the output matches this regular expression
@@ -204,7 +204,7 @@ class SamplingRequest(OpenAIRequest):
             prompt_logprobs=self.prompt_logprobs,
             structured_output=self.structured_output(),
         )
-        params.validate()
+        params.validate(max_logprobs=None)  # (the engine holds their limit: its max_logprobs)
         return params
 
     def guided(self) -> dict[str, Any]:

@@ -176,7 +176,7 @@ class ResponsesRequest(SamplingRequest, ChatTemplateOptions):
     previous_response_id: str | None = None
     store: NullableOnFlag = True
     metadata: dict[str, str] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None  # (at most the engine's max_logprobs)
     include: list[Includable] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     background: bool | None = None

@@ -274,6 +274,8 @@ FLAGS = (
          "layer; default: the largest rank of --lora-modules, at least 16 with --allow-runtime-lora-updating", "engine"),
     Flag("--generation-config", str, "sampling defaults for fields a request leaves unset: auto (the model's "
          "generation_config.json, as vLLM), vllm (the built-in OpenAI defaults) or a folder holding one", "engine"),
+    Flag("--max-logprobs", int, "the most alternatives a request's logprobs, top_logprobs or prompt_logprobs may ask for "
+         "(-1: any; vLLM's)", "engine"),
     Flag("--override-generation-config", _json_object, "generation_config.json values that replace those --generation-"
          "config reads, e.g. '{\"temperature\": 0.5}' (vLLM's; with --generation-config vllm, only these): "
          "temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens", "engine", metavar="JSON"),
