@@ -207,6 +207,16 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
         resolve(parse("--disable-log-requests", "--enable-log-requests"), {})
     with pytest.raises(UserError, match="max log len"):
         resolve(parse("--max-log-len", "-1"), {})
+    accepted = resolve(parse("--enable-lora", "--enable-chunked-prefill", "--guided-decoding-backend", "xgrammar",
+                             "--load-format", "safetensors", "--tokenizer-mode", "auto", "--pipeline-parallel-size",
+                             "1", "--data-parallel-size", "1"), {})
+    assert accepted.engine_fields == {} and accepted.settings.enable_lora
+    for argv, message in ((("--guided-decoding-backend", "outlines"), "must be auto or xgrammar"),
+                          (("--load-format", "pt"), "safetensors weights only"),
+                          (("--tokenizer-mode", "mistral"), "must be auto"),
+                          (("--data-parallel-size", "2"), "--data-parallel-size must be 1")):
+        with pytest.raises(UserError, match=message):
+            resolve(parse(*argv), {})
     model = make_tiny_hf(tmp_path / "tiny")
     tokenizer = tmp_path / "tokenizer"
     shutil.copytree(model, tokenizer)

@@ -63,6 +63,13 @@ class ServeSettings:
     enable_force_include_usage: bool = False  # vLLM's: every stream ends with its usage, as include_usage asks
     enable_prompt_tokens_details: bool = False  # vLLM's flag, accepted: usage always has prompt_tokens_details
     tensor_parallel_size: int = 1  # vLLM's: one device per process here (more throughput: more replicas)
+    pipeline_parallel_size: int = 1  # vLLM's: as tensor_parallel_size
+    data_parallel_size: int = 1  # vLLM's: one engine per process (replicas behind nginx instead)
+    enable_lora: bool = False  # vLLM's flag, accepted: adapters are served where lora_modules or runtime updating ask
+    enable_chunked_prefill: bool = False  # vLLM's flag, accepted: prompts are always prefilled in chunks
+    guided_decoding_backend: str = "auto"  # vLLM's: auto or xgrammar, the one lcq compiles grammars with
+    load_format: str = "auto"  # vLLM's: auto or safetensors, the only weights lcq reads
+    tokenizer_mode: str = "auto"  # vLLM's: auto, transformers' tokenizer of the folder
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,8 +88,16 @@ class ServeSettings:
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
-            (self.tensor_parallel_size == 1, "--tensor-parallel-size must be 1: lcq runs one device per process "
-             "(for more throughput run more replicas: docs/deploy.md)"),
+            *[(size == 1, f"--{name}-parallel-size must be 1: lcq runs one device per process (for more throughput "
+               "run more replicas: docs/deploy.md)")
+              for name, size in (("tensor", self.tensor_parallel_size), ("pipeline", self.pipeline_parallel_size),
+                                 ("data", self.data_parallel_size))],
+            (self.guided_decoding_backend in ("auto", "xgrammar"), "--guided-decoding-backend must be auto or "
+             f"xgrammar (lcq compiles grammars with xgrammar), got {self.guided_decoding_backend}"),
+            (self.load_format in ("auto", "safetensors"), "--load-format must be auto or safetensors (lcq reads "
+             f"safetensors weights only), got {self.load_format}"),
+            (self.tokenizer_mode == "auto", "--tokenizer-mode must be auto (transformers' tokenizer of the folder), "
+             f"got {self.tokenizer_mode}"),
             ((self.ssl_certfile is None) == (self.ssl_keyfile is None), "--ssl-certfile and --ssl-keyfile go together"),
             *[(path is None or os.path.isfile(path), f"{name} {path}: no such file")
               for name, path in (("--ssl-certfile", self.ssl_certfile), ("--ssl-keyfile", self.ssl_keyfile),
@@ -343,6 +358,18 @@ FLAGS = (
     Flag("--trust-remote-code", bool, "accepted for vLLM's command lines: lcq runs no code from a model's folder "
          "(its own model code reads every supported family)", "server"),
     Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
+         "server"),
+    Flag("--pipeline-parallel-size", int, "accepted for vLLM's command lines: 1 only", "server"),
+    Flag("--data-parallel-size", int, "accepted for vLLM's command lines: 1 only (run replicas instead)", "server"),
+    Flag("--enable-lora", bool, "accepted for vLLM's command lines: LoRA adapters are served where --lora-modules or "
+         "--allow-runtime-lora-updating asks", "server"),
+    Flag("--enable-chunked-prefill", bool, "accepted for vLLM's command lines: prompts are always prefilled in "
+         "chunks of --max-num-batched-tokens", "server"),
+    Flag("--guided-decoding-backend", str, "accepted for vLLM's command lines: auto or xgrammar, which compiles "
+         "every grammar here", "server"),
+    Flag("--load-format", str, "accepted for vLLM's command lines: auto or safetensors, the weights lcq reads",
+         "server"),
+    Flag("--tokenizer-mode", str, "accepted for vLLM's command lines: auto only (transformers' tokenizer)",
          "server"),
     Flag("--disable-log-stats", bool, "no line of throughput, requests and KV cache usage every 10 s while there is "
          "work (vLLM's)", "server"),
