@@ -207,6 +207,9 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
         resolve(parse("--disable-log-requests", "--enable-log-requests"), {})
     with pytest.raises(UserError, match="max log len"):
         resolve(parse("--max-log-len", "-1"), {})
+    assert resolve(parse("--model", "org/name"), {}).model == "org/name"  # (vLLM's image takes it so)
+    with pytest.raises(UserError, match="two models given: a and --model b"):
+        resolve(parse("a", "--model", "b"), {})
     accepted = resolve(parse("--enable-lora", "--enable-chunked-prefill", "--guided-decoding-backend", "xgrammar",
                              "--load-format", "safetensors", "--tokenizer-mode", "auto", "--pipeline-parallel-size",
                              "1", "--data-parallel-size", "1"), {})

@@ -424,6 +424,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="LCQ or fp16 Hugging Face folder, or a Hugging Face Hub id (org/name) fetched into the "
                              "Hub's cache (env LCQ_MODEL; default: the demo model)")
+    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                        help="the model as a flag, as vLLM's OpenAI server image takes it (instead of MODEL)")
     from lcq.runtime.config import EngineConfig
 
     defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
@@ -494,5 +496,9 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
             fields.update(value)
         elif value is not None:
             fields[flag.field or flag.dest] = value
-    model = args.model if args.model is not None else (env.get("LCQ_MODEL") or None)
+    flag_model = getattr(args, "model_flag", None)
+    if args.model is not None and flag_model is not None and args.model != flag_model:
+        raise UserError(f"two models given: {args.model} and --model {flag_model}")
+    given = args.model if args.model is not None else flag_model
+    model = given if given is not None else (env.get("LCQ_MODEL") or None)
     return ServeCommand(model=model, engine_fields=engine_fields, settings=ServeSettings(**server_fields))
