@@ -149,15 +149,21 @@ METHOD_KEYS = {"ngram": {"prompt_lookup_max": "prompt_lookup_max", "prompt_looku
 MTP_METHODS = ("deepseek_mtp", "qwen3_next_mtp", "glm4_moe_mtp")
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    """A JSON object, as vLLM's --speculative-config and --override-generation-config take one."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object is needed")
+    return value
+
+
 def _speculative_config(text: str) -> dict[str, Any]:
     """vLLM's --speculative-config JSON as engine fields: method "ngram" (prompt lookup) or "draft_model"
     and their settings; another method is refused by name."""
-    try:
-        settings = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
-    if not isinstance(settings, dict):
-        raise argparse.ArgumentTypeError("a JSON object is needed")
+    settings = _json_object(text)
     if settings.get("model") in ("ngram", "[ngram]") and "method" not in settings:  # vLLM's older spelling
         settings["method"] = settings.pop("model")
     method = settings.pop("method", "draft_model" if "model" in settings else "ngram")
@@ -198,17 +204,6 @@ def _json_strings(text: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON list of strings")
-    return value
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    """A JSON object, as vLLM's --override-generation-config takes one."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not JSON ({e.msg})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("a JSON object is needed")
     return value
 
 
