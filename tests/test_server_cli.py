@@ -208,6 +208,13 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     with pytest.raises(UserError, match="max log len"):
         resolve(parse("--max-log-len", "-1"), {})
     assert resolve(parse("--model", "org/name"), {}).model == "org/name"  # (vLLM's image takes it so)
+    # a vLLM deployment's variables for the API key and runtime LoRA updating, where lcq's own are not set
+    vllm = resolve(parse(), {"VLLM_API_KEY": "k", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"})
+    assert vllm.settings.api_key == "k" and vllm.engine_fields == {"allow_runtime_lora_updating": True}
+    assert resolve(parse(), {"VLLM_API_KEY": "k", "LCQ_API_KEY": "mine"}).settings.api_key == "mine"
+    assert resolve(parse("--api-key", "flag"), {"VLLM_API_KEY": "k"}).settings.api_key == "flag"
+    with pytest.raises(UserError, match="api key must not be empty"):
+        resolve(parse(), {"VLLM_API_KEY": ""})
     with pytest.raises(UserError, match="two models given: a and --model b"):
         resolve(parse("a", "--model", "b"), {})
     accepted = resolve(parse("--enable-lora", "--enable-chunked-prefill", "--guided-decoding-backend", "xgrammar",

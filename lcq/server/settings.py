@@ -125,6 +125,13 @@ class Flag:
     metavar: str | None = None
     expands: bool = False  # its value is a dict of several fields (vLLM's JSON settings)
     several: bool = False  # takes one or more values (argparse's nargs="+"; in the environment, split at spaces)
+    vllm_env: str = ""  # vLLM's variable for the same setting, read where neither the flag nor LCQ_<FLAG> is set
+
+    @property
+    def envs(self) -> tuple[str, ...]:
+        """The variables read, first found wins: LCQ_<FLAG>, then vLLM's (a vLLM deployment's VLLM_API_KEY must not
+        leave the server open)."""
+        return (self.env, self.vllm_env) if self.vllm_env else (self.env,)
 
     @property
     def dest(self) -> str:
@@ -239,7 +246,8 @@ def _bool(text: str) -> bool:
 FLAGS = (
     Flag("--host", str, "address to listen on", "server"),
     Flag("--port", int, "port to listen on (0: any free port)", "server"),
-    Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server"),
+    Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes (also from vLLM's "
+         "VLLM_API_KEY)", "server", vllm_env="VLLM_API_KEY"),
     Flag("--served-model-name", str, "model ids clients use (default: the folder name, or the Hub id); as vLLM's, "
          "several names all answer, and replies name the first", "engine", several=True),
     Flag("--revision", str, "of a model named by its Hugging Face Hub id: the branch, tag or commit fetched "
@@ -274,7 +282,8 @@ FLAGS = (
     Flag("--allow-runtime-lora-updating", bool, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
          "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload LoRA adapters while serving: any client "
          "holding the API key may then make the server read a folder of its choosing; without it those routes "
-         "answer 404", "engine"),
+         "answer 404 (also from VLLM_ALLOW_RUNTIME_LORA_UPDATING)", "engine",
+         vllm_env="VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
     Flag("--max-loras", int, "LoRA adapter slots, the adapters one step may run, whose products every step with "
          "an adapter computes; default: the number of --lora-modules, at least 1 with "
          "--allow-runtime-lora-updating", "engine"),
@@ -452,14 +461,15 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tupl
     whether it came from the command line."""
     value = getattr(args, flag.dest, None)
     from_command_line = value is not None
-    if value is None and flag.env in env:
+    name = next((name for name in flag.envs if name in env), None)
+    if value is None and name is not None:
         try:
             read = _bool if flag.switch else flag.type
-            value = [read(part) for part in env[flag.env].split()] if flag.several else read(env[flag.env])
+            value = [read(part) for part in env[name].split()] if flag.several else read(env[name])
         except ValueError:
-            raise UserError(f"{flag.env}={env[flag.env]!r} is not a valid {flag.type.__name__}") from None
+            raise UserError(f"{name}={env[name]!r} is not a valid {flag.type.__name__}") from None
         except argparse.ArgumentTypeError as e:
-            raise UserError(f"{flag.env}: {e}") from None
+            raise UserError(f"{name}: {e}") from None
     if flag.several and isinstance(value, list) and len(value) <= 1:  # (one name: as a plain value)
         value = value[0] if value else None
     if flag.switch and value is False:  # an environment's "0" for a switch: not set (LCQ_ENFORCE_EAGER=0 must not
