@@ -1837,15 +1837,16 @@ def test_a_completions_request_takes_at_most_2048_prompts(server):
 
 
 def test_vllm_logging_and_forced_usage(model_dir, client, caplog, monkeypatch):
-    """vLLM's --enable-force-include-usage (every stream ends with its usage), --enable-log-requests with
-    --max-log-len (a line per prompt, cut) and the activity line every interval while there is work (none without
+    """vLLM's --enable-force-include-usage (every stream ends with its usage), --enable-log-requests and
+    --enable-log-outputs with --max-log-len (a line per prompt and per finished choice, cut) and the activity line every interval while there is work (none without
     work, none with --disable-log-stats); the default server streams no usage unasked (`client`)."""
     import lcq.server.app as server_app
 
     monkeypatch.setattr(server_app, "STATS_LOG_INTERVAL", 0.2)
     args = dict(model=MODEL, max_tokens=4, temperature=0, extra_body={"ignore_eos": True}, stream=True)
     assert [chunk.usage for chunk in client.completions.create(prompt="Once upon a time", **args)][-1] is None
-    settings = ServeSettings(enable_force_include_usage=True, enable_log_requests=True, max_log_len=3)
+    settings = ServeSettings(enable_force_include_usage=True, enable_log_requests=True, enable_log_outputs=True,
+                             max_log_len=3)
     with caplog.at_level("INFO", logger="lcq.server"), LiveServer(create_app(engine_config(model_dir), settings)) as live:
         forced = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
         completion = list(forced.completions.create(prompt="Once upon a time", **args))
@@ -1861,6 +1862,9 @@ def test_vllm_logging_and_forced_usage(model_dir, client, caplog, monkeypatch):
     received = [line for line in logged if line.startswith("received request")]
     assert len(received) == 2 and all("prompt 1 of 1, model tiny" in line for line in received)
     assert all(re.search(r"prompt_token_ids \[\d+, \d+, \d+\]$", line) for line in received)
+    outputs = [line for line in logged if line.startswith("generated for request")]
+    assert len(outputs) == 2 and all("choice 0 (length): output " in line for line in outputs)
+    assert all(re.search(r"output '.{0,3}', output_token_ids \[\d+, \d+, \d+\]$", line) for line in outputs)
     activity = [line for line in logged if "generation throughput" in line]
     assert activity and re.search(r"generation throughput [1-9][\d.]* tokens/s", " ".join(activity))
     assert len(activity) == idle and "running 0 reqs, waiting 0 reqs" in activity[-1]

@@ -205,6 +205,8 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert resolve(parse("--disable-log-requests"), {}).settings.disable_log_requests
     with pytest.raises(UserError, match="contradict"):
         resolve(parse("--disable-log-requests", "--enable-log-requests"), {})
+    with pytest.raises(UserError, match="--enable-log-outputs needs --enable-log-requests"):
+        resolve(parse("--enable-log-outputs"), {})
     with pytest.raises(UserError, match="max log len"):
         resolve(parse("--max-log-len", "-1"), {})
     assert resolve(parse("--model", "org/name"), {}).model == "org/name"  # (vLLM's image takes it so)

@@ -145,6 +145,14 @@ class Generation:
                         self.id, number + 1, len(self.prompts), self.model, text if cut is None else text[:cut],
                         params, ids)
 
+    def _log_output(self, choice: Choice) -> None:
+        """vLLM's --enable-log-outputs line for a choice the engine finished: its finish reason, text and token ids
+        (at most --max-log-len characters of the text and ids)."""
+        cut = self.state.settings.max_log_len
+        text, ids = (choice.text, choice.token_ids) if cut is None else (choice.text[:cut], choice.token_ids[:cut])
+        logger.info("generated for request %s choice %d (%s): output %r, output_token_ids %s", self.id, choice.index,
+                    choice.finish_reason, text, ids)
+
     async def deltas(self, keepalive: float | None = None) -> AsyncIterator[tuple[Choice, RequestOutput] | None]:
         """Deltas of all choices as they come; None every `keepalive` seconds without one."""
         queue: asyncio.Queue = asyncio.Queue()
@@ -170,6 +178,8 @@ class Generation:
                     continue
                 if out is None:
                     open_streams -= 1
+                    if self.state.settings.enable_log_outputs:
+                        self._log_output(choice)
                     continue
                 choice.add(out)
                 choice.tracker.observe(out)

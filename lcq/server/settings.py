@@ -59,6 +59,7 @@ class ServeSettings:
     disable_log_stats: bool = False  # vLLM's: no activity line every 10 s (metrics.ActivityLog)
     enable_log_requests: bool = False  # vLLM's: a line per request, its settings and prompt (max_log_len of it)
     max_log_len: int | None = None  # vLLM's: characters of a prompt, and token ids, a logged request shows
+    enable_log_outputs: bool = False  # vLLM's: with enable_log_requests, a line per finished choice, its text
     disable_log_requests: bool = False  # vLLM's older flag, accepted: requests are logged only when asked to
     enable_force_include_usage: bool = False  # vLLM's: every stream ends with its usage, as include_usage asks
     enable_prompt_tokens_details: bool = False  # vLLM's flag, accepted: usage always has prompt_tokens_details
@@ -83,6 +84,8 @@ class ServeSettings:
             (self.max_log_len is None or self.max_log_len >= 0, f"max log len must be >= 0, got {self.max_log_len}"),
             (not (self.enable_log_requests and self.disable_log_requests),
              "--enable-log-requests and --disable-log-requests contradict each other"),
+            (not self.enable_log_outputs or self.enable_log_requests, "--enable-log-outputs needs "
+             "--enable-log-requests (as vLLM's)"),
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
@@ -379,6 +382,8 @@ FLAGS = (
          "work (vLLM's)", "server"),
     Flag("--enable-log-requests", bool, "log each request: its id, model, sampling settings and prompt (vLLM's)",
          "server"),
+    Flag("--enable-log-outputs", bool, "with --enable-log-requests, log each finished choice too: its finish reason, "
+         "text and token ids (vLLM's)", "server"),
     Flag("--max-log-len", int, "with --enable-log-requests, at most this many characters of a prompt and token ids "
          "of it (vLLM's; default: all)", "server"),
     Flag("--disable-log-requests", bool, "accepted for vLLM's command lines: requests are logged only with "
