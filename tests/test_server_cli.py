@@ -205,6 +205,9 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert resolve(parse("--disable-log-requests"), {}).settings.disable_log_requests
     with pytest.raises(UserError, match="contradict"):
         resolve(parse("--disable-log-requests", "--enable-log-requests"), {})
+    assert resolve(parse("--enable-reasoning", "--reasoning-parser", "qwen3"), {}).settings.enable_reasoning
+    with pytest.raises(UserError, match="--enable-reasoning needs --reasoning-parser"):
+        resolve(parse("--enable-reasoning"), {})
     with pytest.raises(UserError, match="--enable-log-outputs needs --enable-log-requests"):
         resolve(parse("--enable-log-outputs"), {})
     with pytest.raises(UserError, match="max log len"):

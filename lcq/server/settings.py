@@ -40,6 +40,7 @@ class ServeSettings:
     tool_call_parser: str | None = None  # how replies of tool_choice "auto" are read (tool_calls.PARSERS)
     enable_auto_tool_choice: bool = False  # vLLM's flag: only checked to come with tool_call_parser
     reasoning_parser: str | None = None  # how a reasoning model's thinking is split from its answer (reasoning.py)
+    enable_reasoning: bool = False  # vLLM's older flag: only checked to come with reasoning_parser
     responses_store_size: int = 1000  # /v1/responses kept for previous_response_id, least recently used dropped
     return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:{id}" (a request may say otherwise)
     chat_template_content_format: str = "auto"  # message content as the template reads it: content_format.py
@@ -89,6 +90,8 @@ class ServeSettings:
             (self.log_level in LOG_LEVELS, f"log level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level}"),
             (not self.enable_auto_tool_choice or self.tool_call_parser is not None,
              f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"),
+            (not self.enable_reasoning or self.reasoning_parser is not None,
+             f"--enable-reasoning needs --reasoning-parser ({', '.join(REASONING_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
             *[(size == 1, f"--{name}-parallel-size must be 1: lcq runs one device per process (for more throughput "
@@ -421,6 +424,8 @@ FLAGS = (
          "Nemotron 3), or openai_gptoss (gpt-oss's harmony channels: analysis is the thinking): the thinking goes "
          "to `reasoning` (chat) or a reasoning item (Responses), the answer to the content, and response_format "
          "applies after <think>'s thinking", "server"),
+    Flag("--enable-reasoning", bool, "accepted for vLLM's older command lines: thinking is split from the answer "
+         "whenever --reasoning-parser is set, which this flag then requires", "server"),
     Flag("--responses-store-size", int, "responses of /v1/responses kept in memory for GET and previous_response_id, "
          "the least recently used dropped beyond it (0: none kept)", "server"),
     Flag("--return-tokens-as-token-ids", bool, "logprobs name each token \"token_id:{id}\" rather than by its text "
