@@ -226,6 +226,14 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
                              "--load-format", "safetensors", "--tokenizer-mode", "auto", "--pipeline-parallel-size",
                              "1", "--data-parallel-size", "1"), {})
     assert accepted.engine_fields == {} and accepted.settings.enable_lora
+    # a vLLM deployment's command line of the kind its guides give, whole
+    vllm_line = ("org/model --host 0.0.0.0 --port 8000 --dtype auto --max-model-len 8192 --gpu-memory-utilization 0.9 "
+                 "--enable-prefix-caching --enable-chunked-prefill --max-num-seqs 64 --max-num-batched-tokens 4096 "
+                 "--served-model-name qwen --api-key X --disable-log-requests --enable-auto-tool-choice "
+                 "--tool-call-parser hermes --trust-remote-code --tensor-parallel-size 1 --swap-space 4 "
+                 "--max-seq-len-to-capture 8192 --uvicorn-log-level warning --block-size 16 --seed 0")
+    command = resolve(parse(*vllm_line.split()), {})
+    assert command.model == "org/model" and command.settings.api_key == "X" and command.engine_fields["max_num_seqs"] == 64
     for argv, message in ((("--guided-decoding-backend", "outlines"), "must be auto or xgrammar"),
                           (("--load-format", "pt"), "safetensors weights only"),
                           (("--tokenizer-mode", "mistral"), "must be auto"),

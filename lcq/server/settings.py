@@ -72,6 +72,8 @@ class ServeSettings:
     guided_decoding_backend: str = "auto"  # vLLM's: auto or xgrammar, the one lcq compiles grammars with
     load_format: str = "auto"  # vLLM's: auto or safetensors, the only weights lcq reads
     tokenizer_mode: str = "auto"  # vLLM's: auto, transformers' tokenizer of the folder
+    swap_space: float = 0.0  # vLLM's flag (GiB of host memory for swapped sequences), accepted: lcq recomputes them
+    max_seq_len_to_capture: int = 0  # vLLM's flag, accepted: decode graphs serve every context length
 
     def __post_init__(self) -> None:
         checks = [
@@ -381,6 +383,10 @@ FLAGS = (
          "server"),
     Flag("--tokenizer-mode", str, "accepted for vLLM's command lines: auto only (transformers' tokenizer)",
          "server"),
+    Flag("--swap-space", float, "accepted for vLLM's command lines: preempted sequences are recomputed, not swapped "
+         "to host memory", "server"),
+    Flag("--max-seq-len-to-capture", int, "accepted for vLLM's command lines: the decode steps' CUDA graphs serve "
+         "every context length", "server"),
     Flag("--disable-log-stats", bool, "no line of throughput, requests and KV cache usage every 10 s while there is "
          "work (vLLM's)", "server"),
     Flag("--enable-log-requests", bool, "log each request: its id, model, sampling settings and prompt (vLLM's)",
