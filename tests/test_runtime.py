@@ -230,6 +230,26 @@ def test_the_offline_api_is_imported_from_the_package_as_vllms():
         getattr(lcq, "Engine")
 
 
+def test_offline_outputs_and_chat_read_as_vllms(llm):
+    """vLLM's offline examples run: each output's prompt, prompt_token_ids and outputs[0] (text, token_ids,
+    finish_reason), and LLM.chat rendering conversations with the chat template (one alone, or several)."""
+    greedy = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    outputs = llm.generate(["Hello, my name is", [1, 2, 3]], SamplingParams(max_tokens=5, n=2, seed=1))
+    assert [(o.prompt, o.index) for o in outputs] == [("Hello, my name is", 0), ("Hello, my name is", 1),
+                                                      (None, 0), (None, 1)]
+    first = outputs[0].outputs[0]
+    assert first.text == outputs[0].text and len(first.token_ids) == 5 and first.finish_reason == "length"
+    assert outputs[2].prompt_token_ids == [1, 2, 3]
+    conversation = [{"role": "user", "content": "Hi"}]
+    rendered = llm.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    (chat,) = llm.chat(conversation, greedy)
+    assert chat.prompt == rendered and chat.prompt_ids == llm.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert chat.token_ids == llm.generate([chat.prompt_ids], greedy)[0].token_ids
+    two = llm.chat([conversation, conversation + [{"role": "assistant", "content": "Hel"}]], greedy,
+                   continue_final_message=True)
+    assert two[0].token_ids != two[1].token_ids and two[1].prompt.rstrip().endswith("Hel")
+
+
 def test_offline_prompts_as_vllm_takes_them(tiny, llm, tmp_path):
     """vLLM's {"prompt": text} and {"prompt_token_ids": ids} are what they hold (they were read as the text of their
     keys); other prompt types, and ids that are not integers (5.9 ran as token 5, then the reply failed to decode

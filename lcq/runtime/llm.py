@@ -15,7 +15,13 @@ from .sampling_params import SamplingParams
 
 @dataclass
 class Completion:
+    """One prompt's reply (one of n). It also reads as vLLM's RequestOutput of a single output: `prompt`,
+    `prompt_token_ids` and `outputs[0]` (this same object, with text, token_ids, finish_reason and logprobs), so
+    that scripts written for vLLM's LLM run; with n above 1 a prompt has n Completions, not one of n outputs."""
+
     prompt_ids: list[int]
+    prompt: str | None = None  # the prompt's text, where it was given as text (or rendered from chat messages)
+    index: int = 0  # which of the prompt's n replies
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -24,6 +30,15 @@ class Completion:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # with SamplingParams.prompt_logprobs
     usage: Usage | None = None
     error: str | None = None  # why the request failed (finish_reason "error"), as the engine logged it
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.prompt_ids
+
+    @property
+    def outputs(self) -> list["Completion"]:
+        """vLLM's RequestOutput.outputs: this reply, as its one CompletionOutput."""
+        return [self]
 
 
 class LLM:
@@ -59,13 +74,16 @@ class LLM:
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
-        requests = []
+        requests, texts = [], []
         for prompt, p in zip(prompts, per_prompt):
             p.validate(self.engine.max_logprobs)  # (n among the rest) before it is fanned out
-            requests += [(self._ids(prompt), sample) for sample in p.samples()]
+            samples = p.samples()
+            requests += [(self._ids(prompt), sample) for sample in samples]
+            texts += [(prompt if isinstance(prompt, str) else None, index) for index in range(len(samples))]
         request_ids = self._add(requests)
-        results = {request_id: Completion(prompt_ids=list(ids), logprobs=[] if sample.logprobs is not None else None)
-                   for request_id, (ids, sample) in zip(request_ids, requests)}
+        results = {request_id: Completion(prompt_ids=list(ids), prompt=text, index=index,
+                                          logprobs=[] if sample.logprobs is not None else None)
+                   for request_id, (ids, sample), (text, index) in zip(request_ids, requests, texts)}
         for out in self._steps(request_ids, use_tqdm):
             done = results[out.request_id]
             done.token_ids += out.token_ids
@@ -78,6 +96,27 @@ class LLM:
                 done.finish_reason, done.stop_reason, done.usage = out.finish_reason, out.stop_reason, out.usage
                 done.error = out.error
         return list(results.values())
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
+             continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
+             tools: list[dict] | None = None) -> list[Completion]:
+        """vLLM's LLM.chat: each conversation (a list of {"role", "content"} messages; one given alone) rendered by
+        the chat template (the model's, or `chat_template`), then generated as generate() does, its text as the
+        Completion's prompt. continue_final_message: the last message is the reply's beginning, not a turn."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        rendered = [self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, chat_template=chat_template, tools=tools,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
+            continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
+            for conversation in conversations]
+        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]  # (the template's BOS)
+        params = self.engine.default_params() if params is None else params
+        outputs = self.generate(ids, params, use_tqdm)
+        counts = [p.n for p in params] if isinstance(params, (list, tuple)) else [params.n] * len(rendered)
+        for output, text in zip(outputs, [text for text, count in zip(rendered, counts) for _ in range(count)]):
+            output.prompt = text
+        return outputs
 
     def embed(self, prompts: str | list[int] | list[str] | list[list[int]], use_tqdm: bool = False
               ) -> list[list[float]]:
