@@ -248,6 +248,31 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert LLM(str(model)).tokenizer.chat_template != "{{ 'theirs' }}"
 
 
+def test_lora_modules_in_vllms_forms(tmp_path, capsys):
+    """--lora-modules as vLLM's documentation gives it: several values, each name=path or a JSON object of name and
+    path (base_model_name too), beside lcq's comma-separated form; a JSON entry without them is refused."""
+    from lcq.runtime import LLM
+    from tests.tiny_model import make_tiny_adapter
+
+    model = make_tiny_hf(tmp_path / "tiny")
+    first, second = (make_tiny_adapter(tmp_path / name, model, seed=seed) for seed, name in enumerate(("a", "b")))
+    command = resolve(parse("--lora-modules", f'{{"name": "sql", "path": "{first}", "base_model_name": "tiny"}}',
+                            f"chat={second}"), {})
+    modules = command.engine_fields["lora_modules"]
+    assert modules == [f"sql={first}", f"chat={second}"]
+    assert EngineConfig(model=str(model), lora_modules=modules).lora_adapters() == {"sql": str(first),
+                                                                                    "chat": str(second)}
+    assert LLM(str(model), lora_modules=modules).engine.config.lora_adapters() == {"sql": str(first),
+                                                                                   "chat": str(second)}
+    assert resolve(parse("--lora-modules", f"sql={first},chat={second}"), {}).engine_fields == {
+        "lora_modules": f"sql={first},chat={second}"}
+    for entry, message in (('{"name": "sql"}', '"name" and "path"'), ('{"name": "x", "path": "y", "rank": 8}',
+                                                                     "unknown keys rank")):
+        with pytest.raises(SystemExit):
+            parse("--lora-modules", entry)
+        assert message in capsys.readouterr().err
+
+
 def test_vllm_speculative_config(capsys):
     """vLLM's --speculative-config JSON for prompt lookup, a draft model or the model's multi-token-prediction
     layer sets the same fields as lcq's own flags (from the environment too); another method, unknown keys or bad JSON are one line and exit 2."""

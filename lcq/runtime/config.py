@@ -65,7 +65,8 @@ class EngineConfig:
     # so that the device does not wait on the host between steps; None: on a GPU (vLLM's --async-scheduling).
     async_scheduling: bool | None = None
     seed: int = 0
-    lora_modules: str | None = None  # LoRA adapters served beside the base model: "name=folder,name2=org/id"
+    # LoRA adapters served beside the base model: "name=folder,name2=org/id", or a list of such strings
+    lora_modules: str | list[str] | None = None
     # Adapters loaded and unloaded while serving: at least one adapter slot, and the server's
     # /v1/load_lora_adapter and /v1/unload_lora_adapter routes (absent without it).
     allow_runtime_lora_updating: bool = False
@@ -194,7 +195,8 @@ class EngineConfig:
     def _lora_entries(self) -> list[tuple[str, str]]:
         """lora_modules as (name, folder or Hub id) pairs; ValueError where it is malformed."""
         entries: dict[str, str] = {}
-        for entry in filter(None, (part.strip() for part in (self.lora_modules or "").split(","))):
+        text = ",".join(self.lora_modules) if isinstance(self.lora_modules, list) else self.lora_modules or ""
+        for entry in filter(None, (part.strip() for part in text.split(","))):
             name, sep, folder = entry.partition("=")
             name, folder = name.strip(), folder.strip()
             if not sep or not name or not folder:

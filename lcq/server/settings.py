@@ -209,6 +209,19 @@ def _speculative_config(text: str) -> dict[str, Any]:
     return {**drafter, **{known[key]: value for key, value in settings.items()}}
 
 
+def _lora_module(text: str) -> str:
+    """A --lora-modules value as name=folder entries: itself (name=folder, several joined by commas), or from vLLM's
+    JSON form {"name", "path"} (and "base_model_name", the model's: its adapters' parent is the model anyway)."""
+    if not text.lstrip().startswith("{"):
+        return text
+    entry = _json_object(text)
+    if unknown := sorted(set(entry) - {"name", "path", "base_model_name"}):
+        raise argparse.ArgumentTypeError(f"unknown keys {', '.join(unknown)} (known: name, path, base_model_name)")
+    if not all(isinstance(entry.get(key), str) and entry[key] for key in ("name", "path")):
+        raise argparse.ArgumentTypeError('a JSON entry needs "name" and "path" strings')
+    return f"{entry['name']}={entry['path']}"
+
+
 def _json_strings(text: str) -> list[str]:
     """A JSON list of strings, as vLLM's CORS flags take them (a bare value: a list of that one)."""
     try:
@@ -285,8 +298,9 @@ FLAGS = (
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
     Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine"),
     Flag("--seed", int, "engine seed for requests without their own", "engine"),
-    Flag("--lora-modules", str, "LoRA adapters (PEFT folders) served beside the model, each under its own model "
-         "name: name=folder[,name=folder...]", "engine"),
+    Flag("--lora-modules", _lora_module, "LoRA adapters (PEFT folders or Hub ids) served beside the model, each "
+         "under its own model name: name=folder[,name=folder...], or as vLLM takes them, several such values or JSON "
+         "objects '{\"name\": ..., \"path\": ...}'", "engine", several=True),
     Flag("--allow-runtime-lora-updating", bool, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
          "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload LoRA adapters while serving: any client "
          "holding the API key may then make the server read a folder of its choosing; without it those routes "
