@@ -253,6 +253,20 @@ def test_chat_reasoning_apart_from_the_answer(client):
     assert 0 < chunks[-1].usage.completion_tokens_details.reasoning_tokens < chunks[-1].usage.completion_tokens
 
 
+def test_a_reply_without_thinking_has_null_reasoning(server, client):
+    """With a reasoning parser, a reply that did not think still has message.reasoning and reasoning_content,
+    null, as vLLM's (its documented client reads message.reasoning_content); without the parser neither key is
+    there (test_without_the_parser_nothing_changes)."""
+    pytest.importorskip("xgrammar")
+    body = {"model": MODEL, "messages": QUESTION, "max_tokens": 10, "guided_choice": ["Paris."]}
+    message = httpx.post(server.url + "/v1/chat/completions", json=body).json()["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Paris.", "reasoning": None, "reasoning_content": None,
+                       "tool_calls": None}
+    out = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=10,
+                                         extra_body={"guided_choice": ["Paris."]})
+    assert out.choices[0].message.reasoning_content is None and out.choices[0].message.content == "Paris."
+
+
 def test_a_reply_cut_off_while_thinking_has_no_content(client):
     pytest.importorskip("xgrammar")
     args = dict(model=MODEL, messages=QUESTION, max_tokens=10, temperature=0, extra_body=SAY)

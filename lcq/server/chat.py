@@ -372,7 +372,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     choices = []
     for c in generation.choices:
         reasoning, content, calls, reason = turn.reply(c)
-        message = AssistantMessage(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=calls)
+        message = AssistantMessage.of_reply(content, reasoning, calls, state.settings.reasoning_parser is not None)
         choices.append(ChatChoice(index=c.index, message=message, logprobs=turn.logprobs_of(c.logprobs),
                                   finish_reason=reason, stop_reason=c.stop_reason,
                                   token_ids=c.token_ids if body.return_token_ids else None))

@@ -554,10 +554,13 @@ class OmitsUnset(BaseModel):
 
     omitted_when_none: ClassVar[tuple[str, ...]] = ()
 
+    def _omitted(self) -> tuple[str, ...]:
+        return self.omitted_when_none
+
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):  # no return annotation: the schema stays the fields' own
         data = handler(self)
-        for key in self.omitted_when_none:
+        for key in self._omitted():
             if data.get(key) is None:
                 data.pop(key, None)
         return data
@@ -711,12 +714,27 @@ class ToolCallDelta(ToolCall):
 
 
 class AssistantMessage(OmitsUnset):
+    """A reply's message; `reasoning` and `reasoning_content` are there (null without thinking, as vLLM's) where the
+    server reads thinking (`reads_thinking`: --reasoning-parser; clients then read message.reasoning_content), left
+    out otherwise, as OpenAI's messages have none."""
+
     omitted_when_none = ("reasoning", "reasoning_content")
     role: Literal["assistant"] = "assistant"
     content: str | None
     reasoning: str | None = None  # the thinking (--reasoning-parser), as vLLM names it
     reasoning_content: str | None = None  # the same, as DeepSeek's API and vLLM before 0.11 name it
     tool_calls: list[ToolCall] | None = None
+    _reads_thinking: bool = PrivateAttr(default=False)
+
+    @classmethod
+    def of_reply(cls, content: str | None, reasoning: str | None, tool_calls: list[ToolCall] | None,
+                 reads_thinking: bool) -> "AssistantMessage":
+        message = cls(content=content, reasoning=reasoning, reasoning_content=reasoning, tool_calls=tool_calls)
+        message._reads_thinking = reads_thinking
+        return message
+
+    def _omitted(self) -> tuple[str, ...]:
+        return () if self._reads_thinking else self.omitted_when_none
 
 
 class ChatChoice(OmitsUnset):
