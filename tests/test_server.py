@@ -1589,6 +1589,16 @@ def test_client_errors_use_the_envelope(server):
         == "max_completion_tokens"
     too_many = error_of(post("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}), 400)
     assert too_many["param"] == "top_logprobs" and too_many["message"].startswith("top_logprobs")
+    # vLLM's fields of what lcq does not do: refused, not ignored (found by running vLLM's examples)
+    for path, body, field in (("/v1/chat/completions", {**chat, "use_beam_search": True}, "use_beam_search"),
+                              ("/v1/completions", {"prompt": "x", "use_beam_search": True}, "use_beam_search"),
+                              ("/v1/chat/completions", {**chat, "chat_template": "{{ 'x' }}"}, "chat_template"),
+                              ("/tokenize", {**chat, "chat_template": "{{ 'x' }}"}, "chat_template"),
+                              ("/v1/chat/completions", {**chat, "echo": True}, "echo")):
+        refused = error_of(post(path, body), 400)
+        assert (refused["param"], refused["code"]) == (field, "unsupported_value"), (path, refused)
+    assert post("/v1/chat/completions", {**chat, "max_tokens": 2, "use_beam_search": False, "echo": None}
+                ).status_code == 200
     for path, body, field in (("/v1/completions", {"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
                               ("/v1/completions", {"prompt": "x", "logprobs": 21}, "logprobs"),
                               ("/v1/responses", {"input": "x", "top_logprobs": 21}, "top_logprobs")):

@@ -126,6 +126,7 @@ class SamplingRequest(OpenAIRequest):
     """Fields shared by /v1/completions and /v1/chat/completions. None means the default."""
 
     model: str | None = None
+    use_beam_search: NullableFlag = False  # vLLM's; refused (unsupported)
     max_tokens: Count | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -306,6 +307,15 @@ class SamplingRequest(OpenAIRequest):
         """vLLM's continuous usage stats, which count only with include_usage (as vLLM's do)."""
         return self.include_usage(forced) and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """vLLM's beam search is not implemented (sampled choices would come back as if they were beams)."""
+        if (refused := super().unsupported()) is not None:
+            return refused
+        if self.use_beam_search:
+            return "use_beam_search", ("use_beam_search is not supported: ask for n choices and rank them by their "
+                                       "logprobs")
+        return None
+
 
 MAX_PROMPTS = 2048  # texts or token lists in one completions or embeddings request (OpenAI's limit for embeddings)
 
@@ -401,6 +411,17 @@ class ChatTemplateOptions(OpenAIRequest):
     # RAG templates' (Command R's, Granite's): the documents the reply may draw on, each a mapping such as
     # {"title": ..., "text": ...}, as transformers' apply_chat_template and vLLM take them
     documents: list[dict[str, str]] | None = None
+    chat_template: str | None = None  # vLLM's per-request template; refused (unsupported)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """A request's own chat template is not run: the server's (--chat-template, else the model's) renders every
+        conversation, as vLLM's does without --trust-request-chat-template (a template is code the server runs)."""
+        if (refused := super().unsupported()) is not None:
+            return refused
+        if self.chat_template is not None:
+            return "chat_template", ("a request's chat_template is not used: the server's (--chat-template, else the "
+                                     "model's) renders every conversation")
+        return None
 
     def template_variables(self) -> dict[str, Any]:
         """The variables the chat template gets beyond the messages and tools."""
@@ -425,6 +446,7 @@ class Prediction(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    echo: NullableFlag = False  # vLLM's (the last message before the reply); refused (unsupported)
     prediction: Prediction | None = None
     max_completion_tokens: Count | None = None
     logprobs: NullableFlag = False
@@ -474,6 +496,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
             return refused
         if self.functions and self.function_call != "none":
             return "functions", "functions are not supported; use tools with a forced tool_choice"
+        if self.echo:
+            return "echo", "echo is not supported on chat completions (continue_final_message continues a message)"
         return None
 
     def forced_tool(self) -> str | None:
