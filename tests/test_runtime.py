@@ -2411,6 +2411,12 @@ def test_lora_adapters_loaded_at_runtime_equal_those_given_at_start(tiny, tiny16
     llm.load_lora_adapter("sql2", sql)  # into the slot "sql" left
     assert llm.generate(PROMPTS[:1], [SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="sql2")]
                         )[0].token_ids == expected[0]
+    # vLLM's load_inplace: another folder under a served name (without it, refused)
+    with pytest.raises(ValueError, match="'chat' has already been loaded"):
+        llm.load_lora_adapter("chat", sql)
+    llm.load_lora_adapter("chat", sql, load_inplace=True)
+    as_chat = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, lora="chat")
+    assert llm.generate(PROMPTS[:1], [as_chat])[0].token_ids == expected[0]
     assert _pool_is_full(llm.engine)
 
 

@@ -2195,6 +2195,9 @@ def test_lora_adapters_load_and_unload_at_runtime(model_dir, tmp_path):
         assert reloaded.choices[0].text == expected["second"]
         assert reloaded.usage.prompt_tokens_details.cached_tokens == 0  # the first load's blocks are not its own
         assert complete("sql").usage.prompt_tokens_details.cached_tokens > 0
+        # vLLM's load_inplace: the name's adapter replaced (a load of it without is refused, as above)
+        inplace = post("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": str(first), "load_inplace": True})
+        assert inplace.status_code == 200 and complete("sql").choices[0].text == expected["first"]
         live.wait_pool_full()
 
 

@@ -56,26 +56,29 @@ class AdapterRegistry:
         self.num_bindings = 0
         self.num_loads = 0
 
-    def check_name(self, name: str) -> None:
-        """ValueError unless `name` may be given to a new adapter."""
+    def check_name(self, name: str, replacing: bool = False) -> None:
+        """ValueError unless `name` may be given to a new adapter (`replacing`: or to the one that has it now)."""
         if self.stack is None:
             raise ValueError("LoRA adapters are off: the engine has no adapter slots (max_loras 0)")
         if not name or name in self.base_names:
             raise ValueError(f"the LoRA adapter name {name!r} is empty or the base model's")
         if len(name) > MAX_NAME_CHARS or not name.isprintable():  # (logged and listed by /v1/models)
             raise ValueError(f"a LoRA adapter name has at most {MAX_NAME_CHARS} printable characters")
-        if name in self.served:
+        if name in self.served and not replacing:
             raise ValueError(f"the LoRA adapter {name!r} has already been loaded")
 
-    def read(self, name: str, folder: str) -> LoRAAdapter:
+    def read(self, name: str, folder: str, replacing: bool = False) -> LoRAAdapter:
         """Check the name and read the folder (UserError where it cannot be served); changes nothing, so it
         may run off the engine's thread."""
-        self.check_name(name)
+        self.check_name(name, replacing)
         return load_adapter(folder, self.model_config, self.stack.rank)
 
-    def load(self, name: str, adapter: LoRAAdapter) -> ServedAdapter:
-        """Serve the adapter under `name`, copied into an empty slot if there is one (else when first used)."""
-        self.check_name(name)
+    def load(self, name: str, adapter: LoRAAdapter, replacing: bool = False) -> ServedAdapter:
+        """Serve the adapter under `name`, copied into an empty slot if there is one (else when first used).
+        replacing: the adapter served under that name now is unloaded first (its running sequences finish with it)."""
+        self.check_name(name, replacing)
+        if replacing and name in self.served:
+            self.unload(name)
         if len(self.served) >= self.capacity:
             raise ValueError(f"{self.capacity} LoRA adapters are loaded, as many as max_cpu_loras allows: unload "
                              "one first")

@@ -164,12 +164,14 @@ class AsyncEngine:
         if self._wake is not None:
             self._wake.set()
 
-    async def load_lora_adapter(self, name: str, folder: str) -> None:
-        """Serve the PEFT folder as `name` from the next step on. The folder is read off the engine's
-        thread; ValueError or UserError (lcq.errors) where it cannot be."""
+    async def load_lora_adapter(self, name: str, folder: str, replacing: bool = False) -> None:
+        """Serve the PEFT folder as `name` from the next step on (`replacing` the adapter of that name, if one is
+        served: vLLM's load_inplace). The folder is read off the engine's thread; ValueError or UserError
+        (lcq.errors) where it cannot be."""
         self._require_ready()
-        adapter = await asyncio.get_running_loop().run_in_executor(None, self.engine.read_lora_adapter, name, folder)
-        await self._between_steps(lambda: self.engine.load_lora_adapter(name, adapter))
+        adapter = await asyncio.get_running_loop().run_in_executor(None, self.engine.read_lora_adapter, name, folder,
+                                                                   replacing)
+        await self._between_steps(lambda: self.engine.load_lora_adapter(name, adapter, replacing))
 
     async def unload_lora_adapter(self, name: str) -> None:
         """Refuse new requests for `name` from the next step on (AdapterNotFoundError if none is loaded);

@@ -233,19 +233,20 @@ class LLMEngine:
         """LoRA adapters served now, by name: their folders."""
         return {name: served.folder for name, served in self.runner.adapters.served.items()}
 
-    def read_lora_adapter(self, name: str, folder: str) -> LoRAAdapter:
+    def read_lora_adapter(self, name: str, folder: str, replacing: bool = False) -> LoRAAdapter:
         """Check the name and read the PEFT folder, or a Hub id's (fetched into download_dir or the Hub's cache, as
         vLLM's lora_path; ValueError, or UserError for the folder); touches no engine state, so the server runs it
-        off the engine's thread."""
+        off the engine's thread. replacing: `name` may be the adapter's served now (vLLM's load_inplace)."""
         from lcq.hub import model_folder
 
-        self.runner.adapters.check_name(name)
+        self.runner.adapters.check_name(name, replacing)
         return self.runner.adapters.read(name, model_folder(folder, download_dir=self.config.download_dir,
-                                                            kind="LoRA adapter"))
+                                                            kind="LoRA adapter"), replacing)
 
-    def load_lora_adapter(self, name: str, adapter: LoRAAdapter) -> None:
-        """Serve a read adapter under `name` (ValueError: the name is taken, or no slot is free)."""
-        self.runner.adapters.load(name, adapter)
+    def load_lora_adapter(self, name: str, adapter: LoRAAdapter, replacing: bool = False) -> None:
+        """Serve a read adapter under `name` (ValueError: the name is taken, unless `replacing` the adapter served
+        under it, whose running requests finish with it; or no slot is free)."""
+        self.runner.adapters.load(name, adapter, replacing)
         logger.info("LoRA adapter %s loaded from %s", name, adapter.folder)
 
     def unload_lora_adapter(self, name: str) -> None:

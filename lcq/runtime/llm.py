@@ -51,10 +51,11 @@ class LLM:
         """SamplingParams with the model's generation_config.json defaults (vLLM's name)."""
         return self.engine.default_params()
 
-    def load_lora_adapter(self, name: str, folder: str) -> None:
+    def load_lora_adapter(self, name: str, folder: str, load_inplace: bool = False) -> None:
         """Serve a PEFT LoRA folder as `name` (SamplingParams.lora): one of max_cpu_loras adapters, each run
-        in one of max_loras slots."""
-        self.engine.load_lora_adapter(name, self.engine.read_lora_adapter(name, str(folder)))
+        in one of max_loras slots; load_inplace (vLLM's): in place of the adapter served under that name."""
+        self.engine.load_lora_adapter(name, self.engine.read_lora_adapter(name, str(folder), load_inplace),
+                                      load_inplace)
 
     def unload_lora_adapter(self, name: str) -> None:
         """Stop serving `name`: requests may no longer name it, and its slot is freed once none runs with it."""

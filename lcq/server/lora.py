@@ -27,7 +27,7 @@ async def load_lora_adapter(body: LoadLoRAAdapterRequest, request: Request) -> P
     state = get_state(request)
     state.require_ready()
     try:
-        await state.engine.load_lora_adapter(body.lora_name, body.lora_path)
+        await state.engine.load_lora_adapter(body.lora_name, body.lora_path, body.load_inplace)
     except UserError as e:
         raise APIError(400, str(e), param="lora_path", code="invalid_value") from None
     except (ValueError, EngineNotReadyError) as e:

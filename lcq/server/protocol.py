@@ -839,6 +839,7 @@ class LoadLoRAAdapterRequest(BaseModel):
 
     lora_name: str
     lora_path: str
+    load_inplace: bool = False  # vLLM's: replace the adapter served under lora_name (its running requests finish)
 
 
 class UnloadLoRAAdapterRequest(BaseModel):
