@@ -1283,7 +1283,7 @@ def test_the_sdk_stream_helper_ends_a_forced_call(client):
     assert client.chat.completions.create(**request).choices[0].message.content is None
 
 
-def test_json_output_through_the_openai_client(client):
+def test_json_output_through_the_openai_client(server, client):
     pytest.importorskip("xgrammar")
     messages = [{"role": "user", "content": "Describe a fruit."}]
     schema = {"type": "object", "properties": {"name": {"enum": ["apple", "pear"]}, "ripe": {"type": "boolean"}},
@@ -1316,6 +1316,23 @@ def test_json_output_through_the_openai_client(client):
         said = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0.9,
                                               extra_body=extra).choices[0].message.content
         assert re.fullmatch("(cat|dog) (runs|sleeps)", said), said
+    # vLLM's structural tags: xgrammar's form (here a tag around one of two words as the whole reply), and the older
+    # one of structures and triggers (free text; after a trigger, the tag's JSON), as response_format or
+    # structured_outputs
+    xgrammar = pytest.importorskip("xgrammar")
+    tag = {"type": "structural_tag", "format": {"type": "tag", "begin": "<fruit>", "end": "</fruit>",
+                                                "content": {"type": "regex", "pattern": "apple|pear"}}}
+    for extra in ({"response_format": tag}, {"structured_outputs": {"structural_tag": json.dumps(tag)}}):
+        tagged = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=20, temperature=0.7,
+                                                seed=1, extra_body=extra)
+        assert re.fullmatch("<fruit>(apple|pear)</fruit>", tagged.choices[0].message.content), tagged
+    older = CompletionRequest(prompt="x", response_format=older_format(schema)).structured_output()
+    grammar = server.engine.engine.structured._grammar(older)
+    for text, follows in (('Here: <fruit>{"name": "pear", "ripe": true}</fruit> done', True),
+                          ('<fruit>{"name": "plum", "ripe": true}</fruit>', False)):
+        assert xgrammar.GrammarMatcher(grammar).accept_string(text) == follows, text
+    assert client.completions.create(model=MODEL, prompt="Fruit:", max_tokens=8,
+                                     extra_body={"response_format": older_format(schema)}).choices[0].text is not None
     chosen = client.completions.create(model=MODEL, prompt="Pick:", max_tokens=10, temperature=0.9, n=3,
                                        extra_body={"structured_outputs": {"choice": ["left", "right"]}})
     assert {c.text for c in chosen.choices} <= {"left", "right"}
@@ -1332,6 +1349,12 @@ def test_json_output_through_the_openai_client(client):
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, response_format=bad)
         assert refused.value.body["param"] == "response_format"
+
+
+def older_format(schema: dict) -> dict:
+    """vLLM's older structural tag: a fruit's JSON after <fruit>, free text elsewhere."""
+    return {"type": "structural_tag", "triggers": ["<fruit"],
+            "structures": [{"begin": "<fruit>", "schema": schema, "end": "</fruit>"}]}
 
 
 def test_malformed_structured_output_fields_are_400s(server):

@@ -20,12 +20,15 @@ SEED_MODULUS = 2**63  # the seeds of a request's n samples wrap here
 
 @dataclass(frozen=True)
 class StructuredOutput:
-    """Output constrained (structured_output.py) to a regular expression, or a context-free grammar, or
-    else to JSON: one that follows a schema, or any JSON object."""
+    """Output constrained (structured_output.py) to a regular expression, or a context-free grammar, or a
+    structural tag, or else to JSON: one that follows a schema, or any JSON object."""
 
     json_schema: str | None = None  # the schema as JSON text (hashable: grammars are cached by it)
     regex: str | None = None
     grammar: str | None = None  # EBNF (GBNF's syntax: `root ::= ...`), as vLLM's guided_grammar
+    # xgrammar's structural tag as JSON text: {"type": "structural_tag", "format": ...}, or vLLM's older
+    # {"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]} (free text, each tag's content constrained)
+    structural_tag: str | None = None
     source: str = field(default="", compare=False)  # the request field it came from, for errors (not the grammar)
 
 

@@ -68,7 +68,9 @@ class StructuredOutputs:
                                                                stop_token_ids=self.eos_ids)
                 self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)  # (kept here, bounded)
         try:
-            if spec.regex is not None:
+            if spec.structural_tag is not None:
+                grammar = self._structural_tag_grammar(xgrammar, json.loads(spec.structural_tag))
+            elif spec.regex is not None:
                 grammar = self._compiler.compile_regex(spec.regex)
             elif spec.grammar is not None:
                 grammar = self._compiler.compile_grammar(spec.grammar)
@@ -90,6 +92,22 @@ class StructuredOutputs:
             while len(self._grammars) > self.kept or self._kept_bytes() > GRAMMAR_BYTES_KEPT:
                 self._grammars.popitem(last=False)
         return grammar
+
+    def _structural_tag_grammar(self, xgrammar, tag: dict):
+        """The compiled grammar of a structural tag: xgrammar's form as it is, vLLM's older one (structures and
+        triggers) as xgrammar's items; nested no deeper than a schema may be."""
+        if nesting_depth(tag) > MAX_SCHEMA_DEPTH:
+            raise ValueError(f"the structural tag nests deeper than {MAX_SCHEMA_DEPTH} levels")
+        if "structures" not in tag:
+            return self._compiler.compile_structural_tag(tag)
+        structures, triggers = tag.get("structures"), tag.get("triggers")
+        if not isinstance(structures, list) or not isinstance(triggers, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("begin"), str) and isinstance(s.get("end"), str)
+                for s in structures):
+            raise ValueError("structures must be a list of {begin, schema, end} and triggers a list of strings")
+        items = [xgrammar.StructuralTagItem(begin=s["begin"], schema=json.dumps(s.get("schema") or {}), end=s["end"])
+                 for s in structures]
+        return self._compiler.compile_structural_tag(items, triggers)
 
     def _kept_bytes(self) -> int:
         return sum(grammar.memory_size_bytes for grammar in self._grammars.values())

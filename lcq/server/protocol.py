@@ -119,7 +119,8 @@ def tool_choice_problem(choice: str | dict[str, Any] | None, tools: list[Any] | 
 GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")  # vLLM's guided decoding fields
 # structured_outputs' keys of a constraint (guided_* without "guided_"): the types of those fields, as errors say them
 STRUCTURED_OUTPUTS = {"json": ((dict, str), "a JSON schema: an object, or its JSON text"), "regex": (str, "a string"),
-                      "choice": (list, "a list of strings"), "grammar": (str, "a string")}
+                      "choice": (list, "a list of strings"), "grammar": (str, "a string"),
+                      "structural_tag": (str, "a structural tag's JSON text")}
 
 
 class SamplingRequest(OpenAIRequest):
@@ -226,7 +227,7 @@ class SamplingRequest(OpenAIRequest):
                 guided[f"guided_{key}"] = value
             else:
                 raise ValueError(f"structured_outputs has {key!r}, which is not supported (json, regex, choice, "
-                                 "grammar, json_object)")
+                                 "grammar, structural_tag, json_object)")
         return guided
 
     def structured_output(self) -> StructuredOutput | None:
@@ -251,6 +252,14 @@ class SamplingRequest(OpenAIRequest):
             return StructuredOutput(regex=guided["guided_regex"])
         if "guided_grammar" in guided:
             return StructuredOutput(grammar=guided["guided_grammar"])
+        if "guided_structural_tag" in guided:
+            try:
+                tag = json.loads(guided["guided_structural_tag"])
+            except ValueError:
+                raise ValueError("structured_outputs structural_tag is not valid JSON") from None
+            if not isinstance(tag, dict):
+                raise ValueError("structured_outputs structural_tag must be a JSON object")
+            return StructuredOutput(structural_tag=json.dumps(tag), source="structured_outputs structural_tag")
         if "guided_choice" in guided:
             choices = guided["guided_choice"]
             if not choices or not all(isinstance(choice, str) for choice in choices):
@@ -268,7 +277,12 @@ class SamplingRequest(OpenAIRequest):
                 raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
             # (key order kept: the JSON follows the properties in order)
             return StructuredOutput(json.dumps(schema), source="response_format json_schema")
-        raise ValueError(f"response_format type {kind!r} is not supported: text, json_object or json_schema")
+        if kind == "structural_tag":  # vLLM's: xgrammar's structural tag (the whole object), or its older form
+            tag = self.response_format if "format" in self.response_format else {
+                key: value for key, value in self.response_format.items() if key != "type"}
+            return StructuredOutput(structural_tag=json.dumps(tag), source="response_format structural_tag")
+        raise ValueError(f"response_format type {kind!r} is not supported: text, json_object, json_schema or "
+                         "structural_tag")
 
     def adds_special_tokens(self, default: bool) -> bool:
         """add_special_tokens as asked, else the endpoint's `default`: completions add them (the prompt is raw
