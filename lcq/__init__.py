@@ -1,7 +1,7 @@
 """lcq: serve LLMs quantized with low-rank codebooks."""
 __version__ = "0.1.0"
 
-_OFFLINE = ("LLM", "SamplingParams")
+_OFFLINE = ("LLM", "SamplingParams", "StructuredOutputsParams")
 
 
 def __getattr__(name: str):

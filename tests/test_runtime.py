@@ -248,6 +248,20 @@ def test_offline_outputs_and_chat_read_as_vllms(llm):
     two = llm.chat([conversation, conversation + [{"role": "assistant", "content": "Hel"}]], greedy,
                    continue_final_message=True)
     assert two[0].token_ids != two[1].token_ids and two[1].prompt.rstrip().endswith("Hel")
+    # vLLM's offline structured outputs: SamplingParams(structured_outputs=StructuredOutputsParams(...))
+    from lcq import StructuredOutputsParams
+
+    pytest.importorskip("xgrammar")
+    words = ["so-so (meh)", "great"]
+    picked = llm.generate(["Review:"] * 2, SamplingParams(max_tokens=12, temperature=0.9, seed=3,
+                                                       structured_outputs=StructuredOutputsParams(choice=words)))
+    assert {o.text for o in picked} <= set(words) and all(o.finish_reason == "stop" for o in picked)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    shaped = llm.generate(["JSON:"], SamplingParams(max_tokens=16, temperature=0,
+                                                    structured_outputs=StructuredOutputsParams(json=schema)))
+    assert isinstance(json.loads(shaped[0].text)["ok"], bool)
+    with pytest.raises(ValueError, match="one constraint, got regex, choice"):
+        SamplingParams(structured_outputs=StructuredOutputsParams(regex="a", choice=["b"]))
 
 
 def test_offline_prompts_as_vllm_takes_them(tiny, llm, tmp_path):

@@ -5,8 +5,8 @@ from .engine import EngineStats, LLMEngine
 from .errors import AdapterNotFoundError, ContextLengthError, EngineNotReadyError, QueueFullError
 from .llm import LLM, Completion
 from .outputs import RequestOutput, TokenLogprob, Usage
-from .sampling_params import SamplingParams
+from .sampling_params import SamplingParams, StructuredOutputsParams
 
 __all__ = ["AdapterNotFoundError", "AsyncEngine", "Completion", "ContextLengthError", "EngineConfig",
            "EngineNotReadyError", "EngineStats", "LLM", "LLMEngine", "QueueFullError", "RequestOutput", "SamplingParams",
-           "TokenLogprob", "Usage"]
+           "StructuredOutputsParams", "TokenLogprob", "Usage"]

@@ -62,16 +62,15 @@ class LLM:
         self.engine.unload_lora_adapter(name)
 
     def generate(self, prompts: str | list[int] | list[str] | list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None, use_tqdm: bool = False
                  ) -> list[Completion]:
         """One Completion per prompt, or with params.n > 1 that prompt's n in turn (seeded: seed, seed + 1, ...);
         text is tokenized with the tokenizer's special tokens (a BOS where it adds one), as vLLM's LLM does.
         A prompt is a string, token ids, or vLLM's {"prompt": text} or {"prompt_token_ids": ids}; one may be
-        given alone. params default to
-        get_default_sampling_params(); a list gives each prompt its own. use_tqdm: a progress bar of
-        finished requests (vLLM shows one by default)."""
+        given alone. sampling_params (vLLM's name) default to get_default_sampling_params(); a list gives each
+        prompt its own. use_tqdm: a progress bar of finished requests (vLLM shows one by default)."""
         prompts = _listed(prompts)
-        params = self.engine.default_params() if params is None else params
+        params = self.engine.default_params() if sampling_params is None else sampling_params
         per_prompt = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(per_prompt) != len(prompts):
             raise ValueError(f"{len(per_prompt)} SamplingParams for {len(prompts)} prompts: give one, or one each")
@@ -98,7 +97,8 @@ class LLM:
                 done.error = out.error
         return list(results.values())
 
-    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+    def chat(self, messages: list[dict] | list[list[dict]],
+             sampling_params: SamplingParams | list[SamplingParams] | None = None,
              use_tqdm: bool = False, chat_template: str | None = None, add_generation_prompt: bool = True,
              continue_final_message: bool = False, chat_template_kwargs: dict | None = None,
              tools: list[dict] | None = None) -> list[Completion]:
@@ -112,7 +112,7 @@ class LLM:
             continue_final_message=continue_final_message, **(chat_template_kwargs or {}))
             for conversation in conversations]
         ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in rendered]  # (the template's BOS)
-        params = self.engine.default_params() if params is None else params
+        params = self.engine.default_params() if sampling_params is None else sampling_params
         outputs = self.generate(ids, params, use_tqdm)
         counts = [p.n for p in params] if isinstance(params, (list, tuple)) else [params.n] * len(rendered)
         for output, text in zip(outputs, [text for text, count in zip(rendered, counts) for _ in range(count)]):

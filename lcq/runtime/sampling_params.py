@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json as json_module
 import math
+import re
 from dataclasses import dataclass, field
 
 
@@ -30,6 +32,52 @@ class StructuredOutput:
     # {"structures": [{"begin", "schema", "end"}, ...], "triggers": [...]} (free text, each tag's content constrained)
     structural_tag: str | None = None
     source: str = field(default="", compare=False)  # the request field it came from, for errors (not the grammar)
+
+
+def choice_regex(choices: list[str]) -> str:
+    """The regular expression of exactly one of `choices` (vLLM's guided_choice), metacharacters escaped."""
+    if not choices or not all(isinstance(choice, str) for choice in choices):
+        raise ValueError("guided_choice needs at least one string, and only strings")
+    literal = [re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", choice) for choice in choices]
+    return "|".join(f"({text})" for text in literal)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """vLLM's offline form of a constraint, SamplingParams(structured_outputs=...): exactly one of a JSON schema (a
+    dict or its JSON text), a regular expression, a choice of strings, an EBNF grammar, any JSON object, or a
+    structural tag (its JSON text). SamplingParams keeps it as the StructuredOutput it stands for."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+    structural_tag: str | None = None
+
+    def constraint(self) -> StructuredOutput:
+        """The StructuredOutput it stands for; ValueError for none or several, or JSON that does not parse."""
+        given = [name for name in ("json", "regex", "choice", "grammar", "structural_tag")
+                 if getattr(self, name) is not None] + (["json_object"] if self.json_object else [])
+        if len(given) != 1:
+            raise ValueError(f"structured_outputs takes one constraint, got {', '.join(given) or 'none'}")
+        source = f"structured_outputs {given[0]}"
+        try:
+            if self.json is not None:
+                schema = json_module.loads(self.json) if isinstance(self.json, str) else self.json
+                return StructuredOutput(json_module.dumps(schema), source=source)
+            if self.structural_tag is not None:
+                return StructuredOutput(structural_tag=json_module.dumps(json_module.loads(self.structural_tag)),
+                                        source=source)
+        except ValueError:
+            raise ValueError(f"{source} is not valid JSON") from None
+        if self.regex is not None:
+            return StructuredOutput(regex=self.regex, source=source)
+        if self.choice is not None:
+            return StructuredOutput(regex=choice_regex(self.choice), source=source)
+        if self.grammar is not None:
+            return StructuredOutput(grammar=self.grammar, source=source)
+        return StructuredOutput(source=source)
 
 
 @dataclass
@@ -66,6 +114,7 @@ class SamplingParams:
     skip_special_tokens: bool = True  # special tokens (chat markers, tool-call tags) left out of the text (vLLM's)
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's logprob plus k alternatives
     structured_output: StructuredOutput | None = None  # JSON output (OpenAI's response_format)
+    structured_outputs: StructuredOutputsParams | None = None  # vLLM's offline form: becomes structured_output
     # The grammar starts once the output's text holds this string (a reasoning model's "</think>": the
     # answer is constrained, not the thinking before it); None: from the first token.
     structured_output_after: str | None = None
@@ -87,6 +136,10 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = self.logit_bias or {}
         self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
+        if self.structured_outputs is not None:  # (kept as the constraint alone, so that replace() sees one)
+            if self.structured_output is not None:
+                raise ValueError("structured_outputs cannot be combined with structured_output")
+            self.structured_output, self.structured_outputs = self.structured_outputs.constraint(), None
 
     def validate(self, max_logprobs: int | None = 20) -> None:
         """Raise ValueError with a message fit for a 400 response. max_logprobs: the most alternatives logprobs and

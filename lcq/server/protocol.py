@@ -6,7 +6,6 @@ checked once by SamplingParams.validate so the server and the engine agree on wh
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Annotated, Any, ClassVar, Literal, Mapping
 
@@ -14,7 +13,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_serializer, model_validator)
 
 from lcq.runtime.outputs import TokenLogprob
-from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
+from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput, choice_regex
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
@@ -261,11 +260,7 @@ class SamplingRequest(OpenAIRequest):
                 raise ValueError("structured_outputs structural_tag must be a JSON object")
             return StructuredOutput(structural_tag=json.dumps(tag), source="structured_outputs structural_tag")
         if "guided_choice" in guided:
-            choices = guided["guided_choice"]
-            if not choices or not all(isinstance(choice, str) for choice in choices):
-                raise ValueError("guided_choice needs at least one string, and only strings")
-            literal = [re.sub(r"([\\.^$*+?{}\[\]|()])", r"\\\1", choice) for choice in choices]
-            return StructuredOutput(regex="|".join(f"({text})" for text in literal))  # metacharacters escaped
+            return StructuredOutput(regex=choice_regex(guided["guided_choice"]))  # metacharacters escaped
         if kind == "text":
             return None
         if kind == "json_object":
