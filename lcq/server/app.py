@@ -21,7 +21,7 @@ from lcq.errors import UserError
 from lcq.format import FormatError
 from lcq.runtime import AsyncEngine, EngineConfig
 
-from . import chat, completions, embeddings, lora, responses
+from . import chat, completions, embeddings, lora, responses, sagemaker, tgi
 from .errors import APIError, error_responses, install_error_handlers
 from .metrics import CONTENT_TYPE, STATS_LOG_INTERVAL, ActivityLog, ServerMetrics
 from .middleware import GuardMiddleware
@@ -95,7 +95,10 @@ class Lifecycle:
 
 
 @router.get("/health", response_model=HealthResponse, responses=error_responses(503))
+@router.get("/ping", response_model=HealthResponse, responses=error_responses(503))
+@router.post("/ping", response_model=HealthResponse, responses=error_responses(503))
 async def health(request: Request) -> HealthResponse:
+    """Whether the server takes requests; also SageMaker's health check (/ping), as vLLM's and TGI's images answer it."""
     state = get_state(request)
     if not state.accepting():
         raise APIError(503, "draining" if state.engine.is_draining else "the model is loading",
@@ -204,6 +207,8 @@ def create_app(engine: AsyncEngine | EngineConfig, settings: ServeSettings | Non
     app.include_router(chat.router)
     app.include_router(responses.router)
     app.include_router(embeddings.router)
+    app.include_router(tgi.router)
+    app.include_router(sagemaker.router)
     if engine.config.allow_runtime_lora_updating:
         app.include_router(lora.router)
     app.add_middleware(GuardMiddleware, metrics=metrics, api_key=settings.api_key,

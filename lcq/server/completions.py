@@ -46,6 +46,13 @@ def tokenize_prompts(state: ServerState, prompt, param: str = "prompt",
     return ids, texts
 
 
+def special_token_ids(tokenizer) -> set[int]:
+    """Every special token's id (what decoding with skip_special_tokens skips): the special tokens the tokenizer names,
+    and the added tokens marked special (chat markers)."""
+    return {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special} \
+        | set(tokenizer.all_special_ids)
+
+
 class TextOffsets:
     """Where each token of a text starts in it (OpenAI's text_offset): the length of the whole characters of
     the tokens before it, as the detokenizer emits them. The pieces of a character split over tokens all
@@ -58,8 +65,7 @@ class TextOffsets:
         self.decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens,
                                         clean_up_tokenization_spaces=False)
         self.token_bytes = token_bytes
-        self.skipped = {token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special} \
-            | set(tokenizer.all_special_ids) if skip_special_tokens else set()  # (what decoding skips: every special)
+        self.skipped = special_token_ids(tokenizer) if skip_special_tokens else set()
         self.start = start  # where the text begins in what is returned (after an echoed prompt)
         self.held = 0  # whole characters the detokenizer holds back with a character not whole yet
         self.unfinished = b""  # the bytes of that character so far

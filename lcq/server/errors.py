@@ -1,7 +1,8 @@
 """Every failure as OpenAI's error envelope `{"error": {"message", "type", "param", "code"}}`.
 
 Clients (the openai SDK, LangChain, curl scripts) parse this shape and map the status to an exception,
-so client mistakes must be 4xx with a useful message, never FastAPI's 422 or a bare 500.
+so client mistakes must be 4xx with a useful message, never FastAPI's 422 or a bare 500. TGI's routes (tgi.py)
+answer in TGI's shape instead, which its clients parse (error_reply).
 """
 from __future__ import annotations
 
@@ -68,6 +69,28 @@ def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+# status -> TGI's error_type, which its clients map to their exceptions (huggingface_hub's ValidationError,
+# OverloadedError, GenerationError)
+TGI_ERROR_TYPES = {429: "overloaded", 503: "overloaded", 500: "generation"}
+
+
+def speaks_tgi(request: Request) -> None:
+    """Marks a request of TGI's API (a dependency of its routes, which runs before the body is checked): its errors
+    take TGI's shape."""
+    request.state.tgi = True
+
+
+def error_reply(request: Request, error: APIError) -> JSONResponse:
+    """The error as the route's API writes it: OpenAI's envelope, or for TGI's routes (speaks_tgi) TGI's
+    {"error": message, "error_type": kind}, a request's mistake its 422."""
+    if not getattr(request.state, "tgi", False):
+        return error_response(error)
+    status = 422 if error.status == 400 else error.status
+    kind = TGI_ERROR_TYPES.get(status, "validation")
+    return JSONResponse({"error": error.body()["error"]["message"], "error_type": kind}, status_code=status,
+                        headers=error.headers)
+
+
 def not_ready(message: str = "the model is loading or the server is shutting down", retry_after: int = 1) -> APIError:
     return APIError(503, message, code="service_unavailable", headers={"Retry-After": str(retry_after)})
 
@@ -128,27 +151,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return error_reply(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
-        return error_response(APIError(400, message, param=param, code="invalid_value"))
+        return error_reply(request, APIError(400, message, param=param, code="invalid_value"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(exc.status_code,
                                                                                                 str(exc.detail))
-        return error_response(APIError(exc.status_code, message, headers=dict(exc.headers or {})))
+        return error_reply(request, APIError(exc.status_code, message, headers=dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         """Answered by Starlette's outermost layer, outside GuardMiddleware: the request id is added here."""
         request_id = request.state.request_id
         logger.exception("internal error on %s %s (request %s)", request.method, request.url.path, request_id)
-        return error_response(APIError(500, f"internal error: {type(exc).__name__}",
-                                       headers={REQUEST_ID_HEADER: request_id}))
+        return error_reply(request, APIError(500, f"internal error: {type(exc).__name__}",
+                                             headers={REQUEST_ID_HEADER: request_id}))
 
 
 def error_responses(*statuses: int) -> dict:

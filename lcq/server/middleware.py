@@ -14,9 +14,10 @@ from .errors import REQUEST_ID_HEADER, APIError
 from .metrics import ServerMetrics
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+PROTECTED_PATHS = ("/", "/generate", "/generate_stream", "/info", "/invocations")  # TGI's and SageMaker's
 # Probes and scrapes, left out of lcq:http_requests_total as vLLM leaves them out of its: a loading or
 # draining server's 503s to health checks are no client's errors.
-UNCOUNTED_PATHS = ("/health", "/metrics", "/version")
+UNCOUNTED_PATHS = ("/health", "/ping", "/metrics", "/version")
 ASK_NEXT_REPLICA_HEADER = "x-lcq-ask-next-replica"  # set by a balancer that asks another replica on a 404
 REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()  # as ASGI spells header names
 MAX_REQUEST_ID_LENGTH = 128
@@ -83,7 +84,7 @@ class GuardMiddleware:
             raise
 
     def _auth_error(self, path: str, headers: dict[bytes, bytes]) -> APIError | None:
-        if self.api_key is None or not path.startswith(PROTECTED_PREFIXES):
+        if self.api_key is None or not (path.startswith(PROTECTED_PREFIXES) or path in PROTECTED_PATHS):
             return None
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key):

@@ -1,0 +1,166 @@
+"""Text Generation Inference's own routes beside OpenAI's: POST /generate, POST /generate_stream, POST / (TGI's
+compat route: a list of one reply, or the stream where `stream` is true) and GET /info, so that TGI's clients
+(huggingface_hub's InferenceClient.text_generation, the `text-generation` package, LangChain's HuggingFaceEndpoint)
+run against lcq as they are. Replies and errors take TGI's shapes, which those clients parse: every token with its
+logprob and whether it is special, `details` where asked, errors as {"error", "error_type"} (errors.tgi_error_body).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
+from lcq import __version__
+from lcq.runtime.outputs import RequestOutput, TokenLogprob
+from lcq.runtime.sampling_params import MAX_N, MAX_STOP
+
+from .completions import special_token_ids, tokenize_prompts
+from .errors import APIError, error_responses, invalid_value, speaks_tgi
+from .generation import Choice, Generation, check_room
+from .protocol import last_tokens
+from .sse import sse_events, sse_response
+from .state import ServerState, get_state
+from .tgi_protocol import GenerateRequest, finish_reason
+
+router = APIRouter(dependencies=[Depends(speaks_tgi)])  # (errors in TGI's shape, of the body's checks too)
+TGI_RESPONSES = {**error_responses(401, 404, 413, 429, 503), 422: {"description": "TGI's validation error: "
+                                                                                  '{"error", "error_type"}'}}
+STREAM_RESPONSE = {"description": "server-sent events, one per token; the last carries generated_text (and details)",
+                   "content": {"text/event-stream": {}}}
+
+
+class Reply:
+    """One TGI request's generation and how its tokens are written: TGI's token objects, its details."""
+
+    def __init__(self, state: ServerState, body: GenerateRequest, generation: Generation, prompt_text: str):
+        self.body, self.generation = body, generation
+        self.tokenizer = state.engine.tokenizer
+        self.special = special_token_ids(self.tokenizer)
+        self.prefix = prompt_text if body.parameters.return_full_text else ""
+        self.top = body.parameters.top_n_tokens or 0
+        self.sampled = body.parameters.sampling()
+
+    def token(self, token_id: int, text: str, logprob: float | None) -> dict:
+        return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special}
+
+    def top_tokens(self, entry: TokenLogprob) -> list[dict]:
+        return [self.token(i, text, logprob) for i, text, logprob in entry.top[:self.top]]
+
+    def details(self, choice: Choice) -> dict:
+        """A sample's details: why it ended, its tokens (and their alternatives), the prompt's where asked."""
+        details = {"finish_reason": finish_reason(choice.finish_reason, choice.stop_reason),
+                   "generated_tokens": len(choice.token_ids), "seed": choice.params.seed if self.sampled else None,
+                   "prefill": self.prefill(choice),
+                   "tokens": [self.token(e.token_id, e.token, e.logprob) for e in choice.logprobs]}
+        if self.top:
+            details["top_tokens"] = [self.top_tokens(entry) for entry in choice.logprobs]
+        return details
+
+    def prefill(self, choice: Choice) -> list[dict]:
+        """With decoder_input_details, the prompt's tokens and their logprobs (none for the first, as TGI's)."""
+        if not self.body.parameters.decoder_input_details:
+            return []
+        known = choice.prompt_logprobs or [None] * len(choice.prompt_ids)
+        return [{"id": token_id, "text": self.tokenizer.decode([token_id]),
+                 "logprob": None if entry is None else entry.logprob}
+                for token_id, entry in zip(choice.prompt_ids, known)]
+
+    def whole(self) -> dict:
+        """/generate's reply: the likeliest sample (by its tokens' logprobs; the only one without best_of), the
+        others in details.best_of_sequences."""
+        choices = self.generation.choices
+        best = max(choices, key=lambda c: sum(e.logprob for e in c.logprobs))
+        reply = {"generated_text": self.prefix + best.text}
+        if self.body.parameters.details:
+            reply["details"] = self.details(best)
+            if len(choices) > 1:
+                reply["details"]["best_of_sequences"] = [
+                    {"generated_text": self.prefix + c.text, **self.details(c)} for c in choices if c is not best]
+        return reply
+
+    def events(self, choice: Choice, out: RequestOutput) -> list[dict]:
+        """The events of a delta, one per token: each token's own text where the delta's text is theirs put
+        together, else the delta's text on its last token (the detokenizer held some back), so that the texts
+        of the events make the generated text; the last event carries it whole, and the details."""
+        entries = out.logprobs or []
+        texts = [entry.token for entry in entries]
+        if "".join(texts) != out.text and texts:
+            texts = [""] * (len(texts) - 1) + [out.text]
+        events = []
+        for k, (entry, text) in enumerate(zip(entries, texts)):
+            last = out.finish_reason is not None and k == len(entries) - 1
+            details = self.details(choice) if last and self.body.parameters.details else None
+            if details is not None:
+                details = {key: details[key] for key in ("finish_reason", "generated_tokens", "seed")} | \
+                    {"input_length": len(choice.prompt_ids)}
+            events.append({"index": len(choice.token_ids) - len(out.token_ids) + k + 1,  # (from 1, as TGI's)
+                           "token": self.token(entry.token_id, text, entry.logprob),
+                           "top_tokens": self.top_tokens(entry),
+                           "generated_text": self.prefix + choice.text if last else None, "details": details})
+        return events
+
+
+async def generate(body: GenerateRequest, request: Request, stream: bool, listed: bool = False):
+    """One TGI request: a stream of token events, or the reply (in a list of one: the compat route's)."""
+    state = get_state(request)
+    state.check_request(body, request.url.path)
+    parameters = body.parameters
+    if stream and (parameters.best_of or 1) > 1:
+        raise APIError(400, "`best_of` != 1 is not supported when streaming tokens", param="parameters.best_of")
+    if stream and parameters.decoder_input_details:
+        raise APIError(400, "`decoder_input_details` == true is not supported when streaming tokens",
+                       param="parameters.decoder_input_details")
+    prompts, texts = await asyncio.to_thread(tokenize_prompts, state, body.inputs, "inputs")  # off the event loop
+    prompt = last_tokens(prompts[0], parameters.truncate, state.engine.max_model_len)
+    try:
+        params = parameters.sampling_params()
+        params.validate(max_logprobs=None)  # (the engine holds their limit: its max_logprobs)
+    except ValueError as e:
+        raise invalid_value(str(e), body) from None
+    params.lora = state.adapter_for(body)
+    check_room(state, [prompt], parameters.max_new_tokens, "parameters.max_new_tokens")
+    generation = Generation(state, f"generate-{request.state.request_id}", [prompt], params)
+    await generation.submit(body)
+    reply = Reply(state, body, generation, texts[0])
+    if stream:
+        def failed(message: str, bad_request: bool):
+            yield {"error": message, "error_type": "validation" if bad_request else "generation"}
+
+        return sse_response(sse_events(generation, state.settings.keepalive_interval, lambda: (), reply.events,
+                                       lambda: (), failed, end=""))
+    await generation.run(request)
+    headers = {"x-prompt-tokens": str(len(prompt)),
+               "x-generated-tokens": str(sum(len(c.token_ids) for c in generation.choices))}
+    whole = reply.whole()
+    return JSONResponse([whole] if listed else whole, headers=headers)
+
+
+@router.post("/generate", responses=TGI_RESPONSES)
+async def generate_text(body: GenerateRequest, request: Request):
+    return await generate(body, request, stream=False)
+
+
+@router.post("/generate_stream", responses={200: STREAM_RESPONSE, **TGI_RESPONSES})
+async def generate_text_stream(body: GenerateRequest, request: Request):
+    return await generate(body, request, stream=True)
+
+
+@router.post("/", responses={200: STREAM_RESPONSE, **TGI_RESPONSES})
+async def compat_generate(body: GenerateRequest, request: Request):
+    """TGI's compat route, which huggingface_hub's InferenceClient posts to: /generate_stream's events where
+    `stream` is true, else /generate's reply in a list of one."""
+    return await generate(body, request, stream=body.stream, listed=True)
+
+
+@router.get("/info")
+async def info(request: Request) -> dict:
+    """What TGI's /info says of a server, for clients that read its limits."""
+    state = get_state(request)
+    config = state.engine.config
+    context = state.engine.max_model_len or None
+    return {"model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": config.max_num_seqs + config.max_queue, "max_best_of": MAX_N,
+            "max_stop_sequences": MAX_STOP, "max_input_tokens": None if context is None else context - 1,
+            "max_total_tokens": context, "max_client_batch_size": 1, "validation_workers": 1,
+            "router": "lcq", "version": __version__, "sha": None, "docker_label": None}

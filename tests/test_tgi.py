@@ -1,0 +1,152 @@
+"""TGI's own API (/generate, /generate_stream, / and /info) and SageMaker's routes (/ping, /invocations) end to end:
+real uvicorn, a tiny random model, huggingface_hub's InferenceClient as TGI's users call it. Each reply is checked
+against /v1/completions given the same prompt: equal greedy tokens, texts and logprobs mean the parameters reached the
+engine as TGI's and the tokens came back in TGI's shape."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import httpx
+import pytest
+from huggingface_hub import InferenceClient
+from huggingface_hub.errors import ValidationError
+
+from lcq.server.app import create_app
+from lcq.server.settings import ServeSettings
+from tests.live_server import MODEL, LiveServer, engine_config
+from tests.tiny_model import make_tiny_hf
+
+KEY = "sekret"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+PROMPT = "Hello there, how"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = make_tiny_hf(tmp_path_factory.mktemp("tiny"), seed=0)
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(api_key=KEY))) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return InferenceClient(base_url=server.url, api_key=KEY)
+
+
+def completion(server, prompt: str = PROMPT, **fields) -> dict:
+    """/v1/completions' greedy choice for the prompt, with its token ids and logprobs."""
+    body = {"model": MODEL, "prompt": prompt, "temperature": 0, "return_token_ids": True, "logprobs": 0, **fields}
+    response = httpx.post(server.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def test_greedy_details_equal_the_completions_endpoints(server, client):
+    expected = completion(server, max_tokens=8, logprobs=2)
+    out = client.text_generation(PROMPT, max_new_tokens=8, details=True, decoder_input_details=True, top_n_tokens=2)
+    assert out.generated_text == expected["text"]
+    details = out.details
+    assert [t.id for t in details.tokens] == expected["token_ids"] and details.generated_tokens == 8
+    assert details.finish_reason == "length" and details.seed is None  # (greedy)
+    for token, logprob, top in zip(details.tokens, expected["logprobs"]["token_logprobs"], details.top_tokens):
+        assert token.logprob == pytest.approx(logprob, abs=1e-4) and not token.special
+        assert len(top) == 2 and top[0]["logprob"] >= top[1]["logprob"]
+    prompt_ids = client.text_generation(PROMPT, max_new_tokens=1, details=True, decoder_input_details=True)
+    assert [t.id for t in details.prefill] == [t.id for t in prompt_ids.details.prefill] == expected["prompt_token_ids"]
+    assert details.prefill[0].logprob is None and all(t.logprob < 0 for t in details.prefill[1:])
+    assert client.text_generation(PROMPT, max_new_tokens=8) == expected["text"]  # (the plain text, no details)
+
+
+def test_streamed_tokens_make_the_text(server, client):
+    expected = completion(server, max_tokens=12)
+    events = list(client.text_generation(PROMPT, max_new_tokens=12, stream=True, details=True))
+    assert [e.index for e in events] == list(range(1, 13))
+    assert [e.token.id for e in events] == expected["token_ids"]
+    assert "".join(e.token.text for e in events) == expected["text"] == events[-1].generated_text
+    assert all(e.details is None and e.generated_text is None for e in events[:-1])
+    assert events[-1].details.finish_reason == "length" and events[-1].details.generated_tokens == 12
+    assert events[-1].details.input_length == len(expected["prompt_token_ids"])
+    texts = list(client.text_generation(PROMPT, max_new_tokens=12, stream=True))  # without details: the texts
+    assert "".join(texts) == expected["text"]
+
+
+def test_stop_sequences_stay_in_the_text_and_full_text_and_truncate(server, client):
+    text = completion(server, max_tokens=16)["text"]
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if text[i:i + 2].strip() and text[i:i + 2] not in text[:i + 1])
+    out = client.text_generation(PROMPT, max_new_tokens=16, stop=[stop], details=True, return_full_text=True)
+    assert out.generated_text == PROMPT + text[:text.index(stop) + len(stop)]
+    assert out.details.finish_reason == "stop_sequence"
+    truncated = client.text_generation(PROMPT, max_new_tokens=4, truncate=2, details=True, decoder_input_details=True)
+    prompt_ids = completion(server, max_tokens=1)["prompt_token_ids"]
+    assert [t.id for t in truncated.details.prefill] == prompt_ids[-2:]
+
+
+def test_sampling_best_of_and_grammar(client):
+    seeded = [client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, seed=7, details=True) for _ in range(2)]
+    assert seeded[0].generated_text == seeded[1].generated_text and seeded[0].details.seed == 7
+    best = client.text_generation(PROMPT, max_new_tokens=8, best_of=3, do_sample=True, seed=1, details=True)
+    others = best.details.best_of_sequences
+    assert len(others) == 2 and {s.seed for s in others} | {best.details.seed} == {1, 2, 3}
+
+    def total(details) -> float:
+        return sum(t.logprob for t in details.tokens)
+    assert all(total(best.details) >= total(other) for other in others)
+    for grammar in ({"type": "regex", "value": "(yes|no)[0-9]{2}"},
+                    {"type": "json", "value": {"type": "object", "properties": {"a": {"enum": ["x", "y"]}},
+                                               "required": ["a"], "additionalProperties": False}}):
+        out = client.text_generation(PROMPT, max_new_tokens=32, grammar=grammar)
+        assert re.fullmatch(grammar["value"], out) if grammar["type"] == "regex" else json.loads(out)["a"] in "xy"
+
+
+def test_errors_take_tgis_shape(server, client):
+    for wrong in (dict(temperature=-1.0), dict(top_p=1.5), dict(repetition_penalty=0.0), dict(best_of=2)):
+        with pytest.raises(ValidationError):
+            client.text_generation(PROMPT, max_new_tokens=4, **wrong)
+    with pytest.raises(ValidationError, match="typical_p"):  # refused, not ignored
+        client.text_generation(PROMPT, max_new_tokens=4, typical_p=0.5)
+    with pytest.raises(ValidationError, match="best_of"):
+        list(client.text_generation(PROMPT, max_new_tokens=4, best_of=2, do_sample=True, stream=True))
+    for body, status in (({"inputs": "x", "parameters": {"max_new_tokens": "many"}}, 422),
+                         ({"inputs": ""}, 422), ({"parameters": {}}, 422),
+                         ({"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, 422),
+                         ({"inputs": "x", "parameters": {"adapter_id": "none-such"}}, 404)):
+        response = httpx.post(server.url + "/generate", json=body, headers=AUTH)
+        assert response.status_code == status and set(response.json()) == {"error", "error_type"}, response.text
+        assert response.json()["error_type"] == "validation"
+    assert httpx.post(server.url + "/generate", json={"inputs": "x"}).status_code == 401  # (the API key)
+    server.wait_pool_full()
+
+
+def test_generate_routes_and_info(server):
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 6}}
+    plain = httpx.post(server.url + "/generate", json=body, headers=AUTH)
+    assert plain.json() == {"generated_text": completion(server, max_tokens=6)["text"]}
+    assert plain.headers["x-generated-tokens"] == "6"
+    assert httpx.post(server.url + "/", json=body, headers=AUTH).json() == [plain.json()]  # (a list: TGI's compat)
+    stream = httpx.post(server.url + "/generate_stream", json=body, headers=AUTH)
+    assert stream.headers["content-type"].startswith("text/event-stream") and "[DONE]" not in stream.text
+    info = httpx.get(server.url + "/info", headers=AUTH).json()
+    assert info["model_id"] == MODEL and info["max_total_tokens"] == server.engine.max_model_len
+
+
+def test_sagemaker_ping_and_invocations(server):
+    for method in ("GET", "POST"):  # (no key: a probe)
+        assert httpx.request(method, server.url + "/ping").json() == {"status": "ok"}
+    calls = {"prompt": {"prompt": PROMPT, "max_tokens": 3, "temperature": 0},
+             "messages": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3},
+             "input": {"input": "Hi"}, "inputs": {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}}
+    replies = {key: httpx.post(server.url + "/invocations", json=body, headers=AUTH) for key, body in calls.items()}
+    assert {key: r.status_code for key, r in replies.items()} == dict.fromkeys(calls, 200)
+    assert replies["prompt"].json()["choices"][0]["text"] == completion(server, max_tokens=3)["text"]
+    assert replies["inputs"].json()[0]["generated_text"] == replies["prompt"].json()["choices"][0]["text"]
+    assert replies["messages"].json()["object"] == "chat.completion"
+    embedding = replies["input"].json()["data"][0]["embedding"]
+    assert math.isclose(sum(v * v for v in embedding), 1.0, rel_tol=1e-4)
+    for body, param in (({"nothing": 1}, None), ({"messages": 3}, "messages")):
+        response = httpx.post(server.url + "/invocations", json=body, headers=AUTH)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param
+    wrong = httpx.post(server.url + "/invocations", json={"inputs": "x", "parameters": {"top_k": -1}}, headers=AUTH)
+    assert wrong.status_code == 422 and wrong.json()["error_type"] == "validation"  # (TGI's request, TGI's error)
+    assert httpx.post(server.url + "/invocations", json=calls["prompt"]).status_code == 401
