@@ -548,9 +548,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
         schema = self.tool_call_schema()
         if schema is None:
             return super().structured_output()
-        guided = self.guided()
-        if (self.response_format or {}).get("type", "text") != "text":
-            raise ValueError("response_format cannot be combined with a forced tool call")
+        guided = self.guided()  # (a response_format is the form of a text answer, which a forced call leaves none of:
+        # it takes the call's place, as vLLM's does; guided_* constrain this reply, and cannot both be)
         if guided:
             name = "structured_outputs" if self.structured_outputs else next(iter(guided))
             raise ValueError(f"{name} cannot be combined with a forced tool call")

@@ -148,17 +148,23 @@ def _properties(schemas: dict[str, dict], name: str) -> dict:
     return properties if isinstance(properties, dict) else {}
 
 
+# The start of a "required" call up to its arguments: its name whole (a JSON string), as the schema orders them
+CALL_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
+
+
 def forced_call(text: str, forced: str, finish_reason: str | None) -> tuple[list[ToolCall] | None, str | None]:
     """(tool calls, finish reason) of a forced call's generated JSON: the named function's arguments, or
-    {"name", "arguments"} for "required". A call cut short by max_tokens keeps its text, unparsed,
-    as the arguments of a named function, or comes back as content (no tool call) for "required"."""
+    {"name", "arguments"} for "required". A call cut short by max_tokens keeps its arguments' text so far,
+    unparsed, where its name is whole, as a named function's does; cut before that it is no call (None), and
+    its text no content either: the wrapper is the server's, not the model's answer."""
     if forced != "required":
         return [_call(forced, text)], finish_reason
     try:
         value = json.loads(text)
         call = _call_of(value["name"], value["arguments"])
     except (ValueError, KeyError, TypeError, RecursionError):
-        return None, finish_reason
+        head = CALL_HEAD.match(text)
+        return (None if head is None else [_call(json.loads(head.group(1)), text[head.end():])]), finish_reason
     return [call], calls_finish(finish_reason)
 
 
@@ -171,8 +177,7 @@ def read_reply(text: str, forced: str | None, parser: str | None, finish_reason:
     (ReplyReader), so that its content is the same whole or streamed: the text sent before a call may start,
     then what the parser leaves of the rest."""
     if forced:
-        calls, reason = forced_call(text, forced, finish_reason)
-        return (None if calls else text), calls, reason
+        return None, *forced_call(text, forced, finish_reason)
     if parser:
         reader = ReplyReader(None, parser, parallel, schemas)
         content = reader.feed(text)
