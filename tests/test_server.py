@@ -1698,6 +1698,18 @@ def test_x_request_id_names_the_response(server, client, model_dir):
         assert re.fullmatch(r"[0-9a-f]{32}", generated) and reply.json()["id"] == f"cmpl-{generated}", headers
     assert httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
                       headers={"X-Request-Id": "x" * 128}).json()["id"] == "cmpl-" + "x" * 128
+    # vLLM's request_id field names it where no header does (the header first, as vLLM's): body and header alike
+    named = {"request_id": "job-7"}
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2,
+                                                           extra_body=named)
+    assert raw.headers["x-request-id"] == "job-7" and raw.parse().id == "chatcmpl-job-7"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body=named).id == "cmpl-job-7"
+    raw = client.embeddings.with_raw_response.create(model=MODEL, input="Hi", extra_body=named)
+    assert raw.headers["x-request-id"] == "job-7"
+    assert client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, extra_body=named,
+                                     extra_headers=sent).id == "cmpl-trace-42/a.b"
+    unfit = httpx.post(server.url + "/v1/completions", json={"prompt": "Hi", "request_id": "two words"})
+    assert error_of(unfit, 400)["param"] == "request_id"
     # every response carries it: errors of the routes and of the middleware (413), and probes
     for reply in (httpx.post(server.url + "/v1/completions", json={"prompt": "x", "temperature": 5}, headers=sent),
                   httpx.post(server.url + "/v1/completions", json={"prompt": "x" * (MAX_BODY + 1)}, headers=sent),

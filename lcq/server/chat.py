@@ -22,7 +22,7 @@ from .protocol import AssistantMessage, ChatChoice, ChatChunkChoice, ChatComplet
     token_name
 from .reasoning import HARMONY, THINK_END, THINK_START, ReasoningParser, ReasoningStream, reasoning_parser
 from .sse import sse_events, sse_response
-from .state import ServerState, get_state
+from .state import ServerState, get_state, request_id_of
 from .settings import TOOL_CALL_PARSERS
 from .tool_calls import KEEPS_SPECIAL_TOKENS, ReplyReader, read_reply
 
@@ -319,7 +319,7 @@ async def start_chat(body: ChatCompletionRequest, state: ServerState, route: str
              responses=generation_responses(STREAM_RESPONSE))
 async def create_chat_completion(body: ChatCompletionRequest, request: Request):
     state = get_state(request)
-    turn = await start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request.state.request_id}")
+    turn = await start_chat(body, state, "/v1/chat/completions", f"chatcmpl-{request_id_of(request, body)}")
     generation = turn.generation
 
     def chunk(choices: list[ChatChunkChoice], usage=None, prompt_token_ids: list[int] | None = None) -> dict:

@@ -16,7 +16,7 @@ from .generation import Choice, Generation, check_room
 from .protocol import MAX_PROMPTS, CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse, \
     dump, prompt_logprob_entries, token_name
 from .sse import sse_events, sse_response
-from .state import ServerState, get_state
+from .state import ServerState, get_state, request_id_of
 
 router = APIRouter()
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this endpoint
@@ -196,7 +196,7 @@ async def create_completion(body: CompletionRequest, request: Request):
     state.check_token_ids(list(params.logit_bias), "logit_bias")
     state.check_token_ids(params.allowed_token_ids or [], "allowed_token_ids")
     check_room(state, prompts, None if scoring else body.max_tokens, "max_tokens")
-    generation = Generation(state, f"cmpl-{request.state.request_id}", prompts, params, counts_output=not scoring)
+    generation = Generation(state, f"cmpl-{request_id_of(request, body)}", prompts, params, counts_output=not scoring)
     await generation.submit(body)
     tokenizer = state.engine.tokenizer
     logprobs = LogprobFormatter(body.logprobs or 0, state.tokens_as_ids(body), state.engine.token_bytes) \

@@ -15,7 +15,7 @@ from .completions import tokenize_prompts
 from .errors import APIError, error_responses
 from .generation import Generation
 from .protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, last_tokens
-from .state import get_state
+from .state import get_state, request_id_of
 
 router = APIRouter()
 
@@ -31,7 +31,7 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> Embeddi
     prompts, _ = await asyncio.to_thread(tokenize_prompts, state, body.input, "input")
     prompts = [last_tokens(ids, body.truncate_prompt_tokens, state.engine.max_model_len) for ids in prompts]
     params = SamplingParams(max_tokens=1, embed=True, lora=state.adapter_for(body))
-    generation = Generation(state, f"embd-{request.state.request_id}", prompts, params)
+    generation = Generation(state, f"embd-{request_id_of(request, body)}", prompts, params)
     await generation.submit(body)
     await generation.run(request)
     data = [EmbeddingData(index=c.index, embedding=_encoded(c.embedding, body.encoding_format))

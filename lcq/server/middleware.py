@@ -58,9 +58,11 @@ class GuardMiddleware:
         started = False
         headers = dict(scope.get("headers") or [])
         balanced = ASK_NEXT_REPLICA_HEADER.encode() in headers  # (its 404s hand the request on: not answers)
-        request_id = request_id_of(headers)
-        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id to the routes
-        # (in place: the 500 handler, outside this layer, reads the same scope)
+        state = scope.setdefault("state", {})  # request.state to the routes (in place: the 500 handler, outside this
+        # layer, reads the same scope)
+        state["request_id"] = request_id_of(headers)
+        # whether the client named it (else a body's request_id may: state.request_id_of)
+        state["request_id_sent"] = headers.get(REQUEST_ID_KEY) == state["request_id"].encode()
 
         async def guarded_send(message):
             nonlocal started
@@ -68,7 +70,8 @@ class GuardMiddleware:
                 started = True
                 if counted and not (balanced and message["status"] == 404):
                     self.metrics.http_response(message["status"])
-                message = {**message, "headers": [*message.get("headers", []), (REQUEST_ID_KEY, request_id.encode())]}
+                named = (REQUEST_ID_KEY, state["request_id"].encode())
+                message = {**message, "headers": [*message.get("headers", []), named]}
             await send(message)
 
         error = self._auth_error(path, headers)

@@ -33,6 +33,9 @@ def _not_zero(k: int) -> int:
 
 # vLLM's truncate_prompt_tokens: keep a prompt's last k tokens, -1 for as many as the model's context holds
 TruncateTokens = Annotated[int, Field(ge=-1, le=2**31 - 1), AfterValidator(_not_zero)]
+# vLLM's request_id field: the base of the response's id where no X-Request-Id header gives one (state.request_id_of),
+# fit, as that header must be, to go into ids, headers and log lines as it is
+RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 
 def last_tokens(ids: list[int], k: int | None, context: int) -> list[int]:
@@ -344,6 +347,7 @@ Prompts = Annotated[str | list[str] | list[TokenId] | list[list[TokenId]], Befor
 
 class CompletionRequest(SamplingRequest):
     prompt: Prompts
+    request_id: RequestId | None = None
     echo: NullableFlag = False
     logprobs: Int64 | None = None
     best_of: Int64 | None = None
@@ -455,6 +459,7 @@ class Prediction(BaseModel):
 
 class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    request_id: RequestId | None = None
     echo: NullableFlag = False  # vLLM's (the last message before the reply); refused (unsupported)
     prediction: Prediction | None = None
     max_completion_tokens: Count | None = None
@@ -615,6 +620,7 @@ class CompletionTokensDetails(BaseModel):
 class EmbeddingRequest(OpenAIRequest):
     model: str | None = None
     input: Prompts
+    request_id: RequestId | None = None
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None

@@ -8,7 +8,7 @@ from fastapi import Request
 
 from .errors import APIError, not_ready
 from .metrics import ServerMetrics
-from .protocol import OpenAIRequest, SamplingRequest
+from .protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, OpenAIRequest, SamplingRequest
 from .response_store import ResponseStore
 from .settings import ServeSettings
 
@@ -83,6 +83,15 @@ class ServerState:
         if bad:
             raise APIError(400, f"token id {bad[0]} is out of range (vocabulary size {vocab})", param=param,
                            code="invalid_value")
+
+
+def request_id_of(request: Request, body: CompletionRequest | ChatCompletionRequest | EmbeddingRequest) -> str:
+    """The request's id, the base of its response's, as vLLM picks it: the client's X-Request-Id, else the body's
+    request_id, else the server's own. The reply's X-Request-Id header says the same (GuardMiddleware reads it when
+    the reply starts)."""
+    if body.request_id is not None and not request.state.request_id_sent:
+        request.state.request_id = body.request_id
+    return request.state.request_id
 
 
 def get_state(request: Request) -> ServerState:
