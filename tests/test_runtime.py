@@ -1305,6 +1305,28 @@ def test_keep_top_cuts_where_sorting_each_row_does():
     assert widths.min() <= 256 and ((widths > 256) & (widths <= 4096)).any() and widths.max() > 4096
 
 
+def test_typical_p_keeps_what_transformers_keeps():
+    """keep_typical (TGI's typical_p) keeps exactly the tokens transformers' TypicalLogitsWarper keeps, over rows
+    from peaked to flat and masses from 0.2 to 0.99; mixed in a batch with rows without it, which stay whole, and
+    sampled through the engine's sampler only from kept tokens."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, 3000, generator=g) * torch.tensor([8.0, 3.0, 1.0, 0.1]).repeat(2)[:, None]
+    for mass in (0.2, 0.5, 0.95, 0.99):
+        expected = TypicalLogitsWarper(mass)(None, logits.clone()) > float("-inf")
+        kept = filtered_probs(logits, [_seq(SamplingParams(typical_p=mass))] * len(logits)) > 0
+        assert torch.equal(kept, expected), mass
+    seqs = [_seq(SamplingParams(typical_p=0.5 if row % 2 else 1.0, seed=row)) for row in range(len(logits))]
+    probs = filtered_probs(logits, seqs)
+    torch.testing.assert_close(probs[::2], filtered_probs(logits[::2], seqs[::2]))  # (as without typical rows)
+    assert torch.equal(probs[1::2] > 0, filtered_probs(logits[1::2], seqs[1::2]) > 0)
+    tokens = sample(logits.clone(), seqs)[0]
+    assert all(probs[row, token] > 0 for row, token in enumerate(tokens))
+    with pytest.raises(ValueError, match="typical_p"):
+        SamplingParams(typical_p=0.0).validate()
+
+
 def test_draw_follows_the_probabilities():
     probs = torch.tensor([0.2, 0.5, 0.0, 0.25, 0.05]) * 3  # need not sum to 1
     draws = draw(probs.repeat(20000, 1), [_seq(SamplingParams())] * 20000)

@@ -109,7 +109,24 @@ def filtered_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     if any(0 < s.params.top_k < vocab or s.params.top_p < 1 for s in seqs):
         top_k = host_tensor([s.params.top_k if s.params.top_k > 0 else vocab for s in seqs], device)
         probs = keep_top(probs, top_k, host_tensor([s.params.top_p for s in seqs], device))
+    if any(s.params.typical_p < 1 for s in seqs):  # after top-k and top-p, as TGI and transformers apply it
+        typical_p = host_tensor([s.params.typical_p for s in seqs], device)
+        probs = keep_typical(probs / probs.sum(-1, keepdim=True), typical_p)
     return probs / probs.sum(-1, keepdim=True)
+
+
+def keep_typical(probs: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """probs (rows summing to 1) with each row's tokens zeroed outside the fewest that hold typical_p of its mass,
+    taken in order of how close their surprise (-log p) lies to the row's entropy: locally typical sampling, as
+    transformers' TypicalLogitsWarper keeps them (the token at the cut kept, ties with it too; the closest always)."""
+    logs = torch.where(probs > 0, probs.log(), float("-inf"))
+    entropy = -(probs * logs).nan_to_num().sum(-1, keepdim=True)
+    distance = (-logs - entropy).abs()  # (inf for zeroed tokens: last)
+    distances, order = distance.sort(dim=-1, stable=True)
+    cut = ((probs.gather(1, order).cumsum(-1) < typical_p.unsqueeze(1)).sum(-1, keepdim=True)).clamp(
+        max=probs.shape[1] - 1)
+    keep = distance <= distances.gather(1, cut)
+    return torch.where(keep, probs, 0.0)
 
 
 def keep_top(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -191,7 +208,7 @@ def draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 def sample_rows(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """draw(filtered_probs(logits, seqs), seqs), in one C call for fp32 CPU logits (cpu_ops.sample_rows:
     1-2 ms for 64 rows of 49,152 where the torch ops took 3-7)."""
-    if not cpu_ops.usable(logits):
+    if not cpu_ops.usable(logits) or any(s.params.typical_p < 1 for s in seqs):  # (the C call has no typical_p)
         return draw(filtered_probs(logits, seqs), seqs)
     vocab = logits.shape[1]
     settings = [[s.params.temperature for s in seqs], [s.params.min_p for s in seqs],

@@ -89,6 +89,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1: disabled
     min_p: float = 0.0
+    typical_p: float = 1.0  # locally typical sampling (TGI's and transformers'); 1: off
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -152,6 +153,7 @@ class SamplingParams:
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (self.top_k >= -1, "top_k must be -1, 0 or positive"),
             (0.0 <= self.min_p <= 1.0, "min_p must be between 0 and 1"),
+            (0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
             (0.0 < self.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
@@ -211,7 +213,8 @@ class SamplingParams:
             value = getattr(self, name)
             if not whole(value) and not (value is None and name in optional):
                 return f"{name} must be an integer (got {value!r})"
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        for name in ("temperature", "top_p", "min_p", "typical_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
             if not number(getattr(self, name)):
                 return f"{name} must be a number (got {getattr(self, name)!r})"
         if not all(isinstance(text, str) for text in self.stop):
