@@ -65,6 +65,15 @@ def test_streamed_tokens_make_the_text(server, client):
     assert [e.index for e in events] == list(range(1, 13))
     assert [e.token.id for e in events] == expected["token_ids"]
     assert "".join(e.token.text for e in events) == expected["text"] == events[-1].generated_text
+    # the same token texts in /generate's details: each character whole with the token that ends it
+    whole = client.text_generation(PROMPT, max_new_tokens=12, details=True).details.tokens
+    assert [t.text for t in whole] == [e.token.text for e in events]
+    # a character of several tokens (an emoji's bytes): no token shows a piece of it (U+FFFD), both routes alike
+    emoji = {"max_new_tokens": 40, "grammar": {"type": "regex", "value": "( 🐦){3}"}}
+    tokens = client.text_generation(PROMPT, details=True, **emoji).details.tokens
+    streamed = [e.token for e in client.text_generation(PROMPT, details=True, stream=True, **emoji)]
+    assert [t.text for t in tokens] == [t.text for t in streamed] and len(tokens) > 3
+    assert "".join(t.text for t in tokens if not t.special) == " 🐦" * 3
     assert all(e.details is None and e.generated_text is None for e in events[:-1])
     assert events[-1].details.finish_reason == "length" and events[-1].details.generated_tokens == 12
     assert events[-1].details.input_length == len(expected["prompt_token_ids"])
@@ -86,6 +95,13 @@ def test_stop_sequences_stay_in_the_text_and_full_text_and_truncate(server, clie
 def test_sampling_best_of_and_grammar(client):
     seeded = [client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, seed=7, details=True) for _ in range(2)]
     assert seeded[0].generated_text == seeded[1].generated_text and seeded[0].details.seed == 7
+    # unseeded, a seed is drawn and reported, as TGI's, which gives the sample again; typical_p (LangChain's
+    # HuggingFaceEndpoint sends 0.95) samples from the typical tokens
+    for typical in (None, 0.95):
+        drawn = client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, typical_p=typical, details=True)
+        again = client.text_generation(PROMPT, max_new_tokens=8, do_sample=True, typical_p=typical,
+                                       seed=drawn.details.seed, details=True)
+        assert drawn.details.seed is not None and again.generated_text == drawn.generated_text
     best = client.text_generation(PROMPT, max_new_tokens=8, best_of=3, do_sample=True, seed=1, details=True)
     others = best.details.best_of_sequences
     assert len(others) == 2 and {s.seed for s in others} | {best.details.seed} == {1, 2, 3}
@@ -100,19 +116,48 @@ def test_sampling_best_of_and_grammar(client):
         assert re.fullmatch(grammar["value"], out) if grammar["type"] == "regex" else json.loads(out)["a"] in "xy"
 
 
+def test_defaults_and_what_tgis_clients_send_to_openais_routes(server, client):
+    """max_new_tokens unset is TGI's 100, null the rest of the context; the chat route takes the model names TGI's
+    clients send for none (huggingface_hub's "dummy", text-generation's "tgi", huggingface.js's URL) and TGI's
+    response_format, as huggingface_hub rewrites a json_schema one; replies carry a system_fingerprint."""
+    for max_new_tokens, length_ok in (({}, lambda n: n == 100), ({"max_new_tokens": None}, lambda n: n > 100)):
+        body = {"inputs": PROMPT, "parameters": {"details": True, **max_new_tokens}}
+        details = httpx.post(server.url + "/generate", json=body, headers=AUTH, timeout=120).json()["details"]
+        assert details["finish_reason"] == "eos_token" or length_ok(details["generated_tokens"]), details
+    chat = InferenceClient(base_url=server.url, api_key=KEY)  # (its chat_completion sends the model "dummy")
+    reply = chat.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert reply.model == MODEL and reply.system_fingerprint
+    for name in ("tgi", server.url):
+        assert chat.chat_completion([{"role": "user", "content": "Hi"}], model=name, max_tokens=3).model == MODEL
+    with pytest.raises(Exception, match="404"):
+        chat.chat_completion([{"role": "user", "content": "Hi"}], model="none-such", max_tokens=3)
+    schema = {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"],
+              "additionalProperties": False}
+    formatted = chat.chat_completion([{"role": "user", "content": "Hi"}], max_tokens=32, response_format={
+        "type": "json_schema", "json_schema": {"name": "out", "schema": schema}})
+    assert json.loads(formatted.choices[0].message.content)["a"] in ("x", "y")
+    for format_ in ({"type": "regex", "value": "(ab)+c"}, {"type": "json", "value": schema}):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32,
+                "response_format": format_}
+        text = httpx.post(server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60).json()
+        content = text["choices"][0]["message"]["content"]
+        assert re.fullmatch("(ab)+c", content) if format_["type"] == "regex" else json.loads(content)["a"] in "xy"
+
+
 def test_errors_take_tgis_shape(server, client):
     for wrong in (dict(temperature=-1.0), dict(top_p=1.5), dict(repetition_penalty=0.0), dict(best_of=2)):
         with pytest.raises(ValidationError):
             client.text_generation(PROMPT, max_new_tokens=4, **wrong)
-    with pytest.raises(ValidationError, match="typical_p"):  # refused, not ignored
-        client.text_generation(PROMPT, max_new_tokens=4, typical_p=0.5)
+    with pytest.raises(ValidationError, match="watermark"):  # refused, not ignored
+        client.text_generation(PROMPT, max_new_tokens=4, watermark=True)
     with pytest.raises(ValidationError, match="best_of"):
         list(client.text_generation(PROMPT, max_new_tokens=4, best_of=2, do_sample=True, stream=True))
     for body, status in (({"inputs": "x", "parameters": {"max_new_tokens": "many"}}, 422),
                          ({"inputs": ""}, 422), ({"parameters": {}}, 422),
                          ({"inputs": "x", "parameters": {"max_new_tokens": 10**6}}, 422),
-                         ({"inputs": "x", "parameters": {"adapter_id": "none-such"}}, 404)):
-        response = httpx.post(server.url + "/generate", json=body, headers=AUTH)
+                         ({"inputs": "x", "parameters": {"adapter_id": "none-such"}}, 404), ("{not json", 422)):
+        response = httpx.post(server.url + "/generate", headers=AUTH,
+                              **({"content": body} if isinstance(body, str) else {"json": body}))
         assert response.status_code == status and set(response.json()) == {"error", "error_type"}, response.text
         assert response.json()["error_type"] == "validation"
     assert httpx.post(server.url + "/generate", json={"inputs": "x"}).status_code == 401  # (the API key)

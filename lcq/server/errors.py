@@ -74,16 +74,21 @@ def error_response(error: APIError) -> JSONResponse:
 TGI_ERROR_TYPES = {429: "overloaded", 503: "overloaded", 500: "generation"}
 
 
+def tgi_route(endpoint):
+    """Marks a route of TGI's API: its errors take TGI's shape (error_reply), those of reading its body too."""
+    endpoint.speaks_tgi = True
+    return endpoint
+
+
 def speaks_tgi(request: Request) -> None:
-    """Marks a request of TGI's API (a dependency of its routes, which runs before the body is checked): its errors
-    take TGI's shape."""
+    """Marks a request of TGI's API that came by another route (/invocations): its errors take TGI's shape."""
     request.state.tgi = True
 
 
 def error_reply(request: Request, error: APIError) -> JSONResponse:
-    """The error as the route's API writes it: OpenAI's envelope, or for TGI's routes (speaks_tgi) TGI's
+    """The error as the request's API writes it: OpenAI's envelope, or for TGI's (tgi_route, speaks_tgi) TGI's
     {"error": message, "error_type": kind}, a request's mistake its 422."""
-    if not getattr(request.state, "tgi", False):
+    if not (getattr(request.state, "tgi", False) or getattr(request.scope.get("endpoint"), "speaks_tgi", False)):
         return error_response(error)
     status = 422 if error.status == 400 else error.status
     kind = TGI_ERROR_TYPES.get(status, "validation")

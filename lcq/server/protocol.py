@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal, Mapping
 from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictInt,
                       model_serializer, model_validator)
 
+from lcq import __version__
 from lcq.runtime.outputs import TokenLogprob
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput, choice_regex
 
@@ -95,6 +96,30 @@ class OpenAIRequest(BaseModel):
         """(field, message) when the request asks for what this server cannot do and ignoring it
         would return something else than asked (a 400); None otherwise."""
         return None
+
+
+# TGI's grammar types, {"type", "value"}: its /generate's `grammar` and its chat's `response_format`
+TGI_GRAMMARS = ("json", "json_object", "json_schema", "regex")
+
+
+def tgi_grammar(kind: str, value: Any, source: str) -> StructuredOutput:
+    """The constraint of TGI's grammar: a regular expression (regex), or a JSON schema (json and its alias
+    json_object: the schema itself, or its JSON text; json_schema: under `schema`, as TGI's, else itself).
+    huggingface_hub sends a chat's json_schema response_format to TGI as {"type": "json_object", "value": schema}.
+    ValueError, naming `source`, for a value of the wrong form."""
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ValueError(f"{source}: a regex grammar's value must be a string")
+        return StructuredOutput(regex=value, source=source)
+    schema = value.get("schema", value) if kind == "json_schema" and isinstance(value, dict) else value
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except ValueError:
+            raise ValueError(f"{source}: the JSON schema's text is not valid JSON") from None
+    if not isinstance(schema, dict):
+        raise ValueError(f"{source}: a {kind} grammar's value must be a JSON schema (an object)")
+    return StructuredOutput(json.dumps(schema), source=source)
 
 
 class StreamOptions(BaseModel):
@@ -266,6 +291,8 @@ class SamplingRequest(OpenAIRequest):
             return StructuredOutput(regex=choice_regex(guided["guided_choice"]))  # metacharacters escaped
         if kind == "text":
             return None
+        if kind in TGI_GRAMMARS and "value" in self.response_format:  # (TGI's form, as huggingface_hub sends it)
+            return tgi_grammar(kind, self.response_format["value"], "response_format")
         if kind == "json_object":
             return StructuredOutput()
         if kind == "json_schema":
@@ -279,8 +306,8 @@ class SamplingRequest(OpenAIRequest):
             tag = self.response_format if "format" in self.response_format else {
                 key: value for key, value in self.response_format.items() if key != "type"}
             return StructuredOutput(structural_tag=json.dumps(tag), source="response_format structural_tag")
-        raise ValueError(f"response_format type {kind!r} is not supported: text, json_object, json_schema or "
-                         "structural_tag")
+        raise ValueError(f"response_format type {kind!r} is not supported: text, json_object, json_schema, "
+                         "structural_tag, or TGI's json and regex with a value")
 
     def adds_special_tokens(self, default: bool) -> bool:
         """add_special_tokens as asked, else the endpoint's `default`: completions add them (the prompt is raw
@@ -711,6 +738,10 @@ class CompletionChoice(OmitsUnset):
     prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # with prompt_logprobs, as vLLM's
 
 
+# OpenAI's name of the serving configuration (clients such as TGI's text-generation package require it)
+SYSTEM_FINGERPRINT = f"lcq-{__version__}"
+
+
 class CompletionResponse(BaseModel):
     """A completion, and each streamed chunk of one (OpenAI's stream sends the same object)."""
 
@@ -718,6 +749,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int = Field(default_factory=now)
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[CompletionChoice]
     usage: UsageInfo | None = None
 
@@ -791,6 +823,7 @@ class ChatCompletionResponse(OmitsUnset):
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=now)
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None  # with return_token_ids, as vLLM's
@@ -827,6 +860,7 @@ class ChatCompletionChunk(OmitsUnset):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int = Field(default_factory=now)
     model: str
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatChunkChoice]
     usage: UsageInfo | None = None
     prompt_token_ids: list[int] | None = None  # with return_token_ids: on the first chunk, as vLLM's

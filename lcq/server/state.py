@@ -13,6 +13,7 @@ from .response_store import ResponseStore
 from .settings import ServeSettings
 
 logger = logging.getLogger("lcq.server")
+TGI_PLACEHOLDER_MODELS = ("tgi", "dummy")  # (ServerState.names_base_model)
 
 
 @dataclass
@@ -42,7 +43,17 @@ class ServerState:
         base model's is an adapter: one unloaded since check_request saw it then reaches the engine, whose
         refusal is the 404 (looked up again here, the request ran on the base model, a 200)."""
         model = getattr(request, "model", None)
-        return None if model is None or model in self.model_names else model
+        return None if self.names_base_model(model) else model
+
+    def names_base_model(self, model: str | None) -> bool:
+        """Whether a request's model names the base model: none, one of its names, or, where no adapter has it, a
+        name TGI's clients send when they know none, which TGI takes for its model (it takes any): "tgi"
+        (the text-generation package's chat), "dummy" (huggingface_hub's chat_completion with a base_url) or the
+        endpoint's URL (huggingface.js)."""
+        if model is None or model in self.model_names:
+            return True
+        placeholder = model in TGI_PLACEHOLDER_MODELS or model.startswith(("http://", "https://"))
+        return placeholder and model not in self.adapters
 
     def accepting(self) -> bool:
         return bool(self.engine.is_ready and not self.engine.is_draining)
@@ -65,7 +76,7 @@ class ServerState:
         if (refused := request.unsupported()) is not None:
             raise APIError(400, refused[1], param=refused[0], code="unsupported_value")
         model = getattr(request, "model", None)
-        if model and model not in self.model_names and model not in self.adapters:
+        if model and not self.names_base_model(model) and model not in self.adapters:
             self.metrics.rejected("model_not_found")
             served = ", ".join(f"`{name}`" for name in (*self.model_names, *self.adapters))
             raise APIError(404, f"the model `{model}` does not exist; this server serves {served}",

@@ -8,22 +8,23 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from lcq import __version__
+from lcq.runtime.detokenizer import IncrementalDetokenizer
 from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from lcq.runtime.sampling_params import MAX_N, MAX_STOP
 
 from .completions import special_token_ids, tokenize_prompts
-from .errors import APIError, error_responses, invalid_value, speaks_tgi
+from .errors import APIError, error_responses, invalid_value, tgi_route
 from .generation import Choice, Generation, check_room
 from .protocol import last_tokens
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 from .tgi_protocol import GenerateRequest, finish_reason
 
-router = APIRouter(dependencies=[Depends(speaks_tgi)])  # (errors in TGI's shape, of the body's checks too)
+router = APIRouter()
 TGI_RESPONSES = {**error_responses(401, 404, 413, 429, 503), 422: {"description": "TGI's validation error: "
                                                                                   '{"error", "error_type"}'}}
 STREAM_RESPONSE = {"description": "server-sent events, one per token; the last carries generated_text (and details)",
@@ -40,19 +41,34 @@ class Reply:
         self.prefix = prompt_text if body.parameters.return_full_text else ""
         self.top = body.parameters.top_n_tokens or 0
         self.sampled = body.parameters.sampling()
+        self.detokenizers: dict[int, IncrementalDetokenizer] = {}
 
     def token(self, token_id: int, text: str, logprob: float | None) -> dict:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special}
 
+    def tokens(self, choice: Choice, entries: list[TokenLogprob]) -> list[dict]:
+        """The next tokens of a choice, as TGI writes each: the text it completes (none while a character is
+        not whole yet, the character with the token that ends it), a special token's own text, so that the
+        texts of the tokens that are not special make the generated text, as TGI's clients join them. The same
+        for /generate's details and /generate_stream's events."""
+        if choice.index not in self.detokenizers:
+            self.detokenizers[choice.index] = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, [])
+        detokenizer = self.detokenizers[choice.index]
+        return [self.token(e.token_id, e.token if e.token_id in self.special else detokenizer.add(e.token_id),
+                           e.logprob) for e in entries]
+
     def top_tokens(self, entry: TokenLogprob) -> list[dict]:
         return [self.token(i, text, logprob) for i, text, logprob in entry.top[:self.top]]
 
+    def ending(self, choice: Choice) -> dict:
+        """Why a sample ended, its length and seed: what every details object starts with."""
+        return {"finish_reason": finish_reason(choice.finish_reason, choice.stop_reason),
+                "generated_tokens": len(choice.token_ids), "seed": choice.params.seed if self.sampled else None}
+
     def details(self, choice: Choice) -> dict:
-        """A sample's details: why it ended, its tokens (and their alternatives), the prompt's where asked."""
-        details = {"finish_reason": finish_reason(choice.finish_reason, choice.stop_reason),
-                   "generated_tokens": len(choice.token_ids), "seed": choice.params.seed if self.sampled else None,
-                   "prefill": self.prefill(choice),
-                   "tokens": [self.token(e.token_id, e.token, e.logprob) for e in choice.logprobs]}
+        """A whole sample's details: why it ended, its tokens (and their alternatives), the prompt's where asked."""
+        details = {**self.ending(choice), "prefill": self.prefill(choice),
+                   "tokens": self.tokens(choice, choice.logprobs)}
         if self.top:
             details["top_tokens"] = [self.top_tokens(entry) for entry in choice.logprobs]
         return details
@@ -80,22 +96,15 @@ class Reply:
         return reply
 
     def events(self, choice: Choice, out: RequestOutput) -> list[dict]:
-        """The events of a delta, one per token: each token's own text where the delta's text is theirs put
-        together, else the delta's text on its last token (the detokenizer held some back), so that the texts
-        of the events make the generated text; the last event carries it whole, and the details."""
+        """The events of a delta, one per token (numbered from 1, as TGI's); the last event of the sample carries
+        the generated text whole and, with details, why it ended."""
         entries = out.logprobs or []
-        texts = [entry.token for entry in entries]
-        if "".join(texts) != out.text and texts:
-            texts = [""] * (len(texts) - 1) + [out.text]
         events = []
-        for k, (entry, text) in enumerate(zip(entries, texts)):
+        for k, (entry, token) in enumerate(zip(entries, self.tokens(choice, entries))):
             last = out.finish_reason is not None and k == len(entries) - 1
-            details = self.details(choice) if last and self.body.parameters.details else None
-            if details is not None:
-                details = {key: details[key] for key in ("finish_reason", "generated_tokens", "seed")} | \
-                    {"input_length": len(choice.prompt_ids)}
-            events.append({"index": len(choice.token_ids) - len(out.token_ids) + k + 1,  # (from 1, as TGI's)
-                           "token": self.token(entry.token_id, text, entry.logprob),
+            details = {**self.ending(choice), "input_length": len(choice.prompt_ids)} \
+                if last and self.body.parameters.details else None
+            events.append({"index": len(choice.token_ids) - len(out.token_ids) + k + 1, "token": token,
                            "top_tokens": self.top_tokens(entry),
                            "generated_text": self.prefix + choice.text if last else None, "details": details})
         return events
@@ -137,16 +146,19 @@ async def generate(body: GenerateRequest, request: Request, stream: bool, listed
 
 
 @router.post("/generate", responses=TGI_RESPONSES)
+@tgi_route
 async def generate_text(body: GenerateRequest, request: Request):
     return await generate(body, request, stream=False)
 
 
 @router.post("/generate_stream", responses={200: STREAM_RESPONSE, **TGI_RESPONSES})
+@tgi_route
 async def generate_text_stream(body: GenerateRequest, request: Request):
     return await generate(body, request, stream=True)
 
 
 @router.post("/", responses={200: STREAM_RESPONSE, **TGI_RESPONSES})
+@tgi_route
 async def compat_generate(body: GenerateRequest, request: Request):
     """TGI's compat route, which huggingface_hub's InferenceClient posts to: /generate_stream's events where
     `stream` is true, else /generate's reply in a list of one."""
@@ -154,6 +166,7 @@ async def compat_generate(body: GenerateRequest, request: Request):
 
 
 @router.get("/info")
+@tgi_route
 async def info(request: Request) -> dict:
     """What TGI's /info says of a server, for clients that read its limits."""
     state = get_state(request)

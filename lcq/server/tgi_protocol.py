@@ -1,46 +1,33 @@
 """Text Generation Inference's request body (`inputs` and `parameters`), as TGI's clients send it to /generate,
 /generate_stream and /: huggingface_hub's InferenceClient.text_generation, the `text-generation` package, LangChain's
-HuggingFaceEndpoint. Its checks say what TGI's say; what lcq cannot do (typical_p, watermark) is refused, not
-ignored."""
+HuggingFaceEndpoint. Its checks say what TGI's say; what lcq cannot do (watermark) is refused, not ignored."""
 from __future__ import annotations
 
-import json
+import random
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lcq.runtime.sampling_params import SEED_MODULUS, SamplingParams, StructuredOutput
 
-from .protocol import OpenAIRequest
+from .protocol import TGI_GRAMMARS, OpenAIRequest, tgi_grammar
 
+DEFAULT_MAX_NEW_TOKENS = 100  # TGI's
 # TGI's field of each SamplingParams field the engine's errors may name
 TGI_FIELDS = {"max_tokens": "max_new_tokens", "logprobs": "top_n_tokens", "n": "best_of", "stop": "stop",
-              "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "seed": "seed",
-              "repetition_penalty": "repetition_penalty", "frequency_penalty": "frequency_penalty",
+              "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "typical_p": "typical_p",
+              "seed": "seed", "repetition_penalty": "repetition_penalty", "frequency_penalty": "frequency_penalty",
               "prompt": "inputs", "structured_output": "grammar"}
 
 
 class Grammar(BaseModel):
-    """TGI's grammar: a JSON schema (`json`; `json_schema` with the schema under `schema`) or a regular expression."""
+    """TGI's grammar: a JSON schema or a regular expression (protocol.tgi_grammar)."""
 
-    type: Literal["json", "regex", "json_schema"]
+    type: Literal[TGI_GRAMMARS]
     value: Any
 
     def constraint(self) -> StructuredOutput:
-        if self.type == "regex":
-            if not isinstance(self.value, str):
-                raise ValueError("grammar: a regex grammar's value must be a string")
-            return StructuredOutput(regex=self.value, source="grammar")
-        schema = self.value.get("schema") if self.type == "json_schema" and isinstance(self.value, dict) \
-            else self.value
-        if isinstance(schema, str):  # (its JSON text)
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError:
-                raise ValueError("grammar: the JSON schema's text is not valid JSON") from None
-        if not isinstance(schema, dict):
-            raise ValueError(f"grammar: a {self.type} grammar's value must be a JSON schema (an object)")
-        return StructuredOutput(json_schema=json.dumps(schema), source="grammar")
+        return tgi_grammar(self.type, self.value, "grammar")
 
 
 class GenerateParameters(BaseModel):
@@ -53,7 +40,7 @@ class GenerateParameters(BaseModel):
     do_sample: bool = False
     frequency_penalty: float | None = None
     grammar: Grammar | None = None
-    max_new_tokens: int | None = None  # None: up to the context, as TGI's since 2.0
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # TGI's default where unset; null: up to the context
     repetition_penalty: float | None = None
     return_full_text: bool | None = None  # the prompt before the generated text
     seed: int | None = Field(default=None, ge=0)
@@ -69,7 +56,7 @@ class GenerateParameters(BaseModel):
     def sampling(self) -> bool:
         """Whether tokens are sampled, as TGI decides it: do_sample, or a warper that changes the distribution."""
         return self.do_sample or self.temperature not in (None, 1.0) or self.top_k not in (None, 0) \
-            or self.top_p not in (None, 1.0)
+            or self.top_p not in (None, 1.0) or self.typical_p not in (None, 1.0)
 
     def problem(self) -> str | None:
         """TGI's check of a value no valid request has, in its words; None if none."""
@@ -81,8 +68,9 @@ class GenerateParameters(BaseModel):
                 return f"`{name}` must be strictly positive"
         if self.frequency_penalty is not None and not -2.0 <= self.frequency_penalty <= 2.0:
             return "`frequency_penalty` must be >= -2.0 and <= 2.0"
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            return "`top_p` must be > 0.0 and <= 1.0"
+        for name, value in (("top_p", self.top_p), ("typical_p", self.typical_p)):
+            if value is not None and not 0.0 < value <= 1.0:
+                return f"`{name}` must be > 0.0 and <= 1.0"
         if self.top_n_tokens is not None and self.top_n_tokens < 0:
             return "`top_n_tokens` must be >= 0"
         if (self.best_of or 1) > 1 and not self.sampling():
@@ -92,15 +80,17 @@ class GenerateParameters(BaseModel):
         return None
 
     def sampling_params(self) -> SamplingParams:
-        """SamplingParams for one sample (best_of is fanned out by the server): greedy unless sampling, every
-        token's logprob (TGI's tokens carry theirs), stop strings kept in the text, as TGI's are."""
+        """SamplingParams for one sample (best_of is fanned out by the server): greedy unless sampling, then
+        seeded (a seed drawn here where none was given, which details report, as TGI's), every token's logprob
+        (TGI's tokens carry theirs), stop strings kept in the text, as TGI's are."""
         sampled = self.sampling()
+        seed = self.seed if self.seed is not None or not sampled else random.randrange(SEED_MODULUS)
         return SamplingParams(
             max_tokens=self.max_new_tokens,
             temperature=(self.temperature or 1.0) if sampled else 0.0,
-            top_p=self.top_p or 1.0, top_k=self.top_k or 0,
+            top_p=self.top_p or 1.0, top_k=self.top_k or 0, typical_p=self.typical_p or 1.0,
             frequency_penalty=self.frequency_penalty or 0.0, repetition_penalty=self.repetition_penalty or 1.0,
-            seed=None if self.seed is None else self.seed % SEED_MODULUS,
+            seed=None if seed is None else seed % SEED_MODULUS,
             stop=list(self.stop), include_stop_str_in_output=True,
             logprobs=self.top_n_tokens or 0, n=self.best_of or 1,
             prompt_logprobs=0 if self.decoder_input_details else None,
@@ -133,8 +123,6 @@ class GenerateRequest(OpenAIRequest):
         return None
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.parameters.typical_p not in (None, 1.0):
-            return "parameters.typical_p", "`typical_p` (typical sampling) is not supported by this server"
         if self.parameters.watermark:
             return "parameters.watermark", "`watermark` is not supported by this server"
         return None
