@@ -8,8 +8,10 @@ is installed, the shipped nginx.conf also runs in front of live servers. The GPU
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -144,6 +146,43 @@ def test_dockerfile_installs_and_serves_like_the_makefile(name):
     if name == "Dockerfile.cpu":  # the C kernels are built in the build stage, into the package
         assert "native.build(native.FOLDER)" in text.split("\nFROM ")[1]
     assert (DOCKER / f"{name}.dockerignore").is_file()
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cpu"])
+def test_dockerfile_has_a_sagemaker_target_and_keeps_the_serve_image_the_default(name):
+    text = (DOCKER / name).read_text()
+    stages = text.split("\nFROM ")
+    sagemaker = next(stage for stage in stages if stage.startswith("runtime AS sagemaker"))
+    assert "docker/sagemaker-entrypoint.sh /opt/lcq/bin/sagemaker-entrypoint" in sagemaker
+    assert 'ENTRYPOINT ["sagemaker-entrypoint"]' in sagemaker and "EXPOSE 8080" in sagemaker
+    assert stages[-1].strip() == "runtime" and " AS runtime\n" in text  # (the last stage is what a build makes)
+    assert "!docker/sagemaker-entrypoint.sh" in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+
+
+def test_sagemaker_entrypoint_serves_ping_and_invocations(tmp_path):
+    """SageMaker's start of the image, `IMAGE serve`, through the entrypoint script and the real `lcq serve`: the
+    port SageMaker binds (SAGEMAKER_BIND_TO_PORT), the model HF_MODEL_ID names, /ping and /invocations."""
+    from tests.test_server_cli import _wait_until_ready
+    from tests.tiny_model import make_tiny_hf
+
+    httpx = pytest.importorskip("httpx")
+    model = make_tiny_hf(tmp_path / "tiny")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LCQ_")},
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_MODEL_ID": str(model),
+           "SAGEMAKER_BIND_TO_PORT": "0", "LCQ_HOST": "127.0.0.1", "LCQ_KV_CACHE_MEMORY_GB": "0.01"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(["sh", str(DOCKER / "sagemaker-entrypoint.sh"), "serve"], stdout=log_file,
+                                   stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        url = _wait_until_ready(process, log)
+        assert httpx.get(url + "/ping").status_code == 200
+        reply = httpx.post(url + "/invocations", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["choices"][0]["finish_reason"] == "length"
+        assert httpx.get(url + "/v1/models").json()["data"][0]["root"] == str(model)  # (HF_MODEL_ID's)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def _env_names(path: Path) -> set[str]:
