@@ -87,6 +87,18 @@ def test_stop_sequences_stay_in_the_text_and_full_text_and_truncate(server, clie
     out = client.text_generation(PROMPT, max_new_tokens=16, stop=[stop], details=True, return_full_text=True)
     assert out.generated_text == PROMPT + text[:text.index(stop) + len(stop)]
     assert out.details.finish_reason == "stop_sequence"
+    # the tokens' texts end where the text does, a stop string's end inside a token too, streamed alike
+    cut = text[:text.index(stop) + len(stop)]
+    assert "".join(t.text for t in out.details.tokens if not t.special) == cut
+    tokens = [t.text for t in client.text_generation(PROMPT, max_new_tokens=16, details=True).details.tokens]
+    at = next(k for k, token in enumerate(tokens) if k > 1 and len(token) > 1 and "".join(tokens[:k]).strip())
+    inside = "".join(tokens[:at])[-3:] + tokens[at][0]  # (ends inside token `at`, unless found before)
+    for stop_here in (stop, inside):
+        events = list(client.text_generation(PROMPT, max_new_tokens=16, stop=[stop_here], stream=True, details=True))
+        assert "".join(e.token.text for e in events if not e.token.special) == events[-1].generated_text
+        assert events[-1].generated_text.endswith(stop_here) and events[-1].details.finish_reason == "stop_sequence"
+    if len(events) == at + 1:  # (ended inside token `at`: its text cut there)
+        assert events[-1].token.text == tokens[at][0]
     truncated = client.text_generation(PROMPT, max_new_tokens=4, truncate=2, details=True, decoder_input_details=True)
     prompt_ids = completion(server, max_tokens=1)["prompt_token_ids"]
     assert [t.id for t in truncated.details.prefill] == prompt_ids[-2:]

@@ -49,13 +49,19 @@ class Reply:
     def tokens(self, choice: Choice, entries: list[TokenLogprob]) -> list[dict]:
         """The next tokens of a choice, as TGI writes each: the text it completes (none while a character is
         not whole yet, the character with the token that ends it), a special token's own text, so that the
-        texts of the tokens that are not special make the generated text, as TGI's clients join them. The same
-        for /generate's details and /generate_stream's events."""
+        texts of the tokens that are not special make the generated text, as TGI's clients join them (the last
+        cut where a stop string ended the text inside it). The same for /generate's details and /generate_stream's
+        events."""
         if choice.index not in self.detokenizers:
             self.detokenizers[choice.index] = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, [])
         detokenizer = self.detokenizers[choice.index]
-        return [self.token(e.token_id, e.token if e.token_id in self.special else detokenizer.add(e.token_id),
-                           e.logprob) for e in entries]
+        texts = [e.token if e.token_id in self.special else detokenizer.add(e.token_id) for e in entries]
+        over = len(detokenizer.text) - len(choice.text)
+        plain = [k for k, e in enumerate(entries) if e.token_id not in self.special]
+        if choice.finish_reason is not None and plain and 0 < over <= len(texts[plain[-1]]) \
+                and detokenizer.text.startswith(choice.text):
+            texts[plain[-1]] = texts[plain[-1]][:-over]
+        return [self.token(e.token_id, text, e.logprob) for e, text in zip(entries, texts)]
 
     def top_tokens(self, entry: TokenLogprob) -> list[dict]:
         return [self.token(i, text, logprob) for i, text, logprob in entry.top[:self.top]]
