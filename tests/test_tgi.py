@@ -172,7 +172,10 @@ def test_errors_take_tgis_shape(server, client):
                               **({"content": body} if isinstance(body, str) else {"json": body}))
         assert response.status_code == status and set(response.json()) == {"error", "error_type"}, response.text
         assert response.json()["error_type"] == "validation"
-    assert httpx.post(server.url + "/generate", json={"inputs": "x"}).status_code == 401  # (the API key)
+    # the checks before any route, in TGI's shape on its routes too: the API key, the body's size
+    for status, headers, body in ((401, {}, {"inputs": "x"}), (413, AUTH, {"inputs": "x" * (5 << 20)})):
+        response = httpx.post(server.url + "/generate", json=body, headers=headers)
+        assert response.status_code == status and set(response.json()) == {"error", "error_type"}, response.text
     server.wait_pool_full()
 
 

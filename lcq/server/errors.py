@@ -71,7 +71,7 @@ def error_response(error: APIError) -> JSONResponse:
 
 # status -> TGI's error_type, which its clients map to their exceptions (huggingface_hub's ValidationError,
 # OverloadedError, GenerationError)
-TGI_ERROR_TYPES = {429: "overloaded", 503: "overloaded", 500: "generation"}
+TGI_ERROR_TYPES = {401: "authentication", 429: "overloaded", 503: "overloaded", 500: "generation"}
 
 
 def tgi_route(endpoint):
@@ -90,10 +90,14 @@ def error_reply(request: Request, error: APIError) -> JSONResponse:
     {"error": message, "error_type": kind}, a request's mistake its 422."""
     if not (getattr(request.state, "tgi", False) or getattr(request.scope.get("endpoint"), "speaks_tgi", False)):
         return error_response(error)
+    status, body = tgi_error(error)
+    return JSONResponse(body, status_code=status, headers=error.headers)
+
+
+def tgi_error(error: APIError) -> tuple[int, dict]:
+    """(status, body) of an error in TGI's shape: {"error": message, "error_type": kind}, a bad request its 422."""
     status = 422 if error.status == 400 else error.status
-    kind = TGI_ERROR_TYPES.get(status, "validation")
-    return JSONResponse({"error": error.body()["error"]["message"], "error_type": kind}, status_code=status,
-                        headers=error.headers)
+    return status, {"error": error.body()["error"]["message"], "error_type": TGI_ERROR_TYPES.get(status, "validation")}
 
 
 def not_ready(message: str = "the model is loading or the server is shutting down", retry_after: int = 1) -> APIError:

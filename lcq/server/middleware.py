@@ -10,11 +10,12 @@ import hmac
 import json
 import uuid
 
-from .errors import REQUEST_ID_HEADER, APIError
+from .errors import REQUEST_ID_HEADER, APIError, tgi_error
 from .metrics import ServerMetrics
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-PROTECTED_PATHS = ("/", "/generate", "/generate_stream", "/info", "/invocations")  # TGI's and SageMaker's
+TGI_PATHS = ("/", "/generate", "/generate_stream", "/info")  # TGI's routes, whose errors take its shape
+PROTECTED_PATHS = (*TGI_PATHS, "/invocations")
 # Probes and scrapes, left out of lcq:http_requests_total as vLLM leaves them out of its: a loading or
 # draining server's 503s to health checks are no client's errors.
 UNCOUNTED_PATHS = ("/health", "/ping", "/metrics", "/version")
@@ -78,7 +79,7 @@ class GuardMiddleware:
         if error is None:
             receive, error = await self._limited_body(headers, receive)
         if error is not None:
-            return await self._reply(error, guarded_send)
+            return await self._reply(error, guarded_send, tgi=path in TGI_PATHS)
         try:
             await self.app(scope, receive, guarded_send)
         except Exception:  # answered by Starlette's outermost layer, outside this one: a 500 counted here
@@ -130,9 +131,11 @@ class GuardMiddleware:
         return replay, None
 
     @staticmethod
-    async def _reply(error: APIError, send) -> None:
-        body = json.dumps(error.body()).encode()
+    async def _reply(error: APIError, send, tgi: bool = False) -> None:
+        """The error of a check before any route, in the shape of the API of the path it came to (tgi: TGI's)."""
+        status, body = tgi_error(error) if tgi else (error.status, error.body())
+        body = json.dumps(body).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-        await send({"type": "http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
