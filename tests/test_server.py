@@ -611,6 +611,9 @@ def test_a_request_names_its_adapter_to_the_engine_whatever_was_unloaded_since(s
     assert state.adapter_for(CompletionRequest(model="gone", prompt="x")) == "gone"
     assert state.adapter_for(CompletionRequest(model=MODEL, prompt="x")) is None
     assert state.adapter_for(CompletionRequest(prompt="x")) is None
+    assert state.adapter_for(CompletionRequest(model="", prompt="x")) is None  # (an empty name is none: a 404 before)
+    assert httpx.post(server.url + "/v1/completions", json={"model": "", "prompt": "x", "max_tokens": 1}).json()[
+        "model"] == MODEL
 
 
 def test_stream_options_need_stream(server):

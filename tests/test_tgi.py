@@ -73,7 +73,8 @@ def test_streamed_tokens_make_the_text(server, client):
     tokens = client.text_generation(PROMPT, details=True, **emoji).details.tokens
     streamed = [e.token for e in client.text_generation(PROMPT, details=True, stream=True, **emoji)]
     assert [t.text for t in tokens] == [t.text for t in streamed] and len(tokens) > 3
-    assert "".join(t.text for t in tokens if not t.special) == " 🐦" * 3
+    assert "".join(t.text for t in tokens) == " 🐦" * 3  # the end-of-sequence token last: special, no text
+    assert tokens[-1].special and tokens[-1].text == "" and not any(t.special for t in tokens[:-1])
     assert all(e.details is None and e.generated_text is None for e in events[:-1])
     assert events[-1].details.finish_reason == "length" and events[-1].details.generated_tokens == 12
     assert events[-1].details.input_length == len(expected["prompt_token_ids"])

@@ -46,11 +46,11 @@ class ServerState:
         return None if self.names_base_model(model) else model
 
     def names_base_model(self, model: str | None) -> bool:
-        """Whether a request's model names the base model: none, one of its names, or, where no adapter has it, a
+        """Whether a request's model names the base model: none (or ""), one of its names, or, where no adapter has it, a
         name TGI's clients send when they know none, which TGI takes for its model (it takes any): "tgi"
         (the text-generation package's chat), "dummy" (huggingface_hub's chat_completion with a base_url) or the
         endpoint's URL (huggingface.js)."""
-        if model is None or model in self.model_names:
+        if not model or model in self.model_names:  # (an empty name too: no name, as vLLM and TGI take it)
             return True
         placeholder = model in TGI_PLACEHOLDER_MODELS or model.startswith(("http://", "https://"))
         return placeholder and model not in self.adapters

@@ -47,15 +47,16 @@ class Reply:
         return {"id": token_id, "text": text, "logprob": logprob, "special": token_id in self.special}
 
     def tokens(self, choice: Choice, entries: list[TokenLogprob]) -> list[dict]:
-        """The next tokens of a choice, as TGI writes each: the text it completes (none while a character is
-        not whole yet, the character with the token that ends it), a special token's own text, so that the
-        texts of the tokens that are not special make the generated text, as TGI's clients join them (the last
-        cut where a stop string ended the text inside it). The same for /generate's details and /generate_stream's
-        events."""
+        """The next tokens of a choice, each with the text it completes (none while a character is not whole yet,
+        the character with the token that ends it; none for a special token, which the generated text leaves out,
+        as TGI's clients that check `special` skip it), so that the texts of the tokens make the generated text
+        (the last cut where a stop string ended the text inside it): clients that join them all, as LangChain's
+        HuggingFaceEndpoint streams them, get no end-of-sequence marker. The same for /generate's details and
+        /generate_stream's events."""
         if choice.index not in self.detokenizers:
             self.detokenizers[choice.index] = IncrementalDetokenizer(self.tokenizer, choice.prompt_ids, [])
         detokenizer = self.detokenizers[choice.index]
-        texts = [e.token if e.token_id in self.special else detokenizer.add(e.token_id) for e in entries]
+        texts = ["" if e.token_id in self.special else detokenizer.add(e.token_id) for e in entries]
         over = len(detokenizer.text) - len(choice.text)
         plain = [k for k, e in enumerate(entries) if e.token_id not in self.special]
         if choice.finish_reason is not None and plain and 0 < over <= len(texts[plain[-1]]) \
