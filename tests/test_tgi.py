@@ -84,7 +84,8 @@ def test_streamed_tokens_make_the_text(server, client):
 
 def test_stop_sequences_stay_in_the_text_and_full_text_and_truncate(server, client):
     text = completion(server, max_tokens=16)["text"]
-    stop = next(text[i:i + 2] for i in range(4, len(text) - 2) if text[i:i + 2].strip() and text[i:i + 2] not in text[:i + 1])
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2)
+                if text[i:i + 2].strip() and text[i:i + 2] not in text[:i + 1])
     out = client.text_generation(PROMPT, max_new_tokens=16, stop=[stop], details=True, return_full_text=True)
     assert out.generated_text == PROMPT + text[:text.index(stop) + len(stop)]
     assert out.details.finish_reason == "stop_sequence"

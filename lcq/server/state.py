@@ -46,8 +46,8 @@ class ServerState:
         return None if self.names_base_model(model) else model
 
     def names_base_model(self, model: str | None) -> bool:
-        """Whether a request's model names the base model: none (or ""), one of its names, or, where no adapter has it, a
-        name TGI's clients send when they know none, which TGI takes for its model (it takes any): "tgi"
+        """Whether a request's model names the base model: none (or ""), one of its names, or, where no adapter
+        has it, a name TGI's clients send when they know none, which TGI takes for its model (it takes any): "tgi"
         (the text-generation package's chat), "dummy" (huggingface_hub's chat_completion with a base_url) or the
         endpoint's URL (huggingface.js)."""
         if not model or model in self.model_names:  # (an empty name too: no name, as vLLM and TGI take it)
