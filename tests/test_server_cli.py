@@ -234,10 +234,17 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
                  "--max-seq-len-to-capture 8192 --uvicorn-log-level warning --block-size 16 --seed 0")
     command = resolve(parse(*vllm_line.split()), {})
     assert command.model == "org/model" and command.settings.api_key == "X" and command.engine_fields["max_num_seqs"] == 64
+    # a TGI launcher's: its names of the model, the host, the context, the prefill budget and the batch
+    tgi_line = "--model-id org/model --hostname 0.0.0.0 --port 80 --max-total-tokens 4096 " \
+               "--max-batch-prefill-tokens 2048 --max-batch-size 32 --num-shard 1"
+    command = resolve(parse(*tgi_line.split()), {})
+    assert command.model == "org/model" and (command.settings.host, command.settings.port) == ("0.0.0.0", 80)
+    assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32}
     for argv, message in ((("--guided-decoding-backend", "outlines"), "must be auto or xgrammar"),
                           (("--load-format", "pt"), "safetensors weights only"),
                           (("--tokenizer-mode", "mistral"), "must be auto"),
-                          (("--data-parallel-size", "2"), "--data-parallel-size must be 1")):
+                          (("--data-parallel-size", "2"), "--data-parallel-size must be 1"),
+                          (("--num-shard", "2"), "TGI's --num-shard\\) must be 1")):
         with pytest.raises(UserError, match=message):
             resolve(parse(*argv), {})
     model = make_tiny_hf(tmp_path / "tiny")

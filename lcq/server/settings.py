@@ -96,10 +96,11 @@ class ServeSettings:
              f"--enable-reasoning needs --reasoning-parser ({', '.join(REASONING_PARSERS)})"),
             (self.tool_call_parser in (None, *TOOL_CALL_PARSERS),
              f"tool call parser must be one of {', '.join(TOOL_CALL_PARSERS)}, got {self.tool_call_parser}"),
-            *[(size == 1, f"--{name}-parallel-size must be 1: lcq runs one device per process (for more throughput "
-               "run more replicas: docs/deploy.md)")
-              for name, size in (("tensor", self.tensor_parallel_size), ("pipeline", self.pipeline_parallel_size),
-                                 ("data", self.data_parallel_size))],
+            *[(size == 1, f"{name} must be 1: lcq runs one device per process (for more throughput run more "
+               "replicas: docs/deploy.md)")
+              for name, size in (("--tensor-parallel-size (TGI's --num-shard)", self.tensor_parallel_size),
+                                 ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                                 ("--data-parallel-size", self.data_parallel_size))],
             (self.guided_decoding_backend in ("auto", "xgrammar"), "--guided-decoding-backend must be auto or "
              f"xgrammar (lcq compiles grammars with xgrammar), got {self.guided_decoding_backend}"),
             (self.load_format in ("auto", "safetensors"), "--load-format must be auto or safetensors (lcq reads "
@@ -386,6 +387,14 @@ FLAGS = (
     Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
          "server"),
     Flag("--pipeline-parallel-size", int, "accepted for vLLM's command lines: 1 only", "server"),
+    Flag("--num-shard", int, "accepted for TGI's launcher command lines: 1 only (one device per process)", "server",
+         field="tensor_parallel_size"),
+    Flag("--hostname", str, "TGI's launcher's name of --host", "server", field="host"),
+    Flag("--max-total-tokens", int, "TGI's launcher's name of --max-model-len: prompt and reply tokens together",
+         "engine", field="max_model_len"),
+    Flag("--max-batch-prefill-tokens", int, "TGI's launcher's name of --max-num-batched-tokens", "engine",
+         field="max_num_batched_tokens"),
+    Flag("--max-batch-size", int, "TGI's launcher's name of --max-num-seqs", "engine", field="max_num_seqs"),
     Flag("--data-parallel-size", int, "accepted for vLLM's command lines: 1 only (run replicas instead)", "server"),
     Flag("--enable-lora", bool, "accepted for vLLM's command lines: LoRA adapters are served where --lora-modules or "
          "--allow-runtime-lora-updating asks", "server"),
@@ -458,8 +467,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", default=None,
                         help="LCQ or fp16 Hugging Face folder, or a Hugging Face Hub id (org/name) fetched into the "
                              "Hub's cache (env LCQ_MODEL; default: the demo model)")
-    parser.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
-                        help="the model as a flag, as vLLM's OpenAI server image takes it (instead of MODEL)")
+    parser.add_argument("--model", "--model-id", dest="model_flag", default=None, metavar="MODEL",
+                        help="the model as a flag, as vLLM's OpenAI server image (--model) and TGI's launcher "
+                             "(--model-id) take it (instead of MODEL)")
     from lcq.runtime.config import EngineConfig
 
     defaults = {"server": ServeSettings.__dataclass_fields__, "engine": EngineConfig.__dataclass_fields__}
