@@ -1,11 +1,11 @@
 """Generation speed: our engine against transformers' generate (and llama.cpp when installed).
 
 CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (default products, and
-bf16 ones: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to; lcq-lora: every request with
-a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's settings with lm_head packed
-at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8; lcq-invariant, only where --engines
-names it: --batch-invariant) and on full precision,
-transformers on full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
+bf16 ones where the CPU has AVX512_BF16: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to;
+lcq-lora: every request with a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's
+settings with lm_head packed at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8;
+lcq-invariant, only where --engines names it: --batch-invariant) and on full precision, transformers on
+full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
 CPU (--curve): our engine on the LCQ demo checkpoint, the throughput curve over 1..64 concurrent
@@ -136,6 +136,15 @@ def without_amx(bench, *args, **kwargs) -> list[dict]:
         return []
     with amx_tiles(False):
         return bench(*args, **kwargs)
+
+
+def with_bf16_products(bench, *args, **kwargs) -> list[dict]:
+    """bench(*args, **kwargs) with bf16 operands for the large products, or no rows on a CPU without AVX512_BF16."""
+    from lcq.kernels.cpu_matmul import products_available
+
+    if not products_available(torch.bfloat16):
+        return []
+    return bench(*args, cpu_matmul_dtype="bfloat16", **kwargs)
 
 
 def bench_transformers(folder: str, batch1_tokens: int, workload) -> list[dict]:
@@ -329,8 +338,8 @@ def main() -> None:
         workload = mixed_workload(count, vocab=49152)
         measured = {
             "lcq": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq", batch1_tokens, workload, kv_cache_memory_gb=2.0),
-            "lcq-bf16": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-bf16", batch1_tokens, workload,
-                                           kv_cache_memory_gb=2.0, cpu_matmul_dtype="bfloat16"),
+            "lcq-bf16": lambda: with_bf16_products(bench_ours, lcq, "lcq-w4r2g64", "lcq-bf16", batch1_tokens,
+                                                   workload, kv_cache_memory_gb=2.0),
             "lcq-h4": lambda: bench_ours(str(ensure_demo_model(head_bits=4)), "lcq-w4r2g64-h4", "lcq-h4",
                                          batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "lcq-lora": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-lora", batch1_tokens, workload, lora=True,

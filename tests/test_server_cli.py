@@ -240,6 +240,26 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     command = resolve(parse(*tgi_line.split()), {})
     assert command.model == "org/model" and (command.settings.host, command.settings.port) == ("0.0.0.0", 80)
     assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32}
+    command = resolve(parse("--cuda-memory-fraction", "0.8", "--cors-allow-origin", "https://a.example,https://b.example",
+                            "--lora-adapters", "org/support,local=/adapters/local"), {})
+    assert command.engine_fields == {"gpu_memory_utilization": 0.8,
+                                     "lora_modules": "org/support=org/support,local=/adapters/local"}
+    assert command.settings.allowed_origins == ["https://a.example", "https://b.example"]
+    # and the variables TGI's image reads, beneath lcq's own and the command line (not HOSTNAME, which docker sets)
+    tgi_env = {"MODEL_ID": "org/model", "MAX_TOTAL_TOKENS": "4096", "MAX_BATCH_PREFILL_TOKENS": "2048",
+               "MAX_BATCH_SIZE": "32", "NUM_SHARD": "1", "CUDA_MEMORY_FRACTION": "0.8", "LORA_ADAPTERS": "org/support",
+               "CORS_ALLOW_ORIGIN": "https://a.example", "HOSTNAME": "4f2a9c0d1e7b"}
+    command = resolve(parse(), tgi_env)
+    assert command.model == "org/model" and command.settings.host == "0.0.0.0"
+    assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32,
+                                     "gpu_memory_utilization": 0.8, "lora_modules": "org/support=org/support"}
+    assert command.settings.allowed_origins == ["https://a.example"]
+    command = resolve(parse("--max-model-len", "1024"), {**tgi_env, "LCQ_MODEL": "mine", "LCQ_MAX_BATCH_SIZE": "8"})
+    assert (command.model, command.engine_fields["max_model_len"], command.engine_fields["max_num_seqs"]) == \
+        ("mine", 1024, 8)
+    assert resolve(parse(), {**tgi_env, "LCQ_MAX_MODEL_LEN": "2048"}).engine_fields["max_model_len"] == 2048
+    with pytest.raises(UserError, match="NUM_SHARD"):
+        resolve(parse(), {"NUM_SHARD": "two"})
     for argv, message in ((("--guided-decoding-backend", "outlines"), "must be auto or xgrammar"),
                           (("--load-format", "pt"), "safetensors weights only"),
                           (("--tokenizer-mode", "mistral"), "must be auto"),

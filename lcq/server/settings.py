@@ -134,13 +134,13 @@ class Flag:
     metavar: str | None = None
     expands: bool = False  # its value is a dict of several fields (vLLM's JSON settings)
     several: bool = False  # takes one or more values (argparse's nargs="+"; in the environment, split at spaces)
-    vllm_env: str = ""  # vLLM's variable for the same setting, read where neither the flag nor LCQ_<FLAG> is set
+    peer_envs: tuple[str, ...] = ()  # vLLM's or TGI's variables for the same setting, read after LCQ_<FLAG>
 
     @property
     def envs(self) -> tuple[str, ...]:
-        """The variables read, first found wins: LCQ_<FLAG>, then vLLM's (a vLLM deployment's VLLM_API_KEY must not
-        leave the server open)."""
-        return (self.env, self.vllm_env) if self.vllm_env else (self.env,)
+        """The variables read, first found wins: LCQ_<FLAG>, then vLLM's or TGI's (a vLLM deployment's
+        VLLM_API_KEY must not leave the server open; a TGI deployment's MAX_TOTAL_TOKENS must still hold)."""
+        return (self.env, *self.peer_envs)
 
     @property
     def dest(self) -> str:
@@ -223,6 +223,16 @@ def _lora_module(text: str) -> str:
     return f"{entry['name']}={entry['path']}"
 
 
+def _lora_adapters(text: str) -> str:
+    """TGI's --lora-adapters as --lora-modules entries: a bare id or folder is served under its own name."""
+    return ",".join(entry if "=" in entry else f"{entry.strip()}={entry.strip()}" for entry in text.split(",")
+                    if entry.strip())
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 def _json_strings(text: str) -> list[str]:
     """A JSON list of strings, as vLLM's CORS flags take them (a bare value: a list of that one)."""
     try:
@@ -268,8 +278,8 @@ def _bool(text: str) -> bool:
 FLAGS = (
     Flag("--host", str, "address to listen on", "server"),
     Flag("--port", int, "port to listen on (0: any free port)", "server"),
-    Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes (also from vLLM's "
-         "VLLM_API_KEY)", "server", vllm_env="VLLM_API_KEY"),
+    Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server",
+         peer_envs=("VLLM_API_KEY",)),
     Flag("--served-model-name", str, "model ids clients use (default: the folder name, or the Hub id); as vLLM's, "
          "several names all answer, and replies name the first", "engine", several=True),
     Flag("--revision", str, "of a model named by its Hugging Face Hub id: the branch, tag or commit fetched "
@@ -305,8 +315,7 @@ FLAGS = (
     Flag("--allow-runtime-lora-updating", bool, "serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
          "(vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING) to load and unload LoRA adapters while serving: any client "
          "holding the API key may then make the server read a folder of its choosing; without it those routes "
-         "answer 404 (also from VLLM_ALLOW_RUNTIME_LORA_UPDATING)", "engine",
-         vllm_env="VLLM_ALLOW_RUNTIME_LORA_UPDATING"),
+         "answer 404", "engine", peer_envs=("VLLM_ALLOW_RUNTIME_LORA_UPDATING",)),
     Flag("--max-loras", int, "LoRA adapter slots, the adapters one step may run, whose products every step with "
          "an adapter computes; default: the number of --lora-modules, at least 1 with "
          "--allow-runtime-lora-updating", "engine"),
@@ -387,14 +396,24 @@ FLAGS = (
     Flag("--tensor-parallel-size", int, "accepted for vLLM's command lines: 1 only (one device per process)",
          "server"),
     Flag("--pipeline-parallel-size", int, "accepted for vLLM's command lines: 1 only", "server"),
+    # TGI's launcher's names, and the variables its image reads (not HOSTNAME or PORT, which every container or
+    # platform sets for itself)
     Flag("--num-shard", int, "accepted for TGI's launcher command lines: 1 only (one device per process)", "server",
-         field="tensor_parallel_size"),
+         field="tensor_parallel_size", peer_envs=("NUM_SHARD",)),
     Flag("--hostname", str, "TGI's launcher's name of --host", "server", field="host"),
     Flag("--max-total-tokens", int, "TGI's launcher's name of --max-model-len: prompt and reply tokens together",
-         "engine", field="max_model_len"),
+         "engine", field="max_model_len", peer_envs=("MAX_TOTAL_TOKENS",)),
     Flag("--max-batch-prefill-tokens", int, "TGI's launcher's name of --max-num-batched-tokens", "engine",
-         field="max_num_batched_tokens"),
-    Flag("--max-batch-size", int, "TGI's launcher's name of --max-num-seqs", "engine", field="max_num_seqs"),
+         field="max_num_batched_tokens", peer_envs=("MAX_BATCH_PREFILL_TOKENS",)),
+    Flag("--max-batch-size", int, "TGI's launcher's name of --max-num-seqs", "engine", field="max_num_seqs",
+         peer_envs=("MAX_BATCH_SIZE",)),
+    Flag("--cuda-memory-fraction", float, "TGI's launcher's name of --gpu-memory-utilization", "engine",
+         field="gpu_memory_utilization", peer_envs=("CUDA_MEMORY_FRACTION",)),
+    Flag("--cors-allow-origin", _comma_list, "TGI's launcher's form of --allowed-origins: origins separated by "
+         "commas", "server", field="allowed_origins", peer_envs=("CORS_ALLOW_ORIGIN",)),
+    Flag("--lora-adapters", _lora_adapters, "TGI's launcher's form of --lora-modules: Hub ids or folders separated "
+         "by commas, each served under its own name (a Hub id's name is the id), or name=folder entries", "engine",
+         field="lora_modules", peer_envs=("LORA_ADAPTERS",)),
     Flag("--data-parallel-size", int, "accepted for vLLM's command lines: 1 only (run replicas instead)", "server"),
     Flag("--enable-lora", bool, "accepted for vLLM's command lines: LoRA adapters are served where --lora-modules or "
          "--allow-runtime-lora-updating asks", "server"),
@@ -466,7 +485,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """MODEL plus every flag; defaults stay None so the environment can fill what the command line left out."""
     parser.add_argument("model", nargs="?", default=None,
                         help="LCQ or fp16 Hugging Face folder, or a Hugging Face Hub id (org/name) fetched into the "
-                             "Hub's cache (env LCQ_MODEL; default: the demo model)")
+                             "Hub's cache (env LCQ_MODEL, or TGI's MODEL_ID; default: the demo model)")
     parser.add_argument("--model", "--model-id", dest="model_flag", default=None, metavar="MODEL",
                         help="the model as a flag, as vLLM's OpenAI server image (--model) and TGI's launcher "
                              "(--model-id) take it (instead of MODEL)")
@@ -477,7 +496,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         spec = None if flag.switch or flag.expands else defaults[flag.target][flag.field or flag.dest]
         default = None if spec is None else \
             json.dumps(spec.default_factory()) if spec.default_factory is not MISSING else spec.default
-        shown = f" (env {flag.env}" + (f"; default {default})" if default not in (None, "") else ")")
+        shown = f" (env {' or '.join(flag.envs)}" + (f"; default {default})" if default not in (None, "") else ")")
         if flag.switch:
             parser.add_argument(flag.name, action="store_true", default=None, help=flag.help + shown)
         else:
@@ -496,12 +515,13 @@ def in_flag_terms(message: str) -> str:
     return message
 
 
-def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Any, bool]:
+def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tuple[Any, int]:
     """The flag's value from the command line, else the environment, else None (the dataclass default), and
-    whether it came from the command line."""
+    how strongly it holds where several flags set one field: 3 from the command line, 2 from LCQ_<FLAG>, 1 from
+    vLLM's or TGI's variable."""
     value = getattr(args, flag.dest, None)
-    from_command_line = value is not None
     name = next((name for name in flag.envs if name in env), None)
+    strength = 3 if value is not None else 2 if name == flag.env else 1
     if value is None and name is not None:
         try:
             read = _bool if flag.switch else flag.type
@@ -516,7 +536,7 @@ def _value(flag: Flag, args: argparse.Namespace, env: Mapping[str, str]) -> tupl
         value = None                    # undo LCQ_NO_CUDA_GRAPHS=1, which sets the same field)
     if value is not None and flag.invert:
         value = not value
-    return value, from_command_line
+    return value, strength
 
 
 @dataclass
@@ -533,8 +553,8 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     engine_fields: dict[str, Any] = {}
     server_fields: dict[str, Any] = {}
     values = [(flag, *_value(flag, args, env)) for flag in FLAGS]
-    # the environment's values first, so that the command line's win where several flags set one field
-    # (--no-cuda-graphs and --enforce-eager; --speculative-config and the speculative flags)
+    # the weakest values first, so that the command line's win where several flags set one field (--no-cuda-graphs
+    # and --enforce-eager; --speculative-config and the speculative flags), and lcq's variables over vLLM's or TGI's
     for flag, value, _ in sorted(values, key=lambda item: item[2]):
         fields = server_fields if flag.target == "server" else engine_fields
         if value is not None and flag.expands:
@@ -545,5 +565,5 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
     if args.model is not None and flag_model is not None and args.model != flag_model:
         raise UserError(f"two models given: {args.model} and --model {flag_model}")
     given = args.model if args.model is not None else flag_model
-    model = given if given is not None else (env.get("LCQ_MODEL") or None)
+    model = given if given is not None else (env.get("LCQ_MODEL") or env.get("MODEL_ID") or None)  # (TGI's image's)
     return ServeCommand(model=model, engine_fields=engine_fields, settings=ServeSettings(**server_fields))
