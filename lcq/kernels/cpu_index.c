@@ -61,13 +61,13 @@
                     book = PREFIX##_codebook(w, &table, RANK, n, ++group);                                          \
                     group_end += w->group_size;                                                                     \
                 }                                                                                                   \
-                PREFIX##_step(R, words, book, x + k, K, acc, 0);                                                    \
+                PREFIX##_step(R, BITS, words, book, x + k, K, acc, 0);                                             \
                 if (s + 1 == steps) { /* K ends inside this pair */                                                 \
                     k += 16;                                                                                        \
                     break;                                                                                          \
                 }                                                                                                   \
                 words = PREFIX##_next(words, BITS);                                                                 \
-                PREFIX##_step(R, words, book, x + k + 16, K, acc, 1);                                               \
+                PREFIX##_step(R, BITS, words, book, x + k + 16, K, acc, 1);                                        \
                 words = PREFIX##_next(words, BITS);                                                                 \
             }                                                                                                       \
         }                                                                                                           \
@@ -105,7 +105,7 @@
                     book = PREFIX##_codebook(w, &table, 0, n, ++group);                                         \
                     group_end += w->group_size;                                                                 \
                 }                                                                                               \
-                PREFIX##_write_step(words, book, out + k);                                                      \
+                PREFIX##_write_step(BITS, words, book, out + k);                                                \
                 words = PREFIX##_next(words, BITS);                                                             \
             }                                                                                                   \
         }                                                                                                       \

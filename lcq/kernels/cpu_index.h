@@ -153,18 +153,21 @@ INDEX_STEP narrow_words narrow_next(narrow_words words, const int bits) {
     return words;
 }
 
-/* Weights of the 8 lanes' low fields: the permutes read bits 0-2, the blend bit 3 moved to the sign. */
-INDEX_STEP __m256 lookup(narrow_book book, __m256i words) {
+/* Weights of the 8 lanes' low fields: the permutes read bits 0-2, the blend bit 3 moved to the sign. With 2 or 3
+ * bits entries 8-15 repeat 0-7 (the replicated table), so one permute reads them all: the two permutes and the
+ * blend of 4 bits were the port-bound part of a decode step on an AVX2-only Zen 3. */
+INDEX_STEP __m256 lookup(const int BITS, narrow_book book, __m256i words) {
+    if (BITS <= 3) return _mm256_permutevar8x32_ps(book.low, words);
     return _mm256_blendv_ps(_mm256_permutevar8x32_ps(book.low, words), _mm256_permutevar8x32_ps(book.high, words),
                             _mm256_castsi256_ps(_mm256_slli_epi32(words, 28)));
 }
 
 /* acc[r][0] and acc[r][1] += the R activation rows at x times the 16 weights of the words' low fields
  * (chain: AVX-512 alternates accumulators between steps; here the halves have one each). */
-INDEX_STEP void narrow_step(const int R, narrow_words words, narrow_book book, const float *x, int K,
+INDEX_STEP void narrow_step(const int R, const int BITS, narrow_words words, narrow_book book, const float *x, int K,
                             __m256 acc[][2], int chain) {
     (void)chain;
-    const __m256 first = lookup(book, words.first), second = lookup(book, words.second);
+    const __m256 first = lookup(BITS, book, words.first), second = lookup(BITS, book, words.second);
     for (int r = 0; r < R; r++) {
         acc[r][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K), first, acc[r][0]);
         acc[r][1] = _mm256_fmadd_ps(_mm256_loadu_ps(x + (int64_t)r * K + 8), second, acc[r][1]);
@@ -172,9 +175,9 @@ INDEX_STEP void narrow_step(const int R, narrow_words words, narrow_book book, c
 }
 
 /* The 16 weights of the words' low fields, written out (the expansion for cpu_gemm.c). */
-INDEX_STEP void narrow_write_step(narrow_words words, narrow_book book, float *out) {
-    _mm256_storeu_ps(out, lookup(book, words.first));
-    _mm256_storeu_ps(out + 8, lookup(book, words.second));
+INDEX_STEP void narrow_write_step(const int BITS, narrow_words words, narrow_book book, float *out) {
+    _mm256_storeu_ps(out, lookup(BITS, book, words.first));
+    _mm256_storeu_ps(out + 8, lookup(BITS, book, words.second));
 }
 
 /* out[c] = the sum of column c's lanes + tails[c], for a tile's `count` columns: 8 at a time by a
@@ -253,14 +256,16 @@ AVX512 INDEX_STEP wide_words wide_next(wide_words words, const int bits) {
     return _mm512_srli_epi32(words, bits);
 }
 
-AVX512 INDEX_STEP void wide_step(const int R, wide_words words, wide_book book, const float *x, int K,
-                                 __m512 acc[][2], const int chain) {
+AVX512 INDEX_STEP void wide_step(const int R, const int BITS, wide_words words, wide_book book, const float *x,
+                                 int K, __m512 acc[][2], const int chain) {
+    (void)BITS; /* one permute reads 16 entries */
     const __m512 weights = _mm512_permutexvar_ps(words, book);
     for (int r = 0; r < R; r++)
         acc[r][chain] = _mm512_fmadd_ps(_mm512_loadu_ps(x + (int64_t)r * K), weights, acc[r][chain]);
 }
 
-AVX512 INDEX_STEP void wide_write_step(wide_words words, wide_book book, float *out) {
+AVX512 INDEX_STEP void wide_write_step(const int BITS, wide_words words, wide_book book, float *out) {
+    (void)BITS;
     _mm512_storeu_ps(out, _mm512_permutexvar_ps(words, book));
 }
 
