@@ -193,6 +193,30 @@ def test_generate_routes_and_info(server):
     assert info["model_id"] == MODEL and info["max_total_tokens"] == server.engine.max_model_len
 
 
+def test_tokenize_takes_tgis_body_beside_vllms(server):
+    """/tokenize with TGI's body lists each token as TGI does, its text the characters it covers; vLLM's body keeps
+    vLLM's reply; a bad TGI body is TGI's 422."""
+    text = "Hello there, héllo wörld"
+    reply = httpx.post(server.url + "/tokenize", json={"inputs": text}, headers=AUTH, timeout=60)
+    assert reply.status_code == 200, reply.text
+    tokens = reply.json()
+    vllm = httpx.post(server.url + "/tokenize", json={"prompt": text}, headers=AUTH, timeout=60).json()
+    assert [t["id"] for t in tokens] == vllm["tokens"]
+    assert all(t["text"] == text[t["start"]:t["stop"]] for t in tokens)
+    # the spans cover the text in order; the bytes of one character (é here) are tokens of the same span
+    spans = [(t["start"], t["stop"]) for t in tokens]
+    assert "".join(text[start:stop] for start, stop in dict.fromkeys(spans)) == text
+    truncated = httpx.post(server.url + "/tokenize", json={"inputs": text, "parameters": {"truncate": 3}},
+                           headers=AUTH, timeout=60).json()
+    assert truncated == tokens[-3:]
+    bad = httpx.post(server.url + "/tokenize", json={"inputs": ""}, headers=AUTH, timeout=60)
+    assert bad.status_code == 422 and bad.json()["error_type"] == "validation" and "inputs" in bad.json()["error"]
+    bad = httpx.post(server.url + "/tokenize", json={"inputs": "x", "parameters": {"truncate": "all"}}, headers=AUTH,
+                     timeout=60)
+    assert bad.status_code == 422 and set(bad.json()) == {"error", "error_type"}
+    assert httpx.post(server.url + "/tokenize", json={"inputs": text}, timeout=60).status_code == 401
+
+
 def test_sagemaker_ping_and_invocations(server):
     for method in ("GET", "POST"):  # (no key: a probe)
         assert httpx.request(method, server.url + "/ping").json() == {"status": "ok"}

@@ -139,7 +139,9 @@ async def version() -> VersionResponse:
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 401, 404, 413, 503))
-async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse | Response:
+    if body.prompt is None and body.messages is None and "inputs" in (body.model_extra or {}):
+        return await tgi.tokenize(body, request)  # TGI's body
     state = get_state(request)
     state.check_request(body, "/tokenize")
     if (body.prompt is None) == (body.messages is None):

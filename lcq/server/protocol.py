@@ -39,7 +39,7 @@ TruncateTokens = Annotated[int, Field(ge=-1, le=2**31 - 1), AfterValidator(_not_
 RequestId = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[\x21-\x7e]+$")]
 
 
-def last_tokens(ids: list[int], k: int | None, context: int) -> list[int]:
+def last_tokens(ids: list, k: int | None, context: int) -> list:
     """A prompt's last k tokens (truncate_prompt_tokens; -1: the model's context), for prompts that outgrew
     the context, as long chats do."""
     k = context if k == -1 else k
@@ -590,7 +590,8 @@ class ChatCompletionRequest(SamplingRequest, ChatTemplateOptions):
 
 class TokenizeRequest(ChatTemplateOptions):
     """Either a prompt (as /v1/completions sees it) or messages (rendered with the chat template, as
-    /v1/chat/completions sees them): add_special_tokens defaults as on those endpoints."""
+    /v1/chat/completions sees them): add_special_tokens defaults as on those endpoints. (TGI's body, inputs and
+    parameters, goes to tgi.tokenize.)"""
 
     model: str | None = None
     prompt: str | None = None

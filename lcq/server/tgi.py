@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pydantic
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from lcq import __version__
@@ -17,9 +19,9 @@ from lcq.runtime.outputs import RequestOutput, TokenLogprob
 from lcq.runtime.sampling_params import MAX_N, MAX_STOP
 
 from .completions import special_token_ids, tokenize_prompts
-from .errors import APIError, error_responses, invalid_value, tgi_route
+from .errors import APIError, error_responses, invalid_value, speaks_tgi, tgi_route
 from .generation import Choice, Generation, check_room
-from .protocol import last_tokens
+from .protocol import OpenAIRequest, last_tokens
 from .sse import sse_events, sse_response
 from .state import ServerState, get_state
 from .tgi_protocol import GenerateRequest, finish_reason
@@ -184,3 +186,21 @@ async def info(request: Request) -> dict:
             "max_stop_sequences": MAX_STOP, "max_input_tokens": None if context is None else context - 1,
             "max_total_tokens": context, "max_client_batch_size": 1, "validation_workers": 1,
             "router": "lcq", "version": __version__, "sha": None, "docker_label": None}
+
+
+async def tokenize(vllm_shaped: OpenAIRequest, request: Request) -> JSONResponse:
+    """TGI's /tokenize, which app.py's route runs for TGI's body ({"inputs", "parameters"}, where vLLM's has a prompt
+    or messages): each token's id and text and the characters of the input it covers, as TGI lists them (the
+    special tokens the tokenizer adds cover none)."""
+    speaks_tgi(request)
+    try:
+        body = GenerateRequest.model_validate(vllm_shaped.model_dump(exclude_unset=True))
+    except pydantic.ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    state = get_state(request)
+    state.check_request(body, "/tokenize")
+    encoding = await asyncio.to_thread(state.engine.tokenizer, body.inputs, return_offsets_mapping=True)
+    spans = last_tokens(list(zip(encoding["input_ids"], encoding["offset_mapping"])), body.parameters.truncate,
+                        state.engine.max_model_len)
+    return JSONResponse([{"id": token, "text": body.inputs[start:stop], "start": start, "stop": stop}
+                         for token, (start, stop) in spans])
