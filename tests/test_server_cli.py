@@ -240,17 +240,22 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     command = resolve(parse(*tgi_line.split()), {})
     assert command.model == "org/model" and (command.settings.host, command.settings.port) == ("0.0.0.0", 80)
     assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32}
+    assert resolve(parse("--max-input-length", "1000"), {}).settings.max_input_tokens == 1000
+    assert resolve(parse("--max-input-tokens", "900"), {"MAX_INPUT_LENGTH": "1000"}).settings.max_input_tokens == 900
+    with pytest.raises(UserError, match="max input tokens must be >= 1"):
+        resolve(parse("--max-input-tokens", "0"), {})
     command = resolve(parse("--cuda-memory-fraction", "0.8", "--cors-allow-origin", "https://a.example,https://b.example",
                             "--lora-adapters", "org/support,local=/adapters/local"), {})
     assert command.engine_fields == {"gpu_memory_utilization": 0.8,
                                      "lora_modules": "org/support=org/support,local=/adapters/local"}
     assert command.settings.allowed_origins == ["https://a.example", "https://b.example"]
     # and the variables TGI's image reads, beneath lcq's own and the command line (not HOSTNAME, which docker sets)
-    tgi_env = {"MODEL_ID": "org/model", "MAX_TOTAL_TOKENS": "4096", "MAX_BATCH_PREFILL_TOKENS": "2048",
+    tgi_env = {"MODEL_ID": "org/model", "MAX_TOTAL_TOKENS": "4096", "MAX_INPUT_TOKENS": "2048", "MAX_BATCH_PREFILL_TOKENS": "2048",
                "MAX_BATCH_SIZE": "32", "NUM_SHARD": "1", "CUDA_MEMORY_FRACTION": "0.8", "LORA_ADAPTERS": "org/support",
                "CORS_ALLOW_ORIGIN": "https://a.example", "HOSTNAME": "4f2a9c0d1e7b"}
     command = resolve(parse(), tgi_env)
     assert command.model == "org/model" and command.settings.host == "0.0.0.0"
+    assert command.settings.max_input_tokens == 2048
     assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32,
                                      "gpu_memory_utilization": 0.8, "lora_modules": "org/support=org/support"}
     assert command.settings.allowed_origins == ["https://a.example"]

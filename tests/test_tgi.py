@@ -217,6 +217,30 @@ def test_tokenize_takes_tgis_body_beside_vllms(server):
     assert httpx.post(server.url + "/tokenize", json={"inputs": text}, timeout=60).status_code == 401
 
 
+def test_max_input_tokens_refuses_longer_prompts(tmp_path):
+    """--max-input-tokens (TGI's launcher's) refuses a longer prompt on every generating route, OpenAI's with 400 and
+    TGI's with its 422, counts a truncated prompt after truncation, and is what /info reports."""
+    model_dir = make_tiny_hf(tmp_path / "tiny", seed=0)
+    with LiveServer(create_app(engine_config(model_dir), ServeSettings(max_input_tokens=6))) as live:
+        prompt = "one two three four five six seven eight nine ten"
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+        refused = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
+        assert refused.status_code == 400 and "--max-input-tokens" in refused.json()["error"]["message"]
+        assert refused.json()["error"]["code"] == "context_length_exceeded"
+        kept = httpx.post(live.url + "/v1/completions", json={**body, "truncate_prompt_tokens": 6}, timeout=60)
+        assert kept.status_code == 200, kept.text
+        chat = httpx.post(live.url + "/v1/chat/completions", timeout=60, json={
+            "model": MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 2})
+        assert chat.status_code == 400 and "more than this server takes (6" in chat.json()["error"]["message"]
+        tgi = httpx.post(live.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 2}},
+                         timeout=60)
+        assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation"
+        short = httpx.post(live.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 2,
+                                                                                          "truncate": 6}}, timeout=60)
+        assert short.status_code == 200, short.text
+        assert httpx.get(live.url + "/info", timeout=60).json()["max_input_tokens"] == 6
+
+
 def test_sagemaker_ping_and_invocations(server):
     for method in ("GET", "POST"):  # (no key: a probe)
         assert httpx.request(method, server.url + "/ping").json() == {"status": "ok"}

@@ -80,11 +80,16 @@ class Choice:
 
 
 def check_room(state: ServerState, prompts: list[list[int]], asked: int | None, field: str) -> None:
-    """A 400 for a completion length the context cannot hold after a prompt, as OpenAI and vLLM answer
-    (rather than a request that silently gets less, and holds a sequence's blocks for the whole context);
-    left unset, it is what the model's defaults give, at most the rest of the context (LLMEngine.add_request)."""
+    """A 400 for a prompt longer than --max-input-tokens, and for a completion length the context cannot hold
+    after a prompt, as OpenAI and vLLM answer (rather than a request that silently gets less, and holds a
+    sequence's blocks for the whole context); left unset, it is what the model's defaults give, at most the rest of
+    the context (LLMEngine.add_request)."""
     context = state.engine.max_model_len
     longest = max(map(len, prompts))
+    limit = state.settings.max_input_tokens
+    if limit is not None and longest > limit:
+        raise APIError(400, f"the prompt has {longest} tokens, more than this server takes ({limit}, "
+                       "--max-input-tokens)", code="context_length_exceeded")
     if asked is not None and longest < context and longest + asked > context:  # (vLLM's words)
         raise APIError(400, f"'{field}' is too large: {asked}. This model's maximum context length is {context} "
                        f"tokens and your request has {longest} input tokens ({asked} > {context} - {longest}).",

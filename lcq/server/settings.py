@@ -34,6 +34,7 @@ class ServeSettings:
     api_key: str | None = None
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_body_bytes: int = 4 << 20
+    max_input_tokens: int | None = None  # TGI's: prompts of more tokens are refused (default: the context's bound)
     keepalive_interval: float = 10.0  # seconds between SSE keep-alive comments while nothing else is sent
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
@@ -80,6 +81,8 @@ class ServeSettings:
             (0 <= self.port <= 65535, f"port must be in 0..65535, got {self.port}"),
             (0 <= self.drain_timeout <= 86400, f"drain timeout must be 0 to 86400 seconds, got {self.drain_timeout}"),
             (self.max_body_bytes >= 1024, f"max body bytes must be at least 1024, got {self.max_body_bytes}"),
+            (self.max_input_tokens is None or self.max_input_tokens >= 1,
+             f"max input tokens must be >= 1, got {self.max_input_tokens}"),
             (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
@@ -407,6 +410,11 @@ FLAGS = (
          field="max_num_batched_tokens", peer_envs=("MAX_BATCH_PREFILL_TOKENS",)),
     Flag("--max-batch-size", int, "TGI's launcher's name of --max-num-seqs", "engine", field="max_num_seqs",
          peer_envs=("MAX_BATCH_SIZE",)),
+    Flag("--max-input-tokens", int, "TGI's launcher's: the most tokens a prompt may have, after any truncation "
+         "(longer ones are a 400, on TGI's routes its 422); default: only the context bounds it", "server",
+         peer_envs=("MAX_INPUT_TOKENS",)),
+    Flag("--max-input-length", int, "TGI's launcher's older name of --max-input-tokens", "server",
+         field="max_input_tokens", peer_envs=("MAX_INPUT_LENGTH",)),
     Flag("--cuda-memory-fraction", float, "TGI's launcher's name of --gpu-memory-utilization", "engine",
          field="gpu_memory_utilization", peer_envs=("CUDA_MEMORY_FRACTION",)),
     Flag("--cors-allow-origin", _comma_list, "TGI's launcher's form of --allowed-origins: origins separated by "

@@ -183,7 +183,8 @@ async def info(request: Request) -> dict:
     context = state.engine.max_model_len or None
     return {"model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": config.max_num_seqs + config.max_queue, "max_best_of": MAX_N,
-            "max_stop_sequences": MAX_STOP, "max_input_tokens": None if context is None else context - 1,
+            "max_stop_sequences": MAX_STOP,
+            "max_input_tokens": state.settings.max_input_tokens or (None if context is None else context - 1),
             "max_total_tokens": context, "max_client_batch_size": 1, "validation_workers": 1,
             "router": "lcq", "version": __version__, "sha": None, "docker_label": None}
 
