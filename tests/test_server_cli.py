@@ -235,12 +235,23 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     command = resolve(parse(*vllm_line.split()), {})
     assert command.model == "org/model" and command.settings.api_key == "X" and command.engine_fields["max_num_seqs"] == 64
     # a TGI launcher's: its names of the model, the host, the context, the prefill budget and the batch
-    tgi_line = "--model-id org/model --hostname 0.0.0.0 --port 80 --max-total-tokens 4096 " \
-               "--max-batch-prefill-tokens 2048 --max-batch-size 32 --num-shard 1"
+    tgi_line = "--model-id org/model --hostname 0.0.0.0 --port 80 --max-input-length 2048 --max-total-tokens 4096 " \
+               "--max-batch-prefill-tokens 2048 --max-batch-size 32 --max-concurrent-requests 128 --num-shard 1"
     command = resolve(parse(*tgi_line.split()), {})
     assert command.model == "org/model" and (command.settings.host, command.settings.port) == ("0.0.0.0", 80)
-    assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32}
+    assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32,
+                                     "max_queue": 96}
+    assert command.settings.max_input_tokens == 2048
     assert resolve(parse("--max-input-length", "1000"), {}).settings.max_input_tokens == 1000
+    # requests in flight: the batch, then the queue (as /info's max_concurrent_requests reads them back)
+    fields = resolve(parse("--max-concurrent-requests", "128", "--max-batch-size", "32"), {}).engine_fields
+    assert (fields["max_num_seqs"], fields["max_queue"]) == (32, 96)
+    fields = resolve(parse(), {"MAX_CONCURRENT_REQUESTS": "16"}).engine_fields
+    assert (fields["max_num_seqs"], fields["max_queue"]) == (16, 0)
+    with pytest.raises(UserError, match="MAX_CONCURRENT_REQUESTS: must be >= 1"):
+        resolve(parse(), {"MAX_CONCURRENT_REQUESTS": "0"})
+    with pytest.raises(UserError, match="not both"):
+        resolve(parse("--max-concurrent-requests", "8", "--max-queue", "4"), {})
     assert resolve(parse("--max-input-tokens", "900"), {"MAX_INPUT_LENGTH": "1000"}).settings.max_input_tokens == 900
     with pytest.raises(UserError, match="max input tokens must be >= 1"):
         resolve(parse("--max-input-tokens", "0"), {})

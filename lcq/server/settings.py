@@ -179,6 +179,14 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def _concurrent_requests(text: str) -> dict[str, int]:
+    """TGI's --max-concurrent-requests, resolved into the batch and the queue once --max-num-seqs is known."""
+    limit = int(text)
+    if limit < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {limit}")
+    return {"max_concurrent_requests": limit}
+
+
 def _speculative_config(text: str) -> dict[str, Any]:
     """vLLM's --speculative-config JSON as engine fields: method "ngram" (prompt lookup) or "draft_model"
     and their settings; another method is refused by name."""
@@ -415,6 +423,9 @@ FLAGS = (
          peer_envs=("MAX_INPUT_TOKENS",)),
     Flag("--max-input-length", int, "TGI's launcher's older name of --max-input-tokens", "server",
          field="max_input_tokens", peer_envs=("MAX_INPUT_LENGTH",)),
+    Flag("--max-concurrent-requests", _concurrent_requests, "TGI's launcher's: requests running and waiting "
+         "together, 429 beyond: --max-queue becomes this less --max-num-seqs (and --max-num-seqs this, if smaller)",
+         "engine", expands=True, metavar="N", peer_envs=("MAX_CONCURRENT_REQUESTS",)),
     Flag("--cuda-memory-fraction", float, "TGI's launcher's name of --gpu-memory-utilization", "engine",
          field="gpu_memory_utilization", peer_envs=("CUDA_MEMORY_FRACTION",)),
     Flag("--cors-allow-origin", _comma_list, "TGI's launcher's form of --allowed-origins: origins separated by "
@@ -569,6 +580,13 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
             fields.update(value)
         elif value is not None:
             fields[flag.field or flag.dest] = value
+    if (limit := engine_fields.pop("max_concurrent_requests", None)) is not None:
+        if "max_queue" in engine_fields:
+            raise UserError("give --max-queue or TGI's --max-concurrent-requests, not both")
+        from lcq.runtime.config import EngineConfig
+
+        seqs = min(engine_fields.get("max_num_seqs", EngineConfig.max_num_seqs), limit)
+        engine_fields.update(max_num_seqs=seqs, max_queue=limit - seqs)
     flag_model = getattr(args, "model_flag", None)
     if args.model is not None and flag_model is not None and args.model != flag_model:
         raise UserError(f"two models given: {args.model} and --model {flag_model}")
