@@ -242,6 +242,10 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert command.engine_fields == {"max_model_len": 4096, "max_num_batched_tokens": 2048, "max_num_seqs": 32,
                                      "max_queue": 96}
     assert command.settings.max_input_tokens == 2048
+    limits = resolve(parse("--max-best-of", "2", "--max-stop-sequences", "4"), {"MAX_TOP_N_TOKENS": "5"}).settings
+    assert (limits.max_best_of, limits.max_stop_sequences, limits.max_top_n_tokens) == (2, 4, 5)
+    with pytest.raises(UserError, match="max best of must be >= 1"):
+        resolve(parse("--max-best-of", "0"), {})
     assert resolve(parse("--max-input-length", "1000"), {}).settings.max_input_tokens == 1000
     # requests in flight: the batch, then the queue (as /info's max_concurrent_requests reads them back)
     fields = resolve(parse("--max-concurrent-requests", "128", "--max-batch-size", "32"), {}).engine_fields

@@ -217,11 +217,13 @@ def test_tokenize_takes_tgis_body_beside_vllms(server):
     assert httpx.post(server.url + "/tokenize", json={"inputs": text}, timeout=60).status_code == 401
 
 
-def test_max_input_tokens_refuses_longer_prompts(tmp_path):
+def test_launcher_limits(tmp_path):
     """--max-input-tokens (TGI's launcher's) refuses a longer prompt on every generating route, OpenAI's with 400 and
-    TGI's with its 422, counts a truncated prompt after truncation, and is what /info reports."""
+    TGI's with its 422, counts a truncated prompt after truncation, and is what /info reports; so do --max-best-of,
+    --max-stop-sequences and --max-top-n-tokens on TGI's routes."""
     model_dir = make_tiny_hf(tmp_path / "tiny", seed=0)
-    with LiveServer(create_app(engine_config(model_dir), ServeSettings(max_input_tokens=6))) as live:
+    limits = ServeSettings(max_input_tokens=6, max_best_of=2, max_stop_sequences=1, max_top_n_tokens=2)
+    with LiveServer(create_app(engine_config(model_dir), limits)) as live:
         prompt = "one two three four five six seven eight nine ten"
         body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
         refused = httpx.post(live.url + "/v1/completions", json=body, timeout=60)
@@ -238,7 +240,16 @@ def test_max_input_tokens_refuses_longer_prompts(tmp_path):
         short = httpx.post(live.url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 2,
                                                                                           "truncate": 6}}, timeout=60)
         assert short.status_code == 200, short.text
-        assert httpx.get(live.url + "/info", timeout=60).json()["max_input_tokens"] == 6
+        info = httpx.get(live.url + "/info", timeout=60).json()
+        assert (info["max_input_tokens"], info["max_best_of"], info["max_stop_sequences"]) == (6, 2, 1)
+        for parameters, name in (({"best_of": 3, "do_sample": True}, "best_of"), ({"stop": ["a", "b"]}, "stop"),
+                                 ({"top_n_tokens": 3}, "top_n_tokens")):
+            refused = httpx.post(live.url + "/generate", timeout=60, json={"inputs": "hi", "parameters": {
+                "max_new_tokens": 2, **parameters}})
+            assert refused.status_code == 422 and f"`{name}` must be <=" in refused.json()["error"], refused.text
+        within = {"best_of": 2, "do_sample": True, "stop": ["a"], "top_n_tokens": 2, "max_new_tokens": 2}
+        assert httpx.post(live.url + "/generate", json={"inputs": "hi", "parameters": within},
+                          timeout=60).status_code == 200
 
 
 def test_sagemaker_ping_and_invocations(server):

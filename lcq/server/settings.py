@@ -35,6 +35,10 @@ class ServeSettings:
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish after SIGTERM
     max_body_bytes: int = 4 << 20
     max_input_tokens: int | None = None  # TGI's: prompts of more tokens are refused (default: the context's bound)
+    # TGI's limits on its own routes' parameters (default: lcq's, MAX_N and MAX_STOP)
+    max_best_of: int | None = None
+    max_stop_sequences: int | None = None
+    max_top_n_tokens: int | None = None
     keepalive_interval: float = 10.0  # seconds between SSE keep-alive comments while nothing else is sent
     retry_after: int = 1  # seconds, sent with 429 and 503
     log_level: str = "info"
@@ -83,6 +87,9 @@ class ServeSettings:
             (self.max_body_bytes >= 1024, f"max body bytes must be at least 1024, got {self.max_body_bytes}"),
             (self.max_input_tokens is None or self.max_input_tokens >= 1,
              f"max input tokens must be >= 1, got {self.max_input_tokens}"),
+            *[(limit is None or limit >= bound, f"{name} must be >= {bound}, got {limit}") for name, limit, bound in
+              (("max best of", self.max_best_of, 1), ("max stop sequences", self.max_stop_sequences, 0),
+               ("max top n tokens", self.max_top_n_tokens, 0))],
             (self.keepalive_interval > 0, f"keep-alive interval must be > 0, got {self.keepalive_interval}"),
             (self.retry_after >= 0, f"retry-after must be >= 0, got {self.retry_after}"),
             (self.api_key is None or self.api_key != "", "api key must not be empty"),
@@ -423,6 +430,12 @@ FLAGS = (
          peer_envs=("MAX_INPUT_TOKENS",)),
     Flag("--max-input-length", int, "TGI's launcher's older name of --max-input-tokens", "server",
          field="max_input_tokens", peer_envs=("MAX_INPUT_LENGTH",)),
+    Flag("--max-best-of", int, "TGI's launcher's: the largest best_of TGI's routes take (422 above)", "server",
+         peer_envs=("MAX_BEST_OF",)),
+    Flag("--max-stop-sequences", int, "TGI's launcher's: the most stop sequences TGI's routes take", "server",
+         peer_envs=("MAX_STOP_SEQUENCES",)),
+    Flag("--max-top-n-tokens", int, "TGI's launcher's: the largest top_n_tokens TGI's routes take", "server",
+         peer_envs=("MAX_TOP_N_TOKENS",)),
     Flag("--max-concurrent-requests", _concurrent_requests, "TGI's launcher's: requests running and waiting "
          "together, 429 beyond: --max-queue becomes this less --max-num-seqs (and --max-num-seqs this, if smaller)",
          "engine", expands=True, metavar="N", peer_envs=("MAX_CONCURRENT_REQUESTS",)),

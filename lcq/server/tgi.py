@@ -124,6 +124,12 @@ async def generate(body: GenerateRequest, request: Request, stream: bool, listed
     state = get_state(request)
     state.check_request(body, request.url.path)
     parameters = body.parameters
+    settings = state.settings
+    for name, asked, limit in (("best_of", parameters.best_of or 1, settings.max_best_of),
+                               ("stop", len(parameters.stop), settings.max_stop_sequences),
+                               ("top_n_tokens", parameters.top_n_tokens or 0, settings.max_top_n_tokens)):
+        if limit is not None and asked > limit:  # (the launcher's limits, as TGI's words give them)
+            raise APIError(400, f"`{name}` must be <= {limit}. Given: {asked}", param=f"parameters.{name}")
     if stream and (parameters.best_of or 1) > 1:
         raise APIError(400, "`best_of` != 1 is not supported when streaming tokens", param="parameters.best_of")
     if stream and parameters.decoder_input_details:
@@ -181,9 +187,11 @@ async def info(request: Request) -> dict:
     state = get_state(request)
     config = state.engine.config
     context = state.engine.max_model_len or None
+    stops = state.settings.max_stop_sequences
     return {"model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": config.max_num_seqs + config.max_queue, "max_best_of": MAX_N,
-            "max_stop_sequences": MAX_STOP,
+            "max_concurrent_requests": config.max_num_seqs + config.max_queue,
+            "max_best_of": state.settings.max_best_of or MAX_N,
+            "max_stop_sequences": MAX_STOP if stops is None else stops,
             "max_input_tokens": state.settings.max_input_tokens or (None if context is None else context - 1),
             "max_total_tokens": context, "max_client_batch_size": 1, "validation_workers": 1,
             "router": "lcq", "version": __version__, "sha": None, "docker_label": None}
