@@ -1,8 +1,9 @@
-"""CPU decode products from an LCQ layer's indices (lcq/kernels/cpu_index.c, AVX2 and AVX-512 forms, and
-where the CPU has int8 products the int8 decode form, which reads each group's codebook in bytes) against the
-fp16 copy the engine kept before (lcq/kernels/cpu_half.c), on SmolLM2-135M's linear shapes at W4 r2, W2 r2
-and W4 r4 (g64), or Llama 3.2 1B's at W4 r2 g64, W3 r2 g128 and W2 r2 g128 (--shapes llama32-1b), weights
-cycled so that they come from memory.
+"""CPU decode products from an LCQ layer's indices (lcq/kernels/cpu_index.c, AVX2 and AVX-512 forms, and the
+int8 decode forms, which read each group's codebook in bytes: the AVX-512 one where the CPU has int8 products,
+else at 2 and 4 bits the AVX2 shuffle form, cpu_index_shuffles.c, which LCQ_CPU_AVX512=0 measures on a CPU with
+AVX-512) against the fp16 copy the engine kept before (lcq/kernels/cpu_half.c), on SmolLM2-135M's linear shapes
+at W4 r2, W2 r2 and W4 r4 (g64), or Llama 3.2 1B's at W4 r2 g64, W3 r2 g128 and W2 r2 g128 (--shapes
+llama32-1b), weights cycled so that they come from memory.
 
     python bench/cpu_index.py [--threads 2] [--shapes smollm2 | llama32-1b]
 """
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
 from lcq.format import dequantize  # noqa: E402
 from lcq.kernels import cpu_half, cpu_index, native  # noqa: E402
-from lcq.kernels.cpu_matmul import cpu_products, products_available  # noqa: E402
+from lcq.kernels.cpu_matmul import cpu_products  # noqa: E402
 from tests.test_kernels import random_layer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "cpu-index.json"
@@ -52,7 +53,6 @@ def main() -> None:
     if not cpu_index.enabled():
         raise SystemExit("the index kernel does not run here (see lcq/kernels/cpu_index.py)")
     forms = {"avx2": False} | ({"avx512": True} if cpu_index.wide_available() else {})
-    int8 = "avx512" in forms and products_available(torch.int8)
     shapes, formats = MODELS[args.shapes]
     rows = []
     for name, (n, k) in shapes.items():
@@ -60,16 +60,18 @@ def main() -> None:
             layers = [random_layer(n, k, bits, rank, group, seed=i) for i in range(max(2, POOL_BYTES // (n * k * 2)))]
             halves = [dequantize(layer).half() for layer in layers]
             indexed = {form: [cpu_index.IndexWeight(layer, wide=wide) for layer in layers] for form, wide in forms.items()}
-            books = [weight.keep_books() for weight in indexed.get("avx512", [])]  # read by int8 products only
+            # read by int8 products only: the AVX-512 form's with VNNI, else the AVX2 shuffle form's at 2 and 4 bits
+            books = {form: all(weight.keep_books() for weight in weights) for form, weights in indexed.items()}
             for m in ROWS:
                 x = torch.randn(m, k)
                 row = {"shape": name, "bits": bits, "rank": rank, "group_size": group, "m": m,
                        "fp16_kernel_ms": round(best_ms(lambda w: cpu_half.half_linear(x, w), halves), 4)}
                 for form, weights in indexed.items():
                     row[f"index_{form}_ms"] = round(best_ms(lambda w: w.linear(x), weights), 4)
-                if int8 and all(books):
-                    with cpu_products(torch.int8):
-                        row["index_int8_decode_ms"] = round(best_ms(lambda w: w.linear(x), indexed["avx512"]), 4)
+                for form, key in (("avx512", "index_int8_decode_ms"), ("avx2", "index_shuffle_decode_ms")):
+                    if books.get(form):
+                        with cpu_products(torch.int8):
+                            row[key] = round(best_ms(lambda w: w.linear(x), indexed[form]), 4)
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     one = cpu_index.IndexWeight(random_layer(3072, 576, 4, 2, 64, seed=0))

@@ -1036,7 +1036,7 @@ def _int8_quantized(rows: torch.Tensor, tops: torch.Tensor | None = None) -> tor
 def _int8_index_reference(x: torch.Tensor, layer: PackedLinear, exact_from: int | None = None) -> torch.Tensor:
     """x @ W^T in float64 as int8 products take an LCQ weight: x quantized per block of its values, W
     per block of the codebooks of the groups the block meets (the kernel quantizes codebooks); values
-    from exact_from on (the int8 decode form's past the last whole step of 16) unquantized."""
+    from exact_from on (the int8 decode forms' past the last whole step of 16) unquantized."""
     books, k, g = layer_codebooks(layer).abs().amax(-1), layer.in_features, layer.group_size
     tops = torch.stack([books[:, s // g:(min(s + 64, k) - 1) // g + 1].amax(-1) for s in range(0, k, 64)], 1)
     dense = dequantize(layer, torch.float32)
@@ -1127,6 +1127,50 @@ def test_int8_decode_products_from_several_threads_at_once():
 
     with ThreadPoolExecutor(4) as pool:
         assert all(all(equal) for equal in pool.map(products, range(4)))
+
+
+needs_c_kernels = pytest.mark.skipif(native.load() is None or not cpu_index.enabled(),
+                                     reason="the C kernels do not run here (or LCQ_CPU_INDEX is 0)")
+
+
+@needs_c_kernels
+@pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 64, 576), (4, 2, 128, 150), (2, 2, 128, 1000),
+                                                   (4, 4, 64, 200), (2, 3, 192, 37), (4, 1, 256, 1000),
+                                                   (4, 2, 64, 16)])
+@pytest.mark.usefixtures("both_cores")
+def test_shuffle_decode_products_read_books(monkeypatch, bits, rank, group, k):
+    """Where the AVX-512 int8 products do not run (LCQ_CPU_AVX512=0 stands in for an AVX2-only CPU), int8 products
+    take the AVX2 shuffle form in the decode products of 2- and 4-bit weights with books (1-4 rows at 4 bits, 1 at
+    2; any count with rows_alone): the int8 products' operands (_int8_index_reference), only fp32 scaling and
+    summation differing (1e-5), weights past the last whole step of 16 exact (K = 1000, 150, 200, 37). Each row's
+    values are what it alone gives, bit for bit. Runs of 2 blocks (4 bits) and 4 (2 bits), a run's blocks in one
+    group or in 2-4 (K = 576 at g64), groups of 3 blocks and a last partial run (K = 37: 2 steps; K = 16: 1), one
+    or two groups' books per run at 4 bits (g64, g128). Other weights keep no books: 3 bits, groups of 32. A NaN
+    in a row makes that row's outputs NaN."""
+    monkeypatch.setenv("LCQ_CPU_AVX512", "0")
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
+    weight, plain = cpu_index.IndexWeight(layer, wide=False), cpu_index.IndexWeight(layer, wide=False)
+    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
+    assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
+    x = torch.randn(7, k)
+    x[:, 1] *= 30  # an outlier channel sets only its own block's scale
+    most = 4 if bits == 4 else 1
+    with cpu_products(torch.int8):
+        alone = torch.cat([weight.linear(x[m:m + 1]) for m in range(7)])
+        assert torch.equal(weight.linear(x[:most]), alone[:most])
+        assert torch.equal(weight.linear(x[:most + 1]), plain.linear(x[:most + 1]))  # past them: fp32
+    with cpu_products(torch.int8, rows_alone=True):
+        assert torch.equal(weight.linear(x), alone)
+    assert _relative_error(alone, _int8_index_reference(x, layer, exact_from=k // 16 * 16)) < 1e-5
+    assert _relative_error(alone, reference(x, layer)) > 1e-3  # quantization did happen
+    with cpu_products(torch.float32):
+        assert _relative_error(weight.linear(x[:1]), reference(x[:1], layer)) < 1e-6
+    x[2, k // 2] = float("nan")
+    with cpu_products(torch.int8):
+        assert weight.linear(x[2:3]).isnan().all() and not weight.linear(x[3:4]).isnan().any()
+    for other in (cpu_index.IndexWeight(random_layer(70, k, 3, rank, 64, seed=1), wide=False),
+                  cpu_index.IndexWeight(random_layer(70, k, bits, rank, 32, seed=1), wide=False)):
+        assert other.keep_books() == 0
 
 
 def _byte_row_values(rows: torch.Tensor, n: int, k: int) -> torch.Tensor:

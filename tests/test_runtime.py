@@ -23,8 +23,8 @@ import torch
 
 from lcq.errors import UserError
 from lcq.format import FormatError
-from lcq.kernels import cpu_half, cpu_index, cpu_ops
-from lcq.kernels.cpu_matmul import products_available
+from lcq.kernels import cpu_half, cpu_index, cpu_ops, native
+from lcq.kernels.cpu_matmul import products_available, shuffles_only
 from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, ContextLengthError, EngineConfig, EngineNotReadyError,
                          QueueFullError, SamplingParams)
@@ -969,14 +969,39 @@ def test_cpu_matmul_dtype_is_checked():
         EngineConfig(model="m", cpu_matmul_dtype="int4").validate()
     with pytest.raises(ValueError, match="bfloat16 needs an fp32 model, the C kernels and a CPU with AVX512_BF16$"):
         EngineConfig(model="m", device="cpu", dtype="bfloat16", cpu_matmul_dtype="bfloat16").validate()
-    with pytest.raises(ValueError, match="int8 needs .* a CPU with AVX512_BF16, AVX512_VNNI and AVX512_VBMI$"):
+    with pytest.raises(ValueError, match="int8 needs an fp32 model and the C kernels$"):
         EngineConfig(model="m", device="cpu", dtype="float16", cpu_matmul_dtype="int8").validate()
     expected = next((d for d in (torch.int8, torch.bfloat16) if products_available(d)), torch.float32)
+    if expected == torch.float32 and shuffles_only() and not native.has_avx512("avx512f"):
+        expected = torch.int8  # the AVX2 shuffle form of LCQ layers' decode products
     assert EngineConfig(model="m", device="cpu").resolved_cpu_matmul_dtype() == expected
     assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="float32").resolved_cpu_matmul_dtype() == torch.float32
     assert EngineConfig(model="m", device="cpu", dtype="float16").resolved_cpu_matmul_dtype() == torch.float32
-    if products_available(torch.int8):
+    if native.load() is not None:
         assert EngineConfig(model="m", device="cpu", cpu_matmul_dtype="int8").resolved_cpu_matmul_dtype() == torch.int8
+
+
+@pytest.mark.skipif(native.load() is None or not cpu_index.enabled(),
+                    reason="the C kernels do not run here (or LCQ_CPU_INDEX is 0)")
+def test_engine_decodes_in_shuffle_products_without_avx512(tmp_path, monkeypatch):
+    """Where the CPU lacks AVX-512 (LCQ_CPU_AVX512=0 stands in for it), auto takes int8 products: the LCQ layers
+    (W4 g64) keep their int8 books and decode in the AVX2 shuffle form, and nothing else is kept (no int8 weights,
+    head rows or bf16 panels: no product reads them there). The first token's logprobs, from an 18-token
+    prefill in fp32, are fp32's bit for bit; the decoded ones move from fp32's by the rounding, no more.
+    cpu_int8_weights on is refused there."""
+    monkeypatch.setenv("LCQ_CPU_AVX512", "0")
+    folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=64))
+    rounded, exact = LLM(folder, block_size=8, kv_cache_dtype="float32"), LLM(folder, block_size=8, **FP32)
+    runner = rounded.engine.runner
+    assert runner.products == torch.int8 and runner.int8_book_bytes > 0
+    assert runner.int8_weight_bytes == runner.head_row_bytes == runner.head_panel_bytes == 0
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3)
+    ours, theirs = (engine.generate([PROMPTS[0]], params)[0].logprobs for engine in (rounded, exact))
+    assert ours[0] == theirs[0]
+    differences = [abs(a.logprob - b.logprob) for a, b in zip(ours[1:], theirs[1:])]
+    assert 0 < max(differences) < 0.15
+    with pytest.raises(ValueError, match="cpu_int8_weights on needs int8 products .* on a CPU with AVX512_VNNI"):
+        EngineConfig(model="m", device="cpu", cpu_int8_weights="on").validate()
 
 
 def test_prefix_cache_hits_give_the_same_tokens(llm):

@@ -93,6 +93,25 @@ int lcq_byte_decode_rows(int kept) {
     return kept == LCQ_INT8_PRODUCTS ? KEPT_BYTES_MIN_ROWS - 1 : BYTE_DECODE_ROWS;
 }
 
+/* Up to this many rows, LCQ weights with int8 books take the shuffle form (cpu_index_shuffles.c) where
+ * lcq_set_shuffles is on, at 4 and 2 bits: against the AVX2 fp32 decode form (bench/cpu_index.py, SmolLM2's
+ * shapes at r2 g64 and W4 r4 g64, 2 threads, a Zen 4 with LCQ_CPU_AVX512=0, weights from memory), W4 ran
+ * 1.3-1.8x at 1 row, 1.2-1.7x at 2 and 1.1-1.5x at 4; W2 1.0-1.3x at 1 row, 0.87-1.3x at 2, 0.75-1.2x at 4. */
+#define SHUFFLE_DECODE_ROWS(BITS) ((BITS) == 4 ? 4 : 1)
+
+static _Thread_local int shuffles; /* lcq_set_shuffles, per calling thread */
+
+int lcq_set_shuffles(int on) {
+    const int previous = shuffles;
+    shuffles = on;
+    return previous;
+}
+
+int lcq_shuffle_decode_rows(int bits) {
+    if (!shuffles || bits == 3) return 0;
+    return lcq_rows_alone() ? INT_MAX : SHUFFLE_DECODE_ROWS(bits);
+}
+
 int lcq_rows_alone(void) {
     return product_form == LCQ_INT8_ROW_PRODUCTS || product_form == LCQ_FP32_ROW_PRODUCTS;
 }

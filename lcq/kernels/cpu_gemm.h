@@ -256,6 +256,15 @@ int lcq_bf16_products(void);
  * kept (kept: LCQ_INT8_PRODUCTS) or not; 0 where they do not. */
 int lcq_byte_decode_rows(int kept);
 
+/* Sets whether the calling thread's decode products of LCQ weights with int8 books at 2 and 4 bits take the
+ * AVX2 int8 form (cpu_index_shuffles.c: int8 products on a CPU without the AVX-512 ones, whose other products
+ * stay fp32); returns the previous setting. */
+int lcq_set_shuffles(int on);
+
+/* The most rows whose products of a weight of `bits` take that form in the calling thread (every row count where
+ * each row's values must be what it alone gives, lcq_rows_alone), 0 where it is off (and at 3 bits). */
+int lcq_shuffle_decode_rows(int bits);
+
 /* K fp32 activations as a row of the int8 form (lcq_byte_row_words((K + 3) / 4) words; cpu_gemm.c). A
  * block holding a NaN gets a NaN scale, one holding +-inf an inf scale, so that its products are not finite. */
 void lcq_quantize_row(const float *src, int K, uint32_t *row);

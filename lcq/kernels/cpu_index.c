@@ -10,7 +10,9 @@
  * AVX2, at M = 1 (bench/cpu_index.py). With int8 products (AVX512_VNNI and AVX512_VBMI) and a weight that
  * keeps its codebooks in bytes (lcq_index_byte_books), decode products of a few rows look 64 weights up
  * in bytes per instruction and multiply them with int8 activations (lcq_index_byte_product,
- * cpu_index_bytes.c): 1.1-2.1x the fp32 form at M = 1 on a Zen 4; with bf16 products on, 5 rows or more
+ * cpu_index_bytes.c): 1.1-2.1x the fp32 form at M = 1 on a Zen 4; with int8 products and AVX2 only, decode products
+ * of 2- and 4-bit weights with books look 32 weights up per vpshufb (lcq_index_shuffle_product,
+ * cpu_index_shuffles.c): W4 1.3-1.8x the AVX2 fp32 form at M = 1; with bf16 products on, 5 rows or more
  * take the bf16 form (lcq_index_pair_product, cpu_index_pairs.c).
  * Products of lcq_gemm_min_rows() rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
  * block of weight rows at a time to their fp32 entries (or with int8 products to bytes) in a
@@ -214,8 +216,9 @@ int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, floa
     const lcq_index_weight *w = weight;
     if (M < 1 || (swiglu && w->N % 2)) return -1;
     const int kept = w->byte_rows != NULL ? LCQ_INT8_PRODUCTS : LCQ_FP32_PRODUCTS;
-    const int bytes = w->books != NULL && M <= lcq_byte_decode_rows(kept);
-    if (!bytes && M >= lcq_gemm_min_rows(kept)) {
+    const int shuffles = w->books != NULL && M <= lcq_shuffle_decode_rows(w->bits);
+    const int bytes = !shuffles && w->books != NULL && M <= lcq_byte_decode_rows(kept);
+    if (!bytes && !shuffles && M >= lcq_gemm_min_rows(kept)) {
         const lcq_expansions expansions = {w->wide ? wide_expand : narrow_expand, NULL,
                                            w->wide ? lcq_index_expand_bytes : NULL, stream_index_rows, w->byte_rows,
                                            NULL};
@@ -225,6 +228,8 @@ int lcq_index_matmul(const float *x, int M, const void *weight, int swiglu, floa
     int status = 0;
     if (products == NULL)
         status = -1;
+    else if (shuffles)
+        status = lcq_index_shuffle_product(w, x, M, products);
     else if (bytes)
         status = lcq_index_byte_product(w, x, M, products);
     else if (w->wide && M >= PAIR_MIN_ROWS && lcq_bf16_products())

@@ -1,7 +1,8 @@
 /* An LCQ weight kept as its indices (lcq_index_weight) and the instruction-set steps every product from its
  * indices takes: a row's table held in registers, a group's codebook built, a run's words loaded and looked up
  * 16 weights at a time, a tile's column sums reduced; with AVX2 (narrow) and AVX-512 (wide). The products:
- * fp32 (cpu_index.c, which also chooses among them), int8 (cpu_index_bytes.c) and bf16 (cpu_index_pairs.c).
+ * fp32 (cpu_index.c, which also chooses among them), int8 (cpu_index_bytes.c with AVX-512, cpu_index_shuffles.c
+ * with AVX2) and bf16 (cpu_index_pairs.c).
  *
  * Index layout, one function for every bit width b: a row is runs of 16 32-bit words, each word
  * holding P = 32 / b indices (16, 10 or 8); field s of word i (bits b s ..) is index 16 s + i of the
@@ -299,14 +300,19 @@ AVX512 INDEX_STEP void wide_reduce(const __m512 *sums, const float *tails, int c
         default: RESULT PREFIX##_tiles_##BITS##_0 ARGS; break;                                                      \
     }
 
+/* A group's book for the int8 decode products (lcq_index_byte_books): its top as a float, then 2^bits bytes. */
+#define LCQ_BOOK_BYTES(BITS) (4 + (1 << (BITS)))
+
 /* From this many rows the bf16 decode product (cpu_index_pairs.c) serves where bf16 products are on. */
 #define PAIR_MIN_ROWS 5
 
 /* The products the dispatcher (lcq_index_matmul, cpu_index.c) chooses among besides the fp32 one: y (M, N) =
- * x (M, K) @ W^T, 0 or -1 where a buffer cannot be allocated. The int8 decode product of a weight with books
- * (cpu_index_bytes.c), the bf16 one of a wide weight (cpu_index_pairs.c); and rows first .. first + count - 1
+ * x (M, K) @ W^T, 0 or -1 where a buffer cannot be allocated. The int8 decode products of a weight with books
+ * (cpu_index_bytes.c with AVX-512, cpu_index_shuffles.c at 2 and 4 bits with AVX2), the bf16 one of a wide
+ * weight (cpu_index_pairs.c); and rows first .. first + count - 1
  * of a wide weight in the int8 form (an lcq_expand_byte_rows, cpu_index_bytes.c). */
 int lcq_index_byte_product(const lcq_index_weight *w, const float *x, int M, float *y);
+int lcq_index_shuffle_product(const lcq_index_weight *w, const float *x, int M, float *y);
 int lcq_index_pair_product(const lcq_index_weight *w, const float *x, int M, float *y);
 int lcq_index_expand_bytes(const void *weight, int K, int first, int count, uint32_t *out);
 

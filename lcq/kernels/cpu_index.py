@@ -8,10 +8,11 @@ kernel builds each group's codebook in registers: on a Zen 4, batch-1 decode pro
 1.3-1.9x the fp16 kernel's speed with AVX-512 (bench/cpu_index.py, docs/kernels.md); from
 lcq_gemm_min_rows() rows (cpu_gemm.c) blocks of weight rows are expanded for a register-blocked
 product. Every fp32 product uses the exact fp32 codebook entries. With int8 products, a weight that keeps
-its codebooks in bytes (keep_books) takes decode products of a few rows in 8 bits as well.
+its codebooks in bytes (keep_books) takes decode products of a few rows in 8 bits as well: with AVX-512 at
+any width, else with AVX2 at 2 and 4 bits (cpu_index_shuffles.c).
 
 LCQ_CPU_INDEX=0 keeps the fp16 copy instead (faster where permutes are slow, as on Zen 1), and
-LCQ_CPU_AVX512=0 the AVX2 form on CPUs with AVX-512.
+LCQ_CPU_AVX512=0 the AVX2 forms on CPUs with AVX-512.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ TABLE_WIDTH = 16  # permutes read 4 bits: tables are replicated to 16 entries
 # (SmolLM2-135M W4 engine: 2.76 GB RSS after loading at once, 2.65 at 256 rows, 2.62 at 64, as before
 # this layout; malloc_trim gave the difference back).
 PACK_ROWS = 64
+SHUFFLE_BITS = (2, 4)  # the int8 decode form without the AVX-512 one (cpu_index_shuffles.c)
 
 
 class _Fields(ctypes.Structure):
@@ -135,10 +137,12 @@ class IndexWeight:
     def keep_books(self) -> int:
         """Keep each group's codebook in bytes beside its scale (4 + 2^b bytes a group: 0.06 bytes per
         weight at W2 g128, 0.31 at W4 g64), from which int8 products of a few rows (decode) read the
-        weights instead of S and B (cpu_gemm.c's lcq_byte_decode_rows): 1.1-2.1x the fp32 decode form at
-        batch 1 on a Zen 4. Only where the AVX-512 form runs with int8 products and groups are whole
-        blocks of 64 values; returns the bytes kept (else 0)."""
-        if not self.fields.wide or self.group_size % 64 or not products_available(torch.int8):
+        weights instead of S and B (cpu_gemm.c's lcq_byte_decode_rows and lcq_shuffle_decode_rows): 1.1-2.1x
+        the fp32 decode form at batch 1 on a Zen 4. Only where groups are whole blocks of 64 values, and
+        either the AVX-512 form runs with its int8 products, or those do not run and the weight has 2 or 4
+        bits (the AVX2 shuffle form); returns the bytes kept (else 0)."""
+        if self.group_size % 64 or not (self.fields.wide and products_available(torch.int8) or
+                                        self.bits in SHUFFLE_BITS and not products_available(torch.int8)):
             return 0
         if not self.books.numel():  # padded: the kernel loads 16 bytes of a book at a time
             self.books = torch.zeros(self.out_features * self.num_groups * (4 + 2 ** self.bits) + 16,

@@ -3,6 +3,7 @@
  * group's codebook in bytes (books), and the int8 decode product that looks weights up in those books.
  */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -187,25 +188,29 @@ int64_t lcq_index_byte_words(int N, int K) {
     return (int64_t)(N + 31) / 32 * 32 * lcq_byte_row_words((K + 3) / 4);
 }
 
-/* Books (N, groups) records of BOOK_BYTES(bits): each group's weight scale, its top (w->tops) as a float,
- * then its codebook in the unsigned bytes of the int8 form, q + 128 with q = round(entry * 127 / top): for
- * group sizes that are multiples of 64, where each block of 64 values lies in one group, the bytes and
- * scale wide_byte_row gives its blocks. One stream of 8 bytes per group at 2 bits, 20 at 4. */
-#define BOOK_BYTES(BITS) (4 + (1 << (BITS)))
-
-LCQ_INT8 void lcq_index_byte_books(const void *weight, uint8_t *books) {
+/* Books (N, groups) records of LCQ_BOOK_BYTES(bits) (cpu_index.h) for the int8 decode products, this file's and
+ * cpu_index_shuffles.c's: each group's top, the largest |entry| of its codebook, as a float, then the codebook
+ * in the unsigned bytes of the int8 form, q + 128 with q = round(entry * 127 / top): for group sizes that are
+ * multiples of 64, where each block of 64 values lies in one group, the bytes and scale wide_byte_row gives its
+ * blocks (the entries are the same multiply-adds, so the same floats). AVX2, for either form. */
+void lcq_index_byte_books(const void *weight, uint8_t *books) {
     const lcq_index_weight *w = weight;
-    const int blocks = lcq_scale_blocks((w->K + 3) / 4), group_blocks = w->group_size / 64;
     for (int n = 0; n < w->N; n++) {
-        const float *v = table_row(w, n);
+        const narrow_table table = narrow_table_of(w, n, 0);
         for (int j = 0; j < w->groups; j++) {
-            uint8_t *record = books + ((int64_t)n * w->groups + j) * BOOK_BYTES(w->bits);
-            const float top = w->tops[(int64_t)n * blocks + j * group_blocks];
-            const __m128i book = byte_book(w->scales + ((int64_t)n * w->groups + j) * w->rank,
-                                           w->offsets[(int64_t)n * w->groups + j], v, w->rank,
-                                           top > 0.0f ? 127.0f / top : 0.0f);
+            float entries[16], top = 0.0f;
+            narrow_write(narrow_codebook(w, &table, 0, n, j), entries);
+            for (int e = 0; e < 16; e++) top = fabsf(entries[e]) > top ? fabsf(entries[e]) : top;
+            const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+            uint8_t *record = books + ((int64_t)n * w->groups + j) * LCQ_BOOK_BYTES(w->bits);
             memcpy(record, &top, sizeof(float));
-            _mm_mask_storeu_epi8(record + sizeof(float), (__mmask16)((1u << (1 << w->bits)) - 1), book);
+            for (int half = 0; half < 2; half++) {
+                int32_t q[8];
+                _mm256_storeu_si256((__m256i *)q,
+                                    _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(entries + 8 * half), inverse)));
+                for (int e = 0; e < 8 && 8 * half + e < 1 << w->bits; e++)
+                    record[sizeof(float) + 8 * half + e] = (uint8_t)(q[e] + 128);
+            }
         }
     }
 }
@@ -290,7 +295,7 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_block(const int 
     if (st->left == 0) {
         if (b > 0) {
             byte_group_end(R, st);
-            st->book += BOOK_BYTES(BITS);
+            st->book += LCQ_BOOK_BYTES(BITS);
         }
         for (int r = 0; r < R; r++) st->group[r] = _mm512_setzero_ps();
         st->table = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(st->book + sizeof(float))));
@@ -321,8 +326,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_column(const int
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     const __m512i shifts = _mm512_set1_epi64((long long)step_shifts(BITS));
     byte_sums st;
-    st.book = w->books + (int64_t)n * w->groups * BOOK_BYTES(BITS);
-    ask_row_ahead(w, n, (int64_t)w->groups * BOOK_BYTES(BITS));
+    st.book = w->books + (int64_t)n * w->groups * LCQ_BOOK_BYTES(BITS);
+    ask_row_ahead(w, n, (int64_t)w->groups * LCQ_BOOK_BYTES(BITS));
     st.left = 0;
     for (int r = 0; r < R; r++) st.acc[r] = st.group[r] = _mm512_setzero_ps();
     st.table = _mm512_setzero_si512();

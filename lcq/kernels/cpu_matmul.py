@@ -122,6 +122,13 @@ def products_available(dtype: torch.dtype) -> bool:
     return form is not None and native.load() is not None and all(native.has_avx512(flag) for flag in form[1])
 
 
+def shuffles_only() -> bool:
+    """Whether int8 products run here only as the AVX2 shuffle form (cpu_index_shuffles.c: the decode products
+    of LCQ layers at 2 and 4 bits that keep int8 books, every other product fp32): the C kernels run, but the
+    CPU lacks the AVX-512 int8 products (or LCQ_CPU_AVX512 is 0)."""
+    return native.load() is not None and not products_available(torch.int8)
+
+
 @contextlib.contextmanager
 def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool = False) -> Iterator[None]:
     """Within the block, the calling thread's fp32 products of several rows in the C kernels take
@@ -138,6 +145,9 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool =
       the head), with activations in two bytes; full-precision weights and the rest take bfloat16.
       Where AMX runs, LCQ products of 256 rows or more (byte_pair_rows) take bf16 tiles instead, the
       int8 form's weight values and the activations rounded to bf16.
+    - int8 where the CPU lacks these (shuffles_only): the decode products of LCQ layers at 2 and 4 bits that
+      keep int8 books in the AVX2 shuffle form (lcq_set_shuffles), the same 8-bit operands as above; every
+      other product fp32.
     rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
     sequence whose plain decode steps are single rows): with int8, the int8 decode forms of LCQ layers
     with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32;
@@ -153,15 +163,18 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool =
         yield
         return
     form = PRODUCT_FORMS[dtype][0] if products_available(dtype) else 0
+    shuffles = dtype == torch.int8 and not form
     blocked = invariant and dtype == torch.int8 and bool(form)
     if not blocked and (rows_alone or invariant):  # (the blocked invariant forms already keep each row as alone)
         form = INT8_ROW_PRODUCTS if dtype == torch.int8 and form else FP32_ROW_PRODUCTS
     previous, previous_invariant = lib.lcq_set_products(form), lib.lcq_set_invariant(int(invariant))
+    previous_shuffles = lib.lcq_set_shuffles(int(shuffles))
     try:
         yield
     finally:
         lib.lcq_set_products(previous)
         lib.lcq_set_invariant(previous_invariant)
+        lib.lcq_set_shuffles(previous_shuffles)
 
 
 def amx_active() -> bool:

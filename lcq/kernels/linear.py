@@ -102,7 +102,7 @@ class LCQLinear(torch.nn.Module):
 
     def keep_books(self) -> int:
         """Keep each group's codebook in bytes for int8 decode products (IndexWeight.keep_books);
-        returns its bytes (0 unless this layer keeps indices in the AVX-512 form)."""
+        returns its bytes (0 unless this layer keeps indices where an int8 decode form reads them)."""
         return self._index.keep_books() if self._index is not None else 0
 
     def release_packed(self) -> int:

@@ -1,5 +1,5 @@
 """Build and load the C kernels of the CPU path: cpu_amx.c, cpu_decode_attention.c, cpu_decode_step.c, cpu_gemm.c,
-cpu_half.c, cpu_index.c, cpu_index_bytes.c, cpu_index_pairs.c, cpu_latent.c, cpu_mixture.c, cpu_ops.c,
+cpu_half.c, cpu_index.c, cpu_index_bytes.c, cpu_index_pairs.c, cpu_index_shuffles.c, cpu_latent.c, cpu_mixture.c, cpu_ops.c,
 cpu_panels.c, cpu_prefill_attention.c, cpu_recurrent.c and cpu_sample.c, one shared library.
 
 The library is compiled on first use with the system C compiler into the lcq cache (no build step
@@ -33,8 +33,8 @@ FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-W
 FOLDER = Path(__file__).parent
 SOURCES = tuple(FOLDER / f"cpu_{name}.c"
                 for name in ("amx", "decode_attention", "decode_step", "gemm", "half", "index", "index_bytes",
-                             "index_pairs", "latent", "mixture", "ops", "panels", "prefill_attention", "recurrent",
-                             "sample"))
+                             "index_pairs", "index_shuffles", "latent", "mixture", "ops", "panels", "prefill_attention",
+                             "recurrent", "sample"))
 HEADERS = tuple(FOLDER / f"cpu_{name}.h"
                 for name in ("attention", "cache", "constant", "exp", "gemm", "index", "latent", "ops"))
 

@@ -160,25 +160,38 @@ class EngineConfig:
         (cpu_matmul.cpu_products). auto: int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16 (LCQ
         layers' products of 10+ rows in 8 bits, bf16 elsewhere: 1.2-1.3x bf16's throughput with many
         sequences), else bfloat16 where it has AVX512_BF16 (twice fp32's multiply-adds per
-        instruction), else float32; the demo model's perplexity moved by under 0.1% with either over 512-token
-        windows, and by +0.34% with int8 over 2,048-token ones, every product in 8 bits (docs/kernels.md). float32
-        keeps tokens equal to transformers'."""
+        instruction), else int8 where it has no AVX-512 (the AVX2 shuffle form of LCQ layers' decode products
+        at 2 and 4 bits, cpu_matmul.shuffles_only: W4 batch-1 decode 1.4x fp32's), else float32; the demo model's
+        perplexity moved by under 0.1% with either over 512-token windows, and by +0.34% with int8 over 2,048-token
+        ones, every product in 8 bits (docs/kernels.md). float32 keeps tokens equal to transformers'."""
         names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
         if self.cpu_matmul_dtype not in ("auto", *names):
             raise ValueError(f"cpu_matmul_dtype must be auto, float32, bfloat16 or int8 (got {self.cpu_matmul_dtype})")
-        from lcq.kernels.cpu_matmul import PRODUCT_FORMS, products_available
+        from lcq.kernels import native
+        from lcq.kernels.cpu_matmul import PRODUCT_FORMS, products_available, shuffles_only
 
         applies = self.resolved_device().type == "cpu" and self.resolved_dtype() == torch.float32
         if self.cpu_matmul_dtype == "auto":
             usable = [dtype for dtype in (torch.int8, torch.bfloat16) if applies and products_available(dtype)]
+            if applies and not usable and shuffles_only() and not native.has_avx512("avx512f"):
+                usable = [torch.int8]
             return usable[0] if usable else torch.float32
         dtype = names[self.cpu_matmul_dtype]
+        if dtype == torch.int8 and applies and shuffles_only():
+            return dtype
         if dtype != torch.float32 and not (applies and products_available(dtype)):
             flags = ["AVX512_" + flag.removeprefix("avx512").lstrip("_").upper() for flag in PRODUCT_FORMS[dtype][1]]
             needs = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
-            raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model, the C kernels and a "
-                             f"CPU with {needs}")
+            where = " and the C kernels" if dtype == torch.int8 else f", the C kernels and a CPU with {needs}"
+            raise ValueError(f"cpu_matmul_dtype {self.cpu_matmul_dtype} needs an fp32 model{where}")
         return dtype
+
+    def _blocked_int8_products(self) -> bool:
+        """Whether int8 products are on and take the AVX-512 forms, whose blocked products read kept int8 weights
+        (not the AVX2 shuffle form alone)."""
+        from lcq.kernels.cpu_matmul import products_available
+
+        return self.resolved_cpu_matmul_dtype() == torch.int8 and products_available(torch.int8)
 
     def keeps_int8_weights(self, size: int, available: int | None) -> bool:
         """Whether LCQ layers keep the int8 form of their weights (`size` bytes, 1.125 per weight at
@@ -188,7 +201,7 @@ class EngineConfig:
         `available` (host_memory.available_memory_bytes: a container's limit counts; None: unknown, so
         not); on: whenever int8 products are on (validate() refuses it
         otherwise); off: never. Batch-1 decode reads the indices either way."""
-        if self.cpu_int8_weights == "off" or self.resolved_cpu_matmul_dtype() != torch.int8:
+        if self.cpu_int8_weights == "off" or not self._blocked_int8_products():
             return False
         return self.cpu_int8_weights == "on" or (available is not None and size <= available // 10)
 
@@ -336,12 +349,12 @@ class EngineConfig:
         self.resolved_dtype()
         self.resolved_kv_cache_dtype()
         self.resolved_state_dtype()
-        products = self.resolved_cpu_matmul_dtype()
+        self.resolved_cpu_matmul_dtype()
         if self.cpu_int8_weights not in ("auto", "on", "off"):
             raise ValueError(f"cpu_int8_weights must be auto, on or off (got {self.cpu_int8_weights})")
-        if self.cpu_int8_weights == "on" and products != torch.int8:
-            raise ValueError("cpu_int8_weights on needs int8 products (cpu_matmul_dtype int8, or auto on a CPU "
-                             "with AVX512_VNNI, AVX512_VBMI and AVX512_BF16)")
+        if self.cpu_int8_weights == "on" and not self._blocked_int8_products():
+            raise ValueError("cpu_int8_weights on needs int8 products (cpu_matmul_dtype int8, or auto) on a CPU "
+                             "with AVX512_VNNI, AVX512_VBMI and AVX512_BF16")
 
 
 def _read_config(folder: str) -> dict:

@@ -12,7 +12,7 @@ import torch
 from lcq.errors import UserError
 from lcq.kernels import cpu_ops
 from lcq.kernels.cpu_half import byte_rows, pair_panel_bytes, pair_panels
-from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products
+from lcq.kernels.cpu_matmul import ROUNDED_MIN_ROWS, amx_active, cpu_products, products_available, shuffles_only
 from lcq.kernels.linear import LCQLinear
 from lcq.models import ForwardContext, load_model
 from lcq.models.lora import AdapterStack, LoRABatch, load_adapter
@@ -34,6 +34,7 @@ PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
                                "books, blocked ones from 10) and the head's of 1-4 rows, else bf16 from 3"}
+SHUFFLES_LOGGED = "int8 operands in the decode products of LCQ layers at 2 and 4 bits (AVX2 shuffles), else fp32"
 AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
 
 
@@ -139,7 +140,8 @@ class ModelRunner:
                       "context %d tokens; products: %s", self.num_blocks, self.block_size,
                       self.num_blocks * self.block_size, str(kv_dtype).removeprefix("torch."),
                       self.kv_cache_bytes / 2**30, self.kv_groups.num_groups, self.kv_groups.width, self.max_model_len,
-                      PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch.")) +
+                      (SHUFFLES_LOGGED if self.products == torch.int8 and shuffles_only() else
+                       PRODUCTS_LOGGED.get(self.products, str(self.dtype).removeprefix("torch."))) +
                       (AMX_LOGGED if self.device.type == "cpu" and self.products != torch.float32 and amx_active()
                        else ""))
         self.graphs = None
@@ -225,7 +227,7 @@ class ModelRunner:
         every step (1.06-1.95x at 3-128 rows on that head, the same values from 10 rows). Returns the
         bytes kept, before the KV pool is sized."""
         head = getattr(self.model, "lm_head_half", None)
-        if head is None or self.products == torch.float32:
+        if head is None or self.products == torch.float32 or not products_available(torch.bfloat16):
             return 0
         size = pair_panel_bytes(*head.shape)
         available = available_memory_bytes()
@@ -242,7 +244,7 @@ class ModelRunner:
         demo model): at batch 1 the head is what an LCQ model reads most besides its layers. Returns the
         bytes kept, before the KV pool is sized."""
         head = getattr(self.model, "lm_head_half", None)
-        if head is None or self.products != torch.int8:
+        if head is None or self.products != torch.int8 or not products_available(torch.int8):
             return 0
         self.model.lm_head_rows = byte_rows(head)
         size = self.model.lm_head_rows.numel()

@@ -318,8 +318,10 @@ FLAGS = (
          "float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens), or on a GPU of compute "
          "capability 8.9+ fp8 (float8 e4m3, values clamped to +-448: 2x fp16's tokens)", "engine"),
     Flag("--cpu-matmul-dtype", str, "auto (int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16, else "
-         "bfloat16 where it has AVX512_BF16, else float32), float32, bfloat16 or int8 (LCQ layers' products of 10+ "
-         "rows in 8 bits, bf16 elsewhere): operands of an fp32 CPU model's large products", "engine"),
+         "bfloat16 where it has AVX512_BF16, else int8 without AVX-512, else float32), float32, bfloat16 or int8 "
+         "(LCQ layers' products of 10+ rows and decode products in 8 bits, bf16 elsewhere; without those "
+         "instructions, LCQ layers' 2- and 4-bit decode products only, fp32 elsewhere): operands of an fp32 CPU "
+         "model's products", "engine"),
     Flag("--cpu-int8-weights", str, "auto (when int8 products are on and it takes at most a tenth of the available "
          "memory, a container's limit included), on or off: LCQ layers also keep their weights in the int8 form (1.125 bytes per weight) so that "
          "int8 products read them instead of expanding indices at every step", "engine"),
