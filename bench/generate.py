@@ -4,7 +4,8 @@ CPU (default): SmolLM2-135M-Instruct, our engine on the LCQ demo checkpoint (def
 bf16 ones where the CPU has AVX512_BF16: lcq-bf16, which on CPUs with AVX512_VNNI is what int8 adds to;
 lcq-lora: every request with a random rank-16 LoRA adapter over all linear layers; lcq-h4: the demo's
 settings with lm_head packed at 4 bits too; lcq-kv8: the opt-in int8 KV cache, --kv-cache-dtype int8;
-lcq-invariant, only where --engines names it: --batch-invariant) and on full precision, transformers on
+lcq-invariant and lcq-fp32-products, only where --engines names them: --batch-invariant, --cpu-matmul-dtype
+float32) and on full precision, transformers on
 full precision, llama.cpp on the original Q4_1 GGUF. Measures batch-1 decode
 tokens/s, time to first token, and throughput for 64 requests of mixed prompt and output lengths.
 
@@ -350,6 +351,8 @@ def main() -> None:
                                           kv_cache_memory_gb=2.0, kv_cache_dtype="int8"),
             "lcq-invariant": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-invariant", batch1_tokens, workload,
                                                 kv_cache_memory_gb=2.0, batch_invariant=True),
+            "lcq-fp32-products": lambda: bench_ours(lcq, "lcq-w4r2g64", "lcq-fp32-products", batch1_tokens, workload,
+                                                    kv_cache_memory_gb=2.0, cpu_matmul_dtype="float32"),
             "fp32": lambda: bench_ours(fp, "fp32", "fp32", batch1_tokens, workload, kv_cache_memory_gb=2.0),
             "transformers": lambda: bench_transformers(fp, batch1_tokens, workload),
             "llama.cpp": lambda: bench_llama_cpp(cache_dir() / "gguf" / GGUF_NAME, batch1_tokens, workload)}

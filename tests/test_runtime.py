@@ -29,6 +29,7 @@ from lcq.quantizer.reference import load_reference_model
 from lcq.runtime import (LLM, AdapterNotFoundError, AsyncEngine, ContextLengthError, EngineConfig, EngineNotReadyError,
                          QueueFullError, SamplingParams)
 from lcq.runtime.block_manager import BlockManager, block_key
+from lcq.runtime.cuda_graphs import graph_batch_sizes
 from lcq.runtime.detokenizer import IncrementalDetokenizer, TokenBytes
 from lcq.runtime.engine import bad_word_token_ids
 from lcq.runtime.host_memory import available_memory_bytes, return_freed_memory, zeroed_pages
@@ -1002,6 +1003,17 @@ def test_engine_decodes_in_shuffle_products_without_avx512(tmp_path, monkeypatch
     assert 0 < max(differences) < 0.15
     with pytest.raises(ValueError, match="cpu_int8_weights on needs int8 products .* on a CPU with AVX512_VNNI"):
         EngineConfig(model="m", device="cpu", cpu_int8_weights="on").validate()
+
+
+def test_cuda_graph_sizes():
+    """The decode batch sizes CUDA graphs are captured for: by default 1, 2, 4, 8, then multiples of 16 and the batch
+    limit; asked for (vLLM's --cuda-graph-sizes, TGI's --cuda-graphs), those, none past the limit, which stands in
+    for them."""
+    assert graph_batch_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64] and graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(64, [8, 1, 128, 4]) == [1, 4, 8, 64] and graph_batch_sizes(300, [512]) == [256]
+    for sizes in ([], [0, 4]):
+        with pytest.raises(ValueError, match="cuda_graph_sizes must be batch sizes of at least 1"):
+            EngineConfig(model="m", cuda_graph_sizes=sizes).validate()
 
 
 def test_prefix_cache_hits_give_the_same_tokens(llm):

@@ -295,6 +295,58 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
     assert LLM(str(model)).tokenizer.chat_template != "{{ 'theirs' }}"
 
 
+def test_more_of_tgis_launcher_flags_and_variables(tmp_path, capsys):
+    """TGI's launcher's flags for lcq's settings (--speculate, --payload-limit, --graceful-termination-timeout,
+    --huggingface-hub-cache, --cuda-graphs, --tokenizer-config-path's chat_template), its own (--json-output,
+    --disable-grammar-support), those accepted with the one value that holds here, and vLLM's and TGI's names of
+    fp8 in --kv-cache-dtype; then the variables TGI's image reads for them; then what they refuse."""
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text(json.dumps({"chat_template": "{{ 'mine' }}", "eos_token": "</s>"}))
+    line = (f"--speculate 3 --payload-limit 2000000 --graceful-termination-timeout 90 --huggingface-hub-cache /data "
+            f"--json-output --disable-grammar-support --cuda-graphs 1,2,4,8 --tokenizer-config-path {config} "
+            "--sharded false --enable-prefill-logprobs --usage-stats off --disable-usage-stats --dtype bfloat16 "
+            "--kv-cache-dtype fp8_e4m3fn")
+    command = resolve(parse(*line.split()), {})
+    assert command.engine_fields == {"num_speculative_tokens": 3, "download_dir": "/data", "cuda_graphs": True,
+                                     "cuda_graph_sizes": [1, 2, 4, 8], "chat_template": "{{ 'mine' }}",
+                                     "dtype": "bfloat16", "kv_cache_dtype": "fp8"}
+    settings = command.settings
+    assert (settings.max_body_bytes, settings.drain_timeout) == (2000000, 90.0)
+    assert settings.json_output and settings.disable_grammar_support and not settings.sharded
+    assert resolve(parse("--cuda-graph-sizes", "1", "8", "32"), {}).engine_fields == {"cuda_graph_sizes": [1, 8, 32]}
+    assert resolve(parse("--cuda-graphs", "0"), {}).engine_fields == {"cuda_graphs": False}
+    assert resolve(parse("--kv-cache-dtype", "fp8_e4m3"), {}).engine_fields == {"kv_cache_dtype": "fp8"}
+    env = {"SPECULATE": "2", "PAYLOAD_LIMIT": "4096", "GRACEFUL_TERMINATION_TIMEOUT": "5", "JSON_OUTPUT": "true",
+           "DISABLE_GRAMMAR_SUPPORT": "1", "CUDA_GRAPHS": "0", "SHARDED": "false", "API_KEY": "k", "REVISION": "v1",
+           "DTYPE": "float16", "KV_CACHE_DTYPE": "fp8_e4m3fn", "TOKENIZER_CONFIG_PATH": str(config),
+           "HUGGINGFACE_HUB_CACHE": "/data", "USAGE_STATS": "no-stack", "ENABLE_PREFILL_LOGPROBS": "true"}
+    command = resolve(parse(), env)
+    assert command.engine_fields == {"num_speculative_tokens": 2, "cuda_graphs": False, "revision": "v1",
+                                     "dtype": "float16", "kv_cache_dtype": "fp8", "chat_template": "{{ 'mine' }}",
+                                     "download_dir": "/data"}
+    settings = command.settings
+    assert (settings.max_body_bytes, settings.drain_timeout, settings.api_key) == (4096, 5.0, "k")
+    assert settings.json_output and settings.disable_grammar_support and settings.usage_stats == "no-stack"
+    assert resolve(parse(), {**env, "LCQ_API_KEY": "mine"}).settings.api_key == "mine"
+    no_template = tmp_path / "plain.json"
+    no_template.write_text("{}")
+    for argv, message in ((("--sharded", "true"), "--sharded must be false"),
+                          (("--usage-stats", "sometimes"), "on, off or no-stack")):
+        with pytest.raises(UserError, match=message):
+            resolve(parse(*argv), {})
+    with pytest.raises(ValueError, match="cuda_graph_sizes must be batch sizes of at least 1"):
+        EngineConfig(model="m", **resolve(parse("--cuda-graph-sizes", "0"), {}).engine_fields).validate()
+    for argv, message in ((("--cuda-graphs", "0,4"), "must be at least 1"), (("--cuda-graphs", "all"), "not batch sizes"),
+                          (("--kv-cache-dtype", "fp8_e5m2"), "fp8 (float8 e4m3) is"),
+                          (("--tokenizer-config-path", str(no_template)), "has no chat_template"),
+                          (("--tokenizer-config-path", str(tmp_path / "none.json")), "No such file")):
+        with pytest.raises(SystemExit) as exit_info:
+            parse(*argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    with pytest.raises(UserError, match="SHARDED"):
+        resolve(parse(), {"SHARDED": "maybe"})
+
+
 def test_lora_modules_in_vllms_forms(tmp_path, capsys):
     """--lora-modules as vLLM's documentation gives it: several values, each name=path or a JSON object of name and
     path (base_model_name too), beside lcq's comma-separated form; a JSON entry without them is refused."""
@@ -499,6 +551,33 @@ def test_a_second_signal_aborts_the_drain(tmp_path):
         assert process.wait(30) == 0 and time.monotonic() - started < 15
         reader.join(5)
         assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_json_log_lines_and_grammar_support_off(tmp_path):
+    """TGI's --json-output: every line of the log, lcq's and uvicorn's (its access log too), is a JSON object with
+    TGI's keys. TGI's --disable-grammar-support: structured output is refused, a 400 on OpenAI's routes (a JSON
+    schema, a choice, a tool call that tool_choice forces) and TGI's 422 on /generate (a grammar), while free
+    text is served."""
+    with _serving(tmp_path, "--json-output", "--disable-grammar-support") as (_, url, log):
+        messages = [{"role": "user", "content": "Hi"}]
+        tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        refused = [httpx.post(url + route, json=body, timeout=60) for route, body in (
+            ("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "response_format": {
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}}),
+            ("/v1/completions", {"prompt": "Hi", "max_tokens": 2, "structured_outputs": {"choice": ["a", "b"]}}),
+            ("/v1/chat/completions", {"messages": messages, "max_tokens": 4, "tools": [tool],
+                                      "tool_choice": "required"}))]
+        assert [r.status_code for r in refused] == [400] * 3
+        assert all("--disable-grammar-support" in r.json()["error"]["message"] for r in refused)
+        tgi = httpx.post(url + "/generate", timeout=60, json={"inputs": "Hi", "parameters": {
+            "max_new_tokens": 4, "grammar": {"type": "regex", "value": "a+"}}})
+        assert tgi.status_code == 422 and "--disable-grammar-support" in tgi.json()["error"]
+        assert httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60).status_code == 200
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert all(set(line) == {"timestamp", "level", "fields", "target"} and line["fields"]["message"] for line in lines)
+    targets = {line["target"] for line in lines}
+    assert {"lcq.engine", "uvicorn.error", "uvicorn.access"} <= targets, targets
+    assert any('"POST /v1/completions HTTP/1.1" 200' in line["fields"]["message"] for line in lines)
 
 
 def test_https_served_directly(tmp_path):

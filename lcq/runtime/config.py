@@ -61,6 +61,9 @@ class EngineConfig:
     # request's priority (lower first), then arrival.
     scheduling_policy: str = "fcfs"
     cuda_graphs: bool = True
+    # The decode batch sizes CUDA graphs are captured for (larger batches run eagerly; a batch between two
+    # sizes is padded to the larger); None: 1, 2, 4, 8, then multiples of 16 up to max_num_seqs (cuda_graphs.py)
+    cuda_graph_sizes: list[int] | None = None
     # Decode steps launched from the last step's tokens on the device before the host reads them (engine.py),
     # so that the device does not wait on the host between steps; None: on a GPU (vLLM's --async-scheduling).
     async_scheduling: bool | None = None
@@ -306,6 +309,8 @@ class EngineConfig:
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
             (0 < self.kv_cache_memory_gb < float("inf"), "kv_cache_memory_gb must be positive and finite"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
+            (self.cuda_graph_sizes is None or (self.cuda_graph_sizes and min(self.cuda_graph_sizes) >= 1),
+             f"cuda_graph_sizes must be batch sizes of at least 1, got {self.cuda_graph_sizes}"),
             (self.scheduling_policy in SCHEDULING_POLICIES,
              f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)} (got {self.scheduling_policy})"),
             (self.max_model_len is None or self.max_model_len >= 2, "max_model_len must be at least 2"),

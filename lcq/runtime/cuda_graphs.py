@@ -24,24 +24,30 @@ logger = logging.getLogger("lcq.engine")
 MAX_GRAPH_BATCH = 256
 
 
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then multiples of 16 up to the engine's batch limit (capped at MAX_GRAPH_BATCH)."""
+def graph_batch_sizes(max_num_seqs: int, wanted: list[int] | None = None) -> list[int]:
+    """The decode batch sizes to capture: `wanted` (EngineConfig.cuda_graph_sizes), or else 1, 2, 4, 8, then
+    multiples of 16; none past the engine's batch limit (capped at MAX_GRAPH_BATCH), which stands in for larger
+    ones (no batch is larger), and the limit itself where the default's sizes stop short of it."""
     top = min(max_num_seqs, MAX_GRAPH_BATCH)
+    if wanted:
+        return sorted({min(size, top) for size in wanted})
     sizes = [s for s in (1, 2, 4, 8) if s < top] + list(range(16, top, 16))
     return sorted(set(sizes + [top]))
 
 
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_blocks_per_seq: int, block_size: int, device: torch.device,
-                 adapters: AdapterStack | None = None, num_groups: int = 1, scratch_state: int | None = None):
+                 adapters: AdapterStack | None = None, num_groups: int = 1, scratch_state: int | None = None,
+                 sizes: list[int] | None = None):
         """adapters: the LoRA adapter slots, whose products the graphs then hold for every row (each row's
         slot in a static buffer, -1 for the base model and padding). Loading and unloading adapters
         rewrites the slots in place, so the graphs stay valid. num_groups: layer groups (kv_groups.py),
         each with its own slots and block tables. scratch_state: with recurrent layers, the state slot that
-        padding rows use (one past the sequences'), else None."""
+        padding rows use (one past the sequences'), else None. sizes: the batch sizes asked for
+        (graph_batch_sizes)."""
         self.model = model
         self.adapters = adapters
-        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.sizes = graph_batch_sizes(max_num_seqs, sizes)
         top = self.sizes[-1]
         self.scratch_state = scratch_state
         self.max_context_len = max_blocks_per_seq * block_size

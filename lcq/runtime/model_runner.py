@@ -153,7 +153,7 @@ class ModelRunner:
                 self.graphs = DecodeGraphs(self.model, config.max_num_seqs,
                                            -(-self.max_model_len // self.block_size), self.block_size, self.device,
                                            self.adapters.stack, self.kv_groups.num_groups,
-                                           self.state_slots if self.state_slots else None)
+                                           self.state_slots if self.state_slots else None, config.cuda_graph_sizes)
             except RuntimeError:  # a model that cannot be captured still runs, eagerly
                 self.log.warning("CUDA graph capture failed; decoding eagerly", exc_info=True)
 

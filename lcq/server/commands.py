@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from lcq.errors import UserError
 from lcq.format import CheckpointReader
 
+from .log_format import configure_logging, uvicorn_log_config
 from .settings import ServeCommand, add_serve_arguments, in_flag_terms, resolve
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from .app import create_app
     from .runner import DrainingServer
@@ -54,6 +56,7 @@ def _serve(args: argparse.Namespace) -> int:
     engine = _engine(command)
     app = create_app(engine, settings, on_fatal=lambda: server.fail())
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=uvicorn_log_config(settings.log_level, settings.json_output) or LOGGING_CONFIG,
                             timeout_graceful_shutdown=int(settings.drain_timeout) + 5, root_path=settings.root_path,
                             ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile,
                             ssl_ca_certs=settings.ssl_ca_certs, access_log=not settings.disable_uvicorn_access_log)
@@ -118,8 +121,7 @@ def _engine(command: ServeCommand) -> "AsyncEngine":
     """The engine a resolved command asks for (the demo model where it names none), logging set up."""
     from lcq.runtime import AsyncEngine, EngineConfig
 
-    level = "DEBUG" if command.settings.log_level == "trace" else command.settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(command.settings.log_level, command.settings.json_output)
     engine_fields = dict(command.engine_fields)
     if command.model is None:
         from lcq.quantizer.demo import DEMO_SERVED_NAME, ensure_demo_model

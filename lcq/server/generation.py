@@ -101,6 +101,10 @@ class Generation:
 
     def __init__(self, state: ServerState, base_id: str, prompts: list[list[int]], params: SamplingParams,
                  counts_output: bool = True):
+        """A 400 (TGI's routes: 422) for structured output where --disable-grammar-support refuses it."""
+        if params.structured_output is not None and state.settings.disable_grammar_support:
+            raise APIError(400, "structured output (a JSON schema, regex, grammar or choice, or a tool call that "
+                           "tool_choice forces) is disabled on this server (--disable-grammar-support)")
         self.state = state
         self.counts_output = counts_output  # False: the reply is dropped (a scored prompt's), so not counted
         self.id = base_id

@@ -79,6 +79,12 @@ class ServeSettings:
     tokenizer_mode: str = "auto"  # vLLM's: auto, transformers' tokenizer of the folder
     swap_space: float = 0.0  # vLLM's flag (GiB of host memory for swapped sequences), accepted: lcq recomputes them
     max_seq_len_to_capture: int = 0  # vLLM's flag, accepted: decode graphs serve every context length
+    json_output: bool = False  # TGI's: the log as JSON lines (log_format.py)
+    disable_grammar_support: bool = False  # TGI's: requests for structured output (or a tool call forced) refused
+    enable_prefill_logprobs: bool = False  # TGI's flag, accepted: prompt logprobs are computed where a request asks
+    usage_stats: str = "on"  # TGI's flag (on, off, no-stack), accepted: lcq sends no usage statistics anywhere
+    disable_usage_stats: bool = False  # TGI's older flag, accepted, as usage_stats
+    sharded: bool = False  # TGI's: false only (one device per process)
 
     def __post_init__(self) -> None:
         checks = [
@@ -111,6 +117,10 @@ class ServeSettings:
               for name, size in (("--tensor-parallel-size (TGI's --num-shard)", self.tensor_parallel_size),
                                  ("--pipeline-parallel-size", self.pipeline_parallel_size),
                                  ("--data-parallel-size", self.data_parallel_size))],
+            (not self.sharded, "--sharded must be false: lcq runs one device per process (for more throughput run "
+             "more replicas: docs/deploy.md)"),
+            (self.usage_stats in ("on", "off", "no-stack"), f"--usage-stats must be on, off or no-stack, got "
+             f"{self.usage_stats}"),
             (self.guided_decoding_backend in ("auto", "xgrammar"), "--guided-decoding-backend must be auto or "
              f"xgrammar (lcq compiles grammars with xgrammar), got {self.guided_decoding_backend}"),
             (self.load_format in ("auto", "safetensors"), "--load-format must be auto or safetensors (lcq reads "
@@ -247,6 +257,44 @@ def _lora_adapters(text: str) -> str:
                     if entry.strip())
 
 
+def _graph_sizes(text: str) -> dict[str, Any]:
+    """TGI's --cuda-graphs: batch sizes separated by commas to capture CUDA graphs for, or 0 for none."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not batch sizes separated by commas (or 0: none)") from None
+    if sizes == [0]:
+        return {"cuda_graphs": False}
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be at least 1 (or 0 alone: none)")
+    return {"cuda_graphs": True, "cuda_graph_sizes": sizes}
+
+
+def _template_of_tokenizer_config(path: str) -> str:
+    """TGI's --tokenizer-config-path: the chat template of a tokenizer_config.json."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"{path}: {getattr(e, 'strerror', None) or e}") from None
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, list):  # transformers' named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    if not isinstance(template, str) or not template:
+        raise argparse.ArgumentTypeError(f"{path} has no chat_template")
+    return template
+
+
+def _kv_cache_dtype(text: str) -> str:
+    """--kv-cache-dtype, with vLLM's and TGI's names of the fp8 lcq stores (float8 e4m3) read as fp8; e5m2 refused."""
+    if text in ("fp8_e4m3", "fp8_e4m3fn"):
+        return "fp8"
+    if text == "fp8_e5m2":
+        raise argparse.ArgumentTypeError("fp8_e5m2 is not stored here: fp8 (float8 e4m3) is")
+    return text
+
+
 def _comma_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -297,11 +345,11 @@ FLAGS = (
     Flag("--host", str, "address to listen on", "server"),
     Flag("--port", int, "port to listen on (0: any free port)", "server"),
     Flag("--api-key", str, "require `Authorization: Bearer KEY` on /v1 and tokenizer routes", "server",
-         peer_envs=("VLLM_API_KEY",)),
+         peer_envs=("VLLM_API_KEY", "API_KEY")),
     Flag("--served-model-name", str, "model ids clients use (default: the folder name, or the Hub id); as vLLM's, "
          "several names all answer, and replies name the first", "engine", several=True),
     Flag("--revision", str, "of a model named by its Hugging Face Hub id: the branch, tag or commit fetched "
-         "(default main)", "engine"),
+         "(default main)", "engine", peer_envs=("REVISION",)),
     Flag("--download-dir", str, "where models named by a Hub id are fetched (default: the Hub's cache, HF_HOME)",
          "engine"),
     Flag("--max-num-seqs", int, "sequences decoded together", "engine"),
@@ -314,9 +362,10 @@ FLAGS = (
          "(4,096), 25.6k, 1m/1M, and auto or -1 for the default", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
-    Flag("--kv-cache-dtype", str, "auto (float16 for an fp32 CPU model, else the model dtype), float16, or on CPU "
-         "float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens), or on a GPU of compute "
-         "capability 8.9+ fp8 (float8 e4m3, values clamped to +-448: 2x fp16's tokens)", "engine"),
+    Flag("--kv-cache-dtype", _kv_cache_dtype, "auto (float16 for an fp32 CPU model, else the model dtype), "
+         "float16, or on CPU float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens), or on a GPU "
+         "of compute capability 8.9+ fp8 (float8 e4m3, values clamped to +-448: 2x fp16's tokens; also vLLM's and "
+         "TGI's names fp8_e4m3 and fp8_e4m3fn)", "engine", peer_envs=("KV_CACHE_DTYPE",)),
     Flag("--cpu-matmul-dtype", str, "auto (int8 where the CPU has AVX512_VNNI, AVX512_VBMI and AVX512_BF16, else "
          "bfloat16 where it has AVX512_BF16, else int8 without AVX-512, else float32), float32, bfloat16 or int8 "
          "(LCQ layers' products of 10+ rows and decode products in 8 bits, bf16 elsewhere; without those "
@@ -327,7 +376,7 @@ FLAGS = (
          "int8 products read them instead of expanding indices at every step", "engine"),
     Flag("--gpu-memory-utilization", float, "fraction of GPU memory the engine may use", "engine"),
     Flag("--device", str, "auto, cpu or cuda[:N]", "engine"),
-    Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine"),
+    Flag("--dtype", str, "auto, float16, bfloat16 or float32", "engine", peer_envs=("DTYPE",)),
     Flag("--seed", int, "engine seed for requests without their own", "engine"),
     Flag("--lora-modules", _lora_module, "LoRA adapters (PEFT folders or Hub ids) served beside the model, each "
          "under its own model name: name=folder[,name=folder...], or as vLLM takes them, several such values or JSON "
@@ -375,6 +424,9 @@ FLAGS = (
          "too, rather than handing back the blocks their window has passed (vLLM's name)", "engine",
          field="hybrid_kv_cache", invert=True),
     Flag("--no-cuda-graphs", bool, "run decode steps eagerly on CUDA", "engine", field="cuda_graphs", invert=True),
+    Flag("--cuda-graph-sizes", int, "the decode batch sizes CUDA graphs are captured for (vLLM's; default 1, 2, 4, "
+         "8, then multiples of 16 up to --max-num-seqs): a batch between two is padded to the larger, a larger one "
+         "runs eagerly", "engine", several=True),
     Flag("--enforce-eager", bool, "vLLM's name for --no-cuda-graphs", "engine", field="cuda_graphs", invert=True),
     Flag("--async-scheduling", bool, "launch each decode step from the last one's tokens on the device before the "
          "host reads them, so that the GPU does not wait while the host detokenizes and schedules (default on a "
@@ -445,6 +497,34 @@ FLAGS = (
          field="gpu_memory_utilization", peer_envs=("CUDA_MEMORY_FRACTION",)),
     Flag("--cors-allow-origin", _comma_list, "TGI's launcher's form of --allowed-origins: origins separated by "
          "commas", "server", field="allowed_origins", peer_envs=("CORS_ALLOW_ORIGIN",)),
+    Flag("--speculate", int, "TGI's launcher's name of --num-speculative-tokens: drafts by n-gram prompt lookup",
+         "engine", field="num_speculative_tokens", peer_envs=("SPECULATE",)),
+    Flag("--payload-limit", int, "TGI's launcher's name of --max-body-bytes", "server", field="max_body_bytes",
+         peer_envs=("PAYLOAD_LIMIT",)),
+    Flag("--graceful-termination-timeout", float, "TGI's launcher's name of --drain-timeout", "server",
+         field="drain_timeout", peer_envs=("GRACEFUL_TERMINATION_TIMEOUT",)),
+    Flag("--huggingface-hub-cache", str, "TGI's launcher's name of --download-dir", "engine", field="download_dir",
+         peer_envs=("HUGGINGFACE_HUB_CACHE",)),
+    Flag("--json-output", bool, "TGI's launcher's: the log as JSON lines, {\"timestamp\", \"level\", \"fields\": "
+         "{\"message\"}, \"target\"} as TGI writes them, uvicorn's lines too", "server", peer_envs=("JSON_OUTPUT",)),
+    Flag("--disable-grammar-support", bool, "TGI's launcher's: refuse requests for structured output (JSON schemas, "
+         "regexes, grammars, choices; tool calls forced by tool_choice) with a 400 (TGI's routes: 422)", "server",
+         peer_envs=("DISABLE_GRAMMAR_SUPPORT",)),
+    Flag("--cuda-graphs", _graph_sizes, "TGI's launcher's form of --cuda-graph-sizes: batch sizes separated by "
+         "commas, or 0 for none (--no-cuda-graphs)", "engine", expands=True, metavar="SIZES",
+         peer_envs=("CUDA_GRAPHS",)),
+    Flag("--tokenizer-config-path", _template_of_tokenizer_config, "TGI's launcher's: a tokenizer_config.json whose "
+         "chat_template is used instead of the model's (as --chat-template)", "engine", field="chat_template",
+         metavar="FILE", peer_envs=("TOKENIZER_CONFIG_PATH",)),
+    Flag("--sharded", _bool, "accepted for TGI's launcher command lines: false only (one device per process)",
+         "server", metavar="BOOL", peer_envs=("SHARDED",)),
+    Flag("--enable-prefill-logprobs", bool, "accepted for TGI's launcher command lines: prompt logprobs "
+         "(decoder_input_details) are computed wherever a request asks", "server",
+         peer_envs=("ENABLE_PREFILL_LOGPROBS",)),
+    Flag("--usage-stats", str, "accepted for TGI's launcher command lines (on, off or no-stack): lcq sends no usage "
+         "statistics", "server", peer_envs=("USAGE_STATS",)),
+    Flag("--disable-usage-stats", bool, "accepted for TGI's launcher command lines: lcq sends no usage statistics",
+         "server"),
     Flag("--lora-adapters", _lora_adapters, "TGI's launcher's form of --lora-modules: Hub ids or folders separated "
          "by commas, each served under its own name (a Hub id's name is the id), or name=folder entries", "engine",
          field="lora_modules", peer_envs=("LORA_ADAPTERS",)),
