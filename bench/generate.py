@@ -289,7 +289,7 @@ def main() -> None:
                              "spinning OpenMP threads on busy cores are many times slower)")
     args = parser.parse_args()
     from lcq.quantizer.demo import GGUF_NAME, ensure_demo_model, fetch_demo
-    from bench.records import cpu_name
+    from bench.records import cpu_name, with_settings
     from lcq.paths import cache_dir
 
     on_gpu = args.gpu_7b or args.gpu_moe
@@ -297,7 +297,7 @@ def main() -> None:
         f"CPU ({cpu_name()}, {os.cpu_count()} cores)"
     rows: list[dict] = []
     result = {
-        "device": device, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "device": device, "date": datetime.date.today().isoformat(), "command": with_settings(" ".join(sys.argv)),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "threads": torch.get_num_threads(),
         "llama2_7b_weight_GB": {"lcq-w2r2g128": round(seven_b_weight_gb(2, 2, 128), 3),

@@ -39,15 +39,19 @@ def cpu_name() -> str:
 
 
 def cpu_record(command: str, threads: int, **fields) -> dict:
-    """device, threads, date, versions and command (after the LCQ_* variables set, which choose kernels), then
-    `fields`."""
+    """device, threads, date, versions and command (with_settings), then `fields`."""
     import torch
 
-    settings = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("LCQ_"))
     return {"device": f"cpu: {cpu_name()}, {os.cpu_count()} cores", "threads": threads,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
-            "command": f"{settings} {command}".strip(), **fields}
+            "command": with_settings(command), **fields}
+
+
+def with_settings(command: str) -> str:
+    """The command after the LCQ_* variables set (LCQ_CPU_AVX512=0 ...), which choose kernels."""
+    settings = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items()) if name.startswith("LCQ_"))
+    return f"{settings} {command}".strip()
 
 
 def write_record(path: Path, record: dict) -> None:
