@@ -1069,6 +1069,18 @@ def test_int8_products_quantize_operands_only(n, m, k):
     assert _relative_error(y, reference(x, layer)) > 1e-3  # quantization did happen
 
 
+def _weights_with_books(bits: int, rank: int, group: int, k: int, wide: bool):
+    """A random layer of 70 rows, two IndexWeights of it (the first keeps its int8 books: 4 + 2^b bytes a group and
+    16 of padding) and 7 activation rows with an outlier channel, which sets only its own block's scale."""
+    layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
+    weight, plain = cpu_index.IndexWeight(layer, wide=wide), cpu_index.IndexWeight(layer, wide=wide)
+    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
+    assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
+    x = torch.randn(7, k)
+    x[:, 1] *= 30
+    return layer, weight, plain, x
+
+
 @needs_int8
 @pytest.mark.parametrize("bits, rank, group, k", [(2, 1, 64, 576), (3, 3, 64, 500), (4, 2, 128, 150),
                                                    (2, 2, 128, 1000), (3, 1, 128, 2048), (4, 4, 64, 200),
@@ -1084,12 +1096,7 @@ def test_int8_decode_products_read_books(bits, rank, group, k):
     two runs of 5 blocks, K = 500 with one taking its later steps from the next run, K = 2048; 4 bits:
     runs of 2), partial runs, groups of 1-3 blocks and a last partial group (K = 150, 200), and a block
     of 2 steps (K = 37)."""
-    layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
-    weight, plain = cpu_index.IndexWeight(layer, wide=True), cpu_index.IndexWeight(layer, wide=True)
-    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
-    assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
-    x = torch.randn(7, k)
-    x[:, 1] *= 30  # an outlier channel sets only its own block's scale
+    layer, weight, plain, x = _weights_with_books(bits, rank, group, k, wide=True)
     with cpu_products(torch.int8):
         alone = torch.cat([weight.linear(x[m:m + 1]) for m in range(7)])
         assert torch.equal(weight.linear(x[:4]), alone[:4]) and torch.equal(weight.linear(x[:3]), alone[:3])
@@ -1148,12 +1155,7 @@ def test_shuffle_decode_products_read_books(monkeypatch, bits, rank, group, k):
     or two groups' books per run at 4 bits (g64, g128). Other weights keep no books: 3 bits, groups of 32. A NaN
     in a row makes that row's outputs NaN."""
     monkeypatch.setenv("LCQ_CPU_AVX512", "0")
-    layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
-    weight, plain = cpu_index.IndexWeight(layer, wide=False), cpu_index.IndexWeight(layer, wide=False)
-    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
-    assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
-    x = torch.randn(7, k)
-    x[:, 1] *= 30  # an outlier channel sets only its own block's scale
+    layer, weight, plain, x = _weights_with_books(bits, rank, group, k, wide=False)
     most = 4 if bits == 4 else 1
     with cpu_products(torch.int8):
         alone = torch.cat([weight.linear(x[m:m + 1]) for m in range(7)])

@@ -31,6 +31,32 @@
 /* The loop over a decode product's tiles: LCQ_DECODE_COLUMNS' guided chunks of 32 columns, in tiles. */
 #define DECODE_TILES _Pragma("omp parallel for schedule(guided, 2)")
 
+#define INT8_PASS_ROWS 4 /* activation rows per pass of the int8 decode forms over a column */
+
+/* PREFIX##_tiles_##BITS (TARGET: its instruction set's attribute, or nothing): a decode product over the weight's
+ * tiles (DECODE_TILES), each in even passes of up to INT8_PASS_ROWS rows, a pass PREFIX##_tile(R, BITS, w, n0,
+ * count, a, m, x, y) inlined with its row count R: the int8 decode forms' (cpu_index_bytes.c with ACTIVATIONS
+ * byte_activations, cpu_index_shuffles.c with shuffle_activations). */
+#define FOUR_ROW_TILES(PREFIX, TARGET, ACTIVATIONS, BITS)                                                           \
+    TARGET static void PREFIX##_tiles_##BITS(const lcq_index_weight *w, const ACTIVATIONS *a, const float *x, int M, \
+                                             float *y) {                                                            \
+        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
+        const int passes = (M + INT8_PASS_ROWS - 1) / INT8_PASS_ROWS;                                               \
+        DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
+            const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
+            for (int pass = 0, m = 0; pass < passes; pass++) {                                                      \
+                const int rows = M / passes + (pass < M % passes);                                                  \
+                switch (rows) { /* (INT8_PASS_ROWS 4) */                                                            \
+                    case 1: PREFIX##_tile(1, BITS, w, n0, count, a, m, x, y); break;                                \
+                    case 2: PREFIX##_tile(2, BITS, w, n0, count, a, m, x, y); break;                                \
+                    case 3: PREFIX##_tile(3, BITS, w, n0, count, a, m, x, y); break;                                \
+                    default: PREFIX##_tile(INT8_PASS_ROWS, BITS, w, n0, count, a, m, x, y); break;                  \
+                }                                                                                                   \
+                m += rows;                                                                                          \
+            }                                                                                                       \
+        }                                                                                                           \
+    }
+
 /* Must match IndexWeight in cpu_index.py. */
 typedef struct {
     const uint8_t *indices;     /* (N, row_bytes): `runs` runs of 16 words, then a partial run of 16 lanes */

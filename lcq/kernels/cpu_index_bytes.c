@@ -224,7 +224,6 @@ void lcq_index_byte_books(const void *weight, uint8_t *books) {
  * sums, which take the weight's scale when the group ends. The bytes of the int8 blocked product (the
  * activations quantize_row's, the weights' its expansion's), so the same sums but for their order;
  * weights past the last whole step stay fp32, as in the fp32 form. */
-#define BYTE_PASS_ROWS 4
 
 /* Activations of an int8 decode product, per row and block: 64 signed bytes in block_fields' order (zero
  * past the last whole step), -128 * their sum (the weights' + 128 cancelled) and their scale / 127 (the
@@ -273,7 +272,7 @@ LCQ_INT8 static int byte_activations_of(const float *x, int M, int K, byte_activ
 
 /* A column's sums: per activation row all groups' so far and the group's, and the group's book. */
 typedef struct {
-    __m512 acc[BYTE_PASS_ROWS], group[BYTE_PASS_ROWS]; /* (two chains alternating blocks spilled at 2-4 rows) */
+    __m512 acc[INT8_PASS_ROWS], group[INT8_PASS_ROWS]; /* (two chains alternating blocks spilled at 2-4 rows) */
     __m512i table;
     const uint8_t *book; /* the group's record */
     int left;            /* blocks left in the group */
@@ -371,35 +370,15 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R
                                                                      const lcq_index_weight *w, int n0, int count,
                                                                      const byte_activations *a, int m, const float *x,
                                                                      float *y) {
-    __m512 sums[BYTE_PASS_ROWS][TILE_COLUMNS];
-    float tails[BYTE_PASS_ROWS][TILE_COLUMNS];
+    __m512 sums[INT8_PASS_ROWS][TILE_COLUMNS];
+    float tails[INT8_PASS_ROWS][TILE_COLUMNS];
     for (int c = 0; c < count; c++) byte_column(R, BITS, w, n0 + c, a, m, x, sums, tails, c);
     for (int r = 0; r < R; r++) wide_reduce(sums[r], tails[r], count, y + (int64_t)(m + r) * w->N + n0);
 }
 
-#define BYTE_TILES(BITS)                                                                                            \
-    LCQ_INT8 static void byte_tiles_##BITS(const lcq_index_weight *w, const byte_activations *a, const float *x,   \
-                                           int M, float *y) {                                                       \
-        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
-        const int passes = (M + BYTE_PASS_ROWS - 1) / BYTE_PASS_ROWS;                                               \
-        DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
-            const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
-            for (int pass = 0, m = 0; pass < passes; pass++) {                                                      \
-                const int rows = M / passes + (pass < M % passes);                                                  \
-                switch (rows) {                                                                                     \
-                    case 1: byte_tile(1, BITS, w, n0, count, a, m, x, y); break;                                    \
-                    case 2: byte_tile(2, BITS, w, n0, count, a, m, x, y); break;                                    \
-                    case 3: byte_tile(3, BITS, w, n0, count, a, m, x, y); break;                                    \
-                    default: byte_tile(4, BITS, w, n0, count, a, m, x, y); break;                                   \
-                }                                                                                                   \
-                m += rows;                                                                                          \
-            }                                                                                                       \
-        }                                                                                                           \
-    }
-BYTE_TILES(2)
-BYTE_TILES(3)
-BYTE_TILES(4)
-#undef BYTE_TILES
+FOUR_ROW_TILES(byte, LCQ_INT8, byte_activations, 2)
+FOUR_ROW_TILES(byte, LCQ_INT8, byte_activations, 3)
+FOUR_ROW_TILES(byte, LCQ_INT8, byte_activations, 4)
 
 LCQ_INT8 int lcq_index_byte_product(const lcq_index_weight *w, const float *x, int M, float *y) {
     byte_activations a;

@@ -21,8 +21,6 @@
 #include "cpu_gemm.h"
 #include "cpu_index.h"
 
-#define SHUFFLE_PASS_ROWS 4 /* activation rows per pass over a column's indices */
-
 /* Values per run: 16 words of 32 / BITS fields. */
 #define RUN_VALUES(BITS) (16 * (32 / (BITS)))
 
@@ -171,12 +169,12 @@ static inline __attribute__((always_inline)) void shuffle_column(const int R, co
     const __m256i mask = _mm256_set1_epi8((1 << BITS) - 1), ones = _mm256_set1_epi16(1);
     const __m256i slots = _mm256_setr_epi32(0, 0x04040404, 0x08080808, 0x0C0C0C0C, 0, 0x04040404, 0x08080808,
                                             0x0C0C0C0C); /* 2 bits: lane d's book, entries 4 d .. */
-    __m256 acc[SHUFFLE_PASS_ROWS];
+    __m256 acc[INT8_PASS_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int run = 0; run < a->runs; run++) {
         const shuffle_books book = run_books(BITS, books, a->groups + run * (run_values / 64));
         const narrow_words words = narrow_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
-        __m256i dots[SHUFFLE_PASS_ROWS];
+        __m256i dots[INT8_PASS_ROWS];
         for (int r = 0; r < R; r++) dots[r] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             const __m256i fields = _mm256_shuffle_epi8(h ? words.second : words.first, gather);
@@ -222,34 +220,14 @@ static inline __attribute__((always_inline)) void shuffle_column(const int R, co
 static inline __attribute__((always_inline)) void shuffle_tile(const int R, const int BITS, const lcq_index_weight *w,
                                                                int n0, int count, const shuffle_activations *a, int m,
                                                                const float *x, float *y) {
-    __m256 sums[SHUFFLE_PASS_ROWS][TILE_COLUMNS];
-    float tails[SHUFFLE_PASS_ROWS][TILE_COLUMNS];
+    __m256 sums[INT8_PASS_ROWS][TILE_COLUMNS];
+    float tails[INT8_PASS_ROWS][TILE_COLUMNS];
     for (int c = 0; c < count; c++) shuffle_column(R, BITS, w, n0 + c, a, m, x, sums, tails, c);
     for (int r = 0; r < R; r++) narrow_reduce(sums[r], tails[r], count, y + (int64_t)(m + r) * w->N + n0);
 }
 
-#define SHUFFLE_TILES(BITS)                                                                                         \
-    static void shuffle_tiles_##BITS(const lcq_index_weight *w, const shuffle_activations *a, const float *x,      \
-                                     int M, float *y) {                                                             \
-        const int tiles = (w->N + TILE_COLUMNS - 1) / TILE_COLUMNS;                                                 \
-        const int passes = (M + SHUFFLE_PASS_ROWS - 1) / SHUFFLE_PASS_ROWS;                                         \
-        DECODE_TILES for (int t = 0; t < tiles; t++) {                                                              \
-            const int n0 = t * TILE_COLUMNS, count = w->N - n0 < TILE_COLUMNS ? w->N - n0 : TILE_COLUMNS;           \
-            for (int pass = 0, m = 0; pass < passes; pass++) {                                                      \
-                const int rows = M / passes + (pass < M % passes);                                                  \
-                switch (rows) {                                                                                     \
-                    case 1: shuffle_tile(1, BITS, w, n0, count, a, m, x, y); break;                                 \
-                    case 2: shuffle_tile(2, BITS, w, n0, count, a, m, x, y); break;                                 \
-                    case 3: shuffle_tile(3, BITS, w, n0, count, a, m, x, y); break;                                 \
-                    default: shuffle_tile(4, BITS, w, n0, count, a, m, x, y); break;                                \
-                }                                                                                                   \
-                m += rows;                                                                                          \
-            }                                                                                                       \
-        }                                                                                                           \
-    }
-SHUFFLE_TILES(2)
-SHUFFLE_TILES(4)
-#undef SHUFFLE_TILES
+FOUR_ROW_TILES(shuffle, , shuffle_activations, 2)
+FOUR_ROW_TILES(shuffle, , shuffle_activations, 4)
 
 int lcq_index_shuffle_product(const lcq_index_weight *w, const float *x, int M, float *y) {
     shuffle_activations a;
