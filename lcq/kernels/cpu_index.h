@@ -239,6 +239,19 @@ static __attribute__((noinline)) void tail_weights(const lcq_index_weight *w, in
     }
 }
 
+/* tails[r][c] = the fp32 products of activation rows m .. m + R - 1 (x: (M, K)) with row n's weights past its
+ * last whole step of 16, which the int8 decode forms leave out of their bytes (0 where K is whole steps). */
+INDEX_STEP void tail_sums(const int R, const lcq_index_weight *w, int n, const float *x, int m,
+                          float tails[][TILE_COLUMNS], int c) {
+    const int K = w->K, whole = K / 16 * 16;
+    for (int r = 0; r < R; r++) tails[r][c] = 0.0f;
+    if (whole == K) return;
+    float weights[16];
+    tail_weights(w, n, whole, weights);
+    for (int k = whole; k < K; k++)
+        for (int r = 0; r < R; r++) tails[r][c] += x[(int64_t)(m + r) * K + k] * weights[k - whole];
+}
+
 #define AVX512 __attribute__((target("avx512f")))
 
 /* AVX-512: the whole 16-entry codebook in one register, a run's 16 words in one, a step of 16 weights

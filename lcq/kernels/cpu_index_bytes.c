@@ -320,7 +320,7 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_column(const int
                                                                        const byte_activations *a, int m,
                                                                        const float *x, __m512 sums[][TILE_COLUMNS],
                                                                        float tails[][TILE_COLUMNS], int c) {
-    const int K = w->K, steps = K / 16, whole = steps * 16, blocks = (steps + 3) / 4, group_blocks = w->group_size / 64;
+    const int steps = w->K / 16, blocks = (steps + 3) / 4, group_blocks = w->group_size / 64;
     const int fields = 32 / BITS, span_runs = BITS == 3 ? 2 : 1, span_blocks = span_runs * fields / 4;
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     const __m512i shifts = _mm512_set1_epi64((long long)step_shifts(BITS));
@@ -354,16 +354,8 @@ LCQ_INT8 static inline __attribute__((always_inline)) void byte_column(const int
         byte_block(R, BITS, &st, group_blocks, block_fields(BITS, w, row, shifts, 4 * b, count), a, m, b);
     }
     if (blocks > 0) byte_group_end(R, &st);
-    for (int r = 0; r < R; r++) {
-        sums[r][c] = st.acc[r];
-        tails[r][c] = 0.0f;
-    }
-    if (whole < K) {
-        float weights[16];
-        tail_weights(w, n, whole, weights);
-        for (int k = whole; k < K; k++)
-            for (int r = 0; r < R; r++) tails[r][c] += x[(int64_t)(m + r) * K + k] * weights[k - whole];
-    }
+    for (int r = 0; r < R; r++) sums[r][c] = st.acc[r];
+    tail_sums(R, w, n, x, m, tails, c);
 }
 
 LCQ_INT8 static inline __attribute__((always_inline)) void byte_tile(const int R, const int BITS,

@@ -159,7 +159,7 @@ static inline __attribute__((always_inline)) void shuffle_column(const int R, co
                                                                  const shuffle_activations *a, int m, const float *x,
                                                                  __m256 sums[][TILE_COLUMNS],
                                                                  float tails[][TILE_COLUMNS], int c) {
-    const int K = w->K, whole = K / 16 * 16, planes = 8 / BITS, run_values = RUN_VALUES(BITS);
+    const int planes = 8 / BITS, run_values = RUN_VALUES(BITS);
     const uint8_t *row = w->indices + (int64_t)n * w->row_bytes;
     const uint8_t *books = w->books + (int64_t)n * w->groups * LCQ_BOOK_BYTES(BITS);
     ask_row_ahead(w, n, (int64_t)w->groups * LCQ_BOOK_BYTES(BITS));
@@ -205,16 +205,8 @@ static inline __attribute__((always_inline)) void shuffle_column(const int R, co
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[r]), _mm256_mul_ps(book.tops, scales), acc[r]);
         }
     }
-    for (int r = 0; r < R; r++) {
-        sums[r][c] = acc[r];
-        tails[r][c] = 0.0f;
-    }
-    if (whole < K) {
-        float weights[16];
-        tail_weights(w, n, whole, weights);
-        for (int k = whole; k < K; k++)
-            for (int r = 0; r < R; r++) tails[r][c] += x[(int64_t)(m + r) * K + k] * weights[k - whole];
-    }
+    for (int r = 0; r < R; r++) sums[r][c] = acc[r];
+    tail_sums(R, w, n, x, m, tails, c);
 }
 
 static inline __attribute__((always_inline)) void shuffle_tile(const int R, const int BITS, const lcq_index_weight *w,
