@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lcq.errors import UserError
-from lcq.kernels import cpu_index
+from lcq.kernels import cpu_index, native
 from lcq.kernels.cpu_matmul import products_available
 from lcq.runtime import LLM, EngineConfig, SamplingParams
 from lcq.runtime.draft_model import DraftSequence, follow
@@ -167,21 +167,29 @@ def test_drafts_give_the_plain_greedy_tokens(tiny, plain, drafting):
         assert stats.num_free_blocks == stats.num_total_blocks and stats.num_running == stats.num_waiting == 0
 
 
-@pytest.mark.skipif(not products_available(torch.int8) or not cpu_index.enabled(),
-                    reason="int8 products need AVX512_VNNI, AVX512_VBMI and AVX512_BF16 and the C kernels")
+@pytest.mark.skipif(native.load() is None or not cpu_index.enabled(), reason="the C kernels do not run here")
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_drafts_keep_exact_products_at_batch_one(tmp_path, group_size):
+@pytest.mark.parametrize("form", ["avx512", "avx2"])
+def test_drafts_keep_exact_products_at_batch_one(tmp_path, monkeypatch, group_size, form):
     """With rounded product forms on (int8 for LCQ layers that keep their int8 weights, from 3 rows), a
     lone sequence's verification steps take each row as alone, as its plain decode steps of one row
     are: fp32 (groups of 32), and the int8 decode form where the layers keep int8 books (groups of 64)
     and in the head, which keeps its int8 rows, so drafting changes no token and moves logprobs only by
-    fp32 sums taken in another order."""
+    fp32 sums taken in another order. So too on AVX2 code (LCQ_CPU_AVX512=0, as on a CPU without AVX-512),
+    where int8 products are the shuffle form of the layers' decode products alone."""
+    if form == "avx2":
+        monkeypatch.setenv("LCQ_CPU_AVX512", "0")
+    elif not products_available(torch.int8):
+        pytest.skip("the AVX-512 int8 products need AVX512_VNNI, AVX512_VBMI and AVX512_BF16")
+    wide = products_available(torch.int8)
     folder = str(make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=group_size))
-    settings = dict(block_size=8, kv_cache_dtype="float32", cpu_matmul_dtype="int8", cpu_int8_weights="on")
+    settings = dict(block_size=8, kv_cache_dtype="float32", cpu_matmul_dtype="int8",
+                    cpu_int8_weights="on" if wide else "off")
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
     plain = LLM(folder, **settings)
     expected = plain.generate([PROMPTS[0]], params)[0]
-    assert (plain.engine.runner.int8_book_bytes > 0) == (group_size == 64) and plain.engine.runner.head_row_bytes > 0
+    assert (plain.engine.runner.int8_book_bytes > 0) == (group_size == 64)
+    assert (plain.engine.runner.head_row_bytes > 0) == wide
     drafting = LLM(folder, num_speculative_tokens=4, **settings)
     got = drafting.generate([PROMPTS[0]], params)[0]
     assert got.token_ids == expected.token_ids and drafting.engine.stats().num_accepted_tokens_total > 0
