@@ -79,7 +79,8 @@ static int shuffle_activations_of(const int BITS, const lcq_index_weight *w, con
     const int whole = K / 16 * 16, run_values = RUN_VALUES(BITS), runs = (whole + run_values - 1) / run_values;
     const int blocks = (K + 63) / 64, run_blocks = run_values / 64;
     const int padded = blocks * 64 > runs * run_values ? blocks * 64 : runs * run_values;
-    const size_t row_values = (sizeof(float) * (size_t)padded + 63) / 64 * 64, row_bytes = ((size_t)padded + 63) / 64 * 64;
+    const size_t row_values = (sizeof(float) * (size_t)padded + 63) / 64 * 64;
+    const size_t row_bytes = ((size_t)padded + 63) / 64 * 64;
     const size_t plane_bytes = (size_t)M * runs * run_values, lanes = (size_t)M * runs * 8;
     uint8_t *buffer = lcq_scratch(row_values + row_bytes + sizeof(float) * blocks + plane_bytes +
                                   sizeof(float) * lanes + sizeof(int32_t) * runs * run_blocks);
