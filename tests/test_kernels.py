@@ -1071,10 +1071,10 @@ def test_int8_products_quantize_operands_only(n, m, k):
 
 def _weights_with_books(bits: int, rank: int, group: int, k: int, wide: bool):
     """A random layer of 70 rows, two IndexWeights of it (the first keeps its int8 books: 4 + 2^b bytes a group and
-    16 of padding) and 7 activation rows with an outlier channel, which sets only its own block's scale."""
+    32 of padding) and 7 activation rows with an outlier channel, which sets only its own block's scale."""
     layer = random_layer(70, k, bits, rank, group, seed=bits + rank + k)
     weight, plain = cpu_index.IndexWeight(layer, wide=wide), cpu_index.IndexWeight(layer, wide=wide)
-    books = 70 * layer.num_groups * (4 + 2 ** bits) + 16
+    books = 70 * layer.num_groups * (4 + 2 ** bits) + 32
     assert weight.keep_books() == books and weight.nbytes == plain.nbytes + books
     x = torch.randn(7, k)
     x[:, 1] *= 30

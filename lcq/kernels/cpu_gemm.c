@@ -96,7 +96,7 @@ int lcq_byte_decode_rows(int kept) {
 /* Up to this many rows, LCQ weights with int8 books take the shuffle form (cpu_index_shuffles.c) where
  * lcq_set_shuffles is on, at 4 and 2 bits: against the AVX2 fp32 decode form (bench/cpu_index.py, SmolLM2's
  * shapes at r2 g64 and W4 r4 g64, 2 threads, a Zen 4 with LCQ_CPU_AVX512=0, weights from memory), W4 ran
- * 1.3-1.8x at 1 row, 1.2-1.7x at 2 and 1.1-1.5x at 4; W2 1.0-1.3x at 1 row, 0.87-1.3x at 2, 0.75-1.2x at 4. */
+ * 1.4-2.3x at 1 row, 1.2-2.1x at 2 and 0.9-1.6x at 4; W2 1.1-1.6x at 1 row, 0.76-1.3x at 2, 0.85-1.14x at 4. */
 #define SHUFFLE_DECODE_ROWS(BITS) ((BITS) == 4 ? 4 : 1)
 
 static _Thread_local int shuffles; /* lcq_set_shuffles, per calling thread */

@@ -12,7 +12,7 @@
  * in bytes per instruction and multiply them with int8 activations (lcq_index_byte_product,
  * cpu_index_bytes.c): 1.1-2.1x the fp32 form at M = 1 on a Zen 4; with int8 products and AVX2 only, decode products
  * of 2- and 4-bit weights with books look 32 weights up per vpshufb (lcq_index_shuffle_product,
- * cpu_index_shuffles.c): W4 1.3-1.8x the AVX2 fp32 form at M = 1; with bf16 products on, 5 rows or more
+ * cpu_index_shuffles.c): W4 1.4-2.3x the AVX2 fp32 form at M = 1; with bf16 products on, 5 rows or more
  * take the bf16 form (lcq_index_pair_product, cpu_index_pairs.c).
  * Products of lcq_gemm_min_rows() rows or more are bounded by arithmetic instead: cpu_gemm.c expands a
  * block of weight rows at a time to their fp32 entries (or with int8 products to bytes) in a

@@ -144,8 +144,8 @@ class IndexWeight:
         if self.group_size % 64 or not (self.fields.wide and products_available(torch.int8) or
                                         self.bits in SHUFFLE_BITS and not products_available(torch.int8)):
             return 0
-        if not self.books.numel():  # padded: the kernel loads 16 bytes of a book at a time
-            self.books = torch.zeros(self.out_features * self.num_groups * (4 + 2 ** self.bits) + 16,
+        if not self.books.numel():  # padded: the kernels load 16 bytes of a book, or 32 of four, at a time
+            self.books = torch.zeros(self.out_features * self.num_groups * (4 + 2 ** self.bits) + 32,
                                      dtype=torch.uint8)
             library().lcq_index_byte_books(self.pointer, self.books.data_ptr())
             self.fields.books = self.books.data_ptr()

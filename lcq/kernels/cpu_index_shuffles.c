@@ -31,6 +31,7 @@ typedef struct {
     int8_t *bytes;
     float *scales;
     int32_t *groups; /* per block of the runs, the group whose book it reads (the last one past K) */
+    int32_t *picks;  /* 2 bits: per run and 32-bit lane j, 2 (group of block j % 4 - the run's first group) */
     int runs;
 } shuffle_activations;
 
@@ -83,18 +84,22 @@ static int shuffle_activations_of(const int BITS, const lcq_index_weight *w, con
     const size_t row_bytes = ((size_t)padded + 63) / 64 * 64;
     const size_t plane_bytes = (size_t)M * runs * run_values, lanes = (size_t)M * runs * 8;
     uint8_t *buffer = lcq_scratch(row_values + row_bytes + sizeof(float) * blocks + plane_bytes +
-                                  sizeof(float) * lanes + sizeof(int32_t) * runs * run_blocks);
+                                  sizeof(float) * lanes + sizeof(int32_t) * runs * (run_blocks + 8));
     if (buffer == NULL) return -1;
     float *values = (float *)buffer, *block_scales = (float *)(buffer + row_values + row_bytes);
     int8_t *bytes = (int8_t *)(buffer + row_values);
     a->bytes = (int8_t *)(block_scales + blocks);
     a->scales = (float *)(a->bytes + plane_bytes);
     a->groups = (int32_t *)(a->scales + lanes);
+    a->picks = a->groups + runs * run_blocks;
     a->runs = runs;
     for (int b = 0; b < runs * run_blocks; b++) {
         const int group = b * 64 / w->group_size;
         a->groups[b] = group < w->groups ? group : w->groups - 1;
     }
+    for (int run = 0; run < runs; run++)
+        for (int j = 0; j < 8; j++)
+            a->picks[run * 8 + j] = 2 * (a->groups[run * run_blocks + j % run_blocks] - a->groups[run * run_blocks]);
     for (int m = 0; m < M; m++) {
         memcpy(values, x + (int64_t)m * K, sizeof(float) * K);
         memset(values + K, 0, sizeof(float) * (padded - K));
@@ -125,31 +130,33 @@ typedef struct {
     int two;
 } shuffle_books;
 
+/* groups: the run's blocks' (shuffle_activations); picks: the run's, at 2 bits. The 4 blocks of a 2-bit run lie in
+ * at most 4 consecutive groups, whose 8-byte records (a top, then 4 entries) one 32-byte load holds: one vpermd
+ * takes each lane's block's top, another its entries (a scalar load per record and a set of the four, per run,
+ * had been a quarter of the W2 form's instructions at one row). */
 static inline __attribute__((always_inline)) shuffle_books run_books(const int BITS, const uint8_t *books,
-                                                                     const int32_t *groups) {
+                                                                     const int32_t *groups, const int32_t *picks) {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    float tops[4];
-    uint32_t entries[4];
-    for (int d = 0; d < RUN_VALUES(BITS) / 64; d++) {
-        const uint8_t *record = books + (int64_t)groups[d] * LCQ_BOOK_BYTES(BITS);
-        memcpy(&tops[d], record, sizeof(float));
-        memcpy(&entries[d], record + sizeof(float), sizeof(uint32_t));
-    }
     shuffle_books book;
     if (BITS == 4) {
-        const uint8_t *first = books + (int64_t)groups[0] * LCQ_BOOK_BYTES(4) + sizeof(float);
-        const uint8_t *second = books + (int64_t)groups[1] * LCQ_BOOK_BYTES(4) + sizeof(float);
-        book.table = _mm256_xor_si256(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)first)), flip);
+        const uint8_t *first = books + (int64_t)groups[0] * LCQ_BOOK_BYTES(4);
+        const uint8_t *second = books + (int64_t)groups[1] * LCQ_BOOK_BYTES(4);
+        book.table = _mm256_xor_si256(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(first + sizeof(float)))), flip);
         book.two = groups[1] != groups[0];
-        book.second = book.two ? _mm256_xor_si256(
-                                     _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)second)), flip)
+        book.second = book.two ? _mm256_xor_si256(_mm256_broadcastsi128_si256(
+                                                      _mm_loadu_si128((const __m128i *)(second + sizeof(float)))),
+                                                  flip)
                                : book.table;
-        book.tops = _mm256_setr_ps(tops[0], tops[0], tops[1], tops[1], tops[0], tops[0], tops[1], tops[1]);
+        book.tops = _mm256_blend_ps(_mm256_broadcast_ss((const float *)first),
+                                    _mm256_broadcast_ss((const float *)second), 0xCC);
     } else {
-        const __m128i table = _mm_setr_epi32((int)entries[0], (int)entries[1], (int)entries[2], (int)entries[3]);
-        book.table = book.second = _mm256_xor_si256(_mm256_broadcastsi128_si256(table), flip);
+        const __m256i records = _mm256_loadu_si256((const __m256i *)(books + (int64_t)groups[0] * LCQ_BOOK_BYTES(2)));
+        const __m256i pick = _mm256_loadu_si256((const __m256i *)picks);
+        book.tops = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(records, pick));
+        book.table = book.second = _mm256_xor_si256(
+            _mm256_permutevar8x32_epi32(records, _mm256_add_epi32(pick, _mm256_set1_epi32(1))), flip);
         book.two = 0;
-        book.tops = _mm256_setr_ps(tops[0], tops[1], tops[2], tops[3], tops[0], tops[1], tops[2], tops[3]);
     }
     return book;
 }
@@ -173,7 +180,7 @@ static inline __attribute__((always_inline)) void shuffle_column(const int R, co
     __m256 acc[INT8_PASS_ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int run = 0; run < a->runs; run++) {
-        const shuffle_books book = run_books(BITS, books, a->groups + run * (run_values / 64));
+        const shuffle_books book = run_books(BITS, books, a->groups + run * (run_values / 64), a->picks + run * 8);
         const narrow_words words = narrow_load(row + (int64_t)run * 64, run < w->runs ? 4 : w->last_lane_bytes);
         __m256i dots[INT8_PASS_ROWS];
         for (int r = 0; r < R; r++) dots[r] = _mm256_setzero_si256();
