@@ -1,11 +1,12 @@
-"""What the head's int8 rows (cpu_half.byte_rows, kept with int8 products) buy at batch 1: one engine per model,
+"""What the head's int8 rows (cpu_half.byte_rows, kept with int8 products; their AVX2 form where the AVX-512 int8
+products do not run, which LCQ_CPU_AVX512=0 measures on a CPU with them) buy at batch 1: one engine per model,
 its decode steps timed with the rows on and off in turn (the same process, so the host's drift, 20-40% between
 processes minutes apart, falls on both alike). Models: the demo (SmolLM2-135M-Instruct, LCQ W4 r2 g64, its
 49152 x 576 head tied to the table) and random checkpoints of Llama 3.2 1B's shapes (a 128256 x 2048 head) at
 W4 r2 g64 and W2 r2 g128. Each pass: one sequence, a 32-token prompt, --tokens greedy tokens; --pairs pairs, the
 order within a pair alternating.
 
-    python bench/head_rows.py [--threads 2] [--pairs 8] [--tokens 128]
+    python bench/head_rows.py [--threads 2] [--pairs 8] [--tokens 128] [--demo-only]
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.random_model import LLAMA32_1B, write_random_llama  # noqa: E402
 from bench.records import cpu_arguments, cpu_record, write_record  # noqa: E402
+from lcq.kernels import native  # noqa: E402
 from lcq.kernels.cpu_matmul import products_available  # noqa: E402
 from lcq.quantizer.demo import ensure_demo_model  # noqa: E402
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
@@ -32,6 +34,7 @@ PROMPT_TOKENS = 32
 def options(parser) -> None:
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--demo-only", action="store_true", help="the demo model alone (no Llama 3.2 1B shapes)")
 
 
 def alternate(folder: Path, pairs: int, tokens: int) -> dict:
@@ -58,12 +61,12 @@ def alternate(folder: Path, pairs: int, tokens: int) -> dict:
 
 def main() -> None:
     args = cpu_arguments(__doc__, RESULTS, options)
-    if not products_available(torch.int8):
-        raise SystemExit("the head's int8 rows need int8 products (AVX512_VNNI, AVX512_VBMI, AVX512_BF16)")
+    if native.load() is None:
+        raise SystemExit("the head's int8 rows need the C kernels")
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         models = {"demo (SmolLM2-135M, lcq-w4r2g64)": ensure_demo_model()}
-        for bits, group in ((4, 64), (2, 128)):
+        for bits, group in () if args.demo_only else ((4, 64), (2, 128)):
             models[f"llama32-1b shapes, lcq-w{bits}r2g{group}"] = write_random_llama(
                 Path(scratch) / f"w{bits}", quantized=True, shapes=LLAMA32_1B, bits=bits, rank=2, group_size=group)
         for name, folder in models.items():
@@ -73,7 +76,9 @@ def main() -> None:
                   f"fp16 {r['tok_s_fp16']:.1f} (per pair {min(r['ratios']):.2f}-{max(r['ratios']):.2f}x, median {r['ratio_median']:.2f}x)",
                   flush=True)
     write_record(args.output, cpu_record(f"python bench/head_rows.py --threads {args.threads} --pairs {args.pairs} "
-                                         f"--tokens {args.tokens}", args.threads, prompt_tokens=PROMPT_TOKENS,
+                                         f"--tokens {args.tokens}{' --demo-only' if args.demo_only else ''}",
+                                         args.threads, int8_form="avx512" if products_available(torch.int8) else "avx2",
+                                         prompt_tokens=PROMPT_TOKENS,
                                          load_average_1m=os.getloadavg()[0], rows=rows))
 
 

@@ -1183,14 +1183,21 @@ def _byte_row_values(rows: torch.Tensor, n: int, k: int) -> torch.Tensor:
     return (codes * scales).reshape(n, -1)[:, :k], codes, scales
 
 
-@needs_int8
+@needs_c_kernels
+@pytest.mark.parametrize("form", ["avx512", "avx2"])
 @pytest.mark.parametrize("n, k", [(43, 40), (96, 37), (70, 576), (33, 80), (40, 100)])
-def test_half_byte_rows_take_int8_decode_products(n, k):
+def test_half_byte_rows_take_int8_decode_products(monkeypatch, n, k, form):
     """An fp16 weight's int8 rows (cpu_half.byte_rows: per block of 32 values a scale max |w| / 127, codes
     within half a step of the weight) take int8 products of 1-4 rows, and with the row form every row
     count: the float64 product with the rounded weight up to the activations' two bytes (1e-4), each row
     what it gives alone, bit for bit. From 5 rows, and in fp32 products, the rows are not read. Blocks cut
-    short (K = 40, 37, 100), a last chunk of one block (K = 80: 3 blocks), SwiGLU over the decode form."""
+    short (K = 40, 37, 100), a last chunk of one block (K = 80: 3 blocks), SwiGLU over the decode form. The same
+    with AVX2 code (LCQ_CPU_AVX512=0, as on a CPU without AVX-512), whose int8 products read the rows in AVX2's
+    form."""
+    if form == "avx2":
+        monkeypatch.setenv("LCQ_CPU_AVX512", "0")
+    elif not products_available(torch.int8):
+        pytest.skip("the AVX-512 int8 products need AVX512_VNNI, AVX512_VBMI and AVX512_BF16")
     weight, x = torch.randn(n, k).half(), torch.randn(9, k)
     rows = cpu_half.byte_rows(weight)
     assert rows.numel() == cpu_half.byte_row_bytes(n, k) == n * -(-k // 32) * 36

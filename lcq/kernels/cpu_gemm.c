@@ -107,6 +107,10 @@ int lcq_set_shuffles(int on) {
     return previous;
 }
 
+int lcq_shuffles(void) {
+    return shuffles;
+}
+
 int lcq_shuffle_decode_rows(int bits) {
     if (!shuffles || bits == 3) return 0;
     return lcq_rows_alone() ? INT_MAX : SHUFFLE_DECODE_ROWS(bits);

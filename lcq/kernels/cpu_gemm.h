@@ -261,6 +261,9 @@ int lcq_byte_decode_rows(int kept);
  * stay fp32); returns the previous setting. */
 int lcq_set_shuffles(int on);
 
+/* Whether lcq_set_shuffles is on in the calling thread (the AVX2 int8 decode forms, cpu_half.c's too). */
+int lcq_shuffles(void);
+
 /* The most rows whose products of a weight of `bits` take that form in the calling thread (every row count where
  * each row's values must be what it alone gives, lcq_rows_alone), 0 where it is off (and at 3 bits). */
 int lcq_shuffle_decode_rows(int bits);

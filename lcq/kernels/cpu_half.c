@@ -7,7 +7,8 @@
  * (prefill, big batches) are bounded by arithmetic instead: cpu_gemm.c converts a block of weight
  * rows at a time to fp32 and multiplies it there, so the fp16 copy is the only weight a layer needs
  * to keep. With int8 products, a weight may also keep its int8 rows (the head: 1.125 bytes per weight),
- * which its decode products of 1-2 rows then read with vpdpbusd.
+ * which its decode products of 1-4 rows then read with vpdpbusd, or without the AVX-512 int8 products with AVX2's
+ * vpmaddubsw.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -210,25 +211,33 @@ static inline __mmask64 first_bytes(int left) {
     return left >= 64 ? ~(__mmask64)0 : left <= 0 ? (__mmask64)0 : ((__mmask64)1 << left) - 1;
 }
 
-LCQ_BF16 void lcq_half_byte_rows(const uint16_t *w, int N, int K, uint8_t *out) {
+/* AVX2, so that the rows serve both int8 decode forms below (AVX-512 and AVX2); the same bytes either way. */
+void lcq_half_byte_rows(const uint16_t *w, int N, int K, uint8_t *out) {
     const int blocks = byte_blocks(K);
     float *scales = (float *)(out + (int64_t)N * blocks * BYTE_BLOCK);
-    const __m512i bias = _mm512_set1_epi32(128);
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const uint16_t *row = w + (int64_t)n * K;
         uint8_t *codes = out + (int64_t)n * blocks * BYTE_BLOCK;
         for (int j = 0; j < blocks; j++) {
-            const int k = j * BYTE_BLOCK, left = K - k;
-            const __m512 low = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(left), row + k));
-            const __m512 high = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(left - 16), row + k + 16));
-            const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(low), _mm512_abs_ps(high)));
-            const __m512 inverse = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+            const int k = j * BYTE_BLOCK, left = K - k < BYTE_BLOCK ? K - k : BYTE_BLOCK;
+            uint16_t block[BYTE_BLOCK] = {0}; /* zeros past K */
+            memcpy(block, row + k, sizeof(uint16_t) * left);
+            __m256 values[BYTE_BLOCK / 8], largest = _mm256_setzero_ps();
+            for (int i = 0; i < BYTE_BLOCK / 8; i++) {
+                values[i] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(block + 8 * i)));
+                largest = _mm256_max_ps(largest, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), values[i]));
+            }
+            float lanes[8], top = 0.0f;
+            _mm256_storeu_ps(lanes, largest);
+            for (int i = 0; i < 8; i++) top = lanes[i] > top ? lanes[i] : top;
+            const __m256 inverse = _mm256_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
             scales[(int64_t)n * blocks + j] = top / 127.0f;
-            const __m512i q_low = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(low, inverse)), bias);
-            const __m512i q_high = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(high, inverse)), bias);
-            _mm_storeu_si128((__m128i *)(codes + k), _mm512_cvtepi32_epi8(q_low));
-            _mm_storeu_si128((__m128i *)(codes + k + 16), _mm512_cvtepi32_epi8(q_high));
+            for (int i = 0; i < BYTE_BLOCK / 8; i++) {
+                int32_t q[8];
+                _mm256_storeu_si256((__m256i *)q, _mm256_cvtps_epi32(_mm256_mul_ps(values[i], inverse)));
+                for (int e = 0; e < 8; e++) codes[k + 8 * i + e] = (uint8_t)(q[e] + 128);
+            }
         }
     }
 }
@@ -370,6 +379,96 @@ LCQ_BF16 static int byte_decode_product(const float *x, int M, int K, const uint
     return 0;
 }
 
+/* The int8 rows' decode product in AVX2 (where int8 products take the shuffle form, without the AVX-512 ones:
+ * lcq_set_shuffles): the same rows and the same two-byte activations as the form above, multiplied as
+ * cpu_index_shuffles.c multiplies bytes. vpmaddubsw takes unsigned by signed bytes, so a weight q = code - 128
+ * multiplies as |q| times the activation bytes with q's sign; vpmaddwd sums each 32-bit lane; per block of 32
+ * values 256 times the high bytes' sums plus the low bytes', times the block's scale, into the row's fp32 sums. */
+typedef struct {
+    int8_t *high, *low; /* blocks * BYTE_BLOCK bytes each, zeros past K */
+    float scale;        /* S / 256 */
+} narrow_activations;
+
+/* split_row's values and scale, scalar (K values per call, against N x K weights): x = S * (high + low / 256). */
+static void narrow_split_row(const float *x, int K, int padded, narrow_activations *row) {
+    int32_t top_bits = 0;
+    for (int k = 0; k < K; k++) {
+        int32_t bits;
+        memcpy(&bits, x + k, sizeof bits);
+        bits &= 0x7FFFFFFF;
+        top_bits = bits > top_bits ? bits : top_bits;
+    }
+    memset(row->high, 0, padded);
+    memset(row->low, 0, padded);
+    if (top_bits >= LCQ_INF_BITS) { /* as split_odd_row */
+        const int nan = top_bits > LCQ_INF_BITS;
+        for (int k = 0; k < K; k++) row->high[k] = (int8_t)(nan || !isinf(x[k]) ? 0 : x[k] > 0.0f ? 127 : -127);
+        row->scale = nan ? NAN : INFINITY;
+        return;
+    }
+    float top;
+    memcpy(&top, &top_bits, sizeof top);
+    const float inverse = top > 0.0f ? 127.0f / top : 0.0f;
+    row->scale = top / 127.0f / 256.0f;
+    for (int k = 0; k < K; k++) {
+        const float v = x[k] * inverse;
+        const int high = _mm_cvtss_si32(_mm_set_ss(v));
+        const int low = _mm_cvtss_si32(_mm_set_ss((v - (float)high) * 256.0f));
+        row->high[k] = (int8_t)high;
+        row->low[k] = (int8_t)(low > 127 ? 127 : low < -127 ? -127 : low);
+    }
+}
+
+static inline __attribute__((always_inline)) void narrow_byte_column(const int M, int n, const narrow_activations *x,
+                                                                     int K, const uint8_t *bytes, int N, float *y) {
+    const int blocks = byte_blocks(K), stride = blocks * BYTE_BLOCK;
+    const uint8_t *codes = bytes + (int64_t)n * stride;
+    const float *scales = (const float *)(bytes + (int64_t)N * stride) + (int64_t)n * blocks;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+    __m256 acc[MAX_ROWS];
+    for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+    const int columns_ahead = (BYTES_AHEAD + stride - 1) / stride;
+    const int ask = n + columns_ahead < N;
+    const char *ahead = (const char *)codes + (int64_t)columns_ahead * stride;
+    if (ask) lcq_ask_lines(scales + (int64_t)columns_ahead * blocks, (int64_t)sizeof(float) * blocks);
+    for (int j = 0; j < blocks; j++) {
+        const int k = j * BYTE_BLOCK;
+        if (ask && j % 2 == 0) _mm_prefetch(ahead + k, _MM_HINT_T1);
+        const __m256i weights = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + k)), flip);
+        const __m256i magnitudes = _mm256_abs_epi8(weights);
+        const __m256 scale = _mm256_broadcast_ss(scales + j);
+        for (int m = 0; m < M; m++) {
+            const __m256i high = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[m].high + k)),
+                                                                  weights)), ones);
+            const __m256i low = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[m].low + k)),
+                                                                  weights)), ones);
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_slli_epi32(high, 8), low)), scale,
+                                     acc[m]);
+        }
+    }
+    for (int m = 0; m < M; m++) y[(int64_t)m * N + n] = horizontal_sum(acc[m]) * x[m].scale;
+}
+
+static int narrow_byte_decode_product(const float *x, int M, int K, const uint8_t *bytes, int N, float *y) {
+    const int padded = byte_blocks(K) * BYTE_BLOCK;
+    uint8_t *buffer = lcq_scratch(sizeof(narrow_activations) * (size_t)M + 2 * (size_t)padded * M);
+    if (buffer == NULL) return -1;
+    narrow_activations *rows = (narrow_activations *)buffer;
+    int8_t *values = (int8_t *)(rows + M);
+    for (int m = 0; m < M; m++) {
+        rows[m].high = values + 2 * (int64_t)padded * m;
+        rows[m].low = rows[m].high + padded;
+        narrow_split_row(x + (int64_t)m * K, K, padded, &rows[m]);
+    }
+#define COLUMN(count) narrow_byte_column(count, n, rows + m, K, bytes, N, y + (int64_t)m * N)
+    LCQ_DECODE_COLUMNS
+    for (int n = 0; n < N; n++) LCQ_ROW_PASSES(M, MAX_ROWS, MAX_ROWS, COLUMN)
+#undef COLUMN
+    return 0;
+}
+
 /* x (M, K) fp32 contiguous, M >= 1; w (N, K) fp16 contiguous; y (M, N) fp32, or with swiglu (W =
  * [gate; up]) y (M, N / 2) = silu(gate) * up (cpu_gemm.h). panels: the weight's lcq_half_pair_panels,
  * or NULL; bytes: its lcq_half_byte_rows, or NULL, which int8 products of a few rows then read. Fewer
@@ -383,10 +482,13 @@ int lcq_half_matmul(const float *x, int M, int K, const uint16_t *w, int N, int 
      * SmolLM2's and Llama 3.2 1B's heads (2 threads, Zen 4, from memory) 1.38-1.66x the fp32 decode form at
      * 1 row, 0.94-2.0x at 2; since they ask for columns ahead, against the kept bf16 panels 1.20x and 1.31x
      * at 3 rows, 1.47x and 1.13x at 4, but 0.75x at 5 on SmolLM2's. */
-    const int byte_rows = lcq_byte_decode_rows(LCQ_INT8_PRODUCTS);
-    if (bytes != NULL && byte_rows > 0 && (M <= HEAD_BYTE_ROWS || M <= byte_rows)) {
+    const int byte_rows = lcq_byte_decode_rows(LCQ_INT8_PRODUCTS), narrow = lcq_shuffles();
+    if (bytes != NULL && (byte_rows > 0 || narrow) &&
+        (M <= HEAD_BYTE_ROWS || M <= byte_rows || (narrow && lcq_rows_alone()))) {
         float *products = lcq_swiglu_products(swiglu, M, N, y);
-        const int status = products == NULL ? -1 : byte_decode_product(x, M, K, bytes, N, products);
+        const int status = products == NULL ? -1
+                           : byte_rows > 0  ? byte_decode_product(x, M, K, bytes, N, products)
+                                            : narrow_byte_decode_product(x, M, K, bytes, N, products);
         return lcq_swiglu_finish(swiglu, products, M, N, y, status);
     }
     if (M >= lcq_gemm_min_rows(kept)) {

@@ -123,9 +123,9 @@ def products_available(dtype: torch.dtype) -> bool:
 
 
 def shuffles_only() -> bool:
-    """Whether int8 products run here only as the AVX2 shuffle form (cpu_index_shuffles.c: the decode products
-    of LCQ layers at 2 and 4 bits that keep int8 books, every other product fp32): the C kernels run, but the
-    CPU lacks the AVX-512 int8 products (or LCQ_CPU_AVX512 is 0)."""
+    """Whether int8 products run here only in AVX2 decode forms (cpu_index_shuffles.c: the decode products of LCQ
+    layers at 2 and 4 bits that keep int8 books; cpu_half.c: the head's int8 rows; every other product fp32): the
+    C kernels run, but the CPU lacks the AVX-512 int8 products (or LCQ_CPU_AVX512 is 0)."""
     return native.load() is not None and not products_available(torch.int8)
 
 
@@ -146,8 +146,9 @@ def cpu_products(dtype: torch.dtype, rows_alone: bool = False, invariant: bool =
       Where AMX runs, LCQ products of 256 rows or more (byte_pair_rows) take bf16 tiles instead, the
       int8 form's weight values and the activations rounded to bf16.
     - int8 where the CPU lacks these (shuffles_only): the decode products of LCQ layers at 2 and 4 bits that
-      keep int8 books in the AVX2 shuffle form (lcq_set_shuffles), the same 8-bit operands as above; every
-      other product fp32.
+      keep int8 books in the AVX2 shuffle form (lcq_set_shuffles), and those of 1-4 rows of an fp16 weight that
+      keeps int8 rows (the head) in AVX2's form of theirs, the same 8-bit operands as above; every other
+      product fp32.
     rows_alone: each row's values are what that row alone would give (a step verifying drafts for a
     sequence whose plain decode steps are single rows): with int8, the int8 decode forms of LCQ layers
     with books and of kept int8 rows at every row count, and fp32 elsewhere; with another dtype, fp32;

@@ -34,7 +34,8 @@ PROMPT_LOGPROB_ROWS = 128  # rows of full-vocabulary logits at a time for prompt
 PRODUCTS_LOGGED = {torch.bfloat16: "bf16 operands from 3-10 rows",  # cpu_matmul.cpu_products
                    torch.int8: "int8 operands for LCQ layers (decode products from 1 row where they keep int8 "
                                "books, blocked ones from 10) and the head's of 1-4 rows, else bf16 from 3"}
-SHUFFLES_LOGGED = "int8 operands in the decode products of LCQ layers at 2 and 4 bits (AVX2 shuffles), else fp32"
+SHUFFLES_LOGGED = ("int8 operands in the decode products of LCQ layers at 2 and 4 bits (AVX2 shuffles) and the head's "
+                   "of 1-4 rows, else fp32")
 AMX_LOGGED = "; on AMX tiles: int8 from 16 rows, bf16 from 5 (kept panels) or 10, prefill attention"
 
 
@@ -240,11 +241,11 @@ class ModelRunner:
     def _keep_head_rows(self) -> int:
         """With int8 products, the fp16 head also keeps its int8 rows (cpu_half.byte_rows: 1.125 bytes per
         weight, 31 MB for SmolLM2's head, 0.28 GB for Llama 3.2 1B's), which its products of 1-4 rows read
-        in place of the fp16 weight (1.4x at 1 row), the weight rounded to 8 bits (-0.006% perplexity on the
-        demo model): at batch 1 the head is what an LCQ model reads most besides its layers. Returns the
-        bytes kept, before the KV pool is sized."""
+        in place of the fp16 weight (1.4x at 1 row with AVX-512; AVX2's form where it lacks the int8 products),
+        the weight rounded to 8 bits (-0.006% perplexity on the demo model): at batch 1 the head is what an LCQ
+        model reads most besides its layers. Returns the bytes kept, before the KV pool is sized."""
         head = getattr(self.model, "lm_head_half", None)
-        if head is None or self.products != torch.int8 or not products_available(torch.int8):
+        if head is None or self.products != torch.int8:
             return 0
         self.model.lm_head_rows = byte_rows(head)
         size = self.model.lm_head_rows.numel()
