@@ -316,6 +316,30 @@ LCQ_BF16 static void split_row(const float *x, int K, byte_activations *row) {
     }
 }
 
+/* Where output column n's int8 row lies (lcq_half_byte_rows' layout) and what it asks for ahead, for both decode
+ * forms' columns: its codes and block scales, and the codes BYTES_AHEAD later (whole columns), whose scales it
+ * asks for into L2 at once and whose codes the column asks for as it goes (ahead is NULL past the last column). */
+typedef struct {
+    const uint8_t *codes;
+    const float *scales;
+    const char *ahead;
+    int blocks, stride;
+} byte_column_rows;
+
+static inline __attribute__((always_inline)) byte_column_rows byte_column_start(int n, int K, const uint8_t *bytes,
+                                                                                int N) {
+    byte_column_rows rows;
+    rows.blocks = byte_blocks(K);
+    rows.stride = rows.blocks * BYTE_BLOCK;
+    rows.codes = bytes + (int64_t)n * rows.stride;
+    rows.scales = (const float *)(bytes + (int64_t)N * rows.stride) + (int64_t)n * rows.blocks;
+    const int columns_ahead = (BYTES_AHEAD + rows.stride - 1) / rows.stride;
+    rows.ahead = n + columns_ahead < N ? (const char *)rows.codes + (int64_t)columns_ahead * rows.stride : NULL;
+    if (rows.ahead != NULL)
+        lcq_ask_lines(rows.scales + (int64_t)columns_ahead * rows.blocks, (int64_t)sizeof(float) * rows.blocks);
+    return rows;
+}
+
 /* Output column n for M activation rows from the int8 rows: per chunk of 64 weights, one load, then per
  * row two vpdpbusd (the high and low bytes), a shift and an add, and the chunk's int32 sums times its two
  * blocks' scales (lanes 0-7 and 8-15, read in one 64-bit load: a masked 512-bit load of the two ran
@@ -324,19 +348,16 @@ LCQ_BF16 static void split_row(const float *x, int K, byte_activations *row) {
  * Rows with their scales after their codes, one stream instead of two, ran about 1.5x slower. */
 LCQ_BF16 static inline __attribute__((always_inline)) void byte_column(const int M, int n, const byte_activations *x,
                                                                        int K, const uint8_t *bytes, int N, float *y) {
-    const int blocks = byte_blocks(K), chunks = (K + CHUNK - 1) / CHUNK, stride = blocks * BYTE_BLOCK;
-    const uint8_t *codes = bytes + (int64_t)n * stride;
-    const float *scales = (const float *)(bytes + (int64_t)N * stride) + (int64_t)n * blocks;
+    const byte_column_rows rows = byte_column_start(n, K, bytes, N);
+    const int chunks = (K + CHUNK - 1) / CHUNK, stride = rows.stride;
+    const uint8_t *codes = rows.codes;
+    const float *scales = rows.scales;
     const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     __m512 acc[MAX_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
-    const int columns_ahead = (BYTES_AHEAD + stride - 1) / stride;
-    const int ask = n + columns_ahead < N;
-    const char *ahead = (const char *)codes + (int64_t)columns_ahead * stride;
-    if (ask) lcq_ask_lines(scales + (int64_t)columns_ahead * blocks, (int64_t)sizeof(float) * blocks);
     for (int c = 0; c < chunks; c++) {
         const int k = c * CHUNK, whole = k + CHUNK <= stride;
-        if (ask) _mm_prefetch(ahead + k, _MM_HINT_T1);
+        if (rows.ahead != NULL) _mm_prefetch(rows.ahead + k, _MM_HINT_T1);
         const __m512i weights =
             whole ? _mm512_loadu_si512(codes + k) : _mm512_maskz_loadu_epi8(first_bytes(stride - k), codes + k);
         const __m512 pair = _mm512_castps128_ps512(
@@ -421,22 +442,16 @@ static void narrow_split_row(const float *x, int K, int padded, narrow_activatio
 
 static inline __attribute__((always_inline)) void narrow_byte_column(const int M, int n, const narrow_activations *x,
                                                                      int K, const uint8_t *bytes, int N, float *y) {
-    const int blocks = byte_blocks(K), stride = blocks * BYTE_BLOCK;
-    const uint8_t *codes = bytes + (int64_t)n * stride;
-    const float *scales = (const float *)(bytes + (int64_t)N * stride) + (int64_t)n * blocks;
+    const byte_column_rows rows = byte_column_start(n, K, bytes, N);
     const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     __m256 acc[MAX_ROWS];
     for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-    const int columns_ahead = (BYTES_AHEAD + stride - 1) / stride;
-    const int ask = n + columns_ahead < N;
-    const char *ahead = (const char *)codes + (int64_t)columns_ahead * stride;
-    if (ask) lcq_ask_lines(scales + (int64_t)columns_ahead * blocks, (int64_t)sizeof(float) * blocks);
-    for (int j = 0; j < blocks; j++) {
+    for (int j = 0; j < rows.blocks; j++) {
         const int k = j * BYTE_BLOCK;
-        if (ask && j % 2 == 0) _mm_prefetch(ahead + k, _MM_HINT_T1);
-        const __m256i weights = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + k)), flip);
+        if (rows.ahead != NULL && j % 2 == 0) _mm_prefetch(rows.ahead + k, _MM_HINT_T1);
+        const __m256i weights = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(rows.codes + k)), flip);
         const __m256i magnitudes = _mm256_abs_epi8(weights);
-        const __m256 scale = _mm256_broadcast_ss(scales + j);
+        const __m256 scale = _mm256_broadcast_ss(rows.scales + j);
         for (int m = 0; m < M; m++) {
             const __m256i high = _mm256_madd_epi16(
                 _mm256_maddubs_epi16(magnitudes, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(x[m].high + k)),
