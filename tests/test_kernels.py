@@ -300,6 +300,20 @@ def test_byte_codebook_weights_reach_the_tensor_cores_in_registers(bits):
     assert stores == 0 and products > 0
 
 
+def test_column_codebooks_range_within_a_thread_in_the_sm90_build():
+    """The sm_90 build of the one-row product of bytes of prepared inputs (compiled here by the installed Triton, no
+    GPU; the prepared inputs leave the loop no reduction over inputs) takes each column's codebook range without
+    warp shuffles: on Triton 3.7-3.9 V's entries gathered (columns, entries) went across threads, and the range's
+    butterflies were 80 shuffles and 80 more min/max a loop at W2 r2, 256 columns per 2 warps (2.95 instructions
+    per weight against 1.94 with _table_entries)."""
+    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_sm90, inner_loop, sass_of; "
+            "sass, _ = sass_of(compile_sm90('decode', 2, 2, 128, 1, 256, 2, True, True, depth=128, int8=True, "
+            "prepared=True)); loop = inner_loop(sass); "
+            "print(sum('SHFL' in line for line in loop), sum('IDP.4A' in line for line in loop))")
+    shuffles, products = _compiled_counts(code)
+    assert shuffles == 0 and products > 0
+
+
 def _compiled_counts(code: str) -> tuple[int, int]:
     """The two counts `code` prints last, run in a process of its own without the interpreter (a compile for sm_90
     by the installed Triton and its ptxas; no GPU)."""

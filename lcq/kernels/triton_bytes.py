@@ -14,7 +14,7 @@ import triton.language as tl
 from lcq.format import PackedLinear
 
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
-from .triton_tiles import _rank_scale
+from .triton_tiles import _rank_scale, _table_entries
 
 INPUT_BYTES_RUNS = 64  # runs of inputs a program of _input_bytes_kernel rounds
 _byte_slots: dict[torch.device, torch.Tensor] = {}
@@ -66,12 +66,11 @@ def _int8_book(s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, 
     entry, added up along the product: SmolLM2 W2 r2 g128 perplexity +0.6% with only the codebooks in bytes,
     bench/byte_products_quality.py.)"""
     ENTRIES: tl.constexpr = 1 << BITS
-    entries = tl.arange(0, ENTRIES)
     book = -(b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32))[:, None] \
         + tl.zeros((1, ENTRIES), dtype=tl.float32)
     for k in tl.static_range(RANK):
         s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
-        book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+        book += s[:, None] * _table_entries(v_ptr, v_base, k, BITS, RANKS)
     highest = tl.max(book, axis=1)
     lowest = tl.min(book, axis=1)
     midrange = (highest + lowest) * 0.5

@@ -95,6 +95,19 @@ def _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N):
 
 
 @triton.jit
+def _table_entries(v_ptr, v_base, k, BITS: tl.constexpr, RANKS: tl.constexpr):
+    """Rank k of every entry of each column's table V, fp32 (BLOCK_N, 2^BITS), gathered so that a thread holds its
+    columns' entries on every Triton (GATHER_COLUMNS_FIRST): gathered (columns, entries) on Triton 3.7-3.9, the
+    entries went across threads and a codebook's range took warp shuffles (sm_90, bench/kernels.py --sass: one-row
+    products of bytes W2 r2 2.9-3.0 instructions per weight against 2.0-2.2 so, W4 r2 9.9 against 6.5)."""
+    entries = tl.arange(0, 1 << BITS)
+    if GATHER_COLUMNS_FIRST:
+        return tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+    else:
+        return tl.trans(tl.load(v_ptr + v_base[None, :] + entries[:, None] * RANKS + k))
+
+
+@triton.jit
 def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_mask, N,
                   BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, SELECT: tl.constexpr,
                   BOOK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -109,11 +122,10 @@ def _tile_weights(q, s_codes, b_codes, ss_ptr, bs_ptr, v_ptr, v_base, offs_n, n_
     selects' 11.0; 34-44 more registers). The forms are in the autotuner's lists (DECODE_CONFIGS)."""
     b = b_codes.to(tl.float32) * tl.load(bs_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)
     if BOOK:  # the column's 2^BITS codebook entries S . V - B, then each weight takes its entry
-        entries = tl.arange(0, 1 << BITS)
         book = tl.zeros((BLOCK_N, 1 << BITS), dtype=tl.float32) - b[:, None]
         for k in tl.static_range(RANK):
             s = _rank_scale(s_codes, ss_ptr, k, offs_n, n_mask, N)
-            book += s[:, None] * tl.load(v_ptr + v_base[:, None] + entries[None, :] * RANKS + k)
+            book += s[:, None] * _table_entries(v_ptr, v_base, k, BITS, RANKS)
         w = tl.trans(tl.gather(book, tl.trans(q), axis=1))
     elif SELECT:  # 2 bits: the 4 codebook entries of each column, then selects on the index bits
         c0 = -b
