@@ -366,7 +366,8 @@ def test_autotuner_times_each_form_with_its_own_configs():
     tl.dot form's (REDUCE_K changes nothing there), split at most 16 ways; a mixture's experts, whose
     workspace grows with their rows, at most 16 ways at any M. PREFETCH timed three ways everywhere (none, one
     or two tiles ahead); tiles 128 deep (REDUCE_K only) at 2 bits where the group holds them, each depth
-    dividing the group; column codebooks (BOOK) for tl.dot, and at 3-4 bits for the FMA form too."""
+    dividing the group; column codebooks (BOOK) for tl.dot, and at 3-4 bits for the FMA form too, where the
+    installed Triton takes them in warp shuffles (COLUMN_BOOKS)."""
     configs = triton_configs.DECODE_CONFIGS
     for block_m, grouped, group, select in itertools.product((1, 2, 16, 64), (False, True), (32, 64, 128),
                                                              (True, False)):
@@ -385,9 +386,10 @@ def test_autotuner_times_each_form_with_its_own_configs():
         described = [(tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in kept]
         assert len(described) == len(set(described))
         tuned_forms = triton_configs.FMA_DECODE_CONFIGS if fma else triton_configs.DOT_DECODE_CONFIGS
-        assert {c.kwargs.get("BOOK", False) for c in kept} == ({False} if select and fma else {False, True})
+        books = bool(triton_tiles.COLUMN_BOOKS) and not (select and fma)
+        assert {c.kwargs.get("BOOK", False) for c in kept} == ({False, True} if books else {False})
         assert len(kept) == sum(c.kwargs["SPLIT_K"] <= most and (deep or c.kwargs["BLOCK_K"] == 64) and
-                                not (select and fma and c.kwargs.get("BOOK")) for c in tuned_forms)
+                                (books or not c.kwargs.get("BOOK")) for c in tuned_forms)
 
 
 def test_autotuner_times_the_pair_table_with_its_own_configs():
@@ -437,9 +439,9 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
     else:
         assert_close(triton_linear.decode(x, layers[0], lut=lut), reference(x, layers[0]), torch.float16)
         block_m = triton_linear.decode_block_m(m)
-        # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2, and column codebooks; the pair
-        # table: depth 2 x PREFETCH 3
-        assert len(timed) == (6 if lut else 7 if m >= 3 else 9)
+        # FMA: (REDUCE_K, depth) 3 x PREFETCH 3; tl.dot: PREFETCH 3 x stages 2, and column codebooks where the
+        # installed Triton takes them (COLUMN_BOOKS); the pair table: depth 2 x PREFETCH 3
+        assert len(timed) == (6 if lut else 6 + bool(triton_tiles.COLUMN_BOOKS) if m >= 3 else 9)
     assert len(timed) == len(triton_configs._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
                                                                 GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import triton
 
-from .triton_tiles import block_k
+from .triton_tiles import COLUMN_BOOKS, block_k
 
 MAX_SPLIT_K = 16  # K slices of a launch of 16 rows or more, or of a mixture's blocks (workspace: slices x rows x N)
 
@@ -109,7 +109,7 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     one column: INT8_DECODE_CONFIGS), the pair table's for LUT, weights from byte codebooks' for BYTE_BOOK, else
     the FMA form's for 1-2 rows and the tl.dot form's from 16, no more slices than the workspace holds, column
     codebooks (BOOK) at 2 bits only for tl.dot (at 1-2 rows the selects of 128-deep tiles cost fewer
-    instructions: 6.1 against 7.3 per weight, sm_90), and each tile no deeper than the group and the bit width
+    instructions: 6.1 against 7.3 per weight, sm_90) and on no Triton without COLUMN_BOOKS, and each tile no deeper than the group and the bit width
     allow (configs that then coincide are timed once)."""
     form = INT8_DECODE_CONFIGS if kwargs.get("INT8") else LUT_DECODE_CONFIGS if kwargs.get("LUT") \
         else BYTE_BOOK_DECODE_CONFIGS if kwargs.get("BYTE_BOOK") \
@@ -119,7 +119,8 @@ def _decode_configs_for(configs: list, named_args: dict, **kwargs) -> list:
     deepest = 128 if kwargs["SELECT"] or kwargs.get("INT8") or kwargs.get("BYTE_BOOK") else 64
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
-        selected_instead = c.kwargs.get("BOOK") and kwargs["SELECT"] and form is FMA_DECODE_CONFIGS
+        selected_instead = c.kwargs.get("BOOK") and (
+            not COLUMN_BOOKS or kwargs["SELECT"] and form is FMA_DECODE_CONFIGS)
         spills = form is INT8_DECODE_CONFIGS and not kwargs["SELECT"] and c.kwargs["BLOCK_N"] > 32 * c.num_warps
         if any(c is f for f in form) and c.kwargs["SPLIT_K"] <= most and not selected_instead and not spills:
             depth = c.kwargs["BLOCK_K"]

@@ -40,7 +40,7 @@ from .triton_bytes import (_book_weights, _in_selector_order, _int8_book, _int8_
 from .triton_configs import (DECODE_CONFIGS, GEMM_CONFIGS, GROUPED_WIDE_CONFIGS, INTERPRETER_DECODE_CONFIG,
                              INTERPRETER_GEMM_CONFIG, MAX_SPLIT_K, _decode_configs_for, max_split_k)
 from .triton_pair_table import _lut_products, pair_table
-from .triton_tiles import (_dequant_tile, _dot, _gather_table, _group_codes, _table_offsets, _tile_indices,
+from .triton_tiles import (COLUMN_BOOKS, _dequant_tile, _dot, _gather_table, _group_codes, _table_offsets, _tile_indices,
                            _tile_inputs, _tile_weights, _tile_words, _within_k, block_k, uses_select)
 
 DECODE_MAX_M = 64
@@ -269,7 +269,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
                  PARTIAL_GROUP: tl.constexpr = False):
     """Tiled product (dispatched for no row count, DENSE_MIN_M: the fused alternative bench/kernels.py times from 65
     rows as fused_us): each program dequantizes its weight tiles once per BLOCK_M rows, each weight from
-    its column's codebook (BOOK), a warp shuffle: at 3-4 bits per weight a gather of V had been pipelined as 4-byte
+    its column's codebook (BOOK, where COLUMN_BOOKS), a warp shuffle: at 3-4 bits per weight a gather of V had been pipelined as 4-byte
     cp.async copies (70 a loop at 64 x 128 W4 r2, sm_90 Triton 3.6; 6 now), and sm_90 SASS counts 12.8 -> 9.9
     instructions per weight there, 12.0 -> 7.1 at W2 r2 against the selects (bench/kernels.py --sass)."""
     pid = tl.program_id(0)
@@ -293,7 +293,7 @@ def _gemm_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, b
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :],
                     mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
         w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, True)
+                          BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, COLUMN_BOOKS)
         if PARTIAL_GROUP:
             w = _within_k(w, k0, K, BLOCK_K)
         acc = _dot(x, w, acc, DOT_IN_FP32)
@@ -310,15 +310,16 @@ def _dequant_kernel(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, out_p
                     SELECT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Columns first_n .. end_n - 1 of W^T (K, N) in out_ptr's dtype, rows stride_out apart (column first_n at
     out_ptr), one (BLOCK_K, BLOCK_N) tile per program: stores run along N. At 3-4 bits from each column's codebook
-    (BOOK): sm_90 SASS, Triton 3.6, r2 g128, 13.1 and 10.4 instructions per weight against the V gathers' 16.9 and
-    12.8 (bench/kernels.py --sass); at 2 bits the selects (8.9)."""
+    (BOOK) where COLUMN_BOOKS: sm_90 SASS, Triton 3.6, r2 g128, 13.1 and 10.4 instructions per weight against the V
+    gathers' 16.9 and 12.8 (bench/kernels.py --sass); on Triton 3.9 the V gathers' 16.8 and 12.6 against 24.8 and
+    20.8; at 2 bits the selects (8.9)."""
     offs_n = first_n + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < end_n
     k0 = tl.program_id(0) * BLOCK_K
     k_idx = k0 + tl.arange(0, BLOCK_K)
     v_base = _table_offsets(vi_ptr, offs_n, n_mask, BITS, RANKS)
     w = _dequant_tile(qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, v_base, k0, offs_n, n_mask, N,
-                      BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, not SELECT)
+                      BITS, RANK, RANKS, GROUP, SELECT, BLOCK_K, BLOCK_N, COLUMN_BOOKS and not SELECT)
     tl.store(out_ptr + k_idx[:, None] * stride_out + (offs_n - first_n)[None, :], w.to(out_ptr.dtype.element_ty),
              mask=(k_idx[:, None] < K) & n_mask[None, :])
 

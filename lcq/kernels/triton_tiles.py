@@ -15,7 +15,14 @@ from lcq.format import PackedLinear
 # (depth, columns) after, so that threads run along the columns either way. The other orientation
 # moves every dequantized tile through shared memory (sm_90 builds, bench/kernels.py --sass: W4 r1
 # decode 13.7 against 9.9 instructions per weight on 3.6, 12.8 against 10.0 on 3.9).
-GATHER_COLUMNS_FIRST = tl.constexpr(tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7))
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
+GATHER_COLUMNS_FIRST = tl.constexpr(TRITON_VERSION < (3, 7))
+# A weight's entry taken from its column's codebook (BOOK: tl.gather) is one warp shuffle up to Triton 3.8. Triton
+# 3.9 gives the tile's indices 4 to a thread along the gathered axis, and each weight took 4 shuffles and 3 selects
+# (sm_90 SASS, bench/kernels.py --sass: the dequantize kernel W4 r2 20.8 instructions per weight against 10.4 on
+# 3.6-3.8 and 12.6 from V's gathers on 3.9; the one-row decode tile W4 r1 18.7 against 8.1-8.6, and 9.7 from V's
+# gathers). From 3.9 no kernel takes column codebooks.
+COLUMN_BOOKS = tl.constexpr(TRITON_VERSION < (3, 9))
 
 
 @triton.jit
