@@ -423,6 +423,14 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm, tmp_path):
     assert [o.token_ids for o in small.generate(PROMPTS, GREEDY)] == together
     assert small.engine.stats().num_preemptions_total > 0
     assert _pool_is_full(small.engine)
+    # the same pool set outright, in blocks (vLLM's num_gpu_blocks_override) or in tokens (TGI's
+    # max_batch_total_tokens, 41-48 of them in 6 blocks of 8), whatever the memory setting says
+    for pool in ({"num_gpu_blocks_override": 6}, {"max_batch_total_tokens": 41}, {"max_batch_total_tokens": 48}):
+        sized = LLM(str(tiny), block_size=8, kv_cache_memory_gb=2.0, **pool, **FP32)
+        assert sized.engine.blocks.num_total_blocks == 6 and sized.engine.max_model_len == 48
+        assert [o.token_ids for o in sized.generate(PROMPTS, GREEDY)] == together
+    with pytest.raises(ValueError, match="both size the KV cache: set one"):
+        LLM(str(tiny), num_gpu_blocks_override=6, max_batch_total_tokens=48, **FP32)
     # the model's context is cut to what the pool holds for one sequence; a configured one is refused, as
     # vLLM refuses it (it was served shorter, a 400 quoting a context nobody set)
     assert small.engine.max_model_len == 48 < small.engine.runner.model_config.max_position_embeddings

@@ -298,7 +298,7 @@ def test_vllm_flags_of_caching_tokenizer_and_logging(tmp_path):
 def test_more_of_tgis_launcher_flags_and_variables(tmp_path, capsys):
     """TGI's launcher's flags for lcq's settings (--speculate, --payload-limit, --graceful-termination-timeout,
     --huggingface-hub-cache, --cuda-graphs, --tokenizer-config-path's chat_template), its own (--json-output,
-    --disable-grammar-support), those accepted with the one value that holds here, and vLLM's and TGI's names of
+    --disable-grammar-support, --max-batch-total-tokens, beside vLLM's --num-gpu-blocks-override), those accepted with the one value that holds here, and vLLM's and TGI's names of
     fp8 in --kv-cache-dtype; then the variables TGI's image reads for them; then what they refuse."""
     config = tmp_path / "tokenizer_config.json"
     config.write_text(json.dumps({"chat_template": "{{ 'mine' }}", "eos_token": "</s>"}))
@@ -314,6 +314,11 @@ def test_more_of_tgis_launcher_flags_and_variables(tmp_path, capsys):
     assert (settings.max_body_bytes, settings.drain_timeout) == (2000000, 90.0)
     assert settings.json_output and settings.disable_grammar_support and not settings.sharded
     assert resolve(parse("--cuda-graph-sizes", "1", "8", "32"), {}).engine_fields == {"cuda_graph_sizes": [1, 8, 32]}
+    assert resolve(parse("--max-batch-total-tokens", "16000"), {}).engine_fields == {"max_batch_total_tokens": 16000}
+    assert resolve(parse(), {"MAX_BATCH_TOTAL_TOKENS": "8000"}).engine_fields == {"max_batch_total_tokens": 8000}
+    assert resolve(parse("--num-gpu-blocks-override", "512"), {}).engine_fields == {"num_gpu_blocks_override": 512}
+    with pytest.raises(ValueError, match="max_batch_total_tokens must be at least 1"):
+        EngineConfig(model="m", **resolve(parse("--max-batch-total-tokens", "0"), {}).engine_fields).validate()
     assert resolve(parse("--cuda-graphs", "0"), {}).engine_fields == {"cuda_graphs": False}
     assert resolve(parse("--kv-cache-dtype", "fp8_e4m3"), {}).engine_fields == {"kv_cache_dtype": "fp8"}
     env = {"SPECULATE": "2", "PAYLOAD_LIMIT": "4096", "GRACEFUL_TERMINATION_TIMEOUT": "5", "JSON_OUTPUT": "true",

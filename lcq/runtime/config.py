@@ -37,6 +37,10 @@ class EngineConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gb: float = 1.0  # KV pool size on CPU
+    # The KV pool's size set outright instead of from memory: vLLM's, in blocks, or TGI's, in tokens (whole blocks);
+    # on CPU in place of kv_cache_memory_gb, on a GPU refused beyond what gpu_memory_utilization leaves
+    num_gpu_blocks_override: int | None = None
+    max_batch_total_tokens: int | None = None
     kv_cache_dtype: str = "auto"  # float16 for an fp32 CPU model, else the model dtype; float32 or int8 on CPU too
     cpu_matmul_dtype: str = "auto"  # int8 (LCQ layers) and bfloat16 operands where the CPU has them, else float32
     cpu_int8_weights: str = "auto"  # with int8 products, LCQ layers also keep their int8 form: auto, on or off
@@ -120,6 +124,12 @@ class EngineConfig:
             stored = config.get("dtype") or config.get("torch_dtype")
             return torch.bfloat16 if config.get("model_type") in GEMMA or stored == "bfloat16" else torch.float16
         return _named_dtype("dtype", self.dtype)
+
+    def kv_cache_blocks(self) -> int | None:
+        """The KV pool's blocks where num_gpu_blocks_override or max_batch_total_tokens sets them, else None."""
+        if self.max_batch_total_tokens is not None:
+            return -(-self.max_batch_total_tokens // self.block_size)
+        return self.num_gpu_blocks_override
 
     def resolved_kv_cache_dtype(self) -> torch.dtype:
         """auto: float16 for an fp32 model on CPU (half the memory, twice the tokens, and CPU attention
@@ -308,6 +318,12 @@ class EngineConfig:
             (self.max_logprobs >= -1, f"max_logprobs must be -1 (any) or at least 0, got {self.max_logprobs}"),
             (0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization must be in (0, 1]"),
             (0 < self.kv_cache_memory_gb < float("inf"), "kv_cache_memory_gb must be positive and finite"),
+            (self.num_gpu_blocks_override is None or self.num_gpu_blocks_override >= 1,
+             "num_gpu_blocks_override must be at least 1"),
+            (self.max_batch_total_tokens is None or self.max_batch_total_tokens >= 1,
+             "max_batch_total_tokens must be at least 1"),
+            (self.num_gpu_blocks_override is None or self.max_batch_total_tokens is None,
+             "num_gpu_blocks_override and max_batch_total_tokens both size the KV cache: set one"),
             (self.max_queue >= 0, "max_queue must be >= 0"),
             (self.cuda_graph_sizes is None or (self.cuda_graph_sizes and min(self.cuda_graph_sizes) >= 1),
              f"cuda_graph_sizes must be batch sizes of at least 1, got {self.cuda_graph_sizes}"),

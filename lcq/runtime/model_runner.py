@@ -115,7 +115,7 @@ class ModelRunner:
                             f"prefixes (state_snapshots) take {self.state_bytes / 2**30:.2f} GiB, more than the KV "
                             "cache's memory allows: lower max_num_seqs or state_snapshots, or give the cache more "
                             "memory")
-        self.num_blocks = num_blocks or max(2, room // (bytes_per_block + draft_block_bytes))
+        self.num_blocks = num_blocks or self._pool_blocks(config, room, bytes_per_block + draft_block_bytes)
         # with a draft model, its pool and (on CPU, loaded after this) its weights too: each pool checked alone, the
         # two could together take more than there is
         self._check_host_memory(self.num_blocks * (bytes_per_block + draft_block_bytes)
@@ -292,6 +292,20 @@ class ModelRunner:
                             "(--kv-cache-memory-gb on CPU, --gpu-memory-utilization on a GPU) or lower --max-model-len")
         self.log.warning("the model's context of %d tokens is cut to %d: %s", limit, low, room)
         return low
+
+    def _pool_blocks(self, config: EngineConfig, room: int, block_bytes: int) -> int:
+        """The pool's blocks: as many as `room` bytes hold, or those the configuration sets (on a GPU no more than
+        fit: past them the pool would fail to allocate, or leave the steps' activations none)."""
+        fits = max(2, room // block_bytes)
+        wanted = config.kv_cache_blocks()
+        if wanted is None:
+            return fits
+        if self.device.type == "cuda" and wanted > fits:
+            raise UserError(f"the KV cache's {wanted} blocks of {self.block_size} tokens (--num-gpu-blocks-override "
+                            f"or --max-batch-total-tokens) take {wanted * block_bytes / 2**30:.2f} GiB; the GPU "
+                            f"leaves it {room / 2**30:.2f} GiB ({fits} blocks) at --gpu-memory-utilization "
+                            f"{config.gpu_memory_utilization}")
+        return wanted
 
     def _kv_budget(self, config: EngineConfig) -> int:
         """gpu_memory_utilization is the share of the GPU this engine may use (weights, KV cache and

@@ -362,6 +362,9 @@ FLAGS = (
          "(4,096), 25.6k, 1m/1M, and auto or -1 for the default", "engine"),
     Flag("--max-num-batched-tokens", int, "tokens per engine step (prefill chunk budget)", "engine"),
     Flag("--kv-cache-memory-gb", float, "KV cache pool size on CPU", "engine"),
+    Flag("--num-gpu-blocks-override", int, "the KV cache's blocks (of --block-size tokens), instead of what memory "
+         "gives it: on CPU in place of --kv-cache-memory-gb, on a GPU refused beyond what --gpu-memory-utilization "
+         "leaves", "engine"),
     Flag("--kv-cache-dtype", _kv_cache_dtype, "auto (float16 for an fp32 CPU model, else the model dtype), "
          "float16, or on CPU float32 or int8 (each head row in bytes with its scale: 1.9x fp16's tokens), or on a GPU "
          "of compute capability 8.9+ fp8 (float8 e4m3, values clamped to +-448: 2x fp16's tokens; also vLLM's and "
@@ -493,6 +496,9 @@ FLAGS = (
     Flag("--max-concurrent-requests", _concurrent_requests, "TGI's launcher's: requests running and waiting "
          "together, 429 beyond: --max-queue becomes this less --max-num-seqs (and --max-num-seqs this, if smaller)",
          "engine", expands=True, metavar="N", peer_envs=("MAX_CONCURRENT_REQUESTS",)),
+    Flag("--max-batch-total-tokens", int, "TGI's launcher's: the tokens the KV cache holds, prompts' and "
+         "generated, of all running sequences together (whole blocks; as --num-gpu-blocks-override)", "engine",
+         peer_envs=("MAX_BATCH_TOTAL_TOKENS",)),
     Flag("--cuda-memory-fraction", float, "TGI's launcher's name of --gpu-memory-utilization", "engine",
          field="gpu_memory_utilization", peer_envs=("CUDA_MEMORY_FRACTION",)),
     Flag("--cors-allow-origin", _comma_list, "TGI's launcher's form of --allowed-origins: origins separated by "
