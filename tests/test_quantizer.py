@@ -20,7 +20,7 @@ from lcq.format import (CheckpointReader, FormatError, dequantize, linear_tensor
                         write_json, write_shard)
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
-from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from lcq.quantizer.fit import Codebook, assign, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
 from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR
@@ -44,6 +44,22 @@ def _matrices():
 def _inputs(k: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(256, k, generator=g) * torch.linspace(0.2, 3.0, k)  # uneven input scales
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_assign_picks_each_weights_nearest_entry(bits):
+    """Every weight's codebook entry is its nearest (unsorted codebooks, several groups and rows), and a weight on
+    a midpoint between two entries takes the lower one, as a binary search over the midpoints places it."""
+    g = torch.Generator().manual_seed(bits)
+    books = torch.randn(5, 3, 1 << bits, generator=g)
+    weights = torch.randn(5, 3, 64, generator=g) * 1.5
+    chosen = assign(weights, books)
+    nearest = (weights.unsqueeze(-1) - books.unsqueeze(-2)).abs().argmin(-1)
+    assert chosen.dtype == torch.int64 and torch.equal(chosen, nearest)
+    ordered, order = books.sort(dim=-1)
+    midpoints = (ordered[..., 1:] + ordered[..., :-1]) / 2
+    on_midpoints = midpoints[..., :1].expand(5, 3, 4).contiguous()
+    assert torch.equal(assign(on_midpoints, books), order[..., :1].expand(5, 3, 4))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

@@ -61,10 +61,16 @@ def live(h: torch.Tensor) -> torch.Tensor:
 def assign(wg: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook entry for every weight: wg (N, G, g), books (N, G, L) -> (N, G, g).
 
-    Binary search among the midpoints of each sorted codebook: O(log L) per weight, no (g x L) table."""
+    Each weight's place among the midpoints of its sorted codebook, counted one midpoint at a time into bytes
+    (the midpoints below it, as torch.searchsorted counts them): L - 1 comparisons a weight, and no (g x L) table.
+    torch.searchsorted, a binary search per row, took 1.7-3.8x as long on these batches of short rows (2 cores,
+    L 4-16), a quarter of a W2 quantization's time."""
     ordered, order = books.sort(dim=-1)
-    midpoints = ((ordered[..., 1:] + ordered[..., :-1]) / 2).contiguous()
-    return order.gather(-1, torch.searchsorted(midpoints, wg.contiguous()))
+    midpoints = (ordered[..., 1:] + ordered[..., :-1]) / 2
+    place = torch.zeros(wg.shape, dtype=torch.uint8, device=wg.device)
+    for j in range(midpoints.shape[-1]):
+        place += midpoints[..., j:j + 1] < wg
+    return order.gather(-1, place.long())
 
 
 def uniform_levels(levels: int, rank: int, device: torch.device) -> torch.Tensor:
