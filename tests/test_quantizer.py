@@ -20,7 +20,7 @@ from lcq.format import (CheckpointReader, FormatError, dequantize, linear_tensor
                         write_json, write_shard)
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
-from lcq.quantizer.fit import Codebook, assign, grouped, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from lcq.quantizer.fit import Codebook, assign, grouped, kmeans_values, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
 from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR
@@ -60,6 +60,27 @@ def test_assign_picks_each_weights_nearest_entry(bits):
     midpoints = (ordered[..., 1:] + ordered[..., :-1]) / 2
     on_midpoints = midpoints[..., :1].expand(5, 3, 4).contiguous()
     assert torch.equal(assign(on_midpoints, books), order[..., :1].expand(5, 3, 4))
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kmeans_stopping_once_settled_gives_every_iterations_centers(bits):
+    """kmeans_values stops once no weight changes entry: its codebooks are those of all 20 Lloyd iterations run
+    out in full (the textbook loop here), bit for bit, entries left empty included (here they settle in 11 and
+    14 iterations)."""
+    g = torch.Generator().manual_seed(bits)
+    wg = torch.randn(6, 4, 64, generator=g) ** 3
+    wg[0, 0, 4:] = 0.5  # a group of 5 values: entries start on the same value and some stay empty
+    h = torch.rand(4, 64, generator=g) + 0.1
+    levels = 1 << bits
+    probs = (torch.arange(levels, dtype=torch.float32) + 0.5) / levels
+    centers = torch.quantile(wg, probs, dim=-1).permute(1, 2, 0).contiguous()
+    weights = h.unsqueeze(0).expand_as(wg)
+    for _ in range(20):
+        idx = assign(wg, centers)
+        num = torch.zeros_like(centers).scatter_add_(-1, idx, weights * wg)
+        den = torch.zeros_like(centers).scatter_add_(-1, idx, weights)
+        centers = torch.where(den > 0, num / den.clamp_min(1e-30), centers)
+    assert torch.equal(kmeans_values(wg, h, bits), centers.sort(dim=-1).values)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
