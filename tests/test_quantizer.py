@@ -20,7 +20,7 @@ from lcq.format import (CheckpointReader, FormatError, dequantize, linear_tensor
                         write_json, write_shard)
 from lcq.quantizer import QuantizeOptions, quantize_model
 from lcq.quantizer.blockwise import LayerFit, block_error, optimize_block
-from lcq.quantizer.fit import Codebook, assign, grouped, kmeans_values, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
+from lcq.quantizer.fit import Codebook, assign, grouped, kmeans_values, midpoints_below, grouped_importance, lcq_init, pack, rtn_codebook, stored_codebook
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
 from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR
@@ -49,7 +49,8 @@ def _inputs(k: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_assign_picks_each_weights_nearest_entry(bits):
     """Every weight's codebook entry is its nearest (unsorted codebooks, several groups and rows), and a weight on
-    a midpoint between two entries takes the lower one, as a binary search over the midpoints places it."""
+    a midpoint between two entries takes the lower one, as a binary search over the midpoints places it (the form
+    a GPU takes: torch.searchsorted)."""
     g = torch.Generator().manual_seed(bits)
     books = torch.randn(5, 3, 1 << bits, generator=g)
     weights = torch.randn(5, 3, 64, generator=g) * 1.5
@@ -60,6 +61,9 @@ def test_assign_picks_each_weights_nearest_entry(bits):
     midpoints = (ordered[..., 1:] + ordered[..., :-1]) / 2
     on_midpoints = midpoints[..., :1].expand(5, 3, 4).contiguous()
     assert torch.equal(assign(on_midpoints, books), order[..., :1].expand(5, 3, 4))
+    # the CPU's count gives what torch.searchsorted (a GPU's form) gives, on midpoints too
+    for w in (weights, torch.cat([weights, on_midpoints, midpoints], dim=-1)):
+        assert torch.equal(midpoints_below(w, midpoints), torch.searchsorted(midpoints.contiguous(), w.contiguous()))
 
 
 @pytest.mark.parametrize("bits", [2, 4])
