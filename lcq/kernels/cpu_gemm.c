@@ -70,12 +70,18 @@ int lcq_bf16_products(void) {
  * decode form and the bf16 one ran alike (0.8-1.5x). */
 #define BYTE_DECODE_ROWS 4
 
+/* Sets one of the calling thread's switches (lcq_set_invariant, lcq_set_shuffles), returning its last value, so
+ * that a caller can put it back. */
+static int exchanged(int *flag, int on) {
+    const int previous = *flag;
+    *flag = on;
+    return previous;
+}
+
 static _Thread_local int invariant; /* lcq_set_invariant, per calling thread */
 
 int lcq_set_invariant(int on) {
-    const int previous = invariant;
-    invariant = on;
-    return previous;
+    return exchanged(&invariant, on);
 }
 
 int lcq_invariant(void) {
@@ -102,9 +108,7 @@ int lcq_byte_decode_rows(int kept) {
 static _Thread_local int shuffles; /* lcq_set_shuffles, per calling thread */
 
 int lcq_set_shuffles(int on) {
-    const int previous = shuffles;
-    shuffles = on;
-    return previous;
+    return exchanged(&shuffles, on);
 }
 
 int lcq_shuffles(void) {
