@@ -430,7 +430,7 @@ def run_cpu_smoke() -> None:
             raise SystemExit("cpu smoke failed")
 
 
-SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K, PREFETCH[, compile_sm90's others]
+SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE_K, PREFETCH[, compile_kernel's others]
     ("decode", 2, 1, 128, 1, 64, 4, False, False), ("decode", 2, 1, 128, 1, 128, 4, False, False),
     ("decode", 2, 1, 128, 1, 128, 4, False, True), ("decode", 2, 1, 128, 1, 128, 4, True, False),
     ("decode", 2, 1, 128, 1, 128, 4, True, True), ("decode", 2, 4, 128, 1, 128, 4, False, False),
@@ -475,14 +475,15 @@ SASS_CASES = [  # kernel, bits, rank, group, BLOCK_M, BLOCK_N, num_warps, REDUCE
 ]
 
 
-def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
-                 reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
-                 lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
-                 dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None,
-                 partial_group: bool = False):
-    """Compile one kernel variant for an H100 (sm_90) with triton's bundled ptxas; no device needed. dtype: the
-    activations' (fp16, bf16 or fp32); prepared: products of bytes of inputs input_bytes() prepared; partial_group:
-    K not a multiple of the group (the tl.dot forms' tiles zero past K)."""
+def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, block_n: int, warps: int,
+                   reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
+                   lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
+                   dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None,
+                   partial_group: bool = False, arch: int = 90):
+    """Compile one kernel variant for an NVIDIA GPU of compute capability arch / 10 (sm_90: H100) with triton's
+    bundled ptxas; no device needed. dtype: the activations' (fp16, bf16 or fp32); prepared: products of bytes of
+    inputs input_bytes() prepared; partial_group: K not a multiple of the group (the tl.dot forms' tiles zero past
+    K). The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -497,7 +498,7 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group),
                      PARTIAL_GROUP=partial_group)
     if kernel == "decode":
-        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=True, BOOK=book,
+        constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=arch >= 90, BOOK=book,
                          INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages)
     elif kernel == "gemm":
         constants.update(GROUP_M=8)
@@ -508,8 +509,9 @@ def compile_sm90(kernel: str, bits: int, rank: int, group: int, block_m: int, bl
                if n not in constants and n not in ("M", "SPLIT_K")}
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if kernel == "decode" else {})}
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if kernel == "decode" and arch >= 90
+                                                            else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def inner_loop(sass: str) -> list[str]:
@@ -557,7 +559,7 @@ def run_sass() -> None:
     for case in SASS_CASES:
         kernel, bits, rank, group, block_m, block_n, warps, reduce_k, prefetch = case[:9]
         others = case[9] if len(case) > 9 else {}
-        sass, usage = sass_of(compile_sm90(*case[:9], **others))
+        sass, usage = sass_of(compile_kernel(*case[:9], **others))
         regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
         loop = inner_loop(sass) if kernel != "dequant" else \
             [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]

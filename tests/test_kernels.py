@@ -292,8 +292,8 @@ def test_byte_codebook_weights_reach_the_tensor_cores_in_registers(bits):
     it stores no single 2-byte weight to shared memory. With the weights' byte positions from tl.arange, or the
     steps applied per weight, Triton 3.6 stored every weight there on its way to the tensor cores (one STS.U16
     per weight), which took half the loop."""
-    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_sm90, inner_loop, sass_of; "
-            f"sass, _ = sass_of(compile_sm90('decode', {bits}, 2, 128, 16, 128, 4, prefetch=True, stages=1, "
+    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_kernel, inner_loop, sass_of; "
+            f"sass, _ = sass_of(compile_kernel('decode', {bits}, 2, 128, 16, 128, 4, prefetch=True, stages=1, "
             "depth=128, byte_book=True)); loop = inner_loop(sass); "
             "print(sum('STS.U16' in line for line in loop), sum('MMA' in line for line in loop))")
     stores, products = _compiled_counts(code)
@@ -306,8 +306,8 @@ def test_column_codebooks_range_within_a_thread_in_the_sm90_build():
     warp shuffles: on Triton 3.7-3.9 V's entries gathered (columns, entries) went across threads, and the range's
     butterflies were 80 shuffles and 80 more min/max a loop at W2 r2, 256 columns per 2 warps (2.95 instructions
     per weight against 1.94 with _table_entries)."""
-    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_sm90, inner_loop, sass_of; "
-            "sass, _ = sass_of(compile_sm90('decode', 2, 2, 128, 1, 256, 2, True, True, depth=128, int8=True, "
+    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_kernel, inner_loop, sass_of; "
+            "sass, _ = sass_of(compile_kernel('decode', 2, 2, 128, 1, 256, 2, True, True, depth=128, int8=True, "
             "prepared=True)); loop = inner_loop(sass); "
             "print(sum('SHFL' in line for line in loop), sum('IDP.4A' in line for line in loop))")
     shuffles, products = _compiled_counts(code)
@@ -331,9 +331,9 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
     accepts the compiler may refuse, as it refused the fp8 cache's NaN mode): both assemble, and the product's loop
     multiplies bytes (dp4a)."""
     code = ("import sys; sys.path.insert(0, '.'); import triton; from triton.backends.compiler import GPUTarget; "
-            "from triton.compiler import ASTSource; from bench.kernels import compile_sm90, inner_loop, sass_of; "
+            "from triton.compiler import ASTSource; from bench.kernels import compile_kernel, inner_loop, sass_of; "
             "from lcq.kernels.triton_bytes import _input_bytes_kernel as kernel; "
-            f"sass, _ = sass_of(compile_sm90('decode', {bits}, 2, 128, 1, 128, 4, True, True, depth=128, int8=True, "
+            f"sass, _ = sass_of(compile_kernel('decode', {bits}, 2, 128, 1, 128, 4, True, True, depth=128, int8=True, "
             "prepared=True)); "
             "names = kernel.arg_names; "
             "signature = {'x_ptr': '*fp16', 'out_ptr': '*i32', 'K': 'i32', 'RUNS': 'i32', 'stride_xm': 'i32', "
@@ -485,8 +485,8 @@ def test_fp32_products_on_a_gpu_stay_fp32_and_partial_groups_build(kernel):
     partial: with fp32 activations tl.dot multiplies in fp32 ("ieee", as torch's fp32 matmul by default), no
     tensor-core instruction in the loop (Triton's default on a GPU is tf32: 16 of them, an fp32 model's products
     then rounded to 10 bits of mantissa); with fp16 the tensor cores still take the products."""
-    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_sm90, inner_loop, sass_of; "
-            "counts = [sum('MMA' in line for line in inner_loop(sass_of(compile_sm90("
+    code = ("import sys; sys.path.insert(0, '.'); from bench.kernels import compile_kernel, inner_loop, sass_of; "
+            "counts = [sum('MMA' in line for line in inner_loop(sass_of(compile_kernel("
             f"'{kernel}', 2, 2, 128, 16, 64, 4, depth=64, dtype=dtype, partial_group=True))[0])) "
             "for dtype in ('fp32', 'fp16')]; print(*counts)")
     fp32_products, fp16_products = _compiled_counts(code)
@@ -686,7 +686,7 @@ def test_grouped_kernel_takes_byte_codebooks(bits, dtype):
     expected = torch.stack([byte_book_reference(x[r // 2:r // 2 + 1], layers[e])[0]
                             for r, e in enumerate(chosen.reshape(-1).tolist())])
     assert_close(y, expected, dtype, BYTE_BOOK_TOLERANCE[dtype])
-    with pytest.raises(ValueError, match="tiles of 16 rows or more of fp16 or bf16 inputs, not 2 rows"):
+    with pytest.raises(ValueError, match="tiles of 16 rows or more of fp16 inputs, or bf16 .*, not 2 rows"):
         triton_linear.grouped_decode(x, PackedExperts.stack(layers), ExpertRoutes.of(chosen, 5, 2), 2,
                                      SMALL_DECODE, byte_book=True)
 

@@ -35,6 +35,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
@@ -310,12 +311,13 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     ws = torch.empty(num_seqs * num_kv_heads * partitions * group_rows * (block_d + 2) if split else 1,
                      dtype=torch.float32, device=q.device)
     counters = arrival_counters(q.device, num_seqs * num_kv_heads) if split else ws
-    _decode_attention_kernel[(num_seqs, num_kv_heads, partitions)](
-        q, k_cache, v_cache, out, block_tables, context_lens, sinks, ws, counters, scale, partition_len,
-        *_shared_args(q, k_cache, out, block_tables),
-        GROUP=group, GROUP_ROWS=group_rows, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
-        HAS_SINKS=sinks is not None, SPLIT=split, STAGES=attention_stages(), **dependent_launch(q))
+    _launch_within_shared_memory(
+        _decode_attention_kernel, (num_seqs, num_kv_heads, partitions),
+        (q, k_cache, v_cache, out, block_tables, context_lens, sinks, ws, counters, scale, partition_len,
+         *_shared_args(q, k_cache, out, block_tables)),
+        dict(GROUP=group, GROUP_ROWS=group_rows, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_SIZE=block_size,
+             BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
+             HAS_SINKS=sinks is not None, SPLIT=split, **dependent_launch(q)))
     return out
 
 
@@ -329,6 +331,31 @@ def attention_stages() -> int:
     registers, 13 -> 21 KB of shared memory, 293 -> 323 instructions a loop iteration; prefill (32 queries a program)
     140 -> 150 registers, 18 -> 27 KB, 427 -> 467. Not timed on a GPU."""
     return int(os.environ.get("LCQ_ATTENTION_STAGES", "3"))
+
+
+_FITTING_STAGES: dict[tuple, int] = {}  # a build (kernel, device, dtypes, constants, stages asked) -> stages that fit
+
+
+def _launch_within_shared_memory(kernel, grid: tuple, args: tuple, constants: dict) -> None:
+    """kernel[grid](*args, **constants) with attention_stages() tiles in flight, or as many fewer as its build needs
+    to fit the shared memory the GPU gives a block (Triton refuses the launch of a build that does not, OutOfResources).
+    Builds by Triton 3.9 (bench/gpu_builds.py): fp32 prefill at head 256 takes 96 KB with one stage and 100 KB with
+    three, over the 99 KB of sm_86, sm_89 and sm_120 cards, and at one stage still over a T4's 64 KB (as fp32 decode
+    at head 256, 80 KB); fp16 and bf16 fit with three on every architecture from sm_75 (50 KB at most, 64 on sm_75).
+    The choice is kept per build, so only a build's first launch tries the others."""
+    q, k_cache = args[0], args[1]
+    wanted = attention_stages()
+    key = (kernel, q.device, q.dtype, k_cache.dtype, wanted, *constants.items())
+    stages = _FITTING_STAGES.get(key, wanted)
+    while True:
+        try:
+            kernel[grid](*args, **constants, STAGES=stages)
+            break
+        except OutOfResources:
+            if stages == 1:
+                raise
+            stages -= 1
+    _FITTING_STAGES[key] = stages
 
 
 def context_partitions(groups: int, max_context: int, device: torch.device) -> tuple[int, int]:
@@ -363,10 +390,11 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and q.stride(2) == 1
     out = torch.empty_like(q)
     grid = (context_lens.shape[0], num_heads, triton.cdiv(max_query_len, BLOCK_M))
-    _prefill_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, context_lens, query_start, sinks, scale,
-        *_shared_args(q, k_cache, out, block_tables), GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window, SOFTCAP=float(softcap),
-        HAS_SINKS=sinks is not None, STAGES=attention_stages())
+    _launch_within_shared_memory(
+        _prefill_attention_kernel, grid,
+        (q, k_cache, v_cache, out, block_tables, context_lens, query_start, sinks, scale,
+         *_shared_args(q, k_cache, out, block_tables)),
+        dict(GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+             BLOCK_SIZE=block_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PRECISION=_precision(q.dtype), WINDOW=window,
+             SOFTCAP=float(softcap), HAS_SINKS=sinks is not None))
     return out

@@ -394,20 +394,26 @@ def int8_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
     return x.is_cuda and block_m <= 2 and _asked("LCQ_INT8_DECODE", (bits, x.dtype) in INT8_DEFAULT)
 
 
-BYTE_BOOK_DTYPES = (torch.float16, torch.bfloat16)
 BYTE_BOOK_MAX_M = 32  # at 64 rows the inputs' sums and the steps applied per tile cost as much as the dot form
 # (7.0-8.5 instructions per weight, sm_90)
 
 
+def _byte_book_dtype(x: torch.Tensor) -> bool:
+    """Whether weights from byte codebooks serve x's dtype on its device: fp16, or bf16 where the GPU converts fp32
+    pairs to it (cvt.rn.bf16x2, compute capability 8.0 and later; ptxas refuses the bf16 build for a T4's sm_75)."""
+    return x.dtype == torch.float16 or x.dtype == torch.bfloat16 and (
+        not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
 def byte_book_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
     """Whether a launch on CUDA whose rows fill tiles of block_m takes its weights from byte codebooks
-    (_book_weights): up to BYTE_BOOK_MAX_M rows of fp16 or bf16 (1 and 2 rows in tiles of 16 where products of
-    bytes do not serve; a mixture's blocks of 16 or 32), by default for BYTE_BOOK_DEFAULT. The weights then differ
-    from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights), the same at every
-    batch size it serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot
+    (_book_weights): up to BYTE_BOOK_MAX_M rows of fp16, or bf16 from sm_80 (1 and 2 rows in tiles of 16 where
+    products of bytes do not serve; a mixture's blocks of 16 or 32), by default for BYTE_BOOK_DEFAULT. The weights
+    then differ from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights), the
+    same at every batch size it serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot
     form; on an H100 the 7B W2 model decoded 1,639 tokens/s at 8 sequences with them, 1,489 without
     (docs/kernels.md)."""
-    return x.is_cuda and block_m <= BYTE_BOOK_MAX_M and x.dtype in BYTE_BOOK_DTYPES \
+    return x.is_cuda and block_m <= BYTE_BOOK_MAX_M and _byte_book_dtype(x) \
         and _asked("LCQ_BYTE_BOOK", (bits, x.dtype) in BYTE_BOOK_DEFAULT)
 
 
@@ -417,9 +423,9 @@ def byte_book_block_m(m: int) -> int:
 
 
 def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
-    if block_m < 16 or x.dtype not in BYTE_BOOK_DTYPES:
-        raise ValueError(f"weights from byte codebooks serve tiles of 16 rows or more of fp16 or bf16 inputs, not "
-                         f"{block_m} rows of {x.dtype}")
+    if block_m < 16 or not _byte_book_dtype(x):
+        raise ValueError(f"weights from byte codebooks serve tiles of 16 rows or more of fp16 inputs, or bf16 on GPUs "
+                         f"of compute capability 8.0 or later, not {block_m} rows of {x.dtype}")
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,

@@ -1,0 +1,101 @@
+"""The GPU kernels' builds for architectures other than the H100's, compiled here by the installed Triton and its
+ptxas without a GPU (bench/gpu_builds.py), and what the runtime does where a build does not fit a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+from triton.runtime.errors import OutOfResources  # noqa: E402 (past the skip without triton)
+
+from lcq.kernels import paged_attention  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, env: dict | None = None) -> str:
+    """What `code` prints, run in a process of its own without the interpreter (compiles are real there)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                            env={**os.environ, "TRITON_INTERPRET": "0", **(env or {})})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def test_default_kernels_build_and_fit_a_t4_and_an_rtx_50():
+    """Every default linear form (the autotuned ones with the narrowest config of their lists) and both attention
+    kernels at head 256 with their three stages of tiles, in fp16, built for sm_75 (a T4: 64 KB of shared memory a
+    block, no cp.async) and sm_120 (consumer Blackwell: 99 KB): each assembles and fits. The bf16 build of byte
+    codebooks is refused for sm_75 (cvt.rn.bf16x2 needs sm_80), which is why the runtime does not take them there
+    (triton_linear._byte_book_dtype), and built for sm_80."""
+    code = ("import json, sys; sys.path.insert(0, '.'); from bench.gpu_builds import builds, compile_kernel, "
+            "LINEAR_FORMS; rows = builds([75, 120], dtypes=('fp16',), head_dims=(256,)); "
+            "args, options = LINEAR_FORMS['byte codebooks, 32 rows, W2 r2']; refused = []\n"
+            "for arch in (75, 80):\n"
+            "    try:\n"
+            "        compile_kernel(*args, **options, dtype='bf16', arch=arch)\n"
+            "    except Exception as error:\n"
+            "        refused.append(arch if 'bf16x2' in str(error) else str(error)[-300:])\n"
+            "print(json.dumps(dict(rows=rows, refused=refused)))")
+    result = json.loads(_run(code).splitlines()[-1])
+    rows = result["rows"]
+    assert len(rows) == 2 * (8 + 2)
+    assert [(r["arch"], r["kernel"]) for r in rows if not (r["built"] and r["fits"])] == []
+    assert {r.get("stages") for r in rows if "attention" in r["kernel"]} == {3}
+    assert result["refused"] == [75]
+
+
+class _SharedMemoryBound:
+    """Triton's launch of a build that holds more shared memory than the GPU gives a block from two stages of tiles
+    on (fp32 prefill at head 256 on an sm_86 card: 100 KB of 99), as Triton refuses it before anything runs."""
+
+    def __init__(self) -> None:
+        self.launches: list[int] = []
+
+    def __getitem__(self, grid: tuple):
+        def launch(*args, STAGES: int, **constants) -> None:
+            self.launches.append(STAGES)
+            if STAGES > 1:
+                raise OutOfResources(102528, 101376, "shared memory")
+        return launch
+
+
+def test_attention_launches_with_fewer_stages_where_its_build_exceeds_shared_memory(monkeypatch):
+    """The launch steps down from the stages asked for to the most whose build fits, and later launches of the same
+    build go straight to it; a build that does not fit with one stage raises Triton's error; another build, or
+    other stages asked for (LCQ_ATTENTION_STAGES), is tried afresh."""
+    kernel = _SharedMemoryBound()
+    q, cache = torch.zeros(2, 4, 256), torch.zeros(3, 16, 1, 256)
+    constants = dict(HEAD_DIM=256, WINDOW=0)
+    paged_attention._launch_within_shared_memory(kernel, (1,), (q, cache), constants)
+    paged_attention._launch_within_shared_memory(kernel, (1,), (q, cache), constants)
+    assert kernel.launches == [3, 2, 1, 1]
+    paged_attention._launch_within_shared_memory(kernel, (1,), (q, cache), dict(constants, WINDOW=128))
+    monkeypatch.setenv("LCQ_ATTENTION_STAGES", "2")
+    paged_attention._launch_within_shared_memory(kernel, (1,), (q, cache), constants)
+    assert kernel.launches == [3, 2, 1, 1, 3, 2, 1, 2, 1]
+
+    class Refused(_SharedMemoryBound):
+        def __getitem__(self, grid: tuple):
+            def launch(*args, STAGES: int, **constants) -> None:
+                raise OutOfResources(98304, 65536, "shared memory")
+            return launch
+
+    with pytest.raises(OutOfResources, match="Required: 98304"):
+        paged_attention._launch_within_shared_memory(Refused(), (1,), (q, cache), constants)
+
+
+def test_kernels_keep_fused_multiply_adds_unless_the_user_says_otherwise():
+    """Importing the kernels sets Triton's default of fused multiply-adds on (Triton 3.10 turns it off where
+    TRITON_DEFAULT_FP_FUSION is unset), and keeps a value the user set."""
+    code = "import os, lcq.kernels; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_DEFAULT_FP_FUSION"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                            env=env)
+    assert result.stdout.split()[-1] == "1", result.stderr[-2000:]
+    assert _run(code, {"TRITON_DEFAULT_FP_FUSION": "0"}).split()[-1] == "0"
