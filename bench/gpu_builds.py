@@ -1,6 +1,6 @@
 """The GPU kernels' builds for each NVIDIA architecture a user may serve on, compiled here by the installed Triton
 and its ptxas (no GPU needed): whether each form the runtime launches by default assembles, with its registers,
-spilled bytes and shared memory against what the architecture gives a block. Only sm_90 has run on a GPU (an H100
+stack (spilled registers) and shared memory against what the architecture gives a block. Only sm_90 has run on a GPU (an H100
 and an H200); for the others this is what can be checked without one.
 
     python bench/gpu_builds.py                # every architecture in ARCHS
@@ -28,6 +28,7 @@ ARCHS = {75: ("T4, RTX 20", 65536), 80: ("A100", 166912), 86: ("A10, RTX 30", 10
          89: ("L4, L40S, RTX 40", 101376), 90: ("H100, H200", 232448), 100: ("B200", 232448),
          120: ("RTX 50", 101376)}
 HEAD_DIMS = (64, 128, 256)
+FP8_ARCH = 89  # an fp8 KV cache (float8 e4m3) from compute capability 8.9 (runtime/config.py)
 
 # The linear forms a decode step or a prompt launches by default (triton_linear.py). The autotuned ones with the
 # narrowest config of their lists (triton_configs.py), which the autotuner always has to fall back on: it skips a
@@ -46,9 +47,10 @@ LINEAR_FORMS = {
 ATTENTION_STAGES = (3, 2, 1)  # the runtime's, then fewer where a build does not fit (_launch_within_shared_memory)
 
 
-def compile_attention(kind: str, head_dim: int, dtype: str, arch: int, stages: int = 3, group: int = 8):
-    """The decode or prefill attention kernel (paged_attention.py) as the runtime launches it for a cache of dtype
-    and heads of head_dim, with `group` query heads per kv head."""
+def compile_attention(kind: str, head_dim: int, dtype: str, arch: int, stages: int = 3, group: int = 8,
+                      cache: str | None = None):
+    """The decode or prefill attention kernel (paged_attention.py) as the runtime launches it for queries of dtype
+    and heads of head_dim, with `group` query heads per kv head, over a cache of dtype or of `cache` (fp8e4nv)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -62,7 +64,8 @@ def compile_attention(kind: str, head_dim: int, dtype: str, arch: int, stages: i
                      PDL=arch >= 90, SPLIT=True, STAGES=stages)
     names = fn.arg_names
     constants = {name: value for name, value in constants.items() if name in names}
-    pointers = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+    cache = cache or dtype
+    pointers = {"q_ptr": f"*{dtype}", "k_cache_ptr": f"*{cache}", "v_cache_ptr": f"*{cache}", "out_ptr": f"*{dtype}",
                 "table_ptr": "*i32", "lens_ptr": "*i32", "starts_ptr": "*i32", "sinks_ptr": "*fp32",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32", "scale": "fp32"}
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
@@ -99,7 +102,7 @@ def builds(archs: list[int], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
            head_dims: tuple[int, ...] = HEAD_DIMS) -> list[dict]:
     """Every default linear form and both attention kernels, for each architecture and activation dtype (not byte
     codebooks for fp32, which the runtime never takes for them, nor for bf16 before sm_80:
-    triton_linear._byte_book_dtype)."""
+    triton_linear._byte_book_dtype); from FP8_ARCH the attention kernels over an fp8 cache too, at head 128."""
     rows = []
     for arch in archs:
         for dtype in dtypes:
@@ -111,6 +114,10 @@ def builds(archs: list[int], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
                 for head_dim in head_dims:
                     rows.append(_row(arch, f"{kind} attention, head {head_dim}", dtype,
                                      lambda count: compile_attention(kind, head_dim, dtype, arch, count),
+                                     ATTENTION_STAGES))
+                if arch >= FP8_ARCH and dtype != "fp32" and 128 in head_dims:
+                    rows.append(_row(arch, f"{kind} attention, head 128, fp8 cache", dtype,
+                                     lambda count: compile_attention(kind, 128, dtype, arch, count, cache="fp8e4nv"),
                                      ATTENTION_STAGES))
     return rows
 
