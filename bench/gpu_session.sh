@@ -28,7 +28,8 @@
 # 15 s a step stopped with SIGINT has before KILL and the time of the last archive, and a step is skipped when
 # less than it needs is left (a step's worst case is its limit plus those 15 s).
 #
-# It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
+# With the logs it keeps the autotuner's timings of every config it tried (gpu-session/autotune/), from which a table
+# of configs per GPU can be drawn. It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
 # product-floor-<gpu>.json and,
@@ -52,7 +53,17 @@ trap 'rm -f "$stamp"' EXIT
 elapsed() { echo $(($(date +%s) - started)); }
 left() { echo $((budget - grace - closing - $(elapsed))); }  # the longest limit a step may have now
 
+tuned() {  # the autotuner's timings of every config for each key it tuned this session (Triton's cache_results files,
+    # each with its key): the data for a table of configs per GPU, as gpu-session/autotune/<cache entry>-<kernel>.json
+    local cache=${TRITON_CACHE_DIR:-${TRITON_HOME:-$HOME}/.triton/cache} file
+    mkdir -p "$logs/autotune"
+    find "$cache" -name '*.autotune.json' -newer "$stamp" 2>/dev/null | while read -r file; do
+        cp "$file" "$logs/autotune/$(basename "$(dirname "$file")")-$(basename "$file")"
+    done
+}
+
 pack() {  # the archive so far, written aside and then renamed, so that a kill while writing keeps the last one
+    tuned
     tar -czf "$out/gpu-session.tgz.part" "$logs" \
         $(find bench/results -maxdepth 1 -name '*.json' -newer "$stamp" 2>/dev/null | sort) &&
         mv -f "$out/gpu-session.tgz.part" "$out/gpu-session.tgz"

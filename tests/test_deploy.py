@@ -345,7 +345,11 @@ def test_shipped_nginx_retries_generation_on_a_replica_that_answers_503(tmp_path
 
 FAKE_BIN = {  # a fake clock: every step takes its whole time limit and then its SIGINT-to-KILL time (nothing sleeps)
     "timeout": 'while [[ $1 == -* ]]; do [ "$1" = "-s" ] && shift; shift; done\n'
-               'echo "$1" >> "$SIMCLOCK.limits"; echo $(( $(cat "$SIMCLOCK") + $1 + 15 )) > "$SIMCLOCK"; exit 124\n',
+               'echo "$1" >> "$SIMCLOCK.limits"; echo $(( $(cat "$SIMCLOCK") + $1 + 15 )) > "$SIMCLOCK"\n'
+               # what the autotuner leaves in Triton's cache (cache_results): one entry per step here
+               'mkdir -p "$TRITON_CACHE_DIR/step$1"\n'
+               'echo "{}" > "$TRITON_CACHE_DIR/step$1/_decode_kernel.autotune.json"\n'
+               'exit 124\n',
     "date": 'if [ "$1" = "+%s" ]; then cat "$SIMCLOCK"; else /bin/date "$@"; fi\n',
     "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3"\n',
     "ncu": 'echo ncu\n',
@@ -358,7 +362,8 @@ FAKE_BIN = {  # a fake clock: every step takes its whole time limit and then its
 def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_take(tmp_path, budget):
     """bench/gpu_session.sh on a fake clock with NCU=1, every step (the device probe and the NCU steps too) taking
     its whole limit plus the 15 s grace before KILL: each step's archive is written before SECONDS is spent, and
-    written again after every step, so that a command killed at the machine's limit brings back what finished."""
+    written again after every step, so that a command killed at the machine's limit brings back what finished;
+    with it the autotuner's timings that the session's steps left in Triton's cache, not an earlier run's."""
     import os
     import shutil
     import subprocess
@@ -375,7 +380,11 @@ def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_tak
     clock.write_text("0\n")
     (tmp_path / "bench" / "results").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT", "NCU")}
-    env.update(PATH=f"{fake}:{env['PATH']}", SIMCLOCK=str(clock), NCU="1")
+    cache = tmp_path / "triton"
+    (cache / "earlier").mkdir(parents=True)
+    (cache / "earlier" / "_gemm_kernel.autotune.json").write_text("{}")  # an earlier run's: not this session's
+    os.utime(cache / "earlier" / "_gemm_kernel.autotune.json", (1e9, 1e9))
+    env.update(PATH=f"{fake}:{env['PATH']}", SIMCLOCK=str(clock), NCU="1", TRITON_CACHE_DIR=str(cache))
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "out", str(budget)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -392,6 +401,8 @@ def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_tak
     with tarfile.open(tmp_path / "out" / "gpu-session.tgz") as archive:
         names = archive.getnames()
     assert all(f"gpu-session/{name}.log" in names for name, _, _ in started)
+    tuned = {name for name in names if name.endswith(".autotune.json")}
+    assert tuned and all(re.fullmatch(r"gpu-session/autotune/step\d+-_decode_kernel\.autotune\.json", n) for n in tuned)
     assert not (tmp_path / "out" / "gpu-session.tgz.part").exists()
 
 
