@@ -491,8 +491,9 @@ LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_mo
 # rows and weights from byte codebooks at up to 32 (LCQ_INT8_DECODE=0, LCQ_BYTE_BOOK=0; lcq.kernels.byte_products),
 # at batch 1 and at 8 sequences, or the products of bytes of inputs rounded once by a kernel of their own
 # (LCQ_INT8_INPUTS=1, triton_linear.input_bytes) at batch 1, or each step waiting for the last one's tokens before
-# it is launched (async_scheduling off: the host's work between steps then leaves the GPU idle) at batch 1 and 8;
-# and the engine settings the variant's engine is loaded with.
+# it is launched (async_scheduling off: the host's work between steps then leaves the GPU idle) at batch 1 and 8, or
+# the prompts' products from slabs of W^T at every row count (LCQ_DENSE_SLAB_MB set; triton_linear.DENSE_SLAB_MIN_M)
+# at batch 1, for its TTFT; and the engine settings the variant's engine is loaded with.
 EXACT = {"LCQ_INT8_DECODE": "0", "LCQ_BYTE_BOOK": "0"}
 GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1, {}),
                 "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1, {}),
@@ -501,7 +502,7 @@ GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", 
                 "exact-8": (lambda: mock.patch.dict(os.environ, EXACT), 8, {}),
                 "no-async": (contextlib.nullcontext, 1, {"async_scheduling": False}),
                 "no-async-8": (contextlib.nullcontext, 8, {"async_scheduling": False}),
-                "whole-dense": (lambda: mock.patch.dict(os.environ, {"LCQ_DENSE_SLAB_MB": "0"}), 1, {}),
+                "slab-dense": (lambda: mock.patch.dict(os.environ, {"LCQ_DENSE_SLAB_MB": "16"}), 1, {}),
                 "attention-unpipelined": (lambda: mock.patch.dict(os.environ, {"LCQ_ATTENTION_STAGES": "1"}), 1, {})}
 
 

@@ -8,11 +8,11 @@
 # Order: the CPU path's C kernels built once (the tests import them); the GPU tests of the decode step (its kernels through the model, graphed and eager); a kernel
 # boundary with and without dependent launch (bench/dependent_launch.py); the 7B model's W2 rows, its batch-1
 # decode and host profiles, then each step waiting for the last one's tokens (async scheduling off) at batch 1 and
-# at 8 sequences, with prompts' products from a whole dequantized W^T, not slabs (its TTFT), with the attention
+# at 8 sequences, with 128-token prompts' products in slabs of W^T, not the whole (its TTFT), with the attention
 # kernels' tiles loaded one at a time, with the inputs of products of bytes rounded by a kernel of their own, without
 # dependent launch, and with the exact decode products (neither products of bytes nor byte codebooks, timed against
 # them on 2026-12-05) at 8 sequences and at batch 1 (--variants
-# no-async,no-async-8,whole-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact, in that order: a variant
+# no-async,no-async-8,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact, in that order: a variant
 # the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
 # cost (bench/product_floor.py), and with NCU=1 Nsight Compute on one launch of each form
@@ -110,7 +110,7 @@ step 240 60 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p 
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py
 step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
-    --variants no-async,no-async-8,whole-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact
+    --variants no-async,no-async-8,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"

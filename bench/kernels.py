@@ -18,9 +18,10 @@ Every product (ours and cuBLAS) is timed as the engine runs it: replayed from a 
 flushed before each replay, median of 30 (lcq.kernels.gpu_timing). Each row has the dispatched
 path's time (`us`), the fused kernel's (`fused_us`: decode, or the tiled GEMM above 64 rows) with
 the config the autotuner chose for it (`fused_config`), and the unfused one's (`unfused_us`: the
-dequantize kernel writing fp16 W, then cuBLAS, a slab of `slab_columns` columns at a time from 65 rows, and
-`whole_us` the whole W at once). One-row 2-bit rows also time both decode forms, each
-autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
+dequantize kernel writing fp16 W, then cuBLAS, as dense_product takes it: the whole W below DENSE_SLAB_MIN_M rows,
+else a slab of columns at a time; from 65 rows also `whole_us`, the whole W at once, and `slab_us`, slabs of
+`slab_columns`: replayed from graphs, neither pays the host's launches, which the engine's eager prompts do). One-row
+2-bit rows also time both decode forms, each autotuned: the pair table with its table's kernel (`pair_table_us`) and the FMA form (`direct_us`), and
 say which one the dispatch chose (`pair_table`). `fused_us` is the exact form's. Rows of 1-2 rows also time
 the products of bytes (`bytes_us`, `bytes_config`, `bytes_frac_of_copy`; lcq.kernels.byte_products), and rows
 of up to 32 rows the weights from byte codebooks (`book_us`, `book_config`, `book_speedup` over fp16); where the
@@ -175,7 +176,8 @@ def run_gpu(args: argparse.Namespace) -> None:
     from lcq.kernels import triton_linear
     from lcq.kernels.gpu_timing import graph_time
     from lcq.kernels.byte_products import ROUNDING_BOUND
-    from lcq.kernels.triton_linear import BYTE_BOOK_MAX_M, DECODE_MAX_M, DENSE_MIN_M, decode, dense_product, gemm
+    from lcq.kernels.triton_linear import (BYTE_BOOK_MAX_M, DECODE_MAX_M, DENSE_MIN_M, DENSE_SLAB_BYTES, decode,
+                                           dense_product, gemm)
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: use --cpu-smoke to check the script without a GPU")
@@ -250,9 +252,11 @@ def run_gpu(args: argparse.Namespace) -> None:
                             book_us = bench(lambda: from_byte_books(x))
                             rows[-1].update(book_us=book_us, book_config=str(tuner.best_config),
                                             book_speedup=fp16_us[m] / book_us)
-                        if m >= DENSE_MIN_M:  # W^T dequantized whole, as before the slabs (dense_product)
+                        if m >= DENSE_MIN_M:  # W^T dequantized whole and in slabs, whichever dense_product takes
                             rows[-1].update(whole_us=bench(lambda: dense_product(x, layer, slab_bytes=0)),
-                                            slab_columns=triton_linear.dense_slab_columns(layer, x.dtype))
+                                            slab_us=bench(lambda: dense_product(x, layer, slab_bytes=DENSE_SLAB_BYTES)),
+                                            slab_columns=triton_linear.dense_slab_columns(layer, x.dtype,
+                                                                                          DENSE_SLAB_BYTES))
                         dispatched(rows[-1], x, bits, header["copy_GBps"], product_bytes(layer, m))
                         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
                     layer = weight = None  # the next layer's memory (not del: the closures above name them)

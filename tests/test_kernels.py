@@ -506,9 +506,10 @@ def test_dequantize_kernel_matches_reference(bits, rank, group, k, dtype):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_product_in_slabs_of_columns_matches_reference(monkeypatch, bias):
-    """From DENSE_MIN_M rows W^T is dequantized a slab of columns at a time into one buffer and multiplied into its
-    columns of the output: with a budget of one kernel tile (128 columns), 300 columns take two whole slabs and a
-    partial one, through the buffer's first 44 columns; the same product as the whole W^T at once."""
+    """W^T dequantized a slab of columns at a time into one buffer and multiplied into its columns of the output:
+    with a budget of one kernel tile (128 columns), 300 columns take two whole slabs and a partial one, through the
+    buffer's first 44 columns; the same product as the whole W^T at once. Asked for (LCQ_DENSE_SLAB_MB) at any row
+    count, by default from DENSE_SLAB_MIN_M rows."""
     monkeypatch.setenv("LCQ_DENSE_SLAB_MB", "0.001")
     layer = random_layer(300, 64, 2, 2, 32, seed=9, bias=bias)
     assert triton_linear.dense_slab_columns(layer, torch.float32) == triton_linear.DEQUANT_BLOCK_N == 128
@@ -517,6 +518,11 @@ def test_dense_product_in_slabs_of_columns_matches_reference(monkeypatch, bias):
     assert_close(sliced, reference(x, layer), torch.float32)
     assert triton_linear.dense_slab_columns(layer, torch.float32, 0) == 300
     torch.testing.assert_close(sliced, triton_linear.dense_product(x, layer, slab_bytes=0))
+    monkeypatch.delenv("LCQ_DENSE_SLAB_MB")  # by default slabs only from DENSE_SLAB_MIN_M rows (a prompt's full chunks)
+    monkeypatch.setattr(triton_linear, "DENSE_SLAB_BYTES", 1000)
+    least = triton_linear.DENSE_SLAB_MIN_M
+    assert [triton_linear.dense_slab_columns(layer, torch.float32, rows=m) for m in (70, least - 1, least)] == \
+        [300, 300, 128]
     with pytest.raises(ValueError, match="contiguous rows"):
         triton_linear.dequantized_transpose(layer, torch.float32, x.device, (0, 128), torch.empty(128, 64).t())
 

@@ -589,13 +589,26 @@ def dequantized_transpose(layer: PackedLinear, dtype: torch.dtype, device: torch
 # buffer that cuBLAS reads while it is still in the L2 (50 MB on an H100, 60 on an H200), the weight's fp16 form
 # need not reach device memory at all. Not yet timed; LCQ_DENSE_SLAB_MB sets it, 0 for the whole W^T at once.
 DENSE_SLAB_BYTES = 16 << 20
+# But a prompt's products run eagerly, not from CUDA graphs, and each slab is two launches from Python (a Triton
+# launch took ~14 us of self time in the H100's 128-token prefill profile, under cProfile): a 7B layer's four products
+# are 26 slabs at 16 MB, where the whole W^T is 4, and at 128 rows a slab's product is a few microseconds of the
+# GPU's, so the host would pace it. The TTFT of 20.8 ms (H100, 128-token prompt) was measured with the whole W^T;
+# slabs by default only from this many rows (the engine's default prefill budget: a long prompt's full chunks), where
+# a slab's product (2,048 x 4,096 at 1,024 rows: 17 GFLOP) outlasts its launches. bench/generate.py --variants
+# slab-dense times 128-token prompts in slabs (LCQ_DENSE_SLAB_MB set: slabs at every row count).
+DENSE_SLAB_MIN_M = 1024
 
 
-def dense_slab_columns(layer: PackedLinear, dtype: torch.dtype, budget: int | None = None) -> int:
-    """Columns of W^T per slab of dense_product, for a slab of about `budget` bytes (by default LCQ_DENSE_SLAB_MB
-    or DENSE_SLAB_BYTES; 0: all columns): whole tiles of the dequantize kernel, at least one."""
+def dense_slab_columns(layer: PackedLinear, dtype: torch.dtype, budget: int | None = None,
+                       rows: int | None = None) -> int:
+    """Columns of W^T per slab of dense_product, for a slab of about `budget` bytes (by default LCQ_DENSE_SLAB_MB,
+    or DENSE_SLAB_BYTES where a product has `rows` >= DENSE_SLAB_MIN_M, or None given; 0: all columns): whole tiles
+    of the dequantize kernel, at least one."""
     if budget is None:
-        budget = int(float(os.environ.get("LCQ_DENSE_SLAB_MB", DENSE_SLAB_BYTES / 2**20)) * 2**20)
+        asked = os.environ.get("LCQ_DENSE_SLAB_MB")
+        if asked is None and rows is not None and rows < DENSE_SLAB_MIN_M:
+            return layer.out_features
+        budget = int(float(asked or DENSE_SLAB_BYTES / 2**20) * 2**20)
     n = layer.out_features
     if budget <= 0:
         return n
@@ -605,11 +618,11 @@ def dense_slab_columns(layer: PackedLinear, dtype: torch.dtype, budget: int | No
 
 def dense_product(x: torch.Tensor, layer: PackedLinear, slab_bytes: int | None = None) -> torch.Tensor:
     """x (M, K) -> (M, N) through a dequantized W^T and torch's matmul (cuBLAS on a GPU), a slab of its columns
-    at a time (dense_slab_columns(layer, x.dtype, slab_bytes)), each slab's product written straight into its
+    at a time (dense_slab_columns(layer, x.dtype, slab_bytes, M)), each slab's product written straight into its
     columns of the output."""
     m, n = x.shape[0], layer.out_features
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
-    slab = dense_slab_columns(layer, x.dtype, slab_bytes)
+    slab = dense_slab_columns(layer, x.dtype, slab_bytes, m)
     if slab >= n:
         weight_t = dequantized_transpose(layer, x.dtype, x.device)
         return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
