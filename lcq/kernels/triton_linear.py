@@ -22,6 +22,7 @@ and chooses among them.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -401,8 +402,12 @@ BYTE_BOOK_MAX_M = 32  # at 64 rows the inputs' sums and the steps applied per ti
 def _byte_book_dtype(x: torch.Tensor) -> bool:
     """Whether weights from byte codebooks serve x's dtype on its device: fp16, or bf16 where the GPU converts fp32
     pairs to it (cvt.rn.bf16x2, compute capability 8.0 and later; ptxas refuses the bf16 build for a T4's sm_75)."""
-    return x.dtype == torch.float16 or x.dtype == torch.bfloat16 and (
-        not x.is_cuda or torch.cuda.get_device_capability(x.device) >= (8, 0))
+    return x.dtype == torch.float16 or x.dtype == torch.bfloat16 and (not x.is_cuda or _from_ampere(x.device.index))
+
+
+@functools.cache
+def _from_ampere(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def byte_book_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
