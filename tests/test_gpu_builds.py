@@ -99,3 +99,43 @@ def test_kernels_keep_fused_multiply_adds_unless_the_user_says_otherwise():
                             env=env)
     assert result.stdout.split()[-1] == "1", result.stderr[-2000:]
     assert _run(code, {"TRITON_DEFAULT_FP_FUSION": "0"}).split()[-1] == "0"
+
+
+def test_tuning_key_is_the_autotuners_own():
+    """compile_ahead skips a launch whose key the autotuner has chosen for: its key is the one the installed
+    Triton's autotuner files its choice under (run here in the interpreter, on a kernel of its own)."""
+    import triton.language as tl
+
+    from lcq.kernels.compile_ahead import tuning_key
+
+    @triton.jit
+    def add(x_ptr, y_ptr, n, BLOCK: tl.constexpr, SHIFT: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + SHIFT, mask=offs < n)
+
+    def timed_once(kernel_call, quantiles=None):
+        kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    tuned = triton.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], key=["n", "SHIFT"],
+                            do_bench=timed_once)(add)
+    x = torch.arange(40, dtype=torch.float32)
+    y = torch.empty_like(x)
+    tuned[lambda meta: (triton.cdiv(40, meta["BLOCK"]),)](x, y, 40, SHIFT=2)
+    assert torch.equal(y, x + 2)
+    assert list(tuned.cache) == [tuning_key(tuned, (x, y, 40), {"SHIFT": 2})]
+    assert tuning_key(tuned, (x, y, 41), {"SHIFT": 2}) not in tuned.cache
+
+
+def test_configs_are_compiled_ahead_only_in_a_warm_up_of_cuda_launches():
+    """compile_ahead asks for the configs (and compiles them) only within compiling_ahead() and for CUDA launches:
+    elsewhere a launch pays nothing for it."""
+    from lcq.kernels import triton_linear
+    from lcq.kernels.compile_ahead import compile_ahead, compiling_ahead
+
+    asked = []
+    args, constants = (torch.zeros(1, 8), torch.zeros(8)), {"BITS": 2}
+    compile_ahead(triton_linear._decode_tuned, lambda: asked.append("outside") or [], args, constants)
+    with compiling_ahead():
+        compile_ahead(triton_linear._decode_tuned, lambda: asked.append("cpu") or [], args, constants)
+    assert asked == []

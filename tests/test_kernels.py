@@ -783,6 +783,24 @@ def test_compiled_kernels_on_gpu(n, k, bits, rank, group, m, exact_products):
 
 
 @pytest.mark.gpu
+def test_configs_compiled_ahead_of_the_autotuner_on_gpu(monkeypatch, caplog):
+    """Within a warm-up (compiling_ahead) a tuning key's first launch compiles the autotuner's configs on threads
+    first: the product is right, the autotuner then chose a config for the shape, and nothing failed on the way (a
+    change in Triton's AsyncCompileMode or warmup would only be logged, the builds left to the autotuner)."""
+    from lcq.kernels.compile_ahead import compiling_ahead
+
+    monkeypatch.setenv("LCQ_COMPILE_THREADS", "4")
+    layer = random_layer(4096 + 16, 4096, 2, 2, 128, seed=5).to("cuda")  # a shape no other test tunes
+    x = torch.randn(3, 4096, device="cuda", dtype=torch.float16)
+    with caplog.at_level("WARNING", logger="lcq.kernels"), compiling_ahead():
+        y = triton_linear.decode(x, layer, int8=False, byte_book=False)
+    torch.cuda.synchronize()
+    assert_close(y.cpu(), reference(x.cpu(), layer.to("cpu")), x.dtype)
+    assert not [r for r in caplog.records if "ahead" in r.getMessage()]
+    assert any(key[:2] == (4096 + 16, 4096) for key in triton_linear._decode_tuned.cache)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("n,k,bits,rank,group", GPU_CASES)
 def test_compiled_byte_codebooks_on_gpu(n, k, bits, rank, group, monkeypatch):
     """BYTE_BOOK compiled (PTX prmt and lop3, fp16, or prmt and cvt, bf16, on whatever pairs of weights Triton's

@@ -33,6 +33,7 @@ import triton.language as tl
 from lcq.format import PackedLinear
 
 from .arrival_counters import arrival_counters
+from .compile_ahead import compile_ahead
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
 from .experts import ExpertRoutes, PackedExperts
 from .gpu_timing import graph_time
@@ -344,6 +345,14 @@ _grouped_wide_tuned = triton.autotune(GROUPED_WIDE_CONFIGS, key=_KEY + ["BLOCK_M
 _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=graph_time, **_KEEP_TIMINGS)(_gemm_kernel)
 
 
+def _tuned_launch(tuner, grid, args: tuple, constants: dict) -> None:
+    """tuner[grid](*args, **constants), the configs it will time compiled side by side first during a warm-up
+    (compile_ahead): the decode autotuner's after its prune, the others' all."""
+    prune = _decode_configs_for if tuner is _decode_tuned else lambda configs, named, **kwargs: configs
+    compile_ahead(tuner, lambda: prune(tuner.configs, {}, **constants), args, constants)
+    tuner[grid](*args, **constants)
+
+
 def decode_block_m(m: int) -> int:
     """M bucket of the decode kernel: 1 and 2 rows reduce with FMAs, 3 to 64 rows through tl.dot in
     tiles of 16, 32 or 64 rows (from 4 rows on, the FMA form's BLOCK_M x BLOCK_K x BLOCK_N products
@@ -479,7 +488,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
-        _decode_tuned[grid](*args, **_without_depth(consts))
+        _tuned_launch(_decode_tuned, grid, args, _without_depth(consts))
     else:
         launch = {**consts, **config}
         if layer.group_size % launch["BLOCK_K"] or launch["SPLIT_K"] > max_split_k(launch["BLOCK_M"]) \
@@ -543,9 +552,9 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     if config is None:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"], blocks)  # noqa: E731
         if wide:
-            _grouped_wide_tuned[grid](*args, **consts)
+            _tuned_launch(_grouped_wide_tuned, grid, args, consts)
         else:
-            _decode_tuned[grid](*args, **_without_depth(consts))
+            _tuned_launch(_decode_tuned, grid, args, _without_depth(consts))
     else:
         launch = {**consts, **config}
         if launch["SPLIT_K"] > (1 if wide else MAX_SPLIT_K):
@@ -565,7 +574,7 @@ def gemm(x: torch.Tensor, layer: PackedLinear, config: dict | None = None) -> to
         config = INTERPRETER_GEMM_CONFIG
     if config is None:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _gemm_tuned[grid](*args, **consts)
+        _tuned_launch(_gemm_tuned, grid, args, consts)
     else:
         grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
         _gemm_kernel[grid](*args, **consts, **config)

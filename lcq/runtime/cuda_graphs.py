@@ -14,6 +14,7 @@ import logging
 import numpy as np
 import torch
 
+from lcq.kernels.compile_ahead import compiling_ahead
 from lcq.models import ForwardContext
 from lcq.models.lora import AdapterStack, LoRABatch
 
@@ -82,7 +83,8 @@ class DecodeGraphs:
         pool = None
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
             args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self._context(size))
-            self.model(*args)  # compiles the kernels outside the capture
+            with compiling_ahead():  # the autotuner's builds side by side
+                self.model(*args)  # compiles (and tunes) the kernels outside the capture
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
