@@ -318,9 +318,9 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     if args.gpu_7b:
-        result["decode_profile"] = {}
+        result["decode_profile"], result["startup_s"] = {}, {}
         bench_gpu_7b(args.quick, args.gpu_weights.split(","), rows, save, result["decode_profile"],
-                     [v for v in args.variants.split(",") if v])
+                     [v for v in args.variants.split(",") if v], result["startup_s"])
     elif args.gpu_moe:
         bench_gpu_moe(args.quick, args.moe_shape, args.moe_layers, rows, save)
     elif args.curve:
@@ -507,10 +507,11 @@ GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", 
 
 
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
-                 variants: list[str] = ()) -> None:
+                 variants: list[str] = (), startups: dict | None = None) -> None:
     """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
-    a batch-1 decode profile of each goes into profiles. variants (GPU_VARIANTS): then the variant's row again
-    (batch 1, and its decode profile, or 8 sequences), in each."""
+    a batch-1 decode profile of each goes into profiles, and into startups the seconds its engine took to start
+    (loading, the warm-up's tuning and compiles, the CUDA graphs). variants (GPU_VARIANTS): then the variant's row
+    again (batch 1, and its decode profile, or 8 sequences), in each."""
     import tempfile
 
     from bench.random_model import write_random_llama
@@ -520,7 +521,10 @@ def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, p
     with tempfile.TemporaryDirectory() as tmp:
         for weights in weight_kinds:
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
+            started = time.perf_counter()
             llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
+            if startups is not None:
+                startups[weights] = round(time.perf_counter() - started, 1)
             throughput_curve(llm, model, weights, concurrencies, rows, save)
             # one long context at batch 1: decode attention reads ~15x the cache of the 128-token rows
             throughput_curve(llm, model, weights, [1], rows, save, prompt_tokens=LONG_PROMPT_TOKENS)
