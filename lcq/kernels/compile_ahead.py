@@ -57,9 +57,9 @@ def compile_ahead(tuner, configs: Callable[[], list], args: tuple, constants: di
     if not _active or compile_threads() <= 1 or not (isinstance(args[0], torch.Tensor) and args[0].is_cuda) \
             or tuning_key(tuner, args, constants) in tuner.cache:
         return
-    from triton.runtime._async_compile import AsyncCompileMode  # (Triton only where a tuner launches)
-
     try:
+        from triton.runtime._async_compile import AsyncCompileMode  # (Triton's own module, 3.6-3.9)
+
         with ThreadPoolExecutor(compile_threads()) as pool, AsyncCompileMode(pool, ignore_errors=True):
             for config in configs():
                 tuner.fn.warmup(*args, grid=(1,), **{**constants, **config.all_kwargs()})  # as the tuner merges
