@@ -10,6 +10,7 @@ nowhere (slot -1) and read one token of block 0, so they cannot disturb real row
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -81,6 +82,9 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = None
+        started = time.perf_counter()
+        logger.info("capturing CUDA graphs for decode batch sizes %s; a first start also tunes and compiles the "
+                    "products' kernels for each (minutes; kept in Triton's cache for the next start)", self.sizes)
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
             args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self._context(size))
             with compiling_ahead():  # the autotuner's builds side by side
@@ -92,7 +96,8 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[size] = (graph, hidden)
         torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+        logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s", self.sizes,
+                    time.perf_counter() - started)
 
     def run(self, step: StepInputs[np.ndarray], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (n, hidden) of a decode step of n <= max_batch sequences (one token each); next_tokens:
