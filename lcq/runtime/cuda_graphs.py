@@ -84,7 +84,7 @@ class DecodeGraphs:
         pool = None
         started = time.perf_counter()
         logger.info("capturing CUDA graphs for decode batch sizes %s; a first start also tunes and compiles the "
-                    "products' kernels for each (minutes; kept in Triton's cache for the next start)", self.sizes)
+                    "products' kernels for each (up to minutes; kept in Triton's cache for the next start)", self.sizes)
         for size in reversed(self.sizes):  # largest first, so the smaller ones fit in its memory pool
             args = (self.inputs.input_ids[:size], self.inputs.positions[:size], self._context(size))
             with compiling_ahead():  # the autotuner's builds side by side
