@@ -1,7 +1,7 @@
 """The GPU kernels' builds for each NVIDIA architecture a user may serve on, compiled here by the installed Triton
 and its ptxas (no GPU needed): whether each form the runtime launches by default assembles, with its registers,
-stack (spilled registers) and shared memory against what the architecture gives a block. Only sm_90 has run on a GPU (an H100
-and an H200); for the others this is what can be checked without one.
+stack (spilled registers) and shared memory against what the architecture gives a block. Only sm_90 has run on a
+GPU (an H100 and an H200); for the others this is what can be checked without one.
 
     python bench/gpu_builds.py                # every architecture in ARCHS
     python bench/gpu_builds.py --archs 75,120

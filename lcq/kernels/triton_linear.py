@@ -424,8 +424,8 @@ def byte_book_decode(x: torch.Tensor, block_m: int, bits: int) -> bool:
     (_book_weights): up to BYTE_BOOK_MAX_M rows of fp16, or bf16 from sm_80 (1 and 2 rows in tiles of 16 where
     products of bytes do not serve; a mixture's blocks of 16 or 32), by default for BYTE_BOOK_DEFAULT. The weights
     then differ from the exact ones by their codebooks' rounding to bytes (byte_products.byte_book_weights), the
-    same at every batch size it serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1 for the tl.dot
-    form; on an H100 the 7B W2 model decoded 1,639 tokens/s at 8 sequences with them, 1,489 without
+    same at every batch size it serves. sm_90 SASS, W2 r2 g128, 16 rows: 4.0 instructions per weight against 8.1
+    for the tl.dot form; on an H100 the 7B W2 model decoded 1,639 tokens/s at 8 sequences with them, 1,489 without
     (docs/kernels.md)."""
     return x.is_cuda and block_m <= BYTE_BOOK_MAX_M and _byte_book_dtype(x) \
         and _asked("LCQ_BYTE_BOOK", (bits, x.dtype) in BYTE_BOOK_DEFAULT)
