@@ -139,3 +139,28 @@ def test_configs_are_compiled_ahead_only_in_a_warm_up_of_cuda_launches():
     with compiling_ahead():
         compile_ahead(triton_linear._decode_tuned, lambda: asked.append("cpu") or [], args, constants)
     assert asked == []
+
+
+def test_autotune_table_reads_the_autotuners_own_files(tmp_path):
+    """bench/autotune_table.py on files written as Triton's autotuner writes them (cache_results: the key, then each
+    config's __dict__ and its timing's quantiles, inf for a build that failed) and named as gpu_session.sh copies
+    them: per kernel and key the fastest config, the runner-up, the failures and the configs within 5%."""
+    from bench.autotune_table import markdown, table
+    from lcq.kernels import triton_linear
+
+    names = triton_linear._decode_tuned.keys
+    key = [4096, 11008, 2, 2, 128, 1, False, False, True, False, False][:len(names)] + ["torch.float16"]
+    configs = [(triton.Config({"BLOCK_N": 256, "SPLIT_K": 16}, num_warps=2), [0.0180, 0.0178, 0.0183]),
+               (triton.Config({"BLOCK_N": 128, "SPLIT_K": 32}, num_warps=4), [0.0176, 0.0175, 0.0179]),
+               (triton.Config({"BLOCK_N": 512, "SPLIT_K": 8}, num_warps=4), [float("inf")] * 3),
+               (triton.Config({"BLOCK_N": 64, "SPLIT_K": 64}, num_warps=2), [0.0251, 0.0249, 0.0255])]
+    folder = tmp_path / "autotune"
+    folder.mkdir()
+    (folder / "3f2a-_decode_kernel.autotune.json").write_text(json.dumps(
+        {"key": key, "configs_timings": [(config.__dict__, timing) for config, timing in configs]}))
+    [row] = table(folder)
+    assert row["kernel"] == "_decode_kernel" and row["key"]["N"] == 4096 and row["dtypes"] == ["torch.float16"]
+    assert row["config"].startswith("BLOCK_N: 128, SPLIT_K: 32, num_warps: 4")
+    assert (row["ms"], row["runner_up_ms"], row["configs"], row["failed"], row["near_best"]) == \
+        (0.0176, 0.0180, 4, 1, 2)
+    assert "| _decode_kernel | N=4096, K=11008" in markdown([row])
