@@ -953,6 +953,7 @@ def test_int8_kv_cache_holds_more_tokens_and_keeps_the_logprobs(tiny, llm):
 
 def test_kv_cache_dtype_is_checked(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the settings' checks, on any machine
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, int8, fp8, fp8_e4m3, float16"):
         EngineConfig(model="m", kv_cache_dtype="int4").validate()
     with pytest.raises(ValueError, match="fp8 needs a GPU of compute capability 8.9 or later"):
@@ -2467,6 +2468,25 @@ def test_gpu_dtype_follows_the_checkpoint_and_gemma_runs_in_bfloat16(tmp_path):
     for folder, dtype in expected.items():
         assert EngineConfig(model=str(folder), device="cuda").resolved_dtype() == dtype, folder
     assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32
+
+
+def test_gpu_without_bfloat16_takes_float16_for_a_bf16_checkpoint_and_float32_for_gemma(tmp_path, monkeypatch):
+    """On a GPU of compute capability 7.5 (a T4, as torch reports one), dtype auto takes float16 for a bf16
+    checkpoint and float32 for Gemma, as vLLM does, where bf16 arithmetic is missing; bfloat16 asked for is refused
+    with the way out; float16 checkpoints stay float16."""
+    gemma, llama = make_tiny_hf(tmp_path / "gemma", "gemma3"), make_tiny_hf(tmp_path / "llama", "llama")
+    bf16 = make_tiny_hf(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    expected = {gemma: torch.float32, llama: torch.float16, bf16: torch.float16}
+    for folder, dtype in expected.items():
+        assert EngineConfig(model=str(folder), device="cuda").resolved_dtype() == dtype, folder
+    with pytest.raises(UserError, match=r"compute capability 8.0 or later \(Ampere\); this Tesla T4 is 7.5: use"):
+        EngineConfig(model=str(bf16), device="cuda", dtype="bfloat16").resolved_dtype()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert EngineConfig(model=str(bf16), device="cuda", dtype="bfloat16").resolved_dtype() == torch.bfloat16
+    assert EngineConfig(model=str(gemma), device="cuda").resolved_dtype() == torch.bfloat16
 
 
 @pytest.mark.parametrize("weights", ["fp32", "fp16"])

@@ -114,16 +114,29 @@ class EngineConfig:
         """auto: float32 on CPU; on a GPU the checkpoint's own half precision as vLLM takes it: bfloat16
         for a bf16 checkpoint (models trained in bf16 may outgrow fp16's range), else float16 (fp16 and
         fp32 checkpoints, and LCQ ones, whose full-precision tensors are fp16); Gemma in bfloat16 always,
-        whose residual stream outgrows fp16's range (transformers and vLLM run it so)."""
+        whose residual stream outgrows fp16's range (transformers and vLLM run it so). On a GPU without bf16
+        arithmetic (compute capability below 8.0: a T4), as vLLM: float16 for a bf16 checkpoint, float32 for
+        Gemma, and bfloat16 asked for is refused (ptxas refuses some of the kernels' bf16 conversions there)."""
+        on_cuda = self.resolved_device().type == "cuda"
         if self.dtype == "auto":
-            if self.resolved_device().type != "cuda":
+            if not on_cuda:
                 return torch.float32
             from lcq.models.families import GEMMA
 
             config = _read_config(self.model)
             stored = config.get("dtype") or config.get("torch_dtype")
-            return torch.bfloat16 if config.get("model_type") in GEMMA or stored == "bfloat16" else torch.float16
-        return _named_dtype("dtype", self.dtype)
+            gemma = config.get("model_type") in GEMMA
+            if not (gemma or stored == "bfloat16"):
+                return torch.float16
+            return torch.bfloat16 if _bf16_arithmetic(self.resolved_device()) else torch.float32 if gemma \
+                else torch.float16
+        dtype = _named_dtype("dtype", self.dtype)
+        if dtype == torch.bfloat16 and on_cuda and not _bf16_arithmetic(self.resolved_device()):
+            major, minor = torch.cuda.get_device_capability(self.resolved_device())
+            raise UserError(f"dtype bfloat16 needs a GPU of compute capability 8.0 or later (Ampere); this "
+                            f"{torch.cuda.get_device_name(self.resolved_device())} is {major}.{minor}: use dtype "
+                            "float16 (--dtype half), or float32")
+        return dtype
 
     def kv_cache_blocks(self) -> int | None:
         """The KV pool's blocks where num_gpu_blocks_override or max_batch_total_tokens sets them, else None."""
@@ -391,6 +404,12 @@ def _read_config(folder: str) -> dict:
 FP8_NAMES = ("fp8", "fp8_e4m3")  # kv_cache_dtype: float8 e4m3 on a GPU (vLLM's names)
 DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float32": torch.float32, "fp32": torch.float32}
+
+
+def _bf16_arithmetic(device: torch.device) -> bool:
+    """Whether a CUDA device computes in bf16 (compute capability 8.0 and later); true where no GPU is there to ask
+    (a config resolved on a machine without one)."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def _named_dtype(setting: str, name: str, *others: str) -> torch.dtype:
