@@ -2470,16 +2470,16 @@ def test_gpu_dtype_follows_the_checkpoint_and_gemma_runs_in_bfloat16(tmp_path):
     assert EngineConfig(model=str(gemma), device="cpu").resolved_dtype() == torch.float32
 
 
-def test_gpu_without_bfloat16_takes_float16_for_a_bf16_checkpoint_and_float32_for_gemma(tmp_path, monkeypatch):
+def test_gpu_without_bfloat16_takes_float16(tmp_path, monkeypatch):
     """On a GPU of compute capability 7.5 (a T4, as torch reports one), dtype auto takes float16 for a bf16
-    checkpoint and float32 for Gemma, as vLLM does, where bf16 arithmetic is missing; bfloat16 asked for is refused
-    with the way out; float16 checkpoints stay float16."""
+    checkpoint and for Gemma, as vLLM does, where bf16 arithmetic is missing; bfloat16 asked for is refused with the
+    way out; float16 checkpoints stay float16."""
     gemma, llama = make_tiny_hf(tmp_path / "gemma", "gemma3"), make_tiny_hf(tmp_path / "llama", "llama")
     bf16 = make_tiny_hf(tmp_path / "bf16", "llama", dtype=torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
-    expected = {gemma: torch.float32, llama: torch.float16, bf16: torch.float16}
+    expected = {gemma: torch.float16, llama: torch.float16, bf16: torch.float16}
     for folder, dtype in expected.items():
         assert EngineConfig(model=str(folder), device="cuda").resolved_dtype() == dtype, folder
     with pytest.raises(UserError, match=r"compute capability 8.0 or later \(Ampere\); this Tesla T4 is 7.5: use"):

@@ -115,8 +115,9 @@ class EngineConfig:
         for a bf16 checkpoint (models trained in bf16 may outgrow fp16's range), else float16 (fp16 and
         fp32 checkpoints, and LCQ ones, whose full-precision tensors are fp16); Gemma in bfloat16 always,
         whose residual stream outgrows fp16's range (transformers and vLLM run it so). On a GPU without bf16
-        arithmetic (compute capability below 8.0: a T4), as vLLM: float16 for a bf16 checkpoint, float32 for
-        Gemma, and bfloat16 asked for is refused (ptxas refuses some of the kernels' bf16 conversions there)."""
+        arithmetic (compute capability below 8.0: a T4), as vLLM: float16, Gemma too (float32 would not do: its
+        attention at head 256 does not fit a T4's shared memory in fp32, bench/gpu_builds.py), and bfloat16 asked
+        for is refused (ptxas refuses some of the kernels' bf16 conversions there)."""
         on_cuda = self.resolved_device().type == "cuda"
         if self.dtype == "auto":
             if not on_cuda:
@@ -125,11 +126,8 @@ class EngineConfig:
 
             config = _read_config(self.model)
             stored = config.get("dtype") or config.get("torch_dtype")
-            gemma = config.get("model_type") in GEMMA
-            if not (gemma or stored == "bfloat16"):
-                return torch.float16
-            return torch.bfloat16 if _bf16_arithmetic(self.resolved_device()) else torch.float32 if gemma \
-                else torch.float16
+            wanted = config.get("model_type") in GEMMA or stored == "bfloat16"
+            return torch.bfloat16 if wanted and _bf16_arithmetic(self.resolved_device()) else torch.float16
         dtype = _named_dtype("dtype", self.dtype)
         if dtype == torch.bfloat16 and on_cuda and not _bf16_arithmetic(self.resolved_device()):
             major, minor = torch.cuda.get_device_capability(self.resolved_device())
