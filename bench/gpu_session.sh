@@ -104,14 +104,14 @@ step 60 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --
 # numbers after them are only worth what these say. On the H100 (2026-12-05) the 69 of them took ~210 s.
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8 or launched_ahead"
-check+=" or compiled_ahead"
+check+=" or compiled_ahead or gated_products or rotary_and_cache_write"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
 step 240 60 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \
     "${gpu_tests[@]}"
 step 30 15 dependent-launch "$py" bench/dependent_launch.py
 step 240 60 generate-7b "$py" bench/generate.py --gpu-7b --quick --gpu-weights lcq-w2r2g128 \
-    --variants no-async,no-async-8,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact
+    --variants no-async,no-async-8,unfused-steps,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact
 forms=(--bits 2 --ms 1,2,4,16 --ranks 2 --groups 128 --shapes 4096x4096,4096x11008,11008x4096)
 step 45 20 warm-decode-forms "$py" bench/kernels.py --warm "$workers" --warm-only "${forms[@]}"
 step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "bench/results/kernels-decode-forms-$slug.json"

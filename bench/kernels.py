@@ -483,11 +483,11 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
                    reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
                    lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
                    dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None,
-                   partial_group: bool = False, arch: int = 90):
+                   partial_group: bool = False, arch: int = 90, gated: int = 0):
     """Compile one kernel variant for an NVIDIA GPU of compute capability arch / 10 (sm_90: H100) with triton's
     bundled ptxas; no device needed. dtype: the activations' (fp16, bf16 or fp32); prepared: products of bytes of
     inputs input_bytes() prepared; partial_group: K not a multiple of the group (the tl.dot forms' tiles zero past
-    K). The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
+    K); gated: the MLP's activation computed from [gate, up] inputs (elementwise.GATED_CODES). The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -503,7 +503,8 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
                      PARTIAL_GROUP=partial_group)
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=arch >= 90, BOOK=book,
-                         INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages)
+                         INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages,
+                         GATED=gated)
     elif kernel == "gemm":
         constants.update(GROUP_M=8)
     names = fn.arg_names

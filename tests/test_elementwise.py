@@ -11,6 +11,11 @@ a single add either way, must be equal, but for one thing: the interpreter (Trit
 fp32 to bf16 where a GPU rounds to nearest, which costs its bf16 results one more unit (the GPU test
 below holds the stream to equality in bf16 too).
 """
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -80,6 +85,65 @@ def test_rotary(dtype, interleaved, pairs, device, one_thread):
                           v], dim=-1)
     torch.testing.assert_close(qkv.cpu(), expected)
     assert torch.equal(qkv.cpu()[:, (heads + kv_heads) * head_dim:], v)  # values untouched
+
+
+@pytest.mark.parametrize("dtype, cache_dtype", [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
+                                                (torch.float16, torch.float8_e4m3fn)])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("pairs", [8, 3])
+@DEVICES
+def test_rotary_and_cache_write_in_one_kernel(dtype, cache_dtype, interleaved, pairs, device, one_thread):
+    """rotary_store_kv leaves qkv and the caches exactly as rotary_ then store_kv do: queries and keys rotated in
+    place, the rotated keys and the values in their slots (an fp8 cache clamped and rounded alike), slot -1 skipped."""
+    from lcq.kernels.elementwise import rotary_
+    from lcq.kernels.paged_attention import rotary_store_kv, store_kv
+
+    if cache_dtype is not None and device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 e4m3 needs compute capability 8.9 or later")
+    heads, kv_heads, head_dim, tokens = 4, 2, 16, 5
+    torch.manual_seed(pairs)
+    angles = torch.rand(tokens, 1, pairs) * 6
+    cos, sin = angles.cos().to(device), angles.sin().to(device)
+    qkv = _rows(tokens, (heads + 2 * kv_heads) * head_dim, dtype, device, pad=16) * 200  # beyond fp8's 448 too
+    slots = torch.tensor([3, -1, 0, 7, 5], device=device)
+    results = []
+    for fused in (False, True):
+        rows = qkv.clone()
+        caches = [torch.zeros(2, 4, kv_heads, head_dim, dtype=cache_dtype or dtype, device=device) for _ in range(2)]
+        if fused:
+            rotary_store_kv(rows, heads, kv_heads, head_dim, cos, sin, interleaved, *caches, slots)
+        else:
+            rotary_(rows, heads + kv_heads, head_dim, cos, sin, interleaved)
+            k, v = rows[:, heads * head_dim:].unflatten(1, (2 * kv_heads, head_dim)).split(kv_heads, dim=1)
+            store_kv(k, v, *caches, slots)
+        results.append([rows.cpu(), *(cache.cpu().view(torch.uint8) for cache in caches)])
+    for unfused, fused in zip(*results):
+        assert torch.equal(unfused, fused)
+    assert results[1][1].view(-1, kv_heads * head_dim * (cache_dtype or dtype).itemsize)[[1, 2, 4, 6]].eq(0).all()
+
+
+def test_rotary_and_cache_write_compiles_for_hopper():
+    """The fused kernel's sm_90 build (no GPU; the installed Triton, without the interpreter): its barrier between
+    the rotation's stores and the store's loads, and the fp8 clamp's NaN-propagating min and max."""
+    code = """if True:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from lcq.kernels.paged_attention import _rotary_store_kv_kernel as fn
+        types = dict(qkv_ptr="*fp16", cos_ptr="*fp32", sin_ptr="*fp32", k_cache_ptr="*fp8e4nv",
+                     v_cache_ptr="*fp8e4nv", slot_ptr="*i64", stride_t="i32", stride_c="i32", heads="i32")
+        constants = dict(KEYS_AT=4096, HEAD_DIM=128, PAIRS=64, INTERLEAVED=False, BLOCK_H=64, BLOCK_P=64, ROW=1024,
+                         BLOCK=1024, LIMIT=448.0, PDL=True)
+        source = ASTSource(fn=fn, signature={n: types.get(n, "constexpr") for n in fn.arg_names},
+                           constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                             options={"launch_pdl": True, "num_warps": 16}).asm["ptx"]
+        print(ptx.count("bar.sync"), ptx.count("max.NaN"), ptx.count("min.NaN"))"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1], env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    barriers, maxima, minima = map(int, result.stdout.split()[-3:])
+    assert barriers > 0 and maxima > 0 and minima > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

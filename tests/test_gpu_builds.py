@@ -149,7 +149,7 @@ def test_autotune_table_reads_the_autotuners_own_files(tmp_path):
     from lcq.kernels import triton_linear
 
     names = triton_linear._decode_tuned.keys
-    key = [4096, 11008, 2, 2, 128, 1, False, False, True, False, False][:len(names)] + ["torch.float16"]
+    key = [4096, 11008, 2, 2, 128, 1, False, False, True, False, False, 0][:len(names)] + ["torch.float16"]
     configs = [(triton.Config({"BLOCK_N": 256, "SPLIT_K": 16}, num_warps=2), [0.0180, 0.0178, 0.0183]),
                (triton.Config({"BLOCK_N": 128, "SPLIT_K": 32}, num_warps=4), [0.0176, 0.0175, 0.0179]),
                (triton.Config({"BLOCK_N": 512, "SPLIT_K": 8}, num_warps=4), [float("inf")] * 3),

@@ -328,8 +328,8 @@ def _compiled_counts(code: str) -> tuple[int, int]:
 def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
     """The sm_90 builds of products of bytes of prepared inputs and of the kernel that prepares them (compiled here
     by the installed Triton and its ptxas, in a process without the interpreter; no GPU: what the interpreter
-    accepts the compiler may refuse, as it refused the fp8 cache's NaN mode): both assemble, and the product's loop
-    multiplies bytes (dp4a)."""
+    accepts the compiler may refuse, as it refused the fp8 cache's NaN mode): both assemble (the preparing kernel with
+    the MLP's activation), and the product's loop multiplies bytes (dp4a)."""
     code = ("import sys; sys.path.insert(0, '.'); import triton; from triton.backends.compiler import GPUTarget; "
             "from triton.compiler import ASTSource; from bench.kernels import compile_kernel, inner_loop, sass_of; "
             "from lcq.kernels.triton_bytes import _input_bytes_kernel as kernel; "
@@ -337,9 +337,10 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
             "prepared=True)); "
             "names = kernel.arg_names; "
             "signature = {'x_ptr': '*fp16', 'out_ptr': '*i32', 'K': 'i32', 'RUNS': 'i32', 'stride_xm': 'i32', "
-            "'stride_om': 'i32', 'BITS': 'constexpr', 'BLOCK_RUNS': 'constexpr', 'PDL': 'constexpr'}; "
+            "'stride_om': 'i32', 'BITS': 'constexpr', 'BLOCK_RUNS': 'constexpr', 'GATED': 'constexpr', "
+            "'PDL': 'constexpr'}; "
             f"constants = {{(names.index('BITS'),): {bits}, (names.index('BLOCK_RUNS'),): 64, "
-            "(names.index('PDL'),): True}; "
+            "(names.index('GATED'),): 1, (names.index('PDL'),): True}; "
             "ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), "
             "target=GPUTarget('cuda', 90, 32), options={'launch_pdl': True}).asm['ptx']; "
             "print(sum('IDP.4A' in line for line in inner_loop(sass)), int('st.global' in ptx))")
@@ -735,6 +736,50 @@ def test_triton_linear_keeps_leading_dimensions():
         triton_linear.triton_linear(torch.randn(1, 32), layer)
 
 
+# The forms of 1-2 rows, which compute the activation as they load their inputs (FMA rows, products of bytes, of
+# prepared inputs too), and those that take gated_activation's output (tl.dot rows, byte codebooks, the pair table)
+GATED_FORMS = [  # bits, rank, group, K, M, dtype, decode's keywords
+    (2, 2, 64, 100, 1, torch.float32, {}),  # FMA rows, a masked tail
+    (3, 1, 64, 100, 2, torch.bfloat16, {"config": {"REDUCE_K": True, "PREFETCH": True}}),
+    (2, 2, 128, 300, 1, torch.float16, {"int8": True, "config": {"REDUCE_K": True, "BLOCK_K": 128, "STAGES": 3}}),
+    (3, 2, 128, 300, 2, torch.bfloat16, {"int8": True, "config": {"REDUCE_K": True, "PREFETCH": True}}),
+    (4, 2, 128, 300, 2, torch.float16, {"int8": True, "prepared": True, "config": {"REDUCE_K": True}}),
+    (4, 3, 32, 80, 16, torch.float16, {"config": {"PREFETCH": 2}}),
+    (2, 2, 64, 100, 5, torch.float16, {"byte_book": True}),
+    (2, 1, 32, 80, 1, torch.float32, {"lut": True}),
+]
+
+
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype,form", GATED_FORMS)
+def test_gated_inputs_are_the_activation_kernels_output(bits, rank, group, k, m, dtype, form, monkeypatch):
+    """A down_proj's product of act(gate) * up (gated) gives exactly the product of gated_activation's output: at 1-2
+    rows computed where the kernel loads its inputs, with no activation kernel before it; otherwise after one."""
+    from lcq.kernels.elementwise import gated_activation
+
+    activations = []
+    monkeypatch.setattr(triton_linear, "gated_activation",
+                        lambda *args: activations.append(args[1]) or gated_activation(*args))
+    activation = "gelu_tanh" if k == 100 else "silu"
+    layer = random_layer(40, k, bits, rank, group, seed=bits + m)
+    gate_up = (torch.randn(m, 2 * k) * 3).to(dtype)
+    form = {**form, "config": {**SMALL_DECODE, **form.get("config", {})}}
+    expected = triton_linear.decode(gated_activation(gate_up, activation), layer, **form)
+    assert torch.equal(triton_linear.decode(gate_up, layer, gated=activation, **form), expected)
+    assert activations == ([] if m <= 2 and not form.get("lut") else [activation])
+
+
+@pytest.mark.parametrize("m", [1, 70])  # the decode kernel; dequantize + cuBLAS after the activation's kernel
+def test_triton_linear_takes_gated_inputs_at_every_row_count(m):
+    from lcq.kernels.elementwise import gated_activation
+
+    layer = random_layer(24, 64, 4, 1, 64, seed=m)
+    gate_up = torch.randn(m, 128)
+    expected = triton_linear.triton_linear(gated_activation(gate_up, "silu"), layer)
+    assert torch.equal(triton_linear.triton_linear(gate_up, layer, gated="silu"), expected)
+    with pytest.raises(ValueError, match="expects 128"):
+        triton_linear.triton_linear(torch.randn(m, 64), layer, gated="silu")
+
+
 def test_block_k_divides_the_group():
     assert [triton_tiles.block_k(g) for g in (32, 64, 96, 128, 256)] == [32, 64, 32, 64, 64]
     assert [triton_linear.decode_block_m(m) for m in (1, 2, 3, 16, 17, 33, 64)] == [1, 2, 16, 16, 32, 64, 64]
@@ -834,6 +879,24 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m, exact_products
         y = triton_linear.decode(x, layer, config)
         torch.cuda.synchronize()
         assert_close(y.cpu(), expected, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 16, 64, 100])
+def test_compiled_gated_products_on_gpu(dtype, m):
+    """A 7B down_proj's product of act(gate) * up (the default forms at each row count, autotuned; dequantize + cuBLAS
+    at 100) against the product of gated_activation's output. Compiled, the activation's arithmetic may be contracted
+    otherwise in the two kernels, so a few inputs may round one unit apart: the products' tolerance."""
+    from lcq.kernels.elementwise import gated_activation
+
+    layer = random_layer(4096, 11008, 2, 2, 128, seed=m).to("cuda")
+    gate_up = (torch.randn(m, 2 * 11008, device="cuda") * 3).to(dtype)
+    for activation in ("silu", "gelu_tanh"):
+        expected = triton_linear.triton_linear(gated_activation(gate_up, activation), layer)
+        y = triton_linear.triton_linear(gate_up, layer, gated=activation)
+        torch.cuda.synchronize()
+        assert_close(y.double(), expected.double(), torch.float64, TOLERANCE[dtype])
 
 
 def test_dependent_launch_is_off_on_cpu_and_when_turned_off(monkeypatch):

@@ -12,6 +12,8 @@ interpreter and on a GPU); they differ only where fp32 arithmetic may be contrac
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +21,15 @@ import triton.language as tl
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-GATED = ("silu", "gelu_tanh")  # activations gated_activation computes; others stay in torch
+GATED = ("silu", "gelu_tanh")  # activations gated_activation (and load_inputs) computes; others stay in torch
 GATED_BLOCK = 1024
+
+
+def fusing_steps() -> bool:
+    """Whether one kernel rotates queries and keys and writes the cache, and, at 1-2 rows, an MLP's down product takes
+    the activation as it loads its inputs: for a 32-layer model 32 launches a step fewer, 64 at batch 1-2.
+    LCQ_FUSED_STEPS=0: each its own kernel, as before (bench/generate.py --variants unfused-steps)."""
+    return os.environ.get("LCQ_FUSED_STEPS", "1") != "0"
 
 
 def _warps(elements: int) -> int:
@@ -65,13 +74,10 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, heads,
-                   HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr,
-                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
-    """One token: every pair of its first `heads` heads rotated by the token's angles, in fp32, rounded
-    back to the dtype in place."""
-    wait_for_earlier_kernels(PDL)
-    token = tl.program_id(0)
+def rotate_token(qkv_ptr, cos_ptr, sin_ptr, token, stride_t, stride_c, heads, HEAD_DIM: tl.constexpr,
+                 PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Every pair of the token's first `heads` heads rotated by the token's angles, in fp32, rounded back to the
+    dtype in place."""
     head = tl.arange(0, BLOCK_H)[:, None]
     pair = tl.arange(0, BLOCK_P)[None, :]
     mask = (head < heads) & (pair < PAIRS)
@@ -92,6 +98,22 @@ def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, heads,
     tl.store(row + second_at, (second32 * cos + first32 * sin).to(first.dtype), mask=mask)
 
 
+@triton.jit
+def _rotary_kernel(qkv_ptr, cos_ptr, sin_ptr, stride_t, stride_c, heads,
+                   HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr, INTERLEAVED: tl.constexpr,
+                   BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, PDL: tl.constexpr):
+    """One token a program (rotate_token)."""
+    wait_for_earlier_kernels(PDL)
+    rotate_token(qkv_ptr, cos_ptr, sin_ptr, tl.program_id(0), stride_t, stride_c, heads, HEAD_DIM, PAIRS,
+                 INTERLEAVED, BLOCK_H, BLOCK_P)
+
+
+def rotary_launch(heads: int, pairs: int) -> dict:
+    """A rotation's tile (BLOCK_H heads x BLOCK_P pairs) and its warps, for a launch's constants."""
+    block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(pairs)
+    return dict(BLOCK_H=block_h, BLOCK_P=block_p, num_warps=_warps(block_h * block_p))
+
+
 def rotary_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
             interleaved: bool = False) -> None:
     """Rotate, in place, the first `heads` heads of every row of qkv (tokens, width), unit-stride rows: pairs
@@ -99,31 +121,43 @@ def rotary_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin
     contiguous values per token (r = head_dim, or fewer: a partial rotary embedding)."""
     tokens, pairs = qkv.shape[0], cos.shape[-1]
     cos, sin = cos.reshape(tokens, pairs), sin.reshape(tokens, pairs)
-    block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(pairs)
     _rotary_kernel[(tokens,)](qkv, cos, sin, qkv.stride(0), cos.stride(0), heads, HEAD_DIM=head_dim, PAIRS=pairs,
-                              INTERLEAVED=interleaved, BLOCK_H=block_h, BLOCK_P=block_p,
-                              num_warps=_warps(block_h * block_p), **dependent_launch(qkv))
+                              INTERLEAVED=interleaved, **rotary_launch(heads, pairs), **dependent_launch(qkv))
+
+
+# what a kernel's GATED argument names: its inputs as they are, or act(gate) * up from [gate, up] rows
+GATED_CODES = {None: 0, "silu": 1, "gelu_tanh": 2}
 
 
 @triton.jit
-def _gated_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, GELU: tl.constexpr, BLOCK: tl.constexpr,
-                  PDL: tl.constexpr):
-    """act(gate) rounded to the dtype, times up, for one row's BLOCK columns: SiLU, or GELU's tanh form."""
-    wait_for_earlier_kernels(PDL)
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < width
-    gate = tl.load(gate_up_ptr + row * stride_in + offs, mask=mask, other=0.0)
-    up = tl.load(gate_up_ptr + row * stride_in + width + offs, mask=mask, other=0.0)
+def load_inputs(ptr, offsets, mask, width, GATED: tl.constexpr):
+    """The values at ptr + offsets, or with GATED (GATED_CODES) act(gate) rounded to the dtype, times up, rounded
+    to the dtype, for rows [gate, up] whose up is width values after its gate: what _gated_kernel stores, so that a
+    product can take its inputs from the gate/up product's output without that kernel between (masked: 0)."""
+    gate = tl.load(ptr + offsets, mask=mask, other=0.0)
+    if GATED == 0:
+        return gate
+    up = tl.load(ptr + offsets + width, mask=mask, other=0.0)
     g = gate.to(tl.float32)
-    if GELU:  # 0.5 g (1 + tanh(u)), with 1 + tanh(u) = 2 / (1 + e) for u >= 0, else 2 e / (1 + e), e = exp(-2|u|)
+    if GATED == 2:  # 0.5 g (1 + tanh(u)), with 1 + tanh(u) = 2 / (1 + e) for u >= 0, else 2 e / (1 + e), e = exp(-2|u|)
         inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
         e = tl.exp(-2.0 * tl.abs(inner))
         activated = g * tl.where(inner >= 0, 1.0, e) / (1.0 + e)
     else:
         activated = g / (1.0 + tl.exp(-g))
-    product = activated.to(gate.dtype).to(tl.float32) * up.to(tl.float32)
-    tl.store(out_ptr + row * stride_out + offs, product.to(gate.dtype), mask=mask)
+    return (activated.to(gate.dtype).to(tl.float32) * up.to(tl.float32)).to(gate.dtype)
+
+
+@triton.jit
+def _gated_kernel(gate_up_ptr, out_ptr, width, stride_in, stride_out, GATED: tl.constexpr, BLOCK: tl.constexpr,
+                  PDL: tl.constexpr):
+    """act(gate) * up for one row's BLOCK columns (load_inputs)."""
+    wait_for_earlier_kernels(PDL)
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < width
+    tl.store(out_ptr + row * stride_out + offs, load_inputs(gate_up_ptr + row * stride_in, offs, mask, width, GATED),
+             mask=mask)
 
 
 def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
@@ -131,6 +165,6 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     rows, width = gate_up.shape[0], gate_up.shape[1] // 2
     out = torch.empty(rows, width, dtype=gate_up.dtype, device=gate_up.device)
     grid = (rows, triton.cdiv(width, GATED_BLOCK))
-    _gated_kernel[grid](gate_up, out, width, gate_up.stride(0), out.stride(0), GELU=activation == "gelu_tanh",
+    _gated_kernel[grid](gate_up, out, width, gate_up.stride(0), out.stride(0), GATED=GATED_CODES[activation],
                         BLOCK=GATED_BLOCK, num_warps=4, **dependent_launch(gate_up))
     return out

@@ -137,6 +137,18 @@ class LCQLinear(torch.nn.Module):
             return self._index.linear(x, swiglu=True)
         return half_swiglu(x, self._half) if self._half is not None else None
 
+    def gated_product(self, gate_up: torch.Tensor, activation: str) -> torch.Tensor | None:
+        """This layer's product of act(gate) * up for gate_up (..., 2 K) = [gate, up] (an MLP's down_proj) where the
+        CUDA kernels compute the activation as they load their inputs, so that no kernel of its own runs between the
+        two products (triton_linear's gated); else None (CPU tensors, activations they do not compute)."""
+        if self.cache_dense or not (gate_up.is_cuda and HAS_TRITON):
+            return None
+        from .elementwise import GATED, fusing_steps
+        if activation not in GATED or not fusing_steps():
+            return None
+        from .triton_linear import triton_linear
+        return triton_linear(gate_up, self._packed(), gated=activation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cache_dense:
             return lcq_linear(x, self._packed())

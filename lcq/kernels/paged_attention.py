@@ -39,6 +39,7 @@ from triton.runtime.errors import OutOfResources
 
 from .arrival_counters import arrival_counters
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
+from .elementwise import rotary_launch, rotate_token
 
 BLOCK_N = 32  # cached tokens per tile
 PROGRAMS_PER_SM = 4  # decode attention splits contexts until a step has this many programs per multiprocessor
@@ -48,12 +49,11 @@ MIN_DOT_ROWS = 16  # tl.dot needs at least 16 rows
 
 
 @triton.jit
-def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr):
-    """LIMIT > 0: the cache dtype's largest value, to which values are clamped before they are rounded
-    to it (a narrower cache than the activations: fp8)."""
-    wait_for_earlier_kernels(PDL)
-    token = tl.program_id(0)
+def _store_token(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, token, stride_k, stride_v,
+                 ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr):
+    """The token's k and v rows (ROW values each) into its slot, unless the slot is -1. LIMIT > 0: the cache dtype's
+    largest value, to which values are clamped before they are rounded to it (a narrower cache than the
+    activations: fp8)."""
     slot = tl.load(slot_ptr + token)
     if slot >= 0:
         offs = tl.arange(0, BLOCK)
@@ -69,17 +69,63 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k,
         tl.store(v_cache_ptr + slot * ROW + offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _store_kv_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr):
+    """One token a program (_store_token)."""
+    wait_for_earlier_kernels(PDL)
+    _store_token(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, tl.program_id(0), stride_k, stride_v, ROW, BLOCK,
+                 LIMIT)
+
+
+def _store_constants(k_cache: torch.Tensor, activations: torch.dtype, row: int) -> dict:
+    """ROW, BLOCK and LIMIT of a store of rows of `row` values into k_cache's dtype."""
+    narrower = torch.finfo(k_cache.dtype).max < torch.finfo(activations).max
+    return dict(ROW=row, BLOCK=triton.next_power_of_2(row),
+                LIMIT=float(torch.finfo(k_cache.dtype).max) if narrower else 0.0)
+
+
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """k, v (T, kv_heads, d) into the cache slots slot_mapping (T,); slot -1 is skipped."""
     assert k_cache.is_contiguous() and v_cache.is_contiguous() and k.stride(2) == 1 and v.stride(2) == 1
     row = k.shape[1] * k.shape[2]
     k, v = k.reshape(-1, row), v.reshape(-1, row)  # rows stay strided views of the qkv output
-    narrower = torch.finfo(k_cache.dtype).max < torch.finfo(k.dtype).max
     _store_kv_kernel[(k.shape[0],)](k, v, k_cache, v_cache, slot_mapping, k.stride(0), v.stride(0),
-                                    ROW=row, BLOCK=triton.next_power_of_2(row),
-                                    LIMIT=float(torch.finfo(k_cache.dtype).max) if narrower else 0.0,
-                                    **dependent_launch(k))
+                                    **_store_constants(k_cache, k.dtype, row), **dependent_launch(k))
+
+
+@triton.jit
+def _rotary_store_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, slot_ptr, stride_t, stride_c,
+                            heads, KEYS_AT: tl.constexpr, HEAD_DIM: tl.constexpr, PAIRS: tl.constexpr,
+                            INTERLEAVED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+                            ROW: tl.constexpr, BLOCK: tl.constexpr, LIMIT: tl.constexpr, PDL: tl.constexpr):
+    """One token a program: its queries and keys rotated in place (rotate_token), then its keys and values, which
+    start KEYS_AT values into the row, stored (_store_token), once every thread's rotated values have landed."""
+    wait_for_earlier_kernels(PDL)
+    token = tl.program_id(0)
+    rotate_token(qkv_ptr, cos_ptr, sin_ptr, token, stride_t, stride_c, heads, HEAD_DIM, PAIRS, INTERLEAVED, BLOCK_H,
+                 BLOCK_P)
+    tl.debug_barrier()  # the program's stores are visible to all its threads past it
+    _store_token(qkv_ptr + KEYS_AT, qkv_ptr + KEYS_AT + ROW, k_cache_ptr, v_cache_ptr, slot_ptr, token, stride_t,
+                 stride_t, ROW, BLOCK, LIMIT)
+
+
+def rotary_store_kv(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """elementwise.rotary_ of the queries' and keys' heads of qkv (T, (heads + 2 kv_heads) d), then store_kv of its
+    keys and values, in one launch: a decode step's kernel a layer fewer. Same contract as the two."""
+    assert k_cache.is_contiguous() and v_cache.is_contiguous() and qkv.stride(-1) == 1
+    tokens, pairs = qkv.shape[0], cos.shape[-1]
+    cos, sin = cos.reshape(tokens, pairs), sin.reshape(tokens, pairs)
+    heads, row = num_heads + num_kv_heads, num_kv_heads * head_dim
+    store = _store_constants(k_cache, qkv.dtype, row)
+    rotation = rotary_launch(heads, pairs)
+    rotation["num_warps"] = max(rotation["num_warps"], 4)  # as many as store_kv's launch had at least
+    _rotary_store_kv_kernel[(tokens,)](qkv, cos, sin, k_cache, v_cache, slot_mapping, qkv.stride(0), cos.stride(0),
+                                       heads, KEYS_AT=num_heads * head_dim, HEAD_DIM=head_dim, PAIRS=pairs,
+                                       INTERLEAVED=interleaved, **rotation, **store, **dependent_launch(qkv))
 
 
 @triton.jit

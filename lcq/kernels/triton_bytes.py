@@ -14,6 +14,7 @@ import triton.language as tl
 from lcq.format import PackedLinear
 
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
+from .elementwise import GATED_CODES, load_inputs
 from .triton_tiles import _rank_scale, _table_entries
 
 INPUT_BYTES_RUNS = 64  # runs of inputs a program of _input_bytes_kernel rounds
@@ -255,11 +256,12 @@ def _in_selector_order(inputs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
 
 @triton.jit
 def _input_bytes_kernel(x_ptr, out_ptr, K, RUNS, stride_xm, stride_om, BITS: tl.constexpr, BLOCK_RUNS: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        GATED: tl.constexpr = 0, PDL: tl.constexpr = False):
     """Row program_id(0)'s inputs as products of bytes take them (PREPARED, _prepared_fields): per run of an index
     word's inputs (16 at 2 and 3 bits, in the selectors' order, _tile_inputs; 8 at 4) FIELDS int32: the run's
     bytes 4 to an int32 (_int8_products' rounding), its scale (largest magnitude / 127) and its sum, fp32 bits, and
-    zeros to FIELDS. RUNS runs a row, past K zeros."""
+    zeros to FIELDS. RUNS runs a row, past K zeros. GATED (elementwise.GATED_CODES): x's rows are [gate, up], the inputs
+    act(gate) * up (elementwise.load_inputs)."""
     PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     QUADS: tl.constexpr = PER_WORD // 4
     FIELDS: tl.constexpr = PER_WORD // 2
@@ -271,7 +273,7 @@ def _input_bytes_kernel(x_ptr, out_ptr, K, RUNS, stride_xm, stride_om, BITS: tl.
     else:
         k = runs[:, None] * PER_WORD + ((slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4))[None, :]
     wait_for_earlier_kernels(PDL)  # x is an earlier kernel's output
-    x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    x = load_inputs(x_ptr + row * stride_xm, k, k < K, K, GATED).to(tl.float32)
     largest = tl.max(tl.abs(x), axis=1)
     codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, None])
     quads = tl.sum(tl.reshape(codes, (BLOCK_RUNS, QUADS, 4)) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
@@ -293,14 +295,14 @@ def byte_slots(device: torch.device) -> torch.Tensor:
     return slots
 
 
-def input_bytes(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+def input_bytes(x: torch.Tensor, layer: PackedLinear, gated: str | None = None) -> torch.Tensor:
     """x (M, K) as products of bytes of layer take it prepared (_input_bytes_kernel): int32 (M, K_pad / 2), K_pad
-    the layer's groups' width."""
-    m, k = x.shape
+    the layer's groups' width; with gated (elementwise.GATED), act(gate) * up of x (M, 2 K) = [gate, up]."""
+    m, k = x.shape[0], layer.in_features
     padded = layer.num_groups * layer.group_size
     runs = padded // (8 if layer.bits == 4 else 16)
     out = torch.empty(m, padded // 2, dtype=torch.int32, device=x.device)
     _input_bytes_kernel[(m, triton.cdiv(runs, INPUT_BYTES_RUNS))](
         x, out, k, runs, x.stride(0), out.stride(0), BITS=layer.bits, BLOCK_RUNS=INPUT_BYTES_RUNS,
-        **dependent_launch(x))
+        GATED=GATED_CODES[gated], **dependent_launch(x))
     return out

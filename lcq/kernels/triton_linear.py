@@ -35,6 +35,7 @@ from lcq.format import PackedLinear
 from .arrival_counters import arrival_counters
 from .compile_ahead import compile_ahead
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
+from .elementwise import GATED_CODES, gated_activation
 from .experts import ExpertRoutes, PackedExperts
 from .gpu_timing import graph_time
 from .triton_bytes import (_book_weights, _in_selector_order, _int8_book, _int8_products, byte_slots,
@@ -80,7 +81,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    REDUCE_K: tl.constexpr = False, PREFETCH: tl.constexpr = False, GROUPED: tl.constexpr = False,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
                    INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False,
-                   PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None, PARTIAL_GROUP: tl.constexpr = False):
+                   PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None, PARTIAL_GROUP: tl.constexpr = False,
+                   GATED: tl.constexpr = 0):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -109,10 +111,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     and midrange applied after the product.
     PDL (dependent_launch.py; not with GROUPED, whose rows come from earlier kernels): the words and codes of
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x.
-    PARTIAL_GROUP (K not a multiple of GROUP): the tl.dot forms' weight tiles are zero past K (_within_k)."""
+    PARTIAL_GROUP (K not a multiple of GROUP): the tl.dot forms' weight tiles are zero past K (_within_k).
+    GATED (elementwise.GATED_CODES; not with LUT or PREPARED, whose inputs come from their own kernels): x's rows
+    are an MLP's [gate, up], 2 K wide, and the inputs act(gate) * up (_tile_inputs)."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
     tl.static_assert(not PREPARED or INT8)
+    tl.static_assert(GATED == 0 or not (LUT or PREPARED))
     tl.static_assert(not BYTE_BOOK or (BLOCK_M >= 16 and not INT8 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
     PICKS: tl.constexpr = INT8 or BYTE_BOOK  # weights' codebook bytes picked by prmt (_picked_bytes)
@@ -176,10 +181,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              FP32_INPUTS, SELECTOR_ORDER, PREPARED)
+                              FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED)
+                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in tl.range(start, end, num_stages=STAGES):
         k0 = tile * BLOCK_K
@@ -190,13 +195,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                 next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED)
+                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
         if not CARRIED_WORDS:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
         if not PREFETCH:
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
-                                  SELECTOR_ORDER, PREPARED)
+                                  SELECTOR_ORDER, PREPARED, GATED)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
@@ -335,7 +340,7 @@ DEQUANT_BLOCK_N = 128
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _decode_tuned = triton.autotune(DECODE_CONFIGS,
-                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED"],
+                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED", "GATED"],
                                 do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
@@ -443,15 +448,21 @@ def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
 
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
-           int8: bool | None = None, byte_book: bool | None = None, prepared: bool | None = None) -> torch.Tensor:
+           int8: bool | None = None, byte_book: bool | None = None, prepared: bool | None = None,
+           gated: str | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, STAGES, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
-    where it was timed faster for the shape (lut_wins), autotuned on CUDA. int8: products of bytes (1-2 rows; by
-    default int8_decode). byte_book: weights from byte codebooks (fp16 or bf16; by default byte_book_decode, but
-    not where int8 or lut is asked for). prepared: with int8, the inputs rounded to bytes once by a kernel of their
-    own (input_bytes), not in every program; by default where LCQ_INT8_INPUTS=1."""
-    m, k = x.shape
+    where it was timed faster for the shape (lut_wins), autotuned on CUDA, but not for gated inputs. int8: products
+    of bytes (1-2 rows; by default int8_decode). byte_book: weights from byte codebooks (fp16 or bf16; by default
+    byte_book_decode, but not where int8 or lut is asked for). prepared: with int8, the inputs rounded to bytes once
+    by a kernel of their own (input_bytes), not in every program; by default where LCQ_INT8_INPUTS=1. gated (an
+    activation of elementwise.GATED): x (M, 2 K) is an MLP's [gate, up], and the product's inputs act(gate) * up,
+    computed where the kernel loads them at 1-2 rows (FMA rows, products of bytes), else by gated_activation first."""
+    m = x.shape[0]
+    k = layer.in_features
+    if x.shape[1] != (2 * k if gated else k):
+        raise ValueError(f"the layer takes {k} inputs{' as gate and up halves' if gated else ''}, not {x.shape[1]}")
     n = layer.out_features
     if int8 is None:
         int8 = int8_decode(x, decode_block_m(m), layer.bits)
@@ -462,7 +473,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
         _check_byte_book(x, block_m)
     if lut is None:
         lut = not (int8 or byte_book) and x.is_cuda and config is None and m == 1 and layer.bits == 2 \
-            and lut_wins(x, layer)
+            and gated is None and lut_wins(x, layer)
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
     if int8 and (m > 2 or lut):
@@ -473,17 +484,22 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
         prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1"
     if prepared and not int8:
         raise ValueError("prepared inputs serve products of bytes only")
+    if gated and (lut or block_m >= 16):  # the pair table's kernel reads the inputs as they are; the tl.dot forms
+        # would compute each input's activation in every column tile (sm_90 SASS at 16-32 rows: 1.5-1.9x the loop's
+        # instructions, against 1.02-1.09x at 1-2 rows)
+        x, gated = gated_activation(x, gated), None
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
-    inputs = input_bytes(x, layer) if prepared else x
+    inputs = input_bytes(x, layer, gated) if prepared else x
     args = (inputs, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
             inputs.stride(0), out.stride(0),
             1, 0, pairs)
     consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
-                  BYTE_BOOK=byte_book, ASM=x.is_cuda, PREPARED=prepared, **dependent_launch(x))
+                  BYTE_BOOK=byte_book, ASM=x.is_cuda, PREPARED=prepared,
+                  GATED=0 if prepared else GATED_CODES[gated], **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -652,11 +668,14 @@ def dense_product(x: torch.Tensor, layer: PackedLinear, slab_bytes: int | None =
     return out
 
 
-def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
+def triton_linear(x: torch.Tensor, layer: PackedLinear, gated: str | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to DECODE_MAX_M rows, the fused GEMM
-    kernel below DENSE_MIN_M rows, dequantize + cuBLAS from there on."""
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
+    kernel below DENSE_MIN_M rows, dequantize + cuBLAS from there on. gated (an activation of elementwise.GATED):
+    x (..., 2 K) is an MLP's [gate, up] and the product's inputs act(gate) * up, which the decode kernel computes
+    as it loads them at 1-2 rows (a launch a layer fewer), the others from gated_activation's output."""
+    width = 2 * layer.in_features if gated else layer.in_features
+    if x.shape[-1] != width:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {width}")
     if x.numel() == 0:
         return x.new_zeros(*x.shape[:-1], layer.out_features)
     rows = x.reshape(-1, x.shape[-1])
@@ -664,9 +683,9 @@ def triton_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
         rows = rows.contiguous()
     m = rows.shape[0]
     if m <= DECODE_MAX_M:
-        out = decode(rows, layer)
-    elif m < DENSE_MIN_M:
-        out = gemm(rows, layer)
+        out = decode(rows, layer, gated=gated)
     else:
-        out = dense_product(rows, layer)
+        if gated:
+            rows = gated_activation(rows, gated)
+        out = gemm(rows, layer) if m < DENSE_MIN_M else dense_product(rows, layer)
     return out.reshape(*x.shape[:-1], layer.out_features)

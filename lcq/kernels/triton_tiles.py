@@ -10,6 +10,8 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
+from .elementwise import load_inputs
+
 # Triton 3.6 (the GPU image's) lays out a gather whose addresses have no known contiguity along its
 # first dimension, 3.7 and later along its last: the V gather runs (columns, depth) on 3.6 and
 # (depth, columns) after, so that threads run along the columns either way. The other orientation
@@ -207,7 +209,8 @@ def _within_k(w, k0, K, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
-                 FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr, PREPARED: tl.constexpr = False):
+                 FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr, PREPARED: tl.constexpr = False,
+                 GATED: tl.constexpr = 0):
     """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
     the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
     FP32 (one row, and products of bytes): converted where they are loaded, a tile ahead with PREFETCH, each
@@ -217,7 +220,9 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
     SELECTOR_ORDER (products of bytes at 2 bits): in the order _int8_products multiplies them, slot 4j + i of each
     16 input (j & 1) + 8 (j >> 1) + 2i of that 16.
     PREPARED (products of bytes): x_ptr holds the inputs as input_bytes() prepared them, int32 (BLOCK_M, BLOCK_K / 2)
-    a tile (_prepared_fields)."""
+    a tile (_prepared_fields).
+    GATED (elementwise.GATED_CODES): x_ptr's rows are [gate, up] of width 2 K, the inputs act(gate) * up
+    (elementwise.load_inputs), computed as the MLP's activation kernel computes them, which then need not run."""
     if PREPARED:
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :],
                          mask=m_mask[:, None], other=0)
@@ -230,8 +235,8 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
         if SELECTOR_ORDER:
             slot = k_idx % 16
             k_idx = k_idx - slot + (slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4)
-        inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k_idx[None, :],
-                         mask=m_mask[:, None] & (k_idx[None, :] < K), other=0.0)
+        inputs = load_inputs(x_ptr + x_rows[:, None] * stride_xm, k_idx[None, :],
+                             m_mask[:, None] & (k_idx[None, :] < K), K, GATED)
         if FP32:
             inputs = inputs.to(tl.float32)
     return inputs

@@ -139,6 +139,23 @@ class PagedAttention:
             sequences.append((begin, end, first, length, mask))
         return sequences
 
+    def rotate_and_write(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim: int, cos: torch.Tensor,
+                         sin: torch.Tensor, interleaved: bool, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+        """On CUDA, layers.rotary_qkv's rotation of qkv (T, (heads + 2 kv_heads) d) in place and write's of its keys and
+        values in one kernel (a decode step's launch a layer fewer); False, having done nothing, where that kernel
+        does not take them (then rotary_qkv and write)."""
+        if not (self.use_triton and qkv.dim() == 2 and qkv.stride(-1) == 1 and 2 * cos.shape[-1] <= head_dim
+                and qkv.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                and cos.is_contiguous() and sin.is_contiguous()):
+            return False
+        from lcq.kernels.elementwise import fusing_steps
+        if not fusing_steps():
+            return False
+        from lcq.kernels.paged_attention import rotary_store_kv
+        rotary_store_kv(qkv, num_heads, num_kv_heads, head_dim, cos, sin, interleaved, k_cache, v_cache,
+                        self.context.slot_mapping)
+        return True
+
     def write(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """k, v (T, kv_heads, d) of the new tokens into their slots; slot -1 (padding) is skipped."""
         if self.use_triton:

@@ -121,10 +121,15 @@ class Attention(torch.nn.Module):
             qkv = torch.cat([queries.flatten(1), keys_values], dim=-1)
         if self.q_norm is not None and not self.norm_after_rotary:
             self._norm_queries_keys(qkv[:, :self.num_heads * self.head_dim], qkv[:, self.num_heads * self.head_dim:])
-        q, k, v = rotary_qkv(qkv, self.num_heads, self.num_kv_heads, self.head_dim, *rope, self.interleaved_rotary)
-        if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
-            self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
-        attention.write(k, v, self.k_cache, self.v_cache)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim)
+        if (self.q_norm is None or not self.norm_after_rotary) and attention.rotate_and_write(
+                qkv, *heads, *rope, self.interleaved_rotary, self.k_cache, self.v_cache):
+            q = qkv[:, :self.num_heads * self.head_dim].view(-1, self.num_heads, self.head_dim)
+        else:
+            q, k, v = rotary_qkv(qkv, *heads, *rope, self.interleaved_rotary)
+            if self.q_norm is not None and self.norm_after_rotary:  # Hunyuan
+                self._norm_queries_keys(q.view(q.shape[0], -1), k.view(k.shape[0], -1))
+            attention.write(k, v, self.k_cache, self.v_cache)
         out = attention.attend(q, self.k_cache, self.v_cache, self.scale, self.window, self.softcap, self.sinks,
                                self.temperature)
         if gate is not None and cpu_ops.usable(out, gate) and out.is_contiguous():  # the C step's own kernel
@@ -163,8 +168,12 @@ class MLP(torch.nn.Module):
         if self.xielu is not None:
             activated = xielu(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora), self.xielu)
         if activated is None:
-            activated = mlp_activation(project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora),
-                                       self.activation, *self.swiglu)
+            gate_up = project(self.gate_up_proj, f"{self.prefix}.gate_up_proj", x, lora)
+            if lora is None:  # on CUDA, LCQ layers' kernels compute the activation as they load their inputs
+                out = self.down_proj.gated_product(gate_up, self.activation)
+                if out is not None:
+                    return out
+            activated = mlp_activation(gate_up, self.activation, *self.swiglu)
         return project(self.down_proj, f"{self.prefix}.down_proj", activated, lora)
 
 
