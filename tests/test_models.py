@@ -709,6 +709,41 @@ def test_latent_attention_through_the_triton_kernels(tmp_path, monkeypatch):
     _check_against(reference, model, PROMPTS[:2], decode_steps=2, chunk=4)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+@pytest.mark.parametrize("fused", ["1", "0"])
+def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch, fused):
+    """An LCQ Llama's forward passes as a GPU runs them, in Triton's interpreter on CPU tensors: the products, the
+    norms, the rotary embedding with the cache write in one kernel, the MLP's activation inside the down product (at
+    the decode steps' 2 rows), paged attention: transformers' logits with the dequantized weights. LCQ_FUSED_STEPS=0:
+    the same, each step its own kernel."""
+    from lcq.kernels import elementwise, linear, paged_attention, triton_linear
+    from lcq.models import attention
+
+    monkeypatch.setenv("LCQ_FUSED_STEPS", fused)
+    monkeypatch.setattr(cpu_ops, "ENABLED", False)
+    monkeypatch.setattr(linear, "runs_triton", lambda x: True)
+    start = attention.PagedAttention.__init__
+
+    def on_triton(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        self.use_triton, self.use_cpu_ops = True, False
+
+    monkeypatch.setattr(attention.PagedAttention, "__init__", on_triton)
+    launches = []  # the kernels of their own that the fused steps save
+    for module, name in ((paged_attention, "rotary_store_kv"), (paged_attention, "store_kv"),
+                         (elementwise, "gated_activation"), (triton_linear, "gated_activation")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *args, real=real, name=name: launches.append(name) or real(*args))
+    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32, method="rtn")
+    model, _ = load_model(folder, cache_dense=False)
+    _check_against(load_reference_model(folder), model, PROMPTS[:2], decode_steps=2)
+    steps = 3 * len(model.layers)  # the prompts' step and two decode steps, each layer
+    assert launches.count("rotary_store_kv") == (steps if fused == "1" else 0)
+    assert launches.count("store_kv") == (0 if fused == "1" else steps)
+    # at the prompts' 14 rows the down product (tl.dot rows) takes the activation kernel's output, at 2 rows not
+    assert launches.count("gated_activation") == (steps // 3 if fused == "1" else steps)
+
+
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):
     """The Hub's MXFP4 experts read as each expert's gate, up and down matrices: exactly transformers' own
     decoding (dequantize=True) of the same codes, their biases as stored."""

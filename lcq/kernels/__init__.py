@@ -6,6 +6,7 @@ import os
 # instructions would do without. A value the user set is kept.
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+from . import linear  # noqa: E402
 from .linear import HAS_TRITON, LCQLinear, lcq_linear  # noqa: E402
 
-__all__ = ["HAS_TRITON", "LCQLinear", "lcq_linear"]
+__all__ = ["HAS_TRITON", "LCQLinear", "lcq_linear", "linear"]

@@ -20,10 +20,17 @@ from .cpu_matmul import dense_linear, half_copy, half_swiglu, pack_weight
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # (the Triton modules are imported where used)
 
 
+def runs_triton(x: torch.Tensor) -> bool:
+    """Whether x's products and a layer's steps take the Triton kernels: CUDA tensors, where triton is installed.
+    The one place that says so (the tests of a decode step's wiring make it true for CPU tensors, which Triton's
+    interpreter then runs as a GPU would)."""
+    return HAS_TRITON and x.is_cuda
+
+
 def lcq_linear(x: torch.Tensor, layer: PackedLinear) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K) and the packed W (N, K): the Triton kernels for CUDA
     tensors, else W dequantized in x's dtype."""
-    if x.is_cuda and x.numel() and HAS_TRITON:
+    if runs_triton(x) and x.numel():
         from .triton_linear import triton_linear
         return triton_linear(x, layer)
     bias = None if layer.bias is None else layer.bias.to(x.dtype)
@@ -141,7 +148,7 @@ class LCQLinear(torch.nn.Module):
         """This layer's product of act(gate) * up for gate_up (..., 2 K) = [gate, up] (an MLP's down_proj) where the
         CUDA kernels compute the activation as they load their inputs, so that no kernel of its own runs between the
         two products (triton_linear's gated); else None (CPU tensors, activations they do not compute)."""
-        if self.cache_dense or not (gate_up.is_cuda and HAS_TRITON):
+        if self.cache_dense or not runs_triton(gate_up):
             return None
         from .elementwise import GATED, fusing_steps
         if activation not in GATED or not fusing_steps():

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from lcq.format import PackedLinear, dequantize, output_rows
-from lcq.kernels import HAS_TRITON, cpu_ops
+from lcq.kernels import cpu_ops, linear
 
 
 def _on_gpu(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     """True where lcq.kernels.elementwise takes a step: x CUDA rows (tokens, width) of unit stride in a dtype it
     handles, and the other tensors (None: absent) in x's dtype with unit-stride rows too."""
-    if not (HAS_TRITON and x.is_cuda and x.dim() == 2 and x.stride(-1) == 1
+    if not (linear.runs_triton(x) and x.dim() == 2 and x.stride(-1) == 1
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return False
     return all(t is None or (t.dtype == x.dtype and t.stride(-1) == 1) for t in others)
