@@ -493,9 +493,9 @@ LONG_PROMPT_TOKENS = 1900  # with its 128 new tokens, within the 7B runs' max_mo
 # (LCQ_INT8_INPUTS=1, triton_linear.input_bytes) at batch 1, or each step waiting for the last one's tokens before
 # it is launched (async_scheduling off: the host's work between steps then leaves the GPU idle) at batch 1 and 8, or
 # the prompts' products from slabs of W^T at every row count (LCQ_DENSE_SLAB_MB set; triton_linear.DENSE_SLAB_MIN_M)
-# at batch 1, for its TTFT, or the MLP's activation and the rotation with the cache write each a kernel of their own
-# (LCQ_FUSED_STEPS=0; lcq.kernels.elementwise.fusing_steps) at batch 1; and the engine settings the variant's engine
-# is loaded with.
+# at batch 1, for its TTFT, or the norms, residual adds, MLP activation and rotation with the cache write each a
+# kernel of their own, not inside the products (LCQ_FUSED_STEPS=0; lcq.kernels.elementwise.fusing_steps) at batch 1;
+# and the engine settings the variant's engine is loaded with.
 EXACT = {"LCQ_INT8_DECODE": "0", "LCQ_BYTE_BOOK": "0"}
 GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", return_value=False), 1, {}),
                 "no-pdl": (lambda: mock.patch.dict(os.environ, {"LCQ_PDL": "0"}), 1, {}),

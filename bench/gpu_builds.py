@@ -36,6 +36,13 @@ FP8_ARCH = 89  # an fp8 KV cache (float8 e4m3) from compute capability 8.9 (runt
 LINEAR_FORMS = {
     "products of bytes, 1 row, W2 r2": (("decode", 2, 2, 128, 1, 64, 2, True, False), dict(depth=128, int8=True)),
     "products of bytes, 2 rows, W3 r2": (("decode", 3, 2, 128, 2, 64, 2, True, False), dict(depth=128, int8=True)),
+    # a decode step's of 1-2 rows on the residual stream: QKV and gate/up reading its norm, the down product
+    # SiLU(gate) x up and adding to it (o_proj adds alike)
+    "products of bytes of the stream's norm, 1 row, W2 r2": (("decode", 2, 2, 128, 1, 64, 2, True, False),
+                                                            dict(depth=128, int8=True, normed=True)),
+    "products of bytes of SiLU(gate) x up to the stream, 1 row, W2 r2": (("decode", 2, 2, 128, 1, 64, 2, True, False),
+                                                                         dict(depth=128, int8=True, gated=1,
+                                                                              residual=True)),
     "byte codebooks, 32 rows, W2 r2": (("decode", 2, 2, 128, 32, 64, 4, False, False),
                                        dict(depth=128, stages=1, byte_book=True)),
     "FMA rows, 1 row, W4 r2": (("decode", 4, 2, 128, 1, 64, 2, False, False), dict(stages=2)),
@@ -77,6 +84,32 @@ def compile_attention(kind: str, head_dim: int, dtype: str, arch: int, stages: i
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
+def compile_rotary_store(head_dim: int, dtype: str, arch: int, cache: str | None = None, heads: int = 32,
+                         kv_heads: int = 8):
+    """The rotation of queries and keys with the cache write (paged_attention._rotary_store_kv_kernel) as the runtime
+    launches it for heads of head_dim, over a cache of dtype or of `cache` (fp8e4nv)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from lcq.kernels import paged_attention
+    from lcq.kernels.elementwise import rotary_launch
+    fn = paged_attention._rotary_store_kv_kernel
+    rotation = rotary_launch(heads + kv_heads, head_dim // 2)
+    warps = max(rotation.pop("num_warps"), 4)
+    store = dict(ROW=kv_heads * head_dim, BLOCK=triton.next_power_of_2(kv_heads * head_dim),
+                 LIMIT=448.0 if cache else 0.0)
+    constants = dict(KEYS_AT=heads * head_dim, HEAD_DIM=head_dim, PAIRS=head_dim // 2, INTERLEAVED=False,
+                     PDL=arch >= 90, **rotation, **store)
+    names = fn.arg_names
+    cache = cache or dtype
+    pointers = {"qkv_ptr": f"*{dtype}", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "k_cache_ptr": f"*{cache}",
+                "v_cache_ptr": f"*{cache}", "slot_ptr": "*i64"}
+    signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
+    source = ASTSource(fn=fn, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    options = {"num_warps": warps, **({"launch_pdl": True} if arch >= 90 else {})}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def _row(arch: int, kernel: str, dtype: str, build, stages: tuple[int, ...] = (None,)) -> dict:
     """What a build takes: registers, stack (spilled registers) and shared memory (from the cubin, by cuobjdump:
     n_regs and n_spills come only with a loaded kernel), and whether it fits the architecture; with stages, the
@@ -100,7 +133,8 @@ def _row(arch: int, kernel: str, dtype: str, build, stages: tuple[int, ...] = (N
 
 def builds(archs: list[int], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
            head_dims: tuple[int, ...] = HEAD_DIMS) -> list[dict]:
-    """Every default linear form and both attention kernels, for each architecture and activation dtype (not byte
+    """Every default linear form, both attention kernels and the rotation with the cache write, for each architecture
+    and activation dtype (not byte
     codebooks for fp32, which the runtime never takes for them, nor for bf16 before sm_80:
     triton_linear._byte_book_dtype); from FP8_ARCH the attention kernels over an fp8 cache too, at head 128."""
     rows = []
@@ -119,6 +153,12 @@ def builds(archs: list[int], dtypes: tuple[str, ...] = ("fp16", "bf16", "fp32"),
                     rows.append(_row(arch, f"{kind} attention, head 128, fp8 cache", dtype,
                                      lambda count: compile_attention(kind, 128, dtype, arch, count, cache="fp8e4nv"),
                                      ATTENTION_STAGES))
+            for head_dim in head_dims:
+                rows.append(_row(arch, f"rotation and cache write, head {head_dim}", dtype,
+                                 lambda _: compile_rotary_store(head_dim, dtype, arch)))
+            if arch >= FP8_ARCH and dtype != "fp32" and 128 in head_dims:
+                rows.append(_row(arch, "rotation and cache write, head 128, fp8 cache", dtype,
+                                 lambda _: compile_rotary_store(128, dtype, arch, cache="fp8e4nv")))
     return rows
 
 

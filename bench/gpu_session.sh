@@ -104,7 +104,7 @@ step 60 20 warm-generate "$py" bench/kernels.py --warm "$workers" --warm-only --
 # numbers after them are only worth what these say. On the H100 (2026-12-05) the 69 of them took ~210 s.
 check="dependent_launch or layers_dispatch or cuda_graphs or cuda_model_follows or compiled_pair_table"
 check+=" or paged_attention_on_cuda or compiled_products_of_bytes or compiled_byte_codebooks or fp8 or launched_ahead"
-check+=" or compiled_ahead or gated_products or rotary_and_cache_write"
+check+=" or compiled_ahead or gated_products or rotary_and_cache_write or residual_stream"
 gpu_tests=(tests/test_elementwise.py tests/test_kernels.py tests/test_models.py tests/test_runtime.py
            tests/test_quantizer.py tests/test_speculative.py tests/test_kv_groups.py tests/test_attention_window.py)
 step 240 60 test-gpu-decode "$py" -m pytest -q -n "$workers" --tb=short -rfE -p no:cacheprovider -m gpu -k "$check" \

@@ -483,11 +483,13 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
                    reduce_k: bool = False, prefetch: bool = False, stages: int = 2, depth: int | None = None,
                    lut: bool = False, book: bool = False, int8: bool = False, byte_book: bool = False,
                    dtype: str = "fp16", prepared: bool = False, loop_stages: int | None = None,
-                   partial_group: bool = False, arch: int = 90, gated: int = 0):
+                   partial_group: bool = False, arch: int = 90, gated: int = 0, normed: bool = False,
+                   residual: bool = False):
     """Compile one kernel variant for an NVIDIA GPU of compute capability arch / 10 (sm_90: H100) with triton's
     bundled ptxas; no device needed. dtype: the activations' (fp16, bf16 or fp32); prepared: products of bytes of
     inputs input_bytes() prepared; partial_group: K not a multiple of the group (the tl.dot forms' tiles zero past
-    K); gated: the MLP's activation computed from [gate, up] inputs (elementwise.GATED_CODES). The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
+    K); gated: the MLP's activation computed from [gate, up] inputs (elementwise.GATED_CODES); normed: the inputs the
+    RMSNorm of the residual stream (K = 4096); residual: the output added to the stream. The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -496,7 +498,8 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
     pointers = {"x_ptr": "*i32" if prepared else f"*{dtype}", "qw_ptr": "*i32", "sq_ptr": "*i8", "ss_ptr": "*fp16", "bq_ptr": "*i8",
                 "bs_ptr": "*fp16", "v_ptr": "*fp32", "vi_ptr": "*i32", "bias_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
                 "ws_ptr": "*fp32", "counter_ptr": "*i32", "rows_ptr": "*i32", "experts_ptr": "*i32", "lut_ptr": "*fp32",
-                "slots_ptr": "*i32"}
+                "slots_ptr": "*i32", "norm_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "partials_ptr": "*fp32",
+                "eps": "fp32"}
     constants = dict(BITS=bits, RANK=rank, RANKS=triton.next_power_of_2(rank), GROUP=group, HAS_BIAS=False,
                      SELECT=kernels.uses_select(bits),
                      DOT_IN_FP32=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=depth or kernels.block_k(group),
@@ -504,14 +507,14 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
     if kernel == "decode":
         constants.update(REDUCE_K=reduce_k, PREFETCH=prefetch, LUT=lut, GROUPED=False, PDL=arch >= 90, BOOK=book,
                          INT8=int8, BYTE_BOOK=byte_book, ASM=True, PREPARED=prepared, STAGES=loop_stages,
-                         GATED=gated)
+                         GATED=gated, NORMED=normed, NORM_PARTS=256 if normed else 1, RESIDUAL=residual)
     elif kernel == "gemm":
         constants.update(GROUP_M=8)
     names = fn.arg_names
     constants = {name: value for name, value in constants.items() if name in names}
     signature = {n: pointers.get(n, "constexpr" if n in constants else "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n in names
-               if n not in constants and n not in ("M", "SPLIT_K")}
+               if n not in constants and n not in ("M", "SPLIT_K", "eps", "PARTIALS")}
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
     options = {"num_warps": warps, "num_stages": stages, **({"launch_pdl": True} if kernel == "decode" and arch >= 90

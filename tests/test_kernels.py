@@ -768,6 +768,63 @@ def test_gated_inputs_are_the_activation_kernels_output(bits, rank, group, k, m,
     assert activations == ([] if m <= 2 and not form.get("lut") else [activation])
 
 
+def _row_squares(stream: torch.Tensor) -> torch.Tensor:
+    """Each row's sums of squares by ROW_PART columns, fp32, as a product adding into the stream writes them."""
+    part = triton_linear.ROW_PART.value
+    padded = torch.nn.functional.pad(stream.float(), (0, -stream.shape[1] % part))
+    return padded.square().view(stream.shape[0], -1, part).sum(-1)
+
+
+STREAM_FORMS = [  # bits, rank, group, K, M, dtype, decode's keywords: FMA rows and products of bytes at 1-2 rows
+    (2, 2, 64, 100, 1, torch.float32, {}),
+    (3, 1, 64, 100, 2, torch.bfloat16, {"config": {"REDUCE_K": True, "PREFETCH": True}}),
+    (2, 2, 128, 300, 1, torch.float16, {"int8": True, "config": {"REDUCE_K": True, "BLOCK_K": 128, "STAGES": 3}}),
+    (4, 2, 128, 300, 2, torch.float16, {"int8": True, "config": {"REDUCE_K": True, "PREFETCH": 2, "SPLIT_K": 1}}),
+]
+
+
+@pytest.mark.parametrize("bits,rank,group,k,m,dtype,form", STREAM_FORMS)
+def test_products_on_the_residual_stream(bits, rank, group, k, m, dtype, form):
+    """The residual stream's products at 1-2 rows: one adding into the stream (residual) gives the product plus the
+    stream as the norm's add rounds it (exactly, but for the interpreter's bf16; fresh rows, the stream untouched) and the new stream's sums of
+    squares by ROW_PART columns; one reading it through a norm (norm_weight) gives the product of the norm's output
+    (elementwise.add_rms_norm's arithmetic, each row's scale from those sums), to a unit of the dtype in an input."""
+    from lcq.kernels.elementwise import add_rms_norm
+
+    form = {**form, "config": {**SMALL_DECODE, **form.get("config", {})}}
+    torch.manual_seed(k + m)
+    layer = random_layer(40, k, bits, rank, group, seed=bits + m)
+    x, stream = torch.randn(m, k).to(dtype), (torch.randn(m, 40) * 4).to(dtype)
+    before = stream.clone()
+    squares = torch.full((m, 3), float("nan"))
+    added = triton_linear.decode(x, layer, residual=stream, squares=squares, **form)
+    expected = (triton_linear.decode(x, layer, **form).float() + stream.float()).to(dtype)
+    if dtype == torch.bfloat16:  # the interpreter truncates fp32 to bf16 where torch (and a GPU) rounds
+        torch.testing.assert_close(added, expected, rtol=torch.finfo(dtype).eps, atol=0)
+    else:
+        assert torch.equal(added, expected)
+    assert torch.equal(stream, before)
+    torch.testing.assert_close(squares, _row_squares(added), rtol=1e-5, atol=0)
+    normer = random_layer(24, 40, bits, rank, group, seed=3)
+    weight, eps = (torch.rand(40) + 0.5).to(dtype), 1e-5
+    y = triton_linear.decode(added, normer, norm_weight=weight, eps=eps, squares=squares, **form)
+    expected = triton_linear.decode(add_rms_norm(added, weight, eps)[0], normer, **form)
+    assert_close(y.double(), expected.double(), torch.float64, TOLERANCE[dtype])
+
+
+def test_residual_stream_products_refuse_what_they_do_not_serve():
+    layer = random_layer(40, 64, 2, 1, 32)
+    stream, squares = torch.zeros(16, 40), torch.zeros(16, 3)
+    with pytest.raises(ValueError, match="serve 1-2 rows"):
+        triton_linear.decode(torch.randn(16, 64), layer, residual=stream, squares=squares)
+    with pytest.raises(ValueError, match="with the pair table"):
+        triton_linear.decode(torch.randn(1, 64), layer, lut=True, residual=stream[:1], squares=squares[:1])
+    with pytest.raises(ValueError, match="sums of squares are \\(1, 4\\)"):
+        triton_linear.decode(torch.randn(1, 64), layer, norm_weight=torch.ones(64), squares=squares[:1])
+    with pytest.raises(ValueError, match="contiguous rows of 40"):
+        triton_linear.decode(torch.randn(1, 64), layer, residual=stream[:1, :20], squares=squares[:1])
+
+
 @pytest.mark.parametrize("m", [1, 70])  # the decode kernel; dequantize + cuBLAS after the activation's kernel
 def test_triton_linear_takes_gated_inputs_at_every_row_count(m):
     from lcq.kernels.elementwise import gated_activation
@@ -897,6 +954,35 @@ def test_compiled_gated_products_on_gpu(dtype, m):
         y = triton_linear.triton_linear(gate_up, layer, gated=activation)
         torch.cuda.synchronize()
         assert_close(y.double(), expected.double(), torch.float64, TOLERANCE[dtype])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2])
+def test_compiled_residual_stream_products_on_gpu(dtype, m):
+    """A 7B layer's products on the residual stream (the default forms, autotuned): o_proj adding to the stream, the
+    gate/up product reading its norm, the down product of act(gate) * up adding to it, against the norm, activation
+    and add kernels with the plain products (each key autotuned apart, so their sums' order may differ), to the
+    products' tolerance."""
+    from lcq.kernels.elementwise import add_rms_norm, gated_activation
+    from lcq.kernels.linear import stream_squares
+
+    torch.manual_seed(m)
+    o_proj, gate_up, down = (random_layer(n, k, 2, 2, 128, seed=n).to("cuda")
+                             for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
+    attended, stream = torch.randn(m, 4096, device="cuda").to(dtype), (torch.randn(m, 4096, device="cuda") * 4).to(dtype)
+    weight, eps = (torch.rand(4096, device="cuda") + 0.5).to(dtype), 1e-5
+    squares = stream_squares(stream)
+    new_stream = triton_linear.triton_linear(attended, o_proj, residual=stream, squares=squares)
+    normed, expected_stream = add_rms_norm(triton_linear.triton_linear(attended, o_proj), weight, eps, stream.clone())
+    assert_close(new_stream.double(), expected_stream.double(), torch.float64, TOLERANCE[dtype])
+    activated = triton_linear.triton_linear(new_stream, gate_up, norm_weight=weight, eps=eps, squares=squares)
+    assert_close(activated.double(), triton_linear.triton_linear(normed, gate_up).double(), torch.float64,
+                 TOLERANCE[dtype])
+    final = triton_linear.triton_linear(activated, down, gated="silu", residual=new_stream, squares=squares)
+    expected = triton_linear.triton_linear(gated_activation(activated, "silu"), down).float() + new_stream.float()
+    torch.cuda.synchronize()
+    assert_close(final.double(), expected.double(), torch.float64, TOLERANCE[dtype])
 
 
 def test_dependent_launch_is_off_on_cpu_and_when_turned_off(monkeypatch):

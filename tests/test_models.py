@@ -713,9 +713,10 @@ def test_latent_attention_through_the_triton_kernels(tmp_path, monkeypatch):
 @pytest.mark.parametrize("fused", ["1", "0"])
 def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch, fused):
     """An LCQ Llama's forward passes as a GPU runs them, in Triton's interpreter on CPU tensors: the products, the
-    norms, the rotary embedding with the cache write in one kernel, the MLP's activation inside the down product (at
-    the decode steps' 2 rows), paged attention: transformers' logits with the dequantized weights. LCQ_FUSED_STEPS=0:
-    the same, each step its own kernel."""
+    norms, the rotary embedding with the cache write in one kernel, paged attention, and at the decode steps' 2 rows
+    the layers on the residual stream (the MLP's activation inside the down product, each norm inside the product
+    reading it, each residual add inside the product making it): transformers' logits with the dequantized
+    weights. LCQ_FUSED_STEPS=0: the same, each step its own kernel."""
     from lcq.kernels import elementwise, linear, paged_attention, triton_linear
     from lcq.models import attention
 
@@ -731,7 +732,8 @@ def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch
     monkeypatch.setattr(attention.PagedAttention, "__init__", on_triton)
     launches = []  # the kernels of their own that the fused steps save
     for module, name in ((paged_attention, "rotary_store_kv"), (paged_attention, "store_kv"),
-                         (elementwise, "gated_activation"), (triton_linear, "gated_activation")):
+                         (elementwise, "gated_activation"), (triton_linear, "gated_activation"),
+                         (elementwise, "add_rms_norm")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, real=real, name=name: launches.append(name) or real(*args))
     folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32, method="rtn")
@@ -742,6 +744,9 @@ def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch
     assert launches.count("store_kv") == (0 if fused == "1" else steps)
     # at the prompts' 14 rows the down product (tl.dot rows) takes the activation kernel's output, at 2 rows not
     assert launches.count("gated_activation") == (steps // 3 if fused == "1" else steps)
+    # two a layer and the final norm each step; at 2 rows the first layer's attention norm and the final norm only
+    layers = len(model.layers)
+    assert launches.count("add_rms_norm") == ((2 * layers + 1) + 2 * 2 if fused == "1" else 3 * (2 * layers + 1))
 
 
 def test_mxfp4_experts_decode_as_transformers_does(tmp_path):

@@ -26,9 +26,10 @@ GATED_BLOCK = 1024
 
 
 def fusing_steps() -> bool:
-    """Whether one kernel rotates queries and keys and writes the cache, and, at 1-2 rows, an MLP's down product takes
-    the activation as it loads its inputs: for a 32-layer model 32 launches a step fewer, 64 at batch 1-2.
-    LCQ_FUSED_STEPS=0: each its own kernel, as before (bench/generate.py --variants unfused-steps)."""
+    """Whether one kernel rotates queries and keys and writes the cache, and, at 1-2 rows, the residual stream runs
+    through the products (LCQLinear.takes_stream: the norms, the residual adds and the MLP's activation inside them):
+    for a 32-layer Llama 32 launches a step fewer, 128 at batch 1-2. LCQ_FUSED_STEPS=0: each its own kernel, as
+    before (bench/generate.py --variants unfused-steps)."""
     return os.environ.get("LCQ_FUSED_STEPS", "1") != "0"
 
 

@@ -20,6 +20,16 @@ from .cpu_matmul import dense_linear, half_copy, half_swiglu, pack_weight
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # (the Triton modules are imported where used)
 
 
+ROW_PART = 16  # columns of the residual stream per partial sum of squares of its fused products (stream_squares)
+
+
+def stream_squares(stream: torch.Tensor) -> torch.Tensor:
+    """Room for the partial sums of squares of the residual stream's rows (rows, width) by ROW_PART columns, which
+    a product adding to the stream writes and the next normed product reads (LCQLinear.residual_product,
+    normed_product)."""
+    return torch.empty(stream.shape[0], -(-stream.shape[1] // ROW_PART), dtype=torch.float32, device=stream.device)
+
+
 def runs_triton(x: torch.Tensor) -> bool:
     """Whether x's products and a layer's steps take the Triton kernels: CUDA tensors, where triton is installed.
     The one place that says so (the tests of a decode step's wiring make it true for CPU tensors, which Triton's
@@ -155,6 +165,30 @@ class LCQLinear(torch.nn.Module):
             return None
         from .triton_linear import triton_linear
         return triton_linear(gate_up, self._packed(), gated=activation)
+
+    def takes_stream(self, x: torch.Tensor, gated: str | None = None) -> bool:
+        """Whether this layer's products of x's rows may run on the residual stream (normed_product,
+        residual_product, with gated that activation's inputs): on the Triton kernels, 1-2 rows (a decode step at
+        batch 1-2), unless LCQ_FUSED_STEPS=0."""
+        if self.cache_dense or not runs_triton(x) or x.dim() != 2 or x.shape[0] > 2:
+            return False
+        from .elementwise import GATED, fusing_steps
+        return fusing_steps() and (gated is None or gated in GATED)
+
+    def normed_product(self, stream: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                       squares: torch.Tensor) -> torch.Tensor:
+        """This layer's product of RMSNorm(stream) (weight, eps), the norm computed as the kernel loads its inputs from
+        each row's sums of squares in squares (stream_squares; the last residual_product wrote them): no norm kernel
+        before it. Where takes_stream."""
+        from .triton_linear import triton_linear
+        return triton_linear(stream, self._packed(), norm_weight=norm_weight, eps=eps, squares=squares)
+
+    def residual_product(self, x: torch.Tensor, stream: torch.Tensor, squares: torch.Tensor,
+                         gated: str | None = None) -> torch.Tensor:
+        """stream + this layer's product of x (of act(gate) * up with gated, as gated_product), rounded as the norm's
+        residual add, in fresh rows: the next stream, whose rows' sums of squares go to squares. Where takes_stream."""
+        from .triton_linear import triton_linear
+        return triton_linear(x, self._packed(), gated=gated, residual=stream, squares=squares)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cache_dense:

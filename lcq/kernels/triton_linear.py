@@ -32,6 +32,7 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
+from . import linear
 from .arrival_counters import arrival_counters
 from .compile_ahead import compile_ahead
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
@@ -69,11 +70,38 @@ def _sum_of_partials(ws_ptr, ws_offs, mask, slice_stride, SPLIT_K, TOGETHER: tl.
     return acc
 
 
+ROW_PART = tl.constexpr(linear.ROW_PART)  # (RESIDUAL, NORMED)
+
+
+@triton.jit
+def _store_output(acc, out_ptr, out_offs, out_mask, bias_ptr, offs_n, n_mask, res_ptr, partials_ptr, rows, m_mask,
+                  pid_n, PARTIALS, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """A tile's finished sums (plus the bias), rounded to the output dtype, stored; with RESIDUAL the stream at
+    res_ptr added first (and the sum rounded once more, as the norm's residual add), and each row's sums of squares
+    of the new stream's columns by ROW_PART written to partials_ptr (PARTIALS a row)."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    y = acc.to(out_ptr.dtype.element_ty)
+    if RESIDUAL:
+        stream = tl.load(res_ptr + out_offs, mask=out_mask, other=0.0)
+        s = (y.to(tl.float32) + stream.to(tl.float32)).to(y.dtype)
+        tl.store(out_ptr + out_offs, s, mask=out_mask)
+        squares = tl.where(out_mask, s.to(tl.float32) * s.to(tl.float32), 0.0)
+        PARTS: tl.constexpr = BLOCK_N // ROW_PART
+        sums = tl.sum(tl.reshape(squares, (BLOCK_M, PARTS, ROW_PART)), axis=2)
+        part = pid_n * PARTS + tl.arange(0, PARTS)
+        tl.store(partials_ptr + rows[:, None] * PARTIALS + part[None, :], sums,
+                 mask=m_mask[:, None] & (part < PARTIALS)[None, :])
+    else:
+        tl.store(out_ptr + out_offs, y, mask=out_mask)
+
+
 @triton.jit(do_not_specialize=["SPLIT_K"])
 def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr, bias_ptr, out_ptr,
                    ws_ptr, counter_ptr, rows_ptr, experts_ptr, lut_ptr, slots_ptr, M, N, K, stride_xm, stride_om,
                    ROWS_PER_INPUT,
-                   TABLES, PAIRS, SPLIT_K,
+                   TABLES, PAIRS, norm_ptr, res_ptr, partials_ptr, eps, PARTIALS, SPLIT_K,
                    BITS: tl.constexpr, RANK: tl.constexpr, RANKS: tl.constexpr, GROUP: tl.constexpr,
                    HAS_BIAS: tl.constexpr,
                    SELECT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
@@ -82,7 +110,8 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                    LUT: tl.constexpr = False, PDL: tl.constexpr = False, BOOK: tl.constexpr = False,
                    INT8: tl.constexpr = False, BYTE_BOOK: tl.constexpr = False, ASM: tl.constexpr = False,
                    PREPARED: tl.constexpr = False, STAGES: tl.constexpr = None, PARTIAL_GROUP: tl.constexpr = False,
-                   GATED: tl.constexpr = 0):
+                   GATED: tl.constexpr = 0, NORMED: tl.constexpr = False, NORM_PARTS: tl.constexpr = 1,
+                   RESIDUAL: tl.constexpr = False):
     """Skinny product for M <= BLOCK_M <= 64: program (n tile, k slice) reduces its slice of groups.
     SPLIT_K, the number of slices, is a run-time argument (one build serves every split), so that the
     autotuner tries many splits for the price of their timings (DECODE_CONFIGS).
@@ -113,11 +142,19 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     the tiles PREFETCH loads first are requested before the wait for the kernels that wrote x.
     PARTIAL_GROUP (K not a multiple of GROUP): the tl.dot forms' weight tiles are zero past K (_within_k).
     GATED (elementwise.GATED_CODES; not with LUT or PREPARED, whose inputs come from their own kernels): x's rows
-    are an MLP's [gate, up], 2 K wide, and the inputs act(gate) * up (_tile_inputs)."""
+    are an MLP's [gate, up], 2 K wide, and the inputs act(gate) * up (_tile_inputs).
+    RESIDUAL (1-2 rows; the residual stream's products: attention's output and the MLP's down): out is the product
+    plus the stream at res_ptr (rounded to the dtype as a norm's residual add rounds it), the next stream, and each
+    row's sums of squares of it by ROW_PART columns go to partials_ptr (PARTIALS a row), which the next NORMED
+    product reads. (A launch run again gives the same output: the autotuner may time it.) NORMED (1-2 rows; the products a norm feeds: QKV and the MLP's gate/up): x_ptr is the
+    stream and the inputs its RMSNorm by the weight at norm_ptr and eps, each row's scale from its NORM_PARTS
+    (a power of two, at least PARTIALS) partial sums (_tile_inputs): the norm's kernel need not run."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
     tl.static_assert(not PREPARED or INT8)
     tl.static_assert(GATED == 0 or not (LUT or PREPARED))
+    tl.static_assert(not (NORMED or RESIDUAL) or (BLOCK_M < 16 and not (LUT or PREPARED or GROUPED)))
+    tl.static_assert(not (NORMED and GATED))
     tl.static_assert(not BYTE_BOOK or (BLOCK_M >= 16 and not INT8 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
     PICKS: tl.constexpr = INT8 or BYTE_BOOK  # weights' codebook bytes picked by prmt (_picked_bytes)
@@ -179,12 +216,20 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                                                  PICKS)
         s_codes_2, b_codes_2 = _group_codes(sq_ptr, bq_ptr, (start + 1) * BLOCK_K, offs_n, second, N, RANK, GROUP)
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
+    norm_scales = None
+    if NORMED:
+        part = tl.arange(0, NORM_PARTS)
+        squares = tl.load(partials_ptr + x_rows[:, None] * PARTIALS + part[None, :],
+                          mask=m_mask[:, None] & (part < PARTIALS)[None, :], other=0.0)
+        norm_scales = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
+                              FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
+                              norm_ptr, norm_scales, NORMED)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
+                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
+                              norm_ptr, norm_scales, NORMED)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in tl.range(start, end, num_stages=STAGES):
         k0 = tile * BLOCK_K
@@ -195,13 +240,15 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                 next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED)
+                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
+                              norm_ptr, norm_scales, NORMED)
         if not CARRIED_WORDS:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
         if not PREFETCH:
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
-                                  SELECTOR_ORDER, PREPARED, GATED)
+                                  SELECTOR_ORDER, PREPARED, GATED,
+                              norm_ptr, norm_scales, NORMED)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
@@ -254,16 +301,14 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         arrived = tl.atomic_add(counter_ptr + counter, 1)  # acq_rel: our partial is visible to the last one
         if arrived == SPLIT_K - 1:
             acc = _sum_of_partials(ws_ptr, ws_offs, out_mask, M * N, SPLIT_K, 16 if BLOCK_M < 16 else 4)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _store_output(acc, out_ptr, out_offs, out_mask, bias_ptr, offs_n, n_mask, res_ptr, partials_ptr, rows,
+                          m_mask, pid_n, PARTIALS, HAS_BIAS, RESIDUAL, BLOCK_M, BLOCK_N)
             # ready for the next launch; relaxed: nothing waits on our stores to land first (a later kernel
             # reads this one's output only once it has finished)
             tl.atomic_xchg(counter_ptr + counter, 0, sem="relaxed")
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_output(acc, out_ptr, out_offs, out_mask, bias_ptr, offs_n, n_mask, res_ptr, partials_ptr, rows, m_mask,
+                      pid_n, PARTIALS, HAS_BIAS, RESIDUAL, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -340,7 +385,8 @@ DEQUANT_BLOCK_N = 128
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _decode_tuned = triton.autotune(DECODE_CONFIGS,
-                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED", "GATED"],
+                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED", "GATED", "NORMED",
+                                                 "RESIDUAL"],
                                 do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
@@ -449,7 +495,8 @@ def _check_byte_book(x: torch.Tensor, block_m: int) -> None:
 
 def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut: bool | None = None,
            int8: bool | None = None, byte_book: bool | None = None, prepared: bool | None = None,
-           gated: str | None = None) -> torch.Tensor:
+           gated: str | None = None, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           squares: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) with M <= 64, contiguous rows -> (M, N). config skips autotuning: BLOCK_N and
     SPLIT_K, optionally BLOCK_M, BLOCK_K (dividing the group), REDUCE_K, PREFETCH, STAGES, num_warps and
     num_stages. lut: products from the activation-side pair table (one row at 2 bits) or not; by default
@@ -458,7 +505,11 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     byte_book_decode, but not where int8 or lut is asked for). prepared: with int8, the inputs rounded to bytes once
     by a kernel of their own (input_bytes), not in every program; by default where LCQ_INT8_INPUTS=1. gated (an
     activation of elementwise.GATED): x (M, 2 K) is an MLP's [gate, up], and the product's inputs act(gate) * up,
-    computed where the kernel loads them at 1-2 rows (FMA rows, products of bytes), else by gated_activation first."""
+    computed where the kernel loads them at 1-2 rows (FMA rows, products of bytes), else by gated_activation first.
+    At 1-2 rows (not with lut or prepared), the decoder's residual stream: norm_weight (and eps) makes x the stream
+    and the inputs its RMSNorm, each row's sum of squares from squares (rows, cdiv(K, ROW_PART)) fp32, which the
+    product that last added into the stream wrote; residual (rows, N), the stream: the product plus it is returned,
+    the next stream, and its rows' sums of squares go to squares for the next normed product."""
     m = x.shape[0]
     k = layer.in_features
     if x.shape[1] != (2 * k if gated else k):
@@ -466,14 +517,15 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     n = layer.out_features
     if int8 is None:
         int8 = int8_decode(x, decode_block_m(m), layer.bits)
-    if byte_book is None:
-        byte_book = not (int8 or lut) and byte_book_decode(x, byte_book_block_m(m), layer.bits)
+    stream = norm_weight is not None or residual is not None
+    if byte_book is None:  # (not for the stream's products: 1-2 rows would take tiles of 16)
+        byte_book = not (int8 or lut or stream) and byte_book_decode(x, byte_book_block_m(m), layer.bits)
     block_m = byte_book_block_m(m) if byte_book else decode_block_m(m)
     if byte_book:
         _check_byte_book(x, block_m)
     if lut is None:
         lut = not (int8 or byte_book) and x.is_cuda and config is None and m == 1 and layer.bits == 2 \
-            and gated is None and lut_wins(x, layer)
+            and gated is None and not stream and lut_wins(x, layer)
     if lut and (m != 1 or layer.bits != 2):
         raise ValueError(f"the pair table serves one row of a 2-bit layer, not {m} rows at {layer.bits} bits")
     if int8 and (m > 2 or lut):
@@ -481,25 +533,38 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     if byte_book and (int8 or lut):
         raise ValueError("weights from byte codebooks take neither products of bytes nor the pair table")
     if prepared is None:
-        prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1"
+        prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1" and not stream
     if prepared and not int8:
         raise ValueError("prepared inputs serve products of bytes only")
+    if stream and (lut or prepared or block_m >= 16):
+        raise ValueError(f"the residual stream's products serve 1-2 rows without the pair table or prepared inputs, "
+                         f"not {m} rows" + (" with the pair table" if lut else " of prepared inputs" if prepared else ""))
     if gated and (lut or block_m >= 16):  # the pair table's kernel reads the inputs as they are; the tl.dot forms
         # would compute each input's activation in every column tile (sm_90 SASS at 16-32 rows: 1.5-1.9x the loop's
         # instructions, against 1.02-1.09x at 1-2 rows)
         x, gated = gated_activation(x, gated), None
+    if residual is not None and (residual.shape != (m, n) or residual.stride() != (n, 1) or residual.dtype != x.dtype):
+        raise ValueError(f"the stream a product adds to is {m} contiguous rows of {n} in {x.dtype}, not "
+                         f"{tuple(residual.shape)} in {residual.dtype}")
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     ws = torch.empty(max_split_k(block_m), m, n, dtype=torch.float32, device=x.device)
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
     inputs = input_bytes(x, layer, gated) if prepared else x
+    parts = triton.cdiv(k if norm_weight is not None else n, ROW_PART.value)
+    if stream and (squares is None or squares.shape != (m, parts)):
+        raise ValueError(f"the stream's sums of squares are ({m}, {parts}) fp32, not "
+                         f"{None if squares is None else tuple(squares.shape)}")
     args = (inputs, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
             inputs.stride(0), out.stride(0),
-            1, 0, pairs)
+            1, 0, pairs, ws if norm_weight is None else norm_weight, ws if residual is None else residual,
+            ws if squares is None else squares, eps, parts)
     consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
                   BYTE_BOOK=byte_book, ASM=x.is_cuda, PREPARED=prepared,
-                  GATED=0 if prepared else GATED_CODES[gated], **dependent_launch(x))
+                  GATED=0 if prepared else GATED_CODES[gated], NORMED=norm_weight is not None,
+                  NORM_PARTS=triton.next_power_of_2(parts) if norm_weight is not None else 1,
+                  RESIDUAL=residual is not None, **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG
     if config is None:
@@ -552,7 +617,7 @@ def grouped_decode(x: torch.Tensor, experts: PackedExperts, routes: ExpertRoutes
     counters = arrival_counters(x.device, 1 if wide else blocks * triton.cdiv(n, 16))
     args = (x, *_layer_args(layer), out, ws, counters, routes.rows, routes.experts, ws, byte_slots(x.device), count,
             n, k, x.stride(0),
-            out.stride(0), rows_per_input, experts.tables, 0)
+            out.stride(0), rows_per_input, experts.tables, 0, ws, ws, ws, 0.0, 1)
     if int8 is None:
         int8 = int8_decode(x, routes.block_m, layer.bits)
     if int8 and routes.block_m > 2:
@@ -668,11 +733,12 @@ def dense_product(x: torch.Tensor, layer: PackedLinear, slab_bytes: int | None =
     return out
 
 
-def triton_linear(x: torch.Tensor, layer: PackedLinear, gated: str | None = None) -> torch.Tensor:
+def triton_linear(x: torch.Tensor, layer: PackedLinear, gated: str | None = None, **stream) -> torch.Tensor:
     """y = x @ W^T (+ bias) for x (..., K): the decode kernel up to DECODE_MAX_M rows, the fused GEMM
     kernel below DENSE_MIN_M rows, dequantize + cuBLAS from there on. gated (an activation of elementwise.GATED):
     x (..., 2 K) is an MLP's [gate, up] and the product's inputs act(gate) * up, which the decode kernel computes
-    as it loads them at 1-2 rows (a launch a layer fewer), the others from gated_activation's output."""
+    as it loads them at 1-2 rows (a launch a layer fewer), the others from gated_activation's output. stream: decode's
+    norm_weight, eps, squares and residual (1-2 rows of the residual stream)."""
     width = 2 * layer.in_features if gated else layer.in_features
     if x.shape[-1] != width:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {width}")
@@ -683,7 +749,9 @@ def triton_linear(x: torch.Tensor, layer: PackedLinear, gated: str | None = None
         rows = rows.contiguous()
     m = rows.shape[0]
     if m <= DECODE_MAX_M:
-        out = decode(rows, layer, gated=gated)
+        out = decode(rows, layer, gated=gated, **stream)
+    elif stream:
+        raise ValueError(f"the residual stream's products serve 1-2 rows, not {m}")
     else:
         if gated:
             rows = gated_activation(rows, gated)

@@ -210,7 +210,7 @@ def _within_k(w, k0, K, BLOCK_K: tl.constexpr):
 @triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
                  FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr, PREPARED: tl.constexpr = False,
-                 GATED: tl.constexpr = 0):
+                 GATED: tl.constexpr = 0, norm_ptr=None, norm_scales=None, NORMED: tl.constexpr = False):
     """What a tile's weights multiply: the activations (BLOCK_M, BLOCK_K), in fp32 with FP32, or at one row from
     the pair table (LUT) their sum, which the table starts with in runs of 32 (0 past them).
     FP32 (one row, and products of bytes): converted where they are loaded, a tile ahead with PREFETCH, each
@@ -222,7 +222,10 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
     PREPARED (products of bytes): x_ptr holds the inputs as input_bytes() prepared them, int32 (BLOCK_M, BLOCK_K / 2)
     a tile (_prepared_fields).
     GATED (elementwise.GATED_CODES): x_ptr's rows are [gate, up] of width 2 K, the inputs act(gate) * up
-    (elementwise.load_inputs), computed as the MLP's activation kernel computes them, which then need not run."""
+    (elementwise.load_inputs), computed as the MLP's activation kernel computes them, which then need not run.
+    NORMED: x_ptr's rows are the residual stream and the inputs its RMSNorm, (s * scale rounded to the dtype) * the
+    norm's weight at norm_ptr, rounded to the dtype, as elementwise.add_rms_norm computes it, with each row's scale
+    in norm_scales (BLOCK_M,)."""
     if PREPARED:
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :],
                          mask=m_mask[:, None], other=0)
@@ -237,6 +240,10 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
             k_idx = k_idx - slot + (slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4)
         inputs = load_inputs(x_ptr + x_rows[:, None] * stride_xm, k_idx[None, :],
                              m_mask[:, None] & (k_idx[None, :] < K), K, GATED)
+        if NORMED:
+            weight = tl.load(norm_ptr + k_idx, mask=k_idx < K, other=0.0).to(tl.float32)
+            scaled = (inputs.to(tl.float32) * norm_scales[:, None]).to(inputs.dtype)
+            inputs = (scaled.to(tl.float32) * weight[None, :]).to(inputs.dtype)
         if FP32:
             inputs = inputs.to(tl.float32)
     return inputs

@@ -32,6 +32,7 @@ import torch
 
 from lcq.format import FormatError
 from lcq.kernels import LCQLinear, cpu_ops
+from lcq.kernels.linear import stream_squares
 from lcq.kernels.cpu_matmul import dense_linear
 from lcq.kernels.experts import ExpertRoutes, LCQExperts, PackedExperts
 
@@ -113,6 +114,11 @@ class Attention(torch.nn.Module):
     def forward(self, hidden: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
         lora = attention.context.lora
         qkv = project(self.qkv_proj, f"{self.prefix}.qkv_proj", hidden, lora)
+        return project(self.o_proj, self.output_name, self.heads_output(qkv, rope, attention), lora)
+
+    def heads_output(self, qkv: torch.Tensor, rope: Rope, attention: PagedAttention) -> torch.Tensor:
+        """What o_proj reads, (T, heads * head_dim), from the step's fused projection qkv: the queries and keys
+        normed and rotated, the keys and values written to the cache, the heads attended (and gated)."""
         gate = None
         if self.output_gate:  # (Qwen3.5) each head's rows of q_proj: its query, then its gate
             widths = [2 * self.num_heads * self.head_dim, 2 * self.num_kv_heads * self.head_dim]
@@ -136,7 +142,7 @@ class Attention(torch.nn.Module):
             cpu_ops.sigmoid_gate_(out, gate)
         elif gate is not None:
             out = out * torch.sigmoid(gate)
-        return project(self.o_proj, self.output_name, out.reshape(-1, self.num_heads * self.head_dim), lora)
+        return out.reshape(-1, self.num_heads * self.head_dim)
 
     def _norm_queries_keys(self, queries: torch.Tensor, keys: torch.Tensor) -> None:
         """q_norm and k_norm, in place, on rows (tokens, width) whose first heads are the queries' or keys'."""
@@ -430,6 +436,32 @@ class DecoderLayer(torch.nn.Module):
             hidden = self.mlp_output_norm(hidden)[0]
         return hidden, residual
 
+    def takes_stream(self, hidden: torch.Tensor) -> bool:
+        """Whether the layer can run on the residual stream for hidden's rows (stream_forward): RMSNorms before its
+        attention and its gated MLP, nothing else in its path, and four LCQ products that take the stream there
+        (LCQLinear.takes_stream: on a GPU, a decode step of 1-2 rows)."""
+        attn, mlp = self.self_attn, self.mlp
+        if not (type(self.attention_norm) is RMSNorm and type(self.mlp_norm) is RMSNorm and type(attn) is Attention
+                and type(mlp) is MLP and self.mamba is None and self.attention_output_norm is None
+                and self.mlp_output_norm is None):
+            return False
+        products = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj)
+        return all(isinstance(p, LCQLinear) and p.takes_stream(hidden) for p in products) and \
+            isinstance(mlp.down_proj, LCQLinear) and mlp.down_proj.takes_stream(hidden, gated=mlp.activation)
+
+    def stream_forward(self, stream: torch.Tensor, squares: torch.Tensor, first: bool, rope: Rope,
+                       attention: PagedAttention) -> torch.Tensor:
+        """forward on the residual stream itself (where takes_stream): the stream after the layer. Its norms are
+        computed by the products that read them, from the rows' sums of squares in squares, which the products
+        adding to the stream write (two norm kernels a layer fewer); first: the stream is the embeddings, whose
+        sums nothing wrote, so the attention's norm runs as its own kernel."""
+        attn, mlp, norm = self.self_attn, self.mlp, self.attention_norm
+        qkv = attn.qkv_proj(norm(stream)[0]) if first else \
+            attn.qkv_proj.normed_product(stream, norm.weight, norm.eps, squares)
+        stream = attn.o_proj.residual_product(attn.heads_output(qkv, rope, attention), stream, squares)
+        gate_up = mlp.gate_up_proj.normed_product(stream, self.mlp_norm.weight, self.mlp_norm.eps, squares)
+        return mlp.down_proj.residual_product(gate_up, stream, squares, gated=mlp.activation)
+
 
 class LlamaModel(torch.nn.Module):
     """Parameters are created uninitialised in `dtype` (the loader fills them), rotary tables in fp32; the
@@ -480,6 +512,11 @@ class LlamaModel(torch.nn.Module):
         attentions = [PagedAttention(context.group(g), self.block_size, hidden.device, hidden.dtype,
                                      self.cache_dtype, scales) for g in range(context.num_groups)]
         groups = self.layer_groups if len(attentions) > 1 else (0,) * len(self.layers)
+        if context.lora is None and all(layer.takes_stream(hidden) for layer in self.layers):
+            squares = stream_squares(hidden)  # a decode step of 1-2 rows on a GPU: each layer on the stream itself
+            for index, (layer, table, group) in enumerate(zip(self.layers, tables, groups)):
+                hidden = layer.stream_forward(hidden, squares, index == 0, ropes[id(table)], attentions[group])
+            return self.norm(hidden)[0]
         residual = None
         for layer, table, group in zip(self.layers, tables, groups):
             hidden, residual = layer(hidden, residual, ropes[id(table)], attentions[group])
