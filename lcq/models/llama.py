@@ -32,9 +32,9 @@ import torch
 
 from lcq.format import FormatError
 from lcq.kernels import LCQLinear, cpu_ops
-from lcq.kernels.linear import stream_squares
 from lcq.kernels.cpu_matmul import dense_linear
 from lcq.kernels.experts import ExpertRoutes, LCQExperts, PackedExperts
+from lcq.kernels.linear import stream_squares
 
 from .attention import PagedAttention
 from .config import ModelConfig
