@@ -710,13 +710,14 @@ def test_latent_attention_through_the_triton_kernels(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-@pytest.mark.parametrize("fused", ["1", "0"])
-def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch, fused):
+@pytest.mark.parametrize("arch, fused", [("llama", "1"), ("llama", "0"), ("qwen2", "1"), ("qwen3", "1")])
+def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch, arch, fused):
     """An LCQ Llama's forward passes as a GPU runs them, in Triton's interpreter on CPU tensors: the products, the
     norms, the rotary embedding with the cache write in one kernel, paged attention, and at the decode steps' 2 rows
     the layers on the residual stream (the MLP's activation inside the down product, each norm inside the product
     reading it, each residual add inside the product making it): transformers' logits with the dequantized
-    weights. LCQ_FUSED_STEPS=0: the same, each step its own kernel."""
+    weights; Qwen2's biased QKV, Qwen3's norms of queries and keys too. LCQ_FUSED_STEPS=0: the same, each step its
+    own kernel."""
     from lcq.kernels import elementwise, linear, paged_attention, triton_linear
     from lcq.models import attention
 
@@ -736,7 +737,7 @@ def test_steps_through_the_gpu_kernels_follow_transformers(tmp_path, monkeypatch
                          (elementwise, "add_rms_norm")):
         real = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *args, real=real, name=name: launches.append(name) or real(*args))
-    folder = make_tiny_lcq(tmp_path, "llama", bits=2, rank=2, group_size=32, method="rtn")
+    folder = make_tiny_lcq(tmp_path, arch, bits=2, rank=2, group_size=32, method="rtn")
     model, _ = load_model(folder, cache_dense=False)
     _check_against(load_reference_model(folder), model, PROMPTS[:2], decode_steps=2)
     steps = 3 * len(model.layers)  # the prompts' step and two decode steps, each layer
