@@ -329,18 +329,21 @@ def test_products_of_bytes_of_prepared_inputs_build_for_sm90(bits):
     """The sm_90 builds of products of bytes of prepared inputs and of the kernel that prepares them (compiled here
     by the installed Triton and its ptxas, in a process without the interpreter; no GPU: what the interpreter
     accepts the compiler may refuse, as it refused the fp8 cache's NaN mode): both assemble (the preparing kernel with
-    the MLP's activation), and the product's loop multiplies bytes (dp4a)."""
+    the MLP's activation at 2 bits, with the residual stream's norm at 4), and the product's loop multiplies bytes
+    (dp4a)."""
     code = ("import sys; sys.path.insert(0, '.'); import triton; from triton.backends.compiler import GPUTarget; "
             "from triton.compiler import ASTSource; from bench.kernels import compile_kernel, inner_loop, sass_of; "
             "from lcq.kernels.triton_bytes import _input_bytes_kernel as kernel; "
             f"sass, _ = sass_of(compile_kernel('decode', {bits}, 2, 128, 1, 128, 4, True, True, depth=128, int8=True, "
             "prepared=True)); "
             "names = kernel.arg_names; "
-            "signature = {'x_ptr': '*fp16', 'out_ptr': '*i32', 'K': 'i32', 'RUNS': 'i32', 'stride_xm': 'i32', "
-            "'stride_om': 'i32', 'BITS': 'constexpr', 'BLOCK_RUNS': 'constexpr', 'GATED': 'constexpr', "
-            "'PDL': 'constexpr'}; "
+            "signature = {'x_ptr': '*fp16', 'out_ptr': '*i32', 'norm_ptr': '*fp16', 'partials_ptr': '*fp32', "
+            "'eps': 'fp32', 'PARTIALS': 'i32', 'K': 'i32', 'RUNS': 'i32', 'stride_xm': 'i32', 'stride_om': 'i32', "
+            "'BITS': 'constexpr', 'BLOCK_RUNS': 'constexpr', 'GATED': 'constexpr', 'NORMED': 'constexpr', "
+            "'NORM_PARTS': 'constexpr', 'PDL': 'constexpr'}; "
             f"constants = {{(names.index('BITS'),): {bits}, (names.index('BLOCK_RUNS'),): 64, "
-            "(names.index('GATED'),): 1, (names.index('PDL'),): True}; "
+            f"(names.index('GATED'),): {int(bits == 2)}, (names.index('NORMED'),): {bits == 4}, "
+            "(names.index('NORM_PARTS'),): 256, (names.index('PDL'),): True}; "
             "ptx = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants), "
             "target=GPUTarget('cuda', 90, 32), options={'launch_pdl': True}).asm['ptx']; "
             "print(sum('IDP.4A' in line for line in inner_loop(sass)), int('st.global' in ptx))")
@@ -775,11 +778,14 @@ def _row_squares(stream: torch.Tensor) -> torch.Tensor:
     return padded.square().view(stream.shape[0], -1, part).sum(-1)
 
 
-STREAM_FORMS = [  # bits, rank, group, K, M, dtype, decode's keywords: FMA rows and products of bytes at 1-2 rows
+STREAM_FORMS = [  # bits, rank, group, K, M, dtype, decode's keywords: FMA rows and products of bytes (of prepared
+    # inputs too, whose kernel then computes the norm) at 1-2 rows
     (2, 2, 64, 100, 1, torch.float32, {}),
     (3, 1, 64, 100, 2, torch.bfloat16, {"config": {"REDUCE_K": True, "PREFETCH": True}}),
     (2, 2, 128, 300, 1, torch.float16, {"int8": True, "config": {"REDUCE_K": True, "BLOCK_K": 128, "STAGES": 3}}),
     (4, 2, 128, 300, 2, torch.float16, {"int8": True, "config": {"REDUCE_K": True, "PREFETCH": 2, "SPLIT_K": 1}}),
+    (2, 3, 64, 100, 2, torch.float32, {"int8": True, "prepared": True, "config": {"REDUCE_K": True}}),
+    (3, 2, 128, 300, 1, torch.bfloat16, {"int8": True, "prepared": True, "config": {"PREFETCH": True}}),
 ]
 
 
@@ -817,7 +823,7 @@ def test_residual_stream_products_refuse_what_they_do_not_serve():
     stream, squares = torch.zeros(16, 40), torch.zeros(16, 3)
     with pytest.raises(ValueError, match="serve 1-2 rows"):
         triton_linear.decode(torch.randn(16, 64), layer, residual=stream, squares=squares)
-    with pytest.raises(ValueError, match="with the pair table"):
+    with pytest.raises(ValueError, match="serve 1-2 rows without the pair table"):
         triton_linear.decode(torch.randn(1, 64), layer, lut=True, residual=stream[:1], squares=squares[:1])
     with pytest.raises(ValueError, match="sums of squares are \\(1, 4\\)"):
         triton_linear.decode(torch.randn(1, 64), layer, norm_weight=torch.ones(64), squares=squares[:1])

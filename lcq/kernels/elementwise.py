@@ -39,6 +39,14 @@ def _warps(elements: int) -> int:
 
 
 @triton.jit
+def rms_normed(s, scale, weight, dtype: tl.constexpr):
+    """The RMSNorm of fp32 values s whose rows' scale is rsqrt(mean(s^2) + eps): (s * scale rounded to dtype) * the
+    fp32 weight, rounded to dtype, as transformers computes it; the norm kernel's and the products' that take the
+    residual stream's norm as they load it (triton_tiles._tile_inputs, triton_bytes._input_bytes_kernel)."""
+    return ((s * scale).to(dtype).to(tl.float32) * weight).to(dtype)
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, width, stride_x, stride_r, stride_o, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row: s = x (+ residual, rounded to the dtype and written back into residual), then
@@ -56,8 +64,7 @@ def _rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, width, stride_x, 
         s = s.to(x.dtype).to(tl.float32)
         tl.store(residual_ptr + row * stride_r + offs, s.to(x.dtype), mask=mask)
     scale = tl.rsqrt(tl.sum(s * s, axis=0) / width + eps)
-    normed = (s * scale).to(x.dtype).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (normed * weight).to(x.dtype), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, rms_normed(s, scale, weight, x.dtype), mask=mask)
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None

@@ -14,8 +14,8 @@ import triton.language as tl
 from lcq.format import PackedLinear
 
 from .dependent_launch import dependent_launch, wait_for_earlier_kernels
-from .elementwise import GATED_CODES, load_inputs
-from .triton_tiles import _rank_scale, _table_entries
+from .elementwise import GATED_CODES, load_inputs, rms_normed
+from .triton_tiles import _rank_scale, _table_entries, stream_scales
 
 INPUT_BYTES_RUNS = 64  # runs of inputs a program of _input_bytes_kernel rounds
 _byte_slots: dict[torch.device, torch.Tensor] = {}
@@ -255,13 +255,15 @@ def _in_selector_order(inputs, BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_
 
 
 @triton.jit
-def _input_bytes_kernel(x_ptr, out_ptr, K, RUNS, stride_xm, stride_om, BITS: tl.constexpr, BLOCK_RUNS: tl.constexpr,
-                        GATED: tl.constexpr = 0, PDL: tl.constexpr = False):
+def _input_bytes_kernel(x_ptr, out_ptr, norm_ptr, partials_ptr, eps, PARTIALS, K, RUNS, stride_xm, stride_om,
+                        BITS: tl.constexpr, BLOCK_RUNS: tl.constexpr, GATED: tl.constexpr = 0,
+                        NORMED: tl.constexpr = False, NORM_PARTS: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Row program_id(0)'s inputs as products of bytes take them (PREPARED, _prepared_fields): per run of an index
     word's inputs (16 at 2 and 3 bits, in the selectors' order, _tile_inputs; 8 at 4) FIELDS int32: the run's
     bytes 4 to an int32 (_int8_products' rounding), its scale (largest magnitude / 127) and its sum, fp32 bits, and
     zeros to FIELDS. RUNS runs a row, past K zeros. GATED (elementwise.GATED_CODES): x's rows are [gate, up], the inputs
-    act(gate) * up (elementwise.load_inputs)."""
+    act(gate) * up (elementwise.load_inputs). NORMED: x's rows are the residual stream, the inputs its RMSNorm by the
+    weight at norm_ptr and eps, the row's scale from its sums of squares at partials_ptr (triton_tiles.stream_scales)."""
     PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     QUADS: tl.constexpr = PER_WORD // 4
     FIELDS: tl.constexpr = PER_WORD // 2
@@ -273,7 +275,12 @@ def _input_bytes_kernel(x_ptr, out_ptr, K, RUNS, stride_xm, stride_om, BITS: tl.
     else:
         k = runs[:, None] * PER_WORD + ((slot // 4) % 2 + 8 * (slot // 8) + 2 * (slot % 4))[None, :]
     wait_for_earlier_kernels(PDL)  # x is an earlier kernel's output
-    x = load_inputs(x_ptr + row * stride_xm, k, k < K, K, GATED).to(tl.float32)
+    x = load_inputs(x_ptr + row * stride_xm, k, k < K, K, GATED)
+    if NORMED:
+        rows = tl.full((1,), row, tl.int32)
+        scale = tl.sum(stream_scales(partials_ptr, rows, rows >= 0, PARTIALS, K, eps, NORM_PARTS))
+        x = rms_normed(x.to(tl.float32), scale, tl.load(norm_ptr + k, mask=k < K, other=0.0).to(tl.float32), x.dtype)
+    x = x.to(tl.float32)
     largest = tl.max(tl.abs(x), axis=1)
     codes = _to_bytes(x, (127.0 / tl.maximum(largest, 1e-30))[:, None])
     quads = tl.sum(tl.reshape(codes, (BLOCK_RUNS, QUADS, 4)) << (8 * tl.arange(0, 4))[None, None, :], axis=2)
@@ -295,14 +302,18 @@ def byte_slots(device: torch.device) -> torch.Tensor:
     return slots
 
 
-def input_bytes(x: torch.Tensor, layer: PackedLinear, gated: str | None = None) -> torch.Tensor:
+def input_bytes(x: torch.Tensor, layer: PackedLinear, gated: str | None = None,
+                norm: tuple[torch.Tensor, float, torch.Tensor] | None = None) -> torch.Tensor:
     """x (M, K) as products of bytes of layer take it prepared (_input_bytes_kernel): int32 (M, K_pad / 2), K_pad
-    the layer's groups' width; with gated (elementwise.GATED), act(gate) * up of x (M, 2 K) = [gate, up]."""
+    the layer's groups' width; with gated (elementwise.GATED), act(gate) * up of x (M, 2 K) = [gate, up]; with norm
+    (its weight, eps and the stream's sums of squares: triton_linear.decode's), the RMSNorm of the stream x."""
     m, k = x.shape[0], layer.in_features
+    weight, eps, squares = norm if norm is not None else (x, 0.0, x)
     padded = layer.num_groups * layer.group_size
     runs = padded // (8 if layer.bits == 4 else 16)
     out = torch.empty(m, padded // 2, dtype=torch.int32, device=x.device)
     _input_bytes_kernel[(m, triton.cdiv(runs, INPUT_BYTES_RUNS))](
-        x, out, k, runs, x.stride(0), out.stride(0), BITS=layer.bits, BLOCK_RUNS=INPUT_BYTES_RUNS,
-        GATED=GATED_CODES[gated], **dependent_launch(x))
+        x, out, weight, squares, eps, squares.shape[1], k, runs, x.stride(0), out.stride(0), BITS=layer.bits,
+        BLOCK_RUNS=INPUT_BYTES_RUNS, GATED=GATED_CODES[gated], NORMED=norm is not None,
+        NORM_PARTS=triton.next_power_of_2(squares.shape[1]) if norm is not None else 1, **dependent_launch(x))
     return out

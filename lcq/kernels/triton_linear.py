@@ -45,7 +45,7 @@ from .triton_configs import (DECODE_CONFIGS, GEMM_CONFIGS, GROUPED_WIDE_CONFIGS,
                              INTERPRETER_GEMM_CONFIG, MAX_SPLIT_K, _decode_configs_for, max_split_k)
 from .triton_pair_table import _lut_products, pair_table
 from .triton_tiles import (COLUMN_BOOKS, _dequant_tile, _dot, _gather_table, _group_codes, _table_offsets, _tile_indices,
-                           _tile_inputs, _tile_weights, _tile_words, _within_k, block_k, uses_select)
+                           _tile_inputs, _tile_weights, _tile_words, _within_k, block_k, stream_scales, uses_select)
 
 DECODE_MAX_M = 64
 # H100, bench/kernels.py: at 64 rows the split-K decode kernel (59-98 us on the 7B MLP shapes at
@@ -146,15 +146,16 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     RESIDUAL (1-2 rows; the residual stream's products: attention's output and the MLP's down): out is the product
     plus the stream at res_ptr (rounded to the dtype as a norm's residual add rounds it), the next stream, and each
     row's sums of squares of it by ROW_PART columns go to partials_ptr (PARTIALS a row), which the next NORMED
-    product reads. (A launch run again gives the same output: the autotuner may time it.) NORMED (1-2 rows; the products a norm feeds: QKV and the MLP's gate/up): x_ptr is the
-    stream and the inputs its RMSNorm by the weight at norm_ptr and eps, each row's scale from its NORM_PARTS
-    (a power of two, at least PARTIALS) partial sums (_tile_inputs): the norm's kernel need not run."""
+    product reads. (A launch run again gives the same output: the autotuner may time it.)
+    NORMED (1-2 rows, not PREPARED, whose kernel then computes it; the products a norm feeds: QKV and the MLP's
+    gate/up): x_ptr is the stream and the inputs its RMSNorm by the weight at norm_ptr and eps, each row's scale from
+    its NORM_PARTS (a power of two, at least PARTIALS) partial sums (_tile_inputs): the norm's kernel need not run."""
     tl.static_assert(not (PDL and GROUPED))
     tl.static_assert(not INT8 or (BLOCK_M < 16 and not LUT and not BOOK))
     tl.static_assert(not PREPARED or INT8)
     tl.static_assert(GATED == 0 or not (LUT or PREPARED))
-    tl.static_assert(not (NORMED or RESIDUAL) or (BLOCK_M < 16 and not (LUT or PREPARED or GROUPED)))
-    tl.static_assert(not (NORMED and GATED))
+    tl.static_assert(not (NORMED or RESIDUAL) or (BLOCK_M < 16 and not (LUT or GROUPED)))
+    tl.static_assert(not (NORMED and (GATED or PREPARED)))
     tl.static_assert(not BYTE_BOOK or (BLOCK_M >= 16 and not INT8 and not LUT and not BOOK))
     FP32_INPUTS: tl.constexpr = BLOCK_M == 1 or INT8  # converted as they are loaded (_tile_inputs)
     PICKS: tl.constexpr = INT8 or BYTE_BOOK  # weights' codebook bytes picked by prmt (_picked_bytes)
@@ -218,10 +219,7 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
     wait_for_earlier_kernels(PDL)  # x, and the pair table, are earlier kernels' outputs
     norm_scales = None
     if NORMED:
-        part = tl.arange(0, NORM_PARTS)
-        squares = tl.load(partials_ptr + x_rows[:, None] * PARTIALS + part[None, :],
-                          mask=m_mask[:, None] & (part < PARTIALS)[None, :], other=0.0)
-        norm_scales = tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+        norm_scales = stream_scales(partials_ptr, x_rows, m_mask, PARTIALS, K, eps, NORM_PARTS)
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
                               FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
@@ -506,7 +504,7 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     by a kernel of their own (input_bytes), not in every program; by default where LCQ_INT8_INPUTS=1. gated (an
     activation of elementwise.GATED): x (M, 2 K) is an MLP's [gate, up], and the product's inputs act(gate) * up,
     computed where the kernel loads them at 1-2 rows (FMA rows, products of bytes), else by gated_activation first.
-    At 1-2 rows (not with lut or prepared), the decoder's residual stream: norm_weight (and eps) makes x the stream
+    At 1-2 rows (not with lut), the decoder's residual stream: norm_weight (and eps) makes x the stream
     and the inputs its RMSNorm, each row's sum of squares from squares (rows, cdiv(K, ROW_PART)) fp32, which the
     product that last added into the stream wrote; residual (rows, N), the stream: the product plus it is returned,
     the next stream, and its rows' sums of squares go to squares for the next normed product."""
@@ -533,12 +531,12 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     if byte_book and (int8 or lut):
         raise ValueError("weights from byte codebooks take neither products of bytes nor the pair table")
     if prepared is None:
-        prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1" and not stream
+        prepared = int8 and os.environ.get("LCQ_INT8_INPUTS") == "1"
     if prepared and not int8:
         raise ValueError("prepared inputs serve products of bytes only")
-    if stream and (lut or prepared or block_m >= 16):
-        raise ValueError(f"the residual stream's products serve 1-2 rows without the pair table or prepared inputs, "
-                         f"not {m} rows" + (" with the pair table" if lut else " of prepared inputs" if prepared else ""))
+    if stream and (lut or block_m >= 16):
+        raise ValueError(f"the residual stream's products serve 1-2 rows without the pair table, not {m} rows"
+                         + (" with the pair table" if lut else ""))
     if gated and (lut or block_m >= 16):  # the pair table's kernel reads the inputs as they are; the tl.dot forms
         # would compute each input's activation in every column tile (sm_90 SASS at 16-32 rows: 1.5-1.9x the loop's
         # instructions, against 1.02-1.09x at 1-2 rows)
@@ -551,19 +549,21 @@ def decode(x: torch.Tensor, layer: PackedLinear, config: dict | None = None, lut
     counters = arrival_counters(x.device, triton.cdiv(n, 16))
     pairs = triton.cdiv(k, layer.group_size) * layer.group_size // 2
     table = pair_table(x, layer, pairs) if lut else ws  # (unread without LUT)
-    inputs = input_bytes(x, layer, gated) if prepared else x
     parts = triton.cdiv(k if norm_weight is not None else n, ROW_PART.value)
     if stream and (squares is None or squares.shape != (m, parts)):
         raise ValueError(f"the stream's sums of squares are ({m}, {parts}) fp32, not "
                          f"{None if squares is None else tuple(squares.shape)}")
+    normed = norm_weight is not None and not prepared  # (prepared: input_bytes computes the norm)
+    inputs = input_bytes(x, layer, gated, None if norm_weight is None else (norm_weight, eps, squares)) \
+        if prepared else x
     args = (inputs, *_layer_args(layer), out, ws, counters, counters, counters, table, byte_slots(x.device), m, n, k,
             inputs.stride(0), out.stride(0),
             1, 0, pairs, ws if norm_weight is None else norm_weight, ws if residual is None else residual,
             ws if squares is None else squares, eps, parts)
     consts = dict(_constants(x, layer), BLOCK_M=block_m, GROUPED=False, LUT=lut, INT8=int8,  # (in the tuning key)
                   BYTE_BOOK=byte_book, ASM=x.is_cuda, PREPARED=prepared,
-                  GATED=0 if prepared else GATED_CODES[gated], NORMED=norm_weight is not None,
-                  NORM_PARTS=triton.next_power_of_2(parts) if norm_weight is not None else 1,
+                  GATED=0 if prepared else GATED_CODES[gated], NORMED=normed,
+                  NORM_PARTS=triton.next_power_of_2(parts) if normed else 1,
                   RESIDUAL=residual is not None, **dependent_launch(x))
     if config is None and not x.is_cuda:
         config = INTERPRETER_DECODE_CONFIG

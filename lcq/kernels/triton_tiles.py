@@ -10,7 +10,7 @@ import triton.language as tl
 
 from lcq.format import PackedLinear
 
-from .elementwise import load_inputs
+from .elementwise import load_inputs, rms_normed
 
 # Triton 3.6 (the GPU image's) lays out a gather whose addresses have no known contiguity along its
 # first dimension, 3.7 and later along its last: the V gather runs (columns, depth) on 3.6 and
@@ -208,6 +208,17 @@ def _within_k(w, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def stream_scales(partials_ptr, rows, mask, PARTIALS, K, eps, NORM_PARTS: tl.constexpr):
+    """Each row's RMSNorm scale, rsqrt(sum of its squares / K + eps) (fp32, like rows), from the PARTIALS partial sums
+    of squares the last product adding to the residual stream wrote (triton_linear's RESIDUAL); NORM_PARTS: a power
+    of two, at least PARTIALS."""
+    part = tl.arange(0, NORM_PARTS)
+    squares = tl.load(partials_ptr + rows[:, None] * PARTIALS + part[None, :],
+                      mask=mask[:, None] & (part < PARTIALS)[None, :], other=0.0)
+    return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
+
+
+@triton.jit
 def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: tl.constexpr, BLOCK_K: tl.constexpr,
                  FP32: tl.constexpr, SELECTOR_ORDER: tl.constexpr, PREPARED: tl.constexpr = False,
                  GATED: tl.constexpr = 0, norm_ptr=None, norm_scales=None, NORMED: tl.constexpr = False):
@@ -223,9 +234,8 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
     a tile (_prepared_fields).
     GATED (elementwise.GATED_CODES): x_ptr's rows are [gate, up] of width 2 K, the inputs act(gate) * up
     (elementwise.load_inputs), computed as the MLP's activation kernel computes them, which then need not run.
-    NORMED: x_ptr's rows are the residual stream and the inputs its RMSNorm, (s * scale rounded to the dtype) * the
-    norm's weight at norm_ptr, rounded to the dtype, as elementwise.add_rms_norm computes it, with each row's scale
-    in norm_scales (BLOCK_M,)."""
+    NORMED: x_ptr's rows are the residual stream and the inputs its RMSNorm by the weight at norm_ptr
+    (elementwise.rms_normed), each row's scale in norm_scales (BLOCK_M,: stream_scales)."""
     if PREPARED:
         inputs = tl.load(x_ptr + x_rows[:, None] * stride_xm + k0 // 2 + tl.arange(0, BLOCK_K // 2)[None, :],
                          mask=m_mask[:, None], other=0)
@@ -242,8 +252,7 @@ def _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT: t
                              m_mask[:, None] & (k_idx[None, :] < K), K, GATED)
         if NORMED:
             weight = tl.load(norm_ptr + k_idx, mask=k_idx < K, other=0.0).to(tl.float32)
-            scaled = (inputs.to(tl.float32) * norm_scales[:, None]).to(inputs.dtype)
-            inputs = (scaled.to(tl.float32) * weight[None, :]).to(inputs.dtype)
+            inputs = rms_normed(inputs.to(tl.float32), norm_scales[:, None], weight[None, :], inputs.dtype)
         if FP32:
             inputs = inputs.to(tl.float32)
     return inputs
