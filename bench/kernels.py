@@ -489,7 +489,8 @@ def compile_kernel(kernel: str, bits: int, rank: int, group: int, block_m: int, 
     bundled ptxas; no device needed. dtype: the activations' (fp16, bf16 or fp32); prepared: products of bytes of
     inputs input_bytes() prepared; partial_group: K not a multiple of the group (the tl.dot forms' tiles zero past
     K); gated: the MLP's activation computed from [gate, up] inputs (elementwise.GATED_CODES); normed: the inputs the
-    RMSNorm of the residual stream (K = 4096); residual: the output added to the stream. The decode kernel waits on dependent launch where the runtime launches it so (from sm_90)."""
+    RMSNorm of the residual stream (K = 4096); residual: the output added to the stream. The decode kernel waits on
+    dependent launch where the runtime launches it so (from sm_90)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

@@ -29,10 +29,10 @@ def _run(code: str, env: dict | None = None) -> str:
 
 def test_default_kernels_build_and_fit_a_t4_and_an_rtx_50():
     """Every default linear form (the autotuned ones with the narrowest config of their lists), both attention
-    kernels at head 256 with their three stages of tiles and the rotation with the cache write, in fp16, built for sm_75 (a T4: 64 KB of shared memory a
-    block, no cp.async) and sm_120 (consumer Blackwell: 99 KB): each assembles and fits. The bf16 build of byte
-    codebooks is refused for sm_75 (cvt.rn.bf16x2 needs sm_80), which is why the runtime does not take them there
-    (triton_linear._byte_book_dtype), and built for sm_80."""
+    kernels at head 256 with their three stages of tiles and the rotation with the cache write, in fp16, built for
+    sm_75 (a T4: 64 KB of shared memory a block, no cp.async) and sm_120 (consumer Blackwell: 99 KB): each
+    assembles and fits. The bf16 build of byte codebooks is refused for sm_75 (cvt.rn.bf16x2 needs sm_80), which is
+    why the runtime does not take them there (triton_linear._byte_book_dtype), and built for sm_80."""
     code = ("import json, sys; sys.path.insert(0, '.'); from bench.gpu_builds import builds, compile_kernel, "
             "LINEAR_FORMS; rows = builds([75, 120], dtypes=('fp16',), head_dims=(256,)); "
             "args, options = LINEAR_FORMS['byte codebooks, 32 rows, W2 r2']; refused = []\n"
@@ -149,7 +149,8 @@ def test_autotune_table_reads_the_autotuners_own_files(tmp_path):
     from lcq.kernels import triton_linear
 
     names = triton_linear._decode_tuned.keys
-    key = [4096, 11008, 2, 2, 128, 1, False, False, True, False, False, 0, False, False][:len(names)] + ["torch.float16"]
+    key = [4096, 11008, 2, 2, 128, 1, False, False, True, False, False, 0, False, False][:len(names)] + \
+        ["torch.float16"]
     configs = [(triton.Config({"BLOCK_N": 256, "SPLIT_K": 16}, num_warps=2), [0.0180, 0.0178, 0.0183]),
                (triton.Config({"BLOCK_N": 128, "SPLIT_K": 32}, num_warps=4), [0.0176, 0.0175, 0.0179]),
                (triton.Config({"BLOCK_N": 512, "SPLIT_K": 8}, num_warps=4), [float("inf")] * 3),

@@ -791,10 +791,11 @@ STREAM_FORMS = [  # bits, rank, group, K, M, dtype, decode's keywords: FMA rows 
 
 @pytest.mark.parametrize("bits,rank,group,k,m,dtype,form", STREAM_FORMS)
 def test_products_on_the_residual_stream(bits, rank, group, k, m, dtype, form):
-    """The residual stream's products at 1-2 rows: one adding into the stream (residual) gives the product plus the
-    stream as the norm's add rounds it (exactly, but for the interpreter's bf16; fresh rows, the stream untouched) and the new stream's sums of
-    squares by ROW_PART columns; one reading it through a norm (norm_weight) gives the product of the norm's output
-    (elementwise.add_rms_norm's arithmetic, each row's scale from those sums), to a unit of the dtype in an input."""
+    """The residual stream's products at 1-2 rows: one adding to the stream (residual) gives the product plus the
+    stream as the norm's add rounds it (exactly, but for the interpreter's bf16; fresh rows, the stream untouched)
+    and the new stream's sums of squares by ROW_PART columns; one reading it through a norm (norm_weight) gives the
+    product of the norm's output (elementwise.add_rms_norm's arithmetic, each row's scale from those sums), to a
+    unit of the dtype in an input."""
     from lcq.kernels.elementwise import add_rms_norm
 
     form = {**form, "config": {**SMALL_DECODE, **form.get("config", {})}}
@@ -976,7 +977,8 @@ def test_compiled_residual_stream_products_on_gpu(dtype, m):
     torch.manual_seed(m)
     o_proj, gate_up, down = (random_layer(n, k, 2, 2, 128, seed=n).to("cuda")
                              for n, k in ((4096, 4096), (22016, 4096), (4096, 11008)))
-    attended, stream = torch.randn(m, 4096, device="cuda").to(dtype), (torch.randn(m, 4096, device="cuda") * 4).to(dtype)
+    attended = torch.randn(m, 4096, device="cuda").to(dtype)
+    stream = (torch.randn(m, 4096, device="cuda") * 4).to(dtype)
     weight, eps = (torch.rand(4096, device="cuda") + 0.5).to(dtype), 1e-5
     squares = stream_squares(stream)
     new_stream = triton_linear.triton_linear(attended, o_proj, residual=stream, squares=squares)

@@ -263,7 +263,8 @@ def _input_bytes_kernel(x_ptr, out_ptr, norm_ptr, partials_ptr, eps, PARTIALS, K
     bytes 4 to an int32 (_int8_products' rounding), its scale (largest magnitude / 127) and its sum, fp32 bits, and
     zeros to FIELDS. RUNS runs a row, past K zeros. GATED (elementwise.GATED_CODES): x's rows are [gate, up], the inputs
     act(gate) * up (elementwise.load_inputs). NORMED: x's rows are the residual stream, the inputs its RMSNorm by the
-    weight at norm_ptr and eps, the row's scale from its sums of squares at partials_ptr (triton_tiles.stream_scales)."""
+    weight at norm_ptr and eps, the row's scale from its sums of squares at partials_ptr
+    (triton_tiles.stream_scales)."""
     PER_WORD: tl.constexpr = 8 if BITS == 4 else 16
     QUADS: tl.constexpr = PER_WORD // 4
     FIELDS: tl.constexpr = PER_WORD // 2

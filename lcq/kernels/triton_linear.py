@@ -222,12 +222,10 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
         norm_scales = stream_scales(partials_ptr, x_rows, m_mask, PARTIALS, K, eps, NORM_PARTS)
     if PREFETCH:
         inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, start * BLOCK_K, K, PAIRS, LUT, BLOCK_K,
-                              FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
-                              norm_ptr, norm_scales, NORMED)
+                              FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED, norm_ptr, norm_scales, NORMED)
     if PREFETCH == 2:
         inputs_2 = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, (start + 1) * BLOCK_K, K, PAIRS, LUT,
-                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
-                              norm_ptr, norm_scales, NORMED)
+                                BLOCK_K, FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED, norm_ptr, norm_scales, NORMED)
     AHEAD: tl.constexpr = 2 if PREFETCH == 2 else 1
     for tile in tl.range(start, end, num_stages=STAGES):
         k0 = tile * BLOCK_K
@@ -238,15 +236,13 @@ def _decode_kernel(x_ptr, qw_ptr, sq_ptr, ss_ptr, bq_ptr, bs_ptr, v_ptr, vi_ptr,
                 next_words, next_top_words = _tile_words(qw_ptr, ahead, offs_n, following, N, BITS, BLOCK_K, PICKS)
             next_s_codes, next_b_codes = _group_codes(sq_ptr, bq_ptr, ahead, offs_n, following, N, RANK, GROUP)
             next_inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, ahead, K, PAIRS, LUT, BLOCK_K,
-                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED,
-                              norm_ptr, norm_scales, NORMED)
+                                       FP32_INPUTS, SELECTOR_ORDER, PREPARED, GATED, norm_ptr, norm_scales, NORMED)
         if not CARRIED_WORDS:
             words, top_words = _tile_words(qw_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, PICKS)
         if not PREFETCH:
             s_codes, b_codes = _group_codes(sq_ptr, bq_ptr, k0, offs_n, n_mask, N, RANK, GROUP)
             inputs = _tile_inputs(x_ptr, lut_ptr, x_rows, m_mask, stride_xm, k0, K, PAIRS, LUT, BLOCK_K, FP32_INPUTS,
-                                  SELECTOR_ORDER, PREPARED, GATED,
-                              norm_ptr, norm_scales, NORMED)
+                                  SELECTOR_ORDER, PREPARED, GATED, norm_ptr, norm_scales, NORMED)
         if LUT:
             scaled, b = _lut_products(words, s_codes, b_codes, lut_ptr + PAIRS // 16, lut_base, k0, ss_ptr, bs_ptr,
                                       offs_n, n_mask, N, RANK, RANKS, BLOCK_K, BLOCK_N)
@@ -383,8 +379,8 @@ DEQUANT_BLOCK_N = 128
 # architecture and the tuning key), so a restarted server skips the tuning of its warm-up.
 _KEEP_TIMINGS = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 _decode_tuned = triton.autotune(DECODE_CONFIGS,
-                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED", "GATED", "NORMED",
-                                                 "RESIDUAL"],
+                                key=_KEY + ["BLOCK_M", "GROUPED", "LUT", "INT8", "BYTE_BOOK", "PREPARED", "GATED",
+                                            "NORMED", "RESIDUAL"],
                                 do_bench=graph_time,
                                 prune_configs_by={"early_config_prune": _decode_configs_for},
                                 **_KEEP_TIMINGS)(_decode_kernel)
