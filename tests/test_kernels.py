@@ -945,32 +945,38 @@ def test_compiled_decode_forms_on_gpu(n, k, bits, rank, group, m, exact_products
         assert_close(y.cpu(), expected, torch.float16)
 
 
+# Two of the one-row products' configs the H100's autotuner chose (docs/kernels.md), as explicit configs: the fused
+# forms' compiled arithmetic is checked without timing the autotuner's lists in the GPU session's first step
+FUSED_CONFIGS = [{"BLOCK_N": 256, "BLOCK_K": 128, "SPLIT_K": 32, "REDUCE_K": True, "num_warps": 2},
+                 {"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 16, "REDUCE_K": True, "num_warps": 2}]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2, 16, 64, 100])
-def test_compiled_gated_products_on_gpu(dtype, m):
-    """A 7B down_proj's product of act(gate) * up (the default forms at each row count, autotuned; dequantize + cuBLAS
-    at 100) against the product of gated_activation's output. Compiled, the activation's arithmetic may be contracted
-    otherwise in the two kernels, so a few inputs may round one unit apart: the products' tolerance."""
+@pytest.mark.parametrize("dtype, m, activation", [(torch.float16, 1, "silu"), (torch.bfloat16, 2, "gelu_tanh")])
+def test_compiled_gated_products_on_gpu(dtype, m, activation):
+    """A 7B down_proj's product of act(gate) * up at 1-2 rows, compiled (products of bytes and FMA rows, two configs
+    each), against the product of gated_activation's output. Compiled, the activation's arithmetic may be contracted
+    otherwise in the two kernels, so an input may round one unit apart: the products' tolerance."""
     from lcq.kernels.elementwise import gated_activation
 
     layer = random_layer(4096, 11008, 2, 2, 128, seed=m).to("cuda")
     gate_up = (torch.randn(m, 2 * 11008, device="cuda") * 3).to(dtype)
-    for activation in ("silu", "gelu_tanh"):
-        expected = triton_linear.triton_linear(gated_activation(gate_up, activation), layer)
-        y = triton_linear.triton_linear(gate_up, layer, gated=activation)
+    activated = gated_activation(gate_up, activation)
+    for int8, config in itertools.product((True, False), FUSED_CONFIGS):
+        expected = triton_linear.decode(activated, layer, config, int8=int8)
+        y = triton_linear.decode(gate_up, layer, config, int8=int8, gated=activation)
         torch.cuda.synchronize()
         assert_close(y.double(), expected.double(), torch.float64, TOLERANCE[dtype])
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("dtype, m", [(torch.float16, 1), (torch.bfloat16, 2)])
 def test_compiled_residual_stream_products_on_gpu(dtype, m):
-    """A 7B layer's products on the residual stream (the default forms, autotuned): o_proj adding to the stream, the
-    gate/up product reading its norm, the down product of act(gate) * up adding to it, against the norm, activation
-    and add kernels with the plain products (each key autotuned apart, so their sums' order may differ), to the
-    products' tolerance."""
+    """A 7B layer's products on the residual stream at 1-2 rows, compiled (products of bytes and FMA rows, two configs
+    each; the prepared inputs' kernel with the norm): o_proj adding to the stream, the gate/up product reading its
+    norm, the down product of act(gate) * up adding to it, against the norm, activation and add kernels with the
+    plain products (the stream exactly but for a unit where the sums' rounding differs, the products to their
+    tolerance)."""
     from lcq.kernels.elementwise import add_rms_norm, gated_activation
     from lcq.kernels.linear import stream_squares
 
@@ -980,17 +986,22 @@ def test_compiled_residual_stream_products_on_gpu(dtype, m):
     attended = torch.randn(m, 4096, device="cuda").to(dtype)
     stream = (torch.randn(m, 4096, device="cuda") * 4).to(dtype)
     weight, eps = (torch.rand(4096, device="cuda") + 0.5).to(dtype), 1e-5
-    squares = stream_squares(stream)
-    new_stream = triton_linear.triton_linear(attended, o_proj, residual=stream, squares=squares)
-    normed, expected_stream = add_rms_norm(triton_linear.triton_linear(attended, o_proj), weight, eps, stream.clone())
-    assert_close(new_stream.double(), expected_stream.double(), torch.float64, TOLERANCE[dtype])
-    activated = triton_linear.triton_linear(new_stream, gate_up, norm_weight=weight, eps=eps, squares=squares)
-    assert_close(activated.double(), triton_linear.triton_linear(normed, gate_up).double(), torch.float64,
-                 TOLERANCE[dtype])
-    final = triton_linear.triton_linear(activated, down, gated="silu", residual=new_stream, squares=squares)
-    expected = triton_linear.triton_linear(gated_activation(activated, "silu"), down).float() + new_stream.float()
-    torch.cuda.synchronize()
-    assert_close(final.double(), expected.double(), torch.float64, TOLERANCE[dtype])
+    for int8, config in itertools.product((True, False), FUSED_CONFIGS):
+        form = dict(config=config, int8=int8)
+        squares = stream_squares(stream)
+        new_stream = triton_linear.decode(attended, o_proj, residual=stream, squares=squares, **form)
+        normed, expected_stream = add_rms_norm(triton_linear.decode(attended, o_proj, **form), weight, eps,
+                                               stream.clone())
+        torch.testing.assert_close(new_stream, expected_stream, rtol=torch.finfo(dtype).eps, atol=0)
+        expected = triton_linear.decode(normed, gate_up, **form).double()
+        for prepared in (False, True) if int8 else (False,):
+            activated = triton_linear.decode(new_stream, gate_up, norm_weight=weight, eps=eps, squares=squares,
+                                             prepared=prepared, **form)
+            assert_close(activated.double(), expected, torch.float64, TOLERANCE[dtype])
+        final = triton_linear.decode(activated, down, gated="silu", residual=new_stream, squares=squares, **form)
+        added = triton_linear.decode(gated_activation(activated, "silu"), down, **form).float() + new_stream.float()
+        torch.cuda.synchronize()
+        assert_close(final.double(), added.double(), torch.float64, TOLERANCE[dtype])
 
 
 def test_dependent_launch_is_off_on_cpu_and_when_turned_off(monkeypatch):
