@@ -181,7 +181,7 @@ NOTES = """
   (+1.2%): the stage gains about as much with the packed head (143.81 to 127.66) as without it
   (142.60 to 126.12). Before 2026-12-05 the stages looked tokens up in the fp16 table of this tied
   model; since, the end-to-end stage looks them up in the head it tunes and the head stage scores its
-  epochs through the whole model with the packed head's lookups (README's --head-bits). The three
+  epochs through the whole model with the packed head's lookups (docs/quantize.md's --head-bits). The three
   -e10 -h4 rows were measured again after that, on 2026-12-06 at c246ca0 (`python bench/quality.py
   --only lcq-w4r2-e10-h4,lcq-w2r2-e10-h4,lcq-w2r2-e10-ft10-h4`, transformers 5.25.0); before it they
   scored 53.20, 142.64 and 132.74 (the end-to-end row 3.8% better now, the others within 0.8%).

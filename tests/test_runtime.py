@@ -216,7 +216,7 @@ def test_max_model_len_past_the_models_context_is_refused(tiny):
 
 
 def test_the_offline_api_is_imported_from_the_package_as_vllms():
-    """`from lcq import LLM, SamplingParams`, as the README's offline examples write it; `import lcq` alone does
+    """`from lcq import LLM, SamplingParams`, as docs/api.md's offline examples write it; `import lcq` alone does
     not load torch (the CLI's start and the format's readers stay light)."""
     import subprocess
     import sys

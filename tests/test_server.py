@@ -1738,14 +1738,20 @@ def test_x_request_id_names_the_response(server, client, model_dir):
 
 
 def test_every_serve_flag_is_documented():
-    """README's configuration table names every flag of `lcq serve`."""
+    """docs/configuration.md's table names every flag of `lcq serve`, and each flag the README's short table
+    names is one."""
+    import re
     from pathlib import Path
 
     from lcq.server.settings import FLAGS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("## Configuration"):readme.index("## API")]
+    root = Path(__file__).resolve().parents[1]
+    table = (root / "docs" / "configuration.md").read_text()
     assert [flag.name for flag in FLAGS if f"`{flag.name}`" not in table] == []
+    readme = (root / "README.md").read_text()
+    short = readme[readme.index("## Configuration"):readme.index("## API")]
+    named = set(re.findall(r"`(--[a-z0-9-]+)`", short))
+    assert named and named <= {flag.name for flag in FLAGS}
 
 
 def test_metrics_move_after_requests(server, client):

@@ -406,7 +406,7 @@ def test_vllm_speculative_config(capsys):
     for method in ("mtp", "deepseek_mtp", "qwen3_next_mtp"):  # (vLLM's older per-family names)
         value = f'{{"method": "{method}", "num_speculative_tokens": 2}}'
         assert resolve(parse("--speculative-config", value), {}).engine_fields == mtp
-    # without a count, one draft a step, as vLLM drafts as many as the model's layers (README's example)
+    # without a count, one draft a step, as vLLM drafts as many as the model's layers (docs/quantize.md's example)
     assert resolve(parse("--speculative-config", '{"method": "mtp"}'), {}).engine_fields == {
         **mtp, "num_speculative_tokens": 1}
     refused = ('{"method": "eagle"}', '{"method": "ngram", "lookahead": 2}', "{method: ngram}",

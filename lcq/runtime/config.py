@@ -48,7 +48,7 @@ class EngineConfig:
     # Each request's logits the same whatever else shares its steps, however its prompt is split into steps and
     # whether it comes from the prefix cache (vLLM's VLLM_BATCH_INVARIANT=1): every step's products take the forms
     # that give a row what it alone would give, and every query its prefill attention's tiles; CPU only (the C
-    # kernels), models of softmax attention and dense MLPs, no speculative decoding or LoRA; slower (README).
+    # kernels), models of softmax attention and dense MLPs, no speculative decoding or LoRA; slower (docs/configuration.md).
     batch_invariant: bool = False
     # Recurrent layers' (Qwen3.5's, Granite 4.0-H's, LFM2's) prefix caching: states kept at prompts' ends
     # (block_manager.py), each the size of a sequence's states, sized before the KV pool; 0: no prefix caching for

@@ -4,7 +4,7 @@ temperature, top-k, top-p, min-p, seeds, logprobs.
 Everything is batched on the logits' device (on CPU the sampled rows in one C call, cpu_ops.sample_rows);
 each sampled row takes one uniform number, and seeded requests draw theirs from their own generator,
 so a seed gives the same numbers whatever else is in the batch (and the same tokens wherever the logits are
-the same: README, --seed).
+the same: docs/configuration.md, --seed).
 """
 from __future__ import annotations
 

@@ -416,7 +416,7 @@ FLAGS = (
          "is split and whether it comes from the prefix cache, so that temperature 0 and a request's seed repeat "
          "its tokens (vLLM's VLLM_BATCH_INVARIANT=1): every row's products in the forms that give what it alone "
          "would, every query through the prefill attention's tiles; CPU only, models of softmax attention and "
-         "dense MLPs, no speculative decoding or LoRA; slower (README)", "engine"),
+         "dense MLPs, no speculative decoding or LoRA; slower (docs/configuration.md)", "engine"),
     Flag("--mamba-ssm-cache-dtype", str, "float32 (default), auto (the model dtype), bfloat16 or float16: the "
          "recurrent states of linear attention and Mamba-2 layers (Qwen3.5, Qwen3-Next, Granite 4.0-H, Bamba, "
          "Nemotron-H, Falcon-H1), computed in fp32 and stored so; a half dtype halves their memory", "engine"),
