@@ -377,8 +377,10 @@ def main() -> None:
     print("| engine | weights | products | concurrency | output tok/s | TTFT ms | peak mem GB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {row_engine(r)} | {r['weights']} | {r.get('products', '')} | {r['concurrency']} | "
-              f"{r['output_tok_s']} | {r['ttft_ms']} | {r['peak_mem_GB']} |")
+        measured = f"{r['output_tok_s']} | {r['ttft_ms']} | {r['peak_mem_GB']}" if "error" not in r else \
+            f"failed: {r['error'][:120]} | | "
+        print(f"| {row_engine(r)} | {r['weights']} | {r.get('products', '')} | {r.get('concurrency', '')} | "
+              f"{measured} |")
     for pair, ratios in result.get("ratios_per_round", {}).items():
         print(f"{pair}: " + ", ".join(f"{x}x" for x in ratios))
     print(f"Llama-2-7B weights: W2 r2 g128 {result['llama2_7b_weight_GB']['lcq-w2r2g128']} GB "
@@ -509,47 +511,71 @@ GPU_VARIANTS = {"torch-steps": (lambda: mock.patch("lcq.models.layers._on_gpu", 
                 "unfused-steps": (lambda: mock.patch.dict(os.environ, {"LCQ_FUSED_STEPS": "0"}), 1, {})}
 
 
+def run_recording_failure(run, rows: list[dict], save, **row) -> None:
+    """run(), where an exception is printed and kept as a row (`error`, beside `row`'s fields) instead of ending
+    the benchmark, so that one engine's failure on a GPU (a build Triton refuses there, a kernel's fault) leaves
+    the others' rows, among them the variant that turns the failing path off. The failed engine's memory is freed
+    before the next one starts (collected with its frames), or that one would size its KV cache around it."""
+    import traceback
+
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 - every failure is the row's to report
+        traceback.print_exc()
+        rows.append(dict(row, error=f"{type(error).__name__}: {error}"[:2000]))
+        save()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
 def bench_gpu_7b(quick: bool, weight_kinds: list[str], rows: list[dict], save, profiles: dict,
                  variants: list[str] = (), startups: dict | None = None) -> None:
     """Random Llama-2-7B-shaped checkpoints (W2 r2 g128 and fp16) written to a temp folder, then timed;
     a batch-1 decode profile of each goes into profiles, and into startups the seconds its engine took to start
     (loading, the warm-up's tuning and compiles, the CUDA graphs). variants (GPU_VARIANTS): then the variant's row
-    again (batch 1, and its decode profile, or 8 sequences), in each."""
+    again (batch 1, and its decode profile, or 8 sequences), in each. An engine that fails leaves a row with its
+    error, and the next one runs (run_recording_failure)."""
     import tempfile
 
     from bench.random_model import write_random_llama
 
     concurrencies = [1, 8, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128, 256]
     model = "llama-2-7b-shaped-random"
+
+    def plain(folder: Path, weights: str) -> None:
+        started = time.perf_counter()
+        llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
+        if startups is not None:
+            startups[weights] = round(time.perf_counter() - started, 1)
+        throughput_curve(llm, model, weights, concurrencies, rows, save)
+        # one long context at batch 1: decode attention reads ~15x the cache of the 128-token rows
+        throughput_curve(llm, model, weights, [1], rows, save, prompt_tokens=LONG_PROMPT_TOKENS)
+        profiles[weights] = decode_profile(llm)
+        profiles[f"{weights} host"] = host_profile(llm)
+        print({weights: profiles[weights], f"{weights} host": profiles[f"{weights} host"]}, flush=True)
+        save()
+
+    def varied(folder: Path, weights: str, variant: str) -> None:
+        patch, concurrency, settings = GPU_VARIANTS[variant]
+        with patch():  # the graphs are captured at load: a second engine, loaded in the variant
+            llm = LLM(str(folder), max_num_seqs=concurrency, max_model_len=2048, **settings)
+            start = len(rows)
+            throughput_curve(llm, model, weights, [concurrency], rows, save)
+            rows[start]["variant"] = variant
+            if concurrency == 1:  # (the profile is of one sequence)
+                profiles[f"{weights} {variant}"] = decode_profile(llm)
+        print({f"{weights} {variant}": profiles.get(f"{weights} {variant}", rows[start])}, flush=True)
+        save()
+
     with tempfile.TemporaryDirectory() as tmp:
         for weights in weight_kinds:
             folder = write_random_llama(Path(tmp) / weights, quantized=weights != "fp16")
-            started = time.perf_counter()
-            llm = LLM(str(folder), max_num_seqs=max(concurrencies), max_model_len=2048)
-            if startups is not None:
-                startups[weights] = round(time.perf_counter() - started, 1)
-            throughput_curve(llm, model, weights, concurrencies, rows, save)
-            # one long context at batch 1: decode attention reads ~15x the cache of the 128-token rows
-            throughput_curve(llm, model, weights, [1], rows, save, prompt_tokens=LONG_PROMPT_TOKENS)
-            profiles[weights] = decode_profile(llm)
-            profiles[f"{weights} host"] = host_profile(llm)
-            print({weights: profiles[weights], f"{weights} host": profiles[f"{weights} host"]}, flush=True)
-            save()
-            del llm
-            torch.cuda.empty_cache()
-            for variant in variants:  # the graphs are captured at load: a second engine, loaded in the variant
-                patch, concurrency, settings = GPU_VARIANTS[variant]
-                with patch():
-                    llm = LLM(str(folder), max_num_seqs=concurrency, max_model_len=2048, **settings)
-                    start = len(rows)
-                    throughput_curve(llm, model, weights, [concurrency], rows, save)
-                    rows[start]["variant"] = variant
-                    if concurrency == 1:  # (the profile is of one sequence)
-                        profiles[f"{weights} {variant}"] = decode_profile(llm)
-                print({f"{weights} {variant}": profiles.get(f"{weights} {variant}", rows[start])}, flush=True)
-                save()
-                del llm
-                torch.cuda.empty_cache()
+            run_recording_failure(lambda: plain(folder, weights), rows, save, model=model, weights=weights,
+                                  engine="lcq")
+            for variant in variants:
+                run_recording_failure(lambda: varied(folder, weights, variant), rows, save, model=model,
+                                      weights=weights, engine="lcq", variant=variant,
+                                      concurrency=GPU_VARIANTS[variant][1])
 
 
 def bench_gpu_moe(quick: bool, shape: str, layers: int, rows: list[dict], save) -> None:

@@ -2155,6 +2155,28 @@ def test_generation_bench_host_profile_times_a_prefill_and_the_decode_steps(tiny
         assert all(entry["self_ms_per_token"] >= 0 and entry["calls_per_token"] > 0 for entry in profile[part]["top"])
 
 
+def test_generation_bench_keeps_a_failed_engines_error_and_frees_it(tiny):
+    """bench/generate.py's GPU runs: an engine that fails leaves a row with its error and no reference to itself
+    (the next engine sizes its KV cache from the memory then free), and the run goes on."""
+    import weakref
+
+    from bench.generate import run_recording_failure
+
+    rows, saved, engines = [], [], []
+
+    def failing() -> None:
+        llm = LLM(str(tiny), block_size=8, max_num_seqs=2, **FP32)
+        engines.append(weakref.ref(llm))
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, temperature=0))
+        raise RuntimeError("a kernel the GPU refused")
+
+    run_recording_failure(failing, rows, lambda: saved.append(len(rows)), model="tiny", variant="broken")
+    assert rows == [{"model": "tiny", "variant": "broken", "error": "RuntimeError: a kernel the GPU refused"}]
+    assert saved == [1] and engines[0]() is None
+    run_recording_failure(lambda: rows.append({"model": "tiny"}), rows, lambda: saved.append(len(rows)))
+    assert rows[-1] == {"model": "tiny"} and saved == [1]
+
+
 def test_generation_bench_reports_medians_and_per_round_ratios():
     from bench.generate import median_rows, round_ratios
 
