@@ -35,7 +35,8 @@
 # product-floor-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/, and each test step's failures in
-# gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary).
+# gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary). What changed against
+# the committed results of the same GPU: python bench/compare.py <(git show HEAD:bench/results/F.json) bench/results/F.json
 set -u
 out=${1:-${OUT:-bench/results/gpu-session}}
 budget=${2:-580}
