@@ -1,15 +1,21 @@
 """The autotuner's timings a GPU session brought back, as a table: for each kernel and tuning key, the config it
 chose and its time, the runner-up's time, and how many of the configs it timed came within 5% of the best. The
 files are Triton's `cache_results` entries, which bench/gpu_session.sh copies into gpu-session/autotune/: the data
-for trimming the autotuner's lists (lcq/kernels/triton_configs.py) and for a table of configs pre-tuned per GPU.
+for trimming the autotuner's lists (lcq/kernels/triton_configs.py), and, with --pretuned, the GPU's table of
+pre-tuned configs that engines on that GPU kind then take instead of tuning (lcq/kernels/tuned_configs.py).
 
     python bench/autotune_table.py gpu-session/autotune [--out bench/results/autotune-<gpu>.json]
+    python bench/autotune_table.py gpu-session/autotune --pretuned lcq/kernels/tuned/nvidia-h100-80gb-hbm3.json
+
+The Triton release a table was tuned with comes from the session's device.txt beside the folder (--triton sets it).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -62,6 +68,31 @@ def table(folder: Path) -> list[dict]:
     return sorted(rows, key=lambda row: (row["kernel"], json.dumps(row["key"], sort_keys=True)))
 
 
+def pretuned(folder: Path, triton_version: str) -> dict:
+    """The table of pre-tuned configs (lcq/kernels/tuned_configs.py) from the autotune files under folder: each
+    kernel's tuning keys with the config timed fastest for each (of a key tuned twice, the faster choice)."""
+    chosen: dict[tuple[str, str], tuple[float, dict]] = {}
+    for path in sorted(folder.rglob("*.autotune.json")):
+        entry = json.loads(path.read_text())
+        best, fields = min(((_median(timing), fields) for fields, timing in entry["configs_timings"]),
+                           key=lambda pair: pair[0])
+        kernel = path.name.removesuffix(".autotune.json").split("-", 1)[-1]
+        mark = (kernel, json.dumps(entry["key"]))
+        if not math.isinf(best) and (mark not in chosen or best < chosen[mark][0]):
+            config = {"kwargs": fields.get("kwargs", {}),
+                      **{name: fields[name] for name in CONFIG_FIELDS if fields.get(name) is not None}}
+            chosen[mark] = best, dict(kernel=kernel, key=entry["key"], config=config)
+    entries = [entry for _, (_, entry) in sorted(chosen.items())]
+    return dict(triton=triton_version, source=str(folder), date=datetime.date.today().isoformat(), entries=entries)
+
+
+def session_triton(folder: Path) -> str | None:
+    """The Triton version a GPU session's device.txt (beside its autotune folder) names."""
+    device = folder.parent / "device.txt"
+    found = re.search(r"\btriton (\S+)", device.read_text()) if device.is_file() else None
+    return found.group(1) if found else None
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| kernel | key | chosen config | us | runner-up us | timed (failed) | within 5% |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -77,12 +108,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="where the autotune files are (gpu-session/autotune)")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--pretuned", type=Path, help="also write the GPU's pre-tuned configs here "
+                        "(lcq/kernels/tuned/<device>.json)")
+    parser.add_argument("--triton", help="--pretuned: the Triton version the session ran (default: its device.txt)")
     args = parser.parse_args()
     rows = table(args.folder)
     print(markdown(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(source=str(args.folder), rows=rows), indent=1) + "\n")
+    if args.pretuned:
+        version = args.triton or session_triton(args.folder)
+        if version is None:
+            sys.exit(print(f"autotune_table: no device.txt beside {args.folder} names its Triton: give --triton",
+                           file=sys.stderr) or 2)
+        written = pretuned(args.folder, version)
+        args.pretuned.parent.mkdir(parents=True, exist_ok=True)
+        args.pretuned.write_text(json.dumps(written, indent=1) + "\n")
+        print(f"wrote {len(written['entries'])} pre-tuned configs (Triton {version}) to {args.pretuned}")
 
 
 if __name__ == "__main__":

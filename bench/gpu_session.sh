@@ -29,7 +29,8 @@
 # less than it needs is left (a step's worst case is its limit plus those 15 s).
 #
 # With the logs it keeps the autotuner's timings of every config it tried (gpu-session/autotune/), from which a table
-# of configs per GPU can be drawn (python bench/autotune_table.py gpu-session/autotune). It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
+# of configs per GPU can be drawn (python bench/autotune_table.py gpu-session/autotune), and the GPU's pre-tuned
+# configs that engines then take instead of tuning (--pretuned lcq/kernels/tuned/<gpu>.json; commit it). It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
 # product-floor-<gpu>.json and,

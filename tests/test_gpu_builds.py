@@ -165,3 +165,27 @@ def test_autotune_table_reads_the_autotuners_own_files(tmp_path):
     assert (row["ms"], row["runner_up_ms"], row["configs"], row["failed"], row["near_best"]) == \
         (0.0176, 0.0180, 4, 1, 2)
     assert "| _decode_kernel | N=4096, K=11008" in markdown([row])
+
+
+def test_autotune_table_writes_the_gpus_pretuned_configs(tmp_path):
+    """bench/autotune_table.py --pretuned: per kernel and key the fastest config in the form lcq/kernels/tuned_configs
+    reads, with the Triton version the session's device.txt names; without one, one line and exit 2."""
+    folder = tmp_path / "gpu-session" / "autotune"
+    folder.mkdir(parents=True)
+    key = [4096, 4096, 2, 2, 128, 1, "torch.float16"]
+    configs = [(triton.Config({"BLOCK_N": 256, "SPLIT_K": 16}, num_warps=2), [0.0180] * 3),
+               (triton.Config({"BLOCK_N": 64, "SPLIT_K": 16}, num_warps=2), [0.0124] * 3)]
+    (folder / "aa-_decode_kernel.autotune.json").write_text(json.dumps(
+        {"key": key, "configs_timings": [(config.__dict__, timing) for config, timing in configs]}))
+    out = tmp_path / "tuned" / "nvidia-h100-80gb-hbm3.json"
+    command = [sys.executable, str(ROOT / "bench" / "autotune_table.py"), str(folder), "--pretuned", str(out)]
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    (folder.parent / "device.txt").write_text("name, driver_version\nNVIDIA H100 80GB HBM3, 580.159.04\n"
+                                              "torch 2.11.0+cu130 triton 3.6.0\n")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    written = json.loads(out.read_text())
+    assert written["triton"] == "3.6.0" and written["entries"] == [
+        {"kernel": "_decode_kernel", "key": key,
+         "config": {"kwargs": {"BLOCK_N": 64, "SPLIT_K": 16}, "num_warps": 2, "num_stages": 3, "num_ctas": 1}}]

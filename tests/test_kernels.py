@@ -9,6 +9,7 @@ Tolerances, as ||y - ref|| / ||ref||: fp32 1e-5 (fp32 arithmetic throughout); fp
 dense fp16/bf16 layer, relative error 2^-11 / 2^-8 per weight) and the output to that dtype.
 """
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -449,6 +450,90 @@ def test_autotuned_decode_launch_runs_each_config(monkeypatch, m, grouped, lut):
     assert len(timed) == len(triton_configs._decode_configs_for(subset, {}, BLOCK_M=block_m, GROUPED=grouped,
                                                                 GROUP=128, SELECT=True, LUT=lut))
     assert tuned.best_config.kwargs["SPLIT_K"] == 8
+
+
+def test_a_gpus_pretuned_config_is_taken_instead_of_tuning(monkeypatch, tmp_path):
+    """A GPU's table of pre-tuned configs, written by bench/autotune_table.py --pretuned from the autotuner's own
+    files: a launch whose key it holds takes its config and times none (the real autotuner's launch path, in the
+    interpreter); a table of another Triton release, a config the autotuner would not time, or LCQ_PRETUNED=0
+    leave the key to tuning."""
+    import contextlib
+    import functools
+
+    from bench.autotune_table import pretuned
+    from lcq.kernels import tuned_configs
+    from lcq.kernels.compile_ahead import compiling_ahead, tuning_key
+
+    timed = []
+
+    def stand_in_timer(kernel_call, quantiles):
+        kernel_call()
+        timed.append(1.0)
+        return [1.0] * len(quantiles)
+
+    subset = [c for c in triton_configs.DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 64 and c.kwargs["SPLIT_K"] == 8]
+
+    def fresh_tuner():
+        return triton_linear.triton.autotune(subset, key=triton_linear._KEY + ["BLOCK_M", "GROUPED", "LUT"],
+                                             do_bench=stand_in_timer,
+                                             prune_configs_by={"early_config_prune": triton_configs._decode_configs_for}
+                                             )(triton_linear._decode_kernel)
+
+    class Seen(Exception):
+        pass
+
+    def seen(tuner, args, constants, candidates):
+        raise Seen(tuner, args, constants, candidates())
+
+    monkeypatch.setattr(triton_linear, "INTERPRETER_DECODE_CONFIG", None)
+    monkeypatch.setattr(triton_linear, "_decode_tuned", fresh_tuner())
+    monkeypatch.setattr(triton_linear, "take_pretuned", seen)
+    layer = random_layer(40, 256, 2, 2, 128, seed=0)
+    x = torch.randn(1, 256, dtype=torch.float16)
+    with pytest.raises(Seen) as launch:
+        triton_linear.decode(x, layer, lut=False)
+    tuner, args, constants, candidates = launch.value.args
+    assert len(candidates) > 2
+    chosen = candidates[-1]  # not the first, which the stand-in timer would choose
+    folder = tmp_path / "autotune"
+    folder.mkdir()
+    (folder / "5e1c-_decode_kernel.autotune.json").write_text(json.dumps(
+        {"key": list(tuning_key(tuner, args, constants)),
+         "configs_timings": [(c.__dict__, [2.0 if c is not chosen else 1.0] * 3) for c in candidates]}))
+
+    def table(name: str, **changes) -> Path:
+        written = pretuned(folder, triton_linear.triton.__version__)
+        written.update(changes)
+        (tmp_path / "tuned").mkdir(exist_ok=True)
+        (tmp_path / "tuned" / f"{name}.json").write_text(json.dumps(written))
+        return tmp_path / "tuned"
+
+    monkeypatch.setattr(triton_linear, "take_pretuned",
+                        functools.partial(tuned_configs.take_pretuned, slug="this-gpu", folder=table("this-gpu")))
+    tuned = fresh_tuner()
+    monkeypatch.setattr(triton_linear, "_decode_tuned", tuned)
+    with compiling_ahead():  # the engine's warm-up
+        assert_close(triton_linear.decode(x, layer, lut=False), reference(x, layer), torch.float16)
+    same = dict(kwargs=chosen.kwargs, num_warps=chosen.num_warps, num_stages=chosen.num_stages)
+    assert timed == [] and tuned_configs.matches(tuned.best_config, same)
+    assert not tuned_configs.matches(candidates[0], same)
+
+    def taken(slug: str, folder: Path, warm_up: bool = True) -> bool:
+        again = fresh_tuner()
+        with compiling_ahead() if warm_up else contextlib.nullcontext():
+            took = tuned_configs.take_pretuned(again, args, constants, lambda: candidates, slug, folder)
+        return took and again.cache[tuning_key(again, args, constants)] is chosen
+
+    assert taken("this-gpu", tmp_path / "tuned")
+    assert not taken("this-gpu", tmp_path / "tuned", warm_up=False)  # later launches do not look
+    assert not taken("another-gpu", tmp_path / "tuned")
+    assert not taken("older-triton", table("older-triton", triton="3.0.0"))
+    unknown = pretuned(folder, triton_linear.triton.__version__)
+    unknown["entries"][0]["config"]["kwargs"]["BLOCK_N"] = 4096
+    (tmp_path / "tuned" / "unknown-config.json").write_text(json.dumps(unknown))
+    assert not taken("unknown-config", tmp_path / "tuned")
+    monkeypatch.setenv("LCQ_PRETUNED", "0")
+    assert not taken("this-gpu", tmp_path / "tuned")
 
 
 GEMM_CASES = [  # bits, rank, group, K, dtype (M = 33: three row tiles, the last one partial)

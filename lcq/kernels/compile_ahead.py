@@ -36,6 +36,12 @@ def compiling_ahead() -> Iterator[None]:
         _active = previous
 
 
+def warming_up() -> bool:
+    """Whether launches run within compiling_ahead() (the CUDA graphs' warm-up): the launches that first meet the
+    tuning keys, where the pre-tuned configs are looked up too (tuned_configs)."""
+    return _active
+
+
 def compile_threads() -> int:
     return int(os.environ.get("LCQ_COMPILE_THREADS", min(MAX_THREADS, os.cpu_count() or 1)))
 

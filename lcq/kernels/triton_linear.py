@@ -46,6 +46,7 @@ from .triton_configs import (DECODE_CONFIGS, GEMM_CONFIGS, GROUPED_WIDE_CONFIGS,
 from .triton_pair_table import _lut_products, pair_table
 from .triton_tiles import (COLUMN_BOOKS, _dequant_tile, _dot, _gather_table, _group_codes, _table_offsets, _tile_indices,
                            _tile_inputs, _tile_weights, _tile_words, _within_k, block_k, stream_scales, uses_select)
+from .tuned_configs import take_pretuned
 
 DECODE_MAX_M = 64
 # H100, bench/kernels.py: at 64 rows the split-K decode kernel (59-98 us on the 7B MLP shapes at
@@ -391,10 +392,13 @@ _gemm_tuned = triton.autotune(GEMM_CONFIGS, key=_KEY + ["M_BUCKET"], do_bench=gr
 
 
 def _tuned_launch(tuner, grid, args: tuple, constants: dict) -> None:
-    """tuner[grid](*args, **constants), the configs it will time compiled side by side first during a warm-up
-    (compile_ahead): the decode autotuner's after its prune, the others' all."""
+    """tuner[grid](*args, **constants), with this GPU's pre-tuned config where its table has the launch's key
+    (tuned_configs), else the configs it will time compiled side by side first during a warm-up (compile_ahead): the
+    decode autotuner's after its prune, the others' all."""
     prune = _decode_configs_for if tuner is _decode_tuned else lambda configs, named, **kwargs: configs
-    compile_ahead(tuner, lambda: prune(tuner.configs, {}, **constants), args, constants)
+    candidates = lambda: prune(tuner.configs, {}, **constants)  # noqa: E731
+    if not take_pretuned(tuner, args, constants, candidates):
+        compile_ahead(tuner, candidates, args, constants)
     tuner[grid](*args, **constants)
 
 
