@@ -10,6 +10,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lcq.environment import cpu_name
+
 
 def cpu_arguments(doc: str, default_output: Path,
                   more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
@@ -25,17 +27,6 @@ def cpu_arguments(doc: str, default_output: Path,
 
     torch.set_num_threads(args.threads)
     return args
-
-
-def cpu_name() -> str:
-    """The CPU's model name with its family and model numbers: a VM's "AMD EPYC" alone does not tell a
-    Zen 4 (family 25) from a Zen 5 (family 26), whose 512-bit units run twice the multiply-adds."""
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    name = info.get("model name") or platform.processor() or platform.machine()
-    return f"{name} (family {info['cpu family']}, model {info['model']})" if "cpu family" in info else name
 
 
 def cpu_record(command: str, threads: int, **fields) -> dict:

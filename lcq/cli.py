@@ -10,7 +10,7 @@ from .errors import UserError
 from .format import FormatError, WriteError
 
 # Modules exposing register(subparsers) -> None; each subcommand sets `func(args) -> int | None`.
-COMMAND_MODULES = ("lcq.quantizer.commands", "lcq.server.commands")
+COMMAND_MODULES = ("lcq.quantizer.commands", "lcq.server.commands", "lcq.environment")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -872,3 +872,32 @@ def test_run_batch_writes_through_a_symlink_to_stdout_or_to_a_fifo(tmp_path, cap
         assert [json.loads(line)["custom_id"] for line in text.splitlines()] == ["emb"], output
     assert sorted(path.name for path in tmp_path.iterdir()) == ["fifo", "in.jsonl", "link.jsonl", "tiny", "vol"]
     assert [path.name for path in (tmp_path / "vol").iterdir()] == ["results.jsonl"]
+
+
+def test_env_reports_the_machine_as_lcq_sees_it():
+    """`lcq env` (vLLM's collect-env): versions, the CPU and the C kernels' state as the kernels decide it, no GPU
+    here, the settings with secrets masked; as JSON and as text. Importing it loads no torch (bench/records.py
+    takes the machine's name from it where torch is not installed)."""
+    import torch
+
+    from lcq.kernels import native
+
+    env = {**os.environ, "LCQ_API_KEY": "sk-very-secret", "LCQ_MAX_NUM_SEQS": "8", "HF_TOKEN": "hf_secret"}
+    done = subprocess.run([sys.executable, "-m", "lcq.cli", "env", "--json"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    info = json.loads(done.stdout)
+    assert info["packages"]["torch"] == torch.__version__ and info["lcq"]["version"]
+    cpu = info["cpu"]
+    assert cpu["c_kernels"] == ("available" if native.unsupported() is None else f"not used: {native.unsupported()}")
+    assert set(cpu["flags"]) <= native.cpu_flags() and cpu["cores"] == os.cpu_count()
+    assert info["gpus"] == ([] if not torch.cuda.is_available() else info["gpus"])
+    assert info["settings"]["LCQ_API_KEY"] == "(set)" and info["settings"]["LCQ_MAX_NUM_SEQS"] == "8"
+    assert "sk-very-secret" not in done.stdout and "hf_secret" not in done.stdout
+    text = subprocess.run([sys.executable, "-m", "lcq.cli", "env"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert text.returncode == 0 and text.stdout.startswith(f"lcq {info['lcq']['version']} (")
+    assert f"C kernels: {cpu['c_kernels']}" in text.stdout and "LCQ_API_KEY=(set)" in text.stdout
+    light = subprocess.run([sys.executable, "-c", "import sys, lcq.environment; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=60)
+    assert light.stdout.strip() == "False"
