@@ -89,7 +89,7 @@ def pretuned(folder: Path, triton_version: str) -> dict:
 def session_triton(folder: Path) -> str | None:
     """The Triton version a GPU session's device.txt (beside its autotune folder) names."""
     device = folder.parent / "device.txt"
-    found = re.search(r"\btriton (\S+)", device.read_text()) if device.is_file() else None
+    found = re.search(r"\btriton ([0-9][\w.+]*)", device.read_text()) if device.is_file() else None
     return found.group(1) if found else None
 
 

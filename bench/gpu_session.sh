@@ -89,7 +89,7 @@ step() {  # step LIMIT LEAST NAME COMMAND...: run for at most LIMIT s (SIGINT, t
 }
 
 { timeout --kill-after=5 10 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  timeout --kill-after=5 30 "$py" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  timeout --kill-after=5 30 "$py" -m lcq.cli env  # versions (torch, triton), the GPU, its pre-tuned configs
 } >"$logs/device.txt" 2>&1
 cat "$logs/device.txt"
 slug=$(sed -n 2p "$logs/device.txt" | cut -d, -f1 | tr 'A-Z' 'a-z' | sed 's/[^a-z0-9]\+/-/g; s/^-//; s/-$//')

@@ -182,7 +182,8 @@ def test_autotune_table_writes_the_gpus_pretuned_configs(tmp_path):
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
     (folder.parent / "device.txt").write_text("name, driver_version\nNVIDIA H100 80GB HBM3, 580.159.04\n"
-                                              "torch 2.11.0+cu130 triton 3.6.0\n")
+                                              "lcq 0.1.0 (/x/lcq)\npython 3.12.3 on Linux\n"
+                                              "packages: torch 2.11.0+cu130, triton 3.6.0, transformers 5.0.0\n")
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     written = json.loads(out.read_text())
