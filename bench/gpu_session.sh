@@ -46,6 +46,7 @@ closing=10  # kept for the last archive
 logs=gpu-session
 mkdir -p "$out" "$logs"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+export LCQ_PRETUNED=0  # the session tunes every key afresh: its timings are what a table of pre-tuned configs is made of
 py=${PYTHON:-python3}  # the GPU image's python3 holds torch and triton
 workers=$(( $(nproc) > 2 ? $(nproc) - 2 : 1 ))
 started=$(date +%s)
