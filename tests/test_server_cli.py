@@ -901,3 +901,7 @@ def test_env_reports_the_machine_as_lcq_sees_it():
     light = subprocess.run([sys.executable, "-c", "import sys, lcq.environment; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60)
     assert light.stdout.strip() == "False"
+    no_git = subprocess.run([sys.executable, "-m", "lcq.cli", "env", "--json"], capture_output=True, text=True,
+                            env={**env, "PATH": "/nonexistent"}, timeout=300)
+    assert no_git.returncode == 0, no_git.stderr
+    assert json.loads(no_git.stdout)["lcq"]["commit"] is None
