@@ -15,7 +15,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 CONSTRAINTS ?= -c constraints.txt
 
 
-.PHONY: venv lock test test-gpu gpu-session serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
+.PHONY: venv lock test test-gpu gpu-session gpu-wheels serve bench-kernels bench-generate bench-serve quality quality-llama-cpp clean
 
 venv: $(VENV)/.installed
 
@@ -49,6 +49,17 @@ test-gpu:
 # bench/gpu_session.sh).
 gpu-session:
 	bash bench/gpu_session.sh
+
+# The server's packages, which the GPU image lacks (it reaches no package index), as wheels for its Python (3.12,
+# x86-64 Linux) at the releases of constraints.txt, in .wheels/gpu-server: a GPU session carries the folder and its
+# serve-7b step installs them from it (bench/gpu_session.sh). 4 MB.
+GPU_PYTHON ?= 3.12
+gpu-wheels: venv
+	rm -rf .wheels/gpu-server.part
+	$(BIN)/pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(CONSTRAINTS) -d .wheels/gpu-server.part \
+		fastapi uvicorn httpx
+	rm -rf .wheels/gpu-server && mv .wheels/gpu-server.part .wheels/gpu-server
 
 serve: venv
 	$(BIN)/lcq serve

@@ -55,11 +55,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from lcq.runtime import LLM, SamplingParams  # noqa: E402
-from bench.random_model import DEEPSEEK_V2_LITE, QWEN3_30B_A3B, QWEN3_NEXT_80B_A3B  # noqa: E402
+from bench.random_model import SHAPES  # noqa: E402
 
 # --gpu-moe --moe-shape
-MOE_SHAPES = {"qwen3-30b-a3b": QWEN3_30B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE,
-              "qwen3-next-80b-a3b": QWEN3_NEXT_80B_A3B}
+MOE_SHAPES = {name: SHAPES[name] for name in ("qwen3-30b-a3b", "deepseek-v2-lite", "qwen3-next-80b-a3b")}
 
 
 def rss_gb() -> float:

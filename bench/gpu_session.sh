@@ -15,7 +15,8 @@
 # no-async,no-async-8,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact, in that order: a variant
 # the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
-# cost (bench/product_floor.py), and with NCU=1 Nsight Compute on one launch of each form
+# cost (bench/product_floor.py), the server on the 7B loaded by 1 and 32 streaming clients (bench/serve.py; the
+# server's packages from .wheels/gpu-server, `make gpu-wheels`, carried), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
 # and of the Triton attention with windows, chunks, softcap and sinks among them); the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
@@ -23,6 +24,9 @@
 # parallel processes (bench/kernels.py --warm); the benchmarks then only time them. The kernel sweeps
 # check every product they time against the dequantized weight. GPU tests run in parallel, stopped with
 # SIGINT at their time limit so that pytest still prints its summary of failures (and the slowest tests).
+#
+# ONLY=NAME,NAME... runs those steps alone (each step's name is its log's), e.g. in a second lease the steps the
+# first one had no time left for: ONLY=build-native,serve-7b bash bench/gpu_session.sh
 #
 # SECONDS caps the whole session, whatever the steps do: each step's limit is cut to what is left of it, less the
 # 15 s a step stopped with SIGINT has before KILL and the time of the last archive, and a step is skipped when
@@ -33,7 +37,7 @@
 # configs that engines then take instead of tuning (--pretuned lcq/kernels/tuned/<gpu>.json; commit it). It writes OUTPUT_DIR/gpu-session.tgz, and writes it again after every step, so that a command killed at the
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
-# product-floor-<gpu>.json and,
+# product-floor-<gpu>.json, serve-gpu-<gpu>.json and,
 # in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/, and each test step's failures in
 # gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary). What changed against
@@ -76,6 +80,9 @@ pack() {  # the archive so far, written aside and then renamed, so that a kill w
 step() {  # step LIMIT LEAST NAME COMMAND...: run for at most LIMIT s (SIGINT, then KILL), less if less is left,
     local limit=$1 least=$2 name=$3 now  # none if under LEAST s is left; log to gpu-session/NAME.log
     shift 3
+    if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+        return 0
+    fi
     now=$(left)
     if [ "$now" -lt "$least" ]; then
         echo "== $name skipped: ${now}s left, it needs ${least}s ($(elapsed)s into the session)"
@@ -121,6 +128,22 @@ step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "ben
 # What of a one-row product's time is a fixed cost: the single-replay timing against an empty kernel, a plain read
 # of its bytes, the L2 flushed by writing and by reading, and the product in a chain of products (the same builds)
 step 60 25 product-floor "$py" bench/product_floor.py
+# The server on the GPU end to end (HTTP, the async engine, CUDA graphs, SSE), which no other step runs: the 7B W2
+# model written afresh with a tokenizer of its vocabulary, served by `lcq serve`, loaded by one streaming client (the
+# batch-1 speed a user sees, beside generate-7b's) and then by 32 (bench/serve.py). The GPU image lacks the server's
+# packages: `make gpu-wheels` on the machine that starts the session, and carry .wheels/gpu-server; their wheels are
+# unpacked into a folder of their own on PYTHONPATH for this step only.
+served=/tmp/lcq-serve-llama2-7b-w2r2g128
+if [ -d .wheels/gpu-server ]; then
+    step 180 100 serve-7b bash -c '"$1" -c "import glob, sys, zipfile
+for wheel in glob.glob(\".wheels/gpu-server/*.whl\"): zipfile.ZipFile(wheel).extractall(sys.argv[1])" "$2" &&
+        "$1" bench/random_model.py "$3" &&
+        PYTHONPATH=".:$2" "$1" bench/serve.py --launch "$3" --clients 1 32 --duration 20 --grace 20 --idle-timeout 20 \
+            --output "bench/results/serve-gpu-$4.json"' serve-7b "$py" /tmp/lcq-server-packages "$served" "$slug"
+    pkill -f "lcq.cli serve $served"  # one that outlived a KILL would hold the GPU's memory in the steps after
+else
+    echo "== serve-7b skipped: no .wheels/gpu-server (make gpu-wheels, and carry it)"
+fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do
         step 40 20 "ncu-one-row${form}" ncu --profile-from-start off --section SpeedOfLight --section Occupancy \

@@ -1,6 +1,12 @@
-"""Random-weight checkpoints with real model shapes, for speed and memory benchmarks (no download)."""
+"""Random-weight checkpoints with real model shapes, for speed and memory benchmarks (no download).
+
+    python bench/random_model.py FOLDER [--shapes llama2-7b] [--fp16 | --bits 2 --rank 2 --group-size 128]
+
+writes one to FOLDER, e.g. the model bench/gpu_session.sh serves (bench/serve.py --launch FOLDER).
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -62,19 +68,38 @@ def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> Pack
         v_index=torch.zeros(n, dtype=torch.int32), in_features=k, bits=bits, group_size=group_size)
 
 
+def write_vocabulary_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A tokenizer with a token for every id of the model's vocabulary, "w<id>" after the special tokens and "<unk>",
+    each word of a text one token (any other word "<unk>"), decoded with spaces between: a random model's sampled
+    ids, up to the vocabulary's size, then all stream text (a trained tokenizer of the tests' few hundred tokens
+    left those beyond it empty, so a served model's clients saw one text delta in ~80 tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS
+
+    names = [*SPECIAL_TOKENS, "<unk>"]
+    vocabulary = {name: i for i, name in enumerate(names)} | {f"w{i}": i for i in range(len(names), vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token="<unk>", bos_token=None)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+
+
 def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int = 2, group_size: int = 128,
                        shapes: dict = LLAMA2_7B, head_bits: int = 0) -> Path:
-    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a small tokenizer; its head
-    untied unless the shapes tie it, fp16, or packed at head_bits (the tied table then looked up from it); with
-    num_experts in the shapes a Qwen3-MoE one (every layer a mixture), with kv_lora_rank a DeepSeek-V2 one
-    (latent attention; its first first_k_dense_replace layers dense, then mixtures beside shared experts),
-    with linear_num_value_heads a Qwen3.5 mixture (linear attention in three layers of four, beside a gated
-    shared expert)."""
-    from tests.tiny_model import make_tokenizer
-
+    """A Llama folder with random weights (LCQ or fp16), one shard per layer, and a tokenizer of its vocabulary
+    (write_vocabulary_tokenizer); its head untied unless the shapes tie it, fp16, or packed at head_bits (the tied
+    table then looked up from it); with num_experts in the shapes a Qwen3-MoE one (every layer a mixture), with
+    kv_lora_rank a DeepSeek-V2 one (latent attention; its first first_k_dense_replace layers dense, then mixtures
+    beside shared experts), with linear_num_value_heads a Qwen3.5 mixture (linear attention in three layers of
+    four, beside a gated shared expert)."""
     folder.mkdir(parents=True, exist_ok=True)
-    make_tokenizer(folder)
     h, i, vocab = shapes["hidden_size"], shapes["intermediate_size"], shapes["vocab_size"]
+    write_vocabulary_tokenizer(folder, vocab)
     experts = shapes.get("num_experts") or shapes.get("n_routed_experts", 0)
     family = FAMILY["deepseek_v2" if "kv_lora_rank" in shapes else "qwen3_5_moe_text" if "linear_num_value_heads"
                     in shapes else "qwen3_moe" if experts else "llama"]
@@ -160,3 +185,27 @@ def _token_mixer(shapes: dict, kind: str, layer: int) -> tuple[dict[str, tuple[i
                                         for name in ("q_norm", "k_norm")}
     return ({"self_attn.q_proj": (gated * heads * head_dim, h), "self_attn.k_proj": (kv_heads * head_dim, h),
              "self_attn.v_proj": (kv_heads * head_dim, h), "self_attn.o_proj": (h, heads * head_dim)}, norms)
+
+
+SHAPES = {"llama2-7b": LLAMA2_7B, "llama3.2-1b": LLAMA32_1B, "qwen3-30b-a3b": QWEN3_30B_A3B,
+          "qwen3-next-80b-a3b": QWEN3_NEXT_80B_A3B, "deepseek-v2-lite": DEEPSEEK_V2_LITE}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--shapes", choices=SHAPES, default="llama2-7b")
+    parser.add_argument("--layers", type=int, help="fewer layers than the model has (a smaller file, same widths)")
+    parser.add_argument("--fp16", action="store_true", help="full-precision weights instead of LCQ")
+    parser.add_argument("--bits", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--group-size", type=int, default=128)
+    args = parser.parse_args(argv)
+    shapes = SHAPES[args.shapes] | ({"num_hidden_layers": args.layers} if args.layers else {})
+    write_random_llama(args.folder, quantized=not args.fp16, bits=args.bits, rank=args.rank,
+                       group_size=args.group_size, shapes=shapes)
+    print(f"written {args.folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,10 @@ from failures. After the run the server's /metrics must show the KV block pool d
     python bench/serve.py --url http://127.0.0.1:8000 --clients 128 --duration 60
     python bench/serve.py --launch            # starts `lcq serve` (demo model) on a free port itself
     python bench/serve.py --launch PATH --clients 8 --duration 10
+    python bench/serve.py --launch PATH --clients 1 32 --duration 20   # one server, a run at each count
+
+The device is the server's (TGI's /info: model_device_type), named from this machine (its CPU, or its GPU by
+nvidia-smi), so a server on another machine is named by its device type alone.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -157,17 +162,20 @@ def launch(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen(command, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 1800  # the first demo run quantizes the model
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"lcq serve exited with {server.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop(server)
-    raise SystemExit("lcq serve did not become healthy")
+    try:
+        while time.time() < deadline:
+            if server.poll() is not None:
+                raise SystemExit(f"lcq serve exited with {server.returncode}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return server, url
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise SystemExit("lcq serve did not become healthy")
+    except BaseException:  # (a time limit's SIGINT too: the server, in a session of its own, would outlive us)
+        stop(server)
+        raise
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -190,14 +198,31 @@ def versions() -> dict[str, str]:
     return found
 
 
-async def run_load(url: str, model: str, args: argparse.Namespace, headers: dict) -> tuple[Totals, float]:
+def device_name(url: str, headers: dict, local: bool) -> str:
+    """What the server runs on: its device type from /info, named as this machine's CPU or GPU where it is local."""
+    try:
+        kind = httpx.get(url + "/info", headers=headers, timeout=10).json().get("model_device_type") or "cpu"
+    except (httpx.HTTPError, ValueError):
+        kind = "cpu"
+    if kind == "cpu":
+        return f"cpu: {cpu_name()}, {os.cpu_count()} cores" if local else "cpu"
+    if local and shutil.which("nvidia-smi"):
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                               text=True).stdout.splitlines()
+        if names:
+            return names[0].strip()
+    return kind
+
+
+async def run_load(url: str, model: str, clients: int, args: argparse.Namespace,
+                   headers: dict) -> tuple[Totals, float]:
     totals = Totals()
-    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     timeout = httpx.Timeout(args.request_timeout, connect=30)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=timeout) as http:
         start = time.perf_counter()
         deadline = start + args.duration
-        tasks = [asyncio.create_task(client(http, model, args.seed + i, deadline, totals)) for i in range(args.clients)]
+        tasks = [asyncio.create_task(client(http, model, args.seed + i, deadline, totals)) for i in range(clients)]
         _, unfinished = await asyncio.wait(tasks, timeout=args.duration + args.grace)
         for task in unfinished:  # closing the stream aborts the request in the server
             task.cancel()
@@ -228,16 +253,18 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1000:.1f} ms"
 
 
-def one_round(url: str, model: str, args: argparse.Namespace, headers: dict, pid: int | None) -> dict:
-    """One load run, then wait for the server to go idle; its counts, latencies and the server's memory."""
+def one_round(url: str, model: str, clients: int, args: argparse.Namespace, headers: dict, pid: int | None) -> dict:
+    """One load run of `clients`, then wait for the server to go idle; its counts, latencies and the server's
+    memory."""
     rss_start, load_start = rss_mib(pid), os.getloadavg()[0]
     before = read_metrics(url, headers)
-    totals, elapsed = asyncio.run(run_load(url, model, args, headers))
+    totals, elapsed = asyncio.run(run_load(url, model, clients, args, headers))
     idle_start = time.perf_counter()
     after = wait_for_idle(url, headers, args.idle_timeout)
     idle_wait = time.perf_counter() - idle_start
     rss_end = rss_mib(pid)
     return {
+        "clients": clients,
         "requests_completed": totals.completed,
         "status_counts": dict(sorted(totals.statuses.items())),
         "status_examples": totals.examples,
@@ -270,7 +297,8 @@ def main() -> None:
     parser.add_argument("--server-pid", type=int, help="pid of the server, for RSS before and after")
     parser.add_argument("--api-key", default=os.environ.get("LCQ_API_KEY"))
     parser.add_argument("--model", help="model id (default: the first of /v1/models)")
-    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--clients", type=int, nargs="+", default=[128],
+                        help="concurrent clients; several counts: a run at each against the same server")
     parser.add_argument("--duration", type=float, default=60.0, help="seconds new requests are started")
     parser.add_argument("--grace", type=float, default=120.0,
                         help="seconds requests still running at the end may take before the client cancels them")
@@ -283,8 +311,10 @@ def main() -> None:
     parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
     parser.add_argument("--output", type=Path, default=RESULTS / "serve-cpu.json")
     args = parser.parse_args()
-    if args.clients < 1 or args.duration <= 0 or args.rounds < 1:
+    if min(args.clients) < 1 or args.duration <= 0 or args.rounds < 1:
         parser.error("--clients and --rounds must be >= 1 and --duration > 0")
+    if len(args.clients) > 1 and args.rounds > 1:
+        parser.error("--rounds repeats one client count: give a single --clients with it")
 
     server = None
     url, pid = args.url.rstrip("/"), args.server_pid
@@ -295,10 +325,14 @@ def main() -> None:
     rounds = []
     try:
         model = args.model or httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
-        for number in range(1, args.rounds + 1):
-            rounds.append(one_round(url, model, args, headers, pid))
-            if args.rounds > 1:
-                print(f"round {number}/{args.rounds}: {rounds[-1]['requests_completed']} requests, "
+        device = device_name(url, headers, local=args.launch is not None or pid is not None
+                             or url.startswith(("http://127.0.0.1", "http://localhost")))
+        counts = args.clients if len(args.clients) > 1 else args.clients * args.rounds
+        for number, clients in enumerate(counts, 1):
+            rounds.append(one_round(url, model, clients, args, headers, pid))
+            if len(counts) > 1:
+                print(f"run {number}/{len(counts)}: {clients} clients, {rounds[-1]['requests_completed']} requests, "
+                      f"{rounds[-1]['output_tok_per_s']:.1f} output tok/s, "
                       f"RSS {rounds[-1]['server_rss_mib_start']} -> {rounds[-1]['server_rss_mib_end']} MiB", flush=True)
     finally:
         if server is not None:
@@ -308,8 +342,10 @@ def main() -> None:
                 "duration_s": args.duration, "grace_s": args.grace, "prompt_words": PROMPT_WORDS,
                 "output_tokens": OUTPUT_TOKENS,
                 "serve_args": args.serve_arg, "seed": args.seed, "label": args.label}
-    record = {"device": f"cpu: {cpu_name()}, {os.cpu_count()} cores", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    record = {"device": device, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "versions": versions(), "settings": settings, "results": results}
+    if len(args.clients) > 1:  # one run per client count: `results` is the first
+        record["rows"] = rounds
     if args.rounds > 1:  # memory across rounds on one server: the first round is `results`
         settings["rounds"] = args.rounds
         record["rounds"] = rounds
@@ -319,9 +355,16 @@ def main() -> None:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(args.output)
 
+    if len(args.clients) > 1:
+        print("| clients | requests | output tok/s | TTFT p50 / p99 | ITL p50 / p99 |\n| --- | --- | --- | --- | --- |")
+        for r in rounds:
+            print(f"| {r['clients']} | {r['requests_completed']} | {r['output_tok_per_s']:.1f} | "
+                  f"{fmt_ms(r['ttft_p50_s'])} / {fmt_ms(r['ttft_p99_s'])} | "
+                  f"{fmt_ms(r['itl_p50_s'])} / {fmt_ms(r['itl_p99_s'])} |")
     report([
+        ("device", device),
         ("model", model),
-        ("clients x duration", f"{args.clients} x {args.duration:g} s (+ drain: {results['elapsed_s']:.1f} s)"),
+        ("clients x duration", f"{args.clients[0]} x {args.duration:g} s (+ drain: {results['elapsed_s']:.1f} s)"),
         ("completed requests", str(results["requests_completed"])),
         ("HTTP statuses", ", ".join(f"{k}: {v}" for k, v in results["status_counts"].items())),
         ("output tok/s", f"{results['output_tok_per_s']:.1f}"),

@@ -272,6 +272,28 @@ def test_bench_reads_the_servers_exposition():
     assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
 
 
+def test_bench_serve_launches_a_server_and_loads_it_at_each_client_count(tmp_path):
+    """bench/serve.py as bench/gpu_session.sh runs it: it starts `lcq serve` on a model folder, runs a load at each
+    client count against that one server, names the server's device (/info) and writes a row per count; every
+    request completes, the KV pool drains, and the server it started is stopped."""
+    from tests.tiny_model import make_tiny_hf
+
+    model = make_tiny_hf(tmp_path / "model", seed=0, max_position_embeddings=1024)  # the longest prompts: ~500 tokens
+    output = tmp_path / "serve.json"
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "serve.py"), "--launch", str(model), "--clients", "1",
+                           "3", "--duration", "1.5", "--grace", "30", "--idle-timeout", "30", "--output", str(output),
+                           "--serve-arg=--log-level=warning"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(output.read_text())
+    assert record["device"].startswith("cpu: ") and record["settings"]["clients"] == [1, 3]
+    assert [row["clients"] for row in record["rows"]] == [1, 3] and record["results"] == record["rows"][0]
+    for row in record["rows"]:
+        assert row["requests_completed"] >= 1 and row["failed"] == 0 and row["output_tokens"] > 0
+        assert row["kv_cache_usage_after"] == 0 and row["running_after"] == 0
+    assert "| 3 |" in done.stdout
+    assert subprocess.run(["pgrep", "-f", f"lcq.cli serve {model}"], capture_output=True).returncode == 1
+
+
 def test_request_metrics_take_the_engines_times_and_count_finished_work():
     """Latencies come from the times the engine stamps on the deltas (not when a client reads them); prompt
     tokens count once computed; an aborted request counts as aborted alone, a refused one as nothing."""
@@ -357,18 +379,9 @@ FAKE_BIN = {  # a fake clock: every step takes its whole time limit and then its
 }
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
-@pytest.mark.parametrize("budget", [300, 580, 1200])  # 1200: the NCU steps and the 240 s tests run, capped
-def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_take(tmp_path, budget):
-    """bench/gpu_session.sh on a fake clock with NCU=1, every step (the device probe and the NCU steps too) taking
-    its whole limit plus the 15 s grace before KILL: each step's archive is written before SECONDS is spent, and
-    written again after every step, so that a command killed at the machine's limit brings back what finished;
-    with it the autotuner's timings that the session's steps left in Triton's cache, not an earlier run's."""
-    import os
-    import shutil
-    import subprocess
-    import tarfile
-
+def _fake_gpu_session(tmp_path: Path, budget: int, **settings: str) -> tuple[str, list[tuple[str, str, str]], Path]:
+    """bench/gpu_session.sh run on FAKE_BIN's clock with NCU=1 and the server's wheels carried, with settings in its
+    environment: (its output, the steps started as (name, limit, seconds into the session), the fake clock)."""
     if shutil.which("bash") is None or shutil.which("tar") is None:
         pytest.skip("needs bash and tar")
     fake = tmp_path / "bin"
@@ -379,24 +392,39 @@ def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_tak
     clock = tmp_path / "clock"
     clock.write_text("0\n")
     (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / ".wheels" / "gpu-server").mkdir(parents=True)  # the server's wheels, carried: the serve-7b step runs
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "OUT", "NCU")}
     cache = tmp_path / "triton"
     (cache / "earlier").mkdir(parents=True)
     (cache / "earlier" / "_gemm_kernel.autotune.json").write_text("{}")  # an earlier run's: not this session's
     os.utime(cache / "earlier" / "_gemm_kernel.autotune.json", (1e9, 1e9))
-    env.update(PATH=f"{fake}:{env['PATH']}", SIMCLOCK=str(clock), NCU="1", TRITON_CACHE_DIR=str(cache))
+    env.update(PATH=f"{fake}:{env['PATH']}", SIMCLOCK=str(clock), NCU="1", TRITON_CACHE_DIR=str(cache), **settings)
     done = subprocess.run(["bash", str(ROOT / "bench" / "gpu_session.sh"), "out", str(budget)], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "outside a time limit" not in done.stderr
-    started = re.findall(r"^== (\S+) \(limit (\d+)s, (\d+)s into the session\)$", done.stdout, re.M)
-    written = [int(s) for s in re.findall(r"^   wrote out/gpu-session\.tgz after (\d+)s$", done.stdout, re.M)]
+    return done.stdout, re.findall(r"^== (\S+) \(limit (\d+)s, (\d+)s into the session\)$", done.stdout, re.M), clock
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+@pytest.mark.parametrize("budget", [300, 580, 1200, 1500])  # 1500: the NCU steps and the 240 s tests run, capped
+def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_take(tmp_path, budget):
+    """bench/gpu_session.sh on a fake clock with NCU=1, every step (the device probe and the NCU steps too) taking
+    its whole limit plus the 15 s grace before KILL: each step's archive is written before SECONDS is spent, and
+    written again after every step, so that a command killed at the machine's limit brings back what finished;
+    with it the autotuner's timings that the session's steps left in Triton's cache, not an earlier run's."""
+    import tarfile
+
+    stdout, started, clock = _fake_gpu_session(tmp_path, budget)
+    written = [int(s) for s in re.findall(r"^   wrote out/gpu-session\.tgz after (\d+)s$", stdout, re.M)]
     assert len(started) >= 3 and len(written) == len(started) + 1  # after the device probe, then after each step
     assert written == sorted(written) and written[-1] <= int(clock.read_text()) <= budget
     assert all(int(at) + int(limit) + 15 <= budget - 10 for _, limit, at in started)  # 10 s kept for the last archive
-    skipped = re.findall(r"^== (\S+) skipped", done.stdout, re.M)
-    assert {"ncu-one-row", "ncu-one-row--lut", "test-gpu"} <= {name for name, _, _ in started} | set(skipped)
-    if budget == 1200:
+    skipped = re.findall(r"^== (\S+) skipped", stdout, re.M)
+    assert {"serve-7b", "ncu-one-row", "ncu-one-row--lut", "test-gpu"} <= {name for name, _, _ in started} | set(skipped)
+    if budget >= 1200:
+        assert "serve-7b" in {name for name, _, _ in started}
+    if budget == 1500:
         assert {"ncu-one-row", "ncu-one-row--lut", "test-gpu"} <= {name for name, _, _ in started}
     with tarfile.open(tmp_path / "out" / "gpu-session.tgz") as archive:
         names = archive.getnames()
@@ -404,6 +432,14 @@ def test_gpu_session_writes_its_archive_within_its_budget_whatever_the_steps_tak
     tuned = {name for name in names if name.endswith(".autotune.json")}
     assert tuned and all(re.fullmatch(r"gpu-session/autotune/step\d+-_decode_kernel\.autotune\.json", n) for n in tuned)
     assert not (tmp_path / "out" / "gpu-session.tgz.part").exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
+def test_gpu_session_runs_only_the_steps_named(tmp_path):
+    """ONLY=NAME,... (a second lease, for the steps the first had no time for) runs those steps alone, in the
+    session's order, each with its own limit."""
+    _, started, _ = _fake_gpu_session(tmp_path, 580, ONLY="serve-7b,build-native")
+    assert [(name, limit) for name, limit, _ in started] == [("build-native", "60"), ("serve-7b", "180")]
 
 
 # The demo model's first start, as replicas sharing one models volume run it (compose --profile replicas, k8s pods

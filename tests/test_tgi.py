@@ -191,6 +191,7 @@ def test_generate_routes_and_info(server):
     assert stream.headers["content-type"].startswith("text/event-stream") and "[DONE]" not in stream.text
     info = httpx.get(server.url + "/info", headers=AUTH).json()
     assert info["model_id"] == MODEL and info["max_total_tokens"] == server.engine.max_model_len
+    assert (info["model_device_type"], info["model_dtype"]) == ("cpu", "torch.float32")  # as TGI names them
 
 
 def test_tokenize_takes_tgis_body_beside_vllms(server):

@@ -98,6 +98,14 @@ class AsyncEngine:
         return self.engine.max_model_len if self.engine else 0
 
     @property
+    def placement(self) -> tuple[str | None, str | None]:
+        """The model's device type and dtype as TGI's /info names them ("cuda", "torch.float16"); None while it
+        loads."""
+        if not self.engine:
+            return None, None
+        return self.engine.runner.device.type, str(self.engine.runner.dtype)
+
+    @property
     def hidden_size(self) -> int:
         """The model's hidden size: the length of its embeddings (/v1/embeddings)."""
         return self.engine.runner.model_config.hidden_size if self.engine else 0

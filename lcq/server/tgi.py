@@ -188,7 +188,9 @@ async def info(request: Request) -> dict:
     config = state.engine.config
     context = state.engine.max_model_len or None
     stops = state.settings.max_stop_sequences
-    return {"model_id": state.model_name, "model_sha": None, "model_pipeline_tag": "text-generation",
+    device, dtype = state.engine.placement
+    return {"model_id": state.model_name, "model_sha": None, "model_dtype": dtype, "model_device_type": device,
+            "model_pipeline_tag": "text-generation",
             "max_concurrent_requests": config.max_num_seqs + config.max_queue,
             "max_best_of": state.settings.max_best_of or MAX_N,
             "max_stop_sequences": MAX_STOP if stops is None else stops,
