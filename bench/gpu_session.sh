@@ -38,7 +38,7 @@
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
 # product-floor-<gpu>.json, serve-gpu-<gpu>.json and,
-# in the time left, generate-gpu-quick-fp16-<gpu>.json and kernels-<gpu>.json). Unpack it in the repository root
+# in the time left, generate-gpu-quick-fp16-<gpu>.json, kernels-<gpu>.json and quantize-memory-gpu.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/, and each test step's failures in
 # gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary). What changed against
 # the committed results of the same GPU: python bench/compare.py <(git show HEAD:bench/results/F.json) bench/results/F.json
@@ -158,4 +158,7 @@ if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
     step 60 30 warm-kernels "$py" bench/kernels.py --quick --warm "$workers" --warm-only
     step "$budget" 60 kernels-quick "$py" bench/kernels.py --quick
 fi
+# How long and how much memory `lcq quantize` takes on the GPU for a 7B (2 of its 32 blocks, the tool's defaults:
+# W2 r2 g64, 128 windows of 512 tokens, 10 epochs), never yet measured there (ONLY=quantize-7b in a lease of its own)
+step 180 90 quantize-7b "$py" bench/quantize_memory.py --device cuda
 echo "done after $(elapsed)s"

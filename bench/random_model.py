@@ -69,24 +69,14 @@ def random_packed(n: int, k: int, bits: int, rank: int, group_size: int) -> Pack
 
 
 def write_vocabulary_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A tokenizer with a token for every id of the model's vocabulary, "w<id>" after the special tokens and "<unk>",
-    each word of a text one token (any other word "<unk>"), decoded with spaces between: a random model's sampled
-    ids, up to the vocabulary's size, then all stream text (a trained tokenizer of the tests' few hundred tokens
-    left those beyond it empty, so a served model's clients saw one text delta in ~80 tokens)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """The tests' byte-level BPE tokenizer (tests/tiny_model.py, a few hundred tokens), its vocabulary filled up to
+    the model's with tokens "w<id>": every id a random model samples then streams text (without them a served
+    32000-id model's clients saw one text delta in ~80 tokens), and text still encodes to varied ids (calibration)."""
+    from tests.tiny_model import make_tokenizer
 
-    from tests.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS
-
-    names = [*SPECIAL_TOKENS, "<unk>"]
-    vocabulary = {name: i for i, name in enumerate(names)} | {f"w{i}": i for i in range(len(names), vocab_size)}
-    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<unk>", bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
+    tokenizer = make_tokenizer(folder)
+    tokenizer.add_tokens([f"w{i}" for i in range(len(tokenizer), vocab_size)])
+    tokenizer.save_pretrained(folder)
 
 
 def write_random_llama(folder: Path, quantized: bool, bits: int = 2, rank: int = 2, group_size: int = 128,
