@@ -159,6 +159,8 @@ if [ "$(left)" -ge 150 ]; then  # the kernel sweep, its builds compiled first
     step "$budget" 60 kernels-quick "$py" bench/kernels.py --quick
 fi
 # How long and how much memory `lcq quantize` takes on the GPU for a 7B (2 of its 32 blocks, the tool's defaults:
-# W2 r2 g64, 128 windows of 512 tokens, 10 epochs), never yet measured there (ONLY=quantize-7b in a lease of its own)
-step 180 90 quantize-7b "$py" bench/quantize_memory.py --device cuda
+# W2 r2 g64, 128 windows of 512 tokens, 10 epochs), never yet measured there, with its tuning products in TF32 (the
+# default on a GPU), then in fp32 (--no-tf32) (ONLY=quantize-7b in a lease of its own)
+step 300 90 quantize-7b bash -c '"$1" bench/quantize_memory.py --device cuda && "$1" bench/quantize_memory.py --device cuda --no-tf32' \
+    quantize-7b "$py"
 echo "done after $(elapsed)s"

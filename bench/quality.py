@@ -64,6 +64,15 @@ NOTES = """
   52.09 -> 51.68, W3 69.08 -> 70.09). The other rows were not measured again; the notes
   quote each row as the table has it, and a row's earlier figure where a comparison was made with it. Those
   rows ran while audits shared the machine (load average 3 to 6 on 2 cores): their wall times are upper bounds.
+- The same code scores differently on different hosts: at 6c67572, the code of the rows measured again on
+  2026-12-06 (lcq-w4r2-e10 50.58, lcq-w2r2-e10 140.37), the 2-core Zen 4 guest of 2026-12-07 quantized lcq-w4r2-e10
+  to 50.99, and at e45f05e, whose quantizer writes the same folders, lcq-w2r2-e10 to 142.79
+  (bench/results/quality-cpu-tf32-control.json): ten epochs of Adam carry the fp32 rounding differences of two
+  hosts' kernels (oneDNN picks them by instruction set) to 0.8% (W4) and 1.7% (W2) of perplexity. Rows a few
+  tenths of a percent apart are therefore a tie unless measured on one host. On that host the tuning stages' products
+  in TF32 (lcq quantize's default on a GPU since 2026-12-07), emulated by rounding every linear layer's operands to
+  10-bit mantissas (bench/tf32_quality.py, bench/results/quality-cpu-tf32.json), scored 50.90 and 144.36: -0.2% and
+  +1.1% against its fp32 rows, inside that spread.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle

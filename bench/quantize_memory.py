@@ -49,13 +49,15 @@ def main() -> int:
     parser.add_argument("--finetune-epochs", type=int, default=0,
                         help="run the end-to-end stage too and report its peak (it holds every block)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-tf32", dest="tf32", action="store_false", help="a GPU's tuning products in fp32")
     args = parser.parse_args()
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({platform.machine()}, " \
         f"{torch.get_num_threads()} threads)"
     options = QuantizeOptions(bits=args.bits, rank=args.rank, group_size=args.group_size, method=args.method,
                               calib_text=calibration_text(), nsamples=args.nsamples, seqlen=args.seqlen,
-                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, device=args.device)
+                              epochs=args.epochs, finetune_epochs=args.finetune_epochs, device=args.device,
+                              tf32=args.tf32)
     with tempfile.TemporaryDirectory() as tmp:
         source = write_random_llama(Path(tmp) / "fp16", quantized=False,
                                     shapes={**LLAMA2_7B, "num_hidden_layers": args.layers})
@@ -64,7 +66,7 @@ def main() -> int:
         seconds = time.time() - started
     row = {"model": "llama-2-7b-shaped-random", "layers": args.layers, "method": args.method, "bits": args.bits,
            "rank": args.rank, "group_size": args.group_size, "nsamples": args.nsamples, "seqlen": args.seqlen,
-           "epochs": args.epochs, "device": device_name,
+           "epochs": args.epochs, "device": device_name, "tf32": args.tf32 and args.device == "cuda",
            "peak_memory_GiB": round(summary.peak_memory_bytes / 2**30, 2),
            "activations_GiB": round(activation_gib(args.nsamples, args.seqlen, LLAMA2_7B["hidden_size"]), 2),
            "seconds_per_block": round(seconds / args.layers, 1),

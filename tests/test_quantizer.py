@@ -657,8 +657,8 @@ def test_calibration_gives_the_rotary_the_positions_it_takes():
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", ["lcq", "gptq"])
 def test_quantize_on_cuda(tmp_path, tiny_hf, method):
-    """The whole pipeline on the GPU (`--device cuda`), LCQ with its end-to-end stage; the peak it
-    reports is torch's device peak."""
+    """The whole pipeline on the GPU (`--device cuda`), LCQ with its end-to-end stage, its tuning products in TF32
+    (the default there); the peak it reports is torch's device peak."""
     options = QuantizeOptions(bits=4, rank=2 if method == "lcq" else 1, group_size=32, method=method,
                               calib_text=CALIBRATION_TEXT, nsamples=16, seqlen=64, epochs=2, device="cuda",
                               finetune_epochs=2 if method == "lcq" else 0)
@@ -667,6 +667,7 @@ def test_quantize_on_cuda(tmp_path, tiny_hf, method):
     if method == "lcq":
         assert summary.finetune_kl[1] <= summary.finetune_kl[0]
     assert _logits_similarity(tiny_hf, tmp_path / "q") > 0.97
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tf32"] is True
 
 
 def test_a_weight_edited_anywhere_changes_the_source_fingerprint(tmp_path):
@@ -1584,3 +1585,31 @@ def test_a_source_missing_its_table_final_norm_or_head_is_refused_before_quantiz
         err = capsys.readouterr().err
         assert code == 2 and f"no {dropped}" in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()
+
+
+def test_tuning_products_take_tf32_on_a_gpu_alone_and_as_asked(tmp_path, tiny_hf, capsys):
+    """tf32_products turns TF32 on for CUDA devices only, unless --no-tf32, and puts the setting back even when the
+    stage fails; the folder records whether its tuning ran in TF32 (not on CPU)."""
+    from lcq.quantizer.blockwise import tf32_products
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        for device, enabled, inside in [("cpu", True, False), ("cuda", False, False), ("cuda:1", True, True)]:
+            with tf32_products(device, enabled):
+                assert matmul.allow_tf32 is inside
+            assert matmul.allow_tf32 is False
+        with pytest.raises(RuntimeError), tf32_products("cuda"):
+            raise RuntimeError("a failed stage")
+        assert matmul.allow_tf32 is False
+    finally:
+        matmul.allow_tf32 = before
+    from lcq.cli import build_parser
+
+    assert [build_parser().parse_args(["quantize", "m", "out", *flag]).tf32 for flag in ([], ["--no-tf32"])] == \
+        [True, False]
+    assert _main(["quantize", str(tiny_hf), str(tmp_path / "q"), "--bits", "4", "--rank", "1", "--group-size", "32",
+                  "--method", "rtn"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tf32"] is False  # CPU

@@ -17,6 +17,8 @@ nothing beyond noise.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -75,6 +77,25 @@ def _loss(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, targets: 
         weights = {f"{f.name}.weight": f.weight() for f in fits}
         outputs = run_block(call, weights, inputs, batch)
         return float(block_error(outputs, targets, units))
+
+
+@contextlib.contextmanager
+def tf32_products(device: str, enabled: bool = True) -> Iterator[None]:
+    """A tuning stage's fp32 matrix products in TF32 on a CUDA device (inputs rounded to 10-bit mantissas, sums in
+    fp32): its steps are nearly all products (71% of a block's step on CPU, torch's profiler), which tensor cores run
+    several times as fast in TF32 as the GPU runs fp32 (an H100: ~495 against ~67 dense TFLOPS; not yet timed here).
+    Emulated on CPU (bench/tf32_quality.py), SmolLM2's perplexity after 10 block-wise epochs moved by -0.2% at W4 and
+    +1.1% at W2, inside what the fp32 rounding of two CPUs' kernels moves it by (0.8% and 1.7%: docs/quality.md).
+    Elsewhere, or not enabled (--no-tf32), products stay fp32."""
+    if not enabled or torch.device(device).type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def _each(lr: float | Sequence[float], count: int) -> list[float]:

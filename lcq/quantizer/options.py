@@ -54,6 +54,7 @@ class QuantizeOptions:
     target_bits: float | None = None  # stored bits per weight to spend, each layer's width chosen (allocation.py)
     val_samples: int | None = None  # held-out windows of the tuning stages; None: a quarter of nsamples
     block_error: str = "norm-weighted"  # that stage's error: with the readers' unit weights, or per token relative
+    tf32: bool = True  # the tuning stages' fp32 products in TF32 on a GPU (blockwise.tf32_products)
 
     def validate(self) -> None:
         """Every setting, and calibration text present when the method needs data."""

@@ -30,7 +30,7 @@ from lcq.paths import exclusive
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
-from .blockwise import LayerFit, block_call, optimize_block, run_block
+from .blockwise import LayerFit, block_call, optimize_block, run_block, tf32_products
 from .finetune import LayerTuning, Served, StageScore, finetune, put_in_place, tune_head
 from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, live, pack, rtn_codebook,
                   stored_codebook)
@@ -87,8 +87,9 @@ def _quantize_block(source: SourceModel, index: int, block: torch.nn.Module, opt
         held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
         units = source.residual_units(index) if options.block_error == "norm-weighted" else None
         steps = [options.block_lr_of(widths.of(index, f.name)) for f in fits]
-        losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, steps,
-                                options.batch_size, options.seed, on_step, held_out, units)
+        with tf32_products(options.device, options.tf32):
+            losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, steps,
+                                    options.batch_size, options.seed, on_step, held_out, units)
     packed = {}
     for f in fits:
         bias = None if biases[f.name] is None else biases[f.name].detach()
@@ -185,8 +186,9 @@ def _head_stage(source: SourceModel, head: PackedLinear, train: tuple[torch.Tens
         bar.set_postfix(kl=f"{loss:.3g}")
     lr = options.block_lr_of(options.head_bits)
     train, held_out = ((source.final_norm(quantized), source.final_norm(full)) for quantized, full in (train, held_out))
-    tuned = tune_head(head, *train, weight, options.epochs, lr, options.batch_size, options.seed, on_step,
-                      held_out if len(held_out[0]) else None, served)
+    with tf32_products(options.device, options.tf32):
+        tuned = tune_head(head, *train, weight, options.epochs, lr, options.batch_size, options.seed, on_step,
+                          held_out if len(held_out[0]) else None, served)
     bar.close()
     return tuned
 
@@ -390,6 +392,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         **{k: recorded[k] for k in ("nsamples", "seqlen", "epochs", "lr", "init", "assign", "act_order", "calib_chars",
                                    "finetune_epochs", "finetune_lr", "finetune_samples", "finetune_index_updates",
                                    "head_bits", "val_samples", "block_error")},
+        tf32=options.tf32 and device.type == "cuda",  # whether the tuning stages' products ran in TF32
         **({"embed_bits": options.head_bits} if embedding is not None else {}),
         **({"layer_bits": layer_bits} if layer_bits else {}),
         **({"layer_lr": {str(b): options.block_lr_of(b) for b in sorted(set(layer_bits.values()))}}
@@ -478,11 +481,12 @@ def _finetune_stage(source: SourceModel, partial: Path, train: tuple[torch.Tenso
         def on_step(loss: float) -> None:
             bar.update()
             bar.set_postfix(kl=f"{loss:.3g}")
-        tuned, tuned_norms, kl = finetune(model, packed, norms, *train, head, options.finetune_epochs,
-                                          options.end_to_end_lr, options.batch_size, options.seed, on_step,
-                                          held_out if len(held_out[0]) else None, options.end_to_end_lr_of,
-                                          options.finetune_index_updates,
-                                          tied=bool(options.head_bits) and source.config.tie_word_embeddings)
+        with tf32_products(options.device, options.tf32):
+            tuned, tuned_norms, kl = finetune(model, packed, norms, *train, head, options.finetune_epochs,
+                                              options.end_to_end_lr, options.batch_size, options.seed, on_step,
+                                              held_out if len(held_out[0]) else None, options.end_to_end_lr_of,
+                                              options.finetune_index_updates,
+                                              tied=bool(options.head_bits) and source.config.tie_word_embeddings)
         bar.close()
         for tensors, target in zip(contents, tuned_files):
             for name, layer in tuned.items():
