@@ -38,7 +38,8 @@
 # machine's limit still brings back what had finished: each step's log and every results file the steps wrote
 # (bench/results/generate-gpu-quick-<gpu>.json, dependent-launch-<gpu>.json, kernels-decode-forms-<gpu>.json,
 # product-floor-<gpu>.json, serve-gpu-<gpu>.json and,
-# in the time left, generate-gpu-quick-fp16-<gpu>.json, kernels-<gpu>.json and quantize-memory-gpu.json). Unpack it in the repository root
+# in the time left, generate-gpu-quick-fp16-<gpu>.json, kernels-<gpu>.json, quantize-memory-gpu.json and
+# generate-gpu-{moe,deepseek-v2-lite,qwen3-next-80b-a3b}-quick-<gpu>.json). Unpack it in the repository root
 # to put the results files in place; the logs land in gpu-session/, and each test step's failures in
 # gpu-session/NAME-failures.txt as they happen (a step stopped at its limit prints no summary). What changed against
 # the committed results of the same GPU: python bench/compare.py <(git show HEAD:bench/results/F.json) bench/results/F.json
@@ -163,4 +164,8 @@ fi
 # default on a GPU), then in fp32 (--no-tf32) (ONLY=quantize-7b in a lease of its own)
 step 300 90 quantize-7b bash -c '"$1" bench/quantize_memory.py --device cuda && "$1" bench/quantize_memory.py --device cuda --no-tf32' \
     quantize-7b "$py"
+# The mixtures, never yet run on a GPU: Qwen3-30B-A3B's shapes (12 of its layers), then DeepSeek-V2-Lite's (latent
+# attention, shared experts) and Qwen3-Next's (linear attention) (ONLY=generate-moe in a lease of its own)
+step 300 120 generate-moe bash -c 'for shape in qwen3-30b-a3b deepseek-v2-lite qwen3-next-80b-a3b; do
+    "$1" bench/generate.py --gpu-moe --quick --moe-shape "$shape"; done' generate-moe "$py"
 echo "done after $(elapsed)s"
