@@ -50,15 +50,15 @@ test-gpu:
 gpu-session:
 	bash bench/gpu_session.sh
 
-# The server's packages, which the GPU image lacks (it reaches no package index), as wheels for its Python (3.12,
-# x86-64 Linux) at the releases of constraints.txt, in .wheels/gpu-server: a GPU session carries the folder and its
-# serve-7b step installs them from it (bench/gpu_session.sh). 4 MB.
+# The server's packages and the client its tests drive, which the GPU image lacks (it reaches no package index), as
+# wheels for its Python (3.12, x86-64 Linux) at the releases of constraints.txt, in .wheels/gpu-server: a GPU session
+# carries the folder and its test-server-gpu and serve-7b steps unpack them (bench/gpu_session.sh). 6 MB.
 GPU_PYTHON ?= 3.12
 gpu-wheels: venv
 	rm -rf .wheels/gpu-server.part
 	$(BIN)/pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(CONSTRAINTS) -d .wheels/gpu-server.part \
-		fastapi uvicorn httpx
+		fastapi uvicorn httpx openai
 	rm -rf .wheels/gpu-server && mv .wheels/gpu-server.part .wheels/gpu-server
 
 serve: venv

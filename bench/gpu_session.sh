@@ -15,8 +15,8 @@
 # no-async,no-async-8,slab-dense,attention-unpipelined,prepared-inputs,no-pdl,exact-8,exact, in that order: a variant
 # the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
-# cost (bench/product_floor.py), the server on the 7B loaded by 1 and 32 streaming clients (bench/serve.py; the
-# server's packages from .wheels/gpu-server, `make gpu-wheels`, carried), and with NCU=1 Nsight Compute on one launch of each form
+# cost (bench/product_floor.py), the server's GPU test and the server on the 7B loaded by 1 and 32 streaming clients
+# (bench/serve.py; the server's packages from .wheels/gpu-server, `make gpu-wheels`, carried), and with NCU=1 Nsight Compute on one launch of each form
 # (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
 # and of the Triton attention with windows, chunks, softcap and sinks among them); the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
@@ -129,21 +129,25 @@ step 100 30 kernels-decode-forms "$py" bench/kernels.py "${forms[@]}" --out "ben
 # What of a one-row product's time is a fixed cost: the single-replay timing against an empty kernel, a plain read
 # of its bytes, the L2 flushed by writing and by reading, and the product in a chain of products (the same builds)
 step 60 25 product-floor "$py" bench/product_floor.py
-# The server on the GPU end to end (HTTP, the async engine, CUDA graphs, SSE), which no other step runs: the 7B W2
-# model written afresh with a tokenizer of its vocabulary, served by `lcq serve`, loaded by one streaming client (the
-# batch-1 speed a user sees, beside generate-7b's) and then by 32 (bench/serve.py). The GPU image lacks the server's
-# packages: `make gpu-wheels` on the machine that starts the session, and carry .wheels/gpu-server; their wheels are
-# unpacked into a folder of their own on PYTHONPATH for this step only.
+# The server on the GPU end to end (HTTP, the async engine, CUDA graphs, SSE), which no other step runs: its GPU test
+# (a tiny model served as its engine generates), then the 7B W2 model written afresh with a tokenizer of its
+# vocabulary, served by `lcq serve`, loaded by one streaming client (the batch-1 speed a user sees, beside
+# generate-7b's) and then by 32 (bench/serve.py). The GPU image lacks the server's packages: `make gpu-wheels` on the
+# machine that starts the session, and carry .wheels/gpu-server; their wheels are unpacked into a folder of their own,
+# on PYTHONPATH for these steps only.
+packages=/tmp/lcq-server-packages
 served=/tmp/lcq-serve-llama2-7b-w2r2g128
+unpack="import glob, sys, zipfile
+for wheel in glob.glob('.wheels/gpu-server/*.whl'): zipfile.ZipFile(wheel).extractall(sys.argv[1])"
 if [ -d .wheels/gpu-server ]; then
-    step 180 100 serve-7b bash -c '"$1" -c "import glob, sys, zipfile
-for wheel in glob.glob(\".wheels/gpu-server/*.whl\"): zipfile.ZipFile(wheel).extractall(sys.argv[1])" "$2" &&
-        "$1" bench/random_model.py "$3" &&
-        PYTHONPATH=".:$2" "$1" bench/serve.py --launch "$3" --clients 1 32 --duration 20 --grace 20 --idle-timeout 20 \
-            --output "bench/results/serve-gpu-$4.json"' serve-7b "$py" /tmp/lcq-server-packages "$served" "$slug"
+    step 90 40 test-server-gpu bash -c '"$1" -c "$2" "$3" && PYTHONPATH=".:$3" "$1" -m pytest -q --tb=short -rfE \
+        -p no:cacheprovider -m gpu tests/test_server.py' test-server-gpu "$py" "$unpack" "$packages"
+    step 180 100 serve-7b bash -c '"$1" -c "$2" "$3" && "$1" bench/random_model.py "$4" &&
+        PYTHONPATH=".:$3" "$1" bench/serve.py --launch "$4" --clients 1 32 --duration 20 --grace 20 --idle-timeout 20 \
+            --output "bench/results/serve-gpu-$5.json"' serve-7b "$py" "$unpack" "$packages" "$served" "$slug"
     pkill -f "lcq.cli serve $served"  # one that outlived a KILL would hold the GPU's memory in the steps after
 else
-    echo "== serve-7b skipped: no .wheels/gpu-server (make gpu-wheels, and carry it)"
+    echo "== test-server-gpu and serve-7b skipped: no .wheels/gpu-server (make gpu-wheels, and carry it)"
 fi
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then  # where a one-row tile waits: one launch of each form
     for form in "" --lut; do

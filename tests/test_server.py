@@ -2282,3 +2282,54 @@ def test_runtime_lora_routes_need_the_flag(server):
     for route, body in (("/v1/load_lora_adapter", {"lora_name": "sql", "lora_path": "/tmp"}),
                         ("/v1/unload_lora_adapter", {"lora_name": "sql"})):
         assert "no route" in error_of(httpx.post(server.url + route, json=body), 404)["message"]
+
+
+def _served_as_offline(model_dir, device: str) -> None:
+    """A server on `device`: greedy completions, streamed and not, one at a time, give the offline engine's texts on
+    the same device with the same settings; 12 concurrent seeded streams complete and free every block; /info names
+    the device type."""
+    from lcq.runtime import LLM, SamplingParams
+
+    settings = dict(device=device, gpu_memory_utilization=0.02) if device == "cuda" else {}
+    prompts = ["Once upon a time", "The capital of", "Numbers: 1, 2, 3,"]
+    with LiveServer(create_app(engine_config(model_dir, **settings))) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        args = dict(model=MODEL, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+        served = []
+        for prompt in prompts:
+            text = client.completions.create(prompt=prompt, **args).choices[0].text
+            streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, stream=True, **args)
+                               if c.choices)
+            assert streamed == text
+            served.append(text)
+
+        async def burst() -> list[str | None]:
+            async with openai.AsyncOpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0) as aclient:
+                async def one(i: int) -> str | None:
+                    finish = None
+                    async for chunk in await aclient.completions.create(
+                            model=MODEL, prompt=f"Number {i} is", max_tokens=8 + i % 5, temperature=0.8, seed=i,
+                            stream=True):
+                        if chunk.choices and chunk.choices[0].finish_reason:
+                            finish = chunk.choices[0].finish_reason
+                    return finish
+                return await asyncio.gather(*(one(i) for i in range(12)))
+
+        assert all(finish in ("stop", "length") for finish in asyncio.run(burst()))
+        live.wait_pool_full()
+        assert httpx.get(live.url + "/info").json()["model_device_type"] == device
+    offline = LLM(str(model_dir), kv_cache_memory_gb=0.01, max_num_seqs=8, **settings)
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert [offline.generate([prompt], greedy)[0].text for prompt in prompts] == served
+
+
+def test_the_server_serves_what_its_engine_generates(model_dir):
+    _served_as_offline(model_dir, "cpu")
+
+
+@pytest.mark.gpu
+def test_the_server_on_a_gpu_serves_what_its_engine_generates(model_dir):
+    """The server's own path on CUDA (its engine's loop on a thread, decode steps launched ahead, CUDA graphs, SSE),
+    which the GPU runs of the engine alone do not take (bench/gpu_session.sh's test-server-gpu step, with the server's
+    packages carried in)."""
+    _served_as_offline(model_dir, "cuda")
