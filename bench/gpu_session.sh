@@ -143,8 +143,8 @@ if [ -d .wheels/gpu-server ]; then
     step 90 40 test-server-gpu bash -c '"$1" -c "$2" "$3" && PYTHONPATH=".:$3" "$1" -m pytest -q --tb=short -rfE \
         -p no:cacheprovider -m gpu tests/test_server.py' test-server-gpu "$py" "$unpack" "$packages"
     step 180 100 serve-7b bash -c '"$1" -c "$2" "$3" && "$1" bench/random_model.py "$4" &&
-        PYTHONPATH=".:$3" "$1" bench/serve.py --launch "$4" --clients 1 32 --duration 20 --grace 20 --idle-timeout 20 \
-            --output "bench/results/serve-gpu-$5.json"' serve-7b "$py" "$unpack" "$packages" "$served" "$slug"
+        PYTHONPATH=".:$3" "$1" bench/serve.py --launch "$4" --clients 1 32 --duration 20 --grace 20 --idle-timeout 20' \
+        serve-7b "$py" "$unpack" "$packages" "$served"
     pkill -f "lcq.cli serve $served"  # one that outlived a KILL would hold the GPU's memory in the steps after
 else
     echo "== test-server-gpu and serve-7b skipped: no .wheels/gpu-server (make gpu-wheels, and carry it)"

@@ -309,7 +309,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="load runs in a row against the same server (memory across rounds; first one reported)")
     parser.add_argument("--label", default="", help="free text stored with the results (what this run is)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "serve-cpu.json")
+    parser.add_argument("--output", type=Path,
+                        help="default: bench/results/serve-cpu.json, or serve-gpu-<gpu>.json for a server on a GPU")
     args = parser.parse_args()
     if min(args.clients) < 1 or args.duration <= 0 or args.rounds < 1:
         parser.error("--clients and --rounds must be >= 1 and --duration > 0")
@@ -350,6 +351,10 @@ def main() -> None:
         settings["rounds"] = args.rounds
         record["rounds"] = rounds
         record["server_rss_mib_after_each_round"] = [r["server_rss_mib_end"] for r in rounds]
+    if args.output is None:
+        on_gpu = not device.startswith("cpu")
+        args.output = RESULTS / (f"serve-gpu-{re.sub(r'[^a-z0-9]+', '-', device.lower()).strip('-')}.json" if on_gpu
+                                 else "serve-cpu.json")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.output.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
