@@ -16,8 +16,8 @@
 # the step's time limit cuts off is lost, the ones before it are saved); the 2-bit products of 1, 2, 4 and 16
 # rows in each form (pair table, fp32, bytes; tl.dot, byte codebooks), what of the one-row product's time is a fixed
 # cost (bench/product_floor.py), the server's GPU test and the server on the 7B loaded by 1 and 32 streaming clients
-# (bench/serve.py; the server's packages from .wheels/gpu-server, `make gpu-wheels`, carried), and with NCU=1 Nsight Compute on one launch of each form
-# (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
+# (bench/serve.py; the server's packages from .wheels/gpu-server, `make gpu-wheels`, carried), and with NCU=1 Nsight
+# Compute on one launch of each form (bench/profile_one_row.py) where ncu is installed; the other GPU tests (the CUDA cases of the elementwise kernels
 # and of the Triton attention with windows, chunks, softcap and sinks among them); the 7B fp16 rows (a 13.5 GB random
 # checkpoint written first) and the quick kernel sweep in the time left. The autotuner compiles
 # its configs one at a time (~1-2 s each), so every build a benchmark will ask for is compiled first in
