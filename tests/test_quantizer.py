@@ -1613,3 +1613,18 @@ def test_tuning_products_take_tf32_on_a_gpu_alone_and_as_asked(tmp_path, tiny_hf
                   "--method", "rtn"]) == 0
     capsys.readouterr()
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["tf32"] is False  # CPU
+
+
+def test_every_quantize_eval_and_fetch_demo_flag_is_documented():
+    """docs/quantize.md names every option of lcq quantize, eval and fetch-demo (the Hub's, which serve shares, in
+    docs/configuration.md's table)."""
+    import argparse
+
+    from lcq.cli import build_parser
+
+    root = Path(__file__).resolve().parents[1]
+    docs = (root / "docs" / "quantize.md").read_text() + (root / "docs" / "configuration.md").read_text()
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    flags = {flag for name in ("quantize", "eval", "fetch-demo") for action in commands[name]._actions
+             for flag in action.option_strings if flag.startswith("--") and flag != "--help"}
+    assert len(flags) > 20 and not {flag for flag in flags if not re.search(re.escape(flag) + r"\b", docs)}
