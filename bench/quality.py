@@ -72,7 +72,8 @@ NOTES = """
   tenths of a percent apart are therefore a tie unless measured on one host. On that host the tuning stages' products
   in TF32 (lcq quantize's default on a GPU since 2026-12-07), emulated by rounding every linear layer's operands to
   10-bit mantissas (bench/tf32_quality.py, bench/results/quality-cpu-tf32.json), scored 50.90 and 144.36: -0.2% and
-  +1.1% against its fp32 rows, inside that spread.
+  +1.1% against its fp32 rows, inside that spread; with the end-to-end stage after them (lcq-w2r2-e10-ft10, TF32 in
+  both stages) 123.64 against 123.64 (held-out KL 0.441 against 0.447).
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle

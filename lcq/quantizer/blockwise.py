@@ -85,7 +85,8 @@ def tf32_products(device: str, enabled: bool = True) -> Iterator[None]:
     fp32): its steps are nearly all products (71% of a block's step on CPU, torch's profiler), which tensor cores run
     several times as fast in TF32 as the GPU runs fp32 (an H100: ~495 against ~67 dense TFLOPS; not yet timed here).
     Emulated on CPU (bench/tf32_quality.py), SmolLM2's perplexity after 10 block-wise epochs moved by -0.2% at W4 and
-    +1.1% at W2, inside what the fp32 rounding of two CPUs' kernels moves it by (0.8% and 1.7%: docs/quality.md).
+    +1.1% at W2, inside what the fp32 rounding of two CPUs' kernels moves it by (0.8% and 1.7%: docs/quality.md), and
+    not at all at W2 after the end-to-end stage too.
     Elsewhere, or not enabled (--no-tf32), products stay fp32."""
     if not enabled or torch.device(device).type != "cuda":
         yield
