@@ -447,14 +447,18 @@ def test_batched_equals_alone_and_chunked_and_preempted(tiny, llm, tmp_path):
 
 
 def _scripted_run(engine, requests: dict[str, tuple[list[int], SamplingParams]], joins: dict[int, list[str]],
-                  aborts: dict[int, list[str]]) -> tuple[dict[str, tuple], list[set[str]], int]:
+                  aborts: dict[int, list[str]], usages: dict | None = None
+                  ) -> tuple[dict[str, tuple], list[set[str]], int]:
     """Each request's (token ids, text, finish reason, logprobs) from an engine stepped to the end, with
     requests added (joins) and aborted (aborts) after the given steps; which requests each step gave tokens;
-    and how many steps were launched ahead of the tokens before them."""
+    and how many steps were launched ahead of the tokens before them. usages: filled with each finished
+    request's usage."""
     outputs: dict[str, list] = {}
     timeline: list[set[str]] = []
 
     def take(out) -> None:
+        if usages is not None and out.usage is not None:
+            usages[out.request_id] = out.usage
         ids, text, reason, logprobs = outputs.setdefault(out.request_id, [[], "", None, []])
         outputs[out.request_id] = [ids + out.token_ids, text + out.text, out.finish_reason or reason,
                                    logprobs + [(p.token_id, p.logprob, p.top) for p in out.logprobs or []]]
@@ -462,7 +466,7 @@ def _scripted_run(engine, requests: dict[str, tuple[list[int], SamplingParams]],
     steps = ahead = 0
     for request_id in joins.get(0, []):
         engine.add_request(request_id, *requests[request_id])
-    while engine.has_work():
+    while engine.has_work() or any(step > steps for step in joins):
         timeline.append(set())
         for out in engine.step():
             take(out)
@@ -473,7 +477,8 @@ def _scripted_run(engine, requests: dict[str, tuple[list[int], SamplingParams]],
         for request_id in joins.get(steps, []):
             engine.add_request(request_id, *requests[request_id])
         for request_id in aborts.get(steps, []):
-            take(engine.abort(request_id))
+            if (out := engine.abort(request_id)) is not None:  # (None: it had finished)
+                take(out)
     return {request_id: tuple(value) for request_id, value in outputs.items()}, timeline, ahead
 
 
@@ -550,6 +555,103 @@ def test_async_scheduling_gives_the_tokens_of_steps_read_one_at_a_time(tiny, llm
     runs = [_scripted_run(LLM(str(tiny), block_size=8, async_scheduling=flag, max_num_seqs=2, **FP32).engine, slots,
                           {0: ["A", "B", "C"]}, {}) for flag in (False, True)]
     assert runs[0][:2] == runs[1][:2] and runs[1][2] > 3
+
+
+def _random_params(rng: random.Random) -> SamplingParams:
+    """One request's settings, drawn among those whose tokens do not depend on the batch: greedy or seeded draws,
+    penalties, stops, logprobs, logit bias and bad words, min_tokens, a grammar, n = 2."""
+    most = rng.randint(1, 40)
+    seed = rng.randint(0, 99)
+    return rng.choice([
+        SamplingParams(max_tokens=most, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=1.0, seed=seed, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0.8, top_k=5, top_p=0.9, min_p=0.05, seed=seed, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0, repetition_penalty=1.2, frequency_penalty=0.5,
+                       presence_penalty=0.3, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0, stop=["e", "th"], ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0, stop_token_ids=[rng.randint(3, 380) for _ in range(20)]),
+        SamplingParams(max_tokens=most, temperature=0.9, seed=seed, min_tokens=rng.randint(0, most),
+                       stop_token_ids=list(range(3, 200))),
+        SamplingParams(max_tokens=most, temperature=0, logprobs=3, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0, logit_bias={rng.randint(3, 380): 5.0}, bad_words=["th"],
+                       ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0.8, seed=seed,
+                       structured_output=StructuredOutput(regex="[a-e]{3,8}( [a-e]+)*")),
+        SamplingParams(max_tokens=most, temperature=0.7, seed=seed, n=2, ignore_eos=True),
+        SamplingParams(max_tokens=most, temperature=0, ignore_eos=True, priority=rng.randint(0, 3)),
+    ])
+
+
+def _random_workload(rng: random.Random, adapters: list[str]) -> tuple[dict, dict, dict, dict]:
+    """(requests by id, engine settings, joins and aborts by step) for _scripted_run: prompts that share
+    prefixes, some under a LoRA adapter or a cache salt, in a pool that may force preemption, with a token budget
+    that may chunk prompts, prefix caching, async scheduling and prompt-lookup drafts each on or off."""
+    prefixes = [[rng.randint(3, 380) for _ in range(rng.randint(0, 30))] for _ in range(3)]
+    settings = dict(block_size=8, enable_prefix_caching=rng.random() < 0.8, async_scheduling=rng.random() < 0.5,
+                    max_loras=rng.choice([1, 2]), **FP32)
+    for name, value, chance in (("num_gpu_blocks_override", rng.choice([10, 14, 24]), 0.75),
+                                ("max_num_batched_tokens", rng.choice([5, 16, 64]), 0.75),
+                                ("num_speculative_tokens", 2, 0.3), ("max_num_seqs", rng.randint(1, 4), 0.3),
+                                ("scheduling_policy", "priority", 0.3)):
+        if rng.random() < chance:
+            settings[name] = value
+    requests, joins, aborts = {}, {}, {}
+    for i in range(rng.randint(3, 12)):
+        prompt = rng.choice(prefixes) + [rng.randint(3, 380) for _ in range(rng.randint(1, 25))]
+        params = dataclasses.replace(
+            _random_params(rng), lora=rng.choice([None, *adapters]),
+            cache_salt=rng.choice([None, None, None, "one", "two"]))
+        if settings.get("scheduling_policy") != "priority":
+            params = dataclasses.replace(params, priority=0)
+        joined, aborted = rng.choice([0, 0, 1, 3, 7, 15]), rng.randint(1, 30) if rng.random() < 0.2 else None
+        for j, sample in enumerate(params.samples()):
+            requests[f"{i}.{j}"] = (prompt, sample)
+            joins.setdefault(joined, []).append(f"{i}.{j}")
+            if aborted is not None:
+                aborts.setdefault(aborted, []).append(f"{i}.{j}")
+    return requests, settings, joins, aborts
+
+
+@pytest.mark.parametrize("weights", ["fp32", "lcq-w4"])
+def test_random_workloads_give_each_request_its_tokens_alone(tiny, tmp_path, weights):
+    """Random mixes of requests and engine settings (_random_workload: requests joining and aborted mid-way,
+    shared prefixes, adapters and cache salts, preemption, chunked prefill, prefix caching, async scheduling,
+    drafts, priorities) give each request the tokens, text and finish reason it gets alone in a roomy engine
+    without the prefix cache (logprobs to 1e-3: rows batched differently round differently), an aborted one a
+    prefix of them, one longer than the pool's context those cut there; the pool is full after each. The features
+    interact where no scripted test looks: the seeds' runs preempt, hit the prefix cache and draft."""
+    folder = tiny if weights == "fp32" else make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32)
+    base = tiny if weights == "fp32" else tmp_path / "hf"
+    adapters = {f"a{i}": str(make_tiny_adapter(tmp_path / f"adapter{i}", base, seed=i)) for i in range(2)}
+    lora = dict(lora_modules=",".join(f"{name}={path}" for name, path in adapters.items()))
+    alone = LLM(str(folder), block_size=8, enable_prefix_caching=False, max_loras=2, **lora, **FP32)
+    preempted = cached = drafted = 0
+    for seed in range(12):
+        requests, settings, joins, aborts = _random_workload(random.Random(seed), list(adapters))
+        engine = LLM(str(folder), **settings, **lora).engine
+        usages = {}
+        outputs, _, _ = _scripted_run(engine, requests, joins, aborts, usages)
+        assert _pool_is_full(engine), (seed, settings)
+        stats = engine.stats()
+        preempted += stats.num_preemptions_total > 0
+        drafted += stats.num_drafts_total > 0
+        cached += any(usage.cached_tokens for usage in usages.values())
+        for request_id, (prompt, params) in requests.items():
+            (expected,) = alone.generate([prompt], dataclasses.replace(params, priority=0))
+            token_ids, text, reason, logprobs = outputs[request_id]
+            where = (seed, request_id, params, settings)
+            room = engine.max_model_len - len(prompt)
+            if reason == "abort":
+                assert token_ids == expected.token_ids[:len(token_ids)], where
+            elif len(expected.token_ids) > room:
+                assert token_ids == expected.token_ids[:room] and reason == "length", where
+            else:
+                assert (token_ids, text, reason) == (expected.token_ids, expected.text, expected.finish_reason), where
+                assert [token for token, _, _ in logprobs] == [p.token_id for p in expected.logprobs or []], where
+                assert all(abs(logprob - p.logprob) < 1e-3 for (_, logprob, _), p in
+                           zip(logprobs, expected.logprobs or [])), where
+    assert preempted and cached and drafted
+
 
 
 @pytest.mark.parametrize("arch", ["qwen3_5", "qwen3_5_moe", "granite4_moe"])
