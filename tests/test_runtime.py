@@ -604,8 +604,8 @@ def _random_workload(rng: random.Random, adapters: list[str]) -> tuple[dict, dic
         if settings.get("scheduling_policy") != "priority":
             params = dataclasses.replace(params, priority=0)
         joined, aborted = rng.choice([0, 0, 1, 3, 7, 15]), rng.randint(1, 30) if rng.random() < 0.2 else None
-        for j, sample in enumerate(params.samples()):
-            requests[f"{i}.{j}"] = (prompt, sample)
+        for j, one in enumerate(params.samples()):
+            requests[f"{i}.{j}"] = (prompt, one)
             joins.setdefault(joined, []).append(f"{i}.{j}")
             if aborted is not None:
                 aborts.setdefault(aborted, []).append(f"{i}.{j}")
