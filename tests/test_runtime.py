@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import gc
+import os
 import platform
 import random
 import re
@@ -619,14 +620,15 @@ def test_random_workloads_give_each_request_its_tokens_alone(tiny, tmp_path, wei
     drafts, priorities) give each request the tokens, text and finish reason it gets alone in a roomy engine
     without the prefix cache (logprobs to 1e-3: rows batched differently round differently), an aborted one a
     prefix of them, one longer than the pool's context those cut there; the pool is full after each. The features
-    interact where no scripted test looks: the seeds' runs preempt, hit the prefix cache and draft."""
+    interact where no scripted test looks: the seeds' runs preempt, hit the prefix cache and draft. LCQ_TEST_WORKLOADS
+    raises the number of seeds from 12 (after a change to the scheduler, the cache or the runner, run a thousand)."""
     folder = tiny if weights == "fp32" else make_tiny_lcq(tmp_path, "llama", bits=4, rank=2, group_size=32)
     base = tiny if weights == "fp32" else tmp_path / "hf"
     adapters = {f"a{i}": str(make_tiny_adapter(tmp_path / f"adapter{i}", base, seed=i)) for i in range(2)}
     lora = dict(lora_modules=",".join(f"{name}={path}" for name, path in adapters.items()))
     alone = LLM(str(folder), block_size=8, enable_prefix_caching=False, max_loras=2, **lora, **FP32)
     preempted = cached = drafted = 0
-    for seed in range(12):
+    for seed in range(max(12, int(os.environ.get("LCQ_TEST_WORKLOADS", 12)))):
         requests, settings, joins, aborts = _random_workload(random.Random(seed), list(adapters))
         engine = LLM(str(folder), **settings, **lora).engine
         usages = {}
