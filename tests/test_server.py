@@ -6,6 +6,7 @@ import asyncio
 import codecs
 import importlib.util
 import json
+import random
 import re
 import socket
 import threading
@@ -101,6 +102,64 @@ def test_chat_async_streaming_equals_non_streaming(server):
     rendered = httpx.post(server.url + "/tokenize", json={"messages": messages}).json()
     assert full.usage.prompt_tokens == rendered["count"]
     assert rendered["tokens"][-3:] != rendered["tokens"][:3]  # the template wrapped every turn
+
+
+def _streamed_and_whole(client, chat: bool, args: dict) -> tuple[dict, dict, tuple, tuple]:
+    """Each choice's (text, finish reason, logprob tokens) by index, streamed and whole, and both usages."""
+    create = client.chat.completions.create if chat else client.completions.create
+    whole = create(**args)
+    streamed: dict[int, list] = {}
+    usage = None
+    for chunk in create(**args, stream=True, stream_options={"include_usage": True}):
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            text, reason, tokens = streamed.setdefault(choice.index, ["", None, []])
+            if chat:
+                text += choice.delta.content or ""
+                tokens += [t.token for t in (choice.logprobs.content or [])] if choice.logprobs else []
+            else:
+                text += choice.text
+                tokens += choice.logprobs.tokens if choice.logprobs else []
+            streamed[choice.index] = [text, choice.finish_reason or reason, tokens]
+    kept = {}
+    for choice in whole.choices:
+        if chat:
+            tokens = [t.token for t in (choice.logprobs.content or [])] if choice.logprobs else []
+            kept[choice.index] = [choice.message.content or "", choice.finish_reason, tokens]
+        else:
+            kept[choice.index] = [choice.text, choice.finish_reason, choice.logprobs.tokens if choice.logprobs else []]
+    return streamed, kept, (usage.prompt_tokens, usage.completion_tokens), \
+        (whole.usage.prompt_tokens, whole.usage.completion_tokens)
+
+
+def test_random_requests_stream_what_they_return_whole(model_dir):
+    """Random completions and chat requests (n up to 3, seeded or greedy, stop strings kept or not, min_tokens,
+    penalties, logprobs, echo) stream per choice the text, finish reason and logprob tokens their plain response
+    holds, and the same usage, sent one after the other so that the second hits the prefix cache. fp32 products
+    and cache, whose tokens do not depend on the batch or the cache (test_random_workloads_...)."""
+    rng = random.Random(0)
+    words = ["Tell me", "a story", "about", "the sea", "Paris", "1 2 3", "日本", "🙂", "def f(x):"]
+    config = engine_config(model_dir, kv_cache_dtype="float32", cpu_matmul_dtype="float32")
+    with LiveServer(create_app(config)) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0)
+        for trial in range(30):
+            chat = trial % 2 == 0
+            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+            most = rng.randint(1, 30)
+            args = dict(model=MODEL, max_tokens=most, seed=rng.randint(0, 999),
+                        temperature=rng.choice([0, 0.7, 1.3]), top_p=rng.choice([1.0, 0.9]), n=rng.choice([1, 2, 3]),
+                        presence_penalty=rng.choice([0, 0.5]),
+                        stop=rng.sample(["e", " the", ".", "\n", "ing", "🙂", "th", "an"], rng.randint(0, 3)) or None,
+                        extra_body=dict(min_tokens=rng.choice([0, 0, min(3, most)]),
+                                        include_stop_str_in_output=rng.random() < 0.3))
+            if chat:
+                args.update(messages=[{"role": "user", "content": prompt}],
+                            **(dict(logprobs=True, top_logprobs=2) if rng.random() < 0.4 else {}))
+            else:
+                args.update(prompt=prompt, logprobs=rng.choice([None, 2]), echo=rng.random() < 0.2)
+            streamed, whole, streamed_usage, whole_usage = _streamed_and_whole(client, chat, args)
+            assert streamed == whole and streamed_usage == whole_usage, (trial, args)
+        live.wait_pool_full()
 
 
 def test_token_ids_come_back_with_the_text(server, client):
