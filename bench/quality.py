@@ -447,6 +447,7 @@ def study_runs(quick: bool) -> list[Run]:
         runs += [Run("lcq", 2, 2, epochs=3, nsamples=more)]
         # how far a row moves with the windows drawn (and the k-means start): W2 r2 e10 at two more seeds
         runs += [Run("lcq", 2, 2, epochs=10, seed=seed) for seed in (1, 2)]
+        runs += [Run("lcq", 2, 2, epochs=10, nsamples=more, seed=1)]
         # the head packed too (--head-bits): what it costs in perplexity for what it saves in bytes
         # (with block-wise epochs the head stage tunes it on the logits' KL, the end-to-end stage with the blocks)
         runs += [Run("lcq", 4, 2, head=4), Run("lcq", 2, 2, epochs=10, head=4), Run("lcq", 4, 2, epochs=10, head=4),
