@@ -78,10 +78,10 @@ NOTES = """
   the bullet above, bench/results/quality-cpu-steps.json): lcq-w2r2-e10 with `--seed` 0, 1 and 2 (which windows of
   the King James text are drawn, and the k-means start) scored 142.79, 144.71 and 151.44, a 6% range over 16
   windows. So W2 rows of the table below that differ by less, each measured at one seed, are ties. Against that
-  range: the same 10 epochs over 64 windows scored 137.77 (lcq-w2r2-e10-n64, 1013 s; below all three seeds), and 3
-  epochs over 64 windows, 48 Adam steps a block where 10 over 16 take 40, 153.74 (lcq-w2r2-e3-n64, 427 s; above all
-  three). So the block-wise stage does gain from more windows given its epochs, and its steps count beside its
-  windows; the row's 150.26 in the table was measured on 2026-12-01 on another host with the code of then, before
+  range: the same 10 epochs over 64 windows scored 137.77 and, over another draw, 138.33 (lcq-w2r2-e10-n64 and -n64-s1,
+  1013 and 1108 s; both below all three 16-window draws, and 0.4% apart), and 3 epochs over 64 windows, 48 Adam steps a
+  block where 10 over 16 take 40, 153.74 (lcq-w2r2-e3-n64, 427 s; above all three). So the block-wise stage does gain
+  from more windows given its epochs, which also steady it from draw to draw, and its steps count beside its windows; the row's 150.26 in the table was measured on 2026-12-01 on another host with the code of then, before
   the dual-quantization and k-means changes that moved the other W2 rows (the notes above).
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
