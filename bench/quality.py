@@ -371,6 +371,7 @@ class Run:
     assign: str = "nearest"  # lcq: nearest entry, GPTQ's error-compensating sweep, or the sweep with a refit
     act_order: bool = False  # GPTQ sweeps: columns by decreasing Hessian diagonal
     nsamples: int | None = None  # calibration windows; None: the study's setting
+    seqlen: int | None = None  # tokens per calibration window; None: the study's setting
     finetune: int = 0  # lcq: epochs of the end-to-end stage after the blocks
     finetune_samples: int | None = None  # that stage's training windows (--finetune-samples); None: nsamples
     index_updates: float = 0.0  # that stage's fraction of weights moved between epochs (--finetune-index-updates)
@@ -404,6 +405,7 @@ class Run:
             name += "" if self.assign == "nearest" else f"-{self.assign}"
         name += "-act" if self.act_order else ""
         name += "" if self.nsamples is None else f"-n{self.nsamples}"
+        name += "" if self.seqlen is None else f"-len{self.seqlen}"
         name += f"-ft{self.finetune}" if self.finetune else ""
         name += "" if self.finetune_samples is None else f"-fs{self.finetune_samples}"
         name += f"-iu{self.index_updates:g}" if self.index_updates else ""
@@ -500,6 +502,9 @@ def study_runs(quick: bool) -> list[Run]:
         # W2 where the sweep gained most without that stage (lcq-w2r2-gptq); then the end-to-end stage
         runs += [Run("lcq", 2, 2, epochs=10, assign="gptq", held_out=4, block_error="norm-weighted", **stage)
                  for stage in ({}, dict(finetune=3, finetune_samples=64))]
+        # what `lcq quantize` gives with no options: 128 windows of 512 tokens (16x the study's tokens) and a
+        # quarter as many held out, W2 r2 e10 norm-weighted
+        runs += [Run("lcq", 2, 2, epochs=10, nsamples=128, seqlen=512, held_out=32, block_error="norm-weighted")]
     return runs
 
 
@@ -511,11 +516,15 @@ def nsamples_of(run: Run, settings: dict) -> int:
     return settings["nsamples"] if run.nsamples is None else run.nsamples
 
 
+def seqlen_of(run: Run, settings: dict) -> int:
+    return settings["seqlen"] if run.seqlen is None else run.seqlen
+
+
 def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     cmd = (f"lcq quantize {source} {out} --method {run.method} --bits {run.bits} --rank {run.rank} "
            f"--group-size {run.group_size}")
     if run.method != "rtn":
-        cmd += f" --nsamples {nsamples_of(run, settings)} --seqlen {settings['seqlen']}"
+        cmd += f" --nsamples {nsamples_of(run, settings)} --seqlen {seqlen_of(run, settings)}"
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
@@ -542,6 +551,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                  "epochs": epochs_of(run, settings) if run.method == "lcq" else None,
                  "assign": run.assign if run.method == "lcq" else None, "act_order": run.act_order,
                  "nsamples": nsamples_of(run, settings) if run.method in ("lcq", "gptq") else None,
+                 **({} if run.seqlen is None else {"seqlen": run.seqlen}),
                  "lr": DEFAULT_LR[run.bits] if run.method == "lcq" and epochs_of(run, settings) else None,
                  "finetune_epochs": run.finetune if run.method == "lcq" else None,
                  "finetune_lr": DEFAULT_FINETUNE_LR[run.bits] if run.finetune else None,
@@ -565,7 +575,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
         model_dir = work / run.key
         shutil.rmtree(model_dir, ignore_errors=True)
         options = QuantizeOptions(bits=run.bits, rank=run.rank, group_size=run.group_size, method=run.method,
-                                  calib_text=calib, nsamples=nsamples_of(run, settings), seqlen=settings["seqlen"],
+                                  calib_text=calib, nsamples=nsamples_of(run, settings),
+                                  seqlen=seqlen_of(run, settings),
                                   epochs=epochs_of(run, settings), init=run.init, assign=run.assign,
                                   act_order=run.act_order, seed=run.seed, finetune_epochs=run.finetune,
                                   finetune_samples=run.finetune_samples, finetune_index_updates=run.index_updates,
@@ -596,7 +607,7 @@ def check_settings(folder: Path, run: Run, settings: dict) -> None:
     config = json.loads((folder / "config.json").read_text())
     quant = config["quantization_config"]
     expected = {"bits": run.bits, "rank": run.rank, "group_size": run.group_size, "method": run.method,
-                "nsamples": nsamples_of(run, settings), "seqlen": settings["seqlen"], "head_bits": run.head,
+                "nsamples": nsamples_of(run, settings), "seqlen": seqlen_of(run, settings), "head_bits": run.head,
                 "layer_bits": LayerWidths(run.bits, list(run.layer_bits)).overrides(config["num_hidden_layers"])}
     if run.target_bits is not None:  # the widths are the quantizer's choice
         expected.update(target_bits=run.target_bits, layer_bits=quant.get("layer_bits"))
@@ -780,6 +791,8 @@ def write_report(results: dict, path: Path, image: str, results_name: str) -> No
         assign = r.get("assign") or ("nearest" if r["method"] == "lcq" else "-")
         ratio = f"{r['perplexity'] / fp16:.3f}x" if fp16 else "-"
         calib_windows = r.get("nsamples") or (s["nsamples"] if r["method"] in ("lcq", "gptq") else "-")
+        if r.get("seqlen") not in (None, s["seqlen"]):
+            calib_windows = f"{calib_windows} x {r['seqlen']} tokens"
         if r.get("finetune_samples") not in (None, calib_windows):
             calib_windows = f"{calib_windows} ({r['finetune_samples']} end-to-end)"
         end_to_end = r.get("finetune_epochs") or (0 if r["method"] == "lcq" else "-")
@@ -807,7 +820,7 @@ every stored bit of the decoder's linear layers (indices,
 
 - Calibration: {results['calibration']}:
   {s['nsamples']} windows of {s['seqlen']} tokens at seeded random offsets unless the row's calib windows
-  column (and a -nN suffix) says otherwise; GPTQ uses the same windows.
+  column (and a -nN or -lenN suffix) says otherwise; GPTQ uses the same windows.
 - Evaluation: {results['evaluation']}:
   the first {s['eval_tokens']} tokens, {windows} non-overlapping windows of {CTX} tokens, perplexity =
   exp(mean next-token NLL), with the dequantized model in transformers (fp32).
