@@ -80,9 +80,17 @@ NOTES = """
   windows. So W2 rows of the table below that differ by less, each measured at one seed, are ties. Against that
   range: the same 10 epochs over 64 windows scored 137.77 and, over another draw, 138.33 (lcq-w2r2-e10-n64 and -n64-s1,
   1013 and 1108 s; both below all three 16-window draws, and 0.4% apart), and 3 epochs over 64 windows, 48 Adam steps a
-  block where 10 over 16 take 40, 153.74 (lcq-w2r2-e3-n64, 427 s; above all three). So the block-wise stage does gain
-  from more windows given its epochs, which also steady it from draw to draw, and its steps count beside its windows; the row's 150.26 in the table was measured on 2026-12-01 on another host with the code of then, before
-  the dual-quantization and k-means changes that moved the other W2 rows (the notes above).
+  block where 10 over 16 take 40, 153.74 (lcq-w2r2-e3-n64, 427 s; above all three). So at 64 windows the block-wise
+  stage gained from more windows given its epochs, which also steadied it from draw to draw, and its steps count beside
+  its windows; the row's 150.26 in the table was measured on 2026-12-01 on another host with the code of then, before
+  the dual-quantization and k-means changes that moved the other W2 rows (the notes above). But `lcq quantize`'s own
+  defaults (2026-12-07, a later session, the same host and code: 128 windows of 512 tokens, 16x the study's tokens,
+  32 more held out, norm-weighted; `lcq quantize $FP16 $OUT` with no options, 4395 s) scored 150.13 (3.124x,
+  lcq-w2r2-e10-n128-len512-v32-nw), inside the 16-window range and above both 64-window draws. That row differs from
+  the -n64 ones in three ways at once (longer windows, held-out epochs, the norm-weighted error), so it does not say
+  which costs what; it does say that calibration size has not reliably moved the block-wise stage's W2 row beyond
+  the draw's noise, and that the end-to-end stage (below: 2.44-2.64x) is the lever at W2, not more windows for the
+  blocks.
 - Rows started before 2026-11-23T11:00Z (fp16, the RTN rows, gptq-w3 and the two -rtninit rows) ran
   while other jobs kept the 2-core machine at a load average of 8 to 12, and the lcq-*-gptq* rows
   of the afternoon shared the machine with short test and profiling runs; the rest ran on the idle
@@ -117,7 +125,8 @@ NOTES = """
   the -n64 rows) W3 r4 gptq-refit in act-order goes from 1.310x to 1.199x (inside the 1.3x
   goal at 3.743 bpw; 1.227x as first measured) and W4 r2 gptq from 1.070x to 1.060x (as first measured; at 16 windows 1.081x measured again); the GPTQ baselines barely move (W4
   1.219x to 1.170x, W3 2.239x to 2.277x, all measured again on 2026-12-06). `lcq quantize` defaults to 128 windows of 512 tokens (16x
-  the study's 16 x 256); block-wise rows at that size take hours on this 2-core machine and were not run.
+  the study's 16 x 256); at that size W2 r2 e10 took 4395 s on this 2-core machine and scored 3.124x (the W2
+  bullet near the top).
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
   with 64: see the rank-4 note).
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
@@ -502,9 +511,10 @@ def study_runs(quick: bool) -> list[Run]:
         # W2 where the sweep gained most without that stage (lcq-w2r2-gptq); then the end-to-end stage
         runs += [Run("lcq", 2, 2, epochs=10, assign="gptq", held_out=4, block_error="norm-weighted", **stage)
                  for stage in ({}, dict(finetune=3, finetune_samples=64))]
-        # what `lcq quantize` gives with no options: 128 windows of 512 tokens (16x the study's tokens) and a
-        # quarter as many held out, W2 r2 e10 norm-weighted
-        runs += [Run("lcq", 2, 2, epochs=10, nsamples=128, seqlen=512, held_out=32, block_error="norm-weighted")]
+        # what `lcq quantize` gives with no options but --bits: 128 windows of 512 tokens (16x the study's tokens)
+        # and a quarter as many held out, r2 e10 norm-weighted
+        runs += [Run("lcq", b, 2, epochs=10, nsamples=128, seqlen=512, held_out=32, block_error="norm-weighted")
+                 for b in (2, 3)]
     return runs
 
 
