@@ -341,7 +341,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             write_json(partial / PROGRESS_FILE, {**started_as, "done": index + 1})
         losses.append(block_losses)
         if options.needs_data:
-            bar.set_postfix(loss=f"{block_losses[1]:.3g}")
+            bar.set_postfix(loss="resumed" if index < done else f"{block_losses[1]:.3g}")  # not a nan to alarm
             q_stream = run_block(block_call(block, source.block_inputs(index)), _dense_weights(packed, device),
                                  q_stream, options.batch_size)
             fp_stream = targets
