@@ -129,6 +129,18 @@ NOTES = """
   bullet near the top).
   The block-wise rows do not gain from more windows (W4 r2 e10 with 32: 1.057x against 1.053x; W3
   with 64: see the rank-4 note).
+- GPTQ's refit sweep in act-order without block-wise epochs at W3 rank 2 (2026-12-07): over 64 windows 61.49 and
+  61.59 (1.279x, 1.282x, two draws), over `lcq quantize`'s calibration (128 x 512 tokens) 61.13 (1.272x, 923 s beside
+  a test run): the first rank-2 rows inside the 1.3x goal (3.446 bpw), where `lcq quantize --bits 3` (10 epochs,
+  nearest entries) scored 68.52 (1.426x, lcq-w3r2-e10-n128-len512-v32-nw; 5815 s over a run stopped at 23 of 30
+  blocks, part of it beside a test run, and its --resume) and the e10 rows over 16 and 64 windows 66.43-67.59. After
+  the 10 epochs the sweep scored 63.26 over 64 windows (1.316x) and 66.44 over 16 (1.383x). At W4 the
+  sweep alone over 64 windows scored 51.33 (1.068x), behind e10's 1.053x. On Gemma-3-270M (8192 tokens,
+  quality-cpu-gemma-3-270m-fp16-eval16.json) every sweep lost to the epochs with nearest entries (W3 r2 e10
+  norm-weighted over 16 windows: 149.82, 1.179x): alone over 64 windows 168.80 (1.328x), after the epochs over 16
+  158.29 (1.245x). The norm-weighted block error, which gained most on Gemma, is what the sweep's per-layer
+  Hessian does not see. So the quantizer's default stays nearest entries after the epochs, and docs/quantize.md
+  (`--assign`) says to compare the two on the model at hand.
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
   grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model: 52.09 as first measured, 51.68
@@ -515,6 +527,15 @@ def study_runs(quick: bool) -> list[Run]:
         # and a quarter as many held out, r2 e10 norm-weighted
         runs += [Run("lcq", b, 2, epochs=10, nsamples=128, seqlen=512, held_out=32, block_error="norm-weighted")
                  for b in (2, 3)]
+        # GPTQ's sweep with the refit, in act-order, over 64 windows (lcq-w3r2-gptq-refit-act-n64) was the first W3
+        # rank-2 row inside the 1.3x goal, in a twentieth of the defaults' time: a second draw of its windows, the
+        # same at W4, at the defaults' calibration size, and after the block-wise epochs (over 64 windows, and over
+        # the study's 16 for Gemma-3-270M, where the sweep alone lost to the epochs)
+        runs += [Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=more, seed=1),
+                 Run("lcq", 4, 2, assign="gptq-refit", act_order=True, nsamples=more),
+                 Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=128, seqlen=512)]
+        runs += [Run("lcq", 3, 2, epochs=10, assign="gptq-refit", act_order=True, nsamples=n, held_out=held,
+                     block_error="norm-weighted") for n, held in ((more, 16), (None, 4))]
     return runs
 
 
