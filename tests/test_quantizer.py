@@ -738,7 +738,8 @@ def test_resume_after_interruption_gives_the_same_files(tmp_path, tiny_hf, monke
         with pytest.raises(UserError, match="another lcq quantize is writing"):
             quantize_model(tiny_hf, tmp_path / "resumed", options, progress=False)
     assert (tmp_path / "resumed.partial" / pipeline.PROGRESS_FILE).is_file()  # (without --resume it would start over)
-    quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+    summary = quantize_model(tiny_hf, tmp_path / "resumed", options, resume=True, progress=False)
+    assert summary.resumed_blocks == 1  # the block quantized before the interruption
     assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("resumed")) == ["resumed"]
     whole, resumed = CheckpointReader(tmp_path / "whole"), CheckpointReader(tmp_path / "resumed")
     assert sorted(whole.names()) == sorted(resumed.names())

@@ -144,8 +144,9 @@ def _quantize(args: argparse.Namespace) -> int:
     if options.needs_data:  # fetched only once everything else is known to be fine
         options.calib_text = _read_text(args.calib, calibration_text)
     summary = quantize_model(model_dir, args.out_dir, options, resume=args.resume)
+    resumed = f" (this run; {summary.resumed_blocks} finished blocks read back)" if summary.resumed_blocks else ""
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
-          f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s, "
+          f"{summary.size_bytes / 2**20:.1f} MiB on disk, {summary.seconds:.0f} s{resumed}, "
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
     if options.target_bits is not None:
         print(f"--target-bits {options.target_bits}: {describe_widths(summary.layer_bits, options.bits)}")

@@ -194,7 +194,7 @@ class QuantizeOptions:
 
 @dataclass
 class QuantizeSummary:
-    seconds: float
+    seconds: float  # of this run (a --resume's, without the blocks read back)
     bits_per_weight: float  # of the decoder's packed layers (a packed head shows in size_bytes)
     size_bytes: int
     peak_memory_bytes: int
@@ -203,4 +203,5 @@ class QuantizeSummary:
     finetune_kl: StageScore | None = None  # the end-to-end stage's
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
     layer_bits: list[str] = field(default_factory=list)  # the --layer-bits rules used (--target-bits: chosen)
+    resumed_blocks: int = 0  # finished blocks a --resume read back from OUT_DIR.partial instead of quantizing
 

@@ -418,7 +418,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=reader.decoder_bits_per_weight(),
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
                            head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak,
-                           layer_bits=options.layer_bits)
+                           layer_bits=options.layer_bits, resumed_blocks=min(done, source.num_layers))
 
 
 def _mtp_stage(source: SourceModel, partial: Path, options: QuantizeOptions,
