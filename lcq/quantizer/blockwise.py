@@ -156,8 +156,7 @@ def optimize_block(call: BlockCall, fits: list[LayerFit], inputs: torch.Tensor, 
         return _loss(call, fits, score_inputs, score_targets, batch, units)
 
     def snapshot() -> list[Codebook]:
-        return [Codebook(f.book.s.detach().clone(), f.book.v.detach().clone(), f.book.b.detach().clone())
-                for f in fits]
+        return [f.book.copy() for f in fits]
 
     before = best = score()
     if epochs <= 0:

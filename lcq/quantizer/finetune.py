@@ -387,7 +387,7 @@ def _tune(layers: list[LayerTuning], others: list[torch.Tensor], train: Windows,
                 weight.copy_(value)
 
     # Indices are replaced, never changed in place (move_indices), so a state holds them by reference.
-    start = [Codebook(layer.book.s.clone(), layer.book.v.clone(), layer.book.b.clone()) for layer in layers], \
+    start = [layer.book.copy() for layer in layers], \
         [layer.codes for layer in layers], [w.detach().clone() for w in others], [layer.quantized for layer in layers]
     before = best = mean_loss()
     kept, kept_epoch, finished, scores = None, 0, 0, []

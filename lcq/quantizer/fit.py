@@ -24,6 +24,10 @@ class Codebook:
     def values(self) -> torch.Tensor:
         return codebooks(self.s, self.v, self.b)
 
+    def copy(self) -> "Codebook":
+        """A detached copy, which training this one in place leaves as it is."""
+        return Codebook(self.s.detach().clone(), self.v.detach().clone(), self.b.detach().clone())
+
 
 def dense_weight(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """The (N, K) weight of codebook values (N, G, L) at indices (N, G, g), padding columns dropped."""
