@@ -536,6 +536,9 @@ def study_runs(quick: bool) -> list[Run]:
                  Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=128, seqlen=512)]
         runs += [Run("lcq", 3, 2, epochs=10, assign="gptq-refit", act_order=True, nsamples=n, held_out=held,
                      block_error="norm-weighted") for n, held in ((more, 16), (None, 4))]
+        # neither won on both models: each block's assignment chosen by its held-out error (--assign auto: nearest
+        # or the sweep, over the trained or the starting codebooks)
+        runs += [Run("lcq", 3, 2, epochs=10, assign="auto", act_order=True, held_out=4, block_error="norm-weighted")]
     return runs
 
 
@@ -618,7 +621,8 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   finetune_lr=DEFAULT_FINETUNE_LR[run.bits] if run.single_step else None)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
-                   command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None)
+                   command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None,
+                   block_assignments=summary.assignments or None)
         for stage, score in (("head", summary.head_kl), ("finetune", summary.finetune_kl)):
             if score is not None:  # the stage's KL before and after, on the held-out windows if any
                 row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],
