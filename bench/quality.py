@@ -141,6 +141,15 @@ NOTES = """
   158.29 (1.245x). The norm-weighted block error, which gained most on Gemma, is what the sweep's per-layer
   Hessian does not see. So the quantizer's default stays nearest entries after the epochs, and docs/quantize.md
   (`--assign`) says to compare the two on the model at hand.
+- Each block's assignment chosen by its own held-out error (2026-12-07; a trial `--assign auto`, commit 15a7c36, taken
+  out again): after the 10 epochs each block packed four ways (nearest entries and the refit sweep in act-order,
+  over the trained and over the starting codebooks) and the lowest norm-weighted block error on the 4 held-out
+  windows kept, as stored. The error favoured the sweep in most blocks (SmolLM2: 28 of 30, Gemma-3-270M: 13 of 18)
+  and the choice lost on both models: SmolLM2 68.27 (1.420x) over the study's 4 windows and 66.21 (1.391x) over 16
+  (quality-cpu-eval16.json), where over those 16 the sweep alone scored 63.31 (1.330x), after the epochs 64.08
+  (1.346x) and the epochs' nearest entries 67.11 (1.410x); Gemma-3-270M 172.05 (1.353x), its worst W3 r2 row. So a
+  block's error on held-out windows of the calibration book does not rank these assignments as the evaluation
+  text does.
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
   grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model: 52.09 as first measured, 51.68
@@ -536,9 +545,6 @@ def study_runs(quick: bool) -> list[Run]:
                  Run("lcq", 3, 2, assign="gptq-refit", act_order=True, nsamples=128, seqlen=512)]
         runs += [Run("lcq", 3, 2, epochs=10, assign="gptq-refit", act_order=True, nsamples=n, held_out=held,
                      block_error="norm-weighted") for n, held in ((more, 16), (None, 4))]
-        # neither won on both models: each block's assignment chosen by its held-out error (--assign auto: nearest
-        # or the sweep, over the trained or the starting codebooks)
-        runs += [Run("lcq", 3, 2, epochs=10, assign="auto", act_order=True, held_out=4, block_error="norm-weighted")]
     return runs
 
 
@@ -621,8 +627,7 @@ def measure(run: Run, source: Path, work: Path, settings: dict, calib: str, text
                                   finetune_lr=DEFAULT_FINETUNE_LR[run.bits] if run.single_step else None)
         summary = quantize_model(source, model_dir, options, progress=True)
         row.update(bits_per_weight=round(summary.bits_per_weight, 4), quantize_seconds=round(summary.seconds, 1),
-                   command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None,
-                   block_assignments=summary.assignments or None)
+                   command=command, size_MB=round(summary.size_bytes / 1e6, 1), layer_bits=summary.layer_bits or None)
         for stage, score in (("head", summary.head_kl), ("finetune", summary.finetune_kl)):
             if score is not None:  # the stage's KL before and after, on the held-out windows if any
                 row.update({f"{stage}_kl": [round(score.before, 4), round(score.after, 4)],

@@ -573,9 +573,6 @@ def test_window_rows_of_each_stage():
     rows = QuantizeOptions(nsamples=4, val_samples=2, finetune_epochs=1, finetune_samples=3).window_rows()
     assert rows[2].tolist() == [0, 1, 2]
     assert QuantizeOptions(nsamples=4, val_samples=2, finetune_epochs=1).window_rows()[2].tolist() == [0, 1, 2, 3]
-    # --assign auto scores on held-out windows even where no stage trains
-    assert QuantizeOptions(nsamples=8, epochs=0, assign="auto").held_out_windows == 2
-    assert QuantizeOptions(nsamples=8, epochs=0).held_out_windows == 0
 
 
 def _books(fits) -> list[torch.Tensor]:
@@ -818,8 +815,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
          "--finetune-epochs applies to --method lcq only"),
         (["quantize", str(tiny_hf), out, "--finetune-lr", "0"], "--finetune-lr must be positive"),
         (["quantize", str(tiny_hf), out, "--val-samples", "-1"], "--val-samples must be >= 0"),
-        (["quantize", str(tiny_hf), out, "--assign", "auto", "--val-samples", "0"],
-         "--assign auto chooses each block's assignment on the held-out windows"),
         (["quantize", str(tiny_hf), out, "--finetune-epochs", "2", "--finetune-samples", "0"],
          "--finetune-samples must be >= 1"),
         (["quantize", str(tiny_hf), out, "--finetune-samples", "8"], "--finetune-samples needs --finetune-epochs"),
@@ -1634,61 +1629,3 @@ def test_every_quantize_eval_and_fetch_demo_flag_is_documented():
     flags = {flag for name in ("quantize", "eval", "fetch-demo") for action in commands[name]._actions
              for flag in action.option_strings if flag.startswith("--") and flag != "--help"}
     assert len(flags) > 20 and not {flag for flag in flags if not re.search(re.escape(flag) + r"\b", docs)}
-
-
-def test_assign_auto_keeps_each_blocks_lowest_held_out_error(tmp_path, tiny_hf, capsys, monkeypatch):
-    """--assign auto packs each block with nearest entries and with GPTQ's refit sweep, over the trained and the
-    starting codebooks, and keeps the lowest block error on the held-out windows. Block 0 (whose inputs every
-    run shares) as written errs no more there than the same options' --assign gptq-refit block (at this width
-    and seed the sweep's error is 11% higher there), and the error the run reports for it is the written block's. The choices are recorded in config.json, printed by the CLI,
-    and a --resume keeps the choices of the blocks it reads back."""
-    from transformers import AutoTokenizer
-
-    import lcq.quantizer.pipeline as pipeline
-    from lcq.quantizer.blockwise import block_call, run_block
-    from lcq.quantizer.source import SourceModel
-
-    options = QuantizeOptions(bits=3, rank=2, group_size=32, method="lcq", calib_text=CALIBRATION_TEXT, nsamples=4,
-                              seqlen=32, epochs=2, val_samples=2, assign="auto", act_order=True)
-    summary = quantize_model(tiny_hf, tmp_path / "auto", options, progress=False)
-    quantize_model(tiny_hf, tmp_path / "refit", replace(options, assign="gptq-refit"), progress=False)
-    choices = CheckpointReader(tmp_path / "auto").quant["block_assignments"]
-    assert choices == summary.assignments and len(choices) == 2
-    assert set(choices) <= {"nearest", "gptq-refit", "nearest, starting fit", "gptq-refit, starting fit"}
-
-    source = SourceModel(tiny_hf, torch.device("cpu"))
-    tokens = calibration_batch(AutoTokenizer.from_pretrained(str(tiny_hf)), CALIBRATION_TEXT, 4, 32, 0, held_out=2)
-    held_out = source.embed(tokens)[4:]
-    call = block_call(source.block(0), source.block_inputs(0))
-    targets = run_block(call, {}, held_out, 4)
-
-    def written_error(folder: Path) -> float:
-        reader = CheckpointReader(folder)
-        weights = {f"{prefix.removeprefix('model.layers.0.')}.weight": dequantize(reader.linear(prefix))
-                   for prefix in reader.quantized_prefixes() if prefix.startswith("model.layers.0.")}
-        assert len(weights) == 7
-        return float(block_error(run_block(call, weights, held_out, 4), targets, source.residual_units(0)))
-
-    auto = written_error(tmp_path / "auto")
-    assert auto == pytest.approx(summary.block_losses[0][1], rel=1e-5)
-    assert auto <= written_error(tmp_path / "refit") * (1 + 1e-6)
-
-    calib = tmp_path / "calib.txt"
-    calib.write_text(CALIBRATION_TEXT)
-    original = pipeline._quantize_block
-
-    def interrupted(*args, **kwargs):
-        if args[1] == 1:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-    command = ["quantize", str(tiny_hf), str(tmp_path / "cli"), "--bits", "3", "--rank", "2", "--group-size", "32",
-               "--calib", str(calib), "--nsamples", "4", "--seqlen", "32", "--epochs", "2", "--val-samples", "2",
-               "--assign", "auto", "--act-order"]
-    monkeypatch.setattr(pipeline, "_quantize_block", interrupted)
-    assert _main(command) == 130 and (tmp_path / "cli.partial").is_dir()
-    monkeypatch.setattr(pipeline, "_quantize_block", original)
-    capsys.readouterr()
-    assert _main(command + ["--resume"]) == 0
-    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("--assign auto")]
-    assert CheckpointReader(tmp_path / "cli").quant["block_assignments"] == choices
-    assert len(printed) == 1 and all(f"{name} {choices.count(name)}" in printed[0] for name in choices), printed

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-from collections import Counter
 from pathlib import Path
 
 from lcq.errors import UserError
@@ -68,10 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--init", default="kmeans", help="lcq: the codebooks' start, kmeans or rtn (default kmeans)")
     q.add_argument("--assign", default="nearest",
                    help="lcq: nearest (each weight's nearest codebook entry), gptq (GPTQ's sweep over the "
-                        "learned codebooks, pushing each column's error onto the columns not yet assigned), "
-                        "gptq-refit (the sweep, S and B refit to its indices through the Hessian, a second sweep) or "
-                        "auto (per block, nearest or gptq-refit over the trained or the starting codebooks, "
-                        "whichever gives the lowest block error on the held-out windows; default nearest)")
+                        "learned codebooks, pushing each column's error onto the columns not yet assigned) or "
+                        "gptq-refit (the sweep, S and B refit to its indices through the Hessian, a second sweep; "
+                        "default nearest)")
     q.add_argument("--device", default="cpu", help="where the stages run: cpu or cuda[:N] (default cpu)")
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--no-tf32", dest="tf32", action="store_false",
@@ -152,10 +150,6 @@ def _quantize(args: argparse.Namespace) -> int:
           f"peak memory {summary.peak_memory_bytes / 2**30:.2f} GiB ({options.device})")
     if options.target_bits is not None:
         print(f"--target-bits {options.target_bits}: {describe_widths(summary.layer_bits, options.bits)}")
-    if summary.assignments:
-        chosen = Counter(summary.assignments)
-        print("--assign auto, blocks by the lowest held-out block error: "
-              + ", ".join(f"{name} {chosen[name]}" for name in sorted(chosen, key=chosen.get, reverse=True)))
     windows = "held-out" if options.held_out_windows else "calibration"
     for stage, score, peak in (("head", summary.head_kl, None),
                                ("end-to-end", summary.finetune_kl, summary.finetune_peak_memory_bytes)):

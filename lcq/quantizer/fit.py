@@ -28,9 +28,6 @@ class Codebook:
         """A detached copy, which training this one in place leaves as it is."""
         return Codebook(self.s.detach().clone(), self.v.detach().clone(), self.b.detach().clone())
 
-    def same_as(self, other: "Codebook") -> bool:
-        return all(torch.equal(a, b) for a, b in ((self.s, other.s), (self.v, other.v), (self.b, other.b)))
-
 
 def dense_weight(values: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
     """The (N, K) weight of codebook values (N, G, L) at indices (N, G, g), padding columns dropped."""

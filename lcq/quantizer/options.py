@@ -14,10 +14,8 @@ from .layer_bits import LayerWidths
 
 METHODS = ("lcq", "rtn", "gptq")
 # How LCQ picks each weight's index: its nearest codebook entry; GPTQ's sweep over the codebooks;
-# or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep; or, per
-# block, whichever of nearest and gptq-refit, over the trained or the starting codebooks, gives the
-# lowest block error on the held-out windows (pipeline._best_assignment).
-ASSIGNMENTS = ("nearest", "gptq", "gptq-refit", "auto")
+# or that sweep, S and B refit to the chosen indices through the Hessian, and a second sweep.
+ASSIGNMENTS = ("nearest", "gptq", "gptq-refit")
 # The block-wise stage's default Adam step per bit width, relative to each of S, V, B's mean
 # magnitude. A step of that size moves codebook entries by a fixed share of the group's range, so it
 # must shrink as the entries get closer: on SmolLM2-135M (blocks 0-2, held-out text) 1e-2 lowered the
@@ -77,8 +75,6 @@ class QuantizeOptions:
             (self.init in ("kmeans", "rtn"), f"--init must be kmeans or rtn (got {self.init})"),
             (self.assign in ASSIGNMENTS, f"--assign must be one of {', '.join(ASSIGNMENTS)} (got {self.assign})"),
             (self.method == "lcq" or self.assign == "nearest", "--assign applies to --method lcq only"),
-            (self.assign != "auto" or self.val_samples != 0,
-             "--assign auto chooses each block's assignment on the held-out windows: --val-samples must be >= 1"),
             (self.nsamples >= 1 and (self.seqlen is None or self.seqlen >= 8),
              "--nsamples must be >= 1 and --seqlen >= 8"),
             (self.epochs >= 0, "--epochs must be >= 0"),
@@ -156,9 +152,9 @@ class QuantizeOptions:
     @property
     def held_out_windows(self) -> int:
         """Calibration windows the block-wise, head and end-to-end stages score their epochs on and never
-        train on (optimize_block, finetune._tune), and --assign auto chooses on: --val-samples, by default a
-        quarter of --nsamples (at least 1); none where nothing is scored."""
-        if self.method != "lcq" or (self.epochs == self.finetune_epochs == 0 and self.assign != "auto"):
+        train on (optimize_block, finetune._tune): --val-samples, by default a quarter of --nsamples (at
+        least 1); none where no stage trains."""
+        if self.method != "lcq" or self.epochs == self.finetune_epochs == 0:
             return 0
         return max(1, self.nsamples // 4) if self.val_samples is None else self.val_samples
 
@@ -208,5 +204,4 @@ class QuantizeSummary:
     finetune_peak_memory_bytes: int | None = None  # that stage's own peak (it holds the whole model)
     layer_bits: list[str] = field(default_factory=list)  # the --layer-bits rules used (--target-bits: chosen)
     resumed_blocks: int = 0  # finished blocks a --resume read back from OUT_DIR.partial instead of quantizing
-    assignments: list[str] = field(default_factory=list)  # --assign auto: each block's choice (ASSIGNMENT_CHOICES)
 

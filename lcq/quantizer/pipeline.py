@@ -30,7 +30,7 @@ from lcq.paths import exclusive
 
 from .allocation import (UNITS, WEIGHING_WINDOWS, WIDEST, BlockGradient, Unit, check_target, choose_widths,
                          linear_shapes, unit_bytes, unit_of, weigh_blocks)
-from .blockwise import LayerFit, block_call, block_error, optimize_block, run_block, tf32_products
+from .blockwise import LayerFit, block_call, optimize_block, run_block, tf32_products
 from .finetune import LayerTuning, Served, StageScore, finetune, put_in_place, tune_head
 from .fit import (Codebook, assign, dense_weight, grouped, grouped_importance, lcq_init, live, pack, rtn_codebook,
                   stored_codebook)
@@ -68,62 +68,33 @@ def _input_stats(call, block: torch.nn.Module, inputs: torch.Tensor, batch: int,
 
 
 def _quantize_block(source: SourceModel, index: int, block: torch.nn.Module, options: QuantizeOptions, q_inputs,
-                    targets, progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float], str | None]:
+                    targets, progress_bar) -> tuple[dict[str, PackedLinear], tuple[float, float]]:
     """Quantize the linear layers of decoder block `index` (block_linears) with the chosen method; q_inputs
-    and targets hold the training windows, then the held-out ones. Returns the packed layers, the block error
-    at the start and of what was kept, and --assign auto's choice (_best_assignment; else None)."""
+    and targets hold the training windows, then the held-out ones."""
     call = block_call(block, source.block_inputs(index))
     weights = {name: block.get_submodule(name).weight.detach().float() for name in block_linears(block)}
-    biases = {name: None if (bias := block.get_submodule(name).bias) is None else bias.detach() for name in weights}
+    biases = {name: block.get_submodule(name).bias for name in weights}
     n = options.nsamples
     stats = _input_stats(call, block, q_inputs[:n], options.batch_size, full=options.gptq_indices) \
         if options.needs_data else {}
     widths = options.widths
     fits = [_initial_fit(name, w, _importance(stats.get(name), options), options, widths.of(index, name))
             for name, w in weights.items()]
-    starts = [f.book.copy() for f in fits]
     losses = (0.0, 0.0)
-    held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
-    units = source.residual_units(index) if options.block_error == "norm-weighted" else None
     if options.method == "lcq":
         def on_step(loss: float) -> None:
             progress_bar.set_postfix(loss=f"{loss:.3g}")
+        held_out = (q_inputs[n:], targets[n:]) if options.held_out_windows else None
+        units = source.residual_units(index) if options.block_error == "norm-weighted" else None
         steps = [options.block_lr_of(widths.of(index, f.name)) for f in fits]
         with tf32_products(options.device, options.tf32):
             losses = optimize_block(call, fits, q_inputs[:n], targets[:n], options.epochs, steps,
                                     options.batch_size, options.seed, on_step, held_out, units)
-
-    def packed_with(books: list[Codebook], assignment: str) -> dict[str, PackedLinear]:
-        return {f.name: _packed_fit(replace(f, book=book), weights[f.name], stats.get(f.name), biases[f.name], options,
-                                    widths.of(index, f.name), assignment) for f, book in zip(fits, books)}
-    trained = [f.book for f in fits]
-    if options.assign != "auto":
-        return packed_with(trained, options.assign), losses, None
-    packed, score, choice = _best_assignment(call, packed_with, trained, starts, held_out, units, options.batch_size)
-    return packed, (losses[0], score), choice
-
-
-def _best_assignment(call, packed_with, trained: list[Codebook], starts: list[Codebook],
-                     held_out: tuple[torch.Tensor, torch.Tensor], units: torch.Tensor | None, batch: int,
-                     ) -> tuple[dict[str, PackedLinear], float, str]:
-    """--assign auto: the block packed with nearest entries and with GPTQ's refit sweep, each over the codebooks
-    the block-wise stage kept and over its starting fit where they differ, scored by the block error on the
-    held-out windows (as stored: dual-quantized); returns the best, its score and its name (ASSIGNMENT_CHOICES).
-
-    Why per block and on the block's error: the sweep minimizes each layer's output error alone, blind to how
-    the norms that read the block's output weigh its hidden units. At W3 rank 2 it beat the epochs' nearest
-    entries on SmolLM2-135M (1.28x against 1.40x of fp16 perplexity over 64 windows) and lost to them on
-    Gemma-3-270M (1.33x against 1.18x), whose readers weigh their units from 0.004 to 15 (blockwise.py)."""
-    candidates = [(books, assignment) for books in ([trained] if all(t.same_as(s) for t, s in zip(trained, starts))
-                                                    else [trained, starts]) for assignment in ("nearest", "gptq-refit")]
-    best = None
-    for books, assignment in candidates:
-        packed = packed_with(books, assignment)
-        outputs = run_block(call, _dense_weights(packed, held_out[0].device), held_out[0], batch)
-        score = float(block_error(outputs, held_out[1], units))
-        if best is None or score < best[1]:
-            best = packed, score, assignment + (", starting fit" if books is starts else "")
-    return best
+    packed = {}
+    for f in fits:
+        bias = None if biases[f.name] is None else biases[f.name].detach()
+        packed[f.name] = _packed_fit(f, weights[f.name], stats.get(f.name), bias, options, widths.of(index, f.name))
+    return packed, losses
 
 
 def _importance(stat: torch.Tensor | None, options: QuantizeOptions) -> torch.Tensor | None:
@@ -143,19 +114,19 @@ def _initial_fit(name: str, w: torch.Tensor, importance: torch.Tensor | None, op
 
 
 def _packed_fit(f: LayerFit, weight: torch.Tensor, stat: torch.Tensor | None, bias: torch.Tensor | None,
-                options: QuantizeOptions, bits: int, assignment: str) -> PackedLinear:
-    """The fitted layer packed by `assignment` (ASSIGNMENTS but auto): each weight's nearest entry, or GPTQ's
-    sweep over the codebooks (with gptq-refit, S and B refit to the sweep's indices, then swept again);
-    nearest entries for an expert that no calibration token chose (no input statistic to sweep with)."""
+                options: QuantizeOptions, bits: int) -> PackedLinear:
+    """The fitted layer packed: each weight's nearest entry, or GPTQ's sweep over the codebooks (with
+    gptq-refit, S and B refit to the sweep's indices, then swept again); nearest entries for an expert
+    that no calibration token chose (no input statistic to sweep with)."""
     indices = None
-    if assignment != "nearest" and stat is not None:
+    if options.gptq_indices and stat is not None:
         hessian = 2 * stat
 
         def sweep() -> torch.Tensor:
             return gptq_indices(weight, hessian, stored_codebook(f.book).values(), options.group_size,
                                 options.act_order)
         indices = sweep()
-        if assignment == "gptq-refit":
+        if options.assign == "gptq-refit":
             s, b = fit_codebooks_to_indices(weight, hessian, indices, f.book.s, f.book.v, f.book.b,
                                             options.group_size)
             f.book = Codebook(s, f.book.v, b)
@@ -179,10 +150,7 @@ def _packed_head(source: SourceModel, stat: torch.Tensor | None, options: Quanti
     k-means fit (no block-wise stage: the head's output is the logits)."""
     weight = _head_weight(source, device)
     fit = _initial_fit(HEAD, weight, _importance(stat, options), options, options.head_bits)
-    # (--assign auto chooses by a block's error: the head, scored by the logits, keeps the nearest entries that its
-    # stage trains)
-    return _packed_fit(fit, weight, stat, None, options, options.head_bits,
-                       "nearest" if options.assign == "auto" else options.assign)
+    return _packed_fit(fit, weight, stat, None, options, options.head_bits)
 
 
 def _head_weight(source: SourceModel, device: torch.device) -> torch.Tensor:
@@ -349,8 +317,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             options = replace(options, layer_bits=_target_widths(source, tokens[train], options, partial, progress))
 
     losses: list[tuple[float, float]] = []
-    # --assign auto's choice per block, those of the blocks a --resume reads back from the progress file
-    assignments: list[str] = json.loads((partial / PROGRESS_FILE).read_text()).get("assignments", [])[:done]
     bar = tqdm(range(source.num_layers), desc="quantizing blocks", disable=not progress, unit="block")
     for index in bar:
         block, first_block = (first_block, None) if index == 0 else (source.block(index), None)
@@ -363,9 +329,8 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
             packed = _read_block(shard, index, options)
             block_losses = (float("nan"), float("nan"))
         else:
-            packed, block_losses, choice = _quantize_block(source, index, block, options, q_stream,
-                                                           None if targets is None else targets[quantized_rows], bar)
-            assignments += [choice] if choice is not None else []
+            packed, block_losses = _quantize_block(source, index, block, options, q_stream,
+                                                   None if targets is None else targets[quantized_rows], bar)
             tensors = {}
             for name, layer in packed.items():
                 tensors.update(linear_tensors(f"model.layers.{index}.{name}", layer))
@@ -373,12 +338,10 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
                 if not any(name.startswith(linear + ".") for linear in packed):
                     tensors[f"model.layers.{index}.{name}"] = tensor.to(torch.float16)
             write_shard(shard, tensors)
-            write_json(partial / PROGRESS_FILE, {**started_as, "done": index + 1,
-                                                 **({"assignments": assignments} if assignments else {})})
+            write_json(partial / PROGRESS_FILE, {**started_as, "done": index + 1})
         losses.append(block_losses)
         if options.needs_data:
-            bar.set_postfix(loss="resumed" if index < done else f"{block_losses[1]:.3g}",  # not a nan to alarm
-                            **({"assign": assignments[index]} if index < len(assignments) else {}))
+            bar.set_postfix(loss="resumed" if index < done else f"{block_losses[1]:.3g}")  # not a nan to alarm
             q_stream = run_block(block_call(block, source.block_inputs(index)), _dense_weights(packed, device),
                                  q_stream, options.batch_size)
             fp_stream = targets
@@ -437,7 +400,6 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
         **({"layer_finetune_lr": {str(b): options.end_to_end_lr_of(b) for b in sorted(set(layer_bits.values()))}}
            if layer_bits and options.finetune_epochs else {}),
         **({"target_bits": options.target_bits} if options.target_bits is not None else {}),
-        **({"block_assignments": assignments} if assignments else {}),  # --assign auto's choice per block
         **({"source_config": source_config} if source_config != config_dict else {}))
     config_dict["torch_dtype"] = config_dict["dtype"] = "float16"  # its full-precision tensors (both names' readers)
     write_json(partial / "config.json", config_dict)
@@ -456,8 +418,7 @@ def quantize_model(model_dir: str | Path, out_dir: str | Path, options: Quantize
     return QuantizeSummary(seconds=time.time() - started, bits_per_weight=reader.decoder_bits_per_weight(),
                            size_bytes=size, peak_memory_bytes=max(peak, _peak_memory(device)), block_losses=losses,
                            head_kl=head_kl, finetune_kl=finetune_kl, finetune_peak_memory_bytes=finetune_peak,
-                           layer_bits=options.layer_bits, resumed_blocks=min(done, source.num_layers),
-                           assignments=assignments)
+                           layer_bits=options.layer_bits, resumed_blocks=min(done, source.num_layers))
 
 
 def _mtp_stage(source: SourceModel, partial: Path, options: QuantizeOptions,
@@ -473,7 +434,7 @@ def _mtp_stage(source: SourceModel, partial: Path, options: QuantizeOptions,
         q_inputs = source.mtp_inputs(q_stream, tokens[:rows])
         targets = run_block(block_call(block, source.block_inputs(index)), {}, source.mtp_inputs(fp_stream[:rows],
                             tokens[:rows]), options.batch_size)
-    packed, _, _ = _quantize_block(source, index, block, options, q_inputs, targets, progress_bar)
+    packed, _ = _quantize_block(source, index, block, options, q_inputs, targets, progress_bar)
     prefix = source.mtp.layer
     tensors = {name: t.to(torch.float16) for name, t in source.mtp_tensors().items()}
     for name, layer in packed.items():
