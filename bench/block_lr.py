@@ -33,7 +33,7 @@ from lcq.quantizer.demo import fetch_demo  # noqa: E402
 from lcq.quantizer.fit import Codebook, grouped, grouped_importance, lcq_init, stored_codebook  # noqa: E402
 from lcq.quantizer.pipeline import _input_stats, block_linears  # noqa: E402
 from lcq.quantizer.source import SourceModel, calibration_batch  # noqa: E402
-from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
+from lcq.quantizer.texts import book_text, evaluation_text  # noqa: E402
 
 GROUP_SIZE, RANK, WINDOWS, SEQLEN, BATCH = 64, 2, 16, 256, 4
 
@@ -96,7 +96,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    calib, shakespeare = calibration_text(cache), evaluation_text(cache)
+    calib, shakespeare = book_text(cache), evaluation_text(cache)
     windows = {"train": calibration_batch(tokenizer, calib, WINDOWS, SEQLEN, seed=0),
                "kjv_held_out": calibration_batch(tokenizer, calib, WINDOWS, SEQLEN, seed=1),
                "shakespeare_2nd_half": calibration_batch(tokenizer, shakespeare[len(shakespeare) // 2:],

