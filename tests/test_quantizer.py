@@ -1676,6 +1676,17 @@ def test_calibration_mix_takes_spread_shares_of_prose_documentation_and_code(tmp
     assert texts.calibration_text(tmp_path) == text  # read back from the cache's texts folder
 
 
+def test_modern_evaluation_texts_are_flasks_documentation_and_source(tmp_path):
+    """lcq eval --text docs / code: Flask's pages and modules only (not its tests or examples), never Django's."""
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    _archive(downloads / texts.FLASK[1], {"docs/quickstart.rst": "Quickstart page.", "docs/conf.py": "CONF = 1",
+                                          "src/flask/app.py": "class Flask: ...", "tests/test_app.py": "TESTS",
+                                          "examples/tutorial/flaskr/db.py": "EXAMPLE", "README.md": "README"})
+    assert texts.EVALUATION_TEXTS["docs"](tmp_path) == "Quickstart page."
+    assert texts.EVALUATION_TEXTS["code"](tmp_path) == "class Flask: ..."
+
+
 def test_named_texts_resolve_after_files(tmp_path, monkeypatch):
     """--calib and --text: a file of that name wins over a built-in text's name; no name: the first built-in."""
     from lcq.quantizer.commands import _read_text
