@@ -60,8 +60,10 @@ class Setting:
         return cmd + ("" if calib == "mix" else f" --calib {calib}")
 
 
-# The default epochs with nearest entries, and GPTQ's sweep alone, which fitted its calibration text's domain
-SETTINGS = (Setting("e10", 10, "nearest", False), Setting("sweep", 0, "gptq-refit", True))
+# The default epochs with nearest entries, GPTQ's sweep alone, which fitted its calibration text's domain, and
+# the sweep after the epochs
+SETTINGS = (Setting("e10", 10, "nearest", False), Setting("sweep", 0, "gptq-refit", True),
+            Setting("e10-sweep", 10, "gptq-refit", True))
 CALIBRATIONS = ("book", "mix")
 
 

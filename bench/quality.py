@@ -167,6 +167,14 @@ NOTES = """
   1.330x, 1.346x and 1.410x on Shakespeare (quality-cpu-eval16.json). So the sweep's compensation is worth most on
   text like the calibration text, and held-out calibration windows, which the trial above chose by, overrate it
   elsewhere; calibrating on text like the model's traffic is what makes the sweep safe.
+- The calibration text (2026-12-08, `bench/calibration.py`, bench/results/calibration-cpu*.json): this study
+  calibrates on the King James Bible alone, `lcq quantize`'s default until then, and is evaluated on Shakespeare,
+  both archaic English. Evaluated also on 8192 tokens each of Flask's documentation and source, W3 r2 (16 windows)
+  calibrated on the book lost 1.92x-1.95x of fp16 there on SmolLM2 and 1.95x-2.46x on Gemma-3-270M with the epochs,
+  2.50x-3.52x with the refit sweep alone. `lcq quantize` now calibrates on a mix of 1.4 M characters each of the
+  book, Django's documentation and Django's source: the epochs 1.47x-1.60x there, the sweep 1.34x-1.38x, at a cost
+  on Shakespeare of 1.410x -> 1.416x (SmolLM2) and 1.151x -> 1.228x (Gemma) with the epochs. This study keeps the
+  book (`--calib book`) so that its rows compare.
 - Initialization: `--init kmeans` fits weighted k-means codebooks, reduces them to rank r and keeps,
   per layer, whichever of them and the refined RTN grid has the smaller weighted error. At W4 the
   grid won in every layer (lcq-w4r2 and lcq-w4r2-rtninit are the same model: 52.09 as first measured, 51.68
