@@ -91,11 +91,11 @@ def evaluate(folder: Path, texts: dict[str, str]) -> dict[str, float]:
 def print_table(record: dict) -> None:
     fp16 = record["fp16"]
     names = list(fp16)
-    print(f"\n{'row':<12}" + "".join(f"{n:>16}" for n in names) + f"{'mean ratio':>12}")
-    print(f"{'fp16':<12}" + "".join(f"{fp16[n]:>16.2f}" for n in names))
+    print(f"\n{'row':<14}" + "".join(f"{n:>16}" for n in names) + f"{'mean ratio':>12}")
+    print(f"{'fp16':<14}" + "".join(f"{fp16[n]:>16.2f}" for n in names))
     for row in record["rows"]:
         ratios = [row["perplexity"][n] / fp16[n] for n in names]
-        print(f"{row['key']:<12}" + "".join(f"{row['perplexity'][n]:>9.2f} {r:5.3f}x" for n, r in zip(names, ratios))
+        print(f"{row['key']:<14}" + "".join(f"{row['perplexity'][n]:>9.2f} {r:5.3f}x" for n, r in zip(names, ratios))
               + f"{sum(ratios) / len(ratios):>11.3f}x")
 
 
