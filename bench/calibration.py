@@ -40,30 +40,34 @@ BOOK_START, BOOK_CHARS = 0.4, 60_000  # the held-out book text, as bench/quality
 
 @dataclass(frozen=True)
 class Setting:
-    """One quantizer setting, at W3 r2 g64, where the choice of calibration moved rows most."""
+    """One quantizer setting at rank 2, group 64: W3 by default, where the choice of calibration moved rows most."""
     name: str
     epochs: int
     assign: str
     act_order: bool
+    bits: int = 3
+    init: str = "kmeans"
 
     def options(self, calib: str) -> QuantizeOptions:
-        return QuantizeOptions(bits=3, rank=2, group_size=64, method="lcq", calib_text=calib, nsamples=NSAMPLES,
-                               seqlen=SEQLEN, epochs=self.epochs, assign=self.assign, act_order=self.act_order,
+        return QuantizeOptions(bits=self.bits, rank=2, group_size=64, method="lcq", calib_text=calib,
+                               nsamples=NSAMPLES, seqlen=SEQLEN, epochs=self.epochs, init=self.init,
+                               assign=self.assign, act_order=self.act_order,
                                val_samples=HELD_OUT if self.epochs else 0, block_error="norm-weighted")
 
     def command(self, calib: str) -> str:
-        cmd = (f"lcq quantize $FP16 $OUT --bits 3 --rank 2 --group-size 64 --nsamples {NSAMPLES} --seqlen {SEQLEN} "
-               f"--epochs {self.epochs}")
+        cmd = (f"lcq quantize $FP16 $OUT --bits {self.bits} --rank 2 --group-size 64 --nsamples {NSAMPLES} "
+               f"--seqlen {SEQLEN} --epochs {self.epochs}")
+        cmd += "" if self.init == "kmeans" else f" --init {self.init}"
         cmd += f" --val-samples {HELD_OUT} --block-error norm-weighted" if self.epochs else ""
         cmd += "" if self.assign == "nearest" else f" --assign {self.assign}"
         cmd += " --act-order" if self.act_order else ""
         return cmd + ("" if calib == "mix" else f" --calib {calib}")
 
 
-# The default epochs with nearest entries, GPTQ's sweep alone, which fitted its calibration text's domain, and
-# the sweep after the epochs
+# The default epochs with nearest entries, GPTQ's sweep alone, which fitted its calibration text's domain, the
+# sweep after the epochs, and the demo model's settings (lcq/quantizer/demo.py: W4 from the RTN grid, no epochs)
 SETTINGS = (Setting("e10", 10, "nearest", False), Setting("sweep", 0, "gptq-refit", True),
-            Setting("e10-sweep", 10, "gptq-refit", True))
+            Setting("e10-sweep", 10, "gptq-refit", True), Setting("w4-demo", 0, "nearest", False, bits=4, init="rtn"))
 CALIBRATIONS = ("book", "mix")
 
 
