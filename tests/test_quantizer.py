@@ -1698,3 +1698,7 @@ def test_named_texts_resolve_after_files(tmp_path, monkeypatch):
     assert _read_text("book", named) == "a file called book"
     with pytest.raises(UserError, match="the built-in texts: mix, book"):
         _read_text("bible", named)
+    (tmp_path / "cache").write_text("a file where the cache folder would be")  # the texts cannot be fetched into it
+    monkeypatch.setenv("LCQ_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match="cannot be .*; or give a text file of your own"):
+        _read_text(None, texts.CALIBRATION_TEXTS)

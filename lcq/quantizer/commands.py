@@ -114,13 +114,15 @@ def _model_folder(args: argparse.Namespace) -> str:
 
 
 def _read_text(path: str | None, named: dict[str, Callable[..., str]]) -> str:
-    """The file at `path`, else the built-in text of that name, the table's first without a path."""
-    if path is None:
-        return next(iter(named.values()))()
-    file = Path(path)
+    """The file at `path`, else the built-in text of that name, the table's first without a path. A built-in
+    text that cannot be fetched (no PyPI here) says that a file serves instead."""
+    file = Path(path or "")
+    if path is None or (not file.is_file() and path in named):
+        try:
+            return named[path or next(iter(named))]()
+        except UserError as e:
+            raise UserError(f"{e}; or give a text file of your own") from None
     if not file.is_file():
-        if path in named:
-            return named[path]()
         raise UserError(f"{file}: no such text file (the built-in texts: {', '.join(named)})")
     text = file.read_text(errors="replace")
     if not text.strip():
