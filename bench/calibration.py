@@ -48,19 +48,20 @@ class Setting:
     bits: int = 3
     init: str = "kmeans"
 
-    def options(self, calib: str) -> QuantizeOptions:
+    def options(self, calib: str, seed: int) -> QuantizeOptions:
         return QuantizeOptions(bits=self.bits, rank=2, group_size=64, method="lcq", calib_text=calib,
                                nsamples=NSAMPLES, seqlen=SEQLEN, epochs=self.epochs, init=self.init,
-                               assign=self.assign, act_order=self.act_order,
+                               assign=self.assign, act_order=self.act_order, seed=seed,
                                val_samples=HELD_OUT if self.epochs else 0, block_error="norm-weighted")
 
-    def command(self, calib: str) -> str:
+    def command(self, calib: str, seed: int) -> str:
         cmd = (f"lcq quantize $FP16 $OUT --bits {self.bits} --rank 2 --group-size 64 --nsamples {NSAMPLES} "
                f"--seqlen {SEQLEN} --epochs {self.epochs}")
         cmd += "" if self.init == "kmeans" else f" --init {self.init}"
         cmd += f" --val-samples {HELD_OUT} --block-error norm-weighted" if self.epochs else ""
         cmd += "" if self.assign == "nearest" else f" --assign {self.assign}"
         cmd += " --act-order" if self.act_order else ""
+        cmd += f" --seed {seed}" if seed else ""
         return cmd + ("" if calib == "mix" else f" --calib {calib}")
 
 
@@ -78,9 +79,9 @@ def evaluation_texts(cache: Path) -> dict[str, str]:
             "docs": modern_evaluation_text("docs", cache), "code": modern_evaluation_text("code", cache)}
 
 
-def check_disjoint(tokenizer, calib: str, texts: dict[str, str], setting: Setting) -> None:
+def check_disjoint(tokenizer, calib: str, texts: dict[str, str], setting: Setting, seed: int) -> None:
     """Refuse a row whose calibration windows (their middle 16 tokens) lie in an evaluation text."""
-    windows = calibration_batch(tokenizer, calib, NSAMPLES, SEQLEN, 0, HELD_OUT if setting.epochs else 0)
+    windows = calibration_batch(tokenizer, calib, NSAMPLES, SEQLEN, seed, HELD_OUT if setting.epochs else 0)
     for name, text in texts.items():
         tokens = f" {' '.join(map(str, tokenizer(text)['input_ids']))} "
         middle = SEQLEN // 2
@@ -107,6 +108,8 @@ def main() -> int:
     def more(parser):
         parser.add_argument("--model", type=Path, default=None, help="fp16 folder (default: the demo model's)")
         parser.add_argument("--only", default=None, help="comma-separated rows, e.g. book-e10,mix-e10")
+        parser.add_argument("--seed", type=int, default=0, help="another draw of the calibration windows (rows "
+                                                                "named -sSEED)")
 
     default_output = ROOT / "bench" / "results" / "calibration-cpu.json"
     args = cpu_arguments(__doc__, default_output, more)
@@ -134,16 +137,16 @@ def main() -> int:
     wanted = args.only.split(",") if args.only else None
     for setting in SETTINGS:
         for calib in CALIBRATIONS:
-            key = f"{calib}-{setting.name}"
+            key = f"{calib}-{setting.name}" + (f"-s{args.seed}" if args.seed else "")
             if key in done or (wanted and key not in wanted):
                 continue
-            check_disjoint(tokenizer, calibs[calib], texts, setting)
+            check_disjoint(tokenizer, calibs[calib], texts, setting, args.seed)
             folder = cache / "calibration" / key
             shutil.rmtree(folder, ignore_errors=True)
             print(f"== {key}", flush=True)
-            summary = quantize_model(source, folder, setting.options(calibs[calib]), progress=True)
+            summary = quantize_model(source, folder, setting.options(calibs[calib], args.seed), progress=True)
             record["rows"].append({"key": key, "calibration": calib, "setting": setting.name,
-                                   "command": setting.command(calib), "bits_per_weight": round(summary.bits_per_weight, 4),
+                                   "command": setting.command(calib, args.seed), "bits_per_weight": round(summary.bits_per_weight, 4),
                                    "quantize_seconds": round(summary.seconds, 1),
                                    "perplexity": evaluate(folder, texts)})
             shutil.rmtree(folder, ignore_errors=True)
